@@ -1,0 +1,450 @@
+"""phi-core's JSON: decode and encode events, loop records and sessions.
+
+Decoding is typed and strict (msgspec), with phi-core's leniencies handled on a
+slower path that only exotic input takes: message metadata that does not parse is
+dropped, extension messages with any role are recognised. Encoding reproduces
+phi-core's bytes: record objects in declaration order, LLM messages with every key
+sorted, free-form values sorted, nanosecond timestamps, float32 temperatures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, Union
+
+import msgspec
+from msgspec.structs import replace
+
+from ._float32 import Float32
+from ._time import Timestamp
+from .errors import DecodeError
+from .events import (
+    AgentEnd,
+    AgentEvent,
+    ContinuationKind,
+    MessageEnd,
+    MessageStart,
+    MessageUpdate,
+    SessionFormation,
+    StreamDelta,
+    TurnEnd,
+    TurnRequest,
+    decoding,
+)
+from .messages import (
+    LLM_MESSAGE_TYPES,
+    AgentMessage,
+    BlockProvenance,
+    ExtensionMessage,
+    Message,
+    NodeTag,
+    TurnId,
+    extension_message,
+)
+from .model import CompactedSection, CompactionBlock, LoopEvent, LoopRecord, Session, Turn
+
+__all__ = [
+    "decode_event", "decode_loop", "decode_session", "encode", "encode_event",
+    "encode_session", "encode_message",
+]
+
+_U64_MAX = 2**64 - 1
+_HOOKED: dict[type, Callable[[Any], Any]] = {
+    ContinuationKind: ContinuationKind.from_json,
+    StreamDelta: StreamDelta.from_json,
+    SessionFormation: SessionFormation.from_json,
+}
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    if tp is Timestamp:
+        return Timestamp.parse(obj)
+    if tp is Float32:
+        if isinstance(obj, bool) or not isinstance(obj, (int, float)):
+            raise ValueError(f"expected a number, got {type(obj).__name__}")
+        return Float32(obj)
+    parse = _HOOKED.get(tp)
+    if parse is None:
+        raise NotImplementedError(f"no decoder for {tp!r}")
+    if obj is None:
+        raise ValueError("expected a value, got null")
+    return parse(obj)
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, Timestamp):
+        return str(obj)
+    if isinstance(obj, Float32):
+        return msgspec.Raw(obj.to_json())
+    if isinstance(obj, (ContinuationKind, StreamDelta, SessionFormation)):
+        return obj.to_json()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+# Record objects keep declaration order; free-form dicts are sorted ("deterministic").
+_plain = msgspec.json.Encoder(enc_hook=_enc_hook, order="deterministic")
+# LLM messages in their agent-message form have every key sorted, at every depth.
+_sorted = msgspec.json.Encoder(enc_hook=_enc_hook, order="sorted")
+
+_event_decoder = msgspec.json.Decoder(AgentEvent, dec_hook=_dec_hook)
+_session_decoder = msgspec.json.Decoder(Session, dec_hook=_dec_hook)
+_loop_decoder = msgspec.json.Decoder(LoopRecord, dec_hook=_dec_hook)
+
+T = TypeVar("T")
+
+# -- Walking the agent-message positions of events and records -------------------------
+
+MessageFn = Callable[[Any], Any]
+
+
+def map_event_messages(event: Any, fn: MessageFn) -> Any:
+    """A copy of `event` with every agent-form message replaced by ``fn(message)``."""
+    tp = type(event)
+    if tp is MessageEnd or tp is MessageStart or tp is MessageUpdate or tp is TurnEnd:
+        return replace(event, message=fn(event.message))
+    if tp is AgentEnd:
+        return replace(event, messages=tuple(fn(m) for m in event.messages))
+    return event
+
+
+def _map_turn(turn: Turn, fn: MessageFn) -> Turn:
+    return replace(
+        turn,
+        input_messages=tuple(fn(m) for m in turn.input_messages),
+        output_message=fn(turn.output_message),
+        tool_results=tuple(fn(m) for m in turn.tool_results),
+    )
+
+
+def _map_section(section: CompactedSection | None, fn: MessageFn) -> CompactedSection | None:
+    if section is None:
+        return None
+    return replace(section, messages=tuple(fn(m) for m in section.messages))
+
+
+def map_loop_messages(record: LoopRecord, fn: MessageFn) -> LoopRecord:
+    """A copy of `record` with every agent-form message (events included) mapped by `fn`."""
+    events = []
+    for item in record.events:
+        mapped = map_event_messages(item.event, fn)
+        events.append(item if mapped is item.event else LoopEvent(sequence=item.sequence, event=mapped))
+    block = record.compaction_block
+    if isinstance(block, CompactionBlock):
+        block = replace(
+            block,
+            keep_recent=_map_section(block.keep_recent, fn),
+            keep_compacted=_map_section(block.keep_compacted, fn),
+        )
+    return replace(
+        record,
+        messages=[fn(m) for m in record.messages],
+        turns=[_map_turn(t, fn) for t in record.turns],
+        events=events,
+        compaction_block=block,
+    )
+
+
+# -- Encoding -----------------------------------------------------------------------------
+
+
+def encode_message(message: AgentMessage) -> bytes:
+    """The agent-message form of one message (LLM messages sorted, compact)."""
+    if isinstance(message, ExtensionMessage):
+        return _plain.encode(message)
+    return _sorted.encode(message)
+
+
+class _RawMessages:
+    """Turns messages into their encoded form, once per object per document."""
+
+    __slots__ = ("memo",)
+
+    def __init__(self) -> None:
+        self.memo: dict[int, msgspec.Raw] = {}
+
+    def __call__(self, message: AgentMessage) -> msgspec.Raw:
+        raw = self.memo.get(id(message))
+        if raw is None:
+            raw = msgspec.Raw(encode_message(message))
+            self.memo[id(message)] = raw
+        return raw
+
+
+def _plain_message(message: Message) -> Message:
+    # The plain form never carries agent metadata.
+    if (message.turn_id is None and message.node_id is None and message.parent_id is None
+            and not message.tags and message.provenance_hint is None):
+        return message
+    return replace(message, turn_id=None, node_id=None, parent_id=None, tags=(),
+                   provenance_hint=None)
+
+
+def _strip_plain(event: Any) -> Any:
+    """Drop agent metadata from the plain-form messages of TurnEnd and TurnRequest."""
+    tp = type(event)
+    if tp is TurnEnd:
+        results = event.tool_results
+        stripped = tuple(_plain_message(m) for m in results)
+        if any(a is not b for a, b in zip(stripped, results)):
+            return replace(event, tool_results=stripped)
+    elif tp is TurnRequest:
+        messages = event.payload.messages
+        stripped = tuple(_plain_message(m) for m in messages)
+        if any(a is not b for a, b in zip(stripped, messages)):
+            return replace(event, payload=replace(event.payload, messages=stripped))
+    return event
+
+
+def _strip_loop(record: LoopRecord) -> LoopRecord:
+    for index, item in enumerate(record.events):
+        stripped = _strip_plain(item.event)
+        if stripped is not item.event:
+            record.events[index] = LoopEvent(sequence=item.sequence, event=stripped)
+    for index, turn in enumerate(record.turns):
+        payload = turn.request_payload
+        if payload is not None:
+            messages = tuple(_plain_message(m) for m in payload.messages)
+            if any(a is not b for a, b in zip(messages, payload.messages)):
+                record.turns[index] = replace(turn, request_payload=replace(payload, messages=messages))
+    return record
+
+
+def encode_event(event: AgentEvent) -> bytes:
+    """One event, compact, exactly as phi-core writes an event-stream line (no newline)."""
+    return _plain.encode(map_event_messages(_strip_plain(event), _RawMessages()))
+
+
+def _session_for_encoding(session: Session) -> Session:
+    to_raw = _RawMessages()
+    return replace(session, loops=[map_loop_messages(r, to_raw) for r in session.loops])
+
+
+def encode_session(session: Session, *, pretty: bool = True) -> bytes:
+    """A session file's bytes: pretty-printed (two spaces), no final newline."""
+    data = _plain.encode(_session_for_encoding(session))
+    return msgspec.json.format(data, indent=2) if pretty else data
+
+
+def encode_loop(record: LoopRecord, *, pretty: bool = True) -> bytes:
+    data = _plain.encode(map_loop_messages(record, _RawMessages()))
+    return msgspec.json.format(data, indent=2) if pretty else data
+
+
+def encode(obj: Session | LoopRecord | AgentEvent | AgentMessage, *, pretty: bool | None = None) -> bytes:
+    """phi-core's JSON for a Session, LoopRecord, event or message.
+
+    Sessions and loop records are pretty-printed (the session-file layout) and
+    events compact (the event-stream layout) unless `pretty` says otherwise.
+    """
+    if isinstance(obj, Session):
+        return encode_session(obj, pretty=True if pretty is None else pretty)
+    if isinstance(obj, LoopRecord):
+        return encode_loop(obj, pretty=True if pretty is None else pretty)
+    if isinstance(obj, (*LLM_MESSAGE_TYPES, ExtensionMessage)):
+        data = encode_message(obj)
+    else:
+        data = encode_event(obj)
+    return msgspec.json.format(data, indent=2) if pretty else data
+
+
+# -- Decoding -------------------------------------------------------------------------------
+
+_METADATA_TYPES: dict[str, Any] = {
+    "turnId": TurnId,
+    "nodeId": int,
+    "parentId": int,
+    "tags": tuple[NodeTag, ...],
+    "provenanceHint": BlockProvenance,
+}
+_METADATA_FIELDS = {
+    "turnId": "turn_id", "nodeId": "node_id", "parentId": "parent_id",
+    "tags": "tags", "provenanceHint": "provenance_hint",
+}
+_LlmMessage = Union[LLM_MESSAGE_TYPES]  # type: ignore[valid-type]
+
+
+def _convert(obj: Any, tp: Any) -> Any:
+    return msgspec.convert(obj, tp, dec_hook=_dec_hook)
+
+
+def _lenient_metadata(key: str, value: Any) -> Any:
+    """A metadata value, or None when it does not parse (phi-core drops it silently)."""
+    if value is None:
+        return None
+    try:
+        parsed = _convert(value, _METADATA_TYPES[key])
+    except (msgspec.ValidationError, ValueError, TypeError):
+        return None
+    if key in ("nodeId", "parentId") and not (0 <= parsed <= _U64_MAX):
+        return None
+    return parsed
+
+
+class _Placeholders:
+    """Extension messages with unusual roles cannot pass through msgspec.convert;
+    they travel as placeholders and are put back afterwards."""
+
+    PREFIX = "\x00phi-session-extension-"
+
+    def __init__(self) -> None:
+        self.items: dict[str, ExtensionMessage] = {}
+
+    def hide(self, message: ExtensionMessage) -> ExtensionMessage:
+        key = f"{self.PREFIX}{len(self.items)}"
+        self.items[key] = message
+        return ExtensionMessage(kind=key, data=None)
+
+    def restore(self, message: Any) -> Any:
+        if type(message) is ExtensionMessage and message.kind.startswith(self.PREFIX):
+            return self.items.get(message.kind, message)
+        return message
+
+
+def _lenient_message(obj: Any, path: str, hidden: _Placeholders) -> AgentMessage:
+    """Read an AgentMessage the way phi-core does: LLM message first, then extension."""
+    if isinstance(obj, dict):
+        if obj.get("role") in ("user", "assistant", "toolResult"):
+            core = {k: v for k, v in obj.items() if k not in _METADATA_FIELDS}
+            try:
+                message = _convert(core, _LlmMessage)
+            except (msgspec.ValidationError, ValueError):
+                message = None
+            if message is not None:
+                metadata = {
+                    _METADATA_FIELDS[key]: _lenient_metadata(key, obj.get(key))
+                    for key in _METADATA_FIELDS
+                }
+                if metadata["tags"] is None:
+                    metadata["tags"] = ()
+                return replace(message, **metadata)  # type: ignore[no-any-return]
+        role, kind = obj.get("role"), obj.get("kind")
+        if isinstance(role, str) and isinstance(kind, str) and "data" in obj:
+            message = extension_message(role, kind, obj["data"])
+            return message if type(message) is ExtensionMessage else hidden.hide(message)
+    raise DecodeError(f"data did not match any variant of AgentMessage - at `{path}`")
+
+
+def _lenient_plain(obj: Any, path: str) -> Any:
+    if isinstance(obj, dict):
+        return {k: v for k, v in obj.items() if k not in _METADATA_FIELDS}
+    return obj
+
+
+def _repair_event(obj: Any, path: str, hidden: _Placeholders) -> Any:
+    if not isinstance(obj, dict):
+        return obj
+    kind = obj.get("type")
+    if kind in ("MessageStart", "MessageUpdate", "MessageEnd", "TurnEnd") and "message" in obj:
+        obj["message"] = _lenient_message(obj["message"], f"{path}.message", hidden)
+    if kind == "AgentEnd" and isinstance(obj.get("messages"), list):
+        obj["messages"] = [
+            _lenient_message(m, f"{path}.messages[{i}]", hidden) for i, m in enumerate(obj["messages"])
+        ]
+    if kind == "TurnEnd" and isinstance(obj.get("tool_results"), list):
+        obj["tool_results"] = [_lenient_plain(m, path) for m in obj["tool_results"]]
+    if kind == "TurnRequest":
+        _repair_payload(obj.get("payload"), path)
+    return obj
+
+
+def _repair_payload(payload: Any, path: str) -> None:
+    if isinstance(payload, dict) and isinstance(payload.get("messages"), list):
+        payload["messages"] = [_lenient_plain(m, path) for m in payload["messages"]]
+
+
+def _repair_messages(container: dict[str, Any], key: str, path: str, hidden: _Placeholders) -> None:
+    value = container.get(key)
+    if isinstance(value, list):
+        container[key] = [
+            _lenient_message(m, f"{path}.{key}[{i}]", hidden) for i, m in enumerate(value)
+        ]
+
+
+def _repair_loop(obj: Any, path: str, hidden: _Placeholders) -> Any:
+    if not isinstance(obj, dict):
+        return obj
+    _repair_messages(obj, "messages", path, hidden)
+    turns = obj.get("turns")
+    if isinstance(turns, list):
+        for i, turn in enumerate(turns):
+            if isinstance(turn, dict):
+                turn_path = f"{path}.turns[{i}]"
+                _repair_messages(turn, "input_messages", turn_path, hidden)
+                _repair_messages(turn, "tool_results", turn_path, hidden)
+                if "output_message" in turn:
+                    turn["output_message"] = _lenient_message(
+                        turn["output_message"], f"{turn_path}.output_message", hidden)
+                _repair_payload(turn.get("request_payload"), turn_path)
+    events = obj.get("events")
+    if isinstance(events, list):
+        for i, item in enumerate(events):
+            if isinstance(item, dict) and "event" in item:
+                item["event"] = _repair_event(item["event"], f"{path}.events[{i}].event", hidden)
+    block = obj.get("compaction_block")
+    if isinstance(block, dict):
+        for section in ("keep_recent", "keep_compacted"):
+            if isinstance(block.get(section), dict):
+                _repair_messages(block[section], "messages", f"{path}.compaction_block.{section}", hidden)
+    return obj
+
+
+def _repair_session(obj: Any, path: str, hidden: _Placeholders) -> Any:
+    if isinstance(obj, dict) and isinstance(obj.get("loops"), list):
+        obj["loops"] = [_repair_loop(r, f"{path}.loops[{i}]", hidden) for i, r in enumerate(obj["loops"])]
+    return obj
+
+
+def _decode(
+    data: bytes | str,
+    decoder: msgspec.json.Decoder[Any],
+    tp: Any,
+    repair: Callable[[Any, str, _Placeholders], Any],
+    restore: Callable[[Any, MessageFn], Any],
+) -> Any:
+    if not isinstance(data, (bytes, bytearray, memoryview, str)):
+        raise TypeError(f"expected bytes or str, got {type(data).__name__}")
+    with decoding():
+        try:
+            return decoder.decode(data)
+        except msgspec.ValidationError as fast_error:
+            # Maybe one of phi-core's leniencies: retry on the generic tree.
+            hidden = _Placeholders()
+            try:
+                tree = repair(msgspec.json.decode(data), "$", hidden)
+                value = _convert(tree, tp)
+            except msgspec.ValidationError as error:
+                raise DecodeError(str(error)) from None
+            except DecodeError:
+                raise
+            except ValueError:
+                raise DecodeError(str(fast_error)) from None
+            return restore(value, hidden.restore) if hidden.items else value
+        except msgspec.DecodeError as error:
+            raise DecodeError(str(error)) from None
+        except ValueError as error:  # e.g. a missing timestamp (see events._now)
+            raise DecodeError(str(error)) from None
+
+
+def _restore_session(session: Session, fn: MessageFn) -> Session:
+    session.loops = [map_loop_messages(r, fn) for r in session.loops]
+    return session
+
+
+def decode_event(data: bytes | str) -> AgentEvent:
+    """Read one event (one line of an event stream). Raises `DecodeError`."""
+    event = _decode(data, _event_decoder, AgentEvent, _repair_event, map_event_messages)
+    return _strip_plain(event)  # type: ignore[no-any-return]
+
+
+def decode_session(data: bytes | str) -> Session:
+    """Read a session file. Raises `DecodeError`."""
+    session: Session = _decode(data, _session_decoder, Session, _repair_session, _restore_session)
+    for record in session.loops:
+        _strip_loop(record)
+    return session
+
+
+def decode_loop(data: bytes | str) -> LoopRecord:
+    """Read one loop record. Raises `DecodeError`."""
+    record: LoopRecord = _decode(data, _loop_decoder, LoopRecord, _repair_loop, map_loop_messages)
+    return _strip_loop(record)

@@ -1,0 +1,30 @@
+"""The exception hierarchy: everything phi-session raises derives from `PhiSessionError`."""
+
+from __future__ import annotations
+
+
+class PhiSessionError(Exception):
+    """Base class of every error raised by phi-session."""
+
+
+class DecodeError(PhiSessionError, ValueError):
+    """Input is not valid phi-core JSON. The message names the offending field path."""
+
+
+class SessionNotFound(PhiSessionError, KeyError):
+    """No stored session has the requested id."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "session not found"
+
+
+class InvalidSessionId(PhiSessionError, ValueError):
+    """A session id that cannot safely name a stored object (``../x``, ``/``, NUL, empty)."""
+
+
+class SessionLocked(PhiSessionError):
+    """Another writer held the session's lock for longer than the bounded wait."""
+
+
+class StoreError(PhiSessionError):
+    """A storage backend failed (I/O error, full disk, broken connection)."""

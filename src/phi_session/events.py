@@ -1,0 +1,539 @@
+"""The phi-core 0.10 ``AgentEvent`` vocabulary, as frozen typed records.
+
+Every event is a `msgspec.Struct` tagged by ``"type"`` with its fields in phi-core's
+order, so encoding one gives phi-core's bytes. Build events with keyword arguments;
+``timestamp`` defaults to now (UTC, nanoseconds). When *decoding*, a missing
+timestamp is an error, as in phi-core.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Literal, Union
+
+import msgspec
+from msgspec.structs import force_setattr
+
+from ._float32 import Float32
+from ._time import Timestamp
+from .messages import (
+    U32,
+    U64,
+    AgentMessage,
+    AnnotatedRequestPayload,
+    Message,
+    ThinkingLevel,
+    ToolResult,
+    Usage,
+)
+
+TurnTrigger = Literal["User", "SubAgent", "Continuation", "Branch"]
+"""What started a turn. phi-core also reads the legacy ``"FollowUp"`` as ``"Continuation"``."""
+
+ApiProtocol = Literal[
+    "anthropic_messages", "open_ai_completions", "open_ai_responses",
+    "azure_open_ai_responses", "google_generative_ai", "google_vertex",
+    "bedrock_converse_stream",
+]
+RevertCategory = Literal["failure", "tangent", "completion", "step-summary"]
+
+_decoding = threading.local()
+
+
+def _now() -> Timestamp:
+    # A timestamp left out of *decoded* JSON is an error (phi-core requires it);
+    # one left out of a Python constructor call means "now".
+    if getattr(_decoding, "active", False):
+        raise ValueError("missing required field `timestamp`")
+    return Timestamp.now()
+
+
+class decoding:
+    """Context in which absent timestamps are errors instead of "now" (used by the codec)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _decoding.active = True
+
+    def __exit__(self, *exc: object) -> None:
+        _decoding.active = False
+
+
+# -- Externally tagged enums ---------------------------------------------------------
+
+
+def _variant(value: Any, type_name: str) -> tuple[str, Any]:
+    """Split serde's externally tagged form into (variant name, payload)."""
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, dict) and len(value) == 1:
+        ((name, payload),) = value.items()
+        return name, payload
+    raise ValueError(f"expected a {type_name} (a string or a one-key object)")
+
+
+def _struct_payload(payload: Any, fields: tuple[str, ...], variant: str) -> dict[str, Any]:
+    """The payload of a data-carrying variant: an object, or (phi-core leniency) an array."""
+    if isinstance(payload, list):
+        if len(payload) != len(fields):
+            raise ValueError(f"{variant}: expected {len(fields)} elements")
+        return dict(zip(fields, payload))
+    if not isinstance(payload, dict):
+        raise ValueError(f"{variant} carries data: expected an object")
+    return payload
+
+
+def _unit_payload(payload: Any, variant: str) -> None:
+    if payload is not None:
+        raise ValueError(f"{variant} carries no data")
+
+
+def _tag_field(payload: dict[str, Any], key: str, variant: str) -> str:
+    if key not in payload:
+        raise ValueError(f"{variant}: missing required field `{key}`")
+    value = payload[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{variant}.{key}: expected a string")
+    return value
+
+
+class ContinuationKind:
+    """How a loop relates to the loop it continues.
+
+    ``kind`` is one of ``"Initial"``, ``"Default"``, ``"Rerun"``, ``"Branch"``,
+    ``"Compaction"``; ``tag`` is the opaque tag of a Rerun or Branch. Use the
+    constants `INITIAL`, `DEFAULT`, `COMPACTION` or `ContinuationKind.rerun(tag)` /
+    `ContinuationKind.branch(tag)`.
+    """
+
+    __slots__ = ("kind", "tag")
+    UNIT_KINDS = ("Initial", "Default", "Compaction")
+    TAGGED_KINDS = ("Rerun", "Branch")
+    kind: str
+    tag: str | None
+
+    def __init__(self, kind: str, tag: str | None = None) -> None:
+        if kind in self.UNIT_KINDS:
+            if tag is not None:
+                raise ValueError(f"{kind} carries no tag")
+        elif kind in self.TAGGED_KINDS:
+            if not isinstance(tag, str):
+                raise ValueError(f"{kind} needs a string tag")
+        else:
+            raise ValueError(f"unknown continuation kind {kind!r}")
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "tag", tag)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("ContinuationKind is immutable")
+
+    @classmethod
+    def rerun(cls, tag: str) -> ContinuationKind:
+        return cls("Rerun", tag)
+
+    @classmethod
+    def branch(cls, tag: str) -> ContinuationKind:
+        return cls("Branch", tag)
+
+    @classmethod
+    def from_json(cls, value: Any) -> ContinuationKind:
+        name, payload = _variant(value, "ContinuationKind")
+        if name in cls.UNIT_KINDS:
+            _unit_payload(payload, name)
+            return _UNIT_CONTINUATIONS[name]
+        if name in cls.TAGGED_KINDS:
+            if payload is None:
+                raise ValueError(f"{name} carries data: expected {{\"{name}\": {{\"tag\": …}}}}")
+            return cls(name, _tag_field(_struct_payload(payload, ("tag",), name), "tag", name))
+        raise ValueError(f"unknown variant {name!r} of ContinuationKind")
+
+    def to_json(self) -> Any:
+        return self.kind if self.tag is None else {self.kind: {"tag": self.tag}}
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ContinuationKind):
+            return self.kind == other.kind and self.tag == other.tag
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.tag))
+
+    def __repr__(self) -> str:
+        return f"ContinuationKind({self.kind!r})" if self.tag is None else (
+            f"ContinuationKind({self.kind!r}, {self.tag!r})")
+
+
+INITIAL = ContinuationKind("Initial")
+DEFAULT = ContinuationKind("Default")
+COMPACTION = ContinuationKind("Compaction")
+_UNIT_CONTINUATIONS = {"Initial": INITIAL, "Default": DEFAULT, "Compaction": COMPACTION}
+
+
+class StreamDelta:
+    """One streaming fragment: ``kind`` is ``"Text"``, ``"Thinking"`` or ``"ToolCallDelta"``."""
+
+    __slots__ = ("kind", "delta")
+    KINDS = ("Text", "Thinking", "ToolCallDelta")
+    kind: str
+    delta: str
+
+    def __init__(self, kind: str, delta: str) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown stream delta kind {kind!r}")
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "delta", delta)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("StreamDelta is immutable")
+
+    @classmethod
+    def text(cls, delta: str) -> StreamDelta:
+        return cls("Text", delta)
+
+    @classmethod
+    def thinking(cls, delta: str) -> StreamDelta:
+        return cls("Thinking", delta)
+
+    @classmethod
+    def tool_call(cls, delta: str) -> StreamDelta:
+        return cls("ToolCallDelta", delta)
+
+    @classmethod
+    def from_json(cls, value: Any) -> StreamDelta:
+        if not isinstance(value, dict):
+            raise ValueError("expected a StreamDelta object such as {\"Text\": {\"delta\": …}}")
+        name, payload = _variant(value, "StreamDelta")
+        if name not in cls.KINDS:
+            raise ValueError(f"unknown variant {name!r} of StreamDelta")
+        return cls(name, _tag_field(_struct_payload(payload, ("delta",), name), "delta", name))
+
+    def to_json(self) -> Any:
+        return {self.kind: {"delta": self.delta}}
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StreamDelta):
+            return self.kind == other.kind and self.delta == other.delta
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.delta))
+
+    def __repr__(self) -> str:
+        return f"StreamDelta({self.kind!r}, {self.delta!r})"
+
+
+class SessionFormation:
+    """Why a session was opened: ``Explicit``, ``FirstLoop`` or ``InactivityTimeout``."""
+
+    __slots__ = ("kind", "timestamp", "threshold_secs", "previous_session_id")
+    KINDS = ("Explicit", "FirstLoop", "InactivityTimeout")
+    kind: str
+    timestamp: Timestamp
+    threshold_secs: int | None
+    previous_session_id: str | None
+
+    def __init__(
+        self,
+        kind: str,
+        timestamp: Timestamp,
+        threshold_secs: int | None = None,
+        previous_session_id: str | None = None,
+    ) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown session formation {kind!r}")
+        if kind == "InactivityTimeout":
+            if not isinstance(threshold_secs, int) or isinstance(threshold_secs, bool) or not (
+                0 <= threshold_secs <= _U64_MAX
+            ):
+                raise ValueError("InactivityTimeout.threshold_secs: expected an unsigned integer")
+        elif threshold_secs is not None or previous_session_id is not None:
+            raise ValueError(f"{kind} carries only a timestamp")
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "timestamp", timestamp)
+        object.__setattr__(self, "threshold_secs", threshold_secs)
+        object.__setattr__(self, "previous_session_id", previous_session_id)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("SessionFormation is immutable")
+
+    @classmethod
+    def first_loop(cls, timestamp: Timestamp) -> SessionFormation:
+        return cls("FirstLoop", timestamp)
+
+    @classmethod
+    def explicit(cls, timestamp: Timestamp) -> SessionFormation:
+        return cls("Explicit", timestamp)
+
+    @classmethod
+    def inactivity_timeout(
+        cls, threshold_secs: int, previous_session_id: str | None, timestamp: Timestamp
+    ) -> SessionFormation:
+        return cls("InactivityTimeout", timestamp, threshold_secs, previous_session_id)
+
+    @classmethod
+    def from_json(cls, value: Any) -> SessionFormation:
+        if not isinstance(value, dict):
+            raise ValueError("expected a SessionFormation object such as {\"FirstLoop\": {…}}")
+        name, payload = _variant(value, "SessionFormation")
+        if name not in cls.KINDS:
+            raise ValueError(f"unknown variant {name!r} of SessionFormation")
+        if name == "InactivityTimeout":
+            fields = _struct_payload(
+                payload, ("threshold_secs", "previous_session_id", "timestamp"), name)
+            if "threshold_secs" not in fields:
+                raise ValueError(f"{name}: missing required field `threshold_secs`")
+            previous = fields.get("previous_session_id")
+            if previous is not None and not isinstance(previous, str):
+                raise ValueError(f"{name}.previous_session_id: expected a string or null")
+            return cls(name, _timestamp_field(fields, name), fields["threshold_secs"], previous)
+        return cls(name, _timestamp_field(_struct_payload(payload, ("timestamp",), name), name))
+
+    def to_json(self) -> Any:
+        if self.kind == "InactivityTimeout":
+            return {self.kind: {
+                "threshold_secs": self.threshold_secs,
+                "previous_session_id": self.previous_session_id,
+                "timestamp": self.timestamp,
+            }}
+        return {self.kind: {"timestamp": self.timestamp}}
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SessionFormation):
+            return (self.kind, self.timestamp, self.threshold_secs, self.previous_session_id) == (
+                other.kind, other.timestamp, other.threshold_secs, other.previous_session_id)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.timestamp))
+
+    def __repr__(self) -> str:
+        extra = ""
+        if self.kind == "InactivityTimeout":
+            extra = f", threshold_secs={self.threshold_secs}, previous_session_id={self.previous_session_id!r}"
+        return f"SessionFormation({self.kind!r}, {self.timestamp!r}{extra})"
+
+
+_U64_MAX = 2**64 - 1
+
+
+def _timestamp_field(payload: dict[str, Any], variant: str) -> Timestamp:
+    if "timestamp" not in payload:
+        raise ValueError(f"{variant}: missing required field `timestamp`")
+    return Timestamp.parse(payload["timestamp"])
+
+
+# -- Records carried by events --------------------------------------------------------
+
+
+class LoopConfigSnapshot(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """Which model and settings ran a loop (``config_id`` is always written, maybe null)."""
+
+    model: str
+    provider: str
+    config_id: str | None = None
+    name: str | None | msgspec.UnsetType = msgspec.UNSET
+    api: ApiProtocol | None | msgspec.UnsetType = msgspec.UNSET
+    base_url: str | None | msgspec.UnsetType = msgspec.UNSET
+    reasoning: bool | None | msgspec.UnsetType = msgspec.UNSET
+    context_window: U32 | None | msgspec.UnsetType = msgspec.UNSET
+    max_tokens: U32 | None | msgspec.UnsetType = msgspec.UNSET
+    thinking_level: ThinkingLevel | None | msgspec.UnsetType = msgspec.UNSET
+    temperature: Float32 | None | msgspec.UnsetType = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        # "Skipped when empty": null on input means absent; never write null back.
+        for name in _SNAPSHOT_OPTIONAL:
+            if getattr(self, name) is None:
+                force_setattr(self, name, msgspec.UNSET)
+        temperature = self.temperature
+        if isinstance(temperature, float) and not isinstance(temperature, Float32):
+            force_setattr(self, "temperature", Float32(temperature))
+
+
+_SNAPSHOT_OPTIONAL = (
+    "name", "api", "base_url", "reasoning", "context_window",
+    "max_tokens", "thinking_level", "temperature",
+)
+
+# -- Events ---------------------------------------------------------------------------
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, gc=False, tag_field="type", tag=True):
+    pass
+
+
+class AgentStart(_Event, kw_only=True):
+    """A loop begins."""
+
+    agent_id: str
+    session_id: str
+    loop_id: str
+    parent_loop_id: str | None = None
+    continuation_kind: ContinuationKind = INITIAL
+    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    metadata: Any = None
+    config_snapshot: LoopConfigSnapshot | None | msgspec.UnsetType = msgspec.UNSET
+    formation: SessionFormation | msgspec.UnsetType = msgspec.UNSET
+    """phi-session extension: why the session was opened (ignored by phi-core)."""
+
+    def __post_init__(self) -> None:
+        if self.config_snapshot is None:
+            force_setattr(self, "config_snapshot", msgspec.UNSET)
+
+
+class AgentEnd(_Event, kw_only=True):
+    """A loop ends; ``rejection`` is set when the initial input was rejected."""
+
+    loop_id: str
+    messages: tuple[AgentMessage, ...]
+    usage: Usage
+    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    rejection: str | None = None
+    error: str | msgspec.UnsetType = msgspec.UNSET
+    """phi-session extension: the loop failed with this error (ignored by phi-core)."""
+
+
+class TurnStart(_Event, kw_only=True):
+    loop_id: str
+    turn_index: U32
+    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    triggered_by: TurnTrigger | Literal["FollowUp"]
+
+    def __post_init__(self) -> None:
+        if self.triggered_by == "FollowUp":
+            force_setattr(self, "triggered_by", "Continuation")
+
+
+class TurnRequest(_Event, kw_only=True):
+    """The fully assembled request of a turn."""
+
+    loop_id: str
+    turn_index: U32
+    payload: AnnotatedRequestPayload
+    timestamp: Timestamp = msgspec.field(default_factory=_now)
+
+
+class TurnEnd(_Event, kw_only=True):
+    loop_id: str
+    message: AgentMessage
+    usage: Usage
+    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    tool_results: tuple[Message, ...] = ()
+
+
+class MessageStart(_Event, kw_only=True):
+    loop_id: str
+    message: AgentMessage
+
+
+class MessageUpdate(_Event, kw_only=True):
+    """One streaming delta of the message being generated."""
+
+    loop_id: str
+    message: AgentMessage
+    delta: StreamDelta
+
+
+class MessageEnd(_Event, kw_only=True):
+    loop_id: str
+    message: AgentMessage
+
+
+class ToolExecutionStart(_Event, kw_only=True):
+    loop_id: str
+    tool_call_id: str
+    tool_name: str
+    args: Any
+
+
+class ToolExecutionUpdate(_Event, kw_only=True):
+    loop_id: str
+    tool_call_id: str
+    tool_name: str
+    partial_result: ToolResult
+
+
+class ToolExecutionEnd(_Event, kw_only=True):
+    loop_id: str
+    tool_call_id: str
+    tool_name: str
+    result: ToolResult
+    is_error: bool
+    child_loop_id: str | None = None
+
+
+class ProgressMessage(_Event, kw_only=True):
+    loop_id: str
+    tool_call_id: str
+    tool_name: str
+    text: str
+
+
+class InputRejected(_Event, kw_only=True):
+    loop_id: str
+    reason: str
+
+
+class ParallelLoopStart(_Event, kw_only=True):
+    session_id: str
+    loop_ids: tuple[str, ...]
+    timestamp: Timestamp = msgspec.field(default_factory=_now)
+
+
+class ParallelLoopEnd(_Event, kw_only=True):
+    session_id: str
+    selected_loop_id: str
+    selected_config_index: U64
+    evaluation_usage: Usage
+    timestamp: Timestamp = msgspec.field(default_factory=_now)
+
+
+class CompactionStarted(_Event, kw_only=True):
+    loop_id: str
+    estimated_tokens: U64
+    message_count: U64
+    timestamp: Timestamp = msgspec.field(default_factory=_now)
+
+
+class PrunApplied(_Event, kw_only=True):
+    loop_id: str
+    tokens_removed: U64
+    messages_removed: U64
+    memo: str | None = None
+    pruned_timestamps: tuple[U64, ...]
+    timestamp: Timestamp = msgspec.field(default_factory=_now)
+
+
+class RevertApplied(_Event, kw_only=True):
+    loop_id: str
+    category: RevertCategory
+    target: U64 | None = None
+    abandoned_node_ids: tuple[U64, ...]
+    summary: str | None = None
+    applied: bool
+    reason: str | None = None
+    timestamp: Timestamp = msgspec.field(default_factory=_now)
+
+
+class CompactionEnded(_Event, kw_only=True):
+    loop_id: str
+    messages_before: U64
+    messages_after: U64
+    estimated_tokens_before: U64
+    estimated_tokens_after: U64
+    loops_compacted: U64
+    timestamp: Timestamp = msgspec.field(default_factory=_now)
+
+
+AgentEvent = Union[
+    AgentStart, AgentEnd, TurnStart, TurnRequest, TurnEnd,
+    MessageStart, MessageUpdate, MessageEnd,
+    ToolExecutionStart, ToolExecutionUpdate, ToolExecutionEnd,
+    ProgressMessage, InputRejected, ParallelLoopStart, ParallelLoopEnd,
+    CompactionStarted, PrunApplied, RevertApplied, CompactionEnded,
+]
+"""Any of the 19 event types of phi-core 0.10."""
+
+EVENT_TYPES: tuple[type, ...] = AgentEvent.__args__  # type: ignore[attr-defined]
+MESSAGE_EVENTS = (MessageStart, MessageUpdate, MessageEnd)

@@ -1,0 +1,297 @@
+"""The session model: Session -> LoopRecords -> Turns, with cross-session links.
+
+`Session` and `LoopRecord` are mutable only so the recorder can build them; once a
+loop is closed treat its record as finished. Field order is phi-core's, so encoding
+gives phi-core's bytes. Extra phi-session fields (``rejected``, ``error``) are
+written only when set, and phi-core ignores them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import msgspec
+from msgspec.structs import force_setattr
+
+from ._time import Timestamp
+from .events import (
+    INITIAL,
+    AgentEvent,
+    ContinuationKind,
+    LoopConfigSnapshot,
+    SessionFormation,
+    TurnTrigger,
+)
+from .messages import (
+    U32,
+    U64,
+    ZERO_USAGE,
+    AgentMessage,
+    AnnotatedRequestPayload,
+    TurnId,
+    Usage,
+)
+
+__all__ = [
+    "ChildLoopRef", "CompactedSection", "CompactionBlock", "LoopConfigSnapshot", "LoopEvent",
+    "LoopRecord", "LoopStatus", "ParallelGroupRecord", "Session", "SessionFormation",
+    "SessionScope", "SpawnRef", "Turn", "TurnId", "TurnRange",
+]
+
+LoopStatus = Literal["Pending", "Running", "Completed", "Rejected", "Aborted"]
+SessionScope = Literal["ephemeral", "persistent"]
+
+
+class _Record(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    pass
+
+
+class ChildLoopRef(_Record):
+    """Outbound link from a loop to a sub-agent loop it spawned in another session."""
+
+    tool_call_id: str
+    tool_name: str
+    child_loop_id: str
+    child_session_id: str
+
+
+class SpawnRef(_Record):
+    """Inbound link on a sub-agent's session: which loop and tool call spawned it."""
+
+    parent_session_id: str
+    parent_loop_id: str
+    tool_call_id: str
+    tool_name: str
+
+
+class ParallelGroupRecord(_Record):
+    """A loop's membership in a parallel evaluation group."""
+
+    all_loop_ids: tuple[str, ...]
+    selected_loop_id: str
+    selected_config_index: U64
+    evaluation_usage: Usage
+    is_selected: bool
+
+
+class LoopEvent(_Record):
+    """One stored event and its per-loop sequence number."""
+
+    sequence: U64
+    event: AgentEvent
+
+
+class Turn(_Record, omit_defaults=True):
+    """One model call and the tool executions that followed it."""
+
+    turn_id: TurnId
+    triggered_by: TurnTrigger | Literal["FollowUp"]
+    usage: Usage
+    input_messages: tuple[AgentMessage, ...]
+    output_message: AgentMessage
+    tool_results: tuple[AgentMessage, ...]
+    started_at: Timestamp
+    ended_at: Timestamp
+    request_payload: AnnotatedRequestPayload | None = None
+
+    def __post_init__(self) -> None:
+        if self.triggered_by == "FollowUp":
+            force_setattr(self, "triggered_by", "Continuation")
+
+    @property
+    def index(self) -> int:
+        return self.turn_id.turn_index
+
+    def duration(self) -> float:
+        """Seconds from the turn's start to its end."""
+        return self.ended_at - self.started_at
+
+    def has_tool_calls(self) -> bool:
+        return bool(self.tool_results)
+
+    def all_messages(self) -> list[AgentMessage]:
+        """Inputs, then the output, then the tool results."""
+        return [*self.input_messages, self.output_message, *self.tool_results]
+
+
+class TurnRange(_Record, rename="camel"):
+    """Inclusive range of turn indices."""
+
+    start_turn: U32
+    end_turn: U32
+
+
+class CompactedSection(_Record):
+    range: TurnRange
+    messages: tuple[AgentMessage, ...]
+
+
+class CompactionBlock(_Record, omit_defaults=True, kw_only=True, rename={"created_at": "createdAt"}):
+    """A non-destructive compaction overlay on a loop's messages."""
+
+    keep_first: TurnRange | None = None
+    keep_recent: CompactedSection | None = None
+    keep_compacted: CompactedSection | None = None
+    created_at: Timestamp
+
+
+class LoopRecord(msgspec.Struct, kw_only=True, gc=False):
+    """A complete record of one agent-loop execution."""
+
+    loop_id: str
+    session_id: str
+    agent_id: str
+    parent_loop_id: str | None = None
+    continuation_kind: ContinuationKind | None = INITIAL
+    started_at: Timestamp
+    ended_at: Timestamp | None = None
+    status: LoopStatus = "Running"
+    rejection: str | None = None
+    config: LoopConfigSnapshot | None = None
+    messages: list[AgentMessage] = msgspec.field(default_factory=list)
+    turns: list[Turn] = msgspec.field(default_factory=list)
+    usage: Usage = ZERO_USAGE
+    metadata: Any = None
+    events: list[LoopEvent] = msgspec.field(default_factory=list)
+    children_loop_ids: list[str] = msgspec.field(default_factory=list)
+    child_loop_refs: list[ChildLoopRef] = msgspec.field(default_factory=list)
+    parallel_group: ParallelGroupRecord | None = None
+    compaction_block: CompactionBlock | msgspec.UnsetType = msgspec.UNSET
+    error: str | msgspec.UnsetType = msgspec.UNSET
+    """phi-session extension: why the loop failed, when it did (ignored by phi-core)."""
+
+    def __post_init__(self) -> None:
+        if self.continuation_kind is None:  # null means Initial here (not in AgentStart)
+            self.continuation_kind = INITIAL
+
+    @property
+    def kind(self) -> ContinuationKind:
+        return self.continuation_kind or INITIAL
+
+    def get_turn(self, turn_index: int) -> Turn | None:
+        """The turn at `turn_index`, or None."""
+        if 0 <= turn_index < len(self.turns):
+            return self.turns[turn_index]
+        return None
+
+    def turn_count(self) -> int:
+        return len(self.turns)
+
+    def tool_call_count(self) -> int:
+        return sum(len(turn.tool_results) for turn in self.turns)
+
+    def context_messages(self) -> list[AgentMessage]:
+        """The messages this loop contributes to a resumed context.
+
+        Without a compaction block, its own ``messages``. With one, the block
+        stands in for them: the messages of the ``keep_first`` turns, then the
+        compacted summary, then the recent section.
+        """
+        block = self.compaction_block
+        if not isinstance(block, CompactionBlock):
+            return list(self.messages)
+        out: list[AgentMessage] = []
+        if block.keep_first is not None:
+            for turn in self.turns[block.keep_first.start_turn:block.keep_first.end_turn + 1]:
+                out.extend(turn.all_messages())
+        for section in (block.keep_compacted, block.keep_recent):
+            if section is not None:
+                out.extend(section.messages)
+        return out
+
+
+class Session(msgspec.Struct, kw_only=True, gc=False):
+    """All the loops recorded for one ``session_id``."""
+
+    session_id: str
+    agent_id: str
+    created_at: Timestamp
+    last_active_at: Timestamp
+    formation: SessionFormation
+    parent_spawn_ref: SpawnRef | None = None
+    scope: SessionScope = "ephemeral"
+    loops: list[LoopRecord] = msgspec.field(default_factory=list)
+    rejected: bool | msgspec.UnsetType = msgspec.UNSET
+    """phi-session extension: ``before_task`` rejected the session (written only when true)."""
+
+    def __post_init__(self) -> None:
+        if self.rejected is False:
+            self.rejected = msgspec.UNSET
+
+    @property
+    def is_rejected(self) -> bool:
+        return self.rejected is True
+
+    def get_loop(self, loop_id: str) -> LoopRecord | None:
+        """The first loop with `loop_id`, or None."""
+        for record in self.loops:
+            if record.loop_id == loop_id:
+                return record
+        return None
+
+    def root_loops(self) -> list[LoopRecord]:
+        """Loops without a parent in this session (origins and sub-agent roots)."""
+        ids = {record.loop_id for record in self.loops}
+        return [r for r in self.loops if r.parent_loop_id is None or r.parent_loop_id not in ids]
+
+    def children_of(self, loop_id: str) -> list[LoopRecord]:
+        """Same-session children of `loop_id`, in the order they finished."""
+        parent = self.get_loop(loop_id)
+        if parent is None:
+            return []
+        wanted = set(parent.children_loop_ids)
+        return [r for r in self.loops if r.loop_id in wanted]
+
+    def parallel_siblings(self, loop_id: str) -> list[LoopRecord]:
+        """Every loop of the parallel group `loop_id` belongs to (itself included)."""
+        record = self.get_loop(loop_id)
+        if record is None or record.parallel_group is None:
+            return []
+        wanted = set(record.parallel_group.all_loop_ids)
+        return [r for r in self.loops if r.loop_id in wanted]
+
+    def loop_chain_to(self, loop_id: str) -> list[str]:
+        """Loop ids from the root down to `loop_id`, following ``parent_loop_id``.
+
+        Unlike phi-core, a loop that names itself (or an ancestor) as parent, as
+        phi-core's compaction pass does, ends the walk instead of looping forever.
+        """
+        chain = [loop_id]
+        seen = {loop_id}
+        record = self.get_loop(loop_id)
+        while record is not None and record.parent_loop_id is not None:
+            parent = record.parent_loop_id
+            if parent in seen:
+                break
+            chain.append(parent)
+            seen.add(parent)
+            record = self.get_loop(parent)
+        chain.reverse()
+        return chain
+
+    def total_usage(self) -> Usage:
+        """Token usage summed over every loop."""
+        total = ZERO_USAGE
+        for record in self.loops:
+            total = total + record.usage
+        return total
+
+    def context_at(self, loop_id: str) -> list[AgentMessage]:
+        """The ordered message history needed to resume from `loop_id`.
+
+        Messages of every loop along `loop_chain_to(loop_id)` that this session
+        holds, root first; a loop with a compaction block contributes the block's
+        messages instead of its own. Raises ``KeyError`` for an unknown loop.
+        """
+        if self.get_loop(loop_id) is None:
+            raise KeyError(f"no loop {loop_id!r} in session {self.session_id!r}")
+        history: list[AgentMessage] = []
+        for chain_id in self.loop_chain_to(loop_id):
+            record = self.get_loop(chain_id)
+            if record is not None:  # None: the parent lives in another session (sub-agent)
+                history.extend(record.context_messages())
+        return history
+
+    def iter_loops(self) -> Iterator[LoopRecord]:
+        return iter(self.loops)
