@@ -15,6 +15,7 @@ from typing import Any, TypeVar, Union
 import msgspec
 from msgspec.structs import replace
 
+from . import _strict
 from ._float32 import Float32
 from ._time import Timestamp
 from .errors import DecodeError
@@ -400,29 +401,44 @@ def _decode(
     tp: Any,
     repair: Callable[[Any, str, _Placeholders], Any],
     restore: Callable[[Any, MessageFn], Any],
+    check: Callable[[Any], None] | None,
 ) -> Any:
+    """Fast typed decode; phi-core's leniencies on a generic retry; `check` for strictness."""
     if not isinstance(data, (bytes, bytearray, memoryview, str)):
         raise TypeError(f"expected bytes or str, got {type(data).__name__}")
     with decoding():
         try:
-            return decoder.decode(data)
+            value = decoder.decode(data)
+            lenient = False
         except msgspec.ValidationError as fast_error:
-            # Maybe one of phi-core's leniencies: retry on the generic tree.
-            hidden = _Placeholders()
-            try:
-                tree = repair(msgspec.json.decode(data), "$", hidden)
-                value = _convert(tree, tp)
-            except msgspec.ValidationError as error:
-                raise DecodeError(str(error)) from None
-            except DecodeError:
-                raise
-            except ValueError:
-                raise DecodeError(str(fast_error)) from None
-            return restore(value, hidden.restore) if hidden.items else value
+            value, lenient = fast_error, True
         except msgspec.DecodeError as error:
             raise DecodeError(str(error)) from None
         except ValueError as error:  # e.g. a missing timestamp (see events._now)
             raise DecodeError(str(error)) from None
+        tree = None
+        if check is not None:
+            try:
+                scan = _strict.Scan(data)
+            except (ValueError, RecursionError) as error:
+                raise DecodeError(str(error)) from None
+            check(scan.tree)
+            if scan.numbers_differ:  # read numbers as phi-core does, then convert again
+                tree, lenient = scan.tree, True
+        if not lenient:
+            return value
+        hidden = _Placeholders()
+        try:
+            if tree is None:
+                tree = msgspec.json.decode(data)
+            value = _convert(repair(tree, "$", hidden), tp)
+        except msgspec.ValidationError as error:
+            raise DecodeError(str(error)) from None
+        except DecodeError:
+            raise
+        except ValueError as error:
+            raise DecodeError(str(error)) from None
+        return restore(value, hidden.restore) if hidden.items else value
 
 
 def _restore_session(session: Session, fn: MessageFn) -> Session:
@@ -430,21 +446,29 @@ def _restore_session(session: Session, fn: MessageFn) -> Session:
     return session
 
 
-def decode_event(data: bytes | str) -> AgentEvent:
-    """Read one event (one line of an event stream). Raises `DecodeError`."""
-    event = _decode(data, _event_decoder, AgentEvent, _repair_event, map_event_messages)
+def decode_event(data: bytes | str, *, strict: bool = True) -> AgentEvent:
+    """Read one event (one line of an event stream). Raises `DecodeError`.
+
+    With ``strict=False`` the slower second parse that matches phi-core on exotic
+    input is skipped: repeated keys in record objects then win silently, integers
+    beyond 64 bits are kept and ``-0`` reads as 0 (the recorder's fast path).
+    """
+    check = _strict.check_event if strict else None
+    event = _decode(data, _event_decoder, AgentEvent, _repair_event, map_event_messages, check)
     return _strip_plain(event)  # type: ignore[no-any-return]
 
 
-def decode_session(data: bytes | str) -> Session:
-    """Read a session file. Raises `DecodeError`."""
-    session: Session = _decode(data, _session_decoder, Session, _repair_session, _restore_session)
+def decode_session(data: bytes | str, *, strict: bool = True) -> Session:
+    """Read a session file. Raises `DecodeError` (see `decode_event` for `strict`)."""
+    check = _strict.check_session if strict else None
+    session: Session = _decode(data, _session_decoder, Session, _repair_session, _restore_session, check)
     for record in session.loops:
         _strip_loop(record)
     return session
 
 
-def decode_loop(data: bytes | str) -> LoopRecord:
-    """Read one loop record. Raises `DecodeError`."""
-    record: LoopRecord = _decode(data, _loop_decoder, LoopRecord, _repair_loop, map_loop_messages)
+def decode_loop(data: bytes | str, *, strict: bool = True) -> LoopRecord:
+    """Read one loop record. Raises `DecodeError` (see `decode_event` for `strict`)."""
+    check = _strict.check_loop if strict else None
+    record: LoopRecord = _decode(data, _loop_decoder, LoopRecord, _repair_loop, map_loop_messages, check)
     return _strip_loop(record)

@@ -291,12 +291,12 @@ class SessionFormation:
 
     def to_json(self) -> Any:
         if self.kind == "InactivityTimeout":
-            return {self.kind: {
-                "threshold_secs": self.threshold_secs,
-                "previous_session_id": self.previous_session_id,
-                "timestamp": self.timestamp,
-            }}
-        return {self.kind: {"timestamp": self.timestamp}}
+            return {self.kind: _InactivityPayload(
+                threshold_secs=self.threshold_secs or 0,
+                previous_session_id=self.previous_session_id,
+                timestamp=self.timestamp,
+            )}
+        return {self.kind: _TimestampPayload(timestamp=self.timestamp)}
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, SessionFormation):
@@ -315,6 +315,17 @@ class SessionFormation:
 
 
 _U64_MAX = 2**64 - 1
+
+
+class _TimestampPayload(msgspec.Struct, frozen=True, kw_only=True):
+    timestamp: Timestamp
+
+
+class _InactivityPayload(msgspec.Struct, frozen=True, kw_only=True):
+    # Declared in phi-core's key order (a plain dict would be written sorted).
+    threshold_secs: int
+    previous_session_id: str | None
+    timestamp: Timestamp
 
 
 def _timestamp_field(payload: dict[str, Any], variant: str) -> Timestamp:

@@ -137,7 +137,11 @@ class CompactionBlock(_Record, omit_defaults=True, kw_only=True, rename={"create
 
 
 class LoopRecord(msgspec.Struct, kw_only=True, gc=False):
-    """A complete record of one agent-loop execution."""
+    """A complete record of one agent-loop execution.
+
+    Required fields are required when decoding too; `LoopRecord.start` builds the
+    record of a loop that has just begun.
+    """
 
     loop_id: str
     session_id: str
@@ -146,24 +150,49 @@ class LoopRecord(msgspec.Struct, kw_only=True, gc=False):
     continuation_kind: ContinuationKind | None = INITIAL
     started_at: Timestamp
     ended_at: Timestamp | None = None
-    status: LoopStatus = "Running"
+    status: LoopStatus
     rejection: str | None = None
     config: LoopConfigSnapshot | None = None
-    messages: list[AgentMessage] = msgspec.field(default_factory=list)
+    messages: list[AgentMessage]
     turns: list[Turn] = msgspec.field(default_factory=list)
-    usage: Usage = ZERO_USAGE
+    usage: Usage
     metadata: Any = None
-    events: list[LoopEvent] = msgspec.field(default_factory=list)
-    children_loop_ids: list[str] = msgspec.field(default_factory=list)
-    child_loop_refs: list[ChildLoopRef] = msgspec.field(default_factory=list)
+    events: list[LoopEvent]
+    children_loop_ids: list[str]
+    child_loop_refs: list[ChildLoopRef]
     parallel_group: ParallelGroupRecord | None = None
-    compaction_block: CompactionBlock | msgspec.UnsetType = msgspec.UNSET
+    compaction_block: CompactionBlock | None | msgspec.UnsetType = msgspec.UNSET
     error: str | msgspec.UnsetType = msgspec.UNSET
     """phi-session extension: why the loop failed, when it did (ignored by phi-core)."""
 
     def __post_init__(self) -> None:
         if self.continuation_kind is None:  # null means Initial here (not in AgentStart)
             self.continuation_kind = INITIAL
+        if self.compaction_block is None:  # "skipped when empty": null reads as absent
+            self.compaction_block = msgspec.UNSET
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        loop_id: str,
+        session_id: str,
+        agent_id: str,
+        started_at: Timestamp,
+        parent_loop_id: str | None = None,
+        continuation_kind: ContinuationKind = INITIAL,
+        config: LoopConfigSnapshot | None = None,
+        metadata: Any = None,
+        status: LoopStatus = "Running",
+    ) -> LoopRecord:
+        """A fresh record: no events, turns or messages yet, zero usage."""
+        return cls(
+            loop_id=loop_id, session_id=session_id, agent_id=agent_id,
+            parent_loop_id=parent_loop_id, continuation_kind=continuation_kind,
+            started_at=started_at, status=status, config=config, messages=[], turns=[],
+            usage=ZERO_USAGE, metadata=metadata, events=[], children_loop_ids=[],
+            child_loop_refs=[],
+        )
 
     @property
     def kind(self) -> ContinuationKind:
@@ -211,7 +240,7 @@ class Session(msgspec.Struct, kw_only=True, gc=False):
     formation: SessionFormation
     parent_spawn_ref: SpawnRef | None = None
     scope: SessionScope = "ephemeral"
-    loops: list[LoopRecord] = msgspec.field(default_factory=list)
+    loops: list[LoopRecord]
     rejected: bool | msgspec.UnsetType = msgspec.UNSET
     """phi-session extension: ``before_task`` rejected the session (written only when true)."""
 

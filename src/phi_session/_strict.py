@@ -1,0 +1,151 @@
+"""The checks that make decoding reject exactly what phi-core rejects.
+
+msgspec, like most JSON readers, lets a repeated key win silently, reads ``-0`` as
+the integer 0 and keeps integers of any size. phi-core (serde_json) rejects
+repeated keys in record objects, reads ``-0`` as the float -0.0, turns integers
+beyond the 64-bit ranges into floats, and refuses nesting deeper than 128.
+This second, slower parse (stdlib ``json`` with hooks) finds those cases; it runs
+only in strict decoding, never on the recorder's hot path.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import DecodeError
+
+_U64_MAX = 2**64 - 1
+_I64_MIN = -(2**63)
+MAX_DEPTH = 128
+# Free-form values, where phi-core lets the last repeated key win.
+_FREE_FORM = frozenset({"metadata", "args", "arguments", "details", "data", "parameters", "schema"})
+_MESSAGE_EVENTS = frozenset({"MessageStart", "MessageUpdate", "MessageEnd", "TurnEnd"})
+
+
+class _Repeated(dict):  # type: ignore[type-arg]
+    """A JSON object in which some key appeared more than once."""
+
+    repeated: str = ""
+
+
+class Scan:
+    """The result of the strict parse: the tree phi-core would see and what was odd."""
+
+    def __init__(self, data: bytes | str) -> None:
+        self.repeated = False
+        self.numbers_differ = False
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
+        self.tree: Any = json.loads(text, object_pairs_hook=self._pairs, parse_int=self._int)
+        if text.count("[") + text.count("{") > MAX_DEPTH and _depth(self.tree) > MAX_DEPTH:
+            raise DecodeError(f"nesting deeper than {MAX_DEPTH} levels")
+
+    def _pairs(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            self.repeated = True
+            seen: set[str] = set()
+            repeated = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            obj = _Repeated(obj)
+            obj.repeated = repeated
+        return obj
+
+    def _int(self, token: str) -> int | float:
+        if token == "-0":
+            self.numbers_differ = True
+            return -0.0
+        value = int(token)
+        if value > _U64_MAX or value < _I64_MIN:
+            self.numbers_differ = True
+            return float(token)
+        return value
+
+
+def _depth(node: Any) -> int:
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def _reject_repeated(node: Any, path: str) -> None:
+    if isinstance(node, _Repeated):
+        raise DecodeError(f"duplicate field `{node.repeated}` - at `{path}`")
+
+
+def _check_generic(node: Any, path: str) -> None:
+    if isinstance(node, dict):
+        _reject_repeated(node, path)
+        for key, value in node.items():
+            if key not in _FREE_FORM:
+                _check_generic(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _check_generic(value, f"{path}[{index}]")
+
+
+def check_event(node: Any, path: str = "$") -> None:
+    """Reject repeated keys in the record objects of an event (agent messages may repeat)."""
+    if not isinstance(node, dict):
+        return
+    _reject_repeated(node, path)
+    kind = node.get("type")
+    for key, value in node.items():
+        if key in _FREE_FORM or (key == "message" and kind in _MESSAGE_EVENTS) or (
+            key == "messages" and kind == "AgentEnd"
+        ):
+            continue
+        _check_generic(value, f"{path}.{key}")
+
+
+def check_loop(node: Any, path: str = "$") -> None:
+    if not isinstance(node, dict):
+        return
+    _reject_repeated(node, path)
+    for key, value in node.items():
+        where = f"{path}.{key}"
+        if key in ("messages", "metadata"):
+            continue
+        if key == "turns" and isinstance(value, list):
+            for index, turn in enumerate(value):
+                _check_fields(turn, f"{where}[{index}]", ("input_messages", "output_message", "tool_results"))
+        elif key == "events" and isinstance(value, list):
+            for index, item in enumerate(value):
+                item_path = f"{where}[{index}]"
+                if isinstance(item, dict):
+                    _reject_repeated(item, item_path)
+                    check_event(item.get("event"), f"{item_path}.event")
+        elif key == "compaction_block" and isinstance(value, dict):
+            _reject_repeated(value, where)
+            for part, section in value.items():
+                _check_fields(section, f"{where}.{part}", ("messages",))
+        else:
+            _check_generic(value, where)
+
+
+def _check_fields(node: Any, path: str, skipped: tuple[str, ...]) -> None:
+    if isinstance(node, dict):
+        _reject_repeated(node, path)
+        for key, value in node.items():
+            if key not in skipped:
+                _check_generic(value, f"{path}.{key}")
+    else:
+        _check_generic(node, path)
+
+
+def check_session(node: Any, path: str = "$") -> None:
+    if not isinstance(node, dict):
+        return
+    _reject_repeated(node, path)
+    for key, value in node.items():
+        if key == "loops" and isinstance(value, list):
+            for index, record in enumerate(value):
+                check_loop(record, f"{path}.loops[{index}]")
+        else:
+            _check_generic(value, f"{path}.{key}")
