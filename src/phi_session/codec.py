@@ -88,6 +88,34 @@ _plain = msgspec.json.Encoder(enc_hook=_enc_hook, order="deterministic")
 _sorted = msgspec.json.Encoder(enc_hook=_enc_hook, order="sorted")
 
 _event_decoder = msgspec.json.Decoder(AgentEvent, dec_hook=_dec_hook)
+EVENT_TYPES: tuple[type, ...] = AgentEvent.__args__  # type: ignore[attr-defined]
+
+
+class LazyMessageUpdate(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="MessageUpdate"):
+    """A streaming delta read only as far as the recorder needs to drop it.
+
+    Its message and delta are checked to be well-formed JSON, not materialized.
+    """
+
+    loop_id: str
+    message: msgspec.Raw
+    delta: msgspec.Raw
+
+
+_recording_decoder = msgspec.json.Decoder(
+    Union[tuple(LazyMessageUpdate if t is MessageUpdate else t for t in EVENT_TYPES)],  # type: ignore[misc]
+    dec_hook=_dec_hook,
+)
+
+
+def decode_for_recording(data: bytes | str) -> AgentEvent | LazyMessageUpdate:
+    """The recorder's fast path: like ``decode_event(data, strict=False)``, except that a
+    ``MessageUpdate`` comes back as a `LazyMessageUpdate` (decode it fully if you keep it)."""
+    try:
+        with decoding():
+            return _recording_decoder.decode(data)  # type: ignore[no-any-return]
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+        return decode_event(data, strict=False)  # the full path: leniencies, or a clear error
 _session_decoder = msgspec.json.Decoder(Session, dec_hook=_dec_hook)
 _loop_decoder = msgspec.json.Decoder(LoopRecord, dec_hook=_dec_hook)
 

@@ -243,6 +243,8 @@ class Session(msgspec.Struct, kw_only=True, gc=False):
     loops: list[LoopRecord]
     rejected: bool | msgspec.UnsetType = msgspec.UNSET
     """phi-session extension: ``before_task`` rejected the session (written only when true)."""
+    session_events: list[AgentEvent] | msgspec.UnsetType = msgspec.UNSET
+    """phi-session extension, opt-in: session-scoped events (ParallelLoopStart/End)."""
 
     def __post_init__(self) -> None:
         if self.rejected is False:

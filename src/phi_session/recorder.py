@@ -1,0 +1,572 @@
+"""SessionRecorder: turns an AgentEvent stream into Sessions, as phi-core does, minus its gaps.
+
+The recorder is an in-memory state machine: it does no I/O. It reproduces
+phi-core 0.10's rules (wire-format §9) so that the same stream gives the same
+session files, and fixes the gaps that lose, split or misattribute data (§14):
+
+* events for loops it does not know are kept as *orphans*, never dropped;
+* ``before_task`` returning False marks the session rejected (it is still recorded);
+* ``after_task`` fires once each time a session is completed, by `flush` or `checkpoint`;
+* ``ParallelLoopStart`` pre-registers Pending loop records; a branch that never
+  starts is Aborted at `flush` instead of vanishing;
+* a repeated ``AgentStart`` for an open loop keeps what was recorded; a session id
+  seen again while the session is still held joins it;
+* ``RevertApplied`` is stored; parallel and loop-less events are kept;
+* `flush` aborts open loops in start order, and links them to their parent;
+* sub-agent links use what the recorder saw, not only the loop-id prefix;
+* every ``on_event`` is O(1) amortized, and safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgspec
+from msgspec.structs import replace
+
+from . import codec
+from .errors import DecodeError
+from .events import (
+    AgentEnd,
+    AgentEvent,
+    AgentStart,
+    InputRejected,
+    LoopConfigSnapshot,
+    MessageEnd,
+    MessageUpdate,
+    ParallelLoopEnd,
+    ParallelLoopStart,
+    ProgressMessage,
+    SessionFormation,
+    ToolExecutionEnd,
+    TurnEnd,
+    TurnRequest,
+    TurnStart,
+)
+from .ids import config_segment_from_loop_id, session_id_from_loop_id
+from .messages import AgentMessage, AnnotatedRequestPayload, AssistantMessage, TurnId
+from .model import ChildLoopRef, LoopEvent, LoopRecord, ParallelGroupRecord, Session, SpawnRef, Turn
+
+__all__ = ["OrphanEvent", "SessionRecorder", "SessionRecorderConfig"]
+
+logger = logging.getLogger("phi_session.recorder")
+
+SessionCallback = Callable[[Session], Any]
+
+
+class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """How a recorder records. Every option is keyword-only and optional.
+
+    * ``include_streaming_events``: store ``MessageUpdate`` deltas in loop events.
+    * ``capture_turn_requests``: copy each ``TurnRequest`` payload into its Turn.
+    * ``before_task(session)``: called once when a session is opened; returning
+      ``False`` marks it rejected (it is still recorded, ``"rejected": true``).
+    * ``after_task(session)``: called each time a session is completed.
+    * ``keep_session_events``: also write ParallelLoopStart/End into the session file
+      (extra ``session_events`` field, ignored by phi-core). Off by default so that
+      files stay byte-identical to phi-core's; the recorder keeps them in memory
+      either way (`SessionRecorder.session_events`).
+    """
+
+    include_streaming_events: bool = False
+    capture_turn_requests: bool = False
+    before_task: SessionCallback | None = None
+    after_task: SessionCallback | None = None
+    keep_session_events: bool = False
+
+
+class OrphanEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """An event the recorder could not attach to a loop, kept instead of dropped."""
+
+    event: AgentEvent
+    reason: str
+
+
+class _PartialTurn:
+    __slots__ = ("inputs", "payload", "started_at", "trigger", "turn_id")
+
+    def __init__(self, event: TurnStart) -> None:
+        self.turn_id = TurnId(loop_id=event.loop_id, turn_index=event.turn_index)
+        self.trigger = event.triggered_by
+        self.started_at = event.timestamp
+        self.inputs: list[AgentMessage] = []
+        self.payload: AnnotatedRequestPayload | None = None
+
+
+class _OpenLoop:
+    __slots__ = ("next_seq", "record", "session_id", "started", "turn")
+
+    def __init__(self, record: LoopRecord, *, started: bool = True) -> None:
+        self.record = record
+        self.session_id = record.session_id
+        self.next_seq = 0
+        self.turn: _PartialTurn | None = None
+        # Pending parallel branches are not started: they do not hold their session open.
+        self.started = started
+
+    def append(self, event: AgentEvent) -> None:
+        self.record.events.append(LoopEvent(sequence=self.next_seq, event=event))
+        self.next_seq += 1
+
+
+class _HeldSession:
+    """A session the recorder still holds (open or completed-but-not-drained)."""
+
+    __slots__ = ("closed", "events", "open_loops", "session")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.open_loops = 0
+        # First closed record per loop id: O(1) parent lookups (phi-core scans).
+        self.closed: dict[str, LoopRecord] = {}
+        self.events: list[AgentEvent] = []
+
+
+class SessionRecorder:
+    """Records an AgentEvent stream into Sessions.
+
+    Typical use: feed every event (`on_event`, or `on_json` for JSON lines), call
+    `flush()` at the end, then `drain_completed()` and save each session.
+    `checkpoint()` + `drain_completed()` hand over finished sessions as you go.
+    All methods are thread-safe; `on_event` never raises for odd event sequences
+    (unknown loops become orphans) and runs in O(1) amortized time.
+    """
+
+    def __init__(self, config: SessionRecorderConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise TypeError("pass either a SessionRecorderConfig or keyword options, not both")
+        self.config = config if config is not None else SessionRecorderConfig(**options)
+        self._lock = threading.RLock()
+        self._open: dict[str, _HeldSession] = {}
+        self._completed: dict[str, _HeldSession] = {}
+        self._loops: dict[str, _OpenLoop] = {}
+        self._loop_session: dict[str, str] = {}  # every loop id seen -> its session id
+        self._closed_by_id: dict[str, list[LoopRecord]] = {}  # per held session, first record
+        self._groups: dict[str, tuple[str, ...]] = {}
+        self._spawns: dict[str, tuple[str, str, str, str]] = {}  # child loop -> parent ref
+        self._orphans: list[OrphanEvent] = []
+        # Session-scoped events that arrive before their session's first AgentStart.
+        self._early_events: dict[str, list[AgentEvent]] = {}
+        self._warned_loops: set[str] = set()
+        self._dropped_deltas = 0
+
+    # -- feeding ------------------------------------------------------------------
+
+    def on_json(self, data: bytes | str) -> None:
+        """Decode one phi-core JSON event and record it. Raises `DecodeError`.
+
+        Streaming deltas that the configuration drops are checked for shape but
+        not materialized: they are the bulk of a stream and are never kept.
+        """
+        event = codec.decode_for_recording(data)
+        if type(event) is codec.LazyMessageUpdate:
+            with self._lock:
+                if not self.config.include_streaming_events and event.loop_id in self._loops:
+                    self._dropped_deltas += 1
+                    return
+            event = codec.decode_event(data, strict=False)
+        self.on_event(event)
+
+    def on_event(self, event: AgentEvent) -> None:
+        """Record one event."""
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            raise TypeError(f"not an AgentEvent: {type(event).__name__}")
+        with self._lock:
+            handler(self, event)
+
+    def record_all(self, events: Iterable[AgentEvent]) -> None:
+        for event in events:
+            self.on_event(event)
+
+    # -- event handlers -----------------------------------------------------------
+
+    def _append(self, event: Any) -> _OpenLoop | None:
+        """Store the event in its open loop, or keep it as an orphan."""
+        loop = self._loops.get(event.loop_id)
+        if loop is None:
+            self._orphan(event, "unknown or already closed loop" if event.loop_id else "event without a loop")
+            return None
+        loop.append(event)
+        return loop
+
+    def _orphan(self, event: AgentEvent, reason: str) -> None:
+        self._orphans.append(OrphanEvent(event=event, reason=reason))
+        loop_id = getattr(event, "loop_id", "")
+        if loop_id not in self._warned_loops:  # one warning per loop, not per event
+            self._warned_loops.add(loop_id)
+            logger.warning("%s event for %s kept as orphan: %s",
+                           type(event).__name__, loop_id or "no loop", reason)
+
+    def _on_agent_start(self, event: AgentStart) -> None:
+        held = self._open.get(event.session_id)
+        if held is None:
+            held = self._completed.pop(event.session_id, None)  # still held: it joins
+            if held is not None:
+                self._open[event.session_id] = held
+            else:
+                held = self._open_session(event)
+        session = held.session
+        if event.timestamp > session.last_active_at:
+            session.last_active_at = event.timestamp
+        parent = event.parent_loop_id
+        if parent is not None and session.parent_spawn_ref is None:
+            # What the recorder saw decides; the loop-id prefix is only the fallback.
+            parent_session = self._loop_session.get(parent) or session_id_from_loop_id(parent)
+            if parent_session != event.session_id:
+                known = self._spawns.get(event.loop_id)  # the parent's tool call ended first
+                if known is not None and known[1] == parent:
+                    session.parent_spawn_ref = SpawnRef(
+                        parent_session_id=known[0], parent_loop_id=known[1],
+                        tool_call_id=known[2], tool_name=known[3])
+                else:
+                    session.parent_spawn_ref = SpawnRef(
+                        parent_session_id=parent_session, parent_loop_id=parent,
+                        tool_call_id="", tool_name="")
+
+        existing = self._loops.get(event.loop_id)
+        if existing is not None and existing.started:
+            # phi-core would replace the open record and lose it; keep it.
+            existing.append(event)
+            logger.warning("repeated AgentStart for open loop %s: kept the existing record", event.loop_id)
+            return
+        snapshot = event.config_snapshot
+        record = LoopRecord.start(
+            loop_id=event.loop_id, session_id=event.session_id, agent_id=event.agent_id,
+            parent_loop_id=parent, continuation_kind=event.continuation_kind,
+            started_at=event.timestamp, metadata=event.metadata,
+            config=snapshot if isinstance(snapshot, LoopConfigSnapshot) else None,
+        )
+        loop = _OpenLoop(record)
+        self._loops[event.loop_id] = loop
+        self._loop_session[event.loop_id] = event.session_id
+        held.open_loops += 1
+        loop.append(event)
+
+    def _open_session(self, event: AgentStart) -> _HeldSession:
+        formation = event.formation
+        session = Session(
+            session_id=event.session_id, agent_id=event.agent_id,
+            created_at=event.timestamp, last_active_at=event.timestamp,
+            formation=formation if isinstance(formation, SessionFormation)
+            else SessionFormation.first_loop(event.timestamp),
+            loops=[],
+        )
+        held = _HeldSession(session)
+        self._open[event.session_id] = held
+        early = self._early_events.pop(event.session_id, None)
+        if early:
+            held.events.extend(early)
+            if self.config.keep_session_events:
+                session.session_events = list(early)
+        if self.config.before_task is not None and self._call(self.config.before_task, session) is False:
+            session.rejected = True
+        return held
+
+    def _call(self, callback: SessionCallback, session: Session) -> Any:
+        # A failing callback must not break recording: report it and go on.
+        try:
+            return callback(session)
+        except Exception:
+            logger.exception("session callback %r failed for %s", callback, session.session_id)
+            return None
+
+    def _on_agent_end(self, event: AgentEnd) -> None:
+        loop = self._append(event)
+        if loop is None:
+            return
+        record = loop.record
+        record.ended_at = event.timestamp
+        record.rejection = event.rejection
+        record.messages = list(event.messages)
+        record.usage = event.usage
+        if isinstance(event.error, str):
+            record.status, record.error = "Aborted", event.error
+        else:
+            record.status = "Rejected" if event.rejection is not None else "Completed"
+        if record.config is None:
+            for message in event.messages:
+                if isinstance(message, AssistantMessage):
+                    record.config = _fallback_config(record.loop_id, message)
+                    break
+        self._close(loop)
+
+    def _close(self, loop: _OpenLoop) -> None:
+        """Move a loop out of the open map into its session, linking it to its parent."""
+        record = loop.record
+        del self._loops[record.loop_id]
+        held = self._held_of(loop.session_id)
+        if loop.started:
+            held.open_loops -= 1
+        parent_id = record.parent_loop_id
+        if parent_id is not None:
+            parent = held.closed.get(parent_id)
+            if parent is None:
+                open_parent = self._loops.get(parent_id)
+                if open_parent is not None and open_parent.record.session_id == record.session_id:
+                    parent = open_parent.record
+            if parent is not None and record.loop_id not in parent.children_loop_ids:
+                parent.children_loop_ids.append(record.loop_id)
+        held.session.loops.append(record)
+        if record.loop_id not in held.closed:
+            held.closed[record.loop_id] = record
+            self._closed_by_id.setdefault(record.loop_id, []).append(record)
+
+    def _held_of(self, session_id: str) -> _HeldSession:
+        held = self._open.get(session_id)
+        if held is None:  # a loop's session is always open while the loop is
+            raise AssertionError(f"session {session_id} of an open loop is not open")
+        return held
+
+    def _on_turn_start(self, event: TurnStart) -> None:
+        loop = self._append(event)
+        if loop is not None:
+            loop.turn = _PartialTurn(event)
+
+    def _on_turn_request(self, event: TurnRequest) -> None:
+        loop = self._append(event)
+        if loop is not None and loop.turn is not None and self.config.capture_turn_requests:
+            loop.turn.payload = event.payload
+
+    def _on_message_end(self, event: MessageEnd) -> None:
+        loop = self._append(event)
+        if loop is not None and loop.turn is not None and not isinstance(event.message, AssistantMessage):
+            loop.turn.inputs.append(event.message)
+
+    def _on_message_update(self, event: MessageUpdate) -> None:
+        if self.config.include_streaming_events or event.loop_id not in self._loops:
+            self._append(event)
+        else:
+            self._dropped_deltas += 1
+
+    def _on_turn_end(self, event: TurnEnd) -> None:
+        loop = self._append(event)
+        if loop is None:
+            return
+        partial, loop.turn = loop.turn, None
+        record = loop.record
+        if partial is not None:
+            turn_id = partial.turn_id
+            record.turns.append(Turn(
+                turn_id=turn_id, triggered_by=partial.trigger, usage=event.usage,
+                input_messages=tuple(partial.inputs), output_message=event.message,
+                tool_results=tuple(replace(m, turn_id=turn_id) for m in event.tool_results),
+                started_at=partial.started_at, ended_at=event.timestamp,
+                request_payload=partial.payload,
+            ))
+        if record.config is None and isinstance(event.message, AssistantMessage):
+            record.config = _fallback_config(record.loop_id, event.message)
+
+    def _on_tool_end(self, event: ToolExecutionEnd) -> None:
+        loop = self._append(event)
+        child_loop_id = event.result.child_loop_id
+        if loop is None or not isinstance(child_loop_id, str):
+            return
+        child_session_id = self._loop_session.get(child_loop_id) or session_id_from_loop_id(child_loop_id)
+        loop.record.child_loop_refs.append(ChildLoopRef(
+            tool_call_id=event.tool_call_id, tool_name=event.tool_name,
+            child_loop_id=child_loop_id, child_session_id=child_session_id,
+        ))
+        parent_ref = (loop.session_id, event.loop_id, event.tool_call_id, event.tool_name)
+        self._spawns[child_loop_id] = parent_ref  # for a child that starts later
+        held = self._open.get(child_session_id) or self._completed.get(child_session_id)
+        if held is not None:
+            spawn = held.session.parent_spawn_ref
+            if spawn is not None and not spawn.tool_call_id:
+                held.session.parent_spawn_ref = SpawnRef(
+                    parent_session_id=parent_ref[0], parent_loop_id=parent_ref[1],
+                    tool_call_id=parent_ref[2], tool_name=parent_ref[3],
+                )
+
+    def _on_parallel_start(self, event: ParallelLoopStart) -> None:
+        self._session_event(event)
+        for loop_id in event.loop_ids:
+            self._groups.setdefault(loop_id, event.loop_ids)
+            if loop_id in self._loops or loop_id in self._loop_session:
+                continue
+            # Pre-register the branch so it is visible (and cannot vanish) before it starts.
+            record = LoopRecord.start(
+                loop_id=loop_id, session_id=event.session_id, agent_id="",
+                started_at=event.timestamp, status="Pending",
+            )
+            self._loops[loop_id] = _OpenLoop(record, started=False)
+
+    def _on_parallel_end(self, event: ParallelLoopEnd) -> None:
+        self._session_event(event)
+        all_ids = self._groups.get(event.selected_loop_id) or (event.selected_loop_id,)
+        for loop_id in all_ids:
+            group = ParallelGroupRecord(
+                all_loop_ids=all_ids, selected_loop_id=event.selected_loop_id,
+                selected_config_index=event.selected_config_index,
+                evaluation_usage=event.evaluation_usage, is_selected=loop_id == event.selected_loop_id,
+            )
+            loop = self._loops.get(loop_id)
+            if loop is not None:
+                loop.record.parallel_group = group
+            for record in self._closed_by_id.get(loop_id, ()):
+                record.parallel_group = group
+        for loop_id in all_ids:
+            self._groups.pop(loop_id, None)
+
+    def _session_event(self, event: ParallelLoopStart | ParallelLoopEnd) -> None:
+        held = self._open.get(event.session_id) or self._completed.get(event.session_id)
+        if held is None:  # parallel evaluation announces branches before they start
+            self._early_events.setdefault(event.session_id, []).append(event)
+            return
+        held.events.append(event)
+        if self.config.keep_session_events:
+            held.session.session_events = list(held.events)
+
+    def _on_loop_or_orphan(self, event: ProgressMessage | InputRejected) -> None:
+        self._append(event)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """End of stream: abort open loops (in start order), complete every open session.
+
+        Unfinished turns are discarded (their events stay in the loop's log).
+        Aborted loops keep ``ended_at`` null and are linked to their parent.
+        """
+        with self._lock:
+            for loop in list(self._loops.values()):
+                loop.turn = None
+                loop.record.status = "Aborted"
+                if loop.session_id not in self._open:  # a Pending branch of a finished session
+                    held = self._completed.pop(loop.session_id, None)
+                    self._open[loop.session_id] = held or self._placeholder_session(loop.record)
+                self._close(loop)
+            self._groups.clear()
+            for session_id in list(self._open):
+                self._complete(session_id)
+
+    def _placeholder_session(self, record: LoopRecord) -> _HeldSession:
+        session = Session(
+            session_id=record.session_id, agent_id=record.agent_id,
+            created_at=record.started_at, last_active_at=record.started_at,
+            formation=SessionFormation.first_loop(record.started_at), loops=[],
+        )
+        held = _HeldSession(session)
+        held.events.extend(self._early_events.pop(record.session_id, ()))
+        if self.config.keep_session_events and held.events:
+            session.session_events = list(held.events)
+        return held
+
+    def _complete(self, session_id: str) -> None:
+        held = self._open.pop(session_id)
+        self._completed[session_id] = held
+        if self.config.after_task is not None:
+            self._call(self.config.after_task, held.session)
+
+    def checkpoint(self) -> int:
+        """Complete every open session that has no open loop; returns how many.
+
+        Costs O(open sessions). ``after_task`` fires for each.
+        """
+        with self._lock:
+            ready = [sid for sid, held in self._open.items() if held.open_loops == 0]
+            for session_id in ready:
+                self._complete(session_id)
+            return len(ready)
+
+    def drain_completed(self) -> list[Session]:
+        """Hand over the completed sessions and forget them."""
+        with self._lock:
+            drained = list(self._completed.values())
+            self._completed.clear()
+            for held in drained:
+                self._forget(held)
+            return [held.session for held in drained]
+
+    def _forget(self, held: _HeldSession) -> None:
+        # Bounded memory: drop every index entry that points into a drained session.
+        for record in held.session.loops:
+            self._loop_session.pop(record.loop_id, None)
+            self._spawns.pop(record.loop_id, None)
+            for ref in record.child_loop_refs:
+                self._spawns.pop(ref.child_loop_id, None)
+            self._warned_loops.discard(record.loop_id)
+            records = self._closed_by_id.get(record.loop_id)
+            if records is not None:
+                records[:] = [r for r in records if r.session_id != held.session.session_id]
+                if not records:
+                    del self._closed_by_id[record.loop_id]
+
+    # -- queries ------------------------------------------------------------------------
+
+    def sessions(self) -> list[Session]:
+        """Completed sessions, then open ones (open loops are not in ``loops`` yet)."""
+        with self._lock:
+            return [h.session for h in self._completed.values()] + [h.session for h in self._open.values()]
+
+    def get_session(self, session_id: str) -> Session | None:
+        with self._lock:
+            held = self._completed.get(session_id) or self._open.get(session_id)
+            return held.session if held is not None else None
+
+    def current_loop(self, loop_id: str) -> LoopRecord | None:
+        """The open (Running or Pending) record of `loop_id`, or None."""
+        with self._lock:
+            loop = self._loops.get(loop_id)
+            return loop.record if loop is not None else None
+
+    def open_loop_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._loops)
+
+    def orphans(self) -> list[OrphanEvent]:
+        """Events that belonged to no known loop, in arrival order."""
+        with self._lock:
+            return list(self._orphans)
+
+    def drain_orphans(self) -> list[OrphanEvent]:
+        with self._lock:
+            orphans, self._orphans = self._orphans, []
+            return orphans
+
+    def session_events(self, session_id: str) -> list[AgentEvent]:
+        """The session-scoped events (ParallelLoopStart/End) of a held session."""
+        with self._lock:
+            held = self._open.get(session_id) or self._completed.get(session_id)
+            return list(held.events) if held is not None else []
+
+    @property
+    def dropped_deltas(self) -> int:
+        """Streaming deltas not stored because ``include_streaming_events`` is off."""
+        return self._dropped_deltas
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "open_sessions": len(self._open), "completed_sessions": len(self._completed),
+                "open_loops": len(self._loops), "orphans": len(self._orphans),
+                "dropped_deltas": self._dropped_deltas,
+            }
+
+
+def _fallback_config(loop_id: str, message: AssistantMessage) -> LoopConfigSnapshot:
+    return LoopConfigSnapshot(
+        model=message.model, provider=message.provider,
+        config_id=config_segment_from_loop_id(loop_id),
+    )
+
+
+_HANDLERS: dict[type, Callable[[SessionRecorder, Any], None]] = {
+    AgentStart: SessionRecorder._on_agent_start,
+    AgentEnd: SessionRecorder._on_agent_end,
+    TurnStart: SessionRecorder._on_turn_start,
+    TurnRequest: SessionRecorder._on_turn_request,
+    TurnEnd: SessionRecorder._on_turn_end,
+    MessageEnd: SessionRecorder._on_message_end,
+    MessageUpdate: SessionRecorder._on_message_update,
+    ToolExecutionEnd: SessionRecorder._on_tool_end,
+    ParallelLoopStart: SessionRecorder._on_parallel_start,
+    ParallelLoopEnd: SessionRecorder._on_parallel_end,
+    ProgressMessage: SessionRecorder._on_loop_or_orphan,
+    InputRejected: SessionRecorder._on_loop_or_orphan,
+}
+for _event_type in codec.EVENT_TYPES:
+    _HANDLERS.setdefault(_event_type, SessionRecorder._append)

@@ -1,0 +1,196 @@
+"""The storage protocol shared by every backend, and the helpers they share."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Literal, Protocol, runtime_checkable
+
+import msgspec
+
+from .._time import Timestamp
+from ..errors import InvalidSessionId
+from ..messages import ZERO_USAGE, Usage
+from ..model import LoopRecord, Session
+
+Order = Literal["newest", "oldest", "tokens"]
+GroupBy = Literal["agent", "model", "day"]
+
+
+class SessionSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """What a listing shows of a session: its header and totals, no event logs."""
+
+    session_id: str
+    agent_id: str
+    created_at: Timestamp
+    last_active_at: Timestamp
+    formation: str
+    parent_session_id: str | None
+    rejected: bool
+    loop_count: int
+    loops_by_status: dict[str, int]
+    turn_count: int
+    usage: Usage
+    models: tuple[str, ...]
+    """Distinct ``provider/model`` of the loops' configs, in first-seen order."""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.usage.total_tokens
+
+
+class UsageTotal(msgspec.Struct, frozen=True, kw_only=True):
+    """Usage summed over one group (an agent, a model or a UTC day)."""
+
+    key: str
+    sessions: int
+    loops: int
+    usage: Usage
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """Where sessions live. Every backend passes the shared conformance suite.
+
+    Contract: `save` merges with what is stored under the same id (loops are
+    matched by ``loop_id``; nothing stored is ever discarded); `load` returns what
+    was saved, byte for byte once encoded; missing ids raise `SessionNotFound`;
+    ids that could escape the store raise `InvalidSessionId`. Methods are safe
+    to call from several threads. Async twins have the same semantics.
+    """
+
+    def save(self, session: Session) -> None: ...
+    def load(self, session_id: str) -> Session: ...
+    def delete(self, session_id: str) -> None: ...
+    def list_ids(self) -> list[str]: ...
+    def list_for_agent(self, agent_id: str) -> list[Session]: ...
+    def query(
+        self,
+        *,
+        agent_id: str | None = None,
+        since: Timestamp | None = None,
+        until: Timestamp | None = None,
+        status: str | None = None,
+        model: str | None = None,
+        min_tokens: int | None = None,
+        parent_session_id: str | None = None,
+        limit: int | None = None,
+        order: Order = "newest",
+    ) -> list[SessionSummary]: ...
+    def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]: ...
+    def prune(
+        self,
+        *,
+        older_than: Timestamp | None = None,
+        keep_last: int | None = None,
+        agent_id: str | None = None,
+    ) -> int: ...
+    def close(self) -> None: ...
+
+    async def asave(self, session: Session) -> None: ...
+    async def aload(self, session_id: str) -> Session: ...
+    async def adelete(self, session_id: str) -> None: ...
+    async def alist_ids(self) -> list[str]: ...
+    async def alist_for_agent(self, agent_id: str) -> list[Session]: ...
+
+
+class AsyncTwins:
+    """Async twins of the sync methods, run in a worker thread (never blocking the loop)."""
+
+    async def asave(self, session: Session) -> None:
+        await asyncio.to_thread(self.save, session)  # type: ignore[attr-defined]
+
+    async def aload(self, session_id: str) -> Session:
+        return await asyncio.to_thread(self.load, session_id)  # type: ignore[attr-defined, no-any-return]
+
+    async def adelete(self, session_id: str) -> None:
+        await asyncio.to_thread(self.delete, session_id)  # type: ignore[attr-defined]
+
+    async def alist_ids(self) -> list[str]:
+        return await asyncio.to_thread(self.list_ids)  # type: ignore[attr-defined, no-any-return]
+
+    async def alist_for_agent(self, agent_id: str) -> list[Session]:
+        return await asyncio.to_thread(self.list_for_agent, agent_id)  # type: ignore[attr-defined, no-any-return]
+
+
+def validate_session_id(session_id: str) -> str:
+    """Reject ids that could escape a directory or break a file name."""
+    if not isinstance(session_id, str) or not session_id:
+        raise InvalidSessionId("session id must be a non-empty string")
+    if (
+        "/" in session_id or "\\" in session_id or "\x00" in session_id
+        or session_id in (".", "..") or session_id.startswith(".")
+        or len(session_id.encode("utf-8")) > 200
+    ):
+        raise InvalidSessionId(f"unsafe session id {session_id!r}")
+    return session_id
+
+
+def _loop_weight(record: LoopRecord) -> tuple[int, int]:
+    # A finished record outweighs a running snapshot of the same loop; then more events win.
+    finished = record.status not in ("Running", "Pending")
+    return (int(finished), len(record.events))
+
+
+def merge_sessions(stored: Session, incoming: Session) -> Session:
+    """Combine two saves of one session id without losing a loop.
+
+    Loops are matched by ``loop_id`` (the n-th occurrence of an id with the n-th);
+    of two versions of one loop the finished one, then the one with more events,
+    wins. Stored loops keep their place; new ones are appended in their order.
+    """
+    occurrences: Counter[str] = Counter()
+    position: dict[tuple[str, int], int] = {}
+    loops = list(stored.loops)
+    for index, record in enumerate(loops):
+        position[(record.loop_id, occurrences[record.loop_id])] = index
+        occurrences[record.loop_id] += 1
+    seen: Counter[str] = Counter()
+    for record in incoming.loops:
+        key = (record.loop_id, seen[record.loop_id])
+        seen[record.loop_id] += 1
+        index = position.get(key)
+        if index is None:
+            loops.append(record)
+        elif _loop_weight(record) >= _loop_weight(loops[index]):
+            loops[index] = record
+    spawn = incoming.parent_spawn_ref or stored.parent_spawn_ref
+    if stored.parent_spawn_ref and spawn and not spawn.tool_call_id and stored.parent_spawn_ref.tool_call_id:
+        spawn = stored.parent_spawn_ref
+    return msgspec.structs.replace(
+        stored,
+        created_at=min(stored.created_at, incoming.created_at),
+        last_active_at=max(stored.last_active_at, incoming.last_active_at),
+        parent_spawn_ref=spawn,
+        scope="persistent" if "persistent" in (stored.scope, incoming.scope) else "ephemeral",
+        loops=loops,
+        rejected=True if (stored.is_rejected or incoming.is_rejected) else msgspec.UNSET,
+    )
+
+
+def summarize(session: Session) -> SessionSummary:
+    """The listing row of a session."""
+    statuses: Counter[str] = Counter(record.status for record in session.loops)
+    models: dict[str, None] = {}
+    usage = ZERO_USAGE
+    turns = 0
+    for record in session.loops:
+        usage = usage + record.usage
+        turns += len(record.turns)
+        if record.config is not None:
+            models[f"{record.config.provider}/{record.config.model}"] = None
+    spawn = session.parent_spawn_ref
+    return SessionSummary(
+        session_id=session.session_id,
+        agent_id=session.agent_id,
+        created_at=session.created_at,
+        last_active_at=session.last_active_at,
+        formation=session.formation.kind,
+        parent_session_id=spawn.parent_session_id if spawn is not None else None,
+        rejected=session.is_rejected,
+        loop_count=len(session.loops),
+        loops_by_status=dict(statuses),
+        turn_count=turns,
+        usage=usage,
+        models=tuple(models),
+    )
