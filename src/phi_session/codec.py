@@ -103,7 +103,7 @@ class LazyMessageUpdate(msgspec.Struct, frozen=True, gc=False, tag_field="type",
 
 
 _recording_decoder = msgspec.json.Decoder(
-    Union[tuple(LazyMessageUpdate if t is MessageUpdate else t for t in EVENT_TYPES)],  # type: ignore[misc]
+    Union[tuple(LazyMessageUpdate if t is MessageUpdate else t for t in EVENT_TYPES)],
     dec_hook=_dec_hook,
 )
 
@@ -214,12 +214,12 @@ def _strip_plain(event: Any) -> Any:
     if tp is TurnEnd:
         results = event.tool_results
         stripped = tuple(_plain_message(m) for m in results)
-        if any(a is not b for a, b in zip(stripped, results)):
+        if any(a is not b for a, b in zip(stripped, results, strict=True)):
             return replace(event, tool_results=stripped)
     elif tp is TurnRequest:
         messages = event.payload.messages
         stripped = tuple(_plain_message(m) for m in messages)
-        if any(a is not b for a, b in zip(stripped, messages)):
+        if any(a is not b for a, b in zip(stripped, messages, strict=True)):
             return replace(event, payload=replace(event.payload, messages=stripped))
     return event
 
@@ -233,7 +233,7 @@ def _strip_loop(record: LoopRecord) -> LoopRecord:
         payload = turn.request_payload
         if payload is not None:
             messages = tuple(_plain_message(m) for m in payload.messages)
-            if any(a is not b for a, b in zip(messages, payload.messages)):
+            if any(a is not b for a, b in zip(messages, payload.messages, strict=True)):
                 record.turns[index] = replace(turn, request_payload=replace(payload, messages=messages))
     return record
 

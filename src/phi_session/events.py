@@ -78,7 +78,7 @@ def _struct_payload(payload: Any, fields: tuple[str, ...], variant: str) -> dict
     if isinstance(payload, list):
         if len(payload) != len(fields):
             raise ValueError(f"{variant}: expected {len(fields)} elements")
-        return dict(zip(fields, payload))
+        return dict(zip(fields, payload, strict=True))
     if not isinstance(payload, dict):
         raise ValueError(f"{variant} carries data: expected an object")
     return payload
@@ -173,7 +173,7 @@ _UNIT_CONTINUATIONS = {"Initial": INITIAL, "Default": DEFAULT, "Compaction": COM
 class StreamDelta:
     """One streaming fragment: ``kind`` is ``"Text"``, ``"Thinking"`` or ``"ToolCallDelta"``."""
 
-    __slots__ = ("kind", "delta")
+    __slots__ = ("delta", "kind")
     KINDS = ("Text", "Thinking", "ToolCallDelta")
     kind: str
     delta: str
@@ -226,7 +226,7 @@ class StreamDelta:
 class SessionFormation:
     """Why a session was opened: ``Explicit``, ``FirstLoop`` or ``InactivityTimeout``."""
 
-    __slots__ = ("kind", "timestamp", "threshold_secs", "previous_session_id")
+    __slots__ = ("kind", "previous_session_id", "threshold_secs", "timestamp")
     KINDS = ("Explicit", "FirstLoop", "InactivityTimeout")
     kind: str
     timestamp: Timestamp
@@ -310,7 +310,8 @@ class SessionFormation:
     def __repr__(self) -> str:
         extra = ""
         if self.kind == "InactivityTimeout":
-            extra = f", threshold_secs={self.threshold_secs}, previous_session_id={self.previous_session_id!r}"
+            extra = (f", threshold_secs={self.threshold_secs}, "
+                     f"previous_session_id={self.previous_session_id!r}")
         return f"SessionFormation({self.kind!r}, {self.timestamp!r}{extra})"
 
 
@@ -343,14 +344,14 @@ class LoopConfigSnapshot(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     model: str
     provider: str
     config_id: str | None = None
-    name: str | None | msgspec.UnsetType = msgspec.UNSET
-    api: ApiProtocol | None | msgspec.UnsetType = msgspec.UNSET
-    base_url: str | None | msgspec.UnsetType = msgspec.UNSET
-    reasoning: bool | None | msgspec.UnsetType = msgspec.UNSET
-    context_window: U32 | None | msgspec.UnsetType = msgspec.UNSET
-    max_tokens: U32 | None | msgspec.UnsetType = msgspec.UNSET
-    thinking_level: ThinkingLevel | None | msgspec.UnsetType = msgspec.UNSET
-    temperature: Float32 | None | msgspec.UnsetType = msgspec.UNSET
+    name: str | msgspec.UnsetType | None = msgspec.UNSET
+    api: ApiProtocol | msgspec.UnsetType | None = msgspec.UNSET
+    base_url: str | msgspec.UnsetType | None = msgspec.UNSET
+    reasoning: bool | msgspec.UnsetType | None = msgspec.UNSET
+    context_window: U32 | msgspec.UnsetType | None = msgspec.UNSET
+    max_tokens: U32 | msgspec.UnsetType | None = msgspec.UNSET
+    thinking_level: ThinkingLevel | msgspec.UnsetType | None = msgspec.UNSET
+    temperature: Float32 | msgspec.UnsetType | None = msgspec.UNSET
 
     def __post_init__(self) -> None:
         # "Skipped when empty": null on input means absent; never write null back.
@@ -374,7 +375,7 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, gc=False, tag_field="typ
     pass
 
 
-class AgentStart(_Event, kw_only=True):
+class AgentStart(_Event, kw_only=True, frozen=True):
     """A loop begins."""
 
     agent_id: str
@@ -384,7 +385,7 @@ class AgentStart(_Event, kw_only=True):
     continuation_kind: ContinuationKind = INITIAL
     timestamp: Timestamp = msgspec.field(default_factory=_now)
     metadata: Any = None
-    config_snapshot: LoopConfigSnapshot | None | msgspec.UnsetType = msgspec.UNSET
+    config_snapshot: LoopConfigSnapshot | msgspec.UnsetType | None = msgspec.UNSET
     formation: SessionFormation | msgspec.UnsetType = msgspec.UNSET
     """phi-session extension: why the session was opened (ignored by phi-core)."""
 
@@ -393,7 +394,7 @@ class AgentStart(_Event, kw_only=True):
             force_setattr(self, "config_snapshot", msgspec.UNSET)
 
 
-class AgentEnd(_Event, kw_only=True):
+class AgentEnd(_Event, kw_only=True, frozen=True):
     """A loop ends; ``rejection`` is set when the initial input was rejected."""
 
     loop_id: str
@@ -405,7 +406,7 @@ class AgentEnd(_Event, kw_only=True):
     """phi-session extension: the loop failed with this error (ignored by phi-core)."""
 
 
-class TurnStart(_Event, kw_only=True):
+class TurnStart(_Event, kw_only=True, frozen=True):
     loop_id: str
     turn_index: U32
     timestamp: Timestamp = msgspec.field(default_factory=_now)
@@ -416,7 +417,7 @@ class TurnStart(_Event, kw_only=True):
             force_setattr(self, "triggered_by", "Continuation")
 
 
-class TurnRequest(_Event, kw_only=True):
+class TurnRequest(_Event, kw_only=True, frozen=True):
     """The fully assembled request of a turn."""
 
     loop_id: str
@@ -425,7 +426,7 @@ class TurnRequest(_Event, kw_only=True):
     timestamp: Timestamp = msgspec.field(default_factory=_now)
 
 
-class TurnEnd(_Event, kw_only=True):
+class TurnEnd(_Event, kw_only=True, frozen=True):
     loop_id: str
     message: AgentMessage
     usage: Usage
@@ -433,12 +434,12 @@ class TurnEnd(_Event, kw_only=True):
     tool_results: tuple[Message, ...] = ()
 
 
-class MessageStart(_Event, kw_only=True):
+class MessageStart(_Event, kw_only=True, frozen=True):
     loop_id: str
     message: AgentMessage
 
 
-class MessageUpdate(_Event, kw_only=True):
+class MessageUpdate(_Event, kw_only=True, frozen=True):
     """One streaming delta of the message being generated."""
 
     loop_id: str
@@ -446,26 +447,26 @@ class MessageUpdate(_Event, kw_only=True):
     delta: StreamDelta
 
 
-class MessageEnd(_Event, kw_only=True):
+class MessageEnd(_Event, kw_only=True, frozen=True):
     loop_id: str
     message: AgentMessage
 
 
-class ToolExecutionStart(_Event, kw_only=True):
+class ToolExecutionStart(_Event, kw_only=True, frozen=True):
     loop_id: str
     tool_call_id: str
     tool_name: str
     args: Any
 
 
-class ToolExecutionUpdate(_Event, kw_only=True):
+class ToolExecutionUpdate(_Event, kw_only=True, frozen=True):
     loop_id: str
     tool_call_id: str
     tool_name: str
     partial_result: ToolResult
 
 
-class ToolExecutionEnd(_Event, kw_only=True):
+class ToolExecutionEnd(_Event, kw_only=True, frozen=True):
     loop_id: str
     tool_call_id: str
     tool_name: str
@@ -474,25 +475,25 @@ class ToolExecutionEnd(_Event, kw_only=True):
     child_loop_id: str | None = None
 
 
-class ProgressMessage(_Event, kw_only=True):
+class ProgressMessage(_Event, kw_only=True, frozen=True):
     loop_id: str
     tool_call_id: str
     tool_name: str
     text: str
 
 
-class InputRejected(_Event, kw_only=True):
+class InputRejected(_Event, kw_only=True, frozen=True):
     loop_id: str
     reason: str
 
 
-class ParallelLoopStart(_Event, kw_only=True):
+class ParallelLoopStart(_Event, kw_only=True, frozen=True):
     session_id: str
     loop_ids: tuple[str, ...]
     timestamp: Timestamp = msgspec.field(default_factory=_now)
 
 
-class ParallelLoopEnd(_Event, kw_only=True):
+class ParallelLoopEnd(_Event, kw_only=True, frozen=True):
     session_id: str
     selected_loop_id: str
     selected_config_index: U64
@@ -500,14 +501,14 @@ class ParallelLoopEnd(_Event, kw_only=True):
     timestamp: Timestamp = msgspec.field(default_factory=_now)
 
 
-class CompactionStarted(_Event, kw_only=True):
+class CompactionStarted(_Event, kw_only=True, frozen=True):
     loop_id: str
     estimated_tokens: U64
     message_count: U64
     timestamp: Timestamp = msgspec.field(default_factory=_now)
 
 
-class PrunApplied(_Event, kw_only=True):
+class PrunApplied(_Event, kw_only=True, frozen=True):
     loop_id: str
     tokens_removed: U64
     messages_removed: U64
@@ -516,7 +517,7 @@ class PrunApplied(_Event, kw_only=True):
     timestamp: Timestamp = msgspec.field(default_factory=_now)
 
 
-class RevertApplied(_Event, kw_only=True):
+class RevertApplied(_Event, kw_only=True, frozen=True):
     loop_id: str
     category: RevertCategory
     target: U64 | None = None
@@ -527,7 +528,7 @@ class RevertApplied(_Event, kw_only=True):
     timestamp: Timestamp = msgspec.field(default_factory=_now)
 
 
-class CompactionEnded(_Event, kw_only=True):
+class CompactionEnded(_Event, kw_only=True, frozen=True):
     loop_id: str
     messages_before: U64
     messages_after: U64

@@ -34,7 +34,7 @@ class _Frozen(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Base of immutable, acyclic records (kept out of the cyclic GC's way)."""
 
 
-class Usage(_Frozen):
+class Usage(_Frozen, frozen=True):
     """Token counters of one model call, a turn, a loop or a session."""
 
     input: U64
@@ -61,14 +61,14 @@ class Usage(_Frozen):
 ZERO_USAGE = Usage(input=0, output=0)
 
 
-class TurnId(_Frozen, rename="camel"):
+class TurnId(_Frozen, rename="camel", frozen=True):
     """The turn that produced a message: ``{"loopId": …, "turnIndex": …}``."""
 
     loop_id: str
     turn_index: U32
 
 
-class NodeTag(_Frozen):
+class NodeTag(_Frozen, frozen=True):
     """A revert summary annotation attached to a message."""
 
     kind: TagKind
@@ -79,39 +79,39 @@ class NodeTag(_Frozen):
 
 # -- BlockProvenance: where one message of an assembled request came from ----------
 
-class _Provenance(_Frozen, tag_field="kind"):
+class _Provenance(_Frozen, tag_field="kind", frozen=True):
     pass
 
 
-class SystemPromptBlock(_Provenance, tag="system-prompt"):
+class SystemPromptBlock(_Provenance, tag="system-prompt", frozen=True):
     pass
 
 
-class IdentityBlock(_Provenance, tag="identity-block"):
+class IdentityBlock(_Provenance, tag="identity-block", frozen=True):
     name: str
     order: U32
 
 
-class MemoryTierBlock(_Provenance, tag="memory-tier"):
+class MemoryTierBlock(_Provenance, tag="memory-tier", frozen=True):
     tier: str
     record_id: str
 
 
-class LoopTurnBlock(_Provenance, tag="loop-turn"):
+class LoopTurnBlock(_Provenance, tag="loop-turn", frozen=True):
     turn_index: U64
     role: ProvenanceRole
     message_index: U64
 
 
-class SteeringBlock(_Provenance, tag="steering"):
+class SteeringBlock(_Provenance, tag="steering", frozen=True):
     pass
 
 
-class FollowUpBlock(_Provenance, tag="follow-up"):
+class FollowUpBlock(_Provenance, tag="follow-up", frozen=True):
     pass
 
 
-class UnknownBlock(_Provenance, tag="unknown"):
+class UnknownBlock(_Provenance, tag="unknown", frozen=True):
     pass
 
 
@@ -123,25 +123,25 @@ BlockProvenance = Union[
 # -- Content blocks -----------------------------------------------------------------
 
 
-class _Content(_Frozen, tag_field="type"):
+class _Content(_Frozen, tag_field="type", frozen=True):
     pass
 
 
-class TextContent(_Content, tag="text"):
+class TextContent(_Content, tag="text", frozen=True):
     text: str
 
 
-class ImageContent(_Content, tag="image", rename={"mime_type": "mimeType"}):
+class ImageContent(_Content, tag="image", rename={"mime_type": "mimeType"}, frozen=True):
     data: str
     mime_type: str
 
 
-class ThinkingContent(_Content, tag="thinking", omit_defaults=True):
+class ThinkingContent(_Content, tag="thinking", omit_defaults=True, frozen=True):
     thinking: str
     signature: str | None = None
 
 
-class ToolCall(_Content, tag="toolCall"):
+class ToolCall(_Content, tag="toolCall", frozen=True):
     id: str
     name: str
     arguments: Any
@@ -160,7 +160,7 @@ def _message_key(name: str) -> str:
     return head + "".join(part.capitalize() for part in rest)
 
 
-class _LlmMessage(_Frozen, tag_field="role", omit_defaults=True, rename=_message_key):
+class _LlmMessage(_Frozen, tag_field="role", omit_defaults=True, rename=_message_key, frozen=True):
     """Fields shared by the three LLM roles: agent-side metadata, all optional.
 
     They are written only in the agent-message form, and only when set.
@@ -173,13 +173,13 @@ class _LlmMessage(_Frozen, tag_field="role", omit_defaults=True, rename=_message
     provenance_hint: BlockProvenance | None = None
 
 
-class UserMessage(_LlmMessage, tag="user", kw_only=True):
+class UserMessage(_LlmMessage, tag="user", kw_only=True, frozen=True):
     content: tuple[Content, ...]
     timestamp: U64
     """Milliseconds since the Unix epoch."""
 
 
-class AssistantMessage(_LlmMessage, tag="assistant", kw_only=True):
+class AssistantMessage(_LlmMessage, tag="assistant", kw_only=True, frozen=True):
     content: tuple[Content, ...]
     stop_reason: StopReason
     model: str
@@ -189,7 +189,7 @@ class AssistantMessage(_LlmMessage, tag="assistant", kw_only=True):
     error_message: str | None = None
 
 
-class ToolResultMessage(_LlmMessage, tag="toolResult", kw_only=True):
+class ToolResultMessage(_LlmMessage, tag="toolResult", kw_only=True, frozen=True):
     tool_call_id: str
     tool_name: str
     content: tuple[Content, ...]
@@ -197,7 +197,7 @@ class ToolResultMessage(_LlmMessage, tag="toolResult", kw_only=True):
     timestamp: U64
 
 
-class ExtensionMessage(_Frozen, tag_field="role", tag="extension"):
+class ExtensionMessage(_Frozen, tag_field="role", tag="extension", frozen=True):
     """An application-only message that never reaches the model.
 
     phi-core accepts any ``role`` string here; `role` gives it back.
@@ -240,12 +240,12 @@ def message_role(message: AgentMessage) -> str:
 # -- Tools and request capture -------------------------------------------------------
 
 
-class ToolResult(_Frozen):
+class ToolResult(_Frozen, frozen=True):
     """What a tool returned, before it becomes a ``toolResult`` message."""
 
     content: tuple[Content, ...]
     details: Any = None
-    child_loop_id: str | None | msgspec.UnsetType = msgspec.UNSET
+    child_loop_id: str | msgspec.UnsetType | None = msgspec.UNSET
     """Set by sub-agent tools only: the loop the tool ran."""
 
     def __post_init__(self) -> None:
@@ -253,25 +253,25 @@ class ToolResult(_Frozen):
             force_setattr(self, "child_loop_id", msgspec.UNSET)
 
 
-class ToolDefinition(_Frozen):
+class ToolDefinition(_Frozen, frozen=True):
     name: str
     description: str
     parameters: Any
 
 
-class _ResponseFormat(_Frozen, tag_field="kind"):
+class _ResponseFormat(_Frozen, tag_field="kind", frozen=True):
     pass
 
 
-class TextFormat(_ResponseFormat, tag="text"):
+class TextFormat(_ResponseFormat, tag="text", frozen=True):
     pass
 
 
-class JsonObjectFormat(_ResponseFormat, tag="json-object"):
+class JsonObjectFormat(_ResponseFormat, tag="json-object", frozen=True):
     pass
 
 
-class JsonSchemaFormat(_ResponseFormat, tag="json-schema"):
+class JsonSchemaFormat(_ResponseFormat, tag="json-schema", frozen=True):
     schema: Any
     name: str
     strict: bool
@@ -280,7 +280,7 @@ class JsonSchemaFormat(_ResponseFormat, tag="json-schema"):
 ResponseFormat = Union[TextFormat, JsonObjectFormat, JsonSchemaFormat]
 
 
-class AnnotatedRequestPayload(_Frozen, kw_only=True):
+class AnnotatedRequestPayload(_Frozen, kw_only=True, frozen=True):
     """The exact request sent to the model in one turn."""
 
     system_prompt: str

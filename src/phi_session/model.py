@@ -47,7 +47,7 @@ class _Record(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     pass
 
 
-class ChildLoopRef(_Record):
+class ChildLoopRef(_Record, frozen=True):
     """Outbound link from a loop to a sub-agent loop it spawned in another session."""
 
     tool_call_id: str
@@ -56,7 +56,7 @@ class ChildLoopRef(_Record):
     child_session_id: str
 
 
-class SpawnRef(_Record):
+class SpawnRef(_Record, frozen=True):
     """Inbound link on a sub-agent's session: which loop and tool call spawned it."""
 
     parent_session_id: str
@@ -65,7 +65,7 @@ class SpawnRef(_Record):
     tool_name: str
 
 
-class ParallelGroupRecord(_Record):
+class ParallelGroupRecord(_Record, frozen=True):
     """A loop's membership in a parallel evaluation group."""
 
     all_loop_ids: tuple[str, ...]
@@ -75,14 +75,14 @@ class ParallelGroupRecord(_Record):
     is_selected: bool
 
 
-class LoopEvent(_Record):
+class LoopEvent(_Record, frozen=True):
     """One stored event and its per-loop sequence number."""
 
     sequence: U64
     event: AgentEvent
 
 
-class Turn(_Record, omit_defaults=True):
+class Turn(_Record, omit_defaults=True, frozen=True):
     """One model call and the tool executions that followed it."""
 
     turn_id: TurnId
@@ -115,19 +115,21 @@ class Turn(_Record, omit_defaults=True):
         return [*self.input_messages, self.output_message, *self.tool_results]
 
 
-class TurnRange(_Record, rename="camel"):
+class TurnRange(_Record, rename="camel", frozen=True):
     """Inclusive range of turn indices."""
 
     start_turn: U32
     end_turn: U32
 
 
-class CompactedSection(_Record):
+class CompactedSection(_Record, frozen=True):
     range: TurnRange
     messages: tuple[AgentMessage, ...]
 
 
-class CompactionBlock(_Record, omit_defaults=True, kw_only=True, rename={"created_at": "createdAt"}):
+class CompactionBlock(
+    _Record, omit_defaults=True, kw_only=True, rename={"created_at": "createdAt"}, frozen=True
+):
     """A non-destructive compaction overlay on a loop's messages."""
 
     keep_first: TurnRange | None = None
@@ -161,7 +163,7 @@ class LoopRecord(msgspec.Struct, kw_only=True, gc=False):
     children_loop_ids: list[str]
     child_loop_refs: list[ChildLoopRef]
     parallel_group: ParallelGroupRecord | None = None
-    compaction_block: CompactionBlock | None | msgspec.UnsetType = msgspec.UNSET
+    compaction_block: CompactionBlock | msgspec.UnsetType | None = msgspec.UNSET
     error: str | msgspec.UnsetType = msgspec.UNSET
     """phi-session extension: why the loop failed, when it did (ignored by phi-core)."""
 

@@ -28,7 +28,6 @@ import msgspec
 from msgspec.structs import replace
 
 from . import codec
-from .errors import DecodeError
 from .events import (
     AgentEnd,
     AgentEvent,
@@ -161,14 +160,14 @@ class SessionRecorder:
         Streaming deltas that the configuration drops are checked for shape but
         not materialized: they are the bulk of a stream and are never kept.
         """
-        event = codec.decode_for_recording(data)
-        if type(event) is codec.LazyMessageUpdate:
+        decoded = codec.decode_for_recording(data)
+        if isinstance(decoded, codec.LazyMessageUpdate):
             with self._lock:
-                if not self.config.include_streaming_events and event.loop_id in self._loops:
+                if not self.config.include_streaming_events and decoded.loop_id in self._loops:
                     self._dropped_deltas += 1
                     return
-            event = codec.decode_event(data, strict=False)
-        self.on_event(event)
+            decoded = codec.decode_event(data, strict=False)
+        self.on_event(decoded)
 
     def on_event(self, event: AgentEvent) -> None:
         """Record one event."""
@@ -554,7 +553,7 @@ def _fallback_config(loop_id: str, message: AssistantMessage) -> LoopConfigSnaps
     )
 
 
-_HANDLERS: dict[type, Callable[[SessionRecorder, Any], None]] = {
+_HANDLERS: dict[type, Callable[[SessionRecorder, Any], object]] = {
     AgentStart: SessionRecorder._on_agent_start,
     AgentEnd: SessionRecorder._on_agent_end,
     TurnStart: SessionRecorder._on_turn_start,

@@ -9,7 +9,9 @@ from typing import Literal, Protocol, runtime_checkable
 import msgspec
 
 from .._time import Timestamp
+from ..codec import encode_event
 from ..errors import InvalidSessionId
+from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
 
@@ -59,11 +61,30 @@ class SessionStore(Protocol):
     to call from several threads. Async twins have the same semantics.
     """
 
-    def save(self, session: Session) -> None: ...
-    def load(self, session_id: str) -> Session: ...
-    def delete(self, session_id: str) -> None: ...
-    def list_ids(self) -> list[str]: ...
-    def list_for_agent(self, agent_id: str) -> list[Session]: ...
+    def save(self, session: Session) -> None:
+        """Store `session`, merged with what is stored under its id (`merge_sessions`)."""
+        ...
+
+    def load(self, session_id: str) -> Session:
+        """The stored session; `SessionNotFound` if there is none."""
+        ...
+
+    def delete(self, session_id: str) -> None:
+        """Remove the session; `SessionNotFound` if there is none."""
+        ...
+
+    def list_ids(self) -> list[str]:
+        """Every stored id, most recently saved first (equal save times: by id)."""
+        ...
+
+    def list_for_agent(self, agent_id: str) -> list[Session]:
+        """The sessions of `agent_id`, in `list_ids` order.
+
+        A stored session that cannot be read is skipped with a logged warning
+        rather than failing the whole listing.
+        """
+        ...
+
     def query(
         self,
         *,
@@ -76,16 +97,47 @@ class SessionStore(Protocol):
         parent_session_id: str | None = None,
         limit: int | None = None,
         order: Order = "newest",
-    ) -> list[SessionSummary]: ...
-    def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]: ...
+    ) -> list[SessionSummary]:
+        """Summaries of the sessions matching every given filter.
+
+        ``since <= last_active_at < until``; `status`: at least one loop has it;
+        `model`: a loop ran ``provider/model`` or the bare model name;
+        `min_tokens`: ``usage.total_tokens >= min_tokens``; `parent_session_id`:
+        the session was spawned from that session. Order ``newest``/``oldest``
+        by ``last_active_at``, ``tokens`` by total tokens, largest first; ties by
+        session id. `limit` keeps the first rows of that order.
+        """
+        ...
+
+    def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
+        """Usage summed per agent, per model or per day, sorted by key.
+
+        ``model`` groups loops by their config's ``provider/model`` (``"unknown"``
+        without a config) and counts a session once in each of its models;
+        ``day`` groups sessions by the UTC date of ``created_at`` (``YYYY-MM-DD``).
+        """
+        ...
+
     def prune(
         self,
         *,
         older_than: Timestamp | None = None,
         keep_last: int | None = None,
         agent_id: str | None = None,
-    ) -> int: ...
-    def close(self) -> None: ...
+    ) -> int:
+        """Delete whole sessions; returns how many.
+
+        Candidates are all sessions, or those of `agent_id`. A candidate is
+        deleted when it meets every given condition: ``last_active_at <
+        older_than``, and not being among the `keep_last` most recently active
+        candidates. At least one of `older_than` and `keep_last` is required
+        (`ValueError` otherwise). Unreadable sessions are never deleted.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the store's resources. Idempotent."""
+        ...
 
     async def asave(self, session: Session) -> None: ...
     async def aload(self, session_id: str) -> Session: ...
@@ -101,16 +153,16 @@ class AsyncTwins:
         await asyncio.to_thread(self.save, session)  # type: ignore[attr-defined]
 
     async def aload(self, session_id: str) -> Session:
-        return await asyncio.to_thread(self.load, session_id)  # type: ignore[attr-defined, no-any-return]
+        return await asyncio.to_thread(self.load, session_id)  # type: ignore[attr-defined]
 
     async def adelete(self, session_id: str) -> None:
         await asyncio.to_thread(self.delete, session_id)  # type: ignore[attr-defined]
 
     async def alist_ids(self) -> list[str]:
-        return await asyncio.to_thread(self.list_ids)  # type: ignore[attr-defined, no-any-return]
+        return await asyncio.to_thread(self.list_ids)  # type: ignore[attr-defined]
 
     async def alist_for_agent(self, agent_id: str) -> list[Session]:
-        return await asyncio.to_thread(self.list_for_agent, agent_id)  # type: ignore[attr-defined, no-any-return]
+        return await asyncio.to_thread(self.list_for_agent, agent_id)  # type: ignore[attr-defined]
 
 
 def validate_session_id(session_id: str) -> str:
@@ -138,6 +190,8 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     Loops are matched by ``loop_id`` (the n-th occurrence of an id with the n-th);
     of two versions of one loop the finished one, then the one with more events,
     wins. Stored loops keep their place; new ones are appended in their order.
+    Session-scoped events (``session_events``) are combined the same way: the
+    incoming ones not already stored are appended.
     """
     occurrences: Counter[str] = Counter()
     position: dict[tuple[str, int], int] = {}
@@ -149,11 +203,11 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     for record in incoming.loops:
         key = (record.loop_id, seen[record.loop_id])
         seen[record.loop_id] += 1
-        index = position.get(key)
-        if index is None:
+        slot = position.get(key)
+        if slot is None:
             loops.append(record)
-        elif _loop_weight(record) >= _loop_weight(loops[index]):
-            loops[index] = record
+        elif _loop_weight(record) >= _loop_weight(loops[slot]):
+            loops[slot] = record
     spawn = incoming.parent_spawn_ref or stored.parent_spawn_ref
     if stored.parent_spawn_ref and spawn and not spawn.tool_call_id and stored.parent_spawn_ref.tool_call_id:
         spawn = stored.parent_spawn_ref
@@ -165,7 +219,29 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
         scope="persistent" if "persistent" in (stored.scope, incoming.scope) else "ephemeral",
         loops=loops,
         rejected=True if (stored.is_rejected or incoming.is_rejected) else msgspec.UNSET,
+        session_events=_merge_events(stored.session_events, incoming.session_events),
     )
+
+
+def _merge_events(
+    stored: list[AgentEvent] | msgspec.UnsetType, incoming: list[AgentEvent] | msgspec.UnsetType
+) -> list[AgentEvent] | msgspec.UnsetType:
+    if isinstance(incoming, msgspec.UnsetType):
+        return stored
+    if isinstance(stored, msgspec.UnsetType):
+        return list(incoming)
+    # Events are compared by their encoding (their fields may hold unhashable JSON
+    # values); the n-th copy of an event matches the n-th stored copy, so a later
+    # snapshot that repeats the stored events adds only what is new.
+    remaining = Counter(encode_event(event) for event in stored)
+    merged = list(stored)
+    for event in incoming:
+        key = encode_event(event)
+        if remaining[key]:
+            remaining[key] -= 1
+        else:
+            merged.append(event)
+    return merged
 
 
 def summarize(session: Session) -> SessionSummary:
