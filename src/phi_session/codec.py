@@ -300,6 +300,8 @@ def _lenient_metadata(key: str, value: Any) -> Any:
     """A metadata value, or None when it does not parse (phi-core drops it silently)."""
     if value is None:
         return None
+    if key == "turnId" and isinstance(value, list) and len(value) == 2:
+        value = {"loopId": value[0], "turnIndex": value[1]}  # serde also reads a record as an array
     try:
         parsed = _convert(value, _METADATA_TYPES[key])
     except (msgspec.ValidationError, ValueError, TypeError):
