@@ -484,7 +484,13 @@ def decode_event(data: bytes | str, *, strict: bool = True) -> AgentEvent:
     beyond 64 bits are kept and ``-0`` reads as 0 (the recorder's fast path).
     """
     check = _strict.check_event if strict else None
-    event = _decode(data, _event_decoder, AgentEvent, _repair_event, map_event_messages, check)
+    try:
+        event = _decode(data, _event_decoder, AgentEvent, _repair_event, map_event_messages, check)
+    except DecodeError as error:
+        if str(error).endswith("- at `$.type`"):  # name the vocabulary, as phi-core does
+            known = ", ".join(t.__name__ for t in EVENT_TYPES)
+            raise DecodeError(f"{error}: unknown event type (phi-core 0.10 knows {known})") from None
+        raise
     return _strip_plain(event)  # type: ignore[no-any-return]
 
 

@@ -1,0 +1,160 @@
+"""Codec behaviour beyond the golden corpus: hand-written JSON and round-trip properties."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+
+import phi_session as ps
+from phi_session.codec import encode_message
+
+from .strategies import any_event, messages
+
+LOOP = "s1.anthropic.claude.1"
+
+
+def line(**fields: object) -> str:
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_every_variant_round_trips_from_hand_written_json() -> None:
+    usage = {"input": 1, "output": 2, "reasoning": 0, "cache_read": 0, "cache_write": 0, "total_tokens": 3}
+    user = {"content": [{"text": "hi", "type": "text"}], "role": "user", "timestamp": 1}
+    assistant = {"content": [{"arguments": {"a": 1}, "id": "t1", "name": "f", "type": "toolCall"}],
+                 "model": "m", "provider": "p", "role": "assistant", "stopReason": "toolUse",
+                 "timestamp": 2, "usage": dict(sorted(usage.items()))}
+    plain_result = {"role": "toolResult", "toolCallId": "t1", "toolName": "f",
+                    "content": [{"type": "text", "text": "ok"}], "isError": False, "timestamp": 3}
+    ts = "2025-06-01T09:00:00.123456789Z"
+    result = {"content": [{"type": "text", "text": "ok"}], "details": None}
+    cases = [
+        line(type="AgentStart", agent_id="a", session_id="s1", loop_id=LOOP, parent_loop_id=None,
+             continuation_kind={"Rerun": {"tag": "x"}}, timestamp=ts, metadata={"k": [1, 2]},
+             config_snapshot={"model": "m", "provider": "p", "config_id": None, "temperature": 0.7}),
+        line(type="AgentEnd", loop_id=LOOP, messages=[user, assistant], usage=usage, timestamp=ts,
+             rejection=None),
+        line(type="TurnStart", loop_id=LOOP, turn_index=0, timestamp=ts, triggered_by="User"),
+        line(type="TurnEnd", loop_id=LOOP, message=assistant, usage=usage, timestamp=ts,
+             tool_results=[plain_result]),
+        line(type="MessageStart", loop_id=LOOP, message=user),
+        line(type="MessageUpdate", loop_id=LOOP, message=user, delta={"Thinking": {"delta": "d"}}),
+        line(type="MessageEnd", loop_id=LOOP, message={"role": "extension", "kind": "k", "data": None}),
+        line(type="ToolExecutionStart", loop_id=LOOP, tool_call_id="t1", tool_name="f", args=None),
+        line(type="ToolExecutionUpdate", loop_id=LOOP, tool_call_id="t1", tool_name="f", partial_result=result),
+        line(type="ToolExecutionEnd", loop_id=LOOP, tool_call_id="t1", tool_name="f",
+             result={**result, "child_loop_id": "c.sub.1"}, is_error=False, child_loop_id="c.sub.1"),
+        line(type="ProgressMessage", loop_id="", tool_call_id="t1", tool_name="f", text="50%"),
+        line(type="InputRejected", loop_id=LOOP, reason="PII"),
+        line(type="ParallelLoopStart", session_id="s1", loop_ids=["a", "b"], timestamp=ts),
+        line(type="ParallelLoopEnd", session_id="s1", selected_loop_id="b", selected_config_index=1,
+             evaluation_usage=usage, timestamp=ts),
+        line(type="CompactionStarted", loop_id=LOOP, estimated_tokens=5, message_count=2, timestamp=ts),
+        line(type="CompactionEnded", loop_id=LOOP, messages_before=4, messages_after=2,
+             estimated_tokens_before=9, estimated_tokens_after=3, loops_compacted=1, timestamp=ts),
+        line(type="PrunApplied", loop_id=LOOP, tokens_removed=1, messages_removed=1, memo=None,
+             pruned_timestamps=[1], timestamp=ts),
+        line(type="RevertApplied", loop_id=LOOP, category="tangent", target=None, abandoned_node_ids=[3],
+             summary=None, applied=True, reason="r", timestamp=ts),
+    ]
+    seen = set()
+    for text in cases:
+        event = ps.decode_event(text)
+        seen.add(type(event).__name__)
+        assert ps.encode(event).decode() == text
+    assert len(seen) == 18  # + TurnRequest, covered by the golden corpus
+
+
+def test_aliases_nulls_and_unknown_fields_are_read_like_phi_core() -> None:
+    event = ps.decode_event('{"triggered_by":"FollowUp","type":"TurnStart","loop_id":"l","x":{"y":1},'
+                            '"turn_index":1,"timestamp":"2025-06-01T10:00:00+01:00"}')
+    assert event == ps.TurnStart(loop_id="l", turn_index=1, triggered_by="Continuation",
+                                 timestamp=ps.Timestamp.parse("2025-06-01T09:00:00Z"))
+    start = ps.decode_event('{"type":"AgentStart","agent_id":"a","session_id":"s","loop_id":"s.c.1",'
+                            '"timestamp":"2025-06-01T09:00:00Z","config_snapshot":null}')
+    assert isinstance(start, ps.AgentStart)
+    assert start.continuation_kind == ps.INITIAL and start.parent_loop_id is None
+    assert start.config_snapshot is msgspec.UNSET
+    assert b"config_snapshot" not in ps.encode(start)
+
+
+def test_decode_errors_name_the_field_path() -> None:
+    with pytest.raises(ps.DecodeError, match=r"\$\.turn_index"):
+        ps.decode_event('{"type":"TurnStart","loop_id":"l","turn_index":-1,'
+                        '"timestamp":"2025-06-01T09:00:00Z","triggered_by":"User"}')
+    with pytest.raises(ps.DecodeError, match="timestamp"):
+        ps.decode_event('{"type":"TurnStart","loop_id":"l","turn_index":0,"triggered_by":"User"}')
+    with pytest.raises(ps.DecodeError, match=r"\$\.message"):
+        ps.decode_event('{"type":"MessageEnd","loop_id":"l","message":{"role":"user"}}')
+    with pytest.raises(ps.DecodeError):
+        ps.decode_event("{not json")
+    with pytest.raises(ps.DecodeError, match="AgentStart"):
+        ps.decode_event('{"type":"Nope"}')
+
+
+def test_lenient_message_metadata_is_dropped_not_fatal() -> None:
+    event = ps.decode_event('{"type":"MessageEnd","loop_id":"l","message":{"role":"user","content":[],'
+                            '"timestamp":5,"turnId":"broken","nodeId":-3,"tags":null}}')
+    assert isinstance(event, ps.MessageEnd)
+    assert ps.encode(event) == b'{"type":"MessageEnd","loop_id":"l","message":{"content":[],"role":"user","timestamp":5}}'
+
+
+def test_extension_message_with_any_role_round_trips() -> None:
+    text = '{"type":"MessageEnd","loop_id":"l","message":{"role":"user","kind":"k","data":{"b":1,"a":2}}}'
+    event = ps.decode_event(text)
+    assert isinstance(event, ps.MessageEnd) and isinstance(event.message, ps.ExtensionMessage)
+    assert event.message.role == "user"
+    assert ps.encode(event).decode() == text.replace('{"b":1,"a":2}', '{"a":2,"b":1}')
+
+
+def test_plain_positions_never_carry_agent_metadata() -> None:
+    result = ps.ToolResultMessage(tool_call_id="t", tool_name="f", content=(), is_error=False, timestamp=1,
+                                  turn_id=ps.TurnId(loop_id="l", turn_index=0))
+    event = ps.TurnEnd(loop_id="l", message=result, usage=ps.Usage(input=0, output=0),
+                       timestamp=ps.Timestamp.parse("2025-01-01T00:00:00Z"), tool_results=(result,))
+    encoded = ps.encode(event).decode()
+    assert encoded.count("turnId") == 1  # in the agent-form message only
+
+
+def test_constructor_defaults_timestamp_to_now() -> None:
+    before = ps.Timestamp.now()
+    event = ps.InputRejected(loop_id="l", reason="r")
+    start = ps.AgentStart(agent_id="a", session_id="s", loop_id="s.x.1")
+    assert before <= start.timestamp <= ps.Timestamp.now()
+    assert ps.decode_event(ps.encode(event)) == event
+
+
+def test_rejects_non_text_input_type() -> None:
+    with pytest.raises(TypeError):
+        ps.decode_event(42)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(any_event)
+def test_any_event_survives_encode_decode(event: ps.AgentEvent) -> None:
+    data = ps.encode(event)
+    again = ps.decode_event(data)
+    assert ps.encode(again) == data
+    assert ps.decode_event(data, strict=False) == again
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages)
+def test_agent_form_messages_have_sorted_keys_at_every_depth(message: ps.AgentMessage) -> None:
+    def check(value: object) -> None:
+        if isinstance(value, dict):
+            assert list(value) == sorted(value)
+            for inner in value.values():
+                check(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                check(inner)
+
+    tree = json.loads(encode_message(message))
+    if isinstance(message, ps.ExtensionMessage):
+        assert list(tree) == ["role", "kind", "data"]
+        check(tree["data"])
+    else:
+        check(tree)

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import math
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from phi_session._float32 import Float32, round_f32
+
+
+@pytest.mark.parametrize(
+    ("value", "spelling"),
+    [(0.7, b"0.7"), (1, b"1.0"), (0, b"0.0"), (0.30000000000000004, b"0.3"),
+     (0.123456789, b"0.12345679"), (1e-7, b"1e-7"), (9900000000000, b"9900000000000.0"),
+     (1e13, b"1e13"), (1.5e14, b"1.5e14"), (3.4028234663852886e38, b"3.4028235e38"),
+     (1e39, b"null"), (1e-46, b"0.0"), (-0.0, b"-0.0"), (100, b"100.0"), (0.000001, b"0.000001"),
+     (9.9e-7, b"9.9e-7")],
+)
+def test_spelled_as_phi_core_writes_f32(value: float, spelling: bytes) -> None:
+    assert Float32(value).to_json() == spelling
+
+
+@given(st.floats(width=32, allow_nan=False, allow_infinity=False))
+def test_shortest_spelling_reads_back_to_the_same_f32(value: float) -> None:
+    text = Float32(value).to_json()
+    assert round_f32(float(text)) == value or (value == 0 and float(text) == 0)
+    # no shorter decimal would do: dropping a significant digit changes the value
+    digits = text.decode().split("e")[0].replace("-", "").replace(".", "").strip("0")
+    assert len(digits) <= 9
+
+
+def test_overflow_becomes_infinity_like_rust_as_f32() -> None:
+    assert math.isinf(round_f32(1e39))
+    flt_max = struct.unpack("<f", struct.pack("<f", 3.4028234663852886e38))[0]
+    assert round_f32(3.40282356e38) == flt_max  # just below the midpoint: rounds down
+    assert math.isinf(round_f32(3.4028235677973366e38))  # the midpoint rounds to even: overflow

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+
+import phi_session as ps
+from phi_session.model import CompactedSection, TurnRange
+
+T = ps.Timestamp.parse("2025-06-01T09:00:00Z")
+
+
+def user(text: str) -> ps.UserMessage:
+    return ps.UserMessage(content=(ps.TextContent(text=text),), timestamp=1)
+
+
+def loop(loop_id: str, parent: str | None, *messages: str) -> ps.LoopRecord:
+    record = ps.LoopRecord.start(loop_id=loop_id, session_id="s", agent_id="a", started_at=T,
+                                 parent_loop_id=parent, status="Completed")
+    record.messages = [user(m) for m in messages]
+    record.usage = ps.Usage(input=len(messages), output=1, total_tokens=len(messages) + 1)
+    return record
+
+
+def session(*loops: ps.LoopRecord) -> ps.Session:
+    return ps.Session(session_id="s", agent_id="a", created_at=T, last_active_at=T,
+                      formation=ps.SessionFormation.first_loop(T), loops=list(loops))
+
+
+def test_context_at_follows_the_chain_root_first() -> None:
+    s = session(loop("s.c.1", None, "a", "b"), loop("s.c.2", "s.c.1", "c"), loop("s.c.3", "s.c.1", "x"),
+                loop("s.c.4", "s.c.2", "d"))
+    assert s.loop_chain_to("s.c.4") == ["s.c.1", "s.c.2", "s.c.4"]
+    assert [m.content[0].text for m in s.context_at("s.c.4")] == ["a", "b", "c", "d"]  # type: ignore[union-attr]
+    with pytest.raises(KeyError):
+        s.context_at("nope")
+
+
+def test_compaction_block_stands_in_for_a_loops_messages() -> None:
+    first = loop("s.c.1", None, "a", "b", "c")
+    first.compaction_block = ps.CompactionBlock(
+        keep_compacted=CompactedSection(range=TurnRange(start_turn=0, end_turn=3), messages=(user("summary"),)),
+        keep_recent=CompactedSection(range=TurnRange(start_turn=4, end_turn=4), messages=(user("c"),)),
+        created_at=T,
+    )
+    s = session(first, loop("s.c.2", "s.c.1", "d"))
+    assert [m.content[0].text for m in s.context_at("s.c.2")] == ["summary", "c", "d"]  # type: ignore[union-attr]
+
+
+def test_navigation_and_totals() -> None:
+    root = loop("s.c.1", None, "a")
+    root.children_loop_ids = ["s.c.2"]
+    sub_root = loop("s.sub.1", "other.c.9", "z")
+    s = session(root, loop("s.c.2", "s.c.1", "b", "c"), sub_root)
+    assert [r.loop_id for r in s.root_loops()] == ["s.c.1", "s.sub.1"]
+    assert [r.loop_id for r in s.children_of("s.c.1")] == ["s.c.2"]
+    assert s.children_of("missing") == [] and s.parallel_siblings("s.c.1") == []
+    assert s.total_usage() == ps.Usage(input=4, output=3, total_tokens=7)
+    assert s.loop_chain_to("s.sub.1") == ["other.c.9", "s.sub.1"]
+    assert s.get_loop("s.c.2").get_turn(0) is None  # type: ignore[union-attr]
+
+
+def test_self_parented_loop_does_not_hang() -> None:
+    # phi-core's compaction pass reuses its loop id as its own parent.
+    s = session(loop("s.c.1", "s.c.1", "a"))
+    assert s.loop_chain_to("s.c.1") == ["s.c.1"]

@@ -1,0 +1,424 @@
+"""SessionRecorder: phi-core's rules (re-expressed from its session tests) and our fixes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import phi_session as ps
+from phi_session.recorder import SessionRecorder, SessionRecorderConfig
+
+from .conftest import EXAMPLES
+
+T0 = 1_750_000_000 * 10**9
+
+
+def ts(ms: int) -> ps.Timestamp:
+    return ps.Timestamp.from_ns(T0 + ms * 10**6)
+
+
+def usage(n: int) -> ps.Usage:
+    return ps.Usage(input=n, output=n, total_tokens=2 * n)
+
+
+def assistant(text: str, *, calls: int = 0, loop_id: str | None = None, turn: int = 0) -> ps.AssistantMessage:
+    content: list[Any] = [ps.TextContent(text=text)]
+    content += [ps.ToolCall(id=f"call{i}", name="read", arguments={"i": i}) for i in range(calls)]
+    return ps.AssistantMessage(
+        content=tuple(content), stop_reason="toolUse" if calls else "stop", model="claude",
+        provider="anthropic", usage=usage(10), timestamp=1,
+        turn_id=ps.TurnId(loop_id=loop_id, turn_index=turn) if loop_id else None,
+    )
+
+
+def tool_result(call: str) -> ps.ToolResultMessage:
+    return ps.ToolResultMessage(tool_call_id=call, tool_name="read", content=(ps.TextContent(text="ok"),),
+                                is_error=False, timestamp=2)
+
+
+def start(loop_id: str, session: str, *, at: int = 0, parent: str | None = None, agent: str = "agent",
+          kind: ps.ContinuationKind = ps.INITIAL) -> ps.AgentStart:
+    return ps.AgentStart(agent_id=agent, session_id=session, loop_id=loop_id, parent_loop_id=parent,
+                         continuation_kind=kind, timestamp=ts(at))
+
+
+def end(loop_id: str, *, at: int = 1, rejection: str | None = None, messages: tuple[Any, ...] = ()) -> ps.AgentEnd:
+    return ps.AgentEnd(loop_id=loop_id, messages=messages, usage=usage(10) if messages else usage(0),
+                       timestamp=ts(at), rejection=rejection)
+
+
+def turn(loop_id: str, index: int = 0, *, calls: int = 0, at: int = 0) -> list[ps.AgentEvent]:
+    """One complete turn, as phi-core's loop emits it."""
+    out = assistant("answer", calls=calls)
+    events: list[ps.AgentEvent] = [
+        ps.TurnStart(loop_id=loop_id, turn_index=index, triggered_by="User" if index == 0 else "Continuation",
+                     timestamp=ts(at)),
+        ps.MessageStart(loop_id=loop_id, message=out),
+        ps.MessageUpdate(loop_id=loop_id, message=out, delta=ps.StreamDelta.text("ans")),
+        ps.MessageEnd(loop_id=loop_id, message=out),
+    ]
+    results = []
+    for i in range(calls):
+        result = tool_result(f"call{i}")
+        results.append(result)
+        events += [
+            ps.ToolExecutionStart(loop_id=loop_id, tool_call_id=f"call{i}", tool_name="read", args={"i": i}),
+            ps.ToolExecutionEnd(loop_id=loop_id, tool_call_id=f"call{i}", tool_name="read",
+                                result=ps.ToolResult(content=result.content), is_error=False),
+            ps.MessageStart(loop_id=loop_id, message=result),
+            ps.MessageEnd(loop_id=loop_id, message=result),
+        ]
+    events.append(ps.TurnEnd(loop_id=loop_id, message=assistant("answer", calls=calls, loop_id=loop_id, turn=index),
+                             usage=usage(10), timestamp=ts(at + 1), tool_results=tuple(results)))
+    return events
+
+
+def record(events: list[ps.AgentEvent], **config: Any) -> tuple[SessionRecorder, list[ps.Session]]:
+    recorder = SessionRecorder(**config)
+    recorder.record_all(events)
+    recorder.flush()
+    return recorder, recorder.drain_completed()
+
+
+# -- phi-core's rules -----------------------------------------------------------------
+
+
+def test_one_loop_becomes_one_session_with_contiguous_sequences() -> None:
+    events = [start("s.c.1", "s"), *turn("s.c.1", calls=2), end("s.c.1", at=5, messages=(assistant("x"),))]
+    _, [session] = record(events)
+    [loop] = session.loops
+    assert loop.status == "Completed" and loop.ended_at == ts(5)
+    assert [e.sequence for e in loop.events] == list(range(len(loop.events)))
+    assert not any(isinstance(e.event, ps.MessageUpdate) for e in loop.events)  # deltas dropped by default
+    assert session.formation == ps.SessionFormation.first_loop(ts(0))
+    assert session.created_at == ts(0) and session.agent_id == "agent"
+
+
+def test_streaming_events_are_stored_when_asked() -> None:
+    events = [start("s.c.1", "s"), *turn("s.c.1"), end("s.c.1")]
+    _, [session] = record(events, include_streaming_events=True)
+    assert sum(isinstance(e.event, ps.MessageUpdate) for e in session.loops[0].events) == 1
+
+
+def test_turns_collect_inputs_and_stamp_tool_results() -> None:
+    events = [start("s.c.1", "s"), *turn("s.c.1", calls=2), end("s.c.1")]
+    _, [session] = record(events)
+    [materialized] = session.loops[0].turns
+    assert materialized.turn_id == ps.TurnId(loop_id="s.c.1", turn_index=0)
+    # phi-core quirk kept for byte compatibility: tool results are inputs too (without turnId)
+    assert [m.turn_id for m in materialized.input_messages] == [None, None]
+    assert [m.turn_id for m in materialized.tool_results] == [materialized.turn_id] * 2
+    assert materialized.has_tool_calls() and len(materialized.all_messages()) == 5
+    assert materialized.duration() == pytest.approx(0.001)
+    assert session.loops[0].config == ps.LoopConfigSnapshot(model="claude", provider="anthropic", config_id="c")
+
+
+def test_capture_turn_requests_fills_request_payload() -> None:
+    payload = ps.AnnotatedRequestPayload(system_prompt="sys", messages=(), provenance=(), tools=(),
+                                         model_id="claude", thinking_level="off",
+                                         response_format=ps.messages.TextFormat())
+    events = [start("s.c.1", "s"), *turn("s.c.1")[:1],
+              ps.TurnRequest(loop_id="s.c.1", turn_index=0, payload=payload, timestamp=ts(0)),
+              *turn("s.c.1")[1:], end("s.c.1")]
+    _, [plain] = record(events)
+    _, [captured] = record(events, capture_turn_requests=True)
+    assert plain.loops[0].turns[0].request_payload is None
+    assert captured.loops[0].turns[0].request_payload == payload
+    assert any(isinstance(e.event, ps.TurnRequest) for e in plain.loops[0].events)
+
+
+def test_rejected_loop() -> None:
+    events = [start("s.c.1", "s"), ps.InputRejected(loop_id="s.c.1", reason="PII"),
+              end("s.c.1", rejection="PII")]
+    _, [session] = record(events)
+    assert session.loops[0].status == "Rejected" and session.loops[0].rejection == "PII"
+
+
+def test_continuations_link_children_in_finish_order() -> None:
+    events = [start("s.c.1", "s"), end("s.c.1", at=1),
+              start("s.c.2", "s", at=2, parent="s.c.1", kind=ps.DEFAULT),
+              start("s.c.3", "s", at=3, parent="s.c.1", kind=ps.ContinuationKind.rerun("t")),
+              end("s.c.3", at=4), end("s.c.2", at=5)]
+    _, [session] = record(events)
+    root = session.get_loop("s.c.1")
+    assert root is not None and root.children_loop_ids == ["s.c.3", "s.c.2"]
+    assert [r.loop_id for r in session.root_loops()] == ["s.c.1"]
+    assert session.loop_chain_to("s.c.2") == ["s.c.1", "s.c.2"]
+    assert [r.loop_id for r in session.loops] == ["s.c.1", "s.c.3", "s.c.2"]  # completion order
+
+
+def test_sub_agent_links_both_ways() -> None:
+    events = [
+        start("p.c.1", "p"),
+        ps.ToolExecutionStart(loop_id="p.c.1", tool_call_id="t9", tool_name="researcher", args={}),
+        start("k.sub.1", "k", parent="p.c.1", agent="child"), end("k.sub.1"),
+        ps.ToolExecutionEnd(loop_id="p.c.1", tool_call_id="t9", tool_name="researcher",
+                            result=ps.ToolResult(content=(), child_loop_id="k.sub.1"), is_error=False),
+        end("p.c.1", at=3),
+    ]
+    _, sessions = record(events)
+    by_id = {s.session_id: s for s in sessions}
+    assert by_id["p"].loops[0].child_loop_refs == [ps.ChildLoopRef(
+        tool_call_id="t9", tool_name="researcher", child_loop_id="k.sub.1", child_session_id="k")]
+    assert by_id["k"].parent_spawn_ref == ps.SpawnRef(
+        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="t9", tool_name="researcher")
+    assert by_id["p"].loops[0].children_loop_ids == []
+
+
+def test_parallel_group_marks_the_winner() -> None:
+    events = [ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
+              start("s.a.1", "s"), start("s.b.2", "s"), end("s.b.2", at=2), end("s.a.1", at=3),
+              ps.ParallelLoopEnd(session_id="s", selected_loop_id="s.b.2", selected_config_index=1,
+                                 evaluation_usage=usage(1), timestamp=ts(4))]
+    recorder, [session] = record(events)
+    groups = {r.loop_id: r.parallel_group for r in session.loops}
+    assert groups["s.b.2"] is not None and groups["s.b.2"].is_selected
+    assert groups["s.a.1"] is not None and not groups["s.a.1"].is_selected
+    assert groups["s.a.1"].all_loop_ids == ("s.a.1", "s.b.2")
+    assert [r.loop_id for r in session.parallel_siblings("s.a.1")] == ["s.b.2", "s.a.1"]
+    assert session.session_events is msgspec.UNSET  # phi-core's bytes by default
+
+
+def test_checkpoint_completes_idle_sessions_only() -> None:
+    recorder = SessionRecorder()
+    recorder.record_all([start("a.c.1", "a"), end("a.c.1"), start("b.c.1", "b")])
+    assert recorder.checkpoint() == 1
+    assert [s.session_id for s in recorder.drain_completed()] == ["a"]
+    assert recorder.current_loop("b.c.1") is not None
+    assert recorder.drain_completed() == []
+
+
+# -- the fixes --------------------------------------------------------------------------
+
+
+def test_before_task_false_marks_the_session_rejected_but_records_it() -> None:
+    calls: list[str] = []
+
+    def veto(session: ps.Session) -> bool:
+        calls.append(session.session_id)
+        return session.session_id != "bad"
+
+    events = [start("bad.c.1", "bad"), end("bad.c.1"), start("ok.c.1", "ok"), end("ok.c.1"),
+              start("bad.c.2", "bad", at=2), end("bad.c.2", at=3)]
+    _, sessions = record(events, before_task=veto)
+    by_id = {s.session_id: s for s in sessions}
+    assert calls == ["bad", "ok"]
+    assert by_id["bad"].is_rejected and len(by_id["bad"].loops) == 2
+    assert b'"rejected": true' in ps.encode(by_id["bad"])
+    assert b"rejected" not in ps.encode(by_id["ok"])
+
+
+def test_after_task_fires_once_per_completion_by_flush_or_checkpoint() -> None:
+    completed: list[str] = []
+    recorder = SessionRecorder(after_task=lambda s: completed.append(s.session_id))
+    recorder.record_all([start("a.c.1", "a"), end("a.c.1"), start("b.c.1", "b")])
+    recorder.checkpoint()
+    recorder.checkpoint()
+    recorder.flush()
+    recorder.flush()
+    assert completed == ["a", "b"]
+
+
+def test_unknown_loops_become_orphans_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    recorder = SessionRecorder()
+    with caplog.at_level(logging.WARNING, logger="phi_session.recorder"):
+        recorder.record_all([
+            ps.InputRejected(loop_id="ghost", reason="r"),
+            ps.InputRejected(loop_id="ghost", reason="again"),
+            start("s.c.1", "s"), end("s.c.1"),
+            ps.InputRejected(loop_id="s.c.1", reason="too late"),
+            end("never.started"),
+            ps.ProgressMessage(loop_id="", tool_call_id="t", tool_name="judge", text="budget"),
+        ])
+    assert [o.event.loop_id for o in recorder.orphans()] == ["ghost", "ghost", "s.c.1", "never.started", ""]
+    assert sum("ghost" in r.message for r in caplog.records) == 1
+
+
+def test_parallel_branches_are_pending_until_they_start_and_aborted_if_never() -> None:
+    recorder = SessionRecorder()
+    recorder.record_all([start("s.c.1", "s"), end("s.c.1"),
+                         ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.2", "s.b.3"), timestamp=ts(5))])
+    pending = recorder.current_loop("s.b.3")
+    assert pending is not None and pending.status == "Pending"
+    recorder.record_all([start("s.a.2", "s", at=6), end("s.a.2", at=7)])
+    assert recorder.checkpoint() == 1  # a Pending branch does not hold its session open
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    statuses = {r.loop_id: r.status for r in session.loops}
+    assert statuses == {"s.c.1": "Completed", "s.a.2": "Completed", "s.b.3": "Aborted"}
+
+
+def test_repeated_agent_start_keeps_the_open_record() -> None:
+    events = [start("s.c.1", "s"), *turn("s.c.1"), start("s.c.1", "s", at=9), end("s.c.1", at=10)]
+    _, [session] = record(events)
+    [loop] = session.loops
+    assert len(loop.turns) == 1 and loop.started_at == ts(0)
+    assert sum(isinstance(e.event, ps.AgentStart) for e in loop.events) == 2
+
+
+def test_a_held_session_id_seen_again_joins_its_session() -> None:
+    opened: list[str] = []
+    recorder = SessionRecorder(before_task=lambda s: opened.append(s.session_id))
+    recorder.record_all([start("s.c.1", "s"), end("s.c.1")])
+    recorder.checkpoint()
+    recorder.record_all([start("s.c.2", "s", at=5, parent="s.c.1", kind=ps.DEFAULT), end("s.c.2", at=6)])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert opened == ["s"]
+    assert [r.loop_id for r in session.loops] == ["s.c.1", "s.c.2"]
+    assert session.get_loop("s.c.1").children_loop_ids == ["s.c.2"]  # type: ignore[union-attr]
+    assert session.last_active_at == ts(5)
+
+
+def test_revert_applied_is_stored() -> None:
+    revert = ps.RevertApplied(loop_id="s.c.1", category="failure", target=3, abandoned_node_ids=(4,),
+                              applied=True, timestamp=ts(1))
+    _, [session] = record([start("s.c.1", "s"), revert, end("s.c.1", at=2)])
+    assert session.loops[0].events[1].event == revert
+
+
+def test_flush_aborts_open_loops_in_start_order_and_links_them() -> None:
+    events = [start("s.c.1", "s"), end("s.c.1"), start("s.c.3", "s", at=3, parent="s.c.1"),
+              start("s.c.2", "s", at=2, parent="s.c.1"), *turn("s.c.2")[:2]]
+    _, [session] = record(events)
+    assert [(r.loop_id, r.status) for r in session.loops] == [
+        ("s.c.1", "Completed"), ("s.c.3", "Aborted"), ("s.c.2", "Aborted")]
+    assert session.get_loop("s.c.1").children_loop_ids == ["s.c.3", "s.c.2"]  # type: ignore[union-attr]
+    assert all(r.ended_at is None for r in session.loops[1:])
+
+
+def test_sub_agent_detection_uses_what_the_recorder_saw() -> None:
+    # A same-session continuation of a bare-UUID loop: phi-core mistakes it for a sub-agent.
+    events = [start("0f1e2d3c", "s"), end("0f1e2d3c"), start("s.c.2", "s", parent="0f1e2d3c", kind=ps.DEFAULT),
+              end("s.c.2")]
+    _, [session] = record(events)
+    assert session.parent_spawn_ref is None
+    assert session.get_loop("0f1e2d3c").children_loop_ids == ["s.c.2"]  # type: ignore[union-attr]
+
+
+def test_child_started_after_the_tool_ended_still_gets_a_complete_spawn_ref() -> None:
+    events = [start("p.c.1", "p"),
+              ps.ToolExecutionEnd(loop_id="p.c.1", tool_call_id="t1", tool_name="sub",
+                                  result=ps.ToolResult(content=(), child_loop_id="k.sub.1"), is_error=False),
+              start("k.sub.1", "k", parent="p.c.1"), end("k.sub.1"), end("p.c.1")]
+    _, sessions = record(events)
+    child = next(s for s in sessions if s.session_id == "k")
+    assert child.parent_spawn_ref == ps.SpawnRef(parent_session_id="p", parent_loop_id="p.c.1",
+                                                 tool_call_id="t1", tool_name="sub")
+
+
+def test_session_events_are_kept_and_optionally_written() -> None:
+    events = [ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1",), timestamp=ts(0)), start("s.a.1", "s"),
+              end("s.a.1"), ps.ParallelLoopEnd(session_id="s", selected_loop_id="s.a.1", selected_config_index=0,
+                                               evaluation_usage=usage(0), timestamp=ts(2))]
+    recorder = SessionRecorder(keep_session_events=True)
+    recorder.record_all(events)
+    assert [type(e).__name__ for e in recorder.session_events("s")] == ["ParallelLoopStart", "ParallelLoopEnd"]
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    again = ps.decode_session(ps.encode(session))
+    assert again.session_events == [events[0], events[3]]
+
+
+def test_failed_loop_is_visible_and_still_phi_core_shaped() -> None:
+    failure = ps.AgentEnd(loop_id="s.c.1", messages=(), usage=usage(0), timestamp=ts(1), error="Boom: bad")
+    _, [session] = record([start("s.c.1", "s"), failure])
+    loop = session.loops[0]
+    assert loop.status == "Aborted" and loop.error == "Boom: bad"
+    assert ps.decode_session(ps.encode(session)).loops[0].error == "Boom: bad"
+
+
+def test_on_json_decodes_and_drops_deltas_cheaply() -> None:
+    recorder = SessionRecorder()
+    for raw in (EXAMPLES / "events-basic.jsonl").read_bytes().splitlines():
+        recorder.on_json(raw)
+    assert recorder.dropped_deltas == 4
+    with pytest.raises(ps.DecodeError):
+        recorder.on_json(b'{"type":"TurnStart"}')
+
+
+def test_drain_forgets_everything_about_drained_sessions() -> None:
+    recorder = SessionRecorder()
+    for i in range(50):
+        recorder.record_all([start(f"s{i}.c.1", f"s{i}"), *turn(f"s{i}.c.1", calls=1), end(f"s{i}.c.1")])
+        recorder.checkpoint()
+        recorder.drain_completed()
+    assert recorder.stats()["open_loops"] == 0
+    assert not recorder._loop_session and not recorder._closed_by_id and not recorder._spawns
+
+
+def test_on_event_is_safe_from_several_threads() -> None:
+    recorder = SessionRecorder()
+
+    def feed(n: int) -> None:
+        for j in range(20):
+            loop_id = f"t{n}.c.{j}"
+            recorder.record_all([start(loop_id, f"t{n}"), *turn(loop_id, calls=1), end(loop_id)])
+
+    threads = [threading.Thread(target=feed, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    recorder.flush()
+    sessions = recorder.drain_completed()
+    assert len(sessions) == 8 and all(len(s.loops) == 20 for s in sessions)
+    assert all([e.sequence for e in r.events] == list(range(len(r.events))) for s in sessions for r in s.loops)
+
+
+def test_config_must_not_be_given_twice() -> None:
+    with pytest.raises(TypeError):
+        SessionRecorder(SessionRecorderConfig(), include_streaming_events=True)
+
+
+# -- properties ------------------------------------------------------------------------------
+
+
+@st.composite
+def interleaved_streams(draw: st.DrawFn) -> tuple[list[ps.AgentEvent], int]:
+    """Several loops over several sessions, each well formed, shuffled together."""
+    n_sessions = draw(st.integers(min_value=1, max_value=3))
+    streams: list[list[ps.AgentEvent]] = []
+    for s in range(n_sessions):
+        for n in range(draw(st.integers(min_value=1, max_value=3))):
+            loop_id = f"sess{s}.cfg.{n + 1}"
+            events: list[ps.AgentEvent] = [start(loop_id, f"sess{s}", at=n, parent=f"sess{s}.cfg.1" if n else None)]
+            for t in range(draw(st.integers(min_value=0, max_value=2))):
+                events += turn(loop_id, t, calls=draw(st.integers(min_value=0, max_value=2)), at=10 * t)
+            if draw(st.booleans()):
+                events.append(end(loop_id, at=99))
+            streams.append(events)
+    merged: list[ps.AgentEvent] = []
+    cursors = [0] * len(streams)
+    while any(c < len(s) for c, s in zip(cursors, streams, strict=True)):
+        live = [i for i, s in enumerate(streams) if cursors[i] < len(s)]
+        pick = draw(st.sampled_from(live))
+        merged.append(streams[pick][cursors[pick]])
+        cursors[pick] += 1
+    return merged, sum(1 for s in streams for _ in s)
+
+
+@settings(max_examples=60, deadline=None)
+@given(interleaved_streams(), st.booleans())
+def test_interleaved_loops_lose_nothing(stream: tuple[list[ps.AgentEvent], int], keep_deltas: bool) -> None:
+    events, total = stream
+    recorder, sessions = record(events, include_streaming_events=keep_deltas)
+    stored = sum(len(r.events) for s in sessions for r in s.loops)
+    assert stored + recorder.dropped_deltas + len(recorder.orphans()) == total
+    assert not recorder.orphans()
+    loop_ids = [r.loop_id for s in sessions for r in s.loops]
+    assert len(loop_ids) == len(set(loop_ids))  # each loop in exactly one session
+    expected_loops = {e.loop_id for e in events if isinstance(e, ps.AgentStart)}
+    assert set(loop_ids) == expected_loops
+    for session in sessions:
+        for loop in session.loops:
+            assert loop.session_id == session.session_id
+            assert [e.sequence for e in loop.events] == list(range(len(loop.events)))
+        data = ps.encode(session)
+        assert ps.encode(ps.decode_session(data)) == data
