@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.spec
+
 import phi_session as ps
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 

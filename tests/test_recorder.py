@@ -334,6 +334,7 @@ def test_failed_loop_is_visible_and_still_phi_core_shaped() -> None:
     assert ps.decode_session(ps.encode(session)).loops[0].error == "Boom: bad"
 
 
+@pytest.mark.spec
 def test_on_json_decodes_and_drops_deltas_cheaply() -> None:
     recorder = SessionRecorder()
     for raw in (EXAMPLES / "events-basic.jsonl").read_bytes().splitlines():
