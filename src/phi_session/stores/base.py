@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -16,6 +16,7 @@ from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
 
 Order = Literal["newest", "oldest", "tokens"]
+_T = TypeVar("_T")
 GroupBy = Literal["agent", "model", "day"]
 
 
@@ -190,6 +191,11 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     Loops are matched by ``loop_id`` (the n-th occurrence of an id with the n-th);
     of two versions of one loop the finished one, then the one with more events,
     wins. Stored loops keep their place; new ones are appended in their order.
+    A winning version keeps the links (``children_loop_ids``, ``child_loop_refs``)
+    of the version it replaces, and a finished loop that is new or changed is
+    linked into its same-session parent's ``children_loop_ids``: a recorder that
+    drained the parent before the child finished could not link them, and the
+    merged session then reads as if it had been recorded in one go.
     Session-scoped events (``session_events``) are combined the same way: the
     incoming ones not already stored are appended.
     """
@@ -200,14 +206,18 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
         position[(record.loop_id, occurrences[record.loop_id])] = index
         occurrences[record.loop_id] += 1
     seen: Counter[str] = Counter()
+    adopted: list[LoopRecord] = []  # incoming versions that are new or differ from the stored one
     for record in incoming.loops:
         key = (record.loop_id, seen[record.loop_id])
         seen[record.loop_id] += 1
         slot = position.get(key)
         if slot is None:
             loops.append(record)
-        elif _loop_weight(record) >= _loop_weight(loops[slot]):
-            loops[slot] = record
+            adopted.append(record)
+        elif record != loops[slot] and _loop_weight(record) >= _loop_weight(loops[slot]):
+            loops[slot] = _keep_links(loops[slot], record)
+            adopted.append(record)
+    _link_to_parents(loops, adopted)
     spawn = incoming.parent_spawn_ref or stored.parent_spawn_ref
     if stored.parent_spawn_ref and spawn and not spawn.tool_call_id and stored.parent_spawn_ref.tool_call_id:
         spawn = stored.parent_spawn_ref
@@ -221,6 +231,35 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
         rejected=True if (stored.is_rejected or incoming.is_rejected) else msgspec.UNSET,
         session_events=_merge_events(stored.session_events, incoming.session_events),
     )
+
+
+def _union(kept: list[_T], extra: list[_T]) -> list[_T]:
+    return kept + [item for item in extra if item not in kept]
+
+
+def _keep_links(replaced: LoopRecord, winner: LoopRecord) -> LoopRecord:
+    # A snapshot taken before a link was added must not remove it.
+    children = _union(winner.children_loop_ids, replaced.children_loop_ids)
+    refs = _union(winner.child_loop_refs, replaced.child_loop_refs)
+    if len(children) == len(winner.children_loop_ids) and len(refs) == len(winner.child_loop_refs):
+        return winner
+    return msgspec.structs.replace(winner, children_loop_ids=children, child_loop_refs=refs)
+
+
+def _link_to_parents(loops: list[LoopRecord], adopted: list[LoopRecord]) -> None:
+    first: dict[str, int] = {}  # like the recorder, a loop id names its first record
+    for index, record in enumerate(loops):
+        first.setdefault(record.loop_id, index)
+    for child in adopted:
+        if child.parent_loop_id is None or child.status in ("Running", "Pending"):
+            continue  # only finished loops are linked
+        slot = first.get(child.parent_loop_id)
+        if slot is None:
+            continue  # the parent lives in another session
+        parent = loops[slot]
+        if child.loop_id not in parent.children_loop_ids:
+            loops[slot] = msgspec.structs.replace(
+                parent, children_loop_ids=[*parent.children_loop_ids, child.loop_id])
 
 
 def _merge_events(

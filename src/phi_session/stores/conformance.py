@@ -1,0 +1,553 @@
+"""The behaviour every `SessionStore` backend must show, as a pytest suite.
+
+A backend's test module subclasses `StoreConformance` and provides the store::
+
+    class TestMyStore(StoreConformance):
+        @pytest.fixture
+        def store(self, tmp_path):
+            store = MyStore(...)
+            yield store
+            store.close()
+
+Each test gets a fresh, empty store. Test sessions are built with `make_session`
+and `make_loop`, never written as JSON by hand. The tests marked ``spec`` also use
+phi-core's example files from ``$PHI_SESSION_SPEC_DIR/examples`` (by default
+``shared/spec/examples`` beside the source checkout, else ``/work/shared/spec``).
+
+This module imports pytest, so only test code should import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from .._time import Timestamp
+from ..codec import decode_session, encode_session
+from ..errors import InvalidSessionId, SessionNotFound
+from ..events import LoopConfigSnapshot, ProgressMessage, SessionFormation
+from ..messages import Usage
+from ..model import LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef
+from ..recorder import SessionRecorder
+from .base import SessionStore, SessionSummary, UsageTotal
+
+__all__ = ["EXAMPLES_DIR", "INVALID_SESSION_IDS", "StoreConformance", "at", "make_loop", "make_session"]
+
+
+
+def _spec_dir() -> Path:
+    configured = os.environ.get("PHI_SESSION_SPEC_DIR")
+    if configured:
+        return Path(configured)
+    beside_checkout = Path(__file__).resolve().parents[3].parent / "shared" / "spec"
+    return beside_checkout if beside_checkout.is_dir() else Path("/work/shared/spec")
+
+
+EXAMPLES_DIR = _spec_dir() / "examples"
+EXAMPLE_SESSIONS = sorted(EXAMPLES_DIR.glob("session-*.json"))
+
+INVALID_SESSION_IDS = ("", ".", "..", "../x", "a/b", "/abs", "a\\b", "nul\x00byte", ".hidden", "x" * 201)
+
+_BASE_NS = Timestamp.parse("2024-05-01T12:00:00Z").ns
+
+
+def at(seconds: float) -> Timestamp:
+    """2024-05-01T12:00:00Z plus `seconds`, to the nanosecond."""
+    return Timestamp.from_ns(_BASE_NS + round(seconds * 1_000_000_000))
+
+
+def make_loop(
+    session_id: str,
+    index: int,
+    *,
+    agent_id: str = "agent",
+    status: LoopStatus = "Completed",
+    tokens: int = 0,
+    model: str | None = "openai/gpt-4o",
+    events: int = 0,
+    started_at: Timestamp | None = None,
+    parent_index: int | None = None,
+) -> LoopRecord:
+    """Loop ``{session_id}.cfg.{index}`` run by `model` (``provider/model``; None: no config).
+
+    It carries `events` progress events and `tokens` total tokens; a finished loop
+    ends half a second after it starts. `parent_index` makes it a continuation of
+    loop `parent_index` of the same session.
+    """
+    start = started_at if started_at is not None else at(index)
+    config = None
+    if model is not None:
+        provider, _, name = model.partition("/")
+        config = LoopConfigSnapshot(model=name, provider=provider, config_id="cfg")
+    record = LoopRecord.start(
+        loop_id=f"{session_id}.cfg.{index}", session_id=session_id, agent_id=agent_id,
+        started_at=start, config=config, status=status,
+        parent_loop_id=None if parent_index is None else f"{session_id}.cfg.{parent_index}",
+    )
+    if status not in ("Running", "Pending"):
+        record.ended_at = Timestamp.from_ns(start.ns + 500_000_000)
+    record.usage = Usage(input=tokens - tokens // 4, output=tokens // 4, total_tokens=tokens)
+    record.events = [
+        LoopEvent(sequence=n, event=ProgressMessage(
+            loop_id=record.loop_id, tool_call_id=f"call-{n}", tool_name="step", text=f"step {n}"))
+        for n in range(events)
+    ]
+    return record
+
+
+def make_session(
+    session_id: str,
+    agent_id: str = "agent",
+    *,
+    loops: Sequence[LoopRecord] | None = None,
+    created_at: Timestamp | None = None,
+    last_active_at: Timestamp | None = None,
+    parent_session_id: str | None = None,
+) -> Session:
+    """A session of `agent_id` holding `loops` (default: one completed loop).
+
+    `created_at` defaults to `at(0)`, `last_active_at` to `created_at`; with
+    `parent_session_id` it is a sub-agent session spawned from that session.
+    """
+    created = created_at if created_at is not None else at(0)
+    if loops is None:
+        loops = [make_loop(session_id, 1, agent_id=agent_id, started_at=created)]
+    spawn = None
+    if parent_session_id is not None:
+        spawn = SpawnRef(parent_session_id=parent_session_id, parent_loop_id=f"{parent_session_id}.cfg.1",
+                         tool_call_id="call-spawn", tool_name="delegate")
+    return Session(
+        session_id=session_id, agent_id=agent_id, created_at=created,
+        last_active_at=last_active_at if last_active_at is not None else created,
+        formation=SessionFormation.first_loop(created), parent_spawn_ref=spawn, loops=list(loops),
+    )
+
+
+def _usage(tokens: int) -> Usage:
+    return make_loop("u", 1, tokens=tokens).usage
+
+
+def _populate(store: SessionStore) -> dict[str, Session]:
+    """Four sessions the query, totals and prune tests share.
+
+    ====  =====  ===========  ======  ==================================================  ======
+    id    agent  created      active  loops (status, model, tokens)                       parent
+    ====  =====  ===========  ======  ==================================================  ======
+    s1    alpha  at(0)        at(10)  Completed openai/gpt-4o 100                          -
+    s2    alpha  next day     +20 s   Completed anthropic/claude-sonnet-4-5 300,           -
+                                      Aborted openai/gpt-4o 50
+    s3    beta   at(30)       at(30)  Running, no config, 10                               s1
+    s4    beta   at(40)       at(40)  Rejected anthropic/claude-sonnet-4-5 0               s1
+    ====  =====  ===========  ======  ==================================================  ======
+
+    Newest first: s2, s4, s3, s1. By tokens: s2 (350), s1 (100), s3 (10), s4 (0).
+    """
+    day = 86_400
+    sessions = [
+        make_session("s1", "alpha", created_at=at(0), last_active_at=at(10), loops=[
+            make_loop("s1", 1, agent_id="alpha", tokens=100, started_at=at(0))]),
+        make_session("s2", "alpha", created_at=at(day), last_active_at=at(day + 20), loops=[
+            make_loop("s2", 1, agent_id="alpha", tokens=300, model="anthropic/claude-sonnet-4-5",
+                      started_at=at(day)),
+            make_loop("s2", 2, agent_id="alpha", status="Aborted", tokens=50, started_at=at(day + 10))]),
+        make_session("s3", "beta", created_at=at(30), parent_session_id="s1", loops=[
+            make_loop("s3", 1, agent_id="beta", status="Running", tokens=10, model=None, started_at=at(30))]),
+        make_session("s4", "beta", created_at=at(40), parent_session_id="s1", loops=[
+            make_loop("s4", 1, agent_id="beta", status="Rejected", model="anthropic/claude-sonnet-4-5",
+                      started_at=at(40))]),
+    ]
+    for session in sessions:
+        store.save(session)
+    return {session.session_id: session for session in sessions}
+
+
+def _ids(rows: Sequence[SessionSummary]) -> list[str]:
+    return [row.session_id for row in rows]
+
+
+def _loop_ids(session: Session) -> list[str]:
+    return [record.loop_id for record in session.loops]
+
+
+class StoreConformance:
+    """Subclass with a ``store`` fixture yielding a fresh store of the backend under test."""
+
+    # -- basics -----------------------------------------------------------------------
+
+    def test_is_a_session_store(self, store: SessionStore) -> None:
+        assert isinstance(store, SessionStore)
+
+    def test_empty_store(self, store: SessionStore) -> None:
+        assert store.list_ids() == []
+        assert store.list_for_agent("agent") == []
+        assert store.query() == []
+        assert store.usage_totals() == []
+        assert store.prune(keep_last=0) == 0
+
+    def test_missing_session(self, store: SessionStore) -> None:
+        store.save(make_session("present"))
+        with pytest.raises(SessionNotFound):
+            store.load("absent")
+        with pytest.raises(SessionNotFound):
+            store.delete("absent")
+        assert store.list_ids() == ["present"]
+
+    @pytest.mark.parametrize("bad_id", INVALID_SESSION_IDS)
+    def test_invalid_ids_are_rejected_everywhere(self, store: SessionStore, bad_id: str) -> None:
+        with pytest.raises(InvalidSessionId):
+            store.save(make_session(bad_id))
+        with pytest.raises(InvalidSessionId):
+            store.load(bad_id)
+        with pytest.raises(InvalidSessionId):
+            store.delete(bad_id)
+        with pytest.raises(InvalidSessionId):
+            asyncio.run(store.asave(make_session(bad_id)))
+        with pytest.raises(InvalidSessionId):
+            asyncio.run(store.aload(bad_id))
+        with pytest.raises(InvalidSessionId):
+            asyncio.run(store.adelete(bad_id))
+        assert store.list_ids() == []
+
+    # -- round trips ------------------------------------------------------------------
+
+    @pytest.mark.spec
+    def test_example_files_are_available(self) -> None:
+        assert EXAMPLE_SESSIONS, f"no session-*.json in {EXAMPLES_DIR} (set PHI_SESSION_SPEC_DIR)"
+
+    @pytest.mark.spec
+    @pytest.mark.parametrize("path", EXAMPLE_SESSIONS, ids=lambda path: path.name)
+    def test_example_session_round_trip(self, store: SessionStore, path: Path) -> None:
+        data = path.read_bytes()
+        session = decode_session(data)
+        store.save(session)
+        assert encode_session(store.load(session.session_id)) == data
+
+    @pytest.mark.spec
+    def test_recorded_session_round_trip(self, store: SessionStore) -> None:
+        recorder = SessionRecorder()
+        for line in (EXAMPLES_DIR / "events-parallel.jsonl").read_bytes().splitlines():
+            recorder.on_json(line)
+        recorder.flush()
+        [session] = recorder.drain_completed()
+        store.save(session)
+        assert encode_session(store.load(session.session_id)) == encode_session(session)
+
+    def test_built_session_round_trip(self, store: SessionStore) -> None:
+        session = make_session("built", loops=[
+            make_loop("built", 1, tokens=42, events=3),
+            make_loop("built", 2, status="Aborted", model=None, parent_index=1),
+            make_loop("built", 3, status="Running", model="anthropic/claude-sonnet-4-5", events=1),
+        ], parent_session_id="origin")
+        store.save(session)
+        loaded = store.load("built")
+        assert loaded == session
+        assert encode_session(loaded) == encode_session(session)
+
+    def test_nanosecond_timestamps_are_preserved(self, store: SessionStore) -> None:
+        created = Timestamp.parse("2024-05-01T12:00:00.123456789Z")
+        started = Timestamp.parse("2024-05-01T12:00:00.000000001Z")
+        session = make_session("ns", created_at=created, last_active_at=Timestamp.parse(
+            "2024-05-01T12:00:01.100200300Z"), loops=[make_loop("ns", 1, started_at=started)])
+        store.save(session)
+        loaded = store.load("ns")
+        assert str(loaded.created_at) == "2024-05-01T12:00:00.123456789Z"
+        assert str(loaded.last_active_at) == "2024-05-01T12:00:01.100200300Z"
+        assert str(loaded.loops[0].started_at) == "2024-05-01T12:00:00.000000001Z"
+        assert str(loaded.loops[0].ended_at) == "2024-05-01T12:00:00.500000001Z"
+
+    def test_loaded_session_is_independent_of_the_store(self, store: SessionStore) -> None:
+        session = make_session("own")
+        store.save(session)
+        session.loops.append(make_loop("own", 2))
+        loaded = store.load("own")
+        assert _loop_ids(loaded) == ["own.cfg.1"]
+        loaded.loops.clear()
+        assert _loop_ids(store.load("own")) == ["own.cfg.1"]
+
+    # -- listing and deleting ---------------------------------------------------------
+
+    def test_list_ids_most_recently_saved_first(self, store: SessionStore) -> None:
+        for session_id in ("b", "c", "a"):
+            store.save(make_session(session_id))
+        assert store.list_ids() == ["a", "c", "b"]
+        store.save(make_session("b", loops=[make_loop("b", 2)]))
+        assert store.list_ids() == ["b", "a", "c"]
+
+    def test_delete(self, store: SessionStore) -> None:
+        store.save(make_session("keep"))
+        store.save(make_session("drop"))
+        store.delete("drop")
+        with pytest.raises(SessionNotFound):
+            store.load("drop")
+        assert store.list_ids() == ["keep"]
+        with pytest.raises(SessionNotFound):
+            store.delete("drop")
+        store.save(make_session("drop", loops=[make_loop("drop", 7)]))
+        assert _loop_ids(store.load("drop")) == ["drop.cfg.7"]  # nothing of the deleted one is merged
+
+    def test_list_for_agent(self, store: SessionStore) -> None:
+        store.save(make_session("x1", "x"))
+        store.save(make_session("y1", "y"))
+        store.save(make_session("x2", "x"))
+        sessions = store.list_for_agent("x")
+        assert [s.session_id for s in sessions] == ["x2", "x1"]
+        assert all(s.agent_id == "x" for s in sessions)
+        assert store.list_for_agent("nobody") == []
+
+    # -- merge on save ----------------------------------------------------------------
+
+    def test_save_merges_with_the_stored_session(self, store: SessionStore) -> None:
+        store.save(make_session("m", loops=[
+            make_loop("m", 1, events=2), make_loop("m", 2, status="Running", events=1)]))
+        store.save(make_session("m", loops=[
+            make_loop("m", 2, events=4, tokens=9), make_loop("m", 3, events=1)]))
+        loaded = store.load("m")
+        assert _loop_ids(loaded) == ["m.cfg.1", "m.cfg.2", "m.cfg.3"]
+        assert loaded.loops[1].status == "Completed"
+        assert len(loaded.loops[1].events) == 4
+        assert loaded.loops[1].usage.total_tokens == 9
+
+    def test_running_snapshot_never_replaces_a_completed_loop(self, store: SessionStore) -> None:
+        store.save(make_session("r", loops=[make_loop("r", 1, events=2)]))
+        store.save(make_session("r", loops=[make_loop("r", 1, status="Running", events=5)]))
+        [record] = store.load("r").loops
+        assert record.status == "Completed"
+        assert len(record.events) == 2
+
+    def test_merge_widens_the_session_times(self, store: SessionStore) -> None:
+        store.save(make_session("t", created_at=at(10), last_active_at=at(50)))
+        store.save(make_session("t", created_at=at(5), last_active_at=at(20)))
+        loaded = store.load("t")
+        assert (loaded.created_at, loaded.last_active_at) == (at(5), at(50))
+
+    def test_saving_the_same_session_again_changes_nothing(self, store: SessionStore) -> None:
+        session = make_session("same", loops=[make_loop("same", 1, events=2), make_loop("same", 2)])
+        store.save(session)
+        store.save(session)
+        assert encode_session(store.load("same")) == encode_session(session)
+
+    @pytest.mark.spec
+    def test_drained_and_continued_session_loses_nothing(self, store: SessionStore) -> None:
+        # events-basic: loop .1 ends at line 21, its continuation .2 follows.
+        lines = (EXAMPLES_DIR / "events-basic.jsonl").read_bytes().splitlines()
+        recorder = SessionRecorder()
+        for line in lines[:21]:
+            recorder.on_json(line)
+        assert recorder.checkpoint() == 1
+        for session in recorder.drain_completed():
+            store.save(session)
+        for line in lines[21:]:
+            recorder.on_json(line)
+        recorder.flush()
+        for session in recorder.drain_completed():
+            store.save(session)
+        expected = (EXAMPLES_DIR / "session-basic.json").read_bytes()
+        assert encode_session(store.load(decode_session(expected).session_id)) == expected
+
+    def test_concurrent_saves_of_one_session_lose_no_loop(self, store: SessionStore) -> None:
+        writers = 8
+        barrier = threading.Barrier(writers)
+        errors: list[BaseException] = []
+
+        def write(index: int) -> None:
+            try:
+                barrier.wait()
+                store.save(make_session("shared", loops=[make_loop("shared", index)]))
+            except BaseException as error:  # reported below, with the thread's traceback
+                errors.append(error)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert sorted(_loop_ids(store.load("shared"))) == sorted(f"shared.cfg.{i}" for i in range(writers))
+
+    # -- async twins ------------------------------------------------------------------
+
+    def test_async_twins(self, store: SessionStore) -> None:
+        async def scenario() -> None:
+            await store.asave(make_session("a1", "x"))
+            await store.asave(make_session("a2", "y"))
+            assert _loop_ids(await store.aload("a1")) == ["a1.cfg.1"]
+            assert await store.alist_ids() == ["a2", "a1"]
+            assert [s.session_id for s in await store.alist_for_agent("y")] == ["a2"]
+            await store.adelete("a2")
+            assert await store.alist_ids() == ["a1"]
+            with pytest.raises(SessionNotFound):
+                await store.aload("a2")
+
+        asyncio.run(scenario())
+
+    # -- query ------------------------------------------------------------------------
+
+    def test_query_summary_rows(self, store: SessionStore) -> None:
+        _populate(store)
+        rows = {row.session_id: row for row in store.query()}
+        s2 = rows["s2"]
+        assert (s2.agent_id, s2.created_at, s2.last_active_at) == ("alpha", at(86_400), at(86_420))
+        assert (s2.loop_count, s2.turn_count, s2.formation, s2.rejected) == (2, 0, "FirstLoop", False)
+        assert s2.loops_by_status == {"Completed": 1, "Aborted": 1}
+        assert s2.usage == _usage(300) + _usage(50)
+        assert s2.models == ("anthropic/claude-sonnet-4-5", "openai/gpt-4o")
+        assert s2.parent_session_id is None
+        assert rows["s3"].parent_session_id == "s1"
+        assert rows["s3"].models == ()
+
+    def test_query_order(self, store: SessionStore) -> None:
+        _populate(store)
+        assert _ids(store.query()) == ["s2", "s4", "s3", "s1"]
+        assert _ids(store.query(order="oldest")) == ["s1", "s3", "s4", "s2"]
+        assert _ids(store.query(order="tokens")) == ["s2", "s1", "s3", "s4"]
+        with pytest.raises(ValueError):
+            store.query(order="random")  # type: ignore[arg-type]
+
+    def test_query_ties_are_ordered_by_id(self, store: SessionStore) -> None:
+        for session_id in ("b", "c", "a"):
+            store.save(make_session(session_id, last_active_at=at(5)))
+        assert _ids(store.query()) == ["a", "b", "c"]
+        assert _ids(store.query(order="oldest")) == ["a", "b", "c"]
+        assert _ids(store.query(order="tokens")) == ["a", "b", "c"]
+
+    def test_query_limit(self, store: SessionStore) -> None:
+        _populate(store)
+        assert _ids(store.query(limit=2)) == ["s2", "s4"]
+        assert _ids(store.query(limit=2, order="oldest")) == ["s1", "s3"]
+        assert store.query(limit=0) == []
+        assert _ids(store.query(limit=10)) == ["s2", "s4", "s3", "s1"]
+
+    def test_query_by_agent(self, store: SessionStore) -> None:
+        _populate(store)
+        assert _ids(store.query(agent_id="alpha")) == ["s2", "s1"]
+        assert _ids(store.query(agent_id="beta")) == ["s4", "s3"]
+        assert store.query(agent_id="gamma") == []
+
+    def test_query_by_time(self, store: SessionStore) -> None:
+        _populate(store)
+        assert _ids(store.query(since=at(30))) == ["s2", "s4", "s3"]  # since is inclusive
+        assert _ids(store.query(until=at(40))) == ["s3", "s1"]  # until is exclusive
+        assert _ids(store.query(since=at(30), until=at(40))) == ["s3"]
+        assert store.query(since=at(86_421)) == []
+
+    def test_query_by_status(self, store: SessionStore) -> None:
+        _populate(store)
+        assert _ids(store.query(status="Completed")) == ["s2", "s1"]
+        assert _ids(store.query(status="Aborted")) == ["s2"]
+        assert _ids(store.query(status="Running")) == ["s3"]
+        assert _ids(store.query(status="Rejected")) == ["s4"]
+        assert store.query(status="Pending") == []
+
+    def test_query_by_model(self, store: SessionStore) -> None:
+        _populate(store)
+        assert _ids(store.query(model="openai/gpt-4o")) == ["s2", "s1"]
+        assert _ids(store.query(model="gpt-4o")) == ["s2", "s1"]
+        assert _ids(store.query(model="claude-sonnet-4-5")) == ["s2", "s4"]
+        assert store.query(model="gpt") == []  # names match whole, not as substrings
+        assert store.query(model="openai") == []
+
+    def test_query_by_tokens(self, store: SessionStore) -> None:
+        _populate(store)
+        assert _ids(store.query(min_tokens=100)) == ["s2", "s1"]
+        assert _ids(store.query(min_tokens=101)) == ["s2"]
+        assert _ids(store.query(min_tokens=0)) == ["s2", "s4", "s3", "s1"]
+
+    def test_query_by_parent_session(self, store: SessionStore) -> None:
+        _populate(store)
+        assert _ids(store.query(parent_session_id="s1")) == ["s4", "s3"]
+        assert store.query(parent_session_id="s2") == []
+
+    def test_query_filters_combine(self, store: SessionStore) -> None:
+        _populate(store)
+        assert _ids(store.query(agent_id="beta", status="Running")) == ["s3"]
+        assert _ids(store.query(agent_id="alpha", model="gpt-4o", until=at(100))) == ["s1"]
+        assert store.query(agent_id="beta", min_tokens=100) == []
+
+    def test_query_sees_merged_saves(self, store: SessionStore) -> None:
+        _populate(store)
+        store.save(make_session("s1", "alpha", last_active_at=at(50), loops=[
+            make_loop("s1", 2, agent_id="alpha", status="Aborted", tokens=1000, started_at=at(45))]))
+        [row] = store.query(agent_id="alpha", status="Aborted", until=at(100))
+        assert (row.session_id, row.loop_count, row.total_tokens) == ("s1", 2, 1100)
+        assert row.last_active_at == at(50)
+
+    # -- usage totals -----------------------------------------------------------------
+
+    def test_usage_totals_by_agent(self, store: SessionStore) -> None:
+        _populate(store)
+        assert store.usage_totals() == store.usage_totals("agent") == [
+            UsageTotal(key="alpha", sessions=2, loops=3, usage=_usage(100) + _usage(300) + _usage(50)),
+            UsageTotal(key="beta", sessions=2, loops=2, usage=_usage(10) + _usage(0)),
+        ]
+
+    def test_usage_totals_by_model(self, store: SessionStore) -> None:
+        _populate(store)
+        assert store.usage_totals("model") == [
+            UsageTotal(key="anthropic/claude-sonnet-4-5", sessions=2, loops=2, usage=_usage(300) + _usage(0)),
+            UsageTotal(key="openai/gpt-4o", sessions=2, loops=2, usage=_usage(100) + _usage(50)),
+            UsageTotal(key="unknown", sessions=1, loops=1, usage=_usage(10)),
+        ]
+
+    def test_usage_totals_by_day(self, store: SessionStore) -> None:
+        _populate(store)
+        assert store.usage_totals("day") == [
+            UsageTotal(key="2024-05-01", sessions=3, loops=3, usage=_usage(100) + _usage(10) + _usage(0)),
+            UsageTotal(key="2024-05-02", sessions=1, loops=2, usage=_usage(300) + _usage(50)),
+        ]
+        with pytest.raises(ValueError):
+            store.usage_totals("week")  # type: ignore[arg-type]
+
+    def test_usage_totals_count_sessions_without_loops(self, store: SessionStore) -> None:
+        store.save(make_session("empty", "idle", loops=[]))
+        assert store.usage_totals() == [UsageTotal(key="idle", sessions=1, loops=0, usage=_usage(0))]
+        assert store.usage_totals("model") == []
+
+    # -- prune ------------------------------------------------------------------------
+
+    def _prune_and_check(self, store: SessionStore, expected_left: list[str], **criteria: object) -> None:
+        sessions = _populate(store)
+        removed = store.prune(**criteria)  # type: ignore[arg-type]
+        assert removed == len(sessions) - len(expected_left)
+        assert sorted(store.list_ids()) == expected_left
+        for session_id in expected_left:  # survivors are untouched, whole
+            assert encode_session(store.load(session_id)) == encode_session(sessions[session_id])
+        for session_id in set(sessions) - set(expected_left):
+            with pytest.raises(SessionNotFound):
+                store.load(session_id)
+
+    def test_prune_older_than(self, store: SessionStore) -> None:
+        self._prune_and_check(store, ["s2", "s4"], older_than=at(35))
+
+    def test_prune_older_than_is_strict(self, store: SessionStore) -> None:
+        self._prune_and_check(store, ["s2", "s3", "s4"], older_than=at(30))
+
+    def test_prune_keep_last(self, store: SessionStore) -> None:
+        self._prune_and_check(store, ["s2", "s4"], keep_last=2)
+
+    def test_prune_keep_last_per_agent(self, store: SessionStore) -> None:
+        self._prune_and_check(store, ["s1", "s2", "s4"], keep_last=1, agent_id="beta")
+
+    def test_prune_older_than_for_one_agent(self, store: SessionStore) -> None:
+        self._prune_and_check(store, ["s2", "s3", "s4"], older_than=at(35), agent_id="alpha")
+
+    def test_prune_both_conditions_must_hold(self, store: SessionStore) -> None:
+        # Older than at(35): s1 and s3; but s3 is among the three most recent.
+        self._prune_and_check(store, ["s2", "s3", "s4"], older_than=at(35), keep_last=3)
+
+    def test_prune_keeping_more_than_stored_removes_nothing(self, store: SessionStore) -> None:
+        self._prune_and_check(store, ["s1", "s2", "s3", "s4"], keep_last=10)
+
+    def test_prune_needs_a_condition(self, store: SessionStore) -> None:
+        _populate(store)
+        with pytest.raises(ValueError):
+            store.prune()
+        with pytest.raises(ValueError):
+            store.prune(agent_id="alpha")
+        with pytest.raises(ValueError):
+            store.prune(keep_last=-1)
+        assert len(store.list_ids()) == 4

@@ -1,0 +1,554 @@
+"""Sessions as JSON files in one directory, the layout phi-core uses (wire-format §11).
+
+Each session lives in ``{dir}/{session_id}.json`` holding exactly
+`encode_session(session)`, so phi-core reads these files and phi-session reads
+phi-core's. Writers follow phi-core's locking store, so both can share a directory:
+an exclusive BSD ``flock`` on the ``{session_id}.json.lock`` sidecar, a temporary
+file ``{session_id}.json.tmp.{pid}.{nanos}`` that is fsynced and renamed over the
+session file, then an fsync of the directory. Readers take no lock: a rename
+never exposes a half-written file.
+
+This is the backend without indexes: `JsonDirStore.query`, `usage_totals` and
+`prune` read every file, but remember each file's summary in memory (keyed by
+inode, modification time and size) so that only new or changed files are parsed
+again. Locking needs ``fcntl`` (POSIX); on Windows the store can read but not write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeAlias
+
+from .._time import Timestamp
+from ..codec import decode_session, encode_session
+from ..errors import DecodeError, InvalidSessionId, SessionLocked, SessionNotFound, StoreError
+from ..messages import ZERO_USAGE, Usage
+from ..model import Session
+from .base import (
+    AsyncTwins,
+    GroupBy,
+    Order,
+    SessionSummary,
+    UsageTotal,
+    merge_sessions,
+    summarize,
+    validate_session_id,
+)
+
+if sys.platform != "win32":
+    import fcntl
+
+__all__ = [
+    "JsonDirStore",
+    "delete_session",
+    "list_session_ids",
+    "load_session",
+    "load_sessions_for_agent",
+    "save_session",
+]
+
+logger = logging.getLogger(__name__)
+
+StrPath: TypeAlias = "str | os.PathLike[str]"
+
+_SUFFIX = ".json"
+_LOCK_RETRY_INTERVAL = 0.05  # seconds between lock attempts, as phi-core
+
+# Identity of one version of a file: (inode, mtime in ns, size). Every save renames
+# a new inode into place, so a matching key means the cached summary is current.
+_FileKey = tuple[int, int, int]
+
+
+def _file_key(info: os.stat_result) -> _FileKey:
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What the store remembers of one version of one session file."""
+
+    key: _FileKey
+    summary: SessionSummary
+    by_model: tuple[tuple[str, int, Usage], ...]
+    """Per loop model (``provider/model`` or ``"unknown"``): loop count and usage."""
+
+
+def _entry(key: _FileKey, session: Session) -> _Entry:
+    by_model: dict[str, tuple[int, Usage]] = {}
+    for record in session.loops:
+        config = record.config
+        name = f"{config.provider}/{config.model}" if config is not None else "unknown"
+        loops, usage = by_model.get(name, (0, ZERO_USAGE))
+        by_model[name] = (loops + 1, usage + record.usage)
+    return _Entry(
+        key=key,
+        summary=summarize(session),
+        by_model=tuple((name, loops, usage) for name, (loops, usage) in by_model.items()),
+    )
+
+
+# Kernel file times are coarse (a clock tick, often several ms), so saves in quick
+# succession would share a modification time and `list_ids` could not tell which
+# came last. Each save therefore stamps its file from a nanosecond clock that never
+# repeats or goes back within this process.
+_mtime_lock = threading.Lock()
+_last_mtime_ns = 0
+
+
+def _next_mtime_ns() -> int:
+    global _last_mtime_ns
+    with _mtime_lock:
+        _last_mtime_ns = max(time.time_ns(), _last_mtime_ns + 1)
+        return _last_mtime_ns
+
+
+def _session_id_of(file_name: str) -> str | None:
+    """The session id a directory entry stores, or None for anything else.
+
+    Only names whose last extension is exactly ``json`` count (sidecars end in
+    ``.lock`` or ``.tmp.…``). Names that are not valid UTF-8 or not valid session
+    ids cannot be loaded through the store, so they are not listed.
+    """
+    if not file_name.endswith(_SUFFIX):
+        return None
+    stem = file_name[: -len(_SUFFIX)]
+    try:
+        stem.encode("utf-8")  # undecodable bytes arrive as lone surrogates
+        return validate_session_id(stem)
+    except (UnicodeEncodeError, InvalidSessionId):
+        return None
+
+
+def _describe(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+class JsonDirStore(AsyncTwins):
+    """A `SessionStore` keeping one phi-core JSON file per session in `directory`.
+
+    The directory is created on the first save. `save` waits at most
+    `lock_timeout` seconds for another writer's lock (`SessionLocked` after
+    that), merges with the stored session and replaces the file atomically; a
+    failed write (full disk, …) raises `StoreError` and leaves the stored file
+    as it was. Lock sidecars are never removed: deleting one that another
+    process has open would let two writers lock different files.
+    """
+
+    def __init__(self, directory: StrPath, *, lock_timeout: float = 5.0) -> None:
+        if not lock_timeout >= 0:  # also rejects NaN
+            raise ValueError(f"lock_timeout must be a non-negative number of seconds, got {lock_timeout!r}")
+        self._dir = Path(directory)
+        self._lock_timeout = lock_timeout
+        self._cache: dict[str, _Entry] = {}
+        self._cache_lock = threading.Lock()
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    def path_for(self, session_id: str) -> Path:
+        """The file that stores `session_id` (which need not exist)."""
+        return self._dir / f"{validate_session_id(session_id)}{_SUFFIX}"
+
+    def __repr__(self) -> str:
+        return f"JsonDirStore({str(self._dir)!r})"
+
+    def __enter__(self) -> JsonDirStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Forget the cached summaries. The store holds no other resource and stays usable."""
+        with self._cache_lock:
+            self._cache.clear()
+
+    # -- writing ----------------------------------------------------------------------
+
+    def save(self, session: Session) -> None:
+        """Write `session`, merged with the stored one of the same id, atomically.
+
+        A stored file that cannot be read is never overwritten: `StoreError`.
+        """
+        session_id = validate_session_id(session.session_id)
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot create session directory {self._dir}: {_describe(error)}") from error
+        with self._locked(session_id):
+            try:
+                stored, _ = self._read(session_id)
+            except SessionNotFound:
+                merged = session
+            except StoreError as error:
+                raise StoreError(
+                    f"not saving session {session_id!r}: the stored file cannot be merged "
+                    f"({error}); move it aside to save"
+                ) from error
+            else:
+                merged = merge_sessions(stored, session)
+            key = self._write_atomically(session_id, encode_session(merged))
+        self._remember(session_id, _entry(key, merged))
+
+    @contextlib.contextmanager
+    def _locked(self, session_id: str) -> Iterator[None]:
+        """Hold phi-core's writer lock of `session_id` (the sidecar's flock)."""
+        if sys.platform == "win32":
+            raise StoreError("JsonDirStore needs POSIX flock to write; it is not available on Windows")
+        lock_path = self._dir / f"{session_id}{_SUFFIX}.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            raise StoreError(f"cannot open lock file {lock_path}: {_describe(error)}") from error
+        try:
+            deadline = time.monotonic() + self._lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise SessionLocked(
+                            f"session {session_id!r} is locked by another writer ({lock_path}); "
+                            f"gave up after {self._lock_timeout:g} s"
+                        ) from None
+                    time.sleep(min(_LOCK_RETRY_INTERVAL, remaining))
+                except OSError as error:
+                    raise StoreError(f"cannot lock {lock_path}: {_describe(error)}") from error
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _write_atomically(self, session_id: str, data: bytes) -> _FileKey:
+        """Replace the session file by `data`; returns the new file's key.
+
+        The caller holds the lock, so the temporary name (pid + time) is unique.
+        """
+        target = self._dir / f"{session_id}{_SUFFIX}"
+        temp = self._dir / f"{session_id}{_SUFFIX}.tmp.{os.getpid()}.{time.time_ns()}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except OSError as error:  # nothing was created, so nothing to remove
+            raise StoreError(f"cannot write {target}: {_describe(error)}") from error
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                stamp = _next_mtime_ns()
+                os.utime(fd, ns=(stamp, stamp))
+                os.fsync(fd)
+                key = _file_key(os.fstat(fd))  # rename keeps inode, mtime and size
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+        except BaseException as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            if isinstance(error, OSError):
+                raise StoreError(f"cannot write {target}: {_describe(error)}") from error
+            raise
+        self._sync_directory()
+        return key
+
+    def _sync_directory(self) -> None:
+        # Makes the rename (or unlink) itself durable, not just the file's bytes.
+        try:
+            fd = os.open(self._dir, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as error:
+            if error.errno == errno.EINVAL:  # the file system cannot sync directories
+                return
+            raise StoreError(f"cannot sync directory {self._dir}: {_describe(error)}") from error
+
+    def delete(self, session_id: str) -> None:
+        """Remove the session file, under the writer lock. Its sidecar stays."""
+        # Checked first so that deleting a missing session creates no sidecar.
+        if not self.path_for(session_id).is_file() or not self._remove(session_id):
+            raise SessionNotFound(f"no session {session_id!r} in {self._dir}")
+        self._sync_directory()
+
+    def _remove(self, session_id: str, *, only_if: _FileKey | None = None) -> bool:
+        """Unlink the session file under the lock; False if it is gone or (with
+        `only_if`) was saved again since that version was judged."""
+        path = self._dir / f"{session_id}{_SUFFIX}"
+        with self._locked(session_id):
+            try:
+                if only_if is not None and _file_key(os.stat(path)) != only_if:
+                    return False
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            except OSError as error:
+                raise StoreError(f"cannot delete {path}: {_describe(error)}") from error
+        self._forget(session_id)
+        return True
+
+    # -- reading ----------------------------------------------------------------------
+
+    def load(self, session_id: str) -> Session:
+        """The stored session. A file that does not parse raises `StoreError` naming it."""
+        return self._read(validate_session_id(session_id))[0]
+
+    def _read(self, session_id: str) -> tuple[Session, _Entry]:
+        path = self._dir / f"{session_id}{_SUFFIX}"
+        try:
+            with open(path, "rb") as file:
+                # Key and bytes come from one open file, so they describe one version.
+                key = _file_key(os.fstat(file.fileno()))
+                data = file.read()
+        except FileNotFoundError:
+            raise SessionNotFound(f"no session {session_id!r} in {self._dir}") from None
+        except OSError as error:
+            raise StoreError(f"cannot read session file {path}: {_describe(error)}") from error
+        try:
+            session = decode_session(data)
+        except DecodeError as error:
+            raise StoreError(f"corrupt session file {path}: {error}") from error
+        entry = _entry(key, session)
+        self._remember(session_id, entry)
+        return session, entry
+
+    def _remember(self, session_id: str, entry: _Entry) -> None:
+        with self._cache_lock:
+            self._cache[session_id] = entry
+
+    def _forget(self, session_id: str) -> None:
+        with self._cache_lock:
+            self._cache.pop(session_id, None)
+
+    def _scan(self) -> list[tuple[str, os.stat_result]]:
+        """Session files with their metadata, most recently saved first (ties: by id)."""
+        try:
+            entries = os.scandir(self._dir)
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise StoreError(f"cannot list session directory {self._dir}: {_describe(error)}") from error
+        found: list[tuple[str, os.stat_result]] = []
+        with entries:
+            for dir_entry in entries:
+                session_id = _session_id_of(dir_entry.name)
+                if session_id is None:
+                    continue
+                try:
+                    info = dir_entry.stat()
+                except OSError:  # vanished meanwhile, or a dangling link
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    found.append((session_id, info))
+        found.sort(key=lambda item: (-item[1].st_mtime_ns, item[0]))
+        return found
+
+    def list_ids(self) -> list[str]:
+        """Ids of the stored sessions, most recently saved first (by file time, ties by id)."""
+        return [session_id for session_id, _ in self._scan()]
+
+    def list_for_agent(self, agent_id: str) -> list[Session]:
+        """The sessions of `agent_id`, most recently saved first.
+
+        Unlike phi-core, an unreadable file is skipped with a logged warning.
+        Files whose cached summary names another agent are not parsed again.
+        """
+        sessions: list[Session] = []
+        for session_id, info in self._scan():
+            with self._cache_lock:
+                cached = self._cache.get(session_id)
+            if cached is not None and cached.key == _file_key(info) and cached.summary.agent_id != agent_id:
+                continue
+            try:
+                session, _ = self._read(session_id)
+            except SessionNotFound:  # deleted since the scan
+                continue
+            except StoreError as error:
+                logger.warning("skipping unreadable session %r: %s", session_id, error)
+                continue
+            if session.agent_id == agent_id:
+                sessions.append(session)
+        return sessions
+
+    def _entries(self) -> list[tuple[str, _Entry]]:
+        """A current entry for every readable session file; drops stale cache entries."""
+        files = self._scan()
+        with self._cache_lock:
+            present = {session_id for session_id, _ in files}
+            for stale in [sid for sid in self._cache if sid not in present]:
+                del self._cache[stale]
+            cached = dict(self._cache)
+        entries: list[tuple[str, _Entry]] = []
+        for session_id, info in files:
+            entry = cached.get(session_id)
+            if entry is None or entry.key != _file_key(info):
+                try:
+                    _, entry = self._read(session_id)
+                except SessionNotFound:
+                    continue
+                except StoreError as error:
+                    logger.warning("skipping unreadable session %r: %s", session_id, error)
+                    continue
+            entries.append((session_id, entry))
+        return entries
+
+    def query(
+        self,
+        *,
+        agent_id: str | None = None,
+        since: Timestamp | None = None,
+        until: Timestamp | None = None,
+        status: str | None = None,
+        model: str | None = None,
+        min_tokens: int | None = None,
+        parent_session_id: str | None = None,
+        limit: int | None = None,
+        order: Order = "newest",
+    ) -> list[SessionSummary]:
+        """Summaries matching every given filter (see `SessionStore.query`)."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        rows = [
+            entry.summary for _, entry in self._entries()
+            if _matches(entry.summary, agent_id=agent_id, since=since, until=until, status=status,
+                        model=model, min_tokens=min_tokens, parent_session_id=parent_session_id)
+        ]
+        _sort(rows, order)
+        return rows if limit is None else rows[:limit]
+
+    def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
+        """Usage per agent, model or UTC day, sorted by key (see `SessionStore.usage_totals`)."""
+        if group_by not in ("agent", "model", "day"):
+            raise ValueError(f"group_by must be 'agent', 'model' or 'day', got {group_by!r}")
+        groups: dict[str, tuple[int, int, Usage]] = {}
+
+        def add(key: str, loops: int, usage: Usage) -> None:
+            sessions, total_loops, total = groups.get(key, (0, 0, ZERO_USAGE))
+            groups[key] = (sessions + 1, total_loops + loops, total + usage)
+
+        for _, entry in self._entries():
+            summary = entry.summary
+            if group_by == "agent":
+                add(summary.agent_id, summary.loop_count, summary.usage)
+            elif group_by == "day":
+                add(str(summary.created_at).partition("T")[0], summary.loop_count, summary.usage)
+            else:
+                for name, loops, usage in entry.by_model:
+                    add(name, loops, usage)
+        return [
+            UsageTotal(key=key, sessions=sessions, loops=loops, usage=usage)
+            for key, (sessions, loops, usage) in sorted(groups.items())
+        ]
+
+    def prune(
+        self,
+        *,
+        older_than: Timestamp | None = None,
+        keep_last: int | None = None,
+        agent_id: str | None = None,
+    ) -> int:
+        """Delete whole session files (see `SessionStore.prune`); returns how many.
+
+        A file saved again after it was judged is left alone.
+        """
+        if older_than is None and keep_last is None:
+            raise ValueError("prune needs older_than, keep_last or both")
+        if keep_last is not None and keep_last < 0:
+            raise ValueError(f"keep_last must not be negative, got {keep_last}")
+        candidates = [
+            (session_id, entry) for session_id, entry in self._entries()
+            if agent_id is None or entry.summary.agent_id == agent_id
+        ]
+        candidates.sort(key=lambda item: (-item[1].summary.last_active_at.ns, item[0]))
+        if keep_last is not None:
+            candidates = candidates[keep_last:]
+        if older_than is not None:
+            candidates = [c for c in candidates if c[1].summary.last_active_at < older_than]
+        removed = sum(self._remove(session_id, only_if=entry.key) for session_id, entry in candidates)
+        if removed:
+            self._sync_directory()
+        return removed
+
+
+def _model_matches(wanted: str, models: tuple[str, ...]) -> bool:
+    # Entries are "provider/model"; provider names have no slash, model names may.
+    return any(name == wanted or name.partition("/")[2] == wanted for name in models)
+
+
+def _matches(
+    summary: SessionSummary,
+    *,
+    agent_id: str | None,
+    since: Timestamp | None,
+    until: Timestamp | None,
+    status: str | None,
+    model: str | None,
+    min_tokens: int | None,
+    parent_session_id: str | None,
+) -> bool:
+    return (
+        (agent_id is None or summary.agent_id == agent_id)
+        and (since is None or summary.last_active_at >= since)
+        and (until is None or summary.last_active_at < until)
+        and (status is None or summary.loops_by_status.get(status, 0) > 0)
+        and (model is None or _model_matches(model, summary.models))
+        and (min_tokens is None or summary.total_tokens >= min_tokens)
+        and (parent_session_id is None or summary.parent_session_id == parent_session_id)
+    )
+
+
+def _sort(rows: list[SessionSummary], order: Order) -> None:
+    rows.sort(key=lambda row: row.session_id)  # ties, kept by the stable sorts below
+    if order == "newest":
+        rows.sort(key=lambda row: row.last_active_at, reverse=True)
+    elif order == "oldest":
+        rows.sort(key=lambda row: row.last_active_at)
+    elif order == "tokens":
+        rows.sort(key=lambda row: row.total_tokens, reverse=True)
+    else:
+        raise ValueError(f"order must be 'newest', 'oldest' or 'tokens', got {order!r}")
+
+
+# -- phi-core's function names ----------------------------------------------------------
+# Same names and arguments as phi-core's plain functions, but every one goes through
+# JsonDirStore: saves are locked, atomic and merge with the stored session (phi-core
+# truncates and rewrites in place), and ids are validated.
+
+
+def save_session(session: Session, directory: StrPath) -> Path:
+    """Save `session` in `directory` (see `JsonDirStore.save`); returns the file's path."""
+    store = JsonDirStore(directory)
+    store.save(session)
+    return store.path_for(session.session_id)
+
+
+def load_session(session_id: str, directory: StrPath) -> Session:
+    """Load a session from `directory`; `SessionNotFound` if it is not there."""
+    return JsonDirStore(directory).load(session_id)
+
+
+def list_session_ids(directory: StrPath) -> list[str]:
+    """Ids of the sessions in `directory`, most recently saved first; [] without the directory."""
+    return JsonDirStore(directory).list_ids()
+
+
+def load_sessions_for_agent(agent_id: str, directory: StrPath) -> list[Session]:
+    """Every session of `agent_id` in `directory`; unreadable files are skipped with a warning."""
+    return JsonDirStore(directory).list_for_agent(agent_id)
+
+
+def delete_session(session_id: str, directory: StrPath) -> None:
+    """Delete a session file from `directory`; `SessionNotFound` if it is not there."""
+    JsonDirStore(directory).delete(session_id)

@@ -1,0 +1,310 @@
+"""JsonDirStore: the shared conformance suite plus what is specific to files."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phi_session.codec import decode_session, encode_session
+from phi_session.errors import SessionLocked, SessionNotFound, StoreError
+from phi_session.stores import json_dir
+from phi_session.stores.conformance import EXAMPLE_SESSIONS, StoreConformance, make_loop, make_session
+from phi_session.stores.json_dir import (
+    JsonDirStore,
+    delete_session,
+    list_session_ids,
+    load_session,
+    load_sessions_for_agent,
+    save_session,
+)
+
+
+class TestJsonDirConformance(StoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[JsonDirStore]:
+        store = JsonDirStore(tmp_path / "sessions")
+        yield store
+        store.close()
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Path:
+    return tmp_path / "sessions"
+
+
+@pytest.fixture
+def store(directory: Path) -> JsonDirStore:
+    return JsonDirStore(directory)
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
+@contextmanager
+def _holding_lock(directory: Path, session_id: str) -> Iterator[None]:
+    """Hold the session's writer lock the way phi-core does (flock on the sidecar)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{session_id}.json.lock", "a") as sidecar:
+        fcntl.flock(sidecar.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+# -- layout and bytes -----------------------------------------------------------------
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("path", EXAMPLE_SESSIONS, ids=lambda path: path.name)
+def test_files_are_byte_identical_to_phi_core(store: JsonDirStore, directory: Path, path: Path) -> None:
+    data = path.read_bytes()
+    session = decode_session(data)
+    store.save(session)
+    assert (directory / f"{session.session_id}.json").read_bytes() == data
+    store.save(session)  # merging with an identical stored copy writes the same bytes
+    assert (directory / f"{session.session_id}.json").read_bytes() == data
+
+
+@pytest.mark.spec
+def test_reads_files_phi_core_wrote(directory: Path, store: JsonDirStore) -> None:
+    directory.mkdir()
+    for path in EXAMPLE_SESSIONS:
+        (directory / f"{decode_session(path.read_bytes()).session_id}.json").write_bytes(path.read_bytes())
+    assert len(store.list_ids()) == len(EXAMPLE_SESSIONS)
+    for path in EXAMPLE_SESSIONS:
+        session = decode_session(path.read_bytes())
+        assert encode_session(store.load(session.session_id)) == path.read_bytes()
+
+
+def test_layout_after_save_and_delete(store: JsonDirStore, directory: Path) -> None:
+    assert store.list_ids() == []  # reads never create the directory
+    with pytest.raises(SessionNotFound):
+        store.load("s")
+    with pytest.raises(SessionNotFound):
+        store.delete("s")
+    assert not directory.exists()
+
+    session = make_session("s")
+    store.save(session)
+    assert _names(directory) == ["s.json", "s.json.lock"]  # no temporary file is left
+    assert (directory / "s.json").read_bytes() == encode_session(session)
+    assert not (directory / "s.json").read_bytes().endswith(b"\n")
+    store.delete("s")
+    assert _names(directory) == ["s.json.lock"]  # phi-core never removes sidecars either
+
+
+def test_nested_directory_is_created(tmp_path: Path) -> None:
+    store = JsonDirStore(tmp_path / "a" / "b" / "c")
+    store.save(make_session("s"))
+    assert (tmp_path / "a" / "b" / "c" / "s.json").is_file()
+
+
+def test_list_ids_only_lists_session_files(store: JsonDirStore, directory: Path) -> None:
+    store.save(make_session("real"))
+    for name in ("real.json.tmp.1.2", "notes.txt", "UPPER.JSON", ".hidden.json", ".json", "x.json.bak"):
+        (directory / name).write_bytes(b"{}")
+    (directory / "folder.json").mkdir()
+    (directory / "dangling.json").symlink_to(directory / "missing")
+    assert store.list_ids() == ["real"]
+
+
+def test_list_ids_ties_are_ordered_by_id(store: JsonDirStore, directory: Path) -> None:
+    for session_id in ("b", "a", "c"):
+        store.save(make_session(session_id))
+        os.utime(directory / f"{session_id}.json", ns=(1_000_000_000, 1_000_000_000))
+    assert store.list_ids() == ["a", "b", "c"]
+
+
+def test_lock_timeout_must_be_a_duration(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        JsonDirStore(tmp_path, lock_timeout=-1)
+    with pytest.raises(ValueError):
+        JsonDirStore(tmp_path, lock_timeout=float("nan"))
+
+
+# -- locking ---------------------------------------------------------------------------
+
+
+def test_lock_contention_raises_session_locked(directory: Path) -> None:
+    store = JsonDirStore(directory, lock_timeout=0.2)
+    store.save(make_session("s"))
+    before = (directory / "s.json").read_bytes()
+    with _holding_lock(directory, "s"):
+        started = time.monotonic()
+        with pytest.raises(SessionLocked, match="'s'"):
+            store.save(make_session("s", loops=[make_loop("s", 2)]))
+        waited = time.monotonic() - started
+        with pytest.raises(SessionLocked):
+            store.delete("s")
+    assert 0.2 <= waited < 2
+    assert (directory / "s.json").read_bytes() == before
+    store.save(make_session("s", loops=[make_loop("s", 2)]))  # free again
+    assert [r.loop_id for r in store.load("s").loops] == ["s.cfg.1", "s.cfg.2"]
+
+
+def test_save_waits_for_a_lock_released_in_time(directory: Path) -> None:
+    store = JsonDirStore(directory, lock_timeout=5)
+    release = threading.Event()
+
+    def hold() -> None:
+        with _holding_lock(directory, "s"):
+            locked.set()
+            release.wait(5)
+
+    locked = threading.Event()
+    holder = threading.Thread(target=hold)
+    holder.start()
+    locked.wait(5)
+    threading.Timer(0.15, release.set).start()
+    started = time.monotonic()
+    store.save(make_session("s"))
+    holder.join()
+    assert time.monotonic() - started >= 0.1
+    assert store.list_ids() == ["s"]
+
+
+def test_readers_take_no_lock(store: JsonDirStore, directory: Path) -> None:
+    store.save(make_session("s", "x"))
+    with _holding_lock(directory, "s"):
+        assert store.load("s").session_id == "s"
+        assert store.list_ids() == ["s"]
+        assert [s.session_id for s in store.list_for_agent("x")] == ["s"]
+        assert [row.session_id for row in store.query()] == ["s"]
+
+
+# -- failures ---------------------------------------------------------------------------
+
+
+def _no_space(*args: Any, **kwargs: Any) -> Any:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("step", ["write", "fsync", "replace"])
+def test_failed_write_keeps_the_stored_file(
+    store: JsonDirStore, directory: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    store.save(make_session("s"))
+    before = (directory / "s.json").read_bytes()
+    monkeypatch.setattr(os, step, _no_space)
+    with pytest.raises(StoreError, match="No space left on device") as caught:
+        store.save(make_session("s", loops=[make_loop("s", 2)]))
+    monkeypatch.undo()
+    assert str(directory / "s.json") in str(caught.value)
+    assert (directory / "s.json").read_bytes() == before
+    assert _names(directory) == ["s.json", "s.json.lock"]  # the temporary file is gone
+
+
+def test_interrupted_write_removes_the_temporary_file(
+    store: JsonDirStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(make_session("s"))
+    monkeypatch.undo()
+    assert _names(directory) == ["s.json.lock"]
+
+
+def test_unwritable_directory_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StoreError, match="cannot create"):
+        JsonDirStore(tmp_path / "file").save(make_session("s"))
+    with pytest.raises(StoreError):
+        JsonDirStore(tmp_path / "file").list_ids()
+
+
+def test_corrupt_file_is_reported_or_skipped(
+    store: JsonDirStore, directory: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.save(make_session("good", "x"))
+    (directory / "bad.json").write_bytes(b'{"session_id": "bad", "agent_id": "x"')
+    with pytest.raises(StoreError, match=r"bad\.json"):
+        store.load("bad")
+    assert sorted(store.list_ids()) == ["bad", "good"]
+    with caplog.at_level(logging.WARNING, logger="phi_session.stores.json_dir"):
+        assert [s.session_id for s in store.list_for_agent("x")] == ["good"]
+    assert "bad" in caplog.text
+    assert [row.session_id for row in store.query()] == ["good"]
+    assert [total.sessions for total in store.usage_totals()] == [1]
+    assert store.prune(keep_last=0) == 1  # the unreadable file is never pruned
+    assert store.list_ids() == ["bad"]
+    with pytest.raises(StoreError, match=r"bad\.json"):  # nor overwritten by a save
+        store.save(make_session("bad", "x"))
+    assert (directory / "bad.json").read_bytes() == b'{"session_id": "bad", "agent_id": "x"'
+
+
+def test_unreadable_entry_is_a_store_error(store: JsonDirStore, directory: Path) -> None:
+    directory.mkdir()
+    (directory / "folder.json").mkdir()
+    with pytest.raises(StoreError, match=r"folder\.json"):
+        store.load("folder")
+
+
+# -- the summary cache ------------------------------------------------------------------
+
+
+def test_queries_parse_only_new_or_changed_files(
+    store: JsonDirStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[int] = []
+
+    def counting(data: bytes | str, *, strict: bool = True) -> Any:
+        parsed.append(1)
+        return decode_session(data, strict=strict)
+
+    monkeypatch.setattr(json_dir, "decode_session", counting)
+    for session_id in ("a", "b", "c"):
+        save_session(make_session(session_id), directory)  # another store: not in this cache
+    assert len(store.query()) == 3
+    assert len(parsed) == 3
+    assert len(store.query(order="tokens")) == 3
+    store.usage_totals("model")
+    store.list_for_agent("nobody")
+    assert len(parsed) == 3
+    save_session(make_session("b", loops=[make_loop("b", 2, tokens=7)]), directory)
+    store.save(make_session("d"))  # its own saves are remembered without a parse
+    before = len(parsed)
+    rows = {row.session_id: row for row in store.query()}
+    assert len(parsed) == before + 1
+    assert rows["b"].loop_count == 2 and rows["b"].total_tokens == 7
+    (directory / "c.json").unlink()
+    assert sorted(rows) == ["a", "b", "c", "d"]
+    assert sorted(row.session_id for row in store.query()) == ["a", "b", "d"]
+
+
+# -- phi-core's function names ------------------------------------------------------------
+
+
+def test_phi_core_named_functions(tmp_path: Path) -> None:
+    directory = tmp_path / "plain"
+    assert list_session_ids(directory) == []
+    path = save_session(make_session("one", "x"), directory)
+    assert path == directory / "one.json"
+    assert path.read_bytes() == encode_session(make_session("one", "x"))
+    save_session(make_session("two", "y"), str(directory))
+    assert list_session_ids(directory) == ["two", "one"]
+    assert load_session("one", directory) == make_session("one", "x")
+    assert [s.session_id for s in load_sessions_for_agent("y", directory)] == ["two"]
+    delete_session("two", directory)
+    assert list_session_ids(directory) == ["one"]
+    with pytest.raises(SessionNotFound):
+        load_session("two", directory)
+    with pytest.raises(SessionNotFound):
+        delete_session("two", directory)
+
+
+def test_phi_core_named_save_merges_instead_of_truncating(tmp_path: Path) -> None:
+    save_session(make_session("s", loops=[make_loop("s", 1)]), tmp_path)
+    save_session(make_session("s", loops=[make_loop("s", 2)]), tmp_path)
+    assert [r.loop_id for r in load_session("s", tmp_path).loops] == ["s.cfg.1", "s.cfg.2"]
