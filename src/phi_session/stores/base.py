@@ -214,9 +214,11 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
         if slot is None:
             loops.append(record)
             adopted.append(record)
-        elif record != loops[slot] and _loop_weight(record) >= _loop_weight(loops[slot]):
-            loops[slot] = _keep_links(loops[slot], record)
-            adopted.append(record)
+        elif _loop_weight(record) >= _loop_weight(loops[slot]):
+            merged = _keep_links(loops[slot], record)
+            if merged != loops[slot]:
+                loops[slot] = merged
+                adopted.append(merged)
     _link_to_parents(loops, adopted)
     spawn = incoming.parent_spawn_ref or stored.parent_spawn_ref
     if stored.parent_spawn_ref and spawn and not spawn.tool_call_id and stored.parent_spawn_ref.tool_call_id:
@@ -251,8 +253,8 @@ def _link_to_parents(loops: list[LoopRecord], adopted: list[LoopRecord]) -> None
     for index, record in enumerate(loops):
         first.setdefault(record.loop_id, index)
     for child in adopted:
-        if child.parent_loop_id is None or child.status in ("Running", "Pending"):
-            continue  # only finished loops are linked
+        if child.parent_loop_id in (None, child.loop_id) or child.status in ("Running", "Pending"):
+            continue  # only finished loops are linked, and never to themselves
         slot = first.get(child.parent_loop_id)
         if slot is None:
             continue  # the parent lives in another session
