@@ -1,8 +1,27 @@
-"""phi-session: record what LLM agents do, in phi-core's session format."""
+"""phi-session: record what LLM agents do, in phi-core's session format.
+
+The public API at a glance:
+
+* events and messages (`phi_session.events`, `phi_session.messages`): phi-core's
+  vocabulary as typed, frozen records;
+* `SessionRecorder`: turns an event stream into `Session` -> `LoopRecord` -> `Turn`;
+* `encode` / `decode_event` / `decode_session`: phi-core's JSON, byte for byte;
+* stores (`JsonDirStore`, `SqliteStore`, `PostgresStore`, `open_store`,
+  `default_store`): where sessions live.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from ._time import Timestamp
 from .codec import decode_event, decode_loop, decode_session, encode, encode_event, encode_session
-from .errors import DecodeError, InvalidSessionId, PhiSessionError, SessionLocked, SessionNotFound, StoreError
+from .errors import (
+    DecodeError,
+    InvalidSessionId,
+    PhiSessionError,
+    SessionLocked,
+    SessionNotFound,
+    StoreError,
+)
 from .events import (
     COMPACTION,
     DEFAULT,
@@ -36,6 +55,7 @@ from .messages import (
     AgentMessage,
     AnnotatedRequestPayload,
     AssistantMessage,
+    Content,
     ExtensionMessage,
     ImageContent,
     Message,
@@ -55,10 +75,64 @@ from .model import (
     CompactionBlock,
     LoopEvent,
     LoopRecord,
+    LoopStatus,
     ParallelGroupRecord,
     Session,
+    SessionScope,
     SpawnRef,
     Turn,
 )
+from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
+from .stores.base import SessionStore, SessionSummary, UsageTotal
+from .stores.json_dir import (
+    JsonDirStore,
+    delete_session,
+    list_session_ids,
+    load_session,
+    load_sessions_for_agent,
+    save_session,
+)
+
+if TYPE_CHECKING:
+    from .stores.postgres import PostgresStore
+    from .stores.sqlite import SqliteStore
+    from .stores.urls import default_store, open_store
 
 __version__ = "0.1.0"
+
+# Backends with heavier imports (sqlite3, psycopg) load on first use.
+_LAZY = {
+    "SqliteStore": "phi_session.stores.sqlite",
+    "PostgresStore": "phi_session.stores.postgres",
+    "open_store": "phi_session.stores.urls",
+    "default_store": "phi_session.stores.urls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'phi_session' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    "COMPACTION", "DEFAULT", "INITIAL",
+    "AgentEnd", "AgentEvent", "AgentMessage", "AgentStart", "AnnotatedRequestPayload",
+    "AssistantMessage", "ChildLoopRef", "CompactionBlock", "CompactionEnded", "CompactionStarted",
+    "Content", "ContinuationKind", "DecodeError", "ExtensionMessage", "ImageContent", "InputRejected",
+    "InvalidSessionId", "JsonDirStore", "LoopConfigSnapshot", "LoopEvent", "LoopRecord", "LoopStatus",
+    "Message", "MessageEnd", "MessageStart", "MessageUpdate", "OrphanEvent", "ParallelGroupRecord",
+    "ParallelLoopEnd", "ParallelLoopStart", "PhiSessionError", "PostgresStore", "ProgressMessage",
+    "PrunApplied", "RevertApplied", "Session", "SessionFormation", "SessionLocked", "SessionNotFound",
+    "SessionRecorder", "SessionRecorderConfig", "SessionScope", "SessionStore", "SessionSummary",
+    "SpawnRef", "SqliteStore", "StoreError", "StreamDelta", "TextContent", "ThinkingContent",
+    "Timestamp", "ToolCall", "ToolDefinition", "ToolExecutionEnd", "ToolExecutionStart",
+    "ToolExecutionUpdate", "ToolResult", "ToolResultMessage", "Turn", "TurnEnd", "TurnId",
+    "TurnRequest", "TurnStart", "Usage", "UsageTotal", "UserMessage",
+    "decode_event", "decode_loop", "decode_session", "default_store", "delete_session", "encode",
+    "encode_event", "encode_session", "extension_message", "list_session_ids", "load_session",
+    "load_sessions_for_agent", "open_store", "save_session",
+]
