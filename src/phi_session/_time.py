@@ -20,8 +20,9 @@ _SECONDS_PER_DAY = 86_400
 _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.(?:\d{9}|\d{6}|\d{3}))?Z")
 # Everything phi-core accepts that a strict reader should: RFC 3339 with a "T" or a
 # space, any number of fraction digits (beyond nine are truncated) and an offset.
+# Signed years outside 0000-9999 are what we write for such instants, so we read them.
 _LENIENT = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?"
+    r"([+-]\d{4,}|\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?"
     r"(?:([Zz])|([Uu][Tt][Cc])|([+-])(\d\d):?(\d\d))"
 )
 

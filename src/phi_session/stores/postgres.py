@@ -1,58 +1,67 @@
 """`PostgresStore`: sessions in a PostgreSQL database, shared by many processes and machines.
 
-Install with ``pip install 'phi-session[postgres]'`` (psycopg 3). psycopg is imported
-only when a store is opened, so ``import phi_session`` never needs it.
+Install with ``pip install 'phi-session[postgres]'`` (psycopg 3). Without it this
+module still imports and `PostgresStore()` raises `StoreError` saying what to
+install; ``phi_session`` imports this module only when `PostgresStore` is used.
 
 Layout (all tables live in one schema, ``phi_session`` by default):
 
-* ``meta``: ``schema_version`` and future settings. Opening a store applies the
-  missing forward migrations in one transaction under a transaction-level advisory
-  lock, so processes starting together never race; a database written by a newer
-  phi-session is refused with `StoreError`.
+* ``meta``: ``schema_version`` (and room for later settings). Opening a store
+  applies the missing forward migrations (`_MIGRATIONS`) in order, in one
+  transaction, under a transaction-level advisory lock, so processes starting
+  together never race and a failed migration leaves nothing behind. A schema
+  written by a newer phi-session is refused with `StoreError`.
 * ``sessions``: one row per session: the filterable summary columns (agent, times
-  as BIGINT nanoseconds, formation, parent, per-status loop counts, token sums,
-  models) and ``header``, the session's compact JSON without its loops.
+  as BIGINT nanoseconds, formation, parent, per-status loop counts, token sums as
+  NUMERIC, models) and ``header``, the session's compact JSON without its loops.
+  ``saved_order`` (from the sequence ``save_order``) orders `list_ids`.
 * ``loops``: one row per LoopRecord, in session order (``position``): the columns
-  the queries group by and ``record``, the loop's compact phi-core JSON
+  the per-model totals group by and ``record``, the loop's compact phi-core JSON
   (`codec.encode_loop`). Rows go with their session (``ON DELETE CASCADE``).
 
 Header and records are stored as the exact bytes phi-session writes (BYTEA, not
 JSONB, which would reorder keys), so ``encode_session(load(id))`` equals
-``encode_session(saved)`` byte for byte.
+``encode_session(saved)`` byte for byte. Text columns use the ``"C"`` collation, so
+every ordering is by code point (as in Python and the other stores), whatever the
+database's locale. Times in the index columns are clamped to what BIGINT
+nanoseconds hold (1677-09-21 to 2262-04-11); the JSON keeps the exact instants,
+and summaries read them from there.
 
 Concurrency: `save` locks the session row (``SELECT … FOR UPDATE``; a new session
-is inserted with ``ON CONFLICT DO NOTHING`` and re-read if another writer won),
-reads the stored loops, merges with `merge_sessions` and writes back only what
-changed, all in one transaction. Saves of one session therefore serialize across
-threads, processes and machines and never lose a loop. A wait for a row lock
-longer than ``lock_timeout`` raises `SessionLocked`.
+is inserted with ``ON CONFLICT DO NOTHING`` and locked on the next try if another
+writer inserted it first), reads the stored loops, merges with `merge_sessions`
+and writes back the session row and the loops that changed, in one transaction.
+Saves of one session therefore serialize across threads, processes and machines,
+and none loses a loop. Waiting longer than ``lock_timeout`` for a row another
+writer holds raises `SessionLocked`. Readers never wait: `load` and the listings
+read one consistent snapshot in a single statement. `prune` deletes in one
+transaction, skipping sessions being saved at that moment, then runs ``VACUUM
+(ANALYZE)`` on both tables (outside the transaction, as VACUUM requires).
 
 Connections: a small built-in pool (``pool_size`` connections, opened on demand,
-each in autocommit mode with explicit transactions). A connection found broken is
+in autocommit mode with explicit transactions). A connection found broken is
 dropped and the next call opens a new one; the failed call itself raises
-`StoreError` (it is not retried, since it may have committed).
+`StoreError` and is not retried (it may have committed).
 
 Async twins run the sync methods in a worker thread (`AsyncTwins`): one code path,
-one set of transaction rules; at most ``pool_size`` of them use the database at once.
-
-Times in the index columns are clamped to what BIGINT nanoseconds can hold
-(1677-09-21 to 2262-04-11); the stored JSON keeps the exact instants.
+one set of transaction rules; at most ``pool_size`` calls use the database at once.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from decimal import Decimal
-from typing import TYPE_CHECKING, Any, get_args
+from typing import Any, get_args
 
 import msgspec
 
 from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
-from ..errors import SessionLocked, SessionNotFound, StoreError
+from ..errors import DecodeError, SessionLocked, SessionNotFound, StoreError
 from ..messages import Usage
 from ..model import LoopRecord, LoopStatus, Session
 from .base import (
@@ -66,11 +75,20 @@ from .base import (
     validate_session_id,
 )
 
-if TYPE_CHECKING:
+# psycopg is optional: this module imports without it and `PostgresStore()` says
+# what to install. `phi_session` itself imports this module only on first use.
+_MISSING_PSYCOPG: ImportError | None = None
+try:
     import psycopg
     from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict
+    from psycopg.pq import TransactionStatus
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    _MISSING_PSYCOPG = exc
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
+
+_log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
@@ -90,15 +108,20 @@ _SAVE_ATTEMPTS = 8
 
 # Forward migrations: _MIGRATIONS[n] takes the schema from version n to n + 1.
 # "{s}" is the schema, quoted. Never edit a released entry; append a new one.
+# Text columns use the "C" collation: sorting by code point, as Python does (and
+# as the other stores do), whatever the database's locale.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
+        "CREATE SEQUENCE {s}.save_order",
         f"""CREATE TABLE {{s}}.sessions (
-            session_id TEXT PRIMARY KEY,
-            agent_id TEXT NOT NULL,
+            session_id TEXT COLLATE "C" PRIMARY KEY,
+            agent_id TEXT COLLATE "C" NOT NULL,
             created_at_ns BIGINT NOT NULL,
+            created_day TEXT COLLATE "C" NOT NULL,
             last_active_at_ns BIGINT NOT NULL,
-            formation TEXT NOT NULL,
-            parent_session_id TEXT,
+            saved_order BIGINT NOT NULL,
+            formation TEXT COLLATE "C" NOT NULL,
+            parent_session_id TEXT COLLATE "C",
             rejected BOOLEAN NOT NULL,
             loop_count INTEGER NOT NULL,
             turn_count BIGINT NOT NULL,
@@ -108,28 +131,29 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             model_keys TEXT[] NOT NULL,
             header BYTEA NOT NULL
         )""",
-        "CREATE INDEX sessions_agent_active ON {s}.sessions (agent_id, last_active_at_ns DESC)",
-        "CREATE INDEX sessions_active ON {s}.sessions (last_active_at_ns DESC)",
-        "CREATE INDEX sessions_tokens ON {s}.sessions (total_tokens DESC)",
+        "CREATE INDEX sessions_saved ON {s}.sessions (saved_order DESC)",
+        "CREATE INDEX sessions_active ON {s}.sessions (last_active_at_ns DESC, session_id)",
+        "CREATE INDEX sessions_agent_active ON {s}.sessions (agent_id, last_active_at_ns DESC, session_id)",
+        "CREATE INDEX sessions_tokens ON {s}.sessions (total_tokens DESC, session_id)",
         "CREATE INDEX sessions_parent ON {s}.sessions (parent_session_id)"
         " WHERE parent_session_id IS NOT NULL",
         "CREATE INDEX sessions_model_keys ON {s}.sessions USING GIN (model_keys)",
         # Completed is the common status (an index would not help); the others are rare.
         *(
-            f"CREATE INDEX sessions_with_{status.lower()} ON {{s}}.sessions (last_active_at_ns DESC)"
-            f" WHERE {column} > 0"
+            f"CREATE INDEX sessions_with_{status.lower()} ON {{s}}.sessions"
+            f" (last_active_at_ns DESC, session_id) WHERE {column} > 0"
             for status, column in _STATUS_COLUMNS.items() if status != "Completed"
         ),
         f"""CREATE TABLE {{s}}.loops (
-            session_id TEXT NOT NULL REFERENCES {{s}}.sessions (session_id) ON DELETE CASCADE,
+            session_id TEXT COLLATE "C" NOT NULL
+                REFERENCES {{s}}.sessions (session_id) ON DELETE CASCADE,
             position INTEGER NOT NULL,
-            loop_id TEXT NOT NULL,
+            loop_id TEXT COLLATE "C" NOT NULL,
             occurrence INTEGER NOT NULL,
-            status TEXT NOT NULL,
+            status TEXT COLLATE "C" NOT NULL,
             started_at_ns BIGINT NOT NULL,
-            started_day TEXT NOT NULL,
-            provider TEXT,
-            model TEXT,
+            provider TEXT COLLATE "C",
+            model TEXT COLLATE "C",
             turn_count INTEGER NOT NULL,
             {", ".join(f"{c} NUMERIC NOT NULL" for c in _USAGE_COLUMNS)},
             record BYTEA NOT NULL,
@@ -138,30 +162,34 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX loops_loop_id ON {s}.loops (loop_id)",
         "CREATE INDEX loops_model ON {s}.loops (provider, model)",
-        "CREATE INDEX loops_day ON {s}.loops (started_day)",
     ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 _SESSION_COLUMNS = (
-    "agent_id", "created_at_ns", "last_active_at_ns", "formation", "parent_session_id",
+    "agent_id", "created_at_ns", "created_day", "last_active_at_ns", "formation", "parent_session_id",
     "rejected", "loop_count", "turn_count", *_STATUS_COLUMNS.values(), *_USAGE_COLUMNS,
     "models", "model_keys", "header",
 )
 _LOOP_COLUMNS = (
-    "loop_id", "occurrence", "status", "started_at_ns", "started_day", "provider", "model",
+    "loop_id", "occurrence", "status", "started_at_ns", "provider", "model",
     "turn_count", *_USAGE_COLUMNS, "record",
 )
 _ORDER_BY = {
     "newest": "last_active_at_ns DESC, session_id",
     "oldest": "last_active_at_ns ASC, session_id",
-    "tokens": "total_tokens DESC, last_active_at_ns DESC, session_id",
+    "tokens": "total_tokens DESC, session_id",
 }
+_LIST_ORDER = "saved_order DESC"
+# Keys of usage_totals; an agent's totals come from the sessions rows, a model's from loops.
 _GROUP_KEY = {
-    "agent": "s.agent_id",
-    "model": "l.provider || '/' || l.model",
-    "day": "l.started_day",
+    "agent": "agent_id",
+    "model": "COALESCE(provider || '/' || model, 'unknown')",
+    "day": "created_day",
 }
+
+
+Row = tuple[Any, ...]
 
 
 class _Times(msgspec.Struct):
@@ -174,26 +202,22 @@ class _Times(msgspec.Struct):
 _times_decoder = msgspec.json.Decoder(_Times)
 
 
-def _psycopg() -> Any:
-    try:
-        import psycopg
-    except ImportError:
-        raise StoreError(
-            "PostgresStore needs psycopg 3: pip install 'phi-session[postgres]'"
-        ) from None
-    return psycopg
-
-
 def _clamped_ns(ts: Timestamp) -> int:
     return min(max(ts.ns, _I64_MIN), _I64_MAX)
 
 
 def _day(ts: Timestamp) -> str:
+    """The UTC date (``YYYY-MM-DD``) of `ts`: its canonical text up to the ``T``."""
     return str(ts).split("T", 1)[0]
 
 
 def _usage_values(usage: Usage) -> tuple[int, ...]:
     return tuple(getattr(usage, name) for name in _USAGE_FIELDS)
+
+
+def _usage(values: Sequence[Any]) -> Usage:
+    """A `Usage` from the token columns (NUMERIC sums arrive as `Decimal`)."""
+    return Usage(**{name: int(value) for name, value in zip(_USAGE_FIELDS, values, strict=True)})
 
 
 def _header(session: Session) -> bytes:
@@ -203,13 +227,15 @@ def _header(session: Session) -> bytes:
 def _session_values(session: Session) -> tuple[Any, ...]:
     """The ``sessions`` row of `session`, in `_SESSION_COLUMNS` order."""
     summary = summarize(session)
-    bare = {record.config.model: None for record in session.loops if record.config is not None}
+    # What the model filter matches: every provider/model and every bare model name.
+    model_keys = dict.fromkeys(summary.models)
+    model_keys.update((record.config.model, None) for record in session.loops if record.config is not None)
     return (
-        session.agent_id, _clamped_ns(session.created_at), _clamped_ns(session.last_active_at),
-        summary.formation, summary.parent_session_id, summary.rejected, summary.loop_count,
-        summary.turn_count, *(summary.loops_by_status.get(s, 0) for s in _STATUSES),
-        *_usage_values(summary.usage), list(summary.models), list({**dict.fromkeys(summary.models), **bare}),
-        _header(session),
+        session.agent_id, _clamped_ns(session.created_at), _day(session.created_at),
+        _clamped_ns(session.last_active_at), summary.formation, summary.parent_session_id,
+        summary.rejected, summary.loop_count, summary.turn_count,
+        *(summary.loops_by_status.get(s, 0) for s in _STATUSES), *_usage_values(summary.usage),
+        list(summary.models), list(model_keys), _header(session),
     )
 
 
@@ -217,20 +243,31 @@ def _loop_values(record: LoopRecord, occurrence: int, data: bytes) -> tuple[Any,
     """The ``loops`` row of `record` (encoded as `data`), in `_LOOP_COLUMNS` order."""
     config = record.config
     return (
-        record.loop_id, occurrence, record.status, _clamped_ns(record.started_at), _day(record.started_at),
+        record.loop_id, occurrence, record.status, _clamped_ns(record.started_at),
         config.provider if config is not None else None, config.model if config is not None else None,
         len(record.turns), *_usage_values(record.usage), data,
     )
 
 
-def _describe_dsn(dsn: str) -> str:
-    """``user@host:port/dbname`` of a DSN, never its password."""
-    from psycopg.conninfo import conninfo_to_dict
+class _Encodings:
+    """Compact JSON of loop records: the incoming ones encoded up front, others on demand.
 
-    try:
-        params = conninfo_to_dict(dsn)
-    except Exception:  # its message may quote the DSN, password included
-        return "<unparsable DSN>"
+    Keyed by identity: the up-front records are kept alive by `_records`, so no
+    other record can take one of their ids. `merge_sessions` may hand back new
+    record objects (loops it re-linked); those are encoded when asked for.
+    """
+
+    def __init__(self, records: Sequence[LoopRecord]) -> None:
+        self._records = list(records)
+        self._data = {id(record): encode_loop(record, pretty=False) for record in self._records}
+
+    def __call__(self, record: LoopRecord) -> bytes:
+        data = self._data.get(id(record))
+        return data if data is not None else encode_loop(record, pretty=False)
+
+
+def _describe_server(params: dict[str, Any]) -> str:
+    """``user@host:port/dbname`` from parsed connection parameters, never the password."""
     user = params.get("user")
     host = params.get("host") or params.get("hostaddr") or "localhost"
     port = params.get("port")
@@ -241,15 +278,21 @@ def _describe_dsn(dsn: str) -> str:
 class _Pool:
     """At most `size` connections, opened on demand and reused; broken ones are dropped."""
 
-    def __init__(self, connect: Any, size: int) -> None:
+    def __init__(self, connect: Callable[[], psycopg.Connection[Row]], size: int) -> None:
         self._connect = connect
+        self._pid = os.getpid()
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
-        self._idle: list[psycopg.Connection[Any]] = []
+        self._idle: list[psycopg.Connection[Row]] = []
         self._closed = False
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+    def connection(self) -> Iterator[psycopg.Connection[Row]]:
+        if os.getpid() != self._pid:
+            # A forked child shares its parent's sockets: using (or even closing) them
+            # would corrupt the parent's sessions with the server.
+            raise StoreError(f"this PostgresStore was opened by process {self._pid};"
+                             " a forked process must open its own")
         with self._slots:
             with self._lock:
                 if self._closed:
@@ -262,9 +305,7 @@ class _Pool:
             finally:
                 self._release(conn)
 
-    def _release(self, conn: psycopg.Connection[Any]) -> None:
-        from psycopg.pq import TransactionStatus
-
+    def _release(self, conn: psycopg.Connection[Row]) -> None:
         # After an error the connection is usually still fine (a constraint, a lock
         # timeout): keep it when it is open and outside any transaction.
         reusable = not conn.closed and not conn.broken and (
@@ -282,3 +323,511 @@ class _Pool:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+_SUMMARY_COLUMNS = (
+    "session_id", "agent_id", "formation", "parent_session_id", "rejected", "loop_count", "turn_count",
+    *_STATUS_COLUMNS.values(), *_USAGE_COLUMNS, "models", "header",
+)
+
+
+def _summary(row: Row) -> SessionSummary:
+    """A `SessionSummary` from a row of `_SUMMARY_COLUMNS`."""
+    session_id, agent_id, formation, parent, rejected, loop_count, turn_count = row[:7]
+    counts = row[7:7 + len(_STATUSES)]
+    usage = row[7 + len(_STATUSES):7 + len(_STATUSES) + len(_USAGE_COLUMNS)]
+    models, header = row[-2:]
+    try:
+        times = _times_decoder.decode(header)
+        created_at = Timestamp.parse(times.created_at)
+        last_active_at = Timestamp.parse(times.last_active_at)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise StoreError(f"stored session {session_id!r} is corrupt: {exc}") from exc
+    return SessionSummary(
+        session_id=session_id, agent_id=agent_id, created_at=created_at,
+        last_active_at=last_active_at, formation=formation, parent_session_id=parent,
+        rejected=rejected, loop_count=loop_count,
+        loops_by_status={status: n for status, n in zip(_STATUSES, counts, strict=True) if n},
+        turn_count=turn_count, usage=_usage(usage),
+        models=tuple(models),
+    )
+
+
+def _set_lock_timeout(cur: psycopg.Cursor[Row], seconds: float) -> None:
+    """Bound this transaction's lock waits (at least 1 ms: PostgreSQL reads 0 as no bound)."""
+    cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(1, round(seconds * 1000))}ms",))
+
+
+def _occurrences(loops: Sequence[LoopRecord]) -> list[int]:
+    """For each loop, how many earlier loops share its ``loop_id`` (merge matches by both)."""
+    seen: Counter[str] = Counter()
+    out = []
+    for record in loops:
+        out.append(seen[record.loop_id])
+        seen[record.loop_id] += 1
+    return out
+
+
+class PostgresStore(AsyncTwins):
+    """Sessions in PostgreSQL; safe for many threads, processes and machines at once.
+
+    ``dsn`` is a libpq connection string or URL. ``schema`` names the PostgreSQL
+    schema holding the tables (created if missing; at most 63 bytes, since
+    PostgreSQL would silently truncate a longer name). ``pool_size`` bounds the
+    connections this store opens (one per concurrent call). ``lock_timeout``
+    (seconds, > 0) bounds the wait for a session another writer is saving, after
+    which `SessionLocked` is raised. ``connect_timeout`` (seconds) applies unless
+    the DSN sets one.
+
+    Opening connects once and brings the schema up to `SCHEMA_VERSION`; every
+    database failure is raised as `StoreError` naming the server (never the
+    password). Use as a context manager or call `close`.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "phi_session",
+        pool_size: int = 4,
+        lock_timeout: float = 5.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if _MISSING_PSYCOPG is not None:
+            raise StoreError(
+                "PostgresStore needs psycopg 3: pip install 'phi-session[postgres]'"
+            ) from _MISSING_PSYCOPG
+        if not isinstance(schema, str) or not schema or len(schema.encode("utf-8")) > 63 or "\x00" in schema:
+            raise ValueError(f"schema must be a PostgreSQL identifier of 1 to 63 bytes, got {schema!r}")
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be at least 1, got {pool_size}")
+        if not lock_timeout > 0:  # PostgreSQL reads 0 as "wait forever"
+            raise ValueError(f"lock_timeout must be positive, got {lock_timeout}")
+        try:
+            given = conninfo_to_dict(dsn)
+        except psycopg.Error:  # its message may quote the string, password included
+            raise StoreError(
+                "invalid PostgreSQL connection string (not shown: it may hold a password)"
+            ) from None
+        self._dsn = dsn
+        self._where = _describe_server(given)
+        self._schema = schema
+        self._placeholders = {
+            "s": sql.Identifier(schema),
+            "order": sql.SQL("nextval({})").format(sql.Literal(self._qualified("save_order"))),
+        }
+        self._lock_timeout = lock_timeout
+        self._connect_options: dict[str, Any] = {}
+        if "connect_timeout" not in given:
+            self._connect_options["connect_timeout"] = max(1, round(connect_timeout))
+        if "application_name" not in given:
+            self._connect_options["application_name"] = "phi-session"
+        self._pool = _Pool(self._connect, pool_size)
+        try:
+            self._migrate()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._where!r}, schema={self._schema!r})"
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def schema(self) -> str:
+        return self._schema
+
+    # -- Plumbing -------------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Row]:
+        try:
+            return psycopg.Connection.connect(self._dsn, autocommit=True, **self._connect_options)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL at {self._where}: {exc}") from exc
+
+    def _sql(self, text: str) -> sql.Composed:
+        """`text` with ``{s}`` replaced by the quoted schema and ``{order}`` by the next save number."""
+        return sql.SQL(text).format(**self._placeholders)
+
+    def _qualified(self, name: str) -> str:
+        """``"schema".name``, quoted for regclass lookups."""
+        return '"{}".{}'.format(self._schema.replace('"', '""'), name)
+
+    @contextmanager
+    def _cursor(
+        self, action: str, *, transaction: bool = False, session_id: str | None = None
+    ) -> Iterator[psycopg.Cursor[Row]]:
+        """A cursor for one operation, with database errors raised as phi-session errors.
+
+        With `transaction` the operation is one transaction whose lock waits are
+        bounded by ``lock_timeout``; a wait for `session_id` beyond it raises
+        `SessionLocked`, any other `StoreError`.
+        """
+        try:
+            with self._pool.connection() as conn:
+                if not transaction:
+                    with conn.cursor() as cur:
+                        yield cur
+                    return
+                with conn.transaction(), conn.cursor() as cur:
+                    _set_lock_timeout(cur, self._lock_timeout)
+                    yield cur
+        except psycopg.errors.LockNotAvailable as exc:
+            if session_id is None:
+                raise StoreError(f"{action}: a lock on {self._where} stayed taken for more than"
+                                 f" {self._lock_timeout:g} s") from exc
+            raise SessionLocked(f"session {session_id!r} is being written by another client"
+                                f" (waited {self._lock_timeout:g} s)") from exc
+        except psycopg.Error as exc:
+            raise StoreError(f"{action} failed on PostgreSQL at {self._where}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        """Bring the schema to `SCHEMA_VERSION`, or refuse a database from newer code."""
+        with self._cursor("checking the schema version") as cur:
+            if self._stored_version(cur) == SCHEMA_VERSION:
+                return
+            with cur.connection.transaction():
+                _set_lock_timeout(cur, _MIGRATION_LOCK_TIMEOUT)
+                # Serializes concurrent openers: the later ones re-read the version below.
+                cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                            (_MIGRATION_LOCK_CLASS, self._schema))
+                # CREATE SCHEMA needs a privilege even with IF NOT EXISTS: skip it when
+                # an administrator created the schema for us.
+                cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self._schema,))
+                if cur.fetchone() is None:
+                    cur.execute(self._sql("CREATE SCHEMA {s}"))
+                cur.execute(self._sql(
+                    "CREATE TABLE IF NOT EXISTS {s}.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+                ))
+                version = self._stored_version(cur) or 0
+                for statements in _MIGRATIONS[version:]:
+                    for statement in statements:
+                        cur.execute(self._sql(statement))
+                if version < SCHEMA_VERSION:
+                    cur.execute(self._sql(
+                        "INSERT INTO {s}.meta (key, value) VALUES ('schema_version', %s)"
+                        " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                    ), (str(SCHEMA_VERSION),))
+
+    def _stored_version(self, cur: psycopg.Cursor[Row]) -> int | None:
+        """The schema version recorded in the database (None: no schema yet)."""
+        cur.execute("SELECT to_regclass(%s)", (self._qualified("meta"),))
+        row = cur.fetchone()
+        if row is None or row[0] is None:
+            return None
+        cur.execute(self._sql("SELECT value FROM {s}.meta WHERE key = 'schema_version'"))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"schema {self._schema!r} on {self._where} has version {version}, written by a newer"
+                f" phi-session; this one reads up to version {SCHEMA_VERSION}: upgrade phi-session"
+            )
+        return version
+
+    def _session(self, session_id: str, header: bytes, records: Sequence[bytes]) -> Session:
+        try:
+            session = decode_session(header, strict=False)
+            session.loops = [decode_loop(record, strict=False) for record in records]
+        except DecodeError as exc:
+            raise StoreError(f"stored session {session_id!r} is corrupt: {exc}") from exc
+        return session
+
+    # -- SessionStore ---------------------------------------------------------------------
+
+    def save(self, session: Session) -> None:
+        """Merge `session` into what is stored under its id (see `merge_sessions`).
+
+        One transaction: the session row is locked, so saves of one session from
+        anywhere serialize. The incoming records are encoded before the lock is taken.
+        """
+        session_id = validate_session_id(session.session_id)
+        encoded = _Encodings(session.loops)
+        with self._cursor(f"saving session {session_id!r}", transaction=True, session_id=session_id) as cur:
+            for _ in range(_SAVE_ATTEMPTS):
+                cur.execute(self._sql("SELECT header FROM {s}.sessions WHERE session_id = %s FOR UPDATE"),
+                            (session_id,))
+                row = cur.fetchone()
+                if row is not None:
+                    self._merge_into(cur, session_id, row[0], session, encoded)
+                    return
+                # A writer that inserts the same id first makes this a no-op (after
+                # waiting for it to commit); the next round then locks its row.
+                cur.execute(self._sql(
+                    f"INSERT INTO {{s}}.sessions (session_id, saved_order, {', '.join(_SESSION_COLUMNS)})"
+                    f" VALUES (%s, {{order}}{', %s' * len(_SESSION_COLUMNS)})"
+                    " ON CONFLICT (session_id) DO NOTHING"
+                ), (session_id, *_session_values(session)))
+                if cur.rowcount == 1:
+                    loops = session.loops
+                    self._insert_loops(cur, session_id, 0, loops, _occurrences(loops), encoded)
+                    return
+        raise StoreError(f"saving session {session_id!r}: it was deleted and re-created"
+                         f" {_SAVE_ATTEMPTS} times while this save waited")
+
+    def _insert_loops(
+        self,
+        cur: psycopg.Cursor[Row],
+        session_id: str,
+        first_position: int,
+        loops: Sequence[LoopRecord],
+        occurrences: Sequence[int],
+        encoded: _Encodings,
+    ) -> None:
+        if not loops:
+            return
+        cur.executemany(self._sql(
+            f"INSERT INTO {{s}}.loops (session_id, position, {', '.join(_LOOP_COLUMNS)})"
+            f" VALUES (%s, %s{', %s' * len(_LOOP_COLUMNS)})"
+        ), [
+            (session_id, first_position + i, *_loop_values(record, occurrence, encoded(record)))
+            for i, (record, occurrence) in enumerate(zip(loops, occurrences, strict=True))
+        ])
+
+    def _merge_into(
+        self,
+        cur: psycopg.Cursor[Row],
+        session_id: str,
+        header: bytes,
+        incoming: Session,
+        encoded: _Encodings,
+    ) -> None:
+        """Merge `incoming` into the locked stored session; rewrite the loops that changed."""
+        cur.execute(self._sql(
+            "SELECT position, record FROM {s}.loops WHERE session_id = %s ORDER BY position"
+        ), (session_id,))
+        rows = cur.fetchall()
+        stored = self._session(session_id, header, [record for _, record in rows])
+        stored_loops = list(stored.loops)  # merge_sessions keeps these objects where they win
+        merged = merge_sessions(stored, incoming)
+        occurrences = _occurrences(merged.loops)
+        updates = []
+        for index, ((position, data), record) in enumerate(zip(rows, merged.loops[:len(rows)], strict=True)):
+            if record is stored_loops[index]:
+                continue
+            new_data = encoded(record)
+            if new_data != data:
+                updates.append((*_loop_values(record, occurrences[index], new_data), session_id, position))
+        if updates:
+            cur.executemany(self._sql(
+                f"UPDATE {{s}}.loops SET ({', '.join(_LOOP_COLUMNS)})"
+                f" = ROW({', '.join(['%s'] * len(_LOOP_COLUMNS))})"
+                " WHERE session_id = %s AND position = %s"
+            ), updates)
+        added = merged.loops[len(rows):]
+        # Positions only grow (whole sessions are deleted, never single loops), but a
+        # gap left by hand-editing must not make an insert collide.
+        next_position = rows[-1][0] + 1 if rows else 0
+        self._insert_loops(cur, session_id, next_position, added, occurrences[len(rows):], encoded)
+        # Always rewritten, even when nothing changed: the save counts as the latest one.
+        cur.execute(self._sql(
+            f"UPDATE {{s}}.sessions SET (saved_order, {', '.join(_SESSION_COLUMNS)})"
+            f" = ROW({{order}}, {', '.join(['%s'] * len(_SESSION_COLUMNS))}) WHERE session_id = %s"
+        ), (*_session_values(merged), session_id))
+
+    def _select_sessions(self, action: str, condition: str, params: Sequence[Any]) -> list[Row]:
+        """``(session_id, header, records)`` rows in `list_ids` order, from one snapshot."""
+        with self._cursor(action) as cur:
+            cur.execute(self._sql(
+                "SELECT s.session_id, s.header, ARRAY(SELECT l.record FROM {s}.loops l"
+                " WHERE l.session_id = s.session_id ORDER BY l.position)"
+                f" FROM {{s}}.sessions s WHERE {condition} ORDER BY {_LIST_ORDER}"
+            ), params)
+            return cur.fetchall()
+
+    def load(self, session_id: str) -> Session:
+        validate_session_id(session_id)
+        rows = self._select_sessions(f"loading session {session_id!r}", "s.session_id = %s", (session_id,))
+        if not rows:
+            raise SessionNotFound(f"no session {session_id!r} in {self._where} schema {self._schema!r}")
+        return self._session(*rows[0])
+
+    def list_for_agent(self, agent_id: str) -> list[Session]:
+        """The sessions of `agent_id` in `list_ids` order; unreadable ones are logged and skipped."""
+        sessions = []
+        for row in self._select_sessions(f"loading the sessions of agent {agent_id!r}",
+                                         "s.agent_id = %s", (agent_id,)):
+            try:
+                sessions.append(self._session(*row))
+            except StoreError as exc:
+                _log.warning("%s: skipping it in list_for_agent(%r)", exc, agent_id)
+        return sessions
+
+    def delete(self, session_id: str) -> None:
+        validate_session_id(session_id)
+        with self._cursor(f"deleting session {session_id!r}", transaction=True, session_id=session_id) as cur:
+            cur.execute(self._sql("DELETE FROM {s}.sessions WHERE session_id = %s"), (session_id,))
+            if cur.rowcount == 0:
+                raise SessionNotFound(f"no session {session_id!r} in {self._where} schema {self._schema!r}")
+
+    def list_ids(self) -> list[str]:
+        """Every stored session id, most recently saved first."""
+        with self._cursor("listing sessions") as cur:
+            cur.execute(self._sql(f"SELECT session_id FROM {{s}}.sessions ORDER BY {_LIST_ORDER}"))
+            return [session_id for (session_id,) in cur.fetchall()]
+
+    # -- Queries --------------------------------------------------------------------------
+
+    def _query_sql(
+        self,
+        *,
+        agent_id: str | None = None,
+        since: Timestamp | None = None,
+        until: Timestamp | None = None,
+        status: str | None = None,
+        model: str | None = None,
+        min_tokens: int | None = None,
+        parent_session_id: str | None = None,
+        limit: int | None = None,
+        order: Order = "newest",
+    ) -> tuple[sql.Composed, list[Any]]:
+        if order not in _ORDER_BY:
+            raise ValueError(f"order must be one of {sorted(_ORDER_BY)}, got {order!r}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        conditions: list[str] = []
+        params: list[Any] = []
+        for condition, value in (
+            ("agent_id = %s", agent_id),
+            ("last_active_at_ns >= %s", None if since is None else _clamped_ns(since)),
+            ("last_active_at_ns < %s", None if until is None else _clamped_ns(until)),
+            ("model_keys @> ARRAY[%s::text]", model),
+            ("total_tokens >= %s", min_tokens),
+            ("parent_session_id = %s", parent_session_id),
+        ):
+            if value is not None:
+                conditions.append(condition)
+                params.append(value)
+        if status is not None:
+            column = _STATUS_COLUMNS.get(status)
+            # No loop ever has an unknown status: such a filter matches nothing.
+            conditions.append(f"{column} > 0" if column is not None else "FALSE")
+        text = (
+            f"SELECT {', '.join(_SUMMARY_COLUMNS)} FROM {{s}}.sessions"
+            f"{' WHERE ' + ' AND '.join(conditions) if conditions else ''}"
+            f" ORDER BY {_ORDER_BY[order]}"
+        )
+        if limit is not None:
+            text += " LIMIT %s"
+            params.append(limit)
+        return self._sql(text), params
+
+    def query(
+        self,
+        *,
+        agent_id: str | None = None,
+        since: Timestamp | None = None,
+        until: Timestamp | None = None,
+        status: str | None = None,
+        model: str | None = None,
+        min_tokens: int | None = None,
+        parent_session_id: str | None = None,
+        limit: int | None = None,
+        order: Order = "newest",
+    ) -> list[SessionSummary]:
+        """Summaries of the matching sessions, computed in SQL on indexed columns.
+
+        ``since <= last_active_at < until``; `status` keeps sessions
+        with at least one loop of that status; `model` matches ``provider/model`` or
+        the bare model name; `order` is newest or oldest activity first, or most
+        tokens first, ties by session id.
+        """
+        statement, params = self._query_sql(
+            agent_id=agent_id, since=since, until=until, status=status, model=model,
+            min_tokens=min_tokens, parent_session_id=parent_session_id, limit=limit, order=order,
+        )
+        with self._cursor("querying sessions") as cur:
+            cur.execute(statement, params)
+            rows = cur.fetchall()
+        return [_summary(row) for row in rows]
+
+    def explain_query(self, *, analyze: bool = False, **filters: Any) -> str:
+        """PostgreSQL's plan for ``query(**filters)`` (run it too with `analyze`): for benchmarks."""
+        statement, params = self._query_sql(**filters)
+        prefix = sql.SQL("EXPLAIN (ANALYZE, BUFFERS) " if analyze else "EXPLAIN ")
+        with self._cursor("explaining a query") as cur:
+            cur.execute(sql.Composed([prefix, statement]), params)
+            return "\n".join(line for (line,) in cur.fetchall())
+
+    def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
+        """Usage summed per agent, per ``provider/model`` of the loops (``"unknown"``
+        without a config; a session counts once in each of its models) or per UTC day
+        of ``created_at`` (``YYYY-MM-DD``), sorted by key."""
+        if group_by not in _GROUP_KEY:
+            raise ValueError(f"group_by must be one of {sorted(_GROUP_KEY)}, got {group_by!r}")
+        sums = ", ".join(f"sum({column})" for column in _USAGE_COLUMNS)
+        if group_by == "model":
+            counts, table = "count(DISTINCT session_id), count(*)", "loops"
+        else:
+            counts, table = "count(*), sum(loop_count)", "sessions"
+        with self._cursor(f"summing usage by {group_by}") as cur:
+            cur.execute(self._sql(
+                f"SELECT {_GROUP_KEY[group_by]} AS key, {counts}, {sums} FROM {{s}}.{table}"
+                " GROUP BY 1 ORDER BY 1"  # keys are "C"-collated columns: code point order
+            ))
+            rows = cur.fetchall()
+        return [
+            UsageTotal(key=key, sessions=sessions, loops=int(loops), usage=_usage(tokens))
+            for key, sessions, loops, *tokens in rows
+        ]
+
+    def prune(
+        self,
+        *,
+        older_than: Timestamp | None = None,
+        keep_last: int | None = None,
+        agent_id: str | None = None,
+    ) -> int:
+        """Delete whole sessions; returns how many. Then ``VACUUM`` the tables.
+
+        Candidates are the sessions of `agent_id` (all sessions without it). Of
+        those, the `keep_last` most recently active are kept, and only sessions
+        last active before `older_than` are deleted. Sessions being saved at that
+        moment are skipped: they are evidently in use. The deletion is one
+        transaction; the ``VACUUM`` that follows (outside it, in autocommit mode)
+        returns the space to PostgreSQL and refreshes the planner's statistics.
+        """
+        if older_than is None and keep_last is None:
+            raise ValueError("prune needs older_than or keep_last")
+        if keep_last is not None and keep_last < 0:
+            raise ValueError(f"keep_last must not be negative, got {keep_last}")
+        conditions: list[str] = []
+        params: list[Any] = []
+        if older_than is not None:
+            conditions.append("r.last_active_at_ns < %s")
+            params.append(_clamped_ns(older_than))
+        if keep_last is not None:
+            conditions.append("r.rank > %s")
+            params.append(keep_last)
+        text = (
+            f"WITH ranked AS (SELECT session_id, last_active_at_ns, row_number() OVER"
+            f" (ORDER BY {_ORDER_BY['newest']}) AS rank FROM {{s}}.sessions"
+            f"{' WHERE agent_id = %s' if agent_id is not None else ''}),"
+            " doomed AS (SELECT s.session_id FROM {s}.sessions s JOIN ranked r USING (session_id)"
+            f" WHERE {' AND '.join(conditions)} FOR UPDATE OF s SKIP LOCKED)"
+            " DELETE FROM {s}.sessions WHERE session_id IN (SELECT session_id FROM doomed)"
+        )
+        if agent_id is not None:
+            params.insert(0, agent_id)
+        with self._cursor("pruning sessions", transaction=True) as cur:
+            cur.execute(self._sql(text), params)
+            deleted = cur.rowcount
+        if deleted:
+            try:
+                with self._cursor("vacuuming after a prune") as cur:
+                    cur.execute(self._sql("VACUUM (ANALYZE) {s}.sessions, {s}.loops"))
+            except StoreError as exc:
+                # The deletion is committed; autovacuum will reclaim the space later.
+                _log.warning("%s", exc)
+        return deleted
+
+    def close(self) -> None:
+        """Close the connections; later calls raise `StoreError`. Safe to call twice."""
+        self._pool.close()

@@ -1,0 +1,354 @@
+"""PostgresStore against a real server: set PHI_SESSION_TEST_POSTGRES_DSN to run these.
+
+The shared conformance suite, plus what only PostgreSQL shows: several processes
+saving one session, row locks, schema migrations, SQL-side queries. Every test
+works in its own schema (``phi_test_<uuid>``), dropped afterwards, so runs never
+see each other's data.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phi_session import Timestamp, Usage
+from phi_session.codec import decode_session, encode_session
+from phi_session.errors import SessionLocked, StoreError
+from phi_session.model import Session
+from phi_session.stores import postgres
+from phi_session.stores.conformance import StoreConformance, at, make_loop, make_session
+
+from .pg_concurrency_worker import SESSION_IDS, SHARED_LOOPS, own_loop_index, shared_loop_index
+
+DSN = os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "")
+if not DSN:
+    pytest.skip("PHI_SESSION_TEST_POSTGRES_DSN is not set (a PostgreSQL DSN the tests may create"
+                " schemas in)", allow_module_level=True)
+psycopg = pytest.importorskip("psycopg")
+sql = psycopg.sql
+
+PostgresStore = postgres.PostgresStore
+WORKER = Path(__file__).with_name("pg_concurrency_worker.py")
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    name = f"phi_test_{uuid.uuid4().hex}"
+    yield name
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def store(schema: str) -> Iterator[postgres.PostgresStore]:
+    with PostgresStore(DSN, schema=schema) as opened:
+        yield opened
+
+
+@pytest.fixture
+def admin() -> Iterator[Any]:
+    """A separate autocommit connection, for looking under the store and holding locks."""
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        yield conn
+
+
+class TestPostgresConformance(StoreConformance):
+    @pytest.fixture
+    def store(self, schema: str) -> Iterator[postgres.PostgresStore]:
+        with PostgresStore(DSN, schema=schema) as opened:
+            yield opened
+
+
+def _table(schema: str, name: str) -> Any:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+
+def _loop_ids(session: Session) -> list[str]:
+    return [record.loop_id for record in session.loops]
+
+
+# -- Concurrency ----------------------------------------------------------------------------
+
+
+def test_processes_saving_overlapping_sessions_lose_no_loop(store: postgres.PostgresStore,
+                                                            admin: Any) -> None:
+    workers, rounds = 4, 12
+    gate = uuid.uuid4().int % 2**62
+    admin.execute("SELECT pg_advisory_lock(%s)", (gate,))
+    procs = [
+        subprocess.Popen([sys.executable, str(WORKER), DSN, store.schema, str(w), str(rounds), str(gate)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for w in range(workers)
+    ]
+    try:
+        # Open the gate only when every worker waits at it, so that all start together.
+        deadline = time.monotonic() + 60
+        while admin.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND ((classid::bigint << 32) | objid::bigint) = %s", (gate,)
+        ).fetchone()[0] < workers:
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "the workers did not reach the start gate"
+            time.sleep(0.02)
+    finally:
+        admin.execute("SELECT pg_advisory_unlock(%s)", (gate,))
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.strip() == "done"
+
+    summaries = {s.session_id: s for s in store.query()}
+    for session_id in SESSION_IDS:
+        loaded = store.load(session_id)
+        counts = Counter(_loop_ids(loaded))
+        own = {f"{session_id}.cfg.{own_loop_index(w, r)}" for w in range(workers) for r in range(rounds)}
+        shared = {f"{session_id}.cfg.{shared_loop_index(r)}" for r in range(SHARED_LOOPS)}
+        assert set(counts) == own | shared
+        assert set(counts.values()) == {1}
+        # Every loop was also saved finished (own loops in the next round, but for the
+        # last round's; shared ones by the even workers): the finished version won.
+        running = {r.loop_id for r in loaded.loops if r.status != "Completed"}
+        assert running == {f"{session_id}.cfg.{own_loop_index(w, rounds - 1)}" for w in range(workers)}
+        assert all(len(r.events) == 3 for r in loaded.loops if r.loop_id in own - running)
+        assert encode_session(decode_session(encode_session(loaded))) == encode_session(loaded)
+        summary = summaries[session_id]
+        assert summary.loop_count == len(counts)
+        assert summary.loops_by_status == {"Completed": len(counts) - workers, "Running": workers}
+
+
+def test_lock_wait_beyond_lock_timeout_raises_session_locked(schema: str, admin: Any) -> None:
+    with PostgresStore(DSN, schema=schema, lock_timeout=0.2) as store:
+        store.save(make_session("busy"))
+        store.save(make_session("idle", last_active_at=at(-10)))
+        with admin.transaction():
+            admin.execute(sql.SQL("SELECT 1 FROM {} WHERE session_id = 'busy' FOR UPDATE").format(
+                _table(schema, "sessions")))
+            started = time.monotonic()
+            with pytest.raises(SessionLocked, match="busy"):
+                store.save(make_session("busy", loops=[make_loop("busy", 2)]))
+            assert time.monotonic() - started < 5
+            with pytest.raises(SessionLocked):
+                store.delete("busy")
+            assert _loop_ids(store.load("busy")) == ["busy.cfg.1"]  # readers never wait
+            # prune skips the session being written instead of waiting for it
+            assert store.prune(keep_last=0) == 1
+        assert store.list_ids() == ["busy"]
+        store.save(make_session("busy", loops=[make_loop("busy", 2)]))  # the lock is gone
+        assert _loop_ids(store.load("busy")) == ["busy.cfg.1", "busy.cfg.2"]
+
+
+def test_repeated_loop_ids_are_matched_by_occurrence(store: postgres.PostgresStore) -> None:
+    store.save(make_session("s", loops=[make_loop("s", 1, status="Running"), make_loop("s", 1, tokens=1)]))
+    store.save(make_session("s", loops=[make_loop("s", 1, events=5), make_loop("s", 1, tokens=1),
+                                        make_loop("s", 1, tokens=2)]))
+    loaded = store.load("s")
+    assert _loop_ids(loaded) == ["s.cfg.1"] * 3
+    assert [(r.status, len(r.events), r.usage.total_tokens) for r in loaded.loops] == [
+        ("Completed", 5, 0), ("Completed", 0, 1), ("Completed", 0, 2)]
+
+
+# -- Schema and migrations ------------------------------------------------------------------
+
+
+def test_schema_version_is_recorded(store: postgres.PostgresStore, admin: Any) -> None:
+    row = admin.execute(sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(
+        _table(store.schema, "meta"))).fetchone()
+    assert row == (str(postgres.SCHEMA_VERSION),)
+
+
+def test_newer_schema_version_is_refused(store: postgres.PostgresStore, admin: Any) -> None:
+    admin.execute(sql.SQL("UPDATE {} SET value = %s WHERE key = 'schema_version'").format(
+        _table(store.schema, "meta")), (str(postgres.SCHEMA_VERSION + 1),))
+    with pytest.raises(StoreError, match=f"version {postgres.SCHEMA_VERSION + 1}.*newer"):
+        PostgresStore(DSN, schema=store.schema)
+
+
+def test_forward_migrations_run_in_order_and_atomically(
+    store: postgres.PostgresStore, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.save(make_session("kept"))
+    version = postgres.SCHEMA_VERSION
+    meta = sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(_table(store.schema, "meta"))
+    extra = _table(store.schema, "extra")
+    monkeypatch.setattr(postgres, "SCHEMA_VERSION", version + 2)
+
+    # A failing migration leaves nothing behind: not its first step, not the version.
+    monkeypatch.setattr(postgres, "_MIGRATIONS", (
+        *postgres._MIGRATIONS, ("CREATE TABLE {s}.extra (n INTEGER)",), ("SELECT no_such_function()",)))
+    with pytest.raises(StoreError, match="no_such_function"):
+        PostgresStore(DSN, schema=store.schema)
+    assert admin.execute(meta).fetchone() == (str(version),)
+    assert admin.execute("SELECT to_regclass(%s)", (f"{store.schema}.extra",)).fetchone() == (None,)
+
+    # The second migration needs the first one's table.
+    monkeypatch.setattr(postgres, "_MIGRATIONS", (
+        *postgres._MIGRATIONS[:version], ("CREATE TABLE {s}.extra (n INTEGER)",),
+        ("INSERT INTO {s}.extra SELECT count(*) FROM {s}.sessions",)))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        assert _loop_ids(migrated.load("kept")) == ["kept.cfg.1"]
+    assert admin.execute(meta).fetchone() == (str(version + 2),)
+    assert admin.execute(sql.SQL("SELECT n FROM {}").format(extra)).fetchall() == [(1,)]
+
+
+def test_processes_opening_a_new_schema_together_do_not_race(schema: str) -> None:
+    openers = 6
+    barrier = threading.Barrier(openers)
+    results: list[object] = []
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            with PostgresStore(DSN, schema=schema, pool_size=1) as opened:
+                results.append(opened.list_ids())
+        except BaseException as exc:  # reported below
+            results.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(openers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [[]] * openers
+
+
+# -- What the columns hold ------------------------------------------------------------------
+
+
+def test_values_beyond_bigint_survive_in_records_and_summaries(store: postgres.PostgresStore) -> None:
+    huge = 2**64 - 1
+    first = make_loop("s", 1, started_at=Timestamp.parse("9999-12-31T23:59:58.999999999Z"))
+    first.usage = Usage(input=huge, output=huge, reasoning=huge, cache_read=huge, cache_write=huge,
+                        total_tokens=huge)
+    ancient = Timestamp.parse("0001-01-01T00:00:00Z")  # before what BIGINT nanoseconds reach
+    session = make_session("s", loops=[first, make_loop("s", 2, tokens=8)], created_at=ancient,
+                           last_active_at=at(0))
+    session.rejected = True
+    session.scope = "persistent"
+    store.save(session)
+    assert encode_session(store.load("s")) == encode_session(session)
+    [summary] = store.query(min_tokens=huge)
+    assert summary.usage.total_tokens == huge + 8  # the token columns are NUMERIC
+    assert summary.created_at == ancient  # exact, from the stored header
+    assert summary.rejected
+    [day] = store.usage_totals("day")
+    assert (day.key, day.usage.total_tokens) == ("0001-01-01", huge + 8)
+
+
+def test_model_names_containing_slashes(store: postgres.PostgresStore) -> None:
+    store.save(make_session("r", loops=[make_loop("r", 1, model="openrouter/meta-llama/llama-3")]))
+    store.save(make_session("o", loops=[make_loop("o", 1, model="openai/gpt-4o")]))
+    for name in ("openrouter/meta-llama/llama-3", "meta-llama/llama-3"):
+        assert [s.session_id for s in store.query(model=name)] == ["r"]
+    assert store.query(model="openrouter") == []
+    assert store.query(model="llama-3") == []
+    assert [t.key for t in store.usage_totals("model")] == ["openai/gpt-4o", "openrouter/meta-llama/llama-3"]
+
+
+def test_explain_query_shows_the_plan(store: postgres.PostgresStore) -> None:
+    store.save(make_session("s"))
+    plan = store.explain_query(agent_id="agent", order="newest", limit=1)
+    assert "sessions" in plan and "Limit" in plan
+    assert "actual time" in store.explain_query(analyze=True, model="gpt-4o")
+
+
+def test_prune_removes_the_loop_rows_too(store: postgres.PostgresStore, admin: Any) -> None:
+    store.save(make_session("old", loops=[make_loop("old", 1), make_loop("old", 2)], last_active_at=at(0)))
+    store.save(make_session("new", last_active_at=at(100)))
+    assert store.prune(older_than=at(50)) == 1
+    rows = admin.execute(sql.SQL("SELECT session_id, count(*) FROM {} GROUP BY 1").format(
+        _table(store.schema, "loops"))).fetchall()
+    assert rows == [("new", 1)]
+
+
+def test_corrupt_rows_raise_store_error_and_are_skipped_in_listings(
+    store: postgres.PostgresStore, admin: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.save(make_session("good"))
+    store.save(make_session("bad"))
+    admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(
+        _table(store.schema, "loops")))
+    with pytest.raises(StoreError, match="'bad' is corrupt"):
+        store.load("bad")
+    with caplog.at_level(logging.WARNING):
+        assert [s.session_id for s in store.list_for_agent("agent")] == ["good"]
+    assert "'bad' is corrupt" in caplog.text
+
+
+# -- Errors and lifecycle -------------------------------------------------------------------
+
+
+def test_connection_failure_names_the_server_not_the_password() -> None:
+    with pytest.raises(StoreError) as info:
+        PostgresStore("postgresql://someone:s3cret-pw@127.0.0.1:1/nowhere", connect_timeout=2)
+    assert "someone@127.0.0.1:1/nowhere" in str(info.value)
+    assert "s3cret-pw" not in str(info.value) and "s3cret-pw" not in str(info.value.__cause__)
+
+
+def test_invalid_arguments_are_refused(schema: str) -> None:
+    with pytest.raises(ValueError):
+        PostgresStore(DSN, schema="x" * 64)  # PostgreSQL would silently truncate it
+    with pytest.raises(ValueError):
+        PostgresStore(DSN, schema=schema, lock_timeout=0)  # PostgreSQL reads 0 as "forever"
+    with pytest.raises(ValueError):
+        PostgresStore(DSN, schema=schema, pool_size=0)
+    with pytest.raises(StoreError, match="invalid PostgreSQL connection string") as info:
+        PostgresStore("host=x password=s3cret =oops", schema=schema)
+    assert "s3cret" not in str(info.value)
+
+
+def test_missing_psycopg_is_a_clear_store_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(postgres, "_MISSING_PSYCOPG", ImportError("No module named 'psycopg'"))
+    with pytest.raises(StoreError, match=r"phi-session\[postgres\]"):
+        PostgresStore(DSN)
+
+
+def test_a_dropped_connection_fails_one_call_then_is_replaced(schema: str, admin: Any) -> None:
+    name = f"phi_test_{uuid.uuid4().hex[:16]}"
+    dsn = psycopg.conninfo.make_conninfo(DSN, application_name=name)
+    with PostgresStore(dsn, schema=schema, pool_size=1) as store:
+        store.save(make_session("s"))
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                      (name,))
+        with pytest.raises(StoreError, match="listing sessions failed"):
+            store.list_ids()
+        assert store.list_ids() == ["s"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_must_open_its_own_store(store: postgres.PostgresStore) -> None:
+    store.save(make_session("s"))
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    def child() -> None:
+        try:
+            store.list_ids()
+            results.put("the child used its parent's connection")
+        except StoreError as exc:
+            results.put(str(exc))
+
+    process = context.Process(target=child)
+    process.start()
+    process.join(30)
+    assert "a forked process must open its own" in results.get(timeout=5)
+    assert store.list_ids() == ["s"]  # the parent's connection is intact
+
+
+def test_closed_store_refuses_work(schema: str) -> None:
+    store = PostgresStore(DSN, schema=schema)
+    store.close()
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.list_ids()
