@@ -1,0 +1,809 @@
+"""`SqliteStore`: the embedded default store, one SQLite file (stdlib ``sqlite3``).
+
+Layout. Table ``sessions`` holds one row per session: the header (every session
+field but the loops, as compact phi-core JSON) and the summary columns that
+listings, filters and totals read. Table ``loops`` holds one row per loop: its
+full record (compact phi-core JSON, `codec.encode_loop`) and the columns the
+model/status filters and per-model/per-day totals read. `load` rebuilds the
+Session from the header and the records, so it encodes to the bytes that were
+saved. `query` and `usage_totals` only read indexed columns, never records.
+
+Concurrency. Every thread gets its own connection, opened on first use; SQLite's
+locks do the rest, so the store may be shared by threads and the file by
+processes. The database runs in WAL mode: readers never wait for the writer. A
+writer waits for another writer for at most ``timeout`` seconds, then
+`SessionLocked` is raised. `close` releases the connections (the store reopens
+them on demand) and must not run while other threads use the store. SQLite
+connections must not cross ``fork()``: a store that has open connections when the
+process forks refuses to work in the child (`StoreError`) until `close` is called
+there; calling `close` before forking avoids that.
+
+Durability. ``synchronous=NORMAL`` by default: a power cut may lose the last
+commits but never corrupts the file or leaves half a session (every save is one
+transaction); pass ``synchronous="FULL"`` to make each commit durable.
+
+Numbers. SQLite integers are signed 64-bit; phi-core's token counters are
+unsigned 64-bit and its instants reach year 9999. Values beyond SQLite's range
+saturate in the integer columns, which only sort and filter (a session with more
+than 2**63-1 tokens sorts and filters as if it had 2**63-1; instants outside
+1677-2262 as those years' bounds). Nothing exact is lost: timestamps are also
+kept as text, the records keep every value, and the summaries and totals of a
+session whose token counts saturated are computed from its records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import msgspec
+from msgspec.structs import replace
+
+from .._time import Timestamp
+from ..codec import decode_loop, decode_session, encode_loop, encode_session
+from ..errors import DecodeError, SessionLocked, SessionNotFound, StoreError
+from ..messages import ZERO_USAGE, Usage
+from ..model import LoopRecord, LoopStatus, Session
+from .base import (
+    AsyncTwins,
+    GroupBy,
+    Order,
+    SessionSummary,
+    UsageTotal,
+    merge_sessions,
+    summarize,
+    validate_session_id,
+)
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
+
+logger = logging.getLogger(__name__)
+
+Synchronous = Literal["NORMAL", "FULL"]
+
+# Marks the file as a phi-session database (PRAGMA application_id), so that a
+# foreign SQLite file is refused instead of having tables added to it.
+APPLICATION_ID = int.from_bytes(b"phiS", "big")
+
+_I64_MIN = -(2**63)
+_I64_MAX = 2**63 - 1
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
+_STATUSES: tuple[LoopStatus, ...] = get_args(LoopStatus)
+_STATUS_COLUMNS = {status: f"loops_{status.lower()}" for status in _STATUSES}
+_TOKEN_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
+_TOKEN_COLUMNS = ("input_tokens", "output_tokens", "reasoning_tokens", "cache_read_tokens",
+                  "cache_write_tokens", "total_tokens")
+_TOKEN_SUMS_SQL = ", ".join(f"SUM({column})" for column in _TOKEN_COLUMNS)
+
+# -- Schema ------------------------------------------------------------------------------
+
+
+# Released migrations are frozen: never edit one, append the next. Their SQL is
+# therefore spelled out rather than derived from the column lists below.
+_SCHEMA_V1 = (
+    """CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY NOT NULL,
+        agent_id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        last_active_at TEXT NOT NULL,
+        created_at_ns INTEGER NOT NULL,
+        last_active_at_ns INTEGER NOT NULL,
+        save_seq INTEGER NOT NULL,
+        formation TEXT NOT NULL,
+        parent_session_id TEXT,
+        rejected INTEGER NOT NULL,
+        loop_count INTEGER NOT NULL,
+        turn_count INTEGER NOT NULL,
+        loops_pending INTEGER NOT NULL,
+        loops_running INTEGER NOT NULL,
+        loops_completed INTEGER NOT NULL,
+        loops_rejected INTEGER NOT NULL,
+        loops_aborted INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL,
+        cache_read_tokens INTEGER NOT NULL,
+        cache_write_tokens INTEGER NOT NULL,
+        total_tokens INTEGER NOT NULL,
+        models TEXT NOT NULL,
+        exact INTEGER NOT NULL,
+        header BLOB NOT NULL
+    )""",
+    """CREATE TABLE loops (
+        session_id TEXT NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        loop_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_at_ns INTEGER NOT NULL,
+        ended_at_ns INTEGER,
+        provider TEXT,
+        model TEXT,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL,
+        cache_read_tokens INTEGER NOT NULL,
+        cache_write_tokens INTEGER NOT NULL,
+        total_tokens INTEGER NOT NULL,
+        record BLOB NOT NULL,
+        UNIQUE (session_id, position)
+    )""",
+    # Shaped after the orders of `_ORDER_SQL` so that a LIMIT stops early; total_tokens
+    # lets a min_tokens filter skip rows without reading them.
+    "CREATE INDEX sessions_agent_active ON sessions "
+    "(agent_id, last_active_at_ns DESC, session_id, total_tokens)",
+    "CREATE INDEX sessions_active ON sessions (last_active_at_ns DESC, session_id, total_tokens)",
+    "CREATE INDEX sessions_saved ON sessions (save_seq)",
+    "CREATE INDEX sessions_parent ON sessions (parent_session_id) WHERE parent_session_id IS NOT NULL",
+    "CREATE INDEX sessions_tokens ON sessions (total_tokens DESC, session_id)",
+    "CREATE INDEX sessions_inexact ON sessions (session_id) WHERE NOT exact",
+    # Cover the loop filters (both shapes of `_loop_filter`) and the per-model totals:
+    # none of them reads the wide rows.
+    "CREATE INDEX loops_model ON loops (model, session_id, provider, input_tokens, output_tokens, "
+    "reasoning_tokens, cache_read_tokens, cache_write_tokens, total_tokens)",
+    "CREATE INDEX loops_status ON loops (status, session_id)",
+)
+
+
+def _create_v1(conn: sqlite3.Connection) -> None:
+    # One statement per execute(): executescript() would commit the migration's transaction.
+    for statement in _SCHEMA_V1:
+        conn.execute(statement)
+
+
+Migration = Callable[[sqlite3.Connection], None]
+
+MIGRATIONS: tuple[Migration, ...] = (_create_v1,)
+"""Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
+
+They run in order, all inside one ``BEGIN IMMEDIATE`` transaction that also sets
+``PRAGMA user_version``, so a failed migration leaves the database as it was.
+"""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# -- Errors ----------------------------------------------------------------------------
+
+# SQLite's primary result codes (stable C API values; ``sqlite3`` names them only from 3.11).
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_FULL = 13
+
+
+def _primary_code(error: sqlite3.Error) -> int | None:
+    code: int | None = getattr(error, "sqlite_errorcode", None)  # Python >= 3.11
+    return None if code is None else code & 0xFF
+
+
+def _is_busy(error: sqlite3.Error) -> bool:
+    code = _primary_code(error)
+    if code is not None:
+        return code in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "locked" in str(error) or "busy" in str(error)
+
+
+# -- Row building --------------------------------------------------------------------------
+
+
+def _clamp(value: int) -> int:
+    """`value` saturated to SQLite's signed 64-bit integers."""
+    return _I64_MIN if value < _I64_MIN else _I64_MAX if value > _I64_MAX else value
+
+
+def _token_columns(usage: Usage) -> list[int]:
+    return [_clamp(getattr(usage, name)) for name in _TOKEN_FIELDS]
+
+
+def _header(session: Session) -> bytes:
+    return encode_session(replace(session, loops=[]), pretty=False)
+
+
+def _loop_row(record: LoopRecord) -> list[Any]:
+    """The columns of one loop row after ``(session_id, position)``, without the record."""
+    config = record.config
+    ended = record.ended_at
+    return [
+        record.loop_id,
+        record.status,
+        _clamp(record.started_at.ns),
+        None if ended is None else _clamp(ended.ns),
+        None if config is None else config.provider,
+        None if config is None else config.model,
+        *_token_columns(record.usage),
+    ]
+
+
+# What a listing reads (`_summary_from_row`), then what only sorts, filters or loads.
+_SUMMARY_COLUMNS = (
+    "session_id", "agent_id", "created_at", "last_active_at", "formation", "parent_session_id",
+    "rejected", "loop_count", "turn_count", *_STATUS_COLUMNS.values(), *_TOKEN_COLUMNS, "models", "exact",
+)
+_SESSION_COLUMNS = (*_SUMMARY_COLUMNS, "created_at_ns", "last_active_at_ns", "header")
+
+
+def _session_row(session: Session) -> list[Any]:
+    """The `_SESSION_COLUMNS` of a (merged) session."""
+    summary = summarize(session)
+    tokens = [getattr(summary.usage, name) for name in _TOKEN_FIELDS]
+    return [
+        session.session_id,
+        session.agent_id,
+        str(session.created_at),
+        str(session.last_active_at),
+        summary.formation,
+        summary.parent_session_id,
+        int(summary.rejected),
+        summary.loop_count,
+        summary.turn_count,
+        *(summary.loops_by_status.get(status, 0) for status in _STATUSES),
+        *map(_clamp, tokens),
+        msgspec.json.encode(summary.models).decode(),
+        # Token counts are unsigned: a loop's beyond 64 signed bits makes the session's too.
+        int(all(value <= _I64_MAX for value in tokens)),
+        _clamp(session.created_at.ns),
+        _clamp(session.last_active_at.ns),
+        _header(session),
+    ]
+
+
+_UPSERT_SESSION = (
+    f"INSERT INTO sessions ({', '.join(_SESSION_COLUMNS)}, save_seq) "
+    f"VALUES ({', '.join('?' * len(_SESSION_COLUMNS))}, "
+    "(SELECT COALESCE(MAX(save_seq), 0) + 1 FROM sessions)) ON CONFLICT (session_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in (*_SESSION_COLUMNS[1:], "save_seq"))
+)
+_LOOP_COLUMNS = ("session_id", "position", "loop_id", "status", "started_at_ns", "ended_at_ns",
+                 "provider", "model", *_TOKEN_COLUMNS, "record")
+_UPSERT_LOOP = (
+    f"INSERT INTO loops ({', '.join(_LOOP_COLUMNS)}) VALUES ({', '.join('?' * len(_LOOP_COLUMNS))}) "
+    "ON CONFLICT (session_id, position) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _LOOP_COLUMNS[2:])
+)
+_SUMMARY_SQL = f"SELECT {', '.join(_SUMMARY_COLUMNS)} FROM sessions"
+_STATUS_SLICE = slice(9, 9 + len(_STATUSES))
+_TOKEN_SLICE = slice(_STATUS_SLICE.stop, _STATUS_SLICE.stop + len(_TOKEN_FIELDS))
+
+
+def _summary_from_row(row: Sequence[Any]) -> SessionSummary:
+    """A summary from a `_SUMMARY_SQL` row whose ``exact`` is set (see `_session_row`)."""
+    session_id, agent_id, created_at, last_active_at, formation, parent, rejected, loops, turns = row[:9]
+    return SessionSummary(
+        session_id=session_id,
+        agent_id=agent_id,
+        created_at=Timestamp(created_at),  # written as str(Timestamp): canonical
+        last_active_at=Timestamp(last_active_at),
+        formation=formation,
+        parent_session_id=parent,
+        rejected=bool(rejected),
+        loop_count=loops,
+        loops_by_status={status: n for status, n in zip(_STATUSES, row[_STATUS_SLICE], strict=True) if n},
+        turn_count=turns,
+        usage=Usage(**dict(zip(_TOKEN_FIELDS, row[_TOKEN_SLICE], strict=True))),
+        models=tuple(msgspec.json.decode(row[_TOKEN_SLICE.stop])),
+    )
+
+
+# -- Queries ---------------------------------------------------------------------------
+
+# Ties by session id, in every order (as the other stores).
+_ORDER_SQL: dict[str, str] = {
+    "newest": "last_active_at_ns DESC, session_id",
+    "oldest": "last_active_at_ns, session_id",
+    "tokens": "total_tokens DESC, session_id",
+}
+# Most recently saved first: `save_seq` grows with every save (no ties).
+_SAVED_ORDER_SQL = "save_seq DESC"
+
+
+def _loop_filter(lookups: Sequence[tuple[str, Sequence[Any]]], *, limited: bool) -> tuple[str, list[Any]]:
+    """Sessions having a loop that meets one of `lookups` (``(condition, params)`` pairs).
+
+    Two shapes, for SQLite's planner, which cannot tell how selective a value is:
+    with a LIMIT, a correlated EXISTS probe per session, so that the scan in the
+    order's index stops after LIMIT matches; without, an IN list gathered from the
+    covering index, fast when the value is rare.
+    """
+    params: list[Any] = []
+    for _, lookup_params in lookups:
+        params += lookup_params
+    if limited:
+        probes = [f"EXISTS (SELECT 1 FROM loops WHERE loops.session_id = sessions.session_id AND {condition})"
+                  for condition, _ in lookups]
+        return "(" + " OR ".join(probes) + ")", params
+    union = " UNION ALL ".join(f"SELECT session_id FROM loops WHERE {condition}" for condition, _ in lookups)
+    return f"session_id IN ({union})", params
+
+
+def _model_lookups(model: str) -> list[tuple[str, Sequence[Any]]]:
+    """Loops whose model is `model`, or whose ``provider/model`` is: providers and
+    models may both contain ``/``, so every split point is an alternative."""
+    lookups: list[tuple[str, Sequence[Any]]] = [("model = ?", [model])]
+    for index, char in enumerate(model):
+        if char == "/":
+            lookups.append(("model = ? AND provider = ?", [model[index + 1:], model[:index]]))
+    return lookups
+
+
+def _select_summaries(
+    *,
+    agent_id: str | None = None,
+    since: Timestamp | None = None,
+    until: Timestamp | None = None,
+    status: str | None = None,
+    model: str | None = None,
+    min_tokens: int | None = None,
+    parent_session_id: str | None = None,
+    limit: int | None = None,
+    order: Order = "newest",
+) -> tuple[str, list[Any]]:
+    """The SQL and parameters of `SqliteStore.query` (see there for the filters)."""
+    where: list[str] = []
+    params: list[Any] = []
+    if agent_id is not None:
+        where.append("agent_id = ?")
+        params.append(agent_id)
+    if since is not None:
+        where.append("last_active_at_ns >= ?")
+        params.append(_clamp(since.ns))
+    if until is not None:
+        where.append("last_active_at_ns < ?")
+        params.append(_clamp(until.ns))
+    if status is not None:
+        if status not in _STATUSES:
+            raise ValueError(f"unknown loop status {status!r}; expected one of {', '.join(_STATUSES)}")
+        condition, loop_params = _loop_filter([("status = ?", [status])], limited=limit is not None)
+        where.append(condition)
+        params += loop_params
+    if model is not None:
+        condition, loop_params = _loop_filter(_model_lookups(model), limited=limit is not None)
+        where.append(condition)
+        params += loop_params
+    if min_tokens is not None:
+        where.append("total_tokens >= ?")
+        params.append(_clamp(min_tokens))
+    if parent_session_id is not None:
+        where.append("parent_session_id = ?")
+        params.append(parent_session_id)
+    if order not in _ORDER_SQL:
+        raise ValueError(f"unknown order {order!r}; expected one of {', '.join(_ORDER_SQL)}")
+    sql = _SUMMARY_SQL
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY {_ORDER_SQL[order]}"
+    if limit is not None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params
+
+
+# The UTC date of created_at: its canonical text up to the "T" (any year, as the other stores).
+_DAY_SQL = "substr(created_at, 1, instr(created_at, 'T') - 1)"
+_BY_SESSION_SQL = f"COUNT(*), SUM(loop_count), {_TOKEN_SUMS_SQL} FROM sessions"
+_TOTALS_SQL: dict[str, str] = {
+    "agent": f"SELECT agent_id AS key, {_BY_SESSION_SQL} GROUP BY key ORDER BY key",
+    "day": f"SELECT {_DAY_SQL} AS key, {_BY_SESSION_SQL} GROUP BY key ORDER BY key",
+    "model": f"SELECT COALESCE(provider || '/' || model, 'unknown') AS key, COUNT(DISTINCT session_id), "
+             f"COUNT(*), {_TOKEN_SUMS_SQL} FROM loops GROUP BY key ORDER BY key",
+}
+
+
+def _usage_by_key(session: Session, group_by: GroupBy) -> dict[str, tuple[int, Usage]]:
+    """What `session` adds to each `usage_totals` key: loops and usage (as `_TOTALS_SQL`)."""
+    if group_by == "agent":
+        return {session.agent_id: (len(session.loops), session.total_usage())}
+    if group_by == "day":
+        return {str(session.created_at).partition("T")[0]: (len(session.loops), session.total_usage())}
+    by_model: dict[str, tuple[int, Usage]] = {}
+    for record in session.loops:
+        config = record.config
+        key = "unknown" if config is None else f"{config.provider}/{config.model}"
+        loops, usage = by_model.get(key, (0, ZERO_USAGE))
+        by_model[key] = (loops + 1, usage + record.usage)
+    return by_model
+
+
+# -- The store -------------------------------------------------------------------------------
+
+
+# Connections inherited through fork(): SQLite must neither use nor close them in the
+# child (closing runs its last-connection cleanup against the parent's live files),
+# so the child keeps them referenced and untouched.
+_FORKED_AWAY: list[sqlite3.Connection] = []
+
+
+def _release(conn: sqlite3.Connection, pid: int) -> None:
+    if os.getpid() == pid:
+        conn.close()
+    else:
+        _FORKED_AWAY.append(conn)
+
+
+class _Connection:
+    """A thread's connection; released when the thread (or `close`) drops it."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+
+
+class SqliteStore(AsyncTwins):
+    """Sessions in one SQLite file; see the module docstring for layout and guarantees.
+
+    `path` is created (with its parent directories) if missing. `timeout` bounds,
+    in seconds, how long a write waits for another writer before `SessionLocked`.
+    Raises `StoreError` if the file is not a phi-session database or was written
+    by a newer phi-session (schema version above `SCHEMA_VERSION`).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 5.0,
+        synchronous: Synchronous = "NORMAL",
+    ) -> None:
+        text = os.fspath(path)
+        if text in ("", ":memory:") or text.startswith("file:"):
+            raise StoreError(
+                f"SqliteStore needs a file path, got {text!r}: every thread opens its own "
+                "connection, so an in-memory database would not be shared (use a temporary file)"
+            )
+        if synchronous not in get_args(Synchronous):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
+        self.path = Path(text).absolute()
+        self.timeout = timeout
+        self.synchronous = synchronous
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: list[tuple[int, weakref.finalize[Any, Any]]] = []  # (pid, release)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot create the directory of {self.path}: {error}") from error
+        try:
+            with self._errors("open"):
+                self._migrate(self._connection())
+        finally:
+            # Holding no connection until first use, a store opened before a fork() is
+            # safe to use on both sides of it.
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- Connections and transactions ----------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened (and configured) on first use."""
+        holder: _Connection | None = getattr(self._local, "holder", None)
+        if holder is not None and holder.pid == os.getpid():
+            return holder.conn
+        with self._lock:
+            self._open = [(pid, release) for pid, release in self._open if release.alive]
+            if any(pid != os.getpid() for pid, _ in self._open):
+                raise StoreError(
+                    f"{self!r} had open SQLite connections when this process was forked, and SQLite "
+                    "connections must not cross fork(): call close() before forking (the store "
+                    "reconnects on its next use), or open the store in the child"
+                )
+        # check_same_thread=False only so that `close` may close every thread's connection.
+        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            # Only takes effect on a new, empty file: lets `prune` give pages back.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            # Checkpoints shrink the WAL back to this after a large transaction (or a prune).
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+        except BaseException:
+            conn.close()
+            raise
+        holder = _Connection(conn)
+        with self._lock:
+            self._open.append((holder.pid, weakref.finalize(holder, _release, conn, holder.pid)))
+        self._local.holder = holder
+        return conn
+
+    @contextmanager
+    def _errors(self, action: str, session_id: str | None = None) -> Iterator[None]:
+        """Translate sqlite3 errors into phi-session errors naming the file and the action."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            what = f"{action} {session_id!r}" if session_id is not None else action
+            if _is_busy(error):
+                raise SessionLocked(
+                    f"{self.path}: {what}: the database stayed locked by another writer "
+                    f"for more than {self.timeout} s"
+                ) from error
+            if _primary_code(error) == _SQLITE_FULL:
+                raise StoreError(f"{self.path}: {what}: disk or database full ({error}); "
+                                 "nothing of this operation was written") from error
+            raise StoreError(f"{self.path}: {what} failed: {error}") from error
+
+    @contextmanager
+    def _transaction(self, action: str, session_id: str | None = None, *,
+                     write: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction; a write one takes the write lock up front (no upgrade deadlocks)."""
+        with self._errors(action, session_id):
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    conn.rollback()
+                raise
+            conn.execute("COMMIT")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = self._check_version(conn)
+        if version == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._check_version(conn)  # another process may have migrated meanwhile
+            for migration in MIGRATIONS[version:]:
+                migration(conn)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+        conn.execute("COMMIT")
+
+    def _check_version(self, conn: sqlite3.Connection) -> int:
+        (application_id,) = conn.execute("PRAGMA application_id").fetchone()
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if application_id == 0 and version == 0:
+            if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None:
+                raise StoreError(f"{self.path} is an SQLite database of another application "
+                                 "(it has tables but no phi-session schema); refusing to use it")
+            return 0
+        if application_id != APPLICATION_ID:
+            raise StoreError(f"{self.path} is not a phi-session database "
+                             f"(application_id {application_id:#x})")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this phi-session "
+                f"understands ({SCHEMA_VERSION}); upgrade phi-session to open it"
+            )
+        return int(version)
+
+    def schema_version(self) -> int:
+        """The schema version stored in the file (``PRAGMA user_version``)."""
+        with self._errors("read the schema version"):
+            return int(self._connection().execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the connections of every thread. Idempotent; the store stays usable and
+        reconnects on its next use. Must not run while other threads use the store."""
+        with self._lock:
+            releases, self._open = self._open, []
+        for _, release in releases:
+            release()
+        self._local = threading.local()
+
+    # -- Reading -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_rows(conn: sqlite3.Connection, session_id: str) -> tuple[bytes, list[bytes]] | None:
+        """The stored header and loop records of `session_id`, or None."""
+        row = conn.execute("SELECT header FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+        if row is None:
+            return None
+        records = conn.execute(
+            "SELECT record FROM loops WHERE session_id = ? ORDER BY position", (session_id,)).fetchall()
+        return row[0], [record for (record,) in records]
+
+    def _decode(self, session_id: str, header: bytes, records: list[bytes]) -> Session:
+        # Our own encoder wrote these bytes: the strict re-scan that matches phi-core on
+        # hand-written input would only cost time, and would alter what a lenient decode
+        # kept (integers beyond 64 bits), which must come back as it went in.
+        try:
+            session = decode_session(header, strict=False)
+            session.loops = [decode_loop(record, strict=False) for record in records]
+        except DecodeError as error:
+            raise StoreError(f"{self.path}: stored session {session_id!r} is corrupt: {error}") from error
+        return session
+
+    def _read_session(self, conn: sqlite3.Connection, session_id: str) -> Session:
+        """`session_id` as stored; `SessionNotFound`, or `StoreError` if it does not decode."""
+        rows = self._read_rows(conn, session_id)
+        if rows is None:
+            raise SessionNotFound(f"no session {session_id!r} in {self.path}")
+        return self._decode(session_id, *rows)
+
+    def load(self, session_id: str) -> Session:
+        validate_session_id(session_id)
+        with self._transaction("load", session_id) as conn:
+            return self._read_session(conn, session_id)
+
+    def list_ids(self) -> list[str]:
+        """Every stored session id, most recently saved first."""
+        with self._errors("list sessions"):
+            rows = self._connection().execute(
+                f"SELECT session_id FROM sessions ORDER BY {_SAVED_ORDER_SQL}").fetchall()
+        return [session_id for (session_id,) in rows]
+
+    def list_for_agent(self, agent_id: str) -> list[Session]:
+        """The sessions of `agent_id`, most recently saved first, read in one snapshot.
+
+        A stored session that does not decode is skipped with a logged warning.
+        """
+        sessions: list[Session] = []
+        with self._transaction("list sessions of agent", agent_id) as conn:
+            ids = conn.execute(
+                f"SELECT session_id FROM sessions WHERE agent_id = ? ORDER BY {_SAVED_ORDER_SQL}",
+                (agent_id,),
+            ).fetchall()
+            for (session_id,) in ids:
+                try:
+                    sessions.append(self._read_session(conn, session_id))
+                except StoreError as error:
+                    logger.warning("skipping unreadable session %r: %s", session_id, error)
+        return sessions
+
+    # -- Writing -------------------------------------------------------------------------------
+
+    def save(self, session: Session) -> None:
+        """Store `session`, merged with what is stored under its id (`merge_sessions`).
+
+        One ``BEGIN IMMEDIATE`` transaction: concurrent saves of one id serialize and
+        none loses a loop; a failure (disk full, lock timeout) leaves the stored
+        session as it was. Loop rows whose record did not change are not rewritten.
+        """
+        session_id = validate_session_id(session.session_id)
+        with self._transaction("save", session_id, write=True) as conn:
+            rows = self._read_rows(conn, session_id)
+            stored_records: list[bytes] = []
+            stored_loops: list[LoopRecord] = []
+            if rows is not None:
+                stored = self._decode(session_id, *rows)  # a corrupt one is never overwritten
+                stored_records, stored_loops = rows[1], stored.loops
+                session = merge_sessions(stored, session)
+            loop_rows: list[list[Any]] = []
+            for position, record in enumerate(session.loops):
+                if position < len(stored_loops) and record is stored_loops[position]:
+                    continue  # the stored version won the merge
+                blob = encode_loop(record, pretty=False)
+                if position < len(stored_records) and blob == stored_records[position]:
+                    continue
+                loop_rows.append([session_id, position, *_loop_row(record), blob])
+            conn.execute(_UPSERT_SESSION, _session_row(session))
+            conn.executemany(_UPSERT_LOOP, loop_rows)
+
+    def delete(self, session_id: str) -> None:
+        validate_session_id(session_id)
+        with self._transaction("delete", session_id, write=True) as conn:
+            deleted = conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount
+        if not deleted:
+            raise SessionNotFound(f"no session {session_id!r} in {self.path}")
+
+    def prune(
+        self,
+        *,
+        older_than: Timestamp | None = None,
+        keep_last: int | None = None,
+        agent_id: str | None = None,
+    ) -> int:
+        """Delete whole sessions; return how many.
+
+        Deleted: the sessions (of `agent_id`, if given) last active before
+        `older_than`, except the `keep_last` most recently active ones. At least
+        one of `older_than` and `keep_last` is required. The freed pages are then
+        given back to the file system: ``PRAGMA incremental_vacuum`` after the
+        deleting transaction, which moves only what is needed to truncate the file
+        (a full ``VACUUM`` would rewrite the whole database on every prune).
+        """
+        if older_than is None and keep_last is None:
+            raise ValueError("prune needs older_than and/or keep_last")
+        if keep_last is not None and keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+        scope = "agent_id = ?" if agent_id is not None else "1"
+        scope_params: list[Any] = [agent_id] if agent_id is not None else []
+        conditions, params = [scope], list(scope_params)
+        if older_than is not None:
+            conditions.append("last_active_at_ns < ?")
+            params.append(_clamp(older_than.ns))
+        if keep_last is not None:
+            conditions.append(f"session_id NOT IN (SELECT session_id FROM sessions WHERE {scope} "
+                              f"ORDER BY {_ORDER_SQL['newest']} LIMIT ?)")
+            params += [*scope_params, keep_last]
+        with self._transaction("prune", write=True) as conn:
+            deleted: int = conn.execute(
+                f"DELETE FROM sessions WHERE {' AND '.join(conditions)}", params).rowcount
+        if deleted:
+            with self._errors("reclaim space after prune"):
+                conn = self._connection()
+                # executescript() steps the pragma to completion; execute() frees one page.
+                conn.executescript("PRAGMA incremental_vacuum")
+                # Copy the shrunken database back from the WAL so that the file itself shrinks.
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return deleted
+
+    # -- Queries ---------------------------------------------------------------------------
+
+    def query(
+        self,
+        *,
+        agent_id: str | None = None,
+        since: Timestamp | None = None,
+        until: Timestamp | None = None,
+        status: str | None = None,
+        model: str | None = None,
+        min_tokens: int | None = None,
+        parent_session_id: str | None = None,
+        limit: int | None = None,
+        order: Order = "newest",
+    ) -> list[SessionSummary]:
+        """Summaries of the matching sessions, from the indexed columns only.
+
+        `since`/`until` bound the last activity (inclusive); `status` keeps sessions
+        with at least one loop in that status; `model` matches a loop's
+        ``provider/model`` or its bare model; `min_tokens` bounds total tokens.
+        Orders: ``newest``/``oldest`` by last activity, ``tokens`` most first.
+        """
+        sql, params = _select_summaries(
+            agent_id=agent_id, since=since, until=until, status=status, model=model,
+            min_tokens=min_tokens, parent_session_id=parent_session_id, limit=limit, order=order,
+        )
+        with self._transaction("query") as conn:
+            return [
+                _summary_from_row(row) if row[-1] else summarize(self._read_session(conn, row[0]))
+                for row in conn.execute(sql, params).fetchall()
+            ]
+
+    def explain_query(self, **filters: Any) -> str:
+        """SQLite's ``EXPLAIN QUERY PLAN`` of `query` with these filters, one step a line."""
+        sql, params = _select_summaries(**filters)
+        with self._errors("explain query"):
+            rows = self._connection().execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+        return "\n".join(str(row[-1]) for row in rows)
+
+    def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
+        """Usage per agent, per ``provider/model`` (``"unknown"``: loops without a config)
+        or per UTC day of the sessions' creation (``YYYY-MM-DD``), sorted by key; see
+        `SessionStore.usage_totals`. One SQL aggregate over the summary columns."""
+        if group_by not in _TOTALS_SQL:
+            raise ValueError(f"unknown group_by {group_by!r}; expected one of {', '.join(_TOTALS_SQL)}")
+        with self._transaction("usage totals") as conn:
+            if conn.execute("SELECT 1 FROM sessions WHERE NOT exact LIMIT 1").fetchone() is not None:
+                return self._usage_totals_from_records(conn, group_by)
+            rows = conn.execute(_TOTALS_SQL[group_by]).fetchall()
+        return [
+            UsageTotal(key=key, sessions=sessions, loops=loops,
+                       usage=Usage(**dict(zip(_TOKEN_FIELDS, tokens, strict=True))))
+            for key, sessions, loops, *tokens in rows
+        ]
+
+    def _usage_totals_from_records(self, conn: sqlite3.Connection, group_by: GroupBy) -> list[UsageTotal]:
+        """`usage_totals` computed from the records, for when some numbers overflow the columns."""
+        totals: dict[str, tuple[int, int, Usage]] = {}
+        for (session_id,) in conn.execute("SELECT session_id FROM sessions").fetchall():
+            for key, (loops, usage) in _usage_by_key(self._read_session(conn, session_id), group_by).items():
+                sessions, total_loops, total = totals.get(key, (0, 0, ZERO_USAGE))
+                totals[key] = (sessions + 1, total_loops + loops, total + usage)
+        return [
+            UsageTotal(key=key, sessions=sessions, loops=loops, usage=usage)
+            for key, (sessions, loops, usage) in sorted(totals.items())
+        ]

@@ -1,0 +1,160 @@
+"""Pick and open a store from one string: a URL, a directory, or the environment.
+
+Accepted forms (`open_store`):
+
+* ``sqlite:///abs/path.db`` or ``sqlite:relative/path.db`` -> `SqliteStore`; optional
+  query parameters ``timeout`` (seconds) and ``synchronous`` (``NORMAL`` or ``FULL``),
+  e.g. ``sqlite:///var/lib/agents.db?synchronous=FULL``;
+* ``postgresql://…`` or ``postgres://…`` (a libpq URL) -> `PostgresStore`;
+* ``file:///abs/dir``, or a plain path that is an existing directory or ends with
+  ``/`` -> `JsonDirStore` (phi-core's directory layout);
+* nothing -> the ``PHI_SESSION_STORE`` environment variable if it is set, else
+  ``sqlite:///<cwd>/.phi-session/sessions.db``.
+
+Backends other than SQLite are imported only when asked for, so that
+``import phi_session`` never needs psycopg.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ..errors import StoreError
+from .base import SessionStore
+from .sqlite import SqliteStore
+
+__all__ = ["ENV_VAR", "default_store", "default_store_url", "open_store"]
+
+ENV_VAR = "PHI_SESSION_STORE"
+
+ACCEPTED_FORMS = (
+    "sqlite:///absolute/path.db, sqlite:relative/path.db (options: ?timeout=SECONDS&synchronous=FULL), "
+    "postgresql://user@host/db (or postgres://), file:///absolute/dir, "
+    "or a directory path (existing, or ending with '/')"
+)
+
+# A URL scheme of two characters or more: "C:" is a Windows drive, not a scheme.
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
+_SQLITE_OPTIONS = {"timeout", "synchronous"}
+
+
+def default_store_url() -> str:
+    """``$PHI_SESSION_STORE`` if set, else the SQLite file ``.phi-session/sessions.db`` in the cwd."""
+    configured = os.environ.get(ENV_VAR)
+    if configured is not None:
+        return configured
+    return f"sqlite:///{(Path.cwd() / '.phi-session' / 'sessions.db').as_posix().lstrip('/')}"
+
+
+def default_store() -> SessionStore:
+    """The store `open_store` opens when given nothing (see `default_store_url`)."""
+    return open_store(None)
+
+
+def open_store(url: str | os.PathLike[str] | None = None) -> SessionStore:
+    """Open the store `url` names (forms in the module docstring); `None`: the default.
+
+    Raises `StoreError` for a URL of no accepted form, naming the accepted forms
+    (and ``PHI_SESSION_STORE`` when the bad value came from there), and whatever
+    the backend raises on opening (`StoreError` for an unreachable database, a
+    missing optional dependency, a newer schema, …).
+    """
+    if url is None:
+        value = default_store_url()
+        try:
+            return _open(value)
+        except _BadUrl as error:
+            raise StoreError(f"environment variable {ENV_VAR}={value!r} is not a store: {error}") from None
+    try:
+        if isinstance(url, str):
+            return _open(url)
+        return _directory(Path(url), str(url))
+    except _BadUrl as error:
+        raise StoreError(str(error)) from None
+
+
+class _BadUrl(Exception):
+    """The string names no store; turned into `StoreError` by `open_store`."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}; accepted: {ACCEPTED_FORMS}")
+
+
+def _open(url: str) -> SessionStore:
+    if not url.strip():
+        raise _BadUrl("empty store URL")
+    match = _SCHEME.match(url)
+    if match is None:
+        return _directory(Path(url).expanduser(), url)
+    scheme = match.group(1).lower()
+    if scheme == "sqlite":
+        return _sqlite(url[match.end():])
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore  # psycopg is optional
+
+        return PostgresStore(url)
+    if scheme == "file":
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise _BadUrl(f"file URL {url!r} names a host ({parts.netloc!r}); only local directories work")
+        from .json_dir import JsonDirStore
+
+        return JsonDirStore(_local_path(unquote(parts.path)))
+    # Only the scheme is shown: the rest of an unknown URL may hold a password.
+    raise _BadUrl(f"unknown store URL scheme {scheme!r}")
+
+
+def _directory(path: Path, given: str) -> SessionStore:
+    if not (path.is_dir() or given.endswith(("/", os.sep))):
+        raise _BadUrl(
+            f"{given!r} is not a directory (end it with '/' to create one, or write sqlite:{given} "
+            "for an SQLite file)"
+        )
+    from .json_dir import JsonDirStore
+
+    return JsonDirStore(path)
+
+
+def _sqlite(rest: str) -> SqliteStore:
+    """``sqlite:`` + ``///abs/path`` or ``relative/path``, then ``?options``."""
+    location, _, query = rest.partition("?")
+    if location.startswith("//"):
+        host, slash, path = location[2:].partition("/")
+        if host:
+            raise _BadUrl(f"sqlite URL names a host ({host!r}); write sqlite:///absolute/path.db")
+        location = slash + path
+    location = _local_path(unquote(location))
+    if location in ("", "/"):
+        raise _BadUrl("sqlite URL without a file path")
+    options: dict[str, Any] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise _BadUrl(f"malformed sqlite URL options {query!r}") from None
+    for name, value in pairs:
+        if name not in _SQLITE_OPTIONS:
+            raise _BadUrl(f"unknown sqlite URL option {name!r} (known: {', '.join(sorted(_SQLITE_OPTIONS))})")
+        if name == "timeout":
+            try:
+                options["timeout"] = float(value)
+            except ValueError:
+                raise _BadUrl(f"sqlite URL option timeout={value!r} is not a number of seconds") from None
+            if not options["timeout"] >= 0:
+                raise _BadUrl(f"sqlite URL option timeout={value!r} must be >= 0")
+        else:
+            if value.upper() not in ("NORMAL", "FULL"):
+                raise _BadUrl(f"sqlite URL option synchronous={value!r} must be NORMAL or FULL")
+            options["synchronous"] = value.upper()
+    return SqliteStore(Path(location).expanduser(), **options)
+
+
+def _local_path(path: str) -> str:
+    # "/C:/dir" in a URL is the Windows path "C:/dir".
+    if sys.platform == "win32" and re.match(r"/[A-Za-z]:", path):
+        return path[1:]
+    return path

@@ -1,0 +1,504 @@
+"""SqliteStore: the shared conformance suite, plus what only an SQLite file can show."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sqlite3
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from phi_session import Timestamp, Usage
+from phi_session.codec import decode_session, encode_session
+from phi_session.errors import SessionLocked, StoreError
+from phi_session.model import LoopStatus, Session
+from phi_session.stores import sqlite as sqlite_module
+from phi_session.stores.base import UsageTotal, summarize
+from phi_session.stores.conformance import EXAMPLE_SESSIONS, StoreConformance, at, make_loop, make_session
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
+
+
+class TestSqliteConformance(StoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[SqliteStore]:
+        store = SqliteStore(tmp_path / "sessions.db")
+        yield store
+        store.close()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "sessions.db"
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[SqliteStore]:
+    store = SqliteStore(db)
+    yield store
+    store.close()
+
+
+def pragma(db: Path, name: str) -> int:
+    with closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute(f"PRAGMA {name}").fetchone()[0])
+
+
+def raw_execute(db: Path, *statements: str) -> None:
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        for statement in statements:
+            conn.execute(statement)
+    finally:
+        conn.close()
+
+
+# -- the file --------------------------------------------------------------------------------
+
+
+def test_new_file_is_configured(store: SqliteStore, db: Path) -> None:
+    assert store.schema_version() == SCHEMA_VERSION == pragma(db, "user_version")
+    assert pragma(db, "application_id") == APPLICATION_ID
+    assert pragma(db, "auto_vacuum") == 2  # incremental: prune can give pages back
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_parent_directories_are_created(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "a" / "b" / "s.db") as store:
+        store.save(make_session("x"))
+    assert (tmp_path / "a" / "b" / "s.db").is_file()
+
+
+@pytest.mark.parametrize("path", ["", ":memory:", "file::memory:?cache=shared"])
+def test_in_memory_databases_are_refused(path: str) -> None:
+    with pytest.raises(StoreError, match="file path"):
+        SqliteStore(path)
+
+
+def test_synchronous_setting(db: Path) -> None:
+    with SqliteStore(db, synchronous="FULL") as store:
+        assert store._connection().execute("PRAGMA synchronous").fetchone()[0] == 2
+    with SqliteStore(db) as store:
+        assert store._connection().execute("PRAGMA synchronous").fetchone()[0] == 1
+    with pytest.raises(ValueError, match="synchronous"):
+        SqliteStore(db, synchronous="OFF")  # type: ignore[arg-type]
+
+
+def test_sessions_survive_reopening(db: Path) -> None:
+    session = make_session("kept", loops=[make_loop("kept", 1, events=3), make_loop("kept", 2)])
+    with SqliteStore(db) as store:
+        store.save(session)
+    with SqliteStore(db) as store:
+        assert encode_session(store.load("kept")) == encode_session(session)
+
+
+def test_close_releases_connections_and_the_store_reconnects(db: Path) -> None:
+    store = SqliteStore(db)
+    store.save(make_session("x"))
+    conn = store._connection()
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")
+    assert [record.loop_id for record in store.load("x").loops] == ["x.cfg.1"]
+    store.close()
+
+
+def test_close_closes_every_threads_connection(store: SqliteStore) -> None:
+    connections: list[sqlite3.Connection] = []
+
+    def use() -> None:
+        store.list_ids()
+        connections.append(store._connection())
+
+    thread = threading.Thread(target=use)
+    thread.start()
+    thread.join()
+    connections.append(store._connection())
+    assert connections[0] is not connections[1]  # one connection per thread
+    store.close()
+    for conn in connections:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+
+
+# -- schema versions ---------------------------------------------------------------------------
+
+
+def test_newer_schema_is_refused(db: Path) -> None:
+    SqliteStore(db).close()
+    raw_execute(db, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
+        SqliteStore(db)
+
+
+def test_foreign_databases_are_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    raw_execute(other, "CREATE TABLE notes (text TEXT)")
+    with pytest.raises(StoreError, match="another application"):
+        SqliteStore(other)
+    marked = tmp_path / "marked.db"
+    raw_execute(marked, "PRAGMA application_id = 42", "PRAGMA user_version = 1")
+    with pytest.raises(StoreError, match="not a phi-session database"):
+        SqliteStore(marked)
+    (tmp_path / "text.db").write_text("not a database at all, just some text that is long enough " * 20)
+    with pytest.raises(StoreError):
+        SqliteStore(tmp_path / "text.db")
+
+
+def test_migration_from_an_older_version(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    session = make_session("old", loops=[make_loop("old", 1, events=2)])
+    with SqliteStore(db) as store:
+        store.save(session)
+
+    def add_notes(conn: sqlite3.Connection) -> None:
+        conn.execute("ALTER TABLE sessions ADD COLUMN note TEXT")
+        conn.execute("UPDATE sessions SET note = 'migrated'")
+
+    monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*sqlite_module.MIGRATIONS, add_notes))
+    monkeypatch.setattr(sqlite_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION + 1
+        assert encode_session(store.load("old")) == encode_session(session)
+        store.save(make_session("new"))
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT note FROM sessions WHERE session_id = 'old'").fetchone() == ("migrated",)
+
+
+def test_failed_migration_leaves_the_database_as_it_was(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with SqliteStore(db) as store:
+        store.save(make_session("old"))
+
+    def half_done(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE extra (x)")
+        conn.execute("SELECT * FROM no_such_table")
+
+    monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*sqlite_module.MIGRATIONS, half_done))
+    monkeypatch.setattr(sqlite_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with pytest.raises(StoreError, match="no_such_table"):
+        SqliteStore(db)
+    assert pragma(db, "user_version") == SCHEMA_VERSION
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'extra'").fetchone() is None
+
+
+# -- round trips -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", EXAMPLE_SESSIONS, ids=lambda path: path.name)
+def test_examples_round_trip_after_reopening(db: Path, path: Path) -> None:
+    data = path.read_bytes()
+    session = decode_session(data)
+    with SqliteStore(db) as store:
+        store.save(session)
+        store.save(decode_session(data))  # merging an identical copy changes nothing
+    with SqliteStore(db) as store:
+        assert encode_session(store.load(session.session_id)) == data
+
+
+def test_numbers_beyond_sqlite_integers_stay_exact(store: SqliteStore) -> None:
+    huge = 2**64 - 1
+    loop = make_loop("big", 1, started_at=Timestamp.parse("9999-12-31T23:59:58.999999999Z"))
+    loop.usage = Usage(input=huge, output=huge, reasoning=huge, cache_read=huge, cache_write=huge,
+                       total_tokens=huge)
+    session = make_session("big", created_at=Timestamp.parse("0001-01-01T00:00:00Z"),
+                           last_active_at=Timestamp.parse("9999-12-31T23:59:59Z"), loops=[loop])
+    store.save(session)
+    store.save(make_session("small", loops=[make_loop("small", 1, tokens=7)]))
+    ancient = make_session("ancient", created_at=Timestamp.parse("1000-01-01T00:00:00.5Z"), loops=[])
+    store.save(ancient)
+    assert encode_session(store.load("big")) == encode_session(session)
+    rows = {row.session_id: row for row in store.query()}
+    assert rows["big"] == summarize(session)
+    assert rows["ancient"] == summarize(ancient)
+    assert [row.session_id for row in store.query(order="oldest")] == ["ancient", "small", "big"]
+    assert store.query(min_tokens=2**63)[0].session_id == "big"
+    small = make_loop("u", 1, tokens=7).usage
+    assert store.usage_totals("agent") == [
+        UsageTotal(key="agent", sessions=3, loops=2, usage=loop.usage + small)]
+    assert store.usage_totals("day") == [
+        UsageTotal(key="0001-01-01", sessions=1, loops=1, usage=loop.usage),
+        UsageTotal(key="1000-01-01", sessions=1, loops=0, usage=Usage(input=0, output=0)),
+        UsageTotal(key="2024-05-01", sessions=1, loops=1, usage=small),
+    ]
+    assert store.usage_totals("model") == [
+        UsageTotal(key="openai/gpt-4o", sessions=2, loops=2, usage=loop.usage + small)]
+
+
+def test_days_outside_the_integer_range(store: SqliteStore) -> None:
+    for session_id, created in (("early", "1000-01-01T23:59:59Z"), ("late", "2400-12-31T00:00:00Z")):
+        store.save(make_session(session_id, created_at=Timestamp.parse(created), loops=[
+            make_loop(session_id, 1, tokens=5, started_at=Timestamp.parse(created))]))
+    assert [(total.key, total.sessions) for total in store.usage_totals("day")] == [
+        ("1000-01-01", 1), ("2400-12-31", 1)]
+
+
+def test_unchanged_loops_are_not_rewritten(store: SqliteStore) -> None:
+    loops = [make_loop("u", i, events=2) for i in range(1, 4)]
+    store.save(make_session("u", loops=loops))
+    conn = store._connection()
+    before = conn.total_changes
+    store.save(make_session("u", loops=[*loops, make_loop("u", 4)]))
+    # One sessions row and one new loop row: the three stored loops stay as they are.
+    assert conn.total_changes - before == 2
+
+
+# -- queries -----------------------------------------------------------------------------------
+
+
+def _populate_many(store: SqliteStore, count: int = 60) -> None:
+    for n in range(count):
+        session_id = f"s{n:03}"
+        store.save(make_session(
+            session_id, f"agent-{n % 5}", created_at=at(n), last_active_at=at(n + 1),
+            parent_session_id="s000" if n % 7 == 0 and n else None,
+            loops=[make_loop(session_id, 1, agent_id=f"agent-{n % 5}", tokens=n * 10,
+                             status="Aborted" if n % 3 == 0 else "Completed",
+                             model="anthropic/claude-sonnet-4-5" if n % 2 else "openai/gpt-4o")],
+        ))
+    store._connection().execute("ANALYZE")
+
+
+@pytest.mark.parametrize("filters", [
+    {"agent_id": "agent-1"},
+    {"agent_id": "agent-1", "since": at(10)},
+    {"since": at(10)},
+    {"since": at(10), "until": at(20)},
+    {"parent_session_id": "s000"},
+])
+def test_session_filters_use_an_index(store: SqliteStore, filters: dict[str, object]) -> None:
+    _populate_many(store)
+    plan = store.explain_query(**filters)
+    assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, plan
+    assert "SCAN sessions" not in plan, plan
+
+
+@pytest.mark.parametrize("limit", [None, 10])
+@pytest.mark.parametrize("filters", [
+    {"status": "Aborted"},
+    {"model": "claude-sonnet-4-5"},
+    {"model": "anthropic/claude-sonnet-4-5"},
+])
+def test_loop_filters_use_a_covering_index(store: SqliteStore, filters: dict[str, object],
+                                          limit: int | None) -> None:
+    _populate_many(store)
+    plan = store.explain_query(limit=limit, **filters)
+    assert "SEARCH loops USING COVERING INDEX" in plan, plan
+    assert "SCAN loops" not in plan, plan
+
+
+@pytest.mark.parametrize("filters", [
+    {}, {"agent_id": "agent-2"}, {"order": "tokens"}, {"status": "Aborted"}, {"model": "gpt-4o"},
+    {"agent_id": "agent-2", "model": "openai/gpt-4o"},
+])
+def test_limited_listing_reads_in_index_order(store: SqliteStore, filters: dict[str, object]) -> None:
+    _populate_many(store)
+    plan = store.explain_query(limit=10, **filters)
+    assert "TEMP B-TREE" not in plan, plan  # no sort: the scan stops after 10 matches
+
+
+def test_model_names_with_slashes(store: SqliteStore) -> None:
+    store.save(make_session("r", loops=[make_loop("r", 1, model="openrouter/meta-llama/llama-3")]))
+    assert [row.session_id for row in store.query(model="openrouter/meta-llama/llama-3")] == ["r"]
+    assert [row.session_id for row in store.query(model="meta-llama/llama-3")] == ["r"]
+    assert store.query(model="llama-3") == []
+    assert store.query(model="openrouter/meta-llama") == []
+
+
+def test_unknown_status_is_an_error(store: SqliteStore) -> None:
+    with pytest.raises(ValueError, match="Completed"):
+        store.query(status="completed")
+    with pytest.raises(ValueError, match="limit"):
+        store.query(limit=-1)
+
+
+_statuses: st.SearchStrategy[LoopStatus] = st.sampled_from(
+    ["Pending", "Running", "Completed", "Rejected", "Aborted"])
+_models = st.sampled_from([None, "openai/gpt-4o", "anthropic/claude-sonnet-4-5", "local/llama"])
+
+
+@st.composite
+def _sessions(draw: st.DrawFn) -> list[Session]:
+    sessions = []
+    for n in range(draw(st.integers(min_value=0, max_value=8))):
+        session_id = f"s{n}"
+        agent = draw(st.sampled_from(["a", "b", "c"]))
+        created = at(draw(st.integers(min_value=0, max_value=3 * 86_400)))
+        loops = [
+            make_loop(session_id, i, agent_id=agent, status=draw(_statuses), model=draw(_models),
+                      tokens=draw(st.integers(min_value=0, max_value=500)), started_at=created)
+            for i in range(draw(st.integers(min_value=0, max_value=3)))
+        ]
+        last_active = Timestamp.from_ns(created.ns + draw(st.integers(min_value=0, max_value=3)) * 10**9)
+        sessions.append(make_session(session_id, agent, created_at=created, last_active_at=last_active,
+                                     loops=loops, parent_session_id=draw(st.sampled_from([None, "s0"]))))
+    return sessions
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sessions=_sessions(),
+    agent_id=st.sampled_from([None, "a", "b"]),
+    since=st.sampled_from([None, at(0), at(86_400)]),
+    until=st.sampled_from([None, at(86_400), at(2 * 86_400)]),
+    status=st.none() | _statuses,
+    model=st.sampled_from([None, "gpt-4o", "anthropic/claude-sonnet-4-5", "local"]),
+    min_tokens=st.sampled_from([None, 0, 300]),
+    parent_session_id=st.sampled_from([None, "s0"]),
+    limit=st.sampled_from([None, 0, 2]),
+    order=st.sampled_from(["newest", "oldest", "tokens"]),
+    group_by=st.sampled_from(["agent", "model", "day"]),
+    keep_last=st.sampled_from([None, 0, 2]),
+)
+def test_agrees_with_the_json_directory_store(sessions: list[Session], group_by: str, keep_last: int | None,
+                                              **filters: object) -> None:
+    """Differential test: SQL over the columns against JsonDirStore's Python over summaries."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with SqliteStore(Path(tmp) / "s.db") as sqlite_store:
+            json_store = JsonDirStore(Path(tmp) / "json")
+            for session in sessions:
+                sqlite_store.save(session)
+                json_store.save(session)
+            assert sqlite_store.query(**filters) == json_store.query(**filters)  # type: ignore[arg-type]
+            assert sqlite_store.usage_totals(group_by) == json_store.usage_totals(group_by)  # type: ignore[arg-type]
+            prune = {"older_than": filters["until"], "keep_last": keep_last, "agent_id": filters["agent_id"]}
+            if prune["older_than"] is not None or keep_last is not None:
+                assert sqlite_store.prune(**prune) == json_store.prune(**prune)  # type: ignore[arg-type]
+                assert sqlite_store.list_ids() == json_store.list_ids()
+
+
+# -- prune -----------------------------------------------------------------------------------
+
+
+def test_prune_gives_space_back(store: SqliteStore, db: Path) -> None:
+    for n in range(40):
+        store.save(make_session(f"p{n}", created_at=at(n), loops=[
+            make_loop(f"p{n}", i, events=60, started_at=at(n)) for i in range(3)]))
+    conn = store._connection()
+    pages_before = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size_before = db.stat().st_size
+    assert store.prune(keep_last=4) == 36
+    assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+    assert conn.execute("PRAGMA page_count").fetchone()[0] < pages_before / 3
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert db.stat().st_size < size_before / 3
+    assert sorted(store.list_ids()) == ["p36", "p37", "p38", "p39"]
+    assert conn.execute("SELECT COUNT(*) FROM loops").fetchone()[0] == 12  # loops went with sessions
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_a_held_write_lock_raises_session_locked(db: Path) -> None:
+    with SqliteStore(db, timeout=0.1) as store:
+        store.save(make_session("x"))
+        blocker = sqlite3.connect(db, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            with pytest.raises(SessionLocked, match="locked"):
+                store.save(make_session("x", loops=[make_loop("x", 2)]))
+            assert [r.loop_id for r in store.load("x").loops] == ["x.cfg.1"]  # readers are not blocked
+        finally:
+            blocker.close()
+        store.save(make_session("x", loops=[make_loop("x", 2)]))
+        assert len(store.load("x").loops) == 2
+
+
+def test_full_database_leaves_the_stored_session_whole(store: SqliteStore) -> None:
+    first = make_session("f", loops=[make_loop("f", 1, events=2)])
+    store.save(first)
+    conn = store._connection()
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+    big = make_session("f", loops=[make_loop("f", i, events=200) for i in range(2, 12)])
+    with pytest.raises(StoreError, match="full"):
+        store.save(big)
+    assert encode_session(store.load("f")) == encode_session(first)
+    assert store.list_ids() == ["f"]
+
+
+def test_corrupt_record(store: SqliteStore, db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store.save(make_session("good", "x"))
+    store.save(make_session("bad", "x"))
+    raw_execute(db, "UPDATE loops SET record = X'7b7d' WHERE session_id = 'bad'")
+    with pytest.raises(StoreError, match="'bad' is corrupt"):
+        store.load("bad")
+    with caplog.at_level(logging.WARNING):
+        assert [s.session_id for s in store.list_for_agent("x")] == ["good"]
+    assert "bad" in caplog.text
+    with pytest.raises(StoreError, match="corrupt"):  # never overwritten by a merge
+        store.save(make_session("bad", "x", loops=[make_loop("bad", 2)]))
+    store.delete("bad")
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+def test_threads_saving_overlapping_sessions_lose_no_loop(store: SqliteStore) -> None:
+    threads, rounds, shared = 6, 8, ["c0", "c1", "c2"]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads)
+
+    def work(worker: int) -> None:
+        try:
+            barrier.wait()
+            for n in range(rounds):
+                session_id = shared[(worker + n) % len(shared)]
+                index = worker * 100 + n
+                store.save(make_session(session_id, loops=[
+                    make_loop(session_id, index, status="Running", events=1)]))
+                store.save(make_session(session_id, loops=[make_loop(session_id, index, events=2)]))
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    workers = [threading.Thread(target=work, args=(w,)) for w in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    expected = {
+        f"{shared[(w + n) % len(shared)]}.cfg.{w * 100 + n}" for w in range(threads) for n in range(rounds)}
+    loaded = [record for session_id in shared for record in store.load(session_id).loops]
+    assert {record.loop_id for record in loaded} == expected
+    assert len(loaded) == len(expected)
+    assert all(record.status == "Completed" for record in loaded)
+    assert sum(row.loop_count for row in store.query()) == len(expected)
+
+
+def _use_in_child(store: SqliteStore, session_id: str, inherited_connections: bool) -> None:
+    if inherited_connections:
+        try:
+            store.list_ids()
+        except StoreError as error:
+            assert "fork" in str(error)
+        else:
+            os._exit(3)  # the inherited connection was used
+        store.close()  # leaves the inherited connections alone, then reconnects
+    store.save(make_session(session_id))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX")
+@pytest.mark.parametrize("close_before_fork", [False, True])
+def test_fork(store: SqliteStore, close_before_fork: bool) -> None:
+    store.save(make_session("parent-1"))
+    if close_before_fork:
+        store.close()
+    child = multiprocessing.get_context("fork").Process(
+        target=_use_in_child, args=(store, "child", not close_before_fork))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    store.save(make_session("parent-2"))  # the parent's connection was left working
+    assert sorted(store.list_ids()) == ["child", "parent-1", "parent-2"]

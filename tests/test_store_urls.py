@@ -1,0 +1,195 @@
+"""open_store / default_store: every accepted form, the environment variable, the errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from phi_session.errors import StoreError
+from phi_session.stores import postgres as postgres_module
+from phi_session.stores.base import SessionStore
+from phi_session.stores.conformance import make_session
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.sqlite import SqliteStore
+from phi_session.stores.urls import ENV_VAR, default_store, default_store_url, open_store
+
+POSTGRES_DSN = os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "")
+
+
+@pytest.fixture(autouse=True)
+def no_configured_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+def open_sqlite(url: str) -> SqliteStore:
+    store = open_store(url)
+    assert isinstance(store, SqliteStore)
+    store.close()
+    return store
+
+
+# -- SQLite ------------------------------------------------------------------------------------
+
+
+def test_sqlite_absolute_path(tmp_path: Path) -> None:
+    store = open_sqlite(f"sqlite:///{(tmp_path / 'abs.db').as_posix().lstrip('/')}")
+    assert store.path == tmp_path / "abs.db"
+    assert (tmp_path / "abs.db").is_file()
+
+
+def test_sqlite_relative_path(tmp_path: Path) -> None:
+    store = open_sqlite("sqlite:data/rel.db")
+    assert store.path == tmp_path / "data" / "rel.db"
+
+
+def test_sqlite_percent_escapes(tmp_path: Path) -> None:
+    store = open_sqlite(f"sqlite://{tmp_path.as_posix()}/with%20space.db")
+    assert store.path == tmp_path / "with space.db"
+
+
+def test_sqlite_options(tmp_path: Path) -> None:
+    store = open_sqlite("sqlite:opts.db?timeout=2.5&synchronous=full")
+    assert (store.timeout, store.synchronous) == (2.5, "FULL")
+    store = open_sqlite("sqlite:opts.db")
+    assert (store.timeout, store.synchronous) == (5.0, "NORMAL")
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("sqlite:", "without a file path"),
+    ("sqlite://", "without a file path"),
+    ("sqlite:///", "without a file path"),
+    ("sqlite://server/x.db", "names a host"),
+    ("sqlite:x.db?timeout=soon", "not a number"),
+    ("sqlite:x.db?timeout=-1", "must be >= 0"),
+    ("sqlite:x.db?synchronous=OFF", "NORMAL or FULL"),
+    ("sqlite:x.db?journal=memory", "unknown sqlite URL option 'journal'"),
+    ("sqlite:x.db?timeout", "malformed"),
+])
+def test_bad_sqlite_urls(url: str, message: str) -> None:
+    with pytest.raises(StoreError, match=message) as caught:
+        open_store(url)
+    assert "accepted:" in str(caught.value)
+
+
+# -- JSON directories ------------------------------------------------------------------------
+
+
+def test_existing_directory(tmp_path: Path) -> None:
+    (tmp_path / "sessions").mkdir()
+    store = open_store("sessions")
+    assert isinstance(store, JsonDirStore)
+    assert store.directory == Path("sessions")
+    store = open_store(tmp_path / "sessions")
+    assert isinstance(store, JsonDirStore)
+
+
+def test_new_directory_needs_a_trailing_slash(tmp_path: Path) -> None:
+    store = open_store("new/")
+    assert isinstance(store, JsonDirStore)
+    store.save(make_session("x"))
+    assert (tmp_path / "new" / "x.json").is_file()
+
+
+def test_path_that_is_no_directory() -> None:
+    with pytest.raises(StoreError, match=r"sqlite:missing\.db"):
+        open_store("missing.db")
+    Path("file.txt").write_text("x")
+    with pytest.raises(StoreError, match="not a directory"):
+        open_store("file.txt")
+
+
+def test_drive_letter_is_not_a_scheme() -> None:
+    with pytest.raises(StoreError, match="not a directory"):
+        open_store("C:/no/such/dir")
+
+
+def test_file_url(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path.as_posix()}/json%20dir")
+    assert isinstance(store, JsonDirStore)
+    assert store.directory == tmp_path / "json dir"
+    store = open_store(f"file://localhost{tmp_path.as_posix()}")
+    assert isinstance(store, JsonDirStore)
+    with pytest.raises(StoreError, match="names a host"):
+        open_store("file://server/share")
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_postgres_without_psycopg(monkeypatch: pytest.MonkeyPatch, scheme: str) -> None:
+    monkeypatch.setattr(postgres_module, "_MISSING_PSYCOPG", ImportError("No module named 'psycopg'"))
+    with pytest.raises(StoreError, match=r"pip install 'phi-session\[postgres\]'"):
+        open_store(f"{scheme}://user@localhost/db")
+
+
+@pytest.mark.skipif(not POSTGRES_DSN.startswith(("postgresql://", "postgres://")),
+                    reason="PHI_SESSION_TEST_POSTGRES_DSN is not set to a postgresql:// URL")
+def test_postgres_url() -> None:
+    store = open_store(POSTGRES_DSN)
+    try:
+        assert isinstance(store, postgres_module.PostgresStore)
+    finally:
+        store.close()
+
+
+# -- errors and the default -----------------------------------------------------------------------
+
+
+def test_unknown_scheme_lists_the_accepted_forms_and_hides_the_rest() -> None:
+    with pytest.raises(StoreError) as caught:
+        open_store("mysql://admin:s3cret@db.example/agents")
+    message = str(caught.value)
+    assert "'mysql'" in message
+    assert "s3cret" not in message
+    for form in ("sqlite:///", "postgresql://", "file:///", "directory"):
+        assert form in message
+
+
+def test_empty_url() -> None:
+    with pytest.raises(StoreError, match="empty"):
+        open_store("  ")
+
+
+def test_default_is_sqlite_in_the_working_directory(tmp_path: Path) -> None:
+    expected = tmp_path / ".phi-session" / "sessions.db"
+    assert default_store_url() == f"sqlite:///{expected.as_posix().lstrip('/')}"
+    for store in (default_store(), open_store()):
+        assert isinstance(store, SqliteStore)
+        assert store.path == expected
+        store.close()
+    assert expected.is_file()
+
+
+def test_environment_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(ENV_VAR, "sqlite:configured.db")
+    store = default_store()
+    assert isinstance(store, SqliteStore)
+    assert store.path == tmp_path / "configured.db"
+    store.close()
+    monkeypatch.setenv(ENV_VAR, "sessions/")
+    assert isinstance(open_store(None), JsonDirStore)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("", "empty"),
+    ("redis://cache/0", "unknown store URL scheme 'redis'"),
+    ("sqlite:x.db?synchronous=OFF", "NORMAL or FULL"),
+])
+def test_bad_environment_variable(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
+    monkeypatch.setenv(ENV_VAR, value)
+    with pytest.raises(StoreError, match=message) as caught:
+        default_store()
+    assert f"environment variable {ENV_VAR}=" in str(caught.value)
+
+
+def test_every_store_is_a_session_store(tmp_path: Path) -> None:
+    for url in ("sqlite:s.db", "dir/", f"file://{tmp_path.as_posix()}"):
+        store = open_store(url)
+        assert isinstance(store, SessionStore)
+        store.close()
