@@ -166,6 +166,19 @@ class AsyncTwins:
         return await asyncio.to_thread(self.list_for_agent, agent_id)  # type: ignore[attr-defined]
 
 
+LOOP_STATUSES = ("Pending", "Running", "Completed", "Rejected", "Aborted")
+
+
+def check_query(*, status: str | None, limit: int | None, order: str) -> None:
+    """The argument checks every backend's `query` makes, with one wording."""
+    if status is not None and status not in LOOP_STATUSES:
+        raise ValueError(f"unknown loop status {status!r}; expected one of {', '.join(LOOP_STATUSES)}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must not be negative, got {limit}")
+    if order not in ("newest", "oldest", "tokens"):
+        raise ValueError(f"unknown order {order!r}; expected newest, oldest or tokens")
+
+
 def validate_session_id(session_id: str) -> str:
     """Reject ids that could escape a directory or break a file name."""
     if not isinstance(session_id, str) or not session_id:

@@ -40,6 +40,7 @@ from .base import (
     Order,
     SessionSummary,
     UsageTotal,
+    check_query,
     merge_sessions,
     summarize,
     validate_session_id,
@@ -418,8 +419,7 @@ class JsonDirStore(AsyncTwins):
         order: Order = "newest",
     ) -> list[SessionSummary]:
         """Summaries matching every given filter (see `SessionStore.query`)."""
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must not be negative, got {limit}")
+        check_query(status=status, limit=limit, order=order)
         rows = [
             entry.summary for _, entry in self._entries()
             if _matches(entry.summary, agent_id=agent_id, since=since, until=until, status=status,

@@ -70,6 +70,7 @@ from .base import (
     Order,
     SessionSummary,
     UsageTotal,
+    check_query,
     merge_sessions,
     summarize,
     validate_session_id,
@@ -739,6 +740,7 @@ class PostgresStore(AsyncTwins):
         the bare model name; `order` is newest or oldest activity first, or most
         tokens first, ties by session id.
         """
+        check_query(status=status, limit=limit, order=order)
         statement, params = self._query_sql(
             agent_id=agent_id, since=since, until=until, status=status, model=model,
             min_tokens=min_tokens, parent_session_id=parent_session_id, limit=limit, order=order,

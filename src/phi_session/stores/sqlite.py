@@ -57,6 +57,7 @@ from .base import (
     Order,
     SessionSummary,
     UsageTotal,
+    check_query,
     merge_sessions,
     summarize,
     validate_session_id,
@@ -343,6 +344,7 @@ def _select_summaries(
     order: Order = "newest",
 ) -> tuple[str, list[Any]]:
     """The SQL and parameters of `SqliteStore.query` (see there for the filters)."""
+    check_query(status=status, limit=limit, order=order)
     where: list[str] = []
     params: list[Any] = []
     if agent_id is not None:
@@ -355,8 +357,6 @@ def _select_summaries(
         where.append("last_active_at_ns < ?")
         params.append(_clamp(until.ns))
     if status is not None:
-        if status not in _STATUSES:
-            raise ValueError(f"unknown loop status {status!r}; expected one of {', '.join(_STATUSES)}")
         condition, loop_params = _loop_filter([("status = ?", [status])], limited=limit is not None)
         where.append(condition)
         params += loop_params
