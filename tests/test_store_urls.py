@@ -193,3 +193,17 @@ def test_every_store_is_a_session_store(tmp_path: Path) -> None:
         store = open_store(url)
         assert isinstance(store, SessionStore)
         store.close()
+
+
+def test_postgres_url_schema_parameter_is_passed_as_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    import phi_session.stores.postgres as postgres_module
+
+    seen: dict[str, object] = {}
+
+    class FakeStore:
+        def __init__(self, dsn: str, **options: object) -> None:
+            seen["dsn"], seen["options"] = dsn, options
+
+    monkeypatch.setattr(postgres_module, "PostgresStore", FakeStore)
+    open_store("postgresql://u@h:5432/db?schema=tenant_a&connect_timeout=3")
+    assert seen == {"dsn": "postgresql://u@h:5432/db?connect_timeout=3", "options": {"schema": "tenant_a"}}

@@ -5,7 +5,7 @@ Accepted forms (`open_store`):
 * ``sqlite:///abs/path.db`` or ``sqlite:relative/path.db`` -> `SqliteStore`; optional
   query parameters ``timeout`` (seconds) and ``synchronous`` (``NORMAL`` or ``FULL``),
   e.g. ``sqlite:///var/lib/agents.db?synchronous=FULL``;
-* ``postgresql://…`` or ``postgres://…`` (a libpq URL) -> `PostgresStore`;
+* ``postgresql://…`` or ``postgres://…`` (a libpq URL; ``?schema=name`` picks the schema) -> `PostgresStore`;
 * ``file:///abs/dir``, or a plain path that is an existing directory or ends with
   ``/`` -> `JsonDirStore` (phi-core's directory layout);
 * nothing -> the ``PHI_SESSION_STORE`` environment variable if it is set, else
@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ..errors import StoreError
 from .base import SessionStore
@@ -85,6 +85,17 @@ class _BadUrl(Exception):
         super().__init__(f"{problem}; accepted: {ACCEPTED_FORMS}")
 
 
+def _postgres(url: str, store: Any) -> SessionStore:
+    # ``?schema=name`` picks the schema; libpq itself would reject the parameter.
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "schema"]
+    schemas = [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "schema"]
+    dsn = urlunsplit(parts._replace(query=urlencode(query)))
+    if schemas:
+        return store(dsn, schema=schemas[-1])  # type: ignore[no-any-return]
+    return store(dsn)  # type: ignore[no-any-return]
+
+
 def _open(url: str) -> SessionStore:
     if not url.strip():
         raise _BadUrl("empty store URL")
@@ -97,7 +108,7 @@ def _open(url: str) -> SessionStore:
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStore  # psycopg is optional
 
-        return PostgresStore(url)
+        return _postgres(url, PostgresStore)
     if scheme == "file":
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
