@@ -1,0 +1,349 @@
+"""Producer benchmark: W1 driven through the instrumentation API (issue 4, item 7).
+
+Usage: ``python benchmarks/bench_instrument.py [--quick]``
+
+The W1 workload of ``workload.py`` (100 sessions x 5 loops x 4 turns, 20 streaming
+deltas per turn, 2 tool calls per turn but the last) is first read into a *script*
+(prompts, deltas, tool calls and results, usage figures), outside any timing. Then,
+in the same process:
+
+* **instrumented**: the script is played through `Tracer` scopes into a
+  `SessionRecorder` (default options: the redactor on, streaming deltas not kept),
+  the recorder is flushed and every session encoded with `phi_session.encode`;
+* **null producer**: the same events are built as plain dicts (timestamps as text,
+  usage summed), appended to per-loop lists, and each list serialized with stdlib
+  ``json.dumps``.
+
+Target: instrumented at least 1.5x faster than the null producer. Also shown: the
+same with a recorder that keeps streaming deltas (every delta is then built,
+processed and stored), and the API alone into a sink that drops everything.
+Timings are the best of N runs with the cyclic GC on; the script exits 0 and prints
+PASS/MISS rather than asserting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import phi_session
+from phi_session import (
+    AgentEnd,
+    AgentStart,
+    AssistantMessage,
+    LoopConfigSnapshot,
+    MessageEnd,
+    MessageUpdate,
+    ThinkingContent,
+    ToolCall,
+    ToolExecutionEnd,
+    TurnEnd,
+    Usage,
+    UserMessage,
+)
+from phi_session.identity import AgentSession
+from phi_session.instrument import Tracer
+from phi_session.recorder import SessionRecorder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workload  # lives next to this script
+
+TARGET = 1.5
+
+# -- the script: what the agent did, independent of how it is recorded --------------------------
+
+
+@dataclass
+class TurnScript:
+    deltas: list[tuple[str, str]]
+    thinking: str
+    text: str
+    calls: list[ToolCall]
+    outputs: list[str]
+    usage: Usage
+
+
+@dataclass
+class LoopScript:
+    first: bool
+    prompt: str | None
+    turns: list[TurnScript] = field(default_factory=list)
+
+
+@dataclass
+class SessionScript:
+    agent_id: str
+    config: LoopConfigSnapshot
+    loops: list[LoopScript] = field(default_factory=list)
+
+
+def read_script(sessions: int) -> list[SessionScript]:
+    """W1's events turned back into what happened (prompts, deltas, tools, usage)."""
+    script: list[SessionScript] = []
+    session: SessionScript | None = None
+    loop: LoopScript | None = None
+    turn: TurnScript | None = None
+    for event in workload.events(sessions):
+        if isinstance(event, AgentStart):
+            assert isinstance(event.config_snapshot, LoopConfigSnapshot)
+            if event.parent_loop_id is None:
+                session = SessionScript(event.agent_id, event.config_snapshot)
+                script.append(session)
+            assert session is not None
+            loop = LoopScript(first=event.parent_loop_id is None, prompt=None)
+            session.loops.append(loop)
+        elif isinstance(event, MessageEnd) and isinstance(event.message, UserMessage):
+            assert loop is not None
+            loop.prompt = event.message.content[0].text  # type: ignore[union-attr]
+        elif isinstance(event, MessageUpdate):
+            if turn is None:
+                turn = TurnScript([], "", "", [], [], Usage(input=0, output=0))
+            turn.deltas.append((event.delta.kind, event.delta.delta))
+        elif isinstance(event, MessageEnd) and isinstance(event.message, AssistantMessage):
+            assert turn is not None
+            for block in event.message.content:
+                if isinstance(block, ThinkingContent):
+                    turn.thinking = block.thinking
+                elif isinstance(block, ToolCall):
+                    turn.calls.append(block)
+                else:
+                    turn.text = block.text  # type: ignore[union-attr]
+            turn.usage = event.message.usage
+        elif isinstance(event, ToolExecutionEnd):
+            assert turn is not None
+            turn.outputs.append(event.result.content[0].text)  # type: ignore[union-attr]
+        elif isinstance(event, TurnEnd):
+            assert loop is not None and turn is not None
+            loop.turns.append(turn)
+            turn = None
+        elif isinstance(event, AgentEnd):
+            loop = None
+    return script
+
+
+# -- instrumented: the script through the API ---------------------------------------------------
+
+
+def play(script: Sequence[SessionScript], tracers: dict[str, Tracer]) -> None:
+    """Play every session through `Tracer` scopes (one tracer per agent)."""
+    for session in script:
+        tracer = tracers[session.agent_id]
+        agent = tracer.agent
+        if agent.last_loop_id is not None:  # the agent's next conversation: a new session
+            agent.new_session()
+        first_id: str | None = None
+        for loop_script in session.loops:
+            with tracer.loop(session.config, continues=first_id) as loop:
+                if first_id is None:
+                    first_id = loop.loop_id
+                if loop_script.prompt is not None:
+                    loop.user(loop_script.prompt)
+                for turn_script in loop_script.turns:
+                    with loop.turn() as turn:
+                        with turn.assistant() as reply:
+                            stream = {"Text": reply.text_delta, "Thinking": reply.thinking_delta,
+                                      "ToolCallDelta": reply.tool_call_delta}
+                            for kind, piece in turn_script.deltas:
+                                stream[kind](piece)
+                            reply.finish(tool_calls=turn_script.calls, usage=turn_script.usage)
+                        for call, output in zip(turn_script.calls, turn_script.outputs, strict=True):
+                            with turn.tool(call) as tool:
+                                tool.result(output)
+
+
+def _tracers(script: Sequence[SessionScript], sinks: Sequence[Any]) -> dict[str, Tracer]:
+    return {s.agent_id: Tracer(AgentSession(s.agent_id), sinks=sinks) for s in script}
+
+
+def instrumented(script: Sequence[SessionScript], *, keep_deltas: bool = False) -> list[bytes]:
+    recorder = SessionRecorder(include_streaming_events=keep_deltas)
+    play(script, _tracers(script, [recorder]))
+    recorder.flush()
+    encode = phi_session.encode
+    return [encode(session) for session in recorder.drain_completed()]
+
+
+def api_only(script: Sequence[SessionScript]) -> None:
+    """The API's own cost: events built and processed, then dropped (deltas included)."""
+
+    def drop(event: Any) -> None:
+        pass
+
+    play(script, _tracers(script, [drop]))
+
+
+# -- the null producer: the same events as dicts, json.dumps per loop ------------------------------
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _usage(u: Usage) -> dict[str, int]:
+    return {"input": u.input, "output": u.output, "reasoning": u.reasoning, "cache_read": u.cache_read,
+            "cache_write": u.cache_write, "total_tokens": u.total_tokens}
+
+
+def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {key: a[key] + b[key] for key in a}
+
+
+_ZERO = _usage(Usage(input=0, output=0))
+
+
+def _config(config: LoopConfigSnapshot) -> dict[str, Any]:
+    return {
+        "model": config.model, "provider": config.provider, "config_id": config.config_id,
+        "name": config.name, "api": config.api, "base_url": config.base_url, "reasoning": config.reasoning,
+        "context_window": config.context_window, "max_tokens": config.max_tokens,
+        "thinking_level": config.thinking_level,
+    }
+
+
+def _null_tool(events: list[dict[str, Any]], loop_id: str, call: ToolCall, output: str) -> dict[str, Any]:
+    events.append({"type": "ToolExecutionStart", "loop_id": loop_id, "tool_call_id": call.id,
+                   "tool_name": call.name, "args": call.arguments})
+    content = [{"type": "text", "text": output}]
+    events.append({"type": "ToolExecutionEnd", "loop_id": loop_id, "tool_call_id": call.id,
+                   "tool_name": call.name, "result": {"content": content, "details": None},
+                   "is_error": False, "child_loop_id": None})
+    result = {"role": "toolResult", "toolCallId": call.id, "toolName": call.name, "content": content,
+              "isError": False, "timestamp": _ms()}
+    events.append({"type": "MessageStart", "loop_id": loop_id, "message": result})
+    events.append({"type": "MessageEnd", "loop_id": loop_id, "message": result})
+    return result
+
+
+def _null_turn(events: list[dict[str, Any]], messages: list[dict[str, Any]], loop_id: str, index: int,
+               turn: TurnScript, prompt: str | None, config: dict[str, Any]) -> dict[str, int]:
+    events.append({"type": "TurnStart", "loop_id": loop_id, "turn_index": index, "timestamp": _now(),
+                   "triggered_by": "User" if index == 0 else "Continuation"})
+    if prompt is not None:
+        message = {"role": "user", "content": [{"type": "text", "text": prompt}], "timestamp": _ms()}
+        events.append({"type": "MessageStart", "loop_id": loop_id, "message": message})
+        events.append({"type": "MessageEnd", "loop_id": loop_id, "message": message})
+        messages.append(message)
+    placeholder = {"role": "assistant", "content": [], "stopReason": "stop", "model": config["model"],
+                   "provider": "", "usage": _ZERO, "timestamp": _ms()}
+    events.append({"type": "MessageStart", "loop_id": loop_id, "message": placeholder})
+    for kind, piece in turn.deltas:
+        events.append({"type": "MessageUpdate", "loop_id": loop_id, "message": placeholder,
+                       "delta": {kind: {"delta": piece}}})
+    usage = _usage(turn.usage)
+    content: list[dict[str, Any]] = [{"type": "thinking", "thinking": turn.thinking},
+                                     {"type": "text", "text": turn.text}]
+    content += [{"type": "toolCall", "id": c.id, "name": c.name, "arguments": c.arguments}
+                for c in turn.calls]
+    final = {"role": "assistant", "content": content, "stopReason": "toolUse" if turn.calls else "stop",
+             "model": config["model"], "provider": config["provider"], "usage": usage, "timestamp": _ms()}
+    events.append({"type": "MessageEnd", "loop_id": loop_id, "message": final})
+    results = [_null_tool(events, loop_id, call, output)
+               for call, output in zip(turn.calls, turn.outputs, strict=True)]
+    turn_id = {"loopId": loop_id, "turnIndex": index}
+    stamped = {**final, "turnId": turn_id}
+    events.append({"type": "TurnEnd", "loop_id": loop_id, "message": stamped, "usage": usage,
+                   "timestamp": _now(), "tool_results": results})
+    messages.append(stamped)
+    messages.extend({**r, "turnId": turn_id} for r in results)
+    return usage
+
+
+def null_producer(script: Sequence[SessionScript]) -> list[str]:
+    """The baseline: the same events as plain dicts, per-loop lists, ``json.dumps``."""
+    loops: dict[str, list[dict[str, Any]]] = {}
+    for s_index, session in enumerate(script):
+        session_id = f"session-{s_index}"
+        config = _config(session.config)
+        first_id = None
+        for n, loop_script in enumerate(session.loops, 1):
+            loop_id = f"{session_id}.{session.config.config_id}.{n}"
+            events: list[dict[str, Any]] = loops.setdefault(loop_id, [])
+            events.append({
+                "type": "AgentStart", "agent_id": session.agent_id, "session_id": session_id,
+                "loop_id": loop_id, "parent_loop_id": first_id,
+                "continuation_kind": "Initial" if first_id is None else "Default",
+                "timestamp": _now(), "metadata": None, "config_snapshot": config,
+            })
+            first_id = first_id or loop_id
+            messages: list[dict[str, Any]] = []
+            total = _ZERO
+            for index, turn in enumerate(loop_script.turns):
+                prompt = loop_script.prompt if index == 0 else None
+                total = _add(total, _null_turn(events, messages, loop_id, index, turn, prompt, config))
+            events.append({"type": "AgentEnd", "loop_id": loop_id, "messages": messages, "usage": total,
+                           "timestamp": _now(), "rejection": None})
+    dumps = json.dumps
+    return [dumps(events) for events in loops.values()]
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+
+def best_of(repeat: int, fn: Callable[[], object]) -> float:
+    """Best wall time of `repeat` runs, GC on, each from a collected heap."""
+    best = float("inf")
+    for _ in range(repeat):
+        gc.collect()
+        start = time.perf_counter()
+        result = fn()
+        elapsed = time.perf_counter() - start
+        del result
+        best = min(best, elapsed)
+    return best
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="best of 2 instead of 5")
+    args = parser.parse_args(argv)
+    repeat = 2 if args.quick else 5
+
+    script = read_script(workload.W1)
+    events = len(script) * workload.EVENTS_PER_SESSION
+    encoded = instrumented(script)
+
+    rows: list[tuple[str, float]] = []
+
+    def measure(label: str, fn: Callable[[], object]) -> float:
+        seconds = best_of(repeat, fn)
+        rows.append((label, seconds))
+        print(f"  measured {label} ...", file=sys.stderr, flush=True)
+        return seconds
+
+    t_api = measure("instrumented: API -> recorder -> encode", lambda: instrumented(script))
+    t_api_deltas = measure("  same, recorder keeps deltas", lambda: instrumented(script, keep_deltas=True))
+    measure("  API alone, into a dropping sink", lambda: api_only(script))
+    t_null = measure("null producer: dicts -> lists -> json.dumps", lambda: null_producer(script))
+
+    print()
+    print(f"phi-session producer benchmark: best of {repeat}, GC on; Python {platform.python_version()}")
+    print(f"W1: {len(script)} sessions, {events:,} events ({workload.DELTAS_PER_TURN} deltas per turn); "
+          f"encoded sessions: {sum(map(len, encoded)) / 1e6:.1f} MB")
+    print()
+    print(f"{'measurement':<46} {'best ms':>9} {'events/s':>11}")
+    print("-" * 68)
+    for label, seconds in rows:
+        print(f"{label:<46} {seconds * 1e3:>9.1f} {events / seconds:>11,.0f}")
+    print()
+    ratio = t_null / t_api
+    print(f"{'null producer time / instrumented time':<46} {ratio:>8.2f}x  goal >= {TARGET}x  "
+          f"{'PASS' if ratio >= TARGET else 'MISS'}")
+    print(f"{'  same, recorder keeping deltas':<46} {t_null / t_api_deltas:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

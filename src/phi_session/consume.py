@@ -1,0 +1,170 @@
+"""Async consumption: a recorder task that drains an event source into a `SessionStore`.
+
+`consume(source, store)` reads events (typed events, or phi-core JSON lines as
+``bytes``/``str``) from an ``asyncio.Queue`` (fed by `phi_session.sinks.QueueSink`;
+``None`` ends the stream) or any async iterable, records them, and every
+`checkpoint_interval` seconds saves the sessions that have no open loop. When the
+stream ends, or the task is cancelled, it flushes the recorder (open loops are
+recorded as ``Aborted``) and saves everything, so a clean shutdown loses nothing:
+on cancellation it first takes every event already in the queue.
+
+A periodic checkpoint hands a session over once it has no open loop; if the agent
+runs another loop in that session later, it is recorded as a new part of the same
+session id, and the store merges the parts (loops are matched by ``loop_id``).
+Set `checkpoint_interval` above the agent's think time to keep sessions whole in
+memory, or to None to save only at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterable
+from dataclasses import dataclass, field
+from typing import Union
+
+from .errors import DecodeError
+from .events import AgentEvent
+from .model import Session
+from .recorder import SessionRecorder
+from .stores.base import SessionStore
+
+__all__ = ["ConsumeStats", "Source", "consume"]
+
+logger = logging.getLogger("phi_session.consume")
+
+Item = Union[AgentEvent, bytes, str, None]
+Source = Union["asyncio.Queue[Item]", AsyncIterable[Item]]
+"""A queue (None ends the stream) or an async iterable of events or JSON lines."""
+
+
+@dataclass
+class ConsumeStats:
+    """What a `consume` run did."""
+
+    events: int = 0
+    """Items recorded (events and JSON lines)."""
+    decode_errors: int = 0
+    """JSON lines that were not valid phi-core events (logged and skipped)."""
+    saved: int = 0
+    """Successful session saves (a session saved at two checkpoints counts twice)."""
+    checkpoints: int = 0
+    unsaved: list[Session] = field(default_factory=list)
+    """Sessions the store refused at shutdown; nothing else holds them."""
+
+
+class _Consumer:
+    def __init__(self, store: SessionStore, recorder: SessionRecorder, interval: float | None) -> None:
+        self.store = store
+        self.recorder = recorder
+        self.interval = interval
+        self.stats = ConsumeStats()
+        # Drained from the recorder, not yet confirmed saved: nothing is lost if a
+        # save fails or is interrupted by cancellation.
+        self.pending: list[Session] = []
+
+    def feed(self, item: AgentEvent | bytes | str) -> None:
+        self.stats.events += 1
+        if isinstance(item, (bytes, str)):
+            try:
+                self.recorder.on_json(item)
+            except DecodeError as error:
+                self.stats.decode_errors += 1
+                logger.warning("skipped an event line that is not valid phi-core JSON: %s", error)
+            return
+        self.recorder.on_event(item)
+
+    async def save_pending(self) -> None:
+        self.pending.extend(self.recorder.drain_completed())
+        while self.pending:
+            session = self.pending[0]
+            try:
+                await self.store.asave(session)
+            except Exception:
+                logger.exception("saving session %s failed; will retry", session.session_id)
+                return
+            self.pending.pop(0)
+            self.stats.saved += 1
+
+    async def tick(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.recorder.checkpoint()
+            self.stats.checkpoints += 1
+            await self.save_pending()
+
+    async def read(self, source: Source) -> None:
+        if isinstance(source, asyncio.Queue):
+            while True:
+                item = await source.get()
+                if item is None:
+                    return
+                self.feed(item)
+        else:
+            async for item in source:
+                if item is None:
+                    return
+                self.feed(item)
+
+    def take_queued(self, source: Source) -> None:
+        """On cancellation: record whatever the producer already queued."""
+        if not isinstance(source, asyncio.Queue):
+            return
+        while True:
+            try:
+                item = source.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if item is None:
+                return
+            self.feed(item)
+
+    async def shutdown(self) -> None:
+        self.recorder.flush()
+        await self.save_pending()
+        if self.pending:  # one retry, then hand the sessions back rather than drop them
+            await self.save_pending()
+        if self.pending:
+            logger.error("%d session(s) could not be saved; see ConsumeStats.unsaved", len(self.pending))
+            self.stats.unsaved = self.pending
+            self.pending = []
+
+
+async def consume(
+    source: Source,
+    store: SessionStore,
+    *,
+    recorder: SessionRecorder | None = None,
+    checkpoint_interval: float | None = 5.0,
+) -> ConsumeStats:
+    """Record `source` into `store` until the stream ends or the task is cancelled.
+
+    `recorder` defaults to a fresh `SessionRecorder` (pass one to choose its
+    options). On cancellation the final flush and save still run (shielded from a
+    second cancellation), then ``CancelledError`` propagates. Decoding errors of
+    JSON lines are logged and counted, never raised. Returns the run's `ConsumeStats`.
+    """
+    if checkpoint_interval is not None and not checkpoint_interval > 0:
+        raise ValueError("checkpoint_interval must be positive (or None)")
+    consumer = _Consumer(store, recorder if recorder is not None else SessionRecorder(), checkpoint_interval)
+    ticker = (asyncio.create_task(consumer.tick(checkpoint_interval))
+              if checkpoint_interval is not None else None)
+    try:
+        await consumer.read(source)
+    except asyncio.CancelledError:
+        consumer.take_queued(source)
+        raise
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(_settle(ticker))
+        # The final save must complete even if we are cancelled again meanwhile.
+        await asyncio.shield(consumer.shutdown())
+    return consumer.stats
+
+
+async def _settle(task: asyncio.Task[None]) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,285 @@
+"""Session identity for a producer: agent and session ids, rotation, loop-id allocation.
+
+`AgentSession` plays the part phi-core's ``BasicAgent`` plays for its own loops: it
+owns an ``agent_id`` and the current ``session_id``, hands out loop ids of the form
+``{session_id}.{config_id}.{N}`` (one counter per session and config, from 1), and
+rotates to a new session on request (`AgentSession.new_session`) or after a period of
+inactivity (`AgentSession.check_and_rotate`).
+
+Unlike phi-core, the reason a session was opened reaches the record: the first loop
+of every session carries a `SessionFormation` (``FirstLoop`` or
+``InactivityTimeout``) that the instrumentation API writes into that loop's
+``AgentStart`` event, where the recorder reads it and phi-core ignores it.
+
+Time comes from an injectable clock (a callable returning nanoseconds since the Unix
+epoch), so tests and the demo run on simulated time without sleeping; `FakeClock` is
+one.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+
+from ._time import Timestamp
+from .events import LoopConfigSnapshot, SessionFormation
+from .ids import derive_config_id
+
+__all__ = ["AgentSession", "Clock", "FakeClock", "IdFactory", "config_id_of"]
+
+Clock = Callable[[], int]
+"""A source of time: nanoseconds since the Unix epoch (``time.time_ns`` by default)."""
+
+IdFactory = Callable[[], str]
+"""A source of fresh agent and session ids (lower-case UUID v4 strings by default)."""
+
+_NS_PER_S = 1_000_000_000
+_NS_PER_MS = 1_000_000
+
+
+def _uuid4() -> str:
+    return str(uuid.uuid4())
+
+
+def config_id_of(config: LoopConfigSnapshot) -> str:
+    """The loop-id segment of a configuration, as phi-core computes it.
+
+    The snapshot's own ``config_id`` when set; otherwise ``{provider}.{model slug}``,
+    followed by ``.thinking`` when reasoning is on: a thinking level other than
+    ``"off"`` or, with no level given, ``reasoning`` true.
+    """
+    if config.config_id is not None:
+        return config.config_id
+    level = config.thinking_level
+    thinking = level != "off" if isinstance(level, str) else config.reasoning is True
+    return derive_config_id(config.provider, config.model, thinking=thinking)
+
+
+class _Stamper:
+    """Turns clock readings into `Timestamp`s, reusing the formatted date of the last second.
+
+    Events of one loop mostly fall within the same second, and formatting the
+    calendar date is most of the cost of a timestamp.
+    """
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        # (second, its "YYYY-MM-DDTHH:MM:SS"), replaced as one object so that
+        # concurrent readers never pair a second with another second's text.
+        self._cache: tuple[int, str] | None = None
+
+    def __call__(self, ns: int) -> Timestamp:
+        second, fraction = divmod(ns, _NS_PER_S)
+        cache = self._cache
+        if cache is not None and cache[0] == second:
+            prefix = cache[1]
+        else:
+            # Years outside 0000-9999 are written with a sign and never cached.
+            text = str(Timestamp.from_ns(second * _NS_PER_S))
+            if len(text) != 20:
+                return Timestamp.from_ns(ns)
+            prefix = text[:19]
+            self._cache = (second, prefix)
+        if not fraction:
+            return Timestamp(prefix + "Z")
+        if fraction % 1_000_000 == 0:
+            return Timestamp(f"{prefix}.{fraction // 1_000_000:03d}Z")
+        if fraction % 1_000 == 0:
+            return Timestamp(f"{prefix}.{fraction // 1_000:06d}Z")
+        return Timestamp(f"{prefix}.{fraction:09d}Z")
+
+
+class AgentSession:
+    """The identity of one agent: its id, its current session, and loop-id allocation.
+
+    * ``agent_id``: given, or a fresh UUID v4; never changes.
+    * ``session_id``: a UUID v4, replaced by `new_session` and `check_and_rotate`.
+    * `next_loop_id(config_id)`: ``{session_id}.{config_id}.{N}``; ``N`` counts from 1
+      per (session, config) and restarts in every new session.
+
+    The `Tracer` calls `loop_started` when a loop's ``AgentStart`` is emitted; that
+    is what "the last loop started" means for `check_and_rotate`, and it hands the
+    pending `SessionFormation` to the first loop of each session.
+
+    All methods are thread-safe. `clock` (nanoseconds since the epoch) and
+    `id_factory` are injectable for deterministic tests and demos.
+    """
+
+    def __init__(
+        self,
+        agent_id: str | None = None,
+        *,
+        session_id: str | None = None,
+        clock: Clock | None = None,
+        id_factory: IdFactory | None = None,
+    ) -> None:
+        self.clock: Clock = clock if clock is not None else time.time_ns
+        self.id_factory: IdFactory = id_factory if id_factory is not None else _uuid4
+        self.agent_id: str = agent_id if agent_id is not None else self.id_factory()
+        self._lock = threading.Lock()
+        self._stamper = _Stamper()
+        self._session_id = session_id if session_id is not None else self.id_factory()
+        self._counters: dict[str, int] = {}
+        self._last_loop_id: str | None = None
+        self._last_started_ns: int | None = None
+        # Why the current session was opened, until its first loop claims it.
+        # None for FirstLoop, whose timestamp is that first loop's start.
+        self._pending_formation: SessionFormation | None = None
+        self._formation_claimed = False
+
+    # -- identity -----------------------------------------------------------------------
+
+    @property
+    def session_id(self) -> str:
+        """The current session id."""
+        return self._session_id
+
+    @property
+    def last_loop_id(self) -> str | None:
+        """The most recently started loop of the current session (None after a rotation)."""
+        return self._last_loop_id
+
+    @property
+    def last_loop_started_at(self) -> Timestamp | None:
+        """When the last loop of the current session started (None before the first)."""
+        started = self._last_started_ns
+        return None if started is None else Timestamp.from_ns(started)
+
+    def now(self) -> Timestamp:
+        """The clock's current time."""
+        return self._stamper(self.clock())
+
+    def millis(self) -> int:
+        """The clock's current time in milliseconds since the epoch (message timestamps)."""
+        return self.clock() // _NS_PER_MS
+
+    def stamp(self, ns: int) -> Timestamp:
+        """A clock reading as a `Timestamp` (fast for readings within the same second)."""
+        return self._stamper(ns)
+
+    # -- rotation -----------------------------------------------------------------------
+
+    def new_session(self) -> str:
+        """Rotate now: a fresh session id; loop counters restart at 1. Returns the new id.
+
+        The new session's first loop is recorded with formation ``FirstLoop``.
+        """
+        with self._lock:
+            return self._rotate(None)
+
+    def check_and_rotate(self, threshold: float | timedelta) -> str | None:
+        """Rotate if more than `threshold` (seconds or a timedelta) passed since the last loop started.
+
+        Returns the new session id, or None when no rotation happened. A session
+        that has not run a loop is never rotated. The new session's first loop is
+        recorded with formation ``InactivityTimeout`` (``threshold_secs`` is the
+        threshold in whole seconds, ``previous_session_id`` the idle session).
+        """
+        seconds = threshold.total_seconds() if isinstance(threshold, timedelta) else float(threshold)
+        if not seconds >= 0:  # also rejects NaN
+            raise ValueError(f"threshold must be a non-negative duration, got {threshold!r}")
+        with self._lock:
+            last = self._last_started_ns
+            if last is None:
+                return None
+            now = self.clock()
+            if (now - last) / _NS_PER_S <= seconds:
+                return None
+            formation = SessionFormation.inactivity_timeout(
+                threshold_secs=math.floor(seconds), previous_session_id=self._session_id,
+                timestamp=self._stamper(now),
+            )
+            return self._rotate(formation)
+
+    def _rotate(self, formation: SessionFormation | None) -> str:
+        self._session_id = self.id_factory()
+        self._counters.clear()
+        self._last_loop_id = None
+        self._last_started_ns = None  # a fresh session has not run a loop
+        self._pending_formation = formation
+        self._formation_claimed = False
+        return self._session_id
+
+    # -- loops --------------------------------------------------------------------------
+
+    def next_loop_id(self, config_id: str) -> str:
+        """Allocate the next loop id of the current session for `config_id`."""
+        with self._lock:
+            count = self._counters.get(config_id, 0) + 1
+            self._counters[config_id] = count
+            return f"{self._session_id}.{config_id}.{count}"
+
+    def loop_started(self, session_id: str, loop_id: str, at_ns: int) -> SessionFormation | None:
+        """Note that `loop_id` of `session_id` started at `at_ns`.
+
+        Returns the formation to record when this is the first loop to start in the
+        current session, else None. Loops of an earlier session (a parallel branch
+        allocated before a rotation) change nothing.
+        """
+        with self._lock:
+            if session_id != self._session_id:
+                return None
+            self._last_loop_id = loop_id
+            self._last_started_ns = at_ns
+            if self._formation_claimed:
+                return None
+            self._formation_claimed = True
+            formation = self._pending_formation
+            self._pending_formation = None
+            return formation if formation is not None else SessionFormation.first_loop(self._stamper(at_ns))
+
+    def set_last_loop(self, loop_id: str) -> None:
+        """Make `loop_id` the loop that continuations follow by default (e.g. a parallel winner)."""
+        with self._lock:
+            self._last_loop_id = loop_id
+
+    def spawn(self, agent_id: str | None = None) -> AgentSession:
+        """A new identity (fresh agent and session ids) sharing this one's clock and id factory.
+
+        Sub-agents run in a session of their own, as in phi-core.
+        """
+        return AgentSession(agent_id, clock=self.clock, id_factory=self.id_factory)
+
+    def __repr__(self) -> str:
+        return f"AgentSession(agent_id={self.agent_id!r}, session_id={self._session_id!r})"
+
+
+class FakeClock:
+    """A simulated clock for tests and demos: it only moves when told to.
+
+    Each reading returns the current time, then advances it by `tick` seconds, so
+    successive events get distinct, increasing timestamps. `advance(seconds)` jumps
+    ahead (simulated idleness). Thread-safe.
+    """
+
+    def __init__(self, start: Timestamp | str | int = "2025-06-01T09:00:00Z", *, tick: float = 0.001) -> None:
+        if isinstance(start, str):
+            start = Timestamp.parse(start)
+        self._ns = start.ns if isinstance(start, Timestamp) else int(start)
+        self._tick = round(tick * _NS_PER_S)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            now = self._ns
+            self._ns += self._tick
+            return now
+
+    def advance(self, seconds: float | timedelta) -> None:
+        """Move the clock forward by `seconds` (or a timedelta)."""
+        if isinstance(seconds, timedelta):
+            seconds = seconds.total_seconds()
+        if seconds < 0:
+            raise ValueError("a clock does not go backwards")
+        with self._lock:
+            self._ns += round(seconds * _NS_PER_S)
+
+    def peek(self) -> Timestamp:
+        """The current simulated time, without advancing."""
+        with self._lock:
+            return Timestamp.from_ns(self._ns)

@@ -1,0 +1,1029 @@
+"""The instrumentation API: emit a correct phi-core event stream from any agent loop.
+
+Wrap the parts of a hand-written agent loop in context managers (``with`` or
+``async with``) and the `Tracer` emits the events phi-core's own agent would, in
+phi-core's order, filling in what is tedious to get right: loop ids
+(``{session_id}.{config_id}.{N}``), turn indices, timestamps from the agent's clock,
+``turnId`` stamps, per-turn and per-loop usage sums, the plain tool results of
+``TurnEnd``, the message list of ``AgentEnd``, sub-agent links and the session's
+formation::
+
+    tracer = Tracer(AgentSession(), sinks=[recorder], config=snapshot)
+    with tracer.loop() as loop:
+        loop.user("What is in notes.txt?")
+        with loop.turn() as turn:
+            with turn.assistant() as reply:
+                for chunk in stream:
+                    reply.text_delta(chunk)
+                reply.finish(tool_calls=calls, usage=usage)
+            for call in turn.tool_calls:
+                with turn.tool(call) as tool:
+                    tool.result(run(call))
+
+An exception escaping a scope ends it visibly failed and is re-raised: a message is
+finished with ``stopReason`` ``"error"`` (``"aborted"`` on cancellation), a tool
+with an error result, a turn with what it has, and the loop with an ``AgentEnd``
+carrying the error (recorded as status ``Aborted`` with ``error``; phi-core still
+loads the file). Recording never raises into the agent: processors fail closed and
+sinks are isolated (`phi_session.processors`, `phi_session.sinks`). Using a scope
+that is not running (not started, or already ended) is a programming error and
+raises `InstrumentationError`.
+
+Every scope method is non-blocking and may be called from coroutines; ``async with``
+works like ``with``. A loop's tool scopes may run concurrently (threads or tasks);
+other scopes belong to one thread or task at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import msgspec
+from msgspec.structs import replace
+
+from .errors import PhiSessionError
+from .events import (
+    DEFAULT,
+    INITIAL,
+    AgentEnd,
+    AgentEvent,
+    AgentStart,
+    CompactionEnded,
+    CompactionStarted,
+    ContinuationKind,
+    InputRejected,
+    LoopConfigSnapshot,
+    MessageEnd,
+    MessageStart,
+    MessageUpdate,
+    ParallelLoopEnd,
+    ParallelLoopStart,
+    ProgressMessage,
+    PrunApplied,
+    RevertApplied,
+    RevertCategory,
+    StreamDelta,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    ToolExecutionUpdate,
+    TurnEnd,
+    TurnRequest,
+    TurnStart,
+    TurnTrigger,
+)
+from .identity import AgentSession, config_id_of
+from .messages import (
+    ZERO_USAGE,
+    AgentMessage,
+    AnnotatedRequestPayload,
+    AssistantMessage,
+    Content,
+    ExtensionMessage,
+    StopReason,
+    TextContent,
+    ThinkingContent,
+    ToolCall,
+    ToolResult,
+    ToolResultMessage,
+    TurnId,
+    Usage,
+    UserMessage,
+)
+from .processors import Processor, Redactor, default_processors
+from .sinks import FanOut, SinkLike
+
+__all__ = [
+    "CompactionScope", "InstrumentationError", "LoopScope", "MessageScope", "ParallelGroup",
+    "ToolScope", "Tracer", "TurnScope",
+]
+
+_CANCELLATIONS = (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit)
+_NEW, _RUNNING, _ENDED = 0, 1, 2  # scope states
+
+
+class InstrumentationError(PhiSessionError, RuntimeError):
+    """The instrumentation API was used out of order (a scope used before it started or
+    after it ended, two turns of one loop open at once...)."""
+
+
+def _content(value: str | Sequence[Content]) -> tuple[Content, ...]:
+    if isinstance(value, str):
+        return (TextContent(text=value),)
+    return tuple(value)
+
+
+def _describe(error: BaseException | str) -> str:
+    if isinstance(error, str):
+        return error
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _stop_reason(error: BaseException | str) -> StopReason:
+    return "aborted" if isinstance(error, _CANCELLATIONS) else "error"
+
+
+S = TypeVar("S", bound="_Scope")
+
+
+class _Scope:
+    """A span of the event stream: `start` emits its opening event, `end` its closing one.
+
+    Used as a (sync or async) context manager, an exception leaving the block ends
+    the scope with that error and is re-raised.
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self) -> None:
+        self._state = _NEW
+
+    def _begin(self) -> None:
+        if self._state != _NEW:
+            raise InstrumentationError(f"{type(self).__name__} already started")
+        self._state = _RUNNING
+
+    def _require_running(self) -> None:
+        if self._state != _RUNNING:
+            what = "not started" if self._state == _NEW else "already ended"
+            raise InstrumentationError(f"{type(self).__name__} is {what}")
+
+    @property
+    def running(self) -> bool:
+        return self._state == _RUNNING
+
+    @property
+    def ended(self) -> bool:
+        return self._state == _ENDED
+
+    def start(self: S) -> S:
+        raise NotImplementedError
+
+    def end(self, error: BaseException | str | None = None) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: S) -> S:
+        return self.start()
+
+    def __exit__(self, tp: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._state == _RUNNING:
+            self.end(exc)
+
+    async def __aenter__(self: S) -> S:
+        return self.start()
+
+    async def __aexit__(self, tp: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._state == _RUNNING:
+            self.end(exc)
+
+
+class Tracer:
+    """Emits phi-core events for an agent's loops into sinks, through processors.
+
+    * `agent`: the identity (ids, rotation, clock); a fresh `AgentSession` by default.
+    * `sinks`: where events go (`phi_session.sinks`): recorders, queues, files, callables.
+    * `processors`: run on every event before any sink (`phi_session.processors`);
+      then the built-in `Redactor` unless ``redact=False`` (or pass your own).
+    * `config`: the default `LoopConfigSnapshot` of loops that do not give one.
+
+    `emit(event)` sends a hand-built event the same way. Thread-safe. `close()`
+    closes the sinks that can be closed (files, queues); so does leaving a
+    ``with Tracer(...)`` block.
+    """
+
+    def __init__(
+        self,
+        agent: AgentSession | None = None,
+        *,
+        sinks: Iterable[SinkLike] = (),
+        processors: Sequence[Processor] = (),
+        redact: bool | Redactor = True,
+        config: LoopConfigSnapshot | None = None,
+    ) -> None:
+        self.agent = agent if agent is not None else AgentSession()
+        self.config = config
+        self.fanout = FanOut(sinks)
+        self.processors = default_processors(redact, processors)
+        self._process = self.processors if self.processors else None
+        self._deliver = self.fanout.deliver
+        self.wants_deltas = self.fanout.wants_deltas
+        """Whether streaming deltas are built at all (some sink keeps them)."""
+
+    def emit(self, event: AgentEvent) -> None:
+        """Run `event` through the processors, then deliver it to every sink. Never raises."""
+        process = self._process
+        if process is not None:
+            processed = process(event)
+            if processed is None:
+                return
+            event = processed
+        self._deliver(event)
+
+    # -- scopes ---------------------------------------------------------------------------
+
+    def loop(
+        self,
+        config: LoopConfigSnapshot | None = None,
+        *,
+        continues: str | None = None,
+        kind: ContinuationKind | None = None,
+        metadata: Any = None,
+        config_id: str | None = None,
+    ) -> LoopScope:
+        """A new loop of the agent's current session (started on ``with`` or `LoopScope.start`).
+
+        * `config`: its snapshot (default: the tracer's); `config_id` overrides the
+          loop-id segment derived from it (`phi_session.identity.config_id_of`).
+        * `continues`: the loop this one continues (its ``parent_loop_id``).
+        * `kind`: ``INITIAL`` for an origin (the default without `continues`),
+          ``DEFAULT`` (the default with it), ``ContinuationKind.rerun(tag)``,
+          ``ContinuationKind.branch(tag)`` or ``COMPACTION``. A continuation kind
+          without `continues` continues the agent's last loop, as phi-core does.
+        """
+        config = config if config is not None else self.config
+        kind, continues = self._lineage(kind, continues)
+        segment = self._segment(config, config_id)
+        agent = self.agent
+        return LoopScope(self, agent, agent.next_loop_id(segment), agent.session_id, config, segment,
+                         parent_loop_id=continues, kind=kind, metadata=metadata)
+
+    def parallel(
+        self,
+        configs: Sequence[LoopConfigSnapshot],
+        *,
+        continues: str | None = None,
+        kind: ContinuationKind | None = None,
+        metadata: Any = None,
+    ) -> ParallelGroup:
+        """A parallel evaluation: one branch loop per config, then a winner (`ParallelGroup`)."""
+        if not configs:
+            raise ValueError("a parallel group needs at least one config")
+        kind, continues = self._lineage(kind, continues)
+        agent = self.agent
+        session_id = agent.session_id
+        branches = []
+        for config in configs:
+            segment = self._segment(config, None)
+            branches.append(LoopScope(self, agent, agent.next_loop_id(segment), session_id, config,
+                                      segment, parent_loop_id=continues, kind=kind, metadata=metadata))
+        return ParallelGroup(self, session_id, branches)
+
+    def _lineage(
+        self, kind: ContinuationKind | None, continues: str | None
+    ) -> tuple[ContinuationKind, str | None]:
+        if kind is None:
+            return (INITIAL if continues is None else DEFAULT), continues
+        if continues is None and kind != INITIAL:
+            continues = self.agent.last_loop_id
+        return kind, continues
+
+    def _segment(self, config: LoopConfigSnapshot | None, config_id: str | None) -> str:
+        if config_id is not None:
+            return config_id
+        if config is None:
+            raise ValueError("a loop needs a config snapshot (here or on the Tracer) or a config_id")
+        return config_id_of(config)
+
+    # -- sinks ----------------------------------------------------------------------------
+
+    @property
+    def sink_errors(self) -> dict[str, int]:
+        """Failed deliveries per sink (see `FanOut.errors`)."""
+        return self.fanout.errors
+
+    @property
+    def processor_failures(self) -> dict[str, int]:
+        """Failures per processor; their events went on with content withheld."""
+        return self.processors.failures
+
+    def close(self) -> None:
+        """Close every sink that can be closed. Never raises."""
+        self.fanout.close()
+
+    def __enter__(self) -> Tracer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LoopScope(_Scope):
+    """One agent loop: ``AgentStart`` ... ``AgentEnd``. Create with `Tracer.loop`.
+
+    `user` adds a prompt (before the first turn) or a follow-up message (between
+    turns: emitted at the start of the next turn; during a turn: at once).
+    `turn()` opens the next turn. `reject(reason)` records an input rejection;
+    before the first turn it ends the loop as rejected. ``messages`` and ``usage``
+    are what ``AgentEnd`` will carry.
+    """
+
+    __slots__ = (
+        "_agent", "_emit_deltas", "_lock", "_pending", "_tracer", "_turn", "config", "error",
+        "first_trigger", "kind", "loop_id", "messages", "metadata", "parent_loop_id", "rejection",
+        "segment", "session_id", "turns", "usage",
+    )
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        agent: AgentSession,
+        loop_id: str,
+        session_id: str,
+        config: LoopConfigSnapshot | None,
+        segment: str,
+        *,
+        parent_loop_id: str | None,
+        kind: ContinuationKind,
+        metadata: Any,
+        first_trigger: TurnTrigger | None = None,
+    ) -> None:
+        super().__init__()
+        self._tracer = tracer
+        self._agent = agent
+        self.loop_id = loop_id
+        self.session_id = session_id
+        self.config = config
+        self.segment = segment
+        self.parent_loop_id = parent_loop_id
+        self.kind = kind
+        self.metadata = metadata
+        if first_trigger is None:
+            first_trigger = (
+                "User" if kind == INITIAL else "Branch" if kind.kind == "Branch" else "Continuation")
+        self.first_trigger: TurnTrigger = first_trigger
+        self.messages: list[AgentMessage] = []
+        self.usage: Usage = ZERO_USAGE
+        self.turns = 0
+        self.rejection: str | None = None
+        self.error: str | None = None
+        self._pending: list[AgentMessage] = []  # prompts / follow-ups waiting for the next turn
+        self._turn: TurnScope | None = None
+        self._lock = threading.Lock()
+        self._emit_deltas = tracer.wants_deltas
+
+    @property
+    def agent_id(self) -> str:
+        return self._agent.agent_id
+
+    @property
+    def status(self) -> str:
+        """``"pending"``, ``"running"``, ``"completed"``, ``"rejected"`` or ``"failed"``."""
+        if self._state == _NEW:
+            return "pending"
+        if self._state == _RUNNING:
+            return "running"
+        if self.error is not None:
+            return "failed"
+        return "rejected" if self.rejection is not None else "completed"
+
+    def start(self) -> LoopScope:
+        """Emit ``AgentStart``. The first loop of a session carries the session's formation."""
+        self._begin()
+        agent = self._agent
+        at = agent.clock()
+        formation = agent.loop_started(self.session_id, self.loop_id, at)
+        config = self.config
+        if config is not None and config.config_id is None:
+            config = replace(config, config_id=self.segment)  # as phi-core's loop fills it in
+        self._tracer.emit(AgentStart(
+            agent_id=agent.agent_id, session_id=self.session_id, loop_id=self.loop_id,
+            parent_loop_id=self.parent_loop_id, continuation_kind=self.kind,
+            timestamp=agent.stamp(at), metadata=self.metadata, config_snapshot=config,
+            formation=formation if formation is not None else msgspec.UNSET,
+        ))
+        return self
+
+    # -- content --------------------------------------------------------------------------
+
+    def _user_message(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
+        if isinstance(content, (UserMessage, AssistantMessage, ToolResultMessage, ExtensionMessage)):
+            return content
+        return UserMessage(content=_content(content), timestamp=self._agent.millis())
+
+    def user(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
+        """Add a user message (text, content blocks, or a ready message). Returns the message."""
+        self._require_running()
+        turn = self._turn
+        if turn is not None:
+            return turn.user(content)
+        message = self._user_message(content)
+        self._pending.append(message)
+        return message
+
+    def turn(
+        self, trigger: TurnTrigger | None = None, *, request: AnnotatedRequestPayload | None = None
+    ) -> TurnScope:
+        """The next turn (one model call and its tool executions).
+
+        `trigger` defaults to phi-core's choice (``User``, ``SubAgent`` or ``Branch``
+        for the first turn, depending on the loop, ``Continuation`` after);
+        `request` emits the turn's ``TurnRequest`` right after its inputs.
+        """
+        self._require_running()
+        if self._turn is not None:
+            raise InstrumentationError(f"loop {self.loop_id} already has an open turn")
+        if trigger is None:
+            trigger = self.first_trigger if self.turns == 0 else "Continuation"
+        scope = TurnScope(self, self.turns, trigger, request)
+        self._turn = scope
+        self.turns += 1
+        return scope
+
+    def _flush_pending(self, turn_id: TurnId | None) -> None:
+        """Emit the waiting messages: prompts as they are, follow-ups stamped with the turn."""
+        pending, self._pending = self._pending, []
+        emit = self._tracer.emit
+        loop_id = self.loop_id
+        for message in pending:
+            if turn_id is not None and not isinstance(message, ExtensionMessage):
+                message = replace(message, turn_id=turn_id)
+            emit(MessageStart(loop_id=loop_id, message=message))
+            emit(MessageEnd(loop_id=loop_id, message=message))
+            self.messages.append(message)
+
+    def reject(self, reason: str) -> None:
+        """Record that an input filter rejected input (``InputRejected``).
+
+        Before the first turn the initial input is what was rejected: the loop ends
+        at once with ``AgentEnd`` carrying the rejection, no messages and zero usage
+        (status ``Rejected``), and the waiting prompts are discarded, as in phi-core.
+        Later, the loop goes on.
+        """
+        self._require_running()
+        emit = self._tracer.emit
+        emit(InputRejected(loop_id=self.loop_id, reason=reason))
+        if self.turns == 0:
+            self._pending.clear()
+            self.rejection = reason
+            self._state = _ENDED
+            emit(AgentEnd(loop_id=self.loop_id, messages=(), usage=ZERO_USAGE,
+                          timestamp=self._agent.now(), rejection=reason))
+
+    def compaction(self, estimated_tokens: int, message_count: int) -> CompactionScope:
+        """A context compaction: ``CompactionStarted`` now, ``CompactionEnded`` at the end."""
+        self._require_running()
+        return CompactionScope(self, estimated_tokens, message_count)
+
+    def prun(self, tokens_removed: int, messages_removed: int, pruned_timestamps: Sequence[int] = (),
+             memo: str | None = None) -> None:
+        """Record a ``PrunApplied`` (messages pruned from the context; timestamps in epoch ms)."""
+        self._require_running()
+        self._tracer.emit(PrunApplied(
+            loop_id=self.loop_id, tokens_removed=tokens_removed, messages_removed=messages_removed,
+            memo=memo, pruned_timestamps=tuple(pruned_timestamps), timestamp=self._agent.now(),
+        ))
+
+    def revert(
+        self,
+        category: RevertCategory,
+        *,
+        abandoned_node_ids: Sequence[int] = (),
+        applied: bool = True,
+        target: int | None = None,
+        summary: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Record a ``RevertApplied`` (the context rolled back to `target`)."""
+        self._require_running()
+        self._tracer.emit(RevertApplied(
+            loop_id=self.loop_id, category=category, target=target,
+            abandoned_node_ids=tuple(abandoned_node_ids), summary=summary, applied=applied,
+            reason=reason, timestamp=self._agent.now(),
+        ))
+
+    # -- end ------------------------------------------------------------------------------
+
+    def end(self, error: BaseException | str | None = None) -> None:
+        """Emit ``AgentEnd``; with `error`, the loop is recorded as failed (status ``Aborted``).
+
+        An open turn is ended first (with the same error); messages still waiting
+        for a turn are emitted outside any turn so that none is lost.
+        """
+        self._require_running()
+        turn = self._turn
+        if turn is not None and turn.running:
+            turn.end(error if error is not None else "the loop ended while this turn was open")
+        if self._pending:
+            self._flush_pending(None)
+        self._state = _ENDED
+        if error is not None:
+            self.error = _describe(error)
+        self._tracer.emit(AgentEnd(
+            loop_id=self.loop_id, messages=tuple(self.messages), usage=self.usage,
+            timestamp=self._agent.now(),
+            error=self.error if self.error is not None else msgspec.UNSET,
+        ))
+
+    def __repr__(self) -> str:
+        return f"LoopScope({self.loop_id!r}, {self.status})"
+
+
+class TurnScope(_Scope):
+    """One turn: ``TurnStart`` ... ``TurnEnd``. Create with `LoopScope.turn`."""
+
+    __slots__ = ("_loop", "_message", "_open", "_request", "index", "inputs", "message", "tool_results",
+                 "trigger", "turn_id", "usage")
+
+    def __init__(self, loop: LoopScope, index: int, trigger: TurnTrigger,
+                 request: AnnotatedRequestPayload | None) -> None:
+        super().__init__()
+        self._loop = loop
+        self.index = index
+        self.trigger: TurnTrigger = trigger
+        self.turn_id = TurnId(loop_id=loop.loop_id, turn_index=index)
+        self._request = request
+        self.message: AssistantMessage | None = None
+        """The turn's (last) assistant message, once finished."""
+        self.usage: Usage = ZERO_USAGE
+        self.inputs: list[AgentMessage] = []
+        """Messages injected during the turn (with ``turnId``)."""
+        self.tool_results: list[ToolResultMessage] = []
+        self._message: MessageScope | None = None
+        self._open: set[ToolScope] = set()
+
+    @property
+    def loop(self) -> LoopScope:
+        return self._loop
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        """The tool calls of the turn's assistant message (empty before it is finished)."""
+        message = self.message
+        if message is None:
+            return ()
+        return tuple(block for block in message.content if type(block) is ToolCall)
+
+    def start(self) -> TurnScope:
+        """Emit ``TurnStart``, the waiting prompts or follow-ups, and the request if given."""
+        self._begin()
+        loop = self._loop
+        loop._require_running()
+        agent = loop._agent
+        loop._tracer.emit(TurnStart(loop_id=loop.loop_id, turn_index=self.index,
+                                    timestamp=agent.now(), triggered_by=self.trigger))
+        if loop._pending:
+            loop._flush_pending(None if self.index == 0 else self.turn_id)
+        if self._request is not None:
+            self.request(self._request)
+        return self
+
+    def user(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
+        """Inject a message (steering / follow-up) into this turn, stamped with its ``turnId``."""
+        self._require_running()
+        loop = self._loop
+        message = loop._user_message(content)
+        if not isinstance(message, ExtensionMessage):
+            message = replace(message, turn_id=self.turn_id)
+        emit = loop._tracer.emit
+        emit(MessageStart(loop_id=loop.loop_id, message=message))
+        emit(MessageEnd(loop_id=loop.loop_id, message=message))
+        self.inputs.append(message)
+        return message
+
+    def request(self, payload: AnnotatedRequestPayload) -> None:
+        """Emit the turn's ``TurnRequest`` (the fully assembled request to the model)."""
+        self._require_running()
+        loop = self._loop
+        agent = loop._agent
+        loop._tracer.emit(TurnRequest(loop_id=loop.loop_id, turn_index=self.index, payload=payload,
+                                      timestamp=agent.now()))
+
+    def compaction(self, estimated_tokens: int, message_count: int) -> CompactionScope:
+        """A compaction during this turn (see `LoopScope.compaction`)."""
+        self._require_running()
+        return CompactionScope(self._loop, estimated_tokens, message_count)
+
+    def assistant(self, *, model: str | None = None, provider: str | None = None) -> MessageScope:
+        """The model's reply: ``MessageStart`` (placeholder), deltas, ``MessageEnd``.
+
+        `model` and `provider` default to the loop's config.
+        """
+        self._require_running()
+        if self._message is not None and self._message.running:
+            raise InstrumentationError("the turn's previous assistant message is still open")
+        config = self._loop.config
+        scope = MessageScope(
+            self,
+            model if model is not None else (config.model if config is not None else ""),
+            provider if provider is not None else (config.provider if config is not None else ""),
+        )
+        self._message = scope
+        return scope
+
+    def tool(self, call: ToolCall | None = None, *, id: str | None = None, name: str | None = None,
+             args: Any = None) -> ToolScope:
+        """One tool execution, for `call` (or an explicit `id`, `name` and `args`)."""
+        self._require_running()
+        if call is not None:
+            id, name, args = call.id, call.name, call.arguments
+        if id is None or name is None:
+            raise TypeError("tool() needs a ToolCall or both id= and name=")
+        return ToolScope(self, id, name, args)
+
+    def _finished(self, message: AssistantMessage) -> None:
+        self.message = message
+        self.usage = self.usage + message.usage
+
+    def _tool_done(self, scope: ToolScope, message: ToolResultMessage) -> None:
+        with self._loop._lock:  # tools of one turn may finish concurrently
+            self._open.discard(scope)
+            self.tool_results.append(message)
+
+    def end(self, error: BaseException | str | None = None) -> None:
+        """Emit ``TurnEnd`` with the assistant message, the usage and the tool results.
+
+        Open message and tool scopes are ended first (with `error`). A turn that
+        never got an assistant message ends with a synthesized one (empty text,
+        ``stopReason`` ``"error"``/``"aborted"`` and the reason), as phi-core does
+        for a failed provider call.
+        """
+        self._require_running()
+        loop = self._loop
+        if error is not None:
+            reason: BaseException | str = error
+        else:
+            reason = "the turn ended while this scope was open"
+        scope = self._message
+        if scope is not None and scope.running:
+            scope.end(reason)
+        for tool in list(self._open):
+            tool.end(reason)
+        self._state = _ENDED
+        loop._turn = None
+        message = self.message
+        if message is None:
+            config = loop.config
+            message = AssistantMessage(
+                content=(TextContent(text=""),),
+                stop_reason="aborted" if error is None else _stop_reason(error),
+                model=config.model if config is not None else "",
+                provider=config.provider if config is not None else "",
+                usage=ZERO_USAGE, timestamp=loop._agent.millis(),
+                error_message=(_describe(error) if error is not None
+                               else "turn ended without an assistant message"),
+            )
+        turn_id = self.turn_id
+        stamped = replace(message, turn_id=turn_id)
+        results = tuple(self.tool_results)
+        agent = loop._agent
+        loop._tracer.emit(TurnEnd(loop_id=loop.loop_id, message=stamped, usage=self.usage,
+                                  timestamp=agent.now(), tool_results=results))
+        loop.messages.extend(self.inputs)
+        loop.messages.append(stamped)
+        loop.messages.extend(replace(m, turn_id=turn_id) for m in results)
+        loop.usage = loop.usage + self.usage
+
+
+class MessageScope(_Scope):
+    """The assistant's reply in a turn: deltas while it streams, then `finish`.
+
+    Without explicit content, `finish` builds it from the streamed thinking and text
+    (then the given tool calls). Leaving the scope without `finish` finishes with
+    what streamed; with an exception, with ``stopReason`` ``"error"`` (or
+    ``"aborted"``) and the error text.
+    """
+
+    __slots__ = ("_deltas", "_loop_id", "_placeholder", "_text", "_thinking", "_turn", "message",
+                 "model", "provider")
+
+    def __init__(self, turn: TurnScope, model: str, provider: str) -> None:
+        super().__init__()
+        self._turn = turn
+        self._loop_id = turn._loop.loop_id
+        self.model = model
+        self.provider = provider
+        self._text: list[str] = []
+        self._thinking: list[str] = []
+        self._deltas = turn._loop._emit_deltas
+        self._placeholder: AssistantMessage | None = None
+        self.message: AssistantMessage | None = None
+
+    def start(self) -> MessageScope:
+        """Emit ``MessageStart`` with phi-core's empty placeholder message."""
+        self._begin()
+        turn = self._turn
+        turn._require_running()
+        loop = turn._loop
+        self._placeholder = AssistantMessage(
+            content=(), stop_reason="stop", model=self.model, provider="", usage=ZERO_USAGE,
+            timestamp=loop._agent.millis(),
+        )
+        loop._tracer.emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
+        return self
+
+    def _delta(self, delta: StreamDelta) -> None:
+        placeholder = self._placeholder
+        assert placeholder is not None
+        self._turn._loop._tracer.emit(MessageUpdate(loop_id=self._loop_id, message=placeholder, delta=delta))
+
+    def text_delta(self, text: str) -> None:
+        """A piece of streamed answer text."""
+        if self._state != _RUNNING:
+            self._require_running()
+        self._text.append(text)
+        if self._deltas:
+            self._delta(StreamDelta("Text", text))
+
+    def thinking_delta(self, text: str) -> None:
+        """A piece of streamed reasoning."""
+        if self._state != _RUNNING:
+            self._require_running()
+        self._thinking.append(text)
+        if self._deltas:
+            self._delta(StreamDelta("Thinking", text))
+
+    def tool_call_delta(self, json_fragment: str) -> None:
+        """A piece of a tool call's streamed JSON arguments (pass the parsed call to `finish`)."""
+        if self._state != _RUNNING:
+            self._require_running()
+        if self._deltas:
+            self._delta(StreamDelta("ToolCallDelta", json_fragment))
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far."""
+        return "".join(self._text)
+
+    def finish(
+        self,
+        content: str | Sequence[Content] | None = None,
+        *,
+        tool_calls: Sequence[ToolCall] = (),
+        usage: Usage | None = None,
+        stop_reason: StopReason | None = None,
+        error_message: str | None = None,
+        message: AssistantMessage | None = None,
+    ) -> AssistantMessage:
+        """Emit ``MessageEnd`` with the final message and return it.
+
+        Give the whole `message`, or its parts: `content` (default: the streamed
+        thinking and text), `tool_calls` (appended), `usage` (default zero) and
+        `stop_reason` (default ``"toolUse"`` with tool calls, else ``"stop"``).
+        """
+        self._require_running()
+        if message is None:
+            blocks = self._streamed() if content is None else _content(content)
+            if tool_calls:
+                blocks = (*blocks, *tool_calls)
+            if stop_reason is None:
+                stop_reason = "toolUse" if any(type(b) is ToolCall for b in blocks) else "stop"
+            message = AssistantMessage(
+                content=blocks, stop_reason=stop_reason, model=self.model, provider=self.provider,
+                usage=usage if usage is not None else ZERO_USAGE,
+                timestamp=self._turn._loop._agent.millis(), error_message=error_message,
+            )
+        self._state = _ENDED
+        self.message = message
+        self._turn._loop._tracer.emit(MessageEnd(loop_id=self._loop_id, message=message))
+        self._turn._finished(message)
+        return message
+
+    def _streamed(self) -> tuple[Content, ...]:
+        blocks: list[Content] = []
+        if self._thinking:
+            blocks.append(ThinkingContent(thinking="".join(self._thinking)))
+        if self._text:
+            blocks.append(TextContent(text="".join(self._text)))
+        return tuple(blocks)
+
+    def end(self, error: BaseException | str | None = None) -> None:
+        """Finish with what streamed; with `error`, as a failed reply."""
+        self._require_running()
+        if error is None:
+            self.finish()
+        else:
+            self.finish(stop_reason=_stop_reason(error), error_message=_describe(error))
+
+
+class ToolScope(_Scope):
+    """One tool execution: ``ToolExecutionStart`` ... ``ToolExecutionEnd`` and its
+    ``toolResult`` message. Create with `TurnScope.tool`.
+
+    Set the outcome with `result` or `error` (the last call wins; none means an
+    empty success). Leaving with an exception records it as the tool's error. A
+    sub-agent run with `sub_agent` is linked both ways: its loop's
+    ``parent_loop_id`` is this loop, and this result's ``child_loop_id`` is its loop.
+    """
+
+    __slots__ = ("_child_loop_id", "_details", "_is_error", "_loop", "_result", "_turn", "args",
+                 "tool_call_id", "tool_name")
+
+    def __init__(self, turn: TurnScope, tool_call_id: str, tool_name: str, args: Any) -> None:
+        super().__init__()
+        self._turn = turn
+        self._loop = turn._loop
+        self.tool_call_id = tool_call_id
+        self.tool_name = tool_name
+        self.args = args
+        self._result: tuple[Content, ...] = ()
+        self._details: Any = None
+        self._is_error = False
+        self._child_loop_id: str | None = None
+
+    def start(self) -> ToolScope:
+        """Emit ``ToolExecutionStart`` (the arguments pass the redactor first)."""
+        self._begin()
+        turn = self._turn
+        turn._require_running()
+        with self._loop._lock:
+            turn._open.add(self)
+        self._loop._tracer.emit(ToolExecutionStart(
+            loop_id=self._loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
+            args=self.args,
+        ))
+        return self
+
+    def update(self, partial: str | Sequence[Content] | ToolResult, details: Any = None) -> None:
+        """A partial result (``ToolExecutionUpdate``)."""
+        self._require_running()
+        if not isinstance(partial, ToolResult):
+            partial = ToolResult(content=_content(partial), details=details)
+        self._loop._tracer.emit(ToolExecutionUpdate(
+            loop_id=self._loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
+            partial_result=partial,
+        ))
+
+    def progress(self, text: str) -> None:
+        """A progress note (``ProgressMessage``)."""
+        self._require_running()
+        self._loop._tracer.emit(ProgressMessage(
+            loop_id=self._loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name, text=text,
+        ))
+
+    def result(self, content: str | Sequence[Content], details: Any = None) -> None:
+        """The tool's successful result (emitted when the scope ends)."""
+        self._require_running()
+        self._result, self._details, self._is_error = _content(content), details, False
+
+    def error(self, content: str | Sequence[Content], details: Any = None) -> None:
+        """The tool's error result (emitted when the scope ends); the loop goes on."""
+        self._require_running()
+        self._result, self._details, self._is_error = _content(content), details, True
+
+    def sub_agent(
+        self,
+        config: LoopConfigSnapshot | None = None,
+        *,
+        agent: AgentSession | None = None,
+        metadata: Any = None,
+        config_id: str | None = None,
+    ) -> LoopScope:
+        """A sub-agent's loop, in a session of its own, spawned by this tool call.
+
+        `agent`: the sub-agent's identity (default: fresh ids, this agent's clock).
+        The loop id segment is ``sub`` (phi-core's) unless `config_id` or the
+        config's own ``config_id`` says otherwise. Its first turn is triggered by
+        ``SubAgent``. Once it ends, this tool's result carries its loop id.
+        """
+        self._require_running()
+        loop = self._loop
+        tracer = loop._tracer
+        config = config if config is not None else loop.config
+        child = agent if agent is not None else loop._agent.spawn()
+        if config_id is None:
+            config_id = config.config_id if config is not None and config.config_id is not None else "sub"
+        scope = LoopScope(tracer, child, child.next_loop_id(config_id), child.session_id, config, config_id,
+                          parent_loop_id=loop.loop_id, kind=INITIAL, metadata=metadata,
+                          first_trigger="SubAgent")
+        self._child_loop_id = scope.loop_id
+        return scope
+
+    def end(self, error: BaseException | str | None = None) -> None:
+        """Emit ``ToolExecutionEnd`` and the ``toolResult`` message; with `error`, as a failure."""
+        self._require_running()
+        self._state = _ENDED
+        if error is not None:
+            self._result = _content(f"{self.tool_name} failed: {_describe(error)}")
+            self._is_error = True
+        loop = self._loop
+        child = self._child_loop_id
+        result = ToolResult(content=self._result, details=self._details,
+                            child_loop_id=child if child is not None else msgspec.UNSET)
+        emit = loop._tracer.emit
+        emit(ToolExecutionEnd(
+            loop_id=loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
+            result=result, is_error=self._is_error, child_loop_id=child,
+        ))
+        message = ToolResultMessage(
+            tool_call_id=self.tool_call_id, tool_name=self.tool_name, content=self._result,
+            is_error=self._is_error, timestamp=loop._agent.millis(),
+        )
+        emit(MessageStart(loop_id=loop.loop_id, message=message))
+        emit(MessageEnd(loop_id=loop.loop_id, message=message))
+        self._turn._tool_done(self, message)
+
+
+class CompactionScope(_Scope):
+    """A context compaction: ``CompactionStarted`` ... ``CompactionEnded``.
+
+    Report the outcome with `done`; leaving without it records that nothing was
+    compacted; leaving with an exception emits no ``CompactionEnded`` (the loop's
+    error tells why).
+    """
+
+    __slots__ = ("_after", "_loop", "estimated_tokens", "message_count")
+
+    def __init__(self, loop: LoopScope, estimated_tokens: int, message_count: int) -> None:
+        super().__init__()
+        self._loop = loop
+        self.estimated_tokens = estimated_tokens
+        self.message_count = message_count
+        self._after: tuple[int, int, int] | None = None
+
+    def start(self) -> CompactionScope:
+        self._begin()
+        loop = self._loop
+        agent = loop._agent
+        loop._tracer.emit(CompactionStarted(
+            loop_id=loop.loop_id, estimated_tokens=self.estimated_tokens, message_count=self.message_count,
+            timestamp=agent.now(),
+        ))
+        return self
+
+    def done(self, *, messages_after: int, estimated_tokens_after: int, loops_compacted: int = 1) -> None:
+        """The result of the compaction (emitted when the scope ends)."""
+        self._require_running()
+        self._after = (messages_after, estimated_tokens_after, loops_compacted)
+
+    def end(self, error: BaseException | str | None = None) -> None:
+        self._require_running()
+        self._state = _ENDED
+        if error is not None:
+            return
+        messages_after, tokens_after, loops = self._after or (self.message_count, self.estimated_tokens, 0)
+        loop = self._loop
+        agent = loop._agent
+        loop._tracer.emit(CompactionEnded(
+            loop_id=loop.loop_id, messages_before=self.message_count, messages_after=messages_after,
+            estimated_tokens_before=self.estimated_tokens, estimated_tokens_after=tokens_after,
+            loops_compacted=loops, timestamp=agent.now(),
+        ))
+
+
+class ParallelGroup(_Scope):
+    """A parallel evaluation: branch loops announced together, then one selected.
+
+    Entering emits ``ParallelLoopStart`` with every branch's loop id. Run each
+    branch with ``with group.branch(i) as loop`` (concurrently if you like), then
+    call `select` with the winner and the judge's usage (``ParallelLoopEnd``); the
+    winner becomes the loop that later continuations follow. Branches never run
+    are recorded as ``Aborted`` when the recorder flushes.
+    """
+
+    __slots__ = ("_tracer", "branches", "selected", "session_id")
+
+    def __init__(self, tracer: Tracer, session_id: str, branches: list[LoopScope]) -> None:
+        super().__init__()
+        self._tracer = tracer
+        self.session_id = session_id
+        self.branches: tuple[LoopScope, ...] = tuple(branches)
+        self.selected: LoopScope | None = None
+
+    @property
+    def loop_ids(self) -> tuple[str, ...]:
+        return tuple(branch.loop_id for branch in self.branches)
+
+    def start(self) -> ParallelGroup:
+        self._begin()
+        agent = self.branches[0]._agent
+        self._tracer.emit(ParallelLoopStart(session_id=self.session_id, loop_ids=self.loop_ids,
+                                            timestamp=agent.now()))
+        return self
+
+    def branch(self, index: int) -> LoopScope:
+        """The loop of branch `index` (0-based, in config order); start it with ``with``."""
+        self._require_running()
+        return self.branches[index]
+
+    def select(self, winner: int | str, *, evaluation_usage: Usage = ZERO_USAGE) -> LoopScope:
+        """Choose the winning branch (by index or loop id); emits ``ParallelLoopEnd``."""
+        self._require_running()
+        if isinstance(winner, str):
+            ids = self.loop_ids
+            if winner not in ids:
+                raise ValueError(f"{winner!r} is not a branch of this group")
+            index = ids.index(winner)
+        else:
+            index = winner
+        chosen = self.branches[index]
+        agent = chosen._agent
+        self._tracer.emit(ParallelLoopEnd(
+            session_id=self.session_id, selected_loop_id=chosen.loop_id, selected_config_index=index,
+            evaluation_usage=evaluation_usage, timestamp=agent.now(),
+        ))
+        self.selected = chosen
+        agent.set_last_loop(chosen.loop_id)
+        self._state = _ENDED
+        return chosen
+
+    def end(self, error: BaseException | str | None = None) -> None:
+        """Close the group; without a `select`, no winner is recorded."""
+        self._require_running()
+        self._state = _ENDED
+

@@ -1,0 +1,247 @@
+"""Sinks: where emitted events go. A sink is any callable taking one event.
+
+* `RecorderSink`: a `SessionRecorder` in the same process (a bare recorder works too).
+* `QueueSink`: an ``asyncio.Queue`` drained by a recorder task (`phi_session.consume`),
+  safe to call from any thread.
+* `JsonlSink`: a JSON Lines file in phi-core's event-stream format, one event per
+  line, flushed per line (``phi-session record`` reads it back).
+* any callable, e.g. ``events.append``.
+
+`FanOut` sends every event to several sinks with failure isolation: a sink that
+raises does not break the agent nor starve the other sinks; its first error is
+logged, and every error is counted (`FanOut.errors`).
+
+A sink may declare ``wants_deltas = False`` (the recorder does, unless it keeps
+streaming events): when no sink wants streaming deltas, the instrumentation API does
+not even build them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import IO, Any, Protocol, Union, runtime_checkable
+
+from .codec import encode_event
+from .events import AgentEvent
+from .recorder import SessionRecorder
+
+__all__ = ["FanOut", "JsonlSink", "QueueSink", "RecorderSink", "Sink", "SinkLike", "as_sink"]
+
+logger = logging.getLogger("phi_session.sinks")
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Receives events, one call each. Optional attributes: ``wants_deltas`` (bool,
+    default True) and ``close()`` (called by `Tracer.close`)."""
+
+    def __call__(self, event: AgentEvent) -> None: ...
+
+
+SinkLike = Union[Sink, SessionRecorder, Callable[[AgentEvent], Any]]
+"""What `Tracer` accepts as a sink: a sink, a recorder, or any callable."""
+
+
+class RecorderSink:
+    """Feeds a `SessionRecorder` in the same process (thread-safe, as the recorder is)."""
+
+    __slots__ = ("recorder",)
+
+    def __init__(self, recorder: SessionRecorder) -> None:
+        self.recorder = recorder
+
+    @property
+    def wants_deltas(self) -> bool:
+        return self.recorder.config.include_streaming_events
+
+    def __call__(self, event: AgentEvent) -> None:
+        self.recorder.on_event(event)
+
+    def __repr__(self) -> str:
+        return f"RecorderSink({self.recorder!r})"
+
+
+class QueueSink:
+    """Puts events on an ``asyncio.Queue`` for a recorder task (`phi_session.consume`).
+
+    Safe to call from any thread: from the queue's event-loop thread the event is
+    put directly, from any other thread through ``call_soon_threadsafe`` (order is
+    kept per thread). The loop is the running loop at construction, or the first
+    one the sink is called from. `close()` puts the end-of-stream marker (None).
+    Use an unbounded queue (the default of ``asyncio.Queue()``): a full queue
+    raises ``QueueFull``, which the fan-out reports as a failed delivery.
+    """
+
+    def __init__(
+        self,
+        queue: asyncio.Queue[AgentEvent | None],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        wants_deltas: bool = True,
+    ) -> None:
+        self.queue = queue
+        self.wants_deltas = wants_deltas
+        self._loop = loop
+        self._thread: int | None = None  # the loop's thread, once known: direct puts from it
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and loop in (None, running):
+            self._loop, self._thread = running, threading.get_ident()
+
+    def __call__(self, event: AgentEvent | None) -> None:
+        if threading.get_ident() == self._thread:
+            self.queue.put_nowait(event)
+            return
+        loop = self._loop
+        if loop is None:  # first use, and no loop known yet: it must be the caller's
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError("QueueSink first used outside an event loop; create it inside "
+                                   "the consumer's loop or pass loop=") from None
+            self._loop, self._thread = loop, threading.get_ident()
+            self.queue.put_nowait(event)
+            return
+        # Any other thread (or an explicit loop whose thread is unknown): always this
+        # path, so the events of one thread keep their order.
+        loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    def close(self) -> None:
+        """Signal the end of the stream to the consumer (after every event already sent).
+
+        The marker always goes through the loop's callback queue, behind the events
+        other threads have handed over but the loop has not queued yet.
+        """
+        loop = self._loop
+        if loop is None:
+            self(None)
+        else:
+            loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+
+class JsonlSink:
+    """Appends each event to a JSON Lines file in phi-core's event-stream format.
+
+    One compact event per line, ``\\n``-terminated, flushed per line (and fsynced
+    with ``fsync=True``). Given a path, the file is opened for appending and
+    closed by `close()`; given a binary file object, it is written but left open.
+    Thread-safe: lines are never interleaved.
+    """
+
+    def __init__(self, target: str | os.PathLike[str] | IO[bytes], *, fsync: bool = False) -> None:
+        if isinstance(target, (str, os.PathLike)):
+            self.file: IO[bytes] = open(target, "ab")  # owned: closed by close()
+            self._owned = True
+        else:
+            self.file = target
+            self._owned = False
+        self.fsync = fsync
+        self._lock = threading.Lock()
+
+    def __call__(self, event: AgentEvent) -> None:
+        line = encode_event(event) + b"\n"
+        with self._lock:
+            self.file.write(line)
+            self.file.flush()
+            if self.fsync:
+                os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._owned and not self.file.closed:
+                self.file.close()
+
+    def __enter__(self) -> JsonlSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def as_sink(target: SinkLike) -> Callable[[AgentEvent], Any]:
+    """Adapt what `Tracer` accepts into a callable sink (recorders get a `RecorderSink`)."""
+    if isinstance(target, SessionRecorder):
+        return RecorderSink(target)
+    if not callable(target):
+        raise TypeError(f"not a sink: {target!r} (expected a callable or a SessionRecorder)")
+    return target
+
+
+class FanOut:
+    """Delivers each event to every sink, isolating failures.
+
+    A sink that raises is skipped for that event only: the others still receive
+    it, and the caller never sees the error. The first error of each sink is logged
+    with its traceback; all are counted in `errors`. Thread-safe if the sinks are.
+    """
+
+    def __init__(self, sinks: Iterable[SinkLike]) -> None:
+        self.sinks: tuple[Callable[[AgentEvent], Any], ...] = tuple(as_sink(s) for s in sinks)
+        self._lock = threading.Lock()
+        self._errors: dict[int, int] = {}
+        # (sink, what to call): a recorder is called directly, one call level less per event.
+        self._targets = tuple(
+            (sink, sink.recorder.on_event if isinstance(sink, RecorderSink) else sink) for sink in self.sinks)
+        if len(self._targets) == 1:
+            self.deliver = self._deliver_one
+        else:
+            self.deliver = self._deliver_all
+
+    @property
+    def wants_deltas(self) -> bool:
+        """Whether any sink keeps streaming deltas (sinks are assumed to unless they say not)."""
+        return any(getattr(sink, "wants_deltas", True) for sink in self.sinks)
+
+    def __call__(self, event: AgentEvent) -> None:
+        """Deliver `event` to every sink. Never raises."""
+        self.deliver(event)
+
+    def _deliver_all(self, event: AgentEvent) -> None:
+        for sink, call in self._targets:
+            try:
+                call(event)
+            except Exception as error:
+                self._failed(sink, error)
+
+    def _deliver_one(self, event: AgentEvent) -> None:
+        ((sink, call),) = self._targets
+        try:
+            call(event)
+        except Exception as error:
+            self._failed(sink, error)
+
+    def _failed(self, sink: Callable[[AgentEvent], Any], error: Exception) -> None:
+        with self._lock:
+            count = self._errors.get(id(sink), 0) + 1
+            self._errors[id(sink)] = count
+        if count == 1:
+            logger.error("sink %r failed; it will miss the events it fails on (further failures "
+                         "are counted, not logged)", sink, exc_info=error)
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """Failed deliveries per sink (by repr), for sinks that failed at least once."""
+        with self._lock:
+            return {repr(s): self._errors[id(s)] for s in self.sinks if id(s) in self._errors}
+
+    @property
+    def error_count(self) -> int:
+        with self._lock:
+            return sum(self._errors.values())
+
+    def close(self) -> None:
+        """Close every sink that has a ``close()``; a failing close is logged, not raised."""
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception:
+                logger.exception("closing sink %r failed", sink)

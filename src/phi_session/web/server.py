@@ -1,0 +1,281 @@
+"""The viewer's HTTP server: one static page and a read-only JSON API over a store.
+
+Standard library only (`http.server.ThreadingHTTPServer`). Routes, all ``GET``
+(``HEAD`` too), everything else 405:
+
+* ``/`` the page; ``/static/app.js``, ``/static/style.css`` its script and styles;
+* ``/api/sessions?agent=&since=&until=&status=&model=&min_tokens=&parent=&order=&limit=``
+  the matching session summaries (the filters of ``phi-session list``);
+* ``/api/sessions/{id}`` the session's phi-core JSON, exactly as stored;
+* ``/api/sessions/{id}/events`` its stored events: ``[{"loop_id", "sequence",
+  "event"}]``, per loop by sequence, then session-scoped events (``loop_id`` null);
+* ``/api/stats?by=agent|model|day`` usage totals.
+
+Errors are JSON ``{"error": message}``: 400 for a bad query or session id, 404 for
+an unknown path or session, 500 when the store fails. The server never writes.
+
+Safety: it binds 127.0.0.1 by default; while bound to a loopback address it
+answers only requests whose ``Host`` names a loopback host, so a web page on
+another origin cannot read sessions through DNS rebinding. Session ids are
+validated (`validate_session_id`) before they reach the store, so no path can
+escape it. Every response carries a Content-Security-Policy that allows no inline
+script, no framing and no third-party origin: the page renders all data as text
+(see ``static/app.js``), and the policy is the second line of defence.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import sys
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import msgspec
+
+from .._filters import FilterError, SessionFilters, parse_group_by, to_builtins
+from ..codec import encode_event, encode_session
+from ..errors import InvalidSessionId, PhiSessionError, SessionNotFound
+from ..model import Session
+from ..stores.base import SessionStore, validate_session_id
+
+__all__ = ["ViewerServer", "is_loopback", "make_server"]
+
+logger = logging.getLogger(__name__)
+
+_STATIC_TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+_JSON = "application/json; charset=utf-8"
+_LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 with or without brackets) is loopback."""
+    name = host.strip().strip("[]").lower()
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The host part of a ``Host`` header (``[::1]:8000`` -> ``::1``)."""
+    value = header.strip()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class HttpError(Exception):
+    """An error response: status and the message of its ``{"error": …}`` body."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ViewerServer(ThreadingHTTPServer):
+    """A threading HTTP server that serves one store read-only."""
+
+    daemon_threads = True  # a hanging client never keeps the process alive
+    block_on_close = False
+    request_queue_size = 64  # browsers open several connections at once; 5 drops SYNs
+
+    def __init__(self, store: SessionStore, host: str, port: int, *, quiet: bool = False) -> None:
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.store = store
+        self.quiet = quiet
+        self.loopback_only = is_loopback(host)
+        self.static = {name: (files(__package__) / "static" / name).read_bytes() for name in _STATIC_TYPES}
+        super().__init__((host.strip("[]"), port), ViewerHandler)
+
+    @property
+    def url(self) -> str:
+        """The page's address (the bound port, even when 0 was asked for)."""
+        host, port = self.server_address[:2]
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"
+
+
+def make_server(
+    store: SessionStore, host: str = "127.0.0.1", port: int = 0, *, quiet: bool = False
+) -> ViewerServer:
+    """A bound (not yet serving) viewer; call ``serve_forever()`` on it. Raises ``OSError``."""
+    return ViewerServer(store, host, port, quiet=quiet)
+
+
+def _json_bytes(value: Any) -> bytes:
+    return msgspec.json.encode(value)
+
+
+def _events_json(session: Session) -> bytes:
+    rows: list[dict[str, Any]] = []
+    for record in session.loops:
+        for stored in sorted(record.events, key=lambda item: item.sequence):
+            rows.append({"loop_id": record.loop_id, "sequence": stored.sequence,
+                         "event": msgspec.Raw(encode_event(stored.event))})
+    if not isinstance(session.session_events, msgspec.UnsetType):
+        for event in session.session_events:
+            rows.append({"loop_id": None, "sequence": None, "event": msgspec.Raw(encode_event(event))})
+    return _json_bytes(rows)
+
+
+class ViewerHandler(BaseHTTPRequestHandler):
+    """Routes one request; see the module docstring for the API."""
+
+    server: ViewerServer
+    server_version = "phi-session-viewer"
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._respond(head=False)
+
+    def do_HEAD(self) -> None:
+        self._respond(head=True)
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True  # the request body is never read: do not reuse the connection
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, *self._error_body("the viewer is read-only: use GET"),
+                   extra={"Allow": "GET, HEAD"})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def _respond(self, *, head: bool) -> None:
+        try:
+            status, body, content_type = self._route()
+        except HttpError as error:
+            status, (body, content_type) = error.status, self._error_body(str(error))
+        except SessionNotFound as error:
+            status, (body, content_type) = HTTPStatus.NOT_FOUND, self._error_body(str(error))
+        except InvalidSessionId as error:
+            status, (body, content_type) = HTTPStatus.BAD_REQUEST, self._error_body(str(error))
+        except PhiSessionError as error:
+            logger.warning("store error on %s: %s", self.path, error)
+            status, (body, content_type) = HTTPStatus.INTERNAL_SERVER_ERROR, self._error_body(str(error))
+        except Exception:
+            logger.exception("viewer failed on %s", self.path)
+            status = HTTPStatus.INTERNAL_SERVER_ERROR
+            body, content_type = self._error_body("internal error")
+        self._send(status, body, content_type, head=head)
+
+    def _route(self) -> tuple[HTTPStatus, bytes, str]:
+        self._check_host()
+        url = urlsplit(self.path)
+        # Split before unquoting: an id holding an encoded "/" stays one segment
+        # (and is then refused by validate_session_id).
+        try:
+            parts = [unquote(part, errors="strict") for part in url.path.split("/")[1:]]
+        except UnicodeDecodeError:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "the path is not valid percent-encoded UTF-8") from None
+        query = self._query(url.query)
+        if parts in ([""], ["index.html"]):
+            return self._static("index.html", query)
+        if len(parts) == 2 and parts[0] == "static" and parts[1] in ("app.js", "style.css"):
+            return self._static(parts[1], query)
+        if parts[:2] == ["api", "sessions"]:
+            return self._sessions_api(parts[2:], query)
+        if parts == ["api", "stats"]:
+            self._only(query, {"by"})
+            by = self._parse(lambda: parse_group_by(query.get("by") or "agent"))
+            totals = self.server.store.usage_totals(by)
+            return HTTPStatus.OK, _json_bytes(to_builtins(totals)), _JSON
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no such page or API: {url.path}")
+
+    def _sessions_api(self, rest: list[str], query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
+        store = self.server.store
+        if rest in ([], [""]):
+            filters = self._parse(lambda: SessionFilters.parse(query))
+            return HTTPStatus.OK, _json_bytes(to_builtins(filters.run(store))), _JSON
+        self._only(query, set())
+        session_id = validate_session_id(rest[0])
+        if len(rest) == 1:
+            return HTTPStatus.OK, encode_session(store.load(session_id), pretty=False), _JSON
+        if rest[1:] == ["events"]:
+            return HTTPStatus.OK, _events_json(store.load(session_id)), _JSON
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
+
+    def _static(self, name: str, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
+        del query  # cache-busting parameters are harmless
+        return HTTPStatus.OK, self.server.static[name], _STATIC_TYPES[name]
+
+    # -- request checks -------------------------------------------------------------------
+
+    def _check_host(self) -> None:
+        header = self.headers.get("Host")
+        if self.server.loopback_only and header is not None and not is_loopback(_host_name(header)):
+            raise HttpError(HTTPStatus.FORBIDDEN, "this viewer answers only to a loopback Host")
+
+    @staticmethod
+    def _query(text: str) -> dict[str, str]:
+        try:
+            pairs = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"malformed query string: {error}") from None
+        repeated = sorted(name for name, values in pairs.items() if len(values) > 1)
+        if repeated:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"query parameter {repeated[0]!r} given more than once")
+        return {name: values[0] for name, values in pairs.items()}
+
+    @staticmethod
+    def _only(query: dict[str, str], allowed: set[str]) -> None:
+        unknown = sorted(set(query) - allowed)
+        if unknown:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"unknown query parameter {unknown[0]!r}")
+
+    @staticmethod
+    def _parse(parse: Any) -> Any:
+        try:
+            return parse()
+        except FilterError as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+
+    # -- responses --------------------------------------------------------------------------
+
+    @staticmethod
+    def _error_body(message: str) -> tuple[bytes, str]:
+        return _json_bytes({"error": message}), _JSON
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, *, head: bool = False,
+              extra: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in {**_SECURITY_HEADERS, **(extra or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.quiet:
+            return
+        # The request line is client data: keep control characters off the terminal.
+        text = (format % args).translate({c: f"\\x{c:02x}" for c in range(0x20)} | {0x7F: "\\x7f"})
+        sys.stderr.write(f"{self.address_string()} - [{self.log_date_time_string()}] {text}\n")
+

@@ -1,0 +1,593 @@
+"""The ``phi-session`` command line, through its real entry point `phi_session.cli:main`.
+
+Every command is run with click's CliRunner against the entry point (the same
+object the console script calls); a few run as real subprocesses of the installed
+``phi-session`` script. Checked: exit codes (0 ok, 1 not found/failed, 2 usage),
+``--json`` output parsed, one-line errors on stderr, and what ends up in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from phi_session.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
+from phi_session.codec import decode_session, encode_session
+from phi_session.recorder import SessionRecorder
+from phi_session.stores.urls import ENV_VAR
+
+from .conftest import EXAMPLES
+from .web_support import (
+    BASIC_ID,
+    BASIC_LOOPS,
+    CHILD_ID,
+    CHILD_LOOP,
+    EXAMPLE_IDS,
+    EXAMPLE_STREAM,
+    MINIMAL_ID,
+    PARALLEL_ID,
+    PARALLEL_WINNER,
+    PARENT_ID,
+    PARENT_LOOP,
+    example_lines,
+)
+
+SCRIPT = Path(sys.executable).with_name("phi-session")
+
+
+def run(*args: str | Path, input: str | bytes | None = None) -> Result:
+    return CliRunner().invoke(main, [str(arg) for arg in args], input=input)
+
+
+def assert_one_line_error(result: Result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("phi-session"), lines
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The default store is relative to the cwd (or $PHI_SESSION_STORE): keep both in tmp.
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    """A JSON-directory store holding the five example sessions, recorded by the CLI."""
+    directory = tmp_path / "store"
+    result = run("record", EXAMPLE_STREAM, "--dir", directory)
+    assert result.exit_code == EXIT_OK, result.stderr
+    return directory
+
+
+def json_out(result: Result) -> object:
+    assert result.exit_code == EXIT_OK, (result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+# -- record -----------------------------------------------------------------------------------
+
+
+def test_record_prints_one_line_per_session_and_totals(tmp_path: Path) -> None:
+    result = run("record", EXAMPLE_STREAM, "--dir", tmp_path / "out")
+    assert result.exit_code == EXIT_OK, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 6
+    for session_id in EXAMPLE_IDS:
+        (line,) = [line for line in lines if line.startswith(session_id)]
+        assert "loops:" in line and "turns:" in line and "tokens:" in line
+    basic = next(line for line in lines if line.startswith(BASIC_ID))
+    assert "2 Completed" in basic and "turns: 3" in basic and "tokens: 1,534" in basic
+    assert lines[-1].startswith("total: 5 sessions, 7 loops, 9 turns, 2,970 tokens")
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.json")) == sorted(EXAMPLE_IDS)
+
+
+@pytest.mark.spec
+def test_record_writes_phi_core_session_files_byte_for_byte(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run("record", EXAMPLE_STREAM, "--dir", out).exit_code == EXIT_OK
+    for expected in EXAMPLES.glob("session-*.json"):
+        session_id = json.loads(expected.read_bytes())["session_id"]
+        assert (out / f"{session_id}.json").read_bytes() == expected.read_bytes(), expected.name
+
+
+def test_record_json_summary() -> None:
+    data = json_out(run("record", EXAMPLE_STREAM, "--store", "sqlite:db.sqlite", "--json"))
+    assert isinstance(data, dict)
+    assert {row["session_id"] for row in data["sessions"]} == set(EXAMPLE_IDS)
+    parallel = next(row for row in data["sessions"] if row["session_id"] == PARALLEL_ID)
+    assert parallel == {"session_id": PARALLEL_ID, "agent_id": "d8e2b6f4-3a1c-4d7e-b9f5-6c0a2e8d4b17",
+                        "loops_by_status": {"Completed": 2}, "turns": 2, "total_tokens": 76,
+                        "rejected": False}
+    totals = data["totals"]
+    assert totals["sessions"] == 5 and totals["loops"] == 7 and totals["turns"] == 9
+    assert totals["total_tokens"] == 2970 and totals["malformed_lines"] == 0
+    assert totals["events"] == len(example_lines())
+    assert data["errors"] == []
+
+
+def test_record_reports_malformed_lines_with_their_number_and_keeps_the_rest(tmp_path: Path) -> None:
+    lines = example_lines()
+    lines.insert(2, '{"type":"TurnStart","loop_id":42}')  # becomes line 3
+    lines.insert(5, "this is not json")  # becomes line 6
+    lines.insert(7, "")  # blank lines are not errors
+    stream = tmp_path / "bad.jsonl"
+    stream.write_text("\n".join(lines) + "\n")
+    result = run("record", stream, "--dir", tmp_path / "out", "--json")
+    assert result.exit_code == EXIT_OK
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 2
+    assert "line 3:" in errors[0] and "line 6:" in errors[1]
+    assert "loop_id" in errors[0]  # the decode error names the field
+    data = json.loads(result.stdout)
+    assert [e["line"] for e in data["errors"]] == [3, 6]
+    assert data["totals"]["malformed_lines"] == 2
+    assert data["totals"]["sessions"] == 5
+    # Everything else was recorded: the stored sessions are the clean run's.
+    clean = tmp_path / "clean"
+    run("record", EXAMPLE_STREAM, "--dir", clean)
+    for session_id in EXAMPLE_IDS:
+        name = f"{session_id}.json"
+        assert (tmp_path / "out" / name).read_bytes() == (clean / name).read_bytes()
+
+
+def test_record_from_stdin(tmp_path: Path) -> None:
+    result = run("record", "-", "--dir", tmp_path / "out", input=EXAMPLE_STREAM.read_bytes())
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert len(list((tmp_path / "out").glob("*.json"))) == 5
+
+
+def test_record_keeps_orphan_events_when_asked(tmp_path: Path) -> None:
+    orphan = '{"type":"InputRejected","loop_id":"nobody.x.1","reason":"late"}'
+    stream = tmp_path / "s.jsonl"
+    stream.write_text(orphan + "\n")
+    result = run("record", stream, "--dir", tmp_path / "out", "--orphans", tmp_path / "orphans.jsonl")
+    assert result.exit_code == EXIT_OK
+    assert "1 events belonged to no known loop" in result.stderr
+    assert (tmp_path / "orphans.jsonl").read_text() == orphan + "\n"
+
+
+def test_record_ctrl_c_still_saves_what_was_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = [line for line in example_lines() if MINIMAL_ID in line]
+    original = SessionRecorder.on_json
+    calls = {"n": 0}
+
+    def interrupted_after_five(self: SessionRecorder, data: bytes | str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        original(self, data)
+
+    monkeypatch.setattr(SessionRecorder, "on_json", interrupted_after_five)
+    stream = tmp_path / "s.jsonl"
+    stream.write_text("\n".join(lines) + "\n")
+    result = run("record", stream, "--dir", tmp_path / "out", "--json")
+    assert result.exit_code == EXIT_INTERRUPTED
+    assert "interrupted after line 6" in result.stderr
+    assert json.loads(result.stdout)["totals"]["events"] == 5
+    saved = decode_session((tmp_path / "out" / f"{MINIMAL_ID}.json").read_bytes())
+    assert [loop.status for loop in saved.loops] == ["Aborted"]  # flushed: the open loop is kept
+    assert len(saved.loops[0].events) == 5
+
+
+def test_record_errors(tmp_path: Path) -> None:
+    assert_one_line_error(run("record", tmp_path / "missing.jsonl"), EXIT_FAILURE, "missing.jsonl")
+    assert_one_line_error(run("record", tmp_path), EXIT_USAGE, "directory")
+    assert_one_line_error(run("record", EXAMPLE_STREAM, "--dir", tmp_path / "a", "--store", tmp_path),
+                          EXIT_USAGE, "--dir")
+    assert_one_line_error(run("record"), EXIT_USAGE, "FILE")
+
+
+def test_default_store_and_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run("record", EXAMPLE_STREAM).exit_code == EXIT_OK
+    assert (tmp_path / ".phi-session" / "sessions.db").is_file()
+    assert len(json_out(run("list", "--json"))) == 5  # type: ignore[arg-type]
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "elsewhere") + "/")
+    assert json_out(run("list", "--json")) == []
+    run("record", EXAMPLE_STREAM)
+    assert len(list((tmp_path / "elsewhere").glob("*.json"))) == 5
+
+
+def test_bad_store_url_is_one_line() -> None:
+    result = run("list", "--store", "nosuch://x")
+    assert result.exit_code in (EXIT_FAILURE, EXIT_USAGE)
+    assert_one_line_error(result, result.exit_code, "nosuch")
+
+
+# -- list ---------------------------------------------------------------------------------------
+
+
+def test_list_table(store_dir: Path) -> None:
+    result = run("list", "--store", store_dir)
+    assert result.exit_code == EXIT_OK
+    header, *rows = result.stdout.strip().splitlines()
+    assert header.split()[:4] == ["ID", "AGENT", "CREATED", "LAST"]
+    assert [row.split()[0] for row in rows] == [MINIMAL_ID, PARALLEL_ID, CHILD_ID, PARENT_ID, BASIC_ID]
+    assert "openai/gpt-4o, anthropic/claude-sonnet-4-5" in rows[1]
+    assert "1,534" in rows[4]
+
+
+def test_list_table_fits_narrow_terminals(store_dir: Path) -> None:
+    for columns, headers in ((80, ["ID", "LAST", "ACTIVE", "LOOPS", "TOKENS"]),
+                             (110, ["ID", "AGENT", "LAST", "ACTIVE", "LOOPS", "TURNS", "TOKENS"])):
+        result = CliRunner().invoke(main, ["list", "--store", str(store_dir)], env={"COLUMNS": str(columns)})
+        header, *rows = result.stdout.splitlines()
+        assert header.split() == headers
+        assert max(len(line) for line in result.stdout.splitlines()) <= columns
+        assert rows[0].split()[0] == MINIMAL_ID and rows[-1].split()[-1] == "1,534"  # nothing cut
+
+
+def test_list_json_and_filters(store_dir: Path) -> None:
+    def ids(*args: str) -> list[str]:
+        data = json_out(run("list", "--store", str(store_dir), "--json", *args))
+        assert isinstance(data, list)
+        return [row["session_id"] for row in data]
+
+    rows = json_out(run("list", "--store", str(store_dir), "--json"))
+    assert isinstance(rows, list) and len(rows) == 5
+    child = next(row for row in rows if row["session_id"] == CHILD_ID)
+    assert child["parent_session_id"] == PARENT_ID
+    assert child["total_tokens"] == 69 and child["turn_count"] == 1
+    assert child["created_at"] == "2025-06-02T14:30:01.306Z"
+
+    assert ids("--agent", "b3d9f1a7-8c2e-4f6b-9a4d-1e7c5b3a9f28") == [CHILD_ID]
+    assert ids("--model", "openai/gpt-4o") == [PARALLEL_ID]
+    assert ids("--model", "gpt-4o") == [PARALLEL_ID]
+    assert ids("--status", "Aborted") == []
+    assert len(ids("--status", "Completed")) == 5
+    assert ids("--min-tokens", "1000") == [PARENT_ID, BASIC_ID]
+    assert ids("--limit", "2") == [MINIMAL_ID, PARALLEL_ID]
+    assert ids("--since", "2025-06-03") == [MINIMAL_ID, PARALLEL_ID]
+    assert ids("--until", "2025-06-02") == [BASIC_ID]
+    assert ids("--since", "2025-06-02T14:30:00.500Z", "--until", "2025-06-03") == [CHILD_ID]
+    assert ids("--parent", PARENT_ID) == [CHILD_ID]
+    assert ids("--order", "tokens")[:2] == [BASIC_ID, PARENT_ID]
+    assert ids("--since", "36500d") == ids()  # an age: everything of the last century
+    assert ids("--since", "1h") == []  # the examples are from 2025
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("--since", "yesterday"), "--since"),
+    (("--until", "2025-13-01"), "--until"),
+    (("--status", "Done"), "--status"),
+    (("--limit", "-1"), "--limit"),
+    (("--min-tokens", "many"), "--min-tokens"),
+    (("--order", "random"), "--order"),
+    (("--since", "2025-06-03", "--until", "2025-06-01"), "--until"),
+    (("--no-such-option",), "no-such-option"),
+])
+def test_list_usage_errors(store_dir: Path, args: tuple[str, ...], fragment: str) -> None:
+    assert_one_line_error(run("list", "--store", store_dir, *args), EXIT_USAGE, fragment)
+
+
+def test_list_empty_store(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = run("list", "--store", tmp_path / "empty")
+    assert result.exit_code == EXIT_OK and result.stdout == ""
+    assert "no sessions" in result.stderr
+
+
+# -- show / tree / context ---------------------------------------------------------------------
+
+
+def test_show(store_dir: Path) -> None:
+    result = run("show", PARENT_ID, "--store", store_dir)
+    assert result.exit_code == EXIT_OK, result.stderr
+    out = result.stdout
+    assert "FirstLoop at 2025-06-02T14:30:00Z" in out
+    assert PARENT_LOOP in out and "1 Completed" in out
+    assert f"sub-agent session {CHILD_ID} (loop {CHILD_LOOP}) via researcher call toolu_02B" in out
+    assert "turn 0 · User" in out and "calls researcher" in out
+    assert "1,276 tokens" in out
+    assert "AgentStart" not in out  # the event log only with --events
+
+    child = run("show", CHILD_ID, "--store", store_dir).stdout
+    assert f"session {PARENT_ID}, loop {PARENT_LOOP}, tool researcher (call toolu_02B)" in child
+
+    parallel = run("show", PARALLEL_ID, "--store", store_dir).stdout
+    winner_line = next(line for line in parallel.splitlines() if PARALLEL_WINNER in line and "#" in line)
+    assert "parallel winner" in winner_line
+    assert "not selected" in parallel and "temperature 0.2 " in parallel
+
+    basic = run("show", BASIC_ID, "--store", store_dir).stdout
+    # The continuation is drawn under the loop it continues.
+    first = basic.index(BASIC_LOOPS[0])
+    second = basic.index(BASIC_LOOPS[1])
+    assert first < second and "Default" in basic[second - 40:second]
+
+
+def test_show_survives_a_parent_cycle(store_dir: Path) -> None:
+    # phi-core's compaction pass can leave loops naming each other (or themselves) as parent.
+    path = store_dir / f"{BASIC_ID}.json"
+    data = json.loads(path.read_bytes())
+    data["loops"][0]["parent_loop_id"] = BASIC_LOOPS[1]
+    path.write_text(json.dumps(data))
+    out = run("show", BASIC_ID, "--store", store_dir).stdout
+    labels = [line for line in out.splitlines() if "● Completed" in line]
+    assert len(labels) == 2
+    assert sum(BASIC_LOOPS[0] in line for line in labels) == 1
+    assert sum(BASIC_LOOPS[1] in line for line in labels) == 1
+
+
+def test_show_events(store_dir: Path) -> None:
+    out = run("show", BASIC_ID, "--store", store_dir, "--events").stdout
+    log = out[out.index("events ("):]
+    rows = [line for line in log.splitlines() if line.startswith("#")]
+    stored = decode_session((store_dir / f"{BASIC_ID}.json").read_bytes())
+    assert len(rows) == sum(len(loop.events) for loop in stored.loops)
+    assert rows[0].split()[:3] == ["#1", "0", "AgentStart"]
+    assert rows[-1].split()[:3] == ["#2", str(len(stored.loops[1].events) - 1), "AgentEnd"]
+
+
+def test_show_json_is_the_stored_session(store_dir: Path) -> None:
+    result = run("show", BASIC_ID, "--store", store_dir, "--json")
+    assert result.exit_code == EXIT_OK
+    assert result.stdout.encode() == (store_dir / f"{BASIC_ID}.json").read_bytes() + b"\n"
+
+
+def test_show_errors(store_dir: Path) -> None:
+    assert_one_line_error(run("show", "nope", "--store", store_dir), EXIT_FAILURE, "nope")
+    assert_one_line_error(run("show", "../etc", "--store", store_dir), EXIT_USAGE, "../etc")
+    assert_one_line_error(run("show", "--store", store_dir), EXIT_USAGE, "ID")
+
+
+def test_tree(store_dir: Path) -> None:
+    result = run("tree", PARENT_ID, "--store", store_dir)
+    assert result.exit_code == EXIT_OK
+    first, second = result.stdout.strip().splitlines()
+    assert first.startswith(PARENT_ID)
+    assert f"researcher (toolu_02B) → {CHILD_ID}" in second
+
+    graph = json_out(run("tree", PARENT_ID, "--store", str(store_dir), "--json"))
+    assert isinstance(graph, dict)
+    assert graph["session_id"] == PARENT_ID and graph["via"] is None and graph["found"]
+    (child,) = graph["children"]
+    assert child["session_id"] == CHILD_ID and child["found"] and child["children"] == []
+    assert child["via"] == {"parent_loop_id": PARENT_LOOP, "tool_name": "researcher",
+                            "tool_call_id": "toolu_02B", "child_loop_id": CHILD_LOOP}
+    assert child["total_tokens"] == 69
+
+    child_view = run("tree", CHILD_ID, "--store", store_dir).stdout
+    assert f"spawned by session {PARENT_ID}" in child_view
+
+    assert run("rm", CHILD_ID, "--store", store_dir).exit_code == EXIT_OK
+    graph = json_out(run("tree", PARENT_ID, "--store", str(store_dir), "--json"))
+    assert isinstance(graph, dict)
+    assert graph["children"][0]["found"] is False
+    assert "not in this store" in run("tree", PARENT_ID, "--store", store_dir).stdout
+    assert_one_line_error(run("tree", CHILD_ID, "--store", store_dir), EXIT_FAILURE, CHILD_ID)
+
+
+def test_context(store_dir: Path) -> None:
+    messages = json_out(run("context", BASIC_ID, BASIC_LOOPS[1], "--store", str(store_dir), "--json"))
+    assert isinstance(messages, list)
+    stored = decode_session((store_dir / f"{BASIC_ID}.json").read_bytes())
+    expected = len(stored.loops[0].messages) + len(stored.loops[1].messages)
+    assert len(messages) == expected
+    assert messages[0]["role"] == "user"
+    assert {m["role"] for m in messages} >= {"user", "assistant", "toolResult"}
+
+    text = run("context", BASIC_ID, BASIC_LOOPS[0], "--store", store_dir)
+    assert text.exit_code == EXIT_OK
+    assert "read_file" in text.stdout and "assistant" in text.stdout
+    assert f"{len(stored.loops[0].messages)} messages" in text.stderr
+
+    assert_one_line_error(run("context", BASIC_ID, "no.such.loop", "--store", store_dir), EXIT_FAILURE,
+                          "no.such.loop")
+
+
+def test_untrusted_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    hostile = "\x1b[2J\x1b]0;owned\x07 [bold red]markup[/] \u009b31m"
+    lines = [line.replace('"Say hello."', json.dumps(hostile))
+             for line in example_lines() if MINIMAL_ID in line]
+    stream = tmp_path / "hostile.jsonl"
+    stream.write_text("\n".join(lines) + "\n")
+    assert run("record", stream, "--dir", tmp_path / "out").exit_code == EXIT_OK
+    loop = f"{MINIMAL_ID}.anthropic.claude-haiku-4-5.1"
+    out = run("context", MINIMAL_ID, loop, "--store", tmp_path / "out").stdout
+    assert "\x1b" not in out and "\x07" not in out and "\u009b" not in out
+    assert "\\x1b[2J" in out and "[bold red]markup[/]" in out and "\\x9b31m" in out
+
+
+# -- stats ---------------------------------------------------------------------------------------
+
+
+def test_stats(store_dir: Path) -> None:
+    by_model = json_out(run("stats", "--by", "model", "--store", str(store_dir), "--json"))
+    assert isinstance(by_model, list)
+    assert [row["key"] for row in by_model] == [
+        "anthropic/claude-haiku-4-5", "anthropic/claude-sonnet-4-5", "openai/gpt-4o"]
+    assert sum(row["usage"]["total_tokens"] for row in by_model) == 2970
+    by_day = json_out(run("stats", "--by", "day", "--store", str(store_dir), "--json"))
+    assert isinstance(by_day, list)
+    assert [(row["key"], row["sessions"]) for row in by_day] == [
+        ("2025-06-01", 1), ("2025-06-02", 2), ("2025-06-03", 1), ("2025-06-04", 1)]
+    table = run("stats", "--store", store_dir)
+    assert table.exit_code == EXIT_OK
+    assert table.stdout.splitlines()[0].split()[:3] == ["AGENT", "SESSIONS", "LOOPS"]
+    assert table.stdout.strip().splitlines()[-1].split()[:3] == ["total", "5", "7"]
+    assert_one_line_error(run("stats", "--by", "week", "--store", store_dir), EXIT_USAGE, "--by")
+
+
+# -- export / import / rm --------------------------------------------------------------------------
+
+
+def test_export_json(store_dir: Path, tmp_path: Path) -> None:
+    one = run("export", BASIC_ID, "--store", store_dir)
+    assert one.exit_code == EXIT_OK
+    assert one.stdout_bytes == (store_dir / f"{BASIC_ID}.json").read_bytes() + b"\n"
+    both = json_out(run("export", BASIC_ID, MINIMAL_ID, "--store", str(store_dir)))
+    assert isinstance(both, list) and [s["session_id"] for s in both] == [BASIC_ID, MINIMAL_ID]
+    target = tmp_path / "basic.json"
+    assert run("export", BASIC_ID, "--store", store_dir, "-o", target).exit_code == EXIT_OK
+    stored = (store_dir / f"{BASIC_ID}.json").read_bytes()
+    assert encode_session(decode_session(target.read_bytes())) == stored
+    assert_one_line_error(run("export", BASIC_ID, "nope", "--store", store_dir), EXIT_FAILURE, "nope")
+    assert_one_line_error(run("export", BASIC_ID, "--format", "xml", "--store", store_dir), EXIT_USAGE, "xml")
+
+
+def test_export_jsonl_gives_back_the_recorded_stream(store_dir: Path, tmp_path: Path) -> None:
+    recorded = [line for line in example_lines() if BASIC_ID in line and '"MessageUpdate"' not in line]
+    result = run("export", BASIC_ID, "--format", "jsonl", "--store", store_dir)
+    assert result.exit_code == EXIT_OK
+    assert result.stdout.splitlines() == recorded
+    # A parent and its sub-agent exported together record back into the same sessions.
+    stream = tmp_path / "family.jsonl"
+    assert run("export", PARENT_ID, CHILD_ID, "--format", "jsonl", "--store", store_dir,
+               "-o", stream).exit_code == EXIT_OK
+    again = tmp_path / "again"
+    assert run("record", stream, "--dir", again).exit_code == EXIT_OK
+    for session_id in (PARENT_ID, CHILD_ID):
+        name = f"{session_id}.json"
+        assert (again / name).read_bytes() == (store_dir / name).read_bytes()
+
+
+def test_import_files_and_directories(store_dir: Path, tmp_path: Path) -> None:
+    (store_dir / "broken.json").write_text("{not json")
+    result = run("import", store_dir, tmp_path / "missing", "--store", "sqlite:imported.db", "--json")
+    assert result.exit_code == EXIT_FAILURE  # something could not be imported...
+    data = json.loads(result.stdout)
+    assert sorted(row["session_id"] for row in data["imported"]) == sorted(EXAMPLE_IDS)  # ...the rest was
+    assert {Path(e["path"]).name for e in data["errors"]} == {"broken.json", "missing"}
+    assert len(result.stderr.strip().splitlines()) == 2
+    listed = json_out(run("list", "--store", "sqlite:imported.db", "--json"))
+    assert isinstance(listed, list) and len(listed) == 5
+    # Imported sessions are the phi-core sessions, unchanged.
+    exported = run("export", BASIC_ID, "--store", "sqlite:imported.db")
+    assert exported.stdout_bytes == (store_dir / f"{BASIC_ID}.json").read_bytes() + b"\n"
+    single = run("import", store_dir / f"{MINIMAL_ID}.json", "--store", f"{tmp_path}/copy/")
+    assert single.exit_code == EXIT_OK and "1 sessions imported, 0 failed" in single.stdout
+    assert (tmp_path / "copy" / f"{MINIMAL_ID}.json").is_file()
+
+
+def test_rm(store_dir: Path) -> None:
+    data = json_out(run("rm", BASIC_ID, MINIMAL_ID, "--store", str(store_dir), "--json"))
+    assert data == {"removed": [BASIC_ID, MINIMAL_ID], "missing": []}
+    assert not (store_dir / f"{BASIC_ID}.json").exists()
+    again = run("rm", BASIC_ID, PARENT_ID, "--store", store_dir)
+    assert again.exit_code == EXIT_FAILURE
+    assert f"removed {PARENT_ID}" in again.stdout
+    assert_one_line_error(again, EXIT_FAILURE, BASIC_ID)
+    assert_one_line_error(run("rm", "a/b", "--store", store_dir), EXIT_USAGE, "a/b")
+
+
+# -- the group itself --------------------------------------------------------------------------------
+
+
+def test_usage_errors_are_one_line() -> None:
+    assert_one_line_error(run("frobnicate"), EXIT_USAGE, "frobnicate")
+    assert_one_line_error(run("list", "--limit"), EXIT_USAGE, "--limit")
+    no_args = run()
+    assert no_args.exit_code == EXIT_USAGE and "Commands:" in no_args.stderr
+
+
+@pytest.mark.parametrize("command", [
+    "list", "show", "tree", "stats", "record", "import", "export", "context", "rm", "demo", "serve"])
+def test_every_command_has_help_with_store_and_json(command: str) -> None:
+    result = run(command, "--help")
+    assert result.exit_code == EXIT_OK
+    assert "--store URL" in result.stdout and "--json" in result.stdout
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == EXIT_OK and "phi-session" in result.stdout
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+
+def test_demo(tmp_path: Path) -> None:
+    pytest.importorskip("phi_session.demo", reason="the demo scenario module is not there yet")
+    result = run("demo", "--dir", tmp_path / "demo", "--json")
+    data = json_out(result)
+    assert isinstance(data, dict) and data["sessions"]
+    ids = {row["session_id"] for row in data["sessions"]}
+    assert ids == {p.stem for p in (tmp_path / "demo").glob("*.json")}
+    shown = run("demo", "--store", "sqlite:demo.db")
+    assert shown.exit_code == EXIT_OK and "demo sessions stored" in shown.stdout
+
+
+# -- real subprocesses of the installed console script ---------------------------------------------
+
+needs_script = pytest.mark.skipif(not SCRIPT.exists() and shutil.which("phi-session") is None,
+                                  reason="the phi-session console script is not installed")
+
+
+def script() -> str:
+    return str(SCRIPT) if SCRIPT.exists() else "phi-session"
+
+
+@needs_script
+def test_console_script_help_and_record(tmp_path: Path) -> None:
+    helped = subprocess.run([script(), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    assert helped.returncode == EXIT_OK
+    assert "record" in helped.stdout and "serve" in helped.stdout
+    recorded = subprocess.run([script(), "record", str(EXAMPLE_STREAM), "--dir", str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=60, check=False)
+    assert recorded.returncode == EXIT_OK, recorded.stderr
+    assert len(recorded.stdout.strip().splitlines()) == 6
+    missing = subprocess.run([script(), "show", "nope", "--store", str(tmp_path / "out")],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == EXIT_FAILURE
+    assert missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+
+
+@pytest.fixture
+def served(store_dir: Path) -> Iterator[str]:
+    process = subprocess.Popen(
+        [script(), "serve", "--store", str(store_dir), "--port", "0", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line, process.stderr.read() if process.stderr else ""
+        yield json.loads(line)["url"]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@needs_script
+def test_console_script_serve(served: str) -> None:
+    assert served.startswith("http://127.0.0.1:")
+    deadline = time.monotonic() + 30  # generous: a loaded CI machine can be slow to schedule it
+    while True:
+        try:
+            with urllib.request.urlopen(served + "api/sessions", timeout=20) as response:
+                rows = json.load(response)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert len(rows) == 5
+
+
+def test_serve_reports_a_busy_port(store_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(run("serve", "--store", store_dir, "--port", str(port)), EXIT_FAILURE,
+                              f"127.0.0.1:{port}")
+

@@ -1,0 +1,198 @@
+"""The async recorder task: queues and async iterables into a store, losing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+
+import phi_session as ps
+from phi_session.consume import consume
+from phi_session.identity import AgentSession, FakeClock
+from phi_session.instrument import Tracer
+from phi_session.recorder import SessionRecorder
+from phi_session.sinks import QueueSink
+from phi_session.stores.base import SessionStore, merge_sessions
+
+SNAP = ps.LoopConfigSnapshot(model="m", provider="p")
+
+
+class MemoryStore:
+    """Just enough of a SessionStore: merging saves, optionally failing some of them."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.sessions: dict[str, ps.Session] = {}
+        self.saves = 0
+        self.failures = failures
+
+    def save(self, session: ps.Session) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ps.StoreError("disk full")
+        stored = self.sessions.get(session.session_id)
+        self.sessions[session.session_id] = session if stored is None else merge_sessions(stored, session)
+        self.saves += 1
+
+    async def asave(self, session: ps.Session) -> None:
+        await asyncio.to_thread(self.save, session)
+
+
+def store(memory: MemoryStore) -> SessionStore:
+    return cast(SessionStore, memory)
+
+
+def agent_work(tracer: Tracer, loops: int = 3) -> None:
+    first = None
+    for n in range(loops):
+        with tracer.loop(continues=first) as loop:
+            first = first or loop.loop_id
+            loop.user(f"question {n}")
+            with loop.turn() as turn, turn.assistant() as reply:
+                reply.text_delta("answer")
+                reply.finish(usage=ps.Usage(input=n, output=n))
+
+
+def reference(loops: int = 3) -> list[bytes]:
+    recorder = SessionRecorder()
+    agent_work(Tracer(AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[recorder],
+                      config=SNAP), loops)
+    recorder.flush()
+    return [ps.encode(s) for s in recorder.drain_completed()]
+
+
+def tracer_into(queue: asyncio.Queue[Any]) -> tuple[Tracer, QueueSink]:
+    sink = QueueSink(queue)
+    return Tracer(AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[sink], config=SNAP), sink
+
+
+def test_a_queue_fed_by_a_tracer_is_recorded_and_saved_at_the_end() -> None:
+    memory = MemoryStore()
+
+    async def main() -> Any:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        tracer, sink = tracer_into(queue)
+        task = asyncio.create_task(consume(queue, store(memory), checkpoint_interval=None))
+        agent_work(tracer)
+        sink.close()
+        return await task
+
+    stats = asyncio.run(main())
+    assert [ps.encode(s) for s in memory.sessions.values()] == reference()
+    assert stats.saved == 1 and stats.events > 10 and stats.unsaved == []
+
+
+def test_events_from_another_thread_all_arrive() -> None:
+    memory = MemoryStore()
+
+    async def main() -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        tracer, sink = tracer_into(queue)
+        task = asyncio.create_task(consume(queue, store(memory)))
+        worker = threading.Thread(target=agent_work, args=(tracer,))
+        worker.start()
+        await asyncio.to_thread(worker.join)
+        sink.close()
+        await task
+
+    asyncio.run(main())
+    assert [ps.encode(s) for s in memory.sessions.values()] == reference()
+
+
+def test_json_lines_from_an_async_iterable_with_a_bad_line() -> None:
+    events: list[ps.AgentEvent] = []
+    agent_work(Tracer(AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[events.append],
+                      config=SNAP))
+    lines: list[bytes | str] = [ps.encode(e) for e in events]
+    lines.insert(3, b'{"type": "Nope"}')
+    lines[5] = lines[5].decode()  # type: ignore[union-attr]
+    memory = MemoryStore()
+
+    async def source() -> AsyncIterator[bytes | str]:
+        for line in lines:
+            yield line
+            await asyncio.sleep(0)
+
+    stats = asyncio.run(consume(source(), store(memory)))
+    assert stats.decode_errors == 1 and stats.events == len(lines)
+    assert [ps.encode(s) for s in memory.sessions.values()] == reference()
+
+
+def test_periodic_checkpoints_save_finished_sessions_while_running() -> None:
+    memory = MemoryStore()
+
+    async def main() -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        tracer, sink = tracer_into(queue)
+        task = asyncio.create_task(consume(queue, store(memory), checkpoint_interval=0.01))
+        agent_work(tracer, loops=1)
+        for _ in range(100):  # the first loop is saved before the stream ends
+            await asyncio.sleep(0.01)
+            if memory.saves:
+                break
+        assert memory.saves == 1
+        with tracer.loop() as loop:  # later loops of the same session are merged in
+            loop.user("more")
+        sink.close()
+        stats = await task
+        assert stats.checkpoints >= 1
+
+    asyncio.run(main())
+    [session] = memory.sessions.values()
+    assert [r.status for r in session.loops] == ["Completed", "Completed"]
+
+
+def test_cancellation_records_and_saves_everything_already_queued() -> None:
+    memory = MemoryStore()
+
+    async def main() -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        tracer, _ = tracer_into(queue)
+        task = asyncio.create_task(consume(queue, store(memory), checkpoint_interval=3600))
+        await asyncio.sleep(0)
+        agent_work(tracer, loops=2)
+        open_loop = tracer.loop().start()  # still running at shutdown
+        open_loop.user("unanswered")
+        assert queue.qsize() > 10  # nothing consumed yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    [session] = memory.sessions.values()
+    assert [r.status for r in session.loops] == ["Completed", "Completed", "Aborted"]
+
+
+def test_a_failing_store_is_retried_and_what_never_saves_is_handed_back() -> None:
+    flaky = MemoryStore(failures=1)
+    asyncio.run(consume(_stream(), store(flaky)))
+    assert len(flaky.sessions) == 1
+
+    broken = MemoryStore(failures=10)
+    stats = asyncio.run(consume(_stream(), store(broken)))
+    assert broken.sessions == {} and [s.session_id for s in stats.unsaved] == ["s"]
+
+
+async def _stream() -> AsyncIterator[ps.AgentEvent | None]:
+    events: list[ps.AgentEvent] = []
+    agent_work(Tracer(AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[events.append],
+                      config=SNAP), loops=1)
+    for event in events:
+        yield event
+    yield None  # ends the stream even if the iterable would go on
+    raise AssertionError("read past the end marker")
+
+
+def test_the_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        asyncio.run(consume(_stream(), store(MemoryStore()), checkpoint_interval=0))
+
+
+def test_a_given_recorder_is_used() -> None:
+    recorder = SessionRecorder(include_streaming_events=True)
+    memory = MemoryStore()
+    asyncio.run(consume(_stream(), store(memory), recorder=recorder))
+    [session] = memory.sessions.values()
+    assert any(isinstance(e.event, ps.MessageUpdate) for e in session.loops[0].events)

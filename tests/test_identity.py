@@ -1,0 +1,188 @@
+"""AgentSession: ids, loop-id allocation, rotation and formations, on a fake clock."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import phi_session as ps
+from phi_session.identity import AgentSession, FakeClock, config_id_of
+
+START = "2025-06-01T09:00:00Z"
+
+
+def agent(tick: float = 0.0) -> tuple[AgentSession, FakeClock]:
+    clock = FakeClock(START, tick=tick)
+    return AgentSession(clock=clock), clock
+
+
+def first_loop(ns: int) -> ps.SessionFormation:
+    return ps.SessionFormation.first_loop(ps.Timestamp.from_ns(ns))
+
+
+def is_uuid4(text: str) -> bool:
+    return uuid.UUID(text).version == 4 and str(uuid.UUID(text)) == text
+
+
+def test_fresh_identity_is_two_uuid4s_and_a_given_agent_id_is_kept() -> None:
+    fresh = AgentSession()
+    assert is_uuid4(fresh.agent_id) and is_uuid4(fresh.session_id)
+    assert fresh.agent_id != fresh.session_id
+    assert AgentSession("my-agent").agent_id == "my-agent"
+    assert AgentSession(session_id="s").session_id == "s"
+
+
+def test_loop_ids_count_per_config_and_restart_in_a_new_session() -> None:
+    a, _ = agent()
+    first = a.session_id
+    assert [a.next_loop_id("x.m"), a.next_loop_id("y.n"), a.next_loop_id("x.m")] == [
+        f"{first}.x.m.1", f"{first}.y.n.1", f"{first}.x.m.2"]
+    second = a.new_session()
+    assert second != first and a.session_id == second
+    assert a.next_loop_id("x.m") == f"{second}.x.m.1"
+
+
+def test_config_id_is_explicit_or_derived_like_phi_core() -> None:
+    snap = ps.LoopConfigSnapshot
+    assert config_id_of(snap(model="m", provider="p", config_id="mine")) == "mine"
+    assert config_id_of(snap(model="claude-opus-4.5", provider="anthropic")) == "anthropic.claude-opus-4-5"
+    assert config_id_of(snap(model="o3", provider="openai", thinking_level="high")) == "openai.o3.thinking"
+    off = snap(model="o3", provider="openai", thinking_level="off", reasoning=True)
+    assert config_id_of(off) == "openai.o3"
+    assert config_id_of(snap(model="o3", provider="openai", reasoning=True)) == "openai.o3.thinking"
+    assert config_id_of(snap(model="a/b c", provider="x")) == "x.a-b-c"
+
+
+def test_a_session_that_never_ran_a_loop_is_never_rotated() -> None:
+    a, clock = agent()
+    clock.advance(10_000)
+    assert a.check_and_rotate(1) is None
+    a.new_session()
+    clock.advance(10_000)
+    assert a.check_and_rotate(0) is None
+
+
+def test_rotation_happens_only_strictly_after_the_threshold() -> None:
+    a, clock = agent()
+    session = a.session_id
+    loop_id = a.next_loop_id("c")
+    a.loop_started(session, loop_id, clock())
+    clock.advance(60)
+    assert a.check_and_rotate(60) is None  # exactly the threshold: not idle *longer*
+    assert a.check_and_rotate(timedelta(seconds=59.5)) is not None
+    assert a.session_id != session and a.last_loop_id is None and a.last_loop_started_at is None
+    assert a.next_loop_id("c").endswith(".c.1")
+    clock.advance(3600)
+    assert a.check_and_rotate(1) is None  # the new session has not run a loop yet
+
+
+def test_idleness_is_measured_from_the_last_loop_start() -> None:
+    a, clock = agent()
+    session = a.session_id
+    a.loop_started(session, a.next_loop_id("c"), clock())
+    clock.advance(50)
+    a.loop_started(session, a.next_loop_id("c"), clock())
+    clock.advance(50)
+    assert a.check_and_rotate(60) is None
+    assert a.last_loop_started_at == ps.Timestamp.parse("2025-06-01T09:00:50Z")
+
+
+def test_threshold_must_be_a_non_negative_duration() -> None:
+    a, _ = agent()
+    for bad in (-1, float("nan"), timedelta(seconds=-1)):
+        with pytest.raises(ValueError):
+            a.check_and_rotate(bad)
+
+
+def test_first_loop_of_each_session_gets_its_formation_once() -> None:
+    a, clock = agent()
+    first = a.session_id
+    at = clock()
+    assert a.loop_started(first, f"{first}.c.1", at) == first_loop(at)
+    assert a.loop_started(first, f"{first}.c.2", clock()) is None
+
+    clock.advance(7200.75)
+    rotated_at = clock.peek()
+    second = a.check_and_rotate(timedelta(minutes=30, seconds=0.9))
+    assert second is not None
+    formation = a.loop_started(second, f"{second}.c.1", clock())
+    assert formation == ps.SessionFormation.inactivity_timeout(
+        threshold_secs=1800, previous_session_id=first, timestamp=rotated_at)
+
+    third = a.new_session()
+    at = clock()
+    assert a.loop_started(third, f"{third}.c.1", at) == first_loop(at)
+
+
+def test_an_explicit_rotation_overrides_a_pending_inactivity_formation() -> None:
+    a, clock = agent()
+    a.loop_started(a.session_id, "l", clock())
+    clock.advance(100)
+    assert a.check_and_rotate(10) is not None
+    fresh = a.new_session()
+    formation = a.loop_started(fresh, "l2", clock())
+    assert formation is not None and formation.kind == "FirstLoop"
+
+
+def test_a_loop_of_an_earlier_session_changes_nothing() -> None:
+    a, clock = agent()
+    old = a.session_id
+    early = a.next_loop_id("c")  # e.g. a parallel branch announced before the rotation
+    new = a.new_session()
+    assert a.loop_started(old, early, clock()) is None
+    assert a.last_loop_id is None
+    assert a.loop_started(new, "n", clock()) is not None
+
+
+def test_spawn_gives_new_ids_on_the_same_clock_and_id_factory() -> None:
+    counter = iter(range(100))
+    a = AgentSession(clock=FakeClock(START), id_factory=lambda: f"id{next(counter)}")
+    child = a.spawn()
+    assert (a.agent_id, a.session_id) == ("id0", "id1")
+    assert (child.agent_id, child.session_id) == ("id2", "id3")
+    assert child.clock is a.clock and child.id_factory is a.id_factory
+    assert a.spawn("named").agent_id == "named"
+
+
+def test_loop_ids_from_many_threads_are_unique_and_contiguous() -> None:
+    a, _ = agent()
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        mine = [a.next_loop_id("c") for _ in range(500)]
+        with lock:
+            ids.extend(mine)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(int(i.rsplit(".", 1)[1]) for i in ids) == list(range(1, 4001))
+
+
+def test_fake_clock_ticks_and_advances() -> None:
+    clock = FakeClock(START, tick=0.5)
+    start = ps.Timestamp.parse(START).ns
+    assert [clock(), clock()] == [start, start + 500_000_000]
+    clock.advance(timedelta(hours=1))
+    assert clock.peek() == ps.Timestamp.from_ns(start + 3600 * 10**9 + 10**9)
+    with pytest.raises(ValueError):
+        clock.advance(-1)
+    assert FakeClock(5)() == 5
+
+
+@given(st.lists(st.integers(min_value=-(10**19), max_value=4 * 10**18), min_size=1, max_size=20),
+       st.integers(min_value=0, max_value=10**9 - 1))
+def test_fast_timestamps_equal_the_reference_formatting(seconds: list[int], fraction: int) -> None:
+    a = AgentSession(clock=FakeClock(0))
+    for ns in seconds:
+        # Runs of readings within one second exercise the cached date.
+        for value in (ns, ns - ns % 10**9 + fraction, ns - ns % 10**9):
+            assert str(a.stamp(value)) == str(ps.Timestamp.from_ns(value))

@@ -1,0 +1,260 @@
+"""Processors: the built-in redactor, user processors, and failing closed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import msgspec
+import pytest
+
+import phi_session as ps
+from phi_session.identity import AgentSession, FakeClock
+from phi_session.instrument import Tracer
+from phi_session.messages import NodeTag, TextFormat
+from phi_session.processors import REDACTED, ProcessorChain, Redactor, withhold
+from phi_session.recorder import SessionRecorder
+
+SECRET_KEY = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz012345"
+SNAP = ps.LoopConfigSnapshot(model="m", provider="p", base_url=f"https://user:hunter2@proxy.example/v1?key={SECRET_KEY}",
+                             name="staging")
+
+
+def record(tracer_options: dict[str, Any], scenario: Any) -> tuple[list[ps.AgentEvent], ps.Session, bytes]:
+    events: list[ps.AgentEvent] = []
+    recorder = SessionRecorder(include_streaming_events=True)
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append, recorder], config=SNAP,
+                    **tracer_options)
+    scenario(tracer)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    return events, session, ps.encode(session) + b"".join(ps.encode(e) for e in events)
+
+
+def secret_scenario(tracer: Tracer) -> None:
+    arguments = {"url": "https://api.example", "headers": {"Authorization": f"Bearer {SECRET_KEY}"},
+                 "api_key": "plain-value", "max_tokens": 10, "note": "token budget"}
+    call = ps.ToolCall(id="c1", name="http", arguments=arguments)
+    with tracer.loop(metadata={"password": "pw", "user": "bob"}) as loop:
+        loop.user("my key is AKIAABCDEFGHIJKLMNOP, keep it")
+        with loop.turn() as turn:
+            with turn.assistant() as reply:
+                reply.text_delta("calling")
+                reply.tool_call_delta('{"api_key":"sk-proj-0123456789abcdefghij"}')
+                reply.finish(tool_calls=[call])
+            with turn.tool(call) as tool:
+                tool.progress("using ghp_0123456789abcdefghijABCDEFGHIJ")
+                tool.result("response with token=abc")
+        raise_in = loop  # the error text is redacted too
+        raise_in.end(f"failed with {SECRET_KEY}")
+
+
+def test_default_redaction_covers_config_metadata_tool_arguments_and_errors() -> None:
+    events, session, data = record({}, secret_scenario)
+    assert SECRET_KEY.encode() not in data and b"hunter2" not in data and b"plain-value" not in data
+    assert b"sk-proj-0123456789" not in data  # the streamed arguments
+    [loop] = session.loops
+    assert loop.config is not None
+    assert loop.config.base_url == f"https://{REDACTED}@proxy.example/v1?key={REDACTED}"
+    assert loop.metadata == {"password": REDACTED, "user": "bob"}
+    arguments = loop.turns[0].output_message.content[1].arguments  # type: ignore[union-attr]
+    assert arguments == {"url": "https://api.example", "headers": {"Authorization": REDACTED},
+                         "api_key": REDACTED, "max_tokens": 10, "note": "token budget"}
+    start = next(e for e in events if isinstance(e, ps.ToolExecutionStart))
+    assert start.args == arguments
+    assert loop.error == f"failed with {REDACTED}"
+    # Text is left alone unless asked for.
+    assert b"AKIAABCDEFGHIJKLMNOP" in data and b"ghp_0123456789" in data
+
+
+def test_text_redaction_is_opt_in() -> None:
+    _, _, data = record({"redact": Redactor(redact_text=True)}, secret_scenario)
+    for secret in (SECRET_KEY, "AKIAABCDEFGHIJKLMNOP", "ghp_0123456789", "token=abc"):
+        assert secret.encode() not in data, secret
+
+
+def test_redaction_can_be_turned_off() -> None:
+    _, session, _ = record({"redact": False}, secret_scenario)
+    assert session.loops[0].metadata == {"password": "pw", "user": "bob"}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (f"key {SECRET_KEY}.", f"key {REDACTED}."),
+    ("sk-proj-AAAAAAAAAAAAAAAAAAAA", REDACTED),
+    ("id AKIAIOSFODNN7EXAMPLE end", f"id {REDACTED} end"),
+    ("ghp_abcdefghijklmnopqrstuvwxyz0123456789", REDACTED),
+    ("github_pat_11ABCDEFG0123456789_abcdefghijkl", REDACTED),
+    ("xoxb-123456789012-abcdefghij", REDACTED),
+    ("AIzaSyA1234567890abcdefghijklmnopqrstuv", REDACTED),
+    ("Authorization: Bearer abc.def-ghi_jkl==", f"Authorization: Bearer {REDACTED}"),
+    ("bearer abcdefgh12345678", f"bearer {REDACTED}"),
+    ("jwt eyJhbGciOiJIUzI1.eyJzdWIiOiIxMjM0.SflKxwRJSMeKKF2QT4", f"jwt {REDACTED}"),
+    ("postgres://admin:s3cret@db:5432/x", f"postgres://{REDACTED}@db:5432/x"),
+    ("https://h/p?a=1&api_key=XYZ&b=2", f"https://h/p?a=1&api_key={REDACTED}&b=2"),
+    ("https://h/p?Token=XYZ#frag", f"https://h/p?Token={REDACTED}#frag"),
+])
+def test_secret_patterns(text: str, expected: str) -> None:
+    assert Redactor().redact_string(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "a plain sentence", "sk-short", "task-list", "max_tokens=5 tokens", "Bearer", "https://example.com/path",
+])
+def test_clean_text_is_returned_as_is(text: str) -> None:
+    assert Redactor().redact_string(text) is text
+
+
+def test_named_fields_nested_values_and_identity() -> None:
+    r = Redactor(extra_fields=["session-cookie"], extra_patterns=[r"INTERNAL-\d+"])
+    clean = {"path": "a", "items": [1, {"x": None}], "max_tokens": 3, "total_tokens": 4}
+    assert r.redact_value(clean) is clean
+    value = {"X-Api-Key": "k", "nested": [{"client_secret": "s"}, ("INTERNAL-42", 1)], "Session-Cookie": "c",
+             "github_token": "g", "password": None}
+    assert r.redact_value(value) == {"X-Api-Key": REDACTED, "nested": [{"client_secret": REDACTED},
+                                                                       (REDACTED, 1)],
+                                     "Session-Cookie": REDACTED, "github_token": REDACTED, "password": None}
+    assert value["X-Api-Key"] == "k"  # the input is never modified
+    only_custom = Redactor(patterns=[r"foo\d"], fields=["f"])
+    assert only_custom.redact_string(f"foo1 {SECRET_KEY}") == f"{REDACTED} {SECRET_KEY}"
+    assert only_custom.redact_value({"api_key": "x", "f": "y"}) == {"api_key": "x", "f": REDACTED}
+
+
+def test_the_redactor_is_thread_safe() -> None:
+    r = Redactor()
+    failures: list[str] = []
+
+    def work(n: int) -> None:
+        for i in range(300):
+            args = {"api_key": f"k{n}{i}", "q": f"sk-{n:04d}{i:012d}xxxxxxxx"}
+            out = r(ps.ToolExecutionStart(loop_id="l", tool_call_id="t", tool_name="n", args=args))
+            if out.args != {"api_key": REDACTED, "q": REDACTED}:  # type: ignore[union-attr]
+                failures.append(repr(out))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+# -- user processors -------------------------------------------------------------------------------
+
+
+def test_processors_enrich_mask_and_drop_before_the_redactor() -> None:
+    seen: list[str] = []
+
+    def enrich(event: ps.AgentEvent) -> ps.AgentEvent:
+        seen.append(type(event).__name__)
+        if isinstance(event, ps.AgentStart):
+            return msgspec.structs.replace(event, metadata={"env": "prod", "token": "added-late"})
+        return event
+
+    def mask(event: ps.AgentEvent) -> ps.AgentEvent:
+        if isinstance(event, ps.MessageEnd) and isinstance(event.message, ps.UserMessage):
+            return msgspec.structs.replace(event, message=msgspec.structs.replace(
+                event.message, content=(ps.TextContent(text="[masked]"),)))
+        return event
+
+    def drop_deltas(event: ps.AgentEvent) -> ps.AgentEvent | None:
+        return None if isinstance(event, ps.MessageUpdate) else event
+
+    events, session, _ = record({"processors": [enrich, mask, drop_deltas]}, secret_scenario)
+    assert seen[0] == "AgentStart" and "MessageUpdate" in seen
+    assert not any(isinstance(e, ps.MessageUpdate) for e in events)
+    # The redactor runs last: what a processor adds is redacted too.
+    assert session.loops[0].metadata == {"env": "prod", "token": REDACTED}
+    assert session.loops[0].turns[0].input_messages[0].content == (  # type: ignore[union-attr]
+        ps.TextContent(text="[masked]"),)
+
+
+def failing(event: ps.AgentEvent) -> ps.AgentEvent:
+    raise ValueError(f"cannot handle {SECRET_KEY}")
+
+
+def test_a_failing_processor_fails_closed(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="phi_session.processors"):
+        events, session, data = record({"processors": [failing], "redact": False}, secret_scenario)
+    note = "[WITHHELD: processor failing raised ValueError]"
+    assert b"AKIAABCDEFGHIJKLMNOP" not in data and b"plain-value" not in data
+    [loop] = session.loops
+    assert loop.metadata == {"withheld": note}
+    assert loop.config == ps.LoopConfigSnapshot(model="m", provider="p", config_id="p.m")
+    assert loop.turns[0].input_messages[0].content == (ps.TextContent(text=note),)  # type: ignore[union-attr]
+    assert loop.messages and all(m.content == (ps.TextContent(text=note),) for m in loop.messages)  # type: ignore[union-attr]
+    start = next(e for e in events if isinstance(e, ps.ToolExecutionStart))
+    assert start.args == {"withheld": note} and start.tool_name == "http"
+    assert loop.status == "Aborted" and loop.error == note  # the loop's structure is intact
+    assert len(events) == sum(1 for _ in events)  # nothing lost
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and SECRET_KEY not in caplog.text.split("Traceback")[0]
+
+
+def test_a_processor_returning_a_non_event_fails_closed() -> None:
+    chain = ProcessorChain([lambda event: {"not": "an event"}])  # type: ignore[list-item, return-value]
+    event = ps.ProgressMessage(loop_id="l", tool_call_id="t", tool_name="n", text="secret")
+    out = chain(event)
+    assert isinstance(out, ps.ProgressMessage) and out.text.startswith("[WITHHELD: processor")
+    assert list(chain.failures.values()) == [1]
+
+
+MARK = "CONTENT-MARK"
+
+
+def every_event() -> list[ps.AgentEvent]:
+    text = (ps.TextContent(text=MARK),)
+    user = ps.UserMessage(content=text, timestamp=1, tags=(NodeTag(kind="lesson", text=MARK, created_at_turn=0,
+                                                                      abandoned_node_ids=()),))
+    reply = ps.AssistantMessage(content=(*text, ps.ToolCall(id="c", name="n", arguments={"a": MARK})),
+                                stop_reason="error", model="m", provider="p",
+                                usage=ps.Usage(input=1, output=1), timestamp=1, error_message=MARK)
+    result = ps.ToolResultMessage(tool_call_id="c", tool_name="n", content=text, is_error=False, timestamp=1)
+    extension = ps.extension_message("custom-role", "k", {"x": MARK})
+    tool_result = ps.ToolResult(content=text, details={"d": MARK}, child_loop_id="c.sub.1")
+    payload = ps.AnnotatedRequestPayload(system_prompt=MARK, messages=(user,), provenance=(),
+                                         tools=(ps.ToolDefinition(name="n", description=MARK, parameters={}),),
+                                         model_id="m", thinking_level="off", response_format=TextFormat())
+    t = ps.Timestamp.parse("2025-01-01T00:00:00Z")
+    snap = ps.LoopConfigSnapshot(model="m", provider="p", name=MARK, base_url=MARK)
+    return [
+        ps.AgentStart(agent_id="a", session_id="s", loop_id="l", timestamp=t, metadata={"m": MARK},
+                      config_snapshot=snap),
+        ps.AgentEnd(loop_id="l", messages=(user, reply, result, extension), usage=ps.Usage(input=1, output=1),
+                    timestamp=t, rejection=MARK, error=MARK),
+        ps.TurnStart(loop_id="l", turn_index=0, timestamp=t, triggered_by="User"),
+        ps.TurnRequest(loop_id="l", turn_index=0, payload=payload, timestamp=t),
+        ps.TurnEnd(loop_id="l", message=reply, usage=ps.Usage(input=1, output=1), timestamp=t, tool_results=(result,)),
+        ps.MessageStart(loop_id="l", message=user),
+        ps.MessageUpdate(loop_id="l", message=reply, delta=ps.StreamDelta.text(MARK)),
+        ps.MessageEnd(loop_id="l", message=extension),
+        ps.ToolExecutionStart(loop_id="l", tool_call_id="c", tool_name="n", args={"q": MARK}),
+        ps.ToolExecutionUpdate(loop_id="l", tool_call_id="c", tool_name="n", partial_result=tool_result),
+        ps.ToolExecutionEnd(loop_id="l", tool_call_id="c", tool_name="n", result=tool_result, is_error=False),
+        ps.ProgressMessage(loop_id="l", tool_call_id="c", tool_name="n", text=MARK),
+        ps.InputRejected(loop_id="l", reason=MARK),
+        ps.ParallelLoopStart(session_id="s", loop_ids=("l",), timestamp=t),
+        ps.ParallelLoopEnd(session_id="s", selected_loop_id="l", selected_config_index=0,
+                           evaluation_usage=ps.Usage(input=0, output=0), timestamp=t),
+        ps.CompactionStarted(loop_id="l", estimated_tokens=1, message_count=1, timestamp=t),
+        ps.PrunApplied(loop_id="l", tokens_removed=1, messages_removed=1, memo=MARK, pruned_timestamps=(), timestamp=t),
+        ps.RevertApplied(loop_id="l", category="failure", abandoned_node_ids=(), summary=MARK, applied=True,
+                         reason=MARK, timestamp=t),
+        ps.CompactionEnded(loop_id="l", messages_before=1, messages_after=1, estimated_tokens_before=1,
+                           estimated_tokens_after=1, loops_compacted=1, timestamp=t),
+    ]
+
+
+def test_withhold_removes_every_piece_of_content_from_every_event_type() -> None:
+    events = every_event()
+    assert {type(e) for e in events} == set(ps.events.EVENT_TYPES)
+    for event in events:
+        kept = withhold(event, "[note]")
+        data = ps.encode(kept)
+        assert MARK.encode() not in data, type(event).__name__
+        assert ps.encode(ps.decode_event(data)) == data  # still a valid phi-core event
+        assert getattr(kept, "loop_id", None) == getattr(event, "loop_id", None)
+    start = withhold(events[0], "[note]")
+    assert isinstance(start, ps.AgentStart) and start.metadata == {"withheld": "[note]"}
+    end = withhold(events[1], "[note]")
+    assert isinstance(end, ps.AgentEnd) and end.rejection == "[note]" and end.usage == events[1].usage  # type: ignore[union-attr]

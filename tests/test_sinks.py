@@ -1,0 +1,215 @@
+"""Sinks: recorder, queue, JSONL file, callables; fan-out with failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import phi_session as ps
+from phi_session.identity import AgentSession, FakeClock
+from phi_session.instrument import Tracer
+from phi_session.recorder import SessionRecorder
+from phi_session.sinks import FanOut, JsonlSink, QueueSink, RecorderSink, as_sink
+
+SNAP = ps.LoopConfigSnapshot(model="m", provider="p")
+
+
+def run_loop(tracer: Tracer, turns: int = 2) -> None:
+    with tracer.loop() as loop:
+        loop.user("hi")
+        for _ in range(turns):
+            with loop.turn() as turn, turn.assistant() as reply:
+                reply.text_delta("a")
+                reply.text_delta("b")
+                reply.finish(usage=ps.Usage(input=1, output=1))
+
+
+def tracer(*sinks: Any) -> Tracer:
+    return Tracer(AgentSession(clock=FakeClock()), sinks=sinks, config=SNAP)
+
+
+class Boom:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, event: ps.AgentEvent) -> None:
+        self.calls += 1
+        raise RuntimeError("sink down")
+
+
+def test_a_failing_sink_is_isolated_reported_once_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    before: list[ps.AgentEvent] = []
+    after: list[ps.AgentEvent] = []
+    boom = Boom()
+    t = tracer(before.append, boom, after.append)
+    with caplog.at_level(logging.ERROR, logger="phi_session.sinks"):
+        run_loop(t)  # never raises into the agent
+    assert len(before) == len(after) == boom.calls > 10
+    assert [type(e) for e in before] == [type(e) for e in after]
+    assert t.sink_errors == {repr(boom): boom.calls} and t.fanout.error_count == boom.calls
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+
+
+def test_a_single_failing_sink_does_not_raise() -> None:
+    boom = Boom()
+    run_loop(tracer(boom))
+    assert tracer(boom).sink_errors == {}  # counts are per fan-out
+    fan = FanOut([boom])
+    fan(ps.InputRejected(loop_id="l", reason="r"))
+    assert fan.errors == {repr(boom): 1}
+
+
+def test_a_recorder_is_accepted_as_a_sink() -> None:
+    recorder = SessionRecorder()
+    run_loop(tracer(recorder))
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert len(session.loops[0].turns) == 2
+    assert isinstance(as_sink(recorder), RecorderSink)
+    with pytest.raises(TypeError):
+        as_sink(42)  # type: ignore[arg-type]
+
+
+def test_deltas_are_built_only_if_some_sink_keeps_them() -> None:
+    class NoDeltas(list[ps.AgentEvent]):
+        wants_deltas = False
+
+        def __call__(self, event: ps.AgentEvent) -> None:
+            self.append(event)
+
+    quiet = NoDeltas()
+    t = tracer(quiet, SessionRecorder())
+    assert not t.wants_deltas
+    run_loop(t)
+    assert not any(isinstance(e, ps.MessageUpdate) for e in quiet)
+    assert tracer(SessionRecorder(include_streaming_events=True)).wants_deltas
+    assert tracer(quiet, print).wants_deltas  # a plain callable is assumed to want them
+
+
+def test_jsonl_sink_writes_one_flushed_line_per_event(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(path)
+    t = tracer(sink)
+    with t.loop() as loop:
+        loop.user("hi")
+        # Flushed per line: a reader sees the events while the loop still runs.
+        lines = path.read_bytes().split(b"\n")
+        assert lines[-1] == b"" and [json.loads(line)["type"] for line in lines[:-1]] == ["AgentStart"]
+    t.close()
+    assert sink.file.closed
+    data = path.read_bytes()
+    assert data.endswith(b"\n")
+    recorder = SessionRecorder()
+    for line in data.splitlines():
+        recorder.on_json(line)
+    recorder.flush()
+    assert recorder.drain_completed()[0].loops[0].status == "Completed"
+
+
+def test_jsonl_sink_leaves_a_given_file_open_and_never_interleaves_lines() -> None:
+    buffer = io.BytesIO()
+    sink = JsonlSink(buffer)
+    event = ps.ProgressMessage(loop_id="l", tool_call_id="t", tool_name="n", text="x" * 5000)
+
+    def write() -> None:
+        for _ in range(50):
+            sink(event)
+
+    threads = [threading.Thread(target=write) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    sink.close()
+    assert not buffer.closed
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 400 and all(ps.decode_event(line) == event for line in lines)
+
+
+def test_jsonl_sink_appends(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    event = ps.InputRejected(loop_id="l", reason="r")
+    for _ in range(2):
+        with JsonlSink(path) as sink:
+            sink(event)
+    assert len(path.read_bytes().splitlines()) == 2
+
+
+def test_queue_sink_in_the_loop_and_from_other_threads() -> None:
+    async def main() -> list[Any]:
+        queue: asyncio.Queue[ps.AgentEvent | None] = asyncio.Queue()
+        sink = QueueSink(queue)
+        event = ps.InputRejected(loop_id="l", reason="in loop")
+        sink(event)
+        assert queue.get_nowait() is event  # same thread: put at once
+        thread = threading.Thread(target=lambda: [sink(ps.InputRejected(loop_id="l", reason=str(i)))
+                                                  for i in range(100)])
+        thread.start()
+        thread.join()
+        sink.close()
+        items = []
+        while True:
+            item = await queue.get()
+            items.append(item)
+            if item is None:
+                return items
+
+    items = asyncio.run(main())
+    assert [i.reason for i in items[:-1]] == [str(i) for i in range(100)] and items[-1] is None
+
+
+def test_queue_sink_binds_to_the_first_loop_it_is_used_in() -> None:
+    queue: asyncio.Queue[ps.AgentEvent | None] = asyncio.Queue()
+    sink = QueueSink(queue)  # built outside any loop
+    with pytest.raises(RuntimeError, match="outside an event loop"):
+        sink(None)
+
+    async def main() -> None:
+        sink(None)
+        assert queue.get_nowait() is None
+
+    asyncio.run(main())
+
+
+def test_queue_sink_with_an_explicit_loop_from_another_thread() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        queue: asyncio.Queue[ps.AgentEvent | None] = asyncio.Queue()
+        sink = QueueSink(queue, loop=loop, wants_deltas=False)
+        assert not sink.wants_deltas
+        sink(ps.InputRejected(loop_id="l", reason="r"))
+        sink.close()
+
+        async def drain() -> list[Any]:
+            return [await queue.get(), await queue.get()]
+
+        first, last = loop.run_until_complete(drain())
+        assert isinstance(first, ps.InputRejected) and last is None
+    finally:
+        loop.close()
+
+
+def test_fan_out_close_closes_what_can_be_closed(caplog: pytest.LogCaptureFixture) -> None:
+    closed: list[str] = []
+
+    class Closable:
+        def __call__(self, event: ps.AgentEvent) -> None: ...
+
+        def close(self) -> None:
+            closed.append("ok")
+
+    class BadClose(Closable):
+        def close(self) -> None:
+            raise OSError("cannot close")
+
+    with caplog.at_level(logging.ERROR), Tracer(sinks=[BadClose(), Closable(), print]):
+        pass
+    assert closed == ["ok"] and "closing sink" in caplog.text

@@ -1,0 +1,252 @@
+"""The viewer's read-only JSON API, against a live server on an ephemeral port."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phi_session.codec import decode_event, decode_session, encode_session
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.sqlite import SqliteStore
+from phi_session.web.server import ViewerServer, is_loopback
+
+from .web_support import (
+    BASIC_ID,
+    CHILD_ID,
+    EXAMPLE_IDS,
+    MINIMAL_ID,
+    PARALLEL_ID,
+    PARENT_ID,
+    example_lines,
+    record_into,
+    running_server,
+)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("viewer-store")
+    with JsonDirStore(directory) as store:
+        record_into(store, example_lines())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(store_dir: Path) -> Iterator[ViewerServer]:
+    with JsonDirStore(store_dir) as store, running_server(store) as running:
+        yield running
+
+
+def request(server: ViewerServer, path: str, *, method: str = "GET",
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body; the path is sent exactly as given (no normalisation)."""
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(str(host), port, timeout=20)
+    try:
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def get_json(server: ViewerServer, path: str, status: int = 200) -> Any:
+    code, headers, body = request(server, path)
+    assert code == status, (path, code, body)
+    assert headers["Content-Type"] == "application/json; charset=utf-8"
+    return json.loads(body)
+
+
+def ids(rows: list[dict[str, Any]]) -> list[str]:
+    return [row["session_id"] for row in rows]
+
+
+def test_page_and_static_files(server: ViewerServer) -> None:
+    code, headers, body = request(server, "/")
+    assert code == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert b'<script src="static/app.js" defer></script>' in body
+    csp = headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    for path, kind in (("/static/app.js", "text/javascript"), ("/static/style.css", "text/css")):
+        code, headers, body = request(server, path)
+        assert code == 200 and headers["Content-Type"].startswith(kind) and body
+    # Only the three shipped files are served; nothing else of the package or disk.
+    for path in ("/static/server.py", "/static/../server.py", "/static/%2e%2e/server.py", "/etc/passwd"):
+        code, _, body = request(server, path)
+        assert code == 404 and "error" in json.loads(body)
+
+
+def test_the_page_never_uses_innerhtml() -> None:
+    script = (Path(__file__).resolve().parents[1] / "src/phi_session/web/static/app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+        assert sink not in script, sink
+
+
+def test_sessions_lists_summaries(server: ViewerServer) -> None:
+    rows = get_json(server, "/api/sessions")
+    assert sorted(ids(rows)) == sorted(EXAMPLE_IDS)
+    child = next(row for row in rows if row["session_id"] == CHILD_ID)
+    assert child["parent_session_id"] == PARENT_ID
+    assert child["loops_by_status"] == {"Completed": 1}
+    assert child["total_tokens"] == child["usage"]["total_tokens"] == 69
+    assert child["models"] == ["anthropic/claude-haiku-4-5"]
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    ("agent=b3d9f1a7-8c2e-4f6b-9a4d-1e7c5b3a9f28", [CHILD_ID]),
+    ("model=openai/gpt-4o", [PARALLEL_ID]),
+    ("status=Completed&limit=2", [MINIMAL_ID, PARALLEL_ID]),
+    ("status=Aborted", []),
+    ("min_tokens=1000", [PARENT_ID, BASIC_ID]),
+    ("since=2025-06-03", [MINIMAL_ID, PARALLEL_ID]),
+    ("until=2025-06-02", [BASIC_ID]),
+    ("since=2025-06-02T00:00:00%2B02:00&until=2025-06-03", [CHILD_ID, PARENT_ID]),
+    ("parent=" + PARENT_ID, [CHILD_ID]),
+    ("order=oldest&limit=1", [BASIC_ID]),
+    ("agent=&model=&since=", [MINIMAL_ID, PARALLEL_ID, CHILD_ID, PARENT_ID, BASIC_ID]),  # empty: no filter
+])
+def test_sessions_filters(server: ViewerServer, query: str, expected: list[str]) -> None:
+    assert ids(get_json(server, "/api/sessions?" + query)) == expected
+
+
+@pytest.mark.parametrize(("query", "fragment"), [
+    ("limit=x", "limit"),
+    ("limit=-1", "limit"),
+    ("min_tokens=1.5", "min_tokens"),
+    ("status=Done", "status"),
+    ("since=tomorrow", "since"),
+    ("order=random", "order"),
+    ("colour=blue", "colour"),
+    ("limit=1&limit=2", "limit"),
+    ("since=2025-06-03&until=2025-06-01", "until"),
+    ("limit", "query"),
+])
+def test_sessions_bad_query_is_400(server: ViewerServer, query: str, fragment: str) -> None:
+    body = get_json(server, "/api/sessions?" + query, status=400)
+    assert fragment in body["error"]
+
+
+def test_session_is_its_phi_core_json(server: ViewerServer, store_dir: Path) -> None:
+    code, _, body = request(server, f"/api/sessions/{PARENT_ID}")
+    assert code == 200
+    stored = (store_dir / f"{PARENT_ID}.json").read_bytes()
+    assert encode_session(decode_session(body)) == stored
+    assert json.loads(body)["loops"][0]["child_loop_refs"][0]["child_session_id"] == CHILD_ID
+
+
+def test_events_in_order(server: ViewerServer, store_dir: Path) -> None:
+    rows = get_json(server, f"/api/sessions/{BASIC_ID}/events")
+    session = decode_session((store_dir / f"{BASIC_ID}.json").read_bytes())
+    expected = [(loop.loop_id, item.sequence) for loop in session.loops for item in loop.events]
+    assert [(row["loop_id"], row["sequence"]) for row in rows] == expected
+    assert rows[0]["event"]["type"] == "AgentStart" and rows[-1]["event"]["type"] == "AgentEnd"
+    # Each event is phi-core's own JSON for it.
+    decode_event(json.dumps(rows[1]["event"]))
+
+
+def test_unknown_and_invalid_ids(server: ViewerServer) -> None:
+    assert "no-such-session" in get_json(server, "/api/sessions/no-such-session", status=404)["error"]
+    get_json(server, "/api/sessions/no-such-session/events", status=404)
+    for path in ("/api/sessions/..", "/api/sessions/%2e%2e", "/api/sessions/..%2F..%2Fetc%2Fpasswd",
+                 "/api/sessions/.hidden", "/api/sessions/a%00b", "/api/sessions/../../etc/passwd",
+                 "/api/sessions/a%5Cb"):
+        assert "session id" in get_json(server, path, status=400)["error"], path
+    assert get_json(server, "/api/sessions/%ff", status=400)["error"]
+    get_json(server, f"/api/sessions/{BASIC_ID}/nothing", status=404)
+    get_json(server, f"/api/sessions/{BASIC_ID}?x=1", status=400)
+
+
+def test_stats(server: ViewerServer) -> None:
+    by_agent = get_json(server, "/api/stats")
+    assert len(by_agent) == 5 and sum(row["sessions"] for row in by_agent) == 5
+    by_model = get_json(server, "/api/stats?by=model")
+    assert [row["key"] for row in by_model] == [
+        "anthropic/claude-haiku-4-5", "anthropic/claude-sonnet-4-5", "openai/gpt-4o"]
+    assert sum(row["usage"]["total_tokens"] for row in by_model) == 2970
+    assert "by" in get_json(server, "/api/stats?by=week", status=400)["error"]
+    assert get_json(server, "/api/stats?group=agent", status=400)["error"]
+
+
+def test_read_only_methods(server: ViewerServer) -> None:
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        code, headers, body = request(server, f"/api/sessions/{BASIC_ID}", method=method)
+        assert code == 405 and headers["Allow"] == "GET, HEAD" and "read-only" in json.loads(body)["error"]
+    code, headers, body = request(server, "/api/sessions", method="HEAD")
+    assert code == 200 and body == b"" and int(headers["Content-Length"]) > 0
+
+
+def test_foreign_host_header_is_refused(server: ViewerServer) -> None:
+    # DNS rebinding: a page of evil.example resolving to 127.0.0.1 must not read sessions.
+    code, _, body = request(server, "/api/sessions", headers={"Host": "evil.example"})
+    assert code == 403 and "Host" in json.loads(body)["error"]
+    port = server.server_address[1]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        assert request(server, "/api/sessions", headers={"Host": host})[0] == 200, host
+
+
+def test_store_failure_is_500_json(tmp_path: Path) -> None:
+    (tmp_path / "broken.json").write_text('{"session_id": 1}')
+    with JsonDirStore(tmp_path) as store, running_server(store) as server:
+        body = get_json(server, "/api/sessions/broken", status=500)
+        assert "session_id" in body["error"]
+
+
+def test_concurrent_requests(server: ViewerServer) -> None:
+    base = server.url
+    paths = [f"api/sessions/{session_id}" for session_id in EXAMPLE_IDS] * 4 + ["api/sessions"] * 4
+
+    def fetch(path: str) -> int:
+        with urllib.request.urlopen(base + path, timeout=10) as response:
+            response.read()
+            return int(response.status)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert set(pool.map(fetch, paths)) == {200}
+
+
+def test_serves_an_sqlite_store(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "sessions.db") as store:
+        record_into(store, example_lines())
+        with running_server(store) as server:
+            assert sorted(ids(get_json(server, "/api/sessions"))) == sorted(EXAMPLE_IDS)
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                bodies = list(pool.map(lambda _: request(server, f"/api/sessions/{PARENT_ID}")[2], range(8)))
+            assert len(set(bodies)) == 1 and json.loads(bodies[0])["session_id"] == PARENT_ID
+
+
+def test_urllib_client_sees_json_errors(server: ViewerServer) -> None:
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(server.url + "api/sessions/nope", timeout=10)
+    assert caught.value.code == 404
+    assert json.loads(caught.value.read())["error"]
+
+
+def test_is_loopback() -> None:
+    for host in ("127.0.0.1", "127.1.2.3", "localhost", "::1", "[::1]", "LOCALHOST"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "192.168.1.4", "example.com", "::", "localhost.example.com"):
+        assert not is_loopback(host), host
+
+
+def test_ipv6_loopback(store_dir: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 cannot be bound here")
+    with JsonDirStore(store_dir) as store, running_server(store, host="::1") as server:
+        assert server.url.startswith("http://[::1]:")
+        with urllib.request.urlopen(server.url + "api/sessions", timeout=10) as response:
+            assert len(json.load(response)) == 5

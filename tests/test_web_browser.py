@@ -1,0 +1,271 @@
+"""The viewer page in a real headless Chromium, driven by Playwright.
+
+The page runs under the server's strict Content-Security-Policy, which also
+forbids Playwright's string-evaluating helpers (``wait_for_function``): the tests
+wait with locators and URL predicates instead.
+
+Playwright's Python package drives Debian's ``/usr/bin/chromium`` (no browser of
+its own is downloaded: ``scripts/install-browser-deps.sh`` installs both). The
+store holds the example sessions, the demo scenario when `phi_session.demo` is
+there, and a session whose messages are HTML that must show as text and run
+nothing. A screenshot of a session page is saved to ``artifacts/session-page.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.web.server import ViewerServer
+
+from .web_support import (
+    CHILD_ID,
+    CHILD_LOOP,
+    EXAMPLE_IDS,
+    PARALLEL_ID,
+    PARALLEL_WINNER,
+    PARENT_ID,
+    PARENT_LOOP,
+    ROOT,
+    XSS_ID,
+    XSS_REPLY,
+    XSS_TEXT,
+    example_lines,
+    record_into,
+    running_server,
+    xss_lines,
+)
+
+CHROMIUM = os.environ.get("PHI_SESSION_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = ROOT / "artifacts"
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="Playwright's Python package is missing (scripts/install-browser-deps.sh)")
+if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)) and shutil.which(CHROMIUM) is None:
+    pytest.skip(f"no Chromium at {CHROMIUM} (scripts/install-browser-deps.sh installs Debian's)",
+                allow_module_level=True)
+
+expect = sync_api.expect
+Page = Any  # playwright.sync_api.Page, kept loose so the module imports without Playwright
+
+
+@pytest.fixture(scope="module")
+def demo_ids(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Store contents: the examples, the HTML session and (if available) the demo."""
+    directory = tmp_path_factory.mktemp("browser-store")
+    demo: list[str] = []
+    with JsonDirStore(directory) as store:
+        record_into(store, example_lines())
+        record_into(store, xss_lines())
+        try:
+            from phi_session.demo import run_demo
+        except ImportError:
+            pass
+        else:
+            demo = [session.session_id for session in run_demo(store=store)]
+    return {"directory": directory, "demo": demo}
+
+
+@pytest.fixture(scope="module")
+def server(demo_ids: dict[str, Any]) -> Iterator[ViewerServer]:
+    with JsonDirStore(demo_ids["directory"]) as store, running_server(store) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+class Watched:
+    """A page with every dialog, page error and console error recorded."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+        page.on("dialog", self._dialog)
+        page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
+        page.on("console", lambda message: self.errors.append(f"console: {message.text}")
+                if message.type == "error" else None)
+
+    def expect_failed_request(self, status: int) -> None:
+        """Forget Chromium's console line for an HTTP error the test provoked on purpose."""
+        self.errors = [e for e in self.errors if f"status of {status}" not in e]
+
+    def _dialog(self, dialog: Any) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+
+@pytest.fixture
+def watched(browser: Any, server: ViewerServer) -> Iterator[Watched]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=server.url)
+    context.set_default_timeout(20_000)  # generous for a loaded CI machine; passing runs take ~1 s
+    page = context.new_page()
+    watcher = Watched(page)
+    try:
+        yield watcher
+    finally:
+        context.close()
+    # Any error or dialog fails the test that caused it (CSP violations included).
+    assert watcher.errors == []
+    assert watcher.dialogs == []
+
+
+def loop_details(page: Page, loop_id: str) -> Any:
+    return page.locator(f'details.loop[data-loop-id="{loop_id}"]')
+
+
+def test_session_list_and_filters(watched: Watched, demo_ids: dict[str, Any]) -> None:
+    page = watched.page
+    page.goto("/")
+    page.wait_for_selector("#sessions")
+    total = len(EXAMPLE_IDS) + 1 + len(demo_ids["demo"])
+    assert page.locator("#session-count").inner_text() == f"{total} sessions"
+    assert page.locator("#sessions tbody tr").count() == total
+    page.fill("input[name=model]", "openai/gpt-4o")
+    page.click("#filters button[type=submit]")
+    expect(page.locator("#session-count")).to_have_text("1 session")
+    assert page.locator("#sessions tbody a.session-link").inner_text() == PARALLEL_ID
+    assert "model=openai%2Fgpt-4o" in page.url
+    page.select_option("select[name=status]", "Aborted")
+    page.click("#filters button[type=submit]")
+    expect(page.locator("#session-count")).to_have_text("0 sessions")
+    page.fill("input[name=since]", "not a time")
+    page.click("#filters button[type=submit]")
+    assert "since" in page.locator(".error-banner").inner_text()
+    watched.expect_failed_request(400)
+    page.click("text=Clear")
+    expect(page.locator("#session-count")).to_have_text(f"{total} sessions")
+
+
+def test_open_session_expand_loop_and_follow_sub_agent_links(watched: Watched) -> None:
+    page = watched.page
+    page.goto("/")
+    page.click(f"a.session-link:text-is('{PARENT_ID}')")
+    page.wait_for_selector("#loop-tree")
+    assert PARENT_ID in page.locator("h1").inner_text()
+    loop = loop_details(page, PARENT_LOOP)
+    assert loop.get_attribute("open") is None
+    assert not loop.locator(".turn").first.is_visible()
+    loop.locator("summary").first.click()
+    assert loop.get_attribute("open") is not None
+    turns = loop.locator(".turn")
+    assert turns.count() == 2 and turns.first.is_visible()
+    first_turn = turns.first.inner_text()
+    assert "Turn 0" in first_turn and "triggered by User" in first_turn
+    assert "How hot must water be to boil at sea level?" in first_turn  # input message
+    assert "→ researcher" in first_turn and '"task"' in first_turn  # the tool call and its arguments
+    assert "Water boils at 100 °C (212 °F) at sea level." in first_turn  # the tool result
+    assert "At sea level, water boils at 100 °C, which is 212 °F." in turns.nth(1).inner_text()
+
+    loop.locator("a", has_text=CHILD_ID).click()
+    page.wait_for_selector("#parent-link")
+    assert CHILD_ID in page.url
+    assert CHILD_ID in page.locator("h1").inner_text()
+    child_loop = loop_details(page, CHILD_LOOP)
+    assert child_loop.get_attribute("open") is not None  # the linked loop is opened and highlighted
+    assert "highlight" in (child_loop.get_attribute("class") or "")
+
+    page.locator("#parent-link a").click()
+    page.wait_for_url(lambda url: PARENT_ID in url)
+    page.wait_for_selector(f'details.loop[data-loop-id="{PARENT_LOOP}"][open]')
+    assert PARENT_ID in page.locator("h1").inner_text()
+
+
+def test_parallel_winner_and_event_log(watched: Watched) -> None:
+    page = watched.page
+    page.goto(f"/#/session/{PARALLEL_ID}")
+    page.wait_for_selector("#loop-tree")
+    winner = loop_details(page, PARALLEL_WINNER).locator("summary").first
+    assert "★ parallel winner" in winner.inner_text()
+    assert page.locator("#loop-tree summary", has_text="parallel, not selected").count() == 1
+    page.click("#show-events")
+    page.wait_for_selector("#event-log")
+    rows = page.locator("#event-log tbody tr")
+    assert rows.count() == 18
+    assert rows.first.inner_text().split()[:3] == ["#1", "0", "AgentStart"]
+    page.click("#show-events")
+    assert page.locator("#event-log").count() == 0
+
+
+def test_html_in_messages_is_text_and_runs_nothing(watched: Watched) -> None:
+    page = watched.page
+    page.goto(f"/#/session/{XSS_ID}")
+    page.wait_for_selector("#loop-tree")
+    page.click("text=Expand all loops")
+    page.get_by_text(XSS_TEXT, exact=True).first.wait_for()
+    assert page.get_by_text(XSS_TEXT, exact=True).first.is_visible()
+    assert page.get_by_text(XSS_REPLY, exact=True).first.is_visible()
+    assert page.locator("#app img, #app script, #app b").count() == 0
+    page.click("#show-events")
+    page.wait_for_selector("#event-log")
+    page.wait_for_timeout(300)  # give a stray onerror handler the time to fire
+    assert watched.dialogs == []
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+
+
+def test_unknown_session_shows_an_error(watched: Watched) -> None:
+    page = watched.page
+    page.goto("/#/session/no-such-session")
+    banner = page.locator(".error-banner")
+    banner.wait_for()
+    assert banner.inner_text().startswith("404")
+    watched.expect_failed_request(404)
+
+
+def test_usage_page(watched: Watched) -> None:
+    page = watched.page
+    page.goto("/#/stats")
+    page.wait_for_selector("#stats")
+    page.select_option("#stats-by", "model")
+    page.wait_for_url(lambda url: url.endswith("#/stats?by=model"))
+    page.wait_for_selector("#stats th:text-is('model')")
+    assert "openai/gpt-4o" in page.locator("#stats").inner_text()
+
+
+def test_loop_tree_shows_every_loop_while_closed(watched: Watched, demo_ids: dict[str, Any]) -> None:
+    if not demo_ids["demo"]:
+        pytest.skip("the demo scenario module is not there yet")
+    page = watched.page
+    page.goto(f"/#/session/{demo_ids['demo'][0]}")
+    page.wait_for_selector("#loop-tree")
+    loops = page.locator("#loop-tree details.loop")
+    assert loops.count() >= 5
+    for index in range(loops.count()):  # nested continuations too, without opening anything
+        assert loops.nth(index).locator("summary").first.is_visible()
+        assert loops.nth(index).get_attribute("open") is None
+    assert page.locator("#loop-tree .children details.loop").count() >= 1
+    assert page.locator("#loop-tree .chip.winner").count() == 1
+    assert page.locator("#loop-tree .chip.status-Rejected").count() >= 1
+
+
+def test_session_page_screenshot(watched: Watched, demo_ids: dict[str, Any]) -> None:
+    """Saves artifacts/session-page.png (the loop tree, the sub-agent loop open) and the list."""
+    page = watched.page
+    session_id = demo_ids["demo"][0] if demo_ids["demo"] else PARENT_ID
+    page.goto(f"/#/session/{session_id}")
+    page.wait_for_selector("#loop-tree")
+    spawning = page.locator("#loop-tree details.loop", has=page.locator(".subagent-link")).first
+    spawning.locator("summary").first.click()
+    ARTIFACTS.mkdir(exist_ok=True)
+    target = ARTIFACTS / "session-page.png"
+    page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 10_000
+    page.goto("/")
+    page.wait_for_selector("#sessions")
+    page.screenshot(path=str(ARTIFACTS / "session-list.png"))
