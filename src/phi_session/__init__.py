@@ -17,6 +17,7 @@ from .codec import decode_event, decode_loop, decode_session, encode, encode_eve
 from .errors import (
     DecodeError,
     InvalidSessionId,
+    InvalidStoreUrl,
     PhiSessionError,
     SessionLocked,
     SessionNotFound,
@@ -123,7 +124,8 @@ __all__ = [
     "AgentEnd", "AgentEvent", "AgentMessage", "AgentStart", "AnnotatedRequestPayload",
     "AssistantMessage", "ChildLoopRef", "CompactionBlock", "CompactionEnded", "CompactionStarted",
     "Content", "ContinuationKind", "DecodeError", "ExtensionMessage", "ImageContent", "InputRejected",
-    "InvalidSessionId", "JsonDirStore", "LoopConfigSnapshot", "LoopEvent", "LoopRecord", "LoopStatus",
+    "InvalidSessionId", "InvalidStoreUrl", "JsonDirStore", "LoopConfigSnapshot", "LoopEvent",
+    "LoopRecord", "LoopStatus",
     "Message", "MessageEnd", "MessageStart", "MessageUpdate", "OrphanEvent", "ParallelGroupRecord",
     "ParallelLoopEnd", "ParallelLoopStart", "PhiSessionError", "PostgresStore", "ProgressMessage",
     "PrunApplied", "RevertApplied", "Session", "SessionFormation", "SessionLocked", "SessionNotFound",

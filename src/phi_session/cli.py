@@ -651,7 +651,11 @@ def _add_graph(tree: Tree, node: dict[str, Any]) -> None:
 @click.argument("session_id", metavar="ID")
 @store_options
 def tree(session_id: str, store_url: str | None, as_json: bool) -> None:
-    """Show the spawn graph: a session, its sub-agent sessions, theirs, and so on."""
+    """Show the spawn graph of sub-agent sessions.
+
+    The session, the sub-agent sessions its tools spawned, theirs, and so on,
+    loaded from the store (a child missing from the store is marked).
+    """
     with open_store(store_url) as store:
         root = load_session(store, session_id)
         graph = spawn_graph(store, root)
@@ -798,7 +802,7 @@ def _record_line(
 @main.command()
 @click.argument("source", metavar="FILE|-")
 @click.option("--dir", "directory", metavar="DIR", type=click.Path(file_okay=False),
-              help="Store the sessions as phi-core JSON files in DIR (same as --store DIR).")
+              help="Store the sessions as phi-core JSON files in DIR (created if missing).")
 @click.option("--include-streaming-events", is_flag=True, help="Also store MessageUpdate deltas.")
 @click.option("--capture-turn-requests", is_flag=True, help="Copy TurnRequest payloads into their turns.")
 @click.option("--orphans", "orphans_path", metavar="FILE", type=click.Path(dir_okay=False),
@@ -806,11 +810,12 @@ def _record_line(
 @store_options
 def record(source: str, directory: str | None, include_streaming_events: bool, capture_turn_requests: bool,
            orphans_path: str | None, store_url: str | None, as_json: bool) -> None:
-    """Record a phi-core event stream (JSON Lines, one event per line; - for stdin).
+    """Record a JSONL event stream into the store.
 
-    Every session is saved to the store (merged with what is stored under its id)
-    and summarised in one line. A malformed line is reported with its number and
-    skipped; everything else is recorded.
+    FILE (or - for stdin) is phi-core's event stream, one JSON event per line. Every session is saved to
+    the store (merged with what is stored under its id) and summarised in one
+    line. A malformed line is reported with its number and skipped; everything
+    else is recorded. Ctrl-C stops reading and saves what was read (exit 130).
     """
     recorder = SessionRecorder(SessionRecorderConfig(
         include_streaming_events=include_streaming_events, capture_turn_requests=capture_turn_requests))
@@ -889,8 +894,9 @@ def _session_files(path: Path) -> list[Path]:
 @click.argument("paths", metavar="PATH...", nargs=-1, required=True)
 @store_options
 def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool) -> None:
-    """Import phi-core session files, or every *.json file of directories.
+    """Import phi-core session files or directories of them.
 
+    A directory contributes every ``*.json`` file directly in it.
     A session already stored under the same id is merged (no stored loop is lost).
     A file that cannot be read is reported and skipped (exit status 1).
     """
@@ -1045,9 +1051,10 @@ def message_view(message: AgentMessage) -> Group:
 @click.argument("loop_id", metavar="LOOP_ID")
 @store_options
 def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool) -> None:
-    """The message history needed to resume from LOOP_ID (root loop first).
+    """The messages needed to resume from LOOP_ID.
 
-    A loop with a compaction block contributes the block instead of its messages.
+    The messages of every loop from the root down to LOOP_ID, in order; a loop
+    with a compaction block contributes the block instead of its messages.
     """
     with open_store(store_url) as store:
         session = load_session(store, session_id)
@@ -1097,10 +1104,15 @@ def rm(session_ids: tuple[str, ...], store_url: str | None, as_json: bool) -> No
 
 @main.command()
 @click.option("--dir", "directory", metavar="DIR", type=click.Path(file_okay=False),
-              help="Store the demo sessions as phi-core JSON files in DIR (same as --store DIR).")
+              help="Store the demo sessions as phi-core JSON files in DIR (created if missing).")
 @store_options
 def demo(directory: str | None, store_url: str | None, as_json: bool) -> None:
-    """Record a demo scenario (sub-agents, parallel loops, a rejection...) and show it."""
+    """Record an offline demo scenario and show its loop trees.
+
+    A coding assistant's day on a simulated clock: continuations, a rerun and a
+    branch, a parallel evaluation, a sub-agent, a rejection, a compaction and an
+    inactivity rotation. Running it again rewrites the same sessions.
+    """
     from .demo import render_tree, run_demo
 
     with open_store(store_url, directory) as store:

@@ -28,3 +28,7 @@ class SessionLocked(PhiSessionError):
 
 class StoreError(PhiSessionError):
     """A storage backend failed (I/O error, full disk, broken connection)."""
+
+
+class InvalidStoreUrl(StoreError, ValueError):
+    """A store URL of no accepted form (a usage error, not a failing store)."""

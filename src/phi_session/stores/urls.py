@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from ..errors import StoreError
+from ..errors import InvalidStoreUrl
 from .base import SessionStore
 from .sqlite import SqliteStore
 
@@ -59,23 +59,25 @@ def default_store() -> SessionStore:
 def open_store(url: str | os.PathLike[str] | None = None) -> SessionStore:
     """Open the store `url` names (forms in the module docstring); `None`: the default.
 
-    Raises `StoreError` for a URL of no accepted form, naming the accepted forms
-    (and ``PHI_SESSION_STORE`` when the bad value came from there), and whatever
-    the backend raises on opening (`StoreError` for an unreachable database, a
-    missing optional dependency, a newer schema, …).
+    Raises `InvalidStoreUrl` (a `StoreError` and a ``ValueError``) for a URL of no
+    accepted form, naming the accepted forms (and ``PHI_SESSION_STORE`` when the bad
+    value came from there), and whatever the backend raises on opening
+    (`StoreError` for an unreachable database, a missing optional dependency,
+    a newer schema, …).
     """
     if url is None:
         value = default_store_url()
         try:
             return _open(value)
         except _BadUrl as error:
-            raise StoreError(f"environment variable {ENV_VAR}={value!r} is not a store: {error}") from None
+            raise InvalidStoreUrl(
+                f"environment variable {ENV_VAR}={value!r} is not a store: {error}") from None
     try:
         if isinstance(url, str):
             return _open(url)
         return _directory(Path(url), str(url))
     except _BadUrl as error:
-        raise StoreError(str(error)) from None
+        raise InvalidStoreUrl(str(error)) from None
 
 
 class _BadUrl(Exception):
