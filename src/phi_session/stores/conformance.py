@@ -481,7 +481,7 @@ class StoreConformance:
     def test_query_rejects_bad_arguments_the_same_way(self, store: SessionStore) -> None:
         for bad in ({"status": "Finished"}, {"limit": -1}, {"order": "random"}):
             with pytest.raises(ValueError):
-                store.query(**bad)  # type: ignore[arg-type]
+                store.query(**bad)
 
     def test_usage_totals_by_agent(self, store: SessionStore) -> None:
         _populate(store)
