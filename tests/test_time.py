@@ -74,3 +74,9 @@ def test_now_is_utc_with_nanoseconds_and_immutable() -> None:
     assert str(stamp).endswith("Z")
     with pytest.raises(AttributeError):
         stamp._text = "x"  # type: ignore[misc]
+
+
+def test_only_ascii_digits_are_digits() -> None:
+    for text in ("2025-06-01T09:00:00.12345\u0663Z", "\u0662025-06-01T09:00:00Z"):
+        with pytest.raises(ValueError):
+            Timestamp.parse(text)

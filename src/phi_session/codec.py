@@ -30,7 +30,7 @@ from .events import (
     StreamDelta,
     TurnEnd,
     TurnRequest,
-    decoding,
+    runs_decoders,
 )
 from .messages import (
     LLM_MESSAGE_TYPES,
@@ -108,12 +108,12 @@ _recording_decoder = msgspec.json.Decoder(
 )
 
 
+@runs_decoders
 def decode_for_recording(data: bytes | str) -> AgentEvent | LazyMessageUpdate:
     """The recorder's fast path: like ``decode_event(data, strict=False)``, except that a
     ``MessageUpdate`` comes back as a `LazyMessageUpdate` (decode it fully if you keep it)."""
     try:
-        with decoding():
-            return _recording_decoder.decode(data)  # type: ignore[no-any-return]
+        return _recording_decoder.decode(data)  # type: ignore[no-any-return]
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
         return decode_event(data, strict=False)  # the full path: leniencies, or a clear error
 _session_decoder = msgspec.json.Decoder(Session, dec_hook=_dec_hook)
@@ -292,6 +292,7 @@ _METADATA_FIELDS = {
 _LlmMessage = Union[LLM_MESSAGE_TYPES]  # type: ignore[valid-type]
 
 
+@runs_decoders
 def _convert(obj: Any, tp: Any) -> Any:
     return msgspec.convert(obj, tp, dec_hook=_dec_hook)
 
@@ -425,6 +426,7 @@ def _repair_session(obj: Any, path: str, hidden: _Placeholders) -> Any:
     return obj
 
 
+@runs_decoders
 def _decode(
     data: bytes | str,
     decoder: msgspec.json.Decoder[Any],
@@ -436,39 +438,38 @@ def _decode(
     """Fast typed decode; phi-core's leniencies on a generic retry; `check` for strictness."""
     if not isinstance(data, (bytes, bytearray, memoryview, str)):
         raise TypeError(f"expected bytes or str, got {type(data).__name__}")
-    with decoding():
+    try:
+        value = decoder.decode(data)
+        lenient = False
+    except msgspec.ValidationError as fast_error:
+        value, lenient = fast_error, True
+    except msgspec.DecodeError as error:
+        raise DecodeError(str(error)) from None
+    except ValueError as error:  # e.g. a missing timestamp (see events._now)
+        raise DecodeError(str(error)) from None
+    tree = None
+    if check is not None:
         try:
-            value = decoder.decode(data)
-            lenient = False
-        except msgspec.ValidationError as fast_error:
-            value, lenient = fast_error, True
-        except msgspec.DecodeError as error:
+            scan = _strict.Scan(data)
+        except (ValueError, RecursionError) as error:
             raise DecodeError(str(error)) from None
-        except ValueError as error:  # e.g. a missing timestamp (see events._now)
-            raise DecodeError(str(error)) from None
-        tree = None
-        if check is not None:
-            try:
-                scan = _strict.Scan(data)
-            except (ValueError, RecursionError) as error:
-                raise DecodeError(str(error)) from None
-            check(scan.tree)
-            if scan.numbers_differ:  # read numbers as phi-core does, then convert again
-                tree, lenient = scan.tree, True
-        if not lenient:
-            return value
-        hidden = _Placeholders()
-        try:
-            if tree is None:
-                tree = msgspec.json.decode(data)
-            value = _convert(repair(tree, "$", hidden), tp)
-        except msgspec.ValidationError as error:
-            raise DecodeError(str(error)) from None
-        except DecodeError:
-            raise
-        except ValueError as error:
-            raise DecodeError(str(error)) from None
-        return restore(value, hidden.restore) if hidden.items else value
+        check(scan.tree)
+        if scan.numbers_differ:  # read numbers as phi-core does, then convert again
+            tree, lenient = scan.tree, True
+    if not lenient:
+        return value
+    hidden = _Placeholders()
+    try:
+        if tree is None:
+            tree = msgspec.json.decode(data)
+        value = _convert(repair(tree, "$", hidden), tp)
+    except msgspec.ValidationError as error:
+        raise DecodeError(str(error)) from None
+    except DecodeError:
+        raise
+    except ValueError as error:
+        raise DecodeError(str(error)) from None
+    return restore(value, hidden.restore) if hidden.items else value
 
 
 def _restore_session(session: Session, fn: MessageFn) -> Session:

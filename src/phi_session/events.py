@@ -8,8 +8,10 @@ timestamp is an error, as in phi-core.
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Literal, Union
+import sys
+from collections.abc import Callable
+from types import CodeType
+from typing import Any, Literal, TypeVar, Union
 
 import msgspec
 from msgspec.structs import force_setattr
@@ -37,27 +39,26 @@ ApiProtocol = Literal[
 ]
 RevertCategory = Literal["failure", "tangent", "completion", "step-summary"]
 
-_decoding = threading.local()
+# Code objects of the codec functions that run msgspec decoders (see `_now`).
+_DECODER_CODE: set[CodeType] = set()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def runs_decoders(function: _F) -> _F:
+    """Mark a function that runs msgspec decoders over events (absent timestamps are errors)."""
+    _DECODER_CODE.add(function.__code__)
+    return function
 
 
 def _now() -> Timestamp:
-    # A timestamp left out of *decoded* JSON is an error (phi-core requires it);
-    # one left out of a Python constructor call means "now".
-    if getattr(_decoding, "active", False):
+    # A timestamp left out of *decoded* JSON is an error (phi-core requires it); one
+    # left out of a constructor call means "now". msgspec calls this factory from C,
+    # so the Python frame below is the codec function that ran the decoder when we
+    # are decoding, and the caller's own code otherwise. Checking it costs nothing
+    # on the hot path, unlike a thread-local flag set around every decode.
+    if sys._getframe(1).f_code in _DECODER_CODE:
         raise ValueError("missing required field `timestamp`")
     return Timestamp.now()
-
-
-class decoding:
-    """Context in which absent timestamps are errors instead of "now" (used by the codec)."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        _decoding.active = True
-
-    def __exit__(self, *exc: object) -> None:
-        _decoding.active = False
 
 
 # -- Externally tagged enums ---------------------------------------------------------

@@ -160,14 +160,16 @@ class SessionRecorder:
         Streaming deltas that the configuration drops are checked for shape but
         not materialized: they are the bulk of a stream and are never kept.
         """
-        decoded = codec.decode_for_recording(data)
-        if isinstance(decoded, codec.LazyMessageUpdate):
+        decoded = _decode_for_recording(data)
+        if type(decoded) is _LazyMessageUpdate:
             with self._lock:
                 if not self.config.include_streaming_events and decoded.loop_id in self._loops:
                     self._dropped_deltas += 1
                     return
             decoded = codec.decode_event(data, strict=False)
-        self.on_event(decoded)
+        handler = _HANDLERS[type(decoded)]
+        with self._lock:
+            handler(self, decoded)
 
     def on_event(self, event: AgentEvent) -> None:
         """Record one event."""
@@ -553,6 +555,8 @@ def _fallback_config(loop_id: str, message: AssistantMessage) -> LoopConfigSnaps
     )
 
 
+_decode_for_recording = codec.decode_for_recording
+_LazyMessageUpdate = codec.LazyMessageUpdate
 _HANDLERS: dict[type, Callable[[SessionRecorder, Any], object]] = {
     AgentStart: SessionRecorder._on_agent_start,
     AgentEnd: SessionRecorder._on_agent_end,
