@@ -65,7 +65,8 @@ def reference(loops: int = 3) -> list[bytes]:
 
 def tracer_into(queue: asyncio.Queue[Any]) -> tuple[Tracer, QueueSink]:
     sink = QueueSink(queue)
-    return Tracer(AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[sink], config=SNAP), sink
+    agent = AgentSession(agent_id="a", session_id="s", clock=FakeClock())
+    return Tracer(agent, sinks=[sink], config=SNAP), sink
 
 
 def test_a_queue_fed_by_a_tracer_is_recorded_and_saved_at_the_end() -> None:

@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import phi_session as ps
 from phi_session.identity import AgentSession, FakeClock
@@ -625,3 +627,49 @@ def test_deltas_are_kept_only_when_the_recorder_keeps_them() -> None:
     run_basic(h)
     kept = [e.event for e in h.session().loops[0].events if isinstance(e.event, ps.MessageUpdate)]
     assert len(kept) == 7
+
+
+# -- any shape of agent run ------------------------------------------------------------------------
+
+turn_shapes = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 500)), max_size=4)  # (tools, tokens)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(turn_shapes, st.booleans(), st.sampled_from(["ok", "fail", "reject"])),
+                min_size=1, max_size=4))
+def test_any_run_records_consistently_in_process_and_from_the_file(
+        loops: list[tuple[list[tuple[int, int]], bool, str]]) -> None:
+    h = Harness()
+    scopes: list[LoopScope] = []
+    for turns, continues, outcome in loops:
+        parent = scopes[0].loop_id if continues and scopes else None
+        try:
+            with h.tracer.loop(continues=parent) as loop:
+                scopes.append(loop)
+                loop.user("go")
+                if outcome == "reject":
+                    loop.reject("no")
+                    continue
+                for n, (tools, tokens) in enumerate(turns):
+                    calls = tuple(call(10 * n + i) for i in range(tools))
+                    with loop.turn() as turn:
+                        answer(turn, "step", n=tokens, calls=calls)
+                        for tool_call in calls:
+                            with turn.tool(tool_call) as tool:
+                                tool.result("r")
+                if outcome == "fail":
+                    raise RuntimeError("boom")
+        except RuntimeError:
+            pass
+    [session] = h.sessions()  # the JSONL replay gives the same bytes
+    records = {r.loop_id: r for r in session.loops}
+    assert list(records) == [s.loop_id for s in scopes]
+    for (turns, _, outcome), scope in zip(loops, scopes, strict=True):
+        record = records[scope.loop_id]
+        assert record.status == {"ok": "Completed", "fail": "Aborted", "reject": "Rejected"}[outcome]
+        expected = 0 if outcome == "reject" else sum(tokens for _, tokens in turns)
+        assert record.usage == usage(expected)
+        assert record.usage == sum((t.usage for t in record.turns), ps.Usage(input=0, output=0))
+        assert [e.sequence for e in record.events] == list(range(len(record.events)))
+        assert sum(len(t.tool_results) for t in record.turns) == (
+            0 if outcome == "reject" else sum(tools for tools, _ in turns))

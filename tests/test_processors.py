@@ -204,16 +204,16 @@ MARK = "CONTENT-MARK"
 
 def every_event() -> list[ps.AgentEvent]:
     text = (ps.TextContent(text=MARK),)
-    user = ps.UserMessage(content=text, timestamp=1, tags=(NodeTag(kind="lesson", text=MARK, created_at_turn=0,
-                                                                      abandoned_node_ids=()),))
+    tag = NodeTag(kind="lesson", text=MARK, created_at_turn=0, abandoned_node_ids=())
+    user = ps.UserMessage(content=text, timestamp=1, tags=(tag,))
     reply = ps.AssistantMessage(content=(*text, ps.ToolCall(id="c", name="n", arguments={"a": MARK})),
                                 stop_reason="error", model="m", provider="p",
                                 usage=ps.Usage(input=1, output=1), timestamp=1, error_message=MARK)
     result = ps.ToolResultMessage(tool_call_id="c", tool_name="n", content=text, is_error=False, timestamp=1)
     extension = ps.extension_message("custom-role", "k", {"x": MARK})
     tool_result = ps.ToolResult(content=text, details={"d": MARK}, child_loop_id="c.sub.1")
-    payload = ps.AnnotatedRequestPayload(system_prompt=MARK, messages=(user,), provenance=(),
-                                         tools=(ps.ToolDefinition(name="n", description=MARK, parameters={}),),
+    tool = ps.ToolDefinition(name="n", description=MARK, parameters={})
+    payload = ps.AnnotatedRequestPayload(system_prompt=MARK, messages=(user,), provenance=(), tools=(tool,),
                                          model_id="m", thinking_level="off", response_format=TextFormat())
     t = ps.Timestamp.parse("2025-01-01T00:00:00Z")
     snap = ps.LoopConfigSnapshot(model="m", provider="p", name=MARK, base_url=MARK)
@@ -224,7 +224,8 @@ def every_event() -> list[ps.AgentEvent]:
                     timestamp=t, rejection=MARK, error=MARK),
         ps.TurnStart(loop_id="l", turn_index=0, timestamp=t, triggered_by="User"),
         ps.TurnRequest(loop_id="l", turn_index=0, payload=payload, timestamp=t),
-        ps.TurnEnd(loop_id="l", message=reply, usage=ps.Usage(input=1, output=1), timestamp=t, tool_results=(result,)),
+        ps.TurnEnd(loop_id="l", message=reply, usage=ps.Usage(input=1, output=1), timestamp=t,
+                   tool_results=(result,)),
         ps.MessageStart(loop_id="l", message=user),
         ps.MessageUpdate(loop_id="l", message=reply, delta=ps.StreamDelta.text(MARK)),
         ps.MessageEnd(loop_id="l", message=extension),
@@ -237,7 +238,8 @@ def every_event() -> list[ps.AgentEvent]:
         ps.ParallelLoopEnd(session_id="s", selected_loop_id="l", selected_config_index=0,
                            evaluation_usage=ps.Usage(input=0, output=0), timestamp=t),
         ps.CompactionStarted(loop_id="l", estimated_tokens=1, message_count=1, timestamp=t),
-        ps.PrunApplied(loop_id="l", tokens_removed=1, messages_removed=1, memo=MARK, pruned_timestamps=(), timestamp=t),
+        ps.PrunApplied(loop_id="l", tokens_removed=1, messages_removed=1, memo=MARK, pruned_timestamps=(),
+                       timestamp=t),
         ps.RevertApplied(loop_id="l", category="failure", abandoned_node_ids=(), summary=MARK, applied=True,
                          reason=MARK, timestamp=t),
         ps.CompactionEnded(loop_id="l", messages_before=1, messages_after=1, estimated_tokens_before=1,

@@ -60,8 +60,9 @@ def test_a_failing_sink_is_isolated_reported_once_and_counted(caplog: pytest.Log
 
 def test_a_single_failing_sink_does_not_raise() -> None:
     boom = Boom()
-    run_loop(tracer(boom))
-    assert tracer(boom).sink_errors == {}  # counts are per fan-out
+    t = tracer(boom)
+    run_loop(t)
+    assert t.sink_errors == {repr(boom): boom.calls}
     fan = FanOut([boom])
     fan(ps.InputRejected(loop_id="l", reason="r"))
     assert fan.errors == {repr(boom): 1}
@@ -164,6 +165,11 @@ def test_queue_sink_in_the_loop_and_from_other_threads() -> None:
 
     items = asyncio.run(main())
     assert [i.reason for i in items[:-1]] == [str(i) for i in range(100)] and items[-1] is None
+
+
+def test_queue_sink_refuses_a_bounded_queue() -> None:
+    with pytest.raises(ValueError, match="unbounded"):
+        QueueSink(asyncio.Queue(maxsize=10))
 
 
 def test_queue_sink_binds_to_the_first_loop_it_is_used_in() -> None:

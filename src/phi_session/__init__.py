@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from ._time import Timestamp
 from .codec import decode_event, decode_loop, decode_session, encode, encode_event, encode_session
+from .consume import ConsumeStats, consume
 from .errors import (
     DecodeError,
+    InstrumentationError,
     InvalidSessionId,
     InvalidStoreUrl,
     PhiSessionError,
@@ -52,6 +54,16 @@ from .events import (
     TurnRequest,
     TurnStart,
 )
+from .identity import AgentSession, Clock, FakeClock, config_id_of
+from .instrument import (
+    CompactionScope,
+    LoopScope,
+    MessageScope,
+    ParallelGroup,
+    ToolScope,
+    Tracer,
+    TurnScope,
+)
 from .messages import (
     AgentMessage,
     AnnotatedRequestPayload,
@@ -83,7 +95,9 @@ from .model import (
     SpawnRef,
     Turn,
 )
+from .processors import REDACTED, Processor, ProcessorChain, Redactor, withhold
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
+from .sinks import FanOut, JsonlSink, QueueSink, RecorderSink, Sink
 from .stores.base import SessionStore, SessionSummary, UsageTotal
 from .stores.json_dir import (
     JsonDirStore,
@@ -120,7 +134,11 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "COMPACTION", "DEFAULT", "INITIAL",
+    "COMPACTION", "DEFAULT", "INITIAL", "REDACTED",
+    "AgentSession", "Clock", "CompactionScope", "ConsumeStats", "FakeClock", "FanOut",
+    "InstrumentationError", "JsonlSink", "LoopScope", "MessageScope", "ParallelGroup", "Processor",
+    "ProcessorChain", "QueueSink", "RecorderSink", "Redactor", "Sink", "ToolScope", "Tracer",
+    "TurnScope", "config_id_of", "consume", "withhold",
     "AgentEnd", "AgentEvent", "AgentMessage", "AgentStart", "AnnotatedRequestPayload",
     "AssistantMessage", "ChildLoopRef", "CompactionBlock", "CompactionEnded", "CompactionStarted",
     "Content", "ContinuationKind", "DecodeError", "ExtensionMessage", "ImageContent", "InputRejected",

@@ -20,6 +20,7 @@ producer side:
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from collections.abc import Sequence
@@ -96,7 +97,7 @@ class _Script:
             for word in _pieces(text):
                 message.text_delta(word)
             for call in tool_calls:
-                message.tool_call_delta(str(call.arguments))
+                message.tool_call_delta(json.dumps(call.arguments))
             message.finish(tool_calls=tool_calls, usage=self.usage(scale))
         return tool_calls
 
@@ -296,7 +297,8 @@ def render_tree(session: Session) -> Tree:
     header.append(f"session {session.session_id}", style="bold")
     header.append(f"  {formation.kind}")
     if formation.kind == "InactivityTimeout":
-        header.append(f" ({formation.threshold_secs}s idle after {formation.previous_session_id})")
+        header.append(f" (idle over {formation.threshold_secs}s; previous session "
+                      f"{formation.previous_session_id})")
     spawn = session.parent_spawn_ref
     if spawn is not None:
         tool = spawn.tool_name or "unknown tool"

@@ -32,3 +32,8 @@ class StoreError(PhiSessionError):
 
 class InvalidStoreUrl(StoreError, ValueError):
     """A store URL of no accepted form (a usage error, not a failing store)."""
+
+
+class InstrumentationError(PhiSessionError, RuntimeError):
+    """The instrumentation API was used out of order (a scope used before it started or
+    after it ended, two turns of one loop open at once...)."""

@@ -29,9 +29,10 @@ sinks are isolated (`phi_session.processors`, `phi_session.sinks`). Using a scop
 that is not running (not started, or already ended) is a programming error and
 raises `InstrumentationError`.
 
-Every scope method is non-blocking and may be called from coroutines; ``async with``
-works like ``with``. A loop's tool scopes may run concurrently (threads or tasks);
-other scopes belong to one thread or task at a time.
+Scope methods never wait and do no I/O of their own (a sink may: `JsonlSink` writes a
+line per event), so coroutines call them directly; ``async with`` works like ``with``.
+A loop's tool scopes may run concurrently (threads or tasks); other scopes belong to
+one thread or task at a time.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any, TypeVar
 import msgspec
 from msgspec.structs import replace
 
-from .errors import PhiSessionError
+from .errors import InstrumentationError
 from .events import (
     DEFAULT,
     INITIAL,
@@ -104,10 +105,6 @@ __all__ = [
 _CANCELLATIONS = (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit)
 _NEW, _RUNNING, _ENDED = 0, 1, 2  # scope states
 
-
-class InstrumentationError(PhiSessionError, RuntimeError):
-    """The instrumentation API was used out of order (a scope used before it started or
-    after it ended, two turns of one loop open at once...)."""
 
 
 def _content(value: str | Sequence[Content]) -> tuple[Content, ...]:
@@ -214,6 +211,7 @@ class Tracer:
         self._deliver = self.fanout.deliver
         self.wants_deltas = self.fanout.wants_deltas
         """Whether streaming deltas are built at all (some sink keeps them)."""
+        self._filled: dict[tuple[int, str], tuple[LoopConfigSnapshot, LoopConfigSnapshot]] = {}
 
     def emit(self, event: AgentEvent) -> None:
         """Run `event` through the processors, then deliver it to every sink. Never raises."""
@@ -237,6 +235,9 @@ class Tracer:
         config_id: str | None = None,
     ) -> LoopScope:
         """A new loop of the agent's current session (started on ``with`` or `LoopScope.start`).
+
+        Its loop id is allocated now, so rotate (`AgentSession.check_and_rotate`)
+        before creating the loop, not between creating and starting it.
 
         * `config`: its snapshot (default: the tracer's); `config_id` overrides the
           loop-id segment derived from it (`phi_session.identity.config_id_of`).
@@ -273,6 +274,18 @@ class Tracer:
             branches.append(LoopScope(self, agent, agent.next_loop_id(segment), session_id, config,
                                       segment, parent_loop_id=continues, kind=kind, metadata=metadata))
         return ParallelGroup(self, session_id, branches)
+
+    def _with_config_id(self, config: LoopConfigSnapshot, segment: str) -> LoopConfigSnapshot:
+        """`config` with ``config_id`` filled in, as phi-core's loop does; one object per
+        (config, segment), so that processors can recognize a snapshot they have seen."""
+        key = (id(config), segment)
+        cached = self._filled.get(key)
+        if cached is None or cached[0] is not config:
+            cached = (config, replace(config, config_id=segment))
+            if len(self._filled) >= 64:  # configs are few; never grow without bound
+                self._filled.clear()
+            self._filled[key] = cached
+        return cached[1]
 
     def _lineage(
         self, kind: ContinuationKind | None, continues: str | None
@@ -390,7 +403,7 @@ class LoopScope(_Scope):
         formation = agent.loop_started(self.session_id, self.loop_id, at)
         config = self.config
         if config is not None and config.config_id is None:
-            config = replace(config, config_id=self.segment)  # as phi-core's loop fills it in
+            config = self._tracer._with_config_id(config, self.segment)
         self._tracer.emit(AgentStart(
             agent_id=agent.agent_id, session_id=self.session_id, loop_id=self.loop_id,
             parent_loop_id=self.parent_loop_id, continuation_kind=self.kind,
@@ -689,7 +702,7 @@ class MessageScope(_Scope):
     ``"aborted"``) and the error text.
     """
 
-    __slots__ = ("_deltas", "_loop_id", "_placeholder", "_text", "_thinking", "_turn", "message",
+    __slots__ = ("_deltas", "_emit", "_loop_id", "_placeholder", "_text", "_thinking", "_turn", "message",
                  "model", "provider")
 
     def __init__(self, turn: TurnScope, model: str, provider: str) -> None:
@@ -701,26 +714,23 @@ class MessageScope(_Scope):
         self._text: list[str] = []
         self._thinking: list[str] = []
         self._deltas = turn._loop._emit_deltas
-        self._placeholder: AssistantMessage | None = None
+        self._emit = turn._loop._tracer.emit
+        # phi-core's empty placeholder, sent with MessageStart and every MessageUpdate.
+        self._placeholder = AssistantMessage(
+            content=(), stop_reason="stop", model=model, provider="", usage=ZERO_USAGE,
+            timestamp=turn._loop._agent.millis(),
+        )
         self.message: AssistantMessage | None = None
 
     def start(self) -> MessageScope:
-        """Emit ``MessageStart`` with phi-core's empty placeholder message."""
+        """Emit ``MessageStart`` with the placeholder message."""
         self._begin()
-        turn = self._turn
-        turn._require_running()
-        loop = turn._loop
-        self._placeholder = AssistantMessage(
-            content=(), stop_reason="stop", model=self.model, provider="", usage=ZERO_USAGE,
-            timestamp=loop._agent.millis(),
-        )
-        loop._tracer.emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
+        self._turn._require_running()
+        self._emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
         return self
 
     def _delta(self, delta: StreamDelta) -> None:
-        placeholder = self._placeholder
-        assert placeholder is not None
-        self._turn._loop._tracer.emit(MessageUpdate(loop_id=self._loop_id, message=placeholder, delta=delta))
+        self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def text_delta(self, text: str) -> None:
         """A piece of streamed answer text."""

@@ -223,23 +223,31 @@ class ProcessorChain:
         return bool(self.processors)
 
     def __call__(self, event: AgentEvent) -> AgentEvent | None:
+        """The processed event, or None if a processor dropped it. Never raises."""
         for processor in self.processors:
             try:
                 result = processor(event)
             except Exception as error:
-                event = self._failed(processor, event, error)
+                withheld = self._failed(processor, event, error)
+                if withheld is None:
+                    return None
+                event = withheld
                 continue
             if result is None:
                 with self._lock:
                     self.dropped += 1
                 return None
             if result is not event and type(result) not in _EVENT_TYPES:
-                event = self._failed(processor, event, TypeError(f"returned {type(result).__name__}"))
+                withheld = self._failed(processor, event, TypeError(f"returned {type(result).__name__}"))
+                if withheld is None:
+                    return None
+                event = withheld
                 continue
             event = result
         return event
 
-    def _failed(self, processor: Processor, event: AgentEvent, error: Exception) -> AgentEvent:
+    def _failed(self, processor: Processor, event: AgentEvent, error: Exception) -> AgentEvent | None:
+        """The event with its content withheld (None in the unexpected case it cannot be)."""
         with self._lock:
             count = self._failures.get(id(processor), 0) + 1
             self._failures[id(processor)] = count
@@ -247,7 +255,12 @@ class ProcessorChain:
             logger.error("processor %r raised %s; its events are recorded with content withheld "
                          "(further failures are counted, not logged)", processor, type(error).__name__)
             logger.debug("processor failure", exc_info=error)
-        return withhold(event, _note(processor, error))
+        try:
+            return withhold(event, _note(processor, error))
+        except Exception:  # cannot happen with well-formed events; never pass content on
+            logger.exception("could not withhold the content of a %s event; it was dropped",
+                             type(event).__name__)
+            return None
 
     @property
     def failures(self) -> dict[str, int]:
@@ -348,28 +361,44 @@ class Redactor:
         tp = type(value)
         if tp is str:
             return self.redact_string(value)
+        if tp is dict:
+            return self._redact_dict(value)
         if tp is int or tp is bool or tp is float or value is None:
             return value
         if isinstance(value, str):
             return self.redact_string(value)
         if isinstance(value, dict):
-            changed: dict[Any, Any] | None = None
-            for key, item in value.items():
-                if isinstance(key, str) and item is not None and self.is_secret_field(key):
-                    new = self.replacement
-                else:
-                    new = self.redact_value(item)
-                if new is not item:
-                    if changed is None:
-                        changed = dict(value)
-                    changed[key] = new
-            return value if changed is None else changed
+            return self._redact_dict(value)
         if isinstance(value, (list, tuple)):
             items = [self.redact_value(item) for item in value]
             if any(new is not old for new, old in zip(items, value, strict=True)):
                 return items if isinstance(value, list) else tuple(items)
             return value
         return value
+
+    def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
+        changed: dict[Any, Any] | None = None
+        verdicts = self._field_verdicts
+        # Plain strings are checked inline (no call) when only the anchored defaults apply:
+        # tool arguments are mostly short clean strings.
+        quick = self._custom is None and self._default is not None
+        for key, item in value.items():
+            if item is None:
+                continue
+            secret = verdicts.get(key)
+            if secret is None:
+                secret = isinstance(key, str) and self.is_secret_field(key)
+            if secret:
+                new: Any = self.replacement
+            elif quick and type(item) is str and _DEFAULT_ANCHORS.search(item) is None:
+                continue
+            else:
+                new = self.redact_value(item)
+            if new is not item:
+                if changed is None:
+                    changed = dict(value)
+                changed[key] = new
+        return value if changed is None else changed
 
     # -- messages -----------------------------------------------------------------------
 
@@ -382,8 +411,8 @@ class Redactor:
         reused while remembered. Recorded messages are immutable by contract.
         """
         key = id(value)
-        with self._memo_lock:
-            hit = self._memo.get(key)
+        # Lock-free read: a hit holds its object, so the identity check is reliable.
+        hit = self._memo.get(key)
         if hit is not None and hit[0] is value:
             return hit[1]
         result = redact(value)
@@ -515,12 +544,16 @@ class Redactor:
             text = self.redact_string(delta.delta)
             if text is not delta.delta:
                 event = replace(event, delta=StreamDelta(delta.kind, text))
-        message = self._message(event.message)
-        return event if message is event.message else replace(event, message=message)
+        message = event.message
+        if type(message) is AssistantMessage and not message.content and message.error_message is None:
+            return event  # phi-core's empty placeholder: nothing to scan, on the hottest path
+        redacted = self._message(message)
+        return event if redacted is message else replace(event, message=redacted)
 
     def _agent_start(self, event: AgentStart) -> AgentStart:
         snapshot = event.config_snapshot
-        new_snapshot = self._snapshot(snapshot) if isinstance(snapshot, LoopConfigSnapshot) else snapshot
+        new_snapshot = (self._memoized(snapshot, self._snapshot) if isinstance(snapshot, LoopConfigSnapshot)
+                        else snapshot)
         metadata = self.redact_value(event.metadata)
         if new_snapshot is snapshot and metadata is event.metadata:
             return event

@@ -72,8 +72,8 @@ class QueueSink:
     put directly, from any other thread through ``call_soon_threadsafe`` (order is
     kept per thread). The loop is the running loop at construction, or the first
     one the sink is called from. `close()` puts the end-of-stream marker (None).
-    Use an unbounded queue (the default of ``asyncio.Queue()``): a full queue
-    raises ``QueueFull``, which the fan-out reports as a failed delivery.
+    The queue must be unbounded (``asyncio.Queue()``; a bounded one is refused):
+    the agent never waits for the consumer, and no event is dropped.
     """
 
     def __init__(
@@ -83,6 +83,9 @@ class QueueSink:
         loop: asyncio.AbstractEventLoop | None = None,
         wants_deltas: bool = True,
     ) -> None:
+        if queue.maxsize > 0:
+            raise ValueError("QueueSink needs an unbounded asyncio.Queue (maxsize=0): a full queue "
+                             "would drop events")
         self.queue = queue
         self.wants_deltas = wants_deltas
         self._loop = loop
