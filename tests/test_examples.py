@@ -1,0 +1,34 @@
+"""The README's examples run, and recording their JSONL file gives the same session files."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from phi_session.cli import main as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_instrumented_loop_example_round_trips_through_jsonl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    direct = tmp_path / "direct"
+    monkeypatch.setattr(sys, "argv", ["instrument_loop.py", str(direct)])
+    runpy.run_path(str(ROOT / "examples" / "instrument_loop.py"), run_name="__main__")
+    assert "Completed 2 turns 922 tokens" in capsys.readouterr().out
+    replayed = tmp_path / "replayed"
+    result = CliRunner().invoke(cli, ["record", str(direct / "events.jsonl"), "--dir", str(replayed)])
+    assert result.exit_code == 0, result.output
+    [original] = direct.glob("*.json")
+    assert (replayed / original.name).read_bytes() == original.read_bytes()
+
+
+def test_shipped_event_stream_records(tmp_path: Path) -> None:
+    stream = ROOT / "examples" / "events.jsonl"
+    result = CliRunner().invoke(cli, ["record", str(stream), "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert len(list(tmp_path.glob("*.json"))) == 5
