@@ -1,7 +1,7 @@
 """Child process of the journal crash test, and the deterministic stream it records.
 
-Run as ``python journal_kill_worker.py DIRECTORY DURABILITY``: records `stream()`
-(endless) through a `JournaledRecorder` and prints, one per line and flushed, the
+Run as ``python journal_kill_worker.py DIRECTORY DURABILITY MODE``: records `stream()`
+(endless) through a journal (see `main`) and prints, one per line and flushed, the
 index of every event of the stream once the journal has acknowledged it. The parent
 kills it with SIGKILL at some point and checks that `recover` brings back every event
 it was told about.
@@ -16,6 +16,7 @@ import random
 import sys
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 
 from phi_session import (
     DEFAULT,
@@ -38,6 +39,8 @@ from phi_session import (
     UserMessage,
 )
 from phi_session.journal import Journal, JournaledRecorder
+from phi_session.persist import AutoPersistingRecorder
+from phi_session.stores.sqlite import SqliteStore
 
 _BASE_NS = 1_750_000_000 * 10**9
 
@@ -115,13 +118,31 @@ def stream(seed: int = 0, *, loops: int = 2, turns: int = 2, deltas: int = 2,
             active.append(current)
 
 
-def main(directory: str, durability: str) -> None:
-    journal = Journal(directory, durability=durability,  # type: ignore[arg-type]
-                      interval_ms=5, segment_bytes=32 * 1024)
-    sink = JournaledRecorder(journal)
+def main(directory: str, durability: str, mode: str) -> None:
+    """Record `stream()` forever, printing the index of each acknowledged event.
+
+    `mode` ``journal``: a bare `JournaledRecorder` (finished sessions are discarded:
+    only the journal keeps them). ``persist``: an `AutoPersistingRecorder` saving into
+    ``DIRECTORY/sessions.db`` and releasing journal segments as it goes.
+    """
+    journal = Journal(Path(directory) / "journal", durability=durability,  # type: ignore[arg-type]
+                      interval_ms=5, segment_bytes=16 * 1024)
+    persist = None
+    if mode == "persist":
+        persist = AutoPersistingRecorder(SqliteStore(Path(directory) / "sessions.db"), journal=journal,
+                                         checkpoint_every=100, checkpoint_interval=0.05)
+    else:
+        sink = JournaledRecorder(journal)
     waiting: deque[tuple[int, int]] = deque()  # (stream index, sequence number) not yet acknowledged
     for index, event in enumerate(stream()):
-        waiting.append((index, sink.on_event(event)))
+        if persist is not None:
+            persist.on_event(event)
+            waiting.append((index, journal.last_seq))
+        else:
+            waiting.append((index, sink.on_event(event)))
+            if index % 500 == 0:  # keep memory flat in an endless run
+                sink.recorder.checkpoint()
+                sink.recorder.drain_completed()
         acknowledged = journal.acknowledged_seq
         told = None
         while waiting and waiting[0][1] <= acknowledged:
@@ -129,11 +150,7 @@ def main(directory: str, durability: str) -> None:
         if told is not None:
             sys.stdout.write(f"{told}\n")
             sys.stdout.flush()
-        # Keep memory flat in an endless run: hand over finished sessions.
-        if index % 500 == 0:
-            sink.recorder.checkpoint()
-            sink.recorder.drain_completed()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

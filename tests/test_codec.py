@@ -23,41 +23,112 @@ def line(**fields: object) -> str:
 def test_every_variant_round_trips_from_hand_written_json() -> None:
     usage = {"input": 1, "output": 2, "reasoning": 0, "cache_read": 0, "cache_write": 0, "total_tokens": 3}
     user = {"content": [{"text": "hi", "type": "text"}], "role": "user", "timestamp": 1}
-    assistant = {"content": [{"arguments": {"a": 1}, "id": "t1", "name": "f", "type": "toolCall"}],
-                 "model": "m", "provider": "p", "role": "assistant", "stopReason": "toolUse",
-                 "timestamp": 2, "usage": dict(sorted(usage.items()))}
-    plain_result = {"role": "toolResult", "toolCallId": "t1", "toolName": "f",
-                    "content": [{"type": "text", "text": "ok"}], "isError": False, "timestamp": 3}
+    assistant = {
+        "content": [{"arguments": {"a": 1}, "id": "t1", "name": "f", "type": "toolCall"}],
+        "model": "m",
+        "provider": "p",
+        "role": "assistant",
+        "stopReason": "toolUse",
+        "timestamp": 2,
+        "usage": dict(sorted(usage.items())),
+    }
+    plain_result = {
+        "role": "toolResult",
+        "toolCallId": "t1",
+        "toolName": "f",
+        "content": [{"type": "text", "text": "ok"}],
+        "isError": False,
+        "timestamp": 3,
+    }
     ts = "2025-06-01T09:00:00.123456789Z"
     result = {"content": [{"type": "text", "text": "ok"}], "details": None}
     cases = [
-        line(type="AgentStart", agent_id="a", session_id="s1", loop_id=LOOP, parent_loop_id=None,
-             continuation_kind={"Rerun": {"tag": "x"}}, timestamp=ts, metadata={"k": [1, 2]},
-             config_snapshot={"model": "m", "provider": "p", "config_id": None, "temperature": 0.7}),
-        line(type="AgentEnd", loop_id=LOOP, messages=[user, assistant], usage=usage, timestamp=ts,
-             rejection=None),
+        line(
+            type="AgentStart",
+            agent_id="a",
+            session_id="s1",
+            loop_id=LOOP,
+            parent_loop_id=None,
+            continuation_kind={"Rerun": {"tag": "x"}},
+            timestamp=ts,
+            metadata={"k": [1, 2]},
+            config_snapshot={"model": "m", "provider": "p", "config_id": None, "temperature": 0.7},
+        ),
+        line(
+            type="AgentEnd",
+            loop_id=LOOP,
+            messages=[user, assistant],
+            usage=usage,
+            timestamp=ts,
+            rejection=None,
+        ),
         line(type="TurnStart", loop_id=LOOP, turn_index=0, timestamp=ts, triggered_by="User"),
-        line(type="TurnEnd", loop_id=LOOP, message=assistant, usage=usage, timestamp=ts,
-             tool_results=[plain_result]),
+        line(
+            type="TurnEnd",
+            loop_id=LOOP,
+            message=assistant,
+            usage=usage,
+            timestamp=ts,
+            tool_results=[plain_result],
+        ),
         line(type="MessageStart", loop_id=LOOP, message=user),
         line(type="MessageUpdate", loop_id=LOOP, message=user, delta={"Thinking": {"delta": "d"}}),
         line(type="MessageEnd", loop_id=LOOP, message={"role": "extension", "kind": "k", "data": None}),
         line(type="ToolExecutionStart", loop_id=LOOP, tool_call_id="t1", tool_name="f", args=None),
-        line(type="ToolExecutionUpdate", loop_id=LOOP, tool_call_id="t1", tool_name="f", partial_result=result),
-        line(type="ToolExecutionEnd", loop_id=LOOP, tool_call_id="t1", tool_name="f",
-             result={**result, "child_loop_id": "c.sub.1"}, is_error=False, child_loop_id="c.sub.1"),
+        line(
+            type="ToolExecutionUpdate", loop_id=LOOP, tool_call_id="t1", tool_name="f", partial_result=result
+        ),
+        line(
+            type="ToolExecutionEnd",
+            loop_id=LOOP,
+            tool_call_id="t1",
+            tool_name="f",
+            result={**result, "child_loop_id": "c.sub.1"},
+            is_error=False,
+            child_loop_id="c.sub.1",
+        ),
         line(type="ProgressMessage", loop_id="", tool_call_id="t1", tool_name="f", text="50%"),
         line(type="InputRejected", loop_id=LOOP, reason="PII"),
         line(type="ParallelLoopStart", session_id="s1", loop_ids=["a", "b"], timestamp=ts),
-        line(type="ParallelLoopEnd", session_id="s1", selected_loop_id="b", selected_config_index=1,
-             evaluation_usage=usage, timestamp=ts),
+        line(
+            type="ParallelLoopEnd",
+            session_id="s1",
+            selected_loop_id="b",
+            selected_config_index=1,
+            evaluation_usage=usage,
+            timestamp=ts,
+        ),
         line(type="CompactionStarted", loop_id=LOOP, estimated_tokens=5, message_count=2, timestamp=ts),
-        line(type="CompactionEnded", loop_id=LOOP, messages_before=4, messages_after=2,
-             estimated_tokens_before=9, estimated_tokens_after=3, loops_compacted=1, timestamp=ts),
-        line(type="PrunApplied", loop_id=LOOP, tokens_removed=1, messages_removed=1, memo=None,
-             pruned_timestamps=[1], timestamp=ts),
-        line(type="RevertApplied", loop_id=LOOP, category="tangent", target=None, abandoned_node_ids=[3],
-             summary=None, applied=True, reason="r", timestamp=ts),
+        line(
+            type="CompactionEnded",
+            loop_id=LOOP,
+            messages_before=4,
+            messages_after=2,
+            estimated_tokens_before=9,
+            estimated_tokens_after=3,
+            loops_compacted=1,
+            timestamp=ts,
+        ),
+        line(
+            type="PrunApplied",
+            loop_id=LOOP,
+            tokens_removed=1,
+            messages_removed=1,
+            memo=None,
+            pruned_timestamps=[1],
+            timestamp=ts,
+        ),
+        line(
+            type="RevertApplied",
+            loop_id=LOOP,
+            category="tangent",
+            target=None,
+            abandoned_node_ids=[3],
+            summary=None,
+            applied=True,
+            reason="r",
+            timestamp=ts,
+        ),
     ]
     seen = set()
     for text in cases:
@@ -68,12 +139,20 @@ def test_every_variant_round_trips_from_hand_written_json() -> None:
 
 
 def test_aliases_nulls_and_unknown_fields_are_read_like_phi_core() -> None:
-    event = ps.decode_event('{"triggered_by":"FollowUp","type":"TurnStart","loop_id":"l","x":{"y":1},'
-                            '"turn_index":1,"timestamp":"2025-06-01T10:00:00+01:00"}')
-    assert event == ps.TurnStart(loop_id="l", turn_index=1, triggered_by="Continuation",
-                                 timestamp=ps.Timestamp.parse("2025-06-01T09:00:00Z"))
-    start = ps.decode_event('{"type":"AgentStart","agent_id":"a","session_id":"s","loop_id":"s.c.1",'
-                            '"timestamp":"2025-06-01T09:00:00Z","config_snapshot":null}')
+    event = ps.decode_event(
+        '{"triggered_by":"FollowUp","type":"TurnStart","loop_id":"l","x":{"y":1},'
+        '"turn_index":1,"timestamp":"2025-06-01T10:00:00+01:00"}'
+    )
+    assert event == ps.TurnStart(
+        loop_id="l",
+        turn_index=1,
+        triggered_by="Continuation",
+        timestamp=ps.Timestamp.parse("2025-06-01T09:00:00Z"),
+    )
+    start = ps.decode_event(
+        '{"type":"AgentStart","agent_id":"a","session_id":"s","loop_id":"s.c.1",'
+        '"timestamp":"2025-06-01T09:00:00Z","config_snapshot":null}'
+    )
     assert isinstance(start, ps.AgentStart)
     assert start.continuation_kind == ps.INITIAL and start.parent_loop_id is None
     assert start.config_snapshot is msgspec.UNSET
@@ -82,8 +161,10 @@ def test_aliases_nulls_and_unknown_fields_are_read_like_phi_core() -> None:
 
 def test_decode_errors_name_the_field_path() -> None:
     with pytest.raises(ps.DecodeError, match=r"\$\.turn_index"):
-        ps.decode_event('{"type":"TurnStart","loop_id":"l","turn_index":-1,'
-                        '"timestamp":"2025-06-01T09:00:00Z","triggered_by":"User"}')
+        ps.decode_event(
+            '{"type":"TurnStart","loop_id":"l","turn_index":-1,'
+            '"timestamp":"2025-06-01T09:00:00Z","triggered_by":"User"}'
+        )
     with pytest.raises(ps.DecodeError, match="timestamp"):
         ps.decode_event('{"type":"TurnStart","loop_id":"l","turn_index":0,"triggered_by":"User"}')
     with pytest.raises(ps.DecodeError, match=r"\$\.message"):
@@ -95,10 +176,15 @@ def test_decode_errors_name_the_field_path() -> None:
 
 
 def test_lenient_message_metadata_is_dropped_not_fatal() -> None:
-    event = ps.decode_event('{"type":"MessageEnd","loop_id":"l","message":{"role":"user","content":[],'
-                            '"timestamp":5,"turnId":"broken","nodeId":-3,"tags":null}}')
+    event = ps.decode_event(
+        '{"type":"MessageEnd","loop_id":"l","message":{"role":"user","content":[],'
+        '"timestamp":5,"turnId":"broken","nodeId":-3,"tags":null}}'
+    )
     assert isinstance(event, ps.MessageEnd)
-    assert ps.encode(event) == b'{"type":"MessageEnd","loop_id":"l","message":{"content":[],"role":"user","timestamp":5}}'
+    assert (
+        ps.encode(event)
+        == b'{"type":"MessageEnd","loop_id":"l","message":{"content":[],"role":"user","timestamp":5}}'
+    )
 
 
 def test_extension_message_with_any_role_round_trips() -> None:
@@ -110,10 +196,21 @@ def test_extension_message_with_any_role_round_trips() -> None:
 
 
 def test_plain_positions_never_carry_agent_metadata() -> None:
-    result = ps.ToolResultMessage(tool_call_id="t", tool_name="f", content=(), is_error=False, timestamp=1,
-                                  turn_id=ps.TurnId(loop_id="l", turn_index=0))
-    event = ps.TurnEnd(loop_id="l", message=result, usage=ps.Usage(input=0, output=0),
-                       timestamp=ps.Timestamp.parse("2025-01-01T00:00:00Z"), tool_results=(result,))
+    result = ps.ToolResultMessage(
+        tool_call_id="t",
+        tool_name="f",
+        content=(),
+        is_error=False,
+        timestamp=1,
+        turn_id=ps.TurnId(loop_id="l", turn_index=0),
+    )
+    event = ps.TurnEnd(
+        loop_id="l",
+        message=result,
+        usage=ps.Usage(input=0, output=0),
+        timestamp=ps.Timestamp.parse("2025-01-01T00:00:00Z"),
+        tool_results=(result,),
+    )
     encoded = ps.encode(event).decode()
     assert encoded.count("turnId") == 1  # in the agent-form message only
 

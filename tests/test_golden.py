@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.spec
-
 import phi_session as ps
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 
 from .conftest import EXAMPLES, GOLDEN
+
+pytestmark = pytest.mark.spec
 
 CODEC = GOLDEN / "codec"
 RECORDER = GOLDEN / "recorder"

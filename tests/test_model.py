@@ -13,21 +13,32 @@ def user(text: str) -> ps.UserMessage:
 
 
 def loop(loop_id: str, parent: str | None, *messages: str) -> ps.LoopRecord:
-    record = ps.LoopRecord.start(loop_id=loop_id, session_id="s", agent_id="a", started_at=T,
-                                 parent_loop_id=parent, status="Completed")
+    record = ps.LoopRecord.start(
+        loop_id=loop_id, session_id="s", agent_id="a", started_at=T, parent_loop_id=parent, status="Completed"
+    )
     record.messages = [user(m) for m in messages]
     record.usage = ps.Usage(input=len(messages), output=1, total_tokens=len(messages) + 1)
     return record
 
 
 def session(*loops: ps.LoopRecord) -> ps.Session:
-    return ps.Session(session_id="s", agent_id="a", created_at=T, last_active_at=T,
-                      formation=ps.SessionFormation.first_loop(T), loops=list(loops))
+    return ps.Session(
+        session_id="s",
+        agent_id="a",
+        created_at=T,
+        last_active_at=T,
+        formation=ps.SessionFormation.first_loop(T),
+        loops=list(loops),
+    )
 
 
 def test_context_at_follows_the_chain_root_first() -> None:
-    s = session(loop("s.c.1", None, "a", "b"), loop("s.c.2", "s.c.1", "c"), loop("s.c.3", "s.c.1", "x"),
-                loop("s.c.4", "s.c.2", "d"))
+    s = session(
+        loop("s.c.1", None, "a", "b"),
+        loop("s.c.2", "s.c.1", "c"),
+        loop("s.c.3", "s.c.1", "x"),
+        loop("s.c.4", "s.c.2", "d"),
+    )
     assert s.loop_chain_to("s.c.4") == ["s.c.1", "s.c.2", "s.c.4"]
     assert [m.content[0].text for m in s.context_at("s.c.4")] == ["a", "b", "c", "d"]  # type: ignore[union-attr]
     with pytest.raises(KeyError):
@@ -37,7 +48,9 @@ def test_context_at_follows_the_chain_root_first() -> None:
 def test_compaction_block_stands_in_for_a_loops_messages() -> None:
     first = loop("s.c.1", None, "a", "b", "c")
     first.compaction_block = ps.CompactionBlock(
-        keep_compacted=CompactedSection(range=TurnRange(start_turn=0, end_turn=3), messages=(user("summary"),)),
+        keep_compacted=CompactedSection(
+            range=TurnRange(start_turn=0, end_turn=3), messages=(user("summary"),)
+        ),
         keep_recent=CompactedSection(range=TurnRange(start_turn=4, end_turn=4), messages=(user("c"),)),
         created_at=T,
     )

@@ -31,34 +31,63 @@ def assistant(text: str, *, calls: int = 0, loop_id: str | None = None, turn: in
     content: list[Any] = [ps.TextContent(text=text)]
     content += [ps.ToolCall(id=f"call{i}", name="read", arguments={"i": i}) for i in range(calls)]
     return ps.AssistantMessage(
-        content=tuple(content), stop_reason="toolUse" if calls else "stop", model="claude",
-        provider="anthropic", usage=usage(10), timestamp=1,
+        content=tuple(content),
+        stop_reason="toolUse" if calls else "stop",
+        model="claude",
+        provider="anthropic",
+        usage=usage(10),
+        timestamp=1,
         turn_id=ps.TurnId(loop_id=loop_id, turn_index=turn) if loop_id else None,
     )
 
 
 def tool_result(call: str) -> ps.ToolResultMessage:
-    return ps.ToolResultMessage(tool_call_id=call, tool_name="read", content=(ps.TextContent(text="ok"),),
-                                is_error=False, timestamp=2)
+    return ps.ToolResultMessage(
+        tool_call_id=call, tool_name="read", content=(ps.TextContent(text="ok"),), is_error=False, timestamp=2
+    )
 
 
-def start(loop_id: str, session: str, *, at: int = 0, parent: str | None = None, agent: str = "agent",
-          kind: ps.ContinuationKind = ps.INITIAL) -> ps.AgentStart:
-    return ps.AgentStart(agent_id=agent, session_id=session, loop_id=loop_id, parent_loop_id=parent,
-                         continuation_kind=kind, timestamp=ts(at))
+def start(
+    loop_id: str,
+    session: str,
+    *,
+    at: int = 0,
+    parent: str | None = None,
+    agent: str = "agent",
+    kind: ps.ContinuationKind = ps.INITIAL,
+) -> ps.AgentStart:
+    return ps.AgentStart(
+        agent_id=agent,
+        session_id=session,
+        loop_id=loop_id,
+        parent_loop_id=parent,
+        continuation_kind=kind,
+        timestamp=ts(at),
+    )
 
 
-def end(loop_id: str, *, at: int = 1, rejection: str | None = None, messages: tuple[Any, ...] = ()) -> ps.AgentEnd:
-    return ps.AgentEnd(loop_id=loop_id, messages=messages, usage=usage(10) if messages else usage(0),
-                       timestamp=ts(at), rejection=rejection)
+def end(
+    loop_id: str, *, at: int = 1, rejection: str | None = None, messages: tuple[Any, ...] = ()
+) -> ps.AgentEnd:
+    return ps.AgentEnd(
+        loop_id=loop_id,
+        messages=messages,
+        usage=usage(10) if messages else usage(0),
+        timestamp=ts(at),
+        rejection=rejection,
+    )
 
 
 def turn(loop_id: str, index: int = 0, *, calls: int = 0, at: int = 0) -> list[ps.AgentEvent]:
     """One complete turn, as phi-core's loop emits it."""
     out = assistant("answer", calls=calls)
     events: list[ps.AgentEvent] = [
-        ps.TurnStart(loop_id=loop_id, turn_index=index, triggered_by="User" if index == 0 else "Continuation",
-                     timestamp=ts(at)),
+        ps.TurnStart(
+            loop_id=loop_id,
+            turn_index=index,
+            triggered_by="User" if index == 0 else "Continuation",
+            timestamp=ts(at),
+        ),
         ps.MessageStart(loop_id=loop_id, message=out),
         ps.MessageUpdate(loop_id=loop_id, message=out, delta=ps.StreamDelta.text("ans")),
         ps.MessageEnd(loop_id=loop_id, message=out),
@@ -69,13 +98,25 @@ def turn(loop_id: str, index: int = 0, *, calls: int = 0, at: int = 0) -> list[p
         results.append(result)
         events += [
             ps.ToolExecutionStart(loop_id=loop_id, tool_call_id=f"call{i}", tool_name="read", args={"i": i}),
-            ps.ToolExecutionEnd(loop_id=loop_id, tool_call_id=f"call{i}", tool_name="read",
-                                result=ps.ToolResult(content=result.content), is_error=False),
+            ps.ToolExecutionEnd(
+                loop_id=loop_id,
+                tool_call_id=f"call{i}",
+                tool_name="read",
+                result=ps.ToolResult(content=result.content),
+                is_error=False,
+            ),
             ps.MessageStart(loop_id=loop_id, message=result),
             ps.MessageEnd(loop_id=loop_id, message=result),
         ]
-    events.append(ps.TurnEnd(loop_id=loop_id, message=assistant("answer", calls=calls, loop_id=loop_id, turn=index),
-                             usage=usage(10), timestamp=ts(at + 1), tool_results=tuple(results)))
+    events.append(
+        ps.TurnEnd(
+            loop_id=loop_id,
+            message=assistant("answer", calls=calls, loop_id=loop_id, turn=index),
+            usage=usage(10),
+            timestamp=ts(at + 1),
+            tool_results=tuple(results),
+        )
+    )
     return events
 
 
@@ -116,16 +157,28 @@ def test_turns_collect_inputs_and_stamp_tool_results() -> None:
     assert [m.turn_id for m in materialized.tool_results] == [materialized.turn_id] * 2
     assert materialized.has_tool_calls() and len(materialized.all_messages()) == 5
     assert materialized.duration() == pytest.approx(0.001)
-    assert session.loops[0].config == ps.LoopConfigSnapshot(model="claude", provider="anthropic", config_id="c")
+    assert session.loops[0].config == ps.LoopConfigSnapshot(
+        model="claude", provider="anthropic", config_id="c"
+    )
 
 
 def test_capture_turn_requests_fills_request_payload() -> None:
-    payload = ps.AnnotatedRequestPayload(system_prompt="sys", messages=(), provenance=(), tools=(),
-                                         model_id="claude", thinking_level="off",
-                                         response_format=ps.messages.TextFormat())
-    events = [start("s.c.1", "s"), *turn("s.c.1")[:1],
-              ps.TurnRequest(loop_id="s.c.1", turn_index=0, payload=payload, timestamp=ts(0)),
-              *turn("s.c.1")[1:], end("s.c.1")]
+    payload = ps.AnnotatedRequestPayload(
+        system_prompt="sys",
+        messages=(),
+        provenance=(),
+        tools=(),
+        model_id="claude",
+        thinking_level="off",
+        response_format=ps.messages.TextFormat(),
+    )
+    events = [
+        start("s.c.1", "s"),
+        *turn("s.c.1")[:1],
+        ps.TurnRequest(loop_id="s.c.1", turn_index=0, payload=payload, timestamp=ts(0)),
+        *turn("s.c.1")[1:],
+        end("s.c.1"),
+    ]
     _, [plain] = record(events)
     _, [captured] = record(events, capture_turn_requests=True)
     assert plain.loops[0].turns[0].request_payload is None
@@ -134,17 +187,24 @@ def test_capture_turn_requests_fills_request_payload() -> None:
 
 
 def test_rejected_loop() -> None:
-    events = [start("s.c.1", "s"), ps.InputRejected(loop_id="s.c.1", reason="PII"),
-              end("s.c.1", rejection="PII")]
+    events = [
+        start("s.c.1", "s"),
+        ps.InputRejected(loop_id="s.c.1", reason="PII"),
+        end("s.c.1", rejection="PII"),
+    ]
     _, [session] = record(events)
     assert session.loops[0].status == "Rejected" and session.loops[0].rejection == "PII"
 
 
 def test_continuations_link_children_in_finish_order() -> None:
-    events = [start("s.c.1", "s"), end("s.c.1", at=1),
-              start("s.c.2", "s", at=2, parent="s.c.1", kind=ps.DEFAULT),
-              start("s.c.3", "s", at=3, parent="s.c.1", kind=ps.ContinuationKind.rerun("t")),
-              end("s.c.3", at=4), end("s.c.2", at=5)]
+    events = [
+        start("s.c.1", "s"),
+        end("s.c.1", at=1),
+        start("s.c.2", "s", at=2, parent="s.c.1", kind=ps.DEFAULT),
+        start("s.c.3", "s", at=3, parent="s.c.1", kind=ps.ContinuationKind.rerun("t")),
+        end("s.c.3", at=4),
+        end("s.c.2", at=5),
+    ]
     _, [session] = record(events)
     root = session.get_loop("s.c.1")
     assert root is not None and root.children_loop_ids == ["s.c.3", "s.c.2"]
@@ -157,26 +217,46 @@ def test_sub_agent_links_both_ways() -> None:
     events = [
         start("p.c.1", "p"),
         ps.ToolExecutionStart(loop_id="p.c.1", tool_call_id="t9", tool_name="researcher", args={}),
-        start("k.sub.1", "k", parent="p.c.1", agent="child"), end("k.sub.1"),
-        ps.ToolExecutionEnd(loop_id="p.c.1", tool_call_id="t9", tool_name="researcher",
-                            result=ps.ToolResult(content=(), child_loop_id="k.sub.1"), is_error=False),
+        start("k.sub.1", "k", parent="p.c.1", agent="child"),
+        end("k.sub.1"),
+        ps.ToolExecutionEnd(
+            loop_id="p.c.1",
+            tool_call_id="t9",
+            tool_name="researcher",
+            result=ps.ToolResult(content=(), child_loop_id="k.sub.1"),
+            is_error=False,
+        ),
         end("p.c.1", at=3),
     ]
     _, sessions = record(events)
     by_id = {s.session_id: s for s in sessions}
-    assert by_id["p"].loops[0].child_loop_refs == [ps.ChildLoopRef(
-        tool_call_id="t9", tool_name="researcher", child_loop_id="k.sub.1", child_session_id="k")]
+    assert by_id["p"].loops[0].child_loop_refs == [
+        ps.ChildLoopRef(
+            tool_call_id="t9", tool_name="researcher", child_loop_id="k.sub.1", child_session_id="k"
+        )
+    ]
     assert by_id["k"].parent_spawn_ref == ps.SpawnRef(
-        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="t9", tool_name="researcher")
+        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="t9", tool_name="researcher"
+    )
     assert by_id["p"].loops[0].children_loop_ids == []
 
 
 def test_parallel_group_marks_the_winner() -> None:
-    events = [ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
-              start("s.a.1", "s"), start("s.b.2", "s"), end("s.b.2", at=2), end("s.a.1", at=3),
-              ps.ParallelLoopEnd(session_id="s", selected_loop_id="s.b.2", selected_config_index=1,
-                                 evaluation_usage=usage(1), timestamp=ts(4))]
-    recorder, [session] = record(events)
+    events = [
+        ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
+        start("s.a.1", "s"),
+        start("s.b.2", "s"),
+        end("s.b.2", at=2),
+        end("s.a.1", at=3),
+        ps.ParallelLoopEnd(
+            session_id="s",
+            selected_loop_id="s.b.2",
+            selected_config_index=1,
+            evaluation_usage=usage(1),
+            timestamp=ts(4),
+        ),
+    ]
+    _, [session] = record(events)
     groups = {r.loop_id: r.parallel_group for r in session.loops}
     assert groups["s.b.2"] is not None and groups["s.b.2"].is_selected
     assert groups["s.a.1"] is not None and not groups["s.a.1"].is_selected
@@ -204,8 +284,14 @@ def test_before_task_false_marks_the_session_rejected_but_records_it() -> None:
         calls.append(session.session_id)
         return session.session_id != "bad"
 
-    events = [start("bad.c.1", "bad"), end("bad.c.1"), start("ok.c.1", "ok"), end("ok.c.1"),
-              start("bad.c.2", "bad", at=2), end("bad.c.2", at=3)]
+    events = [
+        start("bad.c.1", "bad"),
+        end("bad.c.1"),
+        start("ok.c.1", "ok"),
+        end("ok.c.1"),
+        start("bad.c.2", "bad", at=2),
+        end("bad.c.2", at=3),
+    ]
     _, sessions = record(events, before_task=veto)
     by_id = {s.session_id: s for s in sessions}
     assert calls == ["bad", "ok"]
@@ -228,22 +314,30 @@ def test_after_task_fires_once_per_completion_by_flush_or_checkpoint() -> None:
 def test_unknown_loops_become_orphans_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     recorder = SessionRecorder()
     with caplog.at_level(logging.WARNING, logger="phi_session.recorder"):
-        recorder.record_all([
-            ps.InputRejected(loop_id="ghost", reason="r"),
-            ps.InputRejected(loop_id="ghost", reason="again"),
-            start("s.c.1", "s"), end("s.c.1"),
-            ps.InputRejected(loop_id="s.c.1", reason="too late"),
-            end("never.started"),
-            ps.ProgressMessage(loop_id="", tool_call_id="t", tool_name="judge", text="budget"),
-        ])
+        recorder.record_all(
+            [
+                ps.InputRejected(loop_id="ghost", reason="r"),
+                ps.InputRejected(loop_id="ghost", reason="again"),
+                start("s.c.1", "s"),
+                end("s.c.1"),
+                ps.InputRejected(loop_id="s.c.1", reason="too late"),
+                end("never.started"),
+                ps.ProgressMessage(loop_id="", tool_call_id="t", tool_name="judge", text="budget"),
+            ]
+        )
     assert [o.event.loop_id for o in recorder.orphans()] == ["ghost", "ghost", "s.c.1", "never.started", ""]
     assert sum("ghost" in r.message for r in caplog.records) == 1
 
 
 def test_parallel_branches_are_pending_until_they_start_and_aborted_if_never() -> None:
     recorder = SessionRecorder()
-    recorder.record_all([start("s.c.1", "s"), end("s.c.1"),
-                         ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.2", "s.b.3"), timestamp=ts(5))])
+    recorder.record_all(
+        [
+            start("s.c.1", "s"),
+            end("s.c.1"),
+            ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.2", "s.b.3"), timestamp=ts(5)),
+        ]
+    )
     pending = recorder.current_loop("s.b.3")
     assert pending is not None and pending.status == "Pending"
     recorder.record_all([start("s.a.2", "s", at=6), end("s.a.2", at=7)])
@@ -277,49 +371,84 @@ def test_a_held_session_id_seen_again_joins_its_session() -> None:
 
 
 def test_revert_applied_is_stored() -> None:
-    revert = ps.RevertApplied(loop_id="s.c.1", category="failure", target=3, abandoned_node_ids=(4,),
-                              applied=True, timestamp=ts(1))
+    revert = ps.RevertApplied(
+        loop_id="s.c.1", category="failure", target=3, abandoned_node_ids=(4,), applied=True, timestamp=ts(1)
+    )
     _, [session] = record([start("s.c.1", "s"), revert, end("s.c.1", at=2)])
     assert session.loops[0].events[1].event == revert
 
 
 def test_flush_aborts_open_loops_in_start_order_and_links_them() -> None:
-    events = [start("s.c.1", "s"), end("s.c.1"), start("s.c.3", "s", at=3, parent="s.c.1"),
-              start("s.c.2", "s", at=2, parent="s.c.1"), *turn("s.c.2")[:2]]
+    events = [
+        start("s.c.1", "s"),
+        end("s.c.1"),
+        start("s.c.3", "s", at=3, parent="s.c.1"),
+        start("s.c.2", "s", at=2, parent="s.c.1"),
+        *turn("s.c.2")[:2],
+    ]
     _, [session] = record(events)
     assert [(r.loop_id, r.status) for r in session.loops] == [
-        ("s.c.1", "Completed"), ("s.c.3", "Aborted"), ("s.c.2", "Aborted")]
+        ("s.c.1", "Completed"),
+        ("s.c.3", "Aborted"),
+        ("s.c.2", "Aborted"),
+    ]
     assert session.get_loop("s.c.1").children_loop_ids == ["s.c.3", "s.c.2"]  # type: ignore[union-attr]
     assert all(r.ended_at is None for r in session.loops[1:])
 
 
 def test_sub_agent_detection_uses_what_the_recorder_saw() -> None:
     # A same-session continuation of a bare-UUID loop: phi-core mistakes it for a sub-agent.
-    events = [start("0f1e2d3c", "s"), end("0f1e2d3c"), start("s.c.2", "s", parent="0f1e2d3c", kind=ps.DEFAULT),
-              end("s.c.2")]
+    events = [
+        start("0f1e2d3c", "s"),
+        end("0f1e2d3c"),
+        start("s.c.2", "s", parent="0f1e2d3c", kind=ps.DEFAULT),
+        end("s.c.2"),
+    ]
     _, [session] = record(events)
     assert session.parent_spawn_ref is None
     assert session.get_loop("0f1e2d3c").children_loop_ids == ["s.c.2"]  # type: ignore[union-attr]
 
 
 def test_child_started_after_the_tool_ended_still_gets_a_complete_spawn_ref() -> None:
-    events = [start("p.c.1", "p"),
-              ps.ToolExecutionEnd(loop_id="p.c.1", tool_call_id="t1", tool_name="sub",
-                                  result=ps.ToolResult(content=(), child_loop_id="k.sub.1"), is_error=False),
-              start("k.sub.1", "k", parent="p.c.1"), end("k.sub.1"), end("p.c.1")]
+    events = [
+        start("p.c.1", "p"),
+        ps.ToolExecutionEnd(
+            loop_id="p.c.1",
+            tool_call_id="t1",
+            tool_name="sub",
+            result=ps.ToolResult(content=(), child_loop_id="k.sub.1"),
+            is_error=False,
+        ),
+        start("k.sub.1", "k", parent="p.c.1"),
+        end("k.sub.1"),
+        end("p.c.1"),
+    ]
     _, sessions = record(events)
     child = next(s for s in sessions if s.session_id == "k")
-    assert child.parent_spawn_ref == ps.SpawnRef(parent_session_id="p", parent_loop_id="p.c.1",
-                                                 tool_call_id="t1", tool_name="sub")
+    assert child.parent_spawn_ref == ps.SpawnRef(
+        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="t1", tool_name="sub"
+    )
 
 
 def test_session_events_are_kept_and_optionally_written() -> None:
-    events = [ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1",), timestamp=ts(0)), start("s.a.1", "s"),
-              end("s.a.1"), ps.ParallelLoopEnd(session_id="s", selected_loop_id="s.a.1", selected_config_index=0,
-                                               evaluation_usage=usage(0), timestamp=ts(2))]
+    events = [
+        ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1",), timestamp=ts(0)),
+        start("s.a.1", "s"),
+        end("s.a.1"),
+        ps.ParallelLoopEnd(
+            session_id="s",
+            selected_loop_id="s.a.1",
+            selected_config_index=0,
+            evaluation_usage=usage(0),
+            timestamp=ts(2),
+        ),
+    ]
     recorder = SessionRecorder(keep_session_events=True)
     recorder.record_all(events)
-    assert [type(e).__name__ for e in recorder.session_events("s")] == ["ParallelLoopStart", "ParallelLoopEnd"]
+    assert [type(e).__name__ for e in recorder.session_events("s")] == [
+        "ParallelLoopStart",
+        "ParallelLoopEnd",
+    ]
     recorder.flush()
     [session] = recorder.drain_completed()
     again = ps.decode_session(ps.encode(session))
@@ -370,7 +499,9 @@ def test_on_event_is_safe_from_several_threads() -> None:
     recorder.flush()
     sessions = recorder.drain_completed()
     assert len(sessions) == 8 and all(len(s.loops) == 20 for s in sessions)
-    assert all([e.sequence for e in r.events] == list(range(len(r.events))) for s in sessions for r in s.loops)
+    assert all(
+        [e.sequence for e in r.events] == list(range(len(r.events))) for s in sessions for r in s.loops
+    )
 
 
 def test_config_must_not_be_given_twice() -> None:
@@ -389,7 +520,9 @@ def interleaved_streams(draw: st.DrawFn) -> tuple[list[ps.AgentEvent], int]:
     for s in range(n_sessions):
         for n in range(draw(st.integers(min_value=1, max_value=3))):
             loop_id = f"sess{s}.cfg.{n + 1}"
-            events: list[ps.AgentEvent] = [start(loop_id, f"sess{s}", at=n, parent=f"sess{s}.cfg.1" if n else None)]
+            events: list[ps.AgentEvent] = [
+                start(loop_id, f"sess{s}", at=n, parent=f"sess{s}.cfg.1" if n else None)
+            ]
             for t in range(draw(st.integers(min_value=0, max_value=2))):
                 events += turn(loop_id, t, calls=draw(st.integers(min_value=0, max_value=2)), at=10 * t)
             if draw(st.booleans()):

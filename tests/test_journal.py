@@ -1,0 +1,485 @@
+"""The write-ahead journal: format, durability policies, damage, recovery, crash safety."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from phi_session import AgentEvent, MessageUpdate, ProgressMessage, StreamDelta
+from phi_session.codec import decode_session, encode_event, encode_session
+from phi_session.errors import DecodeError, StoreError
+from phi_session.journal import (
+    CHECKPOINT_FILE,
+    MAGIC,
+    ORPHANS_FILE,
+    Journal,
+    JournaledRecorder,
+    JournalLocked,
+    RecoveryError,
+    read_records,
+    recover,
+)
+from phi_session.model import Session
+from phi_session.recorder import SessionRecorder, SessionRecorderConfig
+from phi_session.stores.base import SessionStore
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.sqlite import SqliteStore
+
+from .journal_kill_worker import stream
+
+WORKER = Path(__file__).with_name("journal_kill_worker.py")
+FRAME = struct.Struct("<4sIIQI")  # the documented frame header
+
+
+def events(sessions: int = 12, **shape: int) -> list[AgentEvent]:
+    return list(stream(sessions=sessions, **shape))
+
+
+def recorded(evs: list[AgentEvent], config: SessionRecorderConfig | None = None) -> dict[str, bytes]:
+    """What a bare recorder makes of `evs`: session id -> session file bytes."""
+    recorder = SessionRecorder(config)
+    recorder.record_all(evs)
+    recorder.flush()
+    return {s.session_id: encode_session(s) for s in recorder.drain_completed()}
+
+
+def stored(store: SessionStore) -> dict[str, bytes]:
+    return {sid: encode_session(store.load(sid)) for sid in store.list_ids()}
+
+
+def write_journal(directory: Path, evs: list[AgentEvent], **options: object) -> None:
+    with Journal(directory, **options) as journal:  # type: ignore[arg-type]
+        sink = JournaledRecorder(journal)
+        for event in evs:
+            sink.on_event(event)
+
+
+def segment_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.wal"))
+
+
+def frames(path: Path) -> list[tuple[int, int]]:
+    """(offset, total length) of every frame of a segment, from the documented layout."""
+    data = path.read_bytes()
+    found, pos = [], len(MAGIC)
+    while pos < len(data):
+        _, length, _, _, _ = FRAME.unpack_from(data, pos)
+        found.append((pos, FRAME.size + length))
+        pos += FRAME.size + length
+    return found
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x20
+    path.write_bytes(bytes(data))
+
+
+# -- recording and recovering ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("durability", ["always", "interval", "os"])
+@pytest.mark.parametrize("feed", ["on_event", "on_json"])
+def test_recovery_rebuilds_exactly_what_the_recorder_built(
+        tmp_path: Path, durability: str, feed: str) -> None:
+    evs = events()
+    # "interval" writes one frame per flush: a 1 ms flusher makes several segments too.
+    with Journal(tmp_path / "j", durability=durability,  # type: ignore[arg-type]
+                 interval_ms=1, segment_bytes=4096) as journal:
+        sink = JournaledRecorder(journal)
+        for event in evs:
+            if feed == "on_event":
+                sink.on_event(event)
+            else:
+                sink.on_json(encode_event(event) + b"\n")  # a line as read from a file
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path / "j", store)
+    assert stored(store) == recorded(evs)
+    assert report.sessions_saved == 12 and report.torn_records == report.corrupt_regions == 0
+    assert report.segments_removed >= 1 and segment_files(tmp_path / "j") == []
+
+
+def test_sequence_numbers_are_contiguous_and_keep_rising_across_runs(tmp_path: Path) -> None:
+    evs = events(4)
+    write_journal(tmp_path, evs[:40], durability="os", segment_bytes=2048)
+    with Journal(tmp_path, durability="os") as journal:
+        assert len(journal.leftover_segments) > 1
+        first_new = JournaledRecorder(journal).on_event(evs[40])
+    numbers = [record.seq for record in read_records(tmp_path)]
+    assert first_new == numbers[-1]
+    assert numbers == list(range(len(numbers)))
+
+
+def test_streaming_deltas_the_recorder_drops_are_not_journaled(tmp_path: Path) -> None:
+    evs = events(3, deltas=5)
+    deltas = sum(type(e) is MessageUpdate for e in evs)
+    write_journal(tmp_path / "dropped", evs, durability="os")
+    kept = SessionRecorderConfig(include_streaming_events=True)
+    with Journal(tmp_path / "kept", durability="os") as journal:
+        JournaledRecorder(journal, config=kept).record_all(evs)
+    assert len(list(read_records(tmp_path / "dropped"))) == len(evs) - deltas
+    assert len(list(read_records(tmp_path / "kept"))) == len(evs)
+    store = JsonDirStore(tmp_path / "store")
+    recover(tmp_path / "kept", store, config=kept)
+    assert stored(store) == recorded(evs, kept)  # the deltas came back
+
+
+def test_a_delta_of_an_unknown_loop_is_journaled_and_recovered_as_an_orphan(tmp_path: Path) -> None:
+    delta = next(e for e in events(1) if type(e) is MessageUpdate)
+    stray = MessageUpdate(loop_id="nobody.p.m.1", message=delta.message, delta=StreamDelta.text("x"))
+    with Journal(tmp_path, durability="os") as journal:
+        JournaledRecorder(journal).on_event(stray)
+    assert recover(tmp_path, JsonDirStore(tmp_path / "store"), remove=False).orphans == 1
+    assert not (tmp_path / ORPHANS_FILE).exists()  # still in the journal: written once, on removal
+    assert recover(tmp_path, JsonDirStore(tmp_path / "store")).orphans == 1
+    assert (tmp_path / ORPHANS_FILE).read_bytes() == encode_event(stray) + b"\n"
+
+
+def test_a_malformed_delta_of_an_unknown_loop_is_counted_not_fatal(tmp_path: Path) -> None:
+    with Journal(tmp_path, durability="os") as journal:
+        journal.append_json(b'{"type":"MessageUpdate","loop_id":"nope","message":{"role":"bogus"},'
+                            b'"delta":{"Text":{"delta":"x"}}}')
+        JournaledRecorder(journal).record_all(events(1))
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path, store)
+    assert report.undecodable == 1 and report.orphans == 0
+    assert stored(store) == recorded(events(1))
+
+
+def test_a_line_with_inner_newlines_gets_its_own_frame(tmp_path: Path) -> None:
+    evs = events(1)
+    pretty = b'{\n  "type": "ProgressMessage", "loop_id": "s0000000.p.m.1",\n'
+    pretty += b' "tool_call_id": "c", "tool_name": "t", "text": "multi\\nline"}'
+    with Journal(tmp_path, durability="interval") as journal:
+        sink = JournaledRecorder(journal)
+        sink.on_event(evs[0])
+        sink.on_json(pretty)
+        for event in evs[1:]:
+            sink.on_event(event)
+    payloads = [r.payload for r in read_records(tmp_path)]
+    assert payloads[1] == pretty
+    store = JsonDirStore(tmp_path / "store")
+    recover(tmp_path, store)
+    loop = store.load("s0000000").loops[0]
+    assert any(type(e.event) is ProgressMessage and e.event.text == "multi\nline" for e in loop.events)
+
+
+def test_a_line_that_is_not_an_event_raises_and_recovery_skips_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    evs = events(2)
+    with Journal(tmp_path, durability="os") as journal:
+        sink = JournaledRecorder(journal)
+        sink.record_all(evs[:5])
+        with pytest.raises(DecodeError):
+            sink.on_json(b'{"type": "NoSuchEvent"}')
+        sink.record_all(evs[5:])
+    store = JsonDirStore(tmp_path / "store")
+    with caplog.at_level(logging.WARNING, "phi_session.journal"):
+        report = recover(tmp_path, store)
+    assert report.undecodable == 1 and "not an event" in caplog.text
+    assert stored(store) == recorded(evs)
+
+
+def test_recovering_twice_changes_nothing(tmp_path: Path) -> None:
+    write_journal(tmp_path / "j", events(), durability="os", segment_bytes=4096)
+    store = JsonDirStore(tmp_path / "store")
+    first = recover(tmp_path / "j", store, remove=False)
+    before = stored(store)
+    second = recover(tmp_path / "j", store, remove=False)
+    assert stored(store) == before
+    assert first.events_replayed == second.events_replayed > 0
+    segments = segment_files(tmp_path / "j")
+    assert recover(tmp_path / "j", store).segments_removed == len(segments) > 1
+    assert segment_files(tmp_path / "j") == [] and stored(store) == before
+    assert recover(tmp_path / "j", store).events_replayed == 0  # nothing left
+
+
+def test_recovery_saves_as_it_goes_and_merges_the_pieces(tmp_path: Path) -> None:
+    evs = events(6, loops=3)
+    write_journal(tmp_path / "j", evs, durability="os")
+    store = SqliteStore(tmp_path / "s.db")
+    recover(tmp_path / "j", store, save_every=7)  # sessions are saved in several incarnations
+    for sid, data in recorded(evs).items():
+        expected, got = decode_session(data), store.load(sid)
+        assert [encode_event(e.event) for r in got.loops for e in r.events] == \
+            [encode_event(e.event) for r in expected.loops for e in r.events]
+
+
+# -- durability and acknowledgement -----------------------------------------------------------------
+
+
+def test_always_and_os_acknowledge_on_append(tmp_path: Path) -> None:
+    for durability in ("always", "os"):
+        with Journal(tmp_path / durability, durability=durability) as journal:
+            seq = journal.append(events(1)[0])
+            assert journal.acknowledged_seq == seq == 0
+            assert journal.wait_acknowledged(seq, timeout=0)
+
+
+def test_interval_acknowledges_in_the_background(tmp_path: Path) -> None:
+    with Journal(tmp_path / "fast", durability="interval", interval_ms=5) as journal:
+        seq = journal.append(events(1)[0])
+        assert journal.wait_acknowledged(seq, timeout=5)
+    with Journal(tmp_path / "slow", durability="interval", interval_ms=10**7) as journal:
+        seq = journal.append(events(1)[0])
+        assert journal.acknowledged_seq == -1
+        assert not journal.wait_acknowledged(seq, timeout=0.02)
+        assert journal.sync() == seq == journal.acknowledged_seq
+        with pytest.raises(ValueError, match="never appended"):
+            journal.wait_acknowledged(seq + 1)
+
+
+def test_close_writes_everything_and_refuses_appends_afterwards(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, durability="interval", interval_ms=10**7)
+    journal.append(events(1)[0])
+    journal.close()
+    journal.close()  # idempotent
+    assert [r.seq for r in read_records(tmp_path)] == [0]
+    with pytest.raises(StoreError, match="closed"):
+        journal.append(events(1)[0])
+
+
+def test_one_writer_per_directory(tmp_path: Path) -> None:
+    with Journal(tmp_path):
+        with pytest.raises(JournalLocked):
+            Journal(tmp_path)
+        with pytest.raises(JournalLocked):
+            recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    Journal(tmp_path).close()  # free again
+
+
+def test_invalid_options_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="durability"):
+        Journal(tmp_path, durability="never")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="interval_ms"):
+        Journal(tmp_path, interval_ms=0)
+    with pytest.raises(ValueError, match="segment_bytes"):
+        Journal(tmp_path, segment_bytes=4)
+
+
+# -- leftovers, release and checkpoints ---------------------------------------------------------------
+
+
+def test_an_open_journal_recovers_the_leftovers_of_an_earlier_run(tmp_path: Path) -> None:
+    evs = events(3)
+    write_journal(tmp_path, evs, durability="os", segment_bytes=2048)
+    journaled = len(list(read_records(tmp_path)))
+    store = JsonDirStore(tmp_path / "store")
+    with Journal(tmp_path, durability="os") as journal:
+        leftovers = journal.leftover_segments
+        assert len(leftovers) > 1
+        with pytest.raises(Exception, match="recover them first"):
+            journal.release(0, settled_through=-1)
+        seq = journal.append(events(1)[0])
+        report = recover(journal, store)
+        assert report.segments_removed == len(leftovers) and journal.leftover_segments == []
+        assert not any(path.exists() for path in leftovers)
+        assert [r.seq for r in read_records(tmp_path)] == [seq]  # its own record is untouched
+        journal.release(0, settled_through=-1)  # allowed now
+    assert report.events_replayed == journaled
+    assert stored(store) == recorded(evs)
+
+
+def test_release_removes_covered_segments_and_recovery_skips_what_was_stored(tmp_path: Path) -> None:
+    evs = events(6)
+    with Journal(tmp_path, durability="os", segment_bytes=2048) as journal:
+        sink = JournaledRecorder(journal)
+        sink.record_all(evs)
+        segments = journal.segments()
+        middle = len(list(read_records(tmp_path))) // 2
+        removed = journal.release(middle, settled_through=middle)
+        assert 0 < removed < len(segments)
+        assert (tmp_path / CHECKPOINT_FILE).exists()
+        assert all(not path.exists() for path in segments[:removed])
+    left = len(list(read_records(tmp_path)))
+    report = recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    # Frames of the kept segments below the release point were stored: not replayed.
+    assert report.events_already_stored == left - report.events_replayed > 0
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
+
+
+def test_a_clean_close_after_releasing_everything_leaves_no_segment(tmp_path: Path) -> None:
+    with Journal(tmp_path, durability="interval", segment_bytes=2048) as journal:
+        JournaledRecorder(journal).record_all(events(4))
+        journal.release(journal.last_seq + 1, settled_through=journal.last_seq)
+    assert segment_files(tmp_path) == [] and not (tmp_path / CHECKPOINT_FILE).exists()
+
+
+def test_a_failed_save_keeps_the_journal(tmp_path: Path) -> None:
+    write_journal(tmp_path / "j", events(3), durability="os")
+
+    class Refusing(JsonDirStore):
+        def save(self, session: Session) -> None:
+            if session.session_id == "s0000001":
+                raise StoreError("disk full")
+            super().save(session)
+
+    with pytest.raises(RecoveryError, match="1 sessions could not be saved") as raised:
+        recover(tmp_path / "j", Refusing(tmp_path / "store"))
+    assert raised.value.report.failed_sessions == ["s0000001"]
+    assert segment_files(tmp_path / "j") != []
+    store = JsonDirStore(tmp_path / "store")
+    recover(tmp_path / "j", store)
+    assert stored(store) == recorded(events(3))
+
+
+# -- damage ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def damaged(tmp_path: Path) -> tuple[Path, list[AgentEvent], Path]:
+    """A journal of one record per frame ("os"), its events and its last segment."""
+    evs = events(3, deltas=0)  # every event journaled: records and events correspond
+    write_journal(tmp_path / "j", evs, durability="os")
+    (segment,) = segment_files(tmp_path / "j")
+    return tmp_path / "j", evs, segment
+
+
+def test_a_torn_last_record_is_ignored_with_a_warning(
+        damaged: tuple[Path, list[AgentEvent], Path], caplog: pytest.LogCaptureFixture) -> None:
+    directory, evs, segment = damaged
+    os.truncate(segment, segment.stat().st_size - 3)
+    store = JsonDirStore(directory.parent / "store")
+    with caplog.at_level(logging.WARNING, "phi_session.journal"):
+        report = recover(directory, store)
+    assert report.torn_records == 1 and report.events_replayed == len(evs) - 1
+    assert "torn record" in caplog.text
+    assert stored(store) == recorded(evs[:-1])
+
+
+def test_a_checksum_mismatch_in_the_last_record_is_a_torn_record(
+        damaged: tuple[Path, list[AgentEvent], Path]) -> None:
+    directory, evs, segment = damaged
+    offset, length = frames(segment)[-1]
+    flip(segment, offset + length - 2)
+    report = recover(directory, JsonDirStore(directory.parent / "store"))
+    assert (report.torn_records, report.corrupt_regions, report.events_replayed) == (1, 0, len(evs) - 1)
+
+
+def test_corruption_in_the_middle_is_skipped_and_counted(
+        damaged: tuple[Path, list[AgentEvent], Path], caplog: pytest.LogCaptureFixture) -> None:
+    directory, evs, segment = damaged
+    offset, length = frames(segment)[len(evs) // 2]
+    flip(segment, offset + length // 2)
+    with caplog.at_level(logging.WARNING, "phi_session.journal"):
+        report = recover(directory, JsonDirStore(directory.parent / "store"))
+    assert (report.corrupt_regions, report.records_lost, report.torn_records) == (1, 1, 0)
+    assert report.events_replayed == len(evs) - 1 and "corrupt bytes" in caplog.text
+
+
+def test_files_that_are_not_segments_are_skipped(tmp_path: Path) -> None:
+    write_journal(tmp_path, events(1), durability="os")
+    (tmp_path / "0000000007.wal").write_bytes(b"hello, not a journal")
+    (tmp_path / "0000000008.wal").write_bytes(MAGIC[:3])  # crashed while creating it
+    report = recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    assert (report.corrupt_regions, report.torn_records, report.sessions_saved) == (1, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def pristine() -> tuple[bytes, dict[int, bytes]]:
+    """One segment of single-record frames and its records by sequence number."""
+    with tempfile.TemporaryDirectory() as directory:
+        write_journal(Path(directory), events(2), durability="os")
+        (segment,) = segment_files(Path(directory))
+        return segment.read_bytes(), {r.seq: r.payload for r in read_records(directory)}
+
+
+@settings(max_examples=150, deadline=None)
+@given(cut=st.integers(min_value=0), flips=st.lists(st.integers(min_value=0), max_size=3))
+def test_damage_never_raises_and_never_invents_records(
+        pristine: tuple[bytes, dict[int, bytes]], cut: int, flips: list[int]) -> None:
+    data, records = pristine
+    damaged = bytearray(data[: cut % (len(data) + 1)])
+    for position in flips:
+        if damaged:
+            damaged[position % len(damaged)] ^= 0xFF
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "0000000000.wal").write_bytes(bytes(damaged))
+        got = [(r.seq, r.payload) for r in read_records(directory)]
+    assert [seq for seq, _ in got] == sorted({seq for seq, _ in got})
+    assert all(records[seq] == payload for seq, payload in got)
+    if not flips:  # a plain truncation keeps exactly a prefix
+        assert [seq for seq, _ in got] == list(range(len(got)))
+
+
+# -- crash safety: SIGKILL in the middle of a long stream ------------------------------------------------
+
+
+def run_until_killed(directory: Path, durability: str, mode: str, acknowledged: int,
+                     also: Callable[[], bool] = lambda: True) -> int:
+    """Start the worker, SIGKILL it once `acknowledged` events are and `also()` holds;
+    returns the last index it acknowledged."""
+    child = subprocess.Popen([sys.executable, str(WORKER), str(directory), durability, mode],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stderr is not None
+    last, deadline = -1, time.monotonic() + 60
+    try:
+        for line in child.stdout:
+            last = int(line)
+            if (last >= acknowledged and also()) or time.monotonic() > deadline:
+                break
+    finally:
+        child.send_signal(signal.SIGKILL)
+        rest, errors = child.communicate()
+    assert child.returncode == -signal.SIGKILL, errors
+    return max([last, *map(int, rest.split())])
+
+
+def assert_all_acknowledged_events_stored(store: SessionStore, acknowledged: int) -> None:
+    """Every event up to index `acknowledged` is stored once, in order, in its loop."""
+    reference = SessionRecorder()
+    reference.record_all(itertools.islice(stream(), acknowledged + 1))
+    reference.flush()
+    expected = reference.drain_completed()
+    assert expected
+    for session in expected:
+        got = store.load(session.session_id)
+        ids = Counter(loop.loop_id for loop in got.loops)
+        assert max(ids.values()) == 1, f"a loop stored twice in {session.session_id}"
+        by_id = {loop.loop_id: loop for loop in got.loops}
+        for loop in session.loops:
+            kept = by_id[loop.loop_id].events
+            assert [e.sequence for e in kept] == list(range(len(kept)))
+            want = [encode_event(e.event) for e in loop.events]
+            assert [encode_event(e.event) for e in kept[:len(want)]] == want
+
+
+@pytest.mark.parametrize(("durability", "acknowledged"), [("always", 300), ("interval", 3000)])
+def test_sigkill_loses_no_acknowledged_event(tmp_path: Path, durability: str, acknowledged: int) -> None:
+    last = run_until_killed(tmp_path, durability, "journal", acknowledged)
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path / "journal", store)
+    assert report.events_replayed > 0 and report.corrupt_regions == 0
+    assert_all_acknowledged_events_stored(store, last)
+    for path in (tmp_path / "store").glob("*.json"):
+        decode_session(path.read_bytes())  # strict: every stored file is whole and valid
+
+
+def test_sigkill_of_an_auto_persisting_recorder_loses_nothing(tmp_path: Path) -> None:
+    first_segment = tmp_path / "journal" / "0000000000.wal"
+    last = run_until_killed(tmp_path, "interval", "persist", 4000, lambda: not first_segment.exists())
+    assert not first_segment.exists()  # saved sessions had their segments released while running
+    store = SqliteStore(tmp_path / "sessions.db")
+    report = recover(tmp_path / "journal", store)
+    assert report.events_already_stored > 0 and report.corrupt_regions == 0
+    assert_all_acknowledged_events_stored(store, last)
+    for session_id in store.list_ids():
+        store.load(session_id)
+
+
+def test_a_journal_without_segments_recovers_to_nothing(tmp_path: Path) -> None:
+    assert recover(tmp_path / "missing", JsonDirStore(tmp_path / "s")).events_replayed == 0

@@ -1,0 +1,267 @@
+"""AutoPersistingRecorder: saves as it goes, bounded memory, backpressure, failures, journal."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from phi_session import AgentEvent, MessageUpdate, ParallelLoopEnd, ProgressMessage, Usage
+from phi_session.codec import encode_event, encode_session
+from phi_session.errors import PhiSessionError, StoreError
+from phi_session.journal import ORPHANS_FILE, Journal, JournaledRecorder
+from phi_session.model import Session
+from phi_session.persist import AutoPersistingRecorder
+from phi_session.recorder import SessionRecorder
+from phi_session.stores.base import SessionStore
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.sqlite import SqliteStore
+
+from .journal_kill_worker import stream
+
+
+def single_loop_sessions(count: int) -> list[AgentEvent]:
+    """Sessions of one loop: a session is only complete once its loop ended."""
+    return list(stream(sessions=count, loops=1, turns=2))
+
+
+def recorded(evs: list[AgentEvent]) -> dict[str, bytes]:
+    recorder = SessionRecorder()
+    recorder.record_all(evs)
+    recorder.flush()
+    return {s.session_id: encode_session(s) for s in recorder.drain_completed()}
+
+
+def stored(store: SessionStore) -> dict[str, bytes]:
+    return {sid: encode_session(store.load(sid)) for sid in store.list_ids()}
+
+
+@pytest.mark.parametrize("journaled", [False, True])
+@pytest.mark.parametrize("feed", ["on_event", "on_json"])
+def test_every_session_is_saved_as_the_recorder_built_it(tmp_path: Path, journaled: bool, feed: str) -> None:
+    evs = single_loop_sessions(30)
+    store = SqliteStore(tmp_path / "s.db")
+    with AutoPersistingRecorder(store, journal=tmp_path / "j" if journaled else None,
+                                checkpoint_every=20) as persisting:
+        for event in evs:
+            if feed == "on_event":
+                persisting.on_event(event)
+            else:
+                persisting.on_json(encode_event(event))
+        assert persisting.wait_saved(timeout=10)
+        held = persisting.recorder.stats()
+        assert held["open_sessions"] + held["completed_sessions"] <= 3  # the rest left memory
+        assert persisting.stats()["sessions_saved"] >= 25
+    assert stored(store) == recorded(evs)
+    if journaled:
+        assert list((tmp_path / "j").glob("*.wal")) == []  # all saved: nothing left to replay
+
+
+def test_sessions_saved_in_pieces_keep_every_loop_and_event(tmp_path: Path) -> None:
+    evs = list(stream(sessions=10, loops=3))  # sessions complete (and are saved) between loops
+    store = JsonDirStore(tmp_path / "store")
+    with AutoPersistingRecorder(store, checkpoint_every=5) as persisting:
+        persisting.record_all(evs)
+    for session_id in recorded(evs):
+        want = [encode_event(e) for e in evs if not isinstance(e, MessageUpdate)
+                and getattr(e, "loop_id", "").startswith(session_id + ".")]
+        got = [encode_event(e.event) for r in store.load(session_id).loops for e in r.events]
+        assert got == want
+
+
+def test_memory_stays_flat(tmp_path: Path) -> None:
+    """40,000 events here (the 1,000,000-event run is in benchmarks/bench_journal.py)."""
+    count = 40_000
+    store = SqliteStore(tmp_path / "s.db")
+    tracemalloc.start()
+    try:
+        persisting = AutoPersistingRecorder(store, checkpoint_every=1000)
+        heap = {}
+        for index, event in enumerate(itertools.islice(stream(loops=1, turns=1, deltas=0), count), 1):
+            persisting.on_event(event)
+            if index in (count // 10, count):
+                persisting.checkpoint()
+                assert persisting.wait_saved(timeout=60)
+                gc.collect()
+                heap[index] = tracemalloc.get_traced_memory()[0]
+        persisting.close()
+    finally:
+        tracemalloc.stop()
+    sessions = store.list_ids()
+    assert len(sessions) > 5000
+    # Ten times the events, the same heap: what is saved is not kept (256 kB of slack for caches).
+    assert heap[count] - heap[count // 10] < 256 * 1024
+
+
+class SlowStore(JsonDirStore):
+    def save(self, session: Session) -> None:
+        time.sleep(0.002)
+        super().save(session)
+
+
+def test_a_slow_store_blocks_the_producer_and_loses_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    evs = single_loop_sessions(40)
+    store = SlowStore(tmp_path / "store")
+    with caplog.at_level(logging.WARNING, "phi_session.persist"):
+        with AutoPersistingRecorder(store, checkpoint_every=5, max_pending_sessions=2) as persisting:
+            persisting.record_all(evs)
+            assert persisting.stats()["backpressure_waits"] > 0
+    assert "blocking the producer" in caplog.text
+    assert stored(store) == recorded(evs)
+
+
+class FlakyStore(JsonDirStore):
+    """Fails its first `failures` saves, and every save of the ids in `refused`."""
+
+    def __init__(self, directory: Path, failures: int = 0, refused: frozenset[str] = frozenset()) -> None:
+        super().__init__(directory)
+        self.failures, self.refused = failures, refused
+
+    def save(self, session: Session) -> None:
+        if self.failures > 0 or session.session_id in self.refused:
+            self.failures -= 1
+            raise StoreError("database is having a bad day")
+        super().save(session)
+
+
+def test_transient_save_failures_are_retried(tmp_path: Path) -> None:
+    evs = single_loop_sessions(5)
+    store = FlakyStore(tmp_path / "store", failures=3)
+    with AutoPersistingRecorder(store) as persisting:
+        persisting.record_all(evs)
+    assert persisting.stats()["save_errors"] == 3
+    assert stored(store) == recorded(evs)
+
+
+def test_a_session_the_store_keeps_refusing_is_kept_and_reported(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    evs = single_loop_sessions(4)
+    store = FlakyStore(tmp_path / "store", refused=frozenset({"s0000002"}))
+    persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", retry_for=0.1)
+    persisting.record_all(evs)
+    with pytest.raises(StoreError, match="1 sessions could not be saved"):
+        persisting.close()
+    assert [s.session_id for s in persisting.failed_sessions()] == ["s0000002"]
+    assert "keeping it in memory" in caplog.text
+    assert list((tmp_path / "j").glob("*.wal"))  # the journal still has it
+    healthy = JsonDirStore(tmp_path / "store")
+    with AutoPersistingRecorder(healthy, journal=tmp_path / "j") as restarted:
+        assert restarted.recovery_report is not None
+    assert stored(healthy) == recorded(evs)
+
+
+def test_a_journal_left_by_a_crash_is_recovered_on_start(tmp_path: Path) -> None:
+    evs = single_loop_sessions(6)
+    with Journal(tmp_path / "j", durability="os") as journal:  # a run that never saved anything
+        JournaledRecorder(journal).record_all(evs)
+    store = SqliteStore(tmp_path / "s.db")
+    with AutoPersistingRecorder(store, journal=tmp_path / "j") as persisting:
+        report = persisting.recovery_report
+    assert report is not None and report.sessions_saved == 6
+    assert stored(store) == recorded(evs)
+
+
+def test_journal_segments_are_released_while_running(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j", durability="os", segment_bytes=4096)
+    store = SqliteStore(tmp_path / "s.db")
+    with AutoPersistingRecorder(store, journal=journal, checkpoint_every=20) as persisting:
+        persisting.record_all(single_loop_sessions(60))
+        persisting.checkpoint()
+        assert persisting.wait_saved(timeout=10)
+        deadline = time.monotonic() + 10
+        while len(journal.segments()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the writer releases once it has caught up
+        # Everything is saved: only the active segment is left.
+        assert len(journal.segments()) == 1 and persisting.stats()["segments_removed"] > 10
+    assert journal.closed and list((tmp_path / "j").glob("*.wal")) == []
+
+
+def test_an_idle_recorder_still_saves_finished_sessions(tmp_path: Path) -> None:
+    store = JsonDirStore(tmp_path / "store")
+    with AutoPersistingRecorder(store, checkpoint_every=10**9, checkpoint_interval=0.02) as persisting:
+        persisting.record_all(single_loop_sessions(1))
+        deadline = time.monotonic() + 10
+        while not store.list_ids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.list_ids() == ["s0000000"]
+
+
+def test_orphans_go_to_the_journal_or_stay_in_the_recorder(tmp_path: Path) -> None:
+    stray = ProgressMessage(loop_id="nobody.p.m.1", tool_call_id="c", tool_name="t", text="lost?")
+    with AutoPersistingRecorder(JsonDirStore(tmp_path / "a"), journal=tmp_path / "j") as persisting:
+        persisting.on_event(stray)
+    assert persisting.stats()["orphans_written"] == 1
+    assert (tmp_path / "j" / ORPHANS_FILE).read_bytes() == encode_event(stray) + b"\n"
+    with AutoPersistingRecorder(JsonDirStore(tmp_path / "b")) as persisting:
+        persisting.on_event(stray)
+    assert [o.event for o in persisting.recorder.orphans()] == [stray]
+
+
+def test_concurrent_producers(tmp_path: Path) -> None:
+    evs = single_loop_sessions(24)
+    by_session: dict[str, list[AgentEvent]] = {}
+    for event in evs:
+        by_session.setdefault(event.loop_id.split(".")[0], []).append(event)  # type: ignore[union-attr]
+    store = SqliteStore(tmp_path / "s.db")
+    with AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_every=7) as persisting:
+        def produce(part: int) -> None:
+            for session_id in sorted(by_session)[part::4]:
+                persisting.record_all(by_session[session_id])
+        threads = [threading.Thread(target=produce, args=(part,)) for part in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert stored(store) == recorded(evs)
+
+
+def test_closed_and_invalid_use(tmp_path: Path) -> None:
+    persisting = AutoPersistingRecorder(JsonDirStore(tmp_path))
+    persisting.close()
+    persisting.close()  # idempotent
+    with pytest.raises(PhiSessionError, match="closed"):
+        persisting.on_event(single_loop_sessions(1)[0])
+    assert persisting.checkpoint() == 0
+    with pytest.raises(ValueError, match="at least 1"):
+        AutoPersistingRecorder(JsonDirStore(tmp_path), checkpoint_every=0)
+    with pytest.raises(ValueError, match="checkpoint_interval"):
+        AutoPersistingRecorder(JsonDirStore(tmp_path), checkpoint_interval=0)
+
+
+def test_a_failed_recovery_on_start_leaves_the_journal_unlocked(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j", durability="os") as journal:
+        JournaledRecorder(journal).record_all(single_loop_sessions(2))
+    refusing = FlakyStore(tmp_path / "store", refused=frozenset({"s0000001"}))
+    with pytest.raises(StoreError, match="could not be saved"):
+        AutoPersistingRecorder(refusing, journal=tmp_path / "j")
+    Journal(tmp_path / "j").close()  # not left locked
+
+
+def test_a_journal_held_back_by_events_outside_any_session_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    both = list(stream(sessions=2, loops=1, turns=2, interleave=1))
+    first = [e for e in both if getattr(e, "loop_id", "").startswith("s0000000.")]
+    second = both[len(first):]
+    late = ParallelLoopEnd(session_id="s0000000", selected_loop_id="s0000000.p.m.1", selected_config_index=0,
+                           evaluation_usage=Usage(input=0, output=0))
+    store = JsonDirStore(tmp_path / "store")
+    with caplog.at_level(logging.WARNING, "phi_session.persist"), \
+            AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_every=10**9) as persisting:
+        persisting.record_all(first)
+        persisting.checkpoint()  # s0000000 is saved and leaves memory
+        assert persisting.wait_saved(timeout=10)
+        persisting.on_event(late)  # the recorder keeps it, waiting for s0000000 to come back
+        persisting.record_all(second)
+        persisting.checkpoint()
+        assert persisting.wait_saved(timeout=10)
+        deadline = time.monotonic() + 10
+        while "outside any session" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert "outside any session" in caplog.text
