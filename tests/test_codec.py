@@ -255,3 +255,14 @@ def test_agent_form_messages_have_sorted_keys_at_every_depth(message: ps.AgentMe
         check(tree["data"])
     else:
         check(tree)
+
+
+def test_enum_values_compare_by_value() -> None:
+    assert ps.StreamDelta.text("x") == ps.StreamDelta.text("x") != ps.StreamDelta.text("y")
+    assert ps.StreamDelta.text("x") != ps.StreamDelta.thinking("x")
+    assert ps.ContinuationKind.rerun("a") != ps.ContinuationKind.rerun("b") != ps.DEFAULT
+    assert len({ps.INITIAL, ps.ContinuationKind("Initial"), ps.DEFAULT}) == 2
+    t = ps.Timestamp.parse("2025-06-01T09:00:00Z")
+    assert ps.SessionFormation.first_loop(t) != ps.SessionFormation.explicit(t)
+    with pytest.raises(AttributeError):
+        ps.DEFAULT.kind = "Rerun"  # type: ignore[misc]

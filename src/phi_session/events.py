@@ -99,7 +99,39 @@ def _tag_field(payload: dict[str, Any], key: str, variant: str) -> str:
     return value
 
 
-class ContinuationKind:
+class _Variant:
+    """A value of one of serde's externally tagged enums: immutable, compared by value.
+
+    Subclasses name their attributes in ``_FIELDS`` (equality, hashing and repr use them).
+    """
+
+    __slots__ = ()
+    _FIELDS: tuple[str, ...]
+
+    def _init(self, **values: Any) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is type(self):
+            return self._values() == other._values()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = [repr(v) for v in self._values() if v is not None]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+class ContinuationKind(_Variant):
     """How a loop relates to the loop it continues.
 
     ``kind`` is one of ``"Initial"``, ``"Default"``, ``"Rerun"``, ``"Branch"``,
@@ -109,6 +141,7 @@ class ContinuationKind:
     """
 
     __slots__ = ("kind", "tag")
+    _FIELDS = ("kind", "tag")
     UNIT_KINDS = ("Initial", "Default", "Compaction")
     TAGGED_KINDS = ("Rerun", "Branch")
     kind: str
@@ -123,11 +156,7 @@ class ContinuationKind:
                 raise ValueError(f"{kind} needs a string tag")
         else:
             raise ValueError(f"unknown continuation kind {kind!r}")
-        object.__setattr__(self, "kind", kind)
-        object.__setattr__(self, "tag", tag)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("ContinuationKind is immutable")
+        self._init(kind=kind, tag=tag)
 
     @classmethod
     def rerun(cls, tag: str) -> ContinuationKind:
@@ -152,17 +181,6 @@ class ContinuationKind:
     def to_json(self) -> Any:
         return self.kind if self.tag is None else {self.kind: {"tag": self.tag}}
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, ContinuationKind):
-            return self.kind == other.kind and self.tag == other.tag
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash((self.kind, self.tag))
-
-    def __repr__(self) -> str:
-        return f"ContinuationKind({self.kind!r})" if self.tag is None else (
-            f"ContinuationKind({self.kind!r}, {self.tag!r})")
 
 
 INITIAL = ContinuationKind("Initial")
@@ -171,10 +189,11 @@ COMPACTION = ContinuationKind("Compaction")
 _UNIT_CONTINUATIONS = {"Initial": INITIAL, "Default": DEFAULT, "Compaction": COMPACTION}
 
 
-class StreamDelta:
+class StreamDelta(_Variant):
     """One streaming fragment: ``kind`` is ``"Text"``, ``"Thinking"`` or ``"ToolCallDelta"``."""
 
     __slots__ = ("delta", "kind")
+    _FIELDS = ("kind", "delta")
     KINDS = ("Text", "Thinking", "ToolCallDelta")
     kind: str
     delta: str
@@ -182,11 +201,7 @@ class StreamDelta:
     def __init__(self, kind: str, delta: str) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"unknown stream delta kind {kind!r}")
-        object.__setattr__(self, "kind", kind)
-        object.__setattr__(self, "delta", delta)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("StreamDelta is immutable")
+        self._init(kind=kind, delta=delta)
 
     @classmethod
     def text(cls, delta: str) -> StreamDelta:
@@ -212,22 +227,13 @@ class StreamDelta:
     def to_json(self) -> Any:
         return {self.kind: {"delta": self.delta}}
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, StreamDelta):
-            return self.kind == other.kind and self.delta == other.delta
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash((self.kind, self.delta))
-
-    def __repr__(self) -> str:
-        return f"StreamDelta({self.kind!r}, {self.delta!r})"
 
 
-class SessionFormation:
+class SessionFormation(_Variant):
     """Why a session was opened: ``Explicit``, ``FirstLoop`` or ``InactivityTimeout``."""
 
     __slots__ = ("kind", "previous_session_id", "threshold_secs", "timestamp")
+    _FIELDS = ("kind", "timestamp", "threshold_secs", "previous_session_id")
     KINDS = ("Explicit", "FirstLoop", "InactivityTimeout")
     kind: str
     timestamp: Timestamp
@@ -250,13 +256,8 @@ class SessionFormation:
                 raise ValueError("InactivityTimeout.threshold_secs: expected an unsigned integer")
         elif threshold_secs is not None or previous_session_id is not None:
             raise ValueError(f"{kind} carries only a timestamp")
-        object.__setattr__(self, "kind", kind)
-        object.__setattr__(self, "timestamp", timestamp)
-        object.__setattr__(self, "threshold_secs", threshold_secs)
-        object.__setattr__(self, "previous_session_id", previous_session_id)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("SessionFormation is immutable")
+        self._init(kind=kind, timestamp=timestamp, threshold_secs=threshold_secs,
+                   previous_session_id=previous_session_id)
 
     @classmethod
     def first_loop(cls, timestamp: Timestamp) -> SessionFormation:
@@ -299,21 +300,6 @@ class SessionFormation:
             )}
         return {self.kind: _TimestampPayload(timestamp=self.timestamp)}
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, SessionFormation):
-            return (self.kind, self.timestamp, self.threshold_secs, self.previous_session_id) == (
-                other.kind, other.timestamp, other.threshold_secs, other.previous_session_id)
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash((self.kind, self.timestamp))
-
-    def __repr__(self) -> str:
-        extra = ""
-        if self.kind == "InactivityTimeout":
-            extra = (f", threshold_secs={self.threshold_secs}, "
-                     f"previous_session_id={self.previous_session_id!r}")
-        return f"SessionFormation({self.kind!r}, {self.timestamp!r}{extra})"
 
 
 _U64_MAX = 2**64 - 1
