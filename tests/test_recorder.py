@@ -556,3 +556,20 @@ def test_interleaved_loops_lose_nothing(stream: tuple[list[ps.AgentEvent], int],
             assert [e.sequence for e in loop.events] == list(range(len(loop.events)))
         data = ps.encode(session)
         assert ps.encode(ps.decode_session(data)) == data
+
+
+def test_parallel_end_after_its_session_was_drained_is_an_orphan_not_a_leak() -> None:
+    recorder = SessionRecorder()
+    recorder.record_all([start("s.a.1", "s"), end("s.a.1")])
+    recorder.checkpoint()
+    recorder.drain_completed()
+    late = ps.ParallelLoopEnd(
+        session_id="s",
+        selected_loop_id="s.a.1",
+        selected_config_index=0,
+        evaluation_usage=usage(0),
+        timestamp=ts(3),
+    )
+    recorder.on_event(late)
+    assert [o.event for o in recorder.orphans()] == [late]
+    assert not recorder._early_events

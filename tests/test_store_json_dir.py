@@ -308,3 +308,14 @@ def test_phi_core_named_save_merges_instead_of_truncating(tmp_path: Path) -> Non
     save_session(make_session("s", loops=[make_loop("s", 1)]), tmp_path)
     save_session(make_session("s", loops=[make_loop("s", 2)]), tmp_path)
     assert [r.loop_id for r in load_session("s", tmp_path).loops] == ["s.cfg.1", "s.cfg.2"]
+
+
+def test_summary_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import phi_session.stores.json_dir as json_dir
+
+    monkeypatch.setattr(json_dir, "SUMMARY_CACHE_LIMIT", 3)
+    store = JsonDirStore(tmp_path)
+    for i in range(6):
+        store.save(make_session(f"s{i}"))
+    assert len(store._cache) == 3
+    assert len(store.query()) == 6  # evicted summaries are read again from their files

@@ -20,6 +20,7 @@ from .errors import (
     InstrumentationError,
     InvalidSessionId,
     InvalidStoreUrl,
+    JournalLocked,
     PhiSessionError,
     SessionLocked,
     SessionNotFound,
@@ -64,6 +65,7 @@ from .instrument import (
     Tracer,
     TurnScope,
 )
+from .journal import Journal, JournaledRecorder, RecoveryError, RecoveryReport, recover
 from .messages import (
     AgentMessage,
     AnnotatedRequestPayload,
@@ -95,6 +97,7 @@ from .model import (
     SpawnRef,
     Turn,
 )
+from .persist import AutoPersistingRecorder
 from .processors import REDACTED, Processor, ProcessorChain, Redactor, withhold
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
 from .sinks import FanOut, JsonlSink, QueueSink, RecorderSink, Sink
@@ -139,6 +142,8 @@ __all__ = [
     "InstrumentationError", "JsonlSink", "LoopScope", "MessageScope", "ParallelGroup", "Processor",
     "ProcessorChain", "QueueSink", "RecorderSink", "Redactor", "Sink", "ToolScope", "Tracer",
     "TurnScope", "config_id_of", "consume", "withhold",
+    "AutoPersistingRecorder", "Journal", "JournalLocked", "JournaledRecorder", "RecoveryError",
+    "RecoveryReport", "recover",
     "AgentEnd", "AgentEvent", "AgentMessage", "AgentStart", "AnnotatedRequestPayload",
     "AssistantMessage", "ChildLoopRef", "CompactionBlock", "CompactionEnded", "CompactionStarted",
     "Content", "ContinuationKind", "DecodeError", "ExtensionMessage", "ImageContent", "InputRejected",

@@ -37,3 +37,7 @@ class InvalidStoreUrl(StoreError, ValueError):
 class InstrumentationError(PhiSessionError, RuntimeError):
     """The instrumentation API was used out of order (a scope used before it started or
     after it ended, two turns of one loop open at once...)."""
+
+
+class JournalLocked(SessionLocked):
+    """Another live `Journal` (in this or another process) holds the journal directory."""

@@ -36,12 +36,26 @@ Durability policies (what an *acknowledged* event survives):
   appending at once share an fsync). Acknowledged = appended. Survives a process
   kill and an OS crash or power loss (if the disk honours fsync).
 * ``"interval"``: records wait in the process; a flusher thread writes and fsyncs
-  them every ``interval_ms``, then acknowledges them (`acknowledged_seq`,
-  `wait_acknowledged`). Acknowledged events survive a process kill and a power loss;
-  events appended in the last ``interval_ms`` or so (not yet acknowledged) are lost by either.
-* ``"os"``: every record is handed to the OS (``write``) before `append` returns,
-  never fsynced before `close`. Acknowledged = appended. Survives a process kill, not
-  an OS crash or power loss (the kernel writes dirty pages back within ~30 s).
+  them every ``interval_ms`` (sooner once 4 MiB wait), then acknowledges them
+  (`acknowledged_seq`, `wait_acknowledged`). Acknowledged events survive a process
+  kill and a power loss; events appended in the last ``interval_ms`` or so (not yet
+  acknowledged) may be lost by either.
+* ``"os"``: every record is handed to the OS (``write``) before `append` returns;
+  fsync only when a segment is full and on `close`. Acknowledged = appended. Survives
+  a process kill, not an OS crash or power loss (the kernel writes dirty pages back
+  within ~30 s).
+
+When a segment is deleted (never before every event in it is safe elsewhere):
+
+* `recover`, after it saved every session rebuilt from the segments it replayed (and
+  wrote their orphans): all of those segments, i.e. every segment of a directory no
+  writer holds, or the leftovers of an open `Journal` (never its own segments);
+* `Journal.release(stored_below, ...)`: a segment other than the active one whose
+  records are all numbered below `stored_below`. `AutoPersistingRecorder` passes the
+  first record number of the oldest session not yet saved (held in memory, queued or
+  refused by the store); the promise is recorded in ``checkpoint.json`` so that
+  `recover` skips what was saved;
+* `Journal.close`: the segments `release` covered, and an active one holding nothing.
 """
 
 from __future__ import annotations
@@ -60,7 +74,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal, TypeAlias, get_args
 
 from . import codec
-from .errors import DecodeError, InvalidSessionId, PhiSessionError, SessionLocked, StoreError
+from .errors import DecodeError, InvalidSessionId, JournalLocked, PhiSessionError, StoreError
 from .events import AgentEvent, AgentStart, MessageUpdate
 from .recorder import SessionRecorder, SessionRecorderConfig
 from .stores.base import SessionStore
@@ -95,12 +109,10 @@ _HEADER = struct.Struct("<4sIIQI")  # marker, data length, CRC-32, first sequenc
 _TAIL = struct.Struct("<QI")  # the header fields the CRC covers (with the data)
 _CRC_FROM = 12  # offset of the first byte the CRC covers
 _MAX_FRAME = 2**32 - 1
-# Records waiting for the flusher are written by the appender beyond this many bytes.
-_MAX_PENDING_BYTES = 4 << 20
-
-
-class JournalLocked(SessionLocked):
-    """Another live `Journal` (in this or another process) holds the journal directory."""
+# Records waiting for the flusher: beyond the first bound it is woken early, beyond the
+# second the appender writes them itself (in `commit`), so memory stays bounded.
+_WAKE_PENDING_BYTES = 4 << 20
+_MAX_PENDING_BYTES = 16 << 20
 
 
 class RecoveryError(StoreError):
@@ -113,7 +125,7 @@ class RecoveryError(StoreError):
 
 @dataclass(frozen=True)
 class JournalRecord:
-    """One frame read back from a segment."""
+    """One record (event) read back from a segment."""
 
     seq: int
     payload: bytes
@@ -122,25 +134,28 @@ class JournalRecord:
 
 @dataclass
 class RecoveryReport:
-    """What `recover` found and did. Counts are of frames unless named otherwise."""
+    """What `recover` found and did."""
 
     segments_read: int = 0
     events_replayed: int = 0
     events_already_stored: int = 0
-    """Frames a live writer had marked as saved (`Journal.release`), not replayed."""
+    """Records a live writer had marked as saved (`Journal.release`), not replayed."""
     undecodable: int = 0
-    """Frames whose payload is not an event; `on_json` rejected them when they were recorded."""
+    """Records that are not an event; `on_json` rejected them when they were recorded."""
     torn_records: int = 0
-    """Incomplete or damaged frames at the end of a segment (a write cut short), ignored."""
+    """Incomplete or damaged frames at the end of a segment (a write cut short), ignored.
+    A frame holds one or more records, none of them acknowledged if it was the last write."""
     corrupt_regions: int = 0
     """Damaged stretches in the middle of a segment that were skipped."""
     records_lost: int = 0
-    """Sequence numbers missing after a skipped corrupt region."""
+    """Records missing after the skipped corrupt regions (from the sequence numbers)."""
     bytes_skipped: int = 0
     sessions_saved: int = 0
     """Store saves made (a session whose loops span a save point is saved more than once)."""
     failed_sessions: list[str] = field(default_factory=list)
-    orphans_written: int = 0
+    orphans: int = 0
+    """Events no loop claimed; appended to ``orphans.jsonl`` when the segments are removed
+    (until then they stay in the journal)."""
     segments_removed: int = 0
 
 
@@ -396,7 +411,8 @@ class Journal:
             self._dir_lock = _DirectoryLock(self.directory)
         except OSError as error:
             raise StoreError(f"cannot open journal {self.directory}: {error}") from error
-        # _lock orders frames; _sync_lock serialises fsyncs and closing files (taken first).
+        # _lock orders records and frames; _sync_lock serialises fsyncs and closing files
+        # (taken before _lock, never after).
         # Reentrant: a JournaledRecorder holds it while the recorder runs user callbacks.
         self._lock = threading.RLock()
         self._sync_lock = threading.Lock()
@@ -407,23 +423,26 @@ class Journal:
         self._writable = True  # neither closed nor failed
         self._write_through = durability == "os"
         self._to_close: list[BinaryIO] = []
-        self._pending: list[bytes] = []  # records appended but not yet written, all newline-free
+        self._pending: list[bytes] = []  # records appended, not yet written
+        self._singles: list[int] = []  # positions in _pending of records holding a newline
         self._pending_bytes = 0
         self._segments: list[_Segment] = []
         try:
             existing = _segment_paths(self.directory)
             self._leftovers = [path for _, path in existing]
             checkpoint = _read_checkpoint(self.directory)
-            # Sequence numbers keep rising across runs, so a checkpoint never misreads new frames.
+            # Sequence numbers keep rising across runs, so an old checkpoint never covers new records.
             self._next_seq = max(_last_seq(self._leftovers) + 1, checkpoint.stored_below,
                                  checkpoint.settled_through + 1)
             self._checkpoint = _Checkpoint(stored_below=0, settled_through=-1)
             self._acked = self._next_seq - 1
-            self._file, self._size = self._open_segment(existing[-1][0] + 1 if existing else 0)
+            self._file, self._size = self._open_segment(existing[-1][0] + 1 if existing else 0,
+                                                        self._next_seq)
         except OSError as error:
             self._dir_lock.release()
             raise StoreError(f"cannot open journal {self.directory}: {error}") from error
-        self._stop = threading.Event()
+        self._stopping = False
+        self._wake = threading.Event()
         self._flusher: threading.Thread | None = None
         if durability == "interval":
             self._flusher = threading.Thread(
@@ -443,12 +462,12 @@ class Journal:
 
     @property
     def last_seq(self) -> int:
-        """The sequence number of the last appended frame (-1 before the first)."""
+        """The sequence number of the last appended record (-1 before the first)."""
         return self._next_seq - 1
 
     @property
     def acknowledged_seq(self) -> int:
-        """Every frame up to this sequence number is durable per the policy."""
+        """Every record up to this sequence number is durable per the policy."""
         if self.durability == "os":
             return self._next_seq - 1  # written to the OS inside `append`
         return self._acked
@@ -490,53 +509,60 @@ class Journal:
             seq = self._append_locked(payload)
         finally:
             self._lock.release()
-        if commit and self.durability == "always":
+        if commit:
             self.commit(seq)
         return seq
 
     def _append_locked(self, payload: bytes) -> int:
-        """Assign the next sequence number to `payload` and queue or write it (holding `_lock`).
+        """Give `payload` the next sequence number and queue it (holding `_lock`).
 
-        This is the hot path: the common case is a list append, frames are built
-        per flush, not per record.
+        This is the hot path, a list append: frames are built, checksummed and written
+        once per flush by whoever syncs (flusher, `commit`, `close`), outside `_lock`.
+        Under ``"os"`` the record is written through before returning.
         """
         if not self._writable:
             self._check_writable()
-        if len(payload) > _MAX_FRAME:
-            raise ValueError(f"event of {len(payload)} bytes exceeds the journal's frame limit")
+        if 10 in payload:  # a newline; trailing ones (a line read from a file) mean nothing in JSON
+            payload = payload.rstrip(b"\r\n")
+            if 10 in payload:  # still one: it cannot share a newline-joined frame
+                self._singles.append(len(self._pending))
+        size = len(payload)
+        if size > _MAX_FRAME:
+            raise ValueError(f"event of {size} bytes exceeds the journal's frame limit")
         seq = self._next_seq
-        try:
-            if 10 in payload:  # a newline: it cannot share a newline-joined frame
-                self._write_pending()
-                self._next_seq = seq + 1
-                self._write_frame(payload, seq, 1)
-            else:
-                self._pending.append(payload)
-                self._pending_bytes += len(payload)
-                self._next_seq = seq + 1
-                if self._write_through or self._pending_bytes >= _MAX_PENDING_BYTES:
-                    self._write_pending()
-            if self._write_through:
-                self._file.flush()  # "os": in the kernel before returning
-        except OSError as error:
-            self._fail(error)
-            raise StoreError(f"journal {self.directory}: append failed: {error}") from error
+        self._next_seq = seq + 1
+        self._pending.append(payload)
+        self._pending_bytes += size
+        if self._write_through:
+            try:
+                self._write_records(*self._take_pending())
+                self._file.flush()  # in the kernel before returning
+            except OSError as error:
+                self._fail(error)
+                raise StoreError(f"journal {self.directory}: append failed: {error}") from error
+        elif self._pending_bytes >= _WAKE_PENDING_BYTES:
+            self._wake.set()
         return seq
 
     def commit(self, seq: int) -> None:
-        """Under ``"always"``, return once frame `seq` is fsynced; otherwise do nothing
-        (``"interval"`` acknowledges in the background, ``"os"`` on `append`)."""
-        if self.durability == "always" and self._acked < seq:
+        """Make record `seq` durable per the policy: under ``"always"``, return once it
+        is fsynced; otherwise nothing to wait for (``"interval"`` acknowledges in the
+        background, ``"os"`` on `append`), except that a large backlog is written now."""
+        if self.durability == "always":
+            if self._acked < seq:
+                self._sync()
+        elif self._pending_bytes >= _MAX_PENDING_BYTES:
             self._sync()
 
     def sync(self) -> int:
-        """Write and fsync every appended frame now, whatever the policy; returns the
+        """Write and fsync every appended record now, whatever the policy; returns the
         acknowledged sequence number."""
         self._sync()
         return self.acknowledged_seq
 
     def wait_acknowledged(self, seq: int, timeout: float | None = None) -> bool:
-        """Wait until frame `seq` is acknowledged; False if `timeout` seconds pass first."""
+        """Wait until record `seq` is acknowledged; False if `timeout` seconds pass first
+        (or if the journal is closed before)."""
         if seq >= self._next_seq:
             raise ValueError(f"sequence number {seq} was never appended (last: {self.last_seq})")
         if self.durability == "os":
@@ -606,13 +632,23 @@ class Journal:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _write_pending(self) -> None:
-        """Write the waiting records as one frame (holding `_lock`)."""
-        pending = self._pending
-        if pending:
-            self._pending, self._pending_bytes = [], 0
-            data = pending[0] if len(pending) == 1 else b"\n".join(pending)
-            self._write_frame(data, self._next_seq - len(pending), len(pending))
+    def _take_pending(self) -> tuple[list[bytes], list[int], int]:
+        """Hand over the queued records, their newline positions, first number (holding `_lock`)."""
+        taken = self._pending, self._singles, self._next_seq - len(self._pending)
+        self._pending, self._singles, self._pending_bytes = [], [], 0
+        return taken
+
+    def _write_records(self, records: list[bytes], singles: list[int], first: int) -> None:
+        """Write records numbered from `first` as frames: newline-free runs joined, the
+        rest alone. Only one thread at a time writes (see `_sync`)."""
+        start = 0
+        for single in (*singles, len(records)):
+            if single > start:
+                run = records[start:single]
+                self._write_frame(run[0] if len(run) == 1 else b"\n".join(run), first + start, len(run))
+            if single < len(records):
+                self._write_frame(records[single], first + single, 1)
+            start = single + 1
 
     def _write_frame(self, data: bytes, first: int, count: int) -> None:
         crc = zlib.crc32(data, zlib.crc32(_TAIL.pack(first, count)))
@@ -620,9 +656,9 @@ class Journal:
         self._file.write(data)
         self._size += _HEADER.size + len(data)
         if self._size >= self.segment_bytes:
-            self._rotate()
+            self._rotate(first + count)
 
-    def _open_segment(self, number: int) -> tuple[BinaryIO, int]:
+    def _open_segment(self, number: int, first_seq: int) -> tuple[BinaryIO, int]:
         path = self.directory / f"{number:010d}{SEGMENT_SUFFIX}"
         file: BinaryIO = open(path, "xb")  # kept open: the active segment
         file.write(MAGIC)
@@ -630,20 +666,19 @@ class Journal:
             file.flush()
             os.fsync(file.fileno())
             _fsync_directory(self.directory)
-        self._segments.append(_Segment(number, path, self._next_seq))
+        self._segments.append(_Segment(number, path, first_seq))
         return file, len(MAGIC)
 
-    def _rotate(self) -> None:
-        """Start the next segment (holding `_lock`, nothing pending). The full one is made
-        durable first."""
+    def _rotate(self, next_seq: int) -> None:
+        """Close the full segment, durably, and start the next one at `next_seq`."""
         old = self._file
         old.flush()
-        if self.durability != "os":
-            os.fsync(old.fileno())
-            self._set_acked(self._next_seq - 1)
-        self._file, self._size = self._open_segment(self._segments[-1].number + 1)
-        # A flusher may be fsyncing `old` right now: close it only under the sync lock.
-        self._to_close.append(old)
+        os.fsync(old.fileno())  # so that `sync` need only fsync the active segment
+        self._set_acked(next_seq - 1)
+        with self._lock:
+            self._file, self._size = self._open_segment(self._segments[-1].number + 1, next_seq)
+            # A concurrent `sync` may be fsyncing `old`: close it only under the sync lock.
+            self._to_close.append(old)
         if self._sync_lock.acquire(blocking=False):
             try:
                 self._close_retired()
@@ -656,25 +691,25 @@ class Journal:
             file.close()
 
     def _sync(self) -> None:
+        """Write what is queued, fsync, acknowledge. Frames are built and written under
+        `_sync_lock` only, so appenders are not held up by checksums and I/O."""
         with self._sync_lock:
             with self._lock:
                 self._check_writable()
-                try:
-                    self._write_pending()
-                    self._file.flush()
-                except OSError as error:
-                    self._fail(error)
-                    raise StoreError(f"journal {self.directory}: write failed: {error}") from error
-                file = self._file
-                target = self._next_seq - 1
+                taken = self._take_pending()
+                target = self._next_seq - 1  # everything up to here is written once `taken` is
                 self._close_retired()
-            if target > self._acked:  # another thread's fsync may already cover it
-                try:
+            try:
+                self._write_records(*taken)
+                with self._lock:
+                    file = self._file
+                file.flush()
+                if target > self._acked:  # another thread's fsync may already cover it
                     os.fsync(file.fileno())
-                except OSError as error:
-                    self._fail(error)
-                    raise StoreError(f"journal {self.directory}: fsync failed: {error}") from error
-                self._set_acked(target)
+                    self._set_acked(target)
+            except OSError as error:
+                self._fail(error)
+                raise StoreError(f"journal {self.directory}: write failed: {error}") from error
 
     def _set_acked(self, seq: int) -> None:
         with self._acked_cond:
@@ -696,7 +731,11 @@ class Journal:
             raise StoreError(f"journal {self.directory} failed earlier: {self._failure}")
 
     def _flush_loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stopping:
+            self._wake.wait(self.interval)  # the interval, or earlier if a backlog builds up
+            self._wake.clear()
+            if self._stopping:
+                return
             try:
                 self._sync()
             except StoreError:
@@ -709,7 +748,8 @@ class Journal:
         """
         if self._closed:
             return
-        self._stop.set()
+        self._stopping = True
+        self._wake.set()
         if self._flusher is not None:
             self._flusher.join()
         try:
@@ -773,53 +813,51 @@ class JournaledRecorder:
         self.journal = journal
         self.recorder = recorder if recorder is not None else SessionRecorder(config)
         self._deltas_first = not self.recorder.config.include_streaming_events
-
-    # Both feeds hold the journal's own lock while appending *and* applying: one lock
-    # keeps the journal's order the recorder's order (explicit acquire/release: the
-    # per-event cost of a ``with`` block is measurable here).
+        self._always = journal.durability == "always"
+        # Both feeds hold the journal's own lock while appending *and* applying: one lock
+        # keeps the journal's order the recorder's order. These run for every event of a
+        # stream, so the methods are bound once (a measurable share of the journal's cost).
+        self._acquire, self._release = journal._lock.acquire, journal._lock.release
+        self._append = journal._append_locked
+        self._apply_event, self._apply_json = self.recorder.on_event, self.recorder.on_json
 
     def on_event(self, event: AgentEvent, *, commit: bool = True) -> int:
         """Journal `event`, then record it. See `Journal.append` for `commit`."""
-        journal, recorder = self.journal, self.recorder
-        if self._deltas_first and type(event) is MessageUpdate:
-            payload = None
-        else:
-            payload = codec.encode_event(event)  # outside the lock: the costly part
-        journal._lock.acquire()
+        payload = None if self._deltas_first and type(event) is MessageUpdate else codec.encode_event(event)
+        self._acquire()  # after encoding: the costly part needs no lock
         try:
             if payload is None:
-                dropped = recorder.dropped_deltas
-                recorder.on_event(event)
-                seq = (journal._next_seq - 1 if recorder.dropped_deltas != dropped
-                       else journal._append_locked(codec.encode_event(event)))
+                dropped = self.recorder.dropped_deltas
+                self._apply_event(event)
+                seq = (self.journal._next_seq - 1 if self.recorder.dropped_deltas != dropped
+                       else self._append(codec.encode_event(event)))
             else:
-                seq = journal._append_locked(payload)
-                recorder.on_event(event)
+                seq = self._append(payload)
+                self._apply_event(event)
         finally:
-            journal._lock.release()
-        if commit and journal.durability == "always":
-            journal.commit(seq)
+            self._release()
+        if commit and (self._always or self.journal._pending_bytes >= _MAX_PENDING_BYTES):
+            self.journal.commit(seq)
         return seq
 
     def on_json(self, data: bytes | str, *, commit: bool = True) -> int:
         """Journal one phi-core JSON line, then record it. A line that is not an event
         raises `DecodeError` after being journaled; `recover` skips it likewise."""
         payload = data if type(data) is bytes else _as_bytes(data)
-        journal, recorder = self.journal, self.recorder
-        journal._lock.acquire()
+        self._acquire()
         try:
             if self._deltas_first and payload.startswith(_DELTA_PREFIX):
-                dropped = recorder.dropped_deltas
-                recorder.on_json(payload)
-                seq = (journal._next_seq - 1 if recorder.dropped_deltas != dropped
-                       else journal._append_locked(payload))
+                dropped = self.recorder.dropped_deltas
+                self._apply_json(payload)
+                seq = (self.journal._next_seq - 1 if self.recorder.dropped_deltas != dropped
+                       else self._append(payload))
             else:
-                seq = journal._append_locked(payload)
-                recorder.on_json(payload)
+                seq = self._append(payload)
+                self._apply_json(payload)
         finally:
-            journal._lock.release()
-        if commit and journal.durability == "always":
-            journal.commit(seq)
+            self._release()
+        if commit and (self._always or self.journal._pending_bytes >= _MAX_PENDING_BYTES):
+            self.journal.commit(seq)
         return seq
 
     def record_all(self, events: Iterable[AgentEvent]) -> int:
@@ -848,17 +886,20 @@ def recover(
     open `Journal`, whose `leftover_segments` (those of an earlier run) are recovered.
     Events are replayed into a fresh `SessionRecorder(config)` (its callbacks run),
     completed sessions are saved every `save_every` events (memory stays bounded),
-    and at the end open loops are aborted and every session is saved. Events that no
-    loop claims are appended to ``orphans.jsonl`` in the journal directory.
+    and at the end open loops are aborted and every session is saved.
 
     Damage never raises: torn records at a segment's end and corrupt stretches are
     skipped, logged as warnings and counted in the report.
 
     Idempotent: `SessionStore.save` merges by loop id, so saving what is already
-    stored changes nothing. With `remove`, once every session is saved the replayed
-    segments (and the checkpoint) are deleted; if a save fails nothing is deleted and
-    `RecoveryError` (carrying the report) is raised: recovering again is safe.
+    stored changes nothing. With `remove`, once every session is saved, events that no
+    loop claimed are appended to ``orphans.jsonl`` in the journal directory and the
+    replayed segments (and the checkpoint) are deleted. If a save fails nothing is
+    written or deleted and `RecoveryError` (carrying the report) is raised: recovering
+    again is safe.
     """
+    if save_every < 1:
+        raise ValueError(f"save_every must be at least 1, got {save_every!r}")
     if isinstance(journal, Journal):
         directory, lock = journal.directory, None
         segments = journal.leftover_segments
@@ -872,12 +913,16 @@ def recover(
             raise StoreError(f"cannot lock journal {directory}: {error}") from error
         segments = [path for _, path in _segment_paths(directory)]
     try:
-        report = _replay(directory, segments, store, config, save_every)
+        report, orphans = _replay(directory, segments, store, config, save_every)
         if report.failed_sessions:
             raise RecoveryError(
                 f"recovery of {directory}: {len(report.failed_sessions)} sessions could not be saved "
                 f"({', '.join(report.failed_sessions[:5])}); the journal was kept", report)
         if remove and segments:
+            if orphans:
+                _append_orphans(directory, orphans)
+                logger.warning("journal %s: %d events belonged to no loop; written to %s",
+                               directory, len(orphans), directory / ORPHANS_FILE)
             for path in segments:
                 path.unlink(missing_ok=True)
             (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -898,7 +943,8 @@ def _replay(
     store: SessionStore,
     config: SessionRecorderConfig | None,
     save_every: int,
-) -> RecoveryReport:
+) -> tuple[RecoveryReport, list[AgentEvent]]:
+    """Replay `segments` into a recorder, saving as it goes; the report and the orphans."""
     report = RecoveryReport()
     checkpoint = _read_checkpoint(directory)
     recorder = SessionRecorder(config)
@@ -912,32 +958,29 @@ def _replay(
                 continue
             try:
                 event = codec.decode_for_recording(payload)
+                loop_id = getattr(event, "loop_id", None)
+                if (seq <= checkpoint.settled_through and loop_id is not None
+                        and type(event) is not AgentStart and recorder.current_loop(loop_id) is None):
+                    # Its loop started before the checkpoint: the live writer saved it (`release`).
+                    report.events_already_stored += 1
+                    continue
+                if isinstance(event, codec.LazyMessageUpdate):
+                    recorder.on_json(payload)  # the recorder's own path: it drops or decodes it
+                else:
+                    recorder.on_event(event)
             except DecodeError as error:
                 report.undecodable += 1
                 logger.warning("journal %s: record %d is not an event, skipped: %s", path, seq, error)
                 continue
-            loop_id = getattr(event, "loop_id", None)
-            if (seq <= checkpoint.settled_through and loop_id is not None
-                    and type(event) is not AgentStart and recorder.current_loop(loop_id) is None):
-                # Its loop started before the checkpoint: the live writer saved it (`release`).
-                report.events_already_stored += 1
-                continue
-            if isinstance(event, codec.LazyMessageUpdate):
-                recorder.on_json(payload)  # the recorder's own path: it drops or decodes it
-            else:
-                recorder.on_event(event)
             report.events_replayed += 1
             if report.events_replayed % save_every == 0:
                 recorder.checkpoint()
                 _save_all(recorder, store, report)
     recorder.flush()
     _save_all(recorder, store, report)
-    orphans = recorder.drain_orphans()
-    if orphans:
-        report.orphans_written = _append_orphans(directory, (o.event for o in orphans))
-        logger.warning("journal %s: %d events belonged to no loop; written to %s",
-                       directory, report.orphans_written, directory / ORPHANS_FILE)
-    return report
+    orphans = [orphan.event for orphan in recorder.drain_orphans()]
+    report.orphans = len(orphans)
+    return report, orphans
 
 
 def _save_all(recorder: SessionRecorder, store: SessionStore, report: RecoveryReport) -> None:

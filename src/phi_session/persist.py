@@ -120,7 +120,12 @@ class AutoPersistingRecorder:
         self.warn_after = warn_after
         self.recovery_report: RecoveryReport | None = None
         if self.journal is not None and recover_on_start and self.journal.leftover_segments:
-            self.recovery_report = recover(self.journal, store, config=config)
+            try:
+                self.recovery_report = recover(self.journal, store, config=config)
+            except BaseException:
+                if not isinstance(journal, Journal):
+                    self.journal.close()  # we opened it: do not leave the directory locked
+                raise
             logger.warning("recovered %d events of an earlier run from %s into %r: %d sessions saved",
                            self.recovery_report.events_replayed, self.journal.directory, store,
                            self.recovery_report.sessions_saved)
@@ -141,6 +146,7 @@ class AutoPersistingRecorder:
             "orphans_written", "segments_removed"), 0)
         self._blocked_seconds = 0.0
         self._last_warning = -float("inf")
+        self._warned_pins: set[str] = set()
         self._writer = threading.Thread(target=self._run, name="phi-session auto-persist writer", daemon=True)
         self._writer.start()
 
@@ -346,10 +352,26 @@ class AutoPersistingRecorder:
                 unsaved = [p.pin for p in (*self._queue, *self._failed) if p.pin is not None]
             stored_below = min((*self._pins.values(), *unsaved), default=self.journal.last_seq + 1)
             settled = self._settled_through
+            self._warn_about_stuck_pin(stored_below)
         try:
             self._counters["segments_removed"] += self.journal.release(stored_below, settled_through=settled)
         except PhiSessionError as error:
             logger.debug("journal not released: %s", error)  # leftovers not recovered, or closed
+
+    def _warn_about_stuck_pin(self, stored_below: int) -> None:
+        """Say so when the journal is held back by events the recorder keeps outside any session.
+
+        ParallelLoopStart/End for a session the recorder does not hold (it was saved and
+        drained already) wait in the recorder for that session to start again; until
+        then their segments cannot be released.
+        """
+        for session_id, pin in self._pins.items():
+            if (pin == stored_below and session_id not in self._warned_pins
+                    and self.recorder.get_session(session_id) is None):
+                self._warned_pins.add(session_id)
+                logger.warning("journal %s is kept from record %d on: session %s has session events "
+                               "the recorder holds outside any session",
+                               self.journal.directory if self.journal else "", pin, session_id)
 
     # -- closing and inspection ----------------------------------------------------------------
 

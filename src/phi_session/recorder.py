@@ -414,8 +414,11 @@ class SessionRecorder:
 
     def _session_event(self, event: ParallelLoopStart | ParallelLoopEnd) -> None:
         held = self._open.get(event.session_id) or self._completed.get(event.session_id)
-        if held is None:  # parallel evaluation announces branches before they start
-            self._early_events.setdefault(event.session_id, []).append(event)
+        if held is None:
+            if isinstance(event, ParallelLoopStart):  # announced before its branches start
+                self._early_events.setdefault(event.session_id, []).append(event)
+            else:  # the session was drained already (or never seen): keep, don't hoard
+                self._orphan(event, "parallel event for a session the recorder no longer holds")
             return
         held.events.append(event)
         if self.config.keep_session_events:

@@ -74,6 +74,10 @@ def _file_key(info: os.stat_result) -> _FileKey:
     return (info.st_ino, info.st_mtime_ns, info.st_size)
 
 
+SUMMARY_CACHE_LIMIT = 10_000
+"""Summaries kept in memory for queries; beyond this, files are parsed again."""
+
+
 @dataclass(frozen=True)
 class _Entry:
     """What the store remembers of one version of one session file."""
@@ -327,6 +331,9 @@ class JsonDirStore(AsyncTwins):
 
     def _remember(self, session_id: str, entry: _Entry) -> None:
         with self._cache_lock:
+            self._cache.pop(session_id, None)
+            if len(self._cache) >= SUMMARY_CACHE_LIMIT:  # bounded: evict the oldest entry
+                del self._cache[next(iter(self._cache))]
             self._cache[session_id] = entry
 
     def _forget(self, session_id: str) -> None:
