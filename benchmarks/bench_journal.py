@@ -104,10 +104,9 @@ def bench_recording(runs: int) -> bool:
           f"{TARGET:.0%} overhead target")
     print("notes: on_event records pre-built events, which costs the bare recorder ~0.5 us/event\n"
           "(deltas are dropped, the rest kept by reference); journaling must serialise each kept\n"
-          "event (codec.encode_event), which alone costs more than that. On on_json, part of the\n"
-          "overhead is the journal's own work (queueing; framing, CRC-32 and writing every kept\n"
-          "event in the flusher), part the JournaledRecorder layer around the recorder (a second\n"
-          "call and lock per event, and the check whether the recorder dropped a delta).")
+          "event (codec.encode_event), which alone costs more than that. On on_json, the overhead\n"
+          "is the journal's own work: queueing each kept event under the recorder's lock, then\n"
+          "framing, CRC-32 and writing it in the flusher thread (which shares the GIL).")
     return met
 
 

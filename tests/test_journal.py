@@ -178,14 +178,23 @@ def test_a_line_with_inner_newlines_gets_its_own_frame(tmp_path: Path) -> None:
     assert any(type(e.event) is ProgressMessage and e.event.text == "multi\nline" for e in loop.events)
 
 
-def test_a_line_that_is_not_an_event_raises_and_recovery_skips_it(
+def test_a_line_that_is_not_an_event_raises_and_is_not_journaled(tmp_path: Path) -> None:
+    with Journal(tmp_path, durability="os") as journal:
+        sink = JournaledRecorder(journal)
+        sink.record_all(events(1)[:3])
+        before = journal.last_seq
+        with pytest.raises(DecodeError):
+            sink.on_json(b'{"type": "NoSuchEvent"}')
+        assert journal.last_seq == before
+
+
+def test_recovery_skips_a_journaled_line_that_is_not_an_event(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     evs = events(2)
     with Journal(tmp_path, durability="os") as journal:
         sink = JournaledRecorder(journal)
         sink.record_all(evs[:5])
-        with pytest.raises(DecodeError):
-            sink.on_json(b'{"type": "NoSuchEvent"}')
+        journal.append_json(b'{"type": "NoSuchEvent"}')  # written by another producer
         sink.record_all(evs[5:])
     store = JsonDirStore(tmp_path / "store")
     with caplog.at_level(logging.WARNING, "phi_session.journal"):

@@ -75,7 +75,7 @@ from typing import BinaryIO, Literal, TypeAlias, get_args
 
 from . import codec
 from .errors import DecodeError, InvalidSessionId, JournalLocked, PhiSessionError, StoreError
-from .events import AgentEvent, AgentStart, MessageUpdate
+from .events import AgentEvent, AgentStart
 from .recorder import SessionRecorder, SessionRecorderConfig
 from .stores.base import SessionStore
 
@@ -796,14 +796,11 @@ class JournaledRecorder:
     ``on_event``/``on_json`` return a sequence number ``s``: once the journal has
     acknowledged ``s`` this event and every earlier one survive a crash
     (`Journal.wait_acknowledged`; under ``"always"`` and ``"os"`` that is already the
-    case on return). Feed the recorder only through this object so that the journal
-    order is the recorder's order; query and drain it as usual (`recorder`).
-
-    One exception to "journal first", for speed: with ``include_streaming_events``
-    off, a streaming delta (``MessageUpdate``, the bulk of a stream) is offered to the
-    recorder first. The recorder normally drops it; then there is nothing to protect
-    and nothing is journaled (replaying would drop it again). If the recorder keeps
-    it (an orphan), it is journaled before the call returns.
+    case on return). The recorder itself journals each event it keeps, under its
+    lock and before applying it (`SessionRecorder.set_write_ahead`), so the journal's
+    order is the recorder's whoever feeds it. Streaming deltas the recorder drops are
+    not journaled (replaying would drop them again), nor lines that are not events
+    (they raise `DecodeError` and record nothing).
     """
 
     def __init__(self, journal: Journal, recorder: SessionRecorder | None = None, *,
@@ -812,59 +809,44 @@ class JournaledRecorder:
             raise TypeError("pass either a recorder or a config, not both")
         self.journal = journal
         self.recorder = recorder if recorder is not None else SessionRecorder(config)
-        self._deltas_first = not self.recorder.config.include_streaming_events
         self._always = journal.durability == "always"
-        # Both feeds hold the journal's own lock while appending *and* applying: one lock
-        # keeps the journal's order the recorder's order. These run for every event of a
-        # stream, so the methods are bound once (a measurable share of the journal's cost).
+        self._last_seq = journal.last_seq
+        # Called for every kept event of a stream: bind what it uses once.
         self._acquire, self._release = journal._lock.acquire, journal._lock.release
         self._append = journal._append_locked
+        self.recorder.set_write_ahead(self._write_ahead)
         self._apply_event, self._apply_json = self.recorder.on_event, self.recorder.on_json
 
-    def on_event(self, event: AgentEvent, *, commit: bool = True) -> int:
-        """Journal `event`, then record it. See `Journal.append` for `commit`."""
-        payload = None if self._deltas_first and type(event) is MessageUpdate else codec.encode_event(event)
-        self._acquire()  # after encoding: the costly part needs no lock
+    def _write_ahead(self, payload: bytes | str) -> None:
+        self._acquire()
         try:
-            if payload is None:
-                dropped = self.recorder.dropped_deltas
-                self._apply_event(event)
-                seq = (self.journal._next_seq - 1 if self.recorder.dropped_deltas != dropped
-                       else self._append(codec.encode_event(event)))
-            else:
-                seq = self._append(payload)
-                self._apply_event(event)
+            self._last_seq = self._append(payload if type(payload) is bytes else _as_bytes(payload))
         finally:
             self._release()
+
+    def _committed(self, commit: bool) -> int:
+        # Under concurrency this may be a later event's number: acknowledging it
+        # acknowledges ours too, since sequence numbers follow the recorder's order.
+        seq = self._last_seq
         if commit and (self._always or self.journal._pending_bytes >= _MAX_PENDING_BYTES):
             self.journal.commit(seq)
         return seq
 
+    def on_event(self, event: AgentEvent, *, commit: bool = True) -> int:
+        """Journal `event` (unless the recorder drops it), then record it."""
+        self._apply_event(event)
+        return self._committed(commit)
+
     def on_json(self, data: bytes | str, *, commit: bool = True) -> int:
-        """Journal one phi-core JSON line, then record it. A line that is not an event
-        raises `DecodeError` after being journaled; `recover` skips it likewise."""
-        payload = data if type(data) is bytes else _as_bytes(data)
-        self._acquire()
-        try:
-            if self._deltas_first and payload.startswith(_DELTA_PREFIX):
-                dropped = self.recorder.dropped_deltas
-                self._apply_json(payload)
-                seq = (self.journal._next_seq - 1 if self.recorder.dropped_deltas != dropped
-                       else self._append(payload))
-            else:
-                seq = self._append(payload)
-                self._apply_json(payload)
-        finally:
-            self._release()
-        if commit and (self._always or self.journal._pending_bytes >= _MAX_PENDING_BYTES):
-            self.journal.commit(seq)
-        return seq
+        """Journal one phi-core JSON line (unless the recorder drops it), then record it."""
+        self._apply_json(data)
+        return self._committed(commit)
 
     def record_all(self, events: Iterable[AgentEvent]) -> int:
         """Journal and record every event; returns the last sequence number."""
-        seq = self.journal.last_seq
         for event in events:
-            seq = self.on_event(event, commit=False)
+            self.on_event(event, commit=False)
+        seq = self._last_seq
         self.journal.commit(seq)
         return seq
 

@@ -151,6 +151,9 @@ class SessionRecorder:
         self._early_events: dict[str, list[AgentEvent]] = {}
         self._warned_loops: set[str] = set()
         self._dropped_deltas = 0
+        # Write-ahead hook (a journal): called with each kept event's JSON, under the
+        # lock and before the event is applied, so the journal's order is ours.
+        self._write_ahead: Callable[[bytes | str], object] | None = None
 
     # -- feeding ------------------------------------------------------------------
 
@@ -169,6 +172,8 @@ class SessionRecorder:
             decoded = codec.decode_event(data, strict=False)
         handler = _HANDLERS[type(decoded)]
         with self._lock:
+            if self._write_ahead is not None:
+                self._write_ahead(data)
             handler(self, decoded)
 
     def on_event(self, event: AgentEvent) -> None:
@@ -177,7 +182,24 @@ class SessionRecorder:
         if handler is None:
             raise TypeError(f"not an AgentEvent: {type(event).__name__}")
         with self._lock:
+            if self._write_ahead is not None and not self._drops(event):
+                self._write_ahead(codec.encode_event(event))
             handler(self, event)
+
+    def _drops(self, event: AgentEvent) -> bool:
+        """Will this event be dropped (a streaming delta of a known loop, deltas off)?"""
+        return (type(event) is MessageUpdate and not self.config.include_streaming_events
+                and event.loop_id in self._loops)
+
+    def set_write_ahead(self, hook: Callable[[bytes | str], object] | None) -> None:
+        """Call `hook(json_line)` with every event the recorder keeps, before applying it.
+
+        A journal uses this to make recording write-ahead; the hook runs under the
+        recorder's lock, so its order is the recorder's. Dropped deltas are not
+        passed (replaying them would drop them again); malformed lines neither.
+        """
+        with self._lock:
+            self._write_ahead = hook
 
     def record_all(self, events: Iterable[AgentEvent]) -> None:
         for event in events:
