@@ -573,3 +573,24 @@ def test_parallel_end_after_its_session_was_drained_is_an_orphan_not_a_leak() ->
     recorder.on_event(late)
     assert [o.event for o in recorder.orphans()] == [late]
     assert not recorder._early_events
+
+
+def test_write_ahead_sees_kept_events_in_order_before_they_apply() -> None:
+    seen: list[bytes | str] = []
+    recorder = SessionRecorder()
+
+    def hook(line: bytes | str) -> None:
+        event = ps.decode_event(line)
+        loop = recorder.current_loop(getattr(event, "loop_id", ""))
+        assert loop is None or all(e.event != event for e in loop.events)  # not applied yet
+        seen.append(line)
+
+    recorder.set_write_ahead(hook)
+    events = [start("s.c.1", "s"), *turn("s.c.1"), end("s.c.1")]
+    recorder.on_json(ps.encode(events[0]))
+    recorder.record_all(events[1:])
+    kept = [e for e in events if not isinstance(e, ps.MessageUpdate)]
+    assert [ps.decode_event(line) for line in seen] == kept  # the dropped delta is not passed
+    with pytest.raises(ps.DecodeError):
+        recorder.on_json(b"{broken")
+    assert len(seen) == len(kept)
