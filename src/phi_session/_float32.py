@@ -32,7 +32,7 @@ class Float32(float):
         if value == 0.0:
             return b"-0.0" if math.copysign(1.0, value) < 0 else b"0.0"
         for precision in range(1, 10):
-            candidate = f"{value:.{precision}e}" if precision > 1 else f"{value:.0e}"
+            candidate = f"{value:.{precision - 1}e}"  # `precision` significant digits
             if round_f32(float(candidate)) == value:
                 break
         mantissa, exponent_text = candidate.split("e")

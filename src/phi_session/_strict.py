@@ -11,6 +11,7 @@ only in strict decoding, never on the recorder's hot path.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from .errors import DecodeError
@@ -57,7 +58,10 @@ class Scan:
         value = int(token)
         if value > _U64_MAX or value < _I64_MIN:
             self.numbers_differ = True
-            return float(token)
+            number = float(token)
+            if math.isinf(number):  # beyond any float, as serde_json says
+                raise DecodeError(f"number out of range: {token[:20]}…")
+            return number
         return value
 
 
@@ -96,6 +100,8 @@ def check_event(node: Any, path: str = "$") -> None:
         return
     _reject_repeated(node, path)
     kind = node.get("type")
+    if not isinstance(kind, str):
+        kind = None  # not an event at all: the typed decode names the error
     for key, value in node.items():
         if key in _FREE_FORM or (key == "message" and kind in _MESSAGE_EVENTS) or (
             key == "messages" and kind == "AgentEnd"

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 _NS_PER_S = 1_000_000_000
+_MAX_YEAR = 262_143  # chrono's range: what phi-core can read back
 _SECONDS_PER_DAY = 86_400
 
 # The canonical spelling phi-core writes: 0, 3, 6 or 9 fraction digits and "Z".
@@ -144,6 +145,8 @@ class Timestamp:
         if match is None:
             raise ValueError(f"invalid RFC 3339 date-time: {text!r}")
         y, mo, d, h, mi, s, frac, _z, _utc, sign, oh, om = match.groups()
+        if abs(int(y)) > _MAX_YEAR:
+            raise ValueError(f"year out of range: {text!r}")
         seconds = _epoch_seconds(int(y), int(mo), int(d), int(h), int(mi), int(s))
         if sign is not None:
             off_h, off_m = int(oh), int(om)
@@ -209,16 +212,24 @@ class Timestamp:
     def __hash__(self) -> int:
         return hash(self._text)
 
-    def __lt__(self, other: Timestamp) -> bool:
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Timestamp):
+            return NotImplemented
         return self.ns < other.ns
 
-    def __le__(self, other: Timestamp) -> bool:
+    def __le__(self, other: object) -> bool:
+        if not isinstance(other, Timestamp):
+            return NotImplemented
         return self.ns <= other.ns
 
-    def __gt__(self, other: Timestamp) -> bool:
+    def __gt__(self, other: object) -> bool:
+        if not isinstance(other, Timestamp):
+            return NotImplemented
         return self.ns > other.ns
 
-    def __ge__(self, other: Timestamp) -> bool:
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, Timestamp):
+            return NotImplemented
         return self.ns >= other.ns
 
     def __sub__(self, other: Timestamp) -> float:

@@ -63,7 +63,10 @@ def _dec_hook(tp: type, obj: Any) -> Any:
     if tp is Float32:
         if isinstance(obj, bool) or not isinstance(obj, (int, float)):
             raise ValueError(f"expected a number, got {type(obj).__name__}")
-        return Float32(obj)
+        try:
+            return Float32(obj)
+        except OverflowError:  # an integer too large for any float: out of f32 range
+            raise ValueError("number out of range") from None
     parse = _HOOKED.get(tp)
     if parse is None:
         raise NotImplementedError(f"no decoder for {tp!r}")
@@ -94,7 +97,8 @@ EVENT_TYPES: tuple[type, ...] = AgentEvent.__args__  # type: ignore[attr-defined
 class LazyMessageUpdate(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="MessageUpdate"):
     """A streaming delta read only as far as the recorder needs to drop it.
 
-    Its message and delta are checked to be well-formed JSON, not materialized.
+    Its ``loop_id`` is typed; its message and delta are only checked to be
+    well-formed JSON. A delta the recorder keeps is decoded fully (and validated).
     """
 
     loop_id: str
@@ -114,7 +118,7 @@ def decode_for_recording(data: bytes | str) -> AgentEvent | LazyMessageUpdate:
     ``MessageUpdate`` comes back as a `LazyMessageUpdate` (decode it fully if you keep it)."""
     try:
         return _recording_decoder.decode(data)  # type: ignore[no-any-return]
-    except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, OverflowError, RecursionError):
         return decode_event(data, strict=False)  # the full path: leniencies, or a clear error
 _session_decoder = msgspec.json.Decoder(Session, dec_hook=_dec_hook)
 _loop_decoder = msgspec.json.Decoder(LoopRecord, dec_hook=_dec_hook)
@@ -314,21 +318,22 @@ def _lenient_metadata(key: str, value: Any) -> Any:
 
 class _Placeholders:
     """Extension messages with unusual roles cannot pass through msgspec.convert;
-    they travel as placeholders and are put back afterwards."""
+    they travel as placeholders and are put back afterwards. A placeholder's data is
+    a private sentinel, so no input can pass for one."""
 
-    PREFIX = "\x00phi-session-extension-"
+    _SENTINEL = object()
 
     def __init__(self) -> None:
         self.items: dict[str, ExtensionMessage] = {}
 
     def hide(self, message: ExtensionMessage) -> ExtensionMessage:
-        key = f"{self.PREFIX}{len(self.items)}"
+        key = str(len(self.items))
         self.items[key] = message
-        return ExtensionMessage(kind=key, data=None)
+        return ExtensionMessage(kind=key, data=self._SENTINEL)
 
     def restore(self, message: Any) -> Any:
-        if type(message) is ExtensionMessage and message.kind.startswith(self.PREFIX):
-            return self.items.get(message.kind, message)
+        if type(message) is ExtensionMessage and message.data is self._SENTINEL:
+            return self.items[message.kind]
         return message
 
 
@@ -445,8 +450,10 @@ def _decode(
         value, lenient = fast_error, True
     except msgspec.DecodeError as error:
         raise DecodeError(str(error)) from None
-    except ValueError as error:  # e.g. a missing timestamp (see events._now)
+    except (ValueError, OverflowError) as error:  # e.g. a missing timestamp (see events._now)
         raise DecodeError(str(error)) from None
+    except RecursionError:
+        raise DecodeError(f"nesting too deep (phi-core allows {_strict.MAX_DEPTH} levels)") from None
     tree = None
     if check is not None:
         try:
@@ -467,8 +474,10 @@ def _decode(
         raise DecodeError(str(error)) from None
     except DecodeError:
         raise
-    except ValueError as error:
+    except (ValueError, OverflowError) as error:
         raise DecodeError(str(error)) from None
+    except RecursionError:
+        raise DecodeError(f"nesting too deep (phi-core allows {_strict.MAX_DEPTH} levels)") from None
     return restore(value, hidden.restore) if hidden.items else value
 
 

@@ -76,6 +76,7 @@ from typing import BinaryIO, Literal, TypeAlias, get_args
 from . import codec
 from .errors import DecodeError, InvalidSessionId, JournalLocked, PhiSessionError, StoreError
 from .events import AgentEvent, AgentStart
+from .model import Session
 from .recorder import SessionRecorder, SessionRecorderConfig
 from .stores.base import SessionStore
 
@@ -930,6 +931,7 @@ def _replay(
     report = RecoveryReport()
     checkpoint = _read_checkpoint(directory)
     recorder = SessionRecorder(config)
+    unstorable: list[AgentEvent] = []
     after = -1
     for path in segments:
         report.segments_read += 1
@@ -957,22 +959,33 @@ def _replay(
             report.events_replayed += 1
             if report.events_replayed % save_every == 0:
                 recorder.checkpoint()
-                _save_all(recorder, store, report)
+                _save_all(recorder, store, report, unstorable)
     recorder.flush()
-    _save_all(recorder, store, report)
-    orphans = [orphan.event for orphan in recorder.drain_orphans()]
+    _save_all(recorder, store, report, unstorable)
+    orphans = [orphan.event for orphan in recorder.drain_orphans()] + unstorable
     report.orphans = len(orphans)
     return report, orphans
 
 
-def _save_all(recorder: SessionRecorder, store: SessionStore, report: RecoveryReport) -> None:
+def session_events(session: Session) -> list[AgentEvent]:
+    """Every event a session holds, loop by loop (for sessions no store can take)."""
+    return [item.event for record in session.loops for item in record.events]
+
+
+def _save_all(recorder: SessionRecorder, store: SessionStore, report: RecoveryReport,
+              unstorable: list[AgentEvent]) -> None:
     for session in recorder.drain_completed():
         try:
             store.save(session)
+        except InvalidSessionId as error:
+            # No store can ever take this id: keep its events with the orphans rather
+            # than blocking every later recovery.
+            unstorable.extend(session_events(session))
+            logger.warning("recovery: session %r cannot be stored (%s); its events go to %s",
+                           session.session_id, error, ORPHANS_FILE)
         except (PhiSessionError, OSError) as error:
             report.failed_sessions.append(session.session_id)
-            level = logging.ERROR if not isinstance(error, InvalidSessionId) else logging.WARNING
-            logger.log(level, "recovery: saving session %s failed: %s", session.session_id, error)
+            logger.error("recovery: saving session %s failed: %s", session.session_id, error)
         else:
             report.sessions_saved += 1
 

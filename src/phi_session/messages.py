@@ -220,15 +220,18 @@ AgentMessage = Union[UserMessage, AssistantMessage, ToolResultMessage, Extension
 LLM_MESSAGE_TYPES = (UserMessage, AssistantMessage, ToolResultMessage)
 
 _extension_classes: dict[str, type[ExtensionMessage]] = {"extension": ExtensionMessage}
+_EXTENSION_CLASS_CACHE = 64
 
 
 def extension_message(role: str, kind: str, data: Any = None) -> ExtensionMessage:
     """An extension message with any ``role`` (phi-core's constructor uses ``"extension"``)."""
     cls = _extension_classes.get(role)
     if cls is None:
-        # The role is the class's tag, so an unusual role gets its own (cached) subclass.
+        # The role is the class's tag, so an unusual role gets its own subclass; a few
+        # are cached, but hostile input with endless roles must not grow memory.
         cls = type(f"ExtensionMessage[{role}]", (ExtensionMessage,), {}, tag=role)
-        _extension_classes[role] = cls
+        if len(_extension_classes) < _EXTENSION_CLASS_CACHE:
+            _extension_classes[role] = cls
     return cls(kind=kind, data=data)
 
 

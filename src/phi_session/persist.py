@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from .errors import PhiSessionError, SessionLocked, StoreError
+from .errors import InvalidSessionId, PhiSessionError, SessionLocked, StoreError
 from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
-from .journal import Journal, JournaledRecorder, RecoveryReport, recover
+from .journal import Journal, JournaledRecorder, RecoveryReport, recover, session_events
 from .model import Session
 from .recorder import SessionRecorder, SessionRecorderConfig
 from .stores.base import SessionStore
@@ -168,7 +168,7 @@ class AutoPersistingRecorder:
             else:
                 seq = self._sink.on_event(event, commit=False)
                 if isinstance(event, _SESSION_EVENTS):
-                    self._pins.setdefault(event.session_id, seq)
+                    self._pin(event.session_id, seq)
             due = self._count_event()
         self._after_event(seq, due)
 
@@ -181,18 +181,26 @@ class AutoPersistingRecorder:
                 seq = -1
             else:
                 payload = data.encode() if isinstance(data, str) else bytes(data)
+                seq = self._sink.on_json(payload, commit=False)  # nothing journaled if it raises
                 session_id = _session_of_line(payload)
-                try:
-                    seq = self._sink.on_json(payload, commit=False)
-                finally:  # journaled even when it failed to decode: harmless to pin
-                    if session_id is not None:
-                        self._pins.setdefault(session_id, self.journal.last_seq)  # type: ignore[union-attr]
+                if session_id is not None:
+                    self._pin(session_id, seq)
             due = self._count_event()
         self._after_event(seq, due)
 
     def record_all(self, events: Iterable[AgentEvent]) -> None:
         for event in events:
             self.on_event(event)
+
+    def _pin(self, session_id: str, seq: int) -> None:
+        """Hold the journal at `seq` until `session_id` is saved, if the recorder holds it.
+
+        An event the recorder did not attach to a held session (a late parallel event,
+        an orphan) is protected by the orphans' own bookkeeping, not by a pin that
+        would never be removed.
+        """
+        if self.recorder.get_session(session_id) is not None or self.recorder.has_early_events(session_id):
+            self._pins.setdefault(session_id, seq)
 
     def _count_event(self) -> bool:
         self._counters["events"] += 1
@@ -332,9 +340,19 @@ class AutoPersistingRecorder:
                                session.session_id, pause, error)
                 time.sleep(pause)
                 pause = min(pause * 2, _MAX_RETRY_PAUSE)
+            except InvalidSessionId as error:
+                # No store can take this id, now or after a restart: keep its events with
+                # the orphans (durably, in the journal directory) instead of pinning forever.
+                self._counters["save_errors"] += 1
+                logger.error("session %r cannot be stored (%s); its events are kept as orphans",
+                             session.session_id, error)
+                if self.journal is None:
+                    return False
+                self.journal.write_orphans(session_events(session))
+                return True
             except Exception as error:
-                # Not an I/O problem (an invalid id, a bug in a custom store): retrying
-                # cannot help. The session stays in memory (and in the journal).
+                # Not an I/O problem (a bug in a custom store): retrying cannot help.
+                # The session stays in memory (and in the journal).
                 self._counters["save_errors"] += 1
                 logger.error("session %s cannot be saved, keeping it in memory: %r",
                              session.session_id, error)
@@ -350,8 +368,9 @@ class AutoPersistingRecorder:
         with self._lock:
             with self._cond:
                 unsaved = [p.pin for p in (*self._queue, *self._failed) if p.pin is not None]
-            stored_below = min((*self._pins.values(), *unsaved), default=self.journal.last_seq + 1)
             settled = self._settled_through
+            # Orphans the recorder still holds are only safe once written (settled).
+            stored_below = min((*self._pins.values(), *unsaved, settled + 1))
             self._warn_about_stuck_pin(stored_below)
         try:
             self._counters["segments_removed"] += self.journal.release(stored_below, settled_through=settled)

@@ -264,6 +264,10 @@ class SessionRecorder:
             config=snapshot if isinstance(snapshot, LoopConfigSnapshot) else None,
         )
         loop = _OpenLoop(record)
+        if existing is not None:  # a Pending branch starts: keep what arrived before it
+            record.events = existing.record.events
+            record.parallel_group = existing.record.parallel_group
+            loop.next_seq, loop.turn = existing.next_seq, existing.turn
         self._loops[event.loop_id] = loop
         self._loop_session[event.loop_id] = event.session_id
         held.open_loops += 1
@@ -320,8 +324,12 @@ class SessionRecorder:
     def _close(self, loop: _OpenLoop) -> None:
         """Move a loop out of the open map into its session, linking it to its parent."""
         record = loop.record
+        held = self._open.get(loop.session_id)
+        if held is None:
+            # Only a Pending branch can outlive its open session (it does not hold it open).
+            held = self._completed.pop(loop.session_id, None) or self._placeholder_session(record)
+            self._open[loop.session_id] = held
         del self._loops[record.loop_id]
-        held = self._held_of(loop.session_id)
         if loop.started:
             held.open_loops -= 1
         parent_id = record.parent_loop_id
@@ -337,12 +345,6 @@ class SessionRecorder:
         if record.loop_id not in held.closed:
             held.closed[record.loop_id] = record
             self._closed_by_id.setdefault(record.loop_id, []).append(record)
-
-    def _held_of(self, session_id: str) -> _HeldSession:
-        held = self._open.get(session_id)
-        if held is None:  # a loop's session is always open while the loop is
-            raise AssertionError(f"session {session_id} of an open loop is not open")
-        return held
 
     def _on_turn_start(self, event: TurnStart) -> None:
         loop = self._append(event)
@@ -461,11 +463,12 @@ class SessionRecorder:
             for loop in list(self._loops.values()):
                 loop.turn = None
                 loop.record.status = "Aborted"
-                if loop.session_id not in self._open:  # a Pending branch of a finished session
-                    held = self._completed.pop(loop.session_id, None)
-                    self._open[loop.session_id] = held or self._placeholder_session(loop.record)
                 self._close(loop)
             self._groups.clear()
+            for events in self._early_events.values():  # announced, but no branch ever started
+                for event in events:
+                    self._orphan(event, "parallel group whose session never started")
+            self._early_events.clear()
             for session_id in list(self._open):
                 self._complete(session_id)
 
@@ -558,6 +561,11 @@ class SessionRecorder:
         with self._lock:
             held = self._open.get(session_id) or self._completed.get(session_id)
             return list(held.events) if held is not None else []
+
+    def has_early_events(self, session_id: str) -> bool:
+        """Whether parallel events wait for `session_id`'s first loop to start."""
+        with self._lock:
+            return session_id in self._early_events
 
     @property
     def dropped_deltas(self) -> int:

@@ -183,10 +183,13 @@ def validate_session_id(session_id: str) -> str:
     """Reject ids that could escape a directory or break a file name."""
     if not isinstance(session_id, str) or not session_id:
         raise InvalidSessionId("session id must be a non-empty string")
+    try:
+        size = len(session_id.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: no file name, no database text
+        raise InvalidSessionId(f"session id {session_id!r} is not valid Unicode text") from None
     if (
         "/" in session_id or "\\" in session_id or "\x00" in session_id
-        or session_id in (".", "..") or session_id.startswith(".")
-        or len(session_id.encode("utf-8")) > 200
+        or session_id in (".", "..") or session_id.startswith(".") or size > 200
     ):
         raise InvalidSessionId(f"unsafe session id {session_id!r}")
     return session_id
@@ -201,7 +204,7 @@ def _loop_weight(record: LoopRecord) -> tuple[int, int]:
 def merge_sessions(stored: Session, incoming: Session) -> Session:
     """Combine two saves of one session id without losing a loop.
 
-    Loops are matched by ``loop_id`` (the n-th occurrence of an id with the n-th);
+    Loops are matched by ``loop_id`` and start time (the n-th occurrence with the n-th);
     of two versions of one loop the finished one, then the one with more events,
     wins. Stored loops keep their place; new ones are appended in their order.
     A winning version keeps the links (``children_loop_ids``, ``child_loop_refs``)
@@ -212,17 +215,21 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     Session-scoped events (``session_events``) are combined the same way: the
     incoming ones not already stored are appended.
     """
-    occurrences: Counter[str] = Counter()
-    position: dict[tuple[str, int], int] = {}
+    # A loop is the same loop when its id *and* start time match: an id that is used
+    # again later (phi-core's compaction pass does it) is a different record.
+    occurrences: Counter[tuple[str, str]] = Counter()
+    position: dict[tuple[str, str, int], int] = {}
     loops = list(stored.loops)
     for index, record in enumerate(loops):
-        position[(record.loop_id, occurrences[record.loop_id])] = index
-        occurrences[record.loop_id] += 1
-    seen: Counter[str] = Counter()
+        loop_id, started = identity = (record.loop_id, str(record.started_at))
+        position[(loop_id, started, occurrences[identity])] = index
+        occurrences[identity] += 1
+    seen: Counter[tuple[str, str]] = Counter()
     adopted: list[LoopRecord] = []  # incoming versions that are new or differ from the stored one
     for record in incoming.loops:
-        key = (record.loop_id, seen[record.loop_id])
-        seen[record.loop_id] += 1
+        loop_id, started = identity = (record.loop_id, str(record.started_at))
+        key = (loop_id, started, seen[identity])
+        seen[identity] += 1
         slot = position.get(key)
         if slot is None:
             loops.append(record)

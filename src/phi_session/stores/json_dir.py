@@ -322,7 +322,7 @@ class JsonDirStore(AsyncTwins):
         except OSError as error:
             raise StoreError(f"cannot read session file {path}: {_describe(error)}") from error
         try:
-            session = decode_session(data)
+            session = decode_session(data, strict=False)  # what any writer of ours wrote
         except DecodeError as error:
             raise StoreError(f"corrupt session file {path}: {error}") from error
         entry = _entry(key, session)

@@ -1,0 +1,122 @@
+"""Hostile and out-of-order input found in review: clear errors, nothing lost, no crash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import phi_session as ps
+from phi_session._float32 import Float32
+from phi_session.stores.base import merge_sessions, validate_session_id
+from phi_session.stores.conformance import at, make_loop, make_session
+
+START = '{"type":"ToolExecutionStart","loop_id":"a","tool_call_id":"t","tool_name":"n","args":'
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_very_deep_nesting_is_a_decode_error(strict: bool) -> None:
+    line = START + "[" * 5000 + "]" * 5000 + "}"
+    with pytest.raises(ps.DecodeError, match="nesting"):
+        ps.decode_event(line, strict=strict)
+    with pytest.raises(ps.DecodeError):
+        ps.SessionRecorder().on_json(line)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"type":[],"message":{}}',
+        '{"type":"AgentStart","agent_id":"a","session_id":"s","loop_id":"s.c.1","timestamp":"2025-01-01T00:00:00Z",'
+        '"config_snapshot":{"model":"m","provider":"p","temperature":' + "9" * 400 + "}}",
+        '{"type":"TurnStart","loop_id":"l","turn_index":0,"triggered_by":"User",'
+        '"timestamp":"+99999999999999999999-01-01T00:00:00Z"}',
+    ],
+)
+def test_odd_values_are_decode_errors(line: str) -> None:
+    with pytest.raises(ps.DecodeError):
+        ps.decode_event(line)
+
+
+def test_input_cannot_forge_the_internal_extension_placeholder() -> None:
+    event = ps.decode_event(
+        '{"type":"AgentEnd","loop_id":"a","messages":[{"role":"zzz","kind":"k","data":"HIDDEN"},'
+        '{"role":"extension","kind":"0","data":"REAL"}],"usage":{"input":1,"output":1},'
+        '"timestamp":"2025-01-01T00:00:00Z"}'
+    )
+    assert isinstance(event, ps.AgentEnd)
+    assert [(m.role, m.data) for m in event.messages] == [("zzz", "HIDDEN"), ("extension", "REAL")]  # type: ignore[union-attr]
+
+
+def test_agent_end_for_a_pending_branch_of_a_drained_session_is_recorded() -> None:
+    recorder = ps.SessionRecorder()
+    recorder.on_event(ps.ParallelLoopStart(session_id="S", loop_ids=("S.a.1",)))
+    recorder.on_event(ps.TurnStart(loop_id="S.a.1", turn_index=0, triggered_by="User"))
+    recorder.on_event(ps.AgentEnd(loop_id="S.a.1", messages=(), usage=ps.Usage(input=1, output=1)))
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [loop] = session.loops
+    assert loop.status == "Completed" and [type(e.event).__name__ for e in loop.events] == [
+        "TurnStart",
+        "AgentEnd",
+    ]
+
+
+def test_a_pending_branch_keeps_what_arrived_before_its_start() -> None:
+    recorder = ps.SessionRecorder()
+    recorder.on_event(ps.ParallelLoopStart(session_id="S", loop_ids=("S.a.1",)))
+    recorder.on_event(ps.InputRejected(loop_id="S.a.1", reason="early"))
+    recorder.on_event(ps.AgentStart(agent_id="x", session_id="S", loop_id="S.a.1"))
+    loop = recorder.current_loop("S.a.1")
+    assert loop is not None and loop.agent_id == "x" and loop.status == "Running"
+    assert [(e.sequence, type(e.event).__name__) for e in loop.events] == [
+        (0, "InputRejected"),
+        (1, "AgentStart"),
+    ]
+
+
+def test_parallel_start_for_a_session_that_never_starts_is_an_orphan_at_flush() -> None:
+    recorder = ps.SessionRecorder()
+    recorder.on_event(ps.ParallelLoopStart(session_id="S", loop_ids=()))
+    recorder.flush()
+    assert [type(o.event).__name__ for o in recorder.orphans()] == ["ParallelLoopStart"]
+
+
+def test_shortest_float32_spelling_with_two_digits() -> None:
+    assert Float32(1.1210387714598537e-44).to_json() == b"1.1e-44"
+
+
+def test_timestamps_compare_only_with_timestamps() -> None:
+    with pytest.raises(TypeError):
+        _ = ps.Timestamp.parse("2025-01-01T00:00:00Z") < 5  # type: ignore[operator]
+
+
+def test_a_loop_id_used_again_later_is_a_second_record_when_merged() -> None:
+    first = make_session("s", loops=[make_loop("s", 1, started_at=at(1), events=3)])
+    again = make_session("s", loops=[make_loop("s", 1, started_at=at(9), events=3)])
+    merged = merge_sessions(first, again)
+    assert [str(r.started_at) for r in merged.loops] == [
+        str(first.loops[0].started_at),
+        str(again.loops[0].started_at),
+    ]
+
+
+def test_lone_surrogate_session_id_is_invalid() -> None:
+    with pytest.raises(ps.InvalidSessionId):
+        validate_session_id("\ud800")
+
+
+def test_unstorable_session_ids_do_not_block_recovery(tmp_path: Path) -> None:
+    events = [
+        ps.AgentStart(agent_id="a", session_id="../evil", loop_id="../evil.c.1"),
+        ps.AgentEnd(loop_id="../evil.c.1", messages=(), usage=ps.Usage(input=0, output=0)),
+        ps.AgentStart(agent_id="a", session_id="good", loop_id="good.c.1"),
+        ps.AgentEnd(loop_id="good.c.1", messages=(), usage=ps.Usage(input=0, output=0)),
+    ]
+    store = ps.JsonDirStore(tmp_path / "store")
+    with ps.Journal(tmp_path / "j", durability="os") as journal:
+        ps.JournaledRecorder(journal).record_all(events)
+    report = ps.recover(tmp_path / "j", store)
+    assert store.list_ids() == ["good"] and not report.failed_sessions
+    assert len((tmp_path / "j" / "orphans.jsonl").read_text().splitlines()) == 2
+    assert ps.recover(tmp_path / "j", store).failed_sessions == []
