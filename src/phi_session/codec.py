@@ -20,6 +20,7 @@ from ._float32 import Float32
 from ._time import Timestamp
 from .errors import DecodeError
 from .events import (
+    EVENT_TYPES,
     AgentEnd,
     AgentEvent,
     ContinuationKind,
@@ -91,7 +92,6 @@ _plain = msgspec.json.Encoder(enc_hook=_enc_hook, order="deterministic")
 _sorted = msgspec.json.Encoder(enc_hook=_enc_hook, order="sorted")
 
 _event_decoder = msgspec.json.Decoder(AgentEvent, dec_hook=_dec_hook)
-EVENT_TYPES: tuple[type, ...] = AgentEvent.__args__  # type: ignore[attr-defined]
 
 
 class LazyMessageUpdate(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="MessageUpdate"):

@@ -535,4 +535,4 @@ AgentEvent = Union[
 """Any of the 19 event types of phi-core 0.10."""
 
 EVENT_TYPES: tuple[type, ...] = AgentEvent.__args__  # type: ignore[attr-defined]
-MESSAGE_EVENTS = (MessageStart, MessageUpdate, MessageEnd)
+"""The 19 event classes, in phi-core's declaration order."""

@@ -54,9 +54,6 @@ class Usage(_Frozen, frozen=True):
             total_tokens=self.total_tokens + other.total_tokens,
         )
 
-    def is_zero(self) -> bool:
-        return self == ZERO_USAGE
-
 
 ZERO_USAGE = Usage(input=0, output=0)
 

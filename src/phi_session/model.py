@@ -8,7 +8,6 @@ written only when set, and phi-core ignores them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import msgspec
@@ -325,6 +324,3 @@ class Session(msgspec.Struct, kw_only=True, gc=False):
             if record is not None:  # None: the parent lives in another session (sub-agent)
                 history.extend(record.context_messages())
         return history
-
-    def iter_loops(self) -> Iterator[LoopRecord]:
-        return iter(self.loops)

@@ -29,6 +29,7 @@ from typing import Any
 from msgspec.structs import replace
 
 from .events import (
+    EVENT_TYPES,
     AgentEnd,
     AgentEvent,
     AgentStart,
@@ -202,7 +203,7 @@ def withhold(event: AgentEvent, note: str) -> AgentEvent:
 
 # -- the chain -------------------------------------------------------------------------------
 
-_EVENT_TYPES: frozenset[type] = frozenset(AgentEvent.__args__)  # type: ignore[attr-defined]
+_EVENT_TYPES: frozenset[type] = frozenset(EVENT_TYPES)
 
 
 class ProcessorChain:

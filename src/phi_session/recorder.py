@@ -29,6 +29,7 @@ from msgspec.structs import replace
 
 from . import codec
 from .events import (
+    EVENT_TYPES,
     AgentEnd,
     AgentEvent,
     AgentStart,
@@ -604,5 +605,5 @@ _HANDLERS: dict[type, Callable[[SessionRecorder, Any], object]] = {
     ProgressMessage: SessionRecorder._on_loop_or_orphan,
     InputRejected: SessionRecorder._on_loop_or_orphan,
 }
-for _event_type in codec.EVENT_TYPES:
+for _event_type in EVENT_TYPES:
     _HANDLERS.setdefault(_event_type, SessionRecorder._append)
