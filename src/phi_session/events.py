@@ -182,7 +182,6 @@ class ContinuationKind(_Variant):
         return self.kind if self.tag is None else {self.kind: {"tag": self.tag}}
 
 
-
 INITIAL = ContinuationKind("Initial")
 DEFAULT = ContinuationKind("Default")
 COMPACTION = ContinuationKind("Compaction")
