@@ -591,3 +591,19 @@ def test_serve_reports_a_busy_port(store_dir: Path) -> None:
         assert_one_line_error(run("serve", "--store", store_dir, "--port", str(port)), EXIT_FAILURE,
                               f"127.0.0.1:{port}")
 
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("stream", ["basic", "parallel", "minimal", "subagent"])
+def test_record_saving_as_it_goes_writes_the_same_files(
+        stream: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import phi_session.cli as cli_module
+    from tests.conftest import EXAMPLES
+
+    source = EXAMPLES / f"events-{stream}.jsonl"
+    monkeypatch.setattr(cli_module, "_SPILL_EVERY", 3)  # save finished sessions every 3 lines
+    result = CliRunner().invoke(cli_module.main, ["record", str(source), "--dir", str(tmp_path / "spilled")])
+    assert result.exit_code == 0, result.output
+    written = {p.name: p.read_bytes() for p in (tmp_path / "spilled").glob("*.json")}
+    expected = {p.name: p.read_bytes() for p in EXAMPLES.glob(f"session-{stream}*.json")}
+    assert sorted(written.values()) == sorted(expected.values())

@@ -141,3 +141,27 @@ def test_example_session_files_round_trip(path: Path) -> None:
     data = path.read_bytes()
     assert not data.endswith(b"\n")
     assert ps.encode(ps.decode_session(data)) == data
+
+
+@pytest.mark.parametrize("case", RECORDER_CASES)
+def test_recorder_case_saved_after_every_event(case: str, tmp_path: Path) -> None:
+    # Checkpoint, drain and save after every single event: sessions are split into as
+    # many saves as possible, and the store's merge must still give phi-core's files.
+    from phi_session.stores.json_dir import JsonDirStore
+
+    directory = RECORDER / case
+    config = json.loads((directory / "config.json").read_text())
+    recorder = SessionRecorder(SessionRecorderConfig(**config))
+    store = JsonDirStore(tmp_path)
+    for line in (directory / "events.jsonl").read_bytes().split(b"\n"):
+        if line:
+            recorder.on_json(line)
+            recorder.checkpoint()
+            for session in recorder.drain_completed():
+                store.save(session)
+    recorder.flush()
+    for session in recorder.drain_completed():
+        store.save(session)
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix == ".json"}
+    expected = {p.name: p.read_bytes() for p in (directory / "sessions").iterdir()}
+    assert written == expected

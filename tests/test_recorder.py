@@ -341,7 +341,7 @@ def test_parallel_branches_are_pending_until_they_start_and_aborted_if_never() -
     pending = recorder.current_loop("s.b.3")
     assert pending is not None and pending.status == "Pending"
     recorder.record_all([start("s.a.2", "s", at=6), end("s.a.2", at=7)])
-    assert recorder.checkpoint() == 1  # a Pending branch does not hold its session open
+    assert recorder.checkpoint() == 0  # the group has not ended: its winner is still owed
     recorder.flush()
     [session] = recorder.drain_completed()
     statuses = {r.loop_id: r.status for r in session.loops}
@@ -594,3 +594,40 @@ def test_write_ahead_sees_kept_events_in_order_before_they_apply() -> None:
     with pytest.raises(ps.DecodeError):
         recorder.on_json(b"{broken")
     assert len(seen) == len(kept)
+
+
+def test_checkpoint_waits_for_an_open_parallel_group_and_a_pending_spawn_ref() -> None:
+    recorder = SessionRecorder()
+    recorder.record_all(
+        [
+            ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1",), timestamp=ts(0)),
+            start("s.a.1", "s"),
+            end("s.a.1"),
+            start("p.c.1", "p"),
+            start("k.sub.1", "k", parent="p.c.1"),
+            end("k.sub.1"),
+        ]
+    )
+    assert recorder.checkpoint() == 0  # s awaits its winner, k its tool call
+    recorder.record_all(
+        [
+            ps.ParallelLoopEnd(
+                session_id="s",
+                selected_loop_id="s.a.1",
+                selected_config_index=0,
+                evaluation_usage=usage(0),
+                timestamp=ts(2),
+            ),
+            ps.ToolExecutionEnd(
+                loop_id="p.c.1",
+                tool_call_id="t",
+                tool_name="sub",
+                result=ps.ToolResult(content=(), child_loop_id="k.sub.1"),
+                is_error=False,
+            ),
+        ]
+    )
+    assert recorder.checkpoint() == 2
+    by_id = {s.session_id: s for s in recorder.drain_completed()}
+    assert by_id["s"].loops[0].parallel_group is not None
+    assert by_id["k"].parent_spawn_ref is not None and by_id["k"].parent_spawn_ref.tool_call_id == "t"

@@ -80,6 +80,7 @@ STATUS_STYLES = {
     "Aborted": "red", "Rejected": "magenta",
 }
 _MAX_REPORTED_LINES = 100  # malformed lines reported one by one; later ones only counted
+_SPILL_EVERY = 100_000  # lines between saves of the finished sessions while recording
 
 
 class CliError(Exception):
@@ -758,12 +759,14 @@ class _LineSource:
 
 
 def _record_stream(
-    source: _LineSource, recorder: SessionRecorder, progress: Progress | None
+    source: _LineSource, recorder: SessionRecorder, progress: Progress | None,
+    spill: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Feed every non-empty line to the recorder; malformed lines are reported and skipped.
 
-    Ctrl-C stops the reading, not the recording: what was read is still flushed
-    and saved by the caller (``interrupted_at`` says after which line).
+    Every `_SPILL_EVERY` lines `spill()` saves the finished sessions, so memory stays
+    bounded on long streams. Ctrl-C stops the reading, not the recording: what was
+    read is still flushed and saved by the caller (``interrupted_at`` says after which line).
     """
     task = progress.add_task("recording", total=source.size) if progress is not None else None
     outcome: dict[str, Any] = {"events": 0, "malformed_lines": 0, "errors": [], "interrupted_at": None}
@@ -776,6 +779,8 @@ def _record_stream(
             data = line.strip()
             if data:
                 _record_line(recorder, data, number, source.name, outcome)
+            if spill is not None and number % _SPILL_EVERY == 0:
+                spill()
     except KeyboardInterrupt:
         outcome["interrupted_at"] = number
     if progress is not None and task is not None:
@@ -820,20 +825,34 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
     recorder = SessionRecorder(SessionRecorderConfig(
         include_streaming_events=include_streaming_events, capture_turn_requests=capture_turn_requests))
     with open_store(store_url, directory) as store:
+        spilled: dict[str, None] = {}  # ids of sessions saved while reading, in order
+        failed: list[str] = []
+
+        def spill() -> None:
+            # Saving merges by loop id (and re-links continuations), so a session saved
+            # now and again later loses nothing.
+            recorder.checkpoint()
+            done = recorder.drain_completed()
+            failed.extend(_save_all(store, done))
+            spilled.update(dict.fromkeys(session.session_id for session in done))
+
         lines = _LineSource(source)
         try:
             if sys.stderr.isatty() and not as_json:
                 columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                            TimeElapsedColumn())
                 with Progress(*columns, console=_stderr(), transient=True) as progress:
-                    outcome = _record_stream(lines, recorder, progress)
+                    outcome = _record_stream(lines, recorder, progress, spill)
             else:
-                outcome = _record_stream(lines, recorder, None)
+                outcome = _record_stream(lines, recorder, None, spill)
         finally:
             lines.close()
         recorder.flush()
         sessions = recorder.drain_completed()
-        failed = _save_all(store, sessions)
+        failed.extend(_save_all(store, sessions))
+        if spilled:  # summarise what the store now holds for every session touched
+            touched = {**spilled, **dict.fromkeys(session.session_id for session in sessions)}
+            sessions = [store.load(sid) for sid in touched if sid not in failed]
     if outcome["interrupted_at"] is not None:
         _warn(f"interrupted after line {outcome['interrupted_at']}: what was read is recorded and saved")
     orphans = recorder.orphans()

@@ -146,6 +146,7 @@ class SessionRecorder:
         self._loop_session: dict[str, str] = {}  # every loop id seen -> its session id
         self._closed_by_id: dict[str, list[LoopRecord]] = {}  # per held session, first record
         self._groups: dict[str, tuple[str, ...]] = {}
+        self._open_groups: dict[str, int] = {}  # session id -> parallel groups not yet ended
         self._spawns: dict[str, tuple[str, str, str, str]] = {}  # child loop -> parent ref
         self._orphans: list[OrphanEvent] = []
         # Session-scoped events that arrive before their session's first AgentStart.
@@ -409,6 +410,7 @@ class SessionRecorder:
 
     def _on_parallel_start(self, event: ParallelLoopStart) -> None:
         self._session_event(event)
+        self._open_groups[event.session_id] = self._open_groups.get(event.session_id, 0) + 1
         for loop_id in event.loop_ids:
             self._groups.setdefault(loop_id, event.loop_ids)
             if loop_id in self._loops or loop_id in self._loop_session:
@@ -422,6 +424,11 @@ class SessionRecorder:
 
     def _on_parallel_end(self, event: ParallelLoopEnd) -> None:
         self._session_event(event)
+        remaining = self._open_groups.get(event.session_id, 0) - 1
+        if remaining > 0:
+            self._open_groups[event.session_id] = remaining
+        else:
+            self._open_groups.pop(event.session_id, None)
         all_ids = self._groups.get(event.selected_loop_id) or (event.selected_loop_id,)
         for loop_id in all_ids:
             group = ParallelGroupRecord(
@@ -466,6 +473,7 @@ class SessionRecorder:
                 loop.record.status = "Aborted"
                 self._close(loop)
             self._groups.clear()
+            self._open_groups.clear()
             for events in self._early_events.values():  # announced, but no branch ever started
                 for event in events:
                     self._orphan(event, "parallel group whose session never started")
@@ -494,13 +502,25 @@ class SessionRecorder:
     def checkpoint(self) -> int:
         """Complete every open session that has no open loop; returns how many.
 
-        Costs O(open sessions). ``after_task`` fires for each.
+        Two kinds of sessions wait, so that nothing they are still owed is lost: one
+        with a parallel group that has not ended (its winner is not known yet), and a
+        sub-agent session whose spawning tool call has not ended (its
+        ``parent_spawn_ref`` is completed then). Costs O(open sessions).
+        ``after_task`` fires for each completed session.
         """
         with self._lock:
-            ready = [sid for sid, held in self._open.items() if held.open_loops == 0]
+            ready = [sid for sid, held in self._open.items()
+                     if held.open_loops == 0 and sid not in self._open_groups
+                     and not self._awaits_spawn_details(held.session)]
             for session_id in ready:
                 self._complete(session_id)
             return len(ready)
+
+    def _awaits_spawn_details(self, session: Session) -> bool:
+        # A sub-agent's session learns its tool call only at the parent's ToolExecutionEnd:
+        # keep it while that parent loop is still open here, or the link stays incomplete.
+        spawn = session.parent_spawn_ref
+        return spawn is not None and not spawn.tool_call_id and spawn.parent_loop_id in self._loops
 
     def drain_completed(self) -> list[Session]:
         """Hand over the completed sessions and forget them."""
