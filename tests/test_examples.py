@@ -32,3 +32,17 @@ def test_shipped_event_stream_records(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["record", str(stream), "--dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert len(list(tmp_path.glob("*.json"))) == 5
+
+
+def test_readme_quick_start_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Quick start")
+    code = readme[readme.index("```python\n", start) + len("```python\n"):readme.index("```\n", start + 20)]
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "events.jsonl").write_bytes((ROOT / "examples" / "events.jsonl").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README quick start", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed
+    assert all(line.split()[1] in ("Completed", "Rejected", "Aborted") for line in printed)
