@@ -12,7 +12,8 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
 * a repeated ``AgentStart`` for an open loop keeps what was recorded; a session id
   seen again while the session is still held joins it;
 * ``RevertApplied`` is stored; parallel and loop-less events are kept;
-* `flush` aborts open loops in start order, and links them to their parent;
+* `flush` aborts open loops in the order they were opened, and links them to their parent;
+* `checkpoint` keeps a session still owed a parallel winner or a sub-agent's tool call;
 * sub-agent links use what the recorder saw, not only the loop-id prefix;
 * every ``on_event`` is O(1) amortized, and safe to call from several threads.
 """
@@ -33,13 +34,11 @@ from .events import (
     AgentEnd,
     AgentEvent,
     AgentStart,
-    InputRejected,
     LoopConfigSnapshot,
     MessageEnd,
     MessageUpdate,
     ParallelLoopEnd,
     ParallelLoopStart,
-    ProgressMessage,
     SessionFormation,
     ToolExecutionEnd,
     TurnEnd,
@@ -456,9 +455,6 @@ class SessionRecorder:
         if self.config.keep_session_events:
             held.session.session_events = list(held.events)
 
-    def _on_loop_or_orphan(self, event: ProgressMessage | InputRejected) -> None:
-        self._append(event)
-
     # -- lifecycle ------------------------------------------------------------------
 
     def flush(self) -> None:
@@ -622,8 +618,6 @@ _HANDLERS: dict[type, Callable[[SessionRecorder, Any], object]] = {
     ToolExecutionEnd: SessionRecorder._on_tool_end,
     ParallelLoopStart: SessionRecorder._on_parallel_start,
     ParallelLoopEnd: SessionRecorder._on_parallel_end,
-    ProgressMessage: SessionRecorder._on_loop_or_orphan,
-    InputRejected: SessionRecorder._on_loop_or_orphan,
 }
 for _event_type in EVENT_TYPES:
     _HANDLERS.setdefault(_event_type, SessionRecorder._append)
