@@ -562,7 +562,7 @@ def served(store_dir: Path) -> Iterator[str]:
         yield json.loads(line)["url"]
     finally:
         process.terminate()
-        process.wait(timeout=10)
+        process.communicate(timeout=10)  # reaps it and closes its pipes
 
 
 @needs_script
