@@ -39,7 +39,7 @@ def main(directory: str) -> None:
         sinks=[recorder, JsonlSink(f"{directory}/events.jsonl")],  # in-process and a phi-core JSONL file
         config=LoopConfigSnapshot(model="claude-sonnet-4-5", provider="anthropic"),
     )
-    agent.check_and_rotate(30 * 60)  # a new session after 30 idle minutes
+    agent.check_and_rotate(30 * 60)  # a new session if the last loop started over 30 min ago
     with tracer.loop() as loop:
         loop.user("What is in notes.txt?")
         with loop.turn() as turn:
