@@ -8,6 +8,7 @@ object the console script calls); a few run as real subprocesses of the installe
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -21,9 +22,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from phi_session.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
+from phi_session._time import Timestamp
+from phi_session.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MAX_TREE_DEPTH, main
 from phi_session.codec import decode_session, encode_session
+from phi_session.events import SessionFormation
+from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
+from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.urls import ENV_VAR
 
 from .conftest import EXAMPLES
@@ -162,6 +167,54 @@ def test_record_keeps_orphan_events_when_asked(tmp_path: Path) -> None:
     assert (tmp_path / "orphans.jsonl").read_text() == orphan + "\n"
 
 
+def test_record_unwritable_orphans_file_fails_before_reading(tmp_path: Path) -> None:
+    # The input (stdin here) must not be consumed and lost when the orphans file cannot be made.
+    unwritable = tmp_path / "no-such-dir" / "orphans.jsonl"
+    result = run("record", "-", "--dir", tmp_path / "out", "--orphans", unwritable,
+                 input="".join(line + "\n" for line in example_lines()))
+    assert_one_line_error(result, EXIT_USAGE, "--orphans", str(unwritable))
+    assert not (tmp_path / "out").exists()
+
+
+def test_record_reports_orphans_written_only_after_the_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import phi_session.cli as cli_module
+
+    def full_disk(event: object) -> bytes:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli_module, "encode_event", full_disk)
+    stream = tmp_path / "s.jsonl"
+    stream.write_text('{"type":"InputRejected","loop_id":"nobody.x.1","reason":"late"}\n')
+    result = run("record", stream, "--dir", tmp_path / "out", "--orphans", tmp_path / "o.jsonl", "--json")
+    assert result.exit_code == EXIT_FAILURE
+    assert "NOT written to" in result.stderr and "No space left" in result.stderr
+    assert "written to" not in result.stderr.replace("NOT written to", "")
+    assert json.loads(result.stdout)["totals"]["orphan_events"] == 1
+
+
+def test_record_ctrl_c_during_a_mid_stream_save_keeps_every_drained_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import phi_session.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_SPILL_EVERY", len(example_lines()))  # one spill, after the last line
+    original = JsonDirStore.save
+    saves = {"n": 0}
+
+    def interrupted_second_save(self: JsonDirStore, session: Session) -> None:
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise KeyboardInterrupt
+        original(self, session)
+
+    monkeypatch.setattr(JsonDirStore, "save", interrupted_second_save)
+    stream = tmp_path / "s.jsonl"
+    stream.write_text("".join(line + "\n" for line in example_lines()))
+    result = run("record", stream, "--dir", tmp_path / "out", "--json")
+    assert result.exit_code == EXIT_INTERRUPTED, (result.stderr, result.exception)
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.json")) == sorted(EXAMPLE_IDS)
+
+
 def test_record_ctrl_c_still_saves_what_was_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lines = [line for line in example_lines() if MINIMAL_ID in line]
     original = SessionRecorder.on_json
@@ -266,6 +319,10 @@ def test_list_json_and_filters(store_dir: Path) -> None:
     (("--until", "2025-13-01"), "--until"),
     (("--status", "Done"), "--status"),
     (("--limit", "-1"), "--limit"),
+    (("--limit", "99999999999999999999999"), "--limit"),
+    (("--min-tokens", "9223372036854775808"), "--min-tokens"),
+    (("--limit", "+5"), "--limit"),
+    (("--limit", "\u0665"), "--limit"),  # an Arabic-Indic five
     (("--min-tokens", "many"), "--min-tokens"),
     (("--order", "random"), "--order"),
     (("--since", "2025-06-03", "--until", "2025-06-01"), "--until"),
@@ -322,6 +379,27 @@ def test_show_survives_a_parent_cycle(store_dir: Path) -> None:
     assert len(labels) == 2
     assert sum(BASIC_LOOPS[0] in line for line in labels) == 1
     assert sum(BASIC_LOOPS[1] in line for line in labels) == 1
+
+
+def test_show_renders_a_long_continuation_chain(tmp_path: Path) -> None:
+    # Deeper than the recursion limit: the loop forest and tree are built iteratively,
+    # and loops past MAX_TREE_DEPTH are drawn flat, naming the loop they continue.
+    count, started = 1500, Timestamp.parse("2025-06-01T00:00:00Z")
+    loops = [LoopRecord.start(loop_id=f"loop-{i}", session_id="chain", agent_id="agent", started_at=started,
+                              parent_loop_id=f"loop-{i - 1}" if i else None, status="Completed")
+             for i in range(count)]
+    for record, child in itertools.pairwise(loops):
+        record.children_loop_ids.append(child.loop_id)
+    JsonDirStore(tmp_path / "chain").save(Session(
+        session_id="chain", agent_id="agent", created_at=started, last_active_at=started,
+        formation=SessionFormation("FirstLoop", started), loops=loops))
+    result = run("show", "chain", "--store", tmp_path / "chain")
+    assert result.exit_code == EXIT_OK, (result.stderr, result.exception)
+    labels = [line for line in result.stdout.splitlines() if "● Completed" in line]
+    shown = [label[label.index("loop-"):].split()[0] for label in labels]
+    assert shown == [f"loop-{i}" for i in range(count)]
+    assert f"continues loop #{count - 1}" in result.stdout
+    assert len({label.index("#") for label in labels}) == MAX_TREE_DEPTH  # nesting stops there
 
 
 def test_show_events(store_dir: Path) -> None:
@@ -484,6 +562,10 @@ def test_rm(store_dir: Path) -> None:
     assert f"removed {PARENT_ID}" in again.stdout
     assert_one_line_error(again, EXIT_FAILURE, BASIC_ID)
     assert_one_line_error(run("rm", "a/b", "--store", store_dir), EXIT_USAGE, "a/b")
+    # A bad id anywhere in the list is caught before anything is deleted.
+    mixed = run("rm", PARALLEL_ID, "../x", CHILD_ID, "--store", store_dir, "--json")
+    assert_one_line_error(mixed, EXIT_USAGE, "../x")
+    assert (store_dir / f"{PARALLEL_ID}.json").exists() and (store_dir / f"{CHILD_ID}.json").exists()
 
 
 # -- the group itself --------------------------------------------------------------------------------

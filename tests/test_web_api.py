@@ -122,6 +122,11 @@ def test_sessions_filters(server: ViewerServer, query: str, expected: list[str])
 @pytest.mark.parametrize(("query", "fragment"), [
     ("limit=x", "limit"),
     ("limit=-1", "limit"),
+    ("limit=99999999999999999999999", "limit"),
+    ("limit=9223372036854775808", "limit"),
+    ("min_tokens=99999999999999999999999", "min_tokens"),
+    ("limit=1_000", "limit"),
+    ("limit=%EF%BC%91", "limit"),  # a full-width digit one
     ("min_tokens=1.5", "min_tokens"),
     ("status=Done", "status"),
     ("since=tomorrow", "since"),

@@ -228,6 +228,17 @@ def test_unknown_session_shows_an_error(watched: Watched) -> None:
     watched.expect_failed_request(404)
 
 
+def test_malformed_address_shows_an_error(watched: Watched) -> None:
+    page = watched.page
+    page.goto("/#/stats")
+    page.locator(".view-stats").wait_for()
+    page.evaluate("location.hash = '#/session/%E0'")  # not valid percent-encoded UTF-8
+    banner = page.locator(".view-error .error-banner")
+    banner.wait_for()
+    assert "malformed address #/session/%E0" in banner.inner_text()
+    assert page.locator(".view-stats").count() == 0  # the previous page is gone
+
+
 def test_usage_page(watched: Watched) -> None:
     page = watched.page
     page.goto("/#/stats")

@@ -21,7 +21,7 @@ from .model import LoopStatus
 from .stores.base import GroupBy, Order, SessionStore, SessionSummary
 
 __all__ = [
-    "GROUP_BYS", "LOOP_STATUSES", "ORDERS", "FilterError", "SessionFilters", "parse_group_by",
+    "GROUP_BYS", "LOOP_STATUSES", "MAX_COUNT", "ORDERS", "FilterError", "SessionFilters", "parse_group_by",
     "parse_time_bound", "to_builtins",
 ]
 
@@ -65,13 +65,20 @@ class FilterError(ValueError):
         self.reason = reason
 
 
+_ASCII_WHOLE = re.compile(r"-?[0-9]+")
+MAX_COUNT = 2**63 - 1
+"""The largest count a filter takes: stores hand limits to SQLite/PostgreSQL as 64-bit integers."""
+
+
 def _non_negative_int(name: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise FilterError(name, f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise FilterError(name, f"must not be negative, got {value}")
+    # ASCII digits only: int() would also take "1_000", "+5" and non-Latin digits.
+    if _ASCII_WHOLE.fullmatch(text) is None:
+        raise FilterError(name, f"expected a whole number, got {text!r}")
+    if text.startswith("-"):
+        raise FilterError(name, f"must not be negative, got {text}")
+    value = int(text)
+    if value > MAX_COUNT:
+        raise FilterError(name, f"must be at most {MAX_COUNT}, got {text}")
     return value
 
 

@@ -19,6 +19,7 @@ import heapq
 import logging
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -426,13 +427,25 @@ def loop_forest(session: Session) -> list[tuple[int, list[Any]]]:
         else:
             children.setdefault(parent, []).append(index)
     seen: set[int] = set()
-
-    def build(index: int) -> tuple[int, list[Any]]:
-        seen.add(index)
-        return index, [build(child) for child in children.get(index, []) if child not in seen]
-
-    forest = [build(index) for index in roots]
-    forest += [build(index) for index in range(len(session.loops)) if index not in seen]
+    forest: list[tuple[int, list[Any]]] = []
+    # Depth-first with an explicit stack: a chain of thousands of continued loops
+    # must not hit Python's recursion limit.
+    for root in [*roots, *range(len(session.loops))]:
+        if root in seen:
+            continue
+        seen.add(root)
+        forest.append((root, []))
+        stack: list[tuple[list[Any], Iterator[int]]] = [(forest[-1][1], iter(children.get(root, [])))]
+        while stack:
+            siblings, pending = stack[-1]
+            for child in pending:
+                if child not in seen:
+                    seen.add(child)
+                    siblings.append((child, []))
+                    stack.append((siblings[-1][1], iter(children.get(child, []))))
+                    break
+            else:
+                stack.pop()
     return forest
 
 
@@ -492,12 +505,18 @@ def _turn_line(record: LoopRecord, turn_index: int) -> Text:
     return line
 
 
-def _add_loop(tree: Tree, session: Session, node: tuple[int, list[Any]]) -> None:
-    index, children = node
+def _add_loop(tree: Tree, session: Session, index: int, drawn_under: int | None) -> Tree:
+    """Add loop `index` with its details under `tree`; returns its branch for the child loops.
+
+    `drawn_under` is the index of its parent loop when the tree is too deep to draw it
+    nested there, so the relation is spelled out instead.
+    """
     record = session.loops[index]
     branch = tree.add(loop_label(record, index + 1))
     ended = f"ended {record.ended_at}" if record.ended_at is not None else "not ended"
     branch.add(Text(f"started {record.started_at} · {ended}", style="dim"))
+    if drawn_under is not None:
+        branch.add(Text(f"continues loop #{drawn_under + 1}", style="dim"))
     branch.add(plain(_config_text(record), "dim"))
     if record.parent_loop_id is not None and session.get_loop(record.parent_loop_id) is None:
         branch.add(plain(f"continues loop {record.parent_loop_id} (not in this session)", "dim"))
@@ -518,14 +537,30 @@ def _add_loop(tree: Tree, session: Session, node: tuple[int, list[Any]]) -> None
                          f"via {ref.tool_name} call {ref.tool_call_id}", "cyan"))
     for turn_index in range(len(record.turns)):
         branch.add(_turn_line(record, turn_index))
-    for child in children:
-        _add_loop(branch, session, child)
+    return branch
+
+
+MAX_TREE_DEPTH = 12
+"""Loops nested deeper than this are drawn at this depth (with a "continues loop #n" line):
+every level indents by four columns, so a long continuation chain would otherwise run off
+the terminal and take rich quadratic time to lay out."""
 
 
 def loop_tree(session: Session) -> Tree:
     tree = Tree(Text(f"loops ({len(session.loops)})", style="bold"))
-    for node in loop_forest(session):
-        _add_loop(tree, session, node)
+    # An explicit stack (reversed so siblings keep session order): a chain of thousands
+    # of continued loops must not hit the recursion limit.
+    # Entries: (tree to draw under, depth, parent loop index, forest node).
+    stack: list[tuple[Tree, int, int | None, tuple[int, list[Any]]]] = [
+        (tree, 1, None, node) for node in reversed(loop_forest(session))]
+    while stack:
+        under, depth, parent, (index, children) = stack.pop()
+        flattened = depth > MAX_TREE_DEPTH
+        branch = _add_loop(under, session, index, parent if flattened else None)
+        if depth >= MAX_TREE_DEPTH:
+            stack.extend((under, depth + 1, index, child) for child in reversed(children))
+        else:
+            stack.extend((branch, depth + 1, index, child) for child in reversed(children))
     return tree
 
 
@@ -811,7 +846,8 @@ def _record_line(
 @click.option("--include-streaming-events", is_flag=True, help="Also store MessageUpdate deltas.")
 @click.option("--capture-turn-requests", is_flag=True, help="Copy TurnRequest payloads into their turns.")
 @click.option("--orphans", "orphans_path", metavar="FILE", type=click.Path(dir_okay=False),
-              help="Write events that belong to no known loop to FILE (JSONL).")
+              help="Write events that belong to no known loop to FILE (JSONL; created, "
+                   "empty if there are none, before any input is read).")
 @store_options
 def record(source: str, directory: str | None, include_streaming_events: bool, capture_turn_requests: bool,
            orphans_path: str | None, store_url: str | None, as_json: bool) -> None:
@@ -824,17 +860,27 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
     """
     recorder = SessionRecorder(SessionRecorderConfig(
         include_streaming_events=include_streaming_events, capture_turn_requests=capture_turn_requests))
-    with open_store(store_url, directory) as store:
+    with contextlib.ExitStack() as cleanup:
+        # Opened (created) before any input is consumed: an unwritable path must fail
+        # now, not after the stream is gone.
+        orphans_file = cleanup.enter_context(_open_orphans_file(orphans_path)) if orphans_path else None
+        store = cleanup.enter_context(open_store(store_url, directory))
         spilled: dict[str, None] = {}  # ids of sessions saved while reading, in order
         failed: list[str] = []
+        # Drained sessions wait here until saved: a Ctrl-C in the middle of a spill
+        # leaves the unsaved ones for the final save instead of dropping them.
+        pending: deque[Session] = deque()
 
         def spill() -> None:
             # Saving merges by loop id (and re-links continuations), so a session saved
-            # now and again later loses nothing.
+            # now and again later (even twice, if interrupted in between) loses nothing.
             recorder.checkpoint()
-            done = recorder.drain_completed()
-            failed.extend(_save_all(store, done))
-            spilled.update(dict.fromkeys(session.session_id for session in done))
+            pending.extend(recorder.drain_completed())
+            while pending:
+                session = pending[0]
+                failed.extend(_save_all(store, [session]))
+                spilled[session.session_id] = None
+                pending.popleft()
 
         lines = _LineSource(source)
         try:
@@ -848,21 +894,27 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
         finally:
             lines.close()
         recorder.flush()
-        sessions = recorder.drain_completed()
+        pending.extend(recorder.drain_completed())
+        sessions = list(pending)
         failed.extend(_save_all(store, sessions))
         if spilled:  # summarise what the store now holds for every session touched
             touched = {**spilled, **dict.fromkeys(session.session_id for session in sessions)}
             sessions = [store.load(sid) for sid in touched if sid not in failed]
-    if outcome["interrupted_at"] is not None:
-        _warn(f"interrupted after line {outcome['interrupted_at']}: what was read is recorded and saved")
-    orphans = recorder.orphans()
-    if orphans:
-        where = (f"written to {orphans_path}" if orphans_path
-                 else "not stored (use --orphans FILE to keep them)")
-        _warn(f"warning: {len(orphans)} events belonged to no known loop: {where}")
-        if orphans_path:
-            with open(orphans_path, "wb") as out:
-                out.writelines(encode_event(orphan.event) + b"\n" for orphan in orphans)
+        if outcome["interrupted_at"] is not None:
+            _warn(f"interrupted after line {outcome['interrupted_at']}: what was read is recorded and saved")
+        orphans = recorder.orphans()
+        orphans_lost = False
+        if orphans:
+            where = "not stored (use --orphans FILE to keep them)"
+            if orphans_file is not None:
+                try:
+                    orphans_file.writelines(encode_event(orphan.event) + b"\n" for orphan in orphans)
+                    orphans_file.close()  # closing flushes: a full disk shows up here
+                    where = f"written to {orphans_path}"
+                except OSError as error:
+                    orphans_lost = True
+                    where = f"NOT written to {orphans_path}: {error.strerror or error}"
+            _warn(f"warning: {len(orphans)} events belonged to no known loop: {where}")
     rows = [_summary_record(session) for session in sessions]
     totals = {
         "sessions": len(rows), "loops": sum(len(s.loops) for s in sessions),
@@ -883,8 +935,15 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
             f"{totals['malformed_lines']} malformed lines skipped", style="bold"), soft_wrap=True)
     if outcome["interrupted_at"] is not None:
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
-    if failed:
+    if failed or orphans_lost:
         raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+def _open_orphans_file(path: str) -> IO[bytes]:
+    try:
+        return open(path, "wb")  # closed by the caller's ExitStack
+    except OSError as error:
+        raise CliError(f"--orphans: cannot write {path}: {error.strerror or error}", EXIT_USAGE) from None
 
 
 def _save_all(store: SessionStore, sessions: Iterable[Session]) -> list[str]:
@@ -1097,13 +1156,18 @@ def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool)
 @click.argument("session_ids", metavar="ID...", nargs=-1, required=True)
 @store_options
 def rm(session_ids: tuple[str, ...], store_url: str | None, as_json: bool) -> None:
-    """Delete sessions. Missing ids are reported (exit status 1); the others are deleted."""
+    """Delete sessions. Missing ids are reported (exit status 1); the others are deleted.
+
+    A malformed id is a usage error (exit status 2) that deletes nothing: every id is
+    checked before the first deletion.
+    """
+    valid_ids = [_session_id(session_id) for session_id in session_ids]
     removed: list[str] = []
     missing: list[str] = []
     with open_store(store_url) as store:
-        for session_id in session_ids:
+        for session_id in valid_ids:
             try:
-                store.delete(_session_id(session_id))
+                store.delete(session_id)
             except SessionNotFound:
                 missing.append(session_id)
                 _warn(f"error: no session {session_id}")

@@ -148,13 +148,23 @@
 
   async function route() {
     const token = ++renderToken;
-    const { parts, params } = parseHash();
-    const view = parts[0] === "session" && parts[1] !== undefined ? "session" : parts[0] === "stats" ? "stats" : "list";
+    let parts = [];
+    let params = new URLSearchParams();
+    let badHash = null;
+    try {
+      ({ parts, params } = parseHash());
+    } catch (error) {
+      // decodeURIComponent throws on a stray "%" (#/session/%E0): show it, don't leave the old page up.
+      badHash = new Error("malformed address " + location.hash + ": " + error.message);
+    }
+    const view = badHash ? "error"
+      : parts[0] === "session" && parts[1] !== undefined ? "session" : parts[0] === "stats" ? "stats" : "list";
     for (const link of document.querySelectorAll("[data-nav]")) {
       link.classList.toggle("active", link.dataset.nav === (view === "stats" ? "stats" : "list"));
     }
     const page = h("div", { class: "view view-" + view });
     try {
+      if (badHash) throw badHash;
       if (view === "session") await sessionView(page, parts[1], params);
       else if (view === "stats") await statsView(page, params);
       else await listView(page, params);
