@@ -197,3 +197,22 @@ def test_a_given_recorder_is_used() -> None:
     asyncio.run(consume(_stream(), store(memory), recorder=recorder))
     [session] = memory.sessions.values()
     assert any(isinstance(e.event, ps.MessageUpdate) for e in session.loops[0].events)
+
+
+def test_a_stray_queue_item_is_counted_and_skipped_not_fatal() -> None:
+    memory = MemoryStore()
+
+    async def main() -> Any:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        events: list[ps.AgentEvent] = []
+        agent = AgentSession(agent_id="a", session_id="s", clock=FakeClock())
+        agent_work(Tracer(agent, sinks=[events.append], config=SNAP), loops=1)
+        queue.put_nowait({"type": "x"})  # neither an event nor a JSON line
+        for event in events:
+            queue.put_nowait(event)
+        queue.put_nowait(42)
+        queue.put_nowait(None)
+        return await consume(queue, store(memory), checkpoint_interval=None)
+
+    stats = asyncio.run(main())
+    assert stats.decode_errors == 2 and len(memory.sessions) == 1

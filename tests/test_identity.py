@@ -186,3 +186,21 @@ def test_fast_timestamps_equal_the_reference_formatting(seconds: list[int], frac
         # Runs of readings within one second exercise the cached date.
         for value in (ns, ns - ns % 10**9 + fraction, ns - ns % 10**9):
             assert str(a.stamp(value)) == str(ps.Timestamp.from_ns(value))
+
+
+def test_allocate_loop_reads_the_session_and_the_loop_id_together() -> None:
+    agent = AgentSession(clock=FakeClock())
+    stop = threading.Event()
+
+    def rotate() -> None:
+        while not stop.is_set():
+            agent.new_session()
+
+    thread = threading.Thread(target=rotate)
+    thread.start()
+    try:
+        pairs = [agent.allocate_loop("c") for _ in range(20000)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(loop_id.startswith(session_id + ".") for session_id, loop_id in pairs)

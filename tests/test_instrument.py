@@ -673,3 +673,58 @@ def test_any_run_records_consistently_in_process_and_from_the_file(
         assert [e.sequence for e in record.events] == list(range(len(record.events)))
         assert sum(len(t.tool_results) for t in record.turns) == (
             0 if outcome == "reject" else sum(tools for tools, _ in turns))
+
+
+def test_a_tool_cut_short_by_its_turn_ignores_later_calls_and_ends_once() -> None:
+    events: list[ps.AgentEvent] = []
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append],
+                    config=ps.LoopConfigSnapshot(model="m", provider="p"))
+    with tracer.loop() as loop:
+        loop.user("hi")
+        turn = loop.turn().start()
+        with turn.assistant() as reply:
+            reply.finish()
+        tool = turn.tool(id="c1", name="slow", args={}).start()
+        turn.end()
+        tool.result("late")  # a task still running: logged, not raised into the agent
+        tool.end()
+    ends = [e for e in events if isinstance(e, ps.ToolExecutionEnd)]
+    assert len(ends) == 1 and ends[0].is_error
+    cut_short = "slow failed: turn ended while the tool was running"
+    assert ends[0].result.content == (ps.TextContent(text=cut_short),)
+    [turn_end] = [e for e in events if isinstance(e, ps.TurnEnd)]
+    assert [m.tool_call_id for m in turn_end.tool_results] == ["c1"]
+
+
+def test_tools_ending_in_threads_while_the_turn_ends_each_end_exactly_once() -> None:
+    for _ in range(50):
+        events: list[ps.AgentEvent] = []
+        tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append],
+                        config=ps.LoopConfigSnapshot(model="m", provider="p"))
+        loop = tracer.loop().start()
+        loop.user("x")
+        turn = loop.turn().start()
+        turn.assistant().start().finish()
+        tools = [turn.tool(id=f"c{j}", name="t", args={}).start() for j in range(4)]
+        go = threading.Barrier(5)
+        errors: list[BaseException] = []
+
+        def finish(tool: Any, go: threading.Barrier, errors: list[BaseException]) -> None:
+            go.wait()
+            try:
+                tool.end()
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=finish, args=(t, go, errors)) for t in tools]
+        for thread in threads:
+            thread.start()
+        go.wait()
+        turn.end("stop")
+        for thread in threads:
+            thread.join()
+        assert not errors
+        assert sum(isinstance(e, ps.ToolExecutionEnd) for e in events) == 4
+        [turn_end] = [e for e in events if isinstance(e, ps.TurnEnd)]
+        assert sorted(m.tool_call_id for m in turn_end.tool_results) == ["c0", "c1", "c2", "c3"]
+        assert isinstance(events[-1], ps.TurnEnd)  # no tool end after its turn's end

@@ -260,3 +260,94 @@ def test_withhold_removes_every_piece_of_content_from_every_event_type() -> None
     assert isinstance(start, ps.AgentStart) and start.metadata == {"withheld": "[note]"}
     end = withhold(events[1], "[note]")
     assert isinstance(end, ps.AgentEnd) and end.rejection == "[note]" and end.usage == events[1].usage  # type: ignore[union-attr]
+
+
+def emitted_lines(scenario: Any, **options: Any) -> bytes:
+    """Every event as encoded the moment it was emitted (later changes cannot hide a leak)."""
+    lines: list[bytes] = []
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[lambda e: lines.append(ps.encode(e))],
+                    config=ps.LoopConfigSnapshot(model="m", provider="p"), **options)
+    try:
+        scenario(tracer)
+    except RuntimeError:
+        pass
+    return b"\n".join(lines)
+
+
+def test_arguments_changed_after_a_first_scan_are_scanned_again() -> None:
+    arguments: dict[str, Any] = {"q": "x"}
+    call = ps.ToolCall(id="c1", name="http", arguments=arguments)
+
+    def scenario(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            loop.user("hi")
+            with loop.turn() as turn:
+                with turn.assistant() as reply:
+                    reply.finish(tool_calls=[call])  # scanned clean here
+                arguments["api_key"] = "plain-value"  # the agent adds a credential
+                with turn.tool(call) as tool:
+                    tool.result("ok")
+
+    assert b"plain-value" not in emitted_lines(scenario)
+
+
+def test_a_failed_tools_exception_text_is_redacted() -> None:
+    def scenario(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            loop.user("hi")
+            with loop.turn() as turn:
+                with turn.assistant() as reply:
+                    reply.finish()
+                with turn.tool(id="c1", name="http", args={}):
+                    raise RuntimeError(f"401: https://api.x/v1?api_key=plain-value {SECRET_KEY} "
+                                       "Authorization: Bearer tok_abcdefghijklmn")
+
+    data = emitted_lines(scenario)
+    assert b"http failed: RuntimeError: 401" in data
+    for secret in (b"plain-value", SECRET_KEY.encode(), b"tok_abcdefghijklmn"):
+        assert secret not in data, secret
+
+
+def test_a_tools_explicit_error_result_is_redacted_but_a_success_is_not() -> None:
+    def scenario(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            loop.user("hi")
+            with loop.turn() as turn:
+                with turn.assistant() as reply:
+                    reply.finish()
+                with turn.tool(id="c1", name="a", args={}) as tool:
+                    tool.error(f"bad key {SECRET_KEY}")
+                with turn.tool(id="c2", name="b", args={}) as tool:
+                    tool.result("key sk-ok0123456789abcdefghij")  # text redaction is opt-in
+
+    data = emitted_lines(scenario)
+    assert SECRET_KEY.encode() not in data and b"sk-ok0123456789abcdefghij" in data
+
+
+@pytest.mark.parametrize("name", ["accessToken", "clientSecret", "refreshToken", "authToken", "privateKey",
+                                  "apiKey", "xApiKey", "githubToken"])
+def test_camel_case_field_names_are_secret_fields(name: str) -> None:
+    redactor = Redactor()
+    assert redactor.is_secret_field(name)
+    assert redactor.redact_value({name: "v", "userName": "bob"}) == {name: REDACTED, "userName": "bob"}
+
+
+def test_json_string_arguments_are_redacted_field_by_field() -> None:
+    def scenario(tracer: Tracer) -> None:
+        arguments = '{"password": "hunter2-secret", "apiToken": "tok-secret", "q": "x"}'
+        call = ps.ToolCall(id="c1", name="login", arguments=arguments)
+        with tracer.loop() as loop:
+            loop.user("hi")
+            with loop.turn() as turn:
+                with turn.assistant() as reply:
+                    reply.finish(tool_calls=[call])
+                with turn.tool(call) as tool:
+                    tool.result("ok")
+
+    data = emitted_lines(scenario)
+    assert b"hunter2-secret" not in data and b"tok-secret" not in data
+    redactor = Redactor()
+    assert redactor.redact_json_string('[{"password": "p"}, 1]') == '[{"password":"[REDACTED]"},1]'
+    clean = '{"q": "x"}'
+    assert redactor.redact_json_string(clean) is clean  # unchanged text is kept byte for byte
+    assert redactor.redact_json_string("{not json sk-abcdefghijklmnopqrstuv") == "{not json [REDACTED]"

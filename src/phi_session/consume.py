@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from .errors import DecodeError
-from .events import AgentEvent
+from .events import EVENT_TYPES, AgentEvent
 from .model import Session
 from .recorder import SessionRecorder
 from .stores.base import SessionStore
@@ -46,7 +46,8 @@ class ConsumeStats:
     events: int = 0
     """Items recorded (events and JSON lines)."""
     decode_errors: int = 0
-    """JSON lines that were not valid phi-core events (logged and skipped)."""
+    """Items that were not valid phi-core events: undecodable JSON lines and queue items
+    that are neither events nor lines (each logged and skipped)."""
     saved: int = 0
     """Successful session saves (a session saved at two checkpoints counts twice)."""
     checkpoints: int = 0
@@ -72,6 +73,13 @@ class _Consumer:
             except DecodeError as error:
                 self.stats.decode_errors += 1
                 logger.warning("skipped an event line that is not valid phi-core JSON: %s", error)
+            return
+        if not isinstance(item, EVENT_TYPES):
+            # Not an event, not a line: count and skip it like an undecodable line
+            # rather than letting one stray item end the consumer.
+            self.stats.decode_errors += 1
+            logger.warning("skipped a queue item that is neither an event nor an event line: %s",
+                           type(item).__name__)
             return
         self.recorder.on_event(item)
 

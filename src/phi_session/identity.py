@@ -100,7 +100,8 @@ class AgentSession:
     * ``agent_id``: given, or a fresh UUID v4; never changes.
     * ``session_id``: a UUID v4, replaced by `new_session` and `check_and_rotate`.
     * `next_loop_id(config_id)`: ``{session_id}.{config_id}.{N}``; ``N`` counts from 1
-      per (session, config) and restarts in every new session.
+      per (session, config) and restarts in every new session; `allocate_loop`
+      returns it with its session id, read atomically.
 
     The `Tracer` calls `loop_started` when a loop's ``AgentStart`` is emitted; that
     is what "the last loop started" means for `check_and_rotate`, and it hands the
@@ -209,10 +210,15 @@ class AgentSession:
 
     def next_loop_id(self, config_id: str) -> str:
         """Allocate the next loop id of the current session for `config_id`."""
+        return self.allocate_loop(config_id)[1]
+
+    def allocate_loop(self, config_id: str) -> tuple[str, str]:
+        """``(session_id, loop_id)``: the next loop id for `config_id` and the session it
+        belongs to, read in one step (a concurrent rotation cannot split them)."""
         with self._lock:
             count = self._counters.get(config_id, 0) + 1
             self._counters[config_id] = count
-            return f"{self._session_id}.{config_id}.{count}"
+            return self._session_id, f"{self._session_id}.{config_id}.{count}"
 
     def loop_started(self, session_id: str, loop_id: str, at_ns: int) -> SessionFormation | None:
         """Note that `loop_id` of `session_id` started at `at_ns`.

@@ -38,6 +38,7 @@ one thread or task at a time.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from types import TracebackType
@@ -125,6 +126,10 @@ def _stop_reason(error: BaseException | str) -> StopReason:
 
 
 S = TypeVar("S", bound="_Scope")
+
+logger = logging.getLogger("phi_session.instrument")
+
+_TOOL_CUT_SHORT = "turn ended while the tool was running"
 
 
 class _Scope:
@@ -251,7 +256,8 @@ class Tracer:
         kind, continues = self._lineage(kind, continues)
         segment = self._segment(config, config_id)
         agent = self.agent
-        return LoopScope(self, agent, agent.next_loop_id(segment), agent.session_id, config, segment,
+        session_id, loop_id = agent.allocate_loop(segment)
+        return LoopScope(self, agent, loop_id, session_id, config, segment,
                          parent_loop_id=continues, kind=kind, metadata=metadata)
 
     def parallel(
@@ -267,13 +273,21 @@ class Tracer:
             raise ValueError("a parallel group needs at least one config")
         kind, continues = self._lineage(kind, continues)
         agent = self.agent
-        session_id = agent.session_id
         branches = []
+        group_session: str | None = None
         for config in configs:
             segment = self._segment(config, None)
-            branches.append(LoopScope(self, agent, agent.next_loop_id(segment), session_id, config,
+            session_id, loop_id = agent.allocate_loop(segment)
+            if group_session is None:
+                group_session = session_id
+            elif session_id != group_session:
+                # The session rotated while the branches were allocated: all branches
+                # of one group belong to one session, so start over in the new one.
+                return self.parallel(configs, continues=continues, kind=kind, metadata=metadata)
+            branches.append(LoopScope(self, agent, loop_id, session_id, config,
                                       segment, parent_loop_id=continues, kind=kind, metadata=metadata))
-        return ParallelGroup(self, session_id, branches)
+        assert group_session is not None  # configs is not empty
+        return ParallelGroup(self, group_session, branches)
 
     def _with_config_id(self, config: LoopConfigSnapshot, segment: str) -> LoopConfigSnapshot:
         """`config` with ``config_id`` filled in, as phi-core's loop does; one object per
@@ -540,8 +554,8 @@ class LoopScope(_Scope):
 class TurnScope(_Scope):
     """One turn: ``TurnStart`` ... ``TurnEnd``. Create with `LoopScope.turn`."""
 
-    __slots__ = ("_loop", "_message", "_open", "_request", "index", "inputs", "message", "tool_results",
-                 "trigger", "turn_id", "usage")
+    __slots__ = ("_ending", "_idle", "_loop", "_message", "_open", "_request", "index", "inputs", "message",
+                 "tool_results", "trigger", "turn_id", "usage")
 
     def __init__(self, loop: LoopScope, index: int, trigger: TurnTrigger,
                  request: AnnotatedRequestPayload | None) -> None:
@@ -558,7 +572,12 @@ class TurnScope(_Scope):
         """Messages injected during the turn (with ``turnId``)."""
         self.tool_results: list[ToolResultMessage] = []
         self._message: MessageScope | None = None
-        self._open: set[ToolScope] = set()
+        # Tool scopes started and not yet ending, and per thread the tool ends under
+        # way (emitting): the turn's end waits for those, so ``TurnEnd`` carries their
+        # results. Both are guarded by the loop's lock (`_idle` is built on it).
+        self._open: dict[ToolScope, None] = {}  # a dict keeps their start order
+        self._ending: dict[int, int] = {}
+        self._idle = threading.Condition(loop._lock)
 
     @property
     def loop(self) -> LoopScope:
@@ -643,10 +662,24 @@ class TurnScope(_Scope):
         self.message = message
         self.usage = self.usage + message.usage
 
-    def _tool_done(self, scope: ToolScope, message: ToolResultMessage) -> None:
-        with self._loop._lock:  # tools of one turn may finish concurrently
-            self._open.discard(scope)
-            self.tool_results.append(message)
+    def _tool_ending(self, scope: ToolScope) -> None:
+        """Note (under the loop's lock) that `scope` has begun to end in this thread."""
+        self._open.pop(scope, None)
+        thread = threading.get_ident()
+        self._ending[thread] = self._ending.get(thread, 0) + 1
+
+    def _tool_done(self, message: ToolResultMessage | None) -> None:
+        """A tool end noted by `_tool_ending` is over (`message` is None if it failed)."""
+        with self._idle:  # tools of one turn may finish concurrently
+            if message is not None:
+                self.tool_results.append(message)
+            thread = threading.get_ident()
+            left = self._ending[thread] - 1
+            if left:
+                self._ending[thread] = left
+            else:
+                del self._ending[thread]
+            self._idle.notify_all()
 
     def end(self, error: BaseException | str | None = None) -> None:
         """Emit ``TurnEnd`` with the assistant message, the usage and the tool results.
@@ -656,8 +689,17 @@ class TurnScope(_Scope):
         ``stopReason`` ``"error"``/``"aborted"`` and the reason), as phi-core does
         for a failed provider call.
         """
-        self._require_running()
         loop = self._loop
+        # Tools may be ending in other threads or tasks: the turn's own state and the
+        # set of tools it cuts short are taken in one step under the loop's lock, so
+        # each tool is ended exactly once, by itself or by the turn.
+        with self._idle:
+            self._require_running()
+            self._state = _ENDED
+            cut_short = list(self._open)
+            self._open = {}
+            for tool in cut_short:
+                tool._cut_short()
         if error is not None:
             reason: BaseException | str = error
         else:
@@ -665,9 +707,14 @@ class TurnScope(_Scope):
         scope = self._message
         if scope is not None and scope.running:
             scope.end(reason)
-        for tool in list(self._open):
-            tool.end(reason)
-        self._state = _ENDED
+        tool_reason = _TOOL_CUT_SHORT if error is None else f"{_TOOL_CUT_SHORT} ({_describe(error)})"
+        for tool in cut_short:
+            tool._emit_end(tool_reason)
+        with self._idle:
+            # Tool ends under way in other threads finish first (this thread's own, as
+            # when a sink ends the turn during a tool's end, cannot be waited for).
+            me = threading.get_ident()
+            self._idle.wait_for(lambda: all(thread == me for thread in self._ending))
         loop._turn = None
         message = self.message
         if message is None:
@@ -821,7 +868,7 @@ class ToolScope(_Scope):
     ``parent_loop_id`` is this loop, and this result's ``child_loop_id`` is its loop.
     """
 
-    __slots__ = ("_child_loop_id", "_details", "_is_error", "_loop", "_result", "_turn", "args",
+    __slots__ = ("_child_loop_id", "_cut", "_details", "_is_error", "_loop", "_result", "_turn", "args",
                  "tool_call_id", "tool_name")
 
     def __init__(self, turn: TurnScope, tool_call_id: str, tool_name: str, args: Any) -> None:
@@ -835,14 +882,15 @@ class ToolScope(_Scope):
         self._details: Any = None
         self._is_error = False
         self._child_loop_id: str | None = None
+        self._cut = False  # ended by its turn while running
 
     def start(self) -> ToolScope:
         """Emit ``ToolExecutionStart`` (the arguments pass the redactor first)."""
         self._begin()
         turn = self._turn
-        turn._require_running()
-        with self._loop._lock:
-            turn._open.add(self)
+        with self._loop._lock:  # atomic with the turn's end: never a tool its turn misses
+            turn._require_running()
+            turn._open[self] = None
         self._loop._tracer.emit(ToolExecutionStart(
             loop_id=self._loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
             args=self.args,
@@ -851,7 +899,8 @@ class ToolScope(_Scope):
 
     def update(self, partial: str | Sequence[Content] | ToolResult, details: Any = None) -> None:
         """A partial result (``ToolExecutionUpdate``)."""
-        self._require_running()
+        if not self._still_open("update"):
+            return
         if not isinstance(partial, ToolResult):
             partial = ToolResult(content=_content(partial), details=details)
         self._loop._tracer.emit(ToolExecutionUpdate(
@@ -861,19 +910,22 @@ class ToolScope(_Scope):
 
     def progress(self, text: str) -> None:
         """A progress note (``ProgressMessage``)."""
-        self._require_running()
+        if not self._still_open("progress"):
+            return
         self._loop._tracer.emit(ProgressMessage(
             loop_id=self._loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name, text=text,
         ))
 
     def result(self, content: str | Sequence[Content], details: Any = None) -> None:
         """The tool's successful result (emitted when the scope ends)."""
-        self._require_running()
+        if not self._still_open("result"):
+            return
         self._result, self._details, self._is_error = _content(content), details, False
 
     def error(self, content: str | Sequence[Content], details: Any = None) -> None:
         """The tool's error result (emitted when the scope ends); the loop goes on."""
-        self._require_running()
+        if not self._still_open("error"):
+            return
         self._result, self._details, self._is_error = _content(content), details, True
 
     def sub_agent(
@@ -898,35 +950,65 @@ class ToolScope(_Scope):
         child = agent if agent is not None else loop._agent.spawn()
         if config_id is None:
             config_id = config.config_id if config is not None and config.config_id is not None else "sub"
-        scope = LoopScope(tracer, child, child.next_loop_id(config_id), child.session_id, config, config_id,
+        session_id, loop_id = child.allocate_loop(config_id)
+        scope = LoopScope(tracer, child, loop_id, session_id, config, config_id,
                           parent_loop_id=loop.loop_id, kind=INITIAL, metadata=metadata,
                           first_trigger="SubAgent")
         self._child_loop_id = scope.loop_id
         return scope
 
-    def end(self, error: BaseException | str | None = None) -> None:
-        """Emit ``ToolExecutionEnd`` and the ``toolResult`` message; with `error`, as a failure."""
+    def _still_open(self, what: str) -> bool:
+        """Whether a call may act: False (logged) once the turn has cut the tool short,
+        so a tool still running in another thread or task does not fail its agent."""
+        if self._cut:
+            logger.info("tool %s (%s): %s ignored, its turn already ended it", self.tool_name,
+                        self.tool_call_id, what)
+            return False
         self._require_running()
+        return True
+
+    def _cut_short(self) -> None:
+        """Called by the ending turn, under the loop's lock, for a tool still running."""
         self._state = _ENDED
-        if error is not None:
-            self._result = _content(f"{self.tool_name} failed: {_describe(error)}")
-            self._is_error = True
-        loop = self._loop
-        child = self._child_loop_id
-        result = ToolResult(content=self._result, details=self._details,
-                            child_loop_id=child if child is not None else msgspec.UNSET)
-        emit = loop._tracer.emit
-        emit(ToolExecutionEnd(
-            loop_id=loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
-            result=result, is_error=self._is_error, child_loop_id=child,
-        ))
-        message = ToolResultMessage(
-            tool_call_id=self.tool_call_id, tool_name=self.tool_name, content=self._result,
-            is_error=self._is_error, timestamp=loop._agent.millis(),
-        )
-        emit(MessageStart(loop_id=loop.loop_id, message=message))
-        emit(MessageEnd(loop_id=loop.loop_id, message=message))
-        self._turn._tool_done(self, message)
+        self._cut = True
+        self._turn._tool_ending(self)
+
+    def end(self, error: BaseException | str | None = None) -> None:
+        """Emit ``ToolExecutionEnd`` and the ``toolResult`` message; with `error`, as a failure.
+
+        Error texts (exception messages) reach sinks through the redactor like any
+        failed tool's result. After the turn cut the tool short, a no-op (logged).
+        """
+        with self._loop._lock:  # atomic with the turn's end: each tool ends once
+            if not self._still_open("end"):
+                return
+            self._state = _ENDED
+            self._turn._tool_ending(self)
+        self._emit_end(error)
+
+    def _emit_end(self, error: BaseException | str | None) -> None:
+        message: ToolResultMessage | None = None
+        try:
+            if error is not None:
+                self._result = _content(f"{self.tool_name} failed: {_describe(error)}")
+                self._is_error = True
+            loop = self._loop
+            child = self._child_loop_id
+            result = ToolResult(content=self._result, details=self._details,
+                                child_loop_id=child if child is not None else msgspec.UNSET)
+            emit = loop._tracer.emit
+            emit(ToolExecutionEnd(
+                loop_id=loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
+                result=result, is_error=self._is_error, child_loop_id=child,
+            ))
+            message = ToolResultMessage(
+                tool_call_id=self.tool_call_id, tool_name=self.tool_name, content=self._result,
+                is_error=self._is_error, timestamp=loop._agent.millis(),
+            )
+            emit(MessageStart(loop_id=loop.loop_id, message=message))
+            emit(MessageEnd(loop_id=loop.loop_id, message=message))
+        finally:
+            self._turn._tool_done(message)
 
 
 class CompactionScope(_Scope):

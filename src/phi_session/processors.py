@@ -11,10 +11,12 @@ processor and the exception type, so it is never passed on unredacted and never
 lost without a trace. The failure is logged once per processor and counted.
 
 `Redactor` is the built-in secret scrubber: API-key and bearer-token patterns and
-named fields (``api_key``, ``authorization``, ``password``, ``token``, ``secret``...)
+named fields (``api_key``, ``authorization``, ``password``, ``token``, ``secret``...;
+camelCase and kebab-case names read as snake_case)
 are replaced by ``"[REDACTED]"``. By default it covers config snapshots, loop
 metadata, tool arguments (in ``ToolExecutionStart`` and in the tool calls of every
-assistant message) and error texts; ``redact_text=True`` extends it to message
+assistant message; a JSON-string argument is parsed and its fields checked) and
+error texts (a failed tool's result included); ``redact_text=True`` extends it to message
 text, tool results, streaming deltas and progress text.
 """
 
@@ -26,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import msgspec
 from msgspec.structs import replace
 
 from .events import (
@@ -105,6 +108,9 @@ _DEFAULT_PATTERN = _alternation(DEFAULT_SECRET_PATTERNS)
 _DEFAULT_ANCHORS = re.compile(
     r"sk-|AKIA|ASIA|ghp_|gho_|ghu_|ghs_|ghr_|github_pat_|xox|AIza|eyJ|Bearer |bearer |BEARER |://|="
 )
+_json_decode = msgspec.json.decode
+_json_encode = msgspec.json.encode
+_IMMUTABLE_ARGUMENTS = (str, int, float, bool, type(None))
 _FIELD_CACHE_LIMIT = 4096
 _MEMO_LIMIT = 256
 
@@ -273,8 +279,19 @@ class ProcessorChain:
 # -- the redactor -------------------------------------------------------------------------------
 
 
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
 def _normalize_field(name: str) -> str:
-    return name.lower().replace("-", "_")
+    # camelCase and kebab-case read as snake_case: ``accessToken`` and ``access-token``
+    # are ``access_token`` (an all-caps name like ``X-API-KEY`` has no camel boundary).
+    return _CAMEL_BOUNDARY.sub("_", name).lower().replace("-", "_")
+
+
+def _memoizable(content: tuple[Content, ...]) -> bool:
+    """Whether `content` is immutable all the way down (no tool call holds a dict or list)."""
+    return all(type(block) is not ToolCall or type(block.arguments) in _IMMUTABLE_ARGUMENTS
+               for block in content)
 
 
 class Redactor:
@@ -317,10 +334,10 @@ class Redactor:
             MessageStart: self._message_event, MessageEnd: self._message_event,
             MessageUpdate: self._update, TurnEnd: self._turn_end, TurnRequest: self._turn_request,
             ToolExecutionStart: self._tool_start, InputRejected: self._input_rejected,
+            ToolExecutionEnd: self._tool_end,
         }
         if redact_text:
-            self._handlers.update({ToolExecutionEnd: self._tool_end, ToolExecutionUpdate: self._tool_update,
-                                   ProgressMessage: self._progress})
+            self._handlers.update({ToolExecutionUpdate: self._tool_update, ProgressMessage: self._progress})
 
     def __repr__(self) -> str:
         return f"Redactor(redact_text={self.redact_text})"
@@ -403,13 +420,32 @@ class Redactor:
 
     # -- messages -----------------------------------------------------------------------
 
+    def redact_json_string(self, text: str) -> str:
+        """`text` redacted; a JSON object or array is redacted as its parsed value.
+
+        Tool arguments often arrive as a JSON string (``'{"password": "x"}'``): its
+        secret *fields* are only visible once parsed. A changed value is re-encoded
+        compactly; anything that is not a JSON object or array gets `redact_string`.
+        """
+        head = text.lstrip()[:1]
+        if head == "{" or head == "[":
+            try:
+                parsed = _json_decode(text)
+            except msgspec.DecodeError:
+                pass
+            else:
+                redacted = self.redact_value(parsed)
+                return text if redacted is parsed else _json_encode(redacted).decode()
+        return self.redact_string(text)
+
     def _memoized(self, value: Any, redact: Callable[[Any], Any]) -> Any:
         """``redact(value)``, remembered for the same object.
 
-        One tool call's arguments and one message's content reach the redactor
-        several times (``MessageEnd``, ``TurnEnd``, ``AgentEnd``, ``ToolExecutionStart``):
-        they are scanned once. Entries hold the object itself, so its id cannot be
-        reused while remembered. Recorded messages are immutable by contract.
+        One message's content reaches the redactor several times (``MessageEnd``,
+        ``TurnEnd``, ``AgentEnd``): it is scanned once. Entries hold the object
+        itself, so its id cannot be reused while remembered. Only immutable values
+        may be memoized (see `_memoizable`): a dict could gain a secret after its
+        first scan.
         """
         key = id(value)
         # Lock-free read: a hit holds its object, so the identity check is reliable.
@@ -425,14 +461,28 @@ class Redactor:
         return result
 
     def _arguments(self, arguments: Any) -> Any:
-        if arguments is None or type(arguments) is str:
-            return self.redact_value(arguments)
-        return self._memoized(arguments, self.redact_value)
+        # Never memoized: arguments are usually a dict the agent may still change
+        # (adding a credential before running the tool) under the same identity.
+        if type(arguments) is str:
+            return self.redact_json_string(arguments)
+        return self.redact_value(arguments)
 
     def _content(self, content: tuple[Content, ...]) -> tuple[Content, ...]:
-        return content if not content else self._memoized(content, self._scan_content)
+        if not content:
+            return content
+        if _memoizable(content):
+            scanned: tuple[Content, ...] = self._memoized(content, self._scan_content)
+            return scanned
+        return self._scan_content(content)
 
-    def _scan_content(self, content: tuple[Content, ...]) -> tuple[Content, ...]:
+    def _error_content(self, content: tuple[Content, ...]) -> tuple[Content, ...]:
+        # A failed tool's text is usually an exception message (URLs with keys,
+        # headers): always scanned, with or without `redact_text`. Errors are rare
+        # and may share no identity with anything scanned before: no memo.
+        return self._scan_content(content, all_text=True)
+
+    def _scan_content(self, content: tuple[Content, ...], all_text: bool = False) -> tuple[Content, ...]:
+        redact_text = self.redact_text or all_text
         out: list[Content] | None = None
         for index, block in enumerate(content):
             new: Content = block
@@ -440,7 +490,7 @@ class Redactor:
                 arguments = self._arguments(block.arguments)
                 if arguments is not block.arguments:
                     new = replace(block, arguments=arguments)
-            elif self.redact_text:
+            elif redact_text:
                 if type(block) is TextContent:
                     text = self.redact_string(block.text)
                     if text is not block.text:
@@ -465,6 +515,9 @@ class Redactor:
             if content is not message.content or error is not message.error_message:
                 return replace(message, content=content, error_message=error)
             return message
+        if tp is ToolResultMessage and message.is_error and not self.redact_text:
+            content = self._error_content(message.content)
+            return message if content is message.content else replace(message, content=content)
         if self.redact_text and (tp is UserMessage or tp is ToolResultMessage):
             content = self._content(message.content)
             return message if content is message.content else replace(message, content=content)
@@ -478,8 +531,8 @@ class Redactor:
         out = [self._message(m) for m in messages]
         return messages if all(a is b for a, b in zip(out, messages, strict=True)) else tuple(out)
 
-    def _result(self, result: ToolResult) -> ToolResult:
-        content = self._content(result.content)
+    def _result(self, result: ToolResult, is_error: bool = False) -> ToolResult:
+        content = self._error_content(result.content) if is_error else self._content(result.content)
         details = self.redact_value(result.details)
         if content is result.content and details is result.details:
             return result
@@ -511,8 +564,9 @@ class Redactor:
 
     def _turn_end(self, event: TurnEnd) -> TurnEnd:
         message = self._message(event.message)
-        # Tool results carry no tool arguments: only text redaction looks at them.
-        results = self._messages(event.tool_results) if self.redact_text else event.tool_results
+        # Tool results carry no tool arguments: without text redaction only failed
+        # ones (error texts) are scanned.
+        results = self._messages(event.tool_results)
         if message is event.message and results is event.tool_results:
             return event
         return replace(event, message=message, tool_results=results)
@@ -524,7 +578,9 @@ class Redactor:
         return replace(event, payload=replace(event.payload, messages=messages))
 
     def _tool_end(self, event: ToolExecutionEnd) -> ToolExecutionEnd:
-        result = self._result(event.result)
+        if not (event.is_error or self.redact_text):
+            return event
+        result = self._result(event.result, is_error=event.is_error)
         return event if result is event.result else replace(event, result=result)
 
     def _tool_update(self, event: ToolExecutionUpdate) -> ToolExecutionUpdate:

@@ -70,8 +70,10 @@ class QueueSink:
 
     Safe to call from any thread: from the queue's event-loop thread the event is
     put directly, from any other thread through ``call_soon_threadsafe`` (order is
-    kept per thread). The loop is the running loop at construction, or the first
-    one the sink is called from. `close()` puts the end-of-stream marker (None).
+    kept per thread). The loop is `loop`, else the running loop at construction:
+    built outside a running loop without `loop=`, the sink is refused (`RuntimeError`)
+    rather than guessing, since the first caller's loop may be the agent's, not the
+    consumer's. `close()` puts the end-of-stream marker (None).
     The queue must be unbounded (``asyncio.Queue()``; a bounded one is refused):
     the agent never waits for the consumer, and no event is dropped.
     """
@@ -88,44 +90,36 @@ class QueueSink:
                              "would drop events")
         self.queue = queue
         self.wants_deltas = wants_deltas
-        self._loop = loop
-        self._thread: int | None = None  # the loop's thread, once known: direct puts from it
+        self._thread: int | None = None  # the loop's thread, if known: direct puts from it
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is not None and loop in (None, running):
-            self._loop, self._thread = running, threading.get_ident()
+        if loop is None:
+            if running is None:
+                raise RuntimeError("QueueSink built outside a running event loop needs loop=: the "
+                                   "event loop of the consumer that reads the queue")
+            loop = running
+        if loop is running:
+            self._thread = threading.get_ident()
+        self._loop: asyncio.AbstractEventLoop = loop
 
     def __call__(self, event: AgentEvent | None) -> None:
         if threading.get_ident() == self._thread:
             self.queue.put_nowait(event)
             return
-        loop = self._loop
-        if loop is None:  # first use, and no loop known yet: it must be the caller's
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                raise RuntimeError("QueueSink first used outside an event loop; create it inside "
-                                   "the consumer's loop or pass loop=") from None
-            self._loop, self._thread = loop, threading.get_ident()
-            self.queue.put_nowait(event)
-            return
         # Any other thread (or an explicit loop whose thread is unknown): always this
         # path, so the events of one thread keep their order.
-        loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
     def close(self) -> None:
         """Signal the end of the stream to the consumer (after every event already sent).
 
         The marker always goes through the loop's callback queue, behind the events
-        other threads have handed over but the loop has not queued yet.
+        other threads have handed over but the loop has not queued yet. Raises
+        `RuntimeError` if the loop is closed (the marker could not be delivered).
         """
-        loop = self._loop
-        if loop is None:
-            self(None)
-        else:
-            loop.call_soon_threadsafe(self.queue.put_nowait, None)
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, None)
 
 
 class JsonlSink:
