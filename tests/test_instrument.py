@@ -728,3 +728,25 @@ def test_tools_ending_in_threads_while_the_turn_ends_each_end_exactly_once() -> 
         [turn_end] = [e for e in events if isinstance(e, ps.TurnEnd)]
         assert sorted(m.tool_call_id for m in turn_end.tool_results) == ["c0", "c1", "c2", "c3"]
         assert isinstance(events[-1], ps.TurnEnd)  # no tool end after its turn's end
+
+
+def test_recorded_tool_arguments_do_not_follow_later_mutation() -> None:
+    from phi_session import AgentSession, LoopConfigSnapshot, SessionRecorder, ToolCall, Tracer
+
+    recorder = SessionRecorder()
+    tracer = Tracer(AgentSession(), sinks=[recorder],
+                    config=LoopConfigSnapshot(model="m", provider="p"))
+    arguments = {"q": "x"}
+    with tracer.loop() as loop:
+        loop.user("hi")
+        with loop.turn() as turn:
+            with turn.assistant() as reply:
+                reply.finish(tool_calls=[ToolCall(id="c1", name="search", arguments=arguments)])
+            arguments["api_key"] = "plain-secret-value"  # the agent mutates its own dict afterwards
+            for call in turn.tool_calls:
+                with turn.tool(call) as tool:
+                    tool.result("ok")
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    from phi_session import encode
+    assert b"plain-secret-value" not in encode(session)

@@ -38,6 +38,7 @@ one thread or task at a time.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -106,6 +107,14 @@ __all__ = [
 _CANCELLATIONS = (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit)
 _NEW, _RUNNING, _ENDED = 0, 1, 2  # scope states
 
+
+
+def _owned(call: ToolCall) -> ToolCall:
+    """The call with arguments of its own: a recorded message must not change (or gain
+    an unredacted secret) when the agent later mutates the dict it passed in."""
+    if isinstance(call.arguments, (dict, list)):
+        return replace(call, arguments=copy.deepcopy(call.arguments))
+    return call
 
 
 def _content(value: str | Sequence[Content]) -> tuple[Content, ...]:
@@ -827,7 +836,7 @@ class MessageScope(_Scope):
         if message is None:
             blocks = self._streamed() if content is None else _content(content)
             if tool_calls:
-                blocks = (*blocks, *tool_calls)
+                blocks = (*blocks, *(_owned(call) for call in tool_calls))
             if stop_reason is None:
                 stop_reason = "toolUse" if any(type(b) is ToolCall for b in blocks) else "stop"
             message = AssistantMessage(
