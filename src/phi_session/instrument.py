@@ -113,8 +113,20 @@ def _owned(call: ToolCall) -> ToolCall:
     """The call with arguments of its own: a recorded message must not change (or gain
     an unredacted secret) when the agent later mutates the dict it passed in."""
     if isinstance(call.arguments, (dict, list)):
-        return replace(call, arguments=copy.deepcopy(call.arguments))
+        try:  # arguments are JSON values: a JSON round trip is the fast deep copy
+            owned = _json_copy(call.arguments)
+        except (TypeError, msgspec.EncodeError, ValueError):
+            owned = copy.deepcopy(call.arguments)
+        return replace(call, arguments=owned)
     return call
+
+
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
+
+
+def _json_copy(value: Any) -> Any:
+    return _json_decode(_json_encode(value))
 
 
 def _content(value: str | Sequence[Content]) -> tuple[Content, ...]:
