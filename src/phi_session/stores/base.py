@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Literal, Protocol, TypeVar, runtime_checkable
+from typing import Literal, Protocol, TypeVar, get_args, runtime_checkable
 
 import msgspec
 
@@ -13,7 +13,7 @@ from ..codec import encode_event
 from ..errors import InvalidSessionId
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
-from ..model import LoopRecord, Session
+from ..model import LoopRecord, LoopStatus, Session
 
 Order = Literal["newest", "oldest", "tokens"]
 _T = TypeVar("_T")
@@ -166,7 +166,7 @@ class AsyncTwins:
         return await asyncio.to_thread(self.list_for_agent, agent_id)  # type: ignore[attr-defined]
 
 
-LOOP_STATUSES = ("Pending", "Running", "Completed", "Rejected", "Aborted")
+LOOP_STATUSES: tuple[str, ...] = get_args(LoopStatus)
 
 
 def check_query(*, status: str | None, limit: int | None, order: str) -> None:

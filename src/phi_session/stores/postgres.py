@@ -689,10 +689,7 @@ class PostgresStore(AsyncTwins):
         limit: int | None = None,
         order: Order = "newest",
     ) -> tuple[sql.Composed, list[Any]]:
-        if order not in _ORDER_BY:
-            raise ValueError(f"order must be one of {sorted(_ORDER_BY)}, got {order!r}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must not be negative, got {limit}")
+        check_query(status=status, limit=limit, order=order)
         conditions: list[str] = []
         params: list[Any] = []
         for condition, value in (
@@ -740,7 +737,6 @@ class PostgresStore(AsyncTwins):
         the bare model name; `order` is newest or oldest activity first, or most
         tokens first, ties by session id.
         """
-        check_query(status=status, limit=limit, order=order)
         statement, params = self._query_sql(
             agent_id=agent_id, since=since, until=until, status=status, model=model,
             min_tokens=min_tokens, parent_session_id=parent_session_id, limit=limit, order=order,
