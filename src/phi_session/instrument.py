@@ -452,9 +452,9 @@ class Tracer:
       then the built-in `Redactor` unless ``redact=False`` (or pass your own).
     * `config`: the default `LoopConfigSnapshot` of loops that do not give one.
 
-    `emit(event)` sends a hand-built event the same way. Thread-safe. `close()`
-    closes the sinks that can be closed (files, queues); so does leaving a
-    ``with Tracer(...)`` block.
+    `emit(event)` sends a hand-built event the same way. Thread-safe. `flush()` and
+    `close()` flush and close the sinks (`phi_session.sinks.Sink`); leaving a
+    ``with Tracer(...)`` block closes them.
     """
 
     def __init__(
@@ -564,8 +564,12 @@ class Tracer:
         """Failures per processor; their events went on with content withheld."""
         return self.processors.failures
 
+    def flush(self) -> None:
+        """Flush every sink (see `Sink.flush`). Never raises."""
+        self.fanout.flush()
+
     def close(self) -> None:
-        """Close every sink that can be closed. Never raises."""
+        """Close every sink (see `Sink.close`). Never raises."""
         self.fanout.close()
 
     def __enter__(self) -> Tracer:
