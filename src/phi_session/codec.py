@@ -21,16 +21,14 @@ from ._time import Timestamp
 from .errors import DecodeError
 from .events import (
     EVENT_TYPES,
-    AgentEnd,
+    MESSAGE_FIELDS_BY_TAG,
     AgentEvent,
     ContinuationKind,
-    MessageEnd,
-    MessageStart,
+    MessageField,
     MessageUpdate,
     SessionFormation,
     StreamDelta,
-    TurnEnd,
-    TurnRequest,
+    map_messages,
     runs_decoders,
 )
 from .messages import (
@@ -131,13 +129,8 @@ MessageFn = Callable[[Any], Any]
 
 
 def map_event_messages(event: Any, fn: MessageFn) -> Any:
-    """A copy of `event` with every agent-form message replaced by ``fn(message)``."""
-    tp = type(event)
-    if tp is MessageEnd or tp is MessageStart or tp is MessageUpdate or tp is TurnEnd:
-        return replace(event, message=fn(event.message))
-    if tp is AgentEnd:
-        return replace(event, messages=tuple(fn(m) for m in event.messages))
-    return event
+    """`event` with every agent-form message replaced by ``fn(message)``."""
+    return map_messages(event, fn, agent=True)
 
 
 def _map_turn(turn: Turn, fn: MessageFn) -> Turn:
@@ -213,19 +206,8 @@ def _plain_message(message: Message) -> Message:
 
 
 def _strip_plain(event: Any) -> Any:
-    """Drop agent metadata from the plain-form messages of TurnEnd and TurnRequest."""
-    tp = type(event)
-    if tp is TurnEnd:
-        results = event.tool_results
-        stripped = tuple(_plain_message(m) for m in results)
-        if any(a is not b for a, b in zip(stripped, results, strict=True)):
-            return replace(event, tool_results=stripped)
-    elif tp is TurnRequest:
-        messages = event.payload.messages
-        stripped = tuple(_plain_message(m) for m in messages)
-        if any(a is not b for a, b in zip(stripped, messages, strict=True)):
-            return replace(event, payload=replace(event.payload, messages=stripped))
-    return event
+    """Drop agent metadata from the plain-form messages of an event."""
+    return map_messages(event, _plain_message, agent=False)
 
 
 def _strip_loop(record: LoopRecord) -> LoopRecord:
@@ -371,17 +353,25 @@ def _repair_event(obj: Any, path: str, hidden: _Placeholders) -> Any:
     if not isinstance(obj, dict):
         return obj
     kind = obj.get("type")
-    if kind in ("MessageStart", "MessageUpdate", "MessageEnd", "TurnEnd") and "message" in obj:
-        obj["message"] = _lenient_message(obj["message"], f"{path}.message", hidden)
-    if kind == "AgentEnd" and isinstance(obj.get("messages"), list):
-        obj["messages"] = [
-            _lenient_message(m, f"{path}.messages[{i}]", hidden) for i, m in enumerate(obj["messages"])
-        ]
-    if kind == "TurnEnd" and isinstance(obj.get("tool_results"), list):
-        obj["tool_results"] = [_lenient_plain(m, path) for m in obj["tool_results"]]
-    if kind == "TurnRequest":
-        _repair_payload(obj.get("payload"), path)
+    for field in MESSAGE_FIELDS_BY_TAG.get(kind, ()) if isinstance(kind, str) else ():
+        container: Any = obj
+        key, where = field.name, f"{path}.{field.name}"
+        if field.within is not None:
+            container, key, where = obj.get(field.name), field.within, f"{where}.{field.within}"
+            if not isinstance(container, dict):
+                continue
+        if key not in container:
+            continue
+        value = container[key]
+        if not field.many:
+            container[key] = _lenient_field(field, value, where, hidden)
+        elif isinstance(value, list):
+            container[key] = [_lenient_field(field, m, f"{where}[{i}]", hidden) for i, m in enumerate(value)]
     return obj
+
+
+def _lenient_field(field: MessageField, obj: Any, path: str, hidden: _Placeholders) -> Any:
+    return _lenient_message(obj, path, hidden) if field.agent else _lenient_plain(obj, path)
 
 
 def _repair_payload(payload: Any, path: str) -> None:

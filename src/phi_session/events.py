@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from types import CodeType
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, NamedTuple, TypeVar, Union
 
 import msgspec
-from msgspec.structs import force_setattr
+from msgspec.structs import force_setattr, replace
 
 from ._float32 import Float32
 from ._time import Timestamp
@@ -535,3 +535,74 @@ AgentEvent = Union[
 
 EVENT_TYPES: tuple[type, ...] = AgentEvent.__args__  # type: ignore[attr-defined]
 """The 19 event classes, in phi-core's declaration order."""
+
+
+# -- Where events carry messages ------------------------------------------------------
+
+
+class MessageField(NamedTuple):
+    """A field of an event type that carries messages; its name is also its JSON key.
+
+    * `many`: a tuple of messages rather than one message.
+    * `agent`: messages in the agent-message form (`AgentMessage`: metadata such as
+      ``turnId``, extension messages, every key written sorted, read leniently by
+      phi-core); otherwise in the plain form (`Message`: record objects without
+      agent metadata).
+    * `within`: the messages are this field of the field's value (the ``messages``
+      of ``TurnRequest.payload``).
+    """
+
+    name: str
+    many: bool = False
+    agent: bool = True
+    within: str | None = None
+
+
+MESSAGE_FIELDS: dict[type, tuple[MessageField, ...]] = {
+    MessageStart: (MessageField("message"),),
+    MessageUpdate: (MessageField("message"),),
+    MessageEnd: (MessageField("message"),),
+    TurnEnd: (MessageField("message"), MessageField("tool_results", many=True, agent=False)),
+    AgentEnd: (MessageField("messages", many=True),),
+    TurnRequest: (MessageField("payload", many=True, agent=False, within="messages"),),
+}
+"""Which fields of which event types carry messages, in which form: the one statement
+of it that encoding, decoding (lenient and strict), the redactor and `withhold` follow."""
+
+MESSAGE_FIELDS_BY_TAG: dict[str, tuple[MessageField, ...]] = {
+    tp.__name__: fields for tp, fields in MESSAGE_FIELDS.items()}
+"""`MESSAGE_FIELDS` by the events' JSON ``"type"`` tag, for code that reads JSON trees."""
+
+_MESSAGE_FIELDS_OF_FORM: dict[bool | None, dict[type, tuple[MessageField, ...]]] = {
+    None: MESSAGE_FIELDS,
+    **{agent: {tp: kept for tp, fields in MESSAGE_FIELDS.items()
+               if (kept := tuple(f for f in fields if f.agent is agent))}
+       for agent in (True, False)},
+}
+
+_E = TypeVar("_E", bound=msgspec.Struct)
+
+
+def map_messages(event: _E, fn: Callable[[Any], Any], *, agent: bool | None = None) -> _E:
+    """`event` with every message in its message fields replaced by ``fn(message)``.
+
+    `agent` limits this to the agent-form (True) or the plain-form (False) fields.
+    Returns `event` itself when `fn` returns every message unchanged.
+    """
+    fields = _MESSAGE_FIELDS_OF_FORM[agent].get(type(event))
+    if fields is None:
+        return event
+    changes: dict[str, Any] = {}
+    for field in fields:
+        value = getattr(event, field.name)
+        messages = value if field.within is None else getattr(value, field.within)
+        if field.many:
+            mapped = tuple([fn(message) for message in messages])
+            if all(new is old for new, old in zip(mapped, messages, strict=True)):
+                continue
+        else:
+            mapped = fn(messages)
+            if mapped is messages:
+                continue
+        changes[field.name] = mapped if field.within is None else replace(value, **{field.within: mapped})
+    return replace(event, **changes) if changes else event

@@ -31,8 +31,6 @@ from .events import (
     AgentStart,
     InputRejected,
     LoopConfigSnapshot,
-    MessageEnd,
-    MessageStart,
     MessageUpdate,
     ProgressMessage,
     PrunApplied,
@@ -41,8 +39,8 @@ from .events import (
     ToolExecutionEnd,
     ToolExecutionStart,
     ToolExecutionUpdate,
-    TurnEnd,
     TurnRequest,
+    map_messages,
 )
 from .messages import (
     AgentMessage,
@@ -129,22 +127,15 @@ def _withhold_agent_start(event: AgentStart, note: str) -> AgentStart:
 
 
 def _withhold_agent_end(event: AgentEnd, note: str) -> AgentEnd:
-    return replace(
-        event, messages=tuple(_withhold_message(m, note) for m in event.messages),
-        rejection=_optional(event.rejection, note),
-        error=note if isinstance(event.error, str) else event.error,
-    )
+    return replace(event, rejection=_optional(event.rejection, note),
+                   error=note if isinstance(event.error, str) else event.error)
 
 
+# Per event type, how to withhold its content outside its message fields.
 _WITHHOLD: dict[type, Callable[[Any, str], Any]] = {
     AgentStart: _withhold_agent_start,
     AgentEnd: _withhold_agent_end,
-    MessageStart: lambda e, note: replace(e, message=_withhold_message(e.message, note)),
-    MessageEnd: lambda e, note: replace(e, message=_withhold_message(e.message, note)),
-    MessageUpdate: lambda e, note: replace(e, message=_withhold_message(e.message, note),
-                                           delta=StreamDelta(e.delta.kind, note)),
-    TurnEnd: lambda e, note: replace(e, message=_withhold_message(e.message, note), tool_results=tuple(
-        _withhold_message(m, note) for m in e.tool_results)),
+    MessageUpdate: lambda e, note: replace(e, delta=StreamDelta(e.delta.kind, note)),
     TurnRequest: lambda e, note: replace(e, payload=replace(
         e.payload, system_prompt=note, messages=(), provenance=(), tools=())),
     ToolExecutionStart: lambda e, note: replace(e, args={"withheld": note}),
@@ -162,9 +153,11 @@ def withhold(event: AgentEvent, note: str) -> AgentEvent:
     """`event` with every piece of content replaced by `note`; ids, counters and usage kept.
 
     Used when a processor fails: what remains is safe to record whatever the content
-    was. Events without content (``TurnStart``, parallel and compaction events) come
-    back unchanged.
+    was. Every message (`phi_session.events.MESSAGE_FIELDS`) keeps its role and
+    metadata but not its content; events without content (``TurnStart``, parallel
+    and compaction events) come back unchanged.
     """
+    event = map_messages(event, lambda message: _withhold_message(message, note))
     strip = _WITHHOLD.get(type(event))
     return event if strip is None else strip(event, note)
 

@@ -14,27 +14,25 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from msgspec.structs import replace
 
 from .events import (
+    MESSAGE_FIELDS,
     AgentEnd,
     AgentEvent,
     AgentStart,
     InputRejected,
     LoopConfigSnapshot,
-    MessageEnd,
-    MessageStart,
     MessageUpdate,
     ProgressMessage,
     StreamDelta,
     ToolExecutionEnd,
     ToolExecutionStart,
     ToolExecutionUpdate,
-    TurnEnd,
-    TurnRequest,
+    map_messages,
 )
 from .messages import (
     AssistantMessage,
@@ -51,6 +49,8 @@ from .messages import (
 )
 
 __all__ = ["DEFAULT_SECRET_FIELDS", "DEFAULT_SECRET_PATTERNS", "REDACTED", "Redactor"]
+
+_E = TypeVar("_E", bound=msgspec.Struct)
 
 REDACTED = "[REDACTED]"
 
@@ -149,14 +149,14 @@ class Redactor:
         self._memo: dict[int, tuple[Any, Any]] = {}
         self._memo_lock = threading.Lock()
         # Per event type, what to scan; events of other types pass untouched, at the
-        # cost of one dict lookup.
-        self._handlers: dict[type, Callable[[Any], AgentEvent]] = {
-            AgentStart: self._agent_start, AgentEnd: self._agent_end,
-            MessageStart: self._message_event, MessageEnd: self._message_event,
-            MessageUpdate: self._update, TurnEnd: self._turn_end, TurnRequest: self._turn_request,
+        # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
+        self._handlers: dict[type, Callable[[Any], AgentEvent]] = dict.fromkeys(
+            MESSAGE_FIELDS, self._in_messages)
+        self._handlers.update({
+            AgentStart: self._agent_start, AgentEnd: self._agent_end, MessageUpdate: self._update,
             ToolExecutionStart: self._tool_start, InputRejected: self._input_rejected,
             ToolExecutionEnd: self._tool_end,
-        }
+        })
         if redact_text:
             self._handlers.update({ToolExecutionUpdate: self._tool_update, ProgressMessage: self._progress})
 
@@ -336,6 +336,8 @@ class Redactor:
             if content is not message.content or error is not message.error_message:
                 return replace(message, content=content, error_message=error)
             return message
+        # Tool results carry no tool arguments: without text redaction only failed
+        # ones (error texts) are scanned.
         if tp is ToolResultMessage and message.is_error and not self.redact_text:
             content = self._error_content(message.content)
             return message if content is message.content else replace(message, content=content)
@@ -347,10 +349,6 @@ class Redactor:
             return message if data is message.data else extension_message(
                 message_role(message), message.kind, data)
         return message
-
-    def _messages(self, messages: tuple[Any, ...]) -> tuple[Any, ...]:
-        out = [self._message(m) for m in messages]
-        return messages if all(a is b for a, b in zip(out, messages, strict=True)) else tuple(out)
 
     def _result(self, result: ToolResult, is_error: bool = False) -> ToolResult:
         content = self._error_content(result.content) if is_error else self._content(result.content)
@@ -375,28 +373,13 @@ class Redactor:
         handler = self._handlers.get(type(event))
         return event if handler is None else handler(event)
 
-    def _message_event(self, event: MessageStart | MessageEnd) -> MessageStart | MessageEnd:
-        message = self._message(event.message)
-        return event if message is event.message else replace(event, message=message)
+    def _in_messages(self, event: _E) -> _E:
+        """Every message of `event`, wherever `MESSAGE_FIELDS` says, through `_message`."""
+        return map_messages(event, self._message)
 
     def _tool_start(self, event: ToolExecutionStart) -> ToolExecutionStart:
         args = self._arguments(event.args)
         return event if args is event.args else replace(event, args=args)
-
-    def _turn_end(self, event: TurnEnd) -> TurnEnd:
-        message = self._message(event.message)
-        # Tool results carry no tool arguments: without text redaction only failed
-        # ones (error texts) are scanned.
-        results = self._messages(event.tool_results)
-        if message is event.message and results is event.tool_results:
-            return event
-        return replace(event, message=message, tool_results=results)
-
-    def _turn_request(self, event: TurnRequest) -> TurnRequest:
-        messages = self._messages(event.payload.messages)
-        if messages is event.payload.messages:
-            return event
-        return replace(event, payload=replace(event.payload, messages=messages))
 
     def _tool_end(self, event: ToolExecutionEnd) -> ToolExecutionEnd:
         if not (event.is_error or self.redact_text):
@@ -425,8 +408,7 @@ class Redactor:
         message = event.message
         if type(message) is AssistantMessage and not message.content and message.error_message is None:
             return event  # phi-core's empty placeholder: nothing to scan, on the hottest path
-        redacted = self._message(message)
-        return event if redacted is message else replace(event, message=redacted)
+        return self._in_messages(event)
 
     def _agent_start(self, event: AgentStart) -> AgentStart:
         snapshot = event.config_snapshot
@@ -438,11 +420,11 @@ class Redactor:
         return replace(event, config_snapshot=new_snapshot, metadata=metadata)
 
     def _agent_end(self, event: AgentEnd) -> AgentEnd:
-        messages = self._messages(event.messages)
+        event = self._in_messages(event)
         error = event.error
         new_error = self.redact_string(error) if isinstance(error, str) else error
         rejection = event.rejection
         new_rejection = None if rejection is None else self.redact_string(rejection)
-        if messages is event.messages and new_error is error and new_rejection is rejection:
+        if new_error is error and new_rejection is rejection:
             return event
-        return replace(event, messages=messages, error=new_error, rejection=new_rejection)
+        return replace(event, error=new_error, rejection=new_rejection)
