@@ -152,7 +152,7 @@ def map_loop_messages(record: LoopRecord, fn: MessageFn) -> LoopRecord:
     """A copy of `record` with every agent-form message (events included) mapped by `fn`."""
     events = []
     for item in record.events:
-        mapped = map_event_messages(item.event, fn)
+        mapped = map_messages(item.event, fn, agent=True)
         events.append(item if mapped is item.event else LoopEvent(sequence=item.sequence, event=mapped))
     block = record.compaction_block
     if isinstance(block, CompactionBlock):

@@ -278,8 +278,8 @@ class _LoopState:
     waiting for a turn, the open turn).
     """
 
-    __slots__ = ("_pending", "agent", "config", "emit", "lock", "loop_id", "messages", "outlet", "scope",
-                 "turn", "usage", "wants_deltas")
+    __slots__ = ("_pending", "agent", "config", "emit", "lock", "loop_id", "messages", "millis", "now",
+                 "outlet", "scope", "turn", "usage", "wants_deltas")
 
     def __init__(self, scope: LoopScope, outlet: _Outlet, agent: AgentSession, loop_id: str,
                  config: LoopConfigSnapshot | None) -> None:
@@ -288,6 +288,10 @@ class _LoopState:
         self.emit = outlet.emit
         self.wants_deltas = outlet.wants_deltas
         self.agent = agent
+        self.now: Callable[[], Timestamp] = agent.now
+        """The agent's clock, as an event timestamp."""
+        self.millis: Callable[[], int] = agent.millis
+        """The agent's clock in epoch milliseconds (message timestamps)."""
         self.loop_id = loop_id
         self.config = config
         self.lock = threading.Lock()  # guards the tool bookkeeping of the loop's turns
@@ -297,12 +301,6 @@ class _LoopState:
         self.turn: TurnScope | None = None
         """The turn `LoopScope.turn` opened last, until it ends."""
         self._pending: list[AgentMessage] = []  # prompts / follow-ups waiting for the next turn
-
-    def now(self) -> Timestamp:
-        return self.agent.now()
-
-    def millis(self) -> int:
-        return self.agent.millis()
 
     def require_running(self) -> None:
         if not self.scope.running:

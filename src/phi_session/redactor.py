@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any
 
 import msgspec
 from msgspec.structs import replace
@@ -49,8 +50,6 @@ from .messages import (
 )
 
 __all__ = ["DEFAULT_SECRET_FIELDS", "DEFAULT_SECRET_PATTERNS", "REDACTED", "Redactor"]
-
-_E = TypeVar("_E", bound=msgspec.Struct)
 
 REDACTED = "[REDACTED]"
 
@@ -151,7 +150,7 @@ class Redactor:
         # Per event type, what to scan; events of other types pass untouched, at the
         # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
         self._handlers: dict[type, Callable[[Any], AgentEvent]] = dict.fromkeys(
-            MESSAGE_FIELDS, self._in_messages)
+            MESSAGE_FIELDS, partial(map_messages, fn=self._message))
         self._handlers.update({
             AgentStart: self._agent_start, AgentEnd: self._agent_end, MessageUpdate: self._update,
             ToolExecutionStart: self._tool_start, InputRejected: self._input_rejected,
@@ -373,10 +372,6 @@ class Redactor:
         handler = self._handlers.get(type(event))
         return event if handler is None else handler(event)
 
-    def _in_messages(self, event: _E) -> _E:
-        """Every message of `event`, wherever `MESSAGE_FIELDS` says, through `_message`."""
-        return map_messages(event, self._message)
-
     def _tool_start(self, event: ToolExecutionStart) -> ToolExecutionStart:
         args = self._arguments(event.args)
         return event if args is event.args else replace(event, args=args)
@@ -408,7 +403,7 @@ class Redactor:
         message = event.message
         if type(message) is AssistantMessage and not message.content and message.error_message is None:
             return event  # phi-core's empty placeholder: nothing to scan, on the hottest path
-        return self._in_messages(event)
+        return map_messages(event, self._message)
 
     def _agent_start(self, event: AgentStart) -> AgentStart:
         snapshot = event.config_snapshot
@@ -420,7 +415,7 @@ class Redactor:
         return replace(event, config_snapshot=new_snapshot, metadata=metadata)
 
     def _agent_end(self, event: AgentEnd) -> AgentEnd:
-        event = self._in_messages(event)
+        event = map_messages(event, self._message)
         error = event.error
         new_error = self.redact_string(error) if isinstance(error, str) else error
         rejection = event.rejection
