@@ -398,6 +398,66 @@ def test_files_that_are_not_segments_are_skipped(tmp_path: Path) -> None:
     assert (report.corrupt_regions, report.torn_records, report.sessions_saved) == (1, 1, 1)
 
 
+@pytest.fixture
+def segmented(tmp_path: Path) -> tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]]:
+    """A journal of single-record frames over several segments: its events, segments,
+    and each segment's sequence numbers."""
+    evs = events(6, deltas=0)  # every event journaled: records and events correspond
+    write_journal(tmp_path / "j", evs, durability="os", segment_bytes=8192)
+    segments = segment_files(tmp_path / "j")
+    assert len(segments) >= 4
+    seqs: dict[Path, list[int]] = {path: [] for path in segments}
+    for record in read_records(tmp_path / "j"):
+        seqs[record.segment].append(record.seq)
+    return tmp_path / "j", evs, segments, seqs
+
+
+def test_half_a_middle_segment_cut_off_is_counted_as_lost(
+        segmented: tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    directory, evs, segments, seqs = segmented
+    middle = segments[1]
+    cut = middle.stat().st_size // 2
+    whole = [end for offset, length in frames(middle) if (end := offset + length) <= cut]
+    os.truncate(middle, cut)
+    store = JsonDirStore(directory.parent / "store")
+    with caplog.at_level(logging.WARNING, "phi_session.journal"):
+        report = recover(directory, store)
+    lost = len(seqs[middle]) - len(whole)
+    assert lost > 0 and cut > whole[-1]  # the cut falls inside a frame
+    assert (report.records_lost, report.corrupt_regions, report.torn_records) == (lost, 1, 0)
+    assert report.bytes_skipped == cut - whole[-1]
+    assert report.events_replayed == len(evs) - lost
+    assert f"{lost} records missing" in caplog.text
+
+
+def test_a_cut_at_a_frame_boundary_and_a_missing_segment_are_counted(
+        segmented: tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]]) -> None:
+    directory, evs, segments, seqs = segmented
+    offset, _ = frames(segments[1])[3]
+    os.truncate(segments[1], offset)  # three whole frames left
+    segments[2].unlink()
+    report = recover(directory, JsonDirStore(directory.parent / "store"))
+    lost = len(seqs[segments[1]]) - 3 + len(seqs[segments[2]])
+    assert (report.records_lost, report.corrupt_regions, report.torn_records, report.bytes_skipped) == (
+        lost, 1, 0, 0)  # one missing stretch: the end of segment 1 and segment 2
+    assert report.events_replayed == len(evs) - lost
+
+
+def test_a_torn_write_followed_by_a_later_run_lost_no_record(tmp_path: Path) -> None:
+    evs = events(4, deltas=0)
+    half = len(evs) // 2
+    write_journal(tmp_path, evs[:half], durability="os")
+    (segment,) = segment_files(tmp_path)
+    os.truncate(segment, segment.stat().st_size - 3)  # the first run crashed mid-write
+    write_journal(tmp_path, evs[half - 1:], durability="os")  # the next run numbers the torn one again
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path, store)
+    assert (report.torn_records, report.records_lost, report.corrupt_regions) == (1, 0, 0)
+    assert (report.segments_read, report.events_replayed) == (2, len(evs))
+    assert stored(store) == recorded(evs)
+
+
 @pytest.fixture(scope="module")
 def pristine() -> tuple[bytes, dict[int, bytes]]:
     """One segment of single-record frames and its records by sequence number."""
