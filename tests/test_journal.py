@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -548,6 +549,84 @@ def test_sigkill_of_an_auto_persisting_recorder_loses_nothing(tmp_path: Path) ->
     assert_all_acknowledged_events_stored(store, last)
     for session_id in store.list_ids():
         store.load(session_id)
+
+
+# -- a full disk --------------------------------------------------------------------------------------
+
+
+def full_disk(real: Callable[..., object], *, closes: bool = False) -> Callable[..., object]:
+    """`real` failing with ENOSPC (a failing ``close`` still closes, as close(2) does)."""
+    def fail(fd: int, *args: object) -> object:
+        if closes:
+            real(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return fail
+
+
+def record_until_failure(sink: JournaledRecorder, fill: Callable[[], None], count: int = 3000) -> int:
+    """Record `stream()` with the disk filling up after 1,000 events; the last index acknowledged."""
+    acknowledged = -1
+    for index, event in enumerate(itertools.islice(stream(), count)):
+        if index == 1000:
+            fill()
+        try:
+            sink.on_event(event)
+        except StoreError:
+            return acknowledged
+        acknowledged = index
+    return acknowledged
+
+
+@pytest.mark.parametrize("durability", ["always", "os"])
+@pytest.mark.parametrize("failing", [("write", "writev"), ("fsync",), ("close",)])
+def test_a_full_disk_is_a_store_error_and_recovery_runs_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, failing: tuple[str, ...]) -> None:
+    journal = Journal(tmp_path / "j", durability=durability, segment_bytes=16 << 10)  # type: ignore[arg-type]
+
+    def fill() -> None:
+        for name in failing:
+            monkeypatch.setattr(os, name, full_disk(getattr(os, name), closes=name == "close"))
+
+    acknowledged = record_until_failure(JournaledRecorder(journal), fill)
+    assert acknowledged >= 999
+    with pytest.raises(StoreError, match="No space left"):
+        journal.close()  # the library's error, and the directory is unlocked all the same
+    monkeypatch.undo()
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path / "j", store)  # in the same process: no JournalLocked
+    assert report.records_lost == report.corrupt_regions == 0
+    assert_all_acknowledged_events_stored(store, acknowledged)
+
+
+@pytest.fixture
+def file_size_limit() -> Iterator[Callable[[int | None], None]]:
+    """Sets RLIMIT_FSIZE (None: as it was): the kernel then fails writes past that size
+    (EFBIG), as it does on a full disk (ENOSPC)."""
+    resource = pytest.importorskip("resource")
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(size: int | None) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous if size is None else (size, previous[1]))
+
+    yield limit
+    limit(None)
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.parametrize("durability", ["always", "os"])
+def test_a_file_size_limit_hit_by_the_kernel_leaves_the_journal_recoverable(
+        tmp_path: Path, file_size_limit: Callable[[int | None], None], durability: str) -> None:
+    journal = Journal(tmp_path / "j", durability=durability)  # type: ignore[arg-type]
+    acknowledged = record_until_failure(JournaledRecorder(journal), lambda: file_size_limit(200_000), 10_000)
+    assert acknowledged >= 999
+    with pytest.raises(StoreError, match="too large"):
+        journal.close()
+    file_size_limit(None)
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path / "j", store)
+    assert report.records_lost == report.corrupt_regions == 0
+    assert_all_acknowledged_events_stored(store, acknowledged)
 
 
 def test_a_journal_without_segments_recovers_to_nothing(tmp_path: Path) -> None:
