@@ -8,7 +8,8 @@ one takes only locks further down this list):
    segment, fsync, closing descriptors. Under ``"os"`` an append writes through under it.
 3. ``_lock``: numbering and queueing records, the list of segments and leftovers, the
    closed and failed state. Held only for bookkeeping, never across I/O.
-4. ``_acked_cond``: the acknowledged sequence number and its waiters.
+4. ``_acked_cond``: the waiters for the acknowledged sequence number (which only
+   writers, under ``_sync_lock``, change).
 
 A `JournaledRecorder` appends under the recorder's lock, which is thus taken before
 all of these; nothing here calls back into a recorder.
@@ -109,7 +110,9 @@ class Journal:
         self._sync_lock = threading.Lock()
         self._lock = threading.Lock()
         self._acked_cond = threading.Condition(threading.Lock())
+        self._waiting = 0  # threads in `wait_acknowledged`
         self._failure: BaseException | None = None
+        self._closing = False  # `close` was called
         self._closed = False
         self._writable = True  # neither closed nor failed
         self._write_through = durability == "os"
@@ -205,35 +208,33 @@ class Journal:
         if self._write_through:
             with self._sync_lock:
                 with self._lock:
-                    seq = self._enqueue(payload)
-                    taken = self._take_pending()
-                self._write_or_fail(taken, "append failed")
+                    payload, seq = self._number(payload)
+                self._write_or_fail(((payload, seq, 1),), "append failed")
                 self._set_acked(seq)
         else:
             with self._lock:
-                seq = self._enqueue(payload)
+                payload, seq = self._number(payload)
+                if 10 in payload:  # a newline inside: it cannot share a newline-joined frame
+                    self._singles.append(len(self._pending))
+                self._pending.append(payload)
+                self._pending_bytes += len(payload)
             if self._pending_bytes >= _WAKE_PENDING_BYTES:
                 self._wake.set()
         if commit:
             self.commit(seq)
         return seq
 
-    def _enqueue(self, payload: bytes) -> int:
-        """Give `payload` the next sequence number and queue it (holding `_lock`)."""
+    def _number(self, payload: bytes) -> tuple[bytes, int]:
+        """The record to write for `payload` and its sequence number (holding `_lock`)."""
         if not self._writable:
             self._check_writable()
-        if 10 in payload:  # a newline; trailing ones (a line read from a file) mean nothing in JSON
+        if 10 in payload:  # trailing newlines (a line read from a file) mean nothing in JSON
             payload = payload.rstrip(b"\r\n")
-            if 10 in payload:  # still one: it cannot share a newline-joined frame
-                self._singles.append(len(self._pending))
-        size = len(payload)
-        if size > MAX_FRAME:
-            raise ValueError(f"event of {size} bytes exceeds the journal's frame limit")
+        if len(payload) > MAX_FRAME:
+            raise ValueError(f"event of {len(payload)} bytes exceeds the journal's frame limit")
         seq = self._next_seq
         self._next_seq = seq + 1
-        self._pending.append(payload)
-        self._pending_bytes += size
-        return seq
+        return payload, seq
 
     def commit(self, seq: int) -> None:
         """Make record `seq` durable per the policy: under ``"always"``, return once it
@@ -258,16 +259,20 @@ class Journal:
             raise ValueError(f"sequence number {seq} was never appended (last: {self.last_seq})")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._acked_cond:
-            while self._acked < seq:
-                if self._failure is not None:
-                    raise StoreError(f"journal {self.directory} failed: {self._failure}")
-                if self._closed:
-                    return False
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._acked_cond.wait(remaining)
-            return True
+            self._waiting += 1
+            try:
+                while self._acked < seq:
+                    if self._failure is not None:
+                        raise StoreError(f"journal {self.directory} failed: {self._failure}")
+                    if self._closed:
+                        return False
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._acked_cond.wait(remaining)
+                return True
+            finally:
+                self._waiting -= 1
 
     def write_orphans(self, events: Iterable[AgentEvent]) -> int:
         """Durably append events that no loop claimed to ``orphans.jsonl``; returns how many."""
@@ -335,9 +340,9 @@ class Journal:
         self._pending, self._singles, self._pending_bytes = [], [], 0
         return taken
 
-    def _write_or_fail(self, taken: tuple[list[bytes], list[int], int], what: str) -> None:
+    def _write_or_fail(self, frames: Iterable[tuple[bytes, int, int]], what: str) -> None:
         try:
-            self._write_frames(_frames(*taken))
+            self._write_frames(frames)
         except OSError as error:
             raise self._fail(error, what) from error
 
@@ -367,7 +372,7 @@ class Journal:
             raise
         with self._lock:
             self._segments.append(_Segment(number, path, first_seq))
-        self._number = number
+        self._segment_number = number
         return fd, len(MAGIC)
 
     def _rotate(self, next_seq: int) -> None:
@@ -376,7 +381,7 @@ class Journal:
         self._synced = next_seq - 1
         self._set_acked(next_seq - 1)
         old = self._fd
-        self._fd, self._size = self._open_segment(self._number + 1, next_seq)
+        self._fd, self._size = self._open_segment(self._segment_number + 1, next_seq)
         try:
             os.close(old)
         except OSError as error:  # fsynced above: nothing is lost, and the descriptor is gone
@@ -390,7 +395,7 @@ class Journal:
                 self._check_writable()
                 taken = self._take_pending()
                 target = self._next_seq - 1  # everything up to here is written once `taken` is
-            self._write_or_fail(taken, "write failed")
+            self._write_or_fail(_frames(*taken), "write failed")
             if target > self._synced:  # another thread's fsync may already cover it
                 try:
                     os.fsync(self._fd)
@@ -400,10 +405,13 @@ class Journal:
                 self._set_acked(target)
 
     def _set_acked(self, seq: int) -> None:
-        with self._acked_cond:
-            if seq > self._acked:
-                self._acked = seq
-                self._acked_cond.notify_all()
+        # Only writers set it, under `_sync_lock`. A waiter counts itself before it reads
+        # `_acked`, so it either sees the new value or is counted here and notified.
+        if seq > self._acked:
+            self._acked = seq
+            if self._waiting:
+                with self._acked_cond:
+                    self._acked_cond.notify_all()
 
     def _fail(self, error: OSError, what: str) -> StoreError:
         """Refuse further appends after an I/O error; the error to raise."""
@@ -442,8 +450,10 @@ class Journal:
         acknowledged ones may be lost), after closing and unlocking all the same, so
         that `recover` can run at once.
         """
-        if self._closed:
-            return
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
         self._stopping = True
         self._wake.set()
         if self._flusher is not None:
