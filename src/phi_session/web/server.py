@@ -129,15 +129,11 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def _events_json(session: Session) -> bytes:
-    rows: list[dict[str, Any]] = []
-    for record in session.loops:
-        for stored in sorted(record.events, key=lambda item: item.sequence):
-            rows.append({"loop_id": record.loop_id, "sequence": stored.sequence,
-                         "event": msgspec.Raw(encode_event(stored.event))})
-    if not isinstance(session.session_events, msgspec.UnsetType):
-        for event in session.session_events:
-            rows.append({"loop_id": None, "sequence": None, "event": msgspec.Raw(encode_event(event))})
-    return _json_bytes(rows)
+    return _json_bytes([
+        {"loop_id": None if loop is None else loop.loop_id, "sequence": sequence,
+         "event": msgspec.Raw(encode_event(event))}
+        for loop, sequence, event in session.iter_events()
+    ])
 
 
 class ViewerHandler(BaseHTTPRequestHandler):
