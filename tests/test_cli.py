@@ -699,7 +699,8 @@ def test_record_saving_as_it_goes_writes_the_same_files(
     ("export", BASIC_ID), ("rm", BASIC_ID), ("serve", "--port", "0"),
 ])
 @pytest.mark.parametrize("store", ["typo.db", "sqlite:typo.sqlite", "typo-dir/", None])
-def test_read_only_commands_never_create_a_store(tmp_path: Path, args: tuple[str, ...], store: str | None) -> None:
+def test_read_only_commands_never_create_a_store(
+        tmp_path: Path, args: tuple[str, ...], store: str | None) -> None:
     result = run(*args, *(("--store", store) if store else ()))
     assert_one_line_error(result, EXIT_FAILURE, "no store at")
     if store is None:
@@ -758,7 +759,8 @@ def test_record_reports_the_first_20_malformed_lines_then_a_count(tmp_path: Path
 def test_click_errors_have_one_prefix(store_dir: Path) -> None:
     result = run("rm", "--store", store_dir)
     assert_one_line_error(result, EXIT_USAGE)
-    assert result.stderr.startswith("phi-session rm: error:") and result.stderr.count("phi-session") == 2  # + hint
+    assert result.stderr.startswith("phi-session rm: error:")
+    assert result.stderr.count("phi-session") == 2  # the prefix and the --help hint
 
 
 def test_not_found_is_worded_one_way(store_dir: Path) -> None:

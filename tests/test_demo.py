@@ -134,7 +134,8 @@ def test_context_at_a_rerun_holds_the_rerun_answer_only(demo: tuple[list[ps.Sess
     assert texts.count("Please fix it.") == 1
 
 
-def test_context_at_the_compaction_pass_is_the_uncompacted_chain(demo: tuple[list[ps.Session], bytes]) -> None:
+def test_context_at_the_compaction_pass_is_the_uncompacted_chain(
+        demo: tuple[list[ps.Session], bytes]) -> None:
     # Compaction events carry token estimates only, no summaries: the recorded session
     # has no compaction block, so (as phi-core's context builder does) the chain's raw
     # messages come back.

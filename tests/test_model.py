@@ -65,7 +65,8 @@ def test_compaction_block_stands_in_for_a_loops_messages() -> None:
 def test_a_rerun_of_a_loop_replaces_it_on_the_chain() -> None:
     # A rerun continues the parent of the loop it retries (phi-core: "reruns: only the
     # active ancestor chain"), so the context at the rerun does not hold the retried answer.
-    s = session(loop("s.c.1", None, "ask"), loop("s.c.2", "s.c.1", "first try"), loop("s.c.3", "s.c.1", "retry"))
+    s = session(loop("s.c.1", None, "ask"), loop("s.c.2", "s.c.1", "first try"),
+                loop("s.c.3", "s.c.1", "retry"))
     assert [m.content[0].text for m in s.context_at("s.c.3")] == ["ask", "retry"]  # type: ignore[union-attr]
 
 
@@ -74,7 +75,8 @@ def test_iter_events_per_loop_by_sequence_then_session_scoped() -> None:
         return ps.AgentStart(loop_id=loop_id, session_id="s", agent_id="a", timestamp=T)
 
     first, second = loop("s.c.1", None), loop("s.c.2", "s.c.1")
-    first.events = [ps.LoopEvent(sequence=1, event=start("s.c.1b")), ps.LoopEvent(sequence=0, event=start("s.c.1"))]
+    first.events = [ps.LoopEvent(sequence=1, event=start("s.c.1b")),
+                    ps.LoopEvent(sequence=0, event=start("s.c.1"))]
     second.events = [ps.LoopEvent(sequence=0, event=start("s.c.2"))]
     s = session(first, second)
     s.session_events = [start("s.session")]

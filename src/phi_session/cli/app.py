@@ -90,8 +90,8 @@ def open_cli_store(
         if must_exist:
             path = store_path(url) if directory is None else None
             if path is not None and not path.exists():
-                default = " (the default store: give --store, or set $PHI_SESSION_STORE)" if url is None else ""
-                raise CliError(f"no store at {path}{default}: nothing was recorded there")
+                named = " (the default store: give --store, or set $PHI_SESSION_STORE)" if url is None else ""
+                raise CliError(f"no store at {path}{named}: nothing was recorded there")
         store = JsonDirStore(directory) if directory is not None else open_store(url)
     except InvalidStoreUrl as error:
         raise CliError(f"--store: {error}", EXIT_USAGE) from None
