@@ -21,7 +21,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phi_session import AgentEvent, MessageUpdate, ProgressMessage, StreamDelta
+from phi_session import (
+    AgentEnd,
+    AgentEvent,
+    AgentStart,
+    MessageUpdate,
+    ParallelLoopEnd,
+    ParallelLoopStart,
+    ProgressMessage,
+    StreamDelta,
+    Usage,
+)
 from phi_session.codec import decode_session, encode_event, encode_session
 from phi_session.errors import DecodeError, StoreError
 from phi_session.journal import (
@@ -203,6 +213,23 @@ def test_recovery_skips_a_journaled_line_that_is_not_an_event(
         report = recover(tmp_path, store)
     assert report.undecodable == 1 and "not an event" in caplog.text
     assert stored(store) == recorded(evs)
+
+
+def test_a_session_no_store_can_take_goes_whole_to_the_orphans(tmp_path: Path) -> None:
+    sid, loop = "../evil", "../evil.a.1"
+    evs: list[AgentEvent] = [
+        ParallelLoopStart(session_id=sid, loop_ids=(loop,)),
+        AgentStart(agent_id="a", session_id=sid, loop_id=loop),
+        AgentEnd(loop_id=loop, messages=(), usage=Usage(input=0, output=0)),
+        ParallelLoopEnd(session_id=sid, selected_loop_id=loop, selected_config_index=0,
+                        evaluation_usage=Usage(input=0, output=0)),
+    ]
+    write_journal(tmp_path, evs, durability="os")
+    config = SessionRecorderConfig(keep_session_events=True)  # the session holds all four
+    report = recover(tmp_path, JsonDirStore(tmp_path / "store"), config=config)
+    assert (report.orphans, report.failed_sessions) == (4, [])
+    orphans = (tmp_path / ORPHANS_FILE).read_bytes().splitlines()
+    assert sorted(orphans) == sorted(encode_event(event) for event in evs)
 
 
 def test_recovering_twice_changes_nothing(tmp_path: Path) -> None:

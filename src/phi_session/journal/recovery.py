@@ -189,8 +189,8 @@ def _replay(
 
 
 def session_events(session: Session) -> list[AgentEvent]:
-    """Every event a session holds, loop by loop (for sessions no store can take)."""
-    return [item.event for record in session.loops for item in record.events]
+    """Every event a session holds, session-scoped ones included (for sessions no store can take)."""
+    return [item.event for item in session.iter_events()]
 
 
 def _save_completed(recorder: SessionRecorder, store: SessionStore, report: RecoveryReport,
