@@ -672,3 +672,46 @@ def test_a_debt_that_lapses_is_forgotten() -> None:
     assert not recorder.may_amend("k")
     recorder.checkpoint()
     assert [s.session_id for s in recorder.drain_completed()] == ["p"]
+
+
+def test_callbacks_run_outside_the_lock_so_they_may_wait_for_other_threads() -> None:
+    opened: list[str] = []
+    blocked: list[str] = []
+    workers: list[threading.Thread] = []
+
+    def wait_for_another_thread(session: ps.Session, action: Any) -> None:
+        worker = threading.Thread(target=action)
+        workers.append(worker)
+        worker.start()
+        worker.join(timeout=5)  # under the recorder's lock, the worker would wait for us
+        if worker.is_alive():
+            blocked.append(session.session_id)  # give up, so a regression fails instead of hanging
+
+    def before(session: ps.Session) -> bool:
+        opened.append(session.session_id)
+        if session.session_id == "s":  # another thread opens "t" meanwhile
+            wait_for_another_thread(session, lambda: recorder.on_event(start("t.c.1", "t")))
+        return session.session_id != "t"
+
+    recorder = SessionRecorder(before_task=before,
+                               after_task=lambda session: wait_for_another_thread(session, recorder.stats))
+    recorder.record_all([start("s.c.1", "s"), end("s.c.1")])
+    assert recorder.checkpoint() == 1
+    for worker in workers:
+        worker.join()
+    assert blocked == []
+    assert opened == ["s", "t"]  # in order: "t"'s callback waited for "s"'s to return
+    assert recorder.get_session("t").is_rejected  # type: ignore[union-attr]
+
+
+def test_callbacks_run_in_order_and_a_wrapper_can_defer_them() -> None:
+    order: list[str] = []
+    recorder = SessionRecorder(before_task=lambda s: order.append(f"open {s.session_id}"),
+                               after_task=lambda s: order.append(f"done {s.session_id}"))
+    wrapper_lock = threading.Lock()
+    with recorder.deferred_callbacks():
+        with wrapper_lock:
+            recorder.record_all([start("a.c.1", "a"), start("b.c.1", "b"), end("a.c.1")])
+            recorder.checkpoint()
+            assert order == []  # held back while the wrapper's lock is held
+    assert order == ["open a", "open b", "done a"]

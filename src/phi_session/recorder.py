@@ -22,9 +22,11 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import msgspec
@@ -66,6 +68,9 @@ class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
     * ``before_task(session)``: called once when a session is opened; returning
       ``False`` marks it rejected (it is still recorded, ``"rejected": true``).
     * ``after_task(session)``: called each time a session is completed.
+      Both run after the recorder's lock is released, in the order their sessions
+      were opened and completed, before the call that triggered them returns (unless
+      another thread is running callbacks: it runs them): they may use the recorder.
     * ``keep_session_events``: also write ParallelLoopStart/End into the session file
       (extra ``session_events`` field, ignored by phi-core). Off by default so that
       files stay byte-identical to phi-core's; the recorder keeps them in memory
@@ -162,6 +167,11 @@ class SessionRecorder:
         # Write-ahead hook (a journal): called with each kept event's JSON, under the
         # lock and before the event is applied, so the journal's order is ours.
         self._write_ahead: Callable[[bytes | str], object] | None = None
+        # before_task/after_task wait here (callback, session, is before_task) and run
+        # once the lock is released, in order (`_run_callbacks`).
+        self._callbacks: deque[tuple[SessionCallback, Session, bool]] = deque()
+        self._callback_runner = threading.Lock()  # held by the one thread running them
+        self._deferring = threading.local()  # `deferred_callbacks` blocks open in this thread
 
     # -- feeding ------------------------------------------------------------------
 
@@ -183,6 +193,8 @@ class SessionRecorder:
             if self._write_ahead is not None:
                 self._write_ahead(data)
             handler(self, decoded)
+        if self._callbacks:
+            self._run_callbacks()
 
     def on_event(self, event: AgentEvent) -> None:
         """Record one event."""
@@ -193,6 +205,8 @@ class SessionRecorder:
             if self._write_ahead is not None and not self._drops(event):
                 self._write_ahead(codec.encode_event(event))
             handler(self, event)
+        if self._callbacks:
+            self._run_callbacks()
 
     def _drops(self, event: AgentEvent) -> bool:
         """Will this event be dropped (a streaming delta of a known loop, deltas off)?"""
@@ -297,9 +311,41 @@ class SessionRecorder:
             held.events.extend(early)
             if self.config.keep_session_events:
                 session.session_events = list(early)
-        if self.config.before_task is not None and self._call(self.config.before_task, session) is False:
-            session.rejected = True
+        if self.config.before_task is not None:
+            self._callbacks.append((self.config.before_task, session, True))
         return held
+
+    def _run_callbacks(self) -> None:
+        """Run the queued callbacks in order, outside the recorder's lock.
+
+        A callback may use the recorder, from its own thread or from another one it
+        waits for. One thread runs them at a time; a thread that finds another one
+        running them leaves its own to that thread (waiting could deadlock).
+        """
+        while (self._callbacks and not getattr(self._deferring, "depth", 0)
+               and self._callback_runner.acquire(blocking=False)):
+            try:
+                while self._callbacks:
+                    callback, session, is_before_task = self._callbacks.popleft()
+                    if self._call(callback, session) is False and is_before_task:
+                        with self._lock:
+                            session.rejected = True
+            finally:
+                self._callback_runner.release()
+
+    @contextlib.contextmanager
+    def deferred_callbacks(self) -> Iterator[None]:
+        """Hold ``before_task``/``after_task`` back until the block ends, then run them.
+
+        For a wrapper that calls the recorder under a lock of its own: enter this
+        first, then take that lock, so the callbacks run once both are released.
+        """
+        self._deferring.depth = getattr(self._deferring, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._deferring.depth -= 1
+            self._run_callbacks()
 
     def _call(self, callback: SessionCallback, session: Session) -> Any:
         # A failing callback must not break recording: report it and go on.
@@ -519,6 +565,7 @@ class SessionRecorder:
             self._early_events.clear()
             for session_id in list(self._open):
                 self._complete(session_id)
+        self._run_callbacks()
 
     def _placeholder_session(self, record: LoopRecord) -> _HeldSession:
         session = Session(
@@ -536,7 +583,7 @@ class SessionRecorder:
         held = self._open.pop(session_id)
         self._completed[session_id] = held
         if self.config.after_task is not None:
-            self._call(self.config.after_task, held.session)
+            self._callbacks.append((self.config.after_task, held.session, False))
 
     def checkpoint(self) -> int:
         """Complete every open session whose loops have all ended; returns how many.
@@ -551,7 +598,8 @@ class SessionRecorder:
             ready = [sid for sid, held in self._open.items() if held.open_loops == 0]
             for session_id in ready:
                 self._complete(session_id)
-            return len(ready)
+        self._run_callbacks()
+        return len(ready)
 
     def drain_completed(self) -> list[Session]:
         """Hand over the completed sessions and forget them (at most one per session id).
