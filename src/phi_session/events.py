@@ -374,7 +374,7 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, gc=False, tag_field="typ
     pass
 
 
-class AgentStart(_Event, kw_only=True, frozen=True):
+class AgentStart(_Event, kw_only=True, frozen=True, gc=True):  # holds user metadata
     """A loop begins."""
 
     agent_id: str
