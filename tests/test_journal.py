@@ -30,6 +30,7 @@ from phi_session import (
     ParallelLoopStart,
     ProgressMessage,
     StreamDelta,
+    Timestamp,
     Usage,
 )
 from phi_session.codec import decode_session, encode_event, encode_session
@@ -216,13 +217,13 @@ def test_recovery_skips_a_journaled_line_that_is_not_an_event(
 
 
 def test_a_session_no_store_can_take_goes_whole_to_the_orphans(tmp_path: Path) -> None:
-    sid, loop = "../evil", "../evil.a.1"
+    sid, loop, at = "../evil", "../evil.a.1", Timestamp.from_ns(1_750_000_000 * 10**9)
     evs: list[AgentEvent] = [
-        ParallelLoopStart(session_id=sid, loop_ids=(loop,)),
-        AgentStart(agent_id="a", session_id=sid, loop_id=loop),
-        AgentEnd(loop_id=loop, messages=(), usage=Usage(input=0, output=0)),
+        ParallelLoopStart(session_id=sid, loop_ids=(loop,), timestamp=at),
+        AgentStart(agent_id="a", session_id=sid, loop_id=loop, timestamp=at),
+        AgentEnd(loop_id=loop, messages=(), usage=Usage(input=0, output=0), timestamp=at),
         ParallelLoopEnd(session_id=sid, selected_loop_id=loop, selected_config_index=0,
-                        evaluation_usage=Usage(input=0, output=0)),
+                        evaluation_usage=Usage(input=0, output=0), timestamp=at),
     ]
     write_journal(tmp_path, evs, durability="os")
     config = SessionRecorderConfig(keep_session_events=True)  # the session holds all four
