@@ -312,6 +312,7 @@ def test_list_json_and_filters(store_dir: Path) -> None:
     assert ids("--order", "tokens")[:2] == [BASIC_ID, PARENT_ID]
     assert ids("--since", "36500d") == ids()  # an age: everything of the last century
     assert ids("--since", "1h") == []  # the examples are from 2025
+    assert ids("--status", "completed") == ids("--status", "Completed") != []  # any case
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
@@ -321,6 +322,9 @@ def test_list_json_and_filters(store_dir: Path) -> None:
     (("--limit", "-1"), "--limit"),
     (("--limit", "99999999999999999999999"), "--limit"),
     (("--min-tokens", "9223372036854775808"), "--min-tokens"),
+    (("--limit", "9" * 5000), "--limit"),  # past int()'s 4,300 digits: still a usage error
+    (("--min-tokens", "9" * 5000), "--min-tokens"),
+    (("--since", "9999999999999w"), "--since"),  # would reach before year 1
     (("--limit", "+5"), "--limit"),
     (("--limit", "\u0665"), "--limit"),  # an Arabic-Indic five
     (("--min-tokens", "many"), "--min-tokens"),

@@ -14,7 +14,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from phi_session import Timestamp, Usage
@@ -25,6 +25,7 @@ from phi_session.stores import sqlite as sqlite_module
 from phi_session.stores.base import UsageTotal, summarize
 from phi_session.stores.conformance import EXAMPLE_SESSIONS, StoreConformance, at, make_loop, make_session
 from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.query import PruneCriteria, SessionQuery
 from phi_session.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
 
 
@@ -221,8 +222,9 @@ def test_numbers_beyond_sqlite_integers_stay_exact(store: SqliteStore) -> None:
     rows = {row.session_id: row for row in store.query()}
     assert rows["big"] == summarize(session)
     assert rows["ancient"] == summarize(ancient)
-    assert [row.session_id for row in store.query(order="oldest")] == ["ancient", "small", "big"]
-    assert store.query(min_tokens=2**63)[0].session_id == "big"
+    oldest_first = store.query(SessionQuery(order="oldest"))
+    assert [row.session_id for row in oldest_first] == ["ancient", "small", "big"]
+    assert store.query(SessionQuery(min_tokens=2**63))[0].session_id == "big"
     small = make_loop("u", 1, tokens=7).usage
     assert store.usage_totals("agent") == [
         UsageTotal(key="agent", sessions=3, loops=2, usage=loop.usage + small)]
@@ -278,7 +280,7 @@ def _populate_many(store: SqliteStore, count: int = 60) -> None:
 ])
 def test_session_filters_use_an_index(store: SqliteStore, filters: dict[str, object]) -> None:
     _populate_many(store)
-    plan = store.explain_query(**filters)
+    plan = store.explain_query(SessionQuery(**filters))  # type: ignore[arg-type]
     assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, plan
     assert "SCAN sessions" not in plan, plan
 
@@ -292,7 +294,7 @@ def test_session_filters_use_an_index(store: SqliteStore, filters: dict[str, obj
 def test_loop_filters_use_a_covering_index(store: SqliteStore, filters: dict[str, object],
                                           limit: int | None) -> None:
     _populate_many(store)
-    plan = store.explain_query(limit=limit, **filters)
+    plan = store.explain_query(SessionQuery(limit=limit, **filters))  # type: ignore[arg-type]
     assert "SEARCH loops USING COVERING INDEX" in plan, plan
     assert "SCAN loops" not in plan, plan
 
@@ -303,23 +305,16 @@ def test_loop_filters_use_a_covering_index(store: SqliteStore, filters: dict[str
 ])
 def test_limited_listing_reads_in_index_order(store: SqliteStore, filters: dict[str, object]) -> None:
     _populate_many(store)
-    plan = store.explain_query(limit=10, **filters)
+    plan = store.explain_query(SessionQuery(limit=10, **filters))  # type: ignore[arg-type]
     assert "TEMP B-TREE" not in plan, plan  # no sort: the scan stops after 10 matches
 
 
 def test_model_names_with_slashes(store: SqliteStore) -> None:
     store.save(make_session("r", loops=[make_loop("r", 1, model="openrouter/meta-llama/llama-3")]))
-    assert [row.session_id for row in store.query(model="openrouter/meta-llama/llama-3")] == ["r"]
-    assert [row.session_id for row in store.query(model="meta-llama/llama-3")] == ["r"]
-    assert store.query(model="llama-3") == []
-    assert store.query(model="openrouter/meta-llama") == []
-
-
-def test_unknown_status_is_an_error(store: SqliteStore) -> None:
-    with pytest.raises(ValueError, match="Completed"):
-        store.query(status="completed")
-    with pytest.raises(ValueError, match="limit"):
-        store.query(limit=-1)
+    for name in ("openrouter/meta-llama/llama-3", "meta-llama/llama-3"):
+        assert [row.session_id for row in store.query(SessionQuery(model=name))] == ["r"]
+    assert store.query(SessionQuery(model="llama-3")) == []
+    assert store.query(SessionQuery(model="openrouter/meta-llama")) == []
 
 
 _statuses: st.SearchStrategy[LoopStatus] = st.sampled_from(
@@ -363,17 +358,20 @@ def _sessions(draw: st.DrawFn) -> list[Session]:
 def test_agrees_with_the_json_directory_store(sessions: list[Session], group_by: str, keep_last: int | None,
                                               **filters: object) -> None:
     """Differential test: SQL over the columns against JsonDirStore's Python over summaries."""
+    assume(filters["since"] is None or filters["until"] is None or filters["until"] > filters["since"])
+    query = SessionQuery(**filters)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory() as tmp:
         with SqliteStore(Path(tmp) / "s.db") as sqlite_store:
             json_store = JsonDirStore(Path(tmp) / "json")
             for session in sessions:
                 sqlite_store.save(session)
                 json_store.save(session)
-            assert sqlite_store.query(**filters) == json_store.query(**filters)  # type: ignore[arg-type]
+            assert sqlite_store.query(query) == json_store.query(query)
             assert sqlite_store.usage_totals(group_by) == json_store.usage_totals(group_by)  # type: ignore[arg-type]
-            prune = {"older_than": filters["until"], "keep_last": keep_last, "agent_id": filters["agent_id"]}
-            if prune["older_than"] is not None or keep_last is not None:
-                assert sqlite_store.prune(**prune) == json_store.prune(**prune)  # type: ignore[arg-type]
+            if filters["until"] is not None or keep_last is not None:
+                prune = PruneCriteria(older_than=filters["until"], keep_last=keep_last,  # type: ignore[arg-type]
+                                      agent_id=filters["agent_id"])  # type: ignore[arg-type]
+                assert sqlite_store.prune(prune) == json_store.prune(prune)
                 assert sqlite_store.list_ids() == json_store.list_ids()
 
 
@@ -388,7 +386,7 @@ def test_prune_gives_space_back(store: SqliteStore, db: Path) -> None:
     pages_before = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size_before = db.stat().st_size
-    assert store.prune(keep_last=4) == 36
+    assert store.prune(PruneCriteria(keep_last=4)) == 36
     assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
     assert conn.execute("PRAGMA page_count").fetchone()[0] < pages_before / 3
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

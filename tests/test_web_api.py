@@ -125,6 +125,8 @@ def test_sessions_filters(server: ViewerServer, query: str, expected: list[str])
     ("limit=99999999999999999999999", "limit"),
     ("limit=9223372036854775808", "limit"),
     ("min_tokens=99999999999999999999999", "min_tokens"),
+    ("limit=" + "9" * 5000, "limit"),  # past int()'s 4,300 digits: still a 400
+    ("since=" + "9" * 5000 + "w", "since"),
     ("limit=1_000", "limit"),
     ("limit=%EF%BC%91", "limit"),  # a full-width digit one
     ("min_tokens=1.5", "min_tokens"),

@@ -18,6 +18,7 @@ from .consume import ConsumeStats, consume
 from .errors import (
     DecodeError,
     InstrumentationError,
+    InvalidQuery,
     InvalidSessionId,
     InvalidStoreUrl,
     JournalLocked,
@@ -110,6 +111,7 @@ from .stores.json_dir import (
     load_sessions_for_agent,
     save_session,
 )
+from .stores.query import PruneCriteria, SessionQuery
 
 if TYPE_CHECKING:
     from .stores.postgres import PostgresStore
@@ -118,22 +120,16 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-# Backends with heavier imports (sqlite3, psycopg) load on first use.
-_LAZY = {
-    "SqliteStore": "phi_session.stores.sqlite",
-    "PostgresStore": "phi_session.stores.postgres",
-    "open_store": "phi_session.stores.urls",
-    "default_store": "phi_session.stores.urls",
-}
+# Backends with heavier imports (sqlite3, psycopg) load on first use, as in `phi_session.stores`.
+_FROM_STORES = frozenset({"SqliteStore", "PostgresStore", "open_store", "default_store"})
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _FROM_STORES:
         raise AttributeError(f"module 'phi_session' has no attribute {name!r}")
-    import importlib
+    from . import stores
 
-    return getattr(importlib.import_module(module), name)
+    return getattr(stores, name)
 
 
 __all__ = [
@@ -147,12 +143,13 @@ __all__ = [
     "AgentEnd", "AgentEvent", "AgentMessage", "AgentStart", "AnnotatedRequestPayload",
     "AssistantMessage", "ChildLoopRef", "CompactionBlock", "CompactionEnded", "CompactionStarted",
     "Content", "ContinuationKind", "DecodeError", "ExtensionMessage", "ImageContent", "InputRejected",
-    "InvalidSessionId", "InvalidStoreUrl", "JsonDirStore", "LoopConfigSnapshot", "LoopEvent",
+    "InvalidQuery", "InvalidSessionId", "InvalidStoreUrl", "JsonDirStore", "LoopConfigSnapshot", "LoopEvent",
     "LoopRecord", "LoopStatus",
     "Message", "MessageEnd", "MessageStart", "MessageUpdate", "OrphanEvent", "ParallelGroupRecord",
     "ParallelLoopEnd", "ParallelLoopStart", "PhiSessionError", "PostgresStore", "ProgressMessage",
-    "PrunApplied", "RevertApplied", "Session", "SessionFormation", "SessionLocked", "SessionNotFound",
-    "SessionRecorder", "SessionRecorderConfig", "SessionScope", "SessionStore", "SessionSummary",
+    "PrunApplied", "PruneCriteria", "RevertApplied", "Session", "SessionFormation", "SessionLocked",
+    "SessionNotFound", "SessionQuery", "SessionRecorder", "SessionRecorderConfig", "SessionScope",
+    "SessionStore", "SessionSummary",
     "SpawnRef", "SqliteStore", "StoreError", "StreamDelta", "TextContent", "ThinkingContent",
     "Timestamp", "ToolCall", "ToolDefinition", "ToolExecutionEnd", "ToolExecutionStart",
     "ToolExecutionUpdate", "ToolResult", "ToolResultMessage", "Turn", "TurnEnd", "TurnId",

@@ -33,20 +33,10 @@ from rich.text import Text
 from rich.tree import Tree
 
 from . import __version__
-from ._filters import (
-    GROUP_BYS,
-    LOOP_STATUSES,
-    ORDERS,
-    TIME_HELP,
-    FilterError,
-    SessionFilters,
-    parse_group_by,
-    to_builtins,
-)
 from ._float32 import Float32
 from ._time import Timestamp
 from .codec import decode_session, encode_event, encode_message, encode_session
-from .errors import DecodeError, InvalidSessionId, PhiSessionError, SessionNotFound
+from .errors import DecodeError, InvalidQuery, InvalidSessionId, PhiSessionError, SessionNotFound
 from .events import AgentEvent
 from .messages import (
     AgentMessage,
@@ -62,7 +52,8 @@ from .messages import (
 )
 from .model import LoopRecord, Session
 from .recorder import SessionRecorder, SessionRecorderConfig
-from .stores.base import SessionStore, SessionSummary, validate_session_id
+from .stores.base import SessionStore, SessionSummary, to_builtins, validate_session_id
+from .stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -350,11 +341,11 @@ def summaries_table(rows: Sequence[SessionSummary], width: int) -> Table:
 def list_command(store_url: str | None, as_json: bool, **filters: str | None) -> None:
     """List stored sessions, newest first."""
     try:
-        query = SessionFilters.parse(filters)
-    except FilterError as error:
-        raise CliError(f"--{error.parameter.replace('_', '-')}: {error.reason}", EXIT_USAGE) from None
+        query = SessionQuery.from_strings(filters)
+    except InvalidQuery as error:
+        raise CliError(f"--{str(error.parameter).replace('_', '-')}: {error.reason}", EXIT_USAGE) from None
     with open_store(store_url) as store:
-        rows = query.run(store)
+        rows = store.query(query)
     if as_json:
         _echo_json(to_builtins(rows))
     elif rows:
@@ -719,8 +710,8 @@ def stats(group_by: str, store_url: str | None, as_json: bool) -> None:
     """Token usage totals, grouped by agent, model or day."""
     try:
         by = parse_group_by(group_by)
-    except FilterError as error:
-        raise CliError(f"--{error}", EXIT_USAGE) from None
+    except InvalidQuery as error:
+        raise CliError(f"--by: {error.reason}", EXIT_USAGE) from None
     with open_store(store_url) as store:
         totals = store.usage_totals(by)
     if as_json:

@@ -50,18 +50,18 @@ from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
 from ..errors import DecodeError, SessionLocked, SessionNotFound, StoreError
 from ..messages import ZERO_USAGE, Usage
-from ..model import LoopRecord, LoopStatus, Session
+from ..model import LoopRecord, Session
 from .base import (
     AsyncTwins,
-    GroupBy,
-    Order,
     SessionSummary,
     UsageTotal,
-    check_query,
+    as_query,
     merge_sessions,
+    session_id_to_save,
     summarize,
     validate_session_id,
 )
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -76,8 +76,7 @@ APPLICATION_ID = int.from_bytes(b"phiS", "big")
 _I64_MIN = -(2**63)
 _I64_MAX = 2**63 - 1
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
-_STATUSES: tuple[LoopStatus, ...] = get_args(LoopStatus)
-_STATUS_COLUMNS = {status: f"loops_{status.lower()}" for status in _STATUSES}
+_STATUS_COLUMNS = {status: f"loops_{status.lower()}" for status in LOOP_STATUSES}
 _TOKEN_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
 _TOKEN_COLUMNS = ("input_tokens", "output_tokens", "reasoning_tokens", "cache_read_tokens",
                   "cache_write_tokens", "total_tokens")
@@ -242,7 +241,7 @@ def _session_row(session: Session) -> list[Any]:
         int(summary.rejected),
         summary.loop_count,
         summary.turn_count,
-        *(summary.loops_by_status.get(status, 0) for status in _STATUSES),
+        *(summary.loops_by_status.get(status, 0) for status in LOOP_STATUSES),
         *map(_clamp, tokens),
         msgspec.json.encode(summary.models).decode(),
         # Token counts are unsigned: a loop's beyond 64 signed bits makes the session's too.
@@ -267,7 +266,7 @@ _UPSERT_LOOP = (
     + ", ".join(f"{c} = excluded.{c}" for c in _LOOP_COLUMNS[2:])
 )
 _SUMMARY_SQL = f"SELECT {', '.join(_SUMMARY_COLUMNS)} FROM sessions"
-_STATUS_SLICE = slice(9, 9 + len(_STATUSES))
+_STATUS_SLICE = slice(9, 9 + len(LOOP_STATUSES))
 _TOKEN_SLICE = slice(_STATUS_SLICE.stop, _STATUS_SLICE.stop + len(_TOKEN_FIELDS))
 
 
@@ -283,7 +282,7 @@ def _summary_from_row(row: Sequence[Any]) -> SessionSummary:
         parent_session_id=parent,
         rejected=bool(rejected),
         loop_count=loops,
-        loops_by_status={status: n for status, n in zip(_STATUSES, row[_STATUS_SLICE], strict=True) if n},
+        loops_by_status={status: n for status, n in zip(LOOP_STATUSES, row[_STATUS_SLICE], strict=True) if n},
         turn_count=turns,
         usage=Usage(**dict(zip(_TOKEN_FIELDS, row[_TOKEN_SLICE], strict=True))),
         models=tuple(msgspec.json.decode(row[_TOKEN_SLICE.stop])),
@@ -331,56 +330,37 @@ def _model_lookups(model: str) -> list[tuple[str, Sequence[Any]]]:
     return lookups
 
 
-def _select_summaries(
-    *,
-    agent_id: str | None = None,
-    since: Timestamp | None = None,
-    until: Timestamp | None = None,
-    status: str | None = None,
-    model: str | None = None,
-    min_tokens: int | None = None,
-    parent_session_id: str | None = None,
-    limit: int | None = None,
-    order: Order = "newest",
-) -> tuple[str, list[Any]]:
-    """The SQL and parameters of `SqliteStore.query` (see there for the filters)."""
-    check_query(status=status, limit=limit, order=order)
+def _select_summaries(query: SessionQuery) -> tuple[str, list[Any]]:
+    """SQLite's translation of `query`: the SQL and parameters of `SqliteStore.query`."""
     where: list[str] = []
     params: list[Any] = []
-    if agent_id is not None:
-        where.append("agent_id = ?")
-        params.append(agent_id)
-    if since is not None:
-        where.append("last_active_at_ns >= ?")
-        params.append(_clamp(since.ns))
-    if until is not None:
-        where.append("last_active_at_ns < ?")
-        params.append(_clamp(until.ns))
-    if status is not None:
-        condition, loop_params = _loop_filter([("status = ?", [status])], limited=limit is not None)
+    limited = query.limit is not None
+    for condition, value in (
+        ("agent_id = ?", query.agent_id),
+        ("last_active_at_ns >= ?", None if query.since is None else _clamp(query.since.ns)),
+        ("last_active_at_ns < ?", None if query.until is None else _clamp(query.until.ns)),
+        ("total_tokens >= ?", None if query.min_tokens is None else _clamp(query.min_tokens)),
+        ("parent_session_id = ?", query.parent_session_id),
+    ):
+        if value is not None:
+            where.append(condition)
+            params.append(value)
+    loop_lookups: list[list[tuple[str, Sequence[Any]]]] = []
+    if query.status is not None:
+        loop_lookups.append([("status = ?", [query.status])])
+    if query.model is not None:
+        loop_lookups.append(_model_lookups(query.model))
+    for lookups in loop_lookups:
+        condition, loop_params = _loop_filter(lookups, limited=limited)
         where.append(condition)
         params += loop_params
-    if model is not None:
-        condition, loop_params = _loop_filter(_model_lookups(model), limited=limit is not None)
-        where.append(condition)
-        params += loop_params
-    if min_tokens is not None:
-        where.append("total_tokens >= ?")
-        params.append(_clamp(min_tokens))
-    if parent_session_id is not None:
-        where.append("parent_session_id = ?")
-        params.append(parent_session_id)
-    if order not in _ORDER_SQL:
-        raise ValueError(f"unknown order {order!r}; expected one of {', '.join(_ORDER_SQL)}")
     sql = _SUMMARY_SQL
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY {_ORDER_SQL[order]}"
-    if limit is not None:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
+    sql += f" ORDER BY {_ORDER_SQL[query.order]}"
+    if limited:
         sql += " LIMIT ?"
-        params.append(limit)
+        params.append(query.limit)
     return sql, params
 
 
@@ -672,7 +652,7 @@ class SqliteStore(AsyncTwins):
         none loses a loop; a failure (disk full, lock timeout) leaves the stored
         session as it was. Loop rows whose record did not change are not rewritten.
         """
-        session_id = validate_session_id(session.session_id)
+        session_id = session_id_to_save(session)
         with self._transaction("save", session_id, write=True) as conn:
             rows = self._read_rows(conn, session_id)
             stored_records: list[bytes] = []
@@ -699,26 +679,16 @@ class SqliteStore(AsyncTwins):
         if not deleted:
             raise SessionNotFound(f"no session {session_id!r} in {self.path}")
 
-    def prune(
-        self,
-        *,
-        older_than: Timestamp | None = None,
-        keep_last: int | None = None,
-        agent_id: str | None = None,
-    ) -> int:
-        """Delete whole sessions; return how many.
+    def prune(self, criteria: PruneCriteria) -> int:
+        """Delete the whole sessions `criteria` selects; return how many.
 
-        Deleted: the sessions (of `agent_id`, if given) last active before
-        `older_than`, except the `keep_last` most recently active ones. At least
-        one of `older_than` and `keep_last` is required. The freed pages are then
-        given back to the file system: ``PRAGMA incremental_vacuum`` after the
-        deleting transaction, which moves only what is needed to truncate the file
-        (a full ``VACUUM`` would rewrite the whole database on every prune).
+        The freed pages are then given back to the file system: ``PRAGMA
+        incremental_vacuum`` after the deleting transaction, which moves only what is
+        needed to truncate the file (a full ``VACUUM`` would rewrite the whole
+        database on every prune).
         """
-        if older_than is None and keep_last is None:
-            raise ValueError("prune needs older_than and/or keep_last")
-        if keep_last is not None and keep_last < 0:
-            raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+        check_type("criteria", criteria, PruneCriteria)
+        agent_id, keep_last, older_than = criteria.agent_id, criteria.keep_last, criteria.older_than
         scope = "agent_id = ?" if agent_id is not None else "1"
         scope_params: list[Any] = [agent_id] if agent_id is not None else []
         conditions, params = [scope], list(scope_params)
@@ -743,39 +713,18 @@ class SqliteStore(AsyncTwins):
 
     # -- Queries ---------------------------------------------------------------------------
 
-    def query(
-        self,
-        *,
-        agent_id: str | None = None,
-        since: Timestamp | None = None,
-        until: Timestamp | None = None,
-        status: str | None = None,
-        model: str | None = None,
-        min_tokens: int | None = None,
-        parent_session_id: str | None = None,
-        limit: int | None = None,
-        order: Order = "newest",
-    ) -> list[SessionSummary]:
-        """Summaries of the matching sessions, from the indexed columns only.
-
-        `since`/`until` bound the last activity (inclusive); `status` keeps sessions
-        with at least one loop in that status; `model` matches a loop's
-        ``provider/model`` or its bare model; `min_tokens` bounds total tokens.
-        Orders: ``newest``/``oldest`` by last activity, ``tokens`` most first.
-        """
-        sql, params = _select_summaries(
-            agent_id=agent_id, since=since, until=until, status=status, model=model,
-            min_tokens=min_tokens, parent_session_id=parent_session_id, limit=limit, order=order,
-        )
+    def query(self, query: SessionQuery | None = None) -> list[SessionSummary]:
+        """Summaries of the sessions `query` selects (see `SessionQuery`), from the indexed columns only."""
+        sql, params = _select_summaries(as_query(query))
         with self._transaction("query") as conn:
             return [
                 _summary_from_row(row) if row[-1] else summarize(self._read_session(conn, row[0]))
                 for row in conn.execute(sql, params).fetchall()
             ]
 
-    def explain_query(self, **filters: Any) -> str:
-        """SQLite's ``EXPLAIN QUERY PLAN`` of `query` with these filters, one step a line."""
-        sql, params = _select_summaries(**filters)
+    def explain_query(self, query: SessionQuery | None = None) -> str:
+        """SQLite's ``EXPLAIN QUERY PLAN`` of `query`, one step a line."""
+        sql, params = _select_summaries(as_query(query))
         with self._errors("explain query"):
             rows = self._connection().execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
         return "\n".join(str(row[-1]) for row in rows)
@@ -784,8 +733,7 @@ class SqliteStore(AsyncTwins):
         """Usage per agent, per ``provider/model`` (``"unknown"``: loops without a config)
         or per UTC day of the sessions' creation (``YYYY-MM-DD``), sorted by key; see
         `SessionStore.usage_totals`. One SQL aggregate over the summary columns."""
-        if group_by not in _TOTALS_SQL:
-            raise ValueError(f"unknown group_by {group_by!r}; expected one of {', '.join(_TOTALS_SQL)}")
+        group_by = parse_group_by(group_by)
         with self._transaction("usage totals") as conn:
             if conn.execute("SELECT 1 FROM sessions WHERE NOT exact LIMIT 1").fetchone() is not None:
                 return self._usage_totals_from_records(conn, group_by)
