@@ -12,8 +12,11 @@ Concurrency. Every thread gets its own connection, opened on first use; SQLite's
 locks do the rest, so the store may be shared by threads and the file by
 processes. The database runs in WAL mode: readers never wait for the writer. A
 writer waits for another writer for at most ``timeout`` seconds, then
-`SessionLocked` is raised. `close` releases the connections (the store reopens
-them on demand) and must not run while other threads use the store. SQLite
+`SessionLocked` is raised. A connection is closed only while no thread uses it:
+`close` waits for a use in progress to end (the store reopens connections on
+demand), and at interpreter exit only idle connections are closed, so a daemon
+thread still saving is never pulled out from under. A file that is not a
+phi-session database is refused before anything is written to it. SQLite
 connections must not cross ``fork()``: a store that has open connections when the
 process forks refuses to work in the child (`StoreError`) until `close` is called
 there; calling `close` before forking avoids that.
@@ -399,21 +402,46 @@ def _usage_by_key(session: Session, group_by: GroupBy) -> dict[str, tuple[int, U
 _FORKED_AWAY: list[sqlite3.Connection] = []
 
 
-def _release(conn: sqlite3.Connection, pid: int) -> None:
-    if os.getpid() == pid:
-        conn.close()
-    else:
-        _FORKED_AWAY.append(conn)
-
-
 class _Connection:
-    """A thread's connection; released when the thread (or `close`) drops it."""
+    """One thread's connection, and the lock its user holds while using it.
 
-    __slots__ = ("__weakref__", "conn", "pid")
+    Only `release` closes it, and never while another thread is in the middle of
+    using it: closing a connection under a running statement crashes SQLite.
+    """
+
+    __slots__ = ("closed", "conn", "lock", "pid")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.pid = os.getpid()
+        self.lock = threading.RLock()
+        self.closed = False
+
+    def release(self, *, wait: bool) -> None:
+        """Close the connection once it is idle; with `wait` False, leave it alone
+        if another thread is using it (its owner's next use then opens another)."""
+        if not self.lock.acquire(blocking=wait):
+            return
+        try:
+            if self.closed:
+                return
+            self.closed = True
+            if os.getpid() == self.pid:
+                self.conn.close()
+            else:
+                _FORKED_AWAY.append(self.conn)
+        finally:
+            self.lock.release()
+
+
+class _Owner:
+    """What a thread's local storage holds: when it goes (the thread ends, or `close`
+    drops every thread's), its finalizer releases the connection."""
+
+    __slots__ = ("__weakref__", "connection")
+
+    def __init__(self, connection: _Connection) -> None:
+        self.connection = connection
 
 
 class SqliteStore(AsyncTwins):
@@ -445,14 +473,14 @@ class SqliteStore(AsyncTwins):
         self.synchronous = synchronous
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: list[tuple[int, weakref.finalize[Any, Any]]] = []  # (pid, release)
+        self._open: list[tuple[_Connection, weakref.finalize[Any, Any]]] = []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StoreError(f"cannot create the directory of {self.path}: {error}") from error
         try:
-            with self._errors("open"):
-                self._migrate(self._connection())
+            with self._connected("open") as conn:
+                self._migrate(conn)
         finally:
             # Holding no connection until first use, a store opened before a fork() is
             # safe to use on both sides of it.
@@ -469,23 +497,27 @@ class SqliteStore(AsyncTwins):
 
     # -- Connections and transactions ----------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened (and configured) on first use."""
-        holder: _Connection | None = getattr(self._local, "holder", None)
-        if holder is not None and holder.pid == os.getpid():
-            return holder.conn
+    def _own_connection(self) -> _Connection:
+        """This thread's connection, opened (and configured) on first use or after a release."""
+        owner: _Owner | None = getattr(self._local, "owner", None)
+        if owner is not None and owner.connection.pid == os.getpid() and not owner.connection.closed:
+            return owner.connection
         with self._lock:
-            self._open = [(pid, release) for pid, release in self._open if release.alive]
-            if any(pid != os.getpid() for pid, _ in self._open):
+            self._open = [(connection, release) for connection, release in self._open if release.alive]
+            if any(connection.pid != os.getpid() for connection, _ in self._open):
                 raise StoreError(
                     f"{self!r} had open SQLite connections when this process was forked, and SQLite "
                     "connections must not cross fork(): call close() before forking (the store "
                     "reconnects on its next use), or open the store in the child"
                 )
-        # check_same_thread=False only so that `close` may close every thread's connection.
+        # check_same_thread=False only so that `close` and the exit hook may close an
+        # idle connection of another thread.
         conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                check_same_thread=False)
         try:
+            # Before anything that writes (journal_mode changes the file's header):
+            # a database of another application must be left exactly as it was.
+            self._check_version(conn)
             # Only takes effect on a new, empty file: lets `prune` give pages back.
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
@@ -496,11 +528,26 @@ class SqliteStore(AsyncTwins):
         except BaseException:
             conn.close()
             raise
-        holder = _Connection(conn)
+        connection = _Connection(conn)
+        owner = _Owner(connection)
+        # At interpreter exit the finalizer runs in the main thread while daemon threads
+        # may still be saving: it must then close idle connections only (wait=False).
+        release = weakref.finalize(owner, connection.release, wait=False)
         with self._lock:
-            self._open.append((holder.pid, weakref.finalize(holder, _release, conn, holder.pid)))
-        self._local.holder = holder
-        return conn
+            self._open.append((connection, release))
+        self._local.owner = owner
+        return connection
+
+    @contextmanager
+    def _connected(self, action: str, session_id: str | None = None) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, held for the block; sqlite3 errors are translated (`_errors`)."""
+        with self._errors(action, session_id):
+            while True:
+                connection = self._own_connection()
+                with connection.lock:
+                    if not connection.closed:  # else released meanwhile: open another
+                        yield connection.conn
+                        return
 
     @contextmanager
     def _errors(self, action: str, session_id: str | None = None) -> Iterator[None]:
@@ -523,8 +570,7 @@ class SqliteStore(AsyncTwins):
     def _transaction(self, action: str, session_id: str | None = None, *,
                      write: bool = False) -> Iterator[sqlite3.Connection]:
         """One transaction; a write one takes the write lock up front (no upgrade deadlocks)."""
-        with self._errors(action, session_id):
-            conn = self._connection()
+        with self._connected(action, session_id) as conn:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield conn
@@ -571,16 +617,18 @@ class SqliteStore(AsyncTwins):
 
     def schema_version(self) -> int:
         """The schema version stored in the file (``PRAGMA user_version``)."""
-        with self._errors("read the schema version"):
-            return int(self._connection().execute("PRAGMA user_version").fetchone()[0])
+        with self._connected("read the schema version") as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
         """Close the connections of every thread. Idempotent; the store stays usable and
-        reconnects on its next use. Must not run while other threads use the store."""
+        reconnects on its next use. A connection another thread is using is closed as
+        soon as that use ends (`close` waits for it)."""
         with self._lock:
             releases, self._open = self._open, []
-        for _, release in releases:
-            release()
+        for connection, release in releases:
+            release.detach()
+            connection.release(wait=True)
         self._local = threading.local()
 
     # -- Reading -----------------------------------------------------------------------------
@@ -620,8 +668,8 @@ class SqliteStore(AsyncTwins):
 
     def list_ids(self) -> list[str]:
         """Every stored session id, most recently saved first."""
-        with self._errors("list sessions"):
-            rows = self._connection().execute(
+        with self._connected("list sessions") as conn:
+            rows = conn.execute(
                 f"SELECT session_id FROM sessions ORDER BY {_SAVED_ORDER_SQL}").fetchall()
         return [session_id for (session_id,) in rows]
 
@@ -703,8 +751,7 @@ class SqliteStore(AsyncTwins):
             deleted: int = conn.execute(
                 f"DELETE FROM sessions WHERE {' AND '.join(conditions)}", params).rowcount
         if deleted:
-            with self._errors("reclaim space after prune"):
-                conn = self._connection()
+            with self._connected("reclaim space after prune") as conn:
                 # executescript() steps the pragma to completion; execute() frees one page.
                 conn.executescript("PRAGMA incremental_vacuum")
                 # Copy the shrunken database back from the WAL so that the file itself shrinks.
@@ -725,8 +772,8 @@ class SqliteStore(AsyncTwins):
     def explain_query(self, query: SessionQuery | None = None) -> str:
         """SQLite's ``EXPLAIN QUERY PLAN`` of `query`, one step a line."""
         sql, params = _select_summaries(as_query(query))
-        with self._errors("explain query"):
-            rows = self._connection().execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+        with self._connected("explain query") as conn:
+            rows = conn.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
         return "\n".join(str(row[-1]) for row in rows)
 
     def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
