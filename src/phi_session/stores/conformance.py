@@ -28,11 +28,22 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from .._time import Timestamp
-from ..codec import decode_session, encode_session
+from ..codec import decode_session, encode_event, encode_session
 from ..errors import InvalidQuery, InvalidSessionId, SessionNotFound
-from ..events import LoopConfigSnapshot, ProgressMessage, SessionFormation
-from ..messages import Usage
+from ..events import (
+    AgentEnd,
+    AgentEvent,
+    AgentStart,
+    LoopConfigSnapshot,
+    ProgressMessage,
+    SessionFormation,
+    TurnEnd,
+    TurnStart,
+)
+from ..messages import ZERO_USAGE, AssistantMessage, TextContent, ToolResultMessage, TurnId, Usage
 from ..model import LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef
 from ..recorder import SessionRecorder
 from .base import SessionStore, SessionSummary, UsageTotal
@@ -143,6 +154,31 @@ def make_session(
         last_active_at=last_active_at if last_active_at is not None else created,
         formation=SessionFormation.first_loop(created), parent_spawn_ref=spawn, loops=list(loops),
     )
+
+
+def _turn_with_tagged_tool_result(session_id: str) -> list[AgentEvent]:
+    """One loop, one turn, whose TurnEnd carries a tool result with a ``turnId``."""
+    loop_id = f"{session_id}.cfg.1"
+    turn_id = TurnId(loop_id=loop_id, turn_index=0)
+    answer = AssistantMessage(content=(TextContent(text="done"),), stop_reason="stop", model="m",
+                              provider="p", usage=ZERO_USAGE, timestamp=1, turn_id=turn_id)
+    result = ToolResultMessage(tool_call_id="call-1", tool_name="step", content=(TextContent(text="ok"),),
+                               is_error=False, timestamp=1, turn_id=turn_id)
+    return [
+        AgentStart(agent_id="agent", session_id=session_id, loop_id=loop_id, timestamp=at(0)),
+        TurnStart(loop_id=loop_id, turn_index=0, timestamp=at(1), triggered_by="User"),
+        TurnEnd(loop_id=loop_id, message=answer, usage=ZERO_USAGE, timestamp=at(2), tool_results=(result,)),
+        AgentEnd(loop_id=loop_id, messages=(answer,), usage=ZERO_USAGE, timestamp=at(3)),
+    ]
+
+
+def _with_tool_result_turn_id(event: AgentEvent) -> bytes:
+    """`event`'s JSON line, its TurnEnd tool results given their turnId back (encoders drop it)."""
+    data = msgspec.json.decode(encode_event(event))
+    if isinstance(event, TurnEnd):
+        for item, message in zip(data["tool_results"], event.tool_results, strict=True):
+            item["turnId"] = msgspec.to_builtins(message.turn_id)
+    return msgspec.json.encode(data)
 
 
 def _usage(tokens: int) -> Usage:
@@ -263,6 +299,23 @@ class StoreConformance:
         [session] = recorder.drain_completed()
         store.save(session)
         assert encode_session(store.load(session.session_id)) == encode_session(session)
+
+    def test_plain_form_metadata_round_trip(self, store: SessionStore) -> None:
+        # A TurnEnd's tool results are plain-form messages: phi-core gives them no
+        # turnId. One given anyway (by a producer's JSON or its own objects) is dropped
+        # on every path, so what is saved encodes as what is loaded.
+        for feed in ("on_json", "on_event"):
+            session_id = f"plain-{feed}"
+            recorder = SessionRecorder()
+            for event in _turn_with_tagged_tool_result(session_id):
+                if feed == "on_json":
+                    recorder.on_json(_with_tool_result_turn_id(event))
+                else:
+                    recorder.on_event(event)
+            recorder.flush()
+            [session] = recorder.drain_completed()
+            store.save(session)
+            assert encode_session(store.load(session_id)) == encode_session(session), feed
 
     def test_built_session_round_trip(self, store: SessionStore) -> None:
         session = make_session("built", loops=[
