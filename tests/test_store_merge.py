@@ -74,6 +74,38 @@ def test_repeated_loop_ids_match_by_occurrence() -> None:
     assert len(merged.loops[1].events) == 3
 
 
+def test_the_same_loop_saved_with_another_start_time_is_one_record() -> None:
+    # A restarted or re-stamped AgentStart: one loop, whatever its start time says.
+    running = make_loop("s", 1, status="Running", events=2, started_at=at(0))
+    done = make_loop("s", 1, events=3, started_at=at(5))
+    for stored, incoming in ((running, done), (done, running)):
+        merged = merge_sessions(make_session("s", loops=[stored]), make_session("s", loops=[incoming]))
+        assert merged.loops == [done]  # the finished version wins, its start time with it
+    fewer, more = make_loop("s", 1, events=1, started_at=at(0)), make_loop("s", 1, events=4, started_at=at(9))
+    for stored, incoming in ((fewer, more), (more, fewer)):
+        merged = merge_sessions(make_session("s", loops=[stored]), make_session("s", loops=[incoming]))
+        assert merged.loops == [more]
+    tied = make_loop("s", 1, events=1, tokens=7, started_at=at(9))
+    merged = merge_sessions(make_session("s", loops=[fewer]), make_session("s", loops=[tied]))
+    assert merged.loops == [tied]  # a tie goes to the incoming save
+
+
+def test_a_compaction_pass_reusing_a_loop_id_is_its_own_record() -> None:
+    # phi-core's compaction pass starts a record whose loop_id and parent_loop_id are
+    # both the last loop's id; each pass is told apart by its start.
+    original = make_loop("s", 1, events=2, started_at=at(0))
+    first_pass = make_loop("s", 1, events=1, parent_index=1, started_at=at(10))
+    second_pass = make_loop("s", 1, events=1, parent_index=1, started_at=at(20))
+    merged = merge_sessions(make_session("s", loops=[original]), make_session("s", loops=[first_pass]))
+    merged = merge_sessions(merged, make_session("s", loops=[second_pass]))
+    assert [record.started_at for record in merged.loops] == [at(0), at(10), at(20)]
+    again = merge_sessions(merged, make_session("s", loops=[original, first_pass, second_pass]))
+    assert again.loops == merged.loops  # saving them all again matches each with itself
+    restarted = make_loop("s", 1, events=5, started_at=at(3))  # not a pass: the original loop
+    assert [r.started_at for r in merge_sessions(merged, make_session("s", loops=[restarted])).loops] == [
+        at(3), at(10), at(20)]
+
+
 def test_session_header() -> None:
     stored = make_session("s", created_at=at(10), last_active_at=at(20))
     incoming = make_session("s", created_at=at(5), last_active_at=at(15))

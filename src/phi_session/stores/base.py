@@ -189,9 +189,21 @@ def _loop_weight(record: LoopRecord) -> tuple[int, int]:
 def merge_sessions(stored: Session, incoming: Session) -> Session:
     """Combine two saves of one session id without losing a loop.
 
-    Loops are matched by ``loop_id`` and start time (the n-th occurrence with the n-th);
-    of two versions of one loop the finished one, then the one with more events,
-    wins. Stored loops keep their place; new ones are appended in their order.
+    Which records are the same loop (the merge key), for an incoming record with
+    id X, against the stored records with id X not matched yet, in order:
+
+    1. one that started at the same instant (the n-th such with the n-th);
+    2. none, if the incoming record re-uses its own id (``parent_loop_id ==
+       loop_id``): phi-core's compaction pass starts a new record under the id of
+       a finished loop, so each such pass is its own record, told apart by its start;
+    3. else the first stored record of that id that is not such a re-use: the same
+       loop saved with another start time (a re-stamped or restarted ``AgentStart``)
+       is one record, not two;
+    4. else none: the record is new and is appended.
+
+    Of two versions of one loop, the finished one wins, then the one with more
+    events, then (a tie) the incoming one; the winner is kept whole, start time
+    included. Stored loops keep their place; new ones are appended in their order.
     A winning version keeps the links (``children_loop_ids``, ``child_loop_refs``)
     of the version it replaces, and a finished loop that is new or changed is
     linked into its same-session parent's ``children_loop_ids``: a recorder that
@@ -200,26 +212,21 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     Session-scoped events (``session_events``) are combined the same way: the
     incoming ones not already stored are appended.
     """
-    # A loop is the same loop when its id *and* start time match: an id that is used
-    # again later (phi-core's compaction pass does it) is a different record.
-    occurrences: Counter[tuple[str, str]] = Counter()
-    position: dict[tuple[str, str, int], int] = {}
     loops = list(stored.loops)
+    stored_slots: dict[str, list[int]] = {}  # loop id -> positions of its stored records
     for index, record in enumerate(loops):
-        loop_id, started = identity = (record.loop_id, str(record.started_at))
-        position[(loop_id, started, occurrences[identity])] = index
-        occurrences[identity] += 1
-    seen: Counter[tuple[str, str]] = Counter()
+        stored_slots.setdefault(record.loop_id, []).append(index)
+    matched: set[int] = set()
     adopted: list[LoopRecord] = []  # incoming versions that are new or differ from the stored one
     for record in incoming.loops:
-        loop_id, started = identity = (record.loop_id, str(record.started_at))
-        key = (loop_id, started, seen[identity])
-        seen[identity] += 1
-        slot = position.get(key)
+        unmatched = [slot for slot in stored_slots.get(record.loop_id, ()) if slot not in matched]
+        slot = _same_loop(record, loops, unmatched)
         if slot is None:
             loops.append(record)
             adopted.append(record)
-        elif _loop_weight(record) >= _loop_weight(loops[slot]):
+            continue
+        matched.add(slot)
+        if _loop_weight(record) >= _loop_weight(loops[slot]):
             merged = _keep_links(loops[slot], record)
             if merged != loops[slot]:
                 loops[slot] = merged
@@ -238,6 +245,21 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
         rejected=True if (stored.is_rejected or incoming.is_rejected) else msgspec.UNSET,
         session_events=_merge_events(stored.session_events, incoming.session_events),
     )
+
+
+def _reuses_its_id(record: LoopRecord) -> bool:
+    return record.parent_loop_id == record.loop_id
+
+
+def _same_loop(record: LoopRecord, loops: list[LoopRecord], candidates: list[int]) -> int | None:
+    """The position of the stored version of `record` among `candidates` (the unmatched
+    stored records of its id), or None: the merge key of `merge_sessions`."""
+    for slot in candidates:
+        if loops[slot].started_at == record.started_at:
+            return slot
+    if _reuses_its_id(record):
+        return None
+    return next((slot for slot in candidates if not _reuses_its_id(loops[slot])), None)
 
 
 def _union(kept: list[_T], extra: list[_T]) -> list[_T]:
