@@ -165,8 +165,9 @@ def session_id_to_save(session: Session) -> str:
 
 
 def validate_session_id(session_id: str) -> str:
-    """Reject ids that could escape a directory or break a file name."""
-    if not isinstance(session_id, str) or not session_id:
+    """Reject ids that could escape a directory or break a file name (`TypeError` for a non-string)."""
+    check_type("session id", session_id, str)
+    if not session_id:
         raise InvalidSessionId("session id must be a non-empty string")
     try:
         size = len(session_id.encode("utf-8"))
@@ -189,17 +190,18 @@ def _loop_weight(record: LoopRecord) -> tuple[int, int]:
 def merge_sessions(stored: Session, incoming: Session) -> Session:
     """Combine two saves of one session id without losing a loop.
 
-    Which records are the same loop (the merge key), for an incoming record with
-    id X, against the stored records with id X not matched yet, in order:
+    Which records are the same loop (the merge key): a loop is known by its
+    ``loop_id`` and its lifetime. An incoming record with id X is matched with the
+    first stored record of id X, not matched yet, that
 
-    1. one that started at the same instant (the n-th such with the n-th);
-    2. none, if the incoming record re-uses its own id (``parent_loop_id ==
-       loop_id``): phi-core's compaction pass starts a new record under the id of
-       a finished loop, so each such pass is its own record, told apart by its start;
-    3. else the first stored record of that id that is not such a re-use: the same
-       loop saved with another start time (a re-stamped or restarted ``AgentStart``)
-       is one record, not two;
-    4. else none: the record is new and is appended.
+    1. started at the same instant (the n-th such with the n-th); else that
+    2. was alive at the same time: neither started at or after the other ended
+       (an unfinished record has not ended). A restarted or re-stamped
+       ``AgentStart`` thus saves the same loop again, not a second one.
+
+    Otherwise the record is new and is appended: an id used again after its loop
+    ended names a second record (phi-core's compaction pass re-uses the id of the
+    last, finished loop, and phi-core keeps both).
 
     Of two versions of one loop, the finished one wins, then the one with more
     events, then (a tie) the incoming one; the winner is kept whole, start time
@@ -247,8 +249,8 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     )
 
 
-def _reuses_its_id(record: LoopRecord) -> bool:
-    return record.parent_loop_id == record.loop_id
+def _ended_before(first: LoopRecord, second: LoopRecord) -> bool:
+    return first.ended_at is not None and second.started_at >= first.ended_at
 
 
 def _same_loop(record: LoopRecord, loops: list[LoopRecord], candidates: list[int]) -> int | None:
@@ -257,9 +259,10 @@ def _same_loop(record: LoopRecord, loops: list[LoopRecord], candidates: list[int
     for slot in candidates:
         if loops[slot].started_at == record.started_at:
             return slot
-    if _reuses_its_id(record):
-        return None
-    return next((slot for slot in candidates if not _reuses_its_id(loops[slot])), None)
+    for slot in candidates:
+        if not _ended_before(loops[slot], record) and not _ended_before(record, loops[slot]):
+            return slot
+    return None
 
 
 def _union(kept: list[_T], extra: list[_T]) -> list[_T]:

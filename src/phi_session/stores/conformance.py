@@ -277,6 +277,11 @@ class StoreConformance:
                     store.query(wrong)  # type: ignore[arg-type]
             with _raises(TypeError, match="criteria must be PruneCriteria"):
                 store.prune(wrong)  # type: ignore[arg-type]
+            if not isinstance(wrong, str):
+                with _raises(TypeError, match="session id must be str"):
+                    store.load(wrong)  # type: ignore[arg-type]
+                with _raises(TypeError, match="session id must be str"):
+                    store.delete(wrong)  # type: ignore[arg-type]
         with _raises(TypeError, match="group_by must be str"):
             store.usage_totals(None)  # type: ignore[arg-type]
         assert store.list_ids() == []
