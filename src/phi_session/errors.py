@@ -18,6 +18,13 @@ class SessionNotFound(PhiSessionError, KeyError):
         return str(self.args[0]) if self.args else "session not found"
 
 
+class LoopNotFound(PhiSessionError, KeyError):
+    """A session holds no loop with the requested id."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "loop not found"
+
+
 class InvalidSessionId(PhiSessionError, ValueError):
     """A session id that cannot safely name a stored object (``../x``, ``/``, NUL, empty)."""
 
@@ -32,6 +39,19 @@ class StoreError(PhiSessionError):
 
 class InvalidStoreUrl(StoreError, ValueError):
     """A store URL of no accepted form (a usage error, not a failing store)."""
+
+
+class InvalidQuery(PhiSessionError, ValueError):
+    """A malformed store query, prune criterion or usage grouping (a usage error).
+
+    `parameter` names the offending argument (None when the arguments only fail
+    together); `reason` says what is wrong with it.
+    """
+
+    def __init__(self, reason: str, parameter: str | None = None) -> None:
+        super().__init__(f"{parameter}: {reason}" if parameter is not None else reason)
+        self.reason = reason
+        self.parameter = parameter
 
 
 class InstrumentationError(PhiSessionError, RuntimeError):

@@ -1,18 +1,18 @@
 """The phi-core 0.10 ``AgentEvent`` vocabulary, as frozen typed records.
 
 Every event is a `msgspec.Struct` tagged by ``"type"`` with its fields in phi-core's
-order, so encoding one gives phi-core's bytes. Build events with keyword arguments;
-``timestamp`` defaults to now (UTC, nanoseconds). When *decoding*, a missing
-timestamp is an error, as in phi-core.
+order, so encoding one gives phi-core's bytes. Build events with keyword arguments.
+``timestamp`` is required wherever phi-core requires it, when constructing as when
+decoding (by this library or by your own msgspec decoder): pass
+``timestamp=Timestamp.now()`` for "now". A default would be filled silently by every
+decoder of these types, and a missing timestamp in phi-core's JSON is an error.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from functools import partial
 from operator import attrgetter, is_
-from types import CodeType
 from typing import Any, Literal, NamedTuple, TypeVar, Union
 
 import msgspec
@@ -31,6 +31,46 @@ from .messages import (
     Usage,
 )
 
+__all__ = [
+    "COMPACTION",
+    "DEFAULT",
+    "EVENT_TYPES",
+    "INITIAL",
+    "MESSAGE_FIELDS",
+    "MESSAGE_FIELDS_BY_TAG",
+    "AgentEnd",
+    "AgentEvent",
+    "AgentStart",
+    "ApiProtocol",
+    "CompactionEnded",
+    "CompactionStarted",
+    "ContinuationKind",
+    "Float32",
+    "InputRejected",
+    "LoopConfigSnapshot",
+    "MessageEnd",
+    "MessageField",
+    "MessageStart",
+    "MessageUpdate",
+    "ParallelLoopEnd",
+    "ParallelLoopStart",
+    "ProgressMessage",
+    "PrunApplied",
+    "RevertApplied",
+    "RevertCategory",
+    "SessionFormation",
+    "StreamDelta",
+    "Timestamp",
+    "ToolExecutionEnd",
+    "ToolExecutionStart",
+    "ToolExecutionUpdate",
+    "TurnEnd",
+    "TurnRequest",
+    "TurnStart",
+    "TurnTrigger",
+    "map_messages",
+]
+
 TurnTrigger = Literal["User", "SubAgent", "Continuation", "Branch"]
 """What started a turn. phi-core also reads the legacy ``"FollowUp"`` as ``"Continuation"``."""
 
@@ -40,28 +80,6 @@ ApiProtocol = Literal[
     "bedrock_converse_stream",
 ]
 RevertCategory = Literal["failure", "tangent", "completion", "step-summary"]
-
-# Code objects of the codec functions that run msgspec decoders (see `_now`).
-_DECODER_CODE: set[CodeType] = set()
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def runs_decoders(function: _F) -> _F:
-    """Mark a function that runs msgspec decoders over events (absent timestamps are errors)."""
-    _DECODER_CODE.add(function.__code__)
-    return function
-
-
-def _now() -> Timestamp:
-    # A timestamp left out of *decoded* JSON is an error (phi-core requires it); one
-    # left out of a constructor call means "now". msgspec calls this factory from C,
-    # so the Python frame below is the codec function that ran the decoder when we
-    # are decoding, and the caller's own code otherwise. Checking it costs nothing
-    # on the hot path, unlike a thread-local flag set around every decode.
-    if sys._getframe(1).f_code in _DECODER_CODE:
-        raise ValueError("missing required field `timestamp`")
-    return Timestamp.now()
-
 
 # -- Externally tagged enums ---------------------------------------------------------
 
@@ -363,7 +381,7 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, gc=False, tag_field="typ
     pass
 
 
-class AgentStart(_Event, kw_only=True, frozen=True):
+class AgentStart(_Event, kw_only=True, frozen=True, gc=True):  # holds user metadata
     """A loop begins."""
 
     agent_id: str
@@ -371,7 +389,7 @@ class AgentStart(_Event, kw_only=True, frozen=True):
     loop_id: str
     parent_loop_id: str | None = None
     continuation_kind: ContinuationKind = INITIAL
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
     metadata: Any = None
     config_snapshot: LoopConfigSnapshot | msgspec.UnsetType | None = msgspec.UNSET
     formation: SessionFormation | msgspec.UnsetType = msgspec.UNSET
@@ -388,7 +406,7 @@ class AgentEnd(_Event, kw_only=True, frozen=True):
     loop_id: str
     messages: tuple[AgentMessage, ...]
     usage: Usage
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
     rejection: str | None = None
     error: str | msgspec.UnsetType = msgspec.UNSET
     """phi-session extension: the loop failed with this error (ignored by phi-core)."""
@@ -397,7 +415,7 @@ class AgentEnd(_Event, kw_only=True, frozen=True):
 class TurnStart(_Event, kw_only=True, frozen=True):
     loop_id: str
     turn_index: U32
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
     triggered_by: TurnTrigger | Literal["FollowUp"]
 
     def __post_init__(self) -> None:
@@ -411,14 +429,14 @@ class TurnRequest(_Event, kw_only=True, frozen=True):
     loop_id: str
     turn_index: U32
     payload: AnnotatedRequestPayload
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class TurnEnd(_Event, kw_only=True, frozen=True):
     loop_id: str
     message: AgentMessage
     usage: Usage
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
     tool_results: tuple[Message, ...] = ()
 
 
@@ -478,7 +496,7 @@ class InputRejected(_Event, kw_only=True, frozen=True):
 class ParallelLoopStart(_Event, kw_only=True, frozen=True):
     session_id: str
     loop_ids: tuple[str, ...]
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class ParallelLoopEnd(_Event, kw_only=True, frozen=True):
@@ -486,14 +504,14 @@ class ParallelLoopEnd(_Event, kw_only=True, frozen=True):
     selected_loop_id: str
     selected_config_index: U64
     evaluation_usage: Usage
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class CompactionStarted(_Event, kw_only=True, frozen=True):
     loop_id: str
     estimated_tokens: U64
     message_count: U64
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class PrunApplied(_Event, kw_only=True, frozen=True):
@@ -502,7 +520,7 @@ class PrunApplied(_Event, kw_only=True, frozen=True):
     messages_removed: U64
     memo: str | None = None
     pruned_timestamps: tuple[U64, ...]
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class RevertApplied(_Event, kw_only=True, frozen=True):
@@ -513,7 +531,7 @@ class RevertApplied(_Event, kw_only=True, frozen=True):
     summary: str | None = None
     applied: bool
     reason: str | None = None
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class CompactionEnded(_Event, kw_only=True, frozen=True):
@@ -523,7 +541,7 @@ class CompactionEnded(_Event, kw_only=True, frozen=True):
     estimated_tokens_before: U64
     estimated_tokens_after: U64
     loops_compacted: U64
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 AgentEvent = Union[
