@@ -100,6 +100,7 @@ from .model import (
 from .persist import AutoPersistingRecorder
 from .processors import REDACTED, Processor, ProcessorChain, Redactor, withhold
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
+from .saver import SaveStats, SessionSaver
 from .sinks import FanOut, JsonlSink, QueueSink, RecorderSink, Sink
 from .stores.base import SessionStore, SessionSummary, UsageTotal
 from .stores.json_dir import (
@@ -143,7 +144,7 @@ __all__ = [
     "ProcessorChain", "QueueSink", "RecorderSink", "Redactor", "Sink", "ToolScope", "Tracer",
     "TurnScope", "config_id_of", "consume", "withhold",
     "AutoPersistingRecorder", "Journal", "JournalLocked", "JournaledRecorder", "RecoveryError",
-    "RecoveryReport", "recover",
+    "RecoveryReport", "SaveStats", "SessionSaver", "recover",
     "AgentEnd", "AgentEvent", "AgentMessage", "AgentStart", "AnnotatedRequestPayload",
     "AssistantMessage", "ChildLoopRef", "CompactionBlock", "CompactionEnded", "CompactionStarted",
     "Content", "ContinuationKind", "DecodeError", "ExtensionMessage", "ImageContent", "InputRejected",
