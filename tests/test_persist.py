@@ -5,9 +5,12 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -263,3 +266,88 @@ def test_a_late_parallel_event_is_kept_as_an_orphan_without_holding_the_journal(
     orphans = (tmp_path / "j" / "orphans.jsonl").read_text()
     assert orphans.count("ParallelLoopEnd") == 1
     assert len(store.list_ids()) == 2
+
+
+def test_the_writer_holds_at_most_the_byte_budget_plus_one_session(tmp_path: Path) -> None:
+    """Issue 9.10: the bound is bytes, not a count of sessions."""
+    evs = list(stream(sessions=60, loops=1, turns=3))
+    budget = 12_000  # a few sessions of this stream (2-5 kB each)
+    queued: list[float] = []
+
+    class SlowObservedStore(JsonDirStore):
+        def save(self, session: Session) -> None:
+            queued.append(persisting.stats()["bytes_queued"])
+            time.sleep(0.003)
+            super().save(session)
+
+    store = SlowObservedStore(tmp_path / "store")
+    with AutoPersistingRecorder(store, checkpoint_every=40, checkpoint_interval=None,
+                                max_pending_bytes=budget) as persisting:
+        for event in evs:
+            persisting.on_event(event)
+            queued.append(persisting.stats()["bytes_queued"])
+        assert persisting.stats()["backpressure_waits"] > 0
+    largest = max(len(encode_session(store.load(sid), pretty=False)) for sid in store.list_ids())
+    assert max(queued) > budget // 2  # the budget was used...
+    assert max(queued) <= budget + largest  # ...and never exceeded by more than one session
+    assert stored(store) == recorded(evs)
+
+
+def test_the_budget_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_pending_bytes"):
+        AutoPersistingRecorder(JsonDirStore(tmp_path), max_pending_bytes=0)
+
+
+def test_counters_are_exact_with_concurrent_saves(tmp_path: Path) -> None:
+    """Issue 10.8: every counter changes under its lock (the writer's too)."""
+    evs = single_loop_sessions(40)
+    store = FlakyStore(tmp_path / "store", failures=5)
+    with AutoPersistingRecorder(store, checkpoint_every=3, journal=tmp_path / "j") as persisting:
+        persisting.record_all(evs)
+    stats = persisting.stats()
+    assert stats["events"] == len(evs) and stats["sessions_failed"] == 0
+    assert stats["sessions_saved"] >= 40 and stats["save_retries"] == 5
+
+
+_EXIT_CHILD = """
+import itertools, sys
+sys.path.insert(0, sys.argv[4])
+from journal_kill_worker import stream
+from phi_session.persist import AutoPersistingRecorder
+from phi_session.stores.sqlite import SqliteStore
+
+recorder = AutoPersistingRecorder(SqliteStore(sys.argv[1]), checkpoint_every=3,
+                                  journal=sys.argv[3] if sys.argv[3] != "-" else None)
+for event in itertools.islice(stream(sessions=30), int(sys.argv[5])):
+    recorder.on_event(event)
+if sys.argv[2] == "raise":
+    raise RuntimeError("the agent crashed")
+"""
+
+
+@pytest.mark.parametrize("journaled", [False, True])
+@pytest.mark.parametrize("ending", ["return", "raise"])
+def test_a_program_that_ends_with_the_recorder_open_saves_everything(
+        tmp_path: Path, ending: str, journaled: bool) -> None:
+    """Issue 9.2: the exit hook stops the writer (saving what is pending) before the
+    store's connections are closed; no SIGSEGV, no lost event, many times over."""
+    runs = 8
+    events = 400  # sessions in flight: open loops, and the writer saving at exit
+
+    def run(index: int) -> tuple[int, str, Path]:
+        db = tmp_path / f"{index}.db"
+        journal = str(tmp_path / f"j{index}") if journaled else "-"
+        child = subprocess.run(
+            [sys.executable, "-c", _EXIT_CHILD, str(db), ending, journal, str(Path(__file__).parent),
+             str(events + index)], capture_output=True, text=True, timeout=120)
+        return child.returncode, child.stderr, db
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(run, range(runs)))
+    expected_code = 1 if ending == "raise" else 0
+    for index, (code, stderr, db) in enumerate(results):
+        assert code == expected_code, f"run {index}: exit status {code}\n{stderr}"
+        assert ending != "raise" or "the agent crashed" in stderr
+        evs = list(itertools.islice(stream(sessions=30), events + index))
+        with SqliteStore(db) as store:
+            assert stored(store) == recorded(evs), f"run {index}: events lost"
