@@ -56,13 +56,21 @@ __all__ = ["DEFAULT_MAX_PENDING_BYTES", "AutoPersistingRecorder"]
 
 logger = logging.getLogger("phi_session.persist")
 
-DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
 """Finished sessions (bytes of their compact JSON) that may wait for the writer."""
 
 # The only events that carry a session id: they open (or join) a session in the recorder.
 _SESSION_EVENTS = (AgentStart, ParallelLoopStart, ParallelLoopEnd)
 _SESSION_KEY = b'"session_id"'
 _RELEASE_EVERY = 1.0  # seconds
+
+
+def _json_size(session: Session) -> int:
+    """What a session counts against the budget: the bytes of its compact JSON."""
+    try:
+        return len(encode_session(session, pretty=False))
+    except (msgspec.EncodeError, RecursionError, TypeError):  # its save will fail and say why
+        return 0
 
 
 class _SessionProbe(msgspec.Struct):
@@ -102,7 +110,7 @@ class AutoPersistingRecorder:
     * `checkpoint_every`: events between checkpoints; `checkpoint_interval`: seconds
       after which an idle recorder checkpoints anyway (None: never).
     * `max_pending_bytes`: the writer's budget, in bytes of the sessions' compact JSON
-      (default 64 MiB; Python objects take a few times that). A checkpoint hands its
+      (default 16 MiB). A checkpoint hands its
       sessions over one at a time while the writer holds less than this (a session
       larger than the budget goes alone), and the producer waits until they are all
       handed over. The writer's own idle checkpoint never waits.
@@ -306,8 +314,7 @@ class AutoPersistingRecorder:
             # Read before draining: every event up to it has been applied by then.
             settled = self.journal.last_seq if self.journal is not None else -1
             sessions = self.recorder.drain_completed()
-            pending = [_Pending(s, self._pins.pop(s.session_id, None), len(encode_session(s, pretty=False)))
-                       for s in sessions]
+            pending = [_Pending(s, self._pins.pop(s.session_id, None), _json_size(s)) for s in sessions]
             with self._cond:
                 self._waiting.extend(pending)
                 self._admit()
