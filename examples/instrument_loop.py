@@ -1,6 +1,7 @@
 """Instrument a hand-written agent loop with phi-session (offline: the "model" is scripted).
 
-Run: python examples/instrument_loop.py [DIR]   (writes phi-core session files into DIR)
+Run: python examples/instrument_loop.py [DIR]   (writes phi-core session files into DIR,
+a new temporary directory if none is given; it prints where it wrote)
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def main(directory: str) -> None:
         loop_record = session.loops[0]
         print(session.session_id, loop_record.status, f"{loop_record.turn_count()} turns",
               f"{session.total_usage().total_tokens} tokens")
+        print(f"wrote {store.path_for(session.session_id)}")
+    print(f"wrote {directory}/events.jsonl (record it with: phi-session record {directory}/events.jsonl)")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,7 @@ def _find_spec() -> Path:
     configured = os.environ.get("PHI_SESSION_SPEC_DIR")
     if configured:
         return Path(configured)
-    repo = Path(__file__).resolve().parents[1]
-    for candidate in (repo.parent / "shared" / "spec", Path("/work/shared/spec")):
-        if candidate.is_dir():
-            return candidate
-    return repo.parent / "shared" / "spec"
+    return Path(__file__).resolve().parents[1].parent / "shared" / "spec"
 
 
 SPEC = _find_spec()

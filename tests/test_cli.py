@@ -163,7 +163,7 @@ def test_record_keeps_orphan_events_when_asked(tmp_path: Path) -> None:
     stream.write_text(orphan + "\n")
     result = run("record", stream, "--dir", tmp_path / "out", "--orphans", tmp_path / "orphans.jsonl")
     assert result.exit_code == EXIT_OK
-    assert "1 events belonged to no known loop" in result.stderr
+    assert "1 event belonged to no known loop" in result.stderr
     assert (tmp_path / "orphans.jsonl").read_text() == orphan + "\n"
 
 
@@ -178,7 +178,7 @@ def test_record_unwritable_orphans_file_fails_before_reading(tmp_path: Path) -> 
 
 def test_record_reports_orphans_written_only_after_the_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import phi_session.cli as cli_module
+    import phi_session.cli.commands as cli_module
 
     def full_disk(event: object) -> bytes:
         raise OSError(28, "No space left on device")
@@ -195,7 +195,7 @@ def test_record_reports_orphans_written_only_after_the_write(
 
 def test_record_ctrl_c_during_a_mid_stream_save_keeps_every_drained_session(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import phi_session.cli as cli_module
+    import phi_session.cli.commands as cli_module
 
     monkeypatch.setattr(cli_module, "_SPILL_EVERY", len(example_lines()))  # one spill, after the last line
     original = JsonDirStore.save
@@ -251,7 +251,7 @@ def test_default_store_and_environment_variable(tmp_path: Path, monkeypatch: pyt
     assert (tmp_path / ".phi-session" / "sessions.db").is_file()
     assert len(json_out(run("list", "--json"))) == 5  # type: ignore[arg-type]
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "elsewhere") + "/")
-    assert json_out(run("list", "--json")) == []
+    assert_one_line_error(run("list", "--json"), EXIT_FAILURE, "no store at", "elsewhere")
     run("record", EXAMPLE_STREAM)
     assert len(list((tmp_path / "elsewhere").glob("*.json"))) == 5
 
@@ -549,7 +549,7 @@ def test_import_files_and_directories(store_dir: Path, tmp_path: Path) -> None:
     exported = run("export", BASIC_ID, "--store", "sqlite:imported.db")
     assert exported.stdout_bytes == (store_dir / f"{BASIC_ID}.json").read_bytes() + b"\n"
     single = run("import", store_dir / f"{MINIMAL_ID}.json", "--store", f"{tmp_path}/copy/")
-    assert single.exit_code == EXIT_OK and "1 sessions imported, 0 failed" in single.stdout
+    assert single.exit_code == EXIT_OK and "1 session imported, 0 failed" in single.stdout
     assert (tmp_path / "copy" / f"{MINIMAL_ID}.json").is_file()
 
 
@@ -679,7 +679,7 @@ def test_serve_reports_a_busy_port(store_dir: Path) -> None:
 @pytest.mark.parametrize("stream", ["basic", "parallel", "minimal", "subagent"])
 def test_record_saving_as_it_goes_writes_the_same_files(
         stream: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import phi_session.cli as cli_module
+    import phi_session.cli.commands as cli_module
     from tests.conftest import EXAMPLES
 
     source = EXAMPLES / f"events-{stream}.jsonl"
@@ -689,3 +689,134 @@ def test_record_saving_as_it_goes_writes_the_same_files(
     written = {p.name: p.read_bytes() for p in (tmp_path / "spilled").glob("*.json")}
     expected = {p.name: p.read_bytes() for p in EXAMPLES.glob(f"session-{stream}*.json")}
     assert sorted(written.values()) == sorted(expected.values())
+
+
+# -- what a new user hits ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ("list",), ("show", BASIC_ID), ("tree", BASIC_ID), ("context", BASIC_ID, "x"), ("stats",),
+    ("export", BASIC_ID), ("rm", BASIC_ID), ("serve", "--port", "0"),
+])
+@pytest.mark.parametrize("store", ["typo.db", "sqlite:typo.sqlite", "typo-dir/", None])
+def test_read_only_commands_never_create_a_store(
+        tmp_path: Path, args: tuple[str, ...], store: str | None) -> None:
+    result = run(*args, *(("--store", store) if store else ()))
+    assert_one_line_error(result, EXIT_FAILURE, "no store at")
+    if store is None:
+        assert "default store" in result.stderr and ".phi-session" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing created, not even a directory
+
+
+@pytest.mark.parametrize("name", ["work/x.db", "x.sqlite", "x.sqlite3"])
+def test_a_store_path_with_an_sqlite_suffix_is_an_sqlite_file(tmp_path: Path, name: str) -> None:
+    (tmp_path / "work").mkdir()
+    assert run("record", EXAMPLE_STREAM, "--store", name).exit_code == EXIT_OK
+    assert (tmp_path / name).read_bytes().startswith(b"SQLite format 3\0")
+    assert len(json_out(run("list", "--store", name, "--json"))) == 5  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ids", [(BASIC_ID,), (BASIC_ID, PARENT_ID, CHILD_ID)])
+def test_export_json_imports_back(store_dir: Path, tmp_path: Path, ids: tuple[str, ...]) -> None:
+    assert run("export", *ids, "--store", store_dir, "-o", tmp_path / "out.json").exit_code == EXIT_OK
+    result = run("import", tmp_path / "out.json", "--store", f"{tmp_path}/copy/")
+    assert result.exit_code == EXIT_OK, result.stderr
+    for session_id in ids:
+        name = f"{session_id}.json"
+        assert (tmp_path / "copy" / name).read_bytes() == (store_dir / name).read_bytes()
+
+
+def test_export_jsonl_records_back_and_import_points_to_record(store_dir: Path, tmp_path: Path) -> None:
+    assert run("export", BASIC_ID, PARENT_ID, "--format", "jsonl", "--store", store_dir,
+               "-o", tmp_path / "out.jsonl").exit_code == EXIT_OK
+    assert_one_line_error(run("import", tmp_path / "out.jsonl", "--store", f"{tmp_path}/a/"), EXIT_FAILURE,
+                          "event stream", "phi-session record")
+    assert run("record", tmp_path / "out.jsonl", "--dir", tmp_path / "b").exit_code == EXIT_OK
+    for session_id in (BASIC_ID, PARENT_ID):
+        name = f"{session_id}.json"
+        assert (tmp_path / "b" / name).read_bytes() == (store_dir / name).read_bytes()
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"garbage\n" * 3, bytes(range(256)) * 4])
+def test_record_of_nothing_valid_fails(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "in.jsonl").write_bytes(content)
+    result = run("record", tmp_path / "in.jsonl", "--dir", tmp_path / "out")
+    assert result.exit_code == EXIT_FAILURE
+    assert "nothing recorded" in result.stderr.splitlines()[-1]
+
+
+def test_record_reports_the_first_20_malformed_lines_then_a_count(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text("garbage\n" * 1_234 + "\n".join(example_lines()) + "\n")
+    result = run("record", tmp_path / "in.jsonl", "--dir", tmp_path / "out", "--json")
+    assert result.exit_code == EXIT_OK
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 21 and "line 20:" in lines[19]
+    assert "1,214 more malformed lines skipped, not shown" in lines[20]
+    data = json.loads(result.stdout)
+    assert len(data["errors"]) == 20 and data["totals"]["malformed_lines"] == 1_234
+
+
+def test_click_errors_have_one_prefix(store_dir: Path) -> None:
+    result = run("rm", "--store", store_dir)
+    assert_one_line_error(result, EXIT_USAGE)
+    assert result.stderr.startswith("phi-session rm: error:")
+    assert result.stderr.count("phi-session") == 2  # the prefix and the --help hint
+
+
+def test_not_found_is_worded_one_way(store_dir: Path) -> None:
+    missing = "0b6c4e2a-0000-4d8e-9a52-3c1f8e7d6b40"
+    for args in (("show", missing), ("rm", missing), ("export", missing), ("tree", missing)):
+        assert_one_line_error(run(*args, "--store", store_dir), EXIT_FAILURE, f"no session '{missing}' in")
+    assert_one_line_error(run("context", BASIC_ID, "nope", "--store", store_dir), EXIT_FAILURE,
+                          f"no loop 'nope' in session '{BASIC_ID}'")
+    for command in ("record", "import"):
+        assert_one_line_error(run(command, "missing.jsonl", "--dir" if command == "record" else "--store",
+                                  store_dir), EXIT_FAILURE, "missing.jsonl", "no such file or directory")
+
+
+def test_counts_have_plurals_and_thousands_separators(store_dir: Path, tmp_path: Path) -> None:
+    single = run("record", EXAMPLE_STREAM.parent / "events.jsonl", "--dir", tmp_path / "one")
+    assert "total: 5 sessions, 7 loops, 9 turns, 2,970 tokens from 88 events; 0 malformed lines skipped" \
+        in single.stdout
+    (tmp_path / "min.jsonl").write_text("\n".join(line for line in example_lines() if MINIMAL_ID in line))
+    one = run("record", tmp_path / "min.jsonl", "--dir", tmp_path / "two")
+    assert "total: 1 session, 1 loop, 1 turn," in one.stdout
+    stats = run("stats", "--store", store_dir, "--by", "model")
+    assert "2,970" in stats.stdout
+
+
+def test_status_names_are_case_insensitive(store_dir: Path) -> None:
+    lower = json_out(run("list", "--store", store_dir, "--json", "--status", "completed"))
+    assert lower == json_out(run("list", "--store", store_dir, "--json", "--status", "Completed"))
+    assert len(lower) == 5  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--limit", "9" * 5000), ("--min-tokens", "9" * 5000), ("--since", "9" * 40 + "d"),
+    ("--since", "99999999999w"), ("--limit", "99999999999999999999"),
+])
+def test_huge_filter_values_are_usage_errors(store_dir: Path, option: str, value: str) -> None:
+    result = run("list", "--store", store_dir, option, value)
+    assert_one_line_error(result, EXIT_USAGE, option)
+    assert "internal error" not in result.stderr and len(result.stderr) < 300
+
+
+@pytest.mark.parametrize("command", [
+    "list", "show", "tree", "stats", "record", "import", "export", "context", "rm", "demo", "serve"])
+def test_help_has_no_markup(command: str) -> None:
+    result = run(command, "--help")
+    assert "``" not in result.stdout and "`" not in result.stdout
+
+
+def test_writing_to_the_default_store_says_where(tmp_path: Path) -> None:
+    result = run("record", EXAMPLE_STREAM)
+    assert f"store: sqlite:///{(tmp_path / '.phi-session' / 'sessions.db').as_posix().lstrip('/')}" \
+        in result.stderr
+
+
+def test_list_model_column_is_cut_not_wrapped(store_dir: Path, tmp_path: Path) -> None:
+    for columns in (80, 120, 130, 160):
+        result = CliRunner().invoke(main, ["list", "--store", str(store_dir)], env={"COLUMNS": str(columns)})
+        lines = result.stdout.splitlines()
+        assert len(lines) == 6, (columns, result.stdout)  # a header and one line per session
+        assert max(len(line) for line in lines) <= columns

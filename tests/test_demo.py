@@ -9,10 +9,12 @@ import pytest
 from rich.console import Console
 
 import phi_session as ps
-from phi_session.demo import render_tree, run_demo
+from phi_session.cli.render import loop_tree
+from phi_session.demo import run_demo
 from phi_session.recorder import SessionRecorder
 from phi_session.sinks import JsonlSink
 from phi_session.stores.json_dir import JsonDirStore
+from phi_session.views import loop_forest
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,8 @@ def test_the_main_session_has_every_kind_of_loop(demo: tuple[list[ps.Session], b
     assert [type(e.event).__name__ for e in compaction.events] == [
         "AgentStart", "CompactionStarted", "CompactionEnded", "AgentEnd"]
     assert kinds["Branch"][0].parent_loop_id == origin.loop_id
-    assert kinds["Rerun"][0].parent_loop_id == kinds["Default"][0].loop_id
+    # The rerun retries the fix: it continues the fix's parent, so it replaces the fix on its chain.
+    assert kinds["Rerun"][0].parent_loop_id == kinds["Default"][0].parent_loop_id == origin.loop_id
 
 
 def test_the_parallel_evaluation_has_a_winner(demo: tuple[list[ps.Session], bytes]) -> None:
@@ -106,14 +109,41 @@ def test_the_files_the_stream_and_a_second_run_agree(demo: tuple[list[ps.Session
     assert [ps.encode(store.load(s.session_id)) for s in sessions] == expected
 
 
-def test_render_tree_shows_status_kind_turns_and_tokens(demo: tuple[list[ps.Session], bytes]) -> None:
-    console = Console(file=io.StringIO(), width=200, color_system=None)
+def test_the_loop_tree_shows_status_kind_turns_and_tokens_in_80_columns(
+        demo: tuple[list[ps.Session], bytes]) -> None:
+    console = Console(file=io.StringIO(), width=80, color_system=None)
     for session in demo[0]:
-        console.print(render_tree(session))
+        console.print(loop_tree(session, loop_forest(session), details=False))
     text = console.file.getvalue()  # type: ignore[attr-defined]
     for needle in ("Completed", "Rejected", "Rerun", "Branch", "Compaction", "winner", "InactivityTimeout",
-                   "turns=2", "tokens=", "sub-agent session", "spawned by"):
+                   "2 turns", "tokens", "sub-agent session", "spawned via research"):
         assert needle in text, needle
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    # One line per loop (nothing wraps), plus the session lines and the loops' extra lines.
+    assert sum(line.lstrip("│├└─ ").startswith("#") for line in lines) == sum(len(s.loops) for s in demo[0])
+
+
+def test_context_at_a_rerun_holds_the_rerun_answer_only(demo: tuple[list[ps.Session], bytes]) -> None:
+    main = demo[0][0]
+    kinds = by_kind(main)
+    texts = [block.text for message in main.context_at(kinds["Rerun"][0].loop_id)
+             for block in getattr(message, "content", ()) if isinstance(block, ps.TextContent)]
+    assert not any(text.startswith("Fixed: parse() now returns") for text in texts)  # the fix's answer
+    assert texts[-1] == "Fixed: parse() returns [] early when there are no tokens."
+    assert texts.count("Please fix it.") == 1
+
+
+def test_context_at_the_compaction_pass_is_the_uncompacted_chain(
+        demo: tuple[list[ps.Session], bytes]) -> None:
+    # Compaction events carry token estimates only, no summaries: the recorded session
+    # has no compaction block, so (as phi-core's context builder does) the chain's raw
+    # messages come back.
+    main = demo[0][0]
+    [compaction] = by_kind(main)["Compaction"]
+    assert not isinstance(compaction.compaction_block, ps.CompactionBlock)
+    chain = [main.get_loop(loop_id) for loop_id in main.loop_chain_to(compaction.loop_id)]
+    assert main.context_at(compaction.loop_id) == [m for r in chain if r is not None for m in r.messages]
 
 
 def test_the_default_store_is_used_when_none_is_given(tmp_path: Path,

@@ -19,7 +19,9 @@ def test_instrumented_loop_example_round_trips_through_jsonl(tmp_path: Path, mon
     direct = tmp_path / "direct"
     monkeypatch.setattr(sys, "argv", ["instrument_loop.py", str(direct)])
     runpy.run_path(str(ROOT / "examples" / "instrument_loop.py"), run_name="__main__")
-    assert "Completed 2 turns 922 tokens" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Completed 2 turns 922 tokens" in printed
+    assert f"wrote {direct}/" in printed and f"wrote {direct}/events.jsonl" in printed
     replayed = tmp_path / "replayed"
     result = CliRunner().invoke(cli, ["record", str(direct / "events.jsonl"), "--dir", str(replayed)])
     assert result.exit_code == 0, result.output

@@ -41,8 +41,9 @@ def test_context_at_follows_the_chain_root_first() -> None:
     )
     assert s.loop_chain_to("s.c.4") == ["s.c.1", "s.c.2", "s.c.4"]
     assert [m.content[0].text for m in s.context_at("s.c.4")] == ["a", "b", "c", "d"]  # type: ignore[union-attr]
-    with pytest.raises(KeyError):
+    with pytest.raises(ps.LoopNotFound, match="no loop 'nope' in session 's'"):
         s.context_at("nope")
+    assert issubclass(ps.LoopNotFound, ps.PhiSessionError)
 
 
 def test_compaction_block_stands_in_for_a_loops_messages() -> None:
@@ -55,7 +56,33 @@ def test_compaction_block_stands_in_for_a_loops_messages() -> None:
         created_at=T,
     )
     s = session(first, loop("s.c.2", "s.c.1", "d"))
-    assert [m.content[0].text for m in s.context_at("s.c.2")] == ["summary", "c", "d"]  # type: ignore[union-attr]
+    # As phi-core's build_context_from_session: the loop resumed from reads all of its
+    # block; an earlier loop of the chain contributes only its compacted summary.
+    assert [m.content[0].text for m in s.context_at("s.c.1")] == ["summary", "c"]  # type: ignore[union-attr]
+    assert [m.content[0].text for m in s.context_at("s.c.2")] == ["summary", "d"]  # type: ignore[union-attr]
+
+
+def test_a_rerun_of_a_loop_replaces_it_on_the_chain() -> None:
+    # A rerun continues the parent of the loop it retries (phi-core: "reruns: only the
+    # active ancestor chain"), so the context at the rerun does not hold the retried answer.
+    s = session(loop("s.c.1", None, "ask"), loop("s.c.2", "s.c.1", "first try"),
+                loop("s.c.3", "s.c.1", "retry"))
+    assert [m.content[0].text for m in s.context_at("s.c.3")] == ["ask", "retry"]  # type: ignore[union-attr]
+
+
+def test_iter_events_per_loop_by_sequence_then_session_scoped() -> None:
+    def start(loop_id: str) -> ps.AgentStart:
+        return ps.AgentStart(loop_id=loop_id, session_id="s", agent_id="a", timestamp=T)
+
+    first, second = loop("s.c.1", None), loop("s.c.2", "s.c.1")
+    first.events = [ps.LoopEvent(sequence=1, event=start("s.c.1b")),
+                    ps.LoopEvent(sequence=0, event=start("s.c.1"))]
+    second.events = [ps.LoopEvent(sequence=0, event=start("s.c.2"))]
+    s = session(first, second)
+    s.session_events = [start("s.session")]
+    assert [(item.loop.loop_id if item.loop else None, item.sequence, item.event.loop_id)  # type: ignore[attr-defined]
+            for item in s.iter_events()] == [
+        ("s.c.1", 0, "s.c.1"), ("s.c.1", 1, "s.c.1b"), ("s.c.2", 0, "s.c.2"), (None, None, "s.session")]
 
 
 def test_navigation_and_totals() -> None:

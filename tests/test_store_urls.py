@@ -14,7 +14,7 @@ from phi_session.stores.base import SessionStore
 from phi_session.stores.conformance import make_session
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
-from phi_session.stores.urls import ENV_VAR, default_store, default_store_url, open_store
+from phi_session.stores.urls import ENV_VAR, default_store, default_store_url, open_store, store_path
 
 POSTGRES_DSN = os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "")
 
@@ -95,9 +95,18 @@ def test_new_directory_needs_a_trailing_slash(tmp_path: Path) -> None:
     assert (tmp_path / "new" / "x.json").is_file()
 
 
+@pytest.mark.parametrize("name", ["work/x.db", "x.sqlite", "X.SQLITE3"])
+def test_a_path_with_an_sqlite_suffix_is_an_sqlite_file(tmp_path: Path, name: str) -> None:
+    Path("work").mkdir()
+    assert open_sqlite(name).path == tmp_path / name
+    assert store_path(name) == Path(name)
+    assert store_path(f"sqlite:{name}") == Path(name)
+    assert store_path("dir/") == Path("dir") and store_path("postgresql://h/db") is None
+
+
 def test_path_that_is_no_directory() -> None:
-    with pytest.raises(StoreError, match=r"sqlite:missing\.db"):
-        open_store("missing.db")
+    with pytest.raises(StoreError, match=r"sqlite:missing\.txt"):
+        open_store("missing.txt")
     Path("file.txt").write_text("x")
     with pytest.raises(StoreError, match="not a directory"):
         open_store("file.txt")

@@ -199,6 +199,69 @@ def test_foreign_host_header_is_refused(server: ViewerServer) -> None:
         assert request(server, "/api/sessions", headers={"Host": host})[0] == 200, host
 
 
+@pytest.mark.parametrize("host", [
+    "127.0.0.1:80@attacker.com", "localhost:evil", "localhost:80:80", "user@localhost", "localhost evil",
+    "127.0.0.1.attacker.com", "[::1]x", "",
+])
+def test_a_malformed_or_foreign_host_header_is_refused(server: ViewerServer, host: str) -> None:
+    code, headers, body = request(server, "/api/sessions", headers={"Host": host})
+    assert code == 403 and "Host" in json.loads(body)["error"], host
+    assert headers["Content-Security-Policy"].startswith("default-src 'none'")
+
+
+def raw_request(server: ViewerServer, data: bytes) -> bytes:
+    """Send `data` as is on a new connection; everything the server answers."""
+    host, port = server.server_address[:2]
+    with socket.create_connection((str(host), port), timeout=20) as connection:
+        connection.sendall(data)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_request_without_a_host_header_is_refused(server: ViewerServer) -> None:
+    answer = raw_request(server, b"GET /api/sessions HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:100]
+    two = b"GET /api/sessions HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    assert raw_request(server, two).startswith(b"HTTP/1.1 403")
+
+
+SECURITY_HEADERS = ("Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options", "Referrer-Policy",
+                    "Cross-Origin-Resource-Policy", "Cache-Control")
+
+
+@pytest.mark.parametrize("data", [
+    b"FROB /api/sessions HTTP/1.1\r\nHost: localhost\r\n\r\n",  # 501: no such method
+    b"GET /api/sessions HTTP/9.9\r\nHost: localhost\r\n\r\n",  # 505: version
+    b"GET\r\n\r\n",  # 400: bad request line
+    b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",  # 414: request line too long
+])
+def test_the_http_servers_own_error_pages_carry_the_security_headers(
+        server: ViewerServer, data: bytes) -> None:
+    answer = raw_request(server, data)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert status >= 400, head
+    for name in SECURITY_HEADERS:
+        assert f"\r\n{name}: ".encode() in head, (name, head)
+    assert json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("query", [
+    "limit=" + "9" * 5000, "min_tokens=" + "9" * 5000, "since=" + "9" * 40 + "d", "since=99999999999w",
+    "limit=99999999999999999999",
+])
+def test_huge_filter_values_are_400_not_500(server: ViewerServer, query: str) -> None:
+    body = get_json(server, "/api/sessions?" + query, status=400)
+    assert query.split("=")[0] in body["error"] and len(body["error"]) < 300
+
+
+def test_status_names_are_case_insensitive(server: ViewerServer) -> None:
+    lower = get_json(server, "/api/sessions?status=completed")
+    assert lower == get_json(server, "/api/sessions?status=Completed") and len(lower) == 5
+
+
 def test_store_failure_is_500_json(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text('{"session_id": 1}')
     with JsonDirStore(tmp_path) as store, running_server(store) as server:

@@ -171,6 +171,9 @@ def test_open_session_expand_loop_and_follow_sub_agent_links(watched: Watched) -
     assert "How hot must water be to boil at sea level?" in first_turn  # input message
     assert "→ researcher" in first_turn and '"task"' in first_turn  # the tool call and its arguments
     assert "Water boils at 100 °C (212 °F) at sea level." in first_turn  # the tool result
+    # phi-core's input_messages hold the tool result too: shown once, after the call.
+    assert loop.inner_text().count("Water boils at 100 °C (212 °F) at sea level.") == 1
+    assert first_turn.index("→ researcher") < first_turn.index("Water boils at 100 °C (212 °F)")
     assert "At sea level, water boils at 100 °C, which is 212 °F." in turns.nth(1).inner_text()
 
     loop.locator("a", has_text=CHILD_ID).click()

@@ -33,6 +33,7 @@ _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _RELATIVE = re.compile(r"(\d+)\s*([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _NS = 1_000_000_000
+_EARLIEST = Timestamp.parse("0001-01-01T00:00:00Z")
 
 TIME_HELP = "an RFC 3339 date-time, a date YYYY-MM-DD (midnight UTC) or an age such as 30m, 24h, 7d, 2w"
 
@@ -46,9 +47,12 @@ def parse_time_bound(text: str, *, now: Timestamp | None = None) -> Timestamp:
     value = text.strip()
     relative = _RELATIVE.fullmatch(value)
     if relative is not None:
-        amount, unit = int(relative.group(1)), relative.group(2)
         current = now if now is not None else Timestamp.now()
-        return Timestamp.from_ns(current.ns - amount * _UNIT_SECONDS[unit] * _NS)
+        digits, unit = relative.group(1), relative.group(2)
+        # Compared as text first: int() refuses more than 4,300 digits with its own error.
+        if len(digits) > 20 or current.ns - int(digits) * _UNIT_SECONDS[unit] * _NS < _EARLIEST.ns:
+            raise ValueError(f"{text!r} reaches back before the year 1")
+        return Timestamp.from_ns(current.ns - int(digits) * _UNIT_SECONDS[unit] * _NS)
     candidate = f"{value}T00:00:00Z" if _DATE.fullmatch(value) else value
     try:
         return Timestamp.parse(candidate)
@@ -76,16 +80,19 @@ def _non_negative_int(name: str, text: str) -> int:
         raise FilterError(name, f"expected a whole number, got {text!r}")
     if text.startswith("-"):
         raise FilterError(name, f"must not be negative, got {text}")
-    value = int(text)
-    if value > MAX_COUNT:
-        raise FilterError(name, f"must be at most {MAX_COUNT}, got {text}")
-    return value
+    # Length first: int() refuses more than 4,300 digits, and the message would quote them all.
+    if len(text.lstrip("0")) > len(str(MAX_COUNT)) or int(text) > MAX_COUNT:
+        shown = text if len(text) <= 30 else f"a number of {len(text):,} digits"
+        raise FilterError(name, f"must be at most {MAX_COUNT:,}, got {shown}")
+    return int(text)
 
 
 def _choice(name: str, text: str, choices: tuple[str, ...]) -> str:
-    if text not in choices:
-        raise FilterError(name, f"expected one of {', '.join(choices)}; got {text!r}")
-    return text
+    """`text` as spelled in `choices`, in any case (``completed`` is ``Completed``)."""
+    for choice in choices:
+        if choice.casefold() == text.casefold():
+            return choice
+    raise FilterError(name, f"expected one of {', '.join(choices)}; got {text!r}")
 
 
 def parse_group_by(text: str) -> GroupBy:

@@ -15,7 +15,7 @@ producer side:
 * two idle hours, after which `AgentSession.check_and_rotate` opens a second session,
   recorded with formation ``InactivityTimeout``.
 
-`render_tree` shows a session's loop tree (status, kind, turns, tokens).
+``phi-session demo`` draws the loop trees (`phi_session.cli.render.loop_tree`).
 """
 
 from __future__ import annotations
@@ -28,18 +28,17 @@ from typing import Any
 
 from rich.console import Console
 from rich.text import Text
-from rich.tree import Tree
 
 from .events import COMPACTION, ContinuationKind, LoopConfigSnapshot
 from .identity import AgentSession, FakeClock
 from .instrument import LoopScope, ToolScope, Tracer, TurnScope
 from .messages import ToolCall, Usage
-from .model import LoopRecord, Session
+from .model import Session
 from .recorder import SessionRecorder
 from .sinks import SinkLike
 from .stores.base import SessionStore
 
-__all__ = ["render_tree", "run_demo"]
+__all__ = ["run_demo"]
 
 START = "2025-06-01T09:00:00Z"
 IDLE_SECONDS = 2 * 3600
@@ -162,7 +161,10 @@ def _record(tracer: Tracer, script: _Script, agent: AgentSession, say: Any) -> N
         _answer(script, fix, "Fixed: parse() now returns [] for empty input.")
 
     say("rerun of the fix, then a branch from the origin")
-    with tracer.loop(kind=ContinuationKind.rerun(str(clock.peek()))) as rerun:
+    # A rerun retries a loop: it continues what that loop continued and takes its
+    # place on the chain, so the context at the rerun holds one answer, not two.
+    with tracer.loop(continues=origin.loop_id, kind=ContinuationKind.rerun(str(clock.peek()))) as rerun:
+        rerun.user("Please fix it.")
         _answer(script, rerun, "Fixed: parse() returns [] early when there are no tokens.")
     with tracer.loop(continues=origin.loop_id, kind=ContinuationKind.branch(str(clock.peek()))) as branch:
         branch.user("Alternatively: should the caller check instead?")
@@ -265,59 +267,3 @@ def run_demo(
             owned.close()
     say(f"saved {len(sessions)} sessions")
     return sessions
-
-
-# -- rendering ---------------------------------------------------------------------------
-
-
-def _loop_label(record: LoopRecord, session: Session) -> Text:
-    suffix = record.loop_id[len(session.session_id):] if record.loop_id.startswith(session.session_id) \
-        else record.loop_id
-    style = {"Completed": "green", "Rejected": "yellow", "Aborted": "red"}.get(record.status, "cyan")
-    label = Text()
-    label.append(suffix, style="bold")
-    label.append(f"  {record.status}", style=style)
-    label.append(f"  {record.kind.kind}  turns={len(record.turns)}  tokens={record.usage.total_tokens:,}")
-    group = record.parallel_group
-    if group is not None:
-        label.append("  winner" if group.is_selected else "  parallel", style="magenta")
-    if record.rejection is not None:
-        label.append(f"  rejected: {record.rejection}", style="yellow")
-    if isinstance(record.error, str):
-        label.append(f"  error: {record.error}", style="red")
-    for ref in record.child_loop_refs:
-        label.append(f"\n  -> sub-agent session {ref.child_session_id} via {ref.tool_name}", style="blue")
-    return label
-
-
-def render_tree(session: Session) -> Tree:
-    """A rich tree of `session`'s loops: parents above continuations, in start order."""
-    formation = session.formation
-    header = Text()
-    header.append(f"session {session.session_id}", style="bold")
-    header.append(f"  {formation.kind}")
-    if formation.kind == "InactivityTimeout":
-        header.append(f" (idle over {formation.threshold_secs}s; previous session "
-                      f"{formation.previous_session_id})")
-    spawn = session.parent_spawn_ref
-    if spawn is not None:
-        tool = spawn.tool_name or "unknown tool"
-        header.append(f"  spawned by {spawn.parent_loop_id} ({tool})", style="blue")
-    header.append(f"  tokens={session.total_usage().total_tokens:,}")
-    tree = Tree(header)
-    loops = sorted(session.loops, key=lambda r: r.started_at)
-    ids = {record.loop_id for record in loops}
-    children: dict[str | None, list[LoopRecord]] = {}
-    for record in loops:
-        parent = record.parent_loop_id
-        # A parent in another session (sub-agent) or the loop itself (a compaction
-        # pass reusing its id) makes a root here.
-        key = parent if parent in ids and parent != record.loop_id else None
-        children.setdefault(key, []).append(record)
-
-    def add(node: Tree, parent: str | None) -> None:
-        for record in children.get(parent, ()):
-            add(node.add(_loop_label(record, session)), record.loop_id)
-
-    add(tree, None)
-    return tree

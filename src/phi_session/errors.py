@@ -18,6 +18,13 @@ class SessionNotFound(PhiSessionError, KeyError):
         return str(self.args[0]) if self.args else "session not found"
 
 
+class LoopNotFound(PhiSessionError, KeyError):
+    """A session holds no loop with the requested id."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "loop not found"
+
+
 class InvalidSessionId(PhiSessionError, ValueError):
     """A session id that cannot safely name a stored object (``../x``, ``/``, NUL, empty)."""
 

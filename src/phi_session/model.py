@@ -8,12 +8,14 @@ written only when set, and phi-core ignores them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 from msgspec.structs import force_setattr
 
 from ._time import Timestamp
+from .errors import LoopNotFound
 from .events import (
     INITIAL,
     AgentEvent,
@@ -34,7 +36,7 @@ from .messages import (
 
 __all__ = [
     "ChildLoopRef", "CompactedSection", "CompactionBlock", "LoopConfigSnapshot", "LoopEvent",
-    "LoopRecord", "LoopStatus", "ParallelGroupRecord", "Session", "SessionFormation",
+    "LoopRecord", "LoopStatus", "ParallelGroupRecord", "Session", "SessionEvent", "SessionFormation",
     "SessionScope", "SpawnRef", "Turn", "TurnId", "TurnRange",
 ]
 
@@ -211,16 +213,20 @@ class LoopRecord(msgspec.Struct, kw_only=True, gc=False):
     def tool_call_count(self) -> int:
         return sum(len(turn.tool_results) for turn in self.turns)
 
-    def context_messages(self) -> list[AgentMessage]:
+    def context_messages(self, *, most_recent: bool = True) -> list[AgentMessage]:
         """The messages this loop contributes to a resumed context.
 
         Without a compaction block, its own ``messages``. With one, the block
-        stands in for them: the messages of the ``keep_first`` turns, then the
-        compacted summary, then the recent section.
+        stands in for them, as phi-core's context loader reads it: for the most
+        recent loop of the chain, the messages of the ``keep_first`` turns, the
+        compacted summary, then the recent section; for an earlier loop
+        (`most_recent` false) only the compacted summary.
         """
         block = self.compaction_block
         if not isinstance(block, CompactionBlock):
             return list(self.messages)
+        if not most_recent:
+            return list(block.keep_compacted.messages) if block.keep_compacted is not None else []
         out: list[AgentMessage] = []
         if block.keep_first is not None:
             for turn in self.turns[block.keep_first.start_turn:block.keep_first.end_turn + 1]:
@@ -229,6 +235,16 @@ class LoopRecord(msgspec.Struct, kw_only=True, gc=False):
             if section is not None:
                 out.extend(section.messages)
         return out
+
+
+class SessionEvent(NamedTuple):
+    """One stored event of a session, as `Session.iter_events` yields it."""
+
+    loop: LoopRecord | None
+    """The loop it belongs to; None for a session-scoped event (ParallelLoopStart/End)."""
+    sequence: int | None
+    """Its per-loop sequence number; None for a session-scoped event."""
+    event: AgentEvent
 
 
 class Session(msgspec.Struct, kw_only=True, gc=False):
@@ -309,18 +325,36 @@ class Session(msgspec.Struct, kw_only=True, gc=False):
             total = total + record.usage
         return total
 
+    def iter_events(self) -> Iterator[SessionEvent]:
+        """Every stored event: each loop's (in session order) by sequence, then the session-scoped ones."""
+        for record in self.loops:
+            for stored in sorted(record.events, key=lambda item: item.sequence):
+                yield SessionEvent(record, stored.sequence, stored.event)
+        if not isinstance(self.session_events, msgspec.UnsetType):
+            for event in self.session_events:
+                yield SessionEvent(None, None, event)
+
     def context_at(self, loop_id: str) -> list[AgentMessage]:
         """The ordered message history needed to resume from `loop_id`.
 
         Messages of every loop along `loop_chain_to(loop_id)` that this session
-        holds, root first; a loop with a compaction block contributes the block's
-        messages instead of its own. Raises ``KeyError`` for an unknown loop.
+        holds, root first, as phi-core's ``build_context_from_session`` loads them
+        (every loop in scope): a loop with a compaction block contributes the
+        block instead of its own messages (`LoopRecord.context_messages`).
+
+        The chain follows ``parent_loop_id`` only, so a rerun or a branch replaces
+        what it continues only when it continues the same parent (a rerun of loop
+        L continues L's parent); a rerun that continues L itself resumes after L's
+        messages. A compaction pass recorded from events carries only token
+        estimates, not the summaries: its session has no compaction block unless
+        one was stored, and then the messages come back uncompacted.
+        Raises `LoopNotFound` for an unknown loop.
         """
         if self.get_loop(loop_id) is None:
-            raise KeyError(f"no loop {loop_id!r} in session {self.session_id!r}")
+            raise LoopNotFound(f"no loop {loop_id!r} in session {self.session_id!r}")
         history: list[AgentMessage] = []
         for chain_id in self.loop_chain_to(loop_id):
             record = self.get_loop(chain_id)
             if record is not None:  # None: the parent lives in another session (sub-agent)
-                history.extend(record.context_messages())
+                history.extend(record.context_messages(most_recent=chain_id == loop_id))
         return history

@@ -6,6 +6,8 @@ Accepted forms (`open_store`):
   query parameters ``timeout`` (seconds) and ``synchronous`` (``NORMAL`` or ``FULL``),
   e.g. ``sqlite:///var/lib/agents.db?synchronous=FULL``;
 * ``postgresql://…`` or ``postgres://…`` (a libpq URL; ``?schema=name`` picks the schema) -> `PostgresStore`;
+* a plain path ending in ``.db``, ``.sqlite`` or ``.sqlite3`` (and not an existing
+  directory) -> `SqliteStore`;
 * ``file:///abs/dir``, or a plain path that is an existing directory or ends with
   ``/`` -> `JsonDirStore` (phi-core's directory layout);
 * nothing -> the ``PHI_SESSION_STORE`` environment variable if it is set, else
@@ -28,15 +30,18 @@ from ..errors import InvalidStoreUrl
 from .base import SessionStore
 from .sqlite import SqliteStore
 
-__all__ = ["ENV_VAR", "default_store", "default_store_url", "open_store"]
+__all__ = ["ENV_VAR", "SQLITE_SUFFIXES", "default_store", "default_store_url", "open_store", "store_path"]
 
 ENV_VAR = "PHI_SESSION_STORE"
 
 ACCEPTED_FORMS = (
     "sqlite:///absolute/path.db, sqlite:relative/path.db (options: ?timeout=SECONDS&synchronous=FULL), "
     "postgresql://user@host/db (or postgres://), file:///absolute/dir, "
+    "a path ending in .db, .sqlite or .sqlite3 (an SQLite file), "
     "or a directory path (existing, or ending with '/')"
 )
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+"""A plain path with one of these suffixes names an SQLite file."""
 
 # A URL scheme of two characters or more: "C:" is a Windows drive, not a scheme.
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
@@ -65,17 +70,41 @@ def open_store(url: str | os.PathLike[str] | None = None) -> SessionStore:
     (`StoreError` for an unreachable database, a missing optional dependency,
     a newer schema, …).
     """
+    kind, target, options = _resolve(url)
+    if kind == "postgresql":
+        from .postgres import PostgresStore  # psycopg is optional
+
+        return _postgres(target, PostgresStore)
+    if kind == "sqlite":
+        return SqliteStore(target, **options)
+    from .json_dir import JsonDirStore
+
+    return JsonDirStore(target)
+
+
+def store_path(url: str | os.PathLike[str] | None = None) -> Path | None:
+    """The local SQLite file or JSON directory `url` names (None: a database server).
+
+    Opens nothing: a caller that must not create a store checks that this path
+    exists first. Raises `InvalidStoreUrl` as `open_store` does.
+    """
+    kind, target, _ = _resolve(url)
+    return None if kind == "postgresql" else target
+
+
+def _resolve(url: str | os.PathLike[str] | None) -> tuple[str, Any, dict[str, Any]]:
+    """``(kind, target, options)`` for `url`: ``sqlite`` (a path), ``directory`` or ``postgresql``."""
     if url is None:
         value = default_store_url()
         try:
-            return _open(value)
+            return _locate(value)
         except _BadUrl as error:
             raise InvalidStoreUrl(
                 f"environment variable {ENV_VAR}={value!r} is not a store: {error}") from None
     try:
         if isinstance(url, str):
-            return _open(url)
-        return _directory(Path(url), str(url))
+            return _locate(url)
+        return _plain_path(Path(url), str(url))
     except _BadUrl as error:
         raise InvalidStoreUrl(str(error)) from None
 
@@ -98,42 +127,39 @@ def _postgres(url: str, store: Any) -> SessionStore:
     return store(dsn)  # type: ignore[no-any-return]
 
 
-def _open(url: str) -> SessionStore:
+def _locate(url: str) -> tuple[str, Any, dict[str, Any]]:
     if not url.strip():
         raise _BadUrl("empty store URL")
     match = _SCHEME.match(url)
     if match is None:
-        return _directory(Path(url).expanduser(), url)
+        return _plain_path(Path(url).expanduser(), url)
     scheme = match.group(1).lower()
     if scheme == "sqlite":
-        return _sqlite(url[match.end():])
+        path, options = _sqlite(url[match.end():])
+        return "sqlite", path, options
     if scheme in ("postgresql", "postgres"):
-        from .postgres import PostgresStore  # psycopg is optional
-
-        return _postgres(url, PostgresStore)
+        return "postgresql", url, {}
     if scheme == "file":
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise _BadUrl(f"file URL {url!r} names a host ({parts.netloc!r}); only local directories work")
-        from .json_dir import JsonDirStore
-
-        return JsonDirStore(_local_path(unquote(parts.path)))
+        return "directory", Path(_local_path(unquote(parts.path))), {}
     # Only the scheme is shown: the rest of an unknown URL may hold a password.
     raise _BadUrl(f"unknown store URL scheme {scheme!r}")
 
 
-def _directory(path: Path, given: str) -> SessionStore:
-    if not (path.is_dir() or given.endswith(("/", os.sep))):
-        raise _BadUrl(
-            f"{given!r} is not a directory (end it with '/' to create one, or write sqlite:{given} "
-            "for an SQLite file)"
-        )
-    from .json_dir import JsonDirStore
+def _plain_path(path: Path, given: str) -> tuple[str, Path, dict[str, Any]]:
+    if path.is_dir() or given.endswith(("/", os.sep)):
+        return "directory", path, {}
+    if path.suffix.lower() in SQLITE_SUFFIXES:
+        return "sqlite", path, {}
+    raise _BadUrl(
+        f"{given!r} is not a directory (end it with '/' to create one, or write sqlite:{given} "
+        "for an SQLite file)"
+    )
 
-    return JsonDirStore(path)
 
-
-def _sqlite(rest: str) -> SqliteStore:
+def _sqlite(rest: str) -> tuple[Path, dict[str, Any]]:
     """``sqlite:`` + ``///abs/path`` or ``relative/path``, then ``?options``."""
     location, _, query = rest.partition("?")
     if location.startswith("//"):
@@ -163,7 +189,7 @@ def _sqlite(rest: str) -> SqliteStore:
             if value.upper() not in ("NORMAL", "FULL"):
                 raise _BadUrl(f"sqlite URL option synchronous={value!r} must be NORMAL or FULL")
             options["synchronous"] = value.upper()
-    return SqliteStore(Path(location).expanduser(), **options)
+    return Path(location).expanduser(), options
 
 
 def _local_path(path: str) -> str:

@@ -15,8 +15,10 @@ Errors are JSON ``{"error": message}``: 400 for a bad query or session id, 404 f
 an unknown path or session, 500 when the store fails. The server never writes.
 
 Safety: it binds 127.0.0.1 by default; while bound to a loopback address it
-answers only requests whose ``Host`` names a loopback host, so a web page on
-another origin cannot read sessions through DNS rebinding. Session ids are
+answers only requests with exactly one well-formed ``Host`` header naming a
+loopback host (no userinfo, a numeric port), so a web page on another origin
+cannot read sessions through DNS rebinding. Every response, error pages of
+``http.server`` itself included, carries the same security headers. Session ids are
 validated (`validate_session_id`) before they reach the store, so no path can
 escape it. Every response carries a Content-Security-Policy that allows no inline
 script, no framing and no third-party origin: the page renders all data as text
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 import sys
 from http import HTTPStatus
@@ -77,12 +80,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _host_name(header: str) -> str:
-    """The host part of a ``Host`` header (``[::1]:8000`` -> ``::1``)."""
-    value = header.strip()
-    if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+# RFC 9110 Host: ``name[:port]`` or ``[IPv6][:port]``; anything else (userinfo,
+# a non-numeric port, spaces) is refused rather than guessed at.
+_HOST = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::(?P<port>[0-9]{1,5}))?")
+
+
+def _host_name(header: str) -> str | None:
+    """The host part of a ``Host`` header (``[::1]:8000`` -> ``::1``); None if it is malformed."""
+    match = _HOST.fullmatch(header.strip())
+    if match is None:
+        return None
+    return match.group("ipv6") or match.group("name")
 
 
 class HttpError(Exception):
@@ -129,15 +137,11 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def _events_json(session: Session) -> bytes:
-    rows: list[dict[str, Any]] = []
-    for record in session.loops:
-        for stored in sorted(record.events, key=lambda item: item.sequence):
-            rows.append({"loop_id": record.loop_id, "sequence": stored.sequence,
-                         "event": msgspec.Raw(encode_event(stored.event))})
-    if not isinstance(session.session_events, msgspec.UnsetType):
-        for event in session.session_events:
-            rows.append({"loop_id": None, "sequence": None, "event": msgspec.Raw(encode_event(event))})
-    return _json_bytes(rows)
+    return _json_bytes([
+        {"loop_id": None if loop is None else loop.loop_id, "sequence": sequence,
+         "event": msgspec.Raw(encode_event(event))}
+        for loop, sequence, event in session.iter_events()
+    ])
 
 
 class ViewerHandler(BaseHTTPRequestHandler):
@@ -146,6 +150,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
     server: ViewerServer
     server_version = "phi-session-viewer"
     protocol_version = "HTTP/1.1"
+    # Not 0.9: a request too malformed to name its version still gets a status line
+    # and the security headers (http.server sends HTTP/0.9 answers bare).
+    default_request_version = "HTTP/1.0"
 
     def do_GET(self) -> None:
         self._respond(head=False)
@@ -223,9 +230,12 @@ class ViewerHandler(BaseHTTPRequestHandler):
     # -- request checks -------------------------------------------------------------------
 
     def _check_host(self) -> None:
-        header = self.headers.get("Host")
-        if self.server.loopback_only and header is not None and not is_loopback(_host_name(header)):
-            raise HttpError(HTTPStatus.FORBIDDEN, "this viewer answers only to a loopback Host")
+        if not self.server.loopback_only:
+            return
+        headers = self.headers.get_all("Host") or []
+        name = _host_name(headers[0]) if len(headers) == 1 else None
+        if name is None or not is_loopback(name):
+            raise HttpError(HTTPStatus.FORBIDDEN, "this viewer answers only to one loopback Host header")
 
     @staticmethod
     def _query(text: str) -> dict[str, str]:
@@ -252,6 +262,18 @@ class ViewerHandler(BaseHTTPRequestHandler):
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
 
     # -- responses --------------------------------------------------------------------------
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (501, 400, 414, 431…) as JSON with the security headers."""
+        del explain  # the message says it; the HTML page it would go into is not sent
+        try:
+            status = HTTPStatus(code)
+        except ValueError:
+            status = HTTPStatus.INTERNAL_SERVER_ERROR
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True  # the request may not have been read in full
+        body, content_type = self._error_body(message or status.phrase)
+        self._send(status, body, content_type, head=self.command == "HEAD", extra={"Connection": "close"})
 
     @staticmethod
     def _error_body(message: str) -> tuple[bytes, str]:

@@ -354,14 +354,23 @@
     return h("div", { class: "turn-section" }, h("div", { class: "section-title" }, title), messages.map(messageView));
   }
 
-  function turnView(turn) {
+  // phi-core's input_messages also hold the tool results of the turn (it records every
+  // message the turn added): each result is shown once, in order, after the assistant
+  // output that called the tool; one repeated from the turn before is not shown again.
+  function freshInputs(turn, previous) {
+    const results = [...(turn.tool_results || []), ...((previous || {}).tool_results || [])];
+    const shown = new Set(results.map((message) => message.toolCallId));
+    return (turn.input_messages || []).filter((message) => !(message.role === "toolResult" && shown.has(message.toolCallId)));
+  }
+
+  function turnView(turn, previous) {
     return h("div", { class: "turn" },
       h("div", { class: "turn-head" },
         h("strong", null, "Turn " + turn.turn_id.turnIndex),
         h("span", null, "triggered by " + turn.triggered_by),
         h("span", null, seconds(turn.started_at, turn.ended_at)),
         h("span", null, usageText(turn.usage))),
-      turnSection("Input messages", turn.input_messages),
+      turnSection("Input messages", freshInputs(turn, previous)),
       turnSection("Assistant output", [turn.output_message]),
       turnSection("Tool results", turn.tool_results));
   }
@@ -414,7 +423,7 @@
     const body = h("div", { class: "loop-body" },
       h("dl", { class: "kv" }, facts.map(([key, value]) => [h("dt", null, key), h("dd", null, value)])),
       links.length ? h("div", { class: "links" }, links) : null,
-      (loop.turns || []).map(turnView),
+      (loop.turns || []).map((turn, index) => turnView(turn, loop.turns[index - 1])),
       (loop.turns || []).length ? null : h("p", { class: "muted" }, "No completed turns."));
     const details = h("details", { class: "loop " + statusClass(loop.status) }, summary, body);
     details.dataset.loopId = loop.loop_id;

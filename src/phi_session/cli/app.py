@@ -1,0 +1,213 @@
+"""The command group, its shared options, store access and one-line error handling."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import click
+import msgspec
+from rich.console import Console
+
+from .. import __version__
+from ..errors import InvalidSessionId, InvalidStoreUrl, PhiSessionError
+from ..model import Session
+from ..stores.base import SessionStore, validate_session_id
+from ..stores.urls import open_store, store_path
+from .render import safe
+
+__all__ = [
+    "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "PROG", "CliError", "PhiSessionGroup",
+    "echo_json", "load_cli_session", "main", "open_cli_store", "session_id_argument", "stderr",
+    "stdout", "store_options", "warn",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+"""Something named was not found, or could not be read or stored."""
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (128 + SIGINT), as shells report it."""
+
+PROG = "phi-session"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(Exception):
+    """A failure the user must see as one line on stderr, with an exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def stdout() -> Console:
+    # Piped output is colourless and, unless $COLUMNS says otherwise, wide: ids are never cut.
+    tty = sys.stdout.isatty()
+    width = None if tty or "COLUMNS" in os.environ else 200
+    return Console(highlight=False, soft_wrap=False, width=width, no_color=not tty)
+
+
+def stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def echo_json(value: Any) -> None:
+    click.echo(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
+
+
+def warn(message: str) -> None:
+    click.echo(f"{PROG}: {safe(message, one_line=True)}", err=True)
+
+
+# -- store access -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_cli_store(
+    url: str | None, directory: str | None = None, *, must_exist: bool = False
+) -> Iterator[SessionStore]:
+    """The store named by ``--store`` (None: the default store), closed afterwards.
+
+    `directory` (the ``--dir`` option) names a JSON-file store directly; it is
+    created on the first save if it does not exist yet. With `must_exist` (every
+    command that only reads) a file or directory store that does not exist is an
+    error naming where it was looked for, not a new empty store: a mistyped
+    ``--store`` must not look like a store without sessions.
+    """
+    from ..stores.json_dir import JsonDirStore
+
+    if directory is not None and url is not None:
+        raise CliError("--dir and --store both name a store: give one", EXIT_USAGE)
+    try:
+        if must_exist:
+            path = store_path(url) if directory is None else None
+            if path is not None and not path.exists():
+                named = " (the default store: give --store, or set $PHI_SESSION_STORE)" if url is None else ""
+                raise CliError(f"no store at {path}{named}: nothing was recorded there")
+        store = JsonDirStore(directory) if directory is not None else open_store(url)
+    except InvalidStoreUrl as error:
+        raise CliError(f"--store: {error}", EXIT_USAGE) from None
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def session_id_argument(value: str) -> str:
+    try:
+        return validate_session_id(value)
+    except InvalidSessionId as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+
+
+def load_cli_session(store: SessionStore, session_id: str) -> Session:
+    """`session_id` from `store`; a malformed id is a usage error."""
+    return store.load(session_id_argument(session_id))
+
+
+# -- the command group and its error handling --------------------------------------------------
+
+
+class _StderrLogHandler(logging.Handler):
+    """Library warnings (e.g. orphan events) as one ``phi-session: warning:`` line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warn(f"warning: {self.format(record)}")
+
+
+class PhiSessionGroup(click.Group):
+    """The ``phi-session`` group; its `main` turns every failure into one stderr line."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        del prog_name  # always "phi-session": error lines name the command by it
+        code = self._run(args, PROG, complete_var, **extra)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def _run(self, args: Sequence[str] | None, prog_name: str, complete_var: str | None,
+             **extra: Any) -> int:
+        handler = _StderrLogHandler(logging.WARNING)
+        library_logger = logging.getLogger("phi_session")
+        library_logger.addHandler(handler)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            return result if isinstance(result, int) else EXIT_OK
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()
+            return EXIT_USAGE
+        except click.ClickException as error:
+            where = error.ctx.command_path if isinstance(error, click.UsageError) and error.ctx else prog_name
+            hint = f" (see '{where} --help')" if isinstance(error, click.UsageError) else ""
+            # `where` already starts with the program's name: no second prefix.
+            message = f"{where}: error: {' '.join(error.format_message().split())}{hint}"
+            click.echo(safe(message, one_line=True), err=True)
+            return error.exit_code
+        except CliError as error:
+            warn(f"error: {error}")
+            return error.exit_code
+        except InvalidSessionId as error:
+            warn(f"error: {error}")
+            return EXIT_USAGE
+        except PhiSessionError as error:
+            warn(f"error: {error}")
+            return EXIT_FAILURE
+        except (click.Abort, KeyboardInterrupt):
+            warn("interrupted")
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader went away (e.g. `| head`): no message, exit 1 as rich does for
+            # its own output. stdout goes to /dev/null so the final flush stays quiet.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_FAILURE
+        except OSError as error:
+            warn(f"error: {error.strerror or error}" + (f": {error.filename}" if error.filename else ""))
+            return EXIT_FAILURE
+        except Exception as error:
+            if os.environ.get("PHI_SESSION_DEBUG"):
+                raise
+            warn(f"internal error: {type(error).__name__}: {error} "
+                 "(PHI_SESSION_DEBUG=1 shows the traceback)")
+            return EXIT_FAILURE
+        finally:
+            library_logger.removeHandler(handler)
+
+
+@click.group(PROG, cls=PhiSessionGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=PROG)
+def main() -> None:
+    """Record, inspect and serve phi-core agent sessions.
+
+    Stores are named by URL: sqlite:///path/to.db, postgresql://..., a path
+    ending in .db, .sqlite or .sqlite3 (an SQLite file), or a directory path
+    (one phi-core JSON file per session). The default is $PHI_SESSION_STORE,
+    else ./.phi-session/sessions.db; commands that write print where they wrote.
+
+    Exit codes: 0 ok, 1 not found or failed, 2 usage error.
+    """
+
+
+def store_options(fn: F) -> F:
+    """``--store URL`` and ``--json``, shared by every command."""
+    fn = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")(fn)
+    return click.option(
+        "--store", "store_url", metavar="URL", default=None,
+        help="Session store URL, SQLite file or directory (default: $PHI_SESSION_STORE, "
+             "else ./.phi-session/sessions.db).",
+    )(fn)

@@ -1,0 +1,613 @@
+"""The commands: each parses its options, asks the library, and hands the result to `render`."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+import click
+import msgspec
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from .._filters import (
+    GROUP_BYS,
+    LOOP_STATUSES,
+    ORDERS,
+    TIME_HELP,
+    FilterError,
+    SessionFilters,
+    parse_group_by,
+    to_builtins,
+)
+from ..codec import decode_event, decode_session, encode_event, encode_message, encode_session
+from ..errors import DecodeError, PhiSessionError, SessionNotFound
+from ..model import CompactionBlock, Session
+from ..recorder import SessionRecorder, SessionRecorderConfig
+from ..stores.base import SessionStore, summarize
+from ..stores.urls import default_store_url
+from ..views import event_stream, loop_forest, spawn_graph
+from . import render
+from .app import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    PROG,
+    CliError,
+    echo_json,
+    load_cli_session,
+    main,
+    open_cli_store,
+    session_id_argument,
+    stderr,
+    stdout,
+    store_options,
+    warn,
+)
+
+MAX_REPORTED_LINES = 20
+"""Malformed input lines reported one by one; later ones are only counted."""
+_SPILL_EVERY = 100_000  # lines between saves of the finished sessions while recording
+
+
+def _note_default_store(store_url: str | None, directory: str | None = None) -> None:
+    """Say where a command that writes wrote, when the user did not name the store."""
+    if store_url is None and directory is None:
+        stderr().print(render.plain(f"store: {default_store_url()}", "dim"), soft_wrap=True)
+
+
+# -- list -------------------------------------------------------------------------------------
+
+
+@main.command("list")
+@click.option("--agent", help="Only sessions of this agent id.")
+@click.option("--since", metavar="WHEN", help=f"Last active at or after WHEN: {TIME_HELP}.")
+@click.option("--until", metavar="WHEN", help="Last active before WHEN (same forms as --since).")
+@click.option("--status", metavar="STATUS",
+              help=f"Sessions with a loop in this status ({', '.join(LOOP_STATUSES)}; any case).")
+@click.option("--model", help="Sessions with a loop on this model (provider/model or model).")
+@click.option("--min-tokens", metavar="N", help="Sessions with at least N tokens in total.")
+@click.option("--parent", metavar="ID", help="Sub-agent sessions spawned from session ID.")
+@click.option("--order", metavar="ORDER", help=f"Sort order: {', '.join(ORDERS)} (default newest).")
+@click.option("--limit", metavar="N", help="Show at most N sessions.")
+@store_options
+def list_command(store_url: str | None, as_json: bool, **filters: str | None) -> None:
+    """List stored sessions, newest first."""
+    try:
+        query = SessionFilters.parse(filters)
+    except FilterError as error:
+        raise CliError(f"--{error.parameter.replace('_', '-')}: {error.reason}", EXIT_USAGE) from None
+    with open_cli_store(store_url, must_exist=True) as store:
+        rows = query.run(store)
+    if as_json:
+        echo_json(to_builtins(rows))
+    elif rows:
+        console = stdout()
+        console.print(render.summaries_table(rows, console.width))
+    else:
+        stderr().print("no sessions match", style="dim")
+
+
+# -- show, tree, context ----------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("session_id", metavar="ID")
+@click.option("--events", "with_events", is_flag=True, help="Also print the ordered event log.")
+@store_options
+def show(session_id: str, with_events: bool, store_url: str | None, as_json: bool) -> None:
+    """Show a session: header, usage and its loop tree.
+
+    With --json, prints the session's phi-core JSON (which includes the events).
+    """
+    with open_cli_store(store_url, must_exist=True) as store:
+        session = load_cli_session(store, session_id)
+    if as_json:
+        click.echo(encode_session(session).decode())
+        return
+    console = stdout()
+    console.print(render.session_header(session, summarize(session)))
+    console.print()
+    console.print(render.loop_tree(session, loop_forest(session)))
+    if with_events:
+        console.print()
+        console.print(Text("events (LOOP is the loop's #number in the tree above)", style="bold"))
+        console.print(render.events_table(session, console.width))
+
+
+@main.command()
+@click.argument("session_id", metavar="ID")
+@store_options
+def tree(session_id: str, store_url: str | None, as_json: bool) -> None:
+    """Show the spawn graph of sub-agent sessions.
+
+    The session, the sub-agent sessions its tools spawned, theirs, and so on,
+    loaded from the store (a child missing from the store is marked).
+    """
+    with open_cli_store(store_url, must_exist=True) as store:
+        root = load_cli_session(store, session_id)
+        graph = spawn_graph(store, root)
+    if as_json:
+        echo_json(render.spawn_node_json(graph))
+        return
+    console = stdout()
+    parent = root.parent_spawn_ref
+    if parent is not None:
+        console.print(render.plain(
+            f"(spawned by session {parent.parent_session_id} via {parent.tool_name})", "dim"))
+    console.print(render.spawn_tree(graph))
+
+
+@main.command()
+@click.argument("session_id", metavar="ID")
+@click.argument("loop_id", metavar="LOOP_ID")
+@store_options
+def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool) -> None:
+    """The messages needed to resume from LOOP_ID.
+
+    The messages of every loop from the root down to LOOP_ID, following each
+    loop's parent, in order; a loop with a compaction block contributes the
+    block instead of its messages. A compaction pass recorded from events stores
+    no block (its events carry only token counts): its context is uncompacted.
+    """
+    with open_cli_store(store_url, must_exist=True) as store:
+        session = load_cli_session(store, session_id)
+    messages = session.context_at(loop_id)
+    if as_json:
+        echo_json([msgspec.Raw(encode_message(message)) for message in messages])
+        return
+    console = stdout()
+    for message in messages:
+        console.print(render.message_view(message))
+    note = render.count(len(messages), "message")
+    chain = [session.get_loop(chain_id) for chain_id in session.loop_chain_to(loop_id)]
+    if any(record is not None and record.kind.kind == "Compaction"
+           and not isinstance(record.compaction_block, CompactionBlock) for record in chain):
+        note += " (uncompacted: the compaction pass stored no compaction block)"
+    stderr().print(note, style="dim")
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--by", "group_by", default="agent", show_default=True, metavar="|".join(GROUP_BYS),
+              help="Group usage by agent, by model (provider/model) or by UTC day of creation.")
+@store_options
+def stats(group_by: str, store_url: str | None, as_json: bool) -> None:
+    """Token usage totals, grouped by agent, model or day."""
+    try:
+        by = parse_group_by(group_by)
+    except FilterError as error:
+        raise CliError(f"--{error}", EXIT_USAGE) from None
+    with open_cli_store(store_url, must_exist=True) as store:
+        totals = store.usage_totals(by)
+    if as_json:
+        echo_json(to_builtins(totals))
+    elif totals:
+        stdout().print(render.usage_totals_table(totals, by))
+    else:
+        stderr().print("no sessions", style="dim")
+
+
+# -- record -------------------------------------------------------------------------------------
+
+
+class _LineSource:
+    """The input of ``record``: a file or stdin, read as bytes line by line."""
+
+    def __init__(self, name: str) -> None:
+        self.name = "stdin" if name == "-" else name
+        self.size: int | None = None
+        if name == "-":
+            self.stream: IO[bytes] = sys.stdin.buffer
+            return
+        path = Path(name)
+        if not path.exists():
+            raise CliError(f"{name}: no such file or directory", EXIT_FAILURE)
+        if path.is_dir():
+            raise CliError(f"{name}: is a directory, expected a JSONL event file", EXIT_USAGE)
+        self.stream = path.open("rb")
+        self.size = path.stat().st_size
+
+    def close(self) -> None:
+        if self.name != "stdin":
+            self.stream.close()
+
+
+def _record_stream(
+    source: _LineSource, recorder: SessionRecorder, progress: Progress | None,
+    spill: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Feed every non-empty line to the recorder; malformed lines are reported and skipped.
+
+    Every `_SPILL_EVERY` lines `spill()` saves the finished sessions, so memory stays
+    bounded on long streams. Ctrl-C stops the reading, not the recording: what was
+    read is still flushed and saved by the caller (``interrupted_at`` says after which line).
+    """
+    task = progress.add_task("recording", total=source.size) if progress is not None else None
+    outcome: dict[str, Any] = {"events": 0, "malformed_lines": 0, "errors": [], "interrupted_at": None}
+    consumed = number = 0
+    try:
+        for number, line in enumerate(source.stream, start=1):
+            consumed += len(line)
+            if progress is not None and task is not None and number % 512 == 0:
+                progress.update(task, completed=consumed)
+            data = line.strip()
+            if data:
+                _record_line(recorder, data, number, source.name, outcome)
+            if spill is not None and number % _SPILL_EVERY == 0:
+                spill()
+    except KeyboardInterrupt:
+        outcome["interrupted_at"] = number
+    if progress is not None and task is not None:
+        progress.update(task, completed=consumed)
+    hidden = outcome["malformed_lines"] - len(outcome["errors"])
+    if hidden:
+        warn(f"{source.name}: {render.count(hidden, 'more malformed line')} skipped, not shown")
+    return outcome
+
+
+def _record_line(
+    recorder: SessionRecorder, data: bytes, number: int, name: str, outcome: dict[str, Any]
+) -> None:
+    try:
+        recorder.on_json(data)
+    except DecodeError as error:
+        outcome["malformed_lines"] += 1
+        if outcome["malformed_lines"] <= MAX_REPORTED_LINES:
+            outcome["errors"].append({"line": number, "error": str(error)})
+            warn(f"{name}: line {number:,}: skipped: {error}")
+        return
+    outcome["events"] += 1
+
+
+def _save_all(store: SessionStore, sessions: Iterable[Session]) -> list[str]:
+    """Save every session; a failure is reported and the others are still saved."""
+    failed = []
+    for session in sessions:
+        try:
+            store.save(session)
+        except PhiSessionError as error:
+            failed.append(session.session_id)
+            warn(f"error: session {session.session_id} not saved: {error}")
+    return failed
+
+
+class _DrainAndSave:
+    """Checkpoint -> drain -> save for ``record``: the one place the CLI saves recorded sessions.
+
+    Drained sessions wait in `pending` until saved: a Ctrl-C in the middle of a save
+    leaves the unsaved ones for the final save instead of dropping them. Saving
+    merges by loop id, so a session saved now and again later loses nothing.
+    """
+
+    def __init__(self, recorder: SessionRecorder, store: SessionStore) -> None:
+        self.recorder = recorder
+        self.store = store
+        self.pending: deque[Session] = deque()
+        self.saved: dict[str, None] = {}  # ids of every session saved, in order
+        self.failed: list[str] = []
+        self.last: list[Session] = []  # what the final save drained
+
+    def __call__(self, *, final: bool = False) -> None:
+        if final:
+            self.recorder.flush()
+        else:
+            self.recorder.checkpoint()
+        self.pending.extend(self.recorder.drain_completed())
+        self.last = list(self.pending)
+        while self.pending:
+            session = self.pending[0]
+            self.failed.extend(_save_all(self.store, [session]))
+            self.saved[session.session_id] = None
+            self.pending.popleft()
+
+
+def _open_orphans_file(path: str) -> IO[bytes]:
+    try:
+        return open(path, "wb")  # closed by the caller's ExitStack
+    except OSError as error:
+        raise CliError(f"--orphans: cannot write {path}: {error.strerror or error}", EXIT_USAGE) from None
+
+
+@main.command()
+@click.argument("source", metavar="FILE|-")
+@click.option("--dir", "directory", metavar="DIR", type=click.Path(file_okay=False),
+              help="Store the sessions as phi-core JSON files in DIR (created if missing).")
+@click.option("--include-streaming-events", is_flag=True, help="Also store MessageUpdate deltas.")
+@click.option("--capture-turn-requests", is_flag=True, help="Copy TurnRequest payloads into their turns.")
+@click.option("--orphans", "orphans_path", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Write events that belong to no known loop to FILE (JSONL; created, "
+                   "empty if there are none, before any input is read).")
+@store_options
+def record(source: str, directory: str | None, include_streaming_events: bool, capture_turn_requests: bool,
+           orphans_path: str | None, store_url: str | None, as_json: bool) -> None:
+    """Record a JSONL event stream into the store.
+
+    FILE (or - for stdin) is phi-core's event stream, one JSON event per line.
+    Every session is saved to the store (merged with what is stored under its
+    id) and summarised in one line. A malformed line is reported with its number
+    (the first 20; later ones are counted) and skipped; everything else is
+    recorded. No valid line at all is an error (exit status 1). Ctrl-C stops
+    reading and saves what was read (exit 130).
+    """
+    recorder = SessionRecorder(SessionRecorderConfig(
+        include_streaming_events=include_streaming_events, capture_turn_requests=capture_turn_requests))
+    with contextlib.ExitStack() as cleanup:
+        # Opened (created) before any input is consumed: an unwritable path must fail
+        # now, not after the stream is gone.
+        orphans_file = cleanup.enter_context(_open_orphans_file(orphans_path)) if orphans_path else None
+        store = cleanup.enter_context(open_cli_store(store_url, directory))
+        save = _DrainAndSave(recorder, store)
+        lines = _LineSource(source)
+        try:
+            if sys.stderr.isatty() and not as_json:
+                columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                           TimeElapsedColumn())
+                with Progress(*columns, console=stderr(), transient=True) as progress:
+                    outcome = _record_stream(lines, recorder, progress, save)
+            else:
+                outcome = _record_stream(lines, recorder, None, save)
+        finally:
+            lines.close()
+        spilled = bool(save.saved)
+        save(final=True)
+        sessions = save.last
+        if spilled:  # summarise what the store now holds for every session touched
+            sessions = [store.load(sid) for sid in save.saved if sid not in save.failed]
+        if outcome["interrupted_at"] is not None:
+            warn(f"interrupted after line {outcome['interrupted_at']:,}: what was read is recorded and saved")
+        orphans = recorder.orphans()
+        orphans_lost = False
+        if orphans:
+            where = "not stored (use --orphans FILE to keep them)"
+            if orphans_file is not None:
+                try:
+                    orphans_file.writelines(encode_event(orphan.event) + b"\n" for orphan in orphans)
+                    orphans_file.close()  # closing flushes: a full disk shows up here
+                    where = f"written to {orphans_path}"
+                except OSError as error:
+                    orphans_lost = True
+                    where = f"NOT written to {orphans_path}: {error.strerror or error}"
+            warn(f"warning: {render.count(len(orphans), 'event')} belonged to no known loop: {where}")
+    summaries = [summarize(session) for session in sessions]
+    totals = {
+        "sessions": len(summaries), "loops": sum(row.loop_count for row in summaries),
+        "turns": sum(row.turn_count for row in summaries),
+        "total_tokens": sum(row.total_tokens for row in summaries),
+        "events": outcome["events"], "malformed_lines": outcome["malformed_lines"],
+        "orphan_events": len(orphans), "unsaved_sessions": len(save.failed),
+        "interrupted_at_line": outcome["interrupted_at"],
+    }
+    if as_json:
+        echo_json({"sessions": [render.summary_record(row) for row in summaries], "totals": totals,
+                   "errors": outcome["errors"]})
+    else:
+        console = stdout()
+        for row in summaries:  # one line each, whatever the width: scripts read these
+            console.print(render.summary_text(row), soft_wrap=True)
+        console.print(Text(
+            f"total: {render.count(totals['sessions'], 'session')}, {render.count(totals['loops'], 'loop')}, "
+            f"{render.count(totals['turns'], 'turn')}, {render.count(totals['total_tokens'], 'token')} "
+            f"from {render.count(totals['events'], 'event')}; "
+            f"{render.count(totals['malformed_lines'], 'malformed line')} skipped", style="bold"),
+            soft_wrap=True)
+        _note_default_store(store_url, directory)
+    if outcome["interrupted_at"] is not None:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
+    if outcome["events"] == 0:
+        raise CliError(f"nothing recorded: {lines.name} holds no valid event line")
+    if save.failed or orphans_lost:
+        raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+# -- import / export ---------------------------------------------------------------------------
+
+
+def _session_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        # Only `*.json`: lock sidecars and temporary files have another final suffix.
+        return sorted(p for p in path.iterdir() if p.suffix == ".json" and p.is_file())
+    return [path]
+
+
+def _read_sessions(data: bytes) -> list[Session]:
+    """The sessions of one file: a phi-core session, or a JSON array of them (``export``'s output).
+
+    An event stream (JSONL) gets an error that points to ``record``.
+    """
+    if data.lstrip()[:1] == b"[":
+        try:
+            items = msgspec.json.decode(data, type=list[msgspec.Raw])
+        except msgspec.DecodeError as error:
+            raise DecodeError(f"not a JSON array of sessions: {error}") from None
+        return [decode_session(bytes(item)) for item in items]
+    try:
+        return [decode_session(data)]
+    except DecodeError as error:
+        try:
+            decode_event(data.lstrip().split(b"\n", 1)[0])
+        except DecodeError:
+            raise error from None  # the session's error: the file is no event stream either
+        raise DecodeError(f"an event stream (JSONL), not a session file: record it with "
+                          f"'{PROG} record FILE'") from None
+
+
+@main.command("import")
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True)
+@store_options
+def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool) -> None:
+    """Import phi-core session files or directories of them.
+
+    A file holds one session, or a JSON array of sessions (what export --format
+    json writes for several ids). A directory contributes every *.json file
+    directly in it. A session already stored under the same id is merged (no
+    stored loop is lost). A file that cannot be read is reported and skipped
+    (exit status 1). An event stream (export --format jsonl) is recorded with
+    record, not imported.
+    """
+    imported: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    with open_cli_store(store_url) as store:
+        for name in paths:
+            path = Path(name)
+            if not path.exists():
+                errors.append({"path": name, "error": "no such file or directory"})
+                continue
+            for file in _session_files(path):
+                try:
+                    sessions = _read_sessions(file.read_bytes())
+                    for session in sessions:
+                        store.save(session)
+                        imported.append({"path": str(file), "session_id": session.session_id,
+                                         "loops": len(session.loops)})
+                except (OSError, PhiSessionError) as error:
+                    message = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+                    errors.append({"path": str(file), "error": message})
+    for failure in errors:
+        warn(f"error: {failure['path']}: {failure['error']}")
+    if as_json:
+        echo_json({"imported": imported, "errors": errors})
+    else:
+        console = stdout()
+        for row in imported:
+            console.print(render.plain(
+                f"imported {row['session_id']} ({render.count(row['loops'], 'loop')}) from {row['path']}"),
+                soft_wrap=True)
+        console.print(Text(f"{render.count(len(imported), 'session')} imported, {len(errors):,} failed",
+                           style="bold"))
+        _note_default_store(store_url)
+    if errors:
+        raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.argument("session_ids", metavar="ID...", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["json", "jsonl"]), default="json", show_default=True,
+              help="json: phi-core session JSON (import reads it back); jsonl: the stored event "
+                   "stream (record reads it back).")
+@click.option("-o", "--output", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Write to FILE instead of stdout.")
+@store_options
+def export(session_ids: tuple[str, ...], fmt: str, output: str | None, store_url: str | None,
+           as_json: bool) -> None:
+    """Export sessions as phi-core JSON or as a JSONL event stream.
+
+    json: one ID gives its session file exactly as stored (phi-core's bytes);
+    several give a JSON array of sessions. jsonl: every loop's stored events, one
+    compact phi-core event per line, in time order across loops and sessions.
+    --json is accepted for uniformity; both formats are JSON already.
+    """
+    del as_json  # both formats are machine-readable already
+    with open_cli_store(store_url, must_exist=True) as store:
+        sessions = [load_cli_session(store, session_id) for session_id in session_ids]
+    if fmt == "jsonl":
+        chunks: Iterable[bytes] = (encode_event(event) + b"\n" for event in event_stream(sessions))
+    elif len(sessions) == 1:
+        chunks = [encode_session(sessions[0]), b"\n"]
+    else:
+        chunks = [b"[\n", b",\n".join(encode_session(s) for s in sessions), b"\n]\n"]
+    if output is None:
+        out = sys.stdout.buffer
+        out.writelines(chunks)
+        out.flush()
+    else:
+        with open(output, "wb") as file:
+            file.writelines(chunks)
+
+
+# -- rm -----------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("session_ids", metavar="ID...", nargs=-1, required=True)
+@store_options
+def rm(session_ids: tuple[str, ...], store_url: str | None, as_json: bool) -> None:
+    """Delete sessions. Missing ids are reported (exit status 1); the others are deleted.
+
+    A malformed id is a usage error (exit status 2) that deletes nothing: every id is
+    checked before the first deletion.
+    """
+    valid_ids = [session_id_argument(session_id) for session_id in session_ids]
+    removed: list[str] = []
+    missing: list[str] = []
+    with open_cli_store(store_url, must_exist=True) as store:
+        for session_id in valid_ids:
+            try:
+                store.delete(session_id)
+            except SessionNotFound as error:
+                missing.append(session_id)
+                warn(f"error: {error}")
+                continue
+            removed.append(session_id)
+    if as_json:
+        echo_json({"removed": removed, "missing": missing})
+    else:
+        for session_id in removed:
+            stdout().print(render.plain(f"removed {session_id}"), soft_wrap=True)
+    if missing:
+        raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+# -- demo / serve -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--dir", "directory", metavar="DIR", type=click.Path(file_okay=False),
+              help="Store the demo sessions as phi-core JSON files in DIR (created if missing).")
+@store_options
+def demo(directory: str | None, store_url: str | None, as_json: bool) -> None:
+    """Record an offline demo scenario and show its loop trees.
+
+    A coding assistant's day on a simulated clock: continuations, a rerun and a
+    branch, a parallel evaluation, a sub-agent, a rejection, a compaction and an
+    inactivity rotation. Running it again rewrites the same sessions.
+    """
+    from ..demo import run_demo
+
+    with open_cli_store(store_url, directory) as store:
+        sessions = run_demo(store=store, console=None if as_json else stderr())
+    if as_json:
+        echo_json({"sessions": [render.summary_record(summarize(session)) for session in sessions]})
+        return
+    console = stdout()
+    for session in sessions:
+        console.print(render.loop_tree(session, loop_forest(session), details=False))
+    console.print(Text(f"{render.count(len(sessions), 'demo session')} stored; "
+                       f"try: {PROG} list, {PROG} serve", style="bold"))
+    _note_default_store(store_url, directory)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes every session to the network.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
+              help="Port (0: pick a free one).")
+@store_options
+def serve(host: str, port: int, store_url: str | None, as_json: bool) -> None:
+    """Serve the read-only web viewer over the store (Ctrl-C stops it)."""
+    from ..web.server import is_loopback, make_server
+
+    with open_cli_store(store_url, must_exist=True) as store:
+        try:
+            server = make_server(store, host=host, port=port)
+        except OSError as error:
+            raise CliError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+        url = server.url
+        if as_json:
+            click.echo(msgspec.json.encode({"url": url}).decode())
+        else:
+            stderr().print(f"phi-session viewer on {url}  (Ctrl-C to stop)")
+        if not is_loopback(host):
+            warn(f"warning: listening on {host}: anyone who can reach it can read every session")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()

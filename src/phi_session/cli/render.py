@@ -1,0 +1,466 @@
+"""How the command line draws sessions: tables, loop trees, spawn graphs and messages.
+
+Everything taken from a session (messages, tool output, ids) is untrusted: it is
+drawn as plain text, with rich markup not interpreted and terminal control
+characters shown as escapes, never sent raw to the terminal. Numbers carry
+thousands separators and counted nouns their plural.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from .._filters import LOOP_STATUSES
+from .._float32 import Float32
+from .._time import Timestamp
+from ..codec import encode_event
+from ..events import AgentEvent
+from ..messages import (
+    AgentMessage,
+    AssistantMessage,
+    ExtensionMessage,
+    ImageContent,
+    TextContent,
+    ThinkingContent,
+    ToolCall,
+    ToolResultMessage,
+    Usage,
+    message_role,
+)
+from ..model import LoopRecord, Session
+from ..stores.base import SessionSummary, UsageTotal
+from ..views import LoopNode, SpawnNode
+
+STATUS_STYLES = {
+    "Completed": "green", "Running": "cyan", "Pending": "yellow",
+    "Aborted": "red", "Rejected": "magenta",
+}
+
+# C0/C1 control characters (except newline and tab) would let recorded content drive
+# the terminal (colours, cursor moves, title changes); they are shown as escapes.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if c not in (9, 10)}
+_ONE_LINE = {**_CONTROL, 10: "\u23ce", 9: " "}
+
+
+def safe(text: str, *, one_line: bool = False) -> str:
+    """`text` with terminal control characters escaped (and newlines shown as ⏎ if `one_line`)."""
+    return text.translate(_ONE_LINE if one_line else _CONTROL)
+
+
+def plain(text: str, style: str = "", *, one_line: bool = False, limit: int | None = None) -> Text:
+    """Untrusted text as a rich `Text`: markup is not interpreted, controls are escaped."""
+    value = safe(text, one_line=one_line)
+    if limit is not None and len(value) > limit:
+        value = value[: limit - 1] + "\u2026"
+    return Text(value, style=style)
+
+
+def _cut(text: Text) -> Text:
+    """`text` kept to one line, cut with an ellipsis at the terminal's width."""
+    text.no_wrap = True
+    text.overflow = "ellipsis"
+    return text
+
+
+def short_time(ts: Timestamp | None) -> str:
+    """``YYYY-MM-DD HH:MM:SS`` (UTC) for tables; the full value stays in ``--json``."""
+    return "" if ts is None else str(ts)[:19].replace("T", " ")
+
+
+def number(n: int) -> str:
+    return f"{n:,}"
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 session``, ``2,000 sessions``."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {plural or noun + 's'}"
+
+
+def status_counts(counts: dict[str, int]) -> Text:
+    """``2 Completed, 1 Aborted``, coloured by status, in a fixed status order."""
+    out = Text()
+    for status in sorted(counts, key=lambda s: (LOOP_STATUSES.index(s) if s in LOOP_STATUSES else 99, s)):
+        if out:
+            out.append(", ")
+        out.append(f"{counts[status]:,} {status}", style=STATUS_STYLES.get(status, ""))
+    return out
+
+
+def usage_line(usage: Usage) -> str:
+    parts = [f"{number(usage.total_tokens)} tokens", f"in {number(usage.input)}",
+             f"out {number(usage.output)}"]
+    for label, value in (("reasoning", usage.reasoning), ("cache read", usage.cache_read),
+                         ("cache write", usage.cache_write)):
+        if value:
+            parts.append(f"{label} {number(value)}")
+    return " · ".join(parts)
+
+
+# -- list, stats, record --------------------------------------------------------------------
+
+
+def summaries_table(rows: Sequence[SessionSummary], width: int) -> Table:
+    """The ``list`` table for a terminal `width` columns wide.
+
+    Ids, times, loop counts and tokens are never cut. Narrower terminals lose
+    columns instead: below 150 the creation time (and the agent id is shortened),
+    below 120 the model, below 100 the agent and the turn count. The model
+    column is cut with an ellipsis rather than wrapped.
+    """
+    show_created, show_model, show_agent = width >= 150, width >= 120, width >= 100
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("ID", no_wrap=True)
+    if show_agent:
+        table.add_column("AGENT", no_wrap=True, overflow="ellipsis", max_width=None if show_created else 9)
+    if show_created:
+        table.add_column("CREATED", no_wrap=True)
+    table.add_column("LAST ACTIVE", no_wrap=True)
+    table.add_column("LOOPS", min_width=11)
+    if show_agent:
+        table.add_column("TURNS", justify="right", no_wrap=True)
+    table.add_column("TOKENS", justify="right", no_wrap=True)
+    if show_model:
+        table.add_column("MODEL", no_wrap=True, overflow="ellipsis", min_width=8)
+    for row in rows:
+        loops = status_counts(row.loops_by_status)
+        if row.rejected:
+            loops.append(" rejected", style="magenta")
+        cells: list[RenderableType] = [plain(row.session_id)]
+        if show_agent:
+            cells.append(plain(row.agent_id))
+        if show_created:
+            cells.append(short_time(row.created_at))
+        cells += [short_time(row.last_active_at), loops]
+        if show_agent:
+            cells.append(number(row.turn_count))
+        cells.append(number(row.total_tokens))
+        if show_model:
+            cells.append(plain(", ".join(row.models), one_line=True))
+        table.add_row(*cells)
+    return table
+
+
+USAGE_COLUMNS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
+
+
+def usage_totals_table(totals: Sequence[UsageTotal], by: str) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False, show_footer=len(totals) > 1)
+    grand = sum((row.usage for row in totals), Usage(input=0, output=0))
+    # A session with loops on several models counts once per model: no session total then.
+    sessions_total = "" if by == "model" else number(sum(row.sessions for row in totals))
+    table.add_column(by.upper(), footer="total")
+    table.add_column("SESSIONS", justify="right", footer=sessions_total)
+    table.add_column("LOOPS", justify="right", footer=number(sum(row.loops for row in totals)))
+    for name in USAGE_COLUMNS:
+        table.add_column(name.replace("_", " ").upper(), justify="right", footer=number(getattr(grand, name)))
+    for row in totals:
+        table.add_row(plain(row.key), number(row.sessions), number(row.loops),
+                      *(number(getattr(row.usage, name)) for name in USAGE_COLUMNS))
+    return table
+
+
+def summary_record(summary: SessionSummary) -> dict[str, Any]:
+    """The one-session summary ``record`` and ``demo`` print with ``--json``."""
+    return {
+        "session_id": summary.session_id, "agent_id": summary.agent_id,
+        "loops_by_status": summary.loops_by_status, "turns": summary.turn_count,
+        "total_tokens": summary.total_tokens, "rejected": summary.rejected,
+    }
+
+
+def summary_text(summary: SessionSummary) -> Text:
+    text = plain(summary.session_id, "bold")
+    text.append("  agent ")
+    text.append(safe(summary.agent_id, one_line=True))
+    text.append("  loops: ")
+    text.append_text(status_counts(summary.loops_by_status) or Text("none"))
+    text.append(f"  turns: {number(summary.turn_count)}  tokens: {number(summary.total_tokens)}")
+    if summary.rejected:
+        text.append("  rejected", style="magenta")
+    return text
+
+
+# -- show: the session header, the loop tree, the events -----------------------------------
+
+
+def _formation_text(session: Session) -> str:
+    formation = session.formation
+    text = f"{formation.kind} at {formation.timestamp}"
+    if formation.kind == "InactivityTimeout":
+        text += f" (threshold {formation.threshold_secs:,}s"
+        text += f", after session {formation.previous_session_id})" if formation.previous_session_id else ")"
+    return text
+
+
+def session_header(session: Session, summary: SessionSummary) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    spawn = session.parent_spawn_ref
+    parent = (plain(f"session {spawn.parent_session_id}, loop {spawn.parent_loop_id}, "
+                    f"tool {spawn.tool_name} (call {spawn.tool_call_id})")
+              if spawn is not None else Text("none", style="dim"))
+    rows: list[tuple[str, RenderableType]] = [
+        ("Session", plain(session.session_id)),
+        ("Agent", plain(session.agent_id)),
+        ("Formation", plain(_formation_text(session))),
+        ("Scope", session.scope),
+        ("Created", str(session.created_at)),
+        ("Last active", str(session.last_active_at)),
+        ("Parent", parent),
+        ("Rejected", Text("yes", style="magenta bold") if session.is_rejected else Text("no", style="dim")),
+        ("Loops", status_counts(summary.loops_by_status)),
+        ("Usage", usage_line(summary.usage)),
+    ]
+    for key, value in rows:
+        grid.add_row(key, value)
+    return grid
+
+
+def _kind_text(record: LoopRecord) -> str:
+    kind = record.kind
+    return kind.kind if kind.tag is None else f"{kind.kind}:{kind.tag}"
+
+
+def _config_value(value: object) -> str:
+    # A 32-bit temperature reads as written (0.2), not as its 64-bit expansion.
+    if isinstance(value, Float32):
+        return value.to_json().decode()
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _config_text(record: LoopRecord) -> str:
+    config = record.config
+    if config is None:
+        return "no config"
+    parts = [f"{config.provider}/{config.model}"]
+    details = [
+        ("config", config.config_id), ("name", config.name), ("api", config.api),
+        ("thinking", config.thinking_level), ("temperature", config.temperature),
+        ("max tokens", config.max_tokens), ("context", config.context_window),
+    ]
+    parts += [f"{label} {_config_value(value)}" for label, value in details
+              if value is not None and not isinstance(value, msgspec.UnsetType)]
+    return " · ".join(parts)
+
+
+def loop_label(record: LoopRecord, position: int, session: Session, *, details: bool) -> Text:
+    """``#n ● Status  Kind  loop id …  turns · tool calls · tokens``.
+
+    Without `details` the loop id is shortened to what follows the session id
+    (``.anthropic.claude-sonnet-4-5.3``), so the line fits a narrow terminal.
+    """
+    loop_id = record.loop_id
+    if not details and loop_id.startswith(session.session_id) and loop_id != session.session_id:
+        loop_id = "\u2026" + loop_id[len(session.session_id):]
+    label = Text(f"#{position} ", style="bold")
+    label.append(f"\u25cf {record.status}", style=STATUS_STYLES.get(record.status, "") + " bold")
+    label.append(safe(f"  {_kind_text(record)}  ", one_line=True), style="blue")
+    label.append(safe(loop_id, one_line=True))
+    group = record.parallel_group
+    if group is not None:
+        label.append("  \u2605 parallel winner" if group.is_selected else "  parallel, not selected",
+                     style="yellow bold" if group.is_selected else "dim")
+    label.append(f"  {count(record.turn_count(), 'turn')} · "
+                 f"{count(record.tool_call_count(), 'tool call')} · "
+                 f"{count(record.usage.total_tokens, 'token')}", style="dim")
+    return _cut(label)
+
+
+def _turn_line(record: LoopRecord, turn_index: int) -> Text:
+    turn = record.turns[turn_index]
+    content = getattr(turn.output_message, "content", ())  # extension messages have none
+    tools = [block.name for block in content if isinstance(block, ToolCall)]
+    line = Text(f"turn {turn.index} · {turn.triggered_by} · {turn.duration():.2f}s · "
+                f"{number(turn.usage.total_tokens)} tokens")
+    if tools:
+        line.append(" · calls ")
+        line.append(safe(", ".join(tools), one_line=True), style="cyan")
+    return line
+
+
+def _add_loop(tree: Tree, session: Session, index: int, drawn_under: int | None, details: bool) -> Tree:
+    """Add loop `index` under `tree`; returns its branch for the child loops.
+
+    `drawn_under` is the index of its parent loop when the tree is too deep to draw it
+    nested there, so the relation is spelled out instead.
+    """
+    record = session.loops[index]
+    branch = tree.add(loop_label(record, index + 1, session, details=details))
+    if drawn_under is not None:
+        branch.add(Text(f"continues loop #{drawn_under + 1}", style="dim"))
+    if details:
+        ended = f"ended {record.ended_at}" if record.ended_at is not None else "not ended"
+        branch.add(Text(f"started {record.started_at} · {ended}", style="dim"))
+        branch.add(plain(_config_text(record), "dim"))
+        if record.parent_loop_id is not None and session.get_loop(record.parent_loop_id) is None:
+            branch.add(plain(f"continues loop {record.parent_loop_id} (not in this session)", "dim"))
+        branch.add(Text(f"usage: {usage_line(record.usage)}", style="dim"))
+    if record.rejection is not None:
+        branch.add(_cut(plain(f"rejected: {record.rejection}", "magenta", one_line=True)))
+    if isinstance(record.error, str):
+        branch.add(_cut(plain(f"error: {record.error}", "red", one_line=True)))
+    group = record.parallel_group
+    if details and group is not None:
+        branch.add(plain(
+            f"parallel group of {len(group.all_loop_ids)}: winner {group.selected_loop_id} "
+            f"(config #{group.selected_config_index}), "
+            f"evaluation {number(group.evaluation_usage.total_tokens)} tokens",
+            "yellow"))
+    for ref in record.child_loop_refs:
+        text = (f"\u2192 sub-agent session {ref.child_session_id} (loop {ref.child_loop_id}) "
+                f"via {ref.tool_name} call {ref.tool_call_id}" if details
+                else f"\u2192 sub-agent session {ref.child_session_id} via {ref.tool_name}")
+        branch.add(_cut(plain(text, "cyan", one_line=True)))
+    if details:
+        for turn_index in range(len(record.turns)):
+            branch.add(_turn_line(record, turn_index))
+    return branch
+
+
+MAX_TREE_DEPTH = 12
+"""Loops nested deeper than this are drawn at this depth (with a "continues loop #n" line):
+every level indents by four columns, so a long continuation chain would otherwise run off
+the terminal and take rich quadratic time to lay out."""
+
+
+def loop_tree(session: Session, forest: Sequence[LoopNode], *, details: bool = True) -> Tree:
+    """The loop tree of `session` (its `phi_session.views.loop_forest`).
+
+    With `details` (``show``) every loop lists its times, config, usage and turns
+    under a ``loops (n)`` root; without (``demo``) each loop is one line under a
+    session line, every line cut to the terminal's width.
+    """
+    if details:
+        root = Text(f"loops ({len(session.loops):,})", style="bold")
+    else:
+        spawn = session.parent_spawn_ref
+        root = plain(f"session {session.session_id}", "bold", one_line=True)
+        root.append(safe(f"  spawned via {spawn.tool_name}", one_line=True) if spawn is not None
+                    else f"  {session.formation.kind}", style="cyan" if spawn is not None else "")
+        root.append(f"  {count(session.total_usage().total_tokens, 'token')}")
+    tree = Tree(_cut(root))
+    # An explicit stack (reversed so siblings keep session order): a chain of thousands
+    # of continued loops must not hit the recursion limit.
+    # Entries: (tree to draw under, depth, parent loop index, forest node).
+    stack: list[tuple[Tree, int, int | None, LoopNode]] = [(tree, 1, None, node) for node in reversed(forest)]
+    while stack:
+        under, depth, parent, node = stack.pop()
+        flattened = depth > MAX_TREE_DEPTH
+        branch = _add_loop(under, session, node.index, parent if flattened else None, details)
+        below = under if depth >= MAX_TREE_DEPTH else branch
+        stack.extend((below, depth + 1, node.index, child) for child in reversed(node.children))
+    return tree
+
+
+def _event_detail(event: AgentEvent) -> str:
+    fields = msgspec.json.decode(encode_event(event))
+    for key in ("type", "loop_id", "timestamp"):
+        fields.pop(key, None)
+    return msgspec.json.encode(fields).decode()
+
+
+def events_table(session: Session, width: int) -> Table:
+    """Every stored event (`Session.iter_events`), its loop shown by its #number in the tree.
+
+    The detail column gets what the others leave of `width` (rich would rather drop
+    whole columns than cut one long cell).
+    """
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("LOOP", no_wrap=True)
+    table.add_column("SEQ", no_wrap=True, justify="right")
+    table.add_column("TYPE", no_wrap=True)
+    table.add_column("TIME", no_wrap=True)
+    table.add_column("DETAIL", no_wrap=True, overflow="ellipsis", max_width=max(20, width - 85))
+    positions = {id(record): index for index, record in enumerate(session.loops, start=1)}
+    for loop, sequence, event in session.iter_events():
+        table.add_row("session" if loop is None else f"#{positions[id(loop)]}",
+                      "" if sequence is None else str(sequence), type(event).__name__,
+                      str(getattr(event, "timestamp", "")),
+                      plain(_event_detail(event), one_line=True, limit=160))
+    return table
+
+
+# -- tree: the spawn graph --------------------------------------------------------------------
+
+
+def spawn_node_json(node: SpawnNode) -> dict[str, Any]:
+    """A `SpawnNode` as ``tree --json`` prints it."""
+    data: dict[str, Any] = {"session_id": node.session_id, "via": node.via, "found": node.found,
+                            "repeated": node.repeated,
+                            "children": [spawn_node_json(child) for child in node.children]}
+    if node.summary is not None:
+        data.update(agent_id=node.summary.agent_id, loops=node.summary.loop_count,
+                    total_tokens=node.summary.total_tokens, loops_by_status=node.summary.loops_by_status)
+    return data
+
+
+def _graph_label(node: SpawnNode) -> Text:
+    label = Text()
+    if node.via is not None:
+        label.append(safe(f"{node.via['tool_name']} ({node.via['tool_call_id']}) \u2192 ", one_line=True),
+                     style="cyan")
+    label.append(safe(node.session_id, one_line=True), style="bold")
+    if node.repeated:
+        label.append("  (shown above)", style="dim")
+    elif node.summary is None:
+        label.append("  not in this store", style="red")
+    else:
+        label.append("  agent ")
+        label.append(safe(node.summary.agent_id, one_line=True))
+        label.append("  ")
+        label.append_text(status_counts(node.summary.loops_by_status))
+        label.append(f"  {number(node.summary.total_tokens)} tokens", style="dim")
+    return label
+
+
+def spawn_tree(graph: SpawnNode) -> Tree:
+    drawing = Tree(_graph_label(graph))
+    stack = [(drawing, child) for child in reversed(graph.children)]
+    while stack:
+        under, node = stack.pop()
+        branch = under.add(_graph_label(node))
+        stack.extend((branch, child) for child in reversed(node.children))
+    return drawing
+
+
+# -- context: messages ------------------------------------------------------------------------
+
+
+def _content_texts(message: AgentMessage) -> list[Text]:
+    if isinstance(message, ExtensionMessage):
+        return [plain(msgspec.json.encode(message.data).decode(), "dim")]
+    lines: list[Text] = []
+    for block in message.content:
+        if isinstance(block, TextContent):
+            lines.append(plain(block.text))
+        elif isinstance(block, ThinkingContent):
+            lines.append(plain(f"(thinking) {block.thinking}", "dim italic"))
+        elif isinstance(block, ToolCall):
+            lines.append(plain(f"\u2192 {block.name}({msgspec.json.encode(block.arguments).decode()}) "
+                               f"[{block.id}]", "cyan"))
+        elif isinstance(block, ImageContent):
+            lines.append(plain(f"[image {block.mime_type}, {len(block.data):,} base64 chars]", "dim"))
+    return lines
+
+
+def message_view(message: AgentMessage) -> Group:
+    role = message_role(message)
+    head = plain(role, "bold", one_line=True)
+    if isinstance(message, AssistantMessage):
+        head.append(safe(f"  {message.provider}/{message.model} · {message.stop_reason} · "
+                         f"{number(message.usage.total_tokens)} tokens", one_line=True), style="dim")
+    elif isinstance(message, ToolResultMessage):
+        head.append(safe(f"  {message.tool_name} [{message.tool_call_id}]", one_line=True), style="dim")
+        if message.is_error:
+            head.append("  error", style="red")
+    elif isinstance(message, ExtensionMessage):
+        head.append(safe(f"  {message.kind}", one_line=True), style="dim")
+    return Group(head, *_content_texts(message), Text())
