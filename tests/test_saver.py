@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from click.testing import CliRunner
 
 import phi_session as ps
 from phi_session import saver as saver_module
+from phi_session.cli import main
+from phi_session.codec import encode_event
 from phi_session.recorder import SessionRecorder
 from phi_session.saver import SaveStats, SessionSaver
 from phi_session.stores.base import SessionStore, merge_sessions
+from phi_session.stores.json_dir import JsonDirStore
 
 from .journal_kill_worker import stream
 
@@ -90,7 +96,8 @@ def test_transient_errors_are_retried_with_doubling_pauses(clock: FakeTime, erro
     memory = MemoryStore(failing(4, error))
     saver = saver_for(memory, retry_for=10)
     [session] = sessions(1)
-    assert saver.save(session) is True
+    outcome = saver.save(session)
+    assert outcome.saved and not outcome.unsaved and outcome.error is error
     assert clock.pauses == [0.05, 0.1, 0.2, 0.4]
     assert saver.stats() == SaveStats(saved=1, retried=4, orphaned=0, unsaved=0)
     assert list(memory.sessions) == [session.session_id]
@@ -101,7 +108,7 @@ def test_pauses_are_capped_and_a_session_is_given_up_after_retry_for(
     memory = MemoryStore(failing(10**6, ps.SessionLocked("busy")))
     saver = saver_for(memory, retry_for=6)
     [session] = sessions(1)
-    assert saver.save(session) is False
+    assert saver.save(session).unsaved
     assert clock.pauses == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0]  # then 2 more would pass 6 s
     assert saver.unsaved == [session] and saver.stats().unsaved == 1
     assert "keeping it unsaved" in caplog.text
@@ -122,7 +129,7 @@ def test_once_a_session_is_given_up_later_ones_get_one_attempt_until_a_save_succ
     assert sorted(memory.sessions) == sorted(s.session_id for s in (first, second, third))
     memory.trouble = failing(2, ps.StoreError("a blip"))
     [fourth] = sessions(1)
-    assert saver.save(fourth) is True  # healthy again: retried as usual
+    assert saver.save(fourth).saved  # healthy again: retried as usual
 
 
 def test_a_session_id_no_store_accepts_goes_to_the_orphans(clock: FakeTime) -> None:
@@ -132,26 +139,28 @@ def test_a_session_id_no_store_accepts_goes_to_the_orphans(clock: FakeTime) -> N
                      loops=session.loops)
     kept: list[ps.AgentEvent] = []
     saver = saver_for(MemoryStore(), orphans=kept.extend)
-    assert saver.save(bad) is True
+    outcome = saver.save(bad)
+    assert outcome.orphaned and not outcome.saved and isinstance(outcome.error, ps.InvalidSessionId)
     assert kept == [item.event for item in session.loops[0].events]
     assert clock.pauses == []  # never retried
     assert saver.stats() == SaveStats(saved=0, retried=0, orphaned=1, unsaved=0)
 
     no_sink = saver_for(MemoryStore())
-    assert no_sink.save(bad) is False and no_sink.unsaved == [bad]
+    assert no_sink.save(bad).unsaved and no_sink.unsaved == [bad]
 
     def broken_sink(events: list[ps.AgentEvent]) -> None:
         raise OSError(28, "No space left on device")
 
     full_disk = saver_for(MemoryStore(), orphans=broken_sink)
-    assert full_disk.save(bad) is False and full_disk.unsaved == [bad]
+    assert full_disk.save(bad).unsaved and full_disk.unsaved == [bad]
 
 
 def test_a_bug_in_the_store_is_not_retried_and_the_session_is_kept(clock: FakeTime) -> None:
     memory = MemoryStore(failing(1, RuntimeError("bug")))
     saver = saver_for(memory)
     [session] = sessions(1)
-    assert saver.save(session) is False
+    outcome = saver.save(session)
+    assert outcome.unsaved and isinstance(outcome.error, RuntimeError)
     assert memory.attempts == 1 and clock.pauses == []
     assert saver.take_unsaved() == [session] and saver.unsaved == []
 
@@ -212,7 +221,7 @@ def test_the_async_twins_follow_the_same_policy() -> None:
         assert len(saved) == 2
         memory.trouble = failing(10**6, ps.StoreError("down"))
         [late] = sessions(1)
-        assert await saver.asave(late) is False
+        assert (await saver.asave(late)).unsaved
         memory.trouble = None
         assert await saver.aretry_unsaved() == 0
 
@@ -239,3 +248,56 @@ def test_retry_for_must_be_a_duration() -> None:
         saver_for(MemoryStore(), retry_for=-1)
     with pytest.raises(ValueError, match="retry_for"):
         saver_for(MemoryStore(), retry_for=float("nan"))
+
+
+# -- the command line saves through a SessionSaver ----------------------------------------------
+
+
+def _stream_with_a_bad_session_id(path: Path) -> list[bytes]:
+    """Two one-loop sessions; the second's id is one no store accepts. Returns its lines."""
+    lines = [encode_event(e).replace(b"s0000001", b"../bad") for e in stream(sessions=2, loops=1, deltas=0)]
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return [line for line in lines if b"../bad" in line]
+
+
+def test_record_puts_a_session_no_store_accepts_into_the_orphans_file(tmp_path: Path) -> None:
+    bad = _stream_with_a_bad_session_id(tmp_path / "s.jsonl")
+    result = CliRunner().invoke(main, ["record", str(tmp_path / "s.jsonl"), "--dir", str(tmp_path / "out"),
+                                       "--orphans", str(tmp_path / "orphans.jsonl"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert "error: session '../bad' cannot be stored" in result.stderr
+    assert (tmp_path / "orphans.jsonl").read_bytes().splitlines() == bad
+    assert JsonDirStore(tmp_path / "out").list_ids() == ["s0000000"]
+
+
+def test_record_without_an_orphans_file_fails_for_a_session_it_cannot_store(tmp_path: Path) -> None:
+    _stream_with_a_bad_session_id(tmp_path / "s.jsonl")
+    result = CliRunner().invoke(main, ["record", str(tmp_path / "s.jsonl"), "--dir", str(tmp_path / "out"),
+                                       "--json"])
+    assert result.exit_code == 1
+    assert "error: session '../bad' cannot be stored" in result.stderr
+    assert json.loads(result.stdout)["totals"]["unsaved_sessions"] == 1
+    assert JsonDirStore(tmp_path / "out").list_ids() == ["s0000000"]
+
+
+def test_import_retries_a_busy_store_and_reports_what_it_could_not_save(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeTime) -> None:
+    good, other = sessions(2)
+    for session in (good, other):
+        (tmp_path / f"{session.session_id}.json").write_bytes(ps.encode(session))
+    original = JsonDirStore.save
+    busy = {good.session_id: 2, other.session_id: 10**6}
+
+    def sometimes_busy(self: JsonDirStore, session: ps.Session) -> None:
+        if busy[session.session_id] > 0:
+            busy[session.session_id] -= 1
+            raise ps.SessionLocked("another writer holds it")
+        original(self, session)
+
+    monkeypatch.setattr(JsonDirStore, "save", sometimes_busy)
+    result = CliRunner().invoke(main, ["import", str(tmp_path), "--store", f"{tmp_path / 'out'}/", "--json"])
+    assert result.exit_code == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert [row["session_id"] for row in report["imported"]] == [good.session_id]
+    [error] = report["errors"]
+    assert f"session {other.session_id} not saved" in error["error"] and "another writer" in error["error"]

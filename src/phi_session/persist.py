@@ -400,11 +400,11 @@ class AutoPersistingRecorder:
             if item is None:
                 self._idle_checkpoint()
                 continue
-            saved = self._saver.save(item.session)
+            outcome = self._saver.save(item.session)
             with self._cond:
                 self._queue.popleft()
                 self._queued_bytes -= item.size
-                if not saved:
+                if outcome.unsaved:
                     self._keep_pin(item)
                 self._admit()
                 caught_up = not self._queue
@@ -499,7 +499,7 @@ class AutoPersistingRecorder:
             self._waiting.clear()
             self._queued_bytes = 0
         for item in leftovers:
-            if not self._saver.save(item.session):
+            if self._saver.save(item.session).unsaved:
                 with self._cond:
                     self._keep_pin(item)
         unsaved = self._saver.retry_unsaved()  # last chance

@@ -41,7 +41,7 @@ from .model import Session
 from .recorder import SessionRecorder
 from .stores.base import SessionStore
 
-__all__ = ["OrphanSink", "SaveStats", "SessionSaver"]
+__all__ = ["OrphanSink", "SaveOutcome", "SaveStats", "SessionSaver"]
 
 logger = logging.getLogger("phi_session.saver")
 
@@ -52,9 +52,25 @@ _TRANSIENT = (SessionLocked, StoreError, OSError)
 _FIRST_PAUSE = 0.05
 _MAX_PAUSE = 2.0
 
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    """What became of one session: saved, orphaned, or kept in `SessionSaver.unsaved`."""
+
+    saved: bool
+    orphaned: bool = False
+    error: Exception | None = None
+    """The last error met (None if the first attempt saved it)."""
+
+    @property
+    def unsaved(self) -> bool:
+        return not (self.saved or self.orphaned)
+
+
 # The policy yields the pause before each attempt and is sent the attempt's error
-# (None on success); it returns whether the session is taken care of.
-_Policy = Generator[float, "Exception | None", bool]
+# (None on success); it returns the outcome.
+_Policy = Generator[float, "Exception | None", SaveOutcome]
 
 
 @dataclass(frozen=True)
@@ -103,8 +119,8 @@ class SessionSaver:
 
     # -- one session -----------------------------------------------------------------------
 
-    def save(self, session: Session) -> bool:
-        """Save `session`; True if saved (or orphaned), False if kept in `unsaved`."""
+    def save(self, session: Session) -> SaveOutcome:
+        """Save `session` under the policy; what became of it."""
         policy = self._policy(session)
         pause = next(policy)
         while True:
@@ -118,9 +134,10 @@ class SessionSaver:
             try:
                 pause = policy.send(error)
             except StopIteration as done:
-                return bool(done.value)
+                outcome: SaveOutcome = done.value
+                return outcome
 
-    async def asave(self, session: Session) -> bool:
+    async def asave(self, session: Session) -> SaveOutcome:
         """`save` through the store's `asave`, pausing with ``asyncio.sleep``."""
         policy = self._policy(session)
         pause = next(policy)
@@ -135,61 +152,61 @@ class SessionSaver:
             try:
                 pause = policy.send(error)
             except StopIteration as done:
-                return bool(done.value)
+                outcome: SaveOutcome = done.value
+                return outcome
 
     def _policy(self, session: Session) -> _Policy:
         with self._lock:
             deadline = None if self._store_down else time.monotonic() + self.retry_for
         pause = _FIRST_PAUSE
         error = yield 0.0
+        last = error
         while isinstance(error, _TRANSIENT):
             if deadline is None or time.monotonic() + pause > deadline:
                 logger.error("saving session %s into %r failed, keeping it unsaved: %s",
                              session.session_id, self.store, error)
-                self._keep(session, store_down=True)
-                return False
+                return self._keep(session, error, store_down=True)
             logger.warning("saving session %s into %r failed, retrying in %.2f s: %s",
                            session.session_id, self.store, pause, error)
             with self._lock:
                 self._retried += 1
             error = yield pause
+            last = error or last
             pause = min(pause * 2, _MAX_PAUSE)
         if error is None:
             with self._lock:
                 self._store_down = False
                 self._saved += 1
-            return True
+            return SaveOutcome(saved=True, error=last)
         if isinstance(error, InvalidSessionId):
             return self._orphan(session, error)
         # Not an I/O problem (a bug in a custom store): retrying cannot help.
         logger.error("session %s cannot be saved into %r, keeping it unsaved: %r",
                      session.session_id, self.store, error)
-        self._keep(session, store_down=False)
-        return False
+        return self._keep(session, error, store_down=False)
 
-    def _orphan(self, session: Session, error: InvalidSessionId) -> bool:
+    def _orphan(self, session: Session, error: InvalidSessionId) -> SaveOutcome:
         if self._orphans is None:
             logger.error("session %r cannot be stored (%s) and there is no orphans sink: "
                          "keeping it unsaved", session.session_id, error)
-            self._keep(session, store_down=False)
-            return False
+            return self._keep(session, error, store_down=False)
         try:
             self._orphans(session_events(session))
         except (OSError, StoreError) as sink_error:
             logger.error("session %r cannot be stored (%s) nor kept as orphans (%s): keeping it unsaved",
                          session.session_id, error, sink_error)
-            self._keep(session, store_down=False)
-            return False
+            return self._keep(session, error, store_down=False)
         logger.error("session %r cannot be stored (%s); its events are kept as orphans",
                      session.session_id, error)
         with self._lock:
             self._orphaned += 1
-        return True
+        return SaveOutcome(saved=False, orphaned=True, error=error)
 
-    def _keep(self, session: Session, *, store_down: bool) -> None:
+    def _keep(self, session: Session, error: Exception, *, store_down: bool) -> SaveOutcome:
         with self._lock:
             self._unsaved.append(session)
             self._store_down = self._store_down or store_down
+        return SaveOutcome(saved=False, error=error)
 
     # -- a recorder's completed sessions ---------------------------------------------------
 
@@ -201,7 +218,7 @@ class SessionSaver:
         """
         saved = []
         for session in self._take(recorder, flush):
-            if self.save(session):
+            if self.save(session).saved:
                 saved.append(session)
             self._drained.popleft()
         return saved
@@ -210,7 +227,7 @@ class SessionSaver:
         """`drain` through `asave`."""
         saved = []
         for session in self._take(recorder, flush):
-            if await self.asave(session):
+            if (await self.asave(session)).saved:
                 saved.append(session)
             self._drained.popleft()
         return saved
