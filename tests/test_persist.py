@@ -15,13 +15,23 @@ from pathlib import Path
 
 import pytest
 
-from phi_session import AgentEvent, MessageUpdate, ParallelLoopEnd, ProgressMessage, Usage
+from phi_session import (
+    AgentEnd,
+    AgentEvent,
+    AgentStart,
+    MessageUpdate,
+    ParallelLoopEnd,
+    ParallelLoopStart,
+    ProgressMessage,
+    Timestamp,
+    Usage,
+)
 from phi_session.codec import encode_event, encode_session
 from phi_session.errors import PhiSessionError, StoreError
 from phi_session.journal import ORPHANS_FILE, Journal, JournaledRecorder
 from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder
-from phi_session.recorder import SessionRecorder
+from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 from phi_session.stores.base import SessionStore
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
@@ -252,7 +262,7 @@ def test_a_late_parallel_event_is_kept_as_an_orphan_without_holding_the_journal(
     first = [e for e in both if getattr(e, "loop_id", "").startswith("s0000000.")]
     second = both[len(first):]
     late = ParallelLoopEnd(session_id="s0000000", selected_loop_id="s0000000.p.m.1", selected_config_index=0,
-                           evaluation_usage=Usage(input=0, output=0))
+                           evaluation_usage=Usage(input=0, output=0), timestamp=Timestamp.now())
     store = JsonDirStore(tmp_path / "store")
     with AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_every=10**9) as persisting:
         persisting.record_all(first)
@@ -296,6 +306,28 @@ def test_the_writer_holds_at_most_the_byte_budget_plus_one_session(tmp_path: Pat
 def test_the_budget_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_pending_bytes"):
         AutoPersistingRecorder(JsonDirStore(tmp_path), max_pending_bytes=0)
+
+
+def test_callbacks_run_outside_the_locks(tmp_path: Path) -> None:
+    """Issue 10.8: an after_task that waits on another thread using the recorder does not deadlock."""
+    evs = single_loop_sessions(3)
+    seen: list[str] = []
+
+    def after_task(session: Session) -> None:
+        # Another thread reads the recorder's stats while this callback runs.
+        reader = threading.Thread(target=persisting.stats)
+        reader.start()
+        reader.join(timeout=10)
+        assert not reader.is_alive(), "stats() blocked on a lock held around the callback"
+        seen.append(session.session_id)
+
+    config = SessionRecorderConfig(after_task=after_task)
+    store = JsonDirStore(tmp_path / "store")
+    with AutoPersistingRecorder(store, config=config, checkpoint_every=1, checkpoint_interval=None,
+                                journal=tmp_path / "j") as persisting:
+        persisting.record_all(evs)
+    assert seen == [e.loop_id.split(".")[0] for e in evs if isinstance(e, AgentEnd)]  # in order
+    assert stored(store) == recorded(evs)
 
 
 def test_counters_are_exact_with_concurrent_saves(tmp_path: Path) -> None:
@@ -351,3 +383,37 @@ def test_a_program_that_ends_with_the_recorder_open_saves_everything(
         evs = list(itertools.islice(stream(sessions=30), events + index))
         with SqliteStore(db) as store:
             assert stored(store) == recorded(evs), f"run {index}: events lost"
+
+
+def test_a_drained_session_owed_its_parallel_winner_keeps_its_journal_records(tmp_path: Path) -> None:
+    """Issue 9.1 with a journal: a session drained before its ParallelLoopEnd may come back
+    as an amendment, so the journal keeps its records (recovery could redo it) until then."""
+    ts = Timestamp.now()
+    branches = ("g.a.m.1", "g.b.m.1")
+    group = [ParallelLoopStart(session_id="g", loop_ids=branches, timestamp=ts)]
+    for loop_id in branches:
+        group += [AgentStart(agent_id="x", session_id="g", loop_id=loop_id, timestamp=ts),
+                  AgentEnd(loop_id=loop_id, messages=(), usage=Usage(input=1, output=1), timestamp=ts)]
+    winner = ParallelLoopEnd(session_id="g", selected_loop_id=branches[1], selected_config_index=1,
+                             evaluation_usage=Usage(input=0, output=0), timestamp=ts)
+    others = single_loop_sessions(40)
+    journal = Journal(tmp_path / "j", durability="os", segment_bytes=4096)
+    store = SqliteStore(tmp_path / "s.db")
+
+    def settle() -> None:
+        persisting.checkpoint()
+        assert persisting.wait_saved(timeout=10)  # saved, and the journal told
+
+    with AutoPersistingRecorder(store, journal=journal, checkpoint_every=10**9,
+                                checkpoint_interval=None) as persisting:
+        persisting.record_all(group)
+        settle()  # g is complete (phi-core's contract) and saved, its group still open
+        assert store.list_ids() == ["g"]
+        persisting.record_all(others)
+        settle()
+        first = journal.segments()[0]
+        assert b'"session_id":"g"' in first.read_bytes()  # still kept: g may be amended
+        persisting.on_event(winner)
+        settle()
+        assert not first.exists()  # the amendment is saved: nothing holds it any more
+    assert stored(store) == recorded(group + others + [winner])

@@ -161,10 +161,10 @@ class AutoPersistingRecorder:
         self._saver = SessionSaver(store, orphans=self.journal.write_orphans if self.journal else None,
                                    retry_for=retry_for)
         # Lock order: _lock, then _cond.
-        # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _settled_through,
+        # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _settled_through,
         # _unwritten_orphans, _since_checkpoint, _counters, _warned_pins.
         self._lock = threading.Condition(threading.Lock())
-        # _cond: the writer's side: _queue, _queued_bytes, _waiting, _unsaved_pins, _stopping,
+        # _cond: the writer's side: _queue, _queued_bytes, _waiting, _unsaved_pins, _stopping, _releasing,
         # _backpressure_waits, _blocked_seconds, _last_warning.
         self._cond = threading.Condition(threading.Lock())
         self._closed = False  # no more events
@@ -173,6 +173,7 @@ class AutoPersistingRecorder:
         # events are numbered from there on, so the journal is kept from there on.
         self._feeding: dict[int, int] = {}
         self._pins: dict[str, int] = {}  # held session -> lowest seq of its journaled events
+        self._late_pins: dict[str, int] = {}  # drained session that may be amended -> its pin
         self._settled_through = -1  # every orphan up to this seq is in orphans.jsonl
         self._unwritten_orphans: list[OrphanEvent] = []
         self._since_checkpoint = 0
@@ -183,6 +184,7 @@ class AutoPersistingRecorder:
         self._waiting: deque[_Pending] = deque()  # drained, waiting for room in the queue
         self._unsaved_pins: dict[str, int] = {}  # sessions the saver gave up -> their pins
         self._stopping = False
+        self._releasing = False  # the writer is telling the journal what it saved
         self._backpressure_waits = 0
         self._blocked_seconds = 0.0
         self._last_warning = -float("inf")
@@ -314,13 +316,35 @@ class AutoPersistingRecorder:
             # Read before draining: every event up to it has been applied by then.
             settled = self.journal.last_seq if self.journal is not None else -1
             sessions = self.recorder.drain_completed()
-            pending = [_Pending(s, self._pins.pop(s.session_id, None), _json_size(s)) for s in sessions]
+            pending = [_Pending(s, self._unpin(s.session_id), _json_size(s)) for s in sessions]
+            self._forget_late_pins()
             with self._cond:
                 self._waiting.extend(pending)
                 self._admit()
             if self.journal is not None:
                 self._write_orphans(self.journal, settled)
         return len(sessions)
+
+    def _unpin(self, session_id: str) -> int | None:
+        """The pin of a session being drained (under `_lock`).
+
+        A drained session that may still come back as an amendment (its parallel
+        group's end, the tool call that spawned it, are still to come) keeps its
+        journal records until it no longer may: recovery needs them to redo it.
+        """
+        pins = [pin for pin in (self._pins.pop(session_id, None), self._late_pins.pop(session_id, None))
+                if pin is not None]
+        if not pins:
+            return None
+        if self.recorder.may_amend(session_id):
+            self._late_pins[session_id] = min(pins)
+        return min(pins)
+
+    def _forget_late_pins(self) -> None:
+        """Drop the late pins of sessions no longer owed anything (under `_lock`)."""
+        for session_id in [sid for sid in self._late_pins if not self.recorder.may_amend(sid)
+                           and self.recorder.get_session(sid) is None]:
+            del self._late_pins[session_id]
 
     def _write_orphans(self, journal: Journal, settled: int) -> None:
         """Journal the recorder's orphans; `settled` once they (and earlier ones) are written."""
@@ -352,10 +376,11 @@ class AutoPersistingRecorder:
         self.wait_saved()
 
     def wait_saved(self, timeout: float | None = None) -> bool:
-        """Wait until every handed-over session is saved (or set aside); False on timeout."""
+        """Wait until every handed-over session is saved (or set aside) and the journal
+        knows it (`Journal.release`); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while (self._queue or self._waiting) and self._writer.is_alive():
+            while (self._queue or self._waiting or self._releasing) and self._writer.is_alive():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -406,12 +431,15 @@ class AutoPersistingRecorder:
                 self._queued_bytes -= item.size
                 if outcome.unsaved:
                     self._keep_pin(item)
+                # Releasing costs a checkpoint-file fsync: when caught up, or now and then under load.
+                self._releasing = not self._queue or time.monotonic() - last_release >= _RELEASE_EVERY
                 self._admit()
-                caught_up = not self._queue
-            # Releasing costs a checkpoint-file fsync: when caught up, or now and then under load.
-            if caught_up or time.monotonic() - last_release >= _RELEASE_EVERY:
+            if self._releasing:
                 self._release_journal()
                 last_release = time.monotonic()
+                with self._cond:
+                    self._releasing = False
+                    self._cond.notify_all()
 
     def _keep_pin(self, item: _Pending) -> None:
         """The saver kept `item` unsaved: its journal records must stay (under `_cond`)."""
@@ -439,7 +467,8 @@ class AutoPersistingRecorder:
                 unsaved += [pin for sid, pin in self._unsaved_pins.items() if sid in unsaved_ids]
             settled = self._settled_through
             # Orphans the recorder still holds are only safe once written (settled).
-            stored_below = min((*self._pins.values(), *self._feeding, *unsaved, settled + 1))
+            stored_below = min((*self._pins.values(), *self._late_pins.values(), *self._feeding, *unsaved,
+                                settled + 1))
             self._warn_about_stuck_pin(stored_below)
         try:
             removed = self.journal.release(stored_below, settled_through=settled)
