@@ -115,7 +115,7 @@ def decode_for_recording(data: bytes | str) -> AgentEvent | LazyMessageUpdate:
     """The recorder's fast path: like ``decode_event(data, strict=False)``, except that a
     ``MessageUpdate`` comes back as a `LazyMessageUpdate` (decode it fully if you keep it)."""
     try:
-        return _recording_decoder.decode(data)  # type: ignore[no-any-return]
+        return _strip_plain(_recording_decoder.decode(data))  # type: ignore[no-any-return]
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError, OverflowError, RecursionError):
         return decode_event(data, strict=False)  # the full path: leniencies, or a clear error
 _session_decoder = msgspec.json.Decoder(Session, dec_hook=_dec_hook)
@@ -227,17 +227,27 @@ def _strip_plain(event: Any) -> Any:
 
 
 def _strip_loop(record: LoopRecord) -> LoopRecord:
+    """`record` without agent metadata in its plain-form messages: itself when it has
+    none, else a copy. Decoders drop such metadata (as phi-core does) and encoders
+    never write it, so a record encodes the same before and after a round trip."""
+    events = None
     for index, item in enumerate(record.events):
         stripped = _strip_plain(item.event)
         if stripped is not item.event:
-            record.events[index] = LoopEvent(sequence=item.sequence, event=stripped)
+            events = events if events is not None else list(record.events)
+            events[index] = LoopEvent(sequence=item.sequence, event=stripped)
+    turns = None
     for index, turn in enumerate(record.turns):
         payload = turn.request_payload
         if payload is not None:
             messages = tuple(_plain_message(m) for m in payload.messages)
             if any(a is not b for a, b in zip(messages, payload.messages, strict=True)):
-                record.turns[index] = replace(turn, request_payload=replace(payload, messages=messages))
-    return record
+                turns = turns if turns is not None else list(record.turns)
+                turns[index] = replace(turn, request_payload=replace(payload, messages=messages))
+    if events is None and turns is None:
+        return record
+    return replace(record, events=events if events is not None else record.events,
+                   turns=turns if turns is not None else record.turns)
 
 
 def encode_event(event: AgentEvent) -> bytes:
@@ -247,7 +257,7 @@ def encode_event(event: AgentEvent) -> bytes:
 
 def _session_for_encoding(session: Session) -> Session:
     to_raw = _RawMessages()
-    return replace(session, loops=[map_loop_messages(r, to_raw) for r in session.loops])
+    return replace(session, loops=[map_loop_messages(_strip_loop(r), to_raw) for r in session.loops])
 
 
 def encode_session(session: Session, *, pretty: bool = True) -> bytes:
@@ -257,7 +267,7 @@ def encode_session(session: Session, *, pretty: bool = True) -> bytes:
 
 
 def encode_loop(record: LoopRecord, *, pretty: bool = True) -> bytes:
-    data = _plain.encode(map_loop_messages(record, _RawMessages()))
+    data = _plain.encode(map_loop_messages(_strip_loop(record), _RawMessages()))
     return msgspec.json.format(data, indent=2) if pretty else data
 
 
@@ -504,8 +514,7 @@ def decode_session(data: bytes | str, *, strict: bool = True) -> Session:
     """Read a session file. Raises `DecodeError` (see `decode_event` for `strict`)."""
     check = _strict.check_session if strict else None
     session: Session = _decode(data, _session_decoder, Session, _repair_session, _restore_session, check)
-    for record in session.loops:
-        _strip_loop(record)
+    session.loops = [_strip_loop(record) for record in session.loops]
     return session
 
 
