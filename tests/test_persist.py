@@ -253,7 +253,7 @@ def test_a_failed_recovery_on_start_leaves_the_journal_unlocked(tmp_path: Path) 
         JournaledRecorder(journal).record_all(single_loop_sessions(2))
     refusing = FlakyStore(tmp_path / "store", refused=frozenset({"s0000001"}))
     with pytest.raises(StoreError, match="could not be saved"):
-        AutoPersistingRecorder(refusing, journal=tmp_path / "j")
+        AutoPersistingRecorder(refusing, journal=tmp_path / "j", retry_for=0.1)
     Journal(tmp_path / "j").close()  # not left locked
 
 

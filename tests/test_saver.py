@@ -17,6 +17,7 @@ import phi_session as ps
 from phi_session import saver as saver_module
 from phi_session.cli import main
 from phi_session.codec import encode_event
+from phi_session.journal import Journal, JournaledRecorder, recover
 from phi_session.recorder import SessionRecorder
 from phi_session.saver import SaveStats, SessionSaver
 from phi_session.stores.base import SessionStore, merge_sessions
@@ -301,3 +302,25 @@ def test_import_retries_a_busy_store_and_reports_what_it_could_not_save(
     assert [row["session_id"] for row in report["imported"]] == [good.session_id]
     [error] = report["errors"]
     assert f"session {other.session_id} not saved" in error["error"] and "another writer" in error["error"]
+
+
+def test_recovery_retries_a_busy_store_instead_of_failing(tmp_path: Path, clock: FakeTime) -> None:
+    evs = list(stream(sessions=3, loops=1))
+    with Journal(tmp_path / "j", durability="os") as journal:
+        JournaledRecorder(journal).record_all(evs)
+    store = JsonDirStore(tmp_path / "store")
+    busy = {"s0000001": 3}
+    original = store.save
+
+    def busy_then_fine(session: ps.Session) -> None:
+        if busy.get(session.session_id, 0) > 0:
+            busy[session.session_id] -= 1
+            raise ps.SessionLocked("another writer holds it")
+        original(session)
+
+    store.save = busy_then_fine  # type: ignore[method-assign]
+    report = recover(tmp_path / "j", store)
+    assert report.failed_sessions == [] and report.sessions_saved == 3
+    assert clock.pauses == [0.05, 0.1, 0.2]
+    assert sorted(store.list_ids()) == ["s0000000", "s0000001", "s0000002"]
+    assert list((tmp_path / "j").glob("*.wal")) == []

@@ -149,7 +149,7 @@ class AutoPersistingRecorder:
         self.recovery_report: RecoveryReport | None = None
         if self.journal is not None and recover_on_start and self.journal.leftover_segments:
             try:
-                self.recovery_report = recover(self.journal, store, config=config)
+                self.recovery_report = recover(self.journal, store, config=config, retry_for=retry_for)
             except BaseException:
                 if not isinstance(journal, Journal):
                     self.journal.close()  # we opened it: do not leave the directory locked

@@ -191,7 +191,7 @@ class SessionSaver:
                          "keeping it unsaved", session.session_id, error)
             return self._keep(session, error, store_down=False)
         try:
-            self._orphans(session_events(session))
+            self._orphans([item.event for item in session.iter_events()])
         except (OSError, StoreError) as sink_error:
             logger.error("session %r cannot be stored (%s) nor kept as orphans (%s): keeping it unsaved",
                          session.session_id, error, sink_error)
@@ -286,9 +286,4 @@ class SessionSaver:
         with self._lock:
             return SaveStats(saved=self._saved, retried=self._retried, orphaned=self._orphaned,
                              unsaved=len(self._unsaved))
-
-
-def session_events(session: Session) -> list[AgentEvent]:
-    """Every event a session holds, loop by loop (for sessions no store can take)."""
-    return [item.event for record in session.loops for item in record.events]
 
