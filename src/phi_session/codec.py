@@ -29,6 +29,7 @@ from .events import (
     SessionFormation,
     StreamDelta,
     map_messages,
+    message_mappers,
 )
 from .messages import (
     LLM_MESSAGE_TYPES,
@@ -149,8 +150,10 @@ def _map_section(section: CompactedSection | None, fn: MessageFn) -> CompactedSe
 def map_loop_messages(record: LoopRecord, fn: MessageFn) -> LoopRecord:
     """A copy of `record` with every agent-form message (events included) mapped by `fn`."""
     events = []
+    mappers = message_mappers(agent=True)
     for item in record.events:
-        mapped = map_messages(item.event, fn, agent=True)
+        mapper = mappers.get(type(item.event))
+        mapped = item.event if mapper is None else mapper(item.event, fn)
         events.append(item if mapped is item.event else LoopEvent(sequence=item.sequence, event=mapped))
     block = record.compaction_block
     if isinstance(block, CompactionBlock):

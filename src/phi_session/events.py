@@ -10,10 +10,10 @@ decoder of these types, and a missing timestamp in phi-core's JSON is an error.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from operator import attrgetter, is_
-from typing import Any, Literal, NamedTuple, TypeVar, Union
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar, Union
 
 import msgspec
 from msgspec.structs import force_setattr
@@ -50,6 +50,7 @@ __all__ = [
     "LoopConfigSnapshot",
     "MessageEnd",
     "MessageField",
+    "MessageMapper",
     "MessageStart",
     "MessageUpdate",
     "ParallelLoopEnd",
@@ -69,6 +70,7 @@ __all__ = [
     "TurnStart",
     "TurnTrigger",
     "map_messages",
+    "message_mappers",
 ]
 
 TurnTrigger = Literal["User", "SubAgent", "Continuation", "Branch"]
@@ -608,6 +610,18 @@ def map_messages(event: _E, fn: _MessageFn, *, agent: bool | None = None) -> _E:
     return event if mapper is None else mapper(event, fn)
 
 
+class MessageMapper(Protocol):
+    """`map_messages` for events of one type: ``mapper(event, fn)``."""
+
+    def __call__(self, event: Any, fn: Callable[[Any], Any]) -> Any: ...
+
+
+def message_mappers(*, agent: bool | None = None) -> Mapping[type, MessageMapper]:
+    """`map_messages` per event type that has message fields (of the form `agent` selects),
+    for loops over many events: one lookup, no call for events without messages."""
+    return _MAPPERS[agent]
+
+
 def _map_fields(fields: tuple[MessageField, ...], event: _E, fn: _MessageFn) -> _E:
     result = event
     for name, many, _, within in fields:
@@ -627,7 +641,7 @@ def _map_fields(fields: tuple[MessageField, ...], event: _E, fn: _MessageFn) -> 
     return result
 
 
-def _mapper(fields: tuple[MessageField, ...]) -> Callable[[Any, _MessageFn], Any]:
+def _mapper(fields: tuple[MessageField, ...]) -> MessageMapper:
     """`map_messages` for events with these message fields, built once per event type."""
     if len(fields) == 1 and not fields[0].many and fields[0].within is None:
         # One message, as in most events with any: on encoding's and the redactor's hot path.
@@ -643,7 +657,7 @@ def _mapper(fields: tuple[MessageField, ...]) -> Callable[[Any, _MessageFn], Any
     return partial(_map_fields, fields)
 
 
-_MAPPERS: dict[bool | None, dict[type, Callable[[Any, _MessageFn], Any]]] = {
+_MAPPERS: dict[bool | None, dict[type, MessageMapper]] = {
     agent: {tp: _mapper(kept) for tp, fields in MESSAGE_FIELDS.items()
             if (kept := tuple(f for f in fields if agent is None or f.agent is agent))}
     for agent in (None, True, False)

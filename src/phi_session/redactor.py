@@ -21,7 +21,6 @@ import msgspec
 from msgspec.structs import replace
 
 from .events import (
-    MESSAGE_FIELDS,
     AgentEnd,
     AgentEvent,
     AgentStart,
@@ -34,6 +33,7 @@ from .events import (
     ToolExecutionStart,
     ToolExecutionUpdate,
     map_messages,
+    message_mappers,
 )
 from .messages import (
     AssistantMessage,
@@ -149,8 +149,8 @@ class Redactor:
         self._memo_lock = threading.Lock()
         # Per event type, what to scan; events of other types pass untouched, at the
         # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
-        self._handlers: dict[type, Callable[[Any], AgentEvent]] = dict.fromkeys(
-            MESSAGE_FIELDS, partial(map_messages, fn=self._message))
+        self._handlers: dict[type, Callable[[Any], AgentEvent]] = {
+            tp: partial(mapper, fn=self._message) for tp, mapper in message_mappers().items()}
         self._handlers.update({
             AgentStart: self._agent_start, AgentEnd: self._agent_end, MessageUpdate: self._update,
             ToolExecutionStart: self._tool_start, InputRejected: self._input_rejected,
