@@ -223,7 +223,13 @@ class SpanIngestor:
 
     @property
     def buffered_spans(self) -> int:
+        """Spans waiting for their trace's root."""
         return self._buffered
+
+    def waiting(self, trace_ids: Iterable[int]) -> bool:
+        """Whether any of `trace_ids` still waits for its root (is not recorded yet)."""
+        with self._lock:
+            return any(trace_id in self._traces for trace_id in trace_ids)
 
     def add(self, spans: Iterable[SpanData]) -> None:
         """Take finished spans; record every trace that is now complete."""
