@@ -10,20 +10,20 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip install 'phi-session[otel]'")
 
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
-from phi_session import SessionRecorder, encode_session  # noqa: E402
-from phi_session.demo import run_demo  # noqa: E402
-from phi_session.model import Session  # noqa: E402
-from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session  # noqa: E402
-from phi_session.otel import attributes as attr  # noqa: E402
-from phi_session.otel.export import loop_span_id, session_spans, tool_span_id, turn_span_id  # noqa: E402
-from phi_session.otel.ingest import LOSSES  # noqa: E402
-from phi_session.otel.spans import spans_from_sdk  # noqa: E402
-from phi_session.stores.json_dir import JsonDirStore  # noqa: E402
+from phi_session import SessionRecorder, encode_session
+from phi_session.demo import run_demo
+from phi_session.model import Session
+from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
+from phi_session.otel import attributes as attr
+from phi_session.otel.export import loop_span_id, session_spans, tool_span_id, turn_span_id
+from phi_session.otel.ingest import LOSSES
+from phi_session.otel.spans import spans_from_sdk
+from phi_session.stores.json_dir import JsonDirStore
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def _by_id(spans: list) -> dict:
 
 
 def test_import_phi_session_imports_no_opentelemetry() -> None:
-    code = "import sys, phi_session, phi_session.otel; print([m for m in sys.modules if 'opentelemetry' in m])"
+    code = ("import sys, phi_session, phi_session.otel; "
+            "print([m for m in sys.modules if 'opentelemetry' in m])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -113,7 +114,8 @@ def test_links_and_sub_agent_placement(demo_sessions: list[Session]) -> None:
                     if sibling != record.loop_id:
                         link = links[loop_span_id(sibling)]
                         assert link.attributes[attr.PHI_LINK_KIND] == "parallel"
-                        assert link.attributes[attr.PHI_PARALLEL_SELECTED] == (sibling == group.selected_loop_id)
+                        selected = sibling == group.selected_loop_id
+                        assert link.attributes[attr.PHI_PARALLEL_SELECTED] == selected
                         kinds.add("parallel")
     assert kinds >= {"sub-agent", "Default", "Rerun", "Branch", "Compaction", "parallel"}
 

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
 import pytest
 
 pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip install 'phi-session[otel]'")
@@ -21,18 +20,18 @@ pytest.importorskip("opentelemetry.proto", reason="needs the otlp extra: pip ins
 pytest.importorskip("opentelemetry.exporter.otlp.proto.http",
                     reason="needs the otlp extra: pip install 'phi-session[otlp]'")
 
-from google.protobuf.json_format import MessageToDict  # noqa: E402
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: E402
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse  # noqa: E402
+from google.protobuf.json_format import MessageToDict
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from phi_session import encode_session  # noqa: E402
-from phi_session.demo import run_demo  # noqa: E402
-from phi_session.model import Session  # noqa: E402
-from phi_session.otel import export_session  # noqa: E402
-from phi_session.otel.endpoint import OtlpEndpoint, OtlpServer, make_otlp_server  # noqa: E402
-from phi_session.otel.export import session_spans  # noqa: E402
-from phi_session.stores.json_dir import JsonDirStore  # noqa: E402
+from phi_session import encode_session
+from phi_session.demo import run_demo
+from phi_session.model import Session
+from phi_session.otel import export_session
+from phi_session.otel.endpoint import OtlpEndpoint, OtlpServer, make_otlp_server
+from phi_session.otel.export import session_spans
+from phi_session.stores.json_dir import JsonDirStore
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -211,7 +210,8 @@ def _serve(store: Path, state: Path) -> tuple[subprocess.Popen[str], int]:
 
 def _post_protobuf(port: int, spans: list) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request("POST", "/v1/traces", body=_protobuf(spans), headers={"Content-Type": "application/x-protobuf"})
+    connection.request("POST", "/v1/traces", body=_protobuf(spans),
+                       headers={"Content-Type": "application/x-protobuf"})
     status = connection.getresponse().status
     connection.close()
     return status
@@ -220,8 +220,8 @@ def _post_protobuf(port: int, spans: list) -> int:
 def test_nothing_acknowledged_is_lost_to_sigkill(demo_sessions: list[Session], tmp_path: Path) -> None:
     store, state = tmp_path / "store", tmp_path / "state"
     # In the order an SDK ends them, three per request: traces wait for their roots across requests.
-    spans = sorted((span for session in demo_sessions for span in session_spans(session, capture_content=True)),
-                   key=lambda span: span.end_time)
+    spans = sorted((span for session in demo_sessions
+                    for span in session_spans(session, capture_content=True)), key=lambda span: span.end_time)
     batches = [spans[index:index + 3] for index in range(0, len(spans), 3)]
     process, port = _serve(store, state)
     try:

@@ -595,7 +595,8 @@ def demo(directory: str | None, store_url: str | None, as_json: bool) -> None:
               help="Port of the OTLP receiver (0: pick a free one); it listens on --host.")
 @click.option("--otlp-state", metavar="DIR", default=".phi-session/otlp", show_default=True,
               type=click.Path(file_okay=False),
-              help="Where the OTLP receiver keeps its journal and spool (what it acknowledged survives a crash).")
+              help="Where the OTLP receiver keeps its journal and spool (what it acknowledged survives "
+                   "a crash).")
 @store_options
 def serve(host: str, port: int, otlp: bool, otlp_port: int, otlp_state: str, store_url: str | None,
           as_json: bool) -> None:

@@ -75,7 +75,8 @@ class _Spool:
     def leftovers(self) -> list[list[SpanData]]:
         """What an earlier run accepted and may not have recorded, oldest first."""
         out = []
-        for path in sorted(self.directory.glob("*.spans"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
+        paths = [p for p in self.directory.glob("*.spans") if p.stem.isdigit()]
+        for path in sorted(paths, key=lambda p: int(p.stem)):
             try:
                 data = path.read_bytes()
                 spans, _ = _decode(data[1:], _SPOOL_KINDS[data[:1]])
@@ -258,7 +259,8 @@ class OtlpHandler(BaseHTTPRequestHandler):
             return
         except (PhiSessionError, OSError) as error:  # the store, the journal or the spool failed: retryable
             logger.error("OTLP payload not recorded: %s", error)
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"not recorded: {error}", json_wanted, {"Retry-After": "5"})
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"not recorded: {error}", json_wanted,
+                        {"Retry-After": "5"})
             return
         except Exception:
             logger.exception("OTLP payload not recorded")
@@ -314,8 +316,8 @@ class OtlpHandler(BaseHTTPRequestHandler):
 
     def _ok(self, result: IngestResult, json_wanted: bool) -> None:
         if json_wanted:
-            partial = ({"partialSuccess": {"rejectedSpans": str(result.rejected), "errorMessage": result.message}}
-                       if result.rejected else {})
+            partial = ({"partialSuccess": {"rejectedSpans": str(result.rejected),
+                                           "errorMessage": result.message}} if result.rejected else {})
             self._send(HTTPStatus.OK, msgspec.json.encode(partial), _JSON)
             return
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
@@ -328,7 +330,9 @@ class OtlpHandler(BaseHTTPRequestHandler):
 
     def _error(self, status: HTTPStatus, message: str, json_wanted: bool,
                headers: dict[str, str] | None = None) -> None:
-        code = 3 if status == HTTPStatus.BAD_REQUEST else 14 if status >= 500 or status == 429 else 9
+        # google.rpc codes: INVALID_ARGUMENT, UNAVAILABLE (retryable), FAILED_PRECONDITION
+        retryable = status >= 500 or status is HTTPStatus.TOO_MANY_REQUESTS
+        code = 3 if status == HTTPStatus.BAD_REQUEST else 14 if retryable else 9
         if json_wanted:
             body, content_type = msgspec.json.encode({"code": code, "message": message}), _JSON
         else:

@@ -187,7 +187,8 @@ def _event_time(event: Any, last: int) -> int:
 class _LoopExport:
     """The spans of one loop."""
 
-    def __init__(self, session: Session, record: LoopRecord, capture_content: bool, resource: Resource) -> None:
+    def __init__(self, session: Session, record: LoopRecord, capture_content: bool,
+                 resource: Resource) -> None:
         self.session = session
         self.record = record
         self.capture = capture_content

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 from opentelemetry.sdk.trace import SpanProcessor
@@ -48,6 +48,7 @@ from ..events import (
     ToolExecutionStart,
     TurnEnd,
     TurnStart,
+    TurnTrigger,
 )
 from ..messages import (
     ZERO_USAGE,
@@ -323,6 +324,11 @@ class SpanIngestor:
             timestamp=_timestamp(end)))
 
 
+def _fields(kind: type) -> tuple[str, ...]:
+    fields: tuple[str, ...] = getattr(kind, "__struct_fields__", ())
+    return fields
+
+
 def _timestamp(ns: int) -> Any:
     from .._time import Timestamp
 
@@ -367,7 +373,7 @@ class _ExactReplay:
                 ended = ended or type(event) is AgentEnd
                 self.ingestor.emit(event)
             if not ended:
-                last = max(span.end for span in self.spans if span.attributes.get(attr.PHI_LOOP_ID) == loop_id)
+                last = max(s.end for s in self.spans if s.attributes.get(attr.PHI_LOOP_ID) == loop_id)
                 self.ingestor.emit(_abort(loop_id, last, _UNFINISHED))
             self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
 
@@ -441,7 +447,8 @@ class _Rebuild:
                 break
             if tool is None and _role(ancestor) == "tool":
                 tool = ancestor
-        session_id = (_text(attributes.get(attr.PHI_SESSION_ID)) or _text(attributes.get(attr.CONVERSATION_ID))
+        session_id = (_text(attributes.get(attr.PHI_SESSION_ID))
+                      or _text(attributes.get(attr.CONVERSATION_ID))
                       or _text(attributes.get(attr.OPENINFERENCE_SESSION_ID)))
         if parent is not None and (session_id is None or session_id == parent.session_id):
             session_id = f"{parent.session_id}-{agent.span_id:016x}"  # a sub-agent has its own session
@@ -518,7 +525,8 @@ class _Rebuild:
             except msgspec.ValidationError:
                 pass
         for span in (loop.agent, *loop.chats):
-            model = (_text(span.attributes.get(attr.REQUEST_MODEL)) or _text(span.attributes.get(attr.RESPONSE_MODEL))
+            model = (_text(span.attributes.get(attr.REQUEST_MODEL))
+                     or _text(span.attributes.get(attr.RESPONSE_MODEL))
                      or _text(span.attributes.get(attr.OPENINFERENCE_MODEL_NAME)))
             if model is not None:
                 provider = (_text(span.attributes.get(attr.PROVIDER_NAME))
@@ -541,9 +549,10 @@ class _Rebuild:
     def _turn(self, loop: _Loop, index: int, chat: SpanData, tools: list[SpanData],
               config: LoopConfigSnapshot | None) -> None:
         emit, attributes = self.ingestor.emit, chat.attributes
-        trigger = attributes.get(attr.PHI_TURN_TRIGGER)
-        if trigger not in ("User", "SubAgent", "Continuation", "Branch"):
-            trigger = "User" if index == 0 else "Continuation"
+        trigger: TurnTrigger = "User" if index == 0 else "Continuation"
+        stated = attributes.get(attr.PHI_TURN_TRIGGER)
+        if stated in get_args(TurnTrigger):
+            trigger = msgspec.convert(stated, TurnTrigger)
         emit(TurnStart(loop_id=loop.loop_id, turn_index=index, timestamp=_timestamp(chat.start),
                        triggered_by=trigger))
         if index == 0:
@@ -603,7 +612,7 @@ class _Rebuild:
             if kind is None:
                 continue
             fields = {key.removeprefix("phi."): value for key, value in event.attributes.items()
-                      if key.startswith("phi.") and key.removeprefix("phi.") in kind.__struct_fields__}
+                      if key.startswith("phi.") and key.removeprefix("phi.") in _fields(kind)}
             if kind is InputRejected:
                 fields.setdefault("reason", "")
             if kind is RevertApplied:

@@ -87,13 +87,12 @@ def _proto_attributes(pairs: Any) -> dict[str, Any]:
 
 def spans_from_otlp_proto(payload: bytes) -> tuple[list[SpanData], int]:
     """(spans, skipped) of a protobuf ExportTraceServiceRequest. Raises `OtlpDecodeError`."""
-    from google.protobuf.message import DecodeError as ProtoDecodeError
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     request = ExportTraceServiceRequest()
     try:
         request.ParseFromString(payload)
-    except (ProtoDecodeError, RecursionError, ValueError) as error:
+    except Exception as error:  # protobuf's DecodeError, RecursionError on deep nesting...
         raise OtlpDecodeError(f"not an OTLP protobuf ExportTraceServiceRequest: {error}") from None
     out: list[SpanData] = []
     skipped = 0
