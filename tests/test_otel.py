@@ -251,3 +251,46 @@ def test_simple_span_processor_exports_to_in_memory_via_sdk() -> None:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     export_session(run_demo_once()[0], exporter)
     assert exporter.get_finished_spans()
+
+
+# -- a foreign producer: pydantic-ai's own instrumentation, offline with its TestModel -------------
+
+
+def test_pydantic_ai_spans_become_a_session() -> None:
+    pydantic_ai = pytest.importorskip("pydantic_ai", reason="needs pydantic-ai-slim")
+    from pydantic_ai.models.instrumented import InstrumentationSettings
+    from pydantic_ai.models.test import TestModel
+
+    recorder = SessionRecorder()
+    provider = TracerProvider()
+    provider.add_span_processor(IngestSpanProcessor(recorder))
+    agent = pydantic_ai.Agent(TestModel(), name="weather", system_prompt="Be brief.")
+    agent.instrument = InstrumentationSettings(tracer_provider=provider, include_content=True)
+
+    @agent.tool_plain
+    def get_weather(city: str) -> str:
+        return f"sunny in {city}"
+
+    first = agent.run_sync("What's the weather in Paris?")
+    agent.run_sync("And in Rome?", message_history=first.all_messages())
+    provider.shutdown()
+    recorder.flush()
+    (session,) = recorder.drain_completed()  # one conversation id across both runs
+    assert session.agent_id == "weather"
+    one, two = session.loops
+    assert (one.kind.kind, one.parent_loop_id) == ("Initial", None)
+    assert (two.kind.kind, two.parent_loop_id) == ("Default", one.loop_id)  # inferred continuation
+    assert one.config is not None and (one.config.model, one.config.provider) == ("test", "test")
+    assert [turn.index for turn in one.turns] == [0, 1]
+    call, reply = one.turns
+    (result,) = call.tool_results
+    assert (result.tool_name, result.tool_call_id) == ("get_weather", "pyd_ai_tool_call_id__get_weather")
+    assert result.content[0].text == "sunny in a"  # type: ignore[union-attr]
+    assert call.output_message.content[0].name == "get_weather"  # type: ignore[union-attr]
+    assert call.input_messages[0].content[0].text == "What's the weather in Paris?"  # type: ignore[union-attr]
+    assert reply.output_message.content[0].text == first.output  # type: ignore[union-attr]
+    assert one.usage.input + one.usage.output == sum(t.usage.input + t.usage.output for t in one.turns) > 0
+    assert two.turns[0].input_messages[0].content[0].text == "And in Rome?"  # type: ignore[union-attr]
+    assert [type(m).__name__ for m in one.messages] == [
+        "UserMessage", "AssistantMessage", "ToolResultMessage", "AssistantMessage"]
+    assert one.metadata["otel"]["synthesized"] == ["loop_id"]  # tool call ids were the producer's own

@@ -52,6 +52,7 @@ from ..events import (
 )
 from ..messages import (
     ZERO_USAGE,
+    AgentMessage,
     AssistantMessage,
     Content,
     TextContent,
@@ -176,6 +177,16 @@ def _contents(message: Any) -> tuple[Content, ...]:
 def _messages(value: Any) -> list[Any]:
     decoded = _json(value)
     return decoded if isinstance(decoded, list) else []
+
+
+def _new_user_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """The user messages at the end of a request's input (earlier ones are history)."""
+    out: list[dict[str, Any]] = []
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") != "user":
+            break
+        out.append(message)
+    return out[::-1]
 
 
 def _result_text(value: Any) -> str:
@@ -480,8 +491,10 @@ class _Rebuild:
                         parent_loop_id=parent, continuation_kind=kind, timestamp=_timestamp(agent.start),
                         metadata=metadata, config_snapshot=config))
         turns = self._turns(loop)
+        messages: list[AgentMessage] = []
         for index, (chat, tools) in enumerate(turns):
-            self._turn(loop, index, chat, tools, config)
+            messages.extend(self._turn(loop, index, chat, tools, config))
+        captured = any(attr.OUTPUT_MESSAGES in chat.attributes for chat, _ in turns)
         for event in self._span_events(loop):
             emit(event)
         usage = _usage(attributes)
@@ -497,7 +510,8 @@ class _Rebuild:
             error = agent.status_message or str(attributes.get(attr.ERROR_TYPE) or "error")
         elif loop.stand_in and not self.complete:
             error = _UNFINISHED
-        emit(AgentEnd(loop_id=loop.loop_id, messages=(), usage=usage, timestamp=_timestamp(agent.end),
+        emit(AgentEnd(loop_id=loop.loop_id, messages=tuple(messages) if captured else (), usage=usage,
+                      timestamp=_timestamp(agent.end),
                       rejection=rejection, error=error))
         self.ingestor.parallel_after(loop.session_id, loop.loop_id, attributes, agent.end)
 
@@ -547,8 +561,10 @@ class _Rebuild:
         return turns
 
     def _turn(self, loop: _Loop, index: int, chat: SpanData, tools: list[SpanData],
-              config: LoopConfigSnapshot | None) -> None:
+              config: LoopConfigSnapshot | None) -> list[AgentMessage]:
+        """Emit one turn; returns its messages (new user inputs, the reply, tool results)."""
         emit, attributes = self.ingestor.emit, chat.attributes
+        messages: list[AgentMessage] = []
         trigger: TurnTrigger = "User" if index == 0 else "Continuation"
         stated = attributes.get(attr.PHI_TURN_TRIGGER)
         if stated in get_args(TurnTrigger):
@@ -556,10 +572,10 @@ class _Rebuild:
         emit(TurnStart(loop_id=loop.loop_id, turn_index=index, timestamp=_timestamp(chat.start),
                        triggered_by=trigger))
         if index == 0:
-            for message in _messages(attributes.get(attr.INPUT_MESSAGES)):
-                if isinstance(message, dict) and message.get("role") == "user":
-                    emit(MessageEnd(loop_id=loop.loop_id, message=UserMessage(
-                        content=_contents(message), timestamp=chat.start // 1_000_000)))
+            for message in _new_user_messages(_messages(attributes.get(attr.INPUT_MESSAGES))):
+                user = UserMessage(content=_contents(message), timestamp=chat.start // 1_000_000)
+                messages.append(user)
+                emit(MessageEnd(loop_id=loop.loop_id, message=user))
         results: list[ToolResultMessage] = []
         end = chat.end
         for tool in sorted(tools, key=lambda s: s.start):
@@ -580,6 +596,7 @@ class _Rebuild:
             model=model or "", provider=provider or "", usage=usage, timestamp=chat.end // 1_000_000)
         emit(TurnEnd(loop_id=loop.loop_id, message=message, usage=usage, timestamp=_timestamp(end),
                      tool_results=tuple(results)))
+        return [*messages, message, *results]
 
     def _tool(self, loop: _Loop, tool: SpanData) -> ToolResultMessage:
         emit, attributes = self.ingestor.emit, tool.attributes
