@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip install 'phi-session[otel]'")
 
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -256,14 +256,31 @@ def test_simple_span_processor_exports_to_in_memory_via_sdk() -> None:
 # -- a foreign producer: pydantic-ai's own instrumentation, offline with its TestModel -------------
 
 
-def test_pydantic_ai_spans_become_a_session() -> None:
+class _OpenInferenceOnly(IngestSpanProcessor):
+    """Ingests spans with the GenAI attributes removed: what a pure OpenInference producer sends."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        data = spans_from_sdk(span)
+        assert data is not None
+        data.attributes = {k: v for k, v in data.attributes.items() if not k.startswith("gen_ai.")}
+        self.ingestor.add((data,))
+
+
+@pytest.mark.parametrize("producer", ["pydantic-ai", "openinference"])
+def test_pydantic_ai_spans_become_a_session(producer: str) -> None:
     pydantic_ai = pytest.importorskip("pydantic_ai", reason="needs pydantic-ai-slim")
     from pydantic_ai.models.instrumented import InstrumentationSettings
     from pydantic_ai.models.test import TestModel
 
     recorder = SessionRecorder()
     provider = TracerProvider()
-    provider.add_span_processor(IngestSpanProcessor(recorder))
+    if producer == "openinference":
+        processors = pytest.importorskip("openinference.instrumentation.pydantic_ai",
+                                         reason="needs openinference-instrumentation-pydantic-ai")
+        provider.add_span_processor(processors.OpenInferenceSpanProcessor())
+        provider.add_span_processor(_OpenInferenceOnly(recorder))
+    else:
+        provider.add_span_processor(IngestSpanProcessor(recorder))
     agent = pydantic_ai.Agent(TestModel(), name="weather", system_prompt="Be brief.")
     agent.instrument = InstrumentationSettings(tracer_provider=provider, include_content=True)
 

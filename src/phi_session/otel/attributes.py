@@ -51,6 +51,18 @@ OPENINFERENCE_SESSION_ID = "session.id"
 OPENINFERENCE_SPAN_KIND = "openinference.span.kind"
 OPENINFERENCE_TOOL_NAME = "tool.name"
 OPENINFERENCE_MODEL_NAME = "llm.model_name"
+OPENINFERENCE_AGENT_NAME = "agent.name"
+OPENINFERENCE_PROVIDER = "llm.provider"
+OPENINFERENCE_SYSTEM = "llm.system"
+OPENINFERENCE_PROMPT_TOKENS = "llm.token_count.prompt"
+OPENINFERENCE_COMPLETION_TOKENS = "llm.token_count.completion"
+OPENINFERENCE_INPUT_MESSAGES = "llm.input_messages"  # flattened: llm.input_messages.0.message.role...
+OPENINFERENCE_OUTPUT_MESSAGES = "llm.output_messages"
+OPENINFERENCE_TOOL_CALL_ID = "tool_call.id"
+OPENINFERENCE_TOOL_PARAMETERS = "tool.parameters"
+OPENINFERENCE_OUTPUT_VALUE = "output.value"
+LEGACY_PROMPT_TOKENS = "gen_ai.usage.prompt_tokens"  # read only: before input_tokens
+LEGACY_COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
 
 # -- phi.* (ours) ---------------------------------------------------------------------------------
 PHI_SESSION_ID = "phi.session.id"

@@ -131,19 +131,58 @@ def _text(value: Any) -> str | None:
 
 
 def _usage(attributes: dict[str, Any]) -> Usage | None:
-    if attr.USAGE_INPUT_TOKENS not in attributes and attr.USAGE_OUTPUT_TOKENS not in attributes:
-        if "gen_ai.usage.prompt_tokens" not in attributes and "llm.token_count.prompt" not in attributes:
-            return None
+    if not any(name in attributes for name in (
+            attr.USAGE_INPUT_TOKENS, attr.USAGE_OUTPUT_TOKENS, attr.LEGACY_PROMPT_TOKENS,
+            attr.OPENINFERENCE_PROMPT_TOKENS)):
+        return None
     cache_read = _int(attributes.get(attr.USAGE_CACHE_READ_TOKENS))
     cache_write = _int(attributes.get(attr.USAGE_CACHE_WRITE_TOKENS))
-    total_input = _int(attributes.get(attr.USAGE_INPUT_TOKENS, attributes.get(
-        "gen_ai.usage.prompt_tokens", attributes.get("llm.token_count.prompt"))))
-    output = _int(attributes.get(attr.USAGE_OUTPUT_TOKENS, attributes.get(
-        "gen_ai.usage.completion_tokens", attributes.get("llm.token_count.completion"))))
+    total_input = _int(_first(attributes, attr.USAGE_INPUT_TOKENS, attr.LEGACY_PROMPT_TOKENS,
+                              attr.OPENINFERENCE_PROMPT_TOKENS))
+    output = _int(_first(attributes, attr.USAGE_OUTPUT_TOKENS, attr.LEGACY_COMPLETION_TOKENS,
+                         attr.OPENINFERENCE_COMPLETION_TOKENS))
     inputs = max(0, total_input - cache_read - cache_write)
     return Usage(input=inputs, output=output, reasoning=_int(attributes.get(attr.USAGE_REASONING_TOKENS)),
                  cache_read=cache_read, cache_write=cache_write,
                  total_tokens=inputs + output + cache_read + cache_write)
+
+
+def _first(attributes: dict[str, Any], *names: str) -> Any:
+    """The value of the first of `names` that is set (producers spell one thing several ways)."""
+    for name in names:
+        value = attributes.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def _openinference_messages(attributes: dict[str, Any], prefix: str) -> list[Any]:
+    """OpenInference's flattened messages (``llm.output_messages.0.message.content``...) in the
+    GenAI conventions' shape (``role`` and ``parts``)."""
+    messages: dict[int, dict[str, Any]] = {}
+    calls: dict[tuple[int, int], dict[str, Any]] = {}
+    start = prefix + "."
+    for key, value in attributes.items():
+        if not key.startswith(start):
+            continue
+        index_text, _, rest = key[len(start):].partition(".message.")
+        if not index_text.isdigit():
+            continue
+        message = messages.setdefault(int(index_text), {"role": "", "parts": []})
+        if rest == "role":
+            message["role"] = value
+        elif rest == "content" or (rest.startswith("contents.") and rest.endswith(".message_content.text")):
+            message["parts"].append({"type": "text", "content": value})
+        elif rest.startswith("tool_calls."):
+            number, _, field = rest[len("tool_calls."):].partition(".tool_call.")
+            if number.isdigit():
+                call = calls.setdefault((int(index_text), int(number)), {"type": "tool_call"})
+                name = {"id": "id", "function.name": "name", "function.arguments": "arguments"}.get(field)
+                if name is not None:
+                    call[name] = _json(value) if name == "arguments" else value
+    for (index, _), call in sorted(calls.items()):
+        messages[index]["parts"].append(call)
+    return [messages[index] for index in sorted(messages)]
 
 
 def _json(value: Any) -> Any:
@@ -480,8 +519,9 @@ class _Rebuild:
         previous = self.ingestor.loop_started(loop.session_id, loop.loop_id)
         kind, parent = self._continuation(loop, previous)
         config = self._config(loop)
-        agent_id = (_text(attributes.get(attr.AGENT_ID)) or _text(attributes.get(attr.AGENT_NAME))
-                    or _text(agent.resource.get("service.name")) or "otel")
+        named = agent.name.removeprefix(attr.OP_INVOKE_AGENT).strip() if _role(agent) == "agent" else ""
+        agent_id = (_text(_first(attributes, attr.AGENT_ID, attr.AGENT_NAME, attr.OPENINFERENCE_AGENT_NAME))
+                    or named or _text(agent.resource.get("service.name")) or "otel")
         metadata = None
         if attr.PHI_LOOP_ID not in attributes:
             metadata = {"otel": {"trace_id": self.trace_hex, "span_id": f"{agent.span_id:016x}",
@@ -494,7 +534,9 @@ class _Rebuild:
         messages: list[AgentMessage] = []
         for index, (chat, tools) in enumerate(turns):
             messages.extend(self._turn(loop, index, chat, tools, config))
-        captured = any(attr.OUTPUT_MESSAGES in chat.attributes for chat, _ in turns)
+        captured = any(attr.OUTPUT_MESSAGES in chat.attributes
+                       or f"{attr.OPENINFERENCE_OUTPUT_MESSAGES}.0.message.role" in chat.attributes
+                       for chat, _ in turns)
         for event in self._span_events(loop):
             emit(event)
         usage = _usage(attributes)
@@ -539,12 +581,11 @@ class _Rebuild:
             except msgspec.ValidationError:
                 pass
         for span in (loop.agent, *loop.chats):
-            model = (_text(span.attributes.get(attr.REQUEST_MODEL))
-                     or _text(span.attributes.get(attr.RESPONSE_MODEL))
-                     or _text(span.attributes.get(attr.OPENINFERENCE_MODEL_NAME)))
+            model = _text(_first(span.attributes, attr.REQUEST_MODEL, attr.RESPONSE_MODEL,
+                                 attr.OPENINFERENCE_MODEL_NAME))
             if model is not None:
-                provider = (_text(span.attributes.get(attr.PROVIDER_NAME))
-                            or _text(span.attributes.get(attr.LEGACY_SYSTEM)) or "unknown")
+                provider = _text(_first(span.attributes, attr.PROVIDER_NAME, attr.LEGACY_SYSTEM,
+                                        attr.OPENINFERENCE_PROVIDER)) or "unknown"
                 return LoopConfigSnapshot(model=model, provider=provider)
         return None
 
@@ -572,8 +613,10 @@ class _Rebuild:
         emit(TurnStart(loop_id=loop.loop_id, turn_index=index, timestamp=_timestamp(chat.start),
                        triggered_by=trigger))
         if index == 0:
-            for message in _new_user_messages(_messages(attributes.get(attr.INPUT_MESSAGES))):
-                user = UserMessage(content=_contents(message), timestamp=chat.start // 1_000_000)
+            inputs = (_messages(attributes.get(attr.INPUT_MESSAGES))
+                      or _openinference_messages(attributes, attr.OPENINFERENCE_INPUT_MESSAGES))
+            for given in _new_user_messages(inputs):
+                user = UserMessage(content=_contents(given), timestamp=chat.start // 1_000_000)
                 messages.append(user)
                 emit(MessageEnd(loop_id=loop.loop_id, message=user))
         results: list[ToolResultMessage] = []
@@ -582,37 +625,41 @@ class _Rebuild:
             results.append(self._tool(loop, tool))
             end = max(end, tool.end)
         usage = _usage(attributes) or ZERO_USAGE
-        outputs = _messages(attributes.get(attr.OUTPUT_MESSAGES))
+        outputs = (_messages(attributes.get(attr.OUTPUT_MESSAGES))
+                   or _openinference_messages(attributes, attr.OPENINFERENCE_OUTPUT_MESSAGES))
         reasons = attributes.get(attr.RESPONSE_FINISH_REASONS)
         reason = reasons[0] if isinstance(reasons, tuple) and reasons else (
             outputs[-1].get("finish_reason") if outputs and isinstance(outputs[-1], dict) else None)
-        model = (_text(attributes.get(attr.RESPONSE_MODEL)) or _text(attributes.get(attr.REQUEST_MODEL))
-                 or (config.model if config is not None else ""))
-        provider = (_text(attributes.get(attr.PROVIDER_NAME)) or _text(attributes.get(attr.LEGACY_SYSTEM))
-                    or (config.provider if config is not None else ""))
-        message = AssistantMessage(
+        model = _text(_first(attributes, attr.RESPONSE_MODEL, attr.REQUEST_MODEL,
+                             attr.OPENINFERENCE_MODEL_NAME))
+        provider = _text(_first(attributes, attr.PROVIDER_NAME, attr.LEGACY_SYSTEM,
+                                attr.OPENINFERENCE_PROVIDER))
+        reply = AssistantMessage(
             content=tuple(c for m in outputs for c in _contents(m)),
             stop_reason=_STOP_REASONS.get(str(reason), "toolUse" if tools else "stop"),  # type: ignore[arg-type]
-            model=model or "", provider=provider or "", usage=usage, timestamp=chat.end // 1_000_000)
-        emit(TurnEnd(loop_id=loop.loop_id, message=message, usage=usage, timestamp=_timestamp(end),
+            model=model or (config.model if config is not None else ""),
+            provider=provider or (config.provider if config is not None else ""),
+            usage=usage, timestamp=chat.end // 1_000_000)
+        emit(TurnEnd(loop_id=loop.loop_id, message=reply, usage=usage, timestamp=_timestamp(end),
                      tool_results=tuple(results)))
-        return [*messages, message, *results]
+        return [*messages, reply, *results]
 
     def _tool(self, loop: _Loop, tool: SpanData) -> ToolResultMessage:
         emit, attributes = self.ingestor.emit, tool.attributes
         name = (_text(attributes.get(attr.TOOL_NAME)) or _text(attributes.get(attr.OPENINFERENCE_TOOL_NAME))
                 or tool.name.removeprefix("execute_tool ").strip() or "tool")
-        call_id = _text(attributes.get(attr.TOOL_CALL_ID))
+        call_id = _text(_first(attributes, attr.TOOL_CALL_ID, attr.OPENINFERENCE_TOOL_CALL_ID))
         if call_id is None:
             call_id = f"otel-{tool.span_id:016x}"
             loop.synthesized.append(f"tool_call_id:{call_id}")
         emit(ToolExecutionStart(loop_id=loop.loop_id, tool_call_id=call_id, tool_name=name,
-                                args=_json(attributes.get(attr.TOOL_CALL_ARGUMENTS))))
+                                args=_json(_first(attributes, attr.TOOL_CALL_ARGUMENTS,
+                                                  attr.OPENINFERENCE_TOOL_PARAMETERS))))
         for event in tool.events:
             if event.name == attr.EVENT_PROGRESS:
                 emit(ProgressMessage(loop_id=loop.loop_id, tool_call_id=call_id, tool_name=name,
                                      text=str(event.attributes.get("phi.text", ""))))
-        result = attributes.get(attr.TOOL_CALL_RESULT)
+        result = _first(attributes, attr.TOOL_CALL_RESULT, attr.OPENINFERENCE_OUTPUT_VALUE)
         content = (TextContent(text=_result_text(result)),) if result is not None else ()
         is_error = bool(attributes.get(attr.PHI_TOOL_IS_ERROR, tool.error))
         child = self.child_loops.get(tool.span_id) or _text(attributes.get(attr.PHI_CHILD_LOOP_ID))
