@@ -96,7 +96,8 @@ def through_endpoint(payloads: list[bytes], root: Path) -> float:
     started = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=120)
     for payload in payloads:
-        connection.request("POST", "/v1/traces", body=payload, headers={"Content-Type": "application/x-protobuf"})
+        connection.request("POST", "/v1/traces", body=payload,
+                           headers={"Content-Type": "application/x-protobuf"})
         response = connection.getresponse()
         response.read()
         assert response.status == 200, response.status
@@ -116,7 +117,8 @@ def through_record(stream: Path, root: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     lines = workload.lines(workload.W1)

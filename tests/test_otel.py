@@ -311,3 +311,20 @@ def test_pydantic_ai_spans_become_a_session(producer: str) -> None:
     assert [type(m).__name__ for m in one.messages] == [
         "UserMessage", "AssistantMessage", "ToolResultMessage", "AssistantMessage"]
     assert one.metadata["otel"]["synthesized"] == ["loop_id"]  # tool call ids were the producer's own
+
+
+def test_a_config_with_a_temperature_exports_and_comes_back() -> None:
+    # Regression: Float32 temperatures are phi-core JSON, which plain msgspec cannot encode.
+    from phi_session import AgentEnd, AgentStart, LoopConfigSnapshot, Usage
+
+    config = LoopConfigSnapshot(model="m", provider="p", temperature=0.7)
+    recorder = SessionRecorder()
+    recorder.on_event(AgentStart(agent_id="a", session_id="s", loop_id="s.p.m.1", config_snapshot=config))
+    recorder.on_event(AgentEnd(loop_id="s.p.m.1", messages=(), usage=Usage(input=1, output=2)))
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    for capture in (False, True):
+        (span,) = _export([session], capture_content=capture)
+        assert msgspec.json.decode(span.attributes[attr.PHI_CONFIG])["temperature"] == 0.7
+        (back,) = _ingest([span])
+        assert back.loops[0].config == config

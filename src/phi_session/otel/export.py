@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from ..codec import encode_event
+from ..codec import encode_event, encode_record
 from ..errors import ExportError
 from ..events import (
     AgentEnd,
@@ -260,14 +260,14 @@ class _LoopExport:
         if config is not None:
             attributes[attr.PROVIDER_NAME] = config.provider
             attributes[attr.REQUEST_MODEL] = config.model
-            attributes[attr.PHI_CONFIG] = _json.encode(config).decode()
+            attributes[attr.PHI_CONFIG] = encode_record(config).decode()
         group = record.parallel_group
         if group is not None:
             attributes[attr.PHI_PARALLEL_LOOP_IDS] = group.all_loop_ids
             attributes[attr.PHI_PARALLEL_SELECTED] = group.is_selected
             attributes[attr.PHI_PARALLEL_SELECTED_LOOP] = group.selected_loop_id
             attributes[attr.PHI_PARALLEL_CONFIG_INDEX] = group.selected_config_index
-            attributes[attr.PHI_PARALLEL_EVALUATION_USAGE] = _json.encode(group.evaluation_usage).decode()
+            attributes[attr.PHI_PARALLEL_EVALUATION_USAGE] = encode_record(group.evaluation_usage).decode()
         if isinstance(record.error, str):
             attributes[attr.ERROR_TYPE] = "phi.loop_failed"
         elif record.status == "Aborted":

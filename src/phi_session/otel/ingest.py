@@ -26,7 +26,8 @@ from typing import Any, get_args
 import msgspec
 from opentelemetry.sdk.trace import SpanProcessor
 
-from ..codec import decode_event
+from ..codec import decode_event, decode_record
+from ..errors import DecodeError
 from ..events import (
     DEFAULT,
     INITIAL,
@@ -366,12 +367,22 @@ class SpanIngestor:
         if len(members) < len(set(group)):
             return
         del self._groups[group]
-        usage = _json(attributes.get(attr.PHI_PARALLEL_EVALUATION_USAGE))
+        usage = attributes.get(attr.PHI_PARALLEL_EVALUATION_USAGE)
         self.emit(ParallelLoopEnd(
             session_id=session_id, selected_loop_id=str(attributes.get(attr.PHI_PARALLEL_SELECTED_LOOP, "")),
             selected_config_index=_int(attributes.get(attr.PHI_PARALLEL_CONFIG_INDEX)),
-            evaluation_usage=msgspec.convert(usage, Usage) if isinstance(usage, dict) else ZERO_USAGE,
+            evaluation_usage=_stored_usage(usage),
             timestamp=_timestamp(end)))
+
+
+def _stored_usage(value: Any) -> Usage:
+    """A usage we exported as phi-core JSON; zero when it is missing or not ours."""
+    if isinstance(value, str):
+        try:
+            return decode_record(value, Usage)
+        except DecodeError:
+            pass
+    return ZERO_USAGE
 
 
 def _fields(kind: type) -> tuple[str, ...]:
@@ -577,9 +588,9 @@ class _Rebuild:
         stored = attributes.get(attr.PHI_CONFIG)
         if isinstance(stored, str):
             try:
-                return msgspec.json.decode(stored, type=LoopConfigSnapshot)
-            except msgspec.ValidationError:
-                pass
+                return decode_record(stored, LoopConfigSnapshot)
+            except DecodeError:
+                pass  # not ours after all: read the conventions' attributes
         for span in (loop.agent, *loop.chats):
             model = _text(_first(span.attributes, attr.REQUEST_MODEL, attr.RESPONSE_MODEL,
                                  attr.OPENINFERENCE_MODEL_NAME))
