@@ -12,12 +12,14 @@ The public API at a glance:
 
 from typing import TYPE_CHECKING, Any
 
+from ._float32 import Float32
 from ._time import Timestamp
 from .codec import decode_event, decode_loop, decode_session, encode, encode_event, encode_session
 from .consume import ConsumeStats, consume
 from .errors import (
     DecodeError,
     InstrumentationError,
+    InvalidQuery,
     InvalidSessionId,
     InvalidStoreUrl,
     JournalLocked,
@@ -111,54 +113,146 @@ from .stores.json_dir import (
     load_sessions_for_agent,
     save_session,
 )
+from .stores.query import PruneCriteria, SessionQuery
 
 if TYPE_CHECKING:
     from .stores.postgres import PostgresStore
     from .stores.sqlite import SqliteStore
     from .stores.urls import default_store, open_store
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place: pyproject.toml reads it (hatch dynamic version)
 
-# Backends with heavier imports (sqlite3, psycopg) load on first use.
-_LAZY = {
-    "SqliteStore": "phi_session.stores.sqlite",
-    "PostgresStore": "phi_session.stores.postgres",
-    "open_store": "phi_session.stores.urls",
-    "default_store": "phi_session.stores.urls",
-}
+# Backends with heavier imports (sqlite3, psycopg) load on first use, as in `phi_session.stores`.
+_FROM_STORES = frozenset({"SqliteStore", "PostgresStore", "open_store", "default_store"})
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _FROM_STORES:
         raise AttributeError(f"module 'phi_session' has no attribute {name!r}")
-    import importlib
+    from . import stores
 
-    return getattr(importlib.import_module(module), name)
+    return getattr(stores, name)
 
 
 __all__ = [
-    "COMPACTION", "DEFAULT", "INITIAL", "REDACTED",
-    "AgentSession", "Clock", "CompactionScope", "ConsumeStats", "FakeClock", "FanOut",
-    "InstrumentationError", "JsonlSink", "LoopScope", "MessageScope", "ParallelGroup", "Processor",
-    "ProcessorChain", "QueueSink", "RecorderSink", "Redactor", "Sink", "ToolScope", "Tracer",
-    "TurnScope", "config_id_of", "consume", "withhold",
-    "AutoPersistingRecorder", "Journal", "JournalLocked", "JournaledRecorder", "RecoveryError",
-    "RecoveryReport", "recover",
-    "AgentEnd", "AgentEvent", "AgentMessage", "AgentStart", "AnnotatedRequestPayload",
-    "AssistantMessage", "ChildLoopRef", "CompactionBlock", "CompactionEnded", "CompactionStarted",
-    "Content", "ContinuationKind", "DecodeError", "ExtensionMessage", "ImageContent", "InputRejected",
-    "InvalidSessionId", "InvalidStoreUrl", "JsonDirStore", "LoopConfigSnapshot", "LoopEvent",
-    "LoopNotFound", "LoopRecord", "LoopStatus",
-    "Message", "MessageEnd", "MessageStart", "MessageUpdate", "OrphanEvent", "ParallelGroupRecord",
-    "ParallelLoopEnd", "ParallelLoopStart", "PhiSessionError", "PostgresStore", "ProgressMessage",
-    "PrunApplied", "RevertApplied", "Session", "SessionFormation", "SessionLocked", "SessionNotFound",
-    "SessionRecorder", "SessionRecorderConfig", "SessionScope", "SessionStore", "SessionSummary",
-    "SpawnRef", "SqliteStore", "StoreError", "StreamDelta", "TextContent", "ThinkingContent",
-    "Timestamp", "ToolCall", "ToolDefinition", "ToolExecutionEnd", "ToolExecutionStart",
-    "ToolExecutionUpdate", "ToolResult", "ToolResultMessage", "Turn", "TurnEnd", "TurnId",
-    "TurnRequest", "TurnStart", "Usage", "UsageTotal", "UserMessage",
-    "decode_event", "decode_loop", "decode_session", "default_store", "delete_session", "encode",
-    "encode_event", "encode_session", "extension_message", "list_session_ids", "load_session",
-    "load_sessions_for_agent", "open_store", "save_session",
+    "COMPACTION",
+    "DEFAULT",
+    "INITIAL",
+    "REDACTED",
+    "AgentEnd",
+    "AgentEvent",
+    "AgentMessage",
+    "AgentSession",
+    "AgentStart",
+    "AnnotatedRequestPayload",
+    "AssistantMessage",
+    "AutoPersistingRecorder",
+    "ChildLoopRef",
+    "Clock",
+    "CompactionBlock",
+    "CompactionEnded",
+    "CompactionScope",
+    "CompactionStarted",
+    "ConsumeStats",
+    "Content",
+    "ContinuationKind",
+    "DecodeError",
+    "ExtensionMessage",
+    "FakeClock",
+    "FanOut",
+    "Float32",
+    "ImageContent",
+    "InputRejected",
+    "InstrumentationError",
+    "InvalidQuery",
+    "InvalidSessionId",
+    "InvalidStoreUrl",
+    "Journal",
+    "JournalLocked",
+    "JournaledRecorder",
+    "JsonDirStore",
+    "JsonlSink",
+    "LoopConfigSnapshot",
+    "LoopEvent",
+    "LoopNotFound",
+    "LoopRecord",
+    "LoopScope",
+    "LoopStatus",
+    "Message",
+    "MessageEnd",
+    "MessageScope",
+    "MessageStart",
+    "MessageUpdate",
+    "OrphanEvent",
+    "ParallelGroup",
+    "ParallelGroupRecord",
+    "ParallelLoopEnd",
+    "ParallelLoopStart",
+    "PhiSessionError",
+    "PostgresStore",
+    "Processor",
+    "ProcessorChain",
+    "ProgressMessage",
+    "PrunApplied",
+    "PruneCriteria",
+    "QueueSink",
+    "RecorderSink",
+    "RecoveryError",
+    "RecoveryReport",
+    "Redactor",
+    "RevertApplied",
+    "Session",
+    "SessionFormation",
+    "SessionLocked",
+    "SessionNotFound",
+    "SessionQuery",
+    "SessionRecorder",
+    "SessionRecorderConfig",
+    "SessionScope",
+    "SessionStore",
+    "SessionSummary",
+    "Sink",
+    "SpawnRef",
+    "SqliteStore",
+    "StoreError",
+    "StreamDelta",
+    "TextContent",
+    "ThinkingContent",
+    "Timestamp",
+    "ToolCall",
+    "ToolDefinition",
+    "ToolExecutionEnd",
+    "ToolExecutionStart",
+    "ToolExecutionUpdate",
+    "ToolResult",
+    "ToolResultMessage",
+    "ToolScope",
+    "Tracer",
+    "Turn",
+    "TurnEnd",
+    "TurnId",
+    "TurnRequest",
+    "TurnScope",
+    "TurnStart",
+    "Usage",
+    "UsageTotal",
+    "UserMessage",
+    "config_id_of",
+    "consume",
+    "decode_event",
+    "decode_loop",
+    "decode_session",
+    "default_store",
+    "delete_session",
+    "encode",
+    "encode_event",
+    "encode_session",
+    "extension_message",
+    "list_session_ids",
+    "load_session",
+    "load_sessions_for_agent",
+    "open_store",
+    "recover",
+    "save_session",
+    "withhold",
 ]

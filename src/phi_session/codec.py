@@ -32,7 +32,6 @@ from .events import (
     StreamDelta,
     TurnEnd,
     TurnRequest,
-    runs_decoders,
 )
 from .messages import (
     LLM_MESSAGE_TYPES,
@@ -114,12 +113,11 @@ _recording_decoder = msgspec.json.Decoder(
 )
 
 
-@runs_decoders
 def decode_for_recording(data: bytes | str) -> AgentEvent | LazyMessageUpdate:
     """The recorder's fast path: like ``decode_event(data, strict=False)``, except that a
     ``MessageUpdate`` comes back as a `LazyMessageUpdate` (decode it fully if you keep it)."""
     try:
-        return _recording_decoder.decode(data)  # type: ignore[no-any-return]
+        return _strip_plain(_recording_decoder.decode(data))  # type: ignore[no-any-return]
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError, OverflowError, RecursionError):
         return decode_event(data, strict=False)  # the full path: leniencies, or a clear error
 _session_decoder = msgspec.json.Decoder(Session, dec_hook=_dec_hook)
@@ -231,17 +229,27 @@ def _strip_plain(event: Any) -> Any:
 
 
 def _strip_loop(record: LoopRecord) -> LoopRecord:
+    """`record` without agent metadata in its plain-form messages: itself when it has
+    none, else a copy. Decoders drop such metadata (as phi-core does) and encoders
+    never write it, so a record encodes the same before and after a round trip."""
+    events = None
     for index, item in enumerate(record.events):
         stripped = _strip_plain(item.event)
         if stripped is not item.event:
-            record.events[index] = LoopEvent(sequence=item.sequence, event=stripped)
+            events = events if events is not None else list(record.events)
+            events[index] = LoopEvent(sequence=item.sequence, event=stripped)
+    turns = None
     for index, turn in enumerate(record.turns):
         payload = turn.request_payload
         if payload is not None:
             messages = tuple(_plain_message(m) for m in payload.messages)
             if any(a is not b for a, b in zip(messages, payload.messages, strict=True)):
-                record.turns[index] = replace(turn, request_payload=replace(payload, messages=messages))
-    return record
+                turns = turns if turns is not None else list(record.turns)
+                turns[index] = replace(turn, request_payload=replace(payload, messages=messages))
+    if events is None and turns is None:
+        return record
+    return replace(record, events=events if events is not None else record.events,
+                   turns=turns if turns is not None else record.turns)
 
 
 def encode_event(event: AgentEvent) -> bytes:
@@ -268,7 +276,7 @@ def decode_record(data: bytes | str, kind: type[_RecordT]) -> _RecordT:
 
 def _session_for_encoding(session: Session) -> Session:
     to_raw = _RawMessages()
-    return replace(session, loops=[map_loop_messages(r, to_raw) for r in session.loops])
+    return replace(session, loops=[map_loop_messages(_strip_loop(r), to_raw) for r in session.loops])
 
 
 def encode_session(session: Session, *, pretty: bool = True) -> bytes:
@@ -278,7 +286,7 @@ def encode_session(session: Session, *, pretty: bool = True) -> bytes:
 
 
 def encode_loop(record: LoopRecord, *, pretty: bool = True) -> bytes:
-    data = _plain.encode(map_loop_messages(record, _RawMessages()))
+    data = _plain.encode(map_loop_messages(_strip_loop(record), _RawMessages()))
     return msgspec.json.format(data, indent=2) if pretty else data
 
 
@@ -315,7 +323,6 @@ _METADATA_FIELDS = {
 _LlmMessage = Union[LLM_MESSAGE_TYPES]  # type: ignore[valid-type]
 
 
-@runs_decoders
 def _convert(obj: Any, tp: Any) -> Any:
     return msgspec.convert(obj, tp, dec_hook=_dec_hook)
 
@@ -450,7 +457,6 @@ def _repair_session(obj: Any, path: str, hidden: _Placeholders) -> Any:
     return obj
 
 
-@runs_decoders
 def _decode(
     data: bytes | str,
     decoder: msgspec.json.Decoder[Any],
@@ -469,7 +475,7 @@ def _decode(
         value, lenient = fast_error, True
     except msgspec.DecodeError as error:
         raise DecodeError(str(error)) from None
-    except (ValueError, OverflowError) as error:  # e.g. a missing timestamp (see events._now)
+    except (ValueError, OverflowError) as error:  # raised by our own parsers (timestamps, tagged enums)
         raise DecodeError(str(error)) from None
     except RecursionError:
         raise DecodeError(f"nesting too deep (phi-core allows {_strict.MAX_DEPTH} levels)") from None
@@ -527,8 +533,7 @@ def decode_session(data: bytes | str, *, strict: bool = True) -> Session:
     """Read a session file. Raises `DecodeError` (see `decode_event` for `strict`)."""
     check = _strict.check_session if strict else None
     session: Session = _decode(data, _session_decoder, Session, _repair_session, _restore_session, check)
-    for record in session.loops:
-        _strip_loop(record)
+    session.loops = [_strip_loop(record) for record in session.loops]
     return session
 
 

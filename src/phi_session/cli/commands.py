@@ -14,21 +14,12 @@ import msgspec
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from .._filters import (
-    GROUP_BYS,
-    LOOP_STATUSES,
-    ORDERS,
-    TIME_HELP,
-    FilterError,
-    SessionFilters,
-    parse_group_by,
-    to_builtins,
-)
 from ..codec import decode_event, decode_session, encode_event, encode_message, encode_session
-from ..errors import DecodeError, PhiSessionError, SessionNotFound
+from ..errors import DecodeError, InvalidQuery, PhiSessionError, SessionNotFound
 from ..model import CompactionBlock, Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
-from ..stores.base import SessionStore, summarize
+from ..stores.base import SessionStore, summarize, to_builtins
+from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 from ..stores.urls import default_store_url
 from ..views import event_stream, loop_forest, spawn_graph
 from . import render
@@ -78,11 +69,11 @@ def _note_default_store(store_url: str | None, directory: str | None = None) -> 
 def list_command(store_url: str | None, as_json: bool, **filters: str | None) -> None:
     """List stored sessions, newest first."""
     try:
-        query = SessionFilters.parse(filters)
-    except FilterError as error:
-        raise CliError(f"--{error.parameter.replace('_', '-')}: {error.reason}", EXIT_USAGE) from None
+        query = SessionQuery.from_strings(filters)
+    except InvalidQuery as error:
+        raise CliError(f"--{str(error.parameter).replace('_', '-')}: {error.reason}", EXIT_USAGE) from None
     with open_cli_store(store_url, must_exist=True) as store:
-        rows = query.run(store)
+        rows = store.query(query)
     if as_json:
         echo_json(to_builtins(rows))
     elif rows:
@@ -182,8 +173,8 @@ def stats(group_by: str, store_url: str | None, as_json: bool) -> None:
     """Token usage totals, grouped by agent, model or day."""
     try:
         by = parse_group_by(group_by)
-    except FilterError as error:
-        raise CliError(f"--{error}", EXIT_USAGE) from None
+    except InvalidQuery as error:
+        raise CliError(f"--by: {error.reason}", EXIT_USAGE) from None
     with open_cli_store(store_url, must_exist=True) as store:
         totals = store.usage_totals(by)
     if as_json:

@@ -17,7 +17,6 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from .._filters import LOOP_STATUSES
 from .._float32 import Float32
 from .._time import Timestamp
 from ..codec import encode_event
@@ -36,6 +35,7 @@ from ..messages import (
 )
 from ..model import LoopRecord, Session
 from ..stores.base import SessionSummary, UsageTotal
+from ..stores.query import LOOP_STATUSES
 from ..views import LoopNode, SpawnNode
 
 STATUS_STYLES = {
@@ -382,7 +382,7 @@ def events_table(session: Session, width: int) -> Table:
     positions = {id(record): index for index, record in enumerate(session.loops, start=1)}
     for loop, sequence, event in session.iter_events():
         table.add_row("session" if loop is None else f"#{positions[id(loop)]}",
-                      "" if sequence is None else str(sequence), type(event).__name__,
+                      "" if sequence is None else number(sequence), type(event).__name__,
                       str(getattr(event, "timestamp", "")),
                       plain(_event_detail(event), one_line=True, limit=160))
     return table

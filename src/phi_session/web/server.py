@@ -40,11 +40,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 
-from .._filters import FilterError, SessionFilters, parse_group_by, to_builtins
 from ..codec import encode_event, encode_session
-from ..errors import InvalidSessionId, PhiSessionError, SessionNotFound
+from ..errors import InvalidQuery, InvalidSessionId, PhiSessionError, SessionNotFound
 from ..model import Session
-from ..stores.base import SessionStore, validate_session_id
+from ..stores.base import SessionStore, to_builtins, validate_session_id
+from ..stores.query import SessionQuery, parse_group_by
 
 __all__ = ["ViewerServer", "is_loopback", "loopback_host_header", "make_server"]
 
@@ -223,8 +223,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _sessions_api(self, rest: list[str], query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         store = self.server.store
         if rest in ([], [""]):
-            filters = self._parse(lambda: SessionFilters.parse(query))
-            return HTTPStatus.OK, _json_bytes(to_builtins(filters.run(store))), _JSON
+            filters = self._parse(lambda: SessionQuery.from_strings(query))
+            return HTTPStatus.OK, _json_bytes(to_builtins(store.query(filters))), _JSON
         self._only(query, set())
         session_id = validate_session_id(rest[0])
         if len(rest) == 1:
@@ -266,7 +266,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _parse(parse: Any) -> Any:
         try:
             return parse()
-        except FilterError as error:
+        except InvalidQuery as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
 
     # -- responses --------------------------------------------------------------------------
