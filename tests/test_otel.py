@@ -315,12 +315,14 @@ def test_pydantic_ai_spans_become_a_session(producer: str) -> None:
 
 def test_a_config_with_a_temperature_exports_and_comes_back() -> None:
     # Regression: Float32 temperatures are phi-core JSON, which plain msgspec cannot encode.
-    from phi_session import AgentEnd, AgentStart, LoopConfigSnapshot, Usage
+    from phi_session import AgentEnd, AgentStart, LoopConfigSnapshot, Timestamp, Usage
 
     config = LoopConfigSnapshot(model="m", provider="p", temperature=0.7)
     recorder = SessionRecorder()
-    recorder.on_event(AgentStart(agent_id="a", session_id="s", loop_id="s.p.m.1", config_snapshot=config))
-    recorder.on_event(AgentEnd(loop_id="s.p.m.1", messages=(), usage=Usage(input=1, output=2)))
+    recorder.on_event(AgentStart(agent_id="a", session_id="s", loop_id="s.p.m.1", config_snapshot=config,
+                                 timestamp=Timestamp.parse("2025-06-01T09:00:00Z")))
+    recorder.on_event(AgentEnd(loop_id="s.p.m.1", messages=(), usage=Usage(input=1, output=2),
+                               timestamp=Timestamp.parse("2025-06-01T09:00:01Z")))
     recorder.flush()
     (session,) = recorder.drain_completed()
     for capture in (False, True):

@@ -265,13 +265,13 @@ def encode_record(record: LoopConfigSnapshot | Usage) -> bytes:
 _RecordT = TypeVar("_RecordT", LoopConfigSnapshot, Usage)
 
 
-@runs_decoders
 def decode_record(data: bytes | str, kind: type[_RecordT]) -> _RecordT:
     """The inverse of `encode_record`. Raises `DecodeError`."""
     try:
-        return msgspec.json.decode(data, type=kind, dec_hook=_dec_hook)
+        decoded: _RecordT = msgspec.json.decode(data, type=kind, dec_hook=_dec_hook)
     except msgspec.DecodeError as error:  # ValidationError included
         raise DecodeError(f"not a {kind.__name__}: {error}") from None
+    return decoded
 
 
 def _session_for_encoding(session: Session) -> Session:
