@@ -171,8 +171,8 @@ def test_a_failing_store_is_retried_and_what_never_saves_is_handed_back() -> Non
     asyncio.run(consume(_stream(), store(flaky)))
     assert len(flaky.sessions) == 1
 
-    broken = MemoryStore(failures=10)
-    stats = asyncio.run(consume(_stream(), store(broken)))
+    broken = MemoryStore(failures=100)
+    stats = asyncio.run(consume(_stream(), store(broken), retry_for=0.1))
     assert broken.sessions == {} and [s.session_id for s in stats.unsaved] == ["s"]
 
 

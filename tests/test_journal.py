@@ -403,7 +403,7 @@ def test_a_failed_save_keeps_the_journal(tmp_path: Path) -> None:
             super().save(session)
 
     with pytest.raises(RecoveryError, match="1 sessions could not be saved") as raised:
-        recover(tmp_path / "j", Refusing(tmp_path / "store"))
+        recover(tmp_path / "j", Refusing(tmp_path / "store"), retry_for=0.1)
     assert raised.value.report.failed_sessions == ["s0000001"]
     assert segment_files(tmp_path / "j") != []
     store = JsonDirStore(tmp_path / "store")

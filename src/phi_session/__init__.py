@@ -103,6 +103,7 @@ from .model import (
 from .persist import AutoPersistingRecorder
 from .processors import REDACTED, Processor, ProcessorChain, Redactor, withhold
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
+from .saver import SaveOutcome, SaveStats, SessionSaver
 from .sinks import FanOut, JsonlSink, QueueSink, RecorderSink, Sink
 from .stores.base import SessionStore, SessionSummary, UsageTotal
 from .stores.json_dir import (
@@ -201,6 +202,8 @@ __all__ = [
     "RecoveryReport",
     "Redactor",
     "RevertApplied",
+    "SaveOutcome",
+    "SaveStats",
     "Session",
     "SessionFormation",
     "SessionLocked",
@@ -208,6 +211,7 @@ __all__ = [
     "SessionQuery",
     "SessionRecorder",
     "SessionRecorderConfig",
+    "SessionSaver",
     "SessionScope",
     "SessionStore",
     "SessionSummary",

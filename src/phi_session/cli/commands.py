@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -16,9 +15,11 @@ from rich.text import Text
 
 from ..codec import decode_event, decode_session, encode_event, encode_message, encode_session
 from ..errors import DecodeError, InvalidQuery, PhiSessionError, SessionNotFound
+from ..events import AgentEvent
 from ..model import CompactionBlock, Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
-from ..stores.base import SessionStore, summarize, to_builtins
+from ..saver import SessionSaver
+from ..stores.base import summarize, to_builtins
 from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 from ..stores.urls import default_store_url
 from ..views import event_stream, loop_forest, spawn_graph
@@ -212,7 +213,7 @@ class _LineSource:
 
 def _record_stream(
     source: _LineSource, recorder: SessionRecorder, progress: Progress | None,
-    spill: Callable[[], None] | None = None,
+    spill: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """Feed every non-empty line to the recorder; malformed lines are reported and skipped.
 
@@ -257,46 +258,11 @@ def _record_line(
     outcome["events"] += 1
 
 
-def _save_all(store: SessionStore, sessions: Iterable[Session]) -> list[str]:
-    """Save every session; a failure is reported and the others are still saved."""
-    failed = []
-    for session in sessions:
-        try:
-            store.save(session)
-        except PhiSessionError as error:
-            failed.append(session.session_id)
-            warn(f"error: session {session.session_id} not saved: {error}")
-    return failed
-
-
-class _DrainAndSave:
-    """Checkpoint -> drain -> save for ``record``: the one place the CLI saves recorded sessions.
-
-    Drained sessions wait in `pending` until saved: a Ctrl-C in the middle of a save
-    leaves the unsaved ones for the final save instead of dropping them. Saving
-    merges by loop id, so a session saved now and again later loses nothing.
-    """
-
-    def __init__(self, recorder: SessionRecorder, store: SessionStore) -> None:
-        self.recorder = recorder
-        self.store = store
-        self.pending: deque[Session] = deque()
-        self.saved: dict[str, None] = {}  # ids of every session saved, in order
-        self.failed: list[str] = []
-        self.last: list[Session] = []  # what the final save drained
-
-    def __call__(self, *, final: bool = False) -> None:
-        if final:
-            self.recorder.flush()
-        else:
-            self.recorder.checkpoint()
-        self.pending.extend(self.recorder.drain_completed())
-        self.last = list(self.pending)
-        while self.pending:
-            session = self.pending[0]
-            self.failed.extend(_save_all(self.store, [session]))
-            self.saved[session.session_id] = None
-            self.pending.popleft()
+def _orphans_writer(file: IO[bytes]) -> Callable[[Iterable[AgentEvent]], None]:
+    """Writes events to the ``--orphans`` file, one JSON line each."""
+    def write(events: Iterable[AgentEvent]) -> None:
+        file.writelines(encode_event(event) + b"\n" for event in events)
+    return write
 
 
 def _open_orphans_file(path: str) -> IO[bytes]:
@@ -334,32 +300,41 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
         # now, not after the stream is gone.
         orphans_file = cleanup.enter_context(_open_orphans_file(orphans_path)) if orphans_path else None
         store = cleanup.enter_context(open_cli_store(store_url, directory))
-        save = _DrainAndSave(recorder, store)
+        write_orphans = _orphans_writer(orphans_file) if orphans_file is not None else None
+        # Sessions no store accepts join the orphans; a failed save is reported by the saver.
+        saver = SessionSaver(store, orphans=write_orphans)
+        saved: dict[str, None] = {}  # ids of every session saved, in order
+
+        def spill(*, final: bool = False) -> list[Session]:
+            drained = saver.drain(recorder, flush=final)
+            saved.update(dict.fromkeys(session.session_id for session in drained))
+            return drained
+
         lines = _LineSource(source)
         try:
             if sys.stderr.isatty() and not as_json:
                 columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                            TimeElapsedColumn())
                 with Progress(*columns, console=stderr(), transient=True) as progress:
-                    outcome = _record_stream(lines, recorder, progress, save)
+                    outcome = _record_stream(lines, recorder, progress, spill)
             else:
-                outcome = _record_stream(lines, recorder, None, save)
+                outcome = _record_stream(lines, recorder, None, spill)
         finally:
             lines.close()
-        spilled = bool(save.saved)
-        save(final=True)
-        sessions = save.last
+        spilled = bool(saved)
+        sessions = spill(final=True)
         if spilled:  # summarise what the store now holds for every session touched
-            sessions = [store.load(sid) for sid in save.saved if sid not in save.failed]
+            sessions = [store.load(sid) for sid in saved]
+        unsaved = saver.unsaved
         if outcome["interrupted_at"] is not None:
             warn(f"interrupted after line {outcome['interrupted_at']:,}: what was read is recorded and saved")
         orphans = recorder.orphans()
         orphans_lost = False
         if orphans:
             where = "not stored (use --orphans FILE to keep them)"
-            if orphans_file is not None:
+            if orphans_file is not None and write_orphans is not None:
                 try:
-                    orphans_file.writelines(encode_event(orphan.event) + b"\n" for orphan in orphans)
+                    write_orphans(orphan.event for orphan in orphans)
                     orphans_file.close()  # closing flushes: a full disk shows up here
                     where = f"written to {orphans_path}"
                 except OSError as error:
@@ -372,7 +347,7 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
         "turns": sum(row.turn_count for row in summaries),
         "total_tokens": sum(row.total_tokens for row in summaries),
         "events": outcome["events"], "malformed_lines": outcome["malformed_lines"],
-        "orphan_events": len(orphans), "unsaved_sessions": len(save.failed),
+        "orphan_events": len(orphans), "unsaved_sessions": len(unsaved),
         "interrupted_at_line": outcome["interrupted_at"],
     }
     if as_json:
@@ -393,7 +368,7 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
     if outcome["events"] == 0:
         raise CliError(f"nothing recorded: {lines.name} holds no valid event line")
-    if save.failed or orphans_lost:
+    if unsaved or orphans_lost:
         raise click.exceptions.Exit(EXIT_FAILURE)
 
 
@@ -445,6 +420,7 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     imported: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     with open_cli_store(store_url) as store:
+        saver = SessionSaver(store)
         for name in paths:
             path = Path(name)
             if not path.exists():
@@ -453,13 +429,18 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
             for file in _session_files(path):
                 try:
                     sessions = _read_sessions(file.read_bytes())
-                    for session in sessions:
-                        store.save(session)
-                        imported.append({"path": str(file), "session_id": session.session_id,
-                                         "loops": len(session.loops)})
                 except (OSError, PhiSessionError) as error:
                     message = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
                     errors.append({"path": str(file), "error": message})
+                    continue
+                for session in sessions:
+                    outcome = saver.save(session)
+                    if outcome.saved:
+                        imported.append({"path": str(file), "session_id": session.session_id,
+                                         "loops": len(session.loops)})
+                    else:
+                        errors.append({"path": str(file), "error": f"session {session.session_id} not saved: "
+                                                                   f"{outcome.error}"})
     for failure in errors:
         warn(f"error: {failure['path']}: {failure['error']}")
     if as_json:

@@ -50,7 +50,6 @@ from .format import CHECKPOINT_FILE as CHECKPOINT_FILE
 from .format import MAGIC as MAGIC
 from .format import ORPHANS_FILE as ORPHANS_FILE
 from .recovery import JournalRecord, RecoveryError, RecoveryReport, read_records, recover
-from .recovery import session_events as session_events
 from .writer import Durability, Journal
 
 __all__ = [

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import codec
-from ..errors import DecodeError, InvalidSessionId, PhiSessionError, StoreError
+from ..errors import DecodeError, StoreError
 from ..events import AgentEvent, AgentStart
-from ..model import Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
+from ..saver import SessionSaver
 from ..stores.base import SessionStore
 from .format import (
     CHECKPOINT_FILE,
@@ -83,6 +83,7 @@ def recover(
     config: SessionRecorderConfig | None = None,
     remove: bool = True,
     save_every: int = 10_000,
+    retry_for: float = 10.0,
 ) -> RecoveryReport:
     """Rebuild every session from a journal and save it into `store`.
 
@@ -91,6 +92,9 @@ def recover(
     Events are replayed into a fresh `SessionRecorder(config)` (its callbacks run),
     completed sessions are saved every `save_every` events (memory stays bounded),
     and at the end open loops are aborted and every session is saved.
+
+    Sessions are saved by a `SessionSaver` (a transient failure is retried for
+    `retry_for` seconds; a session whose id no store accepts joins the orphans).
 
     Damage never raises: torn records at a segment's end and corrupt or missing
     stretches are skipped, logged as warnings and counted in the report (with the
@@ -118,7 +122,11 @@ def recover(
             raise StoreError(f"cannot lock journal {directory}: {error}") from error
         segments = [path for _, path in segment_paths(directory)]
     try:
-        report, orphans = _replay(directory, segments, store, config, save_every)
+        unstorable: list[AgentEvent] = []  # the events of sessions no store accepts
+        saver = SessionSaver(store, orphans=unstorable.extend, retry_for=retry_for)
+        report, orphans = _replay(directory, segments, saver, config, save_every)
+        orphans += unstorable
+        report.orphans = len(orphans)
         if report.failed_sessions:
             raise RecoveryError(
                 f"recovery of {directory}: {len(report.failed_sessions)} sessions could not be saved "
@@ -144,16 +152,15 @@ def recover(
 def _replay(
     directory: Path,
     segments: list[Path],
-    store: SessionStore,
+    saver: SessionSaver,
     config: SessionRecorderConfig | None,
     save_every: int,
 ) -> tuple[RecoveryReport, list[AgentEvent]]:
-    """Replay `segments` into a recorder, saving as it goes; the report and the orphans."""
+    """Replay `segments` into a recorder, saving as it goes; the report and the recorder's orphans."""
     report = RecoveryReport()
     checkpoint = read_checkpoint(directory)
     reader = SegmentReader(report, stored_below=checkpoint.stored_below)
     recorder = SessionRecorder(config)
-    unstorable: list[AgentEvent] = []
     for path in segments:
         report.segments_read += 1
         for seq, payload in reader.read(path):
@@ -178,39 +185,19 @@ def _replay(
                 continue
             report.events_replayed += 1
             if report.events_replayed % save_every == 0:
-                recorder.checkpoint()
-                _save_completed(recorder, store, report, unstorable)
+                _save_completed(saver, recorder, report)
     reader.finish()
-    recorder.flush()
-    _save_completed(recorder, store, report, unstorable)
-    orphans = [orphan.event for orphan in recorder.drain_orphans()] + unstorable
-    report.orphans = len(orphans)
-    return report, orphans
+    _save_completed(saver, recorder, report, flush=True)
+    return report, [orphan.event for orphan in recorder.drain_orphans()]
 
 
-def session_events(session: Session) -> list[AgentEvent]:
-    """Every event a session holds, session-scoped ones included (for sessions no store can take)."""
-    return [item.event for item in session.iter_events()]
+def _save_completed(saver: SessionSaver, recorder: SessionRecorder, report: RecoveryReport, *,
+                    flush: bool = False) -> None:
+    """The recovery's one save step: checkpoint (or flush), drain, save.
 
-
-def _save_completed(recorder: SessionRecorder, store: SessionStore, report: RecoveryReport,
-                    unstorable: list[AgentEvent]) -> None:
-    """Drain the recorder's completed sessions into `store`: the recovery's one save step.
-
-    A session no store can take goes to `unstorable` (then ``orphans.jsonl``); a failed
-    save is listed in the report, and `recover` then keeps the journal.
+    A session that is not saved stays in the journal, which `recover` then keeps:
+    the report lists its id, and it leaves memory.
     """
-    for session in recorder.drain_completed():
-        try:
-            store.save(session)
-        except InvalidSessionId as error:
-            # No store can ever take this id: keep its events with the orphans rather
-            # than blocking every later recovery.
-            unstorable.extend(session_events(session))
-            logger.warning("recovery: session %r cannot be stored (%s); its events go to %s",
-                           session.session_id, error, ORPHANS_FILE)
-        except (PhiSessionError, OSError) as error:
-            report.failed_sessions.append(session.session_id)
-            logger.error("recovery: saving session %s failed: %s", session.session_id, error)
-        else:
-            report.sessions_saved += 1
+    saver.drain(recorder, flush=flush)
+    report.failed_sessions.extend(session.session_id for session in saver.take_unsaved())
+    report.sessions_saved = saver.stats().saved
