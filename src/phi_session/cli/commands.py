@@ -19,7 +19,7 @@ from ..events import AgentEvent
 from ..model import CompactionBlock, Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
-from ..stores.base import summarize, to_builtins
+from ..stores.base import SessionStore, summarize, to_builtins
 from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 from ..stores.urls import default_store_url
 from ..views import event_stream, loop_forest, spawn_graph

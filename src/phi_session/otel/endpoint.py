@@ -30,7 +30,7 @@ import msgspec
 
 from ..errors import PhiSessionError
 from ..journal import Journal
-from ..persist import AutoPersistingRecorder
+from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
 from ..stores.base import SessionStore
 from ..web.server import is_loopback, loopback_host_header
@@ -131,11 +131,11 @@ class OtlpEndpoint:
 
     def __init__(self, store: SessionStore, state_dir: str | os.PathLike[str], *,
                  config: SessionRecorderConfig | None = None, trace_timeout: float = 60.0,
-                 max_buffered_spans: int = 200_000, max_pending_sessions: int = 1000,
+                 max_buffered_spans: int = 200_000, max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
                  tick: float = 1.0) -> None:
         state = Path(state_dir)
         self.saver = AutoPersistingRecorder(store, journal=state / "journal", config=config,
-                                            max_pending_sessions=max_pending_sessions)
+                                            max_pending_bytes=max_pending_bytes)
         self.ingestor = SpanIngestor(self.saver, trace_timeout=trace_timeout,
                                      max_buffered_spans=max_buffered_spans)
         self.spool = _Spool(state / "spool")
@@ -173,7 +173,7 @@ class OtlpEndpoint:
             raise Backpressure(HTTPStatus.TOO_MANY_REQUESTS,
                                f"{self.ingestor.buffered_spans} spans are waiting for their traces' roots", 1)
         stats = self.saver.stats()
-        if stats["sessions_queued"] >= self.saver.max_pending_sessions or stats["sessions_failed"]:
+        if stats["bytes_queued"] >= self.saver.max_pending_bytes or stats["sessions_failed"]:
             raise Backpressure(HTTPStatus.SERVICE_UNAVAILABLE,
                                "the store is behind or failing; sessions are kept, retry later", 5)
 
