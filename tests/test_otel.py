@@ -49,6 +49,15 @@ def test_import_phi_session_imports_no_opentelemetry() -> None:
     assert out.strip() == "[]"
 
 
+def test_a_missing_extra_names_the_pip_install() -> None:
+    code = ("import sys; sys.modules['opentelemetry'] = None\n"
+            "import phi_session.otel as otel\n"
+            "try:\n    otel.export_session\nexcept ImportError as error:\n"
+            "    print(type(error).__name__, error)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("MissingExtra ") and "pip install 'phi-session[otel]'" in out
+
+
 def test_every_loop_turn_and_tool_call_is_one_span(demo_sessions: list[Session]) -> None:
     spans = _export(demo_sessions)
     by_id = _by_id(spans)
@@ -330,3 +339,20 @@ def test_a_config_with_a_temperature_exports_and_comes_back() -> None:
         assert msgspec.json.decode(span.attributes[attr.PHI_CONFIG])["temperature"] == 0.7
         (back,) = _ingest([span])
         assert back.loops[0].config == config
+
+
+def test_damaged_phi_attributes_fall_back_to_rebuilding_from_the_spans(demo_sessions: list[Session]) -> None:
+    spans = [spans_from_sdk(span) for span in _export(demo_sessions[:1], capture_content=True)]
+    for data, damage in zip(spans, ["[[0, {\"type\": \"Nope\"}]]", "not json", "[1, 2]", "{}"] * 100,
+                            strict=False):
+        assert data is not None
+        data.attributes[attr.PHI_EVENTS] = damage
+        data.attributes[attr.PHI_CONTINUATION_KIND] = "Bogus"
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    ingestor.add(span for span in spans if span is not None)
+    ingestor.flush()
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    assert [r.loop_id for r in session.loops] == [r.loop_id for r in demo_sessions[0].loops]
+    assert [len(r.turns) for r in session.loops] == [len(r.turns) for r in demo_sessions[0].loops]

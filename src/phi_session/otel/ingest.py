@@ -17,6 +17,7 @@ Sessions: ``phi.session.id``, else ``gen_ai.conversation.id``, else OpenInferenc
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -87,6 +88,8 @@ LOSSES: dict[str, tuple[str, ...]] = {
         "tool call ids are made up from span ids when missing (listed in metadata)",
     ),
 }
+
+logger = logging.getLogger("phi_session.otel.ingest")
 
 _AGENT_OPS = frozenset({"invoke_agent", "create_agent"})
 _CHAT_OPS = frozenset({"chat", "text_completion", "generate_content"})
@@ -330,9 +333,15 @@ class SpanIngestor:
             self.counters["incomplete_traces"] += 1
         spans = sorted(trace.spans, key=lambda s: (s.start, s.end))
         if any(attr.PHI_EVENTS in span.attributes for span in spans):
-            _ExactReplay(self, spans).run()
-        else:
-            _Rebuild(self, trace_id, spans, complete).run()
+            try:
+                exact = _ExactReplay(self, spans)
+            except DecodeError as error:  # not our export after all, or damaged: best effort
+                logger.warning("trace %032x: unreadable %s (%s); rebuilt from its spans", trace_id,
+                               attr.PHI_EVENTS, error)
+            else:
+                exact.run()
+                return
+        _Rebuild(self, trace_id, spans, complete).run()
 
     # -- helpers for the replays ------------------------------------------------------------
 
@@ -407,30 +416,36 @@ class _ExactReplay:
     """Our own export with content: the stored events, loop by loop in start order."""
 
     def __init__(self, ingestor: SpanIngestor, spans: list[SpanData]) -> None:
+        """Decode every stored event first: raises `DecodeError` before anything is recorded."""
         self.ingestor = ingestor
         self.spans = spans
+        self.events: dict[str, list[tuple[int, AgentEvent]]] = {}
+        self.loops: dict[str, SpanData] = {}  # loop id -> its invoke_agent span, else its earliest span
+        for span in spans:
+            loop_id = span.attributes.get(attr.PHI_LOOP_ID)
+            stored = span.attributes.get(attr.PHI_EVENTS)
+            if stored is None:
+                continue
+            items = _json(stored)
+            if not isinstance(loop_id, str) or not isinstance(items, list):
+                raise DecodeError(f"{attr.PHI_EVENTS} of span {span.span_id:016x}: expected a JSON array "
+                                  f"and a {attr.PHI_LOOP_ID}")
+            if loop_id not in self.loops or span.attributes.get(attr.OPERATION_NAME) == attr.OP_INVOKE_AGENT:
+                self.loops[loop_id] = span
+            bucket = self.events.setdefault(loop_id, [])
+            for item in items:
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)):
+                    raise DecodeError(f"{attr.PHI_EVENTS} of span {span.span_id:016x}: expected "
+                                      "[sequence, event] pairs")
+                bucket.append((item[0], decode_event(msgspec.json.encode(item[1]))))
 
     def run(self) -> None:
-        events: dict[str, list[tuple[int, bytes]]] = {}
-        loops: dict[str, SpanData] = {}  # loop id -> its invoke_agent span, else its earliest span
-        for span in self.spans:
-            loop_id = span.attributes.get(attr.PHI_LOOP_ID)
-            stored = _json(span.attributes.get(attr.PHI_EVENTS))
-            if not isinstance(loop_id, str) or not isinstance(stored, list):
-                continue
-            if loop_id not in loops or span.attributes.get(attr.OPERATION_NAME) == attr.OP_INVOKE_AGENT:
-                loops[loop_id] = span
-            bucket = events.setdefault(loop_id, [])
-            for item in stored:
-                if isinstance(item, list) and len(item) == 2 and isinstance(item[0], int):
-                    bucket.append((item[0], msgspec.json.encode(item[1])))
-        for loop_id, loop in sorted(loops.items(), key=lambda item: item[1].start):
+        for loop_id, loop in sorted(self.loops.items(), key=lambda item: item[1].start):
             session_id = str(loop.attributes.get(attr.PHI_SESSION_ID, ""))
             self.ingestor.loop_started(session_id, loop_id)
             self.ingestor.parallel_before(session_id, loop_id, loop.attributes, loop.start)
             ended = False
-            for _, data in sorted(events[loop_id], key=lambda item: item[0]):
-                event = decode_event(data)
+            for _, event in sorted(self.events[loop_id], key=lambda item: item[0]):
                 ended = ended or type(event) is AgentEnd
                 self.ingestor.emit(event)
             if not ended:
@@ -574,8 +589,11 @@ class _Rebuild:
         if isinstance(kind, str):
             tag = attributes.get(attr.PHI_CONTINUATION_TAG)
             parent = attributes.get(attr.PHI_PARENT_LOOP_ID)
-            return ContinuationKind(kind, tag if isinstance(tag, str) else None), (
-                parent if isinstance(parent, str) else None)
+            try:
+                return ContinuationKind(kind, tag if isinstance(tag, str) else None), (
+                    parent if isinstance(parent, str) else None)
+            except ValueError:
+                pass  # not a kind we wrote: infer it as for any producer
         if loop.parent_loop is not None:
             return INITIAL, loop.parent_loop
         if previous is not None:
