@@ -24,6 +24,7 @@ from .events import (
     MESSAGE_FIELDS_BY_TAG,
     AgentEvent,
     ContinuationKind,
+    LoopConfigSnapshot,
     MessageField,
     MessageUpdate,
     SessionFormation,
@@ -39,6 +40,7 @@ from .messages import (
     Message,
     NodeTag,
     TurnId,
+    Usage,
     extension_message,
 )
 from .model import CompactedSection, CompactionBlock, LoopEvent, LoopRecord, Session, Turn
@@ -238,6 +240,23 @@ def _strip_loop(record: LoopRecord) -> LoopRecord:
 def encode_event(event: AgentEvent) -> bytes:
     """One event, compact, exactly as phi-core writes an event-stream line (no newline)."""
     return _plain.encode(map_event_messages(_strip_plain(event), _RawMessages()))
+
+
+def encode_record(record: LoopConfigSnapshot | Usage) -> bytes:
+    """A record carried inside events (a config snapshot, a usage), compact, as phi-core writes it."""
+    return _plain.encode(record)
+
+
+_RecordT = TypeVar("_RecordT", LoopConfigSnapshot, Usage)
+
+
+def decode_record(data: bytes | str, kind: type[_RecordT]) -> _RecordT:
+    """The inverse of `encode_record`. Raises `DecodeError`."""
+    try:
+        decoded: _RecordT = msgspec.json.decode(data, type=kind, dec_hook=_dec_hook)
+    except msgspec.DecodeError as error:  # ValidationError included
+        raise DecodeError(f"not a {kind.__name__}: {error}") from None
+    return decoded
 
 
 def _session_for_encoding(session: Session) -> Session:

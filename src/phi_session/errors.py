@@ -61,3 +61,11 @@ class InstrumentationError(PhiSessionError, RuntimeError):
 
 class JournalLocked(SessionLocked):
     """Another live `Journal` (in this or another process) holds the journal directory."""
+
+
+class MissingExtra(PhiSessionError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+class ExportError(PhiSessionError):
+    """An exporter refused or failed to take the spans of a session."""

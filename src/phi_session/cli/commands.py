@@ -19,7 +19,7 @@ from ..events import AgentEvent
 from ..model import CompactionBlock, Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
-from ..stores.base import summarize, to_builtins
+from ..stores.base import SessionStore, summarize, to_builtins
 from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 from ..stores.urls import default_store_url
 from ..views import event_stream, loop_forest, spawn_graph
@@ -560,26 +560,76 @@ def demo(directory: str | None, store_url: str | None, as_json: bool) -> None:
               help="Address to listen on. Anything but loopback exposes every session to the network.")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
               help="Port (0: pick a free one).")
+@click.option("--otlp", is_flag=True,
+              help="Also receive OpenTelemetry traces (OTLP/HTTP, POST /v1/traces) and record them as "
+                   "sessions (needs pip install 'phi-session[otlp]').")
+@click.option("--otlp-port", default=4318, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of the OTLP receiver (0: pick a free one); it listens on --host.")
+@click.option("--otlp-state", metavar="DIR", default=".phi-session/otlp", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Where the OTLP receiver keeps its journal and spool (what it acknowledged survives "
+                   "a crash).")
 @store_options
-def serve(host: str, port: int, store_url: str | None, as_json: bool) -> None:
-    """Serve the read-only web viewer over the store (Ctrl-C stops it)."""
+def serve(host: str, port: int, otlp: bool, otlp_port: int, otlp_state: str, store_url: str | None,
+          as_json: bool) -> None:
+    """Serve the read-only web viewer over the store (Ctrl-C stops it).
+
+    With --otlp, also record the traces of any OpenTelemetry GenAI-instrumented agent
+    sent to http://HOST:OTLP_PORT/v1/traces (set OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318).
+    """
     from ..web.server import is_loopback, make_server
 
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, must_exist=not otlp) as store, contextlib.ExitStack() as cleanup:
         try:
             server = make_server(store, host=host, port=port)
         except OSError as error:
             raise CliError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-        url = server.url
+        cleanup.callback(server.server_close)
+        addresses = {"url": server.url}
+        if otlp:
+            addresses["otlp_url"] = _start_otlp(store, host, otlp_port, otlp_state, cleanup)
         if as_json:
-            click.echo(msgspec.json.encode({"url": url}).decode())
+            click.echo(msgspec.json.encode(addresses).decode())
         else:
-            stderr().print(f"phi-session viewer on {url}  (Ctrl-C to stop)")
+            stderr().print(f"phi-session viewer on {server.url}  (Ctrl-C to stop)")
+            if otlp:
+                stderr().print(f"OTLP/HTTP traces to {addresses['otlp_url']}")
         if not is_loopback(host):
             warn(f"warning: listening on {host}: anyone who can reach it can read every session")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
+            _stop_on_sigterm()
             server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
+
+
+def _stop_on_sigterm() -> None:
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _start_otlp(store: SessionStore, host: str, port: int, state: str, cleanup: contextlib.ExitStack) -> str:
+    """Start the OTLP receiver in a thread; `cleanup` stops it and saves what it holds."""
+    import threading
+
+    from ..errors import MissingExtra
+    try:
+        from ..otel._sdk import require_proto, require_sdk
+
+        require_sdk()
+        require_proto()
+        from ..otel.endpoint import OtlpEndpoint, make_otlp_server
+    except MissingExtra as error:
+        raise CliError(str(error)) from None
+    endpoint = OtlpEndpoint(store, state)
+    cleanup.callback(endpoint.close)
+    try:
+        receiver = make_otlp_server(endpoint, host=host, port=port)
+    except OSError as error:
+        raise CliError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    cleanup.callback(receiver.server_close)
+    cleanup.callback(receiver.shutdown)
+    threading.Thread(target=receiver.serve_forever, name="phi-session otlp", daemon=True).start()
+    return receiver.url
