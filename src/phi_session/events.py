@@ -651,7 +651,11 @@ def _mapper(fields: tuple[MessageField, ...]) -> MessageMapper:
         def one(event: Any, fn: _MessageFn) -> Any:
             message = get(event)
             mapped = fn(message)
-            return event if mapped is message else _replaced(event, name, mapped)
+            if mapped is message:
+                return event
+            fresh = event.__copy__()  # as _replaced does, inline on this hot path
+            force_setattr(fresh, name, mapped)
+            return fresh
 
         return one
     return partial(_map_fields, fields)
