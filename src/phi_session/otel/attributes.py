@@ -61,6 +61,7 @@ OPENINFERENCE_OUTPUT_MESSAGES = "llm.output_messages"
 OPENINFERENCE_TOOL_CALL_ID = "tool_call.id"
 OPENINFERENCE_TOOL_PARAMETERS = "tool.parameters"
 OPENINFERENCE_OUTPUT_VALUE = "output.value"
+OPENINFERENCE_FINISH_REASON = "llm.finish_reason"
 LEGACY_PROMPT_TOKENS = "gen_ai.usage.prompt_tokens"  # read only: before input_tokens
 LEGACY_COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
 
