@@ -216,3 +216,13 @@ def test_a_stray_queue_item_is_counted_and_skipped_not_fatal() -> None:
 
     stats = asyncio.run(main())
     assert stats.decode_errors == 2 and len(memory.sessions) == 1
+
+
+def test_events_of_no_known_loop_are_handed_back_not_dropped() -> None:
+    stray = ps.ProgressMessage(loop_id="nobody.p.m.1", tool_call_id="c", tool_name="t", text="lost?")
+
+    async def source() -> AsyncIterator[ps.AgentEvent]:
+        yield stray
+
+    stats = asyncio.run(consume(source(), store(MemoryStore())))
+    assert [orphan.event for orphan in stats.orphans] == [stray]

@@ -244,6 +244,15 @@ def test_counts_are_exact_under_concurrent_saves() -> None:
     assert saver.stats().saved == 40 and len(memory.sessions) == 40
 
 
+def test_a_session_of_the_wrong_type_is_a_type_error() -> None:
+    saver = saver_for(MemoryStore())
+    with pytest.raises(TypeError, match="expected a Session, got NoneType"):
+        saver.save(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got dict"):
+        asyncio.run(saver.asave({}))  # type: ignore[arg-type]
+    assert saver.stats() == SaveStats()
+
+
 def test_retry_for_must_be_a_duration() -> None:
     with pytest.raises(ValueError, match="retry_for"):
         saver_for(MemoryStore(), retry_for=-1)

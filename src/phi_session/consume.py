@@ -27,7 +27,7 @@ from typing import Union
 from .errors import DecodeError
 from .events import EVENT_TYPES, AgentEvent
 from .model import Session
-from .recorder import SessionRecorder
+from .recorder import OrphanEvent, SessionRecorder
 from .saver import SessionSaver
 from .stores.base import SessionStore
 
@@ -54,6 +54,8 @@ class ConsumeStats:
     checkpoints: int = 0
     unsaved: list[Session] = field(default_factory=list)
     """Sessions the store still refused at shutdown (see `SessionSaver`); nothing else holds them."""
+    orphans: list[OrphanEvent] = field(default_factory=list)
+    """Events that belonged to no known loop, taken from the recorder at shutdown."""
 
 
 class _Consumer:
@@ -118,6 +120,7 @@ class _Consumer:
             await self.saver.aretry_unsaved()
         self.stats.saved = self.saver.stats().saved
         self.stats.unsaved = self.saver.take_unsaved()
+        self.stats.orphans = self.recorder.drain_orphans()
         if self.stats.unsaved:
             logger.error("%d session(s) could not be saved; see ConsumeStats.unsaved",
                          len(self.stats.unsaved))

@@ -156,6 +156,8 @@ class SessionSaver:
                 return outcome
 
     def _policy(self, session: Session) -> _Policy:
+        if not isinstance(session, Session):
+            raise TypeError(f"expected a Session, got {type(session).__name__}")
         with self._lock:
             deadline = None if self._store_down else time.monotonic() + self.retry_for
         pause = _FIRST_PAUSE
