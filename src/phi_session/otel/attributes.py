@@ -10,7 +10,7 @@ and with content capture the exact phi-core events), so our own export reads bac
 
 from __future__ import annotations
 
-SEMCONV_VERSION = "1.38.0"
+SEMCONV_VERSION = "1.44.0"  # every gen_ai name below is in opentelemetry-semantic-conventions 0.66b2
 SCHEMA_URL = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
 INSTRUMENTATION_SCOPE = "phi_session.otel"
 
