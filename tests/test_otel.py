@@ -356,3 +356,52 @@ def test_damaged_phi_attributes_fall_back_to_rebuilding_from_the_spans(demo_sess
     (session,) = recorder.drain_completed()
     assert [r.loop_id for r in session.loops] == [r.loop_id for r in demo_sessions[0].loops]
     assert [len(r.turns) for r in session.loops] == [len(r.turns) for r in demo_sessions[0].loops]
+
+
+def test_openinference_openai_calls_become_loops_of_one_session() -> None:
+    # Another framework and producer: OpenInference's instrumentation of the OpenAI SDK (no agent
+    # span: each call is a loop).
+    openai = pytest.importorskip("openai", reason="needs openai")
+    httpx = pytest.importorskip("httpx2", reason="needs openai's httpx2")
+    instrumentation = pytest.importorskip("openinference.instrumentation.openai",
+                                          reason="needs openinference-instrumentation-openai")
+    from openinference.instrumentation import using_session
+
+    def reply(request: object) -> object:
+        return httpx.Response(200, json={
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024",
+            "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "lookup", "arguments": '{"q": 1}'}}]}}]})
+
+    recorder = SessionRecorder()
+    provider = TracerProvider()
+    provider.add_span_processor(IngestSpanProcessor(recorder))
+    instrumentor = instrumentation.OpenAIInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        client = openai.OpenAI(api_key="offline", base_url="http://127.0.0.1:9/v1",
+                               http_client=httpx.Client(transport=httpx.MockTransport(reply)))
+        with using_session("conv-7"):
+            for prompt in ("Hi", "Again"):
+                client.chat.completions.create(model="gpt-4o-mini",
+                                               messages=[{"role": "user", "content": prompt}])
+    finally:
+        instrumentor.uninstrument()
+    provider.shutdown()
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    assert session.session_id == "conv-7"
+    one, two = session.loops
+    assert (two.kind.kind, two.parent_loop_id) == ("Default", one.loop_id)
+    for record, prompt in ((one, "Hi"), (two, "Again")):
+        (turn,) = record.turns
+        assert turn.input_messages[0].content[0].text == prompt  # type: ignore[union-attr]
+        output = turn.output_message
+        assert (output.model, output.provider, output.stop_reason) == (  # type: ignore[union-attr]
+            "gpt-4o-mini-2024", "openai", "toolUse")
+        call = output.content[0]  # type: ignore[union-attr]
+        assert (call.id, call.name, call.arguments) == ("call_1", "lookup", {"q": 1})
+        assert (turn.usage.input, turn.usage.output) == (12, 3)

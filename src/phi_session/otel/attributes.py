@@ -10,7 +10,7 @@ and with content capture the exact phi-core events), so our own export reads bac
 
 from __future__ import annotations
 
-SEMCONV_VERSION = "1.38.0"
+SEMCONV_VERSION = "1.44.0"  # every gen_ai name below is in opentelemetry-semantic-conventions 0.66b2
 SCHEMA_URL = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
 INSTRUMENTATION_SCOPE = "phi_session.otel"
 
@@ -61,6 +61,7 @@ OPENINFERENCE_OUTPUT_MESSAGES = "llm.output_messages"
 OPENINFERENCE_TOOL_CALL_ID = "tool_call.id"
 OPENINFERENCE_TOOL_PARAMETERS = "tool.parameters"
 OPENINFERENCE_OUTPUT_VALUE = "output.value"
+OPENINFERENCE_FINISH_REASON = "llm.finish_reason"
 LEGACY_PROMPT_TOKENS = "gen_ai.usage.prompt_tokens"  # read only: before input_tokens
 LEGACY_COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
 

@@ -86,10 +86,15 @@ LOSSES: dict[str, tuple[str, ...]] = {
         "tool calls of outputs, the first turn's user inputs, tool arguments and results)",
         "continuation kinds are inferred: a later loop of the same conversation is Default",
         "tool call ids are made up from span ids when missing (listed in metadata)",
+        "a trace without an agent span (bare model calls) is one loop, its root standing in",
     ),
 }
 
 logger = logging.getLogger("phi_session.otel.ingest")
+
+# Who ran a model call, as each producer spells it (the conventions' names first).
+_PROVIDER_NAMES = (attr.PROVIDER_NAME, attr.LEGACY_SYSTEM, attr.OPENINFERENCE_PROVIDER,
+                   attr.OPENINFERENCE_SYSTEM)
 
 _AGENT_OPS = frozenset({"invoke_agent", "create_agent"})
 _CHAT_OPS = frozenset({"chat", "text_completion", "generate_content"})
@@ -491,7 +496,8 @@ class _Rebuild:
             self._open_loop(agent)
         for span in self.spans:
             role = _role(span)
-            if role in ("chat", "tool") and span.span_id not in self.loops:
+            stand_in = span.span_id in self.loops and self.loops[span.span_id].stand_in
+            if role in ("chat", "tool") and (span.span_id not in self.loops or stand_in):
                 owner = self._owner(span)
                 if owner is not None:
                     (owner.chats if role == "chat" else owner.tools).append(span)
@@ -613,8 +619,7 @@ class _Rebuild:
             model = _text(_first(span.attributes, attr.REQUEST_MODEL, attr.RESPONSE_MODEL,
                                  attr.OPENINFERENCE_MODEL_NAME))
             if model is not None:
-                provider = _text(_first(span.attributes, attr.PROVIDER_NAME, attr.LEGACY_SYSTEM,
-                                        attr.OPENINFERENCE_PROVIDER)) or "unknown"
+                provider = _text(_first(span.attributes, *_PROVIDER_NAMES)) or "unknown"
                 return LoopConfigSnapshot(model=model, provider=provider)
         return None
 
@@ -656,13 +661,14 @@ class _Rebuild:
         usage = _usage(attributes) or ZERO_USAGE
         outputs = (_messages(attributes.get(attr.OUTPUT_MESSAGES))
                    or _openinference_messages(attributes, attr.OPENINFERENCE_OUTPUT_MESSAGES))
-        reasons = attributes.get(attr.RESPONSE_FINISH_REASONS)
+        reasons = _first(attributes, attr.RESPONSE_FINISH_REASONS, attr.OPENINFERENCE_FINISH_REASON)
+        if isinstance(reasons, str):
+            reasons = (reasons,)
         reason = reasons[0] if isinstance(reasons, tuple) and reasons else (
             outputs[-1].get("finish_reason") if outputs and isinstance(outputs[-1], dict) else None)
         model = _text(_first(attributes, attr.RESPONSE_MODEL, attr.REQUEST_MODEL,
                              attr.OPENINFERENCE_MODEL_NAME))
-        provider = _text(_first(attributes, attr.PROVIDER_NAME, attr.LEGACY_SYSTEM,
-                                attr.OPENINFERENCE_PROVIDER))
+        provider = _text(_first(attributes, *_PROVIDER_NAMES))
         reply = AssistantMessage(
             content=tuple(c for m in outputs for c in _contents(m)),
             stop_reason=_STOP_REASONS.get(str(reason), "toolUse" if tools else "stop"),  # type: ignore[arg-type]
