@@ -34,8 +34,8 @@ from .messages import Usage
 from .model import LoopRecord, Session, Turn
 
 __all__ = [
-    "USER_SOURCE", "ZERO_COST", "Cost", "CostTotal", "InvalidPrices", "Pricer", "UserPrice", "cost_totals",
-    "prices_available", "total",
+    "USER_SOURCE", "ZERO_COST", "Cost", "CostTotal", "InvalidPrices", "LoopCost", "Pricer", "SessionCost",
+    "TurnCost", "UserPrice", "cost_totals", "prices_available", "total",
 ]
 
 USER_SOURCE = "user"
@@ -214,6 +214,39 @@ class Pricer:
     def session(self, session: Session) -> Cost:
         """The sum of the costs of the session's loops."""
         return total(self.loop(record) for record in session.loops)
+
+    def breakdown(self, session: Session) -> SessionCost:
+        """The cost of the session, of each loop and of each turn."""
+        loops = [
+            LoopCost(loop_id=record.loop_id, cost=self.loop(record),
+                     turns=tuple(TurnCost(turn_index=turn.index, cost=self.turn(turn, record))
+                                 for turn in record.turns))
+            for record in session.loops
+        ]
+        return SessionCost(session_id=session.session_id, cost=total(loop.cost for loop in loops),
+                           loops=tuple(loops))
+
+
+class TurnCost(msgspec.Struct, frozen=True, kw_only=True):
+    turn_index: int
+    cost: Cost
+
+
+class LoopCost(msgspec.Struct, frozen=True, kw_only=True):
+    """A loop's cost (its whole usage) and its turns' (which may not add up to it: a loop's
+    usage also counts model calls outside finished turns)."""
+
+    loop_id: str
+    cost: Cost
+    turns: tuple[TurnCost, ...]
+
+
+class SessionCost(msgspec.Struct, frozen=True, kw_only=True):
+    """`Pricer.breakdown`: a session's cost, per loop and per turn."""
+
+    session_id: str
+    cost: Cost
+    loops: tuple[LoopCost, ...]
 
 
 def _read_toml(file: Path, text: str) -> Any:

@@ -181,8 +181,9 @@ def talking_loop(session_id: str, index: int, said: str, *, agent_id: str = "age
                      ToolCall(id="call-1", name="lookup", arguments={"q": f"{said} args"})),
             stop_reason="toolUse", model="gpt-4o", provider="openai", usage=ZERO_USAGE, timestamp=0,
             turn_id=turn_id),
-        ToolResultMessage(tool_call_id="call-1", tool_name="lookup", content=(TextContent(text=f"result {said}"),),
-                          is_error=False, timestamp=0, turn_id=turn_id),
+        ToolResultMessage(tool_call_id="call-1", tool_name="lookup",
+                          content=(TextContent(text=f"result {said}"),), is_error=False, timestamp=0,
+                          turn_id=turn_id),
     ]
     return record
 
@@ -689,7 +690,8 @@ class StoreConformance:
     def test_search_order_filters_and_limit(self, store: SessionStore) -> None:
         self._populate_talk(store)
         assert [hit.session_id for hit in store.search("result")] == ["t2", "t1"]  # newest session first
-        assert [hit.session_id for hit in store.search("result", SessionQuery(order="oldest"))] == ["t1", "t2"]
+        oldest_first = store.search("result", SessionQuery(order="oldest"))
+        assert [hit.session_id for hit in oldest_first] == ["t1", "t2"]
         assert [hit.session_id for hit in store.search("result", SessionQuery(agent_id="alpha"))] == ["t1"]
         assert len(store.search("the", limit=3)) == 3
         assert store.search("the", limit=0) == []
