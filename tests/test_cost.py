@@ -37,9 +37,10 @@ def test_known_models_cost_what_genai_prices_says(provider: str, model: str) -> 
     import genai_prices
 
     expected = genai_prices.calc_price(
-        genai_prices.Usage(input_tokens=4100, cache_read_tokens=3000, cache_write_tokens=100, output_tokens=500,
-                           output_reasoning_tokens=200),
-        model, provider_id=provider, genai_request_timestamp=datetime(2025, 6, 1, 12, tzinfo=timezone.utc))
+        genai_prices.Usage(input_tokens=4100, cache_read_tokens=3000, cache_write_tokens=100,
+                           output_tokens=500, output_reasoning_tokens=200),
+        model, provider_id=provider,
+        genai_request_timestamp=datetime(2025, 6, 1, 12, tzinfo=timezone.utc))
     cost = Pricer().price(USAGE, provider, model, WHEN)
     assert cost == Cost(usd=float(expected.total_price), sources=(f"genai-prices {genai_prices.__version__}",))
     assert cost.usd is not None and cost.usd > 0
@@ -117,8 +118,9 @@ def test_unreadable_price_file(tmp_path: Path) -> None:
 
 def test_breakdown_and_totals() -> None:
     pricer = Pricer({"openai/gpt-4o": {"input": 1, "output": 1}}, use_table=False)
-    session = make_session("s", loops=[make_loop("s", 1, tokens=1_000_000),
-                                       make_loop("s", 2, tokens=1000, model="acme/unknown", started_at=at(5))])
+    session = make_session("s", loops=[
+        make_loop("s", 1, tokens=1_000_000),
+        make_loop("s", 2, tokens=1000, model="acme/unknown", started_at=at(5))])
     breakdown = pricer.breakdown(session)
     assert [loop.cost.usd for loop in breakdown.loops] == [1.0, None]
     assert breakdown.cost == Cost(usd=None, sources=(USER_SOURCE,), unpriced=("acme/unknown",))
@@ -140,6 +142,7 @@ def test_without_the_extra_cost_is_unknown_with_a_hint() -> None:
     code = ("import sys; sys.modules['genai_prices'] = None\n"
             "from phi_session.cost import Pricer\nfrom phi_session.messages import Usage\n"
             "from phi_session._time import Timestamp\n"
-            "p = Pricer(); print(p.price(Usage(input=5, output=5), 'openai', 'gpt-4o', Timestamp.now()).usd, p.hint)")
+            "p = Pricer()\n"
+            "print(p.price(Usage(input=5, output=5), 'openai', 'gpt-4o', Timestamp.now()).usd, p.hint)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("None ") and "pip install 'phi-session[prices]'" in out

@@ -40,7 +40,8 @@ __all__ = [
 
 USER_SOURCE = "user"
 _PER_TOKEN = Decimal(1_000_000)  # user prices are per million tokens, as providers quote them
-_PRICES_HINT = "prices unknown: pip install 'phi-session[prices]' for the genai-prices table, or give your own prices"
+_PRICES_HINT = (
+    "prices unknown: pip install 'phi-session[prices]' for the genai-prices table, or give your own prices")
 
 
 class InvalidPrices(PhiSessionError, ValueError):
