@@ -48,3 +48,8 @@ class InstrumentationError(PhiSessionError, RuntimeError):
 
 class JournalLocked(SessionLocked):
     """Another live `Journal` (in this or another process) holds the journal directory."""
+
+
+class BrokerError(PhiSessionError):
+    """The message broker (NATS JetStream) cannot be used: unreachable, a stream laid out
+    otherwise than phi-session expects, or the ``nats`` extra is not installed."""
