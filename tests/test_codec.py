@@ -215,12 +215,19 @@ def test_plain_positions_never_carry_agent_metadata() -> None:
     assert encoded.count("turnId") == 1  # in the agent-form message only
 
 
-def test_constructor_defaults_timestamp_to_now() -> None:
-    before = ps.Timestamp.now()
-    event = ps.InputRejected(loop_id="l", reason="r")
-    start = ps.AgentStart(agent_id="a", session_id="s", loop_id="s.x.1")
-    assert before <= start.timestamp <= ps.Timestamp.now()
-    assert ps.decode_event(ps.encode(event)) == event
+def test_a_missing_timestamp_is_an_error_for_every_decoder_and_constructor() -> None:
+    # One rule, whoever decodes: phi-core requires the timestamp, nothing stamps "now".
+    line = b'{"type":"AgentStart","agent_id":"a","session_id":"s","loop_id":"s.x.1"}'
+    with pytest.raises(ps.DecodeError, match="timestamp"):
+        ps.decode_event(line)
+    with pytest.raises(msgspec.ValidationError, match="timestamp"):
+        msgspec.json.Decoder(ps.AgentEvent).decode(line)  # a user's own decoder
+    with pytest.raises(msgspec.ValidationError, match="timestamp"):
+        msgspec.convert(msgspec.json.decode(line), ps.AgentStart)
+    with pytest.raises(TypeError, match="timestamp"):
+        ps.AgentStart(agent_id="a", session_id="s", loop_id="s.x.1")  # type: ignore[call-arg]
+    start = ps.AgentStart(agent_id="a", session_id="s", loop_id="s.x.1", timestamp=ps.Timestamp.now())
+    assert ps.decode_event(ps.encode(start)) == start
 
 
 def test_rejects_non_text_input_type() -> None:

@@ -11,6 +11,7 @@ from phi_session._float32 import Float32
 from phi_session.stores.base import merge_sessions, validate_session_id
 from phi_session.stores.conformance import at, make_loop, make_session
 
+T0 = ps.Timestamp.parse("2025-01-01T00:00:00Z")
 START = '{"type":"ToolExecutionStart","loop_id":"a","tool_call_id":"t","tool_name":"n","args":'
 
 
@@ -50,9 +51,10 @@ def test_input_cannot_forge_the_internal_extension_placeholder() -> None:
 
 def test_agent_end_for_a_pending_branch_of_a_drained_session_is_recorded() -> None:
     recorder = ps.SessionRecorder()
-    recorder.on_event(ps.ParallelLoopStart(session_id="S", loop_ids=("S.a.1",)))
-    recorder.on_event(ps.TurnStart(loop_id="S.a.1", turn_index=0, triggered_by="User"))
-    recorder.on_event(ps.AgentEnd(loop_id="S.a.1", messages=(), usage=ps.Usage(input=1, output=1)))
+    recorder.on_event(ps.ParallelLoopStart(session_id="S", loop_ids=("S.a.1",), timestamp=T0))
+    recorder.on_event(ps.TurnStart(loop_id="S.a.1", turn_index=0, triggered_by="User", timestamp=T0))
+    recorder.on_event(ps.AgentEnd(loop_id="S.a.1", messages=(), usage=ps.Usage(input=1, output=1),
+                                  timestamp=T0))
     recorder.flush()
     [session] = recorder.drain_completed()
     [loop] = session.loops
@@ -64,9 +66,9 @@ def test_agent_end_for_a_pending_branch_of_a_drained_session_is_recorded() -> No
 
 def test_a_pending_branch_keeps_what_arrived_before_its_start() -> None:
     recorder = ps.SessionRecorder()
-    recorder.on_event(ps.ParallelLoopStart(session_id="S", loop_ids=("S.a.1",)))
+    recorder.on_event(ps.ParallelLoopStart(session_id="S", loop_ids=("S.a.1",), timestamp=T0))
     recorder.on_event(ps.InputRejected(loop_id="S.a.1", reason="early"))
-    recorder.on_event(ps.AgentStart(agent_id="x", session_id="S", loop_id="S.a.1"))
+    recorder.on_event(ps.AgentStart(agent_id="x", session_id="S", loop_id="S.a.1", timestamp=T0))
     loop = recorder.current_loop("S.a.1")
     assert loop is not None and loop.agent_id == "x" and loop.status == "Running"
     assert [(e.sequence, type(e.event).__name__) for e in loop.events] == [
@@ -77,7 +79,7 @@ def test_a_pending_branch_keeps_what_arrived_before_its_start() -> None:
 
 def test_parallel_start_for_a_session_that_never_starts_is_an_orphan_at_flush() -> None:
     recorder = ps.SessionRecorder()
-    recorder.on_event(ps.ParallelLoopStart(session_id="S", loop_ids=()))
+    recorder.on_event(ps.ParallelLoopStart(session_id="S", loop_ids=(), timestamp=T0))
     recorder.flush()
     assert [type(o.event).__name__ for o in recorder.orphans()] == ["ParallelLoopStart"]
 
@@ -108,10 +110,10 @@ def test_lone_surrogate_session_id_is_invalid() -> None:
 
 def test_unstorable_session_ids_do_not_block_recovery(tmp_path: Path) -> None:
     events = [
-        ps.AgentStart(agent_id="a", session_id="../evil", loop_id="../evil.c.1"),
-        ps.AgentEnd(loop_id="../evil.c.1", messages=(), usage=ps.Usage(input=0, output=0)),
-        ps.AgentStart(agent_id="a", session_id="good", loop_id="good.c.1"),
-        ps.AgentEnd(loop_id="good.c.1", messages=(), usage=ps.Usage(input=0, output=0)),
+        ps.AgentStart(agent_id="a", session_id="../evil", loop_id="../evil.c.1", timestamp=T0),
+        ps.AgentEnd(loop_id="../evil.c.1", messages=(), usage=ps.Usage(input=0, output=0), timestamp=T0),
+        ps.AgentStart(agent_id="a", session_id="good", loop_id="good.c.1", timestamp=T0),
+        ps.AgentEnd(loop_id="good.c.1", messages=(), usage=ps.Usage(input=0, output=0), timestamp=T0),
     ]
     store = ps.JsonDirStore(tmp_path / "store")
     with ps.Journal(tmp_path / "j", durability="os") as journal:

@@ -102,3 +102,31 @@ def test_self_parented_loop_does_not_hang() -> None:
     # phi-core's compaction pass reuses its loop id as its own parent.
     s = session(loop("s.c.1", "s.c.1", "a"))
     assert s.loop_chain_to("s.c.1") == ["s.c.1"]
+
+
+def test_metadata_that_refers_back_to_its_records_is_collected() -> None:
+    import gc
+    import weakref
+
+    class Agent:  # a user's object, in the metadata, that holds the recorder
+        recorder: ps.SessionRecorder
+
+    def record_with_a_cycle() -> weakref.ref[Agent]:
+        agent = Agent()
+        agent.recorder = ps.SessionRecorder()
+        metadata = {"agent": agent}
+        agent.recorder.on_event(
+            ps.AgentStart(agent_id="a", session_id="s", loop_id="s.c.1", timestamp=T, metadata=metadata))
+        agent.recorder.on_event(
+            ps.AgentStart(agent_id="a", session_id="s", loop_id="s.c.1", timestamp=T, metadata=metadata))
+        agent.recorder.on_event(ps.AgentEnd(loop_id="s.c.1", messages=(), usage=ps.Usage(input=0, output=0),
+                                            timestamp=T))
+        agent.recorder.checkpoint()
+        [session] = agent.recorder.sessions()
+        metadata["session"] = session  # and straight back at the records
+        metadata["loop"] = session.loops[0]
+        return weakref.ref(agent)
+
+    gone = record_with_a_cycle()
+    gc.collect()
+    assert gone() is None

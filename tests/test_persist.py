@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from phi_session import AgentEvent, MessageUpdate, ParallelLoopEnd, ProgressMessage, Usage
+from phi_session import AgentEvent, MessageUpdate, ParallelLoopEnd, ProgressMessage, Timestamp, Usage
 from phi_session.codec import encode_event, encode_session
 from phi_session.errors import PhiSessionError, StoreError
 from phi_session.journal import ORPHANS_FILE, Journal, JournaledRecorder
@@ -249,7 +249,7 @@ def test_a_late_parallel_event_is_kept_as_an_orphan_without_holding_the_journal(
     first = [e for e in both if getattr(e, "loop_id", "").startswith("s0000000.")]
     second = both[len(first):]
     late = ParallelLoopEnd(session_id="s0000000", selected_loop_id="s0000000.p.m.1", selected_config_index=0,
-                           evaluation_usage=Usage(input=0, output=0))
+                           evaluation_usage=Usage(input=0, output=0), timestamp=Timestamp.now())
     store = JsonDirStore(tmp_path / "store")
     with AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_every=10**9) as persisting:
         persisting.record_all(first)

@@ -341,7 +341,7 @@ def test_parallel_branches_are_pending_until_they_start_and_aborted_if_never() -
     pending = recorder.current_loop("s.b.3")
     assert pending is not None and pending.status == "Pending"
     recorder.record_all([start("s.a.2", "s", at=6), end("s.a.2", at=7)])
-    assert recorder.checkpoint() == 0  # the group has not ended: its winner is still owed
+    assert recorder.checkpoint() == 1  # a Pending branch does not hold its session open (phi-core)
     recorder.flush()
     [session] = recorder.drain_completed()
     statuses = {r.loop_id: r.status for r in session.loops}
@@ -596,38 +596,122 @@ def test_write_ahead_sees_kept_events_in_order_before_they_apply() -> None:
     assert len(seen) == len(kept)
 
 
-def test_checkpoint_waits_for_an_open_parallel_group_and_a_pending_spawn_ref() -> None:
+def group_end(session: str, selected: str, *, at: int = 2) -> ps.ParallelLoopEnd:
+    return ps.ParallelLoopEnd(session_id=session, selected_loop_id=selected, selected_config_index=1,
+                              evaluation_usage=usage(1), timestamp=ts(at))
+
+
+def spawn_end(parent: str, child: str) -> ps.ToolExecutionEnd:
+    return ps.ToolExecutionEnd(loop_id=parent, tool_call_id="t", tool_name="sub",
+                               result=ps.ToolResult(content=(), child_loop_id=child), is_error=False)
+
+
+def test_checkpoint_completes_a_sub_agent_session_before_its_tool_call_ends() -> None:
     recorder = SessionRecorder()
-    recorder.record_all(
-        [
-            ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1",), timestamp=ts(0)),
-            start("s.a.1", "s"),
-            end("s.a.1"),
-            start("p.c.1", "p"),
-            start("k.sub.1", "k", parent="p.c.1"),
-            end("k.sub.1"),
-        ]
-    )
-    assert recorder.checkpoint() == 0  # s awaits its winner, k its tool call
-    recorder.record_all(
-        [
-            ps.ParallelLoopEnd(
-                session_id="s",
-                selected_loop_id="s.a.1",
-                selected_config_index=0,
-                evaluation_usage=usage(0),
-                timestamp=ts(2),
-            ),
-            ps.ToolExecutionEnd(
-                loop_id="p.c.1",
-                tool_call_id="t",
-                tool_name="sub",
-                result=ps.ToolResult(content=(), child_loop_id="k.sub.1"),
-                is_error=False,
-            ),
-        ]
-    )
-    assert recorder.checkpoint() == 2
-    by_id = {s.session_id: s for s in recorder.drain_completed()}
-    assert by_id["s"].loops[0].parallel_group is not None
-    assert by_id["k"].parent_spawn_ref is not None and by_id["k"].parent_spawn_ref.tool_call_id == "t"
+    recorder.record_all([start("p.c.1", "p"), start("k.sub.1", "k", parent="p.c.1"), end("k.sub.1")])
+    assert recorder.checkpoint() == 1  # phi-core: every loop of k has ended
+    recorder.on_event(spawn_end("p.c.1", "k.sub.1"))  # promoted, not drained: enriched in place
+    [child] = recorder.drain_completed()
+    assert child.parent_spawn_ref == ps.SpawnRef(parent_session_id="p", parent_loop_id="p.c.1",
+                                                 tool_call_id="t", tool_name="sub")
+
+
+def test_checkpoint_completes_a_session_whose_branches_ended_before_their_group() -> None:
+    recorder = SessionRecorder()
+    recorder.record_all([
+        ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
+        start("s.a.1", "s"), start("s.b.2", "s"), end("s.a.1"), end("s.b.2"),
+    ])
+    assert recorder.checkpoint() == 1  # phi-core: every loop of s has ended
+    recorder.on_event(group_end("s", "s.b.2"))
+    [session] = recorder.drain_completed()
+    assert [(r.loop_id, r.parallel_group and r.parallel_group.is_selected) for r in session.loops] == [
+        ("s.a.1", False), ("s.b.2", True)]
+
+
+def test_what_a_drained_session_learns_later_comes_back_as_an_amendment() -> None:
+    from phi_session.stores.base import merge_sessions
+
+    events: list[ps.AgentEvent] = [
+        ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
+        start("s.a.1", "s"), end("s.a.1"), start("s.b.2", "s", at=1), end("s.b.2", at=2),
+        start("p.c.1", "p", at=2), start("k.sub.1", "k", at=3, parent="p.c.1"), end("k.sub.1", at=4),
+        start("s.c.3", "s", at=4), group_end("s", "s.b.2", at=5), end("s.c.3", at=6),
+        spawn_end("p.c.1", "k.sub.1"), end("p.c.1", at=7),
+    ]
+    _, whole = record(events, keep_session_events=True)
+    recorder = SessionRecorder(keep_session_events=True)
+    saved: dict[str, ps.Session] = {}
+    handed: list[tuple[ps.Session, bytes]] = []
+    for event in events:
+        recorder.on_event(event)
+        recorder.checkpoint()
+        for session in recorder.drain_completed():
+            handed.append((session, ps.encode(session)))
+            previous = saved.get(session.session_id)
+            saved[session.session_id] = session if previous is None else merge_sessions(previous, session)
+        if isinstance(event, ps.AgentEnd) and event.loop_id == "k.sub.1":
+            assert recorder.may_amend("k")  # drained, still owed its tool call
+    recorder.flush()
+    assert recorder.drain_completed() == []
+    assert not recorder.may_amend("s") and not recorder.may_amend("k")
+    assert {sid: ps.encode(s) for sid, s in saved.items()} == {s.session_id: ps.encode(s) for s in whole}
+    assert all(ps.encode(session) == data for session, data in handed)  # handed over, never changed
+    amendment = [s for s, _ in handed if s.session_id == "k"][-1]
+    assert amendment.loops == [] and amendment.parent_spawn_ref is not None
+    assert amendment.parent_spawn_ref.tool_call_id == "t"
+
+
+def test_a_debt_that_lapses_is_forgotten() -> None:
+    recorder = SessionRecorder()
+    recorder.record_all([start("p.c.1", "p"), start("k.sub.1", "k", parent="p.c.1"), end("k.sub.1")])
+    recorder.checkpoint()
+    recorder.drain_completed()
+    assert recorder.may_amend("k")
+    recorder.on_event(end("p.c.1", at=3))  # the parent ended without naming its sub-agent
+    assert not recorder.may_amend("k")
+    recorder.checkpoint()
+    assert [s.session_id for s in recorder.drain_completed()] == ["p"]
+
+
+def test_callbacks_run_outside_the_lock_so_they_may_wait_for_other_threads() -> None:
+    opened: list[str] = []
+    blocked: list[str] = []
+    workers: list[threading.Thread] = []
+
+    def wait_for_another_thread(session: ps.Session, action: Any) -> None:
+        worker = threading.Thread(target=action)
+        workers.append(worker)
+        worker.start()
+        worker.join(timeout=5)  # under the recorder's lock, the worker would wait for us
+        if worker.is_alive():
+            blocked.append(session.session_id)  # give up, so a regression fails instead of hanging
+
+    def before(session: ps.Session) -> bool:
+        opened.append(session.session_id)
+        if session.session_id == "s":  # another thread opens "t" meanwhile
+            wait_for_another_thread(session, lambda: recorder.on_event(start("t.c.1", "t")))
+        return session.session_id != "t"
+
+    recorder = SessionRecorder(before_task=before,
+                               after_task=lambda session: wait_for_another_thread(session, recorder.stats))
+    recorder.record_all([start("s.c.1", "s"), end("s.c.1")])
+    assert recorder.checkpoint() == 1
+    for worker in workers:
+        worker.join()
+    assert blocked == []
+    assert opened == ["s", "t"]  # in order: "t"'s callback waited for "s"'s to return
+    assert recorder.get_session("t").is_rejected  # type: ignore[union-attr]
+
+
+def test_callbacks_run_in_order_and_a_wrapper_can_defer_them() -> None:
+    order: list[str] = []
+    recorder = SessionRecorder(before_task=lambda s: order.append(f"open {s.session_id}"),
+                               after_task=lambda s: order.append(f"done {s.session_id}"))
+    wrapper_lock = threading.Lock()
+    with recorder.deferred_callbacks():
+        with wrapper_lock:
+            recorder.record_all([start("a.c.1", "a"), start("b.c.1", "b"), end("a.c.1")])
+            recorder.checkpoint()
+            assert order == []  # held back while the wrapper's lock is held
+    assert order == ["open a", "open b", "done a"]

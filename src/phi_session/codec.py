@@ -31,7 +31,6 @@ from .events import (
     StreamDelta,
     TurnEnd,
     TurnRequest,
-    runs_decoders,
 )
 from .messages import (
     LLM_MESSAGE_TYPES,
@@ -112,7 +111,6 @@ _recording_decoder = msgspec.json.Decoder(
 )
 
 
-@runs_decoders
 def decode_for_recording(data: bytes | str) -> AgentEvent | LazyMessageUpdate:
     """The recorder's fast path: like ``decode_event(data, strict=False)``, except that a
     ``MessageUpdate`` comes back as a `LazyMessageUpdate` (decode it fully if you keep it)."""
@@ -296,7 +294,6 @@ _METADATA_FIELDS = {
 _LlmMessage = Union[LLM_MESSAGE_TYPES]  # type: ignore[valid-type]
 
 
-@runs_decoders
 def _convert(obj: Any, tp: Any) -> Any:
     return msgspec.convert(obj, tp, dec_hook=_dec_hook)
 
@@ -431,7 +428,6 @@ def _repair_session(obj: Any, path: str, hidden: _Placeholders) -> Any:
     return obj
 
 
-@runs_decoders
 def _decode(
     data: bytes | str,
     decoder: msgspec.json.Decoder[Any],
@@ -450,7 +446,7 @@ def _decode(
         value, lenient = fast_error, True
     except msgspec.DecodeError as error:
         raise DecodeError(str(error)) from None
-    except (ValueError, OverflowError) as error:  # e.g. a missing timestamp (see events._now)
+    except (ValueError, OverflowError) as error:  # raised by our own parsers (timestamps, tagged enums)
         raise DecodeError(str(error)) from None
     except RecursionError:
         raise DecodeError(f"nesting too deep (phi-core allows {_strict.MAX_DEPTH} levels)") from None

@@ -1,17 +1,16 @@
 """The phi-core 0.10 ``AgentEvent`` vocabulary, as frozen typed records.
 
 Every event is a `msgspec.Struct` tagged by ``"type"`` with its fields in phi-core's
-order, so encoding one gives phi-core's bytes. Build events with keyword arguments;
-``timestamp`` defaults to now (UTC, nanoseconds). When *decoding*, a missing
-timestamp is an error, as in phi-core.
+order, so encoding one gives phi-core's bytes. Build events with keyword arguments.
+``timestamp`` is required wherever phi-core requires it, when constructing as when
+decoding (by this library or by your own msgspec decoder): pass
+``timestamp=Timestamp.now()`` for "now". A default would be filled silently by every
+decoder of these types, and a missing timestamp in phi-core's JSON is an error.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from types import CodeType
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, Union
 
 import msgspec
 from msgspec.structs import force_setattr
@@ -29,6 +28,42 @@ from .messages import (
     Usage,
 )
 
+__all__ = [
+    "COMPACTION",
+    "DEFAULT",
+    "EVENT_TYPES",
+    "INITIAL",
+    "AgentEnd",
+    "AgentEvent",
+    "AgentStart",
+    "ApiProtocol",
+    "CompactionEnded",
+    "CompactionStarted",
+    "ContinuationKind",
+    "Float32",
+    "InputRejected",
+    "LoopConfigSnapshot",
+    "MessageEnd",
+    "MessageStart",
+    "MessageUpdate",
+    "ParallelLoopEnd",
+    "ParallelLoopStart",
+    "ProgressMessage",
+    "PrunApplied",
+    "RevertApplied",
+    "RevertCategory",
+    "SessionFormation",
+    "StreamDelta",
+    "Timestamp",
+    "ToolExecutionEnd",
+    "ToolExecutionStart",
+    "ToolExecutionUpdate",
+    "TurnEnd",
+    "TurnRequest",
+    "TurnStart",
+    "TurnTrigger",
+]
+
 TurnTrigger = Literal["User", "SubAgent", "Continuation", "Branch"]
 """What started a turn. phi-core also reads the legacy ``"FollowUp"`` as ``"Continuation"``."""
 
@@ -38,28 +73,6 @@ ApiProtocol = Literal[
     "bedrock_converse_stream",
 ]
 RevertCategory = Literal["failure", "tangent", "completion", "step-summary"]
-
-# Code objects of the codec functions that run msgspec decoders (see `_now`).
-_DECODER_CODE: set[CodeType] = set()
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def runs_decoders(function: _F) -> _F:
-    """Mark a function that runs msgspec decoders over events (absent timestamps are errors)."""
-    _DECODER_CODE.add(function.__code__)
-    return function
-
-
-def _now() -> Timestamp:
-    # A timestamp left out of *decoded* JSON is an error (phi-core requires it); one
-    # left out of a constructor call means "now". msgspec calls this factory from C,
-    # so the Python frame below is the codec function that ran the decoder when we
-    # are decoding, and the caller's own code otherwise. Checking it costs nothing
-    # on the hot path, unlike a thread-local flag set around every decode.
-    if sys._getframe(1).f_code in _DECODER_CODE:
-        raise ValueError("missing required field `timestamp`")
-    return Timestamp.now()
-
 
 # -- Externally tagged enums ---------------------------------------------------------
 
@@ -361,7 +374,7 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, gc=False, tag_field="typ
     pass
 
 
-class AgentStart(_Event, kw_only=True, frozen=True):
+class AgentStart(_Event, kw_only=True, frozen=True, gc=True):  # holds user metadata
     """A loop begins."""
 
     agent_id: str
@@ -369,7 +382,7 @@ class AgentStart(_Event, kw_only=True, frozen=True):
     loop_id: str
     parent_loop_id: str | None = None
     continuation_kind: ContinuationKind = INITIAL
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
     metadata: Any = None
     config_snapshot: LoopConfigSnapshot | msgspec.UnsetType | None = msgspec.UNSET
     formation: SessionFormation | msgspec.UnsetType = msgspec.UNSET
@@ -386,7 +399,7 @@ class AgentEnd(_Event, kw_only=True, frozen=True):
     loop_id: str
     messages: tuple[AgentMessage, ...]
     usage: Usage
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
     rejection: str | None = None
     error: str | msgspec.UnsetType = msgspec.UNSET
     """phi-session extension: the loop failed with this error (ignored by phi-core)."""
@@ -395,7 +408,7 @@ class AgentEnd(_Event, kw_only=True, frozen=True):
 class TurnStart(_Event, kw_only=True, frozen=True):
     loop_id: str
     turn_index: U32
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
     triggered_by: TurnTrigger | Literal["FollowUp"]
 
     def __post_init__(self) -> None:
@@ -409,14 +422,14 @@ class TurnRequest(_Event, kw_only=True, frozen=True):
     loop_id: str
     turn_index: U32
     payload: AnnotatedRequestPayload
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class TurnEnd(_Event, kw_only=True, frozen=True):
     loop_id: str
     message: AgentMessage
     usage: Usage
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
     tool_results: tuple[Message, ...] = ()
 
 
@@ -476,7 +489,7 @@ class InputRejected(_Event, kw_only=True, frozen=True):
 class ParallelLoopStart(_Event, kw_only=True, frozen=True):
     session_id: str
     loop_ids: tuple[str, ...]
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class ParallelLoopEnd(_Event, kw_only=True, frozen=True):
@@ -484,14 +497,14 @@ class ParallelLoopEnd(_Event, kw_only=True, frozen=True):
     selected_loop_id: str
     selected_config_index: U64
     evaluation_usage: Usage
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class CompactionStarted(_Event, kw_only=True, frozen=True):
     loop_id: str
     estimated_tokens: U64
     message_count: U64
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class PrunApplied(_Event, kw_only=True, frozen=True):
@@ -500,7 +513,7 @@ class PrunApplied(_Event, kw_only=True, frozen=True):
     messages_removed: U64
     memo: str | None = None
     pruned_timestamps: tuple[U64, ...]
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class RevertApplied(_Event, kw_only=True, frozen=True):
@@ -511,7 +524,7 @@ class RevertApplied(_Event, kw_only=True, frozen=True):
     summary: str | None = None
     applied: bool
     reason: str | None = None
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 class CompactionEnded(_Event, kw_only=True, frozen=True):
@@ -521,7 +534,7 @@ class CompactionEnded(_Event, kw_only=True, frozen=True):
     estimated_tokens_before: U64
     estimated_tokens_after: U64
     loops_compacted: U64
-    timestamp: Timestamp = msgspec.field(default_factory=_now)
+    timestamp: Timestamp
 
 
 AgentEvent = Union[

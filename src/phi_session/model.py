@@ -4,6 +4,14 @@
 loop is closed treat its record as finished. Field order is phi-core's, so encoding
 gives phi-core's bytes. Extra phi-session fields (``rejected``, ``error``) are
 written only when set, and phi-core ignores them.
+
+Garbage collection: the structs that hold a user's ``metadata`` (`Session`,
+`LoopRecord`, `LoopEvent`, `events.AgentStart`) are tracked by the cyclic GC, so
+metadata that refers back to its record, session or recorder is collected. The
+other records are ``gc=False`` (far less GC work on large sessions); the free JSON
+values inside messages and tool events (``arguments``, ``args``, ``details``,
+``data``, ``schema``) are data: mutating one of them to refer back to a record
+that holds it makes a cycle the GC cannot collect.
 """
 
 from __future__ import annotations
@@ -76,7 +84,7 @@ class ParallelGroupRecord(_Record, frozen=True):
     is_selected: bool
 
 
-class LoopEvent(_Record, frozen=True):
+class LoopEvent(_Record, frozen=True, gc=True):  # may hold an AgentStart (metadata)
     """One stored event and its per-loop sequence number."""
 
     sequence: U64
@@ -139,7 +147,7 @@ class CompactionBlock(
     created_at: Timestamp
 
 
-class LoopRecord(msgspec.Struct, kw_only=True, gc=False):
+class LoopRecord(msgspec.Struct, kw_only=True):
     """A complete record of one agent-loop execution.
 
     Required fields are required when decoding too; `LoopRecord.start` builds the
@@ -247,7 +255,7 @@ class SessionEvent(NamedTuple):
     event: AgentEvent
 
 
-class Session(msgspec.Struct, kw_only=True, gc=False):
+class Session(msgspec.Struct, kw_only=True):
     """All the loops recorded for one ``session_id``."""
 
     session_id: str

@@ -13,17 +13,21 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
   seen again while the session is still held joins it;
 * ``RevertApplied`` is stored; parallel and loop-less events are kept;
 * `flush` aborts open loops in the order they were opened, and links them to their parent;
-* `checkpoint` keeps a session still owed a parallel winner or a sub-agent's tool call;
+* `checkpoint` completes every session whose loops have all ended, as phi-core does;
+  what a drained session learns later (its parallel winner, the tool call that
+  spawned it) is handed over again by the next drain, as an amendment to merge;
 * sub-agent links use what the recorder saw, not only the loop-id prefix;
 * every ``on_event`` is O(1) amortized, and safe to call from several threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar
 
 import msgspec
 from msgspec.structs import replace
@@ -64,6 +68,9 @@ class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
     * ``before_task(session)``: called once when a session is opened; returning
       ``False`` marks it rejected (it is still recorded, ``"rejected": true``).
     * ``after_task(session)``: called each time a session is completed.
+      Both run after the recorder's lock is released, in the order their sessions
+      were opened and completed, before the call that triggered them returns (unless
+      another thread is running callbacks: it runs them): they may use the recorder.
     * ``keep_session_events``: also write ParallelLoopStart/End into the session file
       (extra ``session_events`` field, ignored by phi-core). Off by default so that
       files stay byte-identical to phi-core's; the recorder keeps them in memory
@@ -146,6 +153,11 @@ class SessionRecorder:
         self._closed_by_id: dict[str, list[LoopRecord]] = {}  # per held session, first record
         self._groups: dict[str, tuple[str, ...]] = {}
         self._open_groups: dict[str, int] = {}  # session id -> parallel groups not yet ended
+        # What drained sessions are still owed, so the late information can be handed
+        # over again (see `drain_completed`); all of it ends with the group or parent loop.
+        self._late_branches: dict[str, list[tuple[Session, LoopRecord]]] = {}  # loop in an open group
+        self._late_groups: dict[str, Session] = {}  # session drained with a group open
+        self._late_spawns: dict[str, dict[str, Session]] = {}  # open parent loop -> sub-agents
         self._spawns: dict[str, tuple[str, str, str, str]] = {}  # child loop -> parent ref
         self._orphans: list[OrphanEvent] = []
         # Session-scoped events that arrive before their session's first AgentStart.
@@ -155,6 +167,11 @@ class SessionRecorder:
         # Write-ahead hook (a journal): called with each kept event's JSON, under the
         # lock and before the event is applied, so the journal's order is ours.
         self._write_ahead: Callable[[bytes | str], object] | None = None
+        # before_task/after_task wait here (callback, session, is before_task) and run
+        # once the lock is released, in order (`_run_callbacks`).
+        self._callbacks: deque[tuple[SessionCallback, Session, bool]] = deque()
+        self._callback_runner = threading.Lock()  # held by the one thread running them
+        self._deferring = threading.local()  # `deferred_callbacks` blocks open in this thread
 
     # -- feeding ------------------------------------------------------------------
 
@@ -171,21 +188,25 @@ class SessionRecorder:
                     self._dropped_deltas += 1
                     return
             decoded = codec.decode_event(data, strict=False)
-        handler = _HANDLERS[type(decoded)]
+        handler = self._handlers[type(decoded)]
         with self._lock:
             if self._write_ahead is not None:
                 self._write_ahead(data)
             handler(self, decoded)
+        if self._callbacks:
+            self._run_callbacks()
 
     def on_event(self, event: AgentEvent) -> None:
         """Record one event."""
-        handler = _HANDLERS.get(type(event))
+        handler = self._handlers.get(type(event))
         if handler is None:
             raise TypeError(f"not an AgentEvent: {type(event).__name__}")
         with self._lock:
             if self._write_ahead is not None and not self._drops(event):
                 self._write_ahead(codec.encode_event(event))
             handler(self, event)
+        if self._callbacks:
+            self._run_callbacks()
 
     def _drops(self, event: AgentEvent) -> bool:
         """Will this event be dropped (a streaming delta of a known loop, deltas off)?"""
@@ -290,9 +311,41 @@ class SessionRecorder:
             held.events.extend(early)
             if self.config.keep_session_events:
                 session.session_events = list(early)
-        if self.config.before_task is not None and self._call(self.config.before_task, session) is False:
-            session.rejected = True
+        if self.config.before_task is not None:
+            self._callbacks.append((self.config.before_task, session, True))
         return held
+
+    def _run_callbacks(self) -> None:
+        """Run the queued callbacks in order, outside the recorder's lock.
+
+        A callback may use the recorder, from its own thread or from another one it
+        waits for. One thread runs them at a time; a thread that finds another one
+        running them leaves its own to that thread (waiting could deadlock).
+        """
+        while (self._callbacks and not getattr(self._deferring, "depth", 0)
+               and self._callback_runner.acquire(blocking=False)):
+            try:
+                while self._callbacks:
+                    callback, session, is_before_task = self._callbacks.popleft()
+                    if self._call(callback, session) is False and is_before_task:
+                        with self._lock:
+                            session.rejected = True
+            finally:
+                self._callback_runner.release()
+
+    @contextlib.contextmanager
+    def deferred_callbacks(self) -> Iterator[None]:
+        """Hold ``before_task``/``after_task`` back until the block ends, then run them.
+
+        For a wrapper that calls the recorder under a lock of its own: enter this
+        first, then take that lock, so the callbacks run once both are released.
+        """
+        self._deferring.depth = getattr(self._deferring, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._deferring.depth -= 1
+            self._run_callbacks()
 
     def _call(self, callback: SessionCallback, session: Session) -> Any:
         # A failing callback must not break recording: report it and go on.
@@ -331,6 +384,7 @@ class SessionRecorder:
             held = self._completed.pop(loop.session_id, None) or self._placeholder_session(record)
             self._open[loop.session_id] = held
         del self._loops[record.loop_id]
+        self._late_spawns.pop(record.loop_id, None)  # its tool calls have all ended
         if loop.started:
             held.open_loops -= 1
         parent_id = record.parent_loop_id
@@ -342,6 +396,9 @@ class SessionRecorder:
                     parent = open_parent.record
             if parent is not None and record.loop_id not in parent.children_loop_ids:
                 parent.children_loop_ids.append(record.loop_id)
+        self._add_closed(held, record)
+
+    def _add_closed(self, held: _HeldSession, record: LoopRecord) -> None:
         held.session.loops.append(record)
         if record.loop_id not in held.closed:
             held.closed[record.loop_id] = record
@@ -391,21 +448,42 @@ class SessionRecorder:
         child_loop_id = event.result.child_loop_id
         if loop is None or not isinstance(child_loop_id, str):
             return
-        child_session_id = self._loop_session.get(child_loop_id) or session_id_from_loop_id(child_loop_id)
+        child_session_id = (self._loop_session.get(child_loop_id)
+                            or self._late_child_session(event.loop_id, child_loop_id)
+                            or session_id_from_loop_id(child_loop_id))
         loop.record.child_loop_refs.append(ChildLoopRef(
             tool_call_id=event.tool_call_id, tool_name=event.tool_name,
             child_loop_id=child_loop_id, child_session_id=child_session_id,
         ))
         parent_ref = (loop.session_id, event.loop_id, event.tool_call_id, event.tool_name)
         self._spawns[child_loop_id] = parent_ref  # for a child that starts later
+        late = self._late_spawns.get(event.loop_id, {}).pop(child_session_id, None)
         held = self._open.get(child_session_id) or self._completed.get(child_session_id)
+        if held is None and late is not None:
+            held = self._amendable(late)  # drained before this tool call ended
         if held is not None:
             spawn = held.session.parent_spawn_ref
-            if spawn is not None and not spawn.tool_call_id:
+            if (spawn is None and late is not None) or (spawn is not None and not spawn.tool_call_id):
                 held.session.parent_spawn_ref = SpawnRef(
                     parent_session_id=parent_ref[0], parent_loop_id=parent_ref[1],
                     tool_call_id=parent_ref[2], tool_name=parent_ref[3],
                 )
+
+    def _late_child_session(self, parent_loop_id: str, child_loop_id: str) -> str | None:
+        """The id of a drained sub-agent session holding `child_loop_id`, if one is owed its tool call."""
+        for session_id, session in self._late_spawns.get(parent_loop_id, {}).items():
+            if session.get_loop(child_loop_id) is not None:
+                return session_id
+        return None
+
+    def _amendable(self, drained: Session) -> _HeldSession:
+        """Where late information for a drained session goes: the session if it is held
+        again, else an amendment (its header, then only what changed) for the next drain."""
+        held = self._open.get(drained.session_id) or self._completed.get(drained.session_id)
+        if held is None:
+            held = _HeldSession(replace(drained, loops=[], session_events=msgspec.UNSET))
+            self._completed[drained.session_id] = held
+        return held
 
     def _on_parallel_start(self, event: ParallelLoopStart) -> None:
         self._session_event(event)
@@ -422,12 +500,6 @@ class SessionRecorder:
             self._loops[loop_id] = _OpenLoop(record, started=False)
 
     def _on_parallel_end(self, event: ParallelLoopEnd) -> None:
-        self._session_event(event)
-        remaining = self._open_groups.get(event.session_id, 0) - 1
-        if remaining > 0:
-            self._open_groups[event.session_id] = remaining
-        else:
-            self._open_groups.pop(event.session_id, None)
         all_ids = self._groups.get(event.selected_loop_id) or (event.selected_loop_id,)
         for loop_id in all_ids:
             group = ParallelGroupRecord(
@@ -440,11 +512,26 @@ class SessionRecorder:
                 loop.record.parallel_group = group
             for record in self._closed_by_id.get(loop_id, ()):
                 record.parallel_group = group
+            for session, record in self._late_branches.pop(loop_id, ()):
+                # Drained already: amend a copy, never what was handed over.
+                self._add_closed(self._amendable(session), replace(
+                    record, parallel_group=group, children_loop_ids=list(record.children_loop_ids),
+                    child_loop_refs=list(record.child_loop_refs)))
         for loop_id in all_ids:
             self._groups.pop(loop_id, None)
+        self._session_event(event)  # after the amendments, which hold a drained session again
+        remaining = self._open_groups.get(event.session_id, 0) - 1
+        if remaining > 0:
+            self._open_groups[event.session_id] = remaining
+        else:
+            self._open_groups.pop(event.session_id, None)
+            self._late_groups.pop(event.session_id, None)
 
     def _session_event(self, event: ParallelLoopStart | ParallelLoopEnd) -> None:
         held = self._open.get(event.session_id) or self._completed.get(event.session_id)
+        late = self._late_groups.get(event.session_id)
+        if held is None and late is not None and isinstance(event, ParallelLoopEnd):
+            held = self._amendable(late)  # drained while this group was open
         if held is None:
             if isinstance(event, ParallelLoopStart):  # announced before its branches start
                 self._early_events.setdefault(event.session_id, []).append(event)
@@ -470,12 +557,15 @@ class SessionRecorder:
                 self._close(loop)
             self._groups.clear()
             self._open_groups.clear()
+            self._late_branches.clear()
+            self._late_groups.clear()
             for events in self._early_events.values():  # announced, but no branch ever started
                 for event in events:
                     self._orphan(event, "parallel group whose session never started")
             self._early_events.clear()
             for session_id in list(self._open):
                 self._complete(session_id)
+        self._run_callbacks()
 
     def _placeholder_session(self, record: LoopRecord) -> _HeldSession:
         session = Session(
@@ -493,33 +583,36 @@ class SessionRecorder:
         held = self._open.pop(session_id)
         self._completed[session_id] = held
         if self.config.after_task is not None:
-            self._call(self.config.after_task, held.session)
+            self._callbacks.append((self.config.after_task, held.session, False))
 
     def checkpoint(self) -> int:
-        """Complete every open session that has no open loop; returns how many.
+        """Complete every open session whose loops have all ended; returns how many.
 
-        Two kinds of sessions wait, so that nothing they are still owed is lost: one
-        with a parallel group that has not ended (its winner is not known yet), and a
-        sub-agent session whose spawning tool call has not ended (its
-        ``parent_spawn_ref`` is completed then). Costs O(open sessions).
-        ``after_task`` fires for each completed session.
+        phi-core's contract: a session is complete once every loop of it has received
+        ``AgentEnd`` (Pending parallel branches that never started do not count),
+        even if its parallel group has not ended or the tool call that spawned it is
+        still running; until drained it is still enriched by such later events.
+        Costs O(open sessions). ``after_task`` fires for each completed session.
         """
         with self._lock:
-            ready = [sid for sid, held in self._open.items()
-                     if held.open_loops == 0 and sid not in self._open_groups
-                     and not self._awaits_spawn_details(held.session)]
+            ready = [sid for sid, held in self._open.items() if held.open_loops == 0]
             for session_id in ready:
                 self._complete(session_id)
-            return len(ready)
-
-    def _awaits_spawn_details(self, session: Session) -> bool:
-        # A sub-agent's session learns its tool call only at the parent's ToolExecutionEnd:
-        # keep it while that parent loop is still open here, or the link stays incomplete.
-        spawn = session.parent_spawn_ref
-        return spawn is not None and not spawn.tool_call_id and spawn.parent_loop_id in self._loops
+        self._run_callbacks()
+        return len(ready)
 
     def drain_completed(self) -> list[Session]:
-        """Hand over the completed sessions and forget them."""
+        """Hand over the completed sessions and forget them (at most one per session id).
+
+        A drained session can still learn something: its parallel group's winner
+        (``ParallelLoopEnd``), the tool call that spawned it (the parent's
+        ``ToolExecutionEnd``). Such late information is handed over again by a later
+        drain, as an *amendment*: a `Session` with the same id and header holding only
+        the loops that changed (copies; what was handed over is never modified) and
+        the new header fields and session events. A store's ``save`` merges it into
+        the saved session (by loop id), so saving every drained session, amendments
+        included, gives the same files as saving once at the end.
+        """
         with self._lock:
             drained = list(self._completed.values())
             self._completed.clear()
@@ -528,8 +621,17 @@ class SessionRecorder:
             return [held.session for held in drained]
 
     def _forget(self, held: _HeldSession) -> None:
-        # Bounded memory: drop every index entry that points into a drained session.
-        for record in held.session.loops:
+        # Bounded memory: drop every index entry that points into a drained session;
+        # remember only what it is still owed, until its group or parent loop ends.
+        session = held.session
+        if session.session_id in self._open_groups:
+            self._late_groups[session.session_id] = session
+        spawn = session.parent_spawn_ref
+        if spawn is not None and not spawn.tool_call_id and spawn.parent_loop_id in self._loops:
+            self._late_spawns.setdefault(spawn.parent_loop_id, {})[session.session_id] = session
+        for record in session.loops:
+            if record.loop_id in self._groups:
+                self._late_branches.setdefault(record.loop_id, []).append((session, record))
             self._loop_session.pop(record.loop_id, None)
             self._spawns.pop(record.loop_id, None)
             for ref in record.child_loop_refs:
@@ -579,6 +681,17 @@ class SessionRecorder:
             held = self._open.get(session_id) or self._completed.get(session_id)
             return list(held.events) if held is not None else []
 
+    def may_amend(self, session_id: str) -> bool:
+        """Whether a drained `session_id` may still come back as an amendment.
+
+        True while it is owed its parallel group's end or the tool call that spawned
+        it; a caller that must keep what it needs to redo the session (a journal's
+        events) keeps it until this turns False.
+        """
+        with self._lock:
+            return session_id in self._late_groups or any(
+                session_id in owed for owed in self._late_spawns.values())
+
     def has_early_events(self, session_id: str) -> bool:
         """Whether parallel events wait for `session_id`'s first loop to start."""
         with self._lock:
@@ -597,6 +710,21 @@ class SessionRecorder:
                 "dropped_deltas": self._dropped_deltas,
             }
 
+    # Event type -> handler; events without their own handler are stored in their loop.
+    _handlers: ClassVar[dict[type, Callable[[SessionRecorder, Any], object]]] = {
+        **dict.fromkeys(EVENT_TYPES, _append),
+        AgentStart: _on_agent_start,
+        AgentEnd: _on_agent_end,
+        TurnStart: _on_turn_start,
+        TurnRequest: _on_turn_request,
+        TurnEnd: _on_turn_end,
+        MessageEnd: _on_message_end,
+        MessageUpdate: _on_message_update,
+        ToolExecutionEnd: _on_tool_end,
+        ParallelLoopStart: _on_parallel_start,
+        ParallelLoopEnd: _on_parallel_end,
+    }
+
 
 def _fallback_config(loop_id: str, message: AssistantMessage) -> LoopConfigSnapshot:
     return LoopConfigSnapshot(
@@ -607,17 +735,3 @@ def _fallback_config(loop_id: str, message: AssistantMessage) -> LoopConfigSnaps
 
 _decode_for_recording = codec.decode_for_recording
 _LazyMessageUpdate = codec.LazyMessageUpdate
-_HANDLERS: dict[type, Callable[[SessionRecorder, Any], object]] = {
-    AgentStart: SessionRecorder._on_agent_start,
-    AgentEnd: SessionRecorder._on_agent_end,
-    TurnStart: SessionRecorder._on_turn_start,
-    TurnRequest: SessionRecorder._on_turn_request,
-    TurnEnd: SessionRecorder._on_turn_end,
-    MessageEnd: SessionRecorder._on_message_end,
-    MessageUpdate: SessionRecorder._on_message_update,
-    ToolExecutionEnd: SessionRecorder._on_tool_end,
-    ParallelLoopStart: SessionRecorder._on_parallel_start,
-    ParallelLoopEnd: SessionRecorder._on_parallel_end,
-}
-for _event_type in EVENT_TYPES:
-    _HANDLERS.setdefault(_event_type, SessionRecorder._append)

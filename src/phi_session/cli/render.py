@@ -382,7 +382,7 @@ def events_table(session: Session, width: int) -> Table:
     positions = {id(record): index for index, record in enumerate(session.loops, start=1)}
     for loop, sequence, event in session.iter_events():
         table.add_row("session" if loop is None else f"#{positions[id(loop)]}",
-                      "" if sequence is None else str(sequence), type(event).__name__,
+                      "" if sequence is None else number(sequence), type(event).__name__,
                       str(getattr(event, "timestamp", "")),
                       plain(_event_detail(event), one_line=True, limit=160))
     return table

@@ -1,0 +1,36 @@
+"""The package's public surface: names, where they live, the version."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import phi_session as ps
+from phi_session import events
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _isort_key(name: str) -> tuple[bool, bool, str]:
+    # ruff's RUF022 order: CONSTANTS, then Classes, then functions, each alphabetical.
+    return (not name.isupper(), not name[:1].isupper(), name)
+
+
+def test_all_is_sorted_and_every_name_resolves() -> None:
+    for module in (ps, events):
+        assert module.__all__ == sorted(module.__all__, key=_isort_key), module.__name__
+        assert len(set(module.__all__)) == len(module.__all__)
+        assert all(getattr(module, name) is not None for name in module.__all__)
+
+
+def test_timestamp_and_float32_come_from_public_modules() -> None:
+    assert ps.Timestamp is events.Timestamp and ps.Float32 is events.Float32
+    snapshot = events.LoopConfigSnapshot(model="m", provider="p", config_id="c", temperature=0.1)
+    assert isinstance(snapshot.temperature, ps.Float32)
+    assert {"Float32", "Timestamp"} <= set(ps.__all__) & set(events.__all__)
+
+
+def test_the_version_has_one_home() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and "\nversion =" not in pyproject
+    assert importlib.metadata.version("phi-session") == ps.__version__
