@@ -8,6 +8,7 @@ producers and workers never disagree on it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
@@ -143,10 +144,11 @@ async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float
         if not re.match(r"(nats|tls)://[^/\s]+/?$", server):
             raise ValueError(f"not a NATS server URL: {server!r} (expected nats://HOST[:PORT])")
     try:
-        return await nats.connect(
+        # Bounded: with endless reconnects, nats-py would retry a first connection forever.
+        return await asyncio.wait_for(nats.connect(
             servers=servers, name=name, connect_timeout=timeout, allow_reconnect=reconnect,
             max_reconnect_attempts=-1 if reconnect else 0, reconnect_time_wait=0.5,
-            error_cb=_quiet, disconnected_cb=None)
+            error_cb=_quiet), timeout * (len(servers) + 1))
     except Exception as error:
         raise BrokerError(f"cannot reach NATS at {url}: {error or type(error).__name__}") from error
 

@@ -21,7 +21,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 
@@ -30,8 +30,16 @@ from ..errors import BrokerError, PhiSessionError
 from ..events import AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
 from ..journal import Journal, read_records
-from .settings import EVENT_ID_HEADER, SESSION_HEADER, StreamSettings, connect, ensure_stream, \
-    event_session_id, partition_of, require_nats
+from .settings import (
+    EVENT_ID_HEADER,
+    SESSION_HEADER,
+    StreamSettings,
+    connect,
+    ensure_stream,
+    event_session_id,
+    partition_of,
+    require_nats,
+)
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -91,7 +99,7 @@ class SinkStats:
     spilled: int
     """Events written to the local spill journal (buffer full or broker unreachable)."""
     pending: int
-    """Events not yet acknowledged: in memory or spilled."""
+    """Events not yet acknowledged: in memory or spilled (after `close`, those it left on disk)."""
 
 
 class JetStreamSink:
@@ -149,23 +157,25 @@ class JetStreamSink:
         self._spill: _Episode | None = None  # the episode new events are appended to
         self._sending: _Entry | None = None  # the entry the sender is publishing
         self._seq = 0
-        self._published = self._spilled = 0
+        self._published = self._spilled = self._left = 0
         self._closed = False
-        self._roots: dict[str, str] = {}  # sub-agent session -> the session it is routed with
+        self._roots: dict[str, str] = {}  # sub-agent session -> the session it goes with
         self._loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
         self._idle = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[Any] | None = None
         self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"phi-session JetStreamSink {url}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"phi-session JetStreamSink {url}",
+                                        daemon=True)
         self._thread.start()
         self._started.wait()
 
     def __repr__(self) -> str:
         return f"JetStreamSink({self.url!r}, stream={self.settings.stream!r})"
 
-    # -- the agent's side ----------------------------------------------------------------
+    # -- the agent's side ----------------------------------------------------------------------------
 
     def __call__(self, event: AgentEvent) -> None:
         payload = encode_event(event)
@@ -220,7 +230,8 @@ class JetStreamSink:
             return
         self._queue.append(self._spill)
         logger.warning("NATS at %s is not taking events as fast as they come (%d waiting): spilling to %s;"
-                       " nothing is dropped, they are sent when it does", self.url, self._in_memory, directory)
+                       " nothing is dropped, they are sent when it does",
+                       self.url, self._in_memory, directory)
 
     def _seal_spill(self) -> None:
         if self._spill is not None:
@@ -233,7 +244,7 @@ class JetStreamSink:
             with contextlib.suppress(RuntimeError):  # the loop just closed
                 loop.call_soon_threadsafe(wakeup.set)
 
-    # -- lifecycle -----------------------------------------------------------------------------
+    # -- lifecycle --------------------------------------------------------------------------
 
     def stats(self) -> SinkStats:
         with self._lock:
@@ -241,7 +252,8 @@ class JetStreamSink:
 
     def _pending(self) -> int:
         entries = [*self._queue, *([self._sending] if self._sending is not None else [])]
-        return sum(entry.count if isinstance(entry, _Episode) else len(entry) for entry in entries)
+        return self._left + sum(entry.count if isinstance(entry, _Episode) else len(entry)
+                                for entry in entries)
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait until JetStream acknowledged every event given so far; False if `timeout`
@@ -250,7 +262,7 @@ class JetStreamSink:
         with self._idle:
             while self._queue or self._sending is not None:
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0 or not self._thread.is_alive():
+                if (remaining is not None and remaining <= 0) or not self._thread.is_alive():
                     return False
                 self._idle.wait(remaining if remaining is not None else _IDLE_WAIT)
             return True
@@ -265,6 +277,9 @@ class JetStreamSink:
         sent = self.flush(timeout)
         self._stop.set()
         self._wake()
+        if not sent and self._loop is not None and self._task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop just ended
+                self._loop.call_soon_threadsafe(self._task.cancel)  # stop a retry in progress
         self._thread.join()
         if not sent:
             self._spill_rest()
@@ -294,6 +309,8 @@ class JetStreamSink:
                                  "cannot be written", len(entry), self.spill_dir)
                 continue
             left += len(entry)
+        with self._lock:
+            self._left = left
         if left:
             logger.warning("%d events not yet acknowledged by NATS at %s are kept in %s; the next "
                            "JetStreamSink on that directory sends them", left, self.url, self.spill_dir)
@@ -304,14 +321,16 @@ class JetStreamSink:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the publishing thread -----------------------------------------------------------------
+    # -- the publishing thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        asyncio.run(_Publisher(self).run())
+        with contextlib.suppress(asyncio.CancelledError):  # `close` gave up on the broker
+            asyncio.run(_Publisher(self).run())
 
-    def bind_loop(self, loop: asyncio.AbstractEventLoop, wakeup: asyncio.Event) -> None:
+    def bind_loop(self, loop: asyncio.AbstractEventLoop, wakeup: asyncio.Event,
+                   task: asyncio.Task[Any] | None) -> None:
         """Called by the publishing thread once its event loop runs."""
-        self._loop, self._wakeup = loop, wakeup
+        self._loop, self._wakeup, self._task = loop, wakeup, task
         self._started.set()
 
     def next_entry(self) -> _Entry | None:
@@ -374,16 +393,18 @@ class _Publisher:
 
     async def run(self) -> None:
         wakeup = asyncio.Event()
-        self.sink.bind_loop(asyncio.get_running_loop(), wakeup)
+        self.sink.bind_loop(asyncio.get_running_loop(), wakeup, asyncio.current_task())
         pause = 0.05
+        leftovers = self.sink.leftover_episodes()
         try:
-            for episode in self.sink.leftover_episodes():
-                while not await self.send(episode.messages()):
+            while leftovers:
+                if not await self.send(leftovers[0].messages()):
                     if self.sink.stopping:
-                        episode.journal.close()
                         return
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 2.0)
+                    continue
+                episode = leftovers.pop(0)
                 episode.remove()
                 logger.warning("sent %d events an earlier process spilled in %s", episode.count,
                                episode.directory)
@@ -407,21 +428,22 @@ class _Publisher:
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 2.0)
         finally:
+            for episode in leftovers:  # not sent: left for the next sink
+                episode.journal.close()
             if self.nc is not None:
                 with contextlib.suppress(Exception):
                     await self.nc.close()
 
     async def send(self, messages: list[_Message]) -> bool:
         """Publish `messages` in order; True once JetStream acknowledged every one."""
-        futures: list[asyncio.Future[object]] = []
+        futures: list[asyncio.Future[Any]] = []
         try:
             js = await self.ready()
             count = self.settings.partitions
             for msg_id, session, key, payload in messages:
                 futures.append(await js.publish_async(
                     self.settings.subject(partition_of(key, count)), payload,
-                    headers={EVENT_ID_HEADER: msg_id, SESSION_HEADER: session},
-                    wait_stall=self.sink.publish_timeout))
+                    headers={EVENT_ID_HEADER: msg_id, SESSION_HEADER: session}))
             await asyncio.wait_for(asyncio.gather(*futures), self.sink.publish_timeout)
         except Exception as error:
             for future in futures:

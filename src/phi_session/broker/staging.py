@@ -103,7 +103,8 @@ class Staging:
             "SELECT stream_seq, event_id, session_id, payload FROM {}"
             " WHERE stream = %s AND part = %s AND state = 0 ORDER BY stream_seq").format(self.table),
             (self.stream, part))
-        return [StagedEvent(seq, event_id, session, bytes(payload)) for seq, event_id, session, payload in rows]
+        return [StagedEvent(seq, event_id, session, bytes(payload))
+                for seq, event_id, session, payload in rows]
 
     async def mark(self, event_ids: list[str], state: int) -> None:
         from psycopg import sql

@@ -64,6 +64,8 @@ class WorkerStats:
     """Messages whose event id was already staged: dropped."""
     recorded: int = 0
     """Events applied to a recorder (replayed ones included)."""
+    held_back: int = 0
+    """Events that waited for an earlier one still to be delivered (redelivered out of order)."""
     rejected: int = 0
     """Events no recorder accepts (not phi-core JSON): kept staged as ``rejected``."""
     sessions_saved: int = 0
@@ -182,7 +184,7 @@ class IngestWorker:
                     await self._release(resources, running, number)
 
     async def _rebalance(self, resources: _Resources, running: dict[int, _PartitionRun]) -> None:
-        for number, run in list(running.items()):
+        for run in list(running.values()):
             if run.task.done():  # a partition failed: that is the worker failing
                 run.task.result()
         staging = resources.staging
@@ -222,7 +224,8 @@ class _Resources:
 
             from ..stores.postgres import PostgresStore
         except ImportError as error:
-            raise StoreError("the ingest worker needs psycopg: pip install 'phi-session[postgres]'") from error
+            raise StoreError("the ingest worker needs psycopg: "
+                             "pip install 'phi-session[postgres]'") from error
         try:
             self.nc: Client = await connect(worker.url, name=f"phi-session ingest {worker.member_id}")
             self.stack.push_async_callback(self.nc.close)
@@ -233,7 +236,8 @@ class _Resources:
             except psycopg.Error as error:
                 raise StoreError(f"cannot connect to PostgreSQL: {error}") from error
             self.stack.push_async_callback(self.conn.close)
-            self.store: PostgresStore = await asyncio.to_thread(PostgresStore, worker.dsn, schema=worker.schema)
+            self.store: PostgresStore = await asyncio.to_thread(
+                PostgresStore, worker.dsn, schema=worker.schema)
             self.stack.callback(self.store.close)
         except BaseException:
             await self.stack.aclose()
@@ -257,6 +261,7 @@ class _PartitionRun:
         self.saver = SessionSaver(resources.store)
         self.waiting: dict[int, StagedEvent] = {}  # staged, not yet applied, by stream sequence
         self.applied: dict[str, list[str]] = {}  # session id -> events applied, session not yet saved
+        self.held: set[int] = set()  # waiting events already counted as held back
         self.stopping = asyncio.Event()
         self.task = asyncio.create_task(self.run(), name=f"partition {number}")
 
@@ -265,12 +270,11 @@ class _PartitionRun:
         await asyncio.gather(self.task, return_exceptions=True)
 
     async def run(self) -> None:
-        from nats.errors import TimeoutError as FetchTimeout
-
         worker, number = self.worker, self.number
         name = f"{worker.durable}-{number}"
         await self.ensure_consumer(name)
-        subscription = await self.resources.js.pull_subscribe_bind(durable=name, stream=worker.settings.stream)
+        subscription = await self.resources.js.pull_subscribe_bind(
+            durable=name, stream=worker.settings.stream)
         try:
             for event in await self.resources.staging.pending(number):
                 self.waiting[event.stream_seq] = event
@@ -281,7 +285,7 @@ class _PartitionRun:
             while not self.stopping.is_set():
                 try:
                     messages = await subscription.fetch(worker.batch, timeout=_FETCH_WAIT)
-                except FetchTimeout:
+                except asyncio.TimeoutError:  # nats-py raises it (or its subclass) on an idle partition
                     messages = []
                 if messages:
                     await self.take(messages)
@@ -347,6 +351,10 @@ class _PartitionRun:
                 continue
             self.applied.setdefault(event.session_id, []).append(event.event_id)
             self.worker.stats.recorded += 1
+        self.held.intersection_update(self.waiting)
+        later = self.waiting.keys() - self.held
+        self.worker.stats.held_back += len(later)
+        self.held.update(later)
         self.worker.stats.rejected += len(rejected)
         await self.resources.staging.mark(rejected, REJECTED)
 
@@ -381,7 +389,8 @@ async def ingest_status(
 
         settings = worker.settings
         try:
-            info = await resources.js.stream_info(settings.stream, subjects_filter=f"{settings.subject_prefix}.>")
+            info = await resources.js.stream_info(
+                settings.stream, subjects_filter=f"{settings.subject_prefix}.>")
         except NotFoundError:
             raise BrokerError(f"no stream {settings.stream} on {url}: nothing was published yet") from None
         settings = await ensure_stream(resources.js, settings)
