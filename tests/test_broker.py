@@ -9,6 +9,7 @@ one `SessionRecorder` in this process: the stored sessions must equal it byte fo
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -40,6 +41,7 @@ from phi_session.stores.postgres import PostgresStore  # noqa: E402
 URL = "nats://127.0.0.1:4222"
 DSN = os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "")
 HELPER = Path(__file__).with_name("broker_processes.py")
+CLI = (sys.executable, "-c", "from phi_session.cli import main; main()")
 
 
 def _listening(port: int) -> bool:
@@ -358,3 +360,39 @@ def test_importing_phi_session_imports_no_broker_client() -> None:
     code = "import sys, phi_session, phi_session.broker; print('nats' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+
+def test_record_to_nats_then_ingest_and_status(names: Names, tmp_path: Path) -> None:
+    events = list(workload.events(2, seed=7))
+    source = tmp_path / "events.jsonl"
+    source.write_bytes(b"\n".join(encode_event(event) for event in events) + b"\n{not json\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PHI_SESSION_NATS_PARTITIONS": "2",
+           "PHI_SESSION_NATS_STREAM": names.stream, "PHI_SESSION_NATS_SUBJECT_PREFIX": names.prefix}
+    store = f"{DSN}{'&' if '?' in DSN else '?'}schema={names.schema}"
+
+    def cli(*args: str, **options: Any) -> Any:
+        return subprocess.run([*CLI, *args], env=env, text=True,
+                              capture_output=True, cwd=tmp_path, **options)
+
+    published = cli("record", str(source), "--to", URL, "--json")
+    assert published.returncode == 0, published.stderr
+    assert '"published": 1240' in published.stdout and "line 1,241" in published.stderr
+    status = cli("ingest", URL, "--store", store, "--status", "--json")
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)
+    assert [row["partition"] for row in rows] == [0, 1]
+    assert sum(row["in_stream"] for row in rows) == len(events)  # the lag: nothing ingested yet
+    worker = subprocess.Popen([*CLI, "ingest", URL, "--store", store],
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=tmp_path)
+    expected = _reference([events])
+    stored = _wait_stored(names.schema, expected)
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "recorded 1,240 events" in out
+    assert stored == expected
+    assert cli("ingest", URL, "--store", str(tmp_path / "x.db")).returncode == 2
