@@ -43,8 +43,9 @@ from phi_session import LoopConfigSnapshot, LoopRecord, Session, SessionFormatio
 from phi_session.codec import encode_session
 from phi_session.model import LoopStatus
 from phi_session.recorder import SessionRecorder
-from phi_session.stores.base import GroupBy, SessionStore
+from phi_session.stores.base import SessionStore
 from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.query import GroupBy, SessionQuery
 from phi_session.stores.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -208,28 +209,28 @@ def query_latency(root: Path, count: int, runs: int) -> None:
         size = os.path.getsize(directory / "sessions.db") + os.path.getsize(directory / "sessions.db-wal")
         print(f"\nSQLite query latency: {count:,} sessions x 5 loops saved in {fill:.1f} s "
               f"({count / fill:,.0f} sessions/s), file {size / MB:.1f} MB; median of {runs} runs\n")
-        queries: list[tuple[str, dict[str, Any]]] = [
-            ("newest 20", {"limit": 20}),
-            ("agent, newest 20", {"agent_id": AGENTS[3], "limit": 20}),
-            ("agent, all", {"agent_id": AGENTS[3]}),
-            ("agent + since (last day)", {"agent_id": AGENTS[3], "since": recent}),
-            ("since (last day)", {"since": recent}),
-            ("status Aborted, newest 20", {"status": "Aborted", "limit": 20}),
-            ("status Rejected, all", {"status": "Rejected"}),
-            ("model gpt-4o, newest 20", {"model": "gpt-4o", "limit": 20}),
-            ("model openai/gpt-4o + agent", {"model": "openai/gpt-4o", "agent_id": AGENTS[3]}),
-            ("top 20 by tokens", {"order": "tokens", "limit": 20}),
-            ("min_tokens 80,000", {"min_tokens": 80_000}),
-            ("children of a session", {"parent_session_id": parent}),
+        queries: list[tuple[str, SessionQuery]] = [
+            ("newest 20", SessionQuery(limit=20)),
+            ("agent, newest 20", SessionQuery(agent_id=AGENTS[3], limit=20)),
+            ("agent, all", SessionQuery(agent_id=AGENTS[3])),
+            ("agent + since (last day)", SessionQuery(agent_id=AGENTS[3], since=recent)),
+            ("since (last day)", SessionQuery(since=recent)),
+            ("status Aborted, newest 20", SessionQuery(status="Aborted", limit=20)),
+            ("status Rejected, all", SessionQuery(status="Rejected")),
+            ("model gpt-4o, newest 20", SessionQuery(model="gpt-4o", limit=20)),
+            ("model openai/gpt-4o + agent", SessionQuery(model="openai/gpt-4o", agent_id=AGENTS[3])),
+            ("top 20 by tokens", SessionQuery(order="tokens", limit=20)),
+            ("min_tokens 80,000", SessionQuery(min_tokens=80_000)),
+            ("children of a session", SessionQuery(parent_session_id=parent)),
         ]
         print(f"{'query':<30}{'rows':>7}{'median ms':>11}")
         print("-" * 48)
         plans = []
-        for label, filters in queries:
-            rows = len(store.query(**filters))
-            median = statistics.median(timed(partial(store.query, **filters)) for _ in range(runs))
+        for label, query in queries:
+            rows = len(store.query(query))
+            median = statistics.median(timed(partial(store.query, query)) for _ in range(runs))
             print(f"{label:<30}{rows:>7}{median * 1000:>11.3f}")
-            plans.append((label, store.explain_query(**filters)))
+            plans.append((label, store.explain_query(query)))
         group_bys: tuple[GroupBy, ...] = ("agent", "model", "day")
         for group_by in group_bys:
             rows = len(store.usage_totals(group_by))

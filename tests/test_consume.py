@@ -171,8 +171,8 @@ def test_a_failing_store_is_retried_and_what_never_saves_is_handed_back() -> Non
     asyncio.run(consume(_stream(), store(flaky)))
     assert len(flaky.sessions) == 1
 
-    broken = MemoryStore(failures=10)
-    stats = asyncio.run(consume(_stream(), store(broken)))
+    broken = MemoryStore(failures=100)
+    stats = asyncio.run(consume(_stream(), store(broken), retry_for=0.1))
     assert broken.sessions == {} and [s.session_id for s in stats.unsaved] == ["s"]
 
 
@@ -216,3 +216,13 @@ def test_a_stray_queue_item_is_counted_and_skipped_not_fatal() -> None:
 
     stats = asyncio.run(main())
     assert stats.decode_errors == 2 and len(memory.sessions) == 1
+
+
+def test_events_of_no_known_loop_are_handed_back_not_dropped() -> None:
+    stray = ps.ProgressMessage(loop_id="nobody.p.m.1", tool_call_id="c", tool_name="t", text="lost?")
+
+    async def source() -> AsyncIterator[ps.AgentEvent]:
+        yield stray
+
+    stats = asyncio.run(consume(source(), store(MemoryStore())))
+    assert [orphan.event for orphan in stats.orphans] == [stray]

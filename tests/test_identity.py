@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -188,8 +190,9 @@ def test_fast_timestamps_equal_the_reference_formatting(seconds: list[int], frac
             assert str(a.stamp(value)) == str(ps.Timestamp.from_ns(value))
 
 
-def test_allocate_loop_reads_the_session_and_the_loop_id_together() -> None:
-    agent = AgentSession(clock=FakeClock())
+@contextmanager
+def rotating(agent: AgentSession) -> Iterator[None]:
+    """Another thread rotates `agent`'s session again and again while the block runs."""
     stop = threading.Event()
 
     def rotate() -> None:
@@ -199,8 +202,32 @@ def test_allocate_loop_reads_the_session_and_the_loop_id_together() -> None:
     thread = threading.Thread(target=rotate)
     thread.start()
     try:
-        pairs = [agent.allocate_loop("c") for _ in range(20000)]
+        yield
     finally:
         stop.set()
         thread.join()
+
+
+def test_allocate_loop_reads_the_session_and_the_loop_id_together() -> None:
+    agent = AgentSession(clock=FakeClock())
+    with rotating(agent):
+        pairs = [agent.allocate_loop("c") for _ in range(20000)]
     assert all(loop_id.startswith(session_id + ".") for session_id, loop_id in pairs)
+
+
+def test_allocate_loops_numbers_each_config_in_one_session() -> None:
+    agent = AgentSession(clock=FakeClock(), session_id="s")
+    assert agent.allocate_loop("b") == ("s", "s.b.1")
+    assert agent.allocate_loops(["a", "b", "a"]) == ("s", ["s.a.1", "s.b.2", "s.a.2"])
+    assert agent.allocate_loops([]) == ("s", [])
+    assert agent.next_loop_id("a") == "s.a.3"
+
+
+def test_allocate_loops_is_one_step_against_a_concurrent_rotation() -> None:
+    agent = AgentSession(clock=FakeClock())
+    with rotating(agent):
+        batches = [agent.allocate_loops(["c", "d", "c"]) for _ in range(5000)]
+    for session_id, loop_ids in batches:
+        assert all(loop_id.startswith(session_id + ".") for loop_id in loop_ids)
+        counts = [int(loop_id.rsplit(".", 1)[1]) for loop_id in loop_ids]
+        assert counts[2] == counts[0] + 1  # the batch's two "c" loops are adjacent

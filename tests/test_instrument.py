@@ -21,6 +21,8 @@ from phi_session.instrument import InstrumentationError, LoopScope, Tracer, Turn
 from phi_session.recorder import SessionRecorder
 from phi_session.sinks import JsonlSink
 
+from .test_identity import rotating
+
 START = "2025-06-01T09:00:00Z"
 SNAP = ps.LoopConfigSnapshot(model="claude-sonnet-4.5", provider="anthropic")
 CONFIG_ID = "anthropic.claude-sonnet-4-5"
@@ -517,6 +519,26 @@ def test_a_branch_that_never_runs_is_recorded_aborted() -> None:
         group.select(0)
     records = {r.loop_id: r.status for r in h.session().loops}
     assert records == {group.loop_ids[0]: "Completed", group.loop_ids[1]: "Aborted"}
+
+
+def test_parallel_branches_share_one_session_while_another_thread_rotates() -> None:
+    agent = AgentSession(clock=FakeClock())
+    tracer = Tracer(agent, config=SNAP)
+    with rotating(agent):
+        groups = [tracer.parallel([SNAP, SNAP, SNAP]) for _ in range(2000)]
+    for group in groups:
+        assert {branch.session_id for branch in group.branches} == {group.session_id}
+        numbers = [int(loop_id.rsplit(".", 1)[1]) for loop_id in group.loop_ids]
+        assert numbers == list(range(numbers[0], numbers[0] + 3))  # no id lost to a retry
+
+
+def test_a_rotation_between_parallel_groups_starts_the_next_in_the_new_session() -> None:
+    h = Harness()
+    first = h.tracer.parallel([SNAP, SNAP])
+    new_session = h.agent.new_session()
+    second = h.tracer.parallel([SNAP, SNAP])
+    assert first.session_id != new_session and second.session_id == new_session
+    assert second.loop_ids == (f"{new_session}.{CONFIG_ID}.1", f"{new_session}.{CONFIG_ID}.2")
 
 
 def test_sub_agent_runs_in_its_own_session_linked_both_ways() -> None:

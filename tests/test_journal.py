@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -10,16 +11,28 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phi_session import AgentEvent, MessageUpdate, ProgressMessage, StreamDelta
+from phi_session import (
+    AgentEnd,
+    AgentEvent,
+    AgentStart,
+    MessageUpdate,
+    ParallelLoopEnd,
+    ParallelLoopStart,
+    ProgressMessage,
+    StreamDelta,
+    Timestamp,
+    Usage,
+)
 from phi_session.codec import decode_session, encode_event, encode_session
 from phi_session.errors import DecodeError, StoreError
 from phi_session.journal import (
@@ -203,6 +216,23 @@ def test_recovery_skips_a_journaled_line_that_is_not_an_event(
     assert stored(store) == recorded(evs)
 
 
+def test_a_session_no_store_can_take_goes_whole_to_the_orphans(tmp_path: Path) -> None:
+    sid, loop, at = "../evil", "../evil.a.1", Timestamp.from_ns(1_750_000_000 * 10**9)
+    evs: list[AgentEvent] = [
+        ParallelLoopStart(session_id=sid, loop_ids=(loop,), timestamp=at),
+        AgentStart(agent_id="a", session_id=sid, loop_id=loop, timestamp=at),
+        AgentEnd(loop_id=loop, messages=(), usage=Usage(input=0, output=0), timestamp=at),
+        ParallelLoopEnd(session_id=sid, selected_loop_id=loop, selected_config_index=0,
+                        evaluation_usage=Usage(input=0, output=0), timestamp=at),
+    ]
+    write_journal(tmp_path, evs, durability="os")
+    config = SessionRecorderConfig(keep_session_events=True)  # the session holds all four
+    report = recover(tmp_path, JsonDirStore(tmp_path / "store"), config=config)
+    assert (report.orphans, report.failed_sessions) == (4, [])
+    orphans = (tmp_path / ORPHANS_FILE).read_bytes().splitlines()
+    assert sorted(orphans) == sorted(encode_event(event) for event in evs)
+
+
 def test_recovering_twice_changes_nothing(tmp_path: Path) -> None:
     write_journal(tmp_path / "j", events(), durability="os", segment_bytes=4096)
     store = JsonDirStore(tmp_path / "store")
@@ -250,6 +280,41 @@ def test_interval_acknowledges_in_the_background(tmp_path: Path) -> None:
         assert journal.sync() == seq == journal.acknowledged_seq
         with pytest.raises(ValueError, match="never appended"):
             journal.wait_acknowledged(seq + 1)
+
+
+@pytest.mark.parametrize("durability", ["always", "interval", "os"])
+def test_threads_appending_while_segments_rotate_and_syncs_run(tmp_path: Path, durability: str) -> None:
+    """Every record lands once, in order, and full segments are closed as they retire."""
+    journal = Journal(tmp_path, durability=durability, segment_bytes=4096)  # type: ignore[arg-type]
+    lines = [encode_event(event) for event in events(6, deltas=0)]
+    stop = threading.Event()
+
+    def append(offset: int) -> None:
+        for line in lines[offset::4]:
+            journal.append_json(line)
+
+    def sync() -> None:
+        while not stop.is_set():
+            journal.sync()
+
+    syncer = threading.Thread(target=sync)
+    syncer.start()
+    appenders = [threading.Thread(target=append, args=(offset,)) for offset in range(4)]
+    for thread in appenders:
+        thread.start()
+    for thread in appenders:
+        thread.join()
+    stop.set()
+    syncer.join()
+    if Path("/proc/self/fd").is_dir():
+        open_segments = [fd for fd in Path("/proc/self/fd").iterdir()
+                         if fd.resolve().parent == tmp_path.resolve() and fd.resolve().suffix == ".wal"]
+        assert len(open_segments) == 1  # the active one
+    journal.close()
+    assert len(segment_files(tmp_path)) > (3 if durability == "os" else 0)  # "os": a frame per record
+    got = list(read_records(tmp_path))
+    assert [r.seq for r in got] == list(range(len(lines)))
+    assert sorted(r.payload for r in got) == sorted(lines)
 
 
 def test_close_writes_everything_and_refuses_appends_afterwards(tmp_path: Path) -> None:
@@ -338,7 +403,7 @@ def test_a_failed_save_keeps_the_journal(tmp_path: Path) -> None:
             super().save(session)
 
     with pytest.raises(RecoveryError, match="1 sessions could not be saved") as raised:
-        recover(tmp_path / "j", Refusing(tmp_path / "store"))
+        recover(tmp_path / "j", Refusing(tmp_path / "store"), retry_for=0.1)
     assert raised.value.report.failed_sessions == ["s0000001"]
     assert segment_files(tmp_path / "j") != []
     store = JsonDirStore(tmp_path / "store")
@@ -396,6 +461,66 @@ def test_files_that_are_not_segments_are_skipped(tmp_path: Path) -> None:
     (tmp_path / "0000000008.wal").write_bytes(MAGIC[:3])  # crashed while creating it
     report = recover(tmp_path, JsonDirStore(tmp_path / "store"))
     assert (report.corrupt_regions, report.torn_records, report.sessions_saved) == (1, 1, 1)
+
+
+@pytest.fixture
+def segmented(tmp_path: Path) -> tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]]:
+    """A journal of single-record frames over several segments: its events, segments,
+    and each segment's sequence numbers."""
+    evs = events(6, deltas=0)  # every event journaled: records and events correspond
+    write_journal(tmp_path / "j", evs, durability="os", segment_bytes=8192)
+    segments = segment_files(tmp_path / "j")
+    assert len(segments) >= 4
+    seqs: dict[Path, list[int]] = {path: [] for path in segments}
+    for record in read_records(tmp_path / "j"):
+        seqs[record.segment].append(record.seq)
+    return tmp_path / "j", evs, segments, seqs
+
+
+def test_half_a_middle_segment_cut_off_is_counted_as_lost(
+        segmented: tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    directory, evs, segments, seqs = segmented
+    middle = segments[1]
+    cut = middle.stat().st_size // 2
+    whole = [end for offset, length in frames(middle) if (end := offset + length) <= cut]
+    os.truncate(middle, cut)
+    store = JsonDirStore(directory.parent / "store")
+    with caplog.at_level(logging.WARNING, "phi_session.journal"):
+        report = recover(directory, store)
+    lost = len(seqs[middle]) - len(whole)
+    assert lost > 0 and cut > whole[-1]  # the cut falls inside a frame
+    assert (report.records_lost, report.corrupt_regions, report.torn_records) == (lost, 1, 0)
+    assert report.bytes_skipped == cut - whole[-1]
+    assert report.events_replayed == len(evs) - lost
+    assert f"{lost} records missing" in caplog.text
+
+
+def test_a_cut_at_a_frame_boundary_and_a_missing_segment_are_counted(
+        segmented: tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]]) -> None:
+    directory, evs, segments, seqs = segmented
+    offset, _ = frames(segments[1])[3]
+    os.truncate(segments[1], offset)  # three whole frames left
+    segments[2].unlink()
+    report = recover(directory, JsonDirStore(directory.parent / "store"))
+    lost = len(seqs[segments[1]]) - 3 + len(seqs[segments[2]])
+    assert (report.records_lost, report.corrupt_regions, report.torn_records, report.bytes_skipped) == (
+        lost, 1, 0, 0)  # one missing stretch: the end of segment 1 and segment 2
+    assert report.events_replayed == len(evs) - lost
+
+
+def test_a_torn_write_followed_by_a_later_run_lost_no_record(tmp_path: Path) -> None:
+    evs = events(4, deltas=0)
+    half = len(evs) // 2
+    write_journal(tmp_path, evs[:half], durability="os")
+    (segment,) = segment_files(tmp_path)
+    os.truncate(segment, segment.stat().st_size - 3)  # the first run crashed mid-write
+    write_journal(tmp_path, evs[half - 1:], durability="os")  # the next run numbers the torn one again
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path, store)
+    assert (report.torn_records, report.records_lost, report.corrupt_regions) == (1, 0, 0)
+    assert (report.segments_read, report.events_replayed) == (2, len(evs))
+    assert stored(store) == recorded(evs)
 
 
 @pytest.fixture(scope="module")
@@ -488,6 +613,84 @@ def test_sigkill_of_an_auto_persisting_recorder_loses_nothing(tmp_path: Path) ->
     assert_all_acknowledged_events_stored(store, last)
     for session_id in store.list_ids():
         store.load(session_id)
+
+
+# -- a full disk --------------------------------------------------------------------------------------
+
+
+def full_disk(real: Callable[..., object], *, closes: bool = False) -> Callable[..., object]:
+    """`real` failing with ENOSPC (a failing ``close`` still closes, as close(2) does)."""
+    def fail(fd: int, *args: object) -> object:
+        if closes:
+            real(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return fail
+
+
+def record_until_failure(sink: JournaledRecorder, fill: Callable[[], None], count: int = 3000) -> int:
+    """Record `stream()` with the disk filling up after 1,000 events; the last index acknowledged."""
+    acknowledged = -1
+    for index, event in enumerate(itertools.islice(stream(), count)):
+        if index == 1000:
+            fill()
+        try:
+            sink.on_event(event)
+        except StoreError:
+            return acknowledged
+        acknowledged = index
+    return acknowledged
+
+
+@pytest.mark.parametrize("durability", ["always", "os"])
+@pytest.mark.parametrize("failing", [("write", "writev"), ("fsync",), ("close",)])
+def test_a_full_disk_is_a_store_error_and_recovery_runs_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, failing: tuple[str, ...]) -> None:
+    journal = Journal(tmp_path / "j", durability=durability, segment_bytes=16 << 10)  # type: ignore[arg-type]
+
+    def fill() -> None:
+        for name in failing:
+            monkeypatch.setattr(os, name, full_disk(getattr(os, name), closes=name == "close"))
+
+    acknowledged = record_until_failure(JournaledRecorder(journal), fill)
+    assert acknowledged >= 999
+    with pytest.raises(StoreError, match="No space left"):
+        journal.close()  # the library's error, and the directory is unlocked all the same
+    monkeypatch.undo()
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path / "j", store)  # in the same process: no JournalLocked
+    assert report.records_lost == report.corrupt_regions == 0
+    assert_all_acknowledged_events_stored(store, acknowledged)
+
+
+@pytest.fixture
+def file_size_limit() -> Iterator[Callable[[int | None], None]]:
+    """Sets RLIMIT_FSIZE (None: as it was): the kernel then fails writes past that size
+    (EFBIG), as it does on a full disk (ENOSPC)."""
+    resource = pytest.importorskip("resource")
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(size: int | None) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous if size is None else (size, previous[1]))
+
+    yield limit
+    limit(None)
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.parametrize("durability", ["always", "os"])
+def test_a_file_size_limit_hit_by_the_kernel_leaves_the_journal_recoverable(
+        tmp_path: Path, file_size_limit: Callable[[int | None], None], durability: str) -> None:
+    journal = Journal(tmp_path / "j", durability=durability)  # type: ignore[arg-type]
+    acknowledged = record_until_failure(JournaledRecorder(journal), lambda: file_size_limit(200_000), 10_000)
+    assert acknowledged >= 999
+    with pytest.raises(StoreError, match="too large"):
+        journal.close()
+    file_size_limit(None)
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path / "j", store)
+    assert report.records_lost == report.corrupt_regions == 0
+    assert_all_acknowledged_events_stored(store, acknowledged)
 
 
 def test_a_journal_without_segments_recovers_to_nothing(tmp_path: Path) -> None:

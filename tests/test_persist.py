@@ -5,20 +5,33 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from phi_session import AgentEvent, MessageUpdate, ParallelLoopEnd, ProgressMessage, Timestamp, Usage
+from phi_session import (
+    AgentEnd,
+    AgentEvent,
+    AgentStart,
+    MessageUpdate,
+    ParallelLoopEnd,
+    ParallelLoopStart,
+    ProgressMessage,
+    Timestamp,
+    Usage,
+)
 from phi_session.codec import encode_event, encode_session
 from phi_session.errors import PhiSessionError, StoreError
 from phi_session.journal import ORPHANS_FILE, Journal, JournaledRecorder
 from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder
-from phi_session.recorder import SessionRecorder
+from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 from phi_session.stores.base import SessionStore
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
@@ -110,7 +123,7 @@ def test_a_slow_store_blocks_the_producer_and_loses_nothing(
     evs = single_loop_sessions(40)
     store = SlowStore(tmp_path / "store")
     with caplog.at_level(logging.WARNING, "phi_session.persist"):
-        with AutoPersistingRecorder(store, checkpoint_every=5, max_pending_sessions=2) as persisting:
+        with AutoPersistingRecorder(store, checkpoint_every=5, max_pending_bytes=1) as persisting:
             persisting.record_all(evs)
             assert persisting.stats()["backpressure_waits"] > 0
     assert "blocking the producer" in caplog.text
@@ -136,7 +149,7 @@ def test_transient_save_failures_are_retried(tmp_path: Path) -> None:
     store = FlakyStore(tmp_path / "store", failures=3)
     with AutoPersistingRecorder(store) as persisting:
         persisting.record_all(evs)
-    assert persisting.stats()["save_errors"] == 3
+    assert persisting.stats()["save_retries"] == 3
     assert stored(store) == recorded(evs)
 
 
@@ -149,7 +162,7 @@ def test_a_session_the_store_keeps_refusing_is_kept_and_reported(
     with pytest.raises(StoreError, match="1 sessions could not be saved"):
         persisting.close()
     assert [s.session_id for s in persisting.failed_sessions()] == ["s0000002"]
-    assert "keeping it in memory" in caplog.text
+    assert "keeping it unsaved" in caplog.text
     assert list((tmp_path / "j").glob("*.wal"))  # the journal still has it
     healthy = JsonDirStore(tmp_path / "store")
     with AutoPersistingRecorder(healthy, journal=tmp_path / "j") as restarted:
@@ -240,7 +253,7 @@ def test_a_failed_recovery_on_start_leaves_the_journal_unlocked(tmp_path: Path) 
         JournaledRecorder(journal).record_all(single_loop_sessions(2))
     refusing = FlakyStore(tmp_path / "store", refused=frozenset({"s0000001"}))
     with pytest.raises(StoreError, match="could not be saved"):
-        AutoPersistingRecorder(refusing, journal=tmp_path / "j")
+        AutoPersistingRecorder(refusing, journal=tmp_path / "j", retry_for=0.1)
     Journal(tmp_path / "j").close()  # not left locked
 
 
@@ -263,3 +276,144 @@ def test_a_late_parallel_event_is_kept_as_an_orphan_without_holding_the_journal(
     orphans = (tmp_path / "j" / "orphans.jsonl").read_text()
     assert orphans.count("ParallelLoopEnd") == 1
     assert len(store.list_ids()) == 2
+
+
+def test_the_writer_holds_at_most_the_byte_budget_plus_one_session(tmp_path: Path) -> None:
+    """Issue 9.10: the bound is bytes, not a count of sessions."""
+    evs = list(stream(sessions=60, loops=1, turns=3))
+    budget = 12_000  # a few sessions of this stream (2-5 kB each)
+    queued: list[float] = []
+
+    class SlowObservedStore(JsonDirStore):
+        def save(self, session: Session) -> None:
+            queued.append(persisting.stats()["bytes_queued"])
+            time.sleep(0.003)
+            super().save(session)
+
+    store = SlowObservedStore(tmp_path / "store")
+    with AutoPersistingRecorder(store, checkpoint_every=40, checkpoint_interval=None,
+                                max_pending_bytes=budget) as persisting:
+        for event in evs:
+            persisting.on_event(event)
+            queued.append(persisting.stats()["bytes_queued"])
+        assert persisting.stats()["backpressure_waits"] > 0
+    largest = max(len(encode_session(store.load(sid), pretty=False)) for sid in store.list_ids())
+    assert max(queued) > budget // 2  # the budget was used...
+    assert max(queued) <= budget + largest  # ...and never exceeded by more than one session
+    assert stored(store) == recorded(evs)
+
+
+def test_the_budget_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_pending_bytes"):
+        AutoPersistingRecorder(JsonDirStore(tmp_path), max_pending_bytes=0)
+
+
+def test_callbacks_run_outside_the_locks(tmp_path: Path) -> None:
+    """Issue 10.8: an after_task that waits on another thread using the recorder does not deadlock."""
+    evs = single_loop_sessions(3)
+    seen: list[str] = []
+
+    def after_task(session: Session) -> None:
+        # Another thread reads the recorder's stats while this callback runs.
+        reader = threading.Thread(target=persisting.stats)
+        reader.start()
+        reader.join(timeout=10)
+        assert not reader.is_alive(), "stats() blocked on a lock held around the callback"
+        seen.append(session.session_id)
+
+    config = SessionRecorderConfig(after_task=after_task)
+    store = JsonDirStore(tmp_path / "store")
+    with AutoPersistingRecorder(store, config=config, checkpoint_every=1, checkpoint_interval=None,
+                                journal=tmp_path / "j") as persisting:
+        persisting.record_all(evs)
+    assert seen == [e.loop_id.split(".")[0] for e in evs if isinstance(e, AgentEnd)]  # in order
+    assert stored(store) == recorded(evs)
+
+
+def test_counters_are_exact_with_concurrent_saves(tmp_path: Path) -> None:
+    """Issue 10.8: every counter changes under its lock (the writer's too)."""
+    evs = single_loop_sessions(40)
+    store = FlakyStore(tmp_path / "store", failures=5)
+    with AutoPersistingRecorder(store, checkpoint_every=3, journal=tmp_path / "j") as persisting:
+        persisting.record_all(evs)
+    stats = persisting.stats()
+    assert stats["events"] == len(evs) and stats["sessions_failed"] == 0
+    assert stats["sessions_saved"] >= 40 and stats["save_retries"] == 5
+
+
+_EXIT_CHILD = """
+import itertools, sys
+sys.path.insert(0, sys.argv[4])
+from journal_kill_worker import stream
+from phi_session.persist import AutoPersistingRecorder
+from phi_session.stores.sqlite import SqliteStore
+
+recorder = AutoPersistingRecorder(SqliteStore(sys.argv[1]), checkpoint_every=3,
+                                  journal=sys.argv[3] if sys.argv[3] != "-" else None)
+for event in itertools.islice(stream(sessions=30), int(sys.argv[5])):
+    recorder.on_event(event)
+if sys.argv[2] == "raise":
+    raise RuntimeError("the agent crashed")
+"""
+
+
+@pytest.mark.parametrize("journaled", [False, True])
+@pytest.mark.parametrize("ending", ["return", "raise"])
+def test_a_program_that_ends_with_the_recorder_open_saves_everything(
+        tmp_path: Path, ending: str, journaled: bool) -> None:
+    """Issue 9.2: the exit hook stops the writer (saving what is pending) before the
+    store's connections are closed; no SIGSEGV, no lost event, many times over."""
+    runs = 8
+    events = 400  # sessions in flight: open loops, and the writer saving at exit
+
+    def run(index: int) -> tuple[int, str, Path]:
+        db = tmp_path / f"{index}.db"
+        journal = str(tmp_path / f"j{index}") if journaled else "-"
+        child = subprocess.run(
+            [sys.executable, "-c", _EXIT_CHILD, str(db), ending, journal, str(Path(__file__).parent),
+             str(events + index)], capture_output=True, text=True, timeout=120)
+        return child.returncode, child.stderr, db
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(run, range(runs)))
+    expected_code = 1 if ending == "raise" else 0
+    for index, (code, stderr, db) in enumerate(results):
+        assert code == expected_code, f"run {index}: exit status {code}\n{stderr}"
+        assert ending != "raise" or "the agent crashed" in stderr
+        evs = list(itertools.islice(stream(sessions=30), events + index))
+        with SqliteStore(db) as store:
+            assert stored(store) == recorded(evs), f"run {index}: events lost"
+
+
+def test_a_drained_session_owed_its_parallel_winner_keeps_its_journal_records(tmp_path: Path) -> None:
+    """Issue 9.1 with a journal: a session drained before its ParallelLoopEnd may come back
+    as an amendment, so the journal keeps its records (recovery could redo it) until then."""
+    ts = Timestamp.now()
+    branches = ("g.a.m.1", "g.b.m.1")
+    group = [ParallelLoopStart(session_id="g", loop_ids=branches, timestamp=ts)]
+    for loop_id in branches:
+        group += [AgentStart(agent_id="x", session_id="g", loop_id=loop_id, timestamp=ts),
+                  AgentEnd(loop_id=loop_id, messages=(), usage=Usage(input=1, output=1), timestamp=ts)]
+    winner = ParallelLoopEnd(session_id="g", selected_loop_id=branches[1], selected_config_index=1,
+                             evaluation_usage=Usage(input=0, output=0), timestamp=ts)
+    others = single_loop_sessions(40)
+    journal = Journal(tmp_path / "j", durability="os", segment_bytes=4096)
+    store = SqliteStore(tmp_path / "s.db")
+
+    def settle() -> None:
+        persisting.checkpoint()
+        assert persisting.wait_saved(timeout=10)  # saved, and the journal told
+
+    with AutoPersistingRecorder(store, journal=journal, checkpoint_every=10**9,
+                                checkpoint_interval=None) as persisting:
+        persisting.record_all(group)
+        settle()  # g is complete (phi-core's contract) and saved, its group still open
+        assert store.list_ids() == ["g"]
+        persisting.record_all(others)
+        settle()
+        first = journal.segments()[0]
+        assert b'"session_id":"g"' in first.read_bytes()  # still kept: g may be amended
+        persisting.on_event(winner)
+        settle()
+        assert not first.exists()  # the amendment is saved: nothing holds it any more
+    assert stored(store) == recorded(group + others + [winner])

@@ -191,6 +191,13 @@ def test_a_failing_processor_fails_closed(caplog: pytest.LogCaptureFixture) -> N
     assert len(errors) == 1 and SECRET_KEY not in caplog.text.split("Traceback")[0]
 
 
+def test_the_redactor_lives_in_its_own_module_and_keeps_its_import_paths() -> None:
+    from phi_session import redactor
+
+    assert Redactor is redactor.Redactor is ps.Redactor and REDACTED is redactor.REDACTED
+    assert Redactor.__module__ == "phi_session.redactor"
+
+
 def test_a_processor_returning_a_non_event_fails_closed() -> None:
     chain = ProcessorChain([lambda event: {"not": "an event"}])  # type: ignore[list-item, return-value]
     event = ps.ProgressMessage(loop_id="l", tool_call_id="t", tool_name="n", text="secret")

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 import phi_session as ps
+from phi_session._failures import FailureTally
 from phi_session.identity import AgentSession, FakeClock
 from phi_session.instrument import Tracer
 from phi_session.recorder import SessionRecorder
-from phi_session.sinks import FanOut, JsonlSink, QueueSink, RecorderSink, as_sink
+from phi_session.sinks import CallableSink, FanOut, JsonlSink, QueueSink, RecorderSink, as_sink
 
 SNAP = ps.LoopConfigSnapshot(model="m", provider="p")
 
@@ -213,3 +214,82 @@ def test_fan_out_close_closes_what_can_be_closed(caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.ERROR), Tracer(sinks=[BadClose(), Closable(), print]):
         pass
     assert closed == ["ok"] and "closing sink" in caplog.text
+
+
+def test_every_built_in_sink_implements_the_whole_sink_interface(tmp_path: Path) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        sinks = [RecorderSink(SessionRecorder()), QueueSink(asyncio.Queue(), loop=loop),
+                 JsonlSink(tmp_path / "e.jsonl")]
+        for sink in sinks:
+            assert isinstance(sink, ps.Sink) and as_sink(sink) is sink
+            sink.flush()
+            sink.close()
+    finally:
+        loop.close()
+
+
+def test_a_callable_becomes_a_sink_keeping_the_parts_it_has(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[str] = []
+
+    class Partial:
+        wants_deltas = False
+
+        def __call__(self, event: ps.AgentEvent) -> None:
+            calls.append("event")
+
+        def flush(self) -> None:
+            calls.append("flush")
+
+    class FailingFlush(Partial):
+        def flush(self) -> None:
+            raise OSError("disk gone")
+
+    partial = Partial()
+    adapted = as_sink(partial)
+    assert isinstance(adapted, CallableSink) and isinstance(adapted, ps.Sink)
+    assert not adapted.wants_deltas and repr(adapted) == repr(partial)
+    plain = as_sink(print)
+    assert plain.wants_deltas
+    plain.flush()  # a plain callable has nothing to flush or close
+    plain.close()
+    t = tracer(partial, FailingFlush())
+    run_loop(t, turns=1)
+    with caplog.at_level(logging.ERROR, logger="phi_session.sinks"):
+        t.flush()  # never raises into the agent
+    assert calls.count("flush") == 1 and "flushing sink" in caplog.text
+    t.close()  # Partial has no close: nothing to call
+
+
+def test_failures_are_counted_per_component_and_each_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    test_logger = logging.getLogger("phi_session.test_failures")
+    quiet = FailureTally(test_logger, "part", "it is skipped", traceback=False)
+    loud = FailureTally(test_logger, "part", "it is skipped", traceback=True)
+    first, second = Boom(), Boom()
+    with caplog.at_level(logging.DEBUG, logger="phi_session.test_failures"):
+        for _ in range(3):
+            quiet.record(first, ValueError("the secret"))
+        quiet.record(second, KeyError("k"))
+        loud.record(first, RuntimeError("boom"))
+    assert quiet.counts == {repr(first): 3, repr(second): 1} and quiet.total == 4
+    assert loud.counts == {repr(first): 1} and loud.total == 1
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 3  # once per component and tally
+    assert [r.exc_info is not None for r in errors] == [False, False, True]
+    assert "the secret" not in "".join(r.getMessage() for r in errors)
+    assert sum(r.levelno == logging.DEBUG and r.exc_info is not None for r in caplog.records) == 2
+
+
+def test_sink_and_processor_failures_share_one_accounting(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(event: ps.AgentEvent) -> ps.AgentEvent:
+        raise ValueError("no")
+
+    boom = Boom()
+    t = Tracer(AgentSession(clock=FakeClock()), sinks=[boom], processors=[broken], config=SNAP)
+    with caplog.at_level(logging.ERROR):
+        run_loop(t, turns=1)
+    assert t.sink_errors == {repr(boom): boom.calls} and t.processor_failures == {repr(broken): boom.calls}
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(messages) == 2
+    assert messages[0].startswith("processor ") and "failed with ValueError" in messages[0]
+    assert messages[1].startswith("sink ") and "failed with RuntimeError" in messages[1]

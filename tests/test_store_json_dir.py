@@ -27,6 +27,7 @@ from phi_session.stores.json_dir import (
     load_sessions_for_agent,
     save_session,
 )
+from phi_session.stores.query import PruneCriteria, SessionQuery
 
 
 class TestJsonDirConformance(StoreConformance):
@@ -237,7 +238,7 @@ def test_corrupt_file_is_reported_or_skipped(
     assert "bad" in caplog.text
     assert [row.session_id for row in store.query()] == ["good"]
     assert [total.sessions for total in store.usage_totals()] == [1]
-    assert store.prune(keep_last=0) == 1  # the unreadable file is never pruned
+    assert store.prune(PruneCriteria(keep_last=0)) == 1  # the unreadable file is never pruned
     assert store.list_ids() == ["bad"]
     with pytest.raises(StoreError, match=r"bad\.json"):  # nor overwritten by a save
         store.save(make_session("bad", "x"))
@@ -268,7 +269,7 @@ def test_queries_parse_only_new_or_changed_files(
         save_session(make_session(session_id), directory)  # another store: not in this cache
     assert len(store.query()) == 3
     assert len(parsed) == 3
-    assert len(store.query(order="tokens")) == 3
+    assert len(store.query(SessionQuery(order="tokens"))) == 3
     store.usage_totals("model")
     store.list_for_agent("nobody")
     assert len(parsed) == 3

@@ -74,6 +74,41 @@ def test_repeated_loop_ids_match_by_occurrence() -> None:
     assert len(merged.loops[1].events) == 3
 
 
+def test_the_same_loop_saved_with_another_start_time_is_one_record() -> None:
+    # A restarted or re-stamped AgentStart: the two versions were alive at the same
+    # time, so they are one loop, whatever their start times say.
+    running = make_loop("s", 1, status="Running", events=2, started_at=at(0))
+    done = make_loop("s", 1, events=3, started_at=at(5))
+    for stored, incoming in ((running, done), (done, running)):
+        merged = merge_sessions(make_session("s", loops=[stored]), make_session("s", loops=[incoming]))
+        assert merged.loops == [done]  # the finished version wins, its start time with it
+    # Finished versions whose lifetimes overlap (each lasts half a second).
+    fewer = make_loop("s", 1, events=1, started_at=at(0))
+    more = make_loop("s", 1, events=4, started_at=at(0.25))
+    for stored, incoming in ((fewer, more), (more, fewer)):
+        merged = merge_sessions(make_session("s", loops=[stored]), make_session("s", loops=[incoming]))
+        assert merged.loops == [more]  # more events win
+    tied = make_loop("s", 1, events=1, tokens=7, started_at=at(0.25))
+    merged = merge_sessions(make_session("s", loops=[fewer]), make_session("s", loops=[tied]))
+    assert merged.loops == [tied]  # a tie goes to the incoming save
+
+
+def test_an_id_used_again_after_its_loop_ended_is_a_second_record() -> None:
+    # phi-core's compaction pass starts a record under the id of the last, finished
+    # loop (as its own parent); phi-core keeps both, and so does the merge.
+    original = make_loop("s", 1, events=2, started_at=at(0))  # ends at 0.5 s
+    first_pass = make_loop("s", 1, events=1, parent_index=1, started_at=at(0.5))
+    second_pass = make_loop("s", 1, events=1, parent_index=1, started_at=at(20))
+    merged = merge_sessions(make_session("s", loops=[original]), make_session("s", loops=[first_pass]))
+    merged = merge_sessions(merged, make_session("s", loops=[second_pass]))
+    assert [record.started_at for record in merged.loops] == [at(0), at(0.5), at(20)]
+    again = merge_sessions(merged, make_session("s", loops=[original, first_pass, second_pass]))
+    assert again.loops == merged.loops  # saving them all again matches each with itself
+    # A snapshot taken while the second pass was still running is that pass.
+    running_pass = make_loop("s", 1, status="Running", parent_index=1, started_at=at(19.9))
+    assert merge_sessions(merged, make_session("s", loops=[running_pass])).loops == merged.loops
+
+
 def test_session_header() -> None:
     stored = make_session("s", created_at=at(10), last_active_at=at(20))
     incoming = make_session("s", created_at=at(5), last_active_at=at(15))

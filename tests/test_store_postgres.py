@@ -29,6 +29,7 @@ from phi_session.errors import SessionLocked, StoreError
 from phi_session.model import Session
 from phi_session.stores import postgres
 from phi_session.stores.conformance import StoreConformance, at, make_loop, make_session
+from phi_session.stores.query import PruneCriteria, SessionQuery
 
 from .pg_concurrency_worker import SESSION_IDS, SHARED_LOOPS, own_loop_index, shared_loop_index
 
@@ -143,7 +144,7 @@ def test_lock_wait_beyond_lock_timeout_raises_session_locked(schema: str, admin:
                 store.delete("busy")
             assert _loop_ids(store.load("busy")) == ["busy.cfg.1"]  # readers never wait
             # prune skips the session being written instead of waiting for it
-            assert store.prune(keep_last=0) == 1
+            assert store.prune(PruneCriteria(keep_last=0)) == 1
         assert store.list_ids() == ["busy"]
         store.save(make_session("busy", loops=[make_loop("busy", 2)]))  # the lock is gone
         assert _loop_ids(store.load("busy")) == ["busy.cfg.1", "busy.cfg.2"]
@@ -238,7 +239,7 @@ def test_values_beyond_bigint_survive_in_records_and_summaries(store: postgres.P
     session.scope = "persistent"
     store.save(session)
     assert encode_session(store.load("s")) == encode_session(session)
-    [summary] = store.query(min_tokens=huge)
+    [summary] = store.query(SessionQuery(min_tokens=huge))
     assert summary.usage.total_tokens == huge + 8  # the token columns are NUMERIC
     assert summary.created_at == ancient  # exact, from the stored header
     assert summary.rejected
@@ -250,23 +251,23 @@ def test_model_names_containing_slashes(store: postgres.PostgresStore) -> None:
     store.save(make_session("r", loops=[make_loop("r", 1, model="openrouter/meta-llama/llama-3")]))
     store.save(make_session("o", loops=[make_loop("o", 1, model="openai/gpt-4o")]))
     for name in ("openrouter/meta-llama/llama-3", "meta-llama/llama-3"):
-        assert [s.session_id for s in store.query(model=name)] == ["r"]
-    assert store.query(model="openrouter") == []
-    assert store.query(model="llama-3") == []
+        assert [s.session_id for s in store.query(SessionQuery(model=name))] == ["r"]
+    assert store.query(SessionQuery(model="openrouter")) == []
+    assert store.query(SessionQuery(model="llama-3")) == []
     assert [t.key for t in store.usage_totals("model")] == ["openai/gpt-4o", "openrouter/meta-llama/llama-3"]
 
 
 def test_explain_query_shows_the_plan(store: postgres.PostgresStore) -> None:
     store.save(make_session("s"))
-    plan = store.explain_query(agent_id="agent", order="newest", limit=1)
+    plan = store.explain_query(SessionQuery(agent_id="agent", order="newest", limit=1))
     assert "sessions" in plan and "Limit" in plan
-    assert "actual time" in store.explain_query(analyze=True, model="gpt-4o")
+    assert "actual time" in store.explain_query(SessionQuery(model="gpt-4o"), analyze=True)
 
 
 def test_prune_removes_the_loop_rows_too(store: postgres.PostgresStore, admin: Any) -> None:
     store.save(make_session("old", loops=[make_loop("old", 1), make_loop("old", 2)], last_active_at=at(0)))
     store.save(make_session("new", last_active_at=at(100)))
-    assert store.prune(older_than=at(50)) == 1
+    assert store.prune(PruneCriteria(older_than=at(50))) == 1
     rows = admin.execute(sql.SQL("SELECT session_id, count(*) FROM {} GROUP BY 1").format(
         _table(store.schema, "loops"))).fetchall()
     assert rows == [("new", 1)]

@@ -19,6 +19,7 @@ from .consume import ConsumeStats, consume
 from .errors import (
     DecodeError,
     InstrumentationError,
+    InvalidQuery,
     InvalidSessionId,
     InvalidStoreUrl,
     JournalLocked,
@@ -102,6 +103,7 @@ from .model import (
 from .persist import AutoPersistingRecorder
 from .processors import REDACTED, Processor, ProcessorChain, Redactor, withhold
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
+from .saver import SaveOutcome, SaveStats, SessionSaver
 from .sinks import FanOut, JsonlSink, QueueSink, RecorderSink, Sink
 from .stores.base import SessionStore, SessionSummary, UsageTotal
 from .stores.json_dir import (
@@ -112,6 +114,7 @@ from .stores.json_dir import (
     load_sessions_for_agent,
     save_session,
 )
+from .stores.query import PruneCriteria, SessionQuery
 
 if TYPE_CHECKING:
     from .stores.postgres import PostgresStore
@@ -120,22 +123,16 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"  # the only place: pyproject.toml reads it (hatch dynamic version)
 
-# Backends with heavier imports (sqlite3, psycopg) load on first use.
-_LAZY = {
-    "SqliteStore": "phi_session.stores.sqlite",
-    "PostgresStore": "phi_session.stores.postgres",
-    "open_store": "phi_session.stores.urls",
-    "default_store": "phi_session.stores.urls",
-}
+# Backends with heavier imports (sqlite3, psycopg) load on first use, as in `phi_session.stores`.
+_FROM_STORES = frozenset({"SqliteStore", "PostgresStore", "open_store", "default_store"})
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _FROM_STORES:
         raise AttributeError(f"module 'phi_session' has no attribute {name!r}")
-    import importlib
+    from . import stores
 
-    return getattr(importlib.import_module(module), name)
+    return getattr(stores, name)
 
 
 __all__ = [
@@ -168,6 +165,7 @@ __all__ = [
     "ImageContent",
     "InputRejected",
     "InstrumentationError",
+    "InvalidQuery",
     "InvalidSessionId",
     "InvalidStoreUrl",
     "Journal",
@@ -197,18 +195,23 @@ __all__ = [
     "ProcessorChain",
     "ProgressMessage",
     "PrunApplied",
+    "PruneCriteria",
     "QueueSink",
     "RecorderSink",
     "RecoveryError",
     "RecoveryReport",
     "Redactor",
     "RevertApplied",
+    "SaveOutcome",
+    "SaveStats",
     "Session",
     "SessionFormation",
     "SessionLocked",
     "SessionNotFound",
+    "SessionQuery",
     "SessionRecorder",
     "SessionRecorderConfig",
+    "SessionSaver",
     "SessionScope",
     "SessionStore",
     "SessionSummary",

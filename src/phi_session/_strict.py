@@ -15,13 +15,20 @@ import math
 from typing import Any
 
 from .errors import DecodeError
+from .events import MESSAGE_FIELDS_BY_TAG
 
 _U64_MAX = 2**64 - 1
 _I64_MIN = -(2**63)
 MAX_DEPTH = 128
 # Free-form values, where phi-core lets the last repeated key win.
 _FREE_FORM = frozenset({"metadata", "args", "arguments", "details", "data", "parameters", "schema"})
-_MESSAGE_EVENTS = frozenset({"MessageStart", "MessageUpdate", "MessageEnd", "TurnEnd"})
+# Per event type, the fields holding agent-form messages, which phi-core reads leniently
+# (repeated keys included); plain-form messages are record objects like any other.
+_AGENT_MESSAGE_KEYS = {
+    tag: frozenset(field.name for field in fields if field.agent)
+    for tag, fields in MESSAGE_FIELDS_BY_TAG.items()
+}
+_NO_KEYS: frozenset[str] = frozenset()
 
 
 class _Repeated(dict):  # type: ignore[type-arg]
@@ -100,12 +107,10 @@ def check_event(node: Any, path: str = "$") -> None:
         return
     _reject_repeated(node, path)
     kind = node.get("type")
-    if not isinstance(kind, str):
-        kind = None  # not an event at all: the typed decode names the error
+    # Not a string: not an event at all, and the typed decode names the error.
+    messages = _AGENT_MESSAGE_KEYS.get(kind, _NO_KEYS) if isinstance(kind, str) else _NO_KEYS
     for key, value in node.items():
-        if key in _FREE_FORM or (key == "message" and kind in _MESSAGE_EVENTS) or (
-            key == "messages" and kind == "AgentEnd"
-        ):
+        if key in _FREE_FORM or key in messages:
             continue
         _check_generic(value, f"{path}.{key}")
 

@@ -21,16 +21,16 @@ from ._time import Timestamp
 from .errors import DecodeError
 from .events import (
     EVENT_TYPES,
-    AgentEnd,
+    MESSAGE_FIELDS_BY_TAG,
     AgentEvent,
     ContinuationKind,
-    MessageEnd,
-    MessageStart,
+    LoopConfigSnapshot,
+    MessageField,
     MessageUpdate,
     SessionFormation,
     StreamDelta,
-    TurnEnd,
-    TurnRequest,
+    map_messages,
+    message_mappers,
 )
 from .messages import (
     LLM_MESSAGE_TYPES,
@@ -40,6 +40,7 @@ from .messages import (
     Message,
     NodeTag,
     TurnId,
+    Usage,
     extension_message,
 )
 from .model import CompactedSection, CompactionBlock, LoopEvent, LoopRecord, Session, Turn
@@ -115,7 +116,7 @@ def decode_for_recording(data: bytes | str) -> AgentEvent | LazyMessageUpdate:
     """The recorder's fast path: like ``decode_event(data, strict=False)``, except that a
     ``MessageUpdate`` comes back as a `LazyMessageUpdate` (decode it fully if you keep it)."""
     try:
-        return _recording_decoder.decode(data)  # type: ignore[no-any-return]
+        return _strip_plain(_recording_decoder.decode(data))  # type: ignore[no-any-return]
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError, OverflowError, RecursionError):
         return decode_event(data, strict=False)  # the full path: leniencies, or a clear error
 _session_decoder = msgspec.json.Decoder(Session, dec_hook=_dec_hook)
@@ -129,13 +130,8 @@ MessageFn = Callable[[Any], Any]
 
 
 def map_event_messages(event: Any, fn: MessageFn) -> Any:
-    """A copy of `event` with every agent-form message replaced by ``fn(message)``."""
-    tp = type(event)
-    if tp is MessageEnd or tp is MessageStart or tp is MessageUpdate or tp is TurnEnd:
-        return replace(event, message=fn(event.message))
-    if tp is AgentEnd:
-        return replace(event, messages=tuple(fn(m) for m in event.messages))
-    return event
+    """`event` with every agent-form message replaced by ``fn(message)``."""
+    return map_messages(event, fn, agent=True)
 
 
 def _map_turn(turn: Turn, fn: MessageFn) -> Turn:
@@ -156,8 +152,10 @@ def _map_section(section: CompactedSection | None, fn: MessageFn) -> CompactedSe
 def map_loop_messages(record: LoopRecord, fn: MessageFn) -> LoopRecord:
     """A copy of `record` with every agent-form message (events included) mapped by `fn`."""
     events = []
+    mappers = message_mappers(agent=True)
     for item in record.events:
-        mapped = map_event_messages(item.event, fn)
+        mapper = mappers.get(type(item.event))
+        mapped = item.event if mapper is None else mapper(item.event, fn)
         events.append(item if mapped is item.event else LoopEvent(sequence=item.sequence, event=mapped))
     block = record.compaction_block
     if isinstance(block, CompactionBlock):
@@ -211,33 +209,32 @@ def _plain_message(message: Message) -> Message:
 
 
 def _strip_plain(event: Any) -> Any:
-    """Drop agent metadata from the plain-form messages of TurnEnd and TurnRequest."""
-    tp = type(event)
-    if tp is TurnEnd:
-        results = event.tool_results
-        stripped = tuple(_plain_message(m) for m in results)
-        if any(a is not b for a, b in zip(stripped, results, strict=True)):
-            return replace(event, tool_results=stripped)
-    elif tp is TurnRequest:
-        messages = event.payload.messages
-        stripped = tuple(_plain_message(m) for m in messages)
-        if any(a is not b for a, b in zip(stripped, messages, strict=True)):
-            return replace(event, payload=replace(event.payload, messages=stripped))
-    return event
+    """Drop agent metadata from the plain-form messages of an event."""
+    return map_messages(event, _plain_message, agent=False)
 
 
 def _strip_loop(record: LoopRecord) -> LoopRecord:
+    """`record` without agent metadata in its plain-form messages: itself when it has
+    none, else a copy. Decoders drop such metadata (as phi-core does) and encoders
+    never write it, so a record encodes the same before and after a round trip."""
+    events = None
     for index, item in enumerate(record.events):
         stripped = _strip_plain(item.event)
         if stripped is not item.event:
-            record.events[index] = LoopEvent(sequence=item.sequence, event=stripped)
+            events = events if events is not None else list(record.events)
+            events[index] = LoopEvent(sequence=item.sequence, event=stripped)
+    turns = None
     for index, turn in enumerate(record.turns):
         payload = turn.request_payload
         if payload is not None:
             messages = tuple(_plain_message(m) for m in payload.messages)
             if any(a is not b for a, b in zip(messages, payload.messages, strict=True)):
-                record.turns[index] = replace(turn, request_payload=replace(payload, messages=messages))
-    return record
+                turns = turns if turns is not None else list(record.turns)
+                turns[index] = replace(turn, request_payload=replace(payload, messages=messages))
+    if events is None and turns is None:
+        return record
+    return replace(record, events=events if events is not None else record.events,
+                   turns=turns if turns is not None else record.turns)
 
 
 def encode_event(event: AgentEvent) -> bytes:
@@ -245,9 +242,26 @@ def encode_event(event: AgentEvent) -> bytes:
     return _plain.encode(map_event_messages(_strip_plain(event), _RawMessages()))
 
 
+def encode_record(record: LoopConfigSnapshot | Usage) -> bytes:
+    """A record carried inside events (a config snapshot, a usage), compact, as phi-core writes it."""
+    return _plain.encode(record)
+
+
+_RecordT = TypeVar("_RecordT", LoopConfigSnapshot, Usage)
+
+
+def decode_record(data: bytes | str, kind: type[_RecordT]) -> _RecordT:
+    """The inverse of `encode_record`. Raises `DecodeError`."""
+    try:
+        decoded: _RecordT = msgspec.json.decode(data, type=kind, dec_hook=_dec_hook)
+    except msgspec.DecodeError as error:  # ValidationError included
+        raise DecodeError(f"not a {kind.__name__}: {error}") from None
+    return decoded
+
+
 def _session_for_encoding(session: Session) -> Session:
     to_raw = _RawMessages()
-    return replace(session, loops=[map_loop_messages(r, to_raw) for r in session.loops])
+    return replace(session, loops=[map_loop_messages(_strip_loop(r), to_raw) for r in session.loops])
 
 
 def encode_session(session: Session, *, pretty: bool = True) -> bytes:
@@ -257,7 +271,7 @@ def encode_session(session: Session, *, pretty: bool = True) -> bytes:
 
 
 def encode_loop(record: LoopRecord, *, pretty: bool = True) -> bytes:
-    data = _plain.encode(map_loop_messages(record, _RawMessages()))
+    data = _plain.encode(map_loop_messages(_strip_loop(record), _RawMessages()))
     return msgspec.json.format(data, indent=2) if pretty else data
 
 
@@ -368,17 +382,25 @@ def _repair_event(obj: Any, path: str, hidden: _Placeholders) -> Any:
     if not isinstance(obj, dict):
         return obj
     kind = obj.get("type")
-    if kind in ("MessageStart", "MessageUpdate", "MessageEnd", "TurnEnd") and "message" in obj:
-        obj["message"] = _lenient_message(obj["message"], f"{path}.message", hidden)
-    if kind == "AgentEnd" and isinstance(obj.get("messages"), list):
-        obj["messages"] = [
-            _lenient_message(m, f"{path}.messages[{i}]", hidden) for i, m in enumerate(obj["messages"])
-        ]
-    if kind == "TurnEnd" and isinstance(obj.get("tool_results"), list):
-        obj["tool_results"] = [_lenient_plain(m, path) for m in obj["tool_results"]]
-    if kind == "TurnRequest":
-        _repair_payload(obj.get("payload"), path)
+    for field in MESSAGE_FIELDS_BY_TAG.get(kind, ()) if isinstance(kind, str) else ():
+        container: Any = obj
+        key, where = field.name, f"{path}.{field.name}"
+        if field.within is not None:
+            container, key, where = obj.get(field.name), field.within, f"{where}.{field.within}"
+            if not isinstance(container, dict):
+                continue
+        if key not in container:
+            continue
+        value = container[key]
+        if not field.many:
+            container[key] = _lenient_field(field, value, where, hidden)
+        elif isinstance(value, list):
+            container[key] = [_lenient_field(field, m, f"{where}[{i}]", hidden) for i, m in enumerate(value)]
     return obj
+
+
+def _lenient_field(field: MessageField, obj: Any, path: str, hidden: _Placeholders) -> Any:
+    return _lenient_message(obj, path, hidden) if field.agent else _lenient_plain(obj, path)
 
 
 def _repair_payload(payload: Any, path: str) -> None:
@@ -504,8 +526,7 @@ def decode_session(data: bytes | str, *, strict: bool = True) -> Session:
     """Read a session file. Raises `DecodeError` (see `decode_event` for `strict`)."""
     check = _strict.check_session if strict else None
     session: Session = _decode(data, _session_decoder, Session, _repair_session, _restore_session, check)
-    for record in session.loops:
-        _strip_loop(record)
+    session.loops = [_strip_loop(record) for record in session.loops]
     return session
 
 

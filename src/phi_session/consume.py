@@ -27,7 +27,8 @@ from typing import Union
 from .errors import DecodeError
 from .events import EVENT_TYPES, AgentEvent
 from .model import Session
-from .recorder import SessionRecorder
+from .recorder import OrphanEvent, SessionRecorder
+from .saver import SessionSaver
 from .stores.base import SessionStore
 
 __all__ = ["ConsumeStats", "Source", "consume"]
@@ -52,18 +53,16 @@ class ConsumeStats:
     """Successful session saves (a session saved at two checkpoints counts twice)."""
     checkpoints: int = 0
     unsaved: list[Session] = field(default_factory=list)
-    """Sessions the store refused at shutdown; nothing else holds them."""
+    """Sessions the store still refused at shutdown (see `SessionSaver`); nothing else holds them."""
+    orphans: list[OrphanEvent] = field(default_factory=list)
+    """Events that belonged to no known loop, taken from the recorder at shutdown."""
 
 
 class _Consumer:
-    def __init__(self, store: SessionStore, recorder: SessionRecorder, interval: float | None) -> None:
-        self.store = store
+    def __init__(self, saver: SessionSaver, recorder: SessionRecorder) -> None:
+        self.saver = saver
         self.recorder = recorder
-        self.interval = interval
         self.stats = ConsumeStats()
-        # Drained from the recorder, not yet confirmed saved: nothing is lost if a
-        # save fails or is interrupted by cancellation.
-        self.pending: list[Session] = []
 
     def feed(self, item: AgentEvent | bytes | str) -> None:
         self.stats.events += 1
@@ -83,24 +82,11 @@ class _Consumer:
             return
         self.recorder.on_event(item)
 
-    async def save_pending(self) -> None:
-        self.pending.extend(self.recorder.drain_completed())
-        while self.pending:
-            session = self.pending[0]
-            try:
-                await self.store.asave(session)
-            except Exception:
-                logger.exception("saving session %s failed; will retry", session.session_id)
-                return
-            self.pending.pop(0)
-            self.stats.saved += 1
-
     async def tick(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            self.recorder.checkpoint()
             self.stats.checkpoints += 1
-            await self.save_pending()
+            await self.saver.adrain(self.recorder)
 
     async def read(self, source: Source) -> None:
         if isinstance(source, asyncio.Queue):
@@ -129,14 +115,15 @@ class _Consumer:
             self.feed(item)
 
     async def shutdown(self) -> None:
-        self.recorder.flush()
-        await self.save_pending()
-        if self.pending:  # one retry, then hand the sessions back rather than drop them
-            await self.save_pending()
-        if self.pending:
-            logger.error("%d session(s) could not be saved; see ConsumeStats.unsaved", len(self.pending))
-            self.stats.unsaved = self.pending
-            self.pending = []
+        await self.saver.adrain(self.recorder, flush=True)
+        if self.saver.stats().unsaved:  # one more round, then hand them back rather than drop them
+            await self.saver.aretry_unsaved()
+        self.stats.saved = self.saver.stats().saved
+        self.stats.unsaved = self.saver.take_unsaved()
+        self.stats.orphans = self.recorder.drain_orphans()
+        if self.stats.unsaved:
+            logger.error("%d session(s) could not be saved; see ConsumeStats.unsaved",
+                         len(self.stats.unsaved))
 
 
 async def consume(
@@ -145,17 +132,21 @@ async def consume(
     *,
     recorder: SessionRecorder | None = None,
     checkpoint_interval: float | None = 5.0,
+    retry_for: float = 10.0,
 ) -> ConsumeStats:
     """Record `source` into `store` until the stream ends or the task is cancelled.
 
     `recorder` defaults to a fresh `SessionRecorder` (pass one to choose its
-    options). On cancellation the final flush and save still run (shielded from a
-    second cancellation), then ``CancelledError`` propagates. Decoding errors of
+    options). Sessions are saved by a `SessionSaver`: a failed save is retried for
+    `retry_for` seconds, then once more at shutdown, and what still fails is handed
+    back in `ConsumeStats.unsaved`. On cancellation the final flush and save still
+    run (shielded from a second cancellation), then ``CancelledError`` propagates. Decoding errors of
     JSON lines are logged and counted, never raised. Returns the run's `ConsumeStats`.
     """
     if checkpoint_interval is not None and not checkpoint_interval > 0:
         raise ValueError("checkpoint_interval must be positive (or None)")
-    consumer = _Consumer(store, recorder if recorder is not None else SessionRecorder(), checkpoint_interval)
+    consumer = _Consumer(SessionSaver(store, retry_for=retry_for),
+                         recorder if recorder is not None else SessionRecorder())
     ticker = (asyncio.create_task(consumer.tick(checkpoint_interval))
               if checkpoint_interval is not None else None)
     try:

@@ -41,6 +41,19 @@ class InvalidStoreUrl(StoreError, ValueError):
     """A store URL of no accepted form (a usage error, not a failing store)."""
 
 
+class InvalidQuery(PhiSessionError, ValueError):
+    """A malformed store query, prune criterion or usage grouping (a usage error).
+
+    `parameter` names the offending argument (None when the arguments only fail
+    together); `reason` says what is wrong with it.
+    """
+
+    def __init__(self, reason: str, parameter: str | None = None) -> None:
+        super().__init__(f"{parameter}: {reason}" if parameter is not None else reason)
+        self.reason = reason
+        self.parameter = parameter
+
+
 class InstrumentationError(PhiSessionError, RuntimeError):
     """The instrumentation API was used out of order (a scope used before it started or
     after it ended, two turns of one loop open at once...)."""
@@ -50,6 +63,14 @@ class JournalLocked(SessionLocked):
     """Another live `Journal` (in this or another process) holds the journal directory."""
 
 
+class MissingExtra(PhiSessionError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+class ExportError(PhiSessionError):
+    """An exporter refused or failed to take the spans of a session."""
+
+
 class BrokerError(PhiSessionError):
-    """The message broker (NATS JetStream) cannot be used: unreachable, a stream laid out
-    otherwise than phi-session expects, or the ``nats`` extra is not installed."""
+    """The message broker (NATS JetStream) cannot be used: unreachable, or a stream laid
+    out otherwise than phi-session expects."""

@@ -22,7 +22,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 from ._time import Timestamp
@@ -215,10 +215,20 @@ class AgentSession:
     def allocate_loop(self, config_id: str) -> tuple[str, str]:
         """``(session_id, loop_id)``: the next loop id for `config_id` and the session it
         belongs to, read in one step (a concurrent rotation cannot split them)."""
+        session_id, (loop_id,) = self.allocate_loops((config_id,))
+        return session_id, loop_id
+
+    def allocate_loops(self, config_ids: Iterable[str]) -> tuple[str, list[str]]:
+        """``(session_id, loop_ids)``: the next loop id for each of `config_ids`, in order,
+        all of one session (allocated in one step, as a parallel group's branches need)."""
         with self._lock:
-            count = self._counters.get(config_id, 0) + 1
-            self._counters[config_id] = count
-            return self._session_id, f"{self._session_id}.{config_id}.{count}"
+            counters = self._counters
+            loop_ids = []
+            for config_id in config_ids:
+                count = counters.get(config_id, 0) + 1
+                counters[config_id] = count
+                loop_ids.append(f"{self._session_id}.{config_id}.{count}")
+            return self._session_id, loop_ids
 
     def loop_started(self, session_id: str, loop_id: str, at_ns: int) -> SessionFormation | None:
         """Note that `loop_id` of `session_id` started at `at_ns`.

@@ -33,6 +33,18 @@ Scope methods never wait and do no I/O of their own (a sink may: `JsonlSink` wri
 line per event), so coroutines call them directly; ``async with`` works like ``with``.
 A loop's tool scopes may run concurrently (threads or tasks); other scopes belong to
 one thread or task at a time.
+
+How the scopes fit together (the seam a framework adapter drives from the framework's
+callbacks): each scope is a small state machine, new -> running (`start`) -> ended
+(`end`, or `finish`/`select`), driven only through its public methods, so a callback
+maps onto one call (a model call starting: ``turn.assistant().start()``; a tool
+starting: ``turn.tool(call).start()``; any failure: ``scope.end(error)``). Behind
+them, no scope touches another's internals. All scopes of a loop share one
+`_LoopState`, the single owner of what the loop records (it emits, reads the clock,
+keeps the messages waiting for a turn and the open turn, and adds each ended turn's
+messages and usage); a turn's message and tool scopes share the turn's `_TurnState`
+(its assistant message, usage and tool bookkeeping); and events leave through the
+tracer's `_Outlet` (processors, then sinks) only.
 """
 
 from __future__ import annotations
@@ -41,13 +53,14 @@ import asyncio
 import copy
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import msgspec
 from msgspec.structs import replace
 
+from ._time import Timestamp
 from .errors import InstrumentationError
 from .events import (
     DEFAULT,
@@ -96,7 +109,7 @@ from .messages import (
     Usage,
     UserMessage,
 )
-from .processors import Processor, Redactor, default_processors
+from .processors import Processor, ProcessorChain, Redactor, default_processors
 from .sinks import FanOut, SinkLike
 
 __all__ = [
@@ -105,8 +118,7 @@ __all__ = [
 ]
 
 _CANCELLATIONS = (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit)
-_NEW, _RUNNING, _ENDED = 0, 1, 2  # scope states
-
+_NEW, _RUNNING, _ENDED = 0, 1, 2  # scope phases
 
 
 def _owned(call: ToolCall) -> ToolCall:
@@ -152,6 +164,14 @@ logger = logging.getLogger("phi_session.instrument")
 
 _TOOL_CUT_SHORT = "turn ended while the tool was running"
 
+ToolFinisher = Callable[[BaseException | str | None], None]
+"""Emits the end of a tool its turn cut short (see `_TurnState.close`)."""
+
+
+def _not_running(scope: _Scope) -> InstrumentationError:
+    what = "already ended" if scope.ended else "not started"
+    return InstrumentationError(f"{type(scope).__name__} is {what}")
+
 
 class _Scope:
     """A span of the event stream: `start` emits its opening event, `end` its closing one.
@@ -160,28 +180,30 @@ class _Scope:
     the scope with that error and is re-raised.
     """
 
-    __slots__ = ("_state",)
+    __slots__ = ("_phase",)
 
     def __init__(self) -> None:
-        self._state = _NEW
+        self._phase = _NEW
 
     def _begin(self) -> None:
-        if self._state != _NEW:
+        if self._phase != _NEW:
             raise InstrumentationError(f"{type(self).__name__} already started")
-        self._state = _RUNNING
+        self._phase = _RUNNING
+
+    def _close(self) -> None:
+        self._phase = _ENDED
 
     def _require_running(self) -> None:
-        if self._state != _RUNNING:
-            what = "not started" if self._state == _NEW else "already ended"
-            raise InstrumentationError(f"{type(self).__name__} is {what}")
+        if self._phase != _RUNNING:
+            raise _not_running(self)
 
     @property
     def running(self) -> bool:
-        return self._state == _RUNNING
+        return self._phase == _RUNNING
 
     @property
     def ended(self) -> bool:
-        return self._state == _ENDED
+        return self._phase == _ENDED
 
     def start(self: S) -> S:
         raise NotImplementedError
@@ -194,7 +216,7 @@ class _Scope:
 
     def __exit__(self, tp: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._state == _RUNNING:
+        if self._phase == _RUNNING:
             self.end(exc)
 
     async def __aenter__(self: S) -> S:
@@ -202,8 +224,221 @@ class _Scope:
 
     async def __aexit__(self, tp: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self._state == _RUNNING:
+        if self._phase == _RUNNING:
             self.end(exc)
+
+
+# -- the state scopes share -------------------------------------------------------------------
+
+
+class _Outlet:
+    """Where the scopes of one `Tracer` send their events: its processors, then its sinks.
+
+    The only part of the tracer its scopes know, as an Agents SDK span knows only its
+    processor. It also fills in the ``config_id`` of the snapshots loops announce.
+    """
+
+    __slots__ = ("_deliver", "_filled", "_process", "wants_deltas")
+
+    def __init__(self, processors: ProcessorChain, fanout: FanOut) -> None:
+        self._process = processors if processors else None
+        self._deliver = fanout.deliver
+        self.wants_deltas = fanout.wants_deltas
+        self._filled: dict[tuple[int, str], tuple[LoopConfigSnapshot, LoopConfigSnapshot]] = {}
+
+    def emit(self, event: AgentEvent) -> None:
+        """Run `event` through the processors, then deliver it to every sink. Never raises."""
+        process = self._process
+        if process is not None:
+            processed = process(event)
+            if processed is None:
+                return
+            event = processed
+        self._deliver(event)
+
+    def snapshot(self, config: LoopConfigSnapshot, segment: str) -> LoopConfigSnapshot:
+        """`config` with ``config_id`` filled in, as phi-core's loop does; one object per
+        (config, segment), so that processors can recognize a snapshot they have seen."""
+        key = (id(config), segment)
+        cached = self._filled.get(key)
+        if cached is None or cached[0] is not config:
+            cached = (config, replace(config, config_id=segment))
+            if len(self._filled) >= 64:  # configs are few; never grow without bound
+                self._filled.clear()
+            self._filled[key] = cached
+        return cached[1]
+
+
+class _LoopState:
+    """One loop's state, owned here and shared by every scope of the loop.
+
+    The loop, its turns, their messages and tools, and its compactions never touch
+    each other's internals: they emit, read the clock and record through this object,
+    the one owner of what the loop records (its messages and usage, the messages
+    waiting for a turn, the open turn).
+    """
+
+    __slots__ = ("_pending", "agent", "config", "emit", "lock", "loop_id", "messages", "millis", "now",
+                 "outlet", "scope", "turn", "usage", "wants_deltas")
+
+    def __init__(self, scope: LoopScope, outlet: _Outlet, agent: AgentSession, loop_id: str,
+                 config: LoopConfigSnapshot | None) -> None:
+        self.scope = scope
+        self.outlet = outlet
+        self.emit = outlet.emit
+        self.wants_deltas = outlet.wants_deltas
+        self.agent = agent
+        self.now: Callable[[], Timestamp] = agent.now
+        """The agent's clock, as an event timestamp."""
+        self.millis: Callable[[], int] = agent.millis
+        """The agent's clock in epoch milliseconds (message timestamps)."""
+        self.loop_id = loop_id
+        self.config = config
+        self.lock = threading.Lock()  # guards the tool bookkeeping of the loop's turns
+        self.messages: list[AgentMessage] = []
+        """What ``AgentEnd`` will carry: the turns' messages and those emitted outside a turn."""
+        self.usage: Usage = ZERO_USAGE
+        self.turn: TurnScope | None = None
+        """The turn `LoopScope.turn` opened last, until it ends."""
+        self._pending: list[AgentMessage] = []  # prompts / follow-ups waiting for the next turn
+
+    def require_running(self) -> None:
+        if not self.scope.running:
+            raise _not_running(self.scope)
+
+    def user_message(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
+        if isinstance(content, (UserMessage, AssistantMessage, ToolResultMessage, ExtensionMessage)):
+            return content
+        return UserMessage(content=_content(content), timestamp=self.millis())
+
+    def emit_message(self, message: AgentMessage) -> None:
+        """A complete message: ``MessageStart`` and ``MessageEnd``."""
+        emit = self.emit
+        emit(MessageStart(loop_id=self.loop_id, message=message))
+        emit(MessageEnd(loop_id=self.loop_id, message=message))
+
+    # -- messages waiting for a turn --------------------------------------------------------
+
+    def wait_for_turn(self, message: AgentMessage) -> None:
+        self._pending.append(message)
+
+    def emit_waiting(self, turn_id: TurnId | None) -> None:
+        """Emit the waiting messages: prompts as they are, follow-ups stamped with the turn."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        for message in pending:
+            if turn_id is not None and not isinstance(message, ExtensionMessage):
+                message = replace(message, turn_id=turn_id)
+            self.emit_message(message)
+            self.messages.append(message)
+
+    def discard_waiting(self) -> None:
+        self._pending.clear()
+
+    # -- turns ------------------------------------------------------------------------------
+
+    def open_turn(self, turn: TurnScope) -> None:
+        if self.turn is not None:
+            raise InstrumentationError(f"loop {self.loop_id} already has an open turn")
+        self.turn = turn
+
+    def close_turn(self) -> None:
+        """The open turn is over: the loop may open the next one."""
+        self.turn = None
+
+    def record(self, messages: Iterable[AgentMessage], usage: Usage) -> None:
+        """Add an ended turn's messages and usage to what ``AgentEnd`` will carry."""
+        self.messages.extend(messages)
+        self.usage = self.usage + usage
+
+
+class _TurnState:
+    """One turn's state, owned here and shared by the turn and its message and tool scopes:
+    its assistant message and usage so far, and its tools.
+
+    Tools may start and end in other threads or tasks while the turn ends. The tool
+    bookkeeping is guarded by the loop's lock (`idle` is built on it), so that each tool
+    ends exactly once, by itself or cut short by the turn, and ``TurnEnd`` carries the
+    result of every tool that ended. A tool registers how to cut it short when it
+    starts (`tool_started`); the turn's end calls that under the lock (`close`) and
+    emits the ends it returns outside the lock.
+    """
+
+    __slots__ = ("_ending", "_open", "idle", "message", "results", "scope", "usage")
+
+    def __init__(self, scope: TurnScope, loop: _LoopState) -> None:
+        self.scope = scope
+        self.message: AssistantMessage | None = None
+        self.usage: Usage = ZERO_USAGE
+        self.results: list[ToolResultMessage] = []
+        # Tools started and not yet ending (a dict keeps their start order), with how
+        # to cut each short; per thread, the tool ends under way (emitting).
+        self._open: dict[ToolScope, Callable[[], ToolFinisher]] = {}
+        self._ending: dict[int, int] = {}
+        self.idle = threading.Condition(loop.lock)
+
+    def require_running(self) -> None:
+        if not self.scope.running:
+            raise _not_running(self.scope)
+
+    def finished(self, message: AssistantMessage) -> None:
+        """An assistant message of the turn is final."""
+        self.message = message
+        self.usage = self.usage + message.usage
+
+    def tool_started(self, tool: ToolScope, cut_short: Callable[[], ToolFinisher]) -> None:
+        """Register a starting tool (holding the loop's lock); refused once the turn ended.
+
+        `cut_short` is called, under the lock, if the turn ends while the tool runs: it
+        ends the tool and returns what emits its end.
+        """
+        self.require_running()
+        self._open[tool] = cut_short
+
+    def tool_ending(self, tool: ToolScope) -> None:
+        """Note (holding the loop's lock) that `tool` has begun to end in this thread."""
+        del self._open[tool]
+        self._count_ending()
+
+    def _count_ending(self) -> None:
+        thread = threading.get_ident()
+        self._ending[thread] = self._ending.get(thread, 0) + 1
+
+    def tool_done(self, message: ToolResultMessage | None) -> None:
+        """A tool end noted by `tool_ending` or `close` is over (`message` is None if it failed)."""
+        with self.idle:  # tools of one turn may finish concurrently
+            if message is not None:
+                self.results.append(message)
+            thread = threading.get_ident()
+            left = self._ending[thread] - 1
+            if left:
+                self._ending[thread] = left
+            else:
+                del self._ending[thread]
+            self.idle.notify_all()
+
+    def close(self) -> list[ToolFinisher]:
+        """The turn ends (holding the loop's lock): cut short every tool still running.
+
+        Returns what emits their ends, to run outside the lock.
+        """
+        cut, self._open = self._open, {}
+        finishers = []
+        for cut_short in cut.values():
+            finishers.append(cut_short())
+            self._count_ending()
+        return finishers
+
+    def wait_idle(self) -> None:
+        """Wait for the tool ends under way in other threads (this thread's own, as when
+        a sink ends the turn during a tool's end, cannot be waited for)."""
+        with self.idle:
+            me = threading.get_ident()
+            self.idle.wait_for(lambda: all(thread == me for thread in self._ending))
+
+
+# -- the tracer ---------------------------------------------------------------------------------
 
 
 class Tracer:
@@ -215,9 +450,9 @@ class Tracer:
       then the built-in `Redactor` unless ``redact=False`` (or pass your own).
     * `config`: the default `LoopConfigSnapshot` of loops that do not give one.
 
-    `emit(event)` sends a hand-built event the same way. Thread-safe. `close()`
-    closes the sinks that can be closed (files, queues); so does leaving a
-    ``with Tracer(...)`` block.
+    `emit(event)` sends a hand-built event the same way. Thread-safe. `flush()` and
+    `close()` flush and close the sinks (`phi_session.sinks.Sink`); leaving a
+    ``with Tracer(...)`` block closes them.
     """
 
     def __init__(
@@ -233,21 +468,13 @@ class Tracer:
         self.config = config
         self.fanout = FanOut(sinks)
         self.processors = default_processors(redact, processors)
-        self._process = self.processors if self.processors else None
-        self._deliver = self.fanout.deliver
+        self._outlet = _Outlet(self.processors, self.fanout)
         self.wants_deltas = self.fanout.wants_deltas
         """Whether streaming deltas are built at all (some sink keeps them)."""
-        self._filled: dict[tuple[int, str], tuple[LoopConfigSnapshot, LoopConfigSnapshot]] = {}
 
     def emit(self, event: AgentEvent) -> None:
         """Run `event` through the processors, then deliver it to every sink. Never raises."""
-        process = self._process
-        if process is not None:
-            processed = process(event)
-            if processed is None:
-                return
-            event = processed
-        self._deliver(event)
+        self._outlet.emit(event)
 
     # -- scopes ---------------------------------------------------------------------------
 
@@ -278,7 +505,7 @@ class Tracer:
         segment = self._segment(config, config_id)
         agent = self.agent
         session_id, loop_id = agent.allocate_loop(segment)
-        return LoopScope(self, agent, loop_id, session_id, config, segment,
+        return LoopScope(self._outlet, agent, loop_id, session_id, config, segment,
                          parent_loop_id=continues, kind=kind, metadata=metadata)
 
     def parallel(
@@ -289,38 +516,23 @@ class Tracer:
         kind: ContinuationKind | None = None,
         metadata: Any = None,
     ) -> ParallelGroup:
-        """A parallel evaluation: one branch loop per config, then a winner (`ParallelGroup`)."""
+        """A parallel evaluation: one branch loop per config, then a winner (`ParallelGroup`).
+
+        The branches' loop ids are allocated in one step, so all of them belong to one
+        session even while another thread rotates it.
+        """
         if not configs:
             raise ValueError("a parallel group needs at least one config")
         kind, continues = self._lineage(kind, continues)
         agent = self.agent
-        branches = []
-        group_session: str | None = None
-        for config in configs:
-            segment = self._segment(config, None)
-            session_id, loop_id = agent.allocate_loop(segment)
-            if group_session is None:
-                group_session = session_id
-            elif session_id != group_session:
-                # The session rotated while the branches were allocated: all branches
-                # of one group belong to one session, so start over in the new one.
-                return self.parallel(configs, continues=continues, kind=kind, metadata=metadata)
-            branches.append(LoopScope(self, agent, loop_id, session_id, config,
-                                      segment, parent_loop_id=continues, kind=kind, metadata=metadata))
-        assert group_session is not None  # configs is not empty
-        return ParallelGroup(self, group_session, branches)
-
-    def _with_config_id(self, config: LoopConfigSnapshot, segment: str) -> LoopConfigSnapshot:
-        """`config` with ``config_id`` filled in, as phi-core's loop does; one object per
-        (config, segment), so that processors can recognize a snapshot they have seen."""
-        key = (id(config), segment)
-        cached = self._filled.get(key)
-        if cached is None or cached[0] is not config:
-            cached = (config, replace(config, config_id=segment))
-            if len(self._filled) >= 64:  # configs are few; never grow without bound
-                self._filled.clear()
-            self._filled[key] = cached
-        return cached[1]
+        segments = [self._segment(config, None) for config in configs]
+        session_id, loop_ids = agent.allocate_loops(segments)
+        branches = [
+            LoopScope(self._outlet, agent, loop_id, session_id, config, segment,
+                      parent_loop_id=continues, kind=kind, metadata=metadata)
+            for config, segment, loop_id in zip(configs, segments, loop_ids, strict=True)
+        ]
+        return ParallelGroup(self._outlet, agent, session_id, branches)
 
     def _lineage(
         self, kind: ContinuationKind | None, continues: str | None
@@ -350,8 +562,12 @@ class Tracer:
         """Failures per processor; their events went on with content withheld."""
         return self.processors.failures
 
+    def flush(self) -> None:
+        """Flush every sink (see `Sink.flush`). Never raises."""
+        self.fanout.flush()
+
     def close(self) -> None:
-        """Close every sink that can be closed. Never raises."""
+        """Close every sink (see `Sink.close`). Never raises."""
         self.fanout.close()
 
     def __enter__(self) -> Tracer:
@@ -359,6 +575,9 @@ class Tracer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- the scopes -------------------------------------------------------------------------------
 
 
 class LoopScope(_Scope):
@@ -371,15 +590,12 @@ class LoopScope(_Scope):
     are what ``AgentEnd`` will carry.
     """
 
-    __slots__ = (
-        "_agent", "_emit_deltas", "_lock", "_pending", "_tracer", "_turn", "config", "error",
-        "first_trigger", "kind", "loop_id", "messages", "metadata", "parent_loop_id", "rejection",
-        "segment", "session_id", "turns", "usage",
-    )
+    __slots__ = ("_agent", "_loop", "config", "error", "first_trigger", "kind", "loop_id", "metadata",
+                 "parent_loop_id", "rejection", "segment", "session_id", "turns")
 
     def __init__(
         self,
-        tracer: Tracer,
+        outlet: _Outlet,
         agent: AgentSession,
         loop_id: str,
         session_id: str,
@@ -392,8 +608,8 @@ class LoopScope(_Scope):
         first_trigger: TurnTrigger | None = None,
     ) -> None:
         super().__init__()
-        self._tracer = tracer
         self._agent = agent
+        self._loop = _LoopState(self, outlet, agent, loop_id, config)
         self.loop_id = loop_id
         self.session_id = session_id
         self.config = config
@@ -405,26 +621,30 @@ class LoopScope(_Scope):
             first_trigger = (
                 "User" if kind == INITIAL else "Branch" if kind.kind == "Branch" else "Continuation")
         self.first_trigger: TurnTrigger = first_trigger
-        self.messages: list[AgentMessage] = []
-        self.usage: Usage = ZERO_USAGE
         self.turns = 0
         self.rejection: str | None = None
         self.error: str | None = None
-        self._pending: list[AgentMessage] = []  # prompts / follow-ups waiting for the next turn
-        self._turn: TurnScope | None = None
-        self._lock = threading.Lock()
-        self._emit_deltas = tracer.wants_deltas
 
     @property
     def agent_id(self) -> str:
         return self._agent.agent_id
 
     @property
+    def messages(self) -> list[AgentMessage]:
+        """The messages ``AgentEnd`` will carry, so far."""
+        return self._loop.messages
+
+    @property
+    def usage(self) -> Usage:
+        """The usage ``AgentEnd`` will carry, so far (the sum of the ended turns')."""
+        return self._loop.usage
+
+    @property
     def status(self) -> str:
         """``"pending"``, ``"running"``, ``"completed"``, ``"rejected"`` or ``"failed"``."""
-        if self._state == _NEW:
+        if self._phase == _NEW:
             return "pending"
-        if self._state == _RUNNING:
+        if self._phase == _RUNNING:
             return "running"
         if self.error is not None:
             return "failed"
@@ -438,8 +658,8 @@ class LoopScope(_Scope):
         formation = agent.loop_started(self.session_id, self.loop_id, at)
         config = self.config
         if config is not None and config.config_id is None:
-            config = self._tracer._with_config_id(config, self.segment)
-        self._tracer.emit(AgentStart(
+            config = self._loop.outlet.snapshot(config, self.segment)
+        self._loop.emit(AgentStart(
             agent_id=agent.agent_id, session_id=self.session_id, loop_id=self.loop_id,
             parent_loop_id=self.parent_loop_id, continuation_kind=self.kind,
             timestamp=agent.stamp(at), metadata=self.metadata, config_snapshot=config,
@@ -449,19 +669,15 @@ class LoopScope(_Scope):
 
     # -- content --------------------------------------------------------------------------
 
-    def _user_message(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
-        if isinstance(content, (UserMessage, AssistantMessage, ToolResultMessage, ExtensionMessage)):
-            return content
-        return UserMessage(content=_content(content), timestamp=self._agent.millis())
-
     def user(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
         """Add a user message (text, content blocks, or a ready message). Returns the message."""
         self._require_running()
-        turn = self._turn
+        loop = self._loop
+        turn = loop.turn
         if turn is not None:
             return turn.user(content)
-        message = self._user_message(content)
-        self._pending.append(message)
+        message = loop.user_message(content)
+        loop.wait_for_turn(message)
         return message
 
     def turn(
@@ -474,26 +690,12 @@ class LoopScope(_Scope):
         `request` emits the turn's ``TurnRequest`` right after its inputs.
         """
         self._require_running()
-        if self._turn is not None:
-            raise InstrumentationError(f"loop {self.loop_id} already has an open turn")
         if trigger is None:
             trigger = self.first_trigger if self.turns == 0 else "Continuation"
-        scope = TurnScope(self, self.turns, trigger, request)
-        self._turn = scope
+        scope = TurnScope(self, self._loop, self.turns, trigger, request)
+        self._loop.open_turn(scope)
         self.turns += 1
         return scope
-
-    def _flush_pending(self, turn_id: TurnId | None) -> None:
-        """Emit the waiting messages: prompts as they are, follow-ups stamped with the turn."""
-        pending, self._pending = self._pending, []
-        emit = self._tracer.emit
-        loop_id = self.loop_id
-        for message in pending:
-            if turn_id is not None and not isinstance(message, ExtensionMessage):
-                message = replace(message, turn_id=turn_id)
-            emit(MessageStart(loop_id=loop_id, message=message))
-            emit(MessageEnd(loop_id=loop_id, message=message))
-            self.messages.append(message)
 
     def reject(self, reason: str) -> None:
         """Record that an input filter rejected input (``InputRejected``).
@@ -504,27 +706,28 @@ class LoopScope(_Scope):
         Later, the loop goes on.
         """
         self._require_running()
-        emit = self._tracer.emit
-        emit(InputRejected(loop_id=self.loop_id, reason=reason))
+        loop = self._loop
+        loop.emit(InputRejected(loop_id=self.loop_id, reason=reason))
         if self.turns == 0:
-            self._pending.clear()
+            loop.discard_waiting()
             self.rejection = reason
-            self._state = _ENDED
-            emit(AgentEnd(loop_id=self.loop_id, messages=(), usage=ZERO_USAGE,
-                          timestamp=self._agent.now(), rejection=reason))
+            self._close()
+            loop.emit(AgentEnd(loop_id=self.loop_id, messages=(), usage=ZERO_USAGE,
+                               timestamp=loop.now(), rejection=reason))
 
     def compaction(self, estimated_tokens: int, message_count: int) -> CompactionScope:
         """A context compaction: ``CompactionStarted`` now, ``CompactionEnded`` at the end."""
         self._require_running()
-        return CompactionScope(self, estimated_tokens, message_count)
+        return CompactionScope(self._loop, estimated_tokens, message_count)
 
     def prun(self, tokens_removed: int, messages_removed: int, pruned_timestamps: Sequence[int] = (),
              memo: str | None = None) -> None:
         """Record a ``PrunApplied`` (messages pruned from the context; timestamps in epoch ms)."""
         self._require_running()
-        self._tracer.emit(PrunApplied(
+        loop = self._loop
+        loop.emit(PrunApplied(
             loop_id=self.loop_id, tokens_removed=tokens_removed, messages_removed=messages_removed,
-            memo=memo, pruned_timestamps=tuple(pruned_timestamps), timestamp=self._agent.now(),
+            memo=memo, pruned_timestamps=tuple(pruned_timestamps), timestamp=loop.now(),
         ))
 
     def revert(
@@ -539,10 +742,11 @@ class LoopScope(_Scope):
     ) -> None:
         """Record a ``RevertApplied`` (the context rolled back to `target`)."""
         self._require_running()
-        self._tracer.emit(RevertApplied(
+        loop = self._loop
+        loop.emit(RevertApplied(
             loop_id=self.loop_id, category=category, target=target,
             abandoned_node_ids=tuple(abandoned_node_ids), summary=summary, applied=applied,
-            reason=reason, timestamp=self._agent.now(),
+            reason=reason, timestamp=loop.now(),
         ))
 
     # -- end ------------------------------------------------------------------------------
@@ -554,17 +758,17 @@ class LoopScope(_Scope):
         for a turn are emitted outside any turn so that none is lost.
         """
         self._require_running()
-        turn = self._turn
+        loop = self._loop
+        turn = loop.turn
         if turn is not None and turn.running:
             turn.end(error if error is not None else "the loop ended while this turn was open")
-        if self._pending:
-            self._flush_pending(None)
-        self._state = _ENDED
+        loop.emit_waiting(None)
+        self._close()
         if error is not None:
             self.error = _describe(error)
-        self._tracer.emit(AgentEnd(
-            loop_id=self.loop_id, messages=tuple(self.messages), usage=self.usage,
-            timestamp=self._agent.now(),
+        loop.emit(AgentEnd(
+            loop_id=self.loop_id, messages=tuple(loop.messages), usage=loop.usage,
+            timestamp=loop.now(),
             error=self.error if self.error is not None else msgspec.UNSET,
         ))
 
@@ -575,39 +779,46 @@ class LoopScope(_Scope):
 class TurnScope(_Scope):
     """One turn: ``TurnStart`` ... ``TurnEnd``. Create with `LoopScope.turn`."""
 
-    __slots__ = ("_ending", "_idle", "_loop", "_message", "_open", "_request", "index", "inputs", "message",
-                 "tool_results", "trigger", "turn_id", "usage")
+    __slots__ = ("_loop", "_loop_scope", "_message", "_request", "_turn", "index", "inputs", "trigger",
+                 "turn_id")
 
-    def __init__(self, loop: LoopScope, index: int, trigger: TurnTrigger,
+    def __init__(self, loop_scope: LoopScope, loop: _LoopState, index: int, trigger: TurnTrigger,
                  request: AnnotatedRequestPayload | None) -> None:
         super().__init__()
+        self._loop_scope = loop_scope
         self._loop = loop
+        self._turn = _TurnState(self, loop)
         self.index = index
         self.trigger: TurnTrigger = trigger
         self.turn_id = TurnId(loop_id=loop.loop_id, turn_index=index)
         self._request = request
-        self.message: AssistantMessage | None = None
-        """The turn's (last) assistant message, once finished."""
-        self.usage: Usage = ZERO_USAGE
         self.inputs: list[AgentMessage] = []
         """Messages injected during the turn (with ``turnId``)."""
-        self.tool_results: list[ToolResultMessage] = []
         self._message: MessageScope | None = None
-        # Tool scopes started and not yet ending, and per thread the tool ends under
-        # way (emitting): the turn's end waits for those, so ``TurnEnd`` carries their
-        # results. Both are guarded by the loop's lock (`_idle` is built on it).
-        self._open: dict[ToolScope, None] = {}  # a dict keeps their start order
-        self._ending: dict[int, int] = {}
-        self._idle = threading.Condition(loop._lock)
 
     @property
     def loop(self) -> LoopScope:
-        return self._loop
+        return self._loop_scope
+
+    @property
+    def message(self) -> AssistantMessage | None:
+        """The turn's (last) assistant message, once finished."""
+        return self._turn.message
+
+    @property
+    def usage(self) -> Usage:
+        """The usage of the turn's finished assistant messages."""
+        return self._turn.usage
+
+    @property
+    def tool_results(self) -> list[ToolResultMessage]:
+        """The results of the turn's ended tools, in the order they ended."""
+        return self._turn.results
 
     @property
     def tool_calls(self) -> tuple[ToolCall, ...]:
         """The tool calls of the turn's assistant message (empty before it is finished)."""
-        message = self.message
+        message = self._turn.message
         if message is None:
             return ()
         return tuple(block for block in message.content if type(block) is ToolCall)
@@ -616,12 +827,10 @@ class TurnScope(_Scope):
         """Emit ``TurnStart``, the waiting prompts or follow-ups, and the request if given."""
         self._begin()
         loop = self._loop
-        loop._require_running()
-        agent = loop._agent
-        loop._tracer.emit(TurnStart(loop_id=loop.loop_id, turn_index=self.index,
-                                    timestamp=agent.now(), triggered_by=self.trigger))
-        if loop._pending:
-            loop._flush_pending(None if self.index == 0 else self.turn_id)
+        loop.require_running()
+        loop.emit(TurnStart(loop_id=loop.loop_id, turn_index=self.index,
+                            timestamp=loop.now(), triggered_by=self.trigger))
+        loop.emit_waiting(None if self.index == 0 else self.turn_id)
         if self._request is not None:
             self.request(self._request)
         return self
@@ -630,12 +839,10 @@ class TurnScope(_Scope):
         """Inject a message (steering / follow-up) into this turn, stamped with its ``turnId``."""
         self._require_running()
         loop = self._loop
-        message = loop._user_message(content)
+        message = loop.user_message(content)
         if not isinstance(message, ExtensionMessage):
             message = replace(message, turn_id=self.turn_id)
-        emit = loop._tracer.emit
-        emit(MessageStart(loop_id=loop.loop_id, message=message))
-        emit(MessageEnd(loop_id=loop.loop_id, message=message))
+        loop.emit_message(message)
         self.inputs.append(message)
         return message
 
@@ -643,9 +850,8 @@ class TurnScope(_Scope):
         """Emit the turn's ``TurnRequest`` (the fully assembled request to the model)."""
         self._require_running()
         loop = self._loop
-        agent = loop._agent
-        loop._tracer.emit(TurnRequest(loop_id=loop.loop_id, turn_index=self.index, payload=payload,
-                                      timestamp=agent.now()))
+        loop.emit(TurnRequest(loop_id=loop.loop_id, turn_index=self.index, payload=payload,
+                              timestamp=loop.now()))
 
     def compaction(self, estimated_tokens: int, message_count: int) -> CompactionScope:
         """A compaction during this turn (see `LoopScope.compaction`)."""
@@ -662,7 +868,7 @@ class TurnScope(_Scope):
             raise InstrumentationError("the turn's previous assistant message is still open")
         config = self._loop.config
         scope = MessageScope(
-            self,
+            self._loop, self._turn,
             model if model is not None else (config.model if config is not None else ""),
             provider if provider is not None else (config.provider if config is not None else ""),
         )
@@ -677,30 +883,7 @@ class TurnScope(_Scope):
             id, name, args = call.id, call.name, call.arguments
         if id is None or name is None:
             raise TypeError("tool() needs a ToolCall or both id= and name=")
-        return ToolScope(self, id, name, args)
-
-    def _finished(self, message: AssistantMessage) -> None:
-        self.message = message
-        self.usage = self.usage + message.usage
-
-    def _tool_ending(self, scope: ToolScope) -> None:
-        """Note (under the loop's lock) that `scope` has begun to end in this thread."""
-        self._open.pop(scope, None)
-        thread = threading.get_ident()
-        self._ending[thread] = self._ending.get(thread, 0) + 1
-
-    def _tool_done(self, message: ToolResultMessage | None) -> None:
-        """A tool end noted by `_tool_ending` is over (`message` is None if it failed)."""
-        with self._idle:  # tools of one turn may finish concurrently
-            if message is not None:
-                self.tool_results.append(message)
-            thread = threading.get_ident()
-            left = self._ending[thread] - 1
-            if left:
-                self._ending[thread] = left
-            else:
-                del self._ending[thread]
-            self._idle.notify_all()
+        return ToolScope(self._loop, self._turn, id, name, args)
 
     def end(self, error: BaseException | str | None = None) -> None:
         """Emit ``TurnEnd`` with the assistant message, the usage and the tool results.
@@ -710,17 +893,14 @@ class TurnScope(_Scope):
         ``stopReason`` ``"error"``/``"aborted"`` and the reason), as phi-core does
         for a failed provider call.
         """
-        loop = self._loop
+        loop, turn = self._loop, self._turn
         # Tools may be ending in other threads or tasks: the turn's own state and the
         # set of tools it cuts short are taken in one step under the loop's lock, so
         # each tool is ended exactly once, by itself or by the turn.
-        with self._idle:
+        with turn.idle:
             self._require_running()
-            self._state = _ENDED
-            cut_short = list(self._open)
-            self._open = {}
-            for tool in cut_short:
-                tool._cut_short()
+            self._close()
+            cut_short = turn.close()
         if error is not None:
             reason: BaseException | str = error
         else:
@@ -729,15 +909,11 @@ class TurnScope(_Scope):
         if scope is not None and scope.running:
             scope.end(reason)
         tool_reason = _TOOL_CUT_SHORT if error is None else f"{_TOOL_CUT_SHORT} ({_describe(error)})"
-        for tool in cut_short:
-            tool._emit_end(tool_reason)
-        with self._idle:
-            # Tool ends under way in other threads finish first (this thread's own, as
-            # when a sink ends the turn during a tool's end, cannot be waited for).
-            me = threading.get_ident()
-            self._idle.wait_for(lambda: all(thread == me for thread in self._ending))
-        loop._turn = None
-        message = self.message
+        for finish in cut_short:
+            finish(tool_reason)
+        turn.wait_idle()
+        loop.close_turn()
+        message = turn.message
         if message is None:
             config = loop.config
             message = AssistantMessage(
@@ -745,20 +921,16 @@ class TurnScope(_Scope):
                 stop_reason="aborted" if error is None else _stop_reason(error),
                 model=config.model if config is not None else "",
                 provider=config.provider if config is not None else "",
-                usage=ZERO_USAGE, timestamp=loop._agent.millis(),
+                usage=ZERO_USAGE, timestamp=loop.millis(),
                 error_message=(_describe(error) if error is not None
                                else "turn ended without an assistant message"),
             )
         turn_id = self.turn_id
         stamped = replace(message, turn_id=turn_id)
-        results = tuple(self.tool_results)
-        agent = loop._agent
-        loop._tracer.emit(TurnEnd(loop_id=loop.loop_id, message=stamped, usage=self.usage,
-                                  timestamp=agent.now(), tool_results=results))
-        loop.messages.extend(self.inputs)
-        loop.messages.append(stamped)
-        loop.messages.extend(replace(m, turn_id=turn_id) for m in results)
-        loop.usage = loop.usage + self.usage
+        results = tuple(turn.results)
+        loop.emit(TurnEnd(loop_id=loop.loop_id, message=stamped, usage=turn.usage,
+                          timestamp=loop.now(), tool_results=results))
+        loop.record((*self.inputs, stamped, *(replace(m, turn_id=turn_id) for m in results)), turn.usage)
 
 
 class MessageScope(_Scope):
@@ -770,30 +942,31 @@ class MessageScope(_Scope):
     ``"aborted"``) and the error text.
     """
 
-    __slots__ = ("_deltas", "_emit", "_loop_id", "_placeholder", "_text", "_thinking", "_turn", "message",
-                 "model", "provider")
+    __slots__ = ("_deltas", "_emit", "_loop", "_loop_id", "_placeholder", "_text", "_thinking", "_turn",
+                 "message", "model", "provider")
 
-    def __init__(self, turn: TurnScope, model: str, provider: str) -> None:
+    def __init__(self, loop: _LoopState, turn: _TurnState, model: str, provider: str) -> None:
         super().__init__()
+        self._loop = loop
         self._turn = turn
-        self._loop_id = turn._loop.loop_id
+        self._loop_id = loop.loop_id
         self.model = model
         self.provider = provider
         self._text: list[str] = []
         self._thinking: list[str] = []
-        self._deltas = turn._loop._emit_deltas
-        self._emit = turn._loop._tracer.emit
+        self._deltas = loop.wants_deltas
+        self._emit = loop.emit
         # phi-core's empty placeholder, sent with MessageStart and every MessageUpdate.
         self._placeholder = AssistantMessage(
             content=(), stop_reason="stop", model=model, provider="", usage=ZERO_USAGE,
-            timestamp=turn._loop._agent.millis(),
+            timestamp=loop.millis(),
         )
         self.message: AssistantMessage | None = None
 
     def start(self) -> MessageScope:
         """Emit ``MessageStart`` with the placeholder message."""
         self._begin()
-        self._turn._require_running()
+        self._turn.require_running()
         self._emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
         return self
 
@@ -802,7 +975,7 @@ class MessageScope(_Scope):
 
     def text_delta(self, text: str) -> None:
         """A piece of streamed answer text."""
-        if self._state != _RUNNING:
+        if self._phase != _RUNNING:
             self._require_running()
         self._text.append(text)
         if self._deltas:
@@ -810,7 +983,7 @@ class MessageScope(_Scope):
 
     def thinking_delta(self, text: str) -> None:
         """A piece of streamed reasoning."""
-        if self._state != _RUNNING:
+        if self._phase != _RUNNING:
             self._require_running()
         self._thinking.append(text)
         if self._deltas:
@@ -818,7 +991,7 @@ class MessageScope(_Scope):
 
     def tool_call_delta(self, json_fragment: str) -> None:
         """A piece of a tool call's streamed JSON arguments (pass the parsed call to `finish`)."""
-        if self._state != _RUNNING:
+        if self._phase != _RUNNING:
             self._require_running()
         if self._deltas:
             self._delta(StreamDelta("ToolCallDelta", json_fragment))
@@ -854,12 +1027,12 @@ class MessageScope(_Scope):
             message = AssistantMessage(
                 content=blocks, stop_reason=stop_reason, model=self.model, provider=self.provider,
                 usage=usage if usage is not None else ZERO_USAGE,
-                timestamp=self._turn._loop._agent.millis(), error_message=error_message,
+                timestamp=self._loop.millis(), error_message=error_message,
             )
-        self._state = _ENDED
+        self._close()
         self.message = message
-        self._turn._loop._tracer.emit(MessageEnd(loop_id=self._loop_id, message=message))
-        self._turn._finished(message)
+        self._emit(MessageEnd(loop_id=self._loop_id, message=message))
+        self._turn.finished(message)
         return message
 
     def _streamed(self) -> tuple[Content, ...]:
@@ -892,10 +1065,11 @@ class ToolScope(_Scope):
     __slots__ = ("_child_loop_id", "_cut", "_details", "_is_error", "_loop", "_result", "_turn", "args",
                  "tool_call_id", "tool_name")
 
-    def __init__(self, turn: TurnScope, tool_call_id: str, tool_name: str, args: Any) -> None:
+    def __init__(self, loop: _LoopState, turn: _TurnState, tool_call_id: str, tool_name: str,
+                 args: Any) -> None:
         super().__init__()
+        self._loop = loop
         self._turn = turn
-        self._loop = turn._loop
         self.tool_call_id = tool_call_id
         self.tool_name = tool_name
         self.args = args
@@ -908,12 +1082,11 @@ class ToolScope(_Scope):
     def start(self) -> ToolScope:
         """Emit ``ToolExecutionStart`` (the arguments pass the redactor first)."""
         self._begin()
-        turn = self._turn
-        with self._loop._lock:  # atomic with the turn's end: never a tool its turn misses
-            turn._require_running()
-            turn._open[self] = None
-        self._loop._tracer.emit(ToolExecutionStart(
-            loop_id=self._loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
+        loop = self._loop
+        with loop.lock:  # atomic with the turn's end: never a tool its turn misses
+            self._turn.tool_started(self, self._cut_short)
+        loop.emit(ToolExecutionStart(
+            loop_id=loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
             args=self.args,
         ))
         return self
@@ -924,8 +1097,9 @@ class ToolScope(_Scope):
             return
         if not isinstance(partial, ToolResult):
             partial = ToolResult(content=_content(partial), details=details)
-        self._loop._tracer.emit(ToolExecutionUpdate(
-            loop_id=self._loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
+        loop = self._loop
+        loop.emit(ToolExecutionUpdate(
+            loop_id=loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
             partial_result=partial,
         ))
 
@@ -933,8 +1107,9 @@ class ToolScope(_Scope):
         """A progress note (``ProgressMessage``)."""
         if not self._still_open("progress"):
             return
-        self._loop._tracer.emit(ProgressMessage(
-            loop_id=self._loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name, text=text,
+        loop = self._loop
+        loop.emit(ProgressMessage(
+            loop_id=loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name, text=text,
         ))
 
     def result(self, content: str | Sequence[Content], details: Any = None) -> None:
@@ -966,13 +1141,12 @@ class ToolScope(_Scope):
         """
         self._require_running()
         loop = self._loop
-        tracer = loop._tracer
         config = config if config is not None else loop.config
-        child = agent if agent is not None else loop._agent.spawn()
+        child = agent if agent is not None else loop.agent.spawn()
         if config_id is None:
             config_id = config.config_id if config is not None and config.config_id is not None else "sub"
         session_id, loop_id = child.allocate_loop(config_id)
-        scope = LoopScope(tracer, child, loop_id, session_id, config, config_id,
+        scope = LoopScope(loop.outlet, child, loop_id, session_id, config, config_id,
                           parent_loop_id=loop.loop_id, kind=INITIAL, metadata=metadata,
                           first_trigger="SubAgent")
         self._child_loop_id = scope.loop_id
@@ -988,11 +1162,11 @@ class ToolScope(_Scope):
         self._require_running()
         return True
 
-    def _cut_short(self) -> None:
-        """Called by the ending turn, under the loop's lock, for a tool still running."""
-        self._state = _ENDED
+    def _cut_short(self) -> ToolFinisher:
+        """Called by the ending turn, under the loop's lock, while the tool runs."""
+        self._close()
         self._cut = True
-        self._turn._tool_ending(self)
+        return self._emit_end
 
     def end(self, error: BaseException | str | None = None) -> None:
         """Emit ``ToolExecutionEnd`` and the ``toolResult`` message; with `error`, as a failure.
@@ -1000,11 +1174,11 @@ class ToolScope(_Scope):
         Error texts (exception messages) reach sinks through the redactor like any
         failed tool's result. After the turn cut the tool short, a no-op (logged).
         """
-        with self._loop._lock:  # atomic with the turn's end: each tool ends once
+        with self._loop.lock:  # atomic with the turn's end: each tool ends once
             if not self._still_open("end"):
                 return
-            self._state = _ENDED
-            self._turn._tool_ending(self)
+            self._close()
+            self._turn.tool_ending(self)
         self._emit_end(error)
 
     def _emit_end(self, error: BaseException | str | None) -> None:
@@ -1017,19 +1191,17 @@ class ToolScope(_Scope):
             child = self._child_loop_id
             result = ToolResult(content=self._result, details=self._details,
                                 child_loop_id=child if child is not None else msgspec.UNSET)
-            emit = loop._tracer.emit
-            emit(ToolExecutionEnd(
+            loop.emit(ToolExecutionEnd(
                 loop_id=loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
                 result=result, is_error=self._is_error, child_loop_id=child,
             ))
             message = ToolResultMessage(
                 tool_call_id=self.tool_call_id, tool_name=self.tool_name, content=self._result,
-                is_error=self._is_error, timestamp=loop._agent.millis(),
+                is_error=self._is_error, timestamp=loop.millis(),
             )
-            emit(MessageStart(loop_id=loop.loop_id, message=message))
-            emit(MessageEnd(loop_id=loop.loop_id, message=message))
+            loop.emit_message(message)
         finally:
-            self._turn._tool_done(message)
+            self._turn.tool_done(message)
 
 
 class CompactionScope(_Scope):
@@ -1042,7 +1214,7 @@ class CompactionScope(_Scope):
 
     __slots__ = ("_after", "_loop", "estimated_tokens", "message_count")
 
-    def __init__(self, loop: LoopScope, estimated_tokens: int, message_count: int) -> None:
+    def __init__(self, loop: _LoopState, estimated_tokens: int, message_count: int) -> None:
         super().__init__()
         self._loop = loop
         self.estimated_tokens = estimated_tokens
@@ -1052,10 +1224,9 @@ class CompactionScope(_Scope):
     def start(self) -> CompactionScope:
         self._begin()
         loop = self._loop
-        agent = loop._agent
-        loop._tracer.emit(CompactionStarted(
+        loop.emit(CompactionStarted(
             loop_id=loop.loop_id, estimated_tokens=self.estimated_tokens, message_count=self.message_count,
-            timestamp=agent.now(),
+            timestamp=loop.now(),
         ))
         return self
 
@@ -1066,16 +1237,15 @@ class CompactionScope(_Scope):
 
     def end(self, error: BaseException | str | None = None) -> None:
         self._require_running()
-        self._state = _ENDED
+        self._close()
         if error is not None:
             return
         messages_after, tokens_after, loops = self._after or (self.message_count, self.estimated_tokens, 0)
         loop = self._loop
-        agent = loop._agent
-        loop._tracer.emit(CompactionEnded(
+        loop.emit(CompactionEnded(
             loop_id=loop.loop_id, messages_before=self.message_count, messages_after=messages_after,
             estimated_tokens_before=self.estimated_tokens, estimated_tokens_after=tokens_after,
-            loops_compacted=loops, timestamp=agent.now(),
+            loops_compacted=loops, timestamp=loop.now(),
         ))
 
 
@@ -1089,11 +1259,13 @@ class ParallelGroup(_Scope):
     are recorded as ``Aborted`` when the recorder flushes.
     """
 
-    __slots__ = ("_tracer", "branches", "selected", "session_id")
+    __slots__ = ("_agent", "_outlet", "branches", "selected", "session_id")
 
-    def __init__(self, tracer: Tracer, session_id: str, branches: list[LoopScope]) -> None:
+    def __init__(self, outlet: _Outlet, agent: AgentSession, session_id: str,
+                 branches: list[LoopScope]) -> None:
         super().__init__()
-        self._tracer = tracer
+        self._outlet = outlet
+        self._agent = agent
         self.session_id = session_id
         self.branches: tuple[LoopScope, ...] = tuple(branches)
         self.selected: LoopScope | None = None
@@ -1104,9 +1276,8 @@ class ParallelGroup(_Scope):
 
     def start(self) -> ParallelGroup:
         self._begin()
-        agent = self.branches[0]._agent
-        self._tracer.emit(ParallelLoopStart(session_id=self.session_id, loop_ids=self.loop_ids,
-                                            timestamp=agent.now()))
+        self._outlet.emit(ParallelLoopStart(session_id=self.session_id, loop_ids=self.loop_ids,
+                                            timestamp=self._agent.now()))
         return self
 
     def branch(self, index: int) -> LoopScope:
@@ -1125,18 +1296,17 @@ class ParallelGroup(_Scope):
         else:
             index = winner
         chosen = self.branches[index]
-        agent = chosen._agent
-        self._tracer.emit(ParallelLoopEnd(
+        agent = self._agent
+        self._outlet.emit(ParallelLoopEnd(
             session_id=self.session_id, selected_loop_id=chosen.loop_id, selected_config_index=index,
             evaluation_usage=evaluation_usage, timestamp=agent.now(),
         ))
         self.selected = chosen
         agent.set_last_loop(chosen.loop_id)
-        self._state = _ENDED
+        self._close()
         return chosen
 
     def end(self, error: BaseException | str | None = None) -> None:
         """Close the group; without a `select`, no winner is recorded."""
         self._require_running()
-        self._state = _ENDED
-
+        self._close()

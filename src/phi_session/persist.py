@@ -3,51 +3,74 @@
 `AutoPersistingRecorder` wraps a `SessionRecorder`. Every `checkpoint_every`
 events (and every `checkpoint_interval` seconds while idle, and on `flush`/`close`)
 it completes the sessions that have no open loop, drains them out of the
-recorder and hands them to a background writer thread that saves them. Memory
-holds the open sessions plus at most about `max_pending_sessions` waiting to be saved.
+recorder and hands them to a background writer thread that saves them with a
+`SessionSaver`. Memory holds the open sessions plus at most about
+`max_pending_bytes` of finished sessions waiting to be saved.
 
 Nothing is ever dropped:
 
-* when the store falls behind, the producer blocks (backpressure) until the writer
-  has room again, logging a warning when it starts and every `warn_after` seconds;
-* a failed save is retried with growing pauses for `retry_for` seconds; a session
-  that still cannot be saved is kept in memory (`failed_sessions`), retried by
-  `close`, and `close` raises `StoreError` if it still fails;
+* when the store falls behind, the producer that checkpoints blocks (backpressure)
+  until the writer has room again, logging a warning when it starts and every
+  `warn_after` seconds;
+* a failed save follows the `SessionSaver` policy: retried for `retry_for` seconds,
+  then kept in memory (`failed_sessions`), retried by `close`, and `close` raises
+  `StoreError` if it still fails;
 * with a `Journal`, every event is journaled before it is applied (write-ahead), a
   journal left by a crashed run is recovered into the store on start, and journal
   segments are removed once every session with events in them is saved
-  (`Journal.release`). Events no loop claims go to the journal's ``orphans.jsonl``;
-  without a journal they stay in the recorder (`SessionRecorder.orphans`).
+  (`Journal.release`). Events no loop claims, and sessions whose id no store
+  accepts, go to the journal's ``orphans.jsonl``; without a journal they stay in
+  the recorder (`SessionRecorder.orphans`) and in `failed_sessions`;
+* a program that ends, or dies of an exception, with the recorder still open closes
+  it at exit (an ``atexit`` hook), saving everything before the stores' own exit
+  hooks close their connections.
+
+No lock of this class is held while the recorder runs (its ``before_task`` and
+``after_task`` callbacks may wait on other threads that use this recorder) or while
+the store saves.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import msgspec
 
-from .errors import InvalidSessionId, PhiSessionError, SessionLocked, StoreError
+from .codec import encode_session
+from .errors import PhiSessionError, StoreError
 from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
-from .journal import Journal, JournaledRecorder, RecoveryReport, recover, session_events
+from .journal import Journal, JournaledRecorder, RecoveryReport, recover
 from .model import Session
-from .recorder import SessionRecorder, SessionRecorderConfig
+from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
+from .saver import SessionSaver
 from .stores.base import SessionStore
 
-__all__ = ["AutoPersistingRecorder"]
+__all__ = ["DEFAULT_MAX_PENDING_BYTES", "AutoPersistingRecorder"]
 
 logger = logging.getLogger("phi_session.persist")
+
+DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
+"""Finished sessions (bytes of their compact JSON) that may wait for the writer."""
 
 # The only events that carry a session id: they open (or join) a session in the recorder.
 _SESSION_EVENTS = (AgentStart, ParallelLoopStart, ParallelLoopEnd)
 _SESSION_KEY = b'"session_id"'
-_MAX_RETRY_PAUSE = 2.0
 _RELEASE_EVERY = 1.0  # seconds
+
+
+def _json_size(session: Session) -> int:
+    """What a session counts against the budget: the bytes of its compact JSON."""
+    try:
+        return len(encode_session(session, pretty=False))
+    except (msgspec.EncodeError, RecursionError, TypeError):  # its save will fail and say why
+        return 0
 
 
 class _SessionProbe(msgspec.Struct):
@@ -73,6 +96,7 @@ class _Pending:
 
     session: Session
     pin: int | None
+    size: int  # bytes of its compact JSON
 
 
 class AutoPersistingRecorder:
@@ -85,12 +109,17 @@ class AutoPersistingRecorder:
     * `config`: the `SessionRecorderConfig` (also used for recovery).
     * `checkpoint_every`: events between checkpoints; `checkpoint_interval`: seconds
       after which an idle recorder checkpoints anyway (None: never).
-    * `max_pending_sessions`: sessions waiting for the writer before producers block.
+    * `max_pending_bytes`: the writer's budget, in bytes of the sessions' compact JSON
+      (default 16 MiB). A checkpoint hands its
+      sessions over one at a time while the writer holds less than this (a session
+      larger than the budget goes alone), and the producer waits until they are all
+      handed over. The writer's own idle checkpoint never waits.
     * `retry_for`: seconds a failing save is retried before the session is set aside.
     * `warn_after`: seconds between warnings while a producer is blocked.
 
     Thread-safe. Query the wrapped recorder through `recorder` (open sessions only:
-    saved sessions are no longer in memory). Use as a context manager or call `close`.
+    saved sessions are no longer in memory). Use as a context manager or call `close`
+    (at the latest, an exit hook closes it when the interpreter exits).
     """
 
     def __init__(
@@ -101,13 +130,13 @@ class AutoPersistingRecorder:
         config: SessionRecorderConfig | None = None,
         checkpoint_every: int = 1000,
         checkpoint_interval: float | None = 1.0,
-        max_pending_sessions: int = 1000,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         recover_on_start: bool = True,
         retry_for: float = 30.0,
         warn_after: float = 5.0,
     ) -> None:
-        if checkpoint_every < 1 or max_pending_sessions < 1:
-            raise ValueError("checkpoint_every and max_pending_sessions must be at least 1")
+        if checkpoint_every < 1 or max_pending_bytes < 1:
+            raise ValueError("checkpoint_every and max_pending_bytes must be at least 1")
         if checkpoint_interval is not None and checkpoint_interval <= 0:
             raise ValueError("checkpoint_interval must be positive or None")
         self.store = store
@@ -115,13 +144,12 @@ class AutoPersistingRecorder:
         self.journal = journal if isinstance(journal, Journal) or journal is None else Journal(journal)
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
-        self.max_pending_sessions = max_pending_sessions
-        self.retry_for = retry_for
+        self.max_pending_bytes = max_pending_bytes
         self.warn_after = warn_after
         self.recovery_report: RecoveryReport | None = None
         if self.journal is not None and recover_on_start and self.journal.leftover_segments:
             try:
-                self.recovery_report = recover(self.journal, store, config=config)
+                self.recovery_report = recover(self.journal, store, config=config, retry_for=retry_for)
             except BaseException:
                 if not isinstance(journal, Journal):
                     self.journal.close()  # we opened it: do not leave the directory locked
@@ -130,25 +158,42 @@ class AutoPersistingRecorder:
                            self.recovery_report.events_replayed, self.journal.directory, store,
                            self.recovery_report.sessions_saved)
         self._sink = JournaledRecorder(self.journal, self.recorder) if self.journal is not None else None
-        # _lock: the recorder, pins and counters (producer side). _cond: the writer's queue.
-        # Order: _lock before _cond, never the reverse.
-        self._lock = threading.RLock()
+        self._saver = SessionSaver(store, orphans=self.journal.write_orphans if self.journal else None,
+                                   retry_for=retry_for)
+        # Lock order: _lock, then _cond.
+        # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _settled_through,
+        # _unwritten_orphans, _since_checkpoint, _counters, _warned_pins.
+        self._lock = threading.Condition(threading.Lock())
+        # _cond: the writer's side: _queue, _queued_bytes, _waiting, _unsaved_pins, _stopping, _releasing,
+        # _backpressure_waits, _blocked_seconds, _last_warning.
         self._cond = threading.Condition(threading.Lock())
-        self._pins: dict[str, int] = {}  # held session -> seq of its first journaled event
+        self._closed = False  # no more events
+        self._sealed = False  # `close` has drained the recorder for the last time
+        # Producers inside the recorder now, by the journal seq they started from: their
+        # events are numbered from there on, so the journal is kept from there on.
+        self._feeding: dict[int, int] = {}
+        self._pins: dict[str, int] = {}  # held session -> lowest seq of its journaled events
+        self._late_pins: dict[str, int] = {}  # drained session that may be amended -> its pin
         self._settled_through = -1  # every orphan up to this seq is in orphans.jsonl
-        self._queue: deque[_Pending] = deque()
-        self._failed: list[_Pending] = []
-        self._closed = False
-        self._stopping = False
+        self._unwritten_orphans: list[OrphanEvent] = []
         self._since_checkpoint = 0
-        self._counters = dict.fromkeys((
-            "events", "checkpoints", "sessions_saved", "save_errors", "backpressure_waits",
-            "orphans_written", "segments_removed"), 0)
+        self._counters = dict.fromkeys(("events", "checkpoints", "orphans_written", "segments_removed"), 0)
+        self._warned_pins: set[str] = set()
+        self._queue: deque[_Pending] = deque()  # handed to the writer
+        self._queued_bytes = 0
+        self._waiting: deque[_Pending] = deque()  # drained, waiting for room in the queue
+        self._unsaved_pins: dict[str, int] = {}  # sessions the saver gave up -> their pins
+        self._stopping = False
+        self._releasing = False  # the writer is telling the journal what it saved
+        self._backpressure_waits = 0
         self._blocked_seconds = 0.0
         self._last_warning = -float("inf")
-        self._warned_pins: set[str] = set()
+        self._pid = os.getpid()
         self._writer = threading.Thread(target=self._run, name="phi-session auto-persist writer", daemon=True)
         self._writer.start()
+        # atexit runs last-in first-out: this runs before the exit hooks of the store
+        # (opened before us), which close connections the writer may be saving with.
+        atexit.register(self._close_at_exit)
 
     def __enter__(self) -> AutoPersistingRecorder:
         return self
@@ -156,26 +201,28 @@ class AutoPersistingRecorder:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        return f"AutoPersistingRecorder({self.store!r})"
+
     # -- feeding ------------------------------------------------------------------------------
 
     def on_event(self, event: AgentEvent) -> None:
         """Record one event (journaled first if there is a journal)."""
-        with self._lock:
-            self._check_open()
-            if self._sink is None:
-                self.recorder.on_event(event)
-                seq = -1
-            else:
-                seq = self._sink.on_event(event, commit=False)
-                if isinstance(event, _SESSION_EVENTS):
-                    self._pin(event.session_id, seq)
-            due = self._count_event()
+        start = self._enter()
+        try:
+            seq = self._sink.on_event(event, commit=False) if self._sink is not None else self._plain(event)
+        except BaseException:
+            self._leave(start)
+            raise
+        due = self._leave(start, event.session_id if isinstance(event, _SESSION_EVENTS) else None,
+                          recorded=True)
         self._after_event(seq, due)
 
     def on_json(self, data: bytes | str) -> None:
         """Record one phi-core JSON event line. Raises `DecodeError` (see `JournaledRecorder.on_json`)."""
-        with self._lock:
-            self._check_open()
+        start = self._enter()
+        session_id = None
+        try:
             if self._sink is None:
                 self.recorder.on_json(data)
                 seq = -1
@@ -183,29 +230,53 @@ class AutoPersistingRecorder:
                 payload = data.encode() if isinstance(data, str) else bytes(data)
                 seq = self._sink.on_json(payload, commit=False)  # nothing journaled if it raises
                 session_id = _session_of_line(payload)
-                if session_id is not None:
-                    self._pin(session_id, seq)
-            due = self._count_event()
-        self._after_event(seq, due)
+        except BaseException:
+            self._leave(start)
+            raise
+        self._after_event(seq, self._leave(start, session_id, recorded=True))
 
     def record_all(self, events: Iterable[AgentEvent]) -> None:
         for event in events:
             self.on_event(event)
 
+    def _plain(self, event: AgentEvent) -> int:
+        self.recorder.on_event(event)
+        return -1
+
+    def _enter(self) -> int:
+        """A producer starts recording one event; returns the journal seq it may be numbered from."""
+        with self._lock:
+            self._check_open()
+            start = self.journal.last_seq + 1 if self.journal is not None else 0
+            self._feeding[start] = self._feeding.get(start, 0) + 1
+            return start
+
+    def _leave(self, start: int, session_id: str | None = None, *, recorded: bool = False) -> bool:
+        """The producer is done; pins `session_id` from `start`. Returns whether a checkpoint is due."""
+        with self._lock:
+            if self._feeding[start] == 1:
+                del self._feeding[start]
+                if self._closed and not self._feeding:
+                    self._lock.notify_all()  # `close` waits for the last producer
+            else:
+                self._feeding[start] -= 1
+            if session_id is not None and self.journal is not None:
+                self._pin(session_id, start)
+            if not recorded:
+                return False
+            self._counters["events"] += 1
+            self._since_checkpoint += 1
+            return self._since_checkpoint >= self.checkpoint_every
+
     def _pin(self, session_id: str, seq: int) -> None:
-        """Hold the journal at `seq` until `session_id` is saved, if the recorder holds it.
+        """Hold the journal from `seq` until `session_id` is saved, if the recorder holds it.
 
         An event the recorder did not attach to a held session (a late parallel event,
         an orphan) is protected by the orphans' own bookkeeping, not by a pin that
         would never be removed.
         """
         if self.recorder.get_session(session_id) is not None or self.recorder.has_early_events(session_id):
-            self._pins.setdefault(session_id, seq)
-
-    def _count_event(self) -> bool:
-        self._counters["events"] += 1
-        self._since_checkpoint += 1
-        return self._since_checkpoint >= self.checkpoint_every
+            self._pins[session_id] = min(seq, self._pins.get(session_id, seq))
 
     def _after_event(self, seq: int, due: bool) -> None:
         if self.journal is not None:
@@ -222,70 +293,121 @@ class AutoPersistingRecorder:
     def checkpoint(self) -> int:
         """Hand every finished session to the writer now; returns how many.
 
-        Blocks first while the writer has `max_pending_sessions` or more waiting.
+        Blocks until they are all in the writer's queue, which holds at most
+        `max_pending_bytes` (plus one session): backpressure when the store lags.
         """
-        self._wait_for_room()
         with self._lock:
-            if self._closed:  # `close` handed everything over already
+            if self._closed:  # `close` hands everything over itself
                 return 0
-            return self._checkpoint_locked()
+        handed = self._hand_over(self.recorder.checkpoint)
+        self._wait_for_room()
+        return handed
 
-    def _checkpoint_locked(self) -> int:
-        self._since_checkpoint = 0
-        self._counters["checkpoints"] += 1
-        self.recorder.checkpoint()
-        sessions = self.recorder.drain_completed()
-        if self.journal is not None:
-            orphans = self.recorder.drain_orphans()
-            if orphans:
-                self._counters["orphans_written"] += self.journal.write_orphans(o.event for o in orphans)
-            self._settled_through = self.journal.last_seq
-        if sessions:
-            pending = [_Pending(s, self._pins.pop(s.session_id, None)) for s in sessions]
+    def _hand_over(self, complete: Callable[[], object], *, last: bool = False) -> int:
+        """Complete sessions with `complete` (the recorder's checkpoint or flush), drain them
+        and their orphans, and line them up for the writer; returns how many."""
+        complete()  # runs after_task callbacks: no lock held
+        with self._lock:
+            if self._sealed:
+                return 0
+            self._sealed = last
+            self._since_checkpoint = 0
+            self._counters["checkpoints"] += 1
+            # Read before draining: every event up to it has been applied by then.
+            settled = self.journal.last_seq if self.journal is not None else -1
+            sessions = self.recorder.drain_completed()
+            pending = [_Pending(s, self._unpin(s.session_id), _json_size(s)) for s in sessions]
+            self._forget_late_pins()
             with self._cond:
-                self._queue.extend(pending)
-                self._cond.notify_all()
+                self._waiting.extend(pending)
+                self._admit()
+            if self.journal is not None:
+                self._write_orphans(self.journal, settled)
         return len(sessions)
+
+    def _unpin(self, session_id: str) -> int | None:
+        """The pin of a session being drained (under `_lock`).
+
+        A drained session that may still come back as an amendment (its parallel
+        group's end, the tool call that spawned it, are still to come) keeps its
+        journal records until it no longer may: recovery needs them to redo it.
+        """
+        pins = [pin for pin in (self._pins.pop(session_id, None), self._late_pins.pop(session_id, None))
+                if pin is not None]
+        if not pins:
+            return None
+        if self.recorder.may_amend(session_id):
+            self._late_pins[session_id] = min(pins)
+        return min(pins)
+
+    def _forget_late_pins(self) -> None:
+        """Drop the late pins of sessions no longer owed anything (under `_lock`)."""
+        for session_id in [sid for sid in self._late_pins if not self.recorder.may_amend(sid)
+                           and self.recorder.get_session(sid) is None]:
+            del self._late_pins[session_id]
+
+    def _write_orphans(self, journal: Journal, settled: int) -> None:
+        """Journal the recorder's orphans; `settled` once they (and earlier ones) are written."""
+        self._unwritten_orphans.extend(self.recorder.drain_orphans())
+        if self._unwritten_orphans:
+            # Kept until written: if the journal fails now, the next checkpoint tries again.
+            written = journal.write_orphans(o.event for o in self._unwritten_orphans)
+            self._counters["orphans_written"] += written
+            self._unwritten_orphans.clear()
+        self._settled_through = settled
+
+    def _admit(self) -> None:
+        """Move waiting sessions into the writer's queue while it has room (under `_cond`).
+
+        The queue always takes one session when empty, so a session larger than the
+        budget cannot block, and nothing waits while the writer is idle.
+        """
+        while self._waiting and (not self._queue or self._queued_bytes < self.max_pending_bytes):
+            item = self._waiting.popleft()
+            self._queue.append(item)
+            self._queued_bytes += item.size
+        self._cond.notify_all()
 
     def flush(self) -> None:
         """End of stream: abort open loops, hand every session over and wait until saved."""
         with self._lock:
             self._check_open()
-            self.recorder.flush()
-            self._checkpoint_locked()
+        self._hand_over(self.recorder.flush)
         self.wait_saved()
 
     def wait_saved(self, timeout: float | None = None) -> bool:
-        """Wait until every handed-over session is saved (or set aside); False on timeout."""
+        """Wait until every handed-over session is saved (or set aside) and the journal
+        knows it (`Journal.release`); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._queue and self._writer.is_alive():
+            while (self._queue or self._waiting or self._releasing) and self._writer.is_alive():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(remaining)
-            return not self._queue
+            return not (self._queue or self._waiting)
 
     def _wait_for_room(self) -> None:
+        """Backpressure: wait until every drained session is in the writer's queue."""
         with self._cond:
-            if len(self._queue) < self.max_pending_sessions:
+            if not self._waiting:
                 return
-            self._counters["backpressure_waits"] += 1
+            self._backpressure_waits += 1
             started = time.monotonic()
             if started - self._last_warning >= self.warn_after:  # one warning per episode, not per wait
                 self._last_warning = started
                 where = ("its events are durable in the journal" if self.journal is not None
                          else "nothing is dropped")
                 logger.warning(
-                    "store %r is %d sessions behind: blocking the producer until it catches up (%s); "
-                    "%d waits so far", self.store, len(self._queue), where,
-                    self._counters["backpressure_waits"])
-            while (len(self._queue) >= self.max_pending_sessions and not self._stopping
-                   and self._writer.is_alive()):
-                if not self._cond.wait(self.warn_after) and len(self._queue) >= self.max_pending_sessions:
+                    "store %r is %d sessions (%d bytes) behind: blocking the producer until it catches "
+                    "up (%s); %d waits so far", self.store, len(self._queue) + len(self._waiting),
+                    self._queued_bytes, where, self._backpressure_waits)
+            while self._waiting and not self._stopping and self._writer.is_alive():
+                if not self._cond.wait(self.warn_after) and self._waiting:
                     self._last_warning = time.monotonic()
                     logger.warning("producer still blocked after %.0f s: %d sessions waiting for %r",
-                                   time.monotonic() - started, len(self._queue), self.store)
+                                   time.monotonic() - started, len(self._queue) + len(self._waiting),
+                                   self.store)
             self._blocked_seconds += time.monotonic() - started
 
     # -- the writer thread ---------------------------------------------------------------------
@@ -303,79 +425,58 @@ class AutoPersistingRecorder:
             if item is None:
                 self._idle_checkpoint()
                 continue
-            saved = self._save(item.session)
+            outcome = self._saver.save(item.session)
             with self._cond:
                 self._queue.popleft()
-                if not saved:
-                    self._failed.append(item)
-                self._cond.notify_all()
-                caught_up = not self._queue
-            # Releasing costs a checkpoint-file fsync: when caught up, or now and then under load.
-            if caught_up or time.monotonic() - last_release >= _RELEASE_EVERY:
+                self._queued_bytes -= item.size
+                if outcome.unsaved:
+                    self._keep_pin(item)
+                # Releasing costs a checkpoint-file fsync: when caught up, or now and then under load.
+                self._releasing = not self._queue or time.monotonic() - last_release >= _RELEASE_EVERY
+                self._admit()
+            if self._releasing:
                 self._release_journal()
                 last_release = time.monotonic()
+                with self._cond:
+                    self._releasing = False
+                    self._cond.notify_all()
+
+    def _keep_pin(self, item: _Pending) -> None:
+        """The saver kept `item` unsaved: its journal records must stay (under `_cond`)."""
+        if item.pin is not None:
+            sid = item.session.session_id
+            self._unsaved_pins[sid] = min(item.pin, self._unsaved_pins.get(sid, item.pin))
 
     def _idle_checkpoint(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
         try:
-            with self._lock:
-                if not self._closed:
-                    self._checkpoint_locked()
+            self._hand_over(self.recorder.checkpoint)
         except PhiSessionError as error:  # e.g. the journal failed: producers see it too
             logger.error("periodic checkpoint failed: %s", error)
-
-    def _save(self, session: Session) -> bool:
-        """Save with retries; False if the session had to be set aside."""
-        deadline = time.monotonic() + self.retry_for
-        pause = 0.05
-        while True:
-            try:
-                self.store.save(session)
-            except (StoreError, SessionLocked, OSError) as error:
-                self._counters["save_errors"] += 1
-                if time.monotonic() + pause > deadline:
-                    logger.error("saving session %s failed for %.0f s, keeping it in memory: %s",
-                                 session.session_id, self.retry_for, error)
-                    return False
-                logger.warning("saving session %s failed, retrying in %.2f s: %s",
-                               session.session_id, pause, error)
-                time.sleep(pause)
-                pause = min(pause * 2, _MAX_RETRY_PAUSE)
-            except InvalidSessionId as error:
-                # No store can take this id, now or after a restart: keep its events with
-                # the orphans (durably, in the journal directory) instead of pinning forever.
-                self._counters["save_errors"] += 1
-                logger.error("session %r cannot be stored (%s); its events are kept as orphans",
-                             session.session_id, error)
-                if self.journal is None:
-                    return False
-                self.journal.write_orphans(session_events(session))
-                return True
-            except Exception as error:
-                # Not an I/O problem (a bug in a custom store): retrying cannot help.
-                # The session stays in memory (and in the journal).
-                self._counters["save_errors"] += 1
-                logger.error("session %s cannot be saved, keeping it in memory: %r",
-                             session.session_id, error)
-                return False
-            else:
-                self._counters["sessions_saved"] += 1
-                return True
 
     def _release_journal(self) -> None:
         """Tell the journal what is stored: segments below every unsaved session can go."""
         if self.journal is None:
             return
+        unsaved_ids = {session.session_id for session in self._saver.unsaved}
         with self._lock:
             with self._cond:
-                unsaved = [p.pin for p in (*self._queue, *self._failed) if p.pin is not None]
+                unsaved = [p.pin for p in (*self._queue, *self._waiting) if p.pin is not None]
+                unsaved += [pin for sid, pin in self._unsaved_pins.items() if sid in unsaved_ids]
             settled = self._settled_through
             # Orphans the recorder still holds are only safe once written (settled).
-            stored_below = min((*self._pins.values(), *unsaved, settled + 1))
+            stored_below = min((*self._pins.values(), *self._late_pins.values(), *self._feeding, *unsaved,
+                                settled + 1))
             self._warn_about_stuck_pin(stored_below)
         try:
-            self._counters["segments_removed"] += self.journal.release(stored_below, settled_through=settled)
+            removed = self.journal.release(stored_below, settled_through=settled)
         except PhiSessionError as error:
             logger.debug("journal not released: %s", error)  # leftovers not recovered, or closed
+            return
+        with self._lock:
+            self._counters["segments_removed"] += removed
 
     def _warn_about_stuck_pin(self, stored_below: int) -> None:
         """Say so when the journal is held back by events the recorder keeps outside any session.
@@ -396,49 +497,76 @@ class AutoPersistingRecorder:
 
     def failed_sessions(self) -> list[Session]:
         """Sessions the store refused (kept in memory, retried by `close`)."""
-        with self._cond:
-            return [p.session for p in self._failed]
+        return self._saver.unsaved
 
     def close(self) -> None:
         """Flush the recorder, save everything, close the journal. Idempotent.
 
-        Raises `StoreError` if some sessions still cannot be saved; they stay in
-        `failed_sessions` (and in the journal, which then keeps their segments).
+        Waits for producers still recording an event. Raises `StoreError` if some
+        sessions still cannot be saved; they stay in `failed_sessions` (and in the
+        journal, which then keeps their segments).
         """
         with self._lock:
             if self._closed:
                 return
-            self.recorder.flush()
-            self._checkpoint_locked()
             self._closed = True
+            while self._feeding:
+                self._lock.wait()
+        atexit.unregister(self._close_at_exit)
+        orphans_error = None
+        try:
+            self._hand_over(self.recorder.flush, last=True)
+        except PhiSessionError as error:  # the sessions are handed over; the orphans stay journaled
+            orphans_error = error
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         self._writer.join()
-        with self._cond:
-            retry, self._failed = [*self._queue, *self._failed], []
+        with self._cond:  # the writer's work if it died
+            leftovers = [*self._queue, *self._waiting]
             self._queue.clear()
-        for item in retry:  # last chance, and the writer's work if it died
-            if not self._save(item.session):
-                self._failed.append(item)
+            self._waiting.clear()
+            self._queued_bytes = 0
+        for item in leftovers:
+            if self._saver.save(item.session).unsaved:
+                with self._cond:
+                    self._keep_pin(item)
+        unsaved = self._saver.retry_unsaved()  # last chance
         self._release_journal()
         if self.journal is not None:
             self.journal.close()
-        if self._failed:
-            ids = ", ".join(p.session.session_id for p in self._failed[:5])
-            raise StoreError(f"{len(self._failed)} sessions could not be saved into {self.store!r} ({ids}); "
+        if unsaved:
+            ids = ", ".join(s.session_id for s in self._saver.unsaved[:5])
+            raise StoreError(f"{unsaved} sessions could not be saved into {self.store!r} ({ids}); "
                              "they are in failed_sessions()"
                              + (f" and in the journal {self.journal.directory}" if self.journal else ""))
+        if orphans_error is not None:
+            raise orphans_error
+
+    def _close_at_exit(self) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked child: the writer thread and the journal are the parent's
+        try:
+            self.close()
+        except Exception:
+            logger.exception("%r: closing at interpreter exit failed", self)
 
     def stats(self) -> dict[str, float]:
-        """Counters: events, checkpoints, sessions saved/queued/failed, save errors,
-        backpressure waits and seconds blocked, orphans written, journal segments
-        removed and sequence numbers, plus the recorder's own `stats`."""
+        """Counters: events, checkpoints, sessions saved/retried/orphaned/failed,
+        sessions and bytes queued for the writer, sessions waiting for room,
+        backpressure waits and seconds blocked, orphan events written, journal
+        segments removed and sequence numbers, plus the recorder's own `stats`."""
+        saver = self._saver.stats()
         with self._lock, self._cond:
             stats: dict[str, float] = dict(self._counters)
-            stats["sessions_queued"] = len(self._queue)
-            stats["sessions_failed"] = len(self._failed)
-            stats["backpressure_seconds"] = round(self._blocked_seconds, 3)
+            stats.update({
+                "sessions_saved": saver.saved, "save_retries": saver.retried,
+                "sessions_orphaned": saver.orphaned, "sessions_failed": saver.unsaved,
+                "sessions_queued": len(self._queue), "bytes_queued": self._queued_bytes,
+                "sessions_waiting": len(self._waiting),
+                "backpressure_waits": self._backpressure_waits,
+                "backpressure_seconds": round(self._blocked_seconds, 3),
+            })
             stats.update(self.recorder.stats())
             if self.journal is not None:
                 stats["journal_last_seq"] = self.journal.last_seq

@@ -1,11 +1,11 @@
-"""Sinks: where emitted events go. A sink is any callable taking one event.
+"""Sinks: where emitted events go, behind one interface (`Sink`).
 
 * `RecorderSink`: a `SessionRecorder` in the same process (a bare recorder works too).
 * `QueueSink`: an ``asyncio.Queue`` drained by a recorder task (`phi_session.consume`),
   safe to call from any thread.
 * `JsonlSink`: a JSON Lines file in phi-core's event-stream format, one event per
   line, flushed per line (``phi-session record`` reads it back).
-* any callable, e.g. ``events.append``.
+* any callable, e.g. ``events.append`` (adapted by `as_sink`).
 
 `FanOut` sends every event to several sinks with failure isolation: a sink that
 raises does not break the agent nor starve the other sinks; its first error is
@@ -25,25 +25,77 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import IO, Any, Protocol, Union, runtime_checkable
 
+from ._failures import FailureTally
 from .codec import encode_event
 from .events import AgentEvent
 from .recorder import SessionRecorder
 
-__all__ = ["FanOut", "JsonlSink", "QueueSink", "RecorderSink", "Sink", "SinkLike", "as_sink"]
+__all__ = ["CallableSink", "FanOut", "JsonlSink", "QueueSink", "RecorderSink", "Sink", "SinkLike", "as_sink"]
 
 logger = logging.getLogger("phi_session.sinks")
 
 
 @runtime_checkable
 class Sink(Protocol):
-    """Receives events, one call each. Optional attributes: ``wants_deltas`` (bool,
-    default True) and ``close()`` (called by `Tracer.close`)."""
+    """Where events go: the interface `FanOut` (and so `Tracer`) drives.
 
-    def __call__(self, event: AgentEvent) -> None: ...
+    The contract:
+
+    * ``sink(event)`` receives one event. It is called in whatever thread or task
+      the agent emits from, possibly concurrently: a sink is thread-safe.
+    * It does not block the agent: work that may stall (the network, a full buffer)
+      belongs behind a queue (`QueueSink`) or in another thread.
+    * It never raises into the agent: if it raises anyway, `FanOut` isolates it
+      (the other sinks still get the event), logs its first failure and counts all.
+    * ``wants_deltas``: whether it keeps streaming deltas (``MessageUpdate``); when
+      no sink does, they are never built.
+    * The lifecycle: ``flush()`` makes what it received durable or visible
+      (`Tracer.flush`); ``close()`` flushes and releases what it holds, and no
+      event follows it (`Tracer.close`). Neither raises into the agent either: a
+      failure is logged.
+
+    Any callable is accepted where a sink is expected: `as_sink` adapts it.
+    """
+
+    def __call__(self, event: AgentEvent, /) -> None: ...
+
+    @property
+    def wants_deltas(self) -> bool: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 SinkLike = Union[Sink, SessionRecorder, Callable[[AgentEvent], Any]]
 """What `Tracer` accepts as a sink: a sink, a recorder, or any callable."""
+
+
+class CallableSink:
+    """Any callable as a `Sink`: ``wants_deltas``, ``flush()`` and ``close()`` are the
+    callable's own where it has them (read once, here), else True and no-ops."""
+
+    __slots__ = ("_close", "_flush", "target", "wants_deltas")
+
+    def __init__(self, target: Callable[[AgentEvent], Any]) -> None:
+        self.target = target
+        self.wants_deltas = bool(getattr(target, "wants_deltas", True))
+        self._flush: Callable[[], Any] | None = getattr(target, "flush", None)
+        self._close: Callable[[], Any] | None = getattr(target, "close", None)
+
+    def __call__(self, event: AgentEvent) -> None:
+        self.target(event)
+
+    def flush(self) -> None:
+        if self._flush is not None:
+            self._flush()
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+    def __repr__(self) -> str:
+        return repr(self.target)
 
 
 class RecorderSink:
@@ -60,6 +112,13 @@ class RecorderSink:
 
     def __call__(self, event: AgentEvent) -> None:
         self.recorder.on_event(event)
+
+    def flush(self) -> None:
+        """Nothing to do: the recorder takes each event in before the call returns (its own
+        `SessionRecorder.flush` ends what is still open, the recorder owner's decision)."""
+
+    def close(self) -> None:
+        """Nothing to release: the recorder is its owner's."""
 
     def __repr__(self) -> str:
         return f"RecorderSink({self.recorder!r})"
@@ -112,6 +171,9 @@ class QueueSink:
         # path, so the events of one thread keep their order.
         self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
+    def flush(self) -> None:
+        """Nothing to do: each event is on its way to the queue when the call returns."""
+
     def close(self) -> None:
         """Signal the end of the stream to the consumer (after every event already sent).
 
@@ -131,6 +193,8 @@ class JsonlSink:
     Thread-safe: lines are never interleaved.
     """
 
+    wants_deltas = True
+
     def __init__(self, target: str | os.PathLike[str] | IO[bytes], *, fsync: bool = False) -> None:
         if isinstance(target, (str, os.PathLike)):
             self.file: IO[bytes] = open(target, "ab")  # owned: closed by close()
@@ -149,6 +213,9 @@ class JsonlSink:
             if self.fsync:
                 os.fsync(self.file.fileno())
 
+    def flush(self) -> None:
+        """Nothing to do: every line is flushed (and fsynced with ``fsync=True``) as it is written."""
+
     def close(self) -> None:
         with self._lock:
             if self._owned and not self.file.closed:
@@ -161,13 +228,25 @@ class JsonlSink:
         self.close()
 
 
-def as_sink(target: SinkLike) -> Callable[[AgentEvent], Any]:
-    """Adapt what `Tracer` accepts into a callable sink (recorders get a `RecorderSink`)."""
+def as_sink(target: SinkLike) -> Sink:
+    """Adapt what `Tracer` accepts into a `Sink`: a recorder gets a `RecorderSink`, a
+    callable lacking part of the interface a `CallableSink`."""
     if isinstance(target, SessionRecorder):
         return RecorderSink(target)
     if not callable(target):
         raise TypeError(f"not a sink: {target!r} (expected a callable or a SessionRecorder)")
-    return target
+    if isinstance(target, Sink):
+        return target
+    return CallableSink(target)
+
+
+def _receiver(sink: Sink) -> Callable[[AgentEvent], Any]:
+    """What to call to deliver to `sink`: a wrapped callable directly, one call level less per event."""
+    if isinstance(sink, RecorderSink):
+        return sink.recorder.on_event
+    if isinstance(sink, CallableSink):
+        return sink.target
+    return sink
 
 
 class FanOut:
@@ -179,12 +258,9 @@ class FanOut:
     """
 
     def __init__(self, sinks: Iterable[SinkLike]) -> None:
-        self.sinks: tuple[Callable[[AgentEvent], Any], ...] = tuple(as_sink(s) for s in sinks)
-        self._lock = threading.Lock()
-        self._errors: dict[int, int] = {}
-        # (sink, what to call): a recorder is called directly, one call level less per event.
-        self._targets = tuple(
-            (sink, sink.recorder.on_event if isinstance(sink, RecorderSink) else sink) for sink in self.sinks)
+        self.sinks: tuple[Sink, ...] = tuple(as_sink(s) for s in sinks)
+        self._failures = FailureTally(logger, "sink", "it will miss the events it fails on", traceback=True)
+        self._targets = tuple((sink, _receiver(sink)) for sink in self.sinks)
         if len(self._targets) == 1:
             self.deliver = self._deliver_one
         else:
@@ -192,53 +268,47 @@ class FanOut:
 
     @property
     def wants_deltas(self) -> bool:
-        """Whether any sink keeps streaming deltas (sinks are assumed to unless they say not)."""
-        return any(getattr(sink, "wants_deltas", True) for sink in self.sinks)
+        """Whether any sink keeps streaming deltas."""
+        return any(sink.wants_deltas for sink in self.sinks)
 
     def __call__(self, event: AgentEvent) -> None:
         """Deliver `event` to every sink. Never raises."""
         self.deliver(event)
 
     def _deliver_all(self, event: AgentEvent) -> None:
-        for sink, call in self._targets:
+        for sink, receive in self._targets:
             try:
-                call(event)
+                receive(event)
             except Exception as error:
-                self._failed(sink, error)
+                self._failures.record(sink, error)
 
     def _deliver_one(self, event: AgentEvent) -> None:
-        ((sink, call),) = self._targets
+        ((sink, receive),) = self._targets
         try:
-            call(event)
+            receive(event)
         except Exception as error:
-            self._failed(sink, error)
-
-    def _failed(self, sink: Callable[[AgentEvent], Any], error: Exception) -> None:
-        with self._lock:
-            count = self._errors.get(id(sink), 0) + 1
-            self._errors[id(sink)] = count
-        if count == 1:
-            logger.error("sink %r failed; it will miss the events it fails on (further failures "
-                         "are counted, not logged)", sink, exc_info=error)
+            self._failures.record(sink, error)
 
     @property
     def errors(self) -> dict[str, int]:
         """Failed deliveries per sink (by repr), for sinks that failed at least once."""
-        with self._lock:
-            return {repr(s): self._errors[id(s)] for s in self.sinks if id(s) in self._errors}
+        return self._failures.counts
 
     @property
     def error_count(self) -> int:
-        with self._lock:
-            return sum(self._errors.values())
+        return self._failures.total
+
+    def flush(self) -> None:
+        """Flush every sink; a failing flush is logged, not raised."""
+        self._each("flushing", lambda sink: sink.flush())
 
     def close(self) -> None:
-        """Close every sink that has a ``close()``; a failing close is logged, not raised."""
+        """Close every sink; a failing close is logged, not raised."""
+        self._each("closing", lambda sink: sink.close())
+
+    def _each(self, doing: str, step: Callable[[Sink], None]) -> None:
         for sink in self.sinks:
-            close = getattr(sink, "close", None)
-            if close is None:
-                continue
             try:
-                close()
+                step(sink)
             except Exception:
-                logger.exception("closing sink %r failed", sink)
+                logger.exception("%s sink %r failed", doing, sink)

@@ -19,7 +19,7 @@ At least once on the wire, exactly once in the store: JetStream drops a retried
 publish within its duplicate window; the worker drops any later copy by event id.
 
 This package imports without nats-py; using the sink or the worker without it
-raises `BrokerError` naming the extra.
+raises `MissingExtra` naming the extra.
 """
 
 from .settings import StreamSettings, partition_of

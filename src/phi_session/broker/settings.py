@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BrokerError
+from ..errors import BrokerError, MissingExtra
 from ..events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from ..ids import session_id_from_loop_id
 
@@ -127,11 +127,12 @@ def partition_of(key: str, partitions: int) -> int:
 
 
 def require_nats() -> None:
-    """Raise `BrokerError` naming the extra when nats-py is not installed."""
+    """Raise `MissingExtra` naming the extra when nats-py is not installed."""
     try:
         import nats  # noqa: F401
     except ImportError as error:
-        raise BrokerError("the NATS broker needs nats-py: pip install 'phi-session[nats]'") from error
+        raise MissingExtra(f"the NATS broker needs nats-py ({error}): "
+                           "pip install 'phi-session[nats]'") from None
 
 
 async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float = 2.0) -> Client:

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BrokerError, DecodeError, StoreError
+from ..errors import BrokerError, DecodeError, MissingExtra, StoreError
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
 from .settings import EVENT_ID_HEADER, SESSION_HEADER, StreamSettings, connect, ensure_stream, require_nats
@@ -224,8 +224,8 @@ class _Resources:
 
             from ..stores.postgres import PostgresStore
         except ImportError as error:
-            raise StoreError("the ingest worker needs psycopg: "
-                             "pip install 'phi-session[postgres]'") from error
+            raise MissingExtra(f"the ingest worker needs psycopg ({error}): "
+                               "pip install 'phi-session[postgres]'") from None
         try:
             self.nc: Client = await connect(worker.url, name=f"phi-session ingest {worker.member_id}")
             self.stack.push_async_callback(self.nc.close)

@@ -117,10 +117,11 @@ def load_cli_session(store: SessionStore, session_id: str) -> Session:
 
 
 class _StderrLogHandler(logging.Handler):
-    """Library warnings (e.g. orphan events) as one ``phi-session: warning:`` line each."""
+    """Library warnings and errors (e.g. orphan events, a session not saved) as one
+    ``phi-session: warning:`` or ``phi-session: error:`` line each."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        warn(f"warning: {self.format(record)}")
+        warn(f"{'error' if record.levelno >= logging.ERROR else 'warning'}: {self.format(record)}")
 
 
 class PhiSessionGroup(click.Group):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -14,21 +13,14 @@ import msgspec
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from .._filters import (
-    GROUP_BYS,
-    LOOP_STATUSES,
-    ORDERS,
-    TIME_HELP,
-    FilterError,
-    SessionFilters,
-    parse_group_by,
-    to_builtins,
-)
 from ..codec import decode_event, decode_session, encode_event, encode_message, encode_session
-from ..errors import DecodeError, PhiSessionError, SessionNotFound
+from ..errors import DecodeError, InvalidQuery, PhiSessionError, SessionNotFound
+from ..events import AgentEvent
 from ..model import CompactionBlock, Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
-from ..stores.base import SessionStore, summarize
+from ..saver import SessionSaver
+from ..stores.base import SessionStore, summarize, to_builtins
+from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 from ..stores.urls import default_store_url
 from ..views import event_stream, loop_forest, spawn_graph
 from . import render
@@ -78,11 +70,11 @@ def _note_default_store(store_url: str | None, directory: str | None = None) -> 
 def list_command(store_url: str | None, as_json: bool, **filters: str | None) -> None:
     """List stored sessions, newest first."""
     try:
-        query = SessionFilters.parse(filters)
-    except FilterError as error:
-        raise CliError(f"--{error.parameter.replace('_', '-')}: {error.reason}", EXIT_USAGE) from None
+        query = SessionQuery.from_strings(filters)
+    except InvalidQuery as error:
+        raise CliError(f"--{str(error.parameter).replace('_', '-')}: {error.reason}", EXIT_USAGE) from None
     with open_cli_store(store_url, must_exist=True) as store:
-        rows = query.run(store)
+        rows = store.query(query)
     if as_json:
         echo_json(to_builtins(rows))
     elif rows:
@@ -182,8 +174,8 @@ def stats(group_by: str, store_url: str | None, as_json: bool) -> None:
     """Token usage totals, grouped by agent, model or day."""
     try:
         by = parse_group_by(group_by)
-    except FilterError as error:
-        raise CliError(f"--{error}", EXIT_USAGE) from None
+    except InvalidQuery as error:
+        raise CliError(f"--by: {error.reason}", EXIT_USAGE) from None
     with open_cli_store(store_url, must_exist=True) as store:
         totals = store.usage_totals(by)
     if as_json:
@@ -225,7 +217,7 @@ class _LineConsumer(Protocol):
 
 def _record_stream(
     source: _LineSource, recorder: _LineConsumer, progress: Progress | None,
-    spill: Callable[[], None] | None = None,
+    spill: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """Feed every non-empty line to the recorder; malformed lines are reported and skipped.
 
@@ -270,46 +262,11 @@ def _record_line(
     outcome["events"] += 1
 
 
-def _save_all(store: SessionStore, sessions: Iterable[Session]) -> list[str]:
-    """Save every session; a failure is reported and the others are still saved."""
-    failed = []
-    for session in sessions:
-        try:
-            store.save(session)
-        except PhiSessionError as error:
-            failed.append(session.session_id)
-            warn(f"error: session {session.session_id} not saved: {error}")
-    return failed
-
-
-class _DrainAndSave:
-    """Checkpoint -> drain -> save for ``record``: the one place the CLI saves recorded sessions.
-
-    Drained sessions wait in `pending` until saved: a Ctrl-C in the middle of a save
-    leaves the unsaved ones for the final save instead of dropping them. Saving
-    merges by loop id, so a session saved now and again later loses nothing.
-    """
-
-    def __init__(self, recorder: SessionRecorder, store: SessionStore) -> None:
-        self.recorder = recorder
-        self.store = store
-        self.pending: deque[Session] = deque()
-        self.saved: dict[str, None] = {}  # ids of every session saved, in order
-        self.failed: list[str] = []
-        self.last: list[Session] = []  # what the final save drained
-
-    def __call__(self, *, final: bool = False) -> None:
-        if final:
-            self.recorder.flush()
-        else:
-            self.recorder.checkpoint()
-        self.pending.extend(self.recorder.drain_completed())
-        self.last = list(self.pending)
-        while self.pending:
-            session = self.pending[0]
-            self.failed.extend(_save_all(self.store, [session]))
-            self.saved[session.session_id] = None
-            self.pending.popleft()
+def _orphans_writer(file: IO[bytes]) -> Callable[[Iterable[AgentEvent]], None]:
+    """Writes events to the ``--orphans`` file, one JSON line each."""
+    def write(events: Iterable[AgentEvent]) -> None:
+        file.writelines(encode_event(event) + b"\n" for event in events)
+    return write
 
 
 def _open_orphans_file(path: str) -> IO[bytes]:
@@ -360,32 +317,41 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
         # now, not after the stream is gone.
         orphans_file = cleanup.enter_context(_open_orphans_file(orphans_path)) if orphans_path else None
         store = cleanup.enter_context(open_cli_store(store_url, directory))
-        save = _DrainAndSave(recorder, store)
+        write_orphans = _orphans_writer(orphans_file) if orphans_file is not None else None
+        # Sessions no store accepts join the orphans; a failed save is reported by the saver.
+        saver = SessionSaver(store, orphans=write_orphans)
+        saved: dict[str, None] = {}  # ids of every session saved, in order
+
+        def spill(*, final: bool = False) -> list[Session]:
+            drained = saver.drain(recorder, flush=final)
+            saved.update(dict.fromkeys(session.session_id for session in drained))
+            return drained
+
         lines = _LineSource(source)
         try:
             if sys.stderr.isatty() and not as_json:
                 columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                            TimeElapsedColumn())
                 with Progress(*columns, console=stderr(), transient=True) as progress:
-                    outcome = _record_stream(lines, recorder, progress, save)
+                    outcome = _record_stream(lines, recorder, progress, spill)
             else:
-                outcome = _record_stream(lines, recorder, None, save)
+                outcome = _record_stream(lines, recorder, None, spill)
         finally:
             lines.close()
-        spilled = bool(save.saved)
-        save(final=True)
-        sessions = save.last
+        spilled = bool(saved)
+        sessions = spill(final=True)
         if spilled:  # summarise what the store now holds for every session touched
-            sessions = [store.load(sid) for sid in save.saved if sid not in save.failed]
+            sessions = [store.load(sid) for sid in saved]
+        unsaved = saver.unsaved
         if outcome["interrupted_at"] is not None:
             warn(f"interrupted after line {outcome['interrupted_at']:,}: what was read is recorded and saved")
         orphans = recorder.orphans()
         orphans_lost = False
         if orphans:
             where = "not stored (use --orphans FILE to keep them)"
-            if orphans_file is not None:
+            if orphans_file is not None and write_orphans is not None:
                 try:
-                    orphans_file.writelines(encode_event(orphan.event) + b"\n" for orphan in orphans)
+                    write_orphans(orphan.event for orphan in orphans)
                     orphans_file.close()  # closing flushes: a full disk shows up here
                     where = f"written to {orphans_path}"
                 except OSError as error:
@@ -398,7 +364,7 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
         "turns": sum(row.turn_count for row in summaries),
         "total_tokens": sum(row.total_tokens for row in summaries),
         "events": outcome["events"], "malformed_lines": outcome["malformed_lines"],
-        "orphan_events": len(orphans), "unsaved_sessions": len(save.failed),
+        "orphan_events": len(orphans), "unsaved_sessions": len(unsaved),
         "interrupted_at_line": outcome["interrupted_at"],
     }
     if as_json:
@@ -419,7 +385,7 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
     if outcome["events"] == 0:
         raise CliError(f"nothing recorded: {lines.name} holds no valid event line")
-    if save.failed or orphans_lost:
+    if unsaved or orphans_lost:
         raise click.exceptions.Exit(EXIT_FAILURE)
 
 
@@ -471,6 +437,7 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     imported: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     with open_cli_store(store_url) as store:
+        saver = SessionSaver(store)
         for name in paths:
             path = Path(name)
             if not path.exists():
@@ -479,13 +446,18 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
             for file in _session_files(path):
                 try:
                     sessions = _read_sessions(file.read_bytes())
-                    for session in sessions:
-                        store.save(session)
-                        imported.append({"path": str(file), "session_id": session.session_id,
-                                         "loops": len(session.loops)})
                 except (OSError, PhiSessionError) as error:
                     message = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
                     errors.append({"path": str(file), "error": message})
+                    continue
+                for session in sessions:
+                    outcome = saver.save(session)
+                    if outcome.saved:
+                        imported.append({"path": str(file), "session_id": session.session_id,
+                                         "loops": len(session.loops)})
+                    else:
+                        errors.append({"path": str(file), "error": f"session {session.session_id} not saved: "
+                                                                   f"{outcome.error}"})
     for failure in errors:
         warn(f"error: {failure['path']}: {failure['error']}")
     if as_json:
@@ -605,29 +577,79 @@ def demo(directory: str | None, store_url: str | None, as_json: bool) -> None:
               help="Address to listen on. Anything but loopback exposes every session to the network.")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
               help="Port (0: pick a free one).")
+@click.option("--otlp", is_flag=True,
+              help="Also receive OpenTelemetry traces (OTLP/HTTP, POST /v1/traces) and record them as "
+                   "sessions (needs pip install 'phi-session[otlp]').")
+@click.option("--otlp-port", default=4318, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of the OTLP receiver (0: pick a free one); it listens on --host.")
+@click.option("--otlp-state", metavar="DIR", default=".phi-session/otlp", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Where the OTLP receiver keeps its journal and spool (what it acknowledged survives "
+                   "a crash).")
 @store_options
-def serve(host: str, port: int, store_url: str | None, as_json: bool) -> None:
-    """Serve the read-only web viewer over the store (Ctrl-C stops it)."""
+def serve(host: str, port: int, otlp: bool, otlp_port: int, otlp_state: str, store_url: str | None,
+          as_json: bool) -> None:
+    """Serve the read-only web viewer over the store (Ctrl-C stops it).
+
+    With --otlp, also record the traces of any OpenTelemetry GenAI-instrumented agent
+    sent to http://HOST:OTLP_PORT/v1/traces (set OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318).
+    """
     from ..web.server import is_loopback, make_server
 
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, must_exist=not otlp) as store, contextlib.ExitStack() as cleanup:
         try:
             server = make_server(store, host=host, port=port)
         except OSError as error:
             raise CliError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-        url = server.url
+        cleanup.callback(server.server_close)
+        addresses = {"url": server.url}
+        if otlp:
+            addresses["otlp_url"] = _start_otlp(store, host, otlp_port, otlp_state, cleanup)
         if as_json:
-            click.echo(msgspec.json.encode({"url": url}).decode())
+            click.echo(msgspec.json.encode(addresses).decode())
         else:
-            stderr().print(f"phi-session viewer on {url}  (Ctrl-C to stop)")
+            stderr().print(f"phi-session viewer on {server.url}  (Ctrl-C to stop)")
+            if otlp:
+                stderr().print(f"OTLP/HTTP traces to {addresses['otlp_url']}")
         if not is_loopback(host):
             warn(f"warning: listening on {host}: anyone who can reach it can read every session")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
+            _stop_on_sigterm()
             server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
+
+
+def _stop_on_sigterm() -> None:
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _start_otlp(store: SessionStore, host: str, port: int, state: str, cleanup: contextlib.ExitStack) -> str:
+    """Start the OTLP receiver in a thread; `cleanup` stops it and saves what it holds."""
+    import threading
+
+    from ..errors import MissingExtra
+    try:
+        from ..otel._sdk import require_proto, require_sdk
+
+        require_sdk()
+        require_proto()
+        from ..otel.endpoint import OtlpEndpoint, make_otlp_server
+    except MissingExtra as error:
+        raise CliError(str(error)) from None
+    endpoint = OtlpEndpoint(store, state)
+    cleanup.callback(endpoint.close)
+    try:
+        receiver = make_otlp_server(endpoint, host=host, port=port)
+    except OSError as error:
+        raise CliError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    cleanup.callback(receiver.server_close)
+    cleanup.callback(receiver.shutdown)
+    threading.Thread(target=receiver.serve_forever, name="phi-session otlp", daemon=True).start()
+    return receiver.url
 
 
 # -- the broker -------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from .._filters import LOOP_STATUSES
 from .._float32 import Float32
 from .._time import Timestamp
 from ..codec import encode_event
@@ -36,6 +35,7 @@ from ..messages import (
 )
 from ..model import LoopRecord, Session
 from ..stores.base import SessionSummary, UsageTotal
+from ..stores.query import LOOP_STATUSES
 from ..views import LoopNode, SpawnNode
 
 STATUS_STYLES = {

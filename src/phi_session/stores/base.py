@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Literal, Protocol, TypeVar, get_args, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -13,11 +13,10 @@ from ..codec import encode_event
 from ..errors import InvalidSessionId
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
-from ..model import LoopRecord, LoopStatus, Session
+from ..model import LoopRecord, Session
+from .query import GroupBy, PruneCriteria, SessionQuery, check_type
 
-Order = Literal["newest", "oldest", "tokens"]
 _T = TypeVar("_T")
-GroupBy = Literal["agent", "model", "day"]
 
 
 class SessionSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,32 +85,12 @@ class SessionStore(Protocol):
         """
         ...
 
-    def query(
-        self,
-        *,
-        agent_id: str | None = None,
-        since: Timestamp | None = None,
-        until: Timestamp | None = None,
-        status: str | None = None,
-        model: str | None = None,
-        min_tokens: int | None = None,
-        parent_session_id: str | None = None,
-        limit: int | None = None,
-        order: Order = "newest",
-    ) -> list[SessionSummary]:
-        """Summaries of the sessions matching every given filter.
-
-        ``since <= last_active_at < until``; `status`: at least one loop has it;
-        `model`: a loop ran ``provider/model`` or the bare model name;
-        `min_tokens`: ``usage.total_tokens >= min_tokens``; `parent_session_id`:
-        the session was spawned from that session. Order ``newest``/``oldest``
-        by ``last_active_at``, ``tokens`` by total tokens, largest first; ties by
-        session id. `limit` keeps the first rows of that order.
-        """
+    def query(self, query: SessionQuery | None = None) -> list[SessionSummary]:
+        """Summaries of the sessions `query` selects, in its order (None: every session, newest first)."""
         ...
 
     def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
-        """Usage summed per agent, per model or per day, sorted by key.
+        """Usage summed per agent, per model or per day (`parse_group_by`), sorted by key.
 
         ``model`` groups loops by their config's ``provider/model`` (``"unknown"``
         without a config) and counts a session once in each of its models;
@@ -119,20 +98,10 @@ class SessionStore(Protocol):
         """
         ...
 
-    def prune(
-        self,
-        *,
-        older_than: Timestamp | None = None,
-        keep_last: int | None = None,
-        agent_id: str | None = None,
-    ) -> int:
-        """Delete whole sessions; returns how many.
+    def prune(self, criteria: PruneCriteria) -> int:
+        """Delete the whole sessions `criteria` selects; returns how many.
 
-        Candidates are all sessions, or those of `agent_id`. A candidate is
-        deleted when it meets every given condition: ``last_active_at <
-        older_than``, and not being among the `keep_last` most recently active
-        candidates. At least one of `older_than` and `keep_last` is required
-        (`ValueError` otherwise). Unreadable sessions are never deleted.
+        Unreadable sessions are never deleted.
         """
         ...
 
@@ -145,6 +114,9 @@ class SessionStore(Protocol):
     async def adelete(self, session_id: str) -> None: ...
     async def alist_ids(self) -> list[str]: ...
     async def alist_for_agent(self, agent_id: str) -> list[Session]: ...
+    async def aquery(self, query: SessionQuery | None = None) -> list[SessionSummary]: ...
+    async def ausage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]: ...
+    async def aprune(self, criteria: PruneCriteria) -> int: ...
 
 
 class AsyncTwins:
@@ -165,23 +137,37 @@ class AsyncTwins:
     async def alist_for_agent(self, agent_id: str) -> list[Session]:
         return await asyncio.to_thread(self.list_for_agent, agent_id)  # type: ignore[attr-defined]
 
+    async def aquery(self, query: SessionQuery | None = None) -> list[SessionSummary]:
+        return await asyncio.to_thread(self.query, query)  # type: ignore[attr-defined]
 
-LOOP_STATUSES: tuple[str, ...] = get_args(LoopStatus)
+    async def ausage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
+        return await asyncio.to_thread(self.usage_totals, group_by)  # type: ignore[attr-defined]
+
+    async def aprune(self, criteria: PruneCriteria) -> int:
+        return await asyncio.to_thread(self.prune, criteria)  # type: ignore[attr-defined]
 
 
-def check_query(*, status: str | None, limit: int | None, order: str) -> None:
-    """The argument checks every backend's `query` makes, with one wording."""
-    if status is not None and status not in LOOP_STATUSES:
-        raise ValueError(f"unknown loop status {status!r}; expected one of {', '.join(LOOP_STATUSES)}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must not be negative, got {limit}")
-    if order not in ("newest", "oldest", "tokens"):
-        raise ValueError(f"unknown order {order!r}; expected newest, oldest or tokens")
+EVERY_SESSION = SessionQuery()
+
+
+def as_query(query: SessionQuery | None) -> SessionQuery:
+    """What a backend's `query` was asked: None means every session; another type is a `TypeError`."""
+    if query is None:
+        return EVERY_SESSION
+    check_type("query", query, SessionQuery)
+    return query
+
+
+def session_id_to_save(session: Session) -> str:
+    """The checked id of a session handed to `save` (`TypeError` for anything but a `Session`)."""
+    check_type("session", session, Session)
+    return validate_session_id(session.session_id)
 
 
 def validate_session_id(session_id: str) -> str:
-    """Reject ids that could escape a directory or break a file name."""
-    if not isinstance(session_id, str) or not session_id:
+    """Reject ids that could escape a directory or break a file name (`TypeError` for a non-string)."""
+    check_type("session id", session_id, str)
+    if not session_id:
         raise InvalidSessionId("session id must be a non-empty string")
     try:
         size = len(session_id.encode("utf-8"))
@@ -204,9 +190,22 @@ def _loop_weight(record: LoopRecord) -> tuple[int, int]:
 def merge_sessions(stored: Session, incoming: Session) -> Session:
     """Combine two saves of one session id without losing a loop.
 
-    Loops are matched by ``loop_id`` and start time (the n-th occurrence with the n-th);
-    of two versions of one loop the finished one, then the one with more events,
-    wins. Stored loops keep their place; new ones are appended in their order.
+    Which records are the same loop (the merge key): a loop is known by its
+    ``loop_id`` and its lifetime. An incoming record with id X is matched with the
+    first stored record of id X, not matched yet, that
+
+    1. started at the same instant (the n-th such with the n-th); else that
+    2. was alive at the same time: neither started at or after the other ended
+       (an unfinished record has not ended). A restarted or re-stamped
+       ``AgentStart`` thus saves the same loop again, not a second one.
+
+    Otherwise the record is new and is appended: an id used again after its loop
+    ended names a second record (phi-core's compaction pass re-uses the id of the
+    last, finished loop, and phi-core keeps both).
+
+    Of two versions of one loop, the finished one wins, then the one with more
+    events, then (a tie) the incoming one; the winner is kept whole, start time
+    included. Stored loops keep their place; new ones are appended in their order.
     A winning version keeps the links (``children_loop_ids``, ``child_loop_refs``)
     of the version it replaces, and a finished loop that is new or changed is
     linked into its same-session parent's ``children_loop_ids``: a recorder that
@@ -215,26 +214,21 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     Session-scoped events (``session_events``) are combined the same way: the
     incoming ones not already stored are appended.
     """
-    # A loop is the same loop when its id *and* start time match: an id that is used
-    # again later (phi-core's compaction pass does it) is a different record.
-    occurrences: Counter[tuple[str, str]] = Counter()
-    position: dict[tuple[str, str, int], int] = {}
     loops = list(stored.loops)
+    stored_slots: dict[str, list[int]] = {}  # loop id -> positions of its stored records
     for index, record in enumerate(loops):
-        loop_id, started = identity = (record.loop_id, str(record.started_at))
-        position[(loop_id, started, occurrences[identity])] = index
-        occurrences[identity] += 1
-    seen: Counter[tuple[str, str]] = Counter()
+        stored_slots.setdefault(record.loop_id, []).append(index)
+    matched: set[int] = set()
     adopted: list[LoopRecord] = []  # incoming versions that are new or differ from the stored one
     for record in incoming.loops:
-        loop_id, started = identity = (record.loop_id, str(record.started_at))
-        key = (loop_id, started, seen[identity])
-        seen[identity] += 1
-        slot = position.get(key)
+        unmatched = [slot for slot in stored_slots.get(record.loop_id, ()) if slot not in matched]
+        slot = _same_loop(record, loops, unmatched)
         if slot is None:
             loops.append(record)
             adopted.append(record)
-        elif _loop_weight(record) >= _loop_weight(loops[slot]):
+            continue
+        matched.add(slot)
+        if _loop_weight(record) >= _loop_weight(loops[slot]):
             merged = _keep_links(loops[slot], record)
             if merged != loops[slot]:
                 loops[slot] = merged
@@ -253,6 +247,22 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
         rejected=True if (stored.is_rejected or incoming.is_rejected) else msgspec.UNSET,
         session_events=_merge_events(stored.session_events, incoming.session_events),
     )
+
+
+def _ended_before(first: LoopRecord, second: LoopRecord) -> bool:
+    return first.ended_at is not None and second.started_at >= first.ended_at
+
+
+def _same_loop(record: LoopRecord, loops: list[LoopRecord], candidates: list[int]) -> int | None:
+    """The position of the stored version of `record` among `candidates` (the unmatched
+    stored records of its id), or None: the merge key of `merge_sessions`."""
+    for slot in candidates:
+        if loops[slot].started_at == record.started_at:
+            return slot
+    for slot in candidates:
+        if not _ended_before(loops[slot], record) and not _ended_before(record, loops[slot]):
+            return slot
+    return None
 
 
 def _union(kept: list[_T], extra: list[_T]) -> list[_T]:
@@ -331,3 +341,22 @@ def summarize(session: Session) -> SessionSummary:
         usage=usage,
         models=tuple(models),
     )
+
+
+def _encode_extra(obj: Any) -> Any:
+    if isinstance(obj, Timestamp):
+        return str(obj)
+    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
+
+
+def to_builtins(obj: Any) -> Any:
+    """JSON-ready builtins of query results (summaries, usage totals), as the front ends show them.
+
+    A `SessionSummary` also gets its ``total_tokens`` (a property, not a field).
+    """
+    if isinstance(obj, list):
+        return [to_builtins(item) for item in obj]
+    data = msgspec.to_builtins(obj, enc_hook=_encode_extra)
+    if isinstance(obj, SessionSummary):
+        data["total_tokens"] = obj.total_tokens
+    return data

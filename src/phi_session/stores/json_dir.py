@@ -29,22 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
-from .._time import Timestamp
 from ..codec import decode_session, encode_session
 from ..errors import DecodeError, InvalidSessionId, SessionLocked, SessionNotFound, StoreError
 from ..messages import ZERO_USAGE, Usage
 from ..model import Session
 from .base import (
     AsyncTwins,
-    GroupBy,
-    Order,
     SessionSummary,
     UsageTotal,
-    check_query,
+    as_query,
     merge_sessions,
+    session_id_to_save,
     summarize,
     validate_session_id,
 )
+from .query import GroupBy, Order, PruneCriteria, SessionQuery, check_type, parse_group_by
 
 if sys.platform != "win32":
     import fcntl
@@ -186,7 +185,7 @@ class JsonDirStore(AsyncTwins):
 
         A stored file that cannot be read is never overwritten: `StoreError`.
         """
-        session_id = validate_session_id(session.session_id)
+        session_id = session_id_to_save(session)
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -412,33 +411,16 @@ class JsonDirStore(AsyncTwins):
             entries.append((session_id, entry))
         return entries
 
-    def query(
-        self,
-        *,
-        agent_id: str | None = None,
-        since: Timestamp | None = None,
-        until: Timestamp | None = None,
-        status: str | None = None,
-        model: str | None = None,
-        min_tokens: int | None = None,
-        parent_session_id: str | None = None,
-        limit: int | None = None,
-        order: Order = "newest",
-    ) -> list[SessionSummary]:
-        """Summaries matching every given filter (see `SessionStore.query`)."""
-        check_query(status=status, limit=limit, order=order)
-        rows = [
-            entry.summary for _, entry in self._entries()
-            if _matches(entry.summary, agent_id=agent_id, since=since, until=until, status=status,
-                        model=model, min_tokens=min_tokens, parent_session_id=parent_session_id)
-        ]
-        _sort(rows, order)
-        return rows if limit is None else rows[:limit]
+    def query(self, query: SessionQuery | None = None) -> list[SessionSummary]:
+        """Summaries matching `query` (see `SessionQuery`), from the cached summaries."""
+        query = as_query(query)
+        rows = [entry.summary for _, entry in self._entries() if _matches(query, entry.summary)]
+        _sort(rows, query.order)
+        return rows if query.limit is None else rows[:query.limit]
 
     def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
         """Usage per agent, model or UTC day, sorted by key (see `SessionStore.usage_totals`)."""
-        if group_by not in ("agent", "model", "day"):
-            raise ValueError(f"group_by must be 'agent', 'model' or 'day', got {group_by!r}")
+        group_by = parse_group_by(group_by)
         groups: dict[str, tuple[int, int, Usage]] = {}
 
         def add(key: str, loops: int, usage: Usage) -> None:
@@ -459,21 +441,13 @@ class JsonDirStore(AsyncTwins):
             for key, (sessions, loops, usage) in sorted(groups.items())
         ]
 
-    def prune(
-        self,
-        *,
-        older_than: Timestamp | None = None,
-        keep_last: int | None = None,
-        agent_id: str | None = None,
-    ) -> int:
-        """Delete whole session files (see `SessionStore.prune`); returns how many.
+    def prune(self, criteria: PruneCriteria) -> int:
+        """Delete whole session files (see `PruneCriteria`); returns how many.
 
         A file saved again after it was judged is left alone.
         """
-        if older_than is None and keep_last is None:
-            raise ValueError("prune needs older_than, keep_last or both")
-        if keep_last is not None and keep_last < 0:
-            raise ValueError(f"keep_last must not be negative, got {keep_last}")
+        check_type("criteria", criteria, PruneCriteria)
+        agent_id, keep_last, older_than = criteria.agent_id, criteria.keep_last, criteria.older_than
         candidates = [
             (session_id, entry) for session_id, entry in self._entries()
             if agent_id is None or entry.summary.agent_id == agent_id
@@ -494,25 +468,16 @@ def _model_matches(wanted: str, models: tuple[str, ...]) -> bool:
     return any(name == wanted or name.partition("/")[2] == wanted for name in models)
 
 
-def _matches(
-    summary: SessionSummary,
-    *,
-    agent_id: str | None,
-    since: Timestamp | None,
-    until: Timestamp | None,
-    status: str | None,
-    model: str | None,
-    min_tokens: int | None,
-    parent_session_id: str | None,
-) -> bool:
+def _matches(query: SessionQuery, summary: SessionSummary) -> bool:
+    """The JSON directory's translation of `query`'s filters: a test of one summary."""
     return (
-        (agent_id is None or summary.agent_id == agent_id)
-        and (since is None or summary.last_active_at >= since)
-        and (until is None or summary.last_active_at < until)
-        and (status is None or summary.loops_by_status.get(status, 0) > 0)
-        and (model is None or _model_matches(model, summary.models))
-        and (min_tokens is None or summary.total_tokens >= min_tokens)
-        and (parent_session_id is None or summary.parent_session_id == parent_session_id)
+        (query.agent_id is None or summary.agent_id == query.agent_id)
+        and (query.since is None or summary.last_active_at >= query.since)
+        and (query.until is None or summary.last_active_at < query.until)
+        and (query.status is None or summary.loops_by_status.get(query.status, 0) > 0)
+        and (query.model is None or _model_matches(query.model, summary.models))
+        and (query.min_tokens is None or summary.total_tokens >= query.min_tokens)
+        and (query.parent_session_id is None or summary.parent_session_id == query.parent_session_id)
     )
 
 
@@ -522,10 +487,8 @@ def _sort(rows: list[SessionSummary], order: Order) -> None:
         rows.sort(key=lambda row: row.last_active_at, reverse=True)
     elif order == "oldest":
         rows.sort(key=lambda row: row.last_active_at)
-    elif order == "tokens":
-        rows.sort(key=lambda row: row.total_tokens, reverse=True)
     else:
-        raise ValueError(f"order must be 'newest', 'oldest' or 'tokens', got {order!r}")
+        rows.sort(key=lambda row: row.total_tokens, reverse=True)
 
 
 # -- phi-core's function names ----------------------------------------------------------

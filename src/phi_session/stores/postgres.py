@@ -55,7 +55,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, get_args
+from typing import Any
 
 import msgspec
 
@@ -63,18 +63,18 @@ from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
 from ..errors import DecodeError, SessionLocked, SessionNotFound, StoreError
 from ..messages import Usage
-from ..model import LoopRecord, LoopStatus, Session
+from ..model import LoopRecord, Session
 from .base import (
     AsyncTwins,
-    GroupBy,
-    Order,
     SessionSummary,
     UsageTotal,
-    check_query,
+    as_query,
     merge_sessions,
+    session_id_to_save,
     summarize,
     validate_session_id,
 )
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
 
 # psycopg is optional: this module imports without it and `PostgresStore()` says
 # what to install. `phi_session` itself imports this module only on first use.
@@ -94,8 +94,7 @@ _log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
-_STATUSES: tuple[str, ...] = get_args(LoopStatus)
-_STATUS_COLUMNS = {status: f"loops_{status.lower()}" for status in _STATUSES}
+_STATUS_COLUMNS: dict[str, str] = {status: f"loops_{status.lower()}" for status in LOOP_STATUSES}
 _USAGE_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
 _USAGE_COLUMNS = ("input_tokens", "output_tokens", "reasoning_tokens", "cache_read_tokens",
                   "cache_write_tokens", "total_tokens")
@@ -235,7 +234,7 @@ def _session_values(session: Session) -> tuple[Any, ...]:
         session.agent_id, _clamped_ns(session.created_at), _day(session.created_at),
         _clamped_ns(session.last_active_at), summary.formation, summary.parent_session_id,
         summary.rejected, summary.loop_count, summary.turn_count,
-        *(summary.loops_by_status.get(s, 0) for s in _STATUSES), *_usage_values(summary.usage),
+        *(summary.loops_by_status.get(s, 0) for s in LOOP_STATUSES), *_usage_values(summary.usage),
         list(summary.models), list(model_keys), _header(session),
     )
 
@@ -335,8 +334,8 @@ _SUMMARY_COLUMNS = (
 def _summary(row: Row) -> SessionSummary:
     """A `SessionSummary` from a row of `_SUMMARY_COLUMNS`."""
     session_id, agent_id, formation, parent, rejected, loop_count, turn_count = row[:7]
-    counts = row[7:7 + len(_STATUSES)]
-    usage = row[7 + len(_STATUSES):7 + len(_STATUSES) + len(_USAGE_COLUMNS)]
+    counts = row[7:7 + len(LOOP_STATUSES)]
+    usage = row[7 + len(LOOP_STATUSES):7 + len(LOOP_STATUSES) + len(_USAGE_COLUMNS)]
     models, header = row[-2:]
     try:
         times = _times_decoder.decode(header)
@@ -348,7 +347,7 @@ def _summary(row: Row) -> SessionSummary:
         session_id=session_id, agent_id=agent_id, created_at=created_at,
         last_active_at=last_active_at, formation=formation, parent_session_id=parent,
         rejected=rejected, loop_count=loop_count,
-        loops_by_status={status: n for status, n in zip(_STATUSES, counts, strict=True) if n},
+        loops_by_status={status: n for status, n in zip(LOOP_STATUSES, counts, strict=True) if n},
         turn_count=turn_count, usage=_usage(usage),
         models=tuple(models),
     )
@@ -549,7 +548,7 @@ class PostgresStore(AsyncTwins):
         One transaction: the session row is locked, so saves of one session from
         anywhere serialize. The incoming records are encoded before the lock is taken.
         """
-        session_id = validate_session_id(session.session_id)
+        session_id = session_id_to_save(session)
         encoded = _Encodings(session.loops)
         with self._cursor(f"saving session {session_id!r}", transaction=True, session_id=session_id) as cur:
             for _ in range(_SAVE_ATTEMPTS):
@@ -676,79 +675,45 @@ class PostgresStore(AsyncTwins):
 
     # -- Queries --------------------------------------------------------------------------
 
-    def _query_sql(
-        self,
-        *,
-        agent_id: str | None = None,
-        since: Timestamp | None = None,
-        until: Timestamp | None = None,
-        status: str | None = None,
-        model: str | None = None,
-        min_tokens: int | None = None,
-        parent_session_id: str | None = None,
-        limit: int | None = None,
-        order: Order = "newest",
-    ) -> tuple[sql.Composed, list[Any]]:
-        check_query(status=status, limit=limit, order=order)
+    def _query_sql(self, query: SessionQuery) -> tuple[sql.Composed, list[Any]]:
+        """PostgreSQL's translation of `query`: the statement and parameters of `query`."""
         conditions: list[str] = []
         params: list[Any] = []
         for condition, value in (
-            ("agent_id = %s", agent_id),
-            ("last_active_at_ns >= %s", None if since is None else _clamped_ns(since)),
-            ("last_active_at_ns < %s", None if until is None else _clamped_ns(until)),
-            ("model_keys @> ARRAY[%s::text]", model),
-            ("total_tokens >= %s", min_tokens),
-            ("parent_session_id = %s", parent_session_id),
+            ("agent_id = %s", query.agent_id),
+            ("last_active_at_ns >= %s", None if query.since is None else _clamped_ns(query.since)),
+            ("last_active_at_ns < %s", None if query.until is None else _clamped_ns(query.until)),
+            ("model_keys @> ARRAY[%s::text]", query.model),
+            ("total_tokens >= %s", query.min_tokens),
+            ("parent_session_id = %s", query.parent_session_id),
         ):
             if value is not None:
                 conditions.append(condition)
                 params.append(value)
-        if status is not None:
-            column = _STATUS_COLUMNS.get(status)
-            # No loop ever has an unknown status: such a filter matches nothing.
-            conditions.append(f"{column} > 0" if column is not None else "FALSE")
+        if query.status is not None:
+            conditions.append(f"{_STATUS_COLUMNS[query.status]} > 0")
         text = (
             f"SELECT {', '.join(_SUMMARY_COLUMNS)} FROM {{s}}.sessions"
             f"{' WHERE ' + ' AND '.join(conditions) if conditions else ''}"
-            f" ORDER BY {_ORDER_BY[order]}"
+            f" ORDER BY {_ORDER_BY[query.order]}"
         )
-        if limit is not None:
+        if query.limit is not None:
             text += " LIMIT %s"
-            params.append(limit)
+            params.append(query.limit)
         return self._sql(text), params
 
-    def query(
-        self,
-        *,
-        agent_id: str | None = None,
-        since: Timestamp | None = None,
-        until: Timestamp | None = None,
-        status: str | None = None,
-        model: str | None = None,
-        min_tokens: int | None = None,
-        parent_session_id: str | None = None,
-        limit: int | None = None,
-        order: Order = "newest",
-    ) -> list[SessionSummary]:
-        """Summaries of the matching sessions, computed in SQL on indexed columns.
-
-        ``since <= last_active_at < until``; `status` keeps sessions
-        with at least one loop of that status; `model` matches ``provider/model`` or
-        the bare model name; `order` is newest or oldest activity first, or most
-        tokens first, ties by session id.
-        """
-        statement, params = self._query_sql(
-            agent_id=agent_id, since=since, until=until, status=status, model=model,
-            min_tokens=min_tokens, parent_session_id=parent_session_id, limit=limit, order=order,
-        )
+    def query(self, query: SessionQuery | None = None) -> list[SessionSummary]:
+        """Summaries of the sessions `query` selects (see `SessionQuery`), computed in SQL
+        on indexed columns."""
+        statement, params = self._query_sql(as_query(query))
         with self._cursor("querying sessions") as cur:
             cur.execute(statement, params)
             rows = cur.fetchall()
         return [_summary(row) for row in rows]
 
-    def explain_query(self, *, analyze: bool = False, **filters: Any) -> str:
-        """PostgreSQL's plan for ``query(**filters)`` (run it too with `analyze`): for benchmarks."""
-        statement, params = self._query_sql(**filters)
+    def explain_query(self, query: SessionQuery | None = None, *, analyze: bool = False) -> str:
+        """PostgreSQL's plan for `query` (run it too with `analyze`): for benchmarks."""
+        statement, params = self._query_sql(as_query(query))
         prefix = sql.SQL("EXPLAIN (ANALYZE, BUFFERS) " if analyze else "EXPLAIN ")
         with self._cursor("explaining a query") as cur:
             cur.execute(sql.Composed([prefix, statement]), params)
@@ -758,8 +723,7 @@ class PostgresStore(AsyncTwins):
         """Usage summed per agent, per ``provider/model`` of the loops (``"unknown"``
         without a config; a session counts once in each of its models) or per UTC day
         of ``created_at`` (``YYYY-MM-DD``), sorted by key."""
-        if group_by not in _GROUP_KEY:
-            raise ValueError(f"group_by must be one of {sorted(_GROUP_KEY)}, got {group_by!r}")
+        group_by = parse_group_by(group_by)
         sums = ", ".join(f"sum({column})" for column in _USAGE_COLUMNS)
         if group_by == "model":
             counts, table = "count(DISTINCT session_id), count(*)", "loops"
@@ -776,26 +740,16 @@ class PostgresStore(AsyncTwins):
             for key, sessions, loops, *tokens in rows
         ]
 
-    def prune(
-        self,
-        *,
-        older_than: Timestamp | None = None,
-        keep_last: int | None = None,
-        agent_id: str | None = None,
-    ) -> int:
-        """Delete whole sessions; returns how many. Then ``VACUUM`` the tables.
+    def prune(self, criteria: PruneCriteria) -> int:
+        """Delete the whole sessions `criteria` selects; returns how many. Then ``VACUUM`` the tables.
 
-        Candidates are the sessions of `agent_id` (all sessions without it). Of
-        those, the `keep_last` most recently active are kept, and only sessions
-        last active before `older_than` are deleted. Sessions being saved at that
-        moment are skipped: they are evidently in use. The deletion is one
-        transaction; the ``VACUUM`` that follows (outside it, in autocommit mode)
-        returns the space to PostgreSQL and refreshes the planner's statistics.
+        Sessions being saved at that moment are skipped: they are evidently in use.
+        The deletion is one transaction; the ``VACUUM`` that follows (outside it, in
+        autocommit mode) returns the space to PostgreSQL and refreshes the planner's
+        statistics.
         """
-        if older_than is None and keep_last is None:
-            raise ValueError("prune needs older_than or keep_last")
-        if keep_last is not None and keep_last < 0:
-            raise ValueError(f"keep_last must not be negative, got {keep_last}")
+        check_type("criteria", criteria, PruneCriteria)
+        agent_id, keep_last, older_than = criteria.agent_id, criteria.keep_last, criteria.older_than
         conditions: list[str] = []
         params: list[Any] = []
         if older_than is not None:

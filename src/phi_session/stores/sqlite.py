@@ -12,8 +12,11 @@ Concurrency. Every thread gets its own connection, opened on first use; SQLite's
 locks do the rest, so the store may be shared by threads and the file by
 processes. The database runs in WAL mode: readers never wait for the writer. A
 writer waits for another writer for at most ``timeout`` seconds, then
-`SessionLocked` is raised. `close` releases the connections (the store reopens
-them on demand) and must not run while other threads use the store. SQLite
+`SessionLocked` is raised. A connection is closed only while no thread uses it:
+`close` waits for a use in progress to end (the store reopens connections on
+demand), and at interpreter exit only idle connections are closed, so a daemon
+thread still saving is never pulled out from under. A file that is not a
+phi-session database is refused before anything is written to it. SQLite
 connections must not cross ``fork()``: a store that has open connections when the
 process forks refuses to work in the child (`StoreError`) until `close` is called
 there; calling `close` before forking avoids that.
@@ -50,18 +53,18 @@ from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
 from ..errors import DecodeError, SessionLocked, SessionNotFound, StoreError
 from ..messages import ZERO_USAGE, Usage
-from ..model import LoopRecord, LoopStatus, Session
+from ..model import LoopRecord, Session
 from .base import (
     AsyncTwins,
-    GroupBy,
-    Order,
     SessionSummary,
     UsageTotal,
-    check_query,
+    as_query,
     merge_sessions,
+    session_id_to_save,
     summarize,
     validate_session_id,
 )
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -76,8 +79,7 @@ APPLICATION_ID = int.from_bytes(b"phiS", "big")
 _I64_MIN = -(2**63)
 _I64_MAX = 2**63 - 1
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
-_STATUSES: tuple[LoopStatus, ...] = get_args(LoopStatus)
-_STATUS_COLUMNS = {status: f"loops_{status.lower()}" for status in _STATUSES}
+_STATUS_COLUMNS = {status: f"loops_{status.lower()}" for status in LOOP_STATUSES}
 _TOKEN_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
 _TOKEN_COLUMNS = ("input_tokens", "output_tokens", "reasoning_tokens", "cache_read_tokens",
                   "cache_write_tokens", "total_tokens")
@@ -242,7 +244,7 @@ def _session_row(session: Session) -> list[Any]:
         int(summary.rejected),
         summary.loop_count,
         summary.turn_count,
-        *(summary.loops_by_status.get(status, 0) for status in _STATUSES),
+        *(summary.loops_by_status.get(status, 0) for status in LOOP_STATUSES),
         *map(_clamp, tokens),
         msgspec.json.encode(summary.models).decode(),
         # Token counts are unsigned: a loop's beyond 64 signed bits makes the session's too.
@@ -267,7 +269,7 @@ _UPSERT_LOOP = (
     + ", ".join(f"{c} = excluded.{c}" for c in _LOOP_COLUMNS[2:])
 )
 _SUMMARY_SQL = f"SELECT {', '.join(_SUMMARY_COLUMNS)} FROM sessions"
-_STATUS_SLICE = slice(9, 9 + len(_STATUSES))
+_STATUS_SLICE = slice(9, 9 + len(LOOP_STATUSES))
 _TOKEN_SLICE = slice(_STATUS_SLICE.stop, _STATUS_SLICE.stop + len(_TOKEN_FIELDS))
 
 
@@ -283,7 +285,7 @@ def _summary_from_row(row: Sequence[Any]) -> SessionSummary:
         parent_session_id=parent,
         rejected=bool(rejected),
         loop_count=loops,
-        loops_by_status={status: n for status, n in zip(_STATUSES, row[_STATUS_SLICE], strict=True) if n},
+        loops_by_status={status: n for status, n in zip(LOOP_STATUSES, row[_STATUS_SLICE], strict=True) if n},
         turn_count=turns,
         usage=Usage(**dict(zip(_TOKEN_FIELDS, row[_TOKEN_SLICE], strict=True))),
         models=tuple(msgspec.json.decode(row[_TOKEN_SLICE.stop])),
@@ -331,56 +333,37 @@ def _model_lookups(model: str) -> list[tuple[str, Sequence[Any]]]:
     return lookups
 
 
-def _select_summaries(
-    *,
-    agent_id: str | None = None,
-    since: Timestamp | None = None,
-    until: Timestamp | None = None,
-    status: str | None = None,
-    model: str | None = None,
-    min_tokens: int | None = None,
-    parent_session_id: str | None = None,
-    limit: int | None = None,
-    order: Order = "newest",
-) -> tuple[str, list[Any]]:
-    """The SQL and parameters of `SqliteStore.query` (see there for the filters)."""
-    check_query(status=status, limit=limit, order=order)
+def _select_summaries(query: SessionQuery) -> tuple[str, list[Any]]:
+    """SQLite's translation of `query`: the SQL and parameters of `SqliteStore.query`."""
     where: list[str] = []
     params: list[Any] = []
-    if agent_id is not None:
-        where.append("agent_id = ?")
-        params.append(agent_id)
-    if since is not None:
-        where.append("last_active_at_ns >= ?")
-        params.append(_clamp(since.ns))
-    if until is not None:
-        where.append("last_active_at_ns < ?")
-        params.append(_clamp(until.ns))
-    if status is not None:
-        condition, loop_params = _loop_filter([("status = ?", [status])], limited=limit is not None)
+    limited = query.limit is not None
+    for condition, value in (
+        ("agent_id = ?", query.agent_id),
+        ("last_active_at_ns >= ?", None if query.since is None else _clamp(query.since.ns)),
+        ("last_active_at_ns < ?", None if query.until is None else _clamp(query.until.ns)),
+        ("total_tokens >= ?", None if query.min_tokens is None else _clamp(query.min_tokens)),
+        ("parent_session_id = ?", query.parent_session_id),
+    ):
+        if value is not None:
+            where.append(condition)
+            params.append(value)
+    loop_lookups: list[list[tuple[str, Sequence[Any]]]] = []
+    if query.status is not None:
+        loop_lookups.append([("status = ?", [query.status])])
+    if query.model is not None:
+        loop_lookups.append(_model_lookups(query.model))
+    for lookups in loop_lookups:
+        condition, loop_params = _loop_filter(lookups, limited=limited)
         where.append(condition)
         params += loop_params
-    if model is not None:
-        condition, loop_params = _loop_filter(_model_lookups(model), limited=limit is not None)
-        where.append(condition)
-        params += loop_params
-    if min_tokens is not None:
-        where.append("total_tokens >= ?")
-        params.append(_clamp(min_tokens))
-    if parent_session_id is not None:
-        where.append("parent_session_id = ?")
-        params.append(parent_session_id)
-    if order not in _ORDER_SQL:
-        raise ValueError(f"unknown order {order!r}; expected one of {', '.join(_ORDER_SQL)}")
     sql = _SUMMARY_SQL
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY {_ORDER_SQL[order]}"
-    if limit is not None:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
+    sql += f" ORDER BY {_ORDER_SQL[query.order]}"
+    if limited:
         sql += " LIMIT ?"
-        params.append(limit)
+        params.append(query.limit)
     return sql, params
 
 
@@ -419,21 +402,46 @@ def _usage_by_key(session: Session, group_by: GroupBy) -> dict[str, tuple[int, U
 _FORKED_AWAY: list[sqlite3.Connection] = []
 
 
-def _release(conn: sqlite3.Connection, pid: int) -> None:
-    if os.getpid() == pid:
-        conn.close()
-    else:
-        _FORKED_AWAY.append(conn)
-
-
 class _Connection:
-    """A thread's connection; released when the thread (or `close`) drops it."""
+    """One thread's connection, and the lock its user holds while using it.
 
-    __slots__ = ("__weakref__", "conn", "pid")
+    Only `release` closes it, and never while another thread is in the middle of
+    using it: closing a connection under a running statement crashes SQLite.
+    """
+
+    __slots__ = ("closed", "conn", "lock", "pid")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.pid = os.getpid()
+        self.lock = threading.RLock()
+        self.closed = False
+
+    def release(self, *, wait: bool) -> None:
+        """Close the connection once it is idle; with `wait` False, leave it alone
+        if another thread is using it (its owner's next use then opens another)."""
+        if not self.lock.acquire(blocking=wait):
+            return
+        try:
+            if self.closed:
+                return
+            self.closed = True
+            if os.getpid() == self.pid:
+                self.conn.close()
+            else:
+                _FORKED_AWAY.append(self.conn)
+        finally:
+            self.lock.release()
+
+
+class _Owner:
+    """What a thread's local storage holds: when it goes (the thread ends, or `close`
+    drops every thread's), its finalizer releases the connection."""
+
+    __slots__ = ("__weakref__", "connection")
+
+    def __init__(self, connection: _Connection) -> None:
+        self.connection = connection
 
 
 class SqliteStore(AsyncTwins):
@@ -465,14 +473,14 @@ class SqliteStore(AsyncTwins):
         self.synchronous = synchronous
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: list[tuple[int, weakref.finalize[Any, Any]]] = []  # (pid, release)
+        self._open: list[tuple[_Connection, weakref.finalize[Any, Any]]] = []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StoreError(f"cannot create the directory of {self.path}: {error}") from error
         try:
-            with self._errors("open"):
-                self._migrate(self._connection())
+            with self._connected("open") as conn:
+                self._migrate(conn)
         finally:
             # Holding no connection until first use, a store opened before a fork() is
             # safe to use on both sides of it.
@@ -489,23 +497,27 @@ class SqliteStore(AsyncTwins):
 
     # -- Connections and transactions ----------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened (and configured) on first use."""
-        holder: _Connection | None = getattr(self._local, "holder", None)
-        if holder is not None and holder.pid == os.getpid():
-            return holder.conn
+    def _own_connection(self) -> _Connection:
+        """This thread's connection, opened (and configured) on first use or after a release."""
+        owner: _Owner | None = getattr(self._local, "owner", None)
+        if owner is not None and owner.connection.pid == os.getpid() and not owner.connection.closed:
+            return owner.connection
         with self._lock:
-            self._open = [(pid, release) for pid, release in self._open if release.alive]
-            if any(pid != os.getpid() for pid, _ in self._open):
+            self._open = [(connection, release) for connection, release in self._open if release.alive]
+            if any(connection.pid != os.getpid() for connection, _ in self._open):
                 raise StoreError(
                     f"{self!r} had open SQLite connections when this process was forked, and SQLite "
                     "connections must not cross fork(): call close() before forking (the store "
                     "reconnects on its next use), or open the store in the child"
                 )
-        # check_same_thread=False only so that `close` may close every thread's connection.
+        # check_same_thread=False only so that `close` and the exit hook may close an
+        # idle connection of another thread.
         conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                check_same_thread=False)
         try:
+            # Before anything that writes (journal_mode changes the file's header):
+            # a database of another application must be left exactly as it was.
+            self._check_version(conn)
             # Only takes effect on a new, empty file: lets `prune` give pages back.
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
@@ -516,11 +528,26 @@ class SqliteStore(AsyncTwins):
         except BaseException:
             conn.close()
             raise
-        holder = _Connection(conn)
+        connection = _Connection(conn)
+        owner = _Owner(connection)
+        # At interpreter exit the finalizer runs in the main thread while daemon threads
+        # may still be saving: it must then close idle connections only (wait=False).
+        release = weakref.finalize(owner, connection.release, wait=False)
         with self._lock:
-            self._open.append((holder.pid, weakref.finalize(holder, _release, conn, holder.pid)))
-        self._local.holder = holder
-        return conn
+            self._open.append((connection, release))
+        self._local.owner = owner
+        return connection
+
+    @contextmanager
+    def _connected(self, action: str, session_id: str | None = None) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, held for the block; sqlite3 errors are translated (`_errors`)."""
+        with self._errors(action, session_id):
+            while True:
+                connection = self._own_connection()
+                with connection.lock:
+                    if not connection.closed:  # else released meanwhile: open another
+                        yield connection.conn
+                        return
 
     @contextmanager
     def _errors(self, action: str, session_id: str | None = None) -> Iterator[None]:
@@ -543,8 +570,7 @@ class SqliteStore(AsyncTwins):
     def _transaction(self, action: str, session_id: str | None = None, *,
                      write: bool = False) -> Iterator[sqlite3.Connection]:
         """One transaction; a write one takes the write lock up front (no upgrade deadlocks)."""
-        with self._errors(action, session_id):
-            conn = self._connection()
+        with self._connected(action, session_id) as conn:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield conn
@@ -591,16 +617,18 @@ class SqliteStore(AsyncTwins):
 
     def schema_version(self) -> int:
         """The schema version stored in the file (``PRAGMA user_version``)."""
-        with self._errors("read the schema version"):
-            return int(self._connection().execute("PRAGMA user_version").fetchone()[0])
+        with self._connected("read the schema version") as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
         """Close the connections of every thread. Idempotent; the store stays usable and
-        reconnects on its next use. Must not run while other threads use the store."""
+        reconnects on its next use. A connection another thread is using is closed as
+        soon as that use ends (`close` waits for it)."""
         with self._lock:
             releases, self._open = self._open, []
-        for _, release in releases:
-            release()
+        for connection, release in releases:
+            release.detach()
+            connection.release(wait=True)
         self._local = threading.local()
 
     # -- Reading -----------------------------------------------------------------------------
@@ -640,8 +668,8 @@ class SqliteStore(AsyncTwins):
 
     def list_ids(self) -> list[str]:
         """Every stored session id, most recently saved first."""
-        with self._errors("list sessions"):
-            rows = self._connection().execute(
+        with self._connected("list sessions") as conn:
+            rows = conn.execute(
                 f"SELECT session_id FROM sessions ORDER BY {_SAVED_ORDER_SQL}").fetchall()
         return [session_id for (session_id,) in rows]
 
@@ -672,7 +700,7 @@ class SqliteStore(AsyncTwins):
         none loses a loop; a failure (disk full, lock timeout) leaves the stored
         session as it was. Loop rows whose record did not change are not rewritten.
         """
-        session_id = validate_session_id(session.session_id)
+        session_id = session_id_to_save(session)
         with self._transaction("save", session_id, write=True) as conn:
             rows = self._read_rows(conn, session_id)
             stored_records: list[bytes] = []
@@ -699,26 +727,16 @@ class SqliteStore(AsyncTwins):
         if not deleted:
             raise SessionNotFound(f"no session {session_id!r} in {self.path}")
 
-    def prune(
-        self,
-        *,
-        older_than: Timestamp | None = None,
-        keep_last: int | None = None,
-        agent_id: str | None = None,
-    ) -> int:
-        """Delete whole sessions; return how many.
+    def prune(self, criteria: PruneCriteria) -> int:
+        """Delete the whole sessions `criteria` selects; return how many.
 
-        Deleted: the sessions (of `agent_id`, if given) last active before
-        `older_than`, except the `keep_last` most recently active ones. At least
-        one of `older_than` and `keep_last` is required. The freed pages are then
-        given back to the file system: ``PRAGMA incremental_vacuum`` after the
-        deleting transaction, which moves only what is needed to truncate the file
-        (a full ``VACUUM`` would rewrite the whole database on every prune).
+        The freed pages are then given back to the file system: ``PRAGMA
+        incremental_vacuum`` after the deleting transaction, which moves only what is
+        needed to truncate the file (a full ``VACUUM`` would rewrite the whole
+        database on every prune).
         """
-        if older_than is None and keep_last is None:
-            raise ValueError("prune needs older_than and/or keep_last")
-        if keep_last is not None and keep_last < 0:
-            raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+        check_type("criteria", criteria, PruneCriteria)
+        agent_id, keep_last, older_than = criteria.agent_id, criteria.keep_last, criteria.older_than
         scope = "agent_id = ?" if agent_id is not None else "1"
         scope_params: list[Any] = [agent_id] if agent_id is not None else []
         conditions, params = [scope], list(scope_params)
@@ -733,8 +751,7 @@ class SqliteStore(AsyncTwins):
             deleted: int = conn.execute(
                 f"DELETE FROM sessions WHERE {' AND '.join(conditions)}", params).rowcount
         if deleted:
-            with self._errors("reclaim space after prune"):
-                conn = self._connection()
+            with self._connected("reclaim space after prune") as conn:
                 # executescript() steps the pragma to completion; execute() frees one page.
                 conn.executescript("PRAGMA incremental_vacuum")
                 # Copy the shrunken database back from the WAL so that the file itself shrinks.
@@ -743,49 +760,27 @@ class SqliteStore(AsyncTwins):
 
     # -- Queries ---------------------------------------------------------------------------
 
-    def query(
-        self,
-        *,
-        agent_id: str | None = None,
-        since: Timestamp | None = None,
-        until: Timestamp | None = None,
-        status: str | None = None,
-        model: str | None = None,
-        min_tokens: int | None = None,
-        parent_session_id: str | None = None,
-        limit: int | None = None,
-        order: Order = "newest",
-    ) -> list[SessionSummary]:
-        """Summaries of the matching sessions, from the indexed columns only.
-
-        `since`/`until` bound the last activity (inclusive); `status` keeps sessions
-        with at least one loop in that status; `model` matches a loop's
-        ``provider/model`` or its bare model; `min_tokens` bounds total tokens.
-        Orders: ``newest``/``oldest`` by last activity, ``tokens`` most first.
-        """
-        sql, params = _select_summaries(
-            agent_id=agent_id, since=since, until=until, status=status, model=model,
-            min_tokens=min_tokens, parent_session_id=parent_session_id, limit=limit, order=order,
-        )
+    def query(self, query: SessionQuery | None = None) -> list[SessionSummary]:
+        """Summaries of the sessions `query` selects (see `SessionQuery`), from the indexed columns only."""
+        sql, params = _select_summaries(as_query(query))
         with self._transaction("query") as conn:
             return [
                 _summary_from_row(row) if row[-1] else summarize(self._read_session(conn, row[0]))
                 for row in conn.execute(sql, params).fetchall()
             ]
 
-    def explain_query(self, **filters: Any) -> str:
-        """SQLite's ``EXPLAIN QUERY PLAN`` of `query` with these filters, one step a line."""
-        sql, params = _select_summaries(**filters)
-        with self._errors("explain query"):
-            rows = self._connection().execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+    def explain_query(self, query: SessionQuery | None = None) -> str:
+        """SQLite's ``EXPLAIN QUERY PLAN`` of `query`, one step a line."""
+        sql, params = _select_summaries(as_query(query))
+        with self._connected("explain query") as conn:
+            rows = conn.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
         return "\n".join(str(row[-1]) for row in rows)
 
     def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
         """Usage per agent, per ``provider/model`` (``"unknown"``: loops without a config)
         or per UTC day of the sessions' creation (``YYYY-MM-DD``), sorted by key; see
         `SessionStore.usage_totals`. One SQL aggregate over the summary columns."""
-        if group_by not in _TOTALS_SQL:
-            raise ValueError(f"unknown group_by {group_by!r}; expected one of {', '.join(_TOTALS_SQL)}")
+        group_by = parse_group_by(group_by)
         with self._transaction("usage totals") as conn:
             if conn.execute("SELECT 1 FROM sessions WHERE NOT exact LIMIT 1").fetchone() is not None:
                 return self._usage_totals_from_records(conn, group_by)

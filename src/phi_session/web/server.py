@@ -40,13 +40,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 
-from .._filters import FilterError, SessionFilters, parse_group_by, to_builtins
 from ..codec import encode_event, encode_session
-from ..errors import InvalidSessionId, PhiSessionError, SessionNotFound
+from ..errors import InvalidQuery, InvalidSessionId, PhiSessionError, SessionNotFound
 from ..model import Session
-from ..stores.base import SessionStore, validate_session_id
+from ..stores.base import SessionStore, to_builtins, validate_session_id
+from ..stores.query import SessionQuery, parse_group_by
 
-__all__ = ["ViewerServer", "is_loopback", "make_server"]
+__all__ = ["ViewerServer", "is_loopback", "loopback_host_header", "make_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,16 @@ def _host_name(header: str) -> str | None:
     if match is None:
         return None
     return match.group("ipv6") or match.group("name")
+
+
+def loopback_host_header(values: list[str]) -> bool:
+    """Whether a request's ``Host`` headers are exactly one, naming a loopback host.
+
+    A server bound to loopback answers only such requests, so that a web page on another
+    origin cannot reach it through DNS rebinding.
+    """
+    name = _host_name(values[0]) if len(values) == 1 else None
+    return name is not None and is_loopback(name)
 
 
 class HttpError(Exception):
@@ -213,8 +223,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _sessions_api(self, rest: list[str], query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         store = self.server.store
         if rest in ([], [""]):
-            filters = self._parse(lambda: SessionFilters.parse(query))
-            return HTTPStatus.OK, _json_bytes(to_builtins(filters.run(store))), _JSON
+            filters = self._parse(lambda: SessionQuery.from_strings(query))
+            return HTTPStatus.OK, _json_bytes(to_builtins(store.query(filters))), _JSON
         self._only(query, set())
         session_id = validate_session_id(rest[0])
         if len(rest) == 1:
@@ -232,9 +242,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _check_host(self) -> None:
         if not self.server.loopback_only:
             return
-        headers = self.headers.get_all("Host") or []
-        name = _host_name(headers[0]) if len(headers) == 1 else None
-        if name is None or not is_loopback(name):
+        if not loopback_host_header(self.headers.get_all("Host") or []):
             raise HttpError(HTTPStatus.FORBIDDEN, "this viewer answers only to one loopback Host header")
 
     @staticmethod
@@ -258,7 +266,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _parse(parse: Any) -> Any:
         try:
             return parse()
-        except FilterError as error:
+        except InvalidQuery as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
 
     # -- responses --------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""`JournaledRecorder`: a `SessionRecorder` fed through a `Journal` (write-ahead)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..events import AgentEvent
+from ..recorder import SessionRecorder, SessionRecorderConfig
+from .writer import Journal
+
+
+class JournaledRecorder:
+    """Feeds a `SessionRecorder` through a `Journal`: each event is journaled first.
+
+    ``on_event``/``on_json`` return a sequence number ``s``: once the journal has
+    acknowledged ``s`` this event and every earlier one survive a crash
+    (`Journal.wait_acknowledged`; under ``"always"`` and ``"os"`` that is already the
+    case on return). The recorder itself journals each event it keeps, under its
+    lock and before applying it (`SessionRecorder.set_write_ahead`), so the journal's
+    order is the recorder's whoever feeds it. Streaming deltas the recorder drops are
+    not journaled (replaying would drop them again), nor lines that are not events
+    (they raise `DecodeError` and record nothing).
+    """
+
+    def __init__(self, journal: Journal, recorder: SessionRecorder | None = None, *,
+                 config: SessionRecorderConfig | None = None) -> None:
+        if recorder is not None and config is not None:
+            raise TypeError("pass either a recorder or a config, not both")
+        self.journal = journal
+        self.recorder = recorder if recorder is not None else SessionRecorder(config)
+        self._last_seq = journal.last_seq
+        # Called for every kept event of a stream: bind what it uses once.
+        self._append, self._commit = journal.append_json, journal.commit
+        self.recorder.set_write_ahead(self._write_ahead)
+        self._apply_event, self._apply_json = self.recorder.on_event, self.recorder.on_json
+
+    def _write_ahead(self, payload: bytes | str) -> None:
+        # The commit (an fsync under "always") waits until the recorder's lock is released.
+        self._last_seq = self._append(payload, commit=False)
+
+    def _committed(self, commit: bool) -> int:
+        # Under concurrency this may be a later event's number: acknowledging it
+        # acknowledges ours too, since sequence numbers follow the recorder's order.
+        seq = self._last_seq
+        if commit:
+            self._commit(seq)
+        return seq
+
+    def on_event(self, event: AgentEvent, *, commit: bool = True) -> int:
+        """Journal `event` (unless the recorder drops it), then record it."""
+        self._apply_event(event)
+        return self._committed(commit)
+
+    def on_json(self, data: bytes | str, *, commit: bool = True) -> int:
+        """Journal one phi-core JSON line (unless the recorder drops it), then record it."""
+        self._apply_json(data)
+        return self._committed(commit)
+
+    def record_all(self, events: Iterable[AgentEvent]) -> int:
+        """Journal and record every event; returns the last sequence number."""
+        for event in events:
+            self.on_event(event, commit=False)
+        seq = self._last_seq
+        self._commit(seq)
+        return seq

@@ -1,0 +1,356 @@
+"""The journal's on-disk format: segments of checksummed frames, the checkpoint, the lock.
+
+Layout of a journal directory::
+
+    0000000000.wal, 0000000001.wal, ...   segments, numbered in creation order
+    checkpoint.json                        what a live writer already saved (optional)
+    orphans.jsonl                          events no loop claimed (phi-core JSON lines)
+    journal.lock                           held (flock) by the one live writer
+
+A segment starts with the 8 bytes ``PHIJRNL2`` and holds frames; a frame carries
+one or more consecutive records (group commit: whatever was appended since the
+previous write)::
+
+    4 bytes  marker FF 50 4A 46 (never in UTF-8 text: a reader resynchronises on it)
+    u32 LE   data length
+    u32 LE   CRC-32 of the next 12 + length bytes
+    u64 LE   sequence number of the first record (0, 1, 2, ... across segments and runs)
+    u32 LE   record count n
+    data     n = 1: the record as is; n > 1: the records joined by ``\\n``
+
+A record is one event as a phi-core JSON line (`codec.encode_event`, or the line given
+to `Journal.append_json`); a record containing a newline always gets a frame of its own.
+Sequence numbers only rise, so a gap between two records read back is records lost.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import struct
+import sys
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import codec
+from ..errors import JournalLocked
+from ..events import AgentEvent
+
+if sys.platform != "win32":
+    import fcntl
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"PHIJRNL2"
+SEGMENT_SUFFIX = ".wal"
+CHECKPOINT_FILE = "checkpoint.json"
+ORPHANS_FILE = "orphans.jsonl"
+LOCK_FILE = "journal.lock"
+FRAME_MARKER = b"\xffPJF"
+MAX_FRAME = 2**32 - 1
+_HEADER = struct.Struct("<4sIIQI")  # marker, data length, CRC-32, first sequence number, count
+_TAIL = struct.Struct("<QI")  # the header fields the CRC covers (with the data)
+_CRC_FROM = 12  # offset of the first byte the CRC covers
+FRAME_OVERHEAD = _HEADER.size
+_IOV_MAX = 1024  # the smallest IOV_MAX POSIX systems have
+
+
+def frame_header(data: bytes, first: int, count: int) -> bytes:
+    """The header of a frame holding `count` records numbered from `first` (`data`)."""
+    crc = zlib.crc32(data, zlib.crc32(_TAIL.pack(first, count)))
+    return _HEADER.pack(FRAME_MARKER, len(data), crc, first, count)
+
+
+def segment_path(directory: Path, number: int) -> Path:
+    return directory / f"{number:010d}{SEGMENT_SUFFIX}"
+
+
+def segment_paths(directory: Path) -> list[tuple[int, Path]]:
+    """The segments in `directory` as (number, path), oldest first."""
+    found = []
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return []
+    for path in entries:
+        stem = path.name[: -len(SEGMENT_SUFFIX)]
+        if path.name.endswith(SEGMENT_SUFFIX) and stem.isdigit():
+            found.append((int(stem), path))
+    found.sort()
+    return found
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def open_new(path: Path) -> int:
+    """A descriptor for writing a file that must not exist yet (raw: no buffer to flush later)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+
+
+def write_all(fd: int, parts: list[bytes]) -> None:
+    """Write `parts` in order at the descriptor's position, all of them (a short write is continued)."""
+    while parts:
+        batch = parts[:_IOV_MAX]
+        if sys.platform == "win32":
+            written = os.write(fd, b"".join(batch))
+        else:
+            written = os.writev(fd, batch)
+        if not written and any(batch):
+            raise OSError(errno.EIO, "write made no progress")
+        done = 0
+        while done < len(batch) and written >= len(batch[done]):
+            written -= len(batch[done])
+            done += 1
+        parts = parts[done:]
+        if written:
+            parts[0] = parts[0][written:]
+
+
+def fsync_directory(directory: Path) -> None:
+    # A created, renamed or removed file survives a power loss only once its directory is synced.
+    if sys.platform == "win32":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DirectoryLock:
+    """An exclusive, non-blocking ``flock`` on ``journal.lock``: one writer per directory."""
+
+    def __init__(self, directory: Path) -> None:
+        path = directory / LOCK_FILE
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if sys.platform != "win32":
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._fd)
+                raise JournalLocked(f"journal {directory} is in use by another writer") from None
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                os.close(fd)  # closing the descriptor releases the flock
+            except OSError as error:  # the descriptor is gone all the same
+                logger.warning("closing %s failed: %s", LOCK_FILE, error)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a live writer recorded as saved (see `Journal.release`)."""
+
+    stored_below: int = 0
+    settled_through: int = -1
+
+
+def read_checkpoint(directory: Path) -> Checkpoint:
+    path = directory / CHECKPOINT_FILE
+    try:
+        data = json.loads(path.read_bytes())
+        return Checkpoint(int(data["stored_below"]), int(data["settled_through"]))
+    except FileNotFoundError:
+        return Checkpoint()
+    except (ValueError, KeyError, TypeError) as error:
+        # Ignoring it only means replaying (and re-saving, idempotently) more frames.
+        logger.warning("ignoring unreadable journal checkpoint %s: %s", path, error)
+        return Checkpoint()
+
+
+def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
+    path = directory / CHECKPOINT_FILE
+    tmp = directory / f"{CHECKPOINT_FILE}.tmp"
+    data = json.dumps({
+        "version": 1,
+        "stored_below": checkpoint.stored_below,
+        "settled_through": checkpoint.settled_through,
+    }).encode()
+    with open(tmp, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    fsync_directory(directory)
+
+
+def append_orphans(directory: Path, events: Iterable[AgentEvent]) -> int:
+    """Append events to ``orphans.jsonl`` durably; returns how many."""
+    lines = [codec.encode_event(event) + b"\n" for event in events]
+    if not lines:
+        return 0
+    path = directory / ORPHANS_FILE
+    created = not path.exists()
+    with open(path, "ab") as file:
+        file.write(b"".join(lines))
+        file.flush()
+        os.fsync(file.fileno())
+    if created:
+        fsync_directory(directory)
+    return len(lines)
+
+
+# -- reading segments ---------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentDamage:
+    """What reading segments had to skip."""
+
+    torn_records: int = 0
+    """Incomplete or damaged frames at the end of a segment that lost no record: a write
+    cut short by a crash (its records, never acknowledged, were numbered again later)."""
+    corrupt_regions: int = 0
+    """Damaged or missing stretches that were skipped (anywhere but a torn last write)."""
+    records_lost: int = 0
+    """Records missing between the records read (from the sequence numbers), not counting
+    those the checkpoint marks as saved."""
+    bytes_skipped: int = 0
+    """Bytes present but unreadable."""
+
+
+def _frame_at(data: memoryview, pos: int, after: int) -> tuple[int, int, int] | None:
+    """(first seq, count, end) of a valid frame at `pos` numbered above `after`, else None."""
+    if len(data) - pos < _HEADER.size:
+        return None
+    marker, length, crc, first, count = _HEADER.unpack_from(data, pos)
+    end = pos + _HEADER.size + length
+    if (marker != FRAME_MARKER or end > len(data) or first <= after or count < 1
+            or zlib.crc32(data[pos + _CRC_FROM:end]) != crc):
+        return None
+    return first, count, end
+
+
+def _resync(data: memoryview, start: int, after: int) -> int | None:
+    """The position of the first valid frame at or after `start`, if there is one."""
+    raw = data.obj  # the bytes object, for a fast search
+    assert isinstance(raw, bytes)
+    hit = raw.find(FRAME_MARKER, start)
+    while hit != -1:
+        if _frame_at(data, hit, after) is not None:
+            return hit
+        hit = raw.find(FRAME_MARKER, hit + 1)
+    return None
+
+
+def _records(data: memoryview, pos: int, count: int, end: int) -> list[bytes] | None:
+    body = bytes(data[pos + _HEADER.size:end])
+    if count == 1:
+        return [body]
+    records = body.split(b"\n")
+    return records if len(records) == count else None  # a CRC-valid frame the writer never made
+
+
+@dataclass
+class _Tail:
+    """Unreadable bytes ending a segment: a torn write, or damage if records are missing after."""
+
+    path: Path
+    offset: int
+    size: int
+
+
+class SegmentReader:
+    """Reads segments in order, oldest first, yielding each record once, numbered upwards.
+
+    Damage is skipped; with `damage` it is counted there and logged (nothing is logged
+    without it). Records numbered below `stored_below` are not counted as lost when missing.
+    """
+
+    def __init__(self, damage: SegmentDamage | None = None, *, stored_below: int = 0) -> None:
+        self.damage = damage
+        self.stored_below = stored_below
+        self.last = -1
+        """The sequence number of the last record read (-1 before the first)."""
+        self._tail: _Tail | None = None
+        self._damaged = False  # a damaged stretch was counted since the last record
+
+    def read(self, path: Path) -> Iterator[tuple[int, bytes]]:
+        """The records of one segment, as (seq, payload)."""
+        data = memoryview(path.read_bytes())
+        if bytes(data[:len(MAGIC)]) != MAGIC:
+            if MAGIC.startswith(bytes(data)):  # created, crashed before its header was written
+                if len(data):
+                    self._tail_at(path, 0, len(data))
+            else:
+                self._corrupt(path, 0, len(data), "not a journal segment")
+            return
+        pos = len(MAGIC)
+        while pos < len(data):
+            frame = _frame_at(data, pos, self.last)
+            records = frame and _records(data, pos, frame[1], frame[2])
+            if frame is not None and records is not None:
+                first, _, pos = frame
+                self._reached(first, path)
+                yield from enumerate(records, first)
+                self.last = first + len(records) - 1
+                continue
+            found = _resync(data, pos + 1, self.last)
+            if found is None:
+                self._tail_at(path, pos, len(data) - pos)
+                return
+            self._corrupt(path, pos, found - pos, "corrupt bytes")
+            pos = found
+
+    def finish(self) -> None:
+        """Call after the last segment: a tail still open was a write cut short."""
+        if self._tail is not None:
+            self._torn(self._tail)
+            self._tail = None
+
+    def _reached(self, first: int, path: Path) -> None:
+        """A valid frame starting at record `first`: count the records missing before it."""
+        lost = first - max(self.last + 1, self.stored_below) if self.last >= 0 else 0
+        tail, self._tail = self._tail, None
+        if lost <= 0:
+            if tail is not None:
+                self._torn(tail)
+        elif self.damage is not None:
+            if tail is not None:  # the unreadable end of a segment held records: damage
+                self._count_region(tail.path, tail.offset, tail.size, "unreadable end")
+            elif not self._damaged:  # bytes missing without a trace (a cut at a frame boundary)
+                self.damage.corrupt_regions += 1
+            self.damage.records_lost += lost
+            logger.warning("journal %s: %d records missing before record %d (in %s)",
+                           path.parent, lost, first, path.name)
+        self._damaged = False
+
+    def _tail_at(self, path: Path, offset: int, size: int) -> None:
+        if self.damage is not None:
+            self.damage.bytes_skipped += size
+        self._tail = _Tail(path, offset, size)
+
+    def _torn(self, tail: _Tail) -> None:
+        if self.damage is not None:
+            self.damage.torn_records += 1
+            logger.warning("journal segment %s: torn record at offset %d (%d bytes) ignored",
+                           tail.path, tail.offset, tail.size)
+
+    def _corrupt(self, path: Path, offset: int, size: int, what: str) -> None:
+        if self.damage is not None:
+            self.damage.bytes_skipped += size
+            self._count_region(path, offset, size, what)
+
+    def _count_region(self, path: Path, offset: int, size: int, what: str) -> None:
+        assert self.damage is not None
+        self.damage.corrupt_regions += 1
+        self._damaged = True
+        logger.warning("journal segment %s: %s %d-%d skipped", path, what, offset, offset + size)
+
+
+def last_seq(paths: Sequence[Path]) -> int:
+    """The highest valid sequence number in these segments (oldest first), or -1."""
+    for path in reversed(paths):
+        reader = SegmentReader()
+        for _ in reader.read(path):
+            pass
+        if reader.last >= 0:
+            return reader.last
+    return -1

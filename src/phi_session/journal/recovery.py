@@ -1,0 +1,203 @@
+"""Reading a journal back: `recover` (replay into a recorder, save into a store) and `read_records`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import codec
+from ..errors import DecodeError, StoreError
+from ..events import AgentEvent, AgentStart
+from ..recorder import SessionRecorder, SessionRecorderConfig
+from ..saver import SessionSaver
+from ..stores.base import SessionStore
+from .format import (
+    CHECKPOINT_FILE,
+    ORPHANS_FILE,
+    DirectoryLock,
+    SegmentDamage,
+    SegmentReader,
+    append_orphans,
+    fsync_directory,
+    read_checkpoint,
+    segment_paths,
+)
+from .writer import Journal, StrPath
+
+logger = logging.getLogger(__name__)
+
+
+class RecoveryError(StoreError):
+    """Some recovered sessions could not be saved; the journal was kept. See `report`."""
+
+    def __init__(self, message: str, report: RecoveryReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """One record (event) read back from a segment."""
+
+    seq: int
+    payload: bytes
+    segment: Path
+
+
+@dataclass
+class RecoveryReport(SegmentDamage):
+    """What `recover` found and did (and, inherited, what damage it skipped)."""
+
+    segments_read: int = 0
+    events_replayed: int = 0
+    events_already_stored: int = 0
+    """Records a live writer had marked as saved (`Journal.release`), not replayed."""
+    undecodable: int = 0
+    """Records that are not an event; `on_json` rejected them when they were recorded."""
+    sessions_saved: int = 0
+    """Store saves made (a session whose loops span a save point is saved more than once)."""
+    failed_sessions: list[str] = field(default_factory=list)
+    orphans: int = 0
+    """Events no loop claimed; appended to ``orphans.jsonl`` when the segments are removed
+    (until then they stay in the journal)."""
+    segments_removed: int = 0
+
+
+def read_records(directory: StrPath) -> Iterator[JournalRecord]:
+    """Every valid frame of every segment in `directory`, in order (damage is skipped).
+
+    For inspection; it takes no lock, so a live writer's last frame may be missing.
+    """
+    reader = SegmentReader()
+    for _, path in segment_paths(Path(directory)):
+        for seq, payload in reader.read(path):
+            yield JournalRecord(seq, payload, path)
+
+
+def recover(
+    journal: Journal | StrPath,
+    store: SessionStore,
+    *,
+    config: SessionRecorderConfig | None = None,
+    remove: bool = True,
+    save_every: int = 10_000,
+    retry_for: float = 10.0,
+) -> RecoveryReport:
+    """Rebuild every session from a journal and save it into `store`.
+
+    `journal` is a directory no live writer holds (`JournalLocked` otherwise), or an
+    open `Journal`, whose `leftover_segments` (those of an earlier run) are recovered.
+    Events are replayed into a fresh `SessionRecorder(config)` (its callbacks run),
+    completed sessions are saved every `save_every` events (memory stays bounded),
+    and at the end open loops are aborted and every session is saved.
+
+    Sessions are saved by a `SessionSaver` (a transient failure is retried for
+    `retry_for` seconds; a session whose id no store accepts joins the orphans).
+
+    Damage never raises: torn records at a segment's end and corrupt or missing
+    stretches are skipped, logged as warnings and counted in the report (with the
+    records lost, from the gaps in the sequence numbers).
+
+    Idempotent: `SessionStore.save` merges by loop id, so saving what is already
+    stored changes nothing. With `remove`, once every session is saved, events that no
+    loop claimed are appended to ``orphans.jsonl`` in the journal directory and the
+    replayed segments (and the checkpoint) are deleted. If a save fails nothing is
+    written or deleted and `RecoveryError` (carrying the report) is raised: recovering
+    again is safe.
+    """
+    if save_every < 1:
+        raise ValueError(f"save_every must be at least 1, got {save_every!r}")
+    if isinstance(journal, Journal):
+        directory, lock = journal.directory, None
+        segments = journal.leftover_segments
+    else:
+        directory = Path(journal)
+        if not directory.is_dir():
+            return RecoveryReport()
+        try:
+            lock = DirectoryLock(directory)
+        except OSError as error:
+            raise StoreError(f"cannot lock journal {directory}: {error}") from error
+        segments = [path for _, path in segment_paths(directory)]
+    try:
+        unstorable: list[AgentEvent] = []  # the events of sessions no store accepts
+        saver = SessionSaver(store, orphans=unstorable.extend, retry_for=retry_for)
+        report, orphans = _replay(directory, segments, saver, config, save_every)
+        orphans += unstorable
+        report.orphans = len(orphans)
+        if report.failed_sessions:
+            raise RecoveryError(
+                f"recovery of {directory}: {len(report.failed_sessions)} sessions could not be saved "
+                f"({', '.join(report.failed_sessions[:5])}); the journal was kept", report)
+        if remove and segments:
+            if orphans:
+                append_orphans(directory, orphans)
+                logger.warning("journal %s: %d events belonged to no loop; written to %s",
+                               directory, len(orphans), directory / ORPHANS_FILE)
+            for path in segments:
+                path.unlink(missing_ok=True)
+            (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
+            fsync_directory(directory)
+            report.segments_removed = len(segments)
+            if isinstance(journal, Journal):
+                journal.forget_leftovers(segments)
+        return report
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _replay(
+    directory: Path,
+    segments: list[Path],
+    saver: SessionSaver,
+    config: SessionRecorderConfig | None,
+    save_every: int,
+) -> tuple[RecoveryReport, list[AgentEvent]]:
+    """Replay `segments` into a recorder, saving as it goes; the report and the recorder's orphans."""
+    report = RecoveryReport()
+    checkpoint = read_checkpoint(directory)
+    reader = SegmentReader(report, stored_below=checkpoint.stored_below)
+    recorder = SessionRecorder(config)
+    for path in segments:
+        report.segments_read += 1
+        for seq, payload in reader.read(path):
+            if seq < checkpoint.stored_below:
+                report.events_already_stored += 1
+                continue
+            try:
+                event = codec.decode_for_recording(payload)
+                loop_id = getattr(event, "loop_id", None)
+                if (seq <= checkpoint.settled_through and loop_id is not None
+                        and type(event) is not AgentStart and recorder.current_loop(loop_id) is None):
+                    # Its loop started before the checkpoint: the live writer saved it (`release`).
+                    report.events_already_stored += 1
+                    continue
+                if isinstance(event, codec.LazyMessageUpdate):
+                    recorder.on_json(payload)  # the recorder's own path: it drops or decodes it
+                else:
+                    recorder.on_event(event)
+            except DecodeError as error:
+                report.undecodable += 1
+                logger.warning("journal %s: record %d is not an event, skipped: %s", path, seq, error)
+                continue
+            report.events_replayed += 1
+            if report.events_replayed % save_every == 0:
+                _save_completed(saver, recorder, report)
+    reader.finish()
+    _save_completed(saver, recorder, report, flush=True)
+    return report, [orphan.event for orphan in recorder.drain_orphans()]
+
+
+def _save_completed(saver: SessionSaver, recorder: SessionRecorder, report: RecoveryReport, *,
+                    flush: bool = False) -> None:
+    """The recovery's one save step: checkpoint (or flush), drain, save.
+
+    A session that is not saved stays in the journal, which `recover` then keeps:
+    the report lists its id, and it leaves memory.
+    """
+    saver.drain(recorder, flush=flush)
+    report.failed_sessions.extend(session.session_id for session in saver.take_unsaved())
+    report.sessions_saved = saver.stats().saved

@@ -1,0 +1,514 @@
+"""The journal writer: `Journal`, one thread-safe appender of records to segments.
+
+Locks, in the only order in which a thread may hold them together (a thread holding
+one takes only locks further down this list):
+
+1. ``_release_lock``: `release` and `close` (the checkpoint, removing segments).
+2. ``_sync_lock``: the active segment's descriptor: writing frames, rotating to a new
+   segment, fsync, closing descriptors. Under ``"os"`` an append writes through under it.
+3. ``_lock``: numbering and queueing records, the list of segments and leftovers, the
+   closed and failed state. Held only for bookkeeping, never across I/O.
+4. ``_acked_cond``: the waiters for the acknowledged sequence number (which only
+   writers, under ``_sync_lock``, change).
+
+A `JournaledRecorder` appends under the recorder's lock, which is thus taken before
+all of these; nothing here calls back into a recorder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeAlias, get_args
+
+from .. import codec
+from ..errors import PhiSessionError, StoreError
+from ..events import AgentEvent
+from .format import (
+    CHECKPOINT_FILE,
+    FRAME_OVERHEAD,
+    MAGIC,
+    MAX_FRAME,
+    Checkpoint,
+    DirectoryLock,
+    append_orphans,
+    frame_header,
+    fsync_directory,
+    last_seq,
+    open_new,
+    read_checkpoint,
+    segment_path,
+    segment_paths,
+    write_all,
+    write_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+Durability = Literal["always", "interval", "os"]
+StrPath: TypeAlias = "str | os.PathLike[str]"
+
+# Records waiting for the flusher: beyond the first bound it is woken early, beyond the
+# second the appender writes them itself (in `commit`), so memory stays bounded.
+_WAKE_PENDING_BYTES = 4 << 20
+_MAX_PENDING_BYTES = 16 << 20
+
+
+def as_bytes(data: bytes | bytearray | memoryview | str) -> bytes:
+    return data.encode() if isinstance(data, str) else bytes(data)
+
+
+@dataclass
+class _Segment:
+    number: int
+    path: Path
+    first_seq: int
+
+
+class Journal:
+    """An append-only, segmented write-ahead log of events. Thread-safe.
+
+    Opening takes an exclusive lock on the directory (`JournalLocked` if another
+    writer holds it). Segments found there belong to an earlier run
+    (`leftover_segments`): they are never appended to; `recover` replays and removes them.
+    `close` (or leaving a ``with`` block) writes and fsyncs everything.
+
+    I/O failures raise `StoreError`; after a failed write or fsync the journal refuses
+    further appends (the kernel may have dropped the unsynced data, so a retry would lie).
+    """
+
+    def __init__(
+        self,
+        directory: StrPath,
+        *,
+        durability: Durability = "interval",
+        interval_ms: float = 50,
+        segment_bytes: int = 64 << 20,
+    ) -> None:
+        if durability not in get_args(Durability):
+            raise ValueError(f"durability must be one of {get_args(Durability)}, got {durability!r}")
+        if interval_ms <= 0:
+            raise ValueError(f"interval_ms must be positive, got {interval_ms!r}")
+        if segment_bytes <= len(MAGIC):
+            raise ValueError(f"segment_bytes must exceed {len(MAGIC)}, got {segment_bytes!r}")
+        self.directory = Path(directory)
+        self.durability: Durability = durability
+        self.interval = interval_ms / 1000
+        self.segment_bytes = segment_bytes
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._dir_lock = DirectoryLock(self.directory)
+        except OSError as error:
+            raise StoreError(f"cannot open journal {self.directory}: {error}") from error
+        # See the module docstring for what each lock guards and their order.
+        self._release_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._acked_cond = threading.Condition(threading.Lock())
+        self._waiting = 0  # threads in `wait_acknowledged`
+        self._failure: BaseException | None = None
+        self._closing = False  # `close` was called
+        self._closed = False
+        self._writable = True  # neither closed nor failed
+        self._write_through = durability == "os"
+        self._pending: list[bytes] = []  # records appended, not yet written
+        self._singles: list[int] = []  # positions in _pending of records holding a newline
+        self._pending_bytes = 0
+        self._segments: list[_Segment] = []
+        self._checkpoint = Checkpoint()  # what this run promised (`release`)
+        try:
+            existing = segment_paths(self.directory)
+            self._leftovers = [path for _, path in existing]
+            earlier = read_checkpoint(self.directory)
+            # Sequence numbers keep rising across runs, so an old checkpoint never covers new records.
+            self._next_seq = max(last_seq(self._leftovers) + 1, earlier.stored_below,
+                                 earlier.settled_through + 1)
+            self._acked = self._synced = self._next_seq - 1
+            self._fd, self._size = self._open_segment(existing[-1][0] + 1 if existing else 0,
+                                                      self._next_seq)
+        except OSError as error:
+            self._dir_lock.release()
+            raise StoreError(f"cannot open journal {self.directory}: {error}") from error
+        self._stopping = False
+        self._wake = threading.Event()
+        self._flusher: threading.Thread | None = None
+        if durability == "interval":
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name=f"phi-session journal flusher {self.directory}", daemon=True)
+            self._flusher.start()
+
+    def __repr__(self) -> str:
+        return f"Journal({str(self.directory)!r}, durability={self.durability!r})"
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last appended record (-1 before the first)."""
+        return self._next_seq - 1
+
+    @property
+    def acknowledged_seq(self) -> int:
+        """Every record up to this sequence number is durable per the policy."""
+        return self._acked
+
+    @property
+    def leftover_segments(self) -> list[Path]:
+        """Segments an earlier run left behind, not yet recovered (oldest first)."""
+        with self._lock:
+            return list(self._leftovers)
+
+    def forget_leftovers(self, recovered: Iterable[Path]) -> None:
+        """Note that `recover` saved and removed these leftover segments."""
+        gone = set(recovered)
+        with self._lock:
+            self._leftovers = [path for path in self._leftovers if path not in gone]
+
+    def segments(self) -> list[Path]:
+        """The segments this journal wrote that still exist, oldest first (the last is active)."""
+        with self._lock:
+            return [segment.path for segment in self._segments]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- appending ----------------------------------------------------------------------------
+
+    def append(self, event: AgentEvent, *, commit: bool = True) -> int:
+        """Journal one event; returns its sequence number.
+
+        With ``commit=False`` an ``"always"`` journal returns before the fsync; call
+        `commit` with the number (this lets several threads share one fsync).
+        """
+        return self.append_json(codec.encode_event(event), commit=commit)
+
+    def append_json(self, data: bytes | str, *, commit: bool = True) -> int:
+        """Journal one event given as a phi-core JSON line; returns its sequence number.
+
+        The line is stored as given, not validated: `recover` skips (and counts) a
+        record that does not decode, as `SessionRecorder.on_json` rejected it live.
+
+        This is the hot path, a list append: frames are built, checksummed and written
+        once per flush by whoever syncs (flusher, `commit`, `close`), outside `_lock`.
+        Under ``"os"`` the record is written through before returning.
+        """
+        payload = data if type(data) is bytes else as_bytes(data)
+        if self._write_through:
+            with self._sync_lock:
+                with self._lock:
+                    payload, seq = self._number(payload)
+                self._write_or_fail(((payload, seq, 1),), "append failed")
+                self._set_acked(seq)
+        else:
+            with self._lock:
+                payload, seq = self._number(payload)
+                if 10 in payload:  # a newline inside: it cannot share a newline-joined frame
+                    self._singles.append(len(self._pending))
+                self._pending.append(payload)
+                self._pending_bytes += len(payload)
+            if self._pending_bytes >= _WAKE_PENDING_BYTES:
+                self._wake.set()
+        if commit:
+            self.commit(seq)
+        return seq
+
+    def _number(self, payload: bytes) -> tuple[bytes, int]:
+        """The record to write for `payload` and its sequence number (holding `_lock`)."""
+        if not self._writable:
+            self._check_writable()
+        if 10 in payload:  # trailing newlines (a line read from a file) mean nothing in JSON
+            payload = payload.rstrip(b"\r\n")
+        if len(payload) > MAX_FRAME:
+            raise ValueError(f"event of {len(payload)} bytes exceeds the journal's frame limit")
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        return payload, seq
+
+    def commit(self, seq: int) -> None:
+        """Make record `seq` durable per the policy: under ``"always"``, return once it
+        is fsynced; otherwise nothing to wait for (``"interval"`` acknowledges in the
+        background, ``"os"`` on `append`), except that a large backlog is written now."""
+        if self.durability == "always":
+            if self._acked < seq:
+                self._sync()
+        elif self._pending_bytes >= _MAX_PENDING_BYTES:
+            self._sync()
+
+    def sync(self) -> int:
+        """Write and fsync every appended record now, whatever the policy; returns the
+        acknowledged sequence number."""
+        self._sync()
+        return self.acknowledged_seq
+
+    def wait_acknowledged(self, seq: int, timeout: float | None = None) -> bool:
+        """Wait until record `seq` is acknowledged; False if `timeout` seconds pass first
+        (or if the journal is closed before)."""
+        if seq >= self._next_seq:
+            raise ValueError(f"sequence number {seq} was never appended (last: {self.last_seq})")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._acked_cond:
+            self._waiting += 1
+            try:
+                while self._acked < seq:
+                    if self._failure is not None:
+                        raise StoreError(f"journal {self.directory} failed: {self._failure}")
+                    if self._closed:
+                        return False
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._acked_cond.wait(remaining)
+                return True
+            finally:
+                self._waiting -= 1
+
+    def write_orphans(self, events: Iterable[AgentEvent]) -> int:
+        """Durably append events that no loop claimed to ``orphans.jsonl``; returns how many."""
+        try:
+            return append_orphans(self.directory, events)
+        except OSError as error:
+            raise StoreError(f"journal {self.directory}: cannot write orphans: {error}") from error
+
+    # -- retiring segments -------------------------------------------------------------------
+
+    def release(self, stored_below: int, *, settled_through: int) -> int:
+        """Record what is safely stored; remove the segments that hold nothing else.
+
+        The caller promises: (1) every event with a sequence number below
+        `stored_below` is saved in the store, was written to ``orphans.jsonl``, or is
+        one the recorder never keeps; (2) every event numbered up to
+        `settled_through` that belongs to a loop started below `stored_below` is
+        saved or written to ``orphans.jsonl``. `recover` then skips those events.
+
+        A segment is removed once all its frames are below `stored_below` (never the
+        active one). Raises `PhiSessionError` while leftover segments of an earlier run
+        exist: the checkpoint would wrongly cover them; `recover` them first.
+        Returns how many segments were removed.
+        """
+        with self._release_lock:
+            with self._lock:
+                self._check_writable()
+                if self._leftovers:
+                    raise PhiSessionError(
+                        f"journal {self.directory} holds segments of an earlier run; recover them first")
+                checkpoint = Checkpoint(
+                    max(self._checkpoint.stored_below, min(stored_below, self._next_seq)),
+                    max(self._checkpoint.settled_through, min(settled_through, self._next_seq - 1)))
+                covered = [s for s in self._segments[:-1] if self._end_of(s) <= checkpoint.stored_below]
+            try:
+                if checkpoint != self._checkpoint:
+                    write_checkpoint(self.directory, checkpoint)
+                    self._checkpoint = checkpoint
+                return self._remove(covered)
+            except OSError as error:
+                raise StoreError(f"journal {self.directory}: release failed: {error}") from error
+
+    def _remove(self, segments: list[_Segment]) -> int:
+        """Delete retired segments (holding `_release_lock`)."""
+        for segment in segments:
+            segment.path.unlink(missing_ok=True)
+        if segments:
+            fsync_directory(self.directory)
+            with self._lock:
+                self._segments = [s for s in self._segments if s not in segments]
+        return len(segments)
+
+    def _end_of(self, segment: _Segment) -> int:
+        """One past the last sequence number `segment` can hold (holding `_lock`)."""
+        index = self._segments.index(segment)
+        if index + 1 < len(self._segments):
+            return self._segments[index + 1].first_seq
+        return self._next_seq
+
+    # -- writing (holding `_sync_lock`) -------------------------------------------------------
+
+    def _take_pending(self) -> tuple[list[bytes], list[int], int]:
+        """Hand over the queued records, their newline positions, first number (holding `_lock`)."""
+        taken = self._pending, self._singles, self._next_seq - len(self._pending)
+        self._pending, self._singles, self._pending_bytes = [], [], 0
+        return taken
+
+    def _write_or_fail(self, frames: Iterable[tuple[bytes, int, int]], what: str) -> None:
+        try:
+            self._write_frames(frames)
+        except OSError as error:
+            raise self._fail(error, what) from error
+
+    def _write_frames(self, frames: Iterable[tuple[bytes, int, int]]) -> None:
+        """Write frames (data, first seq, count) to the active segment, rotating when it is full."""
+        parts: list[bytes] = []
+        for data, first, count in frames:
+            parts += (frame_header(data, first, count), data)
+            self._size += FRAME_OVERHEAD + len(data)
+            if self._size >= self.segment_bytes:
+                write_all(self._fd, parts)
+                parts = []
+                self._rotate(first + count)
+        write_all(self._fd, parts)
+
+    def _open_segment(self, number: int, first_seq: int) -> tuple[int, int]:
+        """Create segment `number`, starting at record `first_seq`: its descriptor and size."""
+        path = segment_path(self.directory, number)
+        fd = open_new(path)  # kept open: the active segment
+        try:
+            write_all(fd, [MAGIC])
+            if self.durability != "os":
+                os.fsync(fd)
+                fsync_directory(self.directory)
+        except OSError:
+            os.close(fd)
+            raise
+        with self._lock:
+            self._segments.append(_Segment(number, path, first_seq))
+        self._segment_number = number
+        return fd, len(MAGIC)
+
+    def _rotate(self, next_seq: int) -> None:
+        """Close the full segment, durably, and start the next one at `next_seq`."""
+        os.fsync(self._fd)  # so that `_sync` need only fsync the active segment
+        self._synced = next_seq - 1
+        self._set_acked(next_seq - 1)
+        old = self._fd
+        self._fd, self._size = self._open_segment(self._segment_number + 1, next_seq)
+        try:
+            os.close(old)
+        except OSError as error:  # fsynced above: nothing is lost, and the descriptor is gone
+            logger.warning("journal %s: closing a full segment failed: %s", self.directory, error)
+
+    def _sync(self) -> None:
+        """Write what is queued, fsync, acknowledge. Frames are built and written under
+        `_sync_lock` only, so appenders are not held up by checksums and I/O."""
+        with self._sync_lock:
+            with self._lock:
+                self._check_writable()
+                taken = self._take_pending()
+                target = self._next_seq - 1  # everything up to here is written once `taken` is
+            self._write_or_fail(_frames(*taken), "write failed")
+            if target > self._synced:  # another thread's fsync may already cover it
+                try:
+                    os.fsync(self._fd)
+                except OSError as error:
+                    raise self._fail(error, "fsync failed") from error
+                self._synced = target
+                self._set_acked(target)
+
+    def _set_acked(self, seq: int) -> None:
+        # Only writers set it, under `_sync_lock`. A waiter counts itself before it reads
+        # `_acked`, so it either sees the new value or is counted here and notified.
+        if seq > self._acked:
+            self._acked = seq
+            if self._waiting:
+                with self._acked_cond:
+                    self._acked_cond.notify_all()
+
+    def _fail(self, error: OSError, what: str) -> StoreError:
+        """Refuse further appends after an I/O error; the error to raise."""
+        with self._lock:
+            self._failure = error
+            self._writable = False
+        logger.error("journal %s failed, refusing further appends: %s", self.directory, error)
+        with self._acked_cond:
+            self._acked_cond.notify_all()
+        return StoreError(f"journal {self.directory}: {what}: {error}")
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StoreError(f"journal {self.directory} is closed")
+        if self._failure is not None:
+            raise StoreError(f"journal {self.directory} failed earlier: {self._failure}")
+
+    def _flush_loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.interval)  # the interval, or earlier if a backlog builds up
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._sync()
+            except StoreError:
+                return  # already logged by _fail; appends now raise
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Write and fsync everything, remove the segments `release` covered, unlock. Idempotent.
+
+        A clean close after everything was released leaves no segment behind. Raises
+        `StoreError` if the journal failed (now or earlier: records appended after the
+        acknowledged ones may be lost), after closing and unlocking all the same, so
+        that `recover` can run at once.
+        """
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        self._stopping = True
+        self._wake.set()
+        if self._flusher is not None:
+            self._flusher.join()
+        try:
+            if self._failure is None:
+                self._sync()
+        except StoreError:
+            pass  # recorded as the failure, reported below once everything is closed
+        finally:
+            self._shut_down()
+        if self._failure is not None:
+            raise StoreError(f"journal {self.directory} failed: {self._failure}; records after "
+                             f"{self._acked} may be lost")
+
+    def _shut_down(self) -> None:
+        """Close the active segment, remove what `release` covered, unlock the directory."""
+        try:
+            with self._release_lock:
+                with self._sync_lock:
+                    with self._lock:
+                        self._closed = True
+                        self._writable = False
+                    try:
+                        os.close(self._fd)
+                    except OSError as error:
+                        with self._lock:
+                            self._failure = self._failure or error
+                with self._acked_cond:
+                    self._acked_cond.notify_all()
+                with self._lock:
+                    # Released segments go, and so does an active one that holds no frame.
+                    covered = [s for s in self._segments
+                               if self._end_of(s) <= max(self._checkpoint.stored_below, s.first_seq)]
+                    everything = len(covered) == len(self._segments) and not self._leftovers
+                try:
+                    self._remove(covered)
+                    if everything:
+                        # Nothing left to replay: a stale checkpoint must not outlive its segments.
+                        (self.directory / CHECKPOINT_FILE).unlink(missing_ok=True)
+                except OSError as error:
+                    logger.warning("journal %s: could not remove released segments: %s",
+                                   self.directory, error)
+        finally:
+            self._dir_lock.release()
+
+
+def _frames(records: list[bytes], singles: list[int], first: int) -> Iterator[tuple[bytes, int, int]]:
+    """Frames (data, first seq, count) for records numbered from `first`: newline-free runs
+    joined, the rest alone."""
+    start = 0
+    for single in (*singles, len(records)):
+        if single > start:
+            run = records[start:single]
+            yield run[0] if len(run) == 1 else b"\n".join(run), first + start, len(run)
+        if single < len(records):
+            yield records[single], first + single, 1
+        start = single + 1

@@ -1,0 +1,366 @@
+"""A local OTLP/HTTP trace receiver: ``POST /v1/traces`` -> sessions in a store.
+
+Protobuf and JSON payloads, gzip or not. What it acknowledges survives a crash: the
+decoded spans are written to a spool file and fsynced before the 200 answer, and a spool
+file is removed only once every trace it holds is recorded and those events are fsynced
+in the journal (`Journal`), whose own recovery saves what the recorder held. A restart
+replays what the spool still holds (a trace recorded twice is merged by the store).
+
+Answers follow the OTLP/HTTP specification: 200 with a partial success naming the spans
+rejected (invalid ids), 400 for an unreadable payload, 413 for a body over the limit
+(compressed or not: a gzip bomb stops at the limit), 415 for another content type, 429
+(too many spans waiting for their roots) and 503 (the store is behind) with
+``Retry-After``, 403 for a non-loopback ``Host`` while bound to loopback (as the viewer).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import zlib
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ..errors import PhiSessionError
+from ..journal import Journal
+from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
+from ..recorder import SessionRecorderConfig
+from ..stores.base import SessionStore
+from ..web.server import is_loopback, loopback_host_header
+from .ingest import IngestResult, SpanIngestor
+from .spans import OtlpDecodeError, SpanData, spans_from_otlp_json, spans_from_otlp_proto
+
+__all__ = ["OtlpEndpoint", "OtlpServer", "make_otlp_server"]
+
+logger = logging.getLogger("phi_session.otel.endpoint")
+
+DEFAULT_PORT = 4318
+TRACES_PATH = "/v1/traces"
+_PROTOBUF = "application/x-protobuf"
+_JSON = "application/json"
+_SPOOL_KINDS = {b"J": _JSON, b"P": _PROTOBUF}  # a spool file: this byte, then the payload as received
+
+
+class Backpressure(PhiSessionError):
+    """The endpoint cannot take a payload now; retry after `retry_after` seconds."""
+
+    def __init__(self, status: HTTPStatus, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _decode(body: bytes, media: str) -> tuple[list[SpanData], int]:
+    return spans_from_otlp_json(body) if media == _JSON else spans_from_otlp_proto(body)
+
+
+class _Spool:
+    """Accepted spans on disk until they are recorded and journaled (one fsynced file per payload)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._files: dict[Path, frozenset[int]] = {}  # file -> trace ids it holds
+        numbers = [int(p.stem) for p in directory.glob("*.spans") if p.stem.isdigit()]
+        self._next = itertools.count(max(numbers, default=-1) + 1)
+
+    def leftovers(self) -> list[list[SpanData]]:
+        """What an earlier run accepted and may not have recorded, oldest first."""
+        out = []
+        paths = [p for p in self.directory.glob("*.spans") if p.stem.isdigit()]
+        for path in sorted(paths, key=lambda p: int(p.stem)):
+            try:
+                data = path.read_bytes()
+                spans, _ = _decode(data[1:], _SPOOL_KINDS[data[:1]])
+            except (OSError, KeyError, OtlpDecodeError) as error:  # only a torn write, never acknowledged
+                logger.warning("spool file %s unreadable (%s): skipped", path, error)
+                continue
+            self.track(path, spans)
+            out.append(spans)
+        return out
+
+    def write(self, body: bytes, media: str, spans: list[SpanData]) -> Path:
+        path = self.directory / f"{next(self._next)}.spans"
+        temporary = path.with_suffix(".tmp")
+        with open(temporary, "wb") as handle:
+            handle.write(b"J" if media == _JSON else b"P")
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        descriptor = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        self.track(path, spans)
+        return path
+
+    def track(self, path: Path, spans: list[SpanData]) -> None:
+        with self._lock:
+            self._files[path] = frozenset(span.trace_id for span in spans)
+
+    def release(self, ingestor: SpanIngestor, journal: Journal | None) -> int:
+        """Remove the files whose traces are all recorded, once the journal holds them."""
+        with self._lock:
+            done = [path for path, traces in self._files.items() if not ingestor.waiting(traces)]
+            if not done:
+                return 0
+            if journal is not None:
+                journal.sync()
+            for path in done:
+                path.unlink(missing_ok=True)
+                del self._files[path]
+            return len(done)
+
+
+class OtlpEndpoint:
+    """Turns OTLP payloads into sessions saved in `store`, durably (see the module doc).
+
+    `state_dir` holds the journal and the spool. Call `close` to record what waits and
+    save everything.
+    """
+
+    def __init__(self, store: SessionStore, state_dir: str | os.PathLike[str], *,
+                 config: SessionRecorderConfig | None = None, trace_timeout: float = 60.0,
+                 max_buffered_spans: int = 200_000, max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+                 tick: float = 1.0) -> None:
+        state = Path(state_dir)
+        self.saver = AutoPersistingRecorder(store, journal=state / "journal", config=config,
+                                            max_pending_bytes=max_pending_bytes)
+        self.ingestor = SpanIngestor(self.saver, trace_timeout=trace_timeout,
+                                     max_buffered_spans=max_buffered_spans)
+        self.spool = _Spool(state / "spool")
+        self._accept_lock = threading.Lock()
+        for spans in self.spool.leftovers():
+            self.ingestor.add(spans)
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, args=(tick,), name="phi-session otlp ticker",
+                                        daemon=True)
+        self._ticker.start()
+
+    def _tick(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.ingestor.expire()
+                self.spool.release(self.ingestor, self.saver.journal)
+            except Exception:  # keep ticking: the next request reports a failing store
+                logger.exception("OTLP endpoint housekeeping failed")
+
+    def accept(self, body: bytes, content_type: str) -> IngestResult:
+        """Decode, spool (fsynced), then record one payload. Raises `OtlpDecodeError`, `Backpressure`."""
+        media = content_type.split(";", 1)[0].strip().lower()
+        spans, skipped = _decode(body, media)
+        self._check_room(len(spans))
+        with self._accept_lock:  # spool order is arrival order
+            if spans:
+                self.spool.write(body, media, spans)
+                self.ingestor.add(spans)
+        self.spool.release(self.ingestor, self.saver.journal)
+        message = f"{skipped} spans with invalid trace or span ids" if skipped else ""
+        return IngestResult(accepted=len(spans), rejected=skipped, message=message)
+
+    def _check_room(self, count: int) -> None:
+        if self.ingestor.buffered_spans + count > self.ingestor.max_buffered_spans:
+            raise Backpressure(HTTPStatus.TOO_MANY_REQUESTS,
+                               f"{self.ingestor.buffered_spans} spans are waiting for their traces' roots", 1)
+        stats = self.saver.stats()
+        if stats["bytes_queued"] >= self.saver.max_pending_bytes or stats["sessions_failed"]:
+            raise Backpressure(HTTPStatus.SERVICE_UNAVAILABLE,
+                               "the store is behind or failing; sessions are kept, retry later", 5)
+
+    def close(self) -> None:
+        """Record every waiting trace, save every session, then empty the spool."""
+        self._stop.set()
+        self._ticker.join()
+        self.ingestor.flush()
+        self.saver.close()
+        self.spool.release(self.ingestor, None)  # all saved: nothing is left to journal
+
+
+def _status_protobuf(code: int, message: str) -> bytes:
+    """A google.rpc.Status message (code = 1, message = 2), encoded by hand."""
+    text = message.encode()
+    return b"\x08" + _varint(code) + b"\x12" + _varint(len(text)) + text
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class OtlpServer(ThreadingHTTPServer):
+    """The HTTP side of an `OtlpEndpoint`."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 64
+
+    def __init__(self, endpoint: OtlpEndpoint, host: str, port: int, *, max_body: int = 16 << 20,
+                 quiet: bool = False) -> None:
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.endpoint = endpoint
+        self.max_body = max_body
+        self.quiet = quiet
+        self.loopback_only = is_loopback(host)
+        super().__init__((host.strip("[]"), port), OtlpHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        return f"http://[{name}]:{port}{TRACES_PATH}" if ":" in name else f"http://{name}:{port}{TRACES_PATH}"
+
+
+def make_otlp_server(endpoint: OtlpEndpoint, host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options: Any
+                     ) -> OtlpServer:
+    """A bound (not yet serving) OTLP receiver; call ``serve_forever()`` on it. Raises ``OSError``."""
+    return OtlpServer(endpoint, host, port, **options)
+
+
+class _Refused(Exception):
+    def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class OtlpHandler(BaseHTTPRequestHandler):
+    server: OtlpServer
+    server_version = "phi-session-otlp"
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        json_wanted = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower() == _JSON
+        try:
+            body, content_type = self._read()
+            result = self.server.endpoint.accept(body, content_type)
+        except _Refused as refused:
+            self._error(refused.status, str(refused), json_wanted, refused.headers)
+            return
+        except OtlpDecodeError as error:
+            self._error(HTTPStatus.BAD_REQUEST, str(error), json_wanted)
+            return
+        except Backpressure as error:
+            self._error(error.status, str(error), json_wanted, {"Retry-After": str(error.retry_after)})
+            return
+        except (PhiSessionError, OSError) as error:  # the store, the journal or the spool failed: retryable
+            logger.error("OTLP payload not recorded: %s", error)
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"not recorded: {error}", json_wanted,
+                        {"Retry-After": "5"})
+            return
+        except Exception:
+            logger.exception("OTLP payload not recorded")
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error", json_wanted)
+            return
+        self._ok(result, json_wanted)
+
+    def do_GET(self) -> None:
+        self._refuse_method()
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
+
+    def _refuse_method(self) -> None:
+        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only POST /v1/traces", True, {"Allow": "POST"})
+
+    def _read(self) -> tuple[bytes, str]:
+        if self.server.loopback_only and not loopback_host_header(self.headers.get_all("Host") or []):
+            raise _Refused(HTTPStatus.FORBIDDEN, "this endpoint answers only to one loopback Host header")
+        if self.path.split("?", 1)[0] != TRACES_PATH:
+            raise _Refused(HTTPStatus.NOT_FOUND, f"no such path; traces go to {TRACES_PATH}")
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.split(";", 1)[0].strip().lower() not in (_PROTOBUF, _JSON):
+            raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {_PROTOBUF} or {_JSON}")
+        length_text = self.headers.get("Content-Length")
+        if length_text is None or not length_text.isdigit():
+            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
+        length = int(length_text)
+        limit = self.server.max_body
+        if length > limit:
+            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
+        encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding == "gzip":
+            body = self._gunzip(body, limit)
+        elif encoding not in ("", "identity"):
+            raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported Content-Encoding {encoding!r}")
+        return body, content_type
+
+    @staticmethod
+    def _gunzip(data: bytes, limit: int) -> bytes:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out = inflater.decompress(data, limit + 1)  # never more than the limit: a bomb stops here
+        except zlib.error as error:
+            raise _Refused(HTTPStatus.BAD_REQUEST, f"bad gzip body: {error}") from None
+        if len(out) > limit:
+            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates to over {limit} bytes")
+        if not inflater.eof:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "truncated gzip body")
+        return out
+
+    def _ok(self, result: IngestResult, json_wanted: bool) -> None:
+        if json_wanted:
+            partial = ({"partialSuccess": {"rejectedSpans": str(result.rejected),
+                                           "errorMessage": result.message}} if result.rejected else {})
+            self._send(HTTPStatus.OK, msgspec.json.encode(partial), _JSON)
+            return
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+        response = ExportTraceServiceResponse()
+        if result.rejected:
+            response.partial_success.rejected_spans = result.rejected
+            response.partial_success.error_message = result.message
+        self._send(HTTPStatus.OK, response.SerializeToString(), _PROTOBUF)
+
+    def _error(self, status: HTTPStatus, message: str, json_wanted: bool,
+               headers: dict[str, str] | None = None) -> None:
+        # google.rpc codes: INVALID_ARGUMENT, UNAVAILABLE (retryable), FAILED_PRECONDITION
+        retryable = status >= 500 or status is HTTPStatus.TOO_MANY_REQUESTS
+        code = 3 if status == HTTPStatus.BAD_REQUEST else 14 if retryable else 9
+        if json_wanted:
+            body, content_type = msgspec.json.encode({"code": code, "message": message}), _JSON
+        else:
+            body, content_type = _status_protobuf(code, message), _PROTOBUF
+        self.close_connection = True  # the body may not have been read
+        self._send(status, body, content_type, {**(headers or {}), "Connection": "close"})
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (400 bad request line, 414, 431...) in OTLP's JSON error shape."""
+        del explain
+        try:
+            status = HTTPStatus(code)
+        except ValueError:
+            status = HTTPStatus.INTERNAL_SERVER_ERROR
+        self._error(status, message or status.phrase, True)
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if not self.server.quiet:
+            logger.info("%s %s", self.address_string(), (format % args).translate(
+                {c: f"\\x{c:02x}" for c in range(0x20)} | {0x7F: "\\x7f"}))

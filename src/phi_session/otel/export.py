@@ -1,0 +1,448 @@
+"""Sessions -> OpenTelemetry GenAI spans, for any OTel `SpanExporter`.
+
+Mapping: one trace per loop (sessions may last days); ``invoke_agent {agent}`` (INTERNAL)
+per loop, ``chat {model}`` (CLIENT) per turn, ``execute_tool {tool}`` (INTERNAL) per tool
+call, under the turn that ran it. A sub-agent's first loop joins its spawner's trace under
+the tool span that spawned it; continuations and parallel siblings are span links.
+Span and trace ids are hashes of loop ids, turn indices and tool call ids, so exporting a
+session twice yields the same spans (backends deduplicate them).
+
+Limit: a sub-agent spawned by a sub-agent joins the trace named after its direct
+spawner's loop, which is not its spawner's own trace (that needs the grandparent session).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from ..codec import encode_event, encode_record
+from ..errors import ExportError
+from ..events import (
+    AgentEnd,
+    AgentEvent,
+    CompactionEnded,
+    CompactionStarted,
+    InputRejected,
+    ProgressMessage,
+    PrunApplied,
+    RevertApplied,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    ToolExecutionUpdate,
+    TurnEnd,
+    TurnStart,
+)
+from ..messages import (
+    AgentMessage,
+    AssistantMessage,
+    ImageContent,
+    TextContent,
+    ThinkingContent,
+    ToolCall,
+    ToolResultMessage,
+    Usage,
+    UserMessage,
+)
+from ..model import LoopRecord, Session, Turn
+from ..recorder import SessionRecorder, SessionRecorderConfig
+from . import attributes as attr
+
+__all__ = ["OtelExportSink", "export_session", "session_spans"]
+
+_SCOPE = InstrumentationScope(attr.INSTRUMENTATION_SCOPE, schema_url=attr.SCHEMA_URL)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_OK = Status(StatusCode.UNSET)
+_json = msgspec.json.Encoder()
+_default_resource: Resource | None = None
+
+# Span events for these loop events; fields that may hold content are sent only with capture.
+_SPAN_EVENTS: dict[type, str] = {
+    CompactionStarted: attr.EVENT_COMPACTION_STARTED, CompactionEnded: attr.EVENT_COMPACTION_ENDED,
+    PrunApplied: attr.EVENT_PRUN, RevertApplied: attr.EVENT_REVERT,
+    InputRejected: attr.EVENT_INPUT_REJECTED, ProgressMessage: attr.EVENT_PROGRESS,
+}
+_CONTENT_FIELDS = frozenset({"text", "summary", "reason", "memo"})
+_NOT_ATTRIBUTES = frozenset({"loop_id", "timestamp", "tool_call_id", "tool_name"})
+
+
+def _hash_id(size: int, *parts: str) -> int:
+    value = int.from_bytes(hashlib.blake2b("\x1f".join(parts).encode(), digest_size=size).digest(), "big")
+    return value or 1  # zero is the invalid id
+
+
+def loop_span_id(loop_id: str) -> int:
+    return _hash_id(8, "loop", loop_id)
+
+
+def turn_span_id(loop_id: str, turn_index: int) -> int:
+    return _hash_id(8, "turn", loop_id, str(turn_index))
+
+
+def tool_span_id(loop_id: str, tool_call_id: str) -> int:
+    return _hash_id(8, "tool", loop_id, tool_call_id)
+
+
+def _context(trace_id: int, span_id: int) -> SpanContext:
+    return SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
+
+
+def _placement(session: Session, loop_id: str) -> tuple[int, int | None]:
+    """(trace id, parent span id) of a loop's span: its own trace, or its spawner's."""
+    spawn = session.parent_spawn_ref
+    record = session.get_loop(loop_id)
+    if spawn is not None and record is not None and record.parent_loop_id == spawn.parent_loop_id:
+        parent = (tool_span_id(spawn.parent_loop_id, spawn.tool_call_id) if spawn.tool_call_id
+                  else loop_span_id(spawn.parent_loop_id))
+        return _hash_id(16, "trace", spawn.parent_loop_id), parent
+    return _hash_id(16, "trace", loop_id), None
+
+
+def _usage_attributes(usage: Usage) -> dict[str, int]:
+    # The conventions count cached tokens inside input_tokens; phi-core counts them apart.
+    return {
+        attr.USAGE_INPUT_TOKENS: usage.input + usage.cache_read + usage.cache_write,
+        attr.USAGE_OUTPUT_TOKENS: usage.output,
+        attr.USAGE_CACHE_READ_TOKENS: usage.cache_read,
+        attr.USAGE_CACHE_WRITE_TOKENS: usage.cache_write,
+        attr.USAGE_REASONING_TOKENS: usage.reasoning,
+    }
+
+
+def _part(content: Any) -> dict[str, Any]:
+    if isinstance(content, TextContent):
+        return {"type": "text", "content": content.text}
+    if isinstance(content, ThinkingContent):
+        return {"type": "reasoning", "content": content.thinking}
+    if isinstance(content, ToolCall):
+        return {"type": "tool_call", "id": content.id, "name": content.name, "arguments": content.arguments}
+    if isinstance(content, ImageContent):
+        return {"type": "blob", "modality": "image", "mime_type": content.mime_type, "content": content.data}
+    return {"type": "text", "content": ""}
+
+
+def genai_message(message: AgentMessage) -> dict[str, Any]:
+    """A phi-core message in the GenAI conventions' message shape (``role`` and ``parts``)."""
+    if isinstance(message, ToolResultMessage):
+        text = "".join(c.text for c in message.content if isinstance(c, TextContent))
+        return {"role": "tool", "parts": [
+            {"type": "tool_call_response", "id": message.tool_call_id, "response": text}]}
+    if isinstance(message, AssistantMessage):
+        return {"role": "assistant", "parts": [_part(c) for c in message.content],
+                "finish_reason": message.stop_reason}
+    if isinstance(message, UserMessage):
+        return {"role": "user", "parts": [_part(c) for c in message.content]}
+    return {"role": "user", "parts": [{"type": "extension", "content": msgspec.to_builtins(message)}]}
+
+
+def _events_attribute(events: list[tuple[int, AgentEvent]]) -> str:
+    return _json.encode([[seq, msgspec.Raw(encode_event(event))] for seq, event in events]).decode()
+
+
+def _span_event(event: AgentEvent, time_ns: int, capture_content: bool) -> Event:
+    fields: dict[str, Any] = {}
+    for name in event.__struct_fields__:
+        value = getattr(event, name)
+        if name in _NOT_ATTRIBUTES or value is None or (name in _CONTENT_FIELDS and not capture_content):
+            continue
+        if isinstance(value, (str, bool, int, float)) or (
+                isinstance(value, tuple) and all(isinstance(v, int) for v in value)):
+            fields[f"phi.{name}"] = value
+    return Event(_SPAN_EVENTS[type(event)], fields, time_ns)
+
+
+class _Span:
+    """A span being assembled: times, attributes, span events and the phi events it covers."""
+
+    __slots__ = ("attributes", "end", "events", "phi_events", "start")
+
+    def __init__(self, start: int, attributes: dict[str, Any]) -> None:
+        self.start = self.end = start
+        self.attributes = attributes
+        self.events: list[Event] = []
+        self.phi_events: list[tuple[int, AgentEvent]] = []
+
+
+def _event_time(event: Any, last: int) -> int:
+    """The event's own time in ns when it has one (timestamp, or its message's ms), else `last`."""
+    stamp = getattr(event, "timestamp", None)
+    if stamp is not None and not isinstance(stamp, int):
+        return int(stamp.ns)
+    message = getattr(event, "message", None)
+    millis = getattr(message, "timestamp", None)
+    if isinstance(millis, int) and millis > 0:
+        return max(last, millis * 1_000_000)
+    return last
+
+
+class _LoopExport:
+    """The spans of one loop."""
+
+    def __init__(self, session: Session, record: LoopRecord, capture_content: bool,
+                 resource: Resource) -> None:
+        self.session = session
+        self.record = record
+        self.capture = capture_content
+        self.resource = resource
+        self.trace_id, self.parent_span = _placement(session, record.loop_id)
+        self.common = {attr.CONVERSATION_ID: session.session_id, attr.PHI_SESSION_ID: session.session_id,
+                       attr.PHI_LOOP_ID: record.loop_id}
+
+    def spans(self) -> list[ReadableSpan]:
+        record = self.record
+        start = int(record.started_at.ns)
+        loop = _Span(start, self._loop_attributes())
+        turns: dict[int, _Span] = {}
+        tools: dict[str, tuple[_Span, int]] = {}  # call id -> span, turn index
+        turn: tuple[int, _Span] | None = None
+        now = start
+        for stored in sorted(record.events, key=lambda item: item.sequence):
+            event = stored.event
+            now = _event_time(event, now)
+            owner = loop if turn is None else turn[1]
+            if type(event) is TurnStart:
+                span = _Span(now, self._turn_attributes(event))
+                turns[event.turn_index] = span
+                turn, owner = (event.turn_index, span), span
+            elif type(event) in (ToolExecutionStart, ToolExecutionUpdate, ToolExecutionEnd, ProgressMessage):
+                call_id = event.tool_call_id  # type: ignore[union-attr]
+                if call_id not in tools:
+                    tools[call_id] = (_Span(now, self._tool_attributes(event)),
+                                      turn[0] if turn is not None else -1)
+                owner = tools[call_id][0]
+                if type(event) is ToolExecutionEnd:
+                    now = self._end_tool(owner, event, now)
+            owner.phi_events.append((stored.sequence, event))
+            owner.end = max(owner.end, now)
+            if type(event) in _SPAN_EVENTS:
+                owner.events.append(_span_event(event, now, self.capture))
+            if type(event) is TurnEnd and turn is not None:
+                turn = None
+            if type(event) is ToolExecutionStart and self.capture:
+                owner.attributes[attr.TOOL_CALL_ARGUMENTS] = _json.encode(event.args).decode()
+        end = int(record.ended_at.ns) if record.ended_at is not None else max(now, start)
+        loop.end = max(end, loop.end)
+        for index, span in turns.items():
+            self._finish_turn(index, span)
+        loop_span_id_ = loop_span_id(record.loop_id)
+        out = [self._readable(span, tool_span_id(record.loop_id, call_id),
+                              turn_span_id(record.loop_id, index) if index in turns else loop_span_id_,
+                              SpanKind.INTERNAL) for call_id, (span, index) in tools.items()]
+        out.extend(self._readable(span, turn_span_id(record.loop_id, index), loop_span_id_, SpanKind.CLIENT)
+                   for index, span in turns.items())
+        out.append(self._readable(loop, loop_span_id_, self.parent_span, SpanKind.INTERNAL,
+                                  links=self._links(), status=self._loop_status()))
+        return out
+
+    # -- attributes ------------------------------------------------------------------------
+
+    def _loop_attributes(self) -> dict[str, Any]:
+        record, config = self.record, self.record.config
+        attributes: dict[str, Any] = {
+            attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, attr.AGENT_ID: record.agent_id,
+            attr.AGENT_NAME: record.agent_id, **self.common,
+            attr.PHI_LOOP_STATUS: record.status, attr.PHI_CONTINUATION_KIND: record.kind.kind,
+            **_usage_attributes(record.usage),
+        }
+        if record.kind.tag is not None:
+            attributes[attr.PHI_CONTINUATION_TAG] = record.kind.tag
+        if record.parent_loop_id is not None:
+            attributes[attr.PHI_PARENT_LOOP_ID] = record.parent_loop_id
+        if config is not None:
+            attributes[attr.PROVIDER_NAME] = config.provider
+            attributes[attr.REQUEST_MODEL] = config.model
+            attributes[attr.PHI_CONFIG] = encode_record(config).decode()
+        group = record.parallel_group
+        if group is not None:
+            attributes[attr.PHI_PARALLEL_LOOP_IDS] = group.all_loop_ids
+            attributes[attr.PHI_PARALLEL_SELECTED] = group.is_selected
+            attributes[attr.PHI_PARALLEL_SELECTED_LOOP] = group.selected_loop_id
+            attributes[attr.PHI_PARALLEL_CONFIG_INDEX] = group.selected_config_index
+            attributes[attr.PHI_PARALLEL_EVALUATION_USAGE] = encode_record(group.evaluation_usage).decode()
+        if isinstance(record.error, str):
+            attributes[attr.ERROR_TYPE] = "phi.loop_failed"
+        elif record.status == "Aborted":
+            attributes[attr.ERROR_TYPE] = "phi.loop_aborted"
+        return attributes
+
+    def _turn_attributes(self, event: TurnStart) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            attr.OPERATION_NAME: attr.OP_CHAT, **self.common,
+            attr.PHI_TURN_INDEX: event.turn_index, attr.PHI_TURN_TRIGGER: event.triggered_by,
+        }
+        config = self.record.config
+        if config is not None:
+            attributes[attr.PROVIDER_NAME] = config.provider
+            attributes[attr.REQUEST_MODEL] = config.model
+        return attributes
+
+    def _tool_attributes(self, event: Any) -> dict[str, Any]:
+        return {attr.OPERATION_NAME: attr.OP_EXECUTE_TOOL, **self.common,
+                attr.TOOL_NAME: event.tool_name, attr.TOOL_CALL_ID: event.tool_call_id}
+
+    def _end_tool(self, span: _Span, event: ToolExecutionEnd, now: int) -> int:
+        span.attributes[attr.PHI_TOOL_IS_ERROR] = event.is_error
+        if event.is_error:
+            span.attributes[attr.ERROR_TYPE] = "phi.tool_error"
+        child = event.result.child_loop_id
+        if isinstance(child, str):
+            span.attributes[attr.PHI_CHILD_LOOP_ID] = child
+            for ref in self.record.child_loop_refs:
+                if ref.child_loop_id == child:
+                    span.attributes[attr.PHI_CHILD_SESSION_ID] = ref.child_session_id
+        if self.capture:
+            span.attributes[attr.TOOL_CALL_RESULT] = _json.encode(
+                [_part(content) for content in event.result.content]).decode()
+        for turn in self.record.turns:  # the result message carries the end time
+            for message in turn.tool_results:
+                if isinstance(message, ToolResultMessage) and message.tool_call_id == event.tool_call_id:
+                    return max(now, message.timestamp * 1_000_000)
+        return now
+
+    def _finish_turn(self, index: int, span: _Span) -> None:
+        turn: Turn | None = self.record.get_turn(index)
+        if turn is None or turn.turn_id.turn_index != index:
+            turn = next((t for t in self.record.turns if t.turn_id.turn_index == index), None)
+        if turn is None:  # never ended (aborted loop)
+            return
+        span.end = max(span.end, int(turn.ended_at.ns))
+        span.attributes.update(_usage_attributes(turn.usage))
+        output = turn.output_message
+        if isinstance(output, AssistantMessage):
+            span.attributes[attr.RESPONSE_MODEL] = output.model
+            span.attributes[attr.RESPONSE_FINISH_REASONS] = (output.stop_reason,)
+            span.attributes.setdefault(attr.PROVIDER_NAME, output.provider)
+            span.attributes.setdefault(attr.REQUEST_MODEL, output.model)
+        if self.capture:
+            span.attributes[attr.INPUT_MESSAGES] = _json.encode(
+                [genai_message(m) for m in turn.input_messages]).decode()
+            span.attributes[attr.OUTPUT_MESSAGES] = _json.encode([genai_message(output)]).decode()
+            if turn.request_payload is not None:
+                span.attributes[attr.SYSTEM_INSTRUCTIONS] = _json.encode(
+                    [{"type": "text", "content": turn.request_payload.system_prompt}]).decode()
+
+    def _links(self) -> list[Link]:
+        record, links = self.record, []
+        parent = record.parent_loop_id
+        if parent is not None and parent != record.loop_id and self.parent_span is None:
+            links.append(Link(_context(_placement(self.session, parent)[0], loop_span_id(parent)), {
+                attr.PHI_LINK_KIND: attr.LINK_CONTINUATION,
+                attr.PHI_CONTINUATION_KIND: record.kind.kind}))
+        group = record.parallel_group
+        if group is not None:
+            for sibling in group.all_loop_ids:
+                if sibling != record.loop_id:
+                    links.append(Link(_context(_placement(self.session, sibling)[0], loop_span_id(sibling)), {
+                        attr.PHI_LINK_KIND: attr.LINK_PARALLEL,
+                        attr.PHI_PARALLEL_SELECTED: sibling == group.selected_loop_id}))
+        return links
+
+    def _loop_status(self) -> Status:
+        record = self.record
+        if isinstance(record.error, str):
+            return Status(StatusCode.ERROR, record.error)
+        if record.status == "Aborted":
+            return Status(StatusCode.ERROR, "loop aborted before it ended")
+        return _OK
+
+    def _readable(self, span: _Span, span_id: int, parent: int | None, kind: SpanKind, *,
+                  links: Sequence[Link] = (), status: Status = _OK) -> ReadableSpan:
+        attributes = span.attributes
+        if self.capture:
+            attributes[attr.PHI_EVENTS] = _events_attribute(span.phi_events)
+        if status is _OK and attr.ERROR_TYPE in attributes:
+            status = Status(StatusCode.ERROR)
+        operation = attributes[attr.OPERATION_NAME]
+        target = {attr.OP_INVOKE_AGENT: attributes.get(attr.AGENT_NAME),
+                  attr.OP_CHAT: attributes.get(attr.REQUEST_MODEL),
+                  attr.OP_EXECUTE_TOOL: attributes.get(attr.TOOL_NAME)}[operation]
+        return ReadableSpan(
+            name=f"{operation} {target}" if target else operation,
+            context=_context(self.trace_id, span_id),
+            parent=None if parent is None else _context(self.trace_id, parent),
+            resource=self.resource, attributes=attributes, events=span.events, links=links, kind=kind,
+            status=status, start_time=span.start, end_time=max(span.end, span.start),
+            instrumentation_scope=_SCOPE,
+        )
+
+
+def _resource(resource: Resource | None) -> Resource:
+    global _default_resource
+    if resource is not None:
+        return resource
+    if _default_resource is None:
+        _default_resource = Resource.create({"service.name": "phi-session"})
+    return _default_resource
+
+
+def session_spans(session: Session, *, capture_content: bool = False,
+                  resource: Resource | None = None) -> list[ReadableSpan]:
+    """The finished spans of `session`, children before their parents (as an SDK ends them)."""
+    if not isinstance(session, Session):
+        raise TypeError(f"expected a Session, got {type(session).__name__}")
+    chosen = _resource(resource)
+    spans: list[ReadableSpan] = []
+    for record in session.loops:
+        spans.extend(_LoopExport(session, record, capture_content, chosen).spans())
+    return spans
+
+
+def export_session(session: Session, exporter: SpanExporter, *, capture_content: bool = False,
+                   resource: Resource | None = None) -> int:
+    """Export `session` through `exporter`; returns the number of spans.
+
+    `capture_content` adds messages, system instructions, tool arguments and results, and
+    the exact phi-core events (``phi.events``, which make ingest lossless). Raises
+    `ExportError` when the exporter reports failure.
+    """
+    spans = session_spans(session, capture_content=capture_content, resource=resource)
+    if exporter.export(spans) is not SpanExportResult.SUCCESS:
+        raise ExportError(f"{exporter!r} failed to export the {len(spans)} spans of {session.session_id}")
+    return len(spans)
+
+
+class OtelExportSink:
+    """An event sink that records events and exports each session when it completes.
+
+    Give it to a `Tracer` (or any producer) next to the recorder that saves sessions.
+    Sessions complete when none of their loops is open (`SessionRecorder.checkpoint`);
+    `close` exports what is left (open loops as Aborted). The exporter stays the caller's.
+    """
+
+    wants_deltas = False
+
+    def __init__(self, exporter: SpanExporter, *, capture_content: bool = False,
+                 resource: Resource | None = None, config: SessionRecorderConfig | None = None) -> None:
+        self.exporter = exporter
+        self.capture_content = capture_content
+        self.resource = resource
+        self.recorder = SessionRecorder(config)
+        self._lock = threading.Lock()
+        self.exported_sessions = 0
+
+    def __call__(self, event: AgentEvent) -> None:
+        self.recorder.on_event(event)
+        if type(event) is AgentEnd:
+            self.recorder.checkpoint()
+            self._export_completed()
+
+    def _export_completed(self) -> None:
+        with self._lock:
+            for session in self.recorder.drain_completed():
+                export_session(session, self.exporter, capture_content=self.capture_content,
+                               resource=self.resource)
+                self.exported_sessions += 1
+
+    def close(self) -> None:
+        self.recorder.flush()
+        self._export_completed()
+

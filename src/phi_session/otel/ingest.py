@@ -1,0 +1,774 @@
+"""GenAI spans -> phi-core events -> a recorder.
+
+`SpanIngestor` buffers spans per trace until the trace's root span has ended (or the
+trace waited `trace_timeout` seconds, or the buffer is full: then what arrived is
+recorded, its unfinished loops as Aborted; nothing is dropped), then replays the trace's
+loops in start order as events.
+
+* Our own export with content (``phi.events``): the exact stored events come back.
+* Our own export without content, and other producers (the GenAI conventions,
+  pydantic-ai, OpenInference): events are rebuilt from the spans, best effort. What is
+  lost is listed in `LOSSES`; ids that had to be made up are listed in the loop's
+  ``metadata["otel"]["synthesized"]``.
+
+Sessions: ``phi.session.id``, else ``gen_ai.conversation.id``, else OpenInference's
+``session.id``, else one session per trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any, get_args
+
+import msgspec
+from opentelemetry.sdk.trace import SpanProcessor
+
+from ..codec import decode_event, decode_record
+from ..errors import DecodeError
+from ..events import (
+    DEFAULT,
+    INITIAL,
+    AgentEnd,
+    AgentEvent,
+    AgentStart,
+    CompactionEnded,
+    CompactionStarted,
+    ContinuationKind,
+    InputRejected,
+    LoopConfigSnapshot,
+    MessageEnd,
+    ParallelLoopEnd,
+    ParallelLoopStart,
+    ProgressMessage,
+    PrunApplied,
+    RevertApplied,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    TurnEnd,
+    TurnStart,
+    TurnTrigger,
+)
+from ..messages import (
+    ZERO_USAGE,
+    AgentMessage,
+    AssistantMessage,
+    Content,
+    TextContent,
+    ThinkingContent,
+    ToolCall,
+    ToolResult,
+    ToolResultMessage,
+    Usage,
+    UserMessage,
+)
+from . import attributes as attr
+from .spans import SpanData, spans_from_otlp_json, spans_from_otlp_proto, spans_from_sdk
+
+__all__ = ["LOSSES", "IngestResult", "IngestSpanProcessor", "SpanIngestor", "ingest_otlp"]
+
+LOSSES: dict[str, tuple[str, ...]] = {
+    "phi-session export with capture_content=True": (
+        "nothing in the loops; session-scoped ParallelLoopStart/End are rebuilt from the loops "
+        "(their timestamps are the first member's start and the last member's end)",
+        "a loop that never ended comes back Aborted with ended_at and error set",
+    ),
+    "phi-session export without content": (
+        "messages, tool arguments and results, turn requests, streaming deltas",
+        "loop metadata, session formation (FirstLoop), total_tokens (recomputed)",
+        "progress texts, rejection reasons and revert summaries",
+    ),
+    "other producers (GenAI conventions, pydantic-ai, OpenInference)": (
+        "streaming deltas; content unless the producer captured it (then text, reasoning and "
+        "tool calls of outputs, the first turn's user inputs, tool arguments and results)",
+        "continuation kinds are inferred: a later loop of the same conversation is Default",
+        "tool call ids are made up from span ids when missing (listed in metadata)",
+        "a trace without an agent span (bare model calls) is one loop, its root standing in",
+    ),
+}
+
+logger = logging.getLogger("phi_session.otel.ingest")
+
+# Who ran a model call, as each producer spells it (the conventions' names first).
+_PROVIDER_NAMES = (attr.PROVIDER_NAME, attr.LEGACY_SYSTEM, attr.OPENINFERENCE_PROVIDER,
+                   attr.OPENINFERENCE_SYSTEM)
+
+_AGENT_OPS = frozenset({"invoke_agent", "create_agent"})
+_CHAT_OPS = frozenset({"chat", "text_completion", "generate_content"})
+_STOP_REASONS = {"stop": "stop", "end_turn": "stop", "length": "length", "max_tokens": "length",
+                 "tool_call": "toolUse", "tool_calls": "toolUse", "tool_use": "toolUse",
+                 "error": "error", "content_filter": "guardRail"}
+_SPAN_EVENT_TYPES: dict[str, type] = {
+    attr.EVENT_COMPACTION_STARTED: CompactionStarted, attr.EVENT_COMPACTION_ENDED: CompactionEnded,
+    attr.EVENT_PRUN: PrunApplied, attr.EVENT_REVERT: RevertApplied,
+    attr.EVENT_INPUT_REJECTED: InputRejected,
+}
+_MEMORY = 100_000  # sessions remembered for continuation inference
+
+
+class IngestResult(msgspec.Struct, frozen=True):
+    """What one OTLP payload gave: spans accepted and spans rejected (with why)."""
+
+    accepted: int
+    rejected: int
+    message: str = ""
+
+
+def _role(span: SpanData) -> str | None:
+    """``agent``, ``chat``, ``tool`` or None, from the conventions or OpenInference."""
+    attributes = span.attributes
+    operation = attributes.get(attr.OPERATION_NAME)
+    kind = attributes.get(attr.OPENINFERENCE_SPAN_KIND)
+    if operation in _AGENT_OPS or kind == "AGENT" or span.name.startswith("invoke_agent"):
+        return "agent"
+    if operation in _CHAT_OPS or kind == "LLM" or span.name.startswith("chat "):
+        return "chat"
+    if operation == attr.OP_EXECUTE_TOOL or kind == "TOOL" or span.name.startswith("execute_tool"):
+        return "tool"
+    return None
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _usage(attributes: dict[str, Any]) -> Usage | None:
+    if not any(name in attributes for name in (
+            attr.USAGE_INPUT_TOKENS, attr.USAGE_OUTPUT_TOKENS, attr.LEGACY_PROMPT_TOKENS,
+            attr.OPENINFERENCE_PROMPT_TOKENS)):
+        return None
+    cache_read = _int(attributes.get(attr.USAGE_CACHE_READ_TOKENS))
+    cache_write = _int(attributes.get(attr.USAGE_CACHE_WRITE_TOKENS))
+    total_input = _int(_first(attributes, attr.USAGE_INPUT_TOKENS, attr.LEGACY_PROMPT_TOKENS,
+                              attr.OPENINFERENCE_PROMPT_TOKENS))
+    output = _int(_first(attributes, attr.USAGE_OUTPUT_TOKENS, attr.LEGACY_COMPLETION_TOKENS,
+                         attr.OPENINFERENCE_COMPLETION_TOKENS))
+    inputs = max(0, total_input - cache_read - cache_write)
+    return Usage(input=inputs, output=output, reasoning=_int(attributes.get(attr.USAGE_REASONING_TOKENS)),
+                 cache_read=cache_read, cache_write=cache_write,
+                 total_tokens=inputs + output + cache_read + cache_write)
+
+
+def _first(attributes: dict[str, Any], *names: str) -> Any:
+    """The value of the first of `names` that is set (producers spell one thing several ways)."""
+    for name in names:
+        value = attributes.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def _openinference_messages(attributes: dict[str, Any], prefix: str) -> list[Any]:
+    """OpenInference's flattened messages (``llm.output_messages.0.message.content``...) in the
+    GenAI conventions' shape (``role`` and ``parts``)."""
+    messages: dict[int, dict[str, Any]] = {}
+    calls: dict[tuple[int, int], dict[str, Any]] = {}
+    start = prefix + "."
+    for key, value in attributes.items():
+        if not key.startswith(start):
+            continue
+        index_text, _, rest = key[len(start):].partition(".message.")
+        if not index_text.isdigit():
+            continue
+        message = messages.setdefault(int(index_text), {"role": "", "parts": []})
+        if rest == "role":
+            message["role"] = value
+        elif rest == "content" or (rest.startswith("contents.") and rest.endswith(".message_content.text")):
+            message["parts"].append({"type": "text", "content": value})
+        elif rest.startswith("tool_calls."):
+            number, _, field = rest[len("tool_calls."):].partition(".tool_call.")
+            if number.isdigit():
+                call = calls.setdefault((int(index_text), int(number)), {"type": "tool_call"})
+                name = {"id": "id", "function.name": "name", "function.arguments": "arguments"}.get(field)
+                if name is not None:
+                    call[name] = _json(value) if name == "arguments" else value
+    for (index, _), call in sorted(calls.items()):
+        messages[index]["parts"].append(call)
+    return [messages[index] for index in sorted(messages)]
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            return value
+    return value
+
+
+def _parts(message: Any) -> list[Any]:
+    parts = message.get("parts") if isinstance(message, dict) else None
+    return [part for part in parts if isinstance(part, dict)] if isinstance(parts, list) else []
+
+
+def _contents(message: Any) -> tuple[Content, ...]:
+    out: list[Content] = []
+    for part in _parts(message):
+        kind, content = part.get("type"), part.get("content")
+        if kind == "text" and isinstance(content, str):
+            out.append(TextContent(text=content))
+        elif kind in ("reasoning", "thinking") and isinstance(content, str):
+            out.append(ThinkingContent(thinking=content))
+        elif kind == "tool_call":
+            out.append(ToolCall(id=str(part.get("id") or ""), name=str(part.get("name") or ""),
+                                arguments=part.get("arguments")))
+    return tuple(out)
+
+
+def _messages(value: Any) -> list[Any]:
+    decoded = _json(value)
+    return decoded if isinstance(decoded, list) else []
+
+
+def _new_user_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """The user messages at the end of a request's input (earlier ones are history)."""
+    out: list[dict[str, Any]] = []
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") != "user":
+            break
+        out.append(message)
+    return out[::-1]
+
+
+def _result_text(value: Any) -> str:
+    decoded = _json(value)
+    if isinstance(decoded, list) and all(isinstance(p, dict) for p in decoded):
+        return "".join(str(p.get("content", "")) for p in decoded)
+    return value if isinstance(value, str) else msgspec.json.encode(decoded).decode()
+
+
+class _Trace:
+    __slots__ = ("first_seen", "root_ended", "spans")
+
+    def __init__(self, now: float) -> None:
+        self.spans: list[SpanData] = []
+        self.first_seen = now
+        self.root_ended = False
+
+
+class SpanIngestor:
+    """Turns finished spans into events for `target` (a recorder, or any event callable).
+
+    * `trace_timeout`: seconds a trace whose root has not ended waits before it is recorded
+      anyway (unfinished loops as Aborted); checked on every `add` and by `expire`.
+    * `max_buffered_spans`: when more spans wait, the oldest traces are recorded early.
+
+    Thread-safe. `flush` records every waiting trace (call it at shutdown).
+    """
+
+    def __init__(self, target: Any, *, trace_timeout: float = 60.0, max_buffered_spans: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        on_event = getattr(target, "on_event", None)
+        self._emit: Callable[[AgentEvent], Any] = on_event if callable(on_event) else target
+        if not callable(self._emit):
+            raise TypeError(f"not an event target: {target!r}")
+        if trace_timeout <= 0 or max_buffered_spans < 1:
+            raise ValueError("trace_timeout must be positive and max_buffered_spans at least 1")
+        self.trace_timeout = trace_timeout
+        self.max_buffered_spans = max_buffered_spans
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._traces: OrderedDict[int, _Trace] = OrderedDict()
+        self._buffered = 0
+        self._last_loop: OrderedDict[str, str] = OrderedDict()  # session -> its latest loop
+        self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
+        self.counters = dict.fromkeys(("spans", "traces", "incomplete_traces", "loops", "events"), 0)
+
+    @property
+    def buffered_spans(self) -> int:
+        """Spans waiting for their trace's root."""
+        return self._buffered
+
+    def waiting(self, trace_ids: Iterable[int]) -> bool:
+        """Whether any of `trace_ids` still waits for its root (is not recorded yet)."""
+        with self._lock:
+            return any(trace_id in self._traces for trace_id in trace_ids)
+
+    def add(self, spans: Iterable[SpanData]) -> None:
+        """Take finished spans; record every trace that is now complete."""
+        with self._lock:
+            now = self._clock()
+            ready: list[int] = []
+            for span in spans:
+                trace = self._traces.get(span.trace_id)
+                if trace is None:
+                    trace = self._traces[span.trace_id] = _Trace(now)
+                trace.spans.append(span)
+                self._buffered += 1
+                self.counters["spans"] += 1
+                if span.parent_id is None and not trace.root_ended:
+                    trace.root_ended = True
+                    ready.append(span.trace_id)
+            for trace_id in ready:
+                self._record(trace_id, complete=True)
+            self._expire(now)
+
+    def expire(self) -> int:
+        """Record the traces that waited too long; returns how many."""
+        with self._lock:
+            return self._expire(self._clock())
+
+    def flush(self) -> None:
+        """Record every waiting trace now (unfinished loops as Aborted)."""
+        with self._lock:
+            for trace_id in list(self._traces):
+                self._record(trace_id, complete=False)
+
+    def _expire(self, now: float) -> int:
+        count = 0
+        for trace_id, trace in list(self._traces.items()):
+            if now - trace.first_seen < self.trace_timeout and self._buffered <= self.max_buffered_spans:
+                break  # ordered by first sight: the rest are younger
+            self._record(trace_id, complete=False)
+            count += 1
+        return count
+
+    def _record(self, trace_id: int, *, complete: bool) -> None:
+        trace = self._traces.pop(trace_id)
+        self._buffered -= len(trace.spans)
+        self.counters["traces"] += 1
+        if not complete:
+            self.counters["incomplete_traces"] += 1
+        spans = sorted(trace.spans, key=lambda s: (s.start, s.end))
+        if any(attr.PHI_EVENTS in span.attributes for span in spans):
+            try:
+                exact = _ExactReplay(self, spans)
+            except DecodeError as error:  # not our export after all, or damaged: best effort
+                logger.warning("trace %032x: unreadable %s (%s); rebuilt from its spans", trace_id,
+                               attr.PHI_EVENTS, error)
+            else:
+                exact.run()
+                return
+        _Rebuild(self, trace_id, spans, complete).run()
+
+    # -- helpers for the replays ------------------------------------------------------------
+
+    def emit(self, event: AgentEvent) -> None:
+        self.counters["events"] += 1
+        self._emit(event)
+
+    def loop_started(self, session_id: str, loop_id: str) -> str | None:
+        """Remember `loop_id` as its session's latest; returns the previous latest."""
+        self.counters["loops"] += 1
+        previous = self._last_loop.pop(session_id, None)
+        self._last_loop[session_id] = loop_id
+        if len(self._last_loop) > _MEMORY:
+            self._last_loop.popitem(last=False)
+        return previous
+
+    def parallel_before(self, session_id: str, loop_id: str, attributes: dict[str, Any], start: int) -> None:
+        group = attributes.get(attr.PHI_PARALLEL_LOOP_IDS)
+        if not isinstance(group, tuple) or loop_id not in group:
+            return
+        if group not in self._groups:
+            self._groups[group] = set()
+            self.emit(ParallelLoopStart(session_id=session_id, loop_ids=tuple(map(str, group)),
+                                        timestamp=_timestamp(start)))
+
+    def parallel_after(self, session_id: str, loop_id: str, attributes: dict[str, Any], end: int) -> None:
+        group = attributes.get(attr.PHI_PARALLEL_LOOP_IDS)
+        members = self._groups.get(group) if isinstance(group, tuple) else None
+        if members is None or not isinstance(group, tuple):
+            return
+        members.add(loop_id)
+        if len(members) < len(set(group)):
+            return
+        del self._groups[group]
+        usage = attributes.get(attr.PHI_PARALLEL_EVALUATION_USAGE)
+        self.emit(ParallelLoopEnd(
+            session_id=session_id, selected_loop_id=str(attributes.get(attr.PHI_PARALLEL_SELECTED_LOOP, "")),
+            selected_config_index=_int(attributes.get(attr.PHI_PARALLEL_CONFIG_INDEX)),
+            evaluation_usage=_stored_usage(usage),
+            timestamp=_timestamp(end)))
+
+
+def _stored_usage(value: Any) -> Usage:
+    """A usage we exported as phi-core JSON; zero when it is missing or not ours."""
+    if isinstance(value, str):
+        try:
+            return decode_record(value, Usage)
+        except DecodeError:
+            pass
+    return ZERO_USAGE
+
+
+def _fields(kind: type) -> tuple[str, ...]:
+    fields: tuple[str, ...] = getattr(kind, "__struct_fields__", ())
+    return fields
+
+
+def _timestamp(ns: int) -> Any:
+    from .._time import Timestamp
+
+    return Timestamp.from_ns(ns)
+
+
+def _abort(loop_id: str, end: int, why: str) -> AgentEnd:
+    return AgentEnd(loop_id=loop_id, messages=(), usage=ZERO_USAGE, timestamp=_timestamp(end), error=why)
+
+
+_UNFINISHED = "the loop's trace ended (or timed out) before the loop did"
+
+
+class _ExactReplay:
+    """Our own export with content: the stored events, loop by loop in start order."""
+
+    def __init__(self, ingestor: SpanIngestor, spans: list[SpanData]) -> None:
+        """Decode every stored event first: raises `DecodeError` before anything is recorded."""
+        self.ingestor = ingestor
+        self.spans = spans
+        self.events: dict[str, list[tuple[int, AgentEvent]]] = {}
+        self.loops: dict[str, SpanData] = {}  # loop id -> its invoke_agent span, else its earliest span
+        for span in spans:
+            loop_id = span.attributes.get(attr.PHI_LOOP_ID)
+            stored = span.attributes.get(attr.PHI_EVENTS)
+            if stored is None:
+                continue
+            items = _json(stored)
+            if not isinstance(loop_id, str) or not isinstance(items, list):
+                raise DecodeError(f"{attr.PHI_EVENTS} of span {span.span_id:016x}: expected a JSON array "
+                                  f"and a {attr.PHI_LOOP_ID}")
+            if loop_id not in self.loops or span.attributes.get(attr.OPERATION_NAME) == attr.OP_INVOKE_AGENT:
+                self.loops[loop_id] = span
+            bucket = self.events.setdefault(loop_id, [])
+            for item in items:
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)):
+                    raise DecodeError(f"{attr.PHI_EVENTS} of span {span.span_id:016x}: expected "
+                                      "[sequence, event] pairs")
+                bucket.append((item[0], decode_event(msgspec.json.encode(item[1]))))
+
+    def run(self) -> None:
+        for loop_id, loop in sorted(self.loops.items(), key=lambda item: item[1].start):
+            session_id = str(loop.attributes.get(attr.PHI_SESSION_ID, ""))
+            self.ingestor.loop_started(session_id, loop_id)
+            self.ingestor.parallel_before(session_id, loop_id, loop.attributes, loop.start)
+            ended = False
+            for _, event in sorted(self.events[loop_id], key=lambda item: item[0]):
+                ended = ended or type(event) is AgentEnd
+                self.ingestor.emit(event)
+            if not ended:
+                last = max(s.end for s in self.spans if s.attributes.get(attr.PHI_LOOP_ID) == loop_id)
+                self.ingestor.emit(_abort(loop_id, last, _UNFINISHED))
+            self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
+
+
+class _Loop:
+    __slots__ = ("agent", "chats", "loop_id", "parent_loop", "session_id", "stand_in", "synthesized", "tools")
+
+    def __init__(self, agent: SpanData, loop_id: str, session_id: str) -> None:
+        self.agent = agent
+        self.stand_in = _role(agent) != "agent"  # no agent span: the trace's root stands in
+        self.loop_id = loop_id
+        self.session_id = session_id
+        self.chats: list[SpanData] = []
+        self.tools: list[SpanData] = []
+        self.parent_loop: str | None = None
+        self.synthesized: list[str] = []
+
+
+class _Rebuild:
+    """Events rebuilt from span attributes (our export without content, or another producer)."""
+
+    def __init__(self, ingestor: SpanIngestor, trace_id: int, spans: list[SpanData], complete: bool) -> None:
+        self.ingestor = ingestor
+        self.complete = complete
+        self.trace_hex = f"{trace_id:032x}"
+        self.spans = spans
+        self.by_id = {span.span_id: span for span in spans}
+        self.loops: dict[int, _Loop] = {}  # agent span id -> loop
+        self.child_loops: dict[int, str] = {}  # tool span id -> the loop it spawned
+
+    def run(self) -> None:
+        agents = [span for span in self.spans if _role(span) == "agent"]
+        if not agents:
+            if not any(_role(span) in ("chat", "tool") for span in self.spans):
+                return  # no GenAI span in this trace: nothing to record
+            root = next((s for s in self.spans if s.parent_id not in self.by_id), self.spans[0])
+            agents = [root]
+        for agent in agents:
+            self._open_loop(agent)
+        for span in self.spans:
+            role = _role(span)
+            stand_in = span.span_id in self.loops and self.loops[span.span_id].stand_in
+            if role in ("chat", "tool") and (span.span_id not in self.loops or stand_in):
+                owner = self._owner(span)
+                if owner is not None:
+                    (owner.chats if role == "chat" else owner.tools).append(span)
+        for loop in self.loops.values():
+            self._replay(loop)
+
+    def _ancestors(self, span: SpanData) -> Iterable[SpanData]:
+        seen: set[int] = set()
+        parent = span.parent_id
+        while parent is not None and parent in self.by_id and parent not in seen:
+            seen.add(parent)
+            span = self.by_id[parent]
+            yield span
+            parent = span.parent_id
+
+    def _owner(self, span: SpanData) -> _Loop | None:
+        for ancestor in self._ancestors(span):
+            if ancestor.span_id in self.loops:
+                return self.loops[ancestor.span_id]
+        return next(iter(self.loops.values()), None)  # a stray span joins the trace's first loop
+
+    def _open_loop(self, agent: SpanData) -> None:
+        attributes = agent.attributes
+        parent: _Loop | None = None
+        tool: SpanData | None = None
+        for ancestor in self._ancestors(agent):
+            if ancestor.span_id in self.loops:
+                parent = self.loops[ancestor.span_id]
+                break
+            if tool is None and _role(ancestor) == "tool":
+                tool = ancestor
+        session_id = (_text(attributes.get(attr.PHI_SESSION_ID))
+                      or _text(attributes.get(attr.CONVERSATION_ID))
+                      or _text(attributes.get(attr.OPENINFERENCE_SESSION_ID)))
+        if parent is not None and (session_id is None or session_id == parent.session_id):
+            session_id = f"{parent.session_id}-{agent.span_id:016x}"  # a sub-agent has its own session
+        session_id = session_id or self.trace_hex
+        loop_id = _text(attributes.get(attr.PHI_LOOP_ID))
+        loop = _Loop(agent, loop_id or f"{session_id}.otel.{agent.span_id:016x}", session_id)
+        if loop_id is None:
+            loop.synthesized.append("loop_id")
+        if parent is not None:
+            loop.parent_loop = parent.loop_id
+            if tool is not None:
+                self.child_loops[tool.span_id] = loop.loop_id
+        self.loops[agent.span_id] = loop
+
+    def _replay(self, loop: _Loop) -> None:
+        agent, emit = loop.agent, self.ingestor.emit
+        attributes = agent.attributes
+        previous = self.ingestor.loop_started(loop.session_id, loop.loop_id)
+        kind, parent = self._continuation(loop, previous)
+        config = self._config(loop)
+        named = agent.name.removeprefix(attr.OP_INVOKE_AGENT).strip() if _role(agent) == "agent" else ""
+        agent_id = (_text(_first(attributes, attr.AGENT_ID, attr.AGENT_NAME, attr.OPENINFERENCE_AGENT_NAME))
+                    or named or _text(agent.resource.get("service.name")) or "otel")
+        metadata = None
+        if attr.PHI_LOOP_ID not in attributes:
+            metadata = {"otel": {"trace_id": self.trace_hex, "span_id": f"{agent.span_id:016x}",
+                                 "synthesized": loop.synthesized}}
+        self.ingestor.parallel_before(loop.session_id, loop.loop_id, attributes, agent.start)
+        emit(AgentStart(agent_id=agent_id, session_id=loop.session_id, loop_id=loop.loop_id,
+                        parent_loop_id=parent, continuation_kind=kind, timestamp=_timestamp(agent.start),
+                        metadata=metadata, config_snapshot=config))
+        turns = self._turns(loop)
+        messages: list[AgentMessage] = []
+        for index, (chat, tools) in enumerate(turns):
+            messages.extend(self._turn(loop, index, chat, tools, config))
+        captured = any(attr.OUTPUT_MESSAGES in chat.attributes
+                       or f"{attr.OPENINFERENCE_OUTPUT_MESSAGES}.0.message.role" in chat.attributes
+                       for chat, _ in turns)
+        for event in self._span_events(loop):
+            emit(event)
+        usage = _usage(attributes)
+        if usage is None:
+            usage = ZERO_USAGE
+            for chat, _ in turns:
+                usage = usage + (_usage(chat.attributes) or ZERO_USAGE)
+        status = attributes.get(attr.PHI_LOOP_STATUS)
+        rejection = next((str(e.attributes.get("phi.reason", "")) for e in agent.events
+                          if e.name == attr.EVENT_INPUT_REJECTED), "") if status == "Rejected" else None
+        error: str | msgspec.UnsetType = msgspec.UNSET
+        if agent.error or status == "Aborted":
+            error = agent.status_message or str(attributes.get(attr.ERROR_TYPE) or "error")
+        elif loop.stand_in and not self.complete:
+            error = _UNFINISHED
+        emit(AgentEnd(loop_id=loop.loop_id, messages=tuple(messages) if captured else (), usage=usage,
+                      timestamp=_timestamp(agent.end),
+                      rejection=rejection, error=error))
+        self.ingestor.parallel_after(loop.session_id, loop.loop_id, attributes, agent.end)
+
+    def _continuation(self, loop: _Loop, previous: str | None) -> tuple[ContinuationKind, str | None]:
+        attributes = loop.agent.attributes
+        kind = attributes.get(attr.PHI_CONTINUATION_KIND)
+        if isinstance(kind, str):
+            tag = attributes.get(attr.PHI_CONTINUATION_TAG)
+            parent = attributes.get(attr.PHI_PARENT_LOOP_ID)
+            try:
+                return ContinuationKind(kind, tag if isinstance(tag, str) else None), (
+                    parent if isinstance(parent, str) else None)
+            except ValueError:
+                pass  # not a kind we wrote: infer it as for any producer
+        if loop.parent_loop is not None:
+            return INITIAL, loop.parent_loop
+        if previous is not None:
+            return DEFAULT, previous
+        return INITIAL, None
+
+    @staticmethod
+    def _config(loop: _Loop) -> LoopConfigSnapshot | None:
+        attributes = loop.agent.attributes
+        stored = attributes.get(attr.PHI_CONFIG)
+        if isinstance(stored, str):
+            try:
+                return decode_record(stored, LoopConfigSnapshot)
+            except DecodeError:
+                pass  # not ours after all: read the conventions' attributes
+        for span in (loop.agent, *loop.chats):
+            model = _text(_first(span.attributes, attr.REQUEST_MODEL, attr.RESPONSE_MODEL,
+                                 attr.OPENINFERENCE_MODEL_NAME))
+            if model is not None:
+                provider = _text(_first(span.attributes, *_PROVIDER_NAMES)) or "unknown"
+                return LoopConfigSnapshot(model=model, provider=provider)
+        return None
+
+    def _turns(self, loop: _Loop) -> list[tuple[SpanData, list[SpanData]]]:
+        """Each chat span with the tool spans of its turn (under it, or after it before the next)."""
+        turns: list[tuple[SpanData, list[SpanData]]] = [(chat, []) for chat in loop.chats]
+        chat_ids = {chat.span_id: i for i, (chat, _) in enumerate(turns)}
+        for tool in loop.tools:
+            index = next((chat_ids[a.span_id] for a in self._ancestors(tool) if a.span_id in chat_ids), None)
+            if index is None:
+                index = max((i for i, (chat, _) in enumerate(turns) if chat.start <= tool.start), default=0)
+            if turns:
+                turns[index][1].append(tool)
+        return turns
+
+    def _turn(self, loop: _Loop, index: int, chat: SpanData, tools: list[SpanData],
+              config: LoopConfigSnapshot | None) -> list[AgentMessage]:
+        """Emit one turn; returns its messages (new user inputs, the reply, tool results)."""
+        emit, attributes = self.ingestor.emit, chat.attributes
+        messages: list[AgentMessage] = []
+        trigger: TurnTrigger = "User" if index == 0 else "Continuation"
+        stated = attributes.get(attr.PHI_TURN_TRIGGER)
+        if stated in get_args(TurnTrigger):
+            trigger = msgspec.convert(stated, TurnTrigger)
+        emit(TurnStart(loop_id=loop.loop_id, turn_index=index, timestamp=_timestamp(chat.start),
+                       triggered_by=trigger))
+        if index == 0:
+            inputs = (_messages(attributes.get(attr.INPUT_MESSAGES))
+                      or _openinference_messages(attributes, attr.OPENINFERENCE_INPUT_MESSAGES))
+            for given in _new_user_messages(inputs):
+                user = UserMessage(content=_contents(given), timestamp=chat.start // 1_000_000)
+                messages.append(user)
+                emit(MessageEnd(loop_id=loop.loop_id, message=user))
+        results: list[ToolResultMessage] = []
+        end = chat.end
+        for tool in sorted(tools, key=lambda s: s.start):
+            results.append(self._tool(loop, tool))
+            end = max(end, tool.end)
+        usage = _usage(attributes) or ZERO_USAGE
+        outputs = (_messages(attributes.get(attr.OUTPUT_MESSAGES))
+                   or _openinference_messages(attributes, attr.OPENINFERENCE_OUTPUT_MESSAGES))
+        reasons = _first(attributes, attr.RESPONSE_FINISH_REASONS, attr.OPENINFERENCE_FINISH_REASON)
+        if isinstance(reasons, str):
+            reasons = (reasons,)
+        reason = reasons[0] if isinstance(reasons, tuple) and reasons else (
+            outputs[-1].get("finish_reason") if outputs and isinstance(outputs[-1], dict) else None)
+        model = _text(_first(attributes, attr.RESPONSE_MODEL, attr.REQUEST_MODEL,
+                             attr.OPENINFERENCE_MODEL_NAME))
+        provider = _text(_first(attributes, *_PROVIDER_NAMES))
+        reply = AssistantMessage(
+            content=tuple(c for m in outputs for c in _contents(m)),
+            stop_reason=_STOP_REASONS.get(str(reason), "toolUse" if tools else "stop"),  # type: ignore[arg-type]
+            model=model or (config.model if config is not None else ""),
+            provider=provider or (config.provider if config is not None else ""),
+            usage=usage, timestamp=chat.end // 1_000_000)
+        emit(TurnEnd(loop_id=loop.loop_id, message=reply, usage=usage, timestamp=_timestamp(end),
+                     tool_results=tuple(results)))
+        return [*messages, reply, *results]
+
+    def _tool(self, loop: _Loop, tool: SpanData) -> ToolResultMessage:
+        emit, attributes = self.ingestor.emit, tool.attributes
+        name = (_text(attributes.get(attr.TOOL_NAME)) or _text(attributes.get(attr.OPENINFERENCE_TOOL_NAME))
+                or tool.name.removeprefix("execute_tool ").strip() or "tool")
+        call_id = _text(_first(attributes, attr.TOOL_CALL_ID, attr.OPENINFERENCE_TOOL_CALL_ID))
+        if call_id is None:
+            call_id = f"otel-{tool.span_id:016x}"
+            loop.synthesized.append(f"tool_call_id:{call_id}")
+        emit(ToolExecutionStart(loop_id=loop.loop_id, tool_call_id=call_id, tool_name=name,
+                                args=_json(_first(attributes, attr.TOOL_CALL_ARGUMENTS,
+                                                  attr.OPENINFERENCE_TOOL_PARAMETERS))))
+        for event in tool.events:
+            if event.name == attr.EVENT_PROGRESS:
+                emit(ProgressMessage(loop_id=loop.loop_id, tool_call_id=call_id, tool_name=name,
+                                     text=str(event.attributes.get("phi.text", ""))))
+        result = _first(attributes, attr.TOOL_CALL_RESULT, attr.OPENINFERENCE_OUTPUT_VALUE)
+        content = (TextContent(text=_result_text(result)),) if result is not None else ()
+        is_error = bool(attributes.get(attr.PHI_TOOL_IS_ERROR, tool.error))
+        child = self.child_loops.get(tool.span_id) or _text(attributes.get(attr.PHI_CHILD_LOOP_ID))
+        emit(ToolExecutionEnd(loop_id=loop.loop_id, tool_call_id=call_id, tool_name=name,
+                              result=ToolResult(content=content, child_loop_id=child), is_error=is_error,
+                              child_loop_id=child))
+        return ToolResultMessage(tool_call_id=call_id, tool_name=name, content=content, is_error=is_error,
+                                 timestamp=tool.end // 1_000_000)
+
+    def _span_events(self, loop: _Loop) -> list[AgentEvent]:
+        out: list[AgentEvent] = []
+        for event in sorted(loop.agent.events, key=lambda e: e.time):
+            kind = _SPAN_EVENT_TYPES.get(event.name)
+            if kind is None:
+                continue
+            fields = {key.removeprefix("phi."): value for key, value in event.attributes.items()
+                      if key.startswith("phi.") and key.removeprefix("phi.") in _fields(kind)}
+            if kind is InputRejected:
+                fields.setdefault("reason", "")
+            if kind is RevertApplied:
+                fields.setdefault("applied", True)
+                fields.setdefault("category", "failure")
+                fields.setdefault("abandoned_node_ids", ())
+            if kind is PrunApplied:
+                fields.setdefault("pruned_timestamps", ())
+            try:
+                out.append(msgspec.convert({**fields, "loop_id": loop.loop_id, "type": kind.__name__,
+                                            "timestamp": str(_timestamp(event.time))}, kind))
+            except msgspec.ValidationError:
+                continue  # a producer's event of that name that is not ours
+        return out
+
+
+# -- inputs ------------------------------------------------------------------------------------------------
+
+
+def ingest_otlp(payload: bytes, content_type: str, ingestor: SpanIngestor) -> IngestResult:
+    """Feed one OTLP/HTTP trace payload (``application/x-protobuf`` or ``application/json``).
+
+    Raises `OtlpDecodeError` for a payload that cannot be read (nothing of it is taken).
+    """
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/json":
+        spans, skipped = spans_from_otlp_json(payload)
+    elif media in ("application/x-protobuf", "application/protobuf"):
+        spans, skipped = spans_from_otlp_proto(payload)
+    else:
+        from .spans import OtlpDecodeError
+
+        raise OtlpDecodeError(f"unsupported content type {content_type!r}")
+    ingestor.add(spans)
+    message = f"{skipped} spans with invalid trace or span ids" if skipped else ""
+    return IngestResult(accepted=len(spans), rejected=skipped, message=message)
+
+
+class IngestSpanProcessor(SpanProcessor):
+    """An OpenTelemetry SDK `SpanProcessor` that records GenAI spans as sessions, in process.
+
+    ``provider.add_span_processor(IngestSpanProcessor(recorder))``; `shutdown` (called by
+    the provider's) records what is still waiting.
+    """
+
+    def __init__(self, target: Any, **options: Any) -> None:
+        self.ingestor = SpanIngestor(target, **options)
+
+    def on_end(self, span: Any) -> None:
+        data = spans_from_sdk(span)
+        if data is not None:
+            self.ingestor.add((data,))
+
+    def shutdown(self) -> None:
+        self.ingestor.flush()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        del timeout_millis
+        self.ingestor.expire()
+        return True

@@ -1,0 +1,238 @@
+"""`SpanData`: the one shape ingest reads, built from SDK spans, OTLP protobuf or OTLP JSON.
+
+Bad OTLP input raises `OtlpDecodeError` (the whole payload is unreadable); a span that is
+readable but unusable (ids of the wrong size, zero ids) is skipped and counted, which the
+endpoint reports as an OTLP partial success.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+
+from ..errors import DecodeError
+
+__all__ = ["OtlpDecodeError", "SpanData", "spans_from_otlp_json", "spans_from_otlp_proto", "spans_from_sdk"]
+
+_KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
+_MAX_DEPTH = 32
+
+
+class OtlpDecodeError(DecodeError):
+    """An OTLP payload that cannot be read (not protobuf/JSON of ExportTraceServiceRequest)."""
+
+
+class SpanEvent(msgspec.Struct, frozen=True, gc=False):
+    name: str
+    time: int
+    attributes: dict[str, Any]
+
+
+class SpanData(msgspec.Struct, kw_only=True, gc=False):
+    """One finished span, reduced to what ingest reads. Ids are ints; times are ns."""
+
+    trace_id: int
+    span_id: int
+    parent_id: int | None
+    name: str
+    kind: str
+    start: int
+    end: int
+    attributes: dict[str, Any]
+    events: list[SpanEvent] = msgspec.field(default_factory=list)
+    error: bool = False
+    status_message: str = ""
+    resource: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+def spans_from_sdk(span: Any) -> SpanData | None:
+    """A `SpanData` for an SDK `ReadableSpan` (None when it has no valid context)."""
+    context = span.context
+    if context is None or not context.trace_id or not context.span_id:
+        return None
+    status = span.status
+    return SpanData(
+        trace_id=context.trace_id, span_id=context.span_id,
+        parent_id=span.parent.span_id if span.parent is not None else None,
+        name=span.name, kind=span.kind.name, start=span.start_time or 0,
+        end=span.end_time or span.start_time or 0, attributes=dict(span.attributes or {}),
+        events=[SpanEvent(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events],
+        error=status.status_code.name == "ERROR", status_message=status.description or "",
+        resource=dict(span.resource.attributes) if span.resource is not None else {},
+    )
+
+
+# -- OTLP protobuf ----------------------------------------------------------------------------------
+
+
+def _proto_value(value: Any, depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        raise OtlpDecodeError("attribute value nested too deep")
+    which = value.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return tuple(_proto_value(v, depth + 1) for v in value.array_value.values)
+    if which == "kvlist_value":
+        return {kv.key: _proto_value(kv.value, depth + 1) for kv in value.kvlist_value.values}
+    return getattr(value, which)
+
+
+def _proto_attributes(pairs: Any) -> dict[str, Any]:
+    return {kv.key: _proto_value(kv.value) for kv in pairs}
+
+
+def spans_from_otlp_proto(payload: bytes) -> tuple[list[SpanData], int]:
+    """(spans, skipped) of a protobuf ExportTraceServiceRequest. Raises `OtlpDecodeError`."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    try:
+        request.ParseFromString(payload)
+    except Exception as error:  # protobuf's DecodeError, RecursionError on deep nesting...
+        raise OtlpDecodeError(f"not an OTLP protobuf ExportTraceServiceRequest: {error}") from None
+    out: list[SpanData] = []
+    skipped = 0
+    for resource_spans in request.resource_spans:
+        resource = _proto_attributes(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                ids = _proto_ids(span)
+                if ids is None:
+                    skipped += 1
+                    continue
+                out.append(SpanData(
+                    trace_id=ids[0], span_id=ids[1], parent_id=ids[2], name=span.name,
+                    kind=_KINDS.get(span.kind, "UNSPECIFIED"), start=span.start_time_unix_nano,
+                    end=max(span.end_time_unix_nano, span.start_time_unix_nano),
+                    attributes=_proto_attributes(span.attributes),
+                    events=[SpanEvent(e.name, e.time_unix_nano, _proto_attributes(e.attributes))
+                            for e in span.events],
+                    error=span.status.code == 2, status_message=span.status.message, resource=resource,
+                ))
+    return out, skipped
+
+
+def _proto_ids(span: Any) -> tuple[int, int, int | None] | None:
+    if len(span.trace_id) != 16 or len(span.span_id) != 8 or len(span.parent_span_id) not in (0, 8):
+        return None
+    trace_id, span_id = int.from_bytes(span.trace_id, "big"), int.from_bytes(span.span_id, "big")
+    parent = int.from_bytes(span.parent_span_id, "big") if span.parent_span_id else 0
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, parent or None
+
+
+# -- OTLP JSON (the protobuf JSON mapping, ids in hex as OTLP/HTTP JSON requires) ------------------
+
+
+def _json_value(value: Any, depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        raise OtlpDecodeError("attribute value nested too deep")
+    if not isinstance(value, dict) or len(value) > 1:
+        raise OtlpDecodeError("an AnyValue must be an object with at most one member")
+    for key, inner in value.items():
+        if key == "stringValue" and isinstance(inner, str):
+            return inner
+        if key == "boolValue" and isinstance(inner, bool):
+            return inner
+        if key == "intValue" and isinstance(inner, (int, str)) and not isinstance(inner, bool):
+            return _int(inner, "intValue")
+        if key == "doubleValue" and isinstance(inner, (int, float, str)) and not isinstance(inner, bool):
+            return float(inner)
+        if key == "bytesValue" and isinstance(inner, str):
+            return base64.b64decode(inner)
+        if key == "arrayValue" and isinstance(inner, dict):
+            return tuple(_json_value(v, depth + 1) for v in _list(inner.get("values", []), "values"))
+        if key == "kvlistValue" and isinstance(inner, dict):
+            return _json_attributes(inner.get("values", []), depth + 1)
+        raise OtlpDecodeError(f"unsupported AnyValue member {key!r}")
+    return None
+
+
+def _json_attributes(pairs: Any, depth: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in _list(pairs, "attributes"):
+        if not isinstance(pair, dict) or not isinstance(pair.get("key"), str):
+            raise OtlpDecodeError("an attribute must be an object with a string key")
+        out[pair["key"]] = _json_value(pair.get("value", {}), depth)
+    return out
+
+
+def _list(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise OtlpDecodeError(f"{name}: expected an array")
+    return value
+
+
+def _int(value: Any, name: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise OtlpDecodeError(f"{name}: expected an integer") from None
+    if not 0 <= number < 2**64:
+        raise OtlpDecodeError(f"{name}: out of range")
+    return number
+
+
+def _hex_id(value: Any, size: int) -> int | None:
+    if not isinstance(value, str) or len(value) != 2 * size:
+        return None
+    try:
+        return int(value, 16) or None
+    except ValueError:
+        return None
+
+
+def _iter_json_spans(document: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    if not isinstance(document, dict):
+        raise OtlpDecodeError("an OTLP JSON payload is an object with resourceSpans")
+    for resource_spans in _list(document.get("resourceSpans", []), "resourceSpans"):
+        if not isinstance(resource_spans, dict):
+            raise OtlpDecodeError("resourceSpans: expected objects")
+        resource = resource_spans.get("resource", {})
+        attributes = _json_attributes(resource.get("attributes", []) if isinstance(resource, dict) else [])
+        for scope_spans in _list(resource_spans.get("scopeSpans", []), "scopeSpans"):
+            if not isinstance(scope_spans, dict):
+                raise OtlpDecodeError("scopeSpans: expected objects")
+            for span in _list(scope_spans.get("spans", []), "spans"):
+                if not isinstance(span, dict):
+                    raise OtlpDecodeError("spans: expected objects")
+                yield span, attributes
+
+
+def spans_from_otlp_json(payload: bytes) -> tuple[list[SpanData], int]:
+    """(spans, skipped) of an OTLP/HTTP JSON ExportTraceServiceRequest. Raises `OtlpDecodeError`."""
+    try:
+        document = msgspec.json.decode(payload)
+    except (msgspec.DecodeError, RecursionError) as error:
+        raise OtlpDecodeError(f"not JSON: {error}") from None
+    out: list[SpanData] = []
+    skipped = 0
+    for span, resource in _iter_json_spans(document):
+        trace_id, span_id = _hex_id(span.get("traceId"), 16), _hex_id(span.get("spanId"), 8)
+        parent_text = span.get("parentSpanId") or ""
+        parent = _hex_id(parent_text, 8) if parent_text else None
+        if trace_id is None or span_id is None or (parent_text and parent is None):
+            skipped += 1
+            continue
+        start = _int(span.get("startTimeUnixNano", 0), "startTimeUnixNano")
+        status = span.get("status", {})
+        status = status if isinstance(status, dict) else {}
+        name, kind = span.get("name", ""), span.get("kind", 0)
+        out.append(SpanData(
+            trace_id=trace_id, span_id=span_id, parent_id=parent, name=name if isinstance(name, str) else "",
+            kind=_KINDS.get(kind, "UNSPECIFIED") if isinstance(kind, int) else str(kind).removeprefix(
+                "SPAN_KIND_"),
+            start=start, end=max(start, _int(span.get("endTimeUnixNano", start), "endTimeUnixNano")),
+            attributes=_json_attributes(span.get("attributes", [])),
+            events=[SpanEvent(str(e.get("name", "")), _int(e.get("timeUnixNano", 0), "timeUnixNano"),
+                              _json_attributes(e.get("attributes", [])))
+                    for e in _list(span.get("events", []), "events") if isinstance(e, dict)],
+            error=status.get("code") in (2, "STATUS_CODE_ERROR"),
+            status_message=str(status.get("message", "")), resource=resource,
+        ))
+    return out, skipped

@@ -1,0 +1,425 @@
+"""The built-in secret scrubber: `Redactor`, a processor (`phi_session.processors`).
+
+API-key and bearer-token patterns and named fields (``api_key``, ``authorization``,
+``password``, ``token``, ``secret``...; camelCase and kebab-case names read as
+snake_case) are replaced by ``"[REDACTED]"``. By default it covers config snapshots,
+loop metadata, tool arguments (in ``ToolExecutionStart`` and in the tool calls of
+every message; a JSON-string argument is parsed and its fields checked) and error
+texts (a failed tool's result included); ``redact_text=True`` extends it to message
+text, tool results, streaming deltas and progress text.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+import msgspec
+from msgspec.structs import replace
+
+from .events import (
+    AgentEnd,
+    AgentEvent,
+    AgentStart,
+    InputRejected,
+    LoopConfigSnapshot,
+    MessageUpdate,
+    ProgressMessage,
+    StreamDelta,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    ToolExecutionUpdate,
+    map_messages,
+    message_mappers,
+)
+from .messages import (
+    AssistantMessage,
+    Content,
+    ExtensionMessage,
+    TextContent,
+    ThinkingContent,
+    ToolCall,
+    ToolResult,
+    ToolResultMessage,
+    UserMessage,
+    extension_message,
+    message_role,
+)
+
+__all__ = ["DEFAULT_SECRET_FIELDS", "DEFAULT_SECRET_PATTERNS", "REDACTED", "Redactor"]
+
+REDACTED = "[REDACTED]"
+
+_ASSIGNED_KEYS = ("api_key", "apikey", "key", "token", "access_token", "secret", "client_secret", "password",
+                  "passwd", "sig", "signature")
+
+DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
+    r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_\-]{16,}",          # OpenAI / Anthropic keys
+    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",                    # AWS access key ids
+    r"\bgh[pousr]_[A-Za-z0-9]{20,}",                     # GitHub tokens
+    r"\bgithub_pat_[A-Za-z0-9_]{20,}",
+    r"\bxox[abposr]-[A-Za-z0-9\-]{10,}",                 # Slack tokens
+    r"\bAIza[0-9A-Za-z_\-]{35}",                         # Google API keys
+    r"\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",  # JWTs
+    # Authorization: Bearer <token> (spelled Bearer, bearer or BEARER).
+    r"(?:(?<=Bearer )|(?<=bearer )|(?<=BEARER ))[A-Za-z0-9\-._~+/]{8,}=*",
+    r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)",                  # user:password@ in URLs
+    # key=<secret>, as in URL query strings and logs (one fixed-width look-behind per name).
+    "(?i:" + "|".join(f"(?<=\\b{key}=)" for key in _ASSIGNED_KEYS) + r")[^&#\s\"',;]+",
+)
+"""Regular expressions whose matches are secrets (only the secret part is replaced)."""
+
+
+def _alternation(patterns: Iterable[str | re.Pattern[str]]) -> re.Pattern[str]:
+    # One alternation: a single scan per string.
+    return re.compile("|".join(f"(?:{p.pattern if isinstance(p, re.Pattern) else p})" for p in patterns))
+
+
+_DEFAULT_PATTERN = _alternation(DEFAULT_SECRET_PATTERNS)
+# A literal every match of a default pattern contains ("=" and "://" for the URL ones).
+_DEFAULT_ANCHORS = re.compile(
+    r"sk-|AKIA|ASIA|ghp_|gho_|ghu_|ghs_|ghr_|github_pat_|xox|AIza|eyJ|Bearer |bearer |BEARER |://|="
+)
+_json_decode = msgspec.json.decode
+_json_encode = msgspec.json.encode
+_IMMUTABLE_ARGUMENTS = (str, int, float, bool, type(None))
+_FIELD_CACHE_LIMIT = 4096
+_MEMO_LIMIT = 256
+
+DEFAULT_SECRET_FIELDS: frozenset[str] = frozenset({
+    "api_key", "apikey", "x_api_key", "authorization", "proxy_authorization", "password", "passwd",
+    "token", "access_token", "refresh_token", "id_token", "auth_token", "secret", "client_secret",
+    "secret_key", "private_key", "aws_secret_access_key", "cookie", "set_cookie",
+})
+"""Field names (compared case-insensitively, ``-`` read as ``_``) whose values are secrets."""
+
+_SECRET_SUFFIXES = ("_token", "_secret", "_password", "_api_key", "_apikey")
+
+
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def _normalize_field(name: str) -> str:
+    # camelCase and kebab-case read as snake_case: ``accessToken`` and ``access-token``
+    # are ``access_token`` (an all-caps name like ``X-API-KEY`` has no camel boundary).
+    return _CAMEL_BOUNDARY.sub("_", name).lower().replace("-", "_")
+
+
+def _memoizable(content: tuple[Content, ...]) -> bool:
+    """Whether `content` is immutable all the way down (no tool call holds a dict or list)."""
+    return all(type(block) is not ToolCall or type(block.arguments) in _IMMUTABLE_ARGUMENTS
+               for block in content)
+
+
+class Redactor:
+    """The built-in secret scrubber: a processor (see the module docs for what it covers).
+
+    `extra_patterns` and `extra_fields` add to the defaults; `patterns` and `fields`
+    replace them. A field match replaces the whole value; a pattern match replaces
+    only the secret (``Bearer [REDACTED]``). Streaming tool-call deltas are scanned
+    piece by piece, so a secret split across two deltas is not caught there (it is
+    in the final message). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        patterns: Iterable[str | re.Pattern[str]] = DEFAULT_SECRET_PATTERNS,
+        fields: Iterable[str] = DEFAULT_SECRET_FIELDS,
+        extra_patterns: Iterable[str | re.Pattern[str]] = (),
+        extra_fields: Iterable[str] = (),
+        replacement: str = REDACTED,
+        redact_text: bool = False,
+    ) -> None:
+        if patterns is DEFAULT_SECRET_PATTERNS:
+            self._default: re.Pattern[str] | None = _DEFAULT_PATTERN
+            custom = list(extra_patterns)
+        else:
+            self._default = None
+            custom = [*patterns, *extra_patterns]
+        self._custom = _alternation(custom) if custom else None
+        self._fields = frozenset(_normalize_field(f) for f in (*fields, *extra_fields))
+        self.replacement = replacement
+        self.redact_text = redact_text
+        self._field_verdicts: dict[str, bool] = {}
+        self._memo: dict[int, tuple[Any, Any]] = {}
+        self._memo_lock = threading.Lock()
+        # Per event type, what to scan; events of other types pass untouched, at the
+        # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
+        self._handlers: dict[type, Callable[[Any], AgentEvent]] = {
+            tp: partial(mapper, fn=self._message) for tp, mapper in message_mappers().items()}
+        self._handlers.update({
+            AgentStart: self._agent_start, AgentEnd: self._agent_end, MessageUpdate: self._update,
+            ToolExecutionStart: self._tool_start, InputRejected: self._input_rejected,
+            ToolExecutionEnd: self._tool_end,
+        })
+        if redact_text:
+            self._handlers.update({ToolExecutionUpdate: self._tool_update, ProgressMessage: self._progress})
+
+    def __repr__(self) -> str:
+        return f"Redactor(redact_text={self.redact_text})"
+
+    # -- values -------------------------------------------------------------------------
+
+    def is_secret_field(self, name: str) -> bool:
+        """Whether a field of this name holds a secret (``X-Api-Key`` reads as ``x_api_key``)."""
+        verdict = self._field_verdicts.get(name)
+        if verdict is None:
+            key = _normalize_field(name)
+            verdict = key in self._fields or key.endswith(_SECRET_SUFFIXES)
+            if len(self._field_verdicts) < _FIELD_CACHE_LIMIT:  # field names repeat; bound the cache
+                self._field_verdicts[name] = verdict
+        return verdict
+
+    def redact_string(self, text: str) -> str:
+        """`text` with every pattern match replaced (the same object when nothing matched)."""
+        default = self._default
+        # The default patterns are only run on text holding one of their literal
+        # anchors: most text has none, and the anchor scan is many times cheaper.
+        if default is not None and _DEFAULT_ANCHORS.search(text) is not None:
+            redacted, count = default.subn(self.replacement, text)
+            if count:
+                text = redacted
+        custom = self._custom
+        if custom is not None:
+            redacted, count = custom.subn(self.replacement, text)
+            if count:
+                text = redacted
+        return text
+
+    def redact_value(self, value: Any) -> Any:
+        """A JSON-like value with secret fields and secret patterns replaced.
+
+        Returns the very same object when nothing needed redacting, so clean
+        values cost no allocation.
+        """
+        tp = type(value)
+        if tp is str:
+            return self.redact_string(value)
+        if tp is dict:
+            return self._redact_dict(value)
+        if tp is int or tp is bool or tp is float or value is None:
+            return value
+        if isinstance(value, str):
+            return self.redact_string(value)
+        if isinstance(value, dict):
+            return self._redact_dict(value)
+        if isinstance(value, (list, tuple)):
+            items = [self.redact_value(item) for item in value]
+            if any(new is not old for new, old in zip(items, value, strict=True)):
+                return items if isinstance(value, list) else tuple(items)
+            return value
+        return value
+
+    def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
+        changed: dict[Any, Any] | None = None
+        verdicts = self._field_verdicts
+        # Plain strings are checked inline (no call) when only the anchored defaults apply:
+        # tool arguments are mostly short clean strings.
+        quick = self._custom is None and self._default is not None
+        for key, item in value.items():
+            if item is None:
+                continue
+            secret = verdicts.get(key)
+            if secret is None:
+                secret = isinstance(key, str) and self.is_secret_field(key)
+            if secret:
+                new: Any = self.replacement
+            elif quick and type(item) is str and _DEFAULT_ANCHORS.search(item) is None:
+                continue
+            else:
+                new = self.redact_value(item)
+            if new is not item:
+                if changed is None:
+                    changed = dict(value)
+                changed[key] = new
+        return value if changed is None else changed
+
+    # -- messages -----------------------------------------------------------------------
+
+    def redact_json_string(self, text: str) -> str:
+        """`text` redacted; a JSON object or array is redacted as its parsed value.
+
+        Tool arguments often arrive as a JSON string (``'{"password": "x"}'``): its
+        secret *fields* are only visible once parsed. A changed value is re-encoded
+        compactly; anything that is not a JSON object or array gets `redact_string`.
+        """
+        head = text.lstrip()[:1]
+        if head == "{" or head == "[":
+            try:
+                parsed = _json_decode(text)
+            except msgspec.DecodeError:
+                pass
+            else:
+                redacted = self.redact_value(parsed)
+                return text if redacted is parsed else _json_encode(redacted).decode()
+        return self.redact_string(text)
+
+    def _memoized(self, value: Any, redact: Callable[[Any], Any]) -> Any:
+        """``redact(value)``, remembered for the same object.
+
+        One message's content reaches the redactor several times (``MessageEnd``,
+        ``TurnEnd``, ``AgentEnd``): it is scanned once. Entries hold the object
+        itself, so its id cannot be reused while remembered. Only immutable values
+        may be memoized (see `_memoizable`): a dict could gain a secret after its
+        first scan.
+        """
+        key = id(value)
+        # Lock-free read: a hit holds its object, so the identity check is reliable.
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        result = redact(value)
+        with self._memo_lock:
+            memo = self._memo
+            if len(memo) >= _MEMO_LIMIT:
+                del memo[next(iter(memo))]  # the oldest entry
+            memo[key] = (value, result)
+        return result
+
+    def _arguments(self, arguments: Any) -> Any:
+        # Never memoized: arguments are usually a dict the agent may still change
+        # (adding a credential before running the tool) under the same identity.
+        if type(arguments) is str:
+            return self.redact_json_string(arguments)
+        return self.redact_value(arguments)
+
+    def _content(self, content: tuple[Content, ...]) -> tuple[Content, ...]:
+        if not content:
+            return content
+        if _memoizable(content):
+            scanned: tuple[Content, ...] = self._memoized(content, self._scan_content)
+            return scanned
+        return self._scan_content(content)
+
+    def _error_content(self, content: tuple[Content, ...]) -> tuple[Content, ...]:
+        # A failed tool's text is usually an exception message (URLs with keys,
+        # headers): always scanned, with or without `redact_text`. Errors are rare
+        # and may share no identity with anything scanned before: no memo.
+        return self._scan_content(content, all_text=True)
+
+    def _scan_content(self, content: tuple[Content, ...], all_text: bool = False) -> tuple[Content, ...]:
+        redact_text = self.redact_text or all_text
+        out: list[Content] | None = None
+        for index, block in enumerate(content):
+            new: Content = block
+            if type(block) is ToolCall:
+                arguments = self._arguments(block.arguments)
+                if arguments is not block.arguments:
+                    new = replace(block, arguments=arguments)
+            elif redact_text:
+                if type(block) is TextContent:
+                    text = self.redact_string(block.text)
+                    if text is not block.text:
+                        new = TextContent(text=text)
+                elif type(block) is ThinkingContent:
+                    thinking = self.redact_string(block.thinking)
+                    if thinking is not block.thinking:
+                        new = replace(block, thinking=thinking)
+            if new is not block:
+                if out is None:
+                    out = list(content)
+                out[index] = new
+        return content if out is None else tuple(out)
+
+    def _message(self, message: Any) -> Any:
+        tp = type(message)
+        if tp is AssistantMessage:
+            content = self._content(message.content)
+            error = message.error_message
+            if error is not None:
+                error = self.redact_string(error)
+            if content is not message.content or error is not message.error_message:
+                return replace(message, content=content, error_message=error)
+            return message
+        # Tool results carry no tool arguments: without text redaction only failed
+        # ones (error texts) are scanned.
+        if tp is ToolResultMessage and message.is_error and not self.redact_text:
+            content = self._error_content(message.content)
+            return message if content is message.content else replace(message, content=content)
+        if self.redact_text and (tp is UserMessage or tp is ToolResultMessage):
+            content = self._content(message.content)
+            return message if content is message.content else replace(message, content=content)
+        if self.redact_text and isinstance(message, ExtensionMessage):
+            data = self.redact_value(message.data)
+            return message if data is message.data else extension_message(
+                message_role(message), message.kind, data)
+        return message
+
+    def _result(self, result: ToolResult, is_error: bool = False) -> ToolResult:
+        content = self._error_content(result.content) if is_error else self._content(result.content)
+        details = self.redact_value(result.details)
+        if content is result.content and details is result.details:
+            return result
+        return replace(result, content=content, details=details)
+
+    def _snapshot(self, snapshot: LoopConfigSnapshot) -> LoopConfigSnapshot:
+        changes = {}
+        for name in ("model", "provider", "config_id", "name", "base_url"):
+            value = getattr(snapshot, name)
+            if isinstance(value, str):
+                new = self.redact_string(value)
+                if new is not value:
+                    changes[name] = new
+        return replace(snapshot, **changes) if changes else snapshot
+
+    # -- events -------------------------------------------------------------------------
+
+    def __call__(self, event: AgentEvent) -> AgentEvent:
+        handler = self._handlers.get(type(event))
+        return event if handler is None else handler(event)
+
+    def _tool_start(self, event: ToolExecutionStart) -> ToolExecutionStart:
+        args = self._arguments(event.args)
+        return event if args is event.args else replace(event, args=args)
+
+    def _tool_end(self, event: ToolExecutionEnd) -> ToolExecutionEnd:
+        if not (event.is_error or self.redact_text):
+            return event
+        result = self._result(event.result, is_error=event.is_error)
+        return event if result is event.result else replace(event, result=result)
+
+    def _tool_update(self, event: ToolExecutionUpdate) -> ToolExecutionUpdate:
+        result = self._result(event.partial_result)
+        return event if result is event.partial_result else replace(event, partial_result=result)
+
+    def _input_rejected(self, event: InputRejected) -> InputRejected:
+        reason = self.redact_string(event.reason)
+        return event if reason is event.reason else replace(event, reason=reason)
+
+    def _progress(self, event: ProgressMessage) -> ProgressMessage:
+        text = self.redact_string(event.text)
+        return event if text is event.text else replace(event, text=text)
+
+    def _update(self, event: MessageUpdate) -> MessageUpdate:
+        delta = event.delta
+        if delta.kind == "ToolCallDelta" or self.redact_text:
+            text = self.redact_string(delta.delta)
+            if text is not delta.delta:
+                event = replace(event, delta=StreamDelta(delta.kind, text))
+        message = event.message
+        if type(message) is AssistantMessage and not message.content and message.error_message is None:
+            return event  # phi-core's empty placeholder: nothing to scan, on the hottest path
+        return map_messages(event, self._message)
+
+    def _agent_start(self, event: AgentStart) -> AgentStart:
+        snapshot = event.config_snapshot
+        new_snapshot = (self._memoized(snapshot, self._snapshot) if isinstance(snapshot, LoopConfigSnapshot)
+                        else snapshot)
+        metadata = self.redact_value(event.metadata)
+        if new_snapshot is snapshot and metadata is event.metadata:
+            return event
+        return replace(event, config_snapshot=new_snapshot, metadata=metadata)
+
+    def _agent_end(self, event: AgentEnd) -> AgentEnd:
+        event = map_messages(event, self._message)
+        error = event.error
+        new_error = self.redact_string(error) if isinstance(error, str) else error
+        rejection = event.rejection
+        new_rejection = None if rejection is None else self.redact_string(rejection)
+        if new_error is error and new_rejection is rejection:
+            return event
+        return replace(event, error=new_error, rejection=new_rejection)

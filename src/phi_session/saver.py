@@ -1,0 +1,291 @@
+"""Saving sessions into a store: one policy for every path that drains a recorder.
+
+`SessionSaver` is what `AutoPersistingRecorder`, `consume`, journal recovery and the
+command line use to save sessions, so all of them fail the same way. The policy:
+
+* **Transient errors are retried.** `SessionLocked`, `StoreError` and `OSError` (a
+  busy database, a dropped connection, a full disk) are retried with doubling
+  pauses (0.05 s up to 2 s) until `retry_for` seconds have passed since the first
+  attempt. Once a session has been given up, the store is taken to be down: later
+  sessions get one attempt each until a save succeeds again, so a dead store costs
+  `retry_for` once, not once per session.
+* **A session id no store accepts goes to the orphans.** `InvalidSessionId` cannot
+  change on a retry or a restart: the session's events are handed to the `orphans`
+  sink (the journal's ``orphans.jsonl``, the command line's ``--orphans`` file)
+  instead of being retried forever.
+* **Nothing is dropped.** Any other exception is a bug in the store and is not
+  retried. A session that is neither saved nor orphaned is kept in `unsaved`, where
+  `retry_unsaved` tries it again; drained sessions are held until their save has
+  finished, so an interrupt (Ctrl-C, task cancellation) in the middle of a save
+  leaves them for the next `drain` rather than losing them.
+* **Every outcome is counted** (`SaveStats`) and logged on ``phi_session.saver``:
+  a retry as a warning, a session given up or orphaned as an error.
+
+Saving a session twice is harmless: stores merge what they already hold by loop id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .errors import InvalidSessionId, SessionLocked, StoreError
+from .events import AgentEvent
+from .model import Session
+from .recorder import SessionRecorder
+from .stores.base import SessionStore
+
+__all__ = ["OrphanSink", "SaveOutcome", "SaveStats", "SessionSaver"]
+
+logger = logging.getLogger("phi_session.saver")
+
+OrphanSink = Callable[[list[AgentEvent]], object]
+"""Takes the events of a session no store can hold and keeps them durably (or raises)."""
+
+_TRANSIENT = (SessionLocked, StoreError, OSError)
+_FIRST_PAUSE = 0.05
+_MAX_PAUSE = 2.0
+
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    """What became of one session: saved, orphaned, or kept in `SessionSaver.unsaved`."""
+
+    saved: bool
+    orphaned: bool = False
+    error: Exception | None = None
+    """The last error met (None if the first attempt saved it)."""
+
+    @property
+    def unsaved(self) -> bool:
+        return not (self.saved or self.orphaned)
+
+
+# The policy yields the pause before each attempt and is sent the attempt's error
+# (None on success); it returns the outcome.
+_Policy = Generator[float, "Exception | None", SaveOutcome]
+
+
+@dataclass(frozen=True)
+class SaveStats:
+    """What a `SessionSaver` did so far."""
+
+    saved: int = 0
+    """Successful saves (a session saved at two checkpoints counts twice)."""
+    retried: int = 0
+    """Attempts that repeated a failed one."""
+    orphaned: int = 0
+    """Sessions whose id no store accepts; their events went to the orphans sink."""
+    unsaved: int = 0
+    """Sessions held in `SessionSaver.unsaved` right now."""
+
+
+class SessionSaver:
+    """Saves sessions into `store` under the module's policy; thread-safe.
+
+    * `orphans`: where the events of a session with an id no store accepts go
+      (called with a list of events; may raise, then the session stays unsaved).
+      Without it such sessions stay in `unsaved`.
+    * `retry_for`: seconds a transient failure is retried before the session is
+      given up (kept in `unsaved`).
+
+    `save`/`asave` save one session; `drain`/`adrain` do a recorder's checkpoint (or
+    flush), drain its completed sessions and save them. `drain` and `adrain` are
+    meant for one caller at a time.
+    """
+
+    def __init__(self, store: SessionStore, *, orphans: OrphanSink | None = None,
+                 retry_for: float = 10.0) -> None:
+        if not retry_for >= 0:
+            raise ValueError(f"retry_for must be a number of seconds >= 0, got {retry_for!r}")
+        self.store = store
+        self.retry_for = retry_for
+        self._orphans = orphans
+        self._lock = threading.Lock()  # guards the counters, `_unsaved` and `_store_down`
+        self._saved = self._retried = self._orphaned = 0
+        self._unsaved: list[Session] = []
+        self._store_down = False  # a session was given up and no save succeeded since
+        self._drained: deque[Session] = deque()  # drained, not yet through `save`
+
+    def __repr__(self) -> str:
+        return f"SessionSaver({self.store!r})"
+
+    # -- one session -----------------------------------------------------------------------
+
+    def save(self, session: Session) -> SaveOutcome:
+        """Save `session` under the policy; what became of it."""
+        policy = self._policy(session)
+        pause = next(policy)
+        while True:
+            if pause:
+                time.sleep(pause)
+            error: Exception | None = None
+            try:
+                self.store.save(session)
+            except Exception as caught:
+                error = caught
+            try:
+                pause = policy.send(error)
+            except StopIteration as done:
+                outcome: SaveOutcome = done.value
+                return outcome
+
+    async def asave(self, session: Session) -> SaveOutcome:
+        """`save` through the store's `asave`, pausing with ``asyncio.sleep``."""
+        policy = self._policy(session)
+        pause = next(policy)
+        while True:
+            if pause:
+                await asyncio.sleep(pause)
+            error: Exception | None = None
+            try:
+                await self.store.asave(session)
+            except Exception as caught:
+                error = caught
+            try:
+                pause = policy.send(error)
+            except StopIteration as done:
+                outcome: SaveOutcome = done.value
+                return outcome
+
+    def _policy(self, session: Session) -> _Policy:
+        if not isinstance(session, Session):
+            raise TypeError(f"expected a Session, got {type(session).__name__}")
+        with self._lock:
+            deadline = None if self._store_down else time.monotonic() + self.retry_for
+        pause = _FIRST_PAUSE
+        error = yield 0.0
+        last = error
+        while isinstance(error, _TRANSIENT):
+            if deadline is None or time.monotonic() + pause > deadline:
+                logger.error("saving session %s into %r failed, keeping it unsaved: %s",
+                             session.session_id, self.store, error)
+                return self._keep(session, error, store_down=True)
+            logger.warning("saving session %s into %r failed, retrying in %.2f s: %s",
+                           session.session_id, self.store, pause, error)
+            with self._lock:
+                self._retried += 1
+            error = yield pause
+            last = error or last
+            pause = min(pause * 2, _MAX_PAUSE)
+        if error is None:
+            with self._lock:
+                self._store_down = False
+                self._saved += 1
+            return SaveOutcome(saved=True, error=last)
+        if isinstance(error, InvalidSessionId):
+            return self._orphan(session, error)
+        # Not an I/O problem (a bug in a custom store): retrying cannot help.
+        logger.error("session %s cannot be saved into %r, keeping it unsaved: %r",
+                     session.session_id, self.store, error)
+        return self._keep(session, error, store_down=False)
+
+    def _orphan(self, session: Session, error: InvalidSessionId) -> SaveOutcome:
+        if self._orphans is None:
+            logger.error("session %r cannot be stored (%s) and there is no orphans sink: "
+                         "keeping it unsaved", session.session_id, error)
+            return self._keep(session, error, store_down=False)
+        try:
+            self._orphans([item.event for item in session.iter_events()])
+        except (OSError, StoreError) as sink_error:
+            logger.error("session %r cannot be stored (%s) nor kept as orphans (%s): keeping it unsaved",
+                         session.session_id, error, sink_error)
+            return self._keep(session, error, store_down=False)
+        logger.error("session %r cannot be stored (%s); its events are kept as orphans",
+                     session.session_id, error)
+        with self._lock:
+            self._orphaned += 1
+        return SaveOutcome(saved=False, orphaned=True, error=error)
+
+    def _keep(self, session: Session, error: Exception, *, store_down: bool) -> SaveOutcome:
+        with self._lock:
+            self._unsaved.append(session)
+            self._store_down = self._store_down or store_down
+        return SaveOutcome(saved=False, error=error)
+
+    # -- a recorder's completed sessions ---------------------------------------------------
+
+    def drain(self, recorder: SessionRecorder, *, flush: bool = False) -> list[Session]:
+        """Checkpoint (or, with `flush`, flush) `recorder`, then save what it completed.
+
+        Returns the sessions saved (not those orphaned or kept unsaved), including
+        any an interrupted earlier `drain` had left.
+        """
+        saved = []
+        for session in self._take(recorder, flush):
+            if self.save(session).saved:
+                saved.append(session)
+            self._drained.popleft()
+        return saved
+
+    async def adrain(self, recorder: SessionRecorder, *, flush: bool = False) -> list[Session]:
+        """`drain` through `asave`."""
+        saved = []
+        for session in self._take(recorder, flush):
+            if (await self.asave(session)).saved:
+                saved.append(session)
+            self._drained.popleft()
+        return saved
+
+    def _take(self, recorder: SessionRecorder, flush: bool) -> list[Session]:
+        if flush:
+            recorder.flush()
+        else:
+            recorder.checkpoint()
+        self._drained.extend(recorder.drain_completed())
+        return list(self._drained)
+
+    # -- what could not be saved -----------------------------------------------------------
+
+    @property
+    def unsaved(self) -> list[Session]:
+        """Sessions neither saved nor orphaned, oldest first."""
+        with self._lock:
+            return list(self._unsaved)
+
+    def take_unsaved(self) -> list[Session]:
+        """Hand the unsaved sessions over to the caller (they are no longer held here)."""
+        with self._lock:
+            unsaved, self._unsaved = self._unsaved, []
+            return unsaved
+
+    def retry_unsaved(self) -> int:
+        """Try every unsaved session again; returns how many are still unsaved."""
+        with self._retrying() as batch:
+            while batch:
+                self.save(batch[0])
+                batch.popleft()
+        return self.stats().unsaved
+
+    async def aretry_unsaved(self) -> int:
+        """`retry_unsaved` through `asave`."""
+        with self._retrying() as batch:
+            while batch:
+                await self.asave(batch[0])
+                batch.popleft()
+        return self.stats().unsaved
+
+    @contextmanager
+    def _retrying(self) -> Iterator[deque[Session]]:
+        """The unsaved sessions to retry; those not yet tried when interrupted go back."""
+        with self._lock:
+            batch, self._unsaved = deque(self._unsaved), []
+        try:
+            yield batch
+        finally:
+            if batch:
+                with self._lock:
+                    self._unsaved[:0] = batch
+
+    def stats(self) -> SaveStats:
+        with self._lock:
+            return SaveStats(saved=self._saved, retried=self._retried, orphaned=self._orphaned,
+                             unsaved=len(self._unsaved))
+

@@ -1,0 +1,224 @@
+"""What a store is asked: `SessionQuery` (listing), `PruneCriteria` (deleting) and a
+usage grouping, each checked once, when it is built, with one wording for every backend.
+
+Every backend takes these values and translates them into its own filter (SQL for
+SQLite and PostgreSQL, a summary match for the JSON directory); none checks them
+again. Front ends build them from text (command-line options, query-string
+parameters) with `SessionQuery.from_strings` and `parse_group_by`, so that bad input
+gets the same `InvalidQuery` everywhere: a usage error naming the parameter.
+Arguments of the wrong Python type raise `TypeError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
+
+from .._time import Timestamp
+from ..errors import InvalidQuery
+from ..model import LoopStatus
+
+__all__ = [
+    "GROUP_BYS", "LOOP_STATUSES", "MAX_COUNT", "ORDERS", "TIME_HELP", "GroupBy", "Order", "PruneCriteria",
+    "SessionQuery", "parse_group_by", "parse_time_bound",
+]
+
+Order = Literal["newest", "oldest", "tokens"]
+GroupBy = Literal["agent", "model", "day"]
+
+LOOP_STATUSES: tuple[LoopStatus, ...] = get_args(LoopStatus)
+ORDERS: tuple[Order, ...] = get_args(Order)
+GROUP_BYS: tuple[GroupBy, ...] = get_args(GroupBy)
+
+MAX_COUNT = 2**63 - 1
+"""The largest `limit` (and, typed as text, `min_tokens`): stores hand them to SQLite
+and PostgreSQL as signed 64-bit integers."""
+
+TIME_HELP = "an RFC 3339 date-time, a date YYYY-MM-DD (midnight UTC) or an age such as 30m, 24h, 7d, 2w"
+
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_RELATIVE = re.compile(r"([0-9]+)\s*([smhdw])")
+_WHOLE = re.compile(r"-?[0-9]+")  # ASCII only: int() would also take "1_000", "+5", other scripts' digits
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+_NS = 1_000_000_000
+_YEAR_ONE_NS = Timestamp.parse("0001-01-01T00:00:00Z").ns
+
+
+def _shown(text: str) -> str:
+    # A usage error stays one readable line even for a 5,000-digit number.
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def _whole_number(name: str, text: str, maximum: int) -> int:
+    """A non-negative ASCII whole number of at most `maximum`, checked before `int()`
+    (which refuses numbers of more than 4,300 digits with a ValueError)."""
+    if _WHOLE.fullmatch(text) is None:
+        raise InvalidQuery(f"expected a whole number, got {_shown(repr(text))}", name)
+    if text.startswith("-"):
+        raise InvalidQuery(f"must not be negative, got {_shown(text)}", name)
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        raise InvalidQuery(f"must be at most {maximum}, got {_shown(text)}", name)
+    return int(digits)
+
+
+def parse_time_bound(text: str, *, now: Timestamp | None = None, name: str = "time") -> Timestamp:
+    """Read a time bound: RFC 3339, ``YYYY-MM-DD`` (00:00 UTC that day) or an age.
+
+    An age (``90s``, ``30m``, ``24h``, ``7d``, ``2w``) means that long before `now`
+    (default: the current time); one reaching before year 1 is refused. Raises
+    `InvalidQuery` (naming parameter `name`) with the accepted forms.
+    """
+    value = text.strip()
+    relative = _RELATIVE.fullmatch(value)
+    if relative is not None:
+        current = now if now is not None else Timestamp.now()
+        amount, unit = relative.group(1), relative.group(2)
+        oldest = (current.ns - _YEAR_ONE_NS) // (_UNIT_SECONDS[unit] * _NS)
+        try:
+            seconds = _whole_number(name, amount, oldest) * _UNIT_SECONDS[unit]
+        except InvalidQuery:
+            raise InvalidQuery(f"{_shown(value)} reaches back before year 1", name) from None
+        return Timestamp.from_ns(current.ns - seconds * _NS)
+    candidate = f"{value}T00:00:00Z" if _DATE.fullmatch(value) else value
+    try:
+        return Timestamp.parse(candidate)
+    except ValueError:
+        raise InvalidQuery(f"{_shown(repr(text))} is not a time: expected {TIME_HELP}", name) from None
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> Any:
+    """`value` as spelled in `choices`, matched case-insensitively."""
+    check_type(name, value, str)
+    for choice in choices:
+        if choice.lower() == str(value).lower():
+            return choice
+    raise InvalidQuery(f"expected one of {', '.join(choices)}; got {_shown(repr(value))}", name)
+
+
+def check_type(name: str, value: object, expected: type, *, optional: bool = False) -> None:
+    """`TypeError` unless `value` is an `expected` (a bool is no int), or None when `optional`."""
+    if (value is None and optional) or (isinstance(value, expected) and not isinstance(value, bool)):
+        return
+    alternative = " or None" if optional else ""
+    raise TypeError(f"{name} must be {expected.__name__}{alternative}, not {type(value).__name__}")
+
+
+def _count(name: str, value: int | None, maximum: int | None = None) -> None:
+    check_type(name, value, int, optional=True)
+    if value is None:
+        return
+    if value < 0:
+        raise InvalidQuery(f"must not be negative, got {value}", name)
+    if maximum is not None and value > maximum:
+        raise InvalidQuery(f"must be at most {maximum}, got {value}", name)
+
+
+def parse_group_by(value: object) -> GroupBy:
+    """How `usage_totals` groups: ``agent``, ``model`` or ``day`` (any case).
+
+    `InvalidQuery` (parameter ``group_by``) for another name; `TypeError` for a non-string.
+    """
+    result: GroupBy = _choice("group_by", value, GROUP_BYS)
+    return result
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SessionQuery:
+    """Which sessions `SessionStore.query` returns, and in which order; checked when built.
+
+    Every filter left None matches everything; the given ones must all hold:
+
+    * `agent_id`: the session's agent;
+    * `since` <= ``last_active_at`` < `until` (`until` must be later than `since`);
+    * `status`: at least one loop has it (a `LoopStatus`, any case: ``completed``
+      is ``Completed``; the query keeps the canonical spelling);
+    * `model`: a loop ran ``provider/model``, or the bare model name;
+    * `min_tokens`: ``usage.total_tokens >= min_tokens``;
+    * `parent_session_id`: the session was spawned from that session.
+
+    `order`: ``newest``/``oldest`` by ``last_active_at``, ``tokens`` by total tokens,
+    largest first; ties by session id. `limit` (at most `MAX_COUNT`) keeps the
+    first rows of that order. A malformed value raises `InvalidQuery` naming the
+    field; a value of the wrong type raises `TypeError`.
+    """
+
+    agent_id: str | None = None
+    since: Timestamp | None = None
+    until: Timestamp | None = None
+    status: str | None = None
+    model: str | None = None
+    min_tokens: int | None = None
+    parent_session_id: str | None = None
+    limit: int | None = None
+    order: Order = "newest"
+
+    PARAMETERS: ClassVar[Mapping[str, str]] = {
+        "agent": "agent_id", "since": "since", "until": "until", "status": "status",
+        "model": "model", "min_tokens": "min_tokens", "parent": "parent_session_id",
+        "limit": "limit", "order": "order",
+    }
+    """The text parameters of `from_strings` (the CLI's options, the web API's query
+    string) and the field each one sets."""
+
+    def __post_init__(self) -> None:
+        for name in ("agent_id", "model", "parent_session_id"):
+            check_type(name, getattr(self, name), str, optional=True)
+        for name in ("since", "until"):
+            check_type(name, getattr(self, name), Timestamp, optional=True)
+        _count("min_tokens", self.min_tokens)
+        _count("limit", self.limit, MAX_COUNT)
+        if self.status is not None:
+            object.__setattr__(self, "status", _choice("status", self.status, LOOP_STATUSES))
+        object.__setattr__(self, "order", _choice("order", self.order, ORDERS))
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise InvalidQuery(f"{self.until} is not later than since ({self.since})", "until")
+
+    @classmethod
+    def from_strings(cls, params: Mapping[str, str | None], *, now: Timestamp | None = None) -> SessionQuery:
+        """A query from text parameters named as in `PARAMETERS` (``agent``, ``since``, …).
+
+        Absent, None and blank values mean no filter. Times take `TIME_HELP`'s forms
+        (ages count back from `now`, default the current time); counts are ASCII
+        whole numbers up to `MAX_COUNT`. Raises `InvalidQuery` naming the parameter
+        for an unknown name or a malformed value.
+        """
+        unknown = sorted(set(params) - set(cls.PARAMETERS))
+        if unknown:
+            raise InvalidQuery(f"unknown filter; known filters: {', '.join(cls.PARAMETERS)}", unknown[0])
+        values: dict[str, Any] = {}
+        for name, raw in params.items():
+            text = raw.strip() if raw is not None else ""
+            if not text:
+                continue
+            value: Any = text
+            if name in ("since", "until"):
+                value = parse_time_bound(text, now=now, name=name)
+            elif name in ("min_tokens", "limit"):
+                value = _whole_number(name, text, MAX_COUNT)
+            values[cls.PARAMETERS[name]] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PruneCriteria:
+    """Which sessions `SessionStore.prune` deletes; checked when built.
+
+    Candidates are all sessions, or those of `agent_id`. A candidate is deleted
+    when it meets every given condition: ``last_active_at < older_than``, and not
+    being among the `keep_last` most recently active candidates (ties by session
+    id). At least one of `older_than` and `keep_last` is required (`InvalidQuery`).
+    """
+
+    older_than: Timestamp | None = None
+    keep_last: int | None = None
+    agent_id: str | None = None
+
+    def __post_init__(self) -> None:
+        check_type("older_than", self.older_than, Timestamp, optional=True)
+        _count("keep_last", self.keep_last, MAX_COUNT)
+        check_type("agent_id", self.agent_id, str, optional=True)
+        if self.older_than is None and self.keep_last is None:
+            raise InvalidQuery("prune needs older_than, keep_last or both")

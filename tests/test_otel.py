@@ -1,0 +1,407 @@
+"""OpenTelemetry GenAI export and ingest, on every demo session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import msgspec
+import pytest
+
+pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip install 'phi-session[otel]'")
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from phi_session import SessionRecorder, encode_session
+from phi_session.demo import run_demo
+from phi_session.model import Session
+from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
+from phi_session.otel import attributes as attr
+from phi_session.otel.export import loop_span_id, session_spans, tool_span_id, turn_span_id
+from phi_session.otel.ingest import LOSSES
+from phi_session.otel.spans import spans_from_sdk
+from phi_session.stores.json_dir import JsonDirStore
+
+
+@pytest.fixture(scope="module")
+def demo_sessions(tmp_path_factory: pytest.TempPathFactory) -> list[Session]:
+    return run_demo(JsonDirStore(tmp_path_factory.mktemp("demo")))
+
+
+def _export(sessions: list[Session], *, capture_content: bool = False) -> list:
+    exporter = InMemorySpanExporter()
+    for session in sessions:
+        export_session(session, exporter, capture_content=capture_content)
+    return list(exporter.get_finished_spans())
+
+
+def _by_id(spans: list) -> dict:
+    return {span.context.span_id: span for span in spans}
+
+
+def test_import_phi_session_imports_no_opentelemetry() -> None:
+    code = ("import sys, phi_session, phi_session.otel; "
+            "print([m for m in sys.modules if 'opentelemetry' in m])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_missing_extra_names_the_pip_install() -> None:
+    code = ("import sys; sys.modules['opentelemetry'] = None\n"
+            "import phi_session.otel as otel\n"
+            "try:\n    otel.export_session\nexcept ImportError as error:\n"
+            "    print(type(error).__name__, error)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("MissingExtra ") and "pip install 'phi-session[otel]'" in out
+
+
+def test_every_loop_turn_and_tool_call_is_one_span(demo_sessions: list[Session]) -> None:
+    spans = _export(demo_sessions)
+    by_id = _by_id(spans)
+    assert len(by_id) == len(spans)  # ids unique
+    for session in demo_sessions:
+        for record in session.loops:
+            loop = by_id[loop_span_id(record.loop_id)]
+            assert loop.name == f"invoke_agent {record.agent_id}"
+            assert loop.kind is SpanKind.INTERNAL
+            assert loop.attributes[attr.OPERATION_NAME] == "invoke_agent"
+            assert loop.attributes[attr.CONVERSATION_ID] == session.session_id
+            assert loop.attributes[attr.PHI_LOOP_ID] == record.loop_id
+            assert loop.attributes[attr.PHI_CONTINUATION_KIND] == record.kind.kind
+            assert loop.attributes[attr.USAGE_OUTPUT_TOKENS] == record.usage.output
+            assert loop.attributes[attr.USAGE_INPUT_TOKENS] == (
+                record.usage.input + record.usage.cache_read + record.usage.cache_write)
+            assert loop.start_time == record.started_at.ns
+            assert record.ended_at is not None and loop.end_time == record.ended_at.ns
+            for turn in record.turns:
+                chat = by_id[turn_span_id(record.loop_id, turn.index)]
+                assert chat.kind is SpanKind.CLIENT
+                assert chat.name == f"chat {record.config.model}"  # type: ignore[union-attr]
+                assert chat.parent.span_id == loop.context.span_id
+                assert chat.context.trace_id == loop.context.trace_id
+                assert chat.attributes[attr.RESPONSE_FINISH_REASONS] == (turn.output_message.stop_reason,)
+                assert chat.attributes[attr.USAGE_OUTPUT_TOKENS] == turn.usage.output
+                for result in turn.tool_results:
+                    tool = by_id[tool_span_id(record.loop_id, result.tool_call_id)]
+                    assert tool.name == f"execute_tool {result.tool_name}"
+                    assert tool.kind is SpanKind.INTERNAL
+                    assert tool.parent.span_id == chat.context.span_id
+                    assert tool.attributes[attr.TOOL_CALL_ID] == result.tool_call_id
+                    assert (tool.status.status_code is StatusCode.ERROR) == result.is_error
+            # No content unless asked for.
+            assert not any(key in span.attributes for span in spans
+                           for key in (attr.PHI_EVENTS, attr.INPUT_MESSAGES, attr.TOOL_CALL_ARGUMENTS))
+
+
+def test_links_and_sub_agent_placement(demo_sessions: list[Session]) -> None:
+    by_id = _by_id(_export(demo_sessions))
+    kinds = set()
+    for session in demo_sessions:
+        for record in session.loops:
+            span = by_id[loop_span_id(record.loop_id)]
+            spawn = session.parent_spawn_ref
+            if spawn is not None and record.parent_loop_id == spawn.parent_loop_id:
+                tool = by_id[tool_span_id(spawn.parent_loop_id, spawn.tool_call_id)]
+                assert span.parent.span_id == tool.context.span_id  # under the spawning tool call
+                assert span.context.trace_id == tool.context.trace_id
+                assert tool.attributes[attr.PHI_CHILD_LOOP_ID] == record.loop_id
+                kinds.add("sub-agent")
+                continue
+            assert span.parent is None  # one trace per loop
+            links = {link.context.span_id: link for link in span.links}
+            if record.parent_loop_id not in (None, record.loop_id):
+                link = links[loop_span_id(record.parent_loop_id)]
+                assert link.attributes[attr.PHI_LINK_KIND] == "continuation"
+                assert link.attributes[attr.PHI_CONTINUATION_KIND] == record.kind.kind
+                kinds.add(record.kind.kind)
+            group = record.parallel_group
+            if group is not None:
+                for sibling in group.all_loop_ids:
+                    if sibling != record.loop_id:
+                        link = links[loop_span_id(sibling)]
+                        assert link.attributes[attr.PHI_LINK_KIND] == "parallel"
+                        selected = sibling == group.selected_loop_id
+                        assert link.attributes[attr.PHI_PARALLEL_SELECTED] == selected
+                        kinds.add("parallel")
+    assert kinds >= {"sub-agent", "Default", "Rerun", "Branch", "Compaction", "parallel"}
+
+
+def test_span_events_and_content_capture(demo_sessions: list[Session]) -> None:
+    plain = _export(demo_sessions)
+    names = {event.name for span in plain for event in span.events}
+    assert {attr.EVENT_COMPACTION_STARTED, attr.EVENT_COMPACTION_ENDED, attr.EVENT_INPUT_REJECTED,
+            attr.EVENT_PROGRESS} <= names
+    assert all("phi.text" not in event.attributes and "phi.reason" not in event.attributes
+               for span in plain for event in span.events)
+    captured = _export(demo_sessions, capture_content=True)
+    chats = [span for span in captured if span.kind is SpanKind.CLIENT]
+    first = msgspec.json.decode(chats[0].attributes[attr.OUTPUT_MESSAGES])
+    assert first[0]["role"] == "assistant" and first[0]["parts"]
+    tools = [span for span in captured if span.attributes[attr.OPERATION_NAME] == "execute_tool"]
+    assert all(attr.TOOL_CALL_ARGUMENTS in span.attributes and attr.TOOL_CALL_RESULT in span.attributes
+               for span in tools)
+
+
+def test_export_is_deterministic(demo_sessions: list[Session]) -> None:
+    first = [span.to_json() for span in _export(demo_sessions, capture_content=True)]
+    second = [span.to_json() for span in _export(demo_sessions, capture_content=True)]
+    assert first == second
+
+
+def test_sink_exports_each_session_as_it_completes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    exporter = InMemorySpanExporter()
+    sink = OtelExportSink(exporter)
+    sessions = run_demo(JsonDirStore(tmp_path), sinks=[sink])
+    assert sink.exported_sessions >= len(sessions)  # continuations may export as their own batches
+    sink.close()
+    expected = {span.context.span_id for span in _export(sessions)}
+    assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
+
+
+def _ingest(spans: list) -> list[Session]:
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    ingestor.add(spans_from_sdk(span) for span in spans)
+    ingestor.flush()
+    recorder.flush()
+    return sorted(recorder.drain_completed(), key=lambda s: s.created_at)
+
+
+def test_round_trip_with_content_is_lossless(demo_sessions: list[Session]) -> None:
+    back = _ingest(_export(demo_sessions, capture_content=True))
+    assert [encode_session(s) for s in back] == [encode_session(s) for s in demo_sessions]
+
+
+def _turn_shape(session: Session) -> list:
+    return [(r.loop_id, r.agent_id, r.parent_loop_id, r.kind, r.status, r.started_at, r.ended_at, r.config,
+             r.parallel_group, r.children_loop_ids, r.child_loop_refs,
+             [(t.turn_id, t.triggered_by, t.usage.output, t.started_at, t.ended_at,
+               [(m.tool_call_id, m.tool_name, m.is_error) for m in t.tool_results]) for t in r.turns])
+            for r in session.loops]
+
+
+def test_round_trip_without_content_keeps_the_structure(demo_sessions: list[Session]) -> None:
+    back = _ingest(_export(demo_sessions))
+    assert [s.session_id for s in back] == [s.session_id for s in demo_sessions]
+    for got, want in zip(back, demo_sessions, strict=True):
+        assert got.parent_spawn_ref == want.parent_spawn_ref
+        assert _turn_shape(got) == _turn_shape(want)
+        # The stated losses: messages, tool arguments/results, metadata, formation.
+        assert all(not record.messages for record in got.loops)
+        assert "messages" in LOSSES["phi-session export without content"][0]
+
+
+def test_span_processor_records_in_process(demo_sessions: list[Session]) -> None:
+    recorder = SessionRecorder()
+    provider = TracerProvider()
+    provider.add_span_processor(IngestSpanProcessor(recorder))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("invoke_agent helper", attributes={
+            attr.OPERATION_NAME: "invoke_agent", attr.AGENT_NAME: "helper", attr.CONVERSATION_ID: "conv-1"}):
+        with tracer.start_as_current_span("chat gpt-x", kind=SpanKind.CLIENT, attributes={
+                attr.OPERATION_NAME: "chat", attr.REQUEST_MODEL: "gpt-x", attr.PROVIDER_NAME: "openai",
+                attr.USAGE_INPUT_TOKENS: 10, attr.USAGE_OUTPUT_TOKENS: 3,
+                attr.RESPONSE_FINISH_REASONS: ("tool_calls",)}):
+            pass
+        with tracer.start_as_current_span("execute_tool search", attributes={
+                attr.OPERATION_NAME: "execute_tool", attr.TOOL_NAME: "search"}):
+            pass
+    provider.shutdown()
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    assert session.session_id == "conv-1" and session.agent_id == "helper"
+    (record,) = session.loops
+    assert record.status == "Completed" and record.config is not None and record.config.model == "gpt-x"
+    (turn,) = record.turns
+    assert turn.output_message.stop_reason == "toolUse" and turn.usage.input == 10
+    (result,) = turn.tool_results
+    assert result.tool_name == "search" and result.tool_call_id.startswith("otel-")
+    assert record.metadata["otel"]["synthesized"] == ["loop_id", f"tool_call_id:{result.tool_call_id}"]
+
+
+def test_a_trace_whose_root_never_ends_is_recorded_as_aborted_after_the_timeout() -> None:
+    spans = [s for s in _export(run_demo_once(), capture_content=False) if s.parent is not None][:3]
+    now = [0.0]
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder, trace_timeout=5, clock=lambda: now[0])
+    ingestor.add(spans_from_sdk(span) for span in spans)
+    assert ingestor.buffered_spans == 3
+    now[0] = 6
+    assert ingestor.expire() >= 1
+    assert ingestor.buffered_spans == 0
+    recorder.flush()
+    sessions = recorder.drain_completed()
+    assert sessions and all(record.status == "Aborted" for s in sessions for record in s.loops)
+
+
+_ONCE: list[Session] = []
+
+
+def run_demo_once() -> list[Session]:
+    if not _ONCE:
+        import tempfile
+
+        _ONCE.extend(run_demo(JsonDirStore(tempfile.mkdtemp())))
+    return _ONCE
+
+
+def test_session_spans_rejects_non_sessions() -> None:
+    with pytest.raises(TypeError):
+        session_spans("nope")  # type: ignore[arg-type]
+
+
+def test_simple_span_processor_exports_to_in_memory_via_sdk() -> None:
+    # The exporter is any SDK SpanExporter: a processor pipeline works too.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    export_session(run_demo_once()[0], exporter)
+    assert exporter.get_finished_spans()
+
+
+# -- a foreign producer: pydantic-ai's own instrumentation, offline with its TestModel -------------
+
+
+class _OpenInferenceOnly(IngestSpanProcessor):
+    """Ingests spans with the GenAI attributes removed: what a pure OpenInference producer sends."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        data = spans_from_sdk(span)
+        assert data is not None
+        data.attributes = {k: v for k, v in data.attributes.items() if not k.startswith("gen_ai.")}
+        self.ingestor.add((data,))
+
+
+@pytest.mark.parametrize("producer", ["pydantic-ai", "openinference"])
+def test_pydantic_ai_spans_become_a_session(producer: str) -> None:
+    pydantic_ai = pytest.importorskip("pydantic_ai", reason="needs pydantic-ai-slim")
+    from pydantic_ai.models.instrumented import InstrumentationSettings
+    from pydantic_ai.models.test import TestModel
+
+    recorder = SessionRecorder()
+    provider = TracerProvider()
+    if producer == "openinference":
+        processors = pytest.importorskip("openinference.instrumentation.pydantic_ai",
+                                         reason="needs openinference-instrumentation-pydantic-ai")
+        provider.add_span_processor(processors.OpenInferenceSpanProcessor())
+        provider.add_span_processor(_OpenInferenceOnly(recorder))
+    else:
+        provider.add_span_processor(IngestSpanProcessor(recorder))
+    agent = pydantic_ai.Agent(TestModel(), name="weather", system_prompt="Be brief.")
+    agent.instrument = InstrumentationSettings(tracer_provider=provider, include_content=True)
+
+    @agent.tool_plain
+    def get_weather(city: str) -> str:
+        return f"sunny in {city}"
+
+    first = agent.run_sync("What's the weather in Paris?")
+    agent.run_sync("And in Rome?", message_history=first.all_messages())
+    provider.shutdown()
+    recorder.flush()
+    (session,) = recorder.drain_completed()  # one conversation id across both runs
+    assert session.agent_id == "weather"
+    one, two = session.loops
+    assert (one.kind.kind, one.parent_loop_id) == ("Initial", None)
+    assert (two.kind.kind, two.parent_loop_id) == ("Default", one.loop_id)  # inferred continuation
+    assert one.config is not None and (one.config.model, one.config.provider) == ("test", "test")
+    assert [turn.index for turn in one.turns] == [0, 1]
+    call, reply = one.turns
+    (result,) = call.tool_results
+    assert (result.tool_name, result.tool_call_id) == ("get_weather", "pyd_ai_tool_call_id__get_weather")
+    assert result.content[0].text == "sunny in a"  # type: ignore[union-attr]
+    assert call.output_message.content[0].name == "get_weather"  # type: ignore[union-attr]
+    assert call.input_messages[0].content[0].text == "What's the weather in Paris?"  # type: ignore[union-attr]
+    assert reply.output_message.content[0].text == first.output  # type: ignore[union-attr]
+    assert one.usage.input + one.usage.output == sum(t.usage.input + t.usage.output for t in one.turns) > 0
+    assert two.turns[0].input_messages[0].content[0].text == "And in Rome?"  # type: ignore[union-attr]
+    assert [type(m).__name__ for m in one.messages] == [
+        "UserMessage", "AssistantMessage", "ToolResultMessage", "AssistantMessage"]
+    assert one.metadata["otel"]["synthesized"] == ["loop_id"]  # tool call ids were the producer's own
+
+
+def test_a_config_with_a_temperature_exports_and_comes_back() -> None:
+    # Regression: Float32 temperatures are phi-core JSON, which plain msgspec cannot encode.
+    from phi_session import AgentEnd, AgentStart, LoopConfigSnapshot, Timestamp, Usage
+
+    config = LoopConfigSnapshot(model="m", provider="p", temperature=0.7)
+    recorder = SessionRecorder()
+    recorder.on_event(AgentStart(agent_id="a", session_id="s", loop_id="s.p.m.1", config_snapshot=config,
+                                 timestamp=Timestamp.parse("2025-06-01T09:00:00Z")))
+    recorder.on_event(AgentEnd(loop_id="s.p.m.1", messages=(), usage=Usage(input=1, output=2),
+                               timestamp=Timestamp.parse("2025-06-01T09:00:01Z")))
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    for capture in (False, True):
+        (span,) = _export([session], capture_content=capture)
+        assert msgspec.json.decode(span.attributes[attr.PHI_CONFIG])["temperature"] == 0.7
+        (back,) = _ingest([span])
+        assert back.loops[0].config == config
+
+
+def test_damaged_phi_attributes_fall_back_to_rebuilding_from_the_spans(demo_sessions: list[Session]) -> None:
+    spans = [spans_from_sdk(span) for span in _export(demo_sessions[:1], capture_content=True)]
+    for data, damage in zip(spans, ["[[0, {\"type\": \"Nope\"}]]", "not json", "[1, 2]", "{}"] * 100,
+                            strict=False):
+        assert data is not None
+        data.attributes[attr.PHI_EVENTS] = damage
+        data.attributes[attr.PHI_CONTINUATION_KIND] = "Bogus"
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    ingestor.add(span for span in spans if span is not None)
+    ingestor.flush()
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    assert [r.loop_id for r in session.loops] == [r.loop_id for r in demo_sessions[0].loops]
+    assert [len(r.turns) for r in session.loops] == [len(r.turns) for r in demo_sessions[0].loops]
+
+
+def test_openinference_openai_calls_become_loops_of_one_session() -> None:
+    # Another framework and producer: OpenInference's instrumentation of the OpenAI SDK (no agent
+    # span: each call is a loop).
+    openai = pytest.importorskip("openai", reason="needs openai")
+    httpx = pytest.importorskip("httpx2", reason="needs openai's httpx2")
+    instrumentation = pytest.importorskip("openinference.instrumentation.openai",
+                                          reason="needs openinference-instrumentation-openai")
+    from openinference.instrumentation import using_session
+
+    def reply(request: object) -> object:
+        return httpx.Response(200, json={
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024",
+            "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "lookup", "arguments": '{"q": 1}'}}]}}]})
+
+    recorder = SessionRecorder()
+    provider = TracerProvider()
+    provider.add_span_processor(IngestSpanProcessor(recorder))
+    instrumentor = instrumentation.OpenAIInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        client = openai.OpenAI(api_key="offline", base_url="http://127.0.0.1:9/v1",
+                               http_client=httpx.Client(transport=httpx.MockTransport(reply)))
+        with using_session("conv-7"):
+            for prompt in ("Hi", "Again"):
+                client.chat.completions.create(model="gpt-4o-mini",
+                                               messages=[{"role": "user", "content": prompt}])
+    finally:
+        instrumentor.uninstrument()
+    provider.shutdown()
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    assert session.session_id == "conv-7"
+    one, two = session.loops
+    assert (two.kind.kind, two.parent_loop_id) == ("Default", one.loop_id)
+    for record, prompt in ((one, "Hi"), (two, "Again")):
+        (turn,) = record.turns
+        assert turn.input_messages[0].content[0].text == prompt  # type: ignore[union-attr]
+        output = turn.output_message
+        assert (output.model, output.provider, output.stop_reason) == (  # type: ignore[union-attr]
+            "gpt-4o-mini-2024", "openai", "toolUse")
+        call = output.content[0]  # type: ignore[union-attr]
+        assert (call.id, call.name, call.arguments) == ("call_1", "lookup", {"q": 1})
+        assert (turn.usage.input, turn.usage.output) == (12, 3)

@@ -1,0 +1,245 @@
+"""The local OTLP/HTTP endpoint: real exporters, hostile input, backpressure, SIGKILL after ack."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip install 'phi-session[otel]'")
+pytest.importorskip("opentelemetry.proto", reason="needs the otlp extra: pip install 'phi-session[otlp]'")
+pytest.importorskip("opentelemetry.exporter.otlp.proto.http",
+                    reason="needs the otlp extra: pip install 'phi-session[otlp]'")
+
+from google.protobuf.json_format import MessageToDict
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from phi_session import encode_session
+from phi_session.demo import run_demo
+from phi_session.model import Session
+from phi_session.otel import export_session
+from phi_session.otel.endpoint import OtlpEndpoint, OtlpServer, make_otlp_server
+from phi_session.otel.export import session_spans
+from phi_session.stores.json_dir import JsonDirStore
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def demo_sessions(tmp_path_factory: pytest.TempPathFactory) -> list[Session]:
+    return run_demo(JsonDirStore(tmp_path_factory.mktemp("demo")))
+
+
+class Receiver:
+    def __init__(self, root: Path, **options: object) -> None:
+        self.store = JsonDirStore(root / "store")
+        self.endpoint = OtlpEndpoint(self.store, root / "state", tick=0.05,
+                                     **{k: v for k, v in options.items() if k != "max_body"})  # type: ignore[arg-type]
+        extra = {"max_body": options["max_body"]} if "max_body" in options else {}
+        self.server: OtlpServer = make_otlp_server(self.endpoint, port=0, quiet=True, **extra)  # type: ignore[arg-type]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def post(self, body: bytes, content_type: str = "application/x-protobuf",
+             headers: dict[str, str] | None = None, path: str = "/v1/traces") -> http.client.HTTPResponse:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        connection.request("POST", path, body=body, headers={"Content-Type": content_type, **(headers or {})})
+        response = connection.getresponse()
+        response.read_body = response.read()  # type: ignore[attr-defined]
+        connection.close()
+        return response
+
+    def close(self) -> list[Session]:
+        self.server.shutdown()
+        self.server.server_close()
+        self.endpoint.close()
+        return sorted((self.store.load(sid) for sid in self.store.list_ids()), key=lambda s: s.created_at)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    made = Receiver(tmp_path)
+    yield made
+    made.server.shutdown()
+    made.server.server_close()
+
+
+def _protobuf(spans: list) -> bytes:
+    return encode_spans(spans).SerializeToString()
+
+
+def _otlp_json(spans: list) -> dict:
+    document = MessageToDict(encode_spans(spans))
+    for resource in document["resourceSpans"]:  # OTLP/HTTP JSON spells ids in hex, not base64
+        for scope in resource["scopeSpans"]:
+            for span in scope["spans"]:
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = __import__("base64").b64decode(span[key]).hex()
+                for link in span.get("links", []):
+                    for key in ("traceId", "spanId"):
+                        link[key] = __import__("base64").b64decode(link[key]).hex()
+    return document
+
+
+def _same(got: list[Session], want: list[Session]) -> None:
+    assert [encode_session(s) for s in got] == [encode_session(s) for s in want]
+
+
+def test_the_sdk_otlp_exporter_round_trips_every_demo_session(
+        demo_sessions: list[Session], tmp_path: Path) -> None:
+    made = Receiver(tmp_path)
+    exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{made.port}/v1/traces")
+    for session in demo_sessions:
+        export_session(session, exporter, capture_content=True)
+    exporter.shutdown()
+    _same(made.close(), demo_sessions)
+
+
+def test_json_payloads_and_gzip(demo_sessions: list[Session], tmp_path: Path) -> None:
+    made = Receiver(tmp_path)
+    for session in demo_sessions:
+        body = gzip.compress(json.dumps(_otlp_json(session_spans(session, capture_content=True))).encode())
+        response = made.post(body, "application/json", {"Content-Encoding": "gzip"})
+        assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]
+    _same(made.close(), demo_sessions)
+
+
+def test_invalid_span_ids_are_a_partial_success(demo_sessions: list[Session], receiver: Receiver) -> None:
+    document = _otlp_json(session_spans(demo_sessions[0]))
+    spans = document["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    spans[0]["traceId"] = "00" * 16
+    spans[1]["spanId"] = "xyz"
+    response = receiver.post(json.dumps(document).encode(), "application/json")
+    assert response.status == 200
+    assert json.loads(response.read_body)["partialSuccess"]["rejectedSpans"] == "2"  # type: ignore[attr-defined]
+    proto = _protobuf(session_spans(demo_sessions[0]))
+    response = receiver.post(proto)
+    assert response.status == 200
+    parsed = ExportTraceServiceResponse.FromString(response.read_body)  # type: ignore[attr-defined]
+    assert parsed.partial_success.rejected_spans == 0
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    (b"\xff\xff\xff\xff", "application/x-protobuf"),
+    (b"{not json", "application/json"),
+    (b'{"resourceSpans": 3}', "application/json"),
+    (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "' + b"ab" * 16 + b'", "spanId": "'
+     + b"cd" * 8 + b'", "attributes": [{"key": "k", "value": {"x": 1}}]}]}]}]}', "application/json"),
+    (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "' + b"ab" * 16 + b'", "spanId": "'
+     + b"cd" * 8 + b'", "startTimeUnixNano": "-5"}]}]}]}', "application/json"),
+    (b'[' * 100_000 + b']' * 100_000, "application/json"),
+])
+def test_bad_payloads_are_400(receiver: Receiver, body: bytes, content_type: str) -> None:
+    response = receiver.post(body, content_type)
+    assert response.status == 400
+    if content_type == "application/json":
+        assert json.loads(response.read_body)["code"] == 3  # type: ignore[attr-defined]
+
+
+def test_refusals(receiver: Receiver) -> None:
+    assert receiver.post(b"{}", "text/plain").status == 415
+    assert receiver.post(b"{}", "application/json", path="/v1/metrics").status == 404
+    assert receiver.post(b"{}", "application/json", {"Host": "evil.example:4318"}).status == 403
+    assert receiver.post(b"{}", "application/json", {"Content-Encoding": "br"}).status == 415
+    assert receiver.post(b"\x1f\x8b garbage", "application/json", {"Content-Encoding": "gzip"}).status == 400
+    connection = http.client.HTTPConnection("127.0.0.1", receiver.port, timeout=30)
+    connection.request("GET", "/v1/traces")
+    response = connection.getresponse()
+    assert response.status == 405 and response.getheader("Allow") == "POST"
+    connection.close()
+
+
+def test_huge_bodies_and_gzip_bombs_are_413(tmp_path: Path) -> None:
+    made = Receiver(tmp_path, max_body=1 << 20)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", made.port, timeout=30)
+        connection.putrequest("POST", "/v1/traces")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(2 << 20))
+        connection.endheaders()  # refused on the header alone: the body is never read
+        assert connection.getresponse().status == 413
+        connection.close()
+        bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)
+        assert len(bomb) < (1 << 20)
+        response = made.post(bomb, "application/json", {"Content-Encoding": "gzip"})
+        assert response.status == 413
+    finally:
+        made.close()
+
+
+def test_backpressure_is_429_with_retry_after(demo_sessions: list[Session], tmp_path: Path) -> None:
+    made = Receiver(tmp_path, max_buffered_spans=3)
+    try:
+        children = [span for span in session_spans(demo_sessions[0]) if span.parent is not None]
+        assert made.post(_protobuf(children[:3])).status == 200  # waiting for their roots
+        response = made.post(_protobuf(children[3:5]))
+        assert response.status == 429 and response.getheader("Retry-After") == "1"
+    finally:
+        made.close()
+
+
+def _serve(store: Path, state: Path) -> tuple[subprocess.Popen[str], int]:
+    code = "from phi_session.cli import main; main()"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "--otlp", "--port", "0", "--otlp-port", "0", "--json",
+         "--store", f"{store}/", "--otlp-state", str(state)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(SRC)})
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line, process.stderr.read() if process.stderr else ""
+    port = int(json.loads(line)["otlp_url"].rsplit(":", 1)[1].split("/")[0])
+    return process, port
+
+
+def _post_protobuf(port: int, spans: list) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", "/v1/traces", body=_protobuf(spans),
+                       headers={"Content-Type": "application/x-protobuf"})
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+def test_nothing_acknowledged_is_lost_to_sigkill(demo_sessions: list[Session], tmp_path: Path) -> None:
+    store, state = tmp_path / "store", tmp_path / "state"
+    # In the order an SDK ends them, three per request: traces wait for their roots across requests.
+    spans = sorted((span for session in demo_sessions
+                    for span in session_spans(session, capture_content=True)), key=lambda span: span.end_time)
+    batches = [spans[index:index + 3] for index in range(0, len(spans), 3)]
+    process, port = _serve(store, state)
+    try:
+        for batch in batches[:-1]:
+            assert _post_protobuf(port, batch) == 200
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
+    assert list((state / "spool").glob("*.spans"))  # the last trace waits for its root: only spooled
+    process, port = _serve(store, state)  # recovers the journal, replays the spool
+    try:
+        assert _post_protobuf(port, batches[-1]) == 200
+        process.send_signal(signal.SIGTERM)  # graceful: records and saves everything
+        _, errors = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, errors
+    saved = JsonDirStore(store)
+    _same(sorted((saved.load(sid) for sid in saved.list_ids()), key=lambda s: s.created_at), demo_sessions)
+    assert not list((state / "spool").glob("*.spans"))

@@ -1,0 +1,335 @@
+"""SessionSaver: one policy for saving sessions (retries, orphans, nothing dropped), sync and async."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from click.testing import CliRunner
+
+import phi_session as ps
+from phi_session import saver as saver_module
+from phi_session.cli import main
+from phi_session.codec import encode_event
+from phi_session.journal import Journal, JournaledRecorder, recover
+from phi_session.recorder import SessionRecorder
+from phi_session.saver import SaveStats, SessionSaver
+from phi_session.stores.base import SessionStore, merge_sessions
+from phi_session.stores.json_dir import JsonDirStore
+
+from .journal_kill_worker import stream
+
+
+class MemoryStore:
+    """A merging store whose `save` runs `trouble(session)` first (which may raise)."""
+
+    def __init__(self, trouble: Callable[[ps.Session], None] | None = None) -> None:
+        self.sessions: dict[str, ps.Session] = {}
+        self.attempts = 0
+        self.trouble = trouble
+
+    def save(self, session: ps.Session) -> None:
+        self.attempts += 1
+        if self.trouble is not None:
+            self.trouble(session)
+        if "/" in session.session_id:
+            raise ps.InvalidSessionId(f"unsafe session id {session.session_id!r}")
+        stored = self.sessions.get(session.session_id)
+        self.sessions[session.session_id] = session if stored is None else merge_sessions(stored, session)
+
+    async def asave(self, session: ps.Session) -> None:
+        await asyncio.sleep(0)
+        self.save(session)
+
+
+def failing(times: int, error: Exception) -> Callable[[ps.Session], None]:
+    left = [times]
+
+    def trouble(session: ps.Session) -> None:
+        if left[0] > 0:
+            left[0] -= 1
+            raise error
+    return trouble
+
+
+class FakeTime:
+    """The saver's clock: sleeping advances it, and records the pause."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.pauses: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+    fake = FakeTime()
+    monkeypatch.setattr(saver_module, "time", SimpleNamespace(monotonic=fake.monotonic, sleep=fake.sleep))
+    return fake
+
+
+def sessions(count: int = 3) -> list[ps.Session]:
+    recorder = SessionRecorder()
+    recorder.record_all(stream(sessions=count, loops=1))
+    recorder.flush()
+    return recorder.drain_completed()
+
+
+def saver_for(memory: MemoryStore, **options: Any) -> SessionSaver:
+    return SessionSaver(cast(SessionStore, memory), **options)
+
+
+@pytest.mark.parametrize("error", [ps.SessionLocked("busy"), ps.StoreError("connection lost"),
+                                   OSError(28, "No space left on device")])
+def test_transient_errors_are_retried_with_doubling_pauses(clock: FakeTime, error: Exception) -> None:
+    memory = MemoryStore(failing(4, error))
+    saver = saver_for(memory, retry_for=10)
+    [session] = sessions(1)
+    outcome = saver.save(session)
+    assert outcome.saved and not outcome.unsaved and outcome.error is error
+    assert clock.pauses == [0.05, 0.1, 0.2, 0.4]
+    assert saver.stats() == SaveStats(saved=1, retried=4, orphaned=0, unsaved=0)
+    assert list(memory.sessions) == [session.session_id]
+
+
+def test_pauses_are_capped_and_a_session_is_given_up_after_retry_for(
+        clock: FakeTime, caplog: pytest.LogCaptureFixture) -> None:
+    memory = MemoryStore(failing(10**6, ps.SessionLocked("busy")))
+    saver = saver_for(memory, retry_for=6)
+    [session] = sessions(1)
+    assert saver.save(session).unsaved
+    assert clock.pauses == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0]  # then 2 more would pass 6 s
+    assert saver.unsaved == [session] and saver.stats().unsaved == 1
+    assert "keeping it unsaved" in caplog.text
+
+
+def test_once_a_session_is_given_up_later_ones_get_one_attempt_until_a_save_succeeds(clock: FakeTime) -> None:
+    memory = MemoryStore(failing(10**6, ps.StoreError("down")))
+    saver = saver_for(memory, retry_for=1)
+    first, second, third = sessions(3)
+    saver.save(first)
+    attempts = memory.attempts
+    saver.save(second)  # the store is down: no second wait of retry_for
+    assert memory.attempts == attempts + 1
+    memory.trouble = failing(1, ps.StoreError("still down"))
+    saver.save(third)  # one attempt, fails
+    assert [s.session_id for s in saver.unsaved] == [first.session_id, second.session_id, third.session_id]
+    assert saver.retry_unsaved() == 0  # the store is back: all saved
+    assert sorted(memory.sessions) == sorted(s.session_id for s in (first, second, third))
+    memory.trouble = failing(2, ps.StoreError("a blip"))
+    [fourth] = sessions(1)
+    assert saver.save(fourth).saved  # healthy again: retried as usual
+
+
+def test_a_session_id_no_store_accepts_goes_to_the_orphans(clock: FakeTime) -> None:
+    [session] = sessions(1)
+    bad = ps.Session(session_id="../etc", agent_id="a", created_at=session.created_at,
+                     last_active_at=session.last_active_at, formation=session.formation,
+                     loops=session.loops)
+    kept: list[ps.AgentEvent] = []
+    saver = saver_for(MemoryStore(), orphans=kept.extend)
+    outcome = saver.save(bad)
+    assert outcome.orphaned and not outcome.saved and isinstance(outcome.error, ps.InvalidSessionId)
+    assert kept == [item.event for item in session.loops[0].events]
+    assert clock.pauses == []  # never retried
+    assert saver.stats() == SaveStats(saved=0, retried=0, orphaned=1, unsaved=0)
+
+    no_sink = saver_for(MemoryStore())
+    assert no_sink.save(bad).unsaved and no_sink.unsaved == [bad]
+
+    def broken_sink(events: list[ps.AgentEvent]) -> None:
+        raise OSError(28, "No space left on device")
+
+    full_disk = saver_for(MemoryStore(), orphans=broken_sink)
+    assert full_disk.save(bad).unsaved and full_disk.unsaved == [bad]
+
+
+def test_a_bug_in_the_store_is_not_retried_and_the_session_is_kept(clock: FakeTime) -> None:
+    memory = MemoryStore(failing(1, RuntimeError("bug")))
+    saver = saver_for(memory)
+    [session] = sessions(1)
+    outcome = saver.save(session)
+    assert outcome.unsaved and isinstance(outcome.error, RuntimeError)
+    assert memory.attempts == 1 and clock.pauses == []
+    assert saver.take_unsaved() == [session] and saver.unsaved == []
+
+
+def test_drain_checkpoints_saves_and_returns_what_was_saved() -> None:
+    memory = MemoryStore()
+    saver = saver_for(memory)
+    recorder = SessionRecorder()
+    evs = list(stream(sessions=4, loops=1))
+    recorder.record_all(evs[: len(evs) // 2])
+    early = saver.drain(recorder)  # sessions finished so far
+    recorder.record_all(evs[len(evs) // 2:])
+    rest = saver.drain(recorder, flush=True)
+    assert sorted(s.session_id for s in early + rest) == sorted(memory.sessions) == [
+        f"s{n:07d}" for n in range(4)]
+    assert recorder.stats()["completed_sessions"] == 0
+
+
+def test_an_interrupted_drain_leaves_its_sessions_for_the_next() -> None:
+    def interrupt_once(session: ps.Session) -> None:
+        if memory.attempts == 2:
+            raise KeyboardInterrupt
+
+    memory = MemoryStore(interrupt_once)
+    saver = saver_for(memory)
+    recorder = SessionRecorder()
+    recorder.record_all(stream(sessions=3, loops=1))
+    with pytest.raises(KeyboardInterrupt):
+        saver.drain(recorder, flush=True)
+    assert len(memory.sessions) == 1
+    saver.drain(recorder)  # nothing new: saves what the interrupted drain held
+    assert len(memory.sessions) == 3
+
+
+def test_an_interrupted_retry_puts_back_what_it_did_not_try(clock: FakeTime) -> None:
+    memory = MemoryStore(failing(10**6, ps.StoreError("down")))
+    saver = saver_for(memory, retry_for=0)
+    for session in sessions(3):
+        saver.save(session)
+
+    def interrupt(session: ps.Session) -> None:
+        raise KeyboardInterrupt
+
+    memory.trouble = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        saver.retry_unsaved()
+    assert len(saver.unsaved) == 3
+
+
+def test_the_async_twins_follow_the_same_policy() -> None:
+    memory = MemoryStore(failing(2, ps.SessionLocked("busy")))
+    saver = saver_for(memory, retry_for=0.3)  # pauses 0.05 + 0.1, then the next would pass it
+    recorder = SessionRecorder()
+    recorder.record_all(stream(sessions=2, loops=1))
+
+    async def main() -> None:
+        saved = await saver.adrain(recorder, flush=True)
+        assert len(saved) == 2
+        memory.trouble = failing(10**6, ps.StoreError("down"))
+        [late] = sessions(1)
+        assert (await saver.asave(late)).unsaved
+        memory.trouble = None
+        assert await saver.aretry_unsaved() == 0
+
+    asyncio.run(main())
+    assert saver.stats() == SaveStats(saved=3, retried=4, orphaned=0, unsaved=0)
+    assert len(memory.sessions) == 2
+
+
+def test_counts_are_exact_under_concurrent_saves() -> None:
+    memory = MemoryStore()
+    saver = saver_for(memory)
+    batch = sessions(40)
+    threads = [threading.Thread(target=lambda part=part: [saver.save(s) for s in batch[part::4]])
+               for part in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert saver.stats().saved == 40 and len(memory.sessions) == 40
+
+
+def test_a_session_of_the_wrong_type_is_a_type_error() -> None:
+    saver = saver_for(MemoryStore())
+    with pytest.raises(TypeError, match="expected a Session, got NoneType"):
+        saver.save(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got dict"):
+        asyncio.run(saver.asave({}))  # type: ignore[arg-type]
+    assert saver.stats() == SaveStats()
+
+
+def test_retry_for_must_be_a_duration() -> None:
+    with pytest.raises(ValueError, match="retry_for"):
+        saver_for(MemoryStore(), retry_for=-1)
+    with pytest.raises(ValueError, match="retry_for"):
+        saver_for(MemoryStore(), retry_for=float("nan"))
+
+
+# -- the command line saves through a SessionSaver ----------------------------------------------
+
+
+def _stream_with_a_bad_session_id(path: Path) -> list[bytes]:
+    """Two one-loop sessions; the second's id is one no store accepts. Returns its lines."""
+    lines = [encode_event(e).replace(b"s0000001", b"../bad") for e in stream(sessions=2, loops=1, deltas=0)]
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return [line for line in lines if b"../bad" in line]
+
+
+def test_record_puts_a_session_no_store_accepts_into_the_orphans_file(tmp_path: Path) -> None:
+    bad = _stream_with_a_bad_session_id(tmp_path / "s.jsonl")
+    result = CliRunner().invoke(main, ["record", str(tmp_path / "s.jsonl"), "--dir", str(tmp_path / "out"),
+                                       "--orphans", str(tmp_path / "orphans.jsonl"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert "error: session '../bad' cannot be stored" in result.stderr
+    assert (tmp_path / "orphans.jsonl").read_bytes().splitlines() == bad
+    assert JsonDirStore(tmp_path / "out").list_ids() == ["s0000000"]
+
+
+def test_record_without_an_orphans_file_fails_for_a_session_it_cannot_store(tmp_path: Path) -> None:
+    _stream_with_a_bad_session_id(tmp_path / "s.jsonl")
+    result = CliRunner().invoke(main, ["record", str(tmp_path / "s.jsonl"), "--dir", str(tmp_path / "out"),
+                                       "--json"])
+    assert result.exit_code == 1
+    assert "error: session '../bad' cannot be stored" in result.stderr
+    assert json.loads(result.stdout)["totals"]["unsaved_sessions"] == 1
+    assert JsonDirStore(tmp_path / "out").list_ids() == ["s0000000"]
+
+
+def test_import_retries_a_busy_store_and_reports_what_it_could_not_save(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeTime) -> None:
+    good, other = sessions(2)
+    for session in (good, other):
+        (tmp_path / f"{session.session_id}.json").write_bytes(ps.encode(session))
+    original = JsonDirStore.save
+    busy = {good.session_id: 2, other.session_id: 10**6}
+
+    def sometimes_busy(self: JsonDirStore, session: ps.Session) -> None:
+        if busy[session.session_id] > 0:
+            busy[session.session_id] -= 1
+            raise ps.SessionLocked("another writer holds it")
+        original(self, session)
+
+    monkeypatch.setattr(JsonDirStore, "save", sometimes_busy)
+    result = CliRunner().invoke(main, ["import", str(tmp_path), "--store", f"{tmp_path / 'out'}/", "--json"])
+    assert result.exit_code == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert [row["session_id"] for row in report["imported"]] == [good.session_id]
+    [error] = report["errors"]
+    assert f"session {other.session_id} not saved" in error["error"] and "another writer" in error["error"]
+
+
+def test_recovery_retries_a_busy_store_instead_of_failing(tmp_path: Path, clock: FakeTime) -> None:
+    evs = list(stream(sessions=3, loops=1))
+    with Journal(tmp_path / "j", durability="os") as journal:
+        JournaledRecorder(journal).record_all(evs)
+    store = JsonDirStore(tmp_path / "store")
+    busy = {"s0000001": 3}
+    original = store.save
+
+    def busy_then_fine(session: ps.Session) -> None:
+        if busy.get(session.session_id, 0) > 0:
+            busy[session.session_id] -= 1
+            raise ps.SessionLocked("another writer holds it")
+        original(session)
+
+    store.save = busy_then_fine  # type: ignore[method-assign]
+    report = recover(tmp_path / "j", store)
+    assert report.failed_sessions == [] and report.sessions_saved == 3
+    assert clock.pauses == [0.05, 0.1, 0.2]
+    assert sorted(store.list_ids()) == ["s0000000", "s0000001", "s0000002"]
+    assert list((tmp_path / "j").glob("*.wal")) == []
