@@ -117,17 +117,19 @@ def end_to_end(url: str, dsn: str, workers: int, sessions: int, *, kill: bool = 
             if stored >= total_sessions and _lag(url, dsn, schema, stream) == (0, 0):
                 break
             time.sleep(0.2)
-    elapsed = time.perf_counter() - started
+    finished = time.perf_counter()
+    elapsed = finished - started
     for process in producers:
         process.join()
     for worker in running:
         worker.send_signal(signal.SIGTERM)
         worker.wait()
-    label = f"{workers} worker{'s' if workers > 1 else ''}" + (", one SIGKILLed and restarted" if kill else "")
+    label = f"{workers} worker{'s' if workers > 1 else ''}"
+    label += ", one SIGKILLed and restarted" if kill else ""
     print(f"  {label}: {total_events:,} events in {elapsed:.1f} s = {total_events / elapsed:,.0f} events/s")
     if restarted_at is not None and lag_at_restart is not None:
         print(f"    lag when the killed worker came back: {lag_at_restart[0]:,} in the stream, "
-              f"{lag_at_restart[1]:,} staged; 0 after {time.perf_counter() - restarted_at:.1f} s")
+              f"{lag_at_restart[1]:,} staged; 0 after {finished - restarted_at:.1f} s")
     asyncio.run(_delete_stream(url, stream))
     import psycopg
 

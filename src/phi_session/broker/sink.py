@@ -147,6 +147,7 @@ class JetStreamSink:
                                                 partitions=partitions)
         self.spill_dir = Path(spill_dir) if spill_dir is not None else Path.cwd() / ".phi-session" / "spill"
         self.producer_id = uuid.uuid4().hex[:16]
+        self._id_prefix = f"{self.producer_id}-"
         self.wants_deltas = wants_deltas
         self.buffer = buffer
         self.batch = batch
@@ -184,7 +185,7 @@ class JetStreamSink:
                 raise BrokerError(f"{self!r} is closed")
             session, key = self._route(event)
             self._seq += 1
-            message = (f"{self.producer_id}-{self._seq}", session, key, payload)
+            message = (f"{self._id_prefix}{self._seq}", session, key, payload)
             if self._spill is None and self._in_memory >= self.buffer:
                 self._start_spill()
             if self._spill is not None:

@@ -99,7 +99,9 @@ class IngestWorker:
       (``PHI_SESSION_NATS_*``, defaults; an existing stream decides the count).
     * `durable`: the consumer name prefix; workers with the same one share the work.
     * `batch`: messages per fetch; `ack_wait`: seconds before JetStream redelivers a
-      message a worker took but did not acknowledge (a killed worker's batch);
+      message a worker took but did not acknowledge (a killed worker's batch: what
+      arrived after it waits that long, so it bounds the catch-up after a kill; a
+      needless redelivery costs only a duplicate dropped);
       `checkpoint_interval`: seconds between saves; `rebalance_interval`: seconds
       between looks at the other workers.
     * `recorder_config`: how each partition's recorder records.
@@ -119,7 +121,7 @@ class IngestWorker:
         partitions: int | None = None,
         durable: str = "phi-ingest",
         batch: int = 256,
-        ack_wait: float = 30.0,
+        ack_wait: float = 5.0,
         checkpoint_interval: float = 1.0,
         rebalance_interval: float = 1.0,
         recorder_config: SessionRecorderConfig | None = None,

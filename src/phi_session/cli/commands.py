@@ -708,9 +708,12 @@ def _publish(source: str, url: str, as_json: bool) -> None:
 @click.option("--partitions", type=int, help="Partitions, if this creates the stream (default 8).")
 @click.option("--durable", default="phi-ingest", show_default=True,
               help="Consumer name prefix: workers with the same one share the partitions.")
+@click.option("--ack-wait", type=float, default=5.0, show_default=True, metavar="SECONDS",
+              help="Redeliver what a worker took but did not acknowledge after SECONDS (the catch-up "
+                   "delay after a worker dies; set when the consumers are created).")
 @store_options
 def ingest(url: str, status: bool, stream: str | None, subject_prefix: str | None, partitions: int | None,
-           durable: str, store_url: str | None, as_json: bool) -> None:
+           durable: str, ack_wait: float, store_url: str | None, as_json: bool) -> None:
     """Record events from NATS JetStream into a PostgreSQL store, until SIGTERM or Ctrl-C.
 
     Run one or more on any machines: they share the stream's partitions, each
@@ -742,7 +745,7 @@ def ingest(url: str, status: bool, stream: str | None, subject_prefix: str | Non
         return
     try:
         worker = IngestWorker(url, dsn, schema=schema, stream=stream, subject_prefix=subject_prefix,
-                              partitions=partitions, durable=durable)
+                              partitions=partitions, durable=durable, ack_wait=ack_wait)
     except ValueError as error:
         raise CliError(str(error), EXIT_USAGE) from None
 
