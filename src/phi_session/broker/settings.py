@@ -73,6 +73,9 @@ class StreamSettings:
     @classmethod
     def from_env(cls, **given: Any) -> StreamSettings:
         """Settings from `given` (None means unset), else ``PHI_SESSION_NATS_*``, else defaults."""
+        unknown = given.keys() - {item.name for item in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown stream setting(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
         for item in fields(cls):
             value = given.pop(item.name, None)
@@ -82,8 +85,6 @@ class StreamSettings:
                     value = _parse_env(item.name, raw, item.type)
             if value is not None:
                 values[item.name] = value
-        if given:
-            raise TypeError(f"unknown stream setting(s): {', '.join(sorted(given))}")
         return cls(**values)
 
     def subject(self, partition: int) -> str:

@@ -158,6 +158,7 @@ class JetStreamSink:
         self._spill: _Episode | None = None  # the episode new events are appended to
         self._sending: _Entry | None = None  # the entry the sender is publishing
         self._seq = 0
+        self._spill_from = buffer  # events in memory beyond which new ones are spilled
         self._published = self._spilled = self._left = 0
         self._closed = False
         self._roots: dict[str, str] = {}  # sub-agent session -> the session it goes with
@@ -186,7 +187,7 @@ class JetStreamSink:
             session, key = self._route(event)
             self._seq += 1
             message = (f"{self._id_prefix}{self._seq}", session, key, payload)
-            if self._spill is None and self._in_memory >= self.buffer:
+            if self._spill is None and self._in_memory >= self._spill_from:
                 self._start_spill()
             if self._spill is not None:
                 try:
@@ -227,8 +228,11 @@ class JetStreamSink:
         try:
             self._spill = _Episode(directory)
         except (OSError, PhiSessionError):
+            # Over the bound rather than dropped; tried again after another `buffer` events.
+            self._spill_from = self._in_memory + self.buffer
             logger.exception("cannot open a spill journal in %s; keeping events in memory", self.spill_dir)
             return
+        self._spill_from = self.buffer
         self._queue.append(self._spill)
         logger.warning("NATS at %s is not taking events as fast as they come (%d waiting): spilling to %s;"
                        " nothing is dropped, they are sent when it does",
