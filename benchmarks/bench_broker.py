@@ -66,7 +66,9 @@ def producer_side(url: str, runs: int) -> None:
         asyncio.run(_delete_stream(url, stream))
     print(f"producer side, W1 ({len(events):,} events), best of {runs}:")
     print(f"  JsonlSink      {jsonl:6.2f} us/event")
-    print(f"  JetStreamSink  {broker:6.2f} us/event  ({broker / jsonl:.2f}x the JSONL sink; target <= 2x)")
+    verdict = "PASS" if broker <= 2 * jsonl else "MISS"
+    print(f"  JetStreamSink  {broker:6.2f} us/event  ({broker / jsonl:.2f}x the JSONL sink; target <= 2x) "
+          f"{verdict}")
 
 
 def _produce(url: str, stream: str, seed: int, sessions: int, spill: str) -> None:
@@ -87,7 +89,8 @@ def _lag(url: str, dsn: str, schema: str, stream: str) -> tuple[int, int]:
     return sum(r.in_stream for r in rows), sum(r.staged for r in rows)
 
 
-def end_to_end(url: str, dsn: str, workers: int, sessions: int, *, kill: bool = False) -> None:
+def end_to_end(url: str, dsn: str, workers: int, sessions: int, *, kill: bool = False) -> float:
+    """Events/s from the first publish until every session is stored."""
     from phi_session.stores.postgres import PostgresStore
 
     stream, schema = f"BENCH_{uuid.uuid4().hex[:10]}", f"bench_{uuid.uuid4().hex[:10]}"
@@ -135,6 +138,7 @@ def end_to_end(url: str, dsn: str, workers: int, sessions: int, *, kill: bool = 
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    return total_events / elapsed
 
 
 async def _delete_stream(url: str, stream: str) -> None:
@@ -159,8 +163,10 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs")
     producer_side(args.url, args.runs)
     print(f"end to end, {PRODUCERS} producers x {args.sessions} sessions:")
-    for workers in (1, 2):
-        end_to_end(args.url, args.dsn, workers, args.sessions)
+    one, two = (end_to_end(args.url, args.dsn, workers, args.sessions) for workers in (1, 2))
+    verdict = "PASS" if two >= 1.5 * one else f"MISS (CPU-bound: {os.cpu_count()} CPUs run the producers, " \
+        "nats-server, PostgreSQL and the workers)"
+    print(f"  2 workers / 1 worker: {two / one:.2f}x (target >= 1.5x where the machine allows) {verdict}")
     end_to_end(args.url, args.dsn, 2, args.sessions, kill=True)
 
 
