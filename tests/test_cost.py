@@ -42,7 +42,8 @@ def test_known_models_cost_what_genai_prices_says(provider: str, model: str) -> 
         model, provider_id=provider,
         genai_request_timestamp=datetime(2025, 6, 1, 12, tzinfo=timezone.utc))
     cost = Pricer().price(USAGE, provider, model, WHEN)
-    assert cost == Cost(usd=float(expected.total_price), sources=(f"genai-prices {genai_prices.__version__}",))
+    table = f"genai-prices {genai_prices.__version__}"
+    assert cost == Cost(usd=float(expected.total_price), sources=(table,))
     assert cost.usd is not None and cost.usd > 0
 
 
