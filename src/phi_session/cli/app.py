@@ -14,6 +14,7 @@ import msgspec
 from rich.console import Console
 
 from .. import __version__
+from ..cost import Pricer
 from ..errors import InvalidSessionId, InvalidStoreUrl, PhiSessionError
 from ..model import Session
 from ..stores.base import SessionStore, validate_session_id
@@ -202,6 +203,20 @@ def main() -> None:
 
     Exit codes: 0 ok, 1 not found or failed, 2 usage error.
     """
+
+
+def prices_option(fn: F) -> F:
+    """``--prices FILE``: the user's own prices, for the commands that show cost."""
+    return click.option(
+        "--prices", "prices_file", metavar="FILE", default=None, envvar="PHI_SESSION_PRICES",
+        help="Your own prices, USD per million tokens (TOML or JSON; default $PHI_SESSION_PRICES); "
+             "they win over the genai-prices table of the 'prices' extra.",
+    )(fn)
+
+
+def cli_pricer(prices_file: str | None) -> Pricer:
+    """The pricer of `--prices` (genai-prices alone without a file)."""
+    return Pricer() if prices_file is None else Pricer.from_file(prices_file)
 
 
 def store_options(fn: F) -> F:

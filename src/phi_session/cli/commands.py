@@ -14,6 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.text import Text
 
 from ..codec import decode_event, decode_session, encode_event, encode_message, encode_session
+from ..cost import ZERO_COST, Cost, Pricer, cost_totals
 from ..errors import DecodeError, InvalidQuery, PhiSessionError, SessionNotFound
 from ..events import AgentEvent
 from ..model import CompactionBlock, Session
@@ -21,6 +22,7 @@ from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
 from ..stores.base import SessionStore, summarize, to_builtins
 from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
+from ..stores.search import DEFAULT_LIMIT
 from ..stores.urls import default_store_url
 from ..views import event_stream, loop_forest, spawn_graph
 from . import render
@@ -30,10 +32,12 @@ from .app import (
     EXIT_USAGE,
     PROG,
     CliError,
+    cli_pricer,
     echo_json,
     load_cli_session,
     main,
     open_cli_store,
+    prices_option,
     session_id_argument,
     stderr,
     stdout,
@@ -55,31 +59,64 @@ def _note_default_store(store_url: str | None, directory: str | None = None) -> 
 # -- list -------------------------------------------------------------------------------------
 
 
-@main.command("list")
-@click.option("--agent", help="Only sessions of this agent id.")
-@click.option("--since", metavar="WHEN", help=f"Last active at or after WHEN: {TIME_HELP}.")
-@click.option("--until", metavar="WHEN", help="Last active before WHEN (same forms as --since).")
-@click.option("--status", metavar="STATUS",
-              help=f"Sessions with a loop in this status ({', '.join(LOOP_STATUSES)}; any case).")
-@click.option("--model", help="Sessions with a loop on this model (provider/model or model).")
-@click.option("--min-tokens", metavar="N", help="Sessions with at least N tokens in total.")
-@click.option("--parent", metavar="ID", help="Sub-agent sessions spawned from session ID.")
-@click.option("--order", metavar="ORDER", help=f"Sort order: {', '.join(ORDERS)} (default newest).")
-@click.option("--limit", metavar="N", help="Show at most N sessions.")
-@store_options
-def list_command(store_url: str | None, as_json: bool, **filters: str | None) -> None:
-    """List stored sessions, newest first."""
+def _filter_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """The session filters of ``list`` and ``search`` (all of `SessionQuery` but ``limit``)."""
+    options = [
+        click.option("--agent", help="Only sessions of this agent id."),
+        click.option("--since", metavar="WHEN", help=f"Last active at or after WHEN: {TIME_HELP}."),
+        click.option("--until", metavar="WHEN", help="Last active before WHEN (same forms as --since)."),
+        click.option("--status", metavar="STATUS",
+                     help=f"Sessions with a loop in this status ({', '.join(LOOP_STATUSES)}; any case)."),
+        click.option("--model", help="Sessions with a loop on this model (provider/model or model)."),
+        click.option("--min-tokens", metavar="N", help="Sessions with at least N tokens in total."),
+        click.option("--parent", metavar="ID", help="Sub-agent sessions spawned from session ID."),
+        click.option("--order", metavar="ORDER", help=f"Sort order: {', '.join(ORDERS)} (default newest)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _session_query(filters: dict[str, str | None]) -> SessionQuery:
     try:
-        query = SessionQuery.from_strings(filters)
+        return SessionQuery.from_strings(filters)
     except InvalidQuery as error:
         raise CliError(f"--{str(error.parameter).replace('_', '-')}: {error.reason}", EXIT_USAGE) from None
+
+
+def _note_unknown_costs(pricer: Pricer, costs: Iterable[Cost]) -> None:
+    """Say how to get prices when some cost is unknown for want of the price table."""
+    if pricer.hint is not None and any(not cost.known for cost in costs):
+        stderr().print(render.plain(pricer.hint, "dim"), soft_wrap=True)
+
+
+def _session_cost(store: SessionStore, pricer: Pricer, session_id: str) -> Cost:
+    try:
+        return pricer.session(store.load(session_id))
+    except SessionNotFound:  # deleted since it was listed
+        return Cost(usd=None)
+
+
+@main.command("list")
+@_filter_options
+@click.option("--limit", metavar="N", help="Show at most N sessions.")
+@prices_option
+@store_options
+def list_command(store_url: str | None, as_json: bool, prices_file: str | None,
+                 **filters: str | None) -> None:
+    """List stored sessions, newest first, with their cost (each listed session is read to price it)."""
+    query = _session_query(filters)
+    pricer = cli_pricer(prices_file)
     with open_cli_store(store_url, must_exist=True) as store:
         rows = store.query(query)
+        costs = [_session_cost(store, pricer, row.session_id) for row in rows]
     if as_json:
-        echo_json(to_builtins(rows))
+        echo_json([{**to_builtins(row), "cost": to_builtins(cost)}
+                   for row, cost in zip(rows, costs, strict=True)])
     elif rows:
         console = stdout()
-        console.print(render.summaries_table(rows, console.width))
+        console.print(render.summaries_table(rows, console.width, costs))
+        _note_unknown_costs(pricer, costs)
     else:
         stderr().print("no sessions match", style="dim")
 
@@ -90,8 +127,10 @@ def list_command(store_url: str | None, as_json: bool, **filters: str | None) ->
 @main.command()
 @click.argument("session_id", metavar="ID")
 @click.option("--events", "with_events", is_flag=True, help="Also print the ordered event log.")
+@prices_option
 @store_options
-def show(session_id: str, with_events: bool, store_url: str | None, as_json: bool) -> None:
+def show(session_id: str, with_events: bool, store_url: str | None, as_json: bool,
+         prices_file: str | None) -> None:
     """Show a session: header, usage and its loop tree.
 
     With --json, prints the session's phi-core JSON (which includes the events).
@@ -101,8 +140,11 @@ def show(session_id: str, with_events: bool, store_url: str | None, as_json: boo
     if as_json:
         click.echo(encode_session(session).decode())
         return
+    pricer = cli_pricer(prices_file)
+    cost = pricer.session(session)
     console = stdout()
-    console.print(render.session_header(session, summarize(session)))
+    console.print(render.session_header(session, summarize(session), cost))
+    _note_unknown_costs(pricer, [cost])
     console.print()
     console.print(render.loop_tree(session, loop_forest(session)))
     if with_events:
@@ -169,21 +211,57 @@ def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool)
 @main.command()
 @click.option("--by", "group_by", default="agent", show_default=True, metavar="|".join(GROUP_BYS),
               help="Group usage by agent, by model (provider/model) or by UTC day of creation.")
+@prices_option
 @store_options
-def stats(group_by: str, store_url: str | None, as_json: bool) -> None:
-    """Token usage totals, grouped by agent, model or day."""
+def stats(group_by: str, store_url: str | None, as_json: bool, prices_file: str | None) -> None:
+    """Token usage and cost totals, grouped by agent, model or day.
+
+    Cost is priced now from the stored usage (every session is read to price it).
+    """
     try:
         by = parse_group_by(group_by)
     except InvalidQuery as error:
         raise CliError(f"--by: {error.reason}", EXIT_USAGE) from None
+    pricer = cli_pricer(prices_file)
     with open_cli_store(store_url, must_exist=True) as store:
         totals = store.usage_totals(by)
+        costs = cost_totals((store.load(session_id) for session_id in store.list_ids()), by, pricer)
     if as_json:
-        echo_json(to_builtins(totals))
+        cost_of = {row.key: row.cost for row in costs}
+        echo_json([{**to_builtins(row), "cost": to_builtins(cost_of.get(row.key, ZERO_COST))}
+                   for row in totals])
     elif totals:
-        stdout().print(render.usage_totals_table(totals, by))
+        stdout().print(render.usage_totals_table(totals, by, costs))
+        _note_unknown_costs(pricer, [row.cost for row in costs])
     else:
         stderr().print("no sessions", style="dim")
+
+
+# -- search -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("text")
+@_filter_options
+@click.option("--limit", metavar="N", default=str(DEFAULT_LIMIT), show_default=True,
+              help="Show at most N hits.")
+@store_options
+def search(text: str, limit: str, store_url: str | None, as_json: bool, **filters: str | None) -> None:
+    """Find where agents said TEXT: message text, thinking, tool calls and tool results.
+
+    Every word of TEXT must occur (whole words, any case) in one text. Hits come
+    newest session first (see --order), with the matched words highlighted.
+    """
+    query = _session_query(filters)
+    hit_limit = _session_query({"limit": limit}).limit
+    with open_cli_store(store_url, must_exist=True) as store:
+        hits = store.search(text, query, DEFAULT_LIMIT if hit_limit is None else hit_limit)
+    if as_json:
+        echo_json(to_builtins(hits))
+    elif hits:
+        stdout().print(render.search_hits_table(hits))
+    else:
+        stderr().print("no matches", style="dim")
 
 
 # -- record -------------------------------------------------------------------------------------

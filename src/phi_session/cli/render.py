@@ -20,6 +20,7 @@ from rich.tree import Tree
 from .._float32 import Float32
 from .._time import Timestamp
 from ..codec import encode_event
+from ..cost import ZERO_COST, Cost, CostTotal, total
 from ..events import AgentEvent
 from ..messages import (
     AgentMessage,
@@ -36,6 +37,7 @@ from ..messages import (
 from ..model import LoopRecord, Session
 from ..stores.base import SessionSummary, UsageTotal
 from ..stores.query import LOOP_STATUSES
+from ..stores.search import SearchHit
 from ..views import LoopNode, SpawnNode
 
 STATUS_STYLES = {
@@ -93,6 +95,19 @@ def status_counts(counts: dict[str, int]) -> Text:
     return out
 
 
+def cost_text(cost: Cost, *, sources: bool = False) -> Text:
+    """``$0.0123`` (with its price sources when asked), or a dim ``unknown``: never a made-up 0."""
+    if cost.usd is None:
+        text = Text("unknown", style="dim")
+        if sources and cost.unpriced:
+            text.append(f" (no price for {', '.join(cost.unpriced)})", style="dim")
+        return text
+    text = Text(f"${cost.usd:,.4f}")
+    if sources and cost.sources:
+        text.append(f" ({', '.join(cost.sources)})", style="dim")
+    return text
+
+
 def usage_line(usage: Usage) -> str:
     parts = [f"{number(usage.total_tokens)} tokens", f"in {number(usage.input)}",
              f"out {number(usage.output)}"]
@@ -106,12 +121,12 @@ def usage_line(usage: Usage) -> str:
 # -- list, stats, record --------------------------------------------------------------------
 
 
-def summaries_table(rows: Sequence[SessionSummary], width: int) -> Table:
+def summaries_table(rows: Sequence[SessionSummary], width: int, costs: Sequence[Cost]) -> Table:
     """The ``list`` table for a terminal `width` columns wide.
 
     Ids, times, loop counts and tokens are never cut. Narrower terminals lose
     columns instead: below 150 the creation time (and the agent id is shortened),
-    below 120 the model, below 100 the agent and the turn count. The model
+    below 120 the cost and the model, below 100 the agent and the turn count. The model
     column is cut with an ellipsis rather than wrapped.
     """
     show_created, show_model, show_agent = width >= 150, width >= 120, width >= 100
@@ -127,8 +142,9 @@ def summaries_table(rows: Sequence[SessionSummary], width: int) -> Table:
         table.add_column("TURNS", justify="right", no_wrap=True)
     table.add_column("TOKENS", justify="right", no_wrap=True)
     if show_model:
+        table.add_column("COST", justify="right", no_wrap=True)
         table.add_column("MODEL", no_wrap=True, overflow="ellipsis", min_width=8)
-    for row in rows:
+    for row, cost in zip(rows, costs, strict=True):
         loops = status_counts(row.loops_by_status)
         if row.rejected:
             loops.append(" rejected", style="magenta")
@@ -142,6 +158,7 @@ def summaries_table(rows: Sequence[SessionSummary], width: int) -> Table:
             cells.append(number(row.turn_count))
         cells.append(number(row.total_tokens))
         if show_model:
+            cells.append(cost_text(cost))
             cells.append(plain(", ".join(row.models), one_line=True))
         table.add_row(*cells)
     return table
@@ -171,8 +188,10 @@ def partition_status_record(row: Any) -> dict[str, Any]:
     return {name: getattr(row, name) for name in _PARTITION_COLUMNS}
 
 
-def usage_totals_table(totals: Sequence[UsageTotal], by: str) -> Table:
+def usage_totals_table(totals: Sequence[UsageTotal], by: str, costs: Sequence[CostTotal]) -> Table:
+    """The ``stats`` table: usage and cost per group (`costs` has the same keys), with totals."""
     table = Table(box=None, header_style="bold", pad_edge=False, show_footer=len(totals) > 1)
+    cost_of = {row.key: row.cost for row in costs}
     grand = sum((row.usage for row in totals), Usage(input=0, output=0))
     # A session with loops on several models counts once per model: no session total then.
     sessions_total = "" if by == "model" else number(sum(row.sessions for row in totals))
@@ -181,9 +200,30 @@ def usage_totals_table(totals: Sequence[UsageTotal], by: str) -> Table:
     table.add_column("LOOPS", justify="right", footer=number(sum(row.loops for row in totals)))
     for name in USAGE_COLUMNS:
         table.add_column(name.replace("_", " ").upper(), justify="right", footer=number(getattr(grand, name)))
+    table.add_column("COST", justify="right", footer=cost_text(total(row.cost for row in costs)))
     for row in totals:
         table.add_row(plain(row.key), number(row.sessions), number(row.loops),
-                      *(number(getattr(row.usage, name)) for name in USAGE_COLUMNS))
+                      *(number(getattr(row.usage, name)) for name in USAGE_COLUMNS),
+                      cost_text(cost_of.get(row.key, ZERO_COST)))
+    return table
+
+
+def search_hits_table(hits: Sequence[SearchHit]) -> Table:
+    """The ``search`` table: where each hit is and its snippet, the matched words in bold."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("SESSION", "LOOP", "TURN", "KIND"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("SNIPPET")
+    for hit in hits:
+        snippet = Text()
+        end = 0
+        for start, stop in hit.highlights:
+            snippet.append_text(plain(hit.snippet[end:start], one_line=True))
+            snippet.append_text(plain(hit.snippet[start:stop], "bold yellow", one_line=True))
+            end = stop
+        snippet.append_text(plain(hit.snippet[end:], one_line=True))
+        turn = "-" if hit.turn_index is None else str(hit.turn_index)
+        table.add_row(plain(hit.session_id), plain(hit.loop_id), turn, hit.kind, snippet)
     return table
 
 
@@ -220,7 +260,7 @@ def _formation_text(session: Session) -> str:
     return text
 
 
-def session_header(session: Session, summary: SessionSummary) -> Table:
+def session_header(session: Session, summary: SessionSummary, cost: Cost) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
@@ -239,6 +279,7 @@ def session_header(session: Session, summary: SessionSummary) -> Table:
         ("Rejected", Text("yes", style="magenta bold") if session.is_rejected else Text("no", style="dim")),
         ("Loops", status_counts(summary.loops_by_status)),
         ("Usage", usage_line(summary.usage)),
+        ("Cost", cost_text(cost, sources=True)),
     ]
     for key, value in rows:
         grid.add_row(key, value)
