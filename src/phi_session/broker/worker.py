@@ -146,6 +146,7 @@ class IngestWorker:
         self.stats = WorkerStats()
         self.member_id = random.getrandbits(31)
         self._stop_requested = False
+        self._broker_down = False  # a partition failed on NATS; warned once until one works again
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
 
@@ -186,9 +187,22 @@ class IngestWorker:
                     await self._release(resources, running, number)
 
     async def _rebalance(self, resources: _Resources, running: dict[int, _PartitionRun]) -> None:
-        for run in list(running.values()):
-            if run.task.done():  # a partition failed: that is the worker failing
-                run.task.result()
+        import nats.errors
+
+        for number, run in list(running.items()):
+            if not run.task.done():
+                continue
+            error = run.task.exception()
+            if not isinstance(error, (nats.errors.Error, asyncio.TimeoutError)):
+                run.task.result()  # PostgreSQL or a bug: that is the worker failing
+                continue
+            # NATS is down or restarting: start the partition again (its staged events are
+            # replayed) once the client has reconnected.
+            if not self._broker_down:
+                logger.warning("NATS at %s failed (%s); partitions restart when it is back",
+                               self.url, str(error) or type(error).__name__)
+            self._broker_down = True
+            await self._release(resources, running, number)
         staging = resources.staging
         count = self.settings.partitions
         share = math.ceil(count / max(await staging.members(), 1))
@@ -203,6 +217,11 @@ class IngestWorker:
                 running[number] = _PartitionRun(self, resources, number)
                 self.stats.partitions_taken += 1
         self.stats.owned = sorted(running)
+
+    def note_broker_up(self) -> None:
+        if self._broker_down:
+            self._broker_down = False
+            logger.warning("NATS at %s works again", self.url)
 
     async def _release(self, resources: _Resources, running: dict[int, _PartitionRun], number: int) -> None:
         del running[number]
@@ -291,6 +310,7 @@ class _PartitionRun:
                     messages = []
                 if messages:
                     await self.take(messages)
+                    self.worker.note_broker_up()
                 if self.waiting:
                     await self.apply_ready(subscription)
                 if time.monotonic() - last_save >= worker.checkpoint_interval:
