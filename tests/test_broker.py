@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from phi_session.codec import encode_event, encode_session
+from phi_session.codec import decode_event, encode_event, encode_session
 from phi_session.recorder import SessionRecorder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -128,6 +128,13 @@ def _wait_stored(schema: str, expected: dict[str, bytes], timeout: float = 60) -
         time.sleep(0.3)
 
 
+def _staged_ids_or_none(schema: str) -> list[str]:
+    try:
+        return _staged_ids(schema)
+    except psycopg.Error:  # no table yet
+        return []
+
+
 def _staged_ids(schema: str) -> list[str]:
     with psycopg.connect(DSN, autocommit=True) as conn:
         query = psycopg.sql.SQL("SELECT event_id FROM {}.broker_events").format(
@@ -165,7 +172,9 @@ def test_four_producers_two_workers_one_killed_and_restarted(names: Names) -> No
     first, second = _helper(*worker_args), _helper(*worker_args)
     producers = [_helper("producer", URL, names.stream, names.prefix, str(names.spill), str(seed),
                          str(sessions)) for seed in seeds]
-    time.sleep(1.0)  # mid-stream: some events are in, others still coming
+    deadline = time.monotonic() + 30
+    while len(_staged_ids_or_none(names.schema)) < 1000 and time.monotonic() < deadline:
+        time.sleep(0.05)  # mid-stream: the workers hold some events, others are still coming
     first.kill()  # SIGKILL: whatever it held unacknowledged is redelivered, what it staged is replayed
     first.wait()
     for producer in producers:
@@ -442,3 +451,21 @@ def test_record_to_nats_then_ingest_and_status(names: Names, tmp_path: Path) -> 
     assert "recorded 1,240 events" in out
     assert stored == expected
     assert cli("ingest", URL, "--store", str(tmp_path / "x.db")).returncode == 2
+
+
+def test_a_session_no_store_accepts_stays_staged_as_rejected(names: Names) -> None:
+    good = list(workload.events(1, seed=9))
+    session_id = good[0].session_id.encode()
+    bad = [decode_event(line.replace(session_id, b"../etc")) for line in workload.lines(1, seed=9)]
+    with names.sink(partitions=1) as sink:
+        for event in bad + good:
+            sink(event)
+        assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference([good])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected and worker.stats.rejected > 0))
+    assert _stored(names.schema) == expected
+    assert worker.stats.rejected == len(bad)  # kept with their payload, not replayed forever
+    status = asyncio.run(ingest_status(names.url, DSN, schema=names.schema, stream=names.stream,
+                                       subject_prefix=names.prefix))
+    assert [(row.staged, row.rejected) for row in status] == [(0, len(bad))]

@@ -34,9 +34,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BrokerError, DecodeError, MissingExtra, StoreError
+from ..events import AgentEvent
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
-from .settings import EVENT_ID_HEADER, SESSION_HEADER, StreamSettings, connect, ensure_stream, require_nats
+from .settings import (
+    EVENT_ID_HEADER,
+    SESSION_HEADER,
+    StreamSettings,
+    connect,
+    ensure_stream,
+    event_session_id,
+    require_nats,
+)
 from .staging import REJECTED, SAVED, StagedEvent, Staging
 
 if TYPE_CHECKING:
@@ -67,7 +76,8 @@ class WorkerStats:
     held_back: int = 0
     """Events that waited for an earlier one still to be delivered (redelivered out of order)."""
     rejected: int = 0
-    """Events no recorder accepts (not phi-core JSON): kept staged as ``rejected``."""
+    """Events no recorder accepts (not phi-core JSON) or of a session id no store accepts:
+    kept staged as ``rejected``, with their payload."""
     sessions_saved: int = 0
     partitions_taken: int = 0
     partitions_released: int = 0
@@ -279,7 +289,9 @@ class _PartitionRun:
         self.resources = resources
         self.number = number
         self.recorder = SessionRecorder(worker.recorder_config)
-        self.saver = SessionSaver(resources.store)
+        # A session id no store accepts: its events stay staged, as rejected, with their payload.
+        self.saver = SessionSaver(resources.store, orphans=self.orphaned)
+        self.unstorable: list[str] = []  # sessions handed to `orphaned`, not yet marked
         self.waiting: dict[int, StagedEvent] = {}  # staged, not yet applied, by stream sequence
         self.applied: dict[str, list[str]] = {}  # session id -> events applied, session not yet saved
         self.held: set[int] = set()  # waiting events already counted as held back
@@ -380,8 +392,12 @@ class _PartitionRun:
         self.worker.stats.rejected += len(rejected)
         await self.resources.staging.mark(rejected, REJECTED)
 
+    def orphaned(self, events: list[AgentEvent]) -> None:
+        if events:
+            self.unstorable.append(event_session_id(events[0]))
+
     async def save(self) -> None:
-        """Save what is complete; mark the events of saved sessions."""
+        """Save what is complete; mark the events of saved sessions (and of unstorable ones)."""
         saver = self.saver
         retried = [session for session in saver.take_unsaved() if (await saver.asave(session)).saved]
         saved = retried + await saver.adrain(self.recorder)
@@ -392,6 +408,11 @@ class _PartitionRun:
                 done.extend(self.applied.pop(session.session_id, ()))
         self.worker.stats.sessions_saved += len(saved)
         await self.resources.staging.mark(done, SAVED)
+        rejected = [event_id for session_id in self.unstorable
+                    for event_id in self.applied.pop(session_id, ())]
+        self.unstorable.clear()
+        self.worker.stats.rejected += len(rejected)
+        await self.resources.staging.mark(rejected, REJECTED)
 
 
 async def ingest_status(
