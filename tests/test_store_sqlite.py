@@ -24,7 +24,14 @@ from phi_session.errors import SessionLocked, StoreError
 from phi_session.model import LoopStatus, Session
 from phi_session.stores import sqlite as sqlite_module
 from phi_session.stores.base import UsageTotal, summarize
-from phi_session.stores.conformance import EXAMPLE_SESSIONS, StoreConformance, at, make_loop, make_session
+from phi_session.stores.conformance import (
+    EXAMPLE_SESSIONS,
+    StoreConformance,
+    at,
+    make_loop,
+    make_session,
+    talking_loop,
+)
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.query import PruneCriteria, SessionQuery
 from phi_session.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
@@ -262,8 +269,12 @@ def test_unchanged_loops_are_not_rewritten(store: SqliteStore) -> None:
     conn = connection_of(store)
     before = conn.total_changes
     store.save(make_session("u", loops=[*loops, make_loop("u", 4)]))
-    # One sessions row and one new loop row: the three stored loops stay as they are.
-    assert conn.total_changes - before == 2
+    changes = conn.total_changes - before
+    before = conn.total_changes
+    store.save(make_session("v", loops=[make_loop("v", 4)]))
+    # As many changes as storing a new session of one loop (its row, the loop's row and
+    # search text): the three stored loops stay as they are.
+    assert changes == conn.total_changes - before
 
 
 # -- queries -----------------------------------------------------------------------------------
@@ -546,3 +557,52 @@ def test_fork(store: SqliteStore, close_before_fork: bool) -> None:
     assert child.exitcode == 0
     store.save(make_session("parent-2"))  # the parent's connection was left working
     assert sorted(store.list_ids()) == ["child", "parent-1", "parent-2"]
+
+
+def _indexed_loops(db: Path) -> tuple[int, int]:
+    """Rows of the search text table and of its FTS5 index."""
+    with closing(sqlite3.connect(db)) as conn:
+        texts = conn.execute("SELECT COUNT(*) FROM loop_text").fetchone()[0]
+        indexed = conn.execute(
+            "SELECT COUNT(*) FROM loop_text_fts WHERE loop_text_fts MATCH 'please'").fetchone()[0]
+    return texts, indexed
+
+
+def test_the_v2_migration_indexes_the_stored_loops(db: Path) -> None:
+    with SqliteStore(db) as store:
+        store.save(make_session("old", loops=[talking_loop("old", 1, "brew coffee")]))
+    # Back to version 1: the stored loops, no search tables.
+    raw_execute(db, "DROP TABLE loop_text_fts", "DROP TABLE loop_text", "PRAGMA user_version = 1")
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        kinds = [hit.kind for hit in store.search("coffee")]
+        assert kinds == ["text", "thinking", "text", "tool_call", "tool_result"]
+    assert _indexed_loops(db) == (1, 1)
+
+
+def test_the_index_follows_saves_deletes_and_prunes(store: SqliteStore, db: Path) -> None:
+    store.save(make_session("a", loops=[talking_loop("a", 1, "brew coffee")]))
+    store.save(make_session("a", loops=[talking_loop("a", 2, "grind beans", started_at=at(5))]))
+    store.save(make_session("b", last_active_at=at(50), loops=[talking_loop("b", 1, "water plants")]))
+    assert _indexed_loops(db) == (3, 3)
+    store.delete("a")
+    assert _indexed_loops(db) == (1, 1)  # no stale rows: the index is not merely filtered
+    assert store.prune(PruneCriteria(keep_last=0)) == 1
+    assert _indexed_loops(db) == (0, 0)
+
+
+def test_search_reads_only_the_sessions_the_index_names(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for index in range(5):
+        store.save(make_session(f"s{index}", loops=[talking_loop(f"s{index}", 1, f"topic{index}")]))
+    loaded: list[str] = []
+    real_load = SqliteStore.load
+
+    def load(self: SqliteStore, session_id: str) -> Session:
+        loaded.append(session_id)
+        return real_load(self, session_id)
+
+    monkeypatch.setattr(SqliteStore, "load", load)
+    assert {hit.session_id for hit in store.search("topic3")} == {"s3"}
+    assert loaded == ["s3"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
+from collections.abc import Container
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import msgspec
@@ -189,19 +191,29 @@ def as_query(query: SessionQuery | None) -> SessionQuery:
 
 def scan_search(store: SessionStore, text: str, query: SessionQuery | None, limit: int) -> list[SearchHit]:
     """`SessionStore.search` by loading every selected session and reading it (slow on big stores)."""
-    words = search_words(text, limit)
+    return collect_hits(store, search_words(text, limit), query, limit)
+
+
+def collect_hits(store: SessionStore, words: tuple[str, ...], query: SessionQuery | None, limit: int,
+                 candidates: Container[str] | None = None) -> list[SearchHit]:
+    """The first `limit` hits of `words` in the sessions `query` selects, in its order.
+
+    An index passes the ids of the sessions that may match as `candidates`: only those
+    are loaded (None: every selected session is).
+    """
     hits: list[SearchHit] = []
     if not words or not limit:
         return hits
     for summary in store.query(as_query(query)):
+        if candidates is not None and summary.session_id not in candidates:
+            continue
         try:
             session = store.load(summary.session_id)
         except SessionNotFound:  # deleted since the listing
             continue
-        for hit in document_hits(session, words):
-            hits.append(hit)
-            if len(hits) == limit:
-                return hits
+        hits.extend(itertools.islice(document_hits(session, words), limit - len(hits)))
+        if len(hits) == limit:
+            break
     return hits
 
 

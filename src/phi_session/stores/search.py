@@ -34,11 +34,12 @@ from ..messages import (
     ToolResultMessage,
     UserMessage,
 )
-from ..model import Session
+from ..model import LoopRecord, Session
 from .query import MAX_COUNT, check_count
 
 __all__ = [
-    "DEFAULT_LIMIT", "DocumentKind", "SearchHit", "document_hits", "documents", "query_words", "search_words",
+    "DEFAULT_LIMIT", "DocumentKind", "SearchHit", "document_hits", "documents", "loop_text", "query_words",
+    "search_words",
 ]
 
 DocumentKind = Literal["text", "thinking", "tool_call", "tool_result"]
@@ -97,6 +98,15 @@ def _message_texts(message: AgentMessage) -> Iterator[tuple[DocumentKind, str]]:
         elif isinstance(block, ToolCall):
             arguments = msgspec.json.encode(block.arguments).decode()
             yield "tool_call", f"{block.name} {arguments}"
+
+
+def loop_text(record: LoopRecord) -> str:
+    """All searchable text of one loop, one document a line: what a full-text index stores.
+
+    An index finds the loops whose text holds every word; `document_hits` then applies
+    the exact rule (all words in one document) to the loaded session.
+    """
+    return "\n".join(text for message in record.messages for _, text in _message_texts(message))
 
 
 def documents(session: Session) -> Iterator[Document]:

@@ -56,16 +56,17 @@ from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
 from .base import (
     AsyncTwins,
-    ScanSearch,
     SessionSummary,
     UsageTotal,
     as_query,
+    collect_hits,
     merge_sessions,
     session_id_to_save,
     summarize,
     validate_session_id,
 )
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
+from .search import DEFAULT_LIMIT, SearchHit, loop_text, search_words
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -163,7 +164,47 @@ def _create_v1(conn: sqlite3.Connection) -> None:
 
 Migration = Callable[[sqlite3.Connection], None]
 
-MIGRATIONS: tuple[Migration, ...] = (_create_v1,)
+# v2: full-text search. `loop_text` holds each loop's searchable text (`loop_text`),
+# removed with its loop row; `loop_text_fts` indexes it (an external-content FTS5
+# table kept in step by triggers). The migration indexes the loops already stored.
+_SCHEMA_V2 = (
+    """CREATE TABLE loop_text (
+        session_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        UNIQUE (session_id, position),
+        FOREIGN KEY (session_id, position) REFERENCES loops (session_id, position) ON DELETE CASCADE
+    )""",
+    "CREATE VIRTUAL TABLE loop_text_fts USING fts5(text, content='loop_text', "
+    "tokenize='unicode61 remove_diacritics 0')",
+    """CREATE TRIGGER loop_text_added AFTER INSERT ON loop_text BEGIN
+        INSERT INTO loop_text_fts (rowid, text) VALUES (new.rowid, new.text);
+    END""",
+    """CREATE TRIGGER loop_text_removed AFTER DELETE ON loop_text BEGIN
+        INSERT INTO loop_text_fts (loop_text_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
+    END""",
+    """CREATE TRIGGER loop_text_changed AFTER UPDATE ON loop_text BEGIN
+        INSERT INTO loop_text_fts (loop_text_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
+        INSERT INTO loop_text_fts (rowid, text) VALUES (new.rowid, new.text);
+    END""",
+)
+_UPSERT_LOOP_TEXT = (
+    "INSERT INTO loop_text (session_id, position, text) VALUES (?, ?, ?) "
+    "ON CONFLICT (session_id, position) DO UPDATE SET text = excluded.text"
+)
+
+
+def _create_v2(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V2:
+        conn.execute(statement)
+    rows = conn.execute("SELECT session_id, position, record FROM loops").fetchall()
+    conn.executemany(_UPSERT_LOOP_TEXT, [
+        (session_id, position, loop_text(decode_loop(record, strict=False)))
+        for session_id, position, record in rows
+    ])
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_v1, _create_v2)
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
 They run in order, all inside one ``BEGIN IMMEDIATE`` transaction that also sets
@@ -445,7 +486,7 @@ class _Owner:
         self.connection = connection
 
 
-class SqliteStore(ScanSearch, AsyncTwins):
+class SqliteStore(AsyncTwins):
     """Sessions in one SQLite file; see the module docstring for layout and guarantees.
 
     `path` is created (with its parent directories) if missing. `timeout` bounds,
@@ -711,6 +752,7 @@ class SqliteStore(ScanSearch, AsyncTwins):
                 stored_records, stored_loops = rows[1], stored.loops
                 session = merge_sessions(stored, session)
             loop_rows: list[list[Any]] = []
+            text_rows: list[tuple[str, int, str]] = []
             for position, record in enumerate(session.loops):
                 if position < len(stored_loops) and record is stored_loops[position]:
                     continue  # the stored version won the merge
@@ -718,8 +760,10 @@ class SqliteStore(ScanSearch, AsyncTwins):
                 if position < len(stored_records) and blob == stored_records[position]:
                     continue
                 loop_rows.append([session_id, position, *_loop_row(record), blob])
+                text_rows.append((session_id, position, loop_text(record)))
             conn.execute(_UPSERT_SESSION, _session_row(session))
             conn.executemany(_UPSERT_LOOP, loop_rows)
+            conn.executemany(_UPSERT_LOOP_TEXT, text_rows)
 
     def delete(self, session_id: str) -> None:
         validate_session_id(session_id)
@@ -769,6 +813,21 @@ class SqliteStore(ScanSearch, AsyncTwins):
                 _summary_from_row(row) if row[-1] else summarize(self._read_session(conn, row[0]))
                 for row in conn.execute(sql, params).fetchall()
             ]
+
+    def search(
+        self, text: str, query: SessionQuery | None = None, limit: int = DEFAULT_LIMIT
+    ) -> list[SearchHit]:
+        """See `SessionStore.search`. The FTS5 index picks the sessions with a loop holding
+        every word; only those are read, to find and cut the matching texts."""
+        words = search_words(text, limit)
+        if not words or not limit:
+            return []
+        match = " AND ".join('"' + word.replace('"', '""') + '"' for word in words)
+        with self._connected("search") as conn:
+            candidates = {session_id for (session_id,) in conn.execute(
+                "SELECT DISTINCT t.session_id FROM loop_text_fts JOIN loop_text AS t "
+                "ON t.rowid = loop_text_fts.rowid WHERE loop_text_fts MATCH ?", (match,))}
+        return collect_hits(self, words, query, limit, candidates)
 
     def explain_query(self, query: SessionQuery | None = None) -> str:
         """SQLite's ``EXPLAIN QUERY PLAN`` of `query`, one step a line."""
