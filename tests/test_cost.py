@@ -21,6 +21,7 @@ from phi_session.cost import (
     cost_totals,
     prices_available,
 )
+from phi_session.errors import InvalidQuery
 from phi_session.messages import Usage
 from phi_session.stores.conformance import at, make_loop, make_session
 
@@ -131,6 +132,9 @@ def test_breakdown_and_totals() -> None:
     ]
     assert [row.key for row in cost_totals([session], "day", pricer)] == ["2024-05-01"]
     assert [row.key for row in cost_totals([session], "session", pricer)] == ["s"]
+    assert cost_totals([session], "DAY", pricer) == cost_totals([session], "day", pricer)
+    with pytest.raises(InvalidQuery, match="group_by"):
+        cost_totals([session], "week", pricer)
 
 
 def test_import_phi_session_imports_no_genai_prices() -> None:

@@ -32,6 +32,7 @@ from ._time import Timestamp
 from .errors import PhiSessionError
 from .messages import Usage
 from .model import LoopRecord, Session, Turn
+from .stores.query import parse_group_by
 
 __all__ = [
     "USER_SOURCE", "ZERO_COST", "Cost", "CostTotal", "InvalidPrices", "LoopCost", "Pricer", "SessionCost",
@@ -300,10 +301,12 @@ def cost_totals(sessions: Iterable[Session], group_by: str, pricer: Pricer) -> l
     """The cost of `sessions` per agent, model, day (the keys of `usage_totals`) or session, sorted by key.
 
     Loads nothing itself: give it the sessions (``store.load`` of ``store.list_ids()``).
+    Another `group_by` raises `InvalidQuery` (parameter ``group_by``).
     """
+    by = "session" if group_by == "session" else parse_group_by(group_by)
     sums: dict[str, Cost] = {}
     for session in sessions:
         for record in session.loops:
-            key = _cost_key(session, record, group_by)
+            key = _cost_key(session, record, by)
             sums[key] = sums.get(key, ZERO_COST) + pricer.loop(record)
     return [CostTotal(key=key, cost=sums[key]) for key in sorted(sums)]

@@ -272,11 +272,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _cost_api(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         self._only(query, {"by"})
         by = query.get("by") or "agent"
-        if by != "session":
-            by = self._parse(lambda: parse_group_by(by))
         store = self.server.store
         sessions = (store.load(session_id) for session_id in store.list_ids())
-        totals = cost_totals(sessions, by, self.server.pricer)
+        totals = self._parse(lambda: cost_totals(sessions, by, self.server.pricer))
         body = {**self._price_table(), "totals": msgspec.to_builtins(totals)}
         return HTTPStatus.OK, _json_bytes(body), _JSON
 
