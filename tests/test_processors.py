@@ -381,8 +381,8 @@ def _history_request(history: tuple[ps.Message, ...]) -> ps.TurnRequest:
 def test_a_history_resent_in_every_turn_request_is_scanned_once() -> None:
     arguments = {"path": "src/a.py", "query": "where is the cache"}
     reply = ps.AssistantMessage(content=(ps.ToolCall(id="c1", name="grep", arguments=arguments),),
-                                stop_reason="toolUse", model="m", provider="p", usage=ps.Usage(input=1, output=1),
-                                timestamp=1)
+                                stop_reason="toolUse", model="m", provider="p",
+                                usage=ps.Usage(input=1, output=1), timestamp=1)
     redactor = CountingRedactor()
     redactor(ps.MessageEnd(loop_id="l", message=reply))
     for _ in range(5):
@@ -393,8 +393,8 @@ def test_a_history_resent_in_every_turn_request_is_scanned_once() -> None:
 def test_a_remembered_message_whose_arguments_gain_a_secret_is_scanned_again() -> None:
     arguments: dict[str, Any] = {"nested": {"q": "x"}}
     reply = ps.AssistantMessage(content=(ps.ToolCall(id="c1", name="http", arguments=arguments),),
-                                stop_reason="toolUse", model="m", provider="p", usage=ps.Usage(input=1, output=1),
-                                timestamp=1)
+                                stop_reason="toolUse", model="m", provider="p",
+                                usage=ps.Usage(input=1, output=1), timestamp=1)
     redactor = Redactor()
     assert redactor(_history_request((reply,))) is not None
     arguments["nested"]["api_key"] = "plain-value"  # a change deep inside the same dict
