@@ -48,8 +48,8 @@ from ..sinks import SinkLike
 from ..stores.base import SessionStore, validate_session_id
 
 __all__ = [
-    "FRAMEWORK_SESSION_NAMESPACE", "AdapterCore", "AdapterRun", "RunningTool", "SinkArg", "enter_tool", "leave_tool",
-    "require_extra", "session_id_for", "usage_of",
+    "FRAMEWORK_SESSION_NAMESPACE", "AdapterCore", "AdapterRun", "RunningTool", "SinkArg", "enter_tool",
+    "leave_tool", "require_extra", "session_id_for", "usage_of",
 ]
 
 logger = logging.getLogger("phi_session.adapters")
