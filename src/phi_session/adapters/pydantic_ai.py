@@ -127,6 +127,8 @@ def _prompt(prompt: str | Sequence[pai.UserContent]) -> str | tuple[Content, ...
 
 def _tool_result_text(call: pai.ToolCallPart, result: Any) -> str:
     """The result as the model reads it (pydantic-ai's own rendering of a tool return)."""
+    if isinstance(result, str):
+        return result  # the rendering of a string, without building a part for it
     return pai.ToolReturnPart(tool_name=call.tool_name, content=result,
                               tool_call_id=call.tool_call_id).model_response_str()
 
