@@ -38,7 +38,7 @@ def report(framework: str, medians: dict[str, float]) -> bool:
 
 async def medians_of(runs: int, variants: dict[str, Callable[[], Awaitable[object]]]) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for name, run in variants.items():  # warm-up
+    for run in variants.values():  # warm-up
         await run()
     for _ in range(runs):
         for name, run in variants.items():
@@ -99,7 +99,8 @@ def bench_pydantic_ai(runs: int) -> bool:
                 self.seen.append(("tools done", ctx.run_id))
             return result
 
-        async def wrap_tool_execute(self, ctx: Any, *, call: Any, tool_def: Any, args: Any, handler: Any) -> Any:
+        async def wrap_tool_execute(self, ctx: Any, *, call: Any, tool_def: Any, args: Any,
+                                    handler: Any) -> Any:
             self.seen.append(("tool", call.tool_call_id))
             result = await handler(args)
             self.seen.append(("tool end", call.tool_call_id, result))

@@ -12,7 +12,14 @@ from __future__ import annotations
 import sys
 
 from pydantic_ai import Agent, RunContext
-from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+)
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
@@ -25,7 +32,8 @@ def support_model(messages: list[ModelMessage], info: AgentInfo) -> ModelRespons
     """Looks the order up, then asks for a refund, then answers with what came back."""
     usage = RequestUsage(input_tokens=120, output_tokens=15)
     last = messages[-1]
-    returned = [p for p in last.parts if isinstance(p, ToolReturnPart)] if isinstance(last, ModelRequest) else []
+    parts = last.parts if isinstance(last, ModelRequest) else []
+    returned = [part for part in parts if isinstance(part, ToolReturnPart)]
     if not returned:
         if len(messages) > 1:  # a follow-up in the same conversation
             return ModelResponse(parts=[TextPart("You're welcome.")], usage=usage)

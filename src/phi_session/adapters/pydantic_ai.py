@@ -49,8 +49,13 @@ try:
         WrapToolExecuteHandler,
     )
     from pydantic_ai.exceptions import (
-        ApprovalRequired, CallDeferred, SkipToolExecution, ToolFailedError, ToolRetryError,
+        ApprovalRequired,
+        CallDeferred,
+        SkipToolExecution,
+        ToolFailedError,
+        ToolRetryError,
     )
+    from pydantic_ai.usage import RequestUsage
 except ImportError as error:  # pragma: no cover - exercised without the extra
     raise MissingExtra(
         "phi_session.adapters.pydantic_ai needs pydantic-ai: pip install 'phi-session[pydantic-ai]'"
@@ -64,7 +69,8 @@ if TYPE_CHECKING:
 __all__ = ["PhiCapability"]
 
 _STOP_REASONS: dict[str, StopReason] = {
-    "stop": "stop", "length": "length", "tool_call": "toolUse", "error": "error", "content_filter": "guardRail",
+    "stop": "stop", "length": "length", "tool_call": "toolUse", "error": "error",
+    "content_filter": "guardRail",
 }
 _STREAM_EVENTS = (pai.PartStartEvent, pai.PartDeltaEvent)
 
@@ -72,7 +78,7 @@ _STREAM_EVENTS = (pai.PartStartEvent, pai.PartDeltaEvent)
 # -- pydantic-ai values -> phi-core values --------------------------------------------------------
 
 
-def _usage(usage: pai.RequestUsage) -> Usage:
+def _usage(usage: RequestUsage) -> Usage:
     # pydantic-ai's input_tokens include the cache reads and writes; phi-core counts them apart.
     cached = usage.cache_read_tokens + usage.cache_write_tokens
     fresh = max(0, usage.input_tokens - cached)
@@ -178,15 +184,39 @@ class _Run:
         reply.finish(blocks, tool_calls=calls, usage=_usage(response.usage),
                      stop_reason=_stop_reason(response.finish_reason, bool(calls)))
 
-    def tools_done(self) -> None:
+    def tools_done(self, history: Sequence[pai.ModelMessage] = ()) -> None:
+        """The turn ends; with the run's `history`, after recording the returns pydantic-ai
+        made itself for calls no tool ran for (output tools: "Final result processed.")."""
         turn, self.turn = self.turn, None
-        if turn is not None and turn.running:
-            turn.end()
+        if turn is None or not turn.running:
+            return
+        if history and isinstance(history[-1], pai.ModelRequest):
+            _record_own_returns(turn, history[-1])
+        turn.end()
 
     def end(self, error: BaseException | None) -> None:
         if error is None:
             self.tools_done()
         self.loop.end(error)
+
+
+def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
+    done = {result.tool_call_id for result in turn.tool_results}
+    pending = [call for call in turn.tool_calls if call.id not in done]
+    if not pending:
+        return
+    returns = {part.tool_call_id: part for part in request.parts if isinstance(part, pai.ToolReturnPart)}
+    for call in pending:
+        part = returns.get(call.id)
+        if part is None:
+            continue
+        tool = turn.tool(call).start()
+        text = part.model_response_str(wrap_if_error=False)
+        if part.outcome in pai.ERROR_OUTCOMES:
+            tool.error(text)
+        else:
+            tool.result(text)
+        tool.end()
 
 
 # -- the capability -------------------------------------------------------------------------------
@@ -296,7 +326,7 @@ class PhiCapability(AbstractCapability[Any]):
             run = self._run(ctx)
             if run is not None:
                 try:
-                    run.tools_done()
+                    run.tools_done(ctx.messages)
                 except Exception as error:
                     self._adapter.fault("tools step end", error)
         return result
