@@ -13,7 +13,8 @@ from pydantic import BaseModel
 pytest.importorskip("pydantic_ai",
                     reason="needs the pydantic-ai extra: pip install 'phi-session[pydantic-ai]'")
 
-from pydantic_ai import Agent, ModelRetry, RunContext
+from pydantic_ai import Agent, CallToolsNode, DeferredToolRequests, ModelRetry, RunContext
+from pydantic_ai.exceptions import CallDeferred, ToolFailed
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.models.function import (
     AgentInfo,
@@ -407,3 +408,38 @@ def test_an_output_tool_call_gets_the_return_pydantic_ai_made_for_it() -> None:
     assert isinstance(call, AssistantMessage) and call.content[0].name == "final_result"  # type: ignore[union-attr]
     assert isinstance(result, ToolResultMessage) and result.tool_call_id == call.content[0].id  # type: ignore[union-attr]
     assert result.content[0].text == "Final result processed." and not result.is_error  # type: ignore[union-attr]
+
+
+def test_tool_failed_is_an_error_result_and_a_deferred_call_a_result_saying_so() -> None:
+    recorder = SessionRecorder()
+    agent = Agent(TestModel(), capabilities=[PhiCapability(recorder)],
+                  output_type=[str, DeferredToolRequests])
+
+    @agent.tool_plain
+    def gone(x: int) -> str:
+        raise ToolFailed("no such record")
+
+    @agent.tool_plain
+    def pay(x: int) -> str:
+        raise CallDeferred()
+
+    result = agent.run_sync("go")
+    assert isinstance(result.output, DeferredToolRequests)
+    results = {m.tool_name: m for m in only_loop(recorder).messages if isinstance(m, ToolResultMessage)}
+    assert results["gone"].is_error and results["gone"].content[0].text == "no such record"  # type: ignore[union-attr]
+    assert not results["pay"].is_error and "CallDeferred" in results["pay"].content[0].text  # type: ignore[union-attr]
+
+
+def test_a_run_left_early_ends_its_loop_aborted() -> None:
+    recorder = SessionRecorder()
+    agent = tools_agent(PhiCapability(recorder))
+
+    async def main() -> None:
+        async with agent.iter("x") as run:
+            async for node in run:
+                if isinstance(node, CallToolsNode):
+                    break
+
+    asyncio.run(main())
+    loop = only_loop(recorder)
+    assert loop.status == "Aborted" and loop.error is not None
