@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,10 +31,11 @@ from pydantic_ai.usage import RequestUsage
 from phi_session import codec
 from phi_session.adapters import pydantic_ai as adapter
 from phi_session.adapters.pydantic_ai import PhiCapability
-from phi_session.events import DEFAULT, INITIAL, MessageUpdate
+from phi_session.events import DEFAULT, INITIAL, MessageUpdate, ToolExecutionEnd
 from phi_session.messages import AssistantMessage, ToolCall, ToolResultMessage, UserMessage
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
+from phi_session.stores.sqlite import SqliteStore
 
 
 class Answer(BaseModel):
@@ -185,7 +189,12 @@ def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
     assert child.turns[0].triggered_by == "SubAgent"
     (result,) = [m for m in parent.messages if isinstance(m, ToolResultMessage)]
     assert result.content[0].text == "42"  # type: ignore[union-attr]
-    assert child.loop_id in parent.children_loop_ids
+    assert [(ref.child_loop_id, ref.child_session_id) for ref in parent.child_loop_refs] == [
+        (child.loop_id, by_name["helper"].session_id)]
+    (end,) = [e.event for e in parent.events if isinstance(e.event, ToolExecutionEnd)]
+    assert end.child_loop_id == child.loop_id
+    spawn = by_name["helper"].parent_spawn_ref
+    assert spawn is not None and (spawn.parent_loop_id, spawn.tool_name) == (parent.loop_id, "ask")
     # The parent's usage is its own requests' only, never the sub-agent's tokens too.
     own = [m.usage for m in parent.messages if isinstance(m, AssistantMessage)]
     assert parent.usage.input == sum(u.input for u in own)
@@ -443,3 +452,36 @@ def test_a_run_left_early_ends_its_loop_aborted() -> None:
     asyncio.run(main())
     loop = only_loop(recorder)
     assert loop.status == "Aborted" and loop.error is not None
+
+
+# -- the embedded store, restarts, the extra --------------------------------------------------------------
+
+
+def test_by_default_sessions_go_to_the_embedded_store_and_continue_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PHI_SESSION_STORE", str(tmp_path / "sessions.db"))
+    first_process = PhiCapability()
+    first = tools_agent(first_process).run_sync("one")
+    first_process.close()
+
+    restarted = PhiCapability()  # a new process: the conversation's last loop is in the store
+    tools_agent(restarted).run_sync("two", message_history=first.all_messages())
+    restarted.close()
+
+    with SqliteStore(tmp_path / "sessions.db") as store:
+        session = store.load(first.conversation_id)
+    data = codec.encode(session)
+    assert codec.encode(codec.decode_session(data)) == data
+    one, two = session.loops
+    assert (two.parent_loop_id, two.continuation_kind) == (one.loop_id, DEFAULT)
+    assert one.loop_id.endswith(".1") and two.loop_id.endswith(".2")  # loop ids never repeat
+
+
+def test_without_the_extra_the_import_names_the_pip_install() -> None:
+    code = ("import sys; sys.modules['pydantic_ai'] = None\n"
+            "import phi_session, phi_session.adapters\n"
+            "try:\n    import phi_session.adapters.pydantic_ai\n"
+            "except ImportError as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("MissingExtra") and "pip install 'phi-session[pydantic-ai]'" in out

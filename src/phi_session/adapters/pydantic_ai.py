@@ -31,40 +31,39 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MissingExtra
 from ..events import LoopConfigSnapshot
-from ..instrument import LoopScope, MessageScope, ToolScope, TurnScope
+from ..instrument import MessageScope, ToolScope, TurnScope
 from ..messages import Content, ImageContent, StopReason, TextContent, ThinkingContent, ToolCall, Usage
+from ._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
 
-try:
-    import pydantic_core
-    from pydantic_ai import CallToolsNode, RunContext
-    from pydantic_ai import messages as pai
-    from pydantic_ai.capabilities import (
-        AbstractCapability,
-        AgentNode,
-        NodeResult,
-        ValidatedToolArgs,
-        WrapRunHandler,
-        WrapToolExecuteHandler,
-    )
-    from pydantic_ai.exceptions import (
-        ApprovalRequired,
-        CallDeferred,
-        SkipToolExecution,
-        ToolFailedError,
-        ToolRetryError,
-    )
-    from pydantic_ai.usage import RequestUsage
-except ImportError as error:  # pragma: no cover - exercised without the extra
-    raise MissingExtra(
-        "phi_session.adapters.pydantic_ai needs pydantic-ai: pip install 'phi-session[pydantic-ai]'"
-    ) from error
+require_extra("pydantic-ai", "pydantic_ai")
+
+import pydantic_core  # noqa: E402  (after the extra's check)
+from pydantic_ai import CallToolsNode, RunContext  # noqa: E402
+from pydantic_ai import messages as pai  # noqa: E402
+from pydantic_ai.capabilities import (  # noqa: E402
+    AbstractCapability,
+    AgentNode,
+    NodeResult,
+    ValidatedToolArgs,
+    WrapRunHandler,
+    WrapToolExecuteHandler,
+)
+from pydantic_ai.exceptions import (  # noqa: E402
+    ApprovalRequired,
+    CallDeferred,
+    SkipToolExecution,
+    ToolFailedError,
+    ToolRetryError,
+)
+from pydantic_ai.usage import RequestUsage  # noqa: E402
 
 if TYPE_CHECKING:
     from pydantic_ai.models import ModelRequestContext
     from pydantic_ai.run import AgentRunResult
     from pydantic_ai.tools import ToolDefinition
+
+    from ..stores.base import SessionStore
 
 __all__ = ["PhiCapability"]
 
@@ -81,10 +80,9 @@ _STREAM_EVENTS = (pai.PartStartEvent, pai.PartDeltaEvent)
 def _usage(usage: RequestUsage) -> Usage:
     # pydantic-ai's input_tokens include the cache reads and writes; phi-core counts them apart.
     cached = usage.cache_read_tokens + usage.cache_write_tokens
-    fresh = max(0, usage.input_tokens - cached)
-    return Usage(input=fresh, output=usage.output_tokens, reasoning=usage.output_reasoning_tokens,
-                 cache_read=usage.cache_read_tokens, cache_write=usage.cache_write_tokens,
-                 total_tokens=fresh + cached + usage.output_tokens)
+    return usage_of(max(0, usage.input_tokens - cached), usage.output_tokens,
+                    cache_read=usage.cache_read_tokens, cache_write=usage.cache_write_tokens,
+                    reasoning=usage.output_reasoning_tokens, total=usage.total_tokens)
 
 
 def _response_content(parts: Sequence[pai.ModelResponsePart]) -> tuple[list[Content], list[ToolCall]]:
@@ -147,8 +145,8 @@ class _Run:
 
     __slots__ = ("loop", "prompt", "reply", "turn")
 
-    def __init__(self, loop: LoopScope, prompt: str | Sequence[pai.UserContent] | None) -> None:
-        self.loop = loop
+    def __init__(self, recording: AdapterRun, prompt: str | Sequence[pai.UserContent] | None) -> None:
+        self.loop = recording.loop
         self.prompt = prompt
         self.turn: TurnScope | None = None
         self.reply: MessageScope | None = None
@@ -184,6 +182,13 @@ class _Run:
         reply.finish(blocks, tool_calls=calls, usage=_usage(response.usage),
                      stop_reason=_stop_reason(response.finish_reason, bool(calls)))
 
+    def tool(self, call: pai.ToolCallPart) -> ToolScope | None:
+        """The started scope of a tool the turn's reply called (None outside a turn)."""
+        turn = self.turn
+        if turn is None:
+            return None
+        return turn.tool(id=call.tool_call_id, name=call.tool_name, args=call.args_as_dict()).start()
+
     def tools_done(self, history: Sequence[pai.ModelMessage] = ()) -> None:
         """The turn ends; with the run's `history`, after recording the returns pydantic-ai
         made itself for calls no tool ran for (output tools: "Final result processed.")."""
@@ -194,10 +199,6 @@ class _Run:
             _record_own_returns(turn, history[-1])
         turn.end()
 
-    def end(self, error: BaseException | None) -> None:
-        if error is None:
-            self.tools_done()
-        self.loop.end(error)
 
 
 def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
@@ -225,29 +226,44 @@ def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
 class PhiCapability(AbstractCapability[Any]):
     """Records each run of the agent it is given to as a phi-core loop (module docs).
 
-    * `sink`: where the events go (a sink or a list of them, as `phi_session.sinks`
-      takes); None: the embedded store, each session saved as it completes.
+    * `sink`: where the events go: a sink or a list of sinks (`phi_session.sinks`);
+      None: the embedded store (`phi_session.stores.default_store`), each session
+      saved as it completes.
     * `stream`: also record the streamed text, thinking and tool-call argument deltas
       (``MessageUpdate``). pydantic-ai then streams every model request of the run.
+    * `store`: where earlier runs of a conversation are looked up to continue them
+      after a restart (default: the embedded store when `sink` is None, else none).
 
     Never raises into the run and never changes what a hook passes on: a recording
-    fault is counted and logged once, and the run goes on. One instance may serve many
-    agents and concurrent runs (state is kept per run id).
+    fault is counted (`fault_count`) and logged once, and the run goes on. One
+    instance may serve many agents and concurrent runs (state is kept per run id).
+    `close()` ends runs still open and saves what the embedded store has not yet.
     """
 
     # A default id: an agent has one of these, and one given to a run replaces the agent's
     # (pydantic-ai's rule for a repeated capability id) instead of recording the run twice.
     id: str | None = "phi_session"
 
-    def __init__(self, sink: Any = None, *, stream: bool = False) -> None:
+    def __init__(self, sink: SinkArg = None, *, stream: bool = False,
+                 store: SessionStore | None = None) -> None:
         if not isinstance(stream, bool):
             raise TypeError(f"stream must be a bool, not {type(stream).__name__}")
         self.stream = stream
-        self._adapter = _core_adapter(sink)
+        self._core = AdapterCore("pydantic-ai", sink, store=store)
         self._runs: dict[str, _Run] = {}
 
     def __repr__(self) -> str:
         return f"PhiCapability(stream={self.stream})"
+
+    @property
+    def fault_count(self) -> int:
+        """Recording faults so far (each kind logged once; the runs went on)."""
+        return self._core.fault_count
+
+    def close(self) -> None:
+        """End runs still open (as failed) and flush the sinks; the embedded store saves
+        what it holds. Never raises."""
+        self._core.close()
 
     @classmethod
     def combine(cls, capabilities: Sequence[AbstractCapability[Any]]) -> AbstractCapability[Any]:
@@ -260,37 +276,31 @@ class PhiCapability(AbstractCapability[Any]):
     # -- the run --------------------------------------------------------------------------
 
     async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
-        run = self._open(ctx)
+        key = ctx.run_id or ""
+        run = self._core.safely(self._open, key, ctx)
         try:
             result = await handler()
         except BaseException as error:
-            self._close(ctx, run, error)
+            if run is not None:
+                self._close(key, run, error)
             raise
-        self._close(ctx, run, None)
+        if run is not None:
+            self._close(key, run, None)
         return result
 
-    def _open(self, ctx: RunContext[Any]) -> _Run | None:
-        try:
-            model = ctx.model
-            agent = ctx.agent
-            config = LoopConfigSnapshot(
-                model=model.model_name, provider=model.system,
-                name=agent.name if agent is not None and agent.name else None)
-            loop = self._adapter.start_loop(ctx.conversation_id, config)
-            run = self._runs[ctx.run_id or ""] = _Run(loop, ctx.prompt)
-        except Exception as error:
-            self._adapter.fault("run start", error)
-            return None
+    def _open(self, key: str, ctx: RunContext[Any]) -> _Run:
+        model, agent = ctx.model, ctx.agent
+        config = LoopConfigSnapshot(model=model.model_name, provider=model.system,
+                                    name=agent.name if agent is not None and agent.name else None)
+        recording = self._core.start_run(key, config, framework_session_id=ctx.conversation_id)
+        run = self._runs[key] = _Run(recording, ctx.prompt)
         return run
 
-    def _close(self, ctx: RunContext[Any], run: _Run | None, error: BaseException | None) -> None:
-        if run is None:
-            return
-        self._runs.pop(ctx.run_id or "", None)
-        try:
-            run.end(error)
-        except Exception as fault:
-            self._adapter.fault("run end", fault)
+    def _close(self, key: str, run: _Run, error: BaseException | None) -> None:
+        self._runs.pop(key, None)
+        if error is None:
+            self._core.safely(run.tools_done)
+        self._core.safely(self._core.end_run, key, error)
 
     def _run(self, ctx: RunContext[Any]) -> _Run | None:
         return self._runs.get(ctx.run_id or "")
@@ -302,10 +312,7 @@ class PhiCapability(AbstractCapability[Any]):
     ) -> ModelRequestContext:
         run = self._run(ctx)
         if run is not None:
-            try:
-                run.request()
-            except Exception as error:
-                self._adapter.fault("model request", error)
+            self._core.safely(run.request)
         return request_context
 
     async def after_model_request(
@@ -313,10 +320,7 @@ class PhiCapability(AbstractCapability[Any]):
     ) -> pai.ModelResponse:
         run = self._run(ctx)
         if run is not None:
-            try:
-                run.response(response, ctx.model.model_name, ctx.model.system)
-            except Exception as error:
-                self._adapter.fault("model response", error)
+            self._core.safely(run.response, response, ctx.model.model_name, ctx.model.system)
         return response
 
     async def after_node_run(
@@ -325,10 +329,7 @@ class PhiCapability(AbstractCapability[Any]):
         if isinstance(node, CallToolsNode):
             run = self._run(ctx)
             if run is not None:
-                try:
-                    run.tools_done(ctx.messages)
-                except Exception as error:
-                    self._adapter.fault("tools step end", error)
+                self._core.safely(run.tools_done, ctx.messages)
         return result
 
     # -- tools ----------------------------------------------------------------------------
@@ -338,43 +339,20 @@ class PhiCapability(AbstractCapability[Any]):
         args: ValidatedToolArgs, handler: WrapToolExecuteHandler,
     ) -> Any:
         run = self._run(ctx)
-        tool = None
-        if run is not None and run.turn is not None:
-            try:
-                tool = run.turn.tool(id=call.tool_call_id, name=call.tool_name,
-                                     args=call.args_as_dict()).start()
-            except Exception as error:
-                self._adapter.fault("tool start", error)
+        tool = self._core.safely(run.tool, call) if run is not None else None
         if tool is None:
             return await handler(args)
+        # A run started inside the tool (an agent delegated to) is its sub-agent.
+        token = enter_tool(tool)
         try:
-            with self._adapter.tool_running(tool):
-                result = await handler(args)
+            result = await handler(args)
         except BaseException as error:
-            self._tool_end(tool, call, error=error)
+            leave_tool(token)
+            self._core.safely(_tool_end, tool, call, error=error)
             raise
-        self._tool_end(tool, call, result=result)
+        leave_tool(token)
+        self._core.safely(_tool_end, tool, call, result=result)
         return result
-
-    def _tool_end(self, tool: ToolScope, call: pai.ToolCallPart, *, result: Any = None,
-                  error: BaseException | None = None) -> None:
-        try:
-            if error is None:
-                tool.result(_tool_result_text(call, result))
-            elif isinstance(error, (ToolRetryError, ToolFailedError)):
-                # Not a failure of the run: the model gets this text as the tool's result.
-                tool.error(str(error))
-            elif isinstance(error, SkipToolExecution):
-                tool.result(_tool_result_text(call, error.result))
-            elif isinstance(error, (CallDeferred, ApprovalRequired)):
-                # Handed back to the caller (DeferredToolRequests): no result yet.
-                tool.result(f"[deferred: {type(error).__name__}]")
-            else:
-                tool.end(error)
-                return
-            tool.end()
-        except Exception as fault:
-            self._adapter.fault("tool end", fault)
 
     # -- streaming (opt-in) ---------------------------------------------------------------
 
@@ -389,14 +367,30 @@ class PhiCapability(AbstractCapability[Any]):
         run = self._run(ctx)
         if run is None or not isinstance(event, _STREAM_EVENTS):
             return
-        try:
+        with self._core.guard():
             reply = run.replying(ctx.model.model_name, ctx.model.system)
             if isinstance(event, pai.PartStartEvent):
                 _stream_part(reply, event.part)
             else:
                 _stream_delta(reply, event.delta)
-        except Exception as error:
-            self._adapter.fault("stream event", error)
+
+
+def _tool_end(tool: ToolScope, call: pai.ToolCallPart, *, result: Any = None,
+              error: BaseException | None = None) -> None:
+    if error is None:
+        tool.result(_tool_result_text(call, result))
+    elif isinstance(error, (ToolRetryError, ToolFailedError)):
+        # Not a failure of the run: the model gets this text as the tool's result.
+        tool.error(str(error))
+    elif isinstance(error, SkipToolExecution):
+        tool.result(_tool_result_text(call, error.result))
+    elif isinstance(error, (CallDeferred, ApprovalRequired)):
+        # Handed back to the caller (DeferredToolRequests): no result yet.
+        tool.result(f"[deferred: {type(error).__name__}]")
+    else:
+        tool.end(error)
+        return
+    tool.end()
 
 
 def _stream_part(reply: MessageScope, part: pai.ModelResponsePart) -> None:
@@ -420,35 +414,3 @@ def _stream_delta(reply: MessageScope, delta: pai.ModelResponsePartDelta) -> Non
         args = delta.args_delta
         reply.tool_call_delta(args if isinstance(args, str) else pydantic_core.to_json(args).decode())
 
-
-# -- TEMPORARY: stands in for the shared adapter core until it lands on main ----------------------
-
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-
-from .._failures import FailureTally  # noqa: E402
-from ..identity import AgentSession  # noqa: E402
-from ..instrument import Tracer  # noqa: E402
-
-
-class _ShimAdapter:
-    def __init__(self, sink: Any) -> None:
-        self.sinks = sink if isinstance(sink, list) else [sink]
-        self.faults = FailureTally(logging.getLogger(__name__), "adapter", "recording goes on",
-                                   traceback=True)
-
-    def start_loop(self, session_id: str | None, config: LoopConfigSnapshot) -> LoopScope:
-        tracer = Tracer(AgentSession(session_id=session_id), sinks=self.sinks, config=config)
-        return tracer.loop().start()
-
-    def fault(self, where: str, error: BaseException) -> None:
-        self.faults.record(where, error)
-
-    @contextlib.contextmanager
-    def tool_running(self, tool: ToolScope) -> Iterator[None]:
-        yield
-
-
-def _core_adapter(sink: Any) -> _ShimAdapter:
-    return _ShimAdapter(sink)
