@@ -24,7 +24,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
 from phi_session.adapters.pydantic_ai import PhiCapability
-from phi_session.recorder import SessionRecorder
+from phi_session.persist import AutoPersistingRecorder
 from phi_session.stores.json_dir import JsonDirStore
 
 
@@ -49,30 +49,32 @@ def refunds_model(messages: list[ModelMessage], info: AgentInfo) -> ModelRespons
 
 
 def main(store_dir: str) -> None:
-    recorder = SessionRecorder()
-    record = PhiCapability(recorder)  # the one line: Agent(..., capabilities=[record])
-    refunds = Agent(FunctionModel(refunds_model), capabilities=[record], name="refunds")
-    support = Agent(FunctionModel(support_model), capabilities=[record], name="support")
+    store = JsonDirStore(store_dir)
+    # Sessions are saved into `store` as they complete. PhiCapability() alone would use
+    # the embedded store (.phi-session/sessions.db, or $PHI_SESSION_STORE).
+    with AutoPersistingRecorder(store) as recorder:
+        record = PhiCapability(recorder.on_event, store=store)  # Agent(..., capabilities=[record])
+        refunds = Agent(FunctionModel(refunds_model), capabilities=[record], name="refunds")
+        support = Agent(FunctionModel(support_model), capabilities=[record], name="support")
 
-    @support.tool_plain
-    def find_order(number: str) -> str:
-        return f"order {number}: 2 mugs, 30 EUR, broken in transit"
+        @support.tool_plain
+        def find_order(number: str) -> str:
+            return f"order {number}: 2 mugs, 30 EUR, broken in transit"
 
-    @support.tool
-    async def ask_refunds(ctx: RunContext[None], order: str) -> str:
-        answer = await refunds.run(f"Refund? {order}", usage=ctx.usage)
-        return answer.output
+        @support.tool
+        async def ask_refunds(ctx: RunContext[None], order: str) -> str:
+            answer = await refunds.run(f"Refund? {order}", usage=ctx.usage)
+            return answer.output
 
-    first = support.run_sync("My mugs arrived broken.")
-    support.run_sync("Thanks!", message_history=first.all_messages())
+        first = support.run_sync("My mugs arrived broken.")
+        support.run_sync("Thanks!", message_history=first.all_messages())
 
-    with JsonDirStore(store_dir) as store:
-        for session in recorder.sessions():
-            store.save(session)
-            for loop in session.loops:
-                link = f" <- {loop.parent_loop_id}" if loop.parent_loop_id else ""
-                print(f"{loop.loop_id} {loop.status} {len(loop.turns)} turns "
-                      f"{loop.usage.total_tokens} tokens{link}")
+    for session_id in sorted(store.list_ids()):
+        for loop in store.load(session_id).loops:
+            link = f" <- {loop.parent_loop_id}" if loop.parent_loop_id else ""
+            print(f"{loop.loop_id} {loop.status} {len(loop.turns)} turns "
+                  f"{loop.usage.total_tokens} tokens{link}")
+    store.close()
     print(f"wrote {store_dir}/")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import runpy
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -272,6 +273,7 @@ def test_an_adapter_fault_is_counted_and_logged_once_and_the_host_never_sees_it(
         second = agent.run_sync("again")
     assert first.output == second.output == '{"add":0,"upper":"A"}'
     assert sum("RuntimeError" in r.getMessage() for r in caplog.records) == 1
+    assert capability.fault_count == 4  # both responses of both runs
     # The loops still end, with what could be recorded.
     assert all(loop.status == "Completed" for s in sessions_of(recorder) for loop in s.loops)
 
@@ -485,3 +487,14 @@ def test_without_the_extra_the_import_names_the_pip_install() -> None:
             "except ImportError as e:\n    print(type(e).__name__, e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("MissingExtra") and "pip install 'phi-session[pydantic-ai]'" in out
+
+
+def test_the_example_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "adapter_pydantic_ai.py"
+    monkeypatch.setattr(sys, "argv", [example.name, str(tmp_path / "out")])
+    runpy.run_path(str(example), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"wrote {tmp_path / 'out'}/"
+    assert len(lines) == 4 and all(" Completed " in line for line in lines[:3])
+    assert sum(" <- " in line for line in lines) == 2  # the follow-up and the sub-agent
