@@ -126,7 +126,7 @@ def test_a_run_under_a_running_tool_is_its_sub_agent() -> None:
         with turn.assistant() as reply:
             reply.finish(tool_calls=[ToolCall(id="c1", name="ask", arguments={})])
         with turn.tool(id="c1", name="ask", args={}) as tool:
-            token = enter_tool(tool)
+            token = enter_tool(lambda: tool)  # started on demand, as a framework may need
             try:
                 child = core.start_run("inner", CONFIG, framework_session_id="s")
                 one_turn(core, "inner", "sub question")

@@ -48,8 +48,8 @@ from ..sinks import SinkLike
 from ..stores.base import SessionStore, validate_session_id
 
 __all__ = [
-    "FRAMEWORK_SESSION_NAMESPACE", "AdapterCore", "AdapterRun", "SinkArg", "enter_tool", "leave_tool",
-    "require_extra", "session_id_for", "usage_of",
+    "FRAMEWORK_SESSION_NAMESPACE", "AdapterCore", "AdapterRun", "RunningTool", "SinkArg", "enter_tool",
+    "leave_tool", "require_extra", "session_id_for", "usage_of",
 ]
 
 logger = logging.getLogger("phi_session.adapters")
@@ -98,23 +98,33 @@ def usage_of(
                  reasoning=reasoning or 0, total_tokens=total or input + output)
 
 
-# The tool scope executing in this thread or task, if any: a run started under it is
-# that tool's sub-agent, whichever adapter instruments the tool and the run.
-_running_tool: ContextVar[ToolScope | None] = ContextVar("phi_session_running_tool", default=None)
+RunningTool = ToolScope | Callable[[], ToolScope | None]
+"""A tool executing: its scope, or a callable that starts it on demand (for frameworks
+that learn a tool's exact call id only after the tool began; None if it cannot start)."""
+
+# The tool executing in this thread or task, if any: a run started under it is that
+# tool's sub-agent, whichever adapter instruments the tool and the run.
+_running_tool: ContextVar[RunningTool | None] = ContextVar("phi_session_running_tool", default=None)
 
 
-def enter_tool(tool: ToolScope) -> Token[ToolScope | None]:
+def enter_tool(tool: RunningTool) -> Token[RunningTool | None]:
     """Mark `tool` as executing in this context (call from the tool's own thread or task)."""
     return _running_tool.set(tool)
 
 
-def leave_tool(token: Token[ToolScope | None]) -> None:
+def leave_tool(token: Token[RunningTool | None]) -> None:
     """Undo `enter_tool`; from another context (a framework ending the tool elsewhere),
     the mark is cleared there instead."""
     try:
         _running_tool.reset(token)
     except ValueError:
         _running_tool.set(None)
+
+
+def _parent_tool() -> ToolScope | None:
+    running = _running_tool.get()
+    tool = running() if callable(running) else running
+    return tool if tool is not None and tool.running else None
 
 
 @dataclass
@@ -216,8 +226,8 @@ class AdapterCore:
         session id was derived, ``framework_session_id``.
         """
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
-        parent_tool = _running_tool.get()
-        if parent_tool is not None and parent_tool.running:
+        parent_tool = _parent_tool()
+        if parent_tool is not None:
             child = self.agent.spawn()
             tracer = self.tracer.for_agent(child)
             loop = parent_tool.sub_agent(config, agent=child, metadata=meta)
