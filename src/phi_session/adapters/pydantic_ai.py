@@ -151,7 +151,7 @@ class _Run:
         self.turn: TurnScope | None = None
         self.reply: MessageScope | None = None
 
-    def request(self) -> None:
+    def request(self) -> TurnScope:
         """A model request step starts: the previous turn ends (if its tools step did not end
         it), the prompt goes in before the first turn, and the next turn starts."""
         self.tools_done()
@@ -159,7 +159,8 @@ class _Run:
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None
             loop.user(_prompt(prompt))
-        self.turn = loop.turn().start()
+        turn = self.turn = loop.turn().start()
+        return turn
 
     def replying(self, model: str, provider: str) -> MessageScope:
         """The turn's assistant message, started at its first streamed part or its response."""
@@ -169,9 +170,7 @@ class _Run:
             if turn is None or turn.message is not None:
                 # A response outside a request step, or a further attempt at one (another
                 # model after a `RetryModelRequest`): each reply gets a turn of its own.
-                self.request()
-                turn = self.turn
-                assert turn is not None
+                turn = self.request()
             reply = self.reply = turn.assistant(model=model, provider=provider).start()
         return reply
 
@@ -198,7 +197,6 @@ class _Run:
         if history and isinstance(history[-1], pai.ModelRequest):
             _record_own_returns(turn, history[-1])
         turn.end()
-
 
 
 def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
