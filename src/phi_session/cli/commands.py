@@ -22,7 +22,7 @@ from ..saver import SessionSaver
 from ..stores.base import SessionStore, summarize, to_builtins
 from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 from ..stores.urls import default_store_url
-from ..views import event_stream, loop_forest, spawn_graph
+from ..views import event_stream, loop_forest, spawn_graph, timeline
 from . import render
 from .app import (
     EXIT_FAILURE,
@@ -90,14 +90,29 @@ def list_command(store_url: str | None, as_json: bool, **filters: str | None) ->
 @main.command()
 @click.argument("session_id", metavar="ID")
 @click.option("--events", "with_events", is_flag=True, help="Also print the ordered event log.")
+@click.option("--timeline", "with_timeline", is_flag=True,
+              help="Draw a waterfall of loops, turns, model and tool calls (sub-agent sessions inline) "
+                   "instead of the loop tree.")
 @store_options
-def show(session_id: str, with_events: bool, store_url: str | None, as_json: bool) -> None:
-    """Show a session: header, usage and its loop tree.
+def show(session_id: str, with_events: bool, with_timeline: bool, store_url: str | None,
+         as_json: bool) -> None:
+    """Show a session: header, usage and its loop tree (or, with --timeline, its waterfall).
 
-    With --json, prints the session's phi-core JSON (which includes the events).
+    With --json, prints the session's phi-core JSON (which includes the events);
+    with --timeline --json, the waterfall's bars.
     """
     with open_cli_store(store_url, must_exist=True) as store:
         session = load_cli_session(store, session_id)
+        bars = timeline(session, store) if with_timeline else []
+    if with_timeline:
+        if as_json:
+            echo_json(to_builtins(bars))
+            return
+        console = stdout()
+        console.print(render.session_header(session, summarize(session)))
+        console.print()
+        console.print(render.timeline_table(bars, console.width))
+        return
     if as_json:
         click.echo(encode_session(session).decode())
         return
