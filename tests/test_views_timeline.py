@@ -76,7 +76,8 @@ def test_show_timeline_text_and_json(tmp_path: Path) -> None:
     assert len(rows) == len(timeline(store.load(PARENT_ID), store))
     assert all("\u2588" in row for row in rows)
     assert any("researcher" in row for row in rows) and any(CHILD_ID[:20] in row for row in rows)
-    as_json = runner.invoke(main, ["show", PARENT_ID, "--timeline", "--json", "--store", str(tmp_path / "store")])
+    store_url = str(tmp_path / "store")
+    as_json = runner.invoke(main, ["show", PARENT_ID, "--timeline", "--json", "--store", store_url])
     bars = json.loads(as_json.output)
     assert bars[0]["kind"] == "session" and Timestamp.parse(bars[0]["start"])
     assert {bar["kind"] for bar in bars} == {"session", "loop", "turn", "model", "tool"}
