@@ -210,7 +210,7 @@ def test_html_in_messages_is_text_and_runs_nothing(watched: Watched) -> None:
     page = watched.page
     page.goto(f"/#/session/{XSS_ID}")
     page.wait_for_selector("#loop-tree")
-    page.click("text=Expand all loops")
+    page.click("text=Expand loaded loops")
     page.get_by_text(XSS_TEXT, exact=True).first.wait_for()
     assert page.get_by_text(XSS_TEXT, exact=True).first.is_visible()
     assert page.get_by_text(XSS_REPLY, exact=True).first.is_visible()

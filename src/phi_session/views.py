@@ -184,6 +184,7 @@ class TimelineBar:
     session_id: str
     loop_index: int | None = None
     turn_index: int | None = None
+    loop_id: str | None = None
     status: str | None = None
     usage: Usage | None = None
     detail: str = ""
@@ -251,7 +252,7 @@ def _loop_bars(session: Session, node: LoopNode, depth: int) -> Iterator[Timelin
     if loop.config is not None:
         label += f" {loop.config.provider}/{loop.config.model}"
     yield TimelineBar("loop", depth, label, loop.started_at, loop.ended_at, session.session_id, node.index,
-                      status=loop.status, usage=loop.usage, detail=" ".join(notes))
+                      loop_id=loop.loop_id, status=loop.status, usage=loop.usage, detail=" ".join(notes))
     spawned = {ref.tool_call_id: ref.child_session_id for ref in loop.child_loop_refs}
     results: dict[str, Timestamp] = {}
     for turn in loop.turns:
@@ -259,7 +260,8 @@ def _loop_bars(session: Session, node: LoopNode, depth: int) -> Iterator[Timelin
             if isinstance(message, ToolResultMessage):
                 results.setdefault(message.tool_call_id, _from_ms(message.timestamp))
     for turn_index, turn in enumerate(loop.turns):
-        yield from _turn_bars(session.session_id, node.index, turn_index, turn, depth + 1, results, spawned)
+        where = (node.index, loop.loop_id)
+        yield from _turn_bars(session.session_id, where, turn_index, turn, depth + 1, results, spawned)
     linked = {ref for turn in loop.turns for ref in _tool_calls(turn)}
     for tool_call_id, child in spawned.items():
         if tool_call_id not in linked:  # spawned outside a recorded turn: under the loop
@@ -272,12 +274,12 @@ def _tool_calls(turn: Turn) -> list[str]:
         output, AssistantMessage) else []
 
 
-def _turn_bars(session_id: str, loop_index: int, turn_index: int, turn: Turn, depth: int,
+def _turn_bars(session_id: str, loop: tuple[int, str], turn_index: int, turn: Turn, depth: int,
                results: dict[str, Timestamp], spawned: dict[str, str]) -> Iterator[TimelineBar | _SubAgent]:
     def bar(kind: TimelineKind, level: int, label: str, start: Timestamp, end: Timestamp, usage: Usage | None,
             detail: str) -> TimelineBar:
-        return TimelineBar(kind, level, label, start, end, session_id, loop_index, turn_index, usage=usage,
-                           detail=detail)
+        return TimelineBar(kind, level, label, start, end, session_id, loop[0], turn_index, loop[1],
+                           usage=usage, detail=detail)
 
     yield bar("turn", depth, f"turn {turn.turn_id.turn_index}", turn.started_at, turn.ended_at, turn.usage,
               str(turn.triggered_by))

@@ -163,7 +163,8 @@ def _bar_json(bar: TimelineBar, first: Timestamp, last: Timestamp) -> dict[str, 
     end = bar.end if bar.end is not None else last
     return {
         "kind": bar.kind, "depth": bar.depth, "label": bar.label, "detail": bar.detail, "status": bar.status,
-        "session_id": bar.session_id, "loop_index": bar.loop_index, "turn_index": bar.turn_index,
+        "session_id": bar.session_id, "loop_index": bar.loop_index, "loop_id": bar.loop_id,
+        "turn_index": bar.turn_index,
         "start": str(bar.start), "end": None if bar.end is None else str(bar.end),
         "offset_ms": _ms(first, bar.start), "duration_ms": _ms(bar.start, end),
         "usage": None if bar.usage is None else msgspec.to_builtins(bar.usage),
