@@ -254,11 +254,11 @@ def _loop_bars(session: Session, node: LoopNode, depth: int) -> Iterator[Timelin
     yield TimelineBar("loop", depth, label, loop.started_at, loop.ended_at, session.session_id, node.index,
                       loop_id=loop.loop_id, status=loop.status, usage=loop.usage, detail=" ".join(notes))
     spawned = {ref.tool_call_id: ref.child_session_id for ref in loop.child_loop_refs}
-    results: dict[str, Timestamp] = {}
+    results: dict[str, int] = {}  # tool call id -> its result's time, ms (Timestamps are dear to build)
     for turn in loop.turns:
         for message in (*turn.tool_results, *turn.input_messages):
             if isinstance(message, ToolResultMessage):
-                results.setdefault(message.tool_call_id, _from_ms(message.timestamp))
+                results.setdefault(message.tool_call_id, message.timestamp)
     for turn_index, turn in enumerate(loop.turns):
         where = (node.index, loop.loop_id)
         yield from _turn_bars(session.session_id, where, turn_index, turn, depth + 1, results, spawned)
@@ -275,7 +275,7 @@ def _tool_calls(turn: Turn) -> list[str]:
 
 
 def _turn_bars(session_id: str, loop: tuple[int, str], turn_index: int, turn: Turn, depth: int,
-               results: dict[str, Timestamp], spawned: dict[str, str]) -> Iterator[TimelineBar | _SubAgent]:
+               results: dict[str, int], spawned: dict[str, str]) -> Iterator[TimelineBar | _SubAgent]:
     def bar(kind: TimelineKind, level: int, label: str, start: Timestamp, end: Timestamp, usage: Usage | None,
             detail: str) -> TimelineBar:
         return TimelineBar(kind, level, label, start, end, session_id, loop[0], turn_index, loop[1],
@@ -286,23 +286,20 @@ def _turn_bars(session_id: str, loop: tuple[int, str], turn_index: int, turn: Tu
     output = turn.output_message
     if not isinstance(output, AssistantMessage):
         return
-    answered = _within(_from_ms(output.timestamp), turn.started_at, turn.ended_at)
+    # Message clocks may disagree with the turn's: the answer is kept inside the turn.
+    start_ns, end_ns = turn.started_at.ns, turn.ended_at.ns
+    answered_ns = min(max(output.timestamp * _NS_PER_MS, start_ns), end_ns)
+    answered = Timestamp.from_ns(answered_ns)
     model, stop = f"{output.provider}/{output.model}", f"stop: {output.stop_reason}"
     yield bar("model", depth + 1, model, turn.started_at, answered, output.usage, stop)
     for block in output.content:
         if not isinstance(block, ToolCall):
             continue
         done = results.get(block.id)
-        end = turn.ended_at if done is None else max(done, answered)
+        end = turn.ended_at if done is None else Timestamp.from_ns(max(done * _NS_PER_MS, answered_ns))
         yield bar("tool", depth + 1, block.name, answered, end, None, block.id)
         if block.id in spawned:
             yield _SubAgent(spawned[block.id], depth + 2)
 
 
-def _from_ms(ms: int) -> Timestamp:
-    return Timestamp.from_ns(ms * 1_000_000)
-
-
-def _within(value: Timestamp, start: Timestamp, end: Timestamp) -> Timestamp:
-    """`value` moved into ``[start, end]``: message clocks may disagree with the turn's."""
-    return start if value < start else end if value > end else value
+_NS_PER_MS = 1_000_000

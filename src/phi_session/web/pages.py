@@ -89,6 +89,12 @@ class CachedSession:
     def bars(self) -> list[TimelineBar]:
         return timeline(self.session, self.store)
 
+    @cached_property
+    def span(self) -> tuple[Timestamp, Timestamp]:
+        """The waterfall's first start and last end."""
+        first = min((bar.start for bar in self.bars), default=self.session.created_at)
+        return first, max([first, *(bar.end for bar in self.bars if bar.end is not None)])
+
     # -- pages --------------------------------------------------------------------------
 
     def overview(self) -> bytes:
@@ -138,8 +144,7 @@ class CachedSession:
     def timeline(self, page: Page) -> bytes:
         """A page of the waterfall's bars, placed in milliseconds from the first start."""
         bars = self.bars
-        first = min((bar.start for bar in bars), default=self.session.created_at)
-        last = max([first, *(bar.end for bar in bars if bar.end is not None)])
+        first, last = self.span
         return msgspec.json.encode({
             "total": len(bars), "start": str(first), "end": str(last), "span_ms": _ms(first, last),
             "bars": [_bar_json(bar, first, last) for bar in page.of(bars)],
