@@ -47,7 +47,7 @@ import workload  # lives beside this script
 
 
 def huge_session(loops: int, session_id: str = "huge-session") -> Session:
-    """A session of `loops` loops, each a copy of a W1 loop (124 events, 4 turns) continuing the one before."""
+    """A session of `loops` loops, each a copy of a recorded W1 loop continuing the one before."""
     recorder = SessionRecorder()
     recorder.record_all(workload.events(1))
     recorder.flush()
@@ -88,10 +88,12 @@ def main() -> None:
         started = time.perf_counter()
         session = huge_session(args.loops)
         events = sum(len(record.events) for record in session.loops)
-        print(f"session: {args.loops:,} loops, {events:,} events (built in {time.perf_counter() - started:.1f} s)")
-        store: SessionStore = SqliteStore(Path(root) / "s.db") if args.store == "sqlite" else JsonDirStore(root)
-        print(f"save into {args.store}: {timed(lambda: store.save(session)):.2f} s")
-        del session
+        built = time.perf_counter() - started
+        print(f"session: {args.loops:,} loops, {events:,} events (built in {built:.1f} s)")
+        store: SessionStore = SqliteStore(Path(root) / "s.db") if args.store == "sqlite" \
+            else JsonDirStore(root)
+        saving = timed(lambda: store.save(session))
+        print(f"save into {args.store}: {saving:.2f} s")
         server = make_server(store, quiet=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         api = f"{server.url}api/sessions/huge-session"
