@@ -59,6 +59,9 @@ def test_session_pages_walk_every_session_once(server: ViewerServer) -> None:
             break
         path = f"/api/session-page?limit=2&after={page['next']}"
     assert seen == everything and len(seen) == len(EXAMPLE_IDS) + 1
+    # A last page that is exactly full offers no empty page after it.
+    full = get_json(server, f"/api/session-page?limit={len(seen)}")
+    assert len(full["sessions"]) == len(seen) and full["next"] is None
 
 
 def test_session_page_default_size_and_filters(server: ViewerServer) -> None:

@@ -46,6 +46,7 @@ import logging
 import re
 import socket
 import sys
+from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
@@ -257,10 +258,12 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     def _session_page(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         filters = self._parse(lambda: SessionQuery.from_strings({"limit": "50", **query}))
-        rows = self.server.store.query(filters)
-        following = filters.next_page(rows)
+        limit = filters.limit if filters.limit is not None else MAX_COUNT
+        # One row more than the page: a next page is offered only when it holds a row.
+        rows = self.server.store.query(replace(filters, limit=min(limit + 1, MAX_COUNT)))
+        following = filters.next_page(rows[:limit]) if len(rows) > limit else None
         after = None if following is None or following.after is None else str(following.after)
-        return HTTPStatus.OK, _json_bytes({"sessions": to_builtins(rows), "next": after}), _JSON
+        return HTTPStatus.OK, _json_bytes({"sessions": to_builtins(rows[:limit]), "next": after}), _JSON
 
     def _paged_api(self, session_id: str, rest: list[str],
                    query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
