@@ -1,4 +1,4 @@
-"""views.timeline: the waterfall of a session, and `phi-session show --timeline` drawing it."""
+"""views.timeline and `phi-session show --timeline`; `phi-session list --after` (keyset pages)."""
 
 from __future__ import annotations
 
@@ -81,3 +81,23 @@ def test_show_timeline_text_and_json(tmp_path: Path) -> None:
     bars = json.loads(as_json.output)
     assert bars[0]["kind"] == "session" and Timestamp.parse(bars[0]["start"])
     assert {bar["kind"] for bar in bars} == {"session", "loop", "turn", "model", "tool"}
+
+
+def test_list_pages_with_after(tmp_path: Path) -> None:
+    _store(tmp_path)
+    runner = CliRunner()
+    store_url = str(tmp_path / "store")
+    everything = json.loads(runner.invoke(main, ["list", "--json", "--store", store_url]).output)
+    seen: list[str] = []
+    args = ["list", "--json", "--limit", "2", "--store", store_url]
+    while True:
+        result = runner.invoke(main, args)
+        assert result.exit_code == EXIT_OK, result.output
+        seen += [row["session_id"] for row in json.loads(result.stdout)]
+        if "--after" not in result.stderr:
+            break
+        cursor = result.stderr.split("--after ", 1)[1].strip()
+        args = ["list", "--json", "--limit", "2", "--after", cursor, "--store", store_url]
+    assert seen == [row["session_id"] for row in everything]
+    bad = runner.invoke(main, ["list", "--after", "nonsense", "--store", store_url])
+    assert bad.exit_code == 2 and "--after: not a page cursor" in bad.stderr

@@ -66,6 +66,8 @@ def _note_default_store(store_url: str | None, directory: str | None = None) -> 
 @click.option("--parent", metavar="ID", help="Sub-agent sessions spawned from session ID.")
 @click.option("--order", metavar="ORDER", help=f"Sort order: {', '.join(ORDERS)} (default newest).")
 @click.option("--limit", metavar="N", help="Show at most N sessions.")
+@click.option("--after", metavar="CURSOR",
+              help="The page after CURSOR (printed on stderr under a full page of --limit rows).")
 @store_options
 def list_command(store_url: str | None, as_json: bool, **filters: str | None) -> None:
     """List stored sessions, newest first."""
@@ -75,6 +77,9 @@ def list_command(store_url: str | None, as_json: bool, **filters: str | None) ->
         raise CliError(f"--{str(error.parameter).replace('_', '-')}: {error.reason}", EXIT_USAGE) from None
     with open_cli_store(store_url, must_exist=True) as store:
         rows = store.query(query)
+    following = query.next_page(rows)
+    if following is not None and following.after is not None:
+        stderr().print(f"more may follow: --after {following.after}", style="dim", markup=False, highlight=False)
     if as_json:
         echo_json(to_builtins(rows))
     elif rows:
