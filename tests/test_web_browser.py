@@ -310,6 +310,7 @@ def test_timeline_hover_and_click_opens_the_turn(watched: Watched, demo_ids: dic
     ARTIFACTS.mkdir(exist_ok=True)
     session_id = demo_ids["demo"][0] if demo_ids["demo"] else PARENT_ID
     page.goto(f"/#/session/{session_id}")
+    expect(page.locator("h1")).to_contain_text(session_id)  # the new page, not the old one's timeline
     page.wait_for_selector("#timeline")
     page.locator("#timeline-holder").screenshot(path=str(ARTIFACTS / "timeline.png"))
 
