@@ -376,7 +376,8 @@ def test_workers_ride_out_a_broker_restart(private: Names) -> None:
         worker.stop()
         thread.join(30)
     assert stored == expected
-    assert worker.stats.recorded == len(events)
+    # Partitions that failed on NATS restarted and replayed what was staged: `recorded` may
+    # count events twice, the store never does (the sessions above are exact).
     ids = _staged_ids(names.schema)
     assert len(ids) == len(set(ids)) == len(events)
 
