@@ -116,7 +116,7 @@ def _stored(schema: str) -> dict[str, bytes]:
         return {sid: encode_session(store.load(sid)) for sid in store.list_ids()}
 
 
-def _wait_stored(schema: str, expected: dict[str, bytes], timeout: float = 60) -> dict[str, bytes]:
+def _wait_stored(schema: str, expected: dict[str, bytes], timeout: float = 180) -> dict[str, bytes]:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -142,7 +142,7 @@ def _staged_ids(schema: str) -> list[str]:
         return [row[0] for row in conn.execute(query)]
 
 
-async def _run_until(worker: IngestWorker, done: Any, timeout: float = 60) -> None:
+async def _run_until(worker: IngestWorker, done: Any, timeout: float = 180) -> None:
     task = asyncio.create_task(worker.run())
     deadline = time.monotonic() + timeout
     try:
@@ -178,7 +178,7 @@ def test_four_producers_two_workers_one_killed_and_restarted(names: Names) -> No
     first.kill()  # SIGKILL: whatever it held unacknowledged is redelivered, what it staged is replayed
     first.wait()
     for producer in producers:
-        _, err = producer.communicate(timeout=60)
+        _, err = producer.communicate(timeout=180)
         assert producer.returncode == 0, err
     restarted = _helper(*worker_args)
     try:
