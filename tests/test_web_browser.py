@@ -410,3 +410,20 @@ def test_huge_session_opens_paged(browser: Any, huge_server: ViewerServer) -> No
     finally:
         context.close()
     assert watcher.errors == [] and watcher.dialogs == []
+
+
+def test_search_box_and_cost(watched: Watched) -> None:
+    page = watched.page
+    page.goto("/")
+    page.fill("#search-form input[name=q]", "boils")
+    page.press("#search-form input[name=q]", "Enter")
+    page.wait_for_selector("#hits")
+    assert "q=boils" in page.url
+    marks = page.locator("#hits mark").all_inner_texts()
+    assert marks and all(mark.lower().startswith("boil") for mark in marks)
+    page.locator("#hits a.hit-link", has_text=PARENT_ID).first.click()
+    page.wait_for_selector("#loop-tree")
+    expect(page.locator("#session-cost")).to_be_visible()  # a figure, or "cost unknown", never a silent 0
+    page.goto("/#/stats?by=model")
+    page.wait_for_selector("#stats")
+    expect(page.locator("#stats th", has_text="Cost (USD)")).to_have_count(1)
