@@ -14,6 +14,7 @@ nothing. A screenshot of a session page is saved to ``artifacts/session-page.png
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -371,6 +372,7 @@ def test_session_list_pages_by_keyset(watched: Watched, demo_ids: dict[str, Any]
     assert len(seen) == len(set(seen)) == total
     prompt = page.locator("#sessions td.prompt").first
     expect(prompt).not_to_have_text("…")
+    expect(page.locator("#sessions td.cost").first).to_contain_text(re.compile(r"^(\$|cost unknown)"))
 
 
 @pytest.fixture(scope="module")

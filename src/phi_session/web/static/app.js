@@ -285,7 +285,8 @@
       { class: "data", id: "sessions" },
       h("thead", null, h("tr", null, ["Session", "First prompt", "Agent", "Last active"].map((t) => h("th", null, t)),
         h("th", { class: "num" }, "Duration"), h("th", null, "Loops"),
-        h("th", { class: "num" }, "Turns"), h("th", { class: "num" }, "Tokens"), h("th", null, "Model"), h("th", null, "Parent"))),
+        h("th", { class: "num" }, "Turns"), h("th", { class: "num" }, "Tokens"), h("th", { class: "num" }, "Cost"),
+        h("th", null, "Model"), h("th", null, "Parent"))),
       h("tbody", null, rows.map((row) => {
         const prompt = h("td", { class: "prompt clip muted" }, "…");
         prompts.set(row.session_id, prompt);
@@ -298,6 +299,7 @@
           h("td", null, statusChips(row.loops_by_status), row.rejected ? h("span", { class: "chip rejected" }, "rejected") : null),
           h("td", { class: "num" }, tokens(row.turn_count)),
           h("td", { class: "num" }, tokens(row.total_tokens)),
+          h("td", { class: "num cost" }, ""),
           h("td", null, (row.models || []).join(", ")),
           h("td", { class: "clip" }, row.parent_session_id
             ? h("a", { href: sessionHref(row.parent_session_id), class: "mono", title: row.parent_session_id },
@@ -319,6 +321,8 @@
           cell.textContent = overview.first_prompt || "";
           cell.title = overview.first_prompt || "";
           cell.classList.remove("muted");
+          const costCell = cell.parentNode.querySelector("td.cost");
+          if (costCell) costCell.textContent = costText(overview.cost);
         } catch (error) {
           cell.textContent = "";
         }
