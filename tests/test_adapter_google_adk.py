@@ -63,16 +63,22 @@ class ScriptedLlm(BaseLlm):
         parts = [types.Part(text=item) if isinstance(item, str)
                  else types.Part(function_call=types.FunctionCall(name=item[0], args=item[1]))
                  for item in step]
-        if stream:
-            for part in parts:
-                if part.text:
-                    await asyncio.sleep(0)
-                    yield LlmResponse(content=types.Content(role="model", parts=[part]), partial=True)
         usage = types.GenerateContentResponseUsageMetadata(
             prompt_token_count=12, cached_content_token_count=2, candidates_token_count=5,
             thoughts_token_count=3, total_token_count=20)
-        yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage,
-                          partial=False if stream else None, turn_complete=True)
+        if not stream:
+            yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
+            return
+        # As Gemini streams: text in partial chunks, then the text as a whole and the
+        # calls as final responses of their own, each with the (cumulative) usage.
+        text = [part for part in parts if part.text]
+        for part in text:
+            await asyncio.sleep(0)
+            yield LlmResponse(content=types.Content(role="model", parts=[part]), partial=True)
+        finals = [group for group in (text, [part for part in parts if not part.text]) if group]
+        for group in finals:
+            yield LlmResponse(content=types.Content(role="model", parts=group), usage_metadata=usage,
+                              partial=False)
 
 
 def add(a: int, b: int) -> int:
@@ -187,6 +193,17 @@ def test_streamed_partial_responses_are_message_updates() -> None:
     assert texts(record) == [("user", "hello"), ("assistant", "Hel"), ("assistant", "lo")]
 
 
+def test_a_stream_of_text_then_calls_is_one_message_with_the_calls_usage() -> None:
+    h = Harness()
+    model = ScriptedLlm.of(["Let me ", "add.", ("add", {"a": 2, "b": 2})], ["4"])
+    h.run(LlmAgent(name="calc", model=model, tools=[add]), stream=True)
+    (record,) = h.session().loops
+    first = record.turns[0].output_message
+    assert [type(block).__name__ for block in first.content] == ["TextContent", "TextContent", "ToolCall"]
+    assert first.stop_reason == "toolUse" and first.usage.total_tokens == 20  # not counted twice
+    assert first.content[2].id == record.turns[0].tool_results[0].tool_call_id
+
+
 def test_transfer_is_a_handoff_to_a_continuing_loop() -> None:
     h = Harness()
     helper = LlmAgent(name="helper", model=ScriptedLlm.of(["helped"]), description="helps")
@@ -230,6 +247,22 @@ def test_parallel_agents_are_branches_without_a_winner() -> None:
     assert all(r.parent_loop_id == root.loop_id and r.turns[0].triggered_by == "Branch" for r in branches)
     assert all(r.parallel_group is None for r in session.loops)  # no winner is invented
     assert merge.parent_loop_id == root.loop_id and merge.continuation_kind.kind == "Default"
+
+
+def test_after_parallel_branches_the_next_invocation_continues_the_invocations_own_loop() -> None:
+    h = Harness()
+    runner = h.runner(ParallelAgent(name="fan", sub_agents=[
+        LlmAgent(name="left", model=ScriptedLlm.of(["L1"], ["L2"])),
+        LlmAgent(name="right", model=ScriptedLlm.of(["R1"], ["R2"]))]))
+
+    async def twice() -> None:
+        await h.ask(runner, "first")
+        await h.ask(runner, "second")
+
+    asyncio.run(twice())
+    roots = [r for r in h.session().loops if not r.continuation_kind or r.continuation_kind.kind != "Branch"]
+    first, second = sorted(roots, key=lambda r: r.started_at.ns)
+    assert texts(second) == [("user", "second")] and second.parent_loop_id == first.loop_id
 
 
 def test_agent_tool_runs_a_sub_agent_linked_both_ways() -> None:

@@ -191,19 +191,128 @@ def _config(agent: BaseNode | None) -> LoopConfigSnapshot:
 # -- per-invocation state ---------------------------------------------------------------------
 
 
+class _Reply:
+    """The assistant message of one model call: streamed deltas, then the final
+    responses. Their content is taken from the events ADK emits for them, which carry
+    the function-call ids ADK assigns after the model callbacks; a stream mixing text
+    and calls ends in several final responses, so the message is finished only when
+    the turn moves on (a tool starts, the next model call, the agent or run ends)."""
+
+    __slots__ = ("_last", "_parts", "_unseen", "scope")
+
+    def __init__(self, scope: MessageScope) -> None:
+        self.scope = scope
+        self._parts: list[types.Part] = []
+        self._last: LlmResponse | None = None  # the latest final response or its event
+        self._unseen: LlmResponse | None = None  # a final response whose event is to come
+
+    def partial(self, response: LlmResponse) -> None:
+        content = response.content
+        for part in content.parts or () if content is not None else ():
+            if part.text:
+                if part.thought:
+                    self.scope.thinking_delta(part.text)
+                else:
+                    self.scope.text_delta(part.text)
+            elif part.function_call is not None and part.function_call.args:
+                self.scope.tool_call_delta(_json_text(part.function_call.args))
+
+    def final(self, response: LlmResponse) -> None:
+        self._take_unseen()
+        self._unseen = response
+
+    def event(self, event: Event) -> None:
+        """The event of the final response (if one is waiting for it)."""
+        if self._unseen is not None:
+            self._unseen = None
+            self._take(event)
+
+    def _take(self, response: LlmResponse) -> None:
+        if response.content is not None:
+            self._parts.extend(response.content.parts or ())
+        self._last = response
+
+    def _take_unseen(self) -> None:
+        # Its event never came (another plugin answered on_event_callback): ADK's ids are lost.
+        if self._unseen is not None:
+            unseen, self._unseen = self._unseen, None
+            self._take(unseen)
+
+    def finish(self) -> None:
+        """Finish the message with what arrived; without a final response the turn's end
+        finishes it (as failed, if the turn fails)."""
+        self._take_unseen()
+        last = self._last
+        if last is None or not self.scope.running:
+            return
+        calls = [part.function_call for part in self._parts if part.function_call is not None]
+        stop_reason, error = _stop(last, calls)
+        # Usage is cumulative over a stream: the last response's is the call's.
+        self.scope.finish(_blocks(self._parts), usage=_usage(last.usage_metadata),
+                          stop_reason=stop_reason, error_message=error)
+
+
 @dataclass
 class _Lane:
     """The loop of one ADK branch of an invocation (the root branch is ``None``) and
     what is open in it: the agent whose model calls it records, its turn, the turn's
-    assistant message, the final response waiting for its event, and running tools."""
+    reply, and its running tools by call id."""
 
     key: tuple[str, str | None]
     run: AdapterRun
     agent: str | None = None
     turn: TurnScope | None = None
-    message: MessageScope | None = None
-    final: LlmResponse | None = None
+    reply: _Reply | None = None
     tools: dict[str, tuple[ToolScope, Token[ToolScope | None]]] = field(default_factory=dict)
+
+    def open_turn(self, agent: str, model: str | None) -> None:
+        self.end_turn()
+        self.agent = agent
+        loop = self.run.loop
+        self.turn = loop.turn().start()
+        config = loop.config
+        self.reply = _Reply(self.turn.assistant(
+            model=model or (config.model if config is not None else None),
+            provider=config.provider if config is not None else None,
+        ).start())
+
+    def settle(self) -> None:
+        """The turn moves on: finish its reply."""
+        if self.reply is not None:
+            self.reply.finish()
+
+    def end_turn(self, error: BaseException | None = None) -> None:
+        self.settle()
+        turn = self.turn
+        self.turn = self.reply = None
+        if turn is not None and turn.running:
+            turn.end(error)
+
+    def start_tool(self, call_id: str, name: str, args: Any) -> None:
+        self.settle()
+        if self.turn is None or not self.turn.running:
+            return
+        scope = self.turn.tool(id=call_id, name=name, args=_json_copy(args)).start()
+        # The tool runs in a copy of this context (ADK makes sure of it), so an
+        # invocation it starts (AgentTool) finds it: a sub-agent.
+        self.tools[call_id] = (scope, enter_tool(scope))
+
+    def take_tool(self, call_id: str) -> ToolScope | None:
+        """The running tool `call_id`, no longer marked as running in this context."""
+        entry = self.tools.pop(call_id, None)
+        if entry is None:
+            return None
+        scope, token = entry
+        leave_tool(token)
+        return scope if scope.running else None
+
+    def close(self, error: BaseException | None) -> None:
+        """The invocation ends: tools still running end failed, then the turn."""
+        for call_id in list(self.tools):
+            scope = self.take_tool(call_id)
+            if scope is not None:
+                scope.end(error if error is not None else "the invocation ended while the tool ran")
+        self.end_turn(error)
 
 
 class _Invocation:
@@ -279,7 +388,7 @@ class PhiPlugin(BasePlugin):
         with self.core.guard():
             lane = self._lane(callback_context.invocation_id, callback_context.branch)
             if lane is not None and lane.agent == agent.name:
-                self._end_turn(lane)
+                lane.end_turn()
 
     async def on_agent_error_callback(self, *, agent: BaseAgent, callback_context: CallbackContext,
                                       error: Exception) -> None:
@@ -287,7 +396,7 @@ class PhiPlugin(BasePlugin):
             lane = self._lane(callback_context.invocation_id, callback_context.branch)
             if lane is not None and lane.agent == agent.name and callback_context.branch is not None:
                 # A failing branch fails its own loop; the invocation's error ends the rest.
-                self._end_turn(lane, error)
+                lane.close(error)
                 lane.run.loop.end(error)
 
     async def before_model_callback(self, *, callback_context: CallbackContext,
@@ -299,50 +408,42 @@ class PhiPlugin(BasePlugin):
                                    llm_response: LlmResponse) -> None:
         with self.core.guard():
             lane = self._lane(callback_context.invocation_id, callback_context.branch)
-            if lane is None or lane.message is None or not lane.message.running:
+            if lane is None or lane.reply is None:
                 return
             if llm_response.partial:
-                _stream(lane.message, llm_response)
+                lane.reply.partial(llm_response)
             else:
-                lane.final = llm_response  # finished with ADK's function-call ids, by its event
+                lane.reply.final(llm_response)
 
     async def on_event_callback(self, *, invocation_context: InvocationContext, event: Event) -> None:
         with self.core.guard():
             if event.partial:
                 return
             lane = self._lane(invocation_context.invocation_id, event.branch)
-            if (lane is not None and lane.final is not None and event.author == lane.agent
+            if (lane is not None and lane.reply is not None and event.author == lane.agent
                     and not event.get_function_responses()):
-                self._finish_message(lane, event)
+                lane.reply.event(event)
 
     async def before_tool_callback(self, *, tool: BaseTool, tool_args: dict[str, Any],
                                    tool_context: ToolContext) -> None:
         with self.core.guard():
             lane = self._lane(tool_context.invocation_id, tool_context.branch)
-            if lane is None:
-                return
-            self._settle_message(lane)
-            if lane.turn is None or not lane.turn.running:
-                return
-            call_id = tool_context.function_call_id or tool.name
-            scope = lane.turn.tool(id=call_id, name=tool.name, args=_json_copy(tool_args)).start()
-            # The tool runs in a copy of this context (ADK makes sure of it), so an
-            # invocation it starts (AgentTool) finds it: a sub-agent.
-            lane.tools[call_id] = (scope, enter_tool(scope))
+            if lane is not None:
+                lane.start_tool(tool_context.function_call_id or tool.name, tool.name, tool_args)
 
     async def after_tool_callback(self, *, tool: BaseTool, tool_args: dict[str, Any],
                                   tool_context: ToolContext, result: Any) -> None:
         with self.core.guard():
-            scope = self._pop_tool(tool_context, tool)
-            if scope is not None and scope.running:
+            scope = self._take_tool(tool_context, tool)
+            if scope is not None:
                 scope.result(_json_text(result))
                 scope.end()
 
     async def on_tool_error_callback(self, *, tool: BaseTool, tool_args: dict[str, Any],
                                      tool_context: ToolContext, error: Exception) -> None:
         with self.core.guard():
-            scope = self._pop_tool(tool_context, tool)
-            if scope is not None and scope.running:
+            scope = self._take_tool(tool_context, tool)
+            if scope is not None:
                 scope.end(error)
 
     async def close(self) -> None:
@@ -383,26 +484,18 @@ class PhiPlugin(BasePlugin):
         elif not lane.run.loop.running or lane.agent not in (None, cc.agent_name):
             # Another agent takes over (a transfer, a SequentialAgent's next agent), or
             # the lane's loop was ended by branches forking from it: a continuation.
-            self._end_turn(lane)
+            lane.end_turn()
             run = self.core.handoff(lane.key, _config(agent))
             if run is None:
                 return
             lane.run = run
-        self._end_turn(lane)
-        lane.agent = cc.agent_name
-        loop = lane.run.loop
-        lane.turn = loop.turn().start()
-        config = loop.config
-        lane.message = lane.turn.assistant(
-            model=request.model or (config.model if config is not None else None),
-            provider=config.provider if config is not None else None,
-        ).start()
+        lane.open_turn(cc.agent_name, request.model)
 
     def _fork(self, invocation: _Invocation, branch: str, agent: BaseNode | None) -> _Lane | None:
         """A lane for a new parallel branch: a Branch of its parent lane's loop, which ends."""
         parent = invocation.parent_of(branch)
         if parent.run.loop.running:
-            self._end_turn(parent)
+            parent.end_turn()
             parent.run.loop.end()
         key = (invocation.id, branch)
         run = self.core.branch(key, parent.key, _config(agent), branch,
@@ -413,41 +506,9 @@ class PhiPlugin(BasePlugin):
         invocation.lanes[branch] = lane
         return lane
 
-    def _finish_message(self, lane: _Lane, event: LlmResponse) -> None:
-        """Finish the turn's assistant message from the final response (or its event)."""
-        final, lane.final = lane.final, None
-        message = lane.message
-        if message is None or not message.running or final is None:
-            return
-        content = event.content if event.content is not None else final.content
-        parts = content.parts if content is not None else None
-        calls = [part.function_call for part in parts or () if part.function_call is not None]
-        stop_reason, error = _stop(event, calls)
-        message.finish(_blocks(parts), usage=_usage(event.usage_metadata or final.usage_metadata),
-                       stop_reason=stop_reason, error_message=error)
-
-    def _settle_message(self, lane: _Lane) -> None:
-        """Finish a final response whose event never came (another plugin answered it)."""
-        if lane.final is not None:
-            self._finish_message(lane, lane.final)
-
-    def _end_turn(self, lane: _Lane, error: BaseException | None = None) -> None:
-        self._settle_message(lane)
-        turn = lane.turn
-        lane.turn = lane.message = None
-        if turn is not None and turn.running:
-            turn.end(error)
-
-    def _pop_tool(self, tool_context: ToolContext, tool: BaseTool) -> ToolScope | None:
+    def _take_tool(self, tool_context: ToolContext, tool: BaseTool) -> ToolScope | None:
         lane = self._lane(tool_context.invocation_id, tool_context.branch)
-        if lane is None:
-            return None
-        entry = lane.tools.pop(tool_context.function_call_id or tool.name, None)
-        if entry is None:
-            return None
-        scope, token = entry
-        leave_tool(token)
-        return scope
+        return lane.take_tool(tool_context.function_call_id or tool.name) if lane is not None else None
 
     def _finish(self, invocation_id: str, error: BaseException | None) -> None:
         with self._lock:
@@ -456,23 +517,9 @@ class PhiPlugin(BasePlugin):
             return
         # Branches first, deepest first: a branch's loop ends before the loop it forked from.
         for _, lane in sorted(invocation.lanes.items(), key=lambda item: -len(item[0] or "")):
-            for scope, token in lane.tools.values():
-                leave_tool(token)
-                if scope.running:
-                    scope.end(error if error is not None else "the invocation ended while the tool ran")
-            lane.tools.clear()
-            self._end_turn(lane, error)
+            lane.close(error)
             self.core.end_run(lane.key, error)
-
-
-def _stream(message: MessageScope, response: LlmResponse) -> None:
-    """A partial (streamed) response's pieces as deltas."""
-    content = response.content
-    for part in content.parts or () if content is not None else ():
-        if part.text:
-            if part.thought:
-                message.thinking_delta(part.text)
-            else:
-                message.text_delta(part.text)
-        elif part.function_call is not None and part.function_call.args:
-            message.tool_call_delta(_json_text(part.function_call.args))
+        if len(invocation.lanes) > 1:
+            # No branch won: the session's next invocation continues the invocation's own line.
+            root = invocation.lanes[None].run
+            root.tracer.agent.set_last_loop(root.loop.loop_id)
