@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import runpy
 import subprocess
 import sys
 import warnings
@@ -390,3 +391,14 @@ def test_missing_extra_names_the_pip_install() -> None:
             "except Exception as e:\n    print(type(e).__name__, e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("MissingExtra") and "pip install 'phi-session[google-adk]'" in out.stdout
+
+
+def test_example_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "adapter_google_adk.py"
+    monkeypatch.setattr(sys, "argv", [str(example), str(tmp_path / "sessions.db")])
+    runpy.run_path(str(example), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "assistant: Il fait ensoleillé, 21 °C à Paris."
+    assert any(line.startswith("chat-1.google.gemini-2-5-flash.1 Completed 3 turns") for line in lines)
+    assert any(".sub.1 Completed 1 turns" in line for line in lines)

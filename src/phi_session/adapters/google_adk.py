@@ -44,12 +44,13 @@ its loops open until `PhiPlugin.close`, which ends them as failed.
 from __future__ import annotations
 
 import base64
-import json
 import threading
 from collections.abc import Iterable, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from ..events import LoopConfigSnapshot
 from ..identity import AgentSession, Clock
@@ -86,13 +87,18 @@ _NORMAL_FINISH = {None, "STOP", "FINISH_REASON_UNSPECIFIED"}
 # -- conversions ------------------------------------------------------------------------------
 
 
+# Values that are not JSON (a tool may return any object) are written as their repr.
+_encode = msgspec.json.Encoder(enc_hook=repr).encode
+_decode = msgspec.json.Decoder().decode
+
+
 def _json_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=repr)
+    return value if isinstance(value, str) else _encode(value).decode()
 
 
 def _json_copy(value: Any) -> Any:
     """A JSON-safe copy, so the host's later changes never reach a recorded event."""
-    return json.loads(json.dumps(value, default=repr))
+    return _decode(_encode(value))
 
 
 def _blocks(parts: Sequence[types.Part] | None, *, calls: bool = True) -> tuple[Content, ...]:
@@ -172,6 +178,11 @@ def _model_agent(agent: BaseNode | None) -> LlmAgent | None:
             return node
         pending[:0] = node.sub_agents
     return None
+
+
+def _agent(cc: CallbackContext) -> BaseNode | None:
+    """The agent running (looked up only when needed: ADK copies its context to give it)."""
+    return cc.get_invocation_context().agent
 
 
 def _config(agent: BaseNode | None) -> LoopConfigSnapshot:
@@ -475,17 +486,16 @@ class PhiPlugin(BasePlugin):
         if invocation is None:
             return
         branch = cc.branch
-        agent = cc.get_invocation_context().agent
         lane = invocation.lanes.get(branch)
         if lane is None:
-            lane = self._fork(invocation, branch, agent) if branch is not None else None
+            lane = self._fork(invocation, branch, _agent(cc)) if branch is not None else None
             if lane is None:
                 return
         elif not lane.run.loop.running or lane.agent not in (None, cc.agent_name):
             # Another agent takes over (a transfer, a SequentialAgent's next agent), or
             # the lane's loop was ended by branches forking from it: a continuation.
             lane.end_turn()
-            run = self.core.handoff(lane.key, _config(agent))
+            run = self.core.handoff(lane.key, _config(_agent(cc)))
             if run is None:
                 return
             lane.run = run

@@ -1,0 +1,157 @@
+"""Framework adapters (issue 12, item 8): what recording costs a framework run.
+
+Per framework, `RUNS` runs of 4 turns x 2 tools (then the answer) on the framework's
+fake model, median per run: the bare run, the run with a no-op hook that only appends
+tuples (the framework's own dispatch floor), and the run with our adapter into a
+`SessionRecorder`. Targets: adapter <= 1.10x bare and <= floor + 5%.
+
+Times are the process's CPU time (`time.process_time`): the frameworks run their
+runs in this thread, and CPU time stays meaningful on a loaded machine where wall
+time mostly measures waiting for a core.
+
+Usage: python benchmarks/bench_adapters.py [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+from phi_session import SessionRecorder
+
+TURNS, TOOLS = 4, 2
+
+
+def report(framework: str, bare: float, floor: float, adapter: float) -> None:
+    """One framework's medians (seconds per run) and the targets' verdicts."""
+    vs_bare, vs_floor = adapter / bare, adapter / floor
+    ok = vs_bare <= 1.10 and vs_floor <= 1.05
+    print(f"{framework:14} bare {bare * 1e3:7.2f} ms  floor {floor * 1e3:7.2f} ms ({floor / bare:.2f}x)  "
+          f"adapter {adapter * 1e3:7.2f} ms ({vs_bare:.2f}x bare, floor +{(vs_floor - 1) * 100:.1f}%)  "
+          f"{'PASS' if ok else 'MISS'}")
+
+
+async def medians_async(runs: int, variants: list[Callable[[int], Awaitable[object]]]) -> list[float]:
+    """The median time per run of each variant; runs interleave, so drift hits all alike."""
+    for i in range(3):  # warm up
+        for run in variants:
+            await run(-1 - i)
+    times: list[list[float]] = [[] for _ in variants]
+    for i in range(runs):
+        if i % 50 == 0:
+            gc.collect()
+        for run, spent in zip(variants, times, strict=True):
+            started = time.process_time()
+            await run(i)
+            spent.append(time.process_time() - started)
+    return [statistics.median(spent) for spent in times]
+
+
+# -- Google ADK ---------------------------------------------------------------------------------
+
+
+def bench_google_adk(runs: int) -> None:
+    from google.adk.agents import LlmAgent
+    from google.adk.models.base_llm import BaseLlm
+    from google.adk.models.llm_request import LlmRequest
+    from google.adk.models.llm_response import LlmResponse
+    from google.adk.plugins.base_plugin import BasePlugin
+    from google.adk.runners import InMemoryRunner
+    from google.genai import types
+
+    from phi_session.adapters.google_adk import PhiPlugin
+
+    usage = types.GenerateContentResponseUsageMetadata(prompt_token_count=100, candidates_token_count=20)
+
+    class FakeModel(BaseLlm):
+        """Calls TOOLS tools on each of TURNS turns (counted from the request), then answers."""
+
+        async def generate_content_async(
+            self, llm_request: LlmRequest, stream: bool = False
+        ) -> AsyncGenerator[LlmResponse, None]:
+            turn = sum(1 for content in llm_request.contents if content.role == "model")
+            if turn < TURNS:
+                calls = [types.FunctionCall(name="lookup", args={"key": f"{turn}.{i}"}) for i in range(TOOLS)]
+                parts = [types.Part(function_call=call) for call in calls]
+            else:
+                parts = [types.Part(text="done")]
+            yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
+
+    def lookup(key: str) -> str:
+        """Looks a key up."""
+        return key.upper()
+
+    class NoOpPlugin(BasePlugin):
+        """Appends a tuple per callback PhiPlugin implements: ADK's own plugin dispatch."""
+
+        def __init__(self) -> None:
+            super().__init__(name="noop")
+            self.seen: list[tuple[Any, ...]] = []
+
+        async def before_run_callback(self, **kw: Any) -> None:
+            self.seen.append(("run", kw["invocation_context"]))
+
+        async def after_run_callback(self, **kw: Any) -> None:
+            self.seen.append(("run_end", kw["invocation_context"]))
+
+        async def after_agent_callback(self, **kw: Any) -> None:
+            self.seen.append(("agent_end", kw["agent"]))
+
+        async def before_model_callback(self, **kw: Any) -> None:
+            self.seen.append(("model", kw["llm_request"]))
+
+        async def after_model_callback(self, **kw: Any) -> None:
+            self.seen.append(("model_end", kw["llm_response"]))
+
+        async def on_event_callback(self, **kw: Any) -> None:
+            self.seen.append(("event", kw["event"]))
+
+        async def before_tool_callback(self, **kw: Any) -> None:
+            self.seen.append(("tool", kw["tool_args"]))
+
+        async def after_tool_callback(self, **kw: Any) -> None:
+            self.seen.append(("tool_end", kw["result"]))
+
+    def runner(plugins: list[BasePlugin]) -> InMemoryRunner:
+        agent = LlmAgent(name="bench", model=FakeModel(model="fake"), tools=[lookup])
+        return InMemoryRunner(agent=agent, app_name="bench", plugins=plugins)
+
+    def variant(plugins: list[BasePlugin]) -> Callable[[int], Awaitable[None]]:
+        r = runner(plugins)
+        message = types.Content(role="user", parts=[types.Part(text="go")])
+
+        async def one(i: int) -> None:
+            await r.session_service.create_session(app_name="bench", user_id="u", session_id=f"s{i}")
+            async for _ in r.run_async(user_id="u", session_id=f"s{i}", new_message=message):
+                pass
+
+        return one
+
+    async def all_three() -> list[float]:
+        recorder = SessionRecorder()
+        plugins: list[list[BasePlugin]] = [[], [NoOpPlugin()], [PhiPlugin([recorder])]]
+        medians = await medians_async(runs, [variant(p) for p in plugins])
+        recorder.flush()
+        loops = sum(len(s.loops) for s in recorder.sessions())
+        assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
+        return medians
+
+    report("google-adk", *asyncio.run(all_three()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=200)
+    args = parser.parse_args()
+    print(f"median CPU time per run of {args.runs} runs, {TURNS} turns x {TOOLS} tools")
+    bench_google_adk(args.runs)
+
+
+if __name__ == "__main__":
+    main()
