@@ -91,31 +91,19 @@ def bench_google_adk(runs: int) -> None:
 
         def __init__(self) -> None:
             super().__init__(name="noop")
-            self.seen: list[tuple[Any, ...]] = []
+            self.seen: list[tuple[str, Any]] = []
 
-        async def before_run_callback(self, **kw: Any) -> None:
-            self.seen.append(("run", kw["invocation_context"]))
+    def appender(callback: str, argument: str) -> Callable[..., Awaitable[None]]:
+        async def append(self: NoOpPlugin, **kwargs: Any) -> None:
+            self.seen.append((callback, kwargs[argument]))
+        return append
 
-        async def after_run_callback(self, **kw: Any) -> None:
-            self.seen.append(("run_end", kw["invocation_context"]))
-
-        async def after_agent_callback(self, **kw: Any) -> None:
-            self.seen.append(("agent_end", kw["agent"]))
-
-        async def before_model_callback(self, **kw: Any) -> None:
-            self.seen.append(("model", kw["llm_request"]))
-
-        async def after_model_callback(self, **kw: Any) -> None:
-            self.seen.append(("model_end", kw["llm_response"]))
-
-        async def on_event_callback(self, **kw: Any) -> None:
-            self.seen.append(("event", kw["event"]))
-
-        async def before_tool_callback(self, **kw: Any) -> None:
-            self.seen.append(("tool", kw["tool_args"]))
-
-        async def after_tool_callback(self, **kw: Any) -> None:
-            self.seen.append(("tool_end", kw["result"]))
+    for callback, argument in [
+            ("before_run_callback", "invocation_context"), ("after_run_callback", "invocation_context"),
+            ("after_agent_callback", "agent"), ("before_model_callback", "llm_request"),
+            ("after_model_callback", "llm_response"), ("on_event_callback", "event"),
+            ("before_tool_callback", "tool_args"), ("after_tool_callback", "result")]:
+        setattr(NoOpPlugin, callback, appender(callback, argument))
 
     def runner(plugins: list[BasePlugin]) -> InMemoryRunner:
         agent = LlmAgent(name="bench", model=FakeModel(model="fake"), tools=[lookup])
