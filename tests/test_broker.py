@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from phi_session.codec import encode_event, encode_session
+from phi_session.codec import decode_event, encode_event, encode_session
 from phi_session.recorder import SessionRecorder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -127,6 +128,13 @@ def _wait_stored(schema: str, expected: dict[str, bytes], timeout: float = 60) -
         time.sleep(0.3)
 
 
+def _staged_ids_or_none(schema: str) -> list[str]:
+    try:
+        return _staged_ids(schema)
+    except psycopg.Error:  # no table yet
+        return []
+
+
 def _staged_ids(schema: str) -> list[str]:
     with psycopg.connect(DSN, autocommit=True) as conn:
         query = psycopg.sql.SQL("SELECT event_id FROM {}.broker_events").format(
@@ -164,7 +172,9 @@ def test_four_producers_two_workers_one_killed_and_restarted(names: Names) -> No
     first, second = _helper(*worker_args), _helper(*worker_args)
     producers = [_helper("producer", URL, names.stream, names.prefix, str(names.spill), str(seed),
                          str(sessions)) for seed in seeds]
-    time.sleep(1.0)  # mid-stream: some events are in, others still coming
+    deadline = time.monotonic() + 30
+    while len(_staged_ids_or_none(names.schema)) < 1000 and time.monotonic() < deadline:
+        time.sleep(0.05)  # mid-stream: the workers hold some events, others are still coming
     first.kill()  # SIGKILL: whatever it held unacknowledged is redelivered, what it staged is replayed
     first.wait()
     for producer in producers:
@@ -276,54 +286,99 @@ def test_out_of_order_redelivery_is_applied_in_order(names: Names) -> None:
 # -- the sink -----------------------------------------------------------------------------------------
 
 
-def test_sink_spills_while_the_broker_is_down_and_sends_later(names: Names, tmp_path: Path) -> None:
-    """A private nats-server, stopped mid-stream and started again."""
-    server = shutil.which("nats-server")
-    if server is None:
-        pytest.skip("no nats-server binary")
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    names.url = f"nats://127.0.0.1:{port}"
-    command = [server, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "js")]
+class PrivateServer:
+    """A nats-server of this test's own (so it can be stopped), on a free port."""
 
-    def start() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def __init__(self, directory: Path) -> None:
+        server = shutil.which("nats-server")
+        if server is None:
+            pytest.skip("no nats-server binary")
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            self.port = free.getsockname()[1]
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.command = [server, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(directory)]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while not _listening(port):
+        while not _listening(self.port):
             assert time.monotonic() < deadline, "nats-server did not start"
             time.sleep(0.05)
-        return process
 
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def private(names: Names, tmp_path: Path) -> Iterator[Names]:
+    server = PrivateServer(tmp_path / "jetstream")
+    server.start()
+    names.url = server.url
+    names.server = server  # type: ignore[attr-defined]
+    yield names
+    server.stop()
+    names.url = URL  # the private server and its stream go with tmp_path
+
+
+def test_sink_spills_while_the_broker_is_down_and_sends_later(private: Names) -> None:
+    names, server = private, private.server  # type: ignore[attr-defined]
     events = list(workload.events(2, seed=5))
     half = len(events) // 2
-    broker = start()
+    sink = names.sink(buffer=100, publish_timeout=0.5)
+    for event in events[:half]:
+        sink(event)
+    assert sink.flush(30)
+    server.stop()
+    for event in events[half:]:
+        sink(event)  # never blocks: the buffer fills, then the rest goes to the spill journal
+    assert not sink.flush(0.5)
+    assert sink.stats().spilled > 0
+    assert any(names.spill.iterdir())
+    server.start()
+    assert sink.flush(30)
+    sink.close()
+    assert sink.stats().published == len(events)
+    assert not any(names.spill.iterdir())  # sent, then removed
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected))
+    assert _stored(names.schema) == expected
+    assert worker.stats.recorded == len(events)
+
+
+def test_workers_ride_out_a_broker_restart(private: Names) -> None:
+    names, server = private, private.server  # type: ignore[attr-defined]
+    events = list(workload.events(3, seed=8))
+    expected = _reference([events])
+    worker = names.worker()
+    thread = threading.Thread(target=asyncio.run, args=(worker.run(),))
+    sink = names.sink(partitions=2, publish_timeout=0.5)
+    thread.start()
     try:
-        sink = names.sink(buffer=100, publish_timeout=0.5)
-        for event in events[:half]:
+        for event in events[:1000]:
             sink(event)
         assert sink.flush(30)
-        broker.terminate()
-        broker.wait()
-        for event in events[half:]:
-            sink(event)  # never blocks: the buffer fills, then the rest goes to the spill journal
-        assert not sink.flush(0.5)
-        assert sink.stats().spilled > 0
-        assert any(names.spill.iterdir())
-        broker = start()
+        time.sleep(0.5)  # the worker is taking them
+        server.stop()
+        for event in events[1000:]:
+            sink(event)
+        time.sleep(1.0)  # the worker's fetches fail meanwhile
+        server.start()
         assert sink.flush(30)
         sink.close()
-        assert sink.stats().published == len(events)
-        assert not any(names.spill.iterdir())  # sent, then removed
-        worker = names.worker()
-        expected = _reference([events])
-        asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected))
-        assert _stored(names.schema) == expected
-        assert worker.stats.recorded == len(events)
+        stored = _wait_stored(names.schema, expected)
     finally:
-        broker.terminate()
-        broker.wait()
-        names.url = URL  # the private server and its stream are gone with tmp_path
+        worker.stop()
+        thread.join(30)
+    assert stored == expected
+    assert worker.stats.recorded == len(events)
+    ids = _staged_ids(names.schema)
+    assert len(ids) == len(set(ids)) == len(events)
 
 
 def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> None:
@@ -396,3 +451,21 @@ def test_record_to_nats_then_ingest_and_status(names: Names, tmp_path: Path) -> 
     assert "recorded 1,240 events" in out
     assert stored == expected
     assert cli("ingest", URL, "--store", str(tmp_path / "x.db")).returncode == 2
+
+
+def test_a_session_no_store_accepts_stays_staged_as_rejected(names: Names) -> None:
+    good = list(workload.events(1, seed=9))
+    session_id = good[0].session_id.encode()
+    bad = [decode_event(line.replace(session_id, b"../etc")) for line in workload.lines(1, seed=9)]
+    with names.sink(partitions=1) as sink:
+        for event in bad + good:
+            sink(event)
+        assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference([good])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected and worker.stats.rejected > 0))
+    assert _stored(names.schema) == expected
+    assert worker.stats.rejected == len(bad)  # kept with their payload, not replayed forever
+    status = asyncio.run(ingest_status(names.url, DSN, schema=names.schema, stream=names.stream,
+                                       subject_prefix=names.prefix))
+    assert [(row.staged, row.rejected) for row in status] == [(0, len(bad))]

@@ -152,7 +152,7 @@ async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float
             max_reconnect_attempts=-1 if reconnect else 0, reconnect_time_wait=0.5,
             error_cb=_quiet), timeout * (len(servers) + 1))
     except Exception as error:
-        raise BrokerError(f"cannot reach NATS at {url}: {error or type(error).__name__}") from error
+        raise BrokerError(f"cannot reach NATS at {url}: {str(error) or type(error).__name__}") from error
 
 
 async def _quiet(error: Exception) -> None:

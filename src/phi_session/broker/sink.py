@@ -457,7 +457,8 @@ class _Publisher:
             if self.down_since is None:
                 self.down_since = time.monotonic()
                 logger.warning("publishing to NATS at %s failed (%s); retrying, events wait in the buffer"
-                               " and then the spill journal", self.sink.url, error or type(error).__name__)
+                               " and then the spill journal", self.sink.url,
+                               str(error) or type(error).__name__)
             return False
         if self.down_since is not None:
             logger.warning("NATS at %s takes events again after %.1f s", self.sink.url,

@@ -34,9 +34,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BrokerError, DecodeError, MissingExtra, StoreError
+from ..events import AgentEvent
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
-from .settings import EVENT_ID_HEADER, SESSION_HEADER, StreamSettings, connect, ensure_stream, require_nats
+from .settings import (
+    EVENT_ID_HEADER,
+    SESSION_HEADER,
+    StreamSettings,
+    connect,
+    ensure_stream,
+    event_session_id,
+    require_nats,
+)
 from .staging import REJECTED, SAVED, StagedEvent, Staging
 
 if TYPE_CHECKING:
@@ -67,7 +76,8 @@ class WorkerStats:
     held_back: int = 0
     """Events that waited for an earlier one still to be delivered (redelivered out of order)."""
     rejected: int = 0
-    """Events no recorder accepts (not phi-core JSON): kept staged as ``rejected``."""
+    """Events no recorder accepts (not phi-core JSON) or of a session id no store accepts:
+    kept staged as ``rejected``, with their payload."""
     sessions_saved: int = 0
     partitions_taken: int = 0
     partitions_released: int = 0
@@ -146,6 +156,7 @@ class IngestWorker:
         self.stats = WorkerStats()
         self.member_id = random.getrandbits(31)
         self._stop_requested = False
+        self._broker_down = False  # a partition failed on NATS; warned once until one works again
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
 
@@ -186,9 +197,22 @@ class IngestWorker:
                     await self._release(resources, running, number)
 
     async def _rebalance(self, resources: _Resources, running: dict[int, _PartitionRun]) -> None:
-        for run in list(running.values()):
-            if run.task.done():  # a partition failed: that is the worker failing
-                run.task.result()
+        import nats.errors
+
+        for number, run in list(running.items()):
+            if not run.task.done():
+                continue
+            error = run.task.exception()
+            if not isinstance(error, (nats.errors.Error, asyncio.TimeoutError)):
+                run.task.result()  # PostgreSQL or a bug: that is the worker failing
+                continue
+            # NATS is down or restarting: start the partition again (its staged events are
+            # replayed) once the client has reconnected.
+            if not self._broker_down:
+                logger.warning("NATS at %s failed (%s); partitions restart when it is back",
+                               self.url, str(error) or type(error).__name__)
+            self._broker_down = True
+            await self._release(resources, running, number)
         staging = resources.staging
         count = self.settings.partitions
         share = math.ceil(count / max(await staging.members(), 1))
@@ -203,6 +227,11 @@ class IngestWorker:
                 running[number] = _PartitionRun(self, resources, number)
                 self.stats.partitions_taken += 1
         self.stats.owned = sorted(running)
+
+    def note_broker_up(self) -> None:
+        if self._broker_down:
+            self._broker_down = False
+            logger.warning("NATS at %s works again", self.url)
 
     async def _release(self, resources: _Resources, running: dict[int, _PartitionRun], number: int) -> None:
         del running[number]
@@ -260,7 +289,9 @@ class _PartitionRun:
         self.resources = resources
         self.number = number
         self.recorder = SessionRecorder(worker.recorder_config)
-        self.saver = SessionSaver(resources.store)
+        # A session id no store accepts: its events stay staged, as rejected, with their payload.
+        self.saver = SessionSaver(resources.store, orphans=self.orphaned)
+        self.unstorable: list[str] = []  # sessions handed to `orphaned`, not yet marked
         self.waiting: dict[int, StagedEvent] = {}  # staged, not yet applied, by stream sequence
         self.applied: dict[str, list[str]] = {}  # session id -> events applied, session not yet saved
         self.held: set[int] = set()  # waiting events already counted as held back
@@ -291,6 +322,7 @@ class _PartitionRun:
                     messages = []
                 if messages:
                     await self.take(messages)
+                    self.worker.note_broker_up()
                 if self.waiting:
                     await self.apply_ready(subscription)
                 if time.monotonic() - last_save >= worker.checkpoint_interval:
@@ -360,8 +392,12 @@ class _PartitionRun:
         self.worker.stats.rejected += len(rejected)
         await self.resources.staging.mark(rejected, REJECTED)
 
+    def orphaned(self, events: list[AgentEvent]) -> None:
+        if events:
+            self.unstorable.append(event_session_id(events[0]))
+
     async def save(self) -> None:
-        """Save what is complete; mark the events of saved sessions."""
+        """Save what is complete; mark the events of saved sessions (and of unstorable ones)."""
         saver = self.saver
         retried = [session for session in saver.take_unsaved() if (await saver.asave(session)).saved]
         saved = retried + await saver.adrain(self.recorder)
@@ -372,6 +408,11 @@ class _PartitionRun:
                 done.extend(self.applied.pop(session.session_id, ()))
         self.worker.stats.sessions_saved += len(saved)
         await self.resources.staging.mark(done, SAVED)
+        rejected = [event_id for session_id in self.unstorable
+                    for event_id in self.applied.pop(session_id, ())]
+        self.unstorable.clear()
+        self.worker.stats.rejected += len(rejected)
+        await self.resources.staging.mark(rejected, REJECTED)
 
 
 async def ingest_status(

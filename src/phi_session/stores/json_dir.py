@@ -35,6 +35,7 @@ from ..messages import ZERO_USAGE, Usage
 from ..model import Session
 from .base import (
     AsyncTwins,
+    ScanSearch,
     SessionSummary,
     UsageTotal,
     as_query,
@@ -137,7 +138,7 @@ def _describe(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-class JsonDirStore(AsyncTwins):
+class JsonDirStore(ScanSearch, AsyncTwins):
     """A `SessionStore` keeping one phi-core JSON file per session in `directory`.
 
     The directory is created on the first save. `save` waits at most
@@ -414,7 +415,9 @@ class JsonDirStore(AsyncTwins):
     def query(self, query: SessionQuery | None = None) -> list[SessionSummary]:
         """Summaries matching `query` (see `SessionQuery`), from the cached summaries."""
         query = as_query(query)
-        rows = [entry.summary for _, entry in self._entries() if _matches(query, entry.summary)]
+        after = query.after
+        rows = [entry.summary for _, entry in self._entries()
+                if _matches(query, entry.summary) and (after is None or after.passed(entry.summary))]
         _sort(rows, query.order)
         return rows if query.limit is None else rows[:query.limit]
 
