@@ -57,7 +57,16 @@ from ..identity import AgentSession, Clock
 from ..instrument import MessageScope, ToolScope, TurnScope
 from ..messages import Content, ImageContent, StopReason, TextContent, ThinkingContent, ToolCall, Usage
 from ..processors import Processor, Redactor
-from ._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from ._core import (
+    AdapterCore,
+    AdapterRun,
+    RunningTool,
+    SinkArg,
+    enter_tool,
+    leave_tool,
+    require_extra,
+    usage_of,
+)
 
 require_extra("google-adk", "google.adk.plugins.base_plugin")
 
@@ -274,7 +283,7 @@ class _Lane:
     agent: str | None = None
     turn: TurnScope | None = None
     reply: _Reply | None = None
-    tools: dict[str, tuple[ToolScope, Token[ToolScope | None]]] = field(default_factory=dict)
+    tools: dict[str, tuple[ToolScope, Token[RunningTool | None]]] = field(default_factory=dict)
 
     def open_turn(self, agent: str, model: str | None) -> None:
         self.end_turn()
