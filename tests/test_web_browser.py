@@ -14,6 +14,7 @@ nothing. A screenshot of a session page is saved to ``artifacts/session-page.png
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -371,6 +372,7 @@ def test_session_list_pages_by_keyset(watched: Watched, demo_ids: dict[str, Any]
     assert len(seen) == len(set(seen)) == total
     prompt = page.locator("#sessions td.prompt").first
     expect(prompt).not_to_have_text("…")
+    expect(page.locator("#sessions td.cost").first).to_contain_text(re.compile(r"^(\$|cost unknown)"))
 
 
 @pytest.fixture(scope="module")
@@ -410,3 +412,20 @@ def test_huge_session_opens_paged(browser: Any, huge_server: ViewerServer) -> No
     finally:
         context.close()
     assert watcher.errors == [] and watcher.dialogs == []
+
+
+def test_search_box_and_cost(watched: Watched) -> None:
+    page = watched.page
+    page.goto("/")
+    page.fill("#search-form input[name=q]", "boils")
+    page.press("#search-form input[name=q]", "Enter")
+    page.wait_for_selector("#hits")
+    assert "q=boils" in page.url
+    marks = page.locator("#hits mark").all_inner_texts()
+    assert marks and all(mark.lower().startswith("boil") for mark in marks)
+    page.locator("#hits a.hit-link", has_text=PARENT_ID).first.click()
+    page.wait_for_selector("#loop-tree")
+    expect(page.locator("#session-cost")).to_be_visible()  # a figure, or "cost unknown", never a silent 0
+    page.goto("/#/stats?by=model")
+    page.wait_for_selector("#stats")
+    expect(page.locator("#stats th", has_text="Cost (USD)")).to_have_count(1)

@@ -78,6 +78,7 @@ def test_overview_has_no_loops_but_the_totals(server: ViewerServer, store_dir: P
     assert overview["summary"]["loop_count"] == len(stored.loops)
     assert overview["event_count"] == sum(len(loop.events) for loop in stored.loops)
     assert overview["first_prompt"] == first_prompt(stored) and overview["first_prompt"]
+    assert set(overview["cost"]) == {"usd", "sources", "unpriced"}  # usd null when unknown, never 0
 
 
 def test_loops_in_tree_order_then_one_loop_with_turns(server: ViewerServer, store_dir: Path) -> None:

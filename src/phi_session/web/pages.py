@@ -20,6 +20,7 @@ import msgspec
 
 from .._time import Timestamp
 from ..codec import encode_event, encode_loop, encode_session
+from ..cost import Cost
 from ..messages import TextContent, UserMessage
 from ..model import LoopRecord, Session, SessionEvent
 from ..stores.base import SessionStore, summarize, to_builtins
@@ -97,12 +98,13 @@ class CachedSession:
 
     # -- pages --------------------------------------------------------------------------
 
-    def overview(self) -> bytes:
-        """The session without its loops, its summary, its first prompt and event count."""
+    def overview(self, cost: Cost) -> bytes:
+        """The session without its loops, its summary, `cost`, its first prompt and event count."""
         header = msgspec.structs.replace(self.session, loops=[], session_events=msgspec.UNSET)
         return msgspec.json.encode({
             "session": msgspec.Raw(encode_session(header, pretty=False)),
             "summary": to_builtins(summarize(self.session)),
+            "cost": msgspec.to_builtins(cost),
             "first_prompt": first_prompt(self.session),
             "event_count": _event_count(self.session),
         })

@@ -32,7 +32,7 @@ session is loaded once and kept a minute):
 
 * ``/api/session-page?<the filters above>&after=CURSOR`` ``{"sessions": [...],
   "next": CURSOR or null}``: keyset pages (`PageCursor`) of ``limit`` rows (default 50);
-* ``/api/sessions/{id}/overview`` the session without loops, its summary, first
+* ``/api/sessions/{id}/overview`` the session without loops, its summary, cost, first
   prompt and event count;
 * ``/api/sessions/{id}/loops?offset=&limit=`` loops in tree order (with ``depth``),
   without messages, turns and events; ``/api/sessions/{id}/loops/{index}`` one loop
@@ -309,7 +309,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
             raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
         if view == "overview":
             self._only(query, set())
-            return HTTPStatus.OK, entry.overview(), _JSON
+            return HTTPStatus.OK, entry.overview(self.server.pricer.session(entry.session)), _JSON
         page = self._page(query)
         if view == "loops":
             self._only(query, {"offset", "limit"})

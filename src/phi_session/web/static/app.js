@@ -63,6 +63,25 @@
       : Math.floor(minutes / 60) + "h" + String(minutes % 60).padStart(2, "0") + "m";
   }
 
+  // A cost from the API: unknown (null) is never shown as $0.
+  function costText(cost) {
+    if (!cost) return "";
+    if (cost.usd === null || cost.usd === undefined) {
+      return "cost unknown" + (cost.unpriced && cost.unpriced.length ? " (no price for " + cost.unpriced.join(", ") + ")" : "");
+    }
+    const usd = Number(cost.usd);
+    return "$" + (usd >= 1 ? usd.toFixed(2) : usd.toPrecision(3)) + (cost.unpriced && cost.unpriced.length ? " + unpriced" : "");
+  }
+
+  // Costs are extra: a viewer whose server has no cost API (or no prices) shows none.
+  async function optional(path) {
+    try {
+      return await api(path);
+    } catch (error) {
+      return null;
+    }
+  }
+
   function clear(node) {
     while (node.firstChild) node.removeChild(node.firstChild);
   }
@@ -181,7 +200,8 @@
       badHash = new Error("malformed address " + location.hash + ": " + error.message);
     }
     const view = badHash ? "error"
-      : parts[0] === "session" && parts[1] !== undefined ? "session" : parts[0] === "stats" ? "stats" : "list";
+      : parts[0] === "session" && parts[1] !== undefined ? "session" : parts[0] === "stats" ? "stats"
+        : parts[0] === "search" ? "search" : "list";
     for (const link of document.querySelectorAll("[data-nav]")) {
       link.classList.toggle("active", link.dataset.nav === (view === "stats" ? "stats" : "list"));
     }
@@ -190,6 +210,7 @@
       if (badHash) throw badHash;
       if (view === "session") await sessionView(page, parts[1], params);
       else if (view === "stats") await statsView(page, params);
+      else if (view === "search") await searchView(page, params);
       else await listView(page, params);
     } catch (error) {
       append(page, showError(error));
@@ -264,7 +285,8 @@
       { class: "data", id: "sessions" },
       h("thead", null, h("tr", null, ["Session", "First prompt", "Agent", "Last active"].map((t) => h("th", null, t)),
         h("th", { class: "num" }, "Duration"), h("th", null, "Loops"),
-        h("th", { class: "num" }, "Turns"), h("th", { class: "num" }, "Tokens"), h("th", null, "Model"), h("th", null, "Parent"))),
+        h("th", { class: "num" }, "Turns"), h("th", { class: "num" }, "Tokens"), h("th", { class: "num" }, "Cost"),
+        h("th", null, "Model"), h("th", null, "Parent"))),
       h("tbody", null, rows.map((row) => {
         const prompt = h("td", { class: "prompt clip muted" }, "…");
         prompts.set(row.session_id, prompt);
@@ -277,6 +299,7 @@
           h("td", null, statusChips(row.loops_by_status), row.rejected ? h("span", { class: "chip rejected" }, "rejected") : null),
           h("td", { class: "num" }, tokens(row.turn_count)),
           h("td", { class: "num" }, tokens(row.total_tokens)),
+          h("td", { class: "num cost" }, ""),
           h("td", null, (row.models || []).join(", ")),
           h("td", { class: "clip" }, row.parent_session_id
             ? h("a", { href: sessionHref(row.parent_session_id), class: "mono", title: row.parent_session_id },
@@ -298,6 +321,8 @@
           cell.textContent = overview.first_prompt || "";
           cell.title = overview.first_prompt || "";
           cell.classList.remove("muted");
+          const costCell = cell.parentNode.querySelector("td.cost");
+          if (costCell) costCell.textContent = costText(overview.cost);
         } catch (error) {
           cell.textContent = "";
         }
@@ -318,7 +343,7 @@
     return text;
   }
 
-  function sessionHeader(session, summary, prompt, eventCount) {
+  function sessionHeader(session, summary, prompt, eventCount, breakdown) {
     const spawn = session.parent_spawn_ref;
     const parent = spawn
       ? h("span", { id: "parent-link" }, "spawned by ",
@@ -337,6 +362,7 @@
       ["Loops", [statusChips(summary.loops_by_status), " ", plural(summary.turn_count, "turn"), " · ", plural(eventCount, "stored event")]],
       ["Usage", usageText(summary.usage)],
     ];
+    if (breakdown) rows.push(["Cost", h("span", { id: "session-cost" }, costText(breakdown.cost) + (breakdown.cost.sources && breakdown.cost.sources.length ? " · prices: " + breakdown.cost.sources.join(", ") : ""))]);
     return h("div", { class: "panel" }, h("dl", { class: "kv" }, rows.map(([key, value]) => [h("dt", null, key), h("dd", null, value)])));
   }
 
@@ -615,15 +641,30 @@
 
   const ROW = 20, LABEL = 330, AXIS = 760;
 
-  function barTitle(bar) {
+  function barTitle(bar, costs) {
     const lines = [bar.label + (bar.detail ? " · " + bar.detail : ""), duration(bar.duration_ms) + (bar.end ? "" : " (not ended)") +
       " from " + shortTime(bar.start)];
     if (bar.usage) lines.push(usageText(bar.usage));
+    const cost = costs && costs.of(bar);
+    if (cost) lines.push(costText(cost));
     if (bar.status) lines.push("status " + bar.status);
     return lines.join("\n");
   }
 
-  async function timelineView(holder, sessionId, openTurn) {
+  // Loop and turn costs of the session's own bars (a sub-agent's are on its own page).
+  function costIndex(sessionId, breakdown) {
+    if (!breakdown) return null;
+    const loops = new Map((breakdown.loops || []).map((loop) => [loop.loop_id, loop]));
+    return {
+      of(bar) {
+        const loop = bar.session_id === sessionId && loops.get(bar.loop_id);
+        if (!loop || (bar.kind !== "loop" && bar.kind !== "turn")) return null;
+        return bar.kind === "loop" ? loop.cost : ((loop.turns || [])[bar.turn_index] || {}).cost;
+      },
+    };
+  }
+
+  async function timelineView(holder, sessionId, openTurn, costs) {
     const base = "api/sessions/" + encodeURIComponent(sessionId) + "/timeline?limit=" + LOOP_PAGE;
     const first = await api(base);
     const span = Math.max(first.span_ms, 1e-6);
@@ -649,7 +690,7 @@
           (clickable ? " clickable" : ""), "data-kind": bar.kind, tabindex: clickable ? 0 : null,
         onclick: clickable ? () => openTurn(bar) : null,
         onkeydown: clickable ? (event) => { if (event.key === "Enter") openTurn(bar); } : null },
-        svg("title", null, barTitle(bar)),
+        svg("title", null, barTitle(bar, costs)),
         svg("rect", { x: 0, y: y - 1, width: LABEL + AXIS, height: ROW, class: "row-hit" }),
         svg("text", { x: 4 + bar.depth * 12, y: y + 13, class: "bar-label" }, label),
         svg("rect", { x: x, y: y + 3, width: width, height: ROW - 6, rx: 2, class: "bar-rect" }),
@@ -686,14 +727,14 @@
 
   async function sessionView(page, id, params) {
     const base = "api/sessions/" + encodeURIComponent(id);
-    const overview = await api(base + "/overview");
+    const [overview, breakdown] = await Promise.all([api(base + "/overview"), optional(base + "/cost")]);
     const session = overview.session;
     const focus = params.get("loop");
     const focusTurn = params.get("turn");
     append(page,
       h("p", null, h("a", { href: "#/" }, "← all sessions")),
       h("h1", null, "Session ", h("span", { class: "mono" }, session.session_id)),
-      sessionHeader(session, overview.summary, overview.first_prompt, overview.event_count));
+      sessionHeader(session, overview.summary, overview.first_prompt, overview.event_count, breakdown));
 
     // Loops: pages in tree order; more pages while the focused loop is not yet there.
     const elements = new Map();
@@ -789,7 +830,7 @@
       logHolder);
     // The waterfall fills in after the page shows: on a huge session it takes longest.
     const timelineBox = h("div");
-    timelineView(timelineBox, id, openTurn).then(() => {
+    timelineView(timelineBox, id, openTurn, costIndex(id, breakdown)).then(() => {
       clear(timelineHolder);
       append(timelineHolder, timelineBox);
     }, (error) => {
@@ -877,13 +918,67 @@
         h("section", { class: "panel chart-panel" }, h("h2", null, "Tokens by agent"), usageChart(agents, "agent"))),
       h("h2", null, "Totals"), h("div", { class: "toolbar" }, select));
     const rows = { day: days, model: models, agent: agents }[by] || await api("api/stats?by=" + encodeURIComponent(by));
+    const costs = await optional("api/cost?by=" + encodeURIComponent(by));
+    const costOf = new Map(((costs || {}).totals || []).map((total) => [total.key, total.cost]));
     const columns = ["input", "output", "reasoning", "cache_read", "cache_write", "total_tokens"];
     append(page, h("div", { class: "table-wrap" }, h("table", { class: "data", id: "stats" },
       h("thead", null, h("tr", null, h("th", null, by), h("th", { class: "num" }, "Sessions"), h("th", { class: "num" }, "Loops"),
-        columns.map((c) => h("th", { class: "num" }, c.replace("_", " "))))),
+        columns.map((c) => h("th", { class: "num" }, c.replace("_", " "))), costs ? h("th", { class: "num" }, "Cost (USD)") : null)),
       h("tbody", null, rows.map((row) => h("tr", null, h("td", { class: "mono" }, row.key),
         h("td", { class: "num" }, tokens(row.sessions)), h("td", { class: "num" }, tokens(row.loops)),
-        columns.map((c) => h("td", { class: "num" }, tokens(row.usage[c])))))))));
+        columns.map((c) => h("td", { class: "num" }, tokens(row.usage[c]))),
+        costs ? h("td", { class: "num cost" }, costText(costOf.get(row.key))) : null))))));
+    if (costs && costs.hint) append(page, h("p", { class: "muted" }, costs.hint));
+  }
+
+  // -- search ------------------------------------------------------------------------------
+
+  // The snippet as text, its highlighted ranges in <mark> (offsets in characters).
+  function snippetView(hit) {
+    const text = String(hit.snippet || "");
+    const chars = Array.from(text);
+    const parts = [];
+    let at = 0;
+    for (const [start, end] of hit.highlights || []) {
+      if (start < at || end > chars.length || end <= start) continue;
+      parts.push(chars.slice(at, start).join(""), h("mark", null, chars.slice(start, end).join("")));
+      at = end;
+    }
+    parts.push(chars.slice(at).join(""));
+    return h("span", { class: "snippet" }, parts);
+  }
+
+  async function searchView(page, params) {
+    const text = params.get("q") || "";
+    const box = document.querySelector("#search-form input[name=q]");
+    if (box) box.value = text;
+    append(page, h("h1", null, "Search"));
+    if (!text.trim()) {
+      append(page, h("p", { class: "muted" }, "Type words to find in messages, thinking, tool arguments and results."));
+      return;
+    }
+    const hits = await api("api/search?" + new URLSearchParams({ q: text, limit: "100" }));
+    append(page, h("p", { class: "muted" }, h("span", { id: "hit-count" }, plural(hits.length, "hit")), " for ", h("code", null, text)));
+    append(page, h("div", { class: "table-wrap" }, h("table", { class: "data", id: "hits" },
+      h("thead", null, h("tr", null, ["Session", "Loop", "Turn", "Where", "Snippet"].map((t) => h("th", null, t)))),
+      h("tbody", null, hits.map((hit) => {
+        const href = sessionHref(hit.session_id, hit.loop_id) + (hit.turn_index === null ? "" : "&turn=" + hit.turn_index);
+        return h("tr", null,
+          h("td", { class: "nowrap" }, h("a", { href, class: "mono hit-link" }, hit.session_id)),
+          h("td", { class: "mono clip", title: hit.loop_id }, hit.loop_id),
+          h("td", { class: "num" }, hit.turn_index === null ? "" : hit.turn_index),
+          h("td", null, String(hit.kind)),
+          h("td", null, snippetView(hit)));
+      })))));
+  }
+
+  const searchForm = document.getElementById("search-form");
+  if (searchForm) {
+    searchForm.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const text = String(new FormData(searchForm).get("q") || "").trim();
+      location.hash = "#/search?" + new URLSearchParams({ q: text });
+    });
   }
 
   window.addEventListener("hashchange", route);
