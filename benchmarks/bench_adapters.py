@@ -200,7 +200,8 @@ def bench_pydantic_ai(runs: int) -> None:
 
     async def all_three() -> list[float]:
         recorder = SessionRecorder()
-        capabilities: list[list[AbstractCapability[Any]]] = [[], [NoOpCapability()], [PhiCapability(recorder)]]
+        capabilities: list[list[AbstractCapability[Any]]] = [
+            [], [NoOpCapability()], [PhiCapability(recorder)]]
         medians = await medians_async(runs, [variant(c) for c in capabilities])
         loops = sum(len(s.loops) for s in recorder.sessions())
         assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
