@@ -24,7 +24,7 @@ from ..stores.base import SessionStore, summarize, to_builtins
 from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
 from ..stores.urls import default_store_url
-from ..views import event_stream, loop_forest, spawn_graph
+from ..views import event_stream, loop_forest, spawn_graph, timeline
 from . import render
 from .app import (
     EXIT_FAILURE,
@@ -100,6 +100,8 @@ def _session_cost(store: SessionStore, pricer: Pricer, session_id: str) -> Cost:
 @main.command("list")
 @_filter_options
 @click.option("--limit", metavar="N", help="Show at most N sessions.")
+@click.option("--after", metavar="CURSOR",
+              help="The page after CURSOR (printed on stderr under a full page of --limit rows).")
 @prices_option
 @store_options
 def list_command(store_url: str | None, as_json: bool, prices_file: str | None,
@@ -110,6 +112,10 @@ def list_command(store_url: str | None, as_json: bool, prices_file: str | None,
     with open_cli_store(store_url, must_exist=True) as store:
         rows = store.query(query)
         costs = [_session_cost(store, pricer, row.session_id) for row in rows]
+    following = query.next_page(rows)
+    if following is not None and following.after is not None:
+        stderr().print(f"more may follow: --after {following.after}", style="dim", markup=False,
+                       highlight=False)
     if as_json:
         echo_json([{**to_builtins(row), "cost": to_builtins(cost)}
                    for row, cost in zip(rows, costs, strict=True)])
@@ -127,18 +133,26 @@ def list_command(store_url: str | None, as_json: bool, prices_file: str | None,
 @main.command()
 @click.argument("session_id", metavar="ID")
 @click.option("--events", "with_events", is_flag=True, help="Also print the ordered event log.")
+@click.option("--timeline", "with_timeline", is_flag=True,
+              help="Draw a waterfall of loops, turns, model and tool calls (sub-agent sessions inline) "
+                   "instead of the loop tree.")
 @prices_option
 @store_options
-def show(session_id: str, with_events: bool, store_url: str | None, as_json: bool,
-         prices_file: str | None) -> None:
-    """Show a session: header, usage and its loop tree.
+def show(session_id: str, with_events: bool, with_timeline: bool, store_url: str | None,
+         as_json: bool, prices_file: str | None) -> None:
+    """Show a session: header, usage and its loop tree (or, with --timeline, its waterfall).
 
-    With --json, prints the session's phi-core JSON (which includes the events).
+    With --json, prints the session's phi-core JSON (which includes the events);
+    with --timeline --json, the waterfall's bars.
     """
     with open_cli_store(store_url, must_exist=True) as store:
         session = load_cli_session(store, session_id)
+        bars = timeline(session, store) if with_timeline else []
     if as_json:
-        click.echo(encode_session(session).decode())
+        if with_timeline:
+            echo_json(to_builtins(bars))
+        else:
+            click.echo(encode_session(session).decode())
         return
     pricer = cli_pricer(prices_file)
     cost = pricer.session(session)
@@ -146,6 +160,9 @@ def show(session_id: str, with_events: bool, store_url: str | None, as_json: boo
     console.print(render.session_header(session, summarize(session), cost))
     _note_unknown_costs(pricer, [cost])
     console.print()
+    if with_timeline:
+        console.print(render.timeline_table(bars, console.width))
+        return
     console.print(render.loop_tree(session, loop_forest(session)))
     if with_events:
         console.print()
