@@ -329,3 +329,14 @@ def test_stream_wrapper_records_text_deltas() -> None:
     assert "".join(deltas) == "streamed answer"
     (loop,) = sessions(recorder)["st"].loops
     assert loop.turns[0].output_message.content[0].text == "streamed answer"  # type: ignore[union-attr]
+
+
+
+def test_nothing_is_held_after_the_runs_end(recorder: SessionRecorder) -> None:
+    researcher = Agent(name="researcher", model=scripted([assistant_message("found")]))
+    lead = Agent(name="lead", tools=[researcher.as_tool(tool_name="research", tool_description="r")],
+                 model=scripted([function_call("research", {"input": "q"}, call_id="r1")],
+                                [assistant_message("done")]))
+    run(lead, "go", run_config=in_session("held"))
+    core = openai_agents.installed()
+    assert core is not None and core.open_runs == 0

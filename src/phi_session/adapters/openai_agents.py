@@ -204,6 +204,7 @@ class _Mapper:
     def trace_ended(self, trace: Trace) -> None:
         with self._lock:
             self._sessions.pop(trace.trace_id, None)
+            self._streams.pop(trace.trace_id, None)
             left = [loop for loop in self._loops.values() if loop.trace_id == trace.trace_id]
         for loop in left:
             self._end_loop(loop, None)
