@@ -1,19 +1,15 @@
-"""Framework adapters: what recording costs a framework's run (issue 12, item 8).
+"""Framework adapters (issue 12, item 8): what recording costs a framework run.
 
-Per framework, 200 runs (``--runs``) of an agent doing 4 turns of 2 tool calls each
-(then its final answer) on the framework's fake model, timed one run at a time; the
-median run of each of three variants:
+Per framework, `RUNS` runs of 4 turns x 2 tools (then the answer) on the framework's
+fake model, median per run: the bare run, the run with a no-op hook that only appends
+tuples (the framework's own dispatch floor), and the run with our adapter into a
+`SessionRecorder`. Targets: adapter <= 1.10x bare and <= floor + 5%.
 
-* **bare**: the framework alone;
-* **floor**: with a no-op hook that only appends tuples (the framework's own
-  dispatch cost: the least any hook-based recorder can cost);
-* **adapter**: with phi-session's adapter recording into a `SessionRecorder`.
+Times are the process's CPU time (`time.process_time`): the frameworks run their
+runs in this thread, and CPU time stays meaningful on a loaded machine where wall
+time mostly measures waiting for a core.
 
-Targets: adapter <= 1.10x bare and <= floor + 5%. A framework whose extra is not
-installed is skipped. Each framework has a section: a function ``bench_<name>(runs)``
-returning `Figures`, listed in `SECTIONS`.
-
-Usage: python benchmarks/bench_adapters.py [--runs N] [--only NAME]
+Usage: python benchmarks/bench_adapters.py [--runs N]
 """
 
 from __future__ import annotations
@@ -23,56 +19,44 @@ import asyncio
 import gc
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
-from phi_session.recorder import SessionRecorder
+from phi_session import SessionRecorder
 
-TURNS, TOOLS_PER_TURN = 4, 2
-WARMUP = 10
-
-
-@dataclass
-class Figures:
-    """Median seconds per run of each variant."""
-
-    framework: str
-    bare: float
-    floor: float
-    adapter: float
-
-    def report(self) -> bool:
-        """Print the figures; True when both targets are met."""
-        to_bare, to_floor = self.adapter / self.bare, self.adapter / self.floor
-        ok = to_bare <= 1.10 and to_floor <= 1.05
-        print(f"{self.framework:>14}: bare {self.bare * 1e3:7.2f} ms  floor {self.floor * 1e3:7.2f} ms "
-              f"({self.floor / self.bare:.2f}x)  adapter {self.adapter * 1e3:7.2f} ms  "
-              f"= {to_bare:.2f}x bare, {to_floor:.2f}x floor  {'PASS' if ok else 'MISS'}")
-        return ok
+TURNS, TOOLS = 4, 2
 
 
-def median_run(runs: int, one_run: Callable[[], object]) -> float:
-    """The median time of `runs` calls of `one_run`, after a warm-up, without GC pauses."""
-    for _ in range(WARMUP):
-        one_run()
-    times = []
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(runs):
-            start = time.perf_counter()
-            one_run()
-            times.append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    return statistics.median(times)
+def report(framework: str, bare: float, floor: float, adapter: float) -> None:
+    """One framework's medians (seconds per run) and the targets' verdicts."""
+    vs_bare, vs_floor = adapter / bare, adapter / floor
+    ok = vs_bare <= 1.10 and vs_floor <= 1.05
+    print(f"{framework:14} bare {bare * 1e3:7.2f} ms  floor {floor * 1e3:7.2f} ms ({floor / bare:.2f}x)  "
+          f"adapter {adapter * 1e3:7.2f} ms ({vs_bare:.2f}x bare, floor +{(vs_floor - 1) * 100:.1f}%)  "
+          f"{'PASS' if ok else 'MISS'}")
 
 
-# -- OpenAI Agents SDK ---------------------------------------------------------------------
+async def medians_async(runs: int, variants: list[Callable[[int], Awaitable[object]]]) -> list[float]:
+    """The median time per run of each variant; runs interleave, so drift hits all alike."""
+    for i in range(3):  # warm up
+        for run in variants:
+            await run(-1 - i)
+    times: list[list[float]] = [[] for _ in variants]
+    for i in range(runs):
+        if i % 50 == 0:
+            gc.collect()
+        for run, spent in zip(variants, times, strict=True):
+            started = time.process_time()
+            await run(i)
+            spent.append(time.process_time() - started)
+    return [statistics.median(spent) for spent in times]
 
 
-def bench_openai_agents(runs: int) -> Figures:
+# -- OpenAI Agents SDK --------------------------------------------------------------------------
+
+
+def bench_openai_agents(runs: int) -> None:
+    # Trace processors are global to the SDK: each variant runs as a block with its own.
     from agents import Agent, RunHooks, Runner, function_tool
     from agents.testing.model import ScriptedModel, assistant_message, function_call
     from agents.tracing import TracingProcessor, set_trace_processors
@@ -84,11 +68,8 @@ def bench_openai_agents(runs: int) -> Figures:
         """Look a key up."""
         return key.upper()
 
-    steps: list[Any] = [
-        [function_call("lookup", {"key": f"k{turn}-{tool}"}, call_id=f"call-{turn}-{tool}")
-         for tool in range(TOOLS_PER_TURN)]
-        for turn in range(TURNS)
-    ]
+    steps: list[Any] = [[function_call("lookup", {"key": f"{turn}.{i}"}, call_id=f"call-{turn}-{i}")
+                         for i in range(TOOLS)] for turn in range(TURNS)]
     steps.append([assistant_message("done")])
     model = ScriptedModel(emit_traces=True)
     agent = Agent(name="bench", model=model, tools=[lookup])
@@ -99,13 +80,13 @@ def bench_openai_agents(runs: int) -> Figures:
             seen.append(("trace", trace))
 
         def on_trace_end(self, trace: Any) -> None:
-            seen.append(("trace_end", trace))
+            seen.append(("trace end", trace))
 
         def on_span_start(self, span: Any) -> None:
             seen.append(("span", span))
 
         def on_span_end(self, span: Any) -> None:
-            seen.append(("span_end", span))
+            seen.append(("span end", span))
 
         def shutdown(self) -> None:
             pass
@@ -117,46 +98,198 @@ def bench_openai_agents(runs: int) -> Figures:
         async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
             seen.append(("tool", context))
 
-    def one_run(hooks: RunHooks[Any] | None) -> Callable[[], object]:
-        def run() -> object:
+    def variant(hooks: RunHooks[Any] | None) -> Callable[[int], Awaitable[object]]:
+        async def one(i: int) -> object:
             model.extend(steps)
-            return asyncio.run(Runner.run(agent, "go", hooks=hooks, max_turns=TURNS + 2))
-        return run
+            return await Runner.run(agent, "go", hooks=hooks, max_turns=TURNS + 2)
 
-    set_trace_processors([])  # bare: the SDK creates its spans, nobody listens
-    bare = median_run(runs, one_run(None))
-    set_trace_processors([NoOpProcessor()])
-    floor = median_run(runs, one_run(NoOpHooks()))
-    set_trace_processors([])
-    openai_agents.install([SessionRecorder()], replace_default=True)
-    try:
-        adapter = median_run(runs, one_run(openai_agents.PhiRunHooks()))
-    finally:
-        openai_agents.uninstall()
-    return Figures("openai-agents", bare, floor, adapter)
+        return one
+
+    async def all_three() -> list[float]:
+        set_trace_processors([])  # bare: the SDK makes its spans, nobody listens
+        (bare,) = await medians_async(runs, [variant(None)])
+        set_trace_processors([NoOpProcessor()])
+        (floor,) = await medians_async(runs, [variant(NoOpHooks())])
+        recorder = SessionRecorder()
+        openai_agents.install([recorder], replace_default=True)
+        try:
+            (adapter,) = await medians_async(runs, [variant(openai_agents.PhiRunHooks())])
+        finally:
+            openai_agents.uninstall()
+        loops = sum(len(s.loops) for s in recorder.sessions())
+        assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
+        return [bare, floor, adapter]
+
+    report("openai-agents", *asyncio.run(all_three()))
 
 
-SECTIONS: dict[str, Callable[[int], Figures]] = {
-    "openai-agents": bench_openai_agents,
-}
+# -- Google ADK ---------------------------------------------------------------------------------
+
+
+def bench_google_adk(runs: int) -> None:
+    from google.adk.agents import LlmAgent
+    from google.adk.models.base_llm import BaseLlm
+    from google.adk.models.llm_request import LlmRequest
+    from google.adk.models.llm_response import LlmResponse
+    from google.adk.plugins.base_plugin import BasePlugin
+    from google.adk.runners import InMemoryRunner
+    from google.genai import types
+
+    from phi_session.adapters.google_adk import PhiPlugin
+
+    usage = types.GenerateContentResponseUsageMetadata(prompt_token_count=100, candidates_token_count=20)
+
+    class FakeModel(BaseLlm):
+        """Calls TOOLS tools on each of TURNS turns (counted from the request), then answers."""
+
+        async def generate_content_async(
+            self, llm_request: LlmRequest, stream: bool = False
+        ) -> AsyncGenerator[LlmResponse, None]:
+            turn = sum(1 for content in llm_request.contents if content.role == "model")
+            if turn < TURNS:
+                calls = [types.FunctionCall(name="lookup", args={"key": f"{turn}.{i}"}) for i in range(TOOLS)]
+                parts = [types.Part(function_call=call) for call in calls]
+            else:
+                parts = [types.Part(text="done")]
+            yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
+
+    def lookup(key: str) -> str:
+        """Looks a key up."""
+        return key.upper()
+
+    class NoOpPlugin(BasePlugin):
+        """Appends a tuple per callback PhiPlugin implements: ADK's own plugin dispatch."""
+
+        def __init__(self) -> None:
+            super().__init__(name="noop")
+            self.seen: list[tuple[str, Any]] = []
+
+    def appender(callback: str, argument: str) -> Callable[..., Awaitable[None]]:
+        async def append(self: NoOpPlugin, **kwargs: Any) -> None:
+            self.seen.append((callback, kwargs[argument]))
+        return append
+
+    for callback, argument in [
+            ("before_run_callback", "invocation_context"), ("after_run_callback", "invocation_context"),
+            ("after_agent_callback", "agent"), ("before_model_callback", "llm_request"),
+            ("after_model_callback", "llm_response"), ("on_event_callback", "event"),
+            ("before_tool_callback", "tool_args"), ("after_tool_callback", "result")]:
+        setattr(NoOpPlugin, callback, appender(callback, argument))
+
+    def runner(plugins: list[BasePlugin]) -> InMemoryRunner:
+        agent = LlmAgent(name="bench", model=FakeModel(model="fake"), tools=[lookup])
+        return InMemoryRunner(agent=agent, app_name="bench", plugins=plugins)
+
+    def variant(plugins: list[BasePlugin]) -> Callable[[int], Awaitable[None]]:
+        r = runner(plugins)
+        message = types.Content(role="user", parts=[types.Part(text="go")])
+
+        async def one(i: int) -> None:
+            await r.session_service.create_session(app_name="bench", user_id="u", session_id=f"s{i}")
+            async for _ in r.run_async(user_id="u", session_id=f"s{i}", new_message=message):
+                pass
+
+        return one
+
+    async def all_three() -> list[float]:
+        recorder = SessionRecorder()
+        plugins: list[list[BasePlugin]] = [[], [NoOpPlugin()], [PhiPlugin([recorder])]]
+        medians = await medians_async(runs, [variant(p) for p in plugins])
+        recorder.flush()
+        loops = sum(len(s.loops) for s in recorder.sessions())
+        assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
+        return medians
+
+    report("google-adk", *asyncio.run(all_three()))
+
+
+# -- pydantic-ai --------------------------------------------------------------------------------
+
+
+def bench_pydantic_ai(runs: int) -> None:
+    from pydantic_ai import Agent, CallToolsNode
+    from pydantic_ai.capabilities import AbstractCapability
+    from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.models.function import AgentInfo, FunctionModel
+    from pydantic_ai.usage import RequestUsage
+
+    from phi_session.adapters.pydantic_ai import PhiCapability
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        """Calls TOOLS tools on each of TURNS turns (counted from the history), then answers."""
+        turn = sum(1 for message in messages if isinstance(message, ModelResponse))
+        usage = RequestUsage(input_tokens=100, output_tokens=20)
+        if turn < TURNS:
+            calls = [ToolCallPart("lookup", {"key": f"{turn}.{i}"}, tool_call_id=f"c{turn}.{i}")
+                     for i in range(TOOLS)]
+            return ModelResponse(parts=[TextPart("checking"), *calls], usage=usage)
+        return ModelResponse(parts=[TextPart("done")], usage=usage)
+
+    def lookup(key: str) -> str:
+        """Looks a key up."""
+        return key.upper()
+
+    class NoOpCapability(AbstractCapability[Any]):
+        """Appends a tuple per hook PhiCapability implements: pydantic-ai's own hook dispatch."""
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, Any]] = []
+
+        async def wrap_run(self, ctx: Any, *, handler: Any) -> Any:
+            self.seen.append(("run", ctx.run_id))
+            result = await handler()
+            self.seen.append(("run end", result))
+            return result
+
+        async def before_model_request(self, ctx: Any, request_context: Any) -> Any:
+            self.seen.append(("request", request_context))
+            return request_context
+
+        async def after_model_request(self, ctx: Any, *, request_context: Any, response: Any) -> Any:
+            self.seen.append(("response", response))
+            return response
+
+        async def after_node_run(self, ctx: Any, *, node: Any, result: Any) -> Any:
+            if isinstance(node, CallToolsNode):
+                self.seen.append(("tools done", result))
+            return result
+
+        async def wrap_tool_execute(self, ctx: Any, *, call: Any, tool_def: Any, args: Any,
+                                    handler: Any) -> Any:
+            self.seen.append(("tool", call))
+            result = await handler(args)
+            self.seen.append(("tool end", result))
+            return result
+
+    def variant(capabilities: list[AbstractCapability[Any]]) -> Callable[[int], Awaitable[object]]:
+        agent = Agent(FunctionModel(model), tools=[lookup], capabilities=capabilities)
+
+        async def one(i: int) -> object:
+            return await agent.run("go")
+
+        return one
+
+    async def all_three() -> list[float]:
+        recorder = SessionRecorder()
+        capabilities: list[list[AbstractCapability[Any]]] = [
+            [], [NoOpCapability()], [PhiCapability(recorder)]]
+        medians = await medians_async(runs, [variant(c) for c in capabilities])
+        loops = sum(len(s.loops) for s in recorder.sessions())
+        assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
+        return medians
+
+    report("pydantic-ai", *asyncio.run(all_three()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--only", choices=sorted(SECTIONS))
     args = parser.parse_args()
-    print(f"median per run of {args.runs} runs ({TURNS} turns x {TOOLS_PER_TURN} tools, fake model)")
-    for name, section in SECTIONS.items():
-        if args.only not in (None, name):
-            continue
-        try:
-            figures = section(args.runs)
-        except ImportError as error:
-            print(f"{name:>14}: skipped ({error})")
-            continue
-        figures.report()
+    print(f"median CPU time per run of {args.runs} runs, {TURNS} turns x {TOOLS} tools")
+    bench_openai_agents(args.runs)
+    bench_google_adk(args.runs)
+    bench_pydantic_ai(args.runs)
 
 
 if __name__ == "__main__":
