@@ -5,6 +5,7 @@ in-memory checkpointer, sync and async, into a recorder and a store."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -14,9 +15,9 @@ from typing import Annotated, Any, TypedDict
 
 import pytest
 
-pytest.importorskip("langchain_core", reason="needs the langchain extra: pip install 'phi-session[langchain]'")
-pytest.importorskip("langgraph", reason="needs the langchain extra: pip install 'phi-session[langchain]'")
-pytest.importorskip("langchain.agents", reason="create_agent needs langchain: pip install 'phi-session[test]'")
+pytest.importorskip("langchain_core", reason="needs the extra: pip install 'phi-session[langchain]'")
+pytest.importorskip("langgraph", reason="needs the extra: pip install 'phi-session[langchain]'")
+pytest.importorskip("langchain.agents", reason="create_agent needs: pip install 'phi-session[test]'")
 
 from langchain.agents import create_agent
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -31,11 +32,10 @@ from langgraph.graph.message import add_messages
 from langgraph.types import Command, interrupt
 
 from phi_session import SessionRecorder, SqliteStore, codec
+from phi_session.adapters.langchain import AsyncPhiCallbackHandler, PhiCallbackHandler
 from phi_session.events import MessageUpdate, TurnRequest
 from phi_session.messages import AssistantMessage, ExtensionMessage, ToolCall, ToolResultMessage, UserMessage
 from phi_session.model import Session
-
-from phi_session.adapters.langchain import AsyncPhiCallbackHandler, PhiCallbackHandler
 
 
 class ScriptedChat(GenericFakeChatModel):
@@ -46,12 +46,13 @@ class ScriptedChat(GenericFakeChatModel):
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         message = next(self.messages)
         assert isinstance(message, AIMessage)
         chunks = [AIMessageChunk(content=token) for token in re.split(r"(\s)", str(message.content)) if token]
         chunks += [AIMessageChunk(content="", tool_call_chunks=[
-            {"name": call["name"], "args": msgspec_json(call["args"]), "id": call["id"], "index": index}])
+            {"name": call["name"], "args": json.dumps(call["args"]), "id": call["id"], "index": index}])
             for index, call in enumerate(message.tool_calls)]
         chunks.append(AIMessageChunk(content="", usage_metadata=message.usage_metadata,
                                      response_metadata=message.response_metadata, chunk_position="last"))
@@ -62,13 +63,9 @@ class ScriptedChat(GenericFakeChatModel):
             yield generation
 
 
-def msgspec_json(value: Any) -> str:
-    import json
-    return json.dumps(value)
-
-
 def usage(inputs: int, output: int, cache_read: int = 0) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"input_tokens": inputs, "output_tokens": output, "total_tokens": inputs + output}
+    metadata: dict[str, Any] = {"input_tokens": inputs, "output_tokens": output,
+                                "total_tokens": inputs + output}
     if cache_read:
         metadata["input_token_details"] = {"cache_read": cache_read}
     return metadata
@@ -174,7 +171,8 @@ def test_a_thread_id_that_is_no_session_id_becomes_a_uuid_keeping_the_original()
     recorder = SessionRecorder()
     agent = create_agent(chat(reply("hi")), tools=[])
     agent.invoke({"messages": [("user", "x")]},
-                 {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "user/42.chat"}})
+                 {"callbacks": [PhiCallbackHandler([recorder])],
+                  "configurable": {"thread_id": "user/42.chat"}})
     (session,) = recorded(recorder).values()
     assert session.session_id != "user/42.chat"
     assert session.loops[0].metadata["framework_session_id"] == "user/42.chat"
@@ -183,9 +181,10 @@ def test_a_thread_id_that_is_no_session_id_becomes_a_uuid_keeping_the_original()
 def test_streaming_tokens_and_tool_call_chunks_become_message_updates() -> None:
     recorder = SessionRecorder()
     events: list[Any] = []
-    agent = create_agent(chat(reply("let me add", ("c1", "add", {"a": 1, "b": 2})), reply("It is 3")), tools=[add])
-    chunks = list(agent.stream({"messages": [("user", "add")]},
-                               {"callbacks": [PhiCallbackHandler([recorder, events.append])]}, stream_mode="messages"))
+    model = chat(reply("let me add", ("c1", "add", {"a": 1, "b": 2})), reply("It is 3"))
+    agent = create_agent(model, tools=[add])
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder, events.append])]}
+    chunks = list(agent.stream({"messages": [("user", "add")]}, config, stream_mode="messages"))
     assert chunks
     deltas = [(e.delta.kind, e.delta.delta) for e in events if isinstance(e, MessageUpdate)]
     assert ("Text", "let") in deltas and ("ToolCallDelta", '{"a": 1, "b": 2}') in deltas
@@ -357,8 +356,8 @@ def test_state_graph_interrupt_resume_and_time_travel() -> None:
 def test_state_graph_async_with_the_sync_handler() -> None:
     recorder = SessionRecorder()
     app = approval_graph(chat(reply("draft")))
-    out = asyncio.run(app.ainvoke({"messages": [("user", "write")]},
-                                  {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "g2"}}))
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "g2"}}
+    out = asyncio.run(app.ainvoke({"messages": [("user", "write")]}, config))
     assert "__interrupt__" in out
     loop = recorded(recorder)["g2"].loops[0]
     assert loop.status == "Completed" and loop.turn_count() == 1

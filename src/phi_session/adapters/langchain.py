@@ -32,16 +32,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import msgspec
 
+from .._float32 import Float32
 from ..errors import MissingExtra
 from ..instrument import LoopScope, MessageScope, ToolScope, TurnScope
 from ..messages import (
     AgentMessage,
     AnnotatedRequestPayload,
+    AssistantMessage,
     Content,
     ExtensionMessage,
     ImageContent,
@@ -56,7 +58,6 @@ from ..messages import (
     UnknownBlock,
     Usage,
     UserMessage,
-    AssistantMessage,
 )
 
 try:
@@ -97,7 +98,8 @@ def _blocks(message: BaseMessage) -> tuple[Content, ...]:
     if isinstance(content, str):
         return (TextContent(text=content),) if content else ()
     blocks: list[Content] = []
-    for block in message.content_blocks:  # LangChain's provider-neutral blocks
+    for standard in message.content_blocks:  # LangChain's provider-neutral blocks
+        block = cast("Mapping[str, Any]", standard)
         kind = block.get("type")
         if kind == "text":
             blocks.append(TextContent(text=str(block.get("text", ""))))
@@ -188,14 +190,15 @@ def _tool_definitions(tools: Any) -> tuple[ToolDefinition, ...]:
 def _request(messages: Sequence[BaseMessage], params: Mapping[str, Any], model: str,
              timestamp: int) -> AnnotatedRequestPayload:
     system = "\n\n".join(_text(message) for message in messages if isinstance(message, SystemMessage))
-    converted = tuple(m for m in (_request_message(message, timestamp) for message in messages) if m is not None)
+    converted = tuple(request for request in (_request_message(message, timestamp) for message in messages)
+                      if request is not None)
     max_tokens = params.get("max_tokens")
     temperature = params.get("temperature")
     return AnnotatedRequestPayload(
         system_prompt=system, messages=converted, provenance=tuple(UnknownBlock() for _ in converted),
         tools=_tool_definitions(params.get("tools")), model_id=model, thinking_level="off",
         max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else None,
-        temperature=float(temperature) if isinstance(temperature, (int, float)) else None,
+        temperature=Float32(temperature) if isinstance(temperature, (int, float)) else None,
         response_format=TextFormat(),
     )
 
@@ -218,7 +221,7 @@ def _interrupt_values(error: BaseException) -> list[Any]:
 class _Run:
     """One root run (one loop): its open turn and reply, and what it recorded already."""
 
-    __slots__ = ("interrupts", "loop", "lock", "model", "provider", "recorded", "reply", "turn")
+    __slots__ = ("interrupts", "lock", "loop", "model", "provider", "recorded", "reply", "turn")
 
     def __init__(self, loop: LoopScope) -> None:
         self.loop = loop
@@ -353,7 +356,8 @@ class _Mapper:
             if isinstance(token, str) and token:
                 reply.text_delta(token)
         else:
-            for block in message.content_blocks:
+            for standard in message.content_blocks:
+                block = cast("Mapping[str, Any]", standard)
                 kind = block.get("type")
                 if kind == "text" and block.get("text"):
                     reply.text_delta(str(block["text"]))
@@ -539,7 +543,7 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
     def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
                       parent_run_id: UUID | None = None, inputs: dict[str, Any] | None = None,
                       **kwargs: Any) -> None:
-        self._tool_start(serialized, inputs if inputs is not None else input_str, run_id, parent_run_id, kwargs)
+        self._tool_start(serialized, input_str if inputs is None else inputs, run_id, parent_run_id, kwargs)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.tool_end, output, run_id)
@@ -585,7 +589,7 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
     async def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
                             parent_run_id: UUID | None = None, inputs: dict[str, Any] | None = None,
                             **kwargs: Any) -> None:
-        self._tool_start(serialized, inputs if inputs is not None else input_str, run_id, parent_run_id, kwargs)
+        self._tool_start(serialized, input_str if inputs is None else inputs, run_id, parent_run_id, kwargs)
 
     async def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.tool_end, output, run_id)
@@ -617,7 +621,6 @@ class _StubCore:  # TEMPORARY until the shared adapter core lands
             kind = ContinuationKind.branch(str(metadata["checkpoint_id"]))
         if agent is None:
             agent = self.tracer.agent
-        from ..instrument import LoopScope
         loop = self._loop(agent, last, kind)
         return loop.start()
 
