@@ -116,7 +116,7 @@ def _blocks(message: BaseMessage) -> tuple[Content, ...]:
 
 
 def _tool_calls(message: AIMessage) -> list[ToolCall]:
-    calls = [ToolCall(id=call.get("id") or "", name=call["name"], arguments=_jsonable(call["args"]))
+    calls = [ToolCall(id=call.get("id") or "", name=call["name"], arguments=call["args"])
              for call in message.tool_calls]
     # A call whose arguments did not parse keeps them as the raw text the model sent.
     calls.extend(ToolCall(id=call.get("id") or "", name=call.get("name") or "", arguments=call.get("args"))
