@@ -31,15 +31,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import Token
 from typing import Any, cast
 from uuid import UUID
 
 import msgspec
 
 from .._float32 import Float32
-from ..errors import MissingExtra
+from ..events import ContinuationKind, LoopConfigSnapshot
 from ..instrument import LoopScope, MessageScope, ToolScope, TurnScope
+from ._core import AdapterCore, SinkArg, enter_tool, leave_tool, require_extra
 from ..messages import (
     AgentMessage,
     AnnotatedRequestPayload,
@@ -60,13 +62,11 @@ from ..messages import (
     UserMessage,
 )
 
-try:
-    from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
-    from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
-    from langchain_core.outputs import LLMResult
-except ImportError as error:  # pragma: no cover - exercised without the extra
-    raise MissingExtra(
-        "the LangChain adapter needs langchain-core: pip install 'phi-session[langchain]'") from error
+require_extra("langchain", "langchain_core")
+
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler  # noqa: E402
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage  # noqa: E402
+from langchain_core.outputs import LLMResult  # noqa: E402
 
 __all__ = ["AsyncPhiCallbackHandler", "PhiCallbackHandler"]
 
@@ -115,8 +115,11 @@ def _blocks(message: BaseMessage) -> tuple[Content, ...]:
     return tuple(blocks)
 
 
-def _tool_calls(message: AIMessage) -> list[ToolCall]:
-    calls = [ToolCall(id=call.get("id") or "", name=call["name"], arguments=call["args"])
+def _tool_calls(message: AIMessage, copy: bool = False) -> list[ToolCall]:
+    """The message's tool calls; `copy`: with arguments of their own (`MessageScope.finish`
+    copies them itself)."""
+    calls = [ToolCall(id=call.get("id") or "", name=call["name"],
+                      arguments=_jsonable(call["args"]) if copy else call["args"])
              for call in message.tool_calls]
     # A call whose arguments did not parse keeps them as the raw text the model sent.
     calls.extend(ToolCall(id=call.get("id") or "", name=call.get("name") or "", arguments=call.get("args"))
@@ -163,7 +166,7 @@ def _tool_result(message: ToolMessage, timestamp: int) -> ToolResultMessage:
 def _request_message(message: BaseMessage, timestamp: int) -> Message | None:
     """A message of a captured request in phi-core's form (system prompts go apart)."""
     if isinstance(message, AIMessage):
-        calls = _tool_calls(message)
+        calls = _tool_calls(message, copy=True)
         return AssistantMessage(content=(*_blocks(message), *calls), stop_reason=_stop_reason(message, calls),
                                 model=str(message.response_metadata.get("model_name", "")),
                                 provider=str(message.response_metadata.get("model_provider", "")),
@@ -219,20 +222,28 @@ def _interrupt_values(error: BaseException) -> list[Any]:
 
 
 class _Run:
-    """One root run (one loop): its open turn and reply, and what it recorded already."""
+    """One root run (one loop): its open turn and reply, and what it recorded already.
 
-    __slots__ = ("interrupts", "lock", "loop", "model", "provider", "recorded", "reply", "turn")
+    The loop starts at the run's first model call, whose model and provider are the
+    loop's config (a graph names no model when it starts), or at the run's end if it
+    made none.
+    """
 
-    def __init__(self, loop: LoopScope) -> None:
-        self.loop = loop
+    __slots__ = ("interrupts", "key", "lock", "loop", "metadata", "parent_tool", "pending", "recorded",
+                 "reply", "turn")
+
+    def __init__(self, key: UUID, metadata: Mapping[str, Any] | None, parent_tool: ToolScope | None) -> None:
+        self.key = key
+        self.metadata = metadata
+        self.parent_tool = parent_tool
         self.lock = threading.Lock()  # tools of a step call back from several threads
+        self.loop: LoopScope | None = None
         self.turn: TurnScope | None = None
         self.reply: MessageScope | None = None
+        self.pending: list[AgentMessage] = []  # input that came before the loop started
         self.recorded: set[str] = set()
         """Tool call ids whose results the loop recorded (not new inputs of the next turn)."""
         self.interrupts: list[Any] = []
-        self.model = ""
-        self.provider = ""
 
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
@@ -256,21 +267,59 @@ class _Run:
         return inputs
 
 
-class _Mapper:
-    """LangChain callbacks -> instrumentation scopes; shared by the sync and async handlers."""
+_NO_MODEL = LoopConfigSnapshot(model="", provider="langchain")
+"""The config of a run that called no model (a resumed run that only ran a node, say)."""
 
-    def __init__(self, core: Any, capture_requests: bool) -> None:
+
+class _Mapper:
+    """LangChain callbacks -> adapter core and instrumentation scopes; shared by the sync
+    and async handlers."""
+
+    def __init__(self, core: AdapterCore, capture_requests: bool) -> None:
         self.core = core
         self.capture_requests = capture_requests
-        self._runs: dict[UUID, _Run] = {}  # every run id of a recorded root run -> its _Run
+        self._runs: dict[UUID, _Run] = {}  # every run id under a recorded root run -> its _Run
         self._roots: dict[UUID, _Run] = {}
         self._replies: dict[UUID, tuple[_Run, MessageScope]] = {}
-        self._tools: dict[UUID, tuple[_Run, ToolScope, Any]] = {}
+        self._tools: dict[UUID, tuple[_Run, ToolScope, Token[ToolScope | None]]] = {}
+
+    # -- loops ---------------------------------------------------------------------------------
+
+    def _loop(self, run: _Run, config: LoopConfigSnapshot) -> LoopScope:
+        """The run's loop, started now if it has not started yet."""
+        loop = run.loop
+        if loop is not None:
+            return loop
+        metadata = run.metadata or {}
+        thread = metadata.get("thread_id")
+        checkpoint = metadata.get("checkpoint_id")
+        # The parent tool is marked as running here too: a sub-agent found by its parent
+        # run id is found when an async handler ran the tool's start in another context.
+        token = enter_tool(run.parent_tool) if run.parent_tool is not None else None
+        try:
+            started = self.core.start_run(
+                run.key, config, framework_session_id=None if thread is None else str(thread),
+                kind=None if checkpoint is None else ContinuationKind.branch(str(checkpoint)))
+        finally:
+            if token is not None:
+                leave_tool(token)
+        loop = run.loop = started.loop
+        for message in run.pending:
+            loop.user(message)
+        run.pending.clear()
+        return loop
+
+    def _input(self, run: _Run, message: AgentMessage) -> None:
+        if run.loop is None:
+            run.pending.append(message)
+        else:
+            run.loop.user(message)
 
     # -- chains (graphs, nodes, agents) -----------------------------------------------------
 
     def chain_start(self, inputs: Any, run_id: UUID, parent_run_id: UUID | None,
                     metadata: Mapping[str, Any] | None) -> None:
+        parent_tool = None
         if parent_run_id is not None:
             tool = self._tools.get(parent_run_id)
             if tool is None:
@@ -278,23 +327,18 @@ class _Mapper:
                 if run is not None:
                     self._runs[run_id] = run
                 return
-            loop = self.core.sub_agent(tool[1], metadata)
-        else:
-            loop = self.core.root_loop(metadata)
-        run = _Run(loop)
+            parent_tool = tool[1]  # a graph run inside a tool: a sub-agent
+        run = _Run(run_id, metadata, parent_tool)
         self._roots[run_id] = self._runs[run_id] = run
-        self._resumed(run, inputs)
-
-    def _resumed(self, run: _Run, inputs: Any) -> None:
-        """A LangGraph ``Command(resume=...)``: the answer to the interrupt is the run's input."""
         resume = getattr(inputs, "resume", None)
         if resume is not None and type(inputs).__name__ == "Command":
-            run.loop.user(ExtensionMessage(kind="langgraph.resume", data=_jsonable(resume)))
+            # LangGraph's Command(resume=...): the answer to the interrupt is the run's input.
+            run.pending.append(ExtensionMessage(kind="langgraph.resume", data=_jsonable(resume)))
 
-    def chain_end(self, outputs: Any, run_id: UUID) -> None:
+    def chain_end(self, run_id: UUID) -> None:
         run = self._runs.pop(run_id, None)
         if run is not None and self._roots.pop(run_id, None) is not None:
-            self._end(run_id, run, None)
+            self._end(run, None)
 
     def chain_error(self, error: BaseException, run_id: UUID) -> None:
         run = self._runs.pop(run_id, None)
@@ -305,17 +349,16 @@ class _Mapper:
             with run.lock:
                 run.interrupts.extend(_interrupt_values(error))
         if self._roots.pop(run_id, None) is not None:
-            self._end(run_id, run, None if interrupted else error)
+            self._end(run, None if interrupted else error)
 
-    def _end(self, run_id: UUID, run: _Run, error: BaseException | None) -> None:
+    def _end(self, run: _Run, error: BaseException | None) -> None:
         with run.lock:
-            loop = run.loop
+            loop = self._loop(run, _NO_MODEL)
             if error is None:
                 run.end_turn()
                 if run.interrupts:
                     loop.user(ExtensionMessage(kind="langgraph.interrupt", data=run.interrupts))
-            loop.end(error)
-        self.core.loop_ended(loop)
+        self.core.end_run(run.key, error)
 
     # -- chat models -------------------------------------------------------------------------
 
@@ -326,21 +369,21 @@ class _Mapper:
         if run is None:
             if parent_run_id is not None:
                 return  # under a run this handler does not record
-            run = _Run(self.core.root_loop(metadata))  # a bare model call is a loop of its own
+            run = _Run(run_id, metadata, None)  # a bare model call is a loop of its own
             self._roots[run_id] = run
         metadata = metadata or {}
         params = params or {}
         model = str(metadata.get("ls_model_name") or params.get("model") or params.get("model_name") or "")
         provider = str(metadata.get("ls_provider") or "")
         history = messages[0] if messages else ()
-        agent = run.loop
         with run.lock:
             run.end_turn()
-            now = self.core.millis()
+            loop = self._loop(run, LoopConfigSnapshot(model=model, provider=provider))
+            now = self.core.agent.millis()
             for message in run.new_inputs(history, now):
-                agent.user(message)
+                loop.user(message)
             request = _request(history, params, model, now) if self.capture_requests else None
-            turn = agent.turn(request=request).start()
+            turn = loop.turn(request=request).start()
             reply = turn.assistant(model=model, provider=provider).start()
             run.turn, run.reply = turn, reply
         self._runs[run_id] = run
@@ -407,7 +450,7 @@ class _Mapper:
     def _ended_alone(self, run_id: UUID, run: _Run, error: BaseException | None = None) -> None:
         """A bare model call (its own root run) ends its loop with it."""
         if self._roots.pop(run_id, None) is not None:
-            self._end(run_id, run, error)
+            self._end(run, error)
 
     # -- tools -------------------------------------------------------------------------------
 
@@ -427,7 +470,7 @@ class _Mapper:
                 args = _jsonable(inputs)
             tool = turn.tool(id=call_id, name=name, args=args).start()
         self._runs[run_id] = run
-        self._tools[run_id] = (run, tool, self.core.tool_entered(tool))
+        self._tools[run_id] = (run, tool, enter_tool(tool))
 
     def tool_end(self, output: Any, run_id: UUID) -> None:
         found = self._tools.pop(run_id, None)
@@ -435,7 +478,7 @@ class _Mapper:
         if found is None:
             return
         run, tool, token = found
-        self.core.tool_left(token)
+        leave_tool(token)
         content = getattr(output, "content", output)
         blocks = _blocks(output) if isinstance(output, BaseMessage) else None
         text: str | tuple[Content, ...] = blocks if blocks else (
@@ -454,7 +497,7 @@ class _Mapper:
         if found is None:
             return
         run, tool, token = found
-        self.core.tool_left(token)
+        leave_tool(token)
         if _is_interrupt(error):  # a tool asked for input: it did not fail, it has no result yet
             with run.lock:
                 run.interrupts.extend(_interrupt_values(error))
@@ -469,16 +512,20 @@ def _tool_name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) 
 
 
 class _Callbacks:
-    """The callback methods both handlers share: each hands its event to the mapper, and
-    a fault in the mapping is counted and reported once instead of reaching the run."""
+    """What both handlers share: each callback hands its event to the mapper, and a fault
+    in the mapping is counted and reported once instead of reaching the run."""
 
-    _mapper: _Mapper
+    def __init__(self, sink: SinkArg = None, *, capture_requests: bool = False, **options: Any) -> None:
+        self.core = AdapterCore("langchain", sink, **options)
+        self._mapper = _Mapper(self.core, capture_requests)
 
-    def _call(self, method: Any, *args: Any) -> None:
-        try:
-            method(*args)
-        except Exception as error:
-            self._mapper.core.fault(error)
+    def close(self) -> None:
+        """End the runs still open (as failed) and flush the sinks; with the default sink,
+        save every session to the embedded store (also done at interpreter exit)."""
+        self.core.close()
+
+    def _call(self, method: Callable[..., None], *args: Any) -> None:
+        self._mapper.core.safely(method, *args)
 
     def _chain_start(self, inputs: Any, run_id: UUID, parent_run_id: UUID | None,
                      metadata: dict[str, Any] | None) -> None:
@@ -498,11 +545,17 @@ class _Callbacks:
 class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
     """Records LangChain / LangGraph runs as phi-core sessions; put it in ``config["callbacks"]``.
 
-    * `sink`: where the events go (any sink list, see `phi_session.sinks`); by default
-      the embedded store, each session saved as it completes.
+    * `sink`: a sink or a list of sinks (see `phi_session.sinks`); by default the
+      embedded store (`phi_session.stores.default_store`), each session saved as it
+      completes.
     * `capture_requests`: also record each turn's ``TurnRequest`` (the messages sent
       to the model, system prompt, bound tools): off by default, as it repeats the
       whole history every turn.
+    * `options`: the `AdapterCore`'s (``store``, ``agent``, ``clock``, ``rotate_after``,
+      ``processors``, ``redact``).
+
+    Adapter faults are counted in ``core.fault_count`` and logged once; `close` saves
+    what is left.
 
     The session is the run's ``configurable.thread_id`` (else this handler's own
     session). Use `AsyncPhiCallbackHandler` with ``ainvoke``/``astream`` if you prefer
@@ -512,16 +565,13 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
     run_inline = True
     raise_error = False
 
-    def __init__(self, sink: Any = None, *, capture_requests: bool = False) -> None:
-        self._mapper = _Mapper(_make_core(sink), capture_requests)
-
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
                        parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None,
                        **kwargs: Any) -> None:
         self._chain_start(inputs, run_id, parent_run_id, metadata)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.chain_end, outputs, run_id)
+        self._call(self._mapper.chain_end, run_id)
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.chain_error, error, run_id)
@@ -558,16 +608,13 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
     run_inline = True
     raise_error = False
 
-    def __init__(self, sink: Any = None, *, capture_requests: bool = False) -> None:
-        self._mapper = _Mapper(_make_core(sink), capture_requests)
-
     async def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
                              parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None,
                              **kwargs: Any) -> None:
         self._chain_start(inputs, run_id, parent_run_id, metadata)
 
     async def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.chain_end, outputs, run_id)
+        self._call(self._mapper.chain_end, run_id)
 
     async def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.chain_error, error, run_id)
@@ -598,58 +645,3 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
         self._call(self._mapper.tool_error, error, run_id)
 
 
-class _StubCore:  # TEMPORARY until the shared adapter core lands
-    def __init__(self, sink: Any) -> None:
-        from ..identity import AgentSession
-        from ..instrument import Tracer
-        self.tracer = Tracer(sinks=sink if isinstance(sink, (list, tuple)) else [sink])
-        self.agents: dict[str, Any] = {}
-        self.AgentSession = AgentSession
-        self.faults: list[BaseException] = []
-
-    def root_loop(self, metadata: Any) -> Any:
-        from ..events import ContinuationKind
-        thread = (metadata or {}).get("thread_id")
-        agent = self.agents.get(thread) if thread else None
-        if thread and agent is None:
-            agent = self.agents[thread] = self.AgentSession(session_id=str(thread))
-        from ..instrument import Tracer
-        tracer = Tracer(agent, sinks=[]) if False else self.tracer
-        last = agent.last_loop_id if agent is not None else None
-        kind = None
-        if last is not None and (metadata or {}).get("checkpoint_id"):
-            kind = ContinuationKind.branch(str(metadata["checkpoint_id"]))
-        if agent is None:
-            agent = self.tracer.agent
-        loop = self._loop(agent, last, kind)
-        return loop.start()
-
-    def _loop(self, agent: Any, last: Any, kind: Any) -> Any:
-        from ..instrument import Tracer
-        t = Tracer(agent, sinks=[], redact=False)
-        t._outlet = self.tracer._outlet
-        return t.loop(continues=last, kind=kind, config_id="langchain")
-
-    def sub_agent(self, tool: Any, metadata: Any) -> Any:
-        return tool.sub_agent(config_id="sub").start()
-
-    def loop_ended(self, loop: Any) -> None:
-        pass
-
-    def millis(self) -> int:
-        import time
-        return time.time_ns() // 1_000_000
-
-    def tool_entered(self, tool: Any) -> Any:
-        return None
-
-    def tool_left(self, token: Any) -> None:
-        pass
-
-    def fault(self, error: BaseException) -> None:
-        self.faults.append(error)
-        logger.exception("fault", exc_info=error)
-
-
-def _make_core(sink: Any) -> Any:
-    return _StubCore(sink)
