@@ -300,9 +300,11 @@ def test_an_adapter_fault_never_reaches_the_host(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(adapter, "_tool_calls", broken)
     recorder = SessionRecorder()
+    handler = PhiCallbackHandler([recorder])
     agent = create_agent(chat(reply("", ("c1", "add", {"a": 1, "b": 2})), reply("3")), tools=[add])
-    out = agent.invoke({"messages": [("user", "add")]}, {"callbacks": [PhiCallbackHandler([recorder])]})
+    out = agent.invoke({"messages": [("user", "add")]}, {"callbacks": [handler]})
     assert out["messages"][-1].content == "3"  # the run went on, its result unchanged
+    assert handler.core.fault_count == 2  # both model replies
     faults = [r for r in caplog.records if "adapter bug" in r.getMessage() or "ValueError" in r.getMessage()]
     assert len(faults) == 1  # reported once, then counted
     recorded(recorder)  # what was recorded still loads
@@ -377,3 +379,18 @@ def test_importing_the_adapter_without_langchain_names_the_pip_install() -> None
             "    print(type(error).__name__, error)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("MissingExtra ") and "pip install 'phi-session[langchain]'" in out
+
+
+def test_the_example_records_into_a_store_and_a_restart_continues_the_session(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "adapter_langchain.py"
+    monkeypatch.setattr(sys, "argv", ["adapter_langchain.py", str(tmp_path / "sessions.db")])
+    for _ in range(2):  # a second process run: loop ids go on from the stored ones
+        runpy.run_path(str(example), run_name="__main__")
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0].rsplit(".", 1)[1] for line in printed[2:]] == ["1", "2", "3", "4"]
+    assert all(" Completed " in line and "2 turns 900 tokens" in line for line in printed)
+    assert printed[-1].split()[2] == "Default"

@@ -267,7 +267,7 @@ class _Run:
         return inputs
 
 
-_NO_MODEL = LoopConfigSnapshot(model="", provider="langchain")
+_NO_MODEL = LoopConfigSnapshot(model="none", provider="langchain")
 """The config of a run that called no model (a resumed run that only ran a node, say)."""
 
 
@@ -373,8 +373,10 @@ class _Mapper:
             self._roots[run_id] = run
         metadata = metadata or {}
         params = params or {}
-        model = str(metadata.get("ls_model_name") or params.get("model") or params.get("model_name") or "")
-        provider = str(metadata.get("ls_provider") or "")
+        # A model without a name (a fake, a custom class) goes by its LangChain type.
+        model = str(metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
+                    or params.get("_type") or "unknown")
+        provider = str(metadata.get("ls_provider") or "langchain")
         history = messages[0] if messages else ()
         with run.lock:
             run.end_turn()
