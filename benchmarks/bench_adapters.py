@@ -21,15 +21,19 @@ from typing import Any
 RUNS = 200
 
 
-def median_ms(runs: int, run: Callable[[], object]) -> float:
-    run()  # warm up
-    times = []
+def medians_ms(runs: int, *variants: Callable[[], object]) -> list[float]:
+    """The median time per run of each variant, in ms; the variants take turns run by
+    run, so that a machine getting busier or quieter weighs on all of them alike."""
+    for run in variants:
+        run()  # warm up
+    times: list[list[float]] = [[] for _ in variants]
     gc.collect()
     for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        for run, spent in zip(variants, times, strict=True):
+            start = time.perf_counter()
+            run()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) * 1000 for spent in times]
 
 
 def report(framework: str, bare: float, floor: float, ours: float) -> None:
@@ -107,9 +111,7 @@ def bench_langchain(runs: int) -> None:
     def run(callbacks: list[Any]) -> Callable[[], object]:
         return lambda: agent.invoke(inputs, {"callbacks": callbacks})
 
-    bare = median_ms(runs, run([]))
-    floor = median_ms(runs, run([NoOp()]))
-    ours = median_ms(runs, run([handler]))
+    bare, floor, ours = medians_ms(runs, run([]), run([NoOp()]), run([handler]))
     recorder.flush()
     report("langchain (create_agent)", bare, floor, ours)
 

@@ -380,7 +380,9 @@ class _Mapper:
         history = messages[0] if messages else ()
         with run.lock:
             run.end_turn()
-            loop = self._loop(run, LoopConfigSnapshot(model=model, provider=provider))
+            loop = run.loop
+            if loop is None:
+                loop = self._loop(run, LoopConfigSnapshot(model=model, provider=provider))
             now = self.core.agent.millis()
             for message in run.new_inputs(history, now):
                 loop.user(message)
