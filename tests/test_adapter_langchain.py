@@ -22,9 +22,9 @@ pytest.importorskip("langchain.agents", reason="create_agent needs: pip install 
 from langchain.agents import create_agent
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGenerationChunk
-from langchain_core.tools import ToolException, tool
+from langchain_core.tools import InjectedToolCallId, ToolException, tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
@@ -394,3 +394,32 @@ def test_the_example_records_into_a_store_and_a_restart_continues_the_session(
     assert [line.split()[0].rsplit(".", 1)[1] for line in printed[2:]] == ["1", "2", "3", "4"]
     assert all(" Completed " in line and "2 turns 900 tokens" in line for line in printed)
     assert printed[-1].split()[2] == "Default"
+
+
+def test_a_handoff_between_agents_ends_the_loop_and_the_next_agent_continues_it() -> None:
+    @tool
+    def transfer_to_bob(tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:
+        """Hand the conversation to Bob."""
+        return Command(goto="bob", graph=Command.PARENT, update={"messages": [
+            ToolMessage(content="Bob takes over", tool_call_id=tool_call_id)]})
+
+    alice = create_agent(chat(reply("", ("h1", "transfer_to_bob", {}), model="alice-model")),
+                         tools=[transfer_to_bob], name="alice")
+    bob = create_agent(chat(reply("Bob here", model="bob-model")), tools=[], name="bob")
+    graph = StateGraph(State)
+    graph.add_node("alice", alice, destinations=("bob",))
+    graph.add_node("bob", bob)
+    graph.add_edge(START, "alice")
+    graph.add_edge("bob", END)
+    recorder = SessionRecorder()
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "team"}}
+    out = graph.compile().invoke({"messages": [("user", "help")]}, config)
+    assert out["messages"][-1].content == "Bob here"
+
+    first, second = recorded(recorder)["team"].loops
+    assert first.status == second.status == "Completed"
+    assert second.parent_loop_id == first.loop_id and second.kind.kind == "Default"
+    (result,) = [m for m in first.messages if isinstance(m, ToolResultMessage)]
+    assert result.content[0].text == "Bob takes over"  # type: ignore[union-attr]
+    assert [m.model for m in second.messages if isinstance(m, AssistantMessage)] == ["bob-model"]
+    assert "Bob takes over" not in str(second.messages)  # recorded once, in the first loop

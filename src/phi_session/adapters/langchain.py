@@ -209,6 +209,25 @@ def _request(messages: Sequence[BaseMessage], params: Mapping[str, Any], model: 
 # -- the mapping ---------------------------------------------------------------------------------
 
 
+def _tool_output(output: Any) -> tuple[str | tuple[Content, ...], bool]:
+    """A tool's output as result content, and whether it is an error result."""
+    if isinstance(output, BaseMessage):
+        return (_blocks(output) or (TextContent(text=""),),
+                isinstance(output, ToolMessage) and output.status == "error")
+    return (output if isinstance(output, str) else _json_encode(_jsonable(output)).decode()), False
+
+
+def _command_message(command: Any, tool_call_id: str) -> Any:
+    """What a tool that returned a LangGraph ``Command`` answered: the ``ToolMessage`` for
+    its call in the command's update, else the command's goto and update as data."""
+    update = getattr(command, "update", None)
+    messages = update.get("messages") if isinstance(update, Mapping) else None
+    for message in messages if isinstance(messages, (list, tuple)) else ():
+        if isinstance(message, ToolMessage) and message.tool_call_id == tool_call_id:
+            return message
+    return {"goto": getattr(command, "goto", None), "update": update}
+
+
 def _is_interrupt(error: BaseException) -> bool:
     # By name: langchain-core alone (no LangGraph) has no GraphInterrupt to import.
     return any(cls.__name__ == "GraphInterrupt" for cls in type(error).__mro__)
@@ -229,8 +248,8 @@ class _Run:
     made none.
     """
 
-    __slots__ = ("interrupts", "key", "lock", "loop", "metadata", "parent_tool", "pending", "recorded",
-                 "reply", "turn")
+    __slots__ = ("handoff", "interrupts", "key", "lock", "loop", "metadata", "parent_tool", "pending",
+                 "recorded", "reply", "turn")
 
     def __init__(self, key: UUID, metadata: Mapping[str, Any] | None, parent_tool: ToolScope | None) -> None:
         self.key = key
@@ -244,6 +263,9 @@ class _Run:
         self.recorded: set[str] = set()
         """Tool call ids whose results the loop recorded (not new inputs of the next turn)."""
         self.interrupts: list[Any] = []
+        self.handoff = False
+        """A tool handed the run over (a ``Command`` with ``goto``): the next model call is
+        the next agent's, in a loop continuing this one."""
 
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
@@ -383,6 +405,11 @@ class _Mapper:
             loop = run.loop
             if loop is None:
                 loop = self._loop(run, LoopConfigSnapshot(model=model, provider=provider))
+            elif run.handoff:
+                run.handoff = False
+                successor = self.core.handoff(run.key, LoopConfigSnapshot(model=model, provider=provider))
+                if successor is not None:
+                    loop = run.loop = successor.loop
             now = self.core.agent.millis()
             for message in run.new_inputs(history, now):
                 loop.user(message)
@@ -483,16 +510,18 @@ class _Mapper:
             return
         run, tool, token = found
         leave_tool(token)
-        content = getattr(output, "content", output)
-        blocks = _blocks(output) if isinstance(output, BaseMessage) else None
-        text: str | tuple[Content, ...] = blocks if blocks else (
-            content if isinstance(content, str) else _json_encode(_jsonable(content)).decode())
-        if isinstance(output, ToolMessage) and output.status == "error":
-            tool.error(text)
+        handoff = False
+        if type(output).__name__ == "Command":  # LangGraph: a state update, maybe a handoff
+            handoff = bool(getattr(output, "goto", None))
+            output = _command_message(output, tool.tool_call_id)
+        content, is_error = _tool_output(output)
+        if is_error:
+            tool.error(content)
         else:
-            tool.result(text)
+            tool.result(content)
         with run.lock:
             run.recorded.add(tool.tool_call_id)
+            run.handoff = run.handoff or handoff
         tool.end()
 
     def tool_error(self, error: BaseException, run_id: UUID) -> None:
