@@ -249,6 +249,22 @@ class AgentSession:
             self._pending_formation = None
             return formation if formation is not None else SessionFormation.first_loop(self._stamper(at_ns))
 
+    def resume(self, loop_ids: Iterable[str], last_loop_id: str | None) -> None:
+        """Go on with the current session as recorded earlier (e.g. loaded from a store).
+
+        Loop counters continue after the given loop ids of the current session, so new
+        loop ids never repeat old ones, and continuations follow `last_loop_id`.
+        """
+        prefix = f"{self._session_id}."
+        with self._lock:
+            counters = self._counters
+            for loop_id in loop_ids:
+                config_id, _, number = loop_id.removeprefix(prefix).rpartition(".")
+                if loop_id.startswith(prefix) and config_id and number.isdigit():
+                    counters[config_id] = max(counters.get(config_id, 0), int(number))
+            if last_loop_id is not None:
+                self._last_loop_id = last_loop_id
+
     def set_last_loop(self, loop_id: str) -> None:
         """Make `loop_id` the loop that continuations follow by default (e.g. a parallel winner)."""
         with self._lock:

@@ -476,6 +476,13 @@ class Tracer:
         """Run `event` through the processors, then deliver it to every sink. Never raises."""
         self._outlet.emit(event)
 
+    def for_agent(self, agent: AgentSession) -> Tracer:
+        """A tracer of another identity sharing this one's processors, sinks and default
+        config (a framework adapter's tracer per framework session)."""
+        twin = copy.copy(self)
+        twin.agent = agent
+        return twin
+
     # -- scopes ---------------------------------------------------------------------------
 
     def loop(

@@ -7,7 +7,8 @@ One line turns it on::
 
 How runs map (run ids key all state, so concurrent runs in threads and tasks interleave):
 
-* the root run (no ``parent_run_id``) is a loop; a later run with the same
+* the root run (no ``parent_run_id``) is a loop (started at its first model call,
+  whose model is the loop's config); a later run with the same
   ``configurable.thread_id`` continues that session's last loop; one started from a
   ``checkpoint_id`` (LangGraph time travel) is a ``Branch`` tagged with it; a graph run
   under a tool run is a sub-agent (own session, linked both ways);
@@ -18,7 +19,9 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   ``on_llm_end`` finishes the assistant message (tool call ids, ``usage_metadata``
   of that response only, the response's model or ``ls_model_name``, ``ls_provider``);
 * tool start / end / error are the tool's execution and result (a ``ToolMessage``
-  with ``status="error"`` is an error result);
+  with ``status="error"`` is an error result); a tool returning a ``Command`` with
+  ``goto`` hands over: the next model call starts the next agent's loop, continuing
+  this one;
 * a ``GraphInterrupt`` ends the loop normally, its interrupt values kept in an
   extension message of kind ``langgraph.interrupt``; any other exception ends it
   failed (``Aborted`` plus the error).
