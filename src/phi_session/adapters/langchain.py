@@ -44,7 +44,6 @@ import msgspec
 from .._float32 import Float32
 from ..events import ContinuationKind, LoopConfigSnapshot
 from ..instrument import LoopScope, MessageScope, ToolScope, TurnScope
-from ._core import AdapterCore, SinkArg, enter_tool, leave_tool, require_extra
 from ..messages import (
     AgentMessage,
     AnnotatedRequestPayload,
@@ -64,6 +63,7 @@ from ..messages import (
     Usage,
     UserMessage,
 )
+from ._core import AdapterCore, SinkArg, enter_tool, leave_tool, require_extra, usage_of
 
 require_extra("langchain", "langchain_core")
 
@@ -135,14 +135,13 @@ def _usage(metadata: Mapping[str, Any] | None) -> Usage | None:
     if not metadata:
         return None
     input_details = metadata.get("input_token_details") or {}
-    output_details = metadata.get("output_token_details") or {}
-    cache_read = int(input_details.get("cache_read") or 0)
-    cache_write = int(input_details.get("cache_creation") or 0)
-    output = int(metadata.get("output_tokens") or 0)
-    inputs = max(0, int(metadata.get("input_tokens") or 0) - cache_read - cache_write)
-    return Usage(input=inputs, output=output, reasoning=int(output_details.get("reasoning") or 0),
-                 cache_read=cache_read, cache_write=cache_write,
-                 total_tokens=inputs + output + cache_read + cache_write)
+    cache_read = input_details.get("cache_read") or 0
+    cache_write = input_details.get("cache_creation") or 0
+    output = metadata.get("output_tokens") or 0
+    inputs = max(0, (metadata.get("input_tokens") or 0) - cache_read - cache_write)
+    return usage_of(inputs, output, cache_read=cache_read, cache_write=cache_write,
+                    reasoning=(metadata.get("output_token_details") or {}).get("reasoning"),
+                    total=inputs + output + cache_read + cache_write)
 
 
 _LENGTH_REASONS = frozenset(("length", "max_tokens", "MAX_TOKENS"))
