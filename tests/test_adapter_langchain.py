@@ -34,7 +34,14 @@ from langgraph.types import Command, interrupt
 from phi_session import SessionRecorder, SqliteStore, codec
 from phi_session.adapters.langchain import AsyncPhiCallbackHandler, PhiCallbackHandler
 from phi_session.events import MessageUpdate, TurnRequest
-from phi_session.messages import AssistantMessage, ExtensionMessage, ToolCall, ToolResultMessage, UserMessage
+from phi_session.messages import (
+    AssistantMessage,
+    ExtensionMessage,
+    ToolCall,
+    ToolResultMessage,
+    Usage,
+    UserMessage,
+)
 from phi_session.model import Session
 
 
@@ -63,12 +70,8 @@ class ScriptedChat(GenericFakeChatModel):
             yield generation
 
 
-def usage(inputs: int, output: int, cache_read: int = 0) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"input_tokens": inputs, "output_tokens": output,
-                                "total_tokens": inputs + output}
-    if cache_read:
-        metadata["input_token_details"] = {"cache_read": cache_read}
-    return metadata
+def usage(inputs: int, output: int) -> dict[str, Any]:
+    return {"input_tokens": inputs, "output_tokens": output, "total_tokens": inputs + output}
 
 
 def reply(text: str = "", *calls: tuple[str, str, dict[str, Any]], tokens: tuple[int, int] = (10, 5),
@@ -365,12 +368,18 @@ def test_state_graph_async_with_the_sync_handler() -> None:
     assert loop.status == "Completed" and loop.turn_count() == 1
 
 
-def test_a_bare_model_call_is_a_loop_of_its_own() -> None:
+def test_a_bare_model_call_is_a_loop_of_its_own_with_its_usage_split() -> None:
     recorder = SessionRecorder()
-    chat(reply("hello", tokens=(3, 1))).invoke("hi", {"callbacks": [PhiCallbackHandler([recorder])]})
+    answer = AIMessage(content="hello", usage_metadata={  # LangChain's input_tokens include the cache's
+        "input_tokens": 100, "output_tokens": 10, "total_tokens": 110,
+        "input_token_details": {"cache_read": 60, "cache_creation": 20},
+        "output_token_details": {"reasoning": 4}})
+    chat(answer).invoke("hi", {"callbacks": [PhiCallbackHandler([recorder])]})
     (session,) = recorded(recorder).values()
     loop = session.loops[0]
-    assert loop.turn_count() == 1 and loop.usage.total_tokens == 4
+    assert loop.turn_count() == 1
+    assert loop.usage == Usage(input=20, output=10, reasoning=4, cache_read=60, cache_write=20,
+                               total_tokens=110)
 
 
 def test_importing_the_adapter_without_langchain_names_the_pip_install() -> None:
