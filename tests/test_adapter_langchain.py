@@ -57,7 +57,10 @@ class ScriptedChat(GenericFakeChatModel):
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         message = next(self.messages)
         assert isinstance(message, AIMessage)
-        chunks = [AIMessageChunk(content=token) for token in re.split(r"(\s)", str(message.content)) if token]
+        if isinstance(message.content, list):  # content blocks (reasoning, text): one chunk each
+            chunks = [AIMessageChunk(content=[block]) for block in message.content]
+        else:
+            chunks = [AIMessageChunk(content=token) for token in re.split(r"(\s)", message.content) if token]
         chunks += [AIMessageChunk(content="", tool_call_chunks=[
             {"name": call["name"], "args": json.dumps(call["args"]), "id": call["id"], "index": index}])
             for index, call in enumerate(message.tool_calls)]
@@ -194,6 +197,17 @@ def test_streaming_tokens_and_tool_call_chunks_become_message_updates() -> None:
     assert "".join(t for k, t in deltas if k == "Text") == "let me addIt is 3"
     (session,) = recorded(recorder).values()
     assert session.loops[0].turn_count() == 2
+
+
+def test_streamed_reasoning_and_text_blocks() -> None:
+    events: list[Any] = []
+    model = chat(AIMessage(content=[{"type": "reasoning", "reasoning": "think"}, {"type": "text", "text": "answer"}]))
+    chunks = list(model.stream("hi", {"callbacks": [PhiCallbackHandler([events.append])]}))
+    assert len(chunks) == 3
+    deltas = [(e.delta.kind, e.delta.delta) for e in events if isinstance(e, MessageUpdate)]
+    assert deltas == [("Thinking", "think"), ("Text", "answer")]
+    (end,) = [e for e in events if type(e).__name__ == "TurnEnd"]
+    assert [type(b).__name__ for b in end.message.content] == ["ThinkingContent", "TextContent"]
 
 
 def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
