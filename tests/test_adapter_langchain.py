@@ -201,7 +201,8 @@ def test_streaming_tokens_and_tool_call_chunks_become_message_updates() -> None:
 
 def test_streamed_reasoning_and_text_blocks() -> None:
     events: list[Any] = []
-    model = chat(AIMessage(content=[{"type": "reasoning", "reasoning": "think"}, {"type": "text", "text": "answer"}]))
+    model = chat(AIMessage(content=[{"type": "reasoning", "reasoning": "think"},
+                                    {"type": "text", "text": "answer"}]))
     chunks = list(model.stream("hi", {"callbacks": [PhiCallbackHandler([events.append])]}))
     assert len(chunks) == 3
     deltas = [(e.delta.kind, e.delta.delta) for e in events if isinstance(e, MessageUpdate)]
