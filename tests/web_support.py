@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from phi_session.cost import Pricer
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.base import SessionStore
 from phi_session.web.server import ViewerServer, make_server
@@ -62,9 +63,10 @@ def record_into(store: SessionStore, lines: Iterable[str]) -> None:
 
 
 @contextmanager
-def running_server(store: SessionStore, host: str = "127.0.0.1") -> Iterator[ViewerServer]:
+def running_server(store: SessionStore, host: str = "127.0.0.1", *,
+                   pricer: Pricer | None = None) -> Iterator[ViewerServer]:
     """The viewer over `store` on a free port, serving from a thread until the block ends."""
-    server = make_server(store, host=host, port=0, quiet=True)
+    server = make_server(store, host=host, port=0, quiet=True, pricer=pricer)
     thread = threading.Thread(target=server.serve_forever, name="viewer", daemon=True)
     thread.start()
     try:

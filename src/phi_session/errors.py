@@ -69,3 +69,8 @@ class MissingExtra(PhiSessionError, ImportError):
 
 class ExportError(PhiSessionError):
     """An exporter refused or failed to take the spans of a session."""
+
+
+class BrokerError(PhiSessionError):
+    """The message broker (NATS JetStream) cannot be used: unreachable, or a stream laid
+    out otherwise than phi-session expects."""

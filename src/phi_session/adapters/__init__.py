@@ -15,6 +15,7 @@ from ._core import (
     FRAMEWORK_SESSION_NAMESPACE,
     AdapterCore,
     AdapterRun,
+    RunningTool,
     SinkArg,
     enter_tool,
     leave_tool,
@@ -24,6 +25,6 @@ from ._core import (
 )
 
 __all__ = [
-    "FRAMEWORK_SESSION_NAMESPACE", "AdapterCore", "AdapterRun", "SinkArg", "enter_tool", "leave_tool",
-    "require_extra", "session_id_for", "usage_of",
+    "FRAMEWORK_SESSION_NAMESPACE", "AdapterCore", "AdapterRun", "RunningTool", "SinkArg", "enter_tool",
+    "leave_tool", "require_extra", "session_id_for", "usage_of",
 ]

@@ -6,7 +6,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import click
 import msgspec
@@ -211,8 +211,12 @@ class _LineSource:
             self.stream.close()
 
 
+class _LineConsumer(Protocol):
+    def on_json(self, data: bytes | str) -> None: ...
+
+
 def _record_stream(
-    source: _LineSource, recorder: SessionRecorder, progress: Progress | None,
+    source: _LineSource, recorder: _LineConsumer, progress: Progress | None,
     spill: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """Feed every non-empty line to the recorder; malformed lines are reported and skipped.
@@ -245,7 +249,7 @@ def _record_stream(
 
 
 def _record_line(
-    recorder: SessionRecorder, data: bytes, number: int, name: str, outcome: dict[str, Any]
+    recorder: _LineConsumer, data: bytes, number: int, name: str, outcome: dict[str, Any]
 ) -> None:
     try:
         recorder.on_json(data)
@@ -281,9 +285,12 @@ def _open_orphans_file(path: str) -> IO[bytes]:
 @click.option("--orphans", "orphans_path", metavar="FILE", type=click.Path(dir_okay=False),
               help="Write events that belong to no known loop to FILE (JSONL; created, "
                    "empty if there are none, before any input is read).")
+@click.option("--to", "broker_url", metavar="NATS_URL",
+              help="Publish the events to NATS JetStream (nats://HOST[:PORT]) for 'phi-session ingest' "
+                   "workers instead of recording them here.")
 @store_options
 def record(source: str, directory: str | None, include_streaming_events: bool, capture_turn_requests: bool,
-           orphans_path: str | None, store_url: str | None, as_json: bool) -> None:
+           orphans_path: str | None, broker_url: str | None, store_url: str | None, as_json: bool) -> None:
     """Record a JSONL event stream into the store.
 
     FILE (or - for stdin) is phi-core's event stream, one JSON event per line.
@@ -292,7 +299,17 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
     (the first 20; later ones are counted) and skipped; everything else is
     recorded. No valid line at all is an error (exit status 1). Ctrl-C stops
     reading and saves what was read (exit 130).
+
+    With --to nats://HOST the events are published to JetStream instead (stream
+    and partitions from $PHI_SESSION_NATS_*), and the command ends once the broker
+    acknowledged them all.
     """
+    if broker_url is not None:
+        if directory is not None or store_url is not None or orphans_path is not None:
+            raise CliError("--to publishes to a broker: --store, --dir and --orphans do not apply",
+                           EXIT_USAGE)
+        _publish(source, broker_url, as_json)
+        return
     recorder = SessionRecorder(SessionRecorderConfig(
         include_streaming_events=include_streaming_events, capture_turn_requests=capture_turn_requests))
     with contextlib.ExitStack() as cleanup:
@@ -633,3 +650,121 @@ def _start_otlp(store: SessionStore, host: str, port: int, state: str, cleanup: 
     cleanup.callback(receiver.shutdown)
     threading.Thread(target=receiver.serve_forever, name="phi-session otlp", daemon=True).start()
     return receiver.url
+
+
+# -- the broker -------------------------------------------------------------------------------
+
+
+class _Publisher:
+    """``record --to``: each valid line is published, as the recorder would have taken it."""
+
+    def __init__(self, sink: Callable[[Any], None]) -> None:
+        self.sink = sink
+
+    def on_json(self, data: bytes | str) -> None:
+        self.sink(decode_event(data))
+
+
+def _publish(source: str, url: str, as_json: bool) -> None:
+    from ..broker import JetStreamSink
+
+    try:
+        sink = JetStreamSink(url)
+    except ValueError as error:
+        raise CliError(f"--to: {error}", EXIT_USAGE) from None
+    lines = _LineSource(source)
+    try:
+        outcome = _record_stream(lines, _Publisher(sink), None)
+    finally:
+        lines.close()
+        sent = sink.flush(timeout=60)
+        sink.close()
+    stats = sink.stats()
+    if as_json:
+        echo_json({"events": outcome["events"], "published": stats.published, "pending": stats.pending,
+                   "malformed_lines": outcome["malformed_lines"], "errors": outcome["errors"]})
+    else:
+        stdout().print(Text(
+            f"published {render.count(stats.published, 'event')} to {url} "
+            f"({render.count(outcome['malformed_lines'], 'malformed line')} skipped)", style="bold"),
+            soft_wrap=True)
+    if not sent:
+        warn(f"warning: {render.count(stats.pending, 'event')} not acknowledged yet are kept in "
+             f"{sink.spill_dir}; the next 'record --to' or JetStreamSink there sends them")
+    if outcome["interrupted_at"] is not None:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
+    if outcome["events"] == 0:
+        raise CliError(f"nothing published: {lines.name} holds no valid event line")
+    if not sent:
+        raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.argument("url", metavar="NATS_URL")
+@click.option("--status", is_flag=True, help="Show each partition's lag and owner, then exit.")
+@click.option("--stream", help="JetStream stream name (default $PHI_SESSION_NATS_STREAM, else PHI_EVENTS).")
+@click.option("--subject-prefix", help="Subject prefix (default $PHI_SESSION_NATS_SUBJECT_PREFIX, "
+                                       "else phi.events).")
+@click.option("--partitions", type=int, help="Partitions, if this creates the stream (default 8).")
+@click.option("--durable", default="phi-ingest", show_default=True,
+              help="Consumer name prefix: workers with the same one share the partitions.")
+@click.option("--ack-wait", type=float, default=5.0, show_default=True, metavar="SECONDS",
+              help="Redeliver what a worker took but did not acknowledge after SECONDS (the catch-up "
+                   "delay after a worker dies; set when the consumers are created).")
+@store_options
+def ingest(url: str, status: bool, stream: str | None, subject_prefix: str | None, partitions: int | None,
+           durable: str, ack_wait: float, store_url: str | None, as_json: bool) -> None:
+    """Record events from NATS JetStream into a PostgreSQL store, until SIGTERM or Ctrl-C.
+
+    Run one or more on any machines: they share the stream's partitions, each
+    event is recorded once, and stopping saves what is complete (the rest is
+    picked up by the next worker). With --status, show each partition's lag.
+    """
+    import asyncio
+    import signal
+
+    from ..broker import IngestWorker, ingest_status
+    from ..stores.urls import postgres_dsn_and_schema, store_path
+
+    target = store_url if store_url is not None else default_store_url()
+    if store_path(target) is not None:
+        raise CliError(f"ingest needs a PostgreSQL store (--store postgresql://...), not {target}",
+                       EXIT_USAGE)
+    dsn, schema = postgres_dsn_and_schema(target)
+    schema = schema or "phi_session"
+    if status:
+        try:
+            rows = asyncio.run(ingest_status(url, dsn, schema=schema, stream=stream,
+                                             subject_prefix=subject_prefix, durable=durable))
+        except ValueError as error:
+            raise CliError(str(error), EXIT_USAGE) from None
+        if as_json:
+            echo_json([render.partition_status_record(row) for row in rows])
+        else:
+            stdout().print(render.partition_status_table(rows))
+        return
+    try:
+        worker = IngestWorker(url, dsn, schema=schema, stream=stream, subject_prefix=subject_prefix,
+                              partitions=partitions, durable=durable, ack_wait=ack_wait)
+    except ValueError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, worker.stop)
+        await worker.run()
+
+    started = f"ingesting {worker.settings.stream} from {url} (SIGTERM or Ctrl-C stops)"
+    stderr().print(render.plain(started, "dim"), soft_wrap=True)
+    asyncio.run(run())
+    stats = worker.stats
+    if as_json:
+        echo_json({"received": stats.received, "duplicates": stats.duplicates, "recorded": stats.recorded,
+                   "rejected": stats.rejected, "sessions_saved": stats.sessions_saved})
+    else:
+        stdout().print(Text(
+            f"recorded {render.count(stats.recorded, 'event')} "
+            f"({render.count(stats.duplicates, 'duplicate')} dropped, "
+            f"{render.count(stats.rejected, 'rejected event')}), "
+            f"saved {render.count(stats.sessions_saved, 'session')}", style="bold"), soft_wrap=True)

@@ -150,6 +150,27 @@ def summaries_table(rows: Sequence[SessionSummary], width: int) -> Table:
 USAGE_COLUMNS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
 
 
+_PARTITION_COLUMNS = ("partition", "in_stream", "unacknowledged", "staged", "rejected", "owner")
+
+
+def partition_status_table(rows: Sequence[Any]) -> Table:
+    """``ingest --status``: one line per partition (`phi_session.broker.PartitionStatus`)."""
+    table = Table(box=None, header_style="bold", pad_edge=False, show_footer=len(rows) > 1)
+    table.add_column("PARTITION", footer="total")
+    titles = ("LAG", "UNACKED", "STAGED", "REJECTED")
+    for title, attribute in zip(titles, _PARTITION_COLUMNS[1:5], strict=True):
+        table.add_column(title, justify="right", footer=number(sum(getattr(row, attribute) for row in rows)))
+    table.add_column("OWNER")
+    for row in rows:
+        table.add_row(str(row.partition), *(number(getattr(row, name)) for name in _PARTITION_COLUMNS[1:5]),
+                      f"pid {row.owner}" if row.owner is not None else "none")
+    return table
+
+
+def partition_status_record(row: Any) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in _PARTITION_COLUMNS}
+
+
 def usage_totals_table(totals: Sequence[UsageTotal], by: str) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False, show_footer=len(totals) > 1)
     grand = sum((row.usage for row in totals), Usage(input=0, output=0))

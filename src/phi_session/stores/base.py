@@ -10,11 +10,12 @@ import msgspec
 
 from .._time import Timestamp
 from ..codec import encode_event
-from ..errors import InvalidSessionId
+from ..errors import InvalidSessionId, SessionNotFound
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
 from .query import GroupBy, PruneCriteria, SessionQuery, check_type
+from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
 
 _T = TypeVar("_T")
 
@@ -105,6 +106,16 @@ class SessionStore(Protocol):
         """
         ...
 
+    def search(
+        self, text: str, query: SessionQuery | None = None, limit: int = DEFAULT_LIMIT
+    ) -> list[SearchHit]:
+        """Where the sessions `query` selects say `text`: at most `limit` hits (`search.py` rules).
+
+        Hits come session by session in the query's order (newest first by default),
+        then loop by loop and message by message.
+        """
+        ...
+
     def close(self) -> None:
         """Release the store's resources. Idempotent."""
         ...
@@ -117,6 +128,9 @@ class SessionStore(Protocol):
     async def aquery(self, query: SessionQuery | None = None) -> list[SessionSummary]: ...
     async def ausage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]: ...
     async def aprune(self, criteria: PruneCriteria) -> int: ...
+    async def asearch(
+        self, text: str, query: SessionQuery | None = None, limit: int = DEFAULT_LIMIT
+    ) -> list[SearchHit]: ...
 
 
 class AsyncTwins:
@@ -146,6 +160,21 @@ class AsyncTwins:
     async def aprune(self, criteria: PruneCriteria) -> int:
         return await asyncio.to_thread(self.prune, criteria)  # type: ignore[attr-defined]
 
+    async def asearch(
+        self, text: str, query: SessionQuery | None = None, limit: int = DEFAULT_LIMIT
+    ) -> list[SearchHit]:
+        return await asyncio.to_thread(self.search, text, query, limit)  # type: ignore[attr-defined]
+
+
+class ScanSearch:
+    """`SessionStore.search` by reading the sessions (`scan_search`): for stores without an index."""
+
+    def search(
+        self, text: str, query: SessionQuery | None = None, limit: int = DEFAULT_LIMIT
+    ) -> list[SearchHit]:
+        """See `SessionStore.search`. Loads every selected session: slow on a big store."""
+        return scan_search(self, text, query, limit)  # type: ignore[arg-type]
+
 
 EVERY_SESSION = SessionQuery()
 
@@ -156,6 +185,24 @@ def as_query(query: SessionQuery | None) -> SessionQuery:
         return EVERY_SESSION
     check_type("query", query, SessionQuery)
     return query
+
+
+def scan_search(store: SessionStore, text: str, query: SessionQuery | None, limit: int) -> list[SearchHit]:
+    """`SessionStore.search` by loading every selected session and reading it (slow on big stores)."""
+    words = search_words(text, limit)
+    hits: list[SearchHit] = []
+    if not words or not limit:
+        return hits
+    for summary in store.query(as_query(query)):
+        try:
+            session = store.load(summary.session_id)
+        except SessionNotFound:  # deleted since the listing
+            continue
+        for hit in document_hits(session, words):
+            hits.append(hit)
+            if len(hits) == limit:
+                return hits
+    return hits
 
 
 def session_id_to_save(session: Session) -> str:

@@ -43,11 +43,22 @@ from ..events import (
     TurnEnd,
     TurnStart,
 )
-from ..messages import ZERO_USAGE, AssistantMessage, TextContent, ToolResultMessage, TurnId, Usage
+from ..messages import (
+    ZERO_USAGE,
+    AssistantMessage,
+    TextContent,
+    ThinkingContent,
+    ToolCall,
+    ToolResultMessage,
+    TurnId,
+    Usage,
+    UserMessage,
+)
 from ..model import LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef
 from ..recorder import SessionRecorder
 from .base import SessionStore, SessionSummary, UsageTotal
 from .query import PruneCriteria, SessionQuery
+from .search import SearchHit
 
 __all__ = ["EXAMPLES_DIR", "INVALID_SESSION_IDS", "StoreConformance", "at", "make_loop", "make_session"]
 
@@ -154,6 +165,31 @@ def make_session(
         last_active_at=last_active_at if last_active_at is not None else created,
         formation=SessionFormation.first_loop(created), parent_spawn_ref=spawn, loops=list(loops),
     )
+
+
+def talking_loop(session_id: str, index: int, said: str, *, agent_id: str = "agent",
+                 started_at: Timestamp | None = None) -> LoopRecord:
+    """`make_loop` whose conversation is a prompt, one turn (thinking, text, a tool call) and a tool
+    result: the user asks ``Please {said}``, the model thinks ``plan {said}``, answers ``done {said}``,
+    calls ``lookup`` with ``{"q": "{said} args"}``, and the tool returns ``result {said}``."""
+    record = make_loop(session_id, index, agent_id=agent_id, started_at=started_at)
+    turn_id = TurnId(loop_id=record.loop_id, turn_index=0)
+    record.messages = [
+        UserMessage(content=(TextContent(text=f"Please {said}"),), timestamp=0),
+        AssistantMessage(
+            content=(ThinkingContent(thinking=f"plan {said}"), TextContent(text=f"done {said}"),
+                     ToolCall(id="call-1", name="lookup", arguments={"q": f"{said} args"})),
+            stop_reason="toolUse", model="gpt-4o", provider="openai", usage=ZERO_USAGE, timestamp=0,
+            turn_id=turn_id),
+        ToolResultMessage(tool_call_id="call-1", tool_name="lookup",
+                          content=(TextContent(text=f"result {said}"),), is_error=False, timestamp=0,
+                          turn_id=turn_id),
+    ]
+    return record
+
+
+def _hit_places(hits: Sequence[SearchHit]) -> list[tuple[str, str, int | None, int, str]]:
+    return [(hit.session_id, hit.loop_id, hit.turn_index, hit.message_index, hit.kind) for hit in hits]
 
 
 def _turn_with_tagged_tool_result(session_id: str) -> list[AgentEvent]:
@@ -620,6 +656,65 @@ class StoreConformance:
         store.save(make_session("empty", "idle", loops=[]))
         assert store.usage_totals() == [UsageTotal(key="idle", sessions=1, loops=0, usage=_usage(0))]
         assert store.usage_totals("model") == []
+
+    # -- search -----------------------------------------------------------------------
+
+    def _populate_talk(self, store: SessionStore) -> None:
+        store.save(make_session("t1", "alpha", last_active_at=at(10), loops=[
+            talking_loop("t1", 1, "brew the Coffee", agent_id="alpha")]))
+        store.save(make_session("t2", "beta", created_at=at(20), loops=[
+            talking_loop("t2", 1, "water the plants", agent_id="beta", started_at=at(20))]))
+
+    def test_search_finds_every_kind_of_text(self, store: SessionStore) -> None:
+        self._populate_talk(store)
+        hits = store.search("coffee")  # case-insensitive whole words
+        assert _hit_places(hits) == [
+            ("t1", "t1.cfg.1", None, 0, "text"),
+            ("t1", "t1.cfg.1", 0, 1, "thinking"),
+            ("t1", "t1.cfg.1", 0, 1, "text"),
+            ("t1", "t1.cfg.1", 0, 1, "tool_call"),
+            ("t1", "t1.cfg.1", 0, 2, "tool_result"),
+        ]
+        assert hits[0].agent_id == "alpha"
+        assert hits[0].snippet == "Please brew the Coffee"
+        assert hits[0].highlights == ((16, 22),)
+        assert hits[3].snippet == 'lookup {"q":"brew the Coffee args"}'
+
+    def test_search_needs_every_word(self, store: SessionStore) -> None:
+        self._populate_talk(store)
+        assert _hit_places(store.search("plan WATER")) == [("t2", "t2.cfg.1", 0, 1, "thinking")]
+        assert store.search("plan water coffee") == []
+        assert store.search("cof") == []  # whole words only
+        assert store.search("  ...  ") == []  # no word: nothing
+
+    def test_search_order_filters_and_limit(self, store: SessionStore) -> None:
+        self._populate_talk(store)
+        assert [hit.session_id for hit in store.search("result")] == ["t2", "t1"]  # newest session first
+        oldest_first = store.search("result", SessionQuery(order="oldest"))
+        assert [hit.session_id for hit in oldest_first] == ["t1", "t2"]
+        assert [hit.session_id for hit in store.search("result", SessionQuery(agent_id="alpha"))] == ["t1"]
+        assert len(store.search("the", limit=3)) == 3
+        assert store.search("the", limit=0) == []
+        with _raises(InvalidQuery, "limit: must not be negative"):
+            store.search("the", limit=-1)
+        with _raises(TypeError):
+            store.search(b"the")  # type: ignore[arg-type]
+
+    def test_search_sees_merges_and_forgets_pruned_and_deleted(self, store: SessionStore) -> None:
+        self._populate_talk(store)
+        store.save(make_session("t1", "alpha", last_active_at=at(30), loops=[
+            talking_loop("t1", 2, "grind beans", agent_id="alpha", started_at=at(25))]))
+        assert [hit.loop_id for hit in store.search("beans")] == ["t1.cfg.2"] * 5
+        assert len(store.search("coffee")) == 5  # the stored loop is still found
+        assert store.prune(PruneCriteria(keep_last=1)) == 1
+        assert store.search("plants") == []
+        assert len(store.search("beans")) == 5
+        store.delete("t1")
+        assert store.search("beans") == []
+
+    def test_async_search_twin(self, store: SessionStore) -> None:
+        self._populate_talk(store)
+        assert asyncio.run(store.asearch("coffee", limit=2)) == store.search("coffee", limit=2)
 
     # -- prune ------------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ from ..messages import Usage
 from ..model import LoopRecord, Session
 from .base import (
     AsyncTwins,
+    ScanSearch,
     SessionSummary,
     UsageTotal,
     as_query,
@@ -368,7 +369,7 @@ def _occurrences(loops: Sequence[LoopRecord]) -> list[int]:
     return out
 
 
-class PostgresStore(AsyncTwins):
+class PostgresStore(ScanSearch, AsyncTwins):
     """Sessions in PostgreSQL; safe for many threads, processes and machines at once.
 
     ``dsn`` is a libpq connection string or URL. ``schema`` names the PostgreSQL

@@ -106,7 +106,8 @@ def check_type(name: str, value: object, expected: type, *, optional: bool = Fal
     raise TypeError(f"{name} must be {expected.__name__}{alternative}, not {type(value).__name__}")
 
 
-def _count(name: str, value: int | None, maximum: int | None = None) -> None:
+def check_count(name: str, value: int | None, maximum: int | None = None) -> None:
+    """`TypeError` unless `value` is an int (or None); `InvalidQuery` if negative or above `maximum`."""
     check_type(name, value, int, optional=True)
     if value is None:
         return
@@ -168,8 +169,8 @@ class SessionQuery:
             check_type(name, getattr(self, name), str, optional=True)
         for name in ("since", "until"):
             check_type(name, getattr(self, name), Timestamp, optional=True)
-        _count("min_tokens", self.min_tokens)
-        _count("limit", self.limit, MAX_COUNT)
+        check_count("min_tokens", self.min_tokens)
+        check_count("limit", self.limit, MAX_COUNT)
         if self.status is not None:
             object.__setattr__(self, "status", _choice("status", self.status, LOOP_STATUSES))
         object.__setattr__(self, "order", _choice("order", self.order, ORDERS))
@@ -218,7 +219,7 @@ class PruneCriteria:
 
     def __post_init__(self) -> None:
         check_type("older_than", self.older_than, Timestamp, optional=True)
-        _count("keep_last", self.keep_last, MAX_COUNT)
+        check_count("keep_last", self.keep_last, MAX_COUNT)
         check_type("agent_id", self.agent_id, str, optional=True)
         if self.older_than is None and self.keep_last is None:
             raise InvalidQuery("prune needs older_than, keep_last or both")

@@ -56,6 +56,7 @@ from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
 from .base import (
     AsyncTwins,
+    ScanSearch,
     SessionSummary,
     UsageTotal,
     as_query,
@@ -444,7 +445,7 @@ class _Owner:
         self.connection = connection
 
 
-class SqliteStore(AsyncTwins):
+class SqliteStore(ScanSearch, AsyncTwins):
     """Sessions in one SQLite file; see the module docstring for layout and guarantees.
 
     `path` is created (with its parent directories) if missing. `timeout` bounds,

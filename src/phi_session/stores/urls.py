@@ -30,7 +30,8 @@ from ..errors import InvalidStoreUrl
 from .base import SessionStore
 from .sqlite import SqliteStore
 
-__all__ = ["ENV_VAR", "SQLITE_SUFFIXES", "default_store", "default_store_url", "open_store", "store_path"]
+__all__ = ["ENV_VAR", "SQLITE_SUFFIXES", "default_store", "default_store_url", "open_store",
+           "postgres_dsn_and_schema", "store_path"]
 
 ENV_VAR = "PHI_SESSION_STORE"
 
@@ -117,14 +118,19 @@ class _BadUrl(Exception):
 
 
 def _postgres(url: str, store: Any) -> SessionStore:
-    # ``?schema=name`` picks the schema; libpq itself would reject the parameter.
+    dsn, schema = postgres_dsn_and_schema(url)
+    if schema is not None:
+        return store(dsn, schema=schema)  # type: ignore[no-any-return]
+    return store(dsn)  # type: ignore[no-any-return]
+
+
+def postgres_dsn_and_schema(url: str) -> tuple[str, str | None]:
+    """A ``postgresql://`` store URL as libpq's DSN and the ``?schema=`` it names (None: the default)."""
+    # libpq itself would reject the schema parameter.
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "schema"]
     schemas = [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "schema"]
-    dsn = urlunsplit(parts._replace(query=urlencode(query)))
-    if schemas:
-        return store(dsn, schema=schemas[-1])  # type: ignore[no-any-return]
-    return store(dsn)  # type: ignore[no-any-return]
+    return urlunsplit(parts._replace(query=urlencode(query))), (schemas[-1] if schemas else None)
 
 
 def _locate(url: str) -> tuple[str, Any, dict[str, Any]]:

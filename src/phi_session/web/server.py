@@ -9,7 +9,23 @@ Standard library only (`http.server.ThreadingHTTPServer`). Routes, all ``GET``
 * ``/api/sessions/{id}`` the session's phi-core JSON, exactly as stored;
 * ``/api/sessions/{id}/events`` its stored events: ``[{"loop_id", "sequence",
   "event"}]``, per loop by sequence, then session-scoped events (``loop_id`` null);
-* ``/api/stats?by=agent|model|day`` usage totals.
+* ``/api/sessions/{id}/cost`` the session's cost per loop and turn (`cost.SessionCost`):
+  ``{"table", "hint", "session_id", "cost", "loops": [{"loop_id", "cost", "turns":
+  [{"turn_index", "cost"}]}]}``;
+* ``/api/stats?by=agent|model|day`` usage totals;
+* ``/api/cost?by=agent|model|day|session`` cost totals (the keys of ``/api/stats``, or
+  session ids): ``{"table", "hint", "totals": [{"key", "cost"}]}``; it reads every
+  stored session, so fetch it once per page;
+* ``/api/search?q=TEXT&limit=N&`` plus the filters of ``/api/sessions`` (but ``limit``,
+  which caps the hits, default 50): ``[{"session_id", "agent_id", "loop_id",
+  "turn_index", "message_index", "kind", "snippet", "highlights": [[start, end]]}]``
+  (`stores.search.SearchHit`; ``highlights`` are character offsets in ``snippet``).
+
+A ``cost`` is ``{"usd": float | null, "sources": [str], "unpriced": [str]}``: ``usd``
+null means unknown (a model without a known price, listed in ``unpriced``; never
+shown as 0); ``sources`` name the price tables used (``"genai-prices 0.2.3"`` or
+``"user"``). ``table`` is the price table in use (null without the ``prices``
+extra) and ``hint`` what to install when it is missing (null otherwise).
 
 Errors are JSON ``{"error": message}``: 400 for a bad query or session id, 404 for
 an unknown path or session, 500 when the store fails. The server never writes.
@@ -41,10 +57,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import msgspec
 
 from ..codec import encode_event, encode_session
+from ..cost import Pricer, cost_totals
 from ..errors import InvalidQuery, InvalidSessionId, PhiSessionError, SessionNotFound
 from ..model import Session
 from ..stores.base import SessionStore, to_builtins, validate_session_id
 from ..stores.query import SessionQuery, parse_group_by
+from ..stores.search import DEFAULT_LIMIT
 
 __all__ = ["ViewerServer", "is_loopback", "loopback_host_header", "make_server"]
 
@@ -118,10 +136,12 @@ class ViewerServer(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 64  # browsers open several connections at once; 5 drops SYNs
 
-    def __init__(self, store: SessionStore, host: str, port: int, *, quiet: bool = False) -> None:
+    def __init__(self, store: SessionStore, host: str, port: int, *, quiet: bool = False,
+                 pricer: Pricer | None = None) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.store = store
+        self.pricer = pricer if pricer is not None else Pricer()
         self.quiet = quiet
         self.loopback_only = is_loopback(host)
         self.static = {name: (files(__package__) / "static" / name).read_bytes() for name in _STATIC_TYPES}
@@ -136,10 +156,14 @@ class ViewerServer(ThreadingHTTPServer):
 
 
 def make_server(
-    store: SessionStore, host: str = "127.0.0.1", port: int = 0, *, quiet: bool = False
+    store: SessionStore, host: str = "127.0.0.1", port: int = 0, *, quiet: bool = False,
+    pricer: Pricer | None = None,
 ) -> ViewerServer:
-    """A bound (not yet serving) viewer; call ``serve_forever()`` on it. Raises ``OSError``."""
-    return ViewerServer(store, host, port, quiet=quiet)
+    """A bound (not yet serving) viewer; call ``serve_forever()`` on it. Raises ``OSError``.
+
+    `pricer` prices the cost APIs (default: ``genai-prices`` when installed, no user prices).
+    """
+    return ViewerServer(store, host, port, quiet=quiet, pricer=pricer)
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -218,6 +242,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
             by = self._parse(lambda: parse_group_by(query.get("by") or "agent"))
             totals = self.server.store.usage_totals(by)
             return HTTPStatus.OK, _json_bytes(to_builtins(totals)), _JSON
+        if parts == ["api", "cost"]:
+            return self._cost_api(query)
+        if parts == ["api", "search"]:
+            return self._search_api(query)
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such page or API: {url.path}")
 
     def _sessions_api(self, rest: list[str], query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
@@ -231,7 +259,36 @@ class ViewerHandler(BaseHTTPRequestHandler):
             return HTTPStatus.OK, encode_session(store.load(session_id), pretty=False), _JSON
         if rest[1:] == ["events"]:
             return HTTPStatus.OK, _events_json(store.load(session_id)), _JSON
+        if rest[1:] == ["cost"]:
+            breakdown = self.server.pricer.breakdown(store.load(session_id))
+            body = {**self._price_table(), **msgspec.to_builtins(breakdown)}
+            return HTTPStatus.OK, _json_bytes(body), _JSON
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
+
+    def _price_table(self) -> dict[str, str | None]:
+        pricer = self.server.pricer
+        return {"table": pricer.table_source, "hint": pricer.hint}
+
+    def _cost_api(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
+        self._only(query, {"by"})
+        by = query.get("by") or "agent"
+        if by != "session":
+            by = self._parse(lambda: parse_group_by(by))
+        store = self.server.store
+        sessions = (store.load(session_id) for session_id in store.list_ids())
+        totals = cost_totals(sessions, by, self.server.pricer)
+        body = {**self._price_table(), "totals": msgspec.to_builtins(totals)}
+        return HTTPStatus.OK, _json_bytes(body), _JSON
+
+    def _search_api(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
+        text = query.pop("q", "")
+        limit_text = query.pop("limit", "")
+        filters = self._parse(lambda: SessionQuery.from_strings(query))
+        limit = DEFAULT_LIMIT
+        if limit_text.strip():
+            limit = self._parse(lambda: SessionQuery.from_strings({"limit": limit_text}).limit)
+        hits = self.server.store.search(text, filters, limit)
+        return HTTPStatus.OK, _json_bytes(msgspec.to_builtins(hits)), _JSON
 
     def _static(self, name: str, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         del query  # cache-busting parameters are harmless

@@ -1,0 +1,327 @@
+"""The adapter core: the rules every framework adapter shares, written once.
+
+A framework adapter translates the framework's callbacks into calls on an
+`AdapterCore`, which drives the instrumentation API (`phi_session.instrument`), so
+the recorder's rules and the processors (redaction) apply to adapted runs too:
+
+* **one framework run = one loop** (`AdapterCore.start_run` ... `AdapterCore.end_run`),
+  state keyed by the framework's run id so concurrent runs interleave;
+* **sessions**: the framework's session id is the session id (`session_id_for`
+  maps one no store accepts to a UUIDv5, the original kept in the loop's
+  ``metadata["framework_session_id"]``); without one, the adapter's own
+  `AgentSession` (rotated after `rotate_after` seconds of inactivity);
+* **continuation**: a later run in the same session continues its last loop
+  (``Default``), found in memory, else in `store` (which also seeds the loop
+  counter, so loop ids never repeat across restarts); `AdapterCore.handoff` ends a
+  loop with stop reason ``handoff`` and starts the next agent's loop continuing it;
+* **sub-agents**: a run started while an instrumented tool executes (`enter_tool`,
+  a context variable shared by every adapter) becomes that tool's sub-agent: its own
+  session, ``parent_loop_id``, trigger ``SubAgent``, and ``child_loop_id`` in the
+  tool's result;
+* **never disturb the host**: adapter code runs under `AdapterCore.guard`; a fault is
+  counted and logged once (`failures`), and the run goes on;
+* **default sink**: the embedded store (`phi_session.stores.default_store`) behind an
+  `AutoPersistingRecorder`, which saves sessions as they complete through the one
+  `SessionSaver`; `close` saves what is left.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Generator, Iterable
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .._failures import FailureTally
+from ..errors import InvalidSessionId, MissingExtra, SessionNotFound
+from ..events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
+from ..identity import AgentSession, Clock
+from ..instrument import LoopScope, ToolScope, Tracer
+from ..messages import Usage
+from ..processors import Processor, Redactor
+from ..sinks import SinkLike
+from ..stores.base import SessionStore, validate_session_id
+
+__all__ = [
+    "FRAMEWORK_SESSION_NAMESPACE", "AdapterCore", "AdapterRun", "RunningTool", "SinkArg", "enter_tool",
+    "leave_tool", "require_extra", "session_id_for", "usage_of",
+]
+
+logger = logging.getLogger("phi_session.adapters")
+
+SinkArg = SinkLike | Iterable[SinkLike] | None
+"""Where an adapter's events go: a sink, a list of sinks, or None for the embedded store."""
+
+FRAMEWORK_SESSION_NAMESPACE = uuid.UUID("6f1b7a0e-3c1d-5b8e-9a4f-2d6c0e8b1f37")
+"""The UUIDv5 namespace of session ids derived from framework session ids."""
+
+_T = TypeVar("_T")
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Import `modules`, or raise `MissingExtra` naming ``pip install 'phi-session[extra]'``."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise MissingExtra(
+                f"phi_session.adapters needs {module} ({error}): pip install 'phi-session[{extra}]'"
+            ) from error
+
+
+def session_id_for(framework_session_id: str) -> str:
+    """The phi session id of a framework session id: itself when it is a usable id,
+    else (empty, or containing ``.``, ``/``, NUL, or anything no store accepts) its UUIDv5.
+
+    A ``.`` would be ambiguous inside loop ids (``{session_id}.{config_id}.{N}``).
+    """
+    if framework_session_id and "." not in framework_session_id:
+        try:
+            return validate_session_id(framework_session_id)
+        except InvalidSessionId:
+            pass
+    return str(uuid.uuid5(FRAMEWORK_SESSION_NAMESPACE, framework_session_id))
+
+
+def usage_of(
+    input: int | None, output: int | None, *, cache_read: int | None = 0, cache_write: int | None = 0,
+    reasoning: int | None = 0, total: int | None = None,
+) -> Usage:
+    """One model response's `Usage` from a framework's counters (None counts as 0)."""
+    input, output = input or 0, output or 0
+    return Usage(input=input, output=output, cache_read=cache_read or 0, cache_write=cache_write or 0,
+                 reasoning=reasoning or 0, total_tokens=total or input + output)
+
+
+RunningTool = ToolScope | Callable[[], ToolScope | None]
+"""A tool executing: its scope, or a callable that starts it on demand (for frameworks
+that learn a tool's exact call id only after the tool began; None if it cannot start)."""
+
+# The tool executing in this thread or task, if any: a run started under it is that
+# tool's sub-agent, whichever adapter instruments the tool and the run.
+_running_tool: ContextVar[RunningTool | None] = ContextVar("phi_session_running_tool", default=None)
+
+
+def enter_tool(tool: RunningTool) -> Token[RunningTool | None]:
+    """Mark `tool` as executing in this context (call from the tool's own thread or task)."""
+    return _running_tool.set(tool)
+
+
+def leave_tool(token: Token[RunningTool | None]) -> None:
+    """Undo `enter_tool`; from another context (a framework ending the tool elsewhere),
+    the mark is cleared there instead."""
+    try:
+        _running_tool.reset(token)
+    except ValueError:
+        _running_tool.set(None)
+
+
+def _parent_tool() -> ToolScope | None:
+    running = _running_tool.get()
+    tool = running() if callable(running) else running
+    return tool if tool is not None and tool.running else None
+
+
+@dataclass
+class AdapterRun:
+    """One framework run being recorded: its loop and the tracer its continuations use."""
+
+    key: object
+    loop: LoopScope
+    tracer: Tracer
+
+
+class AdapterCore:
+    """Shared state and rules of one installed adapter (see the module docstring).
+
+    * `framework`: the adapter's name (``"openai-agents"``), in logs and metadata.
+    * `sink`: a sink, a list of sinks, or None: the embedded store (`default_store`),
+      saved as sessions complete.
+    * `store`: where earlier runs of a framework session are looked up for
+      continuations (default: the embedded store when `sink` is None, else none).
+    * `agent`: the identity of runs without a framework session id (fresh by default);
+      `rotate_after`: its inactivity rotation in seconds (None: never).
+    * `processors`, `redact`: as for `Tracer`.
+    """
+
+    def __init__(
+        self,
+        framework: str,
+        sink: SinkArg = None,
+        *,
+        store: SessionStore | None = None,
+        agent: AgentSession | None = None,
+        clock: Clock | None = None,
+        rotate_after: float | None = 1800.0,
+        processors: Iterable[Processor] = (),
+        redact: bool | Redactor = True,
+    ) -> None:
+        self.framework = framework
+        self.failures = FailureTally(logger, f"{framework} adapter",
+                                     "the run goes on, its record may be incomplete", traceback=True)
+        self._persister: Any = None
+        if sink is None:
+            from ..persist import AutoPersistingRecorder
+            from ..stores import default_store
+            if store is None:
+                store = default_store()
+            self._persister = AutoPersistingRecorder(store)
+            sinks: list[SinkLike] = [self._persister.on_event]
+        elif callable(sink) or not isinstance(sink, Iterable):
+            sinks = [sink]
+        else:
+            sinks = list(sink)
+        self.store = store
+        self.agent = agent if agent is not None else AgentSession(clock=clock)
+        self.rotate_after = rotate_after
+        self.tracer = Tracer(self.agent, sinks=sinks, processors=list(processors), redact=redact)
+        self._lock = threading.Lock()
+        self._sessions: dict[str, Tracer] = {}  # phi session id -> its tracer
+        self._runs: dict[object, AdapterRun] = {}
+
+    def __repr__(self) -> str:
+        return f"AdapterCore({self.framework!r})"
+
+    # -- fault isolation ------------------------------------------------------------------
+
+    @contextmanager
+    def guard(self) -> Generator[None, None, None]:
+        """Run adapter code: an exception is counted and logged once, never raised."""
+        try:
+            yield
+        except Exception as error:
+            self.failures.record(self, error)
+
+    def safely(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
+        """``fn(*args, **kwargs)`` under `guard`; None if it failed."""
+        with self.guard():
+            return fn(*args, **kwargs)
+        return None
+
+    @property
+    def fault_count(self) -> int:
+        """Adapter faults so far (each was logged once per adapter, the runs went on)."""
+        return self.failures.total
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        key: object,
+        config: LoopConfigSnapshot,
+        *,
+        framework_session_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        kind: ContinuationKind | None = None,
+    ) -> AdapterRun:
+        """Start the loop of a framework run known by `key` (its run id); returns it.
+
+        Under a running instrumented tool it is that tool's sub-agent; else it joins
+        the framework session (continuing its last loop) or, without one, the
+        adapter's own session. The loop's metadata gets ``framework`` and, when the
+        session id was derived, ``framework_session_id``. `kind` is how it continues
+        the session's last loop (default ``Default``; e.g. ``Branch`` for a run
+        resumed from an earlier checkpoint); a first loop is always ``Initial``.
+        """
+        meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
+        parent_tool = _parent_tool()
+        if parent_tool is not None:
+            child = self.agent.spawn()
+            tracer = self.tracer.for_agent(child)
+            loop = parent_tool.sub_agent(config, agent=child, metadata=meta)
+        else:
+            if framework_session_id is not None:
+                session_id = session_id_for(framework_session_id)
+                if session_id != framework_session_id:
+                    meta["framework_session_id"] = framework_session_id
+                tracer = self._session_tracer(session_id)
+            else:
+                tracer = self.tracer
+                if self.rotate_after is not None:
+                    self.agent.check_and_rotate(self.rotate_after)
+            last = tracer.agent.last_loop_id
+            if last is None:
+                kind = INITIAL
+            loop = tracer.loop(config, continues=last, kind=DEFAULT if kind is None else kind, metadata=meta)
+        run = AdapterRun(key, loop, tracer)
+        with self._lock:
+            self._runs[key] = run
+        loop.start()
+        return run
+
+    def _session_tracer(self, session_id: str) -> Tracer:
+        with self._lock:
+            tracer = self._sessions.get(session_id)
+        if tracer is not None:
+            return tracer
+        agent = AgentSession(self.agent.agent_id, session_id=session_id, clock=self.agent.clock,
+                             id_factory=self.agent.id_factory)
+        self._resume_from_store(agent)
+        tracer = self.tracer.for_agent(agent)
+        with self._lock:  # a concurrent first run of the same session may have won
+            return self._sessions.setdefault(session_id, tracer)
+
+    def _resume_from_store(self, agent: AgentSession) -> None:
+        store = self.store
+        if store is None:
+            return
+        try:
+            stored = store.load(agent.session_id)
+        except (SessionNotFound, InvalidSessionId):
+            return
+        if stored.loops:
+            last = max(stored.loops, key=lambda record: record.started_at.ns)
+            agent.resume((record.loop_id for record in stored.loops), last.loop_id)
+
+    def run(self, key: object) -> AdapterRun | None:
+        """The open run known by `key`, if any."""
+        return self._runs.get(key)
+
+    def handoff(self, key: object, config: LoopConfigSnapshot, *,
+                metadata: dict[str, Any] | None = None) -> AdapterRun | None:
+        """Hand the run `key` over to another agent: its loop ends (its last assistant
+        message should carry stop reason ``handoff``) and the next agent's loop, in the
+        same session, continues it. Returns the new run (None if `key` was not open)."""
+        with self._lock:
+            run = self._runs.get(key)
+        if run is None:
+            return None
+        if run.loop.running:
+            run.loop.end()
+        meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
+        loop = run.tracer.loop(config, continues=run.loop.loop_id, kind=DEFAULT, metadata=meta)
+        successor = AdapterRun(key, loop, run.tracer)
+        with self._lock:
+            self._runs[key] = successor
+        loop.start()
+        return successor
+
+    def end_run(self, key: object, error: BaseException | str | None = None) -> AdapterRun | None:
+        """End the run `key`: its loop ends (failed, status ``Aborted``, with `error`)."""
+        with self._lock:
+            run = self._runs.pop(key, None)
+        if run is not None and run.loop.running:
+            run.loop.end(error)
+        return run
+
+    @property
+    def open_runs(self) -> int:
+        return len(self._runs)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End runs still open (as failed: the adapter closed under them), then flush the
+        sinks; the embedded store's recorder saves what it holds and closes."""
+        with self._lock:
+            keys = list(self._runs)
+        for key in keys:
+            self.safely(self.end_run, key, f"the {self.framework} adapter was closed during the run")
+        self.tracer.flush()
+        if self._persister is not None:
+            self.safely(self._persister.close)

@@ -1,0 +1,192 @@
+"""What producers and workers agree on: the stream, its partitions, its limits; and the NATS client.
+
+One JetStream stream holds the events; its subjects are ``{subject_prefix}.0`` …
+``{subject_prefix}.{N-1}``, one per partition. Whichever side starts first creates
+it (`ensure_stream`); the other side reads the partition count from the stream, so
+producers and workers never disagree on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import zlib
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BrokerError, MissingExtra
+from ..events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
+from ..ids import session_id_from_loop_id
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.js.client import JetStreamContext
+
+__all__ = ["ENV_PREFIX", "StreamSettings", "connect", "ensure_stream", "event_session_id", "partition_of"]
+
+ENV_PREFIX = "PHI_SESSION_NATS_"
+"""Environment variables ``PHI_SESSION_NATS_<FIELD>`` (e.g. ``..._PARTITIONS``) set defaults."""
+
+EVENT_ID_HEADER = "Nats-Msg-Id"
+"""The event id (``{producer id}-{sequence}``): JetStream stores a retried publish once."""
+SESSION_HEADER = "Phi-Session"
+"""The session id the event belongs to (the worker marks it done when that session is saved)."""
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_MAX_PARTITIONS = 1024
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """The stream's name and layout, and the limits it is created with.
+
+    Validated on construction (`ValueError` naming the field). `from_env` fills what
+    is not given from ``PHI_SESSION_NATS_*`` variables.
+    """
+
+    stream: str = "PHI_EVENTS"
+    subject_prefix: str = "phi.events"
+    partitions: int = 8
+    """Used when this side creates the stream; otherwise the stream's own count wins."""
+    max_age: float = 7 * 24 * 3600.0
+    """Seconds a message not yet ingested is kept."""
+    max_bytes: int = 1 << 30
+    """Backlog the stream holds; when full, publishes are refused (producers spill locally)."""
+    duplicate_window: float = 120.0
+    """Seconds within which JetStream drops a message whose event id it already stored."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stream, str) or not _NAME.fullmatch(self.stream):
+            raise ValueError(f"stream: expected 1-64 letters, digits, '_' or '-', got {self.stream!r}")
+        tokens = self.subject_prefix.split(".") if isinstance(self.subject_prefix, str) else [""]
+        if not all(_TOKEN.fullmatch(token) for token in tokens):
+            raise ValueError("subject_prefix: expected dot-separated tokens of letters, digits, '_' "
+                             f"or '-', got {self.subject_prefix!r}")
+        _check_number("partitions", self.partitions, 1, _MAX_PARTITIONS, integer=True)
+        _check_number("max_age", self.max_age, 1, math.inf)
+        _check_number("max_bytes", self.max_bytes, 1 << 20, math.inf, integer=True)
+        _check_number("duplicate_window", self.duplicate_window, 1, self.max_age)
+
+    @classmethod
+    def from_env(cls, **given: Any) -> StreamSettings:
+        """Settings from `given` (None means unset), else ``PHI_SESSION_NATS_*``, else defaults."""
+        unknown = given.keys() - {item.name for item in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown stream setting(s): {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            value = given.pop(item.name, None)
+            if value is None:
+                raw = os.environ.get(ENV_PREFIX + item.name.upper())
+                if raw is not None:
+                    value = _parse_env(item.name, raw, item.type)
+            if value is not None:
+                values[item.name] = value
+        return cls(**values)
+
+    def subject(self, partition: int) -> str:
+        return f"{self.subject_prefix}.{partition}"
+
+    def subjects(self) -> list[str]:
+        return [self.subject(partition) for partition in range(self.partitions)]
+
+
+def _check_number(name: str, value: object, low: float, high: float, *, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name}: expected {kind} from {low:g} to {high:g}, got {value!r}")
+
+
+def _parse_env(name: str, raw: str, kind: object) -> Any:
+    if kind in ("str", str):
+        return raw
+    try:
+        return int(raw) if kind in ("int", int) else float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected a number, got {raw!r}") from None
+
+
+def event_session_id(event: AgentEvent, loop_sessions: dict[str, str] | None = None) -> str:
+    """The session `event` belongs to: its own field, else its loop's (`loop_sessions` first)."""
+    if isinstance(event, (AgentStart, ParallelLoopStart, ParallelLoopEnd)):
+        return event.session_id
+    loop_id: str = getattr(event, "loop_id", "")
+    if loop_sessions:
+        known = loop_sessions.get(loop_id)
+        if known is not None:
+            return known
+    return session_id_from_loop_id(loop_id)
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition of a session key: stable across processes and machines (CRC-32)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % partitions
+
+
+def require_nats() -> None:
+    """Raise `MissingExtra` naming the extra when nats-py is not installed."""
+    try:
+        import nats  # noqa: F401
+    except ImportError as error:
+        raise MissingExtra(f"the NATS broker needs nats-py ({error}): "
+                           "pip install 'phi-session[nats]'") from None
+
+
+async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float = 2.0) -> Client:
+    """A NATS connection to `url` (``nats://host[:port]``, several separated by commas)."""
+    require_nats()
+    import nats
+
+    servers = [part.strip() for part in url.split(",")]
+    for server in servers:
+        if not re.match(r"(nats|tls)://[^/\s]+/?$", server):
+            raise ValueError(f"not a NATS server URL: {server!r} (expected nats://HOST[:PORT])")
+    try:
+        # Bounded: with endless reconnects, nats-py would retry a first connection forever.
+        return await asyncio.wait_for(nats.connect(
+            servers=servers, name=name, connect_timeout=timeout, allow_reconnect=reconnect,
+            max_reconnect_attempts=-1 if reconnect else 0, reconnect_time_wait=0.5,
+            error_cb=_quiet), timeout * (len(servers) + 1))
+    except Exception as error:
+        raise BrokerError(f"cannot reach NATS at {url}: {str(error) or type(error).__name__}") from error
+
+
+async def _quiet(error: Exception) -> None:
+    """nats-py reports connection errors here; the callers see them as failed requests."""
+
+
+async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> StreamSettings:
+    """Create the stream if missing; return the settings with the stream's partition count.
+
+    A stream that exists with subjects other than ``{prefix}.0..N-1`` raises `BrokerError`.
+    """
+    from nats.js import api
+    from nats.js.errors import BadRequestError, NotFoundError
+
+    try:
+        info = await js.stream_info(settings.stream)
+    except NotFoundError:
+        config = api.StreamConfig(
+            name=settings.stream, subjects=settings.subjects(),
+            description="phi-session agent events, partitioned by session",
+            # Work queue: a message leaves the stream once a worker acknowledged it.
+            retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
+            # Full: refuse new messages (producers keep them) rather than drop old ones.
+            discard=api.DiscardPolicy.NEW,
+            max_age=settings.max_age, max_bytes=settings.max_bytes,
+            duplicate_window=settings.duplicate_window)
+        try:
+            info = await js.add_stream(config)
+        except BadRequestError:
+            info = await js.stream_info(settings.stream)  # the other side created it first
+    subjects = list(info.config.subjects or ())
+    count = len(subjects)
+    if count == 0 or subjects != [f"{settings.subject_prefix}.{n}" for n in range(count)]:
+        raise BrokerError(f"stream {settings.stream} has subjects {subjects}, not "
+                          f"{settings.subject_prefix}.0 .. {settings.subject_prefix}.N-1: "
+                          "another stream name or subject prefix is needed")
+    return replace(settings, partitions=count)

@@ -1,0 +1,484 @@
+"""`JetStreamSink`: the agent side. Events go to a bounded buffer; a thread publishes them.
+
+The order of events is kept from the agent's calls to the stream: every event waits
+in one queue whose entries are batches of events in memory or *spill episodes*
+(events written to a local journal while the buffer was full), and the publishing
+thread takes the queue strictly in order, retrying the entry at its head until
+JetStream acknowledges all of it. Each event carries a stable id,
+``{producer id}-{sequence}``, as ``Nats-Msg-Id``: JetStream stores a retried publish
+once (within the stream's duplicate window) and the workers drop any later copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import msgspec
+
+from ..codec import encode_event
+from ..errors import BrokerError, PhiSessionError
+from ..events import AgentEvent, AgentStart
+from ..ids import session_id_from_loop_id
+from ..journal import Journal, read_records
+from .settings import (
+    EVENT_ID_HEADER,
+    SESSION_HEADER,
+    StreamSettings,
+    connect,
+    ensure_stream,
+    event_session_id,
+    partition_of,
+    require_nats,
+)
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.js.client import JetStreamContext
+
+__all__ = ["JetStreamSink", "SinkStats"]
+
+logger = logging.getLogger("phi_session.broker")
+
+# (event id, session id, partition key, event JSON)
+_Message = tuple[str, str, str, bytes]
+_Envelope = tuple[str, str, str, msgspec.Raw]
+_MAX_ROUTES = 100_000  # remembered sub-agent sessions and re-homed loops, oldest forgotten first
+_IDLE_WAIT = 1.0
+
+
+class _Episode:
+    """Events spilled to a local journal, in order; sent as one entry of the queue."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.journal = Journal(directory, durability="os")  # written through: survives a kill
+        self.sealed = False  # no more appends: the sender owns it
+        self.count = 0
+
+    def append(self, message: _Message) -> None:
+        msg_id, session, key, payload = message
+        self.journal.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
+        self.count += 1
+
+    def messages(self) -> list[_Message]:
+        decode = msgspec.json.Decoder(_Envelope).decode
+        found: list[_Message] = []
+        for record in read_records(self.directory):
+            try:
+                msg_id, session, key, payload = decode(record.payload)
+            except msgspec.DecodeError:
+                logger.error("skipped a damaged record in spill journal %s", self.directory)
+                continue
+            found.append((msg_id, session, key, bytes(payload)))
+        return found
+
+    def remove(self) -> None:
+        self.journal.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+_Entry = Union[list[_Message], _Episode]
+
+
+@dataclass(frozen=True)
+class SinkStats:
+    """What a `JetStreamSink` did so far."""
+
+    published: int
+    """Events JetStream acknowledged (a retried event counts once)."""
+    spilled: int
+    """Events written to the local spill journal (buffer full or broker unreachable)."""
+    pending: int
+    """Events not yet acknowledged: in memory or spilled (after `close`, those it left on disk)."""
+
+
+class JetStreamSink:
+    """Publishes events to NATS JetStream for `IngestWorker`\\s to record. A `Sink`.
+
+    * `url`: ``nats://host[:port]`` (several, comma-separated).
+    * `stream`, `subject_prefix`, `partitions`: the stream (`StreamSettings`; unset
+      ones come from ``PHI_SESSION_NATS_*`` or the defaults). The stream is created if
+      missing; an existing one decides the partition count.
+    * `buffer`: events held in memory before new ones go to the spill journal in
+      `spill_dir` (default ``.phi-session/spill`` in the working directory). Spilled
+      events are sent once the broker takes events again, in order, and removed then;
+      spill directories a dead process left are sent by the next sink started on the
+      same `spill_dir`.
+
+    Calling the sink never waits for the network: it encodes the event and queues it
+    (or appends it to the spill journal). `flush(timeout)` waits until JetStream
+    acknowledged everything queued before it; `close(timeout)` flushes, then spills
+    what is still unacknowledged, so nothing is lost by closing. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        stream: str | None = None,
+        subject_prefix: str | None = None,
+        partitions: int | None = None,
+        spill_dir: str | Path | None = None,
+        buffer: int = 10_000,
+        batch: int = 512,
+        publish_timeout: float = 5.0,
+        wants_deltas: bool = True,
+    ) -> None:
+        require_nats()
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a string, got {type(url).__name__}")
+        for name, value in (("buffer", buffer), ("batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not publish_timeout > 0:
+            raise ValueError(f"publish_timeout must be positive, got {publish_timeout!r}")
+        self.url = url
+        self.settings = StreamSettings.from_env(stream=stream, subject_prefix=subject_prefix,
+                                                partitions=partitions)
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else Path.cwd() / ".phi-session" / "spill"
+        self.producer_id = uuid.uuid4().hex[:16]
+        self._id_prefix = f"{self.producer_id}-"
+        self.wants_deltas = wants_deltas
+        self.buffer = buffer
+        self.batch = batch
+        self.publish_timeout = publish_timeout
+        self._lock = threading.Lock()  # guards everything below it
+        self._queue: deque[_Entry] = deque()
+        self._in_memory = 0
+        self._spill: _Episode | None = None  # the episode new events are appended to
+        self._sending: _Entry | None = None  # the entry the sender is publishing
+        self._seq = 0
+        self._spill_from = buffer  # events in memory beyond which new ones are spilled
+        self._published = self._spilled = self._left = 0
+        self._closed = False
+        self._roots: dict[str, str] = {}  # sub-agent session -> the session it goes with
+        self._loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
+        self._idle = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"phi-session JetStreamSink {url}",
+                                        daemon=True)
+        self._thread.start()
+        self._started.wait()
+
+    def __repr__(self) -> str:
+        return f"JetStreamSink({self.url!r}, stream={self.settings.stream!r})"
+
+    # -- the agent's side ----------------------------------------------------------------------------
+
+    def __call__(self, event: AgentEvent) -> None:
+        payload = encode_event(event)
+        with self._lock:
+            if self._closed:
+                raise BrokerError(f"{self!r} is closed")
+            session, key = self._route(event)
+            self._seq += 1
+            message = (f"{self._id_prefix}{self._seq}", session, key, payload)
+            if self._spill is None and self._in_memory >= self._spill_from:
+                self._start_spill()
+            if self._spill is not None:
+                try:
+                    self._spill.append(message)
+                    self._spilled += 1
+                    return
+                except (OSError, PhiSessionError):
+                    # Cannot spill: keep it in memory, over the bound, rather than drop it.
+                    logger.exception("cannot write the spill journal %s; keeping events in memory",
+                                     self._spill.directory)
+                    self._seal_spill()
+            tail = self._queue[-1] if self._queue else None
+            if isinstance(tail, list) and len(tail) < self.batch:
+                tail.append(message)
+            else:
+                self._queue.append([message])
+            self._in_memory += 1
+            wake = self._in_memory == 1
+        if wake:
+            self._wake()
+
+    def _route(self, event: AgentEvent) -> tuple[str, str]:
+        """The event's session, and the session it is partitioned by: a sub-agent's session
+        goes with its parent's (one worker records both, so their links are exact)."""
+        session = event_session_id(event, self._loop_sessions)
+        if isinstance(event, AgentStart):
+            if session_id_from_loop_id(event.loop_id) != session:
+                _remember(self._loop_sessions, event.loop_id, session)
+            parent = event.parent_loop_id
+            if parent is not None:
+                parent_session = self._loop_sessions.get(parent) or session_id_from_loop_id(parent)
+                if parent_session != session:
+                    _remember(self._roots, session, self._roots.get(parent_session, parent_session))
+        return session, self._roots.get(session, session)
+
+    def _start_spill(self) -> None:
+        directory = self.spill_dir / f"{self.producer_id}-{self._seq:012d}"
+        try:
+            self._spill = _Episode(directory)
+        except (OSError, PhiSessionError):
+            # Over the bound rather than dropped; tried again after another `buffer` events.
+            self._spill_from = self._in_memory + self.buffer
+            logger.exception("cannot open a spill journal in %s; keeping events in memory", self.spill_dir)
+            return
+        self._spill_from = self.buffer
+        self._queue.append(self._spill)
+        logger.warning("NATS at %s is not taking events as fast as they come (%d waiting): spilling to %s;"
+                       " nothing is dropped, they are sent when it does",
+                       self.url, self._in_memory, directory)
+
+    def _seal_spill(self) -> None:
+        if self._spill is not None:
+            self._spill.sealed = True
+            self._spill = None
+
+    def _wake(self) -> None:
+        loop, wakeup = self._loop, self._wakeup
+        if loop is not None and wakeup is not None:
+            with contextlib.suppress(RuntimeError):  # the loop just closed
+                loop.call_soon_threadsafe(wakeup.set)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def stats(self) -> SinkStats:
+        with self._lock:
+            return SinkStats(published=self._published, spilled=self._spilled, pending=self._pending())
+
+    def _pending(self) -> int:
+        entries = [*self._queue, *([self._sending] if self._sending is not None else [])]
+        return self._left + sum(entry.count if isinstance(entry, _Episode) else len(entry)
+                                for entry in entries)
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Wait until JetStream acknowledged every event given so far; False if `timeout`
+        seconds passed first (the rest stays queued or spilled, and is sent later)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._queue or self._sending is not None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if (remaining is not None and remaining <= 0) or not self._thread.is_alive():
+                    return False
+                self._idle.wait(remaining if remaining is not None else _IDLE_WAIT)
+            return True
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Flush for up to `timeout` seconds, then spill what is left and stop. No event
+        may follow. Events still spilled are sent by the next sink on the same `spill_dir`."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        sent = self.flush(timeout)
+        self._stop.set()
+        self._wake()
+        if not sent and self._loop is not None and self._task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop just ended
+                self._loop.call_soon_threadsafe(self._task.cancel)  # stop a retry in progress
+        self._thread.join()
+        if not sent:
+            self._spill_rest()
+
+    def _spill_rest(self) -> None:
+        with self._lock:
+            self._seal_spill()
+            entries = [*([self._sending] if self._sending is not None else []), *self._queue]
+            self._queue.clear()
+            self._sending = None
+            self._in_memory = 0
+        left = 0
+        for entry in entries:
+            if isinstance(entry, _Episode):
+                entry.journal.close()
+                left += entry.count
+                continue
+            if not entry:
+                continue
+            first = int(entry[0][0].rsplit("-", 1)[1])
+            try:
+                with Journal(self.spill_dir / f"{self.producer_id}-{first:012d}", durability="os") as journal:
+                    for msg_id, session, key, payload in entry:
+                        journal.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
+            except (OSError, PhiSessionError):
+                logger.exception("LOST %d events: NATS did not take them and the spill journal in %s "
+                                 "cannot be written", len(entry), self.spill_dir)
+                continue
+            left += len(entry)
+        with self._lock:
+            self._left = left
+        if left:
+            logger.warning("%d events not yet acknowledged by NATS at %s are kept in %s; the next "
+                           "JetStreamSink on that directory sends them", left, self.url, self.spill_dir)
+
+    def __enter__(self) -> JetStreamSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the publishing thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # `close` gave up on the broker
+            asyncio.run(_Publisher(self).run())
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop, wakeup: asyncio.Event,
+                   task: asyncio.Task[Any] | None) -> None:
+        """Called by the publishing thread once its event loop runs."""
+        self._loop, self._wakeup, self._task = loop, wakeup, task
+        self._started.set()
+
+    def next_entry(self) -> _Entry | None:
+        """The entry at the head of the queue (kept there until `entry_sent`), or None."""
+        with self._lock:
+            if self._sending is not None:
+                return self._sending
+            if not self._queue:
+                return None
+            entry = self._queue.popleft()
+            if isinstance(entry, _Episode):
+                if entry is self._spill:
+                    self._seal_spill()  # later events queue in memory, behind it
+            else:
+                self._in_memory -= len(entry)
+            self._sending = entry
+            return entry
+
+    def entry_sent(self, entry: _Entry) -> None:
+        count = entry.count if isinstance(entry, _Episode) else len(entry)
+        if isinstance(entry, _Episode):
+            entry.remove()
+            logger.warning("sent %d spilled events from %s to NATS", count, entry.directory)
+        with self._idle:
+            self._sending = None
+            self._published += count
+            self._idle.notify_all()
+
+    def leftover_episodes(self) -> list[_Episode]:
+        """Spill episodes an earlier process left (oldest first); those in use are skipped."""
+        if not self.spill_dir.is_dir():
+            return []
+        found = []
+        for directory in sorted(self.spill_dir.iterdir()):
+            if not directory.is_dir():
+                continue
+            try:
+                episode = _Episode(directory)
+            except PhiSessionError:  # locked: a live sink owns it
+                continue
+            episode.sealed = True
+            episode.count = sum(1 for _ in read_records(directory))
+            found.append(episode)
+        return found
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+
+class _Publisher:
+    """The publishing thread's state: the connection, and the entry being sent."""
+
+    def __init__(self, sink: JetStreamSink) -> None:
+        self.sink = sink
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self.settings = sink.settings
+        self.down_since: float | None = None
+
+    async def run(self) -> None:
+        wakeup = asyncio.Event()
+        self.sink.bind_loop(asyncio.get_running_loop(), wakeup, asyncio.current_task())
+        pause = 0.05
+        leftovers = self.sink.leftover_episodes()
+        try:
+            while leftovers:
+                if not await self.send(leftovers[0].messages()):
+                    if self.sink.stopping:
+                        return
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 2.0)
+                    continue
+                episode = leftovers.pop(0)
+                episode.remove()
+                logger.warning("sent %d events an earlier process spilled in %s", episode.count,
+                               episode.directory)
+            while True:
+                entry = self.sink.next_entry()
+                if entry is None:
+                    if self.sink.stopping:
+                        return
+                    wakeup.clear()
+                    if self.sink.next_entry() is None:
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(wakeup.wait(), _IDLE_WAIT)
+                    continue
+                messages = entry.messages() if isinstance(entry, _Episode) else entry
+                if await self.send(messages):
+                    self.sink.entry_sent(entry)
+                    pause = 0.05
+                elif self.sink.stopping:
+                    return
+                else:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 2.0)
+        finally:
+            for episode in leftovers:  # not sent: left for the next sink
+                episode.journal.close()
+            if self.nc is not None:
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
+
+    async def send(self, messages: list[_Message]) -> bool:
+        """Publish `messages` in order; True once JetStream acknowledged every one."""
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            js = await self.ready()
+            count = self.settings.partitions
+            for msg_id, session, key, payload in messages:
+                futures.append(await js.publish_async(
+                    self.settings.subject(partition_of(key, count)), payload,
+                    headers={EVENT_ID_HEADER: msg_id, SESSION_HEADER: session}))
+            await asyncio.wait_for(asyncio.gather(*futures), self.sink.publish_timeout)
+        except Exception as error:
+            for future in futures:
+                future.cancel()
+            self.js = None  # check the stream again before the retry (it may be gone)
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                logger.warning("publishing to NATS at %s failed (%s); retrying, events wait in the buffer"
+                               " and then the spill journal", self.sink.url,
+                               str(error) or type(error).__name__)
+            return False
+        if self.down_since is not None:
+            logger.warning("NATS at %s takes events again after %.1f s", self.sink.url,
+                           time.monotonic() - self.down_since)
+            self.down_since = None
+        return True
+
+    async def ready(self) -> JetStreamContext:
+        if self.js is not None:
+            return self.js
+        if self.nc is None or self.nc.is_closed:
+            self.nc = await connect(self.sink.url, name=f"phi-session producer {self.sink.producer_id}")
+        js = self.nc.jetstream(timeout=self.sink.publish_timeout)
+        self.settings = await ensure_stream(js, self.sink.settings)
+        self.js = js
+        return js
+
+
+def _remember(table: dict[str, str], key: str, value: str) -> None:
+    if len(table) >= _MAX_ROUTES:
+        for old in list(table)[: _MAX_ROUTES // 2]:
+            del table[old]
+    table[key] = value

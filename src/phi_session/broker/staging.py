@@ -1,0 +1,167 @@
+"""The worker's state in PostgreSQL: received events, and which worker holds which partition.
+
+``{schema}.broker_events`` (next to the store's tables, created if missing) holds
+every event a worker took from the stream, keyed by its event id:
+
+* a row is written, in one statement with the rest of its batch, *before* the
+  message is acknowledged to JetStream: an acknowledged event is never only in a
+  worker's memory, so a worker killed at any point loses nothing;
+* a second copy of an event id (a redelivery, or a producer's retry after the
+  stream's duplicate window) finds the row and is dropped: each event is recorded
+  once, across restarts;
+* ``payload`` is kept until the session the event belongs to is saved (state
+  ``saved``, payload dropped); a worker that takes a partition over replays the
+  partition's ``pending`` rows, so sessions left half-recorded by a dead worker
+  are completed by the next one. Events no recorder accepts are kept as
+  ``rejected`` with their payload.
+
+Rows of saved events (ids only) are removed after the stream's ``max_age``: no copy
+of them can be delivered after that.
+
+Partition ownership uses session-level advisory locks on the worker's connection:
+a worker holds ``(partition class, n)`` while it consumes partition ``n`` and
+``(member class, its id)`` while it runs. PostgreSQL releases both the moment the
+connection ends (a SIGKILLed worker included), so another worker takes its
+partitions on its next rebalance.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["PENDING", "REJECTED", "SAVED", "StagedEvent", "Staging"]
+
+PENDING, SAVED, REJECTED = 0, 1, 2
+
+
+class StagedEvent(NamedTuple):
+    stream_seq: int
+    event_id: str
+    session_id: str
+    payload: bytes
+
+
+def _lock_class(*parts: str) -> int:
+    return zlib.crc32("/".join(parts).encode()) & 0x7FFFFFFF
+
+
+class Staging:
+    """SQL over one autocommit async connection; every call is a single statement."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], *, schema: str, stream: str, durable: str) -> None:
+        from psycopg import sql
+
+        self.conn = conn
+        self.stream = stream
+        self.table = sql.SQL("{}.broker_events").format(sql.Identifier(schema))
+        self.partition_class = _lock_class(schema, stream, durable, "partitions")
+        self.member_class = _lock_class(schema, stream, durable, "members")
+
+    async def _execute(self, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
+        cursor = await self.conn.execute(query, params)
+        return await cursor.fetchall() if cursor.description is not None else []
+
+    async def create(self) -> None:
+        from psycopg import sql
+
+        await self._execute(sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {} (
+                stream TEXT COLLATE "C" NOT NULL,
+                event_id TEXT COLLATE "C" NOT NULL,
+                part INTEGER NOT NULL,
+                stream_seq BIGINT NOT NULL,
+                session_id TEXT COLLATE "C" NOT NULL,
+                payload BYTEA,
+                state SMALLINT NOT NULL DEFAULT 0,
+                received_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (stream, event_id)
+            )""").format(self.table))
+        await self._execute(sql.SQL(
+            "CREATE INDEX IF NOT EXISTS broker_events_pending ON {} (stream, part, stream_seq)"
+            " WHERE state = 0").format(self.table))
+
+    async def insert(self, part: int, events: list[StagedEvent]) -> set[str]:
+        """Stage `events`; returns the ids that were new (the others are duplicates)."""
+        from psycopg import sql
+
+        rows = await self._execute(sql.SQL(
+            "INSERT INTO {} (stream, part, stream_seq, event_id, session_id, payload)"
+            " SELECT %s, %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bytea[])"
+            " ON CONFLICT DO NOTHING RETURNING event_id").format(self.table),
+            (self.stream, part, [e.stream_seq for e in events], [e.event_id for e in events],
+             [e.session_id for e in events], [e.payload for e in events]))
+        return {row[0] for row in rows}
+
+    async def pending(self, part: int) -> list[StagedEvent]:
+        from psycopg import sql
+
+        rows = await self._execute(sql.SQL(
+            "SELECT stream_seq, event_id, session_id, payload FROM {}"
+            " WHERE stream = %s AND part = %s AND state = 0 ORDER BY stream_seq").format(self.table),
+            (self.stream, part))
+        return [StagedEvent(seq, event_id, session, bytes(payload))
+                for seq, event_id, session, payload in rows]
+
+    async def mark(self, event_ids: list[str], state: int) -> None:
+        from psycopg import sql
+
+        if not event_ids:
+            return
+        payload = sql.SQL(", payload = NULL") if state == SAVED else sql.SQL("")
+        await self._execute(sql.SQL("UPDATE {} SET state = %s{} WHERE stream = %s AND event_id = ANY(%s)")
+                            .format(self.table, payload), (state, self.stream, event_ids))
+
+    async def prune(self, older_than: float) -> int:
+        from psycopg import sql
+
+        rows = await self._execute(sql.SQL(
+            "DELETE FROM {} WHERE stream = %s AND state = 1"
+            " AND received_at < now() - make_interval(secs => %s) RETURNING 1").format(self.table),
+            (self.stream, older_than))
+        return len(rows)
+
+    async def counts(self) -> dict[int, dict[int, int]]:
+        """Rows per partition and state."""
+        from psycopg import sql
+
+        rows = await self._execute(sql.SQL(
+            "SELECT part, state, count(*) FROM {} WHERE stream = %s GROUP BY part, state").format(self.table),
+            (self.stream,))
+        counts: dict[int, dict[int, int]] = {}
+        for part, state, count in rows:
+            counts.setdefault(part, {})[state] = count
+        return counts
+
+    # -- ownership -------------------------------------------------------------------------------
+
+    async def join(self, member: int) -> bool:
+        return await self._try_lock(self.member_class, member)
+
+    async def take(self, part: int) -> bool:
+        return await self._try_lock(self.partition_class, part)
+
+    async def release(self, part: int) -> None:
+        await self._execute("SELECT pg_advisory_unlock(%s, %s)", (self.partition_class, part))
+
+    async def _try_lock(self, lock_class: int, key: int) -> bool:
+        rows = await self._execute("SELECT pg_try_advisory_lock(%s, %s)", (lock_class, key))
+        return bool(rows[0][0])
+
+    async def members(self) -> int:
+        return len(await self._holders(self.member_class))
+
+    async def owners(self) -> dict[int, int]:
+        """Partition -> the PostgreSQL backend pid of the worker holding it."""
+        return dict(await self._holders(self.partition_class))
+
+    async def _holders(self, lock_class: int) -> list[tuple[int, int]]:
+        rows = await self._execute(
+            "SELECT objid::bigint, pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND objsubid = 2 AND classid::bigint = %s"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            (lock_class,))
+        return [(int(key), int(pid)) for key, pid in rows]

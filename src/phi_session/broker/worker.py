@@ -1,0 +1,456 @@
+"""`IngestWorker`: the store side. Takes events from JetStream, records them, saves sessions.
+
+Each partition has a durable pull consumer (``{durable}-{n}``, filtered to the
+partition's subject) and, while a worker holds it, a recorder of its own. A
+partition's loop:
+
+1. fetch a batch; write it to ``broker_events`` (`staging`), dropping event ids
+   already there; *then* acknowledge the messages;
+2. apply staged events to the recorder in stream order, up to the consumer's
+   acknowledgement floor: every message below the floor is acknowledged, so it is
+   staged, so nothing earlier can still arrive (a redelivery out of order waits
+   here until the gap before it is filled);
+3. every `checkpoint_interval` seconds, save the completed sessions through
+   `SessionSaver`, and mark their events saved.
+
+Workers share the partitions: each takes its fair share (partitions / live
+workers, rounded up) and gives back any above it; a dead worker's partitions are
+free the moment its PostgreSQL connection ends. Taking a partition replays its
+pending staged events first, so sessions a worker left half-recorded are completed.
+`stop()` (SIGTERM in ``phi-session ingest``) finishes the batches in hand,
+acknowledges them, saves what is complete, and releases the partitions; sessions
+still open stay staged for whichever worker takes the partition next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BrokerError, DecodeError, MissingExtra, StoreError
+from ..events import AgentEvent
+from ..recorder import SessionRecorder, SessionRecorderConfig
+from ..saver import SessionSaver
+from .settings import (
+    EVENT_ID_HEADER,
+    SESSION_HEADER,
+    StreamSettings,
+    connect,
+    ensure_stream,
+    event_session_id,
+    require_nats,
+)
+from .staging import REJECTED, SAVED, StagedEvent, Staging
+
+if TYPE_CHECKING:
+    import psycopg
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.js.client import JetStreamContext
+
+    from ..stores.postgres import PostgresStore
+
+__all__ = ["IngestWorker", "PartitionStatus", "WorkerStats", "ingest_status"]
+
+logger = logging.getLogger("phi_session.broker")
+
+_FETCH_WAIT = 0.5  # seconds a fetch waits on an idle partition (also how soon `stop` is seen)
+
+
+@dataclass
+class WorkerStats:
+    """What an `IngestWorker` did so far (all partitions it held)."""
+
+    received: int = 0
+    """Messages taken from the stream (duplicates included)."""
+    duplicates: int = 0
+    """Messages whose event id was already staged: dropped."""
+    recorded: int = 0
+    """Events applied to a recorder (replayed ones included)."""
+    held_back: int = 0
+    """Events that waited for an earlier one still to be delivered (redelivered out of order)."""
+    rejected: int = 0
+    """Events no recorder accepts (not phi-core JSON) or of a session id no store accepts:
+    kept staged as ``rejected``, with their payload."""
+    sessions_saved: int = 0
+    partitions_taken: int = 0
+    partitions_released: int = 0
+    owned: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PartitionStatus:
+    """One partition as `ingest_status` sees it."""
+
+    partition: int
+    in_stream: int
+    """Messages no worker has acknowledged yet (the lag, in events)."""
+    unacknowledged: int
+    """Of those, delivered to a worker that has not acknowledged them yet."""
+    staged: int
+    """Events acknowledged and staged, waiting for their session to complete."""
+    rejected: int
+    owner: int | None
+    """The PostgreSQL backend pid of the worker holding it, or None."""
+
+
+class IngestWorker:
+    """Records the events of a JetStream stream into a `PostgresStore`.
+
+    * `url`: the NATS server(s); `dsn`, `schema`: the PostgreSQL database and schema
+      of the store (the worker's ``broker_events`` table lives there too).
+    * `stream`, `subject_prefix`, `partitions`: as for `JetStreamSink`
+      (``PHI_SESSION_NATS_*``, defaults; an existing stream decides the count).
+    * `durable`: the consumer name prefix; workers with the same one share the work.
+    * `batch`: messages per fetch; `ack_wait`: seconds before JetStream redelivers a
+      message a worker took but did not acknowledge (a killed worker's batch: what
+      arrived after it waits that long, so it bounds the catch-up after a kill; a
+      needless redelivery costs only a duplicate dropped);
+      `checkpoint_interval`: seconds between saves; `rebalance_interval`: seconds
+      between looks at the other workers.
+    * `recorder_config`: how each partition's recorder records.
+
+    `await run()` works until `stop()` is called (from any thread) and returns after
+    a clean shutdown; `stats` tells what it did.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        dsn: str,
+        *,
+        schema: str = "phi_session",
+        stream: str | None = None,
+        subject_prefix: str | None = None,
+        partitions: int | None = None,
+        durable: str = "phi-ingest",
+        batch: int = 256,
+        ack_wait: float = 5.0,
+        checkpoint_interval: float = 1.0,
+        rebalance_interval: float = 1.0,
+        recorder_config: SessionRecorderConfig | None = None,
+    ) -> None:
+        require_nats()
+        for name, value in (("url", url), ("dsn", dsn), ("schema", schema), ("durable", durable)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+        self.settings = StreamSettings.from_env(stream=stream, subject_prefix=subject_prefix,
+                                                partitions=partitions)
+        StreamSettings(stream=durable)  # the same naming rules as a stream's name
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        for name, number in (("ack_wait", ack_wait), ("checkpoint_interval", checkpoint_interval),
+                             ("rebalance_interval", rebalance_interval)):
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not number > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {number!r}")
+        self.url, self.dsn, self.schema, self.durable = url, dsn, schema, durable
+        self.batch, self.ack_wait = batch, float(ack_wait)
+        self.checkpoint_interval, self.rebalance_interval = checkpoint_interval, rebalance_interval
+        self.recorder_config = recorder_config or SessionRecorderConfig()
+        self.stats = WorkerStats()
+        self.member_id = random.getrandbits(31)
+        self._stop_requested = False
+        self._broker_down = False  # a partition failed on NATS; warned once until one works again
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"IngestWorker({self.url!r}, stream={self.settings.stream!r}, durable={self.durable!r})"
+
+    def stop(self) -> None:
+        """Ask `run` to finish: thread-safe, and safe from a signal handler."""
+        self._stop_requested = True
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stopping.set)
+
+    async def run(self) -> None:
+        """Ingest until `stop()`. Raises `BrokerError` / `StoreError` if NATS or
+        PostgreSQL cannot be reached at start or fail for good while running."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        if self._stop_requested:
+            return
+        async with _Resources(self) as resources:
+            self.settings = await ensure_stream(resources.js, self.settings)
+            staging = resources.staging
+            await staging.create()
+            await staging.prune(self.settings.max_age)
+            if not await staging.join(self.member_id):
+                raise BrokerError(f"worker id {self.member_id} is taken; start the worker again")
+            running: dict[int, _PartitionRun] = {}
+            try:
+                while not self._stopping.is_set():
+                    await self._rebalance(resources, running)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), self.rebalance_interval)
+            finally:
+                await asyncio.gather(*(run.finish() for run in running.values()), return_exceptions=True)
+                for number in list(running):
+                    await self._release(resources, running, number)
+
+    async def _rebalance(self, resources: _Resources, running: dict[int, _PartitionRun]) -> None:
+        import nats.errors
+
+        for number, run in list(running.items()):
+            if not run.task.done():
+                continue
+            error = run.task.exception()
+            if not isinstance(error, (nats.errors.Error, asyncio.TimeoutError)):
+                run.task.result()  # PostgreSQL or a bug: that is the worker failing
+                continue
+            # NATS is down or restarting: start the partition again (its staged events are
+            # replayed) once the client has reconnected.
+            if not self._broker_down:
+                logger.warning("NATS at %s failed (%s); partitions restart when it is back",
+                               self.url, str(error) or type(error).__name__)
+            self._broker_down = True
+            await self._release(resources, running, number)
+        staging = resources.staging
+        count = self.settings.partitions
+        share = math.ceil(count / max(await staging.members(), 1))
+        for number in sorted(running)[share:]:
+            await running[number].finish()
+            await self._release(resources, running, number)
+        start = self.member_id % count
+        for number in [(start + i) % count for i in range(count)]:
+            if len(running) >= share:
+                break
+            if number not in running and await staging.take(number):
+                running[number] = _PartitionRun(self, resources, number)
+                self.stats.partitions_taken += 1
+        self.stats.owned = sorted(running)
+
+    def note_broker_up(self) -> None:
+        if self._broker_down:
+            self._broker_down = False
+            logger.warning("NATS at %s works again", self.url)
+
+    async def _release(self, resources: _Resources, running: dict[int, _PartitionRun], number: int) -> None:
+        del running[number]
+        await resources.staging.release(number)
+        self.stats.partitions_released += 1
+        self.stats.owned = sorted(running)
+
+
+class _Resources:
+    """The worker's connections: NATS, its own PostgreSQL connection (locks, staging),
+    and the store; closed in reverse order."""
+
+    def __init__(self, worker: IngestWorker) -> None:
+        self.worker = worker
+        self.stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> _Resources:
+        worker = self.worker
+        try:
+            import psycopg
+
+            from ..stores.postgres import PostgresStore
+        except ImportError as error:
+            raise MissingExtra(f"the ingest worker needs psycopg ({error}): "
+                               "pip install 'phi-session[postgres]'") from None
+        try:
+            self.nc: Client = await connect(worker.url, name=f"phi-session ingest {worker.member_id}")
+            self.stack.push_async_callback(self.nc.close)
+            self.js: JetStreamContext = self.nc.jetstream()
+            try:
+                self.conn: psycopg.AsyncConnection[Any] = await psycopg.AsyncConnection.connect(
+                    worker.dsn, autocommit=True)
+            except psycopg.Error as error:
+                raise StoreError(f"cannot connect to PostgreSQL: {error}") from error
+            self.stack.push_async_callback(self.conn.close)
+            self.store: PostgresStore = await asyncio.to_thread(
+                PostgresStore, worker.dsn, schema=worker.schema)
+            self.stack.callback(self.store.close)
+        except BaseException:
+            await self.stack.aclose()
+            raise
+        self.staging = Staging(self.conn, schema=worker.schema, stream=worker.settings.stream,
+                               durable=worker.durable)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stack.aclose()
+
+
+class _PartitionRun:
+    """One partition held by this worker: its consumer, its recorder, its saver."""
+
+    def __init__(self, worker: IngestWorker, resources: _Resources, number: int) -> None:
+        self.worker = worker
+        self.resources = resources
+        self.number = number
+        self.recorder = SessionRecorder(worker.recorder_config)
+        # A session id no store accepts: its events stay staged, as rejected, with their payload.
+        self.saver = SessionSaver(resources.store, orphans=self.orphaned)
+        self.unstorable: list[str] = []  # sessions handed to `orphaned`, not yet marked
+        self.waiting: dict[int, StagedEvent] = {}  # staged, not yet applied, by stream sequence
+        self.applied: dict[str, list[str]] = {}  # session id -> events applied, session not yet saved
+        self.held: set[int] = set()  # waiting events already counted as held back
+        self.stopping = asyncio.Event()
+        self.task = asyncio.create_task(self.run(), name=f"partition {number}")
+
+    async def finish(self) -> None:
+        self.stopping.set()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    async def run(self) -> None:
+        worker, number = self.worker, self.number
+        name = f"{worker.durable}-{number}"
+        await self.ensure_consumer(name)
+        subscription = await self.resources.js.pull_subscribe_bind(
+            durable=name, stream=worker.settings.stream)
+        try:
+            for event in await self.resources.staging.pending(number):
+                self.waiting[event.stream_seq] = event
+            if self.waiting:
+                logger.info("partition %d: replaying %d staged events", number, len(self.waiting))
+                await self.apply_ready(subscription)
+            last_save = time.monotonic()
+            while not self.stopping.is_set():
+                try:
+                    messages = await subscription.fetch(worker.batch, timeout=_FETCH_WAIT)
+                except asyncio.TimeoutError:  # nats-py raises it (or its subclass) on an idle partition
+                    messages = []
+                if messages:
+                    await self.take(messages)
+                    self.worker.note_broker_up()
+                if self.waiting:
+                    await self.apply_ready(subscription)
+                if time.monotonic() - last_save >= worker.checkpoint_interval:
+                    await self.save()
+                    last_save = time.monotonic()
+            await self.save()
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    async def ensure_consumer(self, name: str) -> None:
+        from nats.js import api
+        from nats.js.errors import BadRequestError
+
+        settings = self.worker.settings
+        config = api.ConsumerConfig(
+            durable_name=name, filter_subject=settings.subject(self.number),
+            ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=self.worker.ack_wait, max_deliver=-1, max_ack_pending=self.worker.batch * 4)
+        try:
+            await self.resources.js.add_consumer(settings.stream, config)
+        except BadRequestError:  # it exists with other settings (an older worker's): use it
+            await self.resources.js.consumer_info(settings.stream, name)
+
+    async def take(self, messages: list[Msg]) -> None:
+        """Stage a batch, then acknowledge it; the new events wait to be applied."""
+        stream = self.worker.settings.stream
+        staged = []
+        for message in messages:
+            headers = message.headers or {}
+            sequence = message.metadata.sequence.stream
+            # A message published by something other than JetStreamSink: its stream position names it.
+            event_id = headers.get(EVENT_ID_HEADER) or f"{stream}:{sequence}"
+            staged.append(StagedEvent(sequence, event_id, headers.get(SESSION_HEADER, ""), message.data))
+        new = await self.resources.staging.insert(self.number, staged)
+        for message in messages:
+            await message.ack()
+        await self.resources.nc.flush()
+        stats = self.worker.stats
+        stats.received += len(staged)
+        for event in staged:
+            if event.event_id in new:
+                new.discard(event.event_id)  # a second copy in the same batch is a duplicate too
+                self.waiting[event.stream_seq] = event
+            else:
+                stats.duplicates += 1
+
+    async def apply_ready(self, subscription: JetStreamContext.PullSubscription) -> None:
+        """Apply the waiting events up to the acknowledgement floor, in stream order."""
+        info = await subscription.consumer_info()
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        rejected = []
+        for sequence in sorted(seq for seq in self.waiting if seq <= floor):
+            event = self.waiting.pop(sequence)
+            try:
+                self.recorder.on_json(event.payload)
+            except DecodeError as error:
+                logger.warning("event %s is not phi-core JSON, kept as rejected: %s", event.event_id, error)
+                rejected.append(event.event_id)
+                continue
+            self.applied.setdefault(event.session_id, []).append(event.event_id)
+            self.worker.stats.recorded += 1
+        self.held.intersection_update(self.waiting)
+        later = self.waiting.keys() - self.held
+        self.worker.stats.held_back += len(later)
+        self.held.update(later)
+        self.worker.stats.rejected += len(rejected)
+        await self.resources.staging.mark(rejected, REJECTED)
+
+    def orphaned(self, events: list[AgentEvent]) -> None:
+        if events:
+            self.unstorable.append(event_session_id(events[0]))
+
+    async def save(self) -> None:
+        """Save what is complete; mark the events of saved sessions (and of unstorable ones)."""
+        saver = self.saver
+        retried = [session for session in saver.take_unsaved() if (await saver.asave(session)).saved]
+        saved = retried + await saver.adrain(self.recorder)
+        held = {session.session_id for session in saver.unsaved}
+        done: list[str] = []
+        for session in saved:
+            if session.session_id not in held:
+                done.extend(self.applied.pop(session.session_id, ()))
+        self.worker.stats.sessions_saved += len(saved)
+        await self.resources.staging.mark(done, SAVED)
+        rejected = [event_id for session_id in self.unstorable
+                    for event_id in self.applied.pop(session_id, ())]
+        self.unstorable.clear()
+        self.worker.stats.rejected += len(rejected)
+        await self.resources.staging.mark(rejected, REJECTED)
+
+
+async def ingest_status(
+    url: str,
+    dsn: str,
+    *,
+    schema: str = "phi_session",
+    stream: str | None = None,
+    subject_prefix: str | None = None,
+    durable: str = "phi-ingest",
+) -> list[PartitionStatus]:
+    """Each partition's lag (messages in the stream), staged events and owner."""
+    worker = IngestWorker(url, dsn, schema=schema, stream=stream, subject_prefix=subject_prefix,
+                          durable=durable)
+    async with _Resources(worker) as resources:
+        from nats.js.errors import NotFoundError
+
+        settings = worker.settings
+        try:
+            info = await resources.js.stream_info(
+                settings.stream, subjects_filter=f"{settings.subject_prefix}.>")
+        except NotFoundError:
+            raise BrokerError(f"no stream {settings.stream} on {url}: nothing was published yet") from None
+        settings = await ensure_stream(resources.js, settings)
+        in_stream = info.state.subjects or {}
+        await resources.staging.create()
+        counts = await resources.staging.counts()
+        owners = await resources.staging.owners()
+        rows = []
+        for number in range(settings.partitions):
+            try:
+                consumer = await resources.js.consumer_info(settings.stream, f"{durable}-{number}")
+                unacknowledged = consumer.num_ack_pending or 0
+            except NotFoundError:
+                unacknowledged = 0
+            staged = counts.get(number, {})
+            rows.append(PartitionStatus(
+                partition=number, in_stream=in_stream.get(settings.subject(number), 0),
+                unacknowledged=unacknowledged, staged=staged.get(0, 0), rejected=staged.get(REJECTED, 0),
+                owner=owners.get(number)))
+        return rows

@@ -1,0 +1,153 @@
+"""Full-text search over what agents said and did: the documents, the match rule and the snippets.
+
+Every store searches the same documents with the same rule, so that the backends
+agree (the conformance suite checks it):
+
+* a **document** is one piece of text of one message of a loop's conversation
+  (`LoopRecord.messages`): a text block (``text``), a thinking block
+  (``thinking``), a tool call's name and JSON arguments (``tool_call``) or a tool
+  result's text (``tool_result``);
+* the **match rule**: the query's words (runs of letters, digits and ``_``,
+  compared case-insensitively) all occur as words of the document. A query
+  without a word matches nothing.
+
+`SearchHit` carries the session, loop, turn (when the message names one) and a
+snippet of the document around the first match with the offsets of every matched
+word in it, so each front end highlights in its own way (the viewer as text, never
+as HTML).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Literal
+
+import msgspec
+
+from ..messages import (
+    AgentMessage,
+    AssistantMessage,
+    TextContent,
+    ThinkingContent,
+    ToolCall,
+    ToolResultMessage,
+    UserMessage,
+)
+from ..model import Session
+from .query import MAX_COUNT, check_count
+
+__all__ = [
+    "DEFAULT_LIMIT", "DocumentKind", "SearchHit", "document_hits", "documents", "query_words", "search_words",
+]
+
+DocumentKind = Literal["text", "thinking", "tool_call", "tool_result"]
+DEFAULT_LIMIT = 50
+SNIPPET_CHARS = 160
+_WORD = re.compile(r"\w+")
+
+
+class SearchHit(msgspec.Struct, frozen=True, kw_only=True):
+    """One matching document: where it is and a snippet of it.
+
+    ``highlights`` are ``[start, end)`` character offsets of the matched words
+    inside ``snippet``. ``turn_index`` is None for a message outside any turn.
+    """
+
+    session_id: str
+    agent_id: str
+    loop_id: str
+    turn_index: int | None
+    message_index: int
+    kind: DocumentKind
+    snippet: str
+    highlights: tuple[tuple[int, int], ...]
+
+
+class Document(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One searchable text of a session (see the module docstring)."""
+
+    loop_id: str
+    turn_index: int | None
+    message_index: int
+    kind: DocumentKind
+    text: str
+
+
+def query_words(text: str) -> tuple[str, ...]:
+    """The distinct words of a query, lower-cased, in order (`TypeError` for a non-string)."""
+    if not isinstance(text, str):
+        raise TypeError(f"search text must be str, not {type(text).__name__}")
+    return tuple(dict.fromkeys(word.lower() for word in _WORD.findall(text)))
+
+
+def _message_texts(message: AgentMessage) -> Iterator[tuple[DocumentKind, str]]:
+    if isinstance(message, ToolResultMessage):
+        for block in message.content:
+            if isinstance(block, TextContent):
+                yield "tool_result", block.text
+        return
+    if not isinstance(message, (UserMessage, AssistantMessage)):
+        return
+    for block in message.content:
+        if isinstance(block, TextContent):
+            yield "text", block.text
+        elif isinstance(block, ThinkingContent):
+            yield "thinking", block.thinking
+        elif isinstance(block, ToolCall):
+            arguments = msgspec.json.encode(block.arguments).decode()
+            yield "tool_call", f"{block.name} {arguments}"
+
+
+def documents(session: Session) -> Iterator[Document]:
+    """The searchable documents of `session`, loop by loop, message by message."""
+    for record in session.loops:
+        for index, message in enumerate(record.messages):
+            turn_id = getattr(message, "turn_id", None)
+            turn_index = None if turn_id is None else turn_id.turn_index
+            for kind, text in _message_texts(message):
+                if text:
+                    yield Document(loop_id=record.loop_id, turn_index=turn_index, message_index=index,
+                                   kind=kind, text=text)
+
+
+def _snippet(text: str, words: tuple[str, ...]) -> tuple[str, tuple[tuple[int, int], ...]] | None:
+    """The snippet of `text` around its first matched word, or None unless every word occurs."""
+    spans = [match.span() for match in _WORD.finditer(text) if match.group().lower() in words]
+    found = {text[start:end].lower() for start, end in spans}
+    if not spans or found != set(words):
+        return None
+    first = spans[0][0]
+    begin = max(0, min(first - SNIPPET_CHARS // 4, len(text) - SNIPPET_CHARS))
+    end = min(len(text), begin + SNIPPET_CHARS)
+    prefix = "…" if begin else ""
+    suffix = "…" if end < len(text) else ""
+    shift = len(prefix) - begin
+    highlights = tuple(
+        (start + shift, stop + shift) for start, stop in spans if start >= begin and stop <= end)
+    return f"{prefix}{text[begin:end]}{suffix}", highlights
+
+
+def document_hits(session: Session, words: tuple[str, ...]) -> Iterator[SearchHit]:
+    """The documents of `session` that match `words` (`query_words`), in document order."""
+    if not words:
+        return
+    for document in documents(session):
+        found = _snippet(document.text, words)
+        if found is not None:
+            snippet, highlights = found
+            yield SearchHit(session_id=session.session_id, agent_id=session.agent_id,
+                            loop_id=document.loop_id, turn_index=document.turn_index,
+                            message_index=document.message_index, kind=document.kind,
+                            snippet=snippet, highlights=highlights)
+
+
+def search_words(text: str, limit: int) -> tuple[str, ...]:
+    """Check the arguments of `SessionStore.search` once, for every backend; returns `query_words(text)`.
+
+    `TypeError` for a non-string text or a non-int limit; `InvalidQuery` (parameter
+    ``limit``) unless 0 <= limit <= `MAX_COUNT`.
+    """
+    words = query_words(text)
+    check_count("limit", limit, MAX_COUNT)
+    return words

@@ -1,0 +1,45 @@
+"""Processes the broker tests start: ``producer`` publishes a workload stream through a
+`JetStreamSink`; ``worker`` runs an `IngestWorker` until SIGTERM.
+
+    python broker_processes.py producer URL STREAM PREFIX SPILL_DIR SEED SESSIONS
+    python broker_processes.py worker URL DSN SCHEMA STREAM PREFIX
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import workload
+
+from phi_session.broker import IngestWorker, JetStreamSink
+
+
+def producer(url: str, stream: str, prefix: str, spill: str, seed: str, sessions: str) -> None:
+    with JetStreamSink(url, stream=stream, subject_prefix=prefix, partitions=4, spill_dir=spill) as sink:
+        for event in workload.events(int(sessions), seed=int(seed)):
+            sink(event)
+        if not sink.flush(30):
+            sys.exit("not flushed")
+
+
+def worker(url: str, dsn: str, schema: str, stream: str, prefix: str) -> None:
+    ingest = IngestWorker(url, dsn, schema=schema, stream=stream, subject_prefix=prefix, ack_wait=2.0,
+                          checkpoint_interval=0.3, rebalance_interval=0.3)
+
+    async def main() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, ingest.stop)
+        await ingest.run()
+
+    asyncio.run(main())
+    print(ingest.stats, flush=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    {"producer": producer, "worker": worker}[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,256 @@
+"""The adapter core: the rules every framework adapter shares (phi_session.adapters)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from phi_session import (
+    AgentSession,
+    ContinuationKind,
+    FakeClock,
+    JsonDirStore,
+    LoopConfigSnapshot,
+    SessionRecorder,
+    decode_session,
+    encode_session,
+)
+from phi_session.adapters import (
+    FRAMEWORK_SESSION_NAMESPACE,
+    AdapterCore,
+    enter_tool,
+    leave_tool,
+    require_extra,
+    session_id_for,
+    usage_of,
+)
+from phi_session.errors import MissingExtra
+from phi_session.messages import ToolCall
+
+CONFIG = LoopConfigSnapshot(model="m-1", provider="fake")
+
+
+def make_core(recorder: SessionRecorder, **kwargs: object) -> AdapterCore:
+    return AdapterCore("fake-fw", [recorder], agent=AgentSession("agent-1", clock=FakeClock()),
+                       **kwargs)  # type: ignore[arg-type]
+
+
+def one_turn(core: AdapterCore, key: str, text: str = "hi") -> None:
+    run = core.run(key)
+    assert run is not None
+    run.loop.user(text)
+    with run.loop.turn() as turn, turn.assistant() as reply:
+        reply.finish(text, usage=usage_of(3, 2))
+
+
+def assert_round_trip(recorder: SessionRecorder) -> None:
+    for session in recorder.sessions():
+        data = encode_session(session)
+        assert encode_session(decode_session(data)) == data
+
+
+def test_session_ids_usable_as_is_stay() -> None:
+    assert session_id_for("thread-42") == "thread-42"
+
+
+@pytest.mark.parametrize("raw", ["", "conv.1", "a/b", "nul\x00", ".hidden", "x" * 300, "back\\slash"])
+def test_unusable_session_ids_become_uuid5(raw: str) -> None:
+    assert session_id_for(raw) == str(uuid.uuid5(FRAMEWORK_SESSION_NAMESPACE, raw))
+
+
+def test_a_later_run_in_a_session_continues_its_last_loop() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    for key in ("r1", "r2"):
+        core.start_run(key, CONFIG, framework_session_id="thread-1")
+        one_turn(core, key)
+        core.end_run(key)
+    (session,) = recorder.sessions()
+    first, second = session.loops
+    assert session.session_id == "thread-1"
+    assert (first.loop_id, second.loop_id) == ("thread-1.fake.m-1.1", "thread-1.fake.m-1.2")
+    assert second.parent_loop_id == first.loop_id
+    assert second.continuation_kind is not None and second.continuation_kind.kind == "Default"
+    assert first.metadata == {"framework": "fake-fw"}
+    assert_round_trip(recorder)
+
+
+def test_a_run_may_continue_the_session_as_another_kind() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    for key in ("r1", "r2"):  # the first loop is Initial whatever kind is asked
+        core.start_run(key, CONFIG, framework_session_id="thread-1", kind=ContinuationKind.branch("cp-7"))
+        one_turn(core, key)
+        core.end_run(key)
+    (session,) = recorder.sessions()
+    first, second = session.loops
+    assert first.continuation_kind is not None and first.continuation_kind.kind == "Initial"
+    assert second.parent_loop_id == first.loop_id and second.continuation_kind == ContinuationKind.branch("cp-7")
+    assert_round_trip(recorder)
+
+
+def test_derived_session_id_keeps_the_original_in_metadata() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    core.start_run("r", CONFIG, framework_session_id="conv.7")
+    core.end_run("r")
+    (session,) = recorder.sessions()
+    assert session.session_id == session_id_for("conv.7")
+    assert session.loops[0].metadata == {"framework": "fake-fw", "framework_session_id": "conv.7"}
+
+
+def test_continuation_after_a_restart_comes_from_the_store(tmp_path: Path) -> None:
+    store = JsonDirStore(tmp_path)
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    core.start_run("r1", CONFIG, framework_session_id="t")
+    one_turn(core, "r1")
+    core.end_run("r1")
+    for session in recorder.sessions():
+        store.save(session)
+    # A new process: nothing in memory, the store knows the last loop and the counter.
+    recorder2 = SessionRecorder()
+    core2 = make_core(recorder2, store=store)
+    core2.start_run("r2", CONFIG, framework_session_id="t")
+    core2.end_run("r2")
+    (loop,) = recorder2.sessions()[0].loops
+    assert loop.loop_id == "t.fake.m-1.2"
+    assert loop.parent_loop_id == "t.fake.m-1.1"
+
+
+def test_runs_without_session_use_the_adapters_agent_session() -> None:
+    recorder = SessionRecorder()
+    agent = AgentSession("agent-1", clock=FakeClock())
+    core = AdapterCore("fake-fw", [recorder], agent=agent)
+    core.start_run("r", CONFIG)
+    core.end_run("r")
+    assert recorder.sessions()[0].session_id == agent.session_id
+
+
+def test_a_run_under_a_running_tool_is_its_sub_agent() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    parent = core.start_run("outer", CONFIG, framework_session_id="s")
+    parent.loop.user("go")
+    with parent.loop.turn() as turn:
+        with turn.assistant() as reply:
+            reply.finish(tool_calls=[ToolCall(id="c1", name="ask", arguments={})])
+        with turn.tool(id="c1", name="ask", args={}) as tool:
+            token = enter_tool(lambda: tool)  # started on demand, as a framework may need
+            try:
+                child = core.start_run("inner", CONFIG, framework_session_id="s")
+                one_turn(core, "inner", "sub question")
+                core.end_run("inner")
+            finally:
+                leave_tool(token)
+            tool.result("sub answer")
+    core.end_run("outer")
+    sessions = {session.session_id: session for session in recorder.sessions()}
+    child_session = sessions[child.loop.session_id]
+    assert child.loop.session_id != "s"
+    (child_loop,) = child_session.loops
+    assert child_loop.parent_loop_id == parent.loop.loop_id
+    assert child_loop.turns[0].triggered_by == "SubAgent"
+    (parent_loop,) = sessions["s"].loops
+    assert [ref.child_loop_id for ref in parent_loop.child_loop_refs] == [child_loop.loop_id]
+    assert child_session.parent_spawn_ref is not None
+    assert child_session.parent_spawn_ref.parent_loop_id == parent.loop.loop_id
+    assert_round_trip(recorder)
+
+
+def test_handoff_ends_the_loop_and_the_next_agent_continues_it() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    run = core.start_run("r", CONFIG, framework_session_id="h")
+    run.loop.user("help")
+    with run.loop.turn() as turn, turn.assistant() as reply:
+        reply.finish("over to billing", stop_reason="handoff")
+    other = LoopConfigSnapshot(model="m-2", provider="fake")
+    successor = core.handoff("r", other, metadata={"agent": "billing"})
+    assert successor is not None
+    one_turn(core, "r", "more")
+    core.end_run("r")
+    first, second = recorder.sessions()[0].loops
+    assert first.messages[-1].stop_reason == "handoff"  # type: ignore[union-attr]
+    assert second.parent_loop_id == first.loop_id
+    assert second.loop_id == "h.fake.m-2.1"
+    assert second.metadata == {"framework": "fake-fw", "agent": "billing"}
+
+
+def test_an_exception_in_the_run_ends_its_loop_aborted() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    core.start_run("r", CONFIG, framework_session_id="e")
+    core.end_run("r", RuntimeError("model exploded"))
+    (loop,) = recorder.sessions()[0].loops
+    assert loop.status == "Aborted"
+    assert_round_trip(recorder)
+
+
+def test_an_adapter_fault_is_counted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    core = make_core(SessionRecorder())
+
+    def broken() -> None:
+        raise KeyError("bug")
+
+    with caplog.at_level(logging.ERROR, logger="phi_session.adapters"):
+        assert core.safely(broken) is None
+        with core.guard():
+            broken()
+    assert core.fault_count == 2
+    assert len(caplog.records) == 1
+
+
+def test_close_ends_open_runs_as_failed() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    core.start_run("r", CONFIG, framework_session_id="c")
+    core.close()
+    assert core.open_runs == 0
+    assert recorder.sessions()[0].loops[0].status == "Aborted"
+
+
+def test_default_sink_saves_into_the_embedded_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHI_SESSION_STORE", str(tmp_path / "sessions.db"))
+    core = AdapterCore("fake-fw", agent=AgentSession(clock=FakeClock()))
+    core.start_run("r", CONFIG, framework_session_id="d")
+    one_turn(core, "r")
+    core.end_run("r")
+    core.close()
+    assert core.store is not None
+    assert [loop.loop_id for loop in core.store.load("d").loops] == ["d.fake.m-1.1"]
+
+
+def test_usage_of_counts_none_as_zero() -> None:
+    usage = usage_of(10, None, cache_read=None, reasoning=4)
+    assert (usage.input, usage.output, usage.reasoning, usage.cache_read) == (10, 0, 4, 0)
+    assert usage.total_tokens == 10
+
+
+def test_missing_extra_names_the_pip_install() -> None:
+    with pytest.raises(MissingExtra, match=r"pip install 'phi-session\[nothing\]'"):
+        require_extra("nothing", "phi_session_no_such_module")
+
+
+def test_importing_adapters_imports_no_framework() -> None:
+    code = (
+        "import sys, phi_session, phi_session.adapters\n"
+        "frameworks = ('agents', 'langchain_core', 'langgraph', 'pydantic_ai', 'google.adk')\n"
+        "print([m for m in frameworks if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_resume_seeds_counters_from_this_sessions_loop_ids_only() -> None:
+    agent = AgentSession(session_id="s", clock=FakeClock())
+    agent.resume(["s.a.b.3", "s.a.b.1", "s.x.7", "other.a.b.9", "s.bad.n"], "s.a.b.3")
+    assert agent.next_loop_id("a.b") == "s.a.b.4"
+    assert agent.next_loop_id("x") == "s.x.8"
+    assert agent.next_loop_id("bad") == "s.bad.1"
+    assert agent.last_loop_id == "s.a.b.3"

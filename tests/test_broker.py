@@ -1,0 +1,471 @@
+"""The NATS JetStream path against the real services: nats-server with JetStream on
+127.0.0.1:4222 (``.ci/run`` starts it) and PostgreSQL ($PHI_SESSION_TEST_POSTGRES_DSN).
+
+Every test uses its own stream, subject prefix, schema and spill directory, removed
+afterwards. The reference for "recorded exactly once" is the same events recorded by
+one `SessionRecorder` in this process: the stored sessions must equal it byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phi_session.codec import decode_event, encode_event, encode_session
+from phi_session.recorder import SessionRecorder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import workload
+
+nats = pytest.importorskip("nats", reason="the nats extra is not installed (pip install 'phi-session[nats]')")
+psycopg = pytest.importorskip("psycopg", reason="the postgres extra is not installed")
+
+from phi_session.broker import IngestWorker, JetStreamSink, ingest_status  # noqa: E402
+from phi_session.stores.postgres import PostgresStore  # noqa: E402
+
+URL = "nats://127.0.0.1:4222"
+DSN = os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "")
+HELPER = Path(__file__).with_name("broker_processes.py")
+CLI = (sys.executable, "-c", "from phi_session.cli import main; main()")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+if not DSN:
+    pytest.skip("PHI_SESSION_TEST_POSTGRES_DSN is not set", allow_module_level=True)
+if not _listening(4222):
+    pytest.skip("no nats-server on 127.0.0.1:4222 (.ci/run starts one: nats-server -js)",
+                allow_module_level=True)
+
+
+@dataclass
+class Names:
+    stream: str
+    prefix: str
+    schema: str
+    spill: Path
+    url: str = URL
+
+    def sink(self, **options: Any) -> JetStreamSink:
+        return JetStreamSink(self.url, stream=self.stream, subject_prefix=self.prefix,
+                             spill_dir=self.spill, **options)
+
+    def worker(self, **options: Any) -> IngestWorker:
+        options = {"ack_wait": 1.0, "checkpoint_interval": 0.2, "rebalance_interval": 0.2, **options}
+        return IngestWorker(self.url, DSN, schema=self.schema, stream=self.stream, subject_prefix=self.prefix,
+                            **options)
+
+
+async def _delete_stream(url: str, stream: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().delete_stream(stream)
+    except nats.js.errors.NotFoundError:
+        pass
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def names() -> Iterator[Names]:
+    tag = uuid.uuid4().hex[:12]
+    spill = Path(tempfile.mkdtemp(prefix="phi-spill-"))
+    made = Names(stream=f"PHI_TEST_{tag}", prefix=f"phitest.{tag}", schema=f"phi_test_{tag}", spill=spill)
+    yield made
+    asyncio.run(_delete_stream(made.url, made.stream))
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+                     .format(psycopg.sql.Identifier(made.schema)))
+    shutil.rmtree(spill, ignore_errors=True)
+
+
+def _reference(streams: list[list[Any]]) -> dict[str, bytes]:
+    """Each stream recorded in one process: session id -> phi-core JSON."""
+    expected = {}
+    for events in streams:
+        recorder = SessionRecorder()
+        for event in events:
+            recorder.on_json(encode_event(event))
+        recorder.flush()
+        expected.update((s.session_id, encode_session(s)) for s in recorder.drain_completed())
+    return expected
+
+
+def _stored(schema: str) -> dict[str, bytes]:
+    with PostgresStore(DSN, schema=schema) as store:
+        return {sid: encode_session(store.load(sid)) for sid in store.list_ids()}
+
+
+def _wait_stored(schema: str, expected: dict[str, bytes], timeout: float = 60) -> dict[str, bytes]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stored = _stored(schema)
+        except Exception:  # the schema is not created yet
+            stored = {}
+        if stored == expected or time.monotonic() > deadline:
+            return stored
+        time.sleep(0.3)
+
+
+def _staged_ids_or_none(schema: str) -> list[str]:
+    try:
+        return _staged_ids(schema)
+    except psycopg.Error:  # no table yet
+        return []
+
+
+def _staged_ids(schema: str) -> list[str]:
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        query = psycopg.sql.SQL("SELECT event_id FROM {}.broker_events").format(
+            psycopg.sql.Identifier(schema))
+        return [row[0] for row in conn.execute(query)]
+
+
+async def _run_until(worker: IngestWorker, done: Any, timeout: float = 60) -> None:
+    task = asyncio.create_task(worker.run())
+    deadline = time.monotonic() + timeout
+    try:
+        while not await asyncio.to_thread(done) and time.monotonic() < deadline:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.2)
+    finally:
+        worker.stop()
+        await task
+
+
+def _helper(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, str(HELPER), *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+# -- the fleet ------------------------------------------------------------------------------------
+
+
+def test_four_producers_two_workers_one_killed_and_restarted(names: Names) -> None:
+    sessions = 3
+    seeds = [11, 12, 13, 14]
+    expected = _reference([list(workload.events(sessions, seed=seed)) for seed in seeds])
+    worker_args = ("worker", URL, DSN, names.schema, names.stream, names.prefix)
+    first, second = _helper(*worker_args), _helper(*worker_args)
+    producers = [_helper("producer", URL, names.stream, names.prefix, str(names.spill), str(seed),
+                         str(sessions)) for seed in seeds]
+    deadline = time.monotonic() + 30
+    while len(_staged_ids_or_none(names.schema)) < 1000 and time.monotonic() < deadline:
+        time.sleep(0.05)  # mid-stream: the workers hold some events, others are still coming
+    first.kill()  # SIGKILL: whatever it held unacknowledged is redelivered, what it staged is replayed
+    first.wait()
+    for producer in producers:
+        _, err = producer.communicate(timeout=60)
+        assert producer.returncode == 0, err
+    restarted = _helper(*worker_args)
+    try:
+        stored = _wait_stored(names.schema, expected)
+    finally:
+        for worker in (second, restarted):
+            worker.send_signal(signal.SIGTERM)
+        outputs = [worker.communicate(timeout=30) for worker in (second, restarted)]
+    assert [w.returncode for w in (second, restarted)] == [0, 0], outputs
+    assert stored.keys() == expected.keys()
+    assert stored == expected
+    ids = _staged_ids(names.schema)
+    total = sum(workload.EVENTS_PER_SESSION * sessions for _ in seeds)
+    assert len(ids) == len(set(ids)) == total  # every event staged exactly once
+    status = asyncio.run(ingest_status(URL, DSN, schema=names.schema, stream=names.stream,
+                                       subject_prefix=names.prefix))
+    assert [(s.in_stream, s.unacknowledged, s.staged) for s in status] == [(0, 0, 0)] * 4
+
+
+# -- duplicates and order ---------------------------------------------------------------------------
+
+
+def _publish_raw(names: Names, messages: list[tuple[str, bytes, dict[str, str]]]) -> None:
+    async def publish() -> None:
+        nc = await nats.connect(names.url)
+        js = nc.jetstream()
+        for subject, payload, headers in messages:
+            await js.publish(subject, payload, headers=headers)
+        await nc.close()
+
+    asyncio.run(publish())
+
+
+@pytest.fixture
+def short_window(names: Names) -> Names:
+    """The stream created up front with a one-second duplicate window."""
+    async def create() -> None:
+        from phi_session.broker.settings import StreamSettings, ensure_stream
+
+        nc = await nats.connect(names.url)
+        await ensure_stream(nc.jetstream(), StreamSettings(stream=names.stream, subject_prefix=names.prefix,
+                                                           partitions=1, duplicate_window=1))
+        await nc.close()
+
+    asyncio.run(create())
+    return names
+
+
+def test_duplicate_publish_after_the_window_is_recorded_once(short_window: Names) -> None:
+    names = short_window
+    events = list(workload.events(1, seed=3))
+    with names.sink(partitions=1) as sink:
+        # A one-second duplicate window: a retry later than that reaches the stream twice.
+        for event in events:
+            sink(event)
+        assert sink.flush(30)
+        producer = sink.producer_id
+    time.sleep(1.5)
+    session = events[0].session_id
+    # The same event (same id) again, as a producer retrying after the window would send it.
+    _publish_raw(names, [(f"{names.prefix}.0", encode_event(events[5]),
+                          {"Nats-Msg-Id": f"{producer}-6", "Phi-Session": session})])
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(
+        worker, lambda: _stored(names.schema) == expected and worker.stats.received > len(events)))
+    assert _stored(names.schema) == expected
+    assert worker.stats.duplicates == 1
+    assert worker.stats.recorded == len(events)
+
+
+def test_out_of_order_redelivery_is_applied_in_order(names: Names) -> None:
+    events = list(workload.events(1, seed=4))
+    with names.sink(partitions=1) as sink:
+        for event in events:
+            sink(event)
+        assert sink.flush(30)
+
+    async def take_and_drop() -> int:
+        """A worker that took the first messages and died: they come back after ack_wait,
+        behind later ones."""
+        worker = names.worker()
+        nc = await nats.connect(names.url)
+        js = nc.jetstream()
+        from nats.js import api
+
+        await js.add_consumer(names.stream, api.ConsumerConfig(
+            durable_name="phi-ingest-0", filter_subject=f"{names.prefix}.0",
+            ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL, ack_wait=1.0,
+            max_deliver=-1, max_ack_pending=worker.batch * 4))
+        subscription = await js.pull_subscribe_bind(durable="phi-ingest-0", stream=names.stream)
+        taken = await subscription.fetch(20, timeout=5)
+        await nc.close()
+        return len(taken)
+
+    assert asyncio.run(take_and_drop()) == 20
+    worker = names.worker(batch=50)
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected))
+    assert _stored(names.schema) == expected
+    assert worker.stats.recorded == len(events)
+    assert worker.stats.held_back > 0  # later events did wait for the redelivered ones
+
+
+# -- the sink -----------------------------------------------------------------------------------------
+
+
+class PrivateServer:
+    """A nats-server of this test's own (so it can be stopped), on a free port."""
+
+    def __init__(self, directory: Path) -> None:
+        server = shutil.which("nats-server")
+        if server is None:
+            pytest.skip("no nats-server binary")
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            self.port = free.getsockname()[1]
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.command = [server, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(directory)]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not _listening(self.port):
+            assert time.monotonic() < deadline, "nats-server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def private(names: Names, tmp_path: Path) -> Iterator[Names]:
+    server = PrivateServer(tmp_path / "jetstream")
+    server.start()
+    names.url = server.url
+    names.server = server  # type: ignore[attr-defined]
+    yield names
+    server.stop()
+    names.url = URL  # the private server and its stream go with tmp_path
+
+
+def test_sink_spills_while_the_broker_is_down_and_sends_later(private: Names) -> None:
+    names, server = private, private.server  # type: ignore[attr-defined]
+    events = list(workload.events(2, seed=5))
+    half = len(events) // 2
+    sink = names.sink(buffer=100, publish_timeout=0.5)
+    for event in events[:half]:
+        sink(event)
+    assert sink.flush(30)
+    server.stop()
+    for event in events[half:]:
+        sink(event)  # never blocks: the buffer fills, then the rest goes to the spill journal
+    assert not sink.flush(0.5)
+    assert sink.stats().spilled > 0
+    assert any(names.spill.iterdir())
+    server.start()
+    assert sink.flush(30)
+    sink.close()
+    assert sink.stats().published == len(events)
+    assert not any(names.spill.iterdir())  # sent, then removed
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected))
+    assert _stored(names.schema) == expected
+    assert worker.stats.recorded == len(events)
+
+
+def test_workers_ride_out_a_broker_restart(private: Names) -> None:
+    names, server = private, private.server  # type: ignore[attr-defined]
+    events = list(workload.events(3, seed=8))
+    expected = _reference([events])
+    worker = names.worker()
+    thread = threading.Thread(target=asyncio.run, args=(worker.run(),))
+    sink = names.sink(partitions=2, publish_timeout=0.5)
+    thread.start()
+    try:
+        for event in events[:1000]:
+            sink(event)
+        assert sink.flush(30)
+        time.sleep(0.5)  # the worker is taking them
+        server.stop()
+        for event in events[1000:]:
+            sink(event)
+        time.sleep(1.0)  # the worker's fetches fail meanwhile
+        server.start()
+        assert sink.flush(30)
+        sink.close()
+        stored = _wait_stored(names.schema, expected)
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert stored == expected
+    assert worker.stats.recorded == len(events)
+    ids = _staged_ids(names.schema)
+    assert len(ids) == len(set(ids)) == len(events)
+
+
+def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> None:
+    events = list(workload.events(1, seed=6))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        dead = free.getsockname()[1]
+    offline = Names(names.stream, names.prefix, names.schema, names.spill, url=f"nats://127.0.0.1:{dead}")
+    sink = offline.sink(buffer=10, publish_timeout=0.2)
+    for event in events:
+        sink(event)
+    sink.close(timeout=0.5)  # nothing reached a broker: everything is kept on disk
+    assert sink.stats().pending == len(events)
+    with names.sink() as resender:
+        assert resender.flush(30)
+    assert not any(names.spill.iterdir())
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected))
+    assert _stored(names.schema) == expected
+    assert worker.stats.recorded == len(events)
+
+
+def test_sink_checks_its_arguments(names: Names) -> None:
+    with pytest.raises(ValueError, match="buffer"):
+        names.sink(buffer=0)
+    with pytest.raises(ValueError, match="stream"):
+        JetStreamSink(URL, stream="bad.name")
+    with pytest.raises(TypeError):
+        JetStreamSink(42)  # type: ignore[arg-type]
+
+
+def test_importing_phi_session_imports_no_broker_client() -> None:
+    code = "import sys, phi_session, phi_session.broker; print('nats' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+
+def test_record_to_nats_then_ingest_and_status(names: Names, tmp_path: Path) -> None:
+    events = list(workload.events(2, seed=7))
+    source = tmp_path / "events.jsonl"
+    source.write_bytes(b"\n".join(encode_event(event) for event in events) + b"\n{not json\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PHI_SESSION_NATS_PARTITIONS": "2",
+           "PHI_SESSION_NATS_STREAM": names.stream, "PHI_SESSION_NATS_SUBJECT_PREFIX": names.prefix}
+    store = f"{DSN}{'&' if '?' in DSN else '?'}schema={names.schema}"
+
+    def cli(*args: str, **options: Any) -> Any:
+        return subprocess.run([*CLI, *args], env=env, text=True,
+                              capture_output=True, cwd=tmp_path, **options)
+
+    published = cli("record", str(source), "--to", URL, "--json")
+    assert published.returncode == 0, published.stderr
+    assert '"published": 1240' in published.stdout and "line 1,241" in published.stderr
+    status = cli("ingest", URL, "--store", store, "--status", "--json")
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)
+    assert [row["partition"] for row in rows] == [0, 1]
+    assert sum(row["in_stream"] for row in rows) == len(events)  # the lag: nothing ingested yet
+    worker = subprocess.Popen([*CLI, "ingest", URL, "--store", store],
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=tmp_path)
+    expected = _reference([events])
+    stored = _wait_stored(names.schema, expected)
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "recorded 1,240 events" in out
+    assert stored == expected
+    assert cli("ingest", URL, "--store", str(tmp_path / "x.db")).returncode == 2
+
+
+def test_a_session_no_store_accepts_stays_staged_as_rejected(names: Names) -> None:
+    good = list(workload.events(1, seed=9))
+    session_id = good[0].session_id.encode()
+    bad = [decode_event(line.replace(session_id, b"../etc")) for line in workload.lines(1, seed=9)]
+    with names.sink(partitions=1) as sink:
+        for event in bad + good:
+            sink(event)
+        assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference([good])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected and worker.stats.rejected > 0))
+    assert _stored(names.schema) == expected
+    assert worker.stats.rejected == len(bad)  # kept with their payload, not replayed forever
+    status = asyncio.run(ingest_status(names.url, DSN, schema=names.schema, stream=names.stream,
+                                       subject_prefix=names.prefix))
+    assert [(row.staged, row.rejected) for row in status] == [(0, len(bad))]

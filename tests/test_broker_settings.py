@@ -1,0 +1,49 @@
+"""The broker's settings and partitioning, and its optional dependency: no services needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from phi_session.broker import StreamSettings, partition_of
+
+
+def test_settings_are_validated_with_the_field_named() -> None:
+    for bad in ({"stream": "a.b"}, {"stream": ""}, {"subject_prefix": "a..b"}, {"subject_prefix": "a.*"},
+                {"partitions": 0}, {"partitions": 1025}, {"partitions": True}, {"max_bytes": 10},
+                {"duplicate_window": 0}, {"duplicate_window": 20, "max_age": 10}):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=name):
+            StreamSettings(**bad)  # type: ignore[arg-type]
+
+
+def test_settings_from_arguments_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHI_SESSION_NATS_PARTITIONS", "3")
+    monkeypatch.setenv("PHI_SESSION_NATS_STREAM", "FROM_ENV")
+    settings = StreamSettings.from_env(stream="GIVEN", subject_prefix=None)
+    assert (settings.stream, settings.partitions, settings.subject_prefix) == ("GIVEN", 3, "phi.events")
+    assert settings.subjects() == ["phi.events.0", "phi.events.1", "phi.events.2"]
+    monkeypatch.setenv("PHI_SESSION_NATS_MAX_AGE", "soon")
+    with pytest.raises(ValueError, match="PHI_SESSION_NATS_MAX_AGE"):
+        StreamSettings.from_env()
+    with pytest.raises(TypeError, match="colour"):
+        StreamSettings.from_env(colour="red")
+
+
+def test_partitions_are_stable_and_spread() -> None:
+    assert partition_of("session-1", 8) == partition_of("session-1", 8)
+    spread = {partition_of(f"session-{n}", 8) for n in range(200)}
+    assert spread == set(range(8))
+    assert partition_of("s", 1) == 0
+
+
+def test_without_nats_py_the_error_names_the_extra() -> None:
+    code = ("import sys; sys.modules['nats'] = None\n"
+            "from phi_session.broker import JetStreamSink\n"
+            "from phi_session.errors import MissingExtra\n"
+            "try:\n    JetStreamSink('nats://127.0.0.1:4222')\n"
+            "except MissingExtra as error:\n    print(error)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'phi-session[nats]'" in out.stdout
