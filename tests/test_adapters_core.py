@@ -90,7 +90,8 @@ def test_a_run_may_continue_the_session_as_another_kind() -> None:
     (session,) = recorder.sessions()
     first, second = session.loops
     assert first.continuation_kind is not None and first.continuation_kind.kind == "Initial"
-    assert second.parent_loop_id == first.loop_id and second.continuation_kind == ContinuationKind.branch("cp-7")
+    assert second.parent_loop_id == first.loop_id
+    assert second.continuation_kind == ContinuationKind.branch("cp-7")
     assert_round_trip(recorder)
 
 

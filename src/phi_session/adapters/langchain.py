@@ -63,7 +63,7 @@ from ..messages import (
     Usage,
     UserMessage,
 )
-from ._core import AdapterCore, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from ._core import AdapterCore, RunningTool, SinkArg, enter_tool, leave_tool, require_extra, usage_of
 
 require_extra("langchain", "langchain_core")
 
@@ -305,7 +305,7 @@ class _Mapper:
         self._runs: dict[UUID, _Run] = {}  # every run id under a recorded root run -> its _Run
         self._roots: dict[UUID, _Run] = {}
         self._replies: dict[UUID, tuple[_Run, MessageScope]] = {}
-        self._tools: dict[UUID, tuple[_Run, ToolScope, Token[ToolScope | None]]] = {}
+        self._tools: dict[UUID, tuple[_Run, ToolScope, Token[RunningTool | None]]] = {}
 
     # -- loops ---------------------------------------------------------------------------------
 
