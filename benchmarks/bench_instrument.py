@@ -28,23 +28,26 @@ import gc
 import json
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import phi_session
 from phi_session import (
     AgentEnd,
     AgentStart,
+    AnnotatedRequestPayload,
     AssistantMessage,
     LoopConfigSnapshot,
     MessageEnd,
     MessageUpdate,
     ThinkingContent,
     ToolCall,
+    ToolDefinition,
     ToolExecutionEnd,
     TurnEnd,
     Usage,
@@ -52,12 +55,17 @@ from phi_session import (
 )
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
-from phi_session.recorder import SessionRecorder
+from phi_session.messages import TextFormat
+from phi_session.persist import AutoPersistingRecorder
+from phi_session.recorder import SessionRecorder, SessionRecorderConfig
+from phi_session.stores.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload  # lives next to this script
 
 TARGET = 1.5
+
+Requests = Literal["history", "delta"] | None
 
 # -- the script: what the agent did, independent of how it is recorded --------------------------
 
@@ -133,22 +141,33 @@ def read_script(sessions: int) -> list[SessionScript]:
 # -- instrumented: the script through the API ---------------------------------------------------
 
 
-def play(script: Sequence[SessionScript], tracers: dict[str, Tracer]) -> None:
-    """Play every session through `Tracer` scopes (one tracer per agent)."""
+def play(script: Sequence[SessionScript], tracers: dict[str, Tracer], requests: Requests = None) -> None:
+    """Play every session through `Tracer` scopes (one tracer per agent).
+
+    `requests`: ``"history"`` gives every turn a ``TurnRequest`` carrying the whole
+    conversation so far (as phi-core's agent sends it), ``"delta"`` only the messages
+    new since the previous request, None no ``TurnRequest`` at all.
+    """
     for session in script:
         tracer = tracers[session.agent_id]
         agent = tracer.agent
         if agent.last_loop_id is not None:  # the agent's next conversation: a new session
             agent.new_session()
         first_id: str | None = None
+        conversation: list[Any] = []  # every message of the session so far
+        sent = 0  # how many of them earlier requests carried
         for loop_script in session.loops:
             with tracer.loop(session.config, continues=first_id) as loop:
                 if first_id is None:
                     first_id = loop.loop_id
                 if loop_script.prompt is not None:
-                    loop.user(loop_script.prompt)
+                    conversation.append(loop.user(loop_script.prompt))
                 for turn_script in loop_script.turns:
-                    with loop.turn() as turn:
+                    request = None
+                    if requests is not None:
+                        request = _payload(session.config, conversation[sent if requests == "delta" else 0:])
+                        sent = len(conversation)
+                    with loop.turn(request=request) as turn:
                         with turn.assistant() as reply:
                             stream = {"Text": reply.text_delta, "Thinking": reply.thinking_delta,
                                       "ToolCallDelta": reply.tool_call_delta}
@@ -158,6 +177,27 @@ def play(script: Sequence[SessionScript], tracers: dict[str, Tracer]) -> None:
                         for call, output in zip(turn_script.calls, turn_script.outputs, strict=True):
                             with turn.tool(call) as tool:
                                 tool.result(output)
+                    conversation.append(turn.message)
+                    conversation.extend(turn.tool_results)
+
+
+_SYSTEM_PROMPT = ("You are a careful coding agent. Read the code before changing it, run the tests "
+                  "after every change, and explain what you did in a few sentences.")
+_TOOL_DEFINITIONS = tuple(
+    ToolDefinition(name=name, description=f"The {name.replace('_', ' ')} tool.",
+                   parameters={"type": "object", "properties": {"path": {"type": "string"},
+                               "query": {"type": "string"}, "max_results": {"type": "integer"}},
+                               "required": ["path"]})
+    for name in ("read_file", "grep", "run_tests", "list_dir", "web_search")
+)
+
+
+def _payload(config: LoopConfigSnapshot, messages: Sequence[Any]) -> AnnotatedRequestPayload:
+    return AnnotatedRequestPayload(
+        system_prompt=_SYSTEM_PROMPT, messages=tuple(messages), provenance=(), tools=_TOOL_DEFINITIONS,
+        model_id=config.model, thinking_level="medium", max_tokens=config.max_tokens,
+        response_format=TextFormat(),
+    )
 
 
 def _tracers(script: Sequence[SessionScript], sinks: Sequence[Any]) -> dict[str, Tracer]:
@@ -289,6 +329,225 @@ def null_producer(script: Sequence[SessionScript]) -> list[str]:
     return [dumps(events) for events in loops.values()]
 
 
+# -- issue 11: the realistic workload, the Agents SDK peer, SQLite, scale ----------------------------
+
+REALISTIC_TARGETS = {"memory": 1.2, "sqlite": 1.0, "bytes_per_event": 500.0, "growth": 1.10}
+
+
+def realistic_events(script: Sequence[SessionScript]) -> int:
+    """Events of the script played with requests: the workload's plus one ``TurnRequest`` a turn."""
+    turns = workload.LOOPS_PER_SESSION * workload.TURNS_PER_LOOP
+    return len(script) * (workload.EVENTS_PER_SESSION + turns)
+
+
+def recorded(script: Sequence[SessionScript], requests: Requests) -> int:
+    """Producer (redactor on) -> recorder keeping every chunk -> every session encoded; the bytes."""
+    recorder = SessionRecorder(include_streaming_events=True)
+    play(script, _tracers(script, [recorder]), requests)
+    recorder.flush()
+    encode = phi_session.encode
+    return sum(len(encode(session)) for session in recorder.drain_completed())
+
+
+def persisted(script: Sequence[SessionScript], path: Path, requests: Requests) -> int:
+    """Producer -> the default persisting path into SQLite, every session saved on return;
+    the bytes stored."""
+    for leftover in path.parent.glob(path.name + "*"):
+        leftover.unlink()
+    store = SqliteStore(path)
+    persisting = AutoPersistingRecorder(store, config=SessionRecorderConfig(include_streaming_events=True))
+    play(script, _tracers(script, [persisting.on_event]), requests)
+    persisting.close()
+    store.close()
+    return sum(file.stat().st_size for file in path.parent.glob(path.name + "*"))
+
+
+def on_json_lines(lines: Sequence[bytes]) -> None:
+    recorder = SessionRecorder()
+    on_json = recorder.on_json
+    for line in lines:
+        on_json(line)
+    recorder.flush()
+
+
+def agents_sdk_peer(path: Path) -> Callable[[Sequence[SessionScript], Requests], object] | str:
+    """The OpenAI Agents SDK's tracing with a processor appending each span's (and trace's)
+    export dict as a JSON line to `path`; or why it cannot run."""
+    try:
+        from agents import tracing
+    except ImportError as error:
+        return f"openai-agents is not installed ({error}): pip install 'openai-agents>=0.24'"
+
+    class JsonlProcessor(tracing.TracingProcessor):
+        def __init__(self) -> None:
+            self.file = path.open("a", encoding="utf-8")
+
+        def on_trace_start(self, trace: Any) -> None:
+            pass
+
+        def on_trace_end(self, trace: Any) -> None:
+            exported = trace.export()
+            if exported is not None:
+                self.file.write(json.dumps(exported) + "\n")
+
+        def on_span_start(self, span: Any) -> None:
+            pass
+
+        def on_span_end(self, span: Any) -> None:
+            exported = span.export()
+            if exported is not None:
+                self.file.write(json.dumps(exported) + "\n")
+
+        def shutdown(self) -> None:
+            self.file.close()
+
+        def force_flush(self) -> None:
+            self.file.flush()
+
+    def run(script: Sequence[SessionScript], requests: Requests) -> None:
+        path.unlink(missing_ok=True)
+        processor = JsonlProcessor()
+        tool_names = [definition.name for definition in _TOOL_DEFINITIONS]
+        tracing.set_trace_processors([processor])
+        try:
+            for s_index, session in enumerate(script):
+                with tracing.trace("coding agent", group_id=f"session-{s_index}"):
+                    conversation: list[dict[str, Any]] = []
+                    sent = 0
+                    for loop_script in session.loops:
+                        with tracing.agent_span(name="coding agent", tools=tool_names):
+                            if loop_script.prompt is not None:
+                                conversation.append({"role": "user", "content": loop_script.prompt})
+                            for turn_script in loop_script.turns:
+                                start = sent if requests == "delta" else 0
+                                inputs = conversation[start:] if requests is not None else []
+                                sent = len(conversation)
+                                reply = {"role": "assistant", "content": turn_script.text,
+                                         "reasoning": turn_script.thinking,
+                                         "tool_calls": [{"id": c.id, "type": "function", "function": {
+                                             "name": c.name, "arguments": json.dumps(c.arguments)}}
+                                             for c in turn_script.calls]}
+                                with tracing.generation_span(
+                                    input=inputs, model=session.config.model,
+                                    model_config={"max_tokens": session.config.max_tokens},
+                                    usage={"input_tokens": turn_script.usage.input,
+                                           "output_tokens": turn_script.usage.output},
+                                ) as generation:
+                                    generation.span_data.output = [reply]
+                                conversation.append(reply)
+                                for call, output in zip(turn_script.calls, turn_script.outputs, strict=True):
+                                    arguments = json.dumps(call.arguments)
+                                    with tracing.function_span(call.name, input=arguments) as function:
+                                        function.span_data.output = output
+                                    conversation.append({"role": "tool", "tool_call_id": call.id,
+                                                         "content": output})
+        finally:
+            processor.shutdown()
+            tracing.set_trace_processors([])
+
+    return run
+
+
+@dataclass
+class Clock:
+    """Best wall and CPU seconds of one measurement over interleaved rounds."""
+
+    label: str
+    events: int
+    wall: float = float("inf")
+    cpu: float = float("inf")
+
+    def per_event(self) -> float:
+        return self.cpu / self.events
+
+    def rate(self) -> float:
+        return self.events / self.cpu
+
+
+def interleaved(repeat: int, operations: Sequence[tuple[Clock, Callable[[], object]]]) -> None:
+    """Run every operation once per round, `repeat` rounds, keeping each one's best
+    (the machine is shared: interleaving spreads its noise over all of them)."""
+    for _ in range(repeat):
+        for clock, fn in operations:
+            gc.collect()
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = fn()
+            clock.wall = min(clock.wall, time.perf_counter() - wall)
+            clock.cpu = min(clock.cpu, time.process_time() - cpu)
+            del result
+        print("  one round measured ...", file=sys.stderr, flush=True)
+
+
+def realistic(repeat: int, directory: Path) -> None:
+    """Issue 11's rows: every figure per event of CPU time (threads included)."""
+    script = read_script(workload.W1)
+    big_script = read_script(workload.W2)
+    n1, n2 = realistic_events(script), realistic_events(big_script)
+    lines1, lines2 = workload.lines(workload.W1), workload.lines(workload.W2)
+    database = directory / "bench.sqlite"
+    stored = persisted(script, database, "history")
+    stored_delta = persisted(script, database, "delta")
+    peer = agents_sdk_peer(directory / "agents.jsonl")
+
+    rows = {
+        "memory": Clock("phi-session: Tracer -> recorder -> encode", n1),
+        "memory_delta": Clock("  Tracer -> recorder -> encode, delta-only", n1),
+        "sqlite": Clock("phi-session: Tracer -> SQLite, all saved", n1),
+        "sqlite_delta": Clock("  Tracer -> SQLite, delta-only", n1),
+        "producer_w2": Clock("  Tracer -> recorder -> encode, 1,000 sessions", n2),
+        "on_json": Clock("on_json + flush, 100 sessions", len(lines1)),
+        "on_json_w2": Clock("on_json + flush, 1,000 sessions", len(lines2)),
+    }
+    operations: list[tuple[Clock, Callable[[], object]]] = [
+        (rows["memory"], lambda: recorded(script, "history")),
+        (rows["memory_delta"], lambda: recorded(script, "delta")),
+        (rows["sqlite"], lambda: persisted(script, database, "history")),
+        (rows["sqlite_delta"], lambda: persisted(script, database, "delta")),
+        (rows["producer_w2"], lambda: recorded(big_script, "history")),
+        (rows["on_json"], lambda: on_json_lines(lines1)),
+        (rows["on_json_w2"], lambda: on_json_lines(lines2)),
+    ]
+    if not isinstance(peer, str):
+        run_peer = peer
+        rows["peer"] = Clock("OpenAI Agents SDK tracing -> JSONL processor", n1)
+        rows["peer_delta"] = Clock("  Agents SDK, delta-only inputs", n1)
+        operations += [(rows["peer"], lambda: run_peer(script, "history")),
+                       (rows["peer_delta"], lambda: run_peer(script, "delta"))]
+    interleaved(repeat, operations)
+
+    print()
+    print(f"issue 11 workload: {len(script)} sessions x {workload.LOOPS_PER_SESSION} loops x "
+          f"{workload.TURNS_PER_LOOP} turns, a TurnRequest per turn with the conversation so far; "
+          f"redactor on, every chunk kept; best of {repeat} interleaved, CPU time (all threads)")
+    print()
+    print(f"{'measurement':<48} {'wall ms':>9} {'cpu ms':>9} {'events/s':>11}")
+    print("-" * 80)
+    for clock in rows.values():
+        print(f"{clock.label:<48} {clock.wall * 1e3:>9.1f} {clock.cpu * 1e3:>9.1f} {clock.rate():>11,.0f}")
+    print()
+    if isinstance(peer, str):
+        print(f"Agents SDK peer skipped: {peer}")
+    else:
+        for key, target in (("memory", REALISTIC_TARGETS["memory"]), ("sqlite", REALISTIC_TARGETS["sqlite"])):
+            ratio = rows["peer"].cpu / rows[key].cpu
+            print(f"{rows[key].label + ' vs peer':<64} {ratio:>6.2f}x  goal >= {target}x  "
+                  f"{'PASS' if ratio >= target else 'MISS'}")
+        for key in ("memory_delta", "sqlite_delta"):
+            ratio = rows["peer_delta"].cpu / rows[key].cpu
+            print(f"{rows[key].label + ' vs peer, delta-only':<64} {ratio:>6.2f}x")
+    per_event = stored / n1
+    goal = REALISTIC_TARGETS["bytes_per_event"]
+    print(f"{'SQLite bytes stored per event':<64} {per_event:>7.0f}  goal <= {goal:.0f}  "
+          f"{'PASS' if per_event <= goal else 'MISS'}")
+    print(f"{'  same, delta-only requests':<64} {stored_delta / n1:>7.0f}")
+    goal = REALISTIC_TARGETS["growth"]
+    scaled = (("on_json", "on_json", "on_json_w2"), ("producer path", "memory", "producer_w2"))
+    for label, small, big in scaled:
+        growth = rows[big].per_event() / rows[small].per_event()
+        print(f"{'per-event cost, 1,000 vs 100 sessions: ' + label:<64} {growth:>6.2f}x  goal <= {goal}x  "
+              f"{'PASS' if growth <= goal else 'MISS'}")
+
+
 # -- timing -------------------------------------------------------------------------------------
 
 
@@ -308,8 +567,19 @@ def best_of(repeat: int, fn: Callable[[], object]) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="best of 2 instead of 5")
+    parser.add_argument("--part", choices=("all", "producer", "realistic"), default="all",
+                        help="the issue-4 producer rows, the issue-11 realistic rows, or both")
     args = parser.parse_args(argv)
     repeat = 2 if args.quick else 5
+    if args.part != "realistic":
+        producer(repeat)
+    if args.part != "producer":
+        with tempfile.TemporaryDirectory(prefix="phi-bench-") as directory:
+            realistic(repeat, Path(directory))
+    return 0
+
+
+def producer(repeat: int) -> None:
 
     script = read_script(workload.W1)
     events = len(script) * workload.EVENTS_PER_SESSION
@@ -342,7 +612,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'null producer time / instrumented time':<46} {ratio:>8.2f}x  goal >= {TARGET}x  "
           f"{'PASS' if ratio >= TARGET else 'MISS'}")
     print(f"{'  same, recorder keeping deltas':<46} {t_null / t_api_deltas:>8.2f}x")
-    return 0
 
 
 if __name__ == "__main__":

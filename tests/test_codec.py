@@ -273,3 +273,40 @@ def test_enum_values_compare_by_value() -> None:
     assert ps.SessionFormation.first_loop(t) != ps.SessionFormation.explicit(t)
     with pytest.raises(AttributeError):
         ps.DEFAULT.kind = "Rerun"  # type: ignore[misc]
+
+
+def test_a_history_resent_in_every_turn_request_is_encoded_once_per_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from phi_session import codec
+    from phi_session.identity import AgentSession, FakeClock
+    from phi_session.instrument import Tracer
+    from phi_session.messages import TextFormat
+    from phi_session.recorder import SessionRecorder
+
+    recorder = SessionRecorder()
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[recorder])
+    with tracer.loop(config_id="p.m") as loop:
+        loop.user("hi")
+        for _ in range(4):
+            payload = ps.AnnotatedRequestPayload(  # the loop's messages so far, stamped with their turns
+                system_prompt="", messages=tuple(loop.messages), provenance=(),  # type: ignore[arg-type]
+                tools=(), model_id="m", thinking_level="off", response_format=TextFormat())
+            with loop.turn(request=payload) as turn:
+                with turn.assistant() as reply:
+                    reply.finish("ok")
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    expected = ps.encode(session)
+
+    prepared: list[int] = []
+
+    def counting(message: ps.Message) -> ps.Message:
+        prepared.append(id(message))
+        return plain_message(message)
+
+    plain_message = codec._plain_message
+    monkeypatch.setattr(codec, "_plain_message", counting)
+    assert ps.encode(session) == expected
+    # Each distinct message of the requests' histories is prepared (and encoded) once.
+    assert len(prepared) == len(set(prepared)) == 4

@@ -358,3 +358,46 @@ def test_json_string_arguments_are_redacted_field_by_field() -> None:
     clean = '{"q": "x"}'
     assert redactor.redact_json_string(clean) is clean  # unchanged text is kept byte for byte
     assert redactor.redact_json_string("{not json sk-abcdefghijklmnopqrstuv") == "{not json [REDACTED]"
+
+
+class CountingRedactor(Redactor):
+    """Counts the scans of each value by identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans: dict[int, int] = {}
+
+    def redact_value(self, value: Any) -> Any:
+        self.scans[id(value)] = self.scans.get(id(value), 0) + 1
+        return super().redact_value(value)
+
+
+def _history_request(history: tuple[ps.Message, ...]) -> ps.TurnRequest:
+    payload = ps.AnnotatedRequestPayload(system_prompt="", messages=history, provenance=(), tools=(),
+                                         model_id="m", thinking_level="off", response_format=TextFormat())
+    return ps.TurnRequest(loop_id="l", turn_index=len(history), payload=payload, timestamp=ps.Timestamp.now())
+
+
+def test_a_history_resent_in_every_turn_request_is_scanned_once() -> None:
+    arguments = {"path": "src/a.py", "query": "where is the cache"}
+    reply = ps.AssistantMessage(content=(ps.ToolCall(id="c1", name="grep", arguments=arguments),),
+                                stop_reason="toolUse", model="m", provider="p",
+                                usage=ps.Usage(input=1, output=1), timestamp=1)
+    redactor = CountingRedactor()
+    redactor(ps.MessageEnd(loop_id="l", message=reply))
+    for _ in range(5):
+        assert redactor(_history_request((reply,))).payload.messages == (reply,)  # type: ignore[attr-defined]
+    assert redactor.scans[id(arguments)] == 1
+
+
+def test_a_remembered_message_whose_arguments_gain_a_secret_is_scanned_again() -> None:
+    arguments: dict[str, Any] = {"nested": {"q": "x"}}
+    reply = ps.AssistantMessage(content=(ps.ToolCall(id="c1", name="http", arguments=arguments),),
+                                stop_reason="toolUse", model="m", provider="p",
+                                usage=ps.Usage(input=1, output=1), timestamp=1)
+    redactor = Redactor()
+    assert redactor(_history_request((reply,))) is not None
+    arguments["nested"]["api_key"] = "plain-value"  # a change deep inside the same dict
+    redacted = redactor(_history_request((reply,)))
+    [message] = redacted.payload.messages  # type: ignore[attr-defined]
+    assert message.content[0].arguments["nested"]["api_key"] == REDACTED

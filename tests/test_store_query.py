@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from phi_session import InvalidQuery, PruneCriteria, SessionQuery, Timestamp
-from phi_session.stores.query import MAX_COUNT, parse_group_by, parse_time_bound
+from phi_session.stores.query import MAX_COUNT, PageCursor, parse_group_by, parse_time_bound
 
 NOW = Timestamp.parse("2025-06-03T12:00:00Z")
 
@@ -47,6 +47,11 @@ def test_status_and_order_are_case_insensitive_and_kept_canonical() -> None:
     ({"since": "tomorrow"}, "since: 'tomorrow' is not a time"),
     ({"status": "Done"}, "status: expected one of Pending, Running, Completed, Rejected, Aborted; got 'Do"),
     ({"order": "random"}, "order: expected one of newest, oldest, tokens; got 'random'"),
+    ({"after": "newest:12"}, "after: not a page cursor: 'newest:12'"),
+    ({"after": "random:1:s"}, "after: expected one of newest, oldest, tokens"),
+    ({"after": "newest:x:s"}, "after: not a page cursor"),
+    ({"after": "newest:" + "9" * 5000 + ":s"}, "after: not a page cursor"),
+    ({"after": "tokens:5:s"}, "after: the cursor was made for order 'tokens', not 'newest'"),
     ({"colour": "blue"}, "colour: unknown filter; known filters: agent, since"),
     ({"since": "2025-06-03", "until": "2025-06-01"}, "until: 2025-06-01T00:00:00Z is not later than since"),
 ])
@@ -103,3 +108,22 @@ def test_queries_are_frozen_values() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         query.agent_id = "b"  # type: ignore[misc]
     assert query == SessionQuery(agent_id="a") and hash(query) == hash(SessionQuery(agent_id="a"))
+
+
+def test_page_cursor_text_round_trips_and_ids_may_hold_colons() -> None:
+    cursor = PageCursor("tokens", 2**70, "a:b:c")
+    assert PageCursor.parse(str(cursor)) == cursor
+    assert SessionQuery.from_strings({"order": "tokens", "after": str(cursor)}).after == cursor
+
+
+def test_next_page_only_while_pages_are_full() -> None:
+    query = SessionQuery(limit=2)
+    assert SessionQuery().next_page([]) is None
+    assert query.next_page([]) is None
+
+
+def test_page_cursor_of_the_wrong_type_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="after must be PageCursor or None"):
+        SessionQuery(after="newest:1:s")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cursor value must be int"):
+        PageCursor("newest", "1", "s")  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ nothing. A screenshot of a session page is saved to ``artifacts/session-page.png
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -165,7 +166,8 @@ def test_open_session_expand_loop_and_follow_sub_agent_links(watched: Watched) -
     loop.locator("summary").first.click()
     assert loop.get_attribute("open") is not None
     turns = loop.locator(".turn")
-    assert turns.count() == 2 and turns.first.is_visible()
+    expect(turns).to_have_count(2)  # loaded when the loop first opens
+    assert turns.first.is_visible()
     first_turn = turns.first.inner_text()
     assert "Turn 0" in first_turn and "triggered by User" in first_turn
     assert "How hot must water be to boil at sea level?" in first_turn  # input message
@@ -210,7 +212,7 @@ def test_html_in_messages_is_text_and_runs_nothing(watched: Watched) -> None:
     page = watched.page
     page.goto(f"/#/session/{XSS_ID}")
     page.wait_for_selector("#loop-tree")
-    page.click("text=Expand all loops")
+    page.click("text=Expand loaded loops")
     page.get_by_text(XSS_TEXT, exact=True).first.wait_for()
     assert page.get_by_text(XSS_TEXT, exact=True).first.is_visible()
     assert page.get_by_text(XSS_REPLY, exact=True).first.is_visible()
@@ -283,3 +285,147 @@ def test_session_page_screenshot(watched: Watched, demo_ids: dict[str, Any]) -> 
     page.goto("/")
     page.wait_for_selector("#sessions")
     page.screenshot(path=str(ARTIFACTS / "session-list.png"))
+
+
+# -- timeline, charts, paging, chat, a huge session (issue 14) -------------------------------
+
+
+def test_timeline_hover_and_click_opens_the_turn(watched: Watched, demo_ids: dict[str, Any]) -> None:
+    page = watched.page
+    page.goto(f"/#/session/{PARENT_ID}")
+    page.wait_for_selector("#timeline")
+    kinds = page.locator("#timeline g.bar").evaluate_all("bars => bars.map(b => b.dataset.kind)")
+    assert kinds[0] == "session" and {"loop", "turn", "model", "tool"} <= set(kinds)
+    assert kinds.count("session") == 2  # the sub-agent's session, inline
+    tool = page.locator("#timeline g.bar-tool", has_text="researcher").first
+    title = tool.locator("title").text_content() or ""
+    assert "researcher" in title and "from 2025-" in title
+    turn = page.locator("#timeline g.bar-turn", has_text="turn 1").last  # the parent's second turn
+    assert "tokens" in (turn.locator("title").text_content() or "")  # tokens on hover
+    turn.click()
+    loop = loop_details(page, PARENT_LOOP)
+    expect(loop).to_have_attribute("open", "")
+    highlighted = loop.locator(".turn.highlight")
+    expect(highlighted).to_have_count(1)
+    assert highlighted.get_attribute("data-turn-index") == "1"
+    ARTIFACTS.mkdir(exist_ok=True)
+    session_id = demo_ids["demo"][0] if demo_ids["demo"] else PARENT_ID
+    page.goto(f"/#/session/{session_id}")
+    expect(page.locator("h1")).to_contain_text(session_id)  # the new page, not the old one's timeline
+    page.wait_for_selector("#timeline")
+    page.locator("#timeline-holder").screenshot(path=str(ARTIFACTS / "timeline.png"))
+
+
+def test_chat_view_of_a_loop(watched: Watched) -> None:
+    page = watched.page
+    page.goto(f"/#/session/{PARENT_ID}")
+    loop = loop_details(page, PARENT_LOOP)
+    loop.locator("summary").first.click()
+    loop.locator("button.view-chat").click()
+    chat = loop.locator(".chat")
+    expect(chat).to_be_visible()
+    assert chat.locator(".bubble-user").first.inner_text().startswith("How hot must water be")
+    tool = chat.locator("details.chat-tool").first
+    assert "researcher" in tool.locator("summary").inner_text()
+    assert tool.get_attribute("open") is None  # folded
+    assert not loop.locator(".structured").is_visible()
+    loop.locator("button.view-structured").click()
+    expect(loop.locator(".structured")).to_be_visible()
+
+
+def test_event_log_type_filter(watched: Watched) -> None:
+    page = watched.page
+    page.goto(f"/#/session/{PARALLEL_ID}")
+    page.click("#show-events")
+    page.wait_for_selector("#event-log")
+    page.select_option("#event-type", "AgentStart")
+    expect(page.locator("#event-count")).to_contain_text("of 2 events")
+    types = page.locator("#event-log tbody tr td:nth-child(3)").all_inner_texts()
+    assert types == ["AgentStart", "AgentStart"]
+
+
+def test_usage_charts(watched: Watched) -> None:
+    page = watched.page
+    page.goto("/#/stats")
+    page.wait_for_selector("#chart-day")
+    for by in ("day", "model", "agent"):
+        assert page.locator(f"#chart-{by} g.chart-bar").count() >= 1
+    models = page.locator("#chart-model g.chart-bar title").all_text_contents()
+    assert any(text.startswith("openai/gpt-4o\n") and "tokens" in text for text in models)
+    page.locator(".charts").screenshot(path=str(ARTIFACTS / "usage-charts.png"))
+
+
+def test_session_list_pages_by_keyset(watched: Watched, demo_ids: dict[str, Any]) -> None:
+    page = watched.page
+    total = len(EXAMPLE_IDS) + 1 + len(demo_ids["demo"])
+    page.goto("/#/?limit=3")
+    page.wait_for_selector("#sessions")
+    seen: list[str] = []
+    while True:
+        page.wait_for_selector("#sessions")
+        seen += page.locator("#sessions a.session-link").all_inner_texts()
+        if page.locator("#next-page").count() == 0:
+            break
+        page.click("#next-page")
+        page.wait_for_url(lambda url: "after=" in url)
+        expect(page.locator("#first-page")).to_be_visible()
+    assert len(seen) == len(set(seen)) == total
+    prompt = page.locator("#sessions td.prompt").first
+    expect(prompt).not_to_have_text("…")
+    expect(page.locator("#sessions td.cost").first).to_contain_text(re.compile(r"^(\$|cost unknown)"))
+
+
+@pytest.fixture(scope="module")
+def huge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ViewerServer]:
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_viewer import huge_session
+
+    directory = tmp_path_factory.mktemp("huge-store")
+    with JsonDirStore(directory) as store:
+        store.save(huge_session(600))
+        with running_server(store) as running:
+            yield running
+
+
+def test_huge_session_opens_paged(browser: Any, huge_server: ViewerServer) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=huge_server.url)
+    context.set_default_timeout(60_000)
+    page = context.new_page()
+    watcher = Watched(page)
+    try:
+        page.goto("/#/session/huge-session")
+        page.wait_for_selector("#loop-tree")
+        assert page.locator("#loop-tree details.loop").count() == 200  # one page, not 600
+        expect(page.locator("#loop-count")).to_have_text("200 of 600 loops shown")
+        page.click("#more-loops")
+        expect(page.locator("#loop-tree details.loop")).to_have_count(400)
+        page.wait_for_selector("#timeline")
+        assert page.locator("#timeline g.bar").count() == 200
+        page.click("#more-bars")
+        expect(page.locator("#timeline g.bar")).to_have_count(400)
+        page.click("#show-events")
+        expect(page.locator("#event-log tbody tr")).to_have_count(200)
+        page.click("#more-events")
+        expect(page.locator("#event-log tbody tr")).to_have_count(400)
+        page.screenshot(path=str(ARTIFACTS / "huge-session.png"))
+    finally:
+        context.close()
+    assert watcher.errors == [] and watcher.dialogs == []
+
+
+def test_search_box_and_cost(watched: Watched) -> None:
+    page = watched.page
+    page.goto("/")
+    page.fill("#search-form input[name=q]", "boils")
+    page.press("#search-form input[name=q]", "Enter")
+    page.wait_for_selector("#hits")
+    assert "q=boils" in page.url
+    marks = page.locator("#hits mark").all_inner_texts()
+    assert marks and all(mark.lower().startswith("boil") for mark in marks)
+    page.locator("#hits a.hit-link", has_text=PARENT_ID).first.click()
+    page.wait_for_selector("#loop-tree")
+    expect(page.locator("#session-cost")).to_be_visible()  # a figure, or "cost unknown", never a silent 0
+    page.goto("/#/stats?by=model")
+    page.wait_for_selector("#stats")
+    expect(page.locator("#stats th", has_text="Cost (USD)")).to_have_count(1)

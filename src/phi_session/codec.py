@@ -208,18 +208,39 @@ def _plain_message(message: Message) -> Message:
                    provenance_hint=None)
 
 
-def _strip_plain(event: Any) -> Any:
-    """Drop agent metadata from the plain-form messages of an event."""
-    return map_messages(event, _plain_message, agent=False)
+class _RawPlainMessages:
+    """Plain-form messages (a ``TurnRequest``'s history) as their bytes, once per object per
+    document: each request repeats every earlier message of the conversation."""
+
+    __slots__ = ("memo",)
+
+    def __init__(self) -> None:
+        # Entries hold the original, so its id cannot be reused while the memo lives.
+        self.memo: dict[int, tuple[Message, msgspec.Raw]] = {}
+
+    def __call__(self, message: Message) -> msgspec.Raw:
+        hit = self.memo.get(id(message))
+        if hit is not None and hit[0] is message:
+            return hit[1]
+        raw = msgspec.Raw(_plain.encode(_plain_message(message)))
+        self.memo[id(message)] = (message, raw)
+        return raw
 
 
-def _strip_loop(record: LoopRecord) -> LoopRecord:
+def _strip_plain(event: Any, plain: Callable[[Message], Any] = _plain_message) -> Any:
+    """Drop agent metadata from the plain-form messages of an event (`plain`: what each
+    becomes, stripped or, in a document being encoded, its bytes)."""
+    return map_messages(event, plain, agent=False)
+
+
+def _strip_loop(record: LoopRecord, plain: Callable[[Message], Any] = _plain_message) -> LoopRecord:
     """`record` without agent metadata in its plain-form messages: itself when it has
     none, else a copy. Decoders drop such metadata (as phi-core does) and encoders
-    never write it, so a record encodes the same before and after a round trip."""
+    never write it, so a record encodes the same before and after a round trip.
+    `plain` as in `_strip_plain`."""
     events = None
     for index, item in enumerate(record.events):
-        stripped = _strip_plain(item.event)
+        stripped = _strip_plain(item.event, plain)
         if stripped is not item.event:
             events = events if events is not None else list(record.events)
             events[index] = LoopEvent(sequence=item.sequence, event=stripped)
@@ -227,7 +248,7 @@ def _strip_loop(record: LoopRecord) -> LoopRecord:
     for index, turn in enumerate(record.turns):
         payload = turn.request_payload
         if payload is not None:
-            messages = tuple(_plain_message(m) for m in payload.messages)
+            messages = tuple(plain(m) for m in payload.messages)
             if any(a is not b for a, b in zip(messages, payload.messages, strict=True)):
                 turns = turns if turns is not None else list(record.turns)
                 turns[index] = replace(turn, request_payload=replace(payload, messages=messages))
@@ -260,8 +281,8 @@ def decode_record(data: bytes | str, kind: type[_RecordT]) -> _RecordT:
 
 
 def _session_for_encoding(session: Session) -> Session:
-    to_raw = _RawMessages()
-    return replace(session, loops=[map_loop_messages(_strip_loop(r), to_raw) for r in session.loops])
+    to_raw, plain = _RawMessages(), _RawPlainMessages()
+    return replace(session, loops=[map_loop_messages(_strip_loop(r, plain), to_raw) for r in session.loops])
 
 
 def encode_session(session: Session, *, pretty: bool = True) -> bytes:
@@ -271,7 +292,7 @@ def encode_session(session: Session, *, pretty: bool = True) -> bytes:
 
 
 def encode_loop(record: LoopRecord, *, pretty: bool = True) -> bytes:
-    data = _plain.encode(map_loop_messages(_strip_loop(record), _RawMessages()))
+    data = _plain.encode(map_loop_messages(_strip_loop(record, _RawPlainMessages()), _RawMessages()))
     return msgspec.json.format(data, indent=2) if pretty else data
 
 

@@ -114,6 +114,13 @@ def _memoizable(content: tuple[Content, ...]) -> bool:
                for block in content)
 
 
+def _mutable_arguments(content: tuple[Content, ...]) -> list[Any]:
+    """The tool calls' arguments that could still change (dicts, lists); a list, so that
+    it compares equal to its JSON copy (see `Redactor._memoized`)."""
+    return [block.arguments for block in content
+            if type(block) is ToolCall and type(block.arguments) not in _IMMUTABLE_ARGUMENTS]
+
+
 class Redactor:
     """The built-in secret scrubber: a processor (see the module docs for what it covers).
 
@@ -145,7 +152,7 @@ class Redactor:
         self.replacement = replacement
         self.redact_text = redact_text
         self._field_verdicts: dict[str, bool] = {}
-        self._memo: dict[int, tuple[Any, Any]] = {}
+        self._memo: dict[int, tuple[Any, Any, Any]] = {}
         self._memo_lock = threading.Lock()
         # Per event type, what to scan; events of other types pass untouched, at the
         # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
@@ -258,30 +265,39 @@ class Redactor:
                 return text if redacted is parsed else _json_encode(redacted).decode()
         return self.redact_string(text)
 
-    def _memoized(self, value: Any, redact: Callable[[Any], Any]) -> Any:
+    def _memoized(self, value: Any, redact: Callable[[Any], Any],
+                  mutable_parts: Callable[[Any], list[Any]] | None = None) -> Any:
         """``redact(value)``, remembered for the same object.
 
         One message's content reaches the redactor several times (``MessageEnd``,
-        ``TurnEnd``, ``AgentEnd``): it is scanned once. Entries hold the object
-        itself, so its id cannot be reused while remembered. Only immutable values
-        may be memoized (see `_memoizable`): a dict could gain a secret after its
-        first scan.
+        ``TurnEnd``, ``AgentEnd``, and every later ``TurnRequest``'s history): it is
+        scanned once. Entries hold the object itself, so its id cannot be reused while
+        remembered. When `value` holds mutable parts (`mutable_parts(value)`, e.g. a
+        tool call's arguments dict, which could gain a secret after the scan), the entry
+        keeps a deep copy of them taken before the scan and only holds while they still
+        equal it; parts that do not copy as JSON are never remembered.
         """
         key = id(value)
         # Lock-free read: a hit holds its object, so the identity check is reliable.
         hit = self._memo.get(key)
-        if hit is not None and hit[0] is value:
+        if hit is not None and hit[0] is value and (mutable_parts is None or mutable_parts(value) == hit[2]):
             return hit[1]
+        witness = None
+        if mutable_parts is not None:
+            try:
+                witness = _json_decode(_json_encode(mutable_parts(value)))
+            except (TypeError, ValueError, msgspec.EncodeError):
+                return redact(value)
         result = redact(value)
         with self._memo_lock:
             memo = self._memo
             if len(memo) >= _MEMO_LIMIT:
                 del memo[next(iter(memo))]  # the oldest entry
-            memo[key] = (value, result)
+            memo[key] = (value, result, witness)
         return result
 
     def _arguments(self, arguments: Any) -> Any:
-        # Never memoized: arguments are usually a dict the agent may still change
+        # Not memoized here: arguments are usually a dict the agent may still change
         # (adding a credential before running the tool) under the same identity.
         if type(arguments) is str:
             return self.redact_json_string(arguments)
@@ -293,7 +309,8 @@ class Redactor:
         if _memoizable(content):
             scanned: tuple[Content, ...] = self._memoized(content, self._scan_content)
             return scanned
-        return self._scan_content(content)
+        scanned = self._memoized(content, self._scan_content, _mutable_arguments)
+        return scanned
 
     def _error_content(self, content: tuple[Content, ...]) -> tuple[Content, ...]:
         # A failed tool's text is usually an exception message (URLs with keys,

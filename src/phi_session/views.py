@@ -10,14 +10,16 @@ import heapq
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ._time import Timestamp
 from .errors import InvalidSessionId, SessionNotFound
 from .events import AgentEvent
-from .model import LoopRecord, Session
+from .messages import AssistantMessage, ToolCall, ToolResultMessage, Usage
+from .model import LoopRecord, Session, Turn
 from .stores.base import SessionStore, SessionSummary, summarize
 
-__all__ = ["LoopNode", "SpawnNode", "event_stream", "loop_forest", "spawn_graph"]
+__all__ = ["LoopNode", "SpawnNode", "TimelineBar", "event_stream", "loop_forest", "spawn_graph", "timeline"]
 
 
 @dataclass(frozen=True)
@@ -157,3 +159,147 @@ def _timed(events: Sequence[AgentEvent], fallback: Timestamp) -> Iterator[tuple[
     for key, event in zip(keys, events, strict=True):
         latest = key if key >= 0 else latest
         yield latest, event
+
+
+TimelineKind = Literal["session", "loop", "turn", "model", "tool"]
+
+
+@dataclass(frozen=True)
+class TimelineBar:
+    """One bar of a session's waterfall (`timeline`).
+
+    `start`/`end` place it on the time axis (`end` None: still running when last
+    saved). `depth` is its nesting: loops under the loop they continue, turns under
+    their loop, model and tool calls under their turn, a sub-agent's session under
+    the tool call that spawned it. `session_id`, `loop_index` (in ``session.loops``)
+    and `turn_index` (in the loop's ``turns``) say where the bar comes from;
+    `usage` is the bar's own tokens (None for tool calls, which use none).
+    """
+
+    kind: TimelineKind
+    depth: int
+    label: str
+    start: Timestamp
+    end: Timestamp | None
+    session_id: str
+    loop_index: int | None = None
+    turn_index: int | None = None
+    loop_id: str | None = None
+    status: str | None = None
+    usage: Usage | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class _SubAgent:
+    """Where a sub-agent session's bars go in the parent's waterfall."""
+
+    session_id: str
+    depth: int
+
+
+def timeline(session: Session, store: SessionStore | None = None) -> list[TimelineBar]:
+    """The waterfall of `session`: its loops, turns, model calls and tool calls in order.
+
+    Loops follow `loop_forest` (continuations and branches nested under their
+    parent); each turn is split into its model call (turn start to the assistant
+    message's time) and its tool calls (from then until each result's time: the
+    recorded events carry no finer tool times). With `store`, every sub-agent
+    session a tool call spawned is loaded and drawn, inline, under that call; one
+    missing from the store, or already drawn, is skipped.
+    """
+    bars: list[TimelineBar] = []
+    drawn = {session.session_id}
+    # An explicit stack of pending bars: deep sub-agent chains must not recurse.
+    stack: list[Iterator[TimelineBar | _SubAgent]] = [_session_bars(session, 0)]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item, TimelineBar):
+            bars.append(item)
+        elif store is not None and item.session_id not in drawn:
+            drawn.add(item.session_id)
+            try:
+                child = store.load(item.session_id)
+            except (SessionNotFound, InvalidSessionId):
+                continue
+            stack.append(_session_bars(child, item.depth))
+    return bars
+
+
+def _session_bars(session: Session, depth: int) -> Iterator[TimelineBar | _SubAgent]:
+    ends = [loop.ended_at for loop in session.loops if loop.ended_at is not None]
+    yield TimelineBar("session", depth, f"session {session.session_id} ({session.agent_id})",
+                      session.created_at, max([session.last_active_at, *ends]), session.session_id)
+    pending = [(node, depth + 1) for node in reversed(loop_forest(session))]
+    while pending:
+        node, level = pending.pop()
+        yield from _loop_bars(session, node, level)
+        pending += [(child, level + 1) for child in reversed(node.children)]
+
+
+def _loop_bars(session: Session, node: LoopNode, depth: int) -> Iterator[TimelineBar | _SubAgent]:
+    loop = node.record
+    kind = loop.continuation_kind
+    notes = []
+    if kind is not None and kind.kind != "Initial":
+        notes.append(f"{kind.kind}:{kind.tag}" if kind.tag else kind.kind)
+    group = loop.parallel_group
+    if group is not None:
+        notes.append("parallel winner" if group.is_selected else "parallel, not selected")
+    label = f"loop #{node.index + 1}"
+    if loop.config is not None:
+        label += f" {loop.config.provider}/{loop.config.model}"
+    yield TimelineBar("loop", depth, label, loop.started_at, loop.ended_at, session.session_id, node.index,
+                      loop_id=loop.loop_id, status=loop.status, usage=loop.usage, detail=" ".join(notes))
+    spawned = {ref.tool_call_id: ref.child_session_id for ref in loop.child_loop_refs}
+    results: dict[str, int] = {}  # tool call id -> its result's time, ms (Timestamps are dear to build)
+    for turn in loop.turns:
+        for message in (*turn.tool_results, *turn.input_messages):
+            if isinstance(message, ToolResultMessage):
+                results.setdefault(message.tool_call_id, message.timestamp)
+    for turn_index, turn in enumerate(loop.turns):
+        where = (node.index, loop.loop_id)
+        yield from _turn_bars(session.session_id, where, turn_index, turn, depth + 1, results, spawned)
+    linked = {ref for turn in loop.turns for ref in _tool_calls(turn)}
+    for tool_call_id, child in spawned.items():
+        if tool_call_id not in linked:  # spawned outside a recorded turn: under the loop
+            yield _SubAgent(child, depth + 1)
+
+
+def _tool_calls(turn: Turn) -> list[str]:
+    output = turn.output_message
+    return [block.id for block in output.content if isinstance(block, ToolCall)] if isinstance(
+        output, AssistantMessage) else []
+
+
+def _turn_bars(session_id: str, loop: tuple[int, str], turn_index: int, turn: Turn, depth: int,
+               results: dict[str, int], spawned: dict[str, str]) -> Iterator[TimelineBar | _SubAgent]:
+    def bar(kind: TimelineKind, level: int, label: str, start: Timestamp, end: Timestamp, usage: Usage | None,
+            detail: str) -> TimelineBar:
+        return TimelineBar(kind, level, label, start, end, session_id, loop[0], turn_index, loop[1],
+                           usage=usage, detail=detail)
+
+    yield bar("turn", depth, f"turn {turn.turn_id.turn_index}", turn.started_at, turn.ended_at, turn.usage,
+              str(turn.triggered_by))
+    output = turn.output_message
+    if not isinstance(output, AssistantMessage):
+        return
+    # Message clocks may disagree with the turn's: the answer is kept inside the turn.
+    start_ns, end_ns = turn.started_at.ns, turn.ended_at.ns
+    answered_ns = min(max(output.timestamp * _NS_PER_MS, start_ns), end_ns)
+    answered = Timestamp.from_ns(answered_ns)
+    model, stop = f"{output.provider}/{output.model}", f"stop: {output.stop_reason}"
+    yield bar("model", depth + 1, model, turn.started_at, answered, output.usage, stop)
+    for block in output.content:
+        if not isinstance(block, ToolCall):
+            continue
+        done = results.get(block.id)
+        end = turn.ended_at if done is None else Timestamp.from_ns(max(done * _NS_PER_MS, answered_ns))
+        yield bar("tool", depth + 1, block.name, answered, end, None, block.id)
+        if block.id in spawned:
+            yield _SubAgent(spawned[block.id], depth + 2)
+
+
+_NS_PER_MS = 1_000_000

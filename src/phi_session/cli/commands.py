@@ -22,7 +22,7 @@ from ..saver import SessionSaver
 from ..stores.base import SessionStore, summarize, to_builtins
 from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 from ..stores.urls import default_store_url
-from ..views import event_stream, loop_forest, spawn_graph
+from ..views import event_stream, loop_forest, spawn_graph, timeline
 from . import render
 from .app import (
     EXIT_FAILURE,
@@ -66,6 +66,8 @@ def _note_default_store(store_url: str | None, directory: str | None = None) -> 
 @click.option("--parent", metavar="ID", help="Sub-agent sessions spawned from session ID.")
 @click.option("--order", metavar="ORDER", help=f"Sort order: {', '.join(ORDERS)} (default newest).")
 @click.option("--limit", metavar="N", help="Show at most N sessions.")
+@click.option("--after", metavar="CURSOR",
+              help="The page after CURSOR (printed on stderr under a full page of --limit rows).")
 @store_options
 def list_command(store_url: str | None, as_json: bool, **filters: str | None) -> None:
     """List stored sessions, newest first."""
@@ -75,6 +77,10 @@ def list_command(store_url: str | None, as_json: bool, **filters: str | None) ->
         raise CliError(f"--{str(error.parameter).replace('_', '-')}: {error.reason}", EXIT_USAGE) from None
     with open_cli_store(store_url, must_exist=True) as store:
         rows = store.query(query)
+    following = query.next_page(rows)
+    if following is not None and following.after is not None:
+        stderr().print(f"more may follow: --after {following.after}", style="dim", markup=False,
+                       highlight=False)
     if as_json:
         echo_json(to_builtins(rows))
     elif rows:
@@ -90,14 +96,29 @@ def list_command(store_url: str | None, as_json: bool, **filters: str | None) ->
 @main.command()
 @click.argument("session_id", metavar="ID")
 @click.option("--events", "with_events", is_flag=True, help="Also print the ordered event log.")
+@click.option("--timeline", "with_timeline", is_flag=True,
+              help="Draw a waterfall of loops, turns, model and tool calls (sub-agent sessions inline) "
+                   "instead of the loop tree.")
 @store_options
-def show(session_id: str, with_events: bool, store_url: str | None, as_json: bool) -> None:
-    """Show a session: header, usage and its loop tree.
+def show(session_id: str, with_events: bool, with_timeline: bool, store_url: str | None,
+         as_json: bool) -> None:
+    """Show a session: header, usage and its loop tree (or, with --timeline, its waterfall).
 
-    With --json, prints the session's phi-core JSON (which includes the events).
+    With --json, prints the session's phi-core JSON (which includes the events);
+    with --timeline --json, the waterfall's bars.
     """
     with open_cli_store(store_url, must_exist=True) as store:
         session = load_cli_session(store, session_id)
+        bars = timeline(session, store) if with_timeline else []
+    if with_timeline:
+        if as_json:
+            echo_json(to_builtins(bars))
+            return
+        console = stdout()
+        console.print(render.session_header(session, summarize(session)))
+        console.print()
+        console.print(render.timeline_table(bars, console.width))
+        return
     if as_json:
         click.echo(encode_session(session).decode())
         return

@@ -36,7 +36,7 @@ from ..messages import (
 from ..model import LoopRecord, Session
 from ..stores.base import SessionSummary, UsageTotal
 from ..stores.query import LOOP_STATUSES
-from ..views import LoopNode, SpawnNode
+from ..views import LoopNode, SpawnNode, TimelineBar
 
 STATUS_STYLES = {
     "Completed": "green", "Running": "cyan", "Pending": "yellow",
@@ -406,6 +406,54 @@ def events_table(session: Session, width: int) -> Table:
                       "" if sequence is None else number(sequence), type(event).__name__,
                       str(getattr(event, "timestamp", "")),
                       plain(_event_detail(event), one_line=True, limit=160))
+    return table
+
+
+# -- show --timeline ---------------------------------------------------------------------------
+
+_BAR_STYLES = {"session": "bold", "loop": "blue", "turn": "cyan", "model": "magenta", "tool": "yellow"}
+
+
+def duration(seconds: float) -> str:
+    """``850ms``, ``12.4s``, ``3m05s``: a span as a person reads it."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def timeline_table(bars: Sequence[TimelineBar], width: int) -> Table:
+    """`views.timeline` as a text waterfall: one row per bar, drawn to scale on an axis
+    from the first start to the last end; a bar still running reaches the end."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    label_width = max(24, min(60, width // 3))
+    axis = max(10, width - label_width - 24)
+    table.add_column("WHAT", no_wrap=True, overflow="ellipsis", max_width=label_width)
+    table.add_column("TIME", no_wrap=True, justify="right")
+    table.add_column("TOKENS", no_wrap=True, justify="right")
+    table.add_column("WATERFALL", no_wrap=True, width=axis)
+    if not bars:
+        return table
+    first = min(bar.start for bar in bars)
+    last = max([first, *(bar.end for bar in bars if bar.end is not None)])
+    span = max(last - first, 1e-9)
+    for bar in bars:
+        end = bar.end if bar.end is not None else last
+        left = round((bar.start - first) / span * axis)
+        cells = max(1, round((end - first) / span * axis) - left)
+        left = min(left, axis - 1)
+        drawn = Text(" " * left)
+        drawn.append("\u2588" * min(cells, axis - left), style=_BAR_STYLES[bar.kind])
+        label = Text("  " * bar.depth)
+        label.append_text(plain(bar.label, style=_BAR_STYLES[bar.kind], one_line=True))
+        if bar.detail:
+            label.append_text(plain(f" {bar.detail}", style="dim", one_line=True))
+        if bar.status is not None and bar.status != "Completed":
+            label.append(f" {bar.status}", style=STATUS_STYLES.get(bar.status, ""))
+        table.add_row(label, duration(end - bar.start) + ("" if bar.end is not None else "+"),
+                      "" if bar.usage is None else number(bar.usage.total_tokens), drawn)
     return table
 
 

@@ -57,7 +57,7 @@ from ..messages import (
 from ..model import LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef
 from ..recorder import SessionRecorder
 from .base import SessionStore, SessionSummary, UsageTotal
-from .query import PruneCriteria, SessionQuery
+from .query import PageCursor, PruneCriteria, SessionQuery
 from .search import SearchHit
 
 __all__ = ["EXAMPLES_DIR", "INVALID_SESSION_IDS", "StoreConformance", "at", "make_loop", "make_session"]
@@ -541,6 +541,44 @@ class StoreConformance:
         assert _ids(store.query(SessionQuery(limit=2, order="oldest"))) == ["s1", "s3"]
         assert store.query(SessionQuery(limit=0)) == []
         assert _ids(store.query(SessionQuery(limit=10))) == ["s2", "s4", "s3", "s1"]
+
+    def test_query_pages_by_keyset(self, store: SessionStore) -> None:
+        _populate(store)
+        for session_id in ("t2", "t1", "t3"):  # ties in every order: paging must split them by id
+            store.save(make_session(session_id, last_active_at=at(30)))
+        for order in ("newest", "oldest", "tokens"):
+            expected = _ids(store.query(SessionQuery(order=order)))
+            for size in (1, 2, 3):
+                pages: list[str] = []
+                query: SessionQuery | None = SessionQuery(order=order, limit=size)
+                while query is not None:
+                    rows = store.query(query)
+                    assert len(rows) <= size
+                    pages += _ids(rows)
+                    query = query.next_page(rows)
+                assert pages == expected, (order, size)
+
+    def test_query_page_cursor_with_filters_and_text_form(self, store: SessionStore) -> None:
+        _populate(store)
+        first = store.query(SessionQuery(agent_id="alpha", limit=1))
+        assert _ids(first) == ["s2"]
+        cursor = PageCursor.after("newest", first[0])
+        assert PageCursor.parse(str(cursor)) == cursor
+        rest = store.query(SessionQuery.from_strings({"agent": "alpha", "after": str(cursor)}))
+        assert _ids(rest) == ["s1"]
+        # A cursor past the end, or before the start of a descending order.
+        assert store.query(SessionQuery(after=PageCursor("newest", -(2**70), ""))) == []
+        assert _ids(store.query(SessionQuery(order="tokens", after=PageCursor("tokens", 2**70, "")))) == [
+            "s2", "s1", "s3", "s4"]
+
+    def test_query_page_sees_no_shift_when_sessions_arrive(self, store: SessionStore) -> None:
+        _populate(store)
+        first = SessionQuery(limit=2)
+        rows = store.query(first)
+        store.save(make_session("new", last_active_at=at(86_400 * 3)))  # newer than everything
+        following = first.next_page(rows)
+        assert following is not None
+        assert _ids(store.query(following)) == ["s3", "s1"]
 
     def test_query_by_agent(self, store: SessionStore) -> None:
         _populate(store)

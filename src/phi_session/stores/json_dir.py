@@ -415,7 +415,9 @@ class JsonDirStore(ScanSearch, AsyncTwins):
     def query(self, query: SessionQuery | None = None) -> list[SessionSummary]:
         """Summaries matching `query` (see `SessionQuery`), from the cached summaries."""
         query = as_query(query)
-        rows = [entry.summary for _, entry in self._entries() if _matches(query, entry.summary)]
+        after = query.after
+        rows = [entry.summary for _, entry in self._entries()
+                if _matches(query, entry.summary) and (after is None or after.passed(entry.summary))]
         _sort(rows, query.order)
         return rows if query.limit is None else rows[:query.limit]
 

@@ -182,6 +182,8 @@ _ORDER_BY = {
     "tokens": "total_tokens DESC, session_id",
 }
 _LIST_ORDER = "saved_order DESC"
+# The column of each `PageCursor.column`.
+_CURSOR_COLUMNS = {"last_active_at": "last_active_at_ns", "total_tokens": "total_tokens"}
 # Keys of usage_totals; an agent's totals come from the sessions rows, a model's from loops.
 _GROUP_KEY = {
     "agent": "agent_id",
@@ -693,6 +695,15 @@ class PostgresStore(ScanSearch, AsyncTwins):
                 params.append(value)
         if query.status is not None:
             conditions.append(f"{_STATUS_COLUMNS[query.status]} > 0")
+        if query.after is not None:
+            cursor = query.after
+            column, beyond = _CURSOR_COLUMNS[cursor.column], "<" if cursor.descending else ">"
+            conditions.append(f"({column} {beyond} %s OR ({column} = %s AND session_id > %s))")
+            # Times are BIGINT (clamped when saved); token totals NUMERIC, unbounded.
+            value = cursor.value
+            if cursor.column == "last_active_at":
+                value = min(max(value, _I64_MIN), _I64_MAX)
+            params += [value, value, cursor.session_id]
         text = (
             f"SELECT {', '.join(_SUMMARY_COLUMNS)} FROM {{s}}.sessions"
             f"{' WHERE ' + ' AND '.join(conditions) if conditions else ''}"

@@ -12,8 +12,8 @@ Arguments of the wrong Python type raise `TypeError`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal, get_args
 
 from .._time import Timestamp
@@ -21,8 +21,8 @@ from ..errors import InvalidQuery
 from ..model import LoopStatus
 
 __all__ = [
-    "GROUP_BYS", "LOOP_STATUSES", "MAX_COUNT", "ORDERS", "TIME_HELP", "GroupBy", "Order", "PruneCriteria",
-    "SessionQuery", "parse_group_by", "parse_time_bound",
+    "GROUP_BYS", "LOOP_STATUSES", "MAX_COUNT", "ORDERS", "TIME_HELP", "GroupBy", "Order", "PageCursor",
+    "PruneCriteria", "SessionQuery", "parse_group_by", "parse_time_bound",
 ]
 
 Order = Literal["newest", "oldest", "tokens"]
@@ -126,6 +126,65 @@ def parse_group_by(value: object) -> GroupBy:
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class PageCursor:
+    """Where a page of `SessionStore.query` results ended: keyset paging, not OFFSET.
+
+    It holds the last row's sort value (``last_active_at`` in nanoseconds for the
+    ``newest`` and ``oldest`` orders, total tokens for ``tokens``) and its session id;
+    the next page holds the rows that sort after that pair, so sessions saved in
+    between never shift a page or repeat a row. Build one with `after` from the last
+    summary of a page; `str()` gives the text form that `parse` reads back (the web
+    API's and CLI's ``after`` parameter).
+    """
+
+    order: Order
+    value: int
+    session_id: str
+
+    def __post_init__(self) -> None:
+        check_type("cursor order", self.order, str)
+        check_type("cursor value", self.value, int)
+        check_type("cursor session_id", self.session_id, str)
+        object.__setattr__(self, "order", _choice("after", self.order, ORDERS))
+
+    @classmethod
+    def after(cls, order: Order, row: Any) -> PageCursor:
+        """The cursor just past `row` (a `SessionSummary`) in `order`."""
+        value = row.total_tokens if order == "tokens" else row.last_active_at.ns
+        return cls(order, value, row.session_id)
+
+    @property
+    def column(self) -> Literal["last_active_at", "total_tokens"]:
+        """The summary field the order sorts by (the backends' column, ``_ns`` for times)."""
+        return "total_tokens" if self.order == "tokens" else "last_active_at"
+
+    @property
+    def descending(self) -> bool:
+        """Whether the order runs from the largest value (ties always by ascending id)."""
+        return self.order != "oldest"
+
+    def passed(self, row: Any) -> bool:
+        """Whether `row` (a `SessionSummary`) sorts after the cursor: it belongs to a later page."""
+        value: int = row.total_tokens if self.order == "tokens" else row.last_active_at.ns
+        session_id: str = row.session_id
+        if value != self.value:
+            return value < self.value if self.descending else value > self.value
+        return session_id > self.session_id
+
+    def __str__(self) -> str:
+        return f"{self.order}:{self.value}:{self.session_id}"
+
+    @classmethod
+    def parse(cls, text: str) -> PageCursor:
+        """The cursor `str()` wrote; `InvalidQuery` (parameter ``after``) for anything else."""
+        order, _, rest = text.partition(":")
+        value, colon, session_id = rest.partition(":")
+        if not colon or not session_id or re.fullmatch(r"-?[0-9]{1,80}", value) is None:
+            raise InvalidQuery(f"not a page cursor: {_shown(repr(text))}", "after")
+        return cls(order, int(value), session_id)  # type: ignore[arg-type]  # checked by __post_init__
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SessionQuery:
     """Which sessions `SessionStore.query` returns, and in which order; checked when built.
@@ -141,9 +200,11 @@ class SessionQuery:
     * `parent_session_id`: the session was spawned from that session.
 
     `order`: ``newest``/``oldest`` by ``last_active_at``, ``tokens`` by total tokens,
-    largest first; ties by session id. `limit` (at most `MAX_COUNT`) keeps the
-    first rows of that order. A malformed value raises `InvalidQuery` naming the
-    field; a value of the wrong type raises `TypeError`.
+    largest first; ties by session id. `after` (a `PageCursor` made for the same
+    order) skips the rows up to and including the previous page's last one;
+    `limit` (at most `MAX_COUNT`) keeps the first rows of that order. A malformed
+    value raises `InvalidQuery` naming the field; a value of the wrong type raises
+    `TypeError`.
     """
 
     agent_id: str | None = None
@@ -155,14 +216,22 @@ class SessionQuery:
     parent_session_id: str | None = None
     limit: int | None = None
     order: Order = "newest"
+    after: PageCursor | None = None
 
     PARAMETERS: ClassVar[Mapping[str, str]] = {
         "agent": "agent_id", "since": "since", "until": "until", "status": "status",
         "model": "model", "min_tokens": "min_tokens", "parent": "parent_session_id",
-        "limit": "limit", "order": "order",
+        "limit": "limit", "order": "order", "after": "after",
     }
     """The text parameters of `from_strings` (the CLI's options, the web API's query
     string) and the field each one sets."""
+
+    def next_page(self, rows: Sequence[Any]) -> SessionQuery | None:
+        """The query of the page after `rows` (this query's result), or None when
+        `rows` was the last page (a limit not reached, or no limit)."""
+        if self.limit is None or len(rows) < self.limit or not rows:
+            return None
+        return replace(self, after=PageCursor.after(self.order, rows[-1]))
 
     def __post_init__(self) -> None:
         for name in ("agent_id", "model", "parent_session_id"):
@@ -174,6 +243,10 @@ class SessionQuery:
         if self.status is not None:
             object.__setattr__(self, "status", _choice("status", self.status, LOOP_STATUSES))
         object.__setattr__(self, "order", _choice("order", self.order, ORDERS))
+        check_type("after", self.after, PageCursor, optional=True)
+        if self.after is not None and self.after.order != self.order:
+            made_for = self.after.order
+            raise InvalidQuery(f"the cursor was made for order {made_for!r}, not {self.order!r}", "after")
         if self.since is not None and self.until is not None and self.until <= self.since:
             raise InvalidQuery(f"{self.until} is not later than since ({self.since})", "until")
 
@@ -199,6 +272,8 @@ class SessionQuery:
                 value = parse_time_bound(text, now=now, name=name)
             elif name in ("min_tokens", "limit"):
                 value = _whole_number(name, text, MAX_COUNT)
+            elif name == "after":
+                value = PageCursor.parse(text)
             values[cls.PARAMETERS[name]] = value
         return cls(**values)
 

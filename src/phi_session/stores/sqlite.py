@@ -301,6 +301,8 @@ _ORDER_SQL: dict[str, str] = {
     "oldest": "last_active_at_ns, session_id",
     "tokens": "total_tokens DESC, session_id",
 }
+# The column of each `PageCursor.column`.
+_CURSOR_COLUMNS = {"last_active_at": "last_active_at_ns", "total_tokens": "total_tokens"}
 # Most recently saved first: `save_seq` grows with every save (no ties).
 _SAVED_ORDER_SQL = "save_seq DESC"
 
@@ -358,6 +360,11 @@ def _select_summaries(query: SessionQuery) -> tuple[str, list[Any]]:
         condition, loop_params = _loop_filter(lookups, limited=limited)
         where.append(condition)
         params += loop_params
+    if query.after is not None:
+        cursor = query.after
+        column, beyond = _CURSOR_COLUMNS[cursor.column], "<" if cursor.descending else ">"
+        where.append(f"({column} {beyond} ? OR ({column} = ? AND session_id > ?))")
+        params += [_clamp(cursor.value), _clamp(cursor.value), cursor.session_id]
     sql = _SUMMARY_SQL
     if where:
         sql += " WHERE " + " AND ".join(where)

@@ -27,6 +27,20 @@ shown as 0); ``sources`` name the price tables used (``"genai-prices 0.2.3"`` or
 ``"user"``). ``table`` is the price table in use (null without the ``prices``
 extra) and ``hint`` what to install when it is missing (null otherwise).
 
+Paged views, so that the list and a huge session open fast (``web/pages.py``; the
+session is loaded once and kept a minute):
+
+* ``/api/session-page?<the filters above>&after=CURSOR`` ``{"sessions": [...],
+  "next": CURSOR or null}``: keyset pages (`PageCursor`) of ``limit`` rows (default 50);
+* ``/api/sessions/{id}/overview`` the session without loops, its summary, cost, first
+  prompt and event count;
+* ``/api/sessions/{id}/loops?offset=&limit=`` loops in tree order (with ``depth``),
+  without messages, turns and events; ``/api/sessions/{id}/loops/{index}`` one loop
+  with its turns;
+* ``/api/sessions/{id}/event-log?offset=&limit=&type=&loop=`` a page of the events,
+  filtered by type name and/or loop index, with each type's count;
+* ``/api/sessions/{id}/timeline?offset=&limit=`` a page of the waterfall's bars.
+
 Errors are JSON ``{"error": message}``: 400 for a bad query or session id, 404 for
 an unknown path or session, 500 when the store fails. The server never writes.
 
@@ -48,6 +62,7 @@ import logging
 import re
 import socket
 import sys
+from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
@@ -61,8 +76,9 @@ from ..cost import Pricer, cost_totals
 from ..errors import InvalidQuery, InvalidSessionId, PhiSessionError, SessionNotFound
 from ..model import Session
 from ..stores.base import SessionStore, to_builtins, validate_session_id
-from ..stores.query import SessionQuery, parse_group_by
+from ..stores.query import MAX_COUNT, SessionQuery, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
+from .pages import Page, SessionCache
 
 __all__ = ["ViewerServer", "is_loopback", "loopback_host_header", "make_server"]
 
@@ -84,6 +100,8 @@ _SECURITY_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 _JSON = "application/json; charset=utf-8"
+_PAGED = ("overview", "loops", "event-log", "timeline")
+_MAX_PAGE = 5000  # rows per page of a session's loops, events or bars
 _LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
 
 
@@ -145,6 +163,7 @@ class ViewerServer(ThreadingHTTPServer):
         self.quiet = quiet
         self.loopback_only = is_loopback(host)
         self.static = {name: (files(__package__) / "static" / name).read_bytes() for name in _STATIC_TYPES}
+        self.sessions = SessionCache(store)
         super().__init__((host.strip("[]"), port), ViewerHandler)
 
     @property
@@ -235,6 +254,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
             return self._static("index.html", query)
         if len(parts) == 2 and parts[0] == "static" and parts[1] in ("app.js", "style.css"):
             return self._static(parts[1], query)
+        if parts == ["api", "session-page"]:
+            return self._session_page(query)
+        if parts[:2] == ["api", "sessions"] and len(parts) >= 4 and parts[3] in _PAGED:
+            return self._paged_api(parts[2], parts[3:], query)
         if parts[:2] == ["api", "sessions"]:
             return self._sessions_api(parts[2:], query)
         if parts == ["api", "stats"]:
@@ -264,6 +287,51 @@ class ViewerHandler(BaseHTTPRequestHandler):
             body = {**self._price_table(), **msgspec.to_builtins(breakdown)}
             return HTTPStatus.OK, _json_bytes(body), _JSON
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
+
+    def _session_page(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
+        filters = self._parse(lambda: SessionQuery.from_strings({"limit": "50", **query}))
+        limit = filters.limit if filters.limit is not None else MAX_COUNT
+        # One row more than the page: a next page is offered only when it holds a row.
+        rows = self.server.store.query(replace(filters, limit=min(limit + 1, MAX_COUNT)))
+        following = filters.next_page(rows[:limit]) if len(rows) > limit else None
+        after = None if following is None or following.after is None else str(following.after)
+        return HTTPStatus.OK, _json_bytes({"sessions": to_builtins(rows[:limit]), "next": after}), _JSON
+
+    def _paged_api(self, session_id: str, rest: list[str],
+                   query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
+        entry = self.server.sessions.get(validate_session_id(session_id))
+        view = rest[0]
+        if view == "loops" and len(rest) == 2:
+            self._only(query, set())
+            index = self._index("loop index", rest[1], len(entry.session.loops))
+            return HTTPStatus.OK, entry.loop(index), _JSON
+        if len(rest) != 1:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
+        if view == "overview":
+            self._only(query, set())
+            return HTTPStatus.OK, entry.overview(self.server.pricer.session(entry.session)), _JSON
+        page = self._page(query)
+        if view == "loops":
+            self._only(query, {"offset", "limit"})
+            return HTTPStatus.OK, entry.loops(page), _JSON
+        if view == "timeline":
+            self._only(query, {"offset", "limit"})
+            return HTTPStatus.OK, entry.timeline(page), _JSON
+        self._only(query, {"offset", "limit", "type", "loop"})
+        loop = query.get("loop") or None
+        loop_index = None if loop is None else self._index("loop", loop, len(entry.session.loops))
+        return HTTPStatus.OK, entry.event_log(page, query.get("type") or None, loop_index), _JSON
+
+    def _page(self, query: dict[str, str]) -> Page:
+        offset, limit = (query.get(name) or default for name, default in (("offset", "0"), ("limit", "200")))
+        return Page(self._index("offset", offset, MAX_COUNT), self._index("limit", limit, _MAX_PAGE + 1))
+
+    @staticmethod
+    def _index(name: str, text: str, bound: int) -> int:
+        if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) >= bound:
+            message = f"{name} must be a whole number below {bound}, got {text[:40]!r}"
+            raise HttpError(HTTPStatus.BAD_REQUEST, message)
+        return int(text)
 
     def _price_table(self) -> dict[str, str | None]:
         pricer = self.server.pricer

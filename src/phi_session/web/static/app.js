@@ -11,6 +11,8 @@
   const STATUSES = ["Completed", "Running", "Pending", "Aborted", "Rejected"];
   const ROLE_CLASSES = { user: "msg-user", assistant: "msg-assistant", toolResult: "msg-toolResult" };
   const IMAGE_TYPES = /^image\/(png|jpeg|gif|webp)$/;
+  const PAGE_SIZE = "50"; // sessions per list page
+  const LOOP_PAGE = 200; // loops, events and timeline bars per request
   const FILTERS = [
     ["agent", "Agent", "agent id"],
     ["model", "Model", "provider/model"],
@@ -38,6 +40,46 @@
       node.appendChild(child instanceof Node ? child : document.createTextNode(String(child)));
     }
     return node;
+  }
+
+  // SVG elements, attributes only (no style attribute: the CSP forbids inline styles).
+  function svg(tag, attrs, ...children) {
+    const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === undefined || value === null) continue;
+      if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, String(value));
+    }
+    append(node, children);
+    return node;
+  }
+
+  function duration(ms) {
+    if (!isFinite(ms)) return "";
+    if (ms < 1000) return Math.round(ms) + "ms";
+    if (ms < 60000) return (ms / 1000).toFixed(1) + "s";
+    const minutes = Math.floor(ms / 60000);
+    return minutes < 60 ? minutes + "m" + String(Math.floor(ms / 1000) % 60).padStart(2, "0") + "s"
+      : Math.floor(minutes / 60) + "h" + String(minutes % 60).padStart(2, "0") + "m";
+  }
+
+  // A cost from the API: unknown (null) is never shown as $0.
+  function costText(cost) {
+    if (!cost) return "";
+    if (cost.usd === null || cost.usd === undefined) {
+      return "cost unknown" + (cost.unpriced && cost.unpriced.length ? " (no price for " + cost.unpriced.join(", ") + ")" : "");
+    }
+    const usd = Number(cost.usd);
+    return "$" + (usd >= 1 ? usd.toFixed(2) : usd.toPrecision(3)) + (cost.unpriced && cost.unpriced.length ? " + unpriced" : "");
+  }
+
+  // Costs are extra: a viewer whose server has no cost API (or no prices) shows none.
+  async function optional(path) {
+    try {
+      return await api(path);
+    } catch (error) {
+      return null;
+    }
   }
 
   function clear(node) {
@@ -158,7 +200,8 @@
       badHash = new Error("malformed address " + location.hash + ": " + error.message);
     }
     const view = badHash ? "error"
-      : parts[0] === "session" && parts[1] !== undefined ? "session" : parts[0] === "stats" ? "stats" : "list";
+      : parts[0] === "session" && parts[1] !== undefined ? "session" : parts[0] === "stats" ? "stats"
+        : parts[0] === "search" ? "search" : "list";
     for (const link of document.querySelectorAll("[data-nav]")) {
       link.classList.toggle("active", link.dataset.nav === (view === "stats" ? "stats" : "list"));
     }
@@ -167,6 +210,7 @@
       if (badHash) throw badHash;
       if (view === "session") await sessionView(page, parts[1], params);
       else if (view === "stats") await statsView(page, params);
+      else if (view === "search") await searchView(page, params);
       else await listView(page, params);
     } catch (error) {
       append(page, showError(error));
@@ -194,7 +238,7 @@
       FILTERS.map(([name, label, placeholder]) => field(name, label, placeholder)),
       select("status", "Loop status", [["", "any"]].concat(STATUSES.map((s) => [s, s]))),
       field("min_tokens", "Min tokens", "0", { class: "narrow", inputmode: "numeric" }),
-      field("limit", "Limit", "200", { class: "narrow", inputmode: "numeric" }),
+      field("limit", "Page size", PAGE_SIZE, { class: "narrow", inputmode: "numeric" }),
       select("order", "Order", [["", "newest"], ["oldest", "oldest"], ["tokens", "tokens"]]),
       h("button", { type: "submit" }, "Apply"),
       h("button", { type: "button", class: "secondary", onclick: () => { location.hash = "#/"; } }, "Clear"),
@@ -211,38 +255,80 @@
   async function listView(page, params) {
     append(page, h("h1", null, "Sessions"), filterForm(params));
     const query = new URLSearchParams(params);
-    if (!query.has("limit")) query.set("limit", "200");
-    let rows;
+    if (!query.has("limit")) query.set("limit", PAGE_SIZE);
+    let result;
     try {
-      rows = await api("api/sessions?" + query);
+      result = await api("api/session-page?" + query);
     } catch (error) {
       append(page, showError(error));
       return;
     }
-    const limited = rows.length === Number(query.get("limit"));
+    const rows = result.sessions;
+    const paging = [];
+    if (params.has("after")) {
+      const first = new URLSearchParams(params);
+      first.delete("after");
+      paging.push(h("a", { href: "#/" + (first.toString() ? "?" + first : ""), id: "first-page" }, "first page"));
+    }
+    if (result.next) {
+      const next = new URLSearchParams(params);
+      next.set("after", result.next);
+      paging.push(h("a", { href: "#/?" + next, id: "next-page" }, "next page →"));
+    }
     append(page, h("p", { class: "muted" }, h("span", { id: "session-count" }, plural(rows.length, "session")),
-      limited ? " (the limit: raise it to see more)" : ""));
+      params.has("after") ? " on this page" : "", paging.length ? " · " : "",
+      paging.map((link, index) => [index ? " · " : "", link])));
     if (!rows.length) return;
+    const prompts = new Map();
     const table = h(
       "table",
       { class: "data", id: "sessions" },
-      h("thead", null, h("tr", null, ["Session", "Agent", "Created", "Last active", "Loops"].map((t) => h("th", null, t)),
-        h("th", { class: "num" }, "Turns"), h("th", { class: "num" }, "Tokens"), h("th", null, "Model"), h("th", null, "Parent"))),
-      h("tbody", null, rows.map((row) => h("tr", null,
-        h("td", { class: "nowrap" }, h("a", { href: sessionHref(row.session_id), class: "mono session-link" }, row.session_id)),
-        h("td", { class: "mono clip", title: row.agent_id }, row.agent_id),
-        h("td", { class: "nowrap", title: row.created_at }, secondsTime(row.created_at)),
-        h("td", { class: "nowrap", title: row.last_active_at }, secondsTime(row.last_active_at)),
-        h("td", null, statusChips(row.loops_by_status), row.rejected ? h("span", { class: "chip rejected" }, "rejected") : null),
-        h("td", { class: "num" }, tokens(row.turn_count)),
-        h("td", { class: "num" }, tokens(row.total_tokens)),
-        h("td", null, (row.models || []).join(", ")),
-        h("td", { class: "clip" }, row.parent_session_id
-          ? h("a", { href: sessionHref(row.parent_session_id), class: "mono", title: row.parent_session_id },
-            row.parent_session_id) : ""),
-      ))),
+      h("thead", null, h("tr", null, ["Session", "First prompt", "Agent", "Last active"].map((t) => h("th", null, t)),
+        h("th", { class: "num" }, "Duration"), h("th", null, "Loops"),
+        h("th", { class: "num" }, "Turns"), h("th", { class: "num" }, "Tokens"), h("th", { class: "num" }, "Cost"),
+        h("th", null, "Model"), h("th", null, "Parent"))),
+      h("tbody", null, rows.map((row) => {
+        const prompt = h("td", { class: "prompt clip muted" }, "…");
+        prompts.set(row.session_id, prompt);
+        return h("tr", null,
+          h("td", { class: "nowrap" }, h("a", { href: sessionHref(row.session_id), class: "mono session-link" }, row.session_id)),
+          prompt,
+          h("td", { class: "mono clip", title: row.agent_id }, row.agent_id),
+          h("td", { class: "nowrap", title: row.last_active_at }, secondsTime(row.last_active_at)),
+          h("td", { class: "num nowrap" }, duration(Date.parse(row.last_active_at) - Date.parse(row.created_at))),
+          h("td", null, statusChips(row.loops_by_status), row.rejected ? h("span", { class: "chip rejected" }, "rejected") : null),
+          h("td", { class: "num" }, tokens(row.turn_count)),
+          h("td", { class: "num" }, tokens(row.total_tokens)),
+          h("td", { class: "num cost" }, ""),
+          h("td", null, (row.models || []).join(", ")),
+          h("td", { class: "clip" }, row.parent_session_id
+            ? h("a", { href: sessionHref(row.parent_session_id), class: "mono", title: row.parent_session_id },
+              row.parent_session_id) : ""));
+      })),
     );
     append(page, h("div", { class: "table-wrap" }, table));
+    fillPrompts(prompts);
+  }
+
+  // First prompts come from each session's overview, a few at a time, after the table shows.
+  async function fillPrompts(cells) {
+    const queue = [...cells.entries()];
+    const worker = async () => {
+      while (queue.length) {
+        const [id, cell] = queue.shift();
+        try {
+          const overview = await api("api/sessions/" + encodeURIComponent(id) + "/overview");
+          cell.textContent = overview.first_prompt || "";
+          cell.title = overview.first_prompt || "";
+          cell.classList.remove("muted");
+          const costCell = cell.parentNode.querySelector("td.cost");
+          if (costCell) costCell.textContent = costText(overview.cost);
+        } catch (error) {
+          cell.textContent = "";
+        }
+      }
+    };
+    await Promise.all([worker(), worker(), worker()]);
   }
 
   // -- session page -----------------------------------------------------------------------
@@ -257,10 +343,7 @@
     return text;
   }
 
-  function sessionHeader(session) {
-    const total = session.loops.reduce((sum, loop) => addUsage(sum, loop.usage), {});
-    const counts = {};
-    for (const loop of session.loops) counts[loop.status] = (counts[loop.status] || 0) + 1;
+  function sessionHeader(session, summary, prompt, eventCount, breakdown) {
     const spawn = session.parent_spawn_ref;
     const parent = spawn
       ? h("span", { id: "parent-link" }, "spawned by ",
@@ -269,37 +352,18 @@
       : h("span", { class: "muted" }, "none (not a sub-agent session)");
     const rows = [
       ["Agent", h("span", { class: "mono" }, session.agent_id)],
+      ["First prompt", prompt || h("span", { class: "muted" }, "none")],
       ["Formation", formationText(session.formation)],
       ["Scope", session.scope],
       ["Created", shortTime(session.created_at)],
-      ["Last active", shortTime(session.last_active_at)],
+      ["Last active", shortTime(session.last_active_at) + " (" + duration(Date.parse(session.last_active_at) - Date.parse(session.created_at)) + " after creation)"],
       ["Parent", parent],
       ["Rejected", session.rejected ? h("span", { class: "chip rejected" }, "rejected by before_task") : "no"],
-      ["Loops", statusChips(counts)],
-      ["Usage", usageText(total)],
+      ["Loops", [statusChips(summary.loops_by_status), " ", plural(summary.turn_count, "turn"), " · ", plural(eventCount, "stored event")]],
+      ["Usage", usageText(summary.usage)],
     ];
+    if (breakdown) rows.push(["Cost", h("span", { id: "session-cost" }, costText(breakdown.cost) + (breakdown.cost.sources && breakdown.cost.sources.length ? " · prices: " + breakdown.cost.sources.join(", ") : ""))]);
     return h("div", { class: "panel" }, h("dl", { class: "kv" }, rows.map(([key, value]) => [h("dt", null, key), h("dd", null, value)])));
-  }
-
-  // Loops as a forest following parent_loop_id; a loop in a parent cycle becomes a root.
-  function loopForest(loops) {
-    const firstIndex = new Map();
-    loops.forEach((loop, index) => { if (!firstIndex.has(loop.loop_id)) firstIndex.set(loop.loop_id, index); });
-    const children = new Map();
-    const roots = [];
-    loops.forEach((loop, index) => {
-      const parent = loop.parent_loop_id == null ? undefined : firstIndex.get(loop.parent_loop_id);
-      if (parent === undefined || parent === index) roots.push(index);
-      else children.set(parent, (children.get(parent) || []).concat(index));
-    });
-    const seen = new Set();
-    const build = (index) => {
-      seen.add(index);
-      return { index, children: (children.get(index) || []).filter((c) => !seen.has(c)).map(build) };
-    };
-    const forest = roots.map(build);
-    loops.forEach((_, index) => { if (!seen.has(index)) forest.push(build(index)); });
-    return forest;
   }
 
   function contentBlock(block) {
@@ -363,8 +427,8 @@
     return (turn.input_messages || []).filter((message) => !(message.role === "toolResult" && shown.has(message.toolCallId)));
   }
 
-  function turnView(turn, previous) {
-    return h("div", { class: "turn" },
+  function turnView(turn, previous, index) {
+    return h("div", { class: "turn", "data-turn-index": index },
       h("div", { class: "turn-head" },
         h("strong", null, "Turn " + turn.turn_id.turnIndex),
         h("span", null, "triggered by " + turn.triggered_by),
@@ -385,30 +449,48 @@
     return parts.join(" · ");
   }
 
-  function loopView(session, node, number, elements) {
-    const loop = session.loops[node.index];
+  // The conversation as the user saw it: user and assistant text, tool calls folded with their results.
+  function chatView(loop) {
+    const results = new Map();
+    for (const message of loop.messages || []) {
+      if (message.role === "toolResult") results.set(message.toolCallId, message);
+    }
+    const bubbles = [];
+    for (const message of loop.messages || []) {
+      if (message.role === "user") {
+        bubbles.push(h("div", { class: "bubble bubble-user" }, (message.content || []).map(contentBlock)));
+      } else if (message.role === "assistant") {
+        const parts = (message.content || []).map((block) => {
+          if (block && block.type === "toolCall") {
+            const result = results.get(block.id);
+            return h("details", { class: "chat-tool" },
+              h("summary", null, "🔧 " + block.name + (result ? (result.isError ? " (error)" : "") : " (no result)")),
+              h("pre", null, json(block.arguments)),
+              result ? h("div", { class: "chat-result" }, (result.content || []).map(contentBlock)) : null);
+          }
+          return contentBlock(block);
+        });
+        bubbles.push(h("div", { class: "bubble bubble-assistant" }, parts,
+          message.errorMessage ? h("div", { class: "chip error" }, message.errorMessage) : null));
+      }
+    }
+    return h("div", { class: "chat" }, bubbles.length ? bubbles : h("p", { class: "muted" }, "No messages."));
+  }
+
+  function loopBody(loop, row) {
     const group = loop.parallel_group;
-    const tools = (loop.turns || []).reduce((n, turn) => n + (turn.tool_results || []).length, 0);
-    const summary = h("summary", null,
-      h("span", { class: "muted" }, "#" + number),
-      h("span", { class: "chip " + statusClass(loop.status) }, loop.status),
-      h("span", { class: "chip kind" }, kindText(loop.continuation_kind)),
-      h("span", { class: "loop-id" }, loop.loop_id),
-      group ? h("span", { class: "chip " + (group.is_selected ? "winner" : "loser") },
-        group.is_selected ? "★ parallel winner" : "parallel, not selected") : null,
-      loop.child_loop_refs && loop.child_loop_refs.length ? h("span", { class: "chip kind" }, plural(loop.child_loop_refs.length, "sub-agent")) : null,
-      h("span", { class: "loop-stats" },
-        [loop.config ? loop.config.provider + "/" + loop.config.model : null, plural((loop.turns || []).length, "turn"),
-          plural(tools, "tool call"), tokens((loop.usage || {}).total_tokens) + " tokens"].filter(Boolean).join(" · ")));
     const facts = [
       ["Started", shortTime(loop.started_at)],
       ["Ended", loop.ended_at ? shortTime(loop.ended_at) + " (" + seconds(loop.started_at, loop.ended_at) + ")" : "not ended"],
       ["Config", configText(loop.config)],
       ["Usage", usageText(loop.usage)],
+      ["Events", h("a", { href: "#", class: "loop-events", onclick: (event) => {
+        event.preventDefault();
+        document.dispatchEvent(new CustomEvent("phi-show-events", { detail: row.index }));
+      } }, plural(row.event_count, "stored event"))],
     ];
     if (loop.parent_loop_id) {
-      const local = session.loops.some((other) => other.loop_id === loop.parent_loop_id);
-      facts.push(["Continues", h("span", { class: "mono" }, loop.parent_loop_id + (local ? "" : " (not in this session)"))]);
+      facts.push(["Continues", h("span", { class: "mono" }, loop.parent_loop_id + (row.parent_in_session ? "" : " (not in this session)"))]);
     }
     if (loop.rejection != null) facts.push(["Rejection", h("span", { class: "chip rejected" }, loop.rejection)]);
     if (loop.error) facts.push(["Error", h("span", { class: "chip error" }, loop.error)]);
@@ -420,18 +502,78 @@
     const links = (loop.child_loop_refs || []).map((ref) => h("div", { class: "subagent-link" },
       "→ sub-agent ", h("a", { href: sessionHref(ref.child_session_id, ref.child_loop_id), class: "mono" }, ref.child_session_id),
       " via tool ", h("code", null, ref.tool_name), " (call ", h("code", null, ref.tool_call_id), ")"));
-    const body = h("div", { class: "loop-body" },
+    return h("div", null,
       h("dl", { class: "kv" }, facts.map(([key, value]) => [h("dt", null, key), h("dd", null, value)])),
-      links.length ? h("div", { class: "links" }, links) : null,
-      (loop.turns || []).map((turn, index) => turnView(turn, loop.turns[index - 1])),
-      (loop.turns || []).length ? null : h("p", { class: "muted" }, "No completed turns."));
+      links.length ? h("div", { class: "links" }, links) : null);
+  }
+
+  // A loop's summary line and facts show at once; its turns load when it is first opened.
+  function loopView(row, sessionId) {
+    const loop = row.loop;
+    const group = loop.parallel_group;
+    const summary = h("summary", null,
+      h("span", { class: "muted" }, "#" + (row.index + 1)),
+      h("span", { class: "chip " + statusClass(loop.status) }, loop.status),
+      h("span", { class: "chip kind" }, kindText(loop.continuation_kind)),
+      h("span", { class: "loop-id" }, loop.loop_id),
+      group ? h("span", { class: "chip " + (group.is_selected ? "winner" : "loser") },
+        group.is_selected ? "★ parallel winner" : "parallel, not selected") : null,
+      loop.child_loop_refs && loop.child_loop_refs.length ? h("span", { class: "chip kind" }, plural(loop.child_loop_refs.length, "sub-agent")) : null,
+      h("span", { class: "loop-stats" },
+        [loop.config ? loop.config.provider + "/" + loop.config.model : null, plural(row.turn_count, "turn"),
+          plural(row.tool_calls, "tool call"), tokens((loop.usage || {}).total_tokens) + " tokens"].filter(Boolean).join(" · ")));
+    const turnsHolder = h("div", { class: "loop-turns" }, h("p", { class: "muted" }, "Loading turns…"));
+    const body = h("div", { class: "loop-body" }, loopBody(loop, row), turnsHolder);
     const details = h("details", { class: "loop " + statusClass(loop.status) }, summary, body);
     details.dataset.loopId = loop.loop_id;
-    if (!elements.has(loop.loop_id)) elements.set(loop.loop_id, details);
-    // Children sit beside the details, not inside: the whole tree shows while loops are closed.
-    return h("div", { class: "loop-node" }, details,
-      node.children.length ? h("div", { class: "children" }, node.children.map((child) =>
-        loopView(session, child, child.index + 1, elements))) : null);
+    details.dataset.loopIndex = row.index;
+    let loaded = null;
+    details.load = () => {
+      if (!loaded) loaded = loadTurns(sessionId, row, turnsHolder);
+      return loaded;
+    };
+    details.addEventListener("toggle", () => { if (details.open) details.load(); });
+    return h("div", { class: "loop-node" }, details, h("div", { class: "children" }));
+  }
+
+  async function loadTurns(sessionId, row, holder) {
+    let loop;
+    try {
+      loop = await api("api/sessions/" + encodeURIComponent(sessionId) + "/loops/" + row.index);
+    } catch (error) {
+      clear(holder);
+      append(holder, showError(error));
+      return;
+    }
+    const turns = loop.turns || [];
+    const structured = h("div", { class: "structured" },
+      turns.map((turn, index) => turnView(turn, turns[index - 1], index)),
+      turns.length ? null : h("p", { class: "muted" }, "No completed turns."));
+    const chat = chatView(loop);
+    chat.hidden = true;
+    const pick = (showChat) => () => {
+      chat.hidden = !showChat;
+      structured.hidden = showChat;
+      structuredButton.classList.toggle("active", !showChat);
+      chatButton.classList.toggle("active", showChat);
+    };
+    const structuredButton = h("button", { type: "button", class: "secondary active view-structured", onclick: pick(false) }, "Structured");
+    const chatButton = h("button", { type: "button", class: "secondary view-chat", onclick: pick(true) }, "Chat");
+    clear(holder);
+    append(holder, h("div", { class: "toolbar view-switch" }, structuredButton, chatButton), structured, chat);
+  }
+
+  // Appends a page of loops (tree order, with depth) under their parents' .children.
+  function addLoops(tree, stack, rows, sessionId, elements) {
+    for (const row of rows) {
+      const node = loopView(row, sessionId);
+      stack.length = Math.min(stack.length, row.depth);
+      const holder = stack.length ? stack[stack.length - 1].querySelector(":scope > .children") : tree;
+      holder.appendChild(node);
+      stack.push(node);
+      const details = node.querySelector("details.loop");
+      if (!elements.has(row.loop.loop_id)) elements.set(row.loop.loop_id, details);
+    }
   }
 
   // The event's own fields on one line, cut short: the full JSON opens below it.
@@ -442,69 +584,325 @@
     return text.length > 140 ? text.slice(0, 139) + "…" : text;
   }
 
-  function eventLog(rows, loops) {
-    const numbers = new Map();
-    loops.forEach((loop, index) => { if (!numbers.has(loop.loop_id)) numbers.set(loop.loop_id, index + 1); });
-    return h("div", { class: "table-wrap" }, h("table", { class: "data event-log", id: "event-log" },
-      h("thead", null, h("tr", null, h("th", null, "Loop"), h("th", { class: "num" }, "Seq"), h("th", null, "Type"),
-        h("th", null, "Time"), h("th", null, "Event"))),
-      h("tbody", null, rows.map((row) => h("tr", null,
-        h("td", null, row.loop_id === null ? "session" : "#" + numbers.get(row.loop_id)),
-        h("td", { class: "num" }, row.sequence === null ? "" : row.sequence),
-        h("td", null, String(row.event.type)),
-        h("td", { class: "nowrap" }, shortTime(row.event.timestamp)),
-        h("td", { class: "event-cell" }, h("details", null, h("summary", { class: "muted" }, eventPreview(row.event)),
-          h("pre", null, json(row.event)))),
-      )))));
+  function eventRows(rows) {
+    return rows.map((row) => h("tr", null,
+      h("td", null, row.loop_index === null ? "session" : "#" + (row.loop_index + 1)),
+      h("td", { class: "num" }, row.sequence === null ? "" : row.sequence),
+      h("td", null, String(row.event.type)),
+      h("td", { class: "nowrap" }, shortTime(row.event.timestamp)),
+      h("td", { class: "event-cell" }, h("details", null, h("summary", { class: "muted" }, eventPreview(row.event)),
+        h("pre", null, json(row.event))))));
+  }
+
+  // The event log, a page at a time, filtered by type and loop.
+  async function eventLog(holder, sessionId, filter) {
+    const base = "api/sessions/" + encodeURIComponent(sessionId) + "/event-log?limit=" + LOOP_PAGE;
+    const suffix = (filter.type ? "&type=" + encodeURIComponent(filter.type) : "") +
+      (filter.loop !== undefined && filter.loop !== null ? "&loop=" + filter.loop : "");
+    const first = await api(base + suffix);
+    const typeSelect = h("select", { id: "event-type" }, h("option", { value: "" }, "all types"),
+      Object.entries(first.types).map(([name, n]) => h("option", { value: name }, name + " (" + tokens(n) + ")")));
+    typeSelect.value = filter.type || "";
+    typeSelect.addEventListener("change", () => {
+      clear(holder);
+      eventLog(holder, sessionId, { type: typeSelect.value, loop: filter.loop }).catch((error) => append(holder, showError(error)));
+    });
+    const body = h("tbody", null, eventRows(first.events));
+    let loaded = first.events.length;
+    const count = h("span", { id: "event-count" });
+    const more = h("button", { type: "button", class: "secondary", id: "more-events" }, "Load more events");
+    const update = () => {
+      count.textContent = tokens(loaded) + " of " + plural(first.total, "event") +
+        (filter.loop !== undefined && filter.loop !== null ? " of loop #" + (filter.loop + 1) : "");
+      more.hidden = loaded >= first.total;
+    };
+    more.addEventListener("click", async () => {
+      more.disabled = true;
+      try {
+        const next = await api(base + suffix + "&offset=" + loaded);
+        append(body, eventRows(next.events));
+        loaded += next.events.length;
+        update();
+      } catch (error) {
+        append(holder, showError(error));
+      } finally {
+        more.disabled = false;
+      }
+    });
+    update();
+    append(holder, h("div", { class: "toolbar" }, h("label", null, "Type ", typeSelect), count),
+      h("div", { class: "table-wrap" }, h("table", { class: "data event-log", id: "event-log" },
+        h("thead", null, h("tr", null, h("th", null, "Loop"), h("th", { class: "num" }, "Seq"), h("th", null, "Type"),
+          h("th", null, "Time"), h("th", null, "Event"))), body)),
+      more);
+  }
+
+  // -- timeline -----------------------------------------------------------------------------
+
+  const ROW = 20, LABEL = 330, AXIS = 760;
+
+  function barTitle(bar, costs) {
+    const lines = [bar.label + (bar.detail ? " · " + bar.detail : ""), duration(bar.duration_ms) + (bar.end ? "" : " (not ended)") +
+      " from " + shortTime(bar.start)];
+    if (bar.usage) lines.push(usageText(bar.usage));
+    const cost = costs && costs.of(bar);
+    if (cost) lines.push(costText(cost));
+    if (bar.status) lines.push("status " + bar.status);
+    return lines.join("\n");
+  }
+
+  // Loop and turn costs of the session's own bars (a sub-agent's are on its own page).
+  function costIndex(sessionId, breakdown) {
+    if (!breakdown) return null;
+    const loops = new Map((breakdown.loops || []).map((loop) => [loop.loop_id, loop]));
+    return {
+      of(bar) {
+        const loop = bar.session_id === sessionId && loops.get(bar.loop_id);
+        if (!loop || (bar.kind !== "loop" && bar.kind !== "turn")) return null;
+        return bar.kind === "loop" ? loop.cost : ((loop.turns || [])[bar.turn_index] || {}).cost;
+      },
+    };
+  }
+
+  async function timelineView(holder, sessionId, openTurn, costs) {
+    const base = "api/sessions/" + encodeURIComponent(sessionId) + "/timeline?limit=" + LOOP_PAGE;
+    const first = await api(base);
+    const span = Math.max(first.span_ms, 1e-6);
+    const chart = svg("svg", { class: "timeline", id: "timeline", width: LABEL + AXIS + 70, role: "img",
+      "aria-label": "timeline of loops, turns, model and tool calls" });
+    const ticks = svg("g", { class: "ticks" });
+    for (let i = 0; i <= 4; i++) {
+      const x = LABEL + (AXIS * i) / 4;
+      append(ticks, svg("line", { x1: x, x2: x, y1: 14, y2: "100%", class: "tick" }),
+        svg("text", { x: x, y: 11, class: "tick-label", "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" },
+          duration((span * i) / 4)));
+    }
+    chart.appendChild(ticks);
+    let rows = 0;
+    const add = (bars) => {
+      for (const bar of bars) {
+        const y = 18 + rows * ROW;
+        const x = LABEL + (bar.offset_ms / span) * AXIS;
+        const width = Math.max(2, (bar.duration_ms / span) * AXIS);
+        const label = bar.label.length > 44 - bar.depth * 2 ? bar.label.slice(0, 43 - bar.depth * 2) + "…" : bar.label;
+        const clickable = bar.loop_id !== null;
+        const group = svg("g", { class: "bar bar-" + bar.kind + (bar.status ? " " + statusClass(bar.status) : "") +
+          (clickable ? " clickable" : ""), "data-kind": bar.kind, tabindex: clickable ? 0 : null,
+        onclick: clickable ? () => openTurn(bar) : null,
+        onkeydown: clickable ? (event) => { if (event.key === "Enter") openTurn(bar); } : null },
+        svg("title", null, barTitle(bar, costs)),
+        svg("rect", { x: 0, y: y - 1, width: LABEL + AXIS, height: ROW, class: "row-hit" }),
+        svg("text", { x: 4 + bar.depth * 12, y: y + 13, class: "bar-label" }, label),
+        svg("rect", { x: x, y: y + 3, width: width, height: ROW - 6, rx: 2, class: "bar-rect" }),
+        svg("text", { x: Math.min(x + width + 4, LABEL + AXIS + 4), y: y + 13, class: "bar-note" },
+          duration(bar.duration_ms) + (bar.usage ? " · " + tokens(bar.usage.total_tokens) : "")));
+        chart.appendChild(group);
+        rows += 1;
+      }
+      chart.setAttribute("height", 22 + rows * ROW);
+    };
+    add(first.bars);
+    const more = h("button", { type: "button", class: "secondary", id: "more-bars" }, "Show more of the timeline");
+    const count = h("span", { class: "muted", id: "timeline-count" });
+    const update = () => {
+      count.textContent = tokens(rows) + " of " + plural(first.total, "bar") + " · " + duration(first.span_ms) + " from " +
+        shortTime(first.start);
+      more.hidden = rows >= first.total;
+    };
+    more.addEventListener("click", async () => {
+      more.disabled = true;
+      try {
+        add((await api(base + "&offset=" + rows)).bars);
+        update();
+      } finally {
+        more.disabled = false;
+      }
+    });
+    update();
+    append(holder, h("div", { class: "toolbar" }, count,
+      h("span", { class: "legend" }, ["loop", "turn", "model", "tool"].map((kind) =>
+        h("span", { class: "legend-" + kind }, kind === "model" ? "model call" : kind === "tool" ? "tool call" : kind)))),
+    h("div", { class: "timeline-wrap" }, chart), more);
   }
 
   async function sessionView(page, id, params) {
-    const session = await api("api/sessions/" + encodeURIComponent(id));
+    const base = "api/sessions/" + encodeURIComponent(id);
+    const [overview, breakdown] = await Promise.all([api(base + "/overview"), optional(base + "/cost")]);
+    const session = overview.session;
     const focus = params.get("loop");
+    const focusTurn = params.get("turn");
     append(page,
       h("p", null, h("a", { href: "#/" }, "← all sessions")),
       h("h1", null, "Session ", h("span", { class: "mono" }, session.session_id)),
-      sessionHeader(session));
+      sessionHeader(session, overview.summary, overview.first_prompt, overview.event_count, breakdown));
+
+    // Loops: pages in tree order; more pages while the focused loop is not yet there.
     const elements = new Map();
-    const tree = h("div", { class: "loop-tree", id: "loop-tree" },
-      loopForest(session.loops).map((node) => loopView(session, node, node.index + 1, elements)));
+    const stack = [];
+    const tree = h("div", { class: "loop-tree", id: "loop-tree" });
+    let loaded = 0, total = 0;
+    const moreLoops = h("button", { type: "button", class: "secondary", id: "more-loops" }, "Load more loops");
+    const loopCount = h("span", { class: "muted", id: "loop-count" });
+    const loadLoops = async () => {
+      const result = await api(base + "/loops?limit=" + LOOP_PAGE + "&offset=" + loaded);
+      total = result.total;
+      addLoops(tree, stack, result.loops, id, elements);
+      loaded += result.loops.length;
+      loopCount.textContent = tokens(loaded) + " of " + plural(total, "loop") + " shown";
+      moreLoops.hidden = loaded >= total;
+    };
+    await loadLoops();
+    while (focus && !elements.has(focus) && loaded < total && loaded < 20 * LOOP_PAGE) await loadLoops();
+    moreLoops.addEventListener("click", async () => {
+      moreLoops.disabled = true;
+      try { await loadLoops(); } catch (error) { append(tree, showError(error)); } finally { moreLoops.disabled = false; }
+    });
+
+    const openTurn = async (bar) => {
+      if (bar.session_id !== id) {
+        location.hash = sessionHref(bar.session_id, bar.loop_id);
+        return;
+      }
+      let target = elements.get(bar.loop_id);
+      while (!target && loaded < total) {
+        await loadLoops();
+        target = elements.get(bar.loop_id);
+      }
+      if (!target) return;
+      for (const old of tree.querySelectorAll(".highlight")) old.classList.remove("highlight");
+      target.open = true;
+      await target.load();
+      const turn = bar.turn_index === null ? null : target.querySelector('.turn[data-turn-index="' + bar.turn_index + '"]');
+      (turn || target).classList.add("highlight");
+      (turn || target).scrollIntoView({ block: "start" });
+    };
+
     const target = focus && elements.get(focus);
     if (target) {
       target.classList.add("highlight");
       target.open = true;
+      if (focusTurn !== null) target.load().then(() => openTurn({ session_id: id, loop_id: focus, turn_index: Number(focusTurn) }));
     }
+
     const logHolder = h("div", { id: "event-log-holder" });
     const toggle = h("button", { type: "button", class: "secondary", id: "show-events" }, "Show raw event log");
-    toggle.addEventListener("click", async () => {
-      if (logHolder.firstChild) {
-        clear(logHolder);
-        toggle.textContent = "Show raw event log";
-        return;
-      }
+    const showEvents = async (filter) => {
+      clear(logHolder);
       toggle.disabled = true;
       try {
-        append(logHolder, eventLog(await api("api/sessions/" + encodeURIComponent(id) + "/events"), session.loops));
+        await eventLog(logHolder, id, filter);
         toggle.textContent = "Hide raw event log";
       } catch (error) {
         append(logHolder, showError(error));
       } finally {
         toggle.disabled = false;
       }
+    };
+    toggle.addEventListener("click", async () => {
+      if (logHolder.firstChild) {
+        clear(logHolder);
+        toggle.textContent = "Show raw event log";
+        return;
+      }
+      await showEvents({});
     });
+    const onLoopEvents = (event) => {
+      if (!document.body.contains(page)) {
+        document.removeEventListener("phi-show-events", onLoopEvents);
+        return;
+      }
+      showEvents({ loop: event.detail }).then(() => logHolder.scrollIntoView({ block: "start" }));
+    };
+    document.addEventListener("phi-show-events", onLoopEvents);
     const expandAll = h("button", { type: "button", class: "secondary", onclick: () => {
       for (const details of tree.querySelectorAll("details.loop")) details.open = true;
-    } }, "Expand all loops");
+    } }, "Expand loaded loops");
+    const timelineHolder = h("div", { id: "timeline-holder" }, h("p", { class: "muted" }, "Loading the timeline…"));
     append(page,
+      h("h2", null, "Timeline"),
+      timelineHolder,
       h("h2", null, "Loops"),
-      h("div", { class: "toolbar" }, expandAll,
-        h("a", { href: "api/sessions/" + encodeURIComponent(id), target: "_blank", rel: "noopener" }, "phi-core JSON")),
-      tree,
+      h("div", { class: "toolbar" }, expandAll, loopCount,
+        h("a", { href: base, target: "_blank", rel: "noopener" }, "phi-core JSON")),
+      tree, moreLoops,
       h("h2", null, "Event log"),
       h("div", { class: "toolbar" }, toggle),
       logHolder);
+    // The waterfall fills in after the page shows: on a huge session it takes longest.
+    const timelineBox = h("div");
+    timelineView(timelineBox, id, openTurn, costIndex(id, breakdown)).then(() => {
+      clear(timelineHolder);
+      append(timelineHolder, timelineBox);
+    }, (error) => {
+      clear(timelineHolder);
+      append(timelineHolder, showError(error));
+    });
   }
 
   // -- usage ---------------------------------------------------------------------------
+
+  const CHART_PARTS = [["input", "input"], ["output", "output"], ["reasoning", "reasoning"],
+    ["cache_read", "cache read"], ["cache_write", "cache write"]];
+
+  // Stacked bars of token kinds per group: columns over time for days, rows for models and agents.
+  function usageChart(rows, by) {
+    const id = "chart-" + by;
+    if (!rows.length) return h("p", { class: "muted", id }, "No usage.");
+    const max = Math.max(1, ...rows.map((row) => row.usage.total_tokens));
+    const stackOf = (row) => {
+      let sum = 0;
+      const parts = CHART_PARTS.map(([key, label]) => {
+        const value = Number(row.usage[key] || 0);
+        const part = { key, label, from: sum, value };
+        sum += value;
+        return part;
+      }).filter((part) => part.value > 0);
+      const scale = row.usage.total_tokens / Math.max(sum, 1); // the parts may not add up to the total
+      return parts.map((part) => Object.assign(part, { from: part.from * scale, value: part.value * scale }));
+    };
+    const tip = (row) => row.key + "\n" + usageText(row.usage) + "\n" + plural(row.sessions, "session") + ", " + plural(row.loops, "loop");
+    if (by === "day") {
+      const height = 180, width = Math.max(320, Math.min(1000, rows.length * 28)), step = width / rows.length;
+      const chart = svg("svg", { class: "chart", id, width: width + 70, height: height + 50, role: "img",
+        "aria-label": "tokens by day" });
+      append(chart, svg("text", { x: 66, y: 12, class: "tick-label", "text-anchor": "end" }, tokens(max)),
+        svg("line", { x1: 70, x2: 70 + width, y1: height + 16, y2: height + 16, class: "tick" }));
+      rows.forEach((row, i) => {
+        const x = 70 + i * step + step * 0.15, w = Math.max(2, step * 0.7);
+        const group = svg("g", { class: "chart-bar" }, svg("title", null, tip(row)));
+        for (const part of stackOf(row)) {
+          const y1 = height + 16 - (part.from + part.value) / max * height;
+          append(group, svg("rect", { x, y: y1, width: w, height: Math.max(0.5, part.value / max * height), class: "part-" + part.key }));
+        }
+        if (rows.length <= 16 || i % Math.ceil(rows.length / 16) === 0) {
+          append(group, svg("text", { x: x + w / 2, y: height + 32, class: "tick-label", "text-anchor": "middle" }, row.key.slice(5)));
+        }
+        chart.appendChild(group);
+      });
+      return chart;
+    }
+    const width = 560, label = 260, row = 22;
+    const chart = svg("svg", { class: "chart", id, width: label + width + 110, height: rows.length * row + 8, role: "img",
+      "aria-label": "tokens by " + by });
+    rows.forEach((item, i) => {
+      const y = 4 + i * row;
+      const text = item.key.length > 36 ? item.key.slice(0, 35) + "…" : item.key;
+      const group = svg("g", { class: "chart-bar" }, svg("title", null, tip(item)),
+        svg("text", { x: label - 6, y: y + 14, class: "bar-label", "text-anchor": "end" }, text));
+      for (const part of stackOf(item)) {
+        append(group, svg("rect", { x: label + part.from / max * width, y: y + 2, width: Math.max(0.5, part.value / max * width),
+          height: row - 6, class: "part-" + part.key }));
+      }
+      append(group, svg("text", { x: label + item.usage.total_tokens / max * width + 6, y: y + 14, class: "bar-note" },
+        tokens(item.usage.total_tokens)));
+      chart.appendChild(group);
+    });
+    return chart;
+  }
+
+  function chartLegend() {
+    return h("div", { class: "legend chart-legend" }, CHART_PARTS.map(([key, label]) => h("span", { class: "legend-part-" + key }, label)));
+  }
 
   async function statsView(page, params) {
     const by = params.get("by") || "agent";
@@ -512,15 +910,75 @@
       ["agent", "model", "day"].map((value) => h("option", { value }, "by " + value)));
     select.value = by;
     select.addEventListener("change", () => { location.hash = "#/stats?by=" + encodeURIComponent(select.value); });
-    append(page, h("h1", null, "Usage"), h("div", { class: "toolbar" }, select));
-    const rows = await api("api/stats?by=" + encodeURIComponent(by));
+    const [days, models, agents] = await Promise.all(["day", "model", "agent"].map((key) => api("api/stats?by=" + key)));
+    append(page, h("h1", null, "Usage"),
+      h("div", { class: "charts" },
+        h("section", { class: "panel chart-panel" }, h("h2", null, "Tokens by day"), chartLegend(), usageChart(days, "day")),
+        h("section", { class: "panel chart-panel" }, h("h2", null, "Tokens by model"), usageChart(models, "model")),
+        h("section", { class: "panel chart-panel" }, h("h2", null, "Tokens by agent"), usageChart(agents, "agent"))),
+      h("h2", null, "Totals"), h("div", { class: "toolbar" }, select));
+    const rows = { day: days, model: models, agent: agents }[by] || await api("api/stats?by=" + encodeURIComponent(by));
+    const costs = await optional("api/cost?by=" + encodeURIComponent(by));
+    const costOf = new Map(((costs || {}).totals || []).map((total) => [total.key, total.cost]));
     const columns = ["input", "output", "reasoning", "cache_read", "cache_write", "total_tokens"];
     append(page, h("div", { class: "table-wrap" }, h("table", { class: "data", id: "stats" },
       h("thead", null, h("tr", null, h("th", null, by), h("th", { class: "num" }, "Sessions"), h("th", { class: "num" }, "Loops"),
-        columns.map((c) => h("th", { class: "num" }, c.replace("_", " "))))),
+        columns.map((c) => h("th", { class: "num" }, c.replace("_", " "))), costs ? h("th", { class: "num" }, "Cost (USD)") : null)),
       h("tbody", null, rows.map((row) => h("tr", null, h("td", { class: "mono" }, row.key),
         h("td", { class: "num" }, tokens(row.sessions)), h("td", { class: "num" }, tokens(row.loops)),
-        columns.map((c) => h("td", { class: "num" }, tokens(row.usage[c])))))))));
+        columns.map((c) => h("td", { class: "num" }, tokens(row.usage[c]))),
+        costs ? h("td", { class: "num cost" }, costText(costOf.get(row.key))) : null))))));
+    if (costs && costs.hint) append(page, h("p", { class: "muted" }, costs.hint));
+  }
+
+  // -- search ------------------------------------------------------------------------------
+
+  // The snippet as text, its highlighted ranges in <mark> (offsets in characters).
+  function snippetView(hit) {
+    const text = String(hit.snippet || "");
+    const chars = Array.from(text);
+    const parts = [];
+    let at = 0;
+    for (const [start, end] of hit.highlights || []) {
+      if (start < at || end > chars.length || end <= start) continue;
+      parts.push(chars.slice(at, start).join(""), h("mark", null, chars.slice(start, end).join("")));
+      at = end;
+    }
+    parts.push(chars.slice(at).join(""));
+    return h("span", { class: "snippet" }, parts);
+  }
+
+  async function searchView(page, params) {
+    const text = params.get("q") || "";
+    const box = document.querySelector("#search-form input[name=q]");
+    if (box) box.value = text;
+    append(page, h("h1", null, "Search"));
+    if (!text.trim()) {
+      append(page, h("p", { class: "muted" }, "Type words to find in messages, thinking, tool arguments and results."));
+      return;
+    }
+    const hits = await api("api/search?" + new URLSearchParams({ q: text, limit: "100" }));
+    append(page, h("p", { class: "muted" }, h("span", { id: "hit-count" }, plural(hits.length, "hit")), " for ", h("code", null, text)));
+    append(page, h("div", { class: "table-wrap" }, h("table", { class: "data", id: "hits" },
+      h("thead", null, h("tr", null, ["Session", "Loop", "Turn", "Where", "Snippet"].map((t) => h("th", null, t)))),
+      h("tbody", null, hits.map((hit) => {
+        const href = sessionHref(hit.session_id, hit.loop_id) + (hit.turn_index === null ? "" : "&turn=" + hit.turn_index);
+        return h("tr", null,
+          h("td", { class: "nowrap" }, h("a", { href, class: "mono hit-link" }, hit.session_id)),
+          h("td", { class: "mono clip", title: hit.loop_id }, hit.loop_id),
+          h("td", { class: "num" }, hit.turn_index === null ? "" : hit.turn_index),
+          h("td", null, String(hit.kind)),
+          h("td", null, snippetView(hit)));
+      })))));
+  }
+
+  const searchForm = document.getElementById("search-form");
+  if (searchForm) {
+    searchForm.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const text = String(new FormData(searchForm).get("q") || "").trim();
+      location.hash = "#/search?" + new URLSearchParams({ q: text });
+    });
   }
 
   window.addEventListener("hashchange", route);

@@ -1,0 +1,137 @@
+"""Viewer benchmark: how fast a huge session opens in the web viewer (issue 14, item 6).
+
+Usage: ``python benchmarks/bench_viewer.py [--loops N] [--store sqlite|json]``
+
+One session of ``--loops`` (10,000) loops is built from the W1 workload's first
+session (`workload.events`, recorded: each loop keeps 44 events and 4 turns), the
+loops chained as continuations: 10,000 loops hold 440,000 events; ``--loops
+23000`` gives a session of over 1,000,000 events. It is saved
+into a fresh store, then a viewer serves it and the script times, over HTTP,
+what the page asks for when it opens the session:
+
+* ``overview`` the first request (the store loads the session: the cold cost),
+* ``loops page`` the first 200 loops in tree order,
+* ``loop`` one loop's turns (what opening a loop fetches),
+* ``event-log page`` the first 200 events, then 200 events of one type,
+* ``timeline page`` the first 200 bars of the waterfall (built on first use),
+* and the same requests again, warm (the session is cached by the viewer).
+
+"Opens" is overview + loops page + timeline page: the page shows then. The
+old page's requests (the whole session's JSON, and every event) are timed too,
+for comparison. Nothing is asserted: the script prints figures and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from phi_session import Session
+from phi_session.model import LoopRecord
+from phi_session.recorder import SessionRecorder
+from phi_session.stores.base import SessionStore
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.sqlite import SqliteStore
+from phi_session.web.server import make_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workload  # lives beside this script
+
+
+def huge_session(loops: int, session_id: str = "huge-session") -> Session:
+    """A session of `loops` loops, each a copy of a recorded W1 loop continuing the one before."""
+    recorder = SessionRecorder()
+    recorder.record_all(workload.events(1))
+    recorder.flush()
+    template = recorder.drain_completed()[0]
+    base = template.loops[1]  # a continuation: Default kind, parent set
+    records: list[LoopRecord] = []
+    for index in range(loops):
+        loop_id = f"{session_id}.loop.{index}"
+        source = template.loops[0] if index == 0 else base
+        records.append(msgspec.structs.replace(
+            source, loop_id=loop_id, session_id=session_id,
+            parent_loop_id=None if index == 0 else records[-1].loop_id,
+            children_loop_ids=[], child_loop_refs=[],
+            events=list(source.events),  # the events keep the template's loop id: the viewer does not mind
+        ))
+        if index:
+            records[-2].children_loop_ids.append(loop_id)
+    return msgspec.structs.replace(template, session_id=session_id, loops=records)
+
+
+def timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def fetch(url: str) -> int:
+    with urllib.request.urlopen(url) as response:
+        return len(response.read())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--loops", type=int, default=10_000)
+    parser.add_argument("--store", choices=("sqlite", "json"), default="sqlite")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        started = time.perf_counter()
+        session = huge_session(args.loops)
+        events = sum(len(record.events) for record in session.loops)
+        built = time.perf_counter() - started
+        print(f"session: {args.loops:,} loops, {events:,} events (built in {built:.1f} s)")
+        store: SessionStore = SqliteStore(Path(root) / "s.db") if args.store == "sqlite" \
+            else JsonDirStore(root)
+        saving = timed(lambda: store.save(session))
+        print(f"save into {args.store}: {saving:.2f} s")
+        server = make_server(store, quiet=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        api = f"{server.url}api/sessions/huge-session"
+        steps = [
+            ("overview", f"{api}/overview"),
+            ("loops page (200)", f"{api}/loops?limit=200"),
+            ("timeline page (200 bars)", f"{api}/timeline?limit=200"),
+            ("loop (one loop's turns)", f"{api}/loops/{args.loops // 2}"),
+            ("event-log page (200)", f"{api}/event-log?limit=200"),
+            ("event-log page, type TurnEnd", f"{api}/event-log?limit=200&type=TurnEnd"),
+            ("loops page near the end", f"{api}/loops?limit=200&offset={max(0, args.loops - 1000)}"),
+        ]
+        for label in ("cold", "warm"):
+            total_open = 0.0
+            print(f"-- {label}")
+            for index, (name, url) in enumerate(steps):
+                size = 0
+
+                def get(url: str = url) -> None:
+                    nonlocal size
+                    size = fetch(url)
+
+                seconds = timed(get)
+                if index < 3:
+                    total_open += seconds
+                print(f"  {name:32} {seconds * 1000:9.1f} ms  {size / 1e3:9.1f} kB")
+            print(f"  {'opens (overview+loops+timeline)':32} {total_open * 1000:9.1f} ms")
+        print("-- the whole session at once (what the page fetched before paging)")
+        size = 0
+
+        def whole() -> None:
+            nonlocal size
+            size = fetch(api)
+
+        print(f"  {'session JSON':32} {timed(whole) * 1000:9.1f} ms  {size / 1e6:9.1f} MB")
+        server.shutdown()
+        store.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""views.timeline and `phi-session show --timeline`; `phi-session list --after` (keyset pages)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from phi_session._time import Timestamp
+from phi_session.cli import EXIT_OK, main
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.views import timeline
+
+from .web_support import BASIC_ID, CHILD_ID, EXAMPLE_STREAM, PARALLEL_ID, PARENT_ID
+
+
+def _store(tmp_path: Path) -> JsonDirStore:
+    result = CliRunner().invoke(main, ["record", str(EXAMPLE_STREAM), "--dir", str(tmp_path / "store")])
+    assert result.exit_code == EXIT_OK, result.output
+    return JsonDirStore(tmp_path / "store")
+
+
+def test_bars_nest_loops_turns_calls_and_sub_agents_inline(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    parent = store.load(PARENT_ID)
+    bars = timeline(parent, store)
+    kinds = [bar.kind for bar in bars]
+    assert kinds[0] == "session" and bars[0].depth == 0
+    # The sub-agent's session sits right under the tool call that spawned it, one level deeper.
+    child_at = next(i for i, bar in enumerate(bars) if bar.kind == "session" and bar.session_id == CHILD_ID)
+    spawner = bars[child_at - 1]
+    assert spawner.kind == "tool" and spawner.label == "researcher"
+    assert bars[child_at].depth == spawner.depth + 1
+    assert {bar.session_id for bar in bars} == {PARENT_ID, CHILD_ID}
+    # Without a store, the sub-agent is not drawn.
+    assert {bar.session_id for bar in timeline(parent)} == {PARENT_ID}
+    # Every turn's model call starts with the turn and ends before its tool calls start.
+    for index, bar in enumerate(bars):
+        if bar.kind == "model":
+            turn = bars[index - 1]
+            assert turn.kind == "turn" and bar.start == turn.start
+            assert bar.end is not None and turn.end is not None and bar.end <= turn.end
+
+
+def test_continuations_and_parallel_groups(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    basic = timeline(store.load(BASIC_ID))
+    loops = [bar for bar in basic if bar.kind == "loop"]
+    assert len(loops) == 2 and loops[1].depth == loops[0].depth + 1 and loops[1].detail == "Default"
+    parallel = [bar for bar in timeline(store.load(PARALLEL_ID)) if bar.kind == "loop"]
+    details = [bar.detail for bar in parallel]
+    assert any("parallel winner" in detail for detail in details)
+    assert any("parallel, not selected" in detail for detail in details)
+
+
+def test_a_sub_agent_cycle_is_drawn_once(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    child = store.load(CHILD_ID)
+    # The child's own waterfall reaches no further (it spawned nothing), and loading the
+    # parent's through the child's store never repeats a session.
+    bars = timeline(store.load(PARENT_ID), store)
+    assert sum(bar.kind == "session" for bar in bars) == 2
+    assert [bar.kind for bar in timeline(child, store)].count("session") == 1
+
+
+def test_show_timeline_text_and_json(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["show", PARENT_ID, "--timeline", "--store", str(tmp_path / "store")],
+                           env={"COLUMNS": "140"})
+    assert result.exit_code == EXIT_OK, result.output
+    lines = result.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("WHAT"))
+    rows = lines[header + 1:]
+    assert len(rows) == len(timeline(store.load(PARENT_ID), store))
+    assert all("\u2588" in row for row in rows)
+    assert any("researcher" in row for row in rows) and any(CHILD_ID[:20] in row for row in rows)
+    store_url = str(tmp_path / "store")
+    as_json = runner.invoke(main, ["show", PARENT_ID, "--timeline", "--json", "--store", store_url])
+    bars = json.loads(as_json.output)
+    assert bars[0]["kind"] == "session" and Timestamp.parse(bars[0]["start"])
+    assert {bar["kind"] for bar in bars} == {"session", "loop", "turn", "model", "tool"}
+
+
+def test_list_pages_with_after(tmp_path: Path) -> None:
+    _store(tmp_path)
+    runner = CliRunner()
+    store_url = str(tmp_path / "store")
+    everything = json.loads(runner.invoke(main, ["list", "--json", "--store", store_url]).output)
+    seen: list[str] = []
+    args = ["list", "--json", "--limit", "2", "--store", store_url]
+    while True:
+        result = runner.invoke(main, args)
+        assert result.exit_code == EXIT_OK, result.output
+        seen += [row["session_id"] for row in json.loads(result.stdout)]
+        if "--after" not in result.stderr:
+            break
+        cursor = result.stderr.split("--after ", 1)[1].strip()
+        args = ["list", "--json", "--limit", "2", "--after", cursor, "--store", store_url]
+    assert seen == [row["session_id"] for row in everything]
+    bad = runner.invoke(main, ["list", "--after", "nonsense", "--store", store_url])
+    assert bad.exit_code == 2 and "--after: not a page cursor" in bad.stderr

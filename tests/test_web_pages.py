@@ -1,0 +1,156 @@
+"""The viewer's paged API (web/pages.py): session pages by keyset, and a session served in pages."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from phi_session.codec import decode_loop, decode_session
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.sqlite import SqliteStore
+from phi_session.web.pages import PROMPT_CHARS, first_prompt
+from phi_session.web.server import ViewerServer
+
+from .test_web_api import get_json, ids
+from .web_support import (
+    CHILD_ID,
+    EXAMPLE_IDS,
+    PARENT_ID,
+    PARENT_LOOP,
+    example_lines,
+    record_into,
+    running_server,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from bench_viewer import huge_session  # lives in benchmarks/, not in the package
+
+HUGE_LOOPS = 300
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("pages-store")
+    with JsonDirStore(directory) as store:
+        record_into(store, example_lines())
+        store.save(huge_session(HUGE_LOOPS))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(store_dir: Path) -> Iterator[ViewerServer]:
+    with JsonDirStore(store_dir) as store, running_server(store) as running:
+        yield running
+
+
+def test_session_pages_walk_every_session_once(server: ViewerServer) -> None:
+    everything = ids(get_json(server, "/api/sessions"))
+    seen: list[str] = []
+    path = "/api/session-page?limit=2"
+    while True:
+        page = get_json(server, path)
+        assert len(page["sessions"]) <= 2
+        seen += ids(page["sessions"])
+        if page["next"] is None:
+            break
+        path = f"/api/session-page?limit=2&after={page['next']}"
+    assert seen == everything and len(seen) == len(EXAMPLE_IDS) + 1
+    # A last page that is exactly full offers no empty page after it.
+    full = get_json(server, f"/api/session-page?limit={len(seen)}")
+    assert len(full["sessions"]) == len(seen) and full["next"] is None
+
+
+def test_session_page_default_size_and_filters(server: ViewerServer) -> None:
+    page = get_json(server, "/api/session-page?order=tokens&agent=nobody")
+    assert page == {"sessions": [], "next": None}
+    assert "after" in get_json(server, "/api/session-page?after=bogus", 400)["error"]
+    assert "order" in get_json(server, "/api/session-page?after=tokens:1:x", 400)["error"]
+
+
+def test_overview_has_no_loops_but_the_totals(server: ViewerServer, store_dir: Path) -> None:
+    overview = get_json(server, f"/api/sessions/{PARENT_ID}/overview")
+    stored = decode_session((store_dir / f"{PARENT_ID}.json").read_bytes())
+    assert overview["session"]["loops"] == [] and overview["session"]["session_id"] == PARENT_ID
+    assert overview["summary"]["loop_count"] == len(stored.loops)
+    assert overview["event_count"] == sum(len(loop.events) for loop in stored.loops)
+    assert overview["first_prompt"] == first_prompt(stored) and overview["first_prompt"]
+    assert set(overview["cost"]) == {"usd", "sources", "unpriced"}  # usd null when unknown, never 0
+
+
+def test_loops_in_tree_order_then_one_loop_with_turns(server: ViewerServer, store_dir: Path) -> None:
+    page = get_json(server, f"/api/sessions/{PARENT_ID}/loops")
+    rows = page["loops"]
+    assert page["total"] == len(rows) >= 1
+    first = rows[0]
+    assert first["loop"]["loop_id"] == PARENT_LOOP and first["depth"] == 0
+    assert first["loop"]["turns"] == [] and first["loop"]["events"] == [] and first["turn_count"] == 2
+    loop = get_json(server, f"/api/sessions/{PARENT_ID}/loops/{first['index']}")
+    stored = decode_session((store_dir / f"{PARENT_ID}.json").read_bytes()).loops[first["index"]]
+    assert len(loop["turns"]) == len(stored.turns) and loop["events"] == []
+    assert decode_loop(json.dumps(loop)).turns == stored.turns
+
+
+def test_huge_session_pages(server: ViewerServer) -> None:
+    base = "/api/sessions/huge-session"
+    page = get_json(server, f"{base}/loops?limit=100&offset=250")
+    assert page["total"] == HUGE_LOOPS and len(page["loops"]) == 50
+    # A chain of continuations: each one level deeper, in order.
+    assert [row["index"] for row in page["loops"]] == list(range(250, 300))
+    assert [row["depth"] for row in page["loops"]] == list(range(250, 300))
+    log = get_json(server, f"{base}/event-log?limit=50&offset=100")
+    assert len(log["events"]) == 50 and log["total"] == sum(log["types"].values())
+    ends = get_json(server, f"{base}/event-log?type=TurnEnd&limit=5000")
+    assert ends["total"] == log["types"]["TurnEnd"] == HUGE_LOOPS * 4
+    assert {row["event"]["type"] for row in ends["events"]} == {"TurnEnd"}
+    one = get_json(server, f"{base}/event-log?loop=7")
+    assert {row["loop_index"] for row in one["events"]} == {7} and one["total"] == len(one["events"])
+    bars = get_json(server, f"{base}/timeline?limit=10")
+    assert bars["bars"][0]["kind"] == "session" and bars["total"] > HUGE_LOOPS * 4
+    assert bars["bars"][0]["offset_ms"] == 0 and bars["bars"][0]["duration_ms"] == bars["span_ms"]
+
+
+def test_timeline_places_the_sub_agent_under_its_tool_call(server: ViewerServer) -> None:
+    bars = get_json(server, f"/api/sessions/{PARENT_ID}/timeline")["bars"]
+    child = next(i for i, bar in enumerate(bars)
+                 if bar["kind"] == "session" and bar["session_id"] == CHILD_ID)
+    assert bars[child - 1]["kind"] == "tool" and bars[child - 1]["loop_id"] == PARENT_LOOP
+    assert all(bar["offset_ms"] >= 0 and bar["duration_ms"] >= 0 for bar in bars)
+
+
+@pytest.mark.parametrize(("path", "fragment"), [
+    ("/loops?limit=5001", "limit must be a whole number below 5001"),
+    ("/loops?offset=-1", "offset must be a whole number"),
+    ("/loops?colour=1", "unknown query parameter 'colour'"),
+    ("/loops/99", "loop index must be a whole number below"),
+    ("/loops/x", "loop index must be a whole number"),
+    ("/event-log?loop=99", "loop must be a whole number below"),
+    ("/overview?x=1", "unknown query parameter 'x'"),
+])
+def test_bad_page_requests_are_400(server: ViewerServer, path: str, fragment: str) -> None:
+    assert fragment in get_json(server, f"/api/sessions/{PARENT_ID}{path}", 400)["error"]
+
+
+def test_unknown_session_and_view(server: ViewerServer) -> None:
+    assert "no-such" in get_json(server, "/api/sessions/no-such/overview", 404)["error"]
+    get_json(server, f"/api/sessions/{PARENT_ID}/loops/0/more", 404)
+    get_json(server, "/api/sessions/../overview", 400)
+
+
+def test_cache_sees_a_new_save_after_it_expires(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as running:
+        record_into(store, example_lines())
+        get_json(running, f"/api/sessions/{PARENT_ID}/overview")
+        store.delete(PARENT_ID)
+        get_json(running, f"/api/sessions/{PARENT_ID}/overview")  # still cached
+        running.sessions.ttl = 0  # expired at once
+        get_json(running, f"/api/sessions/{PARENT_ID}/overview", 404)
+
+
+def test_first_prompt_is_cut() -> None:
+    session = huge_session(1)
+    prompt = first_prompt(session)
+    assert prompt is not None and len(prompt) <= PROMPT_CHARS
