@@ -1,9 +1,13 @@
-"""Framework adapters (issue 12, item 8): the cost of recording a framework's runs.
+"""Framework adapters (issue 12, item 8): what recording costs a framework run.
 
-Per framework, RUNS runs of 4 turns x 2 tools on the framework's fake model; the
-median per run of: the bare run, the run with a no-op hook that only appends tuples
-(the framework's own dispatch floor), and the run with our adapter into a
+Per framework, `RUNS` runs of 4 turns x 2 tools (then the answer) on the framework's
+fake model, median per run: the bare run, the run with a no-op hook that only appends
+tuples (the framework's own dispatch floor), and the run with our adapter into a
 `SessionRecorder`. Targets: adapter <= 1.10x bare and <= floor + 5%.
+
+Times are the process's CPU time (`time.process_time`): the frameworks run their
+runs in this thread, and CPU time stays meaningful on a loaded machine where wall
+time mostly measures waiting for a core.
 
 Usage: python benchmarks/bench_adapters.py [--runs N]
 """
@@ -11,115 +15,206 @@ Usage: python benchmarks/bench_adapters.py [--runs N]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
-import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
-RUNS = 200
+from phi_session import SessionRecorder
+
+TURNS, TOOLS = 4, 2
 
 
-def medians_ms(runs: int, *variants: Callable[[], object]) -> list[float]:
-    """The median time per run of each variant, in ms; the variants take turns run by
-    run, so that a machine getting busier or quieter weighs on all of them alike."""
-    for run in variants:
-        run()  # warm up
+def report(framework: str, bare: float, floor: float, adapter: float) -> None:
+    """One framework's medians (seconds per run) and the targets' verdicts."""
+    vs_bare, vs_floor = adapter / bare, adapter / floor
+    ok = vs_bare <= 1.10 and vs_floor <= 1.05
+    print(f"{framework:14} bare {bare * 1e3:7.2f} ms  floor {floor * 1e3:7.2f} ms ({floor / bare:.2f}x)  "
+          f"adapter {adapter * 1e3:7.2f} ms ({vs_bare:.2f}x bare, floor +{(vs_floor - 1) * 100:.1f}%)  "
+          f"{'PASS' if ok else 'MISS'}")
+
+
+async def medians_async(runs: int, variants: list[Callable[[int], Awaitable[object]]]) -> list[float]:
+    """The median time per run of each variant; runs interleave, so drift hits all alike."""
+    for i in range(3):  # warm up
+        for run in variants:
+            await run(-1 - i)
     times: list[list[float]] = [[] for _ in variants]
-    gc.collect()
-    for _ in range(runs):
+    for i in range(runs):
+        if i % 50 == 0:
+            gc.collect()
         for run, spent in zip(variants, times, strict=True):
-            start = time.perf_counter()
-            run()
-            spent.append(time.perf_counter() - start)
-    return [statistics.median(spent) * 1000 for spent in times]
+            started = time.process_time()
+            await run(i)
+            spent.append(time.process_time() - started)
+    return [statistics.median(spent) for spent in times]
 
 
-def report(framework: str, bare: float, floor: float, ours: float) -> None:
-    print(f"{framework}: bare {bare:.2f} ms, no-op hook {floor:.2f} ms ({floor / bare:.2f}x), "
-          f"adapter {ours:.2f} ms ({ours / bare:.2f}x)")
-    print(f"  adapter <= 1.10x bare: {'PASS' if ours <= 1.10 * bare else 'MISS'}")
-    print(f"  adapter <= floor + 5%: {'PASS' if ours <= 1.05 * floor else 'MISS'}")
+def medians(runs: int, variants: list[Callable[[], object]]) -> list[float]:
+    """`medians_async` for frameworks whose runs are plain calls."""
+    def awaitable(run: Callable[[], object]) -> Callable[[int], Awaitable[object]]:
+        async def one(i: int) -> object:
+            return run()
+        return one
+
+    return asyncio.run(medians_async(runs, [awaitable(run) for run in variants]))
+
+
+# -- Google ADK ---------------------------------------------------------------------------------
+
+
+def bench_google_adk(runs: int) -> None:
+    from google.adk.agents import LlmAgent
+    from google.adk.models.base_llm import BaseLlm
+    from google.adk.models.llm_request import LlmRequest
+    from google.adk.models.llm_response import LlmResponse
+    from google.adk.plugins.base_plugin import BasePlugin
+    from google.adk.runners import InMemoryRunner
+    from google.genai import types
+
+    from phi_session.adapters.google_adk import PhiPlugin
+
+    usage = types.GenerateContentResponseUsageMetadata(prompt_token_count=100, candidates_token_count=20)
+
+    class FakeModel(BaseLlm):
+        """Calls TOOLS tools on each of TURNS turns (counted from the request), then answers."""
+
+        async def generate_content_async(
+            self, llm_request: LlmRequest, stream: bool = False
+        ) -> AsyncGenerator[LlmResponse, None]:
+            turn = sum(1 for content in llm_request.contents if content.role == "model")
+            if turn < TURNS:
+                calls = [types.FunctionCall(name="lookup", args={"key": f"{turn}.{i}"}) for i in range(TOOLS)]
+                parts = [types.Part(function_call=call) for call in calls]
+            else:
+                parts = [types.Part(text="done")]
+            yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
+
+    def lookup(key: str) -> str:
+        """Looks a key up."""
+        return key.upper()
+
+    class NoOpPlugin(BasePlugin):
+        """Appends a tuple per callback PhiPlugin implements: ADK's own plugin dispatch."""
+
+        def __init__(self) -> None:
+            super().__init__(name="noop")
+            self.seen: list[tuple[str, Any]] = []
+
+    def appender(callback: str, argument: str) -> Callable[..., Awaitable[None]]:
+        async def append(self: NoOpPlugin, **kwargs: Any) -> None:
+            self.seen.append((callback, kwargs[argument]))
+        return append
+
+    for callback, argument in [
+            ("before_run_callback", "invocation_context"), ("after_run_callback", "invocation_context"),
+            ("after_agent_callback", "agent"), ("before_model_callback", "llm_request"),
+            ("after_model_callback", "llm_response"), ("on_event_callback", "event"),
+            ("before_tool_callback", "tool_args"), ("after_tool_callback", "result")]:
+        setattr(NoOpPlugin, callback, appender(callback, argument))
+
+    def runner(plugins: list[BasePlugin]) -> InMemoryRunner:
+        agent = LlmAgent(name="bench", model=FakeModel(model="fake"), tools=[lookup])
+        return InMemoryRunner(agent=agent, app_name="bench", plugins=plugins)
+
+    def variant(plugins: list[BasePlugin]) -> Callable[[int], Awaitable[None]]:
+        r = runner(plugins)
+        message = types.Content(role="user", parts=[types.Part(text="go")])
+
+        async def one(i: int) -> None:
+            await r.session_service.create_session(app_name="bench", user_id="u", session_id=f"s{i}")
+            async for _ in r.run_async(user_id="u", session_id=f"s{i}", new_message=message):
+                pass
+
+        return one
+
+    async def all_three() -> list[float]:
+        recorder = SessionRecorder()
+        plugins: list[list[BasePlugin]] = [[], [NoOpPlugin()], [PhiPlugin([recorder])]]
+        medians = await medians_async(runs, [variant(p) for p in plugins])
+        recorder.flush()
+        loops = sum(len(s.loops) for s in recorder.sessions())
+        assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
+        return medians
+
+    report("google-adk", *asyncio.run(all_three()))
 
 
 # -- LangChain / LangGraph ---------------------------------------------------------------------------
 
 
 def bench_langchain(runs: int) -> None:
-    try:
-        from langchain.agents import create_agent
-        from langchain_core.callbacks import BaseCallbackHandler
-        from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-        from langchain_core.messages import AIMessage
-        from langchain_core.tools import tool
-    except ImportError:
-        print("langchain: skipped (pip install 'phi-session[test]')")
-        return
-    from phi_session import SessionRecorder
+    import itertools
+
+    from langchain.agents import create_agent
+    from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+
     from phi_session.adapters.langchain import PhiCallbackHandler
 
-    class Chat(GenericFakeChatModel):
+    usage: Any = {"input_tokens": 100, "output_tokens": 20, "total_tokens": 120}
+
+    class FakeModel(GenericFakeChatModel):
+        """LangChain's fake chat model with ``bind_tools``; its replies cycle: one run
+        takes TOOLS tool calls on each of TURNS turns, then the answer."""
+
         def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
             return self
 
+    replies = [AIMessage(content="", usage_metadata=usage, tool_calls=[
+        {"id": f"c{turn}.{i}", "name": "lookup", "args": {"key": f"{turn}.{i}"}} for i in range(TOOLS)])
+        for turn in range(TURNS)]
+    model = FakeModel(messages=itertools.cycle([*replies, AIMessage(content="done", usage_metadata=usage)]))
+
     @tool
     def lookup(key: str) -> str:
-        """Look a key up."""
-        return f"value of {key}"
-
-    def script() -> Chat:
-        usage: Any = {"input_tokens": 100, "output_tokens": 20, "total_tokens": 120}
-        replies = [AIMessage(content="", usage_metadata=usage, tool_calls=[
-            {"id": f"c{turn}{n}", "name": "lookup", "args": {"key": f"k{turn}{n}"}} for n in range(2)])
-            for turn in range(3)]
-        # one run takes exactly these four replies: cycling them serves every run
-        return Chat(messages=itertools.cycle([*replies, AIMessage(content="done", usage_metadata=usage)]))
+        """Looks a key up."""
+        return key.upper()
 
     class NoOp(BaseCallbackHandler):
-        """The dispatch floor: every callback the adapter uses, appending a tuple."""
+        """Appends a tuple per callback PhiCallbackHandler uses: LangChain's own dispatch."""
 
         run_inline = True
 
         def __init__(self) -> None:
-            self.seen: list[tuple[Any, ...]] = []
+            self.seen: list[tuple[str, Any]] = []
 
-        def on_chain_start(self, serialized: Any, inputs: Any, **kwargs: Any) -> None:
-            self.seen.append(("chain_start", kwargs["run_id"]))
+    def appender(callback: str) -> Callable[..., None]:
+        def append(self: NoOp, *args: Any, **kwargs: Any) -> None:
+            self.seen.append((callback, kwargs["run_id"]))
+        return append
 
-        def on_chain_end(self, outputs: Any, **kwargs: Any) -> None:
-            self.seen.append(("chain_end", kwargs["run_id"]))
+    for callback in ("on_chain_start", "on_chain_end", "on_chain_error", "on_chat_model_start",
+                     "on_llm_new_token", "on_llm_end", "on_llm_error", "on_tool_start", "on_tool_end",
+                     "on_tool_error"):
+        setattr(NoOp, callback, appender(callback))
 
-        def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
-            self.seen.append(("chat_model_start", kwargs["run_id"]))
-
-        def on_llm_end(self, response: Any, **kwargs: Any) -> None:
-            self.seen.append(("llm_end", kwargs["run_id"]))
-
-        def on_tool_start(self, serialized: Any, input_str: str, **kwargs: Any) -> None:
-            self.seen.append(("tool_start", kwargs["run_id"]))
-
-        def on_tool_end(self, output: Any, **kwargs: Any) -> None:
-            self.seen.append(("tool_end", kwargs["run_id"]))
-
-    inputs = {"messages": [("user", "look up six keys")]}
+    agent = create_agent(model, tools=[lookup])
+    inputs = {"messages": [("user", "go")]}
     recorder = SessionRecorder()
-    handler = PhiCallbackHandler([recorder])
 
-    agent = create_agent(script(), tools=[lookup])
-
-    def run(callbacks: list[Any]) -> Callable[[], object]:
+    def variant(callbacks: list[Any]) -> Callable[[], object]:
         return lambda: agent.invoke(inputs, {"callbacks": callbacks})
 
-    bare, floor, ours = medians_ms(runs, run([]), run([NoOp()]), run([handler]))
+    handlers: list[list[Any]] = [[], [NoOp()], [PhiCallbackHandler([recorder])]]
+    result = medians(runs, [variant(h) for h in handlers])
     recorder.flush()
-    report("langchain (create_agent)", bare, floor, ours)
+    loops = sum(len(s.loops) for s in recorder.sessions())
+    assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
+    report("langchain", *result)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=RUNS)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
+    print(f"median CPU time per run of {args.runs} runs, {TURNS} turns x {TOOLS} tools")
+    bench_google_adk(args.runs)
     bench_langchain(args.runs)
 
 

@@ -24,7 +24,7 @@ def producer(url: str, stream: str, prefix: str, spill: str, seed: str, sessions
     with JetStreamSink(url, stream=stream, subject_prefix=prefix, partitions=4, spill_dir=spill) as sink:
         for event in workload.events(int(sessions), seed=int(seed)):
             sink(event)
-        if not sink.flush(30):
+        if not sink.flush(120):
             sys.exit("not flushed")
 
 

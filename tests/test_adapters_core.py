@@ -183,6 +183,26 @@ def test_handoff_ends_the_loop_and_the_next_agent_continues_it() -> None:
     assert second.metadata == {"framework": "fake-fw", "agent": "billing"}
 
 
+def test_branches_fork_from_one_loop_without_a_winner() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    core.start_run("root", CONFIG, framework_session_id="p")
+    one_turn(core, "root")
+    core.run("root").loop.end()  # type: ignore[union-attr]  # a branch may fork from an ended loop
+    for tag in ("p.a", "p.b"):
+        branch = core.branch(tag, "root", CONFIG, tag, metadata={"branch": tag})
+        assert branch is not None
+        one_turn(core, tag, tag)
+        core.end_run(tag)
+    core.end_run("root")
+    assert core.branch("x", "gone", CONFIG, "x") is None
+    root, *branches = recorder.sessions()[0].loops
+    assert [(b.parent_loop_id, b.continuation_kind, b.metadata["branch"]) for b in branches] == [
+        (root.loop_id, ContinuationKind.branch(tag), tag) for tag in ("p.a", "p.b")]
+    assert all(b.turns[0].triggered_by == "Branch" and b.parallel_group is None for b in branches)
+    assert_round_trip(recorder)
+
+
 def test_an_exception_in_the_run_ends_its_loop_aborted() -> None:
     recorder = SessionRecorder()
     core = make_core(recorder)

@@ -4,6 +4,7 @@ Each framework has a module here that imports its framework only when used
 (``import phi_session.adapters`` imports none):
 
 * `phi_session.adapters.openai_agents`: the OpenAI Agents SDK (``pip install 'phi-session[openai-agents]'``).
+* `phi_session.adapters.google_adk`: Google ADK, a plugin (``pip install 'phi-session[google-adk]'``).
 
 They share one core (`AdapterCore`, see `phi_session.adapters._core`) that holds the rules
 every adapter follows: one framework run is one loop, the framework's session id is

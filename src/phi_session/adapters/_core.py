@@ -293,8 +293,25 @@ class AdapterCore:
             return None
         if run.loop.running:
             run.loop.end()
+        return self._continue(key, run, config, DEFAULT, metadata)
+
+    def branch(self, key: object, parent_key: object, config: LoopConfigSnapshot, tag: str, *,
+               metadata: dict[str, Any] | None = None) -> AdapterRun | None:
+        """Start the run `key` as a ``Branch{tag}`` of run `parent_key`'s loop (running
+        or ended), in its session: a framework's parallel branch. Several branches may
+        fork from one loop; no winner is recorded. Returns the new run (None if
+        `parent_key` is not open)."""
+        with self._lock:
+            parent = self._runs.get(parent_key)
+        if parent is None:
+            return None
+        return self._continue(key, parent, config, ContinuationKind.branch(tag), metadata)
+
+    def _continue(self, key: object, run: AdapterRun, config: LoopConfigSnapshot, kind: ContinuationKind,
+                  metadata: dict[str, Any] | None) -> AdapterRun:
+        """Start and register, as `key`, a loop continuing `run`'s with `kind`."""
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
-        loop = run.tracer.loop(config, continues=run.loop.loop_id, kind=DEFAULT, metadata=meta)
+        loop = run.tracer.loop(config, continues=run.loop.loop_id, kind=kind, metadata=meta)
         successor = AdapterRun(key, loop, run.tracer)
         with self._lock:
             self._runs[key] = successor

@@ -1,0 +1,544 @@
+"""Google ADK adapter: phi-core sessions from ADK agents, with one plugin.
+
+    from phi_session.adapters.google_adk import PhiPlugin
+
+    runner = InMemoryRunner(agent=root_agent, plugins=[PhiPlugin()])
+
+`PhiPlugin` is an ADK plugin (``google.adk.plugins.BasePlugin``); ADK calls it for
+every agent of the runner, and for the agents an ``AgentTool`` runs (a nested runner
+inherits the plugins). Every callback returns ``None``: the plugin only watches, it
+never alters a request, a response, a tool's arguments or its result, and a fault in
+it is counted and logged once (`PhiPlugin.fault_count`), never raised into ADK.
+
+How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-adk 2.13):
+
+* an invocation (``Runner.run_async``) is a loop of the ADK session's phi session
+  (the ADK session id, or its UUIDv5 when no store accepts it); a later invocation of
+  the session continues its last loop. The invocation's user message is the loop's
+  prompt;
+* a model call (``before_model_callback``) opens a turn; streamed partial responses
+  are ``MessageUpdate`` deltas (text, thoughts, function-call arguments); the final
+  response is the assistant message, finished when ADK emits its event, so the
+  function calls carry the ids ADK gives them; usage is the response's
+  ``usage_metadata``. The turn ends at the next model call, or when its agent or the
+  invocation ends;
+* tool callbacks are tool executions; a tool error is a failed result;
+* another agent taking over within the invocation (``transfer_to_agent``, the next
+  agent of a ``SequentialAgent``) ends the loop and starts a loop continuing it; a
+  transfer's assistant message has stop reason ``handoff``;
+* each agent of a ``ParallelAgent`` runs in a loop of its own, a ``Branch`` (tagged
+  with the ADK branch) of the loop before it. ADK picks no winner, so none is
+  recorded: the next loop of the invocation continues the loop the branches left;
+* an ``AgentTool`` runs its agent in a nested invocation: that is a sub-agent, in a
+  session of its own, linked both ways with the tool call;
+* an exception escaping the invocation ends its loops failed (``Aborted`` + error).
+
+What is not recorded: a plugin listed before this one that answers a callback itself
+(returns a value) hides that callback from this plugin (ADK stops at the first
+answer), so list `PhiPlugin` first; a result another plugin substitutes for a tool's
+is not seen (the tool's own result is recorded); live (bidirectional) streaming is
+not mapped; a cancelled invocation (its task cancelled: ADK calls no plugin) leaves
+its loops open until `PhiPlugin.close`, which ends them as failed.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Iterable, Sequence
+from contextvars import Token
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..events import LoopConfigSnapshot
+from ..identity import AgentSession, Clock
+from ..instrument import MessageScope, ToolScope, TurnScope
+from ..messages import Content, ImageContent, StopReason, TextContent, ThinkingContent, ToolCall, Usage
+from ..processors import Processor, Redactor
+from ._core import (
+    AdapterCore,
+    AdapterRun,
+    RunningTool,
+    SinkArg,
+    enter_tool,
+    leave_tool,
+    require_extra,
+    usage_of,
+)
+
+require_extra("google-adk", "google.adk.plugins.base_plugin")
+
+from google.adk.agents import BaseAgent, LlmAgent  # noqa: E402
+from google.adk.models.base_llm import BaseLlm  # noqa: E402
+from google.adk.plugins.base_plugin import BasePlugin  # noqa: E402
+
+if TYPE_CHECKING:
+    from google.adk.agents.callback_context import CallbackContext
+    from google.adk.agents.invocation_context import InvocationContext
+    from google.adk.events.event import Event
+    from google.adk.models.llm_request import LlmRequest
+    from google.adk.models.llm_response import LlmResponse
+    from google.adk.tools.base_tool import BaseTool
+    from google.adk.tools.tool_context import ToolContext
+    from google.adk.workflow import BaseNode
+    from google.genai import types
+
+__all__ = ["PhiPlugin"]
+
+FRAMEWORK = "google-adk"
+_TRANSFER_TOOL = "transfer_to_agent"  # ADK's agent-transfer tool: its call is a handoff
+# Finish reasons that end a response normally (anything else is recorded as an error).
+_NORMAL_FINISH = {None, "STOP", "FINISH_REASON_UNSPECIFIED"}
+
+
+# -- conversions ------------------------------------------------------------------------------
+
+
+# Values that are not JSON (a tool may return any object) are written as their repr.
+_encode = msgspec.json.Encoder(enc_hook=repr).encode
+_decode = msgspec.json.Decoder().decode
+
+
+def _json_text(value: Any) -> str:
+    return value if isinstance(value, str) else _encode(value).decode()
+
+
+def _json_copy(value: Any) -> Any:
+    """A JSON-safe copy, so the host's later changes never reach a recorded event."""
+    return _decode(_encode(value))
+
+
+def _blocks(parts: Sequence[types.Part] | None, *, calls: bool = True) -> tuple[Content, ...]:
+    """phi-core content of ADK parts: text, thoughts, images and (with `calls`) function
+    calls as themselves; any other part as the JSON ADK gives it, so nothing is lost."""
+    blocks: list[Content] = []
+    for part in parts or ():
+        call = part.function_call
+        blob = part.inline_data
+        if part.text is not None:
+            if part.thought:
+                signature = part.thought_signature
+                blocks.append(ThinkingContent(
+                    thinking=part.text,
+                    signature=base64.b64encode(signature).decode() if signature else None))
+            else:
+                blocks.append(TextContent(text=part.text))
+        elif call is not None and calls:
+            blocks.append(ToolCall(id=call.id or "", name=call.name or "",
+                                   arguments=_json_copy(call.args or {})))
+        elif blob is not None and blob.data is not None and (blob.mime_type or "").startswith("image/"):
+            blocks.append(ImageContent(data=base64.b64encode(blob.data).decode(),
+                                       mime_type=blob.mime_type or ""))
+        else:
+            blocks.append(TextContent(text=part.model_dump_json(exclude_none=True)))
+    return tuple(blocks)
+
+
+def _usage(metadata: types.GenerateContentResponseUsageMetadata | None) -> Usage | None:
+    """One response's usage. Gemini's prompt count includes the cached tokens and its
+    candidate count excludes the thoughts; phi-core's input excludes the cache and its
+    output includes the reasoning."""
+    if metadata is None:
+        return None
+    cached = metadata.cached_content_token_count or 0
+    prompt = (metadata.prompt_token_count or 0) + (metadata.tool_use_prompt_token_count or 0)
+    thoughts = metadata.thoughts_token_count or 0
+    inputs = max(0, prompt - cached)
+    output = (metadata.candidates_token_count or 0) + thoughts
+    return usage_of(inputs, output, cache_read=cached, reasoning=thoughts, total=inputs + output + cached)
+
+
+def _stop(response: LlmResponse, calls: Sequence[types.FunctionCall]) -> tuple[StopReason | None, str | None]:
+    """The stop reason (None: phi-core's default) and error text of a final response."""
+    if response.error_code or response.error_message:
+        return "error", response.error_message or str(response.error_code)
+    reason = response.finish_reason
+    name = reason.value if reason is not None else None
+    if name not in _NORMAL_FINISH:
+        if name == "MAX_TOKENS":
+            return "length", None
+        return "error", name
+    if any(call.name == _TRANSFER_TOOL for call in calls):
+        return "handoff", None
+    return None, None
+
+
+def _provider(model: BaseLlm | str) -> str:
+    kinds = {cls.__name__ for cls in type(model).__mro__} if isinstance(model, BaseLlm) else set()
+    name = model.model if isinstance(model, BaseLlm) else model
+    if "LiteLlm" in kinds or "/" in name:
+        prefix, slash, _ = name.partition("/")
+        return prefix if slash else "litellm"
+    if "Gemini" in kinds or name.startswith(("gemini", "gemma")):
+        return "google"
+    if "AnthropicLlm" in kinds or name.startswith("claude"):
+        return "anthropic"
+    return type(model).__name__.lower() if isinstance(model, BaseLlm) else FRAMEWORK
+
+
+def _model_agent(agent: BaseNode | None) -> LlmAgent | None:
+    """The agent whose model runs first under `agent` (itself, or its first LLM descendant)."""
+    pending = [agent] if isinstance(agent, BaseAgent) else []
+    while pending:
+        node = pending.pop(0)
+        if isinstance(node, LlmAgent):
+            return node
+        pending[:0] = node.sub_agents
+    return None
+
+
+def _agent(cc: CallbackContext) -> BaseNode | None:
+    """The agent running (looked up only when needed: ADK copies its context to give it)."""
+    return cc.get_invocation_context().agent
+
+
+def _config(agent: BaseNode | None) -> LoopConfigSnapshot:
+    """The loop config of `agent`'s model: its own, else inherited as ADK resolves it
+    (an agent without a model uses its nearest LLM ancestor's), without building it."""
+    node: BaseAgent | None = _model_agent(agent)
+    while node is not None:
+        model = getattr(node, "model", None)
+        if isinstance(model, BaseLlm) or (isinstance(model, str) and model):
+            return LoopConfigSnapshot(model=model.model if isinstance(model, BaseLlm) else model,
+                                      provider=_provider(model), name=node.name)
+        node = node.parent_agent
+    return LoopConfigSnapshot(model="unknown", provider=FRAMEWORK,
+                              name=agent.name if agent is not None else None)
+
+
+# -- per-invocation state ---------------------------------------------------------------------
+
+
+class _Reply:
+    """The assistant message of one model call: streamed deltas, then the final
+    responses. Their content is taken from the events ADK emits for them, which carry
+    the function-call ids ADK assigns after the model callbacks; a stream mixing text
+    and calls ends in several final responses, so the message is finished only when
+    the turn moves on (a tool starts, the next model call, the agent or run ends)."""
+
+    __slots__ = ("_last", "_parts", "_unseen", "scope")
+
+    def __init__(self, scope: MessageScope) -> None:
+        self.scope = scope
+        self._parts: list[types.Part] = []
+        self._last: LlmResponse | None = None  # the latest final response or its event
+        self._unseen: LlmResponse | None = None  # a final response whose event is to come
+
+    def partial(self, response: LlmResponse) -> None:
+        content = response.content
+        for part in content.parts or () if content is not None else ():
+            if part.text:
+                if part.thought:
+                    self.scope.thinking_delta(part.text)
+                else:
+                    self.scope.text_delta(part.text)
+            elif part.function_call is not None and part.function_call.args:
+                self.scope.tool_call_delta(_json_text(part.function_call.args))
+
+    def final(self, response: LlmResponse) -> None:
+        self._take_unseen()
+        self._unseen = response
+
+    def event(self, event: Event) -> None:
+        """The event of the final response (if one is waiting for it)."""
+        if self._unseen is not None:
+            self._unseen = None
+            self._take(event)
+
+    def _take(self, response: LlmResponse) -> None:
+        if response.content is not None:
+            self._parts.extend(response.content.parts or ())
+        self._last = response
+
+    def _take_unseen(self) -> None:
+        # Its event never came (another plugin answered on_event_callback): ADK's ids are lost.
+        if self._unseen is not None:
+            unseen, self._unseen = self._unseen, None
+            self._take(unseen)
+
+    def finish(self) -> None:
+        """Finish the message with what arrived; without a final response the turn's end
+        finishes it (as failed, if the turn fails)."""
+        self._take_unseen()
+        last = self._last
+        if last is None or not self.scope.running:
+            return
+        calls = [part.function_call for part in self._parts if part.function_call is not None]
+        stop_reason, error = _stop(last, calls)
+        # Usage is cumulative over a stream: the last response's is the call's.
+        self.scope.finish(_blocks(self._parts), usage=_usage(last.usage_metadata),
+                          stop_reason=stop_reason, error_message=error)
+
+
+@dataclass
+class _Lane:
+    """The loop of one ADK branch of an invocation (the root branch is ``None``) and
+    what is open in it: the agent whose model calls it records, its turn, the turn's
+    reply, and its running tools by call id."""
+
+    key: tuple[str, str | None]
+    run: AdapterRun
+    agent: str | None = None
+    turn: TurnScope | None = None
+    reply: _Reply | None = None
+    tools: dict[str, tuple[ToolScope, Token[RunningTool | None]]] = field(default_factory=dict)
+
+    def open_turn(self, agent: str, model: str | None) -> None:
+        self.end_turn()
+        self.agent = agent
+        loop = self.run.loop
+        self.turn = loop.turn().start()
+        config = loop.config
+        self.reply = _Reply(self.turn.assistant(
+            model=model or (config.model if config is not None else None),
+            provider=config.provider if config is not None else None,
+        ).start())
+
+    def settle(self) -> None:
+        """The turn moves on: finish its reply."""
+        if self.reply is not None:
+            self.reply.finish()
+
+    def end_turn(self, error: BaseException | None = None) -> None:
+        self.settle()
+        turn = self.turn
+        self.turn = self.reply = None
+        if turn is not None and turn.running:
+            turn.end(error)
+
+    def start_tool(self, call_id: str, name: str, args: Any) -> None:
+        self.settle()
+        if self.turn is None or not self.turn.running:
+            return
+        scope = self.turn.tool(id=call_id, name=name, args=_json_copy(args)).start()
+        # The tool runs in a copy of this context (ADK makes sure of it), so an
+        # invocation it starts (AgentTool) finds it: a sub-agent.
+        self.tools[call_id] = (scope, enter_tool(scope))
+
+    def take_tool(self, call_id: str) -> ToolScope | None:
+        """The running tool `call_id`, no longer marked as running in this context."""
+        entry = self.tools.pop(call_id, None)
+        if entry is None:
+            return None
+        scope, token = entry
+        leave_tool(token)
+        return scope if scope.running else None
+
+    def close(self, error: BaseException | None) -> None:
+        """The invocation ends: tools still running end failed, then the turn."""
+        for call_id in list(self.tools):
+            scope = self.take_tool(call_id)
+            if scope is not None:
+                scope.end(error if error is not None else "the invocation ended while the tool ran")
+        self.end_turn(error)
+
+
+class _Invocation:
+    """The lanes of one ADK invocation, by branch."""
+
+    def __init__(self, invocation_id: str) -> None:
+        self.id = invocation_id
+        self.lanes: dict[str | None, _Lane] = {}
+
+    def parent_of(self, branch: str) -> _Lane:
+        """The lane a new branch forks from: its nearest enclosing branch, else the root."""
+        name = branch
+        while "." in name:
+            name = name.rpartition(".")[0]
+            lane = self.lanes.get(name)
+            if lane is not None:
+                return lane
+        return self.lanes[None]
+
+
+class PhiPlugin(BasePlugin):
+    """Records an ADK runner's invocations as phi-core sessions (see the module docstring).
+
+    * `sink`: a sink, a list of sinks, or None (default): the embedded store
+      (`phi_session.stores.default_store`), sessions saved as they complete.
+    * `store`: where earlier invocations of an ADK session are looked up for
+      continuations across restarts (default: the embedded store when `sink` is None).
+    * `agent`, `clock`, `processors`, `redact`: as for `phi_session.instrument.Tracer`.
+    * `name`: the plugin's name in the runner (ADK requires unique names).
+
+    `close()` (ADK calls it when the runner closes) ends invocations still open and
+    flushes the sinks.
+    """
+
+    def __init__(
+        self,
+        sink: SinkArg = None,
+        *,
+        name: str = "phi_session",
+        store: Any = None,
+        agent: AgentSession | None = None,
+        clock: Clock | None = None,
+        processors: Iterable[Processor] = (),
+        redact: bool | Redactor = True,
+    ) -> None:
+        super().__init__(name=name)
+        self.core = AdapterCore(FRAMEWORK, sink, store=store, agent=agent, clock=clock,
+                                processors=processors, redact=redact)
+        self._lock = threading.Lock()  # ADK's sync Runner.run drives invocations from threads
+        self._invocations: dict[str, _Invocation] = {}
+
+    @property
+    def fault_count(self) -> int:
+        """Faults of this plugin so far (each logged once; the runs went on)."""
+        return self.core.fault_count
+
+    # -- ADK callbacks: each returns None (never alters the host) --------------------------
+
+    async def before_run_callback(self, *, invocation_context: InvocationContext) -> None:
+        with self.core.guard():
+            self._start(invocation_context)
+
+    async def after_run_callback(self, *, invocation_context: InvocationContext) -> None:
+        with self.core.guard():
+            self._finish(invocation_context.invocation_id, None)
+
+    async def on_run_error_callback(self, *, invocation_context: InvocationContext,
+                                    error: Exception) -> None:
+        with self.core.guard():
+            self._finish(invocation_context.invocation_id, error)
+
+    async def after_agent_callback(self, *, agent: BaseAgent, callback_context: CallbackContext) -> None:
+        with self.core.guard():
+            lane = self._lane(callback_context.invocation_id, callback_context.branch)
+            if lane is not None and lane.agent == agent.name:
+                lane.end_turn()
+
+    async def on_agent_error_callback(self, *, agent: BaseAgent, callback_context: CallbackContext,
+                                      error: Exception) -> None:
+        with self.core.guard():
+            lane = self._lane(callback_context.invocation_id, callback_context.branch)
+            if lane is not None and lane.agent == agent.name and callback_context.branch is not None:
+                # A failing branch fails its own loop; the invocation's error ends the rest.
+                lane.close(error)
+                lane.run.loop.end(error)
+
+    async def before_model_callback(self, *, callback_context: CallbackContext,
+                                    llm_request: LlmRequest) -> None:
+        with self.core.guard():
+            self._model_started(callback_context, llm_request)
+
+    async def after_model_callback(self, *, callback_context: CallbackContext,
+                                   llm_response: LlmResponse) -> None:
+        with self.core.guard():
+            lane = self._lane(callback_context.invocation_id, callback_context.branch)
+            if lane is None or lane.reply is None:
+                return
+            if llm_response.partial:
+                lane.reply.partial(llm_response)
+            else:
+                lane.reply.final(llm_response)
+
+    async def on_event_callback(self, *, invocation_context: InvocationContext, event: Event) -> None:
+        with self.core.guard():
+            if event.partial:
+                return
+            lane = self._lane(invocation_context.invocation_id, event.branch)
+            if (lane is not None and lane.reply is not None and event.author == lane.agent
+                    and not event.get_function_responses()):
+                lane.reply.event(event)
+
+    async def before_tool_callback(self, *, tool: BaseTool, tool_args: dict[str, Any],
+                                   tool_context: ToolContext) -> None:
+        with self.core.guard():
+            lane = self._lane(tool_context.invocation_id, tool_context.branch)
+            if lane is not None:
+                lane.start_tool(tool_context.function_call_id or tool.name, tool.name, tool_args)
+
+    async def after_tool_callback(self, *, tool: BaseTool, tool_args: dict[str, Any],
+                                  tool_context: ToolContext, result: Any) -> None:
+        with self.core.guard():
+            scope = self._take_tool(tool_context, tool)
+            if scope is not None:
+                scope.result(_json_text(result))
+                scope.end()
+
+    async def on_tool_error_callback(self, *, tool: BaseTool, tool_args: dict[str, Any],
+                                     tool_context: ToolContext, error: Exception) -> None:
+        with self.core.guard():
+            scope = self._take_tool(tool_context, tool)
+            if scope is not None:
+                scope.end(error)
+
+    async def close(self) -> None:
+        with self.core.guard():
+            with self._lock:
+                self._invocations.clear()
+            self.core.close()
+
+    # -- the mapping -----------------------------------------------------------------------
+
+    def _lane(self, invocation_id: str, branch: str | None) -> _Lane | None:
+        invocation = self._invocations.get(invocation_id)
+        return invocation.lanes.get(branch) if invocation is not None else None
+
+    def _start(self, ic: InvocationContext) -> None:
+        invocation = _Invocation(ic.invocation_id)
+        key = (ic.invocation_id, None)
+        run = self.core.start_run(key, _config(ic.agent), framework_session_id=ic.session.id,
+                                  metadata={"adk_invocation_id": ic.invocation_id})
+        lane = _Lane(key, run)
+        invocation.lanes[None] = lane
+        with self._lock:
+            self._invocations[ic.invocation_id] = invocation
+        if ic.user_content is not None and ic.user_content.parts:
+            run.loop.user(_blocks(ic.user_content.parts, calls=False))
+
+    def _model_started(self, cc: CallbackContext, request: LlmRequest) -> None:
+        invocation = self._invocations.get(cc.invocation_id)
+        if invocation is None:
+            return
+        branch = cc.branch
+        lane = invocation.lanes.get(branch)
+        if lane is None:
+            lane = self._fork(invocation, branch, _agent(cc)) if branch is not None else None
+            if lane is None:
+                return
+        elif not lane.run.loop.running or lane.agent not in (None, cc.agent_name):
+            # Another agent takes over (a transfer, a SequentialAgent's next agent), or
+            # the lane's loop was ended by branches forking from it: a continuation.
+            lane.end_turn()
+            run = self.core.handoff(lane.key, _config(_agent(cc)))
+            if run is None:
+                return
+            lane.run = run
+        lane.open_turn(cc.agent_name, request.model)
+
+    def _fork(self, invocation: _Invocation, branch: str, agent: BaseNode | None) -> _Lane | None:
+        """A lane for a new parallel branch: a Branch of its parent lane's loop, which ends."""
+        parent = invocation.parent_of(branch)
+        if parent.run.loop.running:
+            parent.end_turn()
+            parent.run.loop.end()
+        key = (invocation.id, branch)
+        run = self.core.branch(key, parent.key, _config(agent), branch,
+                               metadata={"adk_invocation_id": invocation.id, "adk_branch": branch})
+        if run is None:
+            return None
+        lane = _Lane(key, run)
+        invocation.lanes[branch] = lane
+        return lane
+
+    def _take_tool(self, tool_context: ToolContext, tool: BaseTool) -> ToolScope | None:
+        lane = self._lane(tool_context.invocation_id, tool_context.branch)
+        return lane.take_tool(tool_context.function_call_id or tool.name) if lane is not None else None
+
+    def _finish(self, invocation_id: str, error: BaseException | None) -> None:
+        with self._lock:
+            invocation = self._invocations.pop(invocation_id, None)
+        if invocation is None:
+            return
+        # Branches first, deepest first: a branch's loop ends before the loop it forked from.
+        for _, lane in sorted(invocation.lanes.items(), key=lambda item: -len(item[0] or "")):
+            lane.close(error)
+            self.core.end_run(lane.key, error)
+        if len(invocation.lanes) > 1:
+            # No branch won: the session's next invocation continues the invocation's own line.
+            root = invocation.lanes[None].run
+            root.tracer.agent.set_last_loop(root.loop.loop_id)

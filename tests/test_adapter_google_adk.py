@@ -1,0 +1,404 @@
+"""The Google ADK adapter (phi_session.adapters.google_adk): ADK runs, offline, into sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import runpy
+import subprocess
+import sys
+import warnings
+from collections.abc import AsyncGenerator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("google.adk", reason="needs the google-adk extra: pip install 'phi-session[google-adk]'")
+
+from google.adk.agents import LlmAgent, ParallelAgent, RunConfig, SequentialAgent
+from google.adk.agents.run_config import StreamingMode
+from google.adk.models.base_llm import BaseLlm
+from google.adk.models.llm_request import LlmRequest
+from google.adk.models.llm_response import LlmResponse
+from google.adk.runners import InMemoryRunner
+from google.adk.tools.agent_tool import AgentTool
+from google.genai import types
+from pydantic import Field
+
+from phi_session import (
+    AgentSession,
+    FakeClock,
+    MessageUpdate,
+    SessionRecorder,
+    decode_session,
+    encode_session,
+)
+from phi_session.adapters import google_adk
+from phi_session.adapters.google_adk import PhiPlugin
+from phi_session.model import LoopRecord, Session
+
+# SequentialAgent and ParallelAgent are deprecated in favour of Workflow, yet still ADK's agents.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+Step = Sequence[str | tuple[str, dict[str, Any]]] | BaseException
+"""One scripted model response: text and (name, args) function calls, or an error to raise."""
+
+
+class ScriptedLlm(BaseLlm):
+    """A model answering from a script (or from the request, with `reply`), streaming
+    each text part as a partial response when asked to, with usage on the final one."""
+
+    script: list[Any] = Field(default_factory=list)
+    reply: Callable[[LlmRequest], Step] | None = None
+
+    @classmethod
+    def of(cls, *steps: Step, reply: Callable[[LlmRequest], Step] | None = None) -> ScriptedLlm:
+        return cls(model="scripted-1", script=list(steps), reply=reply)
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        step = self.reply(llm_request) if self.reply is not None else self.script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        parts = [types.Part(text=item) if isinstance(item, str)
+                 else types.Part(function_call=types.FunctionCall(name=item[0], args=item[1]))
+                 for item in step]
+        usage = types.GenerateContentResponseUsageMetadata(
+            prompt_token_count=12, cached_content_token_count=2, candidates_token_count=5,
+            thoughts_token_count=3, total_token_count=20)
+        if not stream:
+            yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
+            return
+        # As Gemini streams: text in partial chunks, then the text as a whole and the
+        # calls as final responses of their own, each with the (cumulative) usage.
+        text = [part for part in parts if part.text]
+        for part in text:
+            await asyncio.sleep(0)
+            yield LlmResponse(content=types.Content(role="model", parts=[part]), partial=True)
+        finals = [group for group in (text, [part for part in parts if not part.text]) if group]
+        for group in finals:
+            yield LlmResponse(content=types.Content(role="model", parts=group), usage_metadata=usage,
+                              partial=False)
+
+
+def add(a: int, b: int) -> int:
+    """Adds two numbers."""
+    return a + b
+
+
+def explode(reason: str) -> str:
+    """Always fails."""
+    raise ValueError(f"tool failed: {reason}")
+
+
+class Harness:
+    """A plugin into a recorder, and how to run agents with it."""
+
+    def __init__(self, **options: Any) -> None:
+        self.recorder = SessionRecorder(**options)
+        self.plugin = PhiPlugin([self.recorder], agent=AgentSession("adk-agent", clock=FakeClock()))
+
+    def runner(self, agent: Any) -> InMemoryRunner:
+        return InMemoryRunner(agent=agent, app_name="app", plugins=[self.plugin])
+
+    async def ask(self, runner: InMemoryRunner, text: str, *, session_id: str = "s1",
+                  stream: bool = False) -> list[Any]:
+        service = runner.session_service
+        if await service.get_session(app_name="app", user_id="u", session_id=session_id) is None:
+            await service.create_session(app_name="app", user_id="u", session_id=session_id)
+        config = RunConfig(streaming_mode=StreamingMode.SSE if stream else StreamingMode.NONE)
+        message = types.Content(role="user", parts=[types.Part(text=text)])
+        return [event async for event in runner.run_async(
+            user_id="u", session_id=session_id, new_message=message, run_config=config)]
+
+    def run(self, agent: Any, text: str = "hello", **kwargs: Any) -> list[Any]:
+        return asyncio.run(self.ask(self.runner(agent), text, **kwargs))
+
+    def sessions(self) -> list[Session]:
+        self.recorder.flush()
+        sessions = self.recorder.sessions()
+        for session in sessions:  # every session loads back in phi-core's format
+            data = encode_session(session)
+            assert encode_session(decode_session(data)) == data
+        return sessions
+
+    def session(self, session_id: str = "s1") -> Session:
+        (session,) = [s for s in self.sessions() if s.session_id == session_id]
+        return session
+
+
+def texts(record: LoopRecord) -> list[tuple[str, str]]:
+    """(role, text) of a loop's messages, tool calls as ``call:name`` and results as ``result:text``."""
+    roles = {"UserMessage": "user", "AssistantMessage": "assistant", "ToolResultMessage": "toolResult"}
+    out: list[tuple[str, str]] = []
+    for message in record.messages:
+        role = roles[type(message).__name__]
+        for block in message.content:
+            kind = type(block).__name__
+            if kind == "ToolCall":
+                out.append((role, f"call:{block.name}"))
+            elif kind == "TextContent":
+                out.append((role, ("result:" if role == "toolResult" else "") + block.text))
+    return out
+
+
+def test_tools_and_usage_in_one_loop() -> None:
+    h = Harness()
+    model = ScriptedLlm.of([("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})], ["3 and 7"])
+    h.run(LlmAgent(name="calc", model=model, tools=[add]), "add please")
+    session = h.session()
+    (record,) = session.loops
+    assert record.status == "Completed"
+    assert record.loop_id == "s1.scriptedllm.scripted-1.1"
+    assert record.config is not None and record.config.model == "scripted-1"
+    assert record.metadata["framework"] == "google-adk"
+    assert texts(record) == [
+        ("user", "add please"), ("assistant", "call:add"), ("assistant", "call:add"),
+        ("toolResult", "result:3"), ("toolResult", "result:7"), ("assistant", "3 and 7")]
+    first, second = record.turns
+    calls = [block for block in first.output_message.content if type(block).__name__ == "ToolCall"]
+    # The ids ADK gave the calls, on the calls and on their results.
+    assert [call.id for call in calls] == [result.tool_call_id for result in first.tool_results]
+    assert all(call.id.startswith("adk-") for call in calls)
+    assert [call.arguments for call in calls] == [{"a": 1, "b": 2}, {"a": 3, "b": 4}]
+    assert first.output_message.stop_reason == "toolUse" and second.output_message.stop_reason == "stop"
+    # Gemini counts the cache in the prompt and the thoughts apart from the candidates.
+    usage = second.output_message.usage
+    assert (usage.input, usage.output, usage.reasoning, usage.cache_read) == (10, 8, 3, 2)
+    assert usage.total_tokens == 20
+    assert record.usage.input == 20
+
+
+def test_a_second_invocation_continues_the_first() -> None:
+    h = Harness()
+    runner = h.runner(LlmAgent(name="chat", model=ScriptedLlm.of(["one"], ["two"])))
+
+    async def both() -> None:
+        await h.ask(runner, "first")
+        await h.ask(runner, "second")
+
+    asyncio.run(both())
+    first, second = h.session().loops
+    assert second.parent_loop_id == first.loop_id
+    assert second.continuation_kind is not None and second.continuation_kind.kind == "Default"
+    assert texts(second) == [("user", "second"), ("assistant", "two")]
+
+
+def test_streamed_partial_responses_are_message_updates() -> None:
+    h = Harness(include_streaming_events=True)
+    h.run(LlmAgent(name="streamer", model=ScriptedLlm.of(["Hel", "lo"])), stream=True)
+    (record,) = h.session().loops
+    deltas = [e.event.delta.delta for e in record.events if isinstance(e.event, MessageUpdate)]
+    assert deltas == ["Hel", "lo"]
+    assert texts(record) == [("user", "hello"), ("assistant", "Hel"), ("assistant", "lo")]
+
+
+def test_a_stream_of_text_then_calls_is_one_message_with_the_calls_usage() -> None:
+    h = Harness()
+    model = ScriptedLlm.of(["Let me ", "add.", ("add", {"a": 2, "b": 2})], ["4"])
+    h.run(LlmAgent(name="calc", model=model, tools=[add]), stream=True)
+    (record,) = h.session().loops
+    first = record.turns[0].output_message
+    assert [type(block).__name__ for block in first.content] == ["TextContent", "TextContent", "ToolCall"]
+    assert first.stop_reason == "toolUse" and first.usage.total_tokens == 20  # not counted twice
+    assert first.content[2].id == record.turns[0].tool_results[0].tool_call_id
+
+
+def test_transfer_is_a_handoff_to_a_continuing_loop() -> None:
+    h = Harness()
+    helper = LlmAgent(name="helper", model=ScriptedLlm.of(["helped"]), description="helps")
+    root = LlmAgent(name="root", model=ScriptedLlm.of([("transfer_to_agent", {"agent_name": "helper"})]),
+                    sub_agents=[helper])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        h.run(root)
+    first, second = h.session().loops
+    assert first.turns[-1].output_message.stop_reason == "handoff"
+    assert first.turns[-1].tool_results[0].tool_name == "transfer_to_agent"
+    assert second.parent_loop_id == first.loop_id and second.continuation_kind.kind == "Default"
+    assert second.turns[0].triggered_by == "Continuation"
+    assert texts(second) == [("assistant", "helped")]
+    assert first.status == second.status == "Completed"
+
+
+def test_sequential_agents_continue_each_other() -> None:
+    h = Harness()
+    steps = SequentialAgent(name="steps", sub_agents=[
+        LlmAgent(name="draft", model=ScriptedLlm.of(["draft"])),
+        LlmAgent(name="polish", model=ScriptedLlm.of(["polished"]))])
+    h.run(steps)
+    first, second = h.session().loops
+    assert texts(first) == [("user", "hello"), ("assistant", "draft")]
+    assert second.parent_loop_id == first.loop_id and texts(second) == [("assistant", "polished")]
+
+
+def test_parallel_agents_are_branches_without_a_winner() -> None:
+    h = Harness()
+    fan = ParallelAgent(name="fan", sub_agents=[
+        LlmAgent(name="left", model=ScriptedLlm.of(["L"])),
+        LlmAgent(name="right", model=ScriptedLlm.of(["R"]))])
+    h.run(SequentialAgent(name="flow", sub_agents=[
+        fan, LlmAgent(name="merge", model=ScriptedLlm.of(["merged"]))]))
+    session = h.session()
+    root, *branches, merge = sorted(session.loops, key=lambda r: r.started_at.ns)
+    assert texts(root) == [("user", "hello")] and not root.turns
+    assert {r.continuation_kind.tag: texts(r) for r in branches} == {
+        "fan.left": [("assistant", "L")], "fan.right": [("assistant", "R")]}
+    assert all(r.parent_loop_id == root.loop_id and r.turns[0].triggered_by == "Branch" for r in branches)
+    assert all(r.parallel_group is None for r in session.loops)  # no winner is invented
+    assert merge.parent_loop_id == root.loop_id and merge.continuation_kind.kind == "Default"
+
+
+def test_after_parallel_branches_the_next_invocation_continues_the_invocations_own_loop() -> None:
+    h = Harness()
+    runner = h.runner(ParallelAgent(name="fan", sub_agents=[
+        LlmAgent(name="left", model=ScriptedLlm.of(["L1"], ["L2"])),
+        LlmAgent(name="right", model=ScriptedLlm.of(["R1"], ["R2"]))]))
+
+    async def twice() -> None:
+        await h.ask(runner, "first")
+        await h.ask(runner, "second")
+
+    asyncio.run(twice())
+    roots = [r for r in h.session().loops if not r.continuation_kind or r.continuation_kind.kind != "Branch"]
+    first, second = sorted(roots, key=lambda r: r.started_at.ns)
+    assert texts(second) == [("user", "second")] and second.parent_loop_id == first.loop_id
+
+
+def test_agent_tool_runs_a_sub_agent_linked_both_ways() -> None:
+    h = Harness()
+    expert = LlmAgent(name="expert", model=ScriptedLlm.of(["42"]), description="knows")
+    boss = LlmAgent(name="boss", model=ScriptedLlm.of([("expert", {"request": "answer?"})], ["it is 42"]),
+                    tools=[AgentTool(agent=expert)])
+    h.run(boss)
+    sessions = h.sessions()
+    parent = h.session("s1")
+    (child_session,) = [s for s in sessions if s.session_id != "s1"]
+    (outer,) = parent.loops
+    (inner,) = child_session.loops
+    (result,) = outer.turns[0].tool_results
+    assert inner.parent_loop_id == outer.loop_id
+    assert inner.turns[0].triggered_by == "SubAgent"
+    (ref,) = outer.child_loop_refs
+    assert (ref.child_loop_id, ref.child_session_id, ref.tool_call_id) == (
+        inner.loop_id, child_session.session_id, result.tool_call_id)
+    spawn = child_session.parent_spawn_ref
+    assert spawn is not None
+    assert (spawn.parent_loop_id, spawn.tool_call_id) == (outer.loop_id, result.tool_call_id)
+    assert texts(inner) == [("user", "answer?"), ("assistant", "42")]
+    assert texts(outer)[-2:] == [("toolResult", "result:42"), ("assistant", "it is 42")]
+    assert result.tool_name == "expert"
+
+
+def test_a_tool_error_is_a_failed_result_and_fails_the_run_it_escapes() -> None:
+    h = Harness()
+    model = ScriptedLlm.of([("explode", {"reason": "boom"})], ["unreached"])
+    with pytest.raises(ValueError, match="tool failed: boom"):
+        h.run(LlmAgent(name="risky", model=model, tools=[explode]))
+    (record,) = h.session().loops
+    (result,) = record.turns[0].tool_results
+    assert result.is_error and "tool failed: boom" in result.content[0].text
+    assert record.status == "Aborted" and "tool failed: boom" in record.error
+
+
+def test_a_tool_error_an_agent_recovers_from_lets_the_run_go_on() -> None:
+    h = Harness()
+
+    def recover(tool: Any, args: Any, tool_context: Any, error: Exception) -> dict[str, str]:
+        return {"error": str(error)}
+
+    model = ScriptedLlm.of([("explode", {"reason": "boom"})], ["sorry"])
+    h.run(LlmAgent(name="risky", model=model, tools=[explode], on_tool_error_callback=recover))
+    (record,) = h.session().loops
+    assert record.status == "Completed" and record.turns[0].tool_results[0].is_error
+    assert texts(record)[-1] == ("assistant", "sorry")
+
+
+def test_an_exception_ends_the_loop_aborted() -> None:
+    h = Harness()
+    with pytest.raises(RuntimeError, match="model down"):
+        h.run(LlmAgent(name="fragile", model=ScriptedLlm.of(RuntimeError("model down"))))
+    (record,) = h.session().loops
+    assert record.status == "Aborted" and "model down" in record.error
+    (turn,) = record.turns
+    assert turn.output_message.stop_reason == "error"
+
+
+def test_concurrent_invocations_keep_to_their_own_loops() -> None:
+    h = Harness()
+
+    def echo(request: LlmRequest) -> Step:
+        return [f"echo {request.contents[-1].parts[0].text}"]
+
+    runner = h.runner(LlmAgent(name="echo", model=ScriptedLlm.of(reply=echo)))
+
+    async def many() -> None:
+        await asyncio.gather(*(h.ask(runner, f"m{i}", session_id=f"c{i}", stream=True) for i in range(4)))
+
+    asyncio.run(many())
+    for i in range(4):
+        (record,) = h.session(f"c{i}").loops
+        assert texts(record) == [("user", f"m{i}"), ("assistant", f"echo m{i}")]
+
+
+def _adk_view(events: list[Any]) -> list[Any]:
+    """What ADK yielded, without its fresh ids and timestamps."""
+    return [(e.author, e.partial, e.content.model_dump(exclude_none=True, exclude={"parts": {"__all__": {
+        "function_call": {"id"}, "function_response": {"id"}}}}) if e.content else None) for e in events]
+
+
+def test_an_adapter_fault_never_reaches_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    def agent() -> LlmAgent:
+        return LlmAgent(name="calc", model=ScriptedLlm.of([("add", {"a": 1, "b": 2})], ["3"]), tools=[add])
+
+    bare = asyncio.run(Harness().ask(InMemoryRunner(agent=agent(), app_name="app"), "hi"))
+    h = Harness()
+    watched = h.run(agent(), "hi")
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("adapter bug")
+
+    monkeypatch.setattr(google_adk, "_usage", broken)
+    faulty = Harness()
+    faulted = faulty.run(agent(), "hi")
+    assert _adk_view(watched) == _adk_view(bare) == _adk_view(faulted)
+    assert h.plugin.fault_count == 0 and faulty.plugin.fault_count > 0
+
+
+def test_default_sink_saves_into_the_embedded_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHI_SESSION_STORE", str(tmp_path / "sessions.db"))
+    plugin = PhiPlugin(agent=AgentSession(clock=FakeClock()))
+    runner = InMemoryRunner(agent=LlmAgent(name="chat", model=ScriptedLlm.of(["hi there"])), app_name="app",
+                            plugins=[plugin])
+
+    async def go() -> None:
+        await Harness().ask(runner, "hi", session_id="stored")
+        await runner.close()  # closes the plugin: the store has everything
+
+    asyncio.run(go())
+    store = plugin.core.store
+    assert store is not None
+    session = store.load("stored")
+    assert texts(session.loops[0]) == [("user", "hi"), ("assistant", "hi there")]
+    data = encode_session(session)
+    assert encode_session(decode_session(data)) == data
+
+
+def test_missing_extra_names_the_pip_install() -> None:
+    code = ("import sys; sys.modules['google.adk'] = None\n"
+            "try:\n    import phi_session.adapters.google_adk\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("MissingExtra") and "pip install 'phi-session[google-adk]'" in out.stdout
+
+
+def test_example_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "adapter_google_adk.py"
+    monkeypatch.setattr(sys, "argv", [str(example), str(tmp_path / "sessions.db")])
+    runpy.run_path(str(example), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "assistant: Il fait ensoleillé, 21 °C à Paris."
+    assert any(line.startswith("chat-1.google.gemini-2-5-flash.1 Completed 3 turns") for line in lines)
+    assert any(".sub.1 Completed 1 turns" in line for line in lines)
