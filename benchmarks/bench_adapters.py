@@ -142,6 +142,84 @@ def bench_google_adk(runs: int) -> None:
     report("google-adk", *asyncio.run(all_three()))
 
 
+# -- pydantic-ai --------------------------------------------------------------------------------
+
+
+def bench_pydantic_ai(runs: int) -> None:
+    from pydantic_ai import Agent, CallToolsNode
+    from pydantic_ai.capabilities import AbstractCapability
+    from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.models.function import AgentInfo, FunctionModel
+    from pydantic_ai.usage import RequestUsage
+
+    from phi_session.adapters.pydantic_ai import PhiCapability
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        """Calls TOOLS tools on each of TURNS turns (counted from the history), then answers."""
+        turn = sum(1 for message in messages if isinstance(message, ModelResponse))
+        usage = RequestUsage(input_tokens=100, output_tokens=20)
+        if turn < TURNS:
+            calls = [ToolCallPart("lookup", {"key": f"{turn}.{i}"}, tool_call_id=f"c{turn}.{i}")
+                     for i in range(TOOLS)]
+            return ModelResponse(parts=[TextPart("checking"), *calls], usage=usage)
+        return ModelResponse(parts=[TextPart("done")], usage=usage)
+
+    def lookup(key: str) -> str:
+        """Looks a key up."""
+        return key.upper()
+
+    class NoOpCapability(AbstractCapability[Any]):
+        """Appends a tuple per hook PhiCapability implements: pydantic-ai's own hook dispatch."""
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, Any]] = []
+
+        async def wrap_run(self, ctx: Any, *, handler: Any) -> Any:
+            self.seen.append(("run", ctx.run_id))
+            result = await handler()
+            self.seen.append(("run end", result))
+            return result
+
+        async def before_model_request(self, ctx: Any, request_context: Any) -> Any:
+            self.seen.append(("request", request_context))
+            return request_context
+
+        async def after_model_request(self, ctx: Any, *, request_context: Any, response: Any) -> Any:
+            self.seen.append(("response", response))
+            return response
+
+        async def after_node_run(self, ctx: Any, *, node: Any, result: Any) -> Any:
+            if isinstance(node, CallToolsNode):
+                self.seen.append(("tools done", result))
+            return result
+
+        async def wrap_tool_execute(self, ctx: Any, *, call: Any, tool_def: Any, args: Any,
+                                    handler: Any) -> Any:
+            self.seen.append(("tool", call))
+            result = await handler(args)
+            self.seen.append(("tool end", result))
+            return result
+
+    def variant(capabilities: list[AbstractCapability[Any]]) -> Callable[[int], Awaitable[object]]:
+        agent = Agent(FunctionModel(model), tools=[lookup], capabilities=capabilities)
+
+        async def one(i: int) -> object:
+            return await agent.run("go")
+
+        return one
+
+    async def all_three() -> list[float]:
+        recorder = SessionRecorder()
+        capabilities: list[list[AbstractCapability[Any]]] = [
+            [], [NoOpCapability()], [PhiCapability(recorder)]]
+        medians = await medians_async(runs, [variant(c) for c in capabilities])
+        loops = sum(len(s.loops) for s in recorder.sessions())
+        assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
+        return medians
+
+    report("pydantic-ai", *asyncio.run(all_three()))
+
+
 # -- LangChain / LangGraph ---------------------------------------------------------------------------
 
 
@@ -215,6 +293,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"median CPU time per run of {args.runs} runs, {TURNS} turns x {TOOLS} tools")
     bench_google_adk(args.runs)
+    bench_pydantic_ai(args.runs)
     bench_langchain(args.runs)
 
 

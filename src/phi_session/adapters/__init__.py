@@ -5,6 +5,8 @@ Each framework has a module here that imports its framework only when used
 
 * `phi_session.adapters.openai_agents`: the OpenAI Agents SDK (``pip install 'phi-session[openai-agents]'``).
 * `phi_session.adapters.google_adk`: Google ADK, a plugin (``pip install 'phi-session[google-adk]'``).
+* `phi_session.adapters.pydantic_ai`: pydantic-ai, a capability
+  (``pip install 'phi-session[pydantic-ai]'``).
 
 They share one core (`AdapterCore`, see `phi_session.adapters._core`) that holds the rules
 every adapter follows: one framework run is one loop, the framework's session id is

@@ -1,0 +1,414 @@
+"""pydantic-ai adapter: a capability that records every run of an agent into phi-core sessions.
+
+    from phi_session.adapters.pydantic_ai import PhiCapability
+    agent = Agent(model, capabilities=[PhiCapability()])      # or agent.run(..., capabilities=[...])
+
+One run is one loop; the run's ``conversation_id`` is the session, so a later run with the
+first's ``message_history`` continues its loop. The hooks map as follows:
+
+* ``wrap_run`` → the loop (``AgentStart`` ... ``AgentEnd``). It encloses ``before_run``,
+  ``after_run`` and ``on_run_error`` and is the one run hook that also sees a run cancelled
+  or closed early, so every loop ends (a failed run: ``Aborted`` with the error).
+* ``before_model_request`` → ``TurnStart`` (the first one also emits the user prompt);
+  ``after_model_request`` → the assistant message: text, thinking and tool-call parts with
+  their ids, the request's own usage (never the run's `RunUsage`, which includes the tokens
+  of sub-agents run with ``usage=ctx.usage``), model and provider names, finish reason.
+* ``wrap_tool_execute`` → ``ToolExecutionStart`` / ``ToolExecutionEnd`` and the tool result.
+  It encloses ``before_tool_execute``, ``after_tool_execute`` and ``on_tool_execute_error``,
+  and unlike them it also sees ``ModelRetry`` and ``ToolFailed`` (recorded as error
+  results, with the text the model gets) and runs around the tool function, which is what
+  lets a sub-agent run inside the tool find its parent.
+* ``after_node_run`` of a ``CallToolsNode`` (the end of a tools step) → ``TurnEnd``.
+
+Streaming capture is opt-in (``PhiCapability(stream=True)``): listening to the run's events
+makes pydantic-ai stream every model request, even under ``agent.run()``. With it, text,
+thinking and tool-call argument deltas become ``MessageUpdate`` events; without it the
+assistant message is recorded whole, when the response is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..events import LoopConfigSnapshot
+from ..instrument import MessageScope, ToolScope, TurnScope
+from ..messages import Content, ImageContent, StopReason, TextContent, ThinkingContent, ToolCall, Usage
+from ._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+
+require_extra("pydantic-ai", "pydantic_ai")
+
+import pydantic_core  # noqa: E402  (after the extra's check)
+from pydantic_ai import CallToolsNode, RunContext  # noqa: E402
+from pydantic_ai import messages as pai  # noqa: E402
+from pydantic_ai.capabilities import (  # noqa: E402
+    AbstractCapability,
+    AgentNode,
+    NodeResult,
+    ValidatedToolArgs,
+    WrapRunHandler,
+    WrapToolExecuteHandler,
+)
+from pydantic_ai.exceptions import (  # noqa: E402
+    ApprovalRequired,
+    CallDeferred,
+    SkipToolExecution,
+    ToolFailedError,
+    ToolRetryError,
+)
+from pydantic_ai.usage import RequestUsage  # noqa: E402
+
+if TYPE_CHECKING:
+    from pydantic_ai.models import ModelRequestContext
+    from pydantic_ai.run import AgentRunResult
+    from pydantic_ai.tools import ToolDefinition
+
+    from ..stores.base import SessionStore
+
+__all__ = ["PhiCapability"]
+
+_STOP_REASONS: dict[str, StopReason] = {
+    "stop": "stop", "length": "length", "tool_call": "toolUse", "error": "error",
+    "content_filter": "guardRail",
+}
+_STREAM_EVENTS = (pai.PartStartEvent, pai.PartDeltaEvent)
+
+
+# -- pydantic-ai values -> phi-core values --------------------------------------------------------
+
+
+def _usage(usage: RequestUsage) -> Usage:
+    # pydantic-ai's input_tokens include the cache reads and writes; phi-core counts them apart.
+    cached = usage.cache_read_tokens + usage.cache_write_tokens
+    return usage_of(max(0, usage.input_tokens - cached), usage.output_tokens,
+                    cache_read=usage.cache_read_tokens, cache_write=usage.cache_write_tokens,
+                    reasoning=usage.output_reasoning_tokens, total=usage.total_tokens)
+
+
+def _response_content(parts: Sequence[pai.ModelResponsePart]) -> tuple[list[Content], list[ToolCall]]:
+    """The blocks and tool calls phi-core has a place for, in order. Provider-side (native)
+    tool calls and their returns, compaction and speech parts have none (README: losses)."""
+    blocks: list[Content] = []
+    calls: list[ToolCall] = []
+    for part in parts:
+        if isinstance(part, pai.TextPart):
+            blocks.append(TextContent(text=part.content))
+        elif isinstance(part, pai.ThinkingPart):
+            blocks.append(ThinkingContent(thinking=part.content, signature=part.signature))
+        elif isinstance(part, pai.ToolCallPart):
+            calls.append(ToolCall(id=part.tool_call_id, name=part.tool_name, arguments=part.args_as_dict()))
+        elif isinstance(part, pai.FilePart) and part.content.is_image:
+            blocks.append(ImageContent(data=part.content.base64, mime_type=part.content.media_type))
+    return blocks, calls
+
+
+def _stop_reason(reason: pai.FinishReason | None, calls: bool) -> StopReason:
+    if reason is None or (calls and reason == "stop"):
+        return "toolUse" if calls else "stop"
+    return _STOP_REASONS.get(reason, "stop")
+
+
+def _prompt(prompt: str | Sequence[pai.UserContent]) -> str | tuple[Content, ...]:
+    """The user prompt as phi-core content: text and inline images as they are, anything
+    else (URLs, documents, audio) as a text line naming it, so nothing is dropped unseen."""
+    if isinstance(prompt, str):
+        return prompt
+    blocks: list[Content] = []
+    for item in prompt:
+        if isinstance(item, str):
+            blocks.append(TextContent(text=item))
+        elif isinstance(item, pai.TextContent):
+            blocks.append(TextContent(text=item.content))
+        elif isinstance(item, pai.BinaryContent) and item.is_image:
+            blocks.append(ImageContent(data=item.base64, mime_type=item.media_type))
+        elif isinstance(item, pai.CachePoint):
+            continue  # a provider cache marker, not content
+        else:
+            url = getattr(item, "url", None)
+            blocks.append(TextContent(text=f"[{type(item).__name__}{f': {url}' if url else ''}]"))
+    return tuple(blocks)
+
+
+def _tool_result_text(call: pai.ToolCallPart, result: Any) -> str:
+    """The result as the model reads it (pydantic-ai's own rendering of a tool return)."""
+    if isinstance(result, str):
+        return result  # the rendering of a string, without building a part for it
+    return pai.ToolReturnPart(tool_name=call.tool_name, content=result,
+                              tool_call_id=call.tool_call_id).model_response_str()
+
+
+# -- one run's recording --------------------------------------------------------------------------
+
+
+class _Run:
+    """The scopes of one run's loop: its open turn and, while it streams, the open reply."""
+
+    __slots__ = ("loop", "prompt", "reply", "turn")
+
+    def __init__(self, recording: AdapterRun, prompt: str | Sequence[pai.UserContent] | None) -> None:
+        self.loop = recording.loop
+        self.prompt = prompt
+        self.turn: TurnScope | None = None
+        self.reply: MessageScope | None = None
+
+    def request(self) -> TurnScope:
+        """A model request step starts: the previous turn ends (if its tools step did not end
+        it), the prompt goes in before the first turn, and the next turn starts."""
+        self.tools_done()
+        loop = self.loop
+        if self.prompt is not None:
+            prompt, self.prompt = self.prompt, None
+            loop.user(_prompt(prompt))
+        turn = self.turn = loop.turn().start()
+        return turn
+
+    def replying(self, model: str, provider: str) -> MessageScope:
+        """The turn's assistant message, started at its first streamed part or its response."""
+        reply = self.reply
+        if reply is None:
+            turn = self.turn
+            if turn is None or turn.message is not None:
+                # A response outside a request step, or a further attempt at one (another
+                # model after a `RetryModelRequest`): each reply gets a turn of its own.
+                turn = self.request()
+            reply = self.reply = turn.assistant(model=model, provider=provider).start()
+        return reply
+
+    def response(self, response: pai.ModelResponse, model: str, provider: str) -> None:
+        reply = self.replying(response.model_name or model, response.provider_name or provider)
+        self.reply = None
+        blocks, calls = _response_content(response.parts)
+        reply.finish(blocks, tool_calls=calls, usage=_usage(response.usage),
+                     stop_reason=_stop_reason(response.finish_reason, bool(calls)))
+
+    def tool(self, call: pai.ToolCallPart) -> ToolScope | None:
+        """The started scope of a tool the turn's reply called (None outside a turn)."""
+        turn = self.turn
+        if turn is None:
+            return None
+        return turn.tool(id=call.tool_call_id, name=call.tool_name, args=call.args_as_dict()).start()
+
+    def tools_done(self, history: Sequence[pai.ModelMessage] = ()) -> None:
+        """The turn ends; with the run's `history`, after recording the returns pydantic-ai
+        made itself for calls no tool ran for (output tools: "Final result processed.")."""
+        turn, self.turn = self.turn, None
+        if turn is None or not turn.running:
+            return
+        if history and isinstance(history[-1], pai.ModelRequest):
+            _record_own_returns(turn, history[-1])
+        turn.end()
+
+
+def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
+    done = {result.tool_call_id for result in turn.tool_results}
+    pending = [call for call in turn.tool_calls if call.id not in done]
+    if not pending:
+        return
+    returns = {part.tool_call_id: part for part in request.parts if isinstance(part, pai.ToolReturnPart)}
+    for call in pending:
+        part = returns.get(call.id)
+        if part is None:
+            continue
+        tool = turn.tool(call).start()
+        text = part.model_response_str(wrap_if_error=False)
+        if part.outcome in pai.ERROR_OUTCOMES:
+            tool.error(text)
+        else:
+            tool.result(text)
+        tool.end()
+
+
+# -- the capability -------------------------------------------------------------------------------
+
+
+class PhiCapability(AbstractCapability[Any]):
+    """Records each run of the agent it is given to as a phi-core loop (module docs).
+
+    * `sink`: where the events go: a sink or a list of sinks (`phi_session.sinks`);
+      None: the embedded store (`phi_session.stores.default_store`), each session
+      saved as it completes.
+    * `stream`: also record the streamed text, thinking and tool-call argument deltas
+      (``MessageUpdate``). pydantic-ai then streams every model request of the run.
+    * `store`: where earlier runs of a conversation are looked up to continue them
+      after a restart (default: the embedded store when `sink` is None, else none).
+
+    Never raises into the run and never changes what a hook passes on: a recording
+    fault is counted (`fault_count`) and logged once, and the run goes on. One
+    instance may serve many agents and concurrent runs (state is kept per run id).
+    `close()` ends runs still open and saves what the embedded store has not yet.
+    """
+
+    # A default id: an agent has one of these, and one given to a run replaces the agent's
+    # (pydantic-ai's rule for a repeated capability id) instead of recording the run twice.
+    id: str | None = "phi_session"
+
+    def __init__(self, sink: SinkArg = None, *, stream: bool = False,
+                 store: SessionStore | None = None) -> None:
+        if not isinstance(stream, bool):
+            raise TypeError(f"stream must be a bool, not {type(stream).__name__}")
+        self.stream = stream
+        self._core = AdapterCore("pydantic-ai", sink, store=store)
+        self._runs: dict[str, _Run] = {}
+
+    def __repr__(self) -> str:
+        return f"PhiCapability(stream={self.stream})"
+
+    @property
+    def fault_count(self) -> int:
+        """Recording faults so far (each kind logged once; the runs went on)."""
+        return self._core.fault_count
+
+    def close(self) -> None:
+        """End runs still open (as failed) and flush the sinks; the embedded store saves
+        what it holds. Never raises."""
+        self._core.close()
+
+    @classmethod
+    def combine(cls, capabilities: Sequence[AbstractCapability[Any]]) -> AbstractCapability[Any]:
+        return capabilities[-1]  # the same recording stated twice in one layer: record once
+
+    @classmethod
+    def get_serialization_name(cls) -> str | None:
+        return None  # holds live sinks: not constructible from an agent spec
+
+    # -- the run --------------------------------------------------------------------------
+
+    async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
+        key = ctx.run_id or ""
+        run = self._core.safely(self._open, key, ctx)
+        try:
+            result = await handler()
+        except BaseException as error:
+            if run is not None:
+                self._close(key, run, error)
+            raise
+        if run is not None:
+            self._close(key, run, None)
+        return result
+
+    def _open(self, key: str, ctx: RunContext[Any]) -> _Run:
+        model, agent = ctx.model, ctx.agent
+        config = LoopConfigSnapshot(model=model.model_name, provider=model.system,
+                                    name=agent.name if agent is not None and agent.name else None)
+        recording = self._core.start_run(key, config, framework_session_id=ctx.conversation_id)
+        run = self._runs[key] = _Run(recording, ctx.prompt)
+        return run
+
+    def _close(self, key: str, run: _Run, error: BaseException | None) -> None:
+        self._runs.pop(key, None)
+        if error is None:
+            self._core.safely(run.tools_done)
+        self._core.safely(self._core.end_run, key, error)
+
+    def _run(self, ctx: RunContext[Any]) -> _Run | None:
+        return self._runs.get(ctx.run_id or "")
+
+    # -- model requests -------------------------------------------------------------------
+
+    async def before_model_request(
+        self, ctx: RunContext[Any], request_context: ModelRequestContext
+    ) -> ModelRequestContext:
+        run = self._run(ctx)
+        if run is not None:
+            self._core.safely(run.request)
+        return request_context
+
+    async def after_model_request(
+        self, ctx: RunContext[Any], *, request_context: ModelRequestContext, response: pai.ModelResponse
+    ) -> pai.ModelResponse:
+        run = self._run(ctx)
+        if run is not None:
+            self._core.safely(run.response, response, ctx.model.model_name, ctx.model.system)
+        return response
+
+    async def after_node_run(
+        self, ctx: RunContext[Any], *, node: AgentNode[Any], result: NodeResult[Any]
+    ) -> NodeResult[Any]:
+        if isinstance(node, CallToolsNode):
+            run = self._run(ctx)
+            if run is not None:
+                self._core.safely(run.tools_done, ctx.messages)
+        return result
+
+    # -- tools ----------------------------------------------------------------------------
+
+    async def wrap_tool_execute(
+        self, ctx: RunContext[Any], *, call: pai.ToolCallPart, tool_def: ToolDefinition,
+        args: ValidatedToolArgs, handler: WrapToolExecuteHandler,
+    ) -> Any:
+        run = self._run(ctx)
+        tool = self._core.safely(run.tool, call) if run is not None else None
+        if tool is None:
+            return await handler(args)
+        # A run started inside the tool (an agent delegated to) is its sub-agent.
+        token = enter_tool(tool)
+        try:
+            result = await handler(args)
+        except BaseException as error:
+            leave_tool(token)
+            self._core.safely(_tool_end, tool, call, error=error)
+            raise
+        leave_tool(token)
+        self._core.safely(_tool_end, tool, call, result=result)
+        return result
+
+    # -- streaming (opt-in) ---------------------------------------------------------------
+
+    @property
+    def has_on_event(self) -> bool:
+        return self.stream  # listening makes pydantic-ai stream every request: only when asked
+
+    def listens_to(self, event: pai.AgentStreamEvent) -> bool:
+        return self.stream and isinstance(event, _STREAM_EVENTS)
+
+    async def on_event(self, ctx: RunContext[Any], *, event: pai.AgentStreamEvent) -> None:
+        run = self._run(ctx)
+        if run is None or not isinstance(event, _STREAM_EVENTS):
+            return
+        with self._core.guard():
+            reply = run.replying(ctx.model.model_name, ctx.model.system)
+            if isinstance(event, pai.PartStartEvent):
+                _stream_part(reply, event.part)
+            else:
+                _stream_delta(reply, event.delta)
+
+
+def _tool_end(tool: ToolScope, call: pai.ToolCallPart, *, result: Any = None,
+              error: BaseException | None = None) -> None:
+    if error is None:
+        tool.result(_tool_result_text(call, result))
+    elif isinstance(error, (ToolRetryError, ToolFailedError)):
+        # Not a failure of the run: the model gets this text as the tool's result.
+        tool.error(str(error))
+    elif isinstance(error, SkipToolExecution):
+        tool.result(_tool_result_text(call, error.result))
+    elif isinstance(error, (CallDeferred, ApprovalRequired)):
+        # Handed back to the caller (DeferredToolRequests): no result yet.
+        tool.result(f"[deferred: {type(error).__name__}]")
+    else:
+        tool.end(error)
+        return
+    tool.end()
+
+
+def _stream_part(reply: MessageScope, part: pai.ModelResponsePart) -> None:
+    if isinstance(part, pai.TextPart):
+        if part.content:
+            reply.text_delta(part.content)
+    elif isinstance(part, pai.ThinkingPart):
+        if part.content:
+            reply.thinking_delta(part.content)
+    elif isinstance(part, pai.ToolCallPart) and part.args:
+        reply.tool_call_delta(part.args if isinstance(part.args, str) else part.args_as_json_str())
+
+
+def _stream_delta(reply: MessageScope, delta: pai.ModelResponsePartDelta) -> None:
+    if isinstance(delta, pai.TextPartDelta):
+        reply.text_delta(delta.content_delta)
+    elif isinstance(delta, pai.ThinkingPartDelta):
+        if delta.content_delta:
+            reply.thinking_delta(delta.content_delta)
+    elif isinstance(delta, pai.ToolCallPartDelta) and delta.args_delta:
+        args = delta.args_delta
+        reply.tool_call_delta(args if isinstance(args, str) else pydantic_core.to_json(args).decode())
+

@@ -1,0 +1,500 @@
+"""The pydantic-ai adapter, end to end with pydantic-ai's own test models (offline, no keys)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import runpy
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+pytest.importorskip("pydantic_ai",
+                    reason="needs the pydantic-ai extra: pip install 'phi-session[pydantic-ai]'")
+
+from pydantic_ai import Agent, CallToolsNode, DeferredToolRequests, ModelRetry, RunContext
+from pydantic_ai.exceptions import CallDeferred, ToolFailed
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.models.function import (
+    AgentInfo,
+    DeltaThinkingPart,
+    DeltaToolCall,
+    FunctionModel,
+)
+from pydantic_ai.models.test import TestModel
+from pydantic_ai.usage import RequestUsage
+
+from phi_session import codec
+from phi_session.adapters import pydantic_ai as adapter
+from phi_session.adapters.pydantic_ai import PhiCapability
+from phi_session.events import DEFAULT, INITIAL, MessageUpdate, ToolExecutionEnd
+from phi_session.messages import AssistantMessage, ToolCall, ToolResultMessage, UserMessage
+from phi_session.model import LoopRecord, Session
+from phi_session.recorder import SessionRecorder
+from phi_session.stores.sqlite import SqliteStore
+
+
+class Answer(BaseModel):
+    n: int
+
+
+def sessions_of(recorder: SessionRecorder) -> list[Session]:
+    """Every session recorded, each checked to load back in phi-core's format byte for byte."""
+    sessions = recorder.sessions()
+    for session in sessions:
+        data = codec.encode(session)
+        assert codec.encode(codec.decode_session(data)) == data
+    return sessions
+
+
+def only_loop(recorder: SessionRecorder) -> LoopRecord:
+    (session,) = sessions_of(recorder)
+    (loop,) = session.loops
+    return loop
+
+
+def tools_agent(capability: PhiCapability, **model: Any) -> Agent[None, str]:
+    agent = Agent(TestModel(**model), capabilities=[capability], name="calc")
+
+    @agent.tool_plain
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @agent.tool_plain
+    def upper(text: str) -> str:
+        return text.upper()
+
+    return agent
+
+
+def text_after_tools(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """One request calling `lookup`, then a text answer."""
+    if len(messages) == 1:
+        return ModelResponse(parts=[TextPart("looking"), ToolCallPart("lookup", {"key": "k"},
+                                                                    tool_call_id="c1")],
+                             usage=RequestUsage(input_tokens=30, output_tokens=5, cache_read_tokens=10),
+                             finish_reason="tool_call")
+    return ModelResponse(parts=[TextPart("found it")], usage=RequestUsage(input_tokens=40, output_tokens=3),
+                         finish_reason="stop", model_name="fn-model", provider_name="fn-provider")
+
+
+# -- tools, usage, the message shapes ----------------------------------------------------------------
+
+
+def test_a_run_with_tools_is_one_loop_with_a_turn_per_model_request() -> None:
+    recorder = SessionRecorder()
+    agent = tools_agent(PhiCapability(recorder))
+    result = agent.run_sync("hello")
+
+    loop = only_loop(recorder)
+    assert loop.status == "Completed" and loop.continuation_kind == INITIAL
+    assert loop.config is not None and (loop.config.model, loop.config.provider, loop.config.name) == (
+        "test", "test", "calc")
+    assert [turn.triggered_by for turn in loop.turns] == ["User", "Continuation"]
+    user, call, *results, answer = loop.messages
+    assert isinstance(user, UserMessage) and user.content[0].text == "hello"  # type: ignore[union-attr]
+    assert isinstance(call, AssistantMessage) and call.stop_reason == "toolUse"
+    calls = [block for block in call.content if isinstance(block, ToolCall)]
+    assert [(c.id, c.name) for c in calls] == [("pyd_ai_tool_call_id__add", "add"),
+                                               ("pyd_ai_tool_call_id__upper", "upper")]
+    assert [(r.tool_call_id, r.content[0].text, r.is_error) for r in results] == [  # type: ignore[union-attr]
+        ("pyd_ai_tool_call_id__add", "0", False), ("pyd_ai_tool_call_id__upper", "A", False)]
+    assert all(isinstance(r, ToolResultMessage) for r in results)
+    assert isinstance(answer, AssistantMessage) and answer.stop_reason == "stop"
+    assert answer.content[0].text == result.output  # type: ignore[union-attr]
+    # Usage is each response's own, and the loop's the sum of them.
+    responses = [m for m in result.all_messages() if isinstance(m, ModelResponse)]
+    assert [m.usage.input for m in (call, answer)] == [r.usage.input_tokens for r in responses]
+    assert loop.usage.output == sum(r.usage.output_tokens for r in responses)
+
+
+def test_request_usage_model_provider_and_finish_reason_come_from_the_response() -> None:
+    recorder = SessionRecorder()
+    agent = Agent(FunctionModel(text_after_tools), capabilities=[PhiCapability(recorder)])
+
+    @agent.tool_plain
+    def lookup(key: str) -> str:
+        return f"value of {key}"
+
+    result = agent.run_sync("find k")
+    loop = only_loop(recorder)
+    first, second = (m for m in loop.messages if isinstance(m, AssistantMessage))
+    responses = [m for m in result.all_messages() if isinstance(m, ModelResponse)]
+    # pydantic-ai's input tokens include the cache reads; phi-core counts them apart.
+    assert (first.usage.input, first.usage.cache_read, first.usage.output, first.usage.total_tokens) == (
+        20, 10, 5, 35)
+    assert first.stop_reason == "toolUse" and first.content[0].text == "looking"  # type: ignore[union-attr]
+    assert first.provider == "function"  # the response names none: the model's system
+    assert [m.model for m in (first, second)] == [r.model_name for r in responses]
+    assert (second.provider, second.stop_reason) == ("fn-provider", "stop")
+
+
+# -- continuation and hand-off --------------------------------------------------------------------------
+
+
+def test_a_second_run_in_the_conversation_continues_the_first_runs_loop() -> None:
+    recorder = SessionRecorder()
+    agent = tools_agent(PhiCapability(recorder))
+    first = agent.run_sync("one")
+    second = agent.run_sync("two", message_history=first.all_messages())
+    assert second.conversation_id == first.conversation_id
+
+    (session,) = sessions_of(recorder)
+    assert session.session_id == first.conversation_id
+    one, two = session.loops
+    assert (two.parent_loop_id, two.continuation_kind) == (one.loop_id, DEFAULT)
+    assert two.turns[0].triggered_by == "Continuation"
+    prompt = two.messages[0]
+    assert isinstance(prompt, UserMessage) and prompt.content[0].text == "two"  # type: ignore[union-attr]
+
+
+def test_a_hand_off_to_another_agent_in_the_conversation_continues_its_loop() -> None:
+    # pydantic-ai's hand-off is programmatic: the next agent runs on the conversation so far.
+    recorder = SessionRecorder()
+    capability = PhiCapability(recorder)
+    triage = Agent(TestModel(custom_output_text="to billing"), capabilities=[capability], name="triage")
+    billing = Agent(TestModel(custom_output_text="refunded"), capabilities=[capability], name="billing")
+    first = triage.run_sync("refund please")
+    billing.run_sync("go on", message_history=first.all_messages())
+
+    (session,) = sessions_of(recorder)
+    one, two = session.loops
+    assert two.parent_loop_id == one.loop_id and two.continuation_kind == DEFAULT
+    assert (one.config.name, two.config.name) == ("triage", "billing")  # type: ignore[union-attr]
+
+
+# -- agent as tool -------------------------------------------------------------------------------------
+
+
+def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
+    recorder = SessionRecorder()
+    capability = PhiCapability(recorder)
+    helper = Agent(TestModel(custom_output_text="42"), capabilities=[capability], name="helper")
+    boss = Agent(TestModel(call_tools=["ask"]), capabilities=[capability], name="boss")
+
+    @boss.tool
+    async def ask(ctx: RunContext[None], question: str) -> str:
+        answer = await helper.run(question, usage=ctx.usage)
+        return answer.output
+
+    boss.run_sync("what is the answer?")
+    by_name = {s.loops[0].config.name: s for s in sessions_of(recorder)}  # type: ignore[union-attr]
+    parent, child = by_name["boss"].loops[0], by_name["helper"].loops[0]
+    assert by_name["boss"].session_id != by_name["helper"].session_id
+    assert child.parent_loop_id == parent.loop_id
+    assert child.turns[0].triggered_by == "SubAgent"
+    (result,) = [m for m in parent.messages if isinstance(m, ToolResultMessage)]
+    assert result.content[0].text == "42"  # type: ignore[union-attr]
+    assert [(ref.child_loop_id, ref.child_session_id) for ref in parent.child_loop_refs] == [
+        (child.loop_id, by_name["helper"].session_id)]
+    (end,) = [e.event for e in parent.events if isinstance(e.event, ToolExecutionEnd)]
+    assert end.child_loop_id == child.loop_id
+    spawn = by_name["helper"].parent_spawn_ref
+    assert spawn is not None and (spawn.parent_loop_id, spawn.tool_name) == (parent.loop_id, "ask")
+    # The parent's usage is its own requests' only, never the sub-agent's tokens too.
+    own = [m.usage for m in parent.messages if isinstance(m, AssistantMessage)]
+    assert parent.usage.input == sum(u.input for u in own)
+
+
+# -- failures -----------------------------------------------------------------------------------------
+
+
+def test_model_retry_from_a_tool_is_an_error_result_and_the_run_goes_on() -> None:
+    recorder = SessionRecorder()
+    agent = Agent(TestModel(), capabilities=[PhiCapability(recorder)])
+    attempts = []
+
+    @agent.tool_plain(retries=2)
+    def flaky(x: int) -> str:
+        attempts.append(x)
+        if len(attempts) == 1:
+            raise ModelRetry("try a bigger x")
+        return "ok"
+
+    agent.run_sync("go")
+    loop = only_loop(recorder)
+    assert loop.status == "Completed"
+    results = [m for m in loop.messages if isinstance(m, ToolResultMessage)]
+    assert [(r.is_error, r.content[0].text) for r in results] == [  # type: ignore[union-attr]
+        (True, "try a bigger x"), (False, "ok")]
+
+
+def test_a_tool_raising_fails_the_run_and_its_loop_records_why() -> None:
+    recorder = SessionRecorder()
+    agent = Agent(TestModel(), capabilities=[PhiCapability(recorder)])
+
+    @agent.tool_plain
+    def broken(x: int) -> str:
+        raise ValueError("disk on fire")
+
+    with pytest.raises(ValueError, match="disk on fire"):
+        agent.run_sync("go")
+    loop = only_loop(recorder)
+    assert loop.status == "Aborted" and "disk on fire" in (loop.error or "")
+    (result,) = [m for m in loop.messages if isinstance(m, ToolResultMessage)]
+    assert result.is_error and "disk on fire" in result.content[0].text  # type: ignore[union-attr]
+
+
+def test_an_exception_in_the_model_ends_the_loop_aborted_and_reaches_the_host_unchanged() -> None:
+    recorder = SessionRecorder()
+    failure = RuntimeError("provider down")
+
+    def down(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        raise failure
+
+    agent = Agent(FunctionModel(down), capabilities=[PhiCapability(recorder)])
+    with pytest.raises(RuntimeError) as raised:
+        agent.run_sync("hi")
+    assert raised.value is failure
+    loop = only_loop(recorder)
+    assert loop.status == "Aborted" and loop.error is not None and "provider down" in loop.error
+    (turn,) = loop.turns
+    assert turn.output_message is not None and turn.output_message.stop_reason == "error"
+
+
+def test_an_adapter_fault_is_counted_and_logged_once_and_the_host_never_sees_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorder = SessionRecorder()
+    capability = PhiCapability(recorder)
+    agent = tools_agent(capability)
+
+    def broken(usage: RequestUsage) -> Any:
+        raise RuntimeError("adapter bug")
+
+    monkeypatch.setattr(adapter, "_usage", broken)
+    with caplog.at_level(logging.ERROR):
+        first = agent.run_sync("hello")
+        second = agent.run_sync("again")
+    assert first.output == second.output == '{"add":0,"upper":"A"}'
+    assert sum("RuntimeError" in r.getMessage() for r in caplog.records) == 1
+    assert capability.fault_count == 4  # both responses of both runs
+    # The loops still end, with what could be recorded.
+    assert all(loop.status == "Completed" for s in sessions_of(recorder) for loop in s.loops)
+
+
+def test_hooks_pass_what_they_get_through_unchanged() -> None:
+    recorder = SessionRecorder()
+    seen: list[Any] = []
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart("hi")])
+
+    agent = Agent(FunctionModel(model), capabilities=[PhiCapability(recorder)])
+
+    @agent.output_validator
+    def keep(output: str) -> str:
+        seen.append(output)
+        return output
+
+    result = agent.run_sync("x")
+    assert result.output == "hi" and seen == ["hi"]
+    assert result.all_messages()[-1].parts[0].content == "hi"  # type: ignore[union-attr]
+
+
+# -- streaming ------------------------------------------------------------------------------------------
+
+
+async def streamed(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[Any]:
+    if len(messages) == 1:
+        yield {0: DeltaThinkingPart(content="let me ")}
+        yield {0: DeltaThinkingPart(content="see")}
+        yield "Calling "
+        yield "lookup"
+        yield {1: DeltaToolCall(name="lookup", json_args='{"key":', tool_call_id="c1")}
+        yield {1: DeltaToolCall(json_args='"k"}')}
+    else:
+        yield "found "
+        yield "it"
+
+
+def streaming_agent(capability: PhiCapability) -> Agent[None, str]:
+    agent = Agent(FunctionModel(text_after_tools, stream_function=streamed), capabilities=[capability])
+
+    @agent.tool_plain
+    def lookup(key: str) -> str:
+        return f"value of {key}"
+
+    return agent
+
+
+def test_stream_true_records_text_thinking_and_tool_argument_deltas() -> None:
+    recorder = SessionRecorder(include_streaming_events=True)
+    result = streaming_agent(PhiCapability(recorder, stream=True)).run_sync("find k")
+    assert result.output == "found it"
+    loop = only_loop(recorder)
+    deltas = [(e.event.delta.kind, e.event.delta.delta) for e in loop.events  # type: ignore[union-attr]
+              if isinstance(e.event, MessageUpdate)]
+    assert deltas == [("Thinking", "let me "), ("Thinking", "see"), ("Text", "Calling "), ("Text", "lookup"),
+                      ("ToolCallDelta", '{"key":'), ("ToolCallDelta", '"k"}'),
+                      ("Text", "found "), ("Text", "it")]
+    first = next(m for m in loop.messages if isinstance(m, AssistantMessage))
+    assert first.content[-1] == ToolCall(id="c1", name="lookup", arguments={"key": "k"})
+
+
+def test_streaming_is_opt_in_and_the_whole_message_is_recorded_without_it() -> None:
+    recorder = SessionRecorder(include_streaming_events=True)
+    streaming_agent(PhiCapability(recorder)).run_sync("find k")  # agent.run: `function`, not streamed
+    loop = only_loop(recorder)
+    assert not any(isinstance(e.event, MessageUpdate) for e in loop.events)
+    assert loop.messages[-1].content[0].text == "found it"  # type: ignore[union-attr]
+
+
+def test_run_stream_records_the_run_too() -> None:
+    recorder = SessionRecorder()
+    agent = streaming_agent(PhiCapability(recorder, stream=True))
+
+    async def main() -> str:
+        async with agent.run_stream("find k") as run:  # its output is the first text streamed
+            return await run.get_output()
+
+    assert asyncio.run(main()) == "Calling lookup"
+    loop = only_loop(recorder)
+    assert loop.status == "Completed"
+    answer = [m for m in loop.messages if isinstance(m, AssistantMessage)][-1]
+    assert answer.content[-2].text == "Calling lookup"  # type: ignore[union-attr]
+
+
+# -- concurrency ---------------------------------------------------------------------------------------
+
+
+def test_concurrent_runs_on_one_capability_are_kept_apart() -> None:
+    recorder = SessionRecorder()
+    capability = PhiCapability(recorder)
+
+    def slow_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        prompt = messages[0].parts[-1].content  # type: ignore[union-attr]
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("wait", {"tag": prompt}, tool_call_id=f"call-{prompt}")])
+        return ModelResponse(parts=[TextPart(f"done {prompt}")])
+
+    agent = Agent(FunctionModel(slow_model), capabilities=[capability])
+
+    @agent.tool_plain
+    async def wait(tag: str) -> str:
+        await asyncio.sleep(0.01)  # both runs are inside a tool at once
+        return tag
+
+    async def main() -> list[str]:
+        results = await asyncio.gather(agent.run("a"), agent.run("b"))
+        return [r.output for r in results]
+
+    assert asyncio.run(main()) == ["done a", "done b"]
+    sessions = sessions_of(recorder)
+    assert len(sessions) == 2
+    for session in sessions:
+        (loop,) = session.loops
+        tag = loop.messages[0].content[0].text  # type: ignore[union-attr]
+        ids = [m.tool_call_id for m in loop.messages if isinstance(m, ToolResultMessage)]
+        assert ids == [f"call-{tag}"]
+        assert loop.messages[-1].content[0].text == f"done {tag}"  # type: ignore[union-attr]
+
+
+# -- the capability itself --------------------------------------------------------------------------------
+
+
+def test_a_run_level_capability_replaces_the_agents_instead_of_recording_twice() -> None:
+    agent_level, run_level = SessionRecorder(), SessionRecorder()
+    agent = tools_agent(PhiCapability(agent_level))
+    agent.run_sync("x", capabilities=[PhiCapability(run_level)])
+    assert agent_level.sessions() == [] and len(sessions_of(run_level)) == 1
+
+
+def test_stream_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="stream"):
+        PhiCapability(stream="yes")  # type: ignore[arg-type]
+
+
+def test_an_output_tool_call_gets_the_return_pydantic_ai_made_for_it() -> None:
+    recorder = SessionRecorder()
+    agent = Agent(TestModel(), output_type=Answer, capabilities=[PhiCapability(recorder)])
+    assert agent.run_sync("x").output == Answer(n=0)
+    loop = only_loop(recorder)
+    call, result = loop.messages[1:]
+    assert isinstance(call, AssistantMessage) and call.content[0].name == "final_result"  # type: ignore[union-attr]
+    assert isinstance(result, ToolResultMessage) and result.tool_call_id == call.content[0].id  # type: ignore[union-attr]
+    assert result.content[0].text == "Final result processed." and not result.is_error  # type: ignore[union-attr]
+
+
+def test_tool_failed_is_an_error_result_and_a_deferred_call_a_result_saying_so() -> None:
+    recorder = SessionRecorder()
+    agent = Agent(TestModel(), capabilities=[PhiCapability(recorder)],
+                  output_type=[str, DeferredToolRequests])
+
+    @agent.tool_plain
+    def gone(x: int) -> str:
+        raise ToolFailed("no such record")
+
+    @agent.tool_plain
+    def pay(x: int) -> str:
+        raise CallDeferred()
+
+    result = agent.run_sync("go")
+    assert isinstance(result.output, DeferredToolRequests)
+    results = {m.tool_name: m for m in only_loop(recorder).messages if isinstance(m, ToolResultMessage)}
+    assert results["gone"].is_error and results["gone"].content[0].text == "no such record"  # type: ignore[union-attr]
+    assert not results["pay"].is_error and "CallDeferred" in results["pay"].content[0].text  # type: ignore[union-attr]
+
+
+def test_a_run_left_early_ends_its_loop_aborted() -> None:
+    recorder = SessionRecorder()
+    agent = tools_agent(PhiCapability(recorder))
+
+    async def main() -> None:
+        async with agent.iter("x") as run:
+            async for node in run:
+                if isinstance(node, CallToolsNode):
+                    break
+
+    asyncio.run(main())
+    loop = only_loop(recorder)
+    assert loop.status == "Aborted" and loop.error is not None
+
+
+# -- the embedded store, restarts, the extra --------------------------------------------------------------
+
+
+def test_by_default_sessions_go_to_the_embedded_store_and_continue_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PHI_SESSION_STORE", str(tmp_path / "sessions.db"))
+    first_process = PhiCapability()
+    first = tools_agent(first_process).run_sync("one")
+    first_process.close()
+
+    restarted = PhiCapability()  # a new process: the conversation's last loop is in the store
+    tools_agent(restarted).run_sync("two", message_history=first.all_messages())
+    restarted.close()
+
+    with SqliteStore(tmp_path / "sessions.db") as store:
+        session = store.load(first.conversation_id)
+    data = codec.encode(session)
+    assert codec.encode(codec.decode_session(data)) == data
+    one, two = session.loops
+    assert (two.parent_loop_id, two.continuation_kind) == (one.loop_id, DEFAULT)
+    assert one.loop_id.endswith(".1") and two.loop_id.endswith(".2")  # loop ids never repeat
+
+
+def test_without_the_extra_the_import_names_the_pip_install() -> None:
+    code = ("import sys; sys.modules['pydantic_ai'] = None\n"
+            "import phi_session, phi_session.adapters\n"
+            "try:\n    import phi_session.adapters.pydantic_ai\n"
+            "except ImportError as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("MissingExtra") and "pip install 'phi-session[pydantic-ai]'" in out
+
+
+def test_the_example_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "adapter_pydantic_ai.py"
+    monkeypatch.setattr(sys, "argv", [example.name, str(tmp_path / "out")])
+    runpy.run_path(str(example), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"wrote {tmp_path / 'out'}/"
+    assert len(lines) == 4 and all(" Completed " in line for line in lines[:3])
+    assert sum(" <- " in line for line in lines) == 2  # the follow-up and the sub-agent
