@@ -62,6 +62,77 @@ def medians(runs: int, variants: list[Callable[[], object]]) -> list[float]:
     return asyncio.run(medians_async(runs, [awaitable(run) for run in variants]))
 
 
+# -- OpenAI Agents SDK --------------------------------------------------------------------------
+
+
+def bench_openai_agents(runs: int) -> None:
+    # Trace processors are global to the SDK: each variant runs as a block with its own.
+    from agents import Agent, RunHooks, Runner, function_tool
+    from agents.testing.model import ScriptedModel, assistant_message, function_call
+    from agents.tracing import TracingProcessor, set_trace_processors
+
+    from phi_session.adapters import openai_agents
+
+    @function_tool
+    def lookup(key: str) -> str:
+        """Look a key up."""
+        return key.upper()
+
+    steps: list[Any] = [[function_call("lookup", {"key": f"{turn}.{i}"}, call_id=f"call-{turn}-{i}")
+                         for i in range(TOOLS)] for turn in range(TURNS)]
+    steps.append([assistant_message("done")])
+    model = ScriptedModel(emit_traces=True)
+    agent = Agent(name="bench", model=model, tools=[lookup])
+    seen: list[tuple[object, ...]] = []
+
+    class NoOpProcessor(TracingProcessor):
+        def on_trace_start(self, trace: Any) -> None:
+            seen.append(("trace", trace))
+
+        def on_trace_end(self, trace: Any) -> None:
+            seen.append(("trace end", trace))
+
+        def on_span_start(self, span: Any) -> None:
+            seen.append(("span", span))
+
+        def on_span_end(self, span: Any) -> None:
+            seen.append(("span end", span))
+
+        def shutdown(self) -> None:
+            pass
+
+        def force_flush(self) -> None:
+            pass
+
+    class NoOpHooks(RunHooks[Any]):
+        async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
+            seen.append(("tool", context))
+
+    def variant(hooks: RunHooks[Any] | None) -> Callable[[int], Awaitable[object]]:
+        async def one(i: int) -> object:
+            model.extend(steps)
+            return await Runner.run(agent, "go", hooks=hooks, max_turns=TURNS + 2)
+
+        return one
+
+    async def all_three() -> list[float]:
+        set_trace_processors([])  # bare: the SDK makes its spans, nobody listens
+        (bare,) = await medians_async(runs, [variant(None)])
+        set_trace_processors([NoOpProcessor()])
+        (floor,) = await medians_async(runs, [variant(NoOpHooks())])
+        recorder = SessionRecorder()
+        openai_agents.install([recorder], replace_default=True)
+        try:
+            (adapter,) = await medians_async(runs, [variant(openai_agents.PhiRunHooks())])
+        finally:
+            openai_agents.uninstall()
+        loops = sum(len(s.loops) for s in recorder.sessions())
+        assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
+        return [bare, floor, adapter]
+
+    report("openai-agents", *asyncio.run(all_three()))
+
+
 # -- Google ADK ---------------------------------------------------------------------------------
 
 
@@ -292,6 +363,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
     print(f"median CPU time per run of {args.runs} runs, {TURNS} turns x {TOOLS} tools")
+    bench_openai_agents(args.runs)
     bench_google_adk(args.runs)
     bench_pydantic_ai(args.runs)
     bench_langchain(args.runs)

@@ -1,0 +1,621 @@
+"""The OpenAI Agents SDK adapter: phi-core sessions from ``Runner`` runs, in one line.
+
+    from phi_session.adapters import openai_agents
+    openai_agents.install()                      # sessions go to the embedded store
+
+`install` adds a tracing processor (``agents.add_trace_processor``: the user's other
+processors keep running; ``replace_default=True`` replaces them with this one). The
+SDK's spans become events through the adapter core (`phi_session.adapters`):
+
+* a ``task`` span (one ``Runner`` run) is a loop; its first ``agent`` span names the
+  agent, a later one is a handoff (the loop ends with stop reason ``handoff`` and the
+  next agent's loop continues it); with ``include_task_and_turn_spans`` off the agent
+  span is the loop and each model span a turn;
+* ``turn`` -> TurnStart/TurnEnd; ``response``/``generation`` -> the assistant message
+  (text, reasoning, tool calls with their ids, usage of that response only; model
+  from the response);
+* ``function`` -> the tool's events and result (a span error -> ``is_error``); a run
+  started inside a tool is that tool's sub-agent (own session, linked both ways);
+* a triggered ``guardrail`` before the first turn -> InputRejected, loop Rejected.
+
+The session is ``trace_metadata["phi.session_id"]``, else the trace's ``group_id``,
+else the adapter's own session. Function spans carry no tool call id: they are
+matched to the response's calls by name and order; pass ``hooks=PhiRunHooks()`` to
+``Runner.run`` to make the match exact (and give the prompt and the agent's model).
+Processors see no streamed chunks: iterate ``stream(result)`` instead of
+``result.stream_events()`` to record text, reasoning and argument deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..events import LoopConfigSnapshot
+from ..instrument import MessageScope, ToolScope, TurnScope
+from ..messages import Content, StopReason, TextContent, ThinkingContent, ToolCall, Usage
+from ._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+
+require_extra("openai-agents", "agents")
+
+from agents import RunHooks  # noqa: E402
+from agents.tracing import (  # noqa: E402
+    Span,
+    Trace,
+    TracingProcessor,
+    add_trace_processor,
+    get_current_span,
+    get_current_trace,
+    get_trace_provider,
+    set_trace_processors,
+)
+from agents.tracing.processors import default_processor  # noqa: E402
+
+__all__ = ["PhiRunHooks", "PhiTracingProcessor", "install", "installed", "stream", "uninstall"]
+
+logger = logging.getLogger("phi_session.adapters.openai_agents")
+
+FRAMEWORK = "openai-agents"
+PROVIDER = "openai"
+
+
+def _get(obj: Any, name: str) -> Any:
+    """A field of an SDK object or of its dict form (generation spans carry dicts)."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _arguments(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text if text is not None else {}
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return text
+
+
+def _usage(usage: Any) -> Usage | None:
+    """A response's usage (Responses ``input_tokens`` or Chat ``prompt_tokens`` names)."""
+    if usage is None:
+        return None
+    input_details = _get(usage, "input_tokens_details") or _get(usage, "prompt_tokens_details")
+    output_details = _get(usage, "output_tokens_details") or _get(usage, "completion_tokens_details")
+    return usage_of(
+        _get(usage, "input_tokens") or _get(usage, "prompt_tokens"),
+        _get(usage, "output_tokens") or _get(usage, "completion_tokens"),
+        cache_read=_get(input_details, "cached_tokens") if input_details is not None else 0,
+        reasoning=_get(output_details, "reasoning_tokens") if output_details is not None else 0,
+        total=_get(usage, "total_tokens"),
+    )
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    parts = [_get(part, "text") or _get(part, "refusal") for part in content or ()]
+    return "".join(part for part in parts if isinstance(part, str))
+
+
+def _output_blocks(items: Any) -> tuple[list[Content], list[ToolCall]]:
+    """Content blocks and tool calls of a model output (Responses items or Chat messages)."""
+    blocks: list[Content] = []
+    calls: list[ToolCall] = []
+    for item in items or ():
+        kind = _get(item, "type")
+        if kind == "reasoning":
+            parts = list(_get(item, "summary") or ()) + list(_get(item, "content") or ())
+            text = "".join(_get(part, "text") or "" for part in parts)
+            if text:
+                blocks.append(ThinkingContent(thinking=text))
+        elif kind == "function_call":
+            calls.append(ToolCall(id=_get(item, "call_id") or _get(item, "id") or "", name=_get(item, "name"),
+                                  arguments=_arguments(_get(item, "arguments"))))
+        elif kind == "message" or _get(item, "role") == "assistant":
+            text = _text_of(_get(item, "content"))
+            if text:
+                blocks.append(TextContent(text=text))
+            for call in _get(item, "tool_calls") or ():  # Chat Completions
+                function = _get(call, "function")
+                calls.append(ToolCall(id=_get(call, "id") or "", name=_get(function, "name"),
+                                      arguments=_arguments(_get(function, "arguments"))))
+    return blocks, calls
+
+
+def _user_texts(items: Any) -> list[str]:
+    """The user messages of a model input (a string, Responses items or Chat messages)."""
+    if isinstance(items, str):
+        return [items]
+    return [_text_of(_get(item, "content")) for item in items or () if _get(item, "role") == "user"]
+
+
+def _config(agent_name: str, model: str) -> LoopConfigSnapshot:
+    return LoopConfigSnapshot(model=model, provider=PROVIDER, name=agent_name,
+                              config_id=agent_name.replace(".", "-").replace("/", "-") or "agent")
+
+
+@dataclass
+class _Tool:
+    """A function span: its tool scope starts once its call id is known (or needed)."""
+
+    loop: _Loop
+    name: str
+    turn: TurnScope
+    call_id: str | None = None
+    args: Any = None
+    scope: ToolScope | None = None
+    token: Any = None
+
+    def started(self) -> ToolScope | None:
+        if self.scope is None and self.turn.running:
+            call_id = self.call_id if self.call_id is not None else self.loop.match_call(self.name)
+            self.scope = self.turn.tool(id=call_id, name=self.name, args=self.args or {}).start()
+        return self.scope
+
+
+@dataclass
+class _Loop:
+    """The state of one recorded run, keyed by its task span (or trace, or function span)."""
+
+    key: str
+    trace_id: str
+    session_id: str | None
+    run: AdapterRun | None = None
+    turn: TurnScope | None = None
+    message: MessageScope | None = None
+    model: str = ""
+    prompted: bool = False
+    reply: tuple[list[Content], list[ToolCall], Usage | None, str | None] | None = None
+    calls: list[ToolCall] = field(default_factory=list)
+    call_number: int = 0
+
+    def match_call(self, name: str) -> str:
+        """The id of the response's next unmatched call named `name` (else a made-up one)."""
+        for index, call in enumerate(self.calls):
+            if call.name == name:
+                del self.calls[index]
+                return call.id
+        self.call_number += 1
+        return f"{self.key}-call-{self.call_number}"
+
+
+class _Mapper:
+    """Spans -> core calls, for one installation. Every entry point runs under the core's guard."""
+
+    def __init__(self, core: AdapterCore) -> None:
+        self.core = core
+        self._lock = threading.Lock()
+        self._sessions: dict[str, str | None] = {}  # trace id -> framework session id
+        self._loops: dict[str, _Loop] = {}  # loop key -> loop
+        self._of_span: dict[str, _Loop] = {}  # span id -> its loop
+        self._tools: dict[str, _Tool] = {}  # function span id -> tool
+        self._streams: dict[str, MessageScope] = {}  # trace id -> message being streamed
+
+    # -- traces ---------------------------------------------------------------------------
+
+    def trace_started(self, trace: Trace) -> None:
+        metadata = getattr(trace, "metadata", None) or {}
+        session = metadata.get("phi.session_id") or getattr(trace, "group_id", None)
+        with self._lock:
+            self._sessions[trace.trace_id] = str(session) if session is not None else None
+
+    def trace_ended(self, trace: Trace) -> None:
+        with self._lock:
+            self._sessions.pop(trace.trace_id, None)
+            self._streams.pop(trace.trace_id, None)
+            left = [loop for loop in self._loops.values() if loop.trace_id == trace.trace_id]
+        for loop in left:
+            self._end_loop(loop, None)
+
+    # -- spans ----------------------------------------------------------------------------
+
+    def span_started(self, span: Span[Any]) -> None:
+        data = span.span_data
+        kind = data.type
+        if kind == "task":
+            self._new_loop(span.span_id, span)
+        elif kind == "agent":
+            self._agent_started(span, data.name)
+        elif kind == "function":
+            self._tool_started(span, data.name)
+        else:
+            loop = self._loop_of(span)
+            if loop is None:
+                return
+            if kind == "turn":
+                self._end_turn(loop)
+            elif kind in ("response", "generation"):
+                self._model_started(loop)
+            elif kind == "handoff":
+                self._finish_message(loop, stop_reason="handoff")
+
+    def span_ended(self, span: Span[Any]) -> None:
+        data = span.span_data
+        kind = data.type
+        loop = self._of_span.get(span.span_id)
+        if kind in ("response", "generation"):
+            if loop is not None:
+                self._model_ended(loop, span)
+        elif kind == "function":
+            self._tool_ended(span)
+        elif kind == "turn":
+            if loop is not None:
+                self._end_turn(loop)
+        elif kind == "task":
+            if loop is not None:
+                self._end_loop(loop, span.error)
+        elif kind == "guardrail" and data.triggered and loop is not None:
+            self._guardrail_triggered(loop, data.name)
+        elif kind == "agent" and span.error is not None and loop is not None:
+            self._end_loop(loop, span.error)
+        with self._lock:
+            self._of_span.pop(span.span_id, None)
+
+    def _loop_of(self, span: Span[Any]) -> _Loop | None:
+        with self._lock:
+            loop = self._of_span.get(span.parent_id) if span.parent_id is not None else None
+            if loop is not None:
+                self._of_span[span.span_id] = loop
+            return loop
+
+    def _new_loop(self, key: str, span: Span[Any]) -> _Loop:
+        with self._lock:
+            loop = _Loop(key, span.trace_id, self._sessions.get(span.trace_id))
+            self._loops[key] = loop
+            self._of_span[span.span_id] = loop
+            return loop
+
+    def _agent_started(self, span: Span[Any], name: str) -> None:
+        with self._lock:
+            parent = self._of_span.get(span.parent_id) if span.parent_id is not None else None
+            owner = parent if parent is not None and parent.key == span.parent_id else None
+        if owner is None:
+            # No task spans: the agent span is the loop, keyed by what it runs under (the
+            # trace, or a tool for an agent run as a tool); a later agent there is a handoff.
+            key = span.parent_id if span.parent_id in self._tools else span.trace_id
+            owner = self._loops.get(key) or self._new_loop(key, span)
+        with self._lock:
+            self._of_span[span.span_id] = owner
+        config = _config(name, owner.model)
+        if owner.run is None:
+            owner.run = self.core.start_run(owner.key, config, framework_session_id=owner.session_id,
+                                            metadata={"agent": name})
+        else:
+            self._finish_message(owner, stop_reason="handoff")
+            self._end_turn(owner)
+            owner.run = self.core.handoff(owner.key, config, metadata={"agent": name})
+            owner.turn = None
+            owner.prompted = True
+
+    def _open_turn(self, loop: _Loop) -> TurnScope | None:
+        self._finish_message(loop)
+        run = loop.run
+        if run is None or not run.loop.running:
+            return None
+        if loop.turn is None or not loop.turn.running:
+            loop.turn = run.loop.turn().start()
+        return loop.turn
+
+    def _model_started(self, loop: _Loop) -> None:
+        self._finish_message(loop)
+        turn = loop.turn
+        if turn is not None and turn.message is not None:  # no turn spans: one model call, one turn
+            self._end_turn(loop)
+        turn = self._open_turn(loop)
+        if turn is not None:
+            loop.message = turn.assistant(model=loop.model or None, provider=PROVIDER).start()
+            with self._lock:
+                self._streams[loop.trace_id] = loop.message
+
+    def _model_ended(self, loop: _Loop, span: Span[Any]) -> None:
+        data = span.span_data
+        message, turn = loop.message, loop.turn
+        if message is None or not message.running or turn is None:
+            return
+        response = getattr(data, "response", None)
+        if response is not None:  # Responses API
+            items, usage, model = response.output, response.usage, response.model
+        else:  # Chat Completions (generation span)
+            items, usage, model = data.output, data.usage, data.model
+        if not loop.prompted and turn.index == 0:
+            loop.prompted = True
+            for text in _user_texts(data.input):
+                turn.user(text)
+        blocks, calls = _output_blocks(items)
+        loop.calls = list(calls)
+        if model:
+            message.model = str(model)
+        error = span.error.get("message") if span.error is not None else None
+        # Finished at the next step: a handoff that follows makes its stop reason ``handoff``.
+        loop.reply = (blocks, calls, _usage(usage), error)
+
+    def _finish_message(self, loop: _Loop, *, stop_reason: StopReason | None = None) -> None:
+        """Finish the turn's reply with what its model span reported."""
+        message, reply = loop.message, loop.reply
+        loop.reply = None
+        if message is None or not message.running:
+            return
+        if reply is None:
+            message.end()
+            return
+        blocks, calls, usage, error = reply
+        if error is not None:
+            stop_reason = "error"
+        message.finish(blocks if blocks or not message.text else None, tool_calls=calls, usage=usage,
+                       stop_reason=stop_reason, error_message=error)
+
+    def _tool_started(self, span: Span[Any], name: str) -> None:
+        loop = self._loop_of(span)
+        if loop is None or loop.turn is None:
+            return
+        self._finish_message(loop)
+        tool = _Tool(loop, name, loop.turn)
+        tool.token = enter_tool(tool.started)
+        with self._lock:
+            self._tools[span.span_id] = tool
+
+    def exact_call(self, span_id: str, call_id: str, arguments: Any) -> None:
+        """The hooks' exact call id and arguments for a function span (before it starts)."""
+        tool = self._tools.get(span_id)
+        if tool is not None and tool.scope is None:
+            tool.call_id, tool.args = call_id, _arguments(arguments)
+            tool.started()
+
+    def _tool_ended(self, span: Span[Any]) -> None:
+        with self._lock:
+            tool = self._tools.pop(span.span_id, None)
+        if tool is None:
+            return
+        nested = self._loops.get(span.span_id)  # an agent run as this tool without task spans
+        if nested is not None:
+            self._end_loop(nested, span.error)
+        data = span.span_data
+        if tool.args is None:
+            tool.args = _arguments(data.input)
+        scope = tool.started()
+        leave_tool(tool.token)
+        if scope is None or not scope.running:
+            return
+        output = "" if data.output is None else str(data.output)
+        if span.error is not None:
+            scope.error(output or str(span.error.get("message")))
+        else:
+            scope.result(output)
+        scope.end()
+
+    def _guardrail_triggered(self, loop: _Loop, name: str) -> None:
+        run = loop.run
+        if run is not None and run.loop.running and run.loop.turns == 0:
+            run.loop.reject(f"input guardrail {name} triggered")
+
+    def _end_turn(self, loop: _Loop) -> None:
+        self._finish_message(loop)
+        turn = loop.turn
+        if turn is not None and turn.running:
+            turn.end()
+        loop.turn = None
+
+    def _end_loop(self, loop: _Loop, error: Any) -> None:
+        with self._lock:
+            self._loops.pop(loop.key, None)
+            if self._streams.get(loop.trace_id) is loop.message:
+                self._streams.pop(loop.trace_id, None)
+        if loop.run is None:
+            return
+        message = None if error is None else str(error.get("message") or error)
+        if message is None:
+            self._end_turn(loop)
+        self.core.end_run(loop.key, message)
+
+    # -- hooks and streams -----------------------------------------------------------------
+
+    def agent_model(self, model: Any) -> None:
+        loop = self._current_loop()
+        if loop is not None and isinstance(model, str) and not loop.model:
+            loop.model = model
+
+    def _current_loop(self) -> _Loop | None:
+        span = get_current_span()
+        return self._of_span.get(span.span_id) if span is not None else None
+
+    def prompt(self, items: Any) -> None:
+        """The hooks' model input: before the loop's first turn, its user messages are the prompt."""
+        loop = self._current_loop()
+        if loop is None or loop.prompted or loop.run is None or loop.turn is not None:
+            return
+        loop.prompted = True
+        for text in _user_texts(items):
+            loop.run.loop.user(text)
+
+    def response(self, response: Any) -> None:
+        """The hooks' model response: the content and usage of a span that carried none."""
+        loop = self._current_loop()
+        reply = loop.reply if loop is not None else None
+        if loop is None or reply is None or reply[0] or reply[1] or reply[2] is not None:
+            return
+        blocks, calls = _output_blocks(response.output)
+        loop.calls = list(calls)
+        loop.reply = (blocks, calls, _usage(response.usage), reply[3])
+
+    def stream_delta(self, trace_id: str, kind: str, delta: str) -> None:
+        message = self._streams.get(trace_id)
+        if message is None or not message.running:
+            return
+        if kind == "text":
+            message.text_delta(delta)
+        elif kind == "reasoning":
+            message.thinking_delta(delta)
+        else:
+            message.tool_call_delta(delta)
+
+
+class PhiTracingProcessor(TracingProcessor):
+    """The processor `install` registers; it forwards to the installed adapter, if any.
+
+    It stays registered once added (the SDK has no public way to remove one):
+    `uninstall` detaches it, after which every call returns at once.
+    """
+
+    def __init__(self) -> None:
+        self.mapper: _Mapper | None = None
+
+    def _call(self, method: str, item: Any) -> None:
+        mapper = self.mapper
+        if mapper is not None:
+            with mapper.core.guard():
+                getattr(mapper, method)(item)
+
+    def on_trace_start(self, trace: Trace) -> None:
+        self._call("trace_started", trace)
+
+    def on_trace_end(self, trace: Trace) -> None:
+        self._call("trace_ended", trace)
+
+    def on_span_start(self, span: Span[Any]) -> None:
+        self._call("span_started", span)
+
+    def on_span_end(self, span: Span[Any]) -> None:
+        self._call("span_ended", span)
+
+    def shutdown(self) -> None:
+        """Nothing to do: `uninstall` saves what the adapter holds."""
+
+    def force_flush(self) -> None:
+        mapper = self.mapper
+        if mapper is not None:
+            mapper.core.safely(mapper.core.tracer.flush)
+
+
+_processor = PhiTracingProcessor()
+_install_lock = threading.Lock()
+_registered_with: object = None  # the trace provider the processor was added to
+_replaced_default = False
+
+
+class PhiRunHooks(RunHooks[Any]):
+    """Run hooks that make the recording exact: pass ``hooks=PhiRunHooks()`` to ``Runner.run``.
+
+    Inside a function span, `on_tool_start` sees the tool call's id and arguments;
+    `on_agent_start` gives the agent's model name, `on_llm_start` the prompt and
+    `on_llm_end` the content and usage of a model whose spans carry none. Return values are the SDK's own
+    (None); a fault is counted by the adapter, never raised.
+    """
+
+    async def on_agent_start(self, context: Any, agent: Any) -> None:
+        mapper = _processor.mapper
+        if mapper is None:
+            return
+        with mapper.core.guard():
+            trace = get_current_trace()
+            if trace is None or type(trace).__name__ == "NoOpTrace":
+                _warn_tracing_disabled()
+            mapper.agent_model(getattr(agent, "model", None))
+
+    async def on_llm_start(self, context: Any, agent: Any, system_prompt: Any, input_items: Any) -> None:
+        mapper = _processor.mapper
+        if mapper is not None:
+            mapper.core.safely(mapper.prompt, input_items)
+
+    async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
+        mapper = _processor.mapper
+        if mapper is not None:
+            mapper.core.safely(mapper.response, response)
+
+    async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
+        mapper = _processor.mapper
+        span = get_current_span()
+        call_id = getattr(context, "tool_call_id", None)
+        if mapper is None or span is None or call_id is None:
+            return
+        with mapper.core.guard():
+            mapper.exact_call(span.span_id, call_id, getattr(context, "tool_arguments", None))
+
+
+_warned_disabled = False
+
+
+def _warn_tracing_disabled() -> None:
+    global _warned_disabled
+    if not _warned_disabled:
+        _warned_disabled = True
+        logger.warning(
+            "OpenAI Agents SDK tracing is disabled (OPENAI_AGENTS_DISABLE_TRACING, "
+            "set_tracing_disabled or RunConfig(tracing_disabled=True)): phi-session records nothing "
+            "from these runs")
+
+
+def _tracing_disabled() -> bool:
+    probe = get_trace_provider().create_trace("phi-session probe")
+    return type(probe).__name__ == "NoOpTrace"
+
+
+async def stream(result: Any) -> AsyncIterator[Any]:
+    """``result.stream_events()``, unchanged, recording text, reasoning and tool-call
+    argument deltas as MessageUpdate (processors never see streamed chunks)."""
+    trace = getattr(result, "trace", None)
+    trace_id = getattr(trace, "trace_id", None)
+    async for event in result.stream_events():
+        mapper = _processor.mapper
+        raw = getattr(event, "type", None) == "raw_response_event"
+        if mapper is not None and trace_id is not None and raw:
+            with mapper.core.guard():
+                data = event.data
+                kind = getattr(data, "type", "")
+                if kind == "response.output_text.delta":
+                    mapper.stream_delta(trace_id, "text", data.delta)
+                elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+                    mapper.stream_delta(trace_id, "reasoning", data.delta)
+                elif kind == "response.function_call_arguments.delta":
+                    mapper.stream_delta(trace_id, "arguments", data.delta)
+        yield event
+
+
+def install(sink: SinkArg = None, *, replace_default: bool = False, **options: Any) -> AdapterCore:
+    """Record every Agents SDK run from now on; returns the adapter's `AdapterCore`.
+
+    `sink`: where events go (None: the embedded store). `replace_default`: replace
+    the SDK's other trace processors (its OpenAI exporter) instead of adding to
+    them. `options` go to `AdapterCore` (``store``, ``agent``, ``processors``,
+    ``redact``, ``rotate_after``). Idempotent: a second call returns the adapter
+    already installed.
+    """
+    global _registered_with, _replaced_default
+    with _install_lock:
+        mapper = _processor.mapper
+        if mapper is not None:
+            return mapper.core
+        core = AdapterCore(FRAMEWORK, sink, **options)
+        provider = get_trace_provider()
+        if replace_default:
+            set_trace_processors([_processor])
+            _registered_with, _replaced_default = provider, True
+        elif _registered_with is not provider:
+            add_trace_processor(_processor)
+            _registered_with = provider
+        _processor.mapper = _Mapper(core)
+        if _tracing_disabled():
+            _warn_tracing_disabled()
+        return core
+
+
+def installed() -> AdapterCore | None:
+    """The installed adapter, if any."""
+    mapper = _processor.mapper
+    return mapper.core if mapper is not None else None
+
+
+def uninstall() -> None:
+    """Stop recording: runs still open end as failed, everything held is saved, and the
+    SDK's default processor is put back if `install` replaced it."""
+    global _registered_with, _replaced_default
+    with _install_lock:
+        mapper = _processor.mapper
+        if mapper is None:
+            return
+        _processor.mapper = None
+        if _replaced_default:
+            set_trace_processors([default_processor()])
+            _registered_with, _replaced_default = None, False
+    mapper.core.close()

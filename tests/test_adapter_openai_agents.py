@@ -1,0 +1,342 @@
+"""The OpenAI Agents SDK adapter, end to end with the SDK's own test doubles (offline)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("agents", reason="needs pip install 'phi-session[openai-agents]'")
+
+import httpx2 as httpx
+from agents import (
+    Agent,
+    GuardrailFunctionOutput,
+    InputGuardrailTripwireTriggered,
+    OpenAIChatCompletionsModel,
+    OpenAIResponsesModel,
+    RunConfig,
+    Runner,
+    function_tool,
+    input_guardrail,
+)
+from agents.testing.model import ScriptedModel, assistant_message, function_call
+from openai import AsyncOpenAI
+
+from phi_session import JsonDirStore, SessionRecorder, decode_session, encode_session
+from phi_session.adapters import openai_agents
+from phi_session.model import Session
+
+
+@function_tool
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+@function_tool
+def broken(x: int) -> int:
+    """Always fails."""
+    raise ValueError("no such thing")
+
+
+def scripted(*steps: Any) -> ScriptedModel:
+    return ScriptedModel(list(steps), emit_traces=True)
+
+
+@pytest.fixture
+def recorder() -> Iterator[SessionRecorder]:
+    recorder = SessionRecorder()
+    openai_agents.install([recorder])
+    try:
+        yield recorder
+    finally:
+        openai_agents.uninstall()
+
+
+def run(agent: Agent[Any], prompt: str, **kwargs: Any) -> Any:
+    kwargs.setdefault("hooks", openai_agents.PhiRunHooks())
+    return asyncio.run(Runner.run(agent, prompt, **kwargs))
+
+
+def sessions(recorder: SessionRecorder) -> dict[str, Session]:
+    found = {session.session_id: session for session in recorder.sessions()}
+    for session in found.values():  # every session loads back in phi-core's format
+        data = encode_session(session)
+        assert encode_session(decode_session(data)) == data
+    return found
+
+
+def in_session(session_id: str) -> RunConfig:
+    return RunConfig(trace_metadata={"phi.session_id": session_id})
+
+
+def test_tools_with_exact_call_ids(recorder: SessionRecorder) -> None:
+    model = scripted([function_call("add", {"a": 1, "b": 2}, call_id="call-1"),
+                      function_call("add", {"a": 3, "b": 4}, call_id="call-2")],
+                     [assistant_message("3 and 7")])
+    result = run(Agent(name="calc", model=model, tools=[add]), "add please", run_config=in_session("s1"))
+    assert result.final_output == "3 and 7"
+    (loop,) = sessions(recorder)["s1"].loops
+    assert loop.loop_id == "s1.calc.1" and loop.status == "Completed"
+    first, second = loop.turns
+    assert [call.id for call in first.output_message.content] == ["call-1", "call-2"]  # type: ignore[union-attr]
+    results = {m.tool_call_id: m for m in first.tool_results}  # type: ignore[union-attr]
+    assert results["call-1"].content[0].text == "3" and results["call-2"].content[0].text == "7"  # type: ignore[union-attr]
+    assert second.output_message.content[0].text == "3 and 7"  # type: ignore[union-attr]
+    assert loop.messages[0].content[0].text == "add please"  # type: ignore[union-attr]
+
+
+def test_without_hooks_tools_match_by_name_and_order(recorder: SessionRecorder) -> None:
+    model = scripted([function_call("add", {"a": 1, "b": 2}, call_id="call-1")], [assistant_message("3")])
+    run(Agent(name="calc", model=model, tools=[add]), "add", hooks=None, run_config=in_session("s2"))
+    (loop,) = sessions(recorder)["s2"].loops
+    (result,) = loop.turns[0].tool_results
+    assert result.content[0].text == "3"  # type: ignore[union-attr]
+    assert loop.status == "Completed"
+
+
+def test_a_second_run_in_the_group_continues_the_first(recorder: SessionRecorder) -> None:
+    agent = Agent(name="chat", model=scripted([assistant_message("one")], [assistant_message("two")]))
+    run(agent, "first", run_config=RunConfig(group_id="thread.9"))
+    run(agent, "second", run_config=RunConfig(group_id="thread.9"))
+    (session,) = sessions(recorder).values()
+    first, second = session.loops
+    assert second.parent_loop_id == first.loop_id
+    assert second.loop_id.endswith(".chat.2")
+    assert first.metadata["framework_session_id"] == "thread.9"
+
+
+def test_continuation_after_restart_reads_the_store(tmp_path: Any) -> None:
+    store = JsonDirStore(tmp_path)
+    openai_agents.install(store=store, sink=[(saver := SessionRecorder())])
+    try:
+        run(Agent(name="chat", model=scripted([assistant_message("one")])), "x", run_config=in_session("r"))
+    finally:
+        openai_agents.uninstall()
+    for session in saver.sessions():
+        store.save(session)
+    recorder = SessionRecorder()
+    openai_agents.install([recorder], store=store)
+    try:
+        run(Agent(name="chat", model=scripted([assistant_message("two")])), "y", run_config=in_session("r"))
+    finally:
+        openai_agents.uninstall()
+    (loop,) = recorder.sessions()[0].loops
+    assert (loop.loop_id, loop.parent_loop_id) == ("r.chat.2", "r.chat.1")
+
+
+def test_handoff_ends_the_loop_and_the_next_agent_continues(recorder: SessionRecorder) -> None:
+    billing = Agent(name="billing", model=scripted([assistant_message("billing here")]))
+    triage = Agent(name="triage", handoffs=[billing],
+                   model=scripted([function_call("transfer_to_billing", {}, call_id="h1")]))
+    run(triage, "my bill", run_config=in_session("h"))
+    first, second = sessions(recorder)["h"].loops
+    assert first.turns[-1].output_message.stop_reason == "handoff"  # type: ignore[union-attr]
+    assert (second.loop_id, second.parent_loop_id) == ("h.billing.1", first.loop_id)
+    assert second.continuation_kind is not None and second.continuation_kind.kind == "Default"
+
+
+def test_agent_as_tool_is_a_sub_agent_linked_both_ways(recorder: SessionRecorder) -> None:
+    researcher = Agent(name="researcher", model=scripted([assistant_message("found it")]))
+    lead = Agent(name="lead", tools=[researcher.as_tool(tool_name="research", tool_description="r")],
+                 model=scripted([function_call("research", {"input": "q"}, call_id="r1")],
+                                [assistant_message("done")]))
+    run(lead, "go", run_config=in_session("lead"))
+    found = sessions(recorder)
+    (parent,) = found["lead"].loops
+    (ref,) = parent.child_loop_refs
+    child = found[ref.child_session_id]
+    assert ref.tool_call_id == "r1"
+    assert child.parent_spawn_ref is not None and child.parent_spawn_ref.parent_loop_id == parent.loop_id
+    (child_loop,) = child.loops
+    assert child_loop.parent_loop_id == parent.loop_id
+    assert child_loop.turns[0].triggered_by == "SubAgent"
+
+
+def test_a_tool_error_is_an_error_result(recorder: SessionRecorder) -> None:
+    model = scripted([function_call("broken", {"x": 1}, call_id="b1")], [assistant_message("sorry")])
+    run(Agent(name="calc", model=model, tools=[broken]), "try", run_config=in_session("te"))
+    (loop,) = sessions(recorder)["te"].loops
+    (result,) = loop.turns[0].tool_results
+    assert result.is_error  # type: ignore[union-attr]
+    assert loop.status == "Completed"
+
+
+def test_an_exception_in_the_run_ends_the_loop_aborted(recorder: SessionRecorder) -> None:
+    model = scripted(RuntimeError("provider down"))
+    with pytest.raises(RuntimeError, match="provider down"):
+        run(Agent(name="calc", model=model), "x", run_config=in_session("ex"))
+    (loop,) = sessions(recorder)["ex"].loops
+    assert loop.status == "Aborted"
+
+
+def test_triggered_input_guardrail_rejects_the_loop(recorder: SessionRecorder) -> None:
+    @input_guardrail(run_in_parallel=False)
+    def no_secrets(context: Any, agent: Any, text: Any) -> GuardrailFunctionOutput:
+        return GuardrailFunctionOutput(output_info=None, tripwire_triggered=True)
+
+    agent = Agent(name="calc", model=scripted(), input_guardrails=[no_secrets])
+    with pytest.raises(InputGuardrailTripwireTriggered):
+        run(agent, "my password", run_config=in_session("g"))
+    (loop,) = sessions(recorder)["g"].loops
+    assert loop.status == "Rejected"
+
+
+def test_two_concurrent_runs_interleave(recorder: SessionRecorder) -> None:
+    async def both() -> None:
+        agents = [Agent(name=f"a{n}", tools=[add], model=scripted(
+            [function_call("add", {"a": n, "b": 1}, call_id=f"c{n}")], [assistant_message(f"done {n}")]))
+            for n in (1, 2)]
+        await asyncio.gather(*(Runner.run(agent, "go", hooks=openai_agents.PhiRunHooks(),
+                                          run_config=in_session(f"cc{n}"))
+                               for n, agent in zip((1, 2), agents, strict=True)))
+
+    asyncio.run(both())
+    found = sessions(recorder)
+    for n in (1, 2):
+        (loop,) = found[f"cc{n}"].loops
+        assert loop.status == "Completed"
+        assert [m.tool_call_id for m in loop.turns[0].tool_results] == [f"c{n}"]  # type: ignore[union-attr]
+
+
+def test_an_adapter_fault_never_reaches_the_host(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    def explode(*args: object) -> None:
+        raise KeyError("adapter bug")
+
+    core = openai_agents.install([SessionRecorder()])
+    try:
+        monkeypatch.setattr(core, "start_run", explode)
+        with caplog.at_level(logging.ERROR, logger="phi_session.adapters"):
+            result = run(Agent(name="calc", model=scripted([assistant_message("fine")])), "x")
+        assert result.final_output == "fine"
+        assert core.fault_count >= 1
+    finally:
+        openai_agents.uninstall()
+
+
+def test_install_is_idempotent_and_uninstall_detaches() -> None:
+    recorder = SessionRecorder()
+    core = openai_agents.install([recorder])
+    assert openai_agents.install([SessionRecorder()]) is core
+    openai_agents.uninstall()
+    assert openai_agents.installed() is None
+    run(Agent(name="calc", model=scripted([assistant_message("x")])), "x")
+    assert recorder.sessions() == []
+
+
+def test_without_task_and_turn_spans_the_agent_span_is_the_loop(recorder: SessionRecorder) -> None:
+    model = scripted([function_call("add", {"a": 1, "b": 2}, call_id="c1")], [assistant_message("3")])
+    config = RunConfig(trace_metadata={"phi.session_id": "nt"},
+                       tracing={"include_task_and_turn_spans": False})
+    run(Agent(name="calc", model=model, tools=[add]), "add", run_config=config)
+    (loop,) = sessions(recorder)["nt"].loops
+    assert loop.status == "Completed" and len(loop.turns) == 2
+
+
+def test_disabled_tracing_warns_once(caplog: pytest.LogCaptureFixture, recorder: SessionRecorder) -> None:
+    with caplog.at_level(logging.WARNING, logger="phi_session.adapters.openai_agents"):
+        for _ in range(2):
+            run(Agent(name="calc", model=scripted([assistant_message("x")])), "x",
+                run_config=RunConfig(tracing_disabled=True))
+    assert len([r for r in caplog.records if "tracing is disabled" in r.message]) <= 1
+    assert recorder.sessions() == []
+
+
+# -- the SDK's OpenAI model classes over a mock transport: content and usage from spans --------
+
+
+def responses_client(*bodies: dict[str, Any]) -> AsyncOpenAI:
+    queue = list(bodies)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=queue.pop(0))
+
+    return AsyncOpenAI(api_key="test", base_url="http://mock/v1",
+                       http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+
+
+def response_body(output: list[dict[str, Any]], input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "id": "resp_1", "object": "response", "created_at": 0, "status": "completed", "model": "gpt-test-1",
+        "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                  "total_tokens": input_tokens + output_tokens,
+                  "input_tokens_details": {"cached_tokens": 2},
+                  "output_tokens_details": {"reasoning_tokens": 1}},
+    }
+
+
+def test_responses_model_content_and_usage_per_response(recorder: SessionRecorder) -> None:
+    client = responses_client(
+        response_body([{"type": "function_call", "id": "fc_1", "call_id": "call_a", "name": "add",
+                        "arguments": json.dumps({"a": 2, "b": 2}), "status": "completed"}], 10, 3),
+        response_body([{"type": "message", "id": "m1", "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": "four", "annotations": []}]}], 20, 4),
+    )
+    agent = Agent(name="calc", tools=[add], model=OpenAIResponsesModel("gpt-test-1", client))
+    run(agent, "2+2?", hooks=None, run_config=in_session("resp"))
+    (loop,) = sessions(recorder)["resp"].loops
+    first, second = loop.turns
+    assert first.output_message.content[0].id == "call_a"  # type: ignore[union-attr]
+    assert first.output_message.model == "gpt-test-1"  # type: ignore[union-attr]
+    usage = first.usage
+    assert (usage.input, usage.output, usage.cache_read, usage.reasoning) == (10, 3, 2, 1)
+    assert second.output_message.content[0].text == "four"  # type: ignore[union-attr]
+    assert (loop.usage.input, loop.usage.output) == (30, 7)
+
+
+def test_chat_completions_model_content_and_usage(recorder: SessionRecorder) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={
+            "id": "c1", "object": "chat.completion", "created": 0, "model": "gpt-chat-1",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "hello there"}}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9},
+        })
+
+    client = AsyncOpenAI(api_key="test", base_url="http://mock/v1",
+                         http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    agent = Agent(name="chat", model=OpenAIChatCompletionsModel("gpt-chat-1", client))
+    run(agent, "hi", hooks=None, run_config=in_session("chat"))
+    (loop,) = sessions(recorder)["chat"].loops
+    (turn,) = loop.turns
+    assert turn.output_message.content[0].text == "hello there"  # type: ignore[union-attr]
+    assert (turn.usage.input, turn.usage.output) == (7, 2)
+
+
+def test_stream_wrapper_records_text_deltas() -> None:
+    events: list[Any] = []
+    recorder = SessionRecorder()
+    openai_agents.install([recorder, events.append])
+    try:
+        async def consume() -> list[Any]:
+            agent = Agent(name="chat", model=scripted([assistant_message("streamed answer")]))
+            result = Runner.run_streamed(agent, "hi", hooks=openai_agents.PhiRunHooks(),
+                                         run_config=in_session("st"))
+            return [event async for event in openai_agents.stream(result)]
+
+        seen = asyncio.run(consume())
+    finally:
+        openai_agents.uninstall()
+    assert any(getattr(event, "type", None) == "raw_response_event" for event in seen)  # passed through
+    deltas = [event.delta.delta for event in events if type(event).__name__ == "MessageUpdate"]
+    assert "".join(deltas) == "streamed answer"
+    (loop,) = sessions(recorder)["st"].loops
+    assert loop.turns[0].output_message.content[0].text == "streamed answer"  # type: ignore[union-attr]
+
+
+
+def test_nothing_is_held_after_the_runs_end(recorder: SessionRecorder) -> None:
+    researcher = Agent(name="researcher", model=scripted([assistant_message("found")]))
+    lead = Agent(name="lead", tools=[researcher.as_tool(tool_name="research", tool_description="r")],
+                 model=scripted([function_call("research", {"input": "q"}, call_id="r1")],
+                                [assistant_message("done")]))
+    run(lead, "go", run_config=in_session("held"))
+    core = openai_agents.installed()
+    assert core is not None and core.open_runs == 0
