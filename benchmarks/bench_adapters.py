@@ -52,6 +52,16 @@ async def medians_async(runs: int, variants: list[Callable[[int], Awaitable[obje
     return [statistics.median(spent) for spent in times]
 
 
+def medians(runs: int, variants: list[Callable[[], object]]) -> list[float]:
+    """`medians_async` for frameworks whose runs are plain calls."""
+    def awaitable(run: Callable[[], object]) -> Callable[[int], Awaitable[object]]:
+        async def one(i: int) -> object:
+            return run()
+        return one
+
+    return asyncio.run(medians_async(runs, [awaitable(run) for run in variants]))
+
+
 # -- OpenAI Agents SDK --------------------------------------------------------------------------
 
 
@@ -281,6 +291,72 @@ def bench_pydantic_ai(runs: int) -> None:
     report("pydantic-ai", *asyncio.run(all_three()))
 
 
+# -- LangChain / LangGraph ---------------------------------------------------------------------------
+
+
+def bench_langchain(runs: int) -> None:
+    import itertools
+
+    from langchain.agents import create_agent
+    from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+
+    from phi_session.adapters.langchain import PhiCallbackHandler
+
+    usage: Any = {"input_tokens": 100, "output_tokens": 20, "total_tokens": 120}
+
+    class FakeModel(GenericFakeChatModel):
+        """LangChain's fake chat model with ``bind_tools``; its replies cycle: one run
+        takes TOOLS tool calls on each of TURNS turns, then the answer."""
+
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self
+
+    replies = [AIMessage(content="", usage_metadata=usage, tool_calls=[
+        {"id": f"c{turn}.{i}", "name": "lookup", "args": {"key": f"{turn}.{i}"}} for i in range(TOOLS)])
+        for turn in range(TURNS)]
+    model = FakeModel(messages=itertools.cycle([*replies, AIMessage(content="done", usage_metadata=usage)]))
+
+    @tool
+    def lookup(key: str) -> str:
+        """Looks a key up."""
+        return key.upper()
+
+    class NoOp(BaseCallbackHandler):
+        """Appends a tuple per callback PhiCallbackHandler uses: LangChain's own dispatch."""
+
+        run_inline = True
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, Any]] = []
+
+    def appender(callback: str) -> Callable[..., None]:
+        def append(self: NoOp, *args: Any, **kwargs: Any) -> None:
+            self.seen.append((callback, kwargs["run_id"]))
+        return append
+
+    for callback in ("on_chain_start", "on_chain_end", "on_chain_error", "on_chat_model_start",
+                     "on_llm_new_token", "on_llm_end", "on_llm_error", "on_tool_start", "on_tool_end",
+                     "on_tool_error"):
+        setattr(NoOp, callback, appender(callback))
+
+    agent = create_agent(model, tools=[lookup])
+    inputs = {"messages": [("user", "go")]}
+    recorder = SessionRecorder()
+
+    def variant(callbacks: list[Any]) -> Callable[[], object]:
+        return lambda: agent.invoke(inputs, {"callbacks": callbacks})
+
+    handlers: list[list[Any]] = [[], [NoOp()], [PhiCallbackHandler([recorder])]]
+    result = medians(runs, [variant(h) for h in handlers])
+    recorder.flush()
+    loops = sum(len(s.loops) for s in recorder.sessions())
+    assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
+    report("langchain", *result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,6 +366,7 @@ def main() -> None:
     bench_openai_agents(args.runs)
     bench_google_adk(args.runs)
     bench_pydantic_ai(args.runs)
+    bench_langchain(args.runs)
 
 
 if __name__ == "__main__":

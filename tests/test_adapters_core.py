@@ -80,6 +80,21 @@ def test_a_later_run_in_a_session_continues_its_last_loop() -> None:
     assert_round_trip(recorder)
 
 
+def test_a_run_may_continue_the_session_as_another_kind() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    for key in ("r1", "r2"):  # the first loop is Initial whatever kind is asked
+        core.start_run(key, CONFIG, framework_session_id="thread-1", kind=ContinuationKind.branch("cp-7"))
+        one_turn(core, key)
+        core.end_run(key)
+    (session,) = recorder.sessions()
+    first, second = session.loops
+    assert first.continuation_kind is not None and first.continuation_kind.kind == "Initial"
+    assert second.parent_loop_id == first.loop_id
+    assert second.continuation_kind == ContinuationKind.branch("cp-7")
+    assert_round_trip(recorder)
+
+
 def test_derived_session_id_keeps_the_original_in_metadata() -> None:
     recorder = SessionRecorder()
     core = make_core(recorder)

@@ -66,6 +66,8 @@ def check_leftovers(code: str, where: Path) -> None:
     if "tracer.close()" in code:
         assert len(session_ids(where / ".phi-session" / "sessions.db")) == 1
         assert (where / "events.jsonl").read_bytes().count(b"\n") > 5
+    if "PhiCallbackHandler()" in code:
+        assert session_ids(where / ".phi-session" / "sessions.db") == ["chat-42"]
     if "AutoPersistingRecorder(" in code:
         assert len(session_ids(where / "sessions.db")) == 5
     if "phi-session record examples/events.jsonl" in code:

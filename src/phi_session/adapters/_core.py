@@ -217,13 +217,16 @@ class AdapterCore:
         *,
         framework_session_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        kind: ContinuationKind | None = None,
     ) -> AdapterRun:
         """Start the loop of a framework run known by `key` (its run id); returns it.
 
         Under a running instrumented tool it is that tool's sub-agent; else it joins
         the framework session (continuing its last loop) or, without one, the
         adapter's own session. The loop's metadata gets ``framework`` and, when the
-        session id was derived, ``framework_session_id``.
+        session id was derived, ``framework_session_id``. `kind` is how it continues
+        the session's last loop (default ``Default``; e.g. ``Branch`` for a run
+        resumed from an earlier checkpoint); a first loop is always ``Initial``.
         """
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
         parent_tool = _parent_tool()
@@ -242,8 +245,9 @@ class AdapterCore:
                 if self.rotate_after is not None:
                     self.agent.check_and_rotate(self.rotate_after)
             last = tracer.agent.last_loop_id
-            loop = tracer.loop(config, continues=last, kind=INITIAL if last is None else DEFAULT,
-                               metadata=meta)
+            if last is None:
+                kind = INITIAL
+            loop = tracer.loop(config, continues=last, kind=DEFAULT if kind is None else kind, metadata=meta)
         run = AdapterRun(key, loop, tracer)
         with self._lock:
             self._runs[key] = run

@@ -1,0 +1,682 @@
+"""LangChain / LangGraph: a callback handler that records every run as phi-core sessions.
+
+One line turns it on::
+
+    from phi_session.adapters.langchain import PhiCallbackHandler
+    agent.invoke(inputs, {"callbacks": [PhiCallbackHandler()], "configurable": {"thread_id": "t1"}})
+
+How runs map (run ids key all state, so concurrent runs in threads and tasks interleave):
+
+* the root run (no ``parent_run_id``) is a loop (started at its first model call,
+  whose model is the loop's config); a later run with the same
+  ``configurable.thread_id`` continues that session's last loop; one started from a
+  ``checkpoint_id`` (LangGraph time travel) is a ``Branch`` tagged with it; a graph run
+  under a tool run is a sub-agent (own session, linked both ways);
+* ``on_chat_model_start`` opens a turn (after ending the previous one) with the new
+  input messages (those after the last AI message that were not recorded already)
+  and, with ``capture_requests=True``, the turn's ``TurnRequest``;
+  ``on_llm_new_token`` streams text, reasoning and tool-call argument deltas;
+  ``on_llm_end`` finishes the assistant message (tool call ids, ``usage_metadata``
+  of that response only, the response's model or ``ls_model_name``, ``ls_provider``);
+* tool start / end / error are the tool's execution and result (a ``ToolMessage``
+  with ``status="error"`` is an error result); a tool returning a ``Command`` with
+  ``goto`` hands over: the next model call starts the next agent's loop, continuing
+  this one;
+* a ``GraphInterrupt`` ends the loop normally, its interrupt values kept in an
+  extension message of kind ``langgraph.interrupt``; any other exception ends it
+  failed (``Aborted`` plus the error).
+
+The handler runs inline (``run_inline``) so events keep the run's order, and never
+raises into the host: a fault is counted and logged once, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import Token
+from typing import Any, cast
+from uuid import UUID
+
+import msgspec
+
+from .._float32 import Float32
+from ..events import ContinuationKind, LoopConfigSnapshot
+from ..instrument import LoopScope, MessageScope, ToolScope, TurnScope
+from ..messages import (
+    AgentMessage,
+    AnnotatedRequestPayload,
+    AssistantMessage,
+    Content,
+    ExtensionMessage,
+    ImageContent,
+    Message,
+    StopReason,
+    TextContent,
+    TextFormat,
+    ThinkingContent,
+    ToolCall,
+    ToolDefinition,
+    ToolResultMessage,
+    UnknownBlock,
+    Usage,
+    UserMessage,
+)
+from ._core import AdapterCore, RunningTool, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+
+require_extra("langchain", "langchain_core")
+
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler  # noqa: E402
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage  # noqa: E402
+from langchain_core.outputs import LLMResult  # noqa: E402
+
+__all__ = ["AsyncPhiCallbackHandler", "PhiCallbackHandler"]
+
+logger = logging.getLogger("phi_session.adapters.langchain")
+
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as JSON data (what a session can store): objects a graph hands over
+    (interrupt payloads, tool inputs) that are not JSON become their ``repr``."""
+    try:
+        return _json_decode(_json_encode(value))
+    except (TypeError, ValueError, msgspec.EncodeError):
+        if isinstance(value, Mapping):
+            return {str(key): _jsonable(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_jsonable(item) for item in value]
+        return repr(value)
+
+
+# -- LangChain messages -> phi-core content ------------------------------------------------------
+
+
+def _blocks(message: BaseMessage) -> tuple[Content, ...]:
+    """The text, reasoning and image blocks of a message, in order (tool calls apart)."""
+    content = message.content
+    if isinstance(content, str):
+        return (TextContent(text=content),) if content else ()
+    blocks: list[Content] = []
+    for standard in message.content_blocks:  # LangChain's provider-neutral blocks
+        block = cast("Mapping[str, Any]", standard)
+        kind = block.get("type")
+        if kind == "text":
+            blocks.append(TextContent(text=str(block.get("text", ""))))
+        elif kind == "reasoning":
+            signature = (block.get("extras") or {}).get("signature")
+            blocks.append(ThinkingContent(thinking=str(block.get("reasoning", "")),
+                                          signature=signature if isinstance(signature, str) else None))
+        elif kind == "image" and isinstance(block.get("base64"), str):
+            blocks.append(ImageContent(data=block["base64"], mime_type=str(block.get("mime_type", ""))))
+        elif kind not in ("tool_call", "tool_call_chunk", "invalid_tool_call"):
+            # Not a phi-core block (a file, a URL image, a citation...): kept as its JSON.
+            blocks.append(TextContent(text=_json_encode(_jsonable(block)).decode()))
+    return tuple(blocks)
+
+
+def _tool_calls(message: AIMessage, copy: bool = False) -> list[ToolCall]:
+    """The message's tool calls; `copy`: with arguments of their own (`MessageScope.finish`
+    copies them itself)."""
+    calls = [ToolCall(id=call.get("id") or "", name=call["name"],
+                      arguments=_jsonable(call["args"]) if copy else call["args"])
+             for call in message.tool_calls]
+    # A call whose arguments did not parse keeps them as the raw text the model sent.
+    calls.extend(ToolCall(id=call.get("id") or "", name=call.get("name") or "", arguments=call.get("args"))
+                 for call in message.invalid_tool_calls)
+    return calls
+
+
+def _usage(metadata: Mapping[str, Any] | None) -> Usage | None:
+    """phi-core usage of one response: LangChain's ``input_tokens`` include the cache's."""
+    if not metadata:
+        return None
+    input_details = metadata.get("input_token_details") or {}
+    cache_read = input_details.get("cache_read") or 0
+    cache_write = input_details.get("cache_creation") or 0
+    output = metadata.get("output_tokens") or 0
+    inputs = max(0, (metadata.get("input_tokens") or 0) - cache_read - cache_write)
+    return usage_of(inputs, output, cache_read=cache_read, cache_write=cache_write,
+                    reasoning=(metadata.get("output_token_details") or {}).get("reasoning"),
+                    total=inputs + output + cache_read + cache_write)
+
+
+_LENGTH_REASONS = frozenset(("length", "max_tokens", "MAX_TOKENS"))
+
+
+def _stop_reason(message: AIMessage, calls: Sequence[ToolCall]) -> StopReason:
+    if calls:
+        return "toolUse"
+    metadata = message.response_metadata
+    reason = metadata.get("finish_reason") or metadata.get("stop_reason")
+    return "length" if reason in _LENGTH_REASONS else "stop"
+
+
+def _text(message: BaseMessage) -> str:
+    return "".join(block.text for block in _blocks(message) if type(block) is TextContent)
+
+
+def _tool_result(message: ToolMessage, timestamp: int) -> ToolResultMessage:
+    return ToolResultMessage(tool_call_id=message.tool_call_id, tool_name=message.name or "",
+                             content=_blocks(message) or (TextContent(text=""),),
+                             is_error=message.status == "error", timestamp=timestamp)
+
+
+def _request_message(message: BaseMessage, timestamp: int) -> Message | None:
+    """A message of a captured request in phi-core's form (system prompts go apart)."""
+    if isinstance(message, AIMessage):
+        calls = _tool_calls(message, copy=True)
+        return AssistantMessage(content=(*_blocks(message), *calls), stop_reason=_stop_reason(message, calls),
+                                model=str(message.response_metadata.get("model_name", "")),
+                                provider=str(message.response_metadata.get("model_provider", "")),
+                                usage=_usage(message.usage_metadata) or Usage(input=0, output=0),
+                                timestamp=timestamp)
+    if isinstance(message, ToolMessage):
+        return _tool_result(message, timestamp)
+    if isinstance(message, SystemMessage):
+        return None
+    return UserMessage(content=_blocks(message), timestamp=timestamp)
+
+
+def _tool_definitions(tools: Any) -> tuple[ToolDefinition, ...]:
+    """Bound tools in OpenAI's function format (what ``bind_tools`` puts in the call's params)."""
+    definitions = []
+    for tool in tools if isinstance(tools, (list, tuple)) else ():
+        spec = tool.get("function", tool) if isinstance(tool, Mapping) else None
+        if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+            definitions.append(ToolDefinition(name=spec["name"], description=str(spec.get("description", "")),
+                                              parameters=_jsonable(spec.get("parameters"))))
+    return tuple(definitions)
+
+
+def _request(messages: Sequence[BaseMessage], params: Mapping[str, Any], model: str,
+             timestamp: int) -> AnnotatedRequestPayload:
+    system = "\n\n".join(_text(message) for message in messages if isinstance(message, SystemMessage))
+    converted = tuple(request for request in (_request_message(message, timestamp) for message in messages)
+                      if request is not None)
+    max_tokens = params.get("max_tokens")
+    temperature = params.get("temperature")
+    return AnnotatedRequestPayload(
+        system_prompt=system, messages=converted, provenance=tuple(UnknownBlock() for _ in converted),
+        tools=_tool_definitions(params.get("tools")), model_id=model, thinking_level="off",
+        max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else None,
+        temperature=Float32(temperature) if isinstance(temperature, (int, float)) else None,
+        response_format=TextFormat(),
+    )
+
+
+# -- the mapping ---------------------------------------------------------------------------------
+
+
+def _tool_output(output: Any) -> tuple[str | tuple[Content, ...], bool]:
+    """A tool's output as result content, and whether it is an error result."""
+    if isinstance(output, BaseMessage):
+        return (_blocks(output) or (TextContent(text=""),),
+                isinstance(output, ToolMessage) and output.status == "error")
+    return (output if isinstance(output, str) else _json_encode(_jsonable(output)).decode()), False
+
+
+def _command_message(command: Any, tool_call_id: str) -> Any:
+    """What a tool that returned a LangGraph ``Command`` answered: the ``ToolMessage`` for
+    its call in the command's update, else the command's goto and update as data."""
+    update = getattr(command, "update", None)
+    messages = update.get("messages") if isinstance(update, Mapping) else None
+    for message in messages if isinstance(messages, (list, tuple)) else ():
+        if isinstance(message, ToolMessage) and message.tool_call_id == tool_call_id:
+            return message
+    return {"goto": getattr(command, "goto", None), "update": update}
+
+
+def _is_interrupt(error: BaseException) -> bool:
+    # By name: langchain-core alone (no LangGraph) has no GraphInterrupt to import.
+    return any(cls.__name__ == "GraphInterrupt" for cls in type(error).__mro__)
+
+
+def _interrupt_values(error: BaseException) -> list[Any]:
+    found = error.args[0] if error.args else ()
+    interrupts = found if isinstance(found, (list, tuple)) else (found,)
+    return [_jsonable({"value": getattr(item, "value", item), "id": getattr(item, "id", None)})
+            for item in interrupts]
+
+
+class _Run:
+    """One root run (one loop): its open turn and reply, and what it recorded already.
+
+    The loop starts at the run's first model call, whose model and provider are the
+    loop's config (a graph names no model when it starts), or at the run's end if it
+    made none.
+    """
+
+    __slots__ = ("handoff", "interrupts", "key", "lock", "loop", "metadata", "parent_tool", "pending",
+                 "recorded", "reply", "turn")
+
+    def __init__(self, key: UUID, metadata: Mapping[str, Any] | None, parent_tool: ToolScope | None) -> None:
+        self.key = key
+        self.metadata = metadata
+        self.parent_tool = parent_tool
+        self.lock = threading.Lock()  # tools of a step call back from several threads
+        self.loop: LoopScope | None = None
+        self.turn: TurnScope | None = None
+        self.reply: MessageScope | None = None
+        self.pending: list[AgentMessage] = []  # input that came before the loop started
+        self.recorded: set[str] = set()
+        """Tool call ids whose results the loop recorded (not new inputs of the next turn)."""
+        self.interrupts: list[Any] = []
+        self.handoff = False
+        """A tool handed the run over (a ``Command`` with ``goto``): the next model call is
+        the next agent's, in a loop continuing this one."""
+
+    def end_turn(self) -> None:
+        turn, self.turn, self.reply = self.turn, None, None
+        if turn is not None and turn.running:
+            turn.end()
+
+    def new_inputs(self, messages: Sequence[BaseMessage], timestamp: int) -> list[AgentMessage]:
+        """The messages after the last AI message that the loop has not recorded yet."""
+        start = 0
+        for index in range(len(messages) - 1, -1, -1):
+            if isinstance(messages[index], AIMessage):
+                start = index + 1
+                break
+        inputs: list[AgentMessage] = []
+        for message in messages[start:]:
+            if isinstance(message, ToolMessage) and message.tool_call_id in self.recorded:
+                continue
+            converted = _request_message(message, timestamp)
+            if converted is not None:
+                inputs.append(converted)
+        return inputs
+
+
+_NO_MODEL = LoopConfigSnapshot(model="none", provider="langchain")
+"""The config of a run that called no model (a resumed run that only ran a node, say)."""
+
+
+class _Mapper:
+    """LangChain callbacks -> adapter core and instrumentation scopes; shared by the sync
+    and async handlers."""
+
+    def __init__(self, core: AdapterCore, capture_requests: bool) -> None:
+        self.core = core
+        self.capture_requests = capture_requests
+        self._runs: dict[UUID, _Run] = {}  # every run id under a recorded root run -> its _Run
+        self._roots: dict[UUID, _Run] = {}
+        self._replies: dict[UUID, tuple[_Run, MessageScope]] = {}
+        self._tools: dict[UUID, tuple[_Run, ToolScope, Token[RunningTool | None]]] = {}
+
+    # -- loops ---------------------------------------------------------------------------------
+
+    def _loop(self, run: _Run, config: LoopConfigSnapshot) -> LoopScope:
+        """The run's loop, started now if it has not started yet."""
+        loop = run.loop
+        if loop is not None:
+            return loop
+        metadata = run.metadata or {}
+        thread = metadata.get("thread_id")
+        checkpoint = metadata.get("checkpoint_id")
+        # The parent tool is marked as running here too: a sub-agent found by its parent
+        # run id is found when an async handler ran the tool's start in another context.
+        token = enter_tool(run.parent_tool) if run.parent_tool is not None else None
+        try:
+            started = self.core.start_run(
+                run.key, config, framework_session_id=None if thread is None else str(thread),
+                kind=None if checkpoint is None else ContinuationKind.branch(str(checkpoint)))
+        finally:
+            if token is not None:
+                leave_tool(token)
+        loop = run.loop = started.loop
+        for message in run.pending:
+            loop.user(message)
+        run.pending.clear()
+        return loop
+
+    def _input(self, run: _Run, message: AgentMessage) -> None:
+        if run.loop is None:
+            run.pending.append(message)
+        else:
+            run.loop.user(message)
+
+    # -- chains (graphs, nodes, agents) -----------------------------------------------------
+
+    def chain_start(self, inputs: Any, run_id: UUID, parent_run_id: UUID | None,
+                    metadata: Mapping[str, Any] | None) -> None:
+        parent_tool = None
+        if parent_run_id is not None:
+            tool = self._tools.get(parent_run_id)
+            if tool is None:
+                run = self._runs.get(parent_run_id)
+                if run is not None:
+                    self._runs[run_id] = run
+                return
+            parent_tool = tool[1]  # a graph run inside a tool: a sub-agent
+        run = _Run(run_id, metadata, parent_tool)
+        self._roots[run_id] = self._runs[run_id] = run
+        resume = getattr(inputs, "resume", None)
+        if resume is not None and type(inputs).__name__ == "Command":
+            # LangGraph's Command(resume=...): the answer to the interrupt is the run's input.
+            run.pending.append(ExtensionMessage(kind="langgraph.resume", data=_jsonable(resume)))
+
+    def chain_end(self, run_id: UUID) -> None:
+        run = self._runs.pop(run_id, None)
+        if run is not None and self._roots.pop(run_id, None) is not None:
+            self._end(run, None)
+
+    def chain_error(self, error: BaseException, run_id: UUID) -> None:
+        run = self._runs.pop(run_id, None)
+        if run is None:
+            return
+        interrupted = _is_interrupt(error)
+        if interrupted:
+            with run.lock:
+                run.interrupts.extend(_interrupt_values(error))
+        if self._roots.pop(run_id, None) is not None:
+            self._end(run, None if interrupted else error)
+
+    def _end(self, run: _Run, error: BaseException | None) -> None:
+        with run.lock:
+            loop = self._loop(run, _NO_MODEL)
+            if error is None:
+                run.end_turn()
+                if run.interrupts:
+                    loop.user(ExtensionMessage(kind="langgraph.interrupt", data=run.interrupts))
+        self.core.end_run(run.key, error)
+
+    # -- chat models -------------------------------------------------------------------------
+
+    def chat_model_start(self, messages: Sequence[Sequence[BaseMessage]], run_id: UUID,
+                         parent_run_id: UUID | None, metadata: Mapping[str, Any] | None,
+                         params: Mapping[str, Any] | None) -> None:
+        run = self._runs.get(parent_run_id) if parent_run_id is not None else None
+        if run is None:
+            if parent_run_id is not None:
+                return  # under a run this handler does not record
+            run = _Run(run_id, metadata, None)  # a bare model call is a loop of its own
+            self._roots[run_id] = run
+        metadata = metadata or {}
+        params = params or {}
+        # A model without a name (a fake, a custom class) goes by its LangChain type.
+        model = str(metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
+                    or params.get("_type") or "unknown")
+        provider = str(metadata.get("ls_provider") or "langchain")
+        history = messages[0] if messages else ()
+        with run.lock:
+            run.end_turn()
+            loop = run.loop
+            if loop is None:
+                loop = self._loop(run, LoopConfigSnapshot(model=model, provider=provider))
+            elif run.handoff:
+                run.handoff = False
+                successor = self.core.handoff(run.key, LoopConfigSnapshot(model=model, provider=provider))
+                if successor is not None:
+                    loop = run.loop = successor.loop
+            now = self.core.agent.millis()
+            for message in run.new_inputs(history, now):
+                loop.user(message)
+            request = _request(history, params, model, now) if self.capture_requests else None
+            turn = loop.turn(request=request).start()
+            reply = turn.assistant(model=model, provider=provider).start()
+            run.turn, run.reply = turn, reply
+        self._runs[run_id] = run
+        self._replies[run_id] = (run, reply)
+
+    def new_token(self, token: Any, chunk: Any, run_id: UUID) -> None:
+        found = self._replies.get(run_id)
+        if found is None:
+            return
+        reply = found[1]
+        message = getattr(chunk, "message", None)
+        if message is None or (isinstance(token, str) and token and isinstance(message.content, str)):
+            if isinstance(token, str) and token:
+                reply.text_delta(token)
+        else:
+            for standard in message.content_blocks:
+                block = cast("Mapping[str, Any]", standard)
+                kind = block.get("type")
+                if kind == "text" and block.get("text"):
+                    reply.text_delta(str(block["text"]))
+                elif kind == "reasoning" and block.get("reasoning"):
+                    reply.thinking_delta(str(block["reasoning"]))
+        for call in getattr(message, "tool_call_chunks", None) or ():
+            if call.get("args"):
+                reply.tool_call_delta(str(call["args"]))
+
+    def llm_end(self, response: LLMResult, run_id: UUID) -> None:
+        found = self._replies.pop(run_id, None)
+        self._runs.pop(run_id, None)
+        if found is None:
+            return
+        run, reply = found
+        generations = response.generations[0] if response.generations else []
+        message = getattr(generations[0], "message", None) if generations else None
+        with run.lock:
+            if not reply.running:
+                return
+            if not isinstance(message, AIMessage):  # a completion model: text only
+                text = generations[0].text if generations else ""
+                reply.finish(text)
+            else:
+                calls = _tool_calls(message)
+                model = message.response_metadata.get("model_name")
+                if isinstance(model, str) and model:
+                    reply.model = model
+                provider = message.response_metadata.get("model_provider")
+                if isinstance(provider, str) and provider:
+                    reply.provider = provider
+                reply.finish(_blocks(message), tool_calls=calls, usage=_usage(message.usage_metadata),
+                             stop_reason=_stop_reason(message, calls))
+        self._ended_alone(run_id, run)
+
+    def llm_error(self, error: BaseException, run_id: UUID) -> None:
+        found = self._replies.pop(run_id, None)
+        self._runs.pop(run_id, None)
+        if found is None:
+            return
+        run, reply = found
+        with run.lock:
+            if reply.running:
+                reply.end(error)
+        self._ended_alone(run_id, run, error)
+
+    def _ended_alone(self, run_id: UUID, run: _Run, error: BaseException | None = None) -> None:
+        """A bare model call (its own root run) ends its loop with it."""
+        if self._roots.pop(run_id, None) is not None:
+            self._end(run, error)
+
+    # -- tools -------------------------------------------------------------------------------
+
+    def tool_start(self, name: str, inputs: Any, run_id: UUID, parent_run_id: UUID | None,
+                   tool_call_id: str | None) -> None:
+        run = self._runs.get(parent_run_id) if parent_run_id is not None else None
+        if run is None:
+            return
+        with run.lock:
+            turn = run.turn
+            if turn is None or not turn.running:
+                logger.info("tool %s ran outside a model turn: not recorded", name)
+                return
+            call_id = tool_call_id or f"lc-{run_id}"
+            args = next((call.arguments for call in turn.tool_calls if call.id == call_id), None)
+            if args is None:
+                args = _jsonable(inputs)
+            tool = turn.tool(id=call_id, name=name, args=args).start()
+        self._runs[run_id] = run
+        self._tools[run_id] = (run, tool, enter_tool(tool))
+
+    def tool_end(self, output: Any, run_id: UUID) -> None:
+        found = self._tools.pop(run_id, None)
+        self._runs.pop(run_id, None)
+        if found is None:
+            return
+        run, tool, token = found
+        leave_tool(token)
+        handoff = False
+        if type(output).__name__ == "Command":  # LangGraph: a state update, maybe a handoff
+            handoff = bool(getattr(output, "goto", None))
+            output = _command_message(output, tool.tool_call_id)
+        content, is_error = _tool_output(output)
+        if is_error:
+            tool.error(content)
+        else:
+            tool.result(content)
+        with run.lock:
+            run.recorded.add(tool.tool_call_id)
+            run.handoff = run.handoff or handoff
+        tool.end()
+
+    def tool_error(self, error: BaseException, run_id: UUID) -> None:
+        found = self._tools.pop(run_id, None)
+        self._runs.pop(run_id, None)
+        if found is None:
+            return
+        run, tool, token = found
+        leave_tool(token)
+        if _is_interrupt(error):  # a tool asked for input: it did not fail, it has no result yet
+            with run.lock:
+                run.interrupts.extend(_interrupt_values(error))
+        with run.lock:
+            run.recorded.add(tool.tool_call_id)
+        tool.end(error)
+
+
+def _tool_name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> str:
+    name = kwargs.get("name") or (serialized or {}).get("name")
+    return name if isinstance(name, str) and name else "tool"
+
+
+class _Callbacks:
+    """What both handlers share: each callback hands its event to the mapper, and a fault
+    in the mapping is counted and reported once instead of reaching the run."""
+
+    def __init__(self, sink: SinkArg = None, *, capture_requests: bool = False, **options: Any) -> None:
+        self.core = AdapterCore("langchain", sink, **options)
+        self._mapper = _Mapper(self.core, capture_requests)
+
+    def close(self) -> None:
+        """End the runs still open (as failed) and flush the sinks; with the default sink,
+        save every session to the embedded store (also done at interpreter exit)."""
+        self.core.close()
+
+    def _call(self, method: Callable[..., None], *args: Any) -> None:
+        self._mapper.core.safely(method, *args)
+
+    def _chain_start(self, inputs: Any, run_id: UUID, parent_run_id: UUID | None,
+                     metadata: dict[str, Any] | None) -> None:
+        self._call(self._mapper.chain_start, inputs, run_id, parent_run_id, metadata)
+
+    def _chat_model_start(self, messages: list[list[BaseMessage]], run_id: UUID, parent_run_id: UUID | None,
+                          metadata: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:
+        self._call(self._mapper.chat_model_start, messages, run_id, parent_run_id, metadata,
+                   kwargs.get("invocation_params"))
+
+    def _tool_start(self, serialized: dict[str, Any] | None, inputs: Any, run_id: UUID,
+                    parent_run_id: UUID | None, kwargs: dict[str, Any]) -> None:
+        self._call(self._mapper.tool_start, _tool_name(serialized, kwargs), inputs, run_id, parent_run_id,
+                   kwargs.get("tool_call_id"))
+
+
+class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
+    """Records LangChain / LangGraph runs as phi-core sessions; put it in ``config["callbacks"]``.
+
+    * `sink`: a sink or a list of sinks (see `phi_session.sinks`); by default the
+      embedded store (`phi_session.stores.default_store`), each session saved as it
+      completes.
+    * `capture_requests`: also record each turn's ``TurnRequest`` (the messages sent
+      to the model, system prompt, bound tools): off by default, as it repeats the
+      whole history every turn.
+    * `options`: the `AdapterCore`'s (``store``, ``agent``, ``clock``, ``rotate_after``,
+      ``processors``, ``redact``).
+
+    Adapter faults are counted in ``core.fault_count`` and logged once; `close` saves
+    what is left.
+
+    The session is the run's ``configurable.thread_id`` (else this handler's own
+    session). Use `AsyncPhiCallbackHandler` with ``ainvoke``/``astream`` if you prefer
+    an async handler; this one also works there (it runs inline, never blocking).
+    """
+
+    run_inline = True
+    raise_error = False
+
+    def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
+                       parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None,
+                       **kwargs: Any) -> None:
+        self._chain_start(inputs, run_id, parent_run_id, metadata)
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.chain_end, run_id)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.chain_error, error, run_id)
+
+    def on_chat_model_start(self, serialized: dict[str, Any] | None, messages: list[list[BaseMessage]], *,
+                            run_id: UUID, parent_run_id: UUID | None = None,
+                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._chat_model_start(messages, run_id, parent_run_id, metadata, kwargs)
+
+    def on_llm_new_token(self, token: Any, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.new_token, token, chunk, run_id)
+
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.llm_end, response, run_id)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.llm_error, error, run_id)
+
+    def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
+                      parent_run_id: UUID | None = None, inputs: dict[str, Any] | None = None,
+                      **kwargs: Any) -> None:
+        self._tool_start(serialized, input_str if inputs is None else inputs, run_id, parent_run_id, kwargs)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.tool_end, output, run_id)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.tool_error, error, run_id)
+
+
+class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
+    """The async twin of `PhiCallbackHandler` (same arguments, same recording)."""
+
+    run_inline = True
+    raise_error = False
+
+    async def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
+                             parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None,
+                             **kwargs: Any) -> None:
+        self._chain_start(inputs, run_id, parent_run_id, metadata)
+
+    async def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.chain_end, run_id)
+
+    async def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.chain_error, error, run_id)
+
+    async def on_chat_model_start(self, serialized: dict[str, Any] | None, messages: list[list[BaseMessage]],
+                                  *, run_id: UUID, parent_run_id: UUID | None = None,
+                                  metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._chat_model_start(messages, run_id, parent_run_id, metadata, kwargs)
+
+    async def on_llm_new_token(self, token: Any, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.new_token, token, chunk, run_id)
+
+    async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.llm_end, response, run_id)
+
+    async def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.llm_error, error, run_id)
+
+    async def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
+                            parent_run_id: UUID | None = None, inputs: dict[str, Any] | None = None,
+                            **kwargs: Any) -> None:
+        self._tool_start(serialized, input_str if inputs is None else inputs, run_id, parent_run_id, kwargs)
+
+    async def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.tool_end, output, run_id)
+
+    async def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._call(self._mapper.tool_error, error, run_id)
+
+

@@ -1,0 +1,449 @@
+"""The LangChain / LangGraph adapter, end to end, offline: LangChain's fake chat model
+(with ``bind_tools``) through ``create_agent`` and a hand-built ``StateGraph`` with an
+in-memory checkpointer, sync and async, into a recorder and a store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Annotated, Any, TypedDict
+
+import pytest
+
+pytest.importorskip("langchain_core", reason="needs the extra: pip install 'phi-session[langchain]'")
+pytest.importorskip("langgraph", reason="needs the extra: pip install 'phi-session[langchain]'")
+pytest.importorskip("langchain.agents", reason="create_agent needs: pip install 'phi-session[test]'")
+
+from langchain.agents import create_agent
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.tools import InjectedToolCallId, ToolException, tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.types import Command, interrupt
+
+from phi_session import SessionRecorder, SqliteStore, codec
+from phi_session.adapters.langchain import AsyncPhiCallbackHandler, PhiCallbackHandler
+from phi_session.events import MessageUpdate, TurnRequest
+from phi_session.messages import (
+    AssistantMessage,
+    ExtensionMessage,
+    ToolCall,
+    ToolResultMessage,
+    Usage,
+    UserMessage,
+)
+from phi_session.model import Session
+
+
+class ScriptedChat(GenericFakeChatModel):
+    """LangChain's generic fake chat model, plus what an agent needs: ``bind_tools``, and
+    streaming that also streams the tool calls and the response's usage."""
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        message = next(self.messages)
+        assert isinstance(message, AIMessage)
+        if isinstance(message.content, list):  # content blocks (reasoning, text): one chunk each
+            chunks = [AIMessageChunk(content=[block]) for block in message.content]
+        else:
+            chunks = [AIMessageChunk(content=token) for token in re.split(r"(\s)", message.content) if token]
+        chunks += [AIMessageChunk(content="", tool_call_chunks=[
+            {"name": call["name"], "args": json.dumps(call["args"]), "id": call["id"], "index": index}])
+            for index, call in enumerate(message.tool_calls)]
+        chunks.append(AIMessageChunk(content="", usage_metadata=message.usage_metadata,
+                                     response_metadata=message.response_metadata, chunk_position="last"))
+        for chunk in chunks:
+            generation = ChatGenerationChunk(message=chunk)
+            if run_manager and (chunk.content or chunk.tool_call_chunks):
+                run_manager.on_llm_new_token(str(chunk.content), chunk=generation)
+            yield generation
+
+
+def usage(inputs: int, output: int) -> dict[str, Any]:
+    return {"input_tokens": inputs, "output_tokens": output, "total_tokens": inputs + output}
+
+
+def reply(text: str = "", *calls: tuple[str, str, dict[str, Any]], tokens: tuple[int, int] = (10, 5),
+          model: str = "fake-1") -> AIMessage:
+    return AIMessage(content=text, tool_calls=[{"id": i, "name": n, "args": a} for i, n, a in calls],
+                     usage_metadata=usage(*tokens),  # type: ignore[arg-type]
+                     response_metadata={"model_name": model, "model_provider": "fake"})
+
+
+def chat(*replies: AIMessage) -> ScriptedChat:
+    return ScriptedChat(messages=iter(replies))
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+@tool
+def flaky(x: str) -> str:
+    """Fails with a tool error the agent sees."""
+    raise ToolException(f"no {x}")
+
+
+flaky.handle_tool_error = True
+
+
+@tool
+def explode(x: str) -> str:
+    """Fails with an exception that ends the run."""
+    raise RuntimeError(f"boom {x}")
+
+
+def recorded(recorder: SessionRecorder) -> dict[str, Session]:
+    """The recorder's sessions, each checked to re-encode byte-identical."""
+    recorder.flush()
+    sessions = {}
+    for session in recorder.drain_completed():
+        data = codec.encode_session(session)
+        assert codec.encode_session(codec.decode_session(data)) == data
+        sessions[session.session_id] = session
+    return sessions
+
+
+def messages_of(session: Session, index: int = 0) -> list[Any]:
+    return list(session.loops[index].messages)
+
+
+# -- create_agent ---------------------------------------------------------------------------------
+
+
+def test_create_agent_tools_usage_and_model_per_response() -> None:
+    recorder = SessionRecorder()
+    model = chat(reply("", ("c1", "add", {"a": 1, "b": 2}), ("c2", "flaky", {"x": "y"}), tokens=(10, 5)),
+                 reply("It is 3", tokens=(20, 3)))
+    agent = create_agent(model, tools=[add, flaky], checkpointer=InMemorySaver())
+    out = agent.invoke({"messages": [("user", "add 1 2")]},
+                       {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "t1"}})
+    assert out["messages"][-1].content == "It is 3"
+
+    session = recorded(recorder)["t1"]
+    (loop,) = session.loops
+    assert loop.status == "Completed" and loop.turn_count() == 2
+    user, first, *results, last = loop.messages
+    assert isinstance(user, UserMessage) and user.content[0].text == "add 1 2"  # type: ignore[union-attr]
+    assert isinstance(first, AssistantMessage) and first.stop_reason == "toolUse"
+    assert [b for b in first.content if isinstance(b, ToolCall)] == [
+        ToolCall(id="c1", name="add", arguments={"a": 1, "b": 2}),
+        ToolCall(id="c2", name="flaky", arguments={"x": "y"})]
+    assert (first.model, first.provider) == ("fake-1", "fake")
+    by_id = {r.tool_call_id: r for r in results}
+    assert isinstance(by_id["c1"], ToolResultMessage) and by_id["c1"].content[0].text == "3"  # type: ignore[union-attr]
+    assert by_id["c2"].is_error and not by_id["c1"].is_error
+    assert isinstance(last, AssistantMessage) and last.stop_reason == "stop"
+    # usage per response, summed by the recorder (never a run total)
+    assert (loop.usage.input, loop.usage.output, loop.usage.total_tokens) == (30, 8, 38)
+
+
+def test_a_second_run_in_the_thread_continues_the_first_and_the_store_loads_it(tmp_path: Any) -> None:
+    recorder = SessionRecorder()
+    handler = PhiCallbackHandler([recorder])
+    agent = create_agent(chat(reply("one"), reply("two")), tools=[add], checkpointer=InMemorySaver())
+    config: Any = {"callbacks": [handler], "configurable": {"thread_id": "thread-a"}}
+    agent.invoke({"messages": [("user", "first")]}, config)
+    agent.invoke({"messages": [("user", "second")]}, config)
+
+    session = recorded(recorder)["thread-a"]
+    first, second = session.loops
+    assert second.parent_loop_id == first.loop_id and second.kind.kind == "Default"
+    # only the new input is the second loop's input: the history is the first loop's
+    assert [m.content[0].text for m in second.messages if isinstance(m, UserMessage)] == ["second"]  # type: ignore[union-attr]
+    with SqliteStore(tmp_path / "s.db") as store:
+        store.save(session)
+        loaded = store.load("thread-a")
+    assert codec.encode_session(loaded) == codec.encode_session(session)
+
+
+def test_a_thread_id_that_is_no_session_id_becomes_a_uuid_keeping_the_original() -> None:
+    recorder = SessionRecorder()
+    agent = create_agent(chat(reply("hi")), tools=[])
+    agent.invoke({"messages": [("user", "x")]},
+                 {"callbacks": [PhiCallbackHandler([recorder])],
+                  "configurable": {"thread_id": "user/42.chat"}})
+    (session,) = recorded(recorder).values()
+    assert session.session_id != "user/42.chat"
+    assert session.loops[0].metadata["framework_session_id"] == "user/42.chat"
+
+
+def test_streaming_tokens_and_tool_call_chunks_become_message_updates() -> None:
+    recorder = SessionRecorder()
+    events: list[Any] = []
+    model = chat(reply("let me add", ("c1", "add", {"a": 1, "b": 2})), reply("It is 3"))
+    agent = create_agent(model, tools=[add])
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder, events.append])]}
+    chunks = list(agent.stream({"messages": [("user", "add")]}, config, stream_mode="messages"))
+    assert chunks
+    deltas = [(e.delta.kind, e.delta.delta) for e in events if isinstance(e, MessageUpdate)]
+    assert ("Text", "let") in deltas and ("ToolCallDelta", '{"a": 1, "b": 2}') in deltas
+    assert "".join(t for k, t in deltas if k == "Text") == "let me addIt is 3"
+    (session,) = recorded(recorder).values()
+    assert session.loops[0].turn_count() == 2
+
+
+def test_streamed_reasoning_and_text_blocks() -> None:
+    events: list[Any] = []
+    model = chat(AIMessage(content=[{"type": "reasoning", "reasoning": "think"},
+                                    {"type": "text", "text": "answer"}]))
+    chunks = list(model.stream("hi", {"callbacks": [PhiCallbackHandler([events.append])]}))
+    assert len(chunks) == 3
+    deltas = [(e.delta.kind, e.delta.delta) for e in events if isinstance(e, MessageUpdate)]
+    assert deltas == [("Thinking", "think"), ("Text", "answer")]
+    (end,) = [e for e in events if type(e).__name__ == "TurnEnd"]
+    assert [type(b).__name__ for b in end.message.content] == ["ThinkingContent", "TextContent"]
+
+
+def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
+    recorder = SessionRecorder()
+    inner = create_agent(chat(reply("inner answer", tokens=(7, 2))), tools=[], name="researcher")
+
+    @tool
+    def research(q: str) -> str:
+        """Ask the research agent."""
+        return str(inner.invoke({"messages": [("user", q)]})["messages"][-1].content)
+
+    outer = create_agent(chat(reply("", ("c9", "research", {"q": "why"})), reply("done")), tools=[research])
+    outer.invoke({"messages": [("user", "go")]}, {"callbacks": [PhiCallbackHandler([recorder])],
+                                                  "configurable": {"thread_id": "outer"}})
+    sessions = recorded(recorder)
+    parent = sessions.pop("outer")
+    (child,) = sessions.values()
+    child_loop = child.loops[0]
+    assert child_loop.parent_loop_id == parent.loops[0].loop_id
+    assert child_loop.turns[0].triggered_by == "SubAgent"
+    assert [ref.child_loop_id for ref in parent.loops[0].child_loop_refs] == [child_loop.loop_id]
+    assert child_loop.usage.total_tokens == 9 and parent.loops[0].usage.total_tokens == 30  # no double count
+
+
+def test_an_exception_ends_the_loop_aborted_and_reaches_the_host_unchanged() -> None:
+    recorder = SessionRecorder()
+    agent = create_agent(chat(reply("", ("c1", "explode", {"x": "y"}))), tools=[explode])
+    with pytest.raises(RuntimeError, match="boom y"):
+        agent.invoke({"messages": [("user", "go")]}, {"callbacks": [PhiCallbackHandler([recorder])]})
+    (session,) = recorded(recorder).values()
+    loop = session.loops[0]
+    assert loop.status == "Aborted" and "boom y" in (loop.error or "")
+    (result,) = [m for m in loop.messages if isinstance(m, ToolResultMessage)]
+    assert result.is_error
+
+
+def test_two_concurrent_runs_in_threads_keep_their_own_loops() -> None:
+    recorder = SessionRecorder()
+    handler = PhiCallbackHandler([recorder])
+    barrier = threading.Barrier(2)
+
+    @tool
+    def meet(who: str) -> str:
+        """Waits for the other run, so both are mid-run at once."""
+        barrier.wait(timeout=10)
+        return f"met {who}"
+
+    def run(name: str) -> None:
+        agent = create_agent(chat(reply("", (f"c-{name}", "meet", {"who": name})), reply(f"bye {name}")),
+                             tools=[meet])
+        agent.invoke({"messages": [("user", name)]},
+                     {"callbacks": [handler], "configurable": {"thread_id": f"run-{name}"}})
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sessions = recorded(recorder)
+    for name in ("a", "b"):
+        loop = sessions[f"run-{name}"].loops[0]
+        assert loop.status == "Completed" and loop.turn_count() == 2
+        texts = [b.text for m in loop.messages for b in m.content if hasattr(b, "text")]  # type: ignore[union-attr]
+        assert texts == [name, f"met {name}", f"bye {name}"]
+
+
+def test_async_runs_with_the_async_handler_interleave_correctly() -> None:
+    recorder = SessionRecorder()
+    handler = AsyncPhiCallbackHandler([recorder])
+
+    async def run(name: str) -> None:
+        agent = create_agent(chat(reply("", (f"c-{name}", "add", {"a": 1, "b": 1})), reply(f"bye {name}")),
+                             tools=[add])
+        await agent.ainvoke({"messages": [("user", name)]},
+                            {"callbacks": [handler], "configurable": {"thread_id": f"async-{name}"}})
+
+    async def both() -> None:
+        await asyncio.gather(run("a"), run("b"))
+
+    asyncio.run(both())
+    sessions = recorded(recorder)
+    for name in ("a", "b"):
+        loop = sessions[f"async-{name}"].loops[0]
+        assert loop.status == "Completed" and loop.turn_count() == 2
+        assert loop.messages[-1].content[0].text == f"bye {name}"  # type: ignore[union-attr]
+
+
+def test_capture_requests_records_the_turn_request() -> None:
+    events: list[Any] = []
+    agent = create_agent(chat(reply("", ("c1", "add", {"a": 1, "b": 2})), reply("3")), tools=[add],
+                         system_prompt="You add.")
+    agent.invoke({"messages": [("user", "add")]},
+                 {"callbacks": [PhiCallbackHandler([events.append], capture_requests=True)]})
+    requests = [e for e in events if isinstance(e, TurnRequest)]
+    assert len(requests) == 2
+    first = requests[0].payload
+    assert first.system_prompt == "You add." and [t.name for t in first.tools] == ["add"]
+    assert len(requests[1].payload.messages) == 3  # user, assistant with the call, tool result
+
+
+def test_an_adapter_fault_never_reaches_the_host(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from phi_session.adapters import langchain as adapter
+
+    def broken(*args: Any) -> Any:
+        raise ValueError("adapter bug")
+
+    monkeypatch.setattr(adapter, "_tool_calls", broken)
+    recorder = SessionRecorder()
+    handler = PhiCallbackHandler([recorder])
+    agent = create_agent(chat(reply("", ("c1", "add", {"a": 1, "b": 2})), reply("3")), tools=[add])
+    out = agent.invoke({"messages": [("user", "add")]}, {"callbacks": [handler]})
+    assert out["messages"][-1].content == "3"  # the run went on, its result unchanged
+    assert handler.core.fault_count == 2  # both model replies
+    faults = [r for r in caplog.records if "adapter bug" in r.getMessage() or "ValueError" in r.getMessage()]
+    assert len(faults) == 1  # reported once, then counted
+    recorded(recorder)  # what was recorded still loads
+
+
+# -- a hand-built StateGraph with a checkpointer ------------------------------------------------------
+
+
+class State(TypedDict):
+    messages: Annotated[list[BaseMessage], add_messages]
+
+
+def approval_graph(model: ScriptedChat) -> Any:
+    def call(state: State) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    def ask(state: State) -> dict[str, Any]:
+        answer = interrupt({"question": "approve?"})
+        return {"messages": [HumanMessage(content=f"approved: {answer}")]}
+
+    graph = StateGraph(State)
+    graph.add_node("call", call)
+    graph.add_node("ask", ask)
+    graph.add_edge(START, "call")
+    graph.add_edge("call", "ask")
+    graph.add_edge("ask", END)
+    return graph.compile(checkpointer=InMemorySaver())
+
+
+def test_state_graph_interrupt_resume_and_time_travel() -> None:
+    recorder = SessionRecorder()
+    app = approval_graph(chat(reply("draft"), reply("redraft")))
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "g1"}}
+    out = app.invoke({"messages": [("user", "write")]}, config)
+    assert "__interrupt__" in out
+    app.invoke(Command(resume="yes"), config)
+    fork = list(app.get_state_history({"configurable": {"thread_id": "g1"}}))[-2].config
+    app.invoke(None, {**fork, "callbacks": config["callbacks"]})
+
+    session = recorded(recorder)["g1"]
+    interrupted, resumed, branch = session.loops
+    assert interrupted.status == "Completed"
+    (mark,) = [m for m in interrupted.messages if isinstance(m, ExtensionMessage)]
+    assert mark.kind == "langgraph.interrupt" and mark.data[0]["value"] == {"question": "approve?"}
+    assert resumed.parent_loop_id == interrupted.loop_id and resumed.kind.kind == "Default"
+    assert any(isinstance(m, ExtensionMessage) and m.kind == "langgraph.resume" and m.data == "yes"
+               for m in resumed.messages)
+    assert branch.kind.kind == "Branch" and branch.kind.tag == fork["configurable"]["checkpoint_id"]
+
+
+def test_state_graph_async_with_the_sync_handler() -> None:
+    recorder = SessionRecorder()
+    app = approval_graph(chat(reply("draft")))
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "g2"}}
+    out = asyncio.run(app.ainvoke({"messages": [("user", "write")]}, config))
+    assert "__interrupt__" in out
+    loop = recorded(recorder)["g2"].loops[0]
+    assert loop.status == "Completed" and loop.turn_count() == 1
+
+
+def test_a_bare_model_call_is_a_loop_of_its_own_with_its_usage_split() -> None:
+    recorder = SessionRecorder()
+    answer = AIMessage(content="hello", usage_metadata={  # LangChain's input_tokens include the cache's
+        "input_tokens": 100, "output_tokens": 10, "total_tokens": 110,
+        "input_token_details": {"cache_read": 60, "cache_creation": 20},
+        "output_token_details": {"reasoning": 4}})
+    chat(answer).invoke("hi", {"callbacks": [PhiCallbackHandler([recorder])]})
+    (session,) = recorded(recorder).values()
+    loop = session.loops[0]
+    assert loop.turn_count() == 1
+    assert loop.usage == Usage(input=20, output=10, reasoning=4, cache_read=60, cache_write=20,
+                               total_tokens=110)
+
+
+def test_importing_the_adapter_without_langchain_names_the_pip_install() -> None:
+    code = ("import sys; sys.modules['langchain_core'] = None\n"
+            "try:\n    import phi_session.adapters.langchain\nexcept ImportError as error:\n"
+            "    print(type(error).__name__, error)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("MissingExtra ") and "pip install 'phi-session[langchain]'" in out
+
+
+def test_the_example_records_into_a_store_and_a_restart_continues_the_session(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "adapter_langchain.py"
+    monkeypatch.setattr(sys, "argv", ["adapter_langchain.py", str(tmp_path / "sessions.db")])
+    for _ in range(2):  # a second process run: loop ids go on from the stored ones
+        runpy.run_path(str(example), run_name="__main__")
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0].rsplit(".", 1)[1] for line in printed[2:]] == ["1", "2", "3", "4"]
+    assert all(" Completed " in line and "2 turns 900 tokens" in line for line in printed)
+    assert printed[-1].split()[2] == "Default"
+
+
+def test_a_handoff_between_agents_ends_the_loop_and_the_next_agent_continues_it() -> None:
+    @tool
+    def transfer_to_bob(tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:
+        """Hand the conversation to Bob."""
+        return Command(goto="bob", graph=Command.PARENT, update={"messages": [
+            ToolMessage(content="Bob takes over", tool_call_id=tool_call_id)]})
+
+    alice = create_agent(chat(reply("", ("h1", "transfer_to_bob", {}), model="alice-model")),
+                         tools=[transfer_to_bob], name="alice")
+    bob = create_agent(chat(reply("Bob here", model="bob-model")), tools=[], name="bob")
+    graph = StateGraph(State)
+    graph.add_node("alice", alice, destinations=("bob",))
+    graph.add_node("bob", bob)
+    graph.add_edge(START, "alice")
+    graph.add_edge("bob", END)
+    recorder = SessionRecorder()
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "team"}}
+    out = graph.compile().invoke({"messages": [("user", "help")]}, config)
+    assert out["messages"][-1].content == "Bob here"
+
+    first, second = recorded(recorder)["team"].loops
+    assert first.status == second.status == "Completed"
+    assert second.parent_loop_id == first.loop_id and second.kind.kind == "Default"
+    (result,) = [m for m in first.messages if isinstance(m, ToolResultMessage)]
+    assert result.content[0].text == "Bob takes over"  # type: ignore[union-attr]
+    assert [m.model for m in second.messages if isinstance(m, AssistantMessage)] == ["bob-model"]
+    assert "Bob takes over" not in str(second.messages)  # recorded once, in the first loop
