@@ -31,9 +31,11 @@ def report(framework: str, bare: float, floor: float, adapter: float) -> None:
     """One framework's medians (seconds per run) and the targets' verdicts."""
     vs_bare, vs_floor = adapter / bare, adapter / floor
     ok = vs_bare <= 1.10 and vs_floor <= 1.05
-    print(f"{framework:14} bare {bare * 1e3:7.2f} ms  floor {floor * 1e3:7.2f} ms ({floor / bare:.2f}x)  "
-          f"adapter {adapter * 1e3:7.2f} ms ({vs_bare:.2f}x bare, floor +{(vs_floor - 1) * 100:.1f}%)  "
-          f"{'PASS' if ok else 'MISS'}")
+    print(
+        f"{framework:14} bare {bare * 1e3:7.2f} ms  floor {floor * 1e3:7.2f} ms ({floor / bare:.2f}x)  "
+        f"adapter {adapter * 1e3:7.2f} ms ({vs_bare:.2f}x bare, floor +{(vs_floor - 1) * 100:.1f}%)  "
+        f"{'PASS' if ok else 'MISS'}"
+    )
 
 
 async def medians_async(runs: int, variants: list[Callable[[int], Awaitable[object]]]) -> list[float]:
@@ -54,9 +56,11 @@ async def medians_async(runs: int, variants: list[Callable[[int], Awaitable[obje
 
 def medians(runs: int, variants: list[Callable[[], object]]) -> list[float]:
     """`medians_async` for frameworks whose runs are plain calls."""
+
     def awaitable(run: Callable[[], object]) -> Callable[[int], Awaitable[object]]:
         async def one(i: int) -> object:
             return run()
+
         return one
 
     return asyncio.run(medians_async(runs, [awaitable(run) for run in variants]))
@@ -78,8 +82,10 @@ def bench_openai_agents(runs: int) -> None:
         """Look a key up."""
         return key.upper()
 
-    steps: list[Any] = [[function_call("lookup", {"key": f"{turn}.{i}"}, call_id=f"call-{turn}-{i}")
-                         for i in range(TOOLS)] for turn in range(TURNS)]
+    steps: list[Any] = [
+        [function_call("lookup", {"key": f"{turn}.{i}"}, call_id=f"call-{turn}-{i}") for i in range(TOOLS)]
+        for turn in range(TURNS)
+    ]
     steps.append([assistant_message("done")])
     model = ScriptedModel(emit_traces=True)
     agent = Agent(name="bench", model=model, tools=[lookup])
@@ -177,13 +183,19 @@ def bench_google_adk(runs: int) -> None:
     def appender(callback: str, argument: str) -> Callable[..., Awaitable[None]]:
         async def append(self: NoOpPlugin, **kwargs: Any) -> None:
             self.seen.append((callback, kwargs[argument]))
+
         return append
 
     for callback, argument in [
-            ("before_run_callback", "invocation_context"), ("after_run_callback", "invocation_context"),
-            ("after_agent_callback", "agent"), ("before_model_callback", "llm_request"),
-            ("after_model_callback", "llm_response"), ("on_event_callback", "event"),
-            ("before_tool_callback", "tool_args"), ("after_tool_callback", "result")]:
+        ("before_run_callback", "invocation_context"),
+        ("after_run_callback", "invocation_context"),
+        ("after_agent_callback", "agent"),
+        ("before_model_callback", "llm_request"),
+        ("after_model_callback", "llm_response"),
+        ("on_event_callback", "event"),
+        ("before_tool_callback", "tool_args"),
+        ("after_tool_callback", "result"),
+    ]:
         setattr(NoOpPlugin, callback, appender(callback, argument))
 
     def runner(plugins: list[BasePlugin]) -> InMemoryRunner:
@@ -230,8 +242,10 @@ def bench_pydantic_ai(runs: int) -> None:
         turn = sum(1 for message in messages if isinstance(message, ModelResponse))
         usage = RequestUsage(input_tokens=100, output_tokens=20)
         if turn < TURNS:
-            calls = [ToolCallPart("lookup", {"key": f"{turn}.{i}"}, tool_call_id=f"c{turn}.{i}")
-                     for i in range(TOOLS)]
+            calls = [
+                ToolCallPart("lookup", {"key": f"{turn}.{i}"}, tool_call_id=f"c{turn}.{i}")
+                for i in range(TOOLS)
+            ]
             return ModelResponse(parts=[TextPart("checking"), *calls], usage=usage)
         return ModelResponse(parts=[TextPart("done")], usage=usage)
 
@@ -264,8 +278,9 @@ def bench_pydantic_ai(runs: int) -> None:
                 self.seen.append(("tools done", result))
             return result
 
-        async def wrap_tool_execute(self, ctx: Any, *, call: Any, tool_def: Any, args: Any,
-                                    handler: Any) -> Any:
+        async def wrap_tool_execute(
+            self, ctx: Any, *, call: Any, tool_def: Any, args: Any, handler: Any
+        ) -> Any:
             self.seen.append(("tool", call))
             result = await handler(args)
             self.seen.append(("tool end", result))
@@ -282,7 +297,10 @@ def bench_pydantic_ai(runs: int) -> None:
     async def all_three() -> list[float]:
         recorder = SessionRecorder()
         capabilities: list[list[AbstractCapability[Any]]] = [
-            [], [NoOpCapability()], [PhiCapability(recorder)]]
+            [],
+            [NoOpCapability()],
+            [PhiCapability(recorder)],
+        ]
         medians = await medians_async(runs, [variant(c) for c in capabilities])
         loops = sum(len(s.loops) for s in recorder.sessions())
         assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
@@ -314,9 +332,16 @@ def bench_langchain(runs: int) -> None:
         def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
             return self
 
-    replies = [AIMessage(content="", usage_metadata=usage, tool_calls=[
-        {"id": f"c{turn}.{i}", "name": "lookup", "args": {"key": f"{turn}.{i}"}} for i in range(TOOLS)])
-        for turn in range(TURNS)]
+    replies = [
+        AIMessage(
+            content="",
+            usage_metadata=usage,
+            tool_calls=[
+                {"id": f"c{turn}.{i}", "name": "lookup", "args": {"key": f"{turn}.{i}"}} for i in range(TOOLS)
+            ],
+        )
+        for turn in range(TURNS)
+    ]
     model = FakeModel(messages=itertools.cycle([*replies, AIMessage(content="done", usage_metadata=usage)]))
 
     @tool
@@ -335,11 +360,21 @@ def bench_langchain(runs: int) -> None:
     def appender(callback: str) -> Callable[..., None]:
         def append(self: NoOp, *args: Any, **kwargs: Any) -> None:
             self.seen.append((callback, kwargs["run_id"]))
+
         return append
 
-    for callback in ("on_chain_start", "on_chain_end", "on_chain_error", "on_chat_model_start",
-                     "on_llm_new_token", "on_llm_end", "on_llm_error", "on_tool_start", "on_tool_end",
-                     "on_tool_error"):
+    for callback in (
+        "on_chain_start",
+        "on_chain_end",
+        "on_chain_error",
+        "on_chat_model_start",
+        "on_llm_new_token",
+        "on_llm_end",
+        "on_llm_error",
+        "on_tool_start",
+        "on_tool_end",
+        "on_tool_error",
+    ):
         setattr(NoOp, callback, appender(callback))
 
     agent = create_agent(model, tools=[lookup])
@@ -358,8 +393,9 @@ def bench_langchain(runs: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
     print(f"median CPU time per run of {args.runs} runs, {TURNS} turns x {TOOLS} tools")

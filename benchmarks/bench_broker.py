@@ -60,15 +60,25 @@ def producer_side(url: str, runs: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         jsonl = _per_event(lambda: JsonlSink(Path(tmp) / f"{uuid.uuid4().hex}.jsonl"), events, runs)
         stream = f"BENCH_{uuid.uuid4().hex[:10]}"
-        broker = _per_event(lambda: JetStreamSink(url, stream=stream, subject_prefix=stream.lower(),
-                                                  buffer=len(events) + 1, spill_dir=Path(tmp) / "spill"),
-                            events, runs)
+        broker = _per_event(
+            lambda: JetStreamSink(
+                url,
+                stream=stream,
+                subject_prefix=stream.lower(),
+                buffer=len(events) + 1,
+                spill_dir=Path(tmp) / "spill",
+            ),
+            events,
+            runs,
+        )
         asyncio.run(_delete_stream(url, stream))
     print(f"producer side, W1 ({len(events):,} events), best of {runs}:")
     print(f"  JsonlSink      {jsonl:6.2f} us/event")
     verdict = "PASS" if broker <= 2 * jsonl else "MISS"
-    print(f"  JetStreamSink  {broker:6.2f} us/event  ({broker / jsonl:.2f}x the JSONL sink; target <= 2x) "
-          f"{verdict}")
+    print(
+        f"  JetStreamSink  {broker:6.2f} us/event  ({broker / jsonl:.2f}x the JSONL sink; target <= 2x) "
+        f"{verdict}"
+    )
 
 
 def _produce(url: str, stream: str, seed: int, sessions: int, spill: str) -> None:
@@ -80,8 +90,12 @@ def _produce(url: str, stream: str, seed: int, sessions: int, spill: str) -> Non
 
 def _worker(url: str, store: str, stream: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PHI_SESSION_NATS_STREAM": stream, "PHI_SESSION_NATS_SUBJECT_PREFIX": stream.lower()}
-    return subprocess.Popen([sys.executable, "-c", "from phi_session.cli import main; main()", "ingest", url,
-                             "--store", store], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from phi_session.cli import main; main()", "ingest", url, "--store", store],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _lag(url: str, dsn: str, schema: str, stream: str) -> tuple[int, int]:
@@ -101,8 +115,10 @@ def end_to_end(url: str, dsn: str, workers: int, sessions: int, *, kill: bool = 
     running = [_worker(url, store, stream) for _ in range(workers)]
     time.sleep(1.0)  # the workers are up and hold their partitions
     started = time.perf_counter()
-    producers = [multiprocessing.Process(target=_produce, args=(url, stream, 100 + n, sessions, spill))
-                 for n in range(PRODUCERS)]
+    producers = [
+        multiprocessing.Process(target=_produce, args=(url, stream, 100 + n, sessions, spill))
+        for n in range(PRODUCERS)
+    ]
     for process in producers:
         process.start()
     restarted_at = lag_at_restart = None
@@ -131,8 +147,10 @@ def end_to_end(url: str, dsn: str, workers: int, sessions: int, *, kill: bool = 
     label += ", one SIGKILLed and restarted" if kill else ""
     print(f"  {label}: {total_events:,} events in {elapsed:.1f} s = {total_events / elapsed:,.0f} events/s")
     if restarted_at is not None and lag_at_restart is not None:
-        print(f"    lag when the killed worker came back: {lag_at_restart[0]:,} in the stream, "
-              f"{lag_at_restart[1]:,} staged; 0 after {finished - restarted_at:.1f} s")
+        print(
+            f"    lag when the killed worker came back: {lag_at_restart[0]:,} in the stream, "
+            f"{lag_at_restart[1]:,} staged; 0 after {finished - restarted_at:.1f} s"
+        )
     asyncio.run(_delete_stream(url, stream))
     import psycopg
 
@@ -155,17 +173,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--url", default="nats://127.0.0.1:4222")
-    parser.add_argument("--dsn", default=os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN",
-                                                        "postgresql://postgres@127.0.0.1:5432/test"))
-    parser.add_argument("--sessions", type=int, default=workload.W1 // PRODUCERS,
-                        help="sessions per producer (default: W1 between the 4 producers)")
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=workload.W1 // PRODUCERS,
+        help="sessions per producer (default: W1 between the 4 producers)",
+    )
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs")
     producer_side(args.url, args.runs)
     print(f"end to end, {PRODUCERS} producers x {args.sessions} sessions:")
     one, two = (end_to_end(args.url, args.dsn, workers, args.sessions) for workers in (1, 2))
-    verdict = "PASS" if two >= 1.5 * one else f"MISS (CPU-bound: {os.cpu_count()} CPUs run the producers, " \
+    verdict = (
+        "PASS"
+        if two >= 1.5 * one
+        else f"MISS (CPU-bound: {os.cpu_count()} CPUs run the producers, "
         "nats-server, PostgreSQL and the workers)"
+    )
     print(f"  2 workers / 1 worker: {two / one:.2f}x (target >= 1.5x where the machine allows) {verdict}")
     end_to_end(args.url, args.dsn, 2, args.sessions, kill=True)
 

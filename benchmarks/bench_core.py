@@ -265,12 +265,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     on_json_w2 = timing("W2 decode+record (on_json + flush)", n2)
     null_w2 = timing("W2 null: orjson.loads + append", n2)
     print("recorder and null recorder, W1 and W2 ", end="", file=sys.stderr, flush=True)
-    best_of(repeat, [
-        (on_json_w1, lambda: record_lines(w1)),
-        (null_w1, lambda: null_record(w1)),
-        (on_json_w2, lambda: record_lines(w2)),
-        (null_w2, lambda: null_record(w2)),
-    ])
+    best_of(
+        repeat,
+        [
+            (on_json_w1, lambda: record_lines(w1)),
+            (null_w1, lambda: null_record(w1)),
+            (on_json_w2, lambda: record_lines(w2)),
+            (null_w2, lambda: null_record(w2)),
+        ],
+    )
 
     # The full job: record, then write every session; against null decode+append+dumps.
     full = timing("on_json + flush + drain + encode all")
@@ -294,19 +297,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     w1_bytes = sum(map(len, w1))
     deltas = sum(1 for line in w1 if line.startswith(b'{"type":"MessageUpdate"'))
     print()
-    print(f"phi-session core benchmark: best of {repeat}, GC on; Python {platform.python_version()}, "
-          f"msgspec {msgspec.__version__}, orjson {orjson.__version__}")
-    print(f"W1: {workload.W1} sessions, {n1:,} events, {w1_bytes / 1e6:.1f} MB "
-          f"(MessageUpdate: {deltas / n1:.0%} of events); W2: {workload.W2} sessions, {n2:,} events")
+    print(
+        f"phi-session core benchmark: best of {repeat}, GC on; Python {platform.python_version()}, "
+        f"msgspec {msgspec.__version__}, orjson {orjson.__version__}"
+    )
+    print(
+        f"W1: {workload.W1} sessions, {n1:,} events, {w1_bytes / 1e6:.1f} MB "
+        f"(MessageUpdate: {deltas / n1:.0%} of events); W2: {workload.W2} sessions, {n2:,} events"
+    )
     print(f"W1 session files: {session_count} sessions, {encoded_bytes / 1e6:.1f} MB")
     print()
-    print(f"{'measurement (W1 unless W2)':<40} {'events':>9} {'best ms':>9} {'events/s':>11} "
-          f"{'gc':>5} {'sys':>5}")
+    print(
+        f"{'measurement (W1 unless W2)':<40} {'events':>9} {'best ms':>9} {'events/s':>11} "
+        f"{'gc':>5} {'sys':>5}"
+    )
     print("-" * 84)
-    for row in (decode_lax, decode_strict_, on_event, on_json_w1, encode, full, null_w1, null_dump,
-                on_json_w2, null_w2):
-        print(f"{row.label:<40} {row.count:>9,} {row.seconds * 1e3:>9.1f} {row.rate:>11,.0f} "
-              f"{row.gc_seconds / row.seconds:>5.0%} {row.sys_seconds / row.seconds:>5.0%}")
+    for row in (
+        decode_lax,
+        decode_strict_,
+        on_event,
+        on_json_w1,
+        encode,
+        full,
+        null_w1,
+        null_dump,
+        on_json_w2,
+        null_w2,
+    ):
+        print(
+            f"{row.label:<40} {row.count:>9,} {row.seconds * 1e3:>9.1f} {row.rate:>11,.0f} "
+            f"{row.gc_seconds / row.seconds:>5.0%} {row.sys_seconds / row.seconds:>5.0%}"
+        )
     print("encode: W1 input events per second of encoding all W1 sessions. gc: share of the best run")
     print("spent in the cyclic GC; sys: system CPU share (page faults of new memory).")
 
@@ -315,15 +336,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     speedup_full = null_dump.seconds / full.seconds
     growth = on_json_w2.per_event / on_json_w1.per_event
     growth_no_gc = ((on_json_w2.seconds - on_json_w2.gc_seconds) / n2) / (
-        (on_json_w1.seconds - on_json_w1.gc_seconds) / n1)
+        (on_json_w1.seconds - on_json_w1.gc_seconds) / n1
+    )
     growth_no_sys = ((on_json_w2.seconds - on_json_w2.sys_seconds) / n2) / (
-        (on_json_w1.seconds - on_json_w1.sys_seconds) / n1)
+        (on_json_w1.seconds - on_json_w1.sys_seconds) / n1
+    )
     null_growth = null_w2.per_event / null_w1.per_event
     print(f"{'target':<54} {'value':>8} {'goal':>9}")
     print("-" * 84)
     print_target("null recorder time / on_json time", f"{speedup:.2f}x", ">= 3x", speedup >= 3)
-    print_target("null+dumps time / (on_json+flush+drain+encode) time", f"{speedup_full:.2f}x", ">= 2x",
-                 speedup_full >= 2)
+    print_target(
+        "null+dumps time / (on_json+flush+drain+encode) time",
+        f"{speedup_full:.2f}x",
+        ">= 2x",
+        speedup_full >= 2,
+    )
     print_target("W2/W1 per-event cost of on_json", f"{growth:.3f}", "<= 1.10", growth <= 1.10)
     print_target("  diagnostic: the same without the time spent in GC", f"{growth_no_gc:.3f}", "", None)
     print_target("  diagnostic: the same without system time", f"{growth_no_sys:.3f}", "", None)
@@ -334,8 +361,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("-" * 84)
     for label, size in (("recorder after flush", held), ("recorder + drained sessions", drained)):
         per_event = size / n1
-        print_target(label, f"{per_event:,.0f} B", f"< {PHI_CORE_BYTES_PER_EVENT}",
-                     per_event < PHI_CORE_BYTES_PER_EVENT)
+        print_target(
+            label,
+            f"{per_event:,.0f} B",
+            f"< {PHI_CORE_BYTES_PER_EVENT}",
+            per_event < PHI_CORE_BYTES_PER_EVENT,
+        )
     print_target("reference: null recorder (dicts)", f"{null_held / n1:,.0f} B", "", None)
     print_target("reference: input JSON", f"{w1_bytes / n1:,.0f} B", "", None)
     print(f"(phi-core holds about {PHI_CORE_BYTES_PER_EVENT} B per input event)")

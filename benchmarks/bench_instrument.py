@@ -165,12 +165,15 @@ def play(script: Sequence[SessionScript], tracers: dict[str, Tracer], requests: 
                 for turn_script in loop_script.turns:
                     request = None
                     if requests is not None:
-                        request = _payload(session.config, conversation[sent if requests == "delta" else 0:])
+                        request = _payload(session.config, conversation[sent if requests == "delta" else 0 :])
                         sent = len(conversation)
                     with loop.turn(request=request) as turn:
                         with turn.assistant() as reply:
-                            stream = {"Text": reply.text_delta, "Thinking": reply.thinking_delta,
-                                      "ToolCallDelta": reply.tool_call_delta}
+                            stream = {
+                                "Text": reply.text_delta,
+                                "Thinking": reply.thinking_delta,
+                                "ToolCallDelta": reply.tool_call_delta,
+                            }
                             for kind, piece in turn_script.deltas:
                                 stream[kind](piece)
                             reply.finish(tool_calls=turn_script.calls, usage=turn_script.usage)
@@ -181,21 +184,37 @@ def play(script: Sequence[SessionScript], tracers: dict[str, Tracer], requests: 
                     conversation.extend(turn.tool_results)
 
 
-_SYSTEM_PROMPT = ("You are a careful coding agent. Read the code before changing it, run the tests "
-                  "after every change, and explain what you did in a few sentences.")
+_SYSTEM_PROMPT = (
+    "You are a careful coding agent. Read the code before changing it, run the tests "
+    "after every change, and explain what you did in a few sentences."
+)
 _TOOL_DEFINITIONS = tuple(
-    ToolDefinition(name=name, description=f"The {name.replace('_', ' ')} tool.",
-                   parameters={"type": "object", "properties": {"path": {"type": "string"},
-                               "query": {"type": "string"}, "max_results": {"type": "integer"}},
-                               "required": ["path"]})
+    ToolDefinition(
+        name=name,
+        description=f"The {name.replace('_', ' ')} tool.",
+        parameters={
+            "type": "object",
+            "properties": {
+                "path": {"type": "string"},
+                "query": {"type": "string"},
+                "max_results": {"type": "integer"},
+            },
+            "required": ["path"],
+        },
+    )
     for name in ("read_file", "grep", "run_tests", "list_dir", "web_search")
 )
 
 
 def _payload(config: LoopConfigSnapshot, messages: Sequence[Any]) -> AnnotatedRequestPayload:
     return AnnotatedRequestPayload(
-        system_prompt=_SYSTEM_PROMPT, messages=tuple(messages), provenance=(), tools=_TOOL_DEFINITIONS,
-        model_id=config.model, thinking_level="medium", max_tokens=config.max_tokens,
+        system_prompt=_SYSTEM_PROMPT,
+        messages=tuple(messages),
+        provenance=(),
+        tools=_TOOL_DEFINITIONS,
+        model_id=config.model,
+        thinking_level="medium",
+        max_tokens=config.max_tokens,
         response_format=TextFormat(),
     )
 
@@ -233,8 +252,14 @@ def _ms() -> int:
 
 
 def _usage(u: Usage) -> dict[str, int]:
-    return {"input": u.input, "output": u.output, "reasoning": u.reasoning, "cache_read": u.cache_read,
-            "cache_write": u.cache_write, "total_tokens": u.total_tokens}
+    return {
+        "input": u.input,
+        "output": u.output,
+        "reasoning": u.reasoning,
+        "cache_read": u.cache_read,
+        "cache_write": u.cache_write,
+        "total_tokens": u.total_tokens,
+    }
 
 
 def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
@@ -246,56 +271,130 @@ _ZERO = _usage(Usage(input=0, output=0))
 
 def _config(config: LoopConfigSnapshot) -> dict[str, Any]:
     return {
-        "model": config.model, "provider": config.provider, "config_id": config.config_id,
-        "name": config.name, "api": config.api, "base_url": config.base_url, "reasoning": config.reasoning,
-        "context_window": config.context_window, "max_tokens": config.max_tokens,
+        "model": config.model,
+        "provider": config.provider,
+        "config_id": config.config_id,
+        "name": config.name,
+        "api": config.api,
+        "base_url": config.base_url,
+        "reasoning": config.reasoning,
+        "context_window": config.context_window,
+        "max_tokens": config.max_tokens,
         "thinking_level": config.thinking_level,
     }
 
 
 def _null_tool(events: list[dict[str, Any]], loop_id: str, call: ToolCall, output: str) -> dict[str, Any]:
-    events.append({"type": "ToolExecutionStart", "loop_id": loop_id, "tool_call_id": call.id,
-                   "tool_name": call.name, "args": call.arguments})
+    events.append(
+        {
+            "type": "ToolExecutionStart",
+            "loop_id": loop_id,
+            "tool_call_id": call.id,
+            "tool_name": call.name,
+            "args": call.arguments,
+        }
+    )
     content = [{"type": "text", "text": output}]
-    events.append({"type": "ToolExecutionEnd", "loop_id": loop_id, "tool_call_id": call.id,
-                   "tool_name": call.name, "result": {"content": content, "details": None},
-                   "is_error": False, "child_loop_id": None})
-    result = {"role": "toolResult", "toolCallId": call.id, "toolName": call.name, "content": content,
-              "isError": False, "timestamp": _ms()}
+    events.append(
+        {
+            "type": "ToolExecutionEnd",
+            "loop_id": loop_id,
+            "tool_call_id": call.id,
+            "tool_name": call.name,
+            "result": {"content": content, "details": None},
+            "is_error": False,
+            "child_loop_id": None,
+        }
+    )
+    result = {
+        "role": "toolResult",
+        "toolCallId": call.id,
+        "toolName": call.name,
+        "content": content,
+        "isError": False,
+        "timestamp": _ms(),
+    }
     events.append({"type": "MessageStart", "loop_id": loop_id, "message": result})
     events.append({"type": "MessageEnd", "loop_id": loop_id, "message": result})
     return result
 
 
-def _null_turn(events: list[dict[str, Any]], messages: list[dict[str, Any]], loop_id: str, index: int,
-               turn: TurnScript, prompt: str | None, config: dict[str, Any]) -> dict[str, int]:
-    events.append({"type": "TurnStart", "loop_id": loop_id, "turn_index": index, "timestamp": _now(),
-                   "triggered_by": "User" if index == 0 else "Continuation"})
+def _null_turn(
+    events: list[dict[str, Any]],
+    messages: list[dict[str, Any]],
+    loop_id: str,
+    index: int,
+    turn: TurnScript,
+    prompt: str | None,
+    config: dict[str, Any],
+) -> dict[str, int]:
+    events.append(
+        {
+            "type": "TurnStart",
+            "loop_id": loop_id,
+            "turn_index": index,
+            "timestamp": _now(),
+            "triggered_by": "User" if index == 0 else "Continuation",
+        }
+    )
     if prompt is not None:
         message = {"role": "user", "content": [{"type": "text", "text": prompt}], "timestamp": _ms()}
         events.append({"type": "MessageStart", "loop_id": loop_id, "message": message})
         events.append({"type": "MessageEnd", "loop_id": loop_id, "message": message})
         messages.append(message)
-    placeholder = {"role": "assistant", "content": [], "stopReason": "stop", "model": config["model"],
-                   "provider": "", "usage": _ZERO, "timestamp": _ms()}
+    placeholder = {
+        "role": "assistant",
+        "content": [],
+        "stopReason": "stop",
+        "model": config["model"],
+        "provider": "",
+        "usage": _ZERO,
+        "timestamp": _ms(),
+    }
     events.append({"type": "MessageStart", "loop_id": loop_id, "message": placeholder})
     for kind, piece in turn.deltas:
-        events.append({"type": "MessageUpdate", "loop_id": loop_id, "message": placeholder,
-                       "delta": {kind: {"delta": piece}}})
+        events.append(
+            {
+                "type": "MessageUpdate",
+                "loop_id": loop_id,
+                "message": placeholder,
+                "delta": {kind: {"delta": piece}},
+            }
+        )
     usage = _usage(turn.usage)
-    content: list[dict[str, Any]] = [{"type": "thinking", "thinking": turn.thinking},
-                                     {"type": "text", "text": turn.text}]
-    content += [{"type": "toolCall", "id": c.id, "name": c.name, "arguments": c.arguments}
-                for c in turn.calls]
-    final = {"role": "assistant", "content": content, "stopReason": "toolUse" if turn.calls else "stop",
-             "model": config["model"], "provider": config["provider"], "usage": usage, "timestamp": _ms()}
+    content: list[dict[str, Any]] = [
+        {"type": "thinking", "thinking": turn.thinking},
+        {"type": "text", "text": turn.text},
+    ]
+    content += [
+        {"type": "toolCall", "id": c.id, "name": c.name, "arguments": c.arguments} for c in turn.calls
+    ]
+    final = {
+        "role": "assistant",
+        "content": content,
+        "stopReason": "toolUse" if turn.calls else "stop",
+        "model": config["model"],
+        "provider": config["provider"],
+        "usage": usage,
+        "timestamp": _ms(),
+    }
     events.append({"type": "MessageEnd", "loop_id": loop_id, "message": final})
-    results = [_null_tool(events, loop_id, call, output)
-               for call, output in zip(turn.calls, turn.outputs, strict=True)]
+    results = [
+        _null_tool(events, loop_id, call, output)
+        for call, output in zip(turn.calls, turn.outputs, strict=True)
+    ]
     turn_id = {"loopId": loop_id, "turnIndex": index}
     stamped = {**final, "turnId": turn_id}
-    events.append({"type": "TurnEnd", "loop_id": loop_id, "message": stamped, "usage": usage,
-                   "timestamp": _now(), "tool_results": results})
+    events.append(
+        {
+            "type": "TurnEnd",
+            "loop_id": loop_id,
+            "message": stamped,
+            "usage": usage,
+            "timestamp": _now(),
+            "tool_results": results,
+        }
+    )
     messages.append(stamped)
     messages.extend({**r, "turnId": turn_id} for r in results)
     return usage
@@ -311,20 +410,35 @@ def null_producer(script: Sequence[SessionScript]) -> list[str]:
         for n, loop_script in enumerate(session.loops, 1):
             loop_id = f"{session_id}.{session.config.config_id}.{n}"
             events: list[dict[str, Any]] = loops.setdefault(loop_id, [])
-            events.append({
-                "type": "AgentStart", "agent_id": session.agent_id, "session_id": session_id,
-                "loop_id": loop_id, "parent_loop_id": first_id,
-                "continuation_kind": "Initial" if first_id is None else "Default",
-                "timestamp": _now(), "metadata": None, "config_snapshot": config,
-            })
+            events.append(
+                {
+                    "type": "AgentStart",
+                    "agent_id": session.agent_id,
+                    "session_id": session_id,
+                    "loop_id": loop_id,
+                    "parent_loop_id": first_id,
+                    "continuation_kind": "Initial" if first_id is None else "Default",
+                    "timestamp": _now(),
+                    "metadata": None,
+                    "config_snapshot": config,
+                }
+            )
             first_id = first_id or loop_id
             messages: list[dict[str, Any]] = []
             total = _ZERO
             for index, turn in enumerate(loop_script.turns):
                 prompt = loop_script.prompt if index == 0 else None
                 total = _add(total, _null_turn(events, messages, loop_id, index, turn, prompt, config))
-            events.append({"type": "AgentEnd", "loop_id": loop_id, "messages": messages, "usage": total,
-                           "timestamp": _now(), "rejection": None})
+            events.append(
+                {
+                    "type": "AgentEnd",
+                    "loop_id": loop_id,
+                    "messages": messages,
+                    "usage": total,
+                    "timestamp": _now(),
+                    "rejection": None,
+                }
+            )
     dumps = json.dumps
     return [dumps(events) for events in loops.values()]
 
@@ -422,16 +536,30 @@ def agents_sdk_peer(path: Path) -> Callable[[Sequence[SessionScript], Requests],
                                 start = sent if requests == "delta" else 0
                                 inputs = conversation[start:] if requests is not None else []
                                 sent = len(conversation)
-                                reply = {"role": "assistant", "content": turn_script.text,
-                                         "reasoning": turn_script.thinking,
-                                         "tool_calls": [{"id": c.id, "type": "function", "function": {
-                                             "name": c.name, "arguments": json.dumps(c.arguments)}}
-                                             for c in turn_script.calls]}
+                                reply = {
+                                    "role": "assistant",
+                                    "content": turn_script.text,
+                                    "reasoning": turn_script.thinking,
+                                    "tool_calls": [
+                                        {
+                                            "id": c.id,
+                                            "type": "function",
+                                            "function": {
+                                                "name": c.name,
+                                                "arguments": json.dumps(c.arguments),
+                                            },
+                                        }
+                                        for c in turn_script.calls
+                                    ],
+                                }
                                 with tracing.generation_span(
-                                    input=inputs, model=session.config.model,
+                                    input=inputs,
+                                    model=session.config.model,
                                     model_config={"max_tokens": session.config.max_tokens},
-                                    usage={"input_tokens": turn_script.usage.input,
-                                           "output_tokens": turn_script.usage.output},
+                                    usage={
+                                        "input_tokens": turn_script.usage.input,
+                                        "output_tokens": turn_script.usage.output,
+                                    },
                                 ) as generation:
                                     generation.span_data.output = [reply]
                                 conversation.append(reply)
@@ -439,8 +567,9 @@ def agents_sdk_peer(path: Path) -> Callable[[Sequence[SessionScript], Requests],
                                     arguments = json.dumps(call.arguments)
                                     with tracing.function_span(call.name, input=arguments) as function:
                                         function.span_data.output = output
-                                    conversation.append({"role": "tool", "tool_call_id": call.id,
-                                                         "content": output})
+                                    conversation.append(
+                                        {"role": "tool", "tool_call_id": call.id, "content": output}
+                                    )
         finally:
             processor.shutdown()
             tracing.set_trace_processors([])
@@ -511,14 +640,18 @@ def realistic(repeat: int, directory: Path) -> None:
         run_peer = peer
         rows["peer"] = Clock("OpenAI Agents SDK tracing -> JSONL processor", n1)
         rows["peer_delta"] = Clock("  Agents SDK, delta-only inputs", n1)
-        operations += [(rows["peer"], lambda: run_peer(script, "history")),
-                       (rows["peer_delta"], lambda: run_peer(script, "delta"))]
+        operations += [
+            (rows["peer"], lambda: run_peer(script, "history")),
+            (rows["peer_delta"], lambda: run_peer(script, "delta")),
+        ]
     interleaved(repeat, operations)
 
     print()
-    print(f"issue 11 workload: {len(script)} sessions x {workload.LOOPS_PER_SESSION} loops x "
-          f"{workload.TURNS_PER_LOOP} turns, a TurnRequest per turn with the conversation so far; "
-          f"redactor on, every chunk kept; best of {repeat} interleaved, CPU time (all threads)")
+    print(
+        f"issue 11 workload: {len(script)} sessions x {workload.LOOPS_PER_SESSION} loops x "
+        f"{workload.TURNS_PER_LOOP} turns, a TurnRequest per turn with the conversation so far; "
+        f"redactor on, every chunk kept; best of {repeat} interleaved, CPU time (all threads)"
+    )
     print()
     print(f"{'measurement':<48} {'wall ms':>9} {'cpu ms':>9} {'events/s':>11}")
     print("-" * 80)
@@ -530,22 +663,28 @@ def realistic(repeat: int, directory: Path) -> None:
     else:
         for key, target in (("memory", REALISTIC_TARGETS["memory"]), ("sqlite", REALISTIC_TARGETS["sqlite"])):
             ratio = rows["peer"].cpu / rows[key].cpu
-            print(f"{rows[key].label + ' vs peer':<64} {ratio:>6.2f}x  goal >= {target}x  "
-                  f"{'PASS' if ratio >= target else 'MISS'}")
+            print(
+                f"{rows[key].label + ' vs peer':<64} {ratio:>6.2f}x  goal >= {target}x  "
+                f"{'PASS' if ratio >= target else 'MISS'}"
+            )
         for key in ("memory_delta", "sqlite_delta"):
             ratio = rows["peer_delta"].cpu / rows[key].cpu
             print(f"{rows[key].label + ' vs peer, delta-only':<64} {ratio:>6.2f}x")
     per_event = stored / n1
     goal = REALISTIC_TARGETS["bytes_per_event"]
-    print(f"{'SQLite bytes stored per event':<64} {per_event:>7.0f}  goal <= {goal:.0f}  "
-          f"{'PASS' if per_event <= goal else 'MISS'}")
+    print(
+        f"{'SQLite bytes stored per event':<64} {per_event:>7.0f}  goal <= {goal:.0f}  "
+        f"{'PASS' if per_event <= goal else 'MISS'}"
+    )
     print(f"{'  same, delta-only requests':<64} {stored_delta / n1:>7.0f}")
     goal = REALISTIC_TARGETS["growth"]
     scaled = (("on_json", "on_json", "on_json_w2"), ("producer path", "memory", "producer_w2"))
     for label, small, big in scaled:
         growth = rows[big].per_event() / rows[small].per_event()
-        print(f"{'per-event cost, 1,000 vs 100 sessions: ' + label:<64} {growth:>6.2f}x  goal <= {goal}x  "
-              f"{'PASS' if growth <= goal else 'MISS'}")
+        print(
+            f"{'per-event cost, 1,000 vs 100 sessions: ' + label:<64} {growth:>6.2f}x  goal <= {goal}x  "
+            f"{'PASS' if growth <= goal else 'MISS'}"
+        )
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -567,8 +706,12 @@ def best_of(repeat: int, fn: Callable[[], object]) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="best of 2 instead of 5")
-    parser.add_argument("--part", choices=("all", "producer", "realistic"), default="all",
-                        help="the issue-4 producer rows, the issue-11 realistic rows, or both")
+    parser.add_argument(
+        "--part",
+        choices=("all", "producer", "realistic"),
+        default="all",
+        help="the issue-4 producer rows, the issue-11 realistic rows, or both",
+    )
     args = parser.parse_args(argv)
     repeat = 2 if args.quick else 5
     if args.part != "realistic":
@@ -600,8 +743,10 @@ def producer(repeat: int) -> None:
 
     print()
     print(f"phi-session producer benchmark: best of {repeat}, GC on; Python {platform.python_version()}")
-    print(f"W1: {len(script)} sessions, {events:,} events ({workload.DELTAS_PER_TURN} deltas per turn); "
-          f"encoded sessions: {sum(map(len, encoded)) / 1e6:.1f} MB")
+    print(
+        f"W1: {len(script)} sessions, {events:,} events ({workload.DELTAS_PER_TURN} deltas per turn); "
+        f"encoded sessions: {sum(map(len, encoded)) / 1e6:.1f} MB"
+    )
     print()
     print(f"{'measurement':<46} {'best ms':>9} {'events/s':>11}")
     print("-" * 68)
@@ -609,8 +754,10 @@ def producer(repeat: int) -> None:
         print(f"{label:<46} {seconds * 1e3:>9.1f} {events / seconds:>11,.0f}")
     print()
     ratio = t_null / t_api
-    print(f"{'null producer time / instrumented time':<46} {ratio:>8.2f}x  goal >= {TARGET}x  "
-          f"{'PASS' if ratio >= TARGET else 'MISS'}")
+    print(
+        f"{'null producer time / instrumented time':<46} {ratio:>8.2f}x  goal >= {TARGET}x  "
+        f"{'PASS' if ratio >= TARGET else 'MISS'}"
+    )
     print(f"{'  same, recorder keeping deltas':<46} {t_null / t_api_deltas:>8.2f}x")
 
 

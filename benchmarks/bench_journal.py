@@ -55,6 +55,7 @@ def _bare(feed: str, data: list[AgentEvent] | list[bytes]) -> Callable[[], float
             apply(item)
         recorder.flush()
         return time.perf_counter() - started
+
     return once
 
 
@@ -72,14 +73,17 @@ def _journaled(feed: str, data: list[AgentEvent] | list[bytes], policy: Durabili
             elapsed = time.perf_counter() - started
             journal.close()  # the final fsync is not part of recording
             return elapsed
+
     return once
 
 
 def bench_recording(runs: int) -> bool:
     events = list(workload.events(workload.W1))
     lines = workload.lines(workload.W1)
-    print(f"W1: {len(events)} events ({sum(map(len, lines)) / 1e6:.1f} MB of JSON lines), "
-          f"{runs} interleaved rounds ({max(1, runs // 2)} for 'always')\n")
+    print(
+        f"W1: {len(events)} events ({sum(map(len, lines)) / 1e6:.1f} MB of JSON lines), "
+        f"{runs} interleaved rounds ({max(1, runs // 2)} for 'always')\n"
+    )
     print(f"{'feed':<9} {'recorder':<18} {'best s':>7} {'events/s':>10} {'overhead':>9} {'median':>8}")
     met = True
     for feed, data in (("on_json", lines), ("on_event", events)):
@@ -100,13 +104,17 @@ def bench_recording(runs: int) -> bool:
                 met = overhead <= TARGET
             shown = ("", "") if name == "bare" else (f"{overhead:+8.0%}", f"{median:+7.0%}")
             print(f"{feed:<9} {name:<18} {best:7.3f} {len(data) / best:10,.0f} {shown[0]:>9} {shown[1]:>8}")
-    print(f"\ninterval policy on the on_json path (best of runs): {'meets' if met else 'MISSES'} the "
-          f"{TARGET:.0%} overhead target")
-    print("notes: on_event records pre-built events, which costs the bare recorder ~0.5 us/event\n"
-          "(deltas are dropped, the rest kept by reference); journaling must serialise each kept\n"
-          "event (codec.encode_event), which alone costs more than that. On on_json, the overhead\n"
-          "is the journal's own work: queueing each kept event under the recorder's lock, then\n"
-          "framing, CRC-32 and writing it in the flusher thread (which shares the GIL).")
+    print(
+        f"\ninterval policy on the on_json path (best of runs): {'meets' if met else 'MISSES'} the "
+        f"{TARGET:.0%} overhead target"
+    )
+    print(
+        "notes: on_event records pre-built events, which costs the bare recorder ~0.5 us/event\n"
+        "(deltas are dropped, the rest kept by reference); journaling must serialise each kept\n"
+        "event (codec.encode_event), which alone costs more than that. On on_json, the overhead\n"
+        "is the journal's own work: queueing each kept event under the recorder's lock, then\n"
+        "framing, CRC-32 and writing it in the flusher thread (which shares the GIL)."
+    )
     return met
 
 
@@ -120,7 +128,8 @@ def bench_persist(count: int, with_journal: bool) -> None:
         tracemalloc.start()
         started = time.perf_counter()
         recorder = AutoPersistingRecorder(
-            store, journal=Path(directory) / "journal" if with_journal else None)
+            store, journal=Path(directory) / "journal" if with_journal else None
+        )
         heap = {}
         for index, event in enumerate(_small_sessions(count), 1):
             recorder.on_event(event)
@@ -138,16 +147,21 @@ def bench_persist(count: int, with_journal: bool) -> None:
         store.close()
     tenth, full = heap[count // 10], heap[count]
     label = "with journal" if with_journal else "no journal"
-    print(f"auto-persist {count:,} events ({label}): {elapsed:.1f} s under tracemalloc, "
-          f"{saved:,} sessions stored, {stats['backpressure_waits']:.0f} backpressure waits "
-          f"({stats['backpressure_seconds']:.1f} s blocked)")
-    print(f"  heap after 10%: {tenth / 1e6:.2f} MB, after 100%: {full / 1e6:.2f} MB "
-          f"(difference {(full - tenth) / 1e3:+.0f} kB), peak {peak / 1e6:.2f} MB")
+    print(
+        f"auto-persist {count:,} events ({label}): {elapsed:.1f} s under tracemalloc, "
+        f"{saved:,} sessions stored, {stats['backpressure_waits']:.0f} backpressure waits "
+        f"({stats['backpressure_seconds']:.1f} s blocked)"
+    )
+    print(
+        f"  heap after 10%: {tenth / 1e6:.2f} MB, after 100%: {full / 1e6:.2f} MB "
+        f"(difference {(full - tenth) / 1e3:+.0f} kB), peak {peak / 1e6:.2f} MB"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--persist-events", type=int, default=1_000_000)
     parser.add_argument("--skip-persist", action="store_true")

@@ -72,8 +72,14 @@ def sdk_recreate(spans: list[ReadableSpan], exporter: SpanExporter) -> None:
     tracer = provider.get_tracer("bench")
     for span in spans:
         context = set_span_in_context(NonRecordingSpan(span.parent)) if span.parent is not None else None
-        made = tracer.start_span(span.name, context=context, kind=span.kind, attributes=span.attributes,
-                                 links=span.links, start_time=span.start_time)
+        made = tracer.start_span(
+            span.name,
+            context=context,
+            kind=span.kind,
+            attributes=span.attributes,
+            links=span.links,
+            start_time=span.start_time,
+        )
         for event in span.events:
             made.add_event(event.name, event.attributes, event.timestamp)
         made.set_status(span.status)
@@ -96,8 +102,9 @@ def through_endpoint(payloads: list[bytes], root: Path) -> float:
     started = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=120)
     for payload in payloads:
-        connection.request("POST", "/v1/traces", body=payload,
-                           headers={"Content-Type": "application/x-protobuf"})
+        connection.request(
+            "POST", "/v1/traces", body=payload, headers={"Content-Type": "application/x-protobuf"}
+        )
         response = connection.getresponse()
         response.read()
         assert response.status == 200, response.status
@@ -110,15 +117,28 @@ def through_endpoint(payloads: list[bytes], root: Path) -> float:
 
 def through_record(stream: Path, root: Path) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from phi_session.cli import main; main()", "record", str(stream),
-                    "--dir", str(root / "store"), "--json"], check=True, capture_output=True,
-                   env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from phi_session.cli import main; main()",
+            "record",
+            str(stream),
+            "--dir",
+            str(root / "store"),
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+    )
     return time.perf_counter() - started
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     lines = workload.lines(workload.W1)
@@ -130,11 +150,13 @@ def main() -> None:
     ours = best(args.runs, lambda: [export_session(s, exporter) for s in sessions])
     sdk = best(args.runs, lambda: sdk_recreate(spans, NullExporter()))
     ratio = ours / sdk
-    print(f"export:  {ours * 1e3:8.1f} ms ({len(spans) / ours:,.0f} spans/s); SDK creating the same spans "
-          f"{sdk * 1e3:8.1f} ms; ratio {ratio:.2f}x (target <= 1.2x): {'PASS' if ratio <= 1.2 else 'MISS'}")
+    print(
+        f"export:  {ours * 1e3:8.1f} ms ({len(spans) / ours:,.0f} spans/s); SDK creating the same spans "
+        f"{sdk * 1e3:8.1f} ms; ratio {ratio:.2f}x (target <= 1.2x): {'PASS' if ratio <= 1.2 else 'MISS'}"
+    )
 
     content = [span for session in sessions for span in session_spans(session, capture_content=True)]
-    payloads = [encode_spans(content[i:i + 512]).SerializeToString() for i in range(0, len(content), 512)]
+    payloads = [encode_spans(content[i : i + 512]).SerializeToString() for i in range(0, len(content), 512)]
     with tempfile.TemporaryDirectory() as folder:
         stream = Path(folder) / "w1.jsonl"
         stream.write_bytes(b"\n".join(lines) + b"\n")
@@ -144,10 +166,12 @@ def main() -> None:
             record_times.append(through_record(stream, Path(folder) / f"record{run}"))
     endpoint, record = min(endpoint_times), min(record_times)
     ratio = endpoint / record
-    print(f"ingest:  endpoint {endpoint:6.2f} s ({len(content) / endpoint:,.0f} spans/s, "
-          f"{len(lines) / endpoint:,.0f} events/s, {sum(map(len, payloads)) / 1e6:.1f} MB protobuf); "
-          f"phi-session record {record:6.2f} s ({len(lines) / record:,.0f} events/s); ratio {ratio:.2f}x "
-          f"(target <= 3x): {'PASS' if ratio <= 3 else 'MISS'}")
+    print(
+        f"ingest:  endpoint {endpoint:6.2f} s ({len(content) / endpoint:,.0f} spans/s, "
+        f"{len(lines) / endpoint:,.0f} events/s, {sum(map(len, payloads)) / 1e6:.1f} MB protobuf); "
+        f"phi-session record {record:6.2f} s ({len(lines) / record:,.0f} events/s); ratio {ratio:.2f}x "
+        f"(target <= 3x): {'PASS' if ratio <= 3 else 'MISS'}"
+    )
 
 
 if __name__ == "__main__":

@@ -121,8 +121,9 @@ def load_all(store: SessionStore, ids: Sequence[str]) -> None:
         store.load(session_id)
 
 
-def throughput(open_store: Callable[[Path], Any], sessions: Sequence[Session], root: Path,
-               repeat: int) -> dict[str, float]:
+def throughput(
+    open_store: Callable[[Path], Any], sessions: Sequence[Session], root: Path, repeat: int
+) -> dict[str, float]:
     """Best-of-`repeat` seconds for save (into an empty store), re-save and load of `sessions`."""
     best: dict[str, float] = {}
     ids = [session.session_id for session in sessions]
@@ -140,7 +141,8 @@ def throughput(open_store: Callable[[Path], Any], sessions: Sequence[Session], r
 
 def print_throughput(results: dict[str, dict[str, float] | str], count: int, size: int) -> None:
     header = f"{'store':<10}" + "".join(
-        f"{name + ' MB/s':>14}{name + ' ses/s':>15}" for name in ("save", "re-save", "load"))
+        f"{name + ' MB/s':>14}{name + ' ses/s':>15}" for name in ("save", "re-save", "load")
+    )
     print(header)
     print("-" * len(header))
     for store, figures in results.items():
@@ -149,7 +151,8 @@ def print_throughput(results: dict[str, dict[str, float] | str], count: int, siz
             continue
         cells = "".join(
             f"{size / MB / figures[name]:>14.1f}{count / figures[name]:>15.0f}"
-            for name in ("save", "re-save", "load"))
+            for name in ("save", "re-save", "load")
+        )
         print(f"{store:<10}{cells}")
 
 
@@ -175,8 +178,11 @@ def synthetic_sessions(count: int, *, seed: int = 7) -> Iterator[Session]:
             roll = rng.random()
             status: LoopStatus = "Aborted" if roll < 0.03 else "Rejected" if roll < 0.04 else "Completed"
             record = LoopRecord.start(
-                loop_id=f"{session_id}.{provider}.{model}.{index}", session_id=session_id, agent_id=agent,
-                started_at=Timestamp.from_ns(clock), status=status,
+                loop_id=f"{session_id}.{provider}.{model}.{index}",
+                session_id=session_id,
+                agent_id=agent,
+                started_at=Timestamp.from_ns(clock),
+                status=status,
                 config=LoopConfigSnapshot(model=model, provider=provider, config_id=None),
                 parent_loop_id=None if index == 1 else f"{session_id}.{provider}.{model}.1",
             )
@@ -188,13 +194,20 @@ def synthetic_sessions(count: int, *, seed: int = 7) -> Iterator[Session]:
         spawn = None
         if n % 10 == 9:
             parent = ids[n - 1 - rng.randrange(min(n, 50))]
-            spawn = SpawnRef(parent_session_id=parent, parent_loop_id=f"{parent}.x.1",
-                             tool_call_id=f"call-{n}", tool_name="delegate")
+            spawn = SpawnRef(
+                parent_session_id=parent,
+                parent_loop_id=f"{parent}.x.1",
+                tool_call_id=f"call-{n}",
+                tool_name="delegate",
+            )
         yield Session(
-            session_id=session_id, agent_id=agent, created_at=Timestamp.from_ns(created),
-            last_active_at=Timestamp.from_ns(clock), formation=SessionFormation.first_loop(
-                Timestamp.from_ns(created)),
-            parent_spawn_ref=spawn, loops=loops,
+            session_id=session_id,
+            agent_id=agent,
+            created_at=Timestamp.from_ns(created),
+            last_active_at=Timestamp.from_ns(clock),
+            formation=SessionFormation.first_loop(Timestamp.from_ns(created)),
+            parent_spawn_ref=spawn,
+            loops=loops,
         )
 
 
@@ -207,8 +220,10 @@ def query_latency(root: Path, count: int, runs: int) -> None:
         parent = next(s.parent_spawn_ref.parent_session_id for s in sessions if s.parent_spawn_ref)
         recent = Timestamp.from_ns(EPOCH + 29 * DAY_NS)
         size = os.path.getsize(directory / "sessions.db") + os.path.getsize(directory / "sessions.db-wal")
-        print(f"\nSQLite query latency: {count:,} sessions x 5 loops saved in {fill:.1f} s "
-              f"({count / fill:,.0f} sessions/s), file {size / MB:.1f} MB; median of {runs} runs\n")
+        print(
+            f"\nSQLite query latency: {count:,} sessions x 5 loops saved in {fill:.1f} s "
+            f"({count / fill:,.0f} sessions/s), file {size / MB:.1f} MB; median of {runs} runs\n"
+        )
         queries: list[tuple[str, SessionQuery]] = [
             ("newest 20", SessionQuery(limit=20)),
             ("agent, newest 20", SessionQuery(agent_id=AGENTS[3], limit=20)),
@@ -251,32 +266,49 @@ def query_latency(root: Path, count: int, runs: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--sessions", type=int, default=workload.W1,
-                        help="sessions in the throughput workload (default: W1 = 100)")
-    parser.add_argument("--query-sessions", type=int, default=10_000,
-                        help="sessions stored for the query benchmark (default 10,000; 0 skips it)")
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=workload.W1,
+        help="sessions in the throughput workload (default: W1 = 100)",
+    )
+    parser.add_argument(
+        "--query-sessions",
+        type=int,
+        default=10_000,
+        help="sessions stored for the query benchmark (default 10,000; 0 skips it)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs, best kept (default 3)")
     parser.add_argument("--query-runs", type=int, default=31, help="runs per query, median kept (default 31)")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="where the stores are created (default: a new temporary directory)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where the stores are created (default: a new temporary directory)",
+    )
     args = parser.parse_args(argv)
 
     root = args.dir if args.dir is not None else Path(tempfile.mkdtemp(prefix="phi-bench-stores-"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"phi-session store benchmark - Python {platform.python_version()}, SQLite "
-          f"{sqlite3.sqlite_version}, {platform.machine()}, stores under {root}")
+    print(
+        f"phi-session store benchmark - Python {platform.python_version()}, SQLite "
+        f"{sqlite3.sqlite_version}, {platform.machine()}, stores under {root}"
+    )
     sessions = w1_sessions(args.sessions)
     size = sum(len(encode_session(session)) for session in sessions)
     loops = sum(len(session.loops) for session in sessions)
-    print(f"\nThroughput: {len(sessions)} sessions, {loops} loops, {size / MB:.1f} MB of session files "
-          f"({size / len(sessions) / 1000:.0f} kB each); best of {args.repeat}\n")
+    print(
+        f"\nThroughput: {len(sessions)} sessions, {loops} loops, {size / MB:.1f} MB of session files "
+        f"({size / len(sessions) / 1000:.0f} kB each); best of {args.repeat}\n"
+    )
     backends: dict[str, Callable[[Path], Any] | str] = {"json-dir": json_dir_store, "sqlite": sqlite_store}
     dsn = os.environ.get(POSTGRES_ENV)
     backends["postgres"] = postgres_factory(dsn) if dsn else f"skipped: {POSTGRES_ENV} is not set"
     results: dict[str, dict[str, float] | str] = {}
     for name, factory in backends.items():
-        results[name] = (factory if isinstance(factory, str)
-                         else throughput(factory, sessions, root, args.repeat))
+        results[name] = (
+            factory if isinstance(factory, str) else throughput(factory, sessions, root, args.repeat)
+        )
     print_throughput(results, len(sessions), size)
 
     if args.query_sessions > 0:

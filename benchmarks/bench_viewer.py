@@ -57,12 +57,19 @@ def huge_session(loops: int, session_id: str = "huge-session") -> Session:
     for index in range(loops):
         loop_id = f"{session_id}.loop.{index}"
         source = template.loops[0] if index == 0 else base
-        records.append(msgspec.structs.replace(
-            source, loop_id=loop_id, session_id=session_id,
-            parent_loop_id=None if index == 0 else records[-1].loop_id,
-            children_loop_ids=[], child_loop_refs=[],
-            events=list(source.events),  # the events keep the template's loop id: the viewer does not mind
-        ))
+        records.append(
+            msgspec.structs.replace(
+                source,
+                loop_id=loop_id,
+                session_id=session_id,
+                parent_loop_id=None if index == 0 else records[-1].loop_id,
+                children_loop_ids=[],
+                child_loop_refs=[],
+                events=list(
+                    source.events
+                ),  # the events keep the template's loop id: the viewer does not mind
+            )
+        )
         if index:
             records[-2].children_loop_ids.append(loop_id)
     return msgspec.structs.replace(template, session_id=session_id, loops=records)
@@ -90,8 +97,9 @@ def main() -> None:
         events = sum(len(record.events) for record in session.loops)
         built = time.perf_counter() - started
         print(f"session: {args.loops:,} loops, {events:,} events (built in {built:.1f} s)")
-        store: SessionStore = SqliteStore(Path(root) / "s.db") if args.store == "sqlite" \
-            else JsonDirStore(root)
+        store: SessionStore = (
+            SqliteStore(Path(root) / "s.db") if args.store == "sqlite" else JsonDirStore(root)
+        )
         saving = timed(lambda: store.save(session))
         print(f"save into {args.store}: {saving:.2f} s")
         server = make_server(store, quiet=True)

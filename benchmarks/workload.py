@@ -76,8 +76,16 @@ from phi_session import (
 )
 
 __all__ = [
-    "DELTAS_PER_TURN", "EVENTS_PER_LOOP", "EVENTS_PER_SESSION", "LOOPS_PER_SESSION",
-    "TOOLS_PER_TURN", "TURNS_PER_LOOP", "W1", "W2", "events", "lines",
+    "DELTAS_PER_TURN",
+    "EVENTS_PER_LOOP",
+    "EVENTS_PER_SESSION",
+    "LOOPS_PER_SESSION",
+    "TOOLS_PER_TURN",
+    "TURNS_PER_LOOP",
+    "W1",
+    "W2",
+    "events",
+    "lines",
 ]
 
 W1 = 100
@@ -111,9 +119,16 @@ _AGENTS = 10
 _BASE_NS = 1_748_768_400 * 1_000_000_000  # 2025-06-01T09:00:00Z
 
 _SNAPSHOT = LoopConfigSnapshot(
-    model=_MODEL, provider=_PROVIDER, config_id=_CONFIG_ID, name="Claude Sonnet 4.5",
-    api="anthropic_messages", base_url="https://api.anthropic.com", reasoning=True,
-    context_window=200_000, max_tokens=16_384, thinking_level="medium",
+    model=_MODEL,
+    provider=_PROVIDER,
+    config_id=_CONFIG_ID,
+    name="Claude Sonnet 4.5",
+    api="anthropic_messages",
+    base_url="https://api.anthropic.com",
+    reasoning=True,
+    context_window=200_000,
+    max_tokens=16_384,
+    thinking_level="medium",
 )
 _ZERO = Usage(input=0, output=0)
 
@@ -180,8 +195,12 @@ class _Generator:
         cache_read = 0 if turn == 0 else self.rng.randrange(1_000, 20_000)
         cache_write = self.rng.randrange(0, 1_500)
         return Usage(
-            input=inputs, output=output, reasoning=reasoning, cache_read=cache_read,
-            cache_write=cache_write, total_tokens=inputs + output + cache_read + cache_write,
+            input=inputs,
+            output=output,
+            reasoning=reasoning,
+            cache_read=cache_read,
+            cache_write=cache_write,
+            total_tokens=inputs + output + cache_read + cache_write,
         )
 
     # -- time ---------------------------------------------------------------------
@@ -207,10 +226,13 @@ class _Generator:
     def loop(self, agent_id: str, session_id: str, n: int, first_loop: str) -> Iterator[AgentEvent]:
         loop_id = f"{session_id}.{_CONFIG_ID}.{n}"
         yield AgentStart(
-            agent_id=agent_id, session_id=session_id, loop_id=loop_id,
+            agent_id=agent_id,
+            session_id=session_id,
+            loop_id=loop_id,
             parent_loop_id=None if n == 1 else first_loop,
             continuation_kind=INITIAL if n == 1 else DEFAULT,
-            timestamp=self.tick(1, 5), config_snapshot=_SNAPSHOT,
+            timestamp=self.tick(1, 5),
+            config_snapshot=_SNAPSHOT,
         )
         messages: list[AgentMessage] = []
         total = _ZERO
@@ -219,7 +241,9 @@ class _Generator:
             total = total + usage
             yield from self.turn(loop_id, turn, usage, messages)
         yield AgentEnd(
-            loop_id=loop_id, messages=tuple(messages), usage=total,
+            loop_id=loop_id,
+            messages=tuple(messages),
+            usage=total,
             timestamp=self.tick(1, 3),
         )
 
@@ -227,7 +251,9 @@ class _Generator:
         self, loop_id: str, turn: int, usage: Usage, messages: list[AgentMessage]
     ) -> Iterator[AgentEvent]:
         yield TurnStart(
-            loop_id=loop_id, turn_index=turn, timestamp=self.tick(1, 5),
+            loop_id=loop_id,
+            turn_index=turn,
+            timestamp=self.tick(1, 5),
             triggered_by="User" if turn == 0 else "Continuation",
         )
         if turn == 0:
@@ -238,7 +264,12 @@ class _Generator:
 
         self.tick(300, 1_500)  # time to first token
         placeholder = AssistantMessage(
-            content=(), stop_reason="stop", model=_MODEL, provider="", usage=_ZERO, timestamp=self.millis,
+            content=(),
+            stop_reason="stop",
+            model=_MODEL,
+            provider="",
+            usage=_ZERO,
+            timestamp=self.millis,
         )
         yield MessageStart(loop_id=loop_id, message=placeholder)
 
@@ -264,8 +295,11 @@ class _Generator:
 
         final = AssistantMessage(
             content=(ThinkingContent(thinking=thinking), TextContent(text=text), *calls),
-            stop_reason="toolUse" if with_tools else "stop", model=_MODEL, provider=_PROVIDER,
-            usage=usage, timestamp=self.millis,
+            stop_reason="toolUse" if with_tools else "stop",
+            model=_MODEL,
+            provider=_PROVIDER,
+            usage=usage,
+            timestamp=self.millis,
         )
         yield MessageEnd(loop_id=loop_id, message=final)
 
@@ -273,16 +307,25 @@ class _Generator:
         results: list[ToolResultMessage] = []
         for call in calls:
             yield ToolExecutionStart(
-                loop_id=loop_id, tool_call_id=call.id, tool_name=call.name, args=call.arguments,
+                loop_id=loop_id,
+                tool_call_id=call.id,
+                tool_name=call.name,
+                args=call.arguments,
             )
             self.tick(50, 800)
             content = (TextContent(text=self.tool_output()),)
             yield ToolExecutionEnd(
-                loop_id=loop_id, tool_call_id=call.id, tool_name=call.name,
-                result=ToolResult(content=content), is_error=False,
+                loop_id=loop_id,
+                tool_call_id=call.id,
+                tool_name=call.name,
+                result=ToolResult(content=content),
+                is_error=False,
             )
             result = ToolResultMessage(
-                tool_call_id=call.id, tool_name=call.name, content=content, is_error=False,
+                tool_call_id=call.id,
+                tool_name=call.name,
+                content=content,
+                is_error=False,
                 timestamp=self.millis,
             )
             yield MessageStart(loop_id=loop_id, message=result)
@@ -290,8 +333,11 @@ class _Generator:
             results.append(result)
 
         yield TurnEnd(
-            loop_id=loop_id, message=replace(final, turn_id=turn_id), usage=usage,
-            timestamp=self.tick(1, 3), tool_results=tuple(results),
+            loop_id=loop_id,
+            message=replace(final, turn_id=turn_id),
+            usage=usage,
+            timestamp=self.tick(1, 3),
+            tool_results=tuple(results),
         )
         messages.append(replace(final, turn_id=turn_id))
         messages.extend(replace(result, turn_id=turn_id) for result in results)
@@ -304,7 +350,7 @@ def _compact_json(value: object) -> str:
 def _split(text: str, pieces: int) -> list[str]:
     """`text` cut into `pieces` consecutive, nearly equal parts (concatenation gives it back)."""
     size = len(text)
-    return [text[i * size // pieces:(i + 1) * size // pieces] for i in range(pieces)]
+    return [text[i * size // pieces : (i + 1) * size // pieces] for i in range(pieces)]
 
 
 def events(sessions: int = W1, *, seed: int = 0) -> Iterator[AgentEvent]:

@@ -35,8 +35,11 @@ class OfflineModel(BaseLlm):
         self, llm_request: LlmRequest, stream: bool = False
     ) -> AsyncGenerator[LlmResponse, None]:
         reply = self.replies.pop(0)
-        part = (types.Part(text=reply) if isinstance(reply, str)
-                else types.Part(function_call=types.FunctionCall(name=reply[0], args=reply[1])))
+        part = (
+            types.Part(text=reply)
+            if isinstance(reply, str)
+            else types.Part(function_call=types.FunctionCall(name=reply[0], args=reply[1]))
+        )
         usage = types.GenerateContentResponseUsageMetadata(prompt_token_count=120, candidates_token_count=15)
         yield LlmResponse(content=types.Content(role="model", parts=[part]), usage_metadata=usage)
 
@@ -47,15 +50,21 @@ def get_weather(city: str) -> str:
 
 
 async def main(store_path: str) -> None:
-    translator = LlmAgent(name="translator", description="Translates English into French.",
-                          model=OfflineModel(model="gemini-2.5-flash", replies=["Ensoleillé, 21 °C"]))
+    translator = LlmAgent(
+        name="translator",
+        description="Translates English into French.",
+        model=OfflineModel(model="gemini-2.5-flash", replies=["Ensoleillé, 21 °C"]),
+    )
     assistant = LlmAgent(
         name="assistant",
-        model=OfflineModel(model="gemini-2.5-flash", replies=[
-            ("get_weather", {"city": "Paris"}),
-            ("translator", {"request": "Sunny, 21 °C in Paris"}),
-            "Il fait ensoleillé, 21 °C à Paris.",
-        ]),
+        model=OfflineModel(
+            model="gemini-2.5-flash",
+            replies=[
+                ("get_weather", {"city": "Paris"}),
+                ("translator", {"request": "Sunny, 21 °C in Paris"}),
+                "Il fait ensoleillé, 21 °C à Paris.",
+            ],
+        ),
         tools=[get_weather, AgentTool(agent=translator)],
     )
     store = open_store(store_path)
@@ -70,8 +79,10 @@ async def main(store_path: str) -> None:
     for session_id in sorted(store.list_ids()):
         for loop in store.load(session_id).loops:
             tools = [result.tool_name for turn in loop.turns for result in turn.tool_results]
-            print(f"{loop.loop_id} {loop.status} {len(loop.turns)} turns {loop.usage.total_tokens} tokens"
-                  f" tools={tools}")
+            print(
+                f"{loop.loop_id} {loop.status} {len(loop.turns)} turns {loop.usage.total_tokens} tokens"
+                f" tools={tools}"
+            )
     print(f"stored in {store_path}")
 
 

@@ -38,11 +38,18 @@ def read_file(path: str) -> str:
 def main() -> None:
     store = open_store(sys.argv[1] if len(sys.argv) > 1 else None)
     usage: Any = {"input_tokens": 412, "output_tokens": 38, "total_tokens": 450}
-    model = ScriptedChat(messages=itertools.cycle([
-        AIMessage(content="Let me read it.", usage_metadata=usage,
-                  tool_calls=[{"id": "c1", "name": "read_file", "args": {"path": "notes.txt"}}]),
-        AIMessage(content="It says: buy milk.", usage_metadata=usage),
-    ]))
+    model = ScriptedChat(
+        messages=itertools.cycle(
+            [
+                AIMessage(
+                    content="Let me read it.",
+                    usage_metadata=usage,
+                    tool_calls=[{"id": "c1", "name": "read_file", "args": {"path": "notes.txt"}}],
+                ),
+                AIMessage(content="It says: buy milk.", usage_metadata=usage),
+            ]
+        )
+    )
     agent = create_agent(model, tools=[read_file])
 
     phi = PhiCallbackHandler(store=store)  # the one line: sessions go to the store as they complete
@@ -53,8 +60,13 @@ def main() -> None:
 
     session = store.load("example-thread")
     for loop in session.loops:
-        print(loop.loop_id, loop.status, loop.kind.kind, f"{loop.turn_count()} turns",
-              f"{loop.usage.total_tokens} tokens")
+        print(
+            loop.loop_id,
+            loop.status,
+            loop.kind.kind,
+            f"{loop.turn_count()} turns",
+            f"{loop.usage.total_tokens} tokens",
+        )
 
 
 if __name__ == "__main__":

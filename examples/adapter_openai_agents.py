@@ -23,16 +23,20 @@ def word_count(text: str) -> int:
 
 async def main() -> None:
     core = openai_agents.install()  # the one line: sessions go to .phi-session/sessions.db
-    model = ScriptedModel([
-        [function_call("word_count", {"text": "to be or not to be"}, call_id="call_1")],
-        [assistant_message("It has 6 words.")],
-        [assistant_message("You are welcome.")],
-    ], emit_traces=True)
+    model = ScriptedModel(
+        [
+            [function_call("word_count", {"text": "to be or not to be"}, call_id="call_1")],
+            [assistant_message("It has 6 words.")],
+            [assistant_message("You are welcome.")],
+        ],
+        emit_traces=True,
+    )
     agent = Agent(name="counter", model=model, tools=[word_count])
     conversation = RunConfig(group_id="conversation-1")  # the group id is the session id
     hooks = openai_agents.PhiRunHooks()  # optional: exact tool call ids, prompts, content
-    first = await Runner.run(agent, "How many words in 'to be or not to be'?", hooks=hooks,
-                             run_config=conversation)
+    first = await Runner.run(
+        agent, "How many words in 'to be or not to be'?", hooks=hooks, run_config=conversation
+    )
     second = await Runner.run(agent, "Thanks!", hooks=hooks, run_config=conversation)
     print(first.final_output, "/", second.final_output)
     openai_agents.uninstall()  # saves what is left

@@ -44,8 +44,9 @@ def support_model(messages: list[ModelMessage], info: AgentInfo) -> ModelRespons
 
 
 def refunds_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-    return ModelResponse(parts=[TextPart("refund of 30 EUR approved")],
-                         usage=RequestUsage(input_tokens=60, output_tokens=8))
+    return ModelResponse(
+        parts=[TextPart("refund of 30 EUR approved")], usage=RequestUsage(input_tokens=60, output_tokens=8)
+    )
 
 
 def main(store_dir: str) -> None:
@@ -72,8 +73,9 @@ def main(store_dir: str) -> None:
     for session_id in sorted(store.list_ids()):
         for loop in store.load(session_id).loops:
             link = f" <- {loop.parent_loop_id}" if loop.parent_loop_id else ""
-            print(f"{loop.loop_id} {loop.status} {len(loop.turns)} turns "
-                  f"{loop.usage.total_tokens} tokens{link}")
+            print(
+                f"{loop.loop_id} {loop.status} {len(loop.turns)} turns {loop.usage.total_tokens} tokens{link}"
+            )
     store.close()
     print(f"wrote {store_dir}/")
 

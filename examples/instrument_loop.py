@@ -64,8 +64,12 @@ def main(directory: str) -> None:
     for session in recorder.drain_completed():
         store.save(session)
         loop_record = session.loops[0]
-        print(session.session_id, loop_record.status, f"{loop_record.turn_count()} turns",
-              f"{session.total_usage().total_tokens} tokens")
+        print(
+            session.session_id,
+            loop_record.status,
+            f"{loop_record.turn_count()} turns",
+            f"{session.total_usage().total_tokens} tokens",
+        )
         print(f"wrote {store.path_for(session.session_id)}")
     print(f"wrote {directory}/events.jsonl (record it with: phi-session record {directory}/events.jsonl)")
 

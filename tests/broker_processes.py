@@ -29,8 +29,16 @@ def producer(url: str, stream: str, prefix: str, spill: str, seed: str, sessions
 
 
 def worker(url: str, dsn: str, schema: str, stream: str, prefix: str) -> None:
-    ingest = IngestWorker(url, dsn, schema=schema, stream=stream, subject_prefix=prefix, ack_wait=2.0,
-                          checkpoint_interval=0.3, rebalance_interval=0.3)
+    ingest = IngestWorker(
+        url,
+        dsn,
+        schema=schema,
+        stream=stream,
+        subject_prefix=prefix,
+        ack_wait=2.0,
+        checkpoint_interval=0.3,
+        rebalance_interval=0.3,
+    )
 
     async def main() -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, ingest.stop)

@@ -58,46 +58,73 @@ class _Clock:
         return self.ns // 1_000_000
 
 
-def _loop(rng: random.Random, clock: _Clock, session: str, loop_id: str, turns: int,
-          parent: str | None, deltas: int) -> Iterator[AgentEvent]:
+def _loop(
+    rng: random.Random, clock: _Clock, session: str, loop_id: str, turns: int, parent: str | None, deltas: int
+) -> Iterator[AgentEvent]:
     """One loop: start, `turns` turns (a tool call in some), end."""
-    yield AgentStart(agent_id="agent-" + session[-1], session_id=session, loop_id=loop_id,
-                     parent_loop_id=parent, continuation_kind=DEFAULT if parent else INITIAL,
-                     timestamp=clock.tick())
+    yield AgentStart(
+        agent_id="agent-" + session[-1],
+        session_id=session,
+        loop_id=loop_id,
+        parent_loop_id=parent,
+        continuation_kind=DEFAULT if parent else INITIAL,
+        timestamp=clock.tick(),
+    )
     usage = Usage(input=0, output=0)
     for turn in range(turns):
         yield TurnStart(loop_id=loop_id, turn_index=turn, triggered_by="User", timestamp=clock.tick())
-        yield MessageEnd(loop_id=loop_id, message=UserMessage(
-            content=(TextContent(text=f"question {turn} of {loop_id}"),), timestamp=clock.ms))
+        yield MessageEnd(
+            loop_id=loop_id,
+            message=UserMessage(
+                content=(TextContent(text=f"question {turn} of {loop_id}"),), timestamp=clock.ms
+            ),
+        )
         answer = AssistantMessage(
-            content=(TextContent(text="x" * rng.randrange(10, 200)),), stop_reason="stop",
-            model="m", provider="p", usage=Usage(input=10, output=turn + 1, total_tokens=turn + 11),
-            timestamp=clock.ms)
+            content=(TextContent(text="x" * rng.randrange(10, 200)),),
+            stop_reason="stop",
+            model="m",
+            provider="p",
+            usage=Usage(input=10, output=turn + 1, total_tokens=turn + 11),
+            timestamp=clock.ms,
+        )
         for index in range(deltas):
-            yield MessageUpdate(loop_id=loop_id, message=answer,
-                                delta=StreamDelta.text(f"part {index}"))
+            yield MessageUpdate(loop_id=loop_id, message=answer, delta=StreamDelta.text(f"part {index}"))
         if rng.random() < 0.3:
             call = f"call-{loop_id}-{turn}"
             yield ToolExecutionStart(loop_id=loop_id, tool_call_id=call, tool_name="search", args={"q": turn})
-            yield ToolExecutionEnd(loop_id=loop_id, tool_call_id=call, tool_name="search",
-                                   result=ToolResult(content=(TextContent(text="found"),)), is_error=False)
+            yield ToolExecutionEnd(
+                loop_id=loop_id,
+                tool_call_id=call,
+                tool_name="search",
+                result=ToolResult(content=(TextContent(text="found"),)),
+                is_error=False,
+            )
         yield MessageEnd(loop_id=loop_id, message=answer)
         yield TurnEnd(loop_id=loop_id, message=answer, usage=answer.usage, timestamp=clock.tick())
         usage = usage + answer.usage
     yield AgentEnd(loop_id=loop_id, messages=(), usage=usage, timestamp=clock.tick())
 
 
-def _session(rng: random.Random, clock: _Clock, number: int, loops: int, turns: int,
-             deltas: int) -> Iterator[AgentEvent]:
+def _session(
+    rng: random.Random, clock: _Clock, number: int, loops: int, turns: int, deltas: int
+) -> Iterator[AgentEvent]:
     session = f"s{number:07d}"
     first = f"{session}.p.m.1"
     for index in range(loops):
-        yield from _loop(rng, clock, session, f"{session}.p.m.{index + 1}", turns,
-                         first if index else None, deltas)
+        yield from _loop(
+            rng, clock, session, f"{session}.p.m.{index + 1}", turns, first if index else None, deltas
+        )
 
 
-def stream(seed: int = 0, *, loops: int = 2, turns: int = 2, deltas: int = 2,
-           interleave: int = 3, sessions: int | None = None) -> Iterator[AgentEvent]:
+def stream(
+    seed: int = 0,
+    *,
+    loops: int = 2,
+    turns: int = 2,
+    deltas: int = 2,
+    interleave: int = 3,
+    sessions: int | None = None,
+) -> Iterator[AgentEvent]:
     """Sessions of `loops` loops x `turns` turns; `interleave` of them in flight at once,
     their events alternating, so any prefix leaves several sessions open. Endless unless
     `sessions` is given."""
@@ -125,12 +152,20 @@ def main(directory: str, durability: str, mode: str) -> None:
     only the journal keeps them). ``persist``: an `AutoPersistingRecorder` saving into
     ``DIRECTORY/sessions.db`` and releasing journal segments as it goes.
     """
-    journal = Journal(Path(directory) / "journal", durability=durability,  # type: ignore[arg-type]
-                      interval_ms=5, segment_bytes=16 * 1024)
+    journal = Journal(
+        Path(directory) / "journal",
+        durability=durability,  # type: ignore[arg-type]
+        interval_ms=5,
+        segment_bytes=16 * 1024,
+    )
     persist = None
     if mode == "persist":
-        persist = AutoPersistingRecorder(SqliteStore(Path(directory) / "sessions.db"), journal=journal,
-                                         checkpoint_every=100, checkpoint_interval=0.05)
+        persist = AutoPersistingRecorder(
+            SqliteStore(Path(directory) / "sessions.db"),
+            journal=journal,
+            checkpoint_every=100,
+            checkpoint_interval=0.05,
+        )
     else:
         sink = JournaledRecorder(journal)
     waiting: deque[tuple[int, int]] = deque()  # (stream index, sequence number) not yet acknowledged

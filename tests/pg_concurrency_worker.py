@@ -37,8 +37,14 @@ def round_session(session_id: str, worker: int, round_: int) -> Session:
     loops = [make_loop(session_id, own_loop_index(worker, round_), status="Running", events=1)]
     if round_ > 0:
         loops.append(make_loop(session_id, own_loop_index(worker, round_ - 1), events=3))
-    loops.append(make_loop(session_id, shared_loop_index(round_),
-                           status="Completed" if worker % 2 == 0 else "Running", events=2))
+    loops.append(
+        make_loop(
+            session_id,
+            shared_loop_index(round_),
+            status="Completed" if worker % 2 == 0 else "Running",
+            events=2,
+        )
+    )
     return make_session(session_id, loops=loops, last_active_at=at(round_))
 
 

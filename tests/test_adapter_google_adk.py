@@ -61,12 +61,19 @@ class ScriptedLlm(BaseLlm):
         step = self.reply(llm_request) if self.reply is not None else self.script.pop(0)
         if isinstance(step, BaseException):
             raise step
-        parts = [types.Part(text=item) if isinstance(item, str)
-                 else types.Part(function_call=types.FunctionCall(name=item[0], args=item[1]))
-                 for item in step]
+        parts = [
+            types.Part(text=item)
+            if isinstance(item, str)
+            else types.Part(function_call=types.FunctionCall(name=item[0], args=item[1]))
+            for item in step
+        ]
         usage = types.GenerateContentResponseUsageMetadata(
-            prompt_token_count=12, cached_content_token_count=2, candidates_token_count=5,
-            thoughts_token_count=3, total_token_count=20)
+            prompt_token_count=12,
+            cached_content_token_count=2,
+            candidates_token_count=5,
+            thoughts_token_count=3,
+            total_token_count=20,
+        )
         if not stream:
             yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
             return
@@ -78,8 +85,9 @@ class ScriptedLlm(BaseLlm):
             yield LlmResponse(content=types.Content(role="model", parts=[part]), partial=True)
         finals = [group for group in (text, [part for part in parts if not part.text]) if group]
         for group in finals:
-            yield LlmResponse(content=types.Content(role="model", parts=group), usage_metadata=usage,
-                              partial=False)
+            yield LlmResponse(
+                content=types.Content(role="model", parts=group), usage_metadata=usage, partial=False
+            )
 
 
 def add(a: int, b: int) -> int:
@@ -102,15 +110,20 @@ class Harness:
     def runner(self, agent: Any) -> InMemoryRunner:
         return InMemoryRunner(agent=agent, app_name="app", plugins=[self.plugin])
 
-    async def ask(self, runner: InMemoryRunner, text: str, *, session_id: str = "s1",
-                  stream: bool = False) -> list[Any]:
+    async def ask(
+        self, runner: InMemoryRunner, text: str, *, session_id: str = "s1", stream: bool = False
+    ) -> list[Any]:
         service = runner.session_service
         if await service.get_session(app_name="app", user_id="u", session_id=session_id) is None:
             await service.create_session(app_name="app", user_id="u", session_id=session_id)
         config = RunConfig(streaming_mode=StreamingMode.SSE if stream else StreamingMode.NONE)
         message = types.Content(role="user", parts=[types.Part(text=text)])
-        return [event async for event in runner.run_async(
-            user_id="u", session_id=session_id, new_message=message, run_config=config)]
+        return [
+            event
+            async for event in runner.run_async(
+                user_id="u", session_id=session_id, new_message=message, run_config=config
+            )
+        ]
 
     def run(self, agent: Any, text: str = "hello", **kwargs: Any) -> list[Any]:
         return asyncio.run(self.ask(self.runner(agent), text, **kwargs))
@@ -154,8 +167,13 @@ def test_tools_and_usage_in_one_loop() -> None:
     assert record.config is not None and record.config.model == "scripted-1"
     assert record.metadata["framework"] == "google-adk"
     assert texts(record) == [
-        ("user", "add please"), ("assistant", "call:add"), ("assistant", "call:add"),
-        ("toolResult", "result:3"), ("toolResult", "result:7"), ("assistant", "3 and 7")]
+        ("user", "add please"),
+        ("assistant", "call:add"),
+        ("assistant", "call:add"),
+        ("toolResult", "result:3"),
+        ("toolResult", "result:7"),
+        ("assistant", "3 and 7"),
+    ]
     first, second = record.turns
     calls = [block for block in first.output_message.content if type(block).__name__ == "ToolCall"]
     # The ids ADK gave the calls, on the calls and on their results.
@@ -208,8 +226,11 @@ def test_a_stream_of_text_then_calls_is_one_message_with_the_calls_usage() -> No
 def test_transfer_is_a_handoff_to_a_continuing_loop() -> None:
     h = Harness()
     helper = LlmAgent(name="helper", model=ScriptedLlm.of(["helped"]), description="helps")
-    root = LlmAgent(name="root", model=ScriptedLlm.of([("transfer_to_agent", {"agent_name": "helper"})]),
-                    sub_agents=[helper])
+    root = LlmAgent(
+        name="root",
+        model=ScriptedLlm.of([("transfer_to_agent", {"agent_name": "helper"})]),
+        sub_agents=[helper],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         h.run(root)
@@ -224,9 +245,13 @@ def test_transfer_is_a_handoff_to_a_continuing_loop() -> None:
 
 def test_sequential_agents_continue_each_other() -> None:
     h = Harness()
-    steps = SequentialAgent(name="steps", sub_agents=[
-        LlmAgent(name="draft", model=ScriptedLlm.of(["draft"])),
-        LlmAgent(name="polish", model=ScriptedLlm.of(["polished"]))])
+    steps = SequentialAgent(
+        name="steps",
+        sub_agents=[
+            LlmAgent(name="draft", model=ScriptedLlm.of(["draft"])),
+            LlmAgent(name="polish", model=ScriptedLlm.of(["polished"])),
+        ],
+    )
     h.run(steps)
     first, second = h.session().loops
     assert texts(first) == [("user", "hello"), ("assistant", "draft")]
@@ -235,16 +260,25 @@ def test_sequential_agents_continue_each_other() -> None:
 
 def test_parallel_agents_are_branches_without_a_winner() -> None:
     h = Harness()
-    fan = ParallelAgent(name="fan", sub_agents=[
-        LlmAgent(name="left", model=ScriptedLlm.of(["L"])),
-        LlmAgent(name="right", model=ScriptedLlm.of(["R"]))])
-    h.run(SequentialAgent(name="flow", sub_agents=[
-        fan, LlmAgent(name="merge", model=ScriptedLlm.of(["merged"]))]))
+    fan = ParallelAgent(
+        name="fan",
+        sub_agents=[
+            LlmAgent(name="left", model=ScriptedLlm.of(["L"])),
+            LlmAgent(name="right", model=ScriptedLlm.of(["R"])),
+        ],
+    )
+    h.run(
+        SequentialAgent(
+            name="flow", sub_agents=[fan, LlmAgent(name="merge", model=ScriptedLlm.of(["merged"]))]
+        )
+    )
     session = h.session()
     root, *branches, merge = sorted(session.loops, key=lambda r: r.started_at.ns)
     assert texts(root) == [("user", "hello")] and not root.turns
     assert {r.continuation_kind.tag: texts(r) for r in branches} == {
-        "fan.left": [("assistant", "L")], "fan.right": [("assistant", "R")]}
+        "fan.left": [("assistant", "L")],
+        "fan.right": [("assistant", "R")],
+    }
     assert all(r.parent_loop_id == root.loop_id and r.turns[0].triggered_by == "Branch" for r in branches)
     assert all(r.parallel_group is None for r in session.loops)  # no winner is invented
     assert merge.parent_loop_id == root.loop_id and merge.continuation_kind.kind == "Default"
@@ -252,9 +286,15 @@ def test_parallel_agents_are_branches_without_a_winner() -> None:
 
 def test_after_parallel_branches_the_next_invocation_continues_the_invocations_own_loop() -> None:
     h = Harness()
-    runner = h.runner(ParallelAgent(name="fan", sub_agents=[
-        LlmAgent(name="left", model=ScriptedLlm.of(["L1"], ["L2"])),
-        LlmAgent(name="right", model=ScriptedLlm.of(["R1"], ["R2"]))]))
+    runner = h.runner(
+        ParallelAgent(
+            name="fan",
+            sub_agents=[
+                LlmAgent(name="left", model=ScriptedLlm.of(["L1"], ["L2"])),
+                LlmAgent(name="right", model=ScriptedLlm.of(["R1"], ["R2"])),
+            ],
+        )
+    )
 
     async def twice() -> None:
         await h.ask(runner, "first")
@@ -269,8 +309,11 @@ def test_after_parallel_branches_the_next_invocation_continues_the_invocations_o
 def test_agent_tool_runs_a_sub_agent_linked_both_ways() -> None:
     h = Harness()
     expert = LlmAgent(name="expert", model=ScriptedLlm.of(["42"]), description="knows")
-    boss = LlmAgent(name="boss", model=ScriptedLlm.of([("expert", {"request": "answer?"})], ["it is 42"]),
-                    tools=[AgentTool(agent=expert)])
+    boss = LlmAgent(
+        name="boss",
+        model=ScriptedLlm.of([("expert", {"request": "answer?"})], ["it is 42"]),
+        tools=[AgentTool(agent=expert)],
+    )
     h.run(boss)
     sessions = h.sessions()
     parent = h.session("s1")
@@ -282,7 +325,10 @@ def test_agent_tool_runs_a_sub_agent_linked_both_ways() -> None:
     assert inner.turns[0].triggered_by == "SubAgent"
     (ref,) = outer.child_loop_refs
     assert (ref.child_loop_id, ref.child_session_id, ref.tool_call_id) == (
-        inner.loop_id, child_session.session_id, result.tool_call_id)
+        inner.loop_id,
+        child_session.session_id,
+        result.tool_call_id,
+    )
     spawn = child_session.parent_spawn_ref
     assert spawn is not None
     assert (spawn.parent_loop_id, spawn.tool_call_id) == (outer.loop_id, result.tool_call_id)
@@ -344,8 +390,19 @@ def test_concurrent_invocations_keep_to_their_own_loops() -> None:
 
 def _adk_view(events: list[Any]) -> list[Any]:
     """What ADK yielded, without its fresh ids and timestamps."""
-    return [(e.author, e.partial, e.content.model_dump(exclude_none=True, exclude={"parts": {"__all__": {
-        "function_call": {"id"}, "function_response": {"id"}}}}) if e.content else None) for e in events]
+    return [
+        (
+            e.author,
+            e.partial,
+            e.content.model_dump(
+                exclude_none=True,
+                exclude={"parts": {"__all__": {"function_call": {"id"}, "function_response": {"id"}}}},
+            )
+            if e.content
+            else None,
+        )
+        for e in events
+    ]
 
 
 def test_an_adapter_fault_never_reaches_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,8 +426,9 @@ def test_an_adapter_fault_never_reaches_the_host(monkeypatch: pytest.MonkeyPatch
 def test_default_sink_saves_into_the_embedded_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PHI_SESSION_STORE", str(tmp_path / "sessions.db"))
     plugin = PhiPlugin(agent=AgentSession(clock=FakeClock()))
-    runner = InMemoryRunner(agent=LlmAgent(name="chat", model=ScriptedLlm.of(["hi there"])), app_name="app",
-                            plugins=[plugin])
+    runner = InMemoryRunner(
+        agent=LlmAgent(name="chat", model=ScriptedLlm.of(["hi there"])), app_name="app", plugins=[plugin]
+    )
 
     async def go() -> None:
         await Harness().ask(runner, "hi", session_id="stored")
@@ -386,15 +444,18 @@ def test_default_sink_saves_into_the_embedded_store(tmp_path: Path, monkeypatch:
 
 
 def test_missing_extra_names_the_pip_install() -> None:
-    code = ("import sys; sys.modules['google.adk'] = None\n"
-            "try:\n    import phi_session.adapters.google_adk\n"
-            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    code = (
+        "import sys; sys.modules['google.adk'] = None\n"
+        "try:\n    import phi_session.adapters.google_adk\n"
+        "except Exception as e:\n    print(type(e).__name__, e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("MissingExtra") and "pip install 'phi-session[google-adk]'" in out.stdout
 
 
-def test_example_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_example_runs_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     example = Path(__file__).resolve().parents[1] / "examples" / "adapter_google_adk.py"
     monkeypatch.setattr(sys, "argv", [str(example), str(tmp_path / "sessions.db")])
     runpy.run_path(str(example), run_name="__main__")

@@ -52,20 +52,36 @@ class ScriptedChat(GenericFakeChatModel):
     def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
 
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None,
-                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
         message = next(self.messages)
         assert isinstance(message, AIMessage)
         if isinstance(message.content, list):  # content blocks (reasoning, text): one chunk each
             chunks = [AIMessageChunk(content=[block]) for block in message.content]
         else:
             chunks = [AIMessageChunk(content=token) for token in re.split(r"(\s)", message.content) if token]
-        chunks += [AIMessageChunk(content="", tool_call_chunks=[
-            {"name": call["name"], "args": json.dumps(call["args"]), "id": call["id"], "index": index}])
-            for index, call in enumerate(message.tool_calls)]
-        chunks.append(AIMessageChunk(content="", usage_metadata=message.usage_metadata,
-                                     response_metadata=message.response_metadata, chunk_position="last"))
+        chunks += [
+            AIMessageChunk(
+                content="",
+                tool_call_chunks=[
+                    {"name": call["name"], "args": json.dumps(call["args"]), "id": call["id"], "index": index}
+                ],
+            )
+            for index, call in enumerate(message.tool_calls)
+        ]
+        chunks.append(
+            AIMessageChunk(
+                content="",
+                usage_metadata=message.usage_metadata,
+                response_metadata=message.response_metadata,
+                chunk_position="last",
+            )
+        )
         for chunk in chunks:
             generation = ChatGenerationChunk(message=chunk)
             if run_manager and (chunk.content or chunk.tool_call_chunks):
@@ -77,11 +93,18 @@ def usage(inputs: int, output: int) -> dict[str, Any]:
     return {"input_tokens": inputs, "output_tokens": output, "total_tokens": inputs + output}
 
 
-def reply(text: str = "", *calls: tuple[str, str, dict[str, Any]], tokens: tuple[int, int] = (10, 5),
-          model: str = "fake-1") -> AIMessage:
-    return AIMessage(content=text, tool_calls=[{"id": i, "name": n, "args": a} for i, n, a in calls],
-                     usage_metadata=usage(*tokens),  # type: ignore[arg-type]
-                     response_metadata={"model_name": model, "model_provider": "fake"})
+def reply(
+    text: str = "",
+    *calls: tuple[str, str, dict[str, Any]],
+    tokens: tuple[int, int] = (10, 5),
+    model: str = "fake-1",
+) -> AIMessage:
+    return AIMessage(
+        content=text,
+        tool_calls=[{"id": i, "name": n, "args": a} for i, n, a in calls],
+        usage_metadata=usage(*tokens),  # type: ignore[arg-type]
+        response_metadata={"model_name": model, "model_provider": "fake"},
+    )
 
 
 def chat(*replies: AIMessage) -> ScriptedChat:
@@ -129,11 +152,15 @@ def messages_of(session: Session, index: int = 0) -> list[Any]:
 
 def test_create_agent_tools_usage_and_model_per_response() -> None:
     recorder = SessionRecorder()
-    model = chat(reply("", ("c1", "add", {"a": 1, "b": 2}), ("c2", "flaky", {"x": "y"}), tokens=(10, 5)),
-                 reply("It is 3", tokens=(20, 3)))
+    model = chat(
+        reply("", ("c1", "add", {"a": 1, "b": 2}), ("c2", "flaky", {"x": "y"}), tokens=(10, 5)),
+        reply("It is 3", tokens=(20, 3)),
+    )
     agent = create_agent(model, tools=[add, flaky], checkpointer=InMemorySaver())
-    out = agent.invoke({"messages": [("user", "add 1 2")]},
-                       {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "t1"}})
+    out = agent.invoke(
+        {"messages": [("user", "add 1 2")]},
+        {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "t1"}},
+    )
     assert out["messages"][-1].content == "It is 3"
 
     session = recorded(recorder)["t1"]
@@ -144,7 +171,8 @@ def test_create_agent_tools_usage_and_model_per_response() -> None:
     assert isinstance(first, AssistantMessage) and first.stop_reason == "toolUse"
     assert [b for b in first.content if isinstance(b, ToolCall)] == [
         ToolCall(id="c1", name="add", arguments={"a": 1, "b": 2}),
-        ToolCall(id="c2", name="flaky", arguments={"x": "y"})]
+        ToolCall(id="c2", name="flaky", arguments={"x": "y"}),
+    ]
     assert (first.model, first.provider) == ("fake-1", "fake")
     by_id = {r.tool_call_id: r for r in results}
     assert isinstance(by_id["c1"], ToolResultMessage) and by_id["c1"].content[0].text == "3"  # type: ignore[union-attr]
@@ -176,9 +204,10 @@ def test_a_second_run_in_the_thread_continues_the_first_and_the_store_loads_it(t
 def test_a_thread_id_that_is_no_session_id_becomes_a_uuid_keeping_the_original() -> None:
     recorder = SessionRecorder()
     agent = create_agent(chat(reply("hi")), tools=[])
-    agent.invoke({"messages": [("user", "x")]},
-                 {"callbacks": [PhiCallbackHandler([recorder])],
-                  "configurable": {"thread_id": "user/42.chat"}})
+    agent.invoke(
+        {"messages": [("user", "x")]},
+        {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "user/42.chat"}},
+    )
     (session,) = recorded(recorder).values()
     assert session.session_id != "user/42.chat"
     assert session.loops[0].metadata["framework_session_id"] == "user/42.chat"
@@ -201,8 +230,9 @@ def test_streaming_tokens_and_tool_call_chunks_become_message_updates() -> None:
 
 def test_streamed_reasoning_and_text_blocks() -> None:
     events: list[Any] = []
-    model = chat(AIMessage(content=[{"type": "reasoning", "reasoning": "think"},
-                                    {"type": "text", "text": "answer"}]))
+    model = chat(
+        AIMessage(content=[{"type": "reasoning", "reasoning": "think"}, {"type": "text", "text": "answer"}])
+    )
     chunks = list(model.stream("hi", {"callbacks": [PhiCallbackHandler([events.append])]}))
     assert len(chunks) == 3
     deltas = [(e.delta.kind, e.delta.delta) for e in events if isinstance(e, MessageUpdate)]
@@ -221,8 +251,10 @@ def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
         return str(inner.invoke({"messages": [("user", q)]})["messages"][-1].content)
 
     outer = create_agent(chat(reply("", ("c9", "research", {"q": "why"})), reply("done")), tools=[research])
-    outer.invoke({"messages": [("user", "go")]}, {"callbacks": [PhiCallbackHandler([recorder])],
-                                                  "configurable": {"thread_id": "outer"}})
+    outer.invoke(
+        {"messages": [("user", "go")]},
+        {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "outer"}},
+    )
     sessions = recorded(recorder)
     parent = sessions.pop("outer")
     (child,) = sessions.values()
@@ -257,10 +289,13 @@ def test_two_concurrent_runs_in_threads_keep_their_own_loops() -> None:
         return f"met {who}"
 
     def run(name: str) -> None:
-        agent = create_agent(chat(reply("", (f"c-{name}", "meet", {"who": name})), reply(f"bye {name}")),
-                             tools=[meet])
-        agent.invoke({"messages": [("user", name)]},
-                     {"callbacks": [handler], "configurable": {"thread_id": f"run-{name}"}})
+        agent = create_agent(
+            chat(reply("", (f"c-{name}", "meet", {"who": name})), reply(f"bye {name}")), tools=[meet]
+        )
+        agent.invoke(
+            {"messages": [("user", name)]},
+            {"callbacks": [handler], "configurable": {"thread_id": f"run-{name}"}},
+        )
 
     threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
     for thread in threads:
@@ -280,10 +315,13 @@ def test_async_runs_with_the_async_handler_interleave_correctly() -> None:
     handler = AsyncPhiCallbackHandler([recorder])
 
     async def run(name: str) -> None:
-        agent = create_agent(chat(reply("", (f"c-{name}", "add", {"a": 1, "b": 1})), reply(f"bye {name}")),
-                             tools=[add])
-        await agent.ainvoke({"messages": [("user", name)]},
-                            {"callbacks": [handler], "configurable": {"thread_id": f"async-{name}"}})
+        agent = create_agent(
+            chat(reply("", (f"c-{name}", "add", {"a": 1, "b": 1})), reply(f"bye {name}")), tools=[add]
+        )
+        await agent.ainvoke(
+            {"messages": [("user", name)]},
+            {"callbacks": [handler], "configurable": {"thread_id": f"async-{name}"}},
+        )
 
     async def both() -> None:
         await asyncio.gather(run("a"), run("b"))
@@ -298,10 +336,13 @@ def test_async_runs_with_the_async_handler_interleave_correctly() -> None:
 
 def test_capture_requests_records_the_turn_request() -> None:
     events: list[Any] = []
-    agent = create_agent(chat(reply("", ("c1", "add", {"a": 1, "b": 2})), reply("3")), tools=[add],
-                         system_prompt="You add.")
-    agent.invoke({"messages": [("user", "add")]},
-                 {"callbacks": [PhiCallbackHandler([events.append], capture_requests=True)]})
+    agent = create_agent(
+        chat(reply("", ("c1", "add", {"a": 1, "b": 2})), reply("3")), tools=[add], system_prompt="You add."
+    )
+    agent.invoke(
+        {"messages": [("user", "add")]},
+        {"callbacks": [PhiCallbackHandler([events.append], capture_requests=True)]},
+    )
     requests = [e for e in events if isinstance(e, TurnRequest)]
     assert len(requests) == 2
     first = requests[0].payload
@@ -309,8 +350,9 @@ def test_capture_requests_records_the_turn_request() -> None:
     assert len(requests[1].payload.messages) == 3  # user, assistant with the call, tool result
 
 
-def test_an_adapter_fault_never_reaches_the_host(monkeypatch: pytest.MonkeyPatch,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_an_adapter_fault_never_reaches_the_host(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from phi_session.adapters import langchain as adapter
 
     def broken(*args: Any) -> Any:
@@ -368,8 +410,10 @@ def test_state_graph_interrupt_resume_and_time_travel() -> None:
     (mark,) = [m for m in interrupted.messages if isinstance(m, ExtensionMessage)]
     assert mark.kind == "langgraph.interrupt" and mark.data[0]["value"] == {"question": "approve?"}
     assert resumed.parent_loop_id == interrupted.loop_id and resumed.kind.kind == "Default"
-    assert any(isinstance(m, ExtensionMessage) and m.kind == "langgraph.resume" and m.data == "yes"
-               for m in resumed.messages)
+    assert any(
+        isinstance(m, ExtensionMessage) and m.kind == "langgraph.resume" and m.data == "yes"
+        for m in resumed.messages
+    )
     assert branch.kind.kind == "Branch" and branch.kind.tag == fork["configurable"]["checkpoint_id"]
 
 
@@ -385,28 +429,38 @@ def test_state_graph_async_with_the_sync_handler() -> None:
 
 def test_a_bare_model_call_is_a_loop_of_its_own_with_its_usage_split() -> None:
     recorder = SessionRecorder()
-    answer = AIMessage(content="hello", usage_metadata={  # LangChain's input_tokens include the cache's
-        "input_tokens": 100, "output_tokens": 10, "total_tokens": 110,
-        "input_token_details": {"cache_read": 60, "cache_creation": 20},
-        "output_token_details": {"reasoning": 4}})
+    answer = AIMessage(
+        content="hello",
+        usage_metadata={  # LangChain's input_tokens include the cache's
+            "input_tokens": 100,
+            "output_tokens": 10,
+            "total_tokens": 110,
+            "input_token_details": {"cache_read": 60, "cache_creation": 20},
+            "output_token_details": {"reasoning": 4},
+        },
+    )
     chat(answer).invoke("hi", {"callbacks": [PhiCallbackHandler([recorder])]})
     (session,) = recorded(recorder).values()
     loop = session.loops[0]
     assert loop.turn_count() == 1
-    assert loop.usage == Usage(input=20, output=10, reasoning=4, cache_read=60, cache_write=20,
-                               total_tokens=110)
+    assert loop.usage == Usage(
+        input=20, output=10, reasoning=4, cache_read=60, cache_write=20, total_tokens=110
+    )
 
 
 def test_importing_the_adapter_without_langchain_names_the_pip_install() -> None:
-    code = ("import sys; sys.modules['langchain_core'] = None\n"
-            "try:\n    import phi_session.adapters.langchain\nexcept ImportError as error:\n"
-            "    print(type(error).__name__, error)")
+    code = (
+        "import sys; sys.modules['langchain_core'] = None\n"
+        "try:\n    import phi_session.adapters.langchain\nexcept ImportError as error:\n"
+        "    print(type(error).__name__, error)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("MissingExtra ") and "pip install 'phi-session[langchain]'" in out
 
 
 def test_the_example_records_into_a_store_and_a_restart_continues_the_session(
-        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import runpy
     from pathlib import Path
 
@@ -424,11 +478,17 @@ def test_a_handoff_between_agents_ends_the_loop_and_the_next_agent_continues_it(
     @tool
     def transfer_to_bob(tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:
         """Hand the conversation to Bob."""
-        return Command(goto="bob", graph=Command.PARENT, update={"messages": [
-            ToolMessage(content="Bob takes over", tool_call_id=tool_call_id)]})
+        return Command(
+            goto="bob",
+            graph=Command.PARENT,
+            update={"messages": [ToolMessage(content="Bob takes over", tool_call_id=tool_call_id)]},
+        )
 
-    alice = create_agent(chat(reply("", ("h1", "transfer_to_bob", {}), model="alice-model")),
-                         tools=[transfer_to_bob], name="alice")
+    alice = create_agent(
+        chat(reply("", ("h1", "transfer_to_bob", {}), model="alice-model")),
+        tools=[transfer_to_bob],
+        name="alice",
+    )
     bob = create_agent(chat(reply("Bob here", model="bob-model")), tools=[], name="bob")
     graph = StateGraph(State)
     graph.add_node("alice", alice, destinations=("bob",))

@@ -76,9 +76,13 @@ def in_session(session_id: str) -> RunConfig:
 
 
 def test_tools_with_exact_call_ids(recorder: SessionRecorder) -> None:
-    model = scripted([function_call("add", {"a": 1, "b": 2}, call_id="call-1"),
-                      function_call("add", {"a": 3, "b": 4}, call_id="call-2")],
-                     [assistant_message("3 and 7")])
+    model = scripted(
+        [
+            function_call("add", {"a": 1, "b": 2}, call_id="call-1"),
+            function_call("add", {"a": 3, "b": 4}, call_id="call-2"),
+        ],
+        [assistant_message("3 and 7")],
+    )
     result = run(Agent(name="calc", model=model, tools=[add]), "add please", run_config=in_session("s1"))
     assert result.final_output == "3 and 7"
     (loop,) = sessions(recorder)["s1"].loops
@@ -132,8 +136,11 @@ def test_continuation_after_restart_reads_the_store(tmp_path: Any) -> None:
 
 def test_handoff_ends_the_loop_and_the_next_agent_continues(recorder: SessionRecorder) -> None:
     billing = Agent(name="billing", model=scripted([assistant_message("billing here")]))
-    triage = Agent(name="triage", handoffs=[billing],
-                   model=scripted([function_call("transfer_to_billing", {}, call_id="h1")]))
+    triage = Agent(
+        name="triage",
+        handoffs=[billing],
+        model=scripted([function_call("transfer_to_billing", {}, call_id="h1")]),
+    )
     run(triage, "my bill", run_config=in_session("h"))
     first, second = sessions(recorder)["h"].loops
     assert first.turns[-1].output_message.stop_reason == "handoff"  # type: ignore[union-attr]
@@ -143,9 +150,13 @@ def test_handoff_ends_the_loop_and_the_next_agent_continues(recorder: SessionRec
 
 def test_agent_as_tool_is_a_sub_agent_linked_both_ways(recorder: SessionRecorder) -> None:
     researcher = Agent(name="researcher", model=scripted([assistant_message("found it")]))
-    lead = Agent(name="lead", tools=[researcher.as_tool(tool_name="research", tool_description="r")],
-                 model=scripted([function_call("research", {"input": "q"}, call_id="r1")],
-                                [assistant_message("done")]))
+    lead = Agent(
+        name="lead",
+        tools=[researcher.as_tool(tool_name="research", tool_description="r")],
+        model=scripted(
+            [function_call("research", {"input": "q"}, call_id="r1")], [assistant_message("done")]
+        ),
+    )
     run(lead, "go", run_config=in_session("lead"))
     found = sessions(recorder)
     (parent,) = found["lead"].loops
@@ -189,12 +200,23 @@ def test_triggered_input_guardrail_rejects_the_loop(recorder: SessionRecorder) -
 
 def test_two_concurrent_runs_interleave(recorder: SessionRecorder) -> None:
     async def both() -> None:
-        agents = [Agent(name=f"a{n}", tools=[add], model=scripted(
-            [function_call("add", {"a": n, "b": 1}, call_id=f"c{n}")], [assistant_message(f"done {n}")]))
-            for n in (1, 2)]
-        await asyncio.gather(*(Runner.run(agent, "go", hooks=openai_agents.PhiRunHooks(),
-                                          run_config=in_session(f"cc{n}"))
-                               for n, agent in zip((1, 2), agents, strict=True)))
+        agents = [
+            Agent(
+                name=f"a{n}",
+                tools=[add],
+                model=scripted(
+                    [function_call("add", {"a": n, "b": 1}, call_id=f"c{n}")],
+                    [assistant_message(f"done {n}")],
+                ),
+            )
+            for n in (1, 2)
+        ]
+        await asyncio.gather(
+            *(
+                Runner.run(agent, "go", hooks=openai_agents.PhiRunHooks(), run_config=in_session(f"cc{n}"))
+                for n, agent in zip((1, 2), agents, strict=True)
+            )
+        )
 
     asyncio.run(both())
     found = sessions(recorder)
@@ -204,8 +226,9 @@ def test_two_concurrent_runs_interleave(recorder: SessionRecorder) -> None:
         assert [m.tool_call_id for m in loop.turns[0].tool_results] == [f"c{n}"]  # type: ignore[union-attr]
 
 
-def test_an_adapter_fault_never_reaches_the_host(monkeypatch: pytest.MonkeyPatch,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_an_adapter_fault_never_reaches_the_host(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def explode(*args: object) -> None:
         raise KeyError("adapter bug")
 
@@ -232,8 +255,9 @@ def test_install_is_idempotent_and_uninstall_detaches() -> None:
 
 def test_without_task_and_turn_spans_the_agent_span_is_the_loop(recorder: SessionRecorder) -> None:
     model = scripted([function_call("add", {"a": 1, "b": 2}, call_id="c1")], [assistant_message("3")])
-    config = RunConfig(trace_metadata={"phi.session_id": "nt"},
-                       tracing={"include_task_and_turn_spans": False})
+    config = RunConfig(
+        trace_metadata={"phi.session_id": "nt"}, tracing={"include_task_and_turn_spans": False}
+    )
     run(Agent(name="calc", model=model, tools=[add]), "add", run_config=config)
     (loop,) = sessions(recorder)["nt"].loops
     assert loop.status == "Completed" and len(loop.turns) == 2
@@ -242,8 +266,11 @@ def test_without_task_and_turn_spans_the_agent_span_is_the_loop(recorder: Sessio
 def test_disabled_tracing_warns_once(caplog: pytest.LogCaptureFixture, recorder: SessionRecorder) -> None:
     with caplog.at_level(logging.WARNING, logger="phi_session.adapters.openai_agents"):
         for _ in range(2):
-            run(Agent(name="calc", model=scripted([assistant_message("x")])), "x",
-                run_config=RunConfig(tracing_disabled=True))
+            run(
+                Agent(name="calc", model=scripted([assistant_message("x")])),
+                "x",
+                run_config=RunConfig(tracing_disabled=True),
+            )
     assert len([r for r in caplog.records if "tracing is disabled" in r.message]) <= 1
     assert recorder.sessions() == []
 
@@ -257,27 +284,63 @@ def responses_client(*bodies: dict[str, Any]) -> AsyncOpenAI:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json=queue.pop(0))
 
-    return AsyncOpenAI(api_key="test", base_url="http://mock/v1",
-                       http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    return AsyncOpenAI(
+        api_key="test",
+        base_url="http://mock/v1",
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+    )
 
 
 def response_body(output: list[dict[str, Any]], input_tokens: int, output_tokens: int) -> dict[str, Any]:
     return {
-        "id": "resp_1", "object": "response", "created_at": 0, "status": "completed", "model": "gpt-test-1",
-        "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
-        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
-                  "total_tokens": input_tokens + output_tokens,
-                  "input_tokens_details": {"cached_tokens": 2},
-                  "output_tokens_details": {"reasoning_tokens": 1}},
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 0,
+        "status": "completed",
+        "model": "gpt-test-1",
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "total_tokens": input_tokens + output_tokens,
+            "input_tokens_details": {"cached_tokens": 2},
+            "output_tokens_details": {"reasoning_tokens": 1},
+        },
     }
 
 
 def test_responses_model_content_and_usage_per_response(recorder: SessionRecorder) -> None:
     client = responses_client(
-        response_body([{"type": "function_call", "id": "fc_1", "call_id": "call_a", "name": "add",
-                        "arguments": json.dumps({"a": 2, "b": 2}), "status": "completed"}], 10, 3),
-        response_body([{"type": "message", "id": "m1", "role": "assistant", "status": "completed",
-                        "content": [{"type": "output_text", "text": "four", "annotations": []}]}], 20, 4),
+        response_body(
+            [
+                {
+                    "type": "function_call",
+                    "id": "fc_1",
+                    "call_id": "call_a",
+                    "name": "add",
+                    "arguments": json.dumps({"a": 2, "b": 2}),
+                    "status": "completed",
+                }
+            ],
+            10,
+            3,
+        ),
+        response_body(
+            [
+                {
+                    "type": "message",
+                    "id": "m1",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": "four", "annotations": []}],
+                }
+            ],
+            20,
+            4,
+        ),
     )
     agent = Agent(name="calc", tools=[add], model=OpenAIResponsesModel("gpt-test-1", client))
     run(agent, "2+2?", hooks=None, run_config=in_session("resp"))
@@ -293,15 +356,29 @@ def test_responses_model_content_and_usage_per_response(recorder: SessionRecorde
 
 def test_chat_completions_model_content_and_usage(recorder: SessionRecorder) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={
-            "id": "c1", "object": "chat.completion", "created": 0, "model": "gpt-chat-1",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "hello there"}}],
-            "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9},
-        })
+        return httpx.Response(
+            200,
+            json={
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "gpt-chat-1",
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": "hello there"},
+                    }
+                ],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9},
+            },
+        )
 
-    client = AsyncOpenAI(api_key="test", base_url="http://mock/v1",
-                         http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    client = AsyncOpenAI(
+        api_key="test",
+        base_url="http://mock/v1",
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+    )
     agent = Agent(name="chat", model=OpenAIChatCompletionsModel("gpt-chat-1", client))
     run(agent, "hi", hooks=None, run_config=in_session("chat"))
     (loop,) = sessions(recorder)["chat"].loops
@@ -315,10 +392,12 @@ def test_stream_wrapper_records_text_deltas() -> None:
     recorder = SessionRecorder()
     openai_agents.install([recorder, events.append])
     try:
+
         async def consume() -> list[Any]:
             agent = Agent(name="chat", model=scripted([assistant_message("streamed answer")]))
-            result = Runner.run_streamed(agent, "hi", hooks=openai_agents.PhiRunHooks(),
-                                         run_config=in_session("st"))
+            result = Runner.run_streamed(
+                agent, "hi", hooks=openai_agents.PhiRunHooks(), run_config=in_session("st")
+            )
             return [event async for event in openai_agents.stream(result)]
 
         seen = asyncio.run(consume())
@@ -331,12 +410,15 @@ def test_stream_wrapper_records_text_deltas() -> None:
     assert loop.turns[0].output_message.content[0].text == "streamed answer"  # type: ignore[union-attr]
 
 
-
 def test_nothing_is_held_after_the_runs_end(recorder: SessionRecorder) -> None:
     researcher = Agent(name="researcher", model=scripted([assistant_message("found")]))
-    lead = Agent(name="lead", tools=[researcher.as_tool(tool_name="research", tool_description="r")],
-                 model=scripted([function_call("research", {"input": "q"}, call_id="r1")],
-                                [assistant_message("done")]))
+    lead = Agent(
+        name="lead",
+        tools=[researcher.as_tool(tool_name="research", tool_description="r")],
+        model=scripted(
+            [function_call("research", {"input": "q"}, call_id="r1")], [assistant_message("done")]
+        ),
+    )
     run(lead, "go", run_config=in_session("held"))
     core = openai_agents.installed()
     assert core is not None and core.open_runs == 0

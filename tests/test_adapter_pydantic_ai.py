@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-pytest.importorskip("pydantic_ai",
-                    reason="needs the pydantic-ai extra: pip install 'phi-session[pydantic-ai]'")
+pytest.importorskip(
+    "pydantic_ai", reason="needs the pydantic-ai extra: pip install 'phi-session[pydantic-ai]'"
+)
 
 from pydantic_ai import Agent, CallToolsNode, DeferredToolRequests, ModelRetry, RunContext
 from pydantic_ai.exceptions import CallDeferred, ToolFailed
@@ -75,12 +76,18 @@ def tools_agent(capability: PhiCapability, **model: Any) -> Agent[None, str]:
 def text_after_tools(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     """One request calling `lookup`, then a text answer."""
     if len(messages) == 1:
-        return ModelResponse(parts=[TextPart("looking"), ToolCallPart("lookup", {"key": "k"},
-                                                                    tool_call_id="c1")],
-                             usage=RequestUsage(input_tokens=30, output_tokens=5, cache_read_tokens=10),
-                             finish_reason="tool_call")
-    return ModelResponse(parts=[TextPart("found it")], usage=RequestUsage(input_tokens=40, output_tokens=3),
-                         finish_reason="stop", model_name="fn-model", provider_name="fn-provider")
+        return ModelResponse(
+            parts=[TextPart("looking"), ToolCallPart("lookup", {"key": "k"}, tool_call_id="c1")],
+            usage=RequestUsage(input_tokens=30, output_tokens=5, cache_read_tokens=10),
+            finish_reason="tool_call",
+        )
+    return ModelResponse(
+        parts=[TextPart("found it")],
+        usage=RequestUsage(input_tokens=40, output_tokens=3),
+        finish_reason="stop",
+        model_name="fn-model",
+        provider_name="fn-provider",
+    )
 
 
 # -- tools, usage, the message shapes ----------------------------------------------------------------
@@ -94,16 +101,23 @@ def test_a_run_with_tools_is_one_loop_with_a_turn_per_model_request() -> None:
     loop = only_loop(recorder)
     assert loop.status == "Completed" and loop.continuation_kind == INITIAL
     assert loop.config is not None and (loop.config.model, loop.config.provider, loop.config.name) == (
-        "test", "test", "calc")
+        "test",
+        "test",
+        "calc",
+    )
     assert [turn.triggered_by for turn in loop.turns] == ["User", "Continuation"]
     user, call, *results, answer = loop.messages
     assert isinstance(user, UserMessage) and user.content[0].text == "hello"  # type: ignore[union-attr]
     assert isinstance(call, AssistantMessage) and call.stop_reason == "toolUse"
     calls = [block for block in call.content if isinstance(block, ToolCall)]
-    assert [(c.id, c.name) for c in calls] == [("pyd_ai_tool_call_id__add", "add"),
-                                               ("pyd_ai_tool_call_id__upper", "upper")]
+    assert [(c.id, c.name) for c in calls] == [
+        ("pyd_ai_tool_call_id__add", "add"),
+        ("pyd_ai_tool_call_id__upper", "upper"),
+    ]
     assert [(r.tool_call_id, r.content[0].text, r.is_error) for r in results] == [  # type: ignore[union-attr]
-        ("pyd_ai_tool_call_id__add", "0", False), ("pyd_ai_tool_call_id__upper", "A", False)]
+        ("pyd_ai_tool_call_id__add", "0", False),
+        ("pyd_ai_tool_call_id__upper", "A", False),
+    ]
     assert all(isinstance(r, ToolResultMessage) for r in results)
     assert isinstance(answer, AssistantMessage) and answer.stop_reason == "stop"
     assert answer.content[0].text == result.output  # type: ignore[union-attr]
@@ -127,7 +141,11 @@ def test_request_usage_model_provider_and_finish_reason_come_from_the_response()
     responses = [m for m in result.all_messages() if isinstance(m, ModelResponse)]
     # pydantic-ai's input tokens include the cache reads; phi-core counts them apart.
     assert (first.usage.input, first.usage.cache_read, first.usage.output, first.usage.total_tokens) == (
-        20, 10, 5, 35)
+        20,
+        10,
+        5,
+        35,
+    )
     assert first.stop_reason == "toolUse" and first.content[0].text == "looking"  # type: ignore[union-attr]
     assert first.provider == "function"  # the response names none: the model's system
     assert [m.model for m in (first, second)] == [r.model_name for r in responses]
@@ -191,7 +209,8 @@ def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
     (result,) = [m for m in parent.messages if isinstance(m, ToolResultMessage)]
     assert result.content[0].text == "42"  # type: ignore[union-attr]
     assert [(ref.child_loop_id, ref.child_session_id) for ref in parent.child_loop_refs] == [
-        (child.loop_id, by_name["helper"].session_id)]
+        (child.loop_id, by_name["helper"].session_id)
+    ]
     (end,) = [e.event for e in parent.events if isinstance(e.event, ToolExecutionEnd)]
     assert end.child_loop_id == child.loop_id
     spawn = by_name["helper"].parent_spawn_ref
@@ -221,7 +240,9 @@ def test_model_retry_from_a_tool_is_an_error_result_and_the_run_goes_on() -> Non
     assert loop.status == "Completed"
     results = [m for m in loop.messages if isinstance(m, ToolResultMessage)]
     assert [(r.is_error, r.content[0].text) for r in results] == [  # type: ignore[union-attr]
-        (True, "try a bigger x"), (False, "ok")]
+        (True, "try a bigger x"),
+        (False, "ok"),
+    ]
 
 
 def test_a_tool_raising_fails_the_run_and_its_loop_records_why() -> None:
@@ -258,7 +279,8 @@ def test_an_exception_in_the_model_ends_the_loop_aborted_and_reaches_the_host_un
 
 
 def test_an_adapter_fault_is_counted_and_logged_once_and_the_host_never_sees_it(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     recorder = SessionRecorder()
     capability = PhiCapability(recorder)
@@ -328,11 +350,21 @@ def test_stream_true_records_text_thinking_and_tool_argument_deltas() -> None:
     result = streaming_agent(PhiCapability(recorder, stream=True)).run_sync("find k")
     assert result.output == "found it"
     loop = only_loop(recorder)
-    deltas = [(e.event.delta.kind, e.event.delta.delta) for e in loop.events  # type: ignore[union-attr]
-              if isinstance(e.event, MessageUpdate)]
-    assert deltas == [("Thinking", "let me "), ("Thinking", "see"), ("Text", "Calling "), ("Text", "lookup"),
-                      ("ToolCallDelta", '{"key":'), ("ToolCallDelta", '"k"}'),
-                      ("Text", "found "), ("Text", "it")]
+    deltas = [
+        (e.event.delta.kind, e.event.delta.delta)
+        for e in loop.events  # type: ignore[union-attr]
+        if isinstance(e.event, MessageUpdate)
+    ]
+    assert deltas == [
+        ("Thinking", "let me "),
+        ("Thinking", "see"),
+        ("Text", "Calling "),
+        ("Text", "lookup"),
+        ("ToolCallDelta", '{"key":'),
+        ("ToolCallDelta", '"k"}'),
+        ("Text", "found "),
+        ("Text", "it"),
+    ]
     first = next(m for m in loop.messages if isinstance(m, AssistantMessage))
     assert first.content[-1] == ToolCall(id="c1", name="lookup", arguments={"key": "k"})
 
@@ -423,8 +455,9 @@ def test_an_output_tool_call_gets_the_return_pydantic_ai_made_for_it() -> None:
 
 def test_tool_failed_is_an_error_result_and_a_deferred_call_a_result_saying_so() -> None:
     recorder = SessionRecorder()
-    agent = Agent(TestModel(), capabilities=[PhiCapability(recorder)],
-                  output_type=[str, DeferredToolRequests])
+    agent = Agent(
+        TestModel(), capabilities=[PhiCapability(recorder)], output_type=[str, DeferredToolRequests]
+    )
 
     @agent.tool_plain
     def gone(x: int) -> str:
@@ -460,7 +493,8 @@ def test_a_run_left_early_ends_its_loop_aborted() -> None:
 
 
 def test_by_default_sessions_go_to_the_embedded_store_and_continue_after_a_restart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("PHI_SESSION_STORE", str(tmp_path / "sessions.db"))
     first_process = PhiCapability()
@@ -481,16 +515,19 @@ def test_by_default_sessions_go_to_the_embedded_store_and_continue_after_a_resta
 
 
 def test_without_the_extra_the_import_names_the_pip_install() -> None:
-    code = ("import sys; sys.modules['pydantic_ai'] = None\n"
-            "import phi_session, phi_session.adapters\n"
-            "try:\n    import phi_session.adapters.pydantic_ai\n"
-            "except ImportError as e:\n    print(type(e).__name__, e)\n")
+    code = (
+        "import sys; sys.modules['pydantic_ai'] = None\n"
+        "import phi_session, phi_session.adapters\n"
+        "try:\n    import phi_session.adapters.pydantic_ai\n"
+        "except ImportError as e:\n    print(type(e).__name__, e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("MissingExtra") and "pip install 'phi-session[pydantic-ai]'" in out
 
 
-def test_the_example_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_example_runs_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     example = Path(__file__).resolve().parents[1] / "examples" / "adapter_pydantic_ai.py"
     monkeypatch.setattr(sys, "argv", [example.name, str(tmp_path / "out")])
     runpy.run_path(str(example), run_name="__main__")

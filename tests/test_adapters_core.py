@@ -36,8 +36,7 @@ CONFIG = LoopConfigSnapshot(model="m-1", provider="fake")
 
 
 def make_core(recorder: SessionRecorder, **kwargs: object) -> AdapterCore:
-    return AdapterCore("fake-fw", [recorder], agent=AgentSession("agent-1", clock=FakeClock()),
-                       **kwargs)  # type: ignore[arg-type]
+    return AdapterCore("fake-fw", [recorder], agent=AgentSession("agent-1", clock=FakeClock()), **kwargs)  # type: ignore[arg-type]
 
 
 def one_turn(core: AdapterCore, key: str, text: str = "hi") -> None:
@@ -198,7 +197,8 @@ def test_branches_fork_from_one_loop_without_a_winner() -> None:
     assert core.branch("x", "gone", CONFIG, "x") is None
     root, *branches = recorder.sessions()[0].loops
     assert [(b.parent_loop_id, b.continuation_kind, b.metadata["branch"]) for b in branches] == [
-        (root.loop_id, ContinuationKind.branch(tag), tag) for tag in ("p.a", "p.b")]
+        (root.loop_id, ContinuationKind.branch(tag), tag) for tag in ("p.a", "p.b")
+    ]
     assert all(b.turns[0].triggered_by == "Branch" and b.parallel_group is None for b in branches)
     assert_round_trip(recorder)
 

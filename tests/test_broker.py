@@ -54,8 +54,9 @@ def _listening(port: int) -> bool:
 if not DSN:
     pytest.skip("PHI_SESSION_TEST_POSTGRES_DSN is not set", allow_module_level=True)
 if not _listening(4222):
-    pytest.skip("no nats-server on 127.0.0.1:4222 (.ci/run starts one: nats-server -js)",
-                allow_module_level=True)
+    pytest.skip(
+        "no nats-server on 127.0.0.1:4222 (.ci/run starts one: nats-server -js)", allow_module_level=True
+    )
 
 
 @dataclass
@@ -67,13 +68,15 @@ class Names:
     url: str = URL
 
     def sink(self, **options: Any) -> JetStreamSink:
-        return JetStreamSink(self.url, stream=self.stream, subject_prefix=self.prefix,
-                             spill_dir=self.spill, **options)
+        return JetStreamSink(
+            self.url, stream=self.stream, subject_prefix=self.prefix, spill_dir=self.spill, **options
+        )
 
     def worker(self, **options: Any) -> IngestWorker:
         options = {"ack_wait": 1.0, "checkpoint_interval": 0.2, "rebalance_interval": 0.2, **options}
-        return IngestWorker(self.url, DSN, schema=self.schema, stream=self.stream, subject_prefix=self.prefix,
-                            **options)
+        return IngestWorker(
+            self.url, DSN, schema=self.schema, stream=self.stream, subject_prefix=self.prefix, **options
+        )
 
 
 async def _delete_stream(url: str, stream: str) -> None:
@@ -94,8 +97,9 @@ def names() -> Iterator[Names]:
     yield made
     asyncio.run(_delete_stream(made.url, made.stream))
     with psycopg.connect(DSN, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
-                     .format(psycopg.sql.Identifier(made.schema)))
+        conn.execute(
+            psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(psycopg.sql.Identifier(made.schema))
+        )
     shutil.rmtree(spill, ignore_errors=True)
 
 
@@ -138,7 +142,8 @@ def _staged_ids_or_none(schema: str) -> list[str]:
 def _staged_ids(schema: str) -> list[str]:
     with psycopg.connect(DSN, autocommit=True) as conn:
         query = psycopg.sql.SQL("SELECT event_id FROM {}.broker_events").format(
-            psycopg.sql.Identifier(schema))
+            psycopg.sql.Identifier(schema)
+        )
         return [row[0] for row in conn.execute(query)]
 
 
@@ -157,8 +162,13 @@ async def _run_until(worker: IngestWorker, done: Any, timeout: float = 180) -> N
 
 def _helper(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen([sys.executable, str(HELPER), *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(HELPER), *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 # -- the fleet ------------------------------------------------------------------------------------
@@ -170,8 +180,10 @@ def test_four_producers_two_workers_one_killed_and_restarted(names: Names) -> No
     expected = _reference([list(workload.events(sessions, seed=seed)) for seed in seeds])
     worker_args = ("worker", URL, DSN, names.schema, names.stream, names.prefix)
     first, second = _helper(*worker_args), _helper(*worker_args)
-    producers = [_helper("producer", URL, names.stream, names.prefix, str(names.spill), str(seed),
-                         str(sessions)) for seed in seeds]
+    producers = [
+        _helper("producer", URL, names.stream, names.prefix, str(names.spill), str(seed), str(sessions))
+        for seed in seeds
+    ]
     deadline = time.monotonic() + 30
     while len(_staged_ids_or_none(names.schema)) < 1000 and time.monotonic() < deadline:
         time.sleep(0.05)  # mid-stream: the workers hold some events, others are still coming
@@ -193,8 +205,9 @@ def test_four_producers_two_workers_one_killed_and_restarted(names: Names) -> No
     ids = _staged_ids(names.schema)
     total = sum(workload.EVENTS_PER_SESSION * sessions for _ in seeds)
     assert len(ids) == len(set(ids)) == total  # every event staged exactly once
-    status = asyncio.run(ingest_status(URL, DSN, schema=names.schema, stream=names.stream,
-                                       subject_prefix=names.prefix))
+    status = asyncio.run(
+        ingest_status(URL, DSN, schema=names.schema, stream=names.stream, subject_prefix=names.prefix)
+    )
     assert [(s.in_stream, s.unacknowledged, s.staged) for s in status] == [(0, 0, 0)] * 4
 
 
@@ -215,12 +228,17 @@ def _publish_raw(names: Names, messages: list[tuple[str, bytes, dict[str, str]]]
 @pytest.fixture
 def short_window(names: Names) -> Names:
     """The stream created up front with a one-second duplicate window."""
+
     async def create() -> None:
         from phi_session.broker.settings import StreamSettings, ensure_stream
 
         nc = await nats.connect(names.url)
-        await ensure_stream(nc.jetstream(), StreamSettings(stream=names.stream, subject_prefix=names.prefix,
-                                                           partitions=1, duplicate_window=1))
+        await ensure_stream(
+            nc.jetstream(),
+            StreamSettings(
+                stream=names.stream, subject_prefix=names.prefix, partitions=1, duplicate_window=1
+            ),
+        )
         await nc.close()
 
     asyncio.run(create())
@@ -239,12 +257,21 @@ def test_duplicate_publish_after_the_window_is_recorded_once(short_window: Names
     time.sleep(1.5)
     session = events[0].session_id
     # The same event (same id) again, as a producer retrying after the window would send it.
-    _publish_raw(names, [(f"{names.prefix}.0", encode_event(events[5]),
-                          {"Nats-Msg-Id": f"{producer}-6", "Phi-Session": session})])
+    _publish_raw(
+        names,
+        [
+            (
+                f"{names.prefix}.0",
+                encode_event(events[5]),
+                {"Nats-Msg-Id": f"{producer}-6", "Phi-Session": session},
+            )
+        ],
+    )
     worker = names.worker()
     expected = _reference([events])
-    asyncio.run(_run_until(
-        worker, lambda: _stored(names.schema) == expected and worker.stats.received > len(events)))
+    asyncio.run(
+        _run_until(worker, lambda: _stored(names.schema) == expected and worker.stats.received > len(events))
+    )
     assert _stored(names.schema) == expected
     assert worker.stats.duplicates == 1
     assert worker.stats.recorded == len(events)
@@ -265,10 +292,18 @@ def test_out_of_order_redelivery_is_applied_in_order(names: Names) -> None:
         js = nc.jetstream()
         from nats.js import api
 
-        await js.add_consumer(names.stream, api.ConsumerConfig(
-            durable_name="phi-ingest-0", filter_subject=f"{names.prefix}.0",
-            ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL, ack_wait=1.0,
-            max_deliver=-1, max_ack_pending=worker.batch * 4))
+        await js.add_consumer(
+            names.stream,
+            api.ConsumerConfig(
+                durable_name="phi-ingest-0",
+                filter_subject=f"{names.prefix}.0",
+                ack_policy=api.AckPolicy.EXPLICIT,
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_wait=1.0,
+                max_deliver=-1,
+                max_ack_pending=worker.batch * 4,
+            ),
+        )
         subscription = await js.pull_subscribe_bind(durable="phi-ingest-0", stream=names.stream)
         taken = await subscription.fetch(20, timeout=5)
         await nc.close()
@@ -425,13 +460,17 @@ def test_record_to_nats_then_ingest_and_status(names: Names, tmp_path: Path) -> 
     events = list(workload.events(2, seed=7))
     source = tmp_path / "events.jsonl"
     source.write_bytes(b"\n".join(encode_event(event) for event in events) + b"\n{not json\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PHI_SESSION_NATS_PARTITIONS": "2",
-           "PHI_SESSION_NATS_STREAM": names.stream, "PHI_SESSION_NATS_SUBJECT_PREFIX": names.prefix}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "PHI_SESSION_NATS_PARTITIONS": "2",
+        "PHI_SESSION_NATS_STREAM": names.stream,
+        "PHI_SESSION_NATS_SUBJECT_PREFIX": names.prefix,
+    }
     store = f"{DSN}{'&' if '?' in DSN else '?'}schema={names.schema}"
 
     def cli(*args: str, **options: Any) -> Any:
-        return subprocess.run([*CLI, *args], env=env, text=True,
-                              capture_output=True, cwd=tmp_path, **options)
+        return subprocess.run([*CLI, *args], env=env, text=True, capture_output=True, cwd=tmp_path, **options)
 
     published = cli("record", str(source), "--to", URL, "--json")
     assert published.returncode == 0, published.stderr
@@ -441,9 +480,14 @@ def test_record_to_nats_then_ingest_and_status(names: Names, tmp_path: Path) -> 
     rows = json.loads(status.stdout)
     assert [row["partition"] for row in rows] == [0, 1]
     assert sum(row["in_stream"] for row in rows) == len(events)  # the lag: nothing ingested yet
-    worker = subprocess.Popen([*CLI, "ingest", URL, "--store", store],
-                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              cwd=tmp_path)
+    worker = subprocess.Popen(
+        [*CLI, "ingest", URL, "--store", store],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
     expected = _reference([events])
     stored = _wait_stored(names.schema, expected)
     worker.send_signal(signal.SIGTERM)
@@ -467,8 +511,9 @@ def test_a_session_no_store_accepts_stays_staged_as_rejected(names: Names) -> No
     asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected and worker.stats.rejected > 0))
     assert _stored(names.schema) == expected
     assert worker.stats.rejected == len(bad)  # kept with their payload, not replayed forever
-    status = asyncio.run(ingest_status(names.url, DSN, schema=names.schema, stream=names.stream,
-                                       subject_prefix=names.prefix))
+    status = asyncio.run(
+        ingest_status(names.url, DSN, schema=names.schema, stream=names.stream, subject_prefix=names.prefix)
+    )
     assert [(row.staged, row.rejected) for row in status] == [(0, len(bad))]
 
 
@@ -486,8 +531,10 @@ def test_a_tracer_publishes_through_the_sink_and_a_sub_agent_goes_with_its_paren
             with loop.turn() as turn:
                 with turn.assistant() as reply:
                     reply.text_delta("Asking a helper.")
-                    reply.finish(tool_calls=[ToolCall(id="c1", name="delegate", arguments={})],
-                                 usage=Usage(input=10, output=5, total_tokens=15))
+                    reply.finish(
+                        tool_calls=[ToolCall(id="c1", name="delegate", arguments={})],
+                        usage=Usage(input=10, output=5, total_tokens=15),
+                    )
                 for call in turn.tool_calls:
                     with turn.tool(call) as tool:
                         with tool.sub_agent() as child:
@@ -508,5 +555,6 @@ def test_a_tracer_publishes_through_the_sink_and_a_sub_agent_goes_with_its_paren
     assert stored == expected  # the spawn links are exact: one worker recorded parent and children
     with psycopg.connect(DSN, autocommit=True) as conn:
         query = psycopg.sql.SQL("SELECT DISTINCT part FROM {}.broker_events").format(
-            psycopg.sql.Identifier(names.schema))
+            psycopg.sql.Identifier(names.schema)
+        )
         assert len(conn.execute(query).fetchall()) == 1  # 3 sessions, 16 partitions: routed together

@@ -11,9 +11,18 @@ from phi_session.broker import StreamSettings, partition_of
 
 
 def test_settings_are_validated_with_the_field_named() -> None:
-    for bad in ({"stream": "a.b"}, {"stream": ""}, {"subject_prefix": "a..b"}, {"subject_prefix": "a.*"},
-                {"partitions": 0}, {"partitions": 1025}, {"partitions": True}, {"max_bytes": 10},
-                {"duplicate_window": 0}, {"duplicate_window": 20, "max_age": 10}):
+    for bad in (
+        {"stream": "a.b"},
+        {"stream": ""},
+        {"subject_prefix": "a..b"},
+        {"subject_prefix": "a.*"},
+        {"partitions": 0},
+        {"partitions": 1025},
+        {"partitions": True},
+        {"max_bytes": 10},
+        {"duplicate_window": 0},
+        {"duplicate_window": 20, "max_age": 10},
+    ):
         name = next(iter(bad))
         with pytest.raises(ValueError, match=name):
             StreamSettings(**bad)  # type: ignore[arg-type]
@@ -40,10 +49,12 @@ def test_partitions_are_stable_and_spread() -> None:
 
 
 def test_without_nats_py_the_error_names_the_extra() -> None:
-    code = ("import sys; sys.modules['nats'] = None\n"
-            "from phi_session.broker import JetStreamSink\n"
-            "from phi_session.errors import MissingExtra\n"
-            "try:\n    JetStreamSink('nats://127.0.0.1:4222')\n"
-            "except MissingExtra as error:\n    print(error)\n")
+    code = (
+        "import sys; sys.modules['nats'] = None\n"
+        "from phi_session.broker import JetStreamSink\n"
+        "from phi_session.errors import MissingExtra\n"
+        "try:\n    JetStreamSink('nats://127.0.0.1:4222')\n"
+        "except MissingExtra as error:\n    print(error)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'phi-session[nats]'" in out.stdout

@@ -116,9 +116,14 @@ def test_record_json_summary() -> None:
     assert isinstance(data, dict)
     assert {row["session_id"] for row in data["sessions"]} == set(EXAMPLE_IDS)
     parallel = next(row for row in data["sessions"] if row["session_id"] == PARALLEL_ID)
-    assert parallel == {"session_id": PARALLEL_ID, "agent_id": "d8e2b6f4-3a1c-4d7e-b9f5-6c0a2e8d4b17",
-                        "loops_by_status": {"Completed": 2}, "turns": 2, "total_tokens": 76,
-                        "rejected": False}
+    assert parallel == {
+        "session_id": PARALLEL_ID,
+        "agent_id": "d8e2b6f4-3a1c-4d7e-b9f5-6c0a2e8d4b17",
+        "loops_by_status": {"Completed": 2},
+        "turns": 2,
+        "total_tokens": 76,
+        "rejected": False,
+    }
     totals = data["totals"]
     assert totals["sessions"] == 5 and totals["loops"] == 7 and totals["turns"] == 9
     assert totals["total_tokens"] == 2970 and totals["malformed_lines"] == 0
@@ -170,14 +175,22 @@ def test_record_keeps_orphan_events_when_asked(tmp_path: Path) -> None:
 def test_record_unwritable_orphans_file_fails_before_reading(tmp_path: Path) -> None:
     # The input (stdin here) must not be consumed and lost when the orphans file cannot be made.
     unwritable = tmp_path / "no-such-dir" / "orphans.jsonl"
-    result = run("record", "-", "--dir", tmp_path / "out", "--orphans", unwritable,
-                 input="".join(line + "\n" for line in example_lines()))
+    result = run(
+        "record",
+        "-",
+        "--dir",
+        tmp_path / "out",
+        "--orphans",
+        unwritable,
+        input="".join(line + "\n" for line in example_lines()),
+    )
     assert_one_line_error(result, EXIT_USAGE, "--orphans", str(unwritable))
     assert not (tmp_path / "out").exists()
 
 
 def test_record_reports_orphans_written_only_after_the_write(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import phi_session.cli.commands as cli_module
 
     def full_disk(event: object) -> bytes:
@@ -194,7 +207,8 @@ def test_record_reports_orphans_written_only_after_the_write(
 
 
 def test_record_ctrl_c_during_a_mid_stream_save_keeps_every_drained_session(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import phi_session.cli.commands as cli_module
 
     monkeypatch.setattr(cli_module, "_SPILL_EVERY", len(example_lines()))  # one spill, after the last line
@@ -241,8 +255,9 @@ def test_record_ctrl_c_still_saves_what_was_read(tmp_path: Path, monkeypatch: py
 def test_record_errors(tmp_path: Path) -> None:
     assert_one_line_error(run("record", tmp_path / "missing.jsonl"), EXIT_FAILURE, "missing.jsonl")
     assert_one_line_error(run("record", tmp_path), EXIT_USAGE, "directory")
-    assert_one_line_error(run("record", EXAMPLE_STREAM, "--dir", tmp_path / "a", "--store", tmp_path),
-                          EXIT_USAGE, "--dir")
+    assert_one_line_error(
+        run("record", EXAMPLE_STREAM, "--dir", tmp_path / "a", "--store", tmp_path), EXIT_USAGE, "--dir"
+    )
     assert_one_line_error(run("record"), EXIT_USAGE, "FILE")
 
 
@@ -276,8 +291,10 @@ def test_list_table(store_dir: Path) -> None:
 
 
 def test_list_table_fits_narrow_terminals(store_dir: Path) -> None:
-    for columns, headers in ((80, ["ID", "LAST", "ACTIVE", "LOOPS", "TOKENS"]),
-                             (110, ["ID", "AGENT", "LAST", "ACTIVE", "LOOPS", "TURNS", "TOKENS"])):
+    for columns, headers in (
+        (80, ["ID", "LAST", "ACTIVE", "LOOPS", "TOKENS"]),
+        (110, ["ID", "AGENT", "LAST", "ACTIVE", "LOOPS", "TURNS", "TOKENS"]),
+    ):
         result = CliRunner().invoke(main, ["list", "--store", str(store_dir)], env={"COLUMNS": str(columns)})
         header, *rows = result.stdout.splitlines()
         assert header.split() == headers
@@ -314,20 +331,23 @@ def test_list_json_and_filters(store_dir: Path) -> None:
     assert ids("--since", "1h") == []  # the examples are from 2025
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (("--since", "yesterday"), "--since"),
-    (("--until", "2025-13-01"), "--until"),
-    (("--status", "Done"), "--status"),
-    (("--limit", "-1"), "--limit"),
-    (("--limit", "99999999999999999999999"), "--limit"),
-    (("--min-tokens", "9223372036854775808"), "--min-tokens"),
-    (("--limit", "+5"), "--limit"),
-    (("--limit", "\u0665"), "--limit"),  # an Arabic-Indic five
-    (("--min-tokens", "many"), "--min-tokens"),
-    (("--order", "random"), "--order"),
-    (("--since", "2025-06-03", "--until", "2025-06-01"), "--until"),
-    (("--no-such-option",), "no-such-option"),
-])
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--since", "yesterday"), "--since"),
+        (("--until", "2025-13-01"), "--until"),
+        (("--status", "Done"), "--status"),
+        (("--limit", "-1"), "--limit"),
+        (("--limit", "99999999999999999999999"), "--limit"),
+        (("--min-tokens", "9223372036854775808"), "--min-tokens"),
+        (("--limit", "+5"), "--limit"),
+        (("--limit", "\u0665"), "--limit"),  # an Arabic-Indic five
+        (("--min-tokens", "many"), "--min-tokens"),
+        (("--order", "random"), "--order"),
+        (("--since", "2025-06-03", "--until", "2025-06-01"), "--until"),
+        (("--no-such-option",), "no-such-option"),
+    ],
+)
 def test_list_usage_errors(store_dir: Path, args: tuple[str, ...], fragment: str) -> None:
     assert_one_line_error(run("list", "--store", store_dir, *args), EXIT_USAGE, fragment)
 
@@ -365,7 +385,7 @@ def test_show(store_dir: Path) -> None:
     # The continuation is drawn under the loop it continues.
     first = basic.index(BASIC_LOOPS[0])
     second = basic.index(BASIC_LOOPS[1])
-    assert first < second and "Default" in basic[second - 40:second]
+    assert first < second and "Default" in basic[second - 40 : second]
 
 
 def test_show_survives_a_parent_cycle(store_dir: Path) -> None:
@@ -385,18 +405,33 @@ def test_show_renders_a_long_continuation_chain(tmp_path: Path) -> None:
     # Deeper than the recursion limit: the loop forest and tree are built iteratively,
     # and loops past MAX_TREE_DEPTH are drawn flat, naming the loop they continue.
     count, started = 1500, Timestamp.parse("2025-06-01T00:00:00Z")
-    loops = [LoopRecord.start(loop_id=f"loop-{i}", session_id="chain", agent_id="agent", started_at=started,
-                              parent_loop_id=f"loop-{i - 1}" if i else None, status="Completed")
-             for i in range(count)]
+    loops = [
+        LoopRecord.start(
+            loop_id=f"loop-{i}",
+            session_id="chain",
+            agent_id="agent",
+            started_at=started,
+            parent_loop_id=f"loop-{i - 1}" if i else None,
+            status="Completed",
+        )
+        for i in range(count)
+    ]
     for record, child in itertools.pairwise(loops):
         record.children_loop_ids.append(child.loop_id)
-    JsonDirStore(tmp_path / "chain").save(Session(
-        session_id="chain", agent_id="agent", created_at=started, last_active_at=started,
-        formation=SessionFormation("FirstLoop", started), loops=loops))
+    JsonDirStore(tmp_path / "chain").save(
+        Session(
+            session_id="chain",
+            agent_id="agent",
+            created_at=started,
+            last_active_at=started,
+            formation=SessionFormation("FirstLoop", started),
+            loops=loops,
+        )
+    )
     result = run("show", "chain", "--store", tmp_path / "chain")
     assert result.exit_code == EXIT_OK, (result.stderr, result.exception)
     labels = [line for line in result.stdout.splitlines() if "● Completed" in line]
-    shown = [label[label.index("loop-"):].split()[0] for label in labels]
+    shown = [label[label.index("loop-") :].split()[0] for label in labels]
     assert shown == [f"loop-{i}" for i in range(count)]
     assert f"continues loop #{count - 1}" in result.stdout
     assert len({label.index("#") for label in labels}) == MAX_TREE_DEPTH  # nesting stops there
@@ -404,7 +439,7 @@ def test_show_renders_a_long_continuation_chain(tmp_path: Path) -> None:
 
 def test_show_events(store_dir: Path) -> None:
     out = run("show", BASIC_ID, "--store", store_dir, "--events").stdout
-    log = out[out.index("events ("):]
+    log = out[out.index("events (") :]
     rows = [line for line in log.splitlines() if line.startswith("#")]
     stored = decode_session((store_dir / f"{BASIC_ID}.json").read_bytes())
     assert len(rows) == sum(len(loop.events) for loop in stored.loops)
@@ -436,8 +471,12 @@ def test_tree(store_dir: Path) -> None:
     assert graph["session_id"] == PARENT_ID and graph["via"] is None and graph["found"]
     (child,) = graph["children"]
     assert child["session_id"] == CHILD_ID and child["found"] and child["children"] == []
-    assert child["via"] == {"parent_loop_id": PARENT_LOOP, "tool_name": "researcher",
-                            "tool_call_id": "toolu_02B", "child_loop_id": CHILD_LOOP}
+    assert child["via"] == {
+        "parent_loop_id": PARENT_LOOP,
+        "tool_name": "researcher",
+        "tool_call_id": "toolu_02B",
+        "child_loop_id": CHILD_LOOP,
+    }
     assert child["total_tokens"] == 69
 
     child_view = run("tree", CHILD_ID, "--store", store_dir).stdout
@@ -465,14 +504,16 @@ def test_context(store_dir: Path) -> None:
     assert "read_file" in text.stdout and "assistant" in text.stdout
     assert f"{len(stored.loops[0].messages)} messages" in text.stderr
 
-    assert_one_line_error(run("context", BASIC_ID, "no.such.loop", "--store", store_dir), EXIT_FAILURE,
-                          "no.such.loop")
+    assert_one_line_error(
+        run("context", BASIC_ID, "no.such.loop", "--store", store_dir), EXIT_FAILURE, "no.such.loop"
+    )
 
 
 def test_untrusted_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
     hostile = "\x1b[2J\x1b]0;owned\x07 [bold red]markup[/] \u009b31m"
-    lines = [line.replace('"Say hello."', json.dumps(hostile))
-             for line in example_lines() if MINIMAL_ID in line]
+    lines = [
+        line.replace('"Say hello."', json.dumps(hostile)) for line in example_lines() if MINIMAL_ID in line
+    ]
     stream = tmp_path / "hostile.jsonl"
     stream.write_text("\n".join(lines) + "\n")
     assert run("record", stream, "--dir", tmp_path / "out").exit_code == EXIT_OK
@@ -489,12 +530,19 @@ def test_stats(store_dir: Path) -> None:
     by_model = json_out(run("stats", "--by", "model", "--store", str(store_dir), "--json"))
     assert isinstance(by_model, list)
     assert [row["key"] for row in by_model] == [
-        "anthropic/claude-haiku-4-5", "anthropic/claude-sonnet-4-5", "openai/gpt-4o"]
+        "anthropic/claude-haiku-4-5",
+        "anthropic/claude-sonnet-4-5",
+        "openai/gpt-4o",
+    ]
     assert sum(row["usage"]["total_tokens"] for row in by_model) == 2970
     by_day = json_out(run("stats", "--by", "day", "--store", str(store_dir), "--json"))
     assert isinstance(by_day, list)
     assert [(row["key"], row["sessions"]) for row in by_day] == [
-        ("2025-06-01", 1), ("2025-06-02", 2), ("2025-06-03", 1), ("2025-06-04", 1)]
+        ("2025-06-01", 1),
+        ("2025-06-02", 2),
+        ("2025-06-03", 1),
+        ("2025-06-04", 1),
+    ]
     table = run("stats", "--store", store_dir)
     assert table.exit_code == EXIT_OK
     assert table.stdout.splitlines()[0].split()[:3] == ["AGENT", "SESSIONS", "LOOPS"]
@@ -526,8 +574,10 @@ def test_export_jsonl_gives_back_the_recorded_stream(store_dir: Path, tmp_path: 
     assert result.stdout.splitlines() == recorded
     # A parent and its sub-agent exported together record back into the same sessions.
     stream = tmp_path / "family.jsonl"
-    assert run("export", PARENT_ID, CHILD_ID, "--format", "jsonl", "--store", store_dir,
-               "-o", stream).exit_code == EXIT_OK
+    assert (
+        run("export", PARENT_ID, CHILD_ID, "--format", "jsonl", "--store", store_dir, "-o", stream).exit_code
+        == EXIT_OK
+    )
     again = tmp_path / "again"
     assert run("record", stream, "--dir", again).exit_code == EXIT_OK
     for session_id in (PARENT_ID, CHILD_ID):
@@ -578,8 +628,10 @@ def test_usage_errors_are_one_line() -> None:
     assert no_args.exit_code == EXIT_USAGE and "Commands:" in no_args.stderr
 
 
-@pytest.mark.parametrize("command", [
-    "list", "show", "tree", "stats", "record", "import", "export", "context", "rm", "demo", "serve"])
+@pytest.mark.parametrize(
+    "command",
+    ["list", "show", "tree", "stats", "record", "import", "export", "context", "rm", "demo", "serve"],
+)
 def test_every_command_has_help_with_store_and_json(command: str) -> None:
     result = run(command, "--help")
     assert result.exit_code == EXIT_OK
@@ -607,8 +659,10 @@ def test_demo(tmp_path: Path) -> None:
 
 # -- real subprocesses of the installed console script ---------------------------------------------
 
-needs_script = pytest.mark.skipif(not SCRIPT.exists() and shutil.which("phi-session") is None,
-                                  reason="the phi-session console script is not installed")
+needs_script = pytest.mark.skipif(
+    not SCRIPT.exists() and shutil.which("phi-session") is None,
+    reason="the phi-session console script is not installed",
+)
 
 
 def script() -> str:
@@ -620,12 +674,22 @@ def test_console_script_help_and_record(tmp_path: Path) -> None:
     helped = subprocess.run([script(), "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert helped.returncode == EXIT_OK
     assert "record" in helped.stdout and "serve" in helped.stdout
-    recorded = subprocess.run([script(), "record", str(EXAMPLE_STREAM), "--dir", str(tmp_path / "out")],
-                              capture_output=True, text=True, timeout=60, check=False)
+    recorded = subprocess.run(
+        [script(), "record", str(EXAMPLE_STREAM), "--dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert recorded.returncode == EXIT_OK, recorded.stderr
     assert len(recorded.stdout.strip().splitlines()) == 6
-    missing = subprocess.run([script(), "show", "nope", "--store", str(tmp_path / "out")],
-                             capture_output=True, text=True, timeout=60, check=False)
+    missing = subprocess.run(
+        [script(), "show", "nope", "--store", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert missing.returncode == EXIT_FAILURE
     assert missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
 
@@ -634,7 +698,9 @@ def test_console_script_help_and_record(tmp_path: Path) -> None:
 def served(store_dir: Path) -> Iterator[str]:
     process = subprocess.Popen(
         [script(), "serve", "--store", str(store_dir), "--port", "0", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -670,15 +736,16 @@ def test_serve_reports_a_busy_port(store_dir: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert_one_line_error(run("serve", "--store", store_dir, "--port", str(port)), EXIT_FAILURE,
-                              f"127.0.0.1:{port}")
-
+        assert_one_line_error(
+            run("serve", "--store", store_dir, "--port", str(port)), EXIT_FAILURE, f"127.0.0.1:{port}"
+        )
 
 
 @pytest.mark.spec
 @pytest.mark.parametrize("stream", ["basic", "parallel", "minimal", "subagent"])
 def test_record_saving_as_it_goes_writes_the_same_files(
-        stream: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stream: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import phi_session.cli.commands as cli_module
     from tests.conftest import EXAMPLES
 
@@ -694,13 +761,23 @@ def test_record_saving_as_it_goes_writes_the_same_files(
 # -- what a new user hits ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [
-    ("list",), ("show", BASIC_ID), ("tree", BASIC_ID), ("context", BASIC_ID, "x"), ("stats",),
-    ("export", BASIC_ID), ("rm", BASIC_ID), ("serve", "--port", "0"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("list",),
+        ("show", BASIC_ID),
+        ("tree", BASIC_ID),
+        ("context", BASIC_ID, "x"),
+        ("stats",),
+        ("export", BASIC_ID),
+        ("rm", BASIC_ID),
+        ("serve", "--port", "0"),
+    ],
+)
 @pytest.mark.parametrize("store", ["typo.db", "sqlite:typo.sqlite", "typo-dir/", None])
 def test_read_only_commands_never_create_a_store(
-        tmp_path: Path, args: tuple[str, ...], store: str | None) -> None:
+    tmp_path: Path, args: tuple[str, ...], store: str | None
+) -> None:
     result = run(*args, *(("--store", store) if store else ()))
     assert_one_line_error(result, EXIT_FAILURE, "no store at")
     if store is None:
@@ -727,10 +804,26 @@ def test_export_json_imports_back(store_dir: Path, tmp_path: Path, ids: tuple[st
 
 
 def test_export_jsonl_records_back_and_import_points_to_record(store_dir: Path, tmp_path: Path) -> None:
-    assert run("export", BASIC_ID, PARENT_ID, "--format", "jsonl", "--store", store_dir,
-               "-o", tmp_path / "out.jsonl").exit_code == EXIT_OK
-    assert_one_line_error(run("import", tmp_path / "out.jsonl", "--store", f"{tmp_path}/a/"), EXIT_FAILURE,
-                          "event stream", "phi-session record")
+    assert (
+        run(
+            "export",
+            BASIC_ID,
+            PARENT_ID,
+            "--format",
+            "jsonl",
+            "--store",
+            store_dir,
+            "-o",
+            tmp_path / "out.jsonl",
+        ).exit_code
+        == EXIT_OK
+    )
+    assert_one_line_error(
+        run("import", tmp_path / "out.jsonl", "--store", f"{tmp_path}/a/"),
+        EXIT_FAILURE,
+        "event stream",
+        "phi-session record",
+    )
     assert run("record", tmp_path / "out.jsonl", "--dir", tmp_path / "b").exit_code == EXIT_OK
     for session_id in (BASIC_ID, PARENT_ID):
         name = f"{session_id}.json"
@@ -767,17 +860,26 @@ def test_not_found_is_worded_one_way(store_dir: Path) -> None:
     missing = "0b6c4e2a-0000-4d8e-9a52-3c1f8e7d6b40"
     for args in (("show", missing), ("rm", missing), ("export", missing), ("tree", missing)):
         assert_one_line_error(run(*args, "--store", store_dir), EXIT_FAILURE, f"no session '{missing}' in")
-    assert_one_line_error(run("context", BASIC_ID, "nope", "--store", store_dir), EXIT_FAILURE,
-                          f"no loop 'nope' in session '{BASIC_ID}'")
+    assert_one_line_error(
+        run("context", BASIC_ID, "nope", "--store", store_dir),
+        EXIT_FAILURE,
+        f"no loop 'nope' in session '{BASIC_ID}'",
+    )
     for command in ("record", "import"):
-        assert_one_line_error(run(command, "missing.jsonl", "--dir" if command == "record" else "--store",
-                                  store_dir), EXIT_FAILURE, "missing.jsonl", "no such file or directory")
+        assert_one_line_error(
+            run(command, "missing.jsonl", "--dir" if command == "record" else "--store", store_dir),
+            EXIT_FAILURE,
+            "missing.jsonl",
+            "no such file or directory",
+        )
 
 
 def test_counts_have_plurals_and_thousands_separators(store_dir: Path, tmp_path: Path) -> None:
     single = run("record", EXAMPLE_STREAM.parent / "events.jsonl", "--dir", tmp_path / "one")
-    assert "total: 5 sessions, 7 loops, 9 turns, 2,970 tokens from 88 events; 0 malformed lines skipped" \
+    assert (
+        "total: 5 sessions, 7 loops, 9 turns, 2,970 tokens from 88 events; 0 malformed lines skipped"
         in single.stdout
+    )
     (tmp_path / "min.jsonl").write_text("\n".join(line for line in example_lines() if MINIMAL_ID in line))
     one = run("record", tmp_path / "min.jsonl", "--dir", tmp_path / "two")
     assert "total: 1 session, 1 loop, 1 turn," in one.stdout
@@ -791,18 +893,26 @@ def test_status_names_are_case_insensitive(store_dir: Path) -> None:
     assert len(lower) == 5  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("option", "value"), [
-    ("--limit", "9" * 5000), ("--min-tokens", "9" * 5000), ("--since", "9" * 40 + "d"),
-    ("--since", "99999999999w"), ("--limit", "99999999999999999999"),
-])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--limit", "9" * 5000),
+        ("--min-tokens", "9" * 5000),
+        ("--since", "9" * 40 + "d"),
+        ("--since", "99999999999w"),
+        ("--limit", "99999999999999999999"),
+    ],
+)
 def test_huge_filter_values_are_usage_errors(store_dir: Path, option: str, value: str) -> None:
     result = run("list", "--store", store_dir, option, value)
     assert_one_line_error(result, EXIT_USAGE, option)
     assert "internal error" not in result.stderr and len(result.stderr) < 300
 
 
-@pytest.mark.parametrize("command", [
-    "list", "show", "tree", "stats", "record", "import", "export", "context", "rm", "demo", "serve"])
+@pytest.mark.parametrize(
+    "command",
+    ["list", "show", "tree", "stats", "record", "import", "export", "context", "rm", "demo", "serve"],
+)
 def test_help_has_no_markup(command: str) -> None:
     result = run(command, "--help")
     assert "``" not in result.stdout and "`" not in result.stdout
@@ -810,8 +920,10 @@ def test_help_has_no_markup(command: str) -> None:
 
 def test_writing_to_the_default_store_says_where(tmp_path: Path) -> None:
     result = run("record", EXAMPLE_STREAM)
-    assert f"store: sqlite:///{(tmp_path / '.phi-session' / 'sessions.db').as_posix().lstrip('/')}" \
+    assert (
+        f"store: sqlite:///{(tmp_path / '.phi-session' / 'sessions.db').as_posix().lstrip('/')}"
         in result.stderr
+    )
 
 
 def test_list_model_column_is_cut_not_wrapped(store_dir: Path, tmp_path: Path) -> None:

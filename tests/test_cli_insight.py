@@ -53,7 +53,9 @@ def test_list_and_stats_json_carry_cost(store: Path, prices: Path) -> None:
     assert cost["secret"] == {"usd": None, "sources": [], "unpriced": ["acme/secret-model"]}
     totals = json.loads(run("stats", "--by", "model", "--store", store, "--prices", prices, "--json").stdout)
     assert [(row["key"], row["cost"]["usd"]) for row in totals] == [
-        ("acme/secret-model", None), ("openai/gpt-4o", 2.0)]
+        ("acme/secret-model", None),
+        ("openai/gpt-4o", 2.0),
+    ]
 
 
 def test_stats_table_shows_cost_and_an_unknown_total(

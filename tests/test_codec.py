@@ -290,8 +290,14 @@ def test_a_history_resent_in_every_turn_request_is_encoded_once_per_session(
         loop.user("hi")
         for _ in range(4):
             payload = ps.AnnotatedRequestPayload(  # the loop's messages so far, stamped with their turns
-                system_prompt="", messages=tuple(loop.messages), provenance=(),  # type: ignore[arg-type]
-                tools=(), model_id="m", thinking_level="off", response_format=TextFormat())
+                system_prompt="",
+                messages=tuple(loop.messages),
+                provenance=(),  # type: ignore[arg-type]
+                tools=(),
+                model_id="m",
+                thinking_level="off",
+                response_format=TextFormat(),
+            )
             with loop.turn(request=payload) as turn:
                 with turn.assistant() as reply:
                     reply.finish("ok")

@@ -57,8 +57,10 @@ def agent_work(tracer: Tracer, loops: int = 3) -> None:
 
 def reference(loops: int = 3) -> list[bytes]:
     recorder = SessionRecorder()
-    agent_work(Tracer(AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[recorder],
-                      config=SNAP), loops)
+    agent_work(
+        Tracer(AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[recorder], config=SNAP),
+        loops,
+    )
     recorder.flush()
     return [ps.encode(s) for s in recorder.drain_completed()]
 
@@ -104,8 +106,11 @@ def test_events_from_another_thread_all_arrive() -> None:
 
 def test_json_lines_from_an_async_iterable_with_a_bad_line() -> None:
     events: list[ps.AgentEvent] = []
-    agent_work(Tracer(AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[events.append],
-                      config=SNAP))
+    agent_work(
+        Tracer(
+            AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[events.append], config=SNAP
+        )
+    )
     lines: list[bytes | str] = [ps.encode(e) for e in events]
     lines.insert(3, b'{"type": "Nope"}')
     lines[5] = lines[5].decode()  # type: ignore[union-attr]
@@ -178,8 +183,12 @@ def test_a_failing_store_is_retried_and_what_never_saves_is_handed_back() -> Non
 
 async def _stream() -> AsyncIterator[ps.AgentEvent | None]:
     events: list[ps.AgentEvent] = []
-    agent_work(Tracer(AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[events.append],
-                      config=SNAP), loops=1)
+    agent_work(
+        Tracer(
+            AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[events.append], config=SNAP
+        ),
+        loops=1,
+    )
     for event in events:
         yield event
     yield None  # ends the stream even if the iterable would go on

@@ -31,17 +31,29 @@ USAGE = Usage(input=1000, output=500, reasoning=200, cache_read=3000, cache_writ
 
 
 @needs_table
-@pytest.mark.parametrize(("provider", "model"), [
-    ("anthropic", "claude-sonnet-4-5"), ("openai", "gpt-4o"), ("anthropic", "claude-haiku-4-5"),
-])
+@pytest.mark.parametrize(
+    ("provider", "model"),
+    [
+        ("anthropic", "claude-sonnet-4-5"),
+        ("openai", "gpt-4o"),
+        ("anthropic", "claude-haiku-4-5"),
+    ],
+)
 def test_known_models_cost_what_genai_prices_says(provider: str, model: str) -> None:
     import genai_prices
 
     expected = genai_prices.calc_price(
-        genai_prices.Usage(input_tokens=4100, cache_read_tokens=3000, cache_write_tokens=100,
-                           output_tokens=500, output_reasoning_tokens=200),
-        model, provider_id=provider,
-        genai_request_timestamp=datetime(2025, 6, 1, 12, tzinfo=timezone.utc))
+        genai_prices.Usage(
+            input_tokens=4100,
+            cache_read_tokens=3000,
+            cache_write_tokens=100,
+            output_tokens=500,
+            output_reasoning_tokens=200,
+        ),
+        model,
+        provider_id=provider,
+        genai_request_timestamp=datetime(2025, 6, 1, 12, tzinfo=timezone.utc),
+    )
     cost = Pricer().price(USAGE, provider, model, WHEN)
     table = f"genai-prices {genai_prices.__version__}"
     assert cost == Cost(usd=float(expected.total_price), sources=(table,))
@@ -74,8 +86,12 @@ def test_no_tokens_cost_nothing_whatever_the_model() -> None:
 
 
 def test_user_prices_win_and_name_their_source() -> None:
-    pricer = Pricer({"openai/gpt-4o": {"input": 2, "output": 8, "cache_read": 1},
-                     "secret-model-9": {"input": 1, "output": 1}})
+    pricer = Pricer(
+        {
+            "openai/gpt-4o": {"input": 2, "output": 8, "cache_read": 1},
+            "secret-model-9": {"input": 1, "output": 1},
+        }
+    )
     cost = pricer.price(USAGE, "openai", "gpt-4o", WHEN)
     # (1000 * 2 + 500 * 8 + 3000 * 1 + 100 * 2 [cache writes at the input rate]) / 1e6
     assert cost == Cost(usd=float(Decimal(9200) / 1_000_000), sources=(USER_SOURCE,))
@@ -91,20 +107,26 @@ def test_user_prices_work_without_the_table() -> None:
 
 @pytest.mark.parametrize("suffix", [".json", ".toml"])
 def test_user_price_files(tmp_path: Path, suffix: str) -> None:
-    text = ('{"acme/m": {"input": 1.5, "output": 3}}' if suffix == ".json"
-            else '["acme/m"]\ninput = 1.5\noutput = 3\n')
+    text = (
+        '{"acme/m": {"input": 1.5, "output": 3}}'
+        if suffix == ".json"
+        else '["acme/m"]\ninput = 1.5\noutput = 3\n'
+    )
     path = tmp_path / f"prices{suffix}"
     path.write_text(text)
     cost = Pricer.from_file(path, use_table=False).price(Usage(input=1_000_000, output=0), "acme", "m", WHEN)
     assert cost.usd == 1.5
 
 
-@pytest.mark.parametrize(("prices", "fragment"), [
-    ({"m": {"input": 1}}, "price of 'm'"),
-    ({"m": {"input": -1, "output": 1}}, "input must be a non-negative number"),
-    ({"m": {"input": 1, "output": 1, "colour": 1}}, "colour"),
-    ({"": {"input": 1, "output": 1}}, "non-empty"),
-])
+@pytest.mark.parametrize(
+    ("prices", "fragment"),
+    [
+        ({"m": {"input": 1}}, "price of 'm'"),
+        ({"m": {"input": -1, "output": 1}}, "input must be a non-negative number"),
+        ({"m": {"input": 1, "output": 1, "colour": 1}}, "colour"),
+        ({"": {"input": 1, "output": 1}}, "non-empty"),
+    ],
+)
 def test_bad_user_prices_are_refused(prices: dict, fragment: str) -> None:
     with pytest.raises(InvalidPrices, match=fragment):
         Pricer(prices)
@@ -120,9 +142,13 @@ def test_unreadable_price_file(tmp_path: Path) -> None:
 
 def test_breakdown_and_totals() -> None:
     pricer = Pricer({"openai/gpt-4o": {"input": 1, "output": 1}}, use_table=False)
-    session = make_session("s", loops=[
-        make_loop("s", 1, tokens=1_000_000),
-        make_loop("s", 2, tokens=1000, model="acme/unknown", started_at=at(5))])
+    session = make_session(
+        "s",
+        loops=[
+            make_loop("s", 1, tokens=1_000_000),
+            make_loop("s", 2, tokens=1000, model="acme/unknown", started_at=at(5)),
+        ],
+    )
     breakdown = pricer.breakdown(session)
     assert [loop.cost.usd for loop in breakdown.loops] == [1.0, None]
     assert breakdown.cost == Cost(usd=None, sources=(USER_SOURCE,), unpriced=("acme/unknown",))
@@ -144,10 +170,12 @@ def test_import_phi_session_imports_no_genai_prices() -> None:
 
 
 def test_without_the_extra_cost_is_unknown_with_a_hint() -> None:
-    code = ("import sys; sys.modules['genai_prices'] = None\n"
-            "from phi_session.cost import Pricer\nfrom phi_session.messages import Usage\n"
-            "from phi_session._time import Timestamp\n"
-            "p = Pricer()\n"
-            "print(p.price(Usage(input=5, output=5), 'openai', 'gpt-4o', Timestamp.now()).usd, p.hint)")
+    code = (
+        "import sys; sys.modules['genai_prices'] = None\n"
+        "from phi_session.cost import Pricer\nfrom phi_session.messages import Usage\n"
+        "from phi_session._time import Timestamp\n"
+        "p = Pricer()\n"
+        "print(p.price(Usage(input=5, output=5), 'openai', 'gpt-4o', Timestamp.now()).usd, p.hint)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("None ") and "pip install 'phi-session[prices]'" in out

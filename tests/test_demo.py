@@ -37,7 +37,8 @@ def test_three_sessions_main_sub_agent_and_after_the_idle_hours(demo: tuple[list
     assert main.formation.kind == "FirstLoop" and main.parent_spawn_ref is None
     assert child.parent_spawn_ref is not None
     assert later.formation == ps.SessionFormation.inactivity_timeout(
-        threshold_secs=1800, previous_session_id=main.session_id, timestamp=later.formation.timestamp)
+        threshold_secs=1800, previous_session_id=main.session_id, timestamp=later.formation.timestamp
+    )
     assert later.formation.timestamp - main.last_active_at > 7200
     assert main.agent_id == later.agent_id != child.agent_id
 
@@ -46,19 +47,29 @@ def test_the_main_session_has_every_kind_of_loop(demo: tuple[list[ps.Session], b
     main = demo[0][0]
     kinds = by_kind(main)
     assert {k: len(v) for k, v in kinds.items()} == {
-        "Initial": 3, "Default": 3, "Rerun": 1, "Branch": 1, "Compaction": 1}
+        "Initial": 3,
+        "Default": 3,
+        "Rerun": 1,
+        "Branch": 1,
+        "Compaction": 1,
+    }
     statuses = sorted(r.status for r in main.loops)
     assert statuses == ["Completed"] * 8 + ["Rejected"]
     origin = kinds["Initial"][0]
     assert origin.turns[0].output_message.content[0] == ps.ThinkingContent(  # type: ignore[union-attr]
-        thinking="The user wants a diagnosis. Notes first, then the tests.")
+        thinking="The user wants a diagnosis. Notes first, then the tests."
+    )
     assert [m.tool_name for m in origin.turns[0].tool_results] == ["read_file", "run_tests"]  # type: ignore[union-attr]
     assert [type(e.event).__name__ for e in origin.events].count("ProgressMessage") == 1
     rejected = next(r for r in main.loops if r.status == "Rejected")
     assert rejected.rejection == "prompt injection: request to reveal the system prompt"
     [compaction] = kinds["Compaction"]
     assert [type(e.event).__name__ for e in compaction.events] == [
-        "AgentStart", "CompactionStarted", "CompactionEnded", "AgentEnd"]
+        "AgentStart",
+        "CompactionStarted",
+        "CompactionEnded",
+        "AgentEnd",
+    ]
     assert kinds["Branch"][0].parent_loop_id == origin.loop_id
     # The rerun retries the fix: it continues the fix's parent, so it replaces the fix on its chain.
     assert kinds["Rerun"][0].parent_loop_id == kinds["Default"][0].parent_loop_id == origin.loop_id
@@ -79,10 +90,16 @@ def test_the_sub_agent_is_linked_both_ways(demo: tuple[list[ps.Session], bytes])
     [ref] = [ref for r in main.loops for ref in r.child_loop_refs]
     [child_loop] = child.loops
     assert (ref.child_session_id, ref.child_loop_id, ref.tool_name) == (
-        child.session_id, child_loop.loop_id, "research")
+        child.session_id,
+        child_loop.loop_id,
+        "research",
+    )
     spawn = child.parent_spawn_ref
     assert spawn is not None and (spawn.parent_session_id, spawn.tool_call_id, spawn.tool_name) == (
-        main.session_id, ref.tool_call_id, "research")
+        main.session_id,
+        ref.tool_call_id,
+        "research",
+    )
     assert child_loop.loop_id.endswith(".sub.1") and child_loop.turns[0].triggered_by == "SubAgent"
 
 
@@ -94,8 +111,9 @@ def test_the_bearer_token_in_tool_arguments_is_redacted(demo: tuple[list[ps.Sess
     assert b"Bearer [REDACTED]" in stream  # the pattern, in the streamed argument fragments
 
 
-def test_the_files_the_stream_and_a_second_run_agree(demo: tuple[list[ps.Session], bytes],
-                                                     tmp_path: Path) -> None:
+def test_the_files_the_stream_and_a_second_run_agree(
+    demo: tuple[list[ps.Session], bytes], tmp_path: Path
+) -> None:
     sessions, stream = demo
     expected = [ps.encode(s) for s in sessions]
     replay = SessionRecorder()
@@ -110,13 +128,25 @@ def test_the_files_the_stream_and_a_second_run_agree(demo: tuple[list[ps.Session
 
 
 def test_the_loop_tree_shows_status_kind_turns_and_tokens_in_80_columns(
-        demo: tuple[list[ps.Session], bytes]) -> None:
+    demo: tuple[list[ps.Session], bytes],
+) -> None:
     console = Console(file=io.StringIO(), width=80, color_system=None)
     for session in demo[0]:
         console.print(loop_tree(session, loop_forest(session), details=False))
     text = console.file.getvalue()  # type: ignore[attr-defined]
-    for needle in ("Completed", "Rejected", "Rerun", "Branch", "Compaction", "winner", "InactivityTimeout",
-                   "2 turns", "tokens", "sub-agent session", "spawned via research"):
+    for needle in (
+        "Completed",
+        "Rejected",
+        "Rerun",
+        "Branch",
+        "Compaction",
+        "winner",
+        "InactivityTimeout",
+        "2 turns",
+        "tokens",
+        "sub-agent session",
+        "spawned via research",
+    ):
         assert needle in text, needle
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 80
@@ -127,15 +157,20 @@ def test_the_loop_tree_shows_status_kind_turns_and_tokens_in_80_columns(
 def test_context_at_a_rerun_holds_the_rerun_answer_only(demo: tuple[list[ps.Session], bytes]) -> None:
     main = demo[0][0]
     kinds = by_kind(main)
-    texts = [block.text for message in main.context_at(kinds["Rerun"][0].loop_id)
-             for block in getattr(message, "content", ()) if isinstance(block, ps.TextContent)]
+    texts = [
+        block.text
+        for message in main.context_at(kinds["Rerun"][0].loop_id)
+        for block in getattr(message, "content", ())
+        if isinstance(block, ps.TextContent)
+    ]
     assert not any(text.startswith("Fixed: parse() now returns") for text in texts)  # the fix's answer
     assert texts[-1] == "Fixed: parse() returns [] early when there are no tokens."
     assert texts.count("Please fix it.") == 1
 
 
 def test_context_at_the_compaction_pass_is_the_uncompacted_chain(
-        demo: tuple[list[ps.Session], bytes]) -> None:
+    demo: tuple[list[ps.Session], bytes],
+) -> None:
     # Compaction events carry token estimates only, no summaries: the recorded session
     # has no compaction block, so (as phi-core's context builder does) the chain's raw
     # messages come back.
@@ -146,8 +181,9 @@ def test_context_at_the_compaction_pass_is_the_uncompacted_chain(
     assert main.context_at(compaction.loop_id) == [m for r in chain if r is not None for m in r.messages]
 
 
-def test_the_default_store_is_used_when_none_is_given(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_store_is_used_when_none_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PHI_SESSION_STORE", f"{tmp_path / 'store'}/")
     console = Console(file=io.StringIO(), color_system=None)
     sessions = run_demo(console=console)

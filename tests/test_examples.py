@@ -14,8 +14,9 @@ from phi_session.cli import main as cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_instrumented_loop_example_round_trips_through_jsonl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_instrumented_loop_example_round_trips_through_jsonl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     direct = tmp_path / "direct"
     monkeypatch.setattr(sys, "argv", ["instrument_loop.py", str(direct)])
     runpy.run_path(str(ROOT / "examples" / "instrument_loop.py"), run_name="__main__")
@@ -36,11 +37,12 @@ def test_shipped_event_stream_records(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*.json"))) == 5
 
 
-def test_readme_quick_start_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_readme_quick_start_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     readme = (ROOT / "README.md").read_text()
     start = readme.index("## Quick start")
-    code = readme[readme.index("```python\n", start) + len("```python\n"):readme.index("```\n", start + 20)]
+    code = readme[readme.index("```python\n", start) + len("```python\n") : readme.index("```\n", start + 20)]
     (tmp_path / "examples").mkdir()
     (tmp_path / "examples" / "events.jsonl").write_bytes((ROOT / "examples" / "events.jsonl").read_bytes())
     monkeypatch.chdir(tmp_path)

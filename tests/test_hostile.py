@@ -53,8 +53,9 @@ def test_agent_end_for_a_pending_branch_of_a_drained_session_is_recorded() -> No
     recorder = ps.SessionRecorder()
     recorder.on_event(ps.ParallelLoopStart(session_id="S", loop_ids=("S.a.1",), timestamp=T0))
     recorder.on_event(ps.TurnStart(loop_id="S.a.1", turn_index=0, triggered_by="User", timestamp=T0))
-    recorder.on_event(ps.AgentEnd(loop_id="S.a.1", messages=(), usage=ps.Usage(input=1, output=1),
-                                  timestamp=T0))
+    recorder.on_event(
+        ps.AgentEnd(loop_id="S.a.1", messages=(), usage=ps.Usage(input=1, output=1), timestamp=T0)
+    )
     recorder.flush()
     [session] = recorder.drain_completed()
     [loop] = session.loops

@@ -43,7 +43,10 @@ def test_loop_ids_count_per_config_and_restart_in_a_new_session() -> None:
     a, _ = agent()
     first = a.session_id
     assert [a.next_loop_id("x.m"), a.next_loop_id("y.n"), a.next_loop_id("x.m")] == [
-        f"{first}.x.m.1", f"{first}.y.n.1", f"{first}.x.m.2"]
+        f"{first}.x.m.1",
+        f"{first}.y.n.1",
+        f"{first}.x.m.2",
+    ]
     second = a.new_session()
     assert second != first and a.session_id == second
     assert a.next_loop_id("x.m") == f"{second}.x.m.1"
@@ -114,7 +117,8 @@ def test_first_loop_of_each_session_gets_its_formation_once() -> None:
     assert second is not None
     formation = a.loop_started(second, f"{second}.c.1", clock())
     assert formation == ps.SessionFormation.inactivity_timeout(
-        threshold_secs=1800, previous_session_id=first, timestamp=rotated_at)
+        threshold_secs=1800, previous_session_id=first, timestamp=rotated_at
+    )
 
     third = a.new_session()
     at = clock()
@@ -180,8 +184,10 @@ def test_fake_clock_ticks_and_advances() -> None:
     assert FakeClock(5)() == 5
 
 
-@given(st.lists(st.integers(min_value=-(10**19), max_value=4 * 10**18), min_size=1, max_size=20),
-       st.integers(min_value=0, max_value=10**9 - 1))
+@given(
+    st.lists(st.integers(min_value=-(10**19), max_value=4 * 10**18), min_size=1, max_size=20),
+    st.integers(min_value=0, max_value=10**9 - 1),
+)
 def test_fast_timestamps_equal_the_reference_formatting(seconds: list[int], fraction: int) -> None:
     a = AgentSession(clock=FakeClock(0))
     for ns in seconds:

@@ -49,12 +49,14 @@ class Harness:
         self.events: list[ps.AgentEvent] = []
         self.stream = io.BytesIO()
         options.setdefault("config", SNAP)
-        self.tracer = Tracer(self.agent, sinks=[self.recorder, self.events.append, JsonlSink(self.stream)],
-                             **options)
+        self.tracer = Tracer(
+            self.agent, sinks=[self.recorder, self.events.append, JsonlSink(self.stream)], **options
+        )
 
     def types(self, loop_id: str | None = None) -> list[str]:
-        return [type(e).__name__ for e in self.events
-                if loop_id is None or getattr(e, "loop_id", None) == loop_id]
+        return [
+            type(e).__name__ for e in self.events if loop_id is None or getattr(e, "loop_id", None) == loop_id
+        ]
 
     def sessions(self) -> list[ps.Session]:
         self.recorder.flush()
@@ -81,8 +83,9 @@ def call(n: int, name: str = "read_file") -> ps.ToolCall:
     return ps.ToolCall(id=f"call{n}", name=name, arguments={"path": f"f{n}.txt"})
 
 
-def answer(turn: TurnScope, text: str, n: int = 10, calls: tuple[ps.ToolCall, ...] = ()
-           ) -> ps.AssistantMessage:
+def answer(
+    turn: TurnScope, text: str, n: int = 10, calls: tuple[ps.ToolCall, ...] = ()
+) -> ps.AssistantMessage:
     with turn.assistant() as reply:
         reply.text_delta(text)
         return reply.finish(tool_calls=calls, usage=usage(n))
@@ -121,12 +124,31 @@ def run_basic(h: Harness) -> LoopScope:
 def test_a_loop_emits_phi_cores_event_sequence() -> None:
     h = Harness()
     loop = run_basic(h)
-    tool = ["ToolExecutionStart", "ProgressMessage", "ToolExecutionUpdate", "ToolExecutionEnd",
-            "MessageStart", "MessageEnd"]
+    tool = [
+        "ToolExecutionStart",
+        "ProgressMessage",
+        "ToolExecutionUpdate",
+        "ToolExecutionEnd",
+        "MessageStart",
+        "MessageEnd",
+    ]
     assert h.types() == [
-        "AgentStart", "TurnStart", "MessageStart", "MessageEnd",  # the prompt, inside turn 0
-        "MessageStart", *["MessageUpdate"] * 6, "MessageEnd", *tool, *tool, "TurnEnd",
-        "TurnStart", "MessageStart", "MessageUpdate", "MessageEnd", "TurnEnd", "AgentEnd",
+        "AgentStart",
+        "TurnStart",
+        "MessageStart",
+        "MessageEnd",  # the prompt, inside turn 0
+        "MessageStart",
+        *["MessageUpdate"] * 6,
+        "MessageEnd",
+        *tool,
+        *tool,
+        "TurnEnd",
+        "TurnStart",
+        "MessageStart",
+        "MessageUpdate",
+        "MessageEnd",
+        "TurnEnd",
+        "AgentEnd",
     ]
     assert loop.loop_id == f"{h.agent.session_id}.{CONFIG_ID}.1" and loop.status == "completed"
     start = h.events[0]
@@ -140,8 +162,14 @@ def test_a_loop_emits_phi_cores_event_sequence() -> None:
     assert placeholder.message.content == () and placeholder.message.provider == ""
     updates = [e for e in h.events if isinstance(e, ps.MessageUpdate)]
     assert all(u.message is placeholder.message for u in updates[:6])
-    assert [u.delta.kind for u in updates[:6]] == ["Thinking", "Thinking", "Text", "Text",
-                                                    "ToolCallDelta", "ToolCallDelta"]
+    assert [u.delta.kind for u in updates[:6]] == [
+        "Thinking",
+        "Thinking",
+        "Text",
+        "Text",
+        "ToolCallDelta",
+        "ToolCallDelta",
+    ]
 
 
 def test_the_turn_and_loop_records_are_filled_in() -> None:
@@ -155,23 +183,35 @@ def test_the_turn_and_loop_records_are_filled_in() -> None:
     turn_id = ps.TurnId(loop_id=loop.loop_id, turn_index=0)
     final = first.output_message
     assert isinstance(final, ps.AssistantMessage) and final.turn_id == turn_id
-    assert final.content == (ps.ThinkingContent(thinking="Read it."), ps.TextContent(text="I'll read it."),
-                             call(1), call(2, "stat"))
+    assert final.content == (
+        ps.ThinkingContent(thinking="Read it."),
+        ps.TextContent(text="I'll read it."),
+        call(1),
+        call(2, "stat"),
+    )
     assert (final.stop_reason, final.model, final.provider) == ("toolUse", "claude-sonnet-4.5", "anthropic")
     assert [m.turn_id for m in first.tool_results] == [turn_id, turn_id]  # type: ignore[union-attr]
-    assert [type(m).__name__ for m in first.input_messages] == ["UserMessage", "ToolResultMessage",
-                                                               "ToolResultMessage"]
+    assert [type(m).__name__ for m in first.input_messages] == [
+        "UserMessage",
+        "ToolResultMessage",
+        "ToolResultMessage",
+    ]
     assert second.output_message.stop_reason == "stop"  # type: ignore[union-attr]
     # AgentEnd: the prompt (no turnId), then per turn the reply and tool results (with turnId).
     assert [(type(m).__name__, getattr(m, "turn_id", None) is not None) for m in record.messages] == [
-        ("UserMessage", False), ("AssistantMessage", True), ("ToolResultMessage", True),
-        ("ToolResultMessage", True), ("AssistantMessage", True)]
+        ("UserMessage", False),
+        ("AssistantMessage", True),
+        ("ToolResultMessage", True),
+        ("ToolResultMessage", True),
+        ("AssistantMessage", True),
+    ]
     turn_end = next(e for e in h.events if isinstance(e, ps.TurnEnd))
     assert [m.turn_id for m in turn_end.tool_results] == [None, None]  # plain form
     assert turn_end.usage == usage(10)
     tool_end = next(e for e in h.events if isinstance(e, ps.ToolExecutionEnd))
-    assert tool_end.result == ps.ToolResult(content=(ps.TextContent(text="contents of call1"),),
-                                            details={"bytes": 3})
+    assert tool_end.result == ps.ToolResult(
+        content=(ps.TextContent(text="contents of call1"),), details={"bytes": 3}
+    )
     assert not tool_end.is_error and tool_end.child_loop_id is None
 
 
@@ -194,8 +234,14 @@ def test_finish_takes_explicit_content_or_a_whole_message() -> None:
             message = reply.finish("given text", usage=usage(1), stop_reason="length")
         assert message.content == (ps.TextContent(text="given text"),)
         assert (message.model, message.provider, message.stop_reason) == ("other", "p", "length")
-        whole = ps.AssistantMessage(content=(ps.TextContent(text="w"),), stop_reason="stop", model="m",
-                                    provider="q", usage=usage(2), timestamp=7)
+        whole = ps.AssistantMessage(
+            content=(ps.TextContent(text="w"),),
+            stop_reason="stop",
+            model="m",
+            provider="q",
+            usage=usage(2),
+            timestamp=7,
+        )
         with loop.turn() as turn, turn.assistant() as reply:
             assert reply.finish(message=whole) is whole
         with loop.turn() as turn, turn.assistant() as reply:
@@ -205,7 +251,8 @@ def test_finish_takes_explicit_content_or_a_whole_message() -> None:
     record = h.session().loops[0]
     assert record.usage == usage(3)
     assert record.turns[1].output_message == msgspec.structs.replace(
-        whole, turn_id=ps.TurnId(loop_id=loop.loop_id, turn_index=1))
+        whole, turn_id=ps.TurnId(loop_id=loop.loop_id, turn_index=1)
+    )
 
 
 def test_several_assistant_messages_in_a_turn_sum_their_usage() -> None:
@@ -236,11 +283,22 @@ def test_follow_ups_are_stamped_with_the_turn_that_takes_them() -> None:
     second = ps.TurnId(loop_id=loop.loop_id, turn_index=1)
     inputs = [(m.content[0].text, m.turn_id) for m in record.turns[1].input_messages]  # type: ignore[union-attr]
     assert inputs == [("follow-up", second), ("steering", second), ("also steering", second)]
-    texts = [(m.content[0].text if isinstance(m, ps.UserMessage) else "reply",  # type: ignore[union-attr]
-              m.turn_id) for m in record.messages]
-    assert texts == [("prompt", None), ("reply", ps.TurnId(loop_id=loop.loop_id, turn_index=0)),
-                     ("follow-up", second), ("steering", second), ("also steering", second),
-                     ("reply", second), ("never answered", None)]
+    texts = [
+        (
+            m.content[0].text if isinstance(m, ps.UserMessage) else "reply",  # type: ignore[union-attr]
+            m.turn_id,
+        )
+        for m in record.messages
+    ]
+    assert texts == [
+        ("prompt", None),
+        ("reply", ps.TurnId(loop_id=loop.loop_id, turn_index=0)),
+        ("follow-up", second),
+        ("steering", second),
+        ("also steering", second),
+        ("reply", second),
+        ("never answered", None),
+    ]
 
 
 def test_a_ready_made_message_is_passed_through() -> None:
@@ -263,18 +321,26 @@ def test_continuation_rerun_and_branch() -> None:
         simple_loop(follow)
     with h.tracer.loop(kind=ps.ContinuationKind.rerun("r1")) as rerun:  # continues the last loop
         simple_loop(rerun)
-    with h.tracer.loop(continues=origin.loop_id, kind=ps.ContinuationKind.branch("b1"),
-                       metadata={"why": "explore"}) as branch:
+    with h.tracer.loop(
+        continues=origin.loop_id, kind=ps.ContinuationKind.branch("b1"), metadata={"why": "explore"}
+    ) as branch:
         simple_loop(branch)
     session = h.session()
     records = {r.loop_id: r for r in session.loops}
-    lineage = [(records[lp.loop_id].kind, records[lp.loop_id].parent_loop_id)
-               for lp in (follow, rerun, branch)]
+    lineage = [
+        (records[lp.loop_id].kind, records[lp.loop_id].parent_loop_id) for lp in (follow, rerun, branch)
+    ]
     assert lineage == [
-        (ps.DEFAULT, origin.loop_id), (ps.ContinuationKind.rerun("r1"), follow.loop_id),
-        (ps.ContinuationKind.branch("b1"), origin.loop_id)]
+        (ps.DEFAULT, origin.loop_id),
+        (ps.ContinuationKind.rerun("r1"), follow.loop_id),
+        (ps.ContinuationKind.branch("b1"), origin.loop_id),
+    ]
     assert [records[lp.loop_id].turns[0].triggered_by for lp in (origin, follow, rerun, branch)] == [
-        "User", "Continuation", "Continuation", "Branch"]
+        "User",
+        "Continuation",
+        "Continuation",
+        "Branch",
+    ]
     assert records[origin.loop_id].children_loop_ids == [follow.loop_id, branch.loop_id]
     assert records[branch.loop_id].metadata == {"why": "explore"}
     assert [lp.loop_id.rsplit(".", 1)[1] for lp in (origin, follow, rerun, branch)] == ["1", "2", "3", "4"]
@@ -310,8 +376,12 @@ def test_an_exception_in_a_loop_ends_it_failed_and_is_reraised() -> None:
 
 def test_an_exception_while_streaming_finishes_the_reply_as_an_error() -> None:
     h = Harness()
-    with pytest.raises(ConnectionError), h.tracer.loop() as loop, loop.turn() as turn, \
-            turn.assistant() as reply:
+    with (
+        pytest.raises(ConnectionError),
+        h.tracer.loop() as loop,
+        loop.turn() as turn,
+        turn.assistant() as reply,
+    ):
         reply.text_delta("partial ")
         raise ConnectionError("stream reset")
     [record] = h.session().loops
@@ -330,7 +400,8 @@ def test_an_exception_in_a_tool_becomes_its_error_result() -> None:
             raise OSError("disk gone")
     tool_end = next(e for e in h.events if isinstance(e, ps.ToolExecutionEnd))
     assert tool_end.is_error and tool_end.result.content == (
-        ps.TextContent(text="read_file failed: OSError: disk gone"),)
+        ps.TextContent(text="read_file failed: OSError: disk gone"),
+    )
     [record] = h.session().loops
     assert record.status == "Aborted" and len(record.turns) == 1
     assert record.turns[0].tool_results[0].is_error  # type: ignore[union-attr]
@@ -416,7 +487,8 @@ def test_explicit_start_and_end_work_without_with() -> None:
     [record] = h.session().loops
     assert record.status == "Completed"
     assert record.turns[0].output_message.error_message == (  # type: ignore[union-attr]
-        "the loop ended while this turn was open")
+        "the loop ended while this turn was open"
+    )
 
 
 # -- rejection, compaction, prun, revert -------------------------------------------------------------
@@ -431,7 +503,11 @@ def test_rejecting_the_initial_input_ends_the_loop_rejected() -> None:
     assert h.types() == ["AgentStart", "InputRejected", "AgentEnd"]
     [record] = h.session().loops
     assert (record.status, record.rejection, record.messages, record.usage) == (
-        "Rejected", "prompt injection", [], ps.Usage(input=0, output=0))
+        "Rejected",
+        "prompt injection",
+        [],
+        ps.Usage(input=0, output=0),
+    )
 
 
 def test_a_later_rejection_lets_the_loop_go_on() -> None:
@@ -456,9 +532,16 @@ def test_compaction_pass_and_compaction_inside_a_turn() -> None:
     with h.tracer.loop(kind=ps.COMPACTION) as nothing, nothing.compaction(10, 2):
         pass
     ended = [e for e in h.events if isinstance(e, ps.CompactionEnded)]
-    assert [(e.messages_before, e.messages_after, e.estimated_tokens_before, e.estimated_tokens_after,
-             e.loops_compacted) for e in ended] == [
-        (12, 4, 900, 300, 1), (40, 8, 5000, 1200, 3), (2, 2, 10, 10, 0)]
+    assert [
+        (
+            e.messages_before,
+            e.messages_after,
+            e.estimated_tokens_before,
+            e.estimated_tokens_after,
+            e.loops_compacted,
+        )
+        for e in ended
+    ] == [(12, 4, 900, 300, 1), (40, 8, 5000, 1200, 3), (2, 2, 10, 10, 0)]
     assert h.types(origin.loop_id)[:3] == ["AgentStart", "TurnStart", "CompactionStarted"]
     records = {r.loop_id: r for r in h.session().loops}
     assert records[compaction.loop_id].kind == ps.COMPACTION
@@ -504,8 +587,9 @@ def test_parallel_group_announces_runs_and_selects() -> None:
     records = {r.loop_id: r for r in h.session().loops}
     groups = [records[i].parallel_group for i in group.loop_ids]
     assert [g.is_selected for g in groups if g is not None] == [False, True]
-    assert all(g is not None and g.evaluation_usage == usage(7) and g.selected_config_index == 1
-               for g in groups)
+    assert all(
+        g is not None and g.evaluation_usage == usage(7) and g.selected_config_index == 1 for g in groups
+    )
     assert records[origin.loop_id].children_loop_ids == list(group.loop_ids)
     with h.tracer.parallel([SNAP]) as bad, pytest.raises(ValueError):
         bad.select("not-a-branch")
@@ -556,13 +640,21 @@ def test_sub_agent_runs_in_its_own_session_linked_both_ways() -> None:
     assert tool_end.child_loop_id == child.loop_id and tool_end.result.child_loop_id == child.loop_id
     sessions = {s.session_id: s for s in h.sessions()}
     [parent_record] = sessions[parent.session_id].loops
-    assert parent_record.child_loop_refs == [ps.ChildLoopRef(
-        tool_call_id="call1", tool_name="research", child_loop_id=child.loop_id,
-        child_session_id=child.session_id)]
+    assert parent_record.child_loop_refs == [
+        ps.ChildLoopRef(
+            tool_call_id="call1",
+            tool_name="research",
+            child_loop_id=child.loop_id,
+            child_session_id=child.session_id,
+        )
+    ]
     child_session = sessions[child.session_id]
     assert child_session.parent_spawn_ref == ps.SpawnRef(
-        parent_session_id=parent.session_id, parent_loop_id=parent.loop_id, tool_call_id="call1",
-        tool_name="research")
+        parent_session_id=parent.session_id,
+        parent_loop_id=parent.loop_id,
+        tool_call_id="call1",
+        tool_name="research",
+    )
     [child_record] = child_session.loops
     assert child_record.parent_loop_id == parent.loop_id and child_record.turns[0].triggered_by == "SubAgent"
     assert child_record.config is not None and child_record.config.config_id == "sub"
@@ -585,7 +677,8 @@ def test_inactivity_rotation_reaches_the_record_through_a_file() -> None:
     old, new = h.sessions()  # also checks the JSONL replay
     assert old.formation.kind == "FirstLoop"
     assert new.formation == ps.SessionFormation.inactivity_timeout(
-        threshold_secs=1800, previous_session_id=old.session_id, timestamp=rotated_at)
+        threshold_secs=1800, previous_session_id=old.session_id, timestamp=rotated_at
+    )
     assert [r.loop_id.rsplit(".", 1)[1] for r in new.loops] == ["1", "2"]
     starts = [e for e in h.events if isinstance(e, ps.AgentStart)]
     assert [isinstance(s.formation, ps.SessionFormation) for s in starts] == [True, True, False]
@@ -611,7 +704,8 @@ def test_concurrent_tools_of_one_turn_all_reach_turn_end() -> None:
             t.join()
     [record] = h.session().loops
     assert sorted(m.tool_call_id for m in record.turns[0].tool_results) == sorted(  # type: ignore[union-attr]
-        c.id for c in calls)
+        c.id for c in calls
+    )
 
 
 def test_async_scopes_and_concurrent_branches() -> None:
@@ -632,8 +726,10 @@ def test_async_scopes_and_concurrent_branches() -> None:
     asyncio.run(main())
     records = h.session().loops
     assert sorted(r.status for r in records) == ["Completed"] * 3
-    assert [r.parallel_group.is_selected for r in sorted(records, key=lambda r: r.loop_id)  # type: ignore[union-attr]
-            ] == [False, False, True]
+    assert [
+        r.parallel_group.is_selected
+        for r in sorted(records, key=lambda r: r.loop_id)  # type: ignore[union-attr]
+    ] == [False, False, True]
 
 
 def test_emit_sends_hand_built_events_through_processors_and_sinks() -> None:
@@ -657,10 +753,16 @@ turn_shapes = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 500)), max_si
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(turn_shapes, st.booleans(), st.sampled_from(["ok", "fail", "reject"])),
-                min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.tuples(turn_shapes, st.booleans(), st.sampled_from(["ok", "fail", "reject"])),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_any_run_records_consistently_in_process_and_from_the_file(
-        loops: list[tuple[list[tuple[int, int]], bool, str]]) -> None:
+    loops: list[tuple[list[tuple[int, int]], bool, str]],
+) -> None:
     h = Harness()
     scopes: list[LoopScope] = []
     for turns, continues, outcome in loops:
@@ -694,13 +796,17 @@ def test_any_run_records_consistently_in_process_and_from_the_file(
         assert record.usage == sum((t.usage for t in record.turns), ps.Usage(input=0, output=0))
         assert [e.sequence for e in record.events] == list(range(len(record.events)))
         assert sum(len(t.tool_results) for t in record.turns) == (
-            0 if outcome == "reject" else sum(tools for tools, _ in turns))
+            0 if outcome == "reject" else sum(tools for tools, _ in turns)
+        )
 
 
 def test_a_tool_cut_short_by_its_turn_ignores_later_calls_and_ends_once() -> None:
     events: list[ps.AgentEvent] = []
-    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append],
-                    config=ps.LoopConfigSnapshot(model="m", provider="p"))
+    tracer = Tracer(
+        AgentSession(clock=FakeClock()),
+        sinks=[events.append],
+        config=ps.LoopConfigSnapshot(model="m", provider="p"),
+    )
     with tracer.loop() as loop:
         loop.user("hi")
         turn = loop.turn().start()
@@ -721,8 +827,11 @@ def test_a_tool_cut_short_by_its_turn_ignores_later_calls_and_ends_once() -> Non
 def test_tools_ending_in_threads_while_the_turn_ends_each_end_exactly_once() -> None:
     for _ in range(50):
         events: list[ps.AgentEvent] = []
-        tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append],
-                        config=ps.LoopConfigSnapshot(model="m", provider="p"))
+        tracer = Tracer(
+            AgentSession(clock=FakeClock()),
+            sinks=[events.append],
+            config=ps.LoopConfigSnapshot(model="m", provider="p"),
+        )
         loop = tracer.loop().start()
         loop.user("x")
         turn = loop.turn().start()
@@ -756,8 +865,7 @@ def test_recorded_tool_arguments_do_not_follow_later_mutation() -> None:
     from phi_session import AgentSession, LoopConfigSnapshot, SessionRecorder, ToolCall, Tracer
 
     recorder = SessionRecorder()
-    tracer = Tracer(AgentSession(), sinks=[recorder],
-                    config=LoopConfigSnapshot(model="m", provider="p"))
+    tracer = Tracer(AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m", provider="p"))
     arguments = {"q": "x"}
     with tracer.loop() as loop:
         loop.user("hi")
@@ -771,4 +879,5 @@ def test_recorded_tool_arguments_do_not_follow_later_mutation() -> None:
     recorder.flush()
     [session] = recorder.drain_completed()
     from phi_session import encode
+
     assert b"plain-secret-value" not in encode(session)

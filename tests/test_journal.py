@@ -108,11 +108,16 @@ def flip(path: Path, offset: int) -> None:
 @pytest.mark.parametrize("durability", ["always", "interval", "os"])
 @pytest.mark.parametrize("feed", ["on_event", "on_json"])
 def test_recovery_rebuilds_exactly_what_the_recorder_built(
-        tmp_path: Path, durability: str, feed: str) -> None:
+    tmp_path: Path, durability: str, feed: str
+) -> None:
     evs = events()
     # "interval" writes one frame per flush: a 1 ms flusher makes several segments too.
-    with Journal(tmp_path / "j", durability=durability,  # type: ignore[arg-type]
-                 interval_ms=1, segment_bytes=4096) as journal:
+    with Journal(
+        tmp_path / "j",
+        durability=durability,  # type: ignore[arg-type]
+        interval_ms=1,
+        segment_bytes=4096,
+    ) as journal:
         sink = JournaledRecorder(journal)
         for event in evs:
             if feed == "on_event":
@@ -164,8 +169,10 @@ def test_a_delta_of_an_unknown_loop_is_journaled_and_recovered_as_an_orphan(tmp_
 
 def test_a_malformed_delta_of_an_unknown_loop_is_counted_not_fatal(tmp_path: Path) -> None:
     with Journal(tmp_path, durability="os") as journal:
-        journal.append_json(b'{"type":"MessageUpdate","loop_id":"nope","message":{"role":"bogus"},'
-                            b'"delta":{"Text":{"delta":"x"}}}')
+        journal.append_json(
+            b'{"type":"MessageUpdate","loop_id":"nope","message":{"role":"bogus"},'
+            b'"delta":{"Text":{"delta":"x"}}}'
+        )
         JournaledRecorder(journal).record_all(events(1))
     store = JsonDirStore(tmp_path / "store")
     report = recover(tmp_path, store)
@@ -202,7 +209,8 @@ def test_a_line_that_is_not_an_event_raises_and_is_not_journaled(tmp_path: Path)
 
 
 def test_recovery_skips_a_journaled_line_that_is_not_an_event(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     evs = events(2)
     with Journal(tmp_path, durability="os") as journal:
         sink = JournaledRecorder(journal)
@@ -222,8 +230,13 @@ def test_a_session_no_store_can_take_goes_whole_to_the_orphans(tmp_path: Path) -
         ParallelLoopStart(session_id=sid, loop_ids=(loop,), timestamp=at),
         AgentStart(agent_id="a", session_id=sid, loop_id=loop, timestamp=at),
         AgentEnd(loop_id=loop, messages=(), usage=Usage(input=0, output=0), timestamp=at),
-        ParallelLoopEnd(session_id=sid, selected_loop_id=loop, selected_config_index=0,
-                        evaluation_usage=Usage(input=0, output=0), timestamp=at),
+        ParallelLoopEnd(
+            session_id=sid,
+            selected_loop_id=loop,
+            selected_config_index=0,
+            evaluation_usage=Usage(input=0, output=0),
+            timestamp=at,
+        ),
     ]
     write_journal(tmp_path, evs, durability="os")
     config = SessionRecorderConfig(keep_session_events=True)  # the session holds all four
@@ -254,8 +267,9 @@ def test_recovery_saves_as_it_goes_and_merges_the_pieces(tmp_path: Path) -> None
     recover(tmp_path / "j", store, save_every=7)  # sessions are saved in several incarnations
     for sid, data in recorded(evs).items():
         expected, got = decode_session(data), store.load(sid)
-        assert [encode_event(e.event) for r in got.loops for e in r.events] == \
-            [encode_event(e.event) for r in expected.loops for e in r.events]
+        assert [encode_event(e.event) for r in got.loops for e in r.events] == [
+            encode_event(e.event) for r in expected.loops for e in r.events
+        ]
 
 
 # -- durability and acknowledgement -----------------------------------------------------------------
@@ -307,8 +321,11 @@ def test_threads_appending_while_segments_rotate_and_syncs_run(tmp_path: Path, d
     stop.set()
     syncer.join()
     if Path("/proc/self/fd").is_dir():
-        open_segments = [fd for fd in Path("/proc/self/fd").iterdir()
-                         if fd.resolve().parent == tmp_path.resolve() and fd.resolve().suffix == ".wal"]
+        open_segments = [
+            fd
+            for fd in Path("/proc/self/fd").iterdir()
+            if fd.resolve().parent == tmp_path.resolve() and fd.resolve().suffix == ".wal"
+        ]
         assert len(open_segments) == 1  # the active one
     journal.close()
     assert len(segment_files(tmp_path)) > (3 if durability == "os" else 0)  # "os": a frame per record
@@ -424,7 +441,8 @@ def damaged(tmp_path: Path) -> tuple[Path, list[AgentEvent], Path]:
 
 
 def test_a_torn_last_record_is_ignored_with_a_warning(
-        damaged: tuple[Path, list[AgentEvent], Path], caplog: pytest.LogCaptureFixture) -> None:
+    damaged: tuple[Path, list[AgentEvent], Path], caplog: pytest.LogCaptureFixture
+) -> None:
     directory, evs, segment = damaged
     os.truncate(segment, segment.stat().st_size - 3)
     store = JsonDirStore(directory.parent / "store")
@@ -436,7 +454,8 @@ def test_a_torn_last_record_is_ignored_with_a_warning(
 
 
 def test_a_checksum_mismatch_in_the_last_record_is_a_torn_record(
-        damaged: tuple[Path, list[AgentEvent], Path]) -> None:
+    damaged: tuple[Path, list[AgentEvent], Path],
+) -> None:
     directory, evs, segment = damaged
     offset, length = frames(segment)[-1]
     flip(segment, offset + length - 2)
@@ -445,7 +464,8 @@ def test_a_checksum_mismatch_in_the_last_record_is_a_torn_record(
 
 
 def test_corruption_in_the_middle_is_skipped_and_counted(
-        damaged: tuple[Path, list[AgentEvent], Path], caplog: pytest.LogCaptureFixture) -> None:
+    damaged: tuple[Path, list[AgentEvent], Path], caplog: pytest.LogCaptureFixture
+) -> None:
     directory, evs, segment = damaged
     offset, length = frames(segment)[len(evs) // 2]
     flip(segment, offset + length // 2)
@@ -478,8 +498,9 @@ def segmented(tmp_path: Path) -> tuple[Path, list[AgentEvent], list[Path], dict[
 
 
 def test_half_a_middle_segment_cut_off_is_counted_as_lost(
-        segmented: tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]],
-        caplog: pytest.LogCaptureFixture) -> None:
+    segmented: tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     directory, evs, segments, seqs = segmented
     middle = segments[1]
     cut = middle.stat().st_size // 2
@@ -497,7 +518,8 @@ def test_half_a_middle_segment_cut_off_is_counted_as_lost(
 
 
 def test_a_cut_at_a_frame_boundary_and_a_missing_segment_are_counted(
-        segmented: tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]]) -> None:
+    segmented: tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]],
+) -> None:
     directory, evs, segments, seqs = segmented
     offset, _ = frames(segments[1])[3]
     os.truncate(segments[1], offset)  # three whole frames left
@@ -505,7 +527,11 @@ def test_a_cut_at_a_frame_boundary_and_a_missing_segment_are_counted(
     report = recover(directory, JsonDirStore(directory.parent / "store"))
     lost = len(seqs[segments[1]]) - 3 + len(seqs[segments[2]])
     assert (report.records_lost, report.corrupt_regions, report.torn_records, report.bytes_skipped) == (
-        lost, 1, 0, 0)  # one missing stretch: the end of segment 1 and segment 2
+        lost,
+        1,
+        0,
+        0,
+    )  # one missing stretch: the end of segment 1 and segment 2
     assert report.events_replayed == len(evs) - lost
 
 
@@ -515,7 +541,7 @@ def test_a_torn_write_followed_by_a_later_run_lost_no_record(tmp_path: Path) -> 
     write_journal(tmp_path, evs[:half], durability="os")
     (segment,) = segment_files(tmp_path)
     os.truncate(segment, segment.stat().st_size - 3)  # the first run crashed mid-write
-    write_journal(tmp_path, evs[half - 1:], durability="os")  # the next run numbers the torn one again
+    write_journal(tmp_path, evs[half - 1 :], durability="os")  # the next run numbers the torn one again
     store = JsonDirStore(tmp_path / "store")
     report = recover(tmp_path, store)
     assert (report.torn_records, report.records_lost, report.corrupt_regions) == (1, 0, 0)
@@ -535,7 +561,8 @@ def pristine() -> tuple[bytes, dict[int, bytes]]:
 @settings(max_examples=150, deadline=None)
 @given(cut=st.integers(min_value=0), flips=st.lists(st.integers(min_value=0), max_size=3))
 def test_damage_never_raises_and_never_invents_records(
-        pristine: tuple[bytes, dict[int, bytes]], cut: int, flips: list[int]) -> None:
+    pristine: tuple[bytes, dict[int, bytes]], cut: int, flips: list[int]
+) -> None:
     data, records = pristine
     damaged = bytearray(data[: cut % (len(data) + 1)])
     for position in flips:
@@ -553,12 +580,17 @@ def test_damage_never_raises_and_never_invents_records(
 # -- crash safety: SIGKILL in the middle of a long stream ------------------------------------------------
 
 
-def run_until_killed(directory: Path, durability: str, mode: str, acknowledged: int,
-                     also: Callable[[], bool] = lambda: True) -> int:
+def run_until_killed(
+    directory: Path, durability: str, mode: str, acknowledged: int, also: Callable[[], bool] = lambda: True
+) -> int:
     """Start the worker, SIGKILL it once `acknowledged` events are and `also()` holds;
     returns the last index it acknowledged."""
-    child = subprocess.Popen([sys.executable, str(WORKER), str(directory), durability, mode],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, str(WORKER), str(directory), durability, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert child.stdout is not None and child.stderr is not None
     last, deadline = -1, time.monotonic() + 60
     try:
@@ -589,7 +621,7 @@ def assert_all_acknowledged_events_stored(store: SessionStore, acknowledged: int
             kept = by_id[loop.loop_id].events
             assert [e.sequence for e in kept] == list(range(len(kept)))
             want = [encode_event(e.event) for e in loop.events]
-            assert [encode_event(e.event) for e in kept[:len(want)]] == want
+            assert [encode_event(e.event) for e in kept[: len(want)]] == want
 
 
 @pytest.mark.parametrize(("durability", "acknowledged"), [("always", 300), ("interval", 3000)])
@@ -620,10 +652,12 @@ def test_sigkill_of_an_auto_persisting_recorder_loses_nothing(tmp_path: Path) ->
 
 def full_disk(real: Callable[..., object], *, closes: bool = False) -> Callable[..., object]:
     """`real` failing with ENOSPC (a failing ``close`` still closes, as close(2) does)."""
+
     def fail(fd: int, *args: object) -> object:
         if closes:
             real(fd)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     return fail
 
 
@@ -644,7 +678,8 @@ def record_until_failure(sink: JournaledRecorder, fill: Callable[[], None], coun
 @pytest.mark.parametrize("durability", ["always", "os"])
 @pytest.mark.parametrize("failing", [("write", "writev"), ("fsync",), ("close",)])
 def test_a_full_disk_is_a_store_error_and_recovery_runs_at_once(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, failing: tuple[str, ...]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, failing: tuple[str, ...]
+) -> None:
     journal = Journal(tmp_path / "j", durability=durability, segment_bytes=16 << 10)  # type: ignore[arg-type]
 
     def fill() -> None:
@@ -680,7 +715,8 @@ def file_size_limit() -> Iterator[Callable[[int | None], None]]:
 
 @pytest.mark.parametrize("durability", ["always", "os"])
 def test_a_file_size_limit_hit_by_the_kernel_leaves_the_journal_recoverable(
-        tmp_path: Path, file_size_limit: Callable[[int | None], None], durability: str) -> None:
+    tmp_path: Path, file_size_limit: Callable[[int | None], None], durability: str
+) -> None:
     journal = Journal(tmp_path / "j", durability=durability)  # type: ignore[arg-type]
     acknowledged = record_until_failure(JournaledRecorder(journal), lambda: file_size_limit(200_000), 10_000)
     assert acknowledged >= 999

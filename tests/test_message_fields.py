@@ -39,8 +39,11 @@ def derived_table() -> dict[type, tuple[MessageField, ...]]:
                 for inner in field.type.fields:
                     found, many = message_classes(inner.type)
                     if found:
-                        fields.append(MessageField(field.name, many=many, agent=bool(found & AGENT_ONLY),
-                                                   within=inner.name))
+                        fields.append(
+                            MessageField(
+                                field.name, many=many, agent=bool(found & AGENT_ONLY), within=inner.name
+                            )
+                        )
         if fields:
             table[event_type] = tuple(fields)
     return table
@@ -52,17 +55,31 @@ def test_the_table_names_every_field_the_event_types_hold_messages_in() -> None:
 
 
 USER = ps.UserMessage(content=(ps.TextContent(text="hi"),), timestamp=1)
-REPLY = ps.AssistantMessage(content=(ps.TextContent(text="ok"),), stop_reason="stop", model="m", provider="p",
-                            usage=ps.Usage(input=1, output=1), timestamp=2)
+REPLY = ps.AssistantMessage(
+    content=(ps.TextContent(text="ok"),),
+    stop_reason="stop",
+    model="m",
+    provider="p",
+    usage=ps.Usage(input=1, output=1),
+    timestamp=2,
+)
 RESULT = ps.ToolResultMessage(tool_call_id="c", tool_name="n", content=(), is_error=False, timestamp=3)
 
 
 def test_map_messages_reaches_each_form_and_keeps_what_it_does_not_change() -> None:
-    payload = ps.AnnotatedRequestPayload(system_prompt="s", messages=(USER,), provenance=(), tools=(),
-                                         model_id="m", thinking_level="off", response_format=TextFormat())
+    payload = ps.AnnotatedRequestPayload(
+        system_prompt="s",
+        messages=(USER,),
+        provenance=(),
+        tools=(),
+        model_id="m",
+        thinking_level="off",
+        response_format=TextFormat(),
+    )
     at = ps.Timestamp.parse("2025-01-01T00:00:00Z")
-    turn_end = ps.TurnEnd(loop_id="l", message=REPLY, usage=ps.Usage(input=1, output=1),
-                          tool_results=(RESULT,), timestamp=at)
+    turn_end = ps.TurnEnd(
+        loop_id="l", message=REPLY, usage=ps.Usage(input=1, output=1), tool_results=(RESULT,), timestamp=at
+    )
     request = ps.TurnRequest(loop_id="l", turn_index=0, payload=payload, timestamp=at)
     seen: list[Any] = []
 

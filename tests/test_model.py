@@ -65,8 +65,9 @@ def test_compaction_block_stands_in_for_a_loops_messages() -> None:
 def test_a_rerun_of_a_loop_replaces_it_on_the_chain() -> None:
     # A rerun continues the parent of the loop it retries (phi-core: "reruns: only the
     # active ancestor chain"), so the context at the rerun does not hold the retried answer.
-    s = session(loop("s.c.1", None, "ask"), loop("s.c.2", "s.c.1", "first try"),
-                loop("s.c.3", "s.c.1", "retry"))
+    s = session(
+        loop("s.c.1", None, "ask"), loop("s.c.2", "s.c.1", "first try"), loop("s.c.3", "s.c.1", "retry")
+    )
     assert [m.content[0].text for m in s.context_at("s.c.3")] == ["ask", "retry"]  # type: ignore[union-attr]
 
 
@@ -75,14 +76,17 @@ def test_iter_events_per_loop_by_sequence_then_session_scoped() -> None:
         return ps.AgentStart(loop_id=loop_id, session_id="s", agent_id="a", timestamp=T)
 
     first, second = loop("s.c.1", None), loop("s.c.2", "s.c.1")
-    first.events = [ps.LoopEvent(sequence=1, event=start("s.c.1b")),
-                    ps.LoopEvent(sequence=0, event=start("s.c.1"))]
+    first.events = [
+        ps.LoopEvent(sequence=1, event=start("s.c.1b")),
+        ps.LoopEvent(sequence=0, event=start("s.c.1")),
+    ]
     second.events = [ps.LoopEvent(sequence=0, event=start("s.c.2"))]
     s = session(first, second)
     s.session_events = [start("s.session")]
-    assert [(item.loop.loop_id if item.loop else None, item.sequence, item.event.loop_id)  # type: ignore[attr-defined]
-            for item in s.iter_events()] == [
-        ("s.c.1", 0, "s.c.1"), ("s.c.1", 1, "s.c.1b"), ("s.c.2", 0, "s.c.2"), (None, None, "s.session")]
+    assert [
+        (item.loop.loop_id if item.loop else None, item.sequence, item.event.loop_id)  # type: ignore[attr-defined]
+        for item in s.iter_events()
+    ] == [("s.c.1", 0, "s.c.1"), ("s.c.1", 1, "s.c.1b"), ("s.c.2", 0, "s.c.2"), (None, None, "s.session")]
 
 
 def test_navigation_and_totals() -> None:
@@ -116,11 +120,14 @@ def test_metadata_that_refers_back_to_its_records_is_collected() -> None:
         agent.recorder = ps.SessionRecorder()
         metadata = {"agent": agent}
         agent.recorder.on_event(
-            ps.AgentStart(agent_id="a", session_id="s", loop_id="s.c.1", timestamp=T, metadata=metadata))
+            ps.AgentStart(agent_id="a", session_id="s", loop_id="s.c.1", timestamp=T, metadata=metadata)
+        )
         agent.recorder.on_event(
-            ps.AgentStart(agent_id="a", session_id="s", loop_id="s.c.1", timestamp=T, metadata=metadata))
-        agent.recorder.on_event(ps.AgentEnd(loop_id="s.c.1", messages=(), usage=ps.Usage(input=0, output=0),
-                                            timestamp=T))
+            ps.AgentStart(agent_id="a", session_id="s", loop_id="s.c.1", timestamp=T, metadata=metadata)
+        )
+        agent.recorder.on_event(
+            ps.AgentEnd(loop_id="s.c.1", messages=(), usage=ps.Usage(input=0, output=0), timestamp=T)
+        )
         agent.recorder.checkpoint()
         [session] = agent.recorder.sessions()
         metadata["session"] = session  # and straight back at the records

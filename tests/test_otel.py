@@ -43,17 +43,20 @@ def _by_id(spans: list) -> dict:
 
 
 def test_import_phi_session_imports_no_opentelemetry() -> None:
-    code = ("import sys, phi_session, phi_session.otel; "
-            "print([m for m in sys.modules if 'opentelemetry' in m])")
+    code = (
+        "import sys, phi_session, phi_session.otel; print([m for m in sys.modules if 'opentelemetry' in m])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_a_missing_extra_names_the_pip_install() -> None:
-    code = ("import sys; sys.modules['opentelemetry'] = None\n"
-            "import phi_session.otel as otel\n"
-            "try:\n    otel.export_session\nexcept ImportError as error:\n"
-            "    print(type(error).__name__, error)")
+    code = (
+        "import sys; sys.modules['opentelemetry'] = None\n"
+        "import phi_session.otel as otel\n"
+        "try:\n    otel.export_session\nexcept ImportError as error:\n"
+        "    print(type(error).__name__, error)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("MissingExtra ") and "pip install 'phi-session[otel]'" in out
 
@@ -73,7 +76,8 @@ def test_every_loop_turn_and_tool_call_is_one_span(demo_sessions: list[Session])
             assert loop.attributes[attr.PHI_CONTINUATION_KIND] == record.kind.kind
             assert loop.attributes[attr.USAGE_OUTPUT_TOKENS] == record.usage.output
             assert loop.attributes[attr.USAGE_INPUT_TOKENS] == (
-                record.usage.input + record.usage.cache_read + record.usage.cache_write)
+                record.usage.input + record.usage.cache_read + record.usage.cache_write
+            )
             assert loop.start_time == record.started_at.ns
             assert record.ended_at is not None and loop.end_time == record.ended_at.ns
             for turn in record.turns:
@@ -92,8 +96,11 @@ def test_every_loop_turn_and_tool_call_is_one_span(demo_sessions: list[Session])
                     assert tool.attributes[attr.TOOL_CALL_ID] == result.tool_call_id
                     assert (tool.status.status_code is StatusCode.ERROR) == result.is_error
             # No content unless asked for.
-            assert not any(key in span.attributes for span in spans
-                           for key in (attr.PHI_EVENTS, attr.INPUT_MESSAGES, attr.TOOL_CALL_ARGUMENTS))
+            assert not any(
+                key in span.attributes
+                for span in spans
+                for key in (attr.PHI_EVENTS, attr.INPUT_MESSAGES, attr.TOOL_CALL_ARGUMENTS)
+            )
 
 
 def test_links_and_sub_agent_placement(demo_sessions: list[Session]) -> None:
@@ -132,17 +139,26 @@ def test_links_and_sub_agent_placement(demo_sessions: list[Session]) -> None:
 def test_span_events_and_content_capture(demo_sessions: list[Session]) -> None:
     plain = _export(demo_sessions)
     names = {event.name for span in plain for event in span.events}
-    assert {attr.EVENT_COMPACTION_STARTED, attr.EVENT_COMPACTION_ENDED, attr.EVENT_INPUT_REJECTED,
-            attr.EVENT_PROGRESS} <= names
-    assert all("phi.text" not in event.attributes and "phi.reason" not in event.attributes
-               for span in plain for event in span.events)
+    assert {
+        attr.EVENT_COMPACTION_STARTED,
+        attr.EVENT_COMPACTION_ENDED,
+        attr.EVENT_INPUT_REJECTED,
+        attr.EVENT_PROGRESS,
+    } <= names
+    assert all(
+        "phi.text" not in event.attributes and "phi.reason" not in event.attributes
+        for span in plain
+        for event in span.events
+    )
     captured = _export(demo_sessions, capture_content=True)
     chats = [span for span in captured if span.kind is SpanKind.CLIENT]
     first = msgspec.json.decode(chats[0].attributes[attr.OUTPUT_MESSAGES])
     assert first[0]["role"] == "assistant" and first[0]["parts"]
     tools = [span for span in captured if span.attributes[attr.OPERATION_NAME] == "execute_tool"]
-    assert all(attr.TOOL_CALL_ARGUMENTS in span.attributes and attr.TOOL_CALL_RESULT in span.attributes
-               for span in tools)
+    assert all(
+        attr.TOOL_CALL_ARGUMENTS in span.attributes and attr.TOOL_CALL_RESULT in span.attributes
+        for span in tools
+    )
 
 
 def test_export_is_deterministic(demo_sessions: list[Session]) -> None:
@@ -176,11 +192,33 @@ def test_round_trip_with_content_is_lossless(demo_sessions: list[Session]) -> No
 
 
 def _turn_shape(session: Session) -> list:
-    return [(r.loop_id, r.agent_id, r.parent_loop_id, r.kind, r.status, r.started_at, r.ended_at, r.config,
-             r.parallel_group, r.children_loop_ids, r.child_loop_refs,
-             [(t.turn_id, t.triggered_by, t.usage.output, t.started_at, t.ended_at,
-               [(m.tool_call_id, m.tool_name, m.is_error) for m in t.tool_results]) for t in r.turns])
-            for r in session.loops]
+    return [
+        (
+            r.loop_id,
+            r.agent_id,
+            r.parent_loop_id,
+            r.kind,
+            r.status,
+            r.started_at,
+            r.ended_at,
+            r.config,
+            r.parallel_group,
+            r.children_loop_ids,
+            r.child_loop_refs,
+            [
+                (
+                    t.turn_id,
+                    t.triggered_by,
+                    t.usage.output,
+                    t.started_at,
+                    t.ended_at,
+                    [(m.tool_call_id, m.tool_name, m.is_error) for m in t.tool_results],
+                )
+                for t in r.turns
+            ],
+        )
+        for r in session.loops
+    ]
 
 
 def test_round_trip_without_content_keeps_the_structure(demo_sessions: list[Session]) -> None:
@@ -199,15 +237,30 @@ def test_span_processor_records_in_process(demo_sessions: list[Session]) -> None
     provider = TracerProvider()
     provider.add_span_processor(IngestSpanProcessor(recorder))
     tracer = provider.get_tracer("test")
-    with tracer.start_as_current_span("invoke_agent helper", attributes={
-            attr.OPERATION_NAME: "invoke_agent", attr.AGENT_NAME: "helper", attr.CONVERSATION_ID: "conv-1"}):
-        with tracer.start_as_current_span("chat gpt-x", kind=SpanKind.CLIENT, attributes={
-                attr.OPERATION_NAME: "chat", attr.REQUEST_MODEL: "gpt-x", attr.PROVIDER_NAME: "openai",
-                attr.USAGE_INPUT_TOKENS: 10, attr.USAGE_OUTPUT_TOKENS: 3,
-                attr.RESPONSE_FINISH_REASONS: ("tool_calls",)}):
+    with tracer.start_as_current_span(
+        "invoke_agent helper",
+        attributes={
+            attr.OPERATION_NAME: "invoke_agent",
+            attr.AGENT_NAME: "helper",
+            attr.CONVERSATION_ID: "conv-1",
+        },
+    ):
+        with tracer.start_as_current_span(
+            "chat gpt-x",
+            kind=SpanKind.CLIENT,
+            attributes={
+                attr.OPERATION_NAME: "chat",
+                attr.REQUEST_MODEL: "gpt-x",
+                attr.PROVIDER_NAME: "openai",
+                attr.USAGE_INPUT_TOKENS: 10,
+                attr.USAGE_OUTPUT_TOKENS: 3,
+                attr.RESPONSE_FINISH_REASONS: ("tool_calls",),
+            },
+        ):
             pass
-        with tracer.start_as_current_span("execute_tool search", attributes={
-                attr.OPERATION_NAME: "execute_tool", attr.TOOL_NAME: "search"}):
+        with tracer.start_as_current_span(
+            "execute_tool search", attributes={attr.OPERATION_NAME: "execute_tool", attr.TOOL_NAME: "search"}
+        ):
             pass
     provider.shutdown()
     recorder.flush()
@@ -284,8 +337,10 @@ def test_pydantic_ai_spans_become_a_session(producer: str) -> None:
     recorder = SessionRecorder()
     provider = TracerProvider()
     if producer == "openinference":
-        processors = pytest.importorskip("openinference.instrumentation.pydantic_ai",
-                                         reason="needs openinference-instrumentation-pydantic-ai")
+        processors = pytest.importorskip(
+            "openinference.instrumentation.pydantic_ai",
+            reason="needs openinference-instrumentation-pydantic-ai",
+        )
         provider.add_span_processor(processors.OpenInferenceSpanProcessor())
         provider.add_span_processor(_OpenInferenceOnly(recorder))
     else:
@@ -318,7 +373,11 @@ def test_pydantic_ai_spans_become_a_session(producer: str) -> None:
     assert one.usage.input + one.usage.output == sum(t.usage.input + t.usage.output for t in one.turns) > 0
     assert two.turns[0].input_messages[0].content[0].text == "And in Rome?"  # type: ignore[union-attr]
     assert [type(m).__name__ for m in one.messages] == [
-        "UserMessage", "AssistantMessage", "ToolResultMessage", "AssistantMessage"]
+        "UserMessage",
+        "AssistantMessage",
+        "ToolResultMessage",
+        "AssistantMessage",
+    ]
     assert one.metadata["otel"]["synthesized"] == ["loop_id"]  # tool call ids were the producer's own
 
 
@@ -328,10 +387,23 @@ def test_a_config_with_a_temperature_exports_and_comes_back() -> None:
 
     config = LoopConfigSnapshot(model="m", provider="p", temperature=0.7)
     recorder = SessionRecorder()
-    recorder.on_event(AgentStart(agent_id="a", session_id="s", loop_id="s.p.m.1", config_snapshot=config,
-                                 timestamp=Timestamp.parse("2025-06-01T09:00:00Z")))
-    recorder.on_event(AgentEnd(loop_id="s.p.m.1", messages=(), usage=Usage(input=1, output=2),
-                               timestamp=Timestamp.parse("2025-06-01T09:00:01Z")))
+    recorder.on_event(
+        AgentStart(
+            agent_id="a",
+            session_id="s",
+            loop_id="s.p.m.1",
+            config_snapshot=config,
+            timestamp=Timestamp.parse("2025-06-01T09:00:00Z"),
+        )
+    )
+    recorder.on_event(
+        AgentEnd(
+            loop_id="s.p.m.1",
+            messages=(),
+            usage=Usage(input=1, output=2),
+            timestamp=Timestamp.parse("2025-06-01T09:00:01Z"),
+        )
+    )
     recorder.flush()
     (session,) = recorder.drain_completed()
     for capture in (False, True):
@@ -343,8 +415,9 @@ def test_a_config_with_a_temperature_exports_and_comes_back() -> None:
 
 def test_damaged_phi_attributes_fall_back_to_rebuilding_from_the_spans(demo_sessions: list[Session]) -> None:
     spans = [spans_from_sdk(span) for span in _export(demo_sessions[:1], capture_content=True)]
-    for data, damage in zip(spans, ["[[0, {\"type\": \"Nope\"}]]", "not json", "[1, 2]", "{}"] * 100,
-                            strict=False):
+    for data, damage in zip(
+        spans, ['[[0, {"type": "Nope"}]]', "not json", "[1, 2]", "{}"] * 100, strict=False
+    ):
         assert data is not None
         data.attributes[attr.PHI_EVENTS] = damage
         data.attributes[attr.PHI_CONTINUATION_KIND] = "Bogus"
@@ -363,18 +436,39 @@ def test_openinference_openai_calls_become_loops_of_one_session() -> None:
     # span: each call is a loop).
     openai = pytest.importorskip("openai", reason="needs openai")
     httpx = pytest.importorskip("httpx2", reason="needs openai's httpx2")
-    instrumentation = pytest.importorskip("openinference.instrumentation.openai",
-                                          reason="needs openinference-instrumentation-openai")
+    instrumentation = pytest.importorskip(
+        "openinference.instrumentation.openai", reason="needs openinference-instrumentation-openai"
+    )
     from openinference.instrumentation import using_session
 
     def reply(request: object) -> object:
-        return httpx.Response(200, json={
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024",
-            "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
-            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-                "role": "assistant", "content": None, "tool_calls": [{
-                    "id": "call_1", "type": "function",
-                    "function": {"name": "lookup", "arguments": '{"q": 1}'}}]}}]})
+        return httpx.Response(
+            200,
+            json={
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "gpt-4o-mini-2024",
+                "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "tool_calls",
+                        "message": {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [
+                                {
+                                    "id": "call_1",
+                                    "type": "function",
+                                    "function": {"name": "lookup", "arguments": '{"q": 1}'},
+                                }
+                            ],
+                        },
+                    }
+                ],
+            },
+        )
 
     recorder = SessionRecorder()
     provider = TracerProvider()
@@ -382,12 +476,16 @@ def test_openinference_openai_calls_become_loops_of_one_session() -> None:
     instrumentor = instrumentation.OpenAIInstrumentor()
     instrumentor.instrument(tracer_provider=provider)
     try:
-        client = openai.OpenAI(api_key="offline", base_url="http://127.0.0.1:9/v1",
-                               http_client=httpx.Client(transport=httpx.MockTransport(reply)))
+        client = openai.OpenAI(
+            api_key="offline",
+            base_url="http://127.0.0.1:9/v1",
+            http_client=httpx.Client(transport=httpx.MockTransport(reply)),
+        )
         with using_session("conv-7"):
             for prompt in ("Hi", "Again"):
-                client.chat.completions.create(model="gpt-4o-mini",
-                                               messages=[{"role": "user", "content": prompt}])
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+                )
     finally:
         instrumentor.uninstrument()
     provider.shutdown()
@@ -401,7 +499,10 @@ def test_openinference_openai_calls_become_loops_of_one_session() -> None:
         assert turn.input_messages[0].content[0].text == prompt  # type: ignore[union-attr]
         output = turn.output_message
         assert (output.model, output.provider, output.stop_reason) == (  # type: ignore[union-attr]
-            "gpt-4o-mini-2024", "openai", "toolUse")
+            "gpt-4o-mini-2024",
+            "openai",
+            "toolUse",
+        )
         call = output.content[0]  # type: ignore[union-attr]
         assert (call.id, call.name, call.arguments) == ("call_1", "lookup", {"q": 1})
         assert (turn.usage.input, turn.usage.output) == (12, 3)

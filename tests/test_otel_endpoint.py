@@ -17,8 +17,9 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip install 'phi-session[otel]'")
 pytest.importorskip("opentelemetry.proto", reason="needs the otlp extra: pip install 'phi-session[otlp]'")
-pytest.importorskip("opentelemetry.exporter.otlp.proto.http",
-                    reason="needs the otlp extra: pip install 'phi-session[otlp]'")
+pytest.importorskip(
+    "opentelemetry.exporter.otlp.proto.http", reason="needs the otlp extra: pip install 'phi-session[otlp]'"
+)
 
 from google.protobuf.json_format import MessageToDict
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -44,8 +45,9 @@ def demo_sessions(tmp_path_factory: pytest.TempPathFactory) -> list[Session]:
 class Receiver:
     def __init__(self, root: Path, **options: object) -> None:
         self.store = JsonDirStore(root / "store")
-        self.endpoint = OtlpEndpoint(self.store, root / "state", tick=0.05,
-                                     **{k: v for k, v in options.items() if k != "max_body"})  # type: ignore[arg-type]
+        self.endpoint = OtlpEndpoint(
+            self.store, root / "state", tick=0.05, **{k: v for k, v in options.items() if k != "max_body"}
+        )  # type: ignore[arg-type]
         extra = {"max_body": options["max_body"]} if "max_body" in options else {}
         self.server: OtlpServer = make_otlp_server(self.endpoint, port=0, quiet=True, **extra)  # type: ignore[arg-type]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -55,8 +57,13 @@ class Receiver:
     def port(self) -> int:
         return int(self.server.server_address[1])
 
-    def post(self, body: bytes, content_type: str = "application/x-protobuf",
-             headers: dict[str, str] | None = None, path: str = "/v1/traces") -> http.client.HTTPResponse:
+    def post(
+        self,
+        body: bytes,
+        content_type: str = "application/x-protobuf",
+        headers: dict[str, str] | None = None,
+        path: str = "/v1/traces",
+    ) -> http.client.HTTPResponse:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         connection.request("POST", path, body=body, headers={"Content-Type": content_type, **(headers or {})})
         response = connection.getresponse()
@@ -102,7 +109,8 @@ def _same(got: list[Session], want: list[Session]) -> None:
 
 
 def test_the_sdk_otlp_exporter_round_trips_every_demo_session(
-        demo_sessions: list[Session], tmp_path: Path) -> None:
+    demo_sessions: list[Session], tmp_path: Path
+) -> None:
     made = Receiver(tmp_path)
     exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{made.port}/v1/traces")
     for session in demo_sessions:
@@ -135,16 +143,31 @@ def test_invalid_span_ids_are_a_partial_success(demo_sessions: list[Session], re
     assert parsed.partial_success.rejected_spans == 0
 
 
-@pytest.mark.parametrize(("body", "content_type"), [
-    (b"\xff\xff\xff\xff", "application/x-protobuf"),
-    (b"{not json", "application/json"),
-    (b'{"resourceSpans": 3}', "application/json"),
-    (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "' + b"ab" * 16 + b'", "spanId": "'
-     + b"cd" * 8 + b'", "attributes": [{"key": "k", "value": {"x": 1}}]}]}]}]}', "application/json"),
-    (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "' + b"ab" * 16 + b'", "spanId": "'
-     + b"cd" * 8 + b'", "startTimeUnixNano": "-5"}]}]}]}', "application/json"),
-    (b'[' * 100_000 + b']' * 100_000, "application/json"),
-])
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"\xff\xff\xff\xff", "application/x-protobuf"),
+        (b"{not json", "application/json"),
+        (b'{"resourceSpans": 3}', "application/json"),
+        (
+            b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "'
+            + b"ab" * 16
+            + b'", "spanId": "'
+            + b"cd" * 8
+            + b'", "attributes": [{"key": "k", "value": {"x": 1}}]}]}]}]}',
+            "application/json",
+        ),
+        (
+            b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "'
+            + b"ab" * 16
+            + b'", "spanId": "'
+            + b"cd" * 8
+            + b'", "startTimeUnixNano": "-5"}]}]}]}',
+            "application/json",
+        ),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json"),
+    ],
+)
 def test_bad_payloads_are_400(receiver: Receiver, body: bytes, content_type: str) -> None:
     response = receiver.post(body, content_type)
     assert response.status == 400
@@ -197,10 +220,27 @@ def test_backpressure_is_429_with_retry_after(demo_sessions: list[Session], tmp_
 def _serve(store: Path, state: Path) -> tuple[subprocess.Popen[str], int]:
     code = "from phi_session.cli import main; main()"
     process = subprocess.Popen(
-        [sys.executable, "-c", code, "serve", "--otlp", "--port", "0", "--otlp-port", "0", "--json",
-         "--store", f"{store}/", "--otlp-state", str(state)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(SRC)})
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            "--otlp",
+            "--port",
+            "0",
+            "--otlp-port",
+            "0",
+            "--json",
+            "--store",
+            f"{store}/",
+            "--otlp-state",
+            str(state),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(SRC)},
+    )
     assert process.stdout is not None
     line = process.stdout.readline()
     assert line, process.stderr.read() if process.stderr else ""
@@ -210,8 +250,9 @@ def _serve(store: Path, state: Path) -> tuple[subprocess.Popen[str], int]:
 
 def _post_protobuf(port: int, spans: list) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request("POST", "/v1/traces", body=_protobuf(spans),
-                       headers={"Content-Type": "application/x-protobuf"})
+    connection.request(
+        "POST", "/v1/traces", body=_protobuf(spans), headers={"Content-Type": "application/x-protobuf"}
+    )
     status = connection.getresponse().status
     connection.close()
     return status
@@ -220,9 +261,11 @@ def _post_protobuf(port: int, spans: list) -> int:
 def test_nothing_acknowledged_is_lost_to_sigkill(demo_sessions: list[Session], tmp_path: Path) -> None:
     store, state = tmp_path / "store", tmp_path / "state"
     # In the order an SDK ends them, three per request: traces wait for their roots across requests.
-    spans = sorted((span for session in demo_sessions
-                    for span in session_spans(session, capture_content=True)), key=lambda span: span.end_time)
-    batches = [spans[index:index + 3] for index in range(0, len(spans), 3)]
+    spans = sorted(
+        (span for session in demo_sessions for span in session_spans(session, capture_content=True)),
+        key=lambda span: span.end_time,
+    )
+    batches = [spans[index : index + 3] for index in range(0, len(spans), 3)]
     process, port = _serve(store, state)
     try:
         for batch in batches[:-1]:

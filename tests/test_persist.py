@@ -60,8 +60,9 @@ def stored(store: SessionStore) -> dict[str, bytes]:
 def test_every_session_is_saved_as_the_recorder_built_it(tmp_path: Path, journaled: bool, feed: str) -> None:
     evs = single_loop_sessions(30)
     store = SqliteStore(tmp_path / "s.db")
-    with AutoPersistingRecorder(store, journal=tmp_path / "j" if journaled else None,
-                                checkpoint_every=20) as persisting:
+    with AutoPersistingRecorder(
+        store, journal=tmp_path / "j" if journaled else None, checkpoint_every=20
+    ) as persisting:
         for event in evs:
             if feed == "on_event":
                 persisting.on_event(event)
@@ -82,8 +83,11 @@ def test_sessions_saved_in_pieces_keep_every_loop_and_event(tmp_path: Path) -> N
     with AutoPersistingRecorder(store, checkpoint_every=5) as persisting:
         persisting.record_all(evs)
     for session_id in recorded(evs):
-        want = [encode_event(e) for e in evs if not isinstance(e, MessageUpdate)
-                and getattr(e, "loop_id", "").startswith(session_id + ".")]
+        want = [
+            encode_event(e)
+            for e in evs
+            if not isinstance(e, MessageUpdate) and getattr(e, "loop_id", "").startswith(session_id + ".")
+        ]
         got = [encode_event(e.event) for r in store.load(session_id).loops for e in r.events]
         assert got == want
 
@@ -119,7 +123,8 @@ class SlowStore(JsonDirStore):
 
 
 def test_a_slow_store_blocks_the_producer_and_loses_nothing(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     evs = single_loop_sessions(40)
     store = SlowStore(tmp_path / "store")
     with caplog.at_level(logging.WARNING, "phi_session.persist"):
@@ -154,7 +159,8 @@ def test_transient_save_failures_are_retried(tmp_path: Path) -> None:
 
 
 def test_a_session_the_store_keeps_refusing_is_kept_and_reported(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     evs = single_loop_sessions(4)
     store = FlakyStore(tmp_path / "store", refused=frozenset({"s0000002"}))
     persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", retry_for=0.1)
@@ -224,9 +230,11 @@ def test_concurrent_producers(tmp_path: Path) -> None:
         by_session.setdefault(event.loop_id.split(".")[0], []).append(event)  # type: ignore[union-attr]
     store = SqliteStore(tmp_path / "s.db")
     with AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_every=7) as persisting:
+
         def produce(part: int) -> None:
             for session_id in sorted(by_session)[part::4]:
                 persisting.record_all(by_session[session_id])
+
         threads = [threading.Thread(target=produce, args=(part,)) for part in range(4)]
         for thread in threads:
             thread.start()
@@ -260,9 +268,14 @@ def test_a_failed_recovery_on_start_leaves_the_journal_unlocked(tmp_path: Path) 
 def test_a_late_parallel_event_is_kept_as_an_orphan_without_holding_the_journal(tmp_path: Path) -> None:
     both = list(stream(sessions=2, loops=1, turns=2, interleave=1))
     first = [e for e in both if getattr(e, "loop_id", "").startswith("s0000000.")]
-    second = both[len(first):]
-    late = ParallelLoopEnd(session_id="s0000000", selected_loop_id="s0000000.p.m.1", selected_config_index=0,
-                           evaluation_usage=Usage(input=0, output=0), timestamp=Timestamp.now())
+    second = both[len(first) :]
+    late = ParallelLoopEnd(
+        session_id="s0000000",
+        selected_loop_id="s0000000.p.m.1",
+        selected_config_index=0,
+        evaluation_usage=Usage(input=0, output=0),
+        timestamp=Timestamp.now(),
+    )
     store = JsonDirStore(tmp_path / "store")
     with AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_every=10**9) as persisting:
         persisting.record_all(first)
@@ -291,8 +304,9 @@ def test_the_writer_holds_at_most_the_byte_budget_plus_one_session(tmp_path: Pat
             super().save(session)
 
     store = SlowObservedStore(tmp_path / "store")
-    with AutoPersistingRecorder(store, checkpoint_every=40, checkpoint_interval=None,
-                                max_pending_bytes=budget) as persisting:
+    with AutoPersistingRecorder(
+        store, checkpoint_every=40, checkpoint_interval=None, max_pending_bytes=budget
+    ) as persisting:
         for event in evs:
             persisting.on_event(event)
             queued.append(persisting.stats()["bytes_queued"])
@@ -323,8 +337,9 @@ def test_callbacks_run_outside_the_locks(tmp_path: Path) -> None:
 
     config = SessionRecorderConfig(after_task=after_task)
     store = JsonDirStore(tmp_path / "store")
-    with AutoPersistingRecorder(store, config=config, checkpoint_every=1, checkpoint_interval=None,
-                                journal=tmp_path / "j") as persisting:
+    with AutoPersistingRecorder(
+        store, config=config, checkpoint_every=1, checkpoint_interval=None, journal=tmp_path / "j"
+    ) as persisting:
         persisting.record_all(evs)
     assert seen == [e.loop_id.split(".")[0] for e in evs if isinstance(e, AgentEnd)]  # in order
     assert stored(store) == recorded(evs)
@@ -360,7 +375,8 @@ if sys.argv[2] == "raise":
 @pytest.mark.parametrize("journaled", [False, True])
 @pytest.mark.parametrize("ending", ["return", "raise"])
 def test_a_program_that_ends_with_the_recorder_open_saves_everything(
-        tmp_path: Path, ending: str, journaled: bool) -> None:
+    tmp_path: Path, ending: str, journaled: bool
+) -> None:
     """Issue 9.2: the exit hook stops the writer (saving what is pending) before the
     store's connections are closed; no SIGSEGV, no lost event, many times over."""
     runs = 8
@@ -370,8 +386,20 @@ def test_a_program_that_ends_with_the_recorder_open_saves_everything(
         db = tmp_path / f"{index}.db"
         journal = str(tmp_path / f"j{index}") if journaled else "-"
         child = subprocess.run(
-            [sys.executable, "-c", _EXIT_CHILD, str(db), ending, journal, str(Path(__file__).parent),
-             str(events + index)], capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-c",
+                _EXIT_CHILD,
+                str(db),
+                ending,
+                journal,
+                str(Path(__file__).parent),
+                str(events + index),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return child.returncode, child.stderr, db
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -392,10 +420,17 @@ def test_a_drained_session_owed_its_parallel_winner_keeps_its_journal_records(tm
     branches = ("g.a.m.1", "g.b.m.1")
     group = [ParallelLoopStart(session_id="g", loop_ids=branches, timestamp=ts)]
     for loop_id in branches:
-        group += [AgentStart(agent_id="x", session_id="g", loop_id=loop_id, timestamp=ts),
-                  AgentEnd(loop_id=loop_id, messages=(), usage=Usage(input=1, output=1), timestamp=ts)]
-    winner = ParallelLoopEnd(session_id="g", selected_loop_id=branches[1], selected_config_index=1,
-                             evaluation_usage=Usage(input=0, output=0), timestamp=ts)
+        group += [
+            AgentStart(agent_id="x", session_id="g", loop_id=loop_id, timestamp=ts),
+            AgentEnd(loop_id=loop_id, messages=(), usage=Usage(input=1, output=1), timestamp=ts),
+        ]
+    winner = ParallelLoopEnd(
+        session_id="g",
+        selected_loop_id=branches[1],
+        selected_config_index=1,
+        evaluation_usage=Usage(input=0, output=0),
+        timestamp=ts,
+    )
     others = single_loop_sessions(40)
     journal = Journal(tmp_path / "j", durability="os", segment_bytes=4096)
     store = SqliteStore(tmp_path / "s.db")
@@ -404,8 +439,9 @@ def test_a_drained_session_owed_its_parallel_winner_keeps_its_journal_records(tm
         persisting.checkpoint()
         assert persisting.wait_saved(timeout=10)  # saved, and the journal told
 
-    with AutoPersistingRecorder(store, journal=journal, checkpoint_every=10**9,
-                                checkpoint_interval=None) as persisting:
+    with AutoPersistingRecorder(
+        store, journal=journal, checkpoint_every=10**9, checkpoint_interval=None
+    ) as persisting:
         persisting.record_all(group)
         settle()  # g is complete (phi-core's contract) and saved, its group still open
         assert store.list_ids() == ["g"]

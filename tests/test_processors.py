@@ -17,15 +17,20 @@ from phi_session.processors import REDACTED, ProcessorChain, Redactor, withhold
 from phi_session.recorder import SessionRecorder
 
 SECRET_KEY = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz012345"
-SNAP = ps.LoopConfigSnapshot(model="m", provider="p", base_url=f"https://user:hunter2@proxy.example/v1?key={SECRET_KEY}",
-                             name="staging")
+SNAP = ps.LoopConfigSnapshot(
+    model="m",
+    provider="p",
+    base_url=f"https://user:hunter2@proxy.example/v1?key={SECRET_KEY}",
+    name="staging",
+)
 
 
 def record(tracer_options: dict[str, Any], scenario: Any) -> tuple[list[ps.AgentEvent], ps.Session, bytes]:
     events: list[ps.AgentEvent] = []
     recorder = SessionRecorder(include_streaming_events=True)
-    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append, recorder], config=SNAP,
-                    **tracer_options)
+    tracer = Tracer(
+        AgentSession(clock=FakeClock()), sinks=[events.append, recorder], config=SNAP, **tracer_options
+    )
     scenario(tracer)
     recorder.flush()
     [session] = recorder.drain_completed()
@@ -33,8 +38,13 @@ def record(tracer_options: dict[str, Any], scenario: Any) -> tuple[list[ps.Agent
 
 
 def secret_scenario(tracer: Tracer) -> None:
-    arguments = {"url": "https://api.example", "headers": {"Authorization": f"Bearer {SECRET_KEY}"},
-                 "api_key": "plain-value", "max_tokens": 10, "note": "token budget"}
+    arguments = {
+        "url": "https://api.example",
+        "headers": {"Authorization": f"Bearer {SECRET_KEY}"},
+        "api_key": "plain-value",
+        "max_tokens": 10,
+        "note": "token budget",
+    }
     call = ps.ToolCall(id="c1", name="http", arguments=arguments)
     with tracer.loop(metadata={"password": "pw", "user": "bob"}) as loop:
         loop.user("my key is AKIAABCDEFGHIJKLMNOP, keep it")
@@ -59,8 +69,13 @@ def test_default_redaction_covers_config_metadata_tool_arguments_and_errors() ->
     assert loop.config.base_url == f"https://{REDACTED}@proxy.example/v1?key={REDACTED}"
     assert loop.metadata == {"password": REDACTED, "user": "bob"}
     arguments = loop.turns[0].output_message.content[1].arguments  # type: ignore[union-attr]
-    assert arguments == {"url": "https://api.example", "headers": {"Authorization": REDACTED},
-                         "api_key": REDACTED, "max_tokens": 10, "note": "token budget"}
+    assert arguments == {
+        "url": "https://api.example",
+        "headers": {"Authorization": REDACTED},
+        "api_key": REDACTED,
+        "max_tokens": 10,
+        "note": "token budget",
+    }
     start = next(e for e in events if isinstance(e, ps.ToolExecutionStart))
     assert start.args == arguments
     assert loop.error == f"failed with {REDACTED}"
@@ -79,28 +94,39 @@ def test_redaction_can_be_turned_off() -> None:
     assert session.loops[0].metadata == {"password": "pw", "user": "bob"}
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (f"key {SECRET_KEY}.", f"key {REDACTED}."),
-    ("sk-proj-AAAAAAAAAAAAAAAAAAAA", REDACTED),
-    ("id AKIAIOSFODNN7EXAMPLE end", f"id {REDACTED} end"),
-    ("ghp_abcdefghijklmnopqrstuvwxyz0123456789", REDACTED),
-    ("github_pat_11ABCDEFG0123456789_abcdefghijkl", REDACTED),
-    ("xoxb-123456789012-abcdefghij", REDACTED),
-    ("AIzaSyA1234567890abcdefghijklmnopqrstuv", REDACTED),
-    ("Authorization: Bearer abc.def-ghi_jkl==", f"Authorization: Bearer {REDACTED}"),
-    ("bearer abcdefgh12345678", f"bearer {REDACTED}"),
-    ("jwt eyJhbGciOiJIUzI1.eyJzdWIiOiIxMjM0.SflKxwRJSMeKKF2QT4", f"jwt {REDACTED}"),
-    ("postgres://admin:s3cret@db:5432/x", f"postgres://{REDACTED}@db:5432/x"),
-    ("https://h/p?a=1&api_key=XYZ&b=2", f"https://h/p?a=1&api_key={REDACTED}&b=2"),
-    ("https://h/p?Token=XYZ#frag", f"https://h/p?Token={REDACTED}#frag"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"key {SECRET_KEY}.", f"key {REDACTED}."),
+        ("sk-proj-AAAAAAAAAAAAAAAAAAAA", REDACTED),
+        ("id AKIAIOSFODNN7EXAMPLE end", f"id {REDACTED} end"),
+        ("ghp_abcdefghijklmnopqrstuvwxyz0123456789", REDACTED),
+        ("github_pat_11ABCDEFG0123456789_abcdefghijkl", REDACTED),
+        ("xoxb-123456789012-abcdefghij", REDACTED),
+        ("AIzaSyA1234567890abcdefghijklmnopqrstuv", REDACTED),
+        ("Authorization: Bearer abc.def-ghi_jkl==", f"Authorization: Bearer {REDACTED}"),
+        ("bearer abcdefgh12345678", f"bearer {REDACTED}"),
+        ("jwt eyJhbGciOiJIUzI1.eyJzdWIiOiIxMjM0.SflKxwRJSMeKKF2QT4", f"jwt {REDACTED}"),
+        ("postgres://admin:s3cret@db:5432/x", f"postgres://{REDACTED}@db:5432/x"),
+        ("https://h/p?a=1&api_key=XYZ&b=2", f"https://h/p?a=1&api_key={REDACTED}&b=2"),
+        ("https://h/p?Token=XYZ#frag", f"https://h/p?Token={REDACTED}#frag"),
+    ],
+)
 def test_secret_patterns(text: str, expected: str) -> None:
     assert Redactor().redact_string(text) == expected
 
 
-@pytest.mark.parametrize("text", [
-    "a plain sentence", "sk-short", "task-list", "max_tokens=5 tokens", "Bearer", "https://example.com/path",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a plain sentence",
+        "sk-short",
+        "task-list",
+        "max_tokens=5 tokens",
+        "Bearer",
+        "https://example.com/path",
+    ],
+)
 def test_clean_text_is_returned_as_is(text: str) -> None:
     assert Redactor().redact_string(text) is text
 
@@ -109,11 +135,20 @@ def test_named_fields_nested_values_and_identity() -> None:
     r = Redactor(extra_fields=["session-cookie"], extra_patterns=[r"INTERNAL-\d+"])
     clean = {"path": "a", "items": [1, {"x": None}], "max_tokens": 3, "total_tokens": 4}
     assert r.redact_value(clean) is clean
-    value = {"X-Api-Key": "k", "nested": [{"client_secret": "s"}, ("INTERNAL-42", 1)], "Session-Cookie": "c",
-             "github_token": "g", "password": None}
-    assert r.redact_value(value) == {"X-Api-Key": REDACTED, "nested": [{"client_secret": REDACTED},
-                                                                       (REDACTED, 1)],
-                                     "Session-Cookie": REDACTED, "github_token": REDACTED, "password": None}
+    value = {
+        "X-Api-Key": "k",
+        "nested": [{"client_secret": "s"}, ("INTERNAL-42", 1)],
+        "Session-Cookie": "c",
+        "github_token": "g",
+        "password": None,
+    }
+    assert r.redact_value(value) == {
+        "X-Api-Key": REDACTED,
+        "nested": [{"client_secret": REDACTED}, (REDACTED, 1)],
+        "Session-Cookie": REDACTED,
+        "github_token": REDACTED,
+        "password": None,
+    }
     assert value["X-Api-Key"] == "k"  # the input is never modified
     only_custom = Redactor(patterns=[r"foo\d"], fields=["f"])
     assert only_custom.redact_string(f"foo1 {SECRET_KEY}") == f"{REDACTED} {SECRET_KEY}"
@@ -153,8 +188,10 @@ def test_processors_enrich_mask_and_drop_before_the_redactor() -> None:
 
     def mask(event: ps.AgentEvent) -> ps.AgentEvent:
         if isinstance(event, ps.MessageEnd) and isinstance(event.message, ps.UserMessage):
-            return msgspec.structs.replace(event, message=msgspec.structs.replace(
-                event.message, content=(ps.TextContent(text="[masked]"),)))
+            return msgspec.structs.replace(
+                event,
+                message=msgspec.structs.replace(event.message, content=(ps.TextContent(text="[masked]"),)),
+            )
         return event
 
     def drop_deltas(event: ps.AgentEvent) -> ps.AgentEvent | None:
@@ -166,7 +203,8 @@ def test_processors_enrich_mask_and_drop_before_the_redactor() -> None:
     # The redactor runs last: what a processor adds is redacted too.
     assert session.loops[0].metadata == {"env": "prod", "token": REDACTED}
     assert session.loops[0].turns[0].input_messages[0].content == (  # type: ignore[union-attr]
-        ps.TextContent(text="[masked]"),)
+        ps.TextContent(text="[masked]"),
+    )
 
 
 def failing(event: ps.AgentEvent) -> ps.AgentEvent:
@@ -213,26 +251,47 @@ def every_event() -> list[ps.AgentEvent]:
     text = (ps.TextContent(text=MARK),)
     tag = NodeTag(kind="lesson", text=MARK, created_at_turn=0, abandoned_node_ids=())
     user = ps.UserMessage(content=text, timestamp=1, tags=(tag,))
-    reply = ps.AssistantMessage(content=(*text, ps.ToolCall(id="c", name="n", arguments={"a": MARK})),
-                                stop_reason="error", model="m", provider="p",
-                                usage=ps.Usage(input=1, output=1), timestamp=1, error_message=MARK)
+    reply = ps.AssistantMessage(
+        content=(*text, ps.ToolCall(id="c", name="n", arguments={"a": MARK})),
+        stop_reason="error",
+        model="m",
+        provider="p",
+        usage=ps.Usage(input=1, output=1),
+        timestamp=1,
+        error_message=MARK,
+    )
     result = ps.ToolResultMessage(tool_call_id="c", tool_name="n", content=text, is_error=False, timestamp=1)
     extension = ps.extension_message("custom-role", "k", {"x": MARK})
     tool_result = ps.ToolResult(content=text, details={"d": MARK}, child_loop_id="c.sub.1")
     tool = ps.ToolDefinition(name="n", description=MARK, parameters={})
-    payload = ps.AnnotatedRequestPayload(system_prompt=MARK, messages=(user,), provenance=(), tools=(tool,),
-                                         model_id="m", thinking_level="off", response_format=TextFormat())
+    payload = ps.AnnotatedRequestPayload(
+        system_prompt=MARK,
+        messages=(user,),
+        provenance=(),
+        tools=(tool,),
+        model_id="m",
+        thinking_level="off",
+        response_format=TextFormat(),
+    )
     t = ps.Timestamp.parse("2025-01-01T00:00:00Z")
     snap = ps.LoopConfigSnapshot(model="m", provider="p", name=MARK, base_url=MARK)
     return [
-        ps.AgentStart(agent_id="a", session_id="s", loop_id="l", timestamp=t, metadata={"m": MARK},
-                      config_snapshot=snap),
-        ps.AgentEnd(loop_id="l", messages=(user, reply, result, extension), usage=ps.Usage(input=1, output=1),
-                    timestamp=t, rejection=MARK, error=MARK),
+        ps.AgentStart(
+            agent_id="a", session_id="s", loop_id="l", timestamp=t, metadata={"m": MARK}, config_snapshot=snap
+        ),
+        ps.AgentEnd(
+            loop_id="l",
+            messages=(user, reply, result, extension),
+            usage=ps.Usage(input=1, output=1),
+            timestamp=t,
+            rejection=MARK,
+            error=MARK,
+        ),
         ps.TurnStart(loop_id="l", turn_index=0, timestamp=t, triggered_by="User"),
         ps.TurnRequest(loop_id="l", turn_index=0, payload=payload, timestamp=t),
-        ps.TurnEnd(loop_id="l", message=reply, usage=ps.Usage(input=1, output=1), timestamp=t,
-                   tool_results=(result,)),
+        ps.TurnEnd(
+            loop_id="l", message=reply, usage=ps.Usage(input=1, output=1), timestamp=t, tool_results=(result,)
+        ),
         ps.MessageStart(loop_id="l", message=user),
         ps.MessageUpdate(loop_id="l", message=reply, delta=ps.StreamDelta.text(MARK)),
         ps.MessageEnd(loop_id="l", message=extension),
@@ -242,15 +301,35 @@ def every_event() -> list[ps.AgentEvent]:
         ps.ProgressMessage(loop_id="l", tool_call_id="c", tool_name="n", text=MARK),
         ps.InputRejected(loop_id="l", reason=MARK),
         ps.ParallelLoopStart(session_id="s", loop_ids=("l",), timestamp=t),
-        ps.ParallelLoopEnd(session_id="s", selected_loop_id="l", selected_config_index=0,
-                           evaluation_usage=ps.Usage(input=0, output=0), timestamp=t),
+        ps.ParallelLoopEnd(
+            session_id="s",
+            selected_loop_id="l",
+            selected_config_index=0,
+            evaluation_usage=ps.Usage(input=0, output=0),
+            timestamp=t,
+        ),
         ps.CompactionStarted(loop_id="l", estimated_tokens=1, message_count=1, timestamp=t),
-        ps.PrunApplied(loop_id="l", tokens_removed=1, messages_removed=1, memo=MARK, pruned_timestamps=(),
-                       timestamp=t),
-        ps.RevertApplied(loop_id="l", category="failure", abandoned_node_ids=(), summary=MARK, applied=True,
-                         reason=MARK, timestamp=t),
-        ps.CompactionEnded(loop_id="l", messages_before=1, messages_after=1, estimated_tokens_before=1,
-                           estimated_tokens_after=1, loops_compacted=1, timestamp=t),
+        ps.PrunApplied(
+            loop_id="l", tokens_removed=1, messages_removed=1, memo=MARK, pruned_timestamps=(), timestamp=t
+        ),
+        ps.RevertApplied(
+            loop_id="l",
+            category="failure",
+            abandoned_node_ids=(),
+            summary=MARK,
+            applied=True,
+            reason=MARK,
+            timestamp=t,
+        ),
+        ps.CompactionEnded(
+            loop_id="l",
+            messages_before=1,
+            messages_after=1,
+            estimated_tokens_before=1,
+            estimated_tokens_after=1,
+            loops_compacted=1,
+            timestamp=t,
+        ),
     ]
 
 
@@ -272,8 +351,12 @@ def test_withhold_removes_every_piece_of_content_from_every_event_type() -> None
 def emitted_lines(scenario: Any, **options: Any) -> bytes:
     """Every event as encoded the moment it was emitted (later changes cannot hide a leak)."""
     lines: list[bytes] = []
-    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[lambda e: lines.append(ps.encode(e))],
-                    config=ps.LoopConfigSnapshot(model="m", provider="p"), **options)
+    tracer = Tracer(
+        AgentSession(clock=FakeClock()),
+        sinks=[lambda e: lines.append(ps.encode(e))],
+        config=ps.LoopConfigSnapshot(model="m", provider="p"),
+        **options,
+    )
     try:
         scenario(tracer)
     except RuntimeError:
@@ -306,8 +389,10 @@ def test_a_failed_tools_exception_text_is_redacted() -> None:
                 with turn.assistant() as reply:
                     reply.finish()
                 with turn.tool(id="c1", name="http", args={}):
-                    raise RuntimeError(f"401: https://api.x/v1?api_key=plain-value {SECRET_KEY} "
-                                       "Authorization: Bearer tok_abcdefghijklmn")
+                    raise RuntimeError(
+                        f"401: https://api.x/v1?api_key=plain-value {SECRET_KEY} "
+                        "Authorization: Bearer tok_abcdefghijklmn"
+                    )
 
     data = emitted_lines(scenario)
     assert b"http failed: RuntimeError: 401" in data
@@ -331,8 +416,19 @@ def test_a_tools_explicit_error_result_is_redacted_but_a_success_is_not() -> Non
     assert SECRET_KEY.encode() not in data and b"sk-ok0123456789abcdefghij" in data
 
 
-@pytest.mark.parametrize("name", ["accessToken", "clientSecret", "refreshToken", "authToken", "privateKey",
-                                  "apiKey", "xApiKey", "githubToken"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "accessToken",
+        "clientSecret",
+        "refreshToken",
+        "authToken",
+        "privateKey",
+        "apiKey",
+        "xApiKey",
+        "githubToken",
+    ],
+)
 def test_camel_case_field_names_are_secret_fields(name: str) -> None:
     redactor = Redactor()
     assert redactor.is_secret_field(name)
@@ -373,16 +469,28 @@ class CountingRedactor(Redactor):
 
 
 def _history_request(history: tuple[ps.Message, ...]) -> ps.TurnRequest:
-    payload = ps.AnnotatedRequestPayload(system_prompt="", messages=history, provenance=(), tools=(),
-                                         model_id="m", thinking_level="off", response_format=TextFormat())
+    payload = ps.AnnotatedRequestPayload(
+        system_prompt="",
+        messages=history,
+        provenance=(),
+        tools=(),
+        model_id="m",
+        thinking_level="off",
+        response_format=TextFormat(),
+    )
     return ps.TurnRequest(loop_id="l", turn_index=len(history), payload=payload, timestamp=ps.Timestamp.now())
 
 
 def test_a_history_resent_in_every_turn_request_is_scanned_once() -> None:
     arguments = {"path": "src/a.py", "query": "where is the cache"}
-    reply = ps.AssistantMessage(content=(ps.ToolCall(id="c1", name="grep", arguments=arguments),),
-                                stop_reason="toolUse", model="m", provider="p",
-                                usage=ps.Usage(input=1, output=1), timestamp=1)
+    reply = ps.AssistantMessage(
+        content=(ps.ToolCall(id="c1", name="grep", arguments=arguments),),
+        stop_reason="toolUse",
+        model="m",
+        provider="p",
+        usage=ps.Usage(input=1, output=1),
+        timestamp=1,
+    )
     redactor = CountingRedactor()
     redactor(ps.MessageEnd(loop_id="l", message=reply))
     for _ in range(5):
@@ -392,9 +500,14 @@ def test_a_history_resent_in_every_turn_request_is_scanned_once() -> None:
 
 def test_a_remembered_message_whose_arguments_gain_a_secret_is_scanned_again() -> None:
     arguments: dict[str, Any] = {"nested": {"q": "x"}}
-    reply = ps.AssistantMessage(content=(ps.ToolCall(id="c1", name="http", arguments=arguments),),
-                                stop_reason="toolUse", model="m", provider="p",
-                                usage=ps.Usage(input=1, output=1), timestamp=1)
+    reply = ps.AssistantMessage(
+        content=(ps.ToolCall(id="c1", name="http", arguments=arguments),),
+        stop_reason="toolUse",
+        model="m",
+        provider="p",
+        usage=ps.Usage(input=1, output=1),
+        timestamp=1,
+    )
     redactor = Redactor()
     assert redactor(_history_request((reply,))) is not None
     arguments["nested"]["api_key"] = "plain-value"  # a change deep inside the same dict

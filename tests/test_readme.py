@@ -105,8 +105,14 @@ def test_snippet_runs_and_leaves_what_it_says(workdir: Path, kind: str, code: st
 def serve_and_check(workdir: Path, script: str) -> None:
     """Run a snippet ending in ``phi-session serve`` until the viewer answers, then stop it."""
     script = re.sub(r"phi-session serve\b(?: --port \d+)?", "exec phi-session serve --port 0", script)
-    process = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=workdir,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stderr is not None
         for line in process.stderr:

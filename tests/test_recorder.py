@@ -597,13 +597,23 @@ def test_write_ahead_sees_kept_events_in_order_before_they_apply() -> None:
 
 
 def group_end(session: str, selected: str, *, at: int = 2) -> ps.ParallelLoopEnd:
-    return ps.ParallelLoopEnd(session_id=session, selected_loop_id=selected, selected_config_index=1,
-                              evaluation_usage=usage(1), timestamp=ts(at))
+    return ps.ParallelLoopEnd(
+        session_id=session,
+        selected_loop_id=selected,
+        selected_config_index=1,
+        evaluation_usage=usage(1),
+        timestamp=ts(at),
+    )
 
 
 def spawn_end(parent: str, child: str) -> ps.ToolExecutionEnd:
-    return ps.ToolExecutionEnd(loop_id=parent, tool_call_id="t", tool_name="sub",
-                               result=ps.ToolResult(content=(), child_loop_id=child), is_error=False)
+    return ps.ToolExecutionEnd(
+        loop_id=parent,
+        tool_call_id="t",
+        tool_name="sub",
+        result=ps.ToolResult(content=(), child_loop_id=child),
+        is_error=False,
+    )
 
 
 def test_checkpoint_completes_a_sub_agent_session_before_its_tool_call_ends() -> None:
@@ -612,21 +622,29 @@ def test_checkpoint_completes_a_sub_agent_session_before_its_tool_call_ends() ->
     assert recorder.checkpoint() == 1  # phi-core: every loop of k has ended
     recorder.on_event(spawn_end("p.c.1", "k.sub.1"))  # promoted, not drained: enriched in place
     [child] = recorder.drain_completed()
-    assert child.parent_spawn_ref == ps.SpawnRef(parent_session_id="p", parent_loop_id="p.c.1",
-                                                 tool_call_id="t", tool_name="sub")
+    assert child.parent_spawn_ref == ps.SpawnRef(
+        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="t", tool_name="sub"
+    )
 
 
 def test_checkpoint_completes_a_session_whose_branches_ended_before_their_group() -> None:
     recorder = SessionRecorder()
-    recorder.record_all([
-        ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
-        start("s.a.1", "s"), start("s.b.2", "s"), end("s.a.1"), end("s.b.2"),
-    ])
+    recorder.record_all(
+        [
+            ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
+            start("s.a.1", "s"),
+            start("s.b.2", "s"),
+            end("s.a.1"),
+            end("s.b.2"),
+        ]
+    )
     assert recorder.checkpoint() == 1  # phi-core: every loop of s has ended
     recorder.on_event(group_end("s", "s.b.2"))
     [session] = recorder.drain_completed()
     assert [(r.loop_id, r.parallel_group and r.parallel_group.is_selected) for r in session.loops] == [
-        ("s.a.1", False), ("s.b.2", True)]
+        ("s.a.1", False),
+        ("s.b.2", True),
+    ]
 
 
 def test_what_a_drained_session_learns_later_comes_back_as_an_amendment() -> None:
@@ -634,10 +652,18 @@ def test_what_a_drained_session_learns_later_comes_back_as_an_amendment() -> Non
 
     events: list[ps.AgentEvent] = [
         ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
-        start("s.a.1", "s"), end("s.a.1"), start("s.b.2", "s", at=1), end("s.b.2", at=2),
-        start("p.c.1", "p", at=2), start("k.sub.1", "k", at=3, parent="p.c.1"), end("k.sub.1", at=4),
-        start("s.c.3", "s", at=4), group_end("s", "s.b.2", at=5), end("s.c.3", at=6),
-        spawn_end("p.c.1", "k.sub.1"), end("p.c.1", at=7),
+        start("s.a.1", "s"),
+        end("s.a.1"),
+        start("s.b.2", "s", at=1),
+        end("s.b.2", at=2),
+        start("p.c.1", "p", at=2),
+        start("k.sub.1", "k", at=3, parent="p.c.1"),
+        end("k.sub.1", at=4),
+        start("s.c.3", "s", at=4),
+        group_end("s", "s.b.2", at=5),
+        end("s.c.3", at=6),
+        spawn_end("p.c.1", "k.sub.1"),
+        end("p.c.1", at=7),
     ]
     _, whole = record(events, keep_session_events=True)
     recorder = SessionRecorder(keep_session_events=True)
@@ -693,8 +719,9 @@ def test_callbacks_run_outside_the_lock_so_they_may_wait_for_other_threads() -> 
             wait_for_another_thread(session, lambda: recorder.on_event(start("t.c.1", "t")))
         return session.session_id != "t"
 
-    recorder = SessionRecorder(before_task=before,
-                               after_task=lambda session: wait_for_another_thread(session, recorder.stats))
+    recorder = SessionRecorder(
+        before_task=before, after_task=lambda session: wait_for_another_thread(session, recorder.stats)
+    )
     recorder.record_all([start("s.c.1", "s"), end("s.c.1")])
     assert recorder.checkpoint() == 1
     for worker in workers:
@@ -706,8 +733,10 @@ def test_callbacks_run_outside_the_lock_so_they_may_wait_for_other_threads() -> 
 
 def test_callbacks_run_in_order_and_a_wrapper_can_defer_them() -> None:
     order: list[str] = []
-    recorder = SessionRecorder(before_task=lambda s: order.append(f"open {s.session_id}"),
-                               after_task=lambda s: order.append(f"done {s.session_id}"))
+    recorder = SessionRecorder(
+        before_task=lambda s: order.append(f"open {s.session_id}"),
+        after_task=lambda s: order.append(f"done {s.session_id}"),
+    )
     wrapper_lock = threading.Lock()
     with recorder.deferred_callbacks():
         with wrapper_lock:

@@ -55,6 +55,7 @@ def failing(times: int, error: Exception) -> Callable[[ps.Session], None]:
         if left[0] > 0:
             left[0] -= 1
             raise error
+
     return trouble
 
 
@@ -91,8 +92,10 @@ def saver_for(memory: MemoryStore, **options: Any) -> SessionSaver:
     return SessionSaver(cast(SessionStore, memory), **options)
 
 
-@pytest.mark.parametrize("error", [ps.SessionLocked("busy"), ps.StoreError("connection lost"),
-                                   OSError(28, "No space left on device")])
+@pytest.mark.parametrize(
+    "error",
+    [ps.SessionLocked("busy"), ps.StoreError("connection lost"), OSError(28, "No space left on device")],
+)
 def test_transient_errors_are_retried_with_doubling_pauses(clock: FakeTime, error: Exception) -> None:
     memory = MemoryStore(failing(4, error))
     saver = saver_for(memory, retry_for=10)
@@ -105,7 +108,8 @@ def test_transient_errors_are_retried_with_doubling_pauses(clock: FakeTime, erro
 
 
 def test_pauses_are_capped_and_a_session_is_given_up_after_retry_for(
-        clock: FakeTime, caplog: pytest.LogCaptureFixture) -> None:
+    clock: FakeTime, caplog: pytest.LogCaptureFixture
+) -> None:
     memory = MemoryStore(failing(10**6, ps.SessionLocked("busy")))
     saver = saver_for(memory, retry_for=6)
     [session] = sessions(1)
@@ -135,9 +139,14 @@ def test_once_a_session_is_given_up_later_ones_get_one_attempt_until_a_save_succ
 
 def test_a_session_id_no_store_accepts_goes_to_the_orphans(clock: FakeTime) -> None:
     [session] = sessions(1)
-    bad = ps.Session(session_id="../etc", agent_id="a", created_at=session.created_at,
-                     last_active_at=session.last_active_at, formation=session.formation,
-                     loops=session.loops)
+    bad = ps.Session(
+        session_id="../etc",
+        agent_id="a",
+        created_at=session.created_at,
+        last_active_at=session.last_active_at,
+        formation=session.formation,
+        loops=session.loops,
+    )
     kept: list[ps.AgentEvent] = []
     saver = saver_for(MemoryStore(), orphans=kept.extend)
     outcome = saver.save(bad)
@@ -173,10 +182,13 @@ def test_drain_checkpoints_saves_and_returns_what_was_saved() -> None:
     evs = list(stream(sessions=4, loops=1))
     recorder.record_all(evs[: len(evs) // 2])
     early = saver.drain(recorder)  # sessions finished so far
-    recorder.record_all(evs[len(evs) // 2:])
+    recorder.record_all(evs[len(evs) // 2 :])
     rest = saver.drain(recorder, flush=True)
-    assert sorted(s.session_id for s in early + rest) == sorted(memory.sessions) == [
-        f"s{n:07d}" for n in range(4)]
+    assert (
+        sorted(s.session_id for s in early + rest)
+        == sorted(memory.sessions)
+        == [f"s{n:07d}" for n in range(4)]
+    )
     assert recorder.stats()["completed_sessions"] == 0
 
 
@@ -235,8 +247,10 @@ def test_counts_are_exact_under_concurrent_saves() -> None:
     memory = MemoryStore()
     saver = saver_for(memory)
     batch = sessions(40)
-    threads = [threading.Thread(target=lambda part=part: [saver.save(s) for s in batch[part::4]])
-               for part in range(4)]
+    threads = [
+        threading.Thread(target=lambda part=part: [saver.save(s) for s in batch[part::4]])
+        for part in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -272,8 +286,18 @@ def _stream_with_a_bad_session_id(path: Path) -> list[bytes]:
 
 def test_record_puts_a_session_no_store_accepts_into_the_orphans_file(tmp_path: Path) -> None:
     bad = _stream_with_a_bad_session_id(tmp_path / "s.jsonl")
-    result = CliRunner().invoke(main, ["record", str(tmp_path / "s.jsonl"), "--dir", str(tmp_path / "out"),
-                                       "--orphans", str(tmp_path / "orphans.jsonl"), "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "record",
+            str(tmp_path / "s.jsonl"),
+            "--dir",
+            str(tmp_path / "out"),
+            "--orphans",
+            str(tmp_path / "orphans.jsonl"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "error: session '../bad' cannot be stored" in result.stderr
     assert (tmp_path / "orphans.jsonl").read_bytes().splitlines() == bad
@@ -282,8 +306,9 @@ def test_record_puts_a_session_no_store_accepts_into_the_orphans_file(tmp_path: 
 
 def test_record_without_an_orphans_file_fails_for_a_session_it_cannot_store(tmp_path: Path) -> None:
     _stream_with_a_bad_session_id(tmp_path / "s.jsonl")
-    result = CliRunner().invoke(main, ["record", str(tmp_path / "s.jsonl"), "--dir", str(tmp_path / "out"),
-                                       "--json"])
+    result = CliRunner().invoke(
+        main, ["record", str(tmp_path / "s.jsonl"), "--dir", str(tmp_path / "out"), "--json"]
+    )
     assert result.exit_code == 1
     assert "error: session '../bad' cannot be stored" in result.stderr
     assert json.loads(result.stdout)["totals"]["unsaved_sessions"] == 1
@@ -291,7 +316,8 @@ def test_record_without_an_orphans_file_fails_for_a_session_it_cannot_store(tmp_
 
 
 def test_import_retries_a_busy_store_and_reports_what_it_could_not_save(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeTime) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeTime
+) -> None:
     good, other = sessions(2)
     for session in (good, other):
         (tmp_path / f"{session.session_id}.json").write_bytes(ps.encode(session))

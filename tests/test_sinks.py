@@ -152,8 +152,9 @@ def test_queue_sink_in_the_loop_and_from_other_threads() -> None:
         event = ps.InputRejected(loop_id="l", reason="in loop")
         sink(event)
         assert queue.get_nowait() is event  # same thread: put at once
-        thread = threading.Thread(target=lambda: [sink(ps.InputRejected(loop_id="l", reason=str(i)))
-                                                  for i in range(100)])
+        thread = threading.Thread(
+            target=lambda: [sink(ps.InputRejected(loop_id="l", reason=str(i))) for i in range(100)]
+        )
         thread.start()
         thread.join()
         sink.close()
@@ -219,8 +220,11 @@ def test_fan_out_close_closes_what_can_be_closed(caplog: pytest.LogCaptureFixtur
 def test_every_built_in_sink_implements_the_whole_sink_interface(tmp_path: Path) -> None:
     loop = asyncio.new_event_loop()
     try:
-        sinks = [RecorderSink(SessionRecorder()), QueueSink(asyncio.Queue(), loop=loop),
-                 JsonlSink(tmp_path / "e.jsonl")]
+        sinks = [
+            RecorderSink(SessionRecorder()),
+            QueueSink(asyncio.Queue(), loop=loop),
+            JsonlSink(tmp_path / "e.jsonl"),
+        ]
         for sink in sinks:
             assert isinstance(sink, ps.Sink) and as_sink(sink) is sink
             sink.flush()

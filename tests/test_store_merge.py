@@ -127,7 +127,8 @@ def test_parent_spawn_ref() -> None:
     bare = make_session("s")
     provisional = make_session("s")
     provisional.parent_spawn_ref = SpawnRef(
-        parent_session_id="p", parent_loop_id="p.cfg.1", tool_call_id="", tool_name="")
+        parent_session_id="p", parent_loop_id="p.cfg.1", tool_call_id="", tool_name=""
+    )
     assert merge_sessions(bare, complete).parent_spawn_ref == complete.parent_spawn_ref
     assert merge_sessions(complete, bare).parent_spawn_ref == complete.parent_spawn_ref
     assert merge_sessions(complete, provisional).parent_spawn_ref == complete.parent_spawn_ref
@@ -182,8 +183,11 @@ def test_links_of_a_replaced_version_are_kept() -> None:
 @st.composite
 def loops(draw: st.DrawFn) -> LoopRecord:
     return make_loop(
-        "s", draw(st.integers(1, 4)), status=draw(st.sampled_from(STATUSES)),
-        events=draw(st.integers(0, 3)), tokens=draw(st.integers(0, 2)),
+        "s",
+        draw(st.integers(1, 4)),
+        status=draw(st.sampled_from(STATUSES)),
+        events=draw(st.integers(0, 3)),
+        tokens=draw(st.integers(0, 2)),
         parent_index=draw(st.none() | st.integers(1, 4)),
     )
 
@@ -192,8 +196,10 @@ def loops(draw: st.DrawFn) -> LoopRecord:
 def sessions(draw: st.DrawFn) -> Session:
     created = draw(st.integers(0, 100))
     return make_session(
-        "s", loops=draw(st.lists(loops(), max_size=6)),
-        created_at=at(created), last_active_at=at(created + draw(st.integers(0, 100))),
+        "s",
+        loops=draw(st.lists(loops(), max_size=6)),
+        created_at=at(created),
+        last_active_at=at(created + draw(st.integers(0, 100))),
     )
 
 
@@ -213,8 +219,9 @@ def test_each_loop_is_the_better_version(stored: Session, incoming: Session) -> 
     for key, record in zip(_keys(merged.loops), merged.loops, strict=True):
         old, new = before.get(key), after.get(key)
         # Finished beats unfinished, then more events win, then the incoming version.
-        if new is None or (old is not None and (_finished(old), len(old.events)) > (
-                _finished(new), len(new.events))):
+        if new is None or (
+            old is not None and (_finished(old), len(old.events)) > (_finished(new), len(new.events))
+        ):
             expected = old
         else:
             expected = new

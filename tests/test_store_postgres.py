@@ -35,8 +35,10 @@ from .pg_concurrency_worker import SESSION_IDS, SHARED_LOOPS, own_loop_index, sh
 
 DSN = os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "")
 if not DSN:
-    pytest.skip("PHI_SESSION_TEST_POSTGRES_DSN is not set (a PostgreSQL DSN the tests may create"
-                " schemas in)", allow_module_level=True)
+    pytest.skip(
+        "PHI_SESSION_TEST_POSTGRES_DSN is not set (a PostgreSQL DSN the tests may create schemas in)",
+        allow_module_level=True,
+    )
 psycopg = pytest.importorskip("psycopg")
 sql = psycopg.sql
 
@@ -83,23 +85,32 @@ def _loop_ids(session: Session) -> list[str]:
 # -- Concurrency ----------------------------------------------------------------------------
 
 
-def test_processes_saving_overlapping_sessions_lose_no_loop(store: postgres.PostgresStore,
-                                                            admin: Any) -> None:
+def test_processes_saving_overlapping_sessions_lose_no_loop(
+    store: postgres.PostgresStore, admin: Any
+) -> None:
     workers, rounds = 4, 12
     gate = uuid.uuid4().int % 2**62
     admin.execute("SELECT pg_advisory_lock(%s)", (gate,))
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), DSN, store.schema, str(w), str(rounds), str(gate)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(WORKER), DSN, store.schema, str(w), str(rounds), str(gate)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for w in range(workers)
     ]
     try:
         # Open the gate only when every worker waits at it, so that all start together.
         deadline = time.monotonic() + 60
-        while admin.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            " AND ((classid::bigint << 32) | objid::bigint) = %s", (gate,)
-        ).fetchone()[0] < workers:
+        while (
+            admin.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND ((classid::bigint << 32) | objid::bigint) = %s",
+                (gate,),
+            ).fetchone()[0]
+            < workers
+        ):
             assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
             assert time.monotonic() < deadline, "the workers did not reach the start gate"
             time.sleep(0.02)
@@ -134,8 +145,11 @@ def test_lock_wait_beyond_lock_timeout_raises_session_locked(schema: str, admin:
         store.save(make_session("busy"))
         store.save(make_session("idle", last_active_at=at(-10)))
         with admin.transaction():
-            admin.execute(sql.SQL("SELECT 1 FROM {} WHERE session_id = 'busy' FOR UPDATE").format(
-                _table(schema, "sessions")))
+            admin.execute(
+                sql.SQL("SELECT 1 FROM {} WHERE session_id = 'busy' FOR UPDATE").format(
+                    _table(schema, "sessions")
+                )
+            )
             started = time.monotonic()
             with pytest.raises(SessionLocked, match="busy"):
                 store.save(make_session("busy", loops=[make_loop("busy", 2)]))
@@ -152,26 +166,35 @@ def test_lock_wait_beyond_lock_timeout_raises_session_locked(schema: str, admin:
 
 def test_repeated_loop_ids_are_matched_by_occurrence(store: postgres.PostgresStore) -> None:
     store.save(make_session("s", loops=[make_loop("s", 1, status="Running"), make_loop("s", 1, tokens=1)]))
-    store.save(make_session("s", loops=[make_loop("s", 1, events=5), make_loop("s", 1, tokens=1),
-                                        make_loop("s", 1, tokens=2)]))
+    store.save(
+        make_session(
+            "s", loops=[make_loop("s", 1, events=5), make_loop("s", 1, tokens=1), make_loop("s", 1, tokens=2)]
+        )
+    )
     loaded = store.load("s")
     assert _loop_ids(loaded) == ["s.cfg.1"] * 3
     assert [(r.status, len(r.events), r.usage.total_tokens) for r in loaded.loops] == [
-        ("Completed", 5, 0), ("Completed", 0, 1), ("Completed", 0, 2)]
+        ("Completed", 5, 0),
+        ("Completed", 0, 1),
+        ("Completed", 0, 2),
+    ]
 
 
 # -- Schema and migrations ------------------------------------------------------------------
 
 
 def test_schema_version_is_recorded(store: postgres.PostgresStore, admin: Any) -> None:
-    row = admin.execute(sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(
-        _table(store.schema, "meta"))).fetchone()
+    row = admin.execute(
+        sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(_table(store.schema, "meta"))
+    ).fetchone()
     assert row == (str(postgres.SCHEMA_VERSION),)
 
 
 def test_newer_schema_version_is_refused(store: postgres.PostgresStore, admin: Any) -> None:
-    admin.execute(sql.SQL("UPDATE {} SET value = %s WHERE key = 'schema_version'").format(
-        _table(store.schema, "meta")), (str(postgres.SCHEMA_VERSION + 1),))
+    admin.execute(
+        sql.SQL("UPDATE {} SET value = %s WHERE key = 'schema_version'").format(_table(store.schema, "meta")),
+        (str(postgres.SCHEMA_VERSION + 1),),
+    )
     with pytest.raises(StoreError, match=f"version {postgres.SCHEMA_VERSION + 1}.*newer"):
         PostgresStore(DSN, schema=store.schema)
 
@@ -186,17 +209,26 @@ def test_forward_migrations_run_in_order_and_atomically(
     monkeypatch.setattr(postgres, "SCHEMA_VERSION", version + 2)
 
     # A failing migration leaves nothing behind: not its first step, not the version.
-    monkeypatch.setattr(postgres, "_MIGRATIONS", (
-        *postgres._MIGRATIONS, ("CREATE TABLE {s}.extra (n INTEGER)",), ("SELECT no_such_function()",)))
+    monkeypatch.setattr(
+        postgres,
+        "_MIGRATIONS",
+        (*postgres._MIGRATIONS, ("CREATE TABLE {s}.extra (n INTEGER)",), ("SELECT no_such_function()",)),
+    )
     with pytest.raises(StoreError, match="no_such_function"):
         PostgresStore(DSN, schema=store.schema)
     assert admin.execute(meta).fetchone() == (str(version),)
     assert admin.execute("SELECT to_regclass(%s)", (f"{store.schema}.extra",)).fetchone() == (None,)
 
     # The second migration needs the first one's table.
-    monkeypatch.setattr(postgres, "_MIGRATIONS", (
-        *postgres._MIGRATIONS[:version], ("CREATE TABLE {s}.extra (n INTEGER)",),
-        ("INSERT INTO {s}.extra SELECT count(*) FROM {s}.sessions",)))
+    monkeypatch.setattr(
+        postgres,
+        "_MIGRATIONS",
+        (
+            *postgres._MIGRATIONS[:version],
+            ("CREATE TABLE {s}.extra (n INTEGER)",),
+            ("INSERT INTO {s}.extra SELECT count(*) FROM {s}.sessions",),
+        ),
+    )
     with PostgresStore(DSN, schema=store.schema) as migrated:
         assert _loop_ids(migrated.load("kept")) == ["kept.cfg.1"]
     assert admin.execute(meta).fetchone() == (str(version + 2),)
@@ -230,11 +262,13 @@ def test_processes_opening_a_new_schema_together_do_not_race(schema: str) -> Non
 def test_values_beyond_bigint_survive_in_records_and_summaries(store: postgres.PostgresStore) -> None:
     huge = 2**64 - 1
     first = make_loop("s", 1, started_at=Timestamp.parse("9999-12-31T23:59:58.999999999Z"))
-    first.usage = Usage(input=huge, output=huge, reasoning=huge, cache_read=huge, cache_write=huge,
-                        total_tokens=huge)
+    first.usage = Usage(
+        input=huge, output=huge, reasoning=huge, cache_read=huge, cache_write=huge, total_tokens=huge
+    )
     ancient = Timestamp.parse("0001-01-01T00:00:00Z")  # before what BIGINT nanoseconds reach
-    session = make_session("s", loops=[first, make_loop("s", 2, tokens=8)], created_at=ancient,
-                           last_active_at=at(0))
+    session = make_session(
+        "s", loops=[first, make_loop("s", 2, tokens=8)], created_at=ancient, last_active_at=at(0)
+    )
     session.rejected = True
     session.scope = "persistent"
     store.save(session)
@@ -268,8 +302,9 @@ def test_prune_removes_the_loop_rows_too(store: postgres.PostgresStore, admin: A
     store.save(make_session("old", loops=[make_loop("old", 1), make_loop("old", 2)], last_active_at=at(0)))
     store.save(make_session("new", last_active_at=at(100)))
     assert store.prune(PruneCriteria(older_than=at(50))) == 1
-    rows = admin.execute(sql.SQL("SELECT session_id, count(*) FROM {} GROUP BY 1").format(
-        _table(store.schema, "loops"))).fetchall()
+    rows = admin.execute(
+        sql.SQL("SELECT session_id, count(*) FROM {} GROUP BY 1").format(_table(store.schema, "loops"))
+    ).fetchall()
     assert rows == [("new", 1)]
 
 
@@ -278,8 +313,11 @@ def test_corrupt_rows_raise_store_error_and_are_skipped_in_listings(
 ) -> None:
     store.save(make_session("good"))
     store.save(make_session("bad"))
-    admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(
-        _table(store.schema, "loops")))
+    admin.execute(
+        sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(
+            _table(store.schema, "loops")
+        )
+    )
     with pytest.raises(StoreError, match="'bad' is corrupt"):
         store.load("bad")
     with caplog.at_level(logging.WARNING):
@@ -320,8 +358,9 @@ def test_a_dropped_connection_fails_one_call_then_is_replaced(schema: str, admin
     dsn = psycopg.conninfo.make_conninfo(DSN, application_name=name)
     with PostgresStore(dsn, schema=schema, pool_size=1) as store:
         store.save(make_session("s"))
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-                      (name,))
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (name,)
+        )
         with pytest.raises(StoreError, match="listing sessions failed"):
             store.list_ids()
         assert store.list_ids() == ["s"]

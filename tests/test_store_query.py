@@ -13,14 +13,30 @@ NOW = Timestamp.parse("2025-06-03T12:00:00Z")
 
 
 def test_from_strings_reads_every_parameter() -> None:
-    query = SessionQuery.from_strings({
-        "agent": "a", "since": "2025-06-01", "until": "2d", "status": "aborted", "model": "gpt-4o",
-        "min_tokens": "007", "parent": "p", "limit": "20", "order": "Tokens",
-    }, now=NOW)
+    query = SessionQuery.from_strings(
+        {
+            "agent": "a",
+            "since": "2025-06-01",
+            "until": "2d",
+            "status": "aborted",
+            "model": "gpt-4o",
+            "min_tokens": "007",
+            "parent": "p",
+            "limit": "20",
+            "order": "Tokens",
+        },
+        now=NOW,
+    )
     assert query == SessionQuery(
-        agent_id="a", since=Timestamp.parse("2025-06-01T00:00:00Z"),
-        until=Timestamp.parse("2025-06-01T12:00:00Z"), status="Aborted", model="gpt-4o", min_tokens=7,
-        parent_session_id="p", limit=20, order="tokens",
+        agent_id="a",
+        since=Timestamp.parse("2025-06-01T00:00:00Z"),
+        until=Timestamp.parse("2025-06-01T12:00:00Z"),
+        status="Aborted",
+        model="gpt-4o",
+        min_tokens=7,
+        parent_session_id="p",
+        limit=20,
+        order="tokens",
     )
 
 
@@ -35,26 +51,35 @@ def test_status_and_order_are_case_insensitive_and_kept_canonical() -> None:
     assert parse_group_by("Model") == "model"
 
 
-@pytest.mark.parametrize(("params", "message"), [
-    ({"limit": "9" * 5000}, f"limit: must be at most {MAX_COUNT}, got {'9' * 20}... (5000 characters)"),
-    ({"min_tokens": "9" * 5000}, f"min_tokens: must be at most {MAX_COUNT}, got 999999999999"),
-    ({"limit": "9223372036854775808"}, f"limit: must be at most {MAX_COUNT}, got 9223372036854775808"),
-    ({"limit": "-1"}, "limit: must not be negative, got -1"),
-    ({"limit": "1_000"}, "limit: expected a whole number, got '1_000'"),
-    ({"limit": "\u0665"}, "limit: expected a whole number"),
-    ({"since": "9999999999999w"}, "since: 9999999999999w reaches back before year 1"),
-    ({"since": "9" * 5000 + "d"}, f"since: {'9' * 20}... (5001 characters) reaches back before year 1"),
-    ({"since": "tomorrow"}, "since: 'tomorrow' is not a time"),
-    ({"status": "Done"}, "status: expected one of Pending, Running, Completed, Rejected, Aborted; got 'Do"),
-    ({"order": "random"}, "order: expected one of newest, oldest, tokens; got 'random'"),
-    ({"after": "newest:12"}, "after: not a page cursor: 'newest:12'"),
-    ({"after": "random:1:s"}, "after: expected one of newest, oldest, tokens"),
-    ({"after": "newest:x:s"}, "after: not a page cursor"),
-    ({"after": "newest:" + "9" * 5000 + ":s"}, "after: not a page cursor"),
-    ({"after": "tokens:5:s"}, "after: the cursor was made for order 'tokens', not 'newest'"),
-    ({"colour": "blue"}, "colour: unknown filter; known filters: agent, since"),
-    ({"since": "2025-06-03", "until": "2025-06-01"}, "until: 2025-06-01T00:00:00Z is not later than since"),
-])
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"limit": "9" * 5000}, f"limit: must be at most {MAX_COUNT}, got {'9' * 20}... (5000 characters)"),
+        ({"min_tokens": "9" * 5000}, f"min_tokens: must be at most {MAX_COUNT}, got 999999999999"),
+        ({"limit": "9223372036854775808"}, f"limit: must be at most {MAX_COUNT}, got 9223372036854775808"),
+        ({"limit": "-1"}, "limit: must not be negative, got -1"),
+        ({"limit": "1_000"}, "limit: expected a whole number, got '1_000'"),
+        ({"limit": "\u0665"}, "limit: expected a whole number"),
+        ({"since": "9999999999999w"}, "since: 9999999999999w reaches back before year 1"),
+        ({"since": "9" * 5000 + "d"}, f"since: {'9' * 20}... (5001 characters) reaches back before year 1"),
+        ({"since": "tomorrow"}, "since: 'tomorrow' is not a time"),
+        (
+            {"status": "Done"},
+            "status: expected one of Pending, Running, Completed, Rejected, Aborted; got 'Do",
+        ),
+        ({"order": "random"}, "order: expected one of newest, oldest, tokens; got 'random'"),
+        ({"after": "newest:12"}, "after: not a page cursor: 'newest:12'"),
+        ({"after": "random:1:s"}, "after: expected one of newest, oldest, tokens"),
+        ({"after": "newest:x:s"}, "after: not a page cursor"),
+        ({"after": "newest:" + "9" * 5000 + ":s"}, "after: not a page cursor"),
+        ({"after": "tokens:5:s"}, "after: the cursor was made for order 'tokens', not 'newest'"),
+        ({"colour": "blue"}, "colour: unknown filter; known filters: agent, since"),
+        (
+            {"since": "2025-06-03", "until": "2025-06-01"},
+            "until: 2025-06-01T00:00:00Z is not later than since",
+        ),
+    ],
+)
 def test_malformed_text_is_one_line_usage_error(params: dict[str, str], message: str) -> None:
     with pytest.raises(InvalidQuery) as caught:
         SessionQuery.from_strings(params, now=NOW)
@@ -71,33 +96,39 @@ def test_ages_stay_within_year_one() -> None:
         parse_time_bound(f"{days_since_year_one + 1}d", now=NOW)
 
 
-@pytest.mark.parametrize(("build", "message"), [
-    (lambda: SessionQuery(limit=-1), "limit: must not be negative, got -1"),
-    (lambda: SessionQuery(limit=MAX_COUNT + 1), f"limit: must be at most {MAX_COUNT}"),
-    (lambda: SessionQuery(min_tokens=-5), "min_tokens: must not be negative, got -5"),
-    (lambda: SessionQuery(since=NOW, until=NOW), "until: 2025-06-03T12:00:00Z is not later than since"),
-    (lambda: SessionQuery(status="Finished"), "status: expected one of"),
-    (lambda: PruneCriteria(), "prune needs older_than, keep_last or both"),
-    (lambda: PruneCriteria(keep_last=-1), "keep_last: must not be negative, got -1"),
-    (lambda: parse_group_by("week"), "group_by: expected one of agent, model, day; got 'week'"),
-])
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: SessionQuery(limit=-1), "limit: must not be negative, got -1"),
+        (lambda: SessionQuery(limit=MAX_COUNT + 1), f"limit: must be at most {MAX_COUNT}"),
+        (lambda: SessionQuery(min_tokens=-5), "min_tokens: must not be negative, got -5"),
+        (lambda: SessionQuery(since=NOW, until=NOW), "until: 2025-06-03T12:00:00Z is not later than since"),
+        (lambda: SessionQuery(status="Finished"), "status: expected one of"),
+        (lambda: PruneCriteria(), "prune needs older_than, keep_last or both"),
+        (lambda: PruneCriteria(keep_last=-1), "keep_last: must not be negative, got -1"),
+        (lambda: parse_group_by("week"), "group_by: expected one of agent, model, day; got 'week'"),
+    ],
+)
 def test_values_are_checked_when_built(build: object, message: str) -> None:
     with pytest.raises(InvalidQuery) as caught:
         build()  # type: ignore[operator]
     assert str(caught.value).startswith(message)
 
 
-@pytest.mark.parametrize("build", [
-    lambda: SessionQuery(limit="5"),  # type: ignore[arg-type]
-    lambda: SessionQuery(limit=True),  # a bool is no count
-    lambda: SessionQuery(min_tokens=1.5),  # type: ignore[arg-type]
-    lambda: SessionQuery(since="2025-06-01"),  # type: ignore[arg-type]
-    lambda: SessionQuery(agent_id=5),  # type: ignore[arg-type]
-    lambda: SessionQuery(status=1),  # type: ignore[arg-type]
-    lambda: PruneCriteria(older_than=0),  # type: ignore[arg-type]
-    lambda: PruneCriteria(keep_last=2.0),  # type: ignore[arg-type]
-    lambda: parse_group_by(None),
-])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: SessionQuery(limit="5"),  # type: ignore[arg-type]
+        lambda: SessionQuery(limit=True),  # a bool is no count
+        lambda: SessionQuery(min_tokens=1.5),  # type: ignore[arg-type]
+        lambda: SessionQuery(since="2025-06-01"),  # type: ignore[arg-type]
+        lambda: SessionQuery(agent_id=5),  # type: ignore[arg-type]
+        lambda: SessionQuery(status=1),  # type: ignore[arg-type]
+        lambda: PruneCriteria(older_than=0),  # type: ignore[arg-type]
+        lambda: PruneCriteria(keep_last=2.0),  # type: ignore[arg-type]
+        lambda: parse_group_by(None),
+    ],
+)
 def test_wrong_types_raise_type_error(build: object) -> None:
     with pytest.raises(TypeError):
         build()  # type: ignore[operator]

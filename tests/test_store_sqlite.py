@@ -228,10 +228,15 @@ def test_examples_round_trip_after_reopening(db: Path, path: Path) -> None:
 def test_numbers_beyond_sqlite_integers_stay_exact(store: SqliteStore) -> None:
     huge = 2**64 - 1
     loop = make_loop("big", 1, started_at=Timestamp.parse("9999-12-31T23:59:58.999999999Z"))
-    loop.usage = Usage(input=huge, output=huge, reasoning=huge, cache_read=huge, cache_write=huge,
-                       total_tokens=huge)
-    session = make_session("big", created_at=Timestamp.parse("0001-01-01T00:00:00Z"),
-                           last_active_at=Timestamp.parse("9999-12-31T23:59:59Z"), loops=[loop])
+    loop.usage = Usage(
+        input=huge, output=huge, reasoning=huge, cache_read=huge, cache_write=huge, total_tokens=huge
+    )
+    session = make_session(
+        "big",
+        created_at=Timestamp.parse("0001-01-01T00:00:00Z"),
+        last_active_at=Timestamp.parse("9999-12-31T23:59:59Z"),
+        loops=[loop],
+    )
     store.save(session)
     store.save(make_session("small", loops=[make_loop("small", 1, tokens=7)]))
     ancient = make_session("ancient", created_at=Timestamp.parse("1000-01-01T00:00:00.5Z"), loops=[])
@@ -245,22 +250,31 @@ def test_numbers_beyond_sqlite_integers_stay_exact(store: SqliteStore) -> None:
     assert store.query(SessionQuery(min_tokens=2**63))[0].session_id == "big"
     small = make_loop("u", 1, tokens=7).usage
     assert store.usage_totals("agent") == [
-        UsageTotal(key="agent", sessions=3, loops=2, usage=loop.usage + small)]
+        UsageTotal(key="agent", sessions=3, loops=2, usage=loop.usage + small)
+    ]
     assert store.usage_totals("day") == [
         UsageTotal(key="0001-01-01", sessions=1, loops=1, usage=loop.usage),
         UsageTotal(key="1000-01-01", sessions=1, loops=0, usage=Usage(input=0, output=0)),
         UsageTotal(key="2024-05-01", sessions=1, loops=1, usage=small),
     ]
     assert store.usage_totals("model") == [
-        UsageTotal(key="openai/gpt-4o", sessions=2, loops=2, usage=loop.usage + small)]
+        UsageTotal(key="openai/gpt-4o", sessions=2, loops=2, usage=loop.usage + small)
+    ]
 
 
 def test_days_outside_the_integer_range(store: SqliteStore) -> None:
     for session_id, created in (("early", "1000-01-01T23:59:59Z"), ("late", "2400-12-31T00:00:00Z")):
-        store.save(make_session(session_id, created_at=Timestamp.parse(created), loops=[
-            make_loop(session_id, 1, tokens=5, started_at=Timestamp.parse(created))]))
+        store.save(
+            make_session(
+                session_id,
+                created_at=Timestamp.parse(created),
+                loops=[make_loop(session_id, 1, tokens=5, started_at=Timestamp.parse(created))],
+            )
+        )
     assert [(total.key, total.sessions) for total in store.usage_totals("day")] == [
-        ("1000-01-01", 1), ("2400-12-31", 1)]
+        ("1000-01-01", 1),
+        ("2400-12-31", 1),
+    ]
 
 
 def test_unchanged_loops_are_not_rewritten(store: SqliteStore) -> None:
@@ -283,23 +297,38 @@ def test_unchanged_loops_are_not_rewritten(store: SqliteStore) -> None:
 def _populate_many(store: SqliteStore, count: int = 60) -> None:
     for n in range(count):
         session_id = f"s{n:03}"
-        store.save(make_session(
-            session_id, f"agent-{n % 5}", created_at=at(n), last_active_at=at(n + 1),
-            parent_session_id="s000" if n % 7 == 0 and n else None,
-            loops=[make_loop(session_id, 1, agent_id=f"agent-{n % 5}", tokens=n * 10,
-                             status="Aborted" if n % 3 == 0 else "Completed",
-                             model="anthropic/claude-sonnet-4-5" if n % 2 else "openai/gpt-4o")],
-        ))
+        store.save(
+            make_session(
+                session_id,
+                f"agent-{n % 5}",
+                created_at=at(n),
+                last_active_at=at(n + 1),
+                parent_session_id="s000" if n % 7 == 0 and n else None,
+                loops=[
+                    make_loop(
+                        session_id,
+                        1,
+                        agent_id=f"agent-{n % 5}",
+                        tokens=n * 10,
+                        status="Aborted" if n % 3 == 0 else "Completed",
+                        model="anthropic/claude-sonnet-4-5" if n % 2 else "openai/gpt-4o",
+                    )
+                ],
+            )
+        )
     connection_of(store).execute("ANALYZE")
 
 
-@pytest.mark.parametrize("filters", [
-    {"agent_id": "agent-1"},
-    {"agent_id": "agent-1", "since": at(10)},
-    {"since": at(10)},
-    {"since": at(10), "until": at(20)},
-    {"parent_session_id": "s000"},
-])
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"agent_id": "agent-1"},
+        {"agent_id": "agent-1", "since": at(10)},
+        {"since": at(10)},
+        {"since": at(10), "until": at(20)},
+        {"parent_session_id": "s000"},
+    ],
+)
 def test_session_filters_use_an_index(store: SqliteStore, filters: dict[str, object]) -> None:
     _populate_many(store)
     plan = store.explain_query(SessionQuery(**filters))  # type: ignore[arg-type]
@@ -308,23 +337,34 @@ def test_session_filters_use_an_index(store: SqliteStore, filters: dict[str, obj
 
 
 @pytest.mark.parametrize("limit", [None, 10])
-@pytest.mark.parametrize("filters", [
-    {"status": "Aborted"},
-    {"model": "claude-sonnet-4-5"},
-    {"model": "anthropic/claude-sonnet-4-5"},
-])
-def test_loop_filters_use_a_covering_index(store: SqliteStore, filters: dict[str, object],
-                                          limit: int | None) -> None:
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"status": "Aborted"},
+        {"model": "claude-sonnet-4-5"},
+        {"model": "anthropic/claude-sonnet-4-5"},
+    ],
+)
+def test_loop_filters_use_a_covering_index(
+    store: SqliteStore, filters: dict[str, object], limit: int | None
+) -> None:
     _populate_many(store)
     plan = store.explain_query(SessionQuery(limit=limit, **filters))  # type: ignore[arg-type]
     assert "SEARCH loops USING COVERING INDEX" in plan, plan
     assert "SCAN loops" not in plan, plan
 
 
-@pytest.mark.parametrize("filters", [
-    {}, {"agent_id": "agent-2"}, {"order": "tokens"}, {"status": "Aborted"}, {"model": "gpt-4o"},
-    {"agent_id": "agent-2", "model": "openai/gpt-4o"},
-])
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {},
+        {"agent_id": "agent-2"},
+        {"order": "tokens"},
+        {"status": "Aborted"},
+        {"model": "gpt-4o"},
+        {"agent_id": "agent-2", "model": "openai/gpt-4o"},
+    ],
+)
 def test_limited_listing_reads_in_index_order(store: SqliteStore, filters: dict[str, object]) -> None:
     _populate_many(store)
     plan = store.explain_query(SessionQuery(limit=10, **filters))  # type: ignore[arg-type]
@@ -340,7 +380,8 @@ def test_model_names_with_slashes(store: SqliteStore) -> None:
 
 
 _statuses: st.SearchStrategy[LoopStatus] = st.sampled_from(
-    ["Pending", "Running", "Completed", "Rejected", "Aborted"])
+    ["Pending", "Running", "Completed", "Rejected", "Aborted"]
+)
 _models = st.sampled_from([None, "openai/gpt-4o", "anthropic/claude-sonnet-4-5", "local/llama"])
 
 
@@ -352,13 +393,28 @@ def _sessions(draw: st.DrawFn) -> list[Session]:
         agent = draw(st.sampled_from(["a", "b", "c"]))
         created = at(draw(st.integers(min_value=0, max_value=3 * 86_400)))
         loops = [
-            make_loop(session_id, i, agent_id=agent, status=draw(_statuses), model=draw(_models),
-                      tokens=draw(st.integers(min_value=0, max_value=500)), started_at=created)
+            make_loop(
+                session_id,
+                i,
+                agent_id=agent,
+                status=draw(_statuses),
+                model=draw(_models),
+                tokens=draw(st.integers(min_value=0, max_value=500)),
+                started_at=created,
+            )
             for i in range(draw(st.integers(min_value=0, max_value=3)))
         ]
         last_active = Timestamp.from_ns(created.ns + draw(st.integers(min_value=0, max_value=3)) * 10**9)
-        sessions.append(make_session(session_id, agent, created_at=created, last_active_at=last_active,
-                                     loops=loops, parent_session_id=draw(st.sampled_from([None, "s0"]))))
+        sessions.append(
+            make_session(
+                session_id,
+                agent,
+                created_at=created,
+                last_active_at=last_active,
+                loops=loops,
+                parent_session_id=draw(st.sampled_from([None, "s0"])),
+            )
+        )
     return sessions
 
 
@@ -377,8 +433,9 @@ def _sessions(draw: st.DrawFn) -> list[Session]:
     group_by=st.sampled_from(["agent", "model", "day"]),
     keep_last=st.sampled_from([None, 0, 2]),
 )
-def test_agrees_with_the_json_directory_store(sessions: list[Session], group_by: str, keep_last: int | None,
-                                              **filters: object) -> None:
+def test_agrees_with_the_json_directory_store(
+    sessions: list[Session], group_by: str, keep_last: int | None, **filters: object
+) -> None:
     """Differential test: SQL over the columns against JsonDirStore's Python over summaries."""
     assume(filters["since"] is None or filters["until"] is None or filters["until"] > filters["since"])
     query = SessionQuery(**filters)  # type: ignore[arg-type]
@@ -391,8 +448,11 @@ def test_agrees_with_the_json_directory_store(sessions: list[Session], group_by:
             assert sqlite_store.query(query) == json_store.query(query)
             assert sqlite_store.usage_totals(group_by) == json_store.usage_totals(group_by)  # type: ignore[arg-type]
             if filters["until"] is not None or keep_last is not None:
-                prune = PruneCriteria(older_than=filters["until"], keep_last=keep_last,  # type: ignore[arg-type]
-                                      agent_id=filters["agent_id"])  # type: ignore[arg-type]
+                prune = PruneCriteria(
+                    older_than=filters["until"],
+                    keep_last=keep_last,  # type: ignore[arg-type]
+                    agent_id=filters["agent_id"],
+                )  # type: ignore[arg-type]
                 assert sqlite_store.prune(prune) == json_store.prune(prune)
                 assert sqlite_store.list_ids() == json_store.list_ids()
 
@@ -424,9 +484,15 @@ def test_exit_while_a_daemon_thread_saves_does_not_crash(tmp_path: Path) -> None
     # statement: SIGSEGV about 3 runs in 10. Three runs at a time, 30 in all.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     for batch in range(10):
-        runs = [subprocess.Popen([sys.executable, "-c", _SAVE_UNTIL_EXIT, str(tmp_path / f"{batch}-{n}.db")],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                for n in range(3)]
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _SAVE_UNTIL_EXIT, str(tmp_path / f"{batch}-{n}.db")],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for n in range(3)
+        ]
         for run in runs:
             _, stderr = run.communicate(timeout=120)
             assert (run.returncode, stderr.decode()) == (0, "")
@@ -437,8 +503,13 @@ def test_exit_while_a_daemon_thread_saves_does_not_crash(tmp_path: Path) -> None
 
 def test_prune_gives_space_back(store: SqliteStore, db: Path) -> None:
     for n in range(40):
-        store.save(make_session(f"p{n}", created_at=at(n), loops=[
-            make_loop(f"p{n}", i, events=60, started_at=at(n)) for i in range(3)]))
+        store.save(
+            make_session(
+                f"p{n}",
+                created_at=at(n),
+                loops=[make_loop(f"p{n}", i, events=60, started_at=at(n)) for i in range(3)],
+            )
+        )
     conn = connection_of(store)
     pages_before = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -511,8 +582,9 @@ def test_threads_saving_overlapping_sessions_lose_no_loop(store: SqliteStore) ->
             for n in range(rounds):
                 session_id = shared[(worker + n) % len(shared)]
                 index = worker * 100 + n
-                store.save(make_session(session_id, loops=[
-                    make_loop(session_id, index, status="Running", events=1)]))
+                store.save(
+                    make_session(session_id, loops=[make_loop(session_id, index, status="Running", events=1)])
+                )
                 store.save(make_session(session_id, loops=[make_loop(session_id, index, events=2)]))
         except BaseException as error:  # reported below
             errors.append(error)
@@ -524,7 +596,8 @@ def test_threads_saving_overlapping_sessions_lose_no_loop(store: SqliteStore) ->
         worker.join()
     assert errors == []
     expected = {
-        f"{shared[(w + n) % len(shared)]}.cfg.{w * 100 + n}" for w in range(threads) for n in range(rounds)}
+        f"{shared[(w + n) % len(shared)]}.cfg.{w * 100 + n}" for w in range(threads) for n in range(rounds)
+    }
     loaded = [record for session_id in shared for record in store.load(session_id).loops]
     assert {record.loop_id for record in loaded} == expected
     assert len(loaded) == len(expected)
@@ -551,7 +624,8 @@ def test_fork(store: SqliteStore, close_before_fork: bool) -> None:
     if close_before_fork:
         store.close()
     child = multiprocessing.get_context("fork").Process(
-        target=_use_in_child, args=(store, "child", not close_before_fork))
+        target=_use_in_child, args=(store, "child", not close_before_fork)
+    )
     child.start()
     child.join(30)
     assert child.exitcode == 0
@@ -564,7 +638,8 @@ def _indexed_loops(db: Path) -> tuple[int, int]:
     with closing(sqlite3.connect(db)) as conn:
         texts = conn.execute("SELECT COUNT(*) FROM loop_text").fetchone()[0]
         indexed = conn.execute(
-            "SELECT COUNT(*) FROM loop_text_fts WHERE loop_text_fts MATCH 'please'").fetchone()[0]
+            "SELECT COUNT(*) FROM loop_text_fts WHERE loop_text_fts MATCH 'please'"
+        ).fetchone()[0]
     return texts, indexed
 
 

@@ -59,17 +59,20 @@ def test_sqlite_options(tmp_path: Path) -> None:
     assert (store.timeout, store.synchronous) == (5.0, "NORMAL")
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("sqlite:", "without a file path"),
-    ("sqlite://", "without a file path"),
-    ("sqlite:///", "without a file path"),
-    ("sqlite://server/x.db", "names a host"),
-    ("sqlite:x.db?timeout=soon", "not a number"),
-    ("sqlite:x.db?timeout=-1", "must be >= 0"),
-    ("sqlite:x.db?synchronous=OFF", "NORMAL or FULL"),
-    ("sqlite:x.db?journal=memory", "unknown sqlite URL option 'journal'"),
-    ("sqlite:x.db?timeout", "malformed"),
-])
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite:", "without a file path"),
+        ("sqlite://", "without a file path"),
+        ("sqlite:///", "without a file path"),
+        ("sqlite://server/x.db", "names a host"),
+        ("sqlite:x.db?timeout=soon", "not a number"),
+        ("sqlite:x.db?timeout=-1", "must be >= 0"),
+        ("sqlite:x.db?synchronous=OFF", "NORMAL or FULL"),
+        ("sqlite:x.db?journal=memory", "unknown sqlite URL option 'journal'"),
+        ("sqlite:x.db?timeout", "malformed"),
+    ],
+)
 def test_bad_sqlite_urls(url: str, message: str) -> None:
     with pytest.raises(StoreError, match=message) as caught:
         open_store(url)
@@ -137,8 +140,10 @@ def test_postgres_without_psycopg(monkeypatch: pytest.MonkeyPatch, scheme: str) 
         open_store(f"{scheme}://user@localhost/db")
 
 
-@pytest.mark.skipif(not POSTGRES_DSN.startswith(("postgresql://", "postgres://")),
-                    reason="PHI_SESSION_TEST_POSTGRES_DSN is not set to a postgresql:// URL")
+@pytest.mark.skipif(
+    not POSTGRES_DSN.startswith(("postgresql://", "postgres://")),
+    reason="PHI_SESSION_TEST_POSTGRES_DSN is not set to a postgresql:// URL",
+)
 def test_postgres_url() -> None:
     store = open_store(POSTGRES_DSN)
     try:
@@ -185,11 +190,14 @@ def test_environment_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert isinstance(open_store(None), JsonDirStore)
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("", "empty"),
-    ("redis://cache/0", "unknown store URL scheme 'redis'"),
-    ("sqlite:x.db?synchronous=OFF", "NORMAL or FULL"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "empty"),
+        ("redis://cache/0", "unknown store URL scheme 'redis'"),
+        ("sqlite:x.db?synchronous=OFF", "NORMAL or FULL"),
+    ],
+)
 def test_bad_environment_variable(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
     monkeypatch.setenv(ENV_VAR, value)
     with pytest.raises(StoreError, match=message) as caught:

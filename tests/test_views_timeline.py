@@ -67,12 +67,13 @@ def test_a_sub_agent_cycle_is_drawn_once(tmp_path: Path) -> None:
 def test_show_timeline_text_and_json(tmp_path: Path) -> None:
     store = _store(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(main, ["show", PARENT_ID, "--timeline", "--store", str(tmp_path / "store")],
-                           env={"COLUMNS": "140"})
+    result = runner.invoke(
+        main, ["show", PARENT_ID, "--timeline", "--store", str(tmp_path / "store")], env={"COLUMNS": "140"}
+    )
     assert result.exit_code == EXIT_OK, result.output
     lines = result.output.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("WHAT"))
-    rows = lines[header + 1:]
+    rows = lines[header + 1 :]
     assert len(rows) == len(timeline(store.load(PARENT_ID), store))
     assert all("\u2588" in row for row in rows)
     assert any("researcher" in row for row in rows) and any(CHILD_ID[:20] in row for row in rows)

@@ -46,8 +46,9 @@ def server(store_dir: Path) -> Iterator[ViewerServer]:
         yield running
 
 
-def request(server: ViewerServer, path: str, *, method: str = "GET",
-            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def request(
+    server: ViewerServer, path: str, *, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """Status, headers and body; the path is sent exactly as given (no normalisation)."""
     host, port = server.server_address[:2]
     connection = http.client.HTTPConnection(str(host), port, timeout=20)
@@ -102,40 +103,49 @@ def test_sessions_lists_summaries(server: ViewerServer) -> None:
     assert child["models"] == ["anthropic/claude-haiku-4-5"]
 
 
-@pytest.mark.parametrize(("query", "expected"), [
-    ("agent=b3d9f1a7-8c2e-4f6b-9a4d-1e7c5b3a9f28", [CHILD_ID]),
-    ("model=openai/gpt-4o", [PARALLEL_ID]),
-    ("status=Completed&limit=2", [MINIMAL_ID, PARALLEL_ID]),
-    ("status=Aborted", []),
-    ("min_tokens=1000", [PARENT_ID, BASIC_ID]),
-    ("since=2025-06-03", [MINIMAL_ID, PARALLEL_ID]),
-    ("until=2025-06-02", [BASIC_ID]),
-    ("since=2025-06-02T00:00:00%2B02:00&until=2025-06-03", [CHILD_ID, PARENT_ID]),
-    ("parent=" + PARENT_ID, [CHILD_ID]),
-    ("order=oldest&limit=1", [BASIC_ID]),
-    ("agent=&model=&since=", [MINIMAL_ID, PARALLEL_ID, CHILD_ID, PARENT_ID, BASIC_ID]),  # empty: no filter
-])
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("agent=b3d9f1a7-8c2e-4f6b-9a4d-1e7c5b3a9f28", [CHILD_ID]),
+        ("model=openai/gpt-4o", [PARALLEL_ID]),
+        ("status=Completed&limit=2", [MINIMAL_ID, PARALLEL_ID]),
+        ("status=Aborted", []),
+        ("min_tokens=1000", [PARENT_ID, BASIC_ID]),
+        ("since=2025-06-03", [MINIMAL_ID, PARALLEL_ID]),
+        ("until=2025-06-02", [BASIC_ID]),
+        ("since=2025-06-02T00:00:00%2B02:00&until=2025-06-03", [CHILD_ID, PARENT_ID]),
+        ("parent=" + PARENT_ID, [CHILD_ID]),
+        ("order=oldest&limit=1", [BASIC_ID]),
+        (
+            "agent=&model=&since=",
+            [MINIMAL_ID, PARALLEL_ID, CHILD_ID, PARENT_ID, BASIC_ID],
+        ),  # empty: no filter
+    ],
+)
 def test_sessions_filters(server: ViewerServer, query: str, expected: list[str]) -> None:
     assert ids(get_json(server, "/api/sessions?" + query)) == expected
 
 
-@pytest.mark.parametrize(("query", "fragment"), [
-    ("limit=x", "limit"),
-    ("limit=-1", "limit"),
-    ("limit=99999999999999999999999", "limit"),
-    ("limit=9223372036854775808", "limit"),
-    ("min_tokens=99999999999999999999999", "min_tokens"),
-    ("limit=1_000", "limit"),
-    ("limit=%EF%BC%91", "limit"),  # a full-width digit one
-    ("min_tokens=1.5", "min_tokens"),
-    ("status=Done", "status"),
-    ("since=tomorrow", "since"),
-    ("order=random", "order"),
-    ("colour=blue", "colour"),
-    ("limit=1&limit=2", "limit"),
-    ("since=2025-06-03&until=2025-06-01", "until"),
-    ("limit", "query"),
-])
+@pytest.mark.parametrize(
+    ("query", "fragment"),
+    [
+        ("limit=x", "limit"),
+        ("limit=-1", "limit"),
+        ("limit=99999999999999999999999", "limit"),
+        ("limit=9223372036854775808", "limit"),
+        ("min_tokens=99999999999999999999999", "min_tokens"),
+        ("limit=1_000", "limit"),
+        ("limit=%EF%BC%91", "limit"),  # a full-width digit one
+        ("min_tokens=1.5", "min_tokens"),
+        ("status=Done", "status"),
+        ("since=tomorrow", "since"),
+        ("order=random", "order"),
+        ("colour=blue", "colour"),
+        ("limit=1&limit=2", "limit"),
+        ("since=2025-06-03&until=2025-06-01", "until"),
+        ("limit", "query"),
+    ],
+)
 def test_sessions_bad_query_is_400(server: ViewerServer, query: str, fragment: str) -> None:
     body = get_json(server, "/api/sessions?" + query, status=400)
     assert fragment in body["error"]
@@ -162,9 +172,15 @@ def test_events_in_order(server: ViewerServer, store_dir: Path) -> None:
 def test_unknown_and_invalid_ids(server: ViewerServer) -> None:
     assert "no-such-session" in get_json(server, "/api/sessions/no-such-session", status=404)["error"]
     get_json(server, "/api/sessions/no-such-session/events", status=404)
-    for path in ("/api/sessions/..", "/api/sessions/%2e%2e", "/api/sessions/..%2F..%2Fetc%2Fpasswd",
-                 "/api/sessions/.hidden", "/api/sessions/a%00b", "/api/sessions/../../etc/passwd",
-                 "/api/sessions/a%5Cb"):
+    for path in (
+        "/api/sessions/..",
+        "/api/sessions/%2e%2e",
+        "/api/sessions/..%2F..%2Fetc%2Fpasswd",
+        "/api/sessions/.hidden",
+        "/api/sessions/a%00b",
+        "/api/sessions/../../etc/passwd",
+        "/api/sessions/a%5Cb",
+    ):
         assert "session id" in get_json(server, path, status=400)["error"], path
     assert get_json(server, "/api/sessions/%ff", status=400)["error"]
     get_json(server, f"/api/sessions/{BASIC_ID}/nothing", status=404)
@@ -176,7 +192,10 @@ def test_stats(server: ViewerServer) -> None:
     assert len(by_agent) == 5 and sum(row["sessions"] for row in by_agent) == 5
     by_model = get_json(server, "/api/stats?by=model")
     assert [row["key"] for row in by_model] == [
-        "anthropic/claude-haiku-4-5", "anthropic/claude-sonnet-4-5", "openai/gpt-4o"]
+        "anthropic/claude-haiku-4-5",
+        "anthropic/claude-sonnet-4-5",
+        "openai/gpt-4o",
+    ]
     assert sum(row["usage"]["total_tokens"] for row in by_model) == 2970
     assert "by" in get_json(server, "/api/stats?by=week", status=400)["error"]
     assert get_json(server, "/api/stats?group=agent", status=400)["error"]
@@ -199,10 +218,19 @@ def test_foreign_host_header_is_refused(server: ViewerServer) -> None:
         assert request(server, "/api/sessions", headers={"Host": host})[0] == 200, host
 
 
-@pytest.mark.parametrize("host", [
-    "127.0.0.1:80@attacker.com", "localhost:evil", "localhost:80:80", "user@localhost", "localhost evil",
-    "127.0.0.1.attacker.com", "[::1]x", "",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1:80@attacker.com",
+        "localhost:evil",
+        "localhost:80:80",
+        "user@localhost",
+        "localhost evil",
+        "127.0.0.1.attacker.com",
+        "[::1]x",
+        "",
+    ],
+)
 def test_a_malformed_or_foreign_host_header_is_refused(server: ViewerServer, host: str) -> None:
     code, headers, body = request(server, "/api/sessions", headers={"Host": host})
     assert code == 403 and "Host" in json.loads(body)["error"], host
@@ -227,18 +255,28 @@ def test_a_request_without_a_host_header_is_refused(server: ViewerServer) -> Non
     assert raw_request(server, two).startswith(b"HTTP/1.1 403")
 
 
-SECURITY_HEADERS = ("Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options", "Referrer-Policy",
-                    "Cross-Origin-Resource-Policy", "Cache-Control")
+SECURITY_HEADERS = (
+    "Content-Security-Policy",
+    "X-Content-Type-Options",
+    "X-Frame-Options",
+    "Referrer-Policy",
+    "Cross-Origin-Resource-Policy",
+    "Cache-Control",
+)
 
 
-@pytest.mark.parametrize("data", [
-    b"FROB /api/sessions HTTP/1.1\r\nHost: localhost\r\n\r\n",  # 501: no such method
-    b"GET /api/sessions HTTP/9.9\r\nHost: localhost\r\n\r\n",  # 505: version
-    b"GET\r\n\r\n",  # 400: bad request line
-    b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",  # 414: request line too long
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"FROB /api/sessions HTTP/1.1\r\nHost: localhost\r\n\r\n",  # 501: no such method
+        b"GET /api/sessions HTTP/9.9\r\nHost: localhost\r\n\r\n",  # 505: version
+        b"GET\r\n\r\n",  # 400: bad request line
+        b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",  # 414: request line too long
+    ],
+)
 def test_the_http_servers_own_error_pages_carry_the_security_headers(
-        server: ViewerServer, data: bytes) -> None:
+    server: ViewerServer, data: bytes
+) -> None:
     answer = raw_request(server, data)
     head, _, body = answer.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -248,10 +286,16 @@ def test_the_http_servers_own_error_pages_carry_the_security_headers(
     assert json.loads(body)["error"]
 
 
-@pytest.mark.parametrize("query", [
-    "limit=" + "9" * 5000, "min_tokens=" + "9" * 5000, "since=" + "9" * 40 + "d", "since=99999999999w",
-    "limit=99999999999999999999",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=" + "9" * 5000,
+        "min_tokens=" + "9" * 5000,
+        "since=" + "9" * 40 + "d",
+        "since=99999999999w",
+        "limit=99999999999999999999",
+    ],
+)
 def test_huge_filter_values_are_400_not_500(server: ViewerServer, query: str) -> None:
     body = get_json(server, "/api/sessions?" + query, status=400)
     assert query.split("=")[0] in body["error"] and len(body["error"]) < 300

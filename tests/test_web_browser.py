@@ -46,10 +46,13 @@ CHROMIUM = os.environ.get("PHI_SESSION_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "artifacts"
 
 sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="Playwright's Python package is missing (scripts/install-browser-deps.sh)")
+    "playwright.sync_api", reason="Playwright's Python package is missing (scripts/install-browser-deps.sh)"
+)
 if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)) and shutil.which(CHROMIUM) is None:
-    pytest.skip(f"no Chromium at {CHROMIUM} (scripts/install-browser-deps.sh installs Debian's)",
-                allow_module_level=True)
+    pytest.skip(
+        f"no Chromium at {CHROMIUM} (scripts/install-browser-deps.sh installs Debian's)",
+        allow_module_level=True,
+    )
 
 expect = sync_api.expect
 Page = Any  # playwright.sync_api.Page, kept loose so the module imports without Playwright
@@ -100,8 +103,12 @@ class Watched:
         self.errors: list[str] = []
         page.on("dialog", self._dialog)
         page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
-        page.on("console", lambda message: self.errors.append(f"console: {message.text}")
-                if message.type == "error" else None)
+        page.on(
+            "console",
+            lambda message: (
+                self.errors.append(f"console: {message.text}") if message.type == "error" else None
+            ),
+        )
 
     def expect_failed_request(self, status: int) -> None:
         """Forget Chromium's console line for an HTTP error the test provoked on purpose."""
@@ -378,6 +385,7 @@ def test_session_list_pages_by_keyset(watched: Watched, demo_ids: dict[str, Any]
 @pytest.fixture(scope="module")
 def huge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ViewerServer]:
     import sys
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_viewer import huge_session
 

@@ -45,7 +45,10 @@ def test_cost_totals(server: ViewerServer) -> None:
     assert sorted(row["key"] for row in by_session["totals"]) == sorted([*EXAMPLE_IDS, "talk"])
     by_model = get_json(server, "/api/cost?by=model")
     assert [row["key"] for row in by_model["totals"]] == [
-        "anthropic/claude-haiku-4-5", "anthropic/claude-sonnet-4-5", "openai/gpt-4o"]
+        "anthropic/claude-haiku-4-5",
+        "anthropic/claude-sonnet-4-5",
+        "openai/gpt-4o",
+    ]
     assert get_json(server, "/api/cost")["totals"]  # by agent
     assert "by" in get_json(server, "/api/cost?by=week", status=400)["error"]
     assert get_json(server, "/api/cost?group=agent", status=400)["error"]
@@ -66,8 +69,12 @@ def test_user_prices_reach_the_api(tmp_path: Path) -> None:
 def test_search(server: ViewerServer) -> None:
     hits = get_json(server, "/api/search?q=Coffee")
     assert [(hit["session_id"], hit["kind"]) for hit in hits] == [
-        ("talk", "text"), ("talk", "thinking"), ("talk", "text"), ("talk", "tool_call"),
-        ("talk", "tool_result")]
+        ("talk", "text"),
+        ("talk", "thinking"),
+        ("talk", "text"),
+        ("talk", "tool_call"),
+        ("talk", "tool_result"),
+    ]
     assert hits[0]["snippet"] == "Please brew the coffee" and hits[0]["highlights"] == [[16, 22]]
     assert len(get_json(server, "/api/search?q=coffee&limit=2")) == 2
     assert get_json(server, "/api/search?q=coffee&agent=someone-else") == []

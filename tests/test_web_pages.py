@@ -115,21 +115,25 @@ def test_huge_session_pages(server: ViewerServer) -> None:
 
 def test_timeline_places_the_sub_agent_under_its_tool_call(server: ViewerServer) -> None:
     bars = get_json(server, f"/api/sessions/{PARENT_ID}/timeline")["bars"]
-    child = next(i for i, bar in enumerate(bars)
-                 if bar["kind"] == "session" and bar["session_id"] == CHILD_ID)
+    child = next(
+        i for i, bar in enumerate(bars) if bar["kind"] == "session" and bar["session_id"] == CHILD_ID
+    )
     assert bars[child - 1]["kind"] == "tool" and bars[child - 1]["loop_id"] == PARENT_LOOP
     assert all(bar["offset_ms"] >= 0 and bar["duration_ms"] >= 0 for bar in bars)
 
 
-@pytest.mark.parametrize(("path", "fragment"), [
-    ("/loops?limit=5001", "limit must be a whole number below 5001"),
-    ("/loops?offset=-1", "offset must be a whole number"),
-    ("/loops?colour=1", "unknown query parameter 'colour'"),
-    ("/loops/99", "loop index must be a whole number below"),
-    ("/loops/x", "loop index must be a whole number"),
-    ("/event-log?loop=99", "loop must be a whole number below"),
-    ("/overview?x=1", "unknown query parameter 'x'"),
-])
+@pytest.mark.parametrize(
+    ("path", "fragment"),
+    [
+        ("/loops?limit=5001", "limit must be a whole number below 5001"),
+        ("/loops?offset=-1", "offset must be a whole number"),
+        ("/loops?colour=1", "unknown query parameter 'colour'"),
+        ("/loops/99", "loop index must be a whole number below"),
+        ("/loops/x", "loop index must be a whole number"),
+        ("/event-log?loop=99", "loop must be a whole number below"),
+        ("/overview?x=1", "unknown query parameter 'x'"),
+    ],
+)
 def test_bad_page_requests_are_400(server: ViewerServer, path: str, fragment: str) -> None:
     assert fragment in get_json(server, f"/api/sessions/{PARENT_ID}{path}", 400)["error"]
 

@@ -109,8 +109,11 @@ def test_recording_gives_the_expected_sessions(small: list[bytes]) -> None:
         first = session.loops[0]
         assert first.children_loop_ids == [r.loop_id for r in session.loops[1:]]
         assert first.tool_call_count() == (workload.TURNS_PER_LOOP - 1) * workload.TOOLS_PER_TURN
-        stop_reasons = [t.output_message.stop_reason for t in first.turns
-                        if isinstance(t.output_message, AssistantMessage)]
+        stop_reasons = [
+            t.output_message.stop_reason
+            for t in first.turns
+            if isinstance(t.output_message, AssistantMessage)
+        ]
         assert stop_reasons == ["toolUse"] * (workload.TURNS_PER_LOOP - 1) + ["stop"]
         # AgentEnd's summed usage equals the sum of the turns' usage.
         turn_total = phi_session.Usage(input=0, output=0)

@@ -63,8 +63,9 @@ def record_into(store: SessionStore, lines: Iterable[str]) -> None:
 
 
 @contextmanager
-def running_server(store: SessionStore, host: str = "127.0.0.1", *,
-                   pricer: Pricer | None = None) -> Iterator[ViewerServer]:
+def running_server(
+    store: SessionStore, host: str = "127.0.0.1", *, pricer: Pricer | None = None
+) -> Iterator[ViewerServer]:
     """The viewer over `store` on a free port, serving from a thread until the block ends."""
     server = make_server(store, host=host, port=0, quiet=True, pricer=pricer)
     thread = threading.Thread(target=server.serve_forever, name="viewer", daemon=True)

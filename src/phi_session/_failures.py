@@ -35,8 +35,13 @@ class FailureTally:
         if count:
             return
         self._logger.error(
-            "%s %r failed with %s; %s (further failures are counted, not logged)", self._kind, component,
-            type(error).__name__, self._consequence, exc_info=error if self._traceback else None)
+            "%s %r failed with %s; %s (further failures are counted, not logged)",
+            self._kind,
+            component,
+            type(error).__name__,
+            self._consequence,
+            exc_info=error if self._traceback else None,
+        )
         if not self._traceback:
             self._logger.debug("%s %r failure", self._kind, component, exc_info=error)
 

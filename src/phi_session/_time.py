@@ -98,8 +98,12 @@ def _canonical_seconds(prefix: str) -> int:
     seconds = _seconds_cache.get(prefix)
     if seconds is None:
         seconds = _epoch_seconds(
-            int(prefix[0:4]), int(prefix[5:7]), int(prefix[8:10]),
-            int(prefix[11:13]), int(prefix[14:16]), int(prefix[17:19]),
+            int(prefix[0:4]),
+            int(prefix[5:7]),
+            int(prefix[8:10]),
+            int(prefix[11:13]),
+            int(prefix[14:16]),
+            int(prefix[17:19]),
         )
         if len(_seconds_cache) >= _SECONDS_CACHE_LIMIT:
             _seconds_cache.clear()
@@ -183,11 +187,14 @@ class Timestamp:
         if text[0] in "+-":  # years outside 0000-9999 are rare: take the slow path
             year_end = text.index("-", 1)
             seconds = _epoch_seconds(
-                int(text[:year_end]), int(text[year_end + 1:year_end + 3]),
-                int(text[year_end + 4:year_end + 6]), int(text[year_end + 7:year_end + 9]),
-                int(text[year_end + 10:year_end + 12]), int(text[year_end + 13:year_end + 15]),
+                int(text[:year_end]),
+                int(text[year_end + 1 : year_end + 3]),
+                int(text[year_end + 4 : year_end + 6]),
+                int(text[year_end + 7 : year_end + 9]),
+                int(text[year_end + 10 : year_end + 12]),
+                int(text[year_end + 13 : year_end + 15]),
             )
-            frac = text[year_end + 15:-1]
+            frac = text[year_end + 15 : -1]
         else:
             seconds = _canonical_seconds(text[:19])
             frac = text[19:-1]

@@ -46,8 +46,13 @@ from .messages import (
 from .model import CompactedSection, CompactionBlock, LoopEvent, LoopRecord, Session, Turn
 
 __all__ = [
-    "decode_event", "decode_loop", "decode_session", "encode", "encode_event",
-    "encode_session", "encode_message",
+    "decode_event",
+    "decode_loop",
+    "decode_session",
+    "encode",
+    "encode_event",
+    "encode_message",
+    "encode_session",
 ]
 
 _U64_MAX = 2**64 - 1
@@ -119,6 +124,8 @@ def decode_for_recording(data: bytes | str) -> AgentEvent | LazyMessageUpdate:
         return _strip_plain(_recording_decoder.decode(data))  # type: ignore[no-any-return]
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError, OverflowError, RecursionError):
         return decode_event(data, strict=False)  # the full path: leniencies, or a clear error
+
+
 _session_decoder = msgspec.json.Decoder(Session, dec_hook=_dec_hook)
 _loop_decoder = msgspec.json.Decoder(LoopRecord, dec_hook=_dec_hook)
 
@@ -201,11 +208,15 @@ class _RawMessages:
 
 def _plain_message(message: Message) -> Message:
     # The plain form never carries agent metadata.
-    if (message.turn_id is None and message.node_id is None and message.parent_id is None
-            and not message.tags and message.provenance_hint is None):
+    if (
+        message.turn_id is None
+        and message.node_id is None
+        and message.parent_id is None
+        and not message.tags
+        and message.provenance_hint is None
+    ):
         return message
-    return replace(message, turn_id=None, node_id=None, parent_id=None, tags=(),
-                   provenance_hint=None)
+    return replace(message, turn_id=None, node_id=None, parent_id=None, tags=(), provenance_hint=None)
 
 
 class _RawPlainMessages:
@@ -254,8 +265,11 @@ def _strip_loop(record: LoopRecord, plain: Callable[[Message], Any] = _plain_mes
                 turns[index] = replace(turn, request_payload=replace(payload, messages=messages))
     if events is None and turns is None:
         return record
-    return replace(record, events=events if events is not None else record.events,
-                   turns=turns if turns is not None else record.turns)
+    return replace(
+        record,
+        events=events if events is not None else record.events,
+        turns=turns if turns is not None else record.turns,
+    )
 
 
 def encode_event(event: AgentEvent) -> bytes:
@@ -323,8 +337,11 @@ _METADATA_TYPES: dict[str, Any] = {
     "provenanceHint": BlockProvenance,
 }
 _METADATA_FIELDS = {
-    "turnId": "turn_id", "nodeId": "node_id", "parentId": "parent_id",
-    "tags": "tags", "provenanceHint": "provenance_hint",
+    "turnId": "turn_id",
+    "nodeId": "node_id",
+    "parentId": "parent_id",
+    "tags": "tags",
+    "provenanceHint": "provenance_hint",
 }
 _LlmMessage = Union[LLM_MESSAGE_TYPES]  # type: ignore[valid-type]
 
@@ -380,8 +397,7 @@ def _lenient_message(obj: Any, path: str, hidden: _Placeholders) -> AgentMessage
                 message = None
             if message is not None:
                 metadata = {
-                    _METADATA_FIELDS[key]: _lenient_metadata(key, obj.get(key))
-                    for key in _METADATA_FIELDS
+                    _METADATA_FIELDS[key]: _lenient_metadata(key, obj.get(key)) for key in _METADATA_FIELDS
                 }
                 if metadata["tags"] is None:
                     metadata["tags"] = ()
@@ -432,9 +448,7 @@ def _repair_payload(payload: Any, path: str) -> None:
 def _repair_messages(container: dict[str, Any], key: str, path: str, hidden: _Placeholders) -> None:
     value = container.get(key)
     if isinstance(value, list):
-        container[key] = [
-            _lenient_message(m, f"{path}.{key}[{i}]", hidden) for i, m in enumerate(value)
-        ]
+        container[key] = [_lenient_message(m, f"{path}.{key}[{i}]", hidden) for i, m in enumerate(value)]
 
 
 def _repair_loop(obj: Any, path: str, hidden: _Placeholders) -> Any:
@@ -450,7 +464,8 @@ def _repair_loop(obj: Any, path: str, hidden: _Placeholders) -> Any:
                 _repair_messages(turn, "tool_results", turn_path, hidden)
                 if "output_message" in turn:
                     turn["output_message"] = _lenient_message(
-                        turn["output_message"], f"{turn_path}.output_message", hidden)
+                        turn["output_message"], f"{turn_path}.output_message", hidden
+                    )
                 _repair_payload(turn.get("request_payload"), turn_path)
     events = obj.get("events")
     if isinstance(events, list):

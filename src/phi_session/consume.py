@@ -77,8 +77,9 @@ class _Consumer:
             # Not an event, not a line: count and skip it like an undecodable line
             # rather than letting one stray item end the consumer.
             self.stats.decode_errors += 1
-            logger.warning("skipped a queue item that is neither an event nor an event line: %s",
-                           type(item).__name__)
+            logger.warning(
+                "skipped a queue item that is neither an event nor an event line: %s", type(item).__name__
+            )
             return
         self.recorder.on_event(item)
 
@@ -122,8 +123,9 @@ class _Consumer:
         self.stats.unsaved = self.saver.take_unsaved()
         self.stats.orphans = self.recorder.drain_orphans()
         if self.stats.unsaved:
-            logger.error("%d session(s) could not be saved; see ConsumeStats.unsaved",
-                         len(self.stats.unsaved))
+            logger.error(
+                "%d session(s) could not be saved; see ConsumeStats.unsaved", len(self.stats.unsaved)
+            )
 
 
 async def consume(
@@ -145,10 +147,12 @@ async def consume(
     """
     if checkpoint_interval is not None and not checkpoint_interval > 0:
         raise ValueError("checkpoint_interval must be positive (or None)")
-    consumer = _Consumer(SessionSaver(store, retry_for=retry_for),
-                         recorder if recorder is not None else SessionRecorder())
-    ticker = (asyncio.create_task(consumer.tick(checkpoint_interval))
-              if checkpoint_interval is not None else None)
+    consumer = _Consumer(
+        SessionSaver(store, retry_for=retry_for), recorder if recorder is not None else SessionRecorder()
+    )
+    ticker = (
+        asyncio.create_task(consumer.tick(checkpoint_interval)) if checkpoint_interval is not None else None
+    )
     try:
         await consumer.read(source)
     except asyncio.CancelledError:

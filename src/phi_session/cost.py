@@ -35,14 +35,26 @@ from .model import LoopRecord, Session, Turn
 from .stores.query import parse_group_by
 
 __all__ = [
-    "USER_SOURCE", "ZERO_COST", "Cost", "CostTotal", "InvalidPrices", "LoopCost", "Pricer", "SessionCost",
-    "TurnCost", "UserPrice", "cost_totals", "prices_available", "total",
+    "USER_SOURCE",
+    "ZERO_COST",
+    "Cost",
+    "CostTotal",
+    "InvalidPrices",
+    "LoopCost",
+    "Pricer",
+    "SessionCost",
+    "TurnCost",
+    "UserPrice",
+    "cost_totals",
+    "prices_available",
+    "total",
 ]
 
 USER_SOURCE = "user"
 _PER_TOKEN = Decimal(1_000_000)  # user prices are per million tokens, as providers quote them
 _PRICES_HINT = (
-    "prices unknown: pip install 'phi-session[prices]' for the genai-prices table, or give your own prices")
+    "prices unknown: pip install 'phi-session[prices]' for the genai-prices table, or give your own prices"
+)
 
 
 class InvalidPrices(PhiSessionError, ValueError):
@@ -63,8 +75,11 @@ class Cost(msgspec.Struct, frozen=True, kw_only=True):
 
     def __add__(self, other: Cost) -> Cost:
         usd = None if self.usd is None or other.usd is None else self.usd + other.usd
-        return Cost(usd=usd, sources=_merged(self.sources, other.sources),
-                    unpriced=_merged(self.unpriced, other.unpriced))
+        return Cost(
+            usd=usd,
+            sources=_merged(self.sources, other.sources),
+            unpriced=_merged(self.unpriced, other.unpriced),
+        )
 
     @property
     def known(self) -> bool:
@@ -97,10 +112,12 @@ class UserPrice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     def usd(self, usage: Usage) -> float:
         cache_read = self.input if self.cache_read is None else self.cache_read
         cache_write = self.input if self.cache_write is None else self.cache_write
-        micro = (Decimal(usage.input) * Decimal(str(self.input))
-                 + Decimal(usage.output) * Decimal(str(self.output))
-                 + Decimal(usage.cache_read) * Decimal(str(cache_read))
-                 + Decimal(usage.cache_write) * Decimal(str(cache_write)))
+        micro = (
+            Decimal(usage.input) * Decimal(str(self.input))
+            + Decimal(usage.output) * Decimal(str(self.output))
+            + Decimal(usage.cache_read) * Decimal(str(cache_read))
+            + Decimal(usage.cache_write) * Decimal(str(cache_write))
+        )
         return float(micro / _PER_TOKEN)
 
 
@@ -125,8 +142,12 @@ class Pricer:
     ``genai-prices`` even when installed. Safe to share between threads.
     """
 
-    def __init__(self, user_prices: Mapping[str, UserPrice | Mapping[str, Any]] | None = None, *,
-                 use_table: bool = True) -> None:
+    def __init__(
+        self,
+        user_prices: Mapping[str, UserPrice | Mapping[str, Any]] | None = None,
+        *,
+        use_table: bool = True,
+    ) -> None:
         self._user = {name: _user_price(name, price) for name, price in (user_prices or {}).items()}
         self._table: Any = None
         self._table_source: str | None = None
@@ -220,13 +241,18 @@ class Pricer:
     def breakdown(self, session: Session) -> SessionCost:
         """The cost of the session, of each loop and of each turn."""
         loops = [
-            LoopCost(loop_id=record.loop_id, cost=self.loop(record),
-                     turns=tuple(TurnCost(turn_index=turn.index, cost=self.turn(turn, record))
-                                 for turn in record.turns))
+            LoopCost(
+                loop_id=record.loop_id,
+                cost=self.loop(record),
+                turns=tuple(
+                    TurnCost(turn_index=turn.index, cost=self.turn(turn, record)) for turn in record.turns
+                ),
+            )
             for record in session.loops
         ]
-        return SessionCost(session_id=session.session_id, cost=total(loop.cost for loop in loops),
-                           loops=tuple(loops))
+        return SessionCost(
+            session_id=session.session_id, cost=total(loop.cost for loop in loops), loops=tuple(loops)
+        )
 
 
 class TurnCost(msgspec.Struct, frozen=True, kw_only=True):
@@ -276,7 +302,6 @@ def _user_price(name: object, price: object) -> UserPrice:
         if value is not None and not value >= 0:
             raise InvalidPrices(f"price of {name!r}: {field} must be a non-negative number, got {value}")
     return result
-
 
 
 class CostTotal(msgspec.Struct, frozen=True, kw_only=True):

@@ -45,17 +45,35 @@ IDLE_SECONDS = 2 * 3600
 ROTATE_AFTER_SECONDS = 30 * 60
 
 SONNET = LoopConfigSnapshot(
-    model="claude-sonnet-4-5", provider="anthropic", name="Claude Sonnet 4.5", api="anthropic_messages",
-    base_url="https://api.anthropic.com", reasoning=True, context_window=200_000, max_tokens=8_192,
+    model="claude-sonnet-4-5",
+    provider="anthropic",
+    name="Claude Sonnet 4.5",
+    api="anthropic_messages",
+    base_url="https://api.anthropic.com",
+    reasoning=True,
+    context_window=200_000,
+    max_tokens=8_192,
     thinking_level="off",
 )
 GPT = LoopConfigSnapshot(
-    model="gpt-4.1", provider="openai", name="GPT-4.1", api="open_ai_responses",
-    base_url="https://api.openai.com/v1", reasoning=False, context_window=1_047_576, max_tokens=8_192,
+    model="gpt-4.1",
+    provider="openai",
+    name="GPT-4.1",
+    api="open_ai_responses",
+    base_url="https://api.openai.com/v1",
+    reasoning=False,
+    context_window=1_047_576,
+    max_tokens=8_192,
 )
 HAIKU = LoopConfigSnapshot(
-    model="claude-haiku-4-5", provider="anthropic", name="Claude Haiku 4.5", api="anthropic_messages",
-    base_url="https://api.anthropic.com", reasoning=False, context_window=200_000, max_tokens=4_096,
+    model="claude-haiku-4-5",
+    provider="anthropic",
+    name="Claude Haiku 4.5",
+    api="anthropic_messages",
+    base_url="https://api.anthropic.com",
+    reasoning=False,
+    context_window=200_000,
+    max_tokens=4_096,
 )
 
 
@@ -76,8 +94,9 @@ class _Script:
         inputs = self.rng.randrange(800, 4_000) * scale
         output = self.rng.randrange(60, 500)
         cache_read = self.rng.randrange(0, 6_000)
-        return Usage(input=inputs, output=output, cache_read=cache_read,
-                     total_tokens=inputs + output + cache_read)
+        return Usage(
+            input=inputs, output=output, cache_read=cache_read, total_tokens=inputs + output + cache_read
+        )
 
     def reply(
         self,
@@ -117,8 +136,11 @@ def _research(script: _Script, tool: ToolScope) -> str:
     with tool.sub_agent(HAIKU) as child:
         child.user("parser library empty input bug")
         with child.turn() as turn:
-            calls = script.reply(turn, "Searching the tracker.",
-                                 calls=[("web_search", {"query": "parser empty input IndexError"})])
+            calls = script.reply(
+                turn,
+                "Searching the tracker.",
+                calls=[("web_search", {"query": "parser empty input IndexError"})],
+            )
             with turn.tool(calls[0]) as search:
                 search.result("Issue #1432: IndexError on empty input (fixed in 2.3.1)")
         answer = "Upstream issue #1432, fixed in release 2.3.1."
@@ -134,28 +156,45 @@ def _record(tracer: Tracer, script: _Script, agent: AgentSession, say: Any) -> N
         origin.user("The CI is red on main. Read notes.txt and run the tests, then tell me what broke.")
         with origin.turn() as turn:
             calls = script.reply(
-                turn, "I'll read your notes and run the test suite.",
+                turn,
+                "I'll read your notes and run the test suite.",
                 thinking="The user wants a diagnosis. Notes first, then the tests.",
-                calls=[("read_file", {"path": "notes.txt"}),
-                       ("run_tests", {"target": "tests/", "verbose": True})],
+                calls=[
+                    ("read_file", {"path": "notes.txt"}),
+                    ("run_tests", {"target": "tests/", "verbose": True}),
+                ],
             )
             with turn.tool(calls[0]) as tool:
                 tool.result("- parser refactor merged Friday\n- flaky: test_timeout\n")
             with turn.tool(calls[1]) as tool:
                 tool.progress("collecting 212 tests")
                 tool.update("tests/test_parser.py ....F")
-                tool.result("211 passed, 1 failed: tests/test_parser.py::test_empty_input "
-                            "(IndexError: list index out of range)", details={"exit_code": 1})
-        _answer(script, origin, "One failure: test_empty_input. Friday's parser refactor indexes "
-                                "tokens[0] without checking for empty input.")
+                tool.result(
+                    "211 passed, 1 failed: tests/test_parser.py::test_empty_input "
+                    "(IndexError: list index out of range)",
+                    details={"exit_code": 1},
+                )
+        _answer(
+            script,
+            origin,
+            "One failure: test_empty_input. Friday's parser refactor indexes "
+            "tokens[0] without checking for empty input.",
+        )
 
     say("continuation: fix it")
     with tracer.loop(continues=origin.loop_id) as fix:
         fix.user("Please fix it.")
         with fix.turn() as turn:
-            calls = script.reply(turn, "Adding a guard for empty input.",
-                                 calls=[("edit_file", {"path": "src/parser.py", "line": 42,
-                                                       "insert": "if not tokens:\n    return []"})])
+            calls = script.reply(
+                turn,
+                "Adding a guard for empty input.",
+                calls=[
+                    (
+                        "edit_file",
+                        {"path": "src/parser.py", "line": 42, "insert": "if not tokens:\n    return []"},
+                    )
+                ],
+            )
             with turn.tool(calls[0]) as tool:
                 tool.result("src/parser.py: 1 edit applied")
         _answer(script, fix, "Fixed: parse() now returns [] for empty input.")
@@ -168,27 +207,45 @@ def _record(tracer: Tracer, script: _Script, agent: AgentSession, say: Any) -> N
         _answer(script, rerun, "Fixed: parse() returns [] early when there are no tokens.")
     with tracer.loop(continues=origin.loop_id, kind=ContinuationKind.branch(str(clock.peek()))) as branch:
         branch.user("Alternatively: should the caller check instead?")
-        _answer(script, branch, "The caller could check, but three call sites would need the same "
-                                "guard; fixing parse() is simpler.")
+        _answer(
+            script,
+            branch,
+            "The caller could check, but three call sites would need the same "
+            "guard; fixing parse() is simpler.",
+        )
 
     say("parallel evaluation: two models, a judge picks one")
     with tracer.parallel([SONNET, GPT], continues=rerun.loop_id) as group:
         for index in range(2):
             with group.branch(index) as candidate:
                 candidate.user("Write a regression test for the fix.")
-                _answer(script, candidate, [
-                    "def test_empty_input():\n    assert parse('') == []",
-                    "def test_parse_empty():\n    assert parse('') == []\n    assert parse('   ') == []",
-                ][index])
+                _answer(
+                    script,
+                    candidate,
+                    [
+                        "def test_empty_input():\n    assert parse('') == []",
+                        "def test_parse_empty():\n    assert parse('') == []\n    assert parse('   ') == []",
+                    ][index],
+                )
         group.select(1, evaluation_usage=script.usage())
 
     say("a tool that runs a sub-agent in its own session")
     with tracer.loop() as research:
         research.user("Is there an upstream issue about empty input in the parser library?")
         with research.turn() as turn:
-            calls = script.reply(turn, "I'll ask a research sub-agent.", calls=[
-                ("research", {"question": "parser library empty input bug",
-                              "headers": {"authorization": "Bearer demo-secret-token-1234"}})])
+            calls = script.reply(
+                turn,
+                "I'll ask a research sub-agent.",
+                calls=[
+                    (
+                        "research",
+                        {
+                            "question": "parser library empty input bug",
+                            "headers": {"authorization": "Bearer demo-secret-token-1234"},
+                        },
+                    )
+                ],
+            )
             with turn.tool(calls[0]) as tool:
                 answer = _research(script, tool)
                 tool.result(answer, details={"sub_agent": "research"})
@@ -200,8 +257,10 @@ def _record(tracer: Tracer, script: _Script, agent: AgentSession, say: Any) -> N
         rejected.reject("prompt injection: request to reveal the system prompt")
 
     say("a compaction pass")
-    with tracer.loop(continues=research.loop_id, kind=COMPACTION) as compaction, compaction.compaction(
-            estimated_tokens=48_210, message_count=31) as compacting:
+    with (
+        tracer.loop(continues=research.loop_id, kind=COMPACTION) as compaction,
+        compaction.compaction(estimated_tokens=48_210, message_count=31) as compacting,
+    ):
         compacting.done(messages_after=9, estimated_tokens_after=6_480, loops_compacted=4)
 
     say(f"{IDLE_SECONDS // 3600} idle hours, then a rotation check")
@@ -210,13 +269,15 @@ def _record(tracer: Tracer, script: _Script, agent: AgentSession, say: Any) -> N
     with tracer.loop() as later:
         later.user("Did last night's CI run pass?")
         with later.turn() as turn:
-            calls = script.reply(turn, "Checking the CI status.",
-                                 calls=[("ci_status", {"branch": "main"})])
+            calls = script.reply(turn, "Checking the CI status.", calls=[("ci_status", {"branch": "main"})])
             with turn.tool(calls[0]) as tool:
                 tool.error("CI API unavailable (HTTP 503)")
         with later.turn() as turn:
-            calls = script.reply(turn, "The CI API is down; I'll run the tests locally.",
-                                 calls=[("run_tests", {"target": "tests/"})])
+            calls = script.reply(
+                turn,
+                "The CI API is down; I'll run the tests locally.",
+                calls=[("run_tests", {"target": "tests/"})],
+            )
             with turn.tool(calls[0]) as tool:
                 tool.result("212 passed")
         _answer(script, later, "All 212 tests pass locally.")

@@ -77,8 +77,12 @@ TurnTrigger = Literal["User", "SubAgent", "Continuation", "Branch"]
 """What started a turn. phi-core also reads the legacy ``"FollowUp"`` as ``"Continuation"``."""
 
 ApiProtocol = Literal[
-    "anthropic_messages", "open_ai_completions", "open_ai_responses",
-    "azure_open_ai_responses", "google_generative_ai", "google_vertex",
+    "anthropic_messages",
+    "open_ai_completions",
+    "open_ai_responses",
+    "azure_open_ai_responses",
+    "google_generative_ai",
+    "google_vertex",
     "bedrock_converse_stream",
 ]
 RevertCategory = Literal["failure", "tangent", "completion", "step-summary"]
@@ -196,7 +200,7 @@ class ContinuationKind(_Variant):
             return _UNIT_CONTINUATIONS[name]
         if name in cls.TAGGED_KINDS:
             if payload is None:
-                raise ValueError(f"{name} carries data: expected {{\"{name}\": {{\"tag\": …}}}}")
+                raise ValueError(f'{name} carries data: expected {{"{name}": {{"tag": …}}}}')
             return cls(name, _tag_field(_struct_payload(payload, ("tag",), name), "tag", name))
         raise ValueError(f"unknown variant {name!r} of ContinuationKind")
 
@@ -239,7 +243,7 @@ class StreamDelta(_Variant):
     @classmethod
     def from_json(cls, value: Any) -> StreamDelta:
         if not isinstance(value, dict):
-            raise ValueError("expected a StreamDelta object such as {\"Text\": {\"delta\": …}}")
+            raise ValueError('expected a StreamDelta object such as {"Text": {"delta": …}}')
         name, payload = _variant(value, "StreamDelta")
         if name not in cls.KINDS:
             raise ValueError(f"unknown variant {name!r} of StreamDelta")
@@ -247,7 +251,6 @@ class StreamDelta(_Variant):
 
     def to_json(self) -> Any:
         return {self.kind: {"delta": self.delta}}
-
 
 
 class SessionFormation(_Variant):
@@ -271,14 +274,20 @@ class SessionFormation(_Variant):
         if kind not in self.KINDS:
             raise ValueError(f"unknown session formation {kind!r}")
         if kind == "InactivityTimeout":
-            if not isinstance(threshold_secs, int) or isinstance(threshold_secs, bool) or not (
-                0 <= threshold_secs <= _U64_MAX
+            if (
+                not isinstance(threshold_secs, int)
+                or isinstance(threshold_secs, bool)
+                or not (0 <= threshold_secs <= _U64_MAX)
             ):
                 raise ValueError("InactivityTimeout.threshold_secs: expected an unsigned integer")
         elif threshold_secs is not None or previous_session_id is not None:
             raise ValueError(f"{kind} carries only a timestamp")
-        self._init(kind=kind, timestamp=timestamp, threshold_secs=threshold_secs,
-                   previous_session_id=previous_session_id)
+        self._init(
+            kind=kind,
+            timestamp=timestamp,
+            threshold_secs=threshold_secs,
+            previous_session_id=previous_session_id,
+        )
 
     @classmethod
     def first_loop(cls, timestamp: Timestamp) -> SessionFormation:
@@ -297,13 +306,12 @@ class SessionFormation(_Variant):
     @classmethod
     def from_json(cls, value: Any) -> SessionFormation:
         if not isinstance(value, dict):
-            raise ValueError("expected a SessionFormation object such as {\"FirstLoop\": {…}}")
+            raise ValueError('expected a SessionFormation object such as {"FirstLoop": {…}}')
         name, payload = _variant(value, "SessionFormation")
         if name not in cls.KINDS:
             raise ValueError(f"unknown variant {name!r} of SessionFormation")
         if name == "InactivityTimeout":
-            fields = _struct_payload(
-                payload, ("threshold_secs", "previous_session_id", "timestamp"), name)
+            fields = _struct_payload(payload, ("threshold_secs", "previous_session_id", "timestamp"), name)
             if "threshold_secs" not in fields:
                 raise ValueError(f"{name}: missing required field `threshold_secs`")
             previous = fields.get("previous_session_id")
@@ -314,13 +322,14 @@ class SessionFormation(_Variant):
 
     def to_json(self) -> Any:
         if self.kind == "InactivityTimeout":
-            return {self.kind: _InactivityPayload(
-                threshold_secs=self.threshold_secs or 0,
-                previous_session_id=self.previous_session_id,
-                timestamp=self.timestamp,
-            )}
+            return {
+                self.kind: _InactivityPayload(
+                    threshold_secs=self.threshold_secs or 0,
+                    previous_session_id=self.previous_session_id,
+                    timestamp=self.timestamp,
+                )
+            }
         return {self.kind: _TimestampPayload(timestamp=self.timestamp)}
-
 
 
 _U64_MAX = 2**64 - 1
@@ -372,8 +381,14 @@ class LoopConfigSnapshot(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 _SNAPSHOT_OPTIONAL = (
-    "name", "api", "base_url", "reasoning", "context_window",
-    "max_tokens", "thinking_level", "temperature",
+    "name",
+    "api",
+    "base_url",
+    "reasoning",
+    "context_window",
+    "max_tokens",
+    "thinking_level",
+    "temperature",
 )
 
 # -- Events ---------------------------------------------------------------------------
@@ -547,11 +562,25 @@ class CompactionEnded(_Event, kw_only=True, frozen=True):
 
 
 AgentEvent = Union[
-    AgentStart, AgentEnd, TurnStart, TurnRequest, TurnEnd,
-    MessageStart, MessageUpdate, MessageEnd,
-    ToolExecutionStart, ToolExecutionUpdate, ToolExecutionEnd,
-    ProgressMessage, InputRejected, ParallelLoopStart, ParallelLoopEnd,
-    CompactionStarted, PrunApplied, RevertApplied, CompactionEnded,
+    AgentStart,
+    AgentEnd,
+    TurnStart,
+    TurnRequest,
+    TurnEnd,
+    MessageStart,
+    MessageUpdate,
+    MessageEnd,
+    ToolExecutionStart,
+    ToolExecutionUpdate,
+    ToolExecutionEnd,
+    ProgressMessage,
+    InputRejected,
+    ParallelLoopStart,
+    ParallelLoopEnd,
+    CompactionStarted,
+    PrunApplied,
+    RevertApplied,
+    CompactionEnded,
 ]
 """Any of the 19 event types of phi-core 0.10."""
 
@@ -592,7 +621,8 @@ MESSAGE_FIELDS: dict[type, tuple[MessageField, ...]] = {
 of it that encoding, decoding (lenient and strict), the redactor and `withhold` follow."""
 
 MESSAGE_FIELDS_BY_TAG: dict[str, tuple[MessageField, ...]] = {
-    tp.__name__: fields for tp, fields in MESSAGE_FIELDS.items()}
+    tp.__name__: fields for tp, fields in MESSAGE_FIELDS.items()
+}
 """`MESSAGE_FIELDS` by the events' JSON ``"type"`` tag, for code that reads JSON trees."""
 
 _E = TypeVar("_E", bound=msgspec.Struct)
@@ -662,8 +692,11 @@ def _mapper(fields: tuple[MessageField, ...]) -> MessageMapper:
 
 
 _MAPPERS: dict[bool | None, dict[type, MessageMapper]] = {
-    agent: {tp: _mapper(kept) for tp, fields in MESSAGE_FIELDS.items()
-            if (kept := tuple(f for f in fields if agent is None or f.agent is agent))}
+    agent: {
+        tp: _mapper(kept)
+        for tp, fields in MESSAGE_FIELDS.items()
+        if (kept := tuple(f for f in fields if agent is None or f.agent is agent))
+    }
     for agent in (None, True, False)
 }
 

@@ -192,7 +192,8 @@ class AgentSession:
             if (now - last) / _NS_PER_S <= seconds:
                 return None
             formation = SessionFormation.inactivity_timeout(
-                threshold_secs=math.floor(seconds), previous_session_id=self._session_id,
+                threshold_secs=math.floor(seconds),
+                previous_session_id=self._session_id,
                 timestamp=self._stamper(now),
             )
             return self._rotate(formation)

@@ -13,7 +13,7 @@ def config_segment_from_loop_id(loop_id: str) -> str | None:
     first, last = loop_id.find("."), loop_id.rfind(".")
     if first == -1 or first == last:
         return None
-    return loop_id[first + 1:last]
+    return loop_id[first + 1 : last]
 
 
 def model_slug(model: str) -> str:

@@ -113,8 +113,14 @@ from .processors import Processor, ProcessorChain, Redactor, default_processors
 from .sinks import FanOut, SinkLike
 
 __all__ = [
-    "CompactionScope", "InstrumentationError", "LoopScope", "MessageScope", "ParallelGroup",
-    "ToolScope", "Tracer", "TurnScope",
+    "CompactionScope",
+    "InstrumentationError",
+    "LoopScope",
+    "MessageScope",
+    "ParallelGroup",
+    "ToolScope",
+    "Tracer",
+    "TurnScope",
 ]
 
 _CANCELLATIONS = (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit)
@@ -214,16 +220,18 @@ class _Scope:
     def __enter__(self: S) -> S:
         return self.start()
 
-    def __exit__(self, tp: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, tp: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._phase == _RUNNING:
             self.end(exc)
 
     async def __aenter__(self: S) -> S:
         return self.start()
 
-    async def __aexit__(self, tp: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, tp: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._phase == _RUNNING:
             self.end(exc)
 
@@ -278,11 +286,31 @@ class _LoopState:
     waiting for a turn, the open turn).
     """
 
-    __slots__ = ("_pending", "agent", "config", "emit", "lock", "loop_id", "messages", "millis", "now",
-                 "outlet", "scope", "turn", "usage", "wants_deltas")
+    __slots__ = (
+        "_pending",
+        "agent",
+        "config",
+        "emit",
+        "lock",
+        "loop_id",
+        "messages",
+        "millis",
+        "now",
+        "outlet",
+        "scope",
+        "turn",
+        "usage",
+        "wants_deltas",
+    )
 
-    def __init__(self, scope: LoopScope, outlet: _Outlet, agent: AgentSession, loop_id: str,
-                 config: LoopConfigSnapshot | None) -> None:
+    def __init__(
+        self,
+        scope: LoopScope,
+        outlet: _Outlet,
+        agent: AgentSession,
+        loop_id: str,
+        config: LoopConfigSnapshot | None,
+    ) -> None:
         self.scope = scope
         self.outlet = outlet
         self.emit = outlet.emit
@@ -512,8 +540,17 @@ class Tracer:
         segment = self._segment(config, config_id)
         agent = self.agent
         session_id, loop_id = agent.allocate_loop(segment)
-        return LoopScope(self._outlet, agent, loop_id, session_id, config, segment,
-                         parent_loop_id=continues, kind=kind, metadata=metadata)
+        return LoopScope(
+            self._outlet,
+            agent,
+            loop_id,
+            session_id,
+            config,
+            segment,
+            parent_loop_id=continues,
+            kind=kind,
+            metadata=metadata,
+        )
 
     def parallel(
         self,
@@ -535,8 +572,17 @@ class Tracer:
         segments = [self._segment(config, None) for config in configs]
         session_id, loop_ids = agent.allocate_loops(segments)
         branches = [
-            LoopScope(self._outlet, agent, loop_id, session_id, config, segment,
-                      parent_loop_id=continues, kind=kind, metadata=metadata)
+            LoopScope(
+                self._outlet,
+                agent,
+                loop_id,
+                session_id,
+                config,
+                segment,
+                parent_loop_id=continues,
+                kind=kind,
+                metadata=metadata,
+            )
             for config, segment, loop_id in zip(configs, segments, loop_ids, strict=True)
         ]
         return ParallelGroup(self._outlet, agent, session_id, branches)
@@ -597,8 +643,21 @@ class LoopScope(_Scope):
     are what ``AgentEnd`` will carry.
     """
 
-    __slots__ = ("_agent", "_loop", "config", "error", "first_trigger", "kind", "loop_id", "metadata",
-                 "parent_loop_id", "rejection", "segment", "session_id", "turns")
+    __slots__ = (
+        "_agent",
+        "_loop",
+        "config",
+        "error",
+        "first_trigger",
+        "kind",
+        "loop_id",
+        "metadata",
+        "parent_loop_id",
+        "rejection",
+        "segment",
+        "session_id",
+        "turns",
+    )
 
     def __init__(
         self,
@@ -626,7 +685,8 @@ class LoopScope(_Scope):
         self.metadata = metadata
         if first_trigger is None:
             first_trigger = (
-                "User" if kind == INITIAL else "Branch" if kind.kind == "Branch" else "Continuation")
+                "User" if kind == INITIAL else "Branch" if kind.kind == "Branch" else "Continuation"
+            )
         self.first_trigger: TurnTrigger = first_trigger
         self.turns = 0
         self.rejection: str | None = None
@@ -666,12 +726,19 @@ class LoopScope(_Scope):
         config = self.config
         if config is not None and config.config_id is None:
             config = self._loop.outlet.snapshot(config, self.segment)
-        self._loop.emit(AgentStart(
-            agent_id=agent.agent_id, session_id=self.session_id, loop_id=self.loop_id,
-            parent_loop_id=self.parent_loop_id, continuation_kind=self.kind,
-            timestamp=agent.stamp(at), metadata=self.metadata, config_snapshot=config,
-            formation=formation if formation is not None else msgspec.UNSET,
-        ))
+        self._loop.emit(
+            AgentStart(
+                agent_id=agent.agent_id,
+                session_id=self.session_id,
+                loop_id=self.loop_id,
+                parent_loop_id=self.parent_loop_id,
+                continuation_kind=self.kind,
+                timestamp=agent.stamp(at),
+                metadata=self.metadata,
+                config_snapshot=config,
+                formation=formation if formation is not None else msgspec.UNSET,
+            )
+        )
         return self
 
     # -- content --------------------------------------------------------------------------
@@ -719,23 +786,41 @@ class LoopScope(_Scope):
             loop.discard_waiting()
             self.rejection = reason
             self._close()
-            loop.emit(AgentEnd(loop_id=self.loop_id, messages=(), usage=ZERO_USAGE,
-                               timestamp=loop.now(), rejection=reason))
+            loop.emit(
+                AgentEnd(
+                    loop_id=self.loop_id,
+                    messages=(),
+                    usage=ZERO_USAGE,
+                    timestamp=loop.now(),
+                    rejection=reason,
+                )
+            )
 
     def compaction(self, estimated_tokens: int, message_count: int) -> CompactionScope:
         """A context compaction: ``CompactionStarted`` now, ``CompactionEnded`` at the end."""
         self._require_running()
         return CompactionScope(self._loop, estimated_tokens, message_count)
 
-    def prun(self, tokens_removed: int, messages_removed: int, pruned_timestamps: Sequence[int] = (),
-             memo: str | None = None) -> None:
+    def prun(
+        self,
+        tokens_removed: int,
+        messages_removed: int,
+        pruned_timestamps: Sequence[int] = (),
+        memo: str | None = None,
+    ) -> None:
         """Record a ``PrunApplied`` (messages pruned from the context; timestamps in epoch ms)."""
         self._require_running()
         loop = self._loop
-        loop.emit(PrunApplied(
-            loop_id=self.loop_id, tokens_removed=tokens_removed, messages_removed=messages_removed,
-            memo=memo, pruned_timestamps=tuple(pruned_timestamps), timestamp=loop.now(),
-        ))
+        loop.emit(
+            PrunApplied(
+                loop_id=self.loop_id,
+                tokens_removed=tokens_removed,
+                messages_removed=messages_removed,
+                memo=memo,
+                pruned_timestamps=tuple(pruned_timestamps),
+                timestamp=loop.now(),
+            )
+        )
 
     def revert(
         self,
@@ -750,11 +835,18 @@ class LoopScope(_Scope):
         """Record a ``RevertApplied`` (the context rolled back to `target`)."""
         self._require_running()
         loop = self._loop
-        loop.emit(RevertApplied(
-            loop_id=self.loop_id, category=category, target=target,
-            abandoned_node_ids=tuple(abandoned_node_ids), summary=summary, applied=applied,
-            reason=reason, timestamp=loop.now(),
-        ))
+        loop.emit(
+            RevertApplied(
+                loop_id=self.loop_id,
+                category=category,
+                target=target,
+                abandoned_node_ids=tuple(abandoned_node_ids),
+                summary=summary,
+                applied=applied,
+                reason=reason,
+                timestamp=loop.now(),
+            )
+        )
 
     # -- end ------------------------------------------------------------------------------
 
@@ -773,11 +865,15 @@ class LoopScope(_Scope):
         self._close()
         if error is not None:
             self.error = _describe(error)
-        loop.emit(AgentEnd(
-            loop_id=self.loop_id, messages=tuple(loop.messages), usage=loop.usage,
-            timestamp=loop.now(),
-            error=self.error if self.error is not None else msgspec.UNSET,
-        ))
+        loop.emit(
+            AgentEnd(
+                loop_id=self.loop_id,
+                messages=tuple(loop.messages),
+                usage=loop.usage,
+                timestamp=loop.now(),
+                error=self.error if self.error is not None else msgspec.UNSET,
+            )
+        )
 
     def __repr__(self) -> str:
         return f"LoopScope({self.loop_id!r}, {self.status})"
@@ -786,11 +882,26 @@ class LoopScope(_Scope):
 class TurnScope(_Scope):
     """One turn: ``TurnStart`` ... ``TurnEnd``. Create with `LoopScope.turn`."""
 
-    __slots__ = ("_loop", "_loop_scope", "_message", "_request", "_turn", "index", "inputs", "trigger",
-                 "turn_id")
+    __slots__ = (
+        "_loop",
+        "_loop_scope",
+        "_message",
+        "_request",
+        "_turn",
+        "index",
+        "inputs",
+        "trigger",
+        "turn_id",
+    )
 
-    def __init__(self, loop_scope: LoopScope, loop: _LoopState, index: int, trigger: TurnTrigger,
-                 request: AnnotatedRequestPayload | None) -> None:
+    def __init__(
+        self,
+        loop_scope: LoopScope,
+        loop: _LoopState,
+        index: int,
+        trigger: TurnTrigger,
+        request: AnnotatedRequestPayload | None,
+    ) -> None:
         super().__init__()
         self._loop_scope = loop_scope
         self._loop = loop
@@ -835,8 +946,11 @@ class TurnScope(_Scope):
         self._begin()
         loop = self._loop
         loop.require_running()
-        loop.emit(TurnStart(loop_id=loop.loop_id, turn_index=self.index,
-                            timestamp=loop.now(), triggered_by=self.trigger))
+        loop.emit(
+            TurnStart(
+                loop_id=loop.loop_id, turn_index=self.index, timestamp=loop.now(), triggered_by=self.trigger
+            )
+        )
         loop.emit_waiting(None if self.index == 0 else self.turn_id)
         if self._request is not None:
             self.request(self._request)
@@ -857,8 +971,9 @@ class TurnScope(_Scope):
         """Emit the turn's ``TurnRequest`` (the fully assembled request to the model)."""
         self._require_running()
         loop = self._loop
-        loop.emit(TurnRequest(loop_id=loop.loop_id, turn_index=self.index, payload=payload,
-                              timestamp=loop.now()))
+        loop.emit(
+            TurnRequest(loop_id=loop.loop_id, turn_index=self.index, payload=payload, timestamp=loop.now())
+        )
 
     def compaction(self, estimated_tokens: int, message_count: int) -> CompactionScope:
         """A compaction during this turn (see `LoopScope.compaction`)."""
@@ -875,15 +990,22 @@ class TurnScope(_Scope):
             raise InstrumentationError("the turn's previous assistant message is still open")
         config = self._loop.config
         scope = MessageScope(
-            self._loop, self._turn,
+            self._loop,
+            self._turn,
             model if model is not None else (config.model if config is not None else ""),
             provider if provider is not None else (config.provider if config is not None else ""),
         )
         self._message = scope
         return scope
 
-    def tool(self, call: ToolCall | None = None, *, id: str | None = None, name: str | None = None,
-             args: Any = None) -> ToolScope:
+    def tool(
+        self,
+        call: ToolCall | None = None,
+        *,
+        id: str | None = None,
+        name: str | None = None,
+        args: Any = None,
+    ) -> ToolScope:
         """One tool execution, for `call` (or an explicit `id`, `name` and `args`)."""
         self._require_running()
         if call is not None:
@@ -928,15 +1050,24 @@ class TurnScope(_Scope):
                 stop_reason="aborted" if error is None else _stop_reason(error),
                 model=config.model if config is not None else "",
                 provider=config.provider if config is not None else "",
-                usage=ZERO_USAGE, timestamp=loop.millis(),
-                error_message=(_describe(error) if error is not None
-                               else "turn ended without an assistant message"),
+                usage=ZERO_USAGE,
+                timestamp=loop.millis(),
+                error_message=(
+                    _describe(error) if error is not None else "turn ended without an assistant message"
+                ),
             )
         turn_id = self.turn_id
         stamped = replace(message, turn_id=turn_id)
         results = tuple(turn.results)
-        loop.emit(TurnEnd(loop_id=loop.loop_id, message=stamped, usage=turn.usage,
-                          timestamp=loop.now(), tool_results=results))
+        loop.emit(
+            TurnEnd(
+                loop_id=loop.loop_id,
+                message=stamped,
+                usage=turn.usage,
+                timestamp=loop.now(),
+                tool_results=results,
+            )
+        )
         loop.record((*self.inputs, stamped, *(replace(m, turn_id=turn_id) for m in results)), turn.usage)
 
 
@@ -949,8 +1080,19 @@ class MessageScope(_Scope):
     ``"aborted"``) and the error text.
     """
 
-    __slots__ = ("_deltas", "_emit", "_loop", "_loop_id", "_placeholder", "_text", "_thinking", "_turn",
-                 "message", "model", "provider")
+    __slots__ = (
+        "_deltas",
+        "_emit",
+        "_loop",
+        "_loop_id",
+        "_placeholder",
+        "_text",
+        "_thinking",
+        "_turn",
+        "message",
+        "model",
+        "provider",
+    )
 
     def __init__(self, loop: _LoopState, turn: _TurnState, model: str, provider: str) -> None:
         super().__init__()
@@ -965,7 +1107,11 @@ class MessageScope(_Scope):
         self._emit = loop.emit
         # phi-core's empty placeholder, sent with MessageStart and every MessageUpdate.
         self._placeholder = AssistantMessage(
-            content=(), stop_reason="stop", model=model, provider="", usage=ZERO_USAGE,
+            content=(),
+            stop_reason="stop",
+            model=model,
+            provider="",
+            usage=ZERO_USAGE,
             timestamp=loop.millis(),
         )
         self.message: AssistantMessage | None = None
@@ -1032,9 +1178,13 @@ class MessageScope(_Scope):
             if stop_reason is None:
                 stop_reason = "toolUse" if any(type(b) is ToolCall for b in blocks) else "stop"
             message = AssistantMessage(
-                content=blocks, stop_reason=stop_reason, model=self.model, provider=self.provider,
+                content=blocks,
+                stop_reason=stop_reason,
+                model=self.model,
+                provider=self.provider,
                 usage=usage if usage is not None else ZERO_USAGE,
-                timestamp=self._loop.millis(), error_message=error_message,
+                timestamp=self._loop.millis(),
+                error_message=error_message,
             )
         self._close()
         self.message = message
@@ -1069,11 +1219,22 @@ class ToolScope(_Scope):
     ``parent_loop_id`` is this loop, and this result's ``child_loop_id`` is its loop.
     """
 
-    __slots__ = ("_child_loop_id", "_cut", "_details", "_is_error", "_loop", "_result", "_turn", "args",
-                 "tool_call_id", "tool_name")
+    __slots__ = (
+        "_child_loop_id",
+        "_cut",
+        "_details",
+        "_is_error",
+        "_loop",
+        "_result",
+        "_turn",
+        "args",
+        "tool_call_id",
+        "tool_name",
+    )
 
-    def __init__(self, loop: _LoopState, turn: _TurnState, tool_call_id: str, tool_name: str,
-                 args: Any) -> None:
+    def __init__(
+        self, loop: _LoopState, turn: _TurnState, tool_call_id: str, tool_name: str, args: Any
+    ) -> None:
         super().__init__()
         self._loop = loop
         self._turn = turn
@@ -1092,10 +1253,14 @@ class ToolScope(_Scope):
         loop = self._loop
         with loop.lock:  # atomic with the turn's end: never a tool its turn misses
             self._turn.tool_started(self, self._cut_short)
-        loop.emit(ToolExecutionStart(
-            loop_id=loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
-            args=self.args,
-        ))
+        loop.emit(
+            ToolExecutionStart(
+                loop_id=loop.loop_id,
+                tool_call_id=self.tool_call_id,
+                tool_name=self.tool_name,
+                args=self.args,
+            )
+        )
         return self
 
     def update(self, partial: str | Sequence[Content] | ToolResult, details: Any = None) -> None:
@@ -1105,19 +1270,28 @@ class ToolScope(_Scope):
         if not isinstance(partial, ToolResult):
             partial = ToolResult(content=_content(partial), details=details)
         loop = self._loop
-        loop.emit(ToolExecutionUpdate(
-            loop_id=loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
-            partial_result=partial,
-        ))
+        loop.emit(
+            ToolExecutionUpdate(
+                loop_id=loop.loop_id,
+                tool_call_id=self.tool_call_id,
+                tool_name=self.tool_name,
+                partial_result=partial,
+            )
+        )
 
     def progress(self, text: str) -> None:
         """A progress note (``ProgressMessage``)."""
         if not self._still_open("progress"):
             return
         loop = self._loop
-        loop.emit(ProgressMessage(
-            loop_id=loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name, text=text,
-        ))
+        loop.emit(
+            ProgressMessage(
+                loop_id=loop.loop_id,
+                tool_call_id=self.tool_call_id,
+                tool_name=self.tool_name,
+                text=text,
+            )
+        )
 
     def result(self, content: str | Sequence[Content], details: Any = None) -> None:
         """The tool's successful result (emitted when the scope ends)."""
@@ -1153,9 +1327,18 @@ class ToolScope(_Scope):
         if config_id is None:
             config_id = config.config_id if config is not None and config.config_id is not None else "sub"
         session_id, loop_id = child.allocate_loop(config_id)
-        scope = LoopScope(loop.outlet, child, loop_id, session_id, config, config_id,
-                          parent_loop_id=loop.loop_id, kind=INITIAL, metadata=metadata,
-                          first_trigger="SubAgent")
+        scope = LoopScope(
+            loop.outlet,
+            child,
+            loop_id,
+            session_id,
+            config,
+            config_id,
+            parent_loop_id=loop.loop_id,
+            kind=INITIAL,
+            metadata=metadata,
+            first_trigger="SubAgent",
+        )
         self._child_loop_id = scope.loop_id
         return scope
 
@@ -1163,8 +1346,9 @@ class ToolScope(_Scope):
         """Whether a call may act: False (logged) once the turn has cut the tool short,
         so a tool still running in another thread or task does not fail its agent."""
         if self._cut:
-            logger.info("tool %s (%s): %s ignored, its turn already ended it", self.tool_name,
-                        self.tool_call_id, what)
+            logger.info(
+                "tool %s (%s): %s ignored, its turn already ended it", self.tool_name, self.tool_call_id, what
+            )
             return False
         self._require_running()
         return True
@@ -1196,15 +1380,27 @@ class ToolScope(_Scope):
                 self._is_error = True
             loop = self._loop
             child = self._child_loop_id
-            result = ToolResult(content=self._result, details=self._details,
-                                child_loop_id=child if child is not None else msgspec.UNSET)
-            loop.emit(ToolExecutionEnd(
-                loop_id=loop.loop_id, tool_call_id=self.tool_call_id, tool_name=self.tool_name,
-                result=result, is_error=self._is_error, child_loop_id=child,
-            ))
+            result = ToolResult(
+                content=self._result,
+                details=self._details,
+                child_loop_id=child if child is not None else msgspec.UNSET,
+            )
+            loop.emit(
+                ToolExecutionEnd(
+                    loop_id=loop.loop_id,
+                    tool_call_id=self.tool_call_id,
+                    tool_name=self.tool_name,
+                    result=result,
+                    is_error=self._is_error,
+                    child_loop_id=child,
+                )
+            )
             message = ToolResultMessage(
-                tool_call_id=self.tool_call_id, tool_name=self.tool_name, content=self._result,
-                is_error=self._is_error, timestamp=loop.millis(),
+                tool_call_id=self.tool_call_id,
+                tool_name=self.tool_name,
+                content=self._result,
+                is_error=self._is_error,
+                timestamp=loop.millis(),
             )
             loop.emit_message(message)
         finally:
@@ -1231,10 +1427,14 @@ class CompactionScope(_Scope):
     def start(self) -> CompactionScope:
         self._begin()
         loop = self._loop
-        loop.emit(CompactionStarted(
-            loop_id=loop.loop_id, estimated_tokens=self.estimated_tokens, message_count=self.message_count,
-            timestamp=loop.now(),
-        ))
+        loop.emit(
+            CompactionStarted(
+                loop_id=loop.loop_id,
+                estimated_tokens=self.estimated_tokens,
+                message_count=self.message_count,
+                timestamp=loop.now(),
+            )
+        )
         return self
 
     def done(self, *, messages_after: int, estimated_tokens_after: int, loops_compacted: int = 1) -> None:
@@ -1249,11 +1449,17 @@ class CompactionScope(_Scope):
             return
         messages_after, tokens_after, loops = self._after or (self.message_count, self.estimated_tokens, 0)
         loop = self._loop
-        loop.emit(CompactionEnded(
-            loop_id=loop.loop_id, messages_before=self.message_count, messages_after=messages_after,
-            estimated_tokens_before=self.estimated_tokens, estimated_tokens_after=tokens_after,
-            loops_compacted=loops, timestamp=loop.now(),
-        ))
+        loop.emit(
+            CompactionEnded(
+                loop_id=loop.loop_id,
+                messages_before=self.message_count,
+                messages_after=messages_after,
+                estimated_tokens_before=self.estimated_tokens,
+                estimated_tokens_after=tokens_after,
+                loops_compacted=loops,
+                timestamp=loop.now(),
+            )
+        )
 
 
 class ParallelGroup(_Scope):
@@ -1268,8 +1474,9 @@ class ParallelGroup(_Scope):
 
     __slots__ = ("_agent", "_outlet", "branches", "selected", "session_id")
 
-    def __init__(self, outlet: _Outlet, agent: AgentSession, session_id: str,
-                 branches: list[LoopScope]) -> None:
+    def __init__(
+        self, outlet: _Outlet, agent: AgentSession, session_id: str, branches: list[LoopScope]
+    ) -> None:
         super().__init__()
         self._outlet = outlet
         self._agent = agent
@@ -1283,8 +1490,9 @@ class ParallelGroup(_Scope):
 
     def start(self) -> ParallelGroup:
         self._begin()
-        self._outlet.emit(ParallelLoopStart(session_id=self.session_id, loop_ids=self.loop_ids,
-                                            timestamp=self._agent.now()))
+        self._outlet.emit(
+            ParallelLoopStart(session_id=self.session_id, loop_ids=self.loop_ids, timestamp=self._agent.now())
+        )
         return self
 
     def branch(self, index: int) -> LoopScope:
@@ -1304,10 +1512,15 @@ class ParallelGroup(_Scope):
             index = winner
         chosen = self.branches[index]
         agent = self._agent
-        self._outlet.emit(ParallelLoopEnd(
-            session_id=self.session_id, selected_loop_id=chosen.loop_id, selected_config_index=index,
-            evaluation_usage=evaluation_usage, timestamp=agent.now(),
-        ))
+        self._outlet.emit(
+            ParallelLoopEnd(
+                session_id=self.session_id,
+                selected_loop_id=chosen.loop_id,
+                selected_config_index=index,
+                evaluation_usage=evaluation_usage,
+                timestamp=agent.now(),
+            )
+        )
         self.selected = chosen
         agent.set_last_loop(chosen.loop_id)
         self._close()

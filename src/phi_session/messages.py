@@ -22,8 +22,17 @@ U64 = Annotated[int, msgspec.Meta(ge=0)]
 """An unsigned 64-bit integer field (msgspec cannot bound above int64; the codec checks)."""
 
 StopReason = Literal[
-    "stop", "length", "toolUse", "error", "aborted", "maxTurns",
-    "userStop", "handoff", "guardRail", "contextCompacted", "paused",
+    "stop",
+    "length",
+    "toolUse",
+    "error",
+    "aborted",
+    "maxTurns",
+    "userStop",
+    "handoff",
+    "guardRail",
+    "contextCompacted",
+    "paused",
 ]
 ThinkingLevel = Literal["off", "minimal", "low", "medium", "high"]
 TagKind = Literal["lesson", "finding", "outcome", "checkpoint"]
@@ -76,6 +85,7 @@ class NodeTag(_Frozen, frozen=True):
 
 # -- BlockProvenance: where one message of an assembled request came from ----------
 
+
 class _Provenance(_Frozen, tag_field="kind", frozen=True):
     pass
 
@@ -113,8 +123,13 @@ class UnknownBlock(_Provenance, tag="unknown", frozen=True):
 
 
 BlockProvenance = Union[
-    SystemPromptBlock, IdentityBlock, MemoryTierBlock, LoopTurnBlock,
-    SteeringBlock, FollowUpBlock, UnknownBlock,
+    SystemPromptBlock,
+    IdentityBlock,
+    MemoryTierBlock,
+    LoopTurnBlock,
+    SteeringBlock,
+    FollowUpBlock,
+    UnknownBlock,
 ]
 
 # -- Content blocks -----------------------------------------------------------------

@@ -43,9 +43,22 @@ from .messages import (
 )
 
 __all__ = [
-    "ChildLoopRef", "CompactedSection", "CompactionBlock", "LoopConfigSnapshot", "LoopEvent",
-    "LoopRecord", "LoopStatus", "ParallelGroupRecord", "Session", "SessionEvent", "SessionFormation",
-    "SessionScope", "SpawnRef", "Turn", "TurnId", "TurnRange",
+    "ChildLoopRef",
+    "CompactedSection",
+    "CompactionBlock",
+    "LoopConfigSnapshot",
+    "LoopEvent",
+    "LoopRecord",
+    "LoopStatus",
+    "ParallelGroupRecord",
+    "Session",
+    "SessionEvent",
+    "SessionFormation",
+    "SessionScope",
+    "SpawnRef",
+    "Turn",
+    "TurnId",
+    "TurnRange",
 ]
 
 LoopStatus = Literal["Pending", "Running", "Completed", "Rejected", "Aborted"]
@@ -198,10 +211,20 @@ class LoopRecord(msgspec.Struct, kw_only=True):
     ) -> LoopRecord:
         """A fresh record: no events, turns or messages yet, zero usage."""
         return cls(
-            loop_id=loop_id, session_id=session_id, agent_id=agent_id,
-            parent_loop_id=parent_loop_id, continuation_kind=continuation_kind,
-            started_at=started_at, status=status, config=config, messages=[], turns=[],
-            usage=ZERO_USAGE, metadata=metadata, events=[], children_loop_ids=[],
+            loop_id=loop_id,
+            session_id=session_id,
+            agent_id=agent_id,
+            parent_loop_id=parent_loop_id,
+            continuation_kind=continuation_kind,
+            started_at=started_at,
+            status=status,
+            config=config,
+            messages=[],
+            turns=[],
+            usage=ZERO_USAGE,
+            metadata=metadata,
+            events=[],
+            children_loop_ids=[],
             child_loop_refs=[],
         )
 
@@ -237,7 +260,7 @@ class LoopRecord(msgspec.Struct, kw_only=True):
             return list(block.keep_compacted.messages) if block.keep_compacted is not None else []
         out: list[AgentMessage] = []
         if block.keep_first is not None:
-            for turn in self.turns[block.keep_first.start_turn:block.keep_first.end_turn + 1]:
+            for turn in self.turns[block.keep_first.start_turn : block.keep_first.end_turn + 1]:
                 out.extend(turn.all_messages())
         for section in (block.keep_compacted, block.keep_recent):
             if section is not None:

@@ -154,12 +154,17 @@ class AutoPersistingRecorder:
                 if not isinstance(journal, Journal):
                     self.journal.close()  # we opened it: do not leave the directory locked
                 raise
-            logger.warning("recovered %d events of an earlier run from %s into %r: %d sessions saved",
-                           self.recovery_report.events_replayed, self.journal.directory, store,
-                           self.recovery_report.sessions_saved)
+            logger.warning(
+                "recovered %d events of an earlier run from %s into %r: %d sessions saved",
+                self.recovery_report.events_replayed,
+                self.journal.directory,
+                store,
+                self.recovery_report.sessions_saved,
+            )
         self._sink = JournaledRecorder(self.journal, self.recorder) if self.journal is not None else None
-        self._saver = SessionSaver(store, orphans=self.journal.write_orphans if self.journal else None,
-                                   retry_for=retry_for)
+        self._saver = SessionSaver(
+            store, orphans=self.journal.write_orphans if self.journal else None, retry_for=retry_for
+        )
         # Lock order: _lock, then _cond.
         # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _settled_through,
         # _unwritten_orphans, _since_checkpoint, _counters, _warned_pins.
@@ -214,8 +219,9 @@ class AutoPersistingRecorder:
         except BaseException:
             self._leave(start)
             raise
-        due = self._leave(start, event.session_id if isinstance(event, _SESSION_EVENTS) else None,
-                          recorded=True)
+        due = self._leave(
+            start, event.session_id if isinstance(event, _SESSION_EVENTS) else None, recorded=True
+        )
         self._after_event(seq, due)
 
     def on_json(self, data: bytes | str) -> None:
@@ -332,8 +338,11 @@ class AutoPersistingRecorder:
         group's end, the tool call that spawned it, are still to come) keeps its
         journal records until it no longer may: recovery needs them to redo it.
         """
-        pins = [pin for pin in (self._pins.pop(session_id, None), self._late_pins.pop(session_id, None))
-                if pin is not None]
+        pins = [
+            pin
+            for pin in (self._pins.pop(session_id, None), self._late_pins.pop(session_id, None))
+            if pin is not None
+        ]
         if not pins:
             return None
         if self.recorder.may_amend(session_id):
@@ -342,8 +351,11 @@ class AutoPersistingRecorder:
 
     def _forget_late_pins(self) -> None:
         """Drop the late pins of sessions no longer owed anything (under `_lock`)."""
-        for session_id in [sid for sid in self._late_pins if not self.recorder.may_amend(sid)
-                           and self.recorder.get_session(sid) is None]:
+        for session_id in [
+            sid
+            for sid in self._late_pins
+            if not self.recorder.may_amend(sid) and self.recorder.get_session(sid) is None
+        ]:
             del self._late_pins[session_id]
 
     def _write_orphans(self, journal: Journal, settled: int) -> None:
@@ -396,18 +408,29 @@ class AutoPersistingRecorder:
             started = time.monotonic()
             if started - self._last_warning >= self.warn_after:  # one warning per episode, not per wait
                 self._last_warning = started
-                where = ("its events are durable in the journal" if self.journal is not None
-                         else "nothing is dropped")
+                where = (
+                    "its events are durable in the journal"
+                    if self.journal is not None
+                    else "nothing is dropped"
+                )
                 logger.warning(
                     "store %r is %d sessions (%d bytes) behind: blocking the producer until it catches "
-                    "up (%s); %d waits so far", self.store, len(self._queue) + len(self._waiting),
-                    self._queued_bytes, where, self._backpressure_waits)
+                    "up (%s); %d waits so far",
+                    self.store,
+                    len(self._queue) + len(self._waiting),
+                    self._queued_bytes,
+                    where,
+                    self._backpressure_waits,
+                )
             while self._waiting and not self._stopping and self._writer.is_alive():
                 if not self._cond.wait(self.warn_after) and self._waiting:
                     self._last_warning = time.monotonic()
-                    logger.warning("producer still blocked after %.0f s: %d sessions waiting for %r",
-                                   time.monotonic() - started, len(self._queue) + len(self._waiting),
-                                   self.store)
+                    logger.warning(
+                        "producer still blocked after %.0f s: %d sessions waiting for %r",
+                        time.monotonic() - started,
+                        len(self._queue) + len(self._waiting),
+                        self.store,
+                    )
             self._blocked_seconds += time.monotonic() - started
 
     # -- the writer thread ---------------------------------------------------------------------
@@ -467,8 +490,9 @@ class AutoPersistingRecorder:
                 unsaved += [pin for sid, pin in self._unsaved_pins.items() if sid in unsaved_ids]
             settled = self._settled_through
             # Orphans the recorder still holds are only safe once written (settled).
-            stored_below = min((*self._pins.values(), *self._late_pins.values(), *self._feeding, *unsaved,
-                                settled + 1))
+            stored_below = min(
+                (*self._pins.values(), *self._late_pins.values(), *self._feeding, *unsaved, settled + 1)
+            )
             self._warn_about_stuck_pin(stored_below)
         try:
             removed = self.journal.release(stored_below, settled_through=settled)
@@ -486,12 +510,19 @@ class AutoPersistingRecorder:
         then their segments cannot be released.
         """
         for session_id, pin in self._pins.items():
-            if (pin == stored_below and session_id not in self._warned_pins
-                    and self.recorder.get_session(session_id) is None):
+            if (
+                pin == stored_below
+                and session_id not in self._warned_pins
+                and self.recorder.get_session(session_id) is None
+            ):
                 self._warned_pins.add(session_id)
-                logger.warning("journal %s is kept from record %d on: session %s has session events "
-                               "the recorder holds outside any session",
-                               self.journal.directory if self.journal else "", pin, session_id)
+                logger.warning(
+                    "journal %s is kept from record %d on: session %s has session events "
+                    "the recorder holds outside any session",
+                    self.journal.directory if self.journal else "",
+                    pin,
+                    session_id,
+                )
 
     # -- closing and inspection ----------------------------------------------------------------
 
@@ -537,9 +568,11 @@ class AutoPersistingRecorder:
             self.journal.close()
         if unsaved:
             ids = ", ".join(s.session_id for s in self._saver.unsaved[:5])
-            raise StoreError(f"{unsaved} sessions could not be saved into {self.store!r} ({ids}); "
-                             "they are in failed_sessions()"
-                             + (f" and in the journal {self.journal.directory}" if self.journal else ""))
+            raise StoreError(
+                f"{unsaved} sessions could not be saved into {self.store!r} ({ids}); "
+                "they are in failed_sessions()"
+                + (f" and in the journal {self.journal.directory}" if self.journal else "")
+            )
         if orphans_error is not None:
             raise orphans_error
 
@@ -559,14 +592,19 @@ class AutoPersistingRecorder:
         saver = self._saver.stats()
         with self._lock, self._cond:
             stats: dict[str, float] = dict(self._counters)
-            stats.update({
-                "sessions_saved": saver.saved, "save_retries": saver.retried,
-                "sessions_orphaned": saver.orphaned, "sessions_failed": saver.unsaved,
-                "sessions_queued": len(self._queue), "bytes_queued": self._queued_bytes,
-                "sessions_waiting": len(self._waiting),
-                "backpressure_waits": self._backpressure_waits,
-                "backpressure_seconds": round(self._blocked_seconds, 3),
-            })
+            stats.update(
+                {
+                    "sessions_saved": saver.saved,
+                    "save_retries": saver.retried,
+                    "sessions_orphaned": saver.orphaned,
+                    "sessions_failed": saver.unsaved,
+                    "sessions_queued": len(self._queue),
+                    "bytes_queued": self._queued_bytes,
+                    "sessions_waiting": len(self._waiting),
+                    "backpressure_waits": self._backpressure_waits,
+                    "backpressure_seconds": round(self._blocked_seconds, 3),
+                }
+            )
             stats.update(self.recorder.stats())
             if self.journal is not None:
                 stats["journal_last_seq"] = self.journal.last_seq

@@ -55,8 +55,13 @@ from .messages import (
 from .redactor import DEFAULT_SECRET_FIELDS, DEFAULT_SECRET_PATTERNS, REDACTED, Redactor
 
 __all__ = [
-    "DEFAULT_SECRET_FIELDS", "DEFAULT_SECRET_PATTERNS", "REDACTED", "Processor", "ProcessorChain",
-    "Redactor", "withhold",
+    "DEFAULT_SECRET_FIELDS",
+    "DEFAULT_SECRET_PATTERNS",
+    "REDACTED",
+    "Processor",
+    "ProcessorChain",
+    "Redactor",
+    "withhold",
 ]
 
 logger = logging.getLogger("phi_session.processors")
@@ -103,8 +108,9 @@ def _withhold_message(message: AgentMessage, note: str) -> AgentMessage:
         return extension_message(message_role(message), message.kind, {"withheld": note})
     content = _withhold_content(note) if message.content else ()
     if isinstance(message, AssistantMessage):
-        return replace(message, content=content, tags=(),
-                       error_message=None if message.error_message is None else note)
+        return replace(
+            message, content=content, tags=(), error_message=None if message.error_message is None else note
+        )
     return replace(message, content=content, tags=())
 
 
@@ -120,15 +126,20 @@ def _withhold_agent_start(event: AgentStart, note: str) -> AgentStart:
     snapshot = event.config_snapshot
     if isinstance(snapshot, LoopConfigSnapshot):
         # Model, provider and config id identify the loop; everything else goes.
-        snapshot = LoopConfigSnapshot(model=snapshot.model, provider=snapshot.provider,
-                                      config_id=snapshot.config_id)
-    return replace(event, config_snapshot=snapshot,
-                   metadata=None if event.metadata is None else {"withheld": note})
+        snapshot = LoopConfigSnapshot(
+            model=snapshot.model, provider=snapshot.provider, config_id=snapshot.config_id
+        )
+    return replace(
+        event, config_snapshot=snapshot, metadata=None if event.metadata is None else {"withheld": note}
+    )
 
 
 def _withhold_agent_end(event: AgentEnd, note: str) -> AgentEnd:
-    return replace(event, rejection=_optional(event.rejection, note),
-                   error=note if isinstance(event.error, str) else event.error)
+    return replace(
+        event,
+        rejection=_optional(event.rejection, note),
+        error=note if isinstance(event.error, str) else event.error,
+    )
 
 
 # Per event type, how to withhold its content outside its message fields.
@@ -136,16 +147,18 @@ _WITHHOLD: dict[type, Callable[[Any, str], Any]] = {
     AgentStart: _withhold_agent_start,
     AgentEnd: _withhold_agent_end,
     MessageUpdate: lambda e, note: replace(e, delta=StreamDelta(e.delta.kind, note)),
-    TurnRequest: lambda e, note: replace(e, payload=replace(
-        e.payload, system_prompt=note, messages=(), provenance=(), tools=())),
+    TurnRequest: lambda e, note: replace(
+        e, payload=replace(e.payload, system_prompt=note, messages=(), provenance=(), tools=())
+    ),
     ToolExecutionStart: lambda e, note: replace(e, args={"withheld": note}),
     ToolExecutionUpdate: lambda e, note: replace(e, partial_result=_withhold_result(e.partial_result, note)),
     ToolExecutionEnd: lambda e, note: replace(e, result=_withhold_result(e.result, note)),
     ProgressMessage: lambda e, note: replace(e, text=note),
     InputRejected: lambda e, note: replace(e, reason=note),
     PrunApplied: lambda e, note: replace(e, memo=_optional(e.memo, note)),
-    RevertApplied: lambda e, note: replace(e, summary=_optional(e.summary, note),
-                                           reason=_optional(e.reason, note)),
+    RevertApplied: lambda e, note: replace(
+        e, summary=_optional(e.summary, note), reason=_optional(e.reason, note)
+    ),
 }
 
 
@@ -176,8 +189,9 @@ class ProcessorChain:
 
     def __init__(self, processors: Iterable[Processor] = ()) -> None:
         self.processors: tuple[Processor, ...] = tuple(processors)
-        self._failures = FailureTally(logger, "processor", "its events are recorded with content withheld",
-                                      traceback=False)
+        self._failures = FailureTally(
+            logger, "processor", "its events are recorded with content withheld", traceback=False
+        )
         self._lock = threading.Lock()
         self.dropped = 0
         """Events a processor dropped on purpose (returned None)."""
@@ -215,8 +229,9 @@ class ProcessorChain:
         try:
             return withhold(event, _note(processor, error))
         except Exception:  # cannot happen with well-formed events; never pass content on
-            logger.exception("could not withhold the content of a %s event; it was dropped",
-                             type(event).__name__)
+            logger.exception(
+                "could not withhold the content of a %s event; it was dropped", type(event).__name__
+            )
             return None
 
     @property
@@ -234,4 +249,3 @@ def default_processors(redact: bool | Redactor, processors: Sequence[Processor])
     elif isinstance(redact, Redactor):
         chain.append(redact)
     return ProcessorChain(chain)
-

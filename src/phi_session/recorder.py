@@ -210,8 +210,11 @@ class SessionRecorder:
 
     def _drops(self, event: AgentEvent) -> bool:
         """Will this event be dropped (a streaming delta of a known loop, deltas off)?"""
-        return (type(event) is MessageUpdate and not self.config.include_streaming_events
-                and event.loop_id in self._loops)
+        return (
+            type(event) is MessageUpdate
+            and not self.config.include_streaming_events
+            and event.loop_id in self._loops
+        )
 
     def set_write_ahead(self, hook: Callable[[bytes | str], object] | None) -> None:
         """Call `hook(json_line)` with every event the recorder keeps, before applying it.
@@ -243,8 +246,9 @@ class SessionRecorder:
         loop_id = getattr(event, "loop_id", "")
         if loop_id not in self._warned_loops:  # one warning per loop, not per event
             self._warned_loops.add(loop_id)
-            logger.warning("%s event for %s kept as orphan: %s",
-                           type(event).__name__, loop_id or "no loop", reason)
+            logger.warning(
+                "%s event for %s kept as orphan: %s", type(event).__name__, loop_id or "no loop", reason
+            )
 
     def _on_agent_start(self, event: AgentStart) -> None:
         held = self._open.get(event.session_id)
@@ -265,12 +269,15 @@ class SessionRecorder:
                 known = self._spawns.get(event.loop_id)  # the parent's tool call ended first
                 if known is not None and known[1] == parent:
                     session.parent_spawn_ref = SpawnRef(
-                        parent_session_id=known[0], parent_loop_id=known[1],
-                        tool_call_id=known[2], tool_name=known[3])
+                        parent_session_id=known[0],
+                        parent_loop_id=known[1],
+                        tool_call_id=known[2],
+                        tool_name=known[3],
+                    )
                 else:
                     session.parent_spawn_ref = SpawnRef(
-                        parent_session_id=parent_session, parent_loop_id=parent,
-                        tool_call_id="", tool_name="")
+                        parent_session_id=parent_session, parent_loop_id=parent, tool_call_id="", tool_name=""
+                    )
 
         existing = self._loops.get(event.loop_id)
         if existing is not None and existing.started:
@@ -280,9 +287,13 @@ class SessionRecorder:
             return
         snapshot = event.config_snapshot
         record = LoopRecord.start(
-            loop_id=event.loop_id, session_id=event.session_id, agent_id=event.agent_id,
-            parent_loop_id=parent, continuation_kind=event.continuation_kind,
-            started_at=event.timestamp, metadata=event.metadata,
+            loop_id=event.loop_id,
+            session_id=event.session_id,
+            agent_id=event.agent_id,
+            parent_loop_id=parent,
+            continuation_kind=event.continuation_kind,
+            started_at=event.timestamp,
+            metadata=event.metadata,
             config=snapshot if isinstance(snapshot, LoopConfigSnapshot) else None,
         )
         loop = _OpenLoop(record)
@@ -298,9 +309,12 @@ class SessionRecorder:
     def _open_session(self, event: AgentStart) -> _HeldSession:
         formation = event.formation
         session = Session(
-            session_id=event.session_id, agent_id=event.agent_id,
-            created_at=event.timestamp, last_active_at=event.timestamp,
-            formation=formation if isinstance(formation, SessionFormation)
+            session_id=event.session_id,
+            agent_id=event.agent_id,
+            created_at=event.timestamp,
+            last_active_at=event.timestamp,
+            formation=formation
+            if isinstance(formation, SessionFormation)
             else SessionFormation.first_loop(event.timestamp),
             loops=[],
         )
@@ -322,8 +336,11 @@ class SessionRecorder:
         waits for. One thread runs them at a time; a thread that finds another one
         running them leaves its own to that thread (waiting could deadlock).
         """
-        while (self._callbacks and not getattr(self._deferring, "depth", 0)
-               and self._callback_runner.acquire(blocking=False)):
+        while (
+            self._callbacks
+            and not getattr(self._deferring, "depth", 0)
+            and self._callback_runner.acquire(blocking=False)
+        ):
             try:
                 while self._callbacks:
                     callback, session, is_before_task = self._callbacks.popleft()
@@ -433,13 +450,19 @@ class SessionRecorder:
         record = loop.record
         if partial is not None:
             turn_id = partial.turn_id
-            record.turns.append(Turn(
-                turn_id=turn_id, triggered_by=partial.trigger, usage=event.usage,
-                input_messages=tuple(partial.inputs), output_message=event.message,
-                tool_results=tuple(replace(m, turn_id=turn_id) for m in event.tool_results),
-                started_at=partial.started_at, ended_at=event.timestamp,
-                request_payload=partial.payload,
-            ))
+            record.turns.append(
+                Turn(
+                    turn_id=turn_id,
+                    triggered_by=partial.trigger,
+                    usage=event.usage,
+                    input_messages=tuple(partial.inputs),
+                    output_message=event.message,
+                    tool_results=tuple(replace(m, turn_id=turn_id) for m in event.tool_results),
+                    started_at=partial.started_at,
+                    ended_at=event.timestamp,
+                    request_payload=partial.payload,
+                )
+            )
         if record.config is None and isinstance(event.message, AssistantMessage):
             record.config = _fallback_config(record.loop_id, event.message)
 
@@ -448,13 +471,19 @@ class SessionRecorder:
         child_loop_id = event.result.child_loop_id
         if loop is None or not isinstance(child_loop_id, str):
             return
-        child_session_id = (self._loop_session.get(child_loop_id)
-                            or self._late_child_session(event.loop_id, child_loop_id)
-                            or session_id_from_loop_id(child_loop_id))
-        loop.record.child_loop_refs.append(ChildLoopRef(
-            tool_call_id=event.tool_call_id, tool_name=event.tool_name,
-            child_loop_id=child_loop_id, child_session_id=child_session_id,
-        ))
+        child_session_id = (
+            self._loop_session.get(child_loop_id)
+            or self._late_child_session(event.loop_id, child_loop_id)
+            or session_id_from_loop_id(child_loop_id)
+        )
+        loop.record.child_loop_refs.append(
+            ChildLoopRef(
+                tool_call_id=event.tool_call_id,
+                tool_name=event.tool_name,
+                child_loop_id=child_loop_id,
+                child_session_id=child_session_id,
+            )
+        )
         parent_ref = (loop.session_id, event.loop_id, event.tool_call_id, event.tool_name)
         self._spawns[child_loop_id] = parent_ref  # for a child that starts later
         late = self._late_spawns.get(event.loop_id, {}).pop(child_session_id, None)
@@ -465,8 +494,10 @@ class SessionRecorder:
             spawn = held.session.parent_spawn_ref
             if (spawn is None and late is not None) or (spawn is not None and not spawn.tool_call_id):
                 held.session.parent_spawn_ref = SpawnRef(
-                    parent_session_id=parent_ref[0], parent_loop_id=parent_ref[1],
-                    tool_call_id=parent_ref[2], tool_name=parent_ref[3],
+                    parent_session_id=parent_ref[0],
+                    parent_loop_id=parent_ref[1],
+                    tool_call_id=parent_ref[2],
+                    tool_name=parent_ref[3],
                 )
 
     def _late_child_session(self, parent_loop_id: str, child_loop_id: str) -> str | None:
@@ -494,8 +525,11 @@ class SessionRecorder:
                 continue
             # Pre-register the branch so it is visible (and cannot vanish) before it starts.
             record = LoopRecord.start(
-                loop_id=loop_id, session_id=event.session_id, agent_id="",
-                started_at=event.timestamp, status="Pending",
+                loop_id=loop_id,
+                session_id=event.session_id,
+                agent_id="",
+                started_at=event.timestamp,
+                status="Pending",
             )
             self._loops[loop_id] = _OpenLoop(record, started=False)
 
@@ -503,9 +537,11 @@ class SessionRecorder:
         all_ids = self._groups.get(event.selected_loop_id) or (event.selected_loop_id,)
         for loop_id in all_ids:
             group = ParallelGroupRecord(
-                all_loop_ids=all_ids, selected_loop_id=event.selected_loop_id,
+                all_loop_ids=all_ids,
+                selected_loop_id=event.selected_loop_id,
                 selected_config_index=event.selected_config_index,
-                evaluation_usage=event.evaluation_usage, is_selected=loop_id == event.selected_loop_id,
+                evaluation_usage=event.evaluation_usage,
+                is_selected=loop_id == event.selected_loop_id,
             )
             loop = self._loops.get(loop_id)
             if loop is not None:
@@ -514,9 +550,15 @@ class SessionRecorder:
                 record.parallel_group = group
             for session, record in self._late_branches.pop(loop_id, ()):
                 # Drained already: amend a copy, never what was handed over.
-                self._add_closed(self._amendable(session), replace(
-                    record, parallel_group=group, children_loop_ids=list(record.children_loop_ids),
-                    child_loop_refs=list(record.child_loop_refs)))
+                self._add_closed(
+                    self._amendable(session),
+                    replace(
+                        record,
+                        parallel_group=group,
+                        children_loop_ids=list(record.children_loop_ids),
+                        child_loop_refs=list(record.child_loop_refs),
+                    ),
+                )
         for loop_id in all_ids:
             self._groups.pop(loop_id, None)
         self._session_event(event)  # after the amendments, which hold a drained session again
@@ -569,9 +611,12 @@ class SessionRecorder:
 
     def _placeholder_session(self, record: LoopRecord) -> _HeldSession:
         session = Session(
-            session_id=record.session_id, agent_id=record.agent_id,
-            created_at=record.started_at, last_active_at=record.started_at,
-            formation=SessionFormation.first_loop(record.started_at), loops=[],
+            session_id=record.session_id,
+            agent_id=record.agent_id,
+            created_at=record.started_at,
+            last_active_at=record.started_at,
+            formation=SessionFormation.first_loop(record.started_at),
+            loops=[],
         )
         held = _HeldSession(session)
         held.events.extend(self._early_events.pop(record.session_id, ()))
@@ -690,7 +735,8 @@ class SessionRecorder:
         """
         with self._lock:
             return session_id in self._late_groups or any(
-                session_id in owed for owed in self._late_spawns.values())
+                session_id in owed for owed in self._late_spawns.values()
+            )
 
     def has_early_events(self, session_id: str) -> bool:
         """Whether parallel events wait for `session_id`'s first loop to start."""
@@ -705,8 +751,10 @@ class SessionRecorder:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
-                "open_sessions": len(self._open), "completed_sessions": len(self._completed),
-                "open_loops": len(self._loops), "orphans": len(self._orphans),
+                "open_sessions": len(self._open),
+                "completed_sessions": len(self._completed),
+                "open_loops": len(self._loops),
+                "orphans": len(self._orphans),
                 "dropped_deltas": self._dropped_deltas,
             }
 
@@ -728,7 +776,8 @@ class SessionRecorder:
 
 def _fallback_config(loop_id: str, message: AssistantMessage) -> LoopConfigSnapshot:
     return LoopConfigSnapshot(
-        model=message.model, provider=message.provider,
+        model=message.model,
+        provider=message.provider,
         config_id=config_segment_from_loop_id(loop_id),
     )
 

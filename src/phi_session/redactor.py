@@ -53,20 +53,31 @@ __all__ = ["DEFAULT_SECRET_FIELDS", "DEFAULT_SECRET_PATTERNS", "REDACTED", "Reda
 
 REDACTED = "[REDACTED]"
 
-_ASSIGNED_KEYS = ("api_key", "apikey", "key", "token", "access_token", "secret", "client_secret", "password",
-                  "passwd", "sig", "signature")
+_ASSIGNED_KEYS = (
+    "api_key",
+    "apikey",
+    "key",
+    "token",
+    "access_token",
+    "secret",
+    "client_secret",
+    "password",
+    "passwd",
+    "sig",
+    "signature",
+)
 
 DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
-    r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_\-]{16,}",          # OpenAI / Anthropic keys
-    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",                    # AWS access key ids
-    r"\bgh[pousr]_[A-Za-z0-9]{20,}",                     # GitHub tokens
+    r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_\-]{16,}",  # OpenAI / Anthropic keys
+    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key ids
+    r"\bgh[pousr]_[A-Za-z0-9]{20,}",  # GitHub tokens
     r"\bgithub_pat_[A-Za-z0-9_]{20,}",
-    r"\bxox[abposr]-[A-Za-z0-9\-]{10,}",                 # Slack tokens
-    r"\bAIza[0-9A-Za-z_\-]{35}",                         # Google API keys
+    r"\bxox[abposr]-[A-Za-z0-9\-]{10,}",  # Slack tokens
+    r"\bAIza[0-9A-Za-z_\-]{35}",  # Google API keys
     r"\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",  # JWTs
     # Authorization: Bearer <token> (spelled Bearer, bearer or BEARER).
     r"(?:(?<=Bearer )|(?<=bearer )|(?<=BEARER ))[A-Za-z0-9\-._~+/]{8,}=*",
-    r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)",                  # user:password@ in URLs
+    r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)",  # user:password@ in URLs
     # key=<secret>, as in URL query strings and logs (one fixed-width look-behind per name).
     "(?i:" + "|".join(f"(?<=\\b{key}=)" for key in _ASSIGNED_KEYS) + r")[^&#\s\"',;]+",
 )
@@ -89,11 +100,29 @@ _IMMUTABLE_ARGUMENTS = (str, int, float, bool, type(None))
 _FIELD_CACHE_LIMIT = 4096
 _MEMO_LIMIT = 256
 
-DEFAULT_SECRET_FIELDS: frozenset[str] = frozenset({
-    "api_key", "apikey", "x_api_key", "authorization", "proxy_authorization", "password", "passwd",
-    "token", "access_token", "refresh_token", "id_token", "auth_token", "secret", "client_secret",
-    "secret_key", "private_key", "aws_secret_access_key", "cookie", "set_cookie",
-})
+DEFAULT_SECRET_FIELDS: frozenset[str] = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "x_api_key",
+        "authorization",
+        "proxy_authorization",
+        "password",
+        "passwd",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "auth_token",
+        "secret",
+        "client_secret",
+        "secret_key",
+        "private_key",
+        "aws_secret_access_key",
+        "cookie",
+        "set_cookie",
+    }
+)
 """Field names (compared case-insensitively, ``-`` read as ``_``) whose values are secrets."""
 
 _SECRET_SUFFIXES = ("_token", "_secret", "_password", "_api_key", "_apikey")
@@ -110,15 +139,19 @@ def _normalize_field(name: str) -> str:
 
 def _memoizable(content: tuple[Content, ...]) -> bool:
     """Whether `content` is immutable all the way down (no tool call holds a dict or list)."""
-    return all(type(block) is not ToolCall or type(block.arguments) in _IMMUTABLE_ARGUMENTS
-               for block in content)
+    return all(
+        type(block) is not ToolCall or type(block.arguments) in _IMMUTABLE_ARGUMENTS for block in content
+    )
 
 
 def _mutable_arguments(content: tuple[Content, ...]) -> list[Any]:
     """The tool calls' arguments that could still change (dicts, lists); a list, so that
     it compares equal to its JSON copy (see `Redactor._memoized`)."""
-    return [block.arguments for block in content
-            if type(block) is ToolCall and type(block.arguments) not in _IMMUTABLE_ARGUMENTS]
+    return [
+        block.arguments
+        for block in content
+        if type(block) is ToolCall and type(block.arguments) not in _IMMUTABLE_ARGUMENTS
+    ]
 
 
 class Redactor:
@@ -157,12 +190,18 @@ class Redactor:
         # Per event type, what to scan; events of other types pass untouched, at the
         # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
         self._handlers: dict[type, Callable[[Any], AgentEvent]] = {
-            tp: partial(mapper, fn=self._message) for tp, mapper in message_mappers().items()}
-        self._handlers.update({
-            AgentStart: self._agent_start, AgentEnd: self._agent_end, MessageUpdate: self._update,
-            ToolExecutionStart: self._tool_start, InputRejected: self._input_rejected,
-            ToolExecutionEnd: self._tool_end,
-        })
+            tp: partial(mapper, fn=self._message) for tp, mapper in message_mappers().items()
+        }
+        self._handlers.update(
+            {
+                AgentStart: self._agent_start,
+                AgentEnd: self._agent_end,
+                MessageUpdate: self._update,
+                ToolExecutionStart: self._tool_start,
+                InputRejected: self._input_rejected,
+                ToolExecutionEnd: self._tool_end,
+            }
+        )
         if redact_text:
             self._handlers.update({ToolExecutionUpdate: self._tool_update, ProgressMessage: self._progress})
 
@@ -265,8 +304,12 @@ class Redactor:
                 return text if redacted is parsed else _json_encode(redacted).decode()
         return self.redact_string(text)
 
-    def _memoized(self, value: Any, redact: Callable[[Any], Any],
-                  mutable_parts: Callable[[Any], list[Any]] | None = None) -> Any:
+    def _memoized(
+        self,
+        value: Any,
+        redact: Callable[[Any], Any],
+        mutable_parts: Callable[[Any], list[Any]] | None = None,
+    ) -> Any:
         """``redact(value)``, remembered for the same object.
 
         One message's content reaches the redactor several times (``MessageEnd``,
@@ -362,8 +405,11 @@ class Redactor:
             return message if content is message.content else replace(message, content=content)
         if self.redact_text and isinstance(message, ExtensionMessage):
             data = self.redact_value(message.data)
-            return message if data is message.data else extension_message(
-                message_role(message), message.kind, data)
+            return (
+                message
+                if data is message.data
+                else extension_message(message_role(message), message.kind, data)
+            )
         return message
 
     def _result(self, result: ToolResult, is_error: bool = False) -> ToolResult:
@@ -424,8 +470,9 @@ class Redactor:
 
     def _agent_start(self, event: AgentStart) -> AgentStart:
         snapshot = event.config_snapshot
-        new_snapshot = (self._memoized(snapshot, self._snapshot) if isinstance(snapshot, LoopConfigSnapshot)
-                        else snapshot)
+        new_snapshot = (
+            self._memoized(snapshot, self._snapshot) if isinstance(snapshot, LoopConfigSnapshot) else snapshot
+        )
         metadata = self.redact_value(event.metadata)
         if new_snapshot is snapshot and metadata is event.metadata:
             return event

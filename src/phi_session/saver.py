@@ -53,7 +53,6 @@ _FIRST_PAUSE = 0.05
 _MAX_PAUSE = 2.0
 
 
-
 @dataclass(frozen=True)
 class SaveOutcome:
     """What became of one session: saved, orphaned, or kept in `SessionSaver.unsaved`."""
@@ -101,8 +100,9 @@ class SessionSaver:
     meant for one caller at a time.
     """
 
-    def __init__(self, store: SessionStore, *, orphans: OrphanSink | None = None,
-                 retry_for: float = 10.0) -> None:
+    def __init__(
+        self, store: SessionStore, *, orphans: OrphanSink | None = None, retry_for: float = 10.0
+    ) -> None:
         if not retry_for >= 0:
             raise ValueError(f"retry_for must be a number of seconds >= 0, got {retry_for!r}")
         self.store = store
@@ -165,11 +165,20 @@ class SessionSaver:
         last = error
         while isinstance(error, _TRANSIENT):
             if deadline is None or time.monotonic() + pause > deadline:
-                logger.error("saving session %s into %r failed, keeping it unsaved: %s",
-                             session.session_id, self.store, error)
+                logger.error(
+                    "saving session %s into %r failed, keeping it unsaved: %s",
+                    session.session_id,
+                    self.store,
+                    error,
+                )
                 return self._keep(session, error, store_down=True)
-            logger.warning("saving session %s into %r failed, retrying in %.2f s: %s",
-                           session.session_id, self.store, pause, error)
+            logger.warning(
+                "saving session %s into %r failed, retrying in %.2f s: %s",
+                session.session_id,
+                self.store,
+                pause,
+                error,
+            )
             with self._lock:
                 self._retried += 1
             error = yield pause
@@ -183,23 +192,35 @@ class SessionSaver:
         if isinstance(error, InvalidSessionId):
             return self._orphan(session, error)
         # Not an I/O problem (a bug in a custom store): retrying cannot help.
-        logger.error("session %s cannot be saved into %r, keeping it unsaved: %r",
-                     session.session_id, self.store, error)
+        logger.error(
+            "session %s cannot be saved into %r, keeping it unsaved: %r",
+            session.session_id,
+            self.store,
+            error,
+        )
         return self._keep(session, error, store_down=False)
 
     def _orphan(self, session: Session, error: InvalidSessionId) -> SaveOutcome:
         if self._orphans is None:
-            logger.error("session %r cannot be stored (%s) and there is no orphans sink: "
-                         "keeping it unsaved", session.session_id, error)
+            logger.error(
+                "session %r cannot be stored (%s) and there is no orphans sink: keeping it unsaved",
+                session.session_id,
+                error,
+            )
             return self._keep(session, error, store_down=False)
         try:
             self._orphans([item.event for item in session.iter_events()])
         except (OSError, StoreError) as sink_error:
-            logger.error("session %r cannot be stored (%s) nor kept as orphans (%s): keeping it unsaved",
-                         session.session_id, error, sink_error)
+            logger.error(
+                "session %r cannot be stored (%s) nor kept as orphans (%s): keeping it unsaved",
+                session.session_id,
+                error,
+                sink_error,
+            )
             return self._keep(session, error, store_down=False)
-        logger.error("session %r cannot be stored (%s); its events are kept as orphans",
-                     session.session_id, error)
+        logger.error(
+            "session %r cannot be stored (%s); its events are kept as orphans", session.session_id, error
+        )
         with self._lock:
             self._orphaned += 1
         return SaveOutcome(saved=False, orphaned=True, error=error)
@@ -286,6 +307,6 @@ class SessionSaver:
 
     def stats(self) -> SaveStats:
         with self._lock:
-            return SaveStats(saved=self._saved, retried=self._retried, orphaned=self._orphaned,
-                             unsaved=len(self._unsaved))
-
+            return SaveStats(
+                saved=self._saved, retried=self._retried, orphaned=self._orphaned, unsaved=len(self._unsaved)
+            )

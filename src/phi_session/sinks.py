@@ -145,8 +145,9 @@ class QueueSink:
         wants_deltas: bool = True,
     ) -> None:
         if queue.maxsize > 0:
-            raise ValueError("QueueSink needs an unbounded asyncio.Queue (maxsize=0): a full queue "
-                             "would drop events")
+            raise ValueError(
+                "QueueSink needs an unbounded asyncio.Queue (maxsize=0): a full queue would drop events"
+            )
         self.queue = queue
         self.wants_deltas = wants_deltas
         self._thread: int | None = None  # the loop's thread, if known: direct puts from it
@@ -156,8 +157,10 @@ class QueueSink:
             running = None
         if loop is None:
             if running is None:
-                raise RuntimeError("QueueSink built outside a running event loop needs loop=: the "
-                                   "event loop of the consumer that reads the queue")
+                raise RuntimeError(
+                    "QueueSink built outside a running event loop needs loop=: the "
+                    "event loop of the consumer that reads the queue"
+                )
             loop = running
         if loop is running:
             self._thread = threading.get_ident()

@@ -111,10 +111,16 @@ def spawn_graph(store: SessionStore, root: Session) -> SpawnNode:
             for ref in record.child_loop_refs:
                 repeated = ref.child_session_id in expanded
                 expanded.add(ref.child_session_id)
-                child = SpawnNode(ref.child_session_id, {
-                    "parent_loop_id": record.loop_id, "tool_name": ref.tool_name,
-                    "tool_call_id": ref.tool_call_id, "child_loop_id": ref.child_loop_id,
-                }, repeated=repeated)
+                child = SpawnNode(
+                    ref.child_session_id,
+                    {
+                        "parent_loop_id": record.loop_id,
+                        "tool_name": ref.tool_name,
+                        "tool_call_id": ref.tool_call_id,
+                        "child_loop_id": ref.child_loop_id,
+                    },
+                    repeated=repeated,
+                )
                 node.children.append(child)
                 if not repeated:
                     pending.append((child, None))
@@ -230,8 +236,14 @@ def timeline(session: Session, store: SessionStore | None = None) -> list[Timeli
 
 def _session_bars(session: Session, depth: int) -> Iterator[TimelineBar | _SubAgent]:
     ends = [loop.ended_at for loop in session.loops if loop.ended_at is not None]
-    yield TimelineBar("session", depth, f"session {session.session_id} ({session.agent_id})",
-                      session.created_at, max([session.last_active_at, *ends]), session.session_id)
+    yield TimelineBar(
+        "session",
+        depth,
+        f"session {session.session_id} ({session.agent_id})",
+        session.created_at,
+        max([session.last_active_at, *ends]),
+        session.session_id,
+    )
     pending = [(node, depth + 1) for node in reversed(loop_forest(session))]
     while pending:
         node, level = pending.pop()
@@ -251,8 +263,19 @@ def _loop_bars(session: Session, node: LoopNode, depth: int) -> Iterator[Timelin
     label = f"loop #{node.index + 1}"
     if loop.config is not None:
         label += f" {loop.config.provider}/{loop.config.model}"
-    yield TimelineBar("loop", depth, label, loop.started_at, loop.ended_at, session.session_id, node.index,
-                      loop_id=loop.loop_id, status=loop.status, usage=loop.usage, detail=" ".join(notes))
+    yield TimelineBar(
+        "loop",
+        depth,
+        label,
+        loop.started_at,
+        loop.ended_at,
+        session.session_id,
+        node.index,
+        loop_id=loop.loop_id,
+        status=loop.status,
+        usage=loop.usage,
+        detail=" ".join(notes),
+    )
     spawned = {ref.tool_call_id: ref.child_session_id for ref in loop.child_loop_refs}
     results: dict[str, int] = {}  # tool call id -> its result's time, ms (Timestamps are dear to build)
     for turn in loop.turns:
@@ -270,19 +293,54 @@ def _loop_bars(session: Session, node: LoopNode, depth: int) -> Iterator[Timelin
 
 def _tool_calls(turn: Turn) -> list[str]:
     output = turn.output_message
-    return [block.id for block in output.content if isinstance(block, ToolCall)] if isinstance(
-        output, AssistantMessage) else []
+    return (
+        [block.id for block in output.content if isinstance(block, ToolCall)]
+        if isinstance(output, AssistantMessage)
+        else []
+    )
 
 
-def _turn_bars(session_id: str, loop: tuple[int, str], turn_index: int, turn: Turn, depth: int,
-               results: dict[str, int], spawned: dict[str, str]) -> Iterator[TimelineBar | _SubAgent]:
-    def bar(kind: TimelineKind, level: int, label: str, start: Timestamp, end: Timestamp, usage: Usage | None,
-            detail: str) -> TimelineBar:
-        return TimelineBar(kind, level, label, start, end, session_id, loop[0], turn_index, loop[1],
-                           usage=usage, detail=detail)
+def _turn_bars(
+    session_id: str,
+    loop: tuple[int, str],
+    turn_index: int,
+    turn: Turn,
+    depth: int,
+    results: dict[str, int],
+    spawned: dict[str, str],
+) -> Iterator[TimelineBar | _SubAgent]:
+    def bar(
+        kind: TimelineKind,
+        level: int,
+        label: str,
+        start: Timestamp,
+        end: Timestamp,
+        usage: Usage | None,
+        detail: str,
+    ) -> TimelineBar:
+        return TimelineBar(
+            kind,
+            level,
+            label,
+            start,
+            end,
+            session_id,
+            loop[0],
+            turn_index,
+            loop[1],
+            usage=usage,
+            detail=detail,
+        )
 
-    yield bar("turn", depth, f"turn {turn.turn_id.turn_index}", turn.started_at, turn.ended_at, turn.usage,
-              str(turn.triggered_by))
+    yield bar(
+        "turn",
+        depth,
+        f"turn {turn.turn_id.turn_index}",
+        turn.started_at,
+        turn.ended_at,
+        turn.usage,
+        str(turn.triggered_by),
+    )
     output = turn.output_message
     if not isinstance(output, AssistantMessage):
         return

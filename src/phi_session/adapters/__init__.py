@@ -28,6 +28,14 @@ from ._core import (
 )
 
 __all__ = [
-    "FRAMEWORK_SESSION_NAMESPACE", "AdapterCore", "AdapterRun", "RunningTool", "SinkArg", "enter_tool",
-    "leave_tool", "require_extra", "session_id_for", "usage_of",
+    "FRAMEWORK_SESSION_NAMESPACE",
+    "AdapterCore",
+    "AdapterRun",
+    "RunningTool",
+    "SinkArg",
+    "enter_tool",
+    "leave_tool",
+    "require_extra",
+    "session_id_for",
+    "usage_of",
 ]

@@ -48,8 +48,16 @@ from ..sinks import SinkLike
 from ..stores.base import SessionStore, validate_session_id
 
 __all__ = [
-    "FRAMEWORK_SESSION_NAMESPACE", "AdapterCore", "AdapterRun", "RunningTool", "SinkArg", "enter_tool",
-    "leave_tool", "require_extra", "session_id_for", "usage_of",
+    "FRAMEWORK_SESSION_NAMESPACE",
+    "AdapterCore",
+    "AdapterRun",
+    "RunningTool",
+    "SinkArg",
+    "enter_tool",
+    "leave_tool",
+    "require_extra",
+    "session_id_for",
+    "usage_of",
 ]
 
 logger = logging.getLogger("phi_session.adapters")
@@ -89,13 +97,24 @@ def session_id_for(framework_session_id: str) -> str:
 
 
 def usage_of(
-    input: int | None, output: int | None, *, cache_read: int | None = 0, cache_write: int | None = 0,
-    reasoning: int | None = 0, total: int | None = None,
+    input: int | None,
+    output: int | None,
+    *,
+    cache_read: int | None = 0,
+    cache_write: int | None = 0,
+    reasoning: int | None = 0,
+    total: int | None = None,
 ) -> Usage:
     """One model response's `Usage` from a framework's counters (None counts as 0)."""
     input, output = input or 0, output or 0
-    return Usage(input=input, output=output, cache_read=cache_read or 0, cache_write=cache_write or 0,
-                 reasoning=reasoning or 0, total_tokens=total or input + output)
+    return Usage(
+        input=input,
+        output=output,
+        cache_read=cache_read or 0,
+        cache_write=cache_write or 0,
+        reasoning=reasoning or 0,
+        total_tokens=total or input + output,
+    )
 
 
 RunningTool = ToolScope | Callable[[], ToolScope | None]
@@ -162,12 +181,14 @@ class AdapterCore:
         redact: bool | Redactor = True,
     ) -> None:
         self.framework = framework
-        self.failures = FailureTally(logger, f"{framework} adapter",
-                                     "the run goes on, its record may be incomplete", traceback=True)
+        self.failures = FailureTally(
+            logger, f"{framework} adapter", "the run goes on, its record may be incomplete", traceback=True
+        )
         self._persister: Any = None
         if sink is None:
             from ..persist import AutoPersistingRecorder
             from ..stores import default_store
+
             if store is None:
                 store = default_store()
             self._persister = AutoPersistingRecorder(store)
@@ -259,8 +280,12 @@ class AdapterCore:
             tracer = self._sessions.get(session_id)
         if tracer is not None:
             return tracer
-        agent = AgentSession(self.agent.agent_id, session_id=session_id, clock=self.agent.clock,
-                             id_factory=self.agent.id_factory)
+        agent = AgentSession(
+            self.agent.agent_id,
+            session_id=session_id,
+            clock=self.agent.clock,
+            id_factory=self.agent.id_factory,
+        )
         self._resume_from_store(agent)
         tracer = self.tracer.for_agent(agent)
         with self._lock:  # a concurrent first run of the same session may have won
@@ -282,8 +307,9 @@ class AdapterCore:
         """The open run known by `key`, if any."""
         return self._runs.get(key)
 
-    def handoff(self, key: object, config: LoopConfigSnapshot, *,
-                metadata: dict[str, Any] | None = None) -> AdapterRun | None:
+    def handoff(
+        self, key: object, config: LoopConfigSnapshot, *, metadata: dict[str, Any] | None = None
+    ) -> AdapterRun | None:
         """Hand the run `key` over to another agent: its loop ends (its last assistant
         message should carry stop reason ``handoff``) and the next agent's loop, in the
         same session, continues it. Returns the new run (None if `key` was not open)."""
@@ -295,8 +321,15 @@ class AdapterCore:
             run.loop.end()
         return self._continue(key, run, config, DEFAULT, metadata)
 
-    def branch(self, key: object, parent_key: object, config: LoopConfigSnapshot, tag: str, *,
-               metadata: dict[str, Any] | None = None) -> AdapterRun | None:
+    def branch(
+        self,
+        key: object,
+        parent_key: object,
+        config: LoopConfigSnapshot,
+        tag: str,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> AdapterRun | None:
         """Start the run `key` as a ``Branch{tag}`` of run `parent_key`'s loop (running
         or ended), in its session: a framework's parallel branch. Several branches may
         fork from one loop; no winner is recorded. Returns the new run (None if
@@ -307,8 +340,14 @@ class AdapterCore:
             return None
         return self._continue(key, parent, config, ContinuationKind.branch(tag), metadata)
 
-    def _continue(self, key: object, run: AdapterRun, config: LoopConfigSnapshot, kind: ContinuationKind,
-                  metadata: dict[str, Any] | None) -> AdapterRun:
+    def _continue(
+        self,
+        key: object,
+        run: AdapterRun,
+        config: LoopConfigSnapshot,
+        kind: ContinuationKind,
+        metadata: dict[str, Any] | None,
+    ) -> AdapterRun:
         """Start and register, as `key`, a loop continuing `run`'s with `kind`."""
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
         loop = run.tracer.loop(config, continues=run.loop.loop_id, kind=kind, metadata=meta)

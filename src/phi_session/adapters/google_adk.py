@@ -120,17 +120,22 @@ def _blocks(parts: Sequence[types.Part] | None, *, calls: bool = True) -> tuple[
         if part.text is not None:
             if part.thought:
                 signature = part.thought_signature
-                blocks.append(ThinkingContent(
-                    thinking=part.text,
-                    signature=base64.b64encode(signature).decode() if signature else None))
+                blocks.append(
+                    ThinkingContent(
+                        thinking=part.text,
+                        signature=base64.b64encode(signature).decode() if signature else None,
+                    )
+                )
             else:
                 blocks.append(TextContent(text=part.text))
         elif call is not None and calls:
-            blocks.append(ToolCall(id=call.id or "", name=call.name or "",
-                                   arguments=_json_copy(call.args or {})))
+            blocks.append(
+                ToolCall(id=call.id or "", name=call.name or "", arguments=_json_copy(call.args or {}))
+            )
         elif blob is not None and blob.data is not None and (blob.mime_type or "").startswith("image/"):
-            blocks.append(ImageContent(data=base64.b64encode(blob.data).decode(),
-                                       mime_type=blob.mime_type or ""))
+            blocks.append(
+                ImageContent(data=base64.b64encode(blob.data).decode(), mime_type=blob.mime_type or "")
+            )
         else:
             blocks.append(TextContent(text=part.model_dump_json(exclude_none=True)))
     return tuple(blocks)
@@ -201,11 +206,15 @@ def _config(agent: BaseNode | None) -> LoopConfigSnapshot:
     while node is not None:
         model = getattr(node, "model", None)
         if isinstance(model, BaseLlm) or (isinstance(model, str) and model):
-            return LoopConfigSnapshot(model=model.model if isinstance(model, BaseLlm) else model,
-                                      provider=_provider(model), name=node.name)
+            return LoopConfigSnapshot(
+                model=model.model if isinstance(model, BaseLlm) else model,
+                provider=_provider(model),
+                name=node.name,
+            )
         node = node.parent_agent
-    return LoopConfigSnapshot(model="unknown", provider=FRAMEWORK,
-                              name=agent.name if agent is not None else None)
+    return LoopConfigSnapshot(
+        model="unknown", provider=FRAMEWORK, name=agent.name if agent is not None else None
+    )
 
 
 # -- per-invocation state ---------------------------------------------------------------------
@@ -268,8 +277,12 @@ class _Reply:
         calls = [part.function_call for part in self._parts if part.function_call is not None]
         stop_reason, error = _stop(last, calls)
         # Usage is cumulative over a stream: the last response's is the call's.
-        self.scope.finish(_blocks(self._parts), usage=_usage(last.usage_metadata),
-                          stop_reason=stop_reason, error_message=error)
+        self.scope.finish(
+            _blocks(self._parts),
+            usage=_usage(last.usage_metadata),
+            stop_reason=stop_reason,
+            error_message=error,
+        )
 
 
 @dataclass
@@ -291,10 +304,12 @@ class _Lane:
         loop = self.run.loop
         self.turn = loop.turn().start()
         config = loop.config
-        self.reply = _Reply(self.turn.assistant(
-            model=model or (config.model if config is not None else None),
-            provider=config.provider if config is not None else None,
-        ).start())
+        self.reply = _Reply(
+            self.turn.assistant(
+                model=model or (config.model if config is not None else None),
+                provider=config.provider if config is not None else None,
+            ).start()
+        )
 
     def settle(self) -> None:
         """The turn moves on: finish its reply."""
@@ -379,8 +394,9 @@ class PhiPlugin(BasePlugin):
         redact: bool | Redactor = True,
     ) -> None:
         super().__init__(name=name)
-        self.core = AdapterCore(FRAMEWORK, sink, store=store, agent=agent, clock=clock,
-                                processors=processors, redact=redact)
+        self.core = AdapterCore(
+            FRAMEWORK, sink, store=store, agent=agent, clock=clock, processors=processors, redact=redact
+        )
         self._lock = threading.Lock()  # ADK's sync Runner.run drives invocations from threads
         self._invocations: dict[str, _Invocation] = {}
 
@@ -399,8 +415,7 @@ class PhiPlugin(BasePlugin):
         with self.core.guard():
             self._finish(invocation_context.invocation_id, None)
 
-    async def on_run_error_callback(self, *, invocation_context: InvocationContext,
-                                    error: Exception) -> None:
+    async def on_run_error_callback(self, *, invocation_context: InvocationContext, error: Exception) -> None:
         with self.core.guard():
             self._finish(invocation_context.invocation_id, error)
 
@@ -410,8 +425,9 @@ class PhiPlugin(BasePlugin):
             if lane is not None and lane.agent == agent.name:
                 lane.end_turn()
 
-    async def on_agent_error_callback(self, *, agent: BaseAgent, callback_context: CallbackContext,
-                                      error: Exception) -> None:
+    async def on_agent_error_callback(
+        self, *, agent: BaseAgent, callback_context: CallbackContext, error: Exception
+    ) -> None:
         with self.core.guard():
             lane = self._lane(callback_context.invocation_id, callback_context.branch)
             if lane is not None and lane.agent == agent.name and callback_context.branch is not None:
@@ -419,13 +435,15 @@ class PhiPlugin(BasePlugin):
                 lane.close(error)
                 lane.run.loop.end(error)
 
-    async def before_model_callback(self, *, callback_context: CallbackContext,
-                                    llm_request: LlmRequest) -> None:
+    async def before_model_callback(
+        self, *, callback_context: CallbackContext, llm_request: LlmRequest
+    ) -> None:
         with self.core.guard():
             self._model_started(callback_context, llm_request)
 
-    async def after_model_callback(self, *, callback_context: CallbackContext,
-                                   llm_response: LlmResponse) -> None:
+    async def after_model_callback(
+        self, *, callback_context: CallbackContext, llm_response: LlmResponse
+    ) -> None:
         with self.core.guard():
             lane = self._lane(callback_context.invocation_id, callback_context.branch)
             if lane is None or lane.reply is None:
@@ -440,27 +458,34 @@ class PhiPlugin(BasePlugin):
             if event.partial:
                 return
             lane = self._lane(invocation_context.invocation_id, event.branch)
-            if (lane is not None and lane.reply is not None and event.author == lane.agent
-                    and not event.get_function_responses()):
+            if (
+                lane is not None
+                and lane.reply is not None
+                and event.author == lane.agent
+                and not event.get_function_responses()
+            ):
                 lane.reply.event(event)
 
-    async def before_tool_callback(self, *, tool: BaseTool, tool_args: dict[str, Any],
-                                   tool_context: ToolContext) -> None:
+    async def before_tool_callback(
+        self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext
+    ) -> None:
         with self.core.guard():
             lane = self._lane(tool_context.invocation_id, tool_context.branch)
             if lane is not None:
                 lane.start_tool(tool_context.function_call_id or tool.name, tool.name, tool_args)
 
-    async def after_tool_callback(self, *, tool: BaseTool, tool_args: dict[str, Any],
-                                  tool_context: ToolContext, result: Any) -> None:
+    async def after_tool_callback(
+        self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext, result: Any
+    ) -> None:
         with self.core.guard():
             scope = self._take_tool(tool_context, tool)
             if scope is not None:
                 scope.result(_json_text(result))
                 scope.end()
 
-    async def on_tool_error_callback(self, *, tool: BaseTool, tool_args: dict[str, Any],
-                                     tool_context: ToolContext, error: Exception) -> None:
+    async def on_tool_error_callback(
+        self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext, error: Exception
+    ) -> None:
         with self.core.guard():
             scope = self._take_tool(tool_context, tool)
             if scope is not None:
@@ -481,8 +506,12 @@ class PhiPlugin(BasePlugin):
     def _start(self, ic: InvocationContext) -> None:
         invocation = _Invocation(ic.invocation_id)
         key = (ic.invocation_id, None)
-        run = self.core.start_run(key, _config(ic.agent), framework_session_id=ic.session.id,
-                                  metadata={"adk_invocation_id": ic.invocation_id})
+        run = self.core.start_run(
+            key,
+            _config(ic.agent),
+            framework_session_id=ic.session.id,
+            metadata={"adk_invocation_id": ic.invocation_id},
+        )
         lane = _Lane(key, run)
         invocation.lanes[None] = lane
         with self._lock:
@@ -517,8 +546,13 @@ class PhiPlugin(BasePlugin):
             parent.end_turn()
             parent.run.loop.end()
         key = (invocation.id, branch)
-        run = self.core.branch(key, parent.key, _config(agent), branch,
-                               metadata={"adk_invocation_id": invocation.id, "adk_branch": branch})
+        run = self.core.branch(
+            key,
+            parent.key,
+            _config(agent),
+            branch,
+            metadata={"adk_invocation_id": invocation.id, "adk_branch": branch},
+        )
         if run is None:
             return None
         lane = _Lane(key, run)

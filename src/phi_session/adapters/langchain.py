@@ -108,8 +108,12 @@ def _blocks(message: BaseMessage) -> tuple[Content, ...]:
             blocks.append(TextContent(text=str(block.get("text", ""))))
         elif kind == "reasoning":
             signature = (block.get("extras") or {}).get("signature")
-            blocks.append(ThinkingContent(thinking=str(block.get("reasoning", "")),
-                                          signature=signature if isinstance(signature, str) else None))
+            blocks.append(
+                ThinkingContent(
+                    thinking=str(block.get("reasoning", "")),
+                    signature=signature if isinstance(signature, str) else None,
+                )
+            )
         elif kind == "image" and isinstance(block.get("base64"), str):
             blocks.append(ImageContent(data=block["base64"], mime_type=str(block.get("mime_type", ""))))
         elif kind not in ("tool_call", "tool_call_chunk", "invalid_tool_call"):
@@ -121,12 +125,19 @@ def _blocks(message: BaseMessage) -> tuple[Content, ...]:
 def _tool_calls(message: AIMessage, copy: bool = False) -> list[ToolCall]:
     """The message's tool calls; `copy`: with arguments of their own (`MessageScope.finish`
     copies them itself)."""
-    calls = [ToolCall(id=call.get("id") or "", name=call["name"],
-                      arguments=_jsonable(call["args"]) if copy else call["args"])
-             for call in message.tool_calls]
+    calls = [
+        ToolCall(
+            id=call.get("id") or "",
+            name=call["name"],
+            arguments=_jsonable(call["args"]) if copy else call["args"],
+        )
+        for call in message.tool_calls
+    ]
     # A call whose arguments did not parse keeps them as the raw text the model sent.
-    calls.extend(ToolCall(id=call.get("id") or "", name=call.get("name") or "", arguments=call.get("args"))
-                 for call in message.invalid_tool_calls)
+    calls.extend(
+        ToolCall(id=call.get("id") or "", name=call.get("name") or "", arguments=call.get("args"))
+        for call in message.invalid_tool_calls
+    )
     return calls
 
 
@@ -139,9 +150,14 @@ def _usage(metadata: Mapping[str, Any] | None) -> Usage | None:
     cache_write = input_details.get("cache_creation") or 0
     output = metadata.get("output_tokens") or 0
     inputs = max(0, (metadata.get("input_tokens") or 0) - cache_read - cache_write)
-    return usage_of(inputs, output, cache_read=cache_read, cache_write=cache_write,
-                    reasoning=(metadata.get("output_token_details") or {}).get("reasoning"),
-                    total=inputs + output + cache_read + cache_write)
+    return usage_of(
+        inputs,
+        output,
+        cache_read=cache_read,
+        cache_write=cache_write,
+        reasoning=(metadata.get("output_token_details") or {}).get("reasoning"),
+        total=inputs + output + cache_read + cache_write,
+    )
 
 
 _LENGTH_REASONS = frozenset(("length", "max_tokens", "MAX_TOKENS"))
@@ -160,20 +176,27 @@ def _text(message: BaseMessage) -> str:
 
 
 def _tool_result(message: ToolMessage, timestamp: int) -> ToolResultMessage:
-    return ToolResultMessage(tool_call_id=message.tool_call_id, tool_name=message.name or "",
-                             content=_blocks(message) or (TextContent(text=""),),
-                             is_error=message.status == "error", timestamp=timestamp)
+    return ToolResultMessage(
+        tool_call_id=message.tool_call_id,
+        tool_name=message.name or "",
+        content=_blocks(message) or (TextContent(text=""),),
+        is_error=message.status == "error",
+        timestamp=timestamp,
+    )
 
 
 def _request_message(message: BaseMessage, timestamp: int) -> Message | None:
     """A message of a captured request in phi-core's form (system prompts go apart)."""
     if isinstance(message, AIMessage):
         calls = _tool_calls(message, copy=True)
-        return AssistantMessage(content=(*_blocks(message), *calls), stop_reason=_stop_reason(message, calls),
-                                model=str(message.response_metadata.get("model_name", "")),
-                                provider=str(message.response_metadata.get("model_provider", "")),
-                                usage=_usage(message.usage_metadata) or Usage(input=0, output=0),
-                                timestamp=timestamp)
+        return AssistantMessage(
+            content=(*_blocks(message), *calls),
+            stop_reason=_stop_reason(message, calls),
+            model=str(message.response_metadata.get("model_name", "")),
+            provider=str(message.response_metadata.get("model_provider", "")),
+            usage=_usage(message.usage_metadata) or Usage(input=0, output=0),
+            timestamp=timestamp,
+        )
     if isinstance(message, ToolMessage):
         return _tool_result(message, timestamp)
     if isinstance(message, SystemMessage):
@@ -187,21 +210,34 @@ def _tool_definitions(tools: Any) -> tuple[ToolDefinition, ...]:
     for tool in tools if isinstance(tools, (list, tuple)) else ():
         spec = tool.get("function", tool) if isinstance(tool, Mapping) else None
         if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
-            definitions.append(ToolDefinition(name=spec["name"], description=str(spec.get("description", "")),
-                                              parameters=_jsonable(spec.get("parameters"))))
+            definitions.append(
+                ToolDefinition(
+                    name=spec["name"],
+                    description=str(spec.get("description", "")),
+                    parameters=_jsonable(spec.get("parameters")),
+                )
+            )
     return tuple(definitions)
 
 
-def _request(messages: Sequence[BaseMessage], params: Mapping[str, Any], model: str,
-             timestamp: int) -> AnnotatedRequestPayload:
+def _request(
+    messages: Sequence[BaseMessage], params: Mapping[str, Any], model: str, timestamp: int
+) -> AnnotatedRequestPayload:
     system = "\n\n".join(_text(message) for message in messages if isinstance(message, SystemMessage))
-    converted = tuple(request for request in (_request_message(message, timestamp) for message in messages)
-                      if request is not None)
+    converted = tuple(
+        request
+        for request in (_request_message(message, timestamp) for message in messages)
+        if request is not None
+    )
     max_tokens = params.get("max_tokens")
     temperature = params.get("temperature")
     return AnnotatedRequestPayload(
-        system_prompt=system, messages=converted, provenance=tuple(UnknownBlock() for _ in converted),
-        tools=_tool_definitions(params.get("tools")), model_id=model, thinking_level="off",
+        system_prompt=system,
+        messages=converted,
+        provenance=tuple(UnknownBlock() for _ in converted),
+        tools=_tool_definitions(params.get("tools")),
+        model_id=model,
+        thinking_level="off",
         max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else None,
         temperature=Float32(temperature) if isinstance(temperature, (int, float)) else None,
         response_format=TextFormat(),
@@ -214,8 +250,10 @@ def _request(messages: Sequence[BaseMessage], params: Mapping[str, Any], model: 
 def _tool_output(output: Any) -> tuple[str | tuple[Content, ...], bool]:
     """A tool's output as result content, and whether it is an error result."""
     if isinstance(output, BaseMessage):
-        return (_blocks(output) or (TextContent(text=""),),
-                isinstance(output, ToolMessage) and output.status == "error")
+        return (
+            _blocks(output) or (TextContent(text=""),),
+            isinstance(output, ToolMessage) and output.status == "error",
+        )
     return (output if isinstance(output, str) else _json_encode(_jsonable(output)).decode()), False
 
 
@@ -238,8 +276,10 @@ def _is_interrupt(error: BaseException) -> bool:
 def _interrupt_values(error: BaseException) -> list[Any]:
     found = error.args[0] if error.args else ()
     interrupts = found if isinstance(found, (list, tuple)) else (found,)
-    return [_jsonable({"value": getattr(item, "value", item), "id": getattr(item, "id", None)})
-            for item in interrupts]
+    return [
+        _jsonable({"value": getattr(item, "value", item), "id": getattr(item, "id", None)})
+        for item in interrupts
+    ]
 
 
 class _Run:
@@ -250,8 +290,19 @@ class _Run:
     made none.
     """
 
-    __slots__ = ("handoff", "interrupts", "key", "lock", "loop", "metadata", "parent_tool", "pending",
-                 "recorded", "reply", "turn")
+    __slots__ = (
+        "handoff",
+        "interrupts",
+        "key",
+        "lock",
+        "loop",
+        "metadata",
+        "parent_tool",
+        "pending",
+        "recorded",
+        "reply",
+        "turn",
+    )
 
     def __init__(self, key: UUID, metadata: Mapping[str, Any] | None, parent_tool: ToolScope | None) -> None:
         self.key = key
@@ -322,8 +373,11 @@ class _Mapper:
         token = enter_tool(run.parent_tool) if run.parent_tool is not None else None
         try:
             started = self.core.start_run(
-                run.key, config, framework_session_id=None if thread is None else str(thread),
-                kind=None if checkpoint is None else ContinuationKind.branch(str(checkpoint)))
+                run.key,
+                config,
+                framework_session_id=None if thread is None else str(thread),
+                kind=None if checkpoint is None else ContinuationKind.branch(str(checkpoint)),
+            )
         finally:
             if token is not None:
                 leave_tool(token)
@@ -341,8 +395,9 @@ class _Mapper:
 
     # -- chains (graphs, nodes, agents) -----------------------------------------------------
 
-    def chain_start(self, inputs: Any, run_id: UUID, parent_run_id: UUID | None,
-                    metadata: Mapping[str, Any] | None) -> None:
+    def chain_start(
+        self, inputs: Any, run_id: UUID, parent_run_id: UUID | None, metadata: Mapping[str, Any] | None
+    ) -> None:
         parent_tool = None
         if parent_run_id is not None:
             tool = self._tools.get(parent_run_id)
@@ -386,9 +441,14 @@ class _Mapper:
 
     # -- chat models -------------------------------------------------------------------------
 
-    def chat_model_start(self, messages: Sequence[Sequence[BaseMessage]], run_id: UUID,
-                         parent_run_id: UUID | None, metadata: Mapping[str, Any] | None,
-                         params: Mapping[str, Any] | None) -> None:
+    def chat_model_start(
+        self,
+        messages: Sequence[Sequence[BaseMessage]],
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        metadata: Mapping[str, Any] | None,
+        params: Mapping[str, Any] | None,
+    ) -> None:
         run = self._runs.get(parent_run_id) if parent_run_id is not None else None
         if run is None:
             if parent_run_id is not None:
@@ -398,8 +458,13 @@ class _Mapper:
         metadata = metadata or {}
         params = params or {}
         # A model without a name (a fake, a custom class) goes by its LangChain type.
-        model = str(metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
-                    or params.get("_type") or "unknown")
+        model = str(
+            metadata.get("ls_model_name")
+            or params.get("model")
+            or params.get("model_name")
+            or params.get("_type")
+            or "unknown"
+        )
         provider = str(metadata.get("ls_provider") or "langchain")
         history = messages[0] if messages else ()
         with run.lock:
@@ -465,8 +530,12 @@ class _Mapper:
                 provider = message.response_metadata.get("model_provider")
                 if isinstance(provider, str) and provider:
                     reply.provider = provider
-                reply.finish(_blocks(message), tool_calls=calls, usage=_usage(message.usage_metadata),
-                             stop_reason=_stop_reason(message, calls))
+                reply.finish(
+                    _blocks(message),
+                    tool_calls=calls,
+                    usage=_usage(message.usage_metadata),
+                    stop_reason=_stop_reason(message, calls),
+                )
         self._ended_alone(run_id, run)
 
     def llm_error(self, error: BaseException, run_id: UUID) -> None:
@@ -487,8 +556,9 @@ class _Mapper:
 
     # -- tools -------------------------------------------------------------------------------
 
-    def tool_start(self, name: str, inputs: Any, run_id: UUID, parent_run_id: UUID | None,
-                   tool_call_id: str | None) -> None:
+    def tool_start(
+        self, name: str, inputs: Any, run_id: UUID, parent_run_id: UUID | None, tool_call_id: str | None
+    ) -> None:
         run = self._runs.get(parent_run_id) if parent_run_id is not None else None
         if run is None:
             return
@@ -562,19 +632,44 @@ class _Callbacks:
     def _call(self, method: Callable[..., None], *args: Any) -> None:
         self._mapper.core.safely(method, *args)
 
-    def _chain_start(self, inputs: Any, run_id: UUID, parent_run_id: UUID | None,
-                     metadata: dict[str, Any] | None) -> None:
+    def _chain_start(
+        self, inputs: Any, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None
+    ) -> None:
         self._call(self._mapper.chain_start, inputs, run_id, parent_run_id, metadata)
 
-    def _chat_model_start(self, messages: list[list[BaseMessage]], run_id: UUID, parent_run_id: UUID | None,
-                          metadata: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:
-        self._call(self._mapper.chat_model_start, messages, run_id, parent_run_id, metadata,
-                   kwargs.get("invocation_params"))
+    def _chat_model_start(
+        self,
+        messages: list[list[BaseMessage]],
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        self._call(
+            self._mapper.chat_model_start,
+            messages,
+            run_id,
+            parent_run_id,
+            metadata,
+            kwargs.get("invocation_params"),
+        )
 
-    def _tool_start(self, serialized: dict[str, Any] | None, inputs: Any, run_id: UUID,
-                    parent_run_id: UUID | None, kwargs: dict[str, Any]) -> None:
-        self._call(self._mapper.tool_start, _tool_name(serialized, kwargs), inputs, run_id, parent_run_id,
-                   kwargs.get("tool_call_id"))
+    def _tool_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        self._call(
+            self._mapper.tool_start,
+            _tool_name(serialized, kwargs),
+            inputs,
+            run_id,
+            parent_run_id,
+            kwargs.get("tool_call_id"),
+        )
 
 
 class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
@@ -600,9 +695,16 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
     run_inline = True
     raise_error = False
 
-    def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
-                       parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None,
-                       **kwargs: Any) -> None:
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._chain_start(inputs, run_id, parent_run_id, metadata)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
@@ -611,9 +713,16 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.chain_error, error, run_id)
 
-    def on_chat_model_start(self, serialized: dict[str, Any] | None, messages: list[list[BaseMessage]], *,
-                            run_id: UUID, parent_run_id: UUID | None = None,
-                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any] | None,
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._chat_model_start(messages, run_id, parent_run_id, metadata, kwargs)
 
     def on_llm_new_token(self, token: Any, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
@@ -625,9 +734,16 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.llm_error, error, run_id)
 
-    def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
-                      parent_run_id: UUID | None = None, inputs: dict[str, Any] | None = None,
-                      **kwargs: Any) -> None:
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._tool_start(serialized, input_str if inputs is None else inputs, run_id, parent_run_id, kwargs)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
@@ -643,9 +759,16 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
     run_inline = True
     raise_error = False
 
-    async def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
-                             parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None,
-                             **kwargs: Any) -> None:
+    async def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._chain_start(inputs, run_id, parent_run_id, metadata)
 
     async def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
@@ -654,9 +777,16 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
     async def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.chain_error, error, run_id)
 
-    async def on_chat_model_start(self, serialized: dict[str, Any] | None, messages: list[list[BaseMessage]],
-                                  *, run_id: UUID, parent_run_id: UUID | None = None,
-                                  metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    async def on_chat_model_start(
+        self,
+        serialized: dict[str, Any] | None,
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._chat_model_start(messages, run_id, parent_run_id, metadata, kwargs)
 
     async def on_llm_new_token(self, token: Any, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
@@ -668,9 +798,16 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
     async def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.llm_error, error, run_id)
 
-    async def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
-                            parent_run_id: UUID | None = None, inputs: dict[str, Any] | None = None,
-                            **kwargs: Any) -> None:
+    async def on_tool_start(
+        self,
+        serialized: dict[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._tool_start(serialized, input_str if inputs is None else inputs, run_id, parent_run_id, kwargs)
 
     async def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
@@ -678,5 +815,3 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
 
     async def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.tool_error, error, run_id)
-
-

@@ -111,16 +111,26 @@ def _output_blocks(items: Any) -> tuple[list[Content], list[ToolCall]]:
             if text:
                 blocks.append(ThinkingContent(thinking=text))
         elif kind == "function_call":
-            calls.append(ToolCall(id=_get(item, "call_id") or _get(item, "id") or "", name=_get(item, "name"),
-                                  arguments=_arguments(_get(item, "arguments"))))
+            calls.append(
+                ToolCall(
+                    id=_get(item, "call_id") or _get(item, "id") or "",
+                    name=_get(item, "name"),
+                    arguments=_arguments(_get(item, "arguments")),
+                )
+            )
         elif kind == "message" or _get(item, "role") == "assistant":
             text = _text_of(_get(item, "content"))
             if text:
                 blocks.append(TextContent(text=text))
             for call in _get(item, "tool_calls") or ():  # Chat Completions
                 function = _get(call, "function")
-                calls.append(ToolCall(id=_get(call, "id") or "", name=_get(function, "name"),
-                                      arguments=_arguments(_get(function, "arguments"))))
+                calls.append(
+                    ToolCall(
+                        id=_get(call, "id") or "",
+                        name=_get(function, "name"),
+                        arguments=_arguments(_get(function, "arguments")),
+                    )
+                )
     return blocks, calls
 
 
@@ -132,8 +142,12 @@ def _user_texts(items: Any) -> list[str]:
 
 
 def _config(agent_name: str, model: str) -> LoopConfigSnapshot:
-    return LoopConfigSnapshot(model=model, provider=PROVIDER, name=agent_name,
-                              config_id=agent_name.replace(".", "-").replace("/", "-") or "agent")
+    return LoopConfigSnapshot(
+        model=model,
+        provider=PROVIDER,
+        name=agent_name,
+        config_id=agent_name.replace(".", "-").replace("/", "-") or "agent",
+    )
 
 
 @dataclass
@@ -280,8 +294,9 @@ class _Mapper:
             self._of_span[span.span_id] = owner
         config = _config(name, owner.model)
         if owner.run is None:
-            owner.run = self.core.start_run(owner.key, config, framework_session_id=owner.session_id,
-                                            metadata={"agent": name})
+            owner.run = self.core.start_run(
+                owner.key, config, framework_session_id=owner.session_id, metadata={"agent": name}
+            )
         else:
             self._finish_message(owner, stop_reason="handoff")
             self._end_turn(owner)
@@ -343,8 +358,13 @@ class _Mapper:
         blocks, calls, usage, error = reply
         if error is not None:
             stop_reason = "error"
-        message.finish(blocks if blocks or not message.text else None, tool_calls=calls, usage=usage,
-                       stop_reason=stop_reason, error_message=error)
+        message.finish(
+            blocks if blocks or not message.text else None,
+            tool_calls=calls,
+            usage=usage,
+            stop_reason=stop_reason,
+            error_message=error,
+        )
 
     def _tool_started(self, span: Span[Any], name: str) -> None:
         loop = self._loop_of(span)
@@ -543,7 +563,8 @@ def _warn_tracing_disabled() -> None:
         logger.warning(
             "OpenAI Agents SDK tracing is disabled (OPENAI_AGENTS_DISABLE_TRACING, "
             "set_tracing_disabled or RunConfig(tracing_disabled=True)): phi-session records nothing "
-            "from these runs")
+            "from these runs"
+        )
 
 
 def _tracing_disabled() -> bool:

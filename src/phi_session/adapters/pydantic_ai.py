@@ -68,7 +68,10 @@ if TYPE_CHECKING:
 __all__ = ["PhiCapability"]
 
 _STOP_REASONS: dict[str, StopReason] = {
-    "stop": "stop", "length": "length", "tool_call": "toolUse", "error": "error",
+    "stop": "stop",
+    "length": "length",
+    "tool_call": "toolUse",
+    "error": "error",
     "content_filter": "guardRail",
 }
 _STREAM_EVENTS = (pai.PartStartEvent, pai.PartDeltaEvent)
@@ -80,9 +83,14 @@ _STREAM_EVENTS = (pai.PartStartEvent, pai.PartDeltaEvent)
 def _usage(usage: RequestUsage) -> Usage:
     # pydantic-ai's input_tokens include the cache reads and writes; phi-core counts them apart.
     cached = usage.cache_read_tokens + usage.cache_write_tokens
-    return usage_of(max(0, usage.input_tokens - cached), usage.output_tokens,
-                    cache_read=usage.cache_read_tokens, cache_write=usage.cache_write_tokens,
-                    reasoning=usage.output_reasoning_tokens, total=usage.total_tokens)
+    return usage_of(
+        max(0, usage.input_tokens - cached),
+        usage.output_tokens,
+        cache_read=usage.cache_read_tokens,
+        cache_write=usage.cache_write_tokens,
+        reasoning=usage.output_reasoning_tokens,
+        total=usage.total_tokens,
+    )
 
 
 def _response_content(parts: Sequence[pai.ModelResponsePart]) -> tuple[list[Content], list[ToolCall]]:
@@ -133,8 +141,9 @@ def _tool_result_text(call: pai.ToolCallPart, result: Any) -> str:
     """The result as the model reads it (pydantic-ai's own rendering of a tool return)."""
     if isinstance(result, str):
         return result  # the rendering of a string, without building a part for it
-    return pai.ToolReturnPart(tool_name=call.tool_name, content=result,
-                              tool_call_id=call.tool_call_id).model_response_str()
+    return pai.ToolReturnPart(
+        tool_name=call.tool_name, content=result, tool_call_id=call.tool_call_id
+    ).model_response_str()
 
 
 # -- one run's recording --------------------------------------------------------------------------
@@ -178,8 +187,12 @@ class _Run:
         reply = self.replying(response.model_name or model, response.provider_name or provider)
         self.reply = None
         blocks, calls = _response_content(response.parts)
-        reply.finish(blocks, tool_calls=calls, usage=_usage(response.usage),
-                     stop_reason=_stop_reason(response.finish_reason, bool(calls)))
+        reply.finish(
+            blocks,
+            tool_calls=calls,
+            usage=_usage(response.usage),
+            stop_reason=_stop_reason(response.finish_reason, bool(calls)),
+        )
 
     def tool(self, call: pai.ToolCallPart) -> ToolScope | None:
         """The started scope of a tool the turn's reply called (None outside a turn)."""
@@ -242,8 +255,9 @@ class PhiCapability(AbstractCapability[Any]):
     # (pydantic-ai's rule for a repeated capability id) instead of recording the run twice.
     id: str | None = "phi_session"
 
-    def __init__(self, sink: SinkArg = None, *, stream: bool = False,
-                 store: SessionStore | None = None) -> None:
+    def __init__(
+        self, sink: SinkArg = None, *, stream: bool = False, store: SessionStore | None = None
+    ) -> None:
         if not isinstance(stream, bool):
             raise TypeError(f"stream must be a bool, not {type(stream).__name__}")
         self.stream = stream
@@ -288,8 +302,11 @@ class PhiCapability(AbstractCapability[Any]):
 
     def _open(self, key: str, ctx: RunContext[Any]) -> _Run:
         model, agent = ctx.model, ctx.agent
-        config = LoopConfigSnapshot(model=model.model_name, provider=model.system,
-                                    name=agent.name if agent is not None and agent.name else None)
+        config = LoopConfigSnapshot(
+            model=model.model_name,
+            provider=model.system,
+            name=agent.name if agent is not None and agent.name else None,
+        )
         recording = self._core.start_run(key, config, framework_session_id=ctx.conversation_id)
         run = self._runs[key] = _Run(recording, ctx.prompt)
         return run
@@ -333,8 +350,13 @@ class PhiCapability(AbstractCapability[Any]):
     # -- tools ----------------------------------------------------------------------------
 
     async def wrap_tool_execute(
-        self, ctx: RunContext[Any], *, call: pai.ToolCallPart, tool_def: ToolDefinition,
-        args: ValidatedToolArgs, handler: WrapToolExecuteHandler,
+        self,
+        ctx: RunContext[Any],
+        *,
+        call: pai.ToolCallPart,
+        tool_def: ToolDefinition,
+        args: ValidatedToolArgs,
+        handler: WrapToolExecuteHandler,
     ) -> Any:
         run = self._run(ctx)
         tool = self._core.safely(run.tool, call) if run is not None else None
@@ -373,8 +395,9 @@ class PhiCapability(AbstractCapability[Any]):
                 _stream_delta(reply, event.delta)
 
 
-def _tool_end(tool: ToolScope, call: pai.ToolCallPart, *, result: Any = None,
-              error: BaseException | None = None) -> None:
+def _tool_end(
+    tool: ToolScope, call: pai.ToolCallPart, *, result: Any = None, error: BaseException | None = None
+) -> None:
     if error is None:
         tool.result(_tool_result_text(call, result))
     elif isinstance(error, (ToolRetryError, ToolFailedError)):
@@ -411,4 +434,3 @@ def _stream_delta(reply: MessageScope, delta: pai.ModelResponsePartDelta) -> Non
     elif isinstance(delta, pai.ToolCallPartDelta) and delta.args_delta:
         args = delta.args_delta
         reply.tool_call_delta(args if isinstance(args, str) else pydantic_core.to_json(args).decode())
-

@@ -26,5 +26,13 @@ from .settings import StreamSettings, partition_of
 from .sink import JetStreamSink, SinkStats
 from .worker import IngestWorker, PartitionStatus, WorkerStats, ingest_status
 
-__all__ = ["IngestWorker", "JetStreamSink", "PartitionStatus", "SinkStats", "StreamSettings",
-           "WorkerStats", "ingest_status", "partition_of"]
+__all__ = [
+    "IngestWorker",
+    "JetStreamSink",
+    "PartitionStatus",
+    "SinkStats",
+    "StreamSettings",
+    "WorkerStats",
+    "ingest_status",
+    "partition_of",
+]

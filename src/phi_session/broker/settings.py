@@ -63,8 +63,10 @@ class StreamSettings:
             raise ValueError(f"stream: expected 1-64 letters, digits, '_' or '-', got {self.stream!r}")
         tokens = self.subject_prefix.split(".") if isinstance(self.subject_prefix, str) else [""]
         if not all(_TOKEN.fullmatch(token) for token in tokens):
-            raise ValueError("subject_prefix: expected dot-separated tokens of letters, digits, '_' "
-                             f"or '-', got {self.subject_prefix!r}")
+            raise ValueError(
+                "subject_prefix: expected dot-separated tokens of letters, digits, '_' "
+                f"or '-', got {self.subject_prefix!r}"
+            )
         _check_number("partitions", self.partitions, 1, _MAX_PARTITIONS, integer=True)
         _check_number("max_age", self.max_age, 1, math.inf)
         _check_number("max_bytes", self.max_bytes, 1 << 20, math.inf, integer=True)
@@ -132,8 +134,9 @@ def require_nats() -> None:
     try:
         import nats  # noqa: F401
     except ImportError as error:
-        raise MissingExtra(f"the NATS broker needs nats-py ({error}): "
-                           "pip install 'phi-session[nats]'") from None
+        raise MissingExtra(
+            f"the NATS broker needs nats-py ({error}): pip install 'phi-session[nats]'"
+        ) from None
 
 
 async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float = 2.0) -> Client:
@@ -147,10 +150,18 @@ async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float
             raise ValueError(f"not a NATS server URL: {server!r} (expected nats://HOST[:PORT])")
     try:
         # Bounded: with endless reconnects, nats-py would retry a first connection forever.
-        return await asyncio.wait_for(nats.connect(
-            servers=servers, name=name, connect_timeout=timeout, allow_reconnect=reconnect,
-            max_reconnect_attempts=-1 if reconnect else 0, reconnect_time_wait=0.5,
-            error_cb=_quiet), timeout * (len(servers) + 1))
+        return await asyncio.wait_for(
+            nats.connect(
+                servers=servers,
+                name=name,
+                connect_timeout=timeout,
+                allow_reconnect=reconnect,
+                max_reconnect_attempts=-1 if reconnect else 0,
+                reconnect_time_wait=0.5,
+                error_cb=_quiet,
+            ),
+            timeout * (len(servers) + 1),
+        )
     except Exception as error:
         raise BrokerError(f"cannot reach NATS at {url}: {str(error) or type(error).__name__}") from error
 
@@ -171,14 +182,18 @@ async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> Strea
         info = await js.stream_info(settings.stream)
     except NotFoundError:
         config = api.StreamConfig(
-            name=settings.stream, subjects=settings.subjects(),
+            name=settings.stream,
+            subjects=settings.subjects(),
             description="phi-session agent events, partitioned by session",
             # Work queue: a message leaves the stream once a worker acknowledged it.
-            retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
             # Full: refuse new messages (producers keep them) rather than drop old ones.
             discard=api.DiscardPolicy.NEW,
-            max_age=settings.max_age, max_bytes=settings.max_bytes,
-            duplicate_window=settings.duplicate_window)
+            max_age=settings.max_age,
+            max_bytes=settings.max_bytes,
+            duplicate_window=settings.duplicate_window,
+        )
         try:
             info = await js.add_stream(config)
         except BadRequestError:
@@ -186,7 +201,9 @@ async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> Strea
     subjects = list(info.config.subjects or ())
     count = len(subjects)
     if count == 0 or subjects != [f"{settings.subject_prefix}.{n}" for n in range(count)]:
-        raise BrokerError(f"stream {settings.stream} has subjects {subjects}, not "
-                          f"{settings.subject_prefix}.0 .. {settings.subject_prefix}.N-1: "
-                          "another stream name or subject prefix is needed")
+        raise BrokerError(
+            f"stream {settings.stream} has subjects {subjects}, not "
+            f"{settings.subject_prefix}.0 .. {settings.subject_prefix}.N-1: "
+            "another stream name or subject prefix is needed"
+        )
     return replace(settings, partitions=count)

@@ -143,8 +143,9 @@ class JetStreamSink:
         if not publish_timeout > 0:
             raise ValueError(f"publish_timeout must be positive, got {publish_timeout!r}")
         self.url = url
-        self.settings = StreamSettings.from_env(stream=stream, subject_prefix=subject_prefix,
-                                                partitions=partitions)
+        self.settings = StreamSettings.from_env(
+            stream=stream, subject_prefix=subject_prefix, partitions=partitions
+        )
         self.spill_dir = Path(spill_dir) if spill_dir is not None else Path.cwd() / ".phi-session" / "spill"
         self.producer_id = uuid.uuid4().hex[:16]
         self._id_prefix = f"{self.producer_id}-"
@@ -169,8 +170,9 @@ class JetStreamSink:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[Any] | None = None
         self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"phi-session JetStreamSink {url}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"phi-session JetStreamSink {url}", daemon=True
+        )
         self._thread.start()
         self._started.wait()
 
@@ -196,8 +198,9 @@ class JetStreamSink:
                     return
                 except (OSError, PhiSessionError):
                     # Cannot spill: keep it in memory, over the bound, rather than drop it.
-                    logger.exception("cannot write the spill journal %s; keeping events in memory",
-                                     self._spill.directory)
+                    logger.exception(
+                        "cannot write the spill journal %s; keeping events in memory", self._spill.directory
+                    )
                     self._seal_spill()
             tail = self._queue[-1] if self._queue else None
             if isinstance(tail, list) and len(tail) < self.batch:
@@ -234,9 +237,13 @@ class JetStreamSink:
             return
         self._spill_from = self.buffer
         self._queue.append(self._spill)
-        logger.warning("NATS at %s is not taking events as fast as they come (%d waiting): spilling to %s;"
-                       " nothing is dropped, they are sent when it does",
-                       self.url, self._in_memory, directory)
+        logger.warning(
+            "NATS at %s is not taking events as fast as they come (%d waiting): spilling to %s;"
+            " nothing is dropped, they are sent when it does",
+            self.url,
+            self._in_memory,
+            directory,
+        )
 
     def _seal_spill(self) -> None:
         if self._spill is not None:
@@ -257,8 +264,9 @@ class JetStreamSink:
 
     def _pending(self) -> int:
         entries = [*self._queue, *([self._sending] if self._sending is not None else [])]
-        return self._left + sum(entry.count if isinstance(entry, _Episode) else len(entry)
-                                for entry in entries)
+        return self._left + sum(
+            entry.count if isinstance(entry, _Episode) else len(entry) for entry in entries
+        )
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait until JetStream acknowledged every event given so far; False if `timeout`
@@ -310,15 +318,23 @@ class JetStreamSink:
                     for msg_id, session, key, payload in entry:
                         journal.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
             except (OSError, PhiSessionError):
-                logger.exception("LOST %d events: NATS did not take them and the spill journal in %s "
-                                 "cannot be written", len(entry), self.spill_dir)
+                logger.exception(
+                    "LOST %d events: NATS did not take them and the spill journal in %s cannot be written",
+                    len(entry),
+                    self.spill_dir,
+                )
                 continue
             left += len(entry)
         with self._lock:
             self._left = left
         if left:
-            logger.warning("%d events not yet acknowledged by NATS at %s are kept in %s; the next "
-                           "JetStreamSink on that directory sends them", left, self.url, self.spill_dir)
+            logger.warning(
+                "%d events not yet acknowledged by NATS at %s are kept in %s; the next "
+                "JetStreamSink on that directory sends them",
+                left,
+                self.url,
+                self.spill_dir,
+            )
 
     def __enter__(self) -> JetStreamSink:
         return self
@@ -332,8 +348,9 @@ class JetStreamSink:
         with contextlib.suppress(asyncio.CancelledError):  # `close` gave up on the broker
             asyncio.run(_Publisher(self).run())
 
-    def bind_loop(self, loop: asyncio.AbstractEventLoop, wakeup: asyncio.Event,
-                   task: asyncio.Task[Any] | None) -> None:
+    def bind_loop(
+        self, loop: asyncio.AbstractEventLoop, wakeup: asyncio.Event, task: asyncio.Task[Any] | None
+    ) -> None:
         """Called by the publishing thread once its event loop runs."""
         self._loop, self._wakeup, self._task = loop, wakeup, task
         self._started.set()
@@ -411,8 +428,9 @@ class _Publisher:
                     continue
                 episode = leftovers.pop(0)
                 episode.remove()
-                logger.warning("sent %d events an earlier process spilled in %s", episode.count,
-                               episode.directory)
+                logger.warning(
+                    "sent %d events an earlier process spilled in %s", episode.count, episode.directory
+                )
             while True:
                 entry = self.sink.next_entry()
                 if entry is None:
@@ -446,9 +464,13 @@ class _Publisher:
             js = await self.ready()
             count = self.settings.partitions
             for msg_id, session, key, payload in messages:
-                futures.append(await js.publish_async(
-                    self.settings.subject(partition_of(key, count)), payload,
-                    headers={EVENT_ID_HEADER: msg_id, SESSION_HEADER: session}))
+                futures.append(
+                    await js.publish_async(
+                        self.settings.subject(partition_of(key, count)),
+                        payload,
+                        headers={EVENT_ID_HEADER: msg_id, SESSION_HEADER: session},
+                    )
+                )
             await asyncio.wait_for(asyncio.gather(*futures), self.sink.publish_timeout)
         except Exception as error:
             for future in futures:
@@ -456,13 +478,19 @@ class _Publisher:
             self.js = None  # check the stream again before the retry (it may be gone)
             if self.down_since is None:
                 self.down_since = time.monotonic()
-                logger.warning("publishing to NATS at %s failed (%s); retrying, events wait in the buffer"
-                               " and then the spill journal", self.sink.url,
-                               str(error) or type(error).__name__)
+                logger.warning(
+                    "publishing to NATS at %s failed (%s); retrying, events wait in the buffer"
+                    " and then the spill journal",
+                    self.sink.url,
+                    str(error) or type(error).__name__,
+                )
             return False
         if self.down_since is not None:
-            logger.warning("NATS at %s takes events again after %.1f s", self.sink.url,
-                           time.monotonic() - self.down_since)
+            logger.warning(
+                "NATS at %s takes events again after %.1f s",
+                self.sink.url,
+                time.monotonic() - self.down_since,
+            )
             self.down_since = None
         return True
 

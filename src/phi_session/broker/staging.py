@@ -68,8 +68,9 @@ class Staging:
     async def create(self) -> None:
         from psycopg import sql
 
-        await self._execute(sql.SQL(
-            """CREATE TABLE IF NOT EXISTS {} (
+        await self._execute(
+            sql.SQL(
+                """CREATE TABLE IF NOT EXISTS {} (
                 stream TEXT COLLATE "C" NOT NULL,
                 event_id TEXT COLLATE "C" NOT NULL,
                 part INTEGER NOT NULL,
@@ -79,32 +80,50 @@ class Staging:
                 state SMALLINT NOT NULL DEFAULT 0,
                 received_at TIMESTAMPTZ NOT NULL DEFAULT now(),
                 PRIMARY KEY (stream, event_id)
-            )""").format(self.table))
-        await self._execute(sql.SQL(
-            "CREATE INDEX IF NOT EXISTS broker_events_pending ON {} (stream, part, stream_seq)"
-            " WHERE state = 0").format(self.table))
+            )"""
+            ).format(self.table)
+        )
+        await self._execute(
+            sql.SQL(
+                "CREATE INDEX IF NOT EXISTS broker_events_pending ON {} (stream, part, stream_seq)"
+                " WHERE state = 0"
+            ).format(self.table)
+        )
 
     async def insert(self, part: int, events: list[StagedEvent]) -> set[str]:
         """Stage `events`; returns the ids that were new (the others are duplicates)."""
         from psycopg import sql
 
-        rows = await self._execute(sql.SQL(
-            "INSERT INTO {} (stream, part, stream_seq, event_id, session_id, payload)"
-            " SELECT %s, %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bytea[])"
-            " ON CONFLICT DO NOTHING RETURNING event_id").format(self.table),
-            (self.stream, part, [e.stream_seq for e in events], [e.event_id for e in events],
-             [e.session_id for e in events], [e.payload for e in events]))
+        rows = await self._execute(
+            sql.SQL(
+                "INSERT INTO {} (stream, part, stream_seq, event_id, session_id, payload)"
+                " SELECT %s, %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bytea[])"
+                " ON CONFLICT DO NOTHING RETURNING event_id"
+            ).format(self.table),
+            (
+                self.stream,
+                part,
+                [e.stream_seq for e in events],
+                [e.event_id for e in events],
+                [e.session_id for e in events],
+                [e.payload for e in events],
+            ),
+        )
         return {row[0] for row in rows}
 
     async def pending(self, part: int) -> list[StagedEvent]:
         from psycopg import sql
 
-        rows = await self._execute(sql.SQL(
-            "SELECT stream_seq, event_id, session_id, payload FROM {}"
-            " WHERE stream = %s AND part = %s AND state = 0 ORDER BY stream_seq").format(self.table),
-            (self.stream, part))
-        return [StagedEvent(seq, event_id, session, bytes(payload))
-                for seq, event_id, session, payload in rows]
+        rows = await self._execute(
+            sql.SQL(
+                "SELECT stream_seq, event_id, session_id, payload FROM {}"
+                " WHERE stream = %s AND part = %s AND state = 0 ORDER BY stream_seq"
+            ).format(self.table),
+            (self.stream, part),
+        )
+        return [
+            StagedEvent(seq, event_id, session, bytes(payload)) for seq, event_id, session, payload in rows
+        ]
 
     async def mark(self, event_ids: list[str], state: int) -> None:
         from psycopg import sql
@@ -112,25 +131,35 @@ class Staging:
         if not event_ids:
             return
         payload = sql.SQL(", payload = NULL") if state == SAVED else sql.SQL("")
-        await self._execute(sql.SQL("UPDATE {} SET state = %s{} WHERE stream = %s AND event_id = ANY(%s)")
-                            .format(self.table, payload), (state, self.stream, event_ids))
+        await self._execute(
+            sql.SQL("UPDATE {} SET state = %s{} WHERE stream = %s AND event_id = ANY(%s)").format(
+                self.table, payload
+            ),
+            (state, self.stream, event_ids),
+        )
 
     async def prune(self, older_than: float) -> int:
         from psycopg import sql
 
-        rows = await self._execute(sql.SQL(
-            "DELETE FROM {} WHERE stream = %s AND state = 1"
-            " AND received_at < now() - make_interval(secs => %s) RETURNING 1").format(self.table),
-            (self.stream, older_than))
+        rows = await self._execute(
+            sql.SQL(
+                "DELETE FROM {} WHERE stream = %s AND state = 1"
+                " AND received_at < now() - make_interval(secs => %s) RETURNING 1"
+            ).format(self.table),
+            (self.stream, older_than),
+        )
         return len(rows)
 
     async def counts(self) -> dict[int, dict[int, int]]:
         """Rows per partition and state."""
         from psycopg import sql
 
-        rows = await self._execute(sql.SQL(
-            "SELECT part, state, count(*) FROM {} WHERE stream = %s GROUP BY part, state").format(self.table),
-            (self.stream,))
+        rows = await self._execute(
+            sql.SQL("SELECT part, state, count(*) FROM {} WHERE stream = %s GROUP BY part, state").format(
+                self.table
+            ),
+            (self.stream,),
+        )
         counts: dict[int, dict[int, int]] = {}
         for part, state, count in rows:
             counts.setdefault(part, {})[state] = count
@@ -163,5 +192,6 @@ class Staging:
             "SELECT objid::bigint, pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
             " AND objsubid = 2 AND classid::bigint = %s"
             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            (lock_class,))
+            (lock_class,),
+        )
         return [(int(key), int(pid)) for key, pid in rows]

@@ -140,13 +140,17 @@ class IngestWorker:
         for name, value in (("url", url), ("dsn", dsn), ("schema", schema), ("durable", durable)):
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a string, got {type(value).__name__}")
-        self.settings = StreamSettings.from_env(stream=stream, subject_prefix=subject_prefix,
-                                                partitions=partitions)
+        self.settings = StreamSettings.from_env(
+            stream=stream, subject_prefix=subject_prefix, partitions=partitions
+        )
         StreamSettings(stream=durable)  # the same naming rules as a stream's name
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
-        for name, number in (("ack_wait", ack_wait), ("checkpoint_interval", checkpoint_interval),
-                             ("rebalance_interval", rebalance_interval)):
+        for name, number in (
+            ("ack_wait", ack_wait),
+            ("checkpoint_interval", checkpoint_interval),
+            ("rebalance_interval", rebalance_interval),
+        ):
             if isinstance(number, bool) or not isinstance(number, (int, float)) or not number > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {number!r}")
         self.url, self.dsn, self.schema, self.durable = url, dsn, schema, durable
@@ -209,8 +213,11 @@ class IngestWorker:
             # NATS is down or restarting: start the partition again (its staged events are
             # replayed) once the client has reconnected.
             if not self._broker_down:
-                logger.warning("NATS at %s failed (%s); partitions restart when it is back",
-                               self.url, str(error) or type(error).__name__)
+                logger.warning(
+                    "NATS at %s failed (%s); partitions restart when it is back",
+                    self.url,
+                    str(error) or type(error).__name__,
+                )
             self._broker_down = True
             await self._release(resources, running, number)
         staging = resources.staging
@@ -255,26 +262,30 @@ class _Resources:
 
             from ..stores.postgres import PostgresStore
         except ImportError as error:
-            raise MissingExtra(f"the ingest worker needs psycopg ({error}): "
-                               "pip install 'phi-session[postgres]'") from None
+            raise MissingExtra(
+                f"the ingest worker needs psycopg ({error}): pip install 'phi-session[postgres]'"
+            ) from None
         try:
             self.nc: Client = await connect(worker.url, name=f"phi-session ingest {worker.member_id}")
             self.stack.push_async_callback(self.nc.close)
             self.js: JetStreamContext = self.nc.jetstream()
             try:
                 self.conn: psycopg.AsyncConnection[Any] = await psycopg.AsyncConnection.connect(
-                    worker.dsn, autocommit=True)
+                    worker.dsn, autocommit=True
+                )
             except psycopg.Error as error:
                 raise StoreError(f"cannot connect to PostgreSQL: {error}") from error
             self.stack.push_async_callback(self.conn.close)
             self.store: PostgresStore = await asyncio.to_thread(
-                PostgresStore, worker.dsn, schema=worker.schema)
+                PostgresStore, worker.dsn, schema=worker.schema
+            )
             self.stack.callback(self.store.close)
         except BaseException:
             await self.stack.aclose()
             raise
-        self.staging = Staging(self.conn, schema=worker.schema, stream=worker.settings.stream,
-                               durable=worker.durable)
+        self.staging = Staging(
+            self.conn, schema=worker.schema, stream=worker.settings.stream, durable=worker.durable
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -307,7 +318,8 @@ class _PartitionRun:
         name = f"{worker.durable}-{number}"
         await self.ensure_consumer(name)
         subscription = await self.resources.js.pull_subscribe_bind(
-            durable=name, stream=worker.settings.stream)
+            durable=name, stream=worker.settings.stream
+        )
         try:
             for event in await self.resources.staging.pending(number):
                 self.waiting[event.stream_seq] = event
@@ -339,9 +351,14 @@ class _PartitionRun:
 
         settings = self.worker.settings
         config = api.ConsumerConfig(
-            durable_name=name, filter_subject=settings.subject(self.number),
-            ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL,
-            ack_wait=self.worker.ack_wait, max_deliver=-1, max_ack_pending=self.worker.batch * 4)
+            durable_name=name,
+            filter_subject=settings.subject(self.number),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=self.worker.ack_wait,
+            max_deliver=-1,
+            max_ack_pending=self.worker.batch * 4,
+        )
         try:
             await self.resources.js.add_consumer(settings.stream, config)
         except BadRequestError:  # it exists with other settings (an older worker's): use it
@@ -408,8 +425,9 @@ class _PartitionRun:
                 done.extend(self.applied.pop(session.session_id, ()))
         self.worker.stats.sessions_saved += len(saved)
         await self.resources.staging.mark(done, SAVED)
-        rejected = [event_id for session_id in self.unstorable
-                    for event_id in self.applied.pop(session_id, ())]
+        rejected = [
+            event_id for session_id in self.unstorable for event_id in self.applied.pop(session_id, ())
+        ]
         self.unstorable.clear()
         self.worker.stats.rejected += len(rejected)
         await self.resources.staging.mark(rejected, REJECTED)
@@ -425,15 +443,17 @@ async def ingest_status(
     durable: str = "phi-ingest",
 ) -> list[PartitionStatus]:
     """Each partition's lag (messages in the stream), staged events and owner."""
-    worker = IngestWorker(url, dsn, schema=schema, stream=stream, subject_prefix=subject_prefix,
-                          durable=durable)
+    worker = IngestWorker(
+        url, dsn, schema=schema, stream=stream, subject_prefix=subject_prefix, durable=durable
+    )
     async with _Resources(worker) as resources:
         from nats.js.errors import NotFoundError
 
         settings = worker.settings
         try:
             info = await resources.js.stream_info(
-                settings.stream, subjects_filter=f"{settings.subject_prefix}.>")
+                settings.stream, subjects_filter=f"{settings.subject_prefix}.>"
+            )
         except NotFoundError:
             raise BrokerError(f"no stream {settings.stream} on {url}: nothing was published yet") from None
         settings = await ensure_stream(resources.js, settings)
@@ -449,8 +469,14 @@ async def ingest_status(
             except NotFoundError:
                 unacknowledged = 0
             staged = counts.get(number, {})
-            rows.append(PartitionStatus(
-                partition=number, in_stream=in_stream.get(settings.subject(number), 0),
-                unacknowledged=unacknowledged, staged=staged.get(0, 0), rejected=staged.get(REJECTED, 0),
-                owner=owners.get(number)))
+            rows.append(
+                PartitionStatus(
+                    partition=number,
+                    in_stream=in_stream.get(settings.subject(number), 0),
+                    unacknowledged=unacknowledged,
+                    staged=staged.get(0, 0),
+                    rejected=staged.get(REJECTED, 0),
+                    owner=owners.get(number),
+                )
+            )
         return rows

@@ -22,9 +22,22 @@ from ..stores.urls import open_store, store_path
 from .render import safe
 
 __all__ = [
-    "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "PROG", "CliError", "PhiSessionGroup",
-    "echo_json", "load_cli_session", "main", "open_cli_store", "session_id_argument", "stderr",
-    "stdout", "store_options", "warn",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "PROG",
+    "CliError",
+    "PhiSessionGroup",
+    "echo_json",
+    "load_cli_session",
+    "main",
+    "open_cli_store",
+    "session_id_argument",
+    "stderr",
+    "stdout",
+    "store_options",
+    "warn",
 ]
 
 EXIT_OK = 0
@@ -142,8 +155,7 @@ class PhiSessionGroup(click.Group):
             sys.exit(code)
         return code
 
-    def _run(self, args: Sequence[str] | None, prog_name: str, complete_var: str | None,
-             **extra: Any) -> int:
+    def _run(self, args: Sequence[str] | None, prog_name: str, complete_var: str | None, **extra: Any) -> int:
         handler = _StderrLogHandler(logging.WARNING)
         library_logger = logging.getLogger("phi_session")
         library_logger.addHandler(handler)
@@ -184,8 +196,7 @@ class PhiSessionGroup(click.Group):
         except Exception as error:
             if os.environ.get("PHI_SESSION_DEBUG"):
                 raise
-            warn(f"internal error: {type(error).__name__}: {error} "
-                 "(PHI_SESSION_DEBUG=1 shows the traceback)")
+            warn(f"internal error: {type(error).__name__}: {error} (PHI_SESSION_DEBUG=1 shows the traceback)")
             return EXIT_FAILURE
         finally:
             library_logger.removeHandler(handler)
@@ -208,9 +219,13 @@ def main() -> None:
 def prices_option(fn: F) -> F:
     """``--prices FILE``: the user's own prices, for the commands that show cost."""
     return click.option(
-        "--prices", "prices_file", metavar="FILE", default=None, envvar="PHI_SESSION_PRICES",
+        "--prices",
+        "prices_file",
+        metavar="FILE",
+        default=None,
+        envvar="PHI_SESSION_PRICES",
         help="Your own prices, USD per million tokens (TOML or JSON; default $PHI_SESSION_PRICES); "
-             "they win over the genai-prices table of the 'prices' extra.",
+        "they win over the genai-prices table of the 'prices' extra.",
     )(fn)
 
 
@@ -223,7 +238,10 @@ def store_options(fn: F) -> F:
     """``--store URL`` and ``--json``, shared by every command."""
     fn = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")(fn)
     return click.option(
-        "--store", "store_url", metavar="URL", default=None,
+        "--store",
+        "store_url",
+        metavar="URL",
+        default=None,
         help="Session store URL, SQLite file or directory (default: $PHI_SESSION_STORE, "
-             "else ./.phi-session/sessions.db).",
+        "else ./.phi-session/sessions.db).",
     )(fn)

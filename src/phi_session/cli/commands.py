@@ -65,8 +65,11 @@ def _filter_options(fn: Callable[..., None]) -> Callable[..., None]:
         click.option("--agent", help="Only sessions of this agent id."),
         click.option("--since", metavar="WHEN", help=f"Last active at or after WHEN: {TIME_HELP}."),
         click.option("--until", metavar="WHEN", help="Last active before WHEN (same forms as --since)."),
-        click.option("--status", metavar="STATUS",
-                     help=f"Sessions with a loop in this status ({', '.join(LOOP_STATUSES)}; any case)."),
+        click.option(
+            "--status",
+            metavar="STATUS",
+            help=f"Sessions with a loop in this status ({', '.join(LOOP_STATUSES)}; any case).",
+        ),
         click.option("--model", help="Sessions with a loop on this model (provider/model or model)."),
         click.option("--min-tokens", metavar="N", help="Sessions with at least N tokens in total."),
         click.option("--parent", metavar="ID", help="Sub-agent sessions spawned from session ID."),
@@ -100,12 +103,16 @@ def _session_cost(store: SessionStore, pricer: Pricer, session_id: str) -> Cost:
 @main.command("list")
 @_filter_options
 @click.option("--limit", metavar="N", help="Show at most N sessions.")
-@click.option("--after", metavar="CURSOR",
-              help="The page after CURSOR (printed on stderr under a full page of --limit rows).")
+@click.option(
+    "--after",
+    metavar="CURSOR",
+    help="The page after CURSOR (printed on stderr under a full page of --limit rows).",
+)
 @prices_option
 @store_options
-def list_command(store_url: str | None, as_json: bool, prices_file: str | None,
-                 **filters: str | None) -> None:
+def list_command(
+    store_url: str | None, as_json: bool, prices_file: str | None, **filters: str | None
+) -> None:
     """List stored sessions, newest first, with their cost (each listed session is read to price it)."""
     query = _session_query(filters)
     pricer = cli_pricer(prices_file)
@@ -114,11 +121,13 @@ def list_command(store_url: str | None, as_json: bool, prices_file: str | None,
         costs = [_session_cost(store, pricer, row.session_id) for row in rows]
     following = query.next_page(rows)
     if following is not None and following.after is not None:
-        stderr().print(f"more may follow: --after {following.after}", style="dim", markup=False,
-                       highlight=False)
+        stderr().print(
+            f"more may follow: --after {following.after}", style="dim", markup=False, highlight=False
+        )
     if as_json:
-        echo_json([{**to_builtins(row), "cost": to_builtins(cost)}
-                   for row, cost in zip(rows, costs, strict=True)])
+        echo_json(
+            [{**to_builtins(row), "cost": to_builtins(cost)} for row, cost in zip(rows, costs, strict=True)]
+        )
     elif rows:
         console = stdout()
         console.print(render.summaries_table(rows, console.width, costs))
@@ -133,13 +142,23 @@ def list_command(store_url: str | None, as_json: bool, prices_file: str | None,
 @main.command()
 @click.argument("session_id", metavar="ID")
 @click.option("--events", "with_events", is_flag=True, help="Also print the ordered event log.")
-@click.option("--timeline", "with_timeline", is_flag=True,
-              help="Draw a waterfall of loops, turns, model and tool calls (sub-agent sessions inline) "
-                   "instead of the loop tree.")
+@click.option(
+    "--timeline",
+    "with_timeline",
+    is_flag=True,
+    help="Draw a waterfall of loops, turns, model and tool calls (sub-agent sessions inline) "
+    "instead of the loop tree.",
+)
 @prices_option
 @store_options
-def show(session_id: str, with_events: bool, with_timeline: bool, store_url: str | None,
-         as_json: bool, prices_file: str | None) -> None:
+def show(
+    session_id: str,
+    with_events: bool,
+    with_timeline: bool,
+    store_url: str | None,
+    as_json: bool,
+    prices_file: str | None,
+) -> None:
     """Show a session: header, usage and its loop tree (or, with --timeline, its waterfall).
 
     With --json, prints the session's phi-core JSON (which includes the events);
@@ -188,8 +207,9 @@ def tree(session_id: str, store_url: str | None, as_json: bool) -> None:
     console = stdout()
     parent = root.parent_spawn_ref
     if parent is not None:
-        console.print(render.plain(
-            f"(spawned by session {parent.parent_session_id} via {parent.tool_name})", "dim"))
+        console.print(
+            render.plain(f"(spawned by session {parent.parent_session_id} via {parent.tool_name})", "dim")
+        )
     console.print(render.spawn_tree(graph))
 
 
@@ -216,8 +236,12 @@ def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool)
         console.print(render.message_view(message))
     note = render.count(len(messages), "message")
     chain = [session.get_loop(chain_id) for chain_id in session.loop_chain_to(loop_id)]
-    if any(record is not None and record.kind.kind == "Compaction"
-           and not isinstance(record.compaction_block, CompactionBlock) for record in chain):
+    if any(
+        record is not None
+        and record.kind.kind == "Compaction"
+        and not isinstance(record.compaction_block, CompactionBlock)
+        for record in chain
+    ):
         note += " (uncompacted: the compaction pass stored no compaction block)"
     stderr().print(note, style="dim")
 
@@ -226,8 +250,14 @@ def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool)
 
 
 @main.command()
-@click.option("--by", "group_by", default="agent", show_default=True, metavar="|".join(GROUP_BYS),
-              help="Group usage by agent, by model (provider/model) or by UTC day of creation.")
+@click.option(
+    "--by",
+    "group_by",
+    default="agent",
+    show_default=True,
+    metavar="|".join(GROUP_BYS),
+    help="Group usage by agent, by model (provider/model) or by UTC day of creation.",
+)
 @prices_option
 @store_options
 def stats(group_by: str, store_url: str | None, as_json: bool, prices_file: str | None) -> None:
@@ -245,8 +275,9 @@ def stats(group_by: str, store_url: str | None, as_json: bool, prices_file: str 
         costs = cost_totals((store.load(session_id) for session_id in store.list_ids()), by, pricer)
     if as_json:
         cost_of = {row.key: row.cost for row in costs}
-        echo_json([{**to_builtins(row), "cost": to_builtins(cost_of.get(row.key, ZERO_COST))}
-                   for row in totals])
+        echo_json(
+            [{**to_builtins(row), "cost": to_builtins(cost_of.get(row.key, ZERO_COST))} for row in totals]
+        )
     elif totals:
         stdout().print(render.usage_totals_table(totals, by, costs))
         _note_unknown_costs(pricer, [row.cost for row in costs])
@@ -260,8 +291,9 @@ def stats(group_by: str, store_url: str | None, as_json: bool, prices_file: str 
 @main.command()
 @click.argument("text")
 @_filter_options
-@click.option("--limit", metavar="N", default=str(DEFAULT_LIMIT), show_default=True,
-              help="Show at most N hits.")
+@click.option(
+    "--limit", metavar="N", default=str(DEFAULT_LIMIT), show_default=True, help="Show at most N hits."
+)
 @store_options
 def search(text: str, limit: str, store_url: str | None, as_json: bool, **filters: str | None) -> None:
     """Find where agents said TEXT: message text, thinking, tool calls and tool results.
@@ -311,7 +343,9 @@ class _LineConsumer(Protocol):
 
 
 def _record_stream(
-    source: _LineSource, recorder: _LineConsumer, progress: Progress | None,
+    source: _LineSource,
+    recorder: _LineConsumer,
+    progress: Progress | None,
     spill: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """Feed every non-empty line to the recorder; malformed lines are reported and skipped.
@@ -359,8 +393,10 @@ def _record_line(
 
 def _orphans_writer(file: IO[bytes]) -> Callable[[Iterable[AgentEvent]], None]:
     """Writes events to the ``--orphans`` file, one JSON line each."""
+
     def write(events: Iterable[AgentEvent]) -> None:
         file.writelines(encode_event(event) + b"\n" for event in events)
+
     return write
 
 
@@ -373,19 +409,41 @@ def _open_orphans_file(path: str) -> IO[bytes]:
 
 @main.command()
 @click.argument("source", metavar="FILE|-")
-@click.option("--dir", "directory", metavar="DIR", type=click.Path(file_okay=False),
-              help="Store the sessions as phi-core JSON files in DIR (created if missing).")
+@click.option(
+    "--dir",
+    "directory",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Store the sessions as phi-core JSON files in DIR (created if missing).",
+)
 @click.option("--include-streaming-events", is_flag=True, help="Also store MessageUpdate deltas.")
 @click.option("--capture-turn-requests", is_flag=True, help="Copy TurnRequest payloads into their turns.")
-@click.option("--orphans", "orphans_path", metavar="FILE", type=click.Path(dir_okay=False),
-              help="Write events that belong to no known loop to FILE (JSONL; created, "
-                   "empty if there are none, before any input is read).")
-@click.option("--to", "broker_url", metavar="NATS_URL",
-              help="Publish the events to NATS JetStream (nats://HOST[:PORT]) for 'phi-session ingest' "
-                   "workers instead of recording them here.")
+@click.option(
+    "--orphans",
+    "orphans_path",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Write events that belong to no known loop to FILE (JSONL; created, "
+    "empty if there are none, before any input is read).",
+)
+@click.option(
+    "--to",
+    "broker_url",
+    metavar="NATS_URL",
+    help="Publish the events to NATS JetStream (nats://HOST[:PORT]) for 'phi-session ingest' "
+    "workers instead of recording them here.",
+)
 @store_options
-def record(source: str, directory: str | None, include_streaming_events: bool, capture_turn_requests: bool,
-           orphans_path: str | None, broker_url: str | None, store_url: str | None, as_json: bool) -> None:
+def record(
+    source: str,
+    directory: str | None,
+    include_streaming_events: bool,
+    capture_turn_requests: bool,
+    orphans_path: str | None,
+    broker_url: str | None,
+    store_url: str | None,
+    as_json: bool,
+) -> None:
     """Record a JSONL event stream into the store.
 
     FILE (or - for stdin) is phi-core's event stream, one JSON event per line.
@@ -401,12 +459,16 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
     """
     if broker_url is not None:
         if directory is not None or store_url is not None or orphans_path is not None:
-            raise CliError("--to publishes to a broker: --store, --dir and --orphans do not apply",
-                           EXIT_USAGE)
+            raise CliError(
+                "--to publishes to a broker: --store, --dir and --orphans do not apply", EXIT_USAGE
+            )
         _publish(source, broker_url, as_json)
         return
-    recorder = SessionRecorder(SessionRecorderConfig(
-        include_streaming_events=include_streaming_events, capture_turn_requests=capture_turn_requests))
+    recorder = SessionRecorder(
+        SessionRecorderConfig(
+            include_streaming_events=include_streaming_events, capture_turn_requests=capture_turn_requests
+        )
+    )
     with contextlib.ExitStack() as cleanup:
         # Opened (created) before any input is consumed: an unwritable path must fail
         # now, not after the stream is gone.
@@ -425,8 +487,12 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
         lines = _LineSource(source)
         try:
             if sys.stderr.isatty() and not as_json:
-                columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                           TimeElapsedColumn())
+                columns = (
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    DownloadColumn(),
+                    TimeElapsedColumn(),
+                )
                 with Progress(*columns, console=stderr(), transient=True) as progress:
                     outcome = _record_stream(lines, recorder, progress, spill)
             else:
@@ -455,26 +521,39 @@ def record(source: str, directory: str | None, include_streaming_events: bool, c
             warn(f"warning: {render.count(len(orphans), 'event')} belonged to no known loop: {where}")
     summaries = [summarize(session) for session in sessions]
     totals = {
-        "sessions": len(summaries), "loops": sum(row.loop_count for row in summaries),
+        "sessions": len(summaries),
+        "loops": sum(row.loop_count for row in summaries),
         "turns": sum(row.turn_count for row in summaries),
         "total_tokens": sum(row.total_tokens for row in summaries),
-        "events": outcome["events"], "malformed_lines": outcome["malformed_lines"],
-        "orphan_events": len(orphans), "unsaved_sessions": len(unsaved),
+        "events": outcome["events"],
+        "malformed_lines": outcome["malformed_lines"],
+        "orphan_events": len(orphans),
+        "unsaved_sessions": len(unsaved),
         "interrupted_at_line": outcome["interrupted_at"],
     }
     if as_json:
-        echo_json({"sessions": [render.summary_record(row) for row in summaries], "totals": totals,
-                   "errors": outcome["errors"]})
+        echo_json(
+            {
+                "sessions": [render.summary_record(row) for row in summaries],
+                "totals": totals,
+                "errors": outcome["errors"],
+            }
+        )
     else:
         console = stdout()
         for row in summaries:  # one line each, whatever the width: scripts read these
             console.print(render.summary_text(row), soft_wrap=True)
-        console.print(Text(
-            f"total: {render.count(totals['sessions'], 'session')}, {render.count(totals['loops'], 'loop')}, "
-            f"{render.count(totals['turns'], 'turn')}, {render.count(totals['total_tokens'], 'token')} "
-            f"from {render.count(totals['events'], 'event')}; "
-            f"{render.count(totals['malformed_lines'], 'malformed line')} skipped", style="bold"),
-            soft_wrap=True)
+        console.print(
+            Text(
+                f"total: {render.count(totals['sessions'], 'session')}, "
+                f"{render.count(totals['loops'], 'loop')}, "
+                f"{render.count(totals['turns'], 'turn')}, {render.count(totals['total_tokens'], 'token')} "
+                f"from {render.count(totals['events'], 'event')}; "
+                f"{render.count(totals['malformed_lines'], 'malformed line')} skipped",
+                style="bold",
+            ),
+            soft_wrap=True,
+        )
         _note_default_store(store_url, directory)
     if outcome["interrupted_at"] is not None:
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
@@ -512,8 +591,9 @@ def _read_sessions(data: bytes) -> list[Session]:
             decode_event(data.lstrip().split(b"\n", 1)[0])
         except DecodeError:
             raise error from None  # the session's error: the file is no event stream either
-        raise DecodeError(f"an event stream (JSONL), not a session file: record it with "
-                          f"'{PROG} record FILE'") from None
+        raise DecodeError(
+            f"an event stream (JSONL), not a session file: record it with '{PROG} record FILE'"
+        ) from None
 
 
 @main.command("import")
@@ -548,11 +628,16 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
                 for session in sessions:
                     outcome = saver.save(session)
                     if outcome.saved:
-                        imported.append({"path": str(file), "session_id": session.session_id,
-                                         "loops": len(session.loops)})
+                        imported.append(
+                            {"path": str(file), "session_id": session.session_id, "loops": len(session.loops)}
+                        )
                     else:
-                        errors.append({"path": str(file), "error": f"session {session.session_id} not saved: "
-                                                                   f"{outcome.error}"})
+                        errors.append(
+                            {
+                                "path": str(file),
+                                "error": f"session {session.session_id} not saved: {outcome.error}",
+                            }
+                        )
     for failure in errors:
         warn(f"error: {failure['path']}: {failure['error']}")
     if as_json:
@@ -560,11 +645,15 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     else:
         console = stdout()
         for row in imported:
-            console.print(render.plain(
-                f"imported {row['session_id']} ({render.count(row['loops'], 'loop')}) from {row['path']}"),
-                soft_wrap=True)
-        console.print(Text(f"{render.count(len(imported), 'session')} imported, {len(errors):,} failed",
-                           style="bold"))
+            console.print(
+                render.plain(
+                    f"imported {row['session_id']} ({render.count(row['loops'], 'loop')}) from {row['path']}"
+                ),
+                soft_wrap=True,
+            )
+        console.print(
+            Text(f"{render.count(len(imported), 'session')} imported, {len(errors):,} failed", style="bold")
+        )
         _note_default_store(store_url)
     if errors:
         raise click.exceptions.Exit(EXIT_FAILURE)
@@ -572,14 +661,22 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
 
 @main.command()
 @click.argument("session_ids", metavar="ID...", nargs=-1, required=True)
-@click.option("--format", "fmt", type=click.Choice(["json", "jsonl"]), default="json", show_default=True,
-              help="json: phi-core session JSON (import reads it back); jsonl: the stored event "
-                   "stream (record reads it back).")
-@click.option("-o", "--output", metavar="FILE", type=click.Path(dir_okay=False),
-              help="Write to FILE instead of stdout.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "jsonl"]),
+    default="json",
+    show_default=True,
+    help="json: phi-core session JSON (import reads it back); jsonl: the stored event "
+    "stream (record reads it back).",
+)
+@click.option(
+    "-o", "--output", metavar="FILE", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout."
+)
 @store_options
-def export(session_ids: tuple[str, ...], fmt: str, output: str | None, store_url: str | None,
-           as_json: bool) -> None:
+def export(
+    session_ids: tuple[str, ...], fmt: str, output: str | None, store_url: str | None, as_json: bool
+) -> None:
     """Export sessions as phi-core JSON or as a JSONL event stream.
 
     json: one ID gives its session file exactly as stored (phi-core's bytes);
@@ -642,8 +739,13 @@ def rm(session_ids: tuple[str, ...], store_url: str | None, as_json: bool) -> No
 
 
 @main.command()
-@click.option("--dir", "directory", metavar="DIR", type=click.Path(file_okay=False),
-              help="Store the demo sessions as phi-core JSON files in DIR (created if missing).")
+@click.option(
+    "--dir",
+    "directory",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Store the demo sessions as phi-core JSON files in DIR (created if missing).",
+)
 @store_options
 def demo(directory: str | None, store_url: str | None, as_json: bool) -> None:
     """Record an offline demo scenario and show its loop trees.
@@ -662,28 +764,54 @@ def demo(directory: str | None, store_url: str | None, as_json: bool) -> None:
     console = stdout()
     for session in sessions:
         console.print(render.loop_tree(session, loop_forest(session), details=False))
-    console.print(Text(f"{render.count(len(sessions), 'demo session')} stored; "
-                       f"try: {PROG} list, {PROG} serve", style="bold"))
+    console.print(
+        Text(
+            f"{render.count(len(sessions), 'demo session')} stored; try: {PROG} list, {PROG} serve",
+            style="bold",
+        )
+    )
     _note_default_store(store_url, directory)
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. Anything but loopback exposes every session to the network.")
-@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
-              help="Port (0: pick a free one).")
-@click.option("--otlp", is_flag=True,
-              help="Also receive OpenTelemetry traces (OTLP/HTTP, POST /v1/traces) and record them as "
-                   "sessions (needs pip install 'phi-session[otlp]').")
-@click.option("--otlp-port", default=4318, show_default=True, type=click.IntRange(0, 65535),
-              help="Port of the OTLP receiver (0: pick a free one); it listens on --host.")
-@click.option("--otlp-state", metavar="DIR", default=".phi-session/otlp", show_default=True,
-              type=click.Path(file_okay=False),
-              help="Where the OTLP receiver keeps its journal and spool (what it acknowledged survives "
-                   "a crash).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Anything but loopback exposes every session to the network.",
+)
+@click.option(
+    "--port",
+    default=8765,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port (0: pick a free one).",
+)
+@click.option(
+    "--otlp",
+    is_flag=True,
+    help="Also receive OpenTelemetry traces (OTLP/HTTP, POST /v1/traces) and record them as "
+    "sessions (needs pip install 'phi-session[otlp]').",
+)
+@click.option(
+    "--otlp-port",
+    default=4318,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of the OTLP receiver (0: pick a free one); it listens on --host.",
+)
+@click.option(
+    "--otlp-state",
+    metavar="DIR",
+    default=".phi-session/otlp",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the OTLP receiver keeps its journal and spool (what it acknowledged survives a crash).",
+)
 @store_options
-def serve(host: str, port: int, otlp: bool, otlp_port: int, otlp_state: str, store_url: str | None,
-          as_json: bool) -> None:
+def serve(
+    host: str, port: int, otlp: bool, otlp_port: int, otlp_state: str, store_url: str | None, as_json: bool
+) -> None:
     """Serve the read-only web viewer over the store (Ctrl-C stops it).
 
     With --otlp, also record the traces of any OpenTelemetry GenAI-instrumented agent
@@ -727,6 +855,7 @@ def _start_otlp(store: SessionStore, host: str, port: int, state: str, cleanup: 
     import threading
 
     from ..errors import MissingExtra
+
     try:
         from ..otel._sdk import require_proto, require_sdk
 
@@ -776,16 +905,29 @@ def _publish(source: str, url: str, as_json: bool) -> None:
         sink.close()
     stats = sink.stats()
     if as_json:
-        echo_json({"events": outcome["events"], "published": stats.published, "pending": stats.pending,
-                   "malformed_lines": outcome["malformed_lines"], "errors": outcome["errors"]})
+        echo_json(
+            {
+                "events": outcome["events"],
+                "published": stats.published,
+                "pending": stats.pending,
+                "malformed_lines": outcome["malformed_lines"],
+                "errors": outcome["errors"],
+            }
+        )
     else:
-        stdout().print(Text(
-            f"published {render.count(stats.published, 'event')} to {url} "
-            f"({render.count(outcome['malformed_lines'], 'malformed line')} skipped)", style="bold"),
-            soft_wrap=True)
+        stdout().print(
+            Text(
+                f"published {render.count(stats.published, 'event')} to {url} "
+                f"({render.count(outcome['malformed_lines'], 'malformed line')} skipped)",
+                style="bold",
+            ),
+            soft_wrap=True,
+        )
     if not sent:
-        warn(f"warning: {render.count(stats.pending, 'event')} not acknowledged yet are kept in "
-             f"{sink.spill_dir}; the next 'record --to' or JetStreamSink there sends them")
+        warn(
+            f"warning: {render.count(stats.pending, 'event')} not acknowledged yet are kept in "
+            f"{sink.spill_dir}; the next 'record --to' or JetStreamSink there sends them"
+        )
     if outcome["interrupted_at"] is not None:
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
     if outcome["events"] == 0:
@@ -798,17 +940,37 @@ def _publish(source: str, url: str, as_json: bool) -> None:
 @click.argument("url", metavar="NATS_URL")
 @click.option("--status", is_flag=True, help="Show each partition's lag and owner, then exit.")
 @click.option("--stream", help="JetStream stream name (default $PHI_SESSION_NATS_STREAM, else PHI_EVENTS).")
-@click.option("--subject-prefix", help="Subject prefix (default $PHI_SESSION_NATS_SUBJECT_PREFIX, "
-                                       "else phi.events).")
+@click.option(
+    "--subject-prefix", help="Subject prefix (default $PHI_SESSION_NATS_SUBJECT_PREFIX, else phi.events)."
+)
 @click.option("--partitions", type=int, help="Partitions, if this creates the stream (default 8).")
-@click.option("--durable", default="phi-ingest", show_default=True,
-              help="Consumer name prefix: workers with the same one share the partitions.")
-@click.option("--ack-wait", type=float, default=5.0, show_default=True, metavar="SECONDS",
-              help="Redeliver what a worker took but did not acknowledge after SECONDS (the catch-up "
-                   "delay after a worker dies; set when the consumers are created).")
+@click.option(
+    "--durable",
+    default="phi-ingest",
+    show_default=True,
+    help="Consumer name prefix: workers with the same one share the partitions.",
+)
+@click.option(
+    "--ack-wait",
+    type=float,
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Redeliver what a worker took but did not acknowledge after SECONDS (the catch-up "
+    "delay after a worker dies; set when the consumers are created).",
+)
 @store_options
-def ingest(url: str, status: bool, stream: str | None, subject_prefix: str | None, partitions: int | None,
-           durable: str, ack_wait: float, store_url: str | None, as_json: bool) -> None:
+def ingest(
+    url: str,
+    status: bool,
+    stream: str | None,
+    subject_prefix: str | None,
+    partitions: int | None,
+    durable: str,
+    ack_wait: float,
+    store_url: str | None,
+    as_json: bool,
+) -> None:
     """Record events from NATS JetStream into a PostgreSQL store, until SIGTERM or Ctrl-C.
 
     Run one or more on any machines: they share the stream's partitions, each
@@ -823,14 +985,18 @@ def ingest(url: str, status: bool, stream: str | None, subject_prefix: str | Non
 
     target = store_url if store_url is not None else default_store_url()
     if store_path(target) is not None:
-        raise CliError(f"ingest needs a PostgreSQL store (--store postgresql://...), not {target}",
-                       EXIT_USAGE)
+        raise CliError(
+            f"ingest needs a PostgreSQL store (--store postgresql://...), not {target}", EXIT_USAGE
+        )
     dsn, schema = postgres_dsn_and_schema(target)
     schema = schema or "phi_session"
     if status:
         try:
-            rows = asyncio.run(ingest_status(url, dsn, schema=schema, stream=stream,
-                                             subject_prefix=subject_prefix, durable=durable))
+            rows = asyncio.run(
+                ingest_status(
+                    url, dsn, schema=schema, stream=stream, subject_prefix=subject_prefix, durable=durable
+                )
+            )
         except ValueError as error:
             raise CliError(str(error), EXIT_USAGE) from None
         if as_json:
@@ -839,8 +1005,16 @@ def ingest(url: str, status: bool, stream: str | None, subject_prefix: str | Non
             stdout().print(render.partition_status_table(rows))
         return
     try:
-        worker = IngestWorker(url, dsn, schema=schema, stream=stream, subject_prefix=subject_prefix,
-                              partitions=partitions, durable=durable, ack_wait=ack_wait)
+        worker = IngestWorker(
+            url,
+            dsn,
+            schema=schema,
+            stream=stream,
+            subject_prefix=subject_prefix,
+            partitions=partitions,
+            durable=durable,
+            ack_wait=ack_wait,
+        )
     except ValueError as error:
         raise CliError(str(error), EXIT_USAGE) from None
 
@@ -855,11 +1029,23 @@ def ingest(url: str, status: bool, stream: str | None, subject_prefix: str | Non
     asyncio.run(run())
     stats = worker.stats
     if as_json:
-        echo_json({"received": stats.received, "duplicates": stats.duplicates, "recorded": stats.recorded,
-                   "rejected": stats.rejected, "sessions_saved": stats.sessions_saved})
+        echo_json(
+            {
+                "received": stats.received,
+                "duplicates": stats.duplicates,
+                "recorded": stats.recorded,
+                "rejected": stats.rejected,
+                "sessions_saved": stats.sessions_saved,
+            }
+        )
     else:
-        stdout().print(Text(
-            f"recorded {render.count(stats.recorded, 'event')} "
-            f"({render.count(stats.duplicates, 'duplicate')} dropped, "
-            f"{render.count(stats.rejected, 'rejected event')}), "
-            f"saved {render.count(stats.sessions_saved, 'session')}", style="bold"), soft_wrap=True)
+        stdout().print(
+            Text(
+                f"recorded {render.count(stats.recorded, 'event')} "
+                f"({render.count(stats.duplicates, 'duplicate')} dropped, "
+                f"{render.count(stats.rejected, 'rejected event')}), "
+                f"saved {render.count(stats.sessions_saved, 'session')}",
+                style="bold",
+            ),
+            soft_wrap=True,
+        )

@@ -41,8 +41,11 @@ from ..stores.search import SearchHit
 from ..views import LoopNode, SpawnNode, TimelineBar
 
 STATUS_STYLES = {
-    "Completed": "green", "Running": "cyan", "Pending": "yellow",
-    "Aborted": "red", "Rejected": "magenta",
+    "Completed": "green",
+    "Running": "cyan",
+    "Pending": "yellow",
+    "Aborted": "red",
+    "Rejected": "magenta",
 }
 
 # C0/C1 control characters (except newline and tab) would let recorded content drive
@@ -109,10 +112,16 @@ def cost_text(cost: Cost, *, sources: bool = False) -> Text:
 
 
 def usage_line(usage: Usage) -> str:
-    parts = [f"{number(usage.total_tokens)} tokens", f"in {number(usage.input)}",
-             f"out {number(usage.output)}"]
-    for label, value in (("reasoning", usage.reasoning), ("cache read", usage.cache_read),
-                         ("cache write", usage.cache_write)):
+    parts = [
+        f"{number(usage.total_tokens)} tokens",
+        f"in {number(usage.input)}",
+        f"out {number(usage.output)}",
+    ]
+    for label, value in (
+        ("reasoning", usage.reasoning),
+        ("cache read", usage.cache_read),
+        ("cache write", usage.cache_write),
+    ):
         if value:
             parts.append(f"{label} {number(value)}")
     return " · ".join(parts)
@@ -179,8 +188,11 @@ def partition_status_table(rows: Sequence[Any]) -> Table:
         table.add_column(title, justify="right", footer=number(sum(getattr(row, attribute) for row in rows)))
     table.add_column("OWNER")
     for row in rows:
-        table.add_row(str(row.partition), *(number(getattr(row, name)) for name in _PARTITION_COLUMNS[1:5]),
-                      f"pid {row.owner}" if row.owner is not None else "none")
+        table.add_row(
+            str(row.partition),
+            *(number(getattr(row, name)) for name in _PARTITION_COLUMNS[1:5]),
+            f"pid {row.owner}" if row.owner is not None else "none",
+        )
     return table
 
 
@@ -202,9 +214,13 @@ def usage_totals_table(totals: Sequence[UsageTotal], by: str, costs: Sequence[Co
         table.add_column(name.replace("_", " ").upper(), justify="right", footer=number(getattr(grand, name)))
     table.add_column("COST", justify="right", footer=cost_text(total(row.cost for row in costs)))
     for row in totals:
-        table.add_row(plain(row.key), number(row.sessions), number(row.loops),
-                      *(number(getattr(row.usage, name)) for name in USAGE_COLUMNS),
-                      cost_text(cost_of.get(row.key, ZERO_COST)))
+        table.add_row(
+            plain(row.key),
+            number(row.sessions),
+            number(row.loops),
+            *(number(getattr(row.usage, name)) for name in USAGE_COLUMNS),
+            cost_text(cost_of.get(row.key, ZERO_COST)),
+        )
     return table
 
 
@@ -230,9 +246,12 @@ def search_hits_table(hits: Sequence[SearchHit]) -> Table:
 def summary_record(summary: SessionSummary) -> dict[str, Any]:
     """The one-session summary ``record`` and ``demo`` print with ``--json``."""
     return {
-        "session_id": summary.session_id, "agent_id": summary.agent_id,
-        "loops_by_status": summary.loops_by_status, "turns": summary.turn_count,
-        "total_tokens": summary.total_tokens, "rejected": summary.rejected,
+        "session_id": summary.session_id,
+        "agent_id": summary.agent_id,
+        "loops_by_status": summary.loops_by_status,
+        "turns": summary.turn_count,
+        "total_tokens": summary.total_tokens,
+        "rejected": summary.rejected,
     }
 
 
@@ -265,9 +284,14 @@ def session_header(session: Session, summary: SessionSummary, cost: Cost) -> Tab
     grid.add_column(style="bold")
     grid.add_column()
     spawn = session.parent_spawn_ref
-    parent = (plain(f"session {spawn.parent_session_id}, loop {spawn.parent_loop_id}, "
-                    f"tool {spawn.tool_name} (call {spawn.tool_call_id})")
-              if spawn is not None else Text("none", style="dim"))
+    parent = (
+        plain(
+            f"session {spawn.parent_session_id}, loop {spawn.parent_loop_id}, "
+            f"tool {spawn.tool_name} (call {spawn.tool_call_id})"
+        )
+        if spawn is not None
+        else Text("none", style="dim")
+    )
     rows: list[tuple[str, RenderableType]] = [
         ("Session", plain(session.session_id)),
         ("Agent", plain(session.agent_id)),
@@ -304,12 +328,19 @@ def _config_text(record: LoopRecord) -> str:
         return "no config"
     parts = [f"{config.provider}/{config.model}"]
     details = [
-        ("config", config.config_id), ("name", config.name), ("api", config.api),
-        ("thinking", config.thinking_level), ("temperature", config.temperature),
-        ("max tokens", config.max_tokens), ("context", config.context_window),
+        ("config", config.config_id),
+        ("name", config.name),
+        ("api", config.api),
+        ("thinking", config.thinking_level),
+        ("temperature", config.temperature),
+        ("max tokens", config.max_tokens),
+        ("context", config.context_window),
     ]
-    parts += [f"{label} {_config_value(value)}" for label, value in details
-              if value is not None and not isinstance(value, msgspec.UnsetType)]
+    parts += [
+        f"{label} {_config_value(value)}"
+        for label, value in details
+        if value is not None and not isinstance(value, msgspec.UnsetType)
+    ]
     return " · ".join(parts)
 
 
@@ -321,18 +352,23 @@ def loop_label(record: LoopRecord, position: int, session: Session, *, details: 
     """
     loop_id = record.loop_id
     if not details and loop_id.startswith(session.session_id) and loop_id != session.session_id:
-        loop_id = "\u2026" + loop_id[len(session.session_id):]
+        loop_id = "\u2026" + loop_id[len(session.session_id) :]
     label = Text(f"#{position} ", style="bold")
     label.append(f"\u25cf {record.status}", style=STATUS_STYLES.get(record.status, "") + " bold")
     label.append(safe(f"  {_kind_text(record)}  ", one_line=True), style="blue")
     label.append(safe(loop_id, one_line=True))
     group = record.parallel_group
     if group is not None:
-        label.append("  \u2605 parallel winner" if group.is_selected else "  parallel, not selected",
-                     style="yellow bold" if group.is_selected else "dim")
-    label.append(f"  {count(record.turn_count(), 'turn')} · "
-                 f"{count(record.tool_call_count(), 'tool call')} · "
-                 f"{count(record.usage.total_tokens, 'token')}", style="dim")
+        label.append(
+            "  \u2605 parallel winner" if group.is_selected else "  parallel, not selected",
+            style="yellow bold" if group.is_selected else "dim",
+        )
+    label.append(
+        f"  {count(record.turn_count(), 'turn')} · "
+        f"{count(record.tool_call_count(), 'tool call')} · "
+        f"{count(record.usage.total_tokens, 'token')}",
+        style="dim",
+    )
     return _cut(label)
 
 
@@ -340,8 +376,10 @@ def _turn_line(record: LoopRecord, turn_index: int) -> Text:
     turn = record.turns[turn_index]
     content = getattr(turn.output_message, "content", ())  # extension messages have none
     tools = [block.name for block in content if isinstance(block, ToolCall)]
-    line = Text(f"turn {turn.index} · {turn.triggered_by} · {turn.duration():.2f}s · "
-                f"{number(turn.usage.total_tokens)} tokens")
+    line = Text(
+        f"turn {turn.index} · {turn.triggered_by} · {turn.duration():.2f}s · "
+        f"{number(turn.usage.total_tokens)} tokens"
+    )
     if tools:
         line.append(" · calls ")
         line.append(safe(", ".join(tools), one_line=True), style="cyan")
@@ -371,15 +409,21 @@ def _add_loop(tree: Tree, session: Session, index: int, drawn_under: int | None,
         branch.add(_cut(plain(f"error: {record.error}", "red", one_line=True)))
     group = record.parallel_group
     if details and group is not None:
-        branch.add(plain(
-            f"parallel group of {len(group.all_loop_ids)}: winner {group.selected_loop_id} "
-            f"(config #{group.selected_config_index}), "
-            f"evaluation {number(group.evaluation_usage.total_tokens)} tokens",
-            "yellow"))
+        branch.add(
+            plain(
+                f"parallel group of {len(group.all_loop_ids)}: winner {group.selected_loop_id} "
+                f"(config #{group.selected_config_index}), "
+                f"evaluation {number(group.evaluation_usage.total_tokens)} tokens",
+                "yellow",
+            )
+        )
     for ref in record.child_loop_refs:
-        text = (f"\u2192 sub-agent session {ref.child_session_id} (loop {ref.child_loop_id}) "
-                f"via {ref.tool_name} call {ref.tool_call_id}" if details
-                else f"\u2192 sub-agent session {ref.child_session_id} via {ref.tool_name}")
+        text = (
+            f"\u2192 sub-agent session {ref.child_session_id} (loop {ref.child_loop_id}) "
+            f"via {ref.tool_name} call {ref.tool_call_id}"
+            if details
+            else f"\u2192 sub-agent session {ref.child_session_id} via {ref.tool_name}"
+        )
         branch.add(_cut(plain(text, "cyan", one_line=True)))
     if details:
         for turn_index in range(len(record.turns)):
@@ -405,8 +449,12 @@ def loop_tree(session: Session, forest: Sequence[LoopNode], *, details: bool = T
     else:
         spawn = session.parent_spawn_ref
         root = plain(f"session {session.session_id}", "bold", one_line=True)
-        root.append(safe(f"  spawned via {spawn.tool_name}", one_line=True) if spawn is not None
-                    else f"  {session.formation.kind}", style="cyan" if spawn is not None else "")
+        root.append(
+            safe(f"  spawned via {spawn.tool_name}", one_line=True)
+            if spawn is not None
+            else f"  {session.formation.kind}",
+            style="cyan" if spawn is not None else "",
+        )
         root.append(f"  {count(session.total_usage().total_tokens, 'token')}")
     tree = Tree(_cut(root))
     # An explicit stack (reversed so siblings keep session order): a chain of thousands
@@ -443,10 +491,13 @@ def events_table(session: Session, width: int) -> Table:
     table.add_column("DETAIL", no_wrap=True, overflow="ellipsis", max_width=max(20, width - 85))
     positions = {id(record): index for index, record in enumerate(session.loops, start=1)}
     for loop, sequence, event in session.iter_events():
-        table.add_row("session" if loop is None else f"#{positions[id(loop)]}",
-                      "" if sequence is None else number(sequence), type(event).__name__,
-                      str(getattr(event, "timestamp", "")),
-                      plain(_event_detail(event), one_line=True, limit=160))
+        table.add_row(
+            "session" if loop is None else f"#{positions[id(loop)]}",
+            "" if sequence is None else number(sequence),
+            type(event).__name__,
+            str(getattr(event, "timestamp", "")),
+            plain(_event_detail(event), one_line=True, limit=160),
+        )
     return table
 
 
@@ -493,8 +544,12 @@ def timeline_table(bars: Sequence[TimelineBar], width: int) -> Table:
             label.append_text(plain(f" {bar.detail}", style="dim", one_line=True))
         if bar.status is not None and bar.status != "Completed":
             label.append(f" {bar.status}", style=STATUS_STYLES.get(bar.status, ""))
-        table.add_row(label, duration(end - bar.start) + ("" if bar.end is not None else "+"),
-                      "" if bar.usage is None else number(bar.usage.total_tokens), drawn)
+        table.add_row(
+            label,
+            duration(end - bar.start) + ("" if bar.end is not None else "+"),
+            "" if bar.usage is None else number(bar.usage.total_tokens),
+            drawn,
+        )
     return table
 
 
@@ -503,20 +558,29 @@ def timeline_table(bars: Sequence[TimelineBar], width: int) -> Table:
 
 def spawn_node_json(node: SpawnNode) -> dict[str, Any]:
     """A `SpawnNode` as ``tree --json`` prints it."""
-    data: dict[str, Any] = {"session_id": node.session_id, "via": node.via, "found": node.found,
-                            "repeated": node.repeated,
-                            "children": [spawn_node_json(child) for child in node.children]}
+    data: dict[str, Any] = {
+        "session_id": node.session_id,
+        "via": node.via,
+        "found": node.found,
+        "repeated": node.repeated,
+        "children": [spawn_node_json(child) for child in node.children],
+    }
     if node.summary is not None:
-        data.update(agent_id=node.summary.agent_id, loops=node.summary.loop_count,
-                    total_tokens=node.summary.total_tokens, loops_by_status=node.summary.loops_by_status)
+        data.update(
+            agent_id=node.summary.agent_id,
+            loops=node.summary.loop_count,
+            total_tokens=node.summary.total_tokens,
+            loops_by_status=node.summary.loops_by_status,
+        )
     return data
 
 
 def _graph_label(node: SpawnNode) -> Text:
     label = Text()
     if node.via is not None:
-        label.append(safe(f"{node.via['tool_name']} ({node.via['tool_call_id']}) \u2192 ", one_line=True),
-                     style="cyan")
+        label.append(
+            safe(f"{node.via['tool_name']} ({node.via['tool_call_id']}) \u2192 ", one_line=True), style="cyan"
+        )
     label.append(safe(node.session_id, one_line=True), style="bold")
     if node.repeated:
         label.append("  (shown above)", style="dim")
@@ -554,8 +618,12 @@ def _content_texts(message: AgentMessage) -> list[Text]:
         elif isinstance(block, ThinkingContent):
             lines.append(plain(f"(thinking) {block.thinking}", "dim italic"))
         elif isinstance(block, ToolCall):
-            lines.append(plain(f"\u2192 {block.name}({msgspec.json.encode(block.arguments).decode()}) "
-                               f"[{block.id}]", "cyan"))
+            lines.append(
+                plain(
+                    f"\u2192 {block.name}({msgspec.json.encode(block.arguments).decode()}) [{block.id}]",
+                    "cyan",
+                )
+            )
         elif isinstance(block, ImageContent):
             lines.append(plain(f"[image {block.mime_type}, {len(block.data):,} base64 chars]", "dim"))
     return lines
@@ -565,8 +633,14 @@ def message_view(message: AgentMessage) -> Group:
     role = message_role(message)
     head = plain(role, "bold", one_line=True)
     if isinstance(message, AssistantMessage):
-        head.append(safe(f"  {message.provider}/{message.model} · {message.stop_reason} · "
-                         f"{number(message.usage.total_tokens)} tokens", one_line=True), style="dim")
+        head.append(
+            safe(
+                f"  {message.provider}/{message.model} · {message.stop_reason} · "
+                f"{number(message.usage.total_tokens)} tokens",
+                one_line=True,
+            ),
+            style="dim",
+        )
     elif isinstance(message, ToolResultMessage):
         head.append(safe(f"  {message.tool_name} [{message.tool_call_id}]", one_line=True), style="dim")
         if message.is_error:

@@ -22,8 +22,13 @@ class JournaledRecorder:
     (they raise `DecodeError` and record nothing).
     """
 
-    def __init__(self, journal: Journal, recorder: SessionRecorder | None = None, *,
-                 config: SessionRecorderConfig | None = None) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        recorder: SessionRecorder | None = None,
+        *,
+        config: SessionRecorderConfig | None = None,
+    ) -> None:
         if recorder is not None and config is not None:
             raise TypeError("pass either a recorder or a config, not both")
         self.journal = journal

@@ -168,11 +168,13 @@ def read_checkpoint(directory: Path) -> Checkpoint:
 def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
     path = directory / CHECKPOINT_FILE
     tmp = directory / f"{CHECKPOINT_FILE}.tmp"
-    data = json.dumps({
-        "version": 1,
-        "stored_below": checkpoint.stored_below,
-        "settled_through": checkpoint.settled_through,
-    }).encode()
+    data = json.dumps(
+        {
+            "version": 1,
+            "stored_below": checkpoint.stored_below,
+            "settled_through": checkpoint.settled_through,
+        }
+    ).encode()
     with open(tmp, "wb") as file:
         file.write(data)
         file.flush()
@@ -222,8 +224,13 @@ def _frame_at(data: memoryview, pos: int, after: int) -> tuple[int, int, int] | 
         return None
     marker, length, crc, first, count = _HEADER.unpack_from(data, pos)
     end = pos + _HEADER.size + length
-    if (marker != FRAME_MARKER or end > len(data) or first <= after or count < 1
-            or zlib.crc32(data[pos + _CRC_FROM:end]) != crc):
+    if (
+        marker != FRAME_MARKER
+        or end > len(data)
+        or first <= after
+        or count < 1
+        or zlib.crc32(data[pos + _CRC_FROM : end]) != crc
+    ):
         return None
     return first, count, end
 
@@ -241,7 +248,7 @@ def _resync(data: memoryview, start: int, after: int) -> int | None:
 
 
 def _records(data: memoryview, pos: int, count: int, end: int) -> list[bytes] | None:
-    body = bytes(data[pos + _HEADER.size:end])
+    body = bytes(data[pos + _HEADER.size : end])
     if count == 1:
         return [body]
     records = body.split(b"\n")
@@ -275,7 +282,7 @@ class SegmentReader:
     def read(self, path: Path) -> Iterator[tuple[int, bytes]]:
         """The records of one segment, as (seq, payload)."""
         data = memoryview(path.read_bytes())
-        if bytes(data[:len(MAGIC)]) != MAGIC:
+        if bytes(data[: len(MAGIC)]) != MAGIC:
             if MAGIC.startswith(bytes(data)):  # created, crashed before its header was written
                 if len(data):
                     self._tail_at(path, 0, len(data))
@@ -318,8 +325,9 @@ class SegmentReader:
             elif not self._damaged:  # bytes missing without a trace (a cut at a frame boundary)
                 self.damage.corrupt_regions += 1
             self.damage.records_lost += lost
-            logger.warning("journal %s: %d records missing before record %d (in %s)",
-                           path.parent, lost, first, path.name)
+            logger.warning(
+                "journal %s: %d records missing before record %d (in %s)", path.parent, lost, first, path.name
+            )
         self._damaged = False
 
     def _tail_at(self, path: Path, offset: int, size: int) -> None:
@@ -330,8 +338,12 @@ class SegmentReader:
     def _torn(self, tail: _Tail) -> None:
         if self.damage is not None:
             self.damage.torn_records += 1
-            logger.warning("journal segment %s: torn record at offset %d (%d bytes) ignored",
-                           tail.path, tail.offset, tail.size)
+            logger.warning(
+                "journal segment %s: torn record at offset %d (%d bytes) ignored",
+                tail.path,
+                tail.offset,
+                tail.size,
+            )
 
     def _corrupt(self, path: Path, offset: int, size: int, what: str) -> None:
         if self.damage is not None:

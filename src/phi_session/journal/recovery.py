@@ -130,12 +130,18 @@ def recover(
         if report.failed_sessions:
             raise RecoveryError(
                 f"recovery of {directory}: {len(report.failed_sessions)} sessions could not be saved "
-                f"({', '.join(report.failed_sessions[:5])}); the journal was kept", report)
+                f"({', '.join(report.failed_sessions[:5])}); the journal was kept",
+                report,
+            )
         if remove and segments:
             if orphans:
                 append_orphans(directory, orphans)
-                logger.warning("journal %s: %d events belonged to no loop; written to %s",
-                               directory, len(orphans), directory / ORPHANS_FILE)
+                logger.warning(
+                    "journal %s: %d events belonged to no loop; written to %s",
+                    directory,
+                    len(orphans),
+                    directory / ORPHANS_FILE,
+                )
             for path in segments:
                 path.unlink(missing_ok=True)
             (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -170,8 +176,12 @@ def _replay(
             try:
                 event = codec.decode_for_recording(payload)
                 loop_id = getattr(event, "loop_id", None)
-                if (seq <= checkpoint.settled_through and loop_id is not None
-                        and type(event) is not AgentStart and recorder.current_loop(loop_id) is None):
+                if (
+                    seq <= checkpoint.settled_through
+                    and loop_id is not None
+                    and type(event) is not AgentStart
+                    and recorder.current_loop(loop_id) is None
+                ):
                     # Its loop started before the checkpoint: the live writer saved it (`release`).
                     report.events_already_stored += 1
                     continue
@@ -191,8 +201,9 @@ def _replay(
     return report, [orphan.event for orphan in recorder.drain_orphans()]
 
 
-def _save_completed(saver: SessionSaver, recorder: SessionRecorder, report: RecoveryReport, *,
-                    flush: bool = False) -> None:
+def _save_completed(
+    saver: SessionSaver, recorder: SessionRecorder, report: RecoveryReport, *, flush: bool = False
+) -> None:
     """The recovery's one save step: checkpoint (or flush), drain, save.
 
     A session that is not saved stays in the journal, which `recover` then keeps:

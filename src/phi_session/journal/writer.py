@@ -126,11 +126,11 @@ class Journal:
             self._leftovers = [path for _, path in existing]
             earlier = read_checkpoint(self.directory)
             # Sequence numbers keep rising across runs, so an old checkpoint never covers new records.
-            self._next_seq = max(last_seq(self._leftovers) + 1, earlier.stored_below,
-                                 earlier.settled_through + 1)
+            self._next_seq = max(
+                last_seq(self._leftovers) + 1, earlier.stored_below, earlier.settled_through + 1
+            )
             self._acked = self._synced = self._next_seq - 1
-            self._fd, self._size = self._open_segment(existing[-1][0] + 1 if existing else 0,
-                                                      self._next_seq)
+            self._fd, self._size = self._open_segment(existing[-1][0] + 1 if existing else 0, self._next_seq)
         except OSError as error:
             self._dir_lock.release()
             raise StoreError(f"cannot open journal {self.directory}: {error}") from error
@@ -139,7 +139,8 @@ class Journal:
         self._flusher: threading.Thread | None = None
         if durability == "interval":
             self._flusher = threading.Thread(
-                target=self._flush_loop, name=f"phi-session journal flusher {self.directory}", daemon=True)
+                target=self._flush_loop, name=f"phi-session journal flusher {self.directory}", daemon=True
+            )
             self._flusher.start()
 
     def __repr__(self) -> str:
@@ -302,10 +303,12 @@ class Journal:
                 self._check_writable()
                 if self._leftovers:
                     raise PhiSessionError(
-                        f"journal {self.directory} holds segments of an earlier run; recover them first")
+                        f"journal {self.directory} holds segments of an earlier run; recover them first"
+                    )
                 checkpoint = Checkpoint(
                     max(self._checkpoint.stored_below, min(stored_below, self._next_seq)),
-                    max(self._checkpoint.settled_through, min(settled_through, self._next_seq - 1)))
+                    max(self._checkpoint.settled_through, min(settled_through, self._next_seq - 1)),
+                )
                 covered = [s for s in self._segments[:-1] if self._end_of(s) <= checkpoint.stored_below]
             try:
                 if checkpoint != self._checkpoint:
@@ -466,8 +469,9 @@ class Journal:
         finally:
             self._shut_down()
         if self._failure is not None:
-            raise StoreError(f"journal {self.directory} failed: {self._failure}; records after "
-                             f"{self._acked} may be lost")
+            raise StoreError(
+                f"journal {self.directory} failed: {self._failure}; records after {self._acked} may be lost"
+            )
 
     def _shut_down(self) -> None:
         """Close the active segment, remove what `release` covered, unlock the directory."""
@@ -486,8 +490,11 @@ class Journal:
                     self._acked_cond.notify_all()
                 with self._lock:
                     # Released segments go, and so does an active one that holds no frame.
-                    covered = [s for s in self._segments
-                               if self._end_of(s) <= max(self._checkpoint.stored_below, s.first_seq)]
+                    covered = [
+                        s
+                        for s in self._segments
+                        if self._end_of(s) <= max(self._checkpoint.stored_below, s.first_seq)
+                    ]
                     everything = len(covered) == len(self._segments) and not self._leftovers
                 try:
                     self._remove(covered)
@@ -495,8 +502,9 @@ class Journal:
                         # Nothing left to replay: a stale checkpoint must not outlive its segments.
                         (self.directory / CHECKPOINT_FILE).unlink(missing_ok=True)
                 except OSError as error:
-                    logger.warning("journal %s: could not remove released segments: %s",
-                                   self.directory, error)
+                    logger.warning(
+                        "journal %s: could not remove released segments: %s", self.directory, error
+                    )
         finally:
             self._dir_lock.release()
 

@@ -17,8 +17,13 @@ from ._sdk import require_sdk
 
 __all__ = ["IngestSpanProcessor", "OtelExportSink", "SpanIngestor", "export_session", "ingest_otlp"]
 
-_HOMES = {"export_session": "export", "OtelExportSink": "export", "SpanIngestor": "ingest",
-          "IngestSpanProcessor": "ingest", "ingest_otlp": "ingest"}
+_HOMES = {
+    "export_session": "export",
+    "OtelExportSink": "export",
+    "SpanIngestor": "ingest",
+    "IngestSpanProcessor": "ingest",
+    "ingest_otlp": "ingest",
+}
 
 
 def __getattr__(name: str) -> Any:

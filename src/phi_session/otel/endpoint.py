@@ -129,22 +129,32 @@ class OtlpEndpoint:
     save everything.
     """
 
-    def __init__(self, store: SessionStore, state_dir: str | os.PathLike[str], *,
-                 config: SessionRecorderConfig | None = None, trace_timeout: float = 60.0,
-                 max_buffered_spans: int = 200_000, max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
-                 tick: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        state_dir: str | os.PathLike[str],
+        *,
+        config: SessionRecorderConfig | None = None,
+        trace_timeout: float = 60.0,
+        max_buffered_spans: int = 200_000,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        tick: float = 1.0,
+    ) -> None:
         state = Path(state_dir)
-        self.saver = AutoPersistingRecorder(store, journal=state / "journal", config=config,
-                                            max_pending_bytes=max_pending_bytes)
-        self.ingestor = SpanIngestor(self.saver, trace_timeout=trace_timeout,
-                                     max_buffered_spans=max_buffered_spans)
+        self.saver = AutoPersistingRecorder(
+            store, journal=state / "journal", config=config, max_pending_bytes=max_pending_bytes
+        )
+        self.ingestor = SpanIngestor(
+            self.saver, trace_timeout=trace_timeout, max_buffered_spans=max_buffered_spans
+        )
         self.spool = _Spool(state / "spool")
         self._accept_lock = threading.Lock()
         for spans in self.spool.leftovers():
             self.ingestor.add(spans)
         self._stop = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, args=(tick,), name="phi-session otlp ticker",
-                                        daemon=True)
+        self._ticker = threading.Thread(
+            target=self._tick, args=(tick,), name="phi-session otlp ticker", daemon=True
+        )
         self._ticker.start()
 
     def _tick(self, interval: float) -> None:
@@ -170,12 +180,18 @@ class OtlpEndpoint:
 
     def _check_room(self, count: int) -> None:
         if self.ingestor.buffered_spans + count > self.ingestor.max_buffered_spans:
-            raise Backpressure(HTTPStatus.TOO_MANY_REQUESTS,
-                               f"{self.ingestor.buffered_spans} spans are waiting for their traces' roots", 1)
+            raise Backpressure(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                f"{self.ingestor.buffered_spans} spans are waiting for their traces' roots",
+                1,
+            )
         stats = self.saver.stats()
         if stats["bytes_queued"] >= self.saver.max_pending_bytes or stats["sessions_failed"]:
-            raise Backpressure(HTTPStatus.SERVICE_UNAVAILABLE,
-                               "the store is behind or failing; sessions are kept, retry later", 5)
+            raise Backpressure(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "the store is behind or failing; sessions are kept, retry later",
+                5,
+            )
 
     def close(self) -> None:
         """Record every waiting trace, save every session, then empty the spool."""
@@ -208,8 +224,9 @@ class OtlpServer(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 64
 
-    def __init__(self, endpoint: OtlpEndpoint, host: str, port: int, *, max_body: int = 16 << 20,
-                 quiet: bool = False) -> None:
+    def __init__(
+        self, endpoint: OtlpEndpoint, host: str, port: int, *, max_body: int = 16 << 20, quiet: bool = False
+    ) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.endpoint = endpoint
@@ -225,8 +242,9 @@ class OtlpServer(ThreadingHTTPServer):
         return f"http://[{name}]:{port}{TRACES_PATH}" if ":" in name else f"http://{name}:{port}{TRACES_PATH}"
 
 
-def make_otlp_server(endpoint: OtlpEndpoint, host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options: Any
-                     ) -> OtlpServer:
+def make_otlp_server(
+    endpoint: OtlpEndpoint, host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options: Any
+) -> OtlpServer:
     """A bound (not yet serving) OTLP receiver; call ``serve_forever()`` on it. Raises ``OSError``."""
     return OtlpServer(endpoint, host, port, **options)
 
@@ -259,8 +277,9 @@ class OtlpHandler(BaseHTTPRequestHandler):
             return
         except (PhiSessionError, OSError) as error:  # the store, the journal or the spool failed: retryable
             logger.error("OTLP payload not recorded: %s", error)
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"not recorded: {error}", json_wanted,
-                        {"Retry-After": "5"})
+            self._error(
+                HTTPStatus.SERVICE_UNAVAILABLE, f"not recorded: {error}", json_wanted, {"Retry-After": "5"}
+            )
             return
         except Exception:
             logger.exception("OTLP payload not recorded")
@@ -316,8 +335,11 @@ class OtlpHandler(BaseHTTPRequestHandler):
 
     def _ok(self, result: IngestResult, json_wanted: bool) -> None:
         if json_wanted:
-            partial = ({"partialSuccess": {"rejectedSpans": str(result.rejected),
-                                           "errorMessage": result.message}} if result.rejected else {})
+            partial = (
+                {"partialSuccess": {"rejectedSpans": str(result.rejected), "errorMessage": result.message}}
+                if result.rejected
+                else {}
+            )
             self._send(HTTPStatus.OK, msgspec.json.encode(partial), _JSON)
             return
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
@@ -328,8 +350,9 @@ class OtlpHandler(BaseHTTPRequestHandler):
             response.partial_success.error_message = result.message
         self._send(HTTPStatus.OK, response.SerializeToString(), _PROTOBUF)
 
-    def _error(self, status: HTTPStatus, message: str, json_wanted: bool,
-               headers: dict[str, str] | None = None) -> None:
+    def _error(
+        self, status: HTTPStatus, message: str, json_wanted: bool, headers: dict[str, str] | None = None
+    ) -> None:
         # google.rpc codes: INVALID_ARGUMENT, UNAVAILABLE (retryable), FAILED_PRECONDITION
         retryable = status >= 500 or status is HTTPStatus.TOO_MANY_REQUESTS
         code = 3 if status == HTTPStatus.BAD_REQUEST else 14 if retryable else 9
@@ -349,8 +372,9 @@ class OtlpHandler(BaseHTTPRequestHandler):
             status = HTTPStatus.INTERNAL_SERVER_ERROR
         self._error(status, message or status.phrase, True)
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str,
-              headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self, status: HTTPStatus, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -362,5 +386,8 @@ class OtlpHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
-            logger.info("%s %s", self.address_string(), (format % args).translate(
-                {c: f"\\x{c:02x}" for c in range(0x20)} | {0x7F: "\\x7f"}))
+            logger.info(
+                "%s %s",
+                self.address_string(),
+                (format % args).translate({c: f"\\x{c:02x}" for c in range(0x20)} | {0x7F: "\\x7f"}),
+            )

@@ -67,9 +67,12 @@ _default_resource: Resource | None = None
 
 # Span events for these loop events; fields that may hold content are sent only with capture.
 _SPAN_EVENTS: dict[type, str] = {
-    CompactionStarted: attr.EVENT_COMPACTION_STARTED, CompactionEnded: attr.EVENT_COMPACTION_ENDED,
-    PrunApplied: attr.EVENT_PRUN, RevertApplied: attr.EVENT_REVERT,
-    InputRejected: attr.EVENT_INPUT_REJECTED, ProgressMessage: attr.EVENT_PROGRESS,
+    CompactionStarted: attr.EVENT_COMPACTION_STARTED,
+    CompactionEnded: attr.EVENT_COMPACTION_ENDED,
+    PrunApplied: attr.EVENT_PRUN,
+    RevertApplied: attr.EVENT_REVERT,
+    InputRejected: attr.EVENT_INPUT_REJECTED,
+    ProgressMessage: attr.EVENT_PROGRESS,
 }
 _CONTENT_FIELDS = frozenset({"text", "summary", "reason", "memo"})
 _NOT_ATTRIBUTES = frozenset({"loop_id", "timestamp", "tool_call_id", "tool_name"})
@@ -101,8 +104,11 @@ def _placement(session: Session, loop_id: str) -> tuple[int, int | None]:
     spawn = session.parent_spawn_ref
     record = session.get_loop(loop_id)
     if spawn is not None and record is not None and record.parent_loop_id == spawn.parent_loop_id:
-        parent = (tool_span_id(spawn.parent_loop_id, spawn.tool_call_id) if spawn.tool_call_id
-                  else loop_span_id(spawn.parent_loop_id))
+        parent = (
+            tool_span_id(spawn.parent_loop_id, spawn.tool_call_id)
+            if spawn.tool_call_id
+            else loop_span_id(spawn.parent_loop_id)
+        )
         return _hash_id(16, "trace", spawn.parent_loop_id), parent
     return _hash_id(16, "trace", loop_id), None
 
@@ -134,11 +140,16 @@ def genai_message(message: AgentMessage) -> dict[str, Any]:
     """A phi-core message in the GenAI conventions' message shape (``role`` and ``parts``)."""
     if isinstance(message, ToolResultMessage):
         text = "".join(c.text for c in message.content if isinstance(c, TextContent))
-        return {"role": "tool", "parts": [
-            {"type": "tool_call_response", "id": message.tool_call_id, "response": text}]}
+        return {
+            "role": "tool",
+            "parts": [{"type": "tool_call_response", "id": message.tool_call_id, "response": text}],
+        }
     if isinstance(message, AssistantMessage):
-        return {"role": "assistant", "parts": [_part(c) for c in message.content],
-                "finish_reason": message.stop_reason}
+        return {
+            "role": "assistant",
+            "parts": [_part(c) for c in message.content],
+            "finish_reason": message.stop_reason,
+        }
     if isinstance(message, UserMessage):
         return {"role": "user", "parts": [_part(c) for c in message.content]}
     return {"role": "user", "parts": [{"type": "extension", "content": msgspec.to_builtins(message)}]}
@@ -155,7 +166,8 @@ def _span_event(event: AgentEvent, time_ns: int, capture_content: bool) -> Event
         if name in _NOT_ATTRIBUTES or value is None or (name in _CONTENT_FIELDS and not capture_content):
             continue
         if isinstance(value, (str, bool, int, float)) or (
-                isinstance(value, tuple) and all(isinstance(v, int) for v in value)):
+            isinstance(value, tuple) and all(isinstance(v, int) for v in value)
+        ):
             fields[f"phi.{name}"] = value
     return Event(_SPAN_EVENTS[type(event)], fields, time_ns)
 
@@ -187,15 +199,19 @@ def _event_time(event: Any, last: int) -> int:
 class _LoopExport:
     """The spans of one loop."""
 
-    def __init__(self, session: Session, record: LoopRecord, capture_content: bool,
-                 resource: Resource) -> None:
+    def __init__(
+        self, session: Session, record: LoopRecord, capture_content: bool, resource: Resource
+    ) -> None:
         self.session = session
         self.record = record
         self.capture = capture_content
         self.resource = resource
         self.trace_id, self.parent_span = _placement(session, record.loop_id)
-        self.common = {attr.CONVERSATION_ID: session.session_id, attr.PHI_SESSION_ID: session.session_id,
-                       attr.PHI_LOOP_ID: record.loop_id}
+        self.common = {
+            attr.CONVERSATION_ID: session.session_id,
+            attr.PHI_SESSION_ID: session.session_id,
+            attr.PHI_LOOP_ID: record.loop_id,
+        }
 
     def spans(self) -> list[ReadableSpan]:
         record = self.record
@@ -216,8 +232,10 @@ class _LoopExport:
             elif type(event) in (ToolExecutionStart, ToolExecutionUpdate, ToolExecutionEnd, ProgressMessage):
                 call_id = event.tool_call_id  # type: ignore[union-attr]
                 if call_id not in tools:
-                    tools[call_id] = (_Span(now, self._tool_attributes(event)),
-                                      turn[0] if turn is not None else -1)
+                    tools[call_id] = (
+                        _Span(now, self._tool_attributes(event)),
+                        turn[0] if turn is not None else -1,
+                    )
                 owner = tools[call_id][0]
                 if type(event) is ToolExecutionEnd:
                     now = self._end_tool(owner, event, now)
@@ -234,13 +252,29 @@ class _LoopExport:
         for index, span in turns.items():
             self._finish_turn(index, span)
         loop_span_id_ = loop_span_id(record.loop_id)
-        out = [self._readable(span, tool_span_id(record.loop_id, call_id),
-                              turn_span_id(record.loop_id, index) if index in turns else loop_span_id_,
-                              SpanKind.INTERNAL) for call_id, (span, index) in tools.items()]
-        out.extend(self._readable(span, turn_span_id(record.loop_id, index), loop_span_id_, SpanKind.CLIENT)
-                   for index, span in turns.items())
-        out.append(self._readable(loop, loop_span_id_, self.parent_span, SpanKind.INTERNAL,
-                                  links=self._links(), status=self._loop_status()))
+        out = [
+            self._readable(
+                span,
+                tool_span_id(record.loop_id, call_id),
+                turn_span_id(record.loop_id, index) if index in turns else loop_span_id_,
+                SpanKind.INTERNAL,
+            )
+            for call_id, (span, index) in tools.items()
+        ]
+        out.extend(
+            self._readable(span, turn_span_id(record.loop_id, index), loop_span_id_, SpanKind.CLIENT)
+            for index, span in turns.items()
+        )
+        out.append(
+            self._readable(
+                loop,
+                loop_span_id_,
+                self.parent_span,
+                SpanKind.INTERNAL,
+                links=self._links(),
+                status=self._loop_status(),
+            )
+        )
         return out
 
     # -- attributes ------------------------------------------------------------------------
@@ -248,9 +282,12 @@ class _LoopExport:
     def _loop_attributes(self) -> dict[str, Any]:
         record, config = self.record, self.record.config
         attributes: dict[str, Any] = {
-            attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, attr.AGENT_ID: record.agent_id,
-            attr.AGENT_NAME: record.agent_id, **self.common,
-            attr.PHI_LOOP_STATUS: record.status, attr.PHI_CONTINUATION_KIND: record.kind.kind,
+            attr.OPERATION_NAME: attr.OP_INVOKE_AGENT,
+            attr.AGENT_ID: record.agent_id,
+            attr.AGENT_NAME: record.agent_id,
+            **self.common,
+            attr.PHI_LOOP_STATUS: record.status,
+            attr.PHI_CONTINUATION_KIND: record.kind.kind,
             **_usage_attributes(record.usage),
         }
         if record.kind.tag is not None:
@@ -276,8 +313,10 @@ class _LoopExport:
 
     def _turn_attributes(self, event: TurnStart) -> dict[str, Any]:
         attributes: dict[str, Any] = {
-            attr.OPERATION_NAME: attr.OP_CHAT, **self.common,
-            attr.PHI_TURN_INDEX: event.turn_index, attr.PHI_TURN_TRIGGER: event.triggered_by,
+            attr.OPERATION_NAME: attr.OP_CHAT,
+            **self.common,
+            attr.PHI_TURN_INDEX: event.turn_index,
+            attr.PHI_TURN_TRIGGER: event.triggered_by,
         }
         config = self.record.config
         if config is not None:
@@ -286,8 +325,12 @@ class _LoopExport:
         return attributes
 
     def _tool_attributes(self, event: Any) -> dict[str, Any]:
-        return {attr.OPERATION_NAME: attr.OP_EXECUTE_TOOL, **self.common,
-                attr.TOOL_NAME: event.tool_name, attr.TOOL_CALL_ID: event.tool_call_id}
+        return {
+            attr.OPERATION_NAME: attr.OP_EXECUTE_TOOL,
+            **self.common,
+            attr.TOOL_NAME: event.tool_name,
+            attr.TOOL_CALL_ID: event.tool_call_id,
+        }
 
     def _end_tool(self, span: _Span, event: ToolExecutionEnd, now: int) -> int:
         span.attributes[attr.PHI_TOOL_IS_ERROR] = event.is_error
@@ -301,7 +344,8 @@ class _LoopExport:
                     span.attributes[attr.PHI_CHILD_SESSION_ID] = ref.child_session_id
         if self.capture:
             span.attributes[attr.TOOL_CALL_RESULT] = _json.encode(
-                [_part(content) for content in event.result.content]).decode()
+                [_part(content) for content in event.result.content]
+            ).decode()
         for turn in self.record.turns:  # the result message carries the end time
             for message in turn.tool_results:
                 if isinstance(message, ToolResultMessage) and message.tool_call_id == event.tool_call_id:
@@ -324,26 +368,40 @@ class _LoopExport:
             span.attributes.setdefault(attr.REQUEST_MODEL, output.model)
         if self.capture:
             span.attributes[attr.INPUT_MESSAGES] = _json.encode(
-                [genai_message(m) for m in turn.input_messages]).decode()
+                [genai_message(m) for m in turn.input_messages]
+            ).decode()
             span.attributes[attr.OUTPUT_MESSAGES] = _json.encode([genai_message(output)]).decode()
             if turn.request_payload is not None:
                 span.attributes[attr.SYSTEM_INSTRUCTIONS] = _json.encode(
-                    [{"type": "text", "content": turn.request_payload.system_prompt}]).decode()
+                    [{"type": "text", "content": turn.request_payload.system_prompt}]
+                ).decode()
 
     def _links(self) -> list[Link]:
         record, links = self.record, []
         parent = record.parent_loop_id
         if parent is not None and parent != record.loop_id and self.parent_span is None:
-            links.append(Link(_context(_placement(self.session, parent)[0], loop_span_id(parent)), {
-                attr.PHI_LINK_KIND: attr.LINK_CONTINUATION,
-                attr.PHI_CONTINUATION_KIND: record.kind.kind}))
+            links.append(
+                Link(
+                    _context(_placement(self.session, parent)[0], loop_span_id(parent)),
+                    {
+                        attr.PHI_LINK_KIND: attr.LINK_CONTINUATION,
+                        attr.PHI_CONTINUATION_KIND: record.kind.kind,
+                    },
+                )
+            )
         group = record.parallel_group
         if group is not None:
             for sibling in group.all_loop_ids:
                 if sibling != record.loop_id:
-                    links.append(Link(_context(_placement(self.session, sibling)[0], loop_span_id(sibling)), {
-                        attr.PHI_LINK_KIND: attr.LINK_PARALLEL,
-                        attr.PHI_PARALLEL_SELECTED: sibling == group.selected_loop_id}))
+                    links.append(
+                        Link(
+                            _context(_placement(self.session, sibling)[0], loop_span_id(sibling)),
+                            {
+                                attr.PHI_LINK_KIND: attr.LINK_PARALLEL,
+                                attr.PHI_PARALLEL_SELECTED: sibling == group.selected_loop_id,
+                            },
+                        )
+                    )
         return links
 
     def _loop_status(self) -> Status:
@@ -354,23 +412,39 @@ class _LoopExport:
             return Status(StatusCode.ERROR, "loop aborted before it ended")
         return _OK
 
-    def _readable(self, span: _Span, span_id: int, parent: int | None, kind: SpanKind, *,
-                  links: Sequence[Link] = (), status: Status = _OK) -> ReadableSpan:
+    def _readable(
+        self,
+        span: _Span,
+        span_id: int,
+        parent: int | None,
+        kind: SpanKind,
+        *,
+        links: Sequence[Link] = (),
+        status: Status = _OK,
+    ) -> ReadableSpan:
         attributes = span.attributes
         if self.capture:
             attributes[attr.PHI_EVENTS] = _events_attribute(span.phi_events)
         if status is _OK and attr.ERROR_TYPE in attributes:
             status = Status(StatusCode.ERROR)
         operation = attributes[attr.OPERATION_NAME]
-        target = {attr.OP_INVOKE_AGENT: attributes.get(attr.AGENT_NAME),
-                  attr.OP_CHAT: attributes.get(attr.REQUEST_MODEL),
-                  attr.OP_EXECUTE_TOOL: attributes.get(attr.TOOL_NAME)}[operation]
+        target = {
+            attr.OP_INVOKE_AGENT: attributes.get(attr.AGENT_NAME),
+            attr.OP_CHAT: attributes.get(attr.REQUEST_MODEL),
+            attr.OP_EXECUTE_TOOL: attributes.get(attr.TOOL_NAME),
+        }[operation]
         return ReadableSpan(
             name=f"{operation} {target}" if target else operation,
             context=_context(self.trace_id, span_id),
             parent=None if parent is None else _context(self.trace_id, parent),
-            resource=self.resource, attributes=attributes, events=span.events, links=links, kind=kind,
-            status=status, start_time=span.start, end_time=max(span.end, span.start),
+            resource=self.resource,
+            attributes=attributes,
+            events=span.events,
+            links=links,
+            kind=kind,
+            status=status,
+            start_time=span.start,
+            end_time=max(span.end, span.start),
             instrumentation_scope=_SCOPE,
         )
 
@@ -384,8 +458,9 @@ def _resource(resource: Resource | None) -> Resource:
     return _default_resource
 
 
-def session_spans(session: Session, *, capture_content: bool = False,
-                  resource: Resource | None = None) -> list[ReadableSpan]:
+def session_spans(
+    session: Session, *, capture_content: bool = False, resource: Resource | None = None
+) -> list[ReadableSpan]:
     """The finished spans of `session`, children before their parents (as an SDK ends them)."""
     if not isinstance(session, Session):
         raise TypeError(f"expected a Session, got {type(session).__name__}")
@@ -396,8 +471,13 @@ def session_spans(session: Session, *, capture_content: bool = False,
     return spans
 
 
-def export_session(session: Session, exporter: SpanExporter, *, capture_content: bool = False,
-                   resource: Resource | None = None) -> int:
+def export_session(
+    session: Session,
+    exporter: SpanExporter,
+    *,
+    capture_content: bool = False,
+    resource: Resource | None = None,
+) -> int:
     """Export `session` through `exporter`; returns the number of spans.
 
     `capture_content` adds messages, system instructions, tool arguments and results, and
@@ -420,8 +500,14 @@ class OtelExportSink:
 
     wants_deltas = False
 
-    def __init__(self, exporter: SpanExporter, *, capture_content: bool = False,
-                 resource: Resource | None = None, config: SessionRecorderConfig | None = None) -> None:
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        *,
+        capture_content: bool = False,
+        resource: Resource | None = None,
+        config: SessionRecorderConfig | None = None,
+    ) -> None:
         self.exporter = exporter
         self.capture_content = capture_content
         self.resource = resource
@@ -438,11 +524,11 @@ class OtelExportSink:
     def _export_completed(self) -> None:
         with self._lock:
             for session in self.recorder.drain_completed():
-                export_session(session, self.exporter, capture_content=self.capture_content,
-                               resource=self.resource)
+                export_session(
+                    session, self.exporter, capture_content=self.capture_content, resource=self.resource
+                )
                 self.exported_sessions += 1
 
     def close(self) -> None:
         self.recorder.flush()
         self._export_completed()
-

@@ -93,17 +93,31 @@ LOSSES: dict[str, tuple[str, ...]] = {
 logger = logging.getLogger("phi_session.otel.ingest")
 
 # Who ran a model call, as each producer spells it (the conventions' names first).
-_PROVIDER_NAMES = (attr.PROVIDER_NAME, attr.LEGACY_SYSTEM, attr.OPENINFERENCE_PROVIDER,
-                   attr.OPENINFERENCE_SYSTEM)
+_PROVIDER_NAMES = (
+    attr.PROVIDER_NAME,
+    attr.LEGACY_SYSTEM,
+    attr.OPENINFERENCE_PROVIDER,
+    attr.OPENINFERENCE_SYSTEM,
+)
 
 _AGENT_OPS = frozenset({"invoke_agent", "create_agent"})
 _CHAT_OPS = frozenset({"chat", "text_completion", "generate_content"})
-_STOP_REASONS = {"stop": "stop", "end_turn": "stop", "length": "length", "max_tokens": "length",
-                 "tool_call": "toolUse", "tool_calls": "toolUse", "tool_use": "toolUse",
-                 "error": "error", "content_filter": "guardRail"}
+_STOP_REASONS = {
+    "stop": "stop",
+    "end_turn": "stop",
+    "length": "length",
+    "max_tokens": "length",
+    "tool_call": "toolUse",
+    "tool_calls": "toolUse",
+    "tool_use": "toolUse",
+    "error": "error",
+    "content_filter": "guardRail",
+}
 _SPAN_EVENT_TYPES: dict[str, type] = {
-    attr.EVENT_COMPACTION_STARTED: CompactionStarted, attr.EVENT_COMPACTION_ENDED: CompactionEnded,
-    attr.EVENT_PRUN: PrunApplied, attr.EVENT_REVERT: RevertApplied,
+    attr.EVENT_COMPACTION_STARTED: CompactionStarted,
+    attr.EVENT_COMPACTION_ENDED: CompactionEnded,
+    attr.EVENT_PRUN: PrunApplied,
+    attr.EVENT_REVERT: RevertApplied,
     attr.EVENT_INPUT_REJECTED: InputRejected,
 }
 _MEMORY = 100_000  # sessions remembered for continuation inference
@@ -140,20 +154,40 @@ def _text(value: Any) -> str | None:
 
 
 def _usage(attributes: dict[str, Any]) -> Usage | None:
-    if not any(name in attributes for name in (
-            attr.USAGE_INPUT_TOKENS, attr.USAGE_OUTPUT_TOKENS, attr.LEGACY_PROMPT_TOKENS,
-            attr.OPENINFERENCE_PROMPT_TOKENS)):
+    if not any(
+        name in attributes
+        for name in (
+            attr.USAGE_INPUT_TOKENS,
+            attr.USAGE_OUTPUT_TOKENS,
+            attr.LEGACY_PROMPT_TOKENS,
+            attr.OPENINFERENCE_PROMPT_TOKENS,
+        )
+    ):
         return None
     cache_read = _int(attributes.get(attr.USAGE_CACHE_READ_TOKENS))
     cache_write = _int(attributes.get(attr.USAGE_CACHE_WRITE_TOKENS))
-    total_input = _int(_first(attributes, attr.USAGE_INPUT_TOKENS, attr.LEGACY_PROMPT_TOKENS,
-                              attr.OPENINFERENCE_PROMPT_TOKENS))
-    output = _int(_first(attributes, attr.USAGE_OUTPUT_TOKENS, attr.LEGACY_COMPLETION_TOKENS,
-                         attr.OPENINFERENCE_COMPLETION_TOKENS))
+    total_input = _int(
+        _first(
+            attributes, attr.USAGE_INPUT_TOKENS, attr.LEGACY_PROMPT_TOKENS, attr.OPENINFERENCE_PROMPT_TOKENS
+        )
+    )
+    output = _int(
+        _first(
+            attributes,
+            attr.USAGE_OUTPUT_TOKENS,
+            attr.LEGACY_COMPLETION_TOKENS,
+            attr.OPENINFERENCE_COMPLETION_TOKENS,
+        )
+    )
     inputs = max(0, total_input - cache_read - cache_write)
-    return Usage(input=inputs, output=output, reasoning=_int(attributes.get(attr.USAGE_REASONING_TOKENS)),
-                 cache_read=cache_read, cache_write=cache_write,
-                 total_tokens=inputs + output + cache_read + cache_write)
+    return Usage(
+        input=inputs,
+        output=output,
+        reasoning=_int(attributes.get(attr.USAGE_REASONING_TOKENS)),
+        cache_read=cache_read,
+        cache_write=cache_write,
+        total_tokens=inputs + output + cache_read + cache_write,
+    )
 
 
 def _first(attributes: dict[str, Any], *names: str) -> Any:
@@ -174,7 +208,7 @@ def _openinference_messages(attributes: dict[str, Any], prefix: str) -> list[Any
     for key, value in attributes.items():
         if not key.startswith(start):
             continue
-        index_text, _, rest = key[len(start):].partition(".message.")
+        index_text, _, rest = key[len(start) :].partition(".message.")
         if not index_text.isdigit():
             continue
         message = messages.setdefault(int(index_text), {"role": "", "parts": []})
@@ -183,7 +217,7 @@ def _openinference_messages(attributes: dict[str, Any], prefix: str) -> list[Any
         elif rest == "content" or (rest.startswith("contents.") and rest.endswith(".message_content.text")):
             message["parts"].append({"type": "text", "content": value})
         elif rest.startswith("tool_calls."):
-            number, _, field = rest[len("tool_calls."):].partition(".tool_call.")
+            number, _, field = rest[len("tool_calls.") :].partition(".tool_call.")
             if number.isdigit():
                 call = calls.setdefault((int(index_text), int(number)), {"type": "tool_call"})
                 name = {"id": "id", "function.name": "name", "function.arguments": "arguments"}.get(field)
@@ -217,8 +251,13 @@ def _contents(message: Any) -> tuple[Content, ...]:
         elif kind in ("reasoning", "thinking") and isinstance(content, str):
             out.append(ThinkingContent(thinking=content))
         elif kind == "tool_call":
-            out.append(ToolCall(id=str(part.get("id") or ""), name=str(part.get("name") or ""),
-                                arguments=part.get("arguments")))
+            out.append(
+                ToolCall(
+                    id=str(part.get("id") or ""),
+                    name=str(part.get("name") or ""),
+                    arguments=part.get("arguments"),
+                )
+            )
     return tuple(out)
 
 
@@ -263,8 +302,14 @@ class SpanIngestor:
     Thread-safe. `flush` records every waiting trace (call it at shutdown).
     """
 
-    def __init__(self, target: Any, *, trace_timeout: float = 60.0, max_buffered_spans: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        target: Any,
+        *,
+        trace_timeout: float = 60.0,
+        max_buffered_spans: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         on_event = getattr(target, "on_event", None)
         self._emit: Callable[[AgentEvent], Any] = on_event if callable(on_event) else target
         if not callable(self._emit):
@@ -341,8 +386,12 @@ class SpanIngestor:
             try:
                 exact = _ExactReplay(self, spans)
             except DecodeError as error:  # not our export after all, or damaged: best effort
-                logger.warning("trace %032x: unreadable %s (%s); rebuilt from its spans", trace_id,
-                               attr.PHI_EVENTS, error)
+                logger.warning(
+                    "trace %032x: unreadable %s (%s); rebuilt from its spans",
+                    trace_id,
+                    attr.PHI_EVENTS,
+                    error,
+                )
             else:
                 exact.run()
                 return
@@ -369,8 +418,11 @@ class SpanIngestor:
             return
         if group not in self._groups:
             self._groups[group] = set()
-            self.emit(ParallelLoopStart(session_id=session_id, loop_ids=tuple(map(str, group)),
-                                        timestamp=_timestamp(start)))
+            self.emit(
+                ParallelLoopStart(
+                    session_id=session_id, loop_ids=tuple(map(str, group)), timestamp=_timestamp(start)
+                )
+            )
 
     def parallel_after(self, session_id: str, loop_id: str, attributes: dict[str, Any], end: int) -> None:
         group = attributes.get(attr.PHI_PARALLEL_LOOP_IDS)
@@ -382,11 +434,15 @@ class SpanIngestor:
             return
         del self._groups[group]
         usage = attributes.get(attr.PHI_PARALLEL_EVALUATION_USAGE)
-        self.emit(ParallelLoopEnd(
-            session_id=session_id, selected_loop_id=str(attributes.get(attr.PHI_PARALLEL_SELECTED_LOOP, "")),
-            selected_config_index=_int(attributes.get(attr.PHI_PARALLEL_CONFIG_INDEX)),
-            evaluation_usage=_stored_usage(usage),
-            timestamp=_timestamp(end)))
+        self.emit(
+            ParallelLoopEnd(
+                session_id=session_id,
+                selected_loop_id=str(attributes.get(attr.PHI_PARALLEL_SELECTED_LOOP, "")),
+                selected_config_index=_int(attributes.get(attr.PHI_PARALLEL_CONFIG_INDEX)),
+                evaluation_usage=_stored_usage(usage),
+                timestamp=_timestamp(end),
+            )
+        )
 
 
 def _stored_usage(value: Any) -> Usage:
@@ -433,15 +489,18 @@ class _ExactReplay:
                 continue
             items = _json(stored)
             if not isinstance(loop_id, str) or not isinstance(items, list):
-                raise DecodeError(f"{attr.PHI_EVENTS} of span {span.span_id:016x}: expected a JSON array "
-                                  f"and a {attr.PHI_LOOP_ID}")
+                raise DecodeError(
+                    f"{attr.PHI_EVENTS} of span {span.span_id:016x}: expected a JSON array "
+                    f"and a {attr.PHI_LOOP_ID}"
+                )
             if loop_id not in self.loops or span.attributes.get(attr.OPERATION_NAME) == attr.OP_INVOKE_AGENT:
                 self.loops[loop_id] = span
             bucket = self.events.setdefault(loop_id, [])
             for item in items:
                 if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)):
-                    raise DecodeError(f"{attr.PHI_EVENTS} of span {span.span_id:016x}: expected "
-                                      "[sequence, event] pairs")
+                    raise DecodeError(
+                        f"{attr.PHI_EVENTS} of span {span.span_id:016x}: expected [sequence, event] pairs"
+                    )
                 bucket.append((item[0], decode_event(msgspec.json.encode(item[1]))))
 
     def run(self) -> None:
@@ -529,9 +588,11 @@ class _Rebuild:
                 break
             if tool is None and _role(ancestor) == "tool":
                 tool = ancestor
-        session_id = (_text(attributes.get(attr.PHI_SESSION_ID))
-                      or _text(attributes.get(attr.CONVERSATION_ID))
-                      or _text(attributes.get(attr.OPENINFERENCE_SESSION_ID)))
+        session_id = (
+            _text(attributes.get(attr.PHI_SESSION_ID))
+            or _text(attributes.get(attr.CONVERSATION_ID))
+            or _text(attributes.get(attr.OPENINFERENCE_SESSION_ID))
+        )
         if parent is not None and (session_id is None or session_id == parent.session_id):
             session_id = f"{parent.session_id}-{agent.span_id:016x}"  # a sub-agent has its own session
         session_id = session_id or self.trace_hex
@@ -552,23 +613,43 @@ class _Rebuild:
         kind, parent = self._continuation(loop, previous)
         config = self._config(loop)
         named = agent.name.removeprefix(attr.OP_INVOKE_AGENT).strip() if _role(agent) == "agent" else ""
-        agent_id = (_text(_first(attributes, attr.AGENT_ID, attr.AGENT_NAME, attr.OPENINFERENCE_AGENT_NAME))
-                    or named or _text(agent.resource.get("service.name")) or "otel")
+        agent_id = (
+            _text(_first(attributes, attr.AGENT_ID, attr.AGENT_NAME, attr.OPENINFERENCE_AGENT_NAME))
+            or named
+            or _text(agent.resource.get("service.name"))
+            or "otel"
+        )
         metadata = None
         if attr.PHI_LOOP_ID not in attributes:
-            metadata = {"otel": {"trace_id": self.trace_hex, "span_id": f"{agent.span_id:016x}",
-                                 "synthesized": loop.synthesized}}
+            metadata = {
+                "otel": {
+                    "trace_id": self.trace_hex,
+                    "span_id": f"{agent.span_id:016x}",
+                    "synthesized": loop.synthesized,
+                }
+            }
         self.ingestor.parallel_before(loop.session_id, loop.loop_id, attributes, agent.start)
-        emit(AgentStart(agent_id=agent_id, session_id=loop.session_id, loop_id=loop.loop_id,
-                        parent_loop_id=parent, continuation_kind=kind, timestamp=_timestamp(agent.start),
-                        metadata=metadata, config_snapshot=config))
+        emit(
+            AgentStart(
+                agent_id=agent_id,
+                session_id=loop.session_id,
+                loop_id=loop.loop_id,
+                parent_loop_id=parent,
+                continuation_kind=kind,
+                timestamp=_timestamp(agent.start),
+                metadata=metadata,
+                config_snapshot=config,
+            )
+        )
         turns = self._turns(loop)
         messages: list[AgentMessage] = []
         for index, (chat, tools) in enumerate(turns):
             messages.extend(self._turn(loop, index, chat, tools, config))
-        captured = any(attr.OUTPUT_MESSAGES in chat.attributes
-                       or f"{attr.OPENINFERENCE_OUTPUT_MESSAGES}.0.message.role" in chat.attributes
-                       for chat, _ in turns)
+        captured = any(
+            attr.OUTPUT_MESSAGES in chat.attributes
+            or f"{attr.OPENINFERENCE_OUTPUT_MESSAGES}.0.message.role" in chat.attributes
+            for chat, _ in turns
+        )
         for event in self._span_events(loop):
             emit(event)
         usage = _usage(attributes)
@@ -577,16 +658,33 @@ class _Rebuild:
             for chat, _ in turns:
                 usage = usage + (_usage(chat.attributes) or ZERO_USAGE)
         status = attributes.get(attr.PHI_LOOP_STATUS)
-        rejection = next((str(e.attributes.get("phi.reason", "")) for e in agent.events
-                          if e.name == attr.EVENT_INPUT_REJECTED), "") if status == "Rejected" else None
+        rejection = (
+            next(
+                (
+                    str(e.attributes.get("phi.reason", ""))
+                    for e in agent.events
+                    if e.name == attr.EVENT_INPUT_REJECTED
+                ),
+                "",
+            )
+            if status == "Rejected"
+            else None
+        )
         error: str | msgspec.UnsetType = msgspec.UNSET
         if agent.error or status == "Aborted":
             error = agent.status_message or str(attributes.get(attr.ERROR_TYPE) or "error")
         elif loop.stand_in and not self.complete:
             error = _UNFINISHED
-        emit(AgentEnd(loop_id=loop.loop_id, messages=tuple(messages) if captured else (), usage=usage,
-                      timestamp=_timestamp(agent.end),
-                      rejection=rejection, error=error))
+        emit(
+            AgentEnd(
+                loop_id=loop.loop_id,
+                messages=tuple(messages) if captured else (),
+                usage=usage,
+                timestamp=_timestamp(agent.end),
+                rejection=rejection,
+                error=error,
+            )
+        )
         self.ingestor.parallel_after(loop.session_id, loop.loop_id, attributes, agent.end)
 
     def _continuation(self, loop: _Loop, previous: str | None) -> tuple[ContinuationKind, str | None]:
@@ -597,7 +695,8 @@ class _Rebuild:
             parent = attributes.get(attr.PHI_PARENT_LOOP_ID)
             try:
                 return ContinuationKind(kind, tag if isinstance(tag, str) else None), (
-                    parent if isinstance(parent, str) else None)
+                    parent if isinstance(parent, str) else None
+                )
             except ValueError:
                 pass  # not a kind we wrote: infer it as for any producer
         if loop.parent_loop is not None:
@@ -616,8 +715,11 @@ class _Rebuild:
             except DecodeError:
                 pass  # not ours after all: read the conventions' attributes
         for span in (loop.agent, *loop.chats):
-            model = _text(_first(span.attributes, attr.REQUEST_MODEL, attr.RESPONSE_MODEL,
-                                 attr.OPENINFERENCE_MODEL_NAME))
+            model = _text(
+                _first(
+                    span.attributes, attr.REQUEST_MODEL, attr.RESPONSE_MODEL, attr.OPENINFERENCE_MODEL_NAME
+                )
+            )
             if model is not None:
                 provider = _text(_first(span.attributes, *_PROVIDER_NAMES)) or "unknown"
                 return LoopConfigSnapshot(model=model, provider=provider)
@@ -635,8 +737,14 @@ class _Rebuild:
                 turns[index][1].append(tool)
         return turns
 
-    def _turn(self, loop: _Loop, index: int, chat: SpanData, tools: list[SpanData],
-              config: LoopConfigSnapshot | None) -> list[AgentMessage]:
+    def _turn(
+        self,
+        loop: _Loop,
+        index: int,
+        chat: SpanData,
+        tools: list[SpanData],
+        config: LoopConfigSnapshot | None,
+    ) -> list[AgentMessage]:
         """Emit one turn; returns its messages (new user inputs, the reply, tool results)."""
         emit, attributes = self.ingestor.emit, chat.attributes
         messages: list[AgentMessage] = []
@@ -644,11 +752,15 @@ class _Rebuild:
         stated = attributes.get(attr.PHI_TURN_TRIGGER)
         if stated in get_args(TurnTrigger):
             trigger = msgspec.convert(stated, TurnTrigger)
-        emit(TurnStart(loop_id=loop.loop_id, turn_index=index, timestamp=_timestamp(chat.start),
-                       triggered_by=trigger))
+        emit(
+            TurnStart(
+                loop_id=loop.loop_id, turn_index=index, timestamp=_timestamp(chat.start), triggered_by=trigger
+            )
+        )
         if index == 0:
-            inputs = (_messages(attributes.get(attr.INPUT_MESSAGES))
-                      or _openinference_messages(attributes, attr.OPENINFERENCE_INPUT_MESSAGES))
+            inputs = _messages(attributes.get(attr.INPUT_MESSAGES)) or _openinference_messages(
+                attributes, attr.OPENINFERENCE_INPUT_MESSAGES
+            )
             for given in _new_user_messages(inputs):
                 user = UserMessage(content=_contents(given), timestamp=chat.start // 1_000_000)
                 messages.append(user)
@@ -659,50 +771,91 @@ class _Rebuild:
             results.append(self._tool(loop, tool))
             end = max(end, tool.end)
         usage = _usage(attributes) or ZERO_USAGE
-        outputs = (_messages(attributes.get(attr.OUTPUT_MESSAGES))
-                   or _openinference_messages(attributes, attr.OPENINFERENCE_OUTPUT_MESSAGES))
+        outputs = _messages(attributes.get(attr.OUTPUT_MESSAGES)) or _openinference_messages(
+            attributes, attr.OPENINFERENCE_OUTPUT_MESSAGES
+        )
         reasons = _first(attributes, attr.RESPONSE_FINISH_REASONS, attr.OPENINFERENCE_FINISH_REASON)
         if isinstance(reasons, str):
             reasons = (reasons,)
-        reason = reasons[0] if isinstance(reasons, tuple) and reasons else (
-            outputs[-1].get("finish_reason") if outputs and isinstance(outputs[-1], dict) else None)
-        model = _text(_first(attributes, attr.RESPONSE_MODEL, attr.REQUEST_MODEL,
-                             attr.OPENINFERENCE_MODEL_NAME))
+        reason = (
+            reasons[0]
+            if isinstance(reasons, tuple) and reasons
+            else (outputs[-1].get("finish_reason") if outputs and isinstance(outputs[-1], dict) else None)
+        )
+        model = _text(
+            _first(attributes, attr.RESPONSE_MODEL, attr.REQUEST_MODEL, attr.OPENINFERENCE_MODEL_NAME)
+        )
         provider = _text(_first(attributes, *_PROVIDER_NAMES))
         reply = AssistantMessage(
             content=tuple(c for m in outputs for c in _contents(m)),
             stop_reason=_STOP_REASONS.get(str(reason), "toolUse" if tools else "stop"),  # type: ignore[arg-type]
             model=model or (config.model if config is not None else ""),
             provider=provider or (config.provider if config is not None else ""),
-            usage=usage, timestamp=chat.end // 1_000_000)
-        emit(TurnEnd(loop_id=loop.loop_id, message=reply, usage=usage, timestamp=_timestamp(end),
-                     tool_results=tuple(results)))
+            usage=usage,
+            timestamp=chat.end // 1_000_000,
+        )
+        emit(
+            TurnEnd(
+                loop_id=loop.loop_id,
+                message=reply,
+                usage=usage,
+                timestamp=_timestamp(end),
+                tool_results=tuple(results),
+            )
+        )
         return [*messages, reply, *results]
 
     def _tool(self, loop: _Loop, tool: SpanData) -> ToolResultMessage:
         emit, attributes = self.ingestor.emit, tool.attributes
-        name = (_text(attributes.get(attr.TOOL_NAME)) or _text(attributes.get(attr.OPENINFERENCE_TOOL_NAME))
-                or tool.name.removeprefix("execute_tool ").strip() or "tool")
+        name = (
+            _text(attributes.get(attr.TOOL_NAME))
+            or _text(attributes.get(attr.OPENINFERENCE_TOOL_NAME))
+            or tool.name.removeprefix("execute_tool ").strip()
+            or "tool"
+        )
         call_id = _text(_first(attributes, attr.TOOL_CALL_ID, attr.OPENINFERENCE_TOOL_CALL_ID))
         if call_id is None:
             call_id = f"otel-{tool.span_id:016x}"
             loop.synthesized.append(f"tool_call_id:{call_id}")
-        emit(ToolExecutionStart(loop_id=loop.loop_id, tool_call_id=call_id, tool_name=name,
-                                args=_json(_first(attributes, attr.TOOL_CALL_ARGUMENTS,
-                                                  attr.OPENINFERENCE_TOOL_PARAMETERS))))
+        emit(
+            ToolExecutionStart(
+                loop_id=loop.loop_id,
+                tool_call_id=call_id,
+                tool_name=name,
+                args=_json(_first(attributes, attr.TOOL_CALL_ARGUMENTS, attr.OPENINFERENCE_TOOL_PARAMETERS)),
+            )
+        )
         for event in tool.events:
             if event.name == attr.EVENT_PROGRESS:
-                emit(ProgressMessage(loop_id=loop.loop_id, tool_call_id=call_id, tool_name=name,
-                                     text=str(event.attributes.get("phi.text", ""))))
+                emit(
+                    ProgressMessage(
+                        loop_id=loop.loop_id,
+                        tool_call_id=call_id,
+                        tool_name=name,
+                        text=str(event.attributes.get("phi.text", "")),
+                    )
+                )
         result = _first(attributes, attr.TOOL_CALL_RESULT, attr.OPENINFERENCE_OUTPUT_VALUE)
         content = (TextContent(text=_result_text(result)),) if result is not None else ()
         is_error = bool(attributes.get(attr.PHI_TOOL_IS_ERROR, tool.error))
         child = self.child_loops.get(tool.span_id) or _text(attributes.get(attr.PHI_CHILD_LOOP_ID))
-        emit(ToolExecutionEnd(loop_id=loop.loop_id, tool_call_id=call_id, tool_name=name,
-                              result=ToolResult(content=content, child_loop_id=child), is_error=is_error,
-                              child_loop_id=child))
-        return ToolResultMessage(tool_call_id=call_id, tool_name=name, content=content, is_error=is_error,
-                                 timestamp=tool.end // 1_000_000)
+        emit(
+            ToolExecutionEnd(
+                loop_id=loop.loop_id,
+                tool_call_id=call_id,
+                tool_name=name,
+                result=ToolResult(content=content, child_loop_id=child),
+                is_error=is_error,
+                child_loop_id=child,
+            )
+        )
+        return ToolResultMessage(
+            tool_call_id=call_id,
+            tool_name=name,
+            content=content,
+            is_error=is_error,
+            timestamp=tool.end // 1_000_000,
+        )
 
     def _span_events(self, loop: _Loop) -> list[AgentEvent]:
         out: list[AgentEvent] = []
@@ -710,8 +863,11 @@ class _Rebuild:
             kind = _SPAN_EVENT_TYPES.get(event.name)
             if kind is None:
                 continue
-            fields = {key.removeprefix("phi."): value for key, value in event.attributes.items()
-                      if key.startswith("phi.") and key.removeprefix("phi.") in _fields(kind)}
+            fields = {
+                key.removeprefix("phi."): value
+                for key, value in event.attributes.items()
+                if key.startswith("phi.") and key.removeprefix("phi.") in _fields(kind)
+            }
             if kind is InputRejected:
                 fields.setdefault("reason", "")
             if kind is RevertApplied:
@@ -721,8 +877,17 @@ class _Rebuild:
             if kind is PrunApplied:
                 fields.setdefault("pruned_timestamps", ())
             try:
-                out.append(msgspec.convert({**fields, "loop_id": loop.loop_id, "type": kind.__name__,
-                                            "timestamp": str(_timestamp(event.time))}, kind))
+                out.append(
+                    msgspec.convert(
+                        {
+                            **fields,
+                            "loop_id": loop.loop_id,
+                            "type": kind.__name__,
+                            "timestamp": str(_timestamp(event.time)),
+                        },
+                        kind,
+                    )
+                )
             except msgspec.ValidationError:
                 continue  # a producer's event of that name that is not ours
         return out

@@ -55,12 +55,17 @@ def spans_from_sdk(span: Any) -> SpanData | None:
         return None
     status = span.status
     return SpanData(
-        trace_id=context.trace_id, span_id=context.span_id,
+        trace_id=context.trace_id,
+        span_id=context.span_id,
         parent_id=span.parent.span_id if span.parent is not None else None,
-        name=span.name, kind=span.kind.name, start=span.start_time or 0,
-        end=span.end_time or span.start_time or 0, attributes=dict(span.attributes or {}),
+        name=span.name,
+        kind=span.kind.name,
+        start=span.start_time or 0,
+        end=span.end_time or span.start_time or 0,
+        attributes=dict(span.attributes or {}),
         events=[SpanEvent(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events],
-        error=status.status_code.name == "ERROR", status_message=status.description or "",
+        error=status.status_code.name == "ERROR",
+        status_message=status.description or "",
         resource=dict(span.resource.attributes) if span.resource is not None else {},
     )
 
@@ -104,15 +109,25 @@ def spans_from_otlp_proto(payload: bytes) -> tuple[list[SpanData], int]:
                 if ids is None:
                     skipped += 1
                     continue
-                out.append(SpanData(
-                    trace_id=ids[0], span_id=ids[1], parent_id=ids[2], name=span.name,
-                    kind=_KINDS.get(span.kind, "UNSPECIFIED"), start=span.start_time_unix_nano,
-                    end=max(span.end_time_unix_nano, span.start_time_unix_nano),
-                    attributes=_proto_attributes(span.attributes),
-                    events=[SpanEvent(e.name, e.time_unix_nano, _proto_attributes(e.attributes))
-                            for e in span.events],
-                    error=span.status.code == 2, status_message=span.status.message, resource=resource,
-                ))
+                out.append(
+                    SpanData(
+                        trace_id=ids[0],
+                        span_id=ids[1],
+                        parent_id=ids[2],
+                        name=span.name,
+                        kind=_KINDS.get(span.kind, "UNSPECIFIED"),
+                        start=span.start_time_unix_nano,
+                        end=max(span.end_time_unix_nano, span.start_time_unix_nano),
+                        attributes=_proto_attributes(span.attributes),
+                        events=[
+                            SpanEvent(e.name, e.time_unix_nano, _proto_attributes(e.attributes))
+                            for e in span.events
+                        ],
+                        error=span.status.code == 2,
+                        status_message=span.status.message,
+                        resource=resource,
+                    )
+                )
     return out, skipped
 
 
@@ -223,16 +238,30 @@ def spans_from_otlp_json(payload: bytes) -> tuple[list[SpanData], int]:
         status = span.get("status", {})
         status = status if isinstance(status, dict) else {}
         name, kind = span.get("name", ""), span.get("kind", 0)
-        out.append(SpanData(
-            trace_id=trace_id, span_id=span_id, parent_id=parent, name=name if isinstance(name, str) else "",
-            kind=_KINDS.get(kind, "UNSPECIFIED") if isinstance(kind, int) else str(kind).removeprefix(
-                "SPAN_KIND_"),
-            start=start, end=max(start, _int(span.get("endTimeUnixNano", start), "endTimeUnixNano")),
-            attributes=_json_attributes(span.get("attributes", [])),
-            events=[SpanEvent(str(e.get("name", "")), _int(e.get("timeUnixNano", 0), "timeUnixNano"),
-                              _json_attributes(e.get("attributes", [])))
-                    for e in _list(span.get("events", []), "events") if isinstance(e, dict)],
-            error=status.get("code") in (2, "STATUS_CODE_ERROR"),
-            status_message=str(status.get("message", "")), resource=resource,
-        ))
+        out.append(
+            SpanData(
+                trace_id=trace_id,
+                span_id=span_id,
+                parent_id=parent,
+                name=name if isinstance(name, str) else "",
+                kind=_KINDS.get(kind, "UNSPECIFIED")
+                if isinstance(kind, int)
+                else str(kind).removeprefix("SPAN_KIND_"),
+                start=start,
+                end=max(start, _int(span.get("endTimeUnixNano", start), "endTimeUnixNano")),
+                attributes=_json_attributes(span.get("attributes", [])),
+                events=[
+                    SpanEvent(
+                        str(e.get("name", "")),
+                        _int(e.get("timeUnixNano", 0), "timeUnixNano"),
+                        _json_attributes(e.get("attributes", [])),
+                    )
+                    for e in _list(span.get("events", []), "events")
+                    if isinstance(e, dict)
+                ],
+                error=status.get("code") in (2, "STATUS_CODE_ERROR"),
+                status_message=str(status.get("message", "")),
+                resource=resource,
+            )
+        )
     return out, skipped

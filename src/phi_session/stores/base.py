@@ -194,8 +194,13 @@ def scan_search(store: SessionStore, text: str, query: SessionQuery | None, limi
     return collect_hits(store, search_words(text, limit), query, limit)
 
 
-def collect_hits(store: SessionStore, words: tuple[str, ...], query: SessionQuery | None, limit: int,
-                 candidates: Container[str] | None = None) -> list[SearchHit]:
+def collect_hits(
+    store: SessionStore,
+    words: tuple[str, ...],
+    query: SessionQuery | None,
+    limit: int,
+    candidates: Container[str] | None = None,
+) -> list[SearchHit]:
     """The first `limit` hits of `words` in the sessions `query` selects, in its order.
 
     An index passes the ids of the sessions that may match as `candidates`: only those
@@ -233,8 +238,12 @@ def validate_session_id(session_id: str) -> str:
     except UnicodeEncodeError:  # a lone surrogate: no file name, no database text
         raise InvalidSessionId(f"session id {session_id!r} is not valid Unicode text") from None
     if (
-        "/" in session_id or "\\" in session_id or "\x00" in session_id
-        or session_id in (".", "..") or session_id.startswith(".") or size > 200
+        "/" in session_id
+        or "\\" in session_id
+        or "\x00" in session_id
+        or session_id in (".", "..")
+        or session_id.startswith(".")
+        or size > 200
     ):
         raise InvalidSessionId(f"unsafe session id {session_id!r}")
     return session_id
@@ -350,7 +359,8 @@ def _link_to_parents(loops: list[LoopRecord], adopted: list[LoopRecord]) -> None
         parent = loops[slot]
         if child.loop_id not in parent.children_loop_ids:
             loops[slot] = msgspec.structs.replace(
-                parent, children_loop_ids=[*parent.children_loop_ids, child.loop_id])
+                parent, children_loop_ids=[*parent.children_loop_ids, child.loop_id]
+            )
 
 
 def _merge_events(

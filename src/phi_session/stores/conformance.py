@@ -76,7 +76,6 @@ EXAMPLE_SESSIONS = sorted(EXAMPLES_DIR.glob("session-*.json"))
 INVALID_SESSION_IDS = ("", ".", "..", "../x", "a/b", "/abs", "a\\b", "nul\x00byte", ".hidden", "x" * 201)
 
 
-
 def _raises(expected: type[BaseException], match: str | None = None) -> AbstractContextManager[Any]:
     import pytest  # only the tests need pytest, not importing this module
 
@@ -124,16 +123,24 @@ def make_loop(
         provider, _, name = model.partition("/")
         config = LoopConfigSnapshot(model=name, provider=provider, config_id="cfg")
     record = LoopRecord.start(
-        loop_id=f"{session_id}.cfg.{index}", session_id=session_id, agent_id=agent_id,
-        started_at=start, config=config, status=status,
+        loop_id=f"{session_id}.cfg.{index}",
+        session_id=session_id,
+        agent_id=agent_id,
+        started_at=start,
+        config=config,
+        status=status,
         parent_loop_id=None if parent_index is None else f"{session_id}.cfg.{parent_index}",
     )
     if status not in ("Running", "Pending"):
         record.ended_at = Timestamp.from_ns(start.ns + 500_000_000)
     record.usage = Usage(input=tokens - tokens // 4, output=tokens // 4, total_tokens=tokens)
     record.events = [
-        LoopEvent(sequence=n, event=ProgressMessage(
-            loop_id=record.loop_id, tool_call_id=f"call-{n}", tool_name="step", text=f"step {n}"))
+        LoopEvent(
+            sequence=n,
+            event=ProgressMessage(
+                loop_id=record.loop_id, tool_call_id=f"call-{n}", tool_name="step", text=f"step {n}"
+            ),
+        )
         for n in range(events)
     ]
     return record
@@ -158,17 +165,26 @@ def make_session(
         loops = [make_loop(session_id, 1, agent_id=agent_id, started_at=created)]
     spawn = None
     if parent_session_id is not None:
-        spawn = SpawnRef(parent_session_id=parent_session_id, parent_loop_id=f"{parent_session_id}.cfg.1",
-                         tool_call_id="call-spawn", tool_name="delegate")
+        spawn = SpawnRef(
+            parent_session_id=parent_session_id,
+            parent_loop_id=f"{parent_session_id}.cfg.1",
+            tool_call_id="call-spawn",
+            tool_name="delegate",
+        )
     return Session(
-        session_id=session_id, agent_id=agent_id, created_at=created,
+        session_id=session_id,
+        agent_id=agent_id,
+        created_at=created,
         last_active_at=last_active_at if last_active_at is not None else created,
-        formation=SessionFormation.first_loop(created), parent_spawn_ref=spawn, loops=list(loops),
+        formation=SessionFormation.first_loop(created),
+        parent_spawn_ref=spawn,
+        loops=list(loops),
     )
 
 
-def talking_loop(session_id: str, index: int, said: str, *, agent_id: str = "agent",
-                 started_at: Timestamp | None = None) -> LoopRecord:
+def talking_loop(
+    session_id: str, index: int, said: str, *, agent_id: str = "agent", started_at: Timestamp | None = None
+) -> LoopRecord:
     """`make_loop` whose conversation is a prompt, one turn (thinking, text, a tool call) and a tool
     result: the user asks ``Please {said}``, the model thinks ``plan {said}``, answers ``done {said}``,
     calls ``lookup`` with ``{"q": "{said} args"}``, and the tool returns ``result {said}``."""
@@ -177,13 +193,26 @@ def talking_loop(session_id: str, index: int, said: str, *, agent_id: str = "age
     record.messages = [
         UserMessage(content=(TextContent(text=f"Please {said}"),), timestamp=0),
         AssistantMessage(
-            content=(ThinkingContent(thinking=f"plan {said}"), TextContent(text=f"done {said}"),
-                     ToolCall(id="call-1", name="lookup", arguments={"q": f"{said} args"})),
-            stop_reason="toolUse", model="gpt-4o", provider="openai", usage=ZERO_USAGE, timestamp=0,
-            turn_id=turn_id),
-        ToolResultMessage(tool_call_id="call-1", tool_name="lookup",
-                          content=(TextContent(text=f"result {said}"),), is_error=False, timestamp=0,
-                          turn_id=turn_id),
+            content=(
+                ThinkingContent(thinking=f"plan {said}"),
+                TextContent(text=f"done {said}"),
+                ToolCall(id="call-1", name="lookup", arguments={"q": f"{said} args"}),
+            ),
+            stop_reason="toolUse",
+            model="gpt-4o",
+            provider="openai",
+            usage=ZERO_USAGE,
+            timestamp=0,
+            turn_id=turn_id,
+        ),
+        ToolResultMessage(
+            tool_call_id="call-1",
+            tool_name="lookup",
+            content=(TextContent(text=f"result {said}"),),
+            is_error=False,
+            timestamp=0,
+            turn_id=turn_id,
+        ),
     ]
     return record
 
@@ -196,10 +225,23 @@ def _turn_with_tagged_tool_result(session_id: str) -> list[AgentEvent]:
     """One loop, one turn, whose TurnEnd carries a tool result with a ``turnId``."""
     loop_id = f"{session_id}.cfg.1"
     turn_id = TurnId(loop_id=loop_id, turn_index=0)
-    answer = AssistantMessage(content=(TextContent(text="done"),), stop_reason="stop", model="m",
-                              provider="p", usage=ZERO_USAGE, timestamp=1, turn_id=turn_id)
-    result = ToolResultMessage(tool_call_id="call-1", tool_name="step", content=(TextContent(text="ok"),),
-                               is_error=False, timestamp=1, turn_id=turn_id)
+    answer = AssistantMessage(
+        content=(TextContent(text="done"),),
+        stop_reason="stop",
+        model="m",
+        provider="p",
+        usage=ZERO_USAGE,
+        timestamp=1,
+        turn_id=turn_id,
+    )
+    result = ToolResultMessage(
+        tool_call_id="call-1",
+        tool_name="step",
+        content=(TextContent(text="ok"),),
+        is_error=False,
+        timestamp=1,
+        turn_id=turn_id,
+    )
     return [
         AgentStart(agent_id="agent", session_id=session_id, loop_id=loop_id, timestamp=at(0)),
         TurnStart(loop_id=loop_id, turn_index=0, timestamp=at(1), triggered_by="User"),
@@ -238,17 +280,57 @@ def _populate(store: SessionStore) -> dict[str, Session]:
     """
     day = 86_400
     sessions = [
-        make_session("s1", "alpha", created_at=at(0), last_active_at=at(10), loops=[
-            make_loop("s1", 1, agent_id="alpha", tokens=100, started_at=at(0))]),
-        make_session("s2", "alpha", created_at=at(day), last_active_at=at(day + 20), loops=[
-            make_loop("s2", 1, agent_id="alpha", tokens=300, model="anthropic/claude-sonnet-4-5",
-                      started_at=at(day)),
-            make_loop("s2", 2, agent_id="alpha", status="Aborted", tokens=50, started_at=at(day + 10))]),
-        make_session("s3", "beta", created_at=at(30), parent_session_id="s1", loops=[
-            make_loop("s3", 1, agent_id="beta", status="Running", tokens=10, model=None, started_at=at(30))]),
-        make_session("s4", "beta", created_at=at(40), parent_session_id="s1", loops=[
-            make_loop("s4", 1, agent_id="beta", status="Rejected", model="anthropic/claude-sonnet-4-5",
-                      started_at=at(40))]),
+        make_session(
+            "s1",
+            "alpha",
+            created_at=at(0),
+            last_active_at=at(10),
+            loops=[make_loop("s1", 1, agent_id="alpha", tokens=100, started_at=at(0))],
+        ),
+        make_session(
+            "s2",
+            "alpha",
+            created_at=at(day),
+            last_active_at=at(day + 20),
+            loops=[
+                make_loop(
+                    "s2",
+                    1,
+                    agent_id="alpha",
+                    tokens=300,
+                    model="anthropic/claude-sonnet-4-5",
+                    started_at=at(day),
+                ),
+                make_loop("s2", 2, agent_id="alpha", status="Aborted", tokens=50, started_at=at(day + 10)),
+            ],
+        ),
+        make_session(
+            "s3",
+            "beta",
+            created_at=at(30),
+            parent_session_id="s1",
+            loops=[
+                make_loop(
+                    "s3", 1, agent_id="beta", status="Running", tokens=10, model=None, started_at=at(30)
+                )
+            ],
+        ),
+        make_session(
+            "s4",
+            "beta",
+            created_at=at(40),
+            parent_session_id="s1",
+            loops=[
+                make_loop(
+                    "s4",
+                    1,
+                    agent_id="beta",
+                    status="Rejected",
+                    model="anthropic/claude-sonnet-4-5",
+                    started_at=at(40),
+                )
+            ],
+        ),
     ]
     for session in sessions:
         store.save(session)
@@ -359,11 +441,15 @@ class StoreConformance:
             assert encode_session(store.load(session_id)) == encode_session(session), feed
 
     def test_built_session_round_trip(self, store: SessionStore) -> None:
-        session = make_session("built", loops=[
-            make_loop("built", 1, tokens=42, events=3),
-            make_loop("built", 2, status="Aborted", model=None, parent_index=1),
-            make_loop("built", 3, status="Running", model="anthropic/claude-sonnet-4-5", events=1),
-        ], parent_session_id="origin")
+        session = make_session(
+            "built",
+            loops=[
+                make_loop("built", 1, tokens=42, events=3),
+                make_loop("built", 2, status="Aborted", model=None, parent_index=1),
+                make_loop("built", 3, status="Running", model="anthropic/claude-sonnet-4-5", events=1),
+            ],
+            parent_session_id="origin",
+        )
         store.save(session)
         loaded = store.load("built")
         assert loaded == session
@@ -372,8 +458,12 @@ class StoreConformance:
     def test_nanosecond_timestamps_are_preserved(self, store: SessionStore) -> None:
         created = Timestamp.parse("2024-05-01T12:00:00.123456789Z")
         started = Timestamp.parse("2024-05-01T12:00:00.000000001Z")
-        session = make_session("ns", created_at=created, last_active_at=Timestamp.parse(
-            "2024-05-01T12:00:01.100200300Z"), loops=[make_loop("ns", 1, started_at=started)])
+        session = make_session(
+            "ns",
+            created_at=created,
+            last_active_at=Timestamp.parse("2024-05-01T12:00:01.100200300Z"),
+            loops=[make_loop("ns", 1, started_at=started)],
+        )
         store.save(session)
         loaded = store.load("ns")
         assert str(loaded.created_at) == "2024-05-01T12:00:00.123456789Z"
@@ -423,10 +513,14 @@ class StoreConformance:
     # -- merge on save ----------------------------------------------------------------
 
     def test_save_merges_with_the_stored_session(self, store: SessionStore) -> None:
-        store.save(make_session("m", loops=[
-            make_loop("m", 1, events=2), make_loop("m", 2, status="Running", events=1)]))
-        store.save(make_session("m", loops=[
-            make_loop("m", 2, events=4, tokens=9), make_loop("m", 3, events=1)]))
+        store.save(
+            make_session(
+                "m", loops=[make_loop("m", 1, events=2), make_loop("m", 2, status="Running", events=1)]
+            )
+        )
+        store.save(
+            make_session("m", loops=[make_loop("m", 2, events=4, tokens=9), make_loop("m", 3, events=1)])
+        )
         loaded = store.load("m")
         assert _loop_ids(loaded) == ["m.cfg.1", "m.cfg.2", "m.cfg.3"]
         assert loaded.loops[1].status == "Completed"
@@ -569,7 +663,11 @@ class StoreConformance:
         # A cursor past the end, or before the start of a descending order.
         assert store.query(SessionQuery(after=PageCursor("newest", -(2**70), ""))) == []
         assert _ids(store.query(SessionQuery(order="tokens", after=PageCursor("tokens", 2**70, "")))) == [
-            "s2", "s1", "s3", "s4"]
+            "s2",
+            "s1",
+            "s3",
+            "s4",
+        ]
 
     def test_query_page_sees_no_shift_when_sessions_arrive(self, store: SessionStore) -> None:
         _populate(store)
@@ -629,8 +727,16 @@ class StoreConformance:
 
     def test_query_sees_merged_saves(self, store: SessionStore) -> None:
         _populate(store)
-        store.save(make_session("s1", "alpha", last_active_at=at(50), loops=[
-            make_loop("s1", 2, agent_id="alpha", status="Aborted", tokens=1000, started_at=at(45))]))
+        store.save(
+            make_session(
+                "s1",
+                "alpha",
+                last_active_at=at(50),
+                loops=[
+                    make_loop("s1", 2, agent_id="alpha", status="Aborted", tokens=1000, started_at=at(45))
+                ],
+            )
+        )
         [row] = store.query(SessionQuery(agent_id="alpha", status="Aborted", until=at(100)))
         assert (row.session_id, row.loop_count, row.total_tokens) == ("s1", 2, 1100)
         assert row.last_active_at == at(50)
@@ -641,13 +747,19 @@ class StoreConformance:
         # Values are checked where they are built (SessionQuery, PruneCriteria,
         # parse_group_by), so no backend can word them its own way.
         for build, message in (
-            (lambda: SessionQuery(status="Finished"),
-             "status: expected one of Pending, Running, Completed, Rejected, Aborted; got 'Finished'"),
+            (
+                lambda: SessionQuery(status="Finished"),
+                "status: expected one of Pending, Running, Completed, Rejected, Aborted; got 'Finished'",
+            ),
             (lambda: SessionQuery(limit=-1), "limit: must not be negative, got -1"),
-            (lambda: SessionQuery(order="random"),  # type: ignore[arg-type]
-             "order: expected one of newest, oldest, tokens; got 'random'"),
-            (lambda: store.usage_totals("week"),  # type: ignore[arg-type]
-             "group_by: expected one of agent, model, day; got 'week'"),
+            (
+                lambda: SessionQuery(order="random"),  # type: ignore[arg-type]
+                "order: expected one of newest, oldest, tokens; got 'random'",
+            ),
+            (
+                lambda: store.usage_totals("week"),  # type: ignore[arg-type]
+                "group_by: expected one of agent, model, day; got 'week'",
+            ),
             (lambda: PruneCriteria(), "prune needs older_than, keep_last or both"),
             (lambda: PruneCriteria(agent_id="alpha"), "prune needs older_than, keep_last or both"),
             (lambda: PruneCriteria(keep_last=-1), "keep_last: must not be negative, got -1"),
@@ -669,10 +781,14 @@ class StoreConformance:
 
     def test_usage_totals_by_agent(self, store: SessionStore) -> None:
         _populate(store)
-        assert store.usage_totals() == store.usage_totals("agent") == [
-            UsageTotal(key="alpha", sessions=2, loops=3, usage=_usage(100) + _usage(300) + _usage(50)),
-            UsageTotal(key="beta", sessions=2, loops=2, usage=_usage(10) + _usage(0)),
-        ]
+        assert (
+            store.usage_totals()
+            == store.usage_totals("agent")
+            == [
+                UsageTotal(key="alpha", sessions=2, loops=3, usage=_usage(100) + _usage(300) + _usage(50)),
+                UsageTotal(key="beta", sessions=2, loops=2, usage=_usage(10) + _usage(0)),
+            ]
+        )
 
     def test_usage_totals_by_model(self, store: SessionStore) -> None:
         _populate(store)
@@ -698,10 +814,22 @@ class StoreConformance:
     # -- search -----------------------------------------------------------------------
 
     def _populate_talk(self, store: SessionStore) -> None:
-        store.save(make_session("t1", "alpha", last_active_at=at(10), loops=[
-            talking_loop("t1", 1, "brew the Coffee", agent_id="alpha")]))
-        store.save(make_session("t2", "beta", created_at=at(20), loops=[
-            talking_loop("t2", 1, "water the plants", agent_id="beta", started_at=at(20))]))
+        store.save(
+            make_session(
+                "t1",
+                "alpha",
+                last_active_at=at(10),
+                loops=[talking_loop("t1", 1, "brew the Coffee", agent_id="alpha")],
+            )
+        )
+        store.save(
+            make_session(
+                "t2",
+                "beta",
+                created_at=at(20),
+                loops=[talking_loop("t2", 1, "water the plants", agent_id="beta", started_at=at(20))],
+            )
+        )
 
     def test_search_finds_every_kind_of_text(self, store: SessionStore) -> None:
         self._populate_talk(store)
@@ -740,8 +868,14 @@ class StoreConformance:
 
     def test_search_sees_merges_and_forgets_pruned_and_deleted(self, store: SessionStore) -> None:
         self._populate_talk(store)
-        store.save(make_session("t1", "alpha", last_active_at=at(30), loops=[
-            talking_loop("t1", 2, "grind beans", agent_id="alpha", started_at=at(25))]))
+        store.save(
+            make_session(
+                "t1",
+                "alpha",
+                last_active_at=at(30),
+                loops=[talking_loop("t1", 2, "grind beans", agent_id="alpha", started_at=at(25))],
+            )
+        )
         assert [hit.loop_id for hit in store.search("beans")] == ["t1.cfg.2"] * 5
         assert len(store.search("coffee")) == 5  # the stored loop is still found
         assert store.prune(PruneCriteria(keep_last=1)) == 1

@@ -251,7 +251,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 stamp = _next_mtime_ns()
                 os.utime(fd, ns=(stamp, stamp))
                 os.fsync(fd)
@@ -416,10 +416,13 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         """Summaries matching `query` (see `SessionQuery`), from the cached summaries."""
         query = as_query(query)
         after = query.after
-        rows = [entry.summary for _, entry in self._entries()
-                if _matches(query, entry.summary) and (after is None or after.passed(entry.summary))]
+        rows = [
+            entry.summary
+            for _, entry in self._entries()
+            if _matches(query, entry.summary) and (after is None or after.passed(entry.summary))
+        ]
         _sort(rows, query.order)
-        return rows if query.limit is None else rows[:query.limit]
+        return rows if query.limit is None else rows[: query.limit]
 
     def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
         """Usage per agent, model or UTC day, sorted by key (see `SessionStore.usage_totals`)."""
@@ -452,7 +455,8 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         check_type("criteria", criteria, PruneCriteria)
         agent_id, keep_last, older_than = criteria.agent_id, criteria.keep_last, criteria.older_than
         candidates = [
-            (session_id, entry) for session_id, entry in self._entries()
+            (session_id, entry)
+            for session_id, entry in self._entries()
             if agent_id is None or entry.summary.agent_id == agent_id
         ]
         candidates.sort(key=lambda item: (-item[1].summary.last_active_at.ns, item[0]))

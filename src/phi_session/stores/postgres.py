@@ -97,8 +97,14 @@ SCHEMA_VERSION = 1
 
 _STATUS_COLUMNS: dict[str, str] = {status: f"loops_{status.lower()}" for status in LOOP_STATUSES}
 _USAGE_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
-_USAGE_COLUMNS = ("input_tokens", "output_tokens", "reasoning_tokens", "cache_read_tokens",
-                  "cache_write_tokens", "total_tokens")
+_USAGE_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "total_tokens",
+)
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 # Advisory-lock class id ("ph") of schema migrations; the object id is hashtext(schema).
 _MIGRATION_LOCK_CLASS = 0x7068
@@ -143,7 +149,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         *(
             f"CREATE INDEX sessions_with_{status.lower()} ON {{s}}.sessions"
             f" (last_active_at_ns DESC, session_id) WHERE {column} > 0"
-            for status, column in _STATUS_COLUMNS.items() if status != "Completed"
+            for status, column in _STATUS_COLUMNS.items()
+            if status != "Completed"
         ),
         f"""CREATE TABLE {{s}}.loops (
             session_id TEXT COLLATE "C" NOT NULL
@@ -168,13 +175,31 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 _SESSION_COLUMNS = (
-    "agent_id", "created_at_ns", "created_day", "last_active_at_ns", "formation", "parent_session_id",
-    "rejected", "loop_count", "turn_count", *_STATUS_COLUMNS.values(), *_USAGE_COLUMNS,
-    "models", "model_keys", "header",
+    "agent_id",
+    "created_at_ns",
+    "created_day",
+    "last_active_at_ns",
+    "formation",
+    "parent_session_id",
+    "rejected",
+    "loop_count",
+    "turn_count",
+    *_STATUS_COLUMNS.values(),
+    *_USAGE_COLUMNS,
+    "models",
+    "model_keys",
+    "header",
 )
 _LOOP_COLUMNS = (
-    "loop_id", "occurrence", "status", "started_at_ns", "provider", "model",
-    "turn_count", *_USAGE_COLUMNS, "record",
+    "loop_id",
+    "occurrence",
+    "status",
+    "started_at_ns",
+    "provider",
+    "model",
+    "turn_count",
+    *_USAGE_COLUMNS,
+    "record",
 )
 _ORDER_BY = {
     "newest": "last_active_at_ns DESC, session_id",
@@ -234,11 +259,20 @@ def _session_values(session: Session) -> tuple[Any, ...]:
     model_keys = dict.fromkeys(summary.models)
     model_keys.update((record.config.model, None) for record in session.loops if record.config is not None)
     return (
-        session.agent_id, _clamped_ns(session.created_at), _day(session.created_at),
-        _clamped_ns(session.last_active_at), summary.formation, summary.parent_session_id,
-        summary.rejected, summary.loop_count, summary.turn_count,
-        *(summary.loops_by_status.get(s, 0) for s in LOOP_STATUSES), *_usage_values(summary.usage),
-        list(summary.models), list(model_keys), _header(session),
+        session.agent_id,
+        _clamped_ns(session.created_at),
+        _day(session.created_at),
+        _clamped_ns(session.last_active_at),
+        summary.formation,
+        summary.parent_session_id,
+        summary.rejected,
+        summary.loop_count,
+        summary.turn_count,
+        *(summary.loops_by_status.get(s, 0) for s in LOOP_STATUSES),
+        *_usage_values(summary.usage),
+        list(summary.models),
+        list(model_keys),
+        _header(session),
     )
 
 
@@ -246,9 +280,15 @@ def _loop_values(record: LoopRecord, occurrence: int, data: bytes) -> tuple[Any,
     """The ``loops`` row of `record` (encoded as `data`), in `_LOOP_COLUMNS` order."""
     config = record.config
     return (
-        record.loop_id, occurrence, record.status, _clamped_ns(record.started_at),
-        config.provider if config is not None else None, config.model if config is not None else None,
-        len(record.turns), *_usage_values(record.usage), data,
+        record.loop_id,
+        occurrence,
+        record.status,
+        _clamped_ns(record.started_at),
+        config.provider if config is not None else None,
+        config.model if config is not None else None,
+        len(record.turns),
+        *_usage_values(record.usage),
+        data,
     )
 
 
@@ -294,8 +334,9 @@ class _Pool:
         if os.getpid() != self._pid:
             # A forked child shares its parent's sockets: using (or even closing) them
             # would corrupt the parent's sessions with the server.
-            raise StoreError(f"this PostgresStore was opened by process {self._pid};"
-                             " a forked process must open its own")
+            raise StoreError(
+                f"this PostgresStore was opened by process {self._pid}; a forked process must open its own"
+            )
         with self._slots:
             with self._lock:
                 if self._closed:
@@ -311,8 +352,8 @@ class _Pool:
     def _release(self, conn: psycopg.Connection[Row]) -> None:
         # After an error the connection is usually still fine (a constraint, a lock
         # timeout): keep it when it is open and outside any transaction.
-        reusable = not conn.closed and not conn.broken and (
-            conn.info.transaction_status == TransactionStatus.IDLE
+        reusable = (
+            not conn.closed and not conn.broken and (conn.info.transaction_status == TransactionStatus.IDLE)
         )
         with self._lock:
             if reusable and not self._closed:
@@ -329,16 +370,25 @@ class _Pool:
 
 
 _SUMMARY_COLUMNS = (
-    "session_id", "agent_id", "formation", "parent_session_id", "rejected", "loop_count", "turn_count",
-    *_STATUS_COLUMNS.values(), *_USAGE_COLUMNS, "models", "header",
+    "session_id",
+    "agent_id",
+    "formation",
+    "parent_session_id",
+    "rejected",
+    "loop_count",
+    "turn_count",
+    *_STATUS_COLUMNS.values(),
+    *_USAGE_COLUMNS,
+    "models",
+    "header",
 )
 
 
 def _summary(row: Row) -> SessionSummary:
     """A `SessionSummary` from a row of `_SUMMARY_COLUMNS`."""
     session_id, agent_id, formation, parent, rejected, loop_count, turn_count = row[:7]
-    counts = row[7:7 + len(LOOP_STATUSES)]
-    usage = row[7 + len(LOOP_STATUSES):7 + len(LOOP_STATUSES) + len(_USAGE_COLUMNS)]
+    counts = row[7 : 7 + len(LOOP_STATUSES)]
+    usage = row[7 + len(LOOP_STATUSES) : 7 + len(LOOP_STATUSES) + len(_USAGE_COLUMNS)]
     models, header = row[-2:]
     try:
         times = _times_decoder.decode(header)
@@ -347,11 +397,17 @@ def _summary(row: Row) -> SessionSummary:
     except (msgspec.DecodeError, ValueError) as exc:
         raise StoreError(f"stored session {session_id!r} is corrupt: {exc}") from exc
     return SessionSummary(
-        session_id=session_id, agent_id=agent_id, created_at=created_at,
-        last_active_at=last_active_at, formation=formation, parent_session_id=parent,
-        rejected=rejected, loop_count=loop_count,
+        session_id=session_id,
+        agent_id=agent_id,
+        created_at=created_at,
+        last_active_at=last_active_at,
+        formation=formation,
+        parent_session_id=parent,
+        rejected=rejected,
+        loop_count=loop_count,
         loops_by_status={status: n for status, n in zip(LOOP_STATUSES, counts, strict=True) if n},
-        turn_count=turn_count, usage=_usage(usage),
+        turn_count=turn_count,
+        usage=_usage(usage),
         models=tuple(models),
     )
 
@@ -482,10 +538,12 @@ class PostgresStore(ScanSearch, AsyncTwins):
                     yield cur
         except psycopg.errors.LockNotAvailable as exc:
             if session_id is None:
-                raise StoreError(f"{action}: a lock on {self._where} stayed taken for more than"
-                                 f" {self._lock_timeout:g} s") from exc
-            raise SessionLocked(f"session {session_id!r} is being written by another client"
-                                f" (waited {self._lock_timeout:g} s)") from exc
+                raise StoreError(
+                    f"{action}: a lock on {self._where} stayed taken for more than {self._lock_timeout:g} s"
+                ) from exc
+            raise SessionLocked(
+                f"session {session_id!r} is being written by another client (waited {self._lock_timeout:g} s)"
+            ) from exc
         except psycopg.Error as exc:
             raise StoreError(f"{action} failed on PostgreSQL at {self._where}: {exc}") from exc
 
@@ -497,25 +555,31 @@ class PostgresStore(ScanSearch, AsyncTwins):
             with cur.connection.transaction():
                 _set_lock_timeout(cur, _MIGRATION_LOCK_TIMEOUT)
                 # Serializes concurrent openers: the later ones re-read the version below.
-                cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                            (_MIGRATION_LOCK_CLASS, self._schema))
+                cur.execute(
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_MIGRATION_LOCK_CLASS, self._schema)
+                )
                 # CREATE SCHEMA needs a privilege even with IF NOT EXISTS: skip it when
                 # an administrator created the schema for us.
                 cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self._schema,))
                 if cur.fetchone() is None:
                     cur.execute(self._sql("CREATE SCHEMA {s}"))
-                cur.execute(self._sql(
-                    "CREATE TABLE IF NOT EXISTS {s}.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-                ))
+                cur.execute(
+                    self._sql(
+                        "CREATE TABLE IF NOT EXISTS {s}.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+                    )
+                )
                 version = self._stored_version(cur) or 0
                 for statements in _MIGRATIONS[version:]:
                     for statement in statements:
                         cur.execute(self._sql(statement))
                 if version < SCHEMA_VERSION:
-                    cur.execute(self._sql(
-                        "INSERT INTO {s}.meta (key, value) VALUES ('schema_version', %s)"
-                        " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
-                    ), (str(SCHEMA_VERSION),))
+                    cur.execute(
+                        self._sql(
+                            "INSERT INTO {s}.meta (key, value) VALUES ('schema_version', %s)"
+                            " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                        ),
+                        (str(SCHEMA_VERSION),),
+                    )
 
     def _stored_version(self, cur: psycopg.Cursor[Row]) -> int | None:
         """The schema version recorded in the database (None: no schema yet)."""
@@ -555,25 +619,32 @@ class PostgresStore(ScanSearch, AsyncTwins):
         encoded = _Encodings(session.loops)
         with self._cursor(f"saving session {session_id!r}", transaction=True, session_id=session_id) as cur:
             for _ in range(_SAVE_ATTEMPTS):
-                cur.execute(self._sql("SELECT header FROM {s}.sessions WHERE session_id = %s FOR UPDATE"),
-                            (session_id,))
+                cur.execute(
+                    self._sql("SELECT header FROM {s}.sessions WHERE session_id = %s FOR UPDATE"),
+                    (session_id,),
+                )
                 row = cur.fetchone()
                 if row is not None:
                     self._merge_into(cur, session_id, row[0], session, encoded)
                     return
                 # A writer that inserts the same id first makes this a no-op (after
                 # waiting for it to commit); the next round then locks its row.
-                cur.execute(self._sql(
-                    f"INSERT INTO {{s}}.sessions (session_id, saved_order, {', '.join(_SESSION_COLUMNS)})"
-                    f" VALUES (%s, {{order}}{', %s' * len(_SESSION_COLUMNS)})"
-                    " ON CONFLICT (session_id) DO NOTHING"
-                ), (session_id, *_session_values(session)))
+                cur.execute(
+                    self._sql(
+                        f"INSERT INTO {{s}}.sessions (session_id, saved_order, {', '.join(_SESSION_COLUMNS)})"
+                        f" VALUES (%s, {{order}}{', %s' * len(_SESSION_COLUMNS)})"
+                        " ON CONFLICT (session_id) DO NOTHING"
+                    ),
+                    (session_id, *_session_values(session)),
+                )
                 if cur.rowcount == 1:
                     loops = session.loops
                     self._insert_loops(cur, session_id, 0, loops, _occurrences(loops), encoded)
                     return
-        raise StoreError(f"saving session {session_id!r}: it was deleted and re-created"
-                         f" {_SAVE_ATTEMPTS} times while this save waited")
+        raise StoreError(
+            f"saving session {session_id!r}: it was deleted and re-created"
+            f" {_SAVE_ATTEMPTS} times while this save waited"
+        )
 
     def _insert_loops(
         self,
@@ -586,13 +657,16 @@ class PostgresStore(ScanSearch, AsyncTwins):
     ) -> None:
         if not loops:
             return
-        cur.executemany(self._sql(
-            f"INSERT INTO {{s}}.loops (session_id, position, {', '.join(_LOOP_COLUMNS)})"
-            f" VALUES (%s, %s{', %s' * len(_LOOP_COLUMNS)})"
-        ), [
-            (session_id, first_position + i, *_loop_values(record, occurrence, encoded(record)))
-            for i, (record, occurrence) in enumerate(zip(loops, occurrences, strict=True))
-        ])
+        cur.executemany(
+            self._sql(
+                f"INSERT INTO {{s}}.loops (session_id, position, {', '.join(_LOOP_COLUMNS)})"
+                f" VALUES (%s, %s{', %s' * len(_LOOP_COLUMNS)})"
+            ),
+            [
+                (session_id, first_position + i, *_loop_values(record, occurrence, encoded(record)))
+                for i, (record, occurrence) in enumerate(zip(loops, occurrences, strict=True))
+            ],
+        )
 
     def _merge_into(
         self,
@@ -603,46 +677,56 @@ class PostgresStore(ScanSearch, AsyncTwins):
         encoded: _Encodings,
     ) -> None:
         """Merge `incoming` into the locked stored session; rewrite the loops that changed."""
-        cur.execute(self._sql(
-            "SELECT position, record FROM {s}.loops WHERE session_id = %s ORDER BY position"
-        ), (session_id,))
+        cur.execute(
+            self._sql("SELECT position, record FROM {s}.loops WHERE session_id = %s ORDER BY position"),
+            (session_id,),
+        )
         rows = cur.fetchall()
         stored = self._session(session_id, header, [record for _, record in rows])
         stored_loops = list(stored.loops)  # merge_sessions keeps these objects where they win
         merged = merge_sessions(stored, incoming)
         occurrences = _occurrences(merged.loops)
         updates = []
-        for index, ((position, data), record) in enumerate(zip(rows, merged.loops[:len(rows)], strict=True)):
+        for index, ((position, data), record) in enumerate(zip(rows, merged.loops[: len(rows)], strict=True)):
             if record is stored_loops[index]:
                 continue
             new_data = encoded(record)
             if new_data != data:
                 updates.append((*_loop_values(record, occurrences[index], new_data), session_id, position))
         if updates:
-            cur.executemany(self._sql(
-                f"UPDATE {{s}}.loops SET ({', '.join(_LOOP_COLUMNS)})"
-                f" = ROW({', '.join(['%s'] * len(_LOOP_COLUMNS))})"
-                " WHERE session_id = %s AND position = %s"
-            ), updates)
-        added = merged.loops[len(rows):]
+            cur.executemany(
+                self._sql(
+                    f"UPDATE {{s}}.loops SET ({', '.join(_LOOP_COLUMNS)})"
+                    f" = ROW({', '.join(['%s'] * len(_LOOP_COLUMNS))})"
+                    " WHERE session_id = %s AND position = %s"
+                ),
+                updates,
+            )
+        added = merged.loops[len(rows) :]
         # Positions only grow (whole sessions are deleted, never single loops), but a
         # gap left by hand-editing must not make an insert collide.
         next_position = rows[-1][0] + 1 if rows else 0
-        self._insert_loops(cur, session_id, next_position, added, occurrences[len(rows):], encoded)
+        self._insert_loops(cur, session_id, next_position, added, occurrences[len(rows) :], encoded)
         # Always rewritten, even when nothing changed: the save counts as the latest one.
-        cur.execute(self._sql(
-            f"UPDATE {{s}}.sessions SET (saved_order, {', '.join(_SESSION_COLUMNS)})"
-            f" = ROW({{order}}, {', '.join(['%s'] * len(_SESSION_COLUMNS))}) WHERE session_id = %s"
-        ), (*_session_values(merged), session_id))
+        cur.execute(
+            self._sql(
+                f"UPDATE {{s}}.sessions SET (saved_order, {', '.join(_SESSION_COLUMNS)})"
+                f" = ROW({{order}}, {', '.join(['%s'] * len(_SESSION_COLUMNS))}) WHERE session_id = %s"
+            ),
+            (*_session_values(merged), session_id),
+        )
 
     def _select_sessions(self, action: str, condition: str, params: Sequence[Any]) -> list[Row]:
         """``(session_id, header, records)`` rows in `list_ids` order, from one snapshot."""
         with self._cursor(action) as cur:
-            cur.execute(self._sql(
-                "SELECT s.session_id, s.header, ARRAY(SELECT l.record FROM {s}.loops l"
-                " WHERE l.session_id = s.session_id ORDER BY l.position)"
-                f" FROM {{s}}.sessions s WHERE {condition} ORDER BY {_LIST_ORDER}"
-            ), params)
+            cur.execute(
+                self._sql(
+                    "SELECT s.session_id, s.header, ARRAY(SELECT l.record FROM {s}.loops l"
+                    " WHERE l.session_id = s.session_id ORDER BY l.position)"
+                    f" FROM {{s}}.sessions s WHERE {condition} ORDER BY {_LIST_ORDER}"
+                ),
+                params,
+            )
             return cur.fetchall()
 
     def load(self, session_id: str) -> Session:
@@ -655,8 +739,9 @@ class PostgresStore(ScanSearch, AsyncTwins):
     def list_for_agent(self, agent_id: str) -> list[Session]:
         """The sessions of `agent_id` in `list_ids` order; unreadable ones are logged and skipped."""
         sessions = []
-        for row in self._select_sessions(f"loading the sessions of agent {agent_id!r}",
-                                         "s.agent_id = %s", (agent_id,)):
+        for row in self._select_sessions(
+            f"loading the sessions of agent {agent_id!r}", "s.agent_id = %s", (agent_id,)
+        ):
             try:
                 sessions.append(self._session(*row))
             except StoreError as exc:
@@ -742,10 +827,12 @@ class PostgresStore(ScanSearch, AsyncTwins):
         else:
             counts, table = "count(*), sum(loop_count)", "sessions"
         with self._cursor(f"summing usage by {group_by}") as cur:
-            cur.execute(self._sql(
-                f"SELECT {_GROUP_KEY[group_by]} AS key, {counts}, {sums} FROM {{s}}.{table}"
-                " GROUP BY 1 ORDER BY 1"  # keys are "C"-collated columns: code point order
-            ))
+            cur.execute(
+                self._sql(
+                    f"SELECT {_GROUP_KEY[group_by]} AS key, {counts}, {sums} FROM {{s}}.{table}"
+                    " GROUP BY 1 ORDER BY 1"  # keys are "C"-collated columns: code point order
+                )
+            )
             rows = cur.fetchall()
         return [
             UsageTotal(key=key, sessions=sessions, loops=int(loops), usage=_usage(tokens))

@@ -21,8 +21,18 @@ from ..errors import InvalidQuery
 from ..model import LoopStatus
 
 __all__ = [
-    "GROUP_BYS", "LOOP_STATUSES", "MAX_COUNT", "ORDERS", "TIME_HELP", "GroupBy", "Order", "PageCursor",
-    "PruneCriteria", "SessionQuery", "parse_group_by", "parse_time_bound",
+    "GROUP_BYS",
+    "LOOP_STATUSES",
+    "MAX_COUNT",
+    "ORDERS",
+    "TIME_HELP",
+    "GroupBy",
+    "Order",
+    "PageCursor",
+    "PruneCriteria",
+    "SessionQuery",
+    "parse_group_by",
+    "parse_time_bound",
 ]
 
 Order = Literal["newest", "oldest", "tokens"]
@@ -219,9 +229,16 @@ class SessionQuery:
     after: PageCursor | None = None
 
     PARAMETERS: ClassVar[Mapping[str, str]] = {
-        "agent": "agent_id", "since": "since", "until": "until", "status": "status",
-        "model": "model", "min_tokens": "min_tokens", "parent": "parent_session_id",
-        "limit": "limit", "order": "order", "after": "after",
+        "agent": "agent_id",
+        "since": "since",
+        "until": "until",
+        "status": "status",
+        "model": "model",
+        "min_tokens": "min_tokens",
+        "parent": "parent_session_id",
+        "limit": "limit",
+        "order": "order",
+        "after": "after",
     }
     """The text parameters of `from_strings` (the CLI's options, the web API's query
     string) and the field each one sets."""

@@ -38,7 +38,13 @@ from ..model import LoopRecord, Session
 from .query import MAX_COUNT, check_count
 
 __all__ = [
-    "DEFAULT_LIMIT", "DocumentKind", "SearchHit", "document_hits", "documents", "loop_text", "query_words",
+    "DEFAULT_LIMIT",
+    "DocumentKind",
+    "SearchHit",
+    "document_hits",
+    "documents",
+    "loop_text",
+    "query_words",
     "search_words",
 ]
 
@@ -117,8 +123,13 @@ def documents(session: Session) -> Iterator[Document]:
             turn_index = None if turn_id is None else turn_id.turn_index
             for kind, text in _message_texts(message):
                 if text:
-                    yield Document(loop_id=record.loop_id, turn_index=turn_index, message_index=index,
-                                   kind=kind, text=text)
+                    yield Document(
+                        loop_id=record.loop_id,
+                        turn_index=turn_index,
+                        message_index=index,
+                        kind=kind,
+                        text=text,
+                    )
 
 
 def _snippet(text: str, words: tuple[str, ...]) -> tuple[str, tuple[tuple[int, int], ...]] | None:
@@ -134,7 +145,8 @@ def _snippet(text: str, words: tuple[str, ...]) -> tuple[str, tuple[tuple[int, i
     suffix = "…" if end < len(text) else ""
     shift = len(prefix) - begin
     highlights = tuple(
-        (start + shift, stop + shift) for start, stop in spans if start >= begin and stop <= end)
+        (start + shift, stop + shift) for start, stop in spans if start >= begin and stop <= end
+    )
     return f"{prefix}{text[begin:end]}{suffix}", highlights
 
 
@@ -146,10 +158,16 @@ def document_hits(session: Session, words: tuple[str, ...]) -> Iterator[SearchHi
         found = _snippet(document.text, words)
         if found is not None:
             snippet, highlights = found
-            yield SearchHit(session_id=session.session_id, agent_id=session.agent_id,
-                            loop_id=document.loop_id, turn_index=document.turn_index,
-                            message_index=document.message_index, kind=document.kind,
-                            snippet=snippet, highlights=highlights)
+            yield SearchHit(
+                session_id=session.session_id,
+                agent_id=session.agent_id,
+                loop_id=document.loop_id,
+                turn_index=document.turn_index,
+                message_index=document.message_index,
+                kind=document.kind,
+                snippet=snippet,
+                highlights=highlights,
+            )
 
 
 def search_words(text: str, limit: int) -> tuple[str, ...]:

@@ -83,8 +83,14 @@ _I64_MAX = 2**63 - 1
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 _STATUS_COLUMNS = {status: f"loops_{status.lower()}" for status in LOOP_STATUSES}
 _TOKEN_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
-_TOKEN_COLUMNS = ("input_tokens", "output_tokens", "reasoning_tokens", "cache_read_tokens",
-                  "cache_write_tokens", "total_tokens")
+_TOKEN_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "total_tokens",
+)
 _TOKEN_SUMS_SQL = ", ".join(f"SUM({column})" for column in _TOKEN_COLUMNS)
 
 # -- Schema ------------------------------------------------------------------------------
@@ -198,10 +204,13 @@ def _create_v2(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA_V2:
         conn.execute(statement)
     rows = conn.execute("SELECT session_id, position, record FROM loops").fetchall()
-    conn.executemany(_UPSERT_LOOP_TEXT, [
-        (session_id, position, loop_text(decode_loop(record, strict=False)))
-        for session_id, position, record in rows
-    ])
+    conn.executemany(
+        _UPSERT_LOOP_TEXT,
+        [
+            (session_id, position, loop_text(decode_loop(record, strict=False)))
+            for session_id, position, record in rows
+        ],
+    )
 
 
 MIGRATIONS: tuple[Migration, ...] = (_create_v1, _create_v2)
@@ -266,8 +275,19 @@ def _loop_row(record: LoopRecord) -> list[Any]:
 
 # What a listing reads (`_summary_from_row`), then what only sorts, filters or loads.
 _SUMMARY_COLUMNS = (
-    "session_id", "agent_id", "created_at", "last_active_at", "formation", "parent_session_id",
-    "rejected", "loop_count", "turn_count", *_STATUS_COLUMNS.values(), *_TOKEN_COLUMNS, "models", "exact",
+    "session_id",
+    "agent_id",
+    "created_at",
+    "last_active_at",
+    "formation",
+    "parent_session_id",
+    "rejected",
+    "loop_count",
+    "turn_count",
+    *_STATUS_COLUMNS.values(),
+    *_TOKEN_COLUMNS,
+    "models",
+    "exact",
 )
 _SESSION_COLUMNS = (*_SUMMARY_COLUMNS, "created_at_ns", "last_active_at_ns", "header")
 
@@ -303,8 +323,18 @@ _UPSERT_SESSION = (
     "(SELECT COALESCE(MAX(save_seq), 0) + 1 FROM sessions)) ON CONFLICT (session_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in (*_SESSION_COLUMNS[1:], "save_seq"))
 )
-_LOOP_COLUMNS = ("session_id", "position", "loop_id", "status", "started_at_ns", "ended_at_ns",
-                 "provider", "model", *_TOKEN_COLUMNS, "record")
+_LOOP_COLUMNS = (
+    "session_id",
+    "position",
+    "loop_id",
+    "status",
+    "started_at_ns",
+    "ended_at_ns",
+    "provider",
+    "model",
+    *_TOKEN_COLUMNS,
+    "record",
+)
 _UPSERT_LOOP = (
     f"INSERT INTO loops ({', '.join(_LOOP_COLUMNS)}) VALUES ({', '.join('?' * len(_LOOP_COLUMNS))}) "
     "ON CONFLICT (session_id, position) DO UPDATE SET "
@@ -360,8 +390,10 @@ def _loop_filter(lookups: Sequence[tuple[str, Sequence[Any]]], *, limited: bool)
     for _, lookup_params in lookups:
         params += lookup_params
     if limited:
-        probes = [f"EXISTS (SELECT 1 FROM loops WHERE loops.session_id = sessions.session_id AND {condition})"
-                  for condition, _ in lookups]
+        probes = [
+            f"EXISTS (SELECT 1 FROM loops WHERE loops.session_id = sessions.session_id AND {condition})"
+            for condition, _ in lookups
+        ]
         return "(" + " OR ".join(probes) + ")", params
     union = " UNION ALL ".join(f"SELECT session_id FROM loops WHERE {condition}" for condition, _ in lookups)
     return f"session_id IN ({union})", params
@@ -373,7 +405,7 @@ def _model_lookups(model: str) -> list[tuple[str, Sequence[Any]]]:
     lookups: list[tuple[str, Sequence[Any]]] = [("model = ?", [model])]
     for index, char in enumerate(model):
         if char == "/":
-            lookups.append(("model = ? AND provider = ?", [model[index + 1:], model[:index]]))
+            lookups.append(("model = ? AND provider = ?", [model[index + 1 :], model[:index]]))
     return lookups
 
 
@@ -423,7 +455,7 @@ _TOTALS_SQL: dict[str, str] = {
     "agent": f"SELECT agent_id AS key, {_BY_SESSION_SQL} GROUP BY key ORDER BY key",
     "day": f"SELECT {_DAY_SQL} AS key, {_BY_SESSION_SQL} GROUP BY key ORDER BY key",
     "model": f"SELECT COALESCE(provider || '/' || model, 'unknown') AS key, COUNT(DISTINCT session_id), "
-             f"COUNT(*), {_TOKEN_SUMS_SQL} FROM loops GROUP BY key ORDER BY key",
+    f"COUNT(*), {_TOKEN_SUMS_SQL} FROM loops GROUP BY key ORDER BY key",
 }
 
 
@@ -561,8 +593,7 @@ class SqliteStore(AsyncTwins):
                 )
         # check_same_thread=False only so that `close` and the exit hook may close an
         # idle connection of another thread.
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
         try:
             # Before anything that writes (journal_mode changes the file's header):
             # a database of another application must be left exactly as it was.
@@ -611,13 +642,16 @@ class SqliteStore(AsyncTwins):
                     f"for more than {self.timeout} s"
                 ) from error
             if _primary_code(error) == _SQLITE_FULL:
-                raise StoreError(f"{self.path}: {what}: disk or database full ({error}); "
-                                 "nothing of this operation was written") from error
+                raise StoreError(
+                    f"{self.path}: {what}: disk or database full ({error}); "
+                    "nothing of this operation was written"
+                ) from error
             raise StoreError(f"{self.path}: {what} failed: {error}") from error
 
     @contextmanager
-    def _transaction(self, action: str, session_id: str | None = None, *,
-                     write: bool = False) -> Iterator[sqlite3.Connection]:
+    def _transaction(
+        self, action: str, session_id: str | None = None, *, write: bool = False
+    ) -> Iterator[sqlite3.Connection]:
         """One transaction; a write one takes the write lock up front (no upgrade deadlocks)."""
         with self._connected(action, session_id) as conn:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -651,12 +685,15 @@ class SqliteStore(AsyncTwins):
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if application_id == 0 and version == 0:
             if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None:
-                raise StoreError(f"{self.path} is an SQLite database of another application "
-                                 "(it has tables but no phi-session schema); refusing to use it")
+                raise StoreError(
+                    f"{self.path} is an SQLite database of another application "
+                    "(it has tables but no phi-session schema); refusing to use it"
+                )
             return 0
         if application_id != APPLICATION_ID:
-            raise StoreError(f"{self.path} is not a phi-session database "
-                             f"(application_id {application_id:#x})")
+            raise StoreError(
+                f"{self.path} is not a phi-session database (application_id {application_id:#x})"
+            )
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema version {version}, newer than this phi-session "
@@ -689,7 +726,8 @@ class SqliteStore(AsyncTwins):
         if row is None:
             return None
         records = conn.execute(
-            "SELECT record FROM loops WHERE session_id = ? ORDER BY position", (session_id,)).fetchall()
+            "SELECT record FROM loops WHERE session_id = ? ORDER BY position", (session_id,)
+        ).fetchall()
         return row[0], [record for (record,) in records]
 
     def _decode(self, session_id: str, header: bytes, records: list[bytes]) -> Session:
@@ -718,8 +756,7 @@ class SqliteStore(AsyncTwins):
     def list_ids(self) -> list[str]:
         """Every stored session id, most recently saved first."""
         with self._connected("list sessions") as conn:
-            rows = conn.execute(
-                f"SELECT session_id FROM sessions ORDER BY {_SAVED_ORDER_SQL}").fetchall()
+            rows = conn.execute(f"SELECT session_id FROM sessions ORDER BY {_SAVED_ORDER_SQL}").fetchall()
         return [session_id for (session_id,) in rows]
 
     def list_for_agent(self, agent_id: str) -> list[Session]:
@@ -796,12 +833,15 @@ class SqliteStore(AsyncTwins):
             conditions.append("last_active_at_ns < ?")
             params.append(_clamp(older_than.ns))
         if keep_last is not None:
-            conditions.append(f"session_id NOT IN (SELECT session_id FROM sessions WHERE {scope} "
-                              f"ORDER BY {_ORDER_SQL['newest']} LIMIT ?)")
+            conditions.append(
+                f"session_id NOT IN (SELECT session_id FROM sessions WHERE {scope} "
+                f"ORDER BY {_ORDER_SQL['newest']} LIMIT ?)"
+            )
             params += [*scope_params, keep_last]
         with self._transaction("prune", write=True) as conn:
             deleted: int = conn.execute(
-                f"DELETE FROM sessions WHERE {' AND '.join(conditions)}", params).rowcount
+                f"DELETE FROM sessions WHERE {' AND '.join(conditions)}", params
+            ).rowcount
         if deleted:
             with self._connected("reclaim space after prune") as conn:
                 # executescript() steps the pragma to completion; execute() frees one page.
@@ -831,9 +871,14 @@ class SqliteStore(AsyncTwins):
             return []
         match = " AND ".join('"' + word.replace('"', '""') + '"' for word in words)
         with self._connected("search") as conn:
-            candidates = {session_id for (session_id,) in conn.execute(
-                "SELECT DISTINCT t.session_id FROM loop_text_fts JOIN loop_text AS t "
-                "ON t.rowid = loop_text_fts.rowid WHERE loop_text_fts MATCH ?", (match,))}
+            candidates = {
+                session_id
+                for (session_id,) in conn.execute(
+                    "SELECT DISTINCT t.session_id FROM loop_text_fts JOIN loop_text AS t "
+                    "ON t.rowid = loop_text_fts.rowid WHERE loop_text_fts MATCH ?",
+                    (match,),
+                )
+            }
         return collect_hits(self, words, query, limit, candidates)
 
     def explain_query(self, query: SessionQuery | None = None) -> str:
@@ -853,8 +898,12 @@ class SqliteStore(AsyncTwins):
                 return self._usage_totals_from_records(conn, group_by)
             rows = conn.execute(_TOTALS_SQL[group_by]).fetchall()
         return [
-            UsageTotal(key=key, sessions=sessions, loops=loops,
-                       usage=Usage(**dict(zip(_TOKEN_FIELDS, tokens, strict=True))))
+            UsageTotal(
+                key=key,
+                sessions=sessions,
+                loops=loops,
+                usage=Usage(**dict(zip(_TOKEN_FIELDS, tokens, strict=True))),
+            )
             for key, sessions, loops, *tokens in rows
         ]
 

@@ -30,8 +30,15 @@ from ..errors import InvalidStoreUrl
 from .base import SessionStore
 from .sqlite import SqliteStore
 
-__all__ = ["ENV_VAR", "SQLITE_SUFFIXES", "default_store", "default_store_url", "open_store",
-           "postgres_dsn_and_schema", "store_path"]
+__all__ = [
+    "ENV_VAR",
+    "SQLITE_SUFFIXES",
+    "default_store",
+    "default_store_url",
+    "open_store",
+    "postgres_dsn_and_schema",
+    "store_path",
+]
 
 ENV_VAR = "PHI_SESSION_STORE"
 
@@ -101,7 +108,8 @@ def _resolve(url: str | os.PathLike[str] | None) -> tuple[str, Any, dict[str, An
             return _locate(value)
         except _BadUrl as error:
             raise InvalidStoreUrl(
-                f"environment variable {ENV_VAR}={value!r} is not a store: {error}") from None
+                f"environment variable {ENV_VAR}={value!r} is not a store: {error}"
+            ) from None
     try:
         if isinstance(url, str):
             return _locate(url)
@@ -141,7 +149,7 @@ def _locate(url: str) -> tuple[str, Any, dict[str, Any]]:
         return _plain_path(Path(url).expanduser(), url)
     scheme = match.group(1).lower()
     if scheme == "sqlite":
-        path, options = _sqlite(url[match.end():])
+        path, options = _sqlite(url[match.end() :])
         return "sqlite", path, options
     if scheme in ("postgresql", "postgres"):
         return "postgresql", url, {}

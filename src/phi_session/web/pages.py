@@ -38,7 +38,7 @@ def first_prompt(session: Session) -> str | None:
         for message in record.messages:
             if isinstance(message, UserMessage):
                 text = " ".join(block.text for block in message.content if isinstance(block, TextContent))
-                return text if len(text) <= PROMPT_CHARS else text[:PROMPT_CHARS - 1] + "\u2026"
+                return text if len(text) <= PROMPT_CHARS else text[: PROMPT_CHARS - 1] + "\u2026"
     return None
 
 
@@ -50,7 +50,7 @@ class Page:
     limit: int
 
     def of(self, items: list[Any]) -> list[Any]:
-        return items[self.offset:self.offset + self.limit]
+        return items[self.offset : self.offset + self.limit]
 
 
 class CachedSession:
@@ -75,8 +75,10 @@ class CachedSession:
     @cached_property
     def events(self) -> list[tuple[int | None, SessionEvent]]:
         positions = {id(record): index for index, record in enumerate(self.session.loops)}
-        return [(None if item.loop is None else positions[id(item.loop)], item)
-                for item in self.session.iter_events()]
+        return [
+            (None if item.loop is None else positions[id(item.loop)], item)
+            for item in self.session.iter_events()
+        ]
 
     @cached_property
     def event_types(self) -> dict[str, list[int]]:
@@ -101,13 +103,15 @@ class CachedSession:
     def overview(self, cost: Cost) -> bytes:
         """The session without its loops, its summary, `cost`, its first prompt and event count."""
         header = msgspec.structs.replace(self.session, loops=[], session_events=msgspec.UNSET)
-        return msgspec.json.encode({
-            "session": msgspec.Raw(encode_session(header, pretty=False)),
-            "summary": to_builtins(summarize(self.session)),
-            "cost": msgspec.to_builtins(cost),
-            "first_prompt": first_prompt(self.session),
-            "event_count": _event_count(self.session),
-        })
+        return msgspec.json.encode(
+            {
+                "session": msgspec.Raw(encode_session(header, pretty=False)),
+                "summary": to_builtins(summarize(self.session)),
+                "cost": msgspec.to_builtins(cost),
+                "first_prompt": first_prompt(self.session),
+                "event_count": _event_count(self.session),
+            }
+        )
 
     def loops(self, page: Page) -> bytes:
         """Loops in tree order, each without messages, turns and events, with counts instead."""
@@ -115,13 +119,17 @@ class CachedSession:
         rows = []
         for index, depth in page.of(self.tree_order):
             record = self.session.loops[index]
-            rows.append({
-                "index": index, "depth": depth, "turn_count": len(record.turns),
-                "tool_calls": sum(len(turn.tool_results) for turn in record.turns),
-                "event_count": len(record.events),
-                "parent_in_session": record.parent_loop_id in local,
-                "loop": msgspec.Raw(encode_loop(_bare(record), pretty=False)),
-            })
+            rows.append(
+                {
+                    "index": index,
+                    "depth": depth,
+                    "turn_count": len(record.turns),
+                    "tool_calls": sum(len(turn.tool_results) for turn in record.turns),
+                    "event_count": len(record.events),
+                    "parent_in_session": record.parent_loop_id in local,
+                    "loop": msgspec.Raw(encode_loop(_bare(record), pretty=False)),
+                }
+            )
         return msgspec.json.encode({"total": len(self.tree_order), "loops": rows})
 
     def loop(self, index: int) -> bytes:
@@ -137,9 +145,15 @@ class CachedSession:
             selected = self.events
         if loop is not None:
             selected = [item for item in selected if item[0] == loop]
-        rows = [{"loop_index": index, "loop_id": None if item.loop is None else item.loop.loop_id,
-                 "sequence": item.sequence, "event": msgspec.Raw(encode_event(item.event))}
-                for index, item in page.of(selected)]
+        rows = [
+            {
+                "loop_index": index,
+                "loop_id": None if item.loop is None else item.loop.loop_id,
+                "sequence": item.sequence,
+                "event": msgspec.Raw(encode_event(item.event)),
+            }
+            for index, item in page.of(selected)
+        ]
         types = {name: len(positions) for name, positions in sorted(self.event_types.items())}
         return msgspec.json.encode({"total": len(selected), "types": types, "events": rows})
 
@@ -147,10 +161,15 @@ class CachedSession:
         """A page of the waterfall's bars, placed in milliseconds from the first start."""
         bars = self.bars
         first, last = self.span
-        return msgspec.json.encode({
-            "total": len(bars), "start": str(first), "end": str(last), "span_ms": _ms(first, last),
-            "bars": [_bar_json(bar, first, last) for bar in page.of(bars)],
-        })
+        return msgspec.json.encode(
+            {
+                "total": len(bars),
+                "start": str(first),
+                "end": str(last),
+                "span_ms": _ms(first, last),
+                "bars": [_bar_json(bar, first, last) for bar in page.of(bars)],
+            }
+        )
 
 
 def _bare(record: LoopRecord) -> LoopRecord:
@@ -169,11 +188,19 @@ def _ms(start: Timestamp, end: Timestamp) -> float:
 def _bar_json(bar: TimelineBar, first: Timestamp, last: Timestamp) -> dict[str, Any]:
     end = bar.end if bar.end is not None else last
     return {
-        "kind": bar.kind, "depth": bar.depth, "label": bar.label, "detail": bar.detail, "status": bar.status,
-        "session_id": bar.session_id, "loop_index": bar.loop_index, "loop_id": bar.loop_id,
+        "kind": bar.kind,
+        "depth": bar.depth,
+        "label": bar.label,
+        "detail": bar.detail,
+        "status": bar.status,
+        "session_id": bar.session_id,
+        "loop_index": bar.loop_index,
+        "loop_id": bar.loop_id,
         "turn_index": bar.turn_index,
-        "start": str(bar.start), "end": None if bar.end is None else str(bar.end),
-        "offset_ms": _ms(first, bar.start), "duration_ms": _ms(bar.start, end),
+        "start": str(bar.start),
+        "end": None if bar.end is None else str(bar.end),
+        "offset_ms": _ms(first, bar.start),
+        "duration_ms": _ms(bar.start, end),
         "usage": None if bar.usage is None else msgspec.to_builtins(bar.usage),
     }
 
@@ -207,4 +234,3 @@ class SessionCache:
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
         return entry
-

@@ -154,8 +154,9 @@ class ViewerServer(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 64  # browsers open several connections at once; 5 drops SYNs
 
-    def __init__(self, store: SessionStore, host: str, port: int, *, quiet: bool = False,
-                 pricer: Pricer | None = None) -> None:
+    def __init__(
+        self, store: SessionStore, host: str, port: int, *, quiet: bool = False, pricer: Pricer | None = None
+    ) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.store = store
@@ -175,7 +176,11 @@ class ViewerServer(ThreadingHTTPServer):
 
 
 def make_server(
-    store: SessionStore, host: str = "127.0.0.1", port: int = 0, *, quiet: bool = False,
+    store: SessionStore,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    quiet: bool = False,
     pricer: Pricer | None = None,
 ) -> ViewerServer:
     """A bound (not yet serving) viewer; call ``serve_forever()`` on it. Raises ``OSError``.
@@ -190,11 +195,16 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def _events_json(session: Session) -> bytes:
-    return _json_bytes([
-        {"loop_id": None if loop is None else loop.loop_id, "sequence": sequence,
-         "event": msgspec.Raw(encode_event(event))}
-        for loop, sequence, event in session.iter_events()
-    ])
+    return _json_bytes(
+        [
+            {
+                "loop_id": None if loop is None else loop.loop_id,
+                "sequence": sequence,
+                "event": msgspec.Raw(encode_event(event)),
+            }
+            for loop, sequence, event in session.iter_events()
+        ]
+    )
 
 
 class ViewerHandler(BaseHTTPRequestHandler):
@@ -215,8 +225,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     def _not_allowed(self) -> None:
         self.close_connection = True  # the request body is never read: do not reuse the connection
-        self._send(HTTPStatus.METHOD_NOT_ALLOWED, *self._error_body("the viewer is read-only: use GET"),
-                   extra={"Allow": "GET, HEAD"})
+        self._send(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            *self._error_body("the viewer is read-only: use GET"),
+            extra={"Allow": "GET, HEAD"},
+        )
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
@@ -297,8 +310,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
         after = None if following is None or following.after is None else str(following.after)
         return HTTPStatus.OK, _json_bytes({"sessions": to_builtins(rows[:limit]), "next": after}), _JSON
 
-    def _paged_api(self, session_id: str, rest: list[str],
-                   query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
+    def _paged_api(
+        self, session_id: str, rest: list[str], query: dict[str, str]
+    ) -> tuple[HTTPStatus, bytes, str]:
         entry = self.server.sessions.get(validate_session_id(session_id))
         view = rest[0]
         if view == "loops" and len(rest) == 2:
@@ -410,8 +424,15 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _error_body(message: str) -> tuple[bytes, str]:
         return _json_bytes({"error": message}), _JSON
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, *, head: bool = False,
-              extra: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        content_type: str,
+        *,
+        head: bool = False,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -431,4 +452,3 @@ class ViewerHandler(BaseHTTPRequestHandler):
         # The request line is client data: keep control characters off the terminal.
         text = (format % args).translate({c: f"\\x{c:02x}" for c in range(0x20)} | {0x7F: "\\x7f"})
         sys.stderr.write(f"{self.address_string()} - [{self.log_date_time_string()}] {text}\n")
-
