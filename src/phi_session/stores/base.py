@@ -16,8 +16,13 @@ from ..errors import InvalidSessionId, SessionNotFound
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
-from .query import GroupBy, PruneCriteria, SessionQuery, check_type
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
+
+# The summary columns both SQL backends keep: one per loop status, one per usage field.
+STATUS_COLUMNS: dict[str, str] = {status: f"loops_{status.lower()}" for status in LOOP_STATUSES}
+USAGE_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
+USAGE_COLUMNS = tuple(f"{field}_tokens" if field != "total_tokens" else field for field in USAGE_FIELDS)
 
 _T = TypeVar("_T")
 

@@ -65,6 +65,9 @@ from ..errors import DecodeError, SessionLocked, SessionNotFound, StoreError
 from ..messages import Usage
 from ..model import LoopRecord, Session
 from .base import (
+    STATUS_COLUMNS,
+    USAGE_COLUMNS,
+    USAGE_FIELDS,
     AsyncTwins,
     ScanSearch,
     SessionSummary,
@@ -95,16 +98,6 @@ _log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
-_STATUS_COLUMNS: dict[str, str] = {status: f"loops_{status.lower()}" for status in LOOP_STATUSES}
-_USAGE_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
-_USAGE_COLUMNS = (
-    "input_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "total_tokens",
-)
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 # Advisory-lock class id ("ph") of schema migrations; the object id is hashtext(schema).
 _MIGRATION_LOCK_CLASS = 0x7068
@@ -132,8 +125,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             rejected BOOLEAN NOT NULL,
             loop_count INTEGER NOT NULL,
             turn_count BIGINT NOT NULL,
-            {", ".join(f"{c} INTEGER NOT NULL" for c in _STATUS_COLUMNS.values())},
-            {", ".join(f"{c} NUMERIC NOT NULL" for c in _USAGE_COLUMNS)},
+            {", ".join(f"{c} INTEGER NOT NULL" for c in STATUS_COLUMNS.values())},
+            {", ".join(f"{c} NUMERIC NOT NULL" for c in USAGE_COLUMNS)},
             models TEXT[] NOT NULL,
             model_keys TEXT[] NOT NULL,
             header BYTEA NOT NULL
@@ -149,7 +142,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         *(
             f"CREATE INDEX sessions_with_{status.lower()} ON {{s}}.sessions"
             f" (last_active_at_ns DESC, session_id) WHERE {column} > 0"
-            for status, column in _STATUS_COLUMNS.items()
+            for status, column in STATUS_COLUMNS.items()
             if status != "Completed"
         ),
         f"""CREATE TABLE {{s}}.loops (
@@ -163,7 +156,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             provider TEXT COLLATE "C",
             model TEXT COLLATE "C",
             turn_count INTEGER NOT NULL,
-            {", ".join(f"{c} NUMERIC NOT NULL" for c in _USAGE_COLUMNS)},
+            {", ".join(f"{c} NUMERIC NOT NULL" for c in USAGE_COLUMNS)},
             record BYTEA NOT NULL,
             PRIMARY KEY (session_id, position),
             UNIQUE (session_id, loop_id, occurrence)
@@ -184,8 +177,8 @@ _SESSION_COLUMNS = (
     "rejected",
     "loop_count",
     "turn_count",
-    *_STATUS_COLUMNS.values(),
-    *_USAGE_COLUMNS,
+    *STATUS_COLUMNS.values(),
+    *USAGE_COLUMNS,
     "models",
     "model_keys",
     "header",
@@ -198,7 +191,7 @@ _LOOP_COLUMNS = (
     "provider",
     "model",
     "turn_count",
-    *_USAGE_COLUMNS,
+    *USAGE_COLUMNS,
     "record",
 )
 _ORDER_BY = {
@@ -240,12 +233,12 @@ def _day(ts: Timestamp) -> str:
 
 
 def _usage_values(usage: Usage) -> tuple[int, ...]:
-    return tuple(getattr(usage, name) for name in _USAGE_FIELDS)
+    return tuple(getattr(usage, name) for name in USAGE_FIELDS)
 
 
 def _usage(values: Sequence[Any]) -> Usage:
     """A `Usage` from the token columns (NUMERIC sums arrive as `Decimal`)."""
-    return Usage(**{name: int(value) for name, value in zip(_USAGE_FIELDS, values, strict=True)})
+    return Usage(**{name: int(value) for name, value in zip(USAGE_FIELDS, values, strict=True)})
 
 
 def _header(session: Session) -> bytes:
@@ -377,8 +370,8 @@ _SUMMARY_COLUMNS = (
     "rejected",
     "loop_count",
     "turn_count",
-    *_STATUS_COLUMNS.values(),
-    *_USAGE_COLUMNS,
+    *STATUS_COLUMNS.values(),
+    *USAGE_COLUMNS,
     "models",
     "header",
 )
@@ -388,7 +381,7 @@ def _summary(row: Row) -> SessionSummary:
     """A `SessionSummary` from a row of `_SUMMARY_COLUMNS`."""
     session_id, agent_id, formation, parent, rejected, loop_count, turn_count = row[:7]
     counts = row[7 : 7 + len(LOOP_STATUSES)]
-    usage = row[7 + len(LOOP_STATUSES) : 7 + len(LOOP_STATUSES) + len(_USAGE_COLUMNS)]
+    usage = row[7 + len(LOOP_STATUSES) : 7 + len(LOOP_STATUSES) + len(USAGE_COLUMNS)]
     models, header = row[-2:]
     try:
         times = _times_decoder.decode(header)
@@ -779,7 +772,7 @@ class PostgresStore(ScanSearch, AsyncTwins):
                 conditions.append(condition)
                 params.append(value)
         if query.status is not None:
-            conditions.append(f"{_STATUS_COLUMNS[query.status]} > 0")
+            conditions.append(f"{STATUS_COLUMNS[query.status]} > 0")
         if query.after is not None:
             cursor = query.after
             column, beyond = _CURSOR_COLUMNS[cursor.column], "<" if cursor.descending else ">"
@@ -821,7 +814,7 @@ class PostgresStore(ScanSearch, AsyncTwins):
         without a config; a session counts once in each of its models) or per UTC day
         of ``created_at`` (``YYYY-MM-DD``), sorted by key."""
         group_by = parse_group_by(group_by)
-        sums = ", ".join(f"sum({column})" for column in _USAGE_COLUMNS)
+        sums = ", ".join(f"sum({column})" for column in USAGE_COLUMNS)
         if group_by == "model":
             counts, table = "count(DISTINCT session_id), count(*)", "loops"
         else:

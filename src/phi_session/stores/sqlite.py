@@ -55,6 +55,9 @@ from ..errors import DecodeError, SessionLocked, SessionNotFound, StoreError
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
 from .base import (
+    STATUS_COLUMNS,
+    USAGE_COLUMNS,
+    USAGE_FIELDS,
     AsyncTwins,
     SessionSummary,
     UsageTotal,
@@ -81,17 +84,7 @@ APPLICATION_ID = int.from_bytes(b"phiS", "big")
 _I64_MIN = -(2**63)
 _I64_MAX = 2**63 - 1
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
-_STATUS_COLUMNS = {status: f"loops_{status.lower()}" for status in LOOP_STATUSES}
-_TOKEN_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
-_TOKEN_COLUMNS = (
-    "input_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "total_tokens",
-)
-_TOKEN_SUMS_SQL = ", ".join(f"SUM({column})" for column in _TOKEN_COLUMNS)
+_TOKEN_SUMS_SQL = ", ".join(f"SUM({column})" for column in USAGE_COLUMNS)
 
 # -- Schema ------------------------------------------------------------------------------
 
@@ -251,7 +244,7 @@ def _clamp(value: int) -> int:
 
 
 def _token_columns(usage: Usage) -> list[int]:
-    return [_clamp(getattr(usage, name)) for name in _TOKEN_FIELDS]
+    return [_clamp(getattr(usage, name)) for name in USAGE_FIELDS]
 
 
 def _header(session: Session) -> bytes:
@@ -284,8 +277,8 @@ _SUMMARY_COLUMNS = (
     "rejected",
     "loop_count",
     "turn_count",
-    *_STATUS_COLUMNS.values(),
-    *_TOKEN_COLUMNS,
+    *STATUS_COLUMNS.values(),
+    *USAGE_COLUMNS,
     "models",
     "exact",
 )
@@ -295,7 +288,7 @@ _SESSION_COLUMNS = (*_SUMMARY_COLUMNS, "created_at_ns", "last_active_at_ns", "he
 def _session_row(session: Session) -> list[Any]:
     """The `_SESSION_COLUMNS` of a (merged) session."""
     summary = summarize(session)
-    tokens = [getattr(summary.usage, name) for name in _TOKEN_FIELDS]
+    tokens = [getattr(summary.usage, name) for name in USAGE_FIELDS]
     return [
         session.session_id,
         session.agent_id,
@@ -332,7 +325,7 @@ _LOOP_COLUMNS = (
     "ended_at_ns",
     "provider",
     "model",
-    *_TOKEN_COLUMNS,
+    *USAGE_COLUMNS,
     "record",
 )
 _UPSERT_LOOP = (
@@ -342,7 +335,7 @@ _UPSERT_LOOP = (
 )
 _SUMMARY_SQL = f"SELECT {', '.join(_SUMMARY_COLUMNS)} FROM sessions"
 _STATUS_SLICE = slice(9, 9 + len(LOOP_STATUSES))
-_TOKEN_SLICE = slice(_STATUS_SLICE.stop, _STATUS_SLICE.stop + len(_TOKEN_FIELDS))
+_TOKEN_SLICE = slice(_STATUS_SLICE.stop, _STATUS_SLICE.stop + len(USAGE_FIELDS))
 
 
 def _summary_from_row(row: Sequence[Any]) -> SessionSummary:
@@ -359,7 +352,7 @@ def _summary_from_row(row: Sequence[Any]) -> SessionSummary:
         loop_count=loops,
         loops_by_status={status: n for status, n in zip(LOOP_STATUSES, row[_STATUS_SLICE], strict=True) if n},
         turn_count=turns,
-        usage=Usage(**dict(zip(_TOKEN_FIELDS, row[_TOKEN_SLICE], strict=True))),
+        usage=Usage(**dict(zip(USAGE_FIELDS, row[_TOKEN_SLICE], strict=True))),
         models=tuple(msgspec.json.decode(row[_TOKEN_SLICE.stop])),
     )
 
@@ -902,7 +895,7 @@ class SqliteStore(AsyncTwins):
                 key=key,
                 sessions=sessions,
                 loops=loops,
-                usage=Usage(**dict(zip(_TOKEN_FIELDS, tokens, strict=True))),
+                usage=Usage(**dict(zip(USAGE_FIELDS, tokens, strict=True))),
             )
             for key, sessions, loops, *tokens in rows
         ]
