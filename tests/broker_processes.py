@@ -35,6 +35,7 @@ def worker(url: str, dsn: str, schema: str, stream: str, prefix: str) -> None:
         schema=schema,
         stream=stream,
         subject_prefix=prefix,
+        partitions=4,  # as the producers: whichever side creates the stream, it has four
         ack_wait=2.0,
         checkpoint_interval=0.3,
         rebalance_interval=0.3,

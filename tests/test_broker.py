@@ -211,6 +211,34 @@ def test_four_producers_two_workers_one_killed_and_restarted(names: Names) -> No
     assert [(s.in_stream, s.unacknowledged, s.staged) for s in status] == [(0, 0, 0)] * 4
 
 
+def test_workers_starting_together_on_a_fresh_schema_both_run(names: Names) -> None:
+    """CREATE TABLE IF NOT EXISTS is not safe against itself: without the migration lock
+    one of two workers starting at once died on a unique violation (seen in CI)."""
+    from phi_session.broker.staging import Staging
+
+    async def create_together() -> None:
+        connections = [await psycopg.AsyncConnection.connect(DSN, autocommit=True) for _ in range(4)]
+        try:
+            await connections[0].execute(
+                psycopg.sql.SQL("CREATE SCHEMA {}").format(psycopg.sql.Identifier(names.schema))
+            )
+            stagings = [
+                Staging(conn, schema=names.schema, stream=names.stream, durable="d") for conn in connections
+            ]
+            await asyncio.gather(*(staging.create() for staging in stagings))
+            assert await stagings[1].counts() == {}
+        finally:
+            for conn in connections:
+                await conn.close()
+
+    for _ in range(5):
+        asyncio.run(create_together())
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(
+                psycopg.sql.SQL("DROP SCHEMA {} CASCADE").format(psycopg.sql.Identifier(names.schema))
+            )
+
+
 # -- duplicates and order ---------------------------------------------------------------------------
 
 

@@ -56,6 +56,7 @@ class Staging:
         from psycopg import sql
 
         self.conn = conn
+        self.schema = schema
         self.stream = stream
         self.table = sql.SQL("{}.broker_events").format(sql.Identifier(schema))
         self.partition_class = _lock_class(schema, stream, durable, "partitions")
@@ -66,6 +67,19 @@ class Staging:
         return await cursor.fetchall() if cursor.description is not None else []
 
     async def create(self) -> None:
+        from psycopg import sql
+
+        from ..stores.postgres import MIGRATION_LOCK_CLASS
+
+        # CREATE ... IF NOT EXISTS races with itself (workers starting together on a fresh
+        # schema fail on a unique violation): the DDL runs under the store's migration lock.
+        async with self.conn.transaction():
+            await self._execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (MIGRATION_LOCK_CLASS, self.schema)
+            )
+            await self._create_tables()
+
+    async def _create_tables(self) -> None:
         from psycopg import sql
 
         await self._execute(

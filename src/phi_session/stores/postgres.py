@@ -100,7 +100,7 @@ SCHEMA_VERSION = 1
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 # Advisory-lock class id ("ph") of schema migrations; the object id is hashtext(schema).
-_MIGRATION_LOCK_CLASS = 0x7068
+MIGRATION_LOCK_CLASS = 0x7068
 # Migrations may rewrite tables, so other processes wait for them longer than for a session.
 _MIGRATION_LOCK_TIMEOUT = 60.0
 # A save retries when its session vanished (deleted) between its insert attempt and its lock.
@@ -549,7 +549,7 @@ class PostgresStore(ScanSearch, AsyncTwins):
                 _set_lock_timeout(cur, _MIGRATION_LOCK_TIMEOUT)
                 # Serializes concurrent openers: the later ones re-read the version below.
                 cur.execute(
-                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_MIGRATION_LOCK_CLASS, self._schema)
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (MIGRATION_LOCK_CLASS, self._schema)
                 )
                 # CREATE SCHEMA needs a privilege even with IF NOT EXISTS: skip it when
                 # an administrator created the schema for us.
