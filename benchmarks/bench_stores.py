@@ -16,6 +16,12 @@ Usage: ``python benchmarks/bench_stores.py [--sessions N] [--query-sessions N] [
    then runs ``--query-runs`` times and the median is printed with SQLite's
    ``EXPLAIN QUERY PLAN``. Their loop records are small: queries and totals read
    only indexed columns, never records, so record size does not change them.
+3. PostgreSQL search (when the DSN is set). ``--search-sessions`` (3,000) copies of
+   the W1 sessions (5 loops, 20 turns of prose, tool calls and results each), one in
+   a thousand saying a rare word, are saved into a throwaway schema; each search then
+   runs with the index (`PostgresStore.search`) and as the old scan (`scan_search`,
+   which reads every selected session), median of ``--search-runs``, with the plan
+   (``EXPLAIN ANALYZE``) of the indexed candidate query.
 
 Nothing is asserted: the script prints figures and always exits 0.
 """
@@ -39,11 +45,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from phi_session import LoopConfigSnapshot, LoopRecord, Session, SessionFormation, SpawnRef, Timestamp, Usage
 from phi_session.codec import encode_session
+from phi_session.messages import TextContent, UserMessage
 from phi_session.model import LoopStatus
 from phi_session.recorder import SessionRecorder
-from phi_session.stores.base import SessionStore
+from phi_session.stores.base import SessionStore, scan_search
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.query import GroupBy, SessionQuery
 from phi_session.stores.sqlite import SqliteStore
@@ -261,6 +270,67 @@ def query_latency(root: Path, count: int, runs: int) -> None:
         shutil.rmtree(directory)
 
 
+# -- search (PostgreSQL) ---------------------------------------------------------------------------
+
+RARE_WORD = "zebracorn"
+
+
+def search_corpus(count: int) -> Iterator[Session]:
+    """`count` copies of the W1 sessions under new ids; every 1000th one's first prompt says `RARE_WORD`."""
+    templates = w1_sessions(workload.W1)
+    for n in range(count):
+        template = templates[n % len(templates)]
+        session_id = f"search-{n:06d}"
+        loops = [msgspec.structs.replace(record, session_id=session_id) for record in template.loops]
+        if n % 1000 == 500:
+            first = loops[0]
+            said = UserMessage(content=(TextContent(text=f"Find the {RARE_WORD} please"),), timestamp=0)
+            loops[0] = msgspec.structs.replace(first, messages=[said, *first.messages[1:]])
+        yield msgspec.structs.replace(template, session_id=session_id, loops=loops)
+
+
+def search_latency(dsn: str, count: int, runs: int) -> None:
+    import psycopg
+    from psycopg import sql
+
+    from phi_session.stores.postgres import PostgresStore
+
+    schema = f"phi_bench_{uuid.uuid4().hex[:12]}"
+    store = PostgresStore(dsn, schema=schema)
+    try:
+        fill = timed(partial(save_all, store, list(search_corpus(count))))
+        print(
+            f"\nPostgreSQL search: {count:,} W1-shaped sessions ({count * 5:,} loops) saved in {fill:.1f} s;"
+            f" median of {runs} runs\n"
+        )
+        searches = [
+            (f"rare word ({RARE_WORD})", RARE_WORD, 50),
+            ("absent word", "nonexistentword", 50),
+            ("two common words, 50 hits", "retry timeout", 50),
+            ("two common words, 500 hits", "retry timeout", 500),
+        ]
+        print(f"{'search':<30}{'hits':>6}{'index ms':>11}{'scan ms':>11}{'speed-up':>10}")
+        print("-" * 68)
+        for label, text, limit in searches:
+            hits = store.search(text, limit=limit)
+            assert hits == scan_search(store, text, None, limit), label  # the two paths agree
+            indexed = statistics.median(timed(partial(store.search, text, limit=limit)) for _ in range(runs))
+            scanned = statistics.median(
+                timed(partial(scan_search, store, text, None, limit)) for _ in range(max(1, runs // 5))
+            )
+            print(
+                f"{label:<30}{len(hits):>6}{indexed * 1000:>11.1f}{scanned * 1000:>11.1f}"
+                f"{scanned / indexed:>9.0f}x"
+            )
+        print(f"\nEXPLAIN ANALYZE of the candidate query for {RARE_WORD!r}:")
+        for line in store.explain_search(RARE_WORD, analyze=True).splitlines():
+            print(f"    {line}")
+    finally:
+        store.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -270,13 +340,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sessions",
         type=int,
         default=workload.W1,
-        help="sessions in the throughput workload (default: W1 = 100)",
+        help="sessions in the throughput workload (default: W1 = 100; 0 skips it)",
     )
     parser.add_argument(
         "--query-sessions",
         type=int,
         default=10_000,
         help="sessions stored for the query benchmark (default 10,000; 0 skips it)",
+    )
+    parser.add_argument(
+        "--search-sessions",
+        type=int,
+        default=3_000,
+        help=f"sessions searched in PostgreSQL (default 3,000; 0 skips it; needs {POSTGRES_ENV})",
+    )
+    parser.add_argument(
+        "--search-runs", type=int, default=11, help="runs per search, median kept (default 11)"
     )
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs, best kept (default 3)")
     parser.add_argument("--query-runs", type=int, default=31, help="runs per query, median kept (default 31)")
@@ -294,25 +373,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"phi-session store benchmark - Python {platform.python_version()}, SQLite "
         f"{sqlite3.sqlite_version}, {platform.machine()}, stores under {root}"
     )
-    sessions = w1_sessions(args.sessions)
-    size = sum(len(encode_session(session)) for session in sessions)
-    loops = sum(len(session.loops) for session in sessions)
-    print(
-        f"\nThroughput: {len(sessions)} sessions, {loops} loops, {size / MB:.1f} MB of session files "
-        f"({size / len(sessions) / 1000:.0f} kB each); best of {args.repeat}\n"
-    )
-    backends: dict[str, Callable[[Path], Any] | str] = {"json-dir": json_dir_store, "sqlite": sqlite_store}
     dsn = os.environ.get(POSTGRES_ENV)
-    backends["postgres"] = postgres_factory(dsn) if dsn else f"skipped: {POSTGRES_ENV} is not set"
-    results: dict[str, dict[str, float] | str] = {}
-    for name, factory in backends.items():
-        results[name] = (
-            factory if isinstance(factory, str) else throughput(factory, sessions, root, args.repeat)
+    if args.sessions > 0:
+        sessions = w1_sessions(args.sessions)
+        size = sum(len(encode_session(session)) for session in sessions)
+        loops = sum(len(session.loops) for session in sessions)
+        print(
+            f"\nThroughput: {len(sessions)} sessions, {loops} loops, {size / MB:.1f} MB of session files "
+            f"({size / len(sessions) / 1000:.0f} kB each); best of {args.repeat}\n"
         )
-    print_throughput(results, len(sessions), size)
+        backends: dict[str, Callable[[Path], Any] | str] = {
+            "json-dir": json_dir_store,
+            "sqlite": sqlite_store,
+        }
+        backends["postgres"] = postgres_factory(dsn) if dsn else f"skipped: {POSTGRES_ENV} is not set"
+        results: dict[str, dict[str, float] | str] = {}
+        for name, factory in backends.items():
+            results[name] = (
+                factory if isinstance(factory, str) else throughput(factory, sessions, root, args.repeat)
+            )
+        print_throughput(results, len(sessions), size)
 
     if args.query_sessions > 0:
         query_latency(root, args.query_sessions, args.query_runs)
+    if args.search_sessions > 0 and dsn:
+        search_latency(dsn, args.search_sessions, args.search_runs)
     if args.dir is None:
         shutil.rmtree(root)
     return 0

@@ -28,7 +28,7 @@ from phi_session.codec import decode_session, encode_session
 from phi_session.errors import SessionLocked, StoreError
 from phi_session.model import Session
 from phi_session.stores import postgres
-from phi_session.stores.conformance import StoreConformance, at, make_loop, make_session
+from phi_session.stores.conformance import StoreConformance, at, make_loop, make_session, talking_loop
 from phi_session.stores.query import PruneCriteria, SessionQuery
 
 from .pg_concurrency_worker import SESSION_IDS, SHARED_LOOPS, own_loop_index, shared_loop_index
@@ -296,6 +296,77 @@ def test_explain_query_shows_the_plan(store: postgres.PostgresStore) -> None:
     plan = store.explain_query(SessionQuery(agent_id="agent", order="newest", limit=1))
     assert "sessions" in plan and "Limit" in plan
     assert "actual time" in store.explain_query(SessionQuery(model="gpt-4o"), analyze=True)
+
+
+def _indexed_loops(store: postgres.PostgresStore, admin: Any) -> list[tuple[str, int, bool]]:
+    """``(session id, position, has words)`` of every loop row."""
+    return admin.execute(
+        sql.SQL("SELECT session_id, position, words IS NOT NULL FROM {} ORDER BY 1, 2").format(
+            _table(store.schema, "loops")
+        )
+    ).fetchall()
+
+
+def test_the_v2_migration_indexes_the_stored_loops(
+    store: postgres.PostgresStore, admin: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.save(make_session("old", loops=[talking_loop("old", 1, "brew coffee"), make_loop("old", 2)]))
+    store.save(make_session("bad", loops=[talking_loop("bad", 1, "brew tea")]))
+    # Back to version 1: the stored loops, no search column (its indexes go with it).
+    loops, meta = _table(store.schema, "loops"), _table(store.schema, "meta")
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN words").format(loops))
+    admin.execute(sql.SQL("UPDATE {} SET value = '1' WHERE key = 'schema_version'").format(meta))
+    admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(loops))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        kinds = [hit.kind for hit in migrated.search("coffee")]
+        assert kinds == ["text", "thinking", "text", "tool_call", "tool_result"]
+        with caplog.at_level(logging.WARNING):
+            assert migrated.search("tea") == []  # left unindexed, read, found corrupt: skipped
+    assert "'bad' is corrupt" in caplog.text
+    assert _indexed_loops(store, admin) == [("bad", 0, False), ("old", 0, True), ("old", 1, True)]
+    indexes = admin.execute(
+        "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND indexname LIKE 'loops_%%'",
+        (store.schema,),
+    ).fetchall()
+    assert {"loops_words", "loops_unindexed"} <= {name for (name,) in indexes}
+
+
+def test_search_reads_only_the_loops_the_index_names(
+    store: postgres.PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loops = [talking_loop("s", index, f"topic{index}", started_at=at(index)) for index in range(1, 6)]
+    store.save(make_session("s", loops=loops))
+    store.save(make_session("other", loops=[talking_loop("other", 1, "elsewhere")]))
+    decoded: list[str] = []
+    real_decode = postgres.decode_loop
+
+    def decode(data: bytes, **options: Any) -> Any:
+        record = real_decode(data, **options)
+        decoded.append(record.loop_id)
+        return record
+
+    monkeypatch.setattr(postgres, "decode_loop", decode)
+    assert {(hit.session_id, hit.loop_id) for hit in store.search("topic3")} == {("s", "s.cfg.3")}
+    assert decoded == ["s.cfg.3"]
+
+
+def test_long_words_and_wordy_loops_are_still_found(
+    store: postgres.PostgresStore, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long_word = "x" * 3000  # beyond a tsvector lexeme: indexed cut
+    store.save(make_session("long", loops=[talking_loop("long", 1, f"{long_word} tail")]))
+    assert [hit.kind for hit in store.search(long_word)][:1] == ["text"]
+    assert store.search("x" * 2999) == []  # cut alike, then the exact rule decides
+    monkeypatch.setattr(postgres, "_LEXEME_BUDGET", 10)
+    store.save(make_session("wordy", loops=[talking_loop("wordy", 1, "many many words here")]))
+    assert ("wordy", 0, False) in _indexed_loops(store, admin)  # too wordy: not indexed, always read
+    assert {hit.session_id for hit in store.search("words")} == {"wordy"}
+
+
+def test_explain_search_shows_the_plan(store: postgres.PostgresStore) -> None:
+    store.save(make_session("s", loops=[talking_loop("s", 1, "brew coffee")]))
+    assert "@@" in store.explain_search("coffee")
+    assert "actual time" in store.explain_search("coffee", SessionQuery(limit=5), analyze=True)
 
 
 def test_prune_removes_the_loop_rows_too(store: postgres.PostgresStore, admin: Any) -> None:

@@ -860,6 +860,9 @@ class StoreConformance:
         assert [hit.session_id for hit in oldest_first] == ["t1", "t2"]
         assert [hit.session_id for hit in store.search("result", SessionQuery(agent_id="alpha"))] == ["t1"]
         assert len(store.search("the", limit=3)) == 3
+        # The query's limit picks the sessions first (the newest, t2), then the words.
+        assert store.search("coffee", SessionQuery(limit=1)) == []
+        assert [hit.session_id for hit in store.search("coffee", SessionQuery(limit=2))] == ["t1"] * 5
         assert store.search("the", limit=0) == []
         with _raises(InvalidQuery, "limit: must not be negative"):
             store.search("the", limit=-1)

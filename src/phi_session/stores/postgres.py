@@ -16,8 +16,20 @@ Layout (all tables live in one schema, ``phi_session`` by default):
   NUMERIC, models) and ``header``, the session's compact JSON without its loops.
   ``saved_order`` (from the sequence ``save_order``) orders `list_ids`.
 * ``loops``: one row per LoopRecord, in session order (``position``): the columns
-  the per-model totals group by and ``record``, the loop's compact phi-core JSON
-  (`codec.encode_loop`). Rows go with their session (``ON DELETE CASCADE``).
+  the per-model totals group by, ``record``, the loop's compact phi-core JSON
+  (`codec.encode_loop`), and ``words``, its full-text index entry (below). Rows go
+  with their session (``ON DELETE CASCADE``).
+
+Full-text search (schema v2). ``words`` is a ``tsvector`` (GIN-indexed) of the
+distinct words of the loop's searchable text (`search.loop_text`), split and
+lower-cased by `search.query_words` itself rather than by a PostgreSQL text
+parser (which would split ``example.com`` or ``1.5`` differently from the query
+rule), each cut to `_LEXEME_CHARS`. It is written with the loop row, so saves,
+merges, deletes and prunes keep it current; a loop whose words outgrow a
+``tsvector`` gets NULL and is read by every search. `search` asks the index for
+the loops holding every query word, then reads only those loops of the
+candidate sessions and applies the exact rule of `search.py`. The v2 migration
+fills the column for the loops already stored.
 
 Header and records are stored as the exact bytes phi-session writes (BYTEA, not
 JSONB, which would reorder keys), so ``encode_session(load(id))`` equals
@@ -49,13 +61,15 @@ one set of transaction rules; at most ``pool_size`` calls use the database at on
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -69,7 +83,6 @@ from .base import (
     USAGE_COLUMNS,
     USAGE_FIELDS,
     AsyncTwins,
-    ScanSearch,
     SessionSummary,
     UsageTotal,
     as_query,
@@ -79,6 +92,7 @@ from .base import (
     validate_session_id,
 )
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
+from .search import DEFAULT_LIMIT, SearchHit, document_hits, loop_text, query_words, search_words
 
 # psycopg is optional: this module imports without it and `PostgresStore()` says
 # what to install. `phi_session` itself imports this module only on first use.
@@ -95,7 +109,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -103,14 +117,65 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 MIGRATION_LOCK_CLASS = 0x7068
 # Migrations may rewrite tables, so other processes wait for them longer than for a session.
 _MIGRATION_LOCK_TIMEOUT = 60.0
+# Search lexemes are cut to this many characters (a tsvector lexeme holds at most 2047
+# bytes); a loop's lexemes beyond _LEXEME_BUDGET bytes (a tsvector holds 1 MiB) are not indexed.
+_LEXEME_CHARS = 256
+_LEXEME_BUDGET = 1_000_000
+# Candidate sessions of a search are read this many at a time, until the hits suffice.
+_SEARCH_BATCH = 32
 # A save retries when its session vanished (deleted) between its insert attempt and its lock.
 _SAVE_ATTEMPTS = 8
 
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    _Backfill: TypeAlias = Callable[["psycopg.Cursor[Row]", Callable[[str], "sql.Composed"]], None]
+
+
+def _lexemes(record: LoopRecord) -> list[str] | None:
+    """The ``words`` entry of `record`: its distinct search words, each cut to `_LEXEME_CHARS`
+    (a cut word still finds its loop: the query's words are cut alike); None when they
+    outgrow `_LEXEME_BUDGET` (the loop is then read by every search)."""
+    lexemes = list(dict.fromkeys(word[:_LEXEME_CHARS] for word in query_words(loop_text(record))))
+    if sum(len(lexeme.encode()) for lexeme in lexemes) > _LEXEME_BUDGET:
+        return None
+    return lexemes
+
+
+def _tsquery(words: Sequence[str]) -> str:
+    """The tsquery text asking for every one of `words` (`query_words`: letters, digits and
+    ``_`` only, so quoting each lexeme needs no escape)."""
+    return " & ".join(f"'{word[:_LEXEME_CHARS]}'" for word in words)
+
+
+_WORDS_VALUE = "array_to_tsvector(%s::text[])"  # NULL stays NULL: array_to_tsvector is strict
+# A loop row ``l`` that may hold every word of the tsquery parameter.
+_MATCHING_LOOP = "(l.words @@ %s::tsquery OR l.words IS NULL)"
+
+
+def _index_stored_loops(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed]) -> None:
+    """Migration 2: the ``words`` of the loops stored before it, read in batches through
+    a server-side cursor. A record that does not decode keeps NULL (read by every search,
+    where it raises as `load` would)."""
+    update = compose(f"UPDATE {{s}}.loops SET words = {_WORDS_VALUE} WHERE session_id = %s AND position = %s")
+    with cur.connection.cursor(name="phi_session_index_loops") as reader:
+        reader.execute(compose("SELECT session_id, position, record FROM {s}.loops"))
+        while rows := reader.fetchmany(500):
+            values = []
+            for session_id, position, record in rows:
+                try:
+                    values.append((_lexemes(decode_loop(record, strict=False)), session_id, position))
+                except DecodeError:
+                    continue
+            cur.executemany(update, values)
+
+
 # Forward migrations: _MIGRATIONS[n] takes the schema from version n to n + 1.
-# "{s}" is the schema, quoted. Never edit a released entry; append a new one.
+# A step is SQL ("{s}" is the schema, quoted) or a function given the migration's
+# cursor and the function that fills in "{s}". Never edit a released entry; append a new one.
 # Text columns use the "C" collation: sorting by code point, as Python does (and
 # as the other stores do), whatever the database's locale.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+_MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
     (
         "CREATE SEQUENCE {s}.save_order",
         f"""CREATE TABLE {{s}}.sessions (
@@ -164,6 +229,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX loops_loop_id ON {s}.loops (loop_id)",
         "CREATE INDEX loops_model ON {s}.loops (provider, model)",
     ),
+    (
+        # NULL reads as "not indexed": every search reads such a loop, so the column is
+        # correct before the backfill below and for loops too wordy for a tsvector.
+        "ALTER TABLE {s}.loops ADD COLUMN words tsvector",
+        _index_stored_loops,
+        "CREATE INDEX loops_words ON {s}.loops USING GIN (words)",
+        "CREATE INDEX loops_unindexed ON {s}.loops (session_id) WHERE words IS NULL",
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -193,7 +266,10 @@ _LOOP_COLUMNS = (
     "turn_count",
     *USAGE_COLUMNS,
     "record",
+    "words",
 )
+# The VALUES of a loop row, in `_LOOP_COLUMNS` order.
+_LOOP_VALUES = ", ".join(_WORDS_VALUE if column == "words" else "%s" for column in _LOOP_COLUMNS)
 _ORDER_BY = {
     "newest": "last_active_at_ns DESC, session_id",
     "oldest": "last_active_at_ns ASC, session_id",
@@ -282,6 +358,7 @@ def _loop_values(record: LoopRecord, occurrence: int, data: bytes) -> tuple[Any,
         len(record.turns),
         *_usage_values(record.usage),
         data,
+        _lexemes(record),
     )
 
 
@@ -420,7 +497,7 @@ def _occurrences(loops: Sequence[LoopRecord]) -> list[int]:
     return out
 
 
-class PostgresStore(ScanSearch, AsyncTwins):
+class PostgresStore(AsyncTwins):
     """Sessions in PostgreSQL; safe for many threads, processes and machines at once.
 
     ``dsn`` is a libpq connection string or URL. ``schema`` names the PostgreSQL
@@ -563,8 +640,11 @@ class PostgresStore(ScanSearch, AsyncTwins):
                 )
                 version = self._stored_version(cur) or 0
                 for statements in _MIGRATIONS[version:]:
-                    for statement in statements:
-                        cur.execute(self._sql(statement))
+                    for step in statements:
+                        if isinstance(step, str):
+                            cur.execute(self._sql(step))
+                        else:
+                            step(cur, self._sql)
                 if version < SCHEMA_VERSION:
                     cur.execute(
                         self._sql(
@@ -653,7 +733,7 @@ class PostgresStore(ScanSearch, AsyncTwins):
         cur.executemany(
             self._sql(
                 f"INSERT INTO {{s}}.loops (session_id, position, {', '.join(_LOOP_COLUMNS)})"
-                f" VALUES (%s, %s{', %s' * len(_LOOP_COLUMNS)})"
+                f" VALUES (%s, %s, {_LOOP_VALUES})"
             ),
             [
                 (session_id, first_position + i, *_loop_values(record, occurrence, encoded(record)))
@@ -690,7 +770,7 @@ class PostgresStore(ScanSearch, AsyncTwins):
             cur.executemany(
                 self._sql(
                     f"UPDATE {{s}}.loops SET ({', '.join(_LOOP_COLUMNS)})"
-                    f" = ROW({', '.join(['%s'] * len(_LOOP_COLUMNS))})"
+                    f" = ROW({_LOOP_VALUES})"
                     " WHERE session_id = %s AND position = %s"
                 ),
                 updates,
@@ -709,16 +789,27 @@ class PostgresStore(ScanSearch, AsyncTwins):
             (*_session_values(merged), session_id),
         )
 
-    def _select_sessions(self, action: str, condition: str, params: Sequence[Any]) -> list[Row]:
-        """``(session_id, header, records)`` rows in `list_ids` order, from one snapshot."""
+    def _select_sessions(
+        self,
+        action: str,
+        condition: str,
+        params: Sequence[Any],
+        loops: tuple[str, Sequence[Any]] = ("TRUE", ()),
+    ) -> list[Row]:
+        """``(session_id, header, records)`` rows in `list_ids` order, from one snapshot.
+
+        `loops` (a condition on the loop rows ``l`` and its parameters) picks the records
+        read: every loop by default.
+        """
+        loop_condition, loop_params = loops
         with self._cursor(action) as cur:
             cur.execute(
                 self._sql(
                     "SELECT s.session_id, s.header, ARRAY(SELECT l.record FROM {s}.loops l"
-                    " WHERE l.session_id = s.session_id ORDER BY l.position)"
+                    f" WHERE l.session_id = s.session_id AND {loop_condition} ORDER BY l.position)"
                     f" FROM {{s}}.sessions s WHERE {condition} ORDER BY {_LIST_ORDER}"
                 ),
-                params,
+                [*loop_params, *params],
             )
             return cur.fetchall()
 
@@ -756,10 +847,19 @@ class PostgresStore(ScanSearch, AsyncTwins):
 
     # -- Queries --------------------------------------------------------------------------
 
-    def _query_sql(self, query: SessionQuery) -> tuple[sql.Composed, list[Any]]:
-        """PostgreSQL's translation of `query`: the statement and parameters of `query`."""
+    def _query_sql(
+        self,
+        query: SessionQuery,
+        columns: Sequence[str] = _SUMMARY_COLUMNS,
+        also: tuple[str, Sequence[Any]] | None = None,
+    ) -> tuple[sql.Composed, list[Any]]:
+        """PostgreSQL's translation of `query`: the statement selecting `columns` of the
+        sessions it selects (and meeting the condition `also`, with its parameters)."""
         conditions: list[str] = []
         params: list[Any] = []
+        if also is not None:
+            conditions.append(also[0])
+            params += also[1]
         for condition, value in (
             ("agent_id = %s", query.agent_id),
             ("last_active_at_ns >= %s", None if query.since is None else _clamped_ns(query.since)),
@@ -783,7 +883,7 @@ class PostgresStore(ScanSearch, AsyncTwins):
                 value = min(max(value, _I64_MIN), _I64_MAX)
             params += [value, value, cursor.session_id]
         text = (
-            f"SELECT {', '.join(_SUMMARY_COLUMNS)} FROM {{s}}.sessions"
+            f"SELECT {', '.join(columns)} FROM {{s}}.sessions"
             f"{' WHERE ' + ' AND '.join(conditions) if conditions else ''}"
             f" ORDER BY {_ORDER_BY[query.order]}"
         )
@@ -804,10 +904,75 @@ class PostgresStore(ScanSearch, AsyncTwins):
     def explain_query(self, query: SessionQuery | None = None, *, analyze: bool = False) -> str:
         """PostgreSQL's plan for `query` (run it too with `analyze`): for benchmarks."""
         statement, params = self._query_sql(as_query(query))
+        return self._explain(statement, params, analyze=analyze)
+
+    def _explain(self, statement: sql.Composed, params: Sequence[Any], *, analyze: bool) -> str:
         prefix = sql.SQL("EXPLAIN (ANALYZE, BUFFERS) " if analyze else "EXPLAIN ")
         with self._cursor("explaining a query") as cur:
             cur.execute(sql.Composed([prefix, statement]), params)
             return "\n".join(line for (line,) in cur.fetchall())
+
+    def _search_sql(self, words: Sequence[str], query: SessionQuery) -> tuple[sql.Composed, list[Any]]:
+        """The ids of the sessions `query` selects that have a loop the index names for `words`."""
+        matching = (
+            f"EXISTS (SELECT 1 FROM {{s}}.loops l WHERE l.session_id = {{s}}.sessions.session_id"
+            f" AND {_MATCHING_LOOP})"
+        )
+        if query.limit is None:
+            return self._query_sql(query, ("session_id",), (matching, [_tsquery(words)]))
+        # The query's limit picks sessions before the words do, as in every store.
+        statement, params = self._query_sql(query, ("session_id",))
+        with self._cursor("querying sessions") as cur:
+            cur.execute(statement, params)
+            selected = [session_id for (session_id,) in cur.fetchall()]
+        return self._query_sql(
+            replace(query, limit=None),
+            ("session_id",),
+            (f"session_id = ANY(%s) AND {matching}", [selected, _tsquery(words)]),
+        )
+
+    def search(
+        self, text: str, query: SessionQuery | None = None, limit: int = DEFAULT_LIMIT
+    ) -> list[SearchHit]:
+        """See `SessionStore.search`. The GIN index on ``words`` names the candidate
+        sessions (in the query's order) and, in each, the loops that may hold every
+        word; only those loops are read, a few sessions at a time until `limit` hits.
+        A session whose loops do not decode is skipped with a logged warning."""
+        words = search_words(text, limit)
+        selection = as_query(query)
+        if not words or not limit:
+            return []
+        statement, params = self._search_sql(words, selection)
+        with self._cursor("searching sessions") as cur:
+            cur.execute(statement, params)
+            candidates = [session_id for (session_id,) in cur.fetchall()]
+        hits: list[SearchHit] = []
+        for start in range(0, len(candidates), _SEARCH_BATCH):
+            batch = candidates[start : start + _SEARCH_BATCH]
+            rows = self._select_sessions(
+                "reading the sessions a search found",
+                "s.session_id = ANY(%s)",
+                [batch],
+                (_MATCHING_LOOP, [_tsquery(words)]),
+            )
+            found = {row[0]: row for row in rows}  # a session deleted meanwhile is missing
+            for session_id in batch:
+                if session_id not in found:
+                    continue
+                try:
+                    session = self._session(*found[session_id])  # its loops the index named only
+                except StoreError as exc:
+                    _log.warning("%s: skipping it in search", exc)
+                    continue
+                hits.extend(itertools.islice(document_hits(session, words), limit - len(hits)))
+                if len(hits) == limit:
+                    return hits
+        return hits
+
+    def explain_search(self, text: str, query: SessionQuery | None = None, *, analyze: bool = False) -> str:
+        """PostgreSQL's plan for finding the sessions `search` reads (run it too with `analyze`)."""
+        statement, params = self._search_sql(query_words(text), as_query(query))
+        return self._explain(statement, params, analyze=analyze)
 
     def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
         """Usage summed per agent, per ``provider/model`` of the loops (``"unknown"``

@@ -82,7 +82,8 @@ class Document(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 def query_words(text: str) -> tuple[str, ...]:
-    """The distinct words of a query, lower-cased, in order (`TypeError` for a non-string)."""
+    """The distinct words of a text (a query, or a loop's text for an index), lower-cased,
+    in order (`TypeError` for a non-string)."""
     if not isinstance(text, str):
         raise TypeError(f"search text must be str, not {type(text).__name__}")
     return tuple(dict.fromkeys(word.lower() for word in _WORD.findall(text)))
