@@ -8,11 +8,13 @@ session; a run may continue another as a fork (``Branch{tag: "fork"}``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from phi_session import AgentSession, LoopConfigSnapshot, SessionRecorder, ToolCall, Tracer, Usage
 from phi_session.events import ContinuationKind
 from phi_session.model import Session
+from phi_session.stores.json_dir import JsonDirStore
 
 PROMPT = "Plan a weekend: weather in Paris, then a museum."
 
@@ -81,3 +83,24 @@ def record_runs(runs: list[Run]) -> tuple[Session, list[str]]:
     recorder.flush()
     [session] = recorder.drain_completed()
     return session, loop_ids
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A store holding a run and its fork (`forked`, loops `parent` and `fork`) and a
+    second session with the run alone (`other`)."""
+
+    directory: Path
+    forked: Session
+    parent: str
+    fork: str
+    other: Session
+
+
+def store_fork(directory: Path, fork: list[Step]) -> Stored:
+    forked, (parent, forked_loop) = record_runs([Run(BASE), Run(fork, fork_of=0)])
+    other, _ = record_runs([Run(BASE)])
+    with JsonDirStore(directory) as store:
+        store.save(forked)
+        store.save(other)
+    return Stored(directory, forked, parent, forked_loop, other)

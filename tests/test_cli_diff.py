@@ -11,9 +11,8 @@ from click.testing import CliRunner, Result
 
 from phi_session.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from phi_session.diff import LoopDiff, SessionDiff, diff_loops
-from phi_session.stores.json_dir import JsonDirStore
 
-from .diff_support import BASE, Run, Step, record_runs
+from .diff_support import BASE, Step, Stored, store_fork
 
 HOSTILE = "\x1b[31mred[/] [bold]not markup[/bold]"
 FORK = [*BASE[:2], Step("Saturday: Orsay.\nSunday: Louvre.\nBring sunglasses."), Step(HOSTILE)]
@@ -24,19 +23,12 @@ def run(*args: str | Path) -> Result:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> tuple[Path, str, list[str], str]:
-    """A store with a session (a run and its fork) and a second session (the run alone)."""
-    forked, loops = record_runs([Run(BASE), Run(FORK, fork_of=0)])
-    other, _ = record_runs([Run(BASE)])
-    directory = tmp_path / "store"
-    with JsonDirStore(directory) as target:
-        target.save(forked)
-        target.save(other)
-    return directory, forked.session_id, loops, other.session_id
+def store(tmp_path: Path) -> Stored:
+    return store_fork(tmp_path / "store", FORK)
 
 
-def test_a_fork_against_its_parent(store: tuple[Path, str, list[str], str]) -> None:
-    directory, session, (parent, fork), _ = store
+def test_a_fork_against_its_parent(store: Stored) -> None:
+    directory, session, parent, fork = store.directory, store.forked.session_id, store.parent, store.fork
     result = run("diff", "--store", directory, f"{session}:{parent}", f"{session}:{fork}")
     assert result.exit_code == EXIT_OK, result.stderr
     out = result.stdout
@@ -51,8 +43,9 @@ def test_a_fork_against_its_parent(store: tuple[Path, str, list[str], str]) -> N
     assert by_position.exit_code == EXIT_OK and by_position.stdout == out
 
 
-def test_identical_loops_and_json(store: tuple[Path, str, list[str], str]) -> None:
-    directory, session, (parent, fork), other = store
+def test_identical_loops_and_json(store: Stored) -> None:
+    directory, session, parent, fork = store.directory, store.forked.session_id, store.parent, store.fork
+    other = store.other.session_id
     same = run("diff", "--store", directory, f"{session}:#1", f"{other}:#1")
     assert same.exit_code == EXIT_OK
     assert same.stdout.strip().splitlines()[-1].startswith("no divergence")
@@ -60,14 +53,13 @@ def test_identical_loops_and_json(store: tuple[Path, str, list[str], str]) -> No
     assert result.exit_code == EXIT_OK
     data = json.loads(result.stdout)
     assert data["diff"] == "loops" and data["first_divergence"]["turn"] == 2
-    with JsonDirStore(directory) as opened:
-        loaded = opened.load(session)
-    expected = diff_loops(loaded, parent, loaded, fork)
+    expected = diff_loops(store.forked, parent, store.forked, fork)
     assert msgspec.json.decode(result.stdout, type=LoopDiff | SessionDiff) == expected
 
 
-def test_loop_options_and_sessions(store: tuple[Path, str, list[str], str]) -> None:
-    directory, session, (parent, fork), other = store
+def test_loop_options_and_sessions(store: Stored) -> None:
+    directory, session, parent, fork = store.directory, store.forked.session_id, store.parent, store.fork
+    other = store.other.session_id
     result = run(
         "diff", "--json", "--store", directory, session, session, "--loop-a", parent, "--loop-b", fork
     )
@@ -93,10 +85,8 @@ def test_loop_options_and_sessions(store: tuple[Path, str, list[str], str]) -> N
         (("{s}:#1",), EXIT_USAGE, "Missing argument 'B'"),
     ],
 )
-def test_errors_are_one_line(
-    store: tuple[Path, str, list[str], str], args: tuple[str, ...], code: int, fragment: str
-) -> None:
-    directory, session, _, _ = store
+def test_errors_are_one_line(store: Stored, args: tuple[str, ...], code: int, fragment: str) -> None:
+    directory, session = store.directory, store.forked.session_id
     result = run("diff", "--store", directory, *(arg.format(s=session) for arg in args))
     assert result.exit_code == code, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()

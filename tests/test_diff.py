@@ -192,5 +192,8 @@ def test_loops_are_named_by_id_or_position() -> None:
     assert parse_ref("s1:") == ("s1", None)
     assert parse_ref("s1:s1.acme.m1.1") == ("s1", "s1.acme.m1.1")
     assert parse_ref("s1:ollama.llama3:8b.1") == ("s1", "ollama.llama3:8b.1")  # split at the first colon
+    assert parse_ref("a:b", "c:d") == ("a:b", "c:d")  # the loop named apart: the whole text is the id
+    with pytest.raises(ValueError, match="empty loop"):
+        parse_ref("s1", "")
     with pytest.raises(TypeError):
         parse_ref(3)  # type: ignore[arg-type]

@@ -241,18 +241,22 @@ class SessionDiff(_Result, frozen=True, tag="sessions", tag_field="diff"):
 _POSITION = re.compile(r"#([1-9][0-9]{0,8})")
 
 
-def parse_ref(text: str) -> tuple[str, str | None]:
+def parse_ref(text: str, loop: str | None = None) -> tuple[str, str | None]:
     """``SESSION`` or ``SESSION:LOOP`` as ``(session id, loop or None)``.
 
-    The text is split at its first ``:``, so a session id holding a colon cannot
-    be written this way (the CLI's ``--loop-a``/``--loop-b`` name the loop apart).
-    The loop is a loop id or ``#N`` (see `find_loop`). An empty loop (``SESSION:``)
-    is None.
+    The text is split at its first ``:``, so a session id holding a colon is
+    written with its `loop` named apart: then `text` is the whole session id
+    (an empty `loop` is a `ValueError`). The loop is a loop id or ``#N`` (see
+    `find_loop`). An empty loop after the colon (``SESSION:``) is None.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"a loop reference must be str, not {type(text).__name__}")
-    session_id, colon, loop = text.partition(":")
-    return session_id, (loop if colon and loop else None)
+    if not isinstance(text, str) or not isinstance(loop, (str, type(None))):
+        raise TypeError("a loop reference and its loop must be str")
+    if loop is not None:
+        if not loop:
+            raise ValueError("empty loop")
+        return text, loop
+    session_id, colon, named = text.partition(":")
+    return session_id, (named if colon and named else None)
 
 
 def find_loop(session: Session, loop: str) -> LoopRecord:

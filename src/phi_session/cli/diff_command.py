@@ -19,12 +19,11 @@ from .app import (
 
 
 def _side(text: str, loop: str | None, name: str) -> tuple[str, str | None]:
-    """The session id and loop of argument `name` (``--loop-NAME`` given: `text` is the whole id)."""
-    if loop is not None:
-        if not loop:
-            raise CliError(f"--loop-{name.lower()}: empty loop", EXIT_USAGE)
-        return text, loop
-    return parse_ref(text)
+    """The session id and loop of argument `name` (with ``--loop-NAME``, `text` is the whole id)."""
+    try:
+        return parse_ref(text, loop)
+    except ValueError as error:
+        raise CliError(f"--loop-{name.lower()}: {error}", EXIT_USAGE) from None
 
 
 @main.command("diff")
