@@ -296,7 +296,7 @@ def _loop_bars(session: Session, node: LoopNode, depth: int) -> Iterator[Timelin
         node.index,
         loop_id=loop.loop_id,
         status=loop.status,
-        usage=loop.usage,
+        usage=loop.billed_usage(),
         detail=" ".join(notes),
     )
     spawned = {ref.tool_call_id: ref.child_session_id for ref in loop.child_loop_refs}

@@ -120,6 +120,9 @@ class CachedSession:
                     "turn_count": len(record.turns),
                     "tool_calls": sum(len(turn.tool_results) for turn in record.turns),
                     "event_count": len(record.events),
+                    # What the loop's calls billed (a loop cut off mid-turn: more than its usage).
+                    "billed_usage": msgspec.to_builtins(record.billed_usage()),
+                    "unfinished_usage": msgspec.to_builtins(record.unfinished_usage()),
                     "parent_in_session": record.parent_loop_id in local,
                     "loop": msgspec.Raw(encode_loop(_bare(record), pretty=False)),
                 }

@@ -484,12 +484,15 @@
       ["Started", shortTime(loop.started_at)],
       ["Ended", loop.ended_at ? shortTime(loop.ended_at) + " (" + seconds(loop.started_at, loop.ended_at) + ")" : "not ended"],
       ["Config", configText(loop.config)],
-      ["Usage", usageText(loop.usage)],
+      ["Usage", usageText(row.billed_usage)],
       ["Events", h("a", { href: "#", class: "loop-events", onclick: (event) => {
         event.preventDefault();
         document.dispatchEvent(new CustomEvent("phi-show-events", { detail: row.index }));
       } }, plural(row.event_count, "stored event"))],
     ];
+    if (Number(row.unfinished_usage.total_tokens) || Number(row.unfinished_usage.input) || Number(row.unfinished_usage.output)) {
+      facts.push(["Unfinished turn", h("span", { class: "chip error" }, "cut off: " + usageText(row.unfinished_usage) + " (counted in the usage)")]);
+    }
     if (loop.parent_loop_id) {
       facts.push(["Continues", h("span", { class: "mono" }, loop.parent_loop_id + (row.parent_in_session ? "" : " (not in this session)"))]);
     }
@@ -529,7 +532,7 @@
       loop.child_loop_refs && loop.child_loop_refs.length ? h("span", { class: "chip kind" }, plural(loop.child_loop_refs.length, "sub-agent")) : null,
       h("span", { class: "loop-stats" },
         [loop.config ? loop.config.provider + "/" + loop.config.model : null, plural(row.turn_count, "turn"),
-          plural(row.tool_calls, "tool call"), tokens((loop.usage || {}).total_tokens) + " tokens"].filter(Boolean).join(" · ")));
+          plural(row.tool_calls, "tool call"), tokens(row.billed_usage.total_tokens) + " tokens"].filter(Boolean).join(" · ")));
     const turnsHolder = h("div", { class: "loop-turns" }, h("p", { class: "muted" }, "Loading turns…"));
     const body = h("div", { class: "loop-body" }, loopBody(loop, row, sessionId), turnsHolder);
     const details = h("details", { class: "loop " + statusClass(loop.status) }, summary, body);
