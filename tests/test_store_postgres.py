@@ -29,6 +29,7 @@ from phi_session.errors import SessionLocked, StoreError
 from phi_session.model import Session
 from phi_session.stores import postgres
 from phi_session.stores.conformance import StoreConformance, at, make_loop, make_session, talking_loop
+from phi_session.stores.outline import session_outline
 from phi_session.stores.query import PruneCriteria, SessionQuery
 
 from .pg_concurrency_worker import SESSION_IDS, SHARED_LOOPS, own_loop_index, shared_loop_index
@@ -312,9 +313,9 @@ def test_the_v2_migration_indexes_the_stored_loops(
 ) -> None:
     store.save(make_session("old", loops=[talking_loop("old", 1, "brew coffee"), make_loop("old", 2)]))
     store.save(make_session("bad", loops=[talking_loop("bad", 1, "brew tea")]))
-    # Back to version 1: the stored loops, no search column (its indexes go with it).
+    # Back to version 1: the stored loops, no search column (its indexes go with it), no outlines.
     loops, meta = _table(store.schema, "loops"), _table(store.schema, "meta")
-    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN words").format(loops))
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN words, DROP COLUMN outline").format(loops))
     admin.execute(sql.SQL("UPDATE {} SET value = '1' WHERE key = 'schema_version'").format(meta))
     admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(loops))
     with PostgresStore(DSN, schema=store.schema) as migrated:
@@ -324,6 +325,12 @@ def test_the_v2_migration_indexes_the_stored_loops(
             assert migrated.search("tea") == []  # left unindexed, read, found corrupt: skipped
     assert "'bad' is corrupt" in caplog.text
     assert _indexed_loops(store, admin) == [("bad", 0, False), ("old", 0, True), ("old", 1, True)]
+    outlined = sql.SQL("SELECT session_id FROM {} WHERE outline IS NOT NULL ORDER BY 1").format(loops)
+    assert admin.execute(outlined).fetchall() == [("old",), ("old",)]  # v3 outlines the loops too
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        assert migrated.load_outline("old") == session_outline(migrated.load("old"))
+        with pytest.raises(StoreError, match="'bad' is corrupt"):
+            migrated.load_outline("bad")
     indexes = admin.execute(
         "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND indexname LIKE 'loops_%%'",
         (store.schema,),

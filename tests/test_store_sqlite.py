@@ -36,6 +36,7 @@ from phi_session.stores.conformance import (
     talking_loop,
 )
 from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.outline import session_outline
 from phi_session.stores.query import PruneCriteria, SessionQuery
 from phi_session.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
 
@@ -650,12 +651,40 @@ def test_the_v2_migration_indexes_the_stored_loops(db: Path) -> None:
     with SqliteStore(db) as store:
         store.save(make_session("old", loops=[talking_loop("old", 1, "brew coffee")]))
     # Back to version 1: the stored loops, no search tables.
-    raw_execute(db, "DROP TABLE loop_text_fts", "DROP TABLE loop_text", "PRAGMA user_version = 1")
+    raw_execute(
+        db,
+        "DROP TABLE loop_text_fts",
+        "DROP TABLE loop_text",
+        "ALTER TABLE loops DROP COLUMN outline",
+        "PRAGMA user_version = 1",
+    )
     with SqliteStore(db) as store:
         assert store.schema_version() == SCHEMA_VERSION
         kinds = [hit.kind for hit in store.search("coffee")]
         assert kinds == ["text", "thinking", "text", "tool_call", "tool_result"]
     assert _indexed_loops(db) == (1, 1)
+
+
+def test_the_v4_migration_outlines_the_stored_loops(db: Path) -> None:
+    with SqliteStore(db) as store:
+        store.save(make_session("old", loops=[talking_loop("old", 1, "brew coffee"), make_loop("old", 2)]))
+        store.save(make_session("bad", loops=[talking_loop("bad", 1, "brew tea")]))
+    raw_execute(
+        db,
+        "ALTER TABLE loops DROP COLUMN outline",
+        "UPDATE loops SET record = 'not json' WHERE session_id = 'bad'",
+        "PRAGMA user_version = 3",
+    )
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert store.load_outline("old") == session_outline(store.load("old"))
+        with pytest.raises(StoreError, match="'bad' is corrupt"):
+            store.load_outline("bad")  # not outlined: its record is read, and reported
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT session_id, outline IS NOT NULL FROM loops ORDER BY 1, position"
+        ).fetchall()
+    assert rows == [("bad", 0), ("old", 1), ("old", 1)]
 
 
 def test_the_index_follows_saves_deletes_and_prunes(store: SqliteStore, db: Path) -> None:
@@ -703,6 +732,7 @@ def test_the_v3_migration_bills_the_loops_cut_off_mid_turn(db: Path) -> None:
         db,
         f"UPDATE loops SET ({tokens}) = (0, 0, 0, 0, 0, 0)",
         f"UPDATE sessions SET ({tokens}) = (0, 0, 0, 0, 0, 0)",
+        "ALTER TABLE loops DROP COLUMN outline",
         "PRAGMA user_version = 2",
     )
     reported = reported_usage(lines)

@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 
 from phi_session.codec import decode_loop, decode_session
+from phi_session.model import Session
+from phi_session.recorder import SessionRecorder
+from phi_session.stores.base import summarize, to_builtins
+from phi_session.stores.conformance import EXAMPLES_DIR
 from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.outline import PROMPT_CHARS, first_prompt
 from phi_session.stores.sqlite import SqliteStore
-from phi_session.web.pages import PROMPT_CHARS, first_prompt
 from phi_session.web.server import ViewerServer
 
 from .test_web_api import get_json, ids
@@ -158,3 +162,58 @@ def test_first_prompt_is_cut() -> None:
     session = huge_session(1)
     prompt = first_prompt(session)
     assert prompt is not None and len(prompt) <= PROMPT_CHARS
+
+
+def _events_of(session: Session, event_type: str | None = None) -> list[tuple[str | None, int | None, str]]:
+    return [
+        (None if item.loop is None else item.loop.loop_id, item.sequence, type(item.event).__name__)
+        for item in session.iter_events()
+        if event_type is None or type(item.event).__name__ == event_type
+    ]
+
+
+def _paged_events(server: ViewerServer, path: str, size: int) -> list[tuple[str | None, int | None, str]]:
+    rows: list[tuple[str | None, int | None, str]] = []
+    while True:
+        page = get_json(server, f"{path}&limit={size}&offset={len(rows)}")
+        rows += [(row["loop_id"], row["sequence"], row["event"]["type"]) for row in page["events"]]
+        if len(rows) >= page["total"]:
+            assert len(rows) == page["total"]
+            return rows
+
+
+def test_a_session_opens_from_its_outline_and_pages_events_loop_by_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    huge = huge_session(40)
+    recorder = SessionRecorder(keep_session_events=True)
+    for line in (EXAMPLES_DIR / "events-parallel.jsonl").read_bytes().splitlines():
+        recorder.on_json(line)
+    recorder.flush()
+    [parallel] = recorder.drain_completed()
+    assert parallel.session_events  # ParallelLoopStart/End
+    with SqliteStore(tmp_path / "s.db") as store:
+        store.save(huge)
+        store.save(parallel)  # session-scoped events after the loops' own
+
+        def no_whole_session(self: SqliteStore, session_id: str) -> Session:
+            raise AssertionError("the whole session was loaded")
+
+        monkeypatch.setattr(SqliteStore, "load", no_whole_session)
+        with running_server(store) as server:
+            for session in (huge, parallel):
+                base = f"/api/sessions/{session.session_id}"
+                overview = get_json(server, f"{base}/overview")
+                assert overview["summary"] == json.loads(json.dumps(to_builtins(summarize(session))))
+                assert overview["first_prompt"] == first_prompt(session)
+                assert get_json(server, f"{base}/loops?limit=5")["total"] == len(session.loops)
+                for size in (7, 44, 1000):
+                    assert _paged_events(server, f"{base}/event-log?type=", size) == _events_of(session)
+                assert _paged_events(server, f"{base}/event-log?type=TurnEnd", 3) == _events_of(
+                    session, "TurnEnd"
+                )
+            one = get_json(server, "/api/sessions/huge-session/event-log?loop=3&offset=40&limit=10")
+            assert [row["sequence"] for row in one["events"]] == [40, 41, 42, 43] and one["total"] == 44
+            assert (
+                get_json(server, "/api/sessions/huge-session/loops/39")["loop_id"] == "huge-session.loop.39"
+            )

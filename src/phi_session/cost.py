@@ -32,6 +32,7 @@ from ._time import Timestamp
 from .errors import PhiSessionError
 from .messages import Usage
 from .model import LoopRecord, Session, Turn
+from .stores.outline import SessionOutline
 from .stores.query import parse_group_by
 
 __all__ = [
@@ -237,6 +238,13 @@ class Pricer:
     def session(self, session: Session) -> Cost:
         """The sum of the costs of the session's loops."""
         return total(self.loop(record) for record in session.loops)
+
+    def outline(self, outline: SessionOutline) -> Cost:
+        """`session` of an outlined session: its loops' billed usage is in the outline."""
+        return total(
+            self.price(loop.billed_usage, *_model_of(loop.record), loop.record.started_at)
+            for loop in outline.loops
+        )
 
     def breakdown(self, session: Session) -> SessionCost:
         """The cost of the session, of each loop and of each turn."""

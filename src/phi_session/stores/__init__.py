@@ -18,6 +18,7 @@ from .json_dir import (
     load_sessions_for_agent,
     save_session,
 )
+from .outline import LoopOutline, SessionOutline
 from .query import GroupBy, Order, PruneCriteria, SessionQuery
 
 if TYPE_CHECKING:
@@ -46,9 +47,11 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "GroupBy",
     "JsonDirStore",
+    "LoopOutline",
     "Order",
     "PostgresStore",
     "PruneCriteria",
+    "SessionOutline",
     "SessionQuery",
     "SessionStore",
     "SessionSummary",

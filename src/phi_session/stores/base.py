@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import msgspec
@@ -16,7 +16,8 @@ from ..errors import InvalidSessionId, SessionNotFound
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
-from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type
+from .outline import SessionOutline, session_outline
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_count, check_type
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
 
 # The summary columns both SQL backends keep: one per loop status, one per usage field.
@@ -123,6 +124,20 @@ class SessionStore(Protocol):
         """
         ...
 
+    def load_outline(self, session_id: str) -> SessionOutline:
+        """The stored session with its loops bare, and what each leaves out (`outline.py`):
+        what a huge session's viewer shows first. `SessionNotFound` if there is none."""
+        ...
+
+    def load_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]:
+        """The whole loops at positions `start` to `stop` (excluded) of the stored session:
+        ``load(session_id).loops[start:stop]``, reading no other loop.
+
+        `SessionNotFound` if there is no such session; `InvalidQuery` for a negative
+        bound (`TypeError` for a non-int one).
+        """
+        ...
+
     def close(self) -> None:
         """Release the store's resources. Idempotent."""
         ...
@@ -135,6 +150,8 @@ class SessionStore(Protocol):
     async def aquery(self, query: SessionQuery | None = None) -> list[SessionSummary]: ...
     async def ausage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]: ...
     async def aprune(self, criteria: PruneCriteria) -> int: ...
+    async def aload_outline(self, session_id: str) -> SessionOutline: ...
+    async def aload_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]: ...
     async def asearch(
         self, text: str, query: SessionQuery | None = None, limit: int = DEFAULT_LIMIT
     ) -> list[SearchHit]: ...
@@ -172,6 +189,12 @@ class AsyncTwins:
     ) -> list[SearchHit]:
         return await asyncio.to_thread(self.search, text, query, limit)  # type: ignore[attr-defined]
 
+    async def aload_outline(self, session_id: str) -> SessionOutline:
+        return await asyncio.to_thread(self.load_outline, session_id)  # type: ignore[attr-defined]
+
+    async def aload_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]:
+        return await asyncio.to_thread(self.load_loops, session_id, start, stop)  # type: ignore[attr-defined]
+
 
 class ScanSearch:
     """`SessionStore.search` by reading the sessions (`scan_search`): for stores without an index."""
@@ -181,6 +204,26 @@ class ScanSearch:
     ) -> list[SearchHit]:
         """See `SessionStore.search`. Loads every selected session: slow on a big store."""
         return scan_search(self, text, query, limit)  # type: ignore[arg-type]
+
+
+class OutlineFromLoad:
+    """`load_outline` and `load_loops` by loading the whole session: for stores that keep no outline."""
+
+    def load_outline(self, session_id: str) -> SessionOutline:
+        """See `SessionStore.load_outline`. Loads the whole session."""
+        return session_outline(self.load(session_id))  # type: ignore[attr-defined]
+
+    def load_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]:
+        """See `SessionStore.load_loops`. Loads the whole session."""
+        check_loop_range(start, stop)
+        session: Session = self.load(session_id)  # type: ignore[attr-defined]
+        return session.loops[start:stop]
+
+
+def check_loop_range(start: int, stop: int) -> None:
+    """The bounds of `SessionStore.load_loops`: `TypeError` unless ints, `InvalidQuery` if negative."""
+    check_count("start", start)
+    check_count("stop", stop)
 
 
 EVERY_SESSION = SessionQuery()
@@ -391,13 +434,25 @@ def _merge_events(
 
 def summarize(session: Session) -> SessionSummary:
     """The listing row of a session."""
-    statuses: Counter[str] = Counter(record.status for record in session.loops)
+    return _summary(session, ((record, record.billed_usage(), len(record.turns)) for record in session.loops))
+
+
+def summarize_outline(outline: SessionOutline) -> SessionSummary:
+    """The listing row of an outlined session (`summarize` of the whole session)."""
+    loops = ((loop.record, loop.billed_usage, loop.turn_count) for loop in outline.loops)
+    return _summary(outline.session, loops)
+
+
+def _summary(session: Session, loops: Iterable[tuple[LoopRecord, Usage, int]]) -> SessionSummary:
+    """The listing row of `session` from each loop's record (maybe bare), billed usage and turn count."""
+    statuses: Counter[str] = Counter()
     models: dict[str, None] = {}
     usage = ZERO_USAGE
     turns = 0
-    for record in session.loops:
-        usage = usage + record.billed_usage()
-        turns += len(record.turns)
+    for record, billed, turn_count in loops:
+        statuses[record.status] += 1
+        usage = usage + billed
+        turns += turn_count
         if record.config is not None:
             models[f"{record.config.provider}/{record.config.model}"] = None
     spawn = session.parent_spawn_ref

@@ -58,6 +58,7 @@ from ..messages import (
 from ..model import LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef
 from ..recorder import SessionRecorder
 from .base import SessionStore, SessionSummary, UsageTotal
+from .outline import session_outline
 from .query import PageCursor, PruneCriteria, SessionQuery
 from .search import SearchHit
 
@@ -295,6 +296,17 @@ def _sum(usages: Iterable[Usage]) -> Usage:
     return total
 
 
+def _recorded_parallel() -> Session:
+    """The session recorded from the spec's ``events-parallel.jsonl`` (loops with events)."""
+    _examples()
+    recorder = SessionRecorder()
+    for line in (EXAMPLES_DIR / "events-parallel.jsonl").read_bytes().splitlines():
+        recorder.on_json(line)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    return session
+
+
 def _usage(tokens: int) -> Usage:
     return make_loop("u", 1, tokens=tokens).usage
 
@@ -450,12 +462,7 @@ class StoreConformance:
             assert encode_session(store.load(session.session_id)) == data, path.name
 
     def test_recorded_session_round_trip(self, store: SessionStore) -> None:
-        _examples()
-        recorder = SessionRecorder()
-        for line in (EXAMPLES_DIR / "events-parallel.jsonl").read_bytes().splitlines():
-            recorder.on_json(line)
-        recorder.flush()
-        [session] = recorder.drain_completed()
+        session = _recorded_parallel()
         store.save(session)
         assert encode_session(store.load(session.session_id)) == encode_session(session)
 
@@ -866,6 +873,58 @@ class StoreConformance:
         store.save(make_session("empty", "idle", loops=[]))
         assert store.usage_totals() == [UsageTotal(key="idle", sessions=1, loops=0, usage=_usage(0))]
         assert store.usage_totals("model") == []
+
+    # -- partial loads ----------------------------------------------------------------
+
+    def _check_partial_loads(self, store: SessionStore, session_id: str) -> None:
+        """The outline and every loop agree with the whole session."""
+        whole = store.load(session_id)
+        outline = store.load_outline(session_id)
+        assert outline == session_outline(whole)
+        assert encode_session(outline.session) == encode_session(session_outline(whole).session)
+        count = len(whole.loops)
+        for index, record in enumerate(whole.loops):
+            assert store.load_loops(session_id, index, index + 1) == [record]
+        assert store.load_loops(session_id, 0, count + 5) == whole.loops
+        assert store.load_loops(session_id, 1, count) == whole.loops[1:]
+        assert store.load_loops(session_id, count, count + 1) == []
+        assert store.load_loops(session_id, 1, 0) == []
+
+    def test_outline_and_loops_agree_with_the_whole_session(self, store: SessionStore) -> None:
+        for path in _examples():
+            session = decode_session(path.read_bytes())
+            store.save(session)
+            self._check_partial_loads(store, session.session_id)
+        recorded = _recorded_parallel()
+        store.save(recorded)
+        self._check_partial_loads(store, recorded.session_id)
+        outline = store.load_outline(recorded.session_id)
+        assert all(not loop.record.events and not loop.record.messages for loop in outline.loops)
+        assert sum(loop.event_count for loop in outline.loops) == sum(len(r.events) for r in recorded.loops)
+
+    def test_outline_follows_merges(self, store: SessionStore) -> None:
+        store.save(make_session("m", loops=[make_loop("m", 1, status="Running")]))
+        store.save(make_session("m", loops=[talking_loop("m", 1, "done now"), make_loop("m", 2)]))
+        self._check_partial_loads(store, "m")
+        assert [loop.record.status for loop in store.load_outline("m").loops] == ["Completed", "Completed"]
+
+    def test_partial_loads_refuse_what_is_missing(self, store: SessionStore) -> None:
+        store.save(make_session("p"))
+        with _raises(SessionNotFound):
+            store.load_outline("absent")
+        with _raises(SessionNotFound):
+            store.load_loops("absent", 0, 1)
+        with _raises(InvalidQuery, "start: must not be negative"):
+            store.load_loops("p", -1, 1)
+        with _raises(TypeError, match="stop must be int"):
+            store.load_loops("p", 0, "1")  # type: ignore[arg-type]
+        for bad_id in INVALID_SESSION_IDS:
+            with _raises(InvalidSessionId):
+                store.load_outline(bad_id)
+            with _raises(InvalidSessionId):
+                store.load_loops(bad_id, 0, 1)
+        assert asyncio.run(store.aload_outline("p")) == store.load_outline("p")
+        assert asyncio.run(store.aload_loops("p", 0, 1)) == store.load("p").loops
 
     # -- search -----------------------------------------------------------------------
 

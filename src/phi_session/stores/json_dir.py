@@ -35,6 +35,7 @@ from ..messages import ZERO_USAGE, Usage
 from ..model import Session
 from .base import (
     AsyncTwins,
+    OutlineFromLoad,
     ScanSearch,
     SessionSummary,
     UsageTotal,
@@ -138,7 +139,7 @@ def _describe(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-class JsonDirStore(ScanSearch, AsyncTwins):
+class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
     """A `SessionStore` keeping one phi-core JSON file per session in `directory`.
 
     The directory is created on the first save. `save` waits at most

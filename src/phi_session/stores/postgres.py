@@ -69,6 +69,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -86,11 +87,13 @@ from .base import (
     SessionSummary,
     UsageTotal,
     as_query,
+    check_loop_range,
     merge_sessions,
     session_id_to_save,
     summarize,
     validate_session_id,
 )
+from .outline import SessionOutline, decode_loop_outline, encode_loop_outline, loop_outline, session_outline
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, loop_text, query_words, search_words
 
@@ -109,7 +112,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -121,7 +124,7 @@ _MIGRATION_LOCK_TIMEOUT = 60.0
 # bytes); a loop's lexemes beyond _LEXEME_BUDGET bytes (a tsvector holds 1 MiB) are not indexed.
 _LEXEME_CHARS = 256
 _LEXEME_BUDGET = 1_000_000
-# Candidate sessions of a search are read this many at a time, until the hits suffice.
+# Candidate sessions of a search are read 4, 8, … at most this many at a time, until the hits suffice.
 _SEARCH_BATCH = 32
 # A save retries when its session vanished (deleted) between its insert attempt and its lock.
 _SAVE_ATTEMPTS = 8
@@ -153,18 +156,24 @@ _WORDS_VALUE = "array_to_tsvector(%s::text[])"  # NULL stays NULL: array_to_tsve
 _MATCHING_LOOP = "(l.words @@ %s::tsquery OR l.words IS NULL)"
 
 
-def _index_stored_loops(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed]) -> None:
-    """Migration 2: the ``words`` of the loops stored before it, read in batches through
-    a server-side cursor. A record that does not decode keeps NULL (read by every search,
-    where it raises as `load` would)."""
-    update = compose(f"UPDATE {{s}}.loops SET words = {_WORDS_VALUE} WHERE session_id = %s AND position = %s")
-    with cur.connection.cursor(name="phi_session_index_loops") as reader:
+def _backfill_loops(
+    column: str,
+    value: str,
+    compute: Callable[[LoopRecord], Any],
+    cur: psycopg.Cursor[Row],
+    compose: Callable[[str], sql.Composed],
+) -> None:
+    """A migration step: set `column` of every stored loop to `value` (SQL of one parameter)
+    of ``compute(record)``, reading the loops in batches through a server-side cursor. A
+    record that does not decode keeps NULL (its readers then report it, as `load` does)."""
+    update = compose(f"UPDATE {{s}}.loops SET {column} = {value} WHERE session_id = %s AND position = %s")
+    with cur.connection.cursor(name=f"phi_session_backfill_{column}") as reader:
         reader.execute(compose("SELECT session_id, position, record FROM {s}.loops"))
         while rows := reader.fetchmany(500):
             values = []
             for session_id, position, record in rows:
                 try:
-                    values.append((_lexemes(decode_loop(record, strict=False)), session_id, position))
+                    values.append((compute(decode_loop(record, strict=False)), session_id, position))
                 except DecodeError:
                     continue
             cur.executemany(update, values)
@@ -233,9 +242,14 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         # NULL reads as "not indexed": every search reads such a loop, so the column is
         # correct before the backfill below and for loops too wordy for a tsvector.
         "ALTER TABLE {s}.loops ADD COLUMN words tsvector",
-        _index_stored_loops,
+        partial(_backfill_loops, "words", _WORDS_VALUE, _lexemes),
         "CREATE INDEX loops_words ON {s}.loops USING GIN (words)",
         "CREATE INDEX loops_unindexed ON {s}.loops (session_id) WHERE words IS NULL",
+    ),
+    (
+        # Partial loads (`load_outline`): each loop's outline beside its record.
+        "ALTER TABLE {s}.loops ADD COLUMN outline BYTEA",
+        partial(_backfill_loops, "outline", "%s", encode_loop_outline),
     ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -267,6 +281,7 @@ _LOOP_COLUMNS = (
     *USAGE_COLUMNS,
     "record",
     "words",
+    "outline",
 )
 # The VALUES of a loop row, in `_LOOP_COLUMNS` order.
 _LOOP_VALUES = ", ".join(_WORDS_VALUE if column == "words" else "%s" for column in _LOOP_COLUMNS)
@@ -359,6 +374,7 @@ def _loop_values(record: LoopRecord, occurrence: int, data: bytes) -> tuple[Any,
         *_usage_values(record.billed_usage()),
         data,
         _lexemes(record),
+        encode_loop_outline(record),
     )
 
 
@@ -377,6 +393,17 @@ class _Encodings:
     def __call__(self, record: LoopRecord) -> bytes:
         data = self._data.get(id(record))
         return data if data is not None else encode_loop(record, pretty=False)
+
+
+def _sessions_sql(condition: str, loop_condition: str = "TRUE") -> str:
+    """The ``(session_id, header, records)`` of the sessions ``s`` meeting `condition`, in
+    `list_ids` order; the records of the loops ``l`` meeting `loop_condition` (whose
+    parameters come first), by position."""
+    return (
+        "SELECT s.session_id, s.header, ARRAY(SELECT l.record FROM {s}.loops l"
+        f" WHERE l.session_id = s.session_id AND {loop_condition} ORDER BY l.position)"
+        f" FROM {{s}}.sessions s WHERE {condition} ORDER BY {_LIST_ORDER}"
+    )
 
 
 def _describe_server(params: dict[str, Any]) -> str:
@@ -789,28 +816,10 @@ class PostgresStore(AsyncTwins):
             (*_session_values(merged), session_id),
         )
 
-    def _select_sessions(
-        self,
-        action: str,
-        condition: str,
-        params: Sequence[Any],
-        loops: tuple[str, Sequence[Any]] = ("TRUE", ()),
-    ) -> list[Row]:
-        """``(session_id, header, records)`` rows in `list_ids` order, from one snapshot.
-
-        `loops` (a condition on the loop rows ``l`` and its parameters) picks the records
-        read: every loop by default.
-        """
-        loop_condition, loop_params = loops
+    def _select_sessions(self, action: str, condition: str, params: Sequence[Any]) -> list[Row]:
+        """``(session_id, header, records)`` rows in `list_ids` order, from one snapshot."""
         with self._cursor(action) as cur:
-            cur.execute(
-                self._sql(
-                    "SELECT s.session_id, s.header, ARRAY(SELECT l.record FROM {s}.loops l"
-                    f" WHERE l.session_id = s.session_id AND {loop_condition} ORDER BY l.position)"
-                    f" FROM {{s}}.sessions s WHERE {condition} ORDER BY {_LIST_ORDER}"
-                ),
-                [*loop_params, *params],
-            )
+            cur.execute(self._sql(_sessions_sql(condition)), params)
             return cur.fetchall()
 
     def load(self, session_id: str) -> Session:
@@ -819,6 +828,57 @@ class PostgresStore(AsyncTwins):
         if not rows:
             raise SessionNotFound(f"no session {session_id!r} in {self._where} schema {self._schema!r}")
         return self._session(*rows[0])
+
+    def load_outline(self, session_id: str) -> SessionOutline:
+        """See `SessionStore.load_outline`. Reads the stored outlines, never a whole record
+        (but of a loop whose outline is missing: one that did not decode when migrated)."""
+        validate_session_id(session_id)
+        with self._cursor(f"loading the outline of session {session_id!r}") as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT s.header, ARRAY(SELECT l.outline FROM {s}.loops l"
+                    " WHERE l.session_id = s.session_id ORDER BY l.position),"
+                    " ARRAY(SELECT CASE WHEN l.outline IS NULL THEN l.record END FROM {s}.loops l"
+                    " WHERE l.session_id = s.session_id ORDER BY l.position)"
+                    " FROM {s}.sessions s WHERE s.session_id = %s"
+                ),
+                (session_id,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise SessionNotFound(f"no session {session_id!r} in {self._where} schema {self._schema!r}")
+        header, outlines, records = row
+        try:
+            session = decode_session(header, strict=False)
+            loops = [
+                decode_loop_outline(outline)
+                if outline is not None
+                else loop_outline(decode_loop(record, strict=False))
+                for outline, record in zip(outlines, records, strict=True)
+            ]
+        except (DecodeError, msgspec.DecodeError) as exc:
+            raise StoreError(f"stored session {session_id!r} is corrupt: {exc}") from exc
+        return session_outline(session, loops)
+
+    def load_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]:
+        """See `SessionStore.load_loops`. Reads those loops' records only."""
+        validate_session_id(session_id)
+        check_loop_range(start, stop)
+        with self._cursor(f"loading loops of session {session_id!r}") as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT ARRAY(SELECT l.record FROM {s}.loops l WHERE l.session_id = s.session_id"
+                    " ORDER BY l.position LIMIT %s OFFSET %s) FROM {s}.sessions s WHERE s.session_id = %s"
+                ),
+                (min(max(0, stop - start), _I64_MAX), min(start, _I64_MAX), session_id),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise SessionNotFound(f"no session {session_id!r} in {self._where} schema {self._schema!r}")
+        try:
+            return [decode_loop(record, strict=False) for record in row[0]]
+        except DecodeError as exc:
+            raise StoreError(f"stored session {session_id!r} is corrupt: {exc}") from exc
 
     def list_for_agent(self, agent_id: str) -> list[Session]:
         """The sessions of `agent_id` in `list_ids` order; unreadable ones are logged and skipped."""
@@ -943,30 +1003,32 @@ class PostgresStore(AsyncTwins):
         if not words or not limit:
             return []
         statement, params = self._search_sql(words, selection)
-        with self._cursor("searching sessions") as cur:
-            cur.execute(statement, params)
-            candidates = [session_id for (session_id,) in cur.fetchall()]
+        read = self._sql(_sessions_sql("s.session_id = ANY(%s)", _MATCHING_LOOP))
         hits: list[SearchHit] = []
-        for start in range(0, len(candidates), _SEARCH_BATCH):
-            batch = candidates[start : start + _SEARCH_BATCH]
-            rows = self._select_sessions(
-                "reading the sessions a search found",
-                "s.session_id = ANY(%s)",
-                [batch],
-                (_MATCHING_LOOP, [_tsquery(words)]),
-            )
-            found = {row[0]: row for row in rows}  # a session deleted meanwhile is missing
-            for session_id in batch:
-                if session_id not in found:
-                    continue
-                try:
-                    session = self._session(*found[session_id])  # its loops the index named only
-                except StoreError as exc:
-                    _log.warning("%s: skipping it in search", exc)
-                    continue
-                hits.extend(itertools.islice(document_hits(session, words), limit - len(hits)))
-                if len(hits) == limit:
-                    return hits
+        # The candidates come through a server-side cursor, so that PostgreSQL plans for
+        # the first rows and a search whose first sessions suffice reads only those.
+        with (
+            self._cursor("searching sessions", transaction=True) as cur,
+            cur.connection.cursor(name="phi_session_search") as candidates,
+        ):
+            candidates.execute(statement, params)
+            size = 4
+            while batch := [session_id for (session_id,) in candidates.fetchmany(size)]:
+                size = min(2 * size, _SEARCH_BATCH)
+                cur.execute(read, [_tsquery(words), batch])
+                found = {row[0]: row for row in cur.fetchall()}
+                for session_id in batch:
+                    if session_id not in found:
+                        continue  # deleted since the candidates were listed
+                    try:
+                        session = self._session(*found[session_id])  # the loops the index named
+                    except StoreError as exc:
+                        _log.warning("%s: skipping it in search", exc)
+                        continue
+                    hits.extend(itertools.islice(document_hits(session, words), limit - len(hits)))
+                    if len(hits) == limit:
+                        return hits
+        return hits
         return hits
 
     def explain_search(self, text: str, query: SessionQuery | None = None, *, analyze: bool = False) -> str:

@@ -62,12 +62,14 @@ from .base import (
     SessionSummary,
     UsageTotal,
     as_query,
+    check_loop_range,
     collect_hits,
     merge_sessions,
     session_id_to_save,
     summarize,
     validate_session_id,
 )
+from .outline import SessionOutline, decode_loop_outline, encode_loop_outline, loop_outline, session_outline
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
 from .search import DEFAULT_LIMIT, SearchHit, loop_text, search_words
 
@@ -248,7 +250,22 @@ def _bill_unfinished_loops(conn: sqlite3.Connection) -> None:
         )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_v1, _create_v2, _bill_unfinished_loops)
+def _outline_stored_loops(conn: sqlite3.Connection) -> None:
+    """v4: partial loads. ``loops.outline`` holds each loop's outline (`encode_loop_outline`),
+    so that `load_outline` reads no record; filled here for the loops already stored (a
+    record that does not decode keeps NULL: `load_outline` then reads it, and reports it)."""
+    conn.execute("ALTER TABLE loops ADD COLUMN outline BLOB")
+    rows = conn.execute("SELECT session_id, position, record FROM loops").fetchall()
+    outlines = []
+    for session_id, position, blob in rows:
+        try:
+            outlines.append((encode_loop_outline(decode_loop(blob, strict=False)), session_id, position))
+        except DecodeError:
+            continue
+    conn.executemany("UPDATE loops SET outline = ? WHERE session_id = ? AND position = ?", outlines)
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_v1, _create_v2, _bill_unfinished_loops, _outline_stored_loops)
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
 They run in order, all inside one ``BEGIN IMMEDIATE`` transaction that also sets
@@ -369,6 +386,7 @@ _LOOP_COLUMNS = (
     "model",
     *USAGE_COLUMNS,
     "record",
+    "outline",
 )
 _UPSERT_LOOP = (
     f"INSERT INTO loops ({', '.join(_LOOP_COLUMNS)}) VALUES ({', '.join('?' * len(_LOOP_COLUMNS))}) "
@@ -788,6 +806,47 @@ class SqliteStore(AsyncTwins):
         with self._transaction("load", session_id) as conn:
             return self._read_session(conn, session_id)
 
+    def load_outline(self, session_id: str) -> SessionOutline:
+        """See `SessionStore.load_outline`. Reads the stored outlines, never a whole record
+        (but of a loop whose outline is missing: one that did not decode when migrated)."""
+        validate_session_id(session_id)
+        with self._transaction("load outline", session_id) as conn:
+            row = conn.execute("SELECT header FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+            if row is None:
+                raise SessionNotFound(f"no session {session_id!r} in {self.path}")
+            loops = conn.execute(
+                "SELECT outline, CASE WHEN outline IS NULL THEN record END FROM loops "
+                "WHERE session_id = ? ORDER BY position",
+                (session_id,),
+            ).fetchall()
+        try:
+            header = decode_session(row[0], strict=False)
+            outlines = [
+                decode_loop_outline(outline)
+                if outline is not None
+                else loop_outline(decode_loop(record, strict=False))
+                for outline, record in loops
+            ]
+        except (DecodeError, msgspec.DecodeError) as error:
+            raise StoreError(f"{self.path}: stored session {session_id!r} is corrupt: {error}") from error
+        return session_outline(header, outlines)
+
+    def load_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]:
+        """See `SessionStore.load_loops`. Reads those loops' records only."""
+        validate_session_id(session_id)
+        check_loop_range(start, stop)
+        with self._transaction("load loops", session_id) as conn:
+            if conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
+                raise SessionNotFound(f"no session {session_id!r} in {self.path}")
+            rows = conn.execute(
+                "SELECT record FROM loops WHERE session_id = ? ORDER BY position LIMIT ? OFFSET ?",
+                (session_id, _clamp(max(0, stop - start)), _clamp(start)),
+            ).fetchall()
+        try:
+            return [decode_loop(record, strict=False) for (record,) in rows]
+        except DecodeError as error:
+            raise StoreError(f"{self.path}: stored session {session_id!r} is corrupt: {error}") from error
+
     def list_ids(self) -> list[str]:
         """Every stored session id, most recently saved first."""
         with self._connected("list sessions") as conn:
@@ -838,7 +897,9 @@ class SqliteStore(AsyncTwins):
                 blob = encode_loop(record, pretty=False)
                 if position < len(stored_records) and blob == stored_records[position]:
                     continue
-                loop_rows.append([session_id, position, *_loop_row(record), blob])
+                loop_rows.append(
+                    [session_id, position, *_loop_row(record), blob, encode_loop_outline(record)]
+                )
                 text_rows.append((session_id, position, loop_text(record)))
             conn.execute(_UPSERT_SESSION, _session_row(session))
             conn.executemany(_UPSERT_LOOP, loop_rows)

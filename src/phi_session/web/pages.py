@@ -1,17 +1,20 @@
 """The viewer's paged views of one session, so that a huge session opens fast.
 
-A session of 10,000 loops or 1,000,000 events is loaded from the store once,
-kept for a short while in a `SessionCache`, and served in pages: the overview
-(header and totals, no loops), the loops in tree order (each without its turns
-and events), one loop's turns, the event log (filtered by type) and the timeline.
-The browser asks only for what it shows. Everything here returns JSON bytes.
+A session of 10,000 loops or 1,000,000 events opens from its outline
+(`SessionStore.load_outline`: every loop without its messages, turns and events),
+kept for a short while in a `SessionCache`, and is served in pages: the overview
+(header and totals), the loops in tree order, one loop's turns (`load_loops`), the
+event log (filtered by type and/or loop: only the loops a page covers are read)
+and the timeline, the one view that needs the whole session (loaded on its first
+request, after the page shows). The browser asks only for what it shows.
+Everything here returns JSON bytes.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -21,25 +24,12 @@ import msgspec
 from .._time import Timestamp
 from ..codec import encode_event, encode_loop, encode_session
 from ..cost import Cost
-from ..messages import TextContent, UserMessage
-from ..model import LoopRecord, Session, SessionEvent
-from ..stores.base import SessionStore, summarize, to_builtins
+from ..model import Session
+from ..stores.base import SessionStore, summarize_outline, to_builtins
+from ..stores.outline import SessionOutline
 from ..views import TimelineBar, loop_order, timeline
 
-__all__ = ["PROMPT_CHARS", "CachedSession", "SessionCache", "first_prompt"]
-
-PROMPT_CHARS = 200
-"""How much of a session's first user prompt the list shows."""
-
-
-def first_prompt(session: Session) -> str | None:
-    """The text of the first user message of the session's first loop, cut to `PROMPT_CHARS`."""
-    for record in session.loops:
-        for message in record.messages:
-            if isinstance(message, UserMessage):
-                text = " ".join(block.text for block in message.content if isinstance(block, TextContent))
-                return text if len(text) <= PROMPT_CHARS else text[: PROMPT_CHARS - 1] + "\u2026"
-    return None
+__all__ = ["CachedSession", "Page", "SessionCache"]
 
 
 @dataclass(frozen=True)
@@ -54,33 +44,38 @@ class Page:
 
 
 class CachedSession:
-    """One loaded session and the indexes its pages need, each built on first use."""
+    """One session's outline, the indexes its pages need and, for the timeline, the whole
+    session: each built on first use."""
 
-    def __init__(self, session: Session, store: SessionStore) -> None:
-        self.session = session
+    def __init__(self, outline: SessionOutline, store: SessionStore) -> None:
+        self.outline = outline
+        self.session_id = outline.session.session_id
         self.store = store
         self.loaded_at = time.monotonic()
 
     @cached_property
+    def session(self) -> Session:
+        """The whole session (what the timeline needs), loaded on first use."""
+        return self.store.load(self.session_id)
+
+    @cached_property
     def tree_order(self) -> list[tuple[int, int]]:
         """``(loop index, depth)`` in the loop tree's depth-first order."""
-        return loop_order(self.session)
+        return loop_order(self.outline.session)
 
     @cached_property
-    def events(self) -> list[tuple[int | None, SessionEvent]]:
-        positions = {id(record): index for index, record in enumerate(self.session.loops)}
-        return [
-            (None if item.loop is None else positions[id(item.loop)], item)
-            for item in self.session.iter_events()
-        ]
+    def scoped_events(self) -> list[Any]:
+        """The session-scoped events (``ParallelLoopStart``/``End``), after every loop's in the log."""
+        events = self.outline.session.session_events
+        return [] if isinstance(events, msgspec.UnsetType) else list(events)
 
     @cached_property
-    def event_types(self) -> dict[str, list[int]]:
-        """Event type name -> positions in `events`."""
-        types: dict[str, list[int]] = {}
-        for position, (_, item) in enumerate(self.events):
-            types.setdefault(type(item.event).__name__, []).append(position)
-        return types
+    def event_types(self) -> dict[str, int]:
+        """Event type name -> how many the session stores."""
+        types: Counter[str] = Counter(type(event).__name__ for event in self.scoped_events)
+        for loop in self.outline.loops:
+            types.update(loop.event_types)
+        return dict(sorted(types.items()))
 
     @cached_property
     def bars(self) -> list[TimelineBar]:
@@ -96,63 +91,81 @@ class CachedSession:
 
     def overview(self, cost: Cost) -> bytes:
         """The session without its loops, its summary, `cost`, its first prompt and event count."""
-        header = msgspec.structs.replace(self.session, loops=[], session_events=msgspec.UNSET)
+        header = msgspec.structs.replace(self.outline.session, loops=[], session_events=msgspec.UNSET)
         return msgspec.json.encode(
             {
                 "session": msgspec.Raw(encode_session(header, pretty=False)),
-                "summary": to_builtins(summarize(self.session)),
+                "summary": to_builtins(summarize_outline(self.outline)),
                 "cost": msgspec.to_builtins(cost),
-                "first_prompt": first_prompt(self.session),
-                "event_count": _event_count(self.session),
+                "first_prompt": self.outline.first_prompt,
+                "event_count": sum(self.event_types.values()),
             }
         )
 
     def loops(self, page: Page) -> bytes:
         """Loops in tree order, each without messages, turns and events, with counts instead."""
-        local = {record.loop_id for record in self.session.loops}
+        local = {loop.record.loop_id for loop in self.outline.loops}
         rows = []
         for index, depth in page.of(self.tree_order):
-            record = self.session.loops[index]
+            loop = self.outline.loops[index]
             rows.append(
                 {
                     "index": index,
                     "depth": depth,
-                    "turn_count": len(record.turns),
-                    "tool_calls": sum(len(turn.tool_results) for turn in record.turns),
-                    "event_count": len(record.events),
+                    "turn_count": loop.turn_count,
+                    "tool_calls": loop.tool_calls,
+                    "event_count": loop.event_count,
                     # What the loop's calls billed (a loop cut off mid-turn: more than its usage).
-                    "billed_usage": msgspec.to_builtins(record.billed_usage()),
-                    "unfinished_usage": msgspec.to_builtins(record.unfinished_usage()),
-                    "parent_in_session": record.parent_loop_id in local,
-                    "loop": msgspec.Raw(encode_loop(_bare(record), pretty=False)),
+                    "billed_usage": msgspec.to_builtins(loop.billed_usage),
+                    "unfinished_usage": msgspec.to_builtins(loop.unfinished_usage),
+                    "parent_in_session": loop.record.parent_loop_id in local,
+                    "loop": msgspec.Raw(encode_loop(loop.record, pretty=False)),
                 }
             )
         return msgspec.json.encode({"total": len(self.tree_order), "loops": rows})
 
     def loop(self, index: int) -> bytes:
         """One loop with its turns and messages (its events are on the event log's pages)."""
-        return encode_loop(msgspec.structs.replace(self.session.loops[index], events=[]), pretty=False)
+        [record] = self.store.load_loops(self.session_id, index, index + 1)  # the index is checked
+        return encode_loop(msgspec.structs.replace(record, events=[]), pretty=False)
 
     def event_log(self, page: Page, event_type: str | None, loop: int | None) -> bytes:
-        """A page of the stored events, of one type and/or one loop when asked, with every type's count."""
+        """A page of the stored events (each loop's by sequence, then the session-scoped
+        ones), of one type and/or one loop when asked, with every type's count. Only the
+        loops the page covers are read: the outline counts the others."""
+        outlines = self.outline.loops
+        wanted = range(len(outlines)) if loop is None else range(loop, loop + 1)
+        scoped = [] if loop is not None else self.scoped_events
         if event_type is not None:
-            positions = self.event_types.get(event_type, [])
-            selected: list[tuple[int | None, SessionEvent]] = [self.events[p] for p in positions]
-        else:
-            selected = self.events
-        if loop is not None:
-            selected = [item for item in selected if item[0] == loop]
-        rows = [
-            {
-                "loop_index": index,
-                "loop_id": None if item.loop is None else item.loop.loop_id,
-                "sequence": item.sequence,
-                "event": msgspec.Raw(encode_event(item.event)),
-            }
-            for index, item in page.of(selected)
+            scoped = [event for event in scoped if type(event).__name__ == event_type]
+        counts = [
+            outlines[index].event_types.get(event_type, 0) if event_type else outlines[index].event_count
+            for index in wanted
         ]
-        types = {name: len(positions) for name, positions in sorted(self.event_types.items())}
-        return msgspec.json.encode({"total": len(selected), "types": types, "events": rows})
+        # The loops the page covers: skip those before its first event, stop once it is full.
+        skip, first = page.offset, wanted.start
+        for count in counts:
+            if skip < count:
+                break
+            skip -= count
+            first += 1
+        last, held = first, -skip
+        while last < wanted.stop and held < page.limit:
+            held += counts[last - wanted.start]
+            last += 1
+        rows: list[dict[str, Any]] = []
+        records = self.store.load_loops(self.session_id, first, last) if first < last else []
+        for index, record in enumerate(records, first):
+            stored = sorted(record.events, key=lambda item: item.sequence)
+            if event_type is not None:
+                stored = [item for item in stored if type(item.event).__name__ == event_type]
+            for item in stored[skip : skip + page.limit - len(rows)]:
+                rows.append(_event_row(index, record.loop_id, item.sequence, item.event))
+            skip = 0
+        for event in scoped[skip : skip + page.limit - len(rows)]:
+            rows.append(_event_row(None, None, None, event))
+        total = sum(counts) + len(scoped)
+        return msgspec.json.encode({"total": total, "types": self.event_types, "events": rows})
 
     def timeline(self, page: Page) -> bytes:
         """A page of the waterfall's bars, placed in milliseconds from the first start."""
@@ -169,13 +182,15 @@ class CachedSession:
         )
 
 
-def _bare(record: LoopRecord) -> LoopRecord:
-    return msgspec.structs.replace(record, messages=[], turns=[], events=[])
-
-
-def _event_count(session: Session) -> int:
-    scoped = 0 if isinstance(session.session_events, msgspec.UnsetType) else len(session.session_events)
-    return sum(len(record.events) for record in session.loops) + scoped
+def _event_row(
+    loop_index: int | None, loop_id: str | None, sequence: int | None, event: Any
+) -> dict[str, Any]:
+    return {
+        "loop_index": loop_index,
+        "loop_id": loop_id,
+        "sequence": sequence,
+        "event": msgspec.Raw(encode_event(event)),
+    }
 
 
 def _ms(start: Timestamp, end: Timestamp) -> float:
@@ -218,13 +233,13 @@ class SessionCache:
         self._lock = threading.Lock()
 
     def get(self, session_id: str) -> CachedSession:
-        """The session (`SessionNotFound` and store errors as `store.load` raises them)."""
+        """The session's entry (`SessionNotFound` and store errors as `load_outline` raises them)."""
         with self._lock:
             entry = self._entries.get(session_id)
             if entry is not None and time.monotonic() - entry.loaded_at < self.ttl:
                 self._entries.move_to_end(session_id)
                 return entry
-        entry = CachedSession(self.store.load(session_id), self.store)
+        entry = CachedSession(self.store.load_outline(session_id), self.store)
         with self._lock:
             self._entries[session_id] = entry
             self._entries.move_to_end(session_id)

@@ -33,7 +33,7 @@ shown as 0); ``sources`` name the price tables used (``"genai-prices 0.2.3"`` or
 extra) and ``hint`` what to install when it is missing (null otherwise).
 
 Paged views, so that the list and a huge session open fast (``web/pages.py``; the
-session is loaded once and kept a minute):
+session's outline, `SessionStore.load_outline`, is loaded once and kept a minute):
 
 * ``/api/session-page?<the filters above>&after=CURSOR`` ``{"sessions": [...],
   "next": CURSOR or null}``: keyset pages (`PageCursor`) of ``limit`` rows (default 50);
@@ -44,7 +44,8 @@ session is loaded once and kept a minute):
   with its turns;
 * ``/api/sessions/{id}/event-log?offset=&limit=&type=&loop=`` a page of the events,
   filtered by type name and/or loop index, with each type's count;
-* ``/api/sessions/{id}/timeline?offset=&limit=`` a page of the waterfall's bars.
+* ``/api/sessions/{id}/timeline?offset=&limit=`` a page of the waterfall's bars (the one
+  view that loads the whole session: the page asks for it after it shows).
 
 Errors are JSON ``{"error": message}``: 400 for a bad query or session id, 404 for
 an unknown path, session or loop, 500 when the store fails. The server never writes.
@@ -325,13 +326,13 @@ class ViewerHandler(BaseHTTPRequestHandler):
         view = rest[0]
         if view == "loops" and len(rest) == 2:
             self._only(query, set())
-            index = self._index("loop index", rest[1], len(entry.session.loops))
+            index = self._index("loop index", rest[1], len(entry.outline.loops))
             return HTTPStatus.OK, entry.loop(index), _JSON
         if len(rest) != 1:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
         if view == "overview":
             self._only(query, set())
-            return HTTPStatus.OK, entry.overview(self.server.pricer.session(entry.session)), _JSON
+            return HTTPStatus.OK, entry.overview(self.server.pricer.outline(entry.outline)), _JSON
         page = self._page(query)
         if view == "loops":
             self._only(query, {"offset", "limit"})
@@ -341,7 +342,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
             return HTTPStatus.OK, entry.timeline(page), _JSON
         self._only(query, {"offset", "limit", "type", "loop"})
         loop = query.get("loop") or None
-        loop_index = None if loop is None else self._index("loop", loop, len(entry.session.loops))
+        loop_index = None if loop is None else self._index("loop", loop, len(entry.outline.loops))
         return HTTPStatus.OK, entry.event_log(page, query.get("type") or None, loop_index), _JSON
 
     def _page(self, query: dict[str, str]) -> Page:
