@@ -166,6 +166,9 @@ class AdapterCore:
     * `agent`: the identity of runs without a framework session id (fresh by default);
       `rotate_after`: its inactivity rotation in seconds (None: never).
     * `processors`, `redact`: as for `Tracer`.
+    * `capture_requests`: the adapter records each turn's request (``TurnRequest``);
+      the embedded store's recorder then keeps them (`Turn.request_payload`), as a
+      replay compares against them (`phi_session.replay`).
     """
 
     def __init__(
@@ -179,19 +182,24 @@ class AdapterCore:
         rotate_after: float | None = 1800.0,
         processors: Iterable[Processor] = (),
         redact: bool | Redactor = True,
+        capture_requests: bool = False,
     ) -> None:
         self.framework = framework
+        self.capture_requests = capture_requests
         self.failures = FailureTally(
             logger, f"{framework} adapter", "the run goes on, its record may be incomplete", traceback=True
         )
         self._persister: Any = None
         if sink is None:
             from ..persist import AutoPersistingRecorder
+            from ..recorder import SessionRecorderConfig
             from ..stores import default_store
 
             if store is None:
                 store = default_store()
-            self._persister = AutoPersistingRecorder(store)
+            self._persister = AutoPersistingRecorder(
+                store, config=SessionRecorderConfig(capture_turn_requests=capture_requests)
+            )
             sinks: list[SinkLike] = [self._persister.on_event]
         elif callable(sink) or not isinstance(sink, Iterable):
             sinks = [sink]

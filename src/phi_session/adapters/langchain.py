@@ -205,16 +205,19 @@ def _request_message(message: BaseMessage, timestamp: int) -> Message | None:
 
 
 def _tool_definitions(tools: Any) -> tuple[ToolDefinition, ...]:
-    """Bound tools in OpenAI's function format (what ``bind_tools`` puts in the call's params)."""
+    """Bound tools, as ``bind_tools`` puts them in the call's params (OpenAI's function
+    format, or Anthropic's)."""
     definitions = []
     for tool in tools if isinstance(tools, (list, tuple)) else ():
         spec = tool.get("function", tool) if isinstance(tool, Mapping) else None
         if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+            # OpenAI's format names the schema "parameters", Anthropic's "input_schema".
+            schema = spec.get("parameters", spec.get("input_schema"))
             definitions.append(
                 ToolDefinition(
                     name=spec["name"],
                     description=str(spec.get("description", "")),
-                    parameters=_jsonable(spec.get("parameters")),
+                    parameters=_jsonable(schema),
                 )
             )
     return tuple(definitions)
@@ -350,9 +353,8 @@ class _Mapper:
     """LangChain callbacks -> adapter core and instrumentation scopes; shared by the sync
     and async handlers."""
 
-    def __init__(self, core: AdapterCore, capture_requests: bool) -> None:
+    def __init__(self, core: AdapterCore) -> None:
         self.core = core
-        self.capture_requests = capture_requests
         self._runs: dict[UUID, _Run] = {}  # every run id under a recorded root run -> its _Run
         self._roots: dict[UUID, _Run] = {}
         self._replies: dict[UUID, tuple[_Run, MessageScope]] = {}
@@ -480,7 +482,7 @@ class _Mapper:
             now = self.core.agent.millis()
             for message in run.new_inputs(history, now):
                 loop.user(message)
-            request = _request(history, params, model, now) if self.capture_requests else None
+            request = _request(history, params, model, now) if self.core.capture_requests else None
             turn = loop.turn(request=request).start()
             reply = turn.assistant(model=model, provider=provider).start()
             run.turn, run.reply = turn, reply
@@ -621,8 +623,8 @@ class _Callbacks:
     in the mapping is counted and reported once instead of reaching the run."""
 
     def __init__(self, sink: SinkArg = None, *, capture_requests: bool = False, **options: Any) -> None:
-        self.core = AdapterCore("langchain", sink, **options)
-        self._mapper = _Mapper(self.core, capture_requests)
+        self.core = AdapterCore("langchain", sink, capture_requests=capture_requests, **options)
+        self._mapper = _Mapper(self.core)
 
     def close(self) -> None:
         """End the runs still open (as failed) and flush the sinks; with the default sink,
