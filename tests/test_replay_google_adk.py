@@ -100,9 +100,9 @@ def replay(
     instruction: str = INSTRUCTION,
     **options: Any,
 ) -> tuple[ReplayLlm, Session]:
-    """Replay the session's loop (`options`: `ReplayLlm.from_recording`'s) with the agent's
+    """Replay the session's loop (`options`: `ReplayLlm`'s) with the agent's
     `with_tools` and `instruction`, recorded into the store; the stored session after."""
-    model = ReplayLlm.from_recording(session, **options)
+    model = ReplayLlm(session, **options)
     with model.recording():
         run(agent(model, with_tools, instruction), store, model.tools_plugin())
     return model, store.load(SESSION)
@@ -176,7 +176,7 @@ def test_the_recorded_run_has_four_turns_two_tools_and_each_request(original: Se
 def test_a_replay_without_model_or_tools_records_the_same_run_as_a_rerun(
     original: Session, store: SqliteStore, stream: bool
 ) -> None:
-    model = ReplayLlm.from_recording(original)
+    model = ReplayLlm(original)
     with model.recording():
         events = run(agent(model), store, model.tools_plugin(), stream=stream)
     assert events[-1].content.parts[0].text == "The answer is 42."
@@ -248,7 +248,7 @@ def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
     original: Session, store: SqliteStore
 ) -> None:
     other = ScriptedLlm(model="scripted-2", script=[[("add", {"a": 20, "b": 2})], ["It is 22."]])
-    model = ReplayLlm.from_recording(original, until_turn=2, fallback=other)
+    model = ReplayLlm(original, until_turn=2, fallback=other)
     with model.recording():
         events = run(agent(model), store, model.tools_plugin())
     assert events[-1].content.parts[0].text == "It is 22."

@@ -35,17 +35,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
 from contextvars import Token
 from typing import Any, cast
 from uuid import UUID
 
 import msgspec
 
-from .._float32 import Float32
-from ..events import ContinuationKind, LoopConfigSnapshot
-from ..instrument import LoopScope, MessageScope, ToolScope, TurnScope
-from ..messages import (
+from ..._float32 import Float32
+from ...events import ContinuationKind, LoopConfigSnapshot
+from ...instrument import LoopScope, MessageScope, ToolScope, TurnScope
+from ...messages import (
     AgentMessage,
     AnnotatedRequestPayload,
     AssistantMessage,
@@ -64,36 +63,13 @@ from ..messages import (
     Usage,
     UserMessage,
 )
-from ..model import Session
-from ..replay import (
-    Divergence,
-    Lineage,
-    OnDivergence,
-    ReplayCursor,
-    ReplayScript,
-    RequestShape,
-    ToolsMode,
-    fork_lineage,
-    recording_as,
-    replay_lineage,
-)
-from ._core import AdapterCore, RunningTool, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from .._core import AdapterCore, RunningTool, SinkArg, enter_tool, leave_tool, require_extra, usage_of
 
 require_extra("langchain", "langchain_core")
 
-from langchain_core.callbacks import (  # noqa: E402
-    AsyncCallbackHandler,
-    AsyncCallbackManagerForLLMRun,
-    BaseCallbackHandler,
-    CallbackManagerForLLMRun,
-)
-from langchain_core.language_models import BaseChatModel, LanguageModelInput  # noqa: E402
-from langchain_core.language_models.base import LangSmithParams  # noqa: E402
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler  # noqa: E402
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage  # noqa: E402
-from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult  # noqa: E402
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig  # noqa: E402
-from langchain_core.tools import BaseTool  # noqa: E402
-from langchain_core.utils.function_calling import convert_to_openai_tool  # noqa: E402
+from langchain_core.outputs import LLMResult  # noqa: E402
 
 __all__ = ["AsyncPhiCallbackHandler", "PhiCallbackHandler", "ReplayChatModel"]
 
@@ -843,288 +819,5 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
         self._call(self._mapper.tool_error, error, run_id)
 
 
-# -- replay ------------------------------------------------------------------------------------
-
-_FINISH_REASONS: dict[str, str] = {"toolUse": "tool_calls", "length": "length"}
-
-
-def _message_blocks(blocks: Sequence[Content]) -> str | list[str | dict[str, Any]]:
-    """phi-core blocks as a LangChain message's content: one text as a string, else
-    LangChain's standard blocks (which `_blocks` reads back as the same blocks)."""
-    if not blocks:
-        return ""
-    if len(blocks) == 1 and type(blocks[0]) is TextContent:
-        return blocks[0].text
-    content: list[str | dict[str, Any]] = []
-    for block in blocks:
-        if type(block) is ThinkingContent:
-            reasoning: dict[str, Any] = {"type": "reasoning", "reasoning": block.thinking}
-            if block.signature is not None:
-                reasoning["extras"] = {"signature": block.signature}
-            content.append(reasoning)
-        elif type(block) is ImageContent:
-            content.append({"type": "image", "base64": block.data, "mime_type": block.mime_type})
-        elif type(block) is TextContent:
-            content.append({"type": "text", "text": block.text})
-    return content
-
-
-def _usage_metadata(usage: Usage) -> dict[str, Any]:
-    """The inverse of `_usage`: LangChain's input count includes the cache's."""
-    inputs = usage.input + usage.cache_read + usage.cache_write
-    return {
-        "input_tokens": inputs,
-        "output_tokens": usage.output,
-        "total_tokens": usage.total_tokens or inputs + usage.output,
-        "input_token_details": {"cache_read": usage.cache_read, "cache_creation": usage.cache_write},
-        "output_token_details": {"reasoning": usage.reasoning},
-    }
-
-
-def _ai_message(reply: AssistantMessage) -> AIMessage:
-    """A recorded reply as the AIMessage the adapter records back as the same message:
-    its text, reasoning and images, tool calls with their ids, usage, model, provider
-    and stop reason."""
-    calls = [block for block in reply.content if type(block) is ToolCall]
-    content = _message_blocks([block for block in reply.content if type(block) is not ToolCall])
-    metadata: dict[str, Any] = {
-        "model_name": reply.model,
-        "model_provider": reply.provider,
-        "finish_reason": _FINISH_REASONS.get(reply.stop_reason, "stop"),
-    }
-    if isinstance(content, list):
-        metadata["output_version"] = "v1"  # the content is standard blocks already
-    return AIMessage(
-        content=content,
-        tool_calls=[
-            {"id": call.id, "name": call.name, "args": call.arguments, "type": "tool_call"}
-            for call in calls
-            if isinstance(call.arguments, dict)
-        ],
-        invalid_tool_calls=[  # arguments that did not parse were recorded as the raw text
-            {
-                "id": call.id,
-                "name": call.name,
-                "args": call.arguments
-                if isinstance(call.arguments, str)
-                else _json_encode(call.arguments).decode(),
-                "error": None,
-                "type": "invalid_tool_call",
-            }
-            for call in calls
-            if not isinstance(call.arguments, dict)
-        ],
-        usage_metadata=cast("Any", _usage_metadata(reply.usage)),
-        response_metadata=metadata,
-    )
-
-
-def _tool_message(result: ToolResultMessage, call_id: str, name: str) -> ToolMessage:
-    """A recorded tool result as the ToolMessage the tool's run returns."""
-    return ToolMessage(
-        content=cast("Any", _message_blocks(result.content)),
-        tool_call_id=call_id,
-        name=name,
-        status="error" if result.is_error else "success",
-    )
-
-
-def _shape(messages: Sequence[BaseMessage], tools: Any) -> RequestShape:
-    """The request as the adapter records it (`_request`), so an unchanged agent matches."""
-    return RequestShape.from_payload(_request(messages, {"tools": tools}, "", 0))
-
-
-class ReplayChatModel(BaseChatModel):
-    """A chat model that answers from a recorded run: the replay model of LangChain.
-
-    Build it with `from_recording`; use it where the agent's chat model goes
-    (``create_agent(model, ...)``, a graph's model node: it has ``bind_tools``), its
-    tools wrapped by `wrap_tools` to answer tool calls from the recording, and run the
-    agent inside `recording` with a `PhiCallbackHandler` to record the replay.
-
-    Each model call's request (converted as the adapter records it: system prompt,
-    messages, bound tools) is checked against the recorded turn's
-    (`phi_session.replay.ReplayCursor`) and answered with the recorded reply as an
-    ``AIMessage``: text, reasoning, tool calls with the recorded ids, ``usage_metadata``,
-    ``response_metadata`` (model name, provider, finish reason), so the replayed
-    loop records the same messages. Once the cursor hands over (a fork point, or a
-    divergence with ``on_divergence="fallback"``) `fallback` answers, given the same
-    messages and bound tools. Sync and async; a streaming caller gets each reply as
-    one chunk. Makes no network call and spends no tokens until it hands over.
-    """
-
-    cursor: ReplayCursor
-    fallback: BaseChatModel | None = None
-
-    @classmethod
-    def from_recording(
-        cls,
-        recording: ReplayScript | Session,
-        loop_id: str | None = None,
-        *,
-        chain: bool = False,
-        on_divergence: OnDivergence = "stop",
-        tools: ToolsMode = "recorded",
-        until_turn: int | None = None,
-        fallback: BaseChatModel | None = None,
-    ) -> ReplayChatModel:
-        """The replay model of `recording` (a `ReplayScript`, or a `Session` whose loop
-        `loop_id`, default the last started, is replayed; `chain`: with the loops it
-        continues). `until_turn`: fork there, `fallback` answering from that turn on;
-        `on_divergence` and `tools` as for `ReplayCursor`. `until_turn` and
-        ``on_divergence="fallback"`` need a `fallback`."""
-        script = (
-            recording
-            if isinstance(recording, ReplayScript)
-            else ReplayScript.from_session(recording, loop_id, chain=chain)
-        )
-        if fallback is None and (until_turn is not None or on_divergence == "fallback"):
-            raise ValueError("until_turn and on_divergence='fallback' need a fallback model")
-        cursor = ReplayCursor(script, on_divergence=on_divergence, tools=tools, until_turn=until_turn)
-        return cls(cursor=cursor, fallback=fallback)
-
-    @property
-    def divergence(self) -> Divergence | None:
-        """The first divergence, if any (``on_divergence="fallback"`` keeps it here)."""
-        return self.cursor.divergence
-
-    def recording(self, *, tag: str = "fork", change: Any = None) -> AbstractContextManager[Lineage]:
-        """Where the run goes: the original session, as a ``Rerun{replay}`` of the replayed
-        loop, or for a fork (``until_turn``) a ``Branch{tag}`` whose metadata names the
-        fork point and `change` (default: the fallback model's name)."""
-        script, fork_at = self.cursor.script, self.cursor.until_turn
-        if fork_at is None:
-            return recording_as(replay_lineage(script))
-        if change is None and self.fallback is not None:
-            change = {"model": self.fallback.get_name()}
-        return recording_as(fork_lineage(script, fork_at, tag=tag, change=change))
-
-    def wrap_tools(self, tools: Sequence[BaseTool]) -> list[BaseTool]:
-        """`tools` answering their calls from the recording (``tools="recorded"``) while
-        the run replays, and running for real once handed over (or with ``tools="live"``).
-        Each offers the model the same name, description and schema as the tool it wraps,
-        and runs through LangChain's tool callbacks, so the adapter records the calls."""
-        return [_RecordedTool.around(tool, self.cursor) for tool in tools]
-
-    @property
-    def _llm_type(self) -> str:
-        return "phi-replay"
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        # The replayed loop's config is the recorded one: same model, same provider.
-        first = self.cursor.script.session.get_loop(self.cursor.script.loop_ids[0])
-        config = first.config if first is not None else None
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        if config is not None:
-            params["ls_model_name"], params["ls_provider"] = config.model, config.provider
-        return params
-
-    def bind_tools(
-        self,
-        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
-        *,
-        tool_choice: str | None = None,
-        **kwargs: Any,
-    ) -> Runnable[LanguageModelInput, AIMessage]:
-        if tool_choice is not None:
-            kwargs["tool_choice"] = tool_choice
-        return self.bind(tools=[convert_to_openai_tool(tool) for tool in tools], **kwargs)
-
-    def _recorded(self, messages: list[BaseMessage], kwargs: Mapping[str, Any]) -> ChatResult | None:
-        reply = self.cursor.respond(_shape(messages, kwargs.get("tools")))
-        return None if reply is None else ChatResult(generations=[ChatGeneration(message=_ai_message(reply))])
-
-    def _handed_over(self, kwargs: Mapping[str, Any]) -> tuple[BaseChatModel, dict[str, Any]]:
-        """The fallback model and this call's options for it, the tools bound its way."""
-        if self.fallback is None:  # the cursor hands over only when a fallback was required
-            raise ValueError("the replay handed over, but there is no fallback model")
-        tools, options = kwargs.get("tools"), {k: v for k, v in kwargs.items() if k != "tools"}
-        if not tools:
-            return self.fallback, options
-        bound = self.fallback.bind_tools(tools, **options)
-        if isinstance(bound, RunnableBinding) and isinstance(bound.bound, BaseChatModel):
-            return bound.bound, dict(bound.kwargs)
-        raise TypeError(f"{type(self.fallback).__name__}.bind_tools returned no binding of a chat model")
-
-    # The fallback is called with `generate`, without callbacks: the call's run (and its
-    # turn) is this model's own. (`invoke` would inherit the graph's callbacks.)
-
-    def _generate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        result = self._recorded(messages, kwargs)
-        if result is None:
-            model, options = self._handed_over(kwargs)
-            result = _chat_result(model.generate([messages], stop=stop, **options))
-        return result
-
-    async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        result = self._recorded(messages, kwargs)
-        if result is None:
-            model, options = self._handed_over(kwargs)
-            result = _chat_result(await model.agenerate([messages], stop=stop, **options))
-        return result
-
-
-def _chat_result(result: LLMResult) -> ChatResult:
-    return ChatResult(
-        generations=[cast("ChatGeneration", generation) for generation in result.generations[0]],
-        llm_output=result.llm_output,
-    )
-
-
-class _RecordedTool(BaseTool):
-    """A tool answering its calls from a replay's recording (see `ReplayChatModel.wrap_tools`)."""
-
-    tool: BaseTool
-    cursor: ReplayCursor
-
-    @classmethod
-    def around(cls, tool: BaseTool, cursor: ReplayCursor) -> _RecordedTool:
-        return cls(
-            name=tool.name,
-            description=tool.description,
-            args_schema=tool.args_schema,
-            return_direct=tool.return_direct,
-            tool=tool,
-            cursor=cursor,
-        )
-
-    def _to_args_and_kwargs(
-        self, tool_input: str | dict[str, Any], tool_call_id: str | None
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        # The call as the model made it, unvalidated: the recording is asked about the
-        # call itself, and the wrapped tool validates what it runs.
-        return (), {"tool_input": tool_input, "call_id": tool_call_id}
-
-    def _answer(self, tool_input: str | dict[str, Any], call_id: str | None) -> ToolMessage | None:
-        if call_id is None:
-            return None  # not a model's tool call: nothing recorded to answer with
-        arguments = self._filter_injected_args(tool_input) if isinstance(tool_input, dict) else tool_input
-        result = self.cursor.tool_result(call_id, self.name, arguments)
-        return None if result is None else _tool_message(result, call_id, self.name)
-
-    def _run(self, tool_input: str | dict[str, Any], call_id: str | None, config: RunnableConfig) -> Any:
-        answer = self._answer(tool_input, call_id)
-        if answer is not None:
-            return answer
-        # Live, without callbacks: this tool's own run is the execution the adapter records.
-        return self.tool.run(tool_input, tool_call_id=call_id, config=config)
-
-    async def _arun(
-        self, tool_input: str | dict[str, Any], call_id: str | None, config: RunnableConfig
-    ) -> Any:
-        answer = self._answer(tool_input, call_id)
-        if answer is not None:
-            return answer
-        return await self.tool.arun(tool_input, tool_call_id=call_id, config=config)
+# The replay model lives next to the adapter whose request converter it shares.
+from .replay import ReplayChatModel  # noqa: E402
