@@ -273,3 +273,14 @@ def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
     assert context == [plain(m) for m in fork.messages]
     assert context[:5] == [plain(m) for m in first.messages[:5]]
     assert context[-1].content[0].text == "It is 22."  # type: ignore[union-attr]
+
+
+def test_a_string_result_that_reads_as_json_is_answered_as_the_string_it_was(store: SqliteStore) -> None:
+    def lookup(key: str) -> str:
+        """Looks a key up."""
+        return "7"  # recorded as the text 7, as the number 7 would be
+
+    model = ScriptedLlm.of([("lookup", {"key": "k"})], ["It is 7."])
+    run(agent(model, [lookup]), store)
+    replayed, session = replay(store.load(SESSION), store, with_tools=[lookup])
+    assert replayed.cursor.finished and replayed.divergence is None  # the request sent {"result": "7"} again

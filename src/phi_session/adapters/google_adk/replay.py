@@ -15,8 +15,11 @@ unchanged agent matches its recording, and answers with the recorded reply as an
 ADK runs tools outside the model: `ReplayLlm.tools_plugin` answers each tool call of a
 replayed turn from its ``before_tool_callback`` with the recorded result, so ADK
 skips the tool (the after-tool callbacks still run: `PhiPlugin` records the result).
-A recorded result is read back as the JSON value it was recorded from (a string
-that is no JSON stays a string); a recorded error as ``{"error": text}``.
+The answer is the function response the next recorded turn's request sent for the
+call (with ``capture_requests=True``), else the recorded result read as JSON (a
+string that is no JSON stays itself: a tool returning the string ``"5"`` is then
+answered with the number 5, which the next request shows as a divergence); a
+recorded error is answered ``{"error": text}``.
 """
 
 from __future__ import annotations
@@ -102,14 +105,35 @@ def _llm_response(reply: AssistantMessage) -> LlmResponse:
     )
 
 
-def _tool_answer(result: ToolResultMessage) -> Any:
-    """A recorded tool result as the value the tool returned: the plugin records a
-    result as its JSON text (a string as itself), so JSON text is read back as its value."""
-    text = "".join(block.text for block in result.content if type(block) is TextContent)
+def _text(message: ToolResultMessage) -> str:
+    return "".join(block.text for block in message.content if type(block) is TextContent)
+
+
+def _sent_responses(script: ReplayScript) -> dict[str, str]:
+    """The function response each recorded call got, as the next turn's request sent it
+    (by call id). The plugin records a tool's result as its text, where the string
+    ``"5"`` and the number 5 read alike; the request has the response itself. ADK
+    sends the responses to a turn's calls after the model's content, in call order."""
+    sent: dict[str, str] = {}
+    for turn, after in zip(script.turns, script.turns[1:]):
+        messages = after.request.messages
+        last = max((i for i, m in enumerate(messages) if isinstance(m, AssistantMessage)), default=-1)
+        answers = [m for m in messages[last + 1 :] if isinstance(m, ToolResultMessage)]
+        calls = turn.tool_calls
+        if len(answers) == len(calls) and all(a.tool_name == c.name for a, c in zip(answers, calls)):
+            sent.update((call.id, _text(answer)) for call, answer in zip(calls, answers))
+    return sent
+
+
+def _tool_answer(result: ToolResultMessage, sent: str | None) -> Any:
+    """What a tool call is answered with: the response sent for it (`_sent_responses`),
+    else the recorded result read as the JSON it was written as (a string that is no
+    JSON as itself); a recorded error as ``{"error": text}``."""
+    text = _text(result)
     if result.is_error:
         return {"error": text}
     try:
-        return _decode(text)
+        return _decode(sent if sent is not None else text)
     except msgspec.DecodeError:
         return text
 
@@ -211,6 +235,7 @@ class _RecordedTools(BasePlugin):
     def __init__(self, cursor: ReplayCursor, name: str) -> None:
         super().__init__(name=name)
         self.cursor = cursor
+        self.sent = _sent_responses(cursor.script)
 
     async def before_tool_callback(
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext
@@ -219,4 +244,4 @@ class _RecordedTools(BasePlugin):
         if call_id is None:
             return None
         result = self.cursor.tool_result(call_id, tool.name, tool_args)
-        return None if result is None else _tool_answer(result)
+        return None if result is None else _tool_answer(result, self.sent.get(call_id))
