@@ -268,6 +268,8 @@ def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
     assert fork.turn_count() == 4
     assert turns(fork)[:2] == turns(first)[:2]
     assert turns(fork)[2] != turns(first)[2]
+    (result,) = fork.turns[2].tool_results  # the fork's own call ran, recorded once
+    assert result.content[0].text == "22"  # type: ignore[union-attr]
     # The fork stands in for the original: its context is its own run, from the prompt.
     context = [plain(m) for m in session.context_at(fork.loop_id)]
     assert context == [plain(m) for m in fork.messages]

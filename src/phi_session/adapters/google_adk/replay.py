@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractContextManager
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -48,7 +49,7 @@ from ...messages import (
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
 from .._core import replay_cursor, replay_recording
-from . import FRAMEWORK, _decode, _request
+from . import FRAMEWORK, _decode, _json_text, _request
 
 if TYPE_CHECKING:
     from google.adk.models.llm_request import LlmRequest
@@ -115,25 +116,34 @@ def _sent_responses(script: ReplayScript) -> dict[str, str]:
     ``"5"`` and the number 5 read alike; the request has the response itself. ADK
     sends the responses to a turn's calls after the model's content, in call order."""
     sent: dict[str, str] = {}
-    for turn, after in zip(script.turns, script.turns[1:]):
+    for turn, after in pairwise(script.turns):
         messages = after.request.messages
         last = max((i for i, m in enumerate(messages) if isinstance(m, AssistantMessage)), default=-1)
         answers = [m for m in messages[last + 1 :] if isinstance(m, ToolResultMessage)]
         calls = turn.tool_calls
-        if len(answers) == len(calls) and all(a.tool_name == c.name for a, c in zip(answers, calls)):
-            sent.update((call.id, _text(answer)) for call, answer in zip(calls, answers))
+        if len(answers) == len(calls) and all(
+            a.tool_name == c.name for a, c in zip(answers, calls, strict=True)
+        ):
+            sent.update((call.id, _text(answer)) for call, answer in zip(calls, answers, strict=True))
     return sent
 
 
 def _tool_answer(result: ToolResultMessage, sent: str | None) -> Any:
-    """What a tool call is answered with: the response sent for it (`_sent_responses`),
+    """What a tool call is answered with: what the tool returned, as ADK sent it
+    (`_sent_responses`; ADK wraps a value that is no dict as ``{"result": value}``),
     else the recorded result read as the JSON it was written as (a string that is no
     JSON as itself); a recorded error as ``{"error": text}``."""
     text = _text(result)
     if result.is_error:
         return {"error": text}
     try:
-        return _decode(sent if sent is not None else text)
+        if sent is not None:
+            response = _decode(sent)
+            if isinstance(response, dict) and list(response) == ["result"]:
+                if _json_text(response["result"]) == text:
+                    return response["result"]  # a value ADK wrapped, not a dict of the tool's
+            return response
+        return _decode(text)
     except msgspec.DecodeError:
         return text
 

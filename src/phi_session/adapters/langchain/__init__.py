@@ -224,13 +224,17 @@ def _tool_definitions(tools: Any) -> tuple[ToolDefinition, ...]:
 
 
 def _request(
-    messages: Sequence[BaseMessage], params: Mapping[str, Any], model: str, timestamp: int
+    messages: Sequence[BaseMessage],
+    params: Mapping[str, Any],
+    model: str,
+    timestamp: int,
+    convert: Callable[[BaseMessage, int], Message | None] = _request_message,
 ) -> AnnotatedRequestPayload:
+    """The request of a model call as `TurnRequest` records it; `convert` turns one
+    message into phi-core's form (`_request_message`, or a replay's memo of it)."""
     system = "\n\n".join(_text(message) for message in messages if isinstance(message, SystemMessage))
     converted = tuple(
-        request
-        for request in (_request_message(message, timestamp) for message in messages)
-        if request is not None
+        request for request in (convert(message, timestamp) for message in messages) if request is not None
     )
     max_tokens = params.get("max_tokens")
     temperature = params.get("temperature")

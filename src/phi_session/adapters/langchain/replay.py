@@ -33,11 +33,13 @@ from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import PrivateAttr
 
 from ...messages import (
     AssistantMessage,
     Content,
     ImageContent,
+    Message,
     TextContent,
     ThinkingContent,
     ToolCall,
@@ -47,7 +49,7 @@ from ...messages import (
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
 from .._core import replay_cursor, replay_recording
-from . import _json_encode, _request
+from . import _json_encode, _request, _request_message
 
 __all__ = ["ReplayChatModel"]
 
@@ -135,11 +137,6 @@ def _tool_message(result: ToolResultMessage, call_id: str, name: str) -> ToolMes
     )
 
 
-def _shape(messages: Sequence[BaseMessage], tools: Any) -> RequestShape:
-    """The request as the adapter records it (`_request`), so an unchanged agent matches."""
-    return RequestShape.from_payload(_request(messages, {"tools": tools}, "", 0))
-
-
 class ReplayChatModel(BaseChatModel):
     """A chat model that answers from a recorded run: the replay model of LangChain.
 
@@ -161,6 +158,8 @@ class ReplayChatModel(BaseChatModel):
 
     cursor: ReplayCursor
     fallback: BaseChatModel | None = None
+    _converted: dict[int, tuple[BaseMessage, Message | None]] = PrivateAttr(default_factory=dict)
+    """Each history message converted once: a graph resends the same message objects."""
 
     def __init__(
         self,
@@ -236,8 +235,18 @@ class ReplayChatModel(BaseChatModel):
             kwargs["tool_choice"] = tool_choice
         return self.bind(tools=[convert_to_openai_tool(tool) for tool in tools], **kwargs)
 
+    def _convert(self, message: BaseMessage, timestamp: int) -> Message | None:
+        known = self._converted.get(id(message))
+        if known is not None and known[0] is message:
+            return known[1]
+        converted = _request_message(message, timestamp)
+        self._converted[id(message)] = (message, converted)  # holds the message: its id stays its own
+        return converted
+
     def _recorded(self, messages: list[BaseMessage], kwargs: Mapping[str, Any]) -> ChatResult | None:
-        reply = self.cursor.respond(_shape(messages, kwargs.get("tools")))
+        # The request as the adapter records it (`_request`), so an unchanged agent matches.
+        payload = _request(messages, {"tools": kwargs.get("tools")}, "", 0, self._convert)
+        reply = self.cursor.respond(RequestShape.from_payload(payload))
         return None if reply is None else ChatResult(generations=[ChatGeneration(message=_ai_message(reply))])
 
     def _handed_over(self, kwargs: Mapping[str, Any]) -> tuple[BaseChatModel, dict[str, Any]]:
