@@ -284,5 +284,5 @@ def test_a_string_result_that_reads_as_json_is_answered_as_the_string_it_was(sto
 
     model = ScriptedLlm.of([("lookup", {"key": "k"})], ["It is 7."])
     run(agent(model, [lookup]), store)
-    replayed, session = replay(store.load(SESSION), store, with_tools=[lookup])
+    replayed, _ = replay(store.load(SESSION), store, with_tools=[lookup])
     assert replayed.cursor.finished and replayed.divergence is None  # the request sent {"result": "7"} again
