@@ -8,6 +8,7 @@ prompt, a tool, a tool's result) and forked at turn 2 with another model.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from phi_session.replay import (
     ReplayCursor,
     ReplayScript,
     RequestShape,
+    fork,
     fork_lineage,
     recording_as,
     replay_lineage,
@@ -663,3 +665,149 @@ def test_replaying_any_recorded_run_unchanged_never_diverges(
     merged = world.record(again, capture=capture)
     assert recorded.finished and recorded.divergence is None
     assert views(new_loop(session, merged)) == views(session.loops[0])
+
+
+# -- fork ----------------------------------------------------------------------------------------
+
+
+def counting_model(seen: list[RequestShape]) -> ModelFn:
+    """Another model: reads todo.txt once, then answers."""
+
+    def model(request: RequestShape) -> AssistantMessage:
+        seen.append(request)
+        if len(seen) == 1:
+            return reply("", [ToolCall(id="x1", name="read_file", arguments={"path": "todo.txt"})], usage=2)
+        return reply("Done.", usage=1)
+
+    return model
+
+
+def test_fork_repeats_the_turns_before_the_fork_point_then_runs_the_other_model(world: World) -> None:
+    session, original = world.original()
+    seen: list[RequestShape] = []
+    script = ReplayScript.from_session(session)
+
+    def body(tracer: Tracer) -> None:
+        fork(
+            session,
+            original.loop_id,
+            2,
+            model=counting_model(seen),
+            tracer=tracer,
+            tools={"read_file": lambda arguments: FILES[arguments["path"]]},
+            tag="what-if",
+            change={"model": "counting"},
+        )
+
+    merged = world.record(body)
+    branch = new_loop(session, merged)
+    assert (branch.kind, branch.parent_loop_id) == (ContinuationKind.branch("what-if"), original.loop_id)
+    assert branch.metadata == {
+        "fork": {
+            "session_id": session.session_id,
+            "loop_id": original.loop_id,
+            "turn_index": 2,
+            "change": {"model": "counting"},
+        }
+    }
+    assert views(branch)[:5] == views(original)[:5]  # prompt, two turns with their results
+    assert [t.usage for t in branch.turns[:2]] == [t.usage for t in original.turns[:2]]
+    assert branch.turn_count() == 4
+    assert branch.turns[2].tool_results[0].content == (TextContent(text="call mum"),)
+    # The other model saw the recorded context of turn 2 (system prompt and tools too).
+    assert seen[0].system_prompt == SYSTEM and seen[0].tools == TOOLS
+    assert [view(m) for m in seen[0].messages] == [view(m) for m in script.turns[2].request.messages]
+    assert [view(m) for m in merged.context_at(branch.loop_id)] == views(branch)
+
+
+def test_fork_with_another_prompt_and_a_replaced_tool_result(world: World) -> None:
+    session, original = world.original()
+    seen: list[RequestShape] = []
+
+    def body(tracer: Tracer) -> None:
+        fork(session, original.loop_id, 0, model=counting_model(seen), tracer=tracer, prompt="Only todo.txt?")
+
+    branch = new_loop(session, world.record(body))
+    assert branch.metadata["fork"]["change"] == {"prompt": "Only todo.txt?"}
+    assert [view(m) for m in seen[0].messages] == [
+        view(UserMessage(content=(TextContent(text="Only todo.txt?"),), timestamp=0))
+    ]
+    assert views(branch)[0] == view(seen[0].messages[0])
+    # No tool given: the model's tool call gets an error result, and the loop goes on.
+    assert branch.turns[0].tool_results[0].is_error
+
+    seen.clear()
+    again = world.store.load(session.session_id)
+
+    def replaced(tracer: Tracer) -> None:
+        fork(again, original.loop_id, 2, model=counting_model(seen), tracer=tracer, tool_results={"c2": "40"})
+
+    branch = new_loop(again, world.record(replaced))
+    assert branch.metadata["fork"]["change"] == {"tool_results": ["c2"]}
+    assert branch.turns[1].tool_results[0].content == (TextContent(text="40"),)
+    assert seen[0].messages[4].content == (TextContent(text="40"),)  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="c1: not a tool call of turn 1"):
+        fork(
+            again,
+            original.loop_id,
+            2,
+            model=counting_model([]),
+            tracer=Tracer(config=SNAP),
+            tool_results={"c1": "x"},
+        )
+    with pytest.raises(TurnNotFound):
+        fork(again, original.loop_id, 9, model=counting_model([]), tracer=Tracer(config=SNAP))
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_fork_prints_or_writes_the_context_of_a_turn(world: World, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from phi_session.cli import main
+
+    session, original = world.original()
+    store = str(tmp_path / "sessions")
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(main, ["fork", *args, "--store", store])
+
+    shown = run(session.session_id, original.loop_id, "--turn", "1")
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "You answer questions about files." in shown.stdout and "tools: read_file, word_count" in shown.stdout
+    )
+    assert PROMPT in shown.stdout and "buy milk and eggs" in shown.stdout
+    assert "3 messages: the context of turn 1" in shown.stderr
+
+    out = tmp_path / "fork.json"
+    written = run(session.session_id, original.loop_id, "--turn", "2", "--json", "--out", str(out))
+    assert written.exit_code == 0
+    data = json.loads(out.read_bytes())
+    assert data == json.loads(written.stdout)
+    assert (data["session_id"], data["loop_id"], data["turn_index"]) == (
+        session.session_id,
+        original.loop_id,
+        2,
+    )
+    assert data["system_prompt"] == SYSTEM and [t["name"] for t in data["tools"]] == [
+        "read_file",
+        "word_count",
+    ]
+    messages = [msgspec.json.decode(json.dumps(m), type=AgentMessage) for m in data["messages"]]
+    assert [view(m) for m in messages] == [
+        view(m) for m in ReplayScript.from_session(session).turns[2].request.messages
+    ]
+
+    for args, code, text in [
+        ((session.session_id, original.loop_id, "--turn", "4"), 1, "has no turn 4"),
+        ((session.session_id, "nope", "--turn", "0"), 1, "no loop 'nope'"),
+        (("00000000-0000-4000-8000-00000000ffff", original.loop_id, "--turn", "0"), 1, "ffff"),
+        ((session.session_id, original.loop_id, "--turn", "-1"), 2, "--turn"),
+        ((session.session_id, original.loop_id, "--turn", "x"), 2, "--turn"),
+        ((session.session_id, original.loop_id), 2, "--turn"),
+    ]:
+        result = run(*args)
+        assert result.exit_code == code, (args, result.output)
+        assert len(result.stderr.strip().splitlines()) == 1 and text in result.stderr

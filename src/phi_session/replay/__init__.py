@@ -13,7 +13,9 @@ The framework-independent core, one module per concept:
 * `phi_session.replay.lineage`: `Lineage`, `replay_lineage`, `fork_lineage`,
   `recording_as` (how a replayed or forked run is recorded: a ``Rerun{replay}`` or
   ``Branch{tag}`` loop of the original session, continuing the original loop);
-* `phi_session.replay.recorded`: `RecordedModel` for hand-instrumented loops.
+* `phi_session.replay.recorded`: `RecordedModel` for hand-instrumented loops;
+* `phi_session.replay.forking`: `fork`, a recorded loop run again up to a turn and then
+  handed to another model, for any recorded loop.
 
 A replay costs no tokens and makes no network call: the recorded replies are
 returned, and with ``tools="recorded"`` the recorded tool results too.
@@ -24,6 +26,7 @@ from __future__ import annotations
 from ..errors import ReplayDiverged, TurnNotFound
 from .cursor import OnDivergence, ReplayCursor, ToolsMode, check_request
 from .divergence import Divergence, DivergenceKind
+from .forking import ToolFn, fork
 from .lineage import ActiveLineage, Lineage, active_lineage, fork_lineage, recording_as, replay_lineage
 from .recorded import ModelFn, RecordedModel
 from .request import RequestShape
@@ -42,10 +45,12 @@ __all__ = [
     "ReplayDiverged",
     "ReplayScript",
     "RequestShape",
+    "ToolFn",
     "ToolsMode",
     "TurnNotFound",
     "active_lineage",
     "check_request",
+    "fork",
     "fork_lineage",
     "recording_as",
     "replay_lineage",

@@ -46,6 +46,9 @@ class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
     """How many of ``request.messages`` (the first ones) came from the loops before this
     one; 0 for a captured request. A replayed request without them matches too (an
     agent run afresh, without the earlier conversation in memory)."""
+    inputs: tuple[AgentMessage, ...] = ()
+    """The messages the turn itself added before the model call: the prompt of a first
+    turn, follow-ups (as recorded, with their turn ids)."""
     reply: AssistantMessage
     """The model's answer, as recorded (its ``turn_id`` removed)."""
     tool_results: tuple[ToolResultMessage, ...] = ()
@@ -92,9 +95,10 @@ def _recorded_turns(session: Session, record: LoopRecord) -> Iterator[RecordedTu
         own = _own_results(turn)
         # phi-core's turn inputs also hold the turn's own tool results, which the model
         # had not seen when it was called.
-        local.extend(
+        inputs = tuple(
             m for m in turn.input_messages if not (isinstance(m, ToolResultMessage) and m.tool_call_id in own)
         )
+        local.extend(inputs)
         payload = _requested(record, turn)
         if payload is not None:
             request, inherited = RequestShape.from_payload(payload), 0
@@ -106,6 +110,7 @@ def _recorded_turns(session: Session, record: LoopRecord) -> Iterator[RecordedTu
             turn_index=turn.index,
             request=request,
             inherited=inherited,
+            inputs=inputs,
             reply=replace(output, turn_id=None),
             tool_results=results,
         )
