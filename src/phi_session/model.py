@@ -29,7 +29,9 @@ from .events import (
     AgentEvent,
     ContinuationKind,
     LoopConfigSnapshot,
+    MessageEnd,
     SessionFormation,
+    TurnEnd,
     TurnTrigger,
 )
 from .messages import (
@@ -38,6 +40,7 @@ from .messages import (
     ZERO_USAGE,
     AgentMessage,
     AnnotatedRequestPayload,
+    AssistantMessage,
     TurnId,
     Usage,
 )
@@ -258,6 +261,52 @@ class LoopRecord(msgspec.Struct, kw_only=True):
     def tool_call_count(self) -> int:
         return sum(len(turn.tool_results) for turn in self.turns)
 
+    def unfinished_usage(self) -> Usage:
+        """The usage of the turn a loop without ``AgentEnd`` was cut off in (zero for the others).
+
+        phi-core leaves a loop that never got its ``AgentEnd`` (aborted by ``flush``:
+        a stream cut off, a process killed and its journal replayed; or still
+        running) with zero ``usage`` and drops its unfinished turn, yet the model
+        calls of that turn happened and were billed. Its event log still holds them:
+        this is the usage of the assistant messages whose ``MessageEnd`` it holds
+        after its last ``TurnEnd``. Derived from the log, so the record keeps
+        phi-core's bytes. Zero for a loop that reports its usage (`reports_usage`).
+        """
+        total = ZERO_USAGE
+        if self.reports_usage():
+            return total
+        for stored in reversed(self.events):
+            event = stored.event
+            if type(event) is TurnEnd:
+                break
+            if type(event) is MessageEnd and type(event.message) is AssistantMessage:
+                total = total + event.message.usage
+        return total
+
+    def reports_usage(self) -> bool:
+        """Whether ``usage`` counts the loop's calls: it was closed by ``AgentEnd``
+        (``ended_at`` set, or Completed/Rejected) or its usage is not zero."""
+        return (
+            self.ended_at is not None or self.status in ("Completed", "Rejected") or self.usage != ZERO_USAGE
+        )
+
+    def billed_usage(self) -> Usage:
+        """Every token the loop's model calls reported: what every roll-up counts.
+
+        A loop that reports its usage (`reports_usage`): its ``usage``. A loop
+        without ``AgentEnd``, whose ``usage`` phi-core leaves at zero: its finished
+        turns' usage plus `unfinished_usage`. Summaries, `Session.total_usage`, the
+        stores' totals and cost all count this, so a cut-off stream is never
+        under-billed: it equals the usage of the assistant ``MessageEnd`` events
+        of its log.
+        """
+        if self.reports_usage():
+            return self.usage
+        total = self.unfinished_usage()
+        for turn in self.turns:
+            total = total + turn.usage
+        return total
+
     def context_messages(self, *, most_recent: bool = True) -> list[AgentMessage]:
         """The messages this loop contributes to a resumed context.
 
@@ -377,10 +426,10 @@ class Session(msgspec.Struct, kw_only=True):
         return kept
 
     def total_usage(self) -> Usage:
-        """Token usage summed over every loop."""
+        """Token usage summed over every loop (`LoopRecord.billed_usage`: unfinished turns count)."""
         total = ZERO_USAGE
         for record in self.loops:
-            total = total + record.usage
+            total = total + record.billed_usage()
         return total
 
     def iter_events(self) -> Iterator[SessionEvent]:

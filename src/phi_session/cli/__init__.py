@@ -15,7 +15,8 @@ how results are drawn.
 from __future__ import annotations
 
 from . import commands as commands  # registers the commands on `main`
-from . import forking as forking  # registers ``fork``
+from . import diff_command as diff_command  # registers `diff`
+from . import forking as forking  # registers `fork`
 from .app import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 from .render import MAX_TREE_DEPTH
 
