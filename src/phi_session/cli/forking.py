@@ -8,6 +8,7 @@ import click
 import msgspec
 
 from ..codec import encode_message
+from ..diff import find_loop
 from ..replay.script import RecordedTurn, ReplayScript
 from . import render
 from .app import echo_json, load_cli_session, main, open_cli_store, stderr, stdout, store_options
@@ -46,6 +47,8 @@ def fork_command(
 ) -> None:
     """The context LOOP_ID's model saw at turn --turn: where a fork of it starts.
 
+    LOOP_ID is a loop id, or #N for the N-th loop as 'show' numbers them.
+
     The system prompt and tools when the turn's request was captured, and the
     messages: the earlier loops' context, then this loop's up to the turn's own
     inputs. --json prints it as JSON (phi-core messages), --out FILE writes that
@@ -54,12 +57,14 @@ def fork_command(
     """
     with open_cli_store(store_url, must_exist=True) as store:
         session = load_cli_session(store, session_id)
+    loop_id = find_loop(session, loop_id).loop_id
     turn = ReplayScript.from_session(session, loop_id).turn(turn_index)
     if out_file is not None or as_json:
         data = fork_point_json(session.session_id, turn)
         if out_file is not None:
             out_file.write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))
-            stderr().print(render.plain(f"wrote the context of turn {turn_index} to {out_file}", "dim"))
+            note = f"wrote the context of turn {turn_index} to {out_file}"
+            stderr().print(render.plain(note, "dim"), soft_wrap=True)
         if as_json:
             echo_json(data)
         return
@@ -76,4 +81,4 @@ def fork_command(
     for message in request.messages:
         console.print(render.message_view(message))
     note = f"{render.count(len(request.messages), 'message')}: the context of turn {turn_index} of {loop_id}"
-    stderr().print(render.plain(note, "dim"))
+    stderr().print(render.plain(note, "dim"), soft_wrap=True)
