@@ -31,10 +31,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..events import LoopConfigSnapshot
-from ..instrument import MessageScope, ToolScope, TurnScope
-from ..messages import Content, ImageContent, StopReason, TextContent, ThinkingContent, ToolCall, Usage
-from ._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from ...events import LoopConfigSnapshot
+from ...instrument import MessageScope, ToolScope, TurnScope
+from ...messages import Content, ImageContent, StopReason, TextContent, ThinkingContent, ToolCall, Usage
+from .._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
 
 require_extra("pydantic-ai", "pydantic_ai")
 
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from pydantic_ai.run import AgentRunResult
     from pydantic_ai.tools import ToolDefinition
 
-    from ..stores.base import SessionStore
+    from ...stores.base import SessionStore
 
 __all__ = ["PhiCapability"]
 

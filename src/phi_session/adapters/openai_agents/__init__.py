@@ -35,10 +35,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..events import LoopConfigSnapshot
-from ..instrument import MessageScope, ToolScope, TurnScope
-from ..messages import Content, StopReason, TextContent, ThinkingContent, ToolCall, Usage
-from ._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from ...events import LoopConfigSnapshot
+from ...instrument import MessageScope, ToolScope, TurnScope
+from ...messages import Content, StopReason, TextContent, ThinkingContent, ToolCall, Usage
+from .._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
 
 require_extra("openai-agents", "agents")
 
