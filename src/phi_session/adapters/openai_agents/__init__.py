@@ -74,6 +74,8 @@ from agents.tracing.processors import default_processor  # noqa: E402
 __all__ = [
     "PhiRunHooks",
     "PhiTracingProcessor",
+    "ReplayModel",
+    "ReplayProvider",
     "install",
     "installed",
     "request_payload",
@@ -797,3 +799,7 @@ def uninstall() -> None:
             set_trace_processors([default_processor()])
             _registered_with, _replaced_default = None, False
     mapper.core.close()
+
+
+# The replay model lives next to the adapter whose request converter it shares.
+from .replay import ReplayModel, ReplayProvider  # noqa: E402

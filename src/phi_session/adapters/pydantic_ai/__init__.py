@@ -81,7 +81,7 @@ if TYPE_CHECKING:
 
     from ...stores.base import SessionStore
 
-__all__ = ["PhiCapability", "request_payload"]
+__all__ = ["PhiCapability", "ReplayModel", "ReplayTools", "request_payload"]
 
 _STOP_REASONS: dict[str, StopReason] = {
     "stop": "stop",
@@ -563,3 +563,7 @@ def _stream_delta(reply: MessageScope, delta: pai.ModelResponsePartDelta) -> Non
     elif isinstance(delta, pai.ToolCallPartDelta) and delta.args_delta:
         args = delta.args_delta
         reply.tool_call_delta(args if isinstance(args, str) else pydantic_core.to_json(args).decode())
+
+
+# The replay model lives next to the adapter whose request converter it shares.
+from .replay import ReplayModel, ReplayTools  # noqa: E402
