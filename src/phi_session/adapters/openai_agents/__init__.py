@@ -24,6 +24,9 @@ matched to the response's calls by name and order; pass ``hooks=PhiRunHooks()`` 
 ``Runner.run`` to make the match exact (and give the prompt and the agent's model).
 Processors see no streamed chunks: iterate ``stream(result)`` instead of
 ``result.stream_events()`` to record text, reasoning and argument deltas.
+``install(capture_requests=True)`` with the hooks also records each turn's request
+(``TurnRequest``), converted by `request_payload`, the conversion the replay model
+(`ReplayModel`, in ``replay.py``) checks a replayed run's requests with.
 """
 
 from __future__ import annotations

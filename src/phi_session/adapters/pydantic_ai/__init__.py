@@ -20,6 +20,11 @@ first's ``message_history`` continues its loop. The hooks map as follows:
   lets a sub-agent run inside the tool find its parent.
 * ``after_node_run`` of a ``CallToolsNode`` (the end of a tools step) → ``TurnEnd``.
 
+With ``PhiCapability(capture_requests=True)``, ``after_model_request`` also records the request
+sent (``TurnRequest``: system prompt and instructions, messages, function and output tools),
+converted by `request_payload`, the conversion the replay model (`ReplayModel`, in
+``replay.py``) checks a replayed run's requests with.
+
 Streaming capture is opt-in (``PhiCapability(stream=True)``): listening to the run's events
 makes pydantic-ai stream every model request, even under ``agent.run()``. With it, text,
 thinking and tool-call argument deltas become ``MessageUpdate`` events; without it the
