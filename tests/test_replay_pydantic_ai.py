@@ -14,10 +14,11 @@ pytest.importorskip(
 )
 
 from msgspec.structs import replace
-from pydantic_ai import Agent
+from pydantic_ai import Agent, ModelRetry
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ThinkingPart, ToolCallPart
 from pydantic_ai.models import Model
 from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.test import TestModel
 from pydantic_ai.usage import RequestUsage
 
 from phi_session import SessionRecorder, SessionRecorderConfig
@@ -351,3 +352,26 @@ def test_the_replay_model_streams_through_run_stream(original: tuple[Session, Lo
 
     # run_stream ends at the first response with text: the recorded first turn
     assert asyncio.run(first_text()) == "let me look"
+
+
+def test_a_recorded_retry_replays_as_the_same_error_result(recorder: SessionRecorder) -> None:
+    calls: list[int] = []
+
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        calls.append(a)
+        if len(calls) == 1:
+            raise ModelRetry("try bigger numbers")
+        return a + b
+
+    agent = Agent(TestModel(), capabilities=[PhiCapability(recorder, capture_requests=True)], tools=[add])
+    agent.run_sync("add")
+    script = ReplayScript.from_session(session_of(recorder))
+    model = ReplayModel(script)
+    with recording_as(replay_lineage(script)):
+        agent.run_sync("add", model=model, capabilities=[model.capability])
+    original, replayed = session_of(recorder).loops
+    assert len(calls) == 2 and model.cursor.finished  # the replay ran no tool
+    (error,) = replayed.turns[0].tool_results
+    assert error.is_error and error.content[0].text == "try bigger numbers"  # type: ignore[union-attr]
+    assert bare(replayed.messages) == bare(original.messages)

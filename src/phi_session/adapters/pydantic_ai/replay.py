@@ -15,9 +15,11 @@ or after a divergence with ``on_divergence="fallback"`` it hands the request to
 
 pydantic-ai runs tools outside the model: `ReplayModel.capability` (a capability to
 add to the run) answers each tool call of a replayed turn with its recorded result
-(``wrap_tool_execute`` without calling the tool) when ``tools="recorded"``; a
-recorded error result is raised as ``ModelRetry`` with its text. Put it after
-`PhiCapability` so the recording sees the answered result.
+when ``tools="recorded"``, without running the tool: it wraps the agent's toolset
+(``get_wrapper_toolset``), so every ``wrap_tool_execute`` (the recording's) sees the
+answer as it saw the tool's; a recorded error result is raised as ``ModelRetry`` with
+its text, as a tool asking the model to retry. Output tools are pydantic-ai's own and
+run as they are.
 """
 
 from __future__ import annotations
@@ -26,22 +28,21 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic_ai import ModelRetry, RunContext
 from pydantic_ai import messages as pai
-from pydantic_ai.capabilities import AbstractCapability, ValidatedToolArgs, WrapToolExecuteHandler
+from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse
 from pydantic_ai.settings import ModelSettings
+from pydantic_ai.toolsets import AbstractToolset, WrapperToolset
+from pydantic_ai.toolsets.abstract import ToolsetTool
 from pydantic_ai.usage import RequestUsage
 
 from ...messages import AssistantMessage, StopReason, TextContent, ThinkingContent, ToolCall, Usage
 from ...model import Session
 from ...replay import OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
 from . import request_payload
-
-if TYPE_CHECKING:
-    from pydantic_ai.tools import ToolDefinition
 
 __all__ = ["ReplayModel", "ReplayTools"]
 
@@ -225,9 +226,30 @@ class ReplayModel(Model):
         yield _ReplayedStream(model_request_parameters=model_request_parameters, _reply=reply)
 
 
+@dataclass
+class _RecordedToolset(WrapperToolset[Any]):
+    """The agent's toolset, each call of a replayed turn answered by the cursor."""
+
+    cursor: ReplayCursor = field(kw_only=True)
+
+    async def call_tool(
+        self, name: str, tool_args: dict[str, Any], ctx: RunContext[Any], tool: ToolsetTool[Any]
+    ) -> Any:
+        result = self.cursor.tool_result(ctx.tool_call_id or "", name, tool_args)
+        if result is None:
+            return await super().call_tool(name, tool_args, ctx, tool)
+        text = "".join(block.text for block in result.content if type(block) is TextContent)
+        if result.is_error:
+            raise ModelRetry(text)  # as the tool did: pydantic-ai makes it the retry the model read
+        return text
+
+
 class ReplayTools(AbstractCapability[Any]):
     """Answers a replayed run's tool calls from the recording, the tools not run
-    (``tools="recorded"``; with ``"live"``, or once handed over, the tools run)."""
+    (``tools="recorded"``; with ``"live"``, or once handed over, the tools run).
+
+    It wraps the agent's toolset (``get_wrapper_toolset``), below every capability's
+    ``wrap_tool_execute``: the recording sees the answer as it saw the tool's."""
 
     def __init__(self, cursor: ReplayCursor) -> None:
         self.cursor = cursor
@@ -239,19 +261,5 @@ class ReplayTools(AbstractCapability[Any]):
     def get_serialization_name(cls) -> str | None:
         return None  # holds a live cursor: not constructible from an agent spec
 
-    async def wrap_tool_execute(
-        self,
-        ctx: RunContext[Any],
-        *,
-        call: pai.ToolCallPart,
-        tool_def: ToolDefinition,
-        args: ValidatedToolArgs,
-        handler: WrapToolExecuteHandler,
-    ) -> Any:
-        result = self.cursor.tool_result(call.tool_call_id, call.tool_name, call.args_as_dict())
-        if result is None:
-            return await handler(args)
-        text = "".join(block.text for block in result.content if type(block) is TextContent)
-        if result.is_error:
-            raise ModelRetry(text)
-        return text
+    def get_wrapper_toolset(self, toolset: AbstractToolset[Any]) -> AbstractToolset[Any] | None:
+        return _RecordedToolset(toolset, cursor=self.cursor)
