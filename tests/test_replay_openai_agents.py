@@ -354,3 +354,26 @@ def test_a_fork_past_the_recording_is_refused(original: tuple[Session, LoopRecor
     session, loop = original
     with pytest.raises(TurnNotFound):
         ReplayModel(session, loop.loop_id, until_turn=4, fallback=no_model())
+
+
+def test_a_recorded_tool_failure_replays_as_the_same_error_result(recorder: SessionRecorder) -> None:
+    failures: list[int] = []
+
+    @function_tool
+    def broken(x: int) -> int:
+        """Always fails."""
+        failures.append(x)
+        raise ValueError("no such thing")
+
+    steps: list[Any] = [[function_call("broken", {"x": 1}, call_id="c1")], [assistant_message("sorry")]]
+    agent = Agent(name="calc", model=ScriptedModel(steps, emit_traces=True), tools=[broken])
+    run(agent)
+    script = ReplayScript.from_session(session_of(recorder))
+    model = ReplayModel(script)
+    with recording_as(replay_lineage(script)):
+        run(model.agent(agent))
+    original, replayed = session_of(recorder).loops
+    assert failures == [1] and model.cursor.finished  # the replay ran no tool
+    (error,) = replayed.turns[0].tool_results
+    assert error.is_error and error.content == original.turns[0].tool_results[0].content  # type: ignore[union-attr]
+    assert bare(replayed.messages) == bare(original.messages)

@@ -18,7 +18,8 @@ any other. Past a fork point (`until_turn`) or after a divergence with
 The SDK runs tools outside the model; its cleanest hook is the tool itself:
 `ReplayModel.agent` clones an agent with its function tools' ``on_invoke_tool``
 answering each call of a replayed turn from the recording (``tools="recorded"``; the
-tool does not run; a recorded error result is returned as its text). Agents reached
+tool does not run; a recorded error result is returned as its text, its function span
+marked failed, as the SDK does for a failing tool). Agents reached
 by a handoff keep their own tools: clone them too, and give the run the replay model
 with ``RunConfig(model=model)`` (or ``model_provider=ReplayProvider(model)``).
 """
@@ -35,7 +36,7 @@ from agents.agent_output import AgentOutputSchemaBase
 from agents.items import TResponseInputItem, TResponseOutputItem, TResponseStreamEvent
 from agents.models.interface import Model, ModelProvider, ModelTracing
 from agents.tool_context import ToolContext
-from agents.tracing import response_span
+from agents.tracing import SpanError, get_current_span, response_span
 from agents.usage import Usage as SdkUsage
 from openai.types.responses import (
     Response,
@@ -227,7 +228,14 @@ class ReplayModel(Model):
             result = cursor.tool_result(context.tool_call_id, tool.name, arguments)
             if result is None:
                 return await invoke(context, arguments)
-            return "".join(block.text for block in result.content if type(block) is TextContent)
+            text = "".join(block.text for block in result.content if type(block) is TextContent)
+            span = get_current_span()
+            if result.is_error and span is not None:
+                # What the SDK does when a tool fails: the text goes to the model, the error to its span.
+                span.set_error(
+                    SpanError(message="Error running tool (non-fatal)", data={"tool_name": tool.name})
+                )
+            return text
 
         return dataclasses.replace(tool, on_invoke_tool=answer)
 
