@@ -88,7 +88,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PhiCapability", "ReplayModel", "ReplayTools", "request_payload"]
 
-_STOP_REASONS: dict[str, StopReason] = {
+_STOP_REASONS: dict[pai.FinishReason, StopReason] = {
     "stop": "stop",
     "length": "length",
     "tool_call": "toolUse",

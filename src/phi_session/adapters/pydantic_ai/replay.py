@@ -42,17 +42,12 @@ from pydantic_ai.usage import RequestUsage
 from ...messages import AssistantMessage, StopReason, TextContent, ThinkingContent, ToolCall, Usage
 from ...model import Session
 from ...replay import OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from . import request_payload
+from . import _STOP_REASONS, request_payload
 
 __all__ = ["ReplayModel", "ReplayTools"]
 
-_FINISH_REASONS: dict[StopReason, pai.FinishReason] = {
-    "stop": "stop",
-    "length": "length",
-    "toolUse": "tool_call",
-    "error": "error",
-    "guardRail": "content_filter",
-}
+# The inverse of the adapter's mapping.
+_FINISH_REASONS: dict[StopReason, pai.FinishReason] = {stop: finish for finish, stop in _STOP_REASONS.items()}
 
 
 def _request_usage(usage: Usage) -> RequestUsage:
