@@ -22,14 +22,17 @@ from phi_session import Timestamp, Usage
 from phi_session.codec import decode_session, encode_session
 from phi_session.errors import SessionLocked, StoreError
 from phi_session.model import LoopStatus, Session
+from phi_session.recorder import SessionRecorder
 from phi_session.stores import sqlite as sqlite_module
 from phi_session.stores.base import UsageTotal, summarize
 from phi_session.stores.conformance import (
     EXAMPLE_SESSIONS,
+    EXAMPLES_DIR,
     StoreConformance,
     at,
     make_loop,
     make_session,
+    reported_usage,
     talking_loop,
 )
 from phi_session.stores.json_dir import JsonDirStore
@@ -681,3 +684,31 @@ def test_search_reads_only_the_sessions_the_index_names(
     monkeypatch.setattr(SqliteStore, "load", load)
     assert {hit.session_id for hit in store.search("topic3")} == {"s3"}
     assert loaded == ["s3"]
+
+
+def test_the_v3_migration_bills_the_loops_cut_off_mid_turn(db: Path) -> None:
+    lines = (EXAMPLES_DIR / "events-basic.jsonl").read_bytes().split(b"\n")[:9]  # inside loop 1's turn
+    recorder = SessionRecorder()
+    for line in lines:
+        recorder.on_json(line)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    with SqliteStore(db) as store:
+        store.save(session)
+    # Back to version 2, as it saved this session: the cut loop and the session at zero tokens.
+    tokens = (
+        "input_tokens, output_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, total_tokens"
+    )
+    raw_execute(
+        db,
+        f"UPDATE loops SET ({tokens}) = (0, 0, 0, 0, 0, 0)",
+        f"UPDATE sessions SET ({tokens}) = (0, 0, 0, 0, 0, 0)",
+        "PRAGMA user_version = 2",
+    )
+    reported = reported_usage(lines)
+    assert reported.output > 0
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert [row.usage for row in store.query()] == [reported]
+        assert [row.usage for row in store.usage_totals("model")] == [reported]
+        assert encode_session(store.load(session.session_id)) == encode_session(session)  # records untouched

@@ -230,9 +230,9 @@ class Pricer:
         return self.price(turn.usage, provider, model, turn.started_at)
 
     def loop(self, record: LoopRecord) -> Cost:
-        """The cost of a loop's usage, at the price when it started."""
+        """The cost of a loop's calls (`LoopRecord.billed_usage`), at the price when it started."""
         provider, model = _model_of(record)
-        return self.price(record.usage, provider, model, record.started_at)
+        return self.price(record.billed_usage(), provider, model, record.started_at)
 
     def session(self, session: Session) -> Cost:
         """The sum of the costs of the session's loops."""

@@ -29,7 +29,9 @@ from .events import (
     AgentEvent,
     ContinuationKind,
     LoopConfigSnapshot,
+    MessageEnd,
     SessionFormation,
+    TurnEnd,
     TurnTrigger,
 )
 from .messages import (
@@ -38,6 +40,7 @@ from .messages import (
     ZERO_USAGE,
     AgentMessage,
     AnnotatedRequestPayload,
+    AssistantMessage,
     TurnId,
     Usage,
 )
@@ -232,6 +235,20 @@ class LoopRecord(msgspec.Struct, kw_only=True):
     def kind(self) -> ContinuationKind:
         return self.continuation_kind or INITIAL
 
+    @property
+    def reruns_parent(self) -> bool:
+        """Whether this loop runs its parent again from its start: a replay or a fork
+        recorded by `phi_session.replay` (continuation kind ``Rerun`` or ``Branch``, and
+        ``metadata["replay"]`` or ``metadata["fork"]`` set). Its messages then stand in
+        for its parent's in `Session.context_at`."""
+        meta = self.metadata
+        return (
+            self.parent_loop_id is not None
+            and self.kind.kind in ("Rerun", "Branch")
+            and isinstance(meta, dict)
+            and (isinstance(meta.get("replay"), dict) or isinstance(meta.get("fork"), dict))
+        )
+
     def get_turn(self, turn_index: int) -> Turn | None:
         """The turn at `turn_index`, or None."""
         if 0 <= turn_index < len(self.turns):
@@ -243,6 +260,52 @@ class LoopRecord(msgspec.Struct, kw_only=True):
 
     def tool_call_count(self) -> int:
         return sum(len(turn.tool_results) for turn in self.turns)
+
+    def unfinished_usage(self) -> Usage:
+        """The usage of the turn a loop without ``AgentEnd`` was cut off in (zero for the others).
+
+        phi-core leaves a loop that never got its ``AgentEnd`` (aborted by ``flush``:
+        a stream cut off, a process killed and its journal replayed; or still
+        running) with zero ``usage`` and drops its unfinished turn, yet the model
+        calls of that turn happened and were billed. Its event log still holds them:
+        this is the usage of the assistant messages whose ``MessageEnd`` it holds
+        after its last ``TurnEnd``. Derived from the log, so the record keeps
+        phi-core's bytes. Zero for a loop that reports its usage (`reports_usage`).
+        """
+        total = ZERO_USAGE
+        if self.reports_usage():
+            return total
+        for stored in reversed(self.events):
+            event = stored.event
+            if type(event) is TurnEnd:
+                break
+            if type(event) is MessageEnd and type(event.message) is AssistantMessage:
+                total = total + event.message.usage
+        return total
+
+    def reports_usage(self) -> bool:
+        """Whether ``usage`` counts the loop's calls: it was closed by ``AgentEnd``
+        (``ended_at`` set, or Completed/Rejected) or its usage is not zero."""
+        return (
+            self.ended_at is not None or self.status in ("Completed", "Rejected") or self.usage != ZERO_USAGE
+        )
+
+    def billed_usage(self) -> Usage:
+        """Every token the loop's model calls reported: what every roll-up counts.
+
+        A loop that reports its usage (`reports_usage`): its ``usage``. A loop
+        without ``AgentEnd``, whose ``usage`` phi-core leaves at zero: its finished
+        turns' usage plus `unfinished_usage`. Summaries, `Session.total_usage`, the
+        stores' totals and cost all count this, so a cut-off stream is never
+        under-billed: it equals the usage of the assistant ``MessageEnd`` events
+        of its log.
+        """
+        if self.reports_usage():
+            return self.usage
+        total = self.unfinished_usage()
+        for turn in self.turns:
+            total = total + turn.usage
+        return total
 
     def context_messages(self, *, most_recent: bool = True) -> list[AgentMessage]:
         """The messages this loop contributes to a resumed context.
@@ -349,11 +412,24 @@ class Session(msgspec.Struct, kw_only=True):
         chain.reverse()
         return chain
 
+    def context_chain_to(self, loop_id: str) -> list[str]:
+        """The loops whose messages make up `context_at(loop_id)`, root first:
+        `loop_chain_to` without the loops that a later loop of the chain runs again
+        from their start (`LoopRecord.reruns_parent`: a replay or a fork)."""
+        chain = self.loop_chain_to(loop_id)
+        kept: list[str] = []
+        for chain_id in chain:
+            record = self.get_loop(chain_id)
+            if record is not None and record.reruns_parent and kept and kept[-1] == record.parent_loop_id:
+                kept.pop()
+            kept.append(chain_id)
+        return kept
+
     def total_usage(self) -> Usage:
-        """Token usage summed over every loop."""
+        """Token usage summed over every loop (`LoopRecord.billed_usage`: unfinished turns count)."""
         total = ZERO_USAGE
         for record in self.loops:
-            total = total + record.usage
+            total = total + record.billed_usage()
         return total
 
     def iter_events(self) -> Iterator[SessionEvent]:
@@ -379,12 +455,16 @@ class Session(msgspec.Struct, kw_only=True):
         messages. A compaction pass recorded from events carries only token
         estimates, not the summaries: its session has no compaction block unless
         one was stored, and then the messages come back uncompacted.
+        A replay or a fork recorded by `phi_session.replay` runs its parent again
+        from its start, so it stands in for its parent (`context_chain_to`): an
+        extension of phi-session's, keyed by its own metadata, that no phi-core
+        stream triggers.
         Raises `LoopNotFound` for an unknown loop.
         """
         if self.get_loop(loop_id) is None:
             raise LoopNotFound(f"no loop {loop_id!r} in session {self.session_id!r}")
         history: list[AgentMessage] = []
-        for chain_id in self.loop_chain_to(loop_id):
+        for chain_id in self.context_chain_to(loop_id):
             record = self.get_loop(chain_id)
             if record is not None:  # None: the parent lives in another session (sub-agent)
                 history.extend(record.context_messages(most_recent=chain_id == loop_id))

@@ -366,7 +366,7 @@ def loop_label(record: LoopRecord, position: int, session: Session, *, details: 
     label.append(
         f"  {count(record.turn_count(), 'turn')} · "
         f"{count(record.tool_call_count(), 'tool call')} · "
-        f"{count(record.usage.total_tokens, 'token')}",
+        f"{count(record.billed_usage().total_tokens, 'token')}",
         style="dim",
     )
     return _cut(label)
@@ -402,7 +402,10 @@ def _add_loop(tree: Tree, session: Session, index: int, drawn_under: int | None,
         branch.add(plain(_config_text(record), "dim"))
         if record.parent_loop_id is not None and session.get_loop(record.parent_loop_id) is None:
             branch.add(plain(f"continues loop {record.parent_loop_id} (not in this session)", "dim"))
-        branch.add(Text(f"usage: {usage_line(record.usage)}", style="dim"))
+        branch.add(Text(f"usage: {usage_line(record.billed_usage())}", style="dim"))
+        unfinished = record.unfinished_usage()
+        if unfinished.total_tokens or unfinished.input or unfinished.output:
+            branch.add(Text(f"  of which in the unfinished turn: {usage_line(unfinished)}", style="dim"))
     if record.rejection is not None:
         branch.add(_cut(plain(f"rejected: {record.rejection}", "magenta", one_line=True)))
     if isinstance(record.error, str):

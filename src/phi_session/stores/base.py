@@ -396,7 +396,7 @@ def summarize(session: Session) -> SessionSummary:
     usage = ZERO_USAGE
     turns = 0
     for record in session.loops:
-        usage = usage + record.usage
+        usage = usage + record.billed_usage()
         turns += len(record.turns)
         if record.config is not None:
             models[f"{record.config.provider}/{record.config.model}"] = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,14 @@ from typing import Any
 import msgspec
 
 from .._time import Timestamp
-from ..codec import decode_session, encode_event, encode_session
+from ..codec import decode_event, decode_session, encode_event, encode_session
 from ..errors import InvalidQuery, InvalidSessionId, SessionNotFound
 from ..events import (
     AgentEnd,
     AgentEvent,
     AgentStart,
     LoopConfigSnapshot,
+    MessageEnd,
     ProgressMessage,
     SessionFormation,
     TurnEnd,
@@ -60,7 +61,16 @@ from .base import SessionStore, SessionSummary, UsageTotal
 from .query import PageCursor, PruneCriteria, SessionQuery
 from .search import SearchHit
 
-__all__ = ["EXAMPLES_DIR", "INVALID_SESSION_IDS", "StoreConformance", "at", "make_loop", "make_session"]
+__all__ = [
+    "EXAMPLES_DIR",
+    "INVALID_SESSION_IDS",
+    "StoreConformance",
+    "at",
+    "cut_streams",
+    "make_loop",
+    "make_session",
+    "reported_usage",
+]
 
 
 def _spec_dir() -> Path:
@@ -257,6 +267,32 @@ def _with_tool_result_turn_id(event: AgentEvent) -> bytes:
         for item, message in zip(data["tool_results"], event.tool_results, strict=True):
             item["turnId"] = msgspec.to_builtins(message.turn_id)
     return msgspec.json.encode(data)
+
+
+def cut_streams(examples: Path) -> Iterator[tuple[str, int, list[bytes]]]:
+    """Every prefix of every ``events-*.jsonl`` stream in `examples`: (file name, events kept, lines)."""
+    for path in sorted(examples.glob("events-*.jsonl")):
+        lines = [line for line in path.read_bytes().split(b"\n") if line]
+        for cut in range(len(lines) + 1):
+            yield path.name, cut, lines[:cut]
+
+
+def reported_usage(lines: Sequence[bytes]) -> Usage:
+    """The usage the assistant messages of the ``MessageEnd`` events of `lines` reported: what
+    a provider billed for them."""
+    total = ZERO_USAGE
+    for line in lines:
+        event = decode_event(line, strict=False)
+        if isinstance(event, MessageEnd) and isinstance(event.message, AssistantMessage):
+            total = total + event.message.usage
+    return total
+
+
+def _sum(usages: Iterable[Usage]) -> Usage:
+    total = ZERO_USAGE
+    for usage in usages:
+        total = total + usage
+    return total
 
 
 def _usage(tokens: int) -> Usage:
@@ -805,6 +841,26 @@ class StoreConformance:
             UsageTotal(key="2024-05-02", sessions=1, loops=2, usage=_usage(300) + _usage(50)),
         ]
         assert store.usage_totals("DAY") == store.usage_totals("day")  # type: ignore[arg-type]
+
+    def test_cut_streams_bill_every_reported_token(self, store: SessionStore) -> None:
+        # phi-core's example streams cut after every event (a stream cut off, a killed
+        # process): every token an assistant MessageEnd reported is in every roll-up,
+        # although phi-core leaves the cut loop's usage at zero.
+        _examples()
+        for name, cut, lines in cut_streams(EXAMPLES_DIR):
+            recorder = SessionRecorder()
+            for line in lines:
+                recorder.on_json(line)
+            recorder.flush()
+            sessions = recorder.drain_completed()
+            for session in sessions:
+                store.save(session)
+            reported, where = reported_usage(lines), f"{name} cut after {cut} events"
+            assert _sum(row.usage for row in store.query()) == reported, where
+            for by in ("agent", "model", "day"):
+                assert _sum(row.usage for row in store.usage_totals(by)) == reported, (where, by)
+            for session in sessions:
+                store.delete(session.session_id)
 
     def test_usage_totals_count_sessions_without_loops(self, store: SessionStore) -> None:
         store.save(make_session("empty", "idle", loops=[]))

@@ -94,7 +94,7 @@ def _entry(key: _FileKey, session: Session) -> _Entry:
         config = record.config
         name = f"{config.provider}/{config.model}" if config is not None else "unknown"
         loops, usage = by_model.get(name, (0, ZERO_USAGE))
-        by_model[name] = (loops + 1, usage + record.usage)
+        by_model[name] = (loops + 1, usage + record.billed_usage())
     return _Entry(
         key=key,
         summary=summarize(session),

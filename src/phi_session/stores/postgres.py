@@ -280,7 +280,7 @@ def _loop_values(record: LoopRecord, occurrence: int, data: bytes) -> tuple[Any,
         config.provider if config is not None else None,
         config.model if config is not None else None,
         len(record.turns),
-        *_usage_values(record.usage),
+        *_usage_values(record.billed_usage()),
         data,
     )
 

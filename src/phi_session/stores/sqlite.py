@@ -206,7 +206,49 @@ def _create_v2(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_v1, _create_v2)
+# v3: a loop without AgentEnd counts the turn it was cut off in (`LoopRecord.billed_usage`);
+# the token columns of such loops, saved as zero before, and of their sessions are
+# recomputed. The records themselves do not change.
+_V3_UNFINISHED = (
+    "SELECT session_id, position, record FROM loops WHERE ended_at_ns IS NULL "
+    "AND status NOT IN ('Completed', 'Rejected') AND input_tokens = 0 AND output_tokens = 0 "
+    "AND reasoning_tokens = 0 AND cache_read_tokens = 0 AND cache_write_tokens = 0 AND total_tokens = 0"
+)
+_V3_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
+_V3_TOKENS = (
+    "input_tokens, output_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, total_tokens"
+)
+
+
+def _bill_unfinished_loops(conn: sqlite3.Connection) -> None:
+    billed: set[str] = set()
+    for session_id, position, blob in conn.execute(_V3_UNFINISHED).fetchall():
+        try:
+            record = decode_loop(blob, strict=False)
+        except DecodeError:
+            continue  # left as it was: reading the session reports it
+        usage = record.billed_usage()
+        if usage != record.usage:
+            conn.execute(
+                f"UPDATE loops SET ({_V3_TOKENS}) = (?, ?, ?, ?, ?, ?) WHERE session_id = ? AND position = ?",
+                [*(_clamp(getattr(usage, name)) for name in _V3_FIELDS), session_id, position],
+            )
+            billed.add(session_id)
+    for session_id in billed:
+        # Summed here, not by SQL (whose integers overflow). Loop columns saturate at
+        # 2**63-1: a sum is exact only below that (an inexact session is summarized
+        # from its records).
+        rows = conn.execute(f"SELECT {_V3_TOKENS} FROM loops WHERE session_id = ?", (session_id,)).fetchall()
+        sums = [sum(column) for column in zip(*rows, strict=True)]
+        exact = all(value < _I64_MAX for value in sums)
+        conn.execute(
+            f"UPDATE sessions SET ({_V3_TOKENS}) = (?, ?, ?, ?, ?, ?), exact = exact AND ? "
+            "WHERE session_id = ?",
+            [*map(_clamp, sums), int(exact), session_id],
+        )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_v1, _create_v2, _bill_unfinished_loops)
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
 They run in order, all inside one ``BEGIN IMMEDIATE`` transaction that also sets
@@ -262,7 +304,7 @@ def _loop_row(record: LoopRecord) -> list[Any]:
         None if ended is None else _clamp(ended.ns),
         None if config is None else config.provider,
         None if config is None else config.model,
-        *_token_columns(record.usage),
+        *_token_columns(record.billed_usage()),
     ]
 
 
@@ -463,7 +505,7 @@ def _usage_by_key(session: Session, group_by: GroupBy) -> dict[str, tuple[int, U
         config = record.config
         key = "unknown" if config is None else f"{config.provider}/{config.model}"
         loops, usage = by_model.get(key, (0, ZERO_USAGE))
-        by_model[key] = (loops + 1, usage + record.usage)
+        by_model[key] = (loops + 1, usage + record.billed_usage())
     return by_model
 
 
