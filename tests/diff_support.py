@@ -13,7 +13,9 @@ from typing import Any
 
 from phi_session import AgentSession, LoopConfigSnapshot, SessionRecorder, ToolCall, Tracer, Usage
 from phi_session.events import ContinuationKind
+from phi_session.messages import AnnotatedRequestPayload, TextFormat, ToolDefinition
 from phi_session.model import Session
+from phi_session.recorder import SessionRecorderConfig
 from phi_session.stores.json_dir import JsonDirStore
 
 PROMPT = "Plan a weekend: weather in Paris, then a museum."
@@ -27,6 +29,10 @@ class Step:
     thinking: str = ""
     tokens: int = 10
     model: str = "m1"
+    system: str | None = None
+    """The system prompt of the turn's captured request (None: no request captured)."""
+    tools: tuple[str, ...] = ("weather", "search")
+    """The tools its request offers."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +57,27 @@ BASE = [
 ]
 
 
+def _request(step: Step) -> AnnotatedRequestPayload | None:
+    if step.system is None:
+        return None
+    tools = tuple(
+        ToolDefinition(name=name, description=f"the {name} tool", parameters={"type": "object"})
+        for name in step.tools
+    )
+    return AnnotatedRequestPayload(
+        system_prompt=step.system,
+        messages=(),
+        provenance=(),
+        tools=tools,
+        model_id=step.model,
+        thinking_level="off",
+        response_format=TextFormat(),
+    )
+
+
 def record_runs(runs: list[Run]) -> tuple[Session, list[str]]:
     """One session holding every run as a loop; returns it and the loop ids in run order."""
-    recorder = SessionRecorder()
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=True))
     tracer = Tracer(AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m1", provider="acme"))
     loop_ids: list[str] = []
     for run in runs:
@@ -63,7 +87,7 @@ def record_runs(runs: list[Run]) -> tuple[Session, list[str]]:
         with tracer.loop(**options) as loop:
             loop.user(run.prompt)
             for number, step in enumerate(run.steps):
-                with loop.turn() as turn:
+                with loop.turn(request=_request(step)) as turn:
                     with turn.assistant(model=step.model) as reply:
                         if step.thinking:
                             reply.thinking_delta(step.thinking)
