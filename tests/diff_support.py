@@ -2,7 +2,8 @@
 
 A run is a list of `Step`s, one per turn: what the assistant said, the tool calls it
 made and what each tool returned. `record_runs` records several runs as loops of one
-session; a run may continue another as a fork (``Branch{tag: "fork"}``).
+session; a run may continue another as a fork (``Branch{tag: "fork"}``) or a replay
+(``Rerun{tag: "replay"}``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class Step:
 class Run:
     steps: list[Step]
     fork_of: int | None = None
-    """The index of the run (in `record_runs`' list) this one forks from."""
+    """The index of the run (in `record_runs`' list) this one forks from (or replays)."""
+    replay: bool = False
+    """A ``Rerun{tag: "replay"}`` of `fork_of` rather than a ``Branch{tag: "fork"}``."""
     prompt: str = PROMPT
     ids: str = "call"
     """Prefix of the tool call ids (a fresh run assigns other ids)."""
@@ -83,7 +86,8 @@ def record_runs(runs: list[Run]) -> tuple[Session, list[str]]:
     for run in runs:
         options: dict[str, Any] = {}
         if run.fork_of is not None:
-            options = {"continues": loop_ids[run.fork_of], "kind": ContinuationKind.branch("fork")}
+            kind = ContinuationKind.rerun("replay") if run.replay else ContinuationKind.branch("fork")
+            options = {"continues": loop_ids[run.fork_of], "kind": kind}
         with tracer.loop(**options) as loop:
             loop.user(run.prompt)
             for number, step in enumerate(run.steps):
