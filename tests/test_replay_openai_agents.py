@@ -377,3 +377,36 @@ def test_a_recorded_tool_failure_replays_as_the_same_error_result(recorder: Sess
     (error,) = replayed.turns[0].tool_results
     assert error.is_error and error.content == original.turns[0].tool_results[0].content  # type: ignore[union-attr]
     assert bare(replayed.messages) == bare(original.messages)
+
+
+def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder) -> None:
+    steps: list[Any] = [
+        [function_call("add", {"a": 2, "b": 2}, call_id="c1")],
+        [assistant_message("4")],
+        [assistant_message("6")],
+    ]
+    agent = make_agent(Tools(), model=ScriptedModel(steps, emit_traces=True))
+
+    async def conversation(agent: Agent[Any]) -> Any:
+        config = RunConfig(trace_metadata={"phi.session_id": SESSION})
+        first = await Runner.run(agent, "2 + 2?", hooks=PhiRunHooks(), run_config=config)
+        follow_up = [*first.to_input_list(), {"role": "user", "content": "3 + 3?"}]
+        return (await Runner.run(agent, follow_up, hooks=PhiRunHooks(), run_config=config)).final_output
+
+    assert asyncio.run(conversation(agent)) == "6"
+    first, second = session_of(recorder).loops
+    script = ReplayScript.from_session(session_of(recorder), chain=True)
+    assert script.loop_ids == (first.loop_id, second.loop_id)
+    model = ReplayModel(script)
+    with recording_as(replay_lineage(script)):
+        assert asyncio.run(conversation(model.agent(agent))) == "6"
+    assert model.cursor.finished
+    _, _, replayed_first, replayed_second = session_of(recorder).loops
+    assert (
+        replayed_first.kind == ContinuationKind.rerun("replay")
+        and replayed_first.parent_loop_id == first.loop_id
+    )
+    assert (
+        replayed_second.parent_loop_id == replayed_first.loop_id
+    )  # the conversation goes on from the replay
+    assert bare(replayed_second.messages) == bare(second.messages)

@@ -375,3 +375,31 @@ def test_a_recorded_retry_replays_as_the_same_error_result(recorder: SessionReco
     (error,) = replayed.turns[0].tool_results
     assert error.is_error and error.content[0].text == "try bigger numbers"  # type: ignore[union-attr]
     assert bare(replayed.messages) == bare(original.messages)
+
+
+def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder) -> None:
+    agent = Agent(
+        TestModel(), capabilities=[PhiCapability(recorder, capture_requests=True)], tools=[Tools().add]
+    )
+
+    def conversation(**options: Any) -> None:
+        first = agent.run_sync("add", **options)
+        agent.run_sync("again", message_history=first.all_messages(), **options)
+
+    conversation()
+    first, second = session_of(recorder).loops
+    script = ReplayScript.from_session(session_of(recorder), chain=True)
+    assert script.loop_ids == (first.loop_id, second.loop_id)
+    model = ReplayModel(script)
+    with recording_as(replay_lineage(script)):
+        conversation(model=model, capabilities=[model.capability])
+    assert model.cursor.finished
+    _, _, replayed_first, replayed_second = session_of(recorder).loops
+    assert (
+        replayed_first.kind == ContinuationKind.rerun("replay")
+        and replayed_first.parent_loop_id == first.loop_id
+    )
+    assert (
+        replayed_second.parent_loop_id == replayed_first.loop_id
+    )  # the conversation goes on from the replay
+    assert bare(replayed_second.messages) == bare(second.messages)
