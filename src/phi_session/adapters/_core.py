@@ -14,6 +14,10 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
   (``Default``), found in memory, else in `store` (which also seeds the loop
   counter, so loop ids never repeat across restarts); `AdapterCore.handoff` ends a
   loop with stop reason ``handoff`` and starts the next agent's loop continuing it;
+* **replay and fork**: a top-level run started inside
+  ``phi_session.replay.recording_as(lineage)`` is recorded into the lineage's
+  session, continuing its loop with its kind and metadata (see
+  `phi_session.replay.lineage`);
 * **sub-agents**: a run started while an instrumented tool executes (`enter_tool`,
   a context variable shared by every adapter) becomes that tool's sub-agent: its own
   session, ``parent_loop_id``, trigger ``SubAgent``, and ``child_loop_id`` in the
@@ -32,7 +36,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Generator, Iterable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -43,7 +47,19 @@ from ..events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from ..identity import AgentSession, Clock
 from ..instrument import LoopScope, ToolScope, Tracer
 from ..messages import Usage
+from ..model import Session
 from ..processors import Processor, Redactor
+from ..replay import (
+    Lineage,
+    OnDivergence,
+    ReplayCursor,
+    ReplayScript,
+    ToolsMode,
+    fork_lineage,
+    recording_as,
+    replay_lineage,
+)
+from ..replay.lineage import active_lineage
 from ..sinks import SinkLike
 from ..stores.base import SessionStore, validate_session_id
 
@@ -55,6 +71,8 @@ __all__ = [
     "SinkArg",
     "enter_tool",
     "leave_tool",
+    "replay_cursor",
+    "replay_recording",
     "require_extra",
     "session_id_for",
     "usage_of",
@@ -69,6 +87,42 @@ FRAMEWORK_SESSION_NAMESPACE = uuid.UUID("6f1b7a0e-3c1d-5b8e-9a4f-2d6c0e8b1f37")
 """The UUIDv5 namespace of session ids derived from framework session ids."""
 
 _T = TypeVar("_T")
+
+
+def replay_cursor(
+    recording: ReplayScript | Session,
+    loop_id: str | None,
+    *,
+    chain: bool,
+    on_divergence: OnDivergence,
+    tools: ToolsMode,
+    until_turn: int | None,
+    fallback: object | None,
+) -> ReplayCursor:
+    """The cursor a framework's replay model drives: over `recording` (a `ReplayScript`,
+    or a `Session` whose loop `loop_id`, default the last started, is replayed; `chain`:
+    with the loops it continues). `until_turn` and ``on_divergence="fallback"`` hand
+    calls over, so they need a `fallback` model (ValueError without)."""
+    script = (
+        recording
+        if isinstance(recording, ReplayScript)
+        else ReplayScript.from_session(recording, loop_id, chain=chain)
+    )
+    if fallback is None and (until_turn is not None or on_divergence == "fallback"):
+        raise ValueError("until_turn and on_divergence='fallback' need a fallback model")
+    return ReplayCursor(script, on_divergence=on_divergence, tools=tools, until_turn=until_turn)
+
+
+def replay_recording(
+    cursor: ReplayCursor, *, tag: str = "fork", change: Any = None
+) -> AbstractContextManager[Lineage]:
+    """Where a replay model's run is recorded (`phi_session.replay.recording_as`): the
+    recording's session, as a ``Rerun{replay}`` of the replayed loop, or for a fork
+    (the cursor's ``until_turn``) a ``Branch{tag}`` whose metadata names the fork point
+    and `change`."""
+    if cursor.until_turn is None:
+        return recording_as(replay_lineage(cursor.script))
+    return recording_as(fork_lineage(cursor.script, cursor.until_turn, tag=tag, change=change))
 
 
 def require_extra(extra: str, *modules: str) -> None:
@@ -166,6 +220,9 @@ class AdapterCore:
     * `agent`: the identity of runs without a framework session id (fresh by default);
       `rotate_after`: its inactivity rotation in seconds (None: never).
     * `processors`, `redact`: as for `Tracer`.
+    * `capture_requests`: the adapter records each turn's request (``TurnRequest``);
+      the embedded store's recorder then keeps them (`Turn.request_payload`), as a
+      replay compares against them (`phi_session.replay`).
     """
 
     def __init__(
@@ -179,19 +236,24 @@ class AdapterCore:
         rotate_after: float | None = 1800.0,
         processors: Iterable[Processor] = (),
         redact: bool | Redactor = True,
+        capture_requests: bool = False,
     ) -> None:
         self.framework = framework
+        self.capture_requests = capture_requests
         self.failures = FailureTally(
             logger, f"{framework} adapter", "the run goes on, its record may be incomplete", traceback=True
         )
         self._persister: Any = None
         if sink is None:
             from ..persist import AutoPersistingRecorder
+            from ..recorder import SessionRecorderConfig
             from ..stores import default_store
 
             if store is None:
                 store = default_store()
-            self._persister = AutoPersistingRecorder(store)
+            self._persister = AutoPersistingRecorder(
+                store, config=SessionRecorderConfig(capture_turn_requests=capture_requests)
+            )
             sinks: list[SinkLike] = [self._persister.on_event]
         elif callable(sink) or not isinstance(sink, Iterable):
             sinks = [sink]
@@ -255,6 +317,12 @@ class AdapterCore:
             child = self.agent.spawn()
             tracer = self.tracer.for_agent(child)
             loop = parent_tool.sub_agent(config, agent=child, metadata=meta)
+        elif (lineage := active_lineage()) is not None:
+            # A replay or a fork (phi_session.replay.recording_as): into the recorded session.
+            tracer = self._session_tracer(lineage.lineage.session.session_id, lineage.lineage.session)
+            continues, kind = lineage.continuation(tracer.agent.last_loop_id)
+            meta.update(lineage.lineage.metadata)
+            loop = tracer.loop(config, continues=continues, kind=kind, metadata=meta)
         else:
             if framework_session_id is not None:
                 session_id = session_id_for(framework_session_id)
@@ -275,17 +343,22 @@ class AdapterCore:
         loop.start()
         return run
 
-    def _session_tracer(self, session_id: str) -> Tracer:
+    def _session_tracer(self, session_id: str, recorded: Session | None = None) -> Tracer:
+        """The tracer of session `session_id`; `recorded`: a recording of it that new loop
+        ids must not collide with (a replay's)."""
         with self._lock:
             tracer = self._sessions.get(session_id)
         if tracer is not None:
+            if recorded is not None:  # counters only: continuations follow this tracer's runs
+                tracer.agent.resume((record.loop_id for record in recorded.loops), None)
             return tracer
-        agent = AgentSession(
-            self.agent.agent_id,
-            session_id=session_id,
-            clock=self.agent.clock,
-            id_factory=self.agent.id_factory,
-        )
+        clock, id_factory = self.agent.clock, self.agent.id_factory
+        if recorded is not None:
+            agent = AgentSession.continuing(recorded, clock=clock, id_factory=id_factory)
+        else:
+            agent = AgentSession(
+                self.agent.agent_id, session_id=session_id, clock=clock, id_factory=id_factory
+            )
         self._resume_from_store(agent)
         tracer = self.tracer.for_agent(agent)
         with self._lock:  # a concurrent first run of the same session may have won
@@ -299,9 +372,7 @@ class AdapterCore:
             stored = store.load(agent.session_id)
         except (SessionNotFound, InvalidSessionId):
             return
-        if stored.loops:
-            last = max(stored.loops, key=lambda record: record.started_at.ns)
-            agent.resume((record.loop_id for record in stored.loops), last.loop_id)
+        agent.resume_session(stored)
 
     def run(self, key: object) -> AdapterRun | None:
         """The open run known by `key`, if any."""
