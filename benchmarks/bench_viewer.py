@@ -11,6 +11,8 @@ what the page asks for when it opens the session:
 
 * ``overview`` the first request (the store loads the session's outline,
   `SessionStore.load_outline`: every loop without messages, turns and events),
+  unpriced as the page asks for it (pricing takes about 1 ms a loop; the page fills
+  the cost in after it shows, from ``/cost``; ``overview priced`` times it),
 * ``loops page`` the first 200 loops in tree order,
 * ``loop`` one loop's turns (what opening a loop fetches: `load_loops` of one),
 * ``event-log page`` the first 200 events, then 200 events of one type (only the
@@ -21,7 +23,7 @@ what the page asks for when it opens the session:
 
 "Opens" is overview + loops page: the page shows then, the timeline fills in
 after. The old page's request (the whole session's JSON) is timed too, for
-comparison. Nothing is asserted: the script prints figures and exits 0.
+comparison with ``--whole``. Nothing is asserted: the script prints figures and exits 0.
 
 Measured (2 cores, shared, SQLite; issue 14): a session of 10,000 loops (440,000
 events) opened cold in 47.2 s when the viewer loaded the whole session; with
@@ -98,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loops", type=int, default=10_000)
     parser.add_argument("--store", choices=("sqlite", "json"), default="sqlite")
+    parser.add_argument("--whole", action="store_true", help="also time the whole session's JSON (slow, big)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         started = time.perf_counter()
@@ -114,7 +117,7 @@ def main() -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         api = f"{server.url}api/sessions/huge-session"
         steps = [
-            ("overview", f"{api}/overview"),
+            ("overview (unpriced)", f"{api}/overview?cost=0"),
             ("loops page (200)", f"{api}/loops?limit=200"),
             ("loop (one loop's turns)", f"{api}/loops/{args.loops // 2}"),
             ("event-log page (200)", f"{api}/event-log?limit=200"),
@@ -122,6 +125,7 @@ def main() -> None:
             ("event-log page, far in", f"{api}/event-log?limit=200&offset={events - 1000}"),
             ("loops page near the end", f"{api}/loops?limit=200&offset={max(0, args.loops - 1000)}"),
             ("timeline page (200 bars)", f"{api}/timeline?limit=200"),
+            ("overview priced", f"{api}/overview"),
         ]
         for label in ("cold", "warm"):
             total_open = 0.0
@@ -138,14 +142,15 @@ def main() -> None:
                     total_open += seconds
                 print(f"  {name:32} {seconds * 1000:9.1f} ms  {size / 1e3:9.1f} kB")
             print(f"  {'opens (overview+loops page)':32} {total_open * 1000:9.1f} ms")
-        print("-- the whole session at once (what the page fetched before paging)")
-        size = 0
+        if args.whole:
+            print("-- the whole session at once (what the page fetched before paging)")
+            size = 0
 
-        def whole() -> None:
-            nonlocal size
-            size = fetch(api)
+            def whole() -> None:
+                nonlocal size
+                size = fetch(api)
 
-        print(f"  {'session JSON':32} {timed(whole) * 1000:9.1f} ms  {size / 1e6:9.1f} MB")
+            print(f"  {'session JSON':32} {timed(whole) * 1000:9.1f} ms  {size / 1e6:9.1f} MB")
         server.shutdown()
         store.close()
 

@@ -206,6 +206,8 @@ def test_a_session_opens_from_its_outline_and_pages_events_loop_by_loop(
                 overview = get_json(server, f"{base}/overview")
                 assert overview["summary"] == json.loads(json.dumps(to_builtins(summarize(session))))
                 assert overview["first_prompt"] == first_prompt(session)
+                unpriced = get_json(server, f"{base}/overview?cost=0")  # what the session page asks
+                assert unpriced["cost"] is None and unpriced["summary"] == overview["summary"]
                 assert get_json(server, f"{base}/loops?limit=5")["total"] == len(session.loops)
                 for size in (7, 44, 1000):
                     assert _paged_events(server, f"{base}/event-log?type=", size) == _events_of(session)

@@ -89,14 +89,15 @@ class CachedSession:
 
     # -- pages --------------------------------------------------------------------------
 
-    def overview(self, cost: Cost) -> bytes:
-        """The session without its loops, its summary, `cost`, its first prompt and event count."""
+    def overview(self, cost: Cost | None) -> bytes:
+        """The session without its loops, its summary, `cost` (None: not priced), its first
+        prompt and event count."""
         header = msgspec.structs.replace(self.outline.session, loops=[], session_events=msgspec.UNSET)
         return msgspec.json.encode(
             {
                 "session": msgspec.Raw(encode_session(header, pretty=False)),
                 "summary": to_builtins(summarize_outline(self.outline)),
-                "cost": msgspec.to_builtins(cost),
+                "cost": None if cost is None else msgspec.to_builtins(cost),
                 "first_prompt": self.outline.first_prompt,
                 "event_count": sum(self.event_types.values()),
             }

@@ -37,8 +37,9 @@ session's outline, `SessionStore.load_outline`, is loaded once and kept a minute
 
 * ``/api/session-page?<the filters above>&after=CURSOR`` ``{"sessions": [...],
   "next": CURSOR or null}``: keyset pages (`PageCursor`) of ``limit`` rows (default 50);
-* ``/api/sessions/{id}/overview`` the session without loops, its summary, cost, first
-  prompt and event count;
+* ``/api/sessions/{id}/overview?cost=`` the session without loops, its summary, cost
+  (null with ``cost=0``: pricing takes about a millisecond a loop), first prompt and
+  event count;
 * ``/api/sessions/{id}/loops?offset=&limit=`` loops in tree order (with ``depth``),
   without messages, turns and events; ``/api/sessions/{id}/loops/{index}`` one loop
   with its turns;
@@ -331,8 +332,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
         if len(rest) != 1:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
         if view == "overview":
-            self._only(query, set())
-            return HTTPStatus.OK, entry.overview(self.server.pricer.outline(entry.outline)), _JSON
+            self._only(query, {"cost"})
+            # Pricing takes about a millisecond a loop: a huge session's page skips it (cost=0).
+            priced = query.get("cost", "1") != "0"
+            cost = self.server.pricer.outline(entry.outline) if priced else None
+            return HTTPStatus.OK, entry.overview(cost), _JSON
         page = self._page(query)
         if view == "loops":
             self._only(query, {"offset", "limit"})

@@ -344,7 +344,7 @@
     return text;
   }
 
-  function sessionHeader(session, summary, prompt, eventCount, cost) {
+  function sessionHeader(session, summary, prompt, eventCount, costCell) {
     const spawn = session.parent_spawn_ref;
     const parent = spawn
       ? h("span", { id: "parent-link" }, "spawned by ",
@@ -363,7 +363,7 @@
       ["Loops", [statusChips(summary.loops_by_status), " ", plural(summary.turn_count, "turn"), " · ", plural(eventCount, "stored event")]],
       ["Usage", usageText(summary.usage)],
     ];
-    if (cost) rows.push(["Cost", h("span", { id: "session-cost" }, costText(cost) + (cost.sources && cost.sources.length ? " · prices: " + cost.sources.join(", ") : ""))]);
+    rows.push(["Cost", costCell]);
     return h("div", { class: "panel" }, h("dl", { class: "kv" }, rows.map(([key, value]) => [h("dt", null, key), h("dd", null, value)])));
   }
 
@@ -738,16 +738,18 @@
 
   async function sessionView(page, id, params) {
     const base = "api/sessions/" + encodeURIComponent(id);
-    // The overview comes from the session's outline (fast on a huge session); the cost per
-    // loop and turn, like the timeline, needs the whole session: both fill in after the page shows.
-    const overview = await api(base + "/overview");
+    // The overview comes from the session's outline (fast on a huge session); the cost (priced
+    // loop by loop and turn by turn), like the timeline, needs the whole session: both fill in
+    // after the page shows.
+    const overview = await api(base + "/overview?cost=0");
+    const costCell = h("span", { id: "session-cost", class: "muted" }, "…");
     const session = overview.session;
     const focus = params.get("loop");
     const focusTurn = params.get("turn");
     append(page,
       h("p", null, h("a", { href: "#/" }, "← all sessions")),
       h("h1", null, "Session ", h("span", { class: "mono" }, session.session_id)),
-      sessionHeader(session, overview.summary, overview.first_prompt, overview.event_count, overview.cost));
+      sessionHeader(session, overview.summary, overview.first_prompt, overview.event_count, costCell));
 
     // Loops: pages in tree order; more pages while the focused loop is not yet there.
     const elements = new Map();
@@ -843,7 +845,12 @@
       logHolder);
     // The waterfall fills in after the page shows: on a huge session it takes longest.
     const timelineBox = h("div");
-    optional(base + "/cost").then((breakdown) => timelineView(timelineBox, id, openTurn, costIndex(id, breakdown))).then(() => {
+    optional(base + "/cost").then((breakdown) => {
+      const cost = breakdown && breakdown.cost;
+      costCell.textContent = cost ? costText(cost) + (cost.sources && cost.sources.length ? " · prices: " + cost.sources.join(", ") : "") : "cost unavailable";
+      costCell.classList.remove("muted");
+      return timelineView(timelineBox, id, openTurn, costIndex(id, breakdown));
+    }).then(() => {
       clear(timelineHolder);
       append(timelineHolder, timelineBox);
     }, (error) => {
