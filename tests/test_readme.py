@@ -10,6 +10,7 @@ cannot collide.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -68,6 +69,9 @@ def check_leftovers(code: str, where: Path) -> None:
         assert (where / "events.jsonl").read_bytes().count(b"\n") > 5
     if "PhiCallbackHandler()" in code:
         assert session_ids(where / ".phi-session" / "sessions.db") == ["chat-42"]
+    if "phi-session diff" in code:
+        diff = json.loads((where / "diff.json").read_text(encoding="utf-8"))
+        assert diff["diff"] == "loops" and diff["first_divergence"]["turn"] == 0
     if "AutoPersistingRecorder(" in code:
         assert len(session_ids(where / "sessions.db")) == 5
     if "phi-session record examples/events.jsonl" in code:

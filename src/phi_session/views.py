@@ -19,7 +19,16 @@ from .messages import AssistantMessage, ToolCall, ToolResultMessage, Usage
 from .model import LoopRecord, Session, Turn
 from .stores.base import SessionStore, SessionSummary, summarize
 
-__all__ = ["LoopNode", "SpawnNode", "TimelineBar", "event_stream", "loop_forest", "spawn_graph", "timeline"]
+__all__ = [
+    "LoopNode",
+    "SpawnNode",
+    "TimelineBar",
+    "event_stream",
+    "loop_forest",
+    "loop_order",
+    "spawn_graph",
+    "timeline",
+]
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,20 @@ def loop_forest(session: Session) -> list[LoopNode]:
             else:
                 stack.pop()
     return forest
+
+
+def loop_order(session: Session) -> list[tuple[int, int]]:
+    """``(index in session.loops, depth)`` of every loop, in `loop_forest`'s depth-first order.
+
+    The order the loop tree is drawn in: each loop before the loops that continue it.
+    """
+    order: list[tuple[int, int]] = []
+    pending = [(node, 0) for node in reversed(loop_forest(session))]
+    while pending:
+        node, depth = pending.pop()
+        order.append((node.index, depth))
+        pending += [(child, depth + 1) for child in reversed(node.children)]
+    return order
 
 
 @dataclass

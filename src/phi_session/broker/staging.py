@@ -67,8 +67,6 @@ class Staging:
         return await cursor.fetchall() if cursor.description is not None else []
 
     async def create(self) -> None:
-        from psycopg import sql
-
         from ..stores.postgres import MIGRATION_LOCK_CLASS
 
         # CREATE ... IF NOT EXISTS races with itself (workers starting together on a fresh

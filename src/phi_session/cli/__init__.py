@@ -14,6 +14,7 @@ options and error handling, `commands` the commands, `render` how results are dr
 from __future__ import annotations
 
 from . import commands as commands  # registers the commands on `main`
+from . import diff_command as diff_command  # registers `diff`
 from .app import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 from .render import MAX_TREE_DEPTH
 

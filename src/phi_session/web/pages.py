@@ -24,7 +24,7 @@ from ..cost import Cost
 from ..messages import TextContent, UserMessage
 from ..model import LoopRecord, Session, SessionEvent
 from ..stores.base import SessionStore, summarize, to_builtins
-from ..views import TimelineBar, loop_forest, timeline
+from ..views import TimelineBar, loop_order, timeline
 
 __all__ = ["PROMPT_CHARS", "CachedSession", "SessionCache", "first_prompt"]
 
@@ -64,13 +64,7 @@ class CachedSession:
     @cached_property
     def tree_order(self) -> list[tuple[int, int]]:
         """``(loop index, depth)`` in the loop tree's depth-first order."""
-        order: list[tuple[int, int]] = []
-        pending = [(node, 0) for node in reversed(loop_forest(self.session))]
-        while pending:
-            node, depth = pending.pop()
-            order.append((node.index, depth))
-            pending += [(child, depth + 1) for child in reversed(node.children)]
-        return order
+        return loop_order(self.session)
 
     @cached_property
     def events(self) -> list[tuple[int | None, SessionEvent]]:

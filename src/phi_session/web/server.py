@@ -17,6 +17,11 @@ Standard library only (`http.server.ThreadingHTTPServer`). Routes, all ``GET``
   by agent, model or day, the rows of ``/api/stats`` with their ``cost`` (the store's
   priced ``usage_totals``, every loop priced); by session ``[{"key", "cost"}]``, which
   reads every stored session;
+* ``/api/diff?a=REF&b=REF`` two runs compared (`phi_session.diff`): a REF is
+  ``SESSION:LOOP`` (LOOP a loop id or ``#N``; the text splits at its first colon,
+  so a session id holding one names its loop apart with ``loop_a``/``loop_b``) for a
+  `LoopDiff`, or ``SESSION`` on both sides for a `SessionDiff`; the JSON of
+  ``phi-session diff --json``;
 * ``/api/search?q=TEXT&limit=N&`` plus the filters of ``/api/sessions`` (but ``limit``,
   which caps the hits, default 50): ``[{"session_id", "agent_id", "loop_id",
   "turn_index", "message_index", "kind", "snippet", "highlights": [[start, end]]}]``
@@ -43,7 +48,7 @@ session is loaded once and kept a minute):
 * ``/api/sessions/{id}/timeline?offset=&limit=`` a page of the waterfall's bars.
 
 Errors are JSON ``{"error": message}``: 400 for a bad query or session id, 404 for
-an unknown path or session, 500 when the store fails. The server never writes.
+an unknown path, session or loop, 500 when the store fails. The server never writes.
 
 Safety: it binds 127.0.0.1 by default; while bound to a loopback address it
 answers only requests with exactly one well-formed ``Host`` header naming a
@@ -74,7 +79,8 @@ import msgspec
 
 from ..codec import encode_event, encode_session
 from ..cost import Pricer, cost_totals
-from ..errors import InvalidQuery, InvalidSessionId, PhiSessionError, SessionNotFound
+from ..diff import LoopDiff, SessionDiff, diff_loops, diff_sessions, parse_ref
+from ..errors import InvalidQuery, InvalidSessionId, LoopNotFound, PhiSessionError, SessionNotFound
 from ..model import Session
 from ..stores.base import SessionStore, to_builtins, validate_session_id
 from ..stores.query import MAX_COUNT, SessionQuery, parse_group_by
@@ -241,7 +247,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
             status, body, content_type = self._route()
         except HttpError as error:
             status, (body, content_type) = error.status, self._error_body(str(error))
-        except SessionNotFound as error:
+        except (SessionNotFound, LoopNotFound) as error:
             status, (body, content_type) = HTTPStatus.NOT_FOUND, self._error_body(str(error))
         except InvalidSessionId as error:
             status, (body, content_type) = HTTPStatus.BAD_REQUEST, self._error_body(str(error))
@@ -283,6 +289,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
             return self._cost_api(query)
         if parts == ["api", "search"]:
             return self._search_api(query)
+        if parts == ["api", "diff"]:
+            return self._diff_api(query)
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such page or API: {url.path}")
 
     def _sessions_api(self, rest: list[str], query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
@@ -374,6 +382,28 @@ class ViewerHandler(BaseHTTPRequestHandler):
             limit = self._parse(lambda: SessionQuery.from_strings({"limit": limit_text}).limit)
         hits = self.server.store.search(text, filters, limit)
         return HTTPStatus.OK, _json_bytes(msgspec.to_builtins(hits)), _JSON
+
+    def _diff_api(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
+        self._only(query, {"a", "b", "loop_a", "loop_b"})
+        sides = []
+        for name in ("a", "b"):
+            if not query.get(name):
+                raise HttpError(
+                    HTTPStatus.BAD_REQUEST, f"missing query parameter {name!r} (SESSION or SESSION:LOOP)"
+                )
+            try:
+                session_id, loop = parse_ref(query[name], query.get(f"loop_{name}"))
+            except ValueError as error:
+                raise HttpError(HTTPStatus.BAD_REQUEST, f"loop_{name}: {error}") from None
+            sides.append((self.server.sessions.get(validate_session_id(session_id)).session, loop))
+        (session_a, loop_a), (session_b, loop_b) = sides
+        if loop_a is not None and loop_b is not None:
+            result: LoopDiff | SessionDiff = diff_loops(session_a, loop_a, session_b, loop_b)
+        elif loop_a is None and loop_b is None:
+            result = diff_sessions(session_a, session_b)
+        else:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "name a loop on both sides (SESSION:LOOP) or on neither")
+        return HTTPStatus.OK, _json_bytes(result), _JSON
 
     def _static(self, name: str, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         del query  # cache-busting parameters are harmless

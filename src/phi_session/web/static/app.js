@@ -201,9 +201,9 @@
     }
     const view = badHash ? "error"
       : parts[0] === "session" && parts[1] !== undefined ? "session" : parts[0] === "stats" ? "stats"
-        : parts[0] === "search" ? "search" : "list";
+        : parts[0] === "search" ? "search" : parts[0] === "diff" ? "diff" : "list";
     for (const link of document.querySelectorAll("[data-nav]")) {
-      link.classList.toggle("active", link.dataset.nav === (view === "stats" ? "stats" : "list"));
+      link.classList.toggle("active", link.dataset.nav === (view === "stats" || view === "diff" ? view : "list"));
     }
     const page = h("div", { class: "view view-" + view });
     try {
@@ -211,6 +211,7 @@
       if (view === "session") await sessionView(page, parts[1], params);
       else if (view === "stats") await statsView(page, params);
       else if (view === "search") await searchView(page, params);
+      else if (view === "diff") await diffView(page, params);
       else await listView(page, params);
     } catch (error) {
       append(page, showError(error));
@@ -477,7 +478,7 @@
     return h("div", { class: "chat" }, bubbles.length ? bubbles : h("p", { class: "muted" }, "No messages."));
   }
 
-  function loopBody(loop, row) {
+  function loopBody(loop, row, sessionId) {
     const group = loop.parallel_group;
     const facts = [
       ["Started", shortTime(loop.started_at)],
@@ -505,9 +506,16 @@
     const links = (loop.child_loop_refs || []).map((ref) => h("div", { class: "subagent-link" },
       "→ sub-agent ", h("a", { href: sessionHref(ref.child_session_id, ref.child_loop_id), class: "mono" }, ref.child_session_id),
       " via tool ", h("code", null, ref.tool_name), " (call ", h("code", null, ref.tool_call_id), ")"));
+    // A rerun or a branch (a replay, a fork) is compared with the loop it continues.
+    const kind = kindText(loop.continuation_kind).split(":")[0];
+    const compare = h("div", { class: "toolbar compare-links" },
+      (kind === "Branch" || kind === "Rerun") && row.parent_in_session
+        ? h("a", { href: diffHref(sessionId, loop.parent_loop_id, sessionId, loop.loop_id), class: "compare-parent" }, "compare with parent")
+        : null,
+      h("button", { type: "button", class: "secondary pick-compare", onclick: () => pickForCompare(sessionId, loop.loop_id) }, "Compare…"));
     return h("div", null,
       h("dl", { class: "kv" }, facts.map(([key, value]) => [h("dt", null, key), h("dd", null, value)])),
-      links.length ? h("div", { class: "links" }, links) : null);
+      links.length ? h("div", { class: "links" }, links) : null, compare);
   }
 
   // A loop's summary line and facts show at once; its turns load when it is first opened.
@@ -526,7 +534,7 @@
         [loop.config ? loop.config.provider + "/" + loop.config.model : null, plural(row.turn_count, "turn"),
           plural(row.tool_calls, "tool call"), tokens(row.billed_usage.total_tokens) + " tokens"].filter(Boolean).join(" · ")));
     const turnsHolder = h("div", { class: "loop-turns" }, h("p", { class: "muted" }, "Loading turns…"));
-    const body = h("div", { class: "loop-body" }, loopBody(loop, row), turnsHolder);
+    const body = h("div", { class: "loop-body" }, loopBody(loop, row, sessionId), turnsHolder);
     const details = h("details", { class: "loop " + statusClass(loop.status) }, summary, body);
     details.dataset.loopId = loop.loop_id;
     details.dataset.loopIndex = row.index;
@@ -840,6 +848,163 @@
       clear(timelineHolder);
       append(timelineHolder, showError(error));
     });
+  }
+
+  // -- diff: two runs compared (api/diff) ------------------------------------------------
+
+  // A loop picked with "Compare…", waiting for the second one (it survives navigation).
+  let picked = null;
+
+  function refParams(query, side, sessionId, loopId) {
+    // The API splits SESSION:LOOP at the first colon: a session id holding one names its loop apart.
+    if (String(sessionId).includes(":")) {
+      query.set(side, sessionId);
+      query.set("loop_" + side, loopId);
+    } else {
+      query.set(side, sessionId + ":" + loopId);
+    }
+  }
+
+  function diffHref(sessionA, loopA, sessionB, loopB) {
+    const query = new URLSearchParams();
+    refParams(query, "a", sessionA, loopA);
+    refParams(query, "b", sessionB, loopB);
+    return "#/diff?" + query;
+  }
+
+  function pickForCompare(sessionId, loopId) {
+    if (picked && !(picked.session === sessionId && picked.loop === loopId)) {
+      const first = picked;
+      picked = null;
+      compareBar();
+      location.hash = diffHref(first.session, first.loop, sessionId, loopId);
+      return;
+    }
+    picked = { session: sessionId, loop: loopId };
+    compareBar();
+  }
+
+  function compareBar() {
+    let bar = document.getElementById("compare-bar");
+    if (!picked) {
+      if (bar) bar.remove();
+      return;
+    }
+    if (!bar) {
+      bar = h("div", { id: "compare-bar", class: "compare-bar", role: "status" });
+      app.parentNode.insertBefore(bar, app);
+    }
+    clear(bar);
+    append(bar, "Comparing loop ", h("code", null, picked.loop), " of session ", h("code", null, picked.session),
+      ": press Compare… on another loop, in any session. ",
+      h("button", { type: "button", class: "secondary", id: "cancel-compare", onclick: () => { picked = null; compareBar(); } }, "Cancel"));
+  }
+
+  function signed(n, text) {
+    return (n > 0 ? "+" : n < 0 ? "−" : "±") + text;
+  }
+
+  function secondsPair(a, b, delta) {
+    const one = (value) => value === null || value === undefined ? "–" : duration(value * 1000);
+    return one(a) + " → " + one(b) + (delta === null || delta === undefined ? "" : " (" + signed(delta, duration(Math.abs(delta) * 1000)) + ")");
+  }
+
+  function tokensPair(a, b, delta) {
+    const one = (usage) => usage ? tokens(usage.total_tokens) : "–";
+    return "tokens " + one(a) + " → " + one(b) + " (" + signed(delta.total_tokens, tokens(Math.abs(delta.total_tokens))) + ")";
+  }
+
+  // One change: its path, A's value, B's value; a changed text adds its line diff below.
+  function changeRows(change, incidental) {
+    const value = (side) => {
+      const v = change[side];
+      if (v === undefined) return h("span", { class: "muted" }, "—");
+      return h("pre", { class: "diff-value " + (side === "a" ? "del" : "add") }, typeof v === "string" ? v : json(v));
+    };
+    const row = h("tr", { class: incidental ? "incidental" : null, "data-field": change.field },
+      h("td", { class: "mono diff-path" }, change.path, change.kind !== "changed" ? h("span", { class: "muted" }, " (" + change.kind + ")") : null),
+      h("td", null, value("a")), h("td", null, value("b")));
+    const lines = change.text_diff || [];
+    if (!lines.length) return [row];
+    const kind = (line) => line.startsWith("@@") ? "hunk" : line[0] === "-" ? "del" : line[0] === "+" ? "add" : "ctx";
+    return [row, h("tr", { class: "diff-lines" }, h("td", null),
+      h("td", { colspan: 2 }, h("pre", { class: "unified" }, lines.map((line) => h("span", { class: kind(line) }, line + "\n")))))];
+  }
+
+  function turnDiffView(turn, diff) {
+    const link = (side, label) => h("a", { href: sessionHref(side.session_id, side.loop_id) + "&turn=" + turn.index, class: "turn-link" }, label);
+    const head = h("div", { class: "turn-head" },
+      h("strong", null, "Turn " + turn.index),
+      h("span", { class: "chip diff-status diff-" + turn.status }, turn.status),
+      h("span", null, secondsPair(turn.seconds_a, turn.seconds_b, turn.seconds_delta)),
+      h("span", null, tokensPair(turn.usage_a, turn.usage_b, turn.usage_delta)),
+      turn.status !== "added" ? link(diff.a, "open A") : null,
+      turn.status !== "removed" ? link(diff.b, "open B") : null);
+    const rows = [...turn.changes.map((change) => changeRows(change, false)), ...turn.incidental.map((change) => changeRows(change, true))];
+    const table = rows.length ? h("table", { class: "data diff-changes" },
+      h("thead", null, h("tr", null, h("th", null, "What"), h("th", null, "A"), h("th", null, "B"))), h("tbody", null, rows)) : null;
+    return h("div", { class: "diff-turn diff-" + turn.status, "data-turn-index": turn.index }, head, table);
+  }
+
+  function divergenceView(first, className) {
+    return h("p", { class: className + " divergence " + (first ? "diverged" : "same") },
+      first ? "First divergence: " + first.summary : "No divergence: the runs match in content (timing, tokens, model and ids aside).");
+  }
+
+  function loopDiffView(diff) {
+    const { a, b } = diff;
+    const loopLink = (side) => h("a", { href: sessionHref(side.session_id, side.loop_id), class: "mono" }, "#" + (side.position + 1) + " " + side.loop_id);
+    const sessionLink = (side) => h("a", { href: sessionHref(side.session_id), class: "mono" }, side.session_id);
+    const seconds = (side) => side.seconds === null ? "not ended" : duration(side.seconds * 1000);
+    const rows = [
+      ["Session", sessionLink(a), sessionLink(b)],
+      ["Loop", loopLink(a), loopLink(b)],
+      ["Kind", a.continuation, b.continuation],
+      ["Status", h("span", { class: "chip " + statusClass(a.status) }, a.status), h("span", { class: "chip " + statusClass(b.status) }, b.status)],
+      ["Model", a.model || "no config", b.model || "no config"],
+      ["Turns", tokens(a.turn_count), tokens(b.turn_count)],
+      ["Tokens", tokens(a.usage.total_tokens), tokens(b.usage.total_tokens) + " (" + signed(diff.usage_delta.total_tokens, tokens(Math.abs(diff.usage_delta.total_tokens))) + ")"],
+      ["Duration", seconds(a), seconds(b) + (diff.seconds_delta === null ? "" : " (" + signed(diff.seconds_delta, duration(Math.abs(diff.seconds_delta) * 1000)) + ")")],
+    ];
+    const sides = h("table", { class: "data diff-sides" },
+      h("thead", null, h("tr", null, h("th", null, ""), h("th", null, "A"), h("th", null, "B"))),
+      h("tbody", null, rows.map(([label, left, right]) => h("tr", null, h("th", null, label), h("td", null, left), h("td", null, right)))));
+    return h("div", { class: "loop-diff" }, h("div", { class: "table-wrap" }, sides), divergenceView(diff.first_divergence, "first-divergence"),
+      h("div", { class: "diff-turns" }, diff.turns.length ? diff.turns.map((turn) => turnDiffView(turn, diff)) : h("p", { class: "muted" }, "No turns on either side.")));
+  }
+
+  function sessionDiffView(diff) {
+    const only = [["A", diff.only_in_a], ["B", diff.only_in_b]].flatMap(([label, sides]) => sides.map((side) =>
+      h("li", { class: "only-in-" + label.toLowerCase() }, "only in " + label + ": ",
+        h("a", { href: sessionHref(side.session_id, side.loop_id), class: "mono" }, "#" + (side.position + 1) + " " + side.loop_id),
+        " (" + side.continuation + ", " + plural(side.turn_count, "turn") + ")")));
+    return h("div", { class: "session-diff" },
+      h("p", { class: "muted" }, plural(diff.loops.length, "loop pair") + " in tree order · tokens " +
+        signed(diff.usage_delta.total_tokens, tokens(Math.abs(diff.usage_delta.total_tokens))) + " (B − A)"),
+      divergenceView(diff.first_divergence, "session-divergence"),
+      diff.loops.map((pair, index) => h("section", { class: "diff-pair" }, h("h2", null, "Pair " + (index + 1)), loopDiffView(pair))),
+      only.length ? h("ul", { class: "only-in" }, only) : null);
+  }
+
+  async function diffView(page, params) {
+    const field = (name, label) => h("label", null, label, h("input", { name, value: params.get(name) || "", class: "wide",
+      placeholder: "SESSION or SESSION:LOOP (a loop id or #N)" }));
+    const form = h("form", { class: "filters panel", id: "diff-form" }, field("a", "A"), field("b", "B"), h("button", { type: "submit" }, "Compare"));
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const data = new FormData(form);
+      location.hash = "#/diff?" + new URLSearchParams({ a: String(data.get("a") || "").trim(), b: String(data.get("b") || "").trim() });
+    });
+    append(page, h("h1", null, "Compare two runs"), form);
+    if (!params.get("a") || !params.get("b")) {
+      append(page, h("p", { class: "muted" }, "Press Compare… on a loop of a session page, then on another loop; or name two " +
+        "loops above. A rerun or a branch (a replay, a fork) links to its comparison with its parent."));
+      return;
+    }
+    const query = new URLSearchParams();
+    for (const key of ["a", "b", "loop_a", "loop_b"]) if (params.get(key)) query.set(key, params.get(key));
+    const diff = await api("api/diff?" + query);
+    append(page, diff.diff === "sessions" ? sessionDiffView(diff) : loopDiffView(diff));
   }
 
   // -- usage ---------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""Runs to compare, recorded through the instrumentation API (no replay helper needed).
+
+A run is a list of `Step`s, one per turn: what the assistant said, the tool calls it
+made and what each tool returned. `record_runs` records several runs as loops of one
+session; a run may continue another as a fork (``Branch{tag: "fork"}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phi_session import AgentSession, LoopConfigSnapshot, SessionRecorder, ToolCall, Tracer, Usage
+from phi_session.events import ContinuationKind
+from phi_session.model import Session
+from phi_session.stores.json_dir import JsonDirStore
+
+PROMPT = "Plan a weekend: weather in Paris, then a museum."
+
+
+@dataclass(frozen=True)
+class Step:
+    text: str
+    calls: tuple[tuple[str, Any], ...] = ()
+    results: tuple[str, ...] = ()
+    thinking: str = ""
+    tokens: int = 10
+    model: str = "m1"
+
+
+@dataclass(frozen=True)
+class Run:
+    steps: list[Step]
+    fork_of: int | None = None
+    """The index of the run (in `record_runs`' list) this one forks from."""
+    prompt: str = PROMPT
+    ids: str = "call"
+    """Prefix of the tool call ids (a fresh run assigns other ids)."""
+
+
+BASE = [
+    Step(
+        "Let me look.",
+        (("weather", {"city": "Paris", "days": [1, 2]}),),
+        ("sunny, 24 °C",),
+        thinking="Weather first.",
+    ),
+    Step("Now a museum.", (("search", {"query": "museum Paris", "limit": 3}),), ("Louvre\nOrsay\nRodin",)),
+    Step("Saturday: Louvre.\nSunday: Orsay.\nBring sunglasses."),
+]
+
+
+def record_runs(runs: list[Run]) -> tuple[Session, list[str]]:
+    """One session holding every run as a loop; returns it and the loop ids in run order."""
+    recorder = SessionRecorder()
+    tracer = Tracer(AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m1", provider="acme"))
+    loop_ids: list[str] = []
+    for run in runs:
+        options: dict[str, Any] = {}
+        if run.fork_of is not None:
+            options = {"continues": loop_ids[run.fork_of], "kind": ContinuationKind.branch("fork")}
+        with tracer.loop(**options) as loop:
+            loop.user(run.prompt)
+            for number, step in enumerate(run.steps):
+                with loop.turn() as turn:
+                    with turn.assistant(model=step.model) as reply:
+                        if step.thinking:
+                            reply.thinking_delta(step.thinking)
+                        reply.text_delta(step.text)
+                        calls = [
+                            ToolCall(id=f"{run.ids}-{number}-{index}", name=name, arguments=arguments)
+                            for index, (name, arguments) in enumerate(step.calls)
+                        ]
+                        reply.finish(
+                            tool_calls=calls,
+                            usage=Usage(input=step.tokens, output=2, total_tokens=step.tokens + 2),
+                        )
+                    for call, result in zip(turn.tool_calls, step.results, strict=True):
+                        with turn.tool(call) as tool:
+                            tool.result(result)
+            loop_ids.append(loop.loop_id)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    return session, loop_ids
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A store holding a run and its fork (`forked`, loops `parent` and `fork`) and a
+    second session with the run alone (`other`)."""
+
+    directory: Path
+    forked: Session
+    parent: str
+    fork: str
+    other: Session
+
+
+def store_fork(directory: Path, fork: list[Step]) -> Stored:
+    forked, (parent, forked_loop) = record_runs([Run(BASE), Run(fork, fork_of=0)])
+    other, _ = record_runs([Run(BASE)])
+    with JsonDirStore(directory) as store:
+        store.save(forked)
+        store.save(other)
+    return Stored(directory, forked, parent, forked_loop, other)

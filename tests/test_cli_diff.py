@@ -1,0 +1,100 @@
+"""``phi-session diff`` through its entry point: loops, sessions, JSON, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+from click.testing import CliRunner, Result
+
+from phi_session.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from phi_session.diff import LoopDiff, SessionDiff, diff_loops
+
+from .diff_support import BASE, Step, Stored, store_fork
+
+HOSTILE = "\x1b[31mred[/] [bold]not markup[/bold]"
+FORK = [*BASE[:2], Step("Saturday: Orsay.\nSunday: Louvre.\nBring sunglasses."), Step(HOSTILE)]
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(arg) for arg in args], env={"COLUMNS": "160"})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Stored:
+    return store_fork(tmp_path / "store", FORK)
+
+
+def test_a_fork_against_its_parent(store: Stored) -> None:
+    directory, session, parent, fork = store.directory, store.forked.session_id, store.parent, store.fork
+    result = run("diff", "--store", directory, f"{session}:{parent}", f"{session}:{fork}")
+    assert result.exit_code == EXIT_OK, result.stderr
+    out = result.stdout
+    assert "turn 0 = equal" in out and "turn 1 = equal" in out
+    assert "turn 2 \u2260 changed" in out and "turn 3 + added" in out
+    assert "Branch:fork" in out
+    assert "Sunday: Orsay." in out and "Saturday: Orsay." in out
+    assert out.strip().splitlines()[-1] == "first divergence: turn 2: output.text changed"
+    # Recorded text is shown as text: no terminal escape, no markup interpreted.
+    assert "\x1b" not in out and "\\x1b[31mred[/] [bold]not markup[/bold]" in out
+    by_position = run("diff", "--store", directory, f"{session}:#1", f"{session}:#2")
+    assert by_position.exit_code == EXIT_OK and by_position.stdout == out
+
+
+def test_identical_loops_and_json(store: Stored) -> None:
+    directory, session, parent, fork = store.directory, store.forked.session_id, store.parent, store.fork
+    other = store.other.session_id
+    same = run("diff", "--store", directory, f"{session}:#1", f"{other}:#1")
+    assert same.exit_code == EXIT_OK
+    assert same.stdout.strip().splitlines()[-1].startswith("no divergence")
+    result = run("diff", "--json", "--store", directory, f"{session}:{parent}", f"{session}:{fork}")
+    assert result.exit_code == EXIT_OK
+    data = json.loads(result.stdout)
+    assert data["diff"] == "loops" and data["first_divergence"]["turn"] == 2
+    expected = diff_loops(store.forked, parent, store.forked, fork)
+    assert msgspec.json.decode(result.stdout, type=LoopDiff | SessionDiff) == expected
+
+
+def test_loop_options_and_sessions(store: Stored) -> None:
+    directory, session, parent, fork = store.directory, store.forked.session_id, store.parent, store.fork
+    other = store.other.session_id
+    result = run(
+        "diff", "--json", "--store", directory, session, session, "--loop-a", parent, "--loop-b", fork
+    )
+    assert result.exit_code == EXIT_OK
+    assert json.loads(result.stdout)["first_divergence"]["turn"] == 2
+    whole = run("diff", "--store", directory, session, other)
+    assert whole.exit_code == EXIT_OK
+    assert "only in A: loop #2" in whole.stdout and "pair 1: identical in content" in whole.stdout
+    data = json.loads(run("diff", "--json", "--store", directory, session, other).stdout)
+    assert data["diff"] == "sessions" and data["first_divergence"]["field"] == "loop"
+    assert [side["loop_id"] for side in data["only_in_a"]] == [fork]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (("{s}:#1", "missing-session:#1"), EXIT_FAILURE, "missing-session"),
+        (("{s}:#1", "{s}:#9"), EXIT_FAILURE, "no loop '#9'"),
+        (("{s}:#1", "{s}:nope"), EXIT_FAILURE, "no loop 'nope'"),
+        (("{s}:#1", "{s}"), EXIT_USAGE, "on both sides"),
+        (("../x:#1", "{s}:#1"), EXIT_USAGE, "unsafe session id"),
+        (("{s}", "{s}", "--loop-a", ""), EXIT_USAGE, "--loop-a: empty loop"),
+        (("{s}:#1",), EXIT_USAGE, "Missing argument 'B'"),
+    ],
+)
+def test_errors_are_one_line(store: Stored, args: tuple[str, ...], code: int, fragment: str) -> None:
+    directory, session = store.directory, store.forked.session_id
+    result = run("diff", "--store", directory, *(arg.format(s=session) for arg in args))
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("phi-session") and fragment in lines[0], lines
+
+
+def test_a_missing_store_is_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.db"
+    result = run("diff", "--store", missing, "a:#1", "b:#1")
+    assert result.exit_code == EXIT_FAILURE and "no store at" in result.stderr
+    assert not missing.exists()

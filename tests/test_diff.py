@@ -1,0 +1,199 @@
+"""`phi_session.diff`: two loops turn by turn, two sessions loop by loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgspec
+import pytest
+
+from phi_session.diff import (
+    FieldChange,
+    LoopDiff,
+    SessionDiff,
+    diff_loops,
+    diff_sessions,
+    find_loop,
+    parse_ref,
+)
+from phi_session.errors import LoopNotFound
+
+from .diff_support import BASE, Run, Step, record_runs
+
+
+def changed(step: int, **fields: object) -> list[Step]:
+    steps = list(BASE)
+    steps[step] = dataclasses.replace(steps[step], **fields)  # type: ignore[arg-type]
+    return steps
+
+
+def test_identical_loops_have_no_differences() -> None:
+    session, (a, b) = record_runs([Run(BASE), Run(BASE)])
+    for diff in (diff_loops(session, a, session, b), diff_loops(session, a, session, a)):
+        assert diff.identical and diff.first_divergence is None
+        assert diff.diverged_turns == []
+        assert [turn.status for turn in diff.turns] == ["equal", "equal", "equal"]
+        assert all(turn.changes == () and turn.incidental == () for turn in diff.turns)
+        assert diff.usage_delta.is_zero()
+
+
+def test_timing_usage_model_and_call_ids_are_deltas_not_divergence() -> None:
+    fresh = [dataclasses.replace(step, tokens=step.tokens + 5, model="m2") for step in BASE]
+    session, (a, b) = record_runs([Run(BASE), Run(fresh, ids="other")])
+    diff = diff_loops(session, a, session, b)
+    assert diff.identical
+    first = diff.turns[0]
+    assert first.status == "equal" and not first.diverged
+    assert (
+        first.usage_delta.input == 5 and first.usage_delta.total_tokens == 5 and first.usage_delta.output == 0
+    )
+    assert diff.usage_delta.total_tokens == 15
+    assert {change.field for change in first.incidental} == {"model", "tool_call_id"}
+    model = next(change for change in first.incidental if change.field == "model")
+    assert (model.a, model.b) == ("acme/m1", "acme/m2")
+    assert first.seconds_a is not None and first.seconds_b is not None and first.seconds_delta is not None
+    assert diff.seconds_delta is not None
+
+
+def test_a_changed_tool_argument_is_named_by_its_path() -> None:
+    steps = changed(1, calls=(("search", {"query": "museum Paris", "limit": 5, "open": True}),))
+    session, (a, b) = record_runs([Run(BASE), Run(steps)])
+    diff = diff_loops(session, a, session, b)
+    assert diff.diverged_turns == [1]
+    assert diff.turns[1].changes == (
+        FieldChange(field="tool_call", path="tool_calls[0].arguments.limit", kind="changed", a=3, b=5),
+        FieldChange(field="tool_call", path="tool_calls[0].arguments.open", kind="added", b=True),
+    )
+    assert diff.first_divergence is not None
+    assert diff.first_divergence.turn == 1
+    assert diff.first_divergence.path == "tool_calls[0].arguments.limit"
+    assert diff.first_divergence.summary == "turn 1: tool_calls[0].arguments.limit changed (and 1 more)"
+
+
+def test_changed_text_thinking_and_tool_result_come_with_a_line_diff() -> None:
+    steps = changed(2, text="Saturday: Louvre.\nSunday: Rodin.\nBring sunglasses.")
+    steps[0] = dataclasses.replace(steps[0], thinking="Weather, then museums.")
+    steps[1] = dataclasses.replace(steps[1], results=("Louvre\nRodin",))
+    session, (a, b) = record_runs([Run(BASE), Run(steps)])
+    diff = diff_loops(session, a, session, b)
+    assert diff.diverged_turns == [0, 1, 2]
+    [thinking] = diff.turns[0].changes
+    assert thinking.field == "thinking" and thinking.b == "Weather, then museums."
+    [result] = diff.turns[1].changes
+    assert result.path == "tool_results[0].content"
+    assert result.text_diff == ("@@ -1,3 +1,2 @@", " Louvre", "-Orsay", " Rodin")
+    [text] = diff.turns[2].changes
+    assert (text.field, text.path) == ("text", "output.text")
+    assert text.a == BASE[2].text
+    assert "-Sunday: Orsay." in text.text_diff and "+Sunday: Rodin." in text.text_diff
+    assert " Saturday: Louvre." in text.text_diff  # context
+
+
+def test_another_prompt_diverges_at_the_first_turn() -> None:
+    session, (a, b) = record_runs([Run(BASE), Run(BASE, prompt="Plan a weekend in Lyon.")])
+    diff = diff_loops(session, a, session, b)
+    assert diff.first_divergence is not None and diff.first_divergence.turn == 0
+    assert diff.turns[0].changes[0].path == "input[0]"
+    assert diff.turns[0].changes[0].b == "Plan a weekend in Lyon."
+
+
+def test_turns_on_one_side_only_are_added_or_removed_with_their_content() -> None:
+    longer = [*BASE, Step("One more thing.", (("book", {"museum": "Louvre"}),), ("booked",))]
+    session, (a, b) = record_runs([Run(BASE), Run(longer)])
+    diff = diff_loops(session, a, session, b)
+    assert [turn.status for turn in diff.turns] == ["equal", "equal", "equal", "added"]
+    added = diff.turns[3]
+    assert added.usage_a is None and added.usage_b is not None and added.seconds_delta is None
+    paths = {change.path: change for change in added.changes}
+    assert all(change.kind == "added" and change.a is msgspec.UNSET for change in added.changes)
+    assert paths["output.text"].b == "One more thing."
+    assert paths["tool_calls[0]"].b == {"id": "call-3-0", "name": "book", "arguments": {"museum": "Louvre"}}
+    assert paths["tool_results[0]"].b["content"] == "booked"
+    assert diff.first_divergence is not None
+    assert diff.first_divergence.summary == "turn 3: only in B"
+    reverse = diff_loops(session, b, session, a)
+    assert reverse.turns[3].status == "removed"
+    assert {change.kind for change in reverse.turns[3].changes} == {"removed"}
+    assert reverse.first_divergence is not None and reverse.first_divergence.summary == "turn 3: only in A"
+
+
+def test_a_fork_against_its_parent_names_the_first_differing_turn() -> None:
+    fork = [*BASE[:2], Step("Saturday: Orsay.\nSunday: Louvre.", model="m2"), Step("Enjoy!")]
+    session, (parent, forked) = record_runs([Run(BASE), Run(fork, fork_of=0)])
+    record = find_loop(session, forked)
+    assert record.kind.kind == "Branch" and record.parent_loop_id == parent
+    diff = diff_loops(session, parent, session, forked)
+    assert [turn.status for turn in diff.turns] == ["equal", "equal", "changed", "added"]
+    assert diff.diverged_turns == [2, 3]
+    assert diff.first_divergence is not None
+    assert (diff.first_divergence.turn, diff.first_divergence.path) == (2, "output.text")
+    assert diff.b.continuation == "Branch:fork" and diff.b.parent_loop_id == parent
+    assert diff.a.continuation == "Initial" and diff.b.position == 1
+
+
+def test_json_round_trip() -> None:
+    steps = changed(1, calls=(("search", {"query": "museum Lyon", "limit": 3}),))
+    session, (a, b) = record_runs([Run(BASE), Run([*steps, Step("extra")])])
+    diff = diff_loops(session, a, session, b)
+    data = msgspec.json.encode(diff)
+    assert msgspec.json.decode(data)["diff"] == "loops"
+    assert msgspec.json.decode(data, type=LoopDiff | SessionDiff) == diff
+    both = diff_sessions(session, session)
+    assert msgspec.json.decode(msgspec.json.encode(both), type=LoopDiff | SessionDiff) == both
+    # A side without a value has no key at all (a JSON null would be a value).
+    added = msgspec.json.decode(data)["turns"][3]["changes"][0]
+    assert "a" not in added and added["kind"] == "added"
+
+
+def test_sessions_pair_their_loops_in_tree_order() -> None:
+    fork = [*BASE[:2], Step("Saturday: Orsay.")]
+    one, _ = record_runs([Run(BASE), Run(fork, fork_of=0)])
+    other, _ = record_runs([Run(BASE)])
+    assert diff_sessions(one, one).identical
+    diff = diff_sessions(one, other)
+    assert len(diff.loops) == 1 and diff.loops[0].identical
+    assert [side.continuation for side in diff.only_in_a] == ["Branch:fork"] and diff.only_in_b == ()
+    assert diff.first_divergence is not None
+    assert diff.first_divergence.field == "loop" and diff.first_divergence.turn is None
+    assert "only in A" in diff.first_divergence.summary
+    assert diff.usage_delta.total_tokens < 0
+    changed_one, _ = record_runs([Run(changed(0, text="Looking."))])
+    first = diff_sessions(other, changed_one).first_divergence
+    assert first is not None and first.turn == 0 and first.path == "output.text"
+
+
+def test_json_arguments_compare_as_structure() -> None:
+    before = {"a": 1, "list": [1, 2, 3], "nested": {"x": "same", "y": [True]}, "odd key": 0}
+    after = {"a": 1.0, "list": [1, 5], "nested": {"x": "same", "y": [1]}, "odd key": 1, "new": None}
+    session, (a, b) = record_runs(
+        [Run(changed(0, calls=(("weather", before),))), Run(changed(0, calls=(("weather", after),)))]
+    )
+    changes = diff_loops(session, a, session, b).turns[0].changes
+    root = "tool_calls[0].arguments"
+    assert [(c.path, c.kind, c.a, c.b) for c in changes] == [
+        (f"{root}.list[1]", "changed", 2, 5),
+        (f"{root}.list[2]", "removed", 3, msgspec.UNSET),
+        (f"{root}.nested.y[0]", "changed", True, 1),  # a boolean is not the number 1
+        (f'{root}["odd key"]', "changed", 0, 1),
+        (f"{root}.new", "added", msgspec.UNSET, None),
+    ]  # 1 and 1.0 are the same JSON number
+
+
+def test_loops_are_named_by_id_or_position() -> None:
+    session, (a, b) = record_runs([Run(BASE), Run(BASE)])
+    assert find_loop(session, a).loop_id == a
+    assert find_loop(session, "#2").loop_id == b
+    for unknown in ("#3", "#0", "nope", "2"):
+        with pytest.raises(LoopNotFound, match="no loop"):
+            find_loop(session, unknown)
+    with pytest.raises(LoopNotFound):
+        diff_loops(session, a, session, "missing")
+    assert parse_ref("s1") == ("s1", None)
+    assert parse_ref("s1:") == ("s1", None)
+    assert parse_ref("s1:s1.acme.m1.1") == ("s1", "s1.acme.m1.1")
+    assert parse_ref("s1:ollama.llama3:8b.1") == ("s1", "ollama.llama3:8b.1")  # split at the first colon
+    assert parse_ref("a:b", "c:d") == ("a:b", "c:d")  # the loop named apart: the whole text is the id
+    with pytest.raises(ValueError, match="empty loop"):
+        parse_ref("s1", "")
+    with pytest.raises(TypeError):
+        parse_ref(3)  # type: ignore[arg-type]

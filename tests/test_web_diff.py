@@ -1,0 +1,82 @@
+"""The viewer's ``/api/diff``: two loops or two sessions compared, errors as JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from urllib.parse import quote, urlencode
+
+import msgspec
+import pytest
+
+from phi_session.diff import LoopDiff, SessionDiff, diff_loops, diff_sessions
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.web.server import ViewerServer
+
+from .diff_support import BASE, Step, Stored, store_fork
+from .test_web_api import get_json, request
+from .web_support import running_server
+
+FORK = [*BASE[:2], Step("Saturday: Orsay.\nSunday: Louvre."), Step("<img src=x onerror=alert(1)>")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Stored:
+    return store_fork(tmp_path_factory.mktemp("diff-store"), FORK)
+
+
+@pytest.fixture(scope="module")
+def server(runs: Stored) -> Iterator[ViewerServer]:
+    with JsonDirStore(runs.directory) as store, running_server(store) as running:
+        yield running
+
+
+def diff_path(**query: str) -> str:
+    return "/api/diff?" + urlencode(query, quote_via=quote)
+
+
+def test_a_fork_against_its_parent(server: ViewerServer, runs: Stored) -> None:
+    session, parent, fork = runs.forked, runs.parent, runs.fork
+    sid = session.session_id
+    body = get_json(server, diff_path(a=f"{sid}:{parent}", b=f"{sid}:{fork}"))
+    assert body["diff"] == "loops"
+    assert [turn["status"] for turn in body["turns"]] == ["equal", "equal", "changed", "added"]
+    assert body["first_divergence"]["turn"] == 2
+    expected = diff_loops(session, parent, session, fork)
+    assert msgspec.convert(body, LoopDiff | SessionDiff) == expected
+    by_position = get_json(server, diff_path(a=f"{sid}:#1", b=f"{sid}:#2"))
+    assert by_position == body
+    apart = get_json(server, diff_path(a=sid, loop_a=parent, b=sid, loop_b="#2"))
+    assert apart == body
+
+
+def test_two_sessions(server: ViewerServer, runs: Stored) -> None:
+    forked, other = runs.forked, runs.other
+    body = get_json(server, diff_path(a=forked.session_id, b=other.session_id))
+    assert body["diff"] == "sessions" and body["first_divergence"]["field"] == "loop"
+    assert msgspec.convert(body, LoopDiff | SessionDiff) == diff_sessions(forked, other)
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "fragment"),
+    [
+        ({"a": "{s}:#1"}, 400, "missing query parameter 'b'"),
+        ({"a": "{s}:#1", "b": "{s}"}, 400, "on both sides"),
+        ({"a": "{s}:#1", "b": "{s}:#7"}, 404, "no loop '#7'"),
+        ({"a": "{s}:#1", "b": "nobody:#1"}, 404, "nobody"),
+        ({"a": "..:#1", "b": "{s}:#1"}, 400, "unsafe session id"),
+        ({"a": "{s}", "b": "{s}", "loop_a": ""}, 400, "loop_a: empty loop"),
+        ({"a": "{s}:#1", "b": "{s}:#1", "c": "1"}, 400, "unknown query parameter 'c'"),
+    ],
+)
+def test_errors(
+    server: ViewerServer, runs: Stored, query: dict[str, str], status: int, fragment: str
+) -> None:
+    sid = runs.forked.session_id
+    body = get_json(server, diff_path(**{key: value.format(s=sid) for key, value in query.items()}), status)
+    assert fragment in body["error"]
+
+
+def test_the_diff_page_is_the_one_page(server: ViewerServer) -> None:
+    code, headers, body = request(server, "/")
+    assert code == 200 and b'href="#/diff"' in body
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
