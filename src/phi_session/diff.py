@@ -333,7 +333,7 @@ def _side(session: Session, record: LoopRecord) -> LoopSide:
         status=record.status,
         model=None if config is None else f"{config.provider}/{config.model}",
         turn_count=len(record.turns),
-        usage=record.usage,
+        usage=record.billed_usage(),
         seconds=None if record.ended_at is None else record.ended_at - record.started_at,
     )
 
@@ -350,7 +350,7 @@ def _diff_records(side_a: LoopSide, a: LoopRecord, side_b: LoopSide, b: LoopReco
         b=side_b,
         turns=tuple(turns),
         first_divergence=None if first is None else _divergence(a.loop_id, b.loop_id, first),
-        usage_delta=UsageDelta.between(a.usage, b.usage),
+        usage_delta=UsageDelta.between(a.billed_usage(), b.billed_usage()),
         seconds_delta=round((side_b.seconds or 0.0) - (side_a.seconds or 0.0), 9) if both_ended else None,
     )
 
