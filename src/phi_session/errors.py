@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .replay.divergence import Divergence
+
 
 class PhiSessionError(Exception):
     """Base class of every error raised by phi-session."""
@@ -74,3 +79,20 @@ class ExportError(PhiSessionError):
 class BrokerError(PhiSessionError):
     """The message broker (NATS JetStream) cannot be used: unreachable, or a stream laid
     out otherwise than phi-session expects."""
+
+
+class TurnNotFound(PhiSessionError, KeyError):
+    """A loop holds no turn with the requested index."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "turn not found"
+
+
+class ReplayDiverged(PhiSessionError):
+    """A replayed run asked its recording for something it does not hold (another request,
+    another tool call, a turn too many). `divergence` says where and what
+    (`phi_session.replay.Divergence`)."""
+
+    def __init__(self, divergence: Divergence) -> None:
+        super().__init__(f"replay diverged at {divergence.describe()}")
+        self.divergence = divergence

@@ -24,10 +24,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from ._time import Timestamp
 from .events import LoopConfigSnapshot, SessionFormation
 from .ids import derive_config_id
+
+if TYPE_CHECKING:
+    from .model import Session
 
 __all__ = ["AgentSession", "Clock", "FakeClock", "IdFactory", "config_id_of"]
 
@@ -265,6 +269,34 @@ class AgentSession:
                     counters[config_id] = max(counters.get(config_id, 0), int(number))
             if last_loop_id is not None:
                 self._last_loop_id = last_loop_id
+
+    def resume_session(self, session: Session) -> None:
+        """Go on with `session`, a recording of the current session (e.g. loaded from a
+        store): `resume` after its loops, the one that started last being the loop
+        continuations follow; the session has had its first loop, so no new loop
+        records a formation."""
+        if session.session_id != self._session_id:
+            raise ValueError(
+                f"session {session.session_id!r} is not the current session {self._session_id!r}"
+            )
+        if not session.loops:
+            return
+        last = max(session.loops, key=lambda record: record.started_at.ns)
+        self.resume((record.loop_id for record in session.loops), last.loop_id)
+        with self._lock:
+            if session.session_id == self._session_id:
+                self._formation_claimed = True
+                self._pending_formation = None
+
+    @classmethod
+    def continuing(
+        cls, session: Session, *, clock: Clock | None = None, id_factory: IdFactory | None = None
+    ) -> AgentSession:
+        """The identity that goes on recording into `session`: its agent and session
+        ids, loop ids after its loops' (`resume_session`)."""
+        agent = cls(session.agent_id, session_id=session.session_id, clock=clock, id_factory=id_factory)
+        agent.resume_session(session)
+        return agent
 
     def set_last_loop(self, loop_id: str) -> None:
         """Make `loop_id` the loop that continuations follow by default (e.g. a parallel winner)."""

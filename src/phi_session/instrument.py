@@ -55,7 +55,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from msgspec.structs import replace
@@ -111,6 +111,9 @@ from .messages import (
 )
 from .processors import Processor, ProcessorChain, Redactor, default_processors
 from .sinks import FanOut, SinkLike
+
+if TYPE_CHECKING:
+    from .model import Session
 
 __all__ = [
     "CompactionScope",
@@ -510,6 +513,16 @@ class Tracer:
         twin = copy.copy(self)
         twin.agent = agent
         return twin
+
+    def for_session(self, session: Session) -> Tracer:
+        """A tracer recording into the recorded `session` (its agent and session ids, new
+        loop ids after its loops', `AgentSession.continuing`), sharing this one's
+        processors, sinks, default config, clock and id factory: how a replayed or
+        forked loop joins the session it came from (`phi_session.replay.Lineage.loop`)."""
+        agent = self.agent
+        return self.for_agent(
+            AgentSession.continuing(session, clock=agent.clock, id_factory=agent.id_factory)
+        )
 
     # -- scopes ---------------------------------------------------------------------------
 

@@ -235,6 +235,20 @@ class LoopRecord(msgspec.Struct, kw_only=True):
     def kind(self) -> ContinuationKind:
         return self.continuation_kind or INITIAL
 
+    @property
+    def reruns_parent(self) -> bool:
+        """Whether this loop runs its parent again from its start: a replay or a fork
+        recorded by `phi_session.replay` (continuation kind ``Rerun`` or ``Branch``, and
+        ``metadata["replay"]`` or ``metadata["fork"]`` set). Its messages then stand in
+        for its parent's in `Session.context_at`."""
+        meta = self.metadata
+        return (
+            self.parent_loop_id is not None
+            and self.kind.kind in ("Rerun", "Branch")
+            and isinstance(meta, dict)
+            and (isinstance(meta.get("replay"), dict) or isinstance(meta.get("fork"), dict))
+        )
+
     def get_turn(self, turn_index: int) -> Turn | None:
         """The turn at `turn_index`, or None."""
         if 0 <= turn_index < len(self.turns):
@@ -398,6 +412,19 @@ class Session(msgspec.Struct, kw_only=True):
         chain.reverse()
         return chain
 
+    def context_chain_to(self, loop_id: str) -> list[str]:
+        """The loops whose messages make up `context_at(loop_id)`, root first:
+        `loop_chain_to` without the loops that a later loop of the chain runs again
+        from their start (`LoopRecord.reruns_parent`: a replay or a fork)."""
+        chain = self.loop_chain_to(loop_id)
+        kept: list[str] = []
+        for chain_id in chain:
+            record = self.get_loop(chain_id)
+            if record is not None and record.reruns_parent and kept and kept[-1] == record.parent_loop_id:
+                kept.pop()
+            kept.append(chain_id)
+        return kept
+
     def total_usage(self) -> Usage:
         """Token usage summed over every loop (`LoopRecord.billed_usage`: unfinished turns count)."""
         total = ZERO_USAGE
@@ -428,12 +455,16 @@ class Session(msgspec.Struct, kw_only=True):
         messages. A compaction pass recorded from events carries only token
         estimates, not the summaries: its session has no compaction block unless
         one was stored, and then the messages come back uncompacted.
+        A replay or a fork recorded by `phi_session.replay` runs its parent again
+        from its start, so it stands in for its parent (`context_chain_to`): an
+        extension of phi-session's, keyed by its own metadata, that no phi-core
+        stream triggers.
         Raises `LoopNotFound` for an unknown loop.
         """
         if self.get_loop(loop_id) is None:
             raise LoopNotFound(f"no loop {loop_id!r} in session {self.session_id!r}")
         history: list[AgentMessage] = []
-        for chain_id in self.loop_chain_to(loop_id):
+        for chain_id in self.context_chain_to(loop_id):
             record = self.get_loop(chain_id)
             if record is not None:  # None: the parent lives in another session (sub-agent)
                 history.extend(record.context_messages(most_recent=chain_id == loop_id))

@@ -14,6 +14,10 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
   (``Default``), found in memory, else in `store` (which also seeds the loop
   counter, so loop ids never repeat across restarts); `AdapterCore.handoff` ends a
   loop with stop reason ``handoff`` and starts the next agent's loop continuing it;
+* **replay and fork**: a top-level run started inside
+  ``phi_session.replay.recording_as(lineage)`` is recorded into the lineage's
+  session, continuing its loop with its kind and metadata (see
+  `phi_session.replay.lineage`);
 * **sub-agents**: a run started while an instrumented tool executes (`enter_tool`,
   a context variable shared by every adapter) becomes that tool's sub-agent: its own
   session, ``parent_loop_id``, trigger ``SubAgent``, and ``child_loop_id`` in the
@@ -43,7 +47,9 @@ from ..events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from ..identity import AgentSession, Clock
 from ..instrument import LoopScope, ToolScope, Tracer
 from ..messages import Usage
+from ..model import Session
 from ..processors import Processor, Redactor
+from ..replay.lineage import active_lineage
 from ..sinks import SinkLike
 from ..stores.base import SessionStore, validate_session_id
 
@@ -255,6 +261,12 @@ class AdapterCore:
             child = self.agent.spawn()
             tracer = self.tracer.for_agent(child)
             loop = parent_tool.sub_agent(config, agent=child, metadata=meta)
+        elif (lineage := active_lineage()) is not None:
+            # A replay or a fork (phi_session.replay.recording_as): into the recorded session.
+            tracer = self._session_tracer(lineage.lineage.session.session_id, lineage.lineage.session)
+            continues, kind = lineage.continuation(tracer.agent.last_loop_id)
+            meta.update(lineage.lineage.metadata)
+            loop = tracer.loop(config, continues=continues, kind=kind, metadata=meta)
         else:
             if framework_session_id is not None:
                 session_id = session_id_for(framework_session_id)
@@ -275,17 +287,22 @@ class AdapterCore:
         loop.start()
         return run
 
-    def _session_tracer(self, session_id: str) -> Tracer:
+    def _session_tracer(self, session_id: str, recorded: Session | None = None) -> Tracer:
+        """The tracer of session `session_id`; `recorded`: a recording of it that new loop
+        ids must not collide with (a replay's)."""
         with self._lock:
             tracer = self._sessions.get(session_id)
         if tracer is not None:
+            if recorded is not None:  # counters only: continuations follow this tracer's runs
+                tracer.agent.resume((record.loop_id for record in recorded.loops), None)
             return tracer
-        agent = AgentSession(
-            self.agent.agent_id,
-            session_id=session_id,
-            clock=self.agent.clock,
-            id_factory=self.agent.id_factory,
-        )
+        clock, id_factory = self.agent.clock, self.agent.id_factory
+        if recorded is not None:
+            agent = AgentSession.continuing(recorded, clock=clock, id_factory=id_factory)
+        else:
+            agent = AgentSession(
+                self.agent.agent_id, session_id=session_id, clock=clock, id_factory=id_factory
+            )
         self._resume_from_store(agent)
         tracer = self.tracer.for_agent(agent)
         with self._lock:  # a concurrent first run of the same session may have won
@@ -299,9 +316,7 @@ class AdapterCore:
             stored = store.load(agent.session_id)
         except (SessionNotFound, InvalidSessionId):
             return
-        if stored.loops:
-            last = max(stored.loops, key=lambda record: record.started_at.ns)
-            agent.resume((record.loop_id for record in stored.loops), last.loop_id)
+        agent.resume_session(stored)
 
     def run(self, key: object) -> AdapterRun | None:
         """The open run known by `key`, if any."""

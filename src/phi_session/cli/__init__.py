@@ -8,13 +8,15 @@ Errors go to stderr as one line each; no traceback is shown unless
 ``PHI_SESSION_DEBUG=1``. Commands that only read never create a store.
 
 The package keeps commands thin over the library: `app` holds the group, its
-options and error handling, `commands` the commands, `render` how results are drawn.
+options and error handling, `commands` the commands (``fork`` in `forking`), `render`
+how results are drawn.
 """
 
 from __future__ import annotations
 
 from . import commands as commands  # registers the commands on `main`
 from . import diff_command as diff_command  # registers `diff`
+from . import forking as forking  # registers `fork`
 from .app import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 from .render import MAX_TREE_DEPTH
 

@@ -1,0 +1,84 @@
+"""``phi-session fork``: the context a loop's model saw at one turn, to resume from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import msgspec
+
+from ..codec import encode_message
+from ..diff import find_loop
+from ..replay.script import RecordedTurn, ReplayScript
+from . import render
+from .app import echo_json, load_cli_session, main, open_cli_store, stderr, stdout, store_options
+
+
+def fork_point_json(session_id: str, turn: RecordedTurn) -> dict[str, object]:
+    """The fork point as JSON: where it is, and the request (phi-core message JSON)."""
+    request = turn.request
+    return {
+        "session_id": session_id,
+        "loop_id": turn.loop_id,
+        "turn_index": turn.turn_index,
+        "system_prompt": request.system_prompt,
+        "tools": None if request.tools is None else msgspec.to_builtins(request.tools),
+        "messages": [msgspec.Raw(encode_message(message)) for message in request.messages],
+    }
+
+
+@main.command("fork")
+@click.argument("session_id", metavar="ID")
+@click.argument("loop_id", metavar="LOOP_ID")
+@click.option(
+    "--turn", "turn_index", type=click.IntRange(min=0), required=True, help="The turn to fork at (0-based)."
+)
+@click.option(
+    "--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON to FILE."
+)
+@store_options
+def fork_command(
+    session_id: str,
+    loop_id: str,
+    turn_index: int,
+    out_file: Path | None,
+    store_url: str | None,
+    as_json: bool,
+) -> None:
+    """The context LOOP_ID's model saw at turn --turn: where a fork of it starts.
+
+    LOOP_ID is a loop id, or #N for the N-th loop as 'show' numbers them.
+
+    The system prompt and tools when the turn's request was captured, and the
+    messages: the earlier loops' context, then this loop's up to the turn's own
+    inputs. --json prints it as JSON (phi-core messages), --out FILE writes that
+    JSON to FILE, for a program to resume from (phi_session.replay: fork,
+    fork_lineage).
+    """
+    with open_cli_store(store_url, must_exist=True) as store:
+        session = load_cli_session(store, session_id)
+    loop_id = find_loop(session, loop_id).loop_id
+    turn = ReplayScript.from_session(session, loop_id).turn(turn_index)
+    if out_file is not None or as_json:
+        data = fork_point_json(session.session_id, turn)
+        if out_file is not None:
+            out_file.write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))
+            note = f"wrote the context of turn {turn_index} to {out_file}"
+            stderr().print(render.plain(note, "dim"), soft_wrap=True)
+        if as_json:
+            echo_json(data)
+        return
+    console = stdout()
+    request = turn.request
+    if request.system_prompt is not None:
+        console.print(render.plain("system prompt", "bold"))
+        console.print(render.plain(request.system_prompt))
+        console.print()
+    if request.tools is not None:
+        names = ", ".join(tool.name for tool in request.tools) or "(none)"
+        console.print(render.plain(f"tools: {names}", "bold", one_line=True))
+        console.print()
+    for message in request.messages:
+        console.print(render.message_view(message))
+    note = f"{render.count(len(request.messages), 'message')}: the context of turn {turn_index} of {loop_id}"
+    stderr().print(render.plain(note, "dim"), soft_wrap=True)

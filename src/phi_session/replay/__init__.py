@@ -1,0 +1,57 @@
+"""Replay and fork recorded agent runs: answer a run's model (and tool) calls from its
+recording, or hand it to another model from a chosen turn on.
+
+The framework-independent core, one module per concept:
+
+* `phi_session.replay.request`: `RequestShape` (what a model was asked at one turn)
+  and how two requests are compared;
+* `phi_session.replay.script`: `RecordedTurn`, `ReplayScript` (the turns of a stored
+  loop, or of a chain of loops, in order);
+* `phi_session.replay.divergence`: `Divergence` (``ReplayDiverged`` carries it);
+* `phi_session.replay.cursor`: `ReplayCursor`, what every replay model drives (its
+  docstring is the contract framework replay models keep);
+* `phi_session.replay.lineage`: `Lineage`, `replay_lineage`, `fork_lineage`,
+  `recording_as` (how a replayed or forked run is recorded: a ``Rerun{replay}`` or
+  ``Branch{tag}`` loop of the original session, continuing the original loop);
+* `phi_session.replay.recorded`: `RecordedModel` for hand-instrumented loops;
+* `phi_session.replay.forking`: `fork`, a recorded loop run again up to a turn and then
+  handed to another model, for any recorded loop.
+
+A replay costs no tokens and makes no network call: the recorded replies are
+returned, and with ``tools="recorded"`` the recorded tool results too.
+"""
+
+from __future__ import annotations
+
+from ..errors import ReplayDiverged, TurnNotFound
+from .cursor import OnDivergence, ReplayCursor, ToolsMode, check_request
+from .divergence import Divergence, DivergenceKind
+from .forking import ToolFn, fork
+from .lineage import ActiveLineage, Lineage, active_lineage, fork_lineage, recording_as, replay_lineage
+from .recorded import ModelFn, RecordedModel
+from .request import RequestShape
+from .script import RecordedTurn, ReplayScript
+
+__all__ = [
+    "ActiveLineage",
+    "Divergence",
+    "DivergenceKind",
+    "Lineage",
+    "ModelFn",
+    "OnDivergence",
+    "RecordedModel",
+    "RecordedTurn",
+    "ReplayCursor",
+    "ReplayDiverged",
+    "ReplayScript",
+    "RequestShape",
+    "ToolFn",
+    "ToolsMode",
+    "TurnNotFound",
+    "active_lineage",
+    "check_request",
+    "fork",
+    "fork_lineage",
+    "recording_as",
+    "replay_lineage",
+]

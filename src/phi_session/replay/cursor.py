@@ -1,0 +1,268 @@
+"""`ReplayCursor`: answers one replayed run's model calls and tool calls from a recording.
+
+The contract a framework's replay model keeps (one cursor per replayed run):
+
+1. At each model call, build the `RequestShape` of the framework's request (see
+   `phi_session.replay.request`) and call `ReplayCursor.respond`. It checks the request
+   against the next recorded turn and returns that turn's recorded
+   `AssistantMessage` (text, thinking, tool calls with their recorded ids, usage,
+   stop reason): turn it into the framework's response. It returns **None** when the
+   run is handed over: to the live model past a fork point (``until_turn``), or to
+   the fallback model after a divergence (``on_divergence="fallback"``); call your
+   fallback / live model then, and from then on (it keeps returning None).
+2. At each tool call of a replayed turn, call `ReplayCursor.tool_result` with the
+   call's id, tool name and arguments (a dict or its JSON string). With
+   ``tools="recorded"`` it returns the recorded `ToolResultMessage`: answer the tool
+   call with its content (``is_error`` tells whether it failed) instead of running
+   the tool. It returns **None** when the tool must run live: ``tools="live"``, or
+   the run is handed over.
+3. On a divergence with ``on_divergence="stop"`` both raise `ReplayDiverged`
+   (carrying the `Divergence`; every later call raises it again); with
+   ``"fallback"`` the first divergence is kept in `ReplayCursor.divergence` and the
+   calls return None.
+
+A replay of an unchanged agent never diverges: the recorded requests are compared
+with the replayed ones as the model sees them (`phi_session.replay.request`). The
+system prompt and the tools are compared only when both sides know them. A recorded
+request built from the loops before the replayed one (no captured request) also
+matches a replayed request without those earlier messages.
+
+Thread-safe: calls of one run may come from several threads or tasks (parallel tool
+calls).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+from msgspec.structs import replace
+
+from ..errors import ReplayDiverged
+from ..messages import AssistantMessage, ToolCall, ToolResultMessage
+from .divergence import Divergence, DivergenceKind
+from .request import RequestShape, compare_messages, compare_tools, normal_arguments
+from .script import RecordedTurn, ReplayScript
+
+__all__ = ["OnDivergence", "ReplayCursor", "ToolsMode", "check_request"]
+
+OnDivergence = Literal["stop", "fallback"]
+ToolsMode = Literal["recorded", "live"]
+
+
+def _clip(text: str | None) -> str | None:
+    return None if text is None else text if len(text) <= 160 else text[:159] + "…"
+
+
+def check_request(turn: RecordedTurn, request: RequestShape) -> Divergence | None:
+    """The divergence between `request` and what `turn` was asked, or None when they match."""
+    recorded = turn.request
+
+    def diverged(what: DivergenceKind, found: tuple[str, str | None, str | None]) -> Divergence:
+        detail, expected, actual = found
+        return Divergence(
+            loop_id=turn.loop_id,
+            turn_index=turn.turn_index,
+            what=what,
+            detail=detail,
+            expected=expected,
+            actual=actual,
+        )
+
+    if (
+        recorded.system_prompt is not None
+        and request.system_prompt is not None
+        and recorded.system_prompt != request.system_prompt
+    ):
+        found = ("the system prompt differs", _clip(recorded.system_prompt), _clip(request.system_prompt))
+        return diverged("system_prompt", found)
+    if recorded.tools is not None and request.tools is not None:
+        tools = compare_tools(recorded.tools, request.tools)
+        if tools is not None:
+            return diverged("tools", tools)
+    messages = compare_messages(recorded.messages, request.messages)
+    if messages is not None and turn.inherited:
+        if compare_messages(recorded.messages[turn.inherited :], request.messages) is None:
+            return None
+    return None if messages is None else diverged("messages", messages)
+
+
+class ReplayCursor:
+    """Answers one replayed run from `script` (see the module docstring for the contract).
+
+    * `on_divergence`: ``"stop"`` raises `ReplayDiverged`; ``"fallback"`` hands the
+      run to the caller's fallback model (calls return None).
+    * `tools`: ``"recorded"`` answers tool calls from the recording; ``"live"``
+      leaves them to the real tools (`tool_result` returns None).
+    * `until_turn`: a fork point: the recorded turns before it are replayed, the
+      model calls from it on return None (the live model answers), which is no
+      divergence. It is a position in the script (for a one-loop script, the turn
+      index).
+    """
+
+    def __init__(
+        self,
+        script: ReplayScript,
+        *,
+        on_divergence: OnDivergence = "stop",
+        tools: ToolsMode = "recorded",
+        until_turn: int | None = None,
+    ) -> None:
+        if not isinstance(script, ReplayScript):
+            raise TypeError(f"expected a ReplayScript, got {type(script).__name__}")
+        if on_divergence not in ("stop", "fallback"):
+            raise ValueError(f"on_divergence must be 'stop' or 'fallback', not {on_divergence!r}")
+        if tools not in ("recorded", "live"):
+            raise ValueError(f"tools must be 'recorded' or 'live', not {tools!r}")
+        if until_turn is not None:
+            script.turn(until_turn)  # TurnNotFound for a fork point the recording does not have
+        self.script = script
+        self.on_divergence: OnDivergence = on_divergence
+        self.tools: ToolsMode = tools
+        self.until_turn = until_turn
+        self._lock = threading.Lock()
+        self._served = 0
+        self._handed_over = False
+        self._divergence: Divergence | None = None
+        # tool call id -> (position of its turn in the script, the turn)
+        self._calls: dict[str, tuple[int, RecordedTurn]] = {}
+        for position, turn in enumerate(script.turns):
+            for call in turn.tool_calls:
+                self._calls.setdefault(call.id, (position, turn))
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def turns_served(self) -> int:
+        """How many recorded replies `respond` has returned."""
+        return self._served
+
+    @property
+    def divergence(self) -> Divergence | None:
+        """The first divergence, if any."""
+        return self._divergence
+
+    @property
+    def handed_over(self) -> bool:
+        """Whether model calls now go to the live or fallback model (fork point reached, or
+        a divergence in ``"fallback"`` mode)."""
+        return self._handed_over
+
+    @property
+    def finished(self) -> bool:
+        """Whether every recorded turn the cursor was to serve has been served (up to
+        `until_turn` for a fork) without a divergence."""
+        end = len(self.script.turns) if self.until_turn is None else self.until_turn
+        return self._divergence is None and self._served >= end
+
+    # -- answers --------------------------------------------------------------------------
+
+    def respond(self, request: RequestShape) -> AssistantMessage | None:
+        """The recorded reply to `request` (the next turn's), or None when handed over.
+
+        Raises `ReplayDiverged` on a divergence in ``"stop"`` mode."""
+        if not isinstance(request, RequestShape):
+            raise TypeError(f"expected a RequestShape, got {type(request).__name__}")
+        with self._lock:
+            if self._handed_over:
+                return None
+            self._raise_if_stopped()
+            position = self._served
+            if self.until_turn is not None and position >= self.until_turn:
+                self._handed_over = True
+                return None
+            turns = self.script.turns
+            if position >= len(turns):
+                last = turns[-1] if turns else None
+                self._diverge(
+                    Divergence(
+                        loop_id=last.loop_id if last is not None else self.script.loop_id,
+                        turn_index=last.turn_index + 1 if last is not None else 0,
+                        what="exhausted",
+                        detail=f"a model call after the {len(turns)} recorded turn(s)",
+                    )
+                )
+                return None
+            turn = turns[position]
+            found = check_request(turn, request)
+            if found is not None:
+                self._diverge(found)
+                return None
+            self._served = position + 1
+            return turn.reply
+
+    def tool_result(self, call_id: str, name: str, arguments: object) -> ToolResultMessage | None:
+        """The recorded result of a tool call of a replayed turn, or None when the tool
+        must run live (``tools="live"``, or handed over).
+
+        The call must be one of the replayed turns' (same id and tool name) with the
+        same arguments; else a ``tool_call`` / ``tool_arguments`` divergence."""
+        with self._lock:
+            if self._handed_over or self.tools == "live":
+                return None
+            self._raise_if_stopped()
+            known = self._calls.get(call_id)
+            if known is None or known[0] >= self._served:
+                last = self.script.turns[self._served - 1] if self._served else None
+                where = f"the replayed turns hold no tool call {call_id!r} ({name})"
+                self._diverge(
+                    Divergence(
+                        loop_id=last.loop_id if last is not None else self.script.loop_id,
+                        turn_index=last.turn_index if last is not None else 0,
+                        what="tool_call",
+                        detail=where,
+                        actual=f"{name} [{call_id}]",
+                    )
+                )
+                return None
+            turn = known[1]
+            call = next(block for block in turn.tool_calls if block.id == call_id)
+            result = turn.result_of(call_id)
+            problem = self._call_problem(call, name, arguments, result is None)
+            if problem is not None:
+                what, detail, expected, actual = problem
+                self._diverge(
+                    Divergence(
+                        loop_id=turn.loop_id,
+                        turn_index=turn.turn_index,
+                        what=what,
+                        detail=detail,
+                        expected=expected,
+                        actual=actual,
+                    )
+                )
+                return None
+            assert result is not None  # _call_problem reports a missing result
+            return replace(result, turn_id=None)
+
+    @staticmethod
+    def _call_problem(
+        call: ToolCall, name: str, arguments: object, no_result: bool
+    ) -> tuple[DivergenceKind, str, str | None, str | None] | None:
+        if call.name != name:
+            return "tool_call", f"tool call {call.id!r} was to {call.name}, not {name}", call.name, name
+        recorded, given = normal_arguments(call.arguments), normal_arguments(arguments)
+        if recorded != given:
+            return (
+                "tool_arguments",
+                f"{name} [{call.id}] called with other arguments",
+                _clip(repr(recorded)),
+                _clip(repr(given)),
+            )
+        if no_result:
+            return "tool_call", f"tool call {call.id!r} ({name}) has no recorded result", None, None
+        return None
+
+    # -- divergence -----------------------------------------------------------------------
+
+    def _raise_if_stopped(self) -> None:
+        if self._divergence is not None and self.on_divergence == "stop":
+            raise ReplayDiverged(self._divergence)
+
+    def _diverge(self, divergence: Divergence) -> None:
+        """Keep the first divergence; raise it (``"stop"``) or hand over (``"fallback"``)."""
+        if self._divergence is None:
+            self._divergence = divergence
+        if self.on_divergence == "stop":
+            raise ReplayDiverged(divergence)
+        self._handed_over = True

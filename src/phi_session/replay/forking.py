@@ -1,0 +1,153 @@
+"""`fork`: run a recorded loop again up to a turn, then hand it to another model.
+
+For a hand-instrumented agent whose own code you re-run, use `RecordedModel` with
+``until_turn`` and `fork_lineage`. `fork` is the ready-made version for any recorded
+loop, whatever produced it: it records a ``Branch{tag}`` loop of the original
+session (parent the original loop, ``metadata["fork"]`` the fork point and the
+change) that
+
+1. repeats the recorded turns before `turn_index` as they were (their inputs,
+   replies, tool calls and results: no model, no tool runs), then
+2. from `turn_index` on calls `model` (any function from a `RequestShape` to an
+   `AssistantMessage`) with the recorded context of that turn, runs the tools it
+   calls (`tools`, by name) and goes on until a reply calls no tool.
+
+The change can be another model (`model`), other inputs for the fork turn
+(`prompt`: replaces what that turn added, e.g. the user's question of turn 0), and
+other results for tool calls of the turn just before it (`tool_results`, by call
+id). What the fork changed goes to ``metadata["fork"]["change"]``: `change` as given,
+plus the prompt and replaced results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from msgspec.structs import replace
+
+from ..events import LoopConfigSnapshot
+from ..instrument import LoopScope, ToolScope, Tracer
+from ..messages import AgentMessage, Content, TextContent, ToolCall, ToolResultMessage
+from ..model import Session
+from .lineage import fork_lineage
+from .recorded import ModelFn
+from .request import RequestShape
+from .script import RecordedTurn, ReplayScript
+
+__all__ = ["ToolFn", "fork"]
+
+ToolFn = Callable[[Any], str | Sequence[Content]]
+"""A tool as a plain function: the call's arguments in, its result (text or content) out."""
+
+
+def _text(content: str | Sequence[Content]) -> tuple[Content, ...]:
+    return (TextContent(text=content),) if isinstance(content, str) else tuple(content)
+
+
+def _apply(result: ToolResultMessage, replaced: Mapping[str, tuple[Content, ...]]) -> ToolResultMessage:
+    content = replaced.get(result.tool_call_id)
+    return result if content is None else replace(result, content=content, is_error=False)
+
+
+def _finish_recorded(tool: ToolScope, result: ToolResultMessage | None) -> None:
+    if result is None:
+        tool.error("no recorded result")
+    elif result.is_error:
+        tool.error(result.content)
+    else:
+        tool.result(result.content)
+
+
+def _run_tool(tool: ToolScope, call: ToolCall, tools: Mapping[str, ToolFn]) -> None:
+    run = tools.get(call.name)
+    if run is None:
+        tool.error(f"no tool named {call.name!r}")
+        return
+    try:
+        tool.result(run(call.arguments))
+    except Exception as error:  # a failing tool is the model's to see, as in any agent loop
+        tool.error(f"{type(error).__name__}: {error}")
+
+
+def _repeat(loop: LoopScope, turn: RecordedTurn, replaced: Mapping[str, tuple[Content, ...]]) -> None:
+    for message in turn.inputs:
+        loop.user(message)
+    with loop.turn() as scope:
+        with scope.assistant() as reply:
+            reply.finish(message=turn.reply)
+        for call in scope.tool_calls:
+            with scope.tool(call) as tool:
+                recorded = turn.result_of(call.id)
+                _finish_recorded(tool, None if recorded is None else _apply(recorded, replaced))
+
+
+def fork(
+    session: Session,
+    loop_id: str,
+    turn_index: int,
+    *,
+    model: ModelFn,
+    tracer: Tracer,
+    tools: Mapping[str, ToolFn] | None = None,
+    prompt: str | Sequence[AgentMessage] | None = None,
+    tool_results: Mapping[str, str | Sequence[Content]] | None = None,
+    tag: str = "fork",
+    change: Mapping[str, Any] | None = None,
+    config: LoopConfigSnapshot | None = None,
+    max_turns: int = 20,
+) -> LoopScope:
+    """Fork loop `loop_id` of `session` at turn `turn_index` (see the module docstring).
+
+    The fork is recorded through `tracer` (its sinks and processors; `config` or the
+    tracer's own config names the model of the new loop) as a loop of `session`;
+    returns its ended scope (``loop_id``, ``messages``, ``usage``, ``status``). A
+    model that keeps calling tools is stopped after `max_turns` live turns.
+
+    Raises `LoopNotFound` / `TurnNotFound` for a fork point the session lacks, and
+    ValueError for a replaced tool result of a call that is not the previous turn's
+    (later recorded turns saw the original result).
+    """
+    script = ReplayScript.from_session(session, loop_id)
+    point = script.turn(turn_index)
+    replaced = {call_id: _text(content) for call_id, content in (tool_results or {}).items()}
+    previous = {call.id for call in script.turns[turn_index - 1].tool_calls} if turn_index else set()
+    stray = sorted(set(replaced) - previous)
+    if stray:
+        raise ValueError(
+            f"tool_results: {', '.join(stray)}: not a tool call of turn {turn_index - 1}, "
+            "the turn before the fork"
+        )
+    inputs: Sequence[str | AgentMessage] = point.inputs
+    described: dict[str, Any] = dict(change or {})
+    if prompt is not None:
+        inputs = [prompt] if isinstance(prompt, str) else prompt
+        described["prompt"] = prompt if isinstance(prompt, str) else f"{len(prompt)} message(s)"
+    if tool_results:
+        described["tool_results"] = sorted(replaced)
+    lineage = fork_lineage(script, turn_index, tag=tag, change=described or None)
+    request = point.request
+    kept = len(request.messages) - len(point.inputs)
+    context: list[AgentMessage] = [
+        _apply(m, replaced) if isinstance(m, ToolResultMessage) else m for m in request.messages[:kept]
+    ]
+    with lineage.loop(tracer, config) as loop:
+        for turn in script.turns[:turn_index]:
+            _repeat(loop, turn, replaced)
+        for message in inputs:
+            context.append(loop.user(message))
+        for _ in range(max_turns):
+            with loop.turn() as scope:
+                shape = RequestShape(
+                    system_prompt=request.system_prompt, messages=tuple(context), tools=request.tools
+                )
+                with scope.assistant() as reply:
+                    answer = reply.finish(message=model(shape))
+                context.append(answer)
+                for call in scope.tool_calls:
+                    with scope.tool(call) as tool:
+                        _run_tool(tool, call, tools or {})
+                context.extend(scope.tool_results)
+            if not scope.tool_calls:
+                break
+    return loop

@@ -1,0 +1,148 @@
+"""How a replayed or forked run is recorded: its own loop in the original session.
+
+A `Lineage` says where a new run goes: into `Lineage.session` (the recording; new
+loop ids continue after its loops', so they never collide), continuing
+`Lineage.parent_loop_id` with `Lineage.kind`, its ``AgentStart.metadata`` merged with
+`Lineage.metadata`:
+
+* a replay (`replay_lineage`): kind ``Rerun{"replay"}``, parent the replayed loop (the
+  first of a replayed chain), metadata ``{"replay": {"session_id", "loop_id",
+  "loop_ids"}}``;
+* a fork (`fork_lineage`): kind ``Branch{tag}``, parent the same, metadata ``{"fork":
+  {"session_id", "loop_id", "turn_index", "change"}}`` (the fork point and what
+  changed, as given).
+
+Such a loop runs its parent again from its start, so it stands in for its parent in
+`Session.context_at` (`LoopRecord.reruns_parent`).
+
+Two ways to use a lineage:
+
+* hand-instrumented loops: ``lineage.loop(tracer)`` is ``tracer.for_session(session)
+  .loop(continues=parent, kind=kind, metadata=metadata)``;
+* framework adapters: run the agent inside ``with recording_as(lineage):``. The first
+  top-level run `AdapterCore.start_run` starts there is recorded with the lineage;
+  later top-level runs of the block (a replayed conversation of several runs)
+  continue the previous one (``Default``) with the same metadata. `active_lineage`
+  is what the adapter core consults (a context variable: it follows threads'
+  contexts and asyncio tasks created inside the block).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..events import DEFAULT, ContinuationKind, LoopConfigSnapshot
+from ..model import Session
+
+if TYPE_CHECKING:
+    from ..instrument import LoopScope, Tracer
+    from .script import ReplayScript
+
+__all__ = ["ActiveLineage", "Lineage", "active_lineage", "fork_lineage", "recording_as", "replay_lineage"]
+
+REPLAY_TAG = "replay"
+
+
+class Lineage(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a replayed or forked run is recorded (see the module docstring)."""
+
+    session: Session
+    parent_loop_id: str
+    kind: ContinuationKind
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def loop(
+        self,
+        tracer: Tracer,
+        config: LoopConfigSnapshot | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> LoopScope:
+        """A loop of `tracer` (its sinks, processors, default config) recorded with this
+        lineage, plus `metadata`; start it with ``with``."""
+        return tracer.for_session(self.session).loop(
+            config,
+            continues=self.parent_loop_id,
+            kind=self.kind,
+            metadata={**self.metadata, **(metadata or {})},
+        )
+
+
+def replay_lineage(script: ReplayScript, **details: Any) -> Lineage:
+    """The lineage of a replay of `script`; `details` (JSON values) join ``metadata["replay"]``."""
+    info: dict[str, Any] = {"session_id": script.session_id, "loop_id": script.loop_id, **details}
+    if len(script.loop_ids) > 1:
+        info["loop_ids"] = list(script.loop_ids)
+    return Lineage(
+        session=script.session,
+        parent_loop_id=script.loop_ids[0],
+        kind=ContinuationKind.rerun(REPLAY_TAG),
+        metadata={"replay": info},
+    )
+
+
+def fork_lineage(script: ReplayScript, turn: int, *, tag: str = "fork", change: Any = None) -> Lineage:
+    """The lineage of a fork of `script` at position `turn` (a `ReplayCursor`'s
+    ``until_turn``): ``Branch{tag}``; ``metadata["fork"]`` names the recorded turn the
+    fork left from and `change` (a JSON value describing what changed, e.g.
+    ``{"model": "gpt-5"}``). Raises `TurnNotFound` for a turn the script lacks."""
+    point = script.turn(turn)
+    return Lineage(
+        session=script.session,
+        parent_loop_id=script.loop_ids[0],
+        kind=ContinuationKind.branch(tag),
+        metadata={
+            "fork": {
+                "session_id": script.session_id,
+                "loop_id": point.loop_id,
+                "turn_index": point.turn_index,
+                "change": change,
+            }
+        },
+    )
+
+
+class ActiveLineage:
+    """The lineage of a ``recording_as`` block, and whether its first run has started."""
+
+    __slots__ = ("_claimed", "_lock", "lineage")
+
+    def __init__(self, lineage: Lineage) -> None:
+        self.lineage = lineage
+        self._lock = threading.Lock()
+        self._claimed = False
+
+    def continuation(self, last_loop_id: str | None) -> tuple[str | None, ContinuationKind]:
+        """``(parent loop id, kind)`` of the next top-level run: the lineage's for the
+        first, then a ``Default`` continuation of `last_loop_id` (the previous run's)."""
+        with self._lock:
+            if not self._claimed:
+                self._claimed = True
+                return self.lineage.parent_loop_id, self.lineage.kind
+        return last_loop_id, DEFAULT
+
+
+_active: ContextVar[ActiveLineage | None] = ContextVar("phi_session_replay_lineage", default=None)
+
+
+@contextmanager
+def recording_as(lineage: Lineage) -> Iterator[Lineage]:
+    """Record the top-level framework runs started inside the block with `lineage`."""
+    if not isinstance(lineage, Lineage):
+        raise TypeError(f"expected a Lineage, got {type(lineage).__name__}")
+    token = _active.set(ActiveLineage(lineage))
+    try:
+        yield lineage
+    finally:
+        _active.reset(token)
+
+
+def active_lineage() -> ActiveLineage | None:
+    """The lineage of the enclosing `recording_as` block, if any (for adapters)."""
+    return _active.get()

@@ -1,0 +1,90 @@
+"""`RecordedModel`: the replay model of a hand-instrumented loop.
+
+Where your loop calls its model, call ``model.next(request)`` (a `RequestShape`, or
+just the messages you send); where it runs a tool, ask ``model.tool_result(call)``
+first and run the tool only when it returns None::
+
+    script = ReplayScript.from_session(session, loop_id)
+    model = RecordedModel(script)                    # tools="recorded": no model, no tools
+    with replay_lineage(script).loop(tracer) as loop:  # Rerun{replay} of the original loop
+        ...
+        reply = model.next(RequestShape(system_prompt=..., messages=context, tools=...))
+        ...
+        recorded = model.tool_result(call)           # a ToolResultMessage, or None: run it
+
+A fork is the same with ``until_turn=k`` and a `fallback` (any callable from a
+`RequestShape` to an `AssistantMessage`: your live model, another model) and
+`fork_lineage`. The divergence rules are `ReplayCursor`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from ..messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
+from ..model import Session
+from .cursor import OnDivergence, ReplayCursor, ToolsMode
+from .divergence import Divergence
+from .request import RequestShape
+from .script import ReplayScript
+
+__all__ = ["ModelFn", "RecordedModel"]
+
+ModelFn = Callable[[RequestShape], AssistantMessage]
+"""A model as a plain function: the request in, the assistant's reply out."""
+
+
+class RecordedModel:
+    """Answers a hand loop's model calls from a recording (see the module docstring).
+
+    `recording`: a `ReplayScript`, or a `Session` (then `loop_id` and `chain` pick
+    the loops, as `ReplayScript.from_session`). `fallback` answers the model calls
+    the recording does not: past `until_turn` (a fork), and after a divergence when
+    ``on_divergence="fallback"`` (both require it).
+    """
+
+    def __init__(
+        self,
+        recording: ReplayScript | Session,
+        loop_id: str | None = None,
+        *,
+        chain: bool = False,
+        on_divergence: OnDivergence = "stop",
+        tools: ToolsMode = "recorded",
+        until_turn: int | None = None,
+        fallback: ModelFn | None = None,
+    ) -> None:
+        script = (
+            recording
+            if isinstance(recording, ReplayScript)
+            else ReplayScript.from_session(recording, loop_id, chain=chain)
+        )
+        if fallback is None and (until_turn is not None or on_divergence == "fallback"):
+            raise ValueError("until_turn and on_divergence='fallback' need a fallback model")
+        self.script = script
+        self.cursor = ReplayCursor(script, on_divergence=on_divergence, tools=tools, until_turn=until_turn)
+        self.fallback = fallback
+
+    def next(self, request: RequestShape | Sequence[AgentMessage]) -> AssistantMessage:
+        """The reply to `request`: the recorded one, or the fallback model's once handed over.
+
+        Raises `ReplayDiverged` on a divergence in ``"stop"`` mode."""
+        shape = RequestShape.of(request)
+        reply = self.cursor.respond(shape)
+        if reply is not None:
+            return reply
+        # Handed over: only with until_turn or in fallback mode, which both need a fallback.
+        assert self.fallback is not None
+        return self.fallback(shape)
+
+    def tool_result(self, call: ToolCall) -> ToolResultMessage | None:
+        """The recorded result of `call`, or None: run the tool (see `ReplayCursor.tool_result`)."""
+        return self.cursor.tool_result(call.id, call.name, call.arguments)
+
+    @property
+    def divergence(self) -> Divergence | None:
+        return self.cursor.divergence
+
+    @property
+    def finished(self) -> bool:
+        return self.cursor.finished

@@ -1,0 +1,216 @@
+"""What a model was asked at one turn (`RequestShape`), and how two requests are compared.
+
+A replay model (one per framework, or `RecordedModel` for a hand loop) turns the
+framework's request into a `RequestShape` and hands it to `ReplayCursor.respond`.
+Build it so that it says what the *model* sees:
+
+* `system_prompt`: the system prompt / instructions, None when the framework's
+  request does not let you know it (it is then not compared);
+* `messages`: the conversation sent, oldest first, *without* the system prompt:
+  user messages, the assistant's earlier replies (text and tool calls with their
+  ids), tool results (call id and content);
+* `tools`: the tools offered, None when not known (then not compared).
+
+Comparison (`compare_messages`, `compare_tools`) looks only at what reaches the
+model, normalised: roles; text (the text blocks of a message joined); images
+(MIME type and data); tool calls (id, name, arguments as JSON values, a JSON
+string being read as its value); tool results (call id and content). Ignored:
+timestamps, usage, stop reasons, model and provider names, turn ids, node ids,
+provenance, ``is_error`` and a result's tool name (most providers send neither),
+and extension messages (never sent to a model). Thinking is compared only when both
+sides carry it for that message: many frameworks drop reasoning from the history
+they resend. Tools are compared by name, description and parameter schema, in any
+order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from ..messages import (
+    AgentMessage,
+    AnnotatedRequestPayload,
+    AssistantMessage,
+    ImageContent,
+    TextContent,
+    ThinkingContent,
+    ToolCall,
+    ToolDefinition,
+    ToolResultMessage,
+    UserMessage,
+)
+
+__all__ = ["RequestShape", "compare_messages", "compare_tools", "normal_arguments", "summarize"]
+
+_SUMMARY_LIMIT = 160
+
+
+class RequestShape(msgspec.Struct, frozen=True, kw_only=True):
+    """What a model was asked at one turn (see the module docstring for how to fill it)."""
+
+    system_prompt: str | None = None
+    """The system prompt; None: not known (not compared)."""
+    messages: tuple[AgentMessage, ...] = ()
+    """The full context sent, oldest first, without the system prompt."""
+    tools: tuple[ToolDefinition, ...] | None = None
+    """The tools offered; None: not known (not compared)."""
+
+    @classmethod
+    def from_payload(cls, payload: AnnotatedRequestPayload) -> RequestShape:
+        """The shape of a captured request (``TurnRequest`` / ``Turn.request_payload``)."""
+        return cls(system_prompt=payload.system_prompt, messages=payload.messages, tools=payload.tools)
+
+    @classmethod
+    def of(cls, request: RequestShape | Sequence[AgentMessage]) -> RequestShape:
+        """`request` itself, or a bare message list as a shape (system prompt and tools unknown)."""
+        if isinstance(request, RequestShape):
+            return request
+        if isinstance(request, (str, bytes)) or not isinstance(request, Sequence):
+            raise TypeError(
+                f"expected a RequestShape or a sequence of messages, got {type(request).__name__}"
+            )
+        return cls(messages=tuple(request))
+
+
+# -- normal forms ------------------------------------------------------------------------------
+
+
+def normal_arguments(arguments: Any) -> Any:
+    """Tool-call arguments as JSON values: a JSON string is read as the value it encodes."""
+    if isinstance(arguments, (str, bytes)):
+        try:
+            return msgspec.json.decode(arguments)
+        except msgspec.DecodeError:
+            return arguments
+    return arguments
+
+
+class _Normal(msgspec.Struct, frozen=True):
+    """One message as the model sees it (see the module docstring)."""
+
+    role: str
+    text: str
+    thinking: str = ""
+    images: tuple[tuple[str, str], ...] = ()
+    calls: tuple[tuple[str, str, Any], ...] = ()
+    call_id: str = ""
+
+    def same(self, other: _Normal) -> bool:
+        if (self.role, self.text, self.images, self.call_id) != (
+            other.role,
+            other.text,
+            other.images,
+            other.call_id,
+        ):
+            return False
+        if self.thinking and other.thinking and self.thinking != other.thinking:
+            return False
+        return self.calls == other.calls
+
+
+def _normal(message: AgentMessage) -> _Normal | None:
+    if not isinstance(message, (UserMessage, AssistantMessage, ToolResultMessage)):
+        return None  # extension messages never reach a model
+    text: list[str] = []
+    thinking: list[str] = []
+    images: list[tuple[str, str]] = []
+    calls: list[tuple[str, str, Any]] = []
+    for block in message.content:
+        if type(block) is TextContent:
+            text.append(block.text)
+        elif type(block) is ThinkingContent:
+            thinking.append(block.thinking)
+        elif type(block) is ToolCall:
+            calls.append((block.id, block.name, normal_arguments(block.arguments)))
+        elif type(block) is ImageContent:
+            images.append((block.mime_type, block.data))
+    role = type(message).__struct_config__.tag
+    call_id = message.tool_call_id if isinstance(message, ToolResultMessage) else ""
+    return _Normal(str(role), "".join(text), "".join(thinking), tuple(images), tuple(calls), call_id)
+
+
+def _normals(messages: Sequence[AgentMessage]) -> list[_Normal]:
+    return [n for n in map(_normal, messages) if n is not None]
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _SUMMARY_LIMIT else text[: _SUMMARY_LIMIT - 1] + "…"
+
+
+def _describe(normal: _Normal | None) -> str:
+    if normal is None:
+        return "(no message)"
+    parts = [normal.role]
+    if normal.call_id:
+        parts.append(f"[{normal.call_id}]")
+    if normal.thinking:
+        parts.append(f"thinking {normal.thinking!r}")
+    if normal.text:
+        parts.append(repr(normal.text))
+    if normal.images:
+        parts.append(f"{len(normal.images)} image(s)")
+    for call_id, name, arguments in normal.calls:
+        parts.append(f"{name}({msgspec.json.encode(arguments).decode()}) [{call_id}]")
+    return _clip(" ".join(parts))
+
+
+def summarize(message: AgentMessage) -> str:
+    """A one-line summary of `message` as the model sees it (role, text, calls)."""
+    return _describe(_normal(message))
+
+
+# -- comparisons -----------------------------------------------------------------------------
+
+
+def compare_messages(
+    expected: Sequence[AgentMessage], actual: Sequence[AgentMessage]
+) -> tuple[str, str, str] | None:
+    """None when the two contexts are the same to the model; else ``(detail, expected, actual)``:
+    a one-line description of the first difference and summaries of both sides."""
+    want, got = _normals(expected), _normals(actual)
+    for index, (a, b) in enumerate(zip(want, got, strict=False)):
+        if not a.same(b):
+            return f"message {index} differs", _describe(a), _describe(b)
+    if len(want) == len(got):
+        return None
+    index = min(len(want), len(got))
+    if len(got) > len(want):
+        return (
+            f"{len(got) - len(want)} more message(s) than recorded, from message {index}",
+            f"{len(want)} messages",
+            _describe(got[index]),
+        )
+    return (
+        f"{len(want) - len(got)} recorded message(s) missing, from message {index}",
+        _describe(want[index]),
+        f"{len(got)} messages",
+    )
+
+
+def _tool_key(tool: ToolDefinition) -> tuple[str, str, bytes]:
+    return tool.name, tool.description, msgspec.json.encode(tool.parameters, order="sorted")
+
+
+def compare_tools(
+    expected: Sequence[ToolDefinition], actual: Sequence[ToolDefinition]
+) -> tuple[str, str, str] | None:
+    """None when the same tools are offered (in any order); else ``(detail, expected, actual)``."""
+    want = {tool.name: _tool_key(tool) for tool in expected}
+    got = {tool.name: _tool_key(tool) for tool in actual}
+    if want == got:
+        return None
+    names = ", ".join
+    added, removed = sorted(got.keys() - want.keys()), sorted(want.keys() - got.keys())
+    changed = sorted(name for name in want.keys() & got.keys() if want[name] != got[name])
+    problems = []
+    if added:
+        problems.append(f"tool(s) added: {names(added)}")
+    if removed:
+        problems.append(f"tool(s) removed: {names(removed)}")
+    if changed:
+        problems.append(f"tool(s) changed: {names(changed)}")
+    return "; ".join(problems), _clip(names(sorted(want))), _clip(names(sorted(got)))

@@ -1,0 +1,181 @@
+"""A recorded run as a replay sees it: `RecordedTurn`s in order (`ReplayScript`).
+
+A `RecordedTurn` knows what the model was asked (`RecordedTurn.request`) and what it
+answered (`RecordedTurn.reply`: text, thinking, tool calls with their ids, usage,
+stop reason) and the results of that turn's tool calls (`RecordedTurn.tool_results`).
+
+Where the request comes from: the turn's captured request (``Turn.request_payload``,
+or the loop's stored ``TurnRequest`` event of that turn) when there is one, with its
+system prompt, messages and tools; otherwise system prompt and tools are unknown and
+the messages are the context the model had: what the loops before this one
+contribute (`Session.context_at`, the chain of ``parent_loop_id``), then this loop's
+messages up to and including the turn's own inputs (its prompts and follow-ups, not
+its tool results).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgspec
+from msgspec.structs import replace
+
+from ..errors import LoopNotFound, TurnNotFound
+from ..events import TurnRequest
+from ..messages import (
+    AgentMessage,
+    AnnotatedRequestPayload,
+    AssistantMessage,
+    ToolCall,
+    ToolResultMessage,
+)
+from ..model import LoopRecord, Session, Turn
+from .request import RequestShape
+
+__all__ = ["RecordedTurn", "ReplayScript"]
+
+
+class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
+    """One recorded model call: what was asked, what came back, what its tools returned."""
+
+    loop_id: str
+    turn_index: int
+    request: RequestShape
+    """What the model was asked (see the module docstring)."""
+    inherited: int = 0
+    """How many of ``request.messages`` (the first ones) came from the loops before this
+    one; 0 for a captured request. A replayed request without them matches too (an
+    agent run afresh, without the earlier conversation in memory)."""
+    inputs: tuple[AgentMessage, ...] = ()
+    """The messages the turn itself added before the model call: the prompt of a first
+    turn, follow-ups (as recorded, with their turn ids)."""
+    reply: AssistantMessage
+    """The model's answer, as recorded (its ``turn_id`` removed)."""
+    tool_results: tuple[ToolResultMessage, ...] = ()
+    """The results of the reply's tool calls, in the order they ended."""
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return tuple(block for block in self.reply.content if type(block) is ToolCall)
+
+    def result_of(self, call_id: str) -> ToolResultMessage | None:
+        """The recorded result of tool call `call_id`, if it ended."""
+        for result in self.tool_results:
+            if result.tool_call_id == call_id:
+                return result
+        return None
+
+
+def _requested(record: LoopRecord, turn: Turn) -> AnnotatedRequestPayload | None:
+    if turn.request_payload is not None:
+        return turn.request_payload
+    for stored in record.events:
+        event = stored.event
+        if type(event) is TurnRequest and event.turn_index == turn.index:
+            return event.payload
+    return None
+
+
+def _own_results(turn: Turn) -> set[str]:
+    ids = {m.tool_call_id for m in turn.tool_results if isinstance(m, ToolResultMessage)}
+    output = turn.output_message
+    if isinstance(output, AssistantMessage):
+        ids.update(block.id for block in output.content if type(block) is ToolCall)
+    return ids
+
+
+def _recorded_turns(session: Session, record: LoopRecord) -> Iterator[RecordedTurn]:
+    context = session.context_at(record.loop_id)
+    history = context[: len(context) - len(record.context_messages())]
+    local: list[AgentMessage] = []
+    for turn in record.turns:
+        output = turn.output_message
+        if not isinstance(output, AssistantMessage):
+            raise TurnNotFound(f"turn {turn.index} of loop {record.loop_id} has no assistant reply to replay")
+        own = _own_results(turn)
+        # phi-core's turn inputs also hold the turn's own tool results, which the model
+        # had not seen when it was called.
+        inputs = tuple(
+            m for m in turn.input_messages if not (isinstance(m, ToolResultMessage) and m.tool_call_id in own)
+        )
+        local.extend(inputs)
+        payload = _requested(record, turn)
+        if payload is not None:
+            request, inherited = RequestShape.from_payload(payload), 0
+        else:
+            request, inherited = RequestShape(messages=(*history, *local)), len(history)
+        results = tuple(m for m in turn.tool_results if isinstance(m, ToolResultMessage))
+        yield RecordedTurn(
+            loop_id=record.loop_id,
+            turn_index=turn.index,
+            request=request,
+            inherited=inherited,
+            inputs=inputs,
+            reply=replace(output, turn_id=None),
+            tool_results=results,
+        )
+        local.append(output)
+        local.extend(results)
+
+
+class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
+    """The recorded turns of one loop, or of a chain of loops, in the order they ran.
+
+    Build with `from_session`. `session` is the recording (a replay or fork is
+    recorded into it, see `phi_session.replay.lineage`); `loop_ids` the loops replayed,
+    in order; `turns` their turns, in order.
+    """
+
+    session: Session
+    loop_ids: tuple[str, ...]
+    turns: tuple[RecordedTurn, ...]
+
+    @classmethod
+    def from_session(
+        cls, session: Session, loop_id: str | None = None, *, chain: bool = False
+    ) -> ReplayScript:
+        """The turns of `loop_id` (default: the loop of `session` that started last).
+
+        With `chain`, the turns of every loop whose messages make up the context of
+        `loop_id` (`Session.context_chain_to`: root first), as a conversation of
+        several runs replays. Raises `LoopNotFound` for a loop the session does not
+        hold (or a session without loops), `TurnNotFound` for a turn without an
+        assistant reply.
+        """
+        if not isinstance(session, Session):
+            raise TypeError(f"expected a Session, got {type(session).__name__}")
+        if loop_id is None:
+            if not session.loops:
+                raise LoopNotFound(f"session {session.session_id!r} has no loop to replay")
+            loop_id = max(session.loops, key=lambda record: record.started_at.ns).loop_id
+        if session.get_loop(loop_id) is None:
+            raise LoopNotFound(f"no loop {loop_id!r} in session {session.session_id!r}")
+        ids = session.context_chain_to(loop_id) if chain else [loop_id]
+        records = [record for record in map(session.get_loop, ids) if record is not None]
+        turns = tuple(turn for record in records for turn in _recorded_turns(session, record))
+        return cls(session=session, loop_ids=tuple(record.loop_id for record in records), turns=turns)
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+    @property
+    def loop_id(self) -> str:
+        """The last loop replayed (the one asked for)."""
+        return self.loop_ids[-1]
+
+    def turn(self, position: int) -> RecordedTurn:
+        """The recorded turn at `position` (0-based, across the script's loops).
+
+        Raises `TurnNotFound` when the script has no such turn."""
+        if not 0 <= position < len(self.turns):
+            raise TurnNotFound(
+                f"loop {self.loop_id} has no turn {position} (it has {len(self.turns)} turn(s): "
+                f"0..{len(self.turns) - 1})"
+                if self.turns
+                else f"loop {self.loop_id} has no turns"
+            )
+        return self.turns[position]
+
+    def __len__(self) -> int:
+        return len(self.turns)

@@ -1,0 +1,813 @@
+"""Replay and fork: the framework-independent core, on a hand-instrumented loop.
+
+The worked example: a 4-turn agent with 2 tools recorded through `Tracer`, replayed
+with `RecordedModel` and ``tools="recorded"`` (no model, no tools), changed (system
+prompt, a tool, a tool's result) and forked at turn 2 with another model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from phi_session.adapters import AdapterCore
+from phi_session.errors import LoopNotFound, PhiSessionError, ReplayDiverged, TurnNotFound
+from phi_session.events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
+from phi_session.identity import AgentSession, FakeClock
+from phi_session.instrument import LoopScope, Tracer
+from phi_session.messages import (
+    AgentMessage,
+    AnnotatedRequestPayload,
+    AssistantMessage,
+    TextContent,
+    TextFormat,
+    ThinkingContent,
+    ToolCall,
+    ToolDefinition,
+    ToolResultMessage,
+    Usage,
+    UserMessage,
+)
+from phi_session.model import LoopRecord, Session
+from phi_session.recorder import SessionRecorder
+from phi_session.replay import (
+    Divergence,
+    RecordedModel,
+    ReplayCursor,
+    ReplayScript,
+    RequestShape,
+    fork,
+    fork_lineage,
+    recording_as,
+    replay_lineage,
+)
+from phi_session.stores import JsonDirStore
+
+SNAP = LoopConfigSnapshot(model="house-model", provider="acme")
+SYSTEM = "You answer questions about files."
+TOOLS = (
+    ToolDefinition(
+        name="read_file",
+        description="Read a file.",
+        parameters={"type": "object", "properties": {"path": {"type": "string"}}},
+    ),
+    ToolDefinition(
+        name="word_count",
+        description="Count the words of a text.",
+        parameters={"type": "object", "properties": {"text": {"type": "string"}}},
+    ),
+)
+FILES = {"notes.txt": "buy milk and eggs", "todo.txt": "call mum"}
+PROMPT = "How many words are in notes.txt and todo.txt?"
+
+
+def uuids() -> Iterator[str]:
+    for n in itertools.count(1):
+        yield f"00000000-0000-4000-8000-{n:012d}"
+
+
+ModelFn = Callable[[RequestShape], AssistantMessage]
+
+
+def reply(
+    text: str = "", calls: Sequence[ToolCall] = (), *, usage: int = 10, thinking: str = ""
+) -> AssistantMessage:
+    content: list[Any] = []
+    if thinking:
+        content.append(ThinkingContent(thinking=thinking))
+    if text:
+        content.append(TextContent(text=text))
+    content.extend(calls)
+    return AssistantMessage(
+        content=tuple(content),
+        stop_reason="toolUse" if calls else "stop",
+        model=SNAP.model,
+        provider=SNAP.provider,
+        usage=Usage(input=100 * usage, output=usage, total_tokens=101 * usage),
+        timestamp=1_750_000_000_000,
+    )
+
+
+def scripted_model() -> ModelFn:
+    """The original "model": four turns, two tools, one turn with two parallel calls."""
+    replies = iter(
+        [
+            reply(
+                "Let me read notes.txt.",
+                [ToolCall(id="c1", name="read_file", arguments={"path": "notes.txt"})],
+            ),
+            reply(
+                "", [ToolCall(id="c2", name="word_count", arguments={"text": "buy milk and eggs"})], usage=11
+            ),
+            reply(
+                "Now todo.txt.",
+                [
+                    ToolCall(id="c3", name="read_file", arguments={"path": "todo.txt"}),
+                    ToolCall(id="c4", name="word_count", arguments={"text": "call mum"}),
+                ],
+                usage=12,
+                thinking="two calls at once",
+            ),
+            reply("notes.txt has 4 words, todo.txt has 2.", usage=13),
+        ]
+    )
+    return lambda request: next(replies)
+
+
+def live_tool(call: ToolCall) -> str:
+    if call.name == "read_file":
+        return FILES[call.arguments["path"]]
+    return str(len(call.arguments["text"].split()))
+
+
+def payload(request: RequestShape) -> AnnotatedRequestPayload:
+    return AnnotatedRequestPayload(
+        system_prompt=request.system_prompt or "",
+        messages=tuple(
+            m for m in request.messages if isinstance(m, (UserMessage, AssistantMessage, ToolResultMessage))
+        ),
+        provenance=(),
+        tools=request.tools or (),
+        model_id=SNAP.model,
+        thinking_level="off",
+        response_format=TextFormat(),
+    )
+
+
+def agent(
+    loop: LoopScope,
+    model: ModelFn,
+    *,
+    recorded: RecordedModel | None = None,
+    run_tool: Callable[[ToolCall], str] = live_tool,
+    system: str = SYSTEM,
+    tools: tuple[ToolDefinition, ...] = TOOLS,
+    capture: bool = True,
+    max_turns: int = 8,
+) -> None:
+    """A hand-written agent loop: the model until it stops calling tools."""
+    context: list[AgentMessage] = [loop.user(PROMPT)]
+    for _ in range(max_turns):
+        request = RequestShape(system_prompt=system, messages=tuple(context), tools=tools)
+        with loop.turn(request=payload(request) if capture else None) as turn:
+            with turn.assistant() as message:
+                answer = model(request)
+                message.finish(message=answer)
+            context.append(answer)
+            for call in turn.tool_calls:
+                with turn.tool(call) as tool:
+                    stored = recorded.tool_result(call) if recorded is not None else None
+                    if stored is None:
+                        tool.result(run_tool(call))
+                    elif stored.is_error:
+                        tool.error(stored.content)
+                    else:
+                        tool.result(stored.content)
+            context.extend(turn.tool_results)
+        if not turn.tool_calls:
+            return
+
+
+class World:
+    """An agent identity on a fake clock; sessions recorded and saved in a store."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        ids = uuids()
+        self.agent = AgentSession(clock=FakeClock(), id_factory=lambda: next(ids))
+        self.store = JsonDirStore(tmp_path / "sessions")
+
+    def record(self, body: Callable[[Tracer], None], *, capture: bool = True) -> Session:
+        """Run `body` with a tracer into a fresh recorder; save what it recorded; return the
+        stored session."""
+        recorder = SessionRecorder(capture_turn_requests=capture)
+        tracer = Tracer(self.agent, sinks=[recorder], config=SNAP)
+        body(tracer)
+        recorder.flush()
+        sessions = recorder.drain_completed()
+        assert len(sessions) == 1
+        self.store.save(sessions[0])
+        return self.store.load(sessions[0].session_id)
+
+    def original(self, *, capture: bool = True) -> tuple[Session, LoopRecord]:
+        def body(tracer: Tracer) -> None:
+            with tracer.loop() as loop:
+                agent(loop, scripted_model(), capture=capture)
+
+        session = self.record(body, capture=capture)
+        return session, session.loops[-1]
+
+
+def view(message: AgentMessage) -> Any:
+    """A message without its timestamp and turn id (what a replay must reproduce)."""
+    data = msgspec.to_builtins(message)
+    data.pop("timestamp", None)
+    data.pop("turnId", None)
+    return data
+
+
+def views(record: LoopRecord) -> list[Any]:
+    return [view(m) for m in record.messages]
+
+
+def new_loop(before: Session, after: Session) -> LoopRecord:
+    known = {record.loop_id for record in before.loops}
+    (added,) = [record for record in after.loops if record.loop_id not in known]
+    return added
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+# -- the worked example --------------------------------------------------------------------------
+
+
+def test_replay_with_recorded_tools_reproduces_the_loop_without_model_or_tools(world: World) -> None:
+    session, original = world.original()
+    assert original.turn_count() == 4 and original.tool_call_count() == 4
+
+    script = ReplayScript.from_session(session)
+    model = RecordedModel(script, tools="recorded")
+
+    def no_tool(call: ToolCall) -> str:
+        raise AssertionError("the replay ran a tool")
+
+    def body(tracer: Tracer) -> None:
+        with replay_lineage(script, tools="recorded").loop(tracer) as loop:
+            agent(loop, lambda request: model.next(request), recorded=model, run_tool=no_tool)
+
+    merged = world.record(body)
+    replay = new_loop(session, merged)
+    assert model.finished and model.divergence is None
+    assert replay.kind == ContinuationKind.rerun("replay")
+    assert replay.parent_loop_id == original.loop_id
+    assert replay.metadata == {
+        "replay": {"session_id": session.session_id, "loop_id": original.loop_id, "tools": "recorded"}
+    }
+    assert replay.loop_id.startswith(session.session_id + ".") and replay.loop_id != original.loop_id
+    assert views(replay) == views(original)
+    assert replay.usage == original.usage
+    calls = [
+        [(c.id, c.name, c.arguments) for c in t.output_message.content if type(c) is ToolCall]
+        for t in replay.turns
+    ]
+    assert calls == [
+        [(c.id, c.name, c.arguments) for c in t.output_message.content if type(c) is ToolCall]
+        for t in original.turns
+    ]
+    # The replay stands in for the original when resuming: no message twice.
+    assert [view(m) for m in merged.context_at(replay.loop_id)] == views(original)
+    assert merged.context_chain_to(replay.loop_id) == [replay.loop_id]
+    # The original session is untouched, apart from the new child link.
+    assert merged.get_loop(original.loop_id).children_loop_ids == [replay.loop_id]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("change", "turn", "what"),
+    [
+        ({"system": "You are terse."}, 0, "system_prompt"),
+        ({"tools": (TOOLS[0],)}, 0, "tools"),
+        ({"tools": (TOOLS[0], msgspec.structs.replace(TOOLS[1], description="Count."))}, 0, "tools"),
+    ],
+)
+def test_a_changed_agent_diverges_at_its_first_request(
+    world: World, change: dict[str, Any], turn: int, what: str
+) -> None:
+    session, original = world.original()
+    model = RecordedModel(session)
+
+    def body(tracer: Tracer) -> None:
+        with replay_lineage(model.script).loop(tracer) as loop:
+            agent(loop, model.next, recorded=model, **change)
+
+    with pytest.raises(ReplayDiverged) as raised:
+        world.record(body)
+    found = raised.value.divergence
+    assert (found.loop_id, found.turn_index, found.what) == (original.loop_id, turn, what)
+    assert model.divergence == found and not model.finished
+    assert f"turn {turn} of {original.loop_id}: {what}" in str(raised.value)
+
+
+def test_a_changed_tool_result_diverges_at_the_next_turn(world: World) -> None:
+    session, _ = world.original()
+    model = RecordedModel(session, tools="live")
+
+    def changed_tool(call: ToolCall) -> str:
+        return "buy bread" if call.arguments.get("path") == "notes.txt" else live_tool(call)
+
+    def body(tracer: Tracer) -> None:
+        with replay_lineage(model.script).loop(tracer) as loop:
+            agent(loop, model.next, recorded=model, run_tool=changed_tool)
+
+    with pytest.raises(ReplayDiverged) as raised:
+        world.record(body)
+    found = raised.value.divergence
+    assert (found.turn_index, found.what) == (1, "messages")
+    assert found.detail == "message 2 differs"
+    assert found.expected is not None and "buy milk and eggs" in found.expected
+    assert found.actual is not None and "buy bread" in found.actual
+
+
+def test_fork_at_turn_2_hands_the_run_to_another_model(world: World) -> None:
+    session, original = world.original()
+    seen: list[RequestShape] = []
+
+    def other_model(request: RequestShape) -> AssistantMessage:
+        seen.append(request)
+        return reply("I think about 6 words in all.", usage=3)
+
+    script = ReplayScript.from_session(session, original.loop_id)
+    model = RecordedModel(script, until_turn=2, fallback=other_model)
+    lineage = fork_lineage(script, 2, tag="other-model", change={"model": "other"})
+
+    def body(tracer: Tracer) -> None:
+        with lineage.loop(tracer) as loop:
+            agent(loop, model.next, recorded=model)
+
+    merged = world.record(body)
+    fork = new_loop(session, merged)
+    assert fork.kind == ContinuationKind.branch("other-model")
+    assert fork.parent_loop_id == original.loop_id
+    assert fork.metadata == {
+        "fork": {
+            "session_id": session.session_id,
+            "loop_id": original.loop_id,
+            "turn_index": 2,
+            "change": {"model": "other"},
+        }
+    }
+    assert fork.turn_count() == 3
+    for mine, theirs in zip(fork.turns[:2], original.turns[:2], strict=True):
+        assert view(mine.output_message) == view(theirs.output_message)
+        assert [view(m) for m in mine.tool_results] == [view(m) for m in theirs.tool_results]
+        assert mine.usage == theirs.usage
+    assert fork.turns[2].output_message.content == (TextContent(text="I think about 6 words in all."),)
+    assert model.finished and model.divergence is None and model.cursor.handed_over
+    # The live model saw the recorded context of turn 2.
+    assert [view(m) for m in seen[0].messages] == [view(m) for m in script.turns[2].request.messages]
+    # Resuming the fork: the original's first two turns (as replayed), then the new answer.
+    context = [view(m) for m in merged.context_at(fork.loop_id)]
+    assert context == [*views(original)[:5], view(fork.turns[2].output_message)]
+
+
+# -- scripts -------------------------------------------------------------------------------------
+
+
+def test_script_turns_know_request_reply_and_tool_results(world: World) -> None:
+    session, original = world.original()
+    script = ReplayScript.from_session(session)
+    assert script.loop_ids == (original.loop_id,) and len(script) == 4
+    third = script.turns[2]
+    assert (third.loop_id, third.turn_index, third.inherited) == (original.loop_id, 2, 0)
+    assert third.request.system_prompt == SYSTEM and third.request.tools == TOOLS
+    assert [c.id for c in third.tool_calls] == ["c3", "c4"]
+    assert [r.tool_call_id for r in third.tool_results] == ["c3", "c4"]
+    assert third.reply.turn_id is None and third.reply.usage.output == 12
+    assert third.result_of("c4") is not None and third.result_of("nope") is None
+    assert len(third.request.messages) == 5  # prompt, reply, result, reply, result
+
+
+def test_without_captured_requests_the_context_is_rebuilt_from_the_loops(world: World) -> None:
+    first, _ = world.original(capture=False)
+
+    # Continue the conversation: a second loop, recorded into the same session.
+    def body(tracer: Tracer) -> None:
+        with tracer.for_session(first).loop(continues=first.loops[0].loop_id) as loop:
+            agent(loop, scripted_model(), capture=False)
+
+    session = world.record(body, capture=False)
+    second = new_loop(first, session)
+    script = ReplayScript.from_session(session)  # the loop that started last
+    assert script.loop_ids == (second.loop_id,)
+    earlier = session.context_at(first.loops[0].loop_id)
+    turn = script.turns[1]
+    assert turn.request.system_prompt is None and turn.request.tools is None
+    assert turn.inherited == len(earlier) == 9
+    assert [view(m) for m in turn.request.messages] == [view(m) for m in earlier] + [
+        view(m) for m in second.messages[:3]
+    ]
+    # The request with the earlier conversation matches, and so does one without it.
+    for messages in (turn.request.messages, turn.request.messages[turn.inherited :]):
+        cursor = ReplayCursor(script)
+        cursor.respond(script.turns[0].request)
+        assert cursor.respond(RequestShape(system_prompt="anything", messages=messages)) == turn.reply
+    # Thinking, system prompt and tools are compared only when both sides know them.
+    chain = ReplayScript.from_session(session, chain=True)
+    assert chain.loop_ids == (first.loops[0].loop_id, second.loop_id) and len(chain) == 8
+    assert [(t.loop_id, t.turn_index) for t in chain.turns][3:5] == [
+        (first.loops[0].loop_id, 3),
+        (second.loop_id, 0),
+    ]
+
+
+def test_unknown_loops_and_turns_are_errors(world: World) -> None:
+    session, _ = world.original()
+    with pytest.raises(LoopNotFound, match="no loop 'nope'"):
+        ReplayScript.from_session(session, "nope")
+    script = ReplayScript.from_session(session)
+    with pytest.raises(TurnNotFound, match="has no turn 4"):
+        script.turn(4)
+    with pytest.raises(TurnNotFound):
+        ReplayCursor(script, until_turn=-1)
+    with pytest.raises(TypeError):
+        ReplayScript.from_session("not a session")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fallback"):
+        RecordedModel(script, until_turn=1)
+    with pytest.raises(ValueError):
+        ReplayCursor(script, tools="maybe")  # type: ignore[arg-type]
+    assert issubclass(ReplayDiverged, PhiSessionError) and issubclass(TurnNotFound, KeyError)
+
+
+# -- the cursor ----------------------------------------------------------------------------------
+
+
+def served(script: ReplayScript, cursor: ReplayCursor, upto: int) -> None:
+    for turn in script.turns[:upto]:
+        assert cursor.respond(turn.request) == turn.reply
+
+
+def test_tool_calls_are_answered_only_as_recorded(world: World) -> None:
+    session, _ = world.original()
+    script = ReplayScript.from_session(session)
+    cursor = ReplayCursor(script, on_divergence="fallback")
+    served(script, cursor, 3)
+    result = cursor.tool_result("c4", "word_count", '{"text": "call mum"}')  # JSON string arguments
+    assert result is not None and result.content == (TextContent(text="2"),) and result.turn_id is None
+    assert cursor.tool_result("c1", "read_file", {"path": "notes.txt"}) is not None  # an earlier turn's
+    assert cursor.divergence is None
+
+    for call, what in [
+        (("c9", "read_file", {}), "tool_call"),  # no such call
+        (("c3", "word_count", {"path": "todo.txt"}), "tool_call"),  # another tool
+        (("c3", "read_file", {"path": "other.txt"}), "tool_arguments"),
+    ]:
+        stop = ReplayCursor(script)
+        served(script, stop, 3)
+        with pytest.raises(ReplayDiverged) as raised:
+            stop.tool_result(*call)
+        assert raised.value.divergence.what == what and raised.value.divergence.turn_index == 2
+        with pytest.raises(ReplayDiverged):  # and again on any later call
+            stop.respond(script.turns[3].request)
+
+    # A call of a turn not replayed yet is not the recording's either.
+    early = ReplayCursor(script)
+    served(script, early, 1)
+    with pytest.raises(ReplayDiverged, match="no tool call 'c2'"):
+        early.tool_result("c2", "word_count", {"text": "buy milk and eggs"})
+
+
+def test_fallback_mode_keeps_the_first_divergence_and_hands_over(world: World) -> None:
+    session, _ = world.original()
+    script = ReplayScript.from_session(session)
+    cursor = ReplayCursor(script, on_divergence="fallback")
+    served(script, cursor, 1)
+    changed = msgspec.structs.replace(script.turns[1].request, system_prompt="other")
+    assert cursor.respond(changed) is None
+    assert cursor.handed_over and not cursor.finished and cursor.turns_served == 1
+    assert cursor.divergence is not None and cursor.divergence.what == "system_prompt"
+    assert cursor.respond(script.turns[2].request) is None  # from then on
+    assert cursor.tool_result("c1", "read_file", {"path": "notes.txt"}) is None  # tools run live
+
+
+def test_a_model_call_past_the_recording_is_exhausted(world: World) -> None:
+    session, original = world.original()
+    script = ReplayScript.from_session(session)
+    cursor = ReplayCursor(script, tools="live")
+    served(script, cursor, 4)
+    assert cursor.finished and cursor.tool_result("c1", "read_file", {}) is None  # live tools
+    with pytest.raises(ReplayDiverged) as raised:
+        cursor.respond(script.turns[3].request)
+    assert raised.value.divergence == Divergence(
+        loop_id=original.loop_id,
+        turn_index=4,
+        what="exhausted",
+        detail="a model call after the 4 recorded turn(s)",
+    )
+
+
+def test_requests_compare_as_the_model_sees_them(world: World) -> None:
+    session, _ = world.original()
+    script = ReplayScript.from_session(session)
+    request = script.turns[3].request
+
+    # Timestamps, usage, stop reasons, model names, turn ids, thinking one side lacks,
+    # split text blocks, extension messages and reordered tools make no difference.
+    def relaxed(message: AgentMessage) -> AgentMessage:
+        if isinstance(message, AssistantMessage):
+            content = []
+            for block in message.content:
+                if type(block) is ThinkingContent:
+                    continue
+                if type(block) is TextContent and len(block.text) > 3:
+                    content += [TextContent(text=block.text[:3]), TextContent(text=block.text[3:])]
+                else:
+                    content.append(block)
+            return msgspec.structs.replace(
+                message,
+                content=tuple(content),
+                usage=Usage(input=0, output=0),
+                model="x",
+                stop_reason="stop",
+                timestamp=1,
+            )
+        return msgspec.structs.replace(message, timestamp=2)
+
+    from phi_session.messages import extension_message
+
+    same = RequestShape(
+        system_prompt=SYSTEM,
+        messages=(*map(relaxed, request.messages), extension_message("extension", "note", {})),
+        tools=tuple(reversed(TOOLS)),
+    )
+    cursor = ReplayCursor(script)
+    served(script, cursor, 3)
+    assert cursor.respond(same) == script.turns[3].reply
+
+    other_thinking = tuple(
+        msgspec.structs.replace(m, content=(ThinkingContent(thinking="else"), *m.content[1:]))
+        if isinstance(m, AssistantMessage) and any(type(b) is ThinkingContent for b in m.content)
+        else m
+        for m in request.messages
+    )
+    cursor = ReplayCursor(script)
+    served(script, cursor, 3)
+    with pytest.raises(
+        ReplayDiverged, match=r"message 5 differs.*thinking 'two calls at once'.*thinking 'else'"
+    ):
+        cursor.respond(RequestShape(messages=other_thinking))
+    cursor = ReplayCursor(script)
+    served(script, cursor, 3)
+    with pytest.raises(ReplayDiverged, match="1 recorded message"):
+        cursor.respond(RequestShape(messages=request.messages[:-1]))
+    with pytest.raises(TypeError):
+        RequestShape.of("hello")  # type: ignore[arg-type]
+
+
+# -- lineage -------------------------------------------------------------------------------------
+
+
+def test_adapter_runs_inside_recording_as_join_the_original_session(world: World) -> None:
+    session, original = world.original()
+    recorder = SessionRecorder()
+    core = AdapterCore("test", [recorder], agent=AgentSession(clock=FakeClock("2025-06-02T09:00:00Z")))
+    script = ReplayScript.from_session(session)
+    with recording_as(replay_lineage(script)):
+        first = core.start_run("r1", SNAP, metadata={"x": 1})
+        core.end_run("r1")
+        second = core.start_run("r2", SNAP)
+        core.end_run("r2")
+    outside = core.start_run("r3", SNAP)
+    core.end_run("r3")
+    recorder.flush()
+    loops = {record.loop_id: record for s in recorder.drain_completed() for record in s.loops}
+    one, two = loops[first.loop.loop_id], loops[second.loop.loop_id]
+    assert one.session_id == two.session_id == session.session_id
+    assert one.agent_id == session.agent_id
+    assert one.loop_id not in {record.loop_id for record in session.loops}
+    assert (one.parent_loop_id, one.kind) == (original.loop_id, ContinuationKind.rerun("replay"))
+    assert (two.parent_loop_id, two.kind) == (one.loop_id, DEFAULT)
+    assert one.metadata == {"framework": "test", "x": 1, **replay_lineage(script).metadata}
+    assert two.metadata == {"framework": "test", **replay_lineage(script).metadata}
+    assert loops[outside.loop.loop_id].session_id != session.session_id
+    assert loops[outside.loop.loop_id].kind == INITIAL
+
+
+def test_tracer_for_session_continues_loop_ids_without_a_new_formation(world: World) -> None:
+    session, original = world.original()
+    events: list[Any] = []
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append], config=SNAP).for_session(session)
+    assert tracer.agent.session_id == session.session_id and tracer.agent.agent_id == session.agent_id
+    assert tracer.agent.last_loop_id == original.loop_id
+    with tracer.loop(continues=original.loop_id) as loop:
+        pass
+    assert loop.loop_id == original.loop_id.rsplit(".", 1)[0] + ".2"
+    assert events[0].formation is msgspec.UNSET
+    with pytest.raises(ValueError):
+        AgentSession().resume_session(session)
+
+
+def test_context_at_a_rerun_of_a_rerun(world: World) -> None:
+    session, original = world.original()
+    lineage = replay_lineage(ReplayScript.from_session(session))
+
+    def rerun(tracer: Tracer) -> None:
+        with lineage.loop(tracer) as loop:
+            loop.user("again")
+            with loop.turn() as turn, turn.assistant() as message:
+                message.finish("ok")
+
+    once = world.record(rerun)
+    first = new_loop(session, once)
+    lineage = replay_lineage(ReplayScript.from_session(once, first.loop_id))
+    twice = world.record(rerun)
+    second = new_loop(once, twice)
+    assert twice.context_chain_to(second.loop_id) == [second.loop_id]
+    assert twice.loop_chain_to(second.loop_id) == [original.loop_id, first.loop_id, second.loop_id]
+    assert [view(m) for m in twice.context_at(second.loop_id)] == views(second)
+    # A plain continuation of the replay resumes after it.
+    plain = msgspec.structs.replace(second, metadata=None)
+    assert not plain.reruns_parent and second.reruns_parent
+
+
+# -- any recorded run replays without diverging -----------------------------------------------------
+
+
+turn_specs = st.lists(
+    st.tuples(
+        st.text(max_size=12),  # the reply's text
+        st.lists(st.sampled_from(["read_file", "word_count"]), max_size=3),  # its tool calls
+        st.booleans(),  # thinking
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(specs=turn_specs, capture=st.booleans())
+def test_replaying_any_recorded_run_unchanged_never_diverges(
+    tmp_path_factory: Any, specs: list[Any], capture: bool
+) -> None:
+    world = World(tmp_path_factory.mktemp("replay"))
+    # The last turn stops calling tools, so the agent ends where the recording does.
+    specs = [*specs[:-1], (specs[-1][0], [], specs[-1][2])]
+    numbers = itertools.count()
+
+    def model(request: RequestShape) -> AssistantMessage:
+        text, tools, thinking = specs[sum(isinstance(m, AssistantMessage) for m in request.messages)]
+        calls = []
+        for name in tools:
+            n = next(numbers)
+            arguments = {"path": "notes.txt"} if name == "read_file" else {"text": f"w {n}"}
+            calls.append(ToolCall(id=f"call-{n}", name=name, arguments=arguments))
+        return reply(text, calls, thinking="hm" if thinking else "")
+
+    def body(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            agent(loop, model, capture=capture)
+
+    session = world.record(body, capture=capture)
+    recorded = RecordedModel(session)
+
+    def again(tracer: Tracer) -> None:
+        with replay_lineage(recorded.script).loop(tracer) as loop:
+            agent(loop, recorded.next, recorded=recorded, capture=capture)
+
+    merged = world.record(again, capture=capture)
+    assert recorded.finished and recorded.divergence is None
+    assert views(new_loop(session, merged)) == views(session.loops[0])
+
+
+# -- fork ----------------------------------------------------------------------------------------
+
+
+def counting_model(seen: list[RequestShape]) -> ModelFn:
+    """Another model: reads todo.txt once, then answers."""
+
+    def model(request: RequestShape) -> AssistantMessage:
+        seen.append(request)
+        if len(seen) == 1:
+            return reply("", [ToolCall(id="x1", name="read_file", arguments={"path": "todo.txt"})], usage=2)
+        return reply("Done.", usage=1)
+
+    return model
+
+
+def test_fork_repeats_the_turns_before_the_fork_point_then_runs_the_other_model(world: World) -> None:
+    session, original = world.original()
+    seen: list[RequestShape] = []
+    script = ReplayScript.from_session(session)
+
+    def body(tracer: Tracer) -> None:
+        fork(
+            session,
+            original.loop_id,
+            2,
+            model=counting_model(seen),
+            tracer=tracer,
+            tools={"read_file": lambda arguments: FILES[arguments["path"]]},
+            tag="what-if",
+            change={"model": "counting"},
+        )
+
+    merged = world.record(body)
+    branch = new_loop(session, merged)
+    assert (branch.kind, branch.parent_loop_id) == (ContinuationKind.branch("what-if"), original.loop_id)
+    assert branch.metadata == {
+        "fork": {
+            "session_id": session.session_id,
+            "loop_id": original.loop_id,
+            "turn_index": 2,
+            "change": {"model": "counting"},
+        }
+    }
+    assert views(branch)[:5] == views(original)[:5]  # prompt, two turns with their results
+    assert [t.usage for t in branch.turns[:2]] == [t.usage for t in original.turns[:2]]
+    assert branch.turn_count() == 4
+    assert branch.turns[2].tool_results[0].content == (TextContent(text="call mum"),)
+    # The other model saw the recorded context of turn 2 (system prompt and tools too).
+    assert seen[0].system_prompt == SYSTEM and seen[0].tools == TOOLS
+    assert [view(m) for m in seen[0].messages] == [view(m) for m in script.turns[2].request.messages]
+    assert [view(m) for m in merged.context_at(branch.loop_id)] == views(branch)
+
+
+def test_fork_with_another_prompt_and_a_replaced_tool_result(world: World) -> None:
+    session, original = world.original()
+    seen: list[RequestShape] = []
+
+    def body(tracer: Tracer) -> None:
+        fork(session, original.loop_id, 0, model=counting_model(seen), tracer=tracer, prompt="Only todo.txt?")
+
+    branch = new_loop(session, world.record(body))
+    assert branch.metadata["fork"]["change"] == {"prompt": "Only todo.txt?"}
+    assert [view(m) for m in seen[0].messages] == [
+        view(UserMessage(content=(TextContent(text="Only todo.txt?"),), timestamp=0))
+    ]
+    assert views(branch)[0] == view(seen[0].messages[0])
+    # No tool given: the model's tool call gets an error result, and the loop goes on.
+    assert branch.turns[0].tool_results[0].is_error
+
+    seen.clear()
+    again = world.store.load(session.session_id)
+
+    def replaced(tracer: Tracer) -> None:
+        fork(again, original.loop_id, 2, model=counting_model(seen), tracer=tracer, tool_results={"c2": "40"})
+
+    branch = new_loop(again, world.record(replaced))
+    assert branch.metadata["fork"]["change"] == {"tool_results": ["c2"]}
+    assert branch.turns[1].tool_results[0].content == (TextContent(text="40"),)
+    assert seen[0].messages[4].content == (TextContent(text="40"),)  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="c1: not a tool call of turn 1"):
+        fork(
+            again,
+            original.loop_id,
+            2,
+            model=counting_model([]),
+            tracer=Tracer(config=SNAP),
+            tool_results={"c1": "x"},
+        )
+    with pytest.raises(TurnNotFound):
+        fork(again, original.loop_id, 9, model=counting_model([]), tracer=Tracer(config=SNAP))
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_fork_prints_or_writes_the_context_of_a_turn(world: World, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from phi_session.cli import main
+
+    session, original = world.original()
+    store = str(tmp_path / "sessions")
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(main, ["fork", *args, "--store", store])
+
+    shown = run(session.session_id, original.loop_id, "--turn", "1")
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "You answer questions about files." in shown.stdout and "tools: read_file, word_count" in shown.stdout
+    )
+    assert PROMPT in shown.stdout and "buy milk and eggs" in shown.stdout
+    assert "3 messages: the context of turn 1" in shown.stderr
+
+    out = tmp_path / "fork.json"
+    written = run(session.session_id, original.loop_id, "--turn", "2", "--json", "--out", str(out))
+    assert written.exit_code == 0
+    data = json.loads(out.read_bytes())
+    assert data == json.loads(written.stdout)
+    assert (data["session_id"], data["loop_id"], data["turn_index"]) == (
+        session.session_id,
+        original.loop_id,
+        2,
+    )
+    assert data["system_prompt"] == SYSTEM and [t["name"] for t in data["tools"]] == [
+        "read_file",
+        "word_count",
+    ]
+    messages = [msgspec.json.decode(json.dumps(m), type=AgentMessage) for m in data["messages"]]
+    assert [view(m) for m in messages] == [
+        view(m) for m in ReplayScript.from_session(session).turns[2].request.messages
+    ]
+
+    for args, code, text in [
+        ((session.session_id, original.loop_id, "--turn", "4"), 1, "has no turn 4"),
+        ((session.session_id, "nope", "--turn", "0"), 1, "no loop 'nope'"),
+        (("00000000-0000-4000-8000-00000000ffff", original.loop_id, "--turn", "0"), 1, "ffff"),
+        ((session.session_id, original.loop_id, "--turn", "-1"), 2, "--turn"),
+        ((session.session_id, original.loop_id, "--turn", "x"), 2, "--turn"),
+        ((session.session_id, original.loop_id), 2, "--turn"),
+    ]:
+        result = run(*args)
+        assert result.exit_code == code, (args, result.output)
+        assert len(result.stderr.strip().splitlines()) == 1 and text in result.stderr
