@@ -173,8 +173,9 @@ class LoopSide(_Result, frozen=True):
 
     `position` is its index in ``session.loops`` (``phi-session show`` numbers it
     ``#position+1``); `continuation` is its kind, ``Branch:tag`` for a tagged one;
-    `model` its config's ``provider/model`` (None without a config); `seconds` its
-    duration (None while it has not ended).
+    `model` its config's ``provider/model`` (None without a config); `usage` what it
+    billed (`LoopRecord.billed_usage`: a loop cut off before its end counts its
+    turns); `seconds` its duration (None while it has not ended).
     """
 
     session_id: str
@@ -350,7 +351,7 @@ def _diff_records(side_a: LoopSide, a: LoopRecord, side_b: LoopSide, b: LoopReco
         b=side_b,
         turns=tuple(turns),
         first_divergence=None if first is None else _divergence(a.loop_id, b.loop_id, first),
-        usage_delta=UsageDelta.between(a.billed_usage(), b.billed_usage()),
+        usage_delta=UsageDelta.between(side_a.usage, side_b.usage),
         seconds_delta=round((side_b.seconds or 0.0) - (side_a.seconds or 0.0), 9) if both_ended else None,
     )
 

@@ -24,6 +24,9 @@ matched to the response's calls by name and order; pass ``hooks=PhiRunHooks()`` 
 ``Runner.run`` to make the match exact (and give the prompt and the agent's model).
 Processors see no streamed chunks: iterate ``stream(result)`` instead of
 ``result.stream_events()`` to record text, reasoning and argument deltas.
+``install(capture_requests=True)`` with the hooks also records each turn's request
+(``TurnRequest``), converted by `request_payload`, the conversion the replay model
+(`ReplayModel`, in ``replay.py``) checks a replayed run's requests with.
 """
 
 from __future__ import annotations
@@ -35,14 +38,30 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..events import LoopConfigSnapshot
-from ..instrument import MessageScope, ToolScope, TurnScope
-from ..messages import Content, StopReason, TextContent, ThinkingContent, ToolCall, Usage
-from ._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from ...events import LoopConfigSnapshot
+from ...instrument import MessageScope, ToolScope, TurnScope
+from ...messages import (
+    AnnotatedRequestPayload,
+    AssistantMessage,
+    Content,
+    Message,
+    StopReason,
+    TextContent,
+    TextFormat,
+    ThinkingContent,
+    ToolCall,
+    ToolDefinition,
+    ToolResultMessage,
+    UnknownBlock,
+    Usage,
+    UserMessage,
+)
+from .._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
 
 require_extra("openai-agents", "agents")
 
-from agents import RunHooks  # noqa: E402
+from agents import FunctionTool, Handoff, RunHooks  # noqa: E402
+from agents.run_internal.turn_preparation import get_handoffs  # noqa: E402
 from agents.tracing import (  # noqa: E402
     Span,
     Trace,
@@ -55,7 +74,17 @@ from agents.tracing import (  # noqa: E402
 )
 from agents.tracing.processors import default_processor  # noqa: E402
 
-__all__ = ["PhiRunHooks", "PhiTracingProcessor", "install", "installed", "stream", "uninstall"]
+__all__ = [
+    "PhiRunHooks",
+    "PhiTracingProcessor",
+    "ReplayModel",
+    "ReplayProvider",
+    "install",
+    "installed",
+    "request_payload",
+    "stream",
+    "uninstall",
+]
 
 logger = logging.getLogger("phi_session.adapters.openai_agents")
 
@@ -141,6 +170,114 @@ def _user_texts(items: Any) -> list[str]:
     return [_text_of(_get(item, "content")) for item in items or () if _get(item, "role") == "user"]
 
 
+_ASSISTANT_ITEMS = frozenset(("function_call", "reasoning"))
+
+
+def _request_messages(items: Any, timestamp: int, system: list[str]) -> list[Message]:
+    """The messages of a model input (Responses items): consecutive output items (text,
+    reasoning, function calls) make one assistant message; system and developer messages go
+    to `system`; items phi-core has no message for (hosted tool calls) are left out."""
+    if isinstance(items, str):
+        return [UserMessage(content=(TextContent(text=items),), timestamp=timestamp)]
+    messages: list[Message] = []
+    names: dict[str, str] = {}  # call id -> tool name
+    pending: list[Any] = []  # the assistant items being gathered
+
+    def flush() -> None:
+        if pending:
+            blocks, calls = _output_blocks(pending)
+            names.update((call.id, call.name) for call in calls)
+            messages.append(
+                AssistantMessage(
+                    content=(*blocks, *calls),
+                    stop_reason="toolUse" if calls else "stop",
+                    model="",
+                    provider=PROVIDER,
+                    usage=Usage(input=0, output=0),
+                    timestamp=timestamp,
+                )
+            )
+            pending.clear()
+
+    for item in items or ():
+        kind, role = _get(item, "type"), _get(item, "role")
+        if kind in _ASSISTANT_ITEMS or role == "assistant":
+            pending.append(item)
+            continue
+        flush()
+        if role in ("system", "developer"):
+            system.append(_text_of(_get(item, "content")))
+        elif role == "user":
+            text = _text_of(_get(item, "content"))
+            messages.append(UserMessage(content=(TextContent(text=text),), timestamp=timestamp))
+        elif kind == "function_call_output":
+            call_id = str(_get(item, "call_id") or "")
+            output = _get(item, "output")
+            messages.append(
+                ToolResultMessage(
+                    tool_call_id=call_id,
+                    tool_name=names.get(call_id, ""),
+                    content=(TextContent(text=output if isinstance(output, str) else _text_of(output)),),
+                    is_error=False,
+                    timestamp=timestamp,
+                )
+            )
+    flush()
+    return messages
+
+
+def _tool_definitions(tools: Any, handoffs: Any) -> tuple[ToolDefinition, ...]:
+    """The tools offered to the model: function tools with their schemas, hosted tools by
+    name, and handoffs as the tools the model calls to transfer."""
+    definitions = []
+    for tool in tools or ():
+        if isinstance(tool, FunctionTool):
+            definitions.append(
+                ToolDefinition(
+                    name=tool.name, description=tool.description, parameters=tool.params_json_schema
+                )
+            )
+        else:
+            name = getattr(tool, "name", None)
+            definitions.append(
+                ToolDefinition(
+                    name=name if isinstance(name, str) else type(tool).__name__, description="", parameters={}
+                )
+            )
+    for handoff in handoffs or ():
+        if isinstance(handoff, Handoff):
+            definitions.append(
+                ToolDefinition(
+                    name=handoff.tool_name,
+                    description=handoff.tool_description,
+                    parameters=handoff.input_json_schema,
+                )
+            )
+    return tuple(definitions)
+
+
+def request_payload(
+    system_instructions: str | None, input: Any, tools: Any, handoffs: Any, model: str, timestamp: int
+) -> AnnotatedRequestPayload:
+    """A model request (what ``Model.get_response`` receives) in phi-core's form.
+
+    The one conversion of a request: the adapter records it (``install(capture_requests=True)``
+    with `PhiRunHooks`) and the replay model compares what it is asked with it, so an
+    unchanged agent matches.
+    """
+    system = [system_instructions] if system_instructions else []
+    messages = _request_messages(input, timestamp, system)
+    return AnnotatedRequestPayload(
+        system_prompt="\n\n".join(system),
+        messages=tuple(messages),
+        provenance=tuple(UnknownBlock() for _ in messages),
+        tools=_tool_definitions(tools, handoffs),
+        model_id=model,
+        thinking_level="off",
+        response_format=TextFormat(),
+    )
+
+
 def _config(agent_name: str, model: str) -> LoopConfigSnapshot:
     return LoopConfigSnapshot(
         model=model,
@@ -182,6 +319,7 @@ class _Loop:
     model: str = ""
     prompted: bool = False
     reply: tuple[list[Content], list[ToolCall], Usage | None, str | None] | None = None
+    request: AnnotatedRequestPayload | None = None  # the next turn's, from the hooks
     calls: list[ToolCall] = field(default_factory=list)
     call_number: int = 0
 
@@ -198,8 +336,9 @@ class _Loop:
 class _Mapper:
     """Spans -> core calls, for one installation. Every entry point runs under the core's guard."""
 
-    def __init__(self, core: AdapterCore) -> None:
+    def __init__(self, core: AdapterCore, capture_requests: bool = False) -> None:
         self.core = core
+        self.capture_requests = capture_requests
         self._lock = threading.Lock()
         self._sessions: dict[str, str | None] = {}  # trace id -> framework session id
         self._loops: dict[str, _Loop] = {}  # loop key -> loop
@@ -310,7 +449,8 @@ class _Mapper:
         if run is None or not run.loop.running:
             return None
         if loop.turn is None or not loop.turn.running:
-            loop.turn = run.loop.turn().start()
+            request, loop.request = loop.request, None
+            loop.turn = run.loop.turn(request=request).start()
         return loop.turn
 
     def _model_started(self, loop: _Loop) -> None:
@@ -449,6 +589,12 @@ class _Mapper:
         for text in _user_texts(items):
             loop.run.loop.user(text)
 
+    def request(self, payload: AnnotatedRequestPayload) -> None:
+        """The hooks' model request: the next turn's ``TurnRequest``."""
+        loop = self._current_loop()
+        if loop is not None:
+            loop.request = payload
+
     def response(self, response: Any) -> None:
         """The hooks' model response: the content and usage of a span that carried none."""
         loop = self._current_loop()
@@ -535,8 +681,19 @@ class PhiRunHooks(RunHooks[Any]):
 
     async def on_llm_start(self, context: Any, agent: Any, system_prompt: Any, input_items: Any) -> None:
         mapper = _processor.mapper
-        if mapper is not None:
-            mapper.core.safely(mapper.prompt, input_items)
+        if mapper is None:
+            return
+        mapper.core.safely(mapper.prompt, input_items)
+        if mapper.capture_requests:
+            with mapper.core.guard():
+                # What the runner offers the model: the same calls it makes for the request.
+                tools = await agent.get_all_tools(context)
+                handoffs = await get_handoffs(agent, context)
+                model = agent.model if isinstance(agent.model, str) else ""
+                payload = request_payload(
+                    system_prompt, input_items, tools, handoffs, model, mapper.core.agent.millis()
+                )
+                mapper.request(payload)
 
     async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
         mapper = _processor.mapper
@@ -593,12 +750,17 @@ async def stream(result: Any) -> AsyncIterator[Any]:
         yield event
 
 
-def install(sink: SinkArg = None, *, replace_default: bool = False, **options: Any) -> AdapterCore:
+def install(
+    sink: SinkArg = None, *, replace_default: bool = False, capture_requests: bool = False, **options: Any
+) -> AdapterCore:
     """Record every Agents SDK run from now on; returns the adapter's `AdapterCore`.
 
     `sink`: where events go (None: the embedded store). `replace_default`: replace
     the SDK's other trace processors (its OpenAI exporter) instead of adding to
-    them. `options` go to `AdapterCore` (``store``, ``agent``, ``processors``,
+    them. `capture_requests`: with `PhiRunHooks`, also record each turn's
+    ``TurnRequest`` (system prompt, input, tools and handoffs offered), which replay
+    compares against to detect divergence; off by default (it repeats the whole history
+    every turn). `options` go to `AdapterCore` (``store``, ``agent``, ``processors``,
     ``redact``, ``rotate_after``). Idempotent: a second call returns the adapter
     already installed.
     """
@@ -615,7 +777,7 @@ def install(sink: SinkArg = None, *, replace_default: bool = False, **options: A
         elif _registered_with is not provider:
             add_trace_processor(_processor)
             _registered_with = provider
-        _processor.mapper = _Mapper(core)
+        _processor.mapper = _Mapper(core, capture_requests)
         if _tracing_disabled():
             _warn_tracing_disabled()
         return core
@@ -640,3 +802,7 @@ def uninstall() -> None:
             set_trace_processors([default_processor()])
             _registered_with, _replaced_default = None, False
     mapper.core.close()
+
+
+# The replay model lives next to the adapter whose request converter it shares.
+from .replay import ReplayModel, ReplayProvider  # noqa: E402

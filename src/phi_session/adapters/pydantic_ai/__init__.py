@@ -20,6 +20,11 @@ first's ``message_history`` continues its loop. The hooks map as follows:
   lets a sub-agent run inside the tool find its parent.
 * ``after_node_run`` of a ``CallToolsNode`` (the end of a tools step) → ``TurnEnd``.
 
+With ``PhiCapability(capture_requests=True)``, ``after_model_request`` also records the request
+sent (``TurnRequest``: system prompt and instructions, messages, function and output tools),
+converted by `request_payload`, the conversion the replay model (`ReplayModel`, in
+``replay.py``) checks a replayed run's requests with.
+
 Streaming capture is opt-in (``PhiCapability(stream=True)``): listening to the run's events
 makes pydantic-ai stream every model request, even under ``agent.run()``. With it, text,
 thinking and tool-call argument deltas become ``MessageUpdate`` events; without it the
@@ -31,10 +36,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..events import LoopConfigSnapshot
-from ..instrument import MessageScope, ToolScope, TurnScope
-from ..messages import Content, ImageContent, StopReason, TextContent, ThinkingContent, ToolCall, Usage
-from ._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from ...events import LoopConfigSnapshot
+from ...instrument import MessageScope, ToolScope, TurnScope
+from ...messages import (
+    AnnotatedRequestPayload,
+    AssistantMessage,
+    Content,
+    ImageContent,
+    Message,
+    StopReason,
+    TextContent,
+    TextFormat,
+    ThinkingContent,
+    ToolCall,
+    ToolDefinition,
+    ToolResultMessage,
+    UnknownBlock,
+    Usage,
+    UserMessage,
+)
+from .._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
 
 require_extra("pydantic-ai", "pydantic_ai")
 
@@ -59,15 +80,15 @@ from pydantic_ai.exceptions import (  # noqa: E402
 from pydantic_ai.usage import RequestUsage  # noqa: E402
 
 if TYPE_CHECKING:
-    from pydantic_ai.models import ModelRequestContext
+    from pydantic_ai.models import ModelRequestContext, ModelRequestParameters
     from pydantic_ai.run import AgentRunResult
-    from pydantic_ai.tools import ToolDefinition
+    from pydantic_ai.tools import ToolDefinition as PaiToolDefinition
 
-    from ..stores.base import SessionStore
+    from ...stores.base import SessionStore
 
-__all__ = ["PhiCapability"]
+__all__ = ["PhiCapability", "ReplayModel", "ReplayTools", "request_payload"]
 
-_STOP_REASONS: dict[str, StopReason] = {
+_STOP_REASONS: dict[pai.FinishReason, StopReason] = {
     "stop": "stop",
     "length": "length",
     "tool_call": "toolUse",
@@ -146,6 +167,85 @@ def _tool_result_text(call: pai.ToolCallPart, result: Any) -> str:
     ).model_response_str()
 
 
+def _request_parts(message: pai.ModelRequest, timestamp: int, system: list[str], into: list[Message]) -> None:
+    """The messages of a request step's parts; system prompt parts go to `system`. Parts
+    phi-core has no message for (instruction and tool-availability bookkeeping) are left out."""
+    for part in message.parts:
+        if isinstance(part, pai.SystemPromptPart):
+            system.append(part.content)
+        elif isinstance(part, pai.UserPromptPart):
+            prompt = _prompt(part.content)
+            content = (TextContent(text=prompt),) if isinstance(prompt, str) else prompt
+            into.append(UserMessage(content=content, timestamp=timestamp))
+        elif isinstance(part, pai.ToolReturnPart):
+            into.append(
+                ToolResultMessage(
+                    tool_call_id=part.tool_call_id,
+                    tool_name=part.tool_name,
+                    content=(TextContent(text=part.model_response_str(wrap_if_error=False)),),
+                    is_error=part.outcome in pai.ERROR_OUTCOMES,
+                    timestamp=timestamp,
+                )
+            )
+        elif isinstance(part, (pai.RetryPromptPart, pai.RetryFeedbackPart)):
+            into.append(UserMessage(content=(TextContent(text=part.model_response()),), timestamp=timestamp))
+
+
+def _reply_message(
+    response: pai.ModelResponse, model: str, provider: str, timestamp: int
+) -> AssistantMessage:
+    blocks, calls = _response_content(response.parts)
+    return AssistantMessage(
+        content=(*blocks, *calls),
+        stop_reason=_stop_reason(response.finish_reason, bool(calls)),
+        model=response.model_name or model,
+        provider=response.provider_name or provider,
+        usage=_usage(response.usage),
+        timestamp=timestamp,
+    )
+
+
+def _tool_definition(tool: PaiToolDefinition) -> ToolDefinition:
+    return ToolDefinition(
+        name=tool.name, description=tool.description or "", parameters=tool.parameters_json_schema
+    )
+
+
+def request_payload(
+    messages: Sequence[pai.ModelMessage],
+    parameters: ModelRequestParameters,
+    model: str,
+    provider: str,
+    timestamp: int,
+) -> AnnotatedRequestPayload:
+    """The request a pydantic-ai model is sent, in phi-core's form: the system prompt (system
+    prompt parts, then the instructions), the messages, the function and output tools.
+
+    The one conversion of a request: `PhiCapability(capture_requests=True)` records it and
+    the replay model compares what it is asked with it, so an unchanged agent matches.
+    """
+    system: list[str] = []
+    converted: list[Message] = []
+    for message in messages:
+        if isinstance(message, pai.ModelRequest):
+            _request_parts(message, timestamp, system, converted)
+        else:
+            converted.append(_reply_message(message, model, provider, timestamp))
+    instructions = pai.InstructionPart.join(parameters.instruction_parts or ())
+    if instructions:
+        system.append(instructions)
+    tools = [*parameters.function_tools, *parameters.output_tools]
+    return AnnotatedRequestPayload(
+        system_prompt="\n\n".join(system),
+        messages=tuple(converted),
+        provenance=tuple(UnknownBlock() for _ in converted),
+        tools=tuple(_tool_definition(tool) for tool in tools),
+        model_id=model,
+        thinking_level="off",
+        response_format=TextFormat(),
+    )
+
+
 # -- one run's recording --------------------------------------------------------------------------
 
 
@@ -171,8 +271,11 @@ class _Run:
         turn = self.turn = loop.turn().start()
         return turn
 
-    def replying(self, model: str, provider: str) -> MessageScope:
-        """The turn's assistant message, started at its first streamed part or its response."""
+    def replying(
+        self, model: str, provider: str, payload: AnnotatedRequestPayload | None = None
+    ) -> MessageScope:
+        """The turn's assistant message, started at its first streamed part or its response;
+        `payload` (the request sent) is emitted before it starts, or at once if it streamed."""
         reply = self.reply
         if reply is None:
             turn = self.turn
@@ -180,11 +283,21 @@ class _Run:
                 # A response outside a request step, or a further attempt at one (another
                 # model after a `RetryModelRequest`): each reply gets a turn of its own.
                 turn = self.request()
+            if payload is not None:
+                turn.request(payload)
             reply = self.reply = turn.assistant(model=model, provider=provider).start()
+        elif payload is not None and self.turn is not None:
+            self.turn.request(payload)
         return reply
 
-    def response(self, response: pai.ModelResponse, model: str, provider: str) -> None:
-        reply = self.replying(response.model_name or model, response.provider_name or provider)
+    def response(
+        self,
+        response: pai.ModelResponse,
+        model: str,
+        provider: str,
+        payload: AnnotatedRequestPayload | None = None,
+    ) -> None:
+        reply = self.replying(response.model_name or model, response.provider_name or provider, payload)
         self.reply = None
         blocks, calls = _response_content(response.parts)
         reply.finish(
@@ -244,6 +357,9 @@ class PhiCapability(AbstractCapability[Any]):
       (``MessageUpdate``). pydantic-ai then streams every model request of the run.
     * `store`: where earlier runs of a conversation are looked up to continue them
       after a restart (default: the embedded store when `sink` is None, else none).
+    * `capture_requests`: also record each turn's ``TurnRequest`` (`request_payload`: the
+      system prompt, messages and tools sent to the model), which replay compares against
+      to detect divergence. Off by default: it repeats the whole history every turn.
 
     Never raises into the run and never changes what a hook passes on: a recording
     fault is counted (`fault_count`) and logged once, and the run goes on. One
@@ -256,16 +372,23 @@ class PhiCapability(AbstractCapability[Any]):
     id: str | None = "phi_session"
 
     def __init__(
-        self, sink: SinkArg = None, *, stream: bool = False, store: SessionStore | None = None
+        self,
+        sink: SinkArg = None,
+        *,
+        stream: bool = False,
+        store: SessionStore | None = None,
+        capture_requests: bool = False,
     ) -> None:
-        if not isinstance(stream, bool):
-            raise TypeError(f"stream must be a bool, not {type(stream).__name__}")
+        for name, flag in (("stream", stream), ("capture_requests", capture_requests)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, not {type(flag).__name__}")
         self.stream = stream
+        self.capture_requests = capture_requests
         self._core = AdapterCore("pydantic-ai", sink, store=store)
         self._runs: dict[str, _Run] = {}
 
     def __repr__(self) -> str:
-        return f"PhiCapability(stream={self.stream})"
+        return f"PhiCapability(stream={self.stream}, capture_requests={self.capture_requests})"
 
     @property
     def fault_count(self) -> int:
@@ -335,7 +458,18 @@ class PhiCapability(AbstractCapability[Any]):
     ) -> pai.ModelResponse:
         run = self._run(ctx)
         if run is not None:
-            self._core.safely(run.response, response, ctx.model.model_name, ctx.model.system)
+            with self._core.guard():
+                model, provider = ctx.model.model_name, ctx.model.system
+                payload = None
+                if self.capture_requests:
+                    payload = request_payload(
+                        request_context.messages,
+                        request_context.model_request_parameters,
+                        model,
+                        provider,
+                        self._core.agent.millis(),
+                    )
+                run.response(response, model, provider, payload)
         return response
 
     async def after_node_run(
@@ -354,7 +488,7 @@ class PhiCapability(AbstractCapability[Any]):
         ctx: RunContext[Any],
         *,
         call: pai.ToolCallPart,
-        tool_def: ToolDefinition,
+        tool_def: PaiToolDefinition,
         args: ValidatedToolArgs,
         handler: WrapToolExecuteHandler,
     ) -> Any:
@@ -434,3 +568,7 @@ def _stream_delta(reply: MessageScope, delta: pai.ModelResponsePartDelta) -> Non
     elif isinstance(delta, pai.ToolCallPartDelta) and delta.args_delta:
         args = delta.args_delta
         reply.tool_call_delta(args if isinstance(args, str) else pydantic_core.to_json(args).decode())
+
+
+# The replay model lives next to the adapter whose request converter it shares.
+from .replay import ReplayModel, ReplayTools  # noqa: E402

@@ -1,0 +1,173 @@
+"""Replay (issue 15, item 5): what replaying a recorded run costs against running it.
+
+Per framework, the run of `bench_adapters` (4 turns x 2 tools, then the answer)
+recorded by the framework's adapter, then `RUNS` runs of each variant, interleaved,
+median per run:
+
+* fake: the run on the framework's fake model, recorded by the adapter;
+* replay: the same agent answered by the framework's replay model from the
+  recording (``tools="recorded"``: no model, no tool runs), every request checked
+  against the recorded one, recorded by the adapter as a ``Rerun{replay}`` loop of
+  the original session.
+
+Target: replay <= 1.10x fake. Times are CPU time (`time.process_time`), as in
+`bench_adapters`: they stay meaningful on a loaded machine.
+
+Usage: python benchmarks/bench_replay.py [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bench_adapters import TOOLS, TURNS, medians_async  # lives next to this script
+
+from phi_session import SessionRecorder
+from phi_session.replay import ReplayScript, recording_as, replay_lineage
+
+TARGET = 1.10
+
+
+def report(framework: str, fake: float, replay: float) -> None:
+    ratio = replay / fake
+    print(
+        f"{framework:14} fake {fake * 1e3:7.2f} ms  replay {replay * 1e3:7.2f} ms  "
+        f"({ratio:.2f}x)  {'PASS' if ratio <= TARGET else 'MISS'}"
+    )
+
+
+def recorded_script(recorder: SessionRecorder) -> ReplayScript:
+    (session,) = recorder.sessions()
+    return ReplayScript.from_session(session, session.loops[0].loop_id)
+
+
+def replaying(
+    script: ReplayScript, run: Callable[[int], Awaitable[object]]
+) -> Callable[[int], Awaitable[object]]:
+    """`run` recorded as a replay of `script` (each run its own Rerun{replay} loop)."""
+    lineage = replay_lineage(script)
+
+    async def one(i: int) -> object:
+        with recording_as(lineage):
+            return await run(i)
+
+    return one
+
+
+# -- OpenAI Agents SDK --------------------------------------------------------------------------
+
+
+def bench_openai_agents(runs: int) -> None:
+    from agents import Agent, RunConfig, Runner, function_tool
+    from agents.testing.model import ScriptedModel, assistant_message, function_call
+
+    from phi_session.adapters import openai_agents
+
+    @function_tool
+    def lookup(key: str) -> str:
+        """Look a key up."""
+        return key.upper()
+
+    steps: list[Any] = [
+        [function_call("lookup", {"key": f"{turn}.{i}"}, call_id=f"call-{turn}-{i}") for i in range(TOOLS)]
+        for turn in range(TURNS)
+    ]
+    steps.append([assistant_message("done")])
+    model = ScriptedModel(emit_traces=True)
+    agent = Agent(name="bench", model=model, tools=[lookup])
+    hooks = openai_agents.PhiRunHooks()
+    config = RunConfig(trace_metadata={"phi.session_id": "bench-original"})
+
+    async def fake(i: int) -> object:
+        model.extend(steps)
+        return await Runner.run(agent, "go", hooks=hooks, max_turns=TURNS + 2)
+
+    async def measure() -> list[float]:
+        recorder = SessionRecorder()
+        openai_agents.install([recorder], replace_default=True, capture_requests=True)
+        try:
+            model.extend(steps)
+            await Runner.run(agent, "go", hooks=hooks, run_config=config, max_turns=TURNS + 2)
+        finally:
+            openai_agents.uninstall()
+        script = recorded_script(recorder)
+
+        async def replay(i: int) -> object:
+            replay_model = openai_agents.ReplayModel(script)
+            return await Runner.run(replay_model.agent(agent), "go", hooks=hooks, max_turns=TURNS + 2)
+
+        openai_agents.install([SessionRecorder()], replace_default=True)
+        try:
+            return await medians_async(runs, [fake, replaying(script, replay)])
+        finally:
+            openai_agents.uninstall()
+
+    report("openai-agents", *asyncio.run(measure()))
+
+
+# -- pydantic-ai --------------------------------------------------------------------------------
+
+
+def bench_pydantic_ai(runs: int) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.models.function import AgentInfo, FunctionModel
+    from pydantic_ai.usage import RequestUsage
+
+    from phi_session.adapters.pydantic_ai import PhiCapability, ReplayModel
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        """Calls TOOLS tools on each of TURNS turns (counted from the history), then answers."""
+        turn = sum(1 for message in messages if isinstance(message, ModelResponse))
+        usage = RequestUsage(input_tokens=100, output_tokens=20)
+        if turn < TURNS:
+            calls = [
+                ToolCallPart("lookup", {"key": f"{turn}.{i}"}, tool_call_id=f"c{turn}.{i}")
+                for i in range(TOOLS)
+            ]
+            return ModelResponse(parts=[TextPart("checking"), *calls], usage=usage)
+        return ModelResponse(parts=[TextPart("done")], usage=usage)
+
+    def lookup(key: str) -> str:
+        """Looks a key up."""
+        return key.upper()
+
+    async def measure() -> list[float]:
+        recorder = SessionRecorder()
+        original = Agent(
+            FunctionModel(model),
+            tools=[lookup],
+            capabilities=[PhiCapability(recorder, capture_requests=True)],
+        )
+        await original.run("go")
+        script = recorded_script(recorder)
+        agent = Agent(FunctionModel(model), tools=[lookup], capabilities=[PhiCapability(SessionRecorder())])
+
+        async def fake(i: int) -> object:
+            return await agent.run("go")
+
+        async def replay(i: int) -> object:
+            replay_model = ReplayModel(script)
+            return await agent.run("go", model=replay_model, capabilities=[replay_model.capability])
+
+        return await medians_async(runs, [fake, replaying(script, replay)])
+
+    report("pydantic-ai", *asyncio.run(measure()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=100)
+    args = parser.parse_args()
+    print(f"median CPU time per run of {args.runs} runs, {TURNS} turns x {TOOLS} tools")
+    bench_openai_agents(args.runs)
+    bench_pydantic_ai(args.runs)
+
+
+if __name__ == "__main__":
+    main()

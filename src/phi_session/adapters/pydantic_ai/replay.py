@@ -1,0 +1,260 @@
+"""Replay and fork for pydantic-ai: a `Model` answering from a recording.
+
+    script = ReplayScript.from_session(session, loop_id)
+    model = ReplayModel(script)                       # tools="recorded", on_divergence="stop"
+    with recording_as(replay_lineage(script)):        # a Rerun{replay} loop of the original
+        agent.run_sync(prompt, model=model, capabilities=[model.capability])
+
+`ReplayModel` turns each request into a `RequestShape` with the adapter's own request
+converter (`request_payload`, what ``PhiCapability(capture_requests=True)`` records),
+so an unchanged agent matches its recording, and answers with the recorded reply as a
+``ModelResponse`` (text, thinking and tool-call parts with their ids, usage, finish
+reason, model and provider names), streamed or not. Past a fork point (`until_turn`)
+or after a divergence with ``on_divergence="fallback"`` it hands the request to
+`fallback`, any other pydantic-ai model.
+
+pydantic-ai runs tools outside the model: `ReplayModel.capability` (a capability to
+add to the run) answers each tool call of a replayed turn with its recorded result
+when ``tools="recorded"``, without running the tool: it wraps the agent's toolset
+(``get_wrapper_toolset``), so every ``wrap_tool_execute`` (the recording's) sees the
+answer as it saw the tool's; a recorded error result is raised as ``ModelRetry`` with
+its text, as a tool asking the model to retry. Output tools are pydantic-ai's own and
+run as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic_ai import ModelRetry, RunContext
+from pydantic_ai import messages as pai
+from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse
+from pydantic_ai.settings import ModelSettings
+from pydantic_ai.toolsets import AbstractToolset, WrapperToolset
+from pydantic_ai.toolsets.abstract import ToolsetTool
+from pydantic_ai.usage import RequestUsage
+
+from ...messages import AssistantMessage, StopReason, TextContent, ThinkingContent, ToolCall, Usage
+from ...model import Session
+from ...replay import OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
+from . import _STOP_REASONS, request_payload
+
+__all__ = ["ReplayModel", "ReplayTools"]
+
+# The inverse of the adapter's mapping.
+_FINISH_REASONS: dict[StopReason, pai.FinishReason] = {stop: finish for finish, stop in _STOP_REASONS.items()}
+
+
+def _request_usage(usage: Usage) -> RequestUsage:
+    # The inverse of the adapter's `_usage`: pydantic-ai's input tokens include the cache's.
+    return RequestUsage(
+        input_tokens=usage.input + usage.cache_read + usage.cache_write,
+        output_tokens=usage.output,
+        cache_read_tokens=usage.cache_read,
+        cache_write_tokens=usage.cache_write,
+        output_reasoning_tokens=usage.reasoning,
+    )
+
+
+def _parts(reply: AssistantMessage) -> list[pai.ModelResponsePart]:
+    parts: list[pai.ModelResponsePart] = []
+    for block in reply.content:
+        if type(block) is TextContent:
+            parts.append(pai.TextPart(content=block.text))
+        elif type(block) is ThinkingContent:
+            parts.append(pai.ThinkingPart(content=block.thinking, signature=block.signature))
+        elif type(block) is ToolCall:
+            parts.append(pai.ToolCallPart(tool_name=block.name, args=block.arguments, tool_call_id=block.id))
+    return parts
+
+
+def _response(reply: AssistantMessage) -> pai.ModelResponse:
+    """The recorded reply as pydantic-ai's response (images are not replayed)."""
+    return pai.ModelResponse(
+        parts=_parts(reply),
+        usage=_request_usage(reply.usage),
+        model_name=reply.model,
+        provider_name=reply.provider,
+        finish_reason=_FINISH_REASONS.get(reply.stop_reason),
+    )
+
+
+@dataclass
+class _ReplayedStream(StreamedResponse):
+    """A recorded reply, streamed part by part (each part in one event)."""
+
+    _reply: AssistantMessage = field(kw_only=True)
+    _timestamp: datetime = field(default_factory=lambda: datetime.now(timezone.utc), init=False)
+
+    async def _get_event_iterator(self) -> AsyncIterator[pai.ModelResponseStreamEvent]:
+        reply = self._reply
+        self._usage = _request_usage(reply.usage)
+        self.finish_reason = _FINISH_REASONS.get(reply.stop_reason)
+        for index, block in enumerate(reply.content):
+            if type(block) is TextContent:
+                for event in self._parts_manager.handle_text_delta(vendor_part_id=index, content=block.text):
+                    yield event
+            elif type(block) is ThinkingContent:
+                for event in self._parts_manager.handle_thinking_delta(
+                    vendor_part_id=index, content=block.thinking, signature=block.signature
+                ):
+                    yield event
+            elif type(block) is ToolCall:
+                yield self._parts_manager.handle_tool_call_part(
+                    vendor_part_id=index, tool_name=block.name, args=block.arguments, tool_call_id=block.id
+                )
+
+    @property
+    def model_name(self) -> str:
+        return self._reply.model
+
+    @property
+    def provider_name(self) -> str:
+        return self._reply.provider
+
+    @property
+    def provider_url(self) -> None:
+        return None
+
+    @property
+    def timestamp(self) -> datetime:
+        return self._timestamp
+
+
+class ReplayModel(Model):
+    """A pydantic-ai model that answers from a recording (module docstring).
+
+    * `recording`: a `ReplayScript`, or a `Session` (`loop_id` and `chain` then pick the
+      loops, as `ReplayScript.from_session`).
+    * `on_divergence`, `tools`, `until_turn`: as `ReplayCursor` (``"stop"`` raises
+      `ReplayDiverged` from the request that diverged).
+    * `fallback`: the model that answers past `until_turn` (a fork) and after a
+      divergence with ``on_divergence="fallback"``; both require it.
+
+    Its name and system are the replayed loop's (the recorded config), so the replayed
+    loop records like the original. One instance replays one run: `cursor` holds its
+    progress and `divergence` the first divergence.
+    """
+
+    def __init__(
+        self,
+        recording: ReplayScript | Session,
+        loop_id: str | None = None,
+        *,
+        chain: bool = False,
+        on_divergence: OnDivergence = "stop",
+        tools: ToolsMode = "recorded",
+        until_turn: int | None = None,
+        fallback: Model | None = None,
+    ) -> None:
+        super().__init__()
+        script = (
+            recording
+            if isinstance(recording, ReplayScript)
+            else ReplayScript.from_session(recording, loop_id, chain=chain)
+        )
+        if fallback is None and (until_turn is not None or on_divergence == "fallback"):
+            raise ValueError("until_turn and on_divergence='fallback' need a fallback model")
+        self.script = script
+        self.cursor = ReplayCursor(script, on_divergence=on_divergence, tools=tools, until_turn=until_turn)
+        self.fallback = fallback
+        self.capability = ReplayTools(self.cursor)
+        """Answers the tool calls of replayed turns (add it to the run's capabilities)."""
+        record = script.session.get_loop(script.loop_ids[0])
+        config = record.config if record is not None else None
+        self._name = config.model if config is not None and config.model else "replay"
+        self._system = config.provider if config is not None and config.provider else "replay"
+
+    def __repr__(self) -> str:
+        return f"ReplayModel({self.script.loop_id!r}, fallback={self.fallback!r})"
+
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def system(self) -> str:
+        return self._system
+
+    def _recorded(
+        self, messages: Sequence[pai.ModelMessage], parameters: ModelRequestParameters
+    ) -> AssistantMessage | None:
+        payload = request_payload(messages, parameters, self._name, self._system, 0)
+        return self.cursor.respond(RequestShape.from_payload(payload))
+
+    def _handed_over(self) -> Model:
+        # The cursor hands over only past until_turn or in fallback mode: both need a fallback.
+        assert self.fallback is not None
+        return self.fallback
+
+    async def request(
+        self,
+        messages: list[pai.ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> pai.ModelResponse:
+        reply = self._recorded(messages, model_request_parameters)
+        if reply is None:
+            return await self._handed_over().request(messages, model_settings, model_request_parameters)
+        return _response(reply)
+
+    @asynccontextmanager
+    async def request_stream(
+        self,
+        messages: list[pai.ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+        run_context: RunContext[Any] | None = None,
+    ) -> AsyncIterator[StreamedResponse]:
+        reply = self._recorded(messages, model_request_parameters)
+        if reply is None:
+            async with self._handed_over().request_stream(
+                messages, model_settings, model_request_parameters, run_context
+            ) as stream:
+                yield stream
+            return
+        yield _ReplayedStream(model_request_parameters=model_request_parameters, _reply=reply)
+
+
+@dataclass
+class _RecordedToolset(WrapperToolset[Any]):
+    """The agent's toolset, each call of a replayed turn answered by the cursor."""
+
+    cursor: ReplayCursor = field(kw_only=True)
+
+    async def call_tool(
+        self, name: str, tool_args: dict[str, Any], ctx: RunContext[Any], tool: ToolsetTool[Any]
+    ) -> Any:
+        result = self.cursor.tool_result(ctx.tool_call_id or "", name, tool_args)
+        if result is None:
+            return await super().call_tool(name, tool_args, ctx, tool)
+        text = "".join(block.text for block in result.content if type(block) is TextContent)
+        if result.is_error:
+            raise ModelRetry(text)  # as the tool did: pydantic-ai makes it the retry the model read
+        return text
+
+
+class ReplayTools(AbstractCapability[Any]):
+    """Answers a replayed run's tool calls from the recording, the tools not run
+    (``tools="recorded"``; with ``"live"``, or once handed over, the tools run).
+
+    It wraps the agent's toolset (``get_wrapper_toolset``), below every capability's
+    ``wrap_tool_execute``: the recording sees the answer as it saw the tool's."""
+
+    def __init__(self, cursor: ReplayCursor) -> None:
+        self.cursor = cursor
+
+    def __repr__(self) -> str:
+        return f"ReplayTools(tools={self.cursor.tools!r})"
+
+    @classmethod
+    def get_serialization_name(cls) -> str | None:
+        return None  # holds a live cursor: not constructible from an agent spec
+
+    def get_wrapper_toolset(self, toolset: AbstractToolset[Any]) -> AbstractToolset[Any] | None:
+        return _RecordedToolset(toolset, cursor=self.cursor)

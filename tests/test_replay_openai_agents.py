@@ -1,0 +1,379 @@
+"""Replay and fork of OpenAI Agents SDK runs (`phi_session.adapters.openai_agents.ReplayModel`),
+offline: recorded on the SDK's own ScriptedModel, replayed without any model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+
+pytest.importorskip("agents", reason="needs pip install 'phi-session[openai-agents]'")
+
+from agents import Agent, RunConfig, Runner, function_tool
+from agents.testing.model import ScriptedModel, assistant_message, function_call
+from agents.usage import Usage as SdkUsage
+from msgspec.structs import replace
+from openai.types.responses import ResponseReasoningItem
+from openai.types.responses.response_reasoning_item import Summary
+
+from phi_session import SessionRecorder, SessionRecorderConfig
+from phi_session.adapters import openai_agents
+from phi_session.adapters.openai_agents import PhiRunHooks, ReplayModel, ReplayProvider
+from phi_session.errors import TurnNotFound
+from phi_session.events import ContinuationKind
+from phi_session.messages import AgentMessage, AssistantMessage, ThinkingContent, ToolCall
+from phi_session.model import LoopRecord, Session
+from phi_session.replay import ReplayDiverged, ReplayScript, fork_lineage, recording_as, replay_lineage
+
+SYSTEM = "You are a calculator."
+SESSION = "replayed"
+
+
+class Tools:
+    """The agent's two tools, counting their calls; `prefix` changes what lookup returns."""
+
+    def __init__(self, prefix: str = "value of") -> None:
+        self.calls = 0
+        tools = self
+
+        @function_tool
+        def lookup(key: str) -> str:
+            """Look a key up."""
+            tools.calls += 1
+            return f"{prefix} {key}"
+
+        @function_tool
+        def add(a: int, b: int) -> int:
+            """Add two numbers."""
+            tools.calls += 1
+            return a + b
+
+        self.tools = [lookup, add]
+
+
+@function_tool
+def mul(a: int, b: int) -> int:
+    """Multiply two numbers."""
+    return a * b
+
+
+def usage(step: int) -> SdkUsage:
+    return SdkUsage(requests=1, input_tokens=100 + step, output_tokens=10 + step, total_tokens=110 + 2 * step)
+
+
+def four_turns() -> ScriptedModel:
+    """A thought, text and a call; a call; two calls; the answer."""
+    thought = ResponseReasoningItem(
+        id="rs_1", type="reasoning", summary=[Summary(text="first, look it up", type="summary_text")]
+    )
+    steps: list[Any] = [
+        [thought, assistant_message("let me look"), function_call("lookup", {"key": "a"}, call_id="c1")],
+        [function_call("add", {"a": 1, "b": 2}, call_id="c2")],
+        [
+            function_call("lookup", {"key": "b"}, call_id="c3"),
+            function_call("add", {"a": 3, "b": 4}, call_id="c4"),
+        ],
+        [assistant_message("done: 3 and 7")],
+    ]
+    return ScriptedModel(
+        [{"output": output, "usage": usage(step)} for step, output in enumerate(steps)], emit_traces=True
+    )
+
+
+def no_model() -> ScriptedModel:
+    return ScriptedModel([])  # any call raises UnexpectedModelCall
+
+
+def make_agent(
+    tools: Tools, *, model: Any = None, system: str = SYSTEM, extra: Sequence[Any] = ()
+) -> Agent[Any]:
+    return Agent(
+        name="calc",
+        instructions=system,
+        model=model if model is not None else no_model(),
+        tools=[*tools.tools, *extra],
+    )
+
+
+def run(agent: Agent[Any], **options: Any) -> Any:
+    config = RunConfig(trace_metadata={"phi.session_id": SESSION}, **options)
+    return asyncio.run(Runner.run(agent, "compute", hooks=PhiRunHooks(), run_config=config))
+
+
+@pytest.fixture
+def recorder() -> Iterator[SessionRecorder]:
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=True))
+    openai_agents.install([recorder], capture_requests=True)
+    try:
+        yield recorder
+    finally:
+        openai_agents.uninstall()
+
+
+@pytest.fixture
+def original(recorder: SessionRecorder) -> tuple[Session, LoopRecord]:
+    result = run(make_agent(Tools(), model=four_turns()))
+    assert result.final_output == "done: 3 and 7"
+    (session,) = recorder.sessions()
+    (loop,) = session.loops
+    return session, loop
+
+
+def session_of(recorder: SessionRecorder) -> Session:
+    (session,) = recorder.sessions()
+    return session
+
+
+def bare(messages: Sequence[AgentMessage]) -> list[AgentMessage]:
+    """Messages without what differs between two runs of the same conversation."""
+    return [replace(message, timestamp=0, turn_id=None) for message in messages]  # type: ignore[type-var]
+
+
+def calls_of(loop: LoopRecord) -> list[list[ToolCall]]:
+    return [
+        [block for block in turn.output_message.content if isinstance(block, ToolCall)]  # type: ignore[union-attr]
+        for turn in loop.turns
+    ]
+
+
+# -- recording -------------------------------------------------------------------------------------
+
+
+def test_the_recording_captures_each_turns_request(original: tuple[Session, LoopRecord]) -> None:
+    _, loop = original
+    assert loop.turn_count() == 4
+    payloads = [turn.request_payload for turn in loop.turns]
+    assert all(payload is not None for payload in payloads)
+    assert [payload.system_prompt for payload in payloads] == [SYSTEM] * 4  # type: ignore[union-attr]
+    assert [[tool.name for tool in payload.tools] for payload in payloads] == [["lookup", "add"]] * 4  # type: ignore[union-attr]
+    assert payloads[0].tools[1].description == "Add two numbers."  # type: ignore[union-attr]
+    assert payloads[0].tools[1].parameters["required"] == ["a", "b"]  # type: ignore[union-attr]
+    assert [len(payload.messages) for payload in payloads] == [1, 3, 5, 8]  # type: ignore[union-attr]
+    results = [m for m in payloads[3].messages if type(m).__name__ == "ToolResultMessage"]  # type: ignore[union-attr]
+    assert [(r.tool_call_id, r.tool_name, r.content[0].text) for r in results] == [  # type: ignore[union-attr]
+        ("c1", "lookup", "value of a"),
+        ("c2", "add", "3"),
+        ("c3", "lookup", "value of b"),
+        ("c4", "add", "7"),
+    ]
+    assert [(c.id, c.name) for turn in calls_of(loop) for c in turn] == [
+        ("c1", "lookup"),
+        ("c2", "add"),
+        ("c3", "lookup"),
+        ("c4", "add"),
+    ]
+    assert [turn.usage.input for turn in loop.turns] == [100, 101, 102, 103]
+
+
+def test_without_capture_requests_no_request_is_recorded() -> None:
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=True))
+    openai_agents.install([recorder])
+    try:
+        run(make_agent(Tools(), model=four_turns()))
+    finally:
+        openai_agents.uninstall()
+    assert all(turn.request_payload is None for turn in session_of(recorder).loops[0].turns)
+
+
+# -- replay ----------------------------------------------------------------------------------------
+
+
+def test_a_replay_with_recorded_tools_equals_the_original(
+    recorder: SessionRecorder, original: tuple[Session, LoopRecord]
+) -> None:
+    session, loop = original
+    script = ReplayScript.from_session(session, loop.loop_id)
+    model = ReplayModel(script)
+    tools = Tools()
+    with recording_as(replay_lineage(script)):
+        result = run(model.agent(make_agent(tools)))
+    assert result.final_output == "done: 3 and 7"
+    assert tools.calls == 0 and model.cursor.finished and model.cursor.divergence is None
+
+    first, replayed = session_of(recorder).loops
+    assert first.loop_id == loop.loop_id
+    assert replayed.kind == ContinuationKind.rerun("replay")
+    assert replayed.parent_loop_id == loop.loop_id
+    assert replayed.metadata["replay"] == {"session_id": SESSION, "loop_id": loop.loop_id}
+    assert replayed.status == "Completed" and replayed.turn_count() == 4
+    assert bare(replayed.messages) == bare(loop.messages)
+    assert calls_of(replayed) == calls_of(loop)
+    assert [turn.usage for turn in replayed.turns] == [turn.usage for turn in loop.turns]
+    assert replayed.usage == loop.usage
+    thought = replayed.turns[0].output_message.content[0]  # type: ignore[union-attr]
+    assert isinstance(thought, ThinkingContent) and thought.thinking == "first, look it up"
+    for mine, theirs in zip(replayed.turns, loop.turns, strict=True):
+        assert bare(mine.request_payload.messages) == bare(theirs.request_payload.messages)  # type: ignore[union-attr]
+
+
+def test_a_streamed_replay_equals_the_original(
+    recorder: SessionRecorder, original: tuple[Session, LoopRecord]
+) -> None:
+    session, loop = original
+    model = ReplayModel(session, loop.loop_id)
+
+    async def streamed() -> Any:
+        config = RunConfig(trace_metadata={"phi.session_id": SESSION})
+        result = Runner.run_streamed(
+            model.agent(make_agent(Tools())), "compute", hooks=PhiRunHooks(), run_config=config
+        )
+        texts = [
+            event.data.delta
+            async for event in openai_agents.stream(result)
+            if event.type == "raw_response_event" and event.data.type == "response.output_text.delta"
+        ]
+        return result.final_output, texts
+
+    with recording_as(replay_lineage(model.script)):
+        output, texts = asyncio.run(streamed())
+    assert output == "done: 3 and 7" and texts == ["let me look", "done: 3 and 7"]
+    replayed = session_of(recorder).loops[-1]
+    assert bare(replayed.messages) == bare(loop.messages)
+    assert replayed.usage == loop.usage
+
+
+def test_the_provider_replays_agents_named_by_model(
+    recorder: SessionRecorder, original: tuple[Session, LoopRecord]
+) -> None:
+    session, loop = original
+    model = ReplayModel(session, loop.loop_id)
+    agent = model.agent(make_agent(Tools())).clone(model="gpt-replayed")
+    assert ReplayProvider(model).get_model("gpt-replayed") is model
+    assert run(agent, model_provider=ReplayProvider(model)).final_output == "done: 3 and 7"
+
+
+def test_live_tools_run_and_an_unchanged_agent_does_not_diverge(original: tuple[Session, LoopRecord]) -> None:
+    session, loop = original
+    model = ReplayModel(session, loop.loop_id, tools="live")
+    tools = Tools()
+    run(model.agent(make_agent(tools)))
+    assert tools.calls == 4 and model.cursor.finished
+
+
+# -- divergence ------------------------------------------------------------------------------------
+
+
+def replay_diverges(agent: Agent[Any], model: ReplayModel) -> str:
+    with pytest.raises(ReplayDiverged) as raised:
+        run(model.agent(agent))
+    divergence = raised.value.divergence
+    return f"{divergence.turn_index} {divergence.what}"
+
+
+def test_another_system_prompt_diverges_at_the_first_turn(original: tuple[Session, LoopRecord]) -> None:
+    session, loop = original
+    model = ReplayModel(session, loop.loop_id)
+    assert replay_diverges(make_agent(Tools(), system="You are a poet."), model) == "0 system_prompt"
+    assert model.cursor.divergence is not None
+    assert "You are a poet." in model.cursor.divergence.describe()
+
+
+def test_another_tool_diverges_at_the_first_turn(original: tuple[Session, LoopRecord]) -> None:
+    session, loop = original
+    model = ReplayModel(session, loop.loop_id)
+    assert replay_diverges(make_agent(Tools(), extra=[mul]), model) == "0 tools"
+    assert model.cursor.divergence is not None and "mul" in model.cursor.divergence.detail
+
+
+def test_another_tool_result_diverges_at_the_turn_that_reads_it(original: tuple[Session, LoopRecord]) -> None:
+    session, loop = original
+    model = ReplayModel(session, loop.loop_id, tools="live")
+    assert replay_diverges(make_agent(Tools(prefix="no value for")), model) == "1 messages"
+    divergence = model.cursor.divergence
+    assert divergence is not None and divergence.loop_id == loop.loop_id
+    assert "value of a" in str(divergence.expected) and "no value for a" in str(divergence.actual)
+
+
+def test_on_divergence_fallback_hands_the_run_to_the_fallback_model(
+    original: tuple[Session, LoopRecord],
+) -> None:
+    session, loop = original
+    fallback = ScriptedModel([[assistant_message("from the fallback")]])
+    model = ReplayModel(session, loop.loop_id, on_divergence="fallback", fallback=fallback)
+    result = run(model.agent(make_agent(Tools(), system="You are a poet.")))
+    assert result.final_output == "from the fallback"
+    assert model.cursor.divergence is not None and model.cursor.divergence.what == "system_prompt"
+
+
+def test_a_fallback_is_required_to_hand_over(original: tuple[Session, LoopRecord]) -> None:
+    session, loop = original
+    with pytest.raises(ValueError, match="fallback"):
+        ReplayModel(session, loop.loop_id, on_divergence="fallback")
+
+
+# -- fork ------------------------------------------------------------------------------------------
+
+
+def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
+    recorder: SessionRecorder, original: tuple[Session, LoopRecord]
+) -> None:
+    session, loop = original
+    other = ScriptedModel(
+        [{"output": [assistant_message("forked: 3")], "usage": usage(50)}], emit_traces=True
+    )
+    script = ReplayScript.from_session(session, loop.loop_id)
+    model = ReplayModel(script, until_turn=2, fallback=other)
+    tools = Tools()
+    with recording_as(fork_lineage(script, 2, change={"model": "other"})):
+        result = run(model.agent(make_agent(tools)))
+    assert result.final_output == "forked: 3" and tools.calls == 0
+    (asked,) = other.calls
+    # the other model sees the prompt and the two replayed turns with their recorded results
+    outputs = [
+        (item["call_id"], item["output"])
+        for item in asked.input
+        if item.get("type") == "function_call_output"
+    ]
+    assert outputs == [("c1", "value of a"), ("c2", "3")]
+
+    recorded = session_of(recorder)
+    _, fork = recorded.loops
+    assert fork.kind == ContinuationKind.branch("fork") and fork.parent_loop_id == loop.loop_id
+    assert fork.metadata["fork"] == {
+        "session_id": SESSION,
+        "loop_id": loop.loop_id,
+        "turn_index": 2,
+        "change": {"model": "other"},
+    }
+    assert fork.turn_count() == 3
+    for turn_index in (0, 1):
+        mine, theirs = fork.turns[turn_index], loop.turns[turn_index]
+        assert bare([mine.output_message]) == bare([theirs.output_message])  # type: ignore[list-item]
+        assert bare(mine.tool_results) == bare(theirs.tool_results)
+        assert mine.usage == theirs.usage
+    answer = fork.turns[2].output_message
+    assert isinstance(answer, AssistantMessage) and answer.content[0].text == "forked: 3"  # type: ignore[union-attr]
+    assert answer.usage.input == 150
+    context = recorded.context_at(fork.loop_id)
+    assert bare(context) == bare([*loop.messages[:5], answer])
+
+
+def test_a_fork_past_the_recording_is_refused(original: tuple[Session, LoopRecord]) -> None:
+    session, loop = original
+    with pytest.raises(TurnNotFound):
+        ReplayModel(session, loop.loop_id, until_turn=4, fallback=no_model())
+
+
+def test_a_recorded_tool_failure_replays_as_the_same_error_result(recorder: SessionRecorder) -> None:
+    failures: list[int] = []
+
+    @function_tool
+    def broken(x: int) -> int:
+        """Always fails."""
+        failures.append(x)
+        raise ValueError("no such thing")
+
+    steps: list[Any] = [[function_call("broken", {"x": 1}, call_id="c1")], [assistant_message("sorry")]]
+    agent = Agent(name="calc", model=ScriptedModel(steps, emit_traces=True), tools=[broken])
+    run(agent)
+    script = ReplayScript.from_session(session_of(recorder))
+    model = ReplayModel(script)
+    with recording_as(replay_lineage(script)):
+        run(model.agent(agent))
+    original, replayed = session_of(recorder).loops
+    assert failures == [1] and model.cursor.finished  # the replay ran no tool
+    (error,) = replayed.turns[0].tool_results
+    assert error.is_error and error.content == original.turns[0].tool_results[0].content  # type: ignore[union-attr]
+    assert bare(replayed.messages) == bare(original.messages)
