@@ -2,7 +2,8 @@
 
 A run is a list of `Step`s, one per turn: what the assistant said, the tool calls it
 made and what each tool returned. `record_runs` records several runs as loops of one
-session; a run may continue another as a fork (``Branch{tag: "fork"}``).
+session; a run may continue another as a fork (``Branch{tag: "fork"}``) or a replay
+(``Rerun{tag: "replay"}``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 
 from phi_session import AgentSession, LoopConfigSnapshot, SessionRecorder, ToolCall, Tracer, Usage
 from phi_session.events import ContinuationKind
+from phi_session.messages import AnnotatedRequestPayload, TextFormat, ToolDefinition
 from phi_session.model import Session
+from phi_session.recorder import SessionRecorderConfig
 from phi_session.stores.json_dir import JsonDirStore
 
 PROMPT = "Plan a weekend: weather in Paris, then a museum."
@@ -27,13 +30,19 @@ class Step:
     thinking: str = ""
     tokens: int = 10
     model: str = "m1"
+    system: str | None = None
+    """The system prompt of the turn's captured request (None: no request captured)."""
+    tools: tuple[str, ...] = ("weather", "search")
+    """The tools its request offers."""
 
 
 @dataclass(frozen=True)
 class Run:
     steps: list[Step]
     fork_of: int | None = None
-    """The index of the run (in `record_runs`' list) this one forks from."""
+    """The index of the run (in `record_runs`' list) this one forks from (or replays)."""
+    replay: bool = False
+    """A ``Rerun{tag: "replay"}`` of `fork_of` rather than a ``Branch{tag: "fork"}``."""
     prompt: str = PROMPT
     ids: str = "call"
     """Prefix of the tool call ids (a fresh run assigns other ids)."""
@@ -51,19 +60,38 @@ BASE = [
 ]
 
 
+def _request(step: Step) -> AnnotatedRequestPayload | None:
+    if step.system is None:
+        return None
+    tools = tuple(
+        ToolDefinition(name=name, description=f"the {name} tool", parameters={"type": "object"})
+        for name in step.tools
+    )
+    return AnnotatedRequestPayload(
+        system_prompt=step.system,
+        messages=(),
+        provenance=(),
+        tools=tools,
+        model_id=step.model,
+        thinking_level="off",
+        response_format=TextFormat(),
+    )
+
+
 def record_runs(runs: list[Run]) -> tuple[Session, list[str]]:
     """One session holding every run as a loop; returns it and the loop ids in run order."""
-    recorder = SessionRecorder()
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=True))
     tracer = Tracer(AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m1", provider="acme"))
     loop_ids: list[str] = []
     for run in runs:
         options: dict[str, Any] = {}
         if run.fork_of is not None:
-            options = {"continues": loop_ids[run.fork_of], "kind": ContinuationKind.branch("fork")}
+            kind = ContinuationKind.rerun("replay") if run.replay else ContinuationKind.branch("fork")
+            options = {"continues": loop_ids[run.fork_of], "kind": kind}
         with tracer.loop(**options) as loop:
             loop.user(run.prompt)
             for number, step in enumerate(run.steps):
-                with loop.turn() as turn:
+                with loop.turn(request=_request(step)) as turn:
                     with turn.assistant(model=step.model) as reply:
                         if step.thinking:
                             reply.thinking_delta(step.thinking)

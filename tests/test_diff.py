@@ -97,6 +97,29 @@ def test_another_prompt_diverges_at_the_first_turn() -> None:
     assert diff.turns[0].changes[0].b == "Plan a weekend in Lyon."
 
 
+def test_captured_requests_compare_system_prompt_and_tools() -> None:
+    captured = [dataclasses.replace(step, system="Be brief.") for step in BASE]
+    other = list(captured)
+    other[1] = dataclasses.replace(other[1], system="Be thorough.\nCite sources.", tools=("search", "book"))
+    session, (a, b, c) = record_runs([Run(captured), Run(other), Run(BASE)])
+    diff = diff_loops(session, a, session, b)
+    assert diff.diverged_turns == [1]
+    assert [(change.path, change.kind) for change in diff.turns[1].changes] == [
+        ("request.system_prompt", "changed"),
+        ("request.tools.weather", "removed"),
+        ("request.tools.book", "added"),
+    ]
+    assert diff.turns[1].changes[0].text_diff == (
+        "@@ -1 +1,2 @@",
+        "-Be brief.",
+        "+Be thorough.",
+        "+Cite sources.",
+    )
+    assert diff.turns[1].changes[2].b == {"description": "the book tool", "parameters": {"type": "object"}}
+    # A turn whose request was not captured has no request to compare.
+    assert diff_loops(session, a, session, c).identical
+
+
 def test_turns_on_one_side_only_are_added_or_removed_with_their_content() -> None:
     longer = [*BASE, Step("One more thing.", (("book", {"museum": "Louvre"}),), ("booked",))]
     session, (a, b) = record_runs([Run(BASE), Run(longer)])

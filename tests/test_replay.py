@@ -28,11 +28,9 @@ from phi_session.messages import (
     AnnotatedRequestPayload,
     AssistantMessage,
     TextContent,
-    TextFormat,
     ThinkingContent,
     ToolCall,
     ToolDefinition,
-    ToolResultMessage,
     Usage,
     UserMessage,
 )
@@ -129,17 +127,7 @@ def live_tool(call: ToolCall) -> str:
 
 
 def payload(request: RequestShape) -> AnnotatedRequestPayload:
-    return AnnotatedRequestPayload(
-        system_prompt=request.system_prompt or "",
-        messages=tuple(
-            m for m in request.messages if isinstance(m, (UserMessage, AssistantMessage, ToolResultMessage))
-        ),
-        provenance=(),
-        tools=request.tools or (),
-        model_id=SNAP.model,
-        thinking_level="off",
-        response_format=TextFormat(),
-    )
+    return request.to_payload(SNAP.model)
 
 
 def agent(

@@ -21,6 +21,7 @@ from openai.types.responses.response_reasoning_item import Summary
 from phi_session import SessionRecorder, SessionRecorderConfig
 from phi_session.adapters import openai_agents
 from phi_session.adapters.openai_agents import PhiRunHooks, ReplayModel, ReplayProvider
+from phi_session.diff import diff_loops
 from phi_session.errors import TurnNotFound
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ThinkingContent, ToolCall
@@ -202,6 +203,7 @@ def test_a_replay_with_recorded_tools_equals_the_original(
     assert calls_of(replayed) == calls_of(loop)
     assert [turn.usage for turn in replayed.turns] == [turn.usage for turn in loop.turns]
     assert replayed.usage == loop.usage
+    assert diff_loops(session_of(recorder), loop.loop_id, session_of(recorder), replayed.loop_id).identical
     thought = replayed.turns[0].output_message.content[0]  # type: ignore[union-attr]
     assert isinstance(thought, ThinkingContent) and thought.thinking == "first, look it up"
     for mine, theirs in zip(replayed.turns, loop.turns, strict=True):
@@ -346,6 +348,9 @@ def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
     answer = fork.turns[2].output_message
     assert isinstance(answer, AssistantMessage) and answer.content[0].text == "forked: 3"  # type: ignore[union-attr]
     assert answer.usage.input == 150
+    diff = diff_loops(recorded, loop.loop_id, recorded, fork.loop_id)
+    assert diff.diverged_turns == [2, 3] and diff.first_divergence is not None  # the fork's answer; no turn 3
+    assert diff.first_divergence.turn == 2
     context = recorded.context_at(fork.loop_id)
     assert bare(context) == bare([*loop.messages[:5], answer])
 
@@ -377,3 +382,36 @@ def test_a_recorded_tool_failure_replays_as_the_same_error_result(recorder: Sess
     (error,) = replayed.turns[0].tool_results
     assert error.is_error and error.content == original.turns[0].tool_results[0].content  # type: ignore[union-attr]
     assert bare(replayed.messages) == bare(original.messages)
+
+
+def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder) -> None:
+    steps: list[Any] = [
+        [function_call("add", {"a": 2, "b": 2}, call_id="c1")],
+        [assistant_message("4")],
+        [assistant_message("6")],
+    ]
+    agent = make_agent(Tools(), model=ScriptedModel(steps, emit_traces=True))
+
+    async def conversation(agent: Agent[Any]) -> Any:
+        config = RunConfig(trace_metadata={"phi.session_id": SESSION})
+        first = await Runner.run(agent, "2 + 2?", hooks=PhiRunHooks(), run_config=config)
+        follow_up = [*first.to_input_list(), {"role": "user", "content": "3 + 3?"}]
+        return (await Runner.run(agent, follow_up, hooks=PhiRunHooks(), run_config=config)).final_output
+
+    assert asyncio.run(conversation(agent)) == "6"
+    first, second = session_of(recorder).loops
+    script = ReplayScript.from_session(session_of(recorder), chain=True)
+    assert script.loop_ids == (first.loop_id, second.loop_id)
+    model = ReplayModel(script)
+    with recording_as(replay_lineage(script)):
+        assert asyncio.run(conversation(model.agent(agent))) == "6"
+    assert model.cursor.finished
+    _, _, replayed_first, replayed_second = session_of(recorder).loops
+    assert (
+        replayed_first.kind == ContinuationKind.rerun("replay")
+        and replayed_first.parent_loop_id == first.loop_id
+    )
+    assert (
+        replayed_second.parent_loop_id == replayed_first.loop_id
+    )  # the conversation goes on from the replay
+    assert bare(replayed_second.messages) == bare(second.messages)

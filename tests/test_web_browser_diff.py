@@ -14,7 +14,7 @@ import pytest
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.web.server import ViewerServer
 
-from .diff_support import BASE, Step, Stored, store_fork
+from .diff_support import BASE, Run, Step, Stored, record_runs, store_fork
 from .test_web_browser import ARTIFACTS, Watched, browser, expect, loop_details
 from .web_support import running_server
 
@@ -30,7 +30,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Stored:
 
 
 @pytest.fixture(scope="module")
-def server(runs: Stored) -> Iterator[ViewerServer]:
+def replayed(runs: Stored) -> tuple[str, str]:
+    """A session holding a run and its replay (``Rerun{replay}``): its id and the replay's loop id."""
+    session, (_, replay) = record_runs([Run(BASE), Run(BASE, fork_of=0, replay=True)])
+    with JsonDirStore(runs.directory) as store:
+        store.save(session)
+    return session.session_id, replay
+
+
+@pytest.fixture(scope="module")
+def server(runs: Stored, replayed: tuple[str, str]) -> Iterator[ViewerServer]:
     with JsonDirStore(runs.directory) as store, running_server(store) as running:
         yield running
 
@@ -77,6 +86,22 @@ def test_compare_a_fork_with_its_parent(watched: Watched, runs: Stored) -> None:
     page.screenshot(path=str(ARTIFACTS / "diff-page.png"), full_page=True)
     turns.nth(2).locator("a.turn-link", has_text="open B").click()  # back to the fork's turn
     expect(loop_details(page, runs.fork).locator(".turn.highlight")).to_have_attribute("data-turn-index", "2")
+
+
+def test_a_replay_compared_with_its_parent_does_not_diverge(
+    watched: Watched, replayed: tuple[str, str]
+) -> None:
+    page = watched.page
+    session_id, replay = replayed
+    page.goto(f"/#/session/{session_id}")
+    loop = loop_details(page, replay)
+    loop.locator("summary").first.click()
+    loop.locator("a.compare-parent").click()
+    expect(page.locator(".loop-diff .first-divergence")).to_have_text(
+        "No divergence: the runs match in content (timing, tokens, model and ids aside)."
+    )
+    assert "Rerun:replay" in page.locator(".diff-sides").inner_text()
+    expect(page.locator(".diff-turn.diff-equal")).to_have_count(3)
 
 
 def test_pick_any_two_loops_across_sessions(watched: Watched, runs: Stored) -> None:

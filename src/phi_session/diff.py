@@ -5,6 +5,10 @@ of B) and reports, per turn, what differs in content:
 
 * ``input``: the messages the turn added before the model call (user prompts,
   extension messages; its tool results are compared under ``tool_result``);
+* ``request``: when both turns captured their request (``TurnRequest``), its
+  system prompt (line diff) and the tools offered (by name, each one's description
+  and parameters compared as JSON); a turn without a captured request has
+  nothing to compare here;
 * ``text`` and ``thinking``: the assistant output's text and thinking, with a
   line diff;
 * ``tool_call``: each call's name and arguments, the arguments compared as JSON
@@ -76,7 +80,16 @@ __all__ = [
 ChangeKind = Literal["changed", "added", "removed"]
 """``added``: only in B; ``removed``: only in A; ``changed``: on both sides, different."""
 FieldName = Literal[
-    "input", "text", "thinking", "tool_call", "tool_result", "stop_reason", "error", "model", "tool_call_id"
+    "input",
+    "request",
+    "text",
+    "thinking",
+    "tool_call",
+    "tool_result",
+    "stop_reason",
+    "error",
+    "model",
+    "tool_call_id",
 ]
 TurnStatus = Literal["equal", "changed", "added", "removed"]
 
@@ -109,7 +122,8 @@ class UsageDelta(_Result, frozen=True):
 class FieldChange(_Result, frozen=True):
     """One difference inside a turn: where it is and each side's value.
 
-    `path` names the place: ``input[0]``, ``output.text``, ``output.thinking``,
+    `path` names the place: ``input[0]``, ``request.system_prompt``,
+    ``request.tools.read_file.parameters``, ``output.text``, ``output.thinking``,
     ``output.stop_reason``, ``tool_calls[0].name``, ``tool_calls[0].arguments.city``,
     ``tool_results[1].content``... `a` and `b` are the JSON values of each side;
     the side that lacks the value has none (UNSET: absent from the JSON): `kind`
@@ -396,6 +410,7 @@ def _diff_turn(index: int, a: Turn | None, b: Turn | None) -> TurnDiff:
     changes: list[FieldChange] = []
     incidental: list[FieldChange] = []
     _compare_inputs(a, b, changes)
+    _compare_requests(a, b, changes)
     _compare_output(a.output_message, b.output_message, changes, incidental)
     _compare_tool_results(a, b, changes, incidental)
     return TurnDiff(
@@ -478,6 +493,24 @@ def _compare_inputs(a: Turn, b: Turn, changes: list[FieldChange]) -> None:
             changes.append(FieldChange(field="input", path=path, kind="added", b=inputs_b[index]))
         elif inputs_a[index] != inputs_b[index]:
             changes.append(_text_change("input", path, inputs_a[index], inputs_b[index]))
+
+
+def _compare_requests(a: Turn, b: Turn, changes: list[FieldChange]) -> None:
+    request_a, request_b = a.request_payload, b.request_payload
+    if request_a is None or request_b is None:
+        return
+    if request_a.system_prompt != request_b.system_prompt:
+        changes.append(
+            _text_change("request", "request.system_prompt", request_a.system_prompt, request_b.system_prompt)
+        )
+    tools_a, tools_b = (
+        {
+            tool.name: {"description": tool.description, "parameters": tool.parameters}
+            for tool in request.tools
+        }
+        for request in (request_a, request_b)
+    )
+    changes.extend(_json_changes("request", "request.tools", tools_a, tools_b))
 
 
 def _tool_calls(message: AgentMessage) -> list[ToolCall]:

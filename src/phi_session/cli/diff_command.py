@@ -43,8 +43,9 @@ def diff_command(
     holds one, give the loop with --loop-a/--loop-b. Name a loop on both sides or
     on neither. Both may be in one session: a fork and the loop it forked from.
 
-    Per turn it shows what differs in content: input messages, text and thinking
-    (line diff), tool calls (names, arguments compared as JSON, path by path),
+    Per turn it shows what differs in content: input messages, the system prompt
+    and tools offered (when requests were captured), text and thinking (line
+    diff), tool calls (names, arguments compared as JSON, path by path),
     tool results and stop reasons; then where the runs first diverge. Timing,
     tokens, the model and tool call ids are shown as differences, never as
     divergence. With --json, the diff as JSON (phi_session.diff: "diff" is

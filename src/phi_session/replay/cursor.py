@@ -41,7 +41,7 @@ from msgspec.structs import replace
 from ..errors import ReplayDiverged
 from ..messages import AssistantMessage, ToolCall, ToolResultMessage
 from .divergence import Divergence, DivergenceKind
-from .request import RequestShape, compare_messages, compare_tools, normal_arguments
+from .request import Normalizer, RequestShape, compare_messages, compare_tools, normal_arguments
 from .script import RecordedTurn, ReplayScript
 
 __all__ = ["OnDivergence", "ReplayCursor", "ToolsMode", "check_request"]
@@ -54,8 +54,13 @@ def _clip(text: str | None) -> str | None:
     return None if text is None else text if len(text) <= 160 else text[:159] + "…"
 
 
-def check_request(turn: RecordedTurn, request: RequestShape) -> Divergence | None:
-    """The divergence between `request` and what `turn` was asked, or None when they match."""
+def check_request(
+    turn: RecordedTurn, request: RequestShape, normalize: Normalizer | None = None
+) -> Divergence | None:
+    """The divergence between `request` and what `turn` was asked, or None when they match.
+
+    `normalize`: a `Normalizer` kept over a run (each message read once)."""
+    normal = normalize if normalize is not None else Normalizer()
     recorded = turn.request
 
     def diverged(what: DivergenceKind, found: tuple[str, str | None, str | None]) -> Divergence:
@@ -80,9 +85,9 @@ def check_request(turn: RecordedTurn, request: RequestShape) -> Divergence | Non
         tools = compare_tools(recorded.tools, request.tools)
         if tools is not None:
             return diverged("tools", tools)
-    messages = compare_messages(recorded.messages, request.messages)
+    messages = compare_messages(recorded.messages, request.messages, normal)
     if messages is not None and turn.inherited:
-        if compare_messages(recorded.messages[turn.inherited :], request.messages) is None:
+        if compare_messages(recorded.messages[turn.inherited :], request.messages, normal) is None:
             return None
     return None if messages is None else diverged("messages", messages)
 
@@ -124,6 +129,7 @@ class ReplayCursor:
         self._served = 0
         self._handed_over = False
         self._divergence: Divergence | None = None
+        self._normalize = Normalizer()
         # tool call id -> (position of its turn in the script, the turn)
         self._calls: dict[str, tuple[int, RecordedTurn]] = {}
         for position, turn in enumerate(script.turns):
@@ -184,7 +190,7 @@ class ReplayCursor:
                 )
                 return None
             turn = turns[position]
-            found = check_request(turn, request)
+            found = check_request(turn, request, self._normalize)
             if found is not None:
                 self._diverge(found)
                 return None

@@ -25,7 +25,7 @@ order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -36,6 +36,7 @@ from ..messages import (
     AssistantMessage,
     ImageContent,
     TextContent,
+    TextFormat,
     ThinkingContent,
     ToolCall,
     ToolDefinition,
@@ -43,7 +44,7 @@ from ..messages import (
     UserMessage,
 )
 
-__all__ = ["RequestShape", "compare_messages", "compare_tools", "normal_arguments", "summarize"]
+__all__ = ["Normalizer", "RequestShape", "compare_messages", "compare_tools", "normal_arguments", "summarize"]
 
 _SUMMARY_LIMIT = 160
 
@@ -62,6 +63,27 @@ class RequestShape(msgspec.Struct, frozen=True, kw_only=True):
     def from_payload(cls, payload: AnnotatedRequestPayload) -> RequestShape:
         """The shape of a captured request (``TurnRequest`` / ``Turn.request_payload``)."""
         return cls(system_prompt=payload.system_prompt, messages=payload.messages, tools=payload.tools)
+
+    def to_payload(self, model_id: str, **options: Any) -> AnnotatedRequestPayload:
+        """This request as a captured one, for ``LoopScope.turn(request=...)`` /
+        ``TurnScope.request``: then a replay compares its system prompt and tools too.
+
+        Unknown parts are recorded empty (no system prompt, no tools); extension messages
+        are left out (they never reach a model). `options`: the payload's other fields
+        (``thinking_level`` default ``"off"``, ``response_format`` default text,
+        ``provenance``, ``max_tokens``, ``temperature``)."""
+        options.setdefault("thinking_level", "off")
+        options.setdefault("response_format", TextFormat())
+        options.setdefault("provenance", ())
+        return AnnotatedRequestPayload(
+            system_prompt=self.system_prompt or "",
+            messages=tuple(
+                m for m in self.messages if isinstance(m, (UserMessage, AssistantMessage, ToolResultMessage))
+            ),
+            tools=self.tools or (),
+            model_id=model_id,
+            **options,
+        )
 
     @classmethod
     def of(cls, request: RequestShape | Sequence[AgentMessage]) -> RequestShape:
@@ -132,6 +154,28 @@ def _normal(message: AgentMessage) -> _Normal | None:
     return _Normal(str(role), "".join(text), "".join(thinking), tuple(images), tuple(calls), call_id)
 
 
+class Normalizer:
+    """Normal forms of messages, each message read once: one per replayed run, since an
+    agent resends the same message objects turn after turn (and a script shares its
+    recorded ones), so each turn only reads what is new. Keeps the messages it read."""
+
+    __slots__ = ("_memo",)
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[AgentMessage, _Normal | None]] = {}
+
+    def __call__(self, messages: Sequence[AgentMessage]) -> list[_Normal]:
+        memo = self._memo
+        out: list[_Normal] = []
+        for message in messages:
+            known = memo.get(id(message))
+            if known is None or known[0] is not message:
+                known = memo[id(message)] = (message, _normal(message))
+            if known[1] is not None:
+                out.append(known[1])
+        return out
+
+
 def _normals(messages: Sequence[AgentMessage]) -> list[_Normal]:
     return [n for n in map(_normal, messages) if n is not None]
 
@@ -167,11 +211,14 @@ def summarize(message: AgentMessage) -> str:
 
 
 def compare_messages(
-    expected: Sequence[AgentMessage], actual: Sequence[AgentMessage]
+    expected: Sequence[AgentMessage],
+    actual: Sequence[AgentMessage],
+    normalize: Callable[[Sequence[AgentMessage]], list[_Normal]] = _normals,
 ) -> tuple[str, str, str] | None:
     """None when the two contexts are the same to the model; else ``(detail, expected, actual)``:
-    a one-line description of the first difference and summaries of both sides."""
-    want, got = _normals(expected), _normals(actual)
+    a one-line description of the first difference and summaries of both sides.
+    `normalize`: e.g. a `Normalizer`, to read each message once over a run."""
+    want, got = normalize(expected), normalize(actual)
     for index, (a, b) in enumerate(zip(want, got, strict=False)):
         if not a.same(b):
             return f"message {index} differs", _describe(a), _describe(b)
