@@ -85,9 +85,11 @@ from .base import (
     USAGE_FIELDS,
     AsyncTwins,
     SessionSummary,
+    UsageRow,
     UsageTotal,
     as_query,
     check_loop_range,
+    check_pricer,
     merge_sessions,
     session_id_to_save,
     summarize,
@@ -107,6 +109,9 @@ try:
     from psycopg.pq import TransactionStatus
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     _MISSING_PSYCOPG = exc
+
+if TYPE_CHECKING:
+    from ..cost import Pricer
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
@@ -300,6 +305,12 @@ _GROUP_KEY = {
     "day": "created_day",
 }
 
+# The same keys for a loop row ``l`` joined with its session row ``s``.
+_ROW_KEY = {
+    "agent": "s.agent_id",
+    "model": "COALESCE(l.provider || '/' || l.model, 'unknown')",
+    "day": "s.created_day",
+}
 
 Row = tuple[Any, ...]
 
@@ -1029,18 +1040,19 @@ class PostgresStore(AsyncTwins):
                     if len(hits) == limit:
                         return hits
         return hits
-        return hits
 
     def explain_search(self, text: str, query: SessionQuery | None = None, *, analyze: bool = False) -> str:
         """PostgreSQL's plan for finding the sessions `search` reads (run it too with `analyze`)."""
         statement, params = self._search_sql(query_words(text), as_query(query))
         return self._explain(statement, params, analyze=analyze)
 
-    def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
+    def usage_totals(self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None) -> list[UsageTotal]:
         """Usage summed per agent, per ``provider/model`` of the loops (``"unknown"``
         without a config; a session counts once in each of its models) or per UTC day
-        of ``created_at`` (``YYYY-MM-DD``), sorted by key."""
+        of ``created_at`` (``YYYY-MM-DD``), sorted by key; with a `pricer`, the loops'
+        rows are read too and priced (see `SessionStore.usage_totals`)."""
         group_by = parse_group_by(group_by)
+        check_pricer(pricer)
         sums = ", ".join(f"sum({column})" for column in USAGE_COLUMNS)
         if group_by == "model":
             counts, table = "count(DISTINCT session_id), count(*)", "loops"
@@ -1053,11 +1065,24 @@ class PostgresStore(AsyncTwins):
                     " GROUP BY 1 ORDER BY 1"  # keys are "C"-collated columns: code point order
                 )
             )
-            rows = cur.fetchall()
-        return [
-            UsageTotal(key=key, sessions=sessions, loops=int(loops), usage=_usage(tokens))
-            for key, sessions, loops, *tokens in rows
-        ]
+            totals = [
+                UsageTotal(key=key, sessions=sessions, loops=int(loops), usage=_usage(tokens))
+                for key, sessions, loops, *tokens in cur.fetchall()
+            ]
+            if pricer is None:
+                return totals
+            tokens = ", ".join(f"l.{column}" for column in USAGE_COLUMNS)
+            cur.execute(
+                self._sql(
+                    f"SELECT {_ROW_KEY[group_by]}, l.provider, l.model, l.started_at_ns, {tokens}"
+                    " FROM {s}.loops l JOIN {s}.sessions s USING (session_id)"
+                )
+            )
+            rows = [
+                UsageRow(key, provider, model, Timestamp.from_ns(started), _usage(usage))
+                for key, provider, model, started, *usage in cur.fetchall()
+            ]
+        return pricer.price_totals(totals, rows)
 
     def prune(self, criteria: PruneCriteria) -> int:
         """Delete the whole sessions `criteria` selects; returns how many. Then ``VACUUM`` the tables.
