@@ -17,6 +17,12 @@ result (a recorded error as a ``ToolMessage`` with ``status="error"``) without
 running the tool, through LangChain's tool callbacks, so the adapter records it as
 a tool execution. Works for any graph that runs ``BaseTool``s (``create_agent``,
 LangGraph's ``ToolNode``).
+
+Limits: a recorded result is a ``ToolMessage``, so a tool that returned a LangGraph
+``Command`` (a handoff, a state update) must run live (leave it unwrapped); a tool
+running live after a hand-over runs without callbacks of its own (the wrapper's run
+is the recorded execution), so a graph it runs is not recorded as a sub-agent. Turns
+answered by `fallback` keep its model name (``response_metadata``).
 """
 
 from __future__ import annotations
