@@ -21,6 +21,7 @@ from openai.types.responses.response_reasoning_item import Summary
 from phi_session import SessionRecorder, SessionRecorderConfig
 from phi_session.adapters import openai_agents
 from phi_session.adapters.openai_agents import PhiRunHooks, ReplayModel, ReplayProvider
+from phi_session.diff import diff_loops
 from phi_session.errors import TurnNotFound
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ThinkingContent, ToolCall
@@ -202,6 +203,7 @@ def test_a_replay_with_recorded_tools_equals_the_original(
     assert calls_of(replayed) == calls_of(loop)
     assert [turn.usage for turn in replayed.turns] == [turn.usage for turn in loop.turns]
     assert replayed.usage == loop.usage
+    assert diff_loops(session_of(recorder), loop.loop_id, session_of(recorder), replayed.loop_id).identical
     thought = replayed.turns[0].output_message.content[0]  # type: ignore[union-attr]
     assert isinstance(thought, ThinkingContent) and thought.thinking == "first, look it up"
     for mine, theirs in zip(replayed.turns, loop.turns, strict=True):
@@ -346,6 +348,9 @@ def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
     answer = fork.turns[2].output_message
     assert isinstance(answer, AssistantMessage) and answer.content[0].text == "forked: 3"  # type: ignore[union-attr]
     assert answer.usage.input == 150
+    diff = diff_loops(recorded, loop.loop_id, recorded, fork.loop_id)
+    assert diff.diverged_turns == [2, 3] and diff.first_divergence is not None  # the fork's answer; no turn 3
+    assert diff.first_divergence.turn == 2
     context = recorded.context_at(fork.loop_id)
     assert bare(context) == bare([*loop.messages[:5], answer])
 

@@ -23,6 +23,7 @@ from pydantic_ai.usage import RequestUsage
 
 from phi_session import SessionRecorder, SessionRecorderConfig
 from phi_session.adapters.pydantic_ai import PhiCapability, ReplayModel
+from phi_session.diff import diff_loops
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, UserMessage
 from phi_session.model import LoopRecord, Session
@@ -179,6 +180,7 @@ def test_a_replay_with_recorded_tools_equals_the_original(
     assert calls_of(replayed) == calls_of(loop)
     assert [turn.usage for turn in replayed.turns] == [turn.usage for turn in loop.turns]
     assert replayed.usage == loop.usage
+    assert diff_loops(session_of(recorder), loop.loop_id, session_of(recorder), replayed.loop_id).identical
     thinking = replayed.turns[0].output_message.content[0]  # type: ignore[union-attr]
     assert thinking.thinking == "first, look it up"  # type: ignore[union-attr]
     # the replayed run was asked what the original was
@@ -328,6 +330,9 @@ def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
     answer = fork.turns[2].output_message
     assert isinstance(answer, AssistantMessage) and answer.model == "other-model"
     # the fork's context: the original's first two turns, then the other model's answer
+    diff = diff_loops(recorded, loop.loop_id, recorded, fork.loop_id)
+    assert diff.diverged_turns == [2, 3] and diff.first_divergence is not None  # the fork's answer; no turn 3
+    assert diff.first_divergence.turn == 2
     context = recorded.context_at(fork.loop_id)
     assert bare(context) == bare([*loop.messages[:5], answer])
     assert isinstance(context[0], UserMessage)
