@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from bench_adapters import TOOLS, TURNS, medians_async  # lives next to this script
@@ -158,6 +158,137 @@ def bench_pydantic_ai(runs: int) -> None:
     report("pydantic-ai", *asyncio.run(measure()))
 
 
+# -- Google ADK ---------------------------------------------------------------------------------
+
+
+def bench_google_adk(runs: int) -> None:
+    from google.adk.agents import LlmAgent
+    from google.adk.models.base_llm import BaseLlm
+    from google.adk.models.llm_request import LlmRequest
+    from google.adk.models.llm_response import LlmResponse
+    from google.adk.plugins.base_plugin import BasePlugin
+    from google.adk.runners import InMemoryRunner
+    from google.genai import types
+
+    from phi_session.adapters.google_adk import PhiPlugin, ReplayLlm
+
+    usage = types.GenerateContentResponseUsageMetadata(prompt_token_count=100, candidates_token_count=20)
+
+    class FakeModel(BaseLlm):
+        """Calls TOOLS tools on each of TURNS turns (counted from the request), then answers."""
+
+        async def generate_content_async(
+            self, llm_request: LlmRequest, stream: bool = False
+        ) -> AsyncGenerator[LlmResponse, None]:
+            turn = sum(1 for content in llm_request.contents if content.role == "model")
+            if turn < TURNS:
+                calls = [types.FunctionCall(name="lookup", args={"key": f"{turn}.{i}"}) for i in range(TOOLS)]
+                parts = [types.Part(function_call=call) for call in calls]
+            else:
+                parts = [types.Part(text="done")]
+            yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
+
+    def lookup(key: str) -> str:
+        """Looks a key up."""
+        return key.upper()
+
+    message = types.Content(role="user", parts=[types.Part(text="go")])
+
+    def runner(model: BaseLlm, *plugins: BasePlugin) -> InMemoryRunner:
+        agent = LlmAgent(name="bench", model=model, tools=[lookup])
+        return InMemoryRunner(agent=agent, app_name="bench", plugins=list(plugins))
+
+    async def invoke(runner: InMemoryRunner, session_id: str) -> None:
+        await runner.session_service.create_session(app_name="bench", user_id="u", session_id=session_id)
+        async for _ in runner.run_async(user_id="u", session_id=session_id, new_message=message):
+            pass
+
+    async def measure() -> list[float]:
+        recorder = SessionRecorder(capture_turn_requests=True)
+        await invoke(runner(FakeModel(model="fake"), PhiPlugin([recorder], capture_requests=True)), "bench")
+        script = recorded_script(recorder)
+        phi = PhiPlugin([SessionRecorder()])
+        fake_runner = runner(FakeModel(model="fake"), phi)
+        # A replay model per run (its cursor follows one run); agents and runners are
+        # built before the clock runs, as the fake's is.
+        models = [ReplayLlm(script) for _ in range(runs + 3)]
+        runners = [runner(model, phi, model.tools_plugin()) for model in models]
+
+        async def fake(i: int) -> None:
+            await invoke(fake_runner, f"s{i}")
+
+        async def replay(i: int) -> None:
+            await invoke(runners[i], "bench")
+            assert models[i].cursor.finished
+
+        return await medians_async(runs, [fake, replaying(script, replay)])
+
+    report("google-adk", *asyncio.run(measure()))
+
+
+# -- LangChain / LangGraph ----------------------------------------------------------------------
+
+
+def bench_langchain(runs: int) -> None:
+    import itertools
+
+    from langchain.agents import create_agent
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from phi_session.adapters.langchain import PhiCallbackHandler, ReplayChatModel
+
+    usage: Any = {"input_tokens": 100, "output_tokens": 20, "total_tokens": 120}
+
+    class FakeModel(GenericFakeChatModel):
+        """LangChain's fake chat model with ``bind_tools``; its replies cycle: one run
+        takes TOOLS tool calls on each of TURNS turns, then the answer."""
+
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+    replies = [
+        AIMessage(
+            content="",
+            usage_metadata=usage,
+            tool_calls=[
+                {"id": f"c{turn}.{i}", "name": "lookup", "args": {"key": f"{turn}.{i}"}} for i in range(TOOLS)
+            ],
+        )
+        for turn in range(TURNS)
+    ]
+    model = FakeModel(messages=itertools.cycle([*replies, AIMessage(content="done", usage_metadata=usage)]))
+
+    @tool
+    def lookup(key: str) -> str:
+        """Looks a key up."""
+        return key.upper()
+
+    inputs = {"messages": [("user", "go")]}
+    recorder = SessionRecorder(capture_turn_requests=True)
+    original = PhiCallbackHandler([recorder], capture_requests=True)
+    create_agent(model, tools=[lookup]).invoke(inputs, {"callbacks": [original]})
+    script = recorded_script(recorder)
+    phi = PhiCallbackHandler([SessionRecorder()])
+    agent = create_agent(model, tools=[lookup])
+    # A replay model per run (its cursor follows one run); the agents are compiled
+    # before the clock runs, as the fake's is.
+    models = [ReplayChatModel(script) for _ in range(runs + 3)]
+    agents = [create_agent(m, tools=m.wrap_tools([lookup])) for m in models]
+
+    async def fake(i: int) -> object:
+        return agent.invoke(inputs, {"callbacks": [phi]})
+
+    async def replay(i: int) -> object:
+        out = agents[i].invoke(inputs, {"callbacks": [phi]})
+        assert models[i].cursor.finished
+        return out
+
+    report("langchain", *asyncio.run(medians_async(runs, [fake, replaying(script, replay)])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,6 +298,8 @@ def main() -> None:
     print(f"median CPU time per run of {args.runs} runs, {TURNS} turns x {TOOLS} tools")
     bench_openai_agents(args.runs)
     bench_pydantic_ai(args.runs)
+    bench_google_adk(args.runs)
+    bench_langchain(args.runs)
 
 
 if __name__ == "__main__":

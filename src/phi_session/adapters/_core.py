@@ -36,7 +36,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Generator, Iterable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -49,6 +49,16 @@ from ..instrument import LoopScope, ToolScope, Tracer
 from ..messages import Usage
 from ..model import Session
 from ..processors import Processor, Redactor
+from ..replay import (
+    Lineage,
+    OnDivergence,
+    ReplayCursor,
+    ReplayScript,
+    ToolsMode,
+    fork_lineage,
+    recording_as,
+    replay_lineage,
+)
 from ..replay.lineage import active_lineage
 from ..sinks import SinkLike
 from ..stores.base import SessionStore, validate_session_id
@@ -61,6 +71,8 @@ __all__ = [
     "SinkArg",
     "enter_tool",
     "leave_tool",
+    "replay_cursor",
+    "replay_recording",
     "require_extra",
     "session_id_for",
     "usage_of",
@@ -75,6 +87,42 @@ FRAMEWORK_SESSION_NAMESPACE = uuid.UUID("6f1b7a0e-3c1d-5b8e-9a4f-2d6c0e8b1f37")
 """The UUIDv5 namespace of session ids derived from framework session ids."""
 
 _T = TypeVar("_T")
+
+
+def replay_cursor(
+    recording: ReplayScript | Session,
+    loop_id: str | None,
+    *,
+    chain: bool,
+    on_divergence: OnDivergence,
+    tools: ToolsMode,
+    until_turn: int | None,
+    fallback: object | None,
+) -> ReplayCursor:
+    """The cursor a framework's replay model drives: over `recording` (a `ReplayScript`,
+    or a `Session` whose loop `loop_id`, default the last started, is replayed; `chain`:
+    with the loops it continues). `until_turn` and ``on_divergence="fallback"`` hand
+    calls over, so they need a `fallback` model (ValueError without)."""
+    script = (
+        recording
+        if isinstance(recording, ReplayScript)
+        else ReplayScript.from_session(recording, loop_id, chain=chain)
+    )
+    if fallback is None and (until_turn is not None or on_divergence == "fallback"):
+        raise ValueError("until_turn and on_divergence='fallback' need a fallback model")
+    return ReplayCursor(script, on_divergence=on_divergence, tools=tools, until_turn=until_turn)
+
+
+def replay_recording(
+    cursor: ReplayCursor, *, tag: str = "fork", change: Any = None
+) -> AbstractContextManager[Lineage]:
+    """Where a replay model's run is recorded (`phi_session.replay.recording_as`): the
+    recording's session, as a ``Rerun{replay}`` of the replayed loop, or for a fork
+    (the cursor's ``until_turn``) a ``Branch{tag}`` whose metadata names the fork point
+    and `change`."""
+    if cursor.until_turn is None:
+        return recording_as(replay_lineage(cursor.script))
+    return recording_as(fork_lineage(cursor.script, cursor.until_turn, tag=tag, change=change))
 
 
 def require_extra(extra: str, *modules: str) -> None:
@@ -172,6 +220,9 @@ class AdapterCore:
     * `agent`: the identity of runs without a framework session id (fresh by default);
       `rotate_after`: its inactivity rotation in seconds (None: never).
     * `processors`, `redact`: as for `Tracer`.
+    * `capture_requests`: the adapter records each turn's request (``TurnRequest``);
+      the embedded store's recorder then keeps them (`Turn.request_payload`), as a
+      replay compares against them (`phi_session.replay`).
     """
 
     def __init__(
@@ -185,19 +236,24 @@ class AdapterCore:
         rotate_after: float | None = 1800.0,
         processors: Iterable[Processor] = (),
         redact: bool | Redactor = True,
+        capture_requests: bool = False,
     ) -> None:
         self.framework = framework
+        self.capture_requests = capture_requests
         self.failures = FailureTally(
             logger, f"{framework} adapter", "the run goes on, its record may be incomplete", traceback=True
         )
         self._persister: Any = None
         if sink is None:
             from ..persist import AutoPersistingRecorder
+            from ..recorder import SessionRecorderConfig
             from ..stores import default_store
 
             if store is None:
                 store = default_store()
-            self._persister = AutoPersistingRecorder(store)
+            self._persister = AutoPersistingRecorder(
+                store, config=SessionRecorderConfig(capture_turn_requests=capture_requests)
+            )
             sinks: list[SinkLike] = [self._persister.on_event]
         elif callable(sink) or not isinstance(sink, Iterable):
             sinks = [sink]

@@ -52,12 +52,32 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..events import LoopConfigSnapshot
-from ..identity import AgentSession, Clock
-from ..instrument import MessageScope, ToolScope, TurnScope
-from ..messages import Content, ImageContent, StopReason, TextContent, ThinkingContent, ToolCall, Usage
-from ..processors import Processor, Redactor
-from ._core import (
+from ..._float32 import Float32
+from ...events import LoopConfigSnapshot
+from ...identity import AgentSession, Clock
+from ...instrument import MessageScope, ToolScope, TurnScope
+from ...messages import (
+    AnnotatedRequestPayload,
+    AssistantMessage,
+    Content,
+    ImageContent,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    Message,
+    ResponseFormat,
+    StopReason,
+    TextContent,
+    TextFormat,
+    ThinkingContent,
+    ToolCall,
+    ToolDefinition,
+    ToolResultMessage,
+    UnknownBlock,
+    Usage,
+    UserMessage,
+)
+from ...processors import Processor, Redactor
+from .._core import (
     AdapterCore,
     AdapterRun,
     RunningTool,
@@ -73,6 +93,8 @@ require_extra("google-adk", "google.adk.plugins.base_plugin")
 from google.adk.agents import BaseAgent, LlmAgent  # noqa: E402
 from google.adk.models.base_llm import BaseLlm  # noqa: E402
 from google.adk.plugins.base_plugin import BasePlugin  # noqa: E402
+from google.genai import types  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
 
 if TYPE_CHECKING:
     from google.adk.agents.callback_context import CallbackContext
@@ -83,9 +105,8 @@ if TYPE_CHECKING:
     from google.adk.tools.base_tool import BaseTool
     from google.adk.tools.tool_context import ToolContext
     from google.adk.workflow import BaseNode
-    from google.genai import types
 
-__all__ = ["PhiPlugin"]
+__all__ = ["PhiPlugin", "ReplayLlm"]
 
 FRAMEWORK = "google-adk"
 _TRANSFER_TOOL = "transfer_to_agent"  # ADK's agent-transfer tool: its call is a handoff
@@ -155,6 +176,104 @@ def _usage(metadata: types.GenerateContentResponseUsageMetadata | None) -> Usage
     return usage_of(inputs, output, cache_read=cached, reasoning=thoughts, total=inputs + output + cached)
 
 
+def _request_messages(content: types.Content, timestamp: int) -> list[Message]:
+    """One content of a request in phi-core's form: the model's as an assistant message;
+    a user content's function responses as tool results, its other parts as a user message."""
+    parts = content.parts or []
+    if content.role == "model":
+        blocks = _blocks(parts)
+        calls = any(isinstance(block, ToolCall) for block in blocks)
+        return [
+            AssistantMessage(
+                content=blocks,
+                stop_reason="toolUse" if calls else "stop",
+                model="",
+                provider="",
+                usage=Usage(input=0, output=0),
+                timestamp=timestamp,
+            )
+        ]
+    messages: list[Message] = []
+    others = [part for part in parts if part.function_response is None]
+    if others:
+        messages.append(UserMessage(content=_blocks(others), timestamp=timestamp))
+    for part in parts:
+        answer = part.function_response
+        if answer is not None:
+            messages.append(
+                ToolResultMessage(
+                    tool_call_id=answer.id or "",
+                    tool_name=answer.name or "",
+                    content=(TextContent(text=_json_text(answer.response or {})),),
+                    is_error=False,
+                    timestamp=timestamp,
+                )
+            )
+    return messages
+
+
+def _system_prompt(instruction: types.ContentUnion | None) -> str:
+    if instruction is None or isinstance(instruction, str):
+        return instruction or ""
+    if isinstance(instruction, types.Content):
+        return "".join(part.text or "" for part in instruction.parts or ())
+    if isinstance(instruction, types.Part):
+        return instruction.text or ""
+    if isinstance(instruction, (list, tuple)):
+        return "\n\n".join(_system_prompt(item) for item in instruction)
+    return str(instruction)  # an image or a file: no text of its own
+
+
+def _tool_definitions(tools: Sequence[Any] | None) -> tuple[ToolDefinition, ...]:
+    """The function declarations offered (a built-in tool, Google search say, declares none)."""
+    definitions = []
+    for tool in tools or ():
+        for declaration in getattr(tool, "function_declarations", None) or ():
+            schema = declaration.parameters_json_schema
+            if schema is None and declaration.parameters is not None:
+                schema = declaration.parameters.model_dump(mode="json", exclude_none=True)
+            definitions.append(
+                ToolDefinition(
+                    name=declaration.name or "",
+                    description=declaration.description or "",
+                    parameters=_json_copy(schema),
+                )
+            )
+    return tuple(definitions)
+
+
+def _response_format(config: types.GenerateContentConfig) -> ResponseFormat:
+    schema, declared = config.response_json_schema, config.response_schema
+    if schema is None and isinstance(declared, types.Schema):
+        schema = declared.model_dump(mode="json", exclude_none=True)
+    elif schema is None and isinstance(declared, type) and issubclass(declared, BaseModel):
+        schema = declared.model_json_schema()  # an agent's output_schema
+    if schema is not None:
+        return JsonSchemaFormat(schema=_json_copy(schema), name="response", strict=False)
+    if config.response_mime_type == "application/json":
+        return JsonObjectFormat()
+    return TextFormat()
+
+
+def _request(request: LlmRequest, timestamp: int) -> AnnotatedRequestPayload:
+    """The request ADK sends to the model, in phi-core's form (`Turn.request_payload`)."""
+    config = request.config
+    messages = tuple(
+        message for content in request.contents for message in _request_messages(content, timestamp)
+    )
+    return AnnotatedRequestPayload(
+        system_prompt=_system_prompt(config.system_instruction),
+        messages=messages,
+        provenance=tuple(UnknownBlock() for _ in messages),
+        tools=_tool_definitions(config.tools),
+        model_id=request.model or "",
+        thinking_level="off",
+        max_tokens=config.max_output_tokens,
+        temperature=None if config.temperature is None else Float32(config.temperature),
+        response_format=_response_format(config),
+    )
+
+
 def _stop(response: LlmResponse, calls: Sequence[types.FunctionCall]) -> tuple[StopReason | None, str | None]:
     """The stop reason (None: phi-core's default) and error text of a final response."""
     if response.error_code or response.error_message:
@@ -171,6 +290,8 @@ def _stop(response: LlmResponse, calls: Sequence[types.FunctionCall]) -> tuple[S
 
 
 def _provider(model: BaseLlm | str) -> str:
+    if isinstance(model, ReplayLlm):
+        return model.provider  # the recorded one
     kinds = {cls.__name__ for cls in type(model).__mro__} if isinstance(model, BaseLlm) else set()
     name = model.model if isinstance(model, BaseLlm) else model
     if "LiteLlm" in kinds or "/" in name:
@@ -298,11 +419,11 @@ class _Lane:
     reply: _Reply | None = None
     tools: dict[str, tuple[ToolScope, Token[RunningTool | None]]] = field(default_factory=dict)
 
-    def open_turn(self, agent: str, model: str | None) -> None:
+    def open_turn(self, agent: str, model: str | None, request: AnnotatedRequestPayload | None) -> None:
         self.end_turn()
         self.agent = agent
         loop = self.run.loop
-        self.turn = loop.turn().start()
+        self.turn = loop.turn(request=request).start()
         config = loop.config
         self.reply = _Reply(
             self.turn.assistant(
@@ -377,6 +498,9 @@ class PhiPlugin(BasePlugin):
       continuations across restarts (default: the embedded store when `sink` is None).
     * `agent`, `clock`, `processors`, `redact`: as for `phi_session.instrument.Tracer`.
     * `name`: the plugin's name in the runner (ADK requires unique names).
+    * `capture_requests`: also record each turn's request (system instruction, the
+      contents sent, the function declarations offered) as its ``TurnRequest``
+      (`Turn.request_payload`): off by default, as it repeats the history every turn.
 
     `close()` (ADK calls it when the runner closes) ends invocations still open and
     flushes the sinks.
@@ -387,6 +511,7 @@ class PhiPlugin(BasePlugin):
         sink: SinkArg = None,
         *,
         name: str = "phi_session",
+        capture_requests: bool = False,
         store: Any = None,
         agent: AgentSession | None = None,
         clock: Clock | None = None,
@@ -395,7 +520,14 @@ class PhiPlugin(BasePlugin):
     ) -> None:
         super().__init__(name=name)
         self.core = AdapterCore(
-            FRAMEWORK, sink, store=store, agent=agent, clock=clock, processors=processors, redact=redact
+            FRAMEWORK,
+            sink,
+            store=store,
+            agent=agent,
+            clock=clock,
+            processors=processors,
+            redact=redact,
+            capture_requests=capture_requests,
         )
         self._lock = threading.Lock()  # ADK's sync Runner.run drives invocations from threads
         self._invocations: dict[str, _Invocation] = {}
@@ -537,7 +669,8 @@ class PhiPlugin(BasePlugin):
             if run is None:
                 return
             lane.run = run
-        lane.open_turn(cc.agent_name, request.model)
+        payload = _request(request, self.core.agent.millis()) if self.core.capture_requests else None
+        lane.open_turn(cc.agent_name, request.model, payload)
 
     def _fork(self, invocation: _Invocation, branch: str, agent: BaseNode | None) -> _Lane | None:
         """A lane for a new parallel branch: a Branch of its parent lane's loop, which ends."""
@@ -576,3 +709,7 @@ class PhiPlugin(BasePlugin):
             # No branch won: the session's next invocation continues the invocation's own line.
             root = invocation.lanes[None].run
             root.tracer.agent.set_last_loop(root.loop.loop_id)
+
+
+# The replay model lives next to the adapter whose request converter it shares.
+from .replay import ReplayLlm  # noqa: E402

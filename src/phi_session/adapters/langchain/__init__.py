@@ -41,10 +41,10 @@ from uuid import UUID
 
 import msgspec
 
-from .._float32 import Float32
-from ..events import ContinuationKind, LoopConfigSnapshot
-from ..instrument import LoopScope, MessageScope, ToolScope, TurnScope
-from ..messages import (
+from ..._float32 import Float32
+from ...events import ContinuationKind, LoopConfigSnapshot
+from ...instrument import LoopScope, MessageScope, ToolScope, TurnScope
+from ...messages import (
     AgentMessage,
     AnnotatedRequestPayload,
     AssistantMessage,
@@ -63,7 +63,7 @@ from ..messages import (
     Usage,
     UserMessage,
 )
-from ._core import AdapterCore, RunningTool, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from .._core import AdapterCore, RunningTool, SinkArg, enter_tool, leave_tool, require_extra, usage_of
 
 require_extra("langchain", "langchain_core")
 
@@ -71,7 +71,7 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler  
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage  # noqa: E402
 from langchain_core.outputs import LLMResult  # noqa: E402
 
-__all__ = ["AsyncPhiCallbackHandler", "PhiCallbackHandler"]
+__all__ = ["AsyncPhiCallbackHandler", "PhiCallbackHandler", "ReplayChatModel"]
 
 logger = logging.getLogger("phi_session.adapters.langchain")
 
@@ -205,29 +205,36 @@ def _request_message(message: BaseMessage, timestamp: int) -> Message | None:
 
 
 def _tool_definitions(tools: Any) -> tuple[ToolDefinition, ...]:
-    """Bound tools in OpenAI's function format (what ``bind_tools`` puts in the call's params)."""
+    """Bound tools, as ``bind_tools`` puts them in the call's params (OpenAI's function
+    format, or Anthropic's)."""
     definitions = []
     for tool in tools if isinstance(tools, (list, tuple)) else ():
         spec = tool.get("function", tool) if isinstance(tool, Mapping) else None
         if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+            # OpenAI's format names the schema "parameters", Anthropic's "input_schema".
+            schema = spec.get("parameters", spec.get("input_schema"))
             definitions.append(
                 ToolDefinition(
                     name=spec["name"],
                     description=str(spec.get("description", "")),
-                    parameters=_jsonable(spec.get("parameters")),
+                    parameters=_jsonable(schema),
                 )
             )
     return tuple(definitions)
 
 
 def _request(
-    messages: Sequence[BaseMessage], params: Mapping[str, Any], model: str, timestamp: int
+    messages: Sequence[BaseMessage],
+    params: Mapping[str, Any],
+    model: str,
+    timestamp: int,
+    convert: Callable[[BaseMessage, int], Message | None] = _request_message,
 ) -> AnnotatedRequestPayload:
+    """The request of a model call as `TurnRequest` records it; `convert` turns one
+    message into phi-core's form (`_request_message`, or a replay's memo of it)."""
     system = "\n\n".join(_text(message) for message in messages if isinstance(message, SystemMessage))
     converted = tuple(
-        request
-        for request in (_request_message(message, timestamp) for message in messages)
-        if request is not None
+        request for request in (convert(message, timestamp) for message in messages) if request is not None
     )
     max_tokens = params.get("max_tokens")
     temperature = params.get("temperature")
@@ -350,9 +357,8 @@ class _Mapper:
     """LangChain callbacks -> adapter core and instrumentation scopes; shared by the sync
     and async handlers."""
 
-    def __init__(self, core: AdapterCore, capture_requests: bool) -> None:
+    def __init__(self, core: AdapterCore) -> None:
         self.core = core
-        self.capture_requests = capture_requests
         self._runs: dict[UUID, _Run] = {}  # every run id under a recorded root run -> its _Run
         self._roots: dict[UUID, _Run] = {}
         self._replies: dict[UUID, tuple[_Run, MessageScope]] = {}
@@ -480,7 +486,7 @@ class _Mapper:
             now = self.core.agent.millis()
             for message in run.new_inputs(history, now):
                 loop.user(message)
-            request = _request(history, params, model, now) if self.capture_requests else None
+            request = _request(history, params, model, now) if self.core.capture_requests else None
             turn = loop.turn(request=request).start()
             reply = turn.assistant(model=model, provider=provider).start()
             run.turn, run.reply = turn, reply
@@ -621,8 +627,8 @@ class _Callbacks:
     in the mapping is counted and reported once instead of reaching the run."""
 
     def __init__(self, sink: SinkArg = None, *, capture_requests: bool = False, **options: Any) -> None:
-        self.core = AdapterCore("langchain", sink, **options)
-        self._mapper = _Mapper(self.core, capture_requests)
+        self.core = AdapterCore("langchain", sink, capture_requests=capture_requests, **options)
+        self._mapper = _Mapper(self.core)
 
     def close(self) -> None:
         """End the runs still open (as failed) and flush the sinks; with the default sink,
@@ -815,3 +821,7 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
 
     async def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.tool_error, error, run_id)
+
+
+# The replay model lives next to the adapter whose request converter it shares.
+from .replay import ReplayChatModel  # noqa: E402

@@ -1,0 +1,257 @@
+"""Replay and fork for Google ADK: a ``BaseLlm`` answering from a recording.
+
+    model = ReplayLlm(session, loop_id)                # tools="recorded", on_divergence="stop"
+    agent = LlmAgent(name=..., model=model, instruction=..., tools=[...])
+    runner = InMemoryRunner(agent=agent, plugins=[PhiPlugin(), model.tools_plugin()])
+    with model.recording():                            # a Rerun{replay} loop of the original
+        ...  # runner.run_async(...)
+
+`ReplayLlm` turns each ``LlmRequest`` into a `RequestShape` with the adapter's own
+request converter (what ``PhiPlugin(capture_requests=True)`` records), so an
+unchanged agent matches its recording, and answers with the recorded reply as an
+``LlmResponse``. Past a fork point (`until_turn`) or after a divergence with
+``on_divergence="fallback"`` it hands the request to `fallback`, any other ADK model.
+
+ADK runs tools outside the model: `ReplayLlm.tools_plugin` answers each tool call of a
+replayed turn from its ``before_tool_callback`` with the recorded result, so ADK
+skips the tool (the after-tool callbacks still run: `PhiPlugin` records the result).
+The answer is the function response the next recorded turn's request sent for the
+call (with ``capture_requests=True``), else the recorded result read as JSON (a
+string that is no JSON stays itself: a tool returning the string ``"5"`` is then
+answered with the number 5, which the next request shows as a divergence); a
+recorded error is answered ``{"error": text}``.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import AbstractContextManager
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from google.adk.models.base_llm import BaseLlm
+from google.adk.models.llm_response import LlmResponse
+from google.adk.plugins.base_plugin import BasePlugin
+from google.genai import types
+
+from ...messages import (
+    AssistantMessage,
+    Content,
+    ImageContent,
+    TextContent,
+    ThinkingContent,
+    ToolCall,
+    ToolResultMessage,
+    Usage,
+)
+from ...model import Session
+from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
+from .._core import replay_cursor, replay_recording
+from . import FRAMEWORK, _decode, _json_text, _request
+
+if TYPE_CHECKING:
+    from google.adk.models.llm_request import LlmRequest
+    from google.adk.tools.base_tool import BaseTool
+    from google.adk.tools.tool_context import ToolContext
+
+__all__ = ["ReplayLlm"]
+
+_FINISH: dict[str, types.FinishReason] = {"length": types.FinishReason.MAX_TOKENS}
+
+
+def _parts(blocks: Sequence[Content]) -> list[types.Part]:
+    """The inverse of `_blocks`: ADK parts of recorded content."""
+    parts = []
+    for block in blocks:
+        if type(block) is TextContent:
+            parts.append(types.Part(text=block.text))
+        elif type(block) is ThinkingContent:
+            signature = base64.b64decode(block.signature) if block.signature else None
+            parts.append(types.Part(text=block.thinking, thought=True, thought_signature=signature))
+        elif type(block) is ToolCall:
+            arguments = (
+                block.arguments if isinstance(block.arguments, dict) else {"arguments": block.arguments}
+            )
+            call = types.FunctionCall(id=block.id or None, name=block.name, args=arguments)
+            parts.append(types.Part(function_call=call))
+        elif type(block) is ImageContent:
+            blob = types.Blob(data=base64.b64decode(block.data), mime_type=block.mime_type)
+            parts.append(types.Part(inline_data=blob))
+    return parts
+
+
+def _usage_metadata(usage: Usage) -> types.GenerateContentResponseUsageMetadata:
+    """The inverse of `_usage`: Gemini's prompt count includes the cache, its candidate
+    count excludes the thoughts."""
+    return types.GenerateContentResponseUsageMetadata(
+        prompt_token_count=usage.input + usage.cache_read,
+        cached_content_token_count=usage.cache_read,
+        candidates_token_count=max(0, usage.output - usage.reasoning),
+        thoughts_token_count=usage.reasoning,
+        total_token_count=usage.total_tokens,
+    )
+
+
+def _llm_response(reply: AssistantMessage) -> LlmResponse:
+    """A recorded reply as the final response the plugin records back as the same
+    message (its function calls keep their recorded ids: ADK keeps ids a model gives)."""
+    failed = reply.stop_reason in ("error", "aborted")
+    return LlmResponse(
+        content=types.Content(role="model", parts=_parts(reply.content)),
+        usage_metadata=_usage_metadata(reply.usage),
+        finish_reason=None if failed else _FINISH.get(reply.stop_reason, types.FinishReason.STOP),
+        error_message=(reply.error_message or reply.stop_reason) if failed else None,
+    )
+
+
+def _text(message: ToolResultMessage) -> str:
+    return "".join(block.text for block in message.content if type(block) is TextContent)
+
+
+def _sent_responses(script: ReplayScript) -> dict[str, str]:
+    """The function response each recorded call got, as the next turn's request sent it
+    (by call id). The plugin records a tool's result as its text, where the string
+    ``"5"`` and the number 5 read alike; the request has the response itself. ADK
+    sends the responses to a turn's calls after the model's content, in call order."""
+    sent: dict[str, str] = {}
+    for turn, after in pairwise(script.turns):
+        messages = after.request.messages
+        last = max((i for i, m in enumerate(messages) if isinstance(m, AssistantMessage)), default=-1)
+        answers = [m for m in messages[last + 1 :] if isinstance(m, ToolResultMessage)]
+        calls = turn.tool_calls
+        if len(answers) == len(calls) and all(
+            a.tool_name == c.name for a, c in zip(answers, calls, strict=True)
+        ):
+            sent.update((call.id, _text(answer)) for call, answer in zip(calls, answers, strict=True))
+    return sent
+
+
+def _tool_answer(result: ToolResultMessage, sent: str | None) -> Any:
+    """What a tool call is answered with: what the tool returned, as ADK sent it
+    (`_sent_responses`; ADK wraps a value that is no dict as ``{"result": value}``),
+    else the recorded result read as the JSON it was written as (a string that is no
+    JSON as itself); a recorded error as ``{"error": text}``."""
+    text = _text(result)
+    if result.is_error:
+        return {"error": text}
+    try:
+        if sent is not None:
+            response = _decode(sent)
+            if isinstance(response, dict) and list(response) == ["result"]:
+                if _json_text(response["result"]) == text:
+                    return response["result"]  # a value ADK wrapped, not a dict of the tool's
+            return response
+        return _decode(text)
+    except msgspec.DecodeError:
+        return text
+
+
+class ReplayLlm(BaseLlm):
+    """An ADK model that answers from a recorded run: the replay model of Google ADK.
+
+    Give it to the agent as its ``model``; add
+    `tools_plugin` to the runner's plugins after `PhiPlugin` to answer tool calls from
+    the recording; run inside `recording` so the plugin records the run as a replay
+    (or fork) in the original session.
+
+    Each request (converted as `PhiPlugin` records it: system instruction, contents,
+    function declarations) is checked against the recorded turn's
+    (`phi_session.replay.ReplayCursor`) and answered with the recorded reply as one
+    final ``LlmResponse``: text, thoughts, function calls with their recorded ids,
+    usage, finish reason. Once the cursor hands over (a fork point, or a divergence
+    with ``on_divergence="fallback"``) `fallback` answers the request, streaming or
+    not. No network call, no tokens until then. The recorded model name is this
+    model's name; its provider the recorded one.
+    """
+
+    cursor: ReplayCursor
+    provider: str
+    fallback: BaseLlm | None = None
+
+    def __init__(
+        self,
+        recording: ReplayScript | Session,
+        loop_id: str | None = None,
+        *,
+        chain: bool = False,
+        on_divergence: OnDivergence = "stop",
+        tools: ToolsMode = "recorded",
+        until_turn: int | None = None,
+        fallback: BaseLlm | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Replay `recording` (a `ReplayScript`, or a `Session` whose loop `loop_id`,
+        default the last started, is replayed; `chain`: with the loops it continues).
+        `until_turn`: fork there, `fallback` answering from that turn on;
+        `on_divergence` and `tools` as for `ReplayCursor`. `until_turn` and
+        ``on_divergence="fallback"`` need a `fallback`. The model's name and provider
+        are the replayed loop's. `kwargs`: BaseLlm's."""
+        cursor = replay_cursor(
+            recording,
+            loop_id,
+            chain=chain,
+            on_divergence=on_divergence,
+            tools=tools,
+            until_turn=until_turn,
+            fallback=fallback,
+        )
+        first = cursor.script.session.get_loop(cursor.script.loop_ids[0])
+        config = first.config if first is not None else None
+        kwargs.setdefault("model", config.model if config is not None else "replay")
+        kwargs.setdefault("provider", config.provider if config is not None else FRAMEWORK)
+        fields: dict[str, Any] = {"cursor": cursor, "fallback": fallback, **kwargs}
+        super().__init__(**fields)
+
+    @property
+    def divergence(self) -> Divergence | None:
+        """The first divergence, if any (``on_divergence="fallback"`` keeps it here)."""
+        return self.cursor.divergence
+
+    def recording(self, *, tag: str = "fork", change: Any = None) -> AbstractContextManager[Lineage]:
+        """Run the agent inside: the plugin records the run into the original session, as
+        a ``Rerun{replay}`` of the replayed loop, or for a fork (``until_turn``) a
+        ``Branch{tag}`` whose metadata names the fork point and `change` (default: the
+        fallback model's name)."""
+        if change is None and self.cursor.until_turn is not None and self.fallback is not None:
+            change = {"model": self.fallback.model}
+        return replay_recording(self.cursor, tag=tag, change=change)
+
+    def tools_plugin(self, name: str = "phi_replay_tools") -> BasePlugin:
+        """A plugin answering tool calls from the recording (``tools="recorded"``) while
+        the run replays: its ``before_tool_callback`` returns the recorded result, so
+        ADK skips the tool (and still calls the after-tool callbacks, where `PhiPlugin`
+        records the result). List it after `PhiPlugin`: ADK stops at the first
+        plugin that answers."""
+        return _RecordedTools(self.cursor, name)
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        reply = self.cursor.respond(RequestShape.from_payload(_request(llm_request, 0)))
+        if reply is not None:
+            yield _llm_response(reply)
+            return
+        if self.fallback is None:  # the cursor hands over only when a fallback was required
+            raise ValueError("the replay handed over, but there is no fallback model")
+        async for response in self.fallback.generate_content_async(llm_request, stream=stream):
+            yield response
+
+
+class _RecordedTools(BasePlugin):
+    """Answers a replay's tool calls from its recording (see `ReplayLlm.tools_plugin`)."""
+
+    def __init__(self, cursor: ReplayCursor, name: str) -> None:
+        super().__init__(name=name)
+        self.cursor = cursor
+        self.sent = _sent_responses(cursor.script)
+
+    async def before_tool_callback(
+        self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext
+    ) -> Any:
+        call_id = tool_context.function_call_id
+        if call_id is None:
+            return None
+        result = self.cursor.tool_result(call_id, tool.name, tool_args)
+        return None if result is None else _tool_answer(result, self.sent.get(call_id))

@@ -1,0 +1,288 @@
+"""Replay and fork of Google ADK runs, offline: an ``LlmAgent`` over a scripted
+``BaseLlm`` is recorded (4 turns, 2 tools), then replayed with
+`phi_session.adapters.google_adk.ReplayLlm` (no model, tools answered from the
+recording), changed (divergence), and forked at turn 2 onto another scripted model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+pytest.importorskip("google.adk", reason="needs the google-adk extra: pip install 'phi-session[google-adk]'")
+
+from google.adk.agents import LlmAgent
+from google.adk.models.base_llm import BaseLlm
+from google.adk.runners import InMemoryRunner
+
+from phi_session import SqliteStore
+from phi_session.adapters.google_adk import PhiPlugin, ReplayLlm
+from phi_session.errors import ReplayDiverged
+from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
+from phi_session.model import LoopRecord, Session
+
+from .test_adapter_google_adk import Harness, ScriptedLlm
+
+# ADK warns about its own deprecations; nothing of this test's.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+INSTRUCTION = "You are a calculator: use the tools."
+SESSION = "calc-session"
+QUESTION = "What is (2 + 3) * 4 + 1, doubled?"
+RUNS: list[str] = []  # the tools that really ran
+
+
+def add(a: int, b: int) -> int:
+    """Adds two numbers."""
+    RUNS.append("add")
+    return a + b
+
+
+def mul(a: int, b: int) -> int:
+    """Multiplies two numbers."""
+    RUNS.append("mul")
+    return a * b
+
+
+def sub(a: int, b: int) -> int:
+    """Subtracts two numbers."""
+    return a - b
+
+
+def script() -> ScriptedLlm:
+    """Four model responses: add, mul, both at once, then the answer."""
+    return ScriptedLlm.of(
+        ["Adding first.", ("add", {"a": 2, "b": 3})],
+        [("mul", {"a": 5, "b": 4})],
+        [("add", {"a": 20, "b": 1}), ("mul", {"a": 21, "b": 2})],
+        ["The answer is 42."],
+    )
+
+
+def agent(model: BaseLlm, tools: list[Any] | None = None, instruction: str = INSTRUCTION) -> LlmAgent:
+    return LlmAgent(name="calc", model=model, instruction=instruction, tools=tools or [add, mul])
+
+
+def run(calc: LlmAgent, store: SqliteStore, *extra: Any, stream: bool = False) -> list[Any]:
+    """One invocation of `calc`, recorded into `store` (the plugin's default sink, requests kept)."""
+    h = Harness()
+    phi = PhiPlugin(store=store, capture_requests=True)
+    runner = InMemoryRunner(agent=calc, app_name="app", plugins=[phi, *extra])
+    try:
+        return asyncio.run(h.ask(runner, QUESTION, session_id=SESSION, stream=stream))
+    finally:
+        asyncio.run(runner.close())
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    with SqliteStore(tmp_path / "sessions.db") as store:
+        yield store
+
+
+@pytest.fixture
+def original(store: SqliteStore) -> Session:
+    events = run(agent(script()), store)
+    assert events[-1].content.parts[0].text == "The answer is 42."
+    RUNS.clear()
+    return store.load(SESSION)
+
+
+def replay(
+    session: Session,
+    store: SqliteStore,
+    *,
+    with_tools: list[Any] | None = None,
+    instruction: str = INSTRUCTION,
+    **options: Any,
+) -> tuple[ReplayLlm, Session]:
+    """Replay the session's loop (`options`: `ReplayLlm`'s) with the agent's
+    `with_tools` and `instruction`, recorded into the store; the stored session after."""
+    model = ReplayLlm(session, **options)
+    with model.recording():
+        run(agent(model, with_tools, instruction), store, model.tools_plugin())
+    return model, store.load(SESSION)
+
+
+def plain(message: AgentMessage) -> Any:
+    """A message without what differs between two recordings of one run (time, turn ids)."""
+    message = msgspec.structs.replace(message, timestamp=0)
+    return msgspec.structs.replace(message, turn_id=None) if hasattr(message, "turn_id") else message
+
+
+def turns(record: LoopRecord) -> list[tuple[Any, ...]]:
+    """Each turn's inputs, reply, results and usage."""
+    return [
+        (
+            [plain(m) for m in turn.input_messages],
+            plain(turn.output_message),
+            [plain(m) for m in turn.tool_results],
+            turn.usage,
+        )
+        for turn in record.turns
+    ]
+
+
+def calls(record: LoopRecord) -> list[ToolCall]:
+    return [
+        block
+        for message in record.messages
+        if isinstance(message, AssistantMessage)
+        for block in message.content
+        if isinstance(block, ToolCall)
+    ]
+
+
+def the_other(session: Session, original: LoopRecord) -> LoopRecord:
+    (other,) = [loop for loop in session.loops if loop.loop_id != original.loop_id]
+    return other
+
+
+def test_the_recorded_run_has_four_turns_two_tools_and_each_request(original: Session) -> None:
+    (loop,) = original.loops
+    assert loop.status == "Completed" and loop.turn_count() == 4
+    assert [c.name for c in calls(loop)] == ["add", "mul", "add", "mul"]
+    results = {m.tool_call_id: m.content[0].text for m in loop.messages if isinstance(m, ToolResultMessage)}  # type: ignore[union-attr]
+    assert [results[c.id] for c in calls(loop)] == ["5", "20", "21", "42"]
+    assert loop.usage.input == 40 and loop.usage.output == 32
+    for turn in loop.turns:  # captured through the embedded store's recorder
+        request = turn.request_payload
+        assert request is not None and request.system_prompt.startswith(INSTRUCTION)
+        assert sorted(t.name for t in request.tools) == ["add", "mul"]
+        assert request.tools[0].parameters["required"] == ["a", "b"]
+    last = loop.turns[3].request_payload
+    assert last is not None
+    roles = [type(m).__name__ for m in last.messages]
+    assert roles == [
+        "UserMessage",
+        "AssistantMessage",
+        "ToolResultMessage",
+        "AssistantMessage",
+        "ToolResultMessage",
+        "AssistantMessage",
+        "ToolResultMessage",
+        "ToolResultMessage",
+    ]
+    # ADK strips the ids it made up from what it sends the model: the request has none.
+    assert [m.tool_call_id for m in last.messages if isinstance(m, ToolResultMessage)] == ["", "", "", ""]
+    assert last.messages[2].content[0].text == '{"result":5}'  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_replay_without_model_or_tools_records_the_same_run_as_a_rerun(
+    original: Session, store: SqliteStore, stream: bool
+) -> None:
+    model = ReplayLlm(original)
+    with model.recording():
+        events = run(agent(model), store, model.tools_plugin(), stream=stream)
+    assert events[-1].content.parts[0].text == "The answer is 42."
+    assert RUNS == []  # the tools were answered from the recording
+    assert model.cursor.finished and model.divergence is None
+
+    session = store.load(SESSION)
+    (first,) = original.loops
+    replayed = the_other(session, first)
+    assert (replayed.kind.kind, replayed.kind.tag) == ("Rerun", "replay")
+    assert replayed.parent_loop_id == first.loop_id and replayed.status == "Completed"
+    assert replayed.metadata["replay"]["loop_id"] == first.loop_id
+    assert replayed.config == first.config
+    assert turns(replayed) == turns(first)  # messages, tool calls with their ids, results, usage
+    assert replayed.usage == first.usage
+    assert calls(replayed) == calls(first)
+
+
+def test_another_instruction_diverges_at_turn_0(original: Session, store: SqliteStore) -> None:
+    with pytest.raises(ReplayDiverged) as raised:
+        replay(original, store, instruction="You are a poet.")
+    divergence = raised.value.divergence
+    assert (divergence.turn_index, divergence.what) == (0, "system_prompt")
+    assert str(raised.value).startswith(
+        f"replay diverged at turn 0 of {original.loops[0].loop_id}: system_prompt"
+    )
+    replayed = the_other(store.load(SESSION), original.loops[0])
+    assert replayed.status == "Aborted"  # the replayed run failed, and is recorded as such
+
+
+def test_another_tool_diverges_at_turn_0(original: Session, store: SqliteStore) -> None:
+    with pytest.raises(ReplayDiverged) as raised:
+        replay(original, store, with_tools=[add, sub])
+    divergence = raised.value.divergence
+    assert (divergence.turn_index, divergence.what) == (0, "tools")
+    assert divergence.detail == "tool(s) added: sub; tool(s) removed: mul"
+
+
+def test_a_live_tool_returning_something_else_diverges_at_the_next_turn(
+    original: Session, store: SqliteStore
+) -> None:
+    def mul(a: int, b: int) -> int:
+        """Multiplies two numbers."""
+        return a * b + 1
+
+    with pytest.raises(ReplayDiverged) as raised:
+        replay(original, store, with_tools=[add, mul], tools="live")
+    divergence = raised.value.divergence
+    # mul's result (turn 1) reaches the model at turn 2, where the request differs
+    assert (divergence.turn_index, divergence.what) == (2, "messages")
+    assert divergence.expected is not None and "20" in divergence.expected
+    assert divergence.actual is not None and "21" in divergence.actual
+
+
+def test_fallback_mode_hands_the_diverged_run_to_the_fallback_model(
+    original: Session, store: SqliteStore
+) -> None:
+    fallback = ScriptedLlm(model="scripted-2", script=[["A poem instead."]])
+    model, session = replay(
+        original, store, instruction="You are a poet.", on_divergence="fallback", fallback=fallback
+    )
+    assert model.divergence is not None and model.divergence.what == "system_prompt"
+    replayed = the_other(session, original.loops[0])
+    assert replayed.status == "Completed" and replayed.turn_count() == 1
+    assert replayed.messages[-1].content[0].text == "A poem instead."  # type: ignore[union-attr]
+
+
+def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
+    original: Session, store: SqliteStore
+) -> None:
+    other = ScriptedLlm(model="scripted-2", script=[[("add", {"a": 20, "b": 2})], ["It is 22."]])
+    model = ReplayLlm(original, until_turn=2, fallback=other)
+    with model.recording():
+        events = run(agent(model), store, model.tools_plugin())
+    assert events[-1].content.parts[0].text == "It is 22."
+    assert RUNS == ["add"]  # turns 0 and 1 answered from the recording; the fork's call ran
+
+    session = store.load(SESSION)
+    first = original.loops[0]
+    fork = the_other(session, first)
+    assert (fork.kind.kind, fork.kind.tag) == ("Branch", "fork")
+    assert fork.parent_loop_id == first.loop_id
+    assert fork.metadata["fork"] == {
+        "session_id": SESSION,
+        "loop_id": first.loop_id,
+        "turn_index": 2,
+        "change": {"model": "scripted-2"},
+    }
+    assert fork.turn_count() == 4
+    assert turns(fork)[:2] == turns(first)[:2]
+    assert turns(fork)[2] != turns(first)[2]
+    (result,) = fork.turns[2].tool_results  # the fork's own call ran, recorded once
+    assert result.content[0].text == "22"  # type: ignore[union-attr]
+    # The fork stands in for the original: its context is its own run, from the prompt.
+    context = [plain(m) for m in session.context_at(fork.loop_id)]
+    assert context == [plain(m) for m in fork.messages]
+    assert context[:5] == [plain(m) for m in first.messages[:5]]
+    assert context[-1].content[0].text == "It is 22."  # type: ignore[union-attr]
+
+
+def test_a_string_result_that_reads_as_json_is_answered_as_the_string_it_was(store: SqliteStore) -> None:
+    def lookup(key: str) -> str:
+        """Looks a key up."""
+        return "7"  # recorded as the text 7, as the number 7 would be
+
+    model = ScriptedLlm.of([("lookup", {"key": "k"})], ["It is 7."])
+    run(agent(model, [lookup]), store)
+    replayed, _ = replay(store.load(SESSION), store, with_tools=[lookup])
+    assert replayed.cursor.finished and replayed.divergence is None  # the request sent {"result": "7"} again

@@ -1,0 +1,300 @@
+"""Replay and fork of LangChain / LangGraph runs, offline: a ``create_agent`` ReAct agent
+over LangChain's fake chat model is recorded (4 turns, 2 tools), then replayed with
+`phi_session.adapters.langchain.ReplayChatModel` (no model, tools answered from the
+recording), changed (divergence), and forked at turn 2 onto another fake model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+
+pytest.importorskip("langchain_core", reason="needs the extra: pip install 'phi-session[langchain]'")
+pytest.importorskip("langgraph", reason="needs the extra: pip install 'phi-session[langchain]'")
+pytest.importorskip("langchain.agents", reason="create_agent needs: pip install 'phi-session[test]'")
+
+from pathlib import Path
+
+from langchain.agents import create_agent
+from langchain_core.messages import AIMessage
+from langchain_core.tools import tool
+
+from phi_session import SqliteStore
+from phi_session.adapters.langchain import PhiCallbackHandler, ReplayChatModel
+from phi_session.errors import ReplayDiverged
+from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
+from phi_session.model import LoopRecord, Session
+
+from .test_adapter_langchain import ScriptedChat, reply
+
+SYSTEM = "You are a calculator: use the tools."
+THREAD = "calc-thread"
+QUESTION = "What is (2 + 3) * 4 + 1, doubled?"
+RUNS: list[str] = []  # the tools that really ran
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    RUNS.append("add")
+    return a + b
+
+
+@tool
+def mul(a: int, b: int) -> int:
+    """Multiply two numbers."""
+    RUNS.append("mul")
+    return a * b
+
+
+@tool("mul")
+def mul_off_by_one(a: int, b: int) -> int:
+    """Multiply two numbers."""
+    return a * b + 1
+
+
+@tool
+def sub(a: int, b: int) -> int:
+    """Subtract two numbers."""
+    return a - b
+
+
+def script() -> list[AIMessage]:
+    """Four model responses: add, mul, both at once, then the answer."""
+    return [
+        reply("Adding first.", ("c1", "add", {"a": 2, "b": 3}), tokens=(40, 12)),
+        reply("", ("c2", "mul", {"a": 5, "b": 4}), tokens=(60, 9)),
+        reply("", ("c3", "add", {"a": 20, "b": 1}), ("c4", "mul", {"a": 21, "b": 2}), tokens=(80, 20)),
+        reply("The answer is 42.", tokens=(120, 6)),
+    ]
+
+
+def run_agent(
+    model: Any,
+    tools: list[Any],
+    store: SqliteStore,
+    system: str = SYSTEM,
+    *,
+    asynchronous: bool = False,
+    capture_requests: bool = True,
+) -> Any:
+    """One run of the agent, recorded into `store` (the adapter's default sink)."""
+    agent = create_agent(model, tools=tools, system_prompt=system)
+    phi = PhiCallbackHandler(store=store, capture_requests=capture_requests)
+    config: Any = {"callbacks": [phi], "configurable": {"thread_id": THREAD}}
+    inputs = {"messages": [("user", QUESTION)]}
+    try:
+        return asyncio.run(agent.ainvoke(inputs, config)) if asynchronous else agent.invoke(inputs, config)
+    finally:
+        phi.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    with SqliteStore(tmp_path / "sessions.db") as store:
+        yield store
+
+
+@pytest.fixture
+def original(store: SqliteStore) -> Session:
+    out = run_agent(ScriptedChat(messages=iter(script())), [add, mul], store)
+    assert out["messages"][-1].content == "The answer is 42."
+    RUNS.clear()
+    return store.load(THREAD)
+
+
+def replay(
+    session: Session,
+    store: SqliteStore,
+    *,
+    with_tools: list[Any] | None = None,
+    system: str = SYSTEM,
+    **options: Any,
+) -> tuple[ReplayChatModel, Session]:
+    """Replay the session's loop (`options`: `ReplayChatModel`'s) with the
+    agent's `with_tools` and `system` prompt, recorded into the store; the stored session after."""
+    model = ReplayChatModel(session, **options)
+    with model.recording():
+        run_agent(model, model.wrap_tools(with_tools or [add, mul]), store, system)
+    return model, store.load(THREAD)
+
+
+def plain(message: AgentMessage) -> Any:
+    """A message without what differs between two recordings of one run (time, turn ids)."""
+    message = msgspec.structs.replace(message, timestamp=0)
+    return msgspec.structs.replace(message, turn_id=None) if hasattr(message, "turn_id") else message
+
+
+def turns(record: LoopRecord) -> list[tuple[Any, ...]]:
+    """Each turn's inputs, reply and results (parallel tools end in any order: by call id)."""
+    return [
+        (
+            sorted((plain(m) for m in turn.input_messages), key=lambda m: getattr(m, "tool_call_id", "")),
+            plain(turn.output_message),
+            sorted((plain(m) for m in turn.tool_results), key=lambda m: m.tool_call_id),
+            turn.usage,
+        )
+        for turn in record.turns
+    ]
+
+
+def calls(record: LoopRecord) -> list[ToolCall]:
+    return [
+        block
+        for message in record.messages
+        if isinstance(message, AssistantMessage)
+        for block in message.content
+        if isinstance(block, ToolCall)
+    ]
+
+
+def the_other(session: Session, original: LoopRecord) -> LoopRecord:
+    (other,) = [loop for loop in session.loops if loop.loop_id != original.loop_id]
+    return other
+
+
+def test_the_recorded_run_has_four_turns_two_tools_and_each_request(original: Session) -> None:
+    (loop,) = original.loops
+    assert loop.status == "Completed" and loop.turn_count() == 4
+    assert [c.name for c in calls(loop)] == ["add", "mul", "add", "mul"]
+    results = sorted(
+        (m for m in loop.messages if isinstance(m, ToolResultMessage)), key=lambda m: m.tool_call_id
+    )
+    assert [r.content[0].text for r in results] == ["5", "20", "21", "42"]  # type: ignore[union-attr]
+    assert loop.usage.input == 300 and loop.usage.output == 47
+    for turn in loop.turns:  # captured through the embedded store's recorder
+        request = turn.request_payload
+        assert request is not None and request.system_prompt == SYSTEM
+        assert sorted(t.name for t in request.tools) == ["add", "mul"]
+    assert [len(t.request_payload.messages) for t in loop.turns] == [1, 3, 5, 8]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_replay_without_model_or_tools_records_the_same_run_as_a_rerun(
+    original: Session, store: SqliteStore, asynchronous: bool
+) -> None:
+    model = ReplayChatModel(original)
+    with model.recording():
+        out = run_agent(model, model.wrap_tools([add, mul]), store, asynchronous=asynchronous)
+    assert out["messages"][-1].content == "The answer is 42."
+    assert RUNS == []  # the tools were answered from the recording
+    assert model.cursor.finished and model.divergence is None
+
+    session = store.load(THREAD)
+    (first,) = original.loops
+    replayed = the_other(session, first)
+    assert (replayed.kind.kind, replayed.kind.tag) == ("Rerun", "replay")
+    assert replayed.parent_loop_id == first.loop_id and replayed.status == "Completed"
+    assert replayed.metadata["replay"]["loop_id"] == first.loop_id
+    assert replayed.config == first.config
+    assert turns(replayed) == turns(first)  # messages, tool calls with their ids, results, usage
+    assert replayed.usage == first.usage
+    assert calls(replayed) == calls(first)
+
+
+def test_a_recording_without_requests_replays_against_its_messages(store: SqliteStore) -> None:
+    # One tool call per turn: a loop records parallel results in the order they ended,
+    # which need not be the order the model got them in (a captured request has that).
+    one_at_a_time = [*script()[:2], reply("", ("c3", "add", {"a": 20, "b": 1})), script()[3]]
+    run_agent(ScriptedChat(messages=iter(one_at_a_time)), [add, mul], store, capture_requests=False)
+    (first,) = store.load(THREAD).loops
+    assert all(turn.request_payload is None for turn in first.turns)
+    model, session = replay(store.load(THREAD), store)
+    assert model.cursor.finished
+    assert turns(the_other(session, first)) == turns(first)
+    # Compared with the recorded messages: a changed tool result is noticed.
+    with pytest.raises(ReplayDiverged) as raised:
+        replay(
+            store.load(THREAD), store, with_tools=[add, mul_off_by_one], tools="live", loop_id=first.loop_id
+        )
+    assert (raised.value.divergence.turn_index, raised.value.divergence.what) == (2, "messages")
+
+
+def test_another_system_prompt_diverges_at_turn_0(original: Session, store: SqliteStore) -> None:
+    with pytest.raises(ReplayDiverged) as raised:
+        replay(original, store, system="You are a poet.")
+    divergence = raised.value.divergence
+    assert (divergence.turn_index, divergence.what) == (0, "system_prompt")
+    assert str(raised.value).count("\n") == 0 and "turn 0" in str(raised.value)
+    assert "You are a poet." in str(raised.value)
+
+
+def test_another_tool_diverges_at_turn_0(original: Session, store: SqliteStore) -> None:
+    with pytest.raises(ReplayDiverged) as raised:
+        replay(original, store, with_tools=[add, sub])
+    divergence = raised.value.divergence
+    assert (divergence.turn_index, divergence.what) == (0, "tools")
+    assert divergence.detail == "tool(s) added: sub; tool(s) removed: mul"
+    replayed = the_other(store.load(THREAD), original.loops[0])
+    assert replayed.status == "Aborted"  # the replayed run failed, and is recorded as such
+
+
+def test_a_live_tool_returning_something_else_diverges_at_the_next_turn(
+    original: Session, store: SqliteStore
+) -> None:
+    with pytest.raises(ReplayDiverged) as raised:
+        replay(original, store, with_tools=[add, mul_off_by_one], tools="live")
+    divergence = raised.value.divergence
+    # mul's result (turn 1) reaches the model at turn 2, where the request differs
+    assert (divergence.turn_index, divergence.what) == (2, "messages")
+    assert divergence.expected is not None and "20" in divergence.expected
+    assert divergence.actual is not None and "21" in divergence.actual
+
+
+def test_fallback_mode_hands_the_diverged_run_to_the_fallback_model(
+    original: Session, store: SqliteStore
+) -> None:
+    fallback = ScriptedChat(messages=iter([reply("A poem instead.", model="fake-2")]))
+    model, session = replay(
+        original, store, system="You are a poet.", on_divergence="fallback", fallback=fallback
+    )
+    assert model.divergence is not None and model.divergence.what == "system_prompt"
+    replayed = the_other(session, original.loops[0])
+    assert replayed.status == "Completed" and replayed.turn_count() == 1
+    last = replayed.messages[-1]
+    assert isinstance(last, AssistantMessage) and last.model == "fake-2"
+
+
+def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
+    original: Session, store: SqliteStore
+) -> None:
+    other = ScriptedChat(
+        messages=iter(
+            [
+                reply("", ("d1", "add", {"a": 20, "b": 2}), tokens=(90, 10), model="fake-2"),
+                reply("It is 22.", tokens=(100, 4), model="fake-2"),
+            ]
+        )
+    )
+    model = ReplayChatModel(original, until_turn=2, fallback=other)
+    with model.recording(change={"model": "fake-2"}):
+        out = run_agent(model, model.wrap_tools([add, mul]), store)
+    assert out["messages"][-1].content == "It is 22."
+    assert RUNS == ["add"]  # turns 0 and 1 answered from the recording; the fork's call ran
+
+    session = store.load(THREAD)
+    first = original.loops[0]
+    fork = the_other(session, first)
+    assert (fork.kind.kind, fork.kind.tag) == ("Branch", "fork")
+    assert fork.parent_loop_id == first.loop_id
+    assert fork.metadata["fork"] == {
+        "session_id": THREAD,
+        "loop_id": first.loop_id,
+        "turn_index": 2,
+        "change": {"model": "fake-2"},
+    }
+    assert fork.turn_count() == 4
+    assert turns(fork)[:2] == turns(first)[:2]
+    assert turns(fork)[2] != turns(first)[2]
+    (result,) = fork.turns[2].tool_results  # the fork's own call ran, recorded once
+    assert result.content[0].text == "22"  # type: ignore[union-attr]
+    forked = fork.turns[2].output_message
+    assert isinstance(forked, AssistantMessage) and forked.model == "fake-2"
+    # The fork stands in for the original: its context is its own run, from the prompt.
+    context = [plain(m) for m in session.context_at(fork.loop_id)]
+    assert context == [plain(m) for m in fork.messages]
+    assert context[:5] == [plain(m) for m in first.messages[:5]]
+    assert context[-1].content[0].text == "It is 22."  # type: ignore[union-attr]
