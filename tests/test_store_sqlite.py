@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from phi_session import Timestamp, Usage
 from phi_session.codec import decode_session, encode_session
+from phi_session.cost import Cost, Pricer
 from phi_session.errors import SessionLocked, StoreError
 from phi_session.model import LoopStatus, Session
 from phi_session.recorder import SessionRecorder
@@ -263,6 +264,10 @@ def test_numbers_beyond_sqlite_integers_stay_exact(store: SqliteStore) -> None:
     assert store.usage_totals("model") == [
         UsageTotal(key="openai/gpt-4o", sessions=2, loops=2, usage=loop.usage + small)
     ]
+    # Priced from the records too (the columns saturate): every token at its price.
+    pricer = Pricer({"gpt-4o": {"input": 1, "output": 1}}, use_table=False)
+    [total] = store.usage_totals("model", pricer=pricer)
+    assert isinstance(total.cost, Cost) and total.cost.usd == pytest.approx(4 * huge / 1e6)
 
 
 def test_days_outside_the_integer_range(store: SqliteStore) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from phi_session.cost import Pricer, prices_available
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.web.server import ViewerServer
 
@@ -359,7 +360,56 @@ def test_usage_charts(watched: Watched) -> None:
         assert page.locator(f"#chart-{by} g.chart-bar").count() >= 1
     models = page.locator("#chart-model g.chart-bar title").all_text_contents()
     assert any(text.startswith("openai/gpt-4o\n") and "tokens" in text for text in models)
+    # Cost over time, by model and by agent, filled in once priced.
+    page.wait_for_selector("#cost-chart-agent")
+    for by in ("day", "model", "agent"):
+        assert (
+            page.locator(f"#cost-chart-{by} g.chart-bar").count()
+            == page.locator(f"#chart-{by} g.chart-bar").count()
+        )
+    costs = dict(
+        zip(
+            page.locator("#cost-chart-model .bar-label").all_text_contents(),
+            page.locator("#cost-chart-model .bar-note").all_text_contents(),
+            strict=True,
+        )
+    )
+    assert set(costs) == set(page.locator("#chart-model .bar-label").all_text_contents())
+    assert (
+        costs["openai/gpt-4o"].startswith("$") if prices_available() else costs["openai/gpt-4o"] == "unknown"
+    )
+    gpt = page.locator("#cost-chart-model g.chart-bar", has_text="openai/gpt-4o")
+    assert "tokens" in (gpt.locator("title").text_content() or "")
     page.locator(".charts").screenshot(path=str(ARTIFACTS / "usage-charts.png"))
+
+
+def test_cost_charts_show_an_unknown_price_as_unknown(browser: Any, demo_ids: dict[str, Any]) -> None:
+    # Only Sonnet has a price: every other model's cost is unknown, drawn as "?" and
+    # "unknown" with no bar, never as $0; a group holding it is unknown too.
+    pricer = Pricer({"claude-sonnet-4-5": {"input": 3, "output": 15}}, use_table=False)
+    with JsonDirStore(demo_ids["directory"]) as store, running_server(store, pricer=pricer) as server:
+        context = browser.new_context(viewport={"width": 1280, "height": 1400}, base_url=server.url)
+        context.set_default_timeout(20_000)
+        watcher = Watched(context.new_page())
+        page = watcher.page
+        try:
+            page.goto("/#/stats")
+            page.wait_for_selector("#cost-chart-agent")
+            model = page.locator("#cost-chart-model g.chart-bar")
+            sonnet = model.filter(has_text="anthropic/claude-sonnet-4-5")
+            assert sonnet.locator("rect.part-cost").count() == 1
+            assert (sonnet.locator(".bar-note").text_content() or "").startswith("$")
+            haiku = model.filter(has_text="anthropic/claude-haiku-4-5")
+            assert (
+                haiku.locator("rect").count() == 0 and haiku.locator(".bar-note").text_content() == "unknown"
+            )
+            assert "no price for anthropic/claude-haiku-4-5" in (haiku.locator("title").text_content() or "")
+            assert page.locator("#cost-chart-day .bar-note.unknown", has_text="?").count() >= 1
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.locator(".charts").screenshot(path=str(ARTIFACTS / "usage-charts-unknown.png"))
+        finally:
+            context.close()
+    assert watcher.errors == [] and watcher.dialogs == []
 
 
 def test_session_list_pages_by_keyset(watched: Watched, demo_ids: dict[str, Any]) -> None:

@@ -49,6 +49,11 @@ def test_cost_totals(server: ViewerServer) -> None:
         "anthropic/claude-sonnet-4-5",
         "openai/gpt-4o",
     ]
+    # Per agent, model or day: the store's totals, priced (usage and cost in one row).
+    assert [row["usage"] for row in by_model["totals"]] == [
+        row["usage"] for row in get_json(server, "/api/stats?by=model")
+    ]
+    assert all(set(row["cost"]) == {"usd", "sources", "unpriced"} for row in by_model["totals"])
     assert get_json(server, "/api/cost")["totals"]  # by agent
     assert "by" in get_json(server, "/api/cost?by=week", status=400)["error"]
     assert get_json(server, "/api/cost?group=agent", status=400)["error"]

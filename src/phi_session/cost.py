@@ -21,10 +21,11 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -32,7 +33,11 @@ from ._time import Timestamp
 from .errors import PhiSessionError
 from .messages import Usage
 from .model import LoopRecord, Session, Turn
+from .stores.base import UsageRow, usage_rows
 from .stores.query import parse_group_by
+
+if TYPE_CHECKING:
+    from .stores.base import UsageTotal
 
 __all__ = [
     "USER_SOURCE",
@@ -51,6 +56,7 @@ __all__ = [
 ]
 
 USER_SOURCE = "user"
+_MEMO_LIMIT = 100_000  # table prices remembered (a lookup costs about half a millisecond)
 _PER_TOKEN = Decimal(1_000_000)  # user prices are per million tokens, as providers quote them
 _PRICES_HINT = (
     "prices unknown: pip install 'phi-session[prices]' for the genai-prices table, or give your own prices"
@@ -151,6 +157,9 @@ class Pricer:
         self._user = {name: _user_price(name, price) for name, price in (user_prices or {}).items()}
         self._table: Any = None
         self._table_source: str | None = None
+        # Table prices already looked up: totals price every loop, and views ask again.
+        self._memo: dict[tuple[Usage, str | None, str, Timestamp], Cost] = {}
+        self._memo_lock = threading.Lock()
         if use_table and prices_available():
             import genai_prices
 
@@ -200,7 +209,15 @@ class Pricer:
             return Cost(usd=user.usd(usage), sources=(USER_SOURCE,))
         if self._table is None or model is None:
             return Cost(usd=None, unpriced=(name,))
-        return self._table_price(usage, provider, model, at, name)
+        key = (usage, provider, model, at)
+        cost = self._memo.get(key)
+        if cost is None:
+            cost = self._table_price(usage, provider, model, at, name)
+            with self._memo_lock:
+                if len(self._memo) >= _MEMO_LIMIT:
+                    self._memo.clear()
+                self._memo[key] = cost
+        return cost
 
     def _table_price(self, usage: Usage, provider: str | None, model: str, at: Timestamp, name: str) -> Cost:
         table = self._table
@@ -233,6 +250,20 @@ class Pricer:
         """The cost of a loop's calls (`LoopRecord.billed_usage`), at the price when it started."""
         provider, model = _model_of(record)
         return self.price(record.billed_usage(), provider, model, record.started_at)
+
+    def row_costs(self, rows: Iterable[UsageRow]) -> dict[str, Cost]:
+        """The cost of usage rows summed per key, each row at its model's price when its
+        loop started: the one place where stored usage becomes money in totals."""
+        sums: dict[str, Cost] = {}
+        for row in rows:
+            cost = self.price(row.usage, row.provider, row.model, row.started_at)
+            sums[row.key] = sums.get(row.key, ZERO_COST) + cost
+        return sums
+
+    def price_totals(self, totals: Iterable[UsageTotal], rows: Iterable[UsageRow]) -> list[UsageTotal]:
+        """`totals` with their ``cost``: `row_costs` of their `rows` (a total without rows costs 0)."""
+        sums = self.row_costs(rows)
+        return [msgspec.structs.replace(item, cost=sums.get(item.key, ZERO_COST)) for item in totals]
 
     def session(self, session: Session) -> Cost:
         """The sum of the costs of the session's loops."""
@@ -311,27 +342,14 @@ class CostTotal(msgspec.Struct, frozen=True, kw_only=True):
     cost: Cost
 
 
-def _cost_key(session: Session, record: LoopRecord, group_by: str) -> str:
-    if group_by == "agent":
-        return session.agent_id
-    if group_by == "day":
-        return str(session.created_at).partition("T")[0]
-    if group_by == "session":
-        return session.session_id
-    provider, model = _model_of(record)
-    return "unknown" if model is None else f"{provider}/{model}"
-
-
 def cost_totals(sessions: Iterable[Session], group_by: str, pricer: Pricer) -> list[CostTotal]:
     """The cost of `sessions` per agent, model, day (the keys of `usage_totals`) or session, sorted by key.
 
     Loads nothing itself: give it the sessions (``store.load`` of ``store.list_ids()``).
-    Another `group_by` raises `InvalidQuery` (parameter ``group_by``).
+    Per agent, model or day, ``store.usage_totals(by, pricer=pricer)`` gives the same
+    costs without loading a session. Another `group_by` raises `InvalidQuery`
+    (parameter ``group_by``).
     """
     by = "session" if group_by == "session" else parse_group_by(group_by)
-    sums: dict[str, Cost] = {}
-    for session in sessions:
-        for record in session.loops:
-            key = _cost_key(session, record, by)
-            sums[key] = sums.get(key, ZERO_COST) + pricer.loop(record)
+    sums = pricer.row_costs(row for session in sessions for row in usage_rows(session, by))
     return [CostTotal(key=key, cost=sums[key]) for key in sorted(sums)]

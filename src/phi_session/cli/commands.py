@@ -14,7 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.text import Text
 
 from ..codec import decode_event, decode_session, encode_event, encode_message, encode_session
-from ..cost import ZERO_COST, Cost, Pricer, cost_totals
+from ..cost import Cost, Pricer
 from ..errors import DecodeError, InvalidQuery, PhiSessionError, SessionNotFound
 from ..events import AgentEvent
 from ..model import CompactionBlock, Session
@@ -263,7 +263,8 @@ def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool)
 def stats(group_by: str, store_url: str | None, as_json: bool, prices_file: str | None) -> None:
     """Token usage and cost totals, grouped by agent, model or day.
 
-    Cost is priced now from the stored usage (every session is read to price it).
+    Cost is priced now from the stored usage: every loop at its model's price when
+    it started.
     """
     try:
         by = parse_group_by(group_by)
@@ -271,16 +272,12 @@ def stats(group_by: str, store_url: str | None, as_json: bool, prices_file: str 
         raise CliError(f"--by: {error.reason}", EXIT_USAGE) from None
     pricer = cli_pricer(prices_file)
     with open_cli_store(store_url, must_exist=True) as store:
-        totals = store.usage_totals(by)
-        costs = cost_totals((store.load(session_id) for session_id in store.list_ids()), by, pricer)
+        totals = store.usage_totals(by, pricer=pricer)
     if as_json:
-        cost_of = {row.key: row.cost for row in costs}
-        echo_json(
-            [{**to_builtins(row), "cost": to_builtins(cost_of.get(row.key, ZERO_COST))} for row in totals]
-        )
+        echo_json(to_builtins(totals))
     elif totals:
-        stdout().print(render.usage_totals_table(totals, by, costs))
-        _note_unknown_costs(pricer, [row.cost for row in costs])
+        stdout().print(render.usage_totals_table(totals, by))
+        _note_unknown_costs(pricer, [row.cost for row in totals if isinstance(row.cost, Cost)])
     else:
         stderr().print("no sessions", style="dim")
 

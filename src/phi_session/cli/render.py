@@ -20,7 +20,7 @@ from rich.tree import Tree
 from .._float32 import Float32
 from .._time import Timestamp
 from ..codec import encode_event
-from ..cost import ZERO_COST, Cost, CostTotal, total
+from ..cost import ZERO_COST, Cost, total
 from ..events import AgentEvent
 from ..messages import (
     AgentMessage,
@@ -200,10 +200,10 @@ def partition_status_record(row: Any) -> dict[str, Any]:
     return {name: getattr(row, name) for name in _PARTITION_COLUMNS}
 
 
-def usage_totals_table(totals: Sequence[UsageTotal], by: str, costs: Sequence[CostTotal]) -> Table:
-    """The ``stats`` table: usage and cost per group (`costs` has the same keys), with totals."""
+def usage_totals_table(totals: Sequence[UsageTotal], by: str) -> Table:
+    """The ``stats`` table: usage and cost (priced totals) per group, with totals."""
     table = Table(box=None, header_style="bold", pad_edge=False, show_footer=len(totals) > 1)
-    cost_of = {row.key: row.cost for row in costs}
+    costs = [row.cost if isinstance(row.cost, Cost) else ZERO_COST for row in totals]
     grand = sum((row.usage for row in totals), Usage(input=0, output=0))
     # A session with loops on several models counts once per model: no session total then.
     sessions_total = "" if by == "model" else number(sum(row.sessions for row in totals))
@@ -212,14 +212,14 @@ def usage_totals_table(totals: Sequence[UsageTotal], by: str, costs: Sequence[Co
     table.add_column("LOOPS", justify="right", footer=number(sum(row.loops for row in totals)))
     for name in USAGE_COLUMNS:
         table.add_column(name.replace("_", " ").upper(), justify="right", footer=number(getattr(grand, name)))
-    table.add_column("COST", justify="right", footer=cost_text(total(row.cost for row in costs)))
-    for row in totals:
+    table.add_column("COST", justify="right", footer=cost_text(total(costs)))
+    for row, cost in zip(totals, costs, strict=True):
         table.add_row(
             plain(row.key),
             number(row.sessions),
             number(row.loops),
             *(number(getattr(row.usage, name)) for name in USAGE_COLUMNS),
-            cost_text(cost_of.get(row.key, ZERO_COST)),
+            cost_text(cost),
         )
     return table
 

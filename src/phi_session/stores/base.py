@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
-from collections.abc import Container
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from collections.abc import Container, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -18,6 +18,9 @@ from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
+
+if TYPE_CHECKING:  # cost.py reads the stores' rows; stores never need the price table
+    from ..cost import Cost, Pricer
 
 # The summary columns both SQL backends keep: one per loop status, one per usage field.
 STATUS_COLUMNS: dict[str, str] = {status: f"loops_{status.lower()}" for status in LOOP_STATUSES}
@@ -56,6 +59,55 @@ class UsageTotal(msgspec.Struct, frozen=True, kw_only=True):
     sessions: int
     loops: int
     usage: Usage
+    cost: Cost | msgspec.UnsetType = msgspec.UNSET
+    """What the group's loops cost, when `usage_totals` was given a pricer (absent otherwise)."""
+
+
+class UsageRow(NamedTuple):
+    """One loop's part of a `usage_totals` group: what `Pricer.price_totals` prices."""
+
+    key: str
+    provider: str | None
+    model: str | None
+    started_at: Timestamp
+    """When the loop started: its tokens are priced at that instant."""
+    usage: Usage
+    """`LoopRecord.billed_usage`."""
+
+
+def model_key(record: LoopRecord) -> str:
+    """A loop's ``usage_totals`` model: its config's ``provider/model``, else ``"unknown"``."""
+    config = record.config
+    return "unknown" if config is None else f"{config.provider}/{config.model}"
+
+
+def usage_rows(session: Session, group_by: GroupBy | str) -> Iterator[UsageRow]:
+    """`session`'s loops as `UsageRow`, under their key of `usage_totals` (``session``: its id)."""
+    for record in session.loops:
+        if group_by == "agent":
+            key = session.agent_id
+        elif group_by == "day":
+            key = str(session.created_at).partition("T")[0]
+        elif group_by == "session":
+            key = session.session_id
+        else:
+            key = model_key(record)
+        config = record.config
+        yield UsageRow(
+            key,
+            None if config is None else config.provider,
+            None if config is None else config.model,
+            record.started_at,
+            record.billed_usage(),
+        )
+
+
+def check_pricer(pricer: Pricer | None) -> None:
+    """`usage_totals`' check of its ``pricer`` argument (`TypeError` for anything but a `Pricer`)."""
+    if pricer is not None:
+        from ..cost import Pricer  # here: cost.py imports this module
+
+        check_type("pricer", pricer, Pricer)
 
 
 @runtime_checkable
@@ -97,12 +149,15 @@ class SessionStore(Protocol):
         """Summaries of the sessions `query` selects, in its order (None: every session, newest first)."""
         ...
 
-    def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
+    def usage_totals(self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None) -> list[UsageTotal]:
         """Usage summed per agent, per model or per day (`parse_group_by`), sorted by key.
 
         ``model`` groups loops by their config's ``provider/model`` (``"unknown"``
         without a config) and counts a session once in each of its models;
         ``day`` groups sessions by the UTC date of ``created_at`` (``YYYY-MM-DD``).
+        Usage is `LoopRecord.billed_usage`. With a `pricer`, each total also has its
+        ``cost`` (`Pricer.price_totals`: every loop at its model's price when it
+        started; unknown when a price is): O(loops) price lookups.
         """
         ...
 
@@ -133,7 +188,9 @@ class SessionStore(Protocol):
     async def alist_ids(self) -> list[str]: ...
     async def alist_for_agent(self, agent_id: str) -> list[Session]: ...
     async def aquery(self, query: SessionQuery | None = None) -> list[SessionSummary]: ...
-    async def ausage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]: ...
+    async def ausage_totals(
+        self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None
+    ) -> list[UsageTotal]: ...
     async def aprune(self, criteria: PruneCriteria) -> int: ...
     async def asearch(
         self, text: str, query: SessionQuery | None = None, limit: int = DEFAULT_LIMIT
@@ -161,8 +218,10 @@ class AsyncTwins:
     async def aquery(self, query: SessionQuery | None = None) -> list[SessionSummary]:
         return await asyncio.to_thread(self.query, query)  # type: ignore[attr-defined]
 
-    async def ausage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
-        return await asyncio.to_thread(self.usage_totals, group_by)  # type: ignore[attr-defined]
+    async def ausage_totals(
+        self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None
+    ) -> list[UsageTotal]:
+        return await asyncio.to_thread(self.usage_totals, group_by, pricer=pricer)  # type: ignore[attr-defined]
 
     async def aprune(self, criteria: PruneCriteria) -> int:
         return await asyncio.to_thread(self.prune, criteria)  # type: ignore[attr-defined]

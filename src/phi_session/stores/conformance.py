@@ -32,6 +32,7 @@ import msgspec
 
 from .._time import Timestamp
 from ..codec import decode_event, decode_session, encode_event, encode_session
+from ..cost import ZERO_COST, Cost, Pricer, cost_totals
 from ..errors import InvalidQuery, InvalidSessionId, SessionNotFound
 from ..events import (
     AgentEnd,
@@ -58,7 +59,7 @@ from ..messages import (
 from ..model import LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef
 from ..recorder import SessionRecorder
 from .base import SessionStore, SessionSummary, UsageTotal
-from .query import PageCursor, PruneCriteria, SessionQuery
+from .query import GroupBy, PageCursor, PruneCriteria, SessionQuery
 from .search import SearchHit
 
 __all__ = [
@@ -84,6 +85,12 @@ EXAMPLES_DIR = _spec_dir() / "examples"
 EXAMPLE_SESSIONS = sorted(EXAMPLES_DIR.glob("session-*.json"))
 
 INVALID_SESSION_IDS = ("", ".", "..", "../x", "a/b", "/abs", "a\\b", "nul\x00byte", ".hidden", "x" * 201)
+
+
+def _approx(value: float) -> Any:
+    import pytest
+
+    return pytest.approx(value)
 
 
 def _raises(expected: type[BaseException], match: str | None = None) -> AbstractContextManager[Any]:
@@ -861,6 +868,37 @@ class StoreConformance:
                 assert _sum(row.usage for row in store.usage_totals(by)) == reported, (where, by)
             for session in sessions:
                 store.delete(session.session_id)
+
+    def test_usage_totals_with_a_pricer_carry_their_cost(self, store: SessionStore) -> None:
+        sessions = _populate(store).values()
+        store.save(make_session("empty", "idle", loops=[]))
+        pricer = Pricer(
+            {"openai/gpt-4o": {"input": 2, "output": 8}, "claude-sonnet-4-5": {"input": 3, "output": 15}},
+            use_table=False,
+        )
+        groupings: tuple[GroupBy, ...] = ("agent", "model", "day")
+        for by in groupings:
+            priced = store.usage_totals(by, pricer=pricer)
+            unpriced = [msgspec.structs.replace(row, cost=msgspec.UNSET) for row in priced]
+            assert unpriced == store.usage_totals(by)
+            # The same figures as pricing the loaded sessions (one home: `Pricer.row_costs`).
+            expected = {row.key: row.cost for row in cost_totals(sessions, by, pricer)}
+            for row in priced:
+                cost = expected.get(row.key, ZERO_COST)
+                assert isinstance(row.cost, Cost), (by, row.key)
+                assert (row.cost.sources, row.cost.unpriced) == (cost.sources, cost.unpriced), (by, row.key)
+                assert row.cost.usd == (None if cost.usd is None else _approx(cost.usd)), (by, row.key)
+        by_model = {row.key: row.cost for row in store.usage_totals("model", pricer=pricer)}
+        assert by_model["unknown"] == Cost(usd=None, unpriced=("unknown",))  # never 0
+        gpt = by_model["openai/gpt-4o"]  # loops of 100 and 50 tokens: 75 + 38 in, 25 + 12 out
+        assert isinstance(gpt, Cost) and gpt.sources == ("user",)
+        assert gpt.usd == _approx((75 + 38) * 2e-6 + (25 + 12) * 8e-6)
+        by_agent = {row.key: row.cost for row in store.usage_totals("agent", pricer=pricer)}
+        assert by_agent["idle"] == ZERO_COST and by_agent["beta"] == Cost(usd=None, unpriced=("unknown",))
+        by_day = store.usage_totals("day", pricer=pricer)
+        assert asyncio.run(store.ausage_totals("day", pricer=pricer)) == by_day
+        with _raises(TypeError, match="pricer"):
+            store.usage_totals("agent", pricer="prices.toml")  # type: ignore[arg-type]
 
     def test_usage_totals_count_sessions_without_loops(self, store: SessionStore) -> None:
         store.save(make_session("empty", "idle", loops=[]))

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from ..codec import decode_session, encode_session
 from ..errors import DecodeError, InvalidSessionId, SessionLocked, SessionNotFound, StoreError
@@ -37,17 +37,23 @@ from .base import (
     AsyncTwins,
     ScanSearch,
     SessionSummary,
+    UsageRow,
     UsageTotal,
     as_query,
+    check_pricer,
     merge_sessions,
     session_id_to_save,
     summarize,
+    usage_rows,
     validate_session_id,
 )
 from .query import GroupBy, Order, PruneCriteria, SessionQuery, check_type, parse_group_by
 
 if sys.platform != "win32":
     import fcntl
+
+if TYPE_CHECKING:
+    from ..cost import Pricer
 
 __all__ = [
     "JsonDirStore",
@@ -84,22 +90,12 @@ class _Entry:
 
     key: _FileKey
     summary: SessionSummary
-    by_model: tuple[tuple[str, int, Usage], ...]
-    """Per loop model (``provider/model`` or ``"unknown"``): loop count and usage."""
+    rows: tuple[UsageRow, ...]
+    """Its loops, keyed by model (``provider/model`` or ``"unknown"``)."""
 
 
 def _entry(key: _FileKey, session: Session) -> _Entry:
-    by_model: dict[str, tuple[int, Usage]] = {}
-    for record in session.loops:
-        config = record.config
-        name = f"{config.provider}/{config.model}" if config is not None else "unknown"
-        loops, usage = by_model.get(name, (0, ZERO_USAGE))
-        by_model[name] = (loops + 1, usage + record.billed_usage())
-    return _Entry(
-        key=key,
-        summary=summarize(session),
-        by_model=tuple((name, loops, usage) for name, (loops, usage) in by_model.items()),
-    )
+    return _Entry(key=key, summary=summarize(session), rows=tuple(usage_rows(session, "model")))
 
 
 # Kernel file times are coarse (a clock tick, often several ms), so saves in quick
@@ -424,28 +420,36 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         _sort(rows, query.order)
         return rows if query.limit is None else rows[: query.limit]
 
-    def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
-        """Usage per agent, model or UTC day, sorted by key (see `SessionStore.usage_totals`)."""
+    def usage_totals(self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None) -> list[UsageTotal]:
+        """Usage (and cost, with a pricer) per agent, model or UTC day, sorted by key (see
+        `SessionStore.usage_totals`), from the cached summaries."""
         group_by = parse_group_by(group_by)
+        check_pricer(pricer)
         groups: dict[str, tuple[int, int, Usage]] = {}
-
-        def add(key: str, loops: int, usage: Usage) -> None:
-            sessions, total_loops, total = groups.get(key, (0, 0, ZERO_USAGE))
-            groups[key] = (sessions + 1, total_loops + loops, total + usage)
-
+        rows: list[UsageRow] = []
         for _, entry in self._entries():
             summary = entry.summary
-            if group_by == "agent":
-                add(summary.agent_id, summary.loop_count, summary.usage)
-            elif group_by == "day":
-                add(str(summary.created_at).partition("T")[0], summary.loop_count, summary.usage)
+            if group_by == "model":
+                sums: dict[str, tuple[int, Usage]] = {}
+                for row in entry.rows:
+                    loops, usage = sums.get(row.key, (0, ZERO_USAGE))
+                    sums[row.key] = (loops + 1, usage + row.usage)
+                parts = [(key, loops, usage) for key, (loops, usage) in sums.items()]
             else:
-                for name, loops, usage in entry.by_model:
-                    add(name, loops, usage)
-        return [
+                key = summary.agent_id if group_by == "agent" else str(summary.created_at).partition("T")[0]
+                parts = [(key, summary.loop_count, summary.usage)]
+            if pricer is not None:
+                rows.extend(
+                    row if group_by == "model" else row._replace(key=parts[0][0]) for row in entry.rows
+                )
+            for key, loops, usage in parts:
+                sessions, total_loops, total = groups.get(key, (0, 0, ZERO_USAGE))
+                groups[key] = (sessions + 1, total_loops + loops, total + usage)
+        totals = [
             UsageTotal(key=key, sessions=sessions, loops=loops, usage=usage)
             for key, (sessions, loops, usage) in sorted(groups.items())
         ]
+        return totals if pricer is None else pricer.price_totals(totals, rows)
 
     def prune(self, criteria: PruneCriteria) -> int:
         """Delete whole session files (see `PruneCriteria`); returns how many.

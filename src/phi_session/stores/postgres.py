@@ -55,7 +55,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -71,8 +71,10 @@ from .base import (
     AsyncTwins,
     ScanSearch,
     SessionSummary,
+    UsageRow,
     UsageTotal,
     as_query,
+    check_pricer,
     merge_sessions,
     session_id_to_save,
     summarize,
@@ -90,6 +92,9 @@ try:
     from psycopg.pq import TransactionStatus
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     _MISSING_PSYCOPG = exc
+
+if TYPE_CHECKING:
+    from ..cost import Pricer
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
@@ -209,6 +214,12 @@ _GROUP_KEY = {
     "day": "created_day",
 }
 
+# The same keys for a loop row ``l`` joined with its session row ``s``.
+_ROW_KEY = {
+    "agent": "s.agent_id",
+    "model": "COALESCE(l.provider || '/' || l.model, 'unknown')",
+    "day": "s.created_day",
+}
 
 Row = tuple[Any, ...]
 
@@ -809,11 +820,13 @@ class PostgresStore(ScanSearch, AsyncTwins):
             cur.execute(sql.Composed([prefix, statement]), params)
             return "\n".join(line for (line,) in cur.fetchall())
 
-    def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
+    def usage_totals(self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None) -> list[UsageTotal]:
         """Usage summed per agent, per ``provider/model`` of the loops (``"unknown"``
         without a config; a session counts once in each of its models) or per UTC day
-        of ``created_at`` (``YYYY-MM-DD``), sorted by key."""
+        of ``created_at`` (``YYYY-MM-DD``), sorted by key; with a `pricer`, the loops'
+        rows are read too and priced (see `SessionStore.usage_totals`)."""
         group_by = parse_group_by(group_by)
+        check_pricer(pricer)
         sums = ", ".join(f"sum({column})" for column in USAGE_COLUMNS)
         if group_by == "model":
             counts, table = "count(DISTINCT session_id), count(*)", "loops"
@@ -826,11 +839,24 @@ class PostgresStore(ScanSearch, AsyncTwins):
                     " GROUP BY 1 ORDER BY 1"  # keys are "C"-collated columns: code point order
                 )
             )
-            rows = cur.fetchall()
-        return [
-            UsageTotal(key=key, sessions=sessions, loops=int(loops), usage=_usage(tokens))
-            for key, sessions, loops, *tokens in rows
-        ]
+            totals = [
+                UsageTotal(key=key, sessions=sessions, loops=int(loops), usage=_usage(tokens))
+                for key, sessions, loops, *tokens in cur.fetchall()
+            ]
+            if pricer is None:
+                return totals
+            tokens = ", ".join(f"l.{column}" for column in USAGE_COLUMNS)
+            cur.execute(
+                self._sql(
+                    f"SELECT {_ROW_KEY[group_by]}, l.provider, l.model, l.started_at_ns, {tokens}"
+                    " FROM {s}.loops l JOIN {s}.sessions s USING (session_id)"
+                )
+            )
+            rows = [
+                UsageRow(key, provider, model, Timestamp.from_ns(started), _usage(usage))
+                for key, provider, model, started, *usage in cur.fetchall()
+            ]
+        return pricer.price_totals(totals, rows)
 
     def prune(self, criteria: PruneCriteria) -> int:
         """Delete the whole sessions `criteria` selects; returns how many. Then ``VACUUM`` the tables.

@@ -44,7 +44,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import msgspec
 from msgspec.structs import replace
@@ -60,16 +60,22 @@ from .base import (
     USAGE_FIELDS,
     AsyncTwins,
     SessionSummary,
+    UsageRow,
     UsageTotal,
     as_query,
+    check_pricer,
     collect_hits,
     merge_sessions,
     session_id_to_save,
     summarize,
+    usage_rows,
     validate_session_id,
 )
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
 from .search import DEFAULT_LIMIT, SearchHit, loop_text, search_words
+
+if TYPE_CHECKING:
+    from ..cost import Pricer
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -394,7 +400,7 @@ def _summary_from_row(row: Sequence[Any]) -> SessionSummary:
         loop_count=loops,
         loops_by_status={status: n for status, n in zip(LOOP_STATUSES, row[_STATUS_SLICE], strict=True) if n},
         turn_count=turns,
-        usage=Usage(**dict(zip(USAGE_FIELDS, row[_TOKEN_SLICE], strict=True))),
+        usage=_usage_of(row[_TOKEN_SLICE]),
         models=tuple(msgspec.json.decode(row[_TOKEN_SLICE.stop])),
     )
 
@@ -492,6 +498,23 @@ _TOTALS_SQL: dict[str, str] = {
     "model": f"SELECT COALESCE(provider || '/' || model, 'unknown') AS key, COUNT(DISTINCT session_id), "
     f"COUNT(*), {_TOKEN_SUMS_SQL} FROM loops GROUP BY key ORDER BY key",
 }
+
+
+# Each loop's `UsageRow` under its `_TOTALS_SQL` key.
+_LOOP_TOKENS_SQL = ", ".join(f"l.{column}" for column in USAGE_COLUMNS)
+_ROWS_FROM_SQL = (
+    f"l.provider, l.model, l.started_at_ns, {_LOOP_TOKENS_SQL} "
+    "FROM loops l JOIN sessions s USING (session_id)"
+)
+_ROWS_SQL: dict[str, str] = {
+    "agent": f"SELECT s.agent_id, {_ROWS_FROM_SQL}",
+    "day": f"SELECT substr(s.created_at, 1, instr(s.created_at, 'T') - 1), {_ROWS_FROM_SQL}",
+    "model": f"SELECT COALESCE(l.provider || '/' || l.model, 'unknown'), {_ROWS_FROM_SQL}",
+}
+
+
+def _usage_of(tokens: Sequence[int]) -> Usage:
+    return Usage(**dict(zip(USAGE_FIELDS, tokens, strict=True)))
 
 
 def _usage_by_key(session: Session, group_by: GroupBy) -> dict[str, tuple[int, Usage]]:
@@ -923,32 +946,47 @@ class SqliteStore(AsyncTwins):
             rows = conn.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
         return "\n".join(str(row[-1]) for row in rows)
 
-    def usage_totals(self, group_by: GroupBy = "agent") -> list[UsageTotal]:
+    def usage_totals(self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None) -> list[UsageTotal]:
         """Usage per agent, per ``provider/model`` (``"unknown"``: loops without a config)
         or per UTC day of the sessions' creation (``YYYY-MM-DD``), sorted by key; see
-        `SessionStore.usage_totals`. One SQL aggregate over the summary columns."""
+        `SessionStore.usage_totals`. One SQL aggregate over the summary columns; with a
+        `pricer`, the loops' rows are read too (one snapshot) and priced."""
         group_by = parse_group_by(group_by)
+        check_pricer(pricer)
+        rows: list[UsageRow] = []
         with self._transaction("usage totals") as conn:
             if conn.execute("SELECT 1 FROM sessions WHERE NOT exact LIMIT 1").fetchone() is not None:
-                return self._usage_totals_from_records(conn, group_by)
-            rows = conn.execute(_TOTALS_SQL[group_by]).fetchall()
-        return [
-            UsageTotal(
-                key=key,
-                sessions=sessions,
-                loops=loops,
-                usage=Usage(**dict(zip(USAGE_FIELDS, tokens, strict=True))),
-            )
-            for key, sessions, loops, *tokens in rows
-        ]
+                totals = self._usage_totals_from_records(conn, group_by, rows if pricer is not None else None)
+            else:
+                totals = [
+                    UsageTotal(
+                        key=key,
+                        sessions=sessions,
+                        loops=loops,
+                        usage=_usage_of(tokens),
+                    )
+                    for key, sessions, loops, *tokens in conn.execute(_TOTALS_SQL[group_by]).fetchall()
+                ]
+                if pricer is not None:
+                    rows = [
+                        UsageRow(key, provider, model, Timestamp.from_ns(started), _usage_of(tokens))
+                        for key, provider, model, started, *tokens in conn.execute(_ROWS_SQL[group_by])
+                    ]
+        return totals if pricer is None else pricer.price_totals(totals, rows)
 
-    def _usage_totals_from_records(self, conn: sqlite3.Connection, group_by: GroupBy) -> list[UsageTotal]:
-        """`usage_totals` computed from the records, for when some numbers overflow the columns."""
+    def _usage_totals_from_records(
+        self, conn: sqlite3.Connection, group_by: GroupBy, rows: list[UsageRow] | None
+    ) -> list[UsageTotal]:
+        """`usage_totals` computed from the records, for when some numbers overflow the
+        columns; the loops' `UsageRow` are added to `rows` unless it is None."""
         totals: dict[str, tuple[int, int, Usage]] = {}
         for (session_id,) in conn.execute("SELECT session_id FROM sessions").fetchall():
-            for key, (loops, usage) in _usage_by_key(self._read_session(conn, session_id), group_by).items():
+            session = self._read_session(conn, session_id)
+            for key, (loops, usage) in _usage_by_key(session, group_by).items():
                 sessions, total_loops, total = totals.get(key, (0, 0, ZERO_USAGE))
                 totals[key] = (sessions + 1, total_loops + loops, total + usage)
+            if rows is not None:
+                rows.extend(usage_rows(session, group_by))
         return [
             UsageTotal(key=key, sessions=sessions, loops=loops, usage=usage)
             for key, (sessions, loops, usage) in sorted(totals.items())

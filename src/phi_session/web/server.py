@@ -13,9 +13,10 @@ Standard library only (`http.server.ThreadingHTTPServer`). Routes, all ``GET``
   ``{"table", "hint", "session_id", "cost", "loops": [{"loop_id", "cost", "turns":
   [{"turn_index", "cost"}]}]}``;
 * ``/api/stats?by=agent|model|day`` usage totals;
-* ``/api/cost?by=agent|model|day|session`` cost totals (the keys of ``/api/stats``, or
-  session ids): ``{"table", "hint", "totals": [{"key", "cost"}]}``; it reads every
-  stored session, so fetch it once per page;
+* ``/api/cost?by=agent|model|day|session`` cost totals: ``{"table", "hint", "totals"}``;
+  by agent, model or day, the rows of ``/api/stats`` with their ``cost`` (the store's
+  priced ``usage_totals``, every loop priced); by session ``[{"key", "cost"}]``, which
+  reads every stored session;
 * ``/api/diff?a=REF&b=REF`` two runs compared (`phi_session.diff`): a REF is
   ``SESSION:LOOP`` (LOOP a loop id or ``#N``; the text splits at its first colon,
   so a session id holding one names its loop apart with ``loop_a``/``loop_b``) for a
@@ -362,10 +363,14 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _cost_api(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         self._only(query, {"by"})
         by = query.get("by") or "agent"
-        store = self.server.store
-        sessions = (store.load(session_id) for session_id in store.list_ids())
-        totals = self._parse(lambda: cost_totals(sessions, by, self.server.pricer))
-        body = {**self._price_table(), "totals": msgspec.to_builtins(totals)}
+        store, pricer = self.server.store, self.server.pricer
+        totals: Any
+        if by == "session":  # priced session by session
+            sessions = (store.load(session_id) for session_id in store.list_ids())
+            totals = msgspec.to_builtins(cost_totals(sessions, by, pricer))
+        else:  # the store's totals, priced: usage and cost per group
+            totals = to_builtins(store.usage_totals(self._parse(lambda: parse_group_by(by)), pricer=pricer))
+        body = {**self._price_table(), "totals": totals}
         return HTTPStatus.OK, _json_bytes(body), _JSON
 
     def _search_api(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:

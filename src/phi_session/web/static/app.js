@@ -924,8 +924,10 @@
     const row = h("tr", { class: incidental ? "incidental" : null, "data-field": change.field },
       h("td", { class: "mono diff-path" }, change.path, change.kind !== "changed" ? h("span", { class: "muted" }, " (" + change.kind + ")") : null),
       h("td", null, value("a")), h("td", null, value("b")));
+    // A line diff adds to the two sides only when a text has several lines.
     const lines = change.text_diff || [];
-    if (!lines.length) return [row];
+    const multiline = [change.a, change.b].some((v) => typeof v === "string" && v.includes("\n"));
+    if (!lines.length || !multiline) return [row];
     const kind = (line) => line.startsWith("@@") ? "hunk" : line[0] === "-" ? "del" : line[0] === "+" ? "add" : "ctx";
     return [row, h("tr", { class: "diff-lines" }, h("td", null),
       h("td", { colspan: 2 }, h("pre", { class: "unified" }, lines.map((line) => h("span", { class: kind(line) }, line + "\n")))))];
@@ -1012,35 +1014,29 @@
   const CHART_PARTS = [["input", "input"], ["output", "output"], ["reasoning", "reasoning"],
     ["cache_read", "cache read"], ["cache_write", "cache write"]];
 
-  // Stacked bars of token kinds per group: columns over time for days, rows for models and agents.
-  function usageChart(rows, by) {
-    const id = "chart-" + by;
+  // Bars per group, as inline SVG: columns over time for days, rows for models and agents.
+  // `measure` says what a bar shows: `total(row)` (null: unknown, drawn as "?" and no
+  // bar, never as 0), `parts(row)` its stacked parts ({key, from, value}, CSS class
+  // "part-" + key), `text(value)` its figure and `tip(row)` the hover text.
+  function barChart(rows, id, label, measure) {
     if (!rows.length) return h("p", { class: "muted", id }, "No usage.");
-    const max = Math.max(1, ...rows.map((row) => row.usage.total_tokens));
-    const stackOf = (row) => {
-      let sum = 0;
-      const parts = CHART_PARTS.map(([key, label]) => {
-        const value = Number(row.usage[key] || 0);
-        const part = { key, label, from: sum, value };
-        sum += value;
-        return part;
-      }).filter((part) => part.value > 0);
-      const scale = row.usage.total_tokens / Math.max(sum, 1); // the parts may not add up to the total
-      return parts.map((part) => Object.assign(part, { from: part.from * scale, value: part.value * scale }));
-    };
-    const tip = (row) => row.key + "\n" + usageText(row.usage) + "\n" + plural(row.sessions, "session") + ", " + plural(row.loops, "loop");
-    if (by === "day") {
+    const top = Math.max(0, ...rows.map((row) => measure.total(row) || 0));
+    const max = top || 1; // nothing known or all zero: no bar has a length
+    const note = (row) => measure.total(row) === null ? "unknown" : measure.text(measure.total(row));
+    if (id.endsWith("-day")) {
       const height = 180, width = Math.max(320, Math.min(1000, rows.length * 28)), step = width / rows.length;
-      const chart = svg("svg", { class: "chart", id, width: width + 70, height: height + 50, role: "img",
-        "aria-label": "tokens by day" });
-      append(chart, svg("text", { x: 66, y: 12, class: "tick-label", "text-anchor": "end" }, tokens(max)),
+      const chart = svg("svg", { class: "chart", id, width: width + 70, height: height + 50, role: "img", "aria-label": label });
+      append(chart, top ? svg("text", { x: 66, y: 12, class: "tick-label", "text-anchor": "end" }, measure.text(top)) : null,
         svg("line", { x1: 70, x2: 70 + width, y1: height + 16, y2: height + 16, class: "tick" }));
       rows.forEach((row, i) => {
         const x = 70 + i * step + step * 0.15, w = Math.max(2, step * 0.7);
-        const group = svg("g", { class: "chart-bar" }, svg("title", null, tip(row)));
-        for (const part of stackOf(row)) {
+        const group = svg("g", { class: "chart-bar" }, svg("title", null, measure.tip(row)));
+        for (const part of measure.parts(row)) {
           const y1 = height + 16 - (part.from + part.value) / max * height;
           append(group, svg("rect", { x, y: y1, width: w, height: Math.max(0.5, part.value / max * height), class: "part-" + part.key }));
+        }
+        if (measure.total(row) === null) {
+          append(group, svg("text", { x: x + w / 2, y: height + 12, class: "bar-note unknown", "text-anchor": "middle" }, "?"));
         }
         if (rows.length <= 16 || i % Math.ceil(rows.length / 16) === 0) {
           append(group, svg("text", { x: x + w / 2, y: height + 32, class: "tick-label", "text-anchor": "middle" }, row.key.slice(5)));
@@ -1049,23 +1045,61 @@
       });
       return chart;
     }
-    const width = 560, label = 260, row = 22;
-    const chart = svg("svg", { class: "chart", id, width: label + width + 110, height: rows.length * row + 8, role: "img",
-      "aria-label": "tokens by " + by });
+    const width = 560, labelWidth = 260, row = 22;
+    const chart = svg("svg", { class: "chart", id, width: labelWidth + width + 110, height: rows.length * row + 8, role: "img",
+      "aria-label": label });
     rows.forEach((item, i) => {
       const y = 4 + i * row;
       const text = item.key.length > 36 ? item.key.slice(0, 35) + "…" : item.key;
-      const group = svg("g", { class: "chart-bar" }, svg("title", null, tip(item)),
-        svg("text", { x: label - 6, y: y + 14, class: "bar-label", "text-anchor": "end" }, text));
-      for (const part of stackOf(item)) {
-        append(group, svg("rect", { x: label + part.from / max * width, y: y + 2, width: Math.max(0.5, part.value / max * width),
+      const group = svg("g", { class: "chart-bar" }, svg("title", null, measure.tip(item)),
+        svg("text", { x: labelWidth - 6, y: y + 14, class: "bar-label", "text-anchor": "end" }, text));
+      for (const part of measure.parts(item)) {
+        append(group, svg("rect", { x: labelWidth + part.from / max * width, y: y + 2, width: Math.max(0.5, part.value / max * width),
           height: row - 6, class: "part-" + part.key }));
       }
-      append(group, svg("text", { x: label + item.usage.total_tokens / max * width + 6, y: y + 14, class: "bar-note" },
-        tokens(item.usage.total_tokens)));
+      const known = measure.total(item) !== null;
+      append(group, svg("text", { x: labelWidth + (known ? measure.total(item) / max * width : 0) + 6, y: y + 14,
+        class: "bar-note" + (known ? "" : " unknown") }, note(item)));
       chart.appendChild(group);
     });
     return chart;
+  }
+
+  const groupTip = (row) => plural(row.sessions, "session") + ", " + plural(row.loops, "loop");
+
+  // Stacked token kinds per group (the parts may not add up to total_tokens: scaled to it).
+  const TOKENS = {
+    total: (row) => Number(row.usage.total_tokens),
+    parts: (row) => {
+      let sum = 0;
+      const parts = CHART_PARTS.map(([key, label]) => {
+        const value = Number(row.usage[key] || 0);
+        const part = { key, label, from: sum, value };
+        sum += value;
+        return part;
+      }).filter((part) => part.value > 0);
+      const scale = row.usage.total_tokens / Math.max(sum, 1);
+      return parts.map((part) => Object.assign(part, { from: part.from * scale, value: part.value * scale }));
+    },
+    text: tokens,
+    tip: (row) => row.key + "\n" + usageText(row.usage) + "\n" + groupTip(row),
+  };
+
+  // Cost in USD per group; unknown (a model without a price) is shown as such, never as $0.
+  const COST = {
+    total: (row) => row.cost && row.cost.usd !== null && row.cost.usd !== undefined ? Number(row.cost.usd) : null,
+    parts: (row) => COST.total(row) ? [{ key: "cost", from: 0, value: COST.total(row) }] : [],
+    text: (usd) => costText({ usd }),
+    tip: (row) => row.key + "\n" + costText(row.cost) + ((row.cost.sources || []).length ? " · prices: " + row.cost.sources.join(", ") : "") +
+      "\n" + tokens(row.usage.total_tokens) + " tokens\n" + groupTip(row),
+  };
+
+  function usageChart(rows, by) {
+    return barChart(rows, "chart-" + by, "tokens by " + by, TOKENS);
+  }
+
+  function costChart(rows, by) {
+    return barChart(rows, "cost-chart-" + by, "cost in USD by " + by, COST);
   }
 
   function chartLegend() {
@@ -1078,15 +1112,29 @@
       ["agent", "model", "day"].map((value) => h("option", { value }, "by " + value)));
     select.value = by;
     select.addEventListener("change", () => { location.hash = "#/stats?by=" + encodeURIComponent(select.value); });
-    const [days, models, agents] = await Promise.all(["day", "model", "agent"].map((key) => api("api/stats?by=" + key)));
+    const groupings = ["day", "model", "agent"];
+    const [days, models, agents] = await Promise.all(groupings.map((key) => api("api/stats?by=" + key)));
+    // Tokens draw at once; cost, priced loop by loop on the server, fills in when it comes.
+    const costHolders = Object.fromEntries(groupings.map((key) => [key, h("div", { class: "cost-chart" },
+      h("p", { class: "muted" }, "Pricing…"))]));
+    const panel = (title, ...content) => h("section", { class: "panel chart-panel" }, h("h2", null, title), content);
     append(page, h("h1", null, "Usage"),
       h("div", { class: "charts" },
-        h("section", { class: "panel chart-panel" }, h("h2", null, "Tokens by day"), chartLegend(), usageChart(days, "day")),
-        h("section", { class: "panel chart-panel" }, h("h2", null, "Tokens by model"), usageChart(models, "model")),
-        h("section", { class: "panel chart-panel" }, h("h2", null, "Tokens by agent"), usageChart(agents, "agent"))),
+        panel("Tokens by day", chartLegend(), usageChart(days, "day")),
+        panel("Cost by day (USD)", costHolders.day),
+        panel("Tokens by model", usageChart(models, "model")),
+        panel("Cost by model (USD)", costHolders.model),
+        panel("Tokens by agent", usageChart(agents, "agent")),
+        panel("Cost by agent (USD)", costHolders.agent)),
       h("h2", null, "Totals"), h("div", { class: "toolbar" }, select));
+    const priced = Promise.all(groupings.map((key) => optional("api/cost?by=" + key)));
+    priced.then((bodies) => groupings.forEach((key, i) => {
+      clear(costHolders[key]);
+      const body = bodies[i];
+      append(costHolders[key], body ? costChart(body.totals, key) : h("p", { class: "muted" }, "Cost unavailable."));
+    }));
     const rows = { day: days, model: models, agent: agents }[by] || await api("api/stats?by=" + encodeURIComponent(by));
-    const costs = await optional("api/cost?by=" + encodeURIComponent(by));
+    const costs = groupings.includes(by) ? (await priced)[groupings.indexOf(by)] : await optional("api/cost?by=" + encodeURIComponent(by));
     const costOf = new Map(((costs || {}).totals || []).map((total) => [total.key, total.cost]));
     const columns = ["input", "output", "reasoning", "cache_read", "cache_write", "total_tokens"];
     append(page, h("div", { class: "table-wrap" }, h("table", { class: "data", id: "stats" },
