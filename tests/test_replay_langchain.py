@@ -78,7 +78,7 @@ def run_agent(
     store: SqliteStore,
     system: str = SYSTEM,
     *,
-    asynchronous: bool = False,
+    mode: str = "invoke",
     capture_requests: bool = True,
 ) -> Any:
     """One run of the agent, recorded into `store` (the adapter's default sink)."""
@@ -87,7 +87,13 @@ def run_agent(
     config: Any = {"callbacks": [phi], "configurable": {"thread_id": THREAD}}
     inputs = {"messages": [("user", QUESTION)]}
     try:
-        return asyncio.run(agent.ainvoke(inputs, config)) if asynchronous else agent.invoke(inputs, config)
+        if mode == "ainvoke":
+            return asyncio.run(agent.ainvoke(inputs, config))
+        if mode == "stream":  # token by token: the replay model answers in one chunk
+            parts = list(agent.stream(inputs, config, stream_mode=["messages", "values"]))
+            assert any(kind == "messages" for kind, _ in parts)
+            return next(state for kind, state in reversed(parts) if kind == "values")
+        return agent.invoke(inputs, config)
     finally:
         phi.close()
 
@@ -172,13 +178,13 @@ def test_the_recorded_run_has_four_turns_two_tools_and_each_request(original: Se
     assert [len(t.request_payload.messages) for t in loop.turns] == [1, 3, 5, 8]  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke", "stream"])
 def test_a_replay_without_model_or_tools_records_the_same_run_as_a_rerun(
-    original: Session, store: SqliteStore, asynchronous: bool
+    original: Session, store: SqliteStore, mode: str
 ) -> None:
     model = ReplayChatModel(original)
     with model.recording():
-        out = run_agent(model, model.wrap_tools([add, mul]), store, asynchronous=asynchronous)
+        out = run_agent(model, model.wrap_tools([add, mul]), store, mode=mode)
     assert out["messages"][-1].content == "The answer is 42."
     assert RUNS == []  # the tools were answered from the recording
     assert model.cursor.finished and model.divergence is None

@@ -26,7 +26,7 @@ from phi_session.errors import TurnNotFound
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ThinkingContent, ToolCall
 from phi_session.model import LoopRecord, Session
-from phi_session.replay import ReplayDiverged, ReplayScript, fork_lineage, recording_as, replay_lineage
+from phi_session.replay import ReplayDiverged, ReplayScript, recording_as, replay_lineage
 
 SYSTEM = "You are a calculator."
 SESSION = "replayed"
@@ -188,7 +188,7 @@ def test_a_replay_with_recorded_tools_equals_the_original(
     script = ReplayScript.from_session(session, loop.loop_id)
     model = ReplayModel(script)
     tools = Tools()
-    with recording_as(replay_lineage(script)):
+    with model.recording():
         result = run(model.agent(make_agent(tools)))
     assert result.final_output == "done: 3 and 7"
     assert tools.calls == 0 and model.cursor.finished and model.cursor.divergence is None
@@ -296,7 +296,7 @@ def test_on_divergence_fallback_hands_the_run_to_the_fallback_model(
     model = ReplayModel(session, loop.loop_id, on_divergence="fallback", fallback=fallback)
     result = run(model.agent(make_agent(Tools(), system="You are a poet.")))
     assert result.final_output == "from the fallback"
-    assert model.cursor.divergence is not None and model.cursor.divergence.what == "system_prompt"
+    assert model.divergence is not None and model.divergence.what == "system_prompt"
 
 
 def test_a_fallback_is_required_to_hand_over(original: tuple[Session, LoopRecord]) -> None:
@@ -318,7 +318,7 @@ def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
     script = ReplayScript.from_session(session, loop.loop_id)
     model = ReplayModel(script, until_turn=2, fallback=other)
     tools = Tools()
-    with recording_as(fork_lineage(script, 2, change={"model": "other"})):
+    with model.recording(change={"model": "other"}):
         result = run(model.agent(make_agent(tools)))
     assert result.final_output == "forked: 3" and tools.calls == 0
     (asked,) = other.calls

@@ -27,7 +27,7 @@ from phi_session.diff import diff_loops
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, UserMessage
 from phi_session.model import LoopRecord, Session
-from phi_session.replay import ReplayDiverged, ReplayScript, fork_lineage, recording_as, replay_lineage
+from phi_session.replay import ReplayDiverged, ReplayScript, recording_as, replay_lineage
 
 SYSTEM = "You are a calculator."
 CALLS = {0: [("lookup", {"key": "a"}, "c1")], 1: [("add", {"a": 1, "b": 2}, "c2")]}
@@ -165,7 +165,7 @@ def test_a_replay_with_recorded_tools_equals_the_original(
     model = ReplayModel(script)
     tools = Tools()
     agent = make_agent(capability, tools, model=no_model)
-    with recording_as(replay_lineage(script)):
+    with model.recording():
         result = agent.run_sync("compute", model=model, capabilities=[model.capability])
     assert result.output == "done: 3 and 7"
     assert tools.calls == 0 and model.cursor.finished and model.cursor.divergence is None
@@ -306,7 +306,7 @@ def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
     script = ReplayScript.from_session(session, loop.loop_id)
     model = ReplayModel(script, until_turn=2, fallback=FunctionModel(other, model_name="other-model"))
     tools = Tools()
-    with recording_as(fork_lineage(script, 2, change={"model": "other-model"})):
+    with model.recording():  # the change defaults to the fallback's model name
         result = make_agent(capability, tools, model=no_model).run_sync(
             "compute", model=model, capabilities=[model.capability]
         )

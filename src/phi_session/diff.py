@@ -280,12 +280,17 @@ def find_loop(session: Session, loop: str) -> LoopRecord:
 
     Raises `LoopNotFound`.
     """
-    record = session.get_loop(loop)
-    if record is not None:
-        return record
+    return session.loops[_loop_index(session, loop)]
+
+
+def _loop_index(session: Session, loop: str) -> int:
+    """The index in ``session.loops`` of the loop `find_loop` finds."""
+    for index, record in enumerate(session.loops):
+        if record.loop_id == loop:  # the first with the id, as `Session.get_loop` reads it
+            return index
     match = _POSITION.fullmatch(loop)
     if match is not None and int(match.group(1)) <= len(session.loops):
-        return session.loops[int(match.group(1)) - 1]
+        return int(match.group(1)) - 1
     raise LoopNotFound(f"no loop {loop!r} in session {session.session_id!r}")
 
 
@@ -298,21 +303,17 @@ def diff_loops(session_a: Session, loop_a: str, session_b: Session, loop_b: str)
     The loops are named as `find_loop` reads them; both may be in one session (a
     fork and its parent). Raises `LoopNotFound`.
     """
-    record_a, record_b = find_loop(session_a, loop_a), find_loop(session_b, loop_b)
-    return _diff_records(_side(session_a, record_a), record_a, _side(session_b, record_b), record_b)
+    return _diff_pair(session_a, _loop_index(session_a, loop_a), session_b, _loop_index(session_b, loop_b))
 
 
 def diff_sessions(a: Session, b: Session) -> SessionDiff:
     """Session `a` against session `b`: their loops paired in tree order, each pair diffed."""
-    order_a = [a.loops[index] for index, _ in loop_order(a)]
-    order_b = [b.loops[index] for index, _ in loop_order(b)]
-    pairs = [
-        _diff_records(_side(a, record_a), record_a, _side(b, record_b), record_b)
-        for record_a, record_b in zip(order_a, order_b, strict=False)
-    ]
+    order_a = [index for index, _ in loop_order(a)]
+    order_b = [index for index, _ in loop_order(b)]
+    pairs = [_diff_pair(a, index_a, b, index_b) for index_a, index_b in zip(order_a, order_b, strict=False)]
     shared = len(pairs)
-    only_a = tuple(_side(a, record) for record in order_a[shared:])
-    only_b = tuple(_side(b, record) for record in order_b[shared:])
+    only_a = tuple(_side(a, index) for index in order_a[shared:])
+    only_b = tuple(_side(b, index) for index in order_b[shared:])
     first = next((pair.first_divergence for pair in pairs if pair.first_divergence is not None), None)
     if first is None and (only_a or only_b):
         side, label = (only_a[0], "A") if only_a else (only_b[0], "B")
@@ -335,8 +336,8 @@ def diff_sessions(a: Session, b: Session) -> SessionDiff:
     )
 
 
-def _side(session: Session, record: LoopRecord) -> LoopSide:
-    position = next(index for index, candidate in enumerate(session.loops) if candidate is record)
+def _side(session: Session, position: int) -> LoopSide:
+    record = session.loops[position]
     kind = record.kind
     config = record.config
     return LoopSide(
@@ -353,7 +354,9 @@ def _side(session: Session, record: LoopRecord) -> LoopSide:
     )
 
 
-def _diff_records(side_a: LoopSide, a: LoopRecord, side_b: LoopSide, b: LoopRecord) -> LoopDiff:
+def _diff_pair(session_a: Session, index_a: int, session_b: Session, index_b: int) -> LoopDiff:
+    a, b = session_a.loops[index_a], session_b.loops[index_b]
+    side_a, side_b = _side(session_a, index_a), _side(session_b, index_b)
     turns = [
         _diff_turn(index, a.get_turn(index), b.get_turn(index))
         for index in range(max(len(a.turns), len(b.turns)))

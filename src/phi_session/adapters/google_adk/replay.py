@@ -20,6 +20,12 @@ call (with ``capture_requests=True``), else the recorded result read as JSON (a
 string that is no JSON stays itself: a tool returning the string ``"5"`` is then
 answered with the number 5, which the next request shows as a divergence); a
 recorded error is answered ``{"error": text}``.
+
+Limits: a recording without captured requests diverges at the first turn after a
+tool call: ADK sends the model no ids for the calls it numbered itself, while the
+recorded loop has them. Turns answered by `fallback` are recorded under this model's
+name (the plugin takes it from the request). Multi-agent invocations (transfers,
+``AgentTool``) are not covered by the tests.
 """
 
 from __future__ import annotations

@@ -17,6 +17,12 @@ result (a recorded error as a ``ToolMessage`` with ``status="error"``) without
 running the tool, through LangChain's tool callbacks, so the adapter records it as
 a tool execution. Works for any graph that runs ``BaseTool``s (``create_agent``,
 LangGraph's ``ToolNode``).
+
+Limits: a recorded result is a ``ToolMessage``, so a tool that returned a LangGraph
+``Command`` (a handoff, a state update) must run live (leave it unwrapped); a tool
+running live after a hand-over runs without callbacks of its own (the wrapper's run
+is the recorded execution), so a graph it runs is not recorded as a sub-agent. Turns
+answered by `fallback` keep its model name (``response_metadata``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.tools import BaseTool
+from langchain_core.tools.base import ArgsSchema
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import PrivateAttr
 
@@ -235,17 +242,17 @@ class ReplayChatModel(BaseChatModel):
             kwargs["tool_choice"] = tool_choice
         return self.bind(tools=[convert_to_openai_tool(tool) for tool in tools], **kwargs)
 
-    def _convert(self, message: BaseMessage, timestamp: int) -> Message | None:
-        known = self._converted.get(id(message))
-        if known is not None and known[0] is message:
-            return known[1]
-        converted = _request_message(message, timestamp)
-        self._converted[id(message)] = (message, converted)  # holds the message: its id stays its own
-        return converted
-
     def _recorded(self, messages: list[BaseMessage], kwargs: Mapping[str, Any]) -> ChatResult | None:
+        memo = self._converted
+
+        def convert(message: BaseMessage, timestamp: int) -> Message | None:
+            known = memo.get(id(message))
+            if known is None or known[0] is not message:  # held, so its id stays its own
+                known = memo[id(message)] = (message, _request_message(message, timestamp))
+            return known[1]
+
         # The request as the adapter records it (`_request`), so an unchanged agent matches.
-        payload = _request(messages, {"tools": kwargs.get("tools")}, "", 0, self._convert)
+        payload = _request(messages, {"tools": kwargs.get("tools")}, "", 0, convert)
         reply = self.cursor.respond(RequestShape.from_payload(payload))
         return None if reply is None else ChatResult(generations=[ChatGeneration(message=_ai_message(reply))])
 
@@ -314,6 +321,11 @@ class _RecordedTool(BaseTool):
             tool=tool,
             cursor=cursor,
         )
+
+    @property
+    def tool_call_schema(self) -> ArgsSchema:
+        # The wrapped tool's, as it is (and memoized there): what the model is offered.
+        return self.tool.tool_call_schema
 
     def _to_args_and_kwargs(
         self, tool_input: str | dict[str, Any], tool_call_id: str | None

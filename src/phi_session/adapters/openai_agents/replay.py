@@ -3,7 +3,7 @@ from a recording.
 
     script = ReplayScript.from_session(session, loop_id)
     model = ReplayModel(script)                       # tools="recorded", on_divergence="stop"
-    with recording_as(replay_lineage(script)):        # a Rerun{replay} loop of the original
+    with model.recording():                           # a Rerun{replay} loop of the original
         await Runner.run(model.agent(agent), prompt, hooks=PhiRunHooks())
 
 `ReplayModel` turns each request into a `RequestShape` with the adapter's own request
@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 from agents import Agent, FunctionTool, Handoff, ModelResponse, ModelSettings, Tool
@@ -56,7 +57,8 @@ from openai.types.responses.response_usage import InputTokensDetails, OutputToke
 
 from ...messages import AssistantMessage, TextContent, ThinkingContent, ToolCall
 from ...model import Session
-from ...replay import OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
+from ...replay import Divergence, Lineage, OnDivergence, ReplayScript, RequestShape, ToolsMode
+from .._core import replay_cursor, replay_recording
 from . import request_payload
 
 __all__ = ["ReplayModel", "ReplayProvider"]
@@ -197,19 +199,34 @@ class ReplayModel(Model):
         until_turn: int | None = None,
         fallback: Model | None = None,
     ) -> None:
-        script = (
-            recording
-            if isinstance(recording, ReplayScript)
-            else ReplayScript.from_session(recording, loop_id, chain=chain)
+        self.cursor = replay_cursor(
+            recording,
+            loop_id,
+            chain=chain,
+            on_divergence=on_divergence,
+            tools=tools,
+            until_turn=until_turn,
+            fallback=fallback,
         )
-        if fallback is None and (until_turn is not None or on_divergence == "fallback"):
-            raise ValueError("until_turn and on_divergence='fallback' need a fallback model")
-        self.script = script
-        self.cursor = ReplayCursor(script, on_divergence=on_divergence, tools=tools, until_turn=until_turn)
+        self.script = self.cursor.script
         self.fallback = fallback
 
     def __repr__(self) -> str:
         return f"ReplayModel({self.script.loop_id!r}, fallback={self.fallback!r})"
+
+    @property
+    def divergence(self) -> Divergence | None:
+        """The first divergence, if any (``on_divergence="fallback"`` keeps it here)."""
+        return self.cursor.divergence
+
+    def recording(self, *, tag: str = "fork", change: Any = None) -> AbstractContextManager[Lineage]:
+        """Run the agent inside: the adapter records the run into the original session, as
+        a ``Rerun{replay}`` of the replayed loop, or for a fork (``until_turn``) a
+        ``Branch{tag}`` whose metadata names the fork point and `change` (default: the
+        fallback model's name)."""
+        if change is None and self.cursor.until_turn is not None and self.fallback is not None:
+            change = {"model": type(self.fallback).__name__}
+        return replay_recording(self.cursor, tag=tag, change=change)
 
     # -- tools ------------------------------------------------------------------------------
 

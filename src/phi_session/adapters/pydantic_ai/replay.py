@@ -2,7 +2,7 @@
 
     script = ReplayScript.from_session(session, loop_id)
     model = ReplayModel(script)                       # tools="recorded", on_divergence="stop"
-    with recording_as(replay_lineage(script)):        # a Rerun{replay} loop of the original
+    with model.recording():                           # a Rerun{replay} loop of the original
         agent.run_sync(prompt, model=model, capabilities=[model.capability])
 
 `ReplayModel` turns each request into a `RequestShape` with the adapter's own request
@@ -25,7 +25,7 @@ run as they are.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -41,7 +41,8 @@ from pydantic_ai.usage import RequestUsage
 
 from ...messages import AssistantMessage, StopReason, TextContent, ThinkingContent, ToolCall, Usage
 from ...model import Session
-from ...replay import OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
+from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
+from .._core import replay_cursor, replay_recording
 from . import _STOP_REASONS, request_payload
 
 __all__ = ["ReplayModel", "ReplayTools"]
@@ -153,15 +154,16 @@ class ReplayModel(Model):
         fallback: Model | None = None,
     ) -> None:
         super().__init__()
-        script = (
-            recording
-            if isinstance(recording, ReplayScript)
-            else ReplayScript.from_session(recording, loop_id, chain=chain)
+        self.cursor = replay_cursor(
+            recording,
+            loop_id,
+            chain=chain,
+            on_divergence=on_divergence,
+            tools=tools,
+            until_turn=until_turn,
+            fallback=fallback,
         )
-        if fallback is None and (until_turn is not None or on_divergence == "fallback"):
-            raise ValueError("until_turn and on_divergence='fallback' need a fallback model")
-        self.script = script
-        self.cursor = ReplayCursor(script, on_divergence=on_divergence, tools=tools, until_turn=until_turn)
+        self.script = script = self.cursor.script
         self.fallback = fallback
         self.capability = ReplayTools(self.cursor)
         """Answers the tool calls of replayed turns (add it to the run's capabilities)."""
@@ -172,6 +174,20 @@ class ReplayModel(Model):
 
     def __repr__(self) -> str:
         return f"ReplayModel({self.script.loop_id!r}, fallback={self.fallback!r})"
+
+    @property
+    def divergence(self) -> Divergence | None:
+        """The first divergence, if any (``on_divergence="fallback"`` keeps it here)."""
+        return self.cursor.divergence
+
+    def recording(self, *, tag: str = "fork", change: Any = None) -> AbstractContextManager[Lineage]:
+        """Run the agent inside: the adapter records the run into the original session, as
+        a ``Rerun{replay}`` of the replayed loop, or for a fork (``until_turn``) a
+        ``Branch{tag}`` whose metadata names the fork point and `change` (default: the
+        fallback model's name)."""
+        if change is None and self.cursor.until_turn is not None and self.fallback is not None:
+            change = {"model": self.fallback.model_name}
+        return replay_recording(self.cursor, tag=tag, change=change)
 
     @property
     def model_name(self) -> str:

@@ -933,8 +933,10 @@
     const row = h("tr", { class: incidental ? "incidental" : null, "data-field": change.field },
       h("td", { class: "mono diff-path" }, change.path, change.kind !== "changed" ? h("span", { class: "muted" }, " (" + change.kind + ")") : null),
       h("td", null, value("a")), h("td", null, value("b")));
+    // A line diff adds to the two sides only when a text has several lines.
     const lines = change.text_diff || [];
-    if (!lines.length) return [row];
+    const multiline = [change.a, change.b].some((v) => typeof v === "string" && v.includes("\n"));
+    if (!lines.length || !multiline) return [row];
     const kind = (line) => line.startsWith("@@") ? "hunk" : line[0] === "-" ? "del" : line[0] === "+" ? "add" : "ctx";
     return [row, h("tr", { class: "diff-lines" }, h("td", null),
       h("td", { colspan: 2 }, h("pre", { class: "unified" }, lines.map((line) => h("span", { class: kind(line) }, line + "\n")))))];
