@@ -316,6 +316,8 @@ def test_the_v2_migration_indexes_the_stored_loops(
     # Back to version 1: the stored loops, no search column (its indexes go with it), no outlines.
     loops, meta = _table(store.schema, "loops"), _table(store.schema, "meta")
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN words, DROP COLUMN outline").format(loops))
+    sessions = _table(store.schema, "sessions")
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt").format(sessions))
     admin.execute(sql.SQL("UPDATE {} SET value = '1' WHERE key = 'schema_version'").format(meta))
     admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(loops))
     with PostgresStore(DSN, schema=store.schema) as migrated:
@@ -331,6 +333,8 @@ def test_the_v2_migration_indexes_the_stored_loops(
         assert migrated.load_outline("old") == session_outline(migrated.load("old"))
         with pytest.raises(StoreError, match="'bad' is corrupt"):
             migrated.load_outline("bad")
+        prompts = {row.session_id: row.first_prompt for row in migrated.query()}
+        assert prompts == {"old": "Please brew coffee", "bad": None}  # v4, from the outlines
     indexes = admin.execute(
         "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND indexname LIKE 'loops_%%'",
         (store.schema,),

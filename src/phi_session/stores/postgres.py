@@ -117,7 +117,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -182,6 +182,29 @@ def _backfill_loops(
                 except DecodeError:
                     continue
             cur.executemany(update, values)
+
+
+def _store_first_prompts(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed]) -> None:
+    """Migration 4: ``sessions.first_prompt`` from the loops' outlines (a loop without one,
+    not decodable, is passed over)."""
+    prompts: dict[str, str] = {}
+    with cur.connection.cursor(name="phi_session_first_prompts") as reader:
+        reader.execute(
+            compose(
+                "SELECT session_id, outline FROM {s}.loops WHERE outline IS NOT NULL"
+                " ORDER BY session_id, position"
+            )
+        )
+        while rows := reader.fetchmany(500):
+            for session_id, outline in rows:
+                if session_id not in prompts:
+                    prompt = decode_loop_outline(outline).prompt
+                    if prompt is not None:
+                        prompts[session_id] = prompt
+    cur.executemany(
+        compose("UPDATE {s}.sessions SET first_prompt = %s WHERE session_id = %s"),
+        [(prompt, session_id) for session_id, prompt in prompts.items()],
+    )
 
 
 # Forward migrations: _MIGRATIONS[n] takes the schema from version n to n + 1.
@@ -256,6 +279,11 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         "ALTER TABLE {s}.loops ADD COLUMN outline BYTEA",
         partial(_backfill_loops, "outline", "%s", encode_loop_outline),
     ),
+    (
+        # What a listing shows of a session: its first user prompt (`SessionSummary.first_prompt`).
+        "ALTER TABLE {s}.sessions ADD COLUMN first_prompt TEXT",
+        _store_first_prompts,
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -273,6 +301,7 @@ _SESSION_COLUMNS = (
     *USAGE_COLUMNS,
     "models",
     "model_keys",
+    "first_prompt",
     "header",
 )
 _LOOP_COLUMNS = (
@@ -367,6 +396,7 @@ def _session_values(session: Session) -> tuple[Any, ...]:
         *_usage_values(summary.usage),
         list(summary.models),
         list(model_keys),
+        summary.first_prompt,
         _header(session),
     )
 
@@ -488,6 +518,7 @@ _SUMMARY_COLUMNS = (
     *STATUS_COLUMNS.values(),
     *USAGE_COLUMNS,
     "models",
+    "first_prompt",
     "header",
 )
 
@@ -497,7 +528,7 @@ def _summary(row: Row) -> SessionSummary:
     session_id, agent_id, formation, parent, rejected, loop_count, turn_count = row[:7]
     counts = row[7 : 7 + len(LOOP_STATUSES)]
     usage = row[7 + len(LOOP_STATUSES) : 7 + len(LOOP_STATUSES) + len(USAGE_COLUMNS)]
-    models, header = row[-2:]
+    models, prompt, header = row[-3:]
     try:
         times = _times_decoder.decode(header)
         created_at = Timestamp.parse(times.created_at)
@@ -517,6 +548,7 @@ def _summary(row: Row) -> SessionSummary:
         turn_count=turn_count,
         usage=_usage(usage),
         models=tuple(models),
+        first_prompt=prompt,
     )
 
 
