@@ -1100,16 +1100,16 @@ class PostgresStore(AsyncTwins):
         statement, params = self._search_sql(words, selection)
         read = self._sql(_sessions_sql("s.session_id = ANY(%s)", _MATCHING_LOOP))
         hits: list[SearchHit] = []
-        # The candidates come through a server-side cursor, so that PostgreSQL plans for
-        # the first rows and a search whose first sessions suffice reads only those.
-        with (
-            self._cursor("searching sessions", transaction=True) as cur,
-            cur.connection.cursor(name="phi_session_search") as candidates,
-        ):
-            candidates.execute(statement, params)
-            size = 4
-            while batch := [session_id for (session_id,) in candidates.fetchmany(size)]:
-                size = min(2 * size, _SEARCH_BATCH)
+        # All candidates at once: a plan for the first rows (a server-side cursor) would
+        # probe every session's loops in order, which costs a rare word, the usual search,
+        # a scan. Their loops are read a few sessions at a time, until the hits suffice.
+        with self._cursor("searching sessions") as cur:
+            cur.execute(statement, params)
+            candidates = [session_id for (session_id,) in cur.fetchall()]
+            start, size = 0, 4
+            while start < len(candidates):
+                batch = candidates[start : start + size]
+                start, size = start + size, min(2 * size, _SEARCH_BATCH)
                 cur.execute(read, [_tsquery(words), batch])
                 found = {row[0]: row for row in cur.fetchall()}
                 for session_id in batch:
@@ -1123,6 +1123,7 @@ class PostgresStore(AsyncTwins):
                     hits.extend(itertools.islice(document_hits(session, words), limit - len(hits)))
                     if len(hits) == limit:
                         return hits
+        return hits
         return hits
 
     def explain_search(self, text: str, query: SessionQuery | None = None, *, analyze: bool = False) -> str:
