@@ -31,6 +31,7 @@ from phi_session.messages import (
     ThinkingContent,
     ToolCall,
     ToolDefinition,
+    ToolResultMessage,
     Usage,
     UserMessage,
 )
@@ -538,6 +539,48 @@ def test_requests_compare_as_the_model_sees_them(world: World) -> None:
         cursor.respond(RequestShape(messages=request.messages[:-1]))
     with pytest.raises(TypeError):
         RequestShape.of("hello")  # type: ignore[arg-type]
+
+
+def test_a_divergence_is_described_on_one_line(world: World) -> None:
+    session, original = world.original()
+    script = ReplayScript.from_session(session)
+    prompt = "You answer\n  questions\tabout files.\n" + "x" * 200
+    with pytest.raises(ReplayDiverged) as raised:
+        ReplayCursor(script).respond(msgspec.structs.replace(script.turns[0].request, system_prompt=prompt))
+    found = raised.value.divergence
+    assert found.what == "system_prompt" and found.actual is not None
+    assert found.actual.startswith("You answer questions about files. xxx") and len(found.actual) == 160
+    assert "\n" not in found.describe() and "\n" not in str(raised.value)
+
+
+def test_an_empty_tool_call_id_is_unknown_not_a_divergence(world: World) -> None:
+    session, _ = world.original()
+    script = ReplayScript.from_session(session)
+    request = script.turns[3].request
+
+    def unnumbered(message: AgentMessage) -> AgentMessage:
+        if isinstance(message, AssistantMessage):
+            content = tuple(
+                msgspec.structs.replace(b, id="") if type(b) is ToolCall else b for b in message.content
+            )
+            return msgspec.structs.replace(message, content=content)
+        if isinstance(message, ToolResultMessage):
+            return msgspec.structs.replace(message, tool_call_id="")
+        return message
+
+    cursor = ReplayCursor(script)
+    served(script, cursor, 3)
+    same = msgspec.structs.replace(request, messages=tuple(map(unnumbered, request.messages)))
+    assert cursor.respond(same) == script.turns[3].reply
+    # A known id still has to match.
+    renamed = tuple(
+        msgspec.structs.replace(m, tool_call_id="other") if isinstance(m, ToolResultMessage) else m
+        for m in request.messages
+    )
+    cursor = ReplayCursor(script)
+    served(script, cursor, 3)
+    with pytest.raises(ReplayDiverged, match="message 2 differs"):
+        cursor.respond(msgspec.structs.replace(request, messages=renamed))
 
 
 # -- lineage -------------------------------------------------------------------------------------

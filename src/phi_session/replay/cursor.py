@@ -41,17 +41,13 @@ from msgspec.structs import replace
 from ..errors import ReplayDiverged
 from ..messages import AssistantMessage, ToolCall, ToolResultMessage
 from .divergence import Divergence, DivergenceKind
-from .request import Normalizer, RequestShape, compare_messages, compare_tools, normal_arguments
+from .request import Normalizer, RequestShape, clip, compare_messages, compare_tools, normal_arguments
 from .script import RecordedTurn, ReplayScript
 
 __all__ = ["OnDivergence", "ReplayCursor", "ToolsMode", "check_request"]
 
 OnDivergence = Literal["stop", "fallback"]
 ToolsMode = Literal["recorded", "live"]
-
-
-def _clip(text: str | None) -> str | None:
-    return None if text is None else text if len(text) <= 160 else text[:159] + "…"
 
 
 def check_request(
@@ -79,7 +75,7 @@ def check_request(
         and request.system_prompt is not None
         and recorded.system_prompt != request.system_prompt
     ):
-        found = ("the system prompt differs", _clip(recorded.system_prompt), _clip(request.system_prompt))
+        found = ("the system prompt differs", clip(recorded.system_prompt), clip(request.system_prompt))
         return diverged("system_prompt", found)
     if recorded.tools is not None and request.tools is not None:
         tools = compare_tools(recorded.tools, request.tools)
@@ -252,8 +248,8 @@ class ReplayCursor:
             return (
                 "tool_arguments",
                 f"{name} [{call.id}] called with other arguments",
-                _clip(repr(recorded)),
-                _clip(repr(given)),
+                clip(repr(recorded)),
+                clip(repr(given)),
             )
         if no_result:
             return "tool_call", f"tool call {call.id!r} ({name}) has no recorded result", None, None

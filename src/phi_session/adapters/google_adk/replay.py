@@ -22,8 +22,9 @@ answered with the number 5, which the next request shows as a divergence); a
 recorded error is answered ``{"error": text}``.
 
 Limits: a recording without captured requests diverges at the first turn after a
-tool call: ADK sends the model no ids for the calls it numbered itself, while the
-recorded loop has them. Turns answered by `fallback` are recorded under this model's
+tool call: ADK sends a tool's value that is no dict as ``{"result": value}``, while the
+recorded loop holds the value (the ids ADK numbered itself and does not send are no
+divergence: an empty call id is unknown, see `phi_session.replay.request`). Turns answered by `fallback` are recorded under this model's
 name (the plugin takes it from the request). Multi-agent invocations (transfers,
 ``AgentTool``) are not covered by the tests.
 """
