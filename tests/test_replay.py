@@ -141,8 +141,11 @@ def agent(
     tools: tuple[ToolDefinition, ...] = TOOLS,
     capture: bool = True,
     max_turns: int = 8,
+    last_first: bool = False,
 ) -> None:
-    """A hand-written agent loop: the model until it stops calling tools."""
+    """A hand-written agent loop: the model until it stops calling tools. A turn's tool
+    results are sent in call order; with `last_first` its tools end last call first (as
+    parallel calls may)."""
     context: list[AgentMessage] = [loop.user(PROMPT)]
     for _ in range(max_turns):
         request = RequestShape(system_prompt=system, messages=tuple(context), tools=tools)
@@ -151,7 +154,8 @@ def agent(
                 answer = model(request)
                 message.finish(message=answer)
             context.append(answer)
-            for call in turn.tool_calls:
+            calls = turn.tool_calls
+            for call in reversed(calls) if last_first else calls:
                 with turn.tool(call) as tool:
                     stored = recorded.tool_result(call) if recorded is not None else None
                     if stored is None:
@@ -160,7 +164,8 @@ def agent(
                         tool.error(stored.content)
                     else:
                         tool.result(stored.content)
-            context.extend(turn.tool_results)
+            order = [call.id for call in calls]
+            context.extend(sorted(turn.tool_results, key=lambda result: order.index(result.tool_call_id)))
         if not turn.tool_calls:
             return
 
@@ -396,6 +401,29 @@ def test_without_captured_requests_the_context_is_rebuilt_from_the_loops(world: 
         (first.loops[0].loop_id, 3),
         (second.loop_id, 0),
     ]
+
+
+def test_without_captured_requests_tool_results_are_rebuilt_in_call_order(world: World) -> None:
+    # The parallel calls of turn 2 end last first; the agent sends their results in call
+    # order (as LangChain and ADK do), and so does the rebuilt request.
+    def body(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            agent(loop, scripted_model(), capture=False, last_first=True)
+
+    session = world.record(body, capture=False)
+    (original,) = session.loops
+    assert [m.tool_call_id for m in original.turns[2].tool_results] == ["c4", "c3"]  # type: ignore[union-attr]
+    script = ReplayScript.from_session(session)
+    results = [m for m in script.turns[3].request.messages if isinstance(m, ToolResultMessage)]
+    assert [m.tool_call_id for m in results] == ["c1", "c2", "c3", "c4"]
+    model = RecordedModel(script)
+
+    def replayed(tracer: Tracer) -> None:
+        with replay_lineage(script).loop(tracer) as loop:
+            agent(loop, model.next, recorded=model, capture=False, last_first=True)
+
+    world.record(replayed, capture=False)
+    assert model.finished and model.divergence is None
 
 
 def test_unknown_loops_and_turns_are_errors(world: World) -> None:

@@ -10,7 +10,8 @@ system prompt, messages and tools; otherwise system prompt and tools are unknown
 the messages are the context the model had: what the loops before this one
 contribute (`Session.context_at`, the chain of ``parent_loop_id``), then this loop's
 messages up to and including the turn's own inputs (its prompts and follow-ups, not
-its tool results).
+its tool results), each turn's tool results in the order of its reply's tool calls
+(the order frameworks send them in, whichever ended first).
 """
 
 from __future__ import annotations
@@ -84,6 +85,19 @@ def _own_results(turn: Turn) -> set[str]:
     return ids
 
 
+def _in_call_order(
+    results: tuple[ToolResultMessage, ...], reply: AssistantMessage
+) -> tuple[ToolResultMessage, ...]:
+    """`results` (recorded in the order they ended) in the order of `reply`'s tool calls,
+    as frameworks send them to the model; a result of no call of `reply` keeps its
+    relative place, after them."""
+    order: dict[str, int] = {}
+    for block in reply.content:
+        if type(block) is ToolCall:
+            order.setdefault(block.id, len(order))
+    return tuple(sorted(results, key=lambda result: order.get(result.tool_call_id, len(order))))
+
+
 def _recorded_turns(session: Session, record: LoopRecord) -> Iterator[RecordedTurn]:
     context = session.context_at(record.loop_id)
     history = context[: len(context) - len(record.context_messages())]
@@ -115,7 +129,7 @@ def _recorded_turns(session: Session, record: LoopRecord) -> Iterator[RecordedTu
             tool_results=results,
         )
         local.append(output)
-        local.extend(results)
+        local.extend(_in_call_order(results, output))
 
 
 class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
