@@ -569,8 +569,22 @@ def test_requests_compare_as_the_model_sees_them(world: World) -> None:
         RequestShape.of("hello")  # type: ignore[arg-type]
 
 
-def test_a_divergence_is_described_on_one_line(world: World) -> None:
+def test_replay_cursor_of_a_session_or_a_script(world: World) -> None:
     session, original = world.original()
+    cursor = ReplayCursor.of(session, original.loop_id, tools="live")
+    assert cursor.script == ReplayScript.from_session(session, original.loop_id) and cursor.tools == "live"
+    script = cursor.script
+    assert ReplayCursor.of(script).script is script
+    # Handing over needs the replay model's fallback model.
+    for options in ({"until_turn": 1}, {"on_divergence": "fallback"}):
+        with pytest.raises(ValueError, match="need a fallback model"):
+            ReplayCursor.of(session, **options)  # type: ignore[arg-type]
+        assert not ReplayCursor.of(session, fallback=True, **options).finished  # type: ignore[arg-type]
+    assert RecordedModel(session).cursor.script == script
+
+
+def test_a_divergence_is_described_on_one_line(world: World) -> None:
+    session, _ = world.original()
     script = ReplayScript.from_session(session)
     prompt = "You answer\n  questions\tabout files.\n" + "x" * 200
     with pytest.raises(ReplayDiverged) as raised:

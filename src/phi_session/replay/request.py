@@ -46,7 +46,15 @@ from ..messages import (
     UserMessage,
 )
 
-__all__ = ["Normalizer", "RequestShape", "clip", "compare_messages", "compare_tools", "normal_arguments", "summarize"]
+__all__ = [
+    "Normalizer",
+    "RequestShape",
+    "clip",
+    "compare_messages",
+    "compare_tools",
+    "normal_arguments",
+    "summarize",
+]
 
 _SUMMARY_LIMIT = 160
 
