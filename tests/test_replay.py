@@ -426,6 +426,29 @@ def test_without_captured_requests_tool_results_are_rebuilt_in_call_order(world:
     assert model.finished and model.divergence is None
 
 
+def test_the_default_loop_is_the_last_run_that_is_not_a_replay(world: World) -> None:
+    recorder = SessionRecorder()
+    tracer = Tracer(world.agent, sinks=[recorder], config=SNAP)
+    with tracer.loop() as loop:
+        agent(loop, scripted_model())
+    (session,) = recorder.sessions()  # live: it gets the loops recorded later
+    (original,) = session.loops
+    replay = RecordedModel(session)
+    with replay_lineage(replay.script).loop(tracer) as loop:
+        agent(loop, replay.next, recorded=replay)
+    assert [record.kind.kind for record in session.loops] == ["Initial", "Rerun"]
+    assert ReplayScript.from_session(session).loop_ids == (original.loop_id,)
+    branch = RecordedModel(session, until_turn=2, fallback=lambda request: reply("Done."))
+    with fork_lineage(branch.script, 2).loop(tracer) as loop:
+        agent(loop, branch.next, recorded=branch)
+    forked = session.loops[-1]
+    assert forked.kind == ContinuationKind.branch("fork") and forked.parent_loop_id == original.loop_id
+    assert ReplayScript.from_session(session).loop_ids == (forked.loop_id,)  # a fork is a run
+    only_replays = msgspec.structs.replace(session, loops=session.loops[1:2])
+    with pytest.raises(LoopNotFound, match="replays do not count"):
+        ReplayScript.from_session(only_replays)
+
+
 def test_unknown_loops_and_turns_are_errors(world: World) -> None:
     session, _ = world.original()
     with pytest.raises(LoopNotFound, match="no loop 'nope'"):

@@ -22,7 +22,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ..errors import LoopNotFound, TurnNotFound
-from ..events import TurnRequest
+from ..events import ContinuationKind, TurnRequest
 from ..messages import (
     AgentMessage,
     AnnotatedRequestPayload,
@@ -33,7 +33,11 @@ from ..messages import (
 from ..model import LoopRecord, Session, Turn
 from .request import RequestShape
 
-__all__ = ["RecordedTurn", "ReplayScript"]
+__all__ = ["REPLAY_TAG", "RecordedTurn", "ReplayScript"]
+
+REPLAY_TAG = "replay"
+"""The tag of a replay's loop kind: ``Rerun{"replay"}``."""
+_REPLAY = ContinuationKind.rerun(REPLAY_TAG)
 
 
 class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,7 +152,12 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
     def from_session(
         cls, session: Session, loop_id: str | None = None, *, chain: bool = False
     ) -> ReplayScript:
-        """The turns of `loop_id` (default: the loop of `session` that started last).
+        """The turns of `loop_id`.
+
+        The default loop is the one of `session` that started last without being itself
+        a replay (``Rerun{"replay"}``, `replay_lineage`): the last run of the agent or
+        the last fork, so that a live session object that has since recorded replays
+        of it (a `SessionRecorder`'s) still defaults to the run they replayed.
 
         With `chain`, the turns of every loop whose messages make up the context of
         `loop_id` (`Session.context_chain_to`: root first), as a conversation of
@@ -159,9 +168,12 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
         if not isinstance(session, Session):
             raise TypeError(f"expected a Session, got {type(session).__name__}")
         if loop_id is None:
-            if not session.loops:
-                raise LoopNotFound(f"session {session.session_id!r} has no loop to replay")
-            loop_id = max(session.loops, key=lambda record: record.started_at.ns).loop_id
+            runs = [record for record in session.loops if record.kind != _REPLAY]
+            if not runs:
+                raise LoopNotFound(
+                    f"session {session.session_id!r} has no loop to replay (replays do not count)"
+                )
+            loop_id = max(runs, key=lambda record: record.started_at.ns).loop_id
         if session.get_loop(loop_id) is None:
             raise LoopNotFound(f"no loop {loop_id!r} in session {session.session_id!r}")
         ids = session.context_chain_to(loop_id) if chain else [loop_id]

@@ -191,7 +191,7 @@ class ReplayLlm(BaseLlm):
         **kwargs: Any,
     ) -> None:
         """Replay `recording` (a `ReplayScript`, or a `Session` whose loop `loop_id`,
-        default the last started, is replayed; `chain`: with the loops it continues).
+        default as `ReplayScript.from_session`, is replayed; `chain`: with the loops it continues).
         `until_turn`: fork there, `fallback` answering from that turn on;
         `on_divergence` and `tools` as for `ReplayCursor`. `until_turn` and
         ``on_divergence="fallback"`` need a `fallback`. The model's name and provider
