@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phi_session.adapters import AdapterCore
+from phi_session.codec import decode_messages
 from phi_session.errors import LoopNotFound, PhiSessionError, ReplayDiverged, TurnNotFound
 from phi_session.events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from phi_session.identity import AgentSession, FakeClock
@@ -891,7 +892,7 @@ def test_cli_fork_prints_or_writes_the_context_of_a_turn(world: World, tmp_path:
         "read_file",
         "word_count",
     ]
-    messages = [msgspec.json.decode(json.dumps(m), type=AgentMessage) for m in data["messages"]]
+    messages = decode_messages(out.read_bytes())
     assert [view(m) for m in messages] == [
         view(m) for m in ReplayScript.from_session(session).turns[2].request.messages
     ]
