@@ -288,12 +288,14 @@ def test_list_table(store_dir: Path) -> None:
     assert [row.split()[0] for row in rows] == [MINIMAL_ID, PARALLEL_ID, CHILD_ID, PARENT_ID, BASIC_ID]
     assert "openai/gpt-4o, anthropic/claude-sonnet-4-5" in rows[1]
     assert "1,534" in rows[4]
+    assert header.split()[-2:] == ["MODEL", "PROMPT"]
+    assert "How hot must" in rows[3]  # the first prompt, cut to fit
 
 
 def test_list_table_fits_narrow_terminals(store_dir: Path) -> None:
     for columns, headers in (
         (80, ["ID", "LAST", "ACTIVE", "LOOPS", "TOKENS"]),
-        (110, ["ID", "AGENT", "LAST", "ACTIVE", "LOOPS", "TURNS", "TOKENS"]),
+        (110, ["ID", "AGENT", "LAST", "ACTIVE", "DURATION", "LOOPS", "TURNS", "TOKENS"]),
     ):
         result = CliRunner().invoke(main, ["list", "--store", str(store_dir)], env={"COLUMNS": str(columns)})
         header, *rows = result.stdout.splitlines()

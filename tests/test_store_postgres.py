@@ -27,8 +27,17 @@ from phi_session import Timestamp, Usage
 from phi_session.codec import decode_session, encode_session
 from phi_session.errors import SessionLocked, StoreError
 from phi_session.model import Session
+from phi_session.recorder import SessionRecorder
 from phi_session.stores import postgres
-from phi_session.stores.conformance import StoreConformance, at, make_loop, make_session, talking_loop
+from phi_session.stores.conformance import (
+    EXAMPLES_DIR,
+    StoreConformance,
+    at,
+    make_loop,
+    make_session,
+    reported_usage,
+    talking_loop,
+)
 from phi_session.stores.outline import session_outline
 from phi_session.stores.query import PruneCriteria, SessionQuery
 
@@ -316,6 +325,8 @@ def test_the_v2_migration_indexes_the_stored_loops(
     # Back to version 1: the stored loops, no search column (its indexes go with it), no outlines.
     loops, meta = _table(store.schema, "loops"), _table(store.schema, "meta")
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN words, DROP COLUMN outline").format(loops))
+    sessions = _table(store.schema, "sessions")
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt").format(sessions))
     admin.execute(sql.SQL("UPDATE {} SET value = '1' WHERE key = 'schema_version'").format(meta))
     admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(loops))
     with PostgresStore(DSN, schema=store.schema) as migrated:
@@ -331,6 +342,8 @@ def test_the_v2_migration_indexes_the_stored_loops(
         assert migrated.load_outline("old") == session_outline(migrated.load("old"))
         with pytest.raises(StoreError, match="'bad' is corrupt"):
             migrated.load_outline("bad")
+        prompts = {row.session_id: row.first_prompt for row in migrated.query()}
+        assert prompts == {"old": "Please brew coffee", "bad": None}  # v4, from the outlines
     indexes = admin.execute(
         "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND indexname LIKE 'loops_%%'",
         (store.schema,),
@@ -470,3 +483,36 @@ def test_closed_store_refuses_work(schema: str) -> None:
     store.close()
     with pytest.raises(StoreError, match="closed"):
         store.list_ids()
+
+
+def test_the_v4_migration_bills_the_loops_cut_off_mid_turn(store: postgres.PostgresStore, admin: Any) -> None:
+    lines = (EXAMPLES_DIR / "events-basic.jsonl").read_bytes().split(b"\n")[:9]  # inside loop 1's turn
+    recorder = SessionRecorder()
+    for line in lines:
+        recorder.on_json(line)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    store.save(session)
+    # Back to version 3, as it saved this session: the cut loop and the session at zero tokens.
+    tokens = (
+        "(input_tokens, output_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, total_tokens)"
+    )
+    for table in ("loops", "sessions"):
+        admin.execute(
+            sql.SQL(f"UPDATE {{}} SET {tokens} = (0, 0, 0, 0, 0, 0)").format(_table(store.schema, table))
+        )
+    meta = _table(store.schema, "meta")
+    sessions = _table(store.schema, "sessions")
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt").format(sessions))  # v5's
+    admin.execute(sql.SQL("UPDATE {} SET value = '3' WHERE key = 'schema_version'").format(meta))
+    reported = reported_usage(lines)
+    assert reported.output > 0
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        assert [row.usage for row in migrated.query()] == [reported]
+        assert [row.usage for row in migrated.usage_totals("model")] == [reported]
+        assert encode_session(migrated.load(session.session_id)) == encode_session(
+            session
+        )  # records untouched
+    assert admin.execute(
+        sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(meta)
+    ).fetchone() == (str(postgres.SCHEMA_VERSION),)

@@ -661,6 +661,7 @@ def test_the_v2_migration_indexes_the_stored_loops(db: Path) -> None:
         "DROP TABLE loop_text_fts",
         "DROP TABLE loop_text",
         "ALTER TABLE loops DROP COLUMN outline",
+        "ALTER TABLE sessions DROP COLUMN first_prompt",
         "PRAGMA user_version = 1",
     )
     with SqliteStore(db) as store:
@@ -677,6 +678,7 @@ def test_the_v4_migration_outlines_the_stored_loops(db: Path) -> None:
     raw_execute(
         db,
         "ALTER TABLE loops DROP COLUMN outline",
+        "ALTER TABLE sessions DROP COLUMN first_prompt",
         "UPDATE loops SET record = 'not json' WHERE session_id = 'bad'",
         "PRAGMA user_version = 3",
     )
@@ -690,6 +692,9 @@ def test_the_v4_migration_outlines_the_stored_loops(db: Path) -> None:
             "SELECT session_id, outline IS NOT NULL FROM loops ORDER BY 1, position"
         ).fetchall()
     assert rows == [("bad", 0), ("old", 1), ("old", 1)]
+    with SqliteStore(db) as store:  # v5 stores the first prompts (of what v4 outlined)
+        prompts = {row.session_id: row.first_prompt for row in store.query()}
+    assert prompts == {"old": "Please brew coffee", "bad": None}
 
 
 def test_the_index_follows_saves_deletes_and_prunes(store: SqliteStore, db: Path) -> None:
@@ -738,6 +743,7 @@ def test_the_v3_migration_bills_the_loops_cut_off_mid_turn(db: Path) -> None:
         f"UPDATE loops SET ({tokens}) = (0, 0, 0, 0, 0, 0)",
         f"UPDATE sessions SET ({tokens}) = (0, 0, 0, 0, 0, 0)",
         "ALTER TABLE loops DROP COLUMN outline",
+        "ALTER TABLE sessions DROP COLUMN first_prompt",
         "PRAGMA user_version = 2",
     )
     reported = reported_usage(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,11 +146,21 @@ def test_postgres_without_psycopg(monkeypatch: pytest.MonkeyPatch, scheme: str) 
     reason="PHI_SESSION_TEST_POSTGRES_DSN is not set to a postgresql:// URL",
 )
 def test_postgres_url() -> None:
-    store = open_store(POSTGRES_DSN)
+    # A schema of its own: the default one may hold another checkout's schema version.
+    schema = f"phi_test_urls_{uuid.uuid4().hex[:12]}"
+    separator = "&" if "?" in POSTGRES_DSN else "?"
+    store = open_store(f"{POSTGRES_DSN}{separator}schema={schema}")
     try:
         assert isinstance(store, postgres_module.PostgresStore)
+        assert store.schema == schema
     finally:
         store.close()
+        import psycopg
+
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            conn.execute(
+                psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(psycopg.sql.Identifier(schema))
+            )
 
 
 # -- errors and the default -----------------------------------------------------------------------

@@ -82,6 +82,8 @@ def test_overview_has_no_loops_but_the_totals(server: ViewerServer, store_dir: P
     assert overview["summary"]["loop_count"] == len(stored.loops)
     assert overview["event_count"] == sum(len(loop.events) for loop in stored.loops)
     assert overview["first_prompt"] == first_prompt(stored) and overview["first_prompt"]
+    listed = next(row for row in get_json(server, "/api/sessions") if row["session_id"] == PARENT_ID)
+    assert listed["first_prompt"] == overview["first_prompt"]  # a summary column: no overview needed
     assert set(overview["cost"]) == {"usd", "sources", "unpriced"}  # usd null when unknown, never 0
 
 

@@ -95,7 +95,7 @@ def _note_unknown_costs(pricer: Pricer, costs: Iterable[Cost]) -> None:
 
 def _session_cost(store: SessionStore, pricer: Pricer, session_id: str) -> Cost:
     try:
-        return pricer.session(store.load(session_id))
+        return pricer.outline(store.load_outline(session_id))
     except SessionNotFound:  # deleted since it was listed
         return Cost(usd=None)
 
@@ -113,7 +113,8 @@ def _session_cost(store: SessionStore, pricer: Pricer, session_id: str) -> Cost:
 def list_command(
     store_url: str | None, as_json: bool, prices_file: str | None, **filters: str | None
 ) -> None:
-    """List stored sessions, newest first, with their cost (each listed session is read to price it)."""
+    """List stored sessions, newest first, with their first prompt, duration and cost (each listed
+    session's outline is read to price it)."""
     query = _session_query(filters)
     pricer = cli_pricer(prices_file)
     with open_cli_store(store_url, must_exist=True) as store:

@@ -133,44 +133,66 @@ def usage_line(usage: Usage) -> str:
 def summaries_table(rows: Sequence[SessionSummary], width: int, costs: Sequence[Cost]) -> Table:
     """The ``list`` table for a terminal `width` columns wide.
 
-    Ids, times, loop counts and tokens are never cut. Narrower terminals lose
-    columns instead: below 150 the creation time (and the agent id is shortened),
-    below 120 the cost and the model, below 100 the agent and the turn count. The model
-    column is cut with an ellipsis rather than wrapped.
+    Ids, times, durations, loop counts, tokens and costs are never cut; the agent id
+    is shortened. Narrower terminals lose columns instead: below 180 the creation time
+    and the first prompt, below 130 the cost and the model, below 100 the agent, the
+    duration (creation to last activity) and the turn count. The model and prompt
+    columns give way, cut with an ellipsis rather than wrapped.
     """
-    show_created, show_model, show_agent = width >= 150, width >= 120, width >= 100
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    table.add_column("ID", no_wrap=True)
+    show_created, show_model, show_agent = width >= 180, width >= 130, width >= 100
+    # (header, right-justified, shrinks, the cell of a row and its cost) of the columns shown.
+    columns: list[tuple[str, bool, bool, Any]] = [("ID", False, False, lambda row, _: plain(row.session_id))]
     if show_agent:
-        table.add_column("AGENT", no_wrap=True, overflow="ellipsis", max_width=None if show_created else 9)
+        columns.append(("AGENT", False, False, lambda row, _: plain(row.agent_id, limit=9)))
     if show_created:
-        table.add_column("CREATED", no_wrap=True)
-    table.add_column("LAST ACTIVE", no_wrap=True)
-    table.add_column("LOOPS", min_width=11)
+        columns.append(("CREATED", False, False, lambda row, _: Text(short_time(row.created_at))))
+    columns.append(("LAST ACTIVE", False, False, lambda row, _: Text(short_time(row.last_active_at))))
     if show_agent:
-        table.add_column("TURNS", justify="right", no_wrap=True)
-    table.add_column("TOKENS", justify="right", no_wrap=True)
+        columns.append(("DURATION", True, False, lambda row, _: Text(_span(row))))
+    columns.append(("LOOPS", False, False, lambda row, _: _loops_cell(row)))
+    if show_agent:
+        columns.append(("TURNS", True, False, lambda row, _: Text(number(row.turn_count))))
+    columns.append(("TOKENS", True, False, lambda row, _: Text(number(row.total_tokens))))
     if show_model:
-        table.add_column("COST", justify="right", no_wrap=True)
-        table.add_column("MODEL", no_wrap=True, overflow="ellipsis", min_width=8)
-    for row, cost in zip(rows, costs, strict=True):
-        loops = status_counts(row.loops_by_status)
-        if row.rejected:
-            loops.append(" rejected", style="magenta")
-        cells: list[RenderableType] = [plain(row.session_id)]
-        if show_agent:
-            cells.append(plain(row.agent_id))
-        if show_created:
-            cells.append(short_time(row.created_at))
-        cells += [short_time(row.last_active_at), loops]
-        if show_agent:
-            cells.append(number(row.turn_count))
-        cells.append(number(row.total_tokens))
-        if show_model:
-            cells.append(cost_text(cost))
-            cells.append(plain(", ".join(row.models), one_line=True))
-        table.add_row(*cells)
+        columns.append(("COST", True, False, lambda _, cost: cost_text(cost)))
+        columns.append(("MODEL", False, True, lambda row, _: plain(", ".join(row.models), one_line=True)))
+    if show_created:
+        columns.append(("PROMPT", False, True, lambda row, _: plain(row.first_prompt or "", one_line=True)))
+    cells = [[cell(row, cost) for _, _, _, cell in columns] for row, cost in zip(rows, costs, strict=True)]
+    widths = [
+        max([len(header), *(Text.assemble(line[index]).cell_len for line in cells)])
+        for index, (header, *_) in enumerate(columns)
+    ]
+    # Fixed columns get their widest cell; the shrinking ones take what is left in turn,
+    # each leaving 8 columns to each one after it.
+    left = width - 2 * (len(columns) - 1) - sum(w for w, c in zip(widths, columns, strict=True) if not c[2])
+    shrinking = [index for index, column in enumerate(columns) if column[2]]
+    for place, index in enumerate(shrinking):
+        widths[index] = max(8, min(widths[index], left - 8 * (len(shrinking) - place - 1)))
+        left -= widths[index]
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for (header, right, shrinks, _), size in zip(columns, widths, strict=True):
+        table.add_column(
+            header,
+            no_wrap=True,
+            overflow="ellipsis" if shrinks else "fold",
+            width=size,
+            justify="right" if right else "left",
+        )
+    for line in cells:
+        table.add_row(*line)
     return table
+
+
+def _span(row: SessionSummary) -> str:
+    return duration((row.last_active_at.ns - row.created_at.ns) / 1e9)
+
+
+def _loops_cell(row: SessionSummary) -> Text:
+    loops = status_counts(row.loops_by_status)
+    if row.rejected:
+        loops.append(" rejected", style="magenta")
+    return loops
 
 
 USAGE_COLUMNS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")

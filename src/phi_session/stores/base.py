@@ -16,7 +16,7 @@ from ..errors import InvalidSessionId, SessionNotFound
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
-from .outline import SessionOutline, session_outline
+from .outline import SessionOutline, first_prompt, session_outline
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_count, check_type
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
 
@@ -47,6 +47,8 @@ class SessionSummary(msgspec.Struct, frozen=True, kw_only=True):
     usage: Usage
     models: tuple[str, ...]
     """Distinct ``provider/model`` of the loops' configs, in first-seen order."""
+    first_prompt: str | None
+    """The session's first user prompt, cut to `outline.PROMPT_CHARS` (`outline.first_prompt`)."""
 
     @property
     def total_tokens(self) -> int:
@@ -493,17 +495,21 @@ def _merge_events(
 
 def summarize(session: Session) -> SessionSummary:
     """The listing row of a session."""
-    return _summary(session, ((record, record.billed_usage(), len(record.turns)) for record in session.loops))
+    loops = ((record, record.billed_usage(), len(record.turns)) for record in session.loops)
+    return _summary(session, loops, first_prompt(session))
 
 
 def summarize_outline(outline: SessionOutline) -> SessionSummary:
     """The listing row of an outlined session (`summarize` of the whole session)."""
     loops = ((loop.record, loop.billed_usage, loop.turn_count) for loop in outline.loops)
-    return _summary(outline.session, loops)
+    return _summary(outline.session, loops, outline.first_prompt)
 
 
-def _summary(session: Session, loops: Iterable[tuple[LoopRecord, Usage, int]]) -> SessionSummary:
-    """The listing row of `session` from each loop's record (maybe bare), billed usage and turn count."""
+def _summary(
+    session: Session, loops: Iterable[tuple[LoopRecord, Usage, int]], prompt: str | None
+) -> SessionSummary:
+    """The listing row of `session` from each loop's record (maybe bare), billed usage and
+    turn count, and its first prompt."""
     statuses: Counter[str] = Counter()
     models: dict[str, None] = {}
     usage = ZERO_USAGE
@@ -528,6 +534,7 @@ def _summary(session: Session, loops: Iterable[tuple[LoopRecord, Usage, int]]) -
         turn_count=turns,
         usage=usage,
         models=tuple(models),
+        first_prompt=prompt,
     )
 
 

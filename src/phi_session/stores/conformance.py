@@ -59,7 +59,7 @@ from ..messages import (
 from ..model import LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef
 from ..recorder import SessionRecorder
 from .base import SessionStore, SessionSummary, UsageTotal
-from .outline import session_outline
+from .outline import PROMPT_CHARS, session_outline
 from .query import GroupBy, PageCursor, PruneCriteria, SessionQuery
 from .search import SearchHit
 
@@ -911,6 +911,23 @@ class StoreConformance:
         store.save(make_session("empty", "idle", loops=[]))
         assert store.usage_totals() == [UsageTotal(key="idle", sessions=1, loops=0, usage=_usage(0))]
         assert store.usage_totals("model") == []
+
+    def test_summaries_carry_the_first_prompt(self, store: SessionStore) -> None:
+        long = "x" * 500
+        store.save(make_session("quiet", last_active_at=at(1)))  # no message at all
+        store.save(make_session("said", last_active_at=at(2), loops=[talking_loop("said", 1, long)]))
+        rows = {row.session_id: row.first_prompt for row in store.query()}
+        assert rows["quiet"] is None
+        prompt = rows["said"]
+        assert prompt is not None and prompt.startswith("Please xxx") and prompt.endswith("\u2026")
+        assert len(prompt) == PROMPT_CHARS
+        # A later save whose loop says something: the first loop with a prompt gives it.
+        store.save(
+            make_session(
+                "quiet", last_active_at=at(3), loops=[talking_loop("quiet", 2, "go", started_at=at(3))]
+            )
+        )
+        assert {row.session_id: row.first_prompt for row in store.query()}["quiet"] == "Please go"
 
     # -- partial loads ----------------------------------------------------------------
 

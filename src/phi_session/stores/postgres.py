@@ -18,7 +18,9 @@ Layout (all tables live in one schema, ``phi_session`` by default):
 * ``loops``: one row per LoopRecord, in session order (``position``): the columns
   the per-model totals group by, ``record``, the loop's compact phi-core JSON
   (`codec.encode_loop`), and ``words``, its full-text index entry (below). Rows go
-  with their session (``ON DELETE CASCADE``).
+  with their session (``ON DELETE CASCADE``). Token columns hold what a loop billed
+  (`LoopRecord.billed_usage`); the v4 migration rebilled the loops cut off before
+  their ``AgentEnd`` that earlier versions saved at zero.
 
 Full-text search (schema v2). ``words`` is a ``tsvector`` (GIN-indexed) of the
 distinct words of the loop's searchable text (`search.loop_text`), split and
@@ -117,7 +119,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -182,6 +184,78 @@ def _backfill_loops(
                 except DecodeError:
                     continue
             cur.executemany(update, values)
+
+
+# Migration 4: a loop without AgentEnd counts the turn it was cut off in
+# (`LoopRecord.billed_usage`). Released steps are frozen: the columns are spelled out.
+_V4_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
+_V4_TOKENS = (
+    "input_tokens, output_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, total_tokens"
+)
+
+
+def _bill_unfinished_loops(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed]) -> None:
+    """Migration 4: the token columns of the loops saved at zero although their log holds
+    billed calls (a loop without AgentEnd), and of their sessions; the records do not
+    change. A record that does not decode is left as it was (reading it reports it)."""
+    zero = " AND ".join(f"{column} = 0" for column in _V4_TOKENS.split(", "))
+    update = compose(
+        f"UPDATE {{s}}.loops SET ({_V4_TOKENS}) = (%s, %s, %s, %s, %s, %s)"
+        " WHERE session_id = %s AND position = %s"
+    )
+    billed: set[str] = set()
+    with cur.connection.cursor(name="phi_session_bill_loops") as reader:
+        reader.execute(
+            compose(
+                "SELECT session_id, position, record FROM {s}.loops"
+                f" WHERE status NOT IN ('Completed', 'Rejected') AND {zero}"
+            )
+        )
+        while rows := reader.fetchmany(500):
+            values = []
+            for session_id, position, blob in rows:
+                try:
+                    record = decode_loop(blob, strict=False)
+                except DecodeError:
+                    continue
+                usage = record.billed_usage()
+                if usage != record.usage:
+                    values.append((*(getattr(usage, name) for name in _V4_FIELDS), session_id, position))
+                    billed.add(session_id)
+            cur.executemany(update, values)
+    if billed:
+        sums = ", ".join(f"sum(l.{column})" for column in _V4_TOKENS.split(", "))
+        cur.execute(
+            compose(
+                f"UPDATE {{s}}.sessions s SET ({_V4_TOKENS}) ="
+                f" (SELECT {sums} FROM {{s}}.loops l WHERE l.session_id = s.session_id)"
+                " WHERE s.session_id = ANY(%s)"
+            ),
+            (sorted(billed),),
+        )
+
+
+def _store_first_prompts(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed]) -> None:
+    """Migration 5: ``sessions.first_prompt`` from the loops' outlines (a loop without one,
+    not decodable, is passed over)."""
+    prompts: dict[str, str] = {}
+    with cur.connection.cursor(name="phi_session_first_prompts") as reader:
+        reader.execute(
+            compose(
+                "SELECT session_id, outline FROM {s}.loops WHERE outline IS NOT NULL"
+                " ORDER BY session_id, position"
+            )
+        )
+        while rows := reader.fetchmany(500):
+            for session_id, outline in rows:
+                if session_id not in prompts:
+                    prompt = decode_loop_outline(outline).prompt
+                    if prompt is not None:
+                        prompts[session_id] = prompt
+    cur.executemany(
+        compose("UPDATE {s}.sessions SET first_prompt = %s WHERE session_id = %s"),
+        [(prompt, session_id) for session_id, prompt in prompts.items()],
+    )
 
 
 # Forward migrations: _MIGRATIONS[n] takes the schema from version n to n + 1.
@@ -256,6 +330,12 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         "ALTER TABLE {s}.loops ADD COLUMN outline BYTEA",
         partial(_backfill_loops, "outline", "%s", encode_loop_outline),
     ),
+    (_bill_unfinished_loops,),
+    (
+        # What a listing shows of a session: its first user prompt (`SessionSummary.first_prompt`).
+        "ALTER TABLE {s}.sessions ADD COLUMN first_prompt TEXT",
+        _store_first_prompts,
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -273,6 +353,7 @@ _SESSION_COLUMNS = (
     *USAGE_COLUMNS,
     "models",
     "model_keys",
+    "first_prompt",
     "header",
 )
 _LOOP_COLUMNS = (
@@ -367,6 +448,7 @@ def _session_values(session: Session) -> tuple[Any, ...]:
         *_usage_values(summary.usage),
         list(summary.models),
         list(model_keys),
+        summary.first_prompt,
         _header(session),
     )
 
@@ -488,6 +570,7 @@ _SUMMARY_COLUMNS = (
     *STATUS_COLUMNS.values(),
     *USAGE_COLUMNS,
     "models",
+    "first_prompt",
     "header",
 )
 
@@ -497,7 +580,7 @@ def _summary(row: Row) -> SessionSummary:
     session_id, agent_id, formation, parent, rejected, loop_count, turn_count = row[:7]
     counts = row[7 : 7 + len(LOOP_STATUSES)]
     usage = row[7 + len(LOOP_STATUSES) : 7 + len(LOOP_STATUSES) + len(USAGE_COLUMNS)]
-    models, header = row[-2:]
+    models, prompt, header = row[-3:]
     try:
         times = _times_decoder.decode(header)
         created_at = Timestamp.parse(times.created_at)
@@ -517,6 +600,7 @@ def _summary(row: Row) -> SessionSummary:
         turn_count=turn_count,
         usage=_usage(usage),
         models=tuple(models),
+        first_prompt=prompt,
     )
 
 

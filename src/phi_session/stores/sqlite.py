@@ -271,7 +271,32 @@ def _outline_stored_loops(conn: sqlite3.Connection) -> None:
     conn.executemany("UPDATE loops SET outline = ? WHERE session_id = ? AND position = ?", outlines)
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_v1, _create_v2, _bill_unfinished_loops, _outline_stored_loops)
+def _store_first_prompts(conn: sqlite3.Connection) -> None:
+    """v5: ``sessions.first_prompt``, what a listing shows (`SessionSummary.first_prompt`),
+    filled from the loops' outlines (a loop without one, not decodable, is passed over)."""
+    conn.execute("ALTER TABLE sessions ADD COLUMN first_prompt TEXT")
+    prompts: dict[str, str] = {}
+    rows = conn.execute(
+        "SELECT session_id, outline FROM loops WHERE outline IS NOT NULL ORDER BY session_id, position"
+    )
+    for session_id, outline in rows:
+        if session_id not in prompts:
+            prompt = decode_loop_outline(outline).prompt
+            if prompt is not None:
+                prompts[session_id] = prompt
+    conn.executemany(
+        "UPDATE sessions SET first_prompt = ? WHERE session_id = ?",
+        [(prompt, session_id) for session_id, prompt in prompts.items()],
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    _create_v1,
+    _create_v2,
+    _bill_unfinished_loops,
+    _outline_stored_loops,
+    _store_first_prompts,
+)
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
 They run in order, all inside one ``BEGIN IMMEDIATE`` transaction that also sets
@@ -345,6 +370,7 @@ _SUMMARY_COLUMNS = (
     *STATUS_COLUMNS.values(),
     *USAGE_COLUMNS,
     "models",
+    "first_prompt",
     "exact",
 )
 _SESSION_COLUMNS = (*_SUMMARY_COLUMNS, "created_at_ns", "last_active_at_ns", "header")
@@ -367,6 +393,7 @@ def _session_row(session: Session) -> list[Any]:
         *(summary.loops_by_status.get(status, 0) for status in LOOP_STATUSES),
         *map(_clamp, tokens),
         msgspec.json.encode(summary.models).decode(),
+        summary.first_prompt,
         # Token counts are unsigned: a loop's beyond 64 signed bits makes the session's too.
         int(all(value <= _I64_MAX for value in tokens)),
         _clamp(session.created_at.ns),
@@ -420,6 +447,7 @@ def _summary_from_row(row: Sequence[Any]) -> SessionSummary:
         turn_count=turns,
         usage=_usage_of(row[_TOKEN_SLICE]),
         models=tuple(msgspec.json.decode(row[_TOKEN_SLICE.stop])),
+        first_prompt=row[_TOKEN_SLICE.stop + 1],
     )
 
 

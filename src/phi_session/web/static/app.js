@@ -280,7 +280,7 @@
       params.has("after") ? " on this page" : "", paging.length ? " · " : "",
       paging.map((link, index) => [index ? " · " : "", link])));
     if (!rows.length) return;
-    const prompts = new Map();
+    const costs = new Map();
     const table = h(
       "table",
       { class: "data", id: "sessions" },
@@ -289,18 +289,18 @@
         h("th", { class: "num" }, "Turns"), h("th", { class: "num" }, "Tokens"), h("th", { class: "num" }, "Cost"),
         h("th", null, "Model"), h("th", null, "Parent"))),
       h("tbody", null, rows.map((row) => {
-        const prompt = h("td", { class: "prompt clip muted" }, "…");
-        prompts.set(row.session_id, prompt);
+        const cost = h("td", { class: "num cost" }, "");
+        costs.set(row.session_id, cost);
         return h("tr", null,
           h("td", { class: "nowrap" }, h("a", { href: sessionHref(row.session_id), class: "mono session-link" }, row.session_id)),
-          prompt,
+          h("td", { class: "prompt clip", title: row.first_prompt || "" }, row.first_prompt || ""),
           h("td", { class: "mono clip", title: row.agent_id }, row.agent_id),
           h("td", { class: "nowrap", title: row.last_active_at }, secondsTime(row.last_active_at)),
           h("td", { class: "num nowrap" }, duration(Date.parse(row.last_active_at) - Date.parse(row.created_at))),
           h("td", null, statusChips(row.loops_by_status), row.rejected ? h("span", { class: "chip rejected" }, "rejected") : null),
           h("td", { class: "num" }, tokens(row.turn_count)),
           h("td", { class: "num" }, tokens(row.total_tokens)),
-          h("td", { class: "num cost" }, ""),
+          cost,
           h("td", null, (row.models || []).join(", ")),
           h("td", { class: "clip" }, row.parent_session_id
             ? h("a", { href: sessionHref(row.parent_session_id), class: "mono", title: row.parent_session_id },
@@ -308,22 +308,18 @@
       })),
     );
     append(page, h("div", { class: "table-wrap" }, table));
-    fillPrompts(prompts);
+    fillCosts(costs);
   }
 
-  // First prompts come from each session's overview, a few at a time, after the table shows.
-  async function fillPrompts(cells) {
+  // Costs come from each session's overview (priced from its outline), a few at a time, after
+  // the table shows; the first prompts are in the rows.
+  async function fillCosts(cells) {
     const queue = [...cells.entries()];
     const worker = async () => {
       while (queue.length) {
         const [id, cell] = queue.shift();
         try {
-          const overview = await api("api/sessions/" + encodeURIComponent(id) + "/overview");
-          cell.textContent = overview.first_prompt || "";
-          cell.title = overview.first_prompt || "";
-          cell.classList.remove("muted");
-          const costCell = cell.parentNode.querySelector("td.cost");
-          if (costCell) costCell.textContent = costText(overview.cost);
+          cell.textContent = costText((await api("api/sessions/" + encodeURIComponent(id) + "/overview")).cost);
         } catch (error) {
           cell.textContent = "";
         }
