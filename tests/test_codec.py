@@ -7,9 +7,10 @@ import json
 import msgspec
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import phi_session as ps
-from phi_session.codec import encode_message
+from phi_session.codec import decode_messages, encode_message
 
 from .strategies import any_event, messages
 
@@ -316,3 +317,20 @@ def test_a_history_resent_in_every_turn_request_is_encoded_once_per_session(
     assert ps.encode(session) == expected
     # Each distinct message of the requests' histories is prepared (and encoded) once.
     assert len(prepared) == len(set(prepared)) == 4
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(messages, max_size=4))
+def test_decode_messages_reads_a_list_or_an_object_holding_one(listed: list[ps.AgentMessage]) -> None:
+    array = b"[" + b",".join(encode_message(message) for message in listed) + b"]"
+    assert decode_messages(array) == listed
+    assert decode_messages(b'{"loop_id": "x", "messages": ' + array + b"}") == listed
+    assert decode_messages(array.decode()) == listed
+
+
+def test_decode_messages_rejects_what_is_no_message_list() -> None:
+    for data in (b"[", b"[1]", b'{"loop_id": "x"}', b'"text"', b'[{"role": "user"}]'):
+        with pytest.raises(ps.DecodeError):
+            decode_messages(data)
+    with pytest.raises(TypeError):
+        decode_messages(1)  # type: ignore[arg-type]

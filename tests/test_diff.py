@@ -7,8 +7,10 @@ import dataclasses
 import msgspec
 import pytest
 
+import phi_session.diff
 from phi_session.diff import (
     FieldChange,
+    FirstDifference,
     LoopDiff,
     SessionDiff,
     diff_loops,
@@ -25,6 +27,13 @@ def changed(step: int, **fields: object) -> list[Step]:
     steps = list(BASE)
     steps[step] = dataclasses.replace(steps[step], **fields)  # type: ignore[arg-type]
     return steps
+
+
+def test_the_first_difference_is_not_named_like_a_replays_divergence() -> None:
+    # phi_session.replay.Divergence is where a replay left its recording; a diff's first
+    # difference between two recorded loops is another thing, with another name.
+    assert not hasattr(phi_session.diff, "Divergence")
+    assert "FirstDifference" in phi_session.diff.__all__
 
 
 def test_identical_loops_have_no_differences() -> None:
@@ -64,7 +73,7 @@ def test_a_changed_tool_argument_is_named_by_its_path() -> None:
         FieldChange(field="tool_call", path="tool_calls[0].arguments.limit", kind="changed", a=3, b=5),
         FieldChange(field="tool_call", path="tool_calls[0].arguments.open", kind="added", b=True),
     )
-    assert diff.first_divergence is not None
+    assert isinstance(diff.first_divergence, FirstDifference)
     assert diff.first_divergence.turn == 1
     assert diff.first_divergence.path == "tool_calls[0].arguments.limit"
     assert diff.first_divergence.summary == "turn 1: tool_calls[0].arguments.limit changed (and 1 more)"

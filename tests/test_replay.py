@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phi_session.adapters import AdapterCore
+from phi_session.codec import decode_messages
 from phi_session.errors import LoopNotFound, PhiSessionError, ReplayDiverged, TurnNotFound
 from phi_session.events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from phi_session.identity import AgentSession, FakeClock
@@ -31,6 +32,7 @@ from phi_session.messages import (
     ThinkingContent,
     ToolCall,
     ToolDefinition,
+    ToolResultMessage,
     Usage,
     UserMessage,
 )
@@ -140,8 +142,11 @@ def agent(
     tools: tuple[ToolDefinition, ...] = TOOLS,
     capture: bool = True,
     max_turns: int = 8,
+    last_first: bool = False,
 ) -> None:
-    """A hand-written agent loop: the model until it stops calling tools."""
+    """A hand-written agent loop: the model until it stops calling tools. A turn's tool
+    results are sent in call order; with `last_first` its tools end last call first (as
+    parallel calls may)."""
     context: list[AgentMessage] = [loop.user(PROMPT)]
     for _ in range(max_turns):
         request = RequestShape(system_prompt=system, messages=tuple(context), tools=tools)
@@ -150,7 +155,8 @@ def agent(
                 answer = model(request)
                 message.finish(message=answer)
             context.append(answer)
-            for call in turn.tool_calls:
+            calls = turn.tool_calls
+            for call in reversed(calls) if last_first else calls:
                 with turn.tool(call) as tool:
                     stored = recorded.tool_result(call) if recorded is not None else None
                     if stored is None:
@@ -159,7 +165,8 @@ def agent(
                         tool.error(stored.content)
                     else:
                         tool.result(stored.content)
-            context.extend(turn.tool_results)
+            order = [call.id for call in calls]
+            context.extend(sorted(turn.tool_results, key=lambda result: order.index(result.tool_call_id)))
         if not turn.tool_calls:
             return
 
@@ -397,6 +404,52 @@ def test_without_captured_requests_the_context_is_rebuilt_from_the_loops(world: 
     ]
 
 
+def test_without_captured_requests_tool_results_are_rebuilt_in_call_order(world: World) -> None:
+    # The parallel calls of turn 2 end last first; the agent sends their results in call
+    # order (as LangChain and ADK do), and so does the rebuilt request.
+    def body(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            agent(loop, scripted_model(), capture=False, last_first=True)
+
+    session = world.record(body, capture=False)
+    (original,) = session.loops
+    assert [m.tool_call_id for m in original.turns[2].tool_results] == ["c4", "c3"]  # type: ignore[union-attr]
+    script = ReplayScript.from_session(session)
+    results = [m for m in script.turns[3].request.messages if isinstance(m, ToolResultMessage)]
+    assert [m.tool_call_id for m in results] == ["c1", "c2", "c3", "c4"]
+    model = RecordedModel(script)
+
+    def replayed(tracer: Tracer) -> None:
+        with replay_lineage(script).loop(tracer) as loop:
+            agent(loop, model.next, recorded=model, capture=False, last_first=True)
+
+    world.record(replayed, capture=False)
+    assert model.finished and model.divergence is None
+
+
+def test_the_default_loop_is_the_last_run_that_is_not_a_replay(world: World) -> None:
+    recorder = SessionRecorder()
+    tracer = Tracer(world.agent, sinks=[recorder], config=SNAP)
+    with tracer.loop() as loop:
+        agent(loop, scripted_model())
+    (session,) = recorder.sessions()  # live: it gets the loops recorded later
+    (original,) = session.loops
+    replay = RecordedModel(session)
+    with replay_lineage(replay.script).loop(tracer) as loop:
+        agent(loop, replay.next, recorded=replay)
+    assert [record.kind.kind for record in session.loops] == ["Initial", "Rerun"]
+    assert ReplayScript.from_session(session).loop_ids == (original.loop_id,)
+    branch = RecordedModel(session, until_turn=2, fallback=lambda request: reply("Done."))
+    with fork_lineage(branch.script, 2).loop(tracer) as loop:
+        agent(loop, branch.next, recorded=branch)
+    forked = session.loops[-1]
+    assert forked.kind == ContinuationKind.branch("fork") and forked.parent_loop_id == original.loop_id
+    assert ReplayScript.from_session(session).loop_ids == (forked.loop_id,)  # a fork is a run
+    only_replays = msgspec.structs.replace(session, loops=session.loops[1:2])
+    with pytest.raises(LoopNotFound, match="replays do not count"):
+        ReplayScript.from_session(only_replays)
+
+
 def test_unknown_loops_and_turns_are_errors(world: World) -> None:
     session, _ = world.original()
     with pytest.raises(LoopNotFound, match="no loop 'nope'"):
@@ -538,6 +591,62 @@ def test_requests_compare_as_the_model_sees_them(world: World) -> None:
         cursor.respond(RequestShape(messages=request.messages[:-1]))
     with pytest.raises(TypeError):
         RequestShape.of("hello")  # type: ignore[arg-type]
+
+
+def test_replay_cursor_of_a_session_or_a_script(world: World) -> None:
+    session, original = world.original()
+    cursor = ReplayCursor.of(session, original.loop_id, tools="live")
+    assert cursor.script == ReplayScript.from_session(session, original.loop_id) and cursor.tools == "live"
+    script = cursor.script
+    assert ReplayCursor.of(script).script is script
+    # Handing over needs the replay model's fallback model.
+    for options in ({"until_turn": 1}, {"on_divergence": "fallback"}):
+        with pytest.raises(ValueError, match="need a fallback model"):
+            ReplayCursor.of(session, **options)  # type: ignore[arg-type]
+        assert not ReplayCursor.of(session, fallback=True, **options).finished  # type: ignore[arg-type]
+    assert RecordedModel(session).cursor.script == script
+
+
+def test_a_divergence_is_described_on_one_line(world: World) -> None:
+    session, _ = world.original()
+    script = ReplayScript.from_session(session)
+    prompt = "You answer\n  questions\tabout files.\n" + "x" * 200
+    with pytest.raises(ReplayDiverged) as raised:
+        ReplayCursor(script).respond(msgspec.structs.replace(script.turns[0].request, system_prompt=prompt))
+    found = raised.value.divergence
+    assert found.what == "system_prompt" and found.actual is not None
+    assert found.actual.startswith("You answer questions about files. xxx") and len(found.actual) == 160
+    assert "\n" not in found.describe() and "\n" not in str(raised.value)
+
+
+def test_an_empty_tool_call_id_is_unknown_not_a_divergence(world: World) -> None:
+    session, _ = world.original()
+    script = ReplayScript.from_session(session)
+    request = script.turns[3].request
+
+    def unnumbered(message: AgentMessage) -> AgentMessage:
+        if isinstance(message, AssistantMessage):
+            content = tuple(
+                msgspec.structs.replace(b, id="") if type(b) is ToolCall else b for b in message.content
+            )
+            return msgspec.structs.replace(message, content=content)
+        if isinstance(message, ToolResultMessage):
+            return msgspec.structs.replace(message, tool_call_id="")
+        return message
+
+    cursor = ReplayCursor(script)
+    served(script, cursor, 3)
+    same = msgspec.structs.replace(request, messages=tuple(map(unnumbered, request.messages)))
+    assert cursor.respond(same) == script.turns[3].reply
+    # A known id still has to match.
+    renamed = tuple(
+        msgspec.structs.replace(m, tool_call_id="other") if isinstance(m, ToolResultMessage) else m
+        for m in request.messages
+    )
+    cursor = ReplayCursor(script)
+    served(script, cursor, 3)
+    with pytest.raises(ReplayDiverged, match="message 2 differs"):
+        cursor.respond(msgspec.structs.replace(request, messages=renamed))
 
 
 # -- lineage -------------------------------------------------------------------------------------
@@ -783,7 +892,7 @@ def test_cli_fork_prints_or_writes_the_context_of_a_turn(world: World, tmp_path:
         "read_file",
         "word_count",
     ]
-    messages = [msgspec.json.decode(json.dumps(m), type=AgentMessage) for m in data["messages"]]
+    messages = decode_messages(out.read_bytes())
     assert [view(m) for m in messages] == [
         view(m) for m in ReplayScript.from_session(session).turns[2].request.messages
     ]

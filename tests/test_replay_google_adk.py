@@ -67,10 +67,13 @@ def agent(model: BaseLlm, tools: list[Any] | None = None, instruction: str = INS
     return LlmAgent(name="calc", model=model, instruction=instruction, tools=tools or [add, mul])
 
 
-def run(calc: LlmAgent, store: SqliteStore, *extra: Any, stream: bool = False) -> list[Any]:
-    """One invocation of `calc`, recorded into `store` (the plugin's default sink, requests kept)."""
+def run(
+    calc: LlmAgent, store: SqliteStore, *extra: Any, stream: bool = False, capture: bool = True
+) -> list[Any]:
+    """One invocation of `calc`, recorded into `store` (the plugin's default sink, requests
+    kept unless not `capture`)."""
     h = Harness()
-    phi = PhiPlugin(store=store, capture_requests=True)
+    phi = PhiPlugin(store=store, capture_requests=capture)
     runner = InMemoryRunner(agent=calc, app_name="app", plugins=[phi, *extra])
     try:
         return asyncio.run(h.ask(runner, QUESTION, session_id=SESSION, stream=stream))
@@ -193,6 +196,23 @@ def test_a_replay_without_model_or_tools_records_the_same_run_as_a_rerun(
     assert turns(replayed) == turns(first)  # messages, tool calls with their ids, results, usage
     assert replayed.usage == first.usage
     assert calls(replayed) == calls(first)
+
+
+def test_a_recording_without_requests_does_not_diverge_on_adks_missing_call_ids(store: SqliteStore) -> None:
+    # ADK sends the model no ids for the calls it numbered itself; the recorded loop has
+    # them: an empty id is unknown, no divergence. (What still differs: ADK sends a
+    # result as {"result": value}, the loop records the value.)
+    run(agent(script()), store, capture=False)
+    original = store.load(SESSION)
+    (first,) = original.loops
+    assert all(turn.request_payload is None for turn in first.turns)
+    model = ReplayLlm(original, on_divergence="fallback", fallback=script())
+    with model.recording():
+        run(agent(model), store, model.tools_plugin(), capture=False)
+    found = model.divergence
+    assert found is not None and (found.turn_index, found.what) == (1, "messages")
+    assert found.expected is not None and found.actual is not None
+    assert found.expected.endswith("'5'") and found.actual.endswith("""'{"result":5}'""")
 
 
 def test_another_instruction_diverges_at_turn_0(original: Session, store: SqliteStore) -> None:

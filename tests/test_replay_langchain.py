@@ -6,7 +6,8 @@ recording), changed (divergence), and forked at turn 2 onto another fake model."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -19,6 +20,7 @@ pytest.importorskip("langchain.agents", reason="create_agent needs: pip install 
 from pathlib import Path
 
 from langchain.agents import create_agent
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
 
@@ -80,11 +82,13 @@ def run_agent(
     *,
     mode: str = "invoke",
     capture_requests: bool = True,
+    callbacks: Sequence[Any] = (),
 ) -> Any:
-    """One run of the agent, recorded into `store` (the adapter's default sink)."""
+    """One run of the agent, recorded into `store` (the adapter's default sink); `callbacks`
+    are called after the adapter's."""
     agent = create_agent(model, tools=tools, system_prompt=system)
     phi = PhiCallbackHandler(store=store, capture_requests=capture_requests)
-    config: Any = {"callbacks": [phi], "configurable": {"thread_id": THREAD}}
+    config: Any = {"callbacks": [phi, *callbacks], "configurable": {"thread_id": THREAD}}
     inputs = {"messages": [("user", QUESTION)]}
     try:
         if mode == "ainvoke":
@@ -202,8 +206,7 @@ def test_a_replay_without_model_or_tools_records_the_same_run_as_a_rerun(
 
 
 def test_a_recording_without_requests_replays_against_its_messages(store: SqliteStore) -> None:
-    # One tool call per turn: a loop records parallel results in the order they ended,
-    # which need not be the order the model got them in (a captured request has that).
+    # One tool call per turn (parallel calls ending out of order: the next test).
     one_at_a_time = [*script()[:2], reply("", ("c3", "add", {"a": 20, "b": 1})), script()[3]]
     run_agent(ScriptedChat(messages=iter(one_at_a_time)), [add, mul], store, capture_requests=False)
     (first,) = store.load(THREAD).loops
@@ -217,6 +220,39 @@ def test_a_recording_without_requests_replays_against_its_messages(store: Sqlite
             store.load(THREAD), store, with_tools=[add, mul_off_by_one], tools="live", loop_id=first.loop_id
         )
     assert (raised.value.divergence.turn_index, raised.value.divergence.what) == (2, "messages")
+
+
+def test_a_recording_without_requests_replays_parallel_results_in_call_order(store: SqliteStore) -> None:
+    # Turn 2's parallel calls end out of order (c3 waits until c4 has been recorded): the
+    # loop holds c4's result first, LangChain sends them in call order, as the rebuilt
+    # request does.
+    c4_ended = threading.Event()
+
+    class ToolEnded(BaseCallbackHandler):
+        def on_tool_end(self, output: Any, **kwargs: Any) -> None:
+            if getattr(output, "tool_call_id", None) == "c4":
+                c4_ended.set()
+
+    @tool("add")
+    def add_after_mul(a: int, b: int) -> int:
+        """Add two numbers."""
+        if a == 20:
+            assert c4_ended.wait(10)
+        return a + b
+
+    run_agent(
+        ScriptedChat(messages=iter(script())),
+        [add_after_mul, mul],
+        store,
+        capture_requests=False,
+        callbacks=[ToolEnded()],
+    )
+    (first,) = store.load(THREAD).loops
+    assert [m.tool_call_id for m in first.turns[2].tool_results] == ["c4", "c3"]  # type: ignore[union-attr]
+    RUNS.clear()
+    model, session = replay(store.load(THREAD), store)
+    assert model.cursor.finished and model.divergence is None and RUNS == []
+    assert turns(the_other(session, first)) == turns(first)
 
 
 def test_another_system_prompt_diverges_at_turn_0(original: Session, store: SqliteStore) -> None:

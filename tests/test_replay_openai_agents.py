@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from msgspec.structs import replace
 from openai.types.responses import ResponseReasoningItem
 from openai.types.responses.response_reasoning_item import Summary
 
-from phi_session import SessionRecorder, SessionRecorderConfig
+from phi_session import SessionRecorder, SessionRecorderConfig, SqliteStore
 from phi_session.adapters import openai_agents
 from phi_session.adapters.openai_agents import PhiRunHooks, ReplayModel, ReplayProvider
 from phi_session.diff import diff_loops
@@ -176,6 +177,20 @@ def test_without_capture_requests_no_request_is_recorded() -> None:
     finally:
         openai_agents.uninstall()
     assert all(turn.request_payload is None for turn in session_of(recorder).loops[0].turns)
+
+
+def test_requests_captured_into_the_embedded_store_are_saved(tmp_path: Path) -> None:
+    # The default sink is the embedded store: its recorder keeps the captured requests too.
+    with SqliteStore(tmp_path / "sessions.db") as store:
+        openai_agents.install(store=store, capture_requests=True)
+        try:
+            run(make_agent(Tools(), model=four_turns()))
+        finally:
+            openai_agents.uninstall()
+        (loop,) = store.load(SESSION).loops
+    payloads = [turn.request_payload for turn in loop.turns]
+    assert all(payload is not None for payload in payloads)
+    assert [payload.system_prompt for payload in payloads] == [SYSTEM] * 4  # type: ignore[union-attr]
 
 
 # -- replay ----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.models.test import TestModel
 from pydantic_ai.usage import RequestUsage
 
-from phi_session import SessionRecorder, SessionRecorderConfig
+from phi_session import SessionRecorder, SessionRecorderConfig, SqliteStore
 from phi_session.adapters.pydantic_ai import PhiCapability, ReplayModel
 from phi_session.diff import diff_loops
 from phi_session.events import ContinuationKind
@@ -152,6 +153,19 @@ def test_the_recording_captures_each_turns_request(original: tuple[Session, Loop
 def test_without_capture_requests_no_request_is_recorded(recorder: SessionRecorder) -> None:
     make_agent(PhiCapability(recorder), Tools()).run_sync("compute")
     assert all(turn.request_payload is None for turn in session_of(recorder).loops[0].turns)
+
+
+def test_requests_captured_into_the_embedded_store_are_saved(tmp_path: Path) -> None:
+    # The default sink is the embedded store: its recorder keeps the captured requests too.
+    with SqliteStore(tmp_path / "sessions.db") as store:
+        capability = PhiCapability(store=store, capture_requests=True)
+        make_agent(capability, Tools()).run_sync("compute")
+        capability.close()
+        (session_id,) = store.list_ids()
+        (loop,) = store.load(session_id).loops
+    payloads = [turn.request_payload for turn in loop.turns]
+    assert all(payload is not None for payload in payloads)
+    assert [payload.system_prompt for payload in payloads] == [SYSTEM] * 4  # type: ignore[union-attr]
 
 
 # -- replay ----------------------------------------------------------------------------------------

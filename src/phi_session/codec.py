@@ -48,6 +48,7 @@ from .model import CompactedSection, CompactionBlock, LoopEvent, LoopRecord, Ses
 __all__ = [
     "decode_event",
     "decode_loop",
+    "decode_messages",
     "decode_session",
     "encode",
     "encode_event",
@@ -128,6 +129,17 @@ def decode_for_recording(data: bytes | str) -> AgentEvent | LazyMessageUpdate:
 
 _session_decoder = msgspec.json.Decoder(Session, dec_hook=_dec_hook)
 _loop_decoder = msgspec.json.Decoder(LoopRecord, dec_hook=_dec_hook)
+
+
+class _MessageList(msgspec.Struct):
+    """The object form `decode_messages` reads: messages under ``"messages"``, other keys
+    ignored."""
+
+    messages: list[AgentMessage]
+
+
+_MessagesForm = list[AgentMessage] | _MessageList
+_messages_decoder = msgspec.json.Decoder(_MessagesForm, dec_hook=_dec_hook)
 
 T = TypeVar("T")
 
@@ -538,6 +550,33 @@ def _decode(
 def _restore_session(session: Session, fn: MessageFn) -> Session:
     session.loops = [map_loop_messages(r, fn) for r in session.loops]
     return session
+
+
+def _repair_message_list(obj: Any, path: str, hidden: _Placeholders) -> Any:
+    if isinstance(obj, list):
+        return [_lenient_message(m, f"{path}[{i}]", hidden) for i, m in enumerate(obj)]
+    if isinstance(obj, dict):
+        _repair_messages(obj, "messages", path, hidden)
+    return obj
+
+
+def _listed(value: list[AgentMessage] | _MessageList) -> list[AgentMessage]:
+    return value.messages if isinstance(value, _MessageList) else value
+
+
+def decode_messages(data: bytes | str) -> list[AgentMessage]:
+    """Read agent messages in their agent-message JSON (`encode_message`'s): a JSON array
+    of them, or an object holding one under ``"messages"`` (what ``phi-session fork
+    --out`` writes; other keys are ignored). Raises `DecodeError`."""
+    value = _decode(
+        data,
+        _messages_decoder,
+        _MessagesForm,
+        _repair_message_list,
+        lambda found, fn: [fn(message) for message in _listed(found)],
+        None,
+    )
+    return _listed(value)
 
 
 def decode_event(data: bytes | str, *, strict: bool = True) -> AgentEvent:

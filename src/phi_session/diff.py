@@ -62,9 +62,9 @@ from .views import loop_order
 
 __all__ = [
     "ChangeKind",
-    "Divergence",
     "FieldChange",
     "FieldName",
+    "FirstDifference",
     "LoopDiff",
     "LoopSide",
     "SessionDiff",
@@ -166,7 +166,7 @@ class TurnDiff(_Result, frozen=True):
         return self.status != "equal"
 
 
-class Divergence(_Result, frozen=True):
+class FirstDifference(_Result, frozen=True):
     """Where two runs first differ in content.
 
     `turn` is the turn index (None when a whole loop exists on one side only);
@@ -215,7 +215,7 @@ class LoopDiff(_Result, frozen=True, tag="loops", tag_field="diff"):
     a: LoopSide
     b: LoopSide
     turns: tuple[TurnDiff, ...]
-    first_divergence: Divergence | None
+    first_divergence: FirstDifference | None
     usage_delta: UsageDelta
     seconds_delta: float | None
 
@@ -243,7 +243,7 @@ class SessionDiff(_Result, frozen=True, tag="sessions", tag_field="diff"):
     loops: tuple[LoopDiff, ...]
     only_in_a: tuple[LoopSide, ...]
     only_in_b: tuple[LoopSide, ...]
-    first_divergence: Divergence | None
+    first_divergence: FirstDifference | None
     usage_delta: UsageDelta
 
     @property
@@ -317,7 +317,7 @@ def diff_sessions(a: Session, b: Session) -> SessionDiff:
     first = next((pair.first_divergence for pair in pairs if pair.first_divergence is not None), None)
     if first is None and (only_a or only_b):
         side, label = (only_a[0], "A") if only_a else (only_b[0], "B")
-        first = Divergence(
+        first = FirstDifference(
             loop_a=side.loop_id if only_a else None,
             loop_b=None if only_a else side.loop_id,
             turn=None,
@@ -373,7 +373,7 @@ def _diff_pair(session_a: Session, index_a: int, session_b: Session, index_b: in
     )
 
 
-def _divergence(loop_a: str, loop_b: str, turn: TurnDiff) -> Divergence:
+def _divergence(loop_a: str, loop_b: str, turn: TurnDiff) -> FirstDifference:
     if turn.status in ("added", "removed"):
         where = "B" if turn.status == "added" else "A"
         field, path, what = "turn", f"turns[{turn.index}]", f"only in {where}"
@@ -383,7 +383,7 @@ def _divergence(loop_a: str, loop_b: str, turn: TurnDiff) -> Divergence:
         what = f"{path} {change.kind}"
         if len(turn.changes) > 1:
             what += f" (and {len(turn.changes) - 1} more)"
-    return Divergence(
+    return FirstDifference(
         loop_a=loop_a,
         loop_b=loop_b,
         turn=turn.index,

@@ -51,10 +51,7 @@ from ..model import Session
 from ..processors import Processor, Redactor
 from ..replay import (
     Lineage,
-    OnDivergence,
     ReplayCursor,
-    ReplayScript,
-    ToolsMode,
     fork_lineage,
     recording_as,
     replay_lineage,
@@ -71,7 +68,6 @@ __all__ = [
     "SinkArg",
     "enter_tool",
     "leave_tool",
-    "replay_cursor",
     "replay_recording",
     "require_extra",
     "session_id_for",
@@ -87,30 +83,6 @@ FRAMEWORK_SESSION_NAMESPACE = uuid.UUID("6f1b7a0e-3c1d-5b8e-9a4f-2d6c0e8b1f37")
 """The UUIDv5 namespace of session ids derived from framework session ids."""
 
 _T = TypeVar("_T")
-
-
-def replay_cursor(
-    recording: ReplayScript | Session,
-    loop_id: str | None,
-    *,
-    chain: bool,
-    on_divergence: OnDivergence,
-    tools: ToolsMode,
-    until_turn: int | None,
-    fallback: object | None,
-) -> ReplayCursor:
-    """The cursor a framework's replay model drives: over `recording` (a `ReplayScript`,
-    or a `Session` whose loop `loop_id`, default the last started, is replayed; `chain`:
-    with the loops it continues). `until_turn` and ``on_divergence="fallback"`` hand
-    calls over, so they need a `fallback` model (ValueError without)."""
-    script = (
-        recording
-        if isinstance(recording, ReplayScript)
-        else ReplayScript.from_session(recording, loop_id, chain=chain)
-    )
-    if fallback is None and (until_turn is not None or on_divergence == "fallback"):
-        raise ValueError("until_turn and on_divergence='fallback' need a fallback model")
-    return ReplayCursor(script, on_divergence=on_divergence, tools=tools, until_turn=until_turn)
 
 
 def replay_recording(

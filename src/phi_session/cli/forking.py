@@ -53,7 +53,8 @@ def fork_command(
     messages: the earlier loops' context, then this loop's up to the turn's own
     inputs. --json prints it as JSON (phi-core messages), --out FILE writes that
     JSON to FILE, for a program to resume from (phi_session.replay: fork,
-    fork_lineage).
+    fork_lineage); phi_session.codec.decode_messages(FILE's bytes) reads its
+    messages back.
     """
     with open_cli_store(store_url, must_exist=True) as store:
         session = load_cli_session(store, session_id)

@@ -17,7 +17,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..diff import Divergence, FieldChange, LoopDiff, LoopSide, SessionDiff, TurnDiff, UsageDelta
+from ..diff import FieldChange, FirstDifference, LoopDiff, LoopSide, SessionDiff, TurnDiff, UsageDelta
 from ..messages import Usage
 from .render import STATUS_STYLES, count, duration, number, plain
 
@@ -150,7 +150,7 @@ def _turn_view(turn: TurnDiff) -> RenderableType:
     return Group(head, table)
 
 
-def _divergence_line(first: Divergence | None) -> Text:
+def _divergence_line(first: FirstDifference | None) -> Text:
     if first is None:
         return Text(
             "no divergence: the runs match in content (timing, tokens and ids aside)", style="green bold"

@@ -40,18 +40,15 @@ from msgspec.structs import replace
 
 from ..errors import ReplayDiverged
 from ..messages import AssistantMessage, ToolCall, ToolResultMessage
+from ..model import Session
 from .divergence import Divergence, DivergenceKind
-from .request import Normalizer, RequestShape, compare_messages, compare_tools, normal_arguments
+from .request import Normalizer, RequestShape, clip, compare_messages, compare_tools, normal_arguments
 from .script import RecordedTurn, ReplayScript
 
 __all__ = ["OnDivergence", "ReplayCursor", "ToolsMode", "check_request"]
 
 OnDivergence = Literal["stop", "fallback"]
 ToolsMode = Literal["recorded", "live"]
-
-
-def _clip(text: str | None) -> str | None:
-    return None if text is None else text if len(text) <= 160 else text[:159] + "…"
 
 
 def check_request(
@@ -79,7 +76,7 @@ def check_request(
         and request.system_prompt is not None
         and recorded.system_prompt != request.system_prompt
     ):
-        found = ("the system prompt differs", _clip(recorded.system_prompt), _clip(request.system_prompt))
+        found = ("the system prompt differs", clip(recorded.system_prompt), clip(request.system_prompt))
         return diverged("system_prompt", found)
     if recorded.tools is not None and request.tools is not None:
         tools = compare_tools(recorded.tools, request.tools)
@@ -135,6 +132,34 @@ class ReplayCursor:
         for position, turn in enumerate(script.turns):
             for call in turn.tool_calls:
                 self._calls.setdefault(call.id, (position, turn))
+
+    @classmethod
+    def of(
+        cls,
+        recording: ReplayScript | Session,
+        loop_id: str | None = None,
+        *,
+        chain: bool = False,
+        on_divergence: OnDivergence = "stop",
+        tools: ToolsMode = "recorded",
+        until_turn: int | None = None,
+        fallback: bool = False,
+    ) -> ReplayCursor:
+        """The cursor a replay model drives (`RecordedModel`, each framework's).
+
+        `recording`: a `ReplayScript`, or a `Session` whose loop `loop_id` is replayed
+        (default as `ReplayScript.from_session`; `chain`: with the loops it continues).
+        `fallback`: whether the replay model has a fallback model; `until_turn` and
+        ``on_divergence="fallback"`` hand calls over to it, so they need one
+        (ValueError without)."""
+        script = (
+            recording
+            if isinstance(recording, ReplayScript)
+            else ReplayScript.from_session(recording, loop_id, chain=chain)
+        )
+        if not fallback and (until_turn is not None or on_divergence == "fallback"):
+            raise ValueError("until_turn and on_divergence='fallback' need a fallback model")
+        return cls(script, on_divergence=on_divergence, tools=tools, until_turn=until_turn)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -252,8 +277,8 @@ class ReplayCursor:
             return (
                 "tool_arguments",
                 f"{name} [{call.id}] called with other arguments",
-                _clip(repr(recorded)),
-                _clip(repr(given)),
+                clip(repr(recorded)),
+                clip(repr(given)),
             )
         if no_result:
             return "tool_call", f"tool call {call.id!r} ({name}) has no recorded result", None, None

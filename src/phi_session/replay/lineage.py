@@ -39,14 +39,13 @@ import msgspec
 
 from ..events import DEFAULT, ContinuationKind, LoopConfigSnapshot
 from ..model import Session
+from .script import REPLAY_TAG
 
 if TYPE_CHECKING:
     from ..instrument import LoopScope, Tracer
     from .script import ReplayScript
 
 __all__ = ["ActiveLineage", "Lineage", "active_lineage", "fork_lineage", "recording_as", "replay_lineage"]
-
-REPLAY_TAG = "replay"
 
 
 class Lineage(msgspec.Struct, frozen=True, kw_only=True):

@@ -54,15 +54,16 @@ class RecordedModel:
         until_turn: int | None = None,
         fallback: ModelFn | None = None,
     ) -> None:
-        script = (
-            recording
-            if isinstance(recording, ReplayScript)
-            else ReplayScript.from_session(recording, loop_id, chain=chain)
+        self.cursor = ReplayCursor.of(
+            recording,
+            loop_id,
+            chain=chain,
+            on_divergence=on_divergence,
+            tools=tools,
+            until_turn=until_turn,
+            fallback=fallback is not None,
         )
-        if fallback is None and (until_turn is not None or on_divergence == "fallback"):
-            raise ValueError("until_turn and on_divergence='fallback' need a fallback model")
-        self.script = script
-        self.cursor = ReplayCursor(script, on_divergence=on_divergence, tools=tools, until_turn=until_turn)
+        self.script = self.cursor.script
         self.fallback = fallback
 
     def next(self, request: RequestShape | Sequence[AgentMessage]) -> AssistantMessage:

@@ -14,7 +14,9 @@ Build it so that it says what the *model* sees:
 Comparison (`compare_messages`, `compare_tools`) looks only at what reaches the
 model, normalised: roles; text (the text blocks of a message joined); images
 (MIME type and data); tool calls (id, name, arguments as JSON values, a JSON
-string being read as its value); tool results (call id and content). Ignored:
+string being read as its value); tool results (call id and content). An empty
+call id (of a call or a result) is unknown and matches any id: Google ADK sends the
+model no ids for the calls it numbered itself. Ignored:
 timestamps, usage, stop reasons, model and provider names, turn ids, node ids,
 provenance, ``is_error`` and a result's tool name (most providers send neither),
 and extension messages (never sent to a model). Thinking is compared only when both
@@ -44,7 +46,15 @@ from ..messages import (
     UserMessage,
 )
 
-__all__ = ["Normalizer", "RequestShape", "compare_messages", "compare_tools", "normal_arguments", "summarize"]
+__all__ = [
+    "Normalizer",
+    "RequestShape",
+    "clip",
+    "compare_messages",
+    "compare_tools",
+    "normal_arguments",
+    "summarize",
+]
 
 _SUMMARY_LIMIT = 160
 
@@ -121,16 +131,22 @@ class _Normal(msgspec.Struct, frozen=True):
     call_id: str = ""
 
     def same(self, other: _Normal) -> bool:
-        if (self.role, self.text, self.images, self.call_id) != (
-            other.role,
-            other.text,
-            other.images,
-            other.call_id,
-        ):
+        if (self.role, self.text, self.images) != (other.role, other.text, other.images):
+            return False
+        if not _same_id(self.call_id, other.call_id):
             return False
         if self.thinking and other.thinking and self.thinking != other.thinking:
             return False
-        return self.calls == other.calls
+        return len(self.calls) == len(other.calls) and all(
+            _same_id(mine[0], theirs[0]) and mine[1:] == theirs[1:]
+            for mine, theirs in zip(self.calls, other.calls, strict=True)
+        )
+
+
+def _same_id(a: str, b: str) -> bool:
+    """Whether two tool call ids may name the same call: an empty id is unknown (Google
+    ADK sends the model no ids for the calls it numbered itself)."""
+    return a == b or not a or not b
 
 
 def _normal(message: AgentMessage) -> _Normal | None:
@@ -180,7 +196,8 @@ def _normals(messages: Sequence[AgentMessage]) -> list[_Normal]:
     return [n for n in map(_normal, messages) if n is not None]
 
 
-def _clip(text: str) -> str:
+def clip(text: str) -> str:
+    """`text` on one line (whitespace runs collapsed to one space), clipped to 160 characters."""
     text = " ".join(text.split())
     return text if len(text) <= _SUMMARY_LIMIT else text[: _SUMMARY_LIMIT - 1] + "…"
 
@@ -199,7 +216,7 @@ def _describe(normal: _Normal | None) -> str:
         parts.append(f"{len(normal.images)} image(s)")
     for call_id, name, arguments in normal.calls:
         parts.append(f"{name}({msgspec.json.encode(arguments).decode()}) [{call_id}]")
-    return _clip(" ".join(parts))
+    return clip(" ".join(parts))
 
 
 def summarize(message: AgentMessage) -> str:
@@ -260,4 +277,4 @@ def compare_tools(
         problems.append(f"tool(s) removed: {names(removed)}")
     if changed:
         problems.append(f"tool(s) changed: {names(changed)}")
-    return "; ".join(problems), _clip(names(sorted(want))), _clip(names(sorted(got)))
+    return "; ".join(problems), clip(names(sorted(want))), clip(names(sorted(got)))

@@ -10,7 +10,8 @@ system prompt, messages and tools; otherwise system prompt and tools are unknown
 the messages are the context the model had: what the loops before this one
 contribute (`Session.context_at`, the chain of ``parent_loop_id``), then this loop's
 messages up to and including the turn's own inputs (its prompts and follow-ups, not
-its tool results).
+its tool results), each turn's tool results in the order of its reply's tool calls
+(the order frameworks send them in, whichever ended first).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ..errors import LoopNotFound, TurnNotFound
-from ..events import TurnRequest
+from ..events import ContinuationKind, TurnRequest
 from ..messages import (
     AgentMessage,
     AnnotatedRequestPayload,
@@ -32,7 +33,11 @@ from ..messages import (
 from ..model import LoopRecord, Session, Turn
 from .request import RequestShape
 
-__all__ = ["RecordedTurn", "ReplayScript"]
+__all__ = ["REPLAY_TAG", "RecordedTurn", "ReplayScript"]
+
+REPLAY_TAG = "replay"
+"""The tag of a replay's loop kind: ``Rerun{"replay"}``."""
+_REPLAY = ContinuationKind.rerun(REPLAY_TAG)
 
 
 class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,6 +89,19 @@ def _own_results(turn: Turn) -> set[str]:
     return ids
 
 
+def _in_call_order(
+    results: tuple[ToolResultMessage, ...], reply: AssistantMessage
+) -> tuple[ToolResultMessage, ...]:
+    """`results` (recorded in the order they ended) in the order of `reply`'s tool calls,
+    as frameworks send them to the model; a result of no call of `reply` keeps its
+    relative place, after them."""
+    order: dict[str, int] = {}
+    for block in reply.content:
+        if type(block) is ToolCall:
+            order.setdefault(block.id, len(order))
+    return tuple(sorted(results, key=lambda result: order.get(result.tool_call_id, len(order))))
+
+
 def _recorded_turns(session: Session, record: LoopRecord) -> Iterator[RecordedTurn]:
     context = session.context_at(record.loop_id)
     history = context[: len(context) - len(record.context_messages())]
@@ -115,7 +133,7 @@ def _recorded_turns(session: Session, record: LoopRecord) -> Iterator[RecordedTu
             tool_results=results,
         )
         local.append(output)
-        local.extend(results)
+        local.extend(_in_call_order(results, output))
 
 
 class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,7 +152,12 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
     def from_session(
         cls, session: Session, loop_id: str | None = None, *, chain: bool = False
     ) -> ReplayScript:
-        """The turns of `loop_id` (default: the loop of `session` that started last).
+        """The turns of `loop_id`.
+
+        The default loop is the one of `session` that started last without being itself
+        a replay (``Rerun{"replay"}``, `replay_lineage`): the last run of the agent or
+        the last fork, so that a live session object that has since recorded replays
+        of it (a `SessionRecorder`'s) still defaults to the run they replayed.
 
         With `chain`, the turns of every loop whose messages make up the context of
         `loop_id` (`Session.context_chain_to`: root first), as a conversation of
@@ -145,9 +168,12 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
         if not isinstance(session, Session):
             raise TypeError(f"expected a Session, got {type(session).__name__}")
         if loop_id is None:
-            if not session.loops:
-                raise LoopNotFound(f"session {session.session_id!r} has no loop to replay")
-            loop_id = max(session.loops, key=lambda record: record.started_at.ns).loop_id
+            runs = [record for record in session.loops if record.kind != _REPLAY]
+            if not runs:
+                raise LoopNotFound(
+                    f"session {session.session_id!r} has no loop to replay (replays do not count)"
+                )
+            loop_id = max(runs, key=lambda record: record.started_at.ns).loop_id
         if session.get_loop(loop_id) is None:
             raise LoopNotFound(f"no loop {loop_id!r} in session {session.session_id!r}")
         ids = session.context_chain_to(loop_id) if chain else [loop_id]

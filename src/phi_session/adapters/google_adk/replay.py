@@ -21,11 +21,13 @@ string that is no JSON stays itself: a tool returning the string ``"5"`` is then
 answered with the number 5, which the next request shows as a divergence); a
 recorded error is answered ``{"error": text}``.
 
-Limits: a recording without captured requests diverges at the first turn after a
-tool call: ADK sends the model no ids for the calls it numbered itself, while the
-recorded loop has them. Turns answered by `fallback` are recorded under this model's
-name (the plugin takes it from the request). Multi-agent invocations (transfers,
-``AgentTool``) are not covered by the tests.
+Limits: a recording without captured requests diverges at the first turn after a tool
+call: ADK sends a tool's value that is no dict as ``{"result": value}``, while the
+recorded loop holds the value (the ids ADK numbered itself and does not send are no
+divergence: an empty call id is unknown, see `phi_session.replay.request`). Turns
+answered by `fallback` are recorded under this model's name (the plugin takes it from
+the request). Multi-agent invocations (transfers, ``AgentTool``) are not covered by
+the tests.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from ...messages import (
 )
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import replay_cursor, replay_recording
+from .._core import replay_recording
 from . import FRAMEWORK, _decode, _json_text, _request
 
 if TYPE_CHECKING:
@@ -189,19 +191,19 @@ class ReplayLlm(BaseLlm):
         **kwargs: Any,
     ) -> None:
         """Replay `recording` (a `ReplayScript`, or a `Session` whose loop `loop_id`,
-        default the last started, is replayed; `chain`: with the loops it continues).
+        default as `ReplayScript.from_session`, is replayed; `chain`: with the loops it continues).
         `until_turn`: fork there, `fallback` answering from that turn on;
         `on_divergence` and `tools` as for `ReplayCursor`. `until_turn` and
         ``on_divergence="fallback"`` need a `fallback`. The model's name and provider
         are the replayed loop's. `kwargs`: BaseLlm's."""
-        cursor = replay_cursor(
+        cursor = ReplayCursor.of(
             recording,
             loop_id,
             chain=chain,
             on_divergence=on_divergence,
             tools=tools,
             until_turn=until_turn,
-            fallback=fallback,
+            fallback=fallback is not None,
         )
         first = cursor.script.session.get_loop(cursor.script.loop_ids[0])
         config = first.config if first is not None else None

@@ -55,7 +55,7 @@ from ...messages import (
 )
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import replay_cursor, replay_recording
+from .._core import replay_recording
 from . import _json_encode, _request, _request_message
 
 __all__ = ["ReplayChatModel"]
@@ -181,18 +181,18 @@ class ReplayChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> None:
         """Replay `recording` (a `ReplayScript`, or a `Session` whose loop `loop_id`,
-        default the last started, is replayed; `chain`: with the loops it continues).
+        default as `ReplayScript.from_session`, is replayed; `chain`: with the loops it continues).
         `until_turn`: fork there, `fallback` answering from that turn on;
         `on_divergence` and `tools` as for `ReplayCursor`. `until_turn` and
         ``on_divergence="fallback"`` need a `fallback`. `kwargs`: BaseChatModel's."""
-        cursor = replay_cursor(
+        cursor = ReplayCursor.of(
             recording,
             loop_id,
             chain=chain,
             on_divergence=on_divergence,
             tools=tools,
             until_turn=until_turn,
-            fallback=fallback,
+            fallback=fallback is not None,
         )
         fields: dict[str, Any] = {"cursor": cursor, "fallback": fallback, **kwargs}
         super().__init__(**fields)

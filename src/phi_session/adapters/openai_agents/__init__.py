@@ -336,9 +336,8 @@ class _Loop:
 class _Mapper:
     """Spans -> core calls, for one installation. Every entry point runs under the core's guard."""
 
-    def __init__(self, core: AdapterCore, capture_requests: bool = False) -> None:
+    def __init__(self, core: AdapterCore) -> None:
         self.core = core
-        self.capture_requests = capture_requests
         self._lock = threading.Lock()
         self._sessions: dict[str, str | None] = {}  # trace id -> framework session id
         self._loops: dict[str, _Loop] = {}  # loop key -> loop
@@ -684,7 +683,7 @@ class PhiRunHooks(RunHooks[Any]):
         if mapper is None:
             return
         mapper.core.safely(mapper.prompt, input_items)
-        if mapper.capture_requests:
+        if mapper.core.capture_requests:
             with mapper.core.guard():
                 # What the runner offers the model: the same calls it makes for the request.
                 tools = await agent.get_all_tools(context)
@@ -769,7 +768,7 @@ def install(
         mapper = _processor.mapper
         if mapper is not None:
             return mapper.core
-        core = AdapterCore(FRAMEWORK, sink, **options)
+        core = AdapterCore(FRAMEWORK, sink, capture_requests=capture_requests, **options)
         provider = get_trace_provider()
         if replace_default:
             set_trace_processors([_processor])
@@ -777,7 +776,7 @@ def install(
         elif _registered_with is not provider:
             add_trace_processor(_processor)
             _registered_with = provider
-        _processor.mapper = _Mapper(core, capture_requests)
+        _processor.mapper = _Mapper(core)
         if _tracing_disabled():
             _warn_tracing_disabled()
         return core

@@ -57,8 +57,8 @@ from openai.types.responses.response_usage import InputTokensDetails, OutputToke
 
 from ...messages import AssistantMessage, TextContent, ThinkingContent, ToolCall
 from ...model import Session
-from ...replay import Divergence, Lineage, OnDivergence, ReplayScript, RequestShape, ToolsMode
-from .._core import replay_cursor, replay_recording
+from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
+from .._core import replay_recording
 from . import request_payload
 
 __all__ = ["ReplayModel", "ReplayProvider"]
@@ -199,14 +199,14 @@ class ReplayModel(Model):
         until_turn: int | None = None,
         fallback: Model | None = None,
     ) -> None:
-        self.cursor = replay_cursor(
+        self.cursor = ReplayCursor.of(
             recording,
             loop_id,
             chain=chain,
             on_divergence=on_divergence,
             tools=tools,
             until_turn=until_turn,
-            fallback=fallback,
+            fallback=fallback is not None,
         )
         self.script = self.cursor.script
         self.fallback = fallback

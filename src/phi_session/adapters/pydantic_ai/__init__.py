@@ -384,7 +384,7 @@ class PhiCapability(AbstractCapability[Any]):
                 raise TypeError(f"{name} must be a bool, not {type(flag).__name__}")
         self.stream = stream
         self.capture_requests = capture_requests
-        self._core = AdapterCore("pydantic-ai", sink, store=store)
+        self._core = AdapterCore("pydantic-ai", sink, store=store, capture_requests=capture_requests)
         self._runs: dict[str, _Run] = {}
 
     def __repr__(self) -> str:

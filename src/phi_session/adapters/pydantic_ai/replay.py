@@ -42,7 +42,7 @@ from pydantic_ai.usage import RequestUsage
 from ...messages import AssistantMessage, StopReason, TextContent, ThinkingContent, ToolCall, Usage
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import replay_cursor, replay_recording
+from .._core import replay_recording
 from . import _STOP_REASONS, request_payload
 
 __all__ = ["ReplayModel", "ReplayTools"]
@@ -154,14 +154,14 @@ class ReplayModel(Model):
         fallback: Model | None = None,
     ) -> None:
         super().__init__()
-        self.cursor = replay_cursor(
+        self.cursor = ReplayCursor.of(
             recording,
             loop_id,
             chain=chain,
             on_divergence=on_divergence,
             tools=tools,
             until_turn=until_turn,
-            fallback=fallback,
+            fallback=fallback is not None,
         )
         self.script = script = self.cursor.script
         self.fallback = fallback
