@@ -86,14 +86,16 @@ _T = TypeVar("_T")
 
 
 def replay_recording(
-    cursor: ReplayCursor, *, tag: str = "fork", change: Any = None
+    cursor: ReplayCursor, *, tag: str = "fork", change: Any = None, fallback: str | None = None
 ) -> AbstractContextManager[Lineage]:
     """Where a replay model's run is recorded (`phi_session.replay.recording_as`): the
     recording's session, as a ``Rerun{replay}`` of the replayed loop, or for a fork
     (the cursor's ``until_turn``) a ``Branch{tag}`` whose metadata names the fork point
-    and `change`."""
+    and `change` (default: ``{"model": fallback}``, the name of the model forked to)."""
     if cursor.until_turn is None:
         return recording_as(replay_lineage(cursor.script))
+    if change is None and fallback is not None:
+        change = {"model": fallback}
     return recording_as(fork_lineage(cursor.script, cursor.until_turn, tag=tag, change=change))
 
 

@@ -222,9 +222,8 @@ class ReplayLlm(BaseLlm):
         a ``Rerun{replay}`` of the replayed loop, or for a fork (``until_turn``) a
         ``Branch{tag}`` whose metadata names the fork point and `change` (default: the
         fallback model's name)."""
-        if change is None and self.cursor.until_turn is not None and self.fallback is not None:
-            change = {"model": self.fallback.model}
-        return replay_recording(self.cursor, tag=tag, change=change)
+        fallback = None if self.fallback is None else self.fallback.model
+        return replay_recording(self.cursor, tag=tag, change=change, fallback=fallback)
 
     def tools_plugin(self, name: str = "phi_replay_tools") -> BasePlugin:
         """A plugin answering tool calls from the recording (``tools="recorded"``) while

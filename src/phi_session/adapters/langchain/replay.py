@@ -207,9 +207,8 @@ class ReplayChatModel(BaseChatModel):
         a ``Rerun{replay}`` of the replayed loop, or for a fork (``until_turn``) a
         ``Branch{tag}`` whose metadata names the fork point and `change` (default: the
         fallback model's name)."""
-        if change is None and self.cursor.until_turn is not None and self.fallback is not None:
-            change = {"model": self.fallback.get_name()}
-        return replay_recording(self.cursor, tag=tag, change=change)
+        fallback = None if self.fallback is None else self.fallback.get_name()
+        return replay_recording(self.cursor, tag=tag, change=change, fallback=fallback)
 
     def wrap_tools(self, tools: Sequence[BaseTool]) -> list[BaseTool]:
         """`tools` answering their calls from the recording (``tools="recorded"``) while

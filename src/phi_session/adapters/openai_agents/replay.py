@@ -224,9 +224,8 @@ class ReplayModel(Model):
         a ``Rerun{replay}`` of the replayed loop, or for a fork (``until_turn``) a
         ``Branch{tag}`` whose metadata names the fork point and `change` (default: the
         fallback model's name)."""
-        if change is None and self.cursor.until_turn is not None and self.fallback is not None:
-            change = {"model": type(self.fallback).__name__}
-        return replay_recording(self.cursor, tag=tag, change=change)
+        fallback = None if self.fallback is None else type(self.fallback).__name__
+        return replay_recording(self.cursor, tag=tag, change=change, fallback=fallback)
 
     # -- tools ------------------------------------------------------------------------------
 
