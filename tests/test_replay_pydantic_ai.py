@@ -51,18 +51,22 @@ def no_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
 
 
 class Tools:
-    """The agent's two tools, counting their calls; `results` changes what lookup returns."""
+    """The agent's two tools, counting their calls; `results` changes what lookup returns.
+
+    Coroutines, so that parallel calls finish in call order: pydantic-ai runs plain
+    functions in worker threads, whose finishing order (the order the loop records the
+    results in) varies with the machine's load."""
 
     def __init__(self, prefix: str = "value of") -> None:
         self.calls = 0
         self.prefix = prefix
 
-    def lookup(self, key: str) -> str:
+    async def lookup(self, key: str) -> str:
         """Look a key up."""
         self.calls += 1
         return f"{self.prefix} {key}"
 
-    def add(self, a: int, b: int) -> int:
+    async def add(self, a: int, b: int) -> int:
         """Add two numbers."""
         self.calls += 1
         return a + b
