@@ -222,8 +222,8 @@ def test_html_in_messages_is_text_and_runs_nothing(watched: Watched) -> None:
     page.wait_for_selector("#loop-tree")
     page.click("text=Expand loaded loops")
     page.get_by_text(XSS_TEXT, exact=True).first.wait_for()
-    assert page.get_by_text(XSS_TEXT, exact=True).first.is_visible()
-    assert page.get_by_text(XSS_REPLY, exact=True).first.is_visible()
+    expect(page.get_by_text(XSS_TEXT, exact=True).first).to_be_visible()
+    expect(page.get_by_text(XSS_REPLY, exact=True).first).to_be_visible()  # may render a moment later
     assert page.locator("#app img, #app script, #app b").count() == 0
     page.click("#show-events")
     page.wait_for_selector("#event-log")
@@ -420,12 +420,16 @@ def test_session_list_pages_by_keyset(watched: Watched, demo_ids: dict[str, Any]
     seen: list[str] = []
     while True:
         page.wait_for_selector("#sessions")
-        seen += page.locator("#sessions a.session-link").all_inner_texts()
+        rows = page.locator("#sessions a.session-link").all_inner_texts()
+        seen += rows
         if page.locator("#next-page").count() == 0:
             break
+        before = page.url
         page.click("#next-page")
-        page.wait_for_url(lambda url: "after=" in url)
+        page.wait_for_url(lambda url, before=before: url != before and "after=" in url)
         expect(page.locator("#first-page")).to_be_visible()
+        # The address changes before the next page's rows replace this page's.
+        expect(page.locator("#sessions a.session-link").first).not_to_have_text(rows[0])
     assert len(seen) == len(set(seen)) == total
     prompt = page.locator("#sessions td.prompt").first
     expect(prompt).not_to_have_text("…")
