@@ -51,7 +51,7 @@ def record(lines: list[bytes]) -> list[Session]:
 def billed(sessions: list[Session]) -> Usage:
     total = ZERO_USAGE
     for session in sessions:
-        total = total + session.total_usage()
+        total = total + session.billed_usage()
     return total
 
 
@@ -141,3 +141,19 @@ def test_the_viewer_shows_what_a_cut_loop_billed(tmp_path: Path) -> None:
     assert row["billed_usage"]["output"] == row["unfinished_usage"]["output"] == reported.output
     assert row["loop"]["usage"]["output"] == 0  # the record as phi-core wrote it
     assert summary["usage"]["output"] == reported.output
+
+
+def test_total_usage_keeps_phi_cores_meaning_and_billed_usage_counts_the_cut_off_turn() -> None:
+    # phi-core documents Session::total_usage as the sum of the loops' `usage`: a loop
+    # cut off before AgentEnd counts zero there; billed_usage counts what it reported.
+    undercounted = 0
+    for _, lines, reported in workload_cuts():
+        for session in record(lines):
+            phi_core = ZERO_USAGE
+            for loop in session.loops:
+                phi_core = phi_core + loop.usage
+            assert session.total_usage() == phi_core
+        sessions = record(lines)
+        assert billed(sessions) == reported
+        undercounted += sum(s.total_usage() != s.billed_usage() for s in sessions)
+    assert undercounted > 0  # the cuts do hit unfinished turns

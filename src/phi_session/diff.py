@@ -332,7 +332,7 @@ def diff_sessions(a: Session, b: Session) -> SessionDiff:
         only_in_a=only_a,
         only_in_b=only_b,
         first_divergence=first,
-        usage_delta=UsageDelta.between(a.total_usage(), b.total_usage()),
+        usage_delta=UsageDelta.between(a.billed_usage(), b.billed_usage()),
     )
 
 

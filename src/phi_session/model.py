@@ -426,7 +426,16 @@ class Session(msgspec.Struct, kw_only=True):
         return kept
 
     def total_usage(self) -> Usage:
-        """Token usage summed over every loop (`LoopRecord.billed_usage`: unfinished turns count)."""
+        """Token usage summed over every loop's ``usage``, as phi-core's ``total_usage``
+        returns it: a loop cut off before ``AgentEnd`` counts zero. `billed_usage` counts it."""
+        total = ZERO_USAGE
+        for record in self.loops:
+            total = total + record.usage
+        return total
+
+    def billed_usage(self) -> Usage:
+        """Every token the session's model calls reported (`LoopRecord.billed_usage` summed):
+        unlike `total_usage`, the unfinished turns of loops cut off before ``AgentEnd`` count."""
         total = ZERO_USAGE
         for record in self.loops:
             total = total + record.billed_usage()

@@ -480,7 +480,7 @@ def loop_tree(session: Session, forest: Sequence[LoopNode], *, details: bool = T
             else f"  {session.formation.kind}",
             style="cyan" if spawn is not None else "",
         )
-        root.append(f"  {count(session.total_usage().total_tokens, 'token')}")
+        root.append(f"  {count(session.billed_usage().total_tokens, 'token')}")
     tree = Tree(_cut(root))
     # An explicit stack (reversed so siblings keep session order): a chain of thousands
     # of continued loops must not hit the recursion limit.

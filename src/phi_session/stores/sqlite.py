@@ -566,9 +566,9 @@ def _usage_of(tokens: Sequence[int]) -> Usage:
 def _usage_by_key(session: Session, group_by: GroupBy) -> dict[str, tuple[int, Usage]]:
     """What `session` adds to each `usage_totals` key: loops and usage (as `_TOTALS_SQL`)."""
     if group_by == "agent":
-        return {session.agent_id: (len(session.loops), session.total_usage())}
+        return {session.agent_id: (len(session.loops), session.billed_usage())}
     if group_by == "day":
-        return {str(session.created_at).partition("T")[0]: (len(session.loops), session.total_usage())}
+        return {str(session.created_at).partition("T")[0]: (len(session.loops), session.billed_usage())}
     by_model: dict[str, tuple[int, Usage]] = {}
     for record in session.loops:
         config = record.config
