@@ -725,6 +725,7 @@ def test_search_reads_only_the_sessions_the_index_names(
     assert loaded == ["s3"]
 
 
+@pytest.mark.spec  # phi-core's example stream
 def test_the_v3_migration_bills_the_loops_cut_off_mid_turn(db: Path) -> None:
     lines = (EXAMPLES_DIR / "events-basic.jsonl").read_bytes().split(b"\n")[:9]  # inside loop 1's turn
     recorder = SessionRecorder()

@@ -184,6 +184,7 @@ def _paged_events(server: ViewerServer, path: str, size: int) -> list[tuple[str 
             return rows
 
 
+@pytest.mark.spec  # phi-core's example stream
 def test_a_session_opens_from_its_outline_and_pages_events_loop_by_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
