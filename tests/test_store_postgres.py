@@ -485,6 +485,7 @@ def test_closed_store_refuses_work(schema: str) -> None:
         store.list_ids()
 
 
+@pytest.mark.spec  # phi-core's example stream
 def test_the_v4_migration_bills_the_loops_cut_off_mid_turn(store: postgres.PostgresStore, admin: Any) -> None:
     lines = (EXAMPLES_DIR / "events-basic.jsonl").read_bytes().split(b"\n")[:9]  # inside loop 1's turn
     recorder = SessionRecorder()
