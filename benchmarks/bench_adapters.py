@@ -66,29 +66,118 @@ def medians(runs: int, variants: list[Callable[[], object]]) -> list[float]:
     return asyncio.run(medians_async(runs, [awaitable(run) for run in variants]))
 
 
-# -- OpenAI Agents SDK --------------------------------------------------------------------------
+# -- the run every framework makes: TURNS turns of TOOLS lookups, then the answer ---------------
+# (bench_replay.py records and replays the same runs)
 
 
-def bench_openai_agents(runs: int) -> None:
-    # Trace processors are global to the SDK: each variant runs as a block with its own.
-    from agents import Agent, RunHooks, Runner, function_tool
+def lookup(key: str) -> str:
+    """Looks a key up."""
+    return key.upper()
+
+
+def openai_agents_workload() -> tuple[Any, list[Any], Any]:
+    """The SDK's `ScriptedModel` (emitting traces), the steps one run takes from it, and
+    the lookup tool."""
+    from agents import function_tool
     from agents.testing.model import ScriptedModel, assistant_message, function_call
-    from agents.tracing import TracingProcessor, set_trace_processors
-
-    from phi_session.adapters import openai_agents
-
-    @function_tool
-    def lookup(key: str) -> str:
-        """Look a key up."""
-        return key.upper()
 
     steps: list[Any] = [
         [function_call("lookup", {"key": f"{turn}.{i}"}, call_id=f"call-{turn}-{i}") for i in range(TOOLS)]
         for turn in range(TURNS)
     ]
     steps.append([assistant_message("done")])
-    model = ScriptedModel(emit_traces=True)
-    agent = Agent(name="bench", model=model, tools=[lookup])
+    return ScriptedModel(emit_traces=True), steps, function_tool(lookup)
+
+
+def pydantic_ai_model() -> Any:
+    """A `FunctionModel` calling TOOLS tools on each of TURNS turns (counted from the
+    history), then answering."""
+    from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.models.function import AgentInfo, FunctionModel
+    from pydantic_ai.usage import RequestUsage
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        turn = sum(1 for message in messages if isinstance(message, ModelResponse))
+        usage = RequestUsage(input_tokens=100, output_tokens=20)
+        if turn < TURNS:
+            calls = [
+                ToolCallPart("lookup", {"key": f"{turn}.{i}"}, tool_call_id=f"c{turn}.{i}")
+                for i in range(TOOLS)
+            ]
+            return ModelResponse(parts=[TextPart("checking"), *calls], usage=usage)
+        return ModelResponse(parts=[TextPart("done")], usage=usage)
+
+    return FunctionModel(model)
+
+
+def google_adk_model() -> Any:
+    """A scripted ADK `BaseLlm` calling TOOLS tools on each of TURNS turns (counted from
+    the request), then answering."""
+    from google.adk.models.base_llm import BaseLlm
+    from google.adk.models.llm_request import LlmRequest
+    from google.adk.models.llm_response import LlmResponse
+    from google.genai import types
+
+    usage = types.GenerateContentResponseUsageMetadata(prompt_token_count=100, candidates_token_count=20)
+
+    class FakeModel(BaseLlm):
+        async def generate_content_async(
+            self, llm_request: LlmRequest, stream: bool = False
+        ) -> AsyncGenerator[LlmResponse, None]:
+            turn = sum(1 for content in llm_request.contents if content.role == "model")
+            if turn < TURNS:
+                calls = [types.FunctionCall(name="lookup", args={"key": f"{turn}.{i}"}) for i in range(TOOLS)]
+                parts = [types.Part(function_call=call) for call in calls]
+            else:
+                parts = [types.Part(text="done")]
+            yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
+
+    return FakeModel(model="fake")
+
+
+def langchain_model(*, offers_tools: bool = False) -> Any:
+    """LangChain's fake chat model with ``bind_tools``; its replies cycle: one run takes
+    TOOLS tool calls on each of TURNS turns, then the answer. `offers_tools`: the bound
+    tools reach the model's request (so that a recording captures them)."""
+    import itertools
+
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    usage: Any = {"input_tokens": 100, "output_tokens": 20, "total_tokens": 120}
+
+    class FakeModel(GenericFakeChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            if not offers_tools:
+                return self
+            return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+    replies = [
+        AIMessage(
+            content="",
+            usage_metadata=usage,
+            tool_calls=[
+                {"id": f"c{turn}.{i}", "name": "lookup", "args": {"key": f"{turn}.{i}"}} for i in range(TOOLS)
+            ],
+        )
+        for turn in range(TURNS)
+    ]
+    return FakeModel(messages=itertools.cycle([*replies, AIMessage(content="done", usage_metadata=usage)]))
+
+
+# -- OpenAI Agents SDK --------------------------------------------------------------------------
+
+
+def bench_openai_agents(runs: int) -> None:
+    # Trace processors are global to the SDK: each variant runs as a block with its own.
+    from agents import Agent, RunHooks, Runner
+    from agents.tracing import TracingProcessor, set_trace_processors
+
+    from phi_session.adapters import openai_agents
+
+    model, steps, tool = openai_agents_workload()
+    agent = Agent(name="bench", model=model, tools=[tool])
     seen: list[tuple[object, ...]] = []
 
     class NoOpProcessor(TracingProcessor):
@@ -144,34 +233,11 @@ def bench_openai_agents(runs: int) -> None:
 
 def bench_google_adk(runs: int) -> None:
     from google.adk.agents import LlmAgent
-    from google.adk.models.base_llm import BaseLlm
-    from google.adk.models.llm_request import LlmRequest
-    from google.adk.models.llm_response import LlmResponse
     from google.adk.plugins.base_plugin import BasePlugin
     from google.adk.runners import InMemoryRunner
     from google.genai import types
 
     from phi_session.adapters.google_adk import PhiPlugin
-
-    usage = types.GenerateContentResponseUsageMetadata(prompt_token_count=100, candidates_token_count=20)
-
-    class FakeModel(BaseLlm):
-        """Calls TOOLS tools on each of TURNS turns (counted from the request), then answers."""
-
-        async def generate_content_async(
-            self, llm_request: LlmRequest, stream: bool = False
-        ) -> AsyncGenerator[LlmResponse, None]:
-            turn = sum(1 for content in llm_request.contents if content.role == "model")
-            if turn < TURNS:
-                calls = [types.FunctionCall(name="lookup", args={"key": f"{turn}.{i}"}) for i in range(TOOLS)]
-                parts = [types.Part(function_call=call) for call in calls]
-            else:
-                parts = [types.Part(text="done")]
-            yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
-
-    def lookup(key: str) -> str:
-        """Looks a key up."""
-        return key.upper()
 
     class NoOpPlugin(BasePlugin):
         """Appends a tuple per callback PhiPlugin implements: ADK's own plugin dispatch."""
@@ -199,7 +265,7 @@ def bench_google_adk(runs: int) -> None:
         setattr(NoOpPlugin, callback, appender(callback, argument))
 
     def runner(plugins: list[BasePlugin]) -> InMemoryRunner:
-        agent = LlmAgent(name="bench", model=FakeModel(model="fake"), tools=[lookup])
+        agent = LlmAgent(name="bench", model=google_adk_model(), tools=[lookup])
         return InMemoryRunner(agent=agent, app_name="bench", plugins=plugins)
 
     def variant(plugins: list[BasePlugin]) -> Callable[[int], Awaitable[None]]:
@@ -231,27 +297,8 @@ def bench_google_adk(runs: int) -> None:
 def bench_pydantic_ai(runs: int) -> None:
     from pydantic_ai import Agent, CallToolsNode
     from pydantic_ai.capabilities import AbstractCapability
-    from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
-    from pydantic_ai.models.function import AgentInfo, FunctionModel
-    from pydantic_ai.usage import RequestUsage
 
     from phi_session.adapters.pydantic_ai import PhiCapability
-
-    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        """Calls TOOLS tools on each of TURNS turns (counted from the history), then answers."""
-        turn = sum(1 for message in messages if isinstance(message, ModelResponse))
-        usage = RequestUsage(input_tokens=100, output_tokens=20)
-        if turn < TURNS:
-            calls = [
-                ToolCallPart("lookup", {"key": f"{turn}.{i}"}, tool_call_id=f"c{turn}.{i}")
-                for i in range(TOOLS)
-            ]
-            return ModelResponse(parts=[TextPart("checking"), *calls], usage=usage)
-        return ModelResponse(parts=[TextPart("done")], usage=usage)
-
-    def lookup(key: str) -> str:
-        """Looks a key up."""
-        return key.upper()
 
     class NoOpCapability(AbstractCapability[Any]):
         """Appends a tuple per hook PhiCapability implements: pydantic-ai's own hook dispatch."""
@@ -287,7 +334,7 @@ def bench_pydantic_ai(runs: int) -> None:
             return result
 
     def variant(capabilities: list[AbstractCapability[Any]]) -> Callable[[int], Awaitable[object]]:
-        agent = Agent(FunctionModel(model), tools=[lookup], capabilities=capabilities)
+        agent = Agent(pydantic_ai_model(), tools=[lookup], capabilities=capabilities)
 
         async def one(i: int) -> object:
             return await agent.run("go")
@@ -313,41 +360,13 @@ def bench_pydantic_ai(runs: int) -> None:
 
 
 def bench_langchain(runs: int) -> None:
-    import itertools
-
     from langchain.agents import create_agent
     from langchain_core.callbacks import BaseCallbackHandler
-    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-    from langchain_core.messages import AIMessage
     from langchain_core.tools import tool
 
     from phi_session.adapters.langchain import PhiCallbackHandler
 
-    usage: Any = {"input_tokens": 100, "output_tokens": 20, "total_tokens": 120}
-
-    class FakeModel(GenericFakeChatModel):
-        """LangChain's fake chat model with ``bind_tools``; its replies cycle: one run
-        takes TOOLS tool calls on each of TURNS turns, then the answer."""
-
-        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
-            return self
-
-    replies = [
-        AIMessage(
-            content="",
-            usage_metadata=usage,
-            tool_calls=[
-                {"id": f"c{turn}.{i}", "name": "lookup", "args": {"key": f"{turn}.{i}"}} for i in range(TOOLS)
-            ],
-        )
-        for turn in range(TURNS)
-    ]
-    model = FakeModel(messages=itertools.cycle([*replies, AIMessage(content="done", usage_metadata=usage)]))
-
-    @tool
-    def lookup(key: str) -> str:
-        """Looks a key up."""
-        return key.upper()
+    model = langchain_model()
 
     class NoOp(BaseCallbackHandler):
         """Appends a tuple per callback PhiCallbackHandler uses: LangChain's own dispatch."""
@@ -377,7 +396,7 @@ def bench_langchain(runs: int) -> None:
     ):
         setattr(NoOp, callback, appender(callback))
 
-    agent = create_agent(model, tools=[lookup])
+    agent = create_agent(model, tools=[tool(lookup)])
     inputs = {"messages": [("user", "go")]}
     recorder = SessionRecorder()
 

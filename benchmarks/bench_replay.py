@@ -20,10 +20,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
-from bench_adapters import TOOLS, TURNS, medians_async  # lives next to this script
+from bench_adapters import (  # lives next to this script: the same runs
+    TOOLS,
+    TURNS,
+    google_adk_model,
+    langchain_model,
+    lookup,
+    medians_async,
+    openai_agents_workload,
+    pydantic_ai_model,
+)
 
 from phi_session import SessionRecorder
 from phi_session.replay import ReplayScript, recording_as, replay_lineage
@@ -61,23 +69,12 @@ def replaying(
 
 
 def bench_openai_agents(runs: int) -> None:
-    from agents import Agent, RunConfig, Runner, function_tool
-    from agents.testing.model import ScriptedModel, assistant_message, function_call
+    from agents import Agent, RunConfig, Runner
 
     from phi_session.adapters import openai_agents
 
-    @function_tool
-    def lookup(key: str) -> str:
-        """Look a key up."""
-        return key.upper()
-
-    steps: list[Any] = [
-        [function_call("lookup", {"key": f"{turn}.{i}"}, call_id=f"call-{turn}-{i}") for i in range(TOOLS)]
-        for turn in range(TURNS)
-    ]
-    steps.append([assistant_message("done")])
-    model = ScriptedModel(emit_traces=True)
-    agent = Agent(name="bench", model=model, tools=[lookup])
+    model, steps, tool = openai_agents_workload()
+    agent = Agent(name="bench", model=model, tools=[tool])
     hooks = openai_agents.PhiRunHooks()
     config = RunConfig(trace_metadata={"phi.session_id": "bench-original"})
 
@@ -113,38 +110,19 @@ def bench_openai_agents(runs: int) -> None:
 
 def bench_pydantic_ai(runs: int) -> None:
     from pydantic_ai import Agent
-    from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
-    from pydantic_ai.models.function import AgentInfo, FunctionModel
-    from pydantic_ai.usage import RequestUsage
 
     from phi_session.adapters.pydantic_ai import PhiCapability, ReplayModel
-
-    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        """Calls TOOLS tools on each of TURNS turns (counted from the history), then answers."""
-        turn = sum(1 for message in messages if isinstance(message, ModelResponse))
-        usage = RequestUsage(input_tokens=100, output_tokens=20)
-        if turn < TURNS:
-            calls = [
-                ToolCallPart("lookup", {"key": f"{turn}.{i}"}, tool_call_id=f"c{turn}.{i}")
-                for i in range(TOOLS)
-            ]
-            return ModelResponse(parts=[TextPart("checking"), *calls], usage=usage)
-        return ModelResponse(parts=[TextPart("done")], usage=usage)
-
-    def lookup(key: str) -> str:
-        """Looks a key up."""
-        return key.upper()
 
     async def measure() -> list[float]:
         recorder = SessionRecorder()
         original = Agent(
-            FunctionModel(model),
+            pydantic_ai_model(),
             tools=[lookup],
             capabilities=[PhiCapability(recorder, capture_requests=True)],
         )
         await original.run("go")
         script = recorded_script(recorder)
-        agent = Agent(FunctionModel(model), tools=[lookup], capabilities=[PhiCapability(SessionRecorder())])
+        agent = Agent(pydantic_ai_model(), tools=[lookup], capabilities=[PhiCapability(SessionRecorder())])
 
         async def fake(i: int) -> object:
             return await agent.run("go")
@@ -164,33 +142,11 @@ def bench_pydantic_ai(runs: int) -> None:
 def bench_google_adk(runs: int) -> None:
     from google.adk.agents import LlmAgent
     from google.adk.models.base_llm import BaseLlm
-    from google.adk.models.llm_request import LlmRequest
-    from google.adk.models.llm_response import LlmResponse
     from google.adk.plugins.base_plugin import BasePlugin
     from google.adk.runners import InMemoryRunner
     from google.genai import types
 
     from phi_session.adapters.google_adk import PhiPlugin, ReplayLlm
-
-    usage = types.GenerateContentResponseUsageMetadata(prompt_token_count=100, candidates_token_count=20)
-
-    class FakeModel(BaseLlm):
-        """Calls TOOLS tools on each of TURNS turns (counted from the request), then answers."""
-
-        async def generate_content_async(
-            self, llm_request: LlmRequest, stream: bool = False
-        ) -> AsyncGenerator[LlmResponse, None]:
-            turn = sum(1 for content in llm_request.contents if content.role == "model")
-            if turn < TURNS:
-                calls = [types.FunctionCall(name="lookup", args={"key": f"{turn}.{i}"}) for i in range(TOOLS)]
-                parts = [types.Part(function_call=call) for call in calls]
-            else:
-                parts = [types.Part(text="done")]
-            yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
-
-    def lookup(key: str) -> str:
-        """Looks a key up."""
-        return key.upper()
 
     message = types.Content(role="user", parts=[types.Part(text="go")])
 
@@ -205,10 +161,10 @@ def bench_google_adk(runs: int) -> None:
 
     async def measure() -> list[float]:
         recorder = SessionRecorder(capture_turn_requests=True)
-        await invoke(runner(FakeModel(model="fake"), PhiPlugin([recorder], capture_requests=True)), "bench")
+        await invoke(runner(google_adk_model(), PhiPlugin([recorder], capture_requests=True)), "bench")
         script = recorded_script(recorder)
         phi = PhiPlugin([SessionRecorder()])
-        fake_runner = runner(FakeModel(model="fake"), phi)
+        fake_runner = runner(google_adk_model(), phi)
         # A replay model per run (its cursor follows one run); agents and runners are
         # built before the clock runs, as the fake's is.
         models = [ReplayLlm(script) for _ in range(runs + 3)]
@@ -230,53 +186,25 @@ def bench_google_adk(runs: int) -> None:
 
 
 def bench_langchain(runs: int) -> None:
-    import itertools
-
     from langchain.agents import create_agent
-    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-    from langchain_core.messages import AIMessage
     from langchain_core.tools import tool
-    from langchain_core.utils.function_calling import convert_to_openai_tool
 
     from phi_session.adapters.langchain import PhiCallbackHandler, ReplayChatModel
 
-    usage: Any = {"input_tokens": 100, "output_tokens": 20, "total_tokens": 120}
-
-    class FakeModel(GenericFakeChatModel):
-        """LangChain's fake chat model with ``bind_tools``; its replies cycle: one run
-        takes TOOLS tool calls on each of TURNS turns, then the answer."""
-
-        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
-            return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
-
-    replies = [
-        AIMessage(
-            content="",
-            usage_metadata=usage,
-            tool_calls=[
-                {"id": f"c{turn}.{i}", "name": "lookup", "args": {"key": f"{turn}.{i}"}} for i in range(TOOLS)
-            ],
-        )
-        for turn in range(TURNS)
-    ]
-    model = FakeModel(messages=itertools.cycle([*replies, AIMessage(content="done", usage_metadata=usage)]))
-
-    @tool
-    def lookup(key: str) -> str:
-        """Looks a key up."""
-        return key.upper()
+    model = langchain_model(offers_tools=True)
+    lookup_tool = tool(lookup)
 
     inputs = {"messages": [("user", "go")]}
     recorder = SessionRecorder(capture_turn_requests=True)
     original = PhiCallbackHandler([recorder], capture_requests=True)
-    create_agent(model, tools=[lookup]).invoke(inputs, {"callbacks": [original]})
+    create_agent(model, tools=[lookup_tool]).invoke(inputs, {"callbacks": [original]})
     script = recorded_script(recorder)
     phi = PhiCallbackHandler([SessionRecorder()])
-    agent = create_agent(model, tools=[lookup])
+    agent = create_agent(model, tools=[lookup_tool])
     # A replay model per run (its cursor follows one run); the agents are compiled
     # before the clock runs, as the fake's is.
     models = [ReplayChatModel(script) for _ in range(runs + 3)]
-    agents = [create_agent(m, tools=m.wrap_tools([lookup])) for m in models]
+    agents = [create_agent(m, tools=m.wrap_tools([lookup_tool])) for m in models]
 
     async def fake(i: int) -> object:
         return agent.invoke(inputs, {"callbacks": [phi]})
