@@ -145,6 +145,7 @@ class SessionRecorder:
         if config is not None and options:
             raise TypeError("pass either a SessionRecorderConfig or keyword options, not both")
         self.config = config if config is not None else SessionRecorderConfig(**options)
+        self._keep_deltas = self.config.include_streaming_events  # read on every delta
         self._lock = threading.RLock()
         self._open: dict[str, _HeldSession] = {}
         self._completed: dict[str, _HeldSession] = {}
@@ -184,7 +185,7 @@ class SessionRecorder:
         decoded = _decode_for_recording(data)
         if type(decoded) is _LazyMessageUpdate:
             with self._lock:
-                if not self.config.include_streaming_events and decoded.loop_id in self._loops:
+                if not self._keep_deltas and decoded.loop_id in self._loops:
                     self._dropped_deltas += 1
                     return
             decoded = codec.decode_event(data, strict=False)
@@ -210,11 +211,7 @@ class SessionRecorder:
 
     def _drops(self, event: AgentEvent) -> bool:
         """Will this event be dropped (a streaming delta of a known loop, deltas off)?"""
-        return (
-            type(event) is MessageUpdate
-            and not self.config.include_streaming_events
-            and event.loop_id in self._loops
-        )
+        return type(event) is MessageUpdate and not self._keep_deltas and event.loop_id in self._loops
 
     def set_write_ahead(self, hook: Callable[[bytes | str], object] | None) -> None:
         """Call `hook(json_line)` with every event the recorder keeps, before applying it.
@@ -238,7 +235,10 @@ class SessionRecorder:
         if loop is None:
             self._orphan(event, "unknown or already closed loop" if event.loop_id else "event without a loop")
             return None
-        loop.append(event)
+        # `_OpenLoop.append`, inline: this runs for nearly every event.
+        sequence = loop.next_seq
+        loop.record.events.append(LoopEvent(sequence=sequence, event=event))
+        loop.next_seq = sequence + 1
         return loop
 
     def _orphan(self, event: AgentEvent, reason: str) -> None:
@@ -437,7 +437,7 @@ class SessionRecorder:
             loop.turn.inputs.append(event.message)
 
     def _on_message_update(self, event: MessageUpdate) -> None:
-        if self.config.include_streaming_events or event.loop_id not in self._loops:
+        if self._keep_deltas or event.loop_id not in self._loops:
             self._append(event)
         else:
             self._dropped_deltas += 1
