@@ -1134,16 +1134,15 @@ class MessageScope(_Scope):
         self._emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
         return self
 
-    def _delta(self, delta: StreamDelta) -> None:
-        self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
-
+    # The three delta methods run once per streamed token: each builds its event inline.
     def text_delta(self, text: str) -> None:
         """A piece of streamed answer text."""
         if self._phase != _RUNNING:
             self._require_running()
         self._text.append(text)
         if self._deltas:
-            self._delta(StreamDelta.text(text))
+            delta = StreamDelta.text(text)
+            self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def thinking_delta(self, text: str) -> None:
         """A piece of streamed reasoning."""
@@ -1151,14 +1150,16 @@ class MessageScope(_Scope):
             self._require_running()
         self._thinking.append(text)
         if self._deltas:
-            self._delta(StreamDelta.thinking(text))
+            delta = StreamDelta.thinking(text)
+            self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def tool_call_delta(self, json_fragment: str) -> None:
         """A piece of a tool call's streamed JSON arguments (pass the parsed call to `finish`)."""
         if self._phase != _RUNNING:
             self._require_running()
         if self._deltas:
-            self._delta(StreamDelta.tool_call(json_fragment))
+            delta = StreamDelta.tool_call(json_fragment)
+            self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     @property
     def text(self) -> str:

@@ -235,10 +235,7 @@ class SessionRecorder:
         if loop is None:
             self._orphan(event, "unknown or already closed loop" if event.loop_id else "event without a loop")
             return None
-        # `_OpenLoop.append`, inline: this runs for nearly every event.
-        sequence = loop.next_seq
-        loop.record.events.append(LoopEvent(sequence=sequence, event=event))
-        loop.next_seq = sequence + 1
+        loop.append(event)
         return loop
 
     def _orphan(self, event: AgentEvent, reason: str) -> None:
@@ -437,8 +434,11 @@ class SessionRecorder:
             loop.turn.inputs.append(event.message)
 
     def _on_message_update(self, event: MessageUpdate) -> None:
-        if self._keep_deltas or event.loop_id not in self._loops:
-            self._append(event)
+        loop = self._loops.get(event.loop_id)
+        if loop is None:
+            self._append(event)  # kept as an orphan
+        elif self._keep_deltas:  # `_append` without its second lookup: most events are deltas
+            loop.append(event)
         else:
             self._dropped_deltas += 1
 

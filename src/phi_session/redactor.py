@@ -446,6 +446,8 @@ class Redactor:
     # -- events -------------------------------------------------------------------------
 
     def __call__(self, event: AgentEvent) -> AgentEvent:
+        if type(event) is MessageUpdate:  # most events of a stream: no handler lookup
+            return self._update(event)
         handler = self._handlers.get(type(event))
         return event if handler is None else handler(event)
 
