@@ -85,6 +85,7 @@ __all__ = [
     "ReplayProvider",
     "install",
     "installed",
+    "processor",
     "request_payload",
     "stream",
     "uninstall",
@@ -854,6 +855,13 @@ def install(
         if _tracing_disabled():
             _warn_tracing_disabled()
         return core
+
+
+def processor() -> PhiTracingProcessor:
+    """The tracing processor `install` registers: for a processor list you set yourself
+    (``set_trace_processors([..., openai_agents.processor()])``); it records while the
+    adapter is installed."""
+    return _processor
 
 
 def installed() -> AdapterCore | None:
