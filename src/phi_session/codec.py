@@ -52,7 +52,9 @@ __all__ = [
     "decode_session",
     "encode",
     "encode_event",
+    "encode_loop_with",
     "encode_message",
+    "encode_plain_message",
     "encode_session",
 ]
 
@@ -245,9 +247,15 @@ class _RawPlainMessages:
         hit = self.memo.get(id(message))
         if hit is not None and hit[0] is message:
             return hit[1]
-        raw = msgspec.Raw(_plain.encode(_plain_message(message)))
+        raw = msgspec.Raw(encode_plain_message(message))
         self.memo[id(message)] = (message, raw)
         return raw
+
+
+def encode_plain_message(message: Message) -> bytes:
+    """The plain form of one LLM message (as a ``TurnRequest``'s history holds it): agent
+    metadata dropped, keys in declaration order, compact."""
+    return _plain.encode(_plain_message(message))
 
 
 def _strip_plain(event: Any, plain: Callable[[Message], Any] = _plain_message) -> Any:
@@ -318,8 +326,17 @@ def encode_session(session: Session, *, pretty: bool = True) -> bytes:
 
 
 def encode_loop(record: LoopRecord, *, pretty: bool = True) -> bytes:
-    data = _plain.encode(map_loop_messages(_strip_loop(record, _RawPlainMessages()), _RawMessages()))
+    data = encode_loop_with(record, agent=_RawMessages(), plain=_RawPlainMessages())
     return msgspec.json.format(data, indent=2) if pretty else data
+
+
+def encode_loop_with(record: LoopRecord, *, agent: MessageFn, plain: MessageFn) -> bytes:
+    """`record`'s compact JSON with each agent-form message written as ``agent(message)``
+    and each plain-form one (a ``TurnRequest``'s history) as ``plain(message)``: both
+    return a ``msgspec.Raw``, written as it is. With `encode_message` and
+    `encode_plain_message` behind them, these are `encode_loop`'s bytes; a store
+    writes references instead, to keep each distinct message once."""
+    return _plain.encode(map_loop_messages(_strip_loop(record, plain), agent))
 
 
 def encode(obj: Session | LoopRecord | AgentEvent | AgentMessage, *, pretty: bool | None = None) -> bytes:
