@@ -27,10 +27,11 @@ comparison with ``--whole``. Nothing is asserted: the script prints figures and 
 
 Measured (2 shared cores, other jobs running, SQLite; issue 14). 10,000 loops
 (440,000 events): before outlines the overview alone took 18.7 s cold (the viewer
-loaded the whole session) and the page waited ~25 s; now it opens in 0.83 s cold
-(overview 0.68 s + loops page 0.15 s; 0.03 s warm), event-log pages take 12-50 ms,
-and the timeline fills in after ~19 s. 23,000 loops (1,012,000 events): opens in
-1.7 s cold (decoding 23,000 outlines is ~1.2 s of it), pages in 15-45 ms.
+loaded the whole session) and the page waited ~25 s. 23,000 loops (1,012,000
+events), cold: with each loop's outline decoded whole (its bare record included) it
+opened in 2.3 s (overview 1.9 s + loops page 0.34 s); with flat outlines whose record
+stays JSON until a page shows it, in 0.51 s (overview 0.38 s + loops page 0.13 s),
+12 ms warm; event-log pages take 9-73 ms; the timeline fills in after ~37 s.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -17,6 +18,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from phi_session import SessionRecorder, encode_session
 from phi_session.demo import run_demo
+from phi_session.messages import ZERO_USAGE
 from phi_session.model import Session
 from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
 from phi_session.otel import attributes as attr
@@ -506,3 +508,63 @@ def test_openinference_openai_calls_become_loops_of_one_session() -> None:
         call = output.content[0]  # type: ignore[union-attr]
         assert (call.id, call.name, call.arguments) == ("call_1", "lookup", {"q": 1})
         assert (turn.usage.input, turn.usage.output) == (12, 3)
+
+
+def _span_usage(span: ReadableSpan) -> tuple[int, ...]:
+    names = (
+        attr.USAGE_INPUT_TOKENS,
+        attr.USAGE_OUTPUT_TOKENS,
+        attr.USAGE_CACHE_READ_TOKENS,
+        attr.USAGE_CACHE_WRITE_TOKENS,
+        attr.USAGE_REASONING_TOKENS,
+    )
+    return tuple(int(span.attributes.get(name, 0)) for name in names)
+
+
+def _total_usage(spans: list[ReadableSpan]) -> tuple[int, ...]:
+    usages = [_span_usage(span) for span in spans]
+    return tuple(sum(usage[field] for usage in usages) for field in range(5))
+
+
+def test_a_cut_off_turn_is_exported_with_what_it_billed() -> None:
+    """A stream cut after every event: the chat spans (the cut-off turn's marked
+    unfinished) and the loop spans each add up to the tokens the MessageEnds reported,
+    what the roll-ups bill, and so does the session ingested back from them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import workload  # lives in benchmarks/, not in the package
+
+    from phi_session.stores.conformance import reported_usage
+
+    lines = workload.lines(1)
+    unfinished_seen = 0
+    for cut in range(1, len(lines) + 1):
+        if b'"type":"MessageUpdate"' in lines[cut - 1]:
+            continue  # dropped unstored: the same session as the cut before it
+        recorder = SessionRecorder()
+        for line in lines[:cut]:
+            recorder.on_json(line)
+        recorder.flush()
+        sessions = recorder.drain_completed()
+        reported = reported_usage(lines[:cut])
+        want = (
+            reported.input + reported.cache_read + reported.cache_write,
+            reported.output,
+            reported.cache_read,
+            reported.cache_write,
+            reported.reasoning,
+        )
+        spans = _export(sessions)
+        chats = [span for span in spans if span.kind is SpanKind.CLIENT]
+        loops = [span for span in spans if span.attributes[attr.OPERATION_NAME] == attr.OP_INVOKE_AGENT]
+        assert _total_usage(chats) == want, cut
+        assert _total_usage(loops) == want, cut
+        cut_off = [span for span in chats if span.attributes.get(attr.PHI_TURN_UNFINISHED)]
+        if cut_off and any(_span_usage(span)[1] for span in cut_off):
+            unfinished_seen += 1
+            [span] = cut_off
+            assert span.attributes[attr.RESPONSE_MODEL] == "claude-sonnet-4-5"
+            assert span.name == "chat claude-sonnet-4-5"
+        if cut % 5 == 0:  # ingested back (which closes the cut loop), it bills the same
+            back = _ingest(_export(sessions, capture_content=True))
+            assert sum((s.billed_usage() for s in back), ZERO_USAGE) == reported, cut
+    assert unfinished_seen > 20

@@ -514,3 +514,50 @@ def test_a_remembered_message_whose_arguments_gain_a_secret_is_scanned_again() -
     redacted = redactor(_history_request((reply,)))
     [message] = redacted.payload.messages  # type: ignore[attr-defined]
     assert message.content[0].arguments["nested"]["api_key"] == REDACTED
+
+
+class CountingStringRedactor(Redactor):
+    """Counts the JSON-string scans of each value by identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans: dict[int, int] = {}
+
+    def redact_json_string(self, text: str) -> str:
+        self.scans[id(text)] = self.scans.get(id(text), 0) + 1
+        return super().redact_json_string(text)
+
+
+def test_json_string_arguments_resent_in_every_turn_request_are_scanned_once() -> None:
+    arguments = '{"path": "src/a.py", "password": "hunter2-secret"}'
+    reply = ps.AssistantMessage(
+        content=(ps.ToolCall(id="c1", name="grep", arguments=arguments),),
+        stop_reason="toolUse",
+        model="m",
+        provider="p",
+        usage=ps.Usage(input=1, output=1),
+        timestamp=1,
+    )
+    redactor = CountingStringRedactor()
+    first = redactor(ps.MessageEnd(loop_id="l", message=reply))
+    for _ in range(5):
+        [message] = redactor(_history_request((reply,))).payload.messages  # type: ignore[attr-defined]
+        assert message == first.message  # type: ignore[attr-defined]
+        assert "hunter2-secret" not in message.content[0].arguments
+    assert redactor.scans[id(arguments)] == 1
+
+
+def test_arguments_that_do_not_copy_as_json_are_scanned_every_time() -> None:
+    arguments = {"when": object()}  # no JSON copy to compare against: never remembered
+    reply = ps.AssistantMessage(
+        content=(ps.ToolCall(id="c1", name="http", arguments=arguments),),
+        stop_reason="toolUse",
+        model="m",
+        provider="p",
+        usage=ps.Usage(input=1, output=1),
+        timestamp=1,
+    )
+    redactor = CountingRedactor()
+    for _ in range(3):
+        redactor(_history_request((reply,)))
+    assert redactor.scans[id(arguments)] == 3

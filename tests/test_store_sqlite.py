@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -695,6 +696,33 @@ def test_the_v4_migration_outlines_the_stored_loops(db: Path) -> None:
     with SqliteStore(db) as store:  # v5 stores the first prompts (of what v4 outlined)
         prompts = {row.session_id: row.first_prompt for row in store.query()}
     assert prompts == {"old": "Please brew coffee", "bad": None}
+
+
+def test_outlines_stored_in_their_first_form_still_load(store: SqliteStore, db: Path) -> None:
+    # Schema 4 stored an outline as the bare record, then the counts (no flat fields):
+    # such rows are read as they are, their flat fields taken from the record.
+    session = make_session("first", loops=[talking_loop("first", 1, "brew coffee"), make_loop("first", 2)])
+    store.save(session)
+    expected = session_outline(store.load("first"))
+    with closing(sqlite3.connect(db)) as conn, conn:
+        for position, loop in enumerate(expected.loops):
+            first_form = msgspec.json.encode(
+                {
+                    "record": loop.record_json,
+                    "turn_count": loop.turn_count,
+                    "tool_calls": loop.tool_calls,
+                    "event_types": loop.event_types,
+                    "billed_usage": loop.billed_usage,
+                    "unfinished_usage": loop.unfinished_usage,
+                    "prompt": loop.prompt,
+                }
+            )
+            conn.execute(
+                "UPDATE loops SET outline = ? WHERE session_id = 'first' AND position = ?",
+                (first_form, position),
+            )
+    assert store.load_outline("first") == expected
+    assert [loop.record.loop_id for loop in expected.loops] == [loop.loop_id for loop in expected.loops]
 
 
 def test_the_index_follows_saves_deletes_and_prunes(store: SqliteStore, db: Path) -> None:

@@ -273,7 +273,7 @@ class Pricer:
     def outline(self, outline: SessionOutline) -> Cost:
         """`session` of an outlined session: its loops' billed usage is in the outline."""
         return total(
-            self.price(loop.billed_usage, *_model_of(loop.record), loop.record.started_at)
+            self.price(loop.billed_usage, loop.provider, loop.model, loop.started_at)
             for loop in outline.loops
         )
 

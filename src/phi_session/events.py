@@ -228,17 +228,19 @@ class StreamDelta(_Variant):
             raise ValueError(f"unknown stream delta kind {kind!r}")
         self._init(kind=kind, delta=delta)
 
+    # The named constructors know their kind is valid: they skip `__init__`'s check and
+    # keyword loop (a producer streams one delta per token).
     @classmethod
     def text(cls, delta: str) -> StreamDelta:
-        return cls("Text", delta)
+        return _known_delta(cls, "Text", delta)
 
     @classmethod
     def thinking(cls, delta: str) -> StreamDelta:
-        return cls("Thinking", delta)
+        return _known_delta(cls, "Thinking", delta)
 
     @classmethod
     def tool_call(cls, delta: str) -> StreamDelta:
-        return cls("ToolCallDelta", delta)
+        return _known_delta(cls, "ToolCallDelta", delta)
 
     @classmethod
     def from_json(cls, value: Any) -> StreamDelta:
@@ -251,6 +253,17 @@ class StreamDelta(_Variant):
 
     def to_json(self) -> Any:
         return {self.kind: {"delta": self.delta}}
+
+
+_set_delta_kind = StreamDelta.__dict__["kind"].__set__  # the slots themselves (no __setattr__)
+_set_delta_text = StreamDelta.__dict__["delta"].__set__
+
+
+def _known_delta(cls: type[StreamDelta], kind: str, delta: str) -> StreamDelta:
+    fresh = object.__new__(cls)
+    _set_delta_kind(fresh, kind)
+    _set_delta_text(fresh, delta)
+    return fresh
 
 
 class SessionFormation(_Variant):

@@ -195,12 +195,19 @@ class ProcessorChain:
         self._lock = threading.Lock()
         self.dropped = 0
         """Events a processor dropped on purpose (returned None)."""
+        self.process: Callable[[AgentEvent], AgentEvent | None] = (
+            self._run_one if len(self.processors) == 1 else self._run_all
+        )
+        """Calling the chain, without the ``__call__`` indirection (what a `Tracer` calls)."""
 
     def __bool__(self) -> bool:
         return bool(self.processors)
 
     def __call__(self, event: AgentEvent) -> AgentEvent | None:
         """The processed event, or None if a processor dropped it. Never raises."""
+        return self.process(event)
+
+    def _run_all(self, event: AgentEvent) -> AgentEvent | None:
         for processor in self.processors:
             try:
                 result = processor(event)
@@ -210,18 +217,33 @@ class ProcessorChain:
                     return None
                 event = withheld
                 continue
-            if result is None:
-                with self._lock:
-                    self.dropped += 1
+            passed = self._checked(processor, event, result)
+            if passed is None:
                 return None
-            if result is not event and type(result) not in _EVENT_TYPES:
-                withheld = self._failed(processor, event, TypeError(f"returned {type(result).__name__}"))
-                if withheld is None:
-                    return None
-                event = withheld
-                continue
-            event = result
+            event = passed
         return event
+
+    def _run_one(self, event: AgentEvent) -> AgentEvent | None:
+        # The usual chain (the redactor alone), on every event: no loop.
+        (processor,) = self.processors
+        try:
+            result = processor(event)
+        except Exception as error:
+            return self._failed(processor, event, error)
+        if result is event:
+            return event
+        return self._checked(processor, event, result)
+
+    def _checked(self, processor: Processor, event: AgentEvent, result: Any) -> AgentEvent | None:
+        """What a processor's `result` for `event` passes on: None if it dropped it, the
+        event withheld if it returned something that is not an event."""
+        if result is None:
+            with self._lock:
+                self.dropped += 1
+            return None
+        if result is not event and type(result) not in _EVENT_TYPES:
+            return self._failed(processor, event, TypeError(f"returned {type(result).__name__}"))
+        return result  # type: ignore[no-any-return]
 
     def _failed(self, processor: Processor, event: AgentEvent, error: Exception) -> AgentEvent | None:
         """The event with its content withheld (None in the unexpected case it cannot be)."""

@@ -145,6 +145,7 @@ class SessionRecorder:
         if config is not None and options:
             raise TypeError("pass either a SessionRecorderConfig or keyword options, not both")
         self.config = config if config is not None else SessionRecorderConfig(**options)
+        self._keep_deltas = self.config.include_streaming_events  # read on every delta
         self._lock = threading.RLock()
         self._open: dict[str, _HeldSession] = {}
         self._completed: dict[str, _HeldSession] = {}
@@ -184,7 +185,7 @@ class SessionRecorder:
         decoded = _decode_for_recording(data)
         if type(decoded) is _LazyMessageUpdate:
             with self._lock:
-                if not self.config.include_streaming_events and decoded.loop_id in self._loops:
+                if not self._keep_deltas and decoded.loop_id in self._loops:
                     self._dropped_deltas += 1
                     return
             decoded = codec.decode_event(data, strict=False)
@@ -210,11 +211,7 @@ class SessionRecorder:
 
     def _drops(self, event: AgentEvent) -> bool:
         """Will this event be dropped (a streaming delta of a known loop, deltas off)?"""
-        return (
-            type(event) is MessageUpdate
-            and not self.config.include_streaming_events
-            and event.loop_id in self._loops
-        )
+        return type(event) is MessageUpdate and not self._keep_deltas and event.loop_id in self._loops
 
     def set_write_ahead(self, hook: Callable[[bytes | str], object] | None) -> None:
         """Call `hook(json_line)` with every event the recorder keeps, before applying it.
@@ -437,8 +434,11 @@ class SessionRecorder:
             loop.turn.inputs.append(event.message)
 
     def _on_message_update(self, event: MessageUpdate) -> None:
-        if self.config.include_streaming_events or event.loop_id not in self._loops:
-            self._append(event)
+        loop = self._loops.get(event.loop_id)
+        if loop is None:
+            self._append(event)  # kept as an orphan
+        elif self._keep_deltas:  # `_append` without its second lookup: most events are deltas
+            loop.append(event)
         else:
             self._dropped_deltas += 1
 

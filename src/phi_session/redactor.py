@@ -98,7 +98,7 @@ _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
 _IMMUTABLE_ARGUMENTS = (str, int, float, bool, type(None))
 _FIELD_CACHE_LIMIT = 4096
-_MEMO_LIMIT = 256
+_MEMO_LIMIT = 2048  # distinct contents, arguments and snapshots remembered: a long conversation's history
 
 DEFAULT_SECRET_FIELDS: frozenset[str] = frozenset(
     {
@@ -137,21 +137,13 @@ def _normalize_field(name: str) -> str:
     return _CAMEL_BOUNDARY.sub("_", name).lower().replace("-", "_")
 
 
-def _memoizable(content: tuple[Content, ...]) -> bool:
-    """Whether `content` is immutable all the way down (no tool call holds a dict or list)."""
-    return all(
-        type(block) is not ToolCall or type(block.arguments) in _IMMUTABLE_ARGUMENTS for block in content
-    )
+_MISSING: Any = object()  # a memo miss (a remembered result is never this object)
 
 
-def _mutable_arguments(content: tuple[Content, ...]) -> list[Any]:
-    """The tool calls' arguments that could still change (dicts, lists); a list, so that
-    it compares equal to its JSON copy (see `Redactor._memoized`)."""
-    return [
-        block.arguments
-        for block in content
-        if type(block) is ToolCall and type(block.arguments) not in _IMMUTABLE_ARGUMENTS
-    ]
+def _json_copy(value: Any) -> Any:
+    """A deep copy of a JSON value that compares equal to it while it is unchanged.
+    Raises for values that do not copy as JSON (and so could never compare equal)."""
+    return _json_decode(_json_encode(value))
 
 
 class Redactor:
@@ -185,7 +177,7 @@ class Redactor:
         self.replacement = replacement
         self.redact_text = redact_text
         self._field_verdicts: dict[str, bool] = {}
-        self._memo: dict[int, tuple[Any, Any, Any]] = {}
+        self._memo: dict[int, tuple[Any, Any, Any, Any]] = {}  # id -> (value, result, live, witness)
         self._memo_lock = threading.Lock()
         # Per event type, what to scan; events of other types pass untouched, at the
         # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
@@ -304,56 +296,78 @@ class Redactor:
                 return text if redacted is parsed else _json_encode(redacted).decode()
         return self.redact_string(text)
 
-    def _memoized(
-        self,
-        value: Any,
-        redact: Callable[[Any], Any],
-        mutable_parts: Callable[[Any], list[Any]] | None = None,
-    ) -> Any:
-        """``redact(value)``, remembered for the same object.
+    def _recall(self, value: Any) -> Any:
+        """What was returned for `value` when it was last scanned, or `_MISSING`.
 
-        One message's content reaches the redactor several times (``MessageEnd``,
-        ``TurnEnd``, ``AgentEnd``, and every later ``TurnRequest``'s history): it is
-        scanned once. Entries hold the object itself, so its id cannot be reused while
-        remembered. When `value` holds mutable parts (`mutable_parts(value)`, e.g. a
-        tool call's arguments dict, which could gain a secret after the scan), the entry
-        keeps a deep copy of them taken before the scan and only holds while they still
-        equal it; parts that do not copy as JSON are never remembered.
+        Entries hold the object itself, so its id cannot be reused while remembered,
+        and the entry holds only while what could still change inside it (``live``:
+        a content's mutable tool arguments) equals the copy taken before that scan
+        (``witness``). Lock-free: a hit holds its object, so the identity check is reliable.
         """
-        key = id(value)
-        # Lock-free read: a hit holds its object, so the identity check is reliable.
-        hit = self._memo.get(key)
-        if hit is not None and hit[0] is value and (mutable_parts is None or mutable_parts(value) == hit[2]):
+        hit = self._memo.get(id(value))
+        if hit is not None and hit[0] is value and hit[2] == hit[3]:
             return hit[1]
-        witness = None
-        if mutable_parts is not None:
-            try:
-                witness = _json_decode(_json_encode(mutable_parts(value)))
-            except (TypeError, ValueError, msgspec.EncodeError):
-                return redact(value)
-        result = redact(value)
+        return _MISSING
+
+    def _remember(self, value: Any, result: Any, live: Any = None, witness: Any = None) -> None:
         with self._memo_lock:
             memo = self._memo
             if len(memo) >= _MEMO_LIMIT:
                 del memo[next(iter(memo))]  # the oldest entry
-            memo[key] = (value, result, witness)
-        return result
+            memo[id(value)] = (value, result, live, witness)
+
+    def _snapshot_once(self, snapshot: LoopConfigSnapshot) -> LoopConfigSnapshot:
+        # Every loop of an agent announces the same snapshot object: scanned once.
+        result = self._recall(snapshot)
+        if result is _MISSING:
+            result = self._snapshot(snapshot)
+            self._remember(snapshot, result)
+        return result  # type: ignore[no-any-return]
 
     def _arguments(self, arguments: Any) -> Any:
-        # Not memoized here: arguments are usually a dict the agent may still change
-        # (adding a credential before running the tool) under the same identity.
+        # A dict or list is not remembered here: it is the agent's own object, seen once
+        # (``ToolExecutionStart``), and may still change; a message's are remembered
+        # with their content (`_content`). A JSON string is immutable: scanned once.
         if type(arguments) is str:
-            return self.redact_json_string(arguments)
+            result = self._recall(arguments)
+            if result is _MISSING:
+                result = self.redact_json_string(arguments)
+                self._remember(arguments, result)
+            return result
         return self.redact_value(arguments)
 
     def _content(self, content: tuple[Content, ...]) -> tuple[Content, ...]:
+        """`content` redacted, each distinct content scanned once.
+
+        One message's content reaches the redactor again and again (``MessageEnd``,
+        ``TurnEnd``, ``AgentEnd``, and every later ``TurnRequest``'s history). Its
+        tool calls' arguments may be dicts or lists that could still change (gain a
+        secret after the scan): the entry keeps a copy of them taken before the scan
+        and holds only while they still equal it; arguments that do not copy as JSON
+        are never remembered.
+        """
         if not content:
             return content
-        if _memoizable(content):
-            scanned: tuple[Content, ...] = self._memoized(content, self._scan_content)
-            return scanned
-        scanned = self._memoized(content, self._scan_content, _mutable_arguments)
-        return scanned
+        result = self._recall(content)
+        if result is not _MISSING:
+            return result  # type: ignore[no-any-return]
+        # A list, so that it compares equal to its JSON copy.
+        live = [
+            block.arguments
+            for block in content
+            if type(block) is ToolCall and type(block.arguments) not in _IMMUTABLE_ARGUMENTS
+        ]
+        if not live:
+            result = self._scan_content(content)
+            self._remember(content, result)
+            return result
+        try:
+            witness = _json_copy(live)
+        except (TypeError, ValueError, msgspec.EncodeError):
+            return self._scan_content(content)
+        result = self._scan_content(content)
+        self._remember(content, result, live, witness)
+        return result
 
     def _error_content(self, content: tuple[Content, ...]) -> tuple[Content, ...]:
         # A failed tool's text is usually an exception message (URLs with keys,
@@ -432,6 +446,8 @@ class Redactor:
     # -- events -------------------------------------------------------------------------
 
     def __call__(self, event: AgentEvent) -> AgentEvent:
+        if type(event) is MessageUpdate:  # most events of a stream: no handler lookup
+            return self._update(event)
         handler = self._handlers.get(type(event))
         return event if handler is None else handler(event)
 
@@ -470,9 +486,7 @@ class Redactor:
 
     def _agent_start(self, event: AgentStart) -> AgentStart:
         snapshot = event.config_snapshot
-        new_snapshot = (
-            self._memoized(snapshot, self._snapshot) if isinstance(snapshot, LoopConfigSnapshot) else snapshot
-        )
+        new_snapshot = self._snapshot_once(snapshot) if isinstance(snapshot, LoopConfigSnapshot) else snapshot
         metadata = self.redact_value(event.metadata)
         if new_snapshot is snapshot and metadata is event.metadata:
             return event

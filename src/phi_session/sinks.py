@@ -265,6 +265,7 @@ class FanOut:
         self._failures = FailureTally(logger, "sink", "it will miss the events it fails on", traceback=True)
         self._targets = tuple((sink, _receiver(sink)) for sink in self.sinks)
         if len(self._targets) == 1:
+            self._receive_one = self._targets[0][1]
             self.deliver = self._deliver_one
         else:
             self.deliver = self._deliver_all
@@ -286,11 +287,10 @@ class FanOut:
                 self._failures.record(sink, error)
 
     def _deliver_one(self, event: AgentEvent) -> None:
-        ((sink, receive),) = self._targets
         try:
-            receive(event)
+            self._receive_one(event)
         except Exception as error:
-            self._failures.record(sink, error)
+            self._failures.record(self.sinks[0], error)
 
     @property
     def errors(self) -> dict[str, int]:

@@ -28,6 +28,7 @@ __all__ = [
     "loop_order",
     "spawn_graph",
     "timeline",
+    "tree_order",
 ]
 
 
@@ -48,38 +49,13 @@ def loop_forest(session: Session) -> list[LoopNode]:
     once, as a root, rather than lost or repeated. A duplicated loop id is the
     parent of its children through its first record.
     """
-    first_index: dict[str, int] = {}
-    for index, record in enumerate(session.loops):
-        first_index.setdefault(record.loop_id, index)
-    children: dict[int, list[int]] = {}
-    roots: list[int] = []
-    for index, record in enumerate(session.loops):
-        parent = first_index.get(record.parent_loop_id) if record.parent_loop_id is not None else None
-        if parent is None or parent == index:
-            roots.append(index)
-        else:
-            children.setdefault(parent, []).append(index)
-    seen: set[int] = set()
     forest: list[LoopNode] = []
-    # Depth-first with an explicit stack: a chain of thousands of continued loops
-    # must not hit Python's recursion limit. Loops only reachable through a cycle
-    # are picked up as roots by the second half of the candidates.
-    for root in itertools.chain(roots, range(len(session.loops))):
-        if root in seen:
-            continue
-        seen.add(root)
-        forest.append(LoopNode(root, session.loops[root]))
-        stack: list[tuple[LoopNode, Iterator[int]]] = [(forest[-1], iter(children.get(root, [])))]
-        while stack:
-            node, pending = stack[-1]
-            for child in pending:
-                if child not in seen:
-                    seen.add(child)
-                    node.children.append(LoopNode(child, session.loops[child]))
-                    stack.append((node.children[-1], iter(children.get(child, []))))
-                    break
-            else:
-                stack.pop()
+    path: list[LoopNode] = []  # the nodes from a root down to the last one placed
+    for index, depth in loop_order(session):
+        node = LoopNode(index, session.loops[index])
+        del path[depth:]
+        (path[-1].children if path else forest).append(node)
+        path.append(node)
     return forest
 
 
@@ -88,12 +64,41 @@ def loop_order(session: Session) -> list[tuple[int, int]]:
 
     The order the loop tree is drawn in: each loop before the loops that continue it.
     """
+    return tree_order([(record.loop_id, record.parent_loop_id) for record in session.loops])
+
+
+def tree_order(links: Sequence[tuple[str, str | None]]) -> list[tuple[int, int]]:
+    """`loop_order` of loops given as ``(loop_id, parent_loop_id)`` (a session's outline
+    gives them without decoding a record): ``(index, depth)`` in depth-first order."""
+    first_index: dict[str, int] = {}
+    for index, (loop_id, _) in enumerate(links):
+        first_index.setdefault(loop_id, index)
+    children: dict[int, list[int]] = {}
+    roots: list[int] = []
+    for index, (_, parent_id) in enumerate(links):
+        parent = first_index.get(parent_id) if parent_id is not None else None
+        if parent is None or parent == index:
+            roots.append(index)
+        else:
+            children.setdefault(parent, []).append(index)
+    seen = bytearray(len(links))
     order: list[tuple[int, int]] = []
-    pending = [(node, 0) for node in reversed(loop_forest(session))]
-    while pending:
-        node, depth = pending.pop()
-        order.append((node.index, depth))
-        pending += [(child, depth + 1) for child in reversed(node.children)]
+    # Depth-first with an explicit stack: a chain of thousands of continued loops must
+    # not hit Python's recursion limit. Each loop has one parent, so marking it seen when
+    # pushed equals marking it when drawn. Loops only reachable through a cycle are picked
+    # up as roots by the second half of the candidates.
+    for root in itertools.chain(roots, range(len(links))):
+        if seen[root]:
+            continue
+        seen[root] = 1
+        stack = [(root, 0)]
+        while stack:
+            index, depth = stack.pop()
+            order.append((index, depth))
+            for child in reversed(children.get(index, ())):
+                if not seen[child]:
+                    seen[child] = 1
+                    stack.append((child, depth + 1))
     return order
 
 

@@ -2,7 +2,10 @@
 
 Mapping: one trace per loop (sessions may last days); ``invoke_agent {agent}`` (INTERNAL)
 per loop, ``chat {model}`` (CLIENT) per turn, ``execute_tool {tool}`` (INTERNAL) per tool
-call, under the turn that ran it. A sub-agent's first loop joins its spawner's trace under
+call, under the turn that ran it. Usage attributes count what was billed: a loop cut off
+before AgentEnd (phi-core gives it zero usage and drops the turn it was cut off in) has
+that turn as a chat span marked ``phi.turn.unfinished``, with its replies' usage, and its
+loop span counts it (`LoopRecord.billed_usage`). A sub-agent's first loop joins its spawner's trace under
 the tool span that spawned it; continuations and parallel siblings are span links.
 Span and trace ids are hashes of loop ids, turn indices and tool call ids, so exporting a
 session twice yields the same spans (backends deduplicate them).
@@ -33,6 +36,7 @@ from ..events import (
     CompactionEnded,
     CompactionStarted,
     InputRejected,
+    MessageEnd,
     ProgressMessage,
     PrunApplied,
     RevertApplied,
@@ -250,7 +254,10 @@ class _LoopExport:
         end = int(record.ended_at.ns) if record.ended_at is not None else max(now, start)
         loop.end = max(end, loop.end)
         for index, span in turns.items():
-            self._finish_turn(index, span)
+            if turn is not None and turn[0] == index:
+                self._finish_cut_turn(span)
+            else:
+                self._finish_turn(index, span)
         loop_span_id_ = loop_span_id(record.loop_id)
         out = [
             self._readable(
@@ -288,7 +295,9 @@ class _LoopExport:
             **self.common,
             attr.PHI_LOOP_STATUS: record.status,
             attr.PHI_CONTINUATION_KIND: record.kind.kind,
-            **_usage_attributes(record.usage),
+            # What the loop's calls billed: phi-core's usage, but for a loop cut off before
+            # AgentEnd, whose usage phi-core leaves at zero, its finished and cut-off turns'.
+            **_usage_attributes(record.billed_usage()),
         }
         if record.kind.tag is not None:
             attributes[attr.PHI_CONTINUATION_TAG] = record.kind.tag
@@ -375,6 +384,29 @@ class _LoopExport:
                 span.attributes[attr.SYSTEM_INSTRUCTIONS] = _json.encode(
                     [{"type": "text", "content": turn.request_payload.system_prompt}]
                 ).decode()
+
+    def _finish_cut_turn(self, span: _Span) -> None:
+        """The turn the loop was cut off in (its TurnStart, no TurnEnd), marked unfinished.
+        phi-core drops it from the record, yet its model calls were made and billed: a
+        loop without AgentEnd gives it the usage of its replies (`unfinished_usage`), and
+        the last reply's model and finish reason."""
+        span.attributes[attr.PHI_TURN_UNFINISHED] = True
+        if not self.record.reports_usage():  # else the loop's usage already counts the turn
+            span.attributes.update(_usage_attributes(self.record.unfinished_usage()))
+        replies = [
+            event.message
+            for _, event in span.phi_events
+            if type(event) is MessageEnd and isinstance(event.message, AssistantMessage)
+        ]
+        if not replies:
+            return
+        reply = replies[-1]
+        span.attributes[attr.RESPONSE_MODEL] = reply.model
+        span.attributes[attr.RESPONSE_FINISH_REASONS] = (reply.stop_reason,)
+        span.attributes.setdefault(attr.PROVIDER_NAME, reply.provider)
+        span.attributes.setdefault(attr.REQUEST_MODEL, reply.model)
+        if self.capture:
+            span.attributes[attr.OUTPUT_MESSAGES] = _json.encode([genai_message(m) for m in replies]).decode()
 
     def _links(self) -> list[Link]:
         record, links = self.record, []

@@ -466,8 +466,8 @@ def _timestamp(ns: int) -> Any:
     return Timestamp.from_ns(ns)
 
 
-def _abort(loop_id: str, end: int, why: str) -> AgentEnd:
-    return AgentEnd(loop_id=loop_id, messages=(), usage=ZERO_USAGE, timestamp=_timestamp(end), error=why)
+def _abort(loop_id: str, end: int, why: str, usage: Usage = ZERO_USAGE) -> AgentEnd:
+    return AgentEnd(loop_id=loop_id, messages=(), usage=usage, timestamp=_timestamp(end), error=why)
 
 
 _UNFINISHED = "the loop's trace ended (or timed out) before the loop did"
@@ -514,7 +514,9 @@ class _ExactReplay:
                 self.ingestor.emit(event)
             if not ended:
                 last = max(s.end for s in self.spans if s.attributes.get(attr.PHI_LOOP_ID) == loop_id)
-                self.ingestor.emit(_abort(loop_id, last, _UNFINISHED))
+                # The loop span counts what its calls billed (the cut-off turn's too).
+                billed = _usage(loop.attributes) or ZERO_USAGE
+                self.ingestor.emit(_abort(loop_id, last, _UNFINISHED, billed))
             self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
 
 

@@ -495,31 +495,39 @@ def _merge_events(
 
 def summarize(session: Session) -> SessionSummary:
     """The listing row of a session."""
-    loops = ((record, record.billed_usage(), len(record.turns)) for record in session.loops)
-    return _summary(session, loops, first_prompt(session))
+    loops = (
+        (
+            record.status,
+            None if record.config is None else model_key(record),
+            record.billed_usage(),
+            len(record.turns),
+        )
+        for record in session.loops
+    )
+    return _summary(session, len(session.loops), loops, first_prompt(session))
 
 
 def summarize_outline(outline: SessionOutline) -> SessionSummary:
     """The listing row of an outlined session (`summarize` of the whole session)."""
-    loops = ((loop.record, loop.billed_usage, loop.turn_count) for loop in outline.loops)
-    return _summary(outline.session, loops, outline.first_prompt)
+    loops = ((loop.status, loop.model_key, loop.billed_usage, loop.turn_count) for loop in outline.loops)
+    return _summary(outline.session, len(outline.loops), loops, outline.first_prompt)
 
 
 def _summary(
-    session: Session, loops: Iterable[tuple[LoopRecord, Usage, int]], prompt: str | None
+    session: Session, loop_count: int, loops: Iterable[tuple[str, str | None, Usage, int]], prompt: str | None
 ) -> SessionSummary:
-    """The listing row of `session` from each loop's record (maybe bare), billed usage and
-    turn count, and its first prompt."""
+    """The listing row of `session` (whose loops may be left out) from each loop's status,
+    ``provider/model`` (None: no config), billed usage and turn count, and its first prompt."""
     statuses: Counter[str] = Counter()
     models: dict[str, None] = {}
     usage = ZERO_USAGE
     turns = 0
-    for record, billed, turn_count in loops:
-        statuses[record.status] += 1
+    for status, model, billed, turn_count in loops:
+        statuses[status] += 1
         usage = usage + billed
         turns += turn_count
-        if record.config is not None:
-            models[f"{record.config.provider}/{record.config.model}"] = None
+        if model is not None:
+            models[model] = None
     spawn = session.parent_spawn_ref
     return SessionSummary(
         session_id=session.session_id,
@@ -529,7 +537,7 @@ def _summary(
         formation=session.formation.kind,
         parent_session_id=spawn.parent_session_id if spawn is not None else None,
         rejected=session.is_rejected,
-        loop_count=len(session.loops),
+        loop_count=loop_count,
         loops_by_status=dict(statuses),
         turn_count=turns,
         usage=usage,

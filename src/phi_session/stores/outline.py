@@ -1,22 +1,31 @@
 """Partial loads of a session, so that a huge one opens fast: its outline, then a loop at a time.
 
 A session of 10,000 loops or 1,000,000 events is too big to load whole just to show
-its loop tree. Its **outline** (`SessionOutline`) is the session with every loop
-**bare** (`bare_loop`: no messages, turns nor events) and, per loop, what a listing
-of loops shows of what was left out (`LoopOutline`: turn and tool-call counts, event
-counts by type, billed usage). `SessionStore.load_outline` returns it and
-`SessionStore.load_loops` whole loops, a range of positions at a time. The SQL stores keep each loop's outline
-beside its record (`encode_loop_outline`), so neither reads the records of other
-loops; the JSON directory store derives both from the whole session.
+its loop tree. Its **outline** (`SessionOutline`) is the session header and, per
+loop, a `LoopOutline`: what a listing of loops, the loop tree and the session's
+totals need (ids, parent, status, times, model, turn and tool-call counts, event
+counts by type, billed usage, first prompt) and the loop's **bare** record
+(`bare_loop`: no messages, turns nor events) as JSON, decoded only when asked for
+(`LoopOutline.record`). `SessionStore.load_outline` returns it and
+`SessionStore.load_loops` whole loops, a range of positions at a time. The SQL
+stores keep each loop's outline beside its record (`encode_loop_outline`), so
+neither reads the records of other loops; the JSON directory store derives both
+from the whole session.
+
+Opening a session of 23,000 loops decodes 23,000 outlines: that is why a
+`LoopOutline` is flat (strings, counts and two usages) and keeps the record as raw
+JSON, decoded for the few loops a page shows.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
+from .._time import Timestamp
 from ..codec import decode_loop, encode_loop
 from ..messages import TextContent, Usage, UserMessage
 from ..model import LoopRecord, Session
@@ -53,11 +62,18 @@ def first_prompt(session: Session) -> str | None:
     return next((prompt for prompt in map(loop_prompt, session.loops) if prompt is not None), None)
 
 
-class LoopOutline(msgspec.Struct, frozen=True, kw_only=True):
-    """One loop of an outline: its bare record and the counts of what it leaves out."""
+class LoopOutline(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One loop of an outline: what a listing and the session's totals show of it, and
+    its bare record as JSON. Also the form the SQL stores keep (`encode_loop_outline`)."""
 
-    record: LoopRecord
-    """The loop without messages, turns and events (`bare_loop`)."""
+    loop_id: str
+    parent_loop_id: str | None
+    status: str
+    started_at: Timestamp
+    ended_at: Timestamp | None
+    provider: str | None
+    """The loop config's provider and model (None: the loop has no config)."""
+    model: str | None
     turn_count: int
     tool_calls: int
     """Tool results over the loop's turns."""
@@ -69,17 +85,30 @@ class LoopOutline(msgspec.Struct, frozen=True, kw_only=True):
     """`LoopRecord.unfinished_usage` of the whole loop (it needs the events)."""
     prompt: str | None
     """`loop_prompt` of the loop."""
+    record_json: msgspec.Raw = msgspec.field(name="record")
+    """`bare_loop` of the loop as compact phi-core JSON (`record` decodes it)."""
+
+    @property
+    def record(self) -> LoopRecord:
+        """The loop without messages, turns and events (`bare_loop`), decoded on each call;
+        `DecodeError` if the stored JSON is not a loop."""
+        return decode_loop(bytes(self.record_json), strict=False)
 
     @property
     def event_count(self) -> int:
         return sum(self.event_types.values())
 
+    @property
+    def model_key(self) -> str | None:
+        """``provider/model`` as listings show it (None: the loop has no config)."""
+        return None if self.provider is None else f"{self.provider}/{self.model}"
+
 
 class SessionOutline(msgspec.Struct, frozen=True, kw_only=True):
-    """A session whose loops are bare (``session.loops[i]`` is ``loops[i].record``)."""
+    """A session's header and the outlines of its loops."""
 
     session: Session
-    """The header and session-scoped events as stored; the loops bare."""
+    """The header and session-scoped events as stored; no loops (see `loops`)."""
     loops: tuple[LoopOutline, ...]
 
     @property
@@ -93,17 +122,32 @@ def bare_loop(record: LoopRecord) -> LoopRecord:
     return msgspec.structs.replace(record, messages=[], turns=[], events=[])
 
 
+def _flat_fields(record: LoopRecord) -> dict[str, Any]:
+    """The `LoopOutline` fields read from the bare record."""
+    config = record.config
+    return {
+        "loop_id": record.loop_id,
+        "parent_loop_id": record.parent_loop_id,
+        "status": record.status,
+        "started_at": record.started_at,
+        "ended_at": record.ended_at,
+        "provider": None if config is None else config.provider,
+        "model": None if config is None else config.model,
+    }
+
+
 def loop_outline(record: LoopRecord) -> LoopOutline:
     """The outline of one whole loop."""
     types = Counter(type(stored.event).__name__ for stored in record.events)
     return LoopOutline(
-        record=bare_loop(record),
+        **_flat_fields(record),
         turn_count=len(record.turns),
         tool_calls=record.tool_call_count(),
         event_types=dict(sorted(types.items())),
         billed_usage=record.billed_usage(),
         unfinished_usage=record.unfinished_usage(),
         prompt=loop_prompt(record),
+        record_json=msgspec.Raw(encode_loop(bare_loop(record), pretty=False)),
     )
 
 
@@ -111,12 +155,30 @@ def session_outline(session: Session, loops: Sequence[LoopOutline] | None = None
     """The outline of `session`; with `loops` (the outlines of its loops, which
     ``session.loops`` may then omit), those instead of outlining ``session.loops``."""
     outlines = tuple(loop_outline(record) for record in session.loops) if loops is None else tuple(loops)
-    bare = msgspec.structs.replace(session, loops=[outline.record for outline in outlines])
-    return SessionOutline(session=bare, loops=outlines)
+    return SessionOutline(session=msgspec.structs.replace(session, loops=[]), loops=outlines)
 
 
-class _Stored(msgspec.Struct, frozen=True, kw_only=True):
-    """A loop outline as the SQL stores keep it: the bare record's phi-core JSON and the counts."""
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, Timestamp):
+        return str(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _dec_hook(kind: type, obj: Any) -> Any:
+    if kind is Timestamp and isinstance(obj, str):
+        # Written by `_enc_hook` from a Timestamp: canonical, so wrapped, not parsed again
+        # (parsing was most of the time a huge session's outline took to decode).
+        return Timestamp(obj)
+    raise NotImplementedError(kind)
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+_decoder = msgspec.json.Decoder(LoopOutline, dec_hook=_dec_hook)
+
+
+class _StoredV1(msgspec.Struct, frozen=True, kw_only=True):
+    """The first stored form (SQLite schema 4, PostgreSQL 3): the record first, no flat
+    fields; still read, from stores written before the flat fields were added."""
 
     record: msgspec.Raw
     turn_count: int
@@ -127,35 +189,28 @@ class _Stored(msgspec.Struct, frozen=True, kw_only=True):
     prompt: str | None
 
 
-_stored_decoder = msgspec.json.Decoder(_Stored)
+_v1_decoder = msgspec.json.Decoder(_StoredV1)
 
 
 def encode_loop_outline(record: LoopRecord) -> bytes:
     """The stored form of `record`'s outline (compact JSON)."""
-    outline = loop_outline(record)
-    return msgspec.json.encode(
-        _Stored(
-            record=msgspec.Raw(encode_loop(outline.record, pretty=False)),
-            turn_count=outline.turn_count,
-            tool_calls=outline.tool_calls,
-            event_types=outline.event_types,
-            billed_usage=outline.billed_usage,
-            unfinished_usage=outline.unfinished_usage,
-            prompt=outline.prompt,
-        )
-    )
+    return _encoder.encode(loop_outline(record))
 
 
 def decode_loop_outline(data: bytes) -> LoopOutline:
-    """A loop outline from `encode_loop_outline`'s bytes; `msgspec.DecodeError` or
-    `DecodeError` when they are not one."""
-    stored = _stored_decoder.decode(data)
+    """A loop outline from `encode_loop_outline`'s bytes (or the first stored form's);
+    `msgspec.DecodeError` or `DecodeError` when they are not one."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError:
+        stored = _v1_decoder.decode(data)  # the first form: the flat fields come from the record
     return LoopOutline(
-        record=decode_loop(bytes(stored.record), strict=False),
+        **_flat_fields(decode_loop(bytes(stored.record), strict=False)),
         turn_count=stored.turn_count,
         tool_calls=stored.tool_calls,
         event_types=stored.event_types,
         billed_usage=stored.billed_usage,
         unfinished_usage=stored.unfinished_usage,
         prompt=stored.prompt,
+        record_json=stored.record,
     )

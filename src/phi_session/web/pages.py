@@ -27,7 +27,7 @@ from ..cost import Cost
 from ..model import Session
 from ..stores.base import SessionStore, summarize_outline, to_builtins
 from ..stores.outline import SessionOutline
-from ..views import TimelineBar, loop_order, timeline
+from ..views import TimelineBar, timeline, tree_order
 
 __all__ = ["CachedSession", "Page", "SessionCache"]
 
@@ -61,7 +61,7 @@ class CachedSession:
     @cached_property
     def tree_order(self) -> list[tuple[int, int]]:
         """``(loop index, depth)`` in the loop tree's depth-first order."""
-        return loop_order(self.outline.session)
+        return tree_order([(loop.loop_id, loop.parent_loop_id) for loop in self.outline.loops])
 
     @cached_property
     def scoped_events(self) -> list[Any]:
@@ -76,6 +76,11 @@ class CachedSession:
         for loop in self.outline.loops:
             types.update(loop.event_types)
         return dict(sorted(types.items()))
+
+    @cached_property
+    def summary(self) -> Any:
+        """`summarize_outline`, as JSON-ready builtins."""
+        return to_builtins(summarize_outline(self.outline))
 
     @cached_property
     def bars(self) -> list[TimelineBar]:
@@ -96,16 +101,16 @@ class CachedSession:
         return msgspec.json.encode(
             {
                 "session": msgspec.Raw(encode_session(header, pretty=False)),
-                "summary": to_builtins(summarize_outline(self.outline)),
+                "summary": self.summary,
                 "cost": None if cost is None else msgspec.to_builtins(cost),
                 "first_prompt": self.outline.first_prompt,
-                "event_count": sum(self.event_types.values()),
+                "event_count": len(self.scoped_events) + sum(loop.event_count for loop in self.outline.loops),
             }
         )
 
     def loops(self, page: Page) -> bytes:
         """Loops in tree order, each without messages, turns and events, with counts instead."""
-        local = {loop.record.loop_id for loop in self.outline.loops}
+        local = {loop.loop_id for loop in self.outline.loops}
         rows = []
         for index, depth in page.of(self.tree_order):
             loop = self.outline.loops[index]
@@ -119,8 +124,8 @@ class CachedSession:
                     # What the loop's calls billed (a loop cut off mid-turn: more than its usage).
                     "billed_usage": msgspec.to_builtins(loop.billed_usage),
                     "unfinished_usage": msgspec.to_builtins(loop.unfinished_usage),
-                    "parent_in_session": loop.record.parent_loop_id in local,
-                    "loop": msgspec.Raw(encode_loop(loop.record, pretty=False)),
+                    "parent_in_session": loop.parent_loop_id in local,
+                    "loop": loop.record_json,
                 }
             )
         return msgspec.json.encode({"total": len(self.tree_order), "loops": rows})

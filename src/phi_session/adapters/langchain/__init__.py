@@ -629,6 +629,7 @@ class _Callbacks:
     def __init__(self, sink: SinkArg = None, *, capture_requests: bool = False, **options: Any) -> None:
         self.core = AdapterCore("langchain", sink, capture_requests=capture_requests, **options)
         self._mapper = _Mapper(self.core)
+        self._guard = self.core.guard()
 
     def close(self) -> None:
         """End the runs still open (as failed) and flush the sinks; with the default sink,
@@ -636,7 +637,8 @@ class _Callbacks:
         self.core.close()
 
     def _call(self, method: Callable[..., None], *args: Any) -> None:
-        self._mapper.core.safely(method, *args)
+        with self._guard:
+            method(*args)
 
     def _chain_start(
         self, inputs: Any, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None
