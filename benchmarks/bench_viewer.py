@@ -31,14 +31,16 @@ comparison with ``--whole``. Nothing is asserted: the script prints figures and 
 Measured (2 shared cores, other jobs running: load average 4-10, so cold figures
 vary by 2x from run to run; SQLite; issue 14). 10,000 loops (440,000 events):
 before outlines the overview alone took 18.7 s cold (the viewer loaded the whole
-session) and the page waited ~25 s; now it opens in 0.28 s cold. 23,000 loops
-(1,012,000 events), cold: with each loop's outline decoded whole (its bare record
-included) it opened in 2.3 s (overview 1.9 s + loops page 0.34 s); with flat
-outlines whose record stays JSON until a page shows it, in 0.84 s for the first
-viewer and a median of 0.59 s over 5 fresh viewers (0.47-1.08 s; 0.51 s in a
-quieter run), 29 ms warm; event-log pages take 20-140 ms. The timeline's first page
-(20 loops, priced) took 36.6-40.3 s cold when it loaded the whole session; now
-0.30-0.73 s cold, 37-50 ms warm; a cost page of 200 loops 0.15-0.70 s.
+session) and the page waited ~25 s. 23,000 loops (1,012,000 events), cold: with
+each loop's outline decoded whole (its bare record included) the page opened in
+2.3 s (overview 1.9 s + loops page 0.34 s); with flat outlines whose record stays
+JSON until a page shows it, in a median of 0.59 s over 5 fresh viewers (0.47-1.08
+s), and since loop rows hold their messages apart (`message_book`: smaller rows to
+read past) in medians of 0.23 and 0.48 s in two runs (0.17-0.78 s); 10,000 loops
+0.16 s; 10-30 ms warm. The timeline's first page (20 loops, priced) took 36.6-40.3
+s cold when it loaded the whole session; now 0.4-0.5 s cold (the first pricing
+included), 14-40 ms warm; a cost page of 200 loops 0.2-0.3 s; event-log pages
+10-80 ms.
 """
 
 from __future__ import annotations

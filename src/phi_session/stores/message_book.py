@@ -89,46 +89,46 @@ class MessageBook:
         self.bodies: dict[int, bytes] = {}  # number -> body, for the numbers added here
         self._numbers = {address: n for n, address in enumerate(self.digests) if address is not None}
         self._markers = [msgspec.Raw(b"\x00%d" % n) for n in range(self.seeded)]
-        # id(message) -> (message, its number), per form: a conversation's messages are
-        # the same objects in every record that repeats them. The message is held so
-        # that its id is not reused while the book lives.
-        self._agent: dict[int, tuple[Any, int]] = {}
-        self._plain: dict[int, tuple[Any, int]] = {}
-        self._used: set[int] = set()
-        self._written = 0
+        self._used: set[int] = set()  # the numbers the template being built refers to
+        self._written = [0]  # markers written so far
+        self._agent_marker = self._marker_for(encode_message)
+        self._plain_marker = self._marker_for(encode_plain_message)
 
     def template(self, record: LoopRecord) -> tuple[bytes, set[int]]:
         """`record`'s template and the message numbers it refers to."""
-        self._used, self._written = set(), 0
+        self._used.clear()
+        before = self._written[0]
         template = encode_loop_with(record, agent=self._agent_marker, plain=self._plain_marker)
-        if template.count(_MARK) != self._written:
+        if template.count(_MARK) != self._written[0] - before:
             # A NUL the encoder did not escape would be read back as a marker.
             raise StoreError(f"loop {record.loop_id!r} encodes to JSON holding a NUL byte")
-        return template, self._used
+        return template, set(self._used)
 
-    def _agent_marker(self, message: Any) -> msgspec.Raw:
-        return self._marker(message, self._agent, encode_message)
+    def _marker_for(self, encode: Callable[[Any], bytes]) -> Callable[[Any], msgspec.Raw]:
+        """What a message of one form is written as: its number's marker. Called for every
+        message a record repeats, so the common case (met before) is kept short; it holds
+        the book's containers, not the book (no reference cycle keeps a book alive)."""
+        # id(message) -> (message, its marker, its number): a conversation's messages are
+        # the same objects in every record that repeats them. The message is held so that
+        # its id is not reused while the book lives.
+        memo: dict[int, tuple[Any, msgspec.Raw, int]] = {}
+        used, written, numbers = self._used, self._written, self._numbers
+        digests, bodies, markers = self.digests, self.bodies, self._markers
 
-    def _plain_marker(self, message: Any) -> msgspec.Raw:
-        return self._marker(message, self._plain, encode_plain_message)
+        def marker(message: Any) -> msgspec.Raw:
+            written[0] += 1
+            hit = memo.get(id(message))
+            if hit is None or hit[0] is not message:
+                body = encode(message)
+                address = digest(body)
+                number = numbers.get(address)
+                if number is None:
+                    number = numbers[address] = len(digests)
+                    digests.append(address)
+                    bodies[number] = body
+                    markers.append(msgspec.Raw(b"\x00%d" % number))
+                hit = memo[id(message)] = (message, markers[number], number)
+            used.add(hit[2])
+            return hit[1]
 
-    def _marker(
-        self, message: Any, memo: dict[int, tuple[Any, int]], encode: Callable[[Any], bytes]
-    ) -> msgspec.Raw:
-        self._written += 1
-        hit = memo.get(id(message))
-        if hit is not None and hit[0] is message:
-            number = hit[1]
-        else:
-            body = encode(message)
-            address = digest(body)
-            found = self._numbers.get(address)
-            if found is None:
-                found = self._numbers[address] = len(self.digests)
-                self.digests.append(address)
-                self.bodies[found] = body
-                self._markers.append(msgspec.Raw(b"\x00%d" % found))
-            number = found
-            memo[id(message)] = (message, number)
-        self._used.add(number)
-        return self._markers[number]
+        return marker

@@ -1119,40 +1119,57 @@ class SqliteStore(AsyncTwins):
         """
         session_id = session_id_to_save(session)
         with self._transaction("save", session_id, write=True) as conn:
-            rows = self._read_rows(conn, session_id)
-            book = MessageBook()
-            ids: list[int] = []
-            templates: list[bytes] = []
-            stored_loops: list[LoopRecord] = []
-            if rows is not None:
-                # A corrupt one is never overwritten: reading it raises.
-                stored, ids, templates, book = self._stored_for_merge(conn, session_id, rows)
-                stored_loops = stored.loops
-                session = merge_sessions(stored, session)
-            used: set[int] = set()  # the message numbers of the merged session's loops
-            loop_rows: list[list[Any]] = []
-            text_rows: list[tuple[str, int, str]] = []
-            for position, record in enumerate(session.loops):
-                if position < len(stored_loops) and record is stored_loops[position]:
-                    used |= numbers_in(templates[position])  # the stored version won the merge
-                    continue
-                template, numbers = book.template(record)
-                used |= numbers
-                if position < len(templates) and template == templates[position]:
-                    continue
-                loop_rows.append(
-                    [session_id, position, *_loop_row(record), pack(template), encode_loop_outline(record)]
-                )
-                text_rows.append((session_id, position, loop_text(record)))
-            ids = _register_messages(conn, book, ids)
-            unused = [n for n, message_id in enumerate(ids) if message_id and n not in used]
-            if unused:  # replaced loops used them: the numbers stay, unassigned
-                _release_messages(conn, [ids[n] for n in unused])
-                for n in unused:
-                    ids[n] = 0
-            conn.execute(_UPSERT_SESSION, _session_row(session, ids))
-            conn.executemany(_UPSERT_LOOP, loop_rows)
-            conn.executemany(_UPSERT_LOOP_TEXT, text_rows)
+            self._save_in(conn, session_id, session)
+
+    def save_many(self, sessions: Sequence[Session]) -> None:
+        """`save` each of `sessions`, in order, in one transaction: all are saved or none.
+
+        A writer with many sessions to save commits once for them all (the pages they
+        share, such as the indexes' and the message table's, are written once).
+        """
+        ids = [session_id_to_save(session) for session in sessions]
+        if not ids:
+            return
+        with self._transaction(f"save {len(ids)} sessions", ", ".join(ids[:3]), write=True) as conn:
+            for session_id, session in zip(ids, sessions, strict=True):
+                self._save_in(conn, session_id, session)
+
+    def _save_in(self, conn: sqlite3.Connection, session_id: str, session: Session) -> None:
+        """`save`, inside the writing transaction `conn` is in."""
+        rows = self._read_rows(conn, session_id)
+        book = MessageBook()
+        ids: list[int] = []
+        templates: list[bytes] = []
+        stored_loops: list[LoopRecord] = []
+        if rows is not None:
+            # A corrupt one is never overwritten: reading it raises.
+            stored, ids, templates, book = self._stored_for_merge(conn, session_id, rows)
+            stored_loops = stored.loops
+            session = merge_sessions(stored, session)
+        used: set[int] = set()  # the message numbers of the merged session's loops
+        loop_rows: list[list[Any]] = []
+        text_rows: list[tuple[str, int, str]] = []
+        for position, record in enumerate(session.loops):
+            if position < len(stored_loops) and record is stored_loops[position]:
+                used |= numbers_in(templates[position])  # the stored version won the merge
+                continue
+            template, numbers = book.template(record)
+            used |= numbers
+            if position < len(templates) and template == templates[position]:
+                continue
+            loop_rows.append(
+                [session_id, position, *_loop_row(record), pack(template), encode_loop_outline(record)]
+            )
+            text_rows.append((session_id, position, loop_text(record)))
+        ids = _register_messages(conn, book, ids)
+        unused = [n for n, message_id in enumerate(ids) if message_id and n not in used]
+        if unused:  # replaced loops used them: the numbers stay, unassigned
+            _release_messages(conn, [ids[n] for n in unused])
+            for n in unused:
+                ids[n] = 0
+        conn.execute(_UPSERT_SESSION, _session_row(session, ids))
+        conn.executemany(_UPSERT_LOOP, loop_rows)
+        conn.executemany(_UPSERT_LOOP_TEXT, text_rows)
 
     def _stored_for_merge(
         self, conn: sqlite3.Connection, session_id: str, rows: _StoredRows
