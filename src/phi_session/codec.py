@@ -287,21 +287,24 @@ class _MessageBytes:
     whatever may have changed since (a tool call's argument dict, say).
     """
 
-    __slots__ = ("_encode", "_memo")
+    __slots__ = ("_encode", "_held", "_memo")
 
     def __init__(self, encode: Callable[[Any], bytes]) -> None:
         self._encode = encode
-        self._memo: dict[int, tuple[Any, msgspec.Raw]] = {}
+        self._memo: dict[int, msgspec.Raw] = {}
+        self._held: list[Any] = []
 
     def one(self, message: Any) -> msgspec.Raw:
-        hit = self._memo.get(id(message))
-        if hit is None:
-            hit = self._memo[id(message)] = (message, msgspec.Raw(self._encode(message)))
-        return hit[1]
+        raw = self._memo.get(id(message))
+        if raw is None:
+            raw = self._memo[id(message)] = msgspec.Raw(self._encode(message))
+            self._held.append(message)
+        return raw
 
     def many(self, messages: tuple[Any, ...] | list[Any]) -> tuple[msgspec.Raw, ...]:
         get, one = self._memo.get, self.one
-        return tuple([hit[1] if (hit := get(id(m))) is not None else one(m) for m in messages])
+        # Encoded messages are never empty (a Raw of no bytes would be falsy).
+        return tuple([get(id(m)) or one(m) for m in messages])
 
 
 class _Mapped:
@@ -317,6 +320,15 @@ class _Mapped:
 
 
 _Form = _MessageBytes | _Mapped
+
+
+# The streaming events (MessageStart, MessageUpdate, MessageEnd) are most of a loop's
+# events and carry one agent-form message: their skeletons are made inline, by field.
+_ONE_AGENT_MESSAGE = {
+    tp: fields[0].name
+    for tp, fields in MESSAGE_FIELDS.items()
+    if len(fields) == 1 and fields[0].agent and not fields[0].many and fields[0].within is None
+}
 
 
 class _Skeleton:
@@ -368,12 +380,18 @@ class _Skeleton:
         skeleton = _copy(record)
         force_setattr(skeleton, "messages", self._forms[True].many(record.messages))
         skeleton.turns = [self._turn(turn) for turn in record.turns]
-        fields_of, event = MESSAGE_FIELDS.get, self._event
+        fields_of, event, agent = MESSAGE_FIELDS.get, self._event, self._forms[True]
         events = []
         for item in record.events:
-            fields = fields_of(type(item.event))
-            if fields is not None:
-                item = LoopEvent(sequence=item.sequence, event=event(item.event, fields))
+            name = _ONE_AGENT_MESSAGE.get(type(item.event))
+            if name is not None:
+                skeleton_event = _copy(item.event)
+                force_setattr(skeleton_event, name, agent.one(getattr(item.event, name)))
+                item = LoopEvent(sequence=item.sequence, event=skeleton_event)
+            else:
+                fields = fields_of(type(item.event))
+                if fields is not None:
+                    item = LoopEvent(sequence=item.sequence, event=event(item.event, fields))
             events.append(item)
         skeleton.events = events
         block = record.compaction_block
