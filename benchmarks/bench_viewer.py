@@ -58,6 +58,7 @@ from pathlib import Path
 import msgspec
 
 from phi_session import Session
+from phi_session.cost import Pricer, prices_available
 from phi_session.model import LoopRecord
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.base import SessionStore
@@ -107,6 +108,55 @@ def timed(action: Callable[[], object]) -> float:
 def fetch(url: str) -> int:
     with urllib.request.urlopen(url) as response:
         return len(response.read())
+
+
+def time_pricing(store: SessionStore, sample: int = 3000) -> None:
+    """The session's cost (`Pricer.outline`: every model call at its own price) with each
+    loop moved one second after the one before, so that no two calls share a timestamp
+    (real sessions'), against the table's own ``calc_price`` on a sample of the calls."""
+    if not prices_available():
+        print("-- pricing: skipped (needs the prices extra, genai-prices)")
+        return
+    import genai_prices
+
+    outline = store.load_outline("huge-session")
+    loops = tuple(
+        msgspec.structs.replace(
+            loop,
+            calls=tuple(
+                msgspec.structs.replace(call, started_ms=call.started_ms + 1000 * index)
+                for call in loop.model_calls()
+            ),
+        )
+        for index, loop in enumerate(outline.loops)
+    )
+    spread = msgspec.structs.replace(outline, loops=loops)
+    calls = [(loop, call) for loop in loops for call in loop.model_calls()]
+    print(f"-- the session's cost: {len(calls):,} model calls at distinct timestamps")
+    pricer = Pricer()
+    for label in ("Pricer.outline, cold", "Pricer.outline, warm"):  # cold: rates not yet known
+        seconds = timed(lambda: pricer.outline(spread))
+        print(f"  {label:32} {seconds * 1000:9.1f} ms  {seconds / len(calls) * 1e6:6.1f} us a call")
+
+    def table() -> None:
+        for loop, call in calls[:sample]:
+            usage = genai_prices.Usage(
+                input_tokens=call.input + call.cache_read + call.cache_write,
+                cache_read_tokens=call.cache_read,
+                cache_write_tokens=call.cache_write,
+                output_tokens=call.output,
+                output_reasoning_tokens=min(call.reasoning, call.output),
+            )
+            genai_prices.calc_price(
+                usage,
+                loop.model or "",
+                provider_id=loop.provider,
+                genai_request_timestamp=call.started_at.to_datetime(),
+            )
+
+    seconds = timed(table) / min(sample, len(calls)) * len(calls)
+    label = "calc_price a call (extrapolated)"
+    print(f"  {label:32} {seconds * 1000:9.1f} ms  {seconds / len(calls) * 1e6:6.1f} us a call")
 
 
 def main() -> None:
@@ -189,6 +239,7 @@ def main() -> None:
                 size = fetch(api)
 
             print(f"  {'session JSON':32} {timed(whole) * 1000:9.1f} ms  {size / 1e6:9.1f} MB")
+        time_pricing(store)
         server.shutdown()
         store.close()
 

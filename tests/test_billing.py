@@ -55,6 +55,14 @@ def billed(sessions: list[Session]) -> Usage:
     return total
 
 
+def assert_calls_add_up(sessions: list[Session]) -> None:
+    """Each loop's model calls, which cost prices one by one, add up to its billed usage."""
+    for session in sessions:
+        for loop in session.loops:
+            calls = sum((call.usage for call in loop.model_calls()), ZERO_USAGE)
+            assert calls == loop.billed_usage(), loop.loop_id
+
+
 def workload_cuts() -> Iterator[tuple[int, list[bytes], Usage]]:
     """One benchmark session (5 loops, 20 turns, tool calls) cut after every event but
     its streaming deltas (dropped unstored: a cut after one equals the cut before it),
@@ -74,6 +82,7 @@ def test_a_workload_cut_at_every_event_bills_every_reported_token() -> None:
     for cut, lines, reported in workload_cuts():
         sessions = record(lines)
         assert billed(sessions) == reported, cut
+        assert_calls_add_up(sessions)
         assert sum((summarize(s).usage for s in sessions), ZERO_USAGE) == reported, cut
         when = sessions[0].created_at if sessions else None
         expected_usd = (
@@ -96,7 +105,9 @@ GOLDEN_CASES = (
 def test_golden_streams_bill_every_reported_token(case: str) -> None:
     # 200 realistic streams (parallel groups, sub-agents, compaction, 78 loops left open).
     lines = [line for line in (GOLDEN / "recorder" / case / "events.jsonl").read_bytes().split(b"\n") if line]
-    assert billed(record(lines)) == reported_usage(lines)
+    sessions = record(lines)
+    assert billed(sessions) == reported_usage(lines)
+    assert_calls_add_up(sessions)
 
 
 def cut_session() -> tuple[Session, Usage]:

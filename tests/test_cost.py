@@ -9,6 +9,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from phi_session._time import Timestamp
 from phi_session.cost import (
@@ -22,8 +24,12 @@ from phi_session.cost import (
     prices_available,
 )
 from phi_session.errors import InvalidQuery
-from phi_session.messages import Usage
-from phi_session.stores.conformance import at, make_loop, make_session
+from phi_session.events import MessageEnd, TurnStart
+from phi_session.messages import ZERO_USAGE, Usage
+from phi_session.model import LoopEvent
+from phi_session.stores.conformance import TIERED_CALL, at, calls_loop, make_loop, make_session
+from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.outline import session_outline
 
 needs_table = pytest.mark.skipif(not prices_available(), reason="needs the prices extra (genai-prices)")
 WHEN = Timestamp.parse("2025-06-01T12:00:00Z")
@@ -179,3 +185,149 @@ def test_without_the_extra_cost_is_unknown_with_a_hint() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("None ") and "pip install 'phi-session[prices]'" in out
+
+
+# -- per model call: tiered prices, time windows ---------------------------------------------
+
+
+def table_usd(usage: Usage, provider: str, model: str, when: Timestamp) -> float:
+    """What ``genai-prices`` itself charges for one call (the reference the pricer must match)."""
+    import genai_prices
+
+    counts = genai_prices.Usage(
+        input_tokens=usage.input + usage.cache_read + usage.cache_write,
+        cache_read_tokens=usage.cache_read,
+        cache_write_tokens=usage.cache_write,
+        output_tokens=usage.output,
+        output_reasoning_tokens=min(usage.reasoning, usage.output),
+    )
+    result = genai_prices.calc_price(
+        counts, model, provider_id=provider, genai_request_timestamp=when.to_datetime()
+    )
+    return float(result.total_price)
+
+
+@needs_table
+def test_a_loop_is_priced_call_by_call_at_tiered_prices(tmp_path: Path) -> None:
+    # gemini-2.5-pro charges more per token above 200k input tokens of one request: two
+    # calls of 150k cost twice one call, not one call of 300k.
+    pricer = Pricer()
+    one = table_usd(TIERED_CALL, "google", "gemini-2.5-pro", at(1))
+    as_one_call = table_usd(TIERED_CALL + TIERED_CALL, "google", "gemini-2.5-pro", at(1))
+    assert as_one_call > 2 * one * 1.5
+    session = make_session("s", loops=[calls_loop("s", 1, [TIERED_CALL, TIERED_CALL])])
+    [record] = session.loops
+    assert pricer.loop(record).usd == pytest.approx(2 * one)
+    assert pricer.session(session).usd == pytest.approx(2 * one)
+    assert pricer.outline(session_outline(session)).usd == pytest.approx(2 * one)
+    breakdown = pricer.breakdown(session)
+    assert breakdown.cost.usd == pytest.approx(2 * one)
+    assert [turn.cost.usd for turn in breakdown.loops[0].turns] == [pytest.approx(one)] * 2
+    assert cost_totals([session], "model", pricer)[0].cost.usd == pytest.approx(2 * one)
+    with JsonDirStore(tmp_path) as store:
+        store.save(session)
+        [row] = store.usage_totals("model", pricer=pricer)
+    assert isinstance(row.cost, Cost) and row.cost.usd == pytest.approx(2 * one)
+
+
+@needs_table
+def test_a_cut_off_loop_prices_each_reply_of_its_unfinished_turn() -> None:
+    record = calls_loop("s", 1, [TIERED_CALL])
+    record.status, record.ended_at, record.usage = "Aborted", None, ZERO_USAGE  # as flush leaves it
+    reply = record.turns[0].output_message
+    record.events = [
+        LoopEvent(
+            sequence=0,
+            event=TurnStart(
+                loop_id=record.loop_id, turn_index=1, timestamp=at(9), triggered_by="Continuation"
+            ),
+        ),
+        LoopEvent(sequence=1, event=MessageEnd(loop_id=record.loop_id, message=reply)),
+        LoopEvent(sequence=2, event=MessageEnd(loop_id=record.loop_id, message=reply)),
+    ]
+    calls = record.model_calls()
+    assert [call.usage for call in calls] == [TIERED_CALL] * 3
+    assert [call.started_ms for call in calls[1:]] == [at(9).ns // 1_000_000] * 2
+    one = table_usd(TIERED_CALL, "google", "gemini-2.5-pro", at(1))
+    assert Pricer().loop(record).usd == pytest.approx(3 * one)
+
+
+def test_a_loop_usage_its_turns_do_not_account_for_is_one_more_call() -> None:
+    record = calls_loop("s", 1, [Usage(input=10, output=5, total_tokens=15)])
+    record.usage = Usage(input=30, output=5, total_tokens=35)  # a reply whose turn never ended
+    assert [call.usage for call in record.model_calls()] == [
+        Usage(input=10, output=5, total_tokens=15),
+        Usage(input=20, output=0, total_tokens=20),
+    ]
+    record.usage = Usage(input=5, output=5, total_tokens=10)  # less than its turns: not split
+    assert [call.usage for call in record.model_calls()] == [record.usage]
+
+
+def test_user_prices_and_unknown_models_per_call(tmp_path: Path) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text('["google/gemini-2.5-pro"]\ninput = 1\noutput = 10\n')
+    pricer = Pricer.from_file(path, use_table=False)
+    session = make_session("s", loops=[calls_loop("s", 1, [TIERED_CALL, TIERED_CALL])])
+    assert pricer.session(session) == Cost(usd=pytest.approx(2 * (0.15 + 0.01)), sources=(USER_SOURCE,))
+    unknown = make_session("u", loops=[calls_loop("u", 1, [TIERED_CALL, TIERED_CALL], model="acme/secret")])
+    assert pricer.session(unknown) == Cost(usd=None, unpriced=("acme/secret",))
+    assert Pricer().session(unknown) == Cost(usd=None, unpriced=("acme/secret",))
+
+
+@needs_table
+@pytest.mark.parametrize(
+    ("provider", "model", "before", "after"),
+    [
+        # o3's price fell on 2025-06-10 (a start date: UTC days)
+        ("openai", "o3", "2025-06-09T23:59:59.999Z", "2025-06-10T00:00:00Z"),
+        # deepseek-chat's standard hours end at 16:30 UTC: off-peak after (a time-of-day window)
+        ("deepseek", "deepseek-chat", "2025-03-01T16:29:59.999Z", "2025-03-01T16:30:00Z"),
+        ("deepseek", "deepseek-chat", "2025-03-01T00:29:59.999Z", "2025-03-01T00:30:00Z"),
+        # claude-sonnet-4-6 loses its long-context tier on 2026-03-13
+        ("anthropic", "claude-sonnet-4-6", "2026-03-12T23:59:59.999Z", "2026-03-13T00:00:00Z"),
+    ],
+)
+def test_remembered_prices_follow_start_dates_and_time_windows(
+    provider: str, model: str, before: str, after: str
+) -> None:
+    pricer = Pricer()  # one pricer: what it remembers of one call must not price the next
+    usage = Usage(input=240_000, output=20_000, cache_read=5_000, total_tokens=265_000)
+    costs = []
+    for text in (before, after, before, after):
+        when = Timestamp.parse(text)
+        cost = pricer.price(usage, provider, model, when).usd
+        assert cost == pytest.approx(table_usd(usage, provider, model, when), rel=1e-12), text
+        costs.append(cost)
+    assert costs[0] != costs[1]
+
+
+counts = st.integers(min_value=0, max_value=3_000_000)
+SHARED_PRICER = Pricer()  # shared by the examples: its remembered rates are what is tested
+
+
+@needs_table
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(
+        [
+            ("google", "gemini-2.5-pro"),
+            ("anthropic", "claude-sonnet-4-5"),
+            ("openai", "gpt-4o"),
+            ("deepseek", "deepseek-v4-pro"),
+            ("openai", "gpt-5.6-sol"),
+        ]
+    ),
+    counts,
+    counts,
+    counts,
+    counts,
+    counts,
+    st.integers(min_value=1_700_000_000_000, max_value=1_830_000_000_000),
+)
+def test_the_pricer_charges_what_the_table_does(
+    model: tuple[str, str], fresh: int, read: int, write: int, output: int, reasoning: int, millis: int
+) -> None:
+    usage = Usage(input=fresh, output=output, reasoning=reasoning, cache_read=read, cache_write=write)
+    when = Timestamp.from_ns(millis * 1_000_000)
+    expected = table_usd(usage, *model, when) if fresh or read or write or output else 0.0
+    assert SHARED_PRICER.price(usage, *model, when).usd == pytest.approx(expected, rel=1e-12, abs=1e-15)

@@ -25,14 +25,17 @@ import pytest
 
 from phi_session import Timestamp, Usage
 from phi_session.codec import decode_session, encode_session
+from phi_session.cost import Pricer, prices_available
 from phi_session.errors import SessionLocked, StoreError
 from phi_session.model import Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import postgres
 from phi_session.stores.conformance import (
     EXAMPLES_DIR,
+    TIERED_CALL,
     StoreConformance,
     at,
+    calls_loop,
     make_loop,
     make_session,
     reported_usage,
@@ -324,7 +327,9 @@ def test_the_v2_migration_indexes_the_stored_loops(
     store.save(make_session("bad", loops=[talking_loop("bad", 1, "brew tea")]))
     # Back to version 1: the stored loops, no search column (its indexes go with it), no outlines.
     loops, meta = _table(store.schema, "loops"), _table(store.schema, "meta")
-    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN words, DROP COLUMN outline").format(loops))
+    admin.execute(
+        sql.SQL("ALTER TABLE {} DROP COLUMN words, DROP COLUMN outline, DROP COLUMN calls").format(loops)
+    )
     sessions = _table(store.schema, "sessions")
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt").format(sessions))
     admin.execute(sql.SQL("UPDATE {} SET value = '1' WHERE key = 'schema_version'").format(meta))
@@ -505,6 +510,7 @@ def test_the_v4_migration_bills_the_loops_cut_off_mid_turn(store: postgres.Postg
     meta = _table(store.schema, "meta")
     sessions = _table(store.schema, "sessions")
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt").format(sessions))  # v5's
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(_table(store.schema, "loops")))  # v6's
     admin.execute(sql.SQL("UPDATE {} SET value = '3' WHERE key = 'schema_version'").format(meta))
     reported = reported_usage(lines)
     assert reported.output > 0
@@ -514,6 +520,39 @@ def test_the_v4_migration_bills_the_loops_cut_off_mid_turn(store: postgres.Postg
         assert encode_session(migrated.load(session.session_id)) == encode_session(
             session
         )  # records untouched
+    assert admin.execute(
+        sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(meta)
+    ).fetchone() == (str(postgres.SCHEMA_VERSION),)
+
+
+@pytest.mark.skipif(not prices_available(), reason="needs the prices extra (genai-prices)")
+def test_the_v6_migration_stores_the_model_calls(store: postgres.PostgresStore, admin: Any) -> None:
+    # Priced per call after the migration: two calls of 150k input tokens, each below the tier.
+    tiered = make_session(
+        "tiered",
+        loops=[calls_loop("tiered", 1, [TIERED_CALL, TIERED_CALL]), make_loop("tiered", 2, tokens=100)],
+    )
+    bad = make_session("bad", "broken", loops=[calls_loop("bad", 1, [TIERED_CALL, TIERED_CALL])])
+    store.save(tiered)
+    store.save(bad)
+    # Back to version 5: no calls column, outlines without calls.
+    loops, meta = _table(store.schema, "loops"), _table(store.schema, "meta")
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(loops))
+    admin.execute(sql.SQL("UPDATE {} SET outline = NULL").format(loops))
+    admin.execute(sql.SQL("UPDATE {} SET value = '5' WHERE key = 'schema_version'").format(meta))
+    admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(loops))
+    pricer = Pricer()
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        assert migrated.load_outline("tiered") == session_outline(migrated.load("tiered"))
+        costs = {row.key: row.cost for row in migrated.usage_totals("agent", pricer=pricer)}
+        per_call = pricer.session(tiered)
+        assert costs["agent"] == per_call and per_call.usd is not None
+        assert per_call.usd < pricer.price(tiered.billed_usage(), "google", "gemini-2.5-pro", at(1)).usd
+        # A record that does not decode keeps no calls: its billed usage stands in for them.
+        stand_in = pricer.price(bad.billed_usage(), "google", "gemini-2.5-pro", bad.loops[0].started_at)
+        assert costs["broken"] == stand_in
+    calls = sql.SQL("SELECT session_id, calls IS NOT NULL FROM {} ORDER BY 1, position").format(loops)
+    assert admin.execute(calls).fetchall() == [("bad", False), ("tiered", True), ("tiered", True)]
     assert admin.execute(
         sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(meta)
     ).fetchone() == (str(postgres.SCHEMA_VERSION),)

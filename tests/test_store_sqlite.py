@@ -33,20 +33,22 @@ from phi_session.codec import (
     encode_message,
     encode_session,
 )
-from phi_session.cost import Cost, Pricer
+from phi_session.cost import Cost, Pricer, prices_available
 from phi_session.errors import SessionLocked, SessionNotFound, StoreError
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
 from phi_session.messages import TextFormat
-from phi_session.model import LoopStatus, Session
+from phi_session.model import LoopStatus, ModelCall, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import sqlite as sqlite_module
 from phi_session.stores.base import UsageTotal, summarize
 from phi_session.stores.conformance import (
     EXAMPLE_SESSIONS,
     EXAMPLES_DIR,
+    TIERED_CALL,
     StoreConformance,
     at,
+    calls_loop,
     make_loop,
     make_session,
     reported_usage,
@@ -115,9 +117,27 @@ def back_to_v5(db: Path) -> None:
             )
         conn.execute("DROP TABLE messages")
         conn.execute("ALTER TABLE sessions DROP COLUMN message_ids")
+        conn.execute("ALTER TABLE loops DROP COLUMN calls")
         conn.execute("PRAGMA user_version = 5")
     finally:
         conn.close()
+
+
+def back_to_v6(db: Path) -> None:
+    """Rewrite the store at `db` as schema version 6 left it: no model calls, in the
+    loops' rows or in their outlines."""
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        for session_id, position, outline in conn.execute(
+            "SELECT session_id, position, outline FROM loops"
+        ).fetchall():
+            fields = msgspec.json.decode(outline)
+            del fields["calls"]
+            conn.execute(
+                "UPDATE loops SET outline = ? WHERE session_id = ? AND position = ?",
+                (msgspec.json.encode(fields), session_id, position),
+            )
+        conn.execute("ALTER TABLE loops DROP COLUMN calls")
+        conn.execute("PRAGMA user_version = 6")
 
 
 # -- the file --------------------------------------------------------------------------------
@@ -539,6 +559,35 @@ def test_the_v6_migration_stores_each_message_once(db: Path) -> None:
         for session_id in store.list_ids():
             store.delete(session_id)
     assert message_refs(db) == {}
+
+
+@pytest.mark.skipif(not prices_available(), reason="needs the prices extra (genai-prices)")
+def test_the_v7_migration_stores_the_model_calls(db: Path) -> None:
+    # Priced per call after the migration: two calls of 150k input tokens, each below the tier.
+    tiered = make_session(
+        "tiered",
+        loops=[calls_loop("tiered", 1, [TIERED_CALL, TIERED_CALL]), make_loop("tiered", 2, tokens=100)],
+    )
+    bad = make_session("bad", "broken", loops=[calls_loop("bad", 1, [TIERED_CALL, TIERED_CALL])])
+    with SqliteStore(db) as store:
+        store.save(tiered)
+        store.save(bad)
+    back_to_v6(db)
+    raw_execute(db, "UPDATE loops SET record = x'00' WHERE session_id = 'bad'")
+    pricer = Pricer()
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert store.load_outline("tiered") == session_outline(store.load("tiered"))
+        costs = {row.key: row.cost for row in store.usage_totals("agent", pricer=pricer)}
+        per_call = pricer.session(tiered)
+        assert costs["agent"] == per_call and per_call.usd is not None
+        assert per_call.usd < pricer.price(tiered.billed_usage(), "google", "gemini-2.5-pro", at(1)).usd
+        # A record that does not decode keeps no calls: its billed usage stands in for them.
+        stand_in = pricer.price(bad.billed_usage(), "google", "gemini-2.5-pro", bad.loops[0].started_at)
+        assert costs["broken"] == stand_in
+    with closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT session_id, calls IS NOT NULL FROM loops ORDER BY 1, position").fetchall()
+    assert rows == [("bad", 0), ("tiered", 1), ("tiered", 1)]
 
 
 # -- queries -----------------------------------------------------------------------------------
@@ -980,7 +1029,14 @@ def test_outlines_stored_in_their_first_form_still_load(store: SqliteStore, db: 
                 "UPDATE loops SET outline = ? WHERE session_id = 'first' AND position = ?",
                 (first_form, position),
             )
-    assert store.load_outline("first") == expected
+    # Without the model calls (added later): the billed usage stands in for them.
+    first = store.load_outline("first")
+    assert first == msgspec.structs.replace(
+        expected, loops=tuple(msgspec.structs.replace(loop, calls=None) for loop in expected.loops)
+    )
+    assert [loop.model_calls() for loop in first.loops] == [
+        (ModelCall.of(loop.started_at, loop.billed_usage),) for loop in expected.loops
+    ]
     assert [loop.record.loop_id for loop in expected.loops] == [loop.loop_id for loop in expected.loops]
 
 

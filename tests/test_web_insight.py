@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from phi_session.cost import Pricer
+from phi_session.cost import Pricer, prices_available
 from phi_session.messages import Usage
-from phi_session.stores.conformance import make_session, talking_loop
+from phi_session.stores.conformance import TIERED_CALL, at, calls_loop, make_session, talking_loop
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.web.server import ViewerServer
 
@@ -69,6 +69,22 @@ def test_user_prices_reach_the_api(tmp_path: Path) -> None:
             body = get_json(server, "/api/sessions/priced/cost")
     assert body["cost"] == {"usd": 2.0, "sources": ["user"], "unpriced": []}
     assert body["table"] is None and "phi-session[prices]" in body["hint"]
+
+
+@pytest.mark.skipif(not prices_available(), reason="needs the prices extra (genai-prices)")
+def test_the_api_prices_each_model_call(tmp_path: Path) -> None:
+    # Two calls of 150k input tokens, each below gemini-2.5-pro's 200k tier (their sum is above).
+    pricer = Pricer()
+    one = pricer.price(TIERED_CALL, "google", "gemini-2.5-pro", at(1)).usd
+    assert one is not None
+    with JsonDirStore(tmp_path) as store:
+        store.save(make_session("tiered", loops=[calls_loop("tiered", 1, [TIERED_CALL, TIERED_CALL])]))
+        with running_server(store, pricer=pricer) as server:
+            body = get_json(server, "/api/sessions/tiered/cost")
+            [total] = get_json(server, "/api/cost?by=model")["totals"]
+    assert body["cost"]["usd"] == pytest.approx(2 * one)
+    assert [turn["cost"]["usd"] for turn in body["loops"][0]["turns"]] == [pytest.approx(one)] * 2
+    assert total["cost"]["usd"] == pytest.approx(2 * one)
 
 
 def test_search(server: ViewerServer) -> None:

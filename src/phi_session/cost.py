@@ -1,9 +1,12 @@
 """Cost in US dollars of stored usage, priced at query time.
 
-A `Pricer` prices a `Usage` of one model at one instant: first from the user's own
-prices (a mapping, or a TOML/JSON file: `Pricer.from_file`), then from the
-``genai-prices`` table (the optional extra ``prices``) at the price valid at that
-instant. Because prices are applied when asked, an updated table reprices history.
+A `Pricer` prices model calls of one model, each at its own instant: first from the
+user's own prices (a mapping, or a TOML/JSON file: `Pricer.from_file`), then from
+the ``genai-prices`` table (the optional extra ``prices``) at the price valid at that
+instant. A loop or a session is the sum of its calls (`LoopRecord.model_calls`), never
+its summed usage priced as one call: a table price can depend on one request's input
+tokens (tiered prices). Because prices are applied when asked, an updated table
+reprices history.
 
 Every figure is a `Cost`: ``usd`` (None when some tokens have no known price:
 unknown is never shown as 0) and ``sources``, where its prices came from
@@ -22,7 +25,9 @@ import importlib
 import json
 import sys
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +37,7 @@ import msgspec
 from ._time import Timestamp
 from .errors import PhiSessionError
 from .messages import Usage
-from .model import LoopRecord, Session, Turn
+from .model import LoopRecord, ModelCall, Session, Turn
 from .stores.base import UsageRow, usage_rows
 from .stores.outline import SessionOutline
 from .stores.query import parse_group_by
@@ -57,7 +62,6 @@ __all__ = [
 ]
 
 USER_SOURCE = "user"
-_MEMO_LIMIT = 100_000  # table prices remembered (a lookup costs about half a millisecond)
 _PER_TOKEN = Decimal(1_000_000)  # user prices are per million tokens, as providers quote them
 _PRICES_HINT = (
     "prices unknown: pip install 'phi-session[prices]' for the genai-prices table, or give your own prices"
@@ -116,7 +120,7 @@ class UserPrice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     cache_read: float | None = None
     cache_write: float | None = None
 
-    def usd(self, usage: Usage) -> float:
+    def usd(self, usage: Usage | ModelCall) -> float:
         cache_read = self.input if self.cache_read is None else self.cache_read
         cache_write = self.input if self.cache_write is None else self.cache_write
         micro = (
@@ -137,16 +141,138 @@ def prices_available() -> bool:
     return True
 
 
-def _has_tokens(usage: Usage) -> bool:
-    return bool(usage.input or usage.output or usage.cache_read or usage.cache_write or usage.total_tokens)
+def _has_tokens(call: ModelCall) -> bool:
+    return bool(call.input or call.output or call.cache_read or call.cache_write or call.total_tokens)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_LATEST = datetime.max.replace(tzinfo=timezone.utc)
+_EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+_PROBE_SPAN = 1_000_000  # tokens between the probes of a rate (the last band has no upper end)
+_PROBE_TOLERANCE = Decimal("1e-12")  # relative: the table's own arithmetic rounds at 28 digits
+
+
+def _instant(started_ms: int) -> datetime:
+    """A call's start as the table's aware UTC datetime (clamped to what datetime holds)."""
+    try:
+        return _EPOCH + timedelta(milliseconds=started_ms)
+    except OverflowError:
+        return _LATEST if started_ms > 0 else _EARLIEST
+
+
+class _TableModel:
+    """One model of the ``genai-prices`` table, and the rates of each of its prices.
+
+    The table prices a call in about a tenth of a millisecond, too slow for a session
+    of thousands of calls. Its price of a call, for one resolved price (the model's
+    price at an instant: `ModelInfo.get_prices`, which only start dates and times of
+    day select) and one tier band (the input tokens between two tier thresholds), is
+    a linear function of the call's five counts plus a per-request part. So each
+    (price, band) is asked of the table once, at a few probe calls inside the band,
+    which give the rates; a last probe with every count at once checks the function
+    is linear, and a (price, band) that fails it (or that the table refuses to probe)
+    is priced by the table call by call. The price of each call is resolved by the
+    table at the call's own instant, so no date or time window is ever assumed.
+    """
+
+    __slots__ = ("_bands", "info", "provider")
+
+    def __init__(self, provider: Any, info: Any) -> None:
+        self.provider = provider
+        self.info = info
+        # id(resolved price) -> (that price, its tier thresholds, its rates per band; None: not linear)
+        self._bands: dict[int, tuple[Any, list[int], dict[int, tuple[Decimal, ...] | None]]] = {}
+
+    def usd(self, table: Any, call: ModelCall) -> float:
+        """What the table charges for `call` (`ValueError` if it refuses its counts)."""
+        counts = (
+            call.input + call.cache_read + call.cache_write,
+            call.cache_read,
+            call.cache_write,
+            call.output,
+            min(call.reasoning, call.output),
+        )
+        when = _instant(call.started_ms) if isinstance(self.info.prices, list) else _EPOCH
+        price = self.info.get_prices(when)
+        entry = self._bands.get(id(price))
+        if entry is None:
+            entry = self._bands[id(price)] = (price, _thresholds(price), {})
+        _, thresholds, bands = entry
+        band = bisect_left(thresholds, counts[0])  # tiers apply above their start: input > start
+        if band not in bands:
+            bands[band] = self._rates(table, when, thresholds, band)
+        rates = bands[band]
+        if rates is None:
+            return float(self._exact(table, when, *counts))
+        usd = rates[0]
+        for rate, count in zip(rates[1:], counts, strict=True):
+            if count:
+                usd += rate * count
+        return float(usd)
+
+    def _exact(self, table: Any, when: datetime, *counts: int) -> Decimal:
+        total_input, cache_read, cache_write, output, reasoning = counts
+        usage = table.Usage(
+            input_tokens=total_input,
+            cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write,
+            output_tokens=output,
+            output_reasoning_tokens=reasoning,
+        )
+        result = self.info.calc_price(usage, self.provider, genai_request_timestamp=when)
+        return Decimal(result.total_price)
+
+    def _rates(
+        self, table: Any, when: datetime, thresholds: list[int], band: int
+    ) -> tuple[Decimal, ...] | None:
+        """The per-request price and the five rates of one band, from probes; None when the
+        table's price is not linear there (or a probe is refused)."""
+        low = 0 if band == 0 else thresholds[band - 1] + 1
+        high = thresholds[band] if band < len(thresholds) else low + _PROBE_SPAN
+        try:
+            at_low = self._exact(table, when, low, 0, 0, 0, 0)
+            at_high = self._exact(table, when, high, 0, 0, 0, 0)
+            per_input = (at_high - at_low) / (high - low) if high > low else Decimal(0)
+            per_read = (
+                (self._exact(table, when, high, high, 0, 0, 0) - at_high) / high if high else Decimal(0)
+            )
+            per_write = (
+                (self._exact(table, when, high, 0, high, 0, 0) - at_high) / high if high else Decimal(0)
+            )
+            with_output = self._exact(table, when, high, 0, 0, _PROBE_SPAN, 0)
+            per_output = (with_output - at_high) / _PROBE_SPAN
+            per_reasoning = (
+                self._exact(table, when, high, 0, 0, _PROBE_SPAN, _PROBE_SPAN) - with_output
+            ) / _PROBE_SPAN
+            rates = (at_low - per_input * low, per_input, per_read, per_write, per_output, per_reasoning)
+            check = (high, high // 3, high // 4, 777_777, 123_456)
+            expected = self._exact(table, when, *check)
+        except ValueError:
+            return None
+        got = rates[0] + sum((rate * count for rate, count in zip(rates[1:], check, strict=True)), Decimal(0))
+        return rates if abs(got - expected) <= _PROBE_TOLERANCE * max(abs(expected), Decimal(1)) else None
+
+
+def _thresholds(price: Any) -> list[int]:
+    """The input-token tier starts of a resolved table price, sorted (none: one band)."""
+    starts = {
+        tier.start
+        for value in vars(price).values()
+        if hasattr(value, "tiers") and hasattr(value, "base")
+        for tier in value.tiers
+    }
+    return sorted(starts)
 
 
 class Pricer:
     """Prices usage by provider, model and time: the user's prices first, then ``genai-prices``.
 
-    `user_prices` maps ``"provider/model"`` or a bare ``"model"`` (any provider) to a
-    `UserPrice` or a mapping of its fields. ``use_table=False`` ignores
-    ``genai-prices`` even when installed. Safe to share between threads.
+    A loop is priced call by call (`LoopRecord.model_calls`), each call at its own
+    price: a price can depend on one request's input tokens (tiered prices, such as
+    2x above 200k input tokens) and on when it was made (a price change, an off-peak
+    window). `user_prices` maps ``"provider/model"`` or a bare ``"model"`` (any
+    provider) to a `UserPrice` or a mapping of its fields. ``use_table=False``
+    ignores ``genai-prices`` even when installed. Safe to share between threads.
     """
 
     def __init__(
@@ -158,8 +284,10 @@ class Pricer:
         self._user = {name: _user_price(name, price) for name, price in (user_prices or {}).items()}
         self._table: Any = None
         self._table_source: str | None = None
-        # Table prices already looked up: totals price every loop, and views ask again.
-        self._memo: dict[tuple[Usage, str | None, str, Timestamp], Cost] = {}
+        # The table's models already looked up (None: not in the table), for the table
+        # snapshot they came from: an updated snapshot (genai-prices' UpdatePrices) drops them.
+        self._models: dict[tuple[str | None, str], _TableModel | None] = {}
+        self._snapshot: Any = None
         self._memo_lock = threading.Lock()
         if use_table and prices_available():
             import genai_prices
@@ -199,67 +327,78 @@ class Pricer:
         return None if self._table is not None else _PRICES_HINT
 
     def price(self, usage: Usage, provider: str | None, model: str | None, at: Timestamp) -> Cost:
-        """The cost of `usage` on `provider`/`model` at instant `at`."""
-        if not _has_tokens(usage):
+        """The cost of one model call of `usage` on `provider`/`model` at instant `at`."""
+        return self.calls([ModelCall.of(at, usage)], provider, model)
+
+    def calls(self, calls: Iterable[ModelCall], provider: str | None, model: str | None) -> Cost:
+        """The cost of model calls on `provider`/`model`, each at its price when it started
+        (to the millisecond). Unknown when a call with tokens has no known price."""
+        priced = [call for call in calls if _has_tokens(call)]
+        if not priced:
             return ZERO_COST
         name = f"{provider}/{model}" if provider else (model or "unknown")
         user = self._user.get(name) if provider else None
         if user is None and model is not None:
             user = self._user.get(model)
         if user is not None:
-            return Cost(usd=user.usd(usage), sources=(USER_SOURCE,))
-        if self._table is None or model is None:
+            return Cost(usd=sum(user.usd(call) for call in priced), sources=(USER_SOURCE,))
+        entry = None if self._table is None or model is None else self._table_model(provider, model)
+        if entry is None:
             return Cost(usd=None, unpriced=(name,))
-        key = (usage, provider, model, at)
-        cost = self._memo.get(key)
-        if cost is None:
-            cost = self._table_price(usage, provider, model, at, name)
-            with self._memo_lock:
-                if len(self._memo) >= _MEMO_LIMIT:
-                    self._memo.clear()
-                self._memo[key] = cost
-        return cost
-
-    def _table_price(self, usage: Usage, provider: str | None, model: str, at: Timestamp, name: str) -> Cost:
-        table = self._table
-        counts = table.Usage(
-            input_tokens=usage.input + usage.cache_read + usage.cache_write,
-            cache_read_tokens=usage.cache_read,
-            cache_write_tokens=usage.cache_write,
-            output_tokens=usage.output,
-            output_reasoning_tokens=min(usage.reasoning, usage.output),
-        )
-        when = at.to_datetime()
         try:
-            result = table.calc_price(counts, model, provider_id=provider, genai_request_timestamp=when)
-        except LookupError:
-            if not provider:
-                return Cost(usd=None, unpriced=(name,))
-            try:  # a provider name the table does not know (a gateway, a custom id): match the model alone
-                result = table.calc_price(counts, model, genai_request_timestamp=when)
-            except LookupError:
-                return Cost(usd=None, unpriced=(name,))
+            usd = sum(entry.usd(self._table, call) for call in priced)
+        except ValueError:  # counts the table refuses for this model: better unknown than wrong
+            return Cost(usd=None, unpriced=(name,))
         assert self._table_source is not None
-        return Cost(usd=float(result.total_price), sources=(self._table_source,))
+        return Cost(usd=usd, sources=(self._table_source,))
+
+    def _table_model(self, provider: str | None, model: str) -> _TableModel | None:
+        snapshot = self._table.data_snapshot.get_snapshot()
+        if snapshot is not self._snapshot:
+            with self._memo_lock:
+                self._models = {}
+                self._snapshot = snapshot
+        key = (provider, model)
+        if key in self._models:
+            return self._models[key]
+        entry: _TableModel | None = None
+        # A provider name the table does not know (a gateway, a custom id): the model alone.
+        for provider_id in (provider, None) if provider else (None,):
+            try:
+                entry = _TableModel(*snapshot.find_provider_model(model, None, provider_id, None))
+                break
+            except LookupError:
+                continue
+        with self._memo_lock:
+            self._models[key] = entry
+        return entry
 
     def turn(self, turn: Turn, record: LoopRecord) -> Cost:
-        """The cost of one turn, at the price when it started."""
+        """The cost of one turn (one model call), at the price when it started."""
         provider, model = _model_of(record)
         return self.price(turn.usage, provider, model, turn.started_at)
 
     def loop(self, record: LoopRecord) -> Cost:
-        """The cost of a loop's calls (`LoopRecord.billed_usage`), at the price when it started."""
-        provider, model = _model_of(record)
-        return self.price(record.billed_usage(), provider, model, record.started_at)
+        """The cost of a loop: each of its calls (`LoopRecord.model_calls`) at its own price."""
+        return self.calls(record.model_calls(), *_model_of(record))
+
+    def _grouped(
+        self, loops: Iterable[tuple[str, str | None, str | None, Iterable[ModelCall]]]
+    ) -> dict[str, Cost]:
+        """The cost per key of ``(key, provider, model, calls)`` loops: the calls of a
+        key and model are priced together (one lookup), each at its own price."""
+        groups: dict[tuple[str, str | None, str | None], list[ModelCall]] = {}
+        for key, provider, model, calls in loops:
+            groups.setdefault((key, provider, model), []).extend(calls)
+        sums: dict[str, Cost] = {}
+        for (key, provider, model), calls in groups.items():
+            sums[key] = sums.get(key, ZERO_COST) + self.calls(calls, provider, model)
+        return sums
 
     def row_costs(self, rows: Iterable[UsageRow]) -> dict[str, Cost]:
-        """The cost of usage rows summed per key, each row at its model's price when its
-        loop started: the one place where stored usage becomes money in totals."""
-        sums: dict[str, Cost] = {}
-        for row in rows:
-            cost = self.price(row.usage, row.provider, row.model, row.started_at)
-            sums[row.key] = sums.get(row.key, ZERO_COST) + cost
-        return sums
+        """The cost of usage rows summed per key, each call of a row at its price when it
+        started: the one place where stored usage becomes money in totals."""
+        return self._grouped((row.key, row.provider, row.model, row.calls) for row in rows)
 
     def price_totals(self, totals: Iterable[UsageTotal], rows: Iterable[UsageRow]) -> list[UsageTotal]:
         """`totals` with their ``cost``: `row_costs` of their `rows` (a total without rows costs 0)."""
@@ -268,14 +407,13 @@ class Pricer:
 
     def session(self, session: Session) -> Cost:
         """The sum of the costs of the session's loops."""
-        return total(self.loop(record) for record in session.loops)
+        loops = (("", *_model_of(record), record.model_calls()) for record in session.loops)
+        return self._grouped(loops).get("", ZERO_COST)
 
     def outline(self, outline: SessionOutline) -> Cost:
-        """`session` of an outlined session: its loops' billed usage is in the outline."""
-        return total(
-            self.price(loop.billed_usage, loop.provider, loop.model, loop.started_at)
-            for loop in outline.loops
-        )
+        """`session` of an outlined session: its loops' calls are in the outline."""
+        loops = (("", loop.provider, loop.model, loop.model_calls()) for loop in outline.loops)
+        return self._grouped(loops).get("", ZERO_COST)
 
     def loop_cost(self, record: LoopRecord) -> LoopCost:
         """The cost of a loop and of each of its turns."""

@@ -32,6 +32,7 @@ from .events import (
     MessageEnd,
     SessionFormation,
     TurnEnd,
+    TurnStart,
     TurnTrigger,
 )
 from .messages import (
@@ -53,6 +54,7 @@ __all__ = [
     "LoopEvent",
     "LoopRecord",
     "LoopStatus",
+    "ModelCall",
     "ParallelGroupRecord",
     "Session",
     "SessionEvent",
@@ -161,6 +163,58 @@ class CompactionBlock(
     keep_recent: CompactedSection | None = None
     keep_compacted: CompactedSection | None = None
     created_at: Timestamp
+
+
+_NS_PER_MS = 1_000_000
+
+
+class ModelCall(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One model call of a loop (an assistant reply that reported usage): when it started,
+    in milliseconds since the Unix epoch, and its token counts (`Usage`'s fields).
+
+    Cost prices a loop call by call, because a price can depend on one request's
+    input tokens (tiered prices) and on its time. Stored beside each loop by the SQL
+    stores as a compact JSON array of integers, so totals price calls without
+    reading records.
+    """
+
+    started_ms: int
+    input: int
+    output: int
+    reasoning: int
+    cache_read: int
+    cache_write: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, started_at: Timestamp, usage: Usage) -> ModelCall:
+        return cls(
+            started_at.ns // _NS_PER_MS,
+            usage.input,
+            usage.output,
+            usage.reasoning,
+            usage.cache_read,
+            usage.cache_write,
+            usage.total_tokens,
+        )
+
+    @property
+    def started_at(self) -> Timestamp:
+        return Timestamp.from_ns(self.started_ms * _NS_PER_MS)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(
+            input=self.input,
+            output=self.output,
+            reasoning=self.reasoning,
+            cache_read=self.cache_read,
+            cache_write=self.cache_write,
+            total_tokens=self.total_tokens,
+        )
+
+
+_USAGE_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
 
 
 class LoopRecord(msgspec.Struct, kw_only=True):
@@ -306,6 +360,45 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         for turn in self.turns:
             total = total + turn.usage
         return total
+
+    def model_calls(self) -> list[ModelCall]:
+        """The loop's model calls with tokens, each with when it started: what cost prices,
+        one call at a time. Their usages add up to `billed_usage`.
+
+        A finished turn is one call (one assistant reply), at its ``started_at``. A
+        loop cut off before ``AgentEnd`` adds each assistant ``MessageEnd`` of the turn it
+        was cut off in (`unfinished_usage`), at that turn's ``TurnStart`` (the loop's
+        start without one). A loop that reports more usage than its turns (a reply
+        whose turn never ended, an adapter's own total) adds the difference as one
+        call at its start; one whose turns report more than its usage cannot be split:
+        its usage is then one call at its start.
+        """
+        calls = [ModelCall.of(turn.started_at, turn.usage) for turn in self.turns if turn.usage != ZERO_USAGE]
+        if not self.reports_usage():
+            # The same events as `unfinished_usage`: those after the last TurnEnd.
+            unfinished: list[Usage] = []
+            turn_start: Timestamp | None = None
+            for stored in reversed(self.events):
+                event = stored.event
+                if type(event) is TurnEnd:
+                    break
+                if type(event) is TurnStart and turn_start is None:
+                    turn_start = event.timestamp
+                elif type(event) is MessageEnd and type(event.message) is AssistantMessage:
+                    unfinished.append(event.message.usage)
+            started_at = self.started_at if turn_start is None else turn_start
+            calls += [
+                ModelCall.of(started_at, usage) for usage in reversed(unfinished) if usage != ZERO_USAGE
+            ]
+            return calls
+        rest = [getattr(self.usage, name) for name in _USAGE_FIELDS]
+        for call in calls:
+            rest = [left - getattr(call, name) for left, name in zip(rest, _USAGE_FIELDS, strict=True)]
+        if any(value < 0 for value in rest):
+            return [ModelCall.of(self.started_at, self.usage)] if self.usage != ZERO_USAGE else []
+        if any(rest):
+            calls.append(ModelCall(self.started_at.ns // _NS_PER_MS, *rest))
+        return calls
 
     def context_messages(self, *, most_recent: bool = True) -> list[AgentMessage]:
         """The messages this loop contributes to a resumed context.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import msgspec
@@ -15,8 +15,8 @@ from ..codec import encode_event
 from ..errors import InvalidSessionId, SessionNotFound
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
-from ..model import LoopRecord, Session
-from .outline import SessionOutline, first_prompt, session_outline
+from ..model import LoopRecord, ModelCall, Session
+from .outline import SessionOutline, decode_calls, first_prompt, session_outline
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_count, check_type
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
 
@@ -72,10 +72,26 @@ class UsageRow(NamedTuple):
     key: str
     provider: str | None
     model: str | None
-    started_at: Timestamp
-    """When the loop started: its tokens are priced at that instant."""
     usage: Usage
     """`LoopRecord.billed_usage`."""
+    calls: Sequence[ModelCall]
+    """`LoopRecord.model_calls`, which add up to `usage`: each is priced at its own price."""
+
+
+def stored_usage_row(
+    key: str,
+    provider: str | None,
+    model: str | None,
+    calls: bytes | None,
+    started_at: Timestamp,
+    usage: Usage,
+) -> UsageRow:
+    """A SQL store's `UsageRow` of a loop row: its stored `calls` (`outline.encode_calls`);
+    a row without them (its record did not decode when they were added) stands its
+    billed `usage` in for them, as one call at its start."""
+    if calls is None:
+        return UsageRow(key, provider, model, usage, (ModelCall.of(started_at, usage),))
+    return UsageRow(key, provider, model, usage, decode_calls(calls))
 
 
 def model_key(record: LoopRecord) -> str:
@@ -100,8 +116,8 @@ def usage_rows(session: Session, group_by: GroupBy | str) -> Iterator[UsageRow]:
             key,
             None if config is None else config.provider,
             None if config is None else config.model,
-            record.started_at,
             record.billed_usage(),
+            record.model_calls(),
         )
 
 

@@ -32,7 +32,7 @@ import msgspec
 
 from .._time import Timestamp
 from ..codec import decode_event, decode_session, encode_event, encode_session
-from ..cost import ZERO_COST, Cost, Pricer, cost_totals
+from ..cost import ZERO_COST, Cost, Pricer, cost_totals, prices_available
 from ..errors import InvalidQuery, InvalidSessionId, SessionNotFound
 from ..events import (
     AgentEnd,
@@ -56,7 +56,7 @@ from ..messages import (
     Usage,
     UserMessage,
 )
-from ..model import LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef
+from ..model import LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef, Turn
 from ..recorder import SessionRecorder
 from .base import SessionStore, SessionSummary, UsageTotal
 from .outline import PROMPT_CHARS, session_outline
@@ -68,6 +68,7 @@ __all__ = [
     "INVALID_SESSION_IDS",
     "StoreConformance",
     "at",
+    "calls_loop",
     "cut_streams",
     "make_loop",
     "make_session",
@@ -232,6 +233,54 @@ def talking_loop(
             turn_id=turn_id,
         ),
     ]
+    return record
+
+
+TIERED_MODEL = "google/gemini-2.5-pro"
+"""A model whose table price per token doubles above 200k input tokens of one request."""
+TIERED_CALL = Usage(input=150_000, output=1_000, total_tokens=151_000)
+"""A call below that tier: two of them, priced as one call, would cross it."""
+
+
+def calls_loop(
+    session_id: str,
+    index: int,
+    calls: Sequence[Usage],
+    *,
+    model: str = TIERED_MODEL,
+    started_at: Timestamp | None = None,
+) -> LoopRecord:
+    """`make_loop` of `model` whose turns are one model call each, of the `calls` usages,
+    a second apart; the loop's usage is their sum."""
+    record = make_loop(session_id, index, model=model, started_at=started_at)
+    provider, _, name = model.partition("/")
+    usage = ZERO_USAGE
+    for number, call in enumerate(calls):
+        turn_id = TurnId(loop_id=record.loop_id, turn_index=number)
+        start = Timestamp.from_ns(record.started_at.ns + number * 1_000_000_000)
+        reply = AssistantMessage(
+            content=(TextContent(text=f"reply {number}"),),
+            stop_reason="stop",
+            model=name,
+            provider=provider,
+            usage=call,
+            timestamp=0,
+            turn_id=turn_id,
+        )
+        record.turns.append(
+            Turn(
+                turn_id=turn_id,
+                triggered_by="User" if number == 0 else "Continuation",
+                usage=call,
+                input_messages=(),
+                output_message=reply,
+                tool_results=(),
+                started_at=start,
+                ended_at=Timestamp.from_ns(start.ns + 500_000_000),
+            )
+        )
+        usage = usage + call
+    record.usage = usage
     return record
 
 
@@ -906,6 +955,26 @@ class StoreConformance:
         assert asyncio.run(store.ausage_totals("day", pricer=pricer)) == by_day
         with _raises(TypeError, match="pricer"):
             store.usage_totals("agent", pricer="prices.toml")  # type: ignore[arg-type]
+
+    def test_cost_prices_each_model_call(self, store: SessionStore) -> None:
+        # A price tier applies to one request's input tokens: a loop of two calls of 150k
+        # input costs twice one call, not one call of 300k (which crosses the 200k tier).
+        import pytest
+
+        if not prices_available():
+            pytest.skip("needs the prices extra (genai-prices)")
+        pricer = Pricer()
+        provider, _, model = TIERED_MODEL.partition("/")
+        one = pricer.price(TIERED_CALL, provider, model, at(1)).usd
+        merged = pricer.price(TIERED_CALL + TIERED_CALL, provider, model, at(1)).usd
+        assert one is not None and merged is not None and merged > 2 * one * 1.5  # the tier is real
+        session = make_session("tiered", loops=[calls_loop("tiered", 1, [TIERED_CALL, TIERED_CALL])])
+        store.save(session)
+        for by in ("agent", "model", "day"):
+            [row] = store.usage_totals(by, pricer=pricer)
+            assert isinstance(row.cost, Cost) and row.cost.usd == _approx(2 * one), by
+        assert pricer.outline(store.load_outline("tiered")).usd == _approx(2 * one)
+        assert pricer.session(store.load("tiered")).usd == _approx(2 * one)
 
     def test_usage_totals_count_sessions_without_loops(self, store: SessionStore) -> None:
         store.save(make_session("empty", "idle", loops=[]))

@@ -4,7 +4,7 @@ A session of 10,000 loops or 1,000,000 events is too big to load whole just to s
 its loop tree. Its **outline** (`SessionOutline`) is the session header and, per
 loop, a `LoopOutline`: what a listing of loops, the loop tree and the session's
 totals need (ids, parent, status, times, model, turn and tool-call counts, event
-counts by type, billed usage, first prompt) and the loop's **bare** record
+counts by type, billed usage, the model calls cost prices, first prompt) and the loop's **bare** record
 (`bare_loop`: no messages, turns nor events) as JSON, decoded only when asked for
 (`LoopOutline.record`). `SessionStore.load_outline` returns it and
 `SessionStore.load_loops` whole loops, a range of positions at a time. The SQL
@@ -28,14 +28,16 @@ import msgspec
 from .._time import Timestamp
 from ..codec import decode_loop, encode_loop
 from ..messages import TextContent, Usage, UserMessage
-from ..model import LoopRecord, Session
+from ..model import LoopRecord, ModelCall, Session
 
 __all__ = [
     "PROMPT_CHARS",
     "LoopOutline",
     "SessionOutline",
     "bare_loop",
+    "decode_calls",
     "decode_loop_outline",
+    "encode_calls",
     "encode_loop_outline",
     "first_prompt",
     "loop_outline",
@@ -89,6 +91,16 @@ class LoopOutline(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """`loop_prompt` of the loop."""
     record_json: msgspec.Raw = msgspec.field(name="record")
     """`bare_loop` of the loop as compact phi-core JSON (`record` decodes it)."""
+    calls: tuple[ModelCall, ...] | None = None
+    """`LoopRecord.model_calls` of the whole loop; None in an outline stored before they
+    were (`model_calls` then stands the billed usage in for them)."""
+
+    def model_calls(self) -> tuple[ModelCall, ...]:
+        """The loop's model calls, what cost prices; for an outline stored without them,
+        its billed usage as one call at the loop's start."""
+        if self.calls is not None:
+            return self.calls
+        return (ModelCall.of(self.started_at, self.billed_usage),)
 
     @property
     def record(self) -> LoopRecord:
@@ -158,6 +170,7 @@ def loop_outline(record: LoopRecord) -> LoopOutline:
         unfinished_usage=record.unfinished_usage(),
         prompt=loop_prompt(record),
         record_json=msgspec.Raw(encode_loop(bare_loop(record), pretty=False)),
+        calls=tuple(record.model_calls()),
     )
 
 
@@ -210,3 +223,17 @@ def decode_loop_outline(data: bytes) -> LoopOutline:
         prompt=stored.prompt,
         record_json=stored.record,
     )
+
+
+_calls_decoder = msgspec.json.Decoder(tuple[ModelCall, ...])
+
+
+def encode_calls(record: LoopRecord) -> bytes:
+    """The stored form of `record`'s model calls (`LoopRecord.model_calls`): compact JSON,
+    an array of integer arrays, what the SQL stores' priced totals read."""
+    return _encoder.encode(record.model_calls())
+
+
+def decode_calls(data: bytes) -> tuple[ModelCall, ...]:
+    """The model calls of `encode_calls`' bytes; `msgspec.DecodeError` when they are not."""
+    return _calls_decoder.decode(data)

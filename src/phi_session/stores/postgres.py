@@ -87,17 +87,24 @@ from .base import (
     USAGE_FIELDS,
     AsyncTwins,
     SessionSummary,
-    UsageRow,
     UsageTotal,
     as_query,
     check_loop_range,
     check_pricer,
     merge_sessions,
     session_id_to_save,
+    stored_usage_row,
     summarize,
     validate_session_id,
 )
-from .outline import SessionOutline, decode_loop_outline, encode_loop_outline, loop_outline, session_outline
+from .outline import (
+    SessionOutline,
+    decode_loop_outline,
+    encode_calls,
+    encode_loop_outline,
+    loop_outline,
+    session_outline,
+)
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, loop_text, query_words, search_words
 
@@ -119,7 +126,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -336,6 +343,14 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         "ALTER TABLE {s}.sessions ADD COLUMN first_prompt TEXT",
         _store_first_prompts,
     ),
+    (
+        # Cost per model call: each loop's calls (`encode_calls`), what priced totals read,
+        # and its outline again, with them. NULL calls (a record that does not decode):
+        # its billed usage stands in for them (`stored_usage_row`).
+        "ALTER TABLE {s}.loops ADD COLUMN calls BYTEA",
+        partial(_backfill_loops, "calls", "%s", encode_calls),
+        partial(_backfill_loops, "outline", "%s", encode_loop_outline),
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -368,6 +383,7 @@ _LOOP_COLUMNS = (
     "record",
     "words",
     "outline",
+    "calls",
 )
 # The VALUES of a loop row, in `_LOOP_COLUMNS` order.
 _LOOP_VALUES = ", ".join(_WORDS_VALUE if column == "words" else "%s" for column in _LOOP_COLUMNS)
@@ -468,6 +484,7 @@ def _loop_values(record: LoopRecord, occurrence: int, data: bytes) -> tuple[Any,
         data,
         _lexemes(record),
         encode_loop_outline(record),
+        encode_calls(record),
     )
 
 
@@ -1159,13 +1176,13 @@ class PostgresStore(AsyncTwins):
             tokens = ", ".join(f"l.{column}" for column in USAGE_COLUMNS)
             cur.execute(
                 self._sql(
-                    f"SELECT {_ROW_KEY[group_by]}, l.provider, l.model, l.started_at_ns, {tokens}"
+                    f"SELECT {_ROW_KEY[group_by]}, l.provider, l.model, l.calls, l.started_at_ns, {tokens}"
                     " FROM {s}.loops l JOIN {s}.sessions s USING (session_id)"
                 )
             )
             rows = [
-                UsageRow(key, provider, model, Timestamp.from_ns(started), _usage(usage))
-                for key, provider, model, started, *usage in cur.fetchall()
+                stored_usage_row(key, provider, model, calls, Timestamp.from_ns(started), _usage(usage))
+                for key, provider, model, calls, started, *usage in cur.fetchall()
             ]
         return pricer.price_totals(totals, rows)
 

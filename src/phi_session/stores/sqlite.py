@@ -75,12 +75,20 @@ from .base import (
     collect_hits,
     merge_sessions,
     session_id_to_save,
+    stored_usage_row,
     summarize,
     usage_rows,
     validate_session_id,
 )
 from .message_book import MessageBook, expand, numbers_in, pack, unpack
-from .outline import SessionOutline, decode_loop_outline, encode_loop_outline, loop_outline, session_outline
+from .outline import (
+    SessionOutline,
+    decode_loop_outline,
+    encode_calls,
+    encode_loop_outline,
+    loop_outline,
+    session_outline,
+)
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
 from .search import DEFAULT_LIMIT, SearchHit, loop_text, search_words
 
@@ -335,6 +343,34 @@ def _share_messages(conn: sqlite3.Connection) -> None:
         conn.executemany("UPDATE loops SET record = ? WHERE session_id = ? AND position = ?", templates)
 
 
+def _store_model_calls(conn: sqlite3.Connection) -> None:
+    """v7: cost per model call. ``loops.calls`` holds each loop's calls (`encode_calls`),
+    what priced totals read, and its outline is written again with them. A loop whose
+    record does not decode keeps NULL and its old outline: its billed usage then stands
+    in for its calls (`stored_usage_row`, `LoopOutline.model_calls`)."""
+    conn.execute("ALTER TABLE loops ADD COLUMN calls BLOB")
+    sessions = conn.execute("SELECT session_id, message_ids FROM sessions").fetchall()
+    for session_id, message_ids in sessions:
+        try:
+            ids = _unpack_ids(message_ids)
+        except DecodeError:
+            continue
+        found = _message_rows(conn, ids)
+        bodies = [row[1] if row is not None else None for row in map(found.get, ids)]
+        updates = []
+        for position, blob in conn.execute(
+            "SELECT position, record FROM loops WHERE session_id = ?", (session_id,)
+        ).fetchall():
+            try:
+                record = decode_loop(expand(unpack(blob), bodies), strict=False)
+            except DecodeError:
+                continue
+            updates.append((encode_calls(record), encode_loop_outline(record), session_id, position))
+        conn.executemany(
+            "UPDATE loops SET calls = ?, outline = ? WHERE session_id = ? AND position = ?", updates
+        )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _create_v1,
     _create_v2,
@@ -342,6 +378,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _outline_stored_loops,
     _store_first_prompts,
     _share_messages,
+    _store_model_calls,
 )
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
@@ -553,6 +590,7 @@ _LOOP_COLUMNS = (
     *USAGE_COLUMNS,
     "record",
     "outline",
+    "calls",
 )
 _UPSERT_LOOP = (
     f"INSERT INTO loops ({', '.join(_LOOP_COLUMNS)}) VALUES ({', '.join('?' * len(_LOOP_COLUMNS))}) "
@@ -682,7 +720,7 @@ _TOTALS_SQL: dict[str, str] = {
 # Each loop's `UsageRow` under its `_TOTALS_SQL` key.
 _LOOP_TOKENS_SQL = ", ".join(f"l.{column}" for column in USAGE_COLUMNS)
 _ROWS_FROM_SQL = (
-    f"l.provider, l.model, l.started_at_ns, {_LOOP_TOKENS_SQL} "
+    f"l.provider, l.model, l.calls, l.started_at_ns, {_LOOP_TOKENS_SQL} "
     "FROM loops l JOIN sessions s USING (session_id)"
 )
 _ROWS_SQL: dict[str, str] = {
@@ -1158,7 +1196,14 @@ class SqliteStore(AsyncTwins):
             if position < len(templates) and template == templates[position]:
                 continue
             loop_rows.append(
-                [session_id, position, *_loop_row(record), pack(template), encode_loop_outline(record)]
+                [
+                    session_id,
+                    position,
+                    *_loop_row(record),
+                    pack(template),
+                    encode_loop_outline(record),
+                    encode_calls(record),
+                ]
             )
             text_rows.append((session_id, position, loop_text(record)))
         ids = _register_messages(conn, book, ids)
@@ -1289,8 +1334,10 @@ class SqliteStore(AsyncTwins):
                 ]
                 if pricer is not None:
                     rows = [
-                        UsageRow(key, provider, model, Timestamp.from_ns(started), _usage_of(tokens))
-                        for key, provider, model, started, *tokens in conn.execute(_ROWS_SQL[group_by])
+                        stored_usage_row(
+                            key, provider, model, calls, Timestamp.from_ns(started), _usage_of(tokens)
+                        )
+                        for key, provider, model, calls, started, *tokens in conn.execute(_ROWS_SQL[group_by])
                     ]
         return totals if pricer is None else pricer.price_totals(totals, rows)
 
