@@ -39,7 +39,8 @@ def report(framework: str, bare: float, floor: float, adapter: float) -> None:
 
 
 async def medians_async(runs: int, variants: list[Callable[[int], Awaitable[object]]]) -> list[float]:
-    """The median time per run of each variant; runs interleave, so drift hits all alike."""
+    """The median time per run of each variant; runs interleave, so drift hits all alike.
+    A run that returns a float timed itself (its setup left out)."""
     for i in range(3):  # warm up
         for run in variants:
             await run(-1 - i)
@@ -49,8 +50,8 @@ async def medians_async(runs: int, variants: list[Callable[[int], Awaitable[obje
             gc.collect()
         for run, spent in zip(variants, times, strict=True):
             started = time.process_time()
-            await run(i)
-            spent.append(time.process_time() - started)
+            timed = await run(i)
+            spent.append(timed if isinstance(timed, float) else time.process_time() - started)
     return [statistics.median(spent) for spent in times]
 
 
@@ -170,7 +171,6 @@ def langchain_model(*, offers_tools: bool = False) -> Any:
 
 
 def bench_openai_agents(runs: int) -> None:
-    # Trace processors are global to the SDK: each variant runs as a block with its own.
     from agents import Agent, RunHooks, Runner
     from agents.tracing import TracingProcessor, set_trace_processors
 
@@ -203,27 +203,36 @@ def bench_openai_agents(runs: int) -> None:
         async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
             seen.append(("tool", context))
 
-    def variant(hooks: RunHooks[Any] | None) -> Callable[[int], Awaitable[object]]:
+    # Trace processors are global to the SDK: each run sets its variant's before it starts
+    # (untimed), so that the variants' runs interleave like the other frameworks'.
+    def variant(
+        processors: list[TracingProcessor], hooks: RunHooks[Any] | None
+    ) -> Callable[[int], Awaitable[object]]:
         async def one(i: int) -> object:
+            set_trace_processors(processors)
             model.extend(steps)
-            return await Runner.run(agent, "go", hooks=hooks, max_turns=TURNS + 2)
+            started = time.process_time()
+            await Runner.run(agent, "go", hooks=hooks, max_turns=TURNS + 2)
+            return time.process_time() - started
 
         return one
 
     async def all_three() -> list[float]:
-        set_trace_processors([])  # bare: the SDK makes its spans, nobody listens
-        (bare,) = await medians_async(runs, [variant(None)])
-        set_trace_processors([NoOpProcessor()])
-        (floor,) = await medians_async(runs, [variant(NoOpHooks())])
         recorder = SessionRecorder()
         openai_agents.install([recorder], replace_default=True)
         try:
-            (adapter,) = await medians_async(runs, [variant(openai_agents.PhiRunHooks())])
+            phi = openai_agents.processor()
+            variants = [
+                variant([], None),  # bare: the SDK makes its spans, nobody listens
+                variant([NoOpProcessor()], NoOpHooks()),
+                variant([phi], openai_agents.PhiRunHooks()),
+            ]
+            medians = await medians_async(runs, variants)
         finally:
             openai_agents.uninstall()
         loops = sum(len(s.loops) for s in recorder.sessions())
         assert loops == runs + 3, loops  # every run recorded (and the warm-ups)
-        return [bare, floor, adapter]
+        return medians
 
     report("openai-agents", *asyncio.run(all_three()))
 

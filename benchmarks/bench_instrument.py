@@ -45,6 +45,7 @@ from phi_session import (
     LoopConfigSnapshot,
     MessageEnd,
     MessageUpdate,
+    Session,
     ThinkingContent,
     ToolCall,
     ToolDefinition,
@@ -463,6 +464,19 @@ def recorded(script: Sequence[SessionScript], requests: Requests) -> int:
     return sum(len(encode(session)) for session in recorder.drain_completed())
 
 
+def recorded_sessions(script: Sequence[SessionScript], requests: Requests) -> list[Session]:
+    """The sessions `recorded` encodes, recorded once, for timing their encoding alone."""
+    recorder = SessionRecorder(include_streaming_events=True)
+    play(script, _tracers(script, [recorder]), requests)
+    recorder.flush()
+    return recorder.drain_completed()
+
+
+def encoded(sessions: Sequence[Session]) -> int:
+    encode = phi_session.encode
+    return sum(len(encode(session)) for session in sessions)
+
+
 def persisted(script: Sequence[SessionScript], path: Path, requests: Requests) -> int:
     """Producer -> the default persisting path into SQLite, every session saved on return;
     the bytes stored."""
@@ -617,9 +631,11 @@ def realistic(repeat: int, directory: Path) -> None:
     stored = persisted(script, database, "history")
     stored_delta = persisted(script, database, "delta")
     peer = agents_sdk_peer(directory / "agents.jsonl")
+    sessions = recorded_sessions(script, "history")
 
     rows = {
         "memory": Clock("phi-session: Tracer -> recorder -> encode", n1),
+        "encode": Clock("  of which encode (the same sessions, alone)", n1),
         "memory_delta": Clock("  Tracer -> recorder -> encode, delta-only", n1),
         "sqlite": Clock("phi-session: Tracer -> SQLite, all saved", n1),
         "sqlite_delta": Clock("  Tracer -> SQLite, delta-only", n1),
@@ -629,6 +645,7 @@ def realistic(repeat: int, directory: Path) -> None:
     }
     operations: list[tuple[Clock, Callable[[], object]]] = [
         (rows["memory"], lambda: recorded(script, "history")),
+        (rows["encode"], lambda: encoded(sessions)),
         (rows["memory_delta"], lambda: recorded(script, "delta")),
         (rows["sqlite"], lambda: persisted(script, database, "history")),
         (rows["sqlite_delta"], lambda: persisted(script, database, "delta")),
@@ -670,6 +687,8 @@ def realistic(repeat: int, directory: Path) -> None:
         for key in ("memory_delta", "sqlite_delta"):
             ratio = rows["peer_delta"].cpu / rows[key].cpu
             print(f"{rows[key].label + ' vs peer, delta-only':<64} {ratio:>6.2f}x")
+    share = rows["encode"].cpu / rows["memory"].cpu
+    print(f"{'share of encode in Tracer -> recorder -> encode':<64} {share:>6.0%}")
     per_event = stored / n1
     goal = REALISTIC_TARGETS["bytes_per_event"]
     print(

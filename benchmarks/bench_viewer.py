@@ -17,26 +17,36 @@ what the page asks for when it opens the session:
 * ``loop`` one loop's turns (what opening a loop fetches: `load_loops` of one),
 * ``event-log page`` the first 200 events, then 200 events of one type (only the
   loops the page covers are read),
-* ``timeline page`` the first 200 bars of the waterfall: the one view that loads
-  the whole session, which the page asks for after it shows,
+* ``timeline page`` the waterfall of the first 20 loops (what the page draws first;
+  scrolling asks for the next 20), then of 20 loops near the end, each loop and turn
+  priced (only those loops are read),
+* ``cost page`` the cost of 200 loops and their turns,
 * and the same requests again, warm (the outline is cached by the viewer).
 
-"Opens" is overview + loops page: the page shows then, the timeline fills in
-after. The old page's request (the whole session's JSON) is timed too, for
+"Opens" is overview + loops page: the page shows then. "Filled" adds what the page
+asks for after it shows: the first timeline page and the priced overview (the
+session's cost). The old page's request (the whole session's JSON) is timed too, for
 comparison with ``--whole``. Nothing is asserted: the script prints figures and exits 0.
 
-Measured (2 shared cores, other jobs running, SQLite; issue 14). 10,000 loops
-(440,000 events): before outlines the overview alone took 18.7 s cold (the viewer
-loaded the whole session) and the page waited ~25 s. 23,000 loops (1,012,000
-events), cold: with each loop's outline decoded whole (its bare record included) it
-opened in 2.3 s (overview 1.9 s + loops page 0.34 s); with flat outlines whose record
-stays JSON until a page shows it, in 0.51 s (overview 0.38 s + loops page 0.13 s),
-12 ms warm; event-log pages take 9-73 ms; the timeline fills in after ~37 s.
+Measured (2 shared cores, other jobs running: load average 4-10, so cold figures
+vary by 2x from run to run; SQLite; issue 14). 10,000 loops (440,000 events):
+before outlines the overview alone took 18.7 s cold (the viewer loaded the whole
+session) and the page waited ~25 s. 23,000 loops (1,012,000 events), cold: with
+each loop's outline decoded whole (its bare record included) the page opened in
+2.3 s (overview 1.9 s + loops page 0.34 s); with flat outlines whose record stays
+JSON until a page shows it, in a median of 0.59 s over 5 fresh viewers (0.47-1.08
+s), and since loop rows hold their messages apart (`message_book`: smaller rows to
+read past) in medians of 0.23 and 0.48 s in two runs (0.17-0.78 s); 10,000 loops
+0.16 s; 10-30 ms warm. The timeline's first page (20 loops, priced) took 36.6-40.3
+s cold when it loaded the whole session; now 0.4-0.5 s cold (the first pricing
+included), 14-40 ms warm; a cost page of 200 loops 0.2-0.3 s; event-log pages
+10-80 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import threading
@@ -104,6 +114,9 @@ def main() -> None:
     parser.add_argument("--loops", type=int, default=10_000)
     parser.add_argument("--store", choices=("sqlite", "json"), default="sqlite")
     parser.add_argument("--whole", action="store_true", help="also time the whole session's JSON (slow, big)")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="cold opens timed again, each by a fresh viewer (default 5)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         started = time.perf_counter()
@@ -127,11 +140,14 @@ def main() -> None:
             ("event-log page, type TurnEnd", f"{api}/event-log?limit=200&type=TurnEnd"),
             ("event-log page, far in", f"{api}/event-log?limit=200&offset={events - 1000}"),
             ("loops page near the end", f"{api}/loops?limit=200&offset={max(0, args.loops - 1000)}"),
-            ("timeline page (200 bars)", f"{api}/timeline?limit=200"),
+            ("timeline page (20 loops)", f"{api}/timeline?limit=20"),
+            ("timeline page near the end", f"{api}/timeline?limit=20&offset={max(0, args.loops - 40)}"),
+            ("cost page (200 loops)", f"{api}/cost?limit=200"),
             ("overview priced", f"{api}/overview"),
         ]
+        filling = {"timeline page (20 loops)", "overview priced"}
         for label in ("cold", "warm"):
-            total_open = 0.0
+            total_open = total_filled = 0.0
             print(f"-- {label}")
             for index, (name, url) in enumerate(steps):
                 size = 0
@@ -143,8 +159,27 @@ def main() -> None:
                 seconds = timed(get)
                 if index < 2:
                     total_open += seconds
+                if index < 2 or name in filling:
+                    total_filled += seconds
                 print(f"  {name:32} {seconds * 1000:9.1f} ms  {size / 1e3:9.1f} kB")
             print(f"  {'opens (overview+loops page)':32} {total_open * 1000:9.1f} ms")
+            print(f"  {'filled (+timeline, cost)':32} {total_filled * 1000:9.1f} ms")
+        # The machine is shared and noisy: the cold open again, each time by a new viewer
+        # (an empty cache: the outline is read and decoded again).
+        opens = []
+        for _ in range(args.repeat):
+            fresh = make_server(store, quiet=True)
+            threading.Thread(target=fresh.serve_forever, daemon=True).start()
+            fresh_api = f"{fresh.url}api/sessions/huge-session"
+            started = time.perf_counter()
+            fetch(f"{fresh_api}/overview?cost=0")
+            fetch(f"{fresh_api}/loops?limit=200")
+            opens.append(time.perf_counter() - started)
+            fresh.shutdown()
+        if opens:
+            median = statistics.median(opens) * 1000
+            figures = ", ".join(f"{seconds * 1000:.0f}" for seconds in opens)
+            print(f"-- cold opens by {len(opens)} fresh viewers: median {median:.0f} ms ({figures})")
         if args.whole:
             print("-- the whole session at once (what the page fetched before paging)")
             size = 0

@@ -19,16 +19,19 @@ from agents import (
     InputGuardrailTripwireTriggered,
     OpenAIChatCompletionsModel,
     OpenAIResponsesModel,
+    OutputGuardrailTripwireTriggered,
     RunConfig,
     Runner,
     function_tool,
     input_guardrail,
+    output_guardrail,
 )
 from agents.testing.model import ScriptedModel, assistant_message, function_call
 from openai import AsyncOpenAI
 
 from phi_session import JsonDirStore, SessionRecorder, decode_session, encode_session
 from phi_session.adapters import openai_agents
+from phi_session.events import InputRejected
 from phi_session.model import Session
 
 
@@ -196,6 +199,59 @@ def test_triggered_input_guardrail_rejects_the_loop(recorder: SessionRecorder) -
         run(agent, "my password", run_config=in_session("g"))
     (loop,) = sessions(recorder)["g"].loops
     assert loop.status == "Rejected"
+
+
+@output_guardrail
+def no_numbers(context: Any, agent: Any, output: Any) -> GuardrailFunctionOutput:
+    return GuardrailFunctionOutput(output_info={"found": "42"}, tripwire_triggered="42" in output)
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "no-hooks"])
+def test_triggered_output_guardrail_fails_the_loop_naming_it(recorder: SessionRecorder, hooks: bool) -> None:
+    model = scripted([function_call("add", {"a": 40, "b": 2}, call_id="c1")], [assistant_message("it is 42")])
+    agent = Agent(name="calc", model=model, tools=[add], output_guardrails=[no_numbers])
+    with pytest.raises(OutputGuardrailTripwireTriggered):
+        run(agent, "add", run_config=in_session("og"), **({} if hooks else {"hooks": None}))
+    (loop,) = sessions(recorder)["og"].loops
+    # The model's answer is recorded as it was given; the run failed on the guardrail.
+    assert loop.status == "Aborted" and loop.rejection is None
+    assert loop.error == "output guardrail no_numbers triggered: the final output was withheld"
+    assert len(loop.turns) == 2
+    if hooks:  # the scripted model's spans carry no content: the hooks give it
+        assert [turn.output_message.stop_reason for turn in loop.turns] == ["toolUse", "stop"]  # type: ignore[union-attr]
+        assert loop.turns[1].output_message.content[0].text == "it is 42"  # type: ignore[union-attr]
+    assert not [event for event in loop.events if isinstance(event.event, InputRejected)]
+
+
+def test_an_output_guardrail_that_passes_changes_nothing(recorder: SessionRecorder) -> None:
+    agent = Agent(name="calc", model=scripted([assistant_message("fine")]), output_guardrails=[no_numbers])
+    assert run(agent, "hi", run_config=in_session("og-pass")).final_output == "fine"
+    (loop,) = sessions(recorder)["og-pass"].loops
+    assert loop.status == "Completed" and not loop.error
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "no-hooks"])
+def test_input_guardrail_tripping_after_the_model_answered_is_still_an_input_rejection(
+    recorder: SessionRecorder, hooks: bool
+) -> None:
+    # A parallel input guardrail runs alongside the first turn: it may trip once the
+    # model answered, an output guardrail's moment (its span, under the turn's, tells).
+    @input_guardrail(run_in_parallel=True)
+    async def slow_check(context: Any, agent: Any, text: Any) -> GuardrailFunctionOutput:
+        await asyncio.sleep(0.02)
+        return GuardrailFunctionOutput(output_info=None, tripwire_triggered=True)
+
+    agent = Agent(name="calc", model=scripted([assistant_message("answer")]), input_guardrails=[slow_check])
+    with pytest.raises(InputGuardrailTripwireTriggered):
+        run(agent, "my password", run_config=in_session("ig-late"), **({} if hooks else {"hooks": None}))
+    (loop,) = sessions(recorder)["ig-late"].loops
+    rejected = [event.event for event in loop.events if isinstance(event.event, InputRejected)]
+    assert [event.reason for event in rejected] == ["input guardrail slow_check triggered"]
+    # The first turn ran (phi-core's Rejected means none did): the run failed with the rejection.
+    assert loop.status == "Aborted" and loop.error == "input guardrail slow_check triggered"
+    assert len(loop.turns) == 1
+    if hooks:
+        assert loop.turns[0].output_message.content[0].text == "answer"  # type: ignore[union-attr]
 
 
 def test_two_concurrent_runs_interleave(recorder: SessionRecorder) -> None:

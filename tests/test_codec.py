@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 import phi_session as ps
 from phi_session.codec import decode_messages, encode_message
+from phi_session.messages import ZERO_USAGE, TextFormat
+from phi_session.model import CompactedSection, CompactionBlock, LoopEvent, LoopRecord, Turn, TurnRange
 
 from .strategies import any_event, messages
 
@@ -334,3 +338,196 @@ def test_decode_messages_rejects_what_is_no_message_list() -> None:
             decode_messages(data)
     with pytest.raises(TypeError):
         decode_messages(1)  # type: ignore[arg-type]
+
+
+# -- Encoding documents: each distinct message once, reused wherever the file repeats it ----
+
+llm_messages = messages.filter(lambda m: not isinstance(m, ps.ExtensionMessage))
+
+
+def _payload(history: tuple[ps.Message, ...]) -> ps.AnnotatedRequestPayload:
+    return ps.AnnotatedRequestPayload(
+        system_prompt="s",
+        messages=history,
+        provenance=(),
+        tools=(),
+        model_id="m",
+        thinking_level="off",
+        response_format=TextFormat(),
+    )
+
+
+@st.composite
+def shared_sessions(draw: st.DrawFn) -> ps.Session:
+    """Sessions whose loops hold a few message objects in many places, as a recorded
+    conversation does: histories resent in each request, streaming updates, records."""
+    pool: list[ps.AgentMessage] = draw(st.lists(messages, min_size=1, max_size=4))
+    plain_pool: list[ps.Message] = draw(st.lists(llm_messages, min_size=1, max_size=4))
+    pick = st.sampled_from(pool)
+    history = st.lists(st.sampled_from(plain_pool), max_size=5).map(tuple)
+    stamp = ps.Timestamp.parse("2025-06-01T09:00:00Z")
+    loops = []
+    for index in range(draw(st.integers(min_value=1, max_value=2))):
+        loop_id = f"loop-{index}"
+        events: list[Any] = []
+        for _ in range(draw(st.integers(min_value=0, max_value=6))):
+            events.append(
+                draw(
+                    st.one_of(
+                        st.builds(
+                            ps.MessageUpdate,
+                            loop_id=st.just(loop_id),
+                            message=pick,
+                            delta=st.just(ps.StreamDelta.text("d")),
+                        ),
+                        st.builds(ps.MessageEnd, loop_id=st.just(loop_id), message=pick),
+                        st.builds(
+                            ps.TurnRequest,
+                            loop_id=st.just(loop_id),
+                            turn_index=st.integers(0, 3),
+                            payload=history.map(_payload),
+                            timestamp=st.just(stamp),
+                        ),
+                        st.builds(
+                            ps.TurnEnd,
+                            loop_id=st.just(loop_id),
+                            message=pick,
+                            usage=st.just(ZERO_USAGE),
+                            timestamp=st.just(stamp),
+                            tool_results=history,
+                        ),
+                        st.builds(
+                            ps.AgentEnd,
+                            loop_id=st.just(loop_id),
+                            messages=st.lists(pick, max_size=3).map(tuple),
+                            usage=st.just(ZERO_USAGE),
+                            timestamp=st.just(stamp),
+                        ),
+                    )
+                )
+            )
+        turns = [
+            Turn(
+                turn_id=ps.TurnId(loop_id=loop_id, turn_index=i),
+                triggered_by="User",
+                usage=ZERO_USAGE,
+                input_messages=draw(st.lists(pick, max_size=3).map(tuple)),
+                output_message=draw(pick),
+                tool_results=draw(st.lists(pick, max_size=2).map(tuple)),
+                started_at=stamp,
+                ended_at=stamp,
+                request_payload=draw(st.none() | history.map(_payload)),
+            )
+            for i in range(draw(st.integers(min_value=0, max_value=2)))
+        ]
+        record = LoopRecord.start(loop_id=loop_id, session_id="s", agent_id="a", started_at=stamp)
+        record.messages = draw(st.lists(pick, max_size=4))
+        record.turns = turns
+        record.events = [LoopEvent(sequence=i, event=e) for i, e in enumerate(events)]
+        if draw(st.booleans()):
+            section = CompactedSection(
+                range=TurnRange(start_turn=0, end_turn=1),
+                messages=draw(st.lists(pick, max_size=2).map(tuple)),
+            )
+            record.compaction_block = CompactionBlock(
+                keep_recent=section, keep_compacted=section, created_at=stamp
+            )
+        loops.append(record)
+    return ps.Session(
+        session_id="s",
+        agent_id="a",
+        created_at=stamp,
+        last_active_at=stamp,
+        formation=ps.SessionFormation.first_loop(stamp),
+        loops=loops,
+    )
+
+
+def _unshared_encoding(session: ps.Session) -> bytes:
+    """The session encoded with every message written where it stands, nothing reused,
+    through the decoders' own message walk (`map_loop_messages`)."""
+    from phi_session import codec
+
+    def written(message: ps.AgentMessage) -> msgspec.Raw:
+        return msgspec.Raw(encode_message(message))
+
+    loops = [codec.map_loop_messages(codec._strip_loop(record), written) for record in session.loops]
+    data = msgspec.json.encode(replace(session, loops=loops), enc_hook=codec._enc_hook, order="deterministic")
+    return msgspec.json.format(data, indent=2)
+
+
+@settings(max_examples=150, deadline=None)
+@given(shared_sessions())
+def test_messages_encoded_once_give_the_bytes_of_each_written_where_it_stands(session: ps.Session) -> None:
+    data = ps.encode(session)
+    assert data == _unshared_encoding(session)
+    assert msgspec.json.format(ps.encode(session, pretty=False), indent=2) == data
+    assert ps.encode(ps.decode_session(data)) == data
+    for record in session.loops:
+        assert ps.encode(record) == ps.encode(ps.decode_loop(ps.encode(record)))
+
+
+def test_a_message_changed_after_an_encode_is_written_changed_the_next_time() -> None:
+    arguments: dict[str, Any] = {"path": "a.txt"}
+    call = ps.AssistantMessage(
+        content=(ps.ToolCall(id="c1", name="read", arguments=arguments),),
+        stop_reason="toolUse",
+        model="m",
+        provider="p",
+        usage=ZERO_USAGE,
+        timestamp=1,
+    )
+    stamp = ps.Timestamp.parse("2025-06-01T09:00:00Z")
+    record = LoopRecord.start(loop_id="l", session_id="s", agent_id="a", started_at=stamp)
+    record.messages = [call, call]
+    record.events = [
+        LoopEvent(
+            sequence=i,
+            event=ps.TurnRequest(loop_id="l", turn_index=i, payload=_payload((call,) * i), timestamp=stamp),
+        )
+        for i in range(3)
+    ]
+    session = ps.Session(
+        session_id="s",
+        agent_id="a",
+        created_at=stamp,
+        last_active_at=stamp,
+        formation=ps.SessionFormation.first_loop(stamp),
+        loops=[record],
+    )
+    before = ps.encode(session)
+    assert before.count(b'"a.txt"') == 5
+    arguments["path"] = "b.txt"  # a tool call's arguments are a mutable dict
+    after = ps.encode(session)
+    assert b'"a.txt"' not in after and after.count(b'"b.txt"') == 5
+    assert after == _unshared_encoding(session)
+    assert b'"b.txt"' in ps.encode(record.events[2].event) and b'"b.txt"' in ps.encode(record, pretty=False)
+
+
+def test_a_store_can_write_its_own_form_of_each_message() -> None:
+    from phi_session.codec import encode_loop, encode_loop_with, encode_plain_message
+
+    call = ps.UserMessage(
+        content=(ps.TextContent(text="hi"),), timestamp=1, turn_id=ps.TurnId(loop_id="l", turn_index=0)
+    )
+    stamp = ps.Timestamp.parse("2025-06-01T09:00:00Z")
+    record = LoopRecord.start(loop_id="l", session_id="s", agent_id="a", started_at=stamp)
+    record.messages = [call]
+    record.events = [
+        LoopEvent(
+            sequence=0,
+            event=ps.TurnRequest(loop_id="l", turn_index=0, payload=_payload((call,)), timestamp=stamp),
+        )
+    ]
+    same = encode_loop_with(
+        record,
+        agent=lambda m: msgspec.Raw(encode_message(m)),
+        plain=lambda m: msgspec.Raw(encode_plain_message(m)),
+    )
+    assert same == encode_loop(record, pretty=False)
+    assert b"turnId" not in encode_plain_message(call) and b"turnId" in encode_message(call)
+    marked = encode_loop_with(
+        record, agent=lambda m: msgspec.Raw(b'"A"'), plain=lambda m: msgspec.Raw(b'"P"')
+    )
+    tree = json.loads(marked)
+    assert tree["messages"] == ["A"] and tree["events"][0]["event"]["payload"]["messages"] == ["P"]

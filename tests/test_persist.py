@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from phi_session.codec import encode_event, encode_session
 from phi_session.errors import PhiSessionError, StoreError
 from phi_session.journal import ORPHANS_FILE, Journal, JournaledRecorder
 from phi_session.model import Session
-from phi_session.persist import AutoPersistingRecorder
+from phi_session.persist import AutoPersistingRecorder, held_bytes
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 from phi_session.stores.base import SessionStore
 from phi_session.stores.json_dir import JsonDirStore
@@ -294,7 +295,7 @@ def test_a_late_parallel_event_is_kept_as_an_orphan_without_holding_the_journal(
 def test_the_writer_holds_at_most_the_byte_budget_plus_one_session(tmp_path: Path) -> None:
     """Issue 9.10: the bound is bytes, not a count of sessions."""
     evs = list(stream(sessions=60, loops=1, turns=3))
-    budget = 12_000  # a few sessions of this stream (2-5 kB each)
+    budget = 40_000  # a few sessions of this stream (15-40 events each)
     queued: list[float] = []
 
     class SlowObservedStore(JsonDirStore):
@@ -311,9 +312,28 @@ def test_the_writer_holds_at_most_the_byte_budget_plus_one_session(tmp_path: Pat
             persisting.on_event(event)
             queued.append(persisting.stats()["bytes_queued"])
         assert persisting.stats()["backpressure_waits"] > 0
-    largest = max(len(encode_session(store.load(sid), pretty=False)) for sid in store.list_ids())
+    largest = max(held_bytes(store.load(sid)) for sid in store.list_ids())
     assert max(queued) > budget // 2  # the budget was used...
     assert max(queued) <= budget + largest  # ...and never exceeded by more than one session
+    assert stored(store) == recorded(evs)
+
+
+def test_the_writer_saves_waiting_sessions_in_batches(tmp_path: Path) -> None:
+    batches: list[int] = []
+
+    class CountingStore(SqliteStore):
+        def save_many(self, sessions: Sequence[Session]) -> None:
+            batches.append(len(sessions))
+            super().save_many(sessions)
+
+    evs = single_loop_sessions(20)
+    store = CountingStore(tmp_path / "s.db")
+    with AutoPersistingRecorder(store, checkpoint_every=10**9, checkpoint_interval=None) as persisting:
+        persisting.record_all(evs)
+        persisting.checkpoint()  # hands the 20 sessions over at once
+        assert persisting.wait_saved(timeout=30)
+        assert persisting.stats()["writer_cpu_seconds"] > 0
+    assert batches == [16, 4]
     assert stored(store) == recorded(evs)
 
 
@@ -360,7 +380,7 @@ _EXIT_CHILD = """
 import itertools, sys
 sys.path.insert(0, sys.argv[4])
 from journal_kill_worker import stream
-from phi_session.persist import AutoPersistingRecorder
+from phi_session.persist import AutoPersistingRecorder, held_bytes
 from phi_session.stores.sqlite import SqliteStore
 
 recorder = AutoPersistingRecorder(SqliteStore(sys.argv[1]), checkpoint_every=3,

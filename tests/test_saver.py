@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import msgspec
 import pytest
 from click.testing import CliRunner
 
@@ -163,6 +164,53 @@ def test_a_session_id_no_store_accepts_goes_to_the_orphans(clock: FakeTime) -> N
 
     full_disk = saver_for(MemoryStore(), orphans=broken_sink)
     assert full_disk.save(bad).unsaved and full_disk.unsaved == [bad]
+
+
+class BatchMemoryStore(MemoryStore):
+    """A `MemoryStore` that also saves many sessions at once, all or none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def save_many(self, sessions: Sequence[ps.Session]) -> None:
+        self.batches.append(len(sessions))
+        before = dict(self.sessions)
+        try:
+            for session in sessions:
+                self.save(session)
+        except BaseException:
+            self.sessions = before
+            raise
+
+
+def test_many_sessions_are_saved_at_once_where_the_store_can(clock: FakeTime) -> None:
+    memory = BatchMemoryStore()
+    saver = saver_for(memory)
+    batch = sessions(3)
+    assert [outcome.saved for outcome in saver.save_many(batch)] == [True] * 3
+    assert memory.batches == [3] and sorted(memory.sessions) == sorted(s.session_id for s in batch)
+    assert saver.stats() == SaveStats(saved=3)
+
+
+def test_a_batch_that_fails_is_saved_one_by_one_under_the_policy(clock: FakeTime) -> None:
+    [first, second] = sessions(2)
+    bad = msgspec.structs.replace(first, session_id="../etc")
+    memory = BatchMemoryStore()
+    kept: list[ps.AgentEvent] = []
+    saver = saver_for(memory, orphans=kept.extend)
+    outcomes = saver.save_many([first, bad, second])
+    assert [(o.saved, o.orphaned) for o in outcomes] == [(True, False), (False, True), (True, False)]
+    assert memory.batches == [3] and sorted(memory.sessions) == sorted([first.session_id, second.session_id])
+    assert saver.stats() == SaveStats(saved=2, orphaned=1)
+    with pytest.raises(TypeError, match="expected a Session"):
+        saver.save_many([first, "not a session"])  # type: ignore[list-item]
+
+
+def test_a_store_without_batches_saves_each_session(clock: FakeTime) -> None:
+    memory = MemoryStore()
+    outcomes = saver_for(memory).save_many(sessions(2))
+    assert [outcome.saved for outcome in outcomes] == [True, True] and memory.attempts == 2
 
 
 def test_a_bug_in_the_store_is_not_retried_and_the_session_is_kept(clock: FakeTime) -> None:

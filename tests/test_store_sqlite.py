@@ -19,10 +19,25 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from phi_session import Timestamp, Usage
-from phi_session.codec import decode_session, encode_session
+from phi_session import (
+    AgentMessage,
+    AnnotatedRequestPayload,
+    LoopConfigSnapshot,
+    Timestamp,
+    ToolCall,
+    Usage,
+)
+from phi_session.codec import (
+    decode_session,
+    encode_loop,
+    encode_message,
+    encode_session,
+)
 from phi_session.cost import Cost, Pricer
-from phi_session.errors import SessionLocked, StoreError
+from phi_session.errors import SessionLocked, SessionNotFound, StoreError
+from phi_session.identity import AgentSession
+from phi_session.instrument import Tracer
+from phi_session.messages import TextFormat
 from phi_session.model import LoopStatus, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import sqlite as sqlite_module
@@ -79,6 +94,28 @@ def raw_execute(db: Path, *statements: str) -> None:
     try:
         for statement in statements:
             conn.execute(statement)
+    finally:
+        conn.close()
+
+
+def back_to_v5(db: Path) -> None:
+    """Rewrite the store at `db` as phi-session wrote it at schema version 5: each loop's
+    whole compact record, no message table."""
+    with SqliteStore(db) as store:
+        sessions = [store.load(session_id) for session_id in store.list_ids()]
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        for session in sessions:
+            conn.executemany(
+                "UPDATE loops SET record = ? WHERE session_id = ? AND position = ?",
+                [
+                    (encode_loop(record, pretty=False), session.session_id, position)
+                    for position, record in enumerate(session.loops)
+                ],
+            )
+        conn.execute("DROP TABLE messages")
+        conn.execute("ALTER TABLE sessions DROP COLUMN message_ids")
+        conn.execute("PRAGMA user_version = 5")
     finally:
         conn.close()
 
@@ -301,6 +338,209 @@ def test_unchanged_loops_are_not_rewritten(store: SqliteStore) -> None:
     assert changes == conn.total_changes - before
 
 
+# -- each distinct message stored once ---------------------------------------------------------
+
+
+def message_refs(db: Path) -> dict[bytes, int]:
+    """Each stored message's body and how many sessions refer to it; asserts that the
+    counts are those the sessions' message ids give, so no message is kept that no
+    session uses."""
+    with closing(sqlite3.connect(db)) as conn:
+        stored = {
+            message_id: (body, refs)
+            for message_id, body, refs in conn.execute("SELECT id, body, refs FROM messages")
+        }
+        used: dict[int, int] = {}
+        for (blob,) in conn.execute("SELECT message_ids FROM sessions"):
+            for message_id in set(sqlite_module._unpack_ids(blob)) - {0}:
+                used[message_id] = used.get(message_id, 0) + 1
+    assert {message_id: refs for message_id, (_, refs) in stored.items()} == used
+    return {body: refs for body, refs in stored.values()}
+
+
+def recorded_session(loops: int = 2, turns: int = 2) -> Session:
+    """A session recorded through `Tracer` with every streamed chunk, each turn's request
+    carrying the whole conversation so far (as phi-core's agent sends it)."""
+    recorder = SessionRecorder(include_streaming_events=True)
+    tracer = Tracer(AgentSession("agent"), sinks=[recorder])
+    config = LoopConfigSnapshot(model="m", provider="p", config_id="p.m")
+    conversation: list[AgentMessage] = []
+    first: str | None = None
+    for n in range(loops):
+        with tracer.loop(config, continues=first) as loop:
+            first = first or loop.loop_id
+            conversation.append(loop.user(f"task {n}"))
+            for t in range(turns):
+                request = AnnotatedRequestPayload(
+                    system_prompt="be brief",
+                    messages=tuple(conversation),  # type: ignore[arg-type]
+                    provenance=(),
+                    tools=(),
+                    model_id="m",
+                    thinking_level="off",
+                    response_format=TextFormat(),
+                )
+                call = ToolCall(id=f"call-{n}-{t}", name="lookup", arguments={"q": f"q{n}{t}"})
+                with loop.turn(request=request) as turn:
+                    with turn.assistant() as reply:
+                        reply.text_delta(f"looking {n}")
+                        reply.text_delta(f" up {t}")
+                        reply.finish(tool_calls=[call], usage=Usage(input=10, output=5, total_tokens=15))
+                    with turn.tool(call) as tool:
+                        tool.result(f"found {n}.{t}")
+                conversation.append(turn.message)
+                conversation.extend(turn.tool_results)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    return session
+
+
+def test_each_distinct_message_is_stored_once(store: SqliteStore, db: Path) -> None:
+    session = recorded_session()
+    store.save(session)
+    assert encode_session(store.load(session.session_id)) == encode_session(session)
+    written = [encode_loop(loop, pretty=False) for loop in session.loops]
+    bodies = message_refs(db)
+    # Every stored body is a message as the records write it, in one of its forms (and
+    # stored once: the digests are unique)...
+    assert all(any(body in loop for loop in written) for body in bodies)
+    assert {encode_message(m) for loop in session.loops for m in loop.messages} <= set(bodies)
+    # ...so the conversation repeated in every request takes no room.
+    with closing(sqlite3.connect(db)) as conn:
+        (stored,) = conn.execute("SELECT SUM(length(record)) FROM loops").fetchone()
+    assert stored + sum(map(len, bodies)) < sum(map(len, written)) / 2
+    # The same conversation in another session: its messages are already stored.
+    store.save(msgspec.structs.replace(session, session_id="copy"))
+    assert message_refs(db) == {body: 2 for body in bodies}
+
+
+def test_sessions_share_messages_until_the_last_one_goes(store: SqliteStore, db: Path) -> None:
+    store.save(make_session("a", loops=[talking_loop("a", 1, "brew coffee")]))
+    store.save(make_session("b", loops=[talking_loop("b", 1, "brew coffee")]))
+    store.save(make_session("c", created_at=at(10), loops=[talking_loop("c", 1, "water plants")]))
+    bodies = message_refs(db)
+    shared = [body for body, refs in bodies.items() if refs == 2]
+    assert shared and all(b"coffee" in body for body in shared)
+    store.delete("a")  # its messages stamped with its loop's id go, the shared ones stay
+    assert message_refs(db) == {body: 1 for body in bodies if b'"a.cfg.1"' not in body}
+    assert store.prune(PruneCriteria(keep_last=1)) == 1  # b goes, c stays
+    assert all(b"plants" in body for body in message_refs(db))
+    assert encode_session(store.load("c")) == encode_session(
+        make_session("c", created_at=at(10), loops=[talking_loop("c", 1, "water plants")])
+    )
+    store.delete("c")
+    assert message_refs(db) == {}
+
+
+def test_a_replaced_loop_releases_the_messages_only_it_used(store: SqliteStore, db: Path) -> None:
+    running = talking_loop("r", 1, "brew coffee")
+    running.status, running.ended_at = "Running", None
+    store.save(make_session("r", loops=[running, talking_loop("r", 2, "grind beans", started_at=at(5))]))
+    finished = talking_loop("r", 1, "water plants")
+    store.save(make_session("r", loops=[finished]))  # the finished version wins the merge
+    bodies = message_refs(db)
+    assert not any(b"coffee" in body for body in bodies)
+    assert any(b"plants" in body for body in bodies) and any(b"beans" in body for body in bodies)
+    loaded = store.load("r")
+    assert [loop.messages for loop in loaded.loops] == [
+        finished.messages,
+        talking_loop("r", 2, "grind beans", started_at=at(5)).messages,
+    ]
+    store.save(make_session("r", loops=[talking_loop("r", 3, "brew coffee", started_at=at(9))]))
+    assert any(b"coffee" in body for body in message_refs(db))  # numbered again, stored again
+    assert [loop.loop_id for loop in store.load("r").loops] == ["r.cfg.1", "r.cfg.2", "r.cfg.3"]
+
+
+def test_concurrent_writers_and_readers_keep_every_message_they_need(db: Path) -> None:
+    """Threads, each with its own store (and so connection), save, re-save and delete
+    sessions sharing messages while others read them: every read sees whole sessions,
+    and in the end exactly the messages still used are stored."""
+    with SqliteStore(db) as store:
+        store.save(make_session("keep", loops=[talking_loop("keep", 1, "topic0")]))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def write(worker: int) -> None:
+        try:
+            with SqliteStore(db, timeout=30) as own:
+                for n in range(12):
+                    session_id = f"w{worker}-{n % 3}"
+                    said = f"topic{(worker + n) % 4}"
+                    own.save(
+                        make_session(session_id, loops=[talking_loop(session_id, n, said, started_at=at(n))])
+                    )
+                    if n % 4 == 3:
+                        own.delete(session_id)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    def read() -> None:
+        try:
+            with SqliteStore(db) as own:
+                while not stop.is_set():
+                    for session_id in own.list_ids():
+                        try:
+                            session = own.load(session_id)
+                        except SessionNotFound:
+                            continue  # deleted meanwhile
+                        assert all(loop.messages for loop in session.loops)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for thread in (*readers, *writers):
+        thread.start()
+    for thread in writers:
+        thread.join()
+    stop.set()
+    for thread in readers:
+        thread.join()
+    assert errors == []
+    bodies = message_refs(db)
+    with SqliteStore(db) as store:
+        for session_id in store.list_ids():
+            store.load(session_id)
+        for session_id in store.list_ids():
+            store.delete(session_id)
+    assert bodies and message_refs(db) == {}
+
+
+def test_the_v6_migration_stores_each_message_once(db: Path) -> None:
+    recorded = recorded_session()
+    sessions = [
+        recorded,
+        make_session("talk", loops=[talking_loop("talk", 1, "brew coffee"), make_loop("talk", 2, events=3)]),
+        make_session("bad", loops=[talking_loop("bad", 1, "brew tea")]),
+        *(decode_session(path.read_bytes()) for path in EXAMPLE_SESSIONS),
+    ]
+    with SqliteStore(db) as store:
+        for session in sessions:
+            store.save(session)
+        saved = {session.session_id: encode_session(store.load(session.session_id)) for session in sessions}
+    back_to_v5(db)  # as the previous version wrote them: whole records
+    raw_execute(db, "UPDATE loops SET record = 'not json' WHERE session_id = 'bad'")
+    size = db.stat().st_size
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert {sid: encode_session(store.load(sid)) for sid in saved if sid != "bad"} == {
+            sid: data for sid, data in saved.items() if sid != "bad"
+        }
+        with pytest.raises(StoreError, match="'bad' is corrupt"):
+            store.load("bad")
+        assert store.load_outline("talk") == session_outline(store.load("talk"))
+        assert store.load_loops(recorded.session_id, 1, 2) == store.load(recorded.session_id).loops[1:]
+        assert [hit.session_id for hit in store.search("coffee")] == ["talk"] * 5
+        store.delete("bad")
+    assert db.stat().st_size < size
+    bodies = message_refs(db)
+    assert bodies
+    with SqliteStore(db) as store:
+        for session_id in store.list_ids():
+            store.delete(session_id)
+    assert message_refs(db) == {}
+
+
 # -- queries -----------------------------------------------------------------------------------
 
 
@@ -512,6 +752,8 @@ def test_exit_while_a_daemon_thread_saves_does_not_crash(tmp_path: Path) -> None
 
 
 def test_prune_gives_space_back(store: SqliteStore, db: Path) -> None:
+    conn = connection_of(store)
+    empty = conn.execute("PRAGMA page_count").fetchone()[0]  # the schema's pages
     for n in range(40):
         store.save(
             make_session(
@@ -520,15 +762,16 @@ def test_prune_gives_space_back(store: SqliteStore, db: Path) -> None:
                 loops=[make_loop(f"p{n}", i, events=60, started_at=at(n)) for i in range(3)],
             )
         )
-    conn = connection_of(store)
     pages_before = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size_before = db.stat().st_size
     assert store.prune(PruneCriteria(keep_last=4)) == 36
     assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
-    assert conn.execute("PRAGMA page_count").fetchone()[0] < pages_before / 3
+    pages_after = conn.execute("PRAGMA page_count").fetchone()[0]
+    assert pages_after - empty < (pages_before - empty) / 3
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    assert db.stat().st_size < size_before / 3
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    assert db.stat().st_size - empty * page_size < (size_before - empty * page_size) / 3
     assert sorted(store.list_ids()) == ["p36", "p37", "p38", "p39"]
     assert conn.execute("SELECT COUNT(*) FROM loops").fetchone()[0] == 12  # loops went with sessions
 
@@ -576,6 +819,20 @@ def test_corrupt_record(store: SqliteStore, db: Path, caplog: pytest.LogCaptureF
     with pytest.raises(StoreError, match="corrupt"):  # never overwritten by a merge
         store.save(make_session("bad", "x", loops=[make_loop("bad", 2)]))
     store.delete("bad")
+
+
+def test_a_session_with_corrupt_message_ids_is_reported_and_can_be_deleted(
+    store: SqliteStore, db: Path
+) -> None:
+    store.save(make_session("good", loops=[talking_loop("good", 1, "brew coffee")]))
+    store.save(make_session("bad", loops=[talking_loop("bad", 1, "brew coffee")]))
+    raw_execute(db, "UPDATE sessions SET message_ids = X'0102' WHERE session_id = 'bad'")
+    with pytest.raises(StoreError, match="'bad' is corrupt"):
+        store.load("bad")
+    store.delete("bad")  # its messages stay (the ids cannot be read): none of good's goes
+    assert encode_session(store.load("good")) == encode_session(
+        make_session("good", loops=[talking_loop("good", 1, "brew coffee")])
+    )
 
 
 # -- concurrency -------------------------------------------------------------------------------
@@ -657,6 +914,7 @@ def test_the_v2_migration_indexes_the_stored_loops(db: Path) -> None:
     with SqliteStore(db) as store:
         store.save(make_session("old", loops=[talking_loop("old", 1, "brew coffee")]))
     # Back to version 1: the stored loops, no search tables.
+    back_to_v5(db)
     raw_execute(
         db,
         "DROP TABLE loop_text_fts",
@@ -676,6 +934,7 @@ def test_the_v4_migration_outlines_the_stored_loops(db: Path) -> None:
     with SqliteStore(db) as store:
         store.save(make_session("old", loops=[talking_loop("old", 1, "brew coffee"), make_loop("old", 2)]))
         store.save(make_session("bad", loops=[talking_loop("bad", 1, "brew tea")]))
+    back_to_v5(db)
     raw_execute(
         db,
         "ALTER TABLE loops DROP COLUMN outline",
@@ -767,6 +1026,7 @@ def test_the_v3_migration_bills_the_loops_cut_off_mid_turn(db: Path) -> None:
     tokens = (
         "input_tokens, output_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, total_tokens"
     )
+    back_to_v5(db)
     raw_execute(
         db,
         f"UPDATE loops SET ({tokens}) = (0, 0, 0, 0, 0, 0)",

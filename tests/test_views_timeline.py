@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from phi_session._time import Timestamp
 from phi_session.cli import EXIT_OK, main
+from phi_session.model import LoopRecord, Session
 from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.sqlite import SqliteStore
 from phi_session.views import timeline
 
 from .web_support import BASIC_ID, CHILD_ID, EXAMPLE_STREAM, PARALLEL_ID, PARENT_ID
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from bench_viewer import huge_session  # lives in benchmarks/, not in the package
 
 
 def _store(tmp_path: Path) -> JsonDirStore:
@@ -102,3 +109,39 @@ def test_list_pages_with_after(tmp_path: Path) -> None:
     assert seen == [row["session_id"] for row in everything]
     bad = runner.invoke(main, ["list", "--after", "nonsense", "--store", store_url])
     assert bad.exit_code == 2 and "--after: not a page cursor" in bad.stderr
+
+
+def test_show_timeline_of_a_huge_session_reads_it_a_page_of_loops_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = huge_session(450)  # three pages of 200 loops
+    store_url = str(tmp_path / "s.db")
+    with SqliteStore(store_url) as store:
+        store.save(session)
+    pages: list[tuple[int, int]] = []
+    real_load_loops = SqliteStore.load_loops
+
+    def no_whole_session(self: SqliteStore, session_id: str) -> Session:
+        raise AssertionError("the whole session was loaded")
+
+    def load_loops(self: SqliteStore, session_id: str, start: int, stop: int) -> list[LoopRecord]:
+        pages.append((start, stop))
+        return real_load_loops(self, session_id, start, stop)
+
+    monkeypatch.setattr(SqliteStore, "load", no_whole_session)
+    monkeypatch.setattr(SqliteStore, "load_loops", load_loops)
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["show", "huge-session", "--timeline", "--store", store_url], env={"COLUMNS": "120"}
+    )
+    assert result.exit_code == EXIT_OK, result.output
+    assert pages == [(0, 200), (200, 400), (400, 450)]
+    rows = [line for line in result.output.splitlines() if "\u2588" in line]
+    assert len(rows) == len(timeline(session))
+    assert sum(line.startswith("WHAT") for line in result.output.splitlines()) == 1  # one header
+    as_json = json.loads(
+        runner.invoke(main, ["show", "huge-session", "--timeline", "--json", "--store", store_url]).output
+    )
+    assert [(bar["kind"], bar["label"], bar["start"]) for bar in as_json] == [
+        (bar.kind, bar.label, str(bar.start)) for bar in timeline(session)
+    ]

@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 
 from phi_session.cost import Pricer, prices_available
+from phi_session.model import Session
 from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.sqlite import SqliteStore
 from phi_session.web.server import ViewerServer
 
 from .web_support import (
@@ -444,8 +446,13 @@ def huge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ViewerServ
     from bench_viewer import huge_session
 
     directory = tmp_path_factory.mktemp("huge-store")
-    with JsonDirStore(directory) as store:
+    with SqliteStore(directory / "huge.db") as store, pytest.MonkeyPatch.context() as patch:
         store.save(huge_session(600))
+
+        def no_whole_session(self: SqliteStore, session_id: str) -> Session:
+            raise AssertionError(f"the viewer loaded the whole session {session_id}")
+
+        patch.setattr(SqliteStore, "load", no_whole_session)  # every view reads pages of loops
         with running_server(store) as running:
             yield running
 
@@ -462,10 +469,24 @@ def test_huge_session_opens_paged(browser: Any, huge_server: ViewerServer) -> No
         expect(page.locator("#loop-count")).to_have_text("200 of 600 loops shown")
         page.click("#more-loops")
         expect(page.locator("#loop-tree details.loop")).to_have_count(400)
-        page.wait_for_selector("#timeline")
-        assert page.locator("#timeline g.bar").count() == 200
-        page.click("#more-bars")
-        expect(page.locator("#timeline g.bar")).to_have_count(400)
+        # The timeline: 20 loops of 15 bars (loop, 4 turns, 4 model and 6 tool calls) and
+        # the session's bar; scrolling to the end of its box loads the next 20 loops.
+        bars = page.locator("#timeline g.bar")
+        expect(bars).to_have_count(1 + 20 * 15)
+        expect(page.locator("#timeline-count")).to_contain_text("301 bars for 20 of 600 loops")
+        page.locator("#timeline-wrap").evaluate("box => { box.scrollTop = box.scrollHeight; }")
+        expect(bars).to_have_count(1 + 40 * 15)
+        page.locator("#timeline-wrap").evaluate("box => { box.scrollTop = box.scrollHeight; }")
+        expect(bars).to_have_count(1 + 60 * 15)
+        page.locator("#timeline-wrap").screenshot(path=str(ARTIFACTS / "huge-timeline.png"))
+        late = page.locator('#timeline g.bar-loop[data-loop-index="45"]')
+        title = late.locator("title").text_content() or ""
+        assert "loop #46" in title and ("$" in title or "unknown" in title)  # priced with its page
+        page.locator('#timeline g.bar-turn[data-loop-index="45"]').nth(2).click()  # its third turn
+        loop = loop_details(page, "huge-session.loop.45")
+        expect(loop).to_have_attribute("open", "")
+        expect(loop.locator(".turn.highlight")).to_have_attribute("data-turn-index", "2")
+        page.evaluate("window.scrollTo(0, 0)")
         page.click("#show-events")
         expect(page.locator("#event-log tbody tr")).to_have_count(200)
         page.click("#more-events")

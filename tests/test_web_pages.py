@@ -17,6 +17,7 @@ from phi_session.stores.conformance import EXAMPLES_DIR
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.outline import PROMPT_CHARS, first_prompt
 from phi_session.stores.sqlite import SqliteStore
+from phi_session.views import timeline
 from phi_session.web.server import ViewerServer
 
 from .test_web_api import get_json, ids
@@ -115,8 +116,13 @@ def test_huge_session_pages(server: ViewerServer) -> None:
     one = get_json(server, f"{base}/event-log?loop=7")
     assert {row["loop_index"] for row in one["events"]} == {7} and one["total"] == len(one["events"])
     bars = get_json(server, f"{base}/timeline?limit=10")
-    assert bars["bars"][0]["kind"] == "session" and bars["total"] > HUGE_LOOPS * 4
+    assert bars["bars"][0]["kind"] == "session" and bars["loops"] == HUGE_LOOPS and bars["next"] == 10
     assert bars["bars"][0]["offset_ms"] == 0 and bars["bars"][0]["duration_ms"] == bars["span_ms"]
+    # Ten loops of 4 turns, each a model call and its tool calls.
+    assert [bar["loop_index"] for bar in bars["bars"] if bar["kind"] == "loop"] == list(range(10))
+    last = get_json(server, f"{base}/timeline?limit=10&offset={HUGE_LOOPS - 5}")
+    assert last["next"] is None and last["bars"][0]["kind"] == "loop"
+    assert all(bar["cost"] is not None for bar in last["bars"] if bar["kind"] in ("loop", "turn"))
 
 
 def test_timeline_places_the_sub_agent_under_its_tool_call(server: ViewerServer) -> None:
@@ -138,6 +144,9 @@ def test_timeline_places_the_sub_agent_under_its_tool_call(server: ViewerServer)
         ("/loops/x", "loop index must be a whole number"),
         ("/event-log?loop=99", "loop must be a whole number below"),
         ("/overview?x=1", "unknown query parameter 'x'"),
+        ("/timeline?limit=501", "limit must be a whole number below 501"),
+        ("/cost?limit=501", "limit must be a whole number below 501"),
+        ("/cost?type=x", "unknown query parameter 'type'"),
     ],
 )
 def test_bad_page_requests_are_400(server: ViewerServer, path: str, fragment: str) -> None:
@@ -184,6 +193,19 @@ def _paged_events(server: ViewerServer, path: str, size: int) -> list[tuple[str 
             return rows
 
 
+def _paged_bars(server: ViewerServer, path: str, size: int) -> list[tuple[str, int, str, str, str | None]]:
+    rows: list[tuple[str, int, str, str, str | None]] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = get_json(server, f"{path}limit={size}&offset={offset}")
+        assert page["offset"] == offset and all(
+            -1e-6 <= bar["offset_ms"] <= page["span_ms"] for bar in page["bars"]
+        )
+        rows += [(bar["kind"], bar["depth"], bar["label"], bar["start"], bar["end"]) for bar in page["bars"]]
+        offset = page["next"]
+    return rows
+
+
 @pytest.mark.spec  # phi-core's example stream
 def test_a_session_opens_from_its_outline_and_pages_events_loop_by_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -217,6 +239,14 @@ def test_a_session_opens_from_its_outline_and_pages_events_loop_by_loop(
                 assert _paged_events(server, f"{base}/event-log?type=TurnEnd", 3) == _events_of(
                     session, "TurnEnd"
                 )
+                for size in (1, 7, 500):  # the timeline, a page of loops at a time
+                    assert _paged_bars(server, f"{base}/timeline?", size) == [
+                        (bar.kind, bar.depth, bar.label, str(bar.start), bar.end and str(bar.end))
+                        for bar in timeline(session)
+                    ]
+                cost = get_json(server, f"{base}/cost?offset=2&limit=3")
+                assert cost["total"] == len(session.loops)
+                assert [loop["loop_id"] for loop in cost["loops"]] == [r.loop_id for r in session.loops[2:5]]
             one = get_json(server, "/api/sessions/huge-session/event-log?loop=3&offset=40&limit=10")
             assert [row["sequence"] for row in one["events"]] == [40, 41, 42, 43] and one["total"] == 44
             assert (

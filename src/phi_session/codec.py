@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, Union
 
 import msgspec
-from msgspec.structs import replace
+from msgspec.structs import force_setattr, replace
 
 from . import _strict
 from ._float32 import Float32
@@ -21,6 +21,7 @@ from ._time import Timestamp
 from .errors import DecodeError
 from .events import (
     EVENT_TYPES,
+    MESSAGE_FIELDS,
     MESSAGE_FIELDS_BY_TAG,
     AgentEvent,
     ContinuationKind,
@@ -52,7 +53,9 @@ __all__ = [
     "decode_session",
     "encode",
     "encode_event",
+    "encode_loop_with",
     "encode_message",
+    "encode_plain_message",
     "encode_session",
 ]
 
@@ -82,14 +85,28 @@ def _dec_hook(tp: type, obj: Any) -> Any:
     return parse(obj)
 
 
+def _float32_json(value: Float32) -> msgspec.Raw:
+    return msgspec.Raw(value.to_json())
+
+
+# What each type msgspec does not know is written as; looked up by exact type (a
+# streaming delta or a timestamp is in nearly every event), subclasses by isinstance.
+_JSON_FORMS: dict[type, Callable[[Any], Any]] = {
+    StreamDelta: StreamDelta.to_json,
+    Timestamp: Timestamp.__str__,
+    Float32: _float32_json,
+    ContinuationKind: ContinuationKind.to_json,
+    SessionFormation: SessionFormation.to_json,
+}
+
+
 def _enc_hook(obj: Any) -> Any:
-    if isinstance(obj, Timestamp):
-        return str(obj)
-    if isinstance(obj, Float32):
-        return msgspec.Raw(obj.to_json())
-    if isinstance(obj, (ContinuationKind, StreamDelta, SessionFormation)):
-        return obj.to_json()
-    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+    form = _JSON_FORMS.get(type(obj))
+    if form is None:
+        form = next((f for t, f in _JSON_FORMS.items() if isinstance(obj, t)), None)
+        if form is None:
+            raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+    return form(obj)
 
 
 # Record objects keep declaration order; free-form dicts are sorted ("deterministic").
@@ -202,22 +219,6 @@ def encode_message(message: AgentMessage) -> bytes:
     return _sorted.encode(message)
 
 
-class _RawMessages:
-    """Turns messages into their encoded form, once per object per document."""
-
-    __slots__ = ("memo",)
-
-    def __init__(self) -> None:
-        self.memo: dict[int, msgspec.Raw] = {}
-
-    def __call__(self, message: AgentMessage) -> msgspec.Raw:
-        raw = self.memo.get(id(message))
-        if raw is None:
-            raw = msgspec.Raw(encode_message(message))
-            self.memo[id(message)] = raw
-        return raw
-
-
 def _plain_message(message: Message) -> Message:
     # The plain form never carries agent metadata.
     if (
@@ -231,39 +232,24 @@ def _plain_message(message: Message) -> Message:
     return replace(message, turn_id=None, node_id=None, parent_id=None, tags=(), provenance_hint=None)
 
 
-class _RawPlainMessages:
-    """Plain-form messages (a ``TurnRequest``'s history) as their bytes, once per object per
-    document: each request repeats every earlier message of the conversation."""
-
-    __slots__ = ("memo",)
-
-    def __init__(self) -> None:
-        # Entries hold the original, so its id cannot be reused while the memo lives.
-        self.memo: dict[int, tuple[Message, msgspec.Raw]] = {}
-
-    def __call__(self, message: Message) -> msgspec.Raw:
-        hit = self.memo.get(id(message))
-        if hit is not None and hit[0] is message:
-            return hit[1]
-        raw = msgspec.Raw(_plain.encode(_plain_message(message)))
-        self.memo[id(message)] = (message, raw)
-        return raw
+def encode_plain_message(message: Message) -> bytes:
+    """The plain form of one LLM message (as a ``TurnRequest``'s history holds it): agent
+    metadata dropped, keys in declaration order, compact."""
+    return _plain.encode(_plain_message(message))
 
 
-def _strip_plain(event: Any, plain: Callable[[Message], Any] = _plain_message) -> Any:
-    """Drop agent metadata from the plain-form messages of an event (`plain`: what each
-    becomes, stripped or, in a document being encoded, its bytes)."""
-    return map_messages(event, plain, agent=False)
+def _strip_plain(event: Any) -> Any:
+    """Drop agent metadata from the plain-form messages of an event."""
+    return map_messages(event, _plain_message, agent=False)
 
 
-def _strip_loop(record: LoopRecord, plain: Callable[[Message], Any] = _plain_message) -> LoopRecord:
+def _strip_loop(record: LoopRecord) -> LoopRecord:
     """`record` without agent metadata in its plain-form messages: itself when it has
     none, else a copy. Decoders drop such metadata (as phi-core does) and encoders
-    never write it, so a record encodes the same before and after a round trip.
-    `plain` as in `_strip_plain`."""
+    never write it, so a record encodes the same before and after a round trip."""
     events = None
     for index, item in enumerate(record.events):
-        stripped = _strip_plain(item.event, plain)
+        stripped = _strip_plain(item.event)
         if stripped is not item.event:
             events = events if events is not None else list(record.events)
             events[index] = LoopEvent(sequence=item.sequence, event=stripped)
@@ -271,7 +257,7 @@ def _strip_loop(record: LoopRecord, plain: Callable[[Message], Any] = _plain_mes
     for index, turn in enumerate(record.turns):
         payload = turn.request_payload
         if payload is not None:
-            messages = tuple(plain(m) for m in payload.messages)
+            messages = tuple(_plain_message(m) for m in payload.messages)
             if any(a is not b for a, b in zip(messages, payload.messages, strict=True)):
                 turns = turns if turns is not None else list(record.turns)
                 turns[index] = replace(turn, request_payload=replace(payload, messages=messages))
@@ -284,9 +270,155 @@ def _strip_loop(record: LoopRecord, plain: Callable[[Message], Any] = _plain_mes
     )
 
 
+# A document (a session, a loop record, an event) is encoded from a copy of it, its
+# skeleton, holding each message's bytes in the message's place (a msgspec.Raw, written
+# as it is). phi-core's session file repeats messages, each TurnRequest carrying the
+# conversation so far and each streaming update the message being generated: a
+# document's messages are encoded once per object, and the skeleton is made in one
+# pass, without copying what holds no message.
+
+
+class _MessageBytes:
+    """The bytes of messages in one form, encoded once per object for one document.
+
+    Keyed by identity: every message remembered is held, so its id cannot be reused
+    while this memo lives, and a document's messages do not change while it is being
+    encoded. The memo lives for one document only: the next one encodes afresh
+    whatever may have changed since (a tool call's argument dict, say).
+    """
+
+    __slots__ = ("_encode", "_held", "_memo")
+
+    def __init__(self, encode: Callable[[Any], bytes]) -> None:
+        self._encode = encode
+        self._memo: dict[int, msgspec.Raw] = {}
+        self._held: list[Any] = []
+
+    def one(self, message: Any) -> msgspec.Raw:
+        raw = self._memo.get(id(message))
+        if raw is None:
+            raw = self._memo[id(message)] = msgspec.Raw(self._encode(message))
+            self._held.append(message)
+        return raw
+
+    def many(self, messages: tuple[Any, ...] | list[Any]) -> tuple[msgspec.Raw, ...]:
+        get, one = self._memo.get, self.one
+        # Encoded messages are never empty (a Raw of no bytes would be falsy).
+        return tuple([get(id(m)) or one(m) for m in messages])
+
+
+class _Mapped:
+    """Messages in one form written as a caller's function makes them (`encode_loop_with`)."""
+
+    __slots__ = ("one",)
+
+    def __init__(self, fn: MessageFn) -> None:
+        self.one = fn
+
+    def many(self, messages: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
+        return tuple(map(self.one, messages))
+
+
+_Form = _MessageBytes | _Mapped
+
+
+# The streaming events (MessageStart, MessageUpdate, MessageEnd) are most of a loop's
+# events and carry one agent-form message: their skeletons are made inline, by field.
+_ONE_AGENT_MESSAGE = {
+    tp: fields[0].name
+    for tp, fields in MESSAGE_FIELDS.items()
+    if len(fields) == 1 and fields[0].agent and not fields[0].many and fields[0].within is None
+}
+
+
+class _Skeleton:
+    """Makes the skeletons of events and loop records: each agent-form message written as
+    ``agent`` makes it, each plain-form one as ``plain`` does."""
+
+    __slots__ = ("_forms",)
+
+    def __init__(self, agent: _Form, plain: _Form) -> None:
+        self._forms = (plain, agent)  # indexed by MessageField.agent
+
+    def event(self, event: Any) -> Any:
+        fields = MESSAGE_FIELDS.get(type(event))
+        return event if fields is None else self._event(event, fields)
+
+    def _event(self, event: Any, fields: tuple[MessageField, ...]) -> Any:
+        skeleton = event.__copy__()  # a copy no one else holds yet: set its fields
+        for name, many, agent, within in fields:
+            form, value = self._forms[agent], getattr(event, name)
+            if within is not None:
+                inner = value.__copy__()
+                force_setattr(inner, within, form.many(getattr(value, within)))
+                force_setattr(skeleton, name, inner)
+            else:
+                force_setattr(skeleton, name, form.many(value) if many else form.one(value))
+        return skeleton
+
+    def _turn(self, turn: Turn) -> Turn:
+        plain, agent = self._forms
+        skeleton = _copy(turn)
+        force_setattr(skeleton, "input_messages", agent.many(turn.input_messages))
+        force_setattr(skeleton, "output_message", agent.one(turn.output_message))
+        force_setattr(skeleton, "tool_results", agent.many(turn.tool_results))
+        payload = turn.request_payload
+        if payload is not None:
+            payload = _copy(payload)
+            force_setattr(payload, "messages", plain.many(payload.messages))
+            force_setattr(skeleton, "request_payload", payload)
+        return skeleton
+
+    def _section(self, section: CompactedSection | None) -> CompactedSection | None:
+        if section is None:
+            return None
+        skeleton = _copy(section)
+        force_setattr(skeleton, "messages", self._forms[True].many(section.messages))
+        return skeleton
+
+    def loop(self, record: LoopRecord) -> LoopRecord:
+        skeleton = _copy(record)
+        force_setattr(skeleton, "messages", self._forms[True].many(record.messages))
+        skeleton.turns = [self._turn(turn) for turn in record.turns]
+        fields_of, event, agent = MESSAGE_FIELDS.get, self._event, self._forms[True]
+        events = []
+        for item in record.events:
+            name = _ONE_AGENT_MESSAGE.get(type(item.event))
+            if name is not None:
+                skeleton_event = _copy(item.event)
+                force_setattr(skeleton_event, name, agent.one(getattr(item.event, name)))
+                item = LoopEvent(sequence=item.sequence, event=skeleton_event)
+            else:
+                fields = fields_of(type(item.event))
+                if fields is not None:
+                    item = LoopEvent(sequence=item.sequence, event=event(item.event, fields))
+            events.append(item)
+        skeleton.events = events
+        block = record.compaction_block
+        if isinstance(block, CompactionBlock):
+            block = _copy(block)
+            force_setattr(block, "keep_recent", self._section(block.keep_recent))
+            force_setattr(block, "keep_compacted", self._section(block.keep_compacted))
+            skeleton.compaction_block = block
+        return skeleton
+
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def _copy(struct: _S) -> _S:
+    """A shallow copy of `struct` (frozen or not), for a skeleton to set fields of."""
+    return struct.__copy__()  # type: ignore[attr-defined,no-any-return]
+
+
+def _skeleton() -> _Skeleton:
+    """For one document: every distinct message encoded once, in each form it takes."""
+    return _Skeleton(_MessageBytes(encode_message), _MessageBytes(encode_plain_message))
+
+
 def encode_event(event: AgentEvent) -> bytes:
     """One event, compact, exactly as phi-core writes an event-stream line (no newline)."""
-    return _plain.encode(map_event_messages(_strip_plain(event), _RawMessages()))
+    return _plain.encode(_skeleton().event(event))
 
 
 def encode_record(record: LoopConfigSnapshot | Usage) -> bytes:
@@ -306,20 +438,25 @@ def decode_record(data: bytes | str, kind: type[_RecordT]) -> _RecordT:
     return decoded
 
 
-def _session_for_encoding(session: Session) -> Session:
-    to_raw, plain = _RawMessages(), _RawPlainMessages()
-    return replace(session, loops=[map_loop_messages(_strip_loop(r, plain), to_raw) for r in session.loops])
-
-
 def encode_session(session: Session, *, pretty: bool = True) -> bytes:
     """A session file's bytes: pretty-printed (two spaces), no final newline."""
-    data = _plain.encode(_session_for_encoding(session))
+    skeleton = _skeleton()
+    data = _plain.encode(replace(session, loops=[skeleton.loop(record) for record in session.loops]))
     return msgspec.json.format(data, indent=2) if pretty else data
 
 
 def encode_loop(record: LoopRecord, *, pretty: bool = True) -> bytes:
-    data = _plain.encode(map_loop_messages(_strip_loop(record, _RawPlainMessages()), _RawMessages()))
+    data = _plain.encode(_skeleton().loop(record))
     return msgspec.json.format(data, indent=2) if pretty else data
+
+
+def encode_loop_with(record: LoopRecord, *, agent: MessageFn, plain: MessageFn) -> bytes:
+    """`record`'s compact JSON with each agent-form message written as ``agent(message)``
+    and each plain-form one (a ``TurnRequest``'s history) as ``plain(message)``: both
+    return a ``msgspec.Raw``, written as it is. With `encode_message` and
+    `encode_plain_message` behind them, these are `encode_loop`'s bytes; a store
+    writes references instead, to keep each distinct message once."""
+    return _plain.encode(_Skeleton(_Mapped(agent), _Mapped(plain)).loop(record))
 
 
 def encode(obj: Session | LoopRecord | AgentEvent | AgentMessage, *, pretty: bool | None = None) -> bytes:

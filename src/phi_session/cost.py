@@ -277,18 +277,19 @@ class Pricer:
             for loop in outline.loops
         )
 
+    def loop_cost(self, record: LoopRecord) -> LoopCost:
+        """The cost of a loop and of each of its turns."""
+        return LoopCost(
+            loop_id=record.loop_id,
+            cost=self.loop(record),
+            turns=tuple(
+                TurnCost(turn_index=turn.index, cost=self.turn(turn, record)) for turn in record.turns
+            ),
+        )
+
     def breakdown(self, session: Session) -> SessionCost:
         """The cost of the session, of each loop and of each turn."""
-        loops = [
-            LoopCost(
-                loop_id=record.loop_id,
-                cost=self.loop(record),
-                turns=tuple(
-                    TurnCost(turn_index=turn.index, cost=self.turn(turn, record)) for turn in record.turns
-                ),
-            )
-            for record in session.loops
-        ]
+        loops = [self.loop_cost(record) for record in session.loops]
         return SessionCost(
             session_id=session.session_id, cost=total(loop.cost for loop in loops), loops=tuple(loops)
         )

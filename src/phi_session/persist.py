@@ -33,6 +33,7 @@ the store saves.
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import threading
@@ -43,7 +44,6 @@ from dataclasses import dataclass
 
 import msgspec
 
-from .codec import encode_session
 from .errors import PhiSessionError, StoreError
 from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from .journal import Journal, JournaledRecorder, RecoveryReport, recover
@@ -52,25 +52,31 @@ from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
 from .saver import SessionSaver
 from .stores.base import SessionStore
 
-__all__ = ["DEFAULT_MAX_PENDING_BYTES", "AutoPersistingRecorder"]
+__all__ = ["DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder", "held_bytes"]
 
 logger = logging.getLogger("phi_session.persist")
 
 DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
-"""Finished sessions (bytes of their compact JSON) that may wait for the writer."""
+"""Finished sessions (estimated bytes of memory they hold, `EVENT_BYTES` per event) that
+may wait for the writer."""
+
+EVENT_BYTES = 600
+"""What one recorded event is taken to hold in memory, for the writer's budget: about
+what W1's events hold once recorded (README, Performance). Counting events, not
+encoding sessions, keeps the producer's checkpoint cheap: the writer encodes each
+session once, to save it."""
 
 # The only events that carry a session id: they open (or join) a session in the recorder.
 _SESSION_EVENTS = (AgentStart, ParallelLoopStart, ParallelLoopEnd)
 _SESSION_KEY = b'"session_id"'
 _RELEASE_EVERY = 1.0  # seconds
+_SAVE_BATCH = 16  # sessions the writer saves at once: one commit, a short hold of the write lock
 
 
-def _json_size(session: Session) -> int:
-    """What a session counts against the budget: the bytes of its compact JSON."""
-    try:
-        return len(encode_session(session, pretty=False))
-    except (msgspec.EncodeError, RecursionError, TypeError):  # its save will fail and say why
-        return 0
+def held_bytes(session: Session) -> int:
+    """What a session counts against the writer's budget: `EVENT_BYTES` per event (and one
+    for the session itself)."""
+    return EVENT_BYTES * (1 + sum(len(record.events) for record in session.loops))
 
 
 class _SessionProbe(msgspec.Struct):
@@ -96,7 +102,7 @@ class _Pending:
 
     session: Session
     pin: int | None
-    size: int  # bytes of its compact JSON
+    size: int  # `held_bytes`
 
 
 class AutoPersistingRecorder:
@@ -109,8 +115,8 @@ class AutoPersistingRecorder:
     * `config`: the `SessionRecorderConfig` (also used for recovery).
     * `checkpoint_every`: events between checkpoints; `checkpoint_interval`: seconds
       after which an idle recorder checkpoints anyway (None: never).
-    * `max_pending_bytes`: the writer's budget, in bytes of the sessions' compact JSON
-      (default 16 MiB). A checkpoint hands its
+    * `max_pending_bytes`: the writer's budget, in bytes of memory the waiting sessions
+      hold, estimated at `EVENT_BYTES` per event (default 16 MiB). A checkpoint hands its
       sessions over one at a time while the writer holds less than this (a session
       larger than the budget goes alone), and the producer waits until they are all
       handed over. The writer's own idle checkpoint never waits.
@@ -192,6 +198,7 @@ class AutoPersistingRecorder:
         self._releasing = False  # the writer is telling the journal what it saved
         self._backpressure_waits = 0
         self._blocked_seconds = 0.0
+        self._writer_seconds = 0.0  # CPU time the writer thread spent saving
         self._last_warning = -float("inf")
         self._pid = os.getpid()
         self._writer = threading.Thread(target=self._run, name="phi-session auto-persist writer", daemon=True)
@@ -322,7 +329,7 @@ class AutoPersistingRecorder:
             # Read before draining: every event up to it has been applied by then.
             settled = self.journal.last_seq if self.journal is not None else -1
             sessions = self.recorder.drain_completed()
-            pending = [_Pending(s, self._unpin(s.session_id), _json_size(s)) for s in sessions]
+            pending = [_Pending(s, self._unpin(s.session_id), held_bytes(s)) for s in sessions]
             self._forget_late_pins()
             with self._cond:
                 self._waiting.extend(pending)
@@ -444,16 +451,21 @@ class AutoPersistingRecorder:
                         break  # idle for a whole interval: checkpoint below
                 if not self._queue and self._stopping:
                     return
-                item = self._queue[0] if self._queue else None
-            if item is None:
+                    # Saved together, in one transaction where the store can: the queue's head,
+                # left in the queue (unsaved, for `wait_saved` and the journal) until saved.
+                batch = list(itertools.islice(self._queue, _SAVE_BATCH))
+            if not batch:
                 self._idle_checkpoint()
                 continue
-            outcome = self._saver.save(item.session)
+            started = time.thread_time()
+            outcomes = self._saver.save_many([item.session for item in batch])
             with self._cond:
-                self._queue.popleft()
-                self._queued_bytes -= item.size
-                if outcome.unsaved:
-                    self._keep_pin(item)
+                self._writer_seconds += time.thread_time() - started
+                for item, outcome in zip(batch, outcomes, strict=True):
+                    self._queue.popleft()
+                    self._queued_bytes -= item.size
+                    if outcome.unsaved:
+                        self._keep_pin(item)
                 # Releasing costs a checkpoint-file fsync: when caught up, or now and then under load.
                 self._releasing = not self._queue or time.monotonic() - last_release >= _RELEASE_EVERY
                 self._admit()
@@ -587,7 +599,8 @@ class AutoPersistingRecorder:
     def stats(self) -> dict[str, float]:
         """Counters: events, checkpoints, sessions saved/retried/orphaned/failed,
         sessions and bytes queued for the writer, sessions waiting for room,
-        backpressure waits and seconds blocked, orphan events written, journal
+        backpressure waits and seconds blocked, CPU seconds the writer spent saving
+        (its share of the GIL, against the process's CPU time), orphan events written, journal
         segments removed and sequence numbers, plus the recorder's own `stats`."""
         saver = self._saver.stats()
         with self._lock, self._cond:
@@ -603,6 +616,7 @@ class AutoPersistingRecorder:
                     "sessions_waiting": len(self._waiting),
                     "backpressure_waits": self._backpressure_waits,
                     "backpressure_seconds": round(self._blocked_seconds, 3),
+                    "writer_cpu_seconds": round(self._writer_seconds, 3),
                 }
             )
             stats.update(self.recorder.stats())

@@ -31,9 +31,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from .errors import InvalidSessionId, SessionLocked, StoreError
 from .events import AgentEvent
@@ -41,7 +42,7 @@ from .model import Session
 from .recorder import SessionRecorder
 from .stores.base import SessionStore
 
-__all__ = ["OrphanSink", "SaveOutcome", "SaveStats", "SessionSaver"]
+__all__ = ["BatchStore", "OrphanSink", "SaveOutcome", "SaveStats", "SessionSaver"]
 
 logger = logging.getLogger("phi_session.saver")
 
@@ -84,6 +85,18 @@ class SaveStats:
     """Sessions whose id no store accepts; their events went to the orphans sink."""
     unsaved: int = 0
     """Sessions held in `SessionSaver.unsaved` right now."""
+
+
+@runtime_checkable
+class BatchStore(Protocol):
+    """A store that saves many sessions in one transaction, all or none (`SqliteStore`)."""
+
+    def save_many(self, sessions: Sequence[Session]) -> None: ...
+
+
+def _check_session(session: object) -> None:
+    if not isinstance(session, Session):
+        raise TypeError(f"expected a Session, got {type(session).__name__}")
 
 
 class SessionSaver:
@@ -137,6 +150,29 @@ class SessionSaver:
                 outcome: SaveOutcome = done.value
                 return outcome
 
+    def save_many(self, sessions: Sequence[Session]) -> list[SaveOutcome]:
+        """Save `sessions`; what became of each.
+
+        A store that saves many sessions in one transaction (`BatchStore`, such as
+        `SqliteStore`) gets them in one attempt; if that fails, each is saved on its
+        own under the policy, so that one the store refuses does not hold back the others.
+        """
+        for session in sessions:
+            _check_session(session)
+        if len(sessions) > 1 and isinstance(self.store, BatchStore):
+            try:
+                self.store.save_many(sessions)
+            except Exception as error:  # each is tried again below, and reported there
+                logger.debug(
+                    "saving %d sessions at once into %r failed: %s", len(sessions), self.store, error
+                )
+            else:
+                with self._lock:
+                    self._store_down = False
+                    self._saved += len(sessions)
+                return [SaveOutcome(saved=True)] * len(sessions)
+        return [self.save(session) for session in sessions]
+
     async def asave(self, session: Session) -> SaveOutcome:
         """`save` through the store's `asave`, pausing with ``asyncio.sleep``."""
         policy = self._policy(session)
@@ -156,8 +192,7 @@ class SessionSaver:
                 return outcome
 
     def _policy(self, session: Session) -> _Policy:
-        if not isinstance(session, Session):
-            raise TypeError(f"expected a Session, got {type(session).__name__}")
+        _check_session(session)
         with self._lock:
             deadline = None if self._store_down else time.monotonic() + self.retry_for
         pause = _FIRST_PAUSE

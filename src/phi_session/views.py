@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ._time import Timestamp
@@ -18,6 +18,7 @@ from .events import AgentEvent
 from .messages import AssistantMessage, ToolCall, ToolResultMessage, Usage
 from .model import LoopRecord, Session, Turn
 from .stores.base import SessionStore, SessionSummary, summarize
+from .stores.outline import SessionOutline
 
 __all__ = [
     "LoopNode",
@@ -26,6 +27,11 @@ __all__ = [
     "event_stream",
     "loop_forest",
     "loop_order",
+    "loops_timeline",
+    "outline_span",
+    "outline_timeline",
+    "read_loops",
+    "session_bar",
     "spawn_graph",
     "timeline",
     "tree_order",
@@ -242,10 +248,95 @@ def timeline(session: Session, store: SessionStore | None = None) -> list[Timeli
     session a tool call spawned is loaded and drawn, inline, under that call; one
     missing from the store, or already drawn, is skipped.
     """
+    return _drawn(_session_bars(session, 0), store, {session.session_id})
+
+
+def loops_timeline(
+    session_id: str,
+    loops: Iterable[tuple[int, int, LoopRecord]],
+    store: SessionStore | None = None,
+    drawn: set[str] | None = None,
+) -> list[TimelineBar]:
+    """The bars `timeline` draws for some of a session's loops, each given as ``(index in
+    session.loops, depth in the loop tree, record)``: a page of `tree_order`, so that a
+    huge session's waterfall is drawn a page of loops at a time. Sub-agent sessions as in
+    `timeline`, but for those in `drawn` (the sessions drawn on earlier pages, updated;
+    by default each page draws every sub-agent its loops spawned once)."""
+    bars = (
+        item for index, depth, record in loops for item in _loop_bars(session_id, index, record, depth + 1)
+    )
+    return _drawn(bars, store, {session_id} if drawn is None else drawn)
+
+
+def outline_span(outline: SessionOutline) -> tuple[Timestamp, Timestamp]:
+    """The time axis of an outlined session's waterfall: its creation (or its first loop's
+    start, if earlier) to its last activity, loop start or loop end. A sub-agent session
+    drawn inline may reach beyond it."""
+    header, loops = outline.session, outline.loops
+    first = min([header.created_at, *(loop.started_at for loop in loops)])
+    ends = (loop.ended_at for loop in loops if loop.ended_at is not None)
+    return first, max([first, header.last_active_at, *(loop.started_at for loop in loops), *ends])
+
+
+def read_loops(store: SessionStore, session_id: str, indexes: Iterable[int]) -> dict[int, LoopRecord]:
+    """The session's loops at `indexes` (positions in ``session.loops``), read from `store`
+    a run of consecutive positions at a time (`SessionStore.load_loops`)."""
+    wanted = sorted(set(indexes))
+    records: dict[int, LoopRecord] = {}
+    run_start = 0
+    while run_start < len(wanted):
+        run_end = run_start + 1
+        while run_end < len(wanted) and wanted[run_end] == wanted[run_end - 1] + 1:
+            run_end += 1
+        start, stop = wanted[run_start], wanted[run_end - 1] + 1
+        records.update(zip(range(start, stop), store.load_loops(session_id, start, stop), strict=True))
+        run_start = run_end
+    return records
+
+
+def outline_timeline(
+    store: SessionStore, outline: SessionOutline, loops_per_page: int = 200
+) -> Iterator[list[TimelineBar]]:
+    """`timeline` of an outlined session, a page of `loops_per_page` loops (in tree order)
+    at a time, each page's loops read from `store` when it is asked for: a huge session's
+    waterfall without the whole session in memory. The first page starts with the
+    session's bar; a sub-agent session is drawn once."""
+    session_id = outline.session.session_id
+    order = tree_order([(loop.loop_id, loop.parent_loop_id) for loop in outline.loops])
+    drawn = {session_id}
+    first: list[TimelineBar] = [replace(session_bar(outline.session), end=outline_span(outline)[1])]
+    for start in range(0, max(len(order), 1), loops_per_page):
+        placed = order[start : start + loops_per_page]
+        records = read_loops(store, session_id, (index for index, _ in placed))
+        page = loops_timeline(
+            session_id, ((index, depth, records[index]) for index, depth in placed), store, drawn
+        )
+        yield first + page
+        first = []
+
+
+def session_bar(session: Session, depth: int = 0) -> TimelineBar:
+    """The bar of a whole session: from its creation to its last activity or loop end.
+    (Of an outline's header too: it reads the loops' ends only if it has them.)"""
+    ends = [loop.ended_at for loop in session.loops if loop.ended_at is not None]
+    return TimelineBar(
+        "session",
+        depth,
+        f"session {session.session_id} ({session.agent_id})",
+        session.created_at,
+        max([session.last_active_at, *ends]),
+        session.session_id,
+    )
+
+
+def _drawn(
+    items: Iterator[TimelineBar | _SubAgent], store: SessionStore | None, drawn: set[str]
+) -> list[TimelineBar]:
+    """`items` with each sub-agent session they name expanded in place (loaded from
+    `store`), except those in `drawn` (the sessions already drawn, updated)."""
     bars: list[TimelineBar] = []
-    drawn = {session.session_id}
     # An explicit stack of pending bars: deep sub-agent chains must not recurse.
-    stack: list[Iterator[TimelineBar | _SubAgent]] = [_session_bars(session, 0)]
+    stack: list[Iterator[TimelineBar | _SubAgent]] = [items]
     while stack:
         item = next(stack[-1], None)
         if item is None:
@@ -263,24 +354,14 @@ def timeline(session: Session, store: SessionStore | None = None) -> list[Timeli
 
 
 def _session_bars(session: Session, depth: int) -> Iterator[TimelineBar | _SubAgent]:
-    ends = [loop.ended_at for loop in session.loops if loop.ended_at is not None]
-    yield TimelineBar(
-        "session",
-        depth,
-        f"session {session.session_id} ({session.agent_id})",
-        session.created_at,
-        max([session.last_active_at, *ends]),
-        session.session_id,
-    )
-    pending = [(node, depth + 1) for node in reversed(loop_forest(session))]
-    while pending:
-        node, level = pending.pop()
-        yield from _loop_bars(session, node, level)
-        pending += [(child, level + 1) for child in reversed(node.children)]
+    yield session_bar(session, depth)
+    for index, level in loop_order(session):
+        yield from _loop_bars(session.session_id, index, session.loops[index], depth + 1 + level)
 
 
-def _loop_bars(session: Session, node: LoopNode, depth: int) -> Iterator[TimelineBar | _SubAgent]:
-    loop = node.record
+def _loop_bars(
+    session_id: str, index: int, loop: LoopRecord, depth: int
+) -> Iterator[TimelineBar | _SubAgent]:
     kind = loop.continuation_kind
     notes = []
     if kind is not None and kind.kind != "Initial":
@@ -288,7 +369,7 @@ def _loop_bars(session: Session, node: LoopNode, depth: int) -> Iterator[Timelin
     group = loop.parallel_group
     if group is not None:
         notes.append("parallel winner" if group.is_selected else "parallel, not selected")
-    label = f"loop #{node.index + 1}"
+    label = f"loop #{index + 1}"
     if loop.config is not None:
         label += f" {loop.config.provider}/{loop.config.model}"
     yield TimelineBar(
@@ -297,8 +378,8 @@ def _loop_bars(session: Session, node: LoopNode, depth: int) -> Iterator[Timelin
         label,
         loop.started_at,
         loop.ended_at,
-        session.session_id,
-        node.index,
+        session_id,
+        index,
         loop_id=loop.loop_id,
         status=loop.status,
         usage=loop.billed_usage(),
@@ -311,8 +392,8 @@ def _loop_bars(session: Session, node: LoopNode, depth: int) -> Iterator[Timelin
             if isinstance(message, ToolResultMessage):
                 results.setdefault(message.tool_call_id, message.timestamp)
     for turn_index, turn in enumerate(loop.turns):
-        where = (node.index, loop.loop_id)
-        yield from _turn_bars(session.session_id, where, turn_index, turn, depth + 1, results, spawned)
+        where = (index, loop.loop_id)
+        yield from _turn_bars(session_id, where, turn_index, turn, depth + 1, results, spawned)
     linked = {ref for turn in loop.turns for ref in _tool_calls(turn)}
     for tool_call_id, child in spawned.items():
         if tool_call_id not in linked:  # spawned outside a recorded turn: under the loop

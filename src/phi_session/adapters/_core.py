@@ -35,8 +35,8 @@ import importlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Generator, Iterable
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -174,6 +174,27 @@ def _parent_tool() -> ToolScope | None:
     return tool if tool is not None and tool.running else None
 
 
+class _Guard:
+    """`AdapterCore.guard`: an exception leaving the block is counted and logged once,
+    never raised. A plain class rather than ``@contextmanager``: it wraps every
+    framework callback, and a generator-based manager costs several times as much per
+    use. Stateless, so one instance serves every (nested, concurrent) use."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: AdapterCore) -> None:
+        self._core = core
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp: type[BaseException] | None, error: BaseException | None, tb: object) -> bool:
+        if isinstance(error, Exception):
+            self._core.failures.record(self._core, error)
+            return True
+        return False
+
+
 @dataclass
 class AdapterRun:
     """One framework run being recorded: its loop and the tracer its continuations use."""
@@ -217,6 +238,7 @@ class AdapterCore:
         self.failures = FailureTally(
             logger, f"{framework} adapter", "the run goes on, its record may be incomplete", traceback=True
         )
+        self._guard = _Guard(self)
         self._persister: Any = None
         if sink is None:
             from ..persist import AutoPersistingRecorder
@@ -246,17 +268,13 @@ class AdapterCore:
 
     # -- fault isolation ------------------------------------------------------------------
 
-    @contextmanager
-    def guard(self) -> Generator[None, None, None]:
+    def guard(self) -> AbstractContextManager[None]:
         """Run adapter code: an exception is counted and logged once, never raised."""
-        try:
-            yield
-        except Exception as error:
-            self.failures.record(self, error)
+        return self._guard
 
     def safely(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
         """``fn(*args, **kwargs)`` under `guard`; None if it failed."""
-        with self.guard():
+        with self._guard:
             return fn(*args, **kwargs)
         return None
 

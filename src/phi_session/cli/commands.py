@@ -20,11 +20,11 @@ from ..events import AgentEvent
 from ..model import CompactionBlock, Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
-from ..stores.base import SessionStore, summarize, to_builtins
+from ..stores.base import SessionStore, summarize, summarize_outline, to_builtins
 from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
 from ..stores.urls import default_store_url
-from ..views import event_stream, loop_forest, spawn_graph, timeline
+from ..views import event_stream, loop_forest, outline_span, outline_timeline, spawn_graph
 from . import render
 from .app import (
     EXIT_FAILURE,
@@ -165,14 +165,13 @@ def show(
     With --json, prints the session's phi-core JSON (which includes the events);
     with --timeline --json, the waterfall's bars.
     """
+    if with_timeline:
+        _show_timeline(session_id, store_url, as_json, prices_file)
+        return
     with open_cli_store(store_url, must_exist=True) as store:
         session = load_cli_session(store, session_id)
-        bars = timeline(session, store) if with_timeline else []
     if as_json:
-        if with_timeline:
-            echo_json(to_builtins(bars))
-        else:
-            click.echo(encode_session(session).decode())
+        click.echo(encode_session(session).decode())
         return
     pricer = cli_pricer(prices_file)
     cost = pricer.session(session)
@@ -180,14 +179,31 @@ def show(
     console.print(render.session_header(session, summarize(session), cost))
     _note_unknown_costs(pricer, [cost])
     console.print()
-    if with_timeline:
-        console.print(render.timeline_table(bars, console.width))
-        return
     console.print(render.loop_tree(session, loop_forest(session)))
     if with_events:
         console.print()
         console.print(Text("events (LOOP is the loop's #number in the tree above)", style="bold"))
         console.print(render.events_table(session, console.width))
+
+
+def _show_timeline(session_id: str, store_url: str | None, as_json: bool, prices_file: str | None) -> None:
+    """``show --timeline``: from the session's outline, the waterfall printed a page of
+    loops at a time (`outline_timeline`), so a huge session is never whole in memory."""
+    with open_cli_store(store_url, must_exist=True) as store:
+        outline = store.load_outline(session_id_argument(session_id))
+        pages = outline_timeline(store, outline)
+        if as_json:
+            echo_json(to_builtins([bar for page in pages for bar in page]))
+            return
+        pricer = cli_pricer(prices_file)
+        cost = pricer.outline(outline)
+        console = stdout()
+        console.print(render.session_header(outline.session, summarize_outline(outline), cost))
+        _note_unknown_costs(pricer, [cost])
+        console.print()
+        span = outline_span(outline)
+        for number, bars in enumerate(pages):
+            console.print(render.timeline_table(bars, console.width, span, header=number == 0))
 
 
 @main.command()

@@ -541,25 +541,35 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
-def timeline_table(bars: Sequence[TimelineBar], width: int) -> Table:
+def timeline_table(
+    bars: Sequence[TimelineBar],
+    width: int,
+    span: tuple[Timestamp, Timestamp] | None = None,
+    *,
+    header: bool = True,
+) -> Table:
     """`views.timeline` as a text waterfall: one row per bar, drawn to scale on an axis
-    from the first start to the last end; a bar still running reaches the end."""
-    table = Table(box=None, header_style="bold", pad_edge=False)
+    from the first start to the last end (or `span`, the whole session's when `bars` are
+    one page of it: the pages' tables then line up, the first one with the `header`); a
+    bar still running reaches the end, one beyond the axis is clamped to it."""
+    table = Table(box=None, header_style="bold", pad_edge=False, show_header=header)
     label_width = max(24, min(60, width // 3))
     axis = max(10, width - label_width - 24)
-    table.add_column("WHAT", no_wrap=True, overflow="ellipsis", max_width=label_width)
-    table.add_column("TIME", no_wrap=True, justify="right")
-    table.add_column("TOKENS", no_wrap=True, justify="right")
+    table.add_column("WHAT", no_wrap=True, overflow="ellipsis", width=label_width)
+    table.add_column("TIME", no_wrap=True, justify="right", width=8)
+    table.add_column("TOKENS", no_wrap=True, justify="right", width=9)
     table.add_column("WATERFALL", no_wrap=True, width=axis)
     if not bars:
         return table
-    first = min(bar.start for bar in bars)
-    last = max([first, *(bar.end for bar in bars if bar.end is not None)])
-    span = max(last - first, 1e-9)
+    if span is None:
+        first = min(bar.start for bar in bars)
+        span = first, max([first, *(bar.end for bar in bars if bar.end is not None)])
+    first, last = span
+    seconds = max(last - first, 1e-9)
     for bar in bars:
         end = bar.end if bar.end is not None else last
-        left = round((bar.start - first) / span * axis)
-        cells = max(1, round((end - first) / span * axis) - left)
+        left = max(0, round((bar.start - first) / seconds * axis))
+        cells = max(1, min(axis, round((end - first) / seconds * axis)) - left)
         left = min(left, axis - 1)
         drawn = Text(" " * left)
         drawn.append("\u2588" * min(cells, axis - left), style=_BAR_STYLES[bar.kind])

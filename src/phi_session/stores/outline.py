@@ -69,8 +69,10 @@ class LoopOutline(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     loop_id: str
     parent_loop_id: str | None
     status: str
-    started_at: Timestamp
-    ended_at: Timestamp | None
+    started_text: str = msgspec.field(name="started_at")
+    """``started_at`` as written (canonical RFC 3339): Timestamps are built only when read
+    (`started_at`), which a huge session's listing mostly never does."""
+    ended_text: str | None = msgspec.field(name="ended_at")
     provider: str | None
     """The loop config's provider and model (None: the loop has no config)."""
     model: str | None
@@ -93,6 +95,14 @@ class LoopOutline(msgspec.Struct, frozen=True, kw_only=True, gc=False):
         """The loop without messages, turns and events (`bare_loop`), decoded on each call;
         `DecodeError` if the stored JSON is not a loop."""
         return decode_loop(bytes(self.record_json), strict=False)
+
+    @property
+    def started_at(self) -> Timestamp:
+        return Timestamp.parse(self.started_text)
+
+    @property
+    def ended_at(self) -> Timestamp | None:
+        return None if self.ended_text is None else Timestamp.parse(self.ended_text)
 
     @property
     def event_count(self) -> int:
@@ -129,8 +139,8 @@ def _flat_fields(record: LoopRecord) -> dict[str, Any]:
         "loop_id": record.loop_id,
         "parent_loop_id": record.parent_loop_id,
         "status": record.status,
-        "started_at": record.started_at,
-        "ended_at": record.ended_at,
+        "started_text": str(record.started_at),
+        "ended_text": None if record.ended_at is None else str(record.ended_at),
         "provider": None if config is None else config.provider,
         "model": None if config is None else config.model,
     }
@@ -158,22 +168,8 @@ def session_outline(session: Session, loops: Sequence[LoopOutline] | None = None
     return SessionOutline(session=msgspec.structs.replace(session, loops=[]), loops=outlines)
 
 
-def _enc_hook(obj: Any) -> Any:
-    if isinstance(obj, Timestamp):
-        return str(obj)
-    raise TypeError(f"cannot encode {type(obj).__name__}")
-
-
-def _dec_hook(kind: type, obj: Any) -> Any:
-    if kind is Timestamp and isinstance(obj, str):
-        # Written by `_enc_hook` from a Timestamp: canonical, so wrapped, not parsed again
-        # (parsing was most of the time a huge session's outline took to decode).
-        return Timestamp(obj)
-    raise NotImplementedError(kind)
-
-
-_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
-_decoder = msgspec.json.Decoder(LoopOutline, dec_hook=_dec_hook)
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(LoopOutline)
 
 
 class _StoredV1(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,12 +1,17 @@
 """`SqliteStore`: the embedded default store, one SQLite file (stdlib ``sqlite3``).
 
 Layout. Table ``sessions`` holds one row per session: the header (every session
-field but the loops, as compact phi-core JSON) and the summary columns that
-listings, filters and totals read. Table ``loops`` holds one row per loop: its
-full record (compact phi-core JSON, `codec.encode_loop`) and the columns the
-model/status filters and per-model/per-day totals read. `load` rebuilds the
-Session from the header and the records, so it encodes to the bytes that were
-saved. `query` and `usage_totals` only read indexed columns, never records.
+field but the loops, as compact phi-core JSON), the summary columns that
+listings, filters and totals read, and the ids of the session's messages. Table
+``loops`` holds one row per loop: its record and the columns the model/status
+filters and per-model/per-day totals read. A record is stored as a packed template
+(`message_book`): the loop's compact phi-core JSON (`codec.encode_loop`) with each
+message replaced by a reference to table ``messages``, which holds each distinct
+message once, shared by every session that has it and deleted with the last (its
+``refs`` counts them; every change runs in the writing transaction). `load`
+rebuilds the Session from the header, the templates and the messages, so it encodes
+to the bytes that were saved. `query` and `usage_totals` only read indexed columns,
+never records.
 
 Concurrency. Every thread gets its own connection, opened on first use; SQLite's
 locks do the rest, so the store may be shared by threads and the file by
@@ -39,18 +44,20 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 import msgspec
 from msgspec.structs import replace
 
 from .._time import Timestamp
-from ..codec import decode_loop, decode_session, encode_loop, encode_session
+from ..codec import decode_loop, decode_session, encode_session
 from ..errors import DecodeError, SessionLocked, SessionNotFound, StoreError
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
@@ -72,6 +79,7 @@ from .base import (
     usage_rows,
     validate_session_id,
 )
+from .message_book import MessageBook, expand, numbers_in, pack, unpack
 from .outline import SessionOutline, decode_loop_outline, encode_loop_outline, loop_outline, session_outline
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
 from .search import DEFAULT_LIMIT, SearchHit, loop_text, search_words
@@ -290,12 +298,50 @@ def _store_first_prompts(conn: sqlite3.Connection) -> None:
     )
 
 
+# v6: each distinct message stored once (`message_book`). ``messages`` holds them, with
+# how many sessions refer to each (``refs``: a message no session refers to is deleted);
+# ``sessions.message_ids`` maps each session's message numbers to them; ``loops.record``
+# holds the loop's packed template instead of its whole JSON.
+_SCHEMA_V6 = (
+    """CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        digest BLOB NOT NULL UNIQUE,
+        refs INTEGER NOT NULL,
+        body BLOB NOT NULL
+    )""",
+    "ALTER TABLE sessions ADD COLUMN message_ids BLOB NOT NULL DEFAULT x''",
+)
+
+
+def _share_messages(conn: sqlite3.Connection) -> None:
+    """v6: the stored records become templates and their messages rows of ``messages``.
+    A record that does not decode is kept as a template without markers (its bytes
+    unchanged once unpacked): reading it reports it, as before."""
+    for statement in _SCHEMA_V6:
+        conn.execute(statement)
+    for (session_id,) in conn.execute("SELECT session_id FROM sessions").fetchall():
+        book = MessageBook()
+        templates = []
+        for position, blob in conn.execute(
+            "SELECT position, record FROM loops WHERE session_id = ?", (session_id,)
+        ).fetchall():
+            try:
+                template, _ = book.template(decode_loop(blob, strict=False))
+            except DecodeError:
+                template = blob.encode() if isinstance(blob, str) else bytes(blob)
+            templates.append((pack(template), session_id, position))
+        ids = _register_messages(conn, book, [])
+        conn.execute("UPDATE sessions SET message_ids = ? WHERE session_id = ?", (_pack_ids(ids), session_id))
+        conn.executemany("UPDATE loops SET record = ? WHERE session_id = ? AND position = ?", templates)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _create_v1,
     _create_v2,
     _bill_unfinished_loops,
     _outline_stored_loops,
     _store_first_prompts,
+    _share_messages,
 )
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
@@ -341,6 +387,92 @@ def _header(session: Session) -> bytes:
     return encode_session(replace(session, loops=[]), pretty=False)
 
 
+# -- The message table -------------------------------------------------------------------
+
+# Message ids in one statement's IN list: far below SQLite's oldest default limit (999).
+_IDS_PER_STATEMENT = 500
+# A session's message ids, by message number: little-endian signed 64-bit; 0 marks a
+# number none of the session's loops uses any more.
+_ID_FORMAT = "<%dq"
+
+
+def _pack_ids(ids: Sequence[int]) -> bytes:
+    return struct.pack(_ID_FORMAT % len(ids), *ids)
+
+
+def _unpack_ids(blob: bytes) -> list[int]:
+    try:
+        return list(struct.unpack(_ID_FORMAT % (len(blob) // 8), blob))  # raises unless len % 8 == 0
+    except struct.error as error:
+        raise DecodeError(f"not a list of message ids ({error})") from None
+
+
+def _in_chunks(values: Sequence[Any]) -> Iterator[tuple[Sequence[Any], str]]:
+    """`values` in slices small enough for one IN list, each with its placeholders."""
+    for start in range(0, len(values), _IDS_PER_STATEMENT):
+        chunk = values[start : start + _IDS_PER_STATEMENT]
+        yield chunk, ", ".join("?" * len(chunk))
+
+
+def _message_rows(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, tuple[bytes, bytes]]:
+    """The digest and body of each message of `ids` that is stored (0s are skipped)."""
+    wanted = sorted({message_id for message_id in ids if message_id})
+    rows: dict[int, tuple[bytes, bytes]] = {}
+    for chunk, marks in _in_chunks(wanted):
+        for message_id, address, body in conn.execute(
+            f"SELECT id, digest, body FROM messages WHERE id IN ({marks})", chunk
+        ):
+            rows[message_id] = (address, body)
+    return rows
+
+
+def _register_messages(conn: sqlite3.Connection, book: MessageBook, ids: Sequence[int]) -> list[int]:
+    """`ids` (the stored ids of `book`'s seeded numbers) followed by the ids of the
+    messages `book` added: a stored message of the same digest, which one more session
+    now refers to, or a new row. Inside the writing transaction: no other writer runs."""
+    added = book.digests[book.seeded :]
+    result = list(ids)
+    if not added:
+        return result
+    found: dict[bytes, int] = {}
+    for chunk, marks in _in_chunks(added):
+        found.update(conn.execute(f"SELECT digest, id FROM messages WHERE digest IN ({marks})", chunk))
+    fresh: list[tuple[int, bytes | None, bytes]] = []
+    next_id = 0
+    if len(found) < len(added):
+        next_id = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetchone()[0]
+    for number, address in enumerate(added, start=book.seeded):
+        message_id = found.get(address) if address is not None else None
+        if message_id is None:
+            message_id, next_id = next_id, next_id + 1
+            fresh.append((message_id, address, book.bodies[number]))
+        result.append(message_id)
+    conn.executemany("UPDATE messages SET refs = refs + 1 WHERE id = ?", [(i,) for i in found.values()])
+    conn.executemany("INSERT INTO messages (id, digest, refs, body) VALUES (?, ?, 1, ?)", fresh)
+    return result
+
+
+def _release_sessions(conn: sqlite3.Connection, message_ids: Iterable[bytes]) -> None:
+    """The sessions whose ``message_ids`` these are were deleted: release their messages.
+    A corrupt list is passed over (its messages stay) rather than refusing the delete or
+    releasing ids it does not hold."""
+    ids: list[int] = []
+    for blob in message_ids:
+        try:
+            ids += _unpack_ids(blob)
+        except DecodeError:
+            logger.warning("deleted a session whose message ids are corrupt: its messages stay stored")
+    _release_messages(conn, ids)
+
+
+def _release_messages(conn: sqlite3.Connection, ids: Iterable[int]) -> None:
+    """One session fewer refers to each of `ids` (0s are skipped; an id may repeat, once
+    per session): the messages no session refers to any more are deleted."""
+    counts = Counter(message_id for message_id in ids if message_id)
+    conn.executemany("UPDATE messages SET refs = refs - ? WHERE id = ?", [(n, i) for i, n in counts.items()])
+    conn.executemany("DELETE FROM messages WHERE id = ? AND refs <= 0", [(i,) for i in counts])
+
+
 def _loop_row(record: LoopRecord) -> list[Any]:
     """The columns of one loop row after ``(session_id, position)``, without the record."""
     config = record.config
@@ -373,11 +505,11 @@ _SUMMARY_COLUMNS = (
     "first_prompt",
     "exact",
 )
-_SESSION_COLUMNS = (*_SUMMARY_COLUMNS, "created_at_ns", "last_active_at_ns", "header")
+_SESSION_COLUMNS = (*_SUMMARY_COLUMNS, "created_at_ns", "last_active_at_ns", "header", "message_ids")
 
 
-def _session_row(session: Session) -> list[Any]:
-    """The `_SESSION_COLUMNS` of a (merged) session."""
+def _session_row(session: Session, message_ids: Sequence[int]) -> list[Any]:
+    """The `_SESSION_COLUMNS` of a (merged) session whose message numbers stand for `message_ids`."""
     summary = summarize(session)
     tokens = [getattr(summary.usage, name) for name in USAGE_FIELDS]
     return [
@@ -399,6 +531,7 @@ def _session_row(session: Session) -> list[Any]:
         _clamp(session.created_at.ns),
         _clamp(session.last_active_at.ns),
         _header(session),
+        _pack_ids(message_ids),
     ]
 
 
@@ -579,6 +712,25 @@ def _usage_by_key(session: Session, group_by: GroupBy) -> dict[str, tuple[int, U
 
 
 # -- The store -------------------------------------------------------------------------------
+
+
+def _reclaim_space(conn: sqlite3.Connection) -> None:
+    """Give the database's free pages back to the file system (outside a transaction)."""
+    # executescript() steps the pragma to completion; execute() frees one page.
+    conn.executescript("PRAGMA incremental_vacuum")
+    # Copy the shrunken database back from the WAL so that the file itself shrinks.
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+_MESSAGE_IDS_SQL = "SELECT message_ids FROM sessions WHERE session_id = ?"
+
+
+class _StoredRows(NamedTuple):
+    """What is stored of one session: its header, message ids and loops' packed templates."""
+
+    header: bytes
+    message_ids: bytes
+    records: list[bytes]
 
 
 # Connections inherited through fork(): SQLite must neither use nor close them in the
@@ -783,6 +935,8 @@ class SqliteStore(AsyncTwins):
                 conn.rollback()
             raise
         conn.execute("COMMIT")
+        if version:  # rewritten records (v6) leave pages free
+            _reclaim_space(conn)
 
     def _check_version(self, conn: sqlite3.Connection) -> int:
         (application_id,) = conn.execute("PRAGMA application_id").fetchone()
@@ -824,25 +978,54 @@ class SqliteStore(AsyncTwins):
     # -- Reading -----------------------------------------------------------------------------
 
     @staticmethod
-    def _read_rows(conn: sqlite3.Connection, session_id: str) -> tuple[bytes, list[bytes]] | None:
-        """The stored header and loop records of `session_id`, or None."""
-        row = conn.execute("SELECT header FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+    def _read_rows(conn: sqlite3.Connection, session_id: str) -> _StoredRows | None:
+        """The stored rows of `session_id`, or None."""
+        row = conn.execute(
+            "SELECT header, message_ids FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
         if row is None:
             return None
         records = conn.execute(
             "SELECT record FROM loops WHERE session_id = ? ORDER BY position", (session_id,)
         ).fetchall()
-        return row[0], [record for (record,) in records]
+        return _StoredRows(row[0], row[1], [record for (record,) in records])
 
-    def _decode(self, session_id: str, header: bytes, records: list[bytes]) -> Session:
+    @contextmanager
+    def _reading(self, session_id: str) -> Iterator[None]:
+        """Stored bytes that do not decode: `StoreError` naming the session."""
+        try:
+            yield
+        except (DecodeError, msgspec.DecodeError) as error:
+            raise StoreError(f"{self.path}: stored session {session_id!r} is corrupt: {error}") from error
+
+    def _expand(
+        self,
+        conn: sqlite3.Connection,
+        session_id: str,
+        message_ids: bytes,
+        blobs: Sequence[bytes],
+        *,
+        every_loop: bool = False,
+    ) -> list[bytes]:
+        """The compact JSON of the loops stored as `blobs`, read with the messages they use
+        (with `every_loop`, the blobs are all the session's loops: all its messages)."""
+        with self._reading(session_id):
+            ids = _unpack_ids(message_ids)
+            templates = [unpack(blob) for blob in blobs]
+            if not every_loop:
+                used = set().union(*map(numbers_in, templates))
+                ids = [message_id if n in used else 0 for n, message_id in enumerate(ids)]
+            rows = _message_rows(conn, ids)
+            bodies = [row[1] if row is not None else None for row in map(rows.get, ids)]
+            return [expand(template, bodies) for template in templates]
+
+    def _decode(self, session_id: str, header: bytes, records: Sequence[bytes]) -> Session:
         # Our own encoder wrote these bytes: the strict re-scan that matches phi-core on
         # hand-written input would only cost time, and would alter what a lenient decode
         # kept (integers beyond 64 bits), which must come back as it went in.
-        try:
+        with self._reading(session_id):
             session = decode_session(header, strict=False)
             session.loops = [decode_loop(record, strict=False) for record in records]
-        except DecodeError as error:
-            raise StoreError(f"{self.path}: stored session {session_id!r} is corrupt: {error}") from error
         return session
 
     def _read_session(self, conn: sqlite3.Connection, session_id: str) -> Session:
@@ -850,7 +1033,8 @@ class SqliteStore(AsyncTwins):
         rows = self._read_rows(conn, session_id)
         if rows is None:
             raise SessionNotFound(f"no session {session_id!r} in {self.path}")
-        return self._decode(session_id, *rows)
+        records = self._expand(conn, session_id, rows.message_ids, rows.records, every_loop=True)
+        return self._decode(session_id, rows.header, records)
 
     def load(self, session_id: str) -> Session:
         validate_session_id(session_id)
@@ -862,7 +1046,9 @@ class SqliteStore(AsyncTwins):
         (but of a loop whose outline is missing: one that did not decode when migrated)."""
         validate_session_id(session_id)
         with self._transaction("load outline", session_id) as conn:
-            row = conn.execute("SELECT header FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+            row = conn.execute(
+                "SELECT header, message_ids FROM sessions WHERE session_id = ?", (session_id,)
+            ).fetchone()
             if row is None:
                 raise SessionNotFound(f"no session {session_id!r} in {self.path}")
             loops = conn.execute(
@@ -870,16 +1056,16 @@ class SqliteStore(AsyncTwins):
                 "WHERE session_id = ? ORDER BY position",
                 (session_id,),
             ).fetchall()
-        try:
+            blobs = [record for outline, record in loops if outline is None]
+            records = iter(self._expand(conn, session_id, row[1], blobs) if blobs else ())
+        with self._reading(session_id):
             header = decode_session(row[0], strict=False)
             outlines = [
                 decode_loop_outline(outline)
                 if outline is not None
-                else loop_outline(decode_loop(record, strict=False))
-                for outline, record in loops
+                else loop_outline(decode_loop(next(records), strict=False))
+                for outline, _ in loops
             ]
-        except (DecodeError, msgspec.DecodeError) as error:
-            raise StoreError(f"{self.path}: stored session {session_id!r} is corrupt: {error}") from error
         return session_outline(header, outlines)
 
     def load_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]:
@@ -887,16 +1073,16 @@ class SqliteStore(AsyncTwins):
         validate_session_id(session_id)
         check_loop_range(start, stop)
         with self._transaction("load loops", session_id) as conn:
-            if conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
+            row = conn.execute(_MESSAGE_IDS_SQL, (session_id,)).fetchone()
+            if row is None:
                 raise SessionNotFound(f"no session {session_id!r} in {self.path}")
             rows = conn.execute(
                 "SELECT record FROM loops WHERE session_id = ? ORDER BY position LIMIT ? OFFSET ?",
                 (session_id, _clamp(max(0, stop - start)), _clamp(start)),
             ).fetchall()
-        try:
-            return [decode_loop(record, strict=False) for (record,) in rows]
-        except DecodeError as error:
-            raise StoreError(f"{self.path}: stored session {session_id!r} is corrupt: {error}") from error
+            records = self._expand(conn, session_id, row[0], [record for (record,) in rows])
+        with self._reading(session_id):
+            return [decode_loop(record, strict=False) for record in records]
 
     def list_ids(self) -> list[str]:
         """Every stored session id, most recently saved first."""
@@ -933,34 +1119,81 @@ class SqliteStore(AsyncTwins):
         """
         session_id = session_id_to_save(session)
         with self._transaction("save", session_id, write=True) as conn:
-            rows = self._read_rows(conn, session_id)
-            stored_records: list[bytes] = []
-            stored_loops: list[LoopRecord] = []
-            if rows is not None:
-                stored = self._decode(session_id, *rows)  # a corrupt one is never overwritten
-                stored_records, stored_loops = rows[1], stored.loops
-                session = merge_sessions(stored, session)
-            loop_rows: list[list[Any]] = []
-            text_rows: list[tuple[str, int, str]] = []
-            for position, record in enumerate(session.loops):
-                if position < len(stored_loops) and record is stored_loops[position]:
-                    continue  # the stored version won the merge
-                blob = encode_loop(record, pretty=False)
-                if position < len(stored_records) and blob == stored_records[position]:
-                    continue
-                loop_rows.append(
-                    [session_id, position, *_loop_row(record), blob, encode_loop_outline(record)]
-                )
-                text_rows.append((session_id, position, loop_text(record)))
-            conn.execute(_UPSERT_SESSION, _session_row(session))
-            conn.executemany(_UPSERT_LOOP, loop_rows)
-            conn.executemany(_UPSERT_LOOP_TEXT, text_rows)
+            self._save_in(conn, session_id, session)
+
+    def save_many(self, sessions: Sequence[Session]) -> None:
+        """`save` each of `sessions`, in order, in one transaction: all are saved or none.
+
+        A writer with many sessions to save commits once for them all (the pages they
+        share, such as the indexes' and the message table's, are written once).
+        """
+        ids = [session_id_to_save(session) for session in sessions]
+        if not ids:
+            return
+        with self._transaction(f"save {len(ids)} sessions", ", ".join(ids[:3]), write=True) as conn:
+            for session_id, session in zip(ids, sessions, strict=True):
+                self._save_in(conn, session_id, session)
+
+    def _save_in(self, conn: sqlite3.Connection, session_id: str, session: Session) -> None:
+        """`save`, inside the writing transaction `conn` is in."""
+        rows = self._read_rows(conn, session_id)
+        book = MessageBook()
+        ids: list[int] = []
+        templates: list[bytes] = []
+        stored_loops: list[LoopRecord] = []
+        if rows is not None:
+            # A corrupt one is never overwritten: reading it raises.
+            stored, ids, templates, book = self._stored_for_merge(conn, session_id, rows)
+            stored_loops = stored.loops
+            session = merge_sessions(stored, session)
+        used: set[int] = set()  # the message numbers of the merged session's loops
+        loop_rows: list[list[Any]] = []
+        text_rows: list[tuple[str, int, str]] = []
+        for position, record in enumerate(session.loops):
+            if position < len(stored_loops) and record is stored_loops[position]:
+                used |= numbers_in(templates[position])  # the stored version won the merge
+                continue
+            template, numbers = book.template(record)
+            used |= numbers
+            if position < len(templates) and template == templates[position]:
+                continue
+            loop_rows.append(
+                [session_id, position, *_loop_row(record), pack(template), encode_loop_outline(record)]
+            )
+            text_rows.append((session_id, position, loop_text(record)))
+        ids = _register_messages(conn, book, ids)
+        unused = [n for n, message_id in enumerate(ids) if message_id and n not in used]
+        if unused:  # replaced loops used them: the numbers stay, unassigned
+            _release_messages(conn, [ids[n] for n in unused])
+            for n in unused:
+                ids[n] = 0
+        conn.execute(_UPSERT_SESSION, _session_row(session, ids))
+        conn.executemany(_UPSERT_LOOP, loop_rows)
+        conn.executemany(_UPSERT_LOOP_TEXT, text_rows)
+
+    def _stored_for_merge(
+        self, conn: sqlite3.Connection, session_id: str, rows: _StoredRows
+    ) -> tuple[Session, list[int], list[bytes], MessageBook]:
+        """The stored session, its message ids, its loops' templates, and a book numbering
+        messages as it does (so that a loop saved again unchanged has the same template)."""
+        with self._reading(session_id):
+            ids = _unpack_ids(rows.message_ids)
+            templates = [unpack(blob) for blob in rows.records]
+            messages = _message_rows(conn, ids)
+            found = [messages.get(message_id) for message_id in ids]
+            records = [expand(t, [None if m is None else m[1] for m in found]) for t in templates]
+        stored = self._decode(session_id, rows.header, records)
+        book = MessageBook(None if m is None else m[0] for m in found)
+        return stored, ids, templates, book
 
     def delete(self, session_id: str) -> None:
         validate_session_id(session_id)
         with self._transaction("delete", session_id, write=True) as conn:
-            deleted = conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount
-        if not deleted:
+            row = conn.execute(_MESSAGE_IDS_SQL, (session_id,)).fetchone()
+            if row is not None:
+                conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+                _release_sessions(conn, [row[0]])
+        if row is None:
             raise SessionNotFound(f"no session {session_id!r} in {self.path}")
 
     def prune(self, criteria: PruneCriteria) -> int:
@@ -985,16 +1218,14 @@ class SqliteStore(AsyncTwins):
                 f"ORDER BY {_ORDER_SQL['newest']} LIMIT ?)"
             )
             params += [*scope_params, keep_last]
+        where = " AND ".join(conditions)
         with self._transaction("prune", write=True) as conn:
-            deleted: int = conn.execute(
-                f"DELETE FROM sessions WHERE {' AND '.join(conditions)}", params
-            ).rowcount
+            doomed = conn.execute(f"SELECT message_ids FROM sessions WHERE {where}", params).fetchall()
+            deleted: int = conn.execute(f"DELETE FROM sessions WHERE {where}", params).rowcount
+            _release_sessions(conn, [blob for (blob,) in doomed])
         if deleted:
             with self._connected("reclaim space after prune") as conn:
-                # executescript() steps the pragma to completion; execute() frees one page.
-                conn.executescript("PRAGMA incremental_vacuum")
-                # Copy the shrunken database back from the WAL so that the file itself shrinks.
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                _reclaim_space(conn)
         return deleted
 
     # -- Queries ---------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """The viewer's paged views of one session, so that a huge session opens fast.
 
 A session of 10,000 loops or 1,000,000 events opens from its outline
-(`SessionStore.load_outline`: every loop without its messages, turns and events),
-kept for a short while in a `SessionCache`, and is served in pages: the overview
-(header and totals), the loops in tree order, one loop's turns (`load_loops`), the
-event log (filtered by type and/or loop: only the loops a page covers are read)
-and the timeline, the one view that needs the whole session (loaded on its first
-request, after the page shows). The browser asks only for what it shows.
+(`SessionStore.load_outline`: per loop its ids, counts and totals, not its messages,
+turns and events), kept for a short while in a `SessionCache`, and is served in
+pages: the overview (header and totals), the loops in tree order, one loop's turns
+(`load_loops`), the event log (filtered by type and/or loop: only the loops a page
+covers are read), the timeline and the cost of a page of loops (only those loops are
+read). The browser asks only for what it shows; only the diff loads a whole session.
 Everything here returns JSON bytes.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -23,11 +23,11 @@ import msgspec
 
 from .._time import Timestamp
 from ..codec import encode_event, encode_loop, encode_session
-from ..cost import Cost
+from ..cost import Cost, Pricer
 from ..model import Session
 from ..stores.base import SessionStore, summarize_outline, to_builtins
 from ..stores.outline import SessionOutline
-from ..views import TimelineBar, timeline, tree_order
+from ..views import TimelineBar, loops_timeline, outline_span, read_loops, session_bar, tree_order
 
 __all__ = ["CachedSession", "Page", "SessionCache"]
 
@@ -44,7 +44,7 @@ class Page:
 
 
 class CachedSession:
-    """One session's outline, the indexes its pages need and, for the timeline, the whole
+    """One session's outline, the indexes its pages need and, for the diff, the whole
     session: each built on first use."""
 
     def __init__(self, outline: SessionOutline, store: SessionStore) -> None:
@@ -55,7 +55,7 @@ class CachedSession:
 
     @cached_property
     def session(self) -> Session:
-        """The whole session (what the timeline needs), loaded on first use."""
+        """The whole session (what the diff compares), loaded on first use."""
         return self.store.load(self.session_id)
 
     @cached_property
@@ -83,14 +83,9 @@ class CachedSession:
         return to_builtins(summarize_outline(self.outline))
 
     @cached_property
-    def bars(self) -> list[TimelineBar]:
-        return timeline(self.session, self.store)
-
-    @cached_property
     def span(self) -> tuple[Timestamp, Timestamp]:
-        """The waterfall's first start and last end."""
-        first = min((bar.start for bar in self.bars), default=self.session.created_at)
-        return first, max([first, *(bar.end for bar in self.bars if bar.end is not None)])
+        """The waterfall's time axis (`outline_span`)."""
+        return outline_span(self.outline)
 
     # -- pages --------------------------------------------------------------------------
 
@@ -173,19 +168,55 @@ class CachedSession:
         total = sum(counts) + len(scoped)
         return msgspec.json.encode({"total": total, "types": self.event_types, "events": rows})
 
-    def timeline(self, page: Page) -> bytes:
-        """A page of the waterfall's bars, placed in milliseconds from the first start."""
-        bars = self.bars
+    def timeline(self, page: Page, pricer: Pricer) -> bytes:
+        """The waterfall's bars of a page of loops in tree order (``offset`` and ``limit``
+        count loops; the first page starts with the session's bar), placed in milliseconds
+        from the axis start, with each of the session's loop and turn bars priced. Only
+        the page's loops are read (and the sub-agent sessions they spawned)."""
         first, last = self.span
+        placed = page.of(self.tree_order)
+        records = read_loops(self.store, self.session_id, (index for index, _ in placed))
+        bars = loops_timeline(
+            self.session_id, ((index, depth, records[index]) for index, depth in placed), self.store
+        )
+        if page.offset == 0:
+            bars.insert(0, replace(session_bar(self.outline.session), end=last))
+        rows = []
+        for bar in bars:
+            row = _bar_json(bar, first, last)
+            if bar.session_id == self.session_id and bar.loop_index is not None:
+                record = records[bar.loop_index]
+                if bar.kind == "loop":
+                    row["cost"] = msgspec.to_builtins(pricer.loop(record))
+                elif bar.kind == "turn" and bar.turn_index is not None:
+                    row["cost"] = msgspec.to_builtins(pricer.turn(record.turns[bar.turn_index], record))
+            rows.append(row)
+        total = len(self.tree_order)
+        following = page.offset + len(placed)
         return msgspec.json.encode(
             {
-                "total": len(bars),
+                "loops": total,
+                "offset": page.offset,
+                "next": following if following < total else None,
                 "start": str(first),
                 "end": str(last),
                 "span_ms": _ms(first, last),
-                "bars": [_bar_json(bar, first, last) for bar in page.of(bars)],
+                "bars": rows,
             }
         )
+
+    def cost(self, page: Page, pricer: Pricer) -> dict[str, Any]:
+        """The session's cost (from its outline) and that of a page of its loops (in
+        session order) and of their turns (`Pricer.breakdown`'s shape, paged)."""
+        start = min(page.offset, len(self.outline.loops))
+        records = self.store.load_loops(self.session_id, start, start + page.limit)
+        return {
+            "session_id": self.session_id,
+            "cost": msgspec.to_builtins(pricer.outline(self.outline)),
+            "total": len(self.outline.loops),
+            "offset": page.offset,
+            "loops": [msgspec.to_builtins(pricer.loop_cost(record)) for record in records],
+        }
 
 
 def _event_row(

@@ -9,9 +9,10 @@ Standard library only (`http.server.ThreadingHTTPServer`). Routes, all ``GET``
 * ``/api/sessions/{id}`` the session's phi-core JSON, exactly as stored;
 * ``/api/sessions/{id}/events`` its stored events: ``[{"loop_id", "sequence",
   "event"}]``, per loop by sequence, then session-scoped events (``loop_id`` null);
-* ``/api/sessions/{id}/cost`` the session's cost per loop and turn (`cost.SessionCost`):
-  ``{"table", "hint", "session_id", "cost", "loops": [{"loop_id", "cost", "turns":
-  [{"turn_index", "cost"}]}]}``;
+* ``/api/sessions/{id}/cost?offset=&limit=`` the session's cost and that of a page of
+  its loops (in session order, default 200, at most 500) and their turns:
+  ``{"table", "hint", "session_id", "cost", "total", "offset", "loops": [{"loop_id",
+  "cost", "turns": [{"turn_index", "cost"}]}]}`` (`cost.SessionCost`, paged);
 * ``/api/stats?by=agent|model|day`` usage totals;
 * ``/api/cost?by=agent|model|day|session`` cost totals: ``{"table", "hint", "totals"}``;
   by agent, model or day, the rows of ``/api/stats`` with their ``cost`` (the store's
@@ -46,8 +47,15 @@ session's outline, `SessionStore.load_outline`, is loaded once and kept a minute
   with its turns;
 * ``/api/sessions/{id}/event-log?offset=&limit=&type=&loop=`` a page of the events,
   filtered by type name and/or loop index, with each type's count;
-* ``/api/sessions/{id}/timeline?offset=&limit=`` a page of the waterfall's bars (the one
-  view that loads the whole session: the page asks for it after it shows).
+* ``/api/sessions/{id}/timeline?offset=&limit=`` the waterfall's bars of a page of loops
+  in tree order (``offset``/``limit`` count loops: default 20, at most 500; the first
+  page starts with the session's bar), the session's loop and turn bars with their
+  ``cost``: ``{"loops", "offset", "next", "start", "end", "span_ms", "bars"}``
+  (``next``: the next page's offset, null after the last).
+
+Every paged view reads only the loops its page covers; ``/api/sessions/{id}`` and
+``/api/sessions/{id}/events`` (the whole stored session, for export) and the diff
+load whole sessions.
 
 Errors are JSON ``{"error": message}``: 400 for a bad query or session id, 404 for
 an unknown path, session or loop, 500 when the store fails. The server never writes.
@@ -109,8 +117,9 @@ _SECURITY_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 _JSON = "application/json; charset=utf-8"
-_PAGED = ("overview", "loops", "event-log", "timeline")
-_MAX_PAGE = 5000  # rows per page of a session's loops, events or bars
+_PAGED = ("overview", "loops", "event-log", "timeline", "cost")
+_MAX_PAGE = 5000  # rows per page of a session's loops or events (from the outline, or a few loops)
+_MAX_LOOP_PAGE = 500  # loops per page of the timeline and the cost: each loop is read whole
 _LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
 
 
@@ -306,10 +315,6 @@ class ViewerHandler(BaseHTTPRequestHandler):
             return HTTPStatus.OK, encode_session(store.load(session_id), pretty=False), _JSON
         if rest[1:] == ["events"]:
             return HTTPStatus.OK, _events_json(store.load(session_id)), _JSON
-        if rest[1:] == ["cost"]:
-            breakdown = self.server.pricer.breakdown(store.load(session_id))
-            body = {**self._price_table(), **msgspec.to_builtins(breakdown)}
-            return HTTPStatus.OK, _json_bytes(body), _JSON
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
 
     def _session_page(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
@@ -338,21 +343,27 @@ class ViewerHandler(BaseHTTPRequestHandler):
             priced = query.get("cost", "1") != "0"
             cost = self.server.pricer.outline(entry.outline) if priced else None
             return HTTPStatus.OK, entry.overview(cost), _JSON
+        if view == "timeline":
+            self._only(query, {"offset", "limit"})
+            bars = entry.timeline(self._page(query, 20, _MAX_LOOP_PAGE), self.server.pricer)
+            return HTTPStatus.OK, bars, _JSON
+        if view == "cost":
+            self._only(query, {"offset", "limit"})
+            page = self._page(query, 200, _MAX_LOOP_PAGE)
+            body = {**self._price_table(), **entry.cost(page, self.server.pricer)}
+            return HTTPStatus.OK, _json_bytes(body), _JSON
         page = self._page(query)
         if view == "loops":
             self._only(query, {"offset", "limit"})
             return HTTPStatus.OK, entry.loops(page), _JSON
-        if view == "timeline":
-            self._only(query, {"offset", "limit"})
-            return HTTPStatus.OK, entry.timeline(page), _JSON
         self._only(query, {"offset", "limit", "type", "loop"})
         loop = query.get("loop") or None
         loop_index = None if loop is None else self._index("loop", loop, len(entry.outline.loops))
         return HTTPStatus.OK, entry.event_log(page, query.get("type") or None, loop_index), _JSON
 
-    def _page(self, query: dict[str, str]) -> Page:
-        offset, limit = (query.get(name) or default for name, default in (("offset", "0"), ("limit", "200")))
-        return Page(self._index("offset", offset, MAX_COUNT), self._index("limit", limit, _MAX_PAGE + 1))
+    def _page(self, query: dict[str, str], default: int = 200, most: int = _MAX_PAGE) -> Page:
+        offset, limit = query.get("offset") or "0", query.get("limit") or str(default)
+        return Page(self._index("offset", offset, MAX_COUNT), self._index("limit", limit, most + 1))
 
     @staticmethod
     def _index(name: str, text: str, bound: int) -> int:

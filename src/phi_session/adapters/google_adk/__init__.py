@@ -371,6 +371,11 @@ class _Reply:
         self._take_unseen()
         self._unseen = response
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a final response waits for its event."""
+        return self._unseen is not None
+
     def event(self, event: Event) -> None:
         """The event of the final response (if one is waiting for it)."""
         if self._unseen is not None:
@@ -590,13 +595,17 @@ class PhiPlugin(BasePlugin):
             if event.partial:
                 return
             lane = self._lane(invocation_context.invocation_id, event.branch)
+            if lane is None:
+                return
+            reply = lane.reply
+            # Cheapest checks first: most events (tool responses, other agents') are not it.
             if (
-                lane is not None
-                and lane.reply is not None
+                reply is not None
+                and reply.waiting
                 and event.author == lane.agent
                 and not event.get_function_responses()
             ):
-                lane.reply.event(event)
+                reply.event(event)
 
     async def before_tool_callback(
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext

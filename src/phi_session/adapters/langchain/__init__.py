@@ -298,6 +298,7 @@ class _Run:
     """
 
     __slots__ = (
+        "call_args",
         "handoff",
         "interrupts",
         "key",
@@ -321,6 +322,8 @@ class _Run:
         self.reply: MessageScope | None = None
         self.pending: list[AgentMessage] = []  # input that came before the loop started
         self.recorded: set[str] = set()
+        self.call_args: dict[str, Any] = {}
+        """The arguments of the open turn's tool calls by call id (as its message recorded them)."""
         """Tool call ids whose results the loop recorded (not new inputs of the next turn)."""
         self.interrupts: list[Any] = []
         self.handoff = False
@@ -329,6 +332,7 @@ class _Run:
 
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
+        self.call_args = {}
         if turn is not None and turn.running:
             turn.end()
 
@@ -536,12 +540,14 @@ class _Mapper:
                 provider = message.response_metadata.get("model_provider")
                 if isinstance(provider, str) and provider:
                     reply.provider = provider
-                reply.finish(
+                recorded = reply.finish(
                     _blocks(message),
                     tool_calls=calls,
                     usage=_usage(message.usage_metadata),
                     stop_reason=_stop_reason(message, calls),
                 )
+                if calls:
+                    run.call_args = {b.id: b.arguments for b in recorded.content if type(b) is ToolCall}
         self._ended_alone(run_id, run)
 
     def llm_error(self, error: BaseException, run_id: UUID) -> None:
@@ -574,7 +580,7 @@ class _Mapper:
                 logger.info("tool %s ran outside a model turn: not recorded", name)
                 return
             call_id = tool_call_id or f"lc-{run_id}"
-            args = next((call.arguments for call in turn.tool_calls if call.id == call_id), None)
+            args = run.call_args.get(call_id)
             if args is None:
                 args = _jsonable(inputs)
             tool = turn.tool(id=call_id, name=name, args=args).start()
@@ -629,6 +635,7 @@ class _Callbacks:
     def __init__(self, sink: SinkArg = None, *, capture_requests: bool = False, **options: Any) -> None:
         self.core = AdapterCore("langchain", sink, capture_requests=capture_requests, **options)
         self._mapper = _Mapper(self.core)
+        self._guard = self.core.guard()
 
     def close(self) -> None:
         """End the runs still open (as failed) and flush the sinks; with the default sink,
@@ -636,12 +643,14 @@ class _Callbacks:
         self.core.close()
 
     def _call(self, method: Callable[..., None], *args: Any) -> None:
-        self._mapper.core.safely(method, *args)
+        with self._guard:
+            method(*args)
 
     def _chain_start(
         self, inputs: Any, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None
     ) -> None:
-        self._call(self._mapper.chain_start, inputs, run_id, parent_run_id, metadata)
+        with self._guard:
+            self._mapper.chain_start(inputs, run_id, parent_run_id, metadata)
 
     def _chat_model_start(
         self,
@@ -714,7 +723,8 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
         self._chain_start(inputs, run_id, parent_run_id, metadata)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.chain_end, run_id)
+        with self._guard:
+            self._mapper.chain_end(run_id)
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.chain_error, error, run_id)
@@ -778,7 +788,8 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
         self._chain_start(inputs, run_id, parent_run_id, metadata)
 
     async def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.chain_end, run_id)
+        with self._guard:
+            self._mapper.chain_end(run_id)
 
     async def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.chain_error, error, run_id)

@@ -16,7 +16,9 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
   from the response);
 * ``function`` -> the tool's events and result (a span error -> ``is_error``); a run
   started inside a tool is that tool's sub-agent (own session, linked both ways);
-* a triggered ``guardrail`` before the first turn -> InputRejected, loop Rejected.
+* a triggered input ``guardrail`` -> InputRejected, loop Rejected (loop failed if it
+  tripped after the first turn began); a triggered output guardrail -> the loop fails
+  with an error naming it (`_Mapper._guardrail_triggered`).
 
 The session is ``trace_metadata["phi.session_id"]``, else the trace's ``group_id``,
 else the adapter's own session. Function spans carry no tool call id: they are
@@ -37,6 +39,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from ...events import LoopConfigSnapshot
 from ...instrument import MessageScope, ToolScope, TurnScope
@@ -81,6 +85,7 @@ __all__ = [
     "ReplayProvider",
     "install",
     "installed",
+    "processor",
     "request_payload",
     "stream",
     "uninstall",
@@ -97,11 +102,21 @@ def _get(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
+_decode_json = msgspec.json.Decoder().decode
+
+
 def _arguments(text: Any) -> Any:
+    """A tool call's arguments (JSON text) as JSON data; text that is not JSON as itself."""
     if not isinstance(text, str):
         return text if text is not None else {}
+    if not text:
+        return {}
     try:
-        return json.loads(text) if text else {}
+        return _decode_json(text)  # several times faster than json.loads
+    except msgspec.DecodeError:
+        pass
+    try:  # what msgspec refuses and json.loads takes (NaN, huge numbers)
+        return json.loads(text)
     except ValueError:
         return text
 
@@ -171,6 +186,7 @@ def _user_texts(items: Any) -> list[str]:
 
 
 _ASSISTANT_ITEMS = frozenset(("function_call", "reasoning"))
+_MODEL_SPANS = frozenset(("response", "generation"))
 
 
 def _request_messages(items: Any, timestamp: int, system: list[str]) -> list[Message]:
@@ -278,6 +294,10 @@ def request_payload(
     )
 
 
+def _guardrail_names(guardrails: Any) -> frozenset[str]:
+    return frozenset(guardrail.get_name() for guardrail in guardrails or ())
+
+
 def _config(agent_name: str, model: str) -> LoopConfigSnapshot:
     return LoopConfigSnapshot(
         model=model,
@@ -287,7 +307,7 @@ def _config(agent_name: str, model: str) -> LoopConfigSnapshot:
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tool:
     """A function span: its tool scope starts once its call id is known (or needed)."""
 
@@ -306,7 +326,7 @@ class _Tool:
         return self.scope
 
 
-@dataclass
+@dataclass(slots=True)
 class _Loop:
     """The state of one recorded run, keyed by its task span (or trace, or function span)."""
 
@@ -322,6 +342,11 @@ class _Loop:
     request: AnnotatedRequestPayload | None = None  # the next turn's, from the hooks
     calls: list[ToolCall] = field(default_factory=list)
     call_number: int = 0
+    # The guardrail names of the running agent (from the hooks), telling an output
+    # guardrail's span from an input guardrail's (the spans look alike).
+    input_guardrails: frozenset[str] = frozenset()
+    output_guardrails: frozenset[str] = frozenset()
+    agent_span: str | None = None  # the running agent's span
 
     def match_call(self, name: str) -> str:
         """The id of the response's next unmatched call named `name` (else a made-up one)."""
@@ -332,12 +357,24 @@ class _Loop:
         self.call_number += 1
         return f"{self.key}-call-{self.call_number}"
 
+    def take_call(self, call_id: str, arguments: Any) -> Any:
+        """The arguments of the response's call `call_id`, parsed already when the call is
+        among the unmatched ones (then matched), else parsed from `arguments`."""
+        for index, call in enumerate(self.calls):
+            if call.id == call_id:
+                del self.calls[index]
+                return call.arguments
+        return _arguments(arguments)
+
 
 class _Mapper:
     """Spans -> core calls, for one installation. Every entry point runs under the core's guard."""
 
     def __init__(self, core: AdapterCore) -> None:
         self.core = core
+        self.guard = core.guard()
+        # Guards `_loops` (iterated when a trace ends). The per-span maps are only read,
+        # set and popped one key at a time, each step atomic: they need no lock.
         self._lock = threading.Lock()
         self._sessions: dict[str, str | None] = {}  # trace id -> framework session id
         self._loops: dict[str, _Loop] = {}  # loop key -> loop
@@ -350,13 +387,12 @@ class _Mapper:
     def trace_started(self, trace: Trace) -> None:
         metadata = getattr(trace, "metadata", None) or {}
         session = metadata.get("phi.session_id") or getattr(trace, "group_id", None)
-        with self._lock:
-            self._sessions[trace.trace_id] = str(session) if session is not None else None
+        self._sessions[trace.trace_id] = str(session) if session is not None else None
 
     def trace_ended(self, trace: Trace) -> None:
+        self._sessions.pop(trace.trace_id, None)
+        self._streams.pop(trace.trace_id, None)
         with self._lock:
-            self._sessions.pop(trace.trace_id, None)
-            self._streams.pop(trace.trace_id, None)
             left = [loop for loop in self._loops.values() if loop.trace_id == trace.trace_id]
         for loop in left:
             self._end_loop(loop, None)
@@ -373,12 +409,14 @@ class _Mapper:
         elif kind == "function":
             self._tool_started(span, data.name)
         else:
-            loop = self._loop_of(span)
+            parent = span.parent_id
+            loop = self._of_span.get(parent) if parent is not None else None
             if loop is None:
                 return
+            self._of_span[span.span_id] = loop
             if kind == "turn":
                 self._end_turn(loop)
-            elif kind in ("response", "generation"):
+            elif kind in _MODEL_SPANS:
                 self._model_started(loop)
             elif kind == "handoff":
                 self._finish_message(loop, stop_reason="handoff")
@@ -386,8 +424,8 @@ class _Mapper:
     def span_ended(self, span: Span[Any]) -> None:
         data = span.span_data
         kind = data.type
-        loop = self._of_span.get(span.span_id)
-        if kind in ("response", "generation"):
+        loop = self._of_span.pop(span.span_id, None)
+        if kind in _MODEL_SPANS:
             if loop is not None:
                 self._model_ended(loop, span)
         elif kind == "function":
@@ -399,37 +437,35 @@ class _Mapper:
             if loop is not None:
                 self._end_loop(loop, span.error)
         elif kind == "guardrail" and data.triggered and loop is not None:
-            self._guardrail_triggered(loop, data.name)
+            self._guardrail_triggered(loop, data.name, under_agent=span.parent_id == loop.agent_span)
         elif kind == "agent" and span.error is not None and loop is not None:
             self._end_loop(loop, span.error)
-        with self._lock:
-            self._of_span.pop(span.span_id, None)
 
     def _loop_of(self, span: Span[Any]) -> _Loop | None:
-        with self._lock:
-            loop = self._of_span.get(span.parent_id) if span.parent_id is not None else None
-            if loop is not None:
-                self._of_span[span.span_id] = loop
-            return loop
+        """The loop of `span`'s parent, which becomes `span`'s too."""
+        parent = span.parent_id
+        loop = self._of_span.get(parent) if parent is not None else None
+        if loop is not None:
+            self._of_span[span.span_id] = loop
+        return loop
 
     def _new_loop(self, key: str, span: Span[Any]) -> _Loop:
+        loop = _Loop(key, span.trace_id, self._sessions.get(span.trace_id))
         with self._lock:
-            loop = _Loop(key, span.trace_id, self._sessions.get(span.trace_id))
             self._loops[key] = loop
-            self._of_span[span.span_id] = loop
-            return loop
+        self._of_span[span.span_id] = loop
+        return loop
 
     def _agent_started(self, span: Span[Any], name: str) -> None:
-        with self._lock:
-            parent = self._of_span.get(span.parent_id) if span.parent_id is not None else None
-            owner = parent if parent is not None and parent.key == span.parent_id else None
+        parent = self._of_span.get(span.parent_id) if span.parent_id is not None else None
+        owner = parent if parent is not None and parent.key == span.parent_id else None
         if owner is None:
             # No task spans: the agent span is the loop, keyed by what it runs under (the
             # trace, or a tool for an agent run as a tool); a later agent there is a handoff.
             key = span.parent_id if span.parent_id in self._tools else span.trace_id
             owner = self._loops.get(key) or self._new_loop(key, span)
-        with self._lock:
-            self._of_span[span.span_id] = owner
+        self._of_span[span.span_id] = owner
+        owner.agent_span = span.span_id
         config = _config(name, owner.model)
         if owner.run is None:
             owner.run = self.core.start_run(
@@ -443,7 +479,6 @@ class _Mapper:
             owner.prompted = True
 
     def _open_turn(self, loop: _Loop) -> TurnScope | None:
-        self._finish_message(loop)
         run = loop.run
         if run is None or not run.loop.running:
             return None
@@ -460,8 +495,7 @@ class _Mapper:
         turn = self._open_turn(loop)
         if turn is not None:
             loop.message = turn.assistant(model=loop.model or None, provider=PROVIDER).start()
-            with self._lock:
-                self._streams[loop.trace_id] = loop.message
+            self._streams[loop.trace_id] = loop.message
 
     def _model_ended(self, loop: _Loop, span: Span[Any]) -> None:
         data = span.span_data
@@ -512,19 +546,17 @@ class _Mapper:
         self._finish_message(loop)
         tool = _Tool(loop, name, loop.turn)
         tool.token = enter_tool(tool.started)
-        with self._lock:
-            self._tools[span.span_id] = tool
+        self._tools[span.span_id] = tool
 
     def exact_call(self, span_id: str, call_id: str, arguments: Any) -> None:
         """The hooks' exact call id and arguments for a function span (before it starts)."""
         tool = self._tools.get(span_id)
         if tool is not None and tool.scope is None:
-            tool.call_id, tool.args = call_id, _arguments(arguments)
+            tool.call_id, tool.args = call_id, tool.loop.take_call(call_id, arguments)
             tool.started()
 
     def _tool_ended(self, span: Span[Any]) -> None:
-        with self._lock:
-            tool = self._tools.pop(span.span_id, None)
+        tool = self._tools.pop(span.span_id, None)
         if tool is None:
             return
         nested = self._loops.get(span.span_id)  # an agent run as this tool without task spans
@@ -544,10 +576,37 @@ class _Mapper:
             scope.result(output)
         scope.end()
 
-    def _guardrail_triggered(self, loop: _Loop, name: str) -> None:
+    def _guardrail_triggered(self, loop: _Loop, name: str, *, under_agent: bool) -> None:
+        """A guardrail's tripwire: the SDK raises its exception out of the run next.
+
+        * An input guardrail before the first turn rejects the input: ``InputRejected``
+          and the loop ends ``Rejected``, as phi-core's input filter does. One running in
+          parallel with the first turn (its span is under the turn's) trips once the
+          turn began: ``InputRejected``, and the loop ends failed with the rejection as
+          its error (phi-core's ``Rejected`` means that no turn ran).
+        * An output guardrail withheld the final output, which is recorded as the model
+          gave it: phi-core has no output filter, so the loop ends failed (``Aborted``)
+          with an error naming the guardrail.
+
+        The spans of both kinds look alike: the agent's guardrails (`PhiRunHooks`) tell
+        them apart by name; without them (or for a ``RunConfig`` guardrail), one under the
+        agent's span after a turn began is an output guardrail.
+        """
         run = loop.run
-        if run is not None and run.loop.running and run.loop.turns == 0:
-            run.loop.reject(f"input guardrail {name} triggered")
+        if run is None or not run.loop.running:
+            return
+        turns = run.loop.turns
+        if name in loop.output_guardrails or (
+            name not in loop.input_guardrails and under_agent and turns > 0
+        ):
+            self._end_turn(loop)
+            self.core.end_run(loop.key, f"output guardrail {name} triggered: the final output was withheld")
+            return
+        reason = f"input guardrail {name} triggered"
+        run.loop.reject(reason)
+        if turns > 0:  # the run raises now: what the model answered stays recorded
+            self._finish_message(loop)
+            self.core.end_run(loop.key, reason)
 
     def _end_turn(self, loop: _Loop) -> None:
         self._finish_message(loop)
@@ -559,8 +618,8 @@ class _Mapper:
     def _end_loop(self, loop: _Loop, error: Any) -> None:
         with self._lock:
             self._loops.pop(loop.key, None)
-            if self._streams.get(loop.trace_id) is loop.message:
-                self._streams.pop(loop.trace_id, None)
+        if self._streams.get(loop.trace_id) is loop.message:
+            self._streams.pop(loop.trace_id, None)
         if loop.run is None:
             return
         message = None if error is None else str(error.get("message") or error)
@@ -570,10 +629,16 @@ class _Mapper:
 
     # -- hooks and streams -----------------------------------------------------------------
 
-    def agent_model(self, model: Any) -> None:
+    def agent_started(self, agent: Any) -> None:
+        """The hooks' agent: its model name and the names of its guardrails."""
         loop = self._current_loop()
-        if loop is not None and isinstance(model, str) and not loop.model:
+        if loop is None:
+            return
+        model = getattr(agent, "model", None)
+        if isinstance(model, str) and not loop.model:
             loop.model = model
+        loop.input_guardrails = _guardrail_names(getattr(agent, "input_guardrails", None))
+        loop.output_guardrails = _guardrail_names(getattr(agent, "output_guardrails", None))
 
     def _current_loop(self) -> _Loop | None:
         span = get_current_span()
@@ -626,23 +691,31 @@ class PhiTracingProcessor(TracingProcessor):
     def __init__(self) -> None:
         self.mapper: _Mapper | None = None
 
-    def _call(self, method: str, item: Any) -> None:
-        mapper = self.mapper
-        if mapper is not None:
-            with mapper.core.guard():
-                getattr(mapper, method)(item)
+    # Called for every span of every run: each goes straight to its mapper method.
 
     def on_trace_start(self, trace: Trace) -> None:
-        self._call("trace_started", trace)
+        mapper = self.mapper
+        if mapper is not None:
+            with mapper.guard:
+                mapper.trace_started(trace)
 
     def on_trace_end(self, trace: Trace) -> None:
-        self._call("trace_ended", trace)
+        mapper = self.mapper
+        if mapper is not None:
+            with mapper.guard:
+                mapper.trace_ended(trace)
 
     def on_span_start(self, span: Span[Any]) -> None:
-        self._call("span_started", span)
+        mapper = self.mapper
+        if mapper is not None:
+            with mapper.guard:
+                mapper.span_started(span)
 
     def on_span_end(self, span: Span[Any]) -> None:
-        self._call("span_ended", span)
+        mapper = self.mapper
+        if mapper is not None:
+            with mapper.guard:
+                mapper.span_ended(span)
 
     def shutdown(self) -> None:
         """Nothing to do: `uninstall` saves what the adapter holds."""
@@ -676,13 +749,14 @@ class PhiRunHooks(RunHooks[Any]):
             trace = get_current_trace()
             if trace is None or type(trace).__name__ == "NoOpTrace":
                 _warn_tracing_disabled()
-            mapper.agent_model(getattr(agent, "model", None))
+            mapper.agent_started(agent)
 
     async def on_llm_start(self, context: Any, agent: Any, system_prompt: Any, input_items: Any) -> None:
         mapper = _processor.mapper
         if mapper is None:
             return
-        mapper.core.safely(mapper.prompt, input_items)
+        with mapper.guard:
+            mapper.prompt(input_items)
         if mapper.core.capture_requests:
             with mapper.core.guard():
                 # What the runner offers the model: the same calls it makes for the request.
@@ -697,7 +771,8 @@ class PhiRunHooks(RunHooks[Any]):
     async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
         mapper = _processor.mapper
         if mapper is not None:
-            mapper.core.safely(mapper.response, response)
+            with mapper.guard:
+                mapper.response(response)
 
     async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
         mapper = _processor.mapper
@@ -780,6 +855,13 @@ def install(
         if _tracing_disabled():
             _warn_tracing_disabled()
         return core
+
+
+def processor() -> PhiTracingProcessor:
+    """The tracing processor `install` registers: for a processor list you set yourself
+    (``set_trace_processors([..., openai_agents.processor()])``); it records while the
+    adapter is installed."""
+    return _processor
 
 
 def installed() -> AdapterCore | None:

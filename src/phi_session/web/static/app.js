@@ -12,7 +12,7 @@
   const ROLE_CLASSES = { user: "msg-user", assistant: "msg-assistant", toolResult: "msg-toolResult" };
   const IMAGE_TYPES = /^image\/(png|jpeg|gif|webp)$/;
   const PAGE_SIZE = "50"; // sessions per list page
-  const LOOP_PAGE = 200; // loops, events and timeline bars per request
+  const LOOP_PAGE = 200; // loops and events per request
   const FILTERS = [
     ["agent", "Agent", "agent id"],
     ["model", "Model", "provider/model"],
@@ -648,31 +648,21 @@
 
   const ROW = 20, LABEL = 330, AXIS = 760;
 
-  function barTitle(bar, costs) {
+  const TIMELINE_LOOPS = 20; // loops per timeline page (each loop's bars: its turns, model and tool calls)
+
+  function barTitle(bar) {
     const lines = [bar.label + (bar.detail ? " · " + bar.detail : ""), duration(bar.duration_ms) + (bar.end ? "" : " (not ended)") +
       " from " + shortTime(bar.start)];
     if (bar.usage) lines.push(usageText(bar.usage));
-    const cost = costs && costs.of(bar);
-    if (cost) lines.push(costText(cost));
+    if (bar.cost) lines.push(costText(bar.cost));
     if (bar.status) lines.push("status " + bar.status);
     return lines.join("\n");
   }
 
-  // Loop and turn costs of the session's own bars (a sub-agent's are on its own page).
-  function costIndex(sessionId, breakdown) {
-    if (!breakdown) return null;
-    const loops = new Map((breakdown.loops || []).map((loop) => [loop.loop_id, loop]));
-    return {
-      of(bar) {
-        const loop = bar.session_id === sessionId && loops.get(bar.loop_id);
-        if (!loop || (bar.kind !== "loop" && bar.kind !== "turn")) return null;
-        return bar.kind === "loop" ? loop.cost : ((loop.turns || [])[bar.turn_index] || {}).cost;
-      },
-    };
-  }
-
-  async function timelineView(holder, sessionId, openTurn, costs) {
-    const base = "api/sessions/" + encodeURIComponent(sessionId) + "/timeline?limit=" + LOOP_PAGE;
+  // The waterfall, a page of loops at a time: the next page loads when the end of the
+  // scrolled box comes into view (or on "Show more"), so a huge session never loads whole.
+  async function timelineView(holder, sessionId, openTurn) {
+    const base = "api/sessions/" + encodeURIComponent(sessionId) + "/timeline?limit=" + TIMELINE_LOOPS;
     const first = await api(base);
     const span = Math.max(first.span_ms, 1e-6);
     const chart = svg("svg", { class: "timeline", id: "timeline", width: LABEL + AXIS + 70, role: "img",
@@ -686,20 +676,25 @@
     }
     chart.appendChild(ticks);
     let rows = 0;
+    let next = first.next;
     const add = (bars) => {
       for (const bar of bars) {
         const y = 18 + rows * ROW;
-        const x = LABEL + (bar.offset_ms / span) * AXIS;
-        const width = Math.max(2, (bar.duration_ms / span) * AXIS);
-        const label = bar.label.length > 44 - bar.depth * 2 ? bar.label.slice(0, 43 - bar.depth * 2) + "…" : bar.label;
+        // A sub-agent session drawn inline may reach beyond the session's axis: clamp it.
+        const start = Math.min(Math.max(bar.offset_ms, 0), span);
+        const x = LABEL + (start / span) * AXIS;
+        const width = Math.max(2, (Math.min(bar.duration_ms, span - start) / span) * AXIS);
+        // A long chain of continuations nests deep: past 10 levels the labels stop moving right.
+        const indent = Math.min(bar.depth, 10);
+        const label = bar.label.length > 44 - indent * 2 ? bar.label.slice(0, 43 - indent * 2) + "…" : bar.label;
         const clickable = bar.loop_id !== null;
         const group = svg("g", { class: "bar bar-" + bar.kind + (bar.status ? " " + statusClass(bar.status) : "") +
-          (clickable ? " clickable" : ""), "data-kind": bar.kind, tabindex: clickable ? 0 : null,
+          (clickable ? " clickable" : ""), "data-kind": bar.kind, "data-loop-index": bar.loop_index, tabindex: clickable ? 0 : null,
         onclick: clickable ? () => openTurn(bar) : null,
         onkeydown: clickable ? (event) => { if (event.key === "Enter") openTurn(bar); } : null },
-        svg("title", null, barTitle(bar, costs)),
+        svg("title", null, barTitle(bar)),
         svg("rect", { x: 0, y: y - 1, width: LABEL + AXIS, height: ROW, class: "row-hit" }),
-        svg("text", { x: 4 + bar.depth * 12, y: y + 13, class: "bar-label" }, label),
+        svg("text", { x: 4 + indent * 12, y: y + 13, class: "bar-label" }, label),
         svg("rect", { x: x, y: y + 3, width: width, height: ROW - 6, rx: 2, class: "bar-rect" }),
         svg("text", { x: Math.min(x + width + 4, LABEL + AXIS + 4), y: y + 13, class: "bar-note" },
           duration(bar.duration_ms) + (bar.usage ? " · " + tokens(bar.usage.total_tokens) : "")));
@@ -712,31 +707,52 @@
     const more = h("button", { type: "button", class: "secondary", id: "more-bars" }, "Show more of the timeline");
     const count = h("span", { class: "muted", id: "timeline-count" });
     const update = () => {
-      count.textContent = tokens(rows) + " of " + plural(first.total, "bar") + " · " + duration(first.span_ms) + " from " +
-        shortTime(first.start);
-      more.hidden = rows >= first.total;
+      const shown = next === null ? first.loops : next;
+      count.textContent = plural(rows, "bar") + " for " + tokens(shown) + " of " + plural(first.loops, "loop") + " · " +
+        duration(first.span_ms) + " from " + shortTime(first.start);
+      more.hidden = next === null;
     };
-    more.addEventListener("click", async () => {
+    let loading = null;
+    let observer = null;
+    const loadMore = () => {
+      if (next === null || loading) return loading;
       more.disabled = true;
-      try {
-        add((await api(base + "&offset=" + rows)).bars);
+      loading = api(base + "&offset=" + next).then((result) => {
+        add(result.bars);
+        next = result.next;
         update();
-      } finally {
+      }).finally(() => {
         more.disabled = false;
-      }
-    });
+        loading = null;
+        if (observer && next !== null) { // observed anew: it reports whether the end is still in view
+          observer.unobserve(more);
+          observer.observe(more);
+        }
+      });
+      return loading;
+    };
+    more.addEventListener("click", () => { loadMore().catch((error) => append(holder, showError(error))); });
     update();
+    const wrap = h("div", { class: "timeline-wrap", id: "timeline-wrap" }, chart, more);
     append(holder, h("div", { class: "toolbar" }, count,
       h("span", { class: "legend" }, ["loop", "turn", "model", "tool"].map((kind) =>
         h("span", { class: "legend-" + kind }, kind === "model" ? "model call" : kind === "tool" ? "tool call" : kind)))),
-    h("div", { class: "timeline-wrap" }, chart), more);
+    wrap);
+    if ("IntersectionObserver" in window) {
+      // Scrolling near the end of the box loads the next page of loops.
+      observer = new IntersectionObserver((entries) => {
+        if (wrap.isConnected && next !== null && entries.some((entry) => entry.isIntersecting)) {
+          loadMore().catch((error) => { observer.disconnect(); append(holder, showError(error)); });
+        }
+      }, { root: wrap, rootMargin: "0px 0px 200px 0px" });
+      observer.observe(more);
+    }
   }
 
   async function sessionView(page, id, params) {
     const base = "api/sessions/" + encodeURIComponent(id);
-    // The overview comes from the session's outline (fast on a huge session); the cost (priced
-    // loop by loop and turn by turn), like the timeline, needs the whole session: both fill in
-    // after the page shows.
+    // The overview comes from the session's outline (fast on a huge session); its cost (every
+    // loop priced) and the timeline (a page of loops at a time) fill in after the page shows.
     const overview = await api(base + "/overview?cost=0");
     const costCell = h("span", { id: "session-cost", class: "muted" }, "…");
     const session = overview.session;
@@ -839,14 +855,14 @@
       h("h2", null, "Event log"),
       h("div", { class: "toolbar" }, toggle),
       logHolder);
-    // The waterfall fills in after the page shows: on a huge session it takes longest.
-    const timelineBox = h("div");
-    optional(base + "/cost").then((breakdown) => {
-      const cost = breakdown && breakdown.cost;
+    // The waterfall and the cost fill in after the page shows.
+    optional(base + "/overview").then((priced) => {
+      const cost = priced && priced.cost;
       costCell.textContent = cost ? costText(cost) + (cost.sources && cost.sources.length ? " · prices: " + cost.sources.join(", ") : "") : "cost unavailable";
       costCell.classList.remove("muted");
-      return timelineView(timelineBox, id, openTurn, costIndex(id, breakdown));
-    }).then(() => {
+    });
+    const timelineBox = h("div");
+    timelineView(timelineBox, id, openTurn).then(() => {
       clear(timelineHolder);
       append(timelineHolder, timelineBox);
     }, (error) => {
