@@ -148,7 +148,11 @@ def _staged_ids(schema: str) -> list[str]:
 
 
 async def _run_until(worker: IngestWorker, done: Any, timeout: float = 180) -> None:
-    task = asyncio.create_task(worker.run())
+    await _stop_when(worker, asyncio.create_task(worker.run()), done, timeout)
+
+
+async def _stop_when(worker: IngestWorker, task: asyncio.Task[None], done: Any, timeout: float = 180) -> None:
+    """Wait until `done()` (or the timeout), then stop the running worker."""
     deadline = time.monotonic() + timeout
     try:
         while not await asyncio.to_thread(done) and time.monotonic() < deadline:
@@ -311,36 +315,46 @@ def test_out_of_order_redelivery_is_applied_in_order(names: Names) -> None:
         for event in events:
             sink(event)
         assert sink.flush(30)
+    # A long ack_wait: JetStream must not redeliver on its own (under load a worker can
+    # take longer than a short ack_wait to start, and then everything arrives in order).
+    worker = names.worker(batch=50, ack_wait=60.0)
+    expected = _reference([events])
 
-    async def take_and_drop() -> int:
-        """A worker that took the first messages and died: they come back after ack_wait,
-        behind later ones."""
-        worker = names.worker()
-        nc = await nats.connect(names.url)
-        js = nc.jetstream()
+    async def scenario() -> None:
+        """Another worker took the first 20 messages and gave them back (nak) only after
+        this worker had fetched the later ones: they come back behind them."""
         from nats.js import api
 
-        await js.add_consumer(
-            names.stream,
-            api.ConsumerConfig(
-                durable_name="phi-ingest-0",
-                filter_subject=f"{names.prefix}.0",
-                ack_policy=api.AckPolicy.EXPLICIT,
-                deliver_policy=api.DeliverPolicy.ALL,
-                ack_wait=1.0,
-                max_deliver=-1,
-                max_ack_pending=worker.batch * 4,
-            ),
-        )
-        subscription = await js.pull_subscribe_bind(durable="phi-ingest-0", stream=names.stream)
-        taken = await subscription.fetch(20, timeout=5)
-        await nc.close()
-        return len(taken)
+        nc = await nats.connect(names.url)
+        try:
+            js = nc.jetstream()
+            await js.add_consumer(
+                names.stream,
+                api.ConsumerConfig(
+                    durable_name="phi-ingest-0",
+                    filter_subject=f"{names.prefix}.0",
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                    ack_wait=worker.ack_wait,
+                    max_deliver=-1,
+                    max_ack_pending=worker.batch * 4,
+                ),
+            )
+            subscription = await js.pull_subscribe_bind(durable="phi-ingest-0", stream=names.stream)
+            taken = await subscription.fetch(20, timeout=5)
+            assert len(taken) == 20
+            task = asyncio.create_task(worker.run())
+            deadline = time.monotonic() + 60
+            while worker.stats.held_back == 0 and time.monotonic() < deadline and not task.done():
+                await asyncio.sleep(0.05)
+            for message in taken:
+                await message.nak()
+            await nc.flush()
+        finally:
+            await nc.close()
+        await _stop_when(worker, task, lambda: _stored(names.schema) == expected)
 
-    assert asyncio.run(take_and_drop()) == 20
-    worker = names.worker(batch=50)
-    expected = _reference([events])
-    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected))
+    asyncio.run(scenario())
     assert _stored(names.schema) == expected
     assert worker.stats.recorded == len(events)
     assert worker.stats.held_back > 0  # later events did wait for the redelivered ones
