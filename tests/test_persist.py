@@ -318,6 +318,27 @@ def test_the_writer_holds_at_most_the_byte_budget_plus_one_session(tmp_path: Pat
     assert stored(store) == recorded(evs)
 
 
+def test_a_huge_message_counts_for_what_it_weighs() -> None:
+    """The budget estimate counts the text of messages: three 4 MB replies are not
+    "a few events"."""
+    from phi_session import AgentSession, LoopConfigSnapshot, Tracer, Usage
+
+    recorder = SessionRecorder()
+    tracer = Tracer(AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m", provider="p"))
+    huge = "x" * 4_000_000
+    with tracer.loop() as loop:
+        loop.user("read it")
+        for _ in range(3):
+            with loop.turn() as turn, turn.assistant() as reply:
+                reply.text_delta(huge)
+                reply.finish(usage=Usage(input=1, output=1))
+    tracer.close()
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    events = sum(len(record.events) for record in session.loops)
+    assert 3 * len(huge) <= held_bytes(session) <= 3 * len(huge) + 1_000 * (events + 1)
+
+
 def test_the_writer_saves_waiting_sessions_in_batches(tmp_path: Path) -> None:
     batches: list[int] = []
 

@@ -394,7 +394,7 @@ class _TurnState:
     emits the ends it returns outside the lock.
     """
 
-    __slots__ = ("_ending", "_open", "idle", "message", "results", "scope", "usage")
+    __slots__ = ("_ending", "_open", "_waiting", "idle", "message", "results", "scope", "usage")
 
     def __init__(self, scope: TurnScope, loop: _LoopState) -> None:
         self.scope = scope
@@ -406,6 +406,7 @@ class _TurnState:
         self._open: dict[ToolScope, Callable[[], ToolFinisher]] = {}
         self._ending: dict[int, int] = {}
         self.idle = threading.Condition(loop.lock)
+        self._waiting = 0  # threads in `wait_idle`: without one, a tool's end notifies no one
 
     def require_running(self) -> None:
         if not self.scope.running:
@@ -445,7 +446,8 @@ class _TurnState:
                 self._ending[thread] = left
             else:
                 del self._ending[thread]
-            self.idle.notify_all()
+            if self._waiting:  # `notify_all` is pure Python: not on every tool's end
+                self.idle.notify_all()
 
     def close(self) -> list[ToolFinisher]:
         """The turn ends (holding the loop's lock): cut short every tool still running.
@@ -464,7 +466,11 @@ class _TurnState:
         a sink ends the turn during a tool's end, cannot be waited for)."""
         with self.idle:
             me = threading.get_ident()
-            self.idle.wait_for(lambda: all(thread == me for thread in self._ending))
+            self._waiting += 1
+            try:
+                self.idle.wait_for(lambda: all(thread == me for thread in self._ending))
+            finally:
+                self._waiting -= 1
 
 
 # -- the tracer ---------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ import msgspec
 from .errors import PhiSessionError, StoreError
 from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from .journal import Journal, JournaledRecorder, RecoveryReport, recover
+from .messages import ImageContent, TextContent, ThinkingContent
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
 from .saver import SessionSaver
@@ -57,14 +58,14 @@ __all__ = ["DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder",
 logger = logging.getLogger("phi_session.persist")
 
 DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
-"""Finished sessions (estimated bytes of memory they hold, `EVENT_BYTES` per event) that
+"""Finished sessions (estimated bytes of memory they hold, `held_bytes`) that
 may wait for the writer."""
 
 EVENT_BYTES = 600
-"""What one recorded event is taken to hold in memory, for the writer's budget: about
-what W1's events hold once recorded (README, Performance). Counting events, not
-encoding sessions, keeps the producer's checkpoint cheap: the writer encodes each
-session once, to save it."""
+"""What one recorded event is taken to hold in memory besides the text of its messages,
+for the writer's budget: about what W1's events hold once recorded (README,
+Performance). Estimating, not encoding sessions, keeps the producer's checkpoint cheap:
+the writer encodes each session once, to save it."""
 
 # The only events that carry a session id: they open (or join) a session in the recorder.
 _SESSION_EVENTS = (AgentStart, ParallelLoopStart, ParallelLoopEnd)
@@ -75,8 +76,25 @@ _SAVE_BATCH = 16  # sessions the writer saves at once: one commit, a short hold 
 
 def held_bytes(session: Session) -> int:
     """What a session counts against the writer's budget: `EVENT_BYTES` per event (and one
-    for the session itself)."""
-    return EVENT_BYTES * (1 + sum(len(record.events) for record in session.loops))
+    for the session itself) plus the text its loops' messages hold, so that one huge tool
+    output or image counts for what it weighs. A message resent in every ``TurnRequest``
+    is one object in memory and counts once."""
+    held = EVENT_BYTES * (1 + sum(len(record.events) for record in session.loops))
+    for record in session.loops:
+        for message in record.messages:
+            for block in getattr(message, "content", ()):
+                held += _block_chars(block)
+    return held
+
+
+def _block_chars(block: object) -> int:
+    if isinstance(block, TextContent):
+        return len(block.text)
+    if isinstance(block, ThinkingContent):
+        return len(block.thinking)
+    if isinstance(block, ImageContent):
+        return len(block.data)
+    return 0  # a tool call: its arguments are small next to EVENT_BYTES
 
 
 class _SessionProbe(msgspec.Struct):
@@ -116,7 +134,7 @@ class AutoPersistingRecorder:
     * `checkpoint_every`: events between checkpoints; `checkpoint_interval`: seconds
       after which an idle recorder checkpoints anyway (None: never).
     * `max_pending_bytes`: the writer's budget, in bytes of memory the waiting sessions
-      hold, estimated at `EVENT_BYTES` per event (default 16 MiB). A checkpoint hands its
+      hold, estimated by `held_bytes` (default 16 MiB). A checkpoint hands its
       sessions over one at a time while the writer holds less than this (a session
       larger than the budget goes alone), and the producer waits until they are all
       handed over. The writer's own idle checkpoint never waits.

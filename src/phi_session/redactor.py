@@ -98,7 +98,7 @@ _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
 _IMMUTABLE_ARGUMENTS = (str, int, float, bool, type(None))
 _FIELD_CACHE_LIMIT = 4096
-_MEMO_LIMIT = 2048  # distinct contents, arguments and snapshots remembered: a long conversation's history
+_MEMO_LIMIT = 1024  # per redactor: the distinct contents of a long conversation's history
 
 DEFAULT_SECRET_FIELDS: frozenset[str] = frozenset(
     {
