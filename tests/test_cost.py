@@ -331,3 +331,23 @@ def test_the_pricer_charges_what_the_table_does(
     when = Timestamp.from_ns(millis * 1_000_000)
     expected = table_usd(usage, *model, when) if fresh or read or write or output else 0.0
     assert SHARED_PRICER.price(usage, *model, when).usd == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+@needs_table
+def test_an_updated_table_is_used_at_once() -> None:
+    # genai-prices' UpdatePrices replaces the table's data: what the pricer remembered of the
+    # old data (models, rates, outlines' costs) is not used any more.
+    from genai_prices import data_snapshot
+
+    pricer = Pricer()
+    session = make_session("s", loops=[calls_loop("s", 1, [TIERED_CALL])])
+    outline = session_outline(session)
+    known = pricer.outline(outline)
+    assert known.known and pricer.outline(outline) is known  # remembered
+    data_snapshot.set_custom_snapshot(data_snapshot.DataSnapshot(providers=[], from_auto_update=True))
+    try:
+        assert pricer.outline(outline) == Cost(usd=None, unpriced=("google/gemini-2.5-pro",))
+        assert pricer.session(session) == Cost(usd=None, unpriced=("google/gemini-2.5-pro",))
+    finally:
+        data_snapshot.set_custom_snapshot(None)
+    assert pricer.outline(outline) == known

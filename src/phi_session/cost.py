@@ -148,6 +148,7 @@ def _has_tokens(call: ModelCall) -> bool:
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _LATEST = datetime.max.replace(tzinfo=timezone.utc)
 _EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+_OUTLINES_KEPT = 8  # outlines whose cost a pricer remembers (a viewer keeps a few sessions open)
 _PROBE_SPAN = 1_000_000  # tokens between the probes of a rate (the last band has no upper end)
 _PROBE_TOLERANCE = Decimal("1e-12")  # relative: the table's own arithmetic rounds at 28 digits
 
@@ -175,40 +176,44 @@ class _TableModel:
     table at the call's own instant, so no date or time window is ever assumed.
     """
 
-    __slots__ = ("_bands", "info", "provider")
+    __slots__ = ("_bands", "_timed", "info", "provider")
 
     def __init__(self, provider: Any, info: Any) -> None:
         self.provider = provider
         self.info = info
+        self._timed = isinstance(info.prices, list)  # conditional prices: resolved at each call's instant
         # id(resolved price) -> (that price, its tier thresholds, its rates per band; None: not linear)
-        self._bands: dict[int, tuple[Any, list[int], dict[int, tuple[Decimal, ...] | None]]] = {}
+        self._bands: dict[int, tuple[Any, list[int], dict[int, tuple[float, ...] | None]]] = {}
 
     def usd(self, table: Any, call: ModelCall) -> float:
         """What the table charges for `call` (`ValueError` if it refuses its counts)."""
-        counts = (
-            call.input + call.cache_read + call.cache_write,
-            call.cache_read,
-            call.cache_write,
-            call.output,
-            min(call.reasoning, call.output),
-        )
-        when = _instant(call.started_ms) if isinstance(self.info.prices, list) else _EPOCH
-        price = self.info.get_prices(when)
+        total_input = call.input + call.cache_read + call.cache_write
+        reasoning = min(call.reasoning, call.output)
+        if self._timed:
+            when = _instant(call.started_ms)
+            price = self.info.get_prices(when)
+        else:
+            when, price = _EPOCH, self.info.prices
         entry = self._bands.get(id(price))
         if entry is None:
             entry = self._bands[id(price)] = (price, _thresholds(price), {})
         _, thresholds, bands = entry
-        band = bisect_left(thresholds, counts[0])  # tiers apply above their start: input > start
+        band = bisect_left(thresholds, total_input)  # a tier applies above its start: input > start
         if band not in bands:
             bands[band] = self._rates(table, when, thresholds, band)
         rates = bands[band]
         if rates is None:
+            counts = (total_input, call.cache_read, call.cache_write, call.output, reasoning)
             return float(self._exact(table, when, *counts))
-        usd = rates[0]
-        for rate, count in zip(rates[1:], counts, strict=True):
-            if count:
-                usd += rate * count
-        return float(usd)
+        base, per_input, per_read, per_write, per_output, per_reasoning = rates
+        return (
+            base
+            + per_input * total_input
+            + per_read * call.cache_read
+            + per_write * call.cache_write
+            + per_output * call.output
+            + per_reasoning * reasoning
+        )
 
     def _exact(self, table: Any, when: datetime, *counts: int) -> Decimal:
         total_input, cache_read, cache_write, output, reasoning = counts
@@ -224,9 +229,10 @@ class _TableModel:
 
     def _rates(
         self, table: Any, when: datetime, thresholds: list[int], band: int
-    ) -> tuple[Decimal, ...] | None:
-        """The per-request price and the five rates of one band, from probes; None when the
-        table's price is not linear there (or a probe is refused)."""
+    ) -> tuple[float, ...] | None:
+        """The per-request price and the five rates of one band, from probes (USD as floats,
+        as costs are given); None when the table's price is not linear there (or a probe
+        is refused)."""
         low = 0 if band == 0 else thresholds[band - 1] + 1
         high = thresholds[band] if band < len(thresholds) else low + _PROBE_SPAN
         try:
@@ -250,7 +256,9 @@ class _TableModel:
         except ValueError:
             return None
         got = rates[0] + sum((rate * count for rate, count in zip(rates[1:], check, strict=True)), Decimal(0))
-        return rates if abs(got - expected) <= _PROBE_TOLERANCE * max(abs(expected), Decimal(1)) else None
+        if abs(got - expected) > _PROBE_TOLERANCE * max(abs(expected), Decimal(1)):
+            return None
+        return tuple(float(rate) for rate in rates)
 
 
 def _thresholds(price: Any) -> list[int]:
@@ -288,6 +296,9 @@ class Pricer:
         # snapshot they came from: an updated snapshot (genai-prices' UpdatePrices) drops them.
         self._models: dict[tuple[str | None, str], _TableModel | None] = {}
         self._snapshot: Any = None
+        # The cost of the last outlines priced, by identity (an outline is frozen): a viewer
+        # keeps a session's outline and asks for its cost again with every cost page.
+        self._outlines: dict[int, tuple[SessionOutline, Any, Cost]] = {}
         self._memo_lock = threading.Lock()
         if use_table and prices_available():
             import genai_prices
@@ -352,8 +363,13 @@ class Pricer:
         assert self._table_source is not None
         return Cost(usd=usd, sources=(self._table_source,))
 
+    def _current_snapshot(self) -> Any:
+        """The table's data in use now (None without the table): genai-prices' `UpdatePrices`
+        may replace it, and what was remembered of the last one is then dropped."""
+        return None if self._table is None else self._table.data_snapshot.get_snapshot()
+
     def _table_model(self, provider: str | None, model: str) -> _TableModel | None:
-        snapshot = self._table.data_snapshot.get_snapshot()
+        snapshot = self._current_snapshot()
         if snapshot is not self._snapshot:
             with self._memo_lock:
                 self._models = {}
@@ -411,9 +427,19 @@ class Pricer:
         return self._grouped(loops).get("", ZERO_COST)
 
     def outline(self, outline: SessionOutline) -> Cost:
-        """`session` of an outlined session: its loops' calls are in the outline."""
+        """`session` of an outlined session: its loops' calls are in the outline. The cost
+        of the last few outlines is remembered (by identity, for the same table data)."""
+        snapshot = self._current_snapshot()
+        kept = self._outlines.get(id(outline))
+        if kept is not None and kept[0] is outline and kept[1] is snapshot:
+            return kept[2]
         loops = (("", loop.provider, loop.model, loop.model_calls()) for loop in outline.loops)
-        return self._grouped(loops).get("", ZERO_COST)
+        cost = self._grouped(loops).get("", ZERO_COST)
+        with self._memo_lock:
+            if len(self._outlines) >= _OUTLINES_KEPT:
+                del self._outlines[next(iter(self._outlines))]
+            self._outlines[id(outline)] = (outline, snapshot, cost)
+        return cost
 
     def loop_cost(self, record: LoopRecord) -> LoopCost:
         """The cost of a loop and of each of its turns."""

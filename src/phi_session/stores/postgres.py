@@ -20,7 +20,8 @@ Layout (all tables live in one schema, ``phi_session`` by default):
   (`codec.encode_loop`), and ``words``, its full-text index entry (below). Rows go
   with their session (``ON DELETE CASCADE``). Token columns hold what a loop billed
   (`LoopRecord.billed_usage`); the v4 migration rebilled the loops cut off before
-  their ``AgentEnd`` that earlier versions saved at zero.
+  their ``AgentEnd`` that earlier versions saved at zero. ``calls`` holds the loop's
+  model calls (`outline.encode_calls`), which priced totals read (schema v6).
 
 Full-text search (schema v2). ``words`` is a ``tsvector`` (GIN-indexed) of the
 distinct words of the loop's searchable text (`search.loop_text`), split and

@@ -4,8 +4,9 @@ Layout. Table ``sessions`` holds one row per session: the header (every session
 field but the loops, as compact phi-core JSON), the summary columns that
 listings, filters and totals read, and the ids of the session's messages. Table
 ``loops`` holds one row per loop: its record and the columns the model/status
-filters and per-model/per-day totals read. A record is stored as a packed template
-(`message_book`): the loop's compact phi-core JSON (`codec.encode_loop`) with each
+filters and per-model/per-day totals read, its outline, and its model calls
+(``calls``, `outline.encode_calls`), which priced totals read. A record is stored
+as a packed template (`message_book`): the loop's compact phi-core JSON (`codec.encode_loop`) with each
 message replaced by a reference to table ``messages``, which holds each distinct
 message once, shared by every session that has it and deleted with the last (its
 ``refs`` counts them; every change runs in the writing transaction). `load`
