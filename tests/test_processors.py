@@ -481,16 +481,20 @@ def _history_request(history: tuple[ps.Message, ...]) -> ps.TurnRequest:
     return ps.TurnRequest(loop_id="l", turn_index=len(history), payload=payload, timestamp=ps.Timestamp.now())
 
 
-def test_a_history_resent_in_every_turn_request_is_scanned_once() -> None:
-    arguments = {"path": "src/a.py", "query": "where is the cache"}
-    reply = ps.AssistantMessage(
-        content=(ps.ToolCall(id="c1", name="grep", arguments=arguments),),
+def _tool_reply(tool: str, arguments: Any) -> ps.AssistantMessage:
+    return ps.AssistantMessage(
+        content=(ps.ToolCall(id="c1", name=tool, arguments=arguments),),
         stop_reason="toolUse",
         model="m",
         provider="p",
         usage=ps.Usage(input=1, output=1),
         timestamp=1,
     )
+
+
+def test_a_history_resent_in_every_turn_request_is_scanned_once() -> None:
+    arguments = {"path": "src/a.py", "query": "where is the cache"}
+    reply = _tool_reply("grep", arguments)
     redactor = CountingRedactor()
     redactor(ps.MessageEnd(loop_id="l", message=reply))
     for _ in range(5):
@@ -500,14 +504,7 @@ def test_a_history_resent_in_every_turn_request_is_scanned_once() -> None:
 
 def test_a_remembered_message_whose_arguments_gain_a_secret_is_scanned_again() -> None:
     arguments: dict[str, Any] = {"nested": {"q": "x"}}
-    reply = ps.AssistantMessage(
-        content=(ps.ToolCall(id="c1", name="http", arguments=arguments),),
-        stop_reason="toolUse",
-        model="m",
-        provider="p",
-        usage=ps.Usage(input=1, output=1),
-        timestamp=1,
-    )
+    reply = _tool_reply("http", arguments)
     redactor = Redactor()
     assert redactor(_history_request((reply,))) is not None
     arguments["nested"]["api_key"] = "plain-value"  # a change deep inside the same dict
@@ -530,14 +527,7 @@ class CountingStringRedactor(Redactor):
 
 def test_json_string_arguments_resent_in_every_turn_request_are_scanned_once() -> None:
     arguments = '{"path": "src/a.py", "password": "hunter2-secret"}'
-    reply = ps.AssistantMessage(
-        content=(ps.ToolCall(id="c1", name="grep", arguments=arguments),),
-        stop_reason="toolUse",
-        model="m",
-        provider="p",
-        usage=ps.Usage(input=1, output=1),
-        timestamp=1,
-    )
+    reply = _tool_reply("grep", arguments)
     redactor = CountingStringRedactor()
     first = redactor(ps.MessageEnd(loop_id="l", message=reply))
     for _ in range(5):
@@ -549,14 +539,7 @@ def test_json_string_arguments_resent_in_every_turn_request_are_scanned_once() -
 
 def test_arguments_that_do_not_copy_as_json_are_scanned_every_time() -> None:
     arguments = {"when": object()}  # no JSON copy to compare against: never remembered
-    reply = ps.AssistantMessage(
-        content=(ps.ToolCall(id="c1", name="http", arguments=arguments),),
-        stop_reason="toolUse",
-        model="m",
-        provider="p",
-        usage=ps.Usage(input=1, output=1),
-        timestamp=1,
-    )
+    reply = _tool_reply("http", arguments)
     redactor = CountingRedactor()
     for _ in range(3):
         redactor(_history_request((reply,)))
