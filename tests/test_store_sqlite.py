@@ -590,6 +590,19 @@ def test_the_v7_migration_stores_the_model_calls(db: Path) -> None:
     assert rows == [("bad", 0), ("tiered", 1), ("tiered", 1)]
 
 
+def test_stored_model_calls_that_do_not_decode_are_priced_as_one_call(
+    store: SqliteStore, db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    session = make_session("s", loops=[calls_loop("s", 1, [TIERED_CALL, TIERED_CALL], model="acme/m")])
+    store.save(session)
+    raw_execute(db, "UPDATE loops SET calls = x'5b5b' WHERE session_id = 's'")  # "[[": cut short
+    pricer = Pricer({"acme/m": {"input": 1, "output": 1}}, use_table=False)
+    with caplog.at_level(logging.WARNING):
+        [row] = store.usage_totals("model", pricer=pricer)
+    assert row.cost == pricer.price(session.billed_usage(), "acme", "m", session.loops[0].started_at)
+    assert "model calls do not decode" in caplog.text
+
+
 # -- queries -----------------------------------------------------------------------------------
 
 

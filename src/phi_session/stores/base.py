@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections import Counter
 from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, runtime_checkable
@@ -22,6 +23,8 @@ from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
 
 if TYPE_CHECKING:  # cost.py reads the stores' rows; stores never need the price table
     from ..cost import Cost, Pricer
+
+_log = logging.getLogger(__name__)
 
 # The summary columns both SQL backends keep: one per loop status, one per usage field.
 STATUS_COLUMNS: dict[str, str] = {status: f"loops_{status.lower()}" for status in LOOP_STATUSES}
@@ -87,11 +90,17 @@ def stored_usage_row(
     usage: Usage,
 ) -> UsageRow:
     """A SQL store's `UsageRow` of a loop row: its stored `calls` (`outline.encode_calls`);
-    a row without them (its record did not decode when they were added) stands its
-    billed `usage` in for them, as one call at its start."""
-    if calls is None:
-        return UsageRow(key, provider, model, usage, (ModelCall.of(started_at, usage),))
-    return UsageRow(key, provider, model, usage, decode_calls(calls))
+    a row without them (its record did not decode when they were added), or whose calls
+    do not decode (logged: the totals still count it), stands its billed `usage` in for
+    them, as one call at its start."""
+    if calls is not None:
+        try:
+            return UsageRow(key, provider, model, usage, decode_calls(calls))
+        except msgspec.DecodeError as error:
+            _log.warning(
+                "a stored loop's model calls do not decode (%s): its usage is priced as one call", error
+            )
+    return UsageRow(key, provider, model, usage, (ModelCall.of(started_at, usage),))
 
 
 def model_key(record: LoopRecord) -> str:
