@@ -329,13 +329,25 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         total = ZERO_USAGE
         if self.reports_usage():
             return total
+        for usage in self._cut_off_turn()[1]:
+            total = total + usage
+        return total
+
+    def _cut_off_turn(self) -> tuple[Timestamp | None, list[Usage]]:
+        """The ``TurnStart`` time (None: no TurnStart) and the assistant replies' usages,
+        in order, of the events after the loop's last ``TurnEnd``."""
+        usages: list[Usage] = []
+        turn_start: Timestamp | None = None
         for stored in reversed(self.events):
             event = stored.event
             if type(event) is TurnEnd:
                 break
-            if type(event) is MessageEnd and type(event.message) is AssistantMessage:
-                total = total + event.message.usage
-        return total
+            if type(event) is TurnStart and turn_start is None:
+                turn_start = event.timestamp
+            elif type(event) is MessageEnd and type(event.message) is AssistantMessage:
+                usages.append(event.message.usage)
+        usages.reverse()
+        return turn_start, usages
 
     def reports_usage(self) -> bool:
         """Whether ``usage`` counts the loop's calls: it was closed by ``AgentEnd``
@@ -375,21 +387,9 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         """
         calls = [ModelCall.of(turn.started_at, turn.usage) for turn in self.turns if turn.usage != ZERO_USAGE]
         if not self.reports_usage():
-            # The same events as `unfinished_usage`: those after the last TurnEnd.
-            unfinished: list[Usage] = []
-            turn_start: Timestamp | None = None
-            for stored in reversed(self.events):
-                event = stored.event
-                if type(event) is TurnEnd:
-                    break
-                if type(event) is TurnStart and turn_start is None:
-                    turn_start = event.timestamp
-                elif type(event) is MessageEnd and type(event.message) is AssistantMessage:
-                    unfinished.append(event.message.usage)
+            turn_start, unfinished = self._cut_off_turn()  # what `unfinished_usage` sums
             started_at = self.started_at if turn_start is None else turn_start
-            calls += [
-                ModelCall.of(started_at, usage) for usage in reversed(unfinished) if usage != ZERO_USAGE
-            ]
+            calls += [ModelCall.of(started_at, usage) for usage in unfinished if usage != ZERO_USAGE]
             return calls
         rest = [getattr(self.usage, name) for name in _USAGE_FIELDS]
         for call in calls:
