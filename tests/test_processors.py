@@ -544,3 +544,72 @@ def test_arguments_that_do_not_copy_as_json_are_scanned_every_time() -> None:
     for _ in range(3):
         redactor(_history_request((reply,)))
     assert redactor.scans[id(arguments)] == 3
+
+
+def test_one_processor_and_one_sink_keep_their_failure_isolation() -> None:
+    """The usual shape (one processor, one sink) runs both inline: the same contract."""
+    received: list[ps.AgentEvent] = []
+
+    def mask(event: ps.AgentEvent) -> ps.AgentEvent | None:
+        if isinstance(event, ps.ProgressMessage):
+            return {"not": "an event"}  # type: ignore[return-value]
+        return None if isinstance(event, ps.MessageUpdate) else event
+
+    def tracer(sink: Any, **options: Any) -> Tracer:
+        return Tracer(AgentSession(clock=FakeClock()), sinks=[sink], config=SNAP, **options)
+
+    masking = tracer(received.append, processors=[mask], redact=False)
+    secret_scenario(masking)
+    assert not any(isinstance(e, ps.MessageUpdate) for e in received) and masking.processors.dropped == 2
+    [progress] = [e for e in received if isinstance(e, ps.ProgressMessage)]
+    assert progress.text.startswith("[WITHHELD: processor") and progress.text.endswith(
+        "mask raised TypeError]"
+    )
+    received.clear()
+    withholding = tracer(received.append, processors=[failing], redact=False)
+    secret_scenario(withholding)  # never raises into the agent
+    assert received and b"plain-value" not in b"".join(ps.encode(e) for e in received)
+    assert list(withholding.processor_failures.values()) == [len(received)]
+
+    class Down:
+        def __call__(self, event: ps.AgentEvent) -> None:
+            raise RuntimeError("sink down")
+
+    redacting = tracer(Down())
+    secret_scenario(redacting)  # the redactor, then a failing sink: never raises
+    assert redacting.fanout.error_count == len(received)
+
+
+def _growing_history(redactor: Redactor, replies: list[ps.AssistantMessage]) -> list[ps.TurnRequest]:
+    history: list[ps.Message] = [ps.UserMessage(content=(ps.TextContent(text="hi"),), timestamp=1)]
+    out = []
+    for reply in replies:
+        history.append(reply)
+        out.append(redactor(_history_request(tuple(history))))
+    return out  # type: ignore[return-value]
+
+
+def test_a_growing_history_scans_each_message_once_and_keeps_what_it_redacted() -> None:
+    clean = [_tool_reply("grep", {"path": f"src/{n}.py"}) for n in range(4)]
+    secret = _tool_reply("http", {"api_key": "plain-value"})
+    redactor = CountingRedactor()
+    requests = _growing_history(redactor, [clean[0], clean[1], secret, clean[2], clean[3]])
+    assert all(redactor.scans[id(r.content[0].arguments)] == 1 for r in (*clean, secret))  # type: ignore[union-attr]
+    for request, size in zip(requests, range(2, 7), strict=True):
+        messages = request.payload.messages
+        assert len(messages) == size
+        if size < 4:
+            assert request.payload.messages[1:] == tuple(clean[: size - 1])  # unchanged: as given
+        else:
+            redacted = messages[3].content[0].arguments  # type: ignore[union-attr]
+            assert redacted == {"api_key": REDACTED} and messages[4:] == tuple(clean[2 : size - 2])
+
+
+def test_a_history_whose_earlier_arguments_gain_a_secret_is_scanned_again() -> None:
+    arguments: dict[str, Any] = {"q": "x"}
+    first, second = _tool_reply("http", arguments), _tool_reply("grep", {"path": "a"})
+    redactor = Redactor()
+    _growing_history(redactor, [first])
+    arguments["token"] = "plain-value"  # inside the remembered part of the history
+    [*_, request] = _growing_history(redactor, [first, second])
+    assert request.payload.messages[1].content[0].arguments["token"] == REDACTED  # type: ignore[union-attr]

@@ -232,15 +232,15 @@ class StreamDelta(_Variant):
     # keyword loop (a producer streams one delta per token).
     @classmethod
     def text(cls, delta: str) -> StreamDelta:
-        return _known_delta(cls, "Text", delta)
+        return known_delta(cls, "Text", delta)
 
     @classmethod
     def thinking(cls, delta: str) -> StreamDelta:
-        return _known_delta(cls, "Thinking", delta)
+        return known_delta(cls, "Thinking", delta)
 
     @classmethod
     def tool_call(cls, delta: str) -> StreamDelta:
-        return _known_delta(cls, "ToolCallDelta", delta)
+        return known_delta(cls, "ToolCallDelta", delta)
 
     @classmethod
     def from_json(cls, value: Any) -> StreamDelta:
@@ -259,8 +259,13 @@ _set_delta_kind = StreamDelta.__dict__["kind"].__set__  # the slots themselves (
 _set_delta_text = StreamDelta.__dict__["delta"].__set__
 
 
-def _known_delta(cls: type[StreamDelta], kind: str, delta: str) -> StreamDelta:
-    fresh = object.__new__(cls)
+_new = object.__new__
+
+
+def known_delta(cls: type[StreamDelta], kind: str, delta: str) -> StreamDelta:
+    """A `StreamDelta` of a `kind` known to be valid: what the named constructors build,
+    without their call (a producer builds one per streamed token)."""
+    fresh = _new(cls)
     _set_delta_kind(fresh, kind)
     _set_delta_text(fresh, delta)
     return fresh
@@ -641,22 +646,28 @@ MESSAGE_FIELDS_BY_TAG: dict[str, tuple[MessageField, ...]] = {
 _E = TypeVar("_E", bound=msgspec.Struct)
 _S = TypeVar("_S", bound=msgspec.Struct)
 _MessageFn = Callable[[Any], Any]
+_MessagesFn = Callable[[tuple[Any, ...]], tuple[Any, ...]]
 
 
-def map_messages(event: _E, fn: _MessageFn, *, agent: bool | None = None) -> _E:
+def map_messages(
+    event: _E, fn: _MessageFn, *, agent: bool | None = None, many: _MessagesFn | None = None
+) -> _E:
     """`event` with every message in its message fields replaced by ``fn(message)``.
 
     `agent` limits this to the agent-form (True) or the plain-form (False) fields.
+    `many`, if given, maps a whole tuple of messages instead (``many(messages)``,
+    returning the very same tuple when nothing changed), for callers that can do a
+    long history faster than message by message.
     Returns `event` itself when `fn` returns every message unchanged.
     """
     mapper = _MAPPERS[agent].get(type(event))
-    return event if mapper is None else mapper(event, fn)
+    return event if mapper is None else mapper(event, fn, many)
 
 
 class MessageMapper(Protocol):
-    """`map_messages` for events of one type: ``mapper(event, fn)``."""
+    """`map_messages` for events of one type: ``mapper(event, fn[, many])``."""
 
-    def __call__(self, event: Any, fn: Callable[[Any], Any]) -> Any: ...
+    def __call__(self, event: Any, fn: Callable[[Any], Any], many: _MessagesFn | None = None) -> Any: ...
 
 
 def message_mappers(*, agent: bool | None = None) -> Mapping[type, MessageMapper]:
@@ -665,15 +676,22 @@ def message_mappers(*, agent: bool | None = None) -> Mapping[type, MessageMapper
     return _MAPPERS[agent]
 
 
-def _map_fields(fields: tuple[MessageField, ...], event: _E, fn: _MessageFn) -> _E:
+def _map_fields(
+    fields: tuple[MessageField, ...], event: _E, fn: _MessageFn, many: _MessagesFn | None = None
+) -> _E:
     result = event
-    for name, many, _, within in fields:
+    for name, is_many, _, within in fields:
         value = getattr(event, name)
         messages = value if within is None else getattr(value, within)
-        if many:
-            mapped = tuple(map(fn, messages))
-            if all(map(is_, mapped, messages)):
-                continue
+        if is_many:
+            if many is not None:
+                mapped = many(messages)
+                if mapped is messages:
+                    continue
+            else:
+                mapped = tuple(map(fn, messages))
+                if all(map(is_, mapped, messages)):
+                    continue
         else:
             mapped = fn(messages)
             if mapped is messages:
@@ -691,7 +709,7 @@ def _mapper(fields: tuple[MessageField, ...]) -> MessageMapper:
         name = fields[0].name
         get = attrgetter(name)
 
-        def one(event: Any, fn: _MessageFn) -> Any:
+        def one(event: Any, fn: _MessageFn, many: _MessagesFn | None = None) -> Any:
             message = get(event)
             mapped = fn(message)
             if mapped is message:

@@ -90,6 +90,7 @@ from .events import (
     TurnRequest,
     TurnStart,
     TurnTrigger,
+    known_delta,
 )
 from .identity import AgentSession, config_id_of
 from .messages import (
@@ -249,21 +250,13 @@ class _Outlet:
     processor. It also fills in the ``config_id`` of the snapshots loops announce.
     """
 
-    __slots__ = ("_deliver", "_filled", "_process", "emit", "wants_deltas")
+    __slots__ = ("_filled", "emit", "wants_deltas")
 
     def __init__(self, processors: ProcessorChain, fanout: FanOut) -> None:
-        self._process = processors.process
-        self._deliver = fanout.deliver
         self.wants_deltas = fanout.wants_deltas
         self._filled: dict[tuple[int, str], tuple[LoopConfigSnapshot, LoopConfigSnapshot]] = {}
-        self.emit: Callable[[AgentEvent], None] = self._processed if processors else fanout.deliver
-        """Run an event through the processors, then deliver it to every sink. Never raises.
-        (Without processors, the delivery itself: one call less on every event.)"""
-
-    def _processed(self, event: AgentEvent) -> None:
-        processed = self._process(event)
-        if processed is not None:
-            self._deliver(processed)
+        self.emit: Callable[[AgentEvent], None] = _emitter(processors, fanout)
+        """Run an event through the processors, then deliver it to every sink. Never raises."""
 
     def snapshot(self, config: LoopConfigSnapshot, segment: str) -> LoopConfigSnapshot:
         """`config` with ``config_id`` filled in, as phi-core's loop does; one object per
@@ -276,6 +269,42 @@ class _Outlet:
                 self._filled.clear()
             self._filled[key] = cached
         return cached[1]
+
+
+def _emitter(processors: ProcessorChain, fanout: FanOut) -> Callable[[AgentEvent], None]:
+    """`_Outlet.emit`: every event takes it, so its usual shape (one processor, the
+    redactor, and one sink) runs both stages inline, with their failure isolation,
+    in one call; without processors it is the delivery itself."""
+    if not processors:
+        return fanout.deliver
+    processor, lone = processors.lone, fanout.lone
+    if processor is None or lone is None:
+        process, deliver = processors.process, fanout.deliver
+
+        def emit(event: AgentEvent) -> None:
+            processed = process(event)
+            if processed is not None:
+                deliver(processed)
+
+        return emit
+    sink, receive = lone
+    passed_on, withheld, sink_failed = processors.passed_on, processors.withheld, fanout.failed
+
+    def emit_inline(event: AgentEvent) -> None:
+        try:
+            processed = processor(event)
+        except Exception as error:
+            processed = withheld(processor, event, error)
+        else:
+            if processed is not event:
+                processed = passed_on(processor, event, processed)
+        if processed is not None:
+            try:
+                receive(processed)
+            except Exception as error:
+                sink_failed(sink, error)
+
+    return emit_inline
 
 
 class _LoopState:
@@ -1147,7 +1176,7 @@ class MessageScope(_Scope):
             self._require_running()
         self._text.append(text)
         if self._deltas:
-            delta = StreamDelta.text(text)
+            delta = known_delta(StreamDelta, "Text", text)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def thinking_delta(self, text: str) -> None:
@@ -1156,7 +1185,7 @@ class MessageScope(_Scope):
             self._require_running()
         self._thinking.append(text)
         if self._deltas:
-            delta = StreamDelta.thinking(text)
+            delta = known_delta(StreamDelta, "Thinking", text)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def tool_call_delta(self, json_fragment: str) -> None:
@@ -1164,7 +1193,7 @@ class MessageScope(_Scope):
         if self._phase != _RUNNING:
             self._require_running()
         if self._deltas:
-            delta = StreamDelta.tool_call(json_fragment)
+            delta = known_delta(StreamDelta, "ToolCallDelta", json_fragment)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     @property

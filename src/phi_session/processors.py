@@ -195,8 +195,11 @@ class ProcessorChain:
         self._lock = threading.Lock()
         self.dropped = 0
         """Events a processor dropped on purpose (returned None)."""
+        self.lone: Processor | None = self.processors[0] if len(self.processors) == 1 else None
+        """The chain's only processor, if it has exactly one (a `Tracer` then runs it inline,
+        with `passed_on` and `withheld`)."""
         self.process: Callable[[AgentEvent], AgentEvent | None] = (
-            self._run_one if len(self.processors) == 1 else self._run_all
+            self._run_one if self.lone is not None else self._run_all
         )
         """Calling the chain, without the ``__call__`` indirection (what a `Tracer` calls)."""
 
@@ -212,12 +215,12 @@ class ProcessorChain:
             try:
                 result = processor(event)
             except Exception as error:
-                withheld = self._failed(processor, event, error)
-                if withheld is None:
+                kept = self.withheld(processor, event, error)
+                if kept is None:
                     return None
-                event = withheld
+                event = kept
                 continue
-            passed = self._checked(processor, event, result)
+            passed = self.passed_on(processor, event, result)
             if passed is None:
                 return None
             event = passed
@@ -229,12 +232,12 @@ class ProcessorChain:
         try:
             result = processor(event)
         except Exception as error:
-            return self._failed(processor, event, error)
+            return self.withheld(processor, event, error)
         if result is event:
             return event
-        return self._checked(processor, event, result)
+        return self.passed_on(processor, event, result)
 
-    def _checked(self, processor: Processor, event: AgentEvent, result: Any) -> AgentEvent | None:
+    def passed_on(self, processor: Processor, event: AgentEvent, result: Any) -> AgentEvent | None:
         """What a processor's `result` for `event` passes on: None if it dropped it, the
         event withheld if it returned something that is not an event."""
         if result is None:
@@ -242,11 +245,12 @@ class ProcessorChain:
                 self.dropped += 1
             return None
         if result is not event and type(result) not in _EVENT_TYPES:
-            return self._failed(processor, event, TypeError(f"returned {type(result).__name__}"))
+            return self.withheld(processor, event, TypeError(f"returned {type(result).__name__}"))
         return result  # type: ignore[no-any-return]
 
-    def _failed(self, processor: Processor, event: AgentEvent, error: Exception) -> AgentEvent | None:
-        """The event with its content withheld (None in the unexpected case it cannot be)."""
+    def withheld(self, processor: Processor, event: AgentEvent, error: Exception) -> AgentEvent | None:
+        """What passes on when `processor` raised `error` on `event`: the event with its
+        content withheld (None in the unexpected case it cannot be); the failure is counted."""
         self._failures.record(processor, error)
         try:
             return withhold(event, _note(processor, error))

@@ -114,7 +114,7 @@ class _OpenLoop:
         self.started = started
 
     def append(self, event: AgentEvent) -> None:
-        self.record.events.append(LoopEvent(sequence=self.next_seq, event=event))
+        self.record.events.append(LoopEvent(self.next_seq, event))  # positional: no keyword matching
         self.next_seq += 1
 
 
@@ -199,6 +199,16 @@ class SessionRecorder:
 
     def on_event(self, event: AgentEvent) -> None:
         """Record one event."""
+        if type(event) is MessageUpdate:  # most events of a stream: handled inline
+            with self._lock:
+                loop = self._loops.get(event.loop_id)
+                if loop is not None and self._write_ahead is None:
+                    if self._keep_deltas:  # `loop.append`, inline
+                        loop.record.events.append(LoopEvent(loop.next_seq, event))
+                        loop.next_seq += 1
+                    else:
+                        self._dropped_deltas += 1
+                    return
         handler = self._handlers.get(type(event))
         if handler is None:
             raise TypeError(f"not an AgentEvent: {type(event).__name__}")

@@ -15,6 +15,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from functools import partial
+from operator import is_
 from typing import Any
 
 import msgspec
@@ -32,6 +33,7 @@ from .events import (
     ToolExecutionEnd,
     ToolExecutionStart,
     ToolExecutionUpdate,
+    TurnRequest,
     map_messages,
     message_mappers,
 )
@@ -99,6 +101,7 @@ _json_encode = msgspec.json.encode
 _IMMUTABLE_ARGUMENTS = (str, int, float, bool, type(None))
 _FIELD_CACHE_LIMIT = 4096
 _MEMO_LIMIT = 1024  # per redactor: the distinct contents of a long conversation's history
+_HISTORY_LIMIT = 64  # per redactor: the conversations in flight (each holds its last history)
 
 DEFAULT_SECRET_FIELDS: frozenset[str] = frozenset(
     {
@@ -140,6 +143,16 @@ def _normalize_field(name: str) -> str:
 _MISSING: Any = object()  # a memo miss (a remembered result is never this object)
 
 
+def _live_arguments(content: tuple[Content, ...]) -> list[Any]:
+    """The tool-call arguments in `content` that could still change (dicts, lists): as a
+    list, so that it compares equal to its JSON copy."""
+    return [
+        block.arguments
+        for block in content
+        if type(block) is ToolCall and type(block.arguments) not in _IMMUTABLE_ARGUMENTS
+    ]
+
+
 def _json_copy(value: Any) -> Any:
     """A deep copy of a JSON value that compares equal to it while it is unchanged.
     Raises for values that do not copy as JSON (and so could never compare equal)."""
@@ -179,11 +192,16 @@ class Redactor:
         self._field_verdicts: dict[str, bool] = {}
         self._memo: dict[int, tuple[Any, Any, Any, Any]] = {}  # id -> (value, result, live, witness)
         self._memo_lock = threading.Lock()
+        # id(first message) -> (history, result, live, witness): see `_history`.
+        self._histories: dict[int, tuple[tuple[Any, ...], tuple[Any, ...], list[Any], Any]] = {}
         # Per event type, what to scan; events of other types pass untouched, at the
         # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
         self._handlers: dict[type, Callable[[Any], AgentEvent]] = {
             tp: partial(mapper, fn=self._message) for tp, mapper in message_mappers().items()
         }
+        self._handlers[TurnRequest] = partial(
+            message_mappers()[TurnRequest], fn=self._message, many=self._history
+        )
         self._handlers.update(
             {
                 AgentStart: self._agent_start,
@@ -351,12 +369,7 @@ class Redactor:
         result = self._recall(content)
         if result is not _MISSING:
             return result  # type: ignore[no-any-return]
-        # A list, so that it compares equal to its JSON copy.
-        live = [
-            block.arguments
-            for block in content
-            if type(block) is ToolCall and type(block.arguments) not in _IMMUTABLE_ARGUMENTS
-        ]
+        live = _live_arguments(content)
         if not live:
             result = self._scan_content(content)
             self._remember(content, result)
@@ -367,6 +380,54 @@ class Redactor:
             return self._scan_content(content)
         result = self._scan_content(content)
         self._remember(content, result, live, witness)
+        return result
+
+    def _history(self, messages: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A request's history redacted (the very same tuple when nothing changed).
+
+        A conversation's history comes again in every ``TurnRequest``, grown by the
+        messages since the last one: the history remembered for its first message, if
+        this one starts with it, is taken as redacted then, and only the messages
+        after it are scanned (a long conversation is not walked message by message
+        on every turn). As in `_content`, what could still change (tool-call
+        arguments) is compared with a copy taken before the scan; a history holding
+        anything else that could change (extension data with text redaction on,
+        arguments that do not copy as JSON) is not remembered.
+        """
+        if not messages:
+            return messages
+        key = id(messages[0])
+        start, done, live, witness = 0, (), [], []
+        hit = self._histories.get(key)
+        if hit is not None:
+            known, result, known_live, known_witness = hit
+            if len(known) <= len(messages) and all(map(is_, known, messages)) and known_live == known_witness:
+                start, live, witness = len(known), known_live, known_witness
+                done = () if result is known else result  # () while nothing in it was redacted
+        fresh = messages[start:]
+        mapped = tuple(map(self._message, fresh))
+        if all(map(is_, mapped, fresh)):
+            result = done + fresh if done else messages
+        else:
+            result = (done or messages[:start]) + mapped
+        fresh_live = []
+        for message in fresh:
+            if type(message) is AssistantMessage:
+                fresh_live += _live_arguments(message.content)
+            elif self.redact_text and isinstance(message, ExtensionMessage):
+                return result
+        if fresh_live:
+            try:
+                witness = witness + _json_copy(fresh_live)
+            except (TypeError, ValueError, msgspec.EncodeError):
+                return result
+            live = live + fresh_live
+        with self._memo_lock:
+            histories = self._histories
+            histories.pop(key, None)  # re-inserted last: the oldest conversation goes first
+            if len(histories) >= _HISTORY_LIMIT:
+                del histories[next(iter(histories))]
+            histories[key] = (messages, result, live, witness)
         return result
 
     def _error_content(self, content: tuple[Content, ...]) -> tuple[Content, ...]:
@@ -447,6 +508,15 @@ class Redactor:
 
     def __call__(self, event: AgentEvent) -> AgentEvent:
         if type(event) is MessageUpdate:  # most events of a stream: no handler lookup
+            message = event.message
+            if (
+                type(message) is AssistantMessage
+                and not message.content
+                and message.error_message is None
+                and event.delta.kind != "ToolCallDelta"
+                and not self.redact_text
+            ):
+                return event  # prose streamed into phi-core's empty placeholder: nothing to scan
             return self._update(event)
         handler = self._handlers.get(type(event))
         return event if handler is None else handler(event)
@@ -481,7 +551,7 @@ class Redactor:
                 event = replace(event, delta=StreamDelta(delta.kind, text))
         message = event.message
         if type(message) is AssistantMessage and not message.content and message.error_message is None:
-            return event  # phi-core's empty placeholder: nothing to scan, on the hottest path
+            return event  # phi-core's empty placeholder: nothing to scan
         return map_messages(event, self._message)
 
     def _agent_start(self, event: AgentStart) -> AgentStart:

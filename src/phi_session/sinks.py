@@ -264,8 +264,15 @@ class FanOut:
         self.sinks: tuple[Sink, ...] = tuple(as_sink(s) for s in sinks)
         self._failures = FailureTally(logger, "sink", "it will miss the events it fails on", traceback=True)
         self._targets = tuple((sink, _receiver(sink)) for sink in self.sinks)
-        if len(self._targets) == 1:
-            self._receive_one = self._targets[0][1]
+        self.lone: tuple[Sink, Callable[[AgentEvent], Any]] | None = (
+            self._targets[0] if len(self._targets) == 1 else None
+        )
+        """The only sink and what to call to deliver to it, if there is exactly one (a
+        `Tracer` then delivers inline, reporting a failure with `failed`)."""
+        self.deliver: Callable[[AgentEvent], None]
+        """Delivering to every sink, without the ``__call__`` indirection."""
+        if self.lone is not None:
+            self._receive_one = self.lone[1]
             self.deliver = self._deliver_one
         else:
             self.deliver = self._deliver_all
@@ -284,13 +291,17 @@ class FanOut:
             try:
                 receive(event)
             except Exception as error:
-                self._failures.record(sink, error)
+                self.failed(sink, error)
 
     def _deliver_one(self, event: AgentEvent) -> None:
         try:
             self._receive_one(event)
         except Exception as error:
-            self._failures.record(self.sinks[0], error)
+            self.failed(self.sinks[0], error)
+
+    def failed(self, sink: Sink, error: Exception) -> None:
+        """Count (and log, the first time) a delivery to `sink` that raised `error`."""
+        self._failures.record(sink, error)
 
     @property
     def errors(self) -> dict[str, int]:
