@@ -5,6 +5,7 @@ in-memory checkpointer, sync and async, into a recorder and a store."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import subprocess
@@ -33,7 +34,8 @@ from langgraph.types import Command, interrupt
 
 from phi_session import SessionRecorder, SqliteStore, codec
 from phi_session.adapters.langchain import AsyncPhiCallbackHandler, PhiCallbackHandler
-from phi_session.events import MessageUpdate, TurnRequest
+from phi_session.events import MessageEnd, MessageUpdate, TurnRequest
+from phi_session.identity import AgentSession
 from phi_session.messages import (
     AssistantMessage,
     ExtensionMessage,
@@ -348,6 +350,54 @@ def test_capture_requests_records_the_turn_request() -> None:
     first = requests[0].payload
     assert first.system_prompt == "You add." and [t.name for t in first.tools] == ["add"]
     assert len(requests[1].payload.messages) == 3  # user, assistant with the call, tool result
+
+
+class EditingChat(ScriptedChat):
+    """A chat model whose host edits the history between model calls: the first call
+    rewrites the prompt, the second the arguments of the first tool call, in place."""
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> Any:
+        calls = sum(isinstance(message, AIMessage) for message in messages)
+        if calls == 0:
+            messages[0].content = "add, please"
+        elif calls == 1:
+            first = next(message for message in messages if isinstance(message, AIMessage))
+            first.tool_calls[0]["args"]["a"] = 5
+        return super()._generate(messages, *args, **kwargs)
+
+
+def test_captured_requests_hold_each_message_as_it_is_at_that_call() -> None:
+    """The adapter converts the history it resends once (a memo), yet each request holds
+    every message as it is when that model call starts, with that call's timestamp."""
+    events: list[Any] = []
+    ticks = itertools.count(1_000_000_000, 1_000_000_000)  # a second a reading
+    handler = PhiCallbackHandler(
+        [events.append], capture_requests=True, agent=AgentSession(clock=lambda: next(ticks))
+    )
+    model = EditingChat(
+        messages=iter(
+            [
+                reply("", ("c1", "add", {"a": 1, "b": 2})),
+                reply("", ("c2", "add", {"a": 3, "b": 4})),
+                reply("9"),
+            ]
+        )
+    )
+    create_agent(model, tools=[add]).invoke({"messages": [("user", "add")]}, {"callbacks": [handler]})
+    requests = [e.payload for e in events if isinstance(e, TurnRequest)]
+    assert [len(request.messages) for request in requests] == [1, 3, 5]
+    prompts = [request.messages[0] for request in requests]
+    assert [p.content[0].text for p in prompts] == ["add", "add, please", "add, please"]  # type: ignore[union-attr]
+    first_calls = [request.messages[1].content[0] for request in requests[1:]]  # type: ignore[union-attr]
+    assert [call.arguments for call in first_calls] == [{"a": 1, "b": 2}, {"a": 5, "b": 2}]  # type: ignore[union-attr]
+    stamps = [{message.timestamp for message in request.messages} for request in requests]
+    assert all(len(stamp) == 1 for stamp in stamps)  # each message stamped with its request
+    assert sorted(set().union(*stamps)) == [stamp for (stamp,) in stamps] and len(set().union(*stamps)) == 3
+    # The recorded prompt is the one the first call saw.
+    prompt = next(
+        e.message for e in events if isinstance(e, MessageEnd) and isinstance(e.message, UserMessage)
+    )
+    assert prompt.content[0].text == "add"
 
 
 def test_an_adapter_fault_never_reaches_the_host(

@@ -452,6 +452,29 @@ def test_sessions_share_messages_until_the_last_one_goes(store: SqliteStore, db:
     assert message_refs(db) == {}
 
 
+def test_a_save_adding_stored_and_new_messages_refers_to_each_row(store: SqliteStore, db: Path) -> None:
+    """A save offers the messages it adds as new rows: those already stored (by digest)
+    are referred to instead, the others inserted, and the ids left unused harm nothing."""
+    sessions = [
+        make_session("a", loops=[talking_loop("a", 1, "brew coffee")]),
+        make_session(
+            "b",
+            loops=[
+                talking_loop("b", 1, "brew coffee"),
+                talking_loop("b", 2, "grind beans", started_at=at(5)),
+            ],
+        ),
+        make_session("c", created_at=at(10), loops=[talking_loop("c", 1, "water plants")]),
+    ]
+    for session in sessions:
+        store.save(session)
+    bodies = message_refs(db)
+    assert {b"coffee" in body for body, refs in bodies.items() if refs == 2} == {True}
+    assert any(b"beans" in body for body in bodies) and any(b"plants" in body for body in bodies)
+    for session in sessions:
+        assert encode_session(store.load(session.session_id)) == encode_session(session)
+
+
 def test_a_replaced_loop_releases_the_messages_only_it_used(store: SqliteStore, db: Path) -> None:
     running = talking_loop("r", 1, "brew coffee")
     running.status, running.ended_at = "Running", None

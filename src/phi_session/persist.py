@@ -33,6 +33,7 @@ the store saves.
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import logging
 import os
@@ -41,6 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import msgspec
 
@@ -69,6 +71,16 @@ the writer encodes each session once, to save it."""
 
 # The only events that carry a session id: they open (or join) a session in the recorder.
 _SESSION_EVENTS = (AgentStart, ParallelLoopStart, ParallelLoopEnd)
+_SessionEvent = AgentStart | ParallelLoopStart | ParallelLoopEnd
+
+
+@functools.cache
+def _opens_session(kind: type) -> bool:
+    """Whether events of type `kind` carry a session id. Asked once per event and cached:
+    isinstance() against msgspec's event classes goes through their metaclass."""
+    return issubclass(kind, _SESSION_EVENTS)
+
+
 _SESSION_KEY = b'"session_id"'
 _RELEASE_EVERY = 1.0  # seconds
 _SAVE_BATCH = 16  # sessions the writer saves at once: one commit, a short hold of the write lock
@@ -192,7 +204,11 @@ class AutoPersistingRecorder:
         # Lock order: _lock, then _cond.
         # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _settled_through,
         # _unwritten_orphans, _since_checkpoint, _counters, _warned_pins.
-        self._lock = threading.Condition(threading.Lock())
+        # Every event takes it twice (`_enter`, `_leave`): there its lock `_mutex` is
+        # acquired and released by hand, sparing the Python-level `Condition.__enter__`
+        # and the bound methods a `with` statement makes.
+        self._mutex = threading.Lock()
+        self._lock = threading.Condition(self._mutex)
         # _cond: the writer's side: _queue, _queued_bytes, _waiting, _unsaved_pins, _stopping, _releasing,
         # _backpressure_waits, _blocked_seconds, _last_warning.
         self._cond = threading.Condition(threading.Lock())
@@ -240,14 +256,18 @@ class AutoPersistingRecorder:
         """Record one event (journaled first if there is a journal)."""
         start = self._enter()
         try:
-            seq = self._sink.on_event(event, commit=False) if self._sink is not None else self._plain(event)
+            if self._sink is None:
+                self.recorder.on_event(event)
+                seq = -1
+            else:
+                seq = self._sink.on_event(event, commit=False)
         except BaseException:
             self._leave(start)
             raise
-        due = self._leave(
-            start, event.session_id if isinstance(event, _SESSION_EVENTS) else None, recorded=True
-        )
-        self._after_event(seq, due)
+        session_id = cast(_SessionEvent, event).session_id if _opens_session(type(event)) else None
+        due = self._leave(start, session_id, recorded=True)
+        if due or self.journal is not None:
+            self._after_event(seq, due)
 
     def on_json(self, data: bytes | str) -> None:
         """Record one phi-core JSON event line. Raises `DecodeError` (see `JournaledRecorder.on_json`)."""
@@ -270,21 +290,21 @@ class AutoPersistingRecorder:
         for event in events:
             self.on_event(event)
 
-    def _plain(self, event: AgentEvent) -> int:
-        self.recorder.on_event(event)
-        return -1
-
     def _enter(self) -> int:
         """A producer starts recording one event; returns the journal seq it may be numbered from."""
-        with self._lock:
+        self._mutex.acquire()
+        try:
             self._check_open()
             start = self.journal.last_seq + 1 if self.journal is not None else 0
             self._feeding[start] = self._feeding.get(start, 0) + 1
             return start
+        finally:
+            self._mutex.release()
 
     def _leave(self, start: int, session_id: str | None = None, *, recorded: bool = False) -> bool:
         """The producer is done; pins `session_id` from `start`. Returns whether a checkpoint is due."""
-        with self._lock:
+        self._mutex.acquire()
+        try:
             if self._feeding[start] == 1:
                 del self._feeding[start]
                 if self._closed and not self._feeding:
@@ -298,6 +318,8 @@ class AutoPersistingRecorder:
             self._counters["events"] += 1
             self._since_checkpoint += 1
             return self._since_checkpoint >= self.checkpoint_every
+        finally:
+            self._mutex.release()
 
     def _pin(self, session_id: str, seq: int) -> None:
         """Hold the journal from `seq` until `session_id` is saved, if the recorder holds it.

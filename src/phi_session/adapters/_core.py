@@ -39,14 +39,16 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
+
+import msgspec
 
 from .._failures import FailureTally
 from ..errors import InvalidSessionId, MissingExtra, SessionNotFound
 from ..events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from ..identity import AgentSession, Clock
 from ..instrument import LoopScope, ToolScope, Tracer
-from ..messages import Usage
+from ..messages import Message, Usage
 from ..model import Session
 from ..processors import Processor, Redactor
 from ..replay import (
@@ -64,6 +66,7 @@ __all__ = [
     "FRAMEWORK_SESSION_NAMESPACE",
     "AdapterCore",
     "AdapterRun",
+    "ConvertedOnce",
     "RunningTool",
     "SinkArg",
     "enter_tool",
@@ -83,6 +86,7 @@ FRAMEWORK_SESSION_NAMESPACE = uuid.UUID("6f1b7a0e-3c1d-5b8e-9a4f-2d6c0e8b1f37")
 """The UUIDv5 namespace of session ids derived from framework session ids."""
 
 _T = TypeVar("_T")
+_F = TypeVar("_F")
 
 
 def replay_recording(
@@ -143,6 +147,40 @@ def usage_of(
         reasoning=reasoning or 0,
         total_tokens=total or input + output,
     )
+
+
+class ConvertedOnce(Generic[_F]):
+    """Framework messages in phi-core's form, each converted once: a framework sends the
+    same history objects again with every model call, and a captured request converts
+    them all (`AdapterCore.capture_requests`).
+
+    `convert(message, timestamp)` is the conversion; `fingerprint(message)` what it reads
+    from the message, compared by value: a message changed since its conversion (a host
+    may edit its history between calls) is converted again. A message met again is the
+    one converted before, with the `timestamp` asked for. Entries hold their message (so
+    its id stays its own): keep one per run, not longer.
+    """
+
+    __slots__ = ("_convert", "_fingerprint", "_known")
+
+    def __init__(
+        self, convert: Callable[[_F, int], Message | None], fingerprint: Callable[[_F], object]
+    ) -> None:
+        self._convert = convert
+        self._fingerprint = fingerprint
+        self._known: dict[int, tuple[_F, object, Message | None]] = {}
+
+    def __call__(self, message: _F, timestamp: int) -> Message | None:
+        seen = self._fingerprint(message)
+        known = self._known.get(id(message))
+        if known is None or known[0] is not message or known[1] != seen:
+            converted = self._convert(message, timestamp)
+            self._known[id(message)] = (message, seen, converted)
+            return converted
+        converted = known[2]
+        if converted is None or converted.timestamp == timestamp:
+            return converted
+        return msgspec.structs.replace(converted, timestamp=timestamp)
 
 
 RunningTool = ToolScope | Callable[[], ToolScope | None]

@@ -80,29 +80,28 @@ class MessageBook:
     `digests` seeds the book with a stored session's numbering (None: a number no
     longer used), so that saving the session again numbers its messages as before
     and unchanged loops give unchanged templates. `template` numbers the messages
-    it meets; the ones it adds are ``digests[seeded:]`` with their `bodies`.
+    it meets; the ones it adds are ``digests[seeded:]``, in `added` with their bodies.
     """
 
     def __init__(self, digests: Iterable[bytes | None] = ()) -> None:
         self.digests: list[bytes | None] = list(digests)
         self.seeded = len(self.digests)
-        self.bodies: dict[int, bytes] = {}  # number -> body, for the numbers added here
+        self.added: list[tuple[bytes, bytes]] = []  # (digest, body) of the numbers added here
         self._numbers = {address: n for n, address in enumerate(self.digests) if address is not None}
         self._markers = [msgspec.Raw(b"\x00%d" % n) for n in range(self.seeded)]
-        self._used: set[int] = set()  # the numbers the template being built refers to
-        self._written = [0]  # markers written so far
+        self._used: list[int] = []  # the number of each marker written into the template being built
         self._agent_marker = self._marker_for(encode_message)
         self._plain_marker = self._marker_for(encode_plain_message)
 
     def template(self, record: LoopRecord) -> tuple[bytes, set[int]]:
         """`record`'s template and the message numbers it refers to."""
-        self._used.clear()
-        before = self._written[0]
+        used = self._used
+        used.clear()
         template = encode_loop_with(record, agent=self._agent_marker, plain=self._plain_marker)
-        if template.count(_MARK) != self._written[0] - before:
+        if template.count(_MARK) != len(used):
             # A NUL the encoder did not escape would be read back as a marker.
             raise StoreError(f"loop {record.loop_id!r} encodes to JSON holding a NUL byte")
-        return template, set(self._used)
+        return template, set(used)
 
     def _marker_for(self, encode: Callable[[Any], bytes]) -> Callable[[Any], msgspec.Raw]:
         """What a message of one form is written as: its number's marker. Called for every
@@ -112,11 +111,10 @@ class MessageBook:
         # the same objects in every record that repeats them. The message is held so that
         # its id is not reused while the book lives.
         memo: dict[int, tuple[Any, msgspec.Raw, int]] = {}
-        used, written, numbers = self._used, self._written, self._numbers
-        digests, bodies, markers = self.digests, self.bodies, self._markers
+        used, numbers = self._used, self._numbers
+        digests, added, markers = self.digests, self.added, self._markers
 
         def marker(message: Any) -> msgspec.Raw:
-            written[0] += 1
             hit = memo.get(id(message))
             if hit is None or hit[0] is not message:
                 body = encode(message)
@@ -125,10 +123,10 @@ class MessageBook:
                 if number is None:
                     number = numbers[address] = len(digests)
                     digests.append(address)
-                    bodies[number] = body
+                    added.append((address, body))
                     markers.append(msgspec.Raw(b"\x00%d" % number))
                 hit = memo[id(message)] = (message, markers[number], number)
-            used.add(hit[2])
+            used.append(hit[2])
             return hit[1]
 
         return marker

@@ -464,30 +464,36 @@ def _message_rows(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, tup
     return rows
 
 
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, digest, refs, body) VALUES (?, ?, 1, ?) ON CONFLICT (digest) DO NOTHING"
+)
+
+
 def _register_messages(conn: sqlite3.Connection, book: MessageBook, ids: Sequence[int]) -> list[int]:
     """`ids` (the stored ids of `book`'s seeded numbers) followed by the ids of the
     messages `book` added: a stored message of the same digest, which one more session
     now refers to, or a new row. Inside the writing transaction: no other writer runs."""
-    added = book.digests[book.seeded :]
-    result = list(ids)
-    if not added:
-        return result
-    found: dict[bytes, int] = {}
-    for chunk, marks in _in_chunks(added):
-        found.update(conn.execute(f"SELECT digest, id FROM messages WHERE digest IN ({marks})", chunk))
-    fresh: list[tuple[int, bytes | None, bytes]] = []
-    next_id = 0
-    if len(found) < len(added):
-        next_id = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetchone()[0]
-    for number, address in enumerate(added, start=book.seeded):
-        message_id = found.get(address) if address is not None else None
-        if message_id is None:
-            message_id, next_id = next_id, next_id + 1
-            fresh.append((message_id, address, book.bodies[number]))
-        result.append(message_id)
-    conn.executemany("UPDATE messages SET refs = refs + 1 WHERE id = ?", [(i,) for i in found.values()])
-    conn.executemany("INSERT INTO messages (id, digest, refs, body) VALUES (?, ?, 1, ?)", fresh)
-    return result
+    if not book.added:
+        return list(ids)
+    # Most messages are new: each is offered under the next free id, and only if some
+    # digest was stored already (fewer rows inserted than offered) are the stored ids
+    # looked up, rather than looking every digest up before inserting.
+    first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetchone()[0]
+    offered = [(first + n, address, body) for n, (address, body) in enumerate(book.added)]
+    new_ids = [message_id for message_id, _, _ in offered]
+    if conn.executemany(_INSERT_MESSAGE, offered).rowcount < len(offered):
+        addresses = [address for _, address, _ in offered]
+        stored: dict[bytes, int] = {}
+        for chunk, marks in _in_chunks(addresses):
+            stored.update(conn.execute(f"SELECT digest, id FROM messages WHERE digest IN ({marks})", chunk))
+        new_ids = [stored[address] for address in addresses]
+        shared = [
+            (stored_id,)
+            for stored_id, (offered_id, _, _) in zip(new_ids, offered, strict=True)
+            if stored_id != offered_id
+        ]
+        conn.executemany("UPDATE messages SET refs = refs + 1 WHERE id = ?", shared)
+    return [*ids, *new_ids]
 
 
 def _release_sessions(conn: sqlite3.Connection, message_ids: Iterable[bytes]) -> None:

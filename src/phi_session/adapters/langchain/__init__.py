@@ -63,7 +63,16 @@ from ...messages import (
     Usage,
     UserMessage,
 )
-from .._core import AdapterCore, RunningTool, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from .._core import (
+    AdapterCore,
+    ConvertedOnce,
+    RunningTool,
+    SinkArg,
+    enter_tool,
+    leave_tool,
+    require_extra,
+    usage_of,
+)
 
 require_extra("langchain", "langchain_core")
 
@@ -76,6 +85,7 @@ __all__ = ["AsyncPhiCallbackHandler", "PhiCallbackHandler", "ReplayChatModel"]
 logger = logging.getLogger("phi_session.adapters.langchain")
 
 _json_encode = msgspec.json.Encoder().encode
+_fingerprint_encode = msgspec.json.Encoder(enc_hook=repr).encode
 _json_decode = msgspec.json.Decoder().decode
 
 
@@ -204,6 +214,17 @@ def _request_message(message: BaseMessage, timestamp: int) -> Message | None:
     return UserMessage(content=_blocks(message), timestamp=timestamp)
 
 
+def _fingerprint(message: BaseMessage) -> bytes:
+    """A message's fields (all of them: one encoding is cheaper than picking those
+    `_request_message` reads), as comparable bytes."""
+    return _fingerprint_encode(message.__dict__)
+
+
+def converted_once() -> ConvertedOnce[BaseMessage]:
+    """`_request_message`, each message converted once (until it changes)."""
+    return ConvertedOnce(_request_message, _fingerprint)
+
+
 def _tool_definitions(tools: Any) -> tuple[ToolDefinition, ...]:
     """Bound tools, as ``bind_tools`` puts them in the call's params (OpenAI's function
     format, or Anthropic's)."""
@@ -299,6 +320,7 @@ class _Run:
 
     __slots__ = (
         "call_args",
+        "convert",
         "handoff",
         "interrupts",
         "key",
@@ -312,7 +334,13 @@ class _Run:
         "turn",
     )
 
-    def __init__(self, key: UUID, metadata: Mapping[str, Any] | None, parent_tool: ToolScope | None) -> None:
+    def __init__(
+        self,
+        key: UUID,
+        metadata: Mapping[str, Any] | None,
+        parent_tool: ToolScope | None,
+        capture_requests: bool,
+    ) -> None:
         self.key = key
         self.metadata = metadata
         self.parent_tool = parent_tool
@@ -326,6 +354,10 @@ class _Run:
         """The arguments of the open turn's tool calls by call id (as its message recorded them)."""
         """Tool call ids whose results the loop recorded (not new inputs of the next turn)."""
         self.interrupts: list[Any] = []
+        self.convert: Callable[[BaseMessage, int], Message | None] = (
+            converted_once() if capture_requests else _request_message
+        )
+        """A message in phi-core's form; memoized when every request converts the history."""
         self.handoff = False
         """A tool handed the run over (a ``Command`` with ``goto``): the next model call is
         the next agent's, in a loop continuing this one."""
@@ -347,7 +379,7 @@ class _Run:
         for message in messages[start:]:
             if isinstance(message, ToolMessage) and message.tool_call_id in self.recorded:
                 continue
-            converted = _request_message(message, timestamp)
+            converted = self.convert(message, timestamp)
             if converted is not None:
                 inputs.append(converted)
         return inputs
@@ -417,7 +449,7 @@ class _Mapper:
                     self._runs[run_id] = run
                 return
             parent_tool = tool[1]  # a graph run inside a tool: a sub-agent
-        run = _Run(run_id, metadata, parent_tool)
+        run = _Run(run_id, metadata, parent_tool, self.core.capture_requests)
         self._roots[run_id] = self._runs[run_id] = run
         resume = getattr(inputs, "resume", None)
         if resume is not None and type(inputs).__name__ == "Command":
@@ -463,7 +495,8 @@ class _Mapper:
         if run is None:
             if parent_run_id is not None:
                 return  # under a run this handler does not record
-            run = _Run(run_id, metadata, None)  # a bare model call is a loop of its own
+            # A bare model call is a loop of its own.
+            run = _Run(run_id, metadata, None, self.core.capture_requests)
             self._roots[run_id] = run
         metadata = metadata or {}
         params = params or {}
@@ -490,7 +523,8 @@ class _Mapper:
             now = self.core.agent.millis()
             for message in run.new_inputs(history, now):
                 loop.user(message)
-            request = _request(history, params, model, now) if self.core.capture_requests else None
+            capture = self.core.capture_requests
+            request = _request(history, params, model, now, run.convert) if capture else None
             turn = loop.turn(request=request).start()
             reply = turn.assistant(model=model, provider=provider).start()
             run.turn, run.reply = turn, reply

@@ -46,7 +46,6 @@ from ...messages import (
     AssistantMessage,
     Content,
     ImageContent,
-    Message,
     TextContent,
     ThinkingContent,
     ToolCall,
@@ -55,8 +54,8 @@ from ...messages import (
 )
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import replay_recording
-from . import _json_encode, _request, _request_message
+from .._core import ConvertedOnce, replay_recording
+from . import _json_encode, _request, converted_once
 
 __all__ = ["ReplayChatModel"]
 
@@ -165,7 +164,7 @@ class ReplayChatModel(BaseChatModel):
 
     cursor: ReplayCursor
     fallback: BaseChatModel | None = None
-    _converted: dict[int, tuple[BaseMessage, Message | None]] = PrivateAttr(default_factory=dict)
+    _converted: ConvertedOnce[BaseMessage] = PrivateAttr(default_factory=converted_once)
     """Each history message converted once: a graph resends the same message objects."""
 
     def __init__(
@@ -242,16 +241,8 @@ class ReplayChatModel(BaseChatModel):
         return self.bind(tools=[convert_to_openai_tool(tool) for tool in tools], **kwargs)
 
     def _recorded(self, messages: list[BaseMessage], kwargs: Mapping[str, Any]) -> ChatResult | None:
-        memo = self._converted
-
-        def convert(message: BaseMessage, timestamp: int) -> Message | None:
-            known = memo.get(id(message))
-            if known is None or known[0] is not message:  # held, so its id stays its own
-                known = memo[id(message)] = (message, _request_message(message, timestamp))
-            return known[1]
-
         # The request as the adapter records it (`_request`), so an unchanged agent matches.
-        payload = _request(messages, {"tools": kwargs.get("tools")}, "", 0, convert)
+        payload = _request(messages, {"tools": kwargs.get("tools")}, "", 0, self._converted)
         reply = self.cursor.respond(RequestShape.from_payload(payload))
         return None if reply is None else ChatResult(generations=[ChatGeneration(message=_ai_message(reply))])
 
