@@ -580,8 +580,12 @@ def test_one_processor_and_one_sink_keep_their_failure_isolation() -> None:
     assert redacting.fanout.error_count == len(received)
 
 
+PROMPT = ps.UserMessage(content=(ps.TextContent(text="hi"),), timestamp=1)
+
+
 def _growing_history(redactor: Redactor, replies: list[ps.AssistantMessage]) -> list[ps.TurnRequest]:
-    history: list[ps.Message] = [ps.UserMessage(content=(ps.TextContent(text="hi"),), timestamp=1)]
+    """One request per reply, each with the history so far (the same prompt first)."""
+    history: list[ps.Message] = [PROMPT]
     out = []
     for reply in replies:
         history.append(reply)
@@ -590,26 +594,27 @@ def _growing_history(redactor: Redactor, replies: list[ps.AssistantMessage]) -> 
 
 
 def test_a_growing_history_scans_each_message_once_and_keeps_what_it_redacted() -> None:
-    clean = [_tool_reply("grep", {"path": f"src/{n}.py"}) for n in range(4)]
-    secret = _tool_reply("http", {"api_key": "plain-value"})
+    clean = [_tool_reply("grep", {"path": f"src/{n}.py"}) for n in range(3)]
+    secrets = [_tool_reply("http", {"api_key": f"plain-value-{n}"}) for n in range(2)]
+    replies = [clean[0], clean[1], secrets[0], clean[2], secrets[1]]
     redactor = CountingRedactor()
-    requests = _growing_history(redactor, [clean[0], clean[1], secret, clean[2], clean[3]])
-    assert all(redactor.scans[id(r.content[0].arguments)] == 1 for r in (*clean, secret))  # type: ignore[union-attr]
-    for request, size in zip(requests, range(2, 7), strict=True):
-        messages = request.payload.messages
-        assert len(messages) == size
-        if size < 4:
-            assert request.payload.messages[1:] == tuple(clean[: size - 1])  # unchanged: as given
-        else:
-            redacted = messages[3].content[0].arguments  # type: ignore[union-attr]
-            assert redacted == {"api_key": REDACTED} and messages[4:] == tuple(clean[2 : size - 2])
+    requests = _growing_history(redactor, replies)
+    assert all(redactor.scans[id(r.content[0].arguments)] == 1 for r in replies)  # type: ignore[union-attr]
+    for request, size in zip(requests, range(1, 6), strict=True):
+        messages = request.payload.messages  # type: ignore[attr-defined]
+        assert messages[0] is PROMPT and len(messages) == size + 1
+        for sent, reply in zip(messages[1:], replies, strict=False):
+            if reply in secrets:
+                assert sent.content[0].arguments == {"api_key": REDACTED}
+            else:
+                assert sent is reply  # unchanged: as given
 
 
 def test_a_history_whose_earlier_arguments_gain_a_secret_is_scanned_again() -> None:
     arguments: dict[str, Any] = {"q": "x"}
     first, second = _tool_reply("http", arguments), _tool_reply("grep", {"path": "a"})
     redactor = Redactor()
-    _growing_history(redactor, [first])
+    redactor(_history_request((PROMPT, first)))
     arguments["token"] = "plain-value"  # inside the remembered part of the history
-    [*_, request] = _growing_history(redactor, [first, second])
+    request = redactor(_history_request((PROMPT, first, second)))
     assert request.payload.messages[1].content[0].arguments["token"] == REDACTED  # type: ignore[union-attr]
