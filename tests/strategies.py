@@ -12,7 +12,7 @@ from phi_session.events import (
     LoopConfigSnapshot,
     StreamDelta,
 )
-from phi_session.messages import NodeTag, SteeringBlock
+from phi_session.messages import NodeTag, SteeringBlock, TextFormat
 
 text = st.text(max_size=20)
 ids = st.text(alphabet="abcdef0123456789-", min_size=1, max_size=12)
@@ -213,3 +213,16 @@ any_event = st.one_of(
     ),
     ids.flatmap(loop_events),
 )
+
+
+def request_payload(history: tuple[ps.Message, ...]) -> ps.AnnotatedRequestPayload:
+    """A minimal request payload carrying `history`."""
+    return ps.AnnotatedRequestPayload(
+        system_prompt="s",
+        messages=history,
+        provenance=(),
+        tools=(),
+        model_id="m",
+        thinking_level="off",
+        response_format=TextFormat(),
+    )

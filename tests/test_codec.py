@@ -13,10 +13,10 @@ from msgspec.structs import replace
 
 import phi_session as ps
 from phi_session.codec import decode_messages, encode_message
-from phi_session.messages import ZERO_USAGE, TextFormat
+from phi_session.messages import ZERO_USAGE
 from phi_session.model import CompactedSection, CompactionBlock, LoopEvent, LoopRecord, Turn, TurnRange
 
-from .strategies import any_event, messages
+from .strategies import any_event, messages, request_payload
 
 LOOP = "s1.anthropic.claude.1"
 
@@ -345,18 +345,6 @@ def test_decode_messages_rejects_what_is_no_message_list() -> None:
 llm_messages = messages.filter(lambda m: not isinstance(m, ps.ExtensionMessage))
 
 
-def _payload(history: tuple[ps.Message, ...]) -> ps.AnnotatedRequestPayload:
-    return ps.AnnotatedRequestPayload(
-        system_prompt="s",
-        messages=history,
-        provenance=(),
-        tools=(),
-        model_id="m",
-        thinking_level="off",
-        response_format=TextFormat(),
-    )
-
-
 @st.composite
 def shared_sessions(draw: st.DrawFn) -> ps.Session:
     """Sessions whose loops hold a few message objects in many places, as a recorded
@@ -385,7 +373,7 @@ def shared_sessions(draw: st.DrawFn) -> ps.Session:
                             ps.TurnRequest,
                             loop_id=st.just(loop_id),
                             turn_index=st.integers(0, 3),
-                            payload=history.map(_payload),
+                            payload=history.map(request_payload),
                             timestamp=st.just(stamp),
                         ),
                         st.builds(
@@ -416,7 +404,7 @@ def shared_sessions(draw: st.DrawFn) -> ps.Session:
                 tool_results=draw(st.lists(pick, max_size=2).map(tuple)),
                 started_at=stamp,
                 ended_at=stamp,
-                request_payload=draw(st.none() | history.map(_payload)),
+                request_payload=draw(st.none() | history.map(request_payload)),
             )
             for i in range(draw(st.integers(min_value=0, max_value=2)))
         ]
@@ -483,7 +471,9 @@ def test_a_message_changed_after_an_encode_is_written_changed_the_next_time() ->
     record.events = [
         LoopEvent(
             sequence=i,
-            event=ps.TurnRequest(loop_id="l", turn_index=i, payload=_payload((call,) * i), timestamp=stamp),
+            event=ps.TurnRequest(
+                loop_id="l", turn_index=i, payload=request_payload((call,) * i), timestamp=stamp
+            ),
         )
         for i in range(3)
     ]
@@ -516,7 +506,9 @@ def test_a_store_can_write_its_own_form_of_each_message() -> None:
     record.events = [
         LoopEvent(
             sequence=0,
-            event=ps.TurnRequest(loop_id="l", turn_index=0, payload=_payload((call,)), timestamp=stamp),
+            event=ps.TurnRequest(
+                loop_id="l", turn_index=0, payload=request_payload((call,)), timestamp=stamp
+            ),
         )
     ]
     same = encode_loop_with(

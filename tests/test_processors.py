@@ -16,6 +16,8 @@ from phi_session.messages import NodeTag, TextFormat
 from phi_session.processors import REDACTED, ProcessorChain, Redactor, withhold
 from phi_session.recorder import SessionRecorder
 
+from .strategies import request_payload
+
 SECRET_KEY = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz012345"
 SNAP = ps.LoopConfigSnapshot(
     model="m",
@@ -469,15 +471,7 @@ class CountingRedactor(Redactor):
 
 
 def _history_request(history: tuple[ps.Message, ...]) -> ps.TurnRequest:
-    payload = ps.AnnotatedRequestPayload(
-        system_prompt="",
-        messages=history,
-        provenance=(),
-        tools=(),
-        model_id="m",
-        thinking_level="off",
-        response_format=TextFormat(),
-    )
+    payload = request_payload(history)
     return ps.TurnRequest(loop_id="l", turn_index=len(history), payload=payload, timestamp=ps.Timestamp.now())
 
 
