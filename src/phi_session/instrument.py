@@ -82,7 +82,6 @@ from .events import (
     PrunApplied,
     RevertApplied,
     RevertCategory,
-    StreamDelta,
     ToolExecutionEnd,
     ToolExecutionStart,
     ToolExecutionUpdate,
@@ -90,7 +89,7 @@ from .events import (
     TurnRequest,
     TurnStart,
     TurnTrigger,
-    known_delta,
+    delta_builder,
 )
 from .identity import AgentSession, config_id_of
 from .messages import (
@@ -145,6 +144,9 @@ def _owned(call: ToolCall) -> ToolCall:
 
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
+_text_delta = delta_builder("Text")
+_thinking_delta = delta_builder("Thinking")
+_tool_call_delta = delta_builder("ToolCallDelta")
 
 
 def _json_copy(value: Any) -> Any:
@@ -1176,7 +1178,7 @@ class MessageScope(_Scope):
             self._require_running()
         self._text.append(text)
         if self._deltas:
-            delta = known_delta(StreamDelta, "Text", text)
+            delta = _text_delta(text)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def thinking_delta(self, text: str) -> None:
@@ -1185,7 +1187,7 @@ class MessageScope(_Scope):
             self._require_running()
         self._thinking.append(text)
         if self._deltas:
-            delta = known_delta(StreamDelta, "Thinking", text)
+            delta = _thinking_delta(text)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def tool_call_delta(self, json_fragment: str) -> None:
@@ -1193,7 +1195,7 @@ class MessageScope(_Scope):
         if self._phase != _RUNNING:
             self._require_running()
         if self._deltas:
-            delta = known_delta(StreamDelta, "ToolCallDelta", json_fragment)
+            delta = _tool_call_delta(json_fragment)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     @property
