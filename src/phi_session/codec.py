@@ -202,8 +202,8 @@ def map_loop_messages(record: LoopRecord, fn: MessageFn) -> LoopRecord:
         )
     return replace(
         record,
-        messages=[fn(m) for m in record.messages],
-        turns=[_map_turn(t, fn) for t in record.turns],
+        messages=tuple(fn(m) for m in record.messages),
+        turns=tuple(_map_turn(t, fn) for t in record.turns),
         events=events,
         compaction_block=block,
     )
@@ -379,7 +379,7 @@ class _Skeleton:
     def loop(self, record: LoopRecord) -> LoopRecord:
         skeleton = _copy(record)
         force_setattr(skeleton, "messages", self._forms[True].many(record.messages))
-        skeleton.turns = [self._turn(turn) for turn in record.turns]
+        skeleton.turns = tuple(self._turn(turn) for turn in record.turns)
         fields_of, event, agent = MESSAGE_FIELDS.get, self._event, self._forms[True]
         events = []
         for item in record.events:
@@ -393,7 +393,7 @@ class _Skeleton:
                 if fields is not None:
                     item = LoopEvent(sequence=item.sequence, event=event(item.event, fields))
             events.append(item)
-        skeleton.events = events
+        skeleton.events = tuple(events)
         block = record.compaction_block
         if isinstance(block, CompactionBlock):
             block = _copy(block)
