@@ -82,7 +82,6 @@ from .events import (
     PrunApplied,
     RevertApplied,
     RevertCategory,
-    StreamDelta,
     ToolExecutionEnd,
     ToolExecutionStart,
     ToolExecutionUpdate,
@@ -90,7 +89,7 @@ from .events import (
     TurnRequest,
     TurnStart,
     TurnTrigger,
-    known_delta,
+    delta_builder,
 )
 from .identity import AgentSession, config_id_of
 from .messages import (
@@ -145,6 +144,9 @@ def _owned(call: ToolCall) -> ToolCall:
 
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
+_text_delta = delta_builder("Text")
+_thinking_delta = delta_builder("Thinking")
+_tool_call_delta = delta_builder("ToolCallDelta")
 
 
 def _json_copy(value: Any) -> Any:
@@ -341,7 +343,7 @@ class _LoopState:
         loop_id: str,
         config: LoopConfigSnapshot | None,
     ) -> None:
-        self.scope = scope
+        self.scope: LoopScope | None = scope
         self.outlet = outlet
         self.emit = outlet.emit
         self.wants_deltas = outlet.wants_deltas
@@ -361,8 +363,16 @@ class _LoopState:
         self._pending: list[AgentMessage] = []  # prompts / follow-ups waiting for the next turn
 
     def require_running(self) -> None:
-        if not self.scope.running:
-            raise _not_running(self.scope)
+        scope = self.scope
+        if scope is None:
+            raise InstrumentationError("LoopScope is already ended")
+        if not scope.running:
+            raise _not_running(scope)
+
+    def detach(self) -> None:
+        """The loop ended: drop the reference back to its scope, the one cycle between
+        them, so that both are freed when the agent lets go (not by the collector)."""
+        self.scope = None
 
     def user_message(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
         if isinstance(content, (UserMessage, AssistantMessage, ToolResultMessage, ExtensionMessage)):
@@ -416,17 +426,17 @@ class _TurnState:
     its assistant message and usage so far, and its tools.
 
     Tools may start and end in other threads or tasks while the turn ends. The tool
-    bookkeeping is guarded by the loop's lock (`idle` is built on it), so that each tool
+    bookkeeping is guarded by the loop's lock (`lock`), so that each tool
     ends exactly once, by itself or cut short by the turn, and ``TurnEnd`` carries the
     result of every tool that ended. A tool registers how to cut it short when it
     starts (`tool_started`); the turn's end calls that under the lock (`close`) and
     emits the ends it returns outside the lock.
     """
 
-    __slots__ = ("_ending", "_open", "_waiting", "idle", "message", "results", "scope", "usage")
+    __slots__ = ("_ending", "_idle", "_open", "_waiting", "lock", "message", "results", "scope", "usage")
 
     def __init__(self, scope: TurnScope, loop: _LoopState) -> None:
-        self.scope = scope
+        self.scope: TurnScope | None = scope
         self.message: AssistantMessage | None = None
         self.usage: Usage = ZERO_USAGE
         self.results: list[ToolResultMessage] = []
@@ -434,12 +444,21 @@ class _TurnState:
         # to cut each short; per thread, the tool ends under way (emitting).
         self._open: dict[ToolScope, Callable[[], ToolFinisher]] = {}
         self._ending: dict[int, int] = {}
-        self.idle = threading.Condition(loop.lock)
+        self.lock = loop.lock
+        # Built by the first `wait_idle` that has to wait: most turns never need one.
+        self._idle: threading.Condition | None = None
         self._waiting = 0  # threads in `wait_idle`: without one, a tool's end notifies no one
 
     def require_running(self) -> None:
-        if not self.scope.running:
-            raise _not_running(self.scope)
+        scope = self.scope
+        if scope is None:
+            raise InstrumentationError("TurnScope is already ended")
+        if not scope.running:
+            raise _not_running(scope)
+
+    def detach(self) -> None:
+        """The turn ended: drop the reference back to its scope (see `_LoopState.detach`)."""
+        self.scope = None
 
     def finished(self, message: AssistantMessage) -> None:
         """An assistant message of the turn is final."""
@@ -466,7 +485,7 @@ class _TurnState:
 
     def tool_done(self, message: ToolResultMessage | None) -> None:
         """A tool end noted by `tool_ending` or `close` is over (`message` is None if it failed)."""
-        with self.idle:  # tools of one turn may finish concurrently
+        with self.lock:  # tools of one turn may finish concurrently
             if message is not None:
                 self.results.append(message)
             thread = threading.get_ident()
@@ -475,8 +494,9 @@ class _TurnState:
                 self._ending[thread] = left
             else:
                 del self._ending[thread]
-            if self._waiting:  # `notify_all` is pure Python: not on every tool's end
-                self.idle.notify_all()
+            idle = self._idle
+            if self._waiting and idle is not None:  # `notify_all` is pure Python: not on every tool's end
+                idle.notify_all()
 
     def close(self) -> list[ToolFinisher]:
         """The turn ends (holding the loop's lock): cut short every tool still running.
@@ -493,11 +513,16 @@ class _TurnState:
     def wait_idle(self) -> None:
         """Wait for the tool ends under way in other threads (this thread's own, as when
         a sink ends the turn during a tool's end, cannot be waited for)."""
-        with self.idle:
+        with self.lock:
             me = threading.get_ident()
+            if all(thread == me for thread in self._ending):
+                return
+            idle = self._idle
+            if idle is None:
+                idle = self._idle = threading.Condition(self.lock)
             self._waiting += 1
             try:
-                self.idle.wait_for(lambda: all(thread == me for thread in self._ending))
+                idle.wait_for(lambda: all(thread == me for thread in self._ending))
             finally:
                 self._waiting -= 1
 
@@ -832,6 +857,7 @@ class LoopScope(_Scope):
             loop.discard_waiting()
             self.rejection = reason
             self._close()
+            loop.detach()
             loop.emit(
                 AgentEnd(
                     loop_id=self.loop_id,
@@ -909,6 +935,7 @@ class LoopScope(_Scope):
             turn.end(error if error is not None else "the loop ended while this turn was open")
         loop.emit_waiting(None)
         self._close()
+        loop.detach()
         if error is not None:
             self.error = _describe(error)
         loop.emit(
@@ -1072,9 +1099,10 @@ class TurnScope(_Scope):
         # Tools may be ending in other threads or tasks: the turn's own state and the
         # set of tools it cuts short are taken in one step under the loop's lock, so
         # each tool is ended exactly once, by itself or by the turn.
-        with turn.idle:
+        with turn.lock:
             self._require_running()
             self._close()
+            turn.detach()
             cut_short = turn.close()
         if error is not None:
             reason: BaseException | str = error
@@ -1176,7 +1204,7 @@ class MessageScope(_Scope):
             self._require_running()
         self._text.append(text)
         if self._deltas:
-            delta = known_delta(StreamDelta, "Text", text)
+            delta = _text_delta(text)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def thinking_delta(self, text: str) -> None:
@@ -1185,7 +1213,7 @@ class MessageScope(_Scope):
             self._require_running()
         self._thinking.append(text)
         if self._deltas:
-            delta = known_delta(StreamDelta, "Thinking", text)
+            delta = _thinking_delta(text)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def tool_call_delta(self, json_fragment: str) -> None:
@@ -1193,7 +1221,7 @@ class MessageScope(_Scope):
         if self._phase != _RUNNING:
             self._require_running()
         if self._deltas:
-            delta = known_delta(StreamDelta, "ToolCallDelta", json_fragment)
+            delta = _tool_call_delta(json_fragment)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     @property
