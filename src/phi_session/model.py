@@ -3,15 +3,15 @@
 `Session` and `LoopRecord` are mutable only so the recorder can build them; once a
 loop is closed treat its record as finished. A record's collections are tuples
 (lists given to it are made tuples), so a finished record cannot change under a
-reader and holds nothing the cyclic GC has to walk. Field order is phi-core's, so encoding
-gives phi-core's bytes. Extra phi-session fields (``rejected``, ``error``) are
-written only when set, and phi-core ignores them.
+reader. Field order is phi-core's, so encoding gives phi-core's bytes. Extra
+phi-session fields (``rejected``, ``error``) are written only when set, and phi-core
+ignores them.
 
 Garbage collection: the structs that hold a user's ``metadata`` (`Session`,
 `LoopRecord`, `LoopEvent`, `events.AgentStart`) are tracked by the cyclic GC, so
 metadata that refers back to its record, session or recorder is collected. The
-other records are ``gc=False`` (far less GC work on large sessions), and so are the
-tuples holding them once the GC has seen them; the free JSON
+other records are ``gc=False`` (far less GC work on large sessions), and so, once
+the GC has seen them, are a record's tuples of them (all but ``events``); the free JSON
 values inside messages and tool events (``arguments``, ``args``, ``details``,
 ``data``, ``schema``) are data: mutating one of them to refer back to a record
 that holds it makes a cycle the GC cannot collect.
@@ -251,8 +251,8 @@ class LoopRecord(msgspec.Struct, kw_only=True):
     """phi-session extension: why the loop failed, when it did (ignored by phi-core)."""
 
     def __post_init__(self) -> None:
-        # Tuples, not lists: a tuple of gc=False records leaves the GC's lists once it
-        # has been seen, so full collections do not walk every event held.
+        # Tuples, not lists: the GC stops tracking a tuple of gc=False records once it
+        # has seen it, so its full collections do not walk every message held.
         if type(self.messages) is not tuple:
             self.messages = tuple(self.messages)
         if type(self.turns) is not tuple:

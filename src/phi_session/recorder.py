@@ -123,11 +123,10 @@ class _OpenLoop:
         self.events.append(LoopEvent(self.next_seq, event))  # positional: no keyword matching
         self.next_seq += 1
 
-    def finish(self) -> LoopRecord:
+    def finish(self) -> None:
         record = self.record
         record.events, record.turns = tuple(self.events), tuple(self.turns)
         record.child_loop_refs = tuple(self.child_loop_refs)
-        return record
 
     def snapshot(self) -> LoopRecord:
         """A copy of the record with what the loop has gathered so far."""
@@ -582,9 +581,8 @@ class SessionRecorder:
             if loop is not None:
                 loop.record.parallel_group = group
             for session_id in self._closed_by_id.get(loop_id, ()):
-                (self._open.get(session_id) or self._completed[session_id]).closed[
-                    loop_id
-                ].parallel_group = group
+                held = self._open.get(session_id) or self._completed[session_id]
+                held.closed[loop_id].parallel_group = group
             for session, record in self._late_branches.pop(loop_id, ()):
                 # Drained already: amend a copy, never what was handed over.
                 self._add_closed(
