@@ -9,7 +9,9 @@ derives nanoseconds from it on demand.
 from __future__ import annotations
 
 import re
+import sys
 import time
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -268,3 +270,35 @@ def _canonical_fraction(text: str) -> bool:
     if len(digits) == 6:
         return not digits.endswith("000")
     return not digits.endswith("000")
+
+
+def _gc_untrack() -> Callable[[object], None] | None:
+    if sys.implementation.name != "cpython":
+        return None
+    import ctypes
+
+    untrack = ctypes.pythonapi.PyObject_GC_UnTrack
+    untrack.argtypes = (ctypes.py_object,)
+    untrack.restype = None
+    return untrack
+
+
+_untrack = _gc_untrack()
+
+
+def release_from_collector(stamps: Iterable[object]) -> None:
+    """Stop the cyclic collector tracking these `Timestamp` objects (others are skipped).
+
+    A `Timestamp` holds one ``str`` and refuses any other attribute, so it can never be
+    part of a reference cycle; but as an instance of a Python class it is tracked, and
+    every full collection walks each one a recorder holds (half of what it walks at
+    1,000 sessions). ``PyObject_GC_UnTrack`` (public C API, for objects that cannot form
+    cycles) takes them out; a subclass, which could hold more, stays tracked. Outside
+    CPython this does nothing.
+    """
+    untrack = _untrack
+    if untrack is None:
+        return
+    for stamp in stamps:
+        if type(stamp) is Timestamp:
+            untrack(stamp)

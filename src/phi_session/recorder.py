@@ -33,6 +33,7 @@ import msgspec
 from msgspec.structs import replace
 
 from . import codec
+from ._time import release_from_collector
 from .events import (
     EVENT_TYPES,
     AgentEnd,
@@ -102,6 +103,14 @@ class _PartialTurn:
         self.payload: AnnotatedRequestPayload | None = None
 
 
+# The event types with a ``timestamp`` field.
+_STAMPED = frozenset(t for t in EVENT_TYPES if any(f.name == "timestamp" for f in msgspec.structs.fields(t)))
+
+
+def _stamp(event: Any) -> Any:
+    return event.timestamp
+
+
 class _OpenLoop:
     """A loop being recorded: what it gathers is kept here, in lists, and handed to its
     record as tuples when it closes (`finish`)."""
@@ -127,6 +136,8 @@ class _OpenLoop:
         record = self.record
         record.events, record.turns = tuple(self.events), tuple(self.turns)
         record.child_loop_refs = tuple(self.child_loop_refs)
+        # The record's instants are its events' (the turns and the record share them).
+        release_from_collector([_stamp(e.event) for e in record.events if type(e.event) in _STAMPED])
 
     def snapshot(self) -> LoopRecord:
         """A copy of the record with what the loop has gathered so far."""
