@@ -250,11 +250,12 @@ class _Outlet:
     processor. It also fills in the ``config_id`` of the snapshots loops announce.
     """
 
-    __slots__ = ("_filled", "emit", "wants_deltas")
+    __slots__ = ("_filled", "_segments", "emit", "wants_deltas")
 
     def __init__(self, processors: ProcessorChain, fanout: FanOut) -> None:
         self.wants_deltas = fanout.wants_deltas
         self._filled: dict[tuple[int, str], tuple[LoopConfigSnapshot, LoopConfigSnapshot]] = {}
+        self._segments: dict[int, tuple[LoopConfigSnapshot, str]] = {}
         self.emit: Callable[[AgentEvent], None] = _emitter(processors, fanout)
         """Run an event through the processors, then deliver it to every sink. Never raises."""
 
@@ -268,6 +269,17 @@ class _Outlet:
             if len(self._filled) >= 64:  # configs are few; never grow without bound
                 self._filled.clear()
             self._filled[key] = cached
+        return cached[1]
+
+    def segment(self, config: LoopConfigSnapshot) -> str:
+        """`config_id_of(config)`, derived once per config object (a framework adapter
+        starts every run of an agent with the same one)."""
+        cached = self._segments.get(id(config))
+        if cached is None or cached[0] is not config:
+            cached = (config, config_id_of(config))
+            if len(self._segments) >= 64:  # configs are few; never grow without bound
+                self._segments.clear()
+            self._segments[id(config)] = cached
         return cached[1]
 
 
@@ -408,7 +420,7 @@ class _LoopState:
     def record(self, messages: Iterable[AgentMessage], usage: Usage) -> None:
         """Add an ended turn's messages and usage to what ``AgentEnd`` will carry."""
         self.messages.extend(messages)
-        self.usage = self.usage + usage
+        self.usage = usage if self.usage is ZERO_USAGE else self.usage + usage
 
 
 class _TurnState:
@@ -416,14 +428,14 @@ class _TurnState:
     its assistant message and usage so far, and its tools.
 
     Tools may start and end in other threads or tasks while the turn ends. The tool
-    bookkeeping is guarded by the loop's lock (`idle` is built on it), so that each tool
+    bookkeeping is guarded by the loop's lock (`wait_idle` waits on it), so that each tool
     ends exactly once, by itself or cut short by the turn, and ``TurnEnd`` carries the
     result of every tool that ended. A tool registers how to cut it short when it
     starts (`tool_started`); the turn's end calls that under the lock (`close`) and
     emits the ends it returns outside the lock.
     """
 
-    __slots__ = ("_ending", "_open", "_waiting", "idle", "message", "results", "scope", "usage")
+    __slots__ = ("_ending", "_idle", "_open", "_waiting", "lock", "message", "results", "scope", "usage")
 
     def __init__(self, scope: TurnScope, loop: _LoopState) -> None:
         self.scope = scope
@@ -434,7 +446,10 @@ class _TurnState:
         # to cut each short; per thread, the tool ends under way (emitting).
         self._open: dict[ToolScope, Callable[[], ToolFinisher]] = {}
         self._ending: dict[int, int] = {}
-        self.idle = threading.Condition(loop.lock)
+        self.lock = loop.lock
+        # Made by the first `wait_idle` that has to wait: a turn rarely does, and a
+        # `Condition` is pure Python to build and to enter.
+        self._idle: threading.Condition | None = None
         self._waiting = 0  # threads in `wait_idle`: without one, a tool's end notifies no one
 
     def require_running(self) -> None:
@@ -444,7 +459,8 @@ class _TurnState:
     def finished(self, message: AssistantMessage) -> None:
         """An assistant message of the turn is final."""
         self.message = message
-        self.usage = self.usage + message.usage
+        usage = self.usage
+        self.usage = message.usage if usage is ZERO_USAGE else usage + message.usage
 
     def tool_started(self, tool: ToolScope, cut_short: Callable[[], ToolFinisher]) -> None:
         """Register a starting tool (holding the loop's lock); refused once the turn ended.
@@ -466,7 +482,7 @@ class _TurnState:
 
     def tool_done(self, message: ToolResultMessage | None) -> None:
         """A tool end noted by `tool_ending` or `close` is over (`message` is None if it failed)."""
-        with self.idle:  # tools of one turn may finish concurrently
+        with self.lock:  # tools of one turn may finish concurrently
             if message is not None:
                 self.results.append(message)
             thread = threading.get_ident()
@@ -476,7 +492,7 @@ class _TurnState:
             else:
                 del self._ending[thread]
             if self._waiting:  # `notify_all` is pure Python: not on every tool's end
-                self.idle.notify_all()
+                self._idle.notify_all()  # type: ignore[union-attr]  # made by the waiter
 
     def close(self) -> list[ToolFinisher]:
         """The turn ends (holding the loop's lock): cut short every tool still running.
@@ -493,11 +509,16 @@ class _TurnState:
     def wait_idle(self) -> None:
         """Wait for the tool ends under way in other threads (this thread's own, as when
         a sink ends the turn during a tool's end, cannot be waited for)."""
-        with self.idle:
+        with self.lock:
             me = threading.get_ident()
+            if not self._ending or all(thread == me for thread in self._ending):
+                return
+            idle = self._idle
+            if idle is None:
+                idle = self._idle = threading.Condition(self.lock)
             self._waiting += 1
             try:
-                self.idle.wait_for(lambda: all(thread == me for thread in self._ending))
+                idle.wait_for(lambda: all(thread == me for thread in self._ending))
             finally:
                 self._waiting -= 1
 
@@ -543,7 +564,8 @@ class Tracer:
     def for_agent(self, agent: AgentSession) -> Tracer:
         """A tracer of another identity sharing this one's processors, sinks and default
         config (a framework adapter's tracer per framework session)."""
-        twin = copy.copy(self)
+        twin = object.__new__(type(self))  # a shallow copy, without `copy.copy`'s detour
+        twin.__dict__.update(self.__dict__)
         twin.agent = agent
         return twin
 
@@ -647,7 +669,7 @@ class Tracer:
             return config_id
         if config is None:
             raise ValueError("a loop needs a config snapshot (here or on the Tracer) or a config_id")
-        return config_id_of(config)
+        return self._outlet.segment(config)
 
     # -- sinks ----------------------------------------------------------------------------
 
@@ -791,7 +813,8 @@ class LoopScope(_Scope):
 
     def user(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
         """Add a user message (text, content blocks, or a ready message). Returns the message."""
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         loop = self._loop
         turn = loop.turn
         if turn is not None:
@@ -809,7 +832,8 @@ class LoopScope(_Scope):
         for the first turn, depending on the loop, ``Continuation`` after);
         `request` emits the turn's ``TurnRequest`` right after its inputs.
         """
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         if trigger is None:
             trigger = self.first_trigger if self.turns == 0 else "Continuation"
         scope = TurnScope(self, self._loop, self.turns, trigger, request)
@@ -902,7 +926,8 @@ class LoopScope(_Scope):
         An open turn is ended first (with the same error); messages still waiting
         for a turn are emitted outside any turn so that none is lost.
         """
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         loop = self._loop
         turn = loop.turn
         if turn is not None and turn.running:
@@ -1015,7 +1040,8 @@ class TurnScope(_Scope):
 
     def request(self, payload: AnnotatedRequestPayload) -> None:
         """Emit the turn's ``TurnRequest`` (the fully assembled request to the model)."""
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         loop = self._loop
         loop.emit(
             TurnRequest(loop_id=loop.loop_id, turn_index=self.index, payload=payload, timestamp=loop.now())
@@ -1031,7 +1057,8 @@ class TurnScope(_Scope):
 
         `model` and `provider` default to the loop's config.
         """
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         if self._message is not None and self._message.running:
             raise InstrumentationError("the turn's previous assistant message is still open")
         config = self._loop.config
@@ -1053,7 +1080,8 @@ class TurnScope(_Scope):
         args: Any = None,
     ) -> ToolScope:
         """One tool execution, for `call` (or an explicit `id`, `name` and `args`)."""
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         if call is not None:
             id, name, args = call.id, call.name, call.arguments
         if id is None or name is None:
@@ -1072,8 +1100,9 @@ class TurnScope(_Scope):
         # Tools may be ending in other threads or tasks: the turn's own state and the
         # set of tools it cuts short are taken in one step under the loop's lock, so
         # each tool is ended exactly once, by itself or by the turn.
-        with turn.idle:
-            self._require_running()
+        with turn.lock:
+            if self._phase != _RUNNING:
+                raise _not_running(self)
             self._close()
             cut_short = turn.close()
         if error is not None:
@@ -1217,7 +1246,8 @@ class MessageScope(_Scope):
         thinking and text), `tool_calls` (appended), `usage` (default zero) and
         `stop_reason` (default ``"toolUse"`` with tool calls, else ``"stop"``).
         """
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         if message is None:
             blocks = self._streamed() if content is None else _content(content)
             if tool_calls:
@@ -1397,7 +1427,8 @@ class ToolScope(_Scope):
                 "tool %s (%s): %s ignored, its turn already ended it", self.tool_name, self.tool_call_id, what
             )
             return False
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         return True
 
     def _cut_short(self) -> ToolFinisher:

@@ -71,6 +71,7 @@ __all__ = [
     "SinkArg",
     "enter_tool",
     "leave_tool",
+    "loop_config",
     "replay_recording",
     "require_extra",
     "session_id_for",
@@ -126,6 +127,26 @@ def session_id_for(framework_session_id: str) -> str:
         except InvalidSessionId:
             pass
     return str(uuid.uuid5(FRAMEWORK_SESSION_NAMESPACE, framework_session_id))
+
+
+_CONFIGS: dict[tuple[str, str, str | None, str | None], LoopConfigSnapshot] = {}
+_CONFIG_LIMIT = 256  # an adapter's agents and models are few; never grow without bound
+
+
+def loop_config(
+    model: str, provider: str, name: str | None = None, config_id: str | None = None
+) -> LoopConfigSnapshot:
+    """The `LoopConfigSnapshot` of these values, one object per distinct values: what the
+    tracer and the redactor derive from a config (its loop-id segment, its filled-in and
+    redacted forms) they keep per object, so every run of an agent reuses it."""
+    key = (model, provider, name, config_id)
+    config = _CONFIGS.get(key)
+    if config is None:
+        config = LoopConfigSnapshot(model=model, provider=provider, name=name, config_id=config_id)
+        if len(_CONFIGS) >= _CONFIG_LIMIT:
+            _CONFIGS.clear()
+        _CONFIGS[key] = config
+    return config
 
 
 def usage_of(

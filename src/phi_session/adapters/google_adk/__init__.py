@@ -84,6 +84,7 @@ from .._core import (
     SinkArg,
     enter_tool,
     leave_tool,
+    loop_config,
     require_extra,
     usage_of,
 )
@@ -327,15 +328,11 @@ def _config(agent: BaseNode | None) -> LoopConfigSnapshot:
     while node is not None:
         model = getattr(node, "model", None)
         if isinstance(model, BaseLlm) or (isinstance(model, str) and model):
-            return LoopConfigSnapshot(
-                model=model.model if isinstance(model, BaseLlm) else model,
-                provider=_provider(model),
-                name=node.name,
+            return loop_config(
+                model.model if isinstance(model, BaseLlm) else model, _provider(model), node.name
             )
         node = node.parent_agent
-    return LoopConfigSnapshot(
-        model="unknown", provider=FRAMEWORK, name=agent.name if agent is not None else None
-    )
+    return loop_config("unknown", FRAMEWORK, agent.name if agent is not None else None)
 
 
 # -- per-invocation state ---------------------------------------------------------------------

@@ -70,6 +70,7 @@ from .._core import (
     SinkArg,
     enter_tool,
     leave_tool,
+    loop_config,
     require_extra,
     usage_of,
 )
@@ -514,10 +515,10 @@ class _Mapper:
             run.end_turn()
             loop = run.loop
             if loop is None:
-                loop = self._loop(run, LoopConfigSnapshot(model=model, provider=provider))
+                loop = self._loop(run, loop_config(model, provider))
             elif run.handoff:
                 run.handoff = False
-                successor = self.core.handoff(run.key, LoopConfigSnapshot(model=model, provider=provider))
+                successor = self.core.handoff(run.key, loop_config(model, provider))
                 if successor is not None:
                     loop = run.loop = successor.loop
             now = self.core.agent.millis()

@@ -60,7 +60,16 @@ from ...messages import (
     Usage,
     UserMessage,
 )
-from .._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from .._core import (
+    AdapterCore,
+    AdapterRun,
+    SinkArg,
+    enter_tool,
+    leave_tool,
+    loop_config,
+    require_extra,
+    usage_of,
+)
 
 require_extra("openai-agents", "agents")
 
@@ -299,12 +308,7 @@ def _guardrail_names(guardrails: Any) -> frozenset[str]:
 
 
 def _config(agent_name: str, model: str) -> LoopConfigSnapshot:
-    return LoopConfigSnapshot(
-        model=model,
-        provider=PROVIDER,
-        name=agent_name,
-        config_id=agent_name.replace(".", "-").replace("/", "-") or "agent",
-    )
+    return loop_config(model, PROVIDER, agent_name, agent_name.replace(".", "-").replace("/", "-") or "agent")
 
 
 @dataclass(slots=True)

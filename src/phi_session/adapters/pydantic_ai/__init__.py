@@ -36,7 +36,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ...events import LoopConfigSnapshot
 from ...instrument import MessageScope, ToolScope, TurnScope
 from ...messages import (
     AnnotatedRequestPayload,
@@ -55,7 +54,16 @@ from ...messages import (
     Usage,
     UserMessage,
 )
-from .._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from .._core import (
+    AdapterCore,
+    AdapterRun,
+    SinkArg,
+    enter_tool,
+    leave_tool,
+    loop_config,
+    require_extra,
+    usage_of,
+)
 
 require_extra("pydantic-ai", "pydantic_ai")
 
@@ -385,6 +393,7 @@ class PhiCapability(AbstractCapability[Any]):
         self.stream = stream
         self.capture_requests = capture_requests
         self._core = AdapterCore("pydantic-ai", sink, store=store, capture_requests=capture_requests)
+        self._guard = self._core.guard()
         self._runs: dict[str, _Run] = {}
 
     def __repr__(self) -> str:
@@ -425,10 +434,8 @@ class PhiCapability(AbstractCapability[Any]):
 
     def _open(self, key: str, ctx: RunContext[Any]) -> _Run:
         model, agent = ctx.model, ctx.agent
-        config = LoopConfigSnapshot(
-            model=model.model_name,
-            provider=model.system,
-            name=agent.name if agent is not None and agent.name else None,
+        config = loop_config(
+            model.model_name, model.system, agent.name if agent is not None and agent.name else None
         )
         recording = self._core.start_run(key, config, framework_session_id=ctx.conversation_id)
         run = self._runs[key] = _Run(recording, ctx.prompt)
@@ -448,17 +455,18 @@ class PhiCapability(AbstractCapability[Any]):
     async def before_model_request(
         self, ctx: RunContext[Any], request_context: ModelRequestContext
     ) -> ModelRequestContext:
-        run = self._run(ctx)
+        run = self._runs.get(ctx.run_id or "")
         if run is not None:
-            self._core.safely(run.request)
+            with self._guard:
+                run.request()
         return request_context
 
     async def after_model_request(
         self, ctx: RunContext[Any], *, request_context: ModelRequestContext, response: pai.ModelResponse
     ) -> pai.ModelResponse:
-        run = self._run(ctx)
+        run = self._runs.get(ctx.run_id or "")
         if run is not None:
-            with self._core.guard():
+            with self._guard:
                 model, provider = ctx.model.model_name, ctx.model.system
                 payload = None
                 if self.capture_requests:
@@ -476,9 +484,10 @@ class PhiCapability(AbstractCapability[Any]):
         self, ctx: RunContext[Any], *, node: AgentNode[Any], result: NodeResult[Any]
     ) -> NodeResult[Any]:
         if isinstance(node, CallToolsNode):
-            run = self._run(ctx)
+            run = self._runs.get(ctx.run_id or "")
             if run is not None:
-                self._core.safely(run.tools_done, ctx.messages)
+                with self._guard:
+                    run.tools_done(ctx.messages)
         return result
 
     # -- tools ----------------------------------------------------------------------------
@@ -492,8 +501,11 @@ class PhiCapability(AbstractCapability[Any]):
         args: ValidatedToolArgs,
         handler: WrapToolExecuteHandler,
     ) -> Any:
-        run = self._run(ctx)
-        tool = self._core.safely(run.tool, call) if run is not None else None
+        run = self._runs.get(ctx.run_id or "")
+        tool = None
+        if run is not None:
+            with self._guard:
+                tool = run.tool(call)
         if tool is None:
             return await handler(args)
         # A run started inside the tool (an agent delegated to) is its sub-agent.
@@ -502,10 +514,12 @@ class PhiCapability(AbstractCapability[Any]):
             result = await handler(args)
         except BaseException as error:
             leave_tool(token)
-            self._core.safely(_tool_end, tool, call, error=error)
+            with self._guard:
+                _tool_end(tool, call, error=error)
             raise
         leave_tool(token)
-        self._core.safely(_tool_end, tool, call, result=result)
+        with self._guard:
+            _tool_end(tool, call, result=result)
         return result
 
     # -- streaming (opt-in) ---------------------------------------------------------------
