@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
+import pickle
 from typing import Any
 
 import msgspec
@@ -278,6 +281,65 @@ def test_enum_values_compare_by_value() -> None:
     assert ps.SessionFormation.first_loop(t) != ps.SessionFormation.explicit(t)
     with pytest.raises(AttributeError):
         ps.DEFAULT.kind = "Rerun"  # type: ignore[misc]
+
+
+def _delta_line(delta: object) -> str:
+    user = {"role": "user", "content": [{"type": "text", "text": "q"}], "timestamp": 1}
+    return line(type="MessageUpdate", loop_id=LOOP, message=user, delta=delta)
+
+
+@pytest.mark.parametrize("kind", ["Text", "Thinking", "ToolCallDelta"])
+def test_a_stream_delta_is_written_and_read_in_phi_cores_externally_tagged_form(kind: str) -> None:
+    delta = ps.StreamDelta(kind, "d")
+    assert (delta.kind, delta.delta) == (kind, "d")
+    for spelling in ({kind: {"delta": "d"}}, {kind: ["d"]}):  # phi-core also reads the array form
+        decoded = ps.decode_event(_delta_line(spelling))
+        assert isinstance(decoded, ps.MessageUpdate)
+        assert decoded.delta == delta and decoded.delta.delta == "d"
+        assert ps.encode_event(decoded) == ps.encode_event(replace(decoded, delta=delta))
+        assert json.loads(ps.encode_event(decoded))["delta"] == {kind: {"delta": "d"}}
+    assert ps.StreamDelta.from_json({kind: ["d"]}) == delta
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        {},
+        {"Text": {"delta": "a"}, "Thinking": {"delta": "b"}},
+        {"Speech": {"delta": "a"}},
+        "Text",
+        {"Text": None},
+        {"Text": {}},
+        {"Text": {"delta": 1}},
+    ],
+)
+def test_a_malformed_stream_delta_is_a_decode_error(spelling: object) -> None:
+    with pytest.raises(ps.DecodeError, match=r"\$\.delta"):
+        ps.decode_event(_delta_line(spelling))
+    with pytest.raises(ValueError):
+        ps.StreamDelta.from_json(spelling)
+
+
+def test_a_stream_delta_holds_no_reference_the_cyclic_collector_tracks() -> None:
+    # A recorder keeping every chunk holds one per streamed token: untracked, they cost
+    # the collector nothing however many are kept.
+    made = ps.StreamDelta.text("t")
+    decoded = ps.decode_event(_delta_line({"Thinking": ["t"]}))
+    assert isinstance(decoded, ps.MessageUpdate)
+    assert not gc.is_tracked(made) and not gc.is_tracked(decoded.delta)
+
+
+def test_a_stream_delta_keeps_its_constructor_and_python_protocols() -> None:
+    delta = ps.StreamDelta("ToolCallDelta", '{"a"')
+    assert delta == ps.StreamDelta.tool_call('{"a"') and hash(delta) == hash(ps.StreamDelta.tool_call('{"a"'))
+    assert repr(delta) == "StreamDelta('ToolCallDelta', '{\"a\"')"
+    assert pickle.loads(pickle.dumps(delta)) == delta == copy.deepcopy(delta)
+    with pytest.raises(ValueError, match="unknown stream delta kind 'Speech'"):
+        ps.StreamDelta("Speech", "x")
+    with pytest.raises(TypeError, match="not int"):
+        ps.StreamDelta("Text", 1)  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        delta.Text = None
 
 
 def test_a_history_resent_in_every_turn_request_is_encoded_once_per_session(

@@ -4,6 +4,7 @@ sessions recorded back from the JSONL file written alongside."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import itertools
 import threading
@@ -881,3 +882,35 @@ def test_recorded_tool_arguments_do_not_follow_later_mutation() -> None:
     from phi_session import encode
 
     assert b"plain-secret-value" not in encode(session)
+
+
+def _one_loop_with_a_streamed_reply_and_a_tool(tracer: Tracer) -> None:
+    with tracer.loop() as loop:
+        loop.user("q")
+        with loop.turn() as turn:
+            with turn.assistant() as reply:
+                reply.text_delta("a")
+                reply.finish(tool_calls=[ps.ToolCall(id="c1", name="t", arguments={})])
+            with turn.tool(id="c1", name="t", args={}) as tool:
+                tool.result("ok")
+        with loop.turn() as turn:
+            turn.assistant().start().finish()
+
+
+def test_ended_scopes_are_freed_by_reference_counting_not_left_to_the_collector() -> None:
+    # A scope and the state it shares with its children referred to each other: every
+    # turn left a cycle of a dozen objects (and a Condition) for the collector to find.
+    harness = Harness(streaming=True)
+    _one_loop_with_a_streamed_reply_and_a_tool(harness.tracer)  # first use builds what is kept
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        _one_loop_with_a_streamed_reply_and_a_tool(harness.tracer)
+        gc.collect()
+        left = sorted({type(o).__name__ for o in gc.garbage})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []

@@ -29,7 +29,6 @@ from .events import (
     MessageField,
     MessageUpdate,
     SessionFormation,
-    StreamDelta,
     map_messages,
     message_mappers,
 )
@@ -62,7 +61,6 @@ __all__ = [
 _U64_MAX = 2**64 - 1
 _HOOKED: dict[type, Callable[[Any], Any]] = {
     ContinuationKind: ContinuationKind.from_json,
-    StreamDelta: StreamDelta.from_json,
     SessionFormation: SessionFormation.from_json,
 }
 
@@ -90,9 +88,8 @@ def _float32_json(value: Float32) -> msgspec.Raw:
 
 
 # What each type msgspec does not know is written as; looked up by exact type (a
-# streaming delta or a timestamp is in nearly every event), subclasses by isinstance.
+# timestamp is in nearly every event), subclasses by isinstance.
 _JSON_FORMS: dict[type, Callable[[Any], Any]] = {
-    StreamDelta: StreamDelta.to_json,
     Timestamp: Timestamp.__str__,
     Float32: _float32_json,
     ContinuationKind: ContinuationKind.to_json,

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from functools import partial
 from operator import attrgetter, is_
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar, Union
 
 import msgspec
-from msgspec.structs import force_setattr
+from msgspec.structs import force_setattr, replace
 
 from ._float32 import Float32
 from ._time import Timestamp
@@ -214,61 +214,143 @@ COMPACTION = ContinuationKind("Compaction")
 _UNIT_CONTINUATIONS = {"Initial": INITIAL, "Default": DEFAULT, "Compaction": COMPACTION}
 
 
-class StreamDelta(_Variant):
-    """One streaming fragment: ``kind`` is ``"Text"``, ``"Thinking"`` or ``"ToolCallDelta"``."""
+class _Fragment(msgspec.Struct, frozen=True, gc=False):
+    """What a `StreamDelta` variant carries, spelled as phi-core writes it."""
 
-    __slots__ = ("delta", "kind")
-    _FIELDS = ("kind", "delta")
-    KINDS = ("Text", "Thinking", "ToolCallDelta")
-    kind: str
     delta: str
 
-    def __init__(self, kind: str, delta: str) -> None:
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown stream delta kind {kind!r}")
-        self._init(kind=kind, delta=delta)
 
-    # The named constructors know their kind is valid: they skip `__init__`'s check and
-    # keyword loop (a producer streams one delta per token).
+# phi-core also reads a variant's payload as an array of its fields (`{"Text": ["…"]}`);
+# decoding accepts that spelling and `StreamDelta.__post_init__` turns it into a `_Fragment`.
+_Payload = Union[_Fragment, tuple[str], msgspec.UnsetType]
+
+
+class _StreamDeltaType(msgspec.StructMeta):
+    """Lets ``StreamDelta(kind, delta)`` read as it always has, over the wire-shaped fields."""
+
+    def __call__(cls, kind: str, delta: str) -> Any:
+        build = _DELTA_BUILDERS.get(kind) if isinstance(kind, str) else None
+        if build is None:
+            raise ValueError(f"unknown stream delta kind {kind!r}")
+        if not isinstance(delta, str):
+            raise TypeError(f"a stream delta is a str, not {type(delta).__name__}")
+        return build(delta)
+
+
+class StreamDelta(
+    msgspec.Struct,
+    frozen=True,
+    gc=False,
+    omit_defaults=True,
+    forbid_unknown_fields=True,
+    metaclass=_StreamDeltaType,
+):
+    """One streaming fragment: ``kind`` is ``"Text"``, ``"Thinking"`` or ``"ToolCallDelta"``.
+
+    Build one with ``StreamDelta(kind, delta)`` or `StreamDelta.text` / `.thinking` /
+    `.tool_call`. It is a msgspec Struct whose one set field is named after its kind, which
+    is phi-core's externally tagged spelling (``{"Text": {"delta": "…"}}``): msgspec writes
+    and reads it directly, and, untracked by the cyclic collector, the thousands of chunks a
+    recorder keeps cost the collector nothing.
+    """
+
+    Text: _Payload = msgspec.UNSET
+    Thinking: _Payload = msgspec.UNSET
+    ToolCallDelta: _Payload = msgspec.UNSET
+
+    KINDS: ClassVar[tuple[str, ...]] = ("Text", "Thinking", "ToolCallDelta")
+
+    if TYPE_CHECKING:
+
+        def __init__(self, kind: str, delta: str) -> None: ...
+
+    def __post_init__(self) -> None:
+        # Construction always sets one fragment; this is for what a decoder reads.
+        text, thinking, tool_call = self.Text, self.Thinking, self.ToolCallDelta
+        unset = msgspec.UNSET
+        if (text is unset) + (thinking is unset) + (tool_call is unset) != 2:
+            raise ValueError("a StreamDelta has exactly one of Text, Thinking or ToolCallDelta")
+        if type(text) is tuple or type(thinking) is tuple or type(tool_call) is tuple:
+            force_setattr(self, self.kind, _Fragment(self._payload()[0]))
+
+    def _payload(self) -> Any:
+        text = self.Text
+        if text is not msgspec.UNSET:
+            return text
+        thinking = self.Thinking
+        return thinking if thinking is not msgspec.UNSET else self.ToolCallDelta
+
+    @property
+    def kind(self) -> str:
+        if self.Text is not msgspec.UNSET:
+            return "Text"
+        return "Thinking" if self.Thinking is not msgspec.UNSET else "ToolCallDelta"
+
+    @property
+    def delta(self) -> str:
+        fragment: _Fragment = self._payload()
+        return fragment.delta
+
     @classmethod
     def text(cls, delta: str) -> StreamDelta:
-        return known_delta(cls, "Text", delta)
+        return _text_delta(delta)
 
     @classmethod
     def thinking(cls, delta: str) -> StreamDelta:
-        return known_delta(cls, "Thinking", delta)
+        return _thinking_delta(delta)
 
     @classmethod
     def tool_call(cls, delta: str) -> StreamDelta:
-        return known_delta(cls, "ToolCallDelta", delta)
+        return _tool_call_delta(delta)
 
     @classmethod
     def from_json(cls, value: Any) -> StreamDelta:
-        if not isinstance(value, dict):
-            raise ValueError('expected a StreamDelta object such as {"Text": {"delta": …}}')
-        name, payload = _variant(value, "StreamDelta")
-        if name not in cls.KINDS:
-            raise ValueError(f"unknown variant {name!r} of StreamDelta")
-        return cls(name, _tag_field(_struct_payload(payload, ("delta",), name), "delta", name))
+        """Read phi-core's JSON form (already parsed); ``ValueError`` when it is not one."""
+        try:
+            return msgspec.convert(value, cls)
+        except msgspec.ValidationError as error:
+            raise ValueError(f"invalid StreamDelta: {error}") from None
 
     def to_json(self) -> Any:
         return {self.kind: {"delta": self.delta}}
 
+    def __repr__(self) -> str:
+        return f"StreamDelta({self.kind!r}, {self.delta!r})"
 
-_set_delta_kind = StreamDelta.__dict__["kind"].__set__  # the slots themselves (no __setattr__)
-_set_delta_text = StreamDelta.__dict__["delta"].__set__
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (StreamDelta, (self.kind, self.delta))
 
 
-_new = object.__new__
+_plain_new = msgspec.StructMeta.__call__  # the Struct's own constructor, not `_StreamDeltaType`'s
+_TEXT: StreamDelta = _plain_new(StreamDelta, Text=_Fragment(""))
+_THINKING: StreamDelta = _plain_new(StreamDelta, Thinking=_Fragment(""))
+_TOOL_CALL: StreamDelta = _plain_new(StreamDelta, ToolCallDelta=_Fragment(""))
 
 
-def known_delta(cls: type[StreamDelta], kind: str, delta: str) -> StreamDelta:
-    """A `StreamDelta` of a `kind` known to be valid: what the named constructors build,
-    without their call (a producer builds one per streamed token)."""
-    fresh = _new(cls)
-    _set_delta_kind(fresh, kind)
-    _set_delta_text(fresh, delta)
-    return fresh
+# A producer builds one delta per streamed token: these skip ``StreamDelta(kind, delta)``'s
+# checks, which a known kind does not need.
+def _text_delta(delta: str) -> StreamDelta:
+    return replace(_TEXT, Text=_Fragment(delta))
+
+
+def _thinking_delta(delta: str) -> StreamDelta:
+    return replace(_THINKING, Thinking=_Fragment(delta))
+
+
+def _tool_call_delta(delta: str) -> StreamDelta:
+    return replace(_TOOL_CALL, ToolCallDelta=_Fragment(delta))
+
+
+_DELTA_BUILDERS: dict[str, Callable[[str], StreamDelta]] = {
+    "Text": _text_delta,
+    "Thinking": _thinking_delta,
+    "ToolCallDelta": _tool_call_delta,
+}
+
+
+def delta_builder(kind: str) -> Callable[[str], StreamDelta]:
+    """What builds a `StreamDelta` of the valid `kind` from its text, unchecked."""
+    return _DELTA_BUILDERS[kind]
 
 
 class SessionFormation(_Variant):

@@ -82,7 +82,6 @@ from .events import (
     PrunApplied,
     RevertApplied,
     RevertCategory,
-    StreamDelta,
     ToolExecutionEnd,
     ToolExecutionStart,
     ToolExecutionUpdate,
@@ -90,7 +89,7 @@ from .events import (
     TurnRequest,
     TurnStart,
     TurnTrigger,
-    known_delta,
+    delta_builder,
 )
 from .identity import AgentSession, config_id_of
 from .messages import (
@@ -145,6 +144,9 @@ def _owned(call: ToolCall) -> ToolCall:
 
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
+_text_delta = delta_builder("Text")
+_thinking_delta = delta_builder("Thinking")
+_tool_call_delta = delta_builder("ToolCallDelta")
 
 
 def _json_copy(value: Any) -> Any:
@@ -353,7 +355,7 @@ class _LoopState:
         loop_id: str,
         config: LoopConfigSnapshot | None,
     ) -> None:
-        self.scope = scope
+        self.scope: LoopScope | None = scope
         self.outlet = outlet
         self.emit = outlet.emit
         self.wants_deltas = outlet.wants_deltas
@@ -373,8 +375,16 @@ class _LoopState:
         self._pending: list[AgentMessage] = []  # prompts / follow-ups waiting for the next turn
 
     def require_running(self) -> None:
-        if not self.scope.running:
-            raise _not_running(self.scope)
+        scope = self.scope
+        if scope is None:
+            raise InstrumentationError("LoopScope is already ended")
+        if not scope.running:
+            raise _not_running(scope)
+
+    def detach(self) -> None:
+        """The loop ended: drop the reference back to its scope, the one cycle between
+        them, so that both are freed when the agent lets go (not by the collector)."""
+        self.scope = None
 
     def user_message(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
         if isinstance(content, (UserMessage, AssistantMessage, ToolResultMessage, ExtensionMessage)):
@@ -428,7 +438,7 @@ class _TurnState:
     its assistant message and usage so far, and its tools.
 
     Tools may start and end in other threads or tasks while the turn ends. The tool
-    bookkeeping is guarded by the loop's lock (`wait_idle` waits on it), so that each tool
+    bookkeeping is guarded by the loop's lock (`lock`), so that each tool
     ends exactly once, by itself or cut short by the turn, and ``TurnEnd`` carries the
     result of every tool that ended. A tool registers how to cut it short when it
     starts (`tool_started`); the turn's end calls that under the lock (`close`) and
@@ -438,7 +448,7 @@ class _TurnState:
     __slots__ = ("_ending", "_idle", "_open", "_waiting", "lock", "message", "results", "scope", "usage")
 
     def __init__(self, scope: TurnScope, loop: _LoopState) -> None:
-        self.scope = scope
+        self.scope: TurnScope | None = scope
         self.message: AssistantMessage | None = None
         self.usage: Usage = ZERO_USAGE
         self.results: list[ToolResultMessage] = []
@@ -447,14 +457,20 @@ class _TurnState:
         self._open: dict[ToolScope, Callable[[], ToolFinisher]] = {}
         self._ending: dict[int, int] = {}
         self.lock = loop.lock
-        # Made by the first `wait_idle` that has to wait: a turn rarely does, and a
-        # `Condition` is pure Python to build and to enter.
+        # Built by the first `wait_idle` that has to wait: most turns never need one.
         self._idle: threading.Condition | None = None
         self._waiting = 0  # threads in `wait_idle`: without one, a tool's end notifies no one
 
     def require_running(self) -> None:
-        if not self.scope.running:
-            raise _not_running(self.scope)
+        scope = self.scope
+        if scope is None:
+            raise InstrumentationError("TurnScope is already ended")
+        if not scope.running:
+            raise _not_running(scope)
+
+    def detach(self) -> None:
+        """The turn ended: drop the reference back to its scope (see `_LoopState.detach`)."""
+        self.scope = None
 
     def finished(self, message: AssistantMessage) -> None:
         """An assistant message of the turn is final."""
@@ -491,8 +507,9 @@ class _TurnState:
                 self._ending[thread] = left
             else:
                 del self._ending[thread]
-            if self._waiting:  # `notify_all` is pure Python: not on every tool's end
-                self._idle.notify_all()  # type: ignore[union-attr]  # made by the waiter
+            idle = self._idle
+            if self._waiting and idle is not None:  # `notify_all` is pure Python: not on every tool's end
+                idle.notify_all()
 
     def close(self) -> list[ToolFinisher]:
         """The turn ends (holding the loop's lock): cut short every tool still running.
@@ -856,6 +873,7 @@ class LoopScope(_Scope):
             loop.discard_waiting()
             self.rejection = reason
             self._close()
+            loop.detach()
             loop.emit(
                 AgentEnd(
                     loop_id=self.loop_id,
@@ -934,6 +952,7 @@ class LoopScope(_Scope):
             turn.end(error if error is not None else "the loop ended while this turn was open")
         loop.emit_waiting(None)
         self._close()
+        loop.detach()
         if error is not None:
             self.error = _describe(error)
         loop.emit(
@@ -1104,6 +1123,7 @@ class TurnScope(_Scope):
             if self._phase != _RUNNING:
                 raise _not_running(self)
             self._close()
+            turn.detach()
             cut_short = turn.close()
         if error is not None:
             reason: BaseException | str = error
@@ -1205,7 +1225,7 @@ class MessageScope(_Scope):
             self._require_running()
         self._text.append(text)
         if self._deltas:
-            delta = known_delta(StreamDelta, "Text", text)
+            delta = _text_delta(text)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def thinking_delta(self, text: str) -> None:
@@ -1214,7 +1234,7 @@ class MessageScope(_Scope):
             self._require_running()
         self._thinking.append(text)
         if self._deltas:
-            delta = known_delta(StreamDelta, "Thinking", text)
+            delta = _thinking_delta(text)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def tool_call_delta(self, json_fragment: str) -> None:
@@ -1222,7 +1242,7 @@ class MessageScope(_Scope):
         if self._phase != _RUNNING:
             self._require_running()
         if self._deltas:
-            delta = known_delta(StreamDelta, "ToolCallDelta", json_fragment)
+            delta = _tool_call_delta(json_fragment)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     @property

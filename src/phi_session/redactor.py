@@ -519,7 +519,7 @@ class Redactor:
                 type(message) is AssistantMessage
                 and not message.content
                 and message.error_message is None
-                and event.delta.kind != "ToolCallDelta"
+                and event.delta.ToolCallDelta is msgspec.UNSET  # not a tool call's arguments
                 and not self.redact_text
             ):
                 return event  # prose streamed into phi-core's empty placeholder: nothing to scan
