@@ -992,7 +992,7 @@ class TurnScope(_Scope):
         trigger: TurnTrigger,
         request: AnnotatedRequestPayload | None,
     ) -> None:
-        super().__init__()
+        self._phase = _NEW  # `_Scope.__init__`, inline: one scope per turn, reply, tool
         self._loop_scope = loop_scope
         self._loop = loop
         self._turn = _TurnState(self, loop)
@@ -1122,7 +1122,7 @@ class TurnScope(_Scope):
         with turn.lock:
             if self._phase != _RUNNING:
                 raise _not_running(self)
-            self._close()
+            self._phase = _ENDED
             turn.detach()
             cut_short = turn.close()
         if error is not None:
@@ -1190,7 +1190,7 @@ class MessageScope(_Scope):
     )
 
     def __init__(self, loop: _LoopState, turn: _TurnState, model: str, provider: str) -> None:
-        super().__init__()
+        self._phase = _NEW  # `_Scope.__init__`, inline: one scope per turn, reply, tool
         self._loop = loop
         self._turn = turn
         self._loop_id = loop.loop_id
@@ -1273,7 +1273,8 @@ class MessageScope(_Scope):
             if tool_calls:
                 blocks = (*blocks, *(_owned(call) for call in tool_calls))
             if stop_reason is None:
-                stop_reason = "toolUse" if any(type(b) is ToolCall for b in blocks) else "stop"
+                calls = tool_calls or any(type(b) is ToolCall for b in blocks)
+                stop_reason = "toolUse" if calls else "stop"
             message = AssistantMessage(
                 content=blocks,
                 stop_reason=stop_reason,
@@ -1283,7 +1284,7 @@ class MessageScope(_Scope):
                 timestamp=self._loop.millis(),
                 error_message=error_message,
             )
-        self._close()
+        self._phase = _ENDED
         self.message = message
         self._emit(MessageEnd(loop_id=self._loop_id, message=message))
         self._turn.finished(message)
@@ -1332,7 +1333,7 @@ class ToolScope(_Scope):
     def __init__(
         self, loop: _LoopState, turn: _TurnState, tool_call_id: str, tool_name: str, args: Any
     ) -> None:
-        super().__init__()
+        self._phase = _NEW  # `_Scope.__init__`, inline: one scope per turn, reply, tool
         self._loop = loop
         self._turn = turn
         self.tool_call_id = tool_call_id
@@ -1453,7 +1454,7 @@ class ToolScope(_Scope):
 
     def _cut_short(self) -> ToolFinisher:
         """Called by the ending turn, under the loop's lock, while the tool runs."""
-        self._close()
+        self._phase = _ENDED
         self._cut = True
         return self._emit_end
 
@@ -1466,7 +1467,7 @@ class ToolScope(_Scope):
         with self._loop.lock:  # atomic with the turn's end: each tool ends once
             if not self._still_open("end"):
                 return
-            self._close()
+            self._phase = _ENDED
             self._turn.tool_ending(self)
         self._emit_end(error)
 

@@ -528,7 +528,14 @@ class Redactor:
         return event if handler is None else handler(event)
 
     def _one_message(self, event: _OneMessage) -> _OneMessage:
-        message = event.message
+        message: Any = event.message
+        tp = type(message)
+        if not self.redact_text and (
+            tp is UserMessage
+            or (tp is ToolResultMessage and not message.is_error)
+            or (tp is AssistantMessage and not message.content and message.error_message is None)
+        ):
+            return event  # what `_message` would pass untouched (the placeholder: nothing in it)
         new = self._message(message)
         return event if new is message else replace(event, message=new)
 

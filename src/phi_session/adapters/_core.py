@@ -22,8 +22,9 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
   a context variable shared by every adapter) becomes that tool's sub-agent: its own
   session, ``parent_loop_id``, trigger ``SubAgent``, and ``child_loop_id`` in the
   tool's result;
-* **never disturb the host**: adapter code runs under `AdapterCore.guard`; a fault is
-  counted and logged once (`failures`), and the run goes on;
+* **never disturb the host**: adapter code runs under `AdapterCore.guard` (or catches
+  into `AdapterCore.fault`); a fault is counted and logged once (`failures`), and the
+  run goes on;
 * **default sink**: the embedded store (`phi_session.stores.default_store`) behind an
   `AutoPersistingRecorder`, which saves sessions as they complete through the one
   `SessionSaver`; `close` saves what is left.
@@ -330,6 +331,12 @@ class AdapterCore:
     def guard(self) -> AbstractContextManager[None]:
         """Run adapter code: an exception is counted and logged once, never raised."""
         return self._guard
+
+    def fault(self, error: Exception) -> None:
+        """Count and log (once) a fault an adapter's hook caught itself: the hooks that run
+        on every span, event or tool call use ``try`` / ``except Exception`` with this
+        rather than `guard`, whose ``__enter__`` and ``__exit__`` are two calls each time."""
+        self.failures.record(self, error)
 
     def safely(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
         """``fn(*args, **kwargs)`` under `guard`; None if it failed."""

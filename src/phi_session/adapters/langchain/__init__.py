@@ -670,7 +670,6 @@ class _Callbacks:
     def __init__(self, sink: SinkArg = None, *, capture_requests: bool = False, **options: Any) -> None:
         self.core = AdapterCore("langchain", sink, capture_requests=capture_requests, **options)
         self._mapper = _Mapper(self.core)
-        self._guard = self.core.guard()
 
     def close(self) -> None:
         """End the runs still open (as failed) and flush the sinks; with the default sink,
@@ -678,14 +677,18 @@ class _Callbacks:
         self.core.close()
 
     def _call(self, method: Callable[..., None], *args: Any) -> None:
-        with self._guard:
+        try:
             method(*args)
+        except Exception as caught:
+            self.core.fault(caught)
 
     def _chain_start(
         self, inputs: Any, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None
     ) -> None:
-        with self._guard:
+        try:
             self._mapper.chain_start(inputs, run_id, parent_run_id, metadata)
+        except Exception as caught:
+            self.core.fault(caught)
 
     def _chat_model_start(
         self,
@@ -758,8 +761,10 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
         self._chain_start(inputs, run_id, parent_run_id, metadata)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        with self._guard:
+        try:
             self._mapper.chain_end(run_id)
+        except Exception as caught:
+            self.core.fault(caught)
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.chain_error, error, run_id)
@@ -823,8 +828,10 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
         self._chain_start(inputs, run_id, parent_run_id, metadata)
 
     async def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        with self._guard:
+        try:
             self._mapper.chain_end(run_id)
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._call(self._mapper.chain_error, error, run_id)

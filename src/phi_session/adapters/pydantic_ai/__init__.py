@@ -393,7 +393,6 @@ class PhiCapability(AbstractCapability[Any]):
         self.stream = stream
         self.capture_requests = capture_requests
         self._core = AdapterCore("pydantic-ai", sink, store=store, capture_requests=capture_requests)
-        self._guard = self._core.guard()
         self._runs: dict[str, _Run] = {}
 
     def __repr__(self) -> str:
@@ -457,8 +456,10 @@ class PhiCapability(AbstractCapability[Any]):
     ) -> ModelRequestContext:
         run = self._runs.get(ctx.run_id or "")
         if run is not None:
-            with self._guard:
+            try:
                 run.request()
+            except Exception as caught:
+                self._core.fault(caught)
         return request_context
 
     async def after_model_request(
@@ -466,7 +467,7 @@ class PhiCapability(AbstractCapability[Any]):
     ) -> pai.ModelResponse:
         run = self._runs.get(ctx.run_id or "")
         if run is not None:
-            with self._guard:
+            try:
                 model, provider = ctx.model.model_name, ctx.model.system
                 payload = None
                 if self.capture_requests:
@@ -478,6 +479,8 @@ class PhiCapability(AbstractCapability[Any]):
                         self._core.agent.millis(),
                     )
                 run.response(response, model, provider, payload)
+            except Exception as caught:
+                self._core.fault(caught)
         return response
 
     async def after_node_run(
@@ -486,8 +489,10 @@ class PhiCapability(AbstractCapability[Any]):
         if isinstance(node, CallToolsNode):
             run = self._runs.get(ctx.run_id or "")
             if run is not None:
-                with self._guard:
+                try:
                     run.tools_done(ctx.messages)
+                except Exception as caught:
+                    self._core.fault(caught)
         return result
 
     # -- tools ----------------------------------------------------------------------------
@@ -504,8 +509,10 @@ class PhiCapability(AbstractCapability[Any]):
         run = self._runs.get(ctx.run_id or "")
         tool = None
         if run is not None:
-            with self._guard:
+            try:
                 tool = run.tool(call)
+            except Exception as caught:
+                self._core.fault(caught)
         if tool is None:
             return await handler(args)
         # A run started inside the tool (an agent delegated to) is its sub-agent.
@@ -514,12 +521,16 @@ class PhiCapability(AbstractCapability[Any]):
             result = await handler(args)
         except BaseException as error:
             leave_tool(token)
-            with self._guard:
+            try:
                 _tool_end(tool, call, error=error)
+            except Exception as caught:
+                self._core.fault(caught)
             raise
         leave_tool(token)
-        with self._guard:
+        try:
             _tool_end(tool, call, result=result)
+        except Exception as caught:
+            self._core.fault(caught)
         return result
 
     # -- streaming (opt-in) ---------------------------------------------------------------
@@ -535,12 +546,14 @@ class PhiCapability(AbstractCapability[Any]):
         run = self._run(ctx)
         if run is None or not isinstance(event, _STREAM_EVENTS):
             return
-        with self._core.guard():
+        try:
             reply = run.replying(ctx.model.model_name, ctx.model.system)
             if isinstance(event, pai.PartStartEvent):
                 _stream_part(reply, event.part)
             else:
                 _stream_delta(reply, event.delta)
+        except Exception as caught:
+            self._core.fault(caught)
 
 
 def _tool_end(
