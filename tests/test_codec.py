@@ -556,6 +556,39 @@ def test_a_message_changed_after_an_encode_is_written_changed_the_next_time() ->
     assert b'"b.txt"' in ps.encode(record.events[2].event) and b'"b.txt"' in ps.encode(record, pretty=False)
 
 
+@pytest.mark.parametrize("where", ["metadata", "children", "history"])
+def test_del_bytes_in_a_session_are_written_as_they_are(where: str) -> None:
+    # The pretty form marks each request history with a DEL byte and finds the marks
+    # again: a DEL of the document's own, before or after them, is not taken for one.
+    text = "\x7f" if where != "history" else 'a\x7f"\x7f"'
+    said = ps.UserMessage(content=(ps.TextContent(text=text),), timestamp=1)
+    stamp = ps.Timestamp.parse("2025-06-01T09:00:00Z")
+    record = LoopRecord.start(loop_id="l", session_id="s", agent_id="a", started_at=stamp)
+    record.metadata = {"note": "\x7f"} if where == "metadata" else None
+    record.children_loop_ids = ["\x7f"] if where == "children" else []
+    record.messages = [said]
+    record.events = [
+        LoopEvent(
+            sequence=i,
+            event=ps.TurnRequest(
+                loop_id="l", turn_index=i, payload=request_payload((said,) * i), timestamp=stamp
+            ),
+        )
+        for i in range(3)
+    ]
+    session = ps.Session(
+        session_id="s",
+        agent_id="a",
+        created_at=stamp,
+        last_active_at=stamp,
+        formation=ps.SessionFormation.first_loop(stamp),
+        loops=[record],
+    )
+    data = ps.encode(session)
+    assert data == _unshared_encoding(session)
+    assert ps.encode(record) == msgspec.json.format(ps.encode(record, pretty=False), indent=2)
+
+
 def test_a_store_can_write_its_own_form_of_each_message() -> None:
     from phi_session.codec import encode_loop, encode_loop_with, encode_plain_message
 

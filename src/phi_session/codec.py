@@ -10,7 +10,7 @@ sorted, free-form values sorted, nanosecond timestamps, float32 temperatures.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar, Union, cast
 
 import msgspec
 from msgspec.structs import force_setattr, replace
@@ -284,12 +284,14 @@ class _MessageBytes:
     whatever may have changed since (a tool call's argument dict, say).
     """
 
-    __slots__ = ("_encode", "_held", "_memo")
+    __slots__ = ("_encode", "_held", "_memo", "_pretty", "known")
 
     def __init__(self, encode: Callable[[Any], bytes]) -> None:
         self._encode = encode
         self._memo: dict[int, msgspec.Raw] = {}
         self._held: list[Any] = []
+        self._pretty: dict[int, bytes] = {}
+        self.known: Callable[[int], msgspec.Raw | None] = self._memo.get  # by id(message)
 
     def one(self, message: Any) -> msgspec.Raw:
         raw = self._memo.get(id(message))
@@ -299,25 +301,78 @@ class _MessageBytes:
         return raw
 
     def many(self, messages: tuple[Any, ...] | list[Any]) -> tuple[msgspec.Raw, ...]:
-        get, one = self._memo.get, self.one
+        known, one = self.known, self.one
         # Encoded messages are never empty (a Raw of no bytes would be falsy).
-        return tuple([get(id(m)) or one(m) for m in messages])
+        return tuple([known(id(m)) or one(m) for m in messages])
+
+    def pretty(self, message: Any) -> bytes:
+        """The message's bytes pretty-printed, indented as at the top of a document."""
+        data = self._pretty.get(id(message))
+        if data is None:
+            data = self._pretty[id(message)] = msgspec.json.format(self.one(message), indent=2)
+        return data
 
 
 class _Mapped:
     """Messages in one form written as a caller's function makes them (`encode_loop_with`)."""
 
-    __slots__ = ("one",)
+    __slots__ = ("known", "one")
 
     def __init__(self, fn: MessageFn) -> None:
+        self.known: Callable[[int], None] = cast(Any, {}).get  # none: every message goes through `one`
         self.one = fn
 
     def many(self, messages: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
         return tuple(map(self.one, messages))
 
 
-_Form = _MessageBytes | _Mapped
+# The pretty form of a document is json.format over its compact bytes, except for the
+# histories that requests carry: each TurnRequest carries the conversation so far, and
+# formatting that would format each message again and again (json.format writes about
+# 1 GB/s here, bytes.join ten times that). Each non-empty history is a marker in the
+# skeleton instead; once that is formatted, the history's pretty bytes are joined in at
+# its marker, each distinct message formatted once and indented once per depth. The
+# marker holds a DEL byte, which msgspec writes as it is and bytes.find locates with
+# memchr (a search for a longer needle runs no faster than json.format); a document
+# with DEL bytes of its own is formatted whole. Other messages repeat at different
+# depths or a few times: splicing them measured slower than formatting them in place.
+_DEL = b"\x7f"
+_MARKER = msgspec.Raw(b'"\x7f"')
 
+
+class _PrettyHistories:
+    """Plain-form histories whose messages stand at one depth of a pretty document: each
+    written as the marker, the pieces of its pretty bytes appended to ``pieces``."""
+
+    __slots__ = ("_bytes", "_close", "_memo", "_newline", "_open", "_pieces", "_separator")
+
+    def __init__(self, messages: _MessageBytes, depth: int, pieces: list[list[bytes]]) -> None:
+        self._bytes = messages
+        self._memo: dict[int, bytes] = {}  # ids of messages that `messages` holds
+        self._pieces = pieces
+        self._newline = b"\n" + b" " * depth
+        self._open, self._separator = b"[" + self._newline, b"," + self._newline
+        self._close = self._newline[:-2] + b"]"
+
+    def many(self, messages: tuple[Any, ...] | list[Any]) -> Any:
+        if not messages:
+            return messages  # written []
+        memo = self._memo
+        found = list(map(memo.get, map(id, messages)))  # a history: mostly messages met before
+        index = 0
+        while not all(found):  # pieces are never empty
+            index = found.index(None, index)
+            message = messages[index]
+            found[index] = memo[id(message)] = self._bytes.pretty(message).replace(b"\n", self._newline)
+        pieces = [self._separator] * (2 * len(found) + 1)
+        pieces[1::2] = cast(list[bytes], found)
+        pieces[0], pieces[-1] = self._open, self._close
+        self._pieces.append(pieces)
+        return _MARKER
+
+
+_Form = _MessageBytes | _Mapped
+_Histories = _MessageBytes | _Mapped | _PrettyHistories
 
 # The streaming events (MessageStart, MessageUpdate, MessageEnd) are most of a loop's
 # events and carry one agent-form message: their skeletons are made inline, by field.
@@ -329,32 +384,49 @@ _ONE_AGENT_MESSAGE = {
 
 
 class _Skeleton:
-    """Makes the skeletons of events and loop records: each agent-form message written as
-    ``agent`` makes it, each plain-form one as ``plain`` does."""
+    """Makes the skeletons of events and loop records: each message written by
+    ``forms[agent]`` (by its form), except the histories that requests carry, written
+    by ``histories(depth)``, depth being the indentation of a history's messages in a
+    pretty loop record (whose fields stand at 2).
 
-    __slots__ = ("_forms",)
+    A document's histories are met in document order (a `_PrettyHistories` relies on
+    it): a loop's turns before its events.
+    """
 
-    def __init__(self, agent: _Form, plain: _Form) -> None:
-        self._forms = (plain, agent)  # indexed by MessageField.agent
+    __slots__ = ("_event_fields", "_forms", "_request")
+
+    def __init__(self, forms: tuple[_Form, _Form], histories: Callable[[int], _Histories]) -> None:
+        self._forms = forms  # indexed by MessageField.agent
+        self._request = histories(10)
+        self._event_fields = {
+            tp: tuple((field.name, field.within, self._writer(field, histories)) for field in fields)
+            for tp, fields in MESSAGE_FIELDS.items()
+        }
+
+    def _writer(self, field: MessageField, histories: Callable[[int], _Histories]) -> MessageFn:
+        if field.within is not None and not field.agent:  # a request's history
+            return histories(12).many
+        form = self._forms[field.agent]
+        return form.many if field.many else form.one
 
     def event(self, event: Any) -> Any:
-        fields = MESSAGE_FIELDS.get(type(event))
+        fields = self._event_fields.get(type(event))
         return event if fields is None else self._event(event, fields)
 
-    def _event(self, event: Any, fields: tuple[MessageField, ...]) -> Any:
+    def _event(self, event: Any, fields: tuple[tuple[str, str | None, MessageFn], ...]) -> Any:
         skeleton = event.__copy__()  # a copy no one else holds yet: set its fields
-        for name, many, agent, within in fields:
-            form, value = self._forms[agent], getattr(event, name)
+        for name, within, write in fields:
+            value = getattr(event, name)
             if within is not None:
                 inner = value.__copy__()
-                force_setattr(inner, within, form.many(getattr(value, within)))
+                force_setattr(inner, within, write(getattr(value, within)))
                 force_setattr(skeleton, name, inner)
             else:
-                force_setattr(skeleton, name, form.many(value) if many else form.one(value))
+                force_setattr(skeleton, name, write(value))
         return skeleton
 
     def _turn(self, turn: Turn) -> Turn:
-        plain, agent = self._forms
+        agent = self._forms[True]
         skeleton = _copy(turn)
         force_setattr(skeleton, "input_messages", agent.many(turn.input_messages))
         force_setattr(skeleton, "output_message", agent.one(turn.output_message))
@@ -362,7 +434,7 @@ class _Skeleton:
         payload = turn.request_payload
         if payload is not None:
             payload = _copy(payload)
-            force_setattr(payload, "messages", plain.many(payload.messages))
+            force_setattr(payload, "messages", self._request.many(payload.messages))
             force_setattr(skeleton, "request_payload", payload)
         return skeleton
 
@@ -377,19 +449,23 @@ class _Skeleton:
         skeleton = _copy(record)
         force_setattr(skeleton, "messages", self._forms[True].many(record.messages))
         skeleton.turns = [self._turn(turn) for turn in record.turns]
-        fields_of, event, agent = MESSAGE_FIELDS.get, self._event, self._forms[True]
-        events = []
+        fields_of, event_of, agent = self._event_fields.get, self._event, self._forms[True]
+        known, one = agent.known, agent.one
+        events: list[LoopEvent] = []
+        append = events.append
         for item in record.events:
-            name = _ONE_AGENT_MESSAGE.get(type(item.event))
+            event: Any = item.event
+            name = _ONE_AGENT_MESSAGE.get(type(event))
             if name is not None:
-                skeleton_event = _copy(item.event)
-                force_setattr(skeleton_event, name, agent.one(getattr(item.event, name)))
-                item = LoopEvent(sequence=item.sequence, event=skeleton_event)
+                message = getattr(event, name)
+                copy = event.__copy__()
+                force_setattr(copy, name, known(id(message)) or one(message))
+                append(LoopEvent(sequence=item.sequence, event=copy))
             else:
-                fields = fields_of(type(item.event))
+                fields = fields_of(type(event))
                 if fields is not None:
-                    item = LoopEvent(sequence=item.sequence, event=event(item.event, fields))
-            events.append(item)
+                    item = LoopEvent(sequence=item.sequence, event=event_of(event, fields))
+                append(item)
         skeleton.events = events
         block = record.compaction_block
         if isinstance(block, CompactionBlock):
@@ -408,9 +484,35 @@ def _copy(struct: _S) -> _S:
     return struct.__copy__()  # type: ignore[attr-defined,no-any-return]
 
 
+def _forms() -> tuple[_MessageBytes, _MessageBytes]:
+    """For one document: every distinct message encoded once, in each form it takes
+    (indexed by ``MessageField.agent``)."""
+    return _MessageBytes(encode_plain_message), _MessageBytes(encode_message)
+
+
 def _skeleton() -> _Skeleton:
-    """For one document: every distinct message encoded once, in each form it takes."""
-    return _Skeleton(_MessageBytes(encode_message), _MessageBytes(encode_plain_message))
+    forms = _forms()
+    return _Skeleton(forms, lambda _depth: forms[False])
+
+
+def _pretty(document: Callable[[_Skeleton], Any], depth: int) -> bytes:
+    """The pretty bytes of what `document` makes from a skeleton maker, its loop
+    records standing at `depth` (their fields at ``depth + 2``)."""
+    forms, histories = _forms(), list[list[bytes]]()
+    skeleton = _Skeleton(forms, lambda at: _PrettyHistories(forms[False], depth + at, histories))
+    text = msgspec.json.format(_plain.encode(document(skeleton)), indent=2)
+    if not histories:
+        return text
+    view, joined, start = memoryview(text), list[bytes | memoryview](), 0
+    for pieces in histories:  # each marker, in order, is the next DEL byte...
+        at = text.find(_DEL, start)
+        joined.append(view[start : at - 1])  # up to the marker's opening quote
+        joined += pieces
+        start = at + 2
+    if text.find(_DEL, start) != -1:  # ...unless the document holds DEL bytes of its own
+        return msgspec.json.format(_plain.encode(document(_skeleton())), indent=2)
+    joined.append(view[start:])
+    return b"".join(joined)
 
 
 def encode_event(event: AgentEvent) -> bytes:
@@ -435,21 +537,20 @@ def decode_record(data: bytes | str, kind: type[_RecordT]) -> _RecordT:
     return decoded
 
 
-# The pretty form is msgspec.json.format over the whole compact document. Formatting a
-# skeleton with a marker per message (or per message list) and splicing in each distinct
-# message formatted once measured no faster on the realistic benchmark (instructions
-# within 5%, time 0.65-1.0x): finding the markers and joining the pieces copies as many
-# bytes as json.format writes.
 def encode_session(session: Session, *, pretty: bool = True) -> bytes:
     """A session file's bytes: pretty-printed (two spaces), no final newline."""
-    skeleton = _skeleton()
-    data = _plain.encode(replace(session, loops=[skeleton.loop(record) for record in session.loops]))
-    return msgspec.json.format(data, indent=2) if pretty else data
+
+    def document(skeleton: _Skeleton) -> Session:
+        return replace(session, loops=[skeleton.loop(record) for record in session.loops])
+
+    return _pretty(document, 4) if pretty else _plain.encode(document(_skeleton()))
 
 
 def encode_loop(record: LoopRecord, *, pretty: bool = True) -> bytes:
-    data = _plain.encode(_skeleton().loop(record))
-    return msgspec.json.format(data, indent=2) if pretty else data
+    def document(skeleton: _Skeleton) -> LoopRecord:
+        return skeleton.loop(record)
+
+    return _pretty(document, 0) if pretty else _plain.encode(document(_skeleton()))
 
 
 def encode_loop_with(record: LoopRecord, *, agent: MessageFn, plain: MessageFn) -> bytes:
@@ -458,7 +559,8 @@ def encode_loop_with(record: LoopRecord, *, agent: MessageFn, plain: MessageFn) 
     return a ``msgspec.Raw``, written as it is. With `encode_message` and
     `encode_plain_message` behind them, these are `encode_loop`'s bytes; a store
     writes references instead, to keep each distinct message once."""
-    return _plain.encode(_Skeleton(_Mapped(agent), _Mapped(plain)).loop(record))
+    forms = (_Mapped(plain), _Mapped(agent))
+    return _plain.encode(_Skeleton(forms, lambda _depth: forms[False]).loop(record))
 
 
 def encode(obj: Session | LoopRecord | AgentEvent | AgentMessage, *, pretty: bool | None = None) -> bytes:
