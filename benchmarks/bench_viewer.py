@@ -92,15 +92,13 @@ def huge_session(loops: int, session_id: str = "huge-session") -> Session:
                 loop_id=loop_id,
                 session_id=session_id,
                 parent_loop_id=None if index == 0 else records[-1].loop_id,
-                children_loop_ids=[],
-                child_loop_refs=[],
-                events=list(
-                    source.events
-                ),  # the events keep the template's loop id: the viewer does not mind
+                children_loop_ids=(),
+                child_loop_refs=(),
+                events=source.events,  # the events keep the template's loop id: the viewer does not mind
             )
         )
         if index:
-            records[-2].children_loop_ids.append(loop_id)
+            records[-2].children_loop_ids = (loop_id,)
     return msgspec.structs.replace(template, session_id=session_id, loops=records)
 
 

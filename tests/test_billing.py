@@ -121,7 +121,7 @@ def cut_session() -> tuple[Session, Usage]:
 def test_the_unfinished_turn_is_billed_but_not_written() -> None:
     session, reported = cut_session()
     [loop] = session.loops
-    assert loop.status == "Aborted" and loop.turns == [] and loop.usage == ZERO_USAGE
+    assert loop.status == "Aborted" and loop.turns == () and loop.usage == ZERO_USAGE
     assert reported.output > 0
     assert loop.unfinished_usage() == loop.billed_usage() == reported
     assert b"unfinished" not in encode_session(session)  # phi-core's bytes, nothing added

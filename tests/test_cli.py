@@ -419,7 +419,7 @@ def test_show_renders_a_long_continuation_chain(tmp_path: Path) -> None:
         for i in range(count)
     ]
     for record, child in itertools.pairwise(loops):
-        record.children_loop_ids.append(child.loop_id)
+        record.children_loop_ids = (child.loop_id,)
     JsonDirStore(tmp_path / "chain").save(
         Session(
             session_id="chain",

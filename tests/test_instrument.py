@@ -342,7 +342,7 @@ def test_continuation_rerun_and_branch() -> None:
         "Continuation",
         "Branch",
     ]
-    assert records[origin.loop_id].children_loop_ids == [follow.loop_id, branch.loop_id]
+    assert records[origin.loop_id].children_loop_ids == (follow.loop_id, branch.loop_id)
     assert records[branch.loop_id].metadata == {"why": "explore"}
     assert [lp.loop_id.rsplit(".", 1)[1] for lp in (origin, follow, rerun, branch)] == ["1", "2", "3", "4"]
 
@@ -506,7 +506,7 @@ def test_rejecting_the_initial_input_ends_the_loop_rejected() -> None:
     assert (record.status, record.rejection, record.messages, record.usage) == (
         "Rejected",
         "prompt injection",
-        [],
+        (),
         ps.Usage(input=0, output=0),
     )
 
@@ -547,7 +547,7 @@ def test_compaction_pass_and_compaction_inside_a_turn() -> None:
     records = {r.loop_id: r for r in h.session().loops}
     assert records[compaction.loop_id].kind == ps.COMPACTION
     assert records[compaction.loop_id].parent_loop_id == origin.loop_id
-    assert records[origin.loop_id].children_loop_ids == [compaction.loop_id]
+    assert records[origin.loop_id].children_loop_ids == (compaction.loop_id,)
 
 
 def test_a_failed_compaction_emits_no_end() -> None:
@@ -591,7 +591,7 @@ def test_parallel_group_announces_runs_and_selects() -> None:
     assert all(
         g is not None and g.evaluation_usage == usage(7) and g.selected_config_index == 1 for g in groups
     )
-    assert records[origin.loop_id].children_loop_ids == list(group.loop_ids)
+    assert records[origin.loop_id].children_loop_ids == group.loop_ids
     with h.tracer.parallel([SNAP]) as bad, pytest.raises(ValueError):
         bad.select("not-a-branch")
 
@@ -641,14 +641,14 @@ def test_sub_agent_runs_in_its_own_session_linked_both_ways() -> None:
     assert tool_end.child_loop_id == child.loop_id and tool_end.result.child_loop_id == child.loop_id
     sessions = {s.session_id: s for s in h.sessions()}
     [parent_record] = sessions[parent.session_id].loops
-    assert parent_record.child_loop_refs == [
+    assert parent_record.child_loop_refs == (
         ps.ChildLoopRef(
             tool_call_id="call1",
             tool_name="research",
             child_loop_id=child.loop_id,
             child_session_id=child.session_id,
-        )
-    ]
+        ),
+    )
     child_session = sessions[child.session_id]
     assert child_session.parent_spawn_ref == ps.SpawnRef(
         parent_session_id=parent.session_id,

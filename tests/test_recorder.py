@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import gc
 import logging
 import threading
+import types
 from typing import Any
 
 import msgspec
@@ -207,7 +210,7 @@ def test_continuations_link_children_in_finish_order() -> None:
     ]
     _, [session] = record(events)
     root = session.get_loop("s.c.1")
-    assert root is not None and root.children_loop_ids == ["s.c.3", "s.c.2"]
+    assert root is not None and root.children_loop_ids == ("s.c.3", "s.c.2")
     assert [r.loop_id for r in session.root_loops()] == ["s.c.1"]
     assert session.loop_chain_to("s.c.2") == ["s.c.1", "s.c.2"]
     assert [r.loop_id for r in session.loops] == ["s.c.1", "s.c.3", "s.c.2"]  # completion order
@@ -230,15 +233,15 @@ def test_sub_agent_links_both_ways() -> None:
     ]
     _, sessions = record(events)
     by_id = {s.session_id: s for s in sessions}
-    assert by_id["p"].loops[0].child_loop_refs == [
+    assert by_id["p"].loops[0].child_loop_refs == (
         ps.ChildLoopRef(
             tool_call_id="t9", tool_name="researcher", child_loop_id="k.sub.1", child_session_id="k"
-        )
-    ]
+        ),
+    )
     assert by_id["k"].parent_spawn_ref == ps.SpawnRef(
         parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="t9", tool_name="researcher"
     )
-    assert by_id["p"].loops[0].children_loop_ids == []
+    assert by_id["p"].loops[0].children_loop_ids == ()
 
 
 def test_parallel_group_marks_the_winner() -> None:
@@ -366,7 +369,7 @@ def test_a_held_session_id_seen_again_joins_its_session() -> None:
     [session] = recorder.drain_completed()
     assert opened == ["s"]
     assert [r.loop_id for r in session.loops] == ["s.c.1", "s.c.2"]
-    assert session.get_loop("s.c.1").children_loop_ids == ["s.c.2"]  # type: ignore[union-attr]
+    assert session.get_loop("s.c.1").children_loop_ids == ("s.c.2",)  # type: ignore[union-attr]
     assert session.last_active_at == ts(5)
 
 
@@ -392,7 +395,7 @@ def test_flush_aborts_open_loops_in_start_order_and_links_them() -> None:
         ("s.c.3", "Aborted"),
         ("s.c.2", "Aborted"),
     ]
-    assert session.get_loop("s.c.1").children_loop_ids == ["s.c.3", "s.c.2"]  # type: ignore[union-attr]
+    assert session.get_loop("s.c.1").children_loop_ids == ("s.c.3", "s.c.2")  # type: ignore[union-attr]
     assert all(r.ended_at is None for r in session.loops[1:])
 
 
@@ -406,7 +409,7 @@ def test_sub_agent_detection_uses_what_the_recorder_saw() -> None:
     ]
     _, [session] = record(events)
     assert session.parent_spawn_ref is None
-    assert session.get_loop("0f1e2d3c").children_loop_ids == ["s.c.2"]  # type: ignore[union-attr]
+    assert session.get_loop("0f1e2d3c").children_loop_ids == ("s.c.2",)  # type: ignore[union-attr]
 
 
 def test_child_started_after_the_tool_ended_still_gets_a_complete_spawn_ref() -> None:
@@ -744,3 +747,84 @@ def test_callbacks_run_in_order_and_a_wrapper_can_defer_them() -> None:
             recorder.checkpoint()
             assert order == []  # held back while the wrapper's lock is held
     assert order == ["open a", "open b", "done a"]
+
+
+# -- what the cyclic GC walks (issue 11: per-event cost must not grow with what is held) --
+
+
+def sub_agent_session(session: str) -> list[ps.AgentEvent]:
+    """A loop with a tool turn whose tool spawns a sub-agent, then a continuation of it."""
+    root, child = f"{session}.c.1", f"{session}-k.sub.1"
+    return [
+        start(root, session),
+        *turn(root, calls=1),
+        start(child, f"{session}-k", parent=root, agent="child"),
+        end(child),
+        ps.ToolExecutionEnd(
+            loop_id=root,
+            tool_call_id="t9",
+            tool_name="researcher",
+            result=ps.ToolResult(content=(), child_loop_id=child),
+            is_error=False,
+        ),
+        end(root, at=3, messages=(assistant("done"),)),
+        start(f"{session}.c.2", session, at=4, parent=root, kind=ps.DEFAULT),
+        *turn(f"{session}.c.2", at=5),
+        end(f"{session}.c.2", at=7, messages=(assistant("more"),)),
+    ]
+
+
+def test_finished_records_hold_tuples_the_collector_stops_tracking() -> None:
+    _, sessions = record(sub_agent_session("s"))
+    gc.collect()
+    [root] = [r for s in sessions for r in s.loops if r.loop_id == "s.c.1"]
+    assert root.children_loop_ids == ("s.c.2",) and len(root.child_loop_refs) == 1
+    assert len(root.turns) == 1 and len(root.messages) == 1
+    for session in sessions:
+        for loop in session.loops:
+            assert type(loop.events) is tuple
+            for name in ("messages", "turns", "children_loop_ids", "child_loop_refs"):
+                value = getattr(loop, name)
+                assert type(value) is tuple and not gc.is_tracked(value), (loop.loop_id, name)
+
+
+def tracked_containers(root: object) -> collections.Counter[str]:
+    """The lists, tuples and dicts the cyclic GC tracks that `root` reaches through tracked objects."""
+    seen, stack, found = {id(root)}, [root], collections.Counter[str]()
+    while stack:
+        for ref in gc.get_referents(stack.pop()):
+            if id(ref) in seen or not gc.is_tracked(ref) or isinstance(ref, type | types.ModuleType):
+                continue
+            seen.add(id(ref))
+            stack.append(ref)
+            if type(ref) in (list, tuple, dict):
+                found[type(ref).__name__] += 1
+    return found
+
+
+def test_a_held_session_adds_few_containers_for_the_collector_to_walk() -> None:
+    # What each held session adds: its loop list, its first-record-per-loop dict and one
+    # event tuple per loop (LoopEvent is gc=True: it may hold an AgentStart's metadata).
+    counts = []
+    for sessions in (2, 4):
+        recorder = SessionRecorder()
+        for n in range(sessions):
+            recorder.record_all(sub_agent_session(f"s{n}"))
+        recorder.flush()
+        gc.collect()
+        counts.append(tracked_containers(vars(recorder)))
+        recorder.drain_completed()
+    per_session = {kind: (counts[1][kind] - counts[0][kind]) // 2 for kind in counts[1] | counts[0]}
+    # two sessions each time (the sub-agent's, with one loop): 2 lists, 2 dicts, 3 loops
+    assert {kind: count for kind, count in per_session.items() if count} == {"list": 2, "dict": 2, "tuple": 3}
+
+
+def test_current_loop_is_a_snapshot_of_what_the_open_loop_gathered() -> None:
+    recorder = SessionRecorder()
+    recorder.record_all([start("s.c.1", "s"), *turn("s.c.1")])
+    loop = recorder.current_loop("s.c.1")
+    assert loop is not None and len(loop.turns) == 1 and type(loop.events) is tuple
+    recorder.on_event(end("s.c.1"))
+    assert len(loop.events) == 5  # what it was when taken
+    [session] = recorder.sessions()
+    assert len(session.loops[0].events) == 6

@@ -263,7 +263,7 @@ def test_replay_with_recorded_tools_reproduces_the_loop_without_model_or_tools(w
     assert [view(m) for m in merged.context_at(replay.loop_id)] == views(original)
     assert merged.context_chain_to(replay.loop_id) == [replay.loop_id]
     # The original session is untouched, apart from the new child link.
-    assert merged.get_loop(original.loop_id).children_loop_ids == [replay.loop_id]  # type: ignore[union-attr]
+    assert merged.get_loop(original.loop_id).children_loop_ids == (replay.loop_id,)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

@@ -152,10 +152,10 @@ def test_a_continuation_saved_after_a_drain_is_linked_to_its_parent() -> None:
     stored = make_session("s", loops=[make_loop("s", 1)])
     incoming = make_session("s", loops=[make_loop("s", 2, parent_index=1), make_loop("s", 3, parent_index=9)])
     merged = merge_sessions(stored, incoming)
-    assert merged.loops[0].children_loop_ids == ["s.cfg.2"]  # .9 is not in this session
-    assert stored.loops[0].children_loop_ids == []  # the inputs are not modified
+    assert merged.loops[0].children_loop_ids == ("s.cfg.2",)  # .9 is not in this session
+    assert stored.loops[0].children_loop_ids == ()  # the inputs are not modified
     running = make_session("s", loops=[make_loop("s", 2, status="Running", parent_index=1)])
-    assert merge_sessions(stored, running).loops[0].children_loop_ids == []  # not finished yet
+    assert merge_sessions(stored, running).loops[0].children_loop_ids == ()  # not finished yet
 
 
 def test_unchanged_loops_are_not_linked() -> None:
@@ -168,13 +168,13 @@ def test_unchanged_loops_are_not_linked() -> None:
 def test_links_of_a_replaced_version_are_kept() -> None:
     ref = ChildLoopRef(tool_call_id="c", tool_name="t", child_loop_id="k.cfg.1", child_session_id="k")
     linked = make_loop("s", 1, events=1)
-    linked.children_loop_ids = ["s.cfg.2"]
-    linked.child_loop_refs = [ref]
+    linked.children_loop_ids = ("s.cfg.2",)
+    linked.child_loop_refs = (ref,)
     later = make_loop("s", 1, events=2)
     merged = merge_sessions(make_session("s", loops=[linked]), make_session("s", loops=[later]))
     assert len(merged.loops[0].events) == 2
-    assert merged.loops[0].children_loop_ids == ["s.cfg.2"]
-    assert merged.loops[0].child_loop_refs == [ref]
+    assert merged.loops[0].children_loop_ids == ("s.cfg.2",)
+    assert merged.loops[0].child_loop_refs == (ref,)
 
 
 # -- properties ----------------------------------------------------------------------------

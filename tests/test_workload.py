@@ -107,7 +107,7 @@ def test_recording_gives_the_expected_sessions(small: list[bytes]) -> None:
         assert all(r.status == "Completed" for r in session.loops)
         assert [r.turn_count() for r in session.loops] == [workload.TURNS_PER_LOOP] * len(session.loops)
         first = session.loops[0]
-        assert first.children_loop_ids == [r.loop_id for r in session.loops[1:]]
+        assert first.children_loop_ids == tuple(r.loop_id for r in session.loops[1:])
         assert first.tool_call_count() == (workload.TURNS_PER_LOOP - 1) * workload.TOOLS_PER_TURN
         stop_reasons = [
             t.output_message.stop_reason

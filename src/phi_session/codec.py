@@ -199,7 +199,7 @@ def map_loop_messages(record: LoopRecord, fn: MessageFn) -> LoopRecord:
         )
     return replace(
         record,
-        messages=[fn(m) for m in record.messages],
+        messages=[fn(m) for m in record.messages],  # made tuples by LoopRecord
         turns=[_map_turn(t, fn) for t in record.turns],
         events=events,
         compaction_block=block,
@@ -448,7 +448,8 @@ class _Skeleton:
     def loop(self, record: LoopRecord) -> LoopRecord:
         skeleton = _copy(record)
         force_setattr(skeleton, "messages", self._forms[True].many(record.messages))
-        skeleton.turns = [self._turn(turn) for turn in record.turns]
+        # Lists: the skeleton is only encoded (as arrays, like the record's tuples).
+        force_setattr(skeleton, "turns", [self._turn(turn) for turn in record.turns])
         fields_of, event_of, agent = self._event_fields.get, self._event, self._forms[True]
         known, one = agent.known, agent.one
         events: list[LoopEvent] = []
@@ -466,7 +467,7 @@ class _Skeleton:
                 if fields is not None:
                     item = LoopEvent(sequence=item.sequence, event=event_of(event, fields))
                 append(item)
-        skeleton.events = events
+        force_setattr(skeleton, "events", events)
         block = record.compaction_block
         if isinstance(block, CompactionBlock):
             block = _copy(block)

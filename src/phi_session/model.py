@@ -1,14 +1,17 @@
 """The session model: Session -> LoopRecords -> Turns, with cross-session links.
 
 `Session` and `LoopRecord` are mutable only so the recorder can build them; once a
-loop is closed treat its record as finished. Field order is phi-core's, so encoding
-gives phi-core's bytes. Extra phi-session fields (``rejected``, ``error``) are
-written only when set, and phi-core ignores them.
+loop is closed treat its record as finished. A record's collections are tuples
+(lists given to it are made tuples), so a finished record cannot change under a
+reader. Field order is phi-core's, so encoding gives phi-core's bytes. Extra
+phi-session fields (``rejected``, ``error``) are written only when set, and phi-core
+ignores them.
 
 Garbage collection: the structs that hold a user's ``metadata`` (`Session`,
 `LoopRecord`, `LoopEvent`, `events.AgentStart`) are tracked by the cyclic GC, so
 metadata that refers back to its record, session or recorder is collected. The
-other records are ``gc=False`` (far less GC work on large sessions); the free JSON
+other records are ``gc=False`` (far less GC work on large sessions), and so, once
+the GC has seen them, are a record's tuples of them (all but ``events``); the free JSON
 values inside messages and tool events (``arguments``, ``args``, ``details``,
 ``data``, ``schema``) are data: mutating one of them to refer back to a record
 that holds it makes a cycle the GC cannot collect.
@@ -221,7 +224,8 @@ class LoopRecord(msgspec.Struct, kw_only=True):
     """A complete record of one agent-loop execution.
 
     Required fields are required when decoding too; `LoopRecord.start` builds the
-    record of a loop that has just begun.
+    record of a loop that has just begun. Lists given for ``messages``, ``turns``,
+    ``events``, ``children_loop_ids`` or ``child_loop_refs`` are stored as tuples.
     """
 
     loop_id: str
@@ -234,19 +238,31 @@ class LoopRecord(msgspec.Struct, kw_only=True):
     status: LoopStatus
     rejection: str | None = None
     config: LoopConfigSnapshot | None = None
-    messages: list[AgentMessage]
-    turns: list[Turn] = msgspec.field(default_factory=list)
+    messages: tuple[AgentMessage, ...]
+    turns: tuple[Turn, ...] = ()
     usage: Usage
     metadata: Any = None
-    events: list[LoopEvent]
-    children_loop_ids: list[str]
-    child_loop_refs: list[ChildLoopRef]
+    events: tuple[LoopEvent, ...]
+    children_loop_ids: tuple[str, ...]
+    child_loop_refs: tuple[ChildLoopRef, ...]
     parallel_group: ParallelGroupRecord | None = None
     compaction_block: CompactionBlock | msgspec.UnsetType | None = msgspec.UNSET
     error: str | msgspec.UnsetType = msgspec.UNSET
     """phi-session extension: why the loop failed, when it did (ignored by phi-core)."""
 
     def __post_init__(self) -> None:
+        # Tuples, not lists: the GC stops tracking a tuple of gc=False records once it
+        # has seen it, so its full collections do not walk every message held.
+        if type(self.messages) is not tuple:
+            self.messages = tuple(self.messages)
+        if type(self.turns) is not tuple:
+            self.turns = tuple(self.turns)
+        if type(self.events) is not tuple:
+            self.events = tuple(self.events)
+        if type(self.children_loop_ids) is not tuple:
+            self.children_loop_ids = tuple(self.children_loop_ids)
+        if type(self.child_loop_refs) is not tuple:
+            self.child_loop_refs = tuple(self.child_loop_refs)
         if self.continuation_kind is None:  # null means Initial here (not in AgentStart)
             self.continuation_kind = INITIAL
         if self.compaction_block is None:  # "skipped when empty": null reads as absent
@@ -276,13 +292,12 @@ class LoopRecord(msgspec.Struct, kw_only=True):
             started_at=started_at,
             status=status,
             config=config,
-            messages=[],
-            turns=[],
+            messages=(),
             usage=ZERO_USAGE,
             metadata=metadata,
-            events=[],
-            children_loop_ids=[],
-            child_loop_refs=[],
+            events=(),
+            children_loop_ids=(),
+            child_loop_refs=(),
         )
 
     @property

@@ -103,19 +103,39 @@ class _PartialTurn:
 
 
 class _OpenLoop:
-    __slots__ = ("next_seq", "record", "session_id", "started", "turn")
+    """A loop being recorded: what it gathers is kept here, in lists, and handed to its
+    record as tuples when it closes (`finish`)."""
+
+    __slots__ = ("child_loop_refs", "events", "next_seq", "record", "session_id", "started", "turn", "turns")
 
     def __init__(self, record: LoopRecord, *, started: bool = True) -> None:
         self.record = record
         self.session_id = record.session_id
         self.next_seq = 0
         self.turn: _PartialTurn | None = None
+        self.events: list[LoopEvent] = []
+        self.turns: list[Turn] = []
+        self.child_loop_refs: list[ChildLoopRef] = []
         # Pending parallel branches are not started: they do not hold their session open.
         self.started = started
 
     def append(self, event: AgentEvent) -> None:
-        self.record.events.append(LoopEvent(self.next_seq, event))  # positional: no keyword matching
+        self.events.append(LoopEvent(self.next_seq, event))  # positional: no keyword matching
         self.next_seq += 1
+
+    def finish(self) -> None:
+        record = self.record
+        record.events, record.turns = tuple(self.events), tuple(self.turns)
+        record.child_loop_refs = tuple(self.child_loop_refs)
+
+    def snapshot(self) -> LoopRecord:
+        """A copy of the record with what the loop has gathered so far."""
+        return replace(
+            self.record,
+            events=tuple(self.events),
+            turns=tuple(self.turns),
+            child_loop_refs=tuple(self.child_loop_refs),
+        )
 
 
 class _HeldSession:
@@ -128,7 +148,7 @@ class _HeldSession:
         self.open_loops = 0
         # First closed record per loop id: O(1) parent lookups (phi-core scans).
         self.closed: dict[str, LoopRecord] = {}
-        self.events: list[AgentEvent] = []
+        self.events: tuple[AgentEvent, ...] = ()  # session-scoped: rare, and a tuple the GC drops
 
 
 class SessionRecorder:
@@ -151,7 +171,9 @@ class SessionRecorder:
         self._completed: dict[str, _HeldSession] = {}
         self._loops: dict[str, _OpenLoop] = {}
         self._loop_session: dict[str, str] = {}  # every loop id seen -> its session id
-        self._closed_by_id: dict[str, list[LoopRecord]] = {}  # per held session, first record
+        # Loop id -> the held sessions with a closed record of it (`_HeldSession.closed`);
+        # session ids, not records: tuples of strings the GC does not track.
+        self._closed_by_id: dict[str, tuple[str, ...]] = {}
         self._groups: dict[str, tuple[str, ...]] = {}
         self._open_groups: dict[str, int] = {}  # session id -> parallel groups not yet ended
         # What drained sessions are still owed, so the late information can be handed
@@ -204,7 +226,7 @@ class SessionRecorder:
                 loop = self._loops.get(event.loop_id)
                 if loop is not None and self._write_ahead is None:
                     if self._keep_deltas:  # `loop.append`, inline
-                        loop.record.events.append(LoopEvent(loop.next_seq, event))
+                        loop.events.append(LoopEvent(loop.next_seq, event))
                         loop.next_seq += 1
                     else:
                         self._dropped_deltas += 1
@@ -305,7 +327,7 @@ class SessionRecorder:
         )
         loop = _OpenLoop(record)
         if existing is not None:  # a Pending branch starts: keep what arrived before it
-            record.events = existing.record.events
+            loop.events = existing.events
             record.parallel_group = existing.record.parallel_group
             loop.next_seq, loop.turn = existing.next_seq, existing.turn
         self._loops[event.loop_id] = loop
@@ -329,7 +351,7 @@ class SessionRecorder:
         self._open[event.session_id] = held
         early = self._early_events.pop(event.session_id, None)
         if early:
-            held.events.extend(early)
+            held.events = tuple(early)
             if self.config.keep_session_events:
                 session.session_events = list(early)
         if self.config.before_task is not None:
@@ -386,7 +408,7 @@ class SessionRecorder:
         record = loop.record
         record.ended_at = event.timestamp
         record.rejection = event.rejection
-        record.messages = list(event.messages)
+        record.messages = tuple(event.messages)  # the event's own tuple, not a copy
         record.usage = event.usage
         if isinstance(event.error, str):
             record.status, record.error = "Aborted", event.error
@@ -408,6 +430,7 @@ class SessionRecorder:
             held = self._completed.pop(loop.session_id, None) or self._placeholder_session(record)
             self._open[loop.session_id] = held
         del self._loops[record.loop_id]
+        loop.finish()
         self._late_spawns.pop(record.loop_id, None)  # its tool calls have all ended
         if loop.started:
             held.open_loops -= 1
@@ -419,14 +442,15 @@ class SessionRecorder:
                 if open_parent is not None and open_parent.record.session_id == record.session_id:
                     parent = open_parent.record
             if parent is not None and record.loop_id not in parent.children_loop_ids:
-                parent.children_loop_ids.append(record.loop_id)
+                parent.children_loop_ids = (*parent.children_loop_ids, record.loop_id)
         self._add_closed(held, record)
 
     def _add_closed(self, held: _HeldSession, record: LoopRecord) -> None:
         held.session.loops.append(record)
         if record.loop_id not in held.closed:
             held.closed[record.loop_id] = record
-            self._closed_by_id.setdefault(record.loop_id, []).append(record)
+            session_id = held.session.session_id
+            self._closed_by_id[record.loop_id] = (*self._closed_by_id.get(record.loop_id, ()), session_id)
 
     def _on_turn_start(self, event: TurnStart) -> None:
         loop = self._append(event)
@@ -460,7 +484,7 @@ class SessionRecorder:
         record = loop.record
         if partial is not None:
             turn_id = partial.turn_id
-            record.turns.append(
+            loop.turns.append(
                 Turn(
                     turn_id=turn_id,
                     triggered_by=partial.trigger,
@@ -486,7 +510,7 @@ class SessionRecorder:
             or self._late_child_session(event.loop_id, child_loop_id)
             or session_id_from_loop_id(child_loop_id)
         )
-        loop.record.child_loop_refs.append(
+        loop.child_loop_refs.append(
             ChildLoopRef(
                 tool_call_id=event.tool_call_id,
                 tool_name=event.tool_name,
@@ -556,18 +580,14 @@ class SessionRecorder:
             loop = self._loops.get(loop_id)
             if loop is not None:
                 loop.record.parallel_group = group
-            for record in self._closed_by_id.get(loop_id, ()):
-                record.parallel_group = group
+            for session_id in self._closed_by_id.get(loop_id, ()):
+                held = self._open.get(session_id) or self._completed[session_id]
+                held.closed[loop_id].parallel_group = group
             for session, record in self._late_branches.pop(loop_id, ()):
                 # Drained already: amend a copy, never what was handed over.
                 self._add_closed(
                     self._amendable(session),
-                    replace(
-                        record,
-                        parallel_group=group,
-                        children_loop_ids=list(record.children_loop_ids),
-                        child_loop_refs=list(record.child_loop_refs),
-                    ),
+                    replace(record, parallel_group=group),
                 )
         for loop_id in all_ids:
             self._groups.pop(loop_id, None)
@@ -590,7 +610,7 @@ class SessionRecorder:
             else:  # the session was drained already (or never seen): keep, don't hoard
                 self._orphan(event, "parallel event for a session the recorder no longer holds")
             return
-        held.events.append(event)
+        held.events = (*held.events, event)
         if self.config.keep_session_events:
             held.session.session_events = list(held.events)
 
@@ -629,7 +649,7 @@ class SessionRecorder:
             loops=[],
         )
         held = _HeldSession(session)
-        held.events.extend(self._early_events.pop(record.session_id, ()))
+        held.events = tuple(self._early_events.pop(record.session_id, ()))
         if self.config.keep_session_events and held.events:
             session.session_events = list(held.events)
         return held
@@ -692,11 +712,10 @@ class SessionRecorder:
             for ref in record.child_loop_refs:
                 self._spawns.pop(ref.child_loop_id, None)
             self._warned_loops.discard(record.loop_id)
-            records = self._closed_by_id.get(record.loop_id)
-            if records is not None:
-                records[:] = [r for r in records if r.session_id != held.session.session_id]
-                if not records:
-                    del self._closed_by_id[record.loop_id]
+            holders = self._closed_by_id.pop(record.loop_id, ())
+            kept = tuple(session_id for session_id in holders if session_id != session.session_id)
+            if kept:
+                self._closed_by_id[record.loop_id] = kept
 
     # -- queries ------------------------------------------------------------------------
 
@@ -711,10 +730,10 @@ class SessionRecorder:
             return held.session if held is not None else None
 
     def current_loop(self, loop_id: str) -> LoopRecord | None:
-        """The open (Running or Pending) record of `loop_id`, or None."""
+        """A snapshot of the open (Running or Pending) record of `loop_id`, or None."""
         with self._lock:
             loop = self._loops.get(loop_id)
-            return loop.record if loop is not None else None
+            return loop.snapshot() if loop is not None else None
 
     def open_loop_ids(self) -> list[str]:
         with self._lock:

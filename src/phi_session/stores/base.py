@@ -467,8 +467,8 @@ def _same_loop(record: LoopRecord, loops: list[LoopRecord], candidates: list[int
     return None
 
 
-def _union(kept: list[_T], extra: list[_T]) -> list[_T]:
-    return kept + [item for item in extra if item not in kept]
+def _union(kept: tuple[_T, ...], extra: tuple[_T, ...]) -> tuple[_T, ...]:
+    return kept + tuple(item for item in extra if item not in kept)
 
 
 def _keep_links(replaced: LoopRecord, winner: LoopRecord) -> LoopRecord:
@@ -493,7 +493,7 @@ def _link_to_parents(loops: list[LoopRecord], adopted: list[LoopRecord]) -> None
         parent = loops[slot]
         if child.loop_id not in parent.children_loop_ids:
             loops[slot] = msgspec.structs.replace(
-                parent, children_loop_ids=[*parent.children_loop_ids, child.loop_id]
+                parent, children_loop_ids=(*parent.children_loop_ids, child.loop_id)
             )
 
 

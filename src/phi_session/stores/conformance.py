@@ -153,7 +153,7 @@ def make_loop(
     if status not in ("Running", "Pending"):
         record.ended_at = Timestamp.from_ns(start.ns + 500_000_000)
     record.usage = Usage(input=tokens - tokens // 4, output=tokens // 4, total_tokens=tokens)
-    record.events = [
+    record.events = tuple(
         LoopEvent(
             sequence=n,
             event=ProgressMessage(
@@ -161,7 +161,7 @@ def make_loop(
             ),
         )
         for n in range(events)
-    ]
+    )
     return record
 
 
@@ -209,7 +209,7 @@ def talking_loop(
     calls ``lookup`` with ``{"q": "{said} args"}``, and the tool returns ``result {said}``."""
     record = make_loop(session_id, index, agent_id=agent_id, started_at=started_at)
     turn_id = TurnId(loop_id=record.loop_id, turn_index=0)
-    record.messages = [
+    record.messages = (
         UserMessage(content=(TextContent(text=f"Please {said}"),), timestamp=0),
         AssistantMessage(
             content=(
@@ -232,7 +232,7 @@ def talking_loop(
             timestamp=0,
             turn_id=turn_id,
         ),
-    ]
+    )
     return record
 
 
@@ -267,18 +267,17 @@ def calls_loop(
             timestamp=0,
             turn_id=turn_id,
         )
-        record.turns.append(
-            Turn(
-                turn_id=turn_id,
-                triggered_by="User" if number == 0 else "Continuation",
-                usage=call,
-                input_messages=(),
-                output_message=reply,
-                tool_results=(),
-                started_at=start,
-                ended_at=Timestamp.from_ns(start.ns + 500_000_000),
-            )
+        turn = Turn(
+            turn_id=turn_id,
+            triggered_by="User" if number == 0 else "Continuation",
+            usage=call,
+            input_messages=(),
+            output_message=reply,
+            tool_results=(),
+            started_at=start,
+            ended_at=Timestamp.from_ns(start.ns + 500_000_000),
         )
+        record.turns = (*record.turns, turn)
         usage = usage + call
     record.usage = usage
     return record

@@ -141,7 +141,7 @@ class SessionOutline(msgspec.Struct, frozen=True, kw_only=True):
 
 def bare_loop(record: LoopRecord) -> LoopRecord:
     """`record` without its messages, turns and events."""
-    return msgspec.structs.replace(record, messages=[], turns=[], events=[])
+    return msgspec.structs.replace(record, messages=(), turns=(), events=())
 
 
 def _flat_fields(record: LoopRecord) -> dict[str, Any]:
