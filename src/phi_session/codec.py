@@ -342,13 +342,16 @@ _MARKER = msgspec.Raw(b'"\x7f"')
 
 class _PrettyHistories:
     """Plain-form histories whose messages stand at one depth of a pretty document: each
-    written as the marker, the pieces of its pretty bytes appended to ``pieces``."""
+    that repeats a message of an earlier one written as the marker, the pieces of its
+    pretty bytes appended to ``pieces``; the others (a request carrying only new
+    messages) written in place, which costs less."""
 
-    __slots__ = ("_bytes", "_close", "_memo", "_newline", "_open", "_pieces", "_separator")
+    __slots__ = ("_bytes", "_close", "_memo", "_met", "_newline", "_open", "_pieces", "_separator")
 
     def __init__(self, messages: _MessageBytes, depth: int, pieces: list[list[bytes]]) -> None:
         self._bytes = messages
         self._memo: dict[int, bytes] = {}  # ids of messages that `messages` holds
+        self._met: set[int] = set()  # of messages written in place, held by `messages` too
         self._pieces = pieces
         self._newline = b"\n" + b" " * depth
         self._open, self._separator = b"[" + self._newline, b"," + self._newline
@@ -357,8 +360,11 @@ class _PrettyHistories:
     def many(self, messages: tuple[Any, ...] | list[Any]) -> Any:
         if not messages:
             return messages  # written []
-        memo = self._memo
-        found = list(map(memo.get, map(id, messages)))  # a history: mostly messages met before
+        memo, ids = self._memo, list(map(id, messages))
+        if self._met.isdisjoint(ids) and memo.keys().isdisjoint(ids):
+            self._met.update(ids)
+            return self._bytes.many(messages)
+        found = list(map(memo.get, ids))
         index = 0
         while not all(found):  # pieces are never empty
             index = found.index(None, index)
