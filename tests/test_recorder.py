@@ -819,7 +819,7 @@ def test_a_held_session_adds_few_containers_for_the_collector_to_walk() -> None:
     assert {kind: count for kind, count in per_session.items() if count} == {"list": 2, "dict": 2, "tuple": 3}
 
 
-def test_current_loop_is_a_snapshot_of_what_the_open_loop_gathered() -> None:
+def test_current_loop_is_a_snapshot_and_has_open_loop_asks_without_one() -> None:
     recorder = SessionRecorder()
     recorder.record_all([start("s.c.1", "s"), *turn("s.c.1")])
     loop = recorder.current_loop("s.c.1")
@@ -828,3 +828,6 @@ def test_current_loop_is_a_snapshot_of_what_the_open_loop_gathered() -> None:
     assert len(loop.events) == 5  # what it was when taken
     [session] = recorder.sessions()
     assert len(session.loops[0].events) == 6
+    assert recorder.has_open_loop("s.c.2") is False and recorder.current_loop("s.c.1") is None
+    recorder.on_event(start("s.c.2", "s"))
+    assert recorder.has_open_loop("s.c.2") and not recorder.has_open_loop("s.c.1")

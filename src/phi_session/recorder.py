@@ -735,6 +735,11 @@ class SessionRecorder:
             loop = self._loops.get(loop_id)
             return loop.snapshot() if loop is not None else None
 
+    def has_open_loop(self, loop_id: str) -> bool:
+        """Whether `loop_id` is open (Running or Pending): `current_loop` without its copy."""
+        with self._lock:
+            return loop_id in self._loops
+
     def open_loop_ids(self) -> list[str]:
         with self._lock:
             return list(self._loops)

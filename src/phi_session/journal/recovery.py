@@ -180,7 +180,7 @@ def _replay(
                     seq <= checkpoint.settled_through
                     and loop_id is not None
                     and type(event) is not AgentStart
-                    and recorder.current_loop(loop_id) is None
+                    and not recorder.has_open_loop(loop_id)
                 ):
                     # Its loop started before the checkpoint: the live writer saved it (`release`).
                     report.events_already_stored += 1
