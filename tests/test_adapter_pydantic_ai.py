@@ -33,7 +33,7 @@ from pydantic_ai.usage import RequestUsage
 from phi_session import codec
 from phi_session.adapters import pydantic_ai as adapter
 from phi_session.adapters.pydantic_ai import PhiCapability
-from phi_session.events import DEFAULT, INITIAL, MessageUpdate, ToolExecutionEnd
+from phi_session.events import DEFAULT, INITIAL, AgentStart, MessageUpdate, ToolExecutionEnd
 from phi_session.messages import AssistantMessage, ToolCall, ToolResultMessage, UserMessage
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
@@ -126,6 +126,16 @@ def test_a_run_with_tools_is_one_loop_with_a_turn_per_model_request() -> None:
     responses = [m for m in result.all_messages() if isinstance(m, ModelResponse)]
     assert [m.usage.input for m in (call, answer)] == [r.usage.input_tokens for r in responses]
     assert loop.usage.output == sum(r.usage.output_tokens for r in responses)
+
+
+def test_every_run_of_an_agent_announces_one_config_snapshot() -> None:
+    # One object for all of them: its loop-id segment and redacted form are derived once.
+    events: list[Any] = []
+    agent = tools_agent(PhiCapability(events.append))
+    agent.run_sync("one")
+    agent.run_sync("two")
+    first, second = (event.config_snapshot for event in events if isinstance(event, AgentStart))
+    assert first is second and first.name == "calc"
 
 
 def test_request_usage_model_provider_and_finish_reason_come_from_the_response() -> None:

@@ -237,3 +237,8 @@ def test_allocate_loops_is_one_step_against_a_concurrent_rotation() -> None:
         assert all(loop_id.startswith(session_id + ".") for loop_id in loop_ids)
         counts = [int(loop_id.rsplit(".", 1)[1]) for loop_id in loop_ids]
         assert counts[2] == counts[0] + 1  # the batch's two "c" loops are adjacent
+
+
+def test_agents_share_one_timestamp_cache() -> None:
+    # An adapter makes an AgentSession per framework session: the formatted second carries over.
+    assert AgentSession()._stamper is AgentSession()._stamper

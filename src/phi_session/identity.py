@@ -98,6 +98,11 @@ class _Stamper:
         return Timestamp(f"{prefix}.{fraction:09d}Z")
 
 
+# One for every agent: its cache holds across them (a framework adapter makes an
+# `AgentSession` per framework session, often one per run).
+_STAMPER = _Stamper()
+
+
 class AgentSession:
     """The identity of one agent: its id, its current session, and loop-id allocation.
 
@@ -127,7 +132,7 @@ class AgentSession:
         self.id_factory: IdFactory = id_factory if id_factory is not None else _uuid4
         self.agent_id: str = agent_id if agent_id is not None else self.id_factory()
         self._lock = threading.Lock()
-        self._stamper = _Stamper()
+        self._stamper = _STAMPER
         self._session_id = session_id if session_id is not None else self.id_factory()
         self._counters: dict[str, int] = {}
         self._last_loop_id: str | None = None

@@ -252,11 +252,12 @@ class _Outlet:
     processor. It also fills in the ``config_id`` of the snapshots loops announce.
     """
 
-    __slots__ = ("_filled", "emit", "wants_deltas")
+    __slots__ = ("_filled", "_segments", "emit", "wants_deltas")
 
     def __init__(self, processors: ProcessorChain, fanout: FanOut) -> None:
         self.wants_deltas = fanout.wants_deltas
         self._filled: dict[tuple[int, str], tuple[LoopConfigSnapshot, LoopConfigSnapshot]] = {}
+        self._segments: dict[int, tuple[LoopConfigSnapshot, str]] = {}
         self.emit: Callable[[AgentEvent], None] = _emitter(processors, fanout)
         """Run an event through the processors, then deliver it to every sink. Never raises."""
 
@@ -270,6 +271,17 @@ class _Outlet:
             if len(self._filled) >= 64:  # configs are few; never grow without bound
                 self._filled.clear()
             self._filled[key] = cached
+        return cached[1]
+
+    def segment(self, config: LoopConfigSnapshot) -> str:
+        """`config_id_of(config)`, derived once per config object (a framework adapter
+        starts every run of an agent with the same one)."""
+        cached = self._segments.get(id(config))
+        if cached is None or cached[0] is not config:
+            cached = (config, config_id_of(config))
+            if len(self._segments) >= 64:  # configs are few; never grow without bound
+                self._segments.clear()
+            self._segments[id(config)] = cached
         return cached[1]
 
 
@@ -418,7 +430,7 @@ class _LoopState:
     def record(self, messages: Iterable[AgentMessage], usage: Usage) -> None:
         """Add an ended turn's messages and usage to what ``AgentEnd`` will carry."""
         self.messages.extend(messages)
-        self.usage = self.usage + usage
+        self.usage = usage if self.usage is ZERO_USAGE else self.usage + usage
 
 
 class _TurnState:
@@ -463,7 +475,8 @@ class _TurnState:
     def finished(self, message: AssistantMessage) -> None:
         """An assistant message of the turn is final."""
         self.message = message
-        self.usage = self.usage + message.usage
+        usage = self.usage
+        self.usage = message.usage if usage is ZERO_USAGE else usage + message.usage
 
     def tool_started(self, tool: ToolScope, cut_short: Callable[[], ToolFinisher]) -> None:
         """Register a starting tool (holding the loop's lock); refused once the turn ended.
@@ -515,7 +528,7 @@ class _TurnState:
         a sink ends the turn during a tool's end, cannot be waited for)."""
         with self.lock:
             me = threading.get_ident()
-            if all(thread == me for thread in self._ending):
+            if not self._ending or all(thread == me for thread in self._ending):
                 return
             idle = self._idle
             if idle is None:
@@ -568,7 +581,8 @@ class Tracer:
     def for_agent(self, agent: AgentSession) -> Tracer:
         """A tracer of another identity sharing this one's processors, sinks and default
         config (a framework adapter's tracer per framework session)."""
-        twin = copy.copy(self)
+        twin = object.__new__(type(self))  # a shallow copy, without `copy.copy`'s detour
+        twin.__dict__.update(self.__dict__)
         twin.agent = agent
         return twin
 
@@ -672,7 +686,7 @@ class Tracer:
             return config_id
         if config is None:
             raise ValueError("a loop needs a config snapshot (here or on the Tracer) or a config_id")
-        return config_id_of(config)
+        return self._outlet.segment(config)
 
     # -- sinks ----------------------------------------------------------------------------
 
@@ -816,7 +830,8 @@ class LoopScope(_Scope):
 
     def user(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
         """Add a user message (text, content blocks, or a ready message). Returns the message."""
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         loop = self._loop
         turn = loop.turn
         if turn is not None:
@@ -834,7 +849,8 @@ class LoopScope(_Scope):
         for the first turn, depending on the loop, ``Continuation`` after);
         `request` emits the turn's ``TurnRequest`` right after its inputs.
         """
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         if trigger is None:
             trigger = self.first_trigger if self.turns == 0 else "Continuation"
         scope = TurnScope(self, self._loop, self.turns, trigger, request)
@@ -928,7 +944,8 @@ class LoopScope(_Scope):
         An open turn is ended first (with the same error); messages still waiting
         for a turn are emitted outside any turn so that none is lost.
         """
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         loop = self._loop
         turn = loop.turn
         if turn is not None and turn.running:
@@ -975,7 +992,7 @@ class TurnScope(_Scope):
         trigger: TurnTrigger,
         request: AnnotatedRequestPayload | None,
     ) -> None:
-        super().__init__()
+        self._phase = _NEW  # `_Scope.__init__`, inline: one scope per turn, reply, tool
         self._loop_scope = loop_scope
         self._loop = loop
         self._turn = _TurnState(self, loop)
@@ -1042,7 +1059,8 @@ class TurnScope(_Scope):
 
     def request(self, payload: AnnotatedRequestPayload) -> None:
         """Emit the turn's ``TurnRequest`` (the fully assembled request to the model)."""
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         loop = self._loop
         loop.emit(
             TurnRequest(loop_id=loop.loop_id, turn_index=self.index, payload=payload, timestamp=loop.now())
@@ -1058,7 +1076,8 @@ class TurnScope(_Scope):
 
         `model` and `provider` default to the loop's config.
         """
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         if self._message is not None and self._message.running:
             raise InstrumentationError("the turn's previous assistant message is still open")
         config = self._loop.config
@@ -1080,7 +1099,8 @@ class TurnScope(_Scope):
         args: Any = None,
     ) -> ToolScope:
         """One tool execution, for `call` (or an explicit `id`, `name` and `args`)."""
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         if call is not None:
             id, name, args = call.id, call.name, call.arguments
         if id is None or name is None:
@@ -1100,8 +1120,9 @@ class TurnScope(_Scope):
         # set of tools it cuts short are taken in one step under the loop's lock, so
         # each tool is ended exactly once, by itself or by the turn.
         with turn.lock:
-            self._require_running()
-            self._close()
+            if self._phase != _RUNNING:
+                raise _not_running(self)
+            self._phase = _ENDED
             turn.detach()
             cut_short = turn.close()
         if error is not None:
@@ -1169,7 +1190,7 @@ class MessageScope(_Scope):
     )
 
     def __init__(self, loop: _LoopState, turn: _TurnState, model: str, provider: str) -> None:
-        super().__init__()
+        self._phase = _NEW  # `_Scope.__init__`, inline: one scope per turn, reply, tool
         self._loop = loop
         self._turn = turn
         self._loop_id = loop.loop_id
@@ -1245,13 +1266,15 @@ class MessageScope(_Scope):
         thinking and text), `tool_calls` (appended), `usage` (default zero) and
         `stop_reason` (default ``"toolUse"`` with tool calls, else ``"stop"``).
         """
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         if message is None:
             blocks = self._streamed() if content is None else _content(content)
             if tool_calls:
                 blocks = (*blocks, *(_owned(call) for call in tool_calls))
             if stop_reason is None:
-                stop_reason = "toolUse" if any(type(b) is ToolCall for b in blocks) else "stop"
+                calls = tool_calls or any(type(b) is ToolCall for b in blocks)
+                stop_reason = "toolUse" if calls else "stop"
             message = AssistantMessage(
                 content=blocks,
                 stop_reason=stop_reason,
@@ -1261,7 +1284,7 @@ class MessageScope(_Scope):
                 timestamp=self._loop.millis(),
                 error_message=error_message,
             )
-        self._close()
+        self._phase = _ENDED
         self.message = message
         self._emit(MessageEnd(loop_id=self._loop_id, message=message))
         self._turn.finished(message)
@@ -1310,7 +1333,7 @@ class ToolScope(_Scope):
     def __init__(
         self, loop: _LoopState, turn: _TurnState, tool_call_id: str, tool_name: str, args: Any
     ) -> None:
-        super().__init__()
+        self._phase = _NEW  # `_Scope.__init__`, inline: one scope per turn, reply, tool
         self._loop = loop
         self._turn = turn
         self.tool_call_id = tool_call_id
@@ -1425,12 +1448,13 @@ class ToolScope(_Scope):
                 "tool %s (%s): %s ignored, its turn already ended it", self.tool_name, self.tool_call_id, what
             )
             return False
-        self._require_running()
+        if self._phase != _RUNNING:
+            raise _not_running(self)
         return True
 
     def _cut_short(self) -> ToolFinisher:
         """Called by the ending turn, under the loop's lock, while the tool runs."""
-        self._close()
+        self._phase = _ENDED
         self._cut = True
         return self._emit_end
 
@@ -1443,7 +1467,7 @@ class ToolScope(_Scope):
         with self._loop.lock:  # atomic with the turn's end: each tool ends once
             if not self._still_open("end"):
                 return
-            self._close()
+            self._phase = _ENDED
             self._turn.tool_ending(self)
         self._emit_end(error)
 

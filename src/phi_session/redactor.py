@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterable
 from functools import partial
 from operator import is_
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from msgspec.structs import replace
@@ -27,6 +27,8 @@ from .events import (
     AgentStart,
     InputRejected,
     LoopConfigSnapshot,
+    MessageEnd,
+    MessageStart,
     MessageUpdate,
     ProgressMessage,
     StreamDelta,
@@ -140,6 +142,8 @@ def _normalize_field(name: str) -> str:
     return _CAMEL_BOUNDARY.sub("_", name).lower().replace("-", "_")
 
 
+_OneMessage = TypeVar("_OneMessage", MessageStart, MessageEnd)
+
 _MISSING: Any = object()  # a memo miss (a remembered result is never this object)
 
 
@@ -204,6 +208,8 @@ class Redactor:
         )
         self._handlers.update(
             {
+                MessageStart: self._one_message,  # a message's every event: no mapper in between
+                MessageEnd: self._one_message,
                 AgentStart: self._agent_start,
                 AgentEnd: self._agent_end,
                 MessageUpdate: self._update,
@@ -520,6 +526,18 @@ class Redactor:
             return self._update(event)
         handler = self._handlers.get(type(event))
         return event if handler is None else handler(event)
+
+    def _one_message(self, event: _OneMessage) -> _OneMessage:
+        message: Any = event.message
+        tp = type(message)
+        if not self.redact_text and (
+            tp is UserMessage
+            or (tp is ToolResultMessage and not message.is_error)
+            or (tp is AssistantMessage and not message.content and message.error_message is None)
+        ):
+            return event  # what `_message` would pass untouched (the placeholder: nothing in it)
+        new = self._message(message)
+        return event if new is message else replace(event, message=new)
 
     def _tool_start(self, event: ToolExecutionStart) -> ToolExecutionStart:
         args = self._arguments(event.args)

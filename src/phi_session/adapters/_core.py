@@ -22,8 +22,9 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
   a context variable shared by every adapter) becomes that tool's sub-agent: its own
   session, ``parent_loop_id``, trigger ``SubAgent``, and ``child_loop_id`` in the
   tool's result;
-* **never disturb the host**: adapter code runs under `AdapterCore.guard`; a fault is
-  counted and logged once (`failures`), and the run goes on;
+* **never disturb the host**: adapter code runs under `AdapterCore.guard` (or catches
+  into `AdapterCore.fault`); a fault is counted and logged once (`failures`), and the
+  run goes on;
 * **default sink**: the embedded store (`phi_session.stores.default_store`) behind an
   `AutoPersistingRecorder`, which saves sessions as they complete through the one
   `SessionSaver`; `close` saves what is left.
@@ -71,6 +72,7 @@ __all__ = [
     "SinkArg",
     "enter_tool",
     "leave_tool",
+    "loop_config",
     "replay_recording",
     "require_extra",
     "session_id_for",
@@ -126,6 +128,26 @@ def session_id_for(framework_session_id: str) -> str:
         except InvalidSessionId:
             pass
     return str(uuid.uuid5(FRAMEWORK_SESSION_NAMESPACE, framework_session_id))
+
+
+_CONFIGS: dict[tuple[str, str, str | None, str | None], LoopConfigSnapshot] = {}
+_CONFIG_LIMIT = 256  # an adapter's agents and models are few; never grow without bound
+
+
+def loop_config(
+    model: str, provider: str, name: str | None = None, config_id: str | None = None
+) -> LoopConfigSnapshot:
+    """The `LoopConfigSnapshot` of these values, one object per distinct values: what the
+    tracer and the redactor derive from a config (its loop-id segment, its filled-in and
+    redacted forms) they keep per object, so every run of an agent reuses it."""
+    key = (model, provider, name, config_id)
+    config = _CONFIGS.get(key)
+    if config is None:
+        config = LoopConfigSnapshot(model=model, provider=provider, name=name, config_id=config_id)
+        if len(_CONFIGS) >= _CONFIG_LIMIT:
+            _CONFIGS.clear()
+        _CONFIGS[key] = config
+    return config
 
 
 def usage_of(
@@ -309,6 +331,12 @@ class AdapterCore:
     def guard(self) -> AbstractContextManager[None]:
         """Run adapter code: an exception is counted and logged once, never raised."""
         return self._guard
+
+    def fault(self, error: Exception) -> None:
+        """Count and log (once) a fault an adapter's hook caught itself: the hooks that run
+        on every span, event or tool call use ``try`` / ``except Exception`` with this
+        rather than `guard`, whose ``__enter__`` and ``__exit__`` are two calls each time."""
+        self.failures.record(self, error)
 
     def safely(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
         """``fn(*args, **kwargs)`` under `guard`; None if it failed."""

@@ -84,6 +84,7 @@ from .._core import (
     SinkArg,
     enter_tool,
     leave_tool,
+    loop_config,
     require_extra,
     usage_of,
 )
@@ -327,15 +328,11 @@ def _config(agent: BaseNode | None) -> LoopConfigSnapshot:
     while node is not None:
         model = getattr(node, "model", None)
         if isinstance(model, BaseLlm) or (isinstance(model, str) and model):
-            return LoopConfigSnapshot(
-                model=model.model if isinstance(model, BaseLlm) else model,
-                provider=_provider(model),
-                name=node.name,
+            return loop_config(
+                model.model if isinstance(model, BaseLlm) else model, _provider(model), node.name
             )
         node = node.parent_agent
-    return LoopConfigSnapshot(
-        model="unknown", provider=FRAMEWORK, name=agent.name if agent is not None else None
-    )
+    return loop_config("unknown", FRAMEWORK, agent.name if agent is not None else None)
 
 
 # -- per-invocation state ---------------------------------------------------------------------
@@ -545,43 +542,55 @@ class PhiPlugin(BasePlugin):
     # -- ADK callbacks: each returns None (never alters the host) --------------------------
 
     async def before_run_callback(self, *, invocation_context: InvocationContext) -> None:
-        with self.core.guard():
+        try:
             self._start(invocation_context)
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def after_run_callback(self, *, invocation_context: InvocationContext) -> None:
-        with self.core.guard():
+        try:
             self._finish(invocation_context.invocation_id, None)
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def on_run_error_callback(self, *, invocation_context: InvocationContext, error: Exception) -> None:
-        with self.core.guard():
+        try:
             self._finish(invocation_context.invocation_id, error)
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def after_agent_callback(self, *, agent: BaseAgent, callback_context: CallbackContext) -> None:
-        with self.core.guard():
+        try:
             lane = self._lane(callback_context.invocation_id, callback_context.branch)
             if lane is not None and lane.agent == agent.name:
                 lane.end_turn()
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def on_agent_error_callback(
         self, *, agent: BaseAgent, callback_context: CallbackContext, error: Exception
     ) -> None:
-        with self.core.guard():
+        try:
             lane = self._lane(callback_context.invocation_id, callback_context.branch)
             if lane is not None and lane.agent == agent.name and callback_context.branch is not None:
                 # A failing branch fails its own loop; the invocation's error ends the rest.
                 lane.close(error)
                 lane.run.loop.end(error)
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def before_model_callback(
         self, *, callback_context: CallbackContext, llm_request: LlmRequest
     ) -> None:
-        with self.core.guard():
+        try:
             self._model_started(callback_context, llm_request)
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def after_model_callback(
         self, *, callback_context: CallbackContext, llm_response: LlmResponse
     ) -> None:
-        with self.core.guard():
+        try:
             lane = self._lane(callback_context.invocation_id, callback_context.branch)
             if lane is None or lane.reply is None:
                 return
@@ -589,9 +598,11 @@ class PhiPlugin(BasePlugin):
                 lane.reply.partial(llm_response)
             else:
                 lane.reply.final(llm_response)
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def on_event_callback(self, *, invocation_context: InvocationContext, event: Event) -> None:
-        with self.core.guard():
+        try:
             if event.partial:
                 return
             lane = self._lane(invocation_context.invocation_id, event.branch)
@@ -606,37 +617,47 @@ class PhiPlugin(BasePlugin):
                 and not event.get_function_responses()
             ):
                 reply.event(event)
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def before_tool_callback(
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext
     ) -> None:
-        with self.core.guard():
+        try:
             lane = self._lane(tool_context.invocation_id, tool_context.branch)
             if lane is not None:
                 lane.start_tool(tool_context.function_call_id or tool.name, tool.name, tool_args)
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def after_tool_callback(
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext, result: Any
     ) -> None:
-        with self.core.guard():
+        try:
             scope = self._take_tool(tool_context, tool)
             if scope is not None:
                 scope.result(_json_text(result))
                 scope.end()
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def on_tool_error_callback(
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext, error: Exception
     ) -> None:
-        with self.core.guard():
+        try:
             scope = self._take_tool(tool_context, tool)
             if scope is not None:
                 scope.end(error)
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def close(self) -> None:
-        with self.core.guard():
+        try:
             with self._lock:
                 self._invocations.clear()
             self.core.close()
+        except Exception as caught:
+            self.core.fault(caught)
 
     # -- the mapping -----------------------------------------------------------------------
 

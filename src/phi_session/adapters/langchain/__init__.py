@@ -70,6 +70,7 @@ from .._core import (
     SinkArg,
     enter_tool,
     leave_tool,
+    loop_config,
     require_extra,
     usage_of,
 )
@@ -310,6 +311,12 @@ def _interrupt_values(error: BaseException) -> list[Any]:
     ]
 
 
+_RunId = int
+"""A LangChain run id (a `UUID`) as the mapper keys it: its ``int``, whose hash is C's
+(``UUID.__hash__`` is a Python call, and every callback looks several run ids up).
+Taken inside the callbacks' fault catch."""
+
+
 class _Run:
     """One root run (one loop): its open turn and reply, and what it recorded already.
 
@@ -336,7 +343,7 @@ class _Run:
 
     def __init__(
         self,
-        key: UUID,
+        key: _RunId,
         metadata: Mapping[str, Any] | None,
         parent_tool: ToolScope | None,
         capture_requests: bool,
@@ -395,10 +402,10 @@ class _Mapper:
 
     def __init__(self, core: AdapterCore) -> None:
         self.core = core
-        self._runs: dict[UUID, _Run] = {}  # every run id under a recorded root run -> its _Run
-        self._roots: dict[UUID, _Run] = {}
-        self._replies: dict[UUID, tuple[_Run, MessageScope]] = {}
-        self._tools: dict[UUID, tuple[_Run, ToolScope, Token[RunningTool | None]]] = {}
+        self._runs: dict[_RunId, _Run] = {}  # every run id under a recorded root run -> its _Run
+        self._roots: dict[_RunId, _Run] = {}
+        self._replies: dict[_RunId, tuple[_Run, MessageScope]] = {}
+        self._tools: dict[_RunId, tuple[_Run, ToolScope, Token[RunningTool | None]]] = {}
 
     # -- loops ---------------------------------------------------------------------------------
 
@@ -438,7 +445,7 @@ class _Mapper:
     # -- chains (graphs, nodes, agents) -----------------------------------------------------
 
     def chain_start(
-        self, inputs: Any, run_id: UUID, parent_run_id: UUID | None, metadata: Mapping[str, Any] | None
+        self, inputs: Any, run_id: _RunId, parent_run_id: _RunId | None, metadata: Mapping[str, Any] | None
     ) -> None:
         parent_tool = None
         if parent_run_id is not None:
@@ -456,12 +463,12 @@ class _Mapper:
             # LangGraph's Command(resume=...): the answer to the interrupt is the run's input.
             run.pending.append(ExtensionMessage(kind="langgraph.resume", data=_jsonable(resume)))
 
-    def chain_end(self, run_id: UUID) -> None:
+    def chain_end(self, run_id: _RunId) -> None:
         run = self._runs.pop(run_id, None)
         if run is not None and self._roots.pop(run_id, None) is not None:
             self._end(run, None)
 
-    def chain_error(self, error: BaseException, run_id: UUID) -> None:
+    def chain_error(self, error: BaseException, run_id: _RunId) -> None:
         run = self._runs.pop(run_id, None)
         if run is None:
             return
@@ -486,8 +493,8 @@ class _Mapper:
     def chat_model_start(
         self,
         messages: Sequence[Sequence[BaseMessage]],
-        run_id: UUID,
-        parent_run_id: UUID | None,
+        run_id: _RunId,
+        parent_run_id: _RunId | None,
         metadata: Mapping[str, Any] | None,
         params: Mapping[str, Any] | None,
     ) -> None:
@@ -514,10 +521,10 @@ class _Mapper:
             run.end_turn()
             loop = run.loop
             if loop is None:
-                loop = self._loop(run, LoopConfigSnapshot(model=model, provider=provider))
+                loop = self._loop(run, loop_config(model, provider))
             elif run.handoff:
                 run.handoff = False
-                successor = self.core.handoff(run.key, LoopConfigSnapshot(model=model, provider=provider))
+                successor = self.core.handoff(run.key, loop_config(model, provider))
                 if successor is not None:
                     loop = run.loop = successor.loop
             now = self.core.agent.millis()
@@ -531,7 +538,7 @@ class _Mapper:
         self._runs[run_id] = run
         self._replies[run_id] = (run, reply)
 
-    def new_token(self, token: Any, chunk: Any, run_id: UUID) -> None:
+    def new_token(self, token: Any, chunk: Any, run_id: _RunId) -> None:
         found = self._replies.get(run_id)
         if found is None:
             return
@@ -552,7 +559,7 @@ class _Mapper:
             if call.get("args"):
                 reply.tool_call_delta(str(call["args"]))
 
-    def llm_end(self, response: LLMResult, run_id: UUID) -> None:
+    def llm_end(self, response: LLMResult, run_id: _RunId) -> None:
         found = self._replies.pop(run_id, None)
         self._runs.pop(run_id, None)
         if found is None:
@@ -584,7 +591,7 @@ class _Mapper:
                     run.call_args = {b.id: b.arguments for b in recorded.content if type(b) is ToolCall}
         self._ended_alone(run_id, run)
 
-    def llm_error(self, error: BaseException, run_id: UUID) -> None:
+    def llm_error(self, error: BaseException, run_id: _RunId) -> None:
         found = self._replies.pop(run_id, None)
         self._runs.pop(run_id, None)
         if found is None:
@@ -595,7 +602,7 @@ class _Mapper:
                 reply.end(error)
         self._ended_alone(run_id, run, error)
 
-    def _ended_alone(self, run_id: UUID, run: _Run, error: BaseException | None = None) -> None:
+    def _ended_alone(self, run_id: _RunId, run: _Run, error: BaseException | None = None) -> None:
         """A bare model call (its own root run) ends its loop with it."""
         if self._roots.pop(run_id, None) is not None:
             self._end(run, error)
@@ -603,7 +610,7 @@ class _Mapper:
     # -- tools -------------------------------------------------------------------------------
 
     def tool_start(
-        self, name: str, inputs: Any, run_id: UUID, parent_run_id: UUID | None, tool_call_id: str | None
+        self, name: str, inputs: Any, run_id: _RunId, parent_run_id: _RunId | None, tool_call_id: str | None
     ) -> None:
         run = self._runs.get(parent_run_id) if parent_run_id is not None else None
         if run is None:
@@ -613,7 +620,7 @@ class _Mapper:
             if turn is None or not turn.running:
                 logger.info("tool %s ran outside a model turn: not recorded", name)
                 return
-            call_id = tool_call_id or f"lc-{run_id}"
+            call_id = tool_call_id or f"lc-{UUID(int=run_id)}"
             args = run.call_args.get(call_id)
             if args is None:
                 args = _jsonable(inputs)
@@ -621,7 +628,7 @@ class _Mapper:
         self._runs[run_id] = run
         self._tools[run_id] = (run, tool, enter_tool(tool))
 
-    def tool_end(self, output: Any, run_id: UUID) -> None:
+    def tool_end(self, output: Any, run_id: _RunId) -> None:
         found = self._tools.pop(run_id, None)
         self._runs.pop(run_id, None)
         if found is None:
@@ -642,7 +649,7 @@ class _Mapper:
             run.handoff = run.handoff or handoff
         tool.end()
 
-    def tool_error(self, error: BaseException, run_id: UUID) -> None:
+    def tool_error(self, error: BaseException, run_id: _RunId) -> None:
         found = self._tools.pop(run_id, None)
         self._runs.pop(run_id, None)
         if found is None:
@@ -669,22 +676,27 @@ class _Callbacks:
     def __init__(self, sink: SinkArg = None, *, capture_requests: bool = False, **options: Any) -> None:
         self.core = AdapterCore("langchain", sink, capture_requests=capture_requests, **options)
         self._mapper = _Mapper(self.core)
-        self._guard = self.core.guard()
 
     def close(self) -> None:
         """End the runs still open (as failed) and flush the sinks; with the default sink,
         save every session to the embedded store (also done at interpreter exit)."""
         self.core.close()
 
-    def _call(self, method: Callable[..., None], *args: Any) -> None:
-        with self._guard:
-            method(*args)
+    def _call(self, method: Callable[..., None], run_id: UUID, *args: Any) -> None:
+        """``method(*args, run id)``, its fault caught."""
+        try:
+            method(*args, run_id.int)
+        except Exception as caught:
+            self.core.fault(caught)
 
     def _chain_start(
         self, inputs: Any, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None
     ) -> None:
-        with self._guard:
-            self._mapper.chain_start(inputs, run_id, parent_run_id, metadata)
+        try:
+            parent = None if parent_run_id is None else parent_run_id.int
+            self._mapper.chain_start(inputs, run_id.int, parent, metadata)
+        except Exception as caught:
+            self.core.fault(caught)
 
     def _chat_model_start(
         self,
@@ -694,14 +706,16 @@ class _Callbacks:
         metadata: dict[str, Any] | None,
         kwargs: dict[str, Any],
     ) -> None:
-        self._call(
-            self._mapper.chat_model_start,
-            messages,
-            run_id,
-            parent_run_id,
-            metadata,
-            kwargs.get("invocation_params"),
-        )
+        try:
+            self._mapper.chat_model_start(
+                messages,
+                run_id.int,
+                None if parent_run_id is None else parent_run_id.int,
+                metadata,
+                kwargs.get("invocation_params"),
+            )
+        except Exception as caught:
+            self.core.fault(caught)
 
     def _tool_start(
         self,
@@ -711,14 +725,16 @@ class _Callbacks:
         parent_run_id: UUID | None,
         kwargs: dict[str, Any],
     ) -> None:
-        self._call(
-            self._mapper.tool_start,
-            _tool_name(serialized, kwargs),
-            inputs,
-            run_id,
-            parent_run_id,
-            kwargs.get("tool_call_id"),
-        )
+        try:
+            self._mapper.tool_start(
+                _tool_name(serialized, kwargs),
+                inputs,
+                run_id.int,
+                None if parent_run_id is None else parent_run_id.int,
+                kwargs.get("tool_call_id"),
+            )
+        except Exception as caught:
+            self.core.fault(caught)
 
 
 class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
@@ -757,11 +773,13 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
         self._chain_start(inputs, run_id, parent_run_id, metadata)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        with self._guard:
-            self._mapper.chain_end(run_id)
+        try:
+            self._mapper.chain_end(run_id.int)
+        except Exception as caught:
+            self.core.fault(caught)
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.chain_error, error, run_id)
+        self._call(self._mapper.chain_error, run_id, error)
 
     def on_chat_model_start(
         self,
@@ -776,13 +794,13 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
         self._chat_model_start(messages, run_id, parent_run_id, metadata, kwargs)
 
     def on_llm_new_token(self, token: Any, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.new_token, token, chunk, run_id)
+        self._call(self._mapper.new_token, run_id, token, chunk)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.llm_end, response, run_id)
+        self._call(self._mapper.llm_end, run_id, response)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.llm_error, error, run_id)
+        self._call(self._mapper.llm_error, run_id, error)
 
     def on_tool_start(
         self,
@@ -797,10 +815,10 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
         self._tool_start(serialized, input_str if inputs is None else inputs, run_id, parent_run_id, kwargs)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.tool_end, output, run_id)
+        self._call(self._mapper.tool_end, run_id, output)
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.tool_error, error, run_id)
+        self._call(self._mapper.tool_error, run_id, error)
 
 
 class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
@@ -822,11 +840,13 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
         self._chain_start(inputs, run_id, parent_run_id, metadata)
 
     async def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        with self._guard:
-            self._mapper.chain_end(run_id)
+        try:
+            self._mapper.chain_end(run_id.int)
+        except Exception as caught:
+            self.core.fault(caught)
 
     async def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.chain_error, error, run_id)
+        self._call(self._mapper.chain_error, run_id, error)
 
     async def on_chat_model_start(
         self,
@@ -841,13 +861,13 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
         self._chat_model_start(messages, run_id, parent_run_id, metadata, kwargs)
 
     async def on_llm_new_token(self, token: Any, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.new_token, token, chunk, run_id)
+        self._call(self._mapper.new_token, run_id, token, chunk)
 
     async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.llm_end, response, run_id)
+        self._call(self._mapper.llm_end, run_id, response)
 
     async def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.llm_error, error, run_id)
+        self._call(self._mapper.llm_error, run_id, error)
 
     async def on_tool_start(
         self,
@@ -862,10 +882,10 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
         self._tool_start(serialized, input_str if inputs is None else inputs, run_id, parent_run_id, kwargs)
 
     async def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.tool_end, output, run_id)
+        self._call(self._mapper.tool_end, run_id, output)
 
     async def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._call(self._mapper.tool_error, error, run_id)
+        self._call(self._mapper.tool_error, run_id, error)
 
 
 # The replay model lives next to the adapter whose request converter it shares.

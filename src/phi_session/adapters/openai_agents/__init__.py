@@ -36,8 +36,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -60,7 +61,16 @@ from ...messages import (
     Usage,
     UserMessage,
 )
-from .._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from .._core import (
+    AdapterCore,
+    AdapterRun,
+    SinkArg,
+    enter_tool,
+    leave_tool,
+    loop_config,
+    require_extra,
+    usage_of,
+)
 
 require_extra("openai-agents", "agents")
 
@@ -102,6 +112,12 @@ def _get(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
+def _getter(obj: Any) -> Callable[[str, None], Any]:
+    """`_get` bound to `obj`, for reading several of its fields: ``get(name, None)`` is
+    then a dict's ``get`` or ``getattr``, with no Python call per field."""
+    return obj.get if isinstance(obj, dict) else partial(getattr, obj)
+
+
 _decode_json = msgspec.json.Decoder().decode
 
 
@@ -125,14 +141,15 @@ def _usage(usage: Any) -> Usage | None:
     """A response's usage (Responses ``input_tokens`` or Chat ``prompt_tokens`` names)."""
     if usage is None:
         return None
-    input_details = _get(usage, "input_tokens_details") or _get(usage, "prompt_tokens_details")
-    output_details = _get(usage, "output_tokens_details") or _get(usage, "completion_tokens_details")
+    get = _getter(usage)
+    input_details = get("input_tokens_details", None) or get("prompt_tokens_details", None)
+    output_details = get("output_tokens_details", None) or get("completion_tokens_details", None)
     return usage_of(
-        _get(usage, "input_tokens") or _get(usage, "prompt_tokens"),
-        _get(usage, "output_tokens") or _get(usage, "completion_tokens"),
+        get("input_tokens", None) or get("prompt_tokens", None),
+        get("output_tokens", None) or get("completion_tokens", None),
         cache_read=_get(input_details, "cached_tokens") if input_details is not None else 0,
         reasoning=_get(output_details, "reasoning_tokens") if output_details is not None else 0,
-        total=_get(usage, "total_tokens"),
+        total=get("total_tokens", None),
     )
 
 
@@ -148,25 +165,26 @@ def _output_blocks(items: Any) -> tuple[list[Content], list[ToolCall]]:
     blocks: list[Content] = []
     calls: list[ToolCall] = []
     for item in items or ():
-        kind = _get(item, "type")
+        get = _getter(item)
+        kind = get("type", None)
         if kind == "reasoning":
-            parts = list(_get(item, "summary") or ()) + list(_get(item, "content") or ())
+            parts = list(get("summary", None) or ()) + list(get("content", None) or ())
             text = "".join(_get(part, "text") or "" for part in parts)
             if text:
                 blocks.append(ThinkingContent(thinking=text))
         elif kind == "function_call":
             calls.append(
                 ToolCall(
-                    id=_get(item, "call_id") or _get(item, "id") or "",
-                    name=_get(item, "name"),
-                    arguments=_arguments(_get(item, "arguments")),
+                    id=get("call_id", None) or get("id", None) or "",
+                    name=get("name", None),
+                    arguments=_arguments(get("arguments", None)),
                 )
             )
-        elif kind == "message" or _get(item, "role") == "assistant":
-            text = _text_of(_get(item, "content"))
+        elif kind == "message" or get("role", None) == "assistant":
+            text = _text_of(get("content", None))
             if text:
                 blocks.append(TextContent(text=text))
-            for call in _get(item, "tool_calls") or ():  # Chat Completions
+            for call in get("tool_calls", None) or ():  # Chat Completions
                 function = _get(call, "function")
                 calls.append(
                     ToolCall(
@@ -299,12 +317,7 @@ def _guardrail_names(guardrails: Any) -> frozenset[str]:
 
 
 def _config(agent_name: str, model: str) -> LoopConfigSnapshot:
-    return LoopConfigSnapshot(
-        model=model,
-        provider=PROVIDER,
-        name=agent_name,
-        config_id=agent_name.replace(".", "-").replace("/", "-") or "agent",
-    )
+    return loop_config(model, PROVIDER, agent_name, agent_name.replace(".", "-").replace("/", "-") or "agent")
 
 
 @dataclass(slots=True)
@@ -368,11 +381,10 @@ class _Loop:
 
 
 class _Mapper:
-    """Spans -> core calls, for one installation. Every entry point runs under the core's guard."""
+    """Spans -> core calls, for one installation; its callers catch every fault into `AdapterCore.fault`."""
 
     def __init__(self, core: AdapterCore) -> None:
         self.core = core
-        self.guard = core.guard()
         # Guards `_loops` (iterated when a trace ends). The per-span maps are only read,
         # set and popped one key at a time, each step atomic: they need no lock.
         self._lock = threading.Lock()
@@ -422,14 +434,16 @@ class _Mapper:
                 self._finish_message(loop, stop_reason="handoff")
 
     def span_ended(self, span: Span[Any]) -> None:
+        # The SDK's span fields are properties (a call each): each is read once here.
         data = span.span_data
         kind = data.type
-        loop = self._of_span.pop(span.span_id, None)
+        span_id = span.span_id
+        loop = self._of_span.pop(span_id, None)
         if kind in _MODEL_SPANS:
             if loop is not None:
                 self._model_ended(loop, span)
         elif kind == "function":
-            self._tool_ended(span)
+            self._tool_ended(span_id, data, span.error)
         elif kind == "turn":
             if loop is not None:
                 self._end_turn(loop)
@@ -457,15 +471,16 @@ class _Mapper:
         return loop
 
     def _agent_started(self, span: Span[Any], name: str) -> None:
-        parent = self._of_span.get(span.parent_id) if span.parent_id is not None else None
-        owner = parent if parent is not None and parent.key == span.parent_id else None
+        parent_id, span_id = span.parent_id, span.span_id
+        parent = self._of_span.get(parent_id) if parent_id is not None else None
+        owner = parent if parent is not None and parent.key == parent_id else None
         if owner is None:
             # No task spans: the agent span is the loop, keyed by what it runs under (the
             # trace, or a tool for an agent run as a tool); a later agent there is a handoff.
-            key = span.parent_id if span.parent_id in self._tools else span.trace_id
+            key = parent_id if parent_id in self._tools else span.trace_id
             owner = self._loops.get(key) or self._new_loop(key, span)
-        self._of_span[span.span_id] = owner
-        owner.agent_span = span.span_id
+        self._of_span[span_id] = owner
+        owner.agent_span = span_id
         config = _config(name, owner.model)
         if owner.run is None:
             owner.run = self.core.start_run(
@@ -555,14 +570,13 @@ class _Mapper:
             tool.call_id, tool.args = call_id, tool.loop.take_call(call_id, arguments)
             tool.started()
 
-    def _tool_ended(self, span: Span[Any]) -> None:
-        tool = self._tools.pop(span.span_id, None)
+    def _tool_ended(self, span_id: str, data: Any, error: Any) -> None:
+        tool = self._tools.pop(span_id, None)
         if tool is None:
             return
-        nested = self._loops.get(span.span_id)  # an agent run as this tool without task spans
+        nested = self._loops.get(span_id)  # an agent run as this tool without task spans
         if nested is not None:
-            self._end_loop(nested, span.error)
-        data = span.span_data
+            self._end_loop(nested, error)
         if tool.args is None:
             tool.args = _arguments(data.input)
         scope = tool.started()
@@ -570,8 +584,8 @@ class _Mapper:
         if scope is None or not scope.running:
             return
         output = "" if data.output is None else str(data.output)
-        if span.error is not None:
-            scope.error(output or str(span.error.get("message")))
+        if error is not None:
+            scope.error(output or str(error.get("message")))
         else:
             scope.result(output)
         scope.end()
@@ -696,26 +710,34 @@ class PhiTracingProcessor(TracingProcessor):
     def on_trace_start(self, trace: Trace) -> None:
         mapper = self.mapper
         if mapper is not None:
-            with mapper.guard:
+            try:
                 mapper.trace_started(trace)
+            except Exception as caught:
+                mapper.core.fault(caught)
 
     def on_trace_end(self, trace: Trace) -> None:
         mapper = self.mapper
         if mapper is not None:
-            with mapper.guard:
+            try:
                 mapper.trace_ended(trace)
+            except Exception as caught:
+                mapper.core.fault(caught)
 
     def on_span_start(self, span: Span[Any]) -> None:
         mapper = self.mapper
         if mapper is not None:
-            with mapper.guard:
+            try:
                 mapper.span_started(span)
+            except Exception as caught:
+                mapper.core.fault(caught)
 
     def on_span_end(self, span: Span[Any]) -> None:
         mapper = self.mapper
         if mapper is not None:
-            with mapper.guard:
+            try:
                 mapper.span_ended(span)
+            except Exception as caught:
+                mapper.core.fault(caught)
 
     def shutdown(self) -> None:
         """Nothing to do: `uninstall` saves what the adapter holds."""
@@ -745,20 +767,24 @@ class PhiRunHooks(RunHooks[Any]):
         mapper = _processor.mapper
         if mapper is None:
             return
-        with mapper.core.guard():
+        try:
             trace = get_current_trace()
             if trace is None or type(trace).__name__ == "NoOpTrace":
                 _warn_tracing_disabled()
             mapper.agent_started(agent)
+        except Exception as caught:
+            mapper.core.fault(caught)
 
     async def on_llm_start(self, context: Any, agent: Any, system_prompt: Any, input_items: Any) -> None:
         mapper = _processor.mapper
         if mapper is None:
             return
-        with mapper.guard:
+        try:
             mapper.prompt(input_items)
+        except Exception as caught:
+            mapper.core.fault(caught)
         if mapper.core.capture_requests:
-            with mapper.core.guard():
+            try:
                 # What the runner offers the model: the same calls it makes for the request.
                 tools = await agent.get_all_tools(context)
                 handoffs = await get_handoffs(agent, context)
@@ -767,12 +793,16 @@ class PhiRunHooks(RunHooks[Any]):
                     system_prompt, input_items, tools, handoffs, model, mapper.core.agent.millis()
                 )
                 mapper.request(payload)
+            except Exception as caught:
+                mapper.core.fault(caught)
 
     async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
         mapper = _processor.mapper
         if mapper is not None:
-            with mapper.guard:
+            try:
                 mapper.response(response)
+            except Exception as caught:
+                mapper.core.fault(caught)
 
     async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
         mapper = _processor.mapper
@@ -780,8 +810,10 @@ class PhiRunHooks(RunHooks[Any]):
         call_id = getattr(context, "tool_call_id", None)
         if mapper is None or span is None or call_id is None:
             return
-        with mapper.core.guard():
+        try:
             mapper.exact_call(span.span_id, call_id, getattr(context, "tool_arguments", None))
+        except Exception as caught:
+            mapper.core.fault(caught)
 
 
 _warned_disabled = False
@@ -812,7 +844,7 @@ async def stream(result: Any) -> AsyncIterator[Any]:
         mapper = _processor.mapper
         raw = getattr(event, "type", None) == "raw_response_event"
         if mapper is not None and trace_id is not None and raw:
-            with mapper.core.guard():
+            try:
                 data = event.data
                 kind = getattr(data, "type", "")
                 if kind == "response.output_text.delta":
@@ -821,6 +853,8 @@ async def stream(result: Any) -> AsyncIterator[Any]:
                     mapper.stream_delta(trace_id, "reasoning", data.delta)
                 elif kind == "response.function_call_arguments.delta":
                     mapper.stream_delta(trace_id, "arguments", data.delta)
+            except Exception as caught:
+                mapper.core.fault(caught)
         yield event
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ...events import LoopConfigSnapshot
 from ...instrument import MessageScope, ToolScope, TurnScope
 from ...messages import (
     AnnotatedRequestPayload,
@@ -55,7 +54,16 @@ from ...messages import (
     Usage,
     UserMessage,
 )
-from .._core import AdapterCore, AdapterRun, SinkArg, enter_tool, leave_tool, require_extra, usage_of
+from .._core import (
+    AdapterCore,
+    AdapterRun,
+    SinkArg,
+    enter_tool,
+    leave_tool,
+    loop_config,
+    require_extra,
+    usage_of,
+)
 
 require_extra("pydantic-ai", "pydantic_ai")
 
@@ -425,10 +433,8 @@ class PhiCapability(AbstractCapability[Any]):
 
     def _open(self, key: str, ctx: RunContext[Any]) -> _Run:
         model, agent = ctx.model, ctx.agent
-        config = LoopConfigSnapshot(
-            model=model.model_name,
-            provider=model.system,
-            name=agent.name if agent is not None and agent.name else None,
+        config = loop_config(
+            model.model_name, model.system, agent.name if agent is not None and agent.name else None
         )
         recording = self._core.start_run(key, config, framework_session_id=ctx.conversation_id)
         run = self._runs[key] = _Run(recording, ctx.prompt)
@@ -448,17 +454,20 @@ class PhiCapability(AbstractCapability[Any]):
     async def before_model_request(
         self, ctx: RunContext[Any], request_context: ModelRequestContext
     ) -> ModelRequestContext:
-        run = self._run(ctx)
+        run = self._runs.get(ctx.run_id or "")
         if run is not None:
-            self._core.safely(run.request)
+            try:
+                run.request()
+            except Exception as caught:
+                self._core.fault(caught)
         return request_context
 
     async def after_model_request(
         self, ctx: RunContext[Any], *, request_context: ModelRequestContext, response: pai.ModelResponse
     ) -> pai.ModelResponse:
-        run = self._run(ctx)
+        run = self._runs.get(ctx.run_id or "")
         if run is not None:
-            with self._core.guard():
+            try:
                 model, provider = ctx.model.model_name, ctx.model.system
                 payload = None
                 if self.capture_requests:
@@ -470,15 +479,20 @@ class PhiCapability(AbstractCapability[Any]):
                         self._core.agent.millis(),
                     )
                 run.response(response, model, provider, payload)
+            except Exception as caught:
+                self._core.fault(caught)
         return response
 
     async def after_node_run(
         self, ctx: RunContext[Any], *, node: AgentNode[Any], result: NodeResult[Any]
     ) -> NodeResult[Any]:
         if isinstance(node, CallToolsNode):
-            run = self._run(ctx)
+            run = self._runs.get(ctx.run_id or "")
             if run is not None:
-                self._core.safely(run.tools_done, ctx.messages)
+                try:
+                    run.tools_done(ctx.messages)
+                except Exception as caught:
+                    self._core.fault(caught)
         return result
 
     # -- tools ----------------------------------------------------------------------------
@@ -492,8 +506,13 @@ class PhiCapability(AbstractCapability[Any]):
         args: ValidatedToolArgs,
         handler: WrapToolExecuteHandler,
     ) -> Any:
-        run = self._run(ctx)
-        tool = self._core.safely(run.tool, call) if run is not None else None
+        run = self._runs.get(ctx.run_id or "")
+        tool = None
+        if run is not None:
+            try:
+                tool = run.tool(call)
+            except Exception as caught:
+                self._core.fault(caught)
         if tool is None:
             return await handler(args)
         # A run started inside the tool (an agent delegated to) is its sub-agent.
@@ -502,10 +521,16 @@ class PhiCapability(AbstractCapability[Any]):
             result = await handler(args)
         except BaseException as error:
             leave_tool(token)
-            self._core.safely(_tool_end, tool, call, error=error)
+            try:
+                _tool_end(tool, call, error=error)
+            except Exception as caught:
+                self._core.fault(caught)
             raise
         leave_tool(token)
-        self._core.safely(_tool_end, tool, call, result=result)
+        try:
+            _tool_end(tool, call, result=result)
+        except Exception as caught:
+            self._core.fault(caught)
         return result
 
     # -- streaming (opt-in) ---------------------------------------------------------------
@@ -521,12 +546,14 @@ class PhiCapability(AbstractCapability[Any]):
         run = self._run(ctx)
         if run is None or not isinstance(event, _STREAM_EVENTS):
             return
-        with self._core.guard():
+        try:
             reply = run.replying(ctx.model.model_name, ctx.model.system)
             if isinstance(event, pai.PartStartEvent):
                 _stream_part(reply, event.part)
             else:
                 _stream_delta(reply, event.delta)
+        except Exception as caught:
+            self._core.fault(caught)
 
 
 def _tool_end(
