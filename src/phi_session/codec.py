@@ -407,15 +407,23 @@ class _Skeleton:
     it): a loop's turns before its events.
     """
 
-    __slots__ = ("_event_fields", "_forms", "_request")
+    __slots__ = ("_event_fields", "_forms", "_histories", "_request")
 
     def __init__(self, forms: tuple[_Form, _Form], histories: Callable[[int], _Histories]) -> None:
         self._forms = forms  # indexed by MessageField.agent
+        self._histories = histories
         self._request = histories(10)
-        self._event_fields = {
-            tp: tuple((field.name, field.within, self._writer(field, histories)) for field in fields)
-            for tp, fields in MESSAGE_FIELDS.items()
-        }
+        # Per event type met, its message fields and their writers: made on first use, as
+        # `encode_event` makes a skeleton for one event.
+        self._event_fields: dict[type, tuple[tuple[str, str | None, MessageFn], ...]] = {}
+
+    def _fields_of(self, tp: type) -> tuple[tuple[str, str | None, MessageFn], ...]:
+        """Those of event type `tp` (empty for a type that carries no message)."""
+        fields = self._event_fields[tp] = tuple(
+            (field.name, field.within, self._writer(field, self._histories))
+            for field in MESSAGE_FIELDS.get(tp, ())
+        )
+        return fields
 
     def _writer(self, field: MessageField, histories: Callable[[int], _Histories]) -> MessageFn:
         if field.within is not None and not field.agent:  # a request's history
@@ -424,8 +432,8 @@ class _Skeleton:
         return form.many if field.many else form.one
 
     def event(self, event: Any) -> Any:
-        fields = self._event_fields.get(type(event))
-        return event if fields is None else self._event(event, fields)
+        fields = self._event_fields.get(type(event)) or self._fields_of(type(event))
+        return self._event(event, fields) if fields else event
 
     def _event(self, event: Any, fields: tuple[tuple[str, str | None, MessageFn], ...]) -> Any:
         skeleton = event.__copy__()  # a copy no one else holds yet: set its fields
@@ -464,7 +472,8 @@ class _Skeleton:
         force_setattr(skeleton, "messages", self._forms[True].many(record.messages))
         # Lists: the skeleton is only encoded (as arrays, like the record's tuples).
         force_setattr(skeleton, "turns", [self._turn(turn) for turn in record.turns])
-        fields_of, event_of, agent = self._event_fields.get, self._event, self._forms[True]
+        known_fields, fields_of = self._event_fields.get, self._fields_of
+        event_of, agent = self._event, self._forms[True]
         known, one = agent.known, agent.one
         events: list[LoopEvent | _Item] = []
         append = events.append
@@ -477,8 +486,10 @@ class _Skeleton:
                 force_setattr(copy, name, known(id(message)) or one(message))
                 append(_Item(item.sequence, copy))
             else:
-                fields = fields_of(type(event))
-                append(item if fields is None else _Item(item.sequence, event_of(event, fields)))
+                fields = known_fields(type(event))
+                if fields is None:
+                    fields = fields_of(type(event))
+                append(_Item(item.sequence, event_of(event, fields)) if fields else item)
         force_setattr(skeleton, "events", events)
         block = record.compaction_block
         if isinstance(block, CompactionBlock):
