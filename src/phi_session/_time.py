@@ -8,6 +8,7 @@ derives nanoseconds from it on demand.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import time
@@ -272,18 +273,20 @@ def _canonical_fraction(text: str) -> bool:
     return not digits.endswith("000")
 
 
+@functools.cache
 def _gc_untrack() -> Callable[[object], None] | None:
+    """CPython's ``PyObject_GC_UnTrack``, looked up on first use (None elsewhere, or
+    where ``ctypes`` is missing)."""
     if sys.implementation.name != "cpython":
         return None
-    import ctypes
-
+    try:
+        import ctypes
+    except ImportError:
+        return None
     untrack = ctypes.pythonapi.PyObject_GC_UnTrack
     untrack.argtypes = (ctypes.py_object,)
     untrack.restype = None
     return untrack
-
-
-_untrack = _gc_untrack()
 
 
 def release_from_collector(stamps: Iterable[object]) -> None:
@@ -296,7 +299,7 @@ def release_from_collector(stamps: Iterable[object]) -> None:
     cycles) takes them out; a subclass, which could hold more, stays tracked. Outside
     CPython this does nothing.
     """
-    untrack = _untrack
+    untrack = _gc_untrack()
     if untrack is None:
         return
     for stamp in stamps:
