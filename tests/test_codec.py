@@ -517,6 +517,32 @@ def test_messages_encoded_once_give_the_bytes_of_each_written_where_it_stands(se
         assert ps.encode(record) == ps.encode(ps.decode_loop(ps.encode(record)))
 
 
+def _requests_session(message: ps.AgentMessage, **fields: Any) -> ps.Session:
+    """A session of one loop (with record `fields`) whose three TurnRequests carry 0, 1 and
+    2 copies of `message` as their history."""
+    stamp = ps.Timestamp.parse("2025-06-01T09:00:00Z")
+    record = LoopRecord.start(loop_id="l", session_id="s", agent_id="a", started_at=stamp)
+    for name, value in fields.items():
+        setattr(record, name, value)
+    record.events = [
+        LoopEvent(
+            sequence=i,
+            event=ps.TurnRequest(
+                loop_id="l", turn_index=i, payload=request_payload((message,) * i), timestamp=stamp
+            ),
+        )
+        for i in range(3)
+    ]
+    return ps.Session(
+        session_id="s",
+        agent_id="a",
+        created_at=stamp,
+        last_active_at=stamp,
+        formation=ps.SessionFormation.first_loop(stamp),
+        loops=[record],
+    )
+
+
 def test_a_message_changed_after_an_encode_is_written_changed_the_next_time() -> None:
     arguments: dict[str, Any] = {"path": "a.txt"}
     call = ps.AssistantMessage(
@@ -527,26 +553,8 @@ def test_a_message_changed_after_an_encode_is_written_changed_the_next_time() ->
         usage=ZERO_USAGE,
         timestamp=1,
     )
-    stamp = ps.Timestamp.parse("2025-06-01T09:00:00Z")
-    record = LoopRecord.start(loop_id="l", session_id="s", agent_id="a", started_at=stamp)
-    record.messages = [call, call]
-    record.events = [
-        LoopEvent(
-            sequence=i,
-            event=ps.TurnRequest(
-                loop_id="l", turn_index=i, payload=request_payload((call,) * i), timestamp=stamp
-            ),
-        )
-        for i in range(3)
-    ]
-    session = ps.Session(
-        session_id="s",
-        agent_id="a",
-        created_at=stamp,
-        last_active_at=stamp,
-        formation=ps.SessionFormation.first_loop(stamp),
-        loops=[record],
-    )
+    session = _requests_session(call, messages=[call, call])
+    record = session.loops[0]
     before = ps.encode(session)
     assert before.count(b'"a.txt"') == 5
     arguments["path"] = "b.txt"  # a tool call's arguments are a mutable dict
@@ -562,28 +570,13 @@ def test_del_bytes_in_a_session_are_written_as_they_are(where: str) -> None:
     # again: a DEL of the document's own, before or after them, is not taken for one.
     text = "\x7f" if where != "history" else 'a\x7f"\x7f"'
     said = ps.UserMessage(content=(ps.TextContent(text=text),), timestamp=1)
-    stamp = ps.Timestamp.parse("2025-06-01T09:00:00Z")
-    record = LoopRecord.start(loop_id="l", session_id="s", agent_id="a", started_at=stamp)
-    record.metadata = {"note": "\x7f"} if where == "metadata" else None
-    record.children_loop_ids = ["\x7f"] if where == "children" else []
-    record.messages = [said]
-    record.events = [
-        LoopEvent(
-            sequence=i,
-            event=ps.TurnRequest(
-                loop_id="l", turn_index=i, payload=request_payload((said,) * i), timestamp=stamp
-            ),
-        )
-        for i in range(3)
-    ]
-    session = ps.Session(
-        session_id="s",
-        agent_id="a",
-        created_at=stamp,
-        last_active_at=stamp,
-        formation=ps.SessionFormation.first_loop(stamp),
-        loops=[record],
+    session = _requests_session(
+        said,
+        messages=[said],
+        metadata={"note": "\x7f"} if where == "metadata" else None,
+        children_loop_ids=["\x7f"] if where == "children" else [],
     )
+    record = session.loops[0]
     data = ps.encode(session)
     assert data == _unshared_encoding(session)
     assert ps.encode(record) == msgspec.json.format(ps.encode(record, pretty=False), indent=2)
