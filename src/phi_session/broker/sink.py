@@ -54,6 +54,7 @@ _Message = tuple[str, str, str, bytes]
 _Envelope = tuple[str, str, str, msgspec.Raw]
 _MAX_ROUTES = 100_000  # remembered sub-agent sessions and re-homed loops, oldest forgotten first
 _IDLE_WAIT = 1.0
+_CANCEL_AGAIN = 0.5  # seconds `close` waits for the publishing thread between cancellations
 
 
 class _Episode:
@@ -290,12 +291,22 @@ class JetStreamSink:
         sent = self.flush(timeout)
         self._stop.set()
         self._wake()
-        if not sent and self._loop is not None and self._task is not None:
+        if sent:
+            self._thread.join()
+            return
+        # Stop a retry in progress (a connection attempt can take minutes). The NATS
+        # client can lose a cancellation (Python 3.11's wait_for drops one that lands as
+        # its inner call finishes), so it is asked again until the thread has ended.
+        while self._thread.is_alive():
+            self._cancel_publisher()
+            self._thread.join(_CANCEL_AGAIN)
+        self._spill_rest()
+
+    def _cancel_publisher(self) -> None:
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
             with contextlib.suppress(RuntimeError):  # the loop just ended
-                self._loop.call_soon_threadsafe(self._task.cancel)  # stop a retry in progress
-        self._thread.join()
-        if not sent:
-            self._spill_rest()
+                loop.call_soon_threadsafe(task.cancel)
 
     def _spill_rest(self) -> None:
         with self._lock:
