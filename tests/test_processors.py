@@ -459,15 +459,15 @@ def test_json_string_arguments_are_redacted_field_by_field() -> None:
 
 
 class CountingRedactor(Redactor):
-    """Counts the scans of each value by identity."""
+    """Counts the scans of each dict (tool arguments) by identity."""
 
     def __init__(self) -> None:
         super().__init__()
         self.scans: dict[int, int] = {}
 
-    def redact_value(self, value: Any) -> Any:
+    def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
         self.scans[id(value)] = self.scans.get(id(value), 0) + 1
-        return super().redact_value(value)
+        return super()._redact_dict(value)
 
 
 def _history_request(history: tuple[ps.Message, ...]) -> ps.TurnRequest:

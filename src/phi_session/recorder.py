@@ -27,6 +27,9 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from itertools import repeat
+from operator import attrgetter
 from typing import Any, ClassVar
 
 import msgspec
@@ -103,24 +106,21 @@ class _PartialTurn:
         self.payload: AnnotatedRequestPayload | None = None
 
 
-# The event types with a ``timestamp`` field.
-_STAMPED = frozenset(t for t in EVENT_TYPES if any(f.name == "timestamp" for f in msgspec.structs.fields(t)))
+_event_of = attrgetter("event")
 
-
-def _stamp(event: Any) -> Any:
-    return event.timestamp
+# In `SessionRecorder._steps`: an event type with a handler of its own, not stored by `_store`.
+_OWN: Any = object()
 
 
 class _OpenLoop:
     """A loop being recorded: what it gathers is kept here, in lists, and handed to its
     record as tuples when it closes (`finish`)."""
 
-    __slots__ = ("child_loop_refs", "events", "next_seq", "record", "session_id", "started", "turn", "turns")
+    __slots__ = ("child_loop_refs", "events", "record", "session_id", "started", "turn", "turns")
 
     def __init__(self, record: LoopRecord, *, started: bool = True) -> None:
         self.record = record
         self.session_id = record.session_id
-        self.next_seq = 0
         self.turn: _PartialTurn | None = None
         self.events: list[LoopEvent] = []
         self.turns: list[Turn] = []
@@ -129,15 +129,17 @@ class _OpenLoop:
         self.started = started
 
     def append(self, event: AgentEvent) -> None:
-        self.events.append(LoopEvent(self.next_seq, event))  # positional: no keyword matching
-        self.next_seq += 1
+        events = self.events  # an event's sequence number is its index
+        events.append(LoopEvent(len(events), event))  # positional: no keyword matching
 
     def finish(self) -> None:
         record = self.record
         record.events, record.turns = tuple(self.events), tuple(self.turns)
         record.child_loop_refs = tuple(self.child_loop_refs)
-        # The record's instants are its events' (the turns and the record share them).
-        release_from_collector([_stamp(e.event) for e in record.events if type(e.event) in _STAMPED])
+        # The record's instants are its events' (the turns and the record share them);
+        # found in C: most events have no timestamp (getattr's None, filtered out).
+        events = map(_event_of, record.events)
+        release_from_collector(filter(None, map(getattr, events, repeat("timestamp"), repeat(None))))
 
     def snapshot(self) -> LoopRecord:
         """A copy of the record with what the loop has gathered so far."""
@@ -201,6 +203,7 @@ class SessionRecorder:
         # Write-ahead hook (a journal): called with each kept event's JSON, under the
         # lock and before the event is applied, so the journal's order is ours.
         self._write_ahead: Callable[[bytes | str], object] | None = None
+        self._inline_steps = self._steps  # what `on_event` stores inline (`set_write_ahead`)
         # before_task/after_task wait here (callback, session, is before_task) and run
         # once the lock is released, in order (`_run_callbacks`).
         self._callbacks: deque[tuple[SessionCallback, Session, bool]] = deque()
@@ -232,23 +235,34 @@ class SessionRecorder:
 
     def on_event(self, event: AgentEvent) -> None:
         """Record one event."""
-        if type(event) is MessageUpdate:  # most events of a stream: handled inline
+        tp = type(event)
+        if tp is MessageUpdate:  # most events of a stream: handled inline
             with self._lock:
-                loop = self._loops.get(event.loop_id)
+                loop = self._loops.get(event.loop_id)  # type: ignore[union-attr]
                 if loop is not None and self._write_ahead is None:
                     if self._keep_deltas:  # `loop.append`, inline
-                        loop.events.append(LoopEvent(loop.next_seq, event))
-                        loop.next_seq += 1
+                        events = loop.events
+                        events.append(LoopEvent(len(events), event))
                     else:
                         self._dropped_deltas += 1
                     return
-        handler = self._handlers.get(type(event))
-        if handler is None:
-            raise TypeError(f"not an AgentEvent: {type(event).__name__}")
         with self._lock:
-            if self._write_ahead is not None and not self._drops(event):
-                self._write_ahead(codec.encode_event(event))
-            handler(self, event)
+            # The usual event, for an open loop: `_store`, inline (`_inline_steps` is
+            # empty while a write-ahead hook is set: every event then takes its handler).
+            step = self._inline_steps.get(tp, _OWN)
+            loop = None if step is _OWN else self._loops.get(event.loop_id)  # type: ignore[union-attr]
+            if loop is not None:
+                events = loop.events  # `loop.append`, inline
+                events.append(LoopEvent(len(events), event))
+                if step is not None:
+                    step(self, loop, event)
+            else:
+                handler = self._handlers.get(tp)
+                if handler is None:
+                    raise TypeError(f"not an AgentEvent: {tp.__name__}")
+                if self._write_ahead is not None and not self._drops(event):
+                    self._write_ahead(codec.encode_event(event))
+                handler(self, event)
         if self._callbacks:
             self._run_callbacks()
 
@@ -265,12 +279,21 @@ class SessionRecorder:
         """
         with self._lock:
             self._write_ahead = hook
+            self._inline_steps = self._steps if hook is None else {}
 
     def record_all(self, events: Iterable[AgentEvent]) -> None:
         for event in events:
             self.on_event(event)
 
     # -- event handlers -----------------------------------------------------------
+
+    def _store(self, event: Any) -> None:
+        """Store the event in its open loop (or keep it as an orphan), then take its type's step."""
+        loop = self._append(event)
+        if loop is not None:
+            step = self._steps[type(event)]
+            if step is not None:
+                step(self, loop, event)
 
     def _append(self, event: Any) -> _OpenLoop | None:
         """Store the event in its open loop, or keep it as an orphan."""
@@ -340,7 +363,7 @@ class SessionRecorder:
         if existing is not None:  # a Pending branch starts: keep what arrived before it
             loop.events = existing.events
             record.parallel_group = existing.record.parallel_group
-            loop.next_seq, loop.turn = existing.next_seq, existing.turn
+            loop.turn = existing.turn
         self._loops[event.loop_id] = loop
         self._loop_session[event.loop_id] = event.session_id
         held.open_loops += 1
@@ -412,10 +435,9 @@ class SessionRecorder:
             logger.exception("session callback %r failed for %s", callback, session.session_id)
             return None
 
-    def _on_agent_end(self, event: AgentEnd) -> None:
-        loop = self._append(event)
-        if loop is None:
-            return
+    # -- steps: what follows an event's storing in its open loop (`_store`) -------------
+
+    def _on_agent_end(self, loop: _OpenLoop, event: AgentEnd) -> None:
         record = loop.record
         record.ended_at = event.timestamp
         record.rejection = event.rejection
@@ -463,19 +485,15 @@ class SessionRecorder:
             session_id = held.session.session_id
             self._closed_by_id[record.loop_id] = (*self._closed_by_id.get(record.loop_id, ()), session_id)
 
-    def _on_turn_start(self, event: TurnStart) -> None:
-        loop = self._append(event)
-        if loop is not None:
-            loop.turn = _PartialTurn(event)
+    def _on_turn_start(self, loop: _OpenLoop, event: TurnStart) -> None:
+        loop.turn = _PartialTurn(event)
 
-    def _on_turn_request(self, event: TurnRequest) -> None:
-        loop = self._append(event)
-        if loop is not None and loop.turn is not None and self.config.capture_turn_requests:
+    def _on_turn_request(self, loop: _OpenLoop, event: TurnRequest) -> None:
+        if loop.turn is not None and self.config.capture_turn_requests:
             loop.turn.payload = event.payload
 
-    def _on_message_end(self, event: MessageEnd) -> None:
-        loop = self._append(event)
-        if loop is not None and loop.turn is not None and not isinstance(event.message, AssistantMessage):
+    def _on_message_end(self, loop: _OpenLoop, event: MessageEnd) -> None:
+        if loop.turn is not None and not isinstance(event.message, AssistantMessage):
             loop.turn.inputs.append(event.message)
 
     def _on_message_update(self, event: MessageUpdate) -> None:
@@ -487,34 +505,30 @@ class SessionRecorder:
         else:
             self._dropped_deltas += 1
 
-    def _on_turn_end(self, event: TurnEnd) -> None:
-        loop = self._append(event)
-        if loop is None:
-            return
-        partial, loop.turn = loop.turn, None
+    def _on_turn_end(self, loop: _OpenLoop, event: TurnEnd) -> None:
+        pending, loop.turn = loop.turn, None
         record = loop.record
-        if partial is not None:
-            turn_id = partial.turn_id
+        if pending is not None:
+            turn_id = pending.turn_id
             loop.turns.append(
                 Turn(
                     turn_id=turn_id,
-                    triggered_by=partial.trigger,
+                    triggered_by=pending.trigger,
                     usage=event.usage,
-                    input_messages=tuple(partial.inputs),
+                    input_messages=tuple(pending.inputs),
                     output_message=event.message,
-                    tool_results=tuple(replace(m, turn_id=turn_id) for m in event.tool_results),
-                    started_at=partial.started_at,
+                    tool_results=tuple(map(partial(replace, turn_id=turn_id), event.tool_results)),
+                    started_at=pending.started_at,
                     ended_at=event.timestamp,
-                    request_payload=partial.payload,
+                    request_payload=pending.payload,
                 )
             )
         if record.config is None and isinstance(event.message, AssistantMessage):
             record.config = _fallback_config(record.loop_id, event.message)
 
-    def _on_tool_end(self, event: ToolExecutionEnd) -> None:
-        loop = self._append(event)
+    def _on_tool_end(self, loop: _OpenLoop, event: ToolExecutionEnd) -> None:
         child_loop_id = event.result.child_loop_id
-        if loop is None or not isinstance(child_loop_id, str):
+        if not isinstance(child_loop_id, str):
             return
         child_session_id = (
             self._loop_session.get(child_loop_id)
@@ -803,17 +817,26 @@ class SessionRecorder:
                 "dropped_deltas": self._dropped_deltas,
             }
 
-    # Event type -> handler; events without their own handler are stored in their loop.
-    _handlers: ClassVar[dict[type, Callable[[SessionRecorder, Any], object]]] = {
-        **dict.fromkeys(EVENT_TYPES, _append),
-        AgentStart: _on_agent_start,
+    # Event type -> its step once stored in its open loop (None: none), for the events
+    # stored there (`_store`); _OWN for those with a handler of their own.
+    _steps: ClassVar[dict[type, Callable[[SessionRecorder, _OpenLoop, Any], object] | None]] = {
+        **dict.fromkeys(EVENT_TYPES),
+        AgentStart: _OWN,
+        MessageUpdate: _OWN,
+        ParallelLoopStart: _OWN,
+        ParallelLoopEnd: _OWN,
         AgentEnd: _on_agent_end,
         TurnStart: _on_turn_start,
         TurnRequest: _on_turn_request,
         TurnEnd: _on_turn_end,
         MessageEnd: _on_message_end,
-        MessageUpdate: _on_message_update,
         ToolExecutionEnd: _on_tool_end,
+    }
+    # Event type -> handler (what `on_json` calls, and `on_event` off its inline path).
+    _handlers: ClassVar[dict[type, Callable[[SessionRecorder, Any], object]]] = {
+        **dict.fromkeys(EVENT_TYPES, _store),
+        AgentStart: _on_agent_start,
+        MessageUpdate: _on_message_update,
         ParallelLoopStart: _on_parallel_start,
         ParallelLoopEnd: _on_parallel_end,
     }

@@ -98,6 +98,7 @@ _DEFAULT_PATTERN = _alternation(DEFAULT_SECRET_PATTERNS)
 _DEFAULT_ANCHORS = re.compile(
     r"sk-|AKIA|ASIA|ghp_|gho_|ghu_|ghs_|ghr_|github_pat_|xox|AIza|eyJ|Bearer |bearer |BEARER |://|="
 )
+_anchor_search = _DEFAULT_ANCHORS.search
 _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
 _IMMUTABLE_ARGUMENTS = (str, int, float, bool, type(None))
@@ -190,6 +191,8 @@ class Redactor:
             self._default = None
             custom = [*patterns, *extra_patterns]
         self._custom = _alternation(custom) if custom else None
+        # Only the anchored defaults apply: a plain string without an anchor is clean.
+        self._anchored_only = self._custom is None and self._default is not None
         self._fields = frozenset(_normalize_field(f) for f in (*fields, *extra_fields))
         self.replacement = replacement
         self.redact_text = redact_text
@@ -241,7 +244,7 @@ class Redactor:
         default = self._default
         # The default patterns are only run on text holding one of their literal
         # anchors: most text has none, and the anchor scan is many times cheaper.
-        if default is not None and _DEFAULT_ANCHORS.search(text) is not None:
+        if default is not None and _anchor_search(text) is not None:
             redacted, count = default.subn(self.replacement, text)
             if count:
                 text = redacted
@@ -281,7 +284,7 @@ class Redactor:
         verdicts = self._field_verdicts
         # Plain strings are checked inline (no call) when only the anchored defaults apply:
         # tool arguments are mostly short clean strings.
-        quick = self._custom is None and self._default is not None
+        quick = self._anchored_only
         for key, item in value.items():
             if item is None:
                 continue
@@ -290,7 +293,7 @@ class Redactor:
                 secret = isinstance(key, str) and self.is_secret_field(key)
             if secret:
                 new: Any = self.replacement
-            elif quick and type(item) is str and _DEFAULT_ANCHORS.search(item) is None:
+            elif quick and type(item) is str and _anchor_search(item) is None:
                 continue
             else:
                 new = self.redact_value(item)
@@ -352,7 +355,10 @@ class Redactor:
         # A dict or list is not remembered here: it is the agent's own object, seen once
         # (``ToolExecutionStart``), and may still change; a message's are remembered
         # with their content (`_content`). A JSON string is immutable: scanned once.
-        if type(arguments) is str:
+        tp = type(arguments)
+        if tp is dict:  # as `redact_value` would, one call less
+            return self._redact_dict(arguments)
+        if tp is str:
             result = self._recall(arguments)
             if result is _MISSING:
                 result = self.redact_json_string(arguments)
@@ -372,9 +378,9 @@ class Redactor:
         """
         if not content:
             return content
-        result = self._recall(content)
-        if result is not _MISSING:
-            return result  # type: ignore[no-any-return]
+        hit = self._memo.get(id(content))  # `_recall`, inline: most contents come again
+        if hit is not None and hit[0] is content and hit[2] == hit[3]:
+            return hit[1]  # type: ignore[no-any-return]
         live = _live_arguments(content)
         if not live:
             result = self._scan_content(content)
@@ -448,7 +454,10 @@ class Redactor:
         for index, block in enumerate(content):
             new: Content = block
             if type(block) is ToolCall:
-                arguments = self._arguments(block.arguments)
+                arguments = block.arguments  # `_arguments`, its usual dict case inline:
+                arguments = (
+                    self._redact_dict(arguments) if type(arguments) is dict else self._arguments(arguments)
+                )
                 if arguments is not block.arguments:
                     new = replace(block, arguments=arguments)
             elif redact_text:
@@ -471,20 +480,23 @@ class Redactor:
         if tp is AssistantMessage:
             content = self._content(message.content)
             error = message.error_message
-            if error is not None:
-                error = self.redact_string(error)
+            if error is None:
+                return message if content is message.content else replace(message, content=content)
+            error = self.redact_string(error)
             if content is not message.content or error is not message.error_message:
                 return replace(message, content=content, error_message=error)
             return message
-        # Tool results carry no tool arguments: without text redaction only failed
-        # ones (error texts) are scanned.
-        if tp is ToolResultMessage and message.is_error and not self.redact_text:
-            content = self._error_content(message.content)
-            return message if content is message.content else replace(message, content=content)
-        if self.redact_text and (tp is UserMessage or tp is ToolResultMessage):
+        if not self.redact_text:
+            # Tool results carry no tool arguments: without text redaction only failed
+            # ones (error texts) are scanned.
+            if tp is ToolResultMessage and message.is_error:
+                content = self._error_content(message.content)
+                return message if content is message.content else replace(message, content=content)
+            return message
+        if tp is UserMessage or tp is ToolResultMessage:
             content = self._content(message.content)
             return message if content is message.content else replace(message, content=content)
-        if self.redact_text and isinstance(message, ExtensionMessage):
+        if isinstance(message, ExtensionMessage):
             data = self.redact_value(message.data)
             return (
                 message
@@ -530,17 +542,22 @@ class Redactor:
     def _one_message(self, event: _OneMessage) -> _OneMessage:
         message: Any = event.message
         tp = type(message)
-        if not self.redact_text and (
-            tp is UserMessage
-            or (tp is ToolResultMessage and not message.is_error)
-            or (tp is AssistantMessage and not message.content and message.error_message is None)
-        ):
-            return event  # what `_message` would pass untouched (the placeholder: nothing in it)
+        # What `_message` would pass untouched, most frequent first.
+        if tp is ToolResultMessage:
+            if not (message.is_error or self.redact_text):
+                return event
+        elif tp is AssistantMessage:
+            if not message.content and message.error_message is None:
+                return event  # phi-core's empty placeholder: nothing in it
+        elif tp is UserMessage and not self.redact_text:
+            return event
         new = self._message(message)
         return event if new is message else replace(event, message=new)
 
     def _tool_start(self, event: ToolExecutionStart) -> ToolExecutionStart:
-        args = self._arguments(event.args)
+        args = event.args
+        # `_arguments`, its usual dict case inline.
+        args = self._redact_dict(args) if type(args) is dict else self._arguments(args)
         return event if args is event.args else replace(event, args=args)
 
     def _tool_end(self, event: ToolExecutionEnd) -> ToolExecutionEnd:
