@@ -612,3 +612,61 @@ def test_a_history_whose_earlier_arguments_gain_a_secret_is_scanned_again() -> N
     arguments["token"] = "plain-value"  # inside the remembered part of the history
     request = redactor(_history_request((PROMPT, first, second)))
     assert request.payload.messages[1].content[0].arguments["token"] == REDACTED  # type: ignore[union-attr]
+
+
+def test_known_clean_field_names_are_still_scanned_for_secrets() -> None:
+    redactor = Redactor()
+    clean = {"q": "where is the cache", "path": "src/a.py"}
+    assert redactor.redact_value(clean) is clean  # both names are now known clean
+    assert redactor.redact_value({"q": f"use {SECRET_KEY}", "path": "src"}) == {
+        "q": "use [REDACTED]",
+        "path": "src",
+    }
+    assert redactor.redact_value({"q": "https://user:hunter2@host/x"}) == {"q": "https://[REDACTED]@host/x"}
+    assert redactor.redact_value({"q": [SECRET_KEY], "path": None}) == {"q": [REDACTED], "path": None}
+    assert redactor.redact_value({"q": {"token": "t"}}) == {"q": {"token": REDACTED}}
+    assert redactor.redact_value({"q": "x", "api_key": "plain"}) == {"q": "x", "api_key": REDACTED}
+    numbers = {"q": 3, "path": 2.5}
+    assert redactor.redact_value(numbers) is numbers
+
+
+@pytest.mark.parametrize("options", [{"extra_patterns": [r"acct-\d{6}"]}, {"patterns": [r"acct-\d{6}"]}])
+def test_custom_patterns_apply_to_known_clean_field_names(options: dict[str, Any]) -> None:
+    redactor = Redactor(**options)
+    clean = {"q": "x"}
+    assert redactor.redact_value(clean) is clean
+    assert redactor.redact_value({"q": "acct-123456"}) == {"q": REDACTED}  # no default anchor in it
+    call = ps.ToolExecutionStart(loop_id="l", tool_call_id="c", tool_name="t", args={"q": "see acct-654321"})
+    assert redactor(call).args == {"q": f"see {REDACTED}"}  # type: ignore[attr-defined]
+
+
+def test_a_runs_messages_at_its_end_are_redacted_where_they_need_it() -> None:
+    arguments: dict[str, Any] = {"q": "x"}
+    reply = _tool_reply("http", arguments)
+    redactor = Redactor()
+    assert redactor(ps.MessageEnd(loop_id="l", message=reply)).message is reply  # type: ignore[attr-defined]
+    arguments["api_key"] = "plain-value"  # gained after its scan
+    user = ps.UserMessage(content=(ps.TextContent(text=f"mine: {SECRET_KEY}"),), timestamp=1)
+    ok = ps.ToolResultMessage(
+        tool_call_id="c1",
+        tool_name="http",
+        content=(ps.TextContent(text=SECRET_KEY),),
+        is_error=False,
+        timestamp=2,
+    )
+    failed = msgspec.structs.replace(ok, is_error=True)
+    end = ps.AgentEnd(
+        loop_id="l",
+        messages=(user, reply, ok, failed),
+        usage=ps.Usage(input=1, output=1),
+        timestamp=ps.Timestamp.now(),
+    )
+    out = redactor(end).messages  # type: ignore[attr-defined]
+    assert out[0] is user and out[2] is ok  # text redaction is opt-in
+    assert out[1].content[0].arguments == {"q": "x", "api_key": REDACTED}
+    assert out[3].content == (ps.TextContent(text=REDACTED),)
+    clean = msgspec.structs.replace(end, messages=(user, _tool_reply("grep", {"q": "y"}), ok))
+    assert redactor(clean) is clean
+    texts = Redactor(redact_text=True)(end).messages  # type: ignore[attr-defined]
+    assert texts[0].content == (ps.TextContent(text=f"mine: {REDACTED}"),)
+    assert texts[2].content == texts[3].content == (ps.TextContent(text=REDACTED),)

@@ -859,3 +859,83 @@ def test_current_loop_is_a_snapshot_and_has_open_loop_asks_without_one() -> None
     assert recorder.has_open_loop("s.c.2") is False and recorder.current_loop("s.c.1") is None
     recorder.on_event(start("s.c.2", "s"))
     assert recorder.has_open_loop("s.c.2") and not recorder.has_open_loop("s.c.1")
+
+
+def _ghost(loop_id: str) -> list[ps.AgentEvent]:
+    """One event of each type stored in its loop (with or without a step of its own)."""
+    out = assistant("answer", calls=1)
+    return [
+        ps.TurnStart(loop_id=loop_id, turn_index=0, triggered_by="User", timestamp=ts(0)),
+        ps.MessageStart(loop_id=loop_id, message=out),
+        ps.MessageEnd(loop_id=loop_id, message=tool_result("call0")),
+        ps.ToolExecutionStart(loop_id=loop_id, tool_call_id="call0", tool_name="read", args={"i": 0}),
+        ps.ToolExecutionEnd(
+            loop_id=loop_id,
+            tool_call_id="call0",
+            tool_name="read",
+            result=ps.ToolResult(content=()),
+            is_error=False,
+        ),
+        ps.TurnEnd(loop_id=loop_id, message=out, usage=usage(1), timestamp=ts(1)),
+        ps.InputRejected(loop_id=loop_id, reason="r"),
+        end(loop_id),
+    ]
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_every_stored_type_for_an_unknown_loop_is_an_orphan(hooked: bool) -> None:
+    recorder = SessionRecorder()
+    if hooked:  # every event then takes its handler instead of the inline path
+        recorder.set_write_ahead(lambda line: None)
+    events = [start("s.c.1", "s"), end("s.c.1"), *_ghost("s.c.1"), *_ghost("ghost")]
+    recorder.record_all(events)
+    assert [o.event for o in recorder.orphans()] == events[2:]
+    assert [e.event for e in recorder.sessions()[0].loops[0].events] == events[:2]
+
+
+def test_not_an_event_is_refused_with_or_without_write_ahead() -> None:
+    recorder = SessionRecorder()
+    with pytest.raises(TypeError, match="not an AgentEvent: Usage"):
+        recorder.on_event(usage(1))  # type: ignore[arg-type]
+    recorder.set_write_ahead(lambda line: None)
+    with pytest.raises(TypeError, match="not an AgentEvent: Usage"):
+        recorder.on_event(usage(1))  # type: ignore[arg-type]
+
+
+def test_write_ahead_attached_and_removed_mid_loop_records_the_same_session() -> None:
+    events = [start("s.c.1", "s"), *turn("s.c.1", calls=2), *turn("s.c.1", 1, at=5), end("s.c.1", at=9)]
+    plain = SessionRecorder()
+    plain.record_all(events)
+    plain.flush()
+    seen: list[bytes | str] = []
+    recorder = SessionRecorder()
+    recorder.record_all(events[:3])
+    recorder.set_write_ahead(seen.append)
+    recorder.record_all(events[3:9])
+    recorder.set_write_ahead(None)
+    recorder.record_all(events[9:])
+    recorder.flush()
+    kept = [e for e in events[3:9] if not isinstance(e, ps.MessageUpdate)]
+    assert [ps.decode_event(line) for line in seen] == kept  # stored types too, none inline
+    (session,) = recorder.drain_completed()
+    assert ps.encode(session) == ps.encode(plain.drain_completed()[0])
+    assert [e.sequence for e in session.loops[0].events] == list(range(len(session.loops[0].events)))
+
+
+def test_a_pending_branch_numbers_its_events_on_from_those_kept_before_it_started() -> None:
+    recorder = SessionRecorder(include_streaming_events=True)
+    recorder.on_event(start("s.c.0", "s"))
+    recorder.on_event(ps.ParallelLoopStart(session_id="s", loop_ids=("s.c.1", "s.c.2"), timestamp=ts(1)))
+    early = ps.InputRejected(loop_id="s.c.1", reason="before its start")
+    recorder.on_event(early)
+    branch = [start("s.c.1", "s", at=2), *turn("s.c.1", at=3)]
+    recorder.record_all(branch)
+    snapshot = recorder.current_loop("s.c.1")
+    assert snapshot is not None
+    assert [(e.sequence, e.event) for e in snapshot.events] == list(enumerate([early, *branch]))
+    recorder.on_event(end("s.c.1", at=4))
+    recorder.flush()
+    record = next(r for s in recorder.sessions() for r in s.loops if r.loop_id == "s.c.1")
+    assert [(e.sequence, e.event) for e in record.events] == list(
+        enumerate([early, *branch, end("s.c.1", at=4)])
+    )

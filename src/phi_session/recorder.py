@@ -28,8 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from itertools import repeat
-from operator import attrgetter
+from itertools import count, repeat
 from typing import Any, ClassVar
 
 import msgspec
@@ -106,10 +105,9 @@ class _PartialTurn:
         self.payload: AnnotatedRequestPayload | None = None
 
 
-_event_of = attrgetter("event")
-
 # In `SessionRecorder._steps`: an event type with a handler of its own, not stored by `_store`.
 _OWN: Any = object()
+_ALL_OWN = dict.fromkeys(EVENT_TYPES, _OWN)  # the steps `on_event` takes inline with a write-ahead hook
 
 
 class _OpenLoop:
@@ -122,30 +120,32 @@ class _OpenLoop:
         self.record = record
         self.session_id = record.session_id
         self.turn: _PartialTurn | None = None
-        self.events: list[LoopEvent] = []
+        # The events in arrival order, numbered (as LoopEvents, in C) when handed over.
+        self.events: list[AgentEvent] = []
         self.turns: list[Turn] = []
         self.child_loop_refs: list[ChildLoopRef] = []
         # Pending parallel branches are not started: they do not hold their session open.
         self.started = started
 
     def append(self, event: AgentEvent) -> None:
-        events = self.events  # an event's sequence number is its index
-        events.append(LoopEvent(len(events), event))  # positional: no keyword matching
+        self.events.append(event)
 
     def finish(self) -> None:
         record = self.record
-        record.events, record.turns = tuple(self.events), tuple(self.turns)
+        record.events, record.turns = self._numbered(), tuple(self.turns)
         record.child_loop_refs = tuple(self.child_loop_refs)
         # The record's instants are its events' (the turns and the record share them);
         # found in C: most events have no timestamp (getattr's None, filtered out).
-        events = map(_event_of, record.events)
-        release_from_collector(filter(None, map(getattr, events, repeat("timestamp"), repeat(None))))
+        release_from_collector(filter(None, map(getattr, self.events, repeat("timestamp"), repeat(None))))
+
+    def _numbered(self) -> tuple[LoopEvent, ...]:
+        return tuple(map(LoopEvent, count(), self.events))  # positional: no keyword matching
 
     def snapshot(self) -> LoopRecord:
         """A copy of the record with what the loop has gathered so far."""
         return replace(
             self.record,
-            events=tuple(self.events),
+            events=self._numbered(),
             turns=tuple(self.turns),
             child_loop_refs=tuple(self.child_loop_refs),
         )
@@ -235,34 +235,31 @@ class SessionRecorder:
 
     def on_event(self, event: AgentEvent) -> None:
         """Record one event."""
-        tp = type(event)
-        if tp is MessageUpdate:  # most events of a stream: handled inline
+        if type(event) is MessageUpdate:  # most events of a stream: handled inline
             with self._lock:
-                loop = self._loops.get(event.loop_id)  # type: ignore[union-attr]
+                loop = self._loops.get(event.loop_id)
                 if loop is not None and self._write_ahead is None:
-                    if self._keep_deltas:  # `loop.append`, inline
-                        events = loop.events
-                        events.append(LoopEvent(len(events), event))
+                    if self._keep_deltas:
+                        loop.events.append(event)  # `loop.append`, inline
                     else:
                         self._dropped_deltas += 1
                     return
         with self._lock:
-            # The usual event, for an open loop: `_store`, inline (`_inline_steps` is
-            # empty while a write-ahead hook is set: every event then takes its handler).
-            step = self._inline_steps.get(tp, _OWN)
+            # The usual event, for an open loop: `_store`, inline (`_inline_steps` maps
+            # every type to _OWN while a write-ahead hook is set: each takes its handler).
+            try:
+                step = self._inline_steps[type(event)]
+            except KeyError:
+                raise TypeError(f"not an AgentEvent: {type(event).__name__}") from None
             loop = None if step is _OWN else self._loops.get(event.loop_id)  # type: ignore[union-attr]
             if loop is not None:
-                events = loop.events  # `loop.append`, inline
-                events.append(LoopEvent(len(events), event))
+                loop.events.append(event)  # `loop.append`, inline
                 if step is not None:
                     step(self, loop, event)
-            else:
-                handler = self._handlers.get(tp)
-                if handler is None:
-                    raise TypeError(f"not an AgentEvent: {tp.__name__}")
-                if self._write_ahead is not None and not self._drops(event):
-                    self._write_ahead(codec.encode_event(event))
-                handler(self, event)
+                return  # no step queues callbacks (only opening a session does)
+            if self._write_ahead is not None and not self._drops(event):
+                self._write_ahead(codec.encode_event(event))
+            self._handlers[type(event)](self, event)
         if self._callbacks:
             self._run_callbacks()
 
@@ -279,7 +276,7 @@ class SessionRecorder:
         """
         with self._lock:
             self._write_ahead = hook
-            self._inline_steps = self._steps if hook is None else {}
+            self._inline_steps = self._steps if hook is None else _ALL_OWN
 
     def record_all(self, events: Iterable[AgentEvent]) -> None:
         for event in events:

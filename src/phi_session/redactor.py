@@ -15,6 +15,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from functools import partial
+from itertools import compress, repeat
 from operator import is_
 from typing import Any, TypeVar
 
@@ -101,7 +102,6 @@ _DEFAULT_ANCHORS = re.compile(
 _anchor_search = _DEFAULT_ANCHORS.search
 _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
-_IMMUTABLE_ARGUMENTS = (str, int, float, bool, type(None))
 _FIELD_CACHE_LIMIT = 4096
 _MEMO_LIMIT = 1024  # per redactor: the distinct contents of a long conversation's history
 _HISTORY_LIMIT = 64  # per redactor: the conversations in flight (each holds its last history)
@@ -149,13 +149,10 @@ _MISSING: Any = object()  # a memo miss (a remembered result is never this objec
 
 
 def _live_arguments(content: tuple[Content, ...]) -> list[Any]:
-    """The tool-call arguments in `content` that could still change (dicts, lists): as a
-    list, so that it compares equal to its JSON copy."""
-    return [
-        block.arguments
-        for block in content
-        if type(block) is ToolCall and type(block.arguments) not in _IMMUTABLE_ARGUMENTS
-    ]
+    """Each block's tool-call arguments (None for other blocks), found in C: as a list, so
+    that it compares equal to its JSON copy while what could still change in it (dicts,
+    lists) has not."""
+    return list(map(getattr, content, repeat("arguments"), repeat(None)))
 
 
 def _json_copy(value: Any) -> Any:
@@ -197,6 +194,9 @@ class Redactor:
         self.replacement = replacement
         self.redact_text = redact_text
         self._field_verdicts: dict[str, bool] = {}
+        # The names `_field_verdicts` holds False for, where the anchored defaults alone
+        # apply (`_redact_dict`'s shortcut; it stays empty otherwise).
+        self._clean_fields: set[str] = set()
         self._memo: dict[int, tuple[Any, Any, Any, Any]] = {}  # id -> (value, result, live, witness)
         self._memo_lock = threading.Lock()
         # id(first message) -> (history, result, live, witness): see `_history`.
@@ -237,6 +237,8 @@ class Redactor:
             verdict = key in self._fields or key.endswith(_SECRET_SUFFIXES)
             if len(self._field_verdicts) < _FIELD_CACHE_LIMIT:  # field names repeat; bound the cache
                 self._field_verdicts[name] = verdict
+                if not verdict and self._anchored_only:
+                    self._clean_fields.add(name)
         return verdict
 
     def redact_string(self, text: str) -> str:
@@ -280,6 +282,15 @@ class Redactor:
         return value
 
     def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
+        # The usual tool arguments: known clean field names (none is known unless the
+        # anchored defaults alone apply) with string values (else `join` raises), cleared
+        # in C, without the walk below, when no value holds an anchor (an anchor has no
+        # newline: none spans two values).
+        try:
+            if self._clean_fields.issuperset(value) and _anchor_search("\n".join(value.values())) is None:
+                return value
+        except TypeError:
+            pass
         changed: dict[Any, Any] | None = None
         verdicts = self._field_verdicts
         # Plain strings are checked inline (no call) when only the anchored defaults apply:
@@ -382,10 +393,6 @@ class Redactor:
         if hit is not None and hit[0] is content and hit[2] == hit[3]:
             return hit[1]  # type: ignore[no-any-return]
         live = _live_arguments(content)
-        if not live:
-            result = self._scan_content(content)
-            self._remember(content, result)
-            return result
         try:
             witness = _json_copy(live)
         except (TypeError, ValueError, msgspec.EncodeError):
@@ -442,6 +449,20 @@ class Redactor:
             histories[key] = (messages, result, live, witness)
         return result
 
+    def _messages(self, messages: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A run's messages redacted (the very same tuple when nothing changed): each was
+        seen as it ended, so most come back untouched. Without text redaction a tool
+        result that did not fail has nothing to scan: only the others go through
+        `_message` (picked in C: only tool results have an ``is_error``)."""
+        scanned = (
+            messages
+            if self.redact_text
+            else tuple(compress(messages, map(getattr, messages, repeat("is_error"), repeat(True))))
+        )
+        if all(map(is_, map(self._message, scanned), scanned)):
+            return messages
+        return tuple(map(self._message, messages))  # something changed: every message in its place
+
     def _error_content(self, content: tuple[Content, ...]) -> tuple[Content, ...]:
         # A failed tool's text is usually an exception message (URLs with keys,
         # headers): always scanned, with or without `redact_text`. Errors are rare
@@ -451,28 +472,33 @@ class Redactor:
     def _scan_content(self, content: tuple[Content, ...], all_text: bool = False) -> tuple[Content, ...]:
         redact_text = self.redact_text or all_text
         out: list[Content] | None = None
-        for index, block in enumerate(content):
-            new: Content = block
+        for index, block in enumerate(content):  # an unchanged block goes on at once
+            new: Content
             if type(block) is ToolCall:
                 arguments = block.arguments  # `_arguments`, its usual dict case inline:
-                arguments = (
+                redacted = (
                     self._redact_dict(arguments) if type(arguments) is dict else self._arguments(arguments)
                 )
-                if arguments is not block.arguments:
-                    new = replace(block, arguments=arguments)
-            elif redact_text:
-                if type(block) is TextContent:
-                    text = self.redact_string(block.text)
-                    if text is not block.text:
-                        new = TextContent(text=text)
-                elif type(block) is ThinkingContent:
-                    thinking = self.redact_string(block.thinking)
-                    if thinking is not block.thinking:
-                        new = replace(block, thinking=thinking)
-            if new is not block:
-                if out is None:
-                    out = list(content)
-                out[index] = new
+                if redacted is arguments:
+                    continue
+                new = replace(block, arguments=redacted)
+            elif not redact_text:
+                continue
+            elif type(block) is TextContent:
+                text = self.redact_string(block.text)
+                if text is block.text:
+                    continue
+                new = TextContent(text=text)
+            elif type(block) is ThinkingContent:
+                thinking = self.redact_string(block.thinking)
+                if thinking is block.thinking:
+                    continue
+                new = replace(block, thinking=thinking)
+            else:
+                continue
+            if out is None:
+                out = list(content)
+            out[index] = new
         return content if out is None else tuple(out)
 
     def _message(self, message: Any) -> Any:
@@ -557,8 +583,8 @@ class Redactor:
     def _tool_start(self, event: ToolExecutionStart) -> ToolExecutionStart:
         args = event.args
         # `_arguments`, its usual dict case inline.
-        args = self._redact_dict(args) if type(args) is dict else self._arguments(args)
-        return event if args is event.args else replace(event, args=args)
+        redacted = self._redact_dict(args) if type(args) is dict else self._arguments(args)
+        return event if redacted is args else replace(event, args=redacted)
 
     def _tool_end(self, event: ToolExecutionEnd) -> ToolExecutionEnd:
         if not (event.is_error or self.redact_text):
@@ -598,7 +624,7 @@ class Redactor:
         return replace(event, config_snapshot=new_snapshot, metadata=metadata)
 
     def _agent_end(self, event: AgentEnd) -> AgentEnd:
-        event = map_messages(event, self._message)
+        event = map_messages(event, self._message, many=self._messages)
         error = event.error
         new_error = self.redact_string(error) if isinstance(error, str) else error
         rejection = event.rejection
