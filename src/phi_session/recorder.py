@@ -286,20 +286,18 @@ class SessionRecorder:
 
     def _store(self, event: Any) -> None:
         """Store the event in its open loop (or keep it as an orphan), then take its type's step."""
-        loop = self._append(event)
-        if loop is not None:
-            step = self._steps[type(event)]
-            if step is not None:
-                step(self, loop, event)
-
-    def _append(self, event: Any) -> _OpenLoop | None:
-        """Store the event in its open loop, or keep it as an orphan."""
         loop = self._loops.get(event.loop_id)
         if loop is None:
-            self._orphan(event, "unknown or already closed loop" if event.loop_id else "event without a loop")
-            return None
-        loop.append(event)
-        return loop
+            self._no_loop(event)
+            return
+        loop.events.append(event)  # `loop.append`, inline
+        step = self._steps[type(event)]
+        if step is not None:
+            step(self, loop, event)
+
+    def _no_loop(self, event: Any) -> None:
+        """Keep an event whose loop is not open as an orphan."""
+        self._orphan(event, "unknown or already closed loop" if event.loop_id else "event without a loop")
 
     def _orphan(self, event: AgentEvent, reason: str) -> None:
         self._orphans.append(OrphanEvent(event=event, reason=reason))
@@ -496,8 +494,8 @@ class SessionRecorder:
     def _on_message_update(self, event: MessageUpdate) -> None:
         loop = self._loops.get(event.loop_id)
         if loop is None:
-            self._append(event)  # kept as an orphan
-        elif self._keep_deltas:  # `_append` without its second lookup: most events are deltas
+            self._no_loop(event)
+        elif self._keep_deltas:  # most events of a stream: one lookup of their loop
             loop.append(event)
         else:
             self._dropped_deltas += 1
