@@ -475,10 +475,6 @@ class _TurnState:
         if not scope.running:
             raise _not_running(scope)
 
-    def detach(self) -> None:
-        """The turn ended: drop the reference back to its scope (see `_LoopState.detach`)."""
-        self.scope = None
-
     def finished(self, message: AssistantMessage) -> None:
         """An assistant message of the turn is final."""
         self.message = message
@@ -511,12 +507,17 @@ class _TurnState:
             if self._waiting and idle is not None:  # `notify_all` is pure Python: not on every tool's end
                 idle.notify_all()
 
-    def close(self) -> list[ToolFinisher]:
-        """The turn ends (holding the loop's lock): cut short every tool still running.
+    def close(self) -> Sequence[ToolFinisher]:
+        """The turn ends (holding the loop's lock): drop the reference back to its scope
+        (see `_LoopState.detach`) and cut short every tool still running.
 
         Returns what emits their ends, to run outside the lock.
         """
-        cut, self._open = self._open, {}
+        self.scope = None
+        cut = self._open
+        if not cut:  # as usual: every tool ended already
+            return ()
+        self._open = {}
         finishers = []
         thread = _thread_id()
         for cut_short in cut.values():
@@ -1042,7 +1043,9 @@ class TurnScope(_Scope):
             raise _started_twice(self)
         self._running = True
         loop = self._loop
-        loop.require_running()
+        scope = loop.scope
+        if scope is None or not scope.running:
+            loop.require_running()  # raises
         loop.emit(
             TurnStart(
                 loop_id=loop.loop_id, turn_index=self.index, timestamp=loop.now(), triggered_by=self.trigger
@@ -1130,18 +1133,14 @@ class TurnScope(_Scope):
             if not self._running:
                 raise _not_running(self)
             self._running, self._ended = False, True  # `_close`, inline
-            turn.detach()
             cut_short = turn.close()
-        if error is not None:
-            reason: BaseException | str = error
-        else:
-            reason = "the turn ended while this scope was open"
         scope = self._message
         if scope is not None and scope.running:
-            scope.end(reason)
-        tool_reason = _TOOL_CUT_SHORT if error is None else f"{_TOOL_CUT_SHORT} ({_describe(error)})"
-        for finish in cut_short:
-            finish(tool_reason)
+            scope.end(error if error is not None else "the turn ended while this scope was open")
+        if cut_short:
+            tool_reason = _TOOL_CUT_SHORT if error is None else f"{_TOOL_CUT_SHORT} ({_describe(error)})"
+            for finish in cut_short:
+                finish(tool_reason)
         turn.wait_idle()
         loop.close_turn()
         message = turn.message
@@ -1223,7 +1222,9 @@ class MessageScope(_Scope):
         if self._running or self._ended:  # `_begin`, inline
             raise _started_twice(self)
         self._running = True
-        self._turn.require_running()
+        turn = self._turn.scope
+        if turn is None or not turn.running:
+            self._turn.require_running()  # raises
         self._emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
         return self
 
