@@ -175,6 +175,8 @@ _TOOL_CUT_SHORT = "turn ended while the tool was running"
 
 _thread_id = threading.get_ident
 
+_NO_OUTCOME: tuple[tuple[Content, ...], Any, bool] = ((), None, False)  # an empty success
+
 ToolFinisher = Callable[[BaseException | str | None], None]
 """Emits the end of a tool its turn cut short (see `_TurnState.close`)."""
 
@@ -1330,10 +1332,8 @@ class ToolScope(_Scope):
     __slots__ = (
         "_child_loop_id",
         "_cut",
-        "_details",
-        "_is_error",
         "_loop",
-        "_result",
+        "_outcome",
         "_turn",
         "args",
         "tool_call_id",
@@ -1349,9 +1349,8 @@ class ToolScope(_Scope):
         self.tool_call_id = tool_call_id
         self.tool_name = tool_name
         self.args = args
-        self._result: tuple[Content, ...] = ()
-        self._details: Any = None
-        self._is_error = False
+        # The result's content, details and whether it is an error: set in one step.
+        self._outcome: tuple[tuple[Content, ...], Any, bool] = _NO_OUTCOME
         self._child_loop_id: str | None = None
         self._cut = False  # ended by its turn while running
 
@@ -1407,13 +1406,13 @@ class ToolScope(_Scope):
         """The tool's successful result (emitted when the scope ends)."""
         if not self._running and not self._still_open("result"):
             return
-        self._result, self._details, self._is_error = _content(content), details, False
+        self._outcome = (_content(content), details, False)
 
     def error(self, content: str | Sequence[Content], details: Any = None) -> None:
         """The tool's error result (emitted when the scope ends); the loop goes on."""
         if not self._running and not self._still_open("error"):
             return
-        self._result, self._details, self._is_error = _content(content), details, True
+        self._outcome = (_content(content), details, True)
 
     def sub_agent(
         self,
@@ -1487,14 +1486,14 @@ class ToolScope(_Scope):
     def _emit_end(self, error: BaseException | str | None) -> None:
         message: ToolResultMessage | None = None
         try:
+            content, details, is_error = self._outcome
             if error is not None:
-                self._result = _content(f"{self.tool_name} failed: {_describe(error)}")
-                self._is_error = True
+                content, is_error = _content(f"{self.tool_name} failed: {_describe(error)}"), True
             loop = self._loop
             child = self._child_loop_id
             result = ToolResult(
-                content=self._result,
-                details=self._details,
+                content=content,
+                details=details,
                 child_loop_id=child if child is not None else msgspec.UNSET,
             )
             loop.emit(
@@ -1503,15 +1502,15 @@ class ToolScope(_Scope):
                     tool_call_id=self.tool_call_id,
                     tool_name=self.tool_name,
                     result=result,
-                    is_error=self._is_error,
+                    is_error=is_error,
                     child_loop_id=child,
                 )
             )
             message = ToolResultMessage(
                 tool_call_id=self.tool_call_id,
                 tool_name=self.tool_name,
-                content=self._result,
-                is_error=self._is_error,
+                content=content,
+                is_error=is_error,
                 timestamp=loop.millis(),
             )
             loop.emit_message(message)
