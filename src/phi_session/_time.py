@@ -310,5 +310,5 @@ def release_from_collector(stamps: Iterable[object]) -> None:
     _drain(map(untrack, compress(stamps, map(is_, map(type, stamps), repeat(Timestamp)))))
 
 
-_drain = deque(maxlen=0).extend
+_drain: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 """Runs an iterator to its end, keeping nothing."""

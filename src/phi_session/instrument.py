@@ -218,8 +218,19 @@ class _Scope:
         if not self._running:
             raise _not_running(self)
 
-    running = property(attrgetter("_running"), doc="Started and not yet ended.")
-    ended = property(attrgetter("_ended"), doc="Ended (by `end`, `finish`, `select` or its owner).")
+    if TYPE_CHECKING:
+
+        @property
+        def running(self) -> bool:
+            """Started and not yet ended."""
+
+        @property
+        def ended(self) -> bool:
+            """Ended (by `end`, `finish`, `select` or its owner)."""
+
+    else:  # the same, read in C
+        running = property(attrgetter("_running"), doc="Started and not yet ended.")
+        ended = property(attrgetter("_ended"), doc="Ended (by `end`, `finish`, `select` or its owner).")
 
     def start(self: S) -> S:
         raise NotImplementedError
