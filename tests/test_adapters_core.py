@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -275,3 +276,121 @@ def test_resume_seeds_counters_from_this_sessions_loop_ids_only() -> None:
     assert agent.next_loop_id("x") == "s.x.8"
     assert agent.next_loop_id("bad") == "s.bad.1"
     assert agent.last_loop_id == "s.a.b.3"
+
+
+def run_sessions(core: AdapterCore, sessions: list[str], max_idle: int) -> None:
+    """One run in each of `sessions`, in order; at most `max_idle` idle tracers stay held."""
+    for number, session in enumerate(sessions):
+        key = f"{session}-{number}"
+        core.start_run(key, CONFIG, framework_session_id=session)
+        assert core.idle_sessions <= max_idle
+        one_turn(core, key)
+        core.end_run(key)
+
+
+@pytest.mark.parametrize("max_idle", [0, 2])
+def test_a_session_let_go_of_continues_its_last_loop_with_new_ids(max_idle: int) -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder, max_idle_sessions=max_idle)
+    run_sessions(core, ["s1", "s1", "s2", "s3", "s4", "s5", "s1"], max_idle)
+    s1 = next(session for session in recorder.sessions() if session.session_id == "s1")
+    assert [(loop.loop_id, loop.parent_loop_id) for loop in s1.loops] == [
+        ("s1.fake.m-1.1", None),
+        ("s1.fake.m-1.2", "s1.fake.m-1.1"),
+        ("s1.fake.m-1.3", "s1.fake.m-1.2"),
+    ]
+    assert [loop.continuation_kind.kind for loop in s1.loops] == ["Initial", "Default", "Default"]  # type: ignore[union-attr]
+    assert_round_trip(recorder)
+
+
+def test_letting_sessions_go_changes_nothing_in_the_record() -> None:
+    other = LoopConfigSnapshot(model="m-2", provider="fake")
+
+    def record(max_idle: int) -> list[bytes]:
+        recorder = SessionRecorder()
+        core = make_core(recorder, max_idle_sessions=max_idle)
+        for turn in range(3):
+            for session in ("a", "b", "c"):
+                core.start_run("r", CONFIG if turn % 2 else other, framework_session_id=session)
+                one_turn(core, "r")
+                if session == "b":  # two configs, branches, and a last loop named after its run
+                    root = core.run("r")
+                    assert root is not None
+                    core.branch("x", "r", CONFIG, "x")
+                    core.end_run("x")
+                    core.end_run("r")
+                    root.tracer.agent.set_last_loop(root.loop.loop_id)
+                else:
+                    core.handoff("r", other)
+                    core.end_run("r")
+        return [encode_session(session) for session in recorder.sessions()]
+
+    assert record(0) == record(4096)
+
+
+def test_a_session_with_an_open_run_is_never_let_go_of() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder, max_idle_sessions=0)
+    first = core.start_run("open", CONFIG, framework_session_id="busy")
+    core.handoff("open", CONFIG)
+    core.branch("branch", "open", CONFIG, "b")
+    core.end_run("branch")
+    run_sessions(core, ["s1", "s2", "s3"], 0)
+    second = core.start_run("again", CONFIG, framework_session_id="busy")
+    assert second.tracer.agent is first.tracer.agent
+    assert second.loop.loop_id == "busy.fake.m-1.4"
+    core.end_run("open")
+    run_sessions(core, ["s4"], 0)  # one run of "busy" is still open
+    third = core.start_run("third", CONFIG, framework_session_id="busy")
+    assert third.tracer.agent is first.tracer.agent
+    for key in ("again", "third"):
+        core.end_run(key)
+    assert core.idle_sessions == 1  # its last run ended
+    core.start_run("next", CONFIG, framework_session_id="s5")  # "busy" is idle now, let go of
+    assert core.idle_sessions == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(-1, ValueError), (1.5, TypeError), ("8", TypeError), (True, TypeError), (None, TypeError)],
+)
+def test_max_idle_sessions_must_be_a_non_negative_int(value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="max_idle_sessions"):
+        make_core(SessionRecorder(), max_idle_sessions=value)
+
+
+def test_a_session_let_go_of_goes_on_from_memory_not_from_a_lagging_store(tmp_path: Path) -> None:
+    store = JsonDirStore(tmp_path)
+    recorder = SessionRecorder()
+    core = make_core(recorder, store=store, max_idle_sessions=0)
+    run_sessions(core, ["t"], 0)
+    for session in recorder.sessions():
+        store.save(session)  # the store has loop 1 only: the next two are not saved yet
+    run_sessions(core, ["t", "t", "u", "t"], 0)
+    loops = next(session for session in recorder.sessions() if session.session_id == "t").loops
+    assert [(loop.loop_id, loop.parent_loop_id) for loop in loops[-2:]] == [
+        ("t.fake.m-1.3", "t.fake.m-1.2"),
+        ("t.fake.m-1.4", "t.fake.m-1.3"),
+    ]
+
+
+def test_concurrent_runs_across_sessions_never_reuse_a_loop_id() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder, max_idle_sessions=1)
+    sessions = [f"c{n}" for n in range(4)]
+
+    def work(worker: int) -> None:
+        for number in range(50):
+            key = (worker, number)
+            core.start_run(key, CONFIG, framework_session_id=sessions[(worker + number) % len(sessions)])
+            core.end_run(key)
+
+    threads = [threading.Thread(target=work, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for session in recorder.sessions():
+        numbers = sorted(int(loop.loop_id.rsplit(".", 1)[1]) for loop in session.loops)
+        assert numbers == list(range(1, len(session.loops) + 1))
+    assert sum(len(session.loops) for session in recorder.sessions()) == 200

@@ -242,3 +242,16 @@ def test_allocate_loops_is_one_step_against_a_concurrent_rotation() -> None:
 def test_agents_share_one_timestamp_cache() -> None:
     # An adapter makes an AgentSession per framework session: the formatted second carries over.
     assert AgentSession()._stamper is AgentSession()._stamper
+
+
+@pytest.mark.parametrize("last", ["s.a.1", "s.b.1", None])
+def test_an_identity_goes_on_from_its_progress(last: str | None) -> None:
+    a = AgentSession("agent", session_id="s", clock=FakeClock(START))
+    a.allocate_loops(["a", "a", "b"])
+    if last is not None:
+        a.loop_started("s", last, a.clock())
+    b = AgentSession.from_progress(a.progress(), clock=a.clock)
+    assert (b.agent_id, b.session_id, b.last_loop_id) == ("agent", "s", last)
+    assert b.allocate_loops(["a", "b", "c"]) == ("s", ["s.a.3", "s.b.2", "s.c.1"])
+    formation = b.loop_started("s", "s.c.1", b.clock())  # the first loop's formation is recorded once
+    assert (formation is None) == (last is not None)

@@ -477,6 +477,18 @@ def test_scopes_used_out_of_order_raise() -> None:
         Harness().tracer.loop().start().turn().start().tool()
 
 
+def test_a_scope_tells_its_phase_and_no_one_can_set_it() -> None:
+    h = Harness()
+    loop = h.tracer.loop()
+    assert (loop.running, loop.ended, loop.status) == (False, False, "pending")
+    loop.start()
+    assert (loop.running, loop.ended, loop.status) == (True, False, "running")
+    with pytest.raises(AttributeError):
+        loop.running = False  # type: ignore[misc]
+    loop.end()
+    assert (loop.running, loop.ended, loop.status) == (False, True, "completed")
+
+
 def test_explicit_start_and_end_work_without_with() -> None:
     h = Harness()
     loop = h.tracer.loop().start()

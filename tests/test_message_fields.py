@@ -93,6 +93,13 @@ def test_map_messages_reaches_each_form_and_keeps_what_it_does_not_change() -> N
     seen.clear()
     assert map_messages(request, note, agent=True) is request and seen == []
     assert map_messages(request, note, agent=False) is request and seen == [USER]
+    results_only = map_messages(
+        turn_end, lambda m: m if m is REPLY else msgspec.structs.replace(m, timestamp=7)
+    )
+    assert results_only.message is REPLY and [m.timestamp for m in results_only.tool_results] == [7]
+    both = map_messages(turn_end, lambda m: msgspec.structs.replace(m, timestamp=9))
+    assert both.message.timestamp == 9 and [m.timestamp for m in both.tool_results] == [9]
+    assert turn_end.message is REPLY and turn_end.tool_results == (RESULT,)
     stamped = map_messages(turn_end, lambda m: msgspec.structs.replace(m, timestamp=9), agent=False)
     assert stamped.message is REPLY and [m.timestamp for m in stamped.tool_results] == [9]
     renamed = map_messages(request, lambda m: msgspec.structs.replace(m, timestamp=9))

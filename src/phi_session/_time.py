@@ -12,8 +12,11 @@ import functools
 import re
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from itertools import compress, repeat
+from operator import is_
 from typing import Any
 
 _NS_PER_S = 1_000_000_000
@@ -302,6 +305,10 @@ def release_from_collector(stamps: Iterable[object]) -> None:
     untrack = _gc_untrack()
     if untrack is None:
         return
-    for stamp in stamps:
-        if type(stamp) is Timestamp:
-            untrack(stamp)
+    # In C, with no Python step per stamp: a loop ends a few hundred times a second.
+    stamps = stamps if isinstance(stamps, (list, tuple)) else tuple(stamps)
+    _drain(map(untrack, compress(stamps, map(is_, map(type, stamps), repeat(Timestamp)))))
+
+
+_drain: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
+"""Runs an iterator to its end, keeping nothing."""

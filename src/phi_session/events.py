@@ -765,28 +765,29 @@ def _map_fields(
     for name, is_many, _, within in fields:
         value = getattr(event, name)
         messages = value if within is None else getattr(value, within)
-        if is_many:
-            if many is not None:
-                mapped = many(messages)
-                if mapped is messages:
-                    continue
-            else:
-                mapped = tuple(map(fn, messages))
-                if all(map(is_, mapped, messages)):
-                    continue
-        else:
-            mapped = fn(messages)
-            if mapped is messages:
-                continue
+        mapped = _map_many(messages, fn, many) if is_many else fn(messages)
+        if mapped is messages:
+            continue
         if within is not None:
             mapped = _replaced(value, within, mapped)
         result = _replaced(result, name, mapped) if result is event else _set(result, name, mapped)
     return result
 
 
+def _map_many(messages: tuple[Any, ...], fn: _MessageFn, many: _MessagesFn | None) -> tuple[Any, ...]:
+    """`messages` mapped by `many` if given, else one by one by `fn`; `messages` itself
+    when nothing changed."""
+    if many is not None:
+        return many(messages)
+    mapped = tuple(map(fn, messages))
+    return messages if all(map(is_, mapped, messages)) else mapped
+
+
 def _mapper(fields: tuple[MessageField, ...]) -> MessageMapper:
     """`map_messages` for events with these message fields, built once per event type."""
-    if len(fields) == 1 and not fields[0].many and fields[0].within is None:
+    if any(field.within is not None for field in fields):
+        return partial(_map_fields, fields)
+    if len(fields) == 1 and not fields[0].many:
         # One message, as in most events with any: on encoding's and the redactor's hot path.
         name = fields[0].name
         get = attrgetter(name)
@@ -801,6 +802,22 @@ def _mapper(fields: tuple[MessageField, ...]) -> MessageMapper:
             return fresh
 
         return one
+    if len(fields) == 2 and not fields[0].many and fields[1].many:
+        # A message and a tuple of them (``TurnEnd``: every turn's end), in one step.
+        name, names = fields[0].name, fields[1].name
+        get_both = attrgetter(name, names)
+
+        def one_and_many(event: Any, fn: _MessageFn, many: _MessagesFn | None = None) -> Any:
+            message, messages = get_both(event)
+            mapped, mapped_many = fn(message), _map_many(messages, fn, many)
+            if mapped is message and mapped_many is messages:
+                return event
+            fresh = event.__copy__()
+            force_setattr(fresh, name, mapped)
+            force_setattr(fresh, names, mapped_many)
+            return fresh
+
+        return one_and_many
     return partial(_map_fields, fields)
 
 

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ._time import Timestamp
 from .events import LoopConfigSnapshot, SessionFormation
@@ -301,6 +301,44 @@ class AgentSession:
         ids, loop ids after its loops' (`resume_session`)."""
         agent = cls(session.agent_id, session_id=session.session_id, clock=clock, id_factory=id_factory)
         agent.resume_session(session)
+        return agent
+
+    def progress(self) -> tuple[object, ...]:
+        """Where this identity stands in its current session, as one small flat tuple that
+        `AgentSession.from_progress` goes on from: what a holder of many sessions (a
+        framework adapter, `AdapterCore`) keeps of one it no longer holds the identity of.
+
+        ``(agent_id, session_id, first loop claimed, last loop, config_id, N, ...)``, one
+        pair per config's loop counter; the last loop is the index of its pair when it is
+        that config's latest loop (as it usually is: no string of its own), else its id.
+        """
+        with self._lock:
+            session_id, last = self._session_id, self._last_loop_id
+            flat: list[object] = [self.agent_id, session_id, self._formation_claimed, last]
+            for index, (config_id, count) in enumerate(self._counters.items()):
+                flat += (config_id, count)
+                if last == f"{session_id}.{config_id}.{count}":
+                    flat[3] = index
+            return tuple(flat)
+
+    @classmethod
+    def from_progress(
+        cls, progress: tuple[object, ...], *, clock: Clock | None = None, id_factory: IdFactory | None = None
+    ) -> AgentSession:
+        """The identity that goes on from `progress` (an `AgentSession.progress`): same agent
+        and session, loop counters, last loop, and whether its first loop was recorded. Not
+        kept: the last loop's start time (`check_and_rotate` leaves the session alone until
+        its next loop starts) and the formation of a rotation no loop has claimed yet."""
+        agent_id, session_id, claimed, last = cast("tuple[str, str, bool, str | int | None]", progress[:4])
+        config_ids = cast("tuple[str, ...]", progress[4::2])
+        counters = dict(zip(config_ids, cast("tuple[int, ...]", progress[5::2]), strict=True))
+        if isinstance(last, int):
+            last = f"{session_id}.{config_ids[last]}.{counters[config_ids[last]]}"
+        agent = cls(agent_id, session_id=session_id, clock=clock, id_factory=id_factory)
+        with agent._lock:
+            agent._counters = counters
+            agent._last_loop_id = last
+            agent._formation_claimed = claimed
         return agent
 
     def set_last_loop(self, loop_id: str) -> None:

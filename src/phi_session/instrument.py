@@ -54,6 +54,8 @@ import copy
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from operator import attrgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -127,7 +129,6 @@ __all__ = [
 ]
 
 _CANCELLATIONS = (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit)
-_NEW, _RUNNING, _ENDED = 0, 1, 2  # scope phases
 
 
 def _owned(call: ToolCall) -> ToolCall:
@@ -135,7 +136,7 @@ def _owned(call: ToolCall) -> ToolCall:
     an unredacted secret) when the agent later mutates the dict it passed in."""
     if isinstance(call.arguments, (dict, list)):
         try:  # arguments are JSON values: a JSON round trip is the fast deep copy
-            owned = _json_copy(call.arguments)
+            owned = _json_decode(_json_encode(call.arguments))
         except (TypeError, msgspec.EncodeError, ValueError):
             owned = copy.deepcopy(call.arguments)
         return replace(call, arguments=owned)
@@ -147,10 +148,6 @@ _json_decode = msgspec.json.Decoder().decode
 _text_delta = delta_builder("Text")
 _thinking_delta = delta_builder("Thinking")
 _tool_call_delta = delta_builder("ToolCallDelta")
-
-
-def _json_copy(value: Any) -> Any:
-    return _json_decode(_json_encode(value))
 
 
 def _content(value: str | Sequence[Content]) -> tuple[Content, ...]:
@@ -176,8 +173,16 @@ logger = logging.getLogger("phi_session.instrument")
 
 _TOOL_CUT_SHORT = "turn ended while the tool was running"
 
+_thread_id = threading.get_ident
+
+_NO_OUTCOME: tuple[tuple[Content, ...], Any, bool] = ((), None, False)  # an empty success
+
 ToolFinisher = Callable[[BaseException | str | None], None]
 """Emits the end of a tool its turn cut short (see `_TurnState.close`)."""
+
+
+def _started_twice(scope: _Scope) -> InstrumentationError:
+    return InstrumentationError(f"{type(scope).__name__} already started")
 
 
 def _not_running(scope: _Scope) -> InstrumentationError:
@@ -192,30 +197,40 @@ class _Scope:
     the scope with that error and is re-raised.
     """
 
-    __slots__ = ("_phase",)
+    # The phase (new, running, ended) as two flags, read through C-level properties:
+    # adapters ask `running` before most calls, and it costs them no Python frame.
+    __slots__ = ("_ended", "_running")
 
     def __init__(self) -> None:
-        self._phase = _NEW
+        self._running = False
+        self._ended = False
 
     def _begin(self) -> None:
-        if self._phase != _NEW:
-            raise InstrumentationError(f"{type(self).__name__} already started")
-        self._phase = _RUNNING
+        if self._running or self._ended:
+            raise _started_twice(self)
+        self._running = True
 
     def _close(self) -> None:
-        self._phase = _ENDED
+        self._running = False
+        self._ended = True
 
     def _require_running(self) -> None:
-        if self._phase != _RUNNING:
+        if not self._running:
             raise _not_running(self)
 
-    @property
-    def running(self) -> bool:
-        return self._phase == _RUNNING
+    if TYPE_CHECKING:
 
-    @property
-    def ended(self) -> bool:
-        return self._phase == _ENDED
+        @property
+        def running(self) -> bool:
+            """Started and not yet ended."""
+
+        @property
+        def ended(self) -> bool:
+            """Ended (by `end`, `finish`, `select` or its owner)."""
+
+    else:  # the same, read in C
+        running = property(attrgetter("_running"), doc="Started and not yet ended.")
+        ended = property(attrgetter("_ended"), doc="Ended (by `end`, `finish`, `select` or its owner).")
 
     def start(self: S) -> S:
         raise NotImplementedError
@@ -229,7 +244,7 @@ class _Scope:
     def __exit__(
         self, tp: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._phase == _RUNNING:
+        if self._running:
             self.end(exc)
 
     async def __aenter__(self: S) -> S:
@@ -238,7 +253,7 @@ class _Scope:
     async def __aexit__(
         self, tp: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._phase == _RUNNING:
+        if self._running:
             self.end(exc)
 
 
@@ -305,18 +320,22 @@ def _emitter(processors: ProcessorChain, fanout: FanOut) -> Callable[[AgentEvent
     passed_on, withheld, sink_failed = processors.passed_on, processors.withheld, fanout.failed
 
     def emit_inline(event: AgentEvent) -> None:
+        # Dropped events return early: an event passed on as it came takes no None test.
         try:
             processed = processor(event)
         except Exception as error:
             processed = withheld(processor, event, error)
+            if processed is None:
+                return
         else:
             if processed is not event:
                 processed = passed_on(processor, event, processed)
-        if processed is not None:
-            try:
-                receive(processed)
-            except Exception as error:
-                sink_failed(sink, error)
+                if processed is None:
+                    return
+        try:
+            receive(processed)
+        except Exception as error:
+            sink_failed(sink, error)
 
     return emit_inline
 
@@ -453,9 +472,10 @@ class _TurnState:
         self.usage: Usage = ZERO_USAGE
         self.results: list[ToolResultMessage] = []
         # Tools started and not yet ending (a dict keeps their start order), with how
-        # to cut each short; per thread, the tool ends under way (emitting).
+        # to cut each short; the threads of the tool ends under way (emitting), one
+        # entry per end.
         self._open: dict[ToolScope, Callable[[], ToolFinisher]] = {}
-        self._ending: dict[int, int] = {}
+        self._ending: list[int] = []
         self.lock = loop.lock
         # Built by the first `wait_idle` that has to wait: most turns never need one.
         self._idle: threading.Condition | None = None
@@ -467,10 +487,6 @@ class _TurnState:
             raise InstrumentationError("TurnScope is already ended")
         if not scope.running:
             raise _not_running(scope)
-
-    def detach(self) -> None:
-        """The turn ended: drop the reference back to its scope (see `_LoopState.detach`)."""
-        self.scope = None
 
     def finished(self, message: AssistantMessage) -> None:
         """An assistant message of the turn is final."""
@@ -484,50 +500,53 @@ class _TurnState:
         `cut_short` is called, under the lock, if the turn ends while the tool runs: it
         ends the tool and returns what emits its end.
         """
-        self.require_running()
+        scope = self.scope
+        if scope is None or not scope.running:
+            self.require_running()  # raises
         self._open[tool] = cut_short
 
     def tool_ending(self, tool: ToolScope) -> None:
         """Note (holding the loop's lock) that `tool` has begun to end in this thread."""
         del self._open[tool]
-        self._count_ending()
-
-    def _count_ending(self) -> None:
-        thread = threading.get_ident()
-        self._ending[thread] = self._ending.get(thread, 0) + 1
+        self._ending.append(_thread_id())
 
     def tool_done(self, message: ToolResultMessage | None) -> None:
         """A tool end noted by `tool_ending` or `close` is over (`message` is None if it failed)."""
         with self.lock:  # tools of one turn may finish concurrently
             if message is not None:
                 self.results.append(message)
-            thread = threading.get_ident()
-            left = self._ending[thread] - 1
-            if left:
-                self._ending[thread] = left
-            else:
-                del self._ending[thread]
+            self._ending.remove(_thread_id())
             idle = self._idle
             if self._waiting and idle is not None:  # `notify_all` is pure Python: not on every tool's end
                 idle.notify_all()
 
-    def close(self) -> list[ToolFinisher]:
-        """The turn ends (holding the loop's lock): cut short every tool still running.
+    def close(self) -> Sequence[ToolFinisher]:
+        """The turn ends (holding the loop's lock): drop the reference back to its scope
+        (see `_LoopState.detach`) and cut short every tool still running.
 
         Returns what emits their ends, to run outside the lock.
         """
-        cut, self._open = self._open, {}
+        self.scope = None
+        cut = self._open
+        if not cut:  # as usual: every tool ended already
+            return ()
+        self._open = {}
         finishers = []
+        thread = _thread_id()
         for cut_short in cut.values():
             finishers.append(cut_short())
-            self._count_ending()
+            self._ending.append(thread)
         return finishers
 
     def wait_idle(self) -> None:
         """Wait for the tool ends under way in other threads (this thread's own, as when
         a sink ends the turn during a tool's end, cannot be waited for)."""
+        # Once the turn is closed no other thread adds a tool end, so none under way
+        # now means none to wait for: most turns skip the lock.
+        if not self._ending:
+            return
         with self.lock:
-            me = threading.get_ident()
+            me = _thread_id()
             if not self._ending or all(thread == me for thread in self._ending):
                 return
             idle = self._idle
@@ -794,10 +813,10 @@ class LoopScope(_Scope):
     @property
     def status(self) -> str:
         """``"pending"``, ``"running"``, ``"completed"``, ``"rejected"`` or ``"failed"``."""
-        if self._phase == _NEW:
-            return "pending"
-        if self._phase == _RUNNING:
+        if self._running:
             return "running"
+        if not self._ended:
+            return "pending"
         if self.error is not None:
             return "failed"
         return "rejected" if self.rejection is not None else "completed"
@@ -830,7 +849,7 @@ class LoopScope(_Scope):
 
     def user(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
         """Add a user message (text, content blocks, or a ready message). Returns the message."""
-        if self._phase != _RUNNING:
+        if not self._running:
             raise _not_running(self)
         loop = self._loop
         turn = loop.turn
@@ -849,7 +868,7 @@ class LoopScope(_Scope):
         for the first turn, depending on the loop, ``Continuation`` after);
         `request` emits the turn's ``TurnRequest`` right after its inputs.
         """
-        if self._phase != _RUNNING:
+        if not self._running:
             raise _not_running(self)
         if trigger is None:
             trigger = self.first_trigger if self.turns == 0 else "Continuation"
@@ -944,7 +963,7 @@ class LoopScope(_Scope):
         An open turn is ended first (with the same error); messages still waiting
         for a turn are emitted outside any turn so that none is lost.
         """
-        if self._phase != _RUNNING:
+        if not self._running:
             raise _not_running(self)
         loop = self._loop
         turn = loop.turn
@@ -992,7 +1011,7 @@ class TurnScope(_Scope):
         trigger: TurnTrigger,
         request: AnnotatedRequestPayload | None,
     ) -> None:
-        self._phase = _NEW  # `_Scope.__init__`, inline: one scope per turn, reply, tool
+        self._running = self._ended = False  # `_Scope.__init__`, inline: one scope per turn, reply, tool
         self._loop_scope = loop_scope
         self._loop = loop
         self._turn = _TurnState(self, loop)
@@ -1033,9 +1052,13 @@ class TurnScope(_Scope):
 
     def start(self) -> TurnScope:
         """Emit ``TurnStart``, the waiting prompts or follow-ups, and the request if given."""
-        self._begin()
+        if self._running or self._ended:  # `_begin`, inline: one per turn, reply, tool
+            raise _started_twice(self)
+        self._running = True
         loop = self._loop
-        loop.require_running()
+        scope = loop.scope
+        if scope is None or not scope.running:
+            loop.require_running()  # raises
         loop.emit(
             TurnStart(
                 loop_id=loop.loop_id, turn_index=self.index, timestamp=loop.now(), triggered_by=self.trigger
@@ -1059,7 +1082,7 @@ class TurnScope(_Scope):
 
     def request(self, payload: AnnotatedRequestPayload) -> None:
         """Emit the turn's ``TurnRequest`` (the fully assembled request to the model)."""
-        if self._phase != _RUNNING:
+        if not self._running:
             raise _not_running(self)
         loop = self._loop
         loop.emit(
@@ -1076,7 +1099,7 @@ class TurnScope(_Scope):
 
         `model` and `provider` default to the loop's config.
         """
-        if self._phase != _RUNNING:
+        if not self._running:
             raise _not_running(self)
         if self._message is not None and self._message.running:
             raise InstrumentationError("the turn's previous assistant message is still open")
@@ -1099,7 +1122,7 @@ class TurnScope(_Scope):
         args: Any = None,
     ) -> ToolScope:
         """One tool execution, for `call` (or an explicit `id`, `name` and `args`)."""
-        if self._phase != _RUNNING:
+        if not self._running:
             raise _not_running(self)
         if call is not None:
             id, name, args = call.id, call.name, call.arguments
@@ -1120,21 +1143,17 @@ class TurnScope(_Scope):
         # set of tools it cuts short are taken in one step under the loop's lock, so
         # each tool is ended exactly once, by itself or by the turn.
         with turn.lock:
-            if self._phase != _RUNNING:
+            if not self._running:
                 raise _not_running(self)
-            self._phase = _ENDED
-            turn.detach()
+            self._running, self._ended = False, True  # `_close`, inline
             cut_short = turn.close()
-        if error is not None:
-            reason: BaseException | str = error
-        else:
-            reason = "the turn ended while this scope was open"
         scope = self._message
         if scope is not None and scope.running:
-            scope.end(reason)
-        tool_reason = _TOOL_CUT_SHORT if error is None else f"{_TOOL_CUT_SHORT} ({_describe(error)})"
-        for finish in cut_short:
-            finish(tool_reason)
+            scope.end(error if error is not None else "the turn ended while this scope was open")
+        if cut_short:
+            tool_reason = _TOOL_CUT_SHORT if error is None else f"{_TOOL_CUT_SHORT} ({_describe(error)})"
+            for finish in cut_short:
+                finish(tool_reason)
         turn.wait_idle()
         loop.close_turn()
         message = turn.message
@@ -1163,7 +1182,7 @@ class TurnScope(_Scope):
                 tool_results=results,
             )
         )
-        loop.record((*self.inputs, stamped, *(replace(m, turn_id=turn_id) for m in results)), turn.usage)
+        loop.record((*self.inputs, stamped, *map(partial(replace, turn_id=turn_id), results)), turn.usage)
 
 
 class MessageScope(_Scope):
@@ -1190,7 +1209,7 @@ class MessageScope(_Scope):
     )
 
     def __init__(self, loop: _LoopState, turn: _TurnState, model: str, provider: str) -> None:
-        self._phase = _NEW  # `_Scope.__init__`, inline: one scope per turn, reply, tool
+        self._running = self._ended = False  # `_Scope.__init__`, inline: one scope per turn, reply, tool
         self._loop = loop
         self._turn = turn
         self._loop_id = loop.loop_id
@@ -1213,15 +1232,19 @@ class MessageScope(_Scope):
 
     def start(self) -> MessageScope:
         """Emit ``MessageStart`` with the placeholder message."""
-        self._begin()
-        self._turn.require_running()
+        if self._running or self._ended:  # `_begin`, inline
+            raise _started_twice(self)
+        self._running = True
+        turn = self._turn.scope
+        if turn is None or not turn.running:
+            self._turn.require_running()  # raises
         self._emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
         return self
 
     # The three delta methods run once per streamed token: each builds its event inline.
     def text_delta(self, text: str) -> None:
         """A piece of streamed answer text."""
-        if self._phase != _RUNNING:
+        if not self._running:
             self._require_running()
         self._text.append(text)
         if self._deltas:
@@ -1230,7 +1253,7 @@ class MessageScope(_Scope):
 
     def thinking_delta(self, text: str) -> None:
         """A piece of streamed reasoning."""
-        if self._phase != _RUNNING:
+        if not self._running:
             self._require_running()
         self._thinking.append(text)
         if self._deltas:
@@ -1239,7 +1262,7 @@ class MessageScope(_Scope):
 
     def tool_call_delta(self, json_fragment: str) -> None:
         """A piece of a tool call's streamed JSON arguments (pass the parsed call to `finish`)."""
-        if self._phase != _RUNNING:
+        if not self._running:
             self._require_running()
         if self._deltas:
             delta = _tool_call_delta(json_fragment)
@@ -1266,12 +1289,12 @@ class MessageScope(_Scope):
         thinking and text), `tool_calls` (appended), `usage` (default zero) and
         `stop_reason` (default ``"toolUse"`` with tool calls, else ``"stop"``).
         """
-        if self._phase != _RUNNING:
+        if not self._running:
             raise _not_running(self)
         if message is None:
             blocks = self._streamed() if content is None else _content(content)
             if tool_calls:
-                blocks = (*blocks, *(_owned(call) for call in tool_calls))
+                blocks = (*blocks, *map(_owned, tool_calls))
             if stop_reason is None:
                 calls = tool_calls or any(type(b) is ToolCall for b in blocks)
                 stop_reason = "toolUse" if calls else "stop"
@@ -1284,7 +1307,7 @@ class MessageScope(_Scope):
                 timestamp=self._loop.millis(),
                 error_message=error_message,
             )
-        self._phase = _ENDED
+        self._running, self._ended = False, True  # `_close`, inline
         self.message = message
         self._emit(MessageEnd(loop_id=self._loop_id, message=message))
         self._turn.finished(message)
@@ -1320,10 +1343,8 @@ class ToolScope(_Scope):
     __slots__ = (
         "_child_loop_id",
         "_cut",
-        "_details",
-        "_is_error",
         "_loop",
-        "_result",
+        "_outcome",
         "_turn",
         "args",
         "tool_call_id",
@@ -1333,21 +1354,22 @@ class ToolScope(_Scope):
     def __init__(
         self, loop: _LoopState, turn: _TurnState, tool_call_id: str, tool_name: str, args: Any
     ) -> None:
-        self._phase = _NEW  # `_Scope.__init__`, inline: one scope per turn, reply, tool
+        self._running = self._ended = False  # `_Scope.__init__`, inline: one scope per turn, reply, tool
         self._loop = loop
         self._turn = turn
         self.tool_call_id = tool_call_id
         self.tool_name = tool_name
         self.args = args
-        self._result: tuple[Content, ...] = ()
-        self._details: Any = None
-        self._is_error = False
+        # The result's content, details and whether it is an error: set in one step.
+        self._outcome: tuple[tuple[Content, ...], Any, bool] = _NO_OUTCOME
         self._child_loop_id: str | None = None
         self._cut = False  # ended by its turn while running
 
     def start(self) -> ToolScope:
         """Emit ``ToolExecutionStart`` (the arguments pass the redactor first)."""
-        self._begin()
+        if self._running or self._ended:  # `_begin`, inline
+            raise _started_twice(self)
+        self._running = True
         loop = self._loop
         with loop.lock:  # atomic with the turn's end: never a tool its turn misses
             self._turn.tool_started(self, self._cut_short)
@@ -1363,7 +1385,7 @@ class ToolScope(_Scope):
 
     def update(self, partial: str | Sequence[Content] | ToolResult, details: Any = None) -> None:
         """A partial result (``ToolExecutionUpdate``)."""
-        if not self._still_open("update"):
+        if not self._running and not self._still_open("update"):
             return
         if not isinstance(partial, ToolResult):
             partial = ToolResult(content=_content(partial), details=details)
@@ -1379,7 +1401,7 @@ class ToolScope(_Scope):
 
     def progress(self, text: str) -> None:
         """A progress note (``ProgressMessage``)."""
-        if not self._still_open("progress"):
+        if not self._running and not self._still_open("progress"):
             return
         loop = self._loop
         loop.emit(
@@ -1393,15 +1415,15 @@ class ToolScope(_Scope):
 
     def result(self, content: str | Sequence[Content], details: Any = None) -> None:
         """The tool's successful result (emitted when the scope ends)."""
-        if not self._still_open("result"):
+        if not self._running and not self._still_open("result"):
             return
-        self._result, self._details, self._is_error = _content(content), details, False
+        self._outcome = (_content(content), details, False)
 
     def error(self, content: str | Sequence[Content], details: Any = None) -> None:
         """The tool's error result (emitted when the scope ends); the loop goes on."""
-        if not self._still_open("error"):
+        if not self._running and not self._still_open("error"):
             return
-        self._result, self._details, self._is_error = _content(content), details, True
+        self._outcome = (_content(content), details, True)
 
     def sub_agent(
         self,
@@ -1442,19 +1464,20 @@ class ToolScope(_Scope):
 
     def _still_open(self, what: str) -> bool:
         """Whether a call may act: False (logged) once the turn has cut the tool short,
-        so a tool still running in another thread or task does not fail its agent."""
+        so a tool still running in another thread or task does not fail its agent.
+        (Callers ask `_running` first: a running tool was never cut short.)"""
         if self._cut:
             logger.info(
                 "tool %s (%s): %s ignored, its turn already ended it", self.tool_name, self.tool_call_id, what
             )
             return False
-        if self._phase != _RUNNING:
+        if not self._running:
             raise _not_running(self)
         return True
 
     def _cut_short(self) -> ToolFinisher:
         """Called by the ending turn, under the loop's lock, while the tool runs."""
-        self._phase = _ENDED
+        self._close()
         self._cut = True
         return self._emit_end
 
@@ -1465,23 +1488,23 @@ class ToolScope(_Scope):
         failed tool's result. After the turn cut the tool short, a no-op (logged).
         """
         with self._loop.lock:  # atomic with the turn's end: each tool ends once
-            if not self._still_open("end"):
+            if not self._running and not self._still_open("end"):
                 return
-            self._phase = _ENDED
+            self._running, self._ended = False, True  # `_close`, inline
             self._turn.tool_ending(self)
         self._emit_end(error)
 
     def _emit_end(self, error: BaseException | str | None) -> None:
         message: ToolResultMessage | None = None
         try:
+            content, details, is_error = self._outcome
             if error is not None:
-                self._result = _content(f"{self.tool_name} failed: {_describe(error)}")
-                self._is_error = True
+                content, is_error = _content(f"{self.tool_name} failed: {_describe(error)}"), True
             loop = self._loop
             child = self._child_loop_id
             result = ToolResult(
-                content=self._result,
-                details=self._details,
+                content=content,
+                details=details,
                 child_loop_id=child if child is not None else msgspec.UNSET,
             )
             loop.emit(
@@ -1490,15 +1513,15 @@ class ToolScope(_Scope):
                     tool_call_id=self.tool_call_id,
                     tool_name=self.tool_name,
                     result=result,
-                    is_error=self._is_error,
+                    is_error=is_error,
                     child_loop_id=child,
                 )
             )
             message = ToolResultMessage(
                 tool_call_id=self.tool_call_id,
                 tool_name=self.tool_name,
-                content=self._result,
-                is_error=self._is_error,
+                content=content,
+                is_error=is_error,
                 timestamp=loop.millis(),
             )
             loop.emit_message(message)

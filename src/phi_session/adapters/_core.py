@@ -11,9 +11,11 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
   ``metadata["framework_session_id"]``); without one, the adapter's own
   `AgentSession` (rotated after `rotate_after` seconds of inactivity);
 * **continuation**: a later run in the same session continues its last loop
-  (``Default``), found in memory, else in `store` (which also seeds the loop
-  counter, so loop ids never repeat across restarts); `AdapterCore.handoff` ends a
-  loop with stop reason ``handoff`` and starts the next agent's loop continuing it;
+  (``Default``), found in memory (the session's tracer, or the compact progress kept
+  of a session let go of: `AdapterCore` ``max_idle_sessions``), else in `store`
+  (which also seeds the loop counter, so loop ids never repeat across restarts);
+  `AdapterCore.handoff` ends a loop with stop reason ``handoff`` and starts the next
+  agent's loop continuing it;
 * **replay and fork**: a top-level run started inside
   ``phi_session.replay.recording_as(lineage)`` is recorded into the lineage's
   session, continuing its loop with its kind and metadata (see
@@ -36,6 +38,7 @@ import importlib
 import logging
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
@@ -62,6 +65,7 @@ from ..replay import (
 from ..replay.lineage import active_lineage
 from ..sinks import SinkLike
 from ..stores.base import SessionStore, validate_session_id
+from ..stores.query import check_type
 
 __all__ = [
     "FRAMEWORK_SESSION_NAMESPACE",
@@ -278,6 +282,18 @@ class AdapterCore:
     * `capture_requests`: the adapter records each turn's request (``TurnRequest``);
       the embedded store's recorder then keeps them (`Turn.request_payload`), as a
       replay compares against them (`phi_session.replay`).
+    * `max_idle_sessions`: how many framework sessions without an open run keep their
+      tracer (and its `AgentSession`, ~840 bytes); each run start lets go of the least
+      recently used beyond it (`idle_sessions`). A session with an open run is always held.
+
+    A session let go of leaves its identity's compact progress (`AgentSession.progress`:
+    its last loop and loop counters, ~110 bytes with one config), from which its next run
+    goes on exactly: it continues the session's last loop and never reuses a loop id.
+    These entries stay for the adapter's life, one per framework session seen: neither
+    the store nor a sink can stand in for them, as the store may not have saved a
+    session's latest loops yet (the embedded store's recorder saves sessions as they
+    complete, on another thread) and does not record which loop continuations follow
+    (after parallel branches, the branching loop rather than the branch that started last).
     """
 
     def __init__(
@@ -292,7 +308,11 @@ class AdapterCore:
         processors: Iterable[Processor] = (),
         redact: bool | Redactor = True,
         capture_requests: bool = False,
+        max_idle_sessions: int = 4096,
     ) -> None:
+        check_type("max_idle_sessions", max_idle_sessions, int)
+        if max_idle_sessions < 0:
+            raise ValueError(f"max_idle_sessions must be >= 0, got {max_idle_sessions}")
         self.framework = framework
         self.capture_requests = capture_requests
         self.failures = FailureTally(
@@ -319,8 +339,15 @@ class AdapterCore:
         self.agent = agent if agent is not None else AgentSession(clock=clock)
         self.rotate_after = rotate_after
         self.tracer = Tracer(self.agent, sinks=sinks, processors=list(processors), redact=redact)
+        self.max_idle_sessions = max_idle_sessions
         self._lock = threading.Lock()
-        self._sessions: dict[str, Tracer] = {}  # phi session id -> its tracer
+        # Framework sessions by phi session id: the tracers of those with open runs (and
+        # how many), those of idle ones (least recently used first), and the progress of
+        # those let go of. A run holds its session from before its loop id is allocated
+        # until it ends, so a session is never let go of while its counters may move.
+        self._busy: dict[str, tuple[Tracer, int]] = {}
+        self._idle: OrderedDict[str, Tracer] = OrderedDict()
+        self._progress: dict[str, tuple[object, ...]] = {}
         self._runs: dict[object, AdapterRun] = {}
 
     def __repr__(self) -> str:
@@ -375,12 +402,12 @@ class AdapterCore:
             child = self.agent.spawn()
             tracer = self.tracer.for_agent(child)
             loop = parent_tool.sub_agent(config, agent=child, metadata=meta)
-        elif (lineage := active_lineage()) is not None:
+            return self._open(AdapterRun(key, loop, tracer))
+        if (lineage := active_lineage()) is not None:
             # A replay or a fork (phi_session.replay.recording_as): into the recorded session.
             tracer = self._session_tracer(lineage.lineage.session.session_id, lineage.lineage.session)
             continues, kind = lineage.continuation(tracer.agent.last_loop_id)
             meta.update(lineage.lineage.metadata)
-            loop = tracer.loop(config, continues=continues, kind=kind, metadata=meta)
         else:
             if framework_session_id is not None:
                 session_id = session_id_for(framework_session_id)
@@ -391,36 +418,115 @@ class AdapterCore:
                 tracer = self.tracer
                 if self.rotate_after is not None:
                     self.agent.check_and_rotate(self.rotate_after)
-            last = tracer.agent.last_loop_id
-            if last is None:
-                kind = INITIAL
-            loop = tracer.loop(config, continues=last, kind=DEFAULT if kind is None else kind, metadata=meta)
-        run = AdapterRun(key, loop, tracer)
-        with self._lock:
-            self._runs[key] = run
-        loop.start()
-        return run
+            continues = tracer.agent.last_loop_id
+            kind = INITIAL if continues is None else DEFAULT if kind is None else kind
+        return self._start_loop(key, tracer, config, continues, kind, meta)
 
     def _session_tracer(self, session_id: str, recorded: Session | None = None) -> Tracer:
         """The tracer of session `session_id`; `recorded`: a recording of it that new loop
         ids must not collide with (a replay's)."""
         with self._lock:
-            tracer = self._sessions.get(session_id)
-        if tracer is not None:
-            if recorded is not None:  # counters only: continuations follow this tracer's runs
-                tracer.agent.resume((record.loop_id for record in recorded.loops), None)
+            tracer = self._hold(session_id)
+        if tracer is None:
+            clock, id_factory = self.agent.clock, self.agent.id_factory
+            if recorded is not None:
+                agent = AgentSession.continuing(recorded, clock=clock, id_factory=id_factory)
+            else:
+                agent = AgentSession(
+                    self.agent.agent_id, session_id=session_id, clock=clock, id_factory=id_factory
+                )
+            self._resume_from_store(agent)
+            with self._lock:  # a concurrent first run of the same session may have won
+                tracer = self._hold(session_id)
+                if tracer is None:
+                    tracer = self.tracer.for_agent(agent)
+                    self._busy[session_id] = (tracer, 1)
+        if recorded is not None:  # counters only: continuations follow this tracer's runs
+            tracer.agent.resume((record.loop_id for record in recorded.loops), None)
+        return tracer
+
+    def _hold(self, session_id: str) -> Tracer | None:
+        """Under `_lock`: the tracer of session `session_id`, held for one more run; None
+        if the core has never seen the session."""
+        busy = self._busy.get(session_id)
+        if busy is not None:
+            tracer, runs = busy
+            self._busy[session_id] = (tracer, runs + 1)
             return tracer
-        clock, id_factory = self.agent.clock, self.agent.id_factory
-        if recorded is not None:
-            agent = AgentSession.continuing(recorded, clock=clock, id_factory=id_factory)
+        idle = self._idle.pop(session_id, None)
+        if idle is not None:
+            tracer = idle
         else:
-            agent = AgentSession(
-                self.agent.agent_id, session_id=session_id, clock=clock, id_factory=id_factory
+            progress = self._progress.pop(session_id, None)
+            if progress is None:
+                return None
+            agent = self.agent
+            tracer = self.tracer.for_agent(
+                AgentSession.from_progress(progress, clock=agent.clock, id_factory=agent.id_factory)
             )
-        self._resume_from_store(agent)
-        tracer = self.tracer.for_agent(agent)
-        with self._lock:  # a concurrent first run of the same session may have won
-            return self._sessions.setdefault(session_id, tracer)
+        self._busy[session_id] = (tracer, 1)
+        return tracer
+
+    def _hold_again(self, tracer: Tracer) -> None:
+        """Under `_lock`: hold `tracer`'s session for one more run, if it is a held
+        framework session's (not a sub-agent's or the adapter's own)."""
+        session_id = tracer.agent.session_id
+        busy = self._busy.get(session_id)
+        if busy is not None and busy[0] is tracer:
+            self._busy[session_id] = (tracer, busy[1] + 1)
+
+    def _release(self, tracer: Tracer) -> None:
+        """Under `_lock`: a run of `tracer` ended (or never started); its session becomes
+        the most recently used idle one when it was the last."""
+        session_id = tracer.agent.session_id
+        busy = self._busy.get(session_id)
+        if busy is None or busy[0] is not tracer:
+            return
+        if busy[1] > 1:
+            self._busy[session_id] = (tracer, busy[1] - 1)
+        else:
+            del self._busy[session_id]
+            self._idle[session_id] = tracer
+
+    def _let_go(self) -> None:
+        """Under `_lock`: keep `max_idle_sessions` idle tracers, the progress of the rest.
+        Only at run starts: an adapter may still name the session's last loop just after
+        its run ended (``google_adk`` after parallel branches)."""
+        idle = self._idle
+        while len(idle) > self.max_idle_sessions:
+            session_id, tracer = idle.popitem(last=False)
+            self._progress[session_id] = tracer.agent.progress()
+
+    def _start_loop(
+        self,
+        key: object,
+        tracer: Tracer,
+        config: LoopConfigSnapshot,
+        continues: str | None,
+        kind: ContinuationKind,
+        meta: dict[str, Any],
+    ) -> AdapterRun:
+        """Start and register, as `key`, a loop of `tracer` (its session held for it)."""
+        try:
+            loop = tracer.loop(config, continues=continues, kind=kind, metadata=meta)
+        except BaseException:
+            with self._lock:
+                self._release(tracer)
+            raise
+        return self._open(AdapterRun(key, loop, tracer))
+
+    def _open(self, run: AdapterRun) -> AdapterRun:
+        """Register and start `run`, whose session (if a framework session's) is held for
+        it; a run it replaces under the same key lets go of its own hold. Idle sessions
+        beyond `max_idle_sessions` are let go of here (amortized O(1): once per run end)."""
+        with self._lock:
+            replaced = self._runs.get(run.key)
+            self._runs[run.key] = run
+            if replaced is not None:
+                self._release(replaced.tracer)
+            self._let_go()
+        run.loop.start()
+        return run
 
     def _resume_from_store(self, agent: AgentSession) -> None:
         store = self.store
@@ -444,8 +550,9 @@ class AdapterCore:
         same session, continues it. Returns the new run (None if `key` was not open)."""
         with self._lock:
             run = self._runs.get(key)
-        if run is None:
-            return None
+            if run is None:
+                return None
+            self._hold_again(run.tracer)
         if run.loop.running:
             run.loop.end()
         return self._continue(key, run, config, DEFAULT, metadata)
@@ -465,8 +572,9 @@ class AdapterCore:
         `parent_key` is not open)."""
         with self._lock:
             parent = self._runs.get(parent_key)
-        if parent is None:
-            return None
+            if parent is None:
+                return None
+            self._hold_again(parent.tracer)
         return self._continue(key, parent, config, ContinuationKind.branch(tag), metadata)
 
     def _continue(
@@ -477,19 +585,17 @@ class AdapterCore:
         kind: ContinuationKind,
         metadata: dict[str, Any] | None,
     ) -> AdapterRun:
-        """Start and register, as `key`, a loop continuing `run`'s with `kind`."""
+        """Start and register, as `key`, a loop continuing `run`'s with `kind` (its session
+        held for it by the caller)."""
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
-        loop = run.tracer.loop(config, continues=run.loop.loop_id, kind=kind, metadata=meta)
-        successor = AdapterRun(key, loop, run.tracer)
-        with self._lock:
-            self._runs[key] = successor
-        loop.start()
-        return successor
+        return self._start_loop(key, run.tracer, config, run.loop.loop_id, kind, meta)
 
     def end_run(self, key: object, error: BaseException | str | None = None) -> AdapterRun | None:
         """End the run `key`: its loop ends (failed, status ``Aborted``, with `error`)."""
         with self._lock:
             run = self._runs.pop(key, None)
+            if run is not None:
+                self._release(run.tracer)
         if run is not None and run.loop.running:
             run.loop.end(error)
         return run
@@ -497,6 +603,12 @@ class AdapterCore:
     @property
     def open_runs(self) -> int:
         return len(self._runs)
+
+    @property
+    def idle_sessions(self) -> int:
+        """Framework sessions without an open run whose tracer is held (at most
+        `max_idle_sessions` after each run start)."""
+        return len(self._idle)
 
     # -- lifetime -------------------------------------------------------------------------
 

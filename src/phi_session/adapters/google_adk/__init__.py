@@ -48,6 +48,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -275,6 +276,9 @@ def _request(request: LlmRequest, timestamp: int) -> AnnotatedRequestPayload:
     )
 
 
+_name = attrgetter("name")
+
+
 def _stop(response: LlmResponse, calls: Sequence[types.FunctionCall]) -> tuple[StopReason | None, str | None]:
     """The stop reason (None: phi-core's default) and error text of a final response."""
     if response.error_code or response.error_message:
@@ -285,7 +289,7 @@ def _stop(response: LlmResponse, calls: Sequence[types.FunctionCall]) -> tuple[S
         if name == "MAX_TOKENS":
             return "length", None
         return "error", name
-    if any(call.name == _TRANSFER_TOOL for call in calls):
+    if _TRANSFER_TOOL in map(_name, calls):
         return "handoff", None
     return None, None
 
@@ -393,9 +397,11 @@ class _Reply:
     def finish(self) -> None:
         """Finish the message with what arrived; without a final response the turn's end
         finishes it (as failed, if the turn fails)."""
+        if not self.scope.running:  # finished already: what arrives since changes nothing
+            return
         self._take_unseen()
         last = self._last
-        if last is None or not self.scope.running:
+        if last is None:
             return
         calls = [part.function_call for part in self._parts if part.function_call is not None]
         stop_reason, error = _stop(last, calls)
@@ -533,6 +539,9 @@ class PhiPlugin(BasePlugin):
         )
         self._lock = threading.Lock()  # ADK's sync Runner.run drives invocations from threads
         self._invocations: dict[str, _Invocation] = {}
+        # Every lane of the open invocations by its key, (invocation id, branch): most
+        # callbacks want only their lane, in one lookup.
+        self._lanes: dict[tuple[str, str | None], _Lane] = {}
 
     @property
     def fault_count(self) -> int:
@@ -561,7 +570,7 @@ class PhiPlugin(BasePlugin):
 
     async def after_agent_callback(self, *, agent: BaseAgent, callback_context: CallbackContext) -> None:
         try:
-            lane = self._lane(callback_context.invocation_id, callback_context.branch)
+            lane = self._lanes.get((callback_context.invocation_id, callback_context.branch))
             if lane is not None and lane.agent == agent.name:
                 lane.end_turn()
         except Exception as caught:
@@ -571,7 +580,7 @@ class PhiPlugin(BasePlugin):
         self, *, agent: BaseAgent, callback_context: CallbackContext, error: Exception
     ) -> None:
         try:
-            lane = self._lane(callback_context.invocation_id, callback_context.branch)
+            lane = self._lanes.get((callback_context.invocation_id, callback_context.branch))
             if lane is not None and lane.agent == agent.name and callback_context.branch is not None:
                 # A failing branch fails its own loop; the invocation's error ends the rest.
                 lane.close(error)
@@ -591,7 +600,7 @@ class PhiPlugin(BasePlugin):
         self, *, callback_context: CallbackContext, llm_response: LlmResponse
     ) -> None:
         try:
-            lane = self._lane(callback_context.invocation_id, callback_context.branch)
+            lane = self._lanes.get((callback_context.invocation_id, callback_context.branch))
             if lane is None or lane.reply is None:
                 return
             if llm_response.partial:
@@ -605,7 +614,7 @@ class PhiPlugin(BasePlugin):
         try:
             if event.partial:
                 return
-            lane = self._lane(invocation_context.invocation_id, event.branch)
+            lane = self._lanes.get((invocation_context.invocation_id, event.branch))
             if lane is None:
                 return
             reply = lane.reply
@@ -624,7 +633,7 @@ class PhiPlugin(BasePlugin):
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext
     ) -> None:
         try:
-            lane = self._lane(tool_context.invocation_id, tool_context.branch)
+            lane = self._lanes.get((tool_context.invocation_id, tool_context.branch))
             if lane is not None:
                 lane.start_tool(tool_context.function_call_id or tool.name, tool.name, tool_args)
         except Exception as caught:
@@ -655,15 +664,12 @@ class PhiPlugin(BasePlugin):
         try:
             with self._lock:
                 self._invocations.clear()
+                self._lanes.clear()
             self.core.close()
         except Exception as caught:
             self.core.fault(caught)
 
     # -- the mapping -----------------------------------------------------------------------
-
-    def _lane(self, invocation_id: str, branch: str | None) -> _Lane | None:
-        invocation = self._invocations.get(invocation_id)
-        return invocation.lanes.get(branch) if invocation is not None else None
 
     def _start(self, ic: InvocationContext) -> None:
         invocation = _Invocation(ic.invocation_id)
@@ -678,6 +684,7 @@ class PhiPlugin(BasePlugin):
         invocation.lanes[None] = lane
         with self._lock:
             self._invocations[ic.invocation_id] = invocation
+            self._lanes[key] = lane
         if ic.user_content is not None and ic.user_content.parts:
             run.loop.user(_blocks(ic.user_content.parts, calls=False))
 
@@ -720,15 +727,18 @@ class PhiPlugin(BasePlugin):
             return None
         lane = _Lane(key, run)
         invocation.lanes[branch] = lane
+        self._lanes[key] = lane
         return lane
 
     def _take_tool(self, tool_context: ToolContext, tool: BaseTool) -> ToolScope | None:
-        lane = self._lane(tool_context.invocation_id, tool_context.branch)
+        lane = self._lanes.get((tool_context.invocation_id, tool_context.branch))
         return lane.take_tool(tool_context.function_call_id or tool.name) if lane is not None else None
 
     def _finish(self, invocation_id: str, error: BaseException | None) -> None:
         with self._lock:
             invocation = self._invocations.pop(invocation_id, None)
+            for lane in invocation.lanes.values() if invocation is not None else ():
+                self._lanes.pop(lane.key, None)
         if invocation is None:
             return
         # Branches first, deepest first: a branch's loop ends before the loop it forked from.

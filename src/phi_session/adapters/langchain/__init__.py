@@ -36,6 +36,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import Token
+from operator import attrgetter
 from typing import Any, cast
 from uuid import UUID
 
@@ -144,11 +145,12 @@ def _tool_calls(message: AIMessage, copy: bool = False) -> list[ToolCall]:
         )
         for call in message.tool_calls
     ]
-    # A call whose arguments did not parse keeps them as the raw text the model sent.
-    calls.extend(
-        ToolCall(id=call.get("id") or "", name=call.get("name") or "", arguments=call.get("args"))
-        for call in message.invalid_tool_calls
-    )
+    invalid = message.invalid_tool_calls
+    if invalid:  # a call whose arguments did not parse keeps them as the raw text the model sent
+        calls.extend(
+            ToolCall(id=call.get("id") or "", name=call.get("name") or "", arguments=call.get("args"))
+            for call in invalid
+        )
     return calls
 
 
@@ -170,6 +172,8 @@ def _usage(metadata: Mapping[str, Any] | None) -> Usage | None:
         total=inputs + output + cache_read + cache_write,
     )
 
+
+_call_id, _arguments = attrgetter("id"), attrgetter("arguments")
 
 _LENGTH_REASONS = frozenset(("length", "max_tokens", "MAX_TOKENS"))
 
@@ -587,8 +591,9 @@ class _Mapper:
                     usage=_usage(message.usage_metadata),
                     stop_reason=_stop_reason(message, calls),
                 )
-                if calls:
-                    run.call_args = {b.id: b.arguments for b in recorded.content if type(b) is ToolCall}
+                if calls:  # the recorded calls (own copies of the arguments) end its content
+                    tail = recorded.content[-len(calls) :]
+                    run.call_args = dict(zip(map(_call_id, tail), map(_arguments, tail), strict=True))
         self._ended_alone(run_id, run)
 
     def llm_error(self, error: BaseException, run_id: _RunId) -> None:

@@ -205,6 +205,7 @@ def _user_texts(items: Any) -> list[str]:
 
 _ASSISTANT_ITEMS = frozenset(("function_call", "reasoning"))
 _MODEL_SPANS = frozenset(("response", "generation"))
+_LOOP_SPANS = frozenset(("task", "agent"))
 
 
 def _request_messages(items: Any, timestamp: int, system: list[str]) -> list[Message]:
@@ -412,38 +413,41 @@ class _Mapper:
     # -- spans ----------------------------------------------------------------------------
 
     def span_started(self, span: Span[Any]) -> None:
+        # The SDK's span fields are properties (a call each): each is read once here.
         data = span.span_data
         kind = data.type
-        if kind == "task":
-            self._new_loop(span.span_id, span)
-        elif kind == "agent":
-            self._agent_started(span, data.name)
-        elif kind == "function":
-            self._tool_started(span, data.name)
-        else:
-            parent = span.parent_id
-            loop = self._of_span.get(parent) if parent is not None else None
-            if loop is None:
-                return
-            self._of_span[span.span_id] = loop
-            if kind == "turn":
-                self._end_turn(loop)
-            elif kind in _MODEL_SPANS:
-                self._model_started(loop)
-            elif kind == "handoff":
-                self._finish_message(loop, stop_reason="handoff")
+        if kind in _LOOP_SPANS:
+            if kind == "task":
+                self._new_loop(span.span_id, span)
+            else:
+                self._agent_started(span, data.name)
+            return
+        # Any other span belongs to its parent's loop.
+        parent = span.parent_id
+        loop = self._of_span.get(parent) if parent is not None else None
+        if loop is None:
+            return
+        span_id = span.span_id
+        self._of_span[span_id] = loop
+        if kind == "function":  # the most frequent first
+            self._tool_started(loop, span_id, data.name)
+        elif kind in _MODEL_SPANS:
+            self._model_started(loop)
+        elif kind == "turn":
+            self._end_turn(loop)
+        elif kind == "handoff":
+            self._finish_message(loop, stop_reason="handoff")
 
     def span_ended(self, span: Span[Any]) -> None:
-        # The SDK's span fields are properties (a call each): each is read once here.
         data = span.span_data
         kind = data.type
         span_id = span.span_id
         loop = self._of_span.pop(span_id, None)
-        if kind in _MODEL_SPANS:
+        if kind == "function":  # the most frequent first
+            self._tool_ended(span_id, data, span.error)
+        elif kind in _MODEL_SPANS:
             if loop is not None:
                 self._model_ended(loop, span)
-        elif kind == "function":
-            self._tool_ended(span_id, data, span.error)
         elif kind == "turn":
             if loop is not None:
                 self._end_turn(loop)
@@ -454,14 +458,6 @@ class _Mapper:
             self._guardrail_triggered(loop, data.name, under_agent=span.parent_id == loop.agent_span)
         elif kind == "agent" and span.error is not None and loop is not None:
             self._end_loop(loop, span.error)
-
-    def _loop_of(self, span: Span[Any]) -> _Loop | None:
-        """The loop of `span`'s parent, which becomes `span`'s too."""
-        parent = span.parent_id
-        loop = self._of_span.get(parent) if parent is not None else None
-        if loop is not None:
-            self._of_span[span.span_id] = loop
-        return loop
 
     def _new_loop(self, key: str, span: Span[Any]) -> _Loop:
         loop = _Loop(key, span.trace_id, self._sessions.get(span.trace_id))
@@ -554,14 +550,14 @@ class _Mapper:
             error_message=error,
         )
 
-    def _tool_started(self, span: Span[Any], name: str) -> None:
-        loop = self._loop_of(span)
-        if loop is None or loop.turn is None:
+    def _tool_started(self, loop: _Loop, span_id: str, name: str) -> None:
+        turn = loop.turn
+        if turn is None:
             return
         self._finish_message(loop)
-        tool = _Tool(loop, name, loop.turn)
+        tool = _Tool(loop, name, turn)
         tool.token = enter_tool(tool.started)
-        self._tools[span.span_id] = tool
+        self._tools[span_id] = tool
 
     def exact_call(self, span_id: str, call_id: str, arguments: Any) -> None:
         """The hooks' exact call id and arguments for a function span (before it starts)."""

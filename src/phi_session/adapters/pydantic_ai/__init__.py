@@ -127,13 +127,13 @@ def _response_content(parts: Sequence[pai.ModelResponsePart]) -> tuple[list[Cont
     tool calls and their returns, compaction and speech parts have none (README: losses)."""
     blocks: list[Content] = []
     calls: list[ToolCall] = []
-    for part in parts:
-        if isinstance(part, pai.TextPart):
+    for part in parts:  # the most frequent part first
+        if isinstance(part, pai.ToolCallPart):
+            calls.append(ToolCall(id=part.tool_call_id, name=part.tool_name, arguments=part.args_as_dict()))
+        elif isinstance(part, pai.TextPart):
             blocks.append(TextContent(text=part.content))
         elif isinstance(part, pai.ThinkingPart):
             blocks.append(ThinkingContent(thinking=part.content, signature=part.signature))
-        elif isinstance(part, pai.ToolCallPart):
-            calls.append(ToolCall(id=part.tool_call_id, name=part.tool_name, arguments=part.args_as_dict()))
         elif isinstance(part, pai.FilePart) and part.content.is_image:
             blocks.append(ImageContent(data=part.content.base64, mime_type=part.content.media_type))
     return blocks, calls
