@@ -103,9 +103,13 @@ def explode(reason: str) -> str:
 class Harness:
     """A plugin into a recorder, and how to run agents with it."""
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, max_idle_sessions: int = 4096, **options: Any) -> None:
         self.recorder = SessionRecorder(**options)
-        self.plugin = PhiPlugin([self.recorder], agent=AgentSession("adk-agent", clock=FakeClock()))
+        self.plugin = PhiPlugin(
+            [self.recorder],
+            agent=AgentSession("adk-agent", clock=FakeClock()),
+            max_idle_sessions=max_idle_sessions,
+        )
 
     def runner(self, agent: Any) -> InMemoryRunner:
         return InMemoryRunner(agent=agent, app_name="app", plugins=[self.plugin])
@@ -284,20 +288,26 @@ def test_parallel_agents_are_branches_without_a_winner() -> None:
     assert merge.parent_loop_id == root.loop_id and merge.continuation_kind.kind == "Default"
 
 
-def test_after_parallel_branches_the_next_invocation_continues_the_invocations_own_loop() -> None:
-    h = Harness()
+@pytest.mark.parametrize("max_idle_sessions", [4096, 0])
+def test_after_parallel_branches_the_next_invocation_continues_the_invocations_own_loop(
+    max_idle_sessions: int,
+) -> None:
+    # With max_idle_sessions=0, another session's invocation in between lets s1's state go:
+    # what continues is the invocation's own loop all the same.
+    h = Harness(max_idle_sessions=max_idle_sessions)
     runner = h.runner(
         ParallelAgent(
             name="fan",
             sub_agents=[
-                LlmAgent(name="left", model=ScriptedLlm.of(["L1"], ["L2"])),
-                LlmAgent(name="right", model=ScriptedLlm.of(["R1"], ["R2"])),
+                LlmAgent(name="left", model=ScriptedLlm.of(["L1"], ["L2"], ["L3"])),
+                LlmAgent(name="right", model=ScriptedLlm.of(["R1"], ["R2"], ["R3"])),
             ],
         )
     )
 
     async def twice() -> None:
         await h.ask(runner, "first")
+        await h.ask(runner, "elsewhere", session_id="s2")
         await h.ask(runner, "second")
 
     asyncio.run(twice())
@@ -463,3 +473,9 @@ def test_example_runs_offline(
     assert lines[0] == "assistant: Il fait ensoleillé, 21 °C à Paris."
     assert any(line.startswith("chat-1.google.gemini-2-5-flash.1 Completed 3 turns") for line in lines)
     assert any(".sub.1 Completed 1 turns" in line for line in lines)
+
+
+def test_max_idle_sessions_reaches_the_core_and_is_checked() -> None:
+    assert PhiPlugin([SessionRecorder()], max_idle_sessions=3).core.max_idle_sessions == 3
+    with pytest.raises(ValueError, match="max_idle_sessions"):
+        PhiPlugin([SessionRecorder()], max_idle_sessions=-1)

@@ -546,3 +546,10 @@ def test_the_example_runs_offline(
     assert lines[-1] == f"wrote {tmp_path / 'out'}/"
     assert len(lines) == 4 and all(" Completed " in line for line in lines[:3])
     assert sum(" <- " in line for line in lines) == 2  # the follow-up and the sub-agent
+
+
+def test_max_idle_sessions_reaches_the_core_and_is_checked() -> None:
+    capability = PhiCapability([SessionRecorder()], max_idle_sessions=3)
+    assert capability._core.max_idle_sessions == 3
+    with pytest.raises(ValueError, match="max_idle_sessions"):
+        PhiCapability([SessionRecorder()], max_idle_sessions=-1)

@@ -490,8 +490,7 @@ class AdapterCore:
 
     def _let_go(self) -> None:
         """Under `_lock`: keep `max_idle_sessions` idle tracers, the progress of the rest.
-        Only at run starts: an adapter may still name the session's last loop just after
-        its run ended (``google_adk`` after parallel branches)."""
+        Called at run starts only, where the lock is taken anyway."""
         idle = self._idle
         while len(idle) > self.max_idle_sessions:
             session_id, tracer = idle.popitem(last=False)
@@ -518,7 +517,8 @@ class AdapterCore:
     def _open(self, run: AdapterRun) -> AdapterRun:
         """Register and start `run`, whose session (if a framework session's) is held for
         it; a run it replaces under the same key lets go of its own hold. Idle sessions
-        beyond `max_idle_sessions` are let go of here (amortized O(1): once per run end)."""
+        beyond `max_idle_sessions` are let go of here (amortized O(1): each run end
+        leaves at most one more idle session)."""
         with self._lock:
             replaced = self._runs.get(run.key)
             self._runs[run.key] = run

@@ -509,6 +509,8 @@ class PhiPlugin(BasePlugin):
     * `capture_requests`: also record each turn's request (system instruction, the
       contents sent, the function declarations offered) as its ``TurnRequest``
       (`Turn.request_payload`): off by default, as it repeats the history every turn.
+    * `max_idle_sessions`: how many ADK sessions without a running invocation keep their
+      full state in memory (`phi_session.adapters.AdapterCore`).
 
     `close()` (ADK calls it when the runner closes) ends invocations still open and
     flushes the sinks.
@@ -525,6 +527,7 @@ class PhiPlugin(BasePlugin):
         clock: Clock | None = None,
         processors: Iterable[Processor] = (),
         redact: bool | Redactor = True,
+        max_idle_sessions: int = 4096,
     ) -> None:
         super().__init__(name=name)
         self.core = AdapterCore(
@@ -536,6 +539,7 @@ class PhiPlugin(BasePlugin):
             processors=processors,
             redact=redact,
             capture_requests=capture_requests,
+            max_idle_sessions=max_idle_sessions,
         )
         self._lock = threading.Lock()  # ADK's sync Runner.run drives invocations from threads
         self._invocations: dict[str, _Invocation] = {}
@@ -741,14 +745,16 @@ class PhiPlugin(BasePlugin):
                 self._lanes.pop(lane.key, None)
         if invocation is None:
             return
+        if len(invocation.lanes) > 1:
+            # No branch won: the session's next invocation continues the invocation's own line.
+            # Set while the runs still hold their session: once they end, the core may let
+            # the session's tracer go (`AdapterCore.max_idle_sessions`) and this would be lost.
+            root = invocation.lanes[None].run
+            root.tracer.agent.set_last_loop(root.loop.loop_id)
         # Branches first, deepest first: a branch's loop ends before the loop it forked from.
         for _, lane in sorted(invocation.lanes.items(), key=lambda item: -len(item[0] or "")):
             lane.close(error)
             self.core.end_run(lane.key, error)
-        if len(invocation.lanes) > 1:
-            # No branch won: the session's next invocation continues the invocation's own line.
-            root = invocation.lanes[None].run
-            root.tracer.agent.set_last_loop(root.loop.loop_id)
 
 
 # The replay model lives next to the adapter whose request converter it shares.

@@ -368,6 +368,8 @@ class PhiCapability(AbstractCapability[Any]):
     * `capture_requests`: also record each turn's ``TurnRequest`` (`request_payload`: the
       system prompt, messages and tools sent to the model), which replay compares against
       to detect divergence. Off by default: it repeats the whole history every turn.
+    * `max_idle_sessions`: how many conversations without a running run keep their full
+      state in memory (`phi_session.adapters.AdapterCore`).
 
     Never raises into the run and never changes what a hook passes on: a recording
     fault is counted (`fault_count`) and logged once, and the run goes on. One
@@ -386,13 +388,20 @@ class PhiCapability(AbstractCapability[Any]):
         stream: bool = False,
         store: SessionStore | None = None,
         capture_requests: bool = False,
+        max_idle_sessions: int = 4096,
     ) -> None:
         for name, flag in (("stream", stream), ("capture_requests", capture_requests)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, not {type(flag).__name__}")
         self.stream = stream
         self.capture_requests = capture_requests
-        self._core = AdapterCore("pydantic-ai", sink, store=store, capture_requests=capture_requests)
+        self._core = AdapterCore(
+            "pydantic-ai",
+            sink,
+            store=store,
+            capture_requests=capture_requests,
+            max_idle_sessions=max_idle_sessions,
+        )
         self._runs: dict[str, _Run] = {}
 
     def __repr__(self) -> str:
