@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import runpy
 import subprocess
 import sys
@@ -479,3 +480,71 @@ def test_max_idle_sessions_reaches_the_core_and_is_checked() -> None:
     assert PhiPlugin([SessionRecorder()], max_idle_sessions=3).core.max_idle_sessions == 3
     with pytest.raises(ValueError, match="max_idle_sessions"):
         PhiPlugin([SessionRecorder()], max_idle_sessions=-1)
+
+
+class HangingLlm(BaseLlm):
+    """A model that never answers: its invocation ends only when ADK's caller gives up."""
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        await asyncio.Event().wait()
+        yield LlmResponse()  # never reached
+
+
+@pytest.mark.parametrize("how", ["task cancelled", "events abandoned"])
+def test_an_invocation_adk_drops_without_a_callback_ends_failed(how: str) -> None:
+    h = Harness()
+    hanging = h.runner(LlmAgent(name="slow", model=HangingLlm(model="hang")))
+
+    async def until_the_model_is_called() -> None:
+        for _ in range(1000):
+            if h.plugin.core.open_runs:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("the invocation never started")
+
+    async def scenario() -> None:
+        await hanging.session_service.create_session(app_name="app", user_id="u", session_id="s1")
+        if how == "task cancelled":
+            task = asyncio.create_task(h.ask(hanging, "wait"))
+            await until_the_model_is_called()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            del task
+        else:
+            message = types.Content(role="user", parts=[types.Part(text="wait")])
+            events = hanging.run_async(user_id="u", session_id="s1", new_message=message)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(events.__anext__(), 0.2)
+            await events.aclose()
+            del events
+        # ADK lets go of the invocation's context once asyncio has closed its abandoned
+        # generators (a few loop turns) and the collector has run.
+        for _ in range(500):
+            gc.collect()
+            if h.plugin._abandoned:
+                break
+            await asyncio.sleep(0.002)
+        assert h.plugin.core.open_runs == 1  # no callback came: still open until the next start
+        # The next invocation, in another session, ends the dropped one first.
+        await h.ask(h.runner(LlmAgent(name="quick", model=ScriptedLlm.of(["done"]))), "next", session_id="s2")
+
+    asyncio.run(scenario())
+    assert h.plugin.core.open_runs == 0
+    (dropped,) = h.session("s1").loops
+    assert (dropped.status, dropped.error) == ("Aborted", google_adk.ABANDONED)
+    assert texts(dropped) == [("user", "wait")]
+    (quick,) = h.session("s2").loops
+    assert quick.status == "Completed"
+
+
+def test_an_invocation_that_ended_is_not_reported_dropped_when_freed() -> None:
+    h = Harness()
+    h.run(LlmAgent(name="quick", model=ScriptedLlm.of(["one"])))
+    gc.collect()
+    assert not h.plugin._abandoned
+    asyncio.run(h.plugin.close())
+    (loop,) = h.session().loops
+    assert loop.status == "Completed"

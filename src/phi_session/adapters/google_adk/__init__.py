@@ -37,14 +37,17 @@ What is not recorded: a plugin listed before this one that answers a callback it
 (returns a value) hides that callback from this plugin (ADK stops at the first
 answer), so list `PhiPlugin` first; a result another plugin substitutes for a tool's
 is not seen (the tool's own result is recorded); live (bidirectional) streaming is
-not mapped; a cancelled invocation (its task cancelled: ADK calls no plugin) leaves
-its loops open until `PhiPlugin.close`, which ends them as failed.
+not mapped. A cancelled invocation (its task cancelled, or its events abandoned: ADK
+calls no plugin then) is ended failed, with `ABANDONED` as its error, once ADK lets go
+of its context: at the next invocation's start, or at `PhiPlugin.close`.
 """
 
 from __future__ import annotations
 
 import base64
 import threading
+import weakref
+from collections import deque
 from collections.abc import Iterable, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
@@ -108,7 +111,7 @@ if TYPE_CHECKING:
     from google.adk.tools.tool_context import ToolContext
     from google.adk.workflow import BaseNode
 
-__all__ = ["PhiPlugin", "ReplayLlm"]
+__all__ = ["ABANDONED", "PhiPlugin", "ReplayLlm"]
 
 FRAMEWORK = "google-adk"
 _TRANSFER_TOOL = "transfer_to_agent"  # ADK's agent-transfer tool: its call is a handoff
@@ -445,7 +448,7 @@ class _Lane:
         if self.reply is not None:
             self.reply.finish()
 
-    def end_turn(self, error: BaseException | None = None) -> None:
+    def end_turn(self, error: BaseException | str | None = None) -> None:
         self.settle()
         turn = self.turn
         self.turn = self.reply = None
@@ -470,7 +473,7 @@ class _Lane:
         leave_tool(token)
         return scope if scope.running else None
 
-    def close(self, error: BaseException | None) -> None:
+    def close(self, error: BaseException | str | None) -> None:
         """The invocation ends: tools still running end failed, then the turn."""
         for call_id in list(self.tools):
             scope = self.take_tool(call_id)
@@ -479,12 +482,18 @@ class _Lane:
         self.end_turn(error)
 
 
+ABANDONED = "the invocation ended without ADK calling a plugin (its task cancelled or its events abandoned)"
+"""The error of a loop whose invocation ADK dropped without a callback."""
+
+
 class _Invocation:
     """The lanes of one ADK invocation, by branch."""
 
-    def __init__(self, invocation_id: str) -> None:
+    def __init__(self, invocation_id: str, watch: weakref.finalize[Any, Any]) -> None:
         self.id = invocation_id
         self.lanes: dict[str | None, _Lane] = {}
+        # Reports the invocation abandoned when ADK frees its context before it ended.
+        self.watch = watch
 
     def parent_of(self, branch: str) -> _Lane:
         """The lane a new branch forks from: its nearest enclosing branch, else the root."""
@@ -546,6 +555,9 @@ class PhiPlugin(BasePlugin):
         # Every lane of the open invocations by its key, (invocation id, branch): most
         # callbacks want only their lane, in one lookup.
         self._lanes: dict[tuple[str, str | None], _Lane] = {}
+        # Ids of invocations whose context ADK freed before they ended, appended by a
+        # finalizer (in whatever thread frees it, so nothing is done there but this append).
+        self._abandoned: deque[str] = deque()
 
     @property
     def fault_count(self) -> int:
@@ -666,6 +678,7 @@ class PhiPlugin(BasePlugin):
 
     async def close(self) -> None:
         try:
+            self._end_abandoned()
             with self._lock:
                 self._invocations.clear()
                 self._lanes.clear()
@@ -676,7 +689,11 @@ class PhiPlugin(BasePlugin):
     # -- the mapping -----------------------------------------------------------------------
 
     def _start(self, ic: InvocationContext) -> None:
-        invocation = _Invocation(ic.invocation_id)
+        if self._abandoned:
+            self._end_abandoned()
+        watch = weakref.finalize(ic, self._abandoned.append, ic.invocation_id)
+        watch.atexit = False
+        invocation = _Invocation(ic.invocation_id, watch)
         key = (ic.invocation_id, None)
         run = self.core.start_run(
             key,
@@ -738,13 +755,14 @@ class PhiPlugin(BasePlugin):
         lane = self._lanes.get((tool_context.invocation_id, tool_context.branch))
         return lane.take_tool(tool_context.function_call_id or tool.name) if lane is not None else None
 
-    def _finish(self, invocation_id: str, error: BaseException | None) -> None:
+    def _finish(self, invocation_id: str, error: BaseException | str | None) -> None:
         with self._lock:
             invocation = self._invocations.pop(invocation_id, None)
             for lane in invocation.lanes.values() if invocation is not None else ():
                 self._lanes.pop(lane.key, None)
         if invocation is None:
             return
+        invocation.watch.detach()
         if len(invocation.lanes) > 1:
             # No branch won: the session's next invocation continues the invocation's own line.
             # Set while the runs still hold their session: once they end, the core may let
@@ -755,6 +773,15 @@ class PhiPlugin(BasePlugin):
         for _, lane in sorted(invocation.lanes.items(), key=lambda item: -len(item[0] or "")):
             lane.close(error)
             self.core.end_run(lane.key, error)
+
+    def _end_abandoned(self) -> None:
+        """End, failed, the invocations whose context ADK freed before they ended."""
+        while True:
+            try:  # another thread may take the last one first
+                invocation_id = self._abandoned.popleft()
+            except IndexError:
+                return
+            self._finish(invocation_id, ABANDONED)
 
 
 # The replay model lives next to the adapter whose request converter it shares.
