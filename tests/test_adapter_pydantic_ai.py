@@ -553,3 +553,40 @@ def test_max_idle_sessions_reaches_the_core_and_is_checked() -> None:
     assert capability._core.max_idle_sessions == 3
     with pytest.raises(ValueError, match="max_idle_sessions"):
         PhiCapability([SessionRecorder()], max_idle_sessions=-1)
+
+
+@pytest.mark.parametrize("redact", [True, False])
+def test_redaction_and_processors_are_the_tracers(redact: bool) -> None:
+    secret = "sk-" + "x" * 32
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("lookup", {"key": secret}, tool_call_id="c1")])
+        return ModelResponse(parts=[TextPart("done")])
+
+    seen: list[str] = []
+
+    def note(event: Any) -> Any:
+        seen.append(type(event).__name__)
+        return event
+
+    recorder = SessionRecorder()
+    agent = Agent(
+        FunctionModel(model), capabilities=[PhiCapability(recorder, redact=redact, processors=[note])]
+    )
+
+    @agent.tool_plain
+    def lookup(key: str) -> str:
+        return "found"
+
+    agent.run_sync("go")
+    loop = only_loop(recorder)
+    (call,) = [
+        b
+        for m in loop.messages
+        if isinstance(m, AssistantMessage)
+        for b in m.content
+        if isinstance(b, ToolCall)
+    ]
+    assert (secret in str(call.arguments)) is not redact
+    assert seen[0] == "AgentStart" and seen[-1] == "AgentEnd"

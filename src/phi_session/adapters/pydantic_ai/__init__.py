@@ -33,9 +33,10 @@ assistant message is recorded whole, when the response is complete.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ...identity import AgentSession, Clock
 from ...instrument import MessageScope, ToolScope, TurnScope
 from ...messages import (
     AnnotatedRequestPayload,
@@ -54,6 +55,7 @@ from ...messages import (
     Usage,
     UserMessage,
 )
+from ...processors import Processor, Redactor
 from .._core import (
     AdapterCore,
     AdapterRun,
@@ -370,6 +372,9 @@ class PhiCapability(AbstractCapability[Any]):
       to detect divergence. Off by default: it repeats the whole history every turn.
     * `max_idle_sessions`: how many conversations without a running run keep their full
       state in memory (`phi_session.adapters.AdapterCore`).
+    * `agent`, `clock`, `processors`, `redact`: as for `phi_session.instrument.Tracer`
+      (`agent`: the identity of runs without a conversation id; the redactor is on by
+      default).
 
     Never raises into the run and never changes what a hook passes on: a recording
     fault is counted (`fault_count`) and logged once, and the run goes on. One
@@ -389,6 +394,10 @@ class PhiCapability(AbstractCapability[Any]):
         store: SessionStore | None = None,
         capture_requests: bool = False,
         max_idle_sessions: int = 4096,
+        agent: AgentSession | None = None,
+        clock: Clock | None = None,
+        processors: Iterable[Processor] = (),
+        redact: bool | Redactor = True,
     ) -> None:
         for name, flag in (("stream", stream), ("capture_requests", capture_requests)):
             if not isinstance(flag, bool):
@@ -401,6 +410,10 @@ class PhiCapability(AbstractCapability[Any]):
             store=store,
             capture_requests=capture_requests,
             max_idle_sessions=max_idle_sessions,
+            agent=agent,
+            clock=clock,
+            processors=processors,
+            redact=redact,
         )
         self._runs: dict[str, _Run] = {}
 
