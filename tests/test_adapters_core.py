@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from phi_session import (
     JsonDirStore,
     LoopConfigSnapshot,
     SessionRecorder,
+    SqliteStore,
     decode_session,
     encode_session,
 )
@@ -246,6 +248,26 @@ def test_default_sink_saves_into_the_embedded_store(tmp_path: Path, monkeypatch:
     core.close()
     assert core.store is not None
     assert [loop.loop_id for loop in core.store.load("d").loops] == ["d.fake.m-1.1"]
+
+
+def test_runs_open_at_interpreter_exit_end_failed_and_are_saved(tmp_path: Path) -> None:
+    database = tmp_path / "sessions.db"
+    code = """
+import atexit
+from phi_session import LoopConfigSnapshot
+from phi_session.adapters import AdapterCore
+
+# Exit hooks run last in, first out: the core's first, then the framework's late end.
+atexit.register(lambda: print("the late end found", core.end_run("r", "the framework's own late end")))
+core = AdapterCore("fake-fw")
+core.start_run("r", LoopConfigSnapshot(model="m-1", provider="fake"), framework_session_id="d")
+"""
+    env = {**os.environ, "PHI_SESSION_STORE": str(database)}
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert child.stderr == ""  # nothing failed at exit
+    assert child.stdout == "the late end found None\n"  # its run had ended already
+    (loop,) = SqliteStore(database).load("d").loops
+    assert (loop.status, loop.error) == ("Aborted", "the interpreter exited during the run")
 
 
 def test_usage_of_counts_none_as_zero() -> None:

@@ -29,13 +29,16 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
   run goes on;
 * **default sink**: the embedded store (`phi_session.stores.default_store`) behind an
   `AutoPersistingRecorder`, which saves sessions as they complete through the one
-  `SessionSaver`; `close` saves what is left.
+  `SessionSaver`; `close` saves what is left, and so does interpreter exit, where runs
+  still open end failed ("the interpreter exited during the run").
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
+import os
 import threading
 import uuid
 from collections import OrderedDict
@@ -349,6 +352,13 @@ class AdapterCore:
         self._idle: OrderedDict[str, Tracer] = OrderedDict()
         self._progress: dict[str, tuple[object, ...]] = {}
         self._runs: dict[object, AdapterRun] = {}
+        if self._persister is not None:
+            # Registered after the embedded store's recorder, so it runs before that
+            # recorder's own exit hook (last in, first out): runs still open at exit end
+            # as failed, saying why, and are saved; the framework's own late end (an
+            # abandoned generator finalized at shutdown) then finds nothing left to end.
+            self._pid = os.getpid()
+            atexit.register(self._close_at_exit)
 
     def __repr__(self) -> str:
         return f"AdapterCore({self.framework!r})"
@@ -615,10 +625,18 @@ class AdapterCore:
     def close(self) -> None:
         """End runs still open (as failed: the adapter closed under them), then flush the
         sinks; the embedded store's recorder saves what it holds and closes."""
+        self._close(f"the {self.framework} adapter was closed during the run")
+
+    def _close(self, reason: str) -> None:
         with self._lock:
             keys = list(self._runs)
         for key in keys:
-            self.safely(self.end_run, key, f"the {self.framework} adapter was closed during the run")
+            self.safely(self.end_run, key, reason)
         self.tracer.flush()
         if self._persister is not None:
+            atexit.unregister(self._close_at_exit)
             self.safely(self._persister.close)
+
+    def _close_at_exit(self) -> None:
+        if os.getpid() == self._pid:  # a forked child's runs and store are its parent's
+            self._close("the interpreter exited during the run")
