@@ -564,6 +564,44 @@ def test_a_message_changed_after_an_encode_is_written_changed_the_next_time() ->
     assert b'"b.txt"' in ps.encode(record.events[2].event) and b'"b.txt"' in ps.encode(record, pretty=False)
 
 
+def test_documents_encoded_one_after_another_and_in_threads_give_their_own_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pretty documents are formatted from a buffer each thread writes over: a small
+    # document after a big one, or one encoded while another thread encodes, must give
+    # exactly its own bytes.
+    import threading
+
+    from phi_session import codec
+
+    said = ps.UserMessage(content=(ps.TextContent(text="x" * 5000),), timestamp=1)
+    big, small = _requests_session(said, messages=[said] * 40), _requests_session(said)
+    expected = {id(big): _unshared_encoding(big), id(small): _unshared_encoding(small)}
+    for session in (big, small, big, small):
+        assert ps.encode(session) == expected[id(session)]
+
+    failures: list[str] = []
+
+    def encode_many(order: tuple[ps.Session, ...]) -> None:
+        for _ in range(20):
+            for session in order:
+                if ps.encode(session) != expected[id(session)]:
+                    failures.append("wrong bytes")
+
+    orders = ((big, small), (small, big)) * 2
+    threads = [threading.Thread(target=encode_many, args=(order,)) for order in orders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+    monkeypatch.setattr(codec, "_SCRATCH_KEPT", 100)  # a buffer grown past this is let go
+    assert ps.encode(big) == expected[id(big)]
+    assert "buffer" not in codec._scratch.__dict__
+    assert ps.encode(small) == expected[id(small)]
+
+
 @pytest.mark.parametrize("where", ["metadata", "children", "history"])
 def test_del_bytes_in_a_session_are_written_as_they_are(where: str) -> None:
     # The pretty form marks each request history with a DEL byte and finds the marks
