@@ -524,10 +524,10 @@ def _skeleton() -> _Skeleton:
 # Encoding those into a new bytes object each time cost more than the encoding itself:
 # glibc gives a freed buffer of a session's size back to the kernel, and the next one
 # is page-faulted in again (two thirds of a pretty session's encoding time on the
-# issue-11 workload). Each thread writes them over one buffer instead, kept while it
-# stays under _SCRATCH_KEPT.
+# issue-11 workload). Each thread writes them over one buffer instead, kept unless a
+# document grew it past _SCRATCH_KEPT (a long-lived thread holds no more than that).
 _scratch = threading.local()
-_SCRATCH_KEPT = 64 * 1024 * 1024
+_SCRATCH_KEPT = 16 * 1024 * 1024
 
 
 def _formatted(document: Any) -> bytes:
