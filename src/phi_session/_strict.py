@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
+
+import msgspec
 
 from .errors import DecodeError
 from .events import MESSAGE_FIELDS_BY_TAG
@@ -70,6 +73,28 @@ class Scan:
                 raise DecodeError(f"number out of range: {token[:20]}…")
             return number
         return value
+
+
+# JSON that msgspec wrote holds no repeated key and no `-0`: strict decoding can give
+# something else than lenient decoding only for an integer beyond 64 bits or nesting
+# past the limit. `strict_adds_nothing` rules both out at C speed, so that decoding
+# what was just encoded need not pay for the second parse.
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_MAYBE_TOO_BIG = b"0" * 19  # 19 digits in a row: an integer that may not fit (or a string's digits)
+# Formatted one space a level, the elements of a container at the limit stand on lines
+# indented by MAX_DEPTH spaces: one of them that is a container (alone or after its key)
+# is nested one level too deep, and anything deeper is inside such a one.
+_TOO_DEEP = re.compile(rb'\n {%d}(?:[\[{]|"(?:[^"\\]|\\.)*": [\[{])' % MAX_DEPTH)
+
+
+def strict_adds_nothing(data: bytes) -> bool:
+    """Whether strict decoding of `data`, JSON as msgspec writes it, is sure to give what
+    lenient decoding gives (False also where it merely might not)."""
+    if data.translate(_DIGITS_ONLY).find(_MAYBE_TOO_BIG) != -1:
+        return False
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return True
+    return _TOO_DEEP.search(msgspec.json.format(data, indent=1)) is None
 
 
 def _depth(node: Any) -> int:

@@ -27,6 +27,7 @@ from typing import Any, get_args
 import msgspec
 from opentelemetry.sdk.trace import SpanProcessor
 
+from .._strict import strict_adds_nothing
 from ..codec import decode_event, decode_record
 from ..errors import DecodeError
 from ..events import (
@@ -501,7 +502,10 @@ class _ExactReplay:
                     raise DecodeError(
                         f"{attr.PHI_EVENTS} of span {span.span_id:016x}: expected [sequence, event] pairs"
                     )
-                bucket.append((item[0], decode_event(msgspec.json.encode(item[1]))))
+                # Encoded here from what was parsed: the second, strict parse finds
+                # something only in the rare events that `strict_adds_nothing` points out.
+                data = msgspec.json.encode(item[1])
+                bucket.append((item[0], decode_event(data, strict=not strict_adds_nothing(data))))
 
     def run(self) -> None:
         for loop_id, loop in sorted(self.loops.items(), key=lambda item: item[1].start):
