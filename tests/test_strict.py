@@ -65,3 +65,10 @@ def test_an_integer_that_may_not_fit_64_bits_is_pointed_out(number: int, clear: 
     data = msgspec.json.encode({"args": {"n": number}})
     assert strict_adds_nothing(data) is clear
     assert strict_adds_nothing(msgspec.json.encode(str(number) + "0" * 10)) is False  # digits in a string too
+
+
+def test_json_whose_formatting_could_grow_past_the_budget_is_left_to_the_strict_parse() -> None:
+    # 100 levels deep, then a long array (holding more than MAX_DEPTH containers in all):
+    # formatted one space a level, each of its elements would carry 100 spaces.
+    wide = msgspec.json.encode(_nested(100, [[]] * 40 + list(range(200_000)), as_dict=False))
+    assert not strict_adds_nothing(wide) and not _strict_parse_differs(wide)

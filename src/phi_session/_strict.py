@@ -85,6 +85,10 @@ _MAYBE_TOO_BIG = b"0" * 19  # 19 digits in a row: an integer that may not fit (o
 # indented by MAX_DEPTH spaces: one of them that is a container (alone or after its key)
 # is nested one level too deep, and anything deeper is inside such a one.
 _TOO_DEEP = re.compile(rb'\n {%d}(?:[\[{]|"(?:[^"\\]|\\.)*": [\[{])' % MAX_DEPTH)
+# Indentation can make the formatted text far longer than the JSON (a long array nested
+# deep). Each of its lines (at most two per container and one per comma) is indented by at
+# most one space per container: where that could pass this many bytes, the strict parse decides.
+_INDENT_BUDGET = 16 * 1024 * 1024
 
 
 def strict_adds_nothing(data: bytes) -> bool:
@@ -92,8 +96,11 @@ def strict_adds_nothing(data: bytes) -> bool:
     lenient decoding gives (False also where it merely might not)."""
     if data.translate(_DIGITS_ONLY).find(_MAYBE_TOO_BIG) != -1:
         return False
-    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+    containers = data.count(b"[") + data.count(b"{")
+    if containers <= MAX_DEPTH:
         return True
+    if (2 * containers + data.count(b",")) * containers > _INDENT_BUDGET:
+        return False
     return _TOO_DEEP.search(msgspec.json.format(data, indent=1)) is None
 
 
