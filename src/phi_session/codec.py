@@ -525,7 +525,7 @@ def _skeleton() -> _Skeleton:
 # glibc gives a freed buffer of a session's size back to the kernel, and the next one
 # is page-faulted in again (two thirds of a pretty session's encoding time on the
 # issue-11 workload). Each thread writes them over one buffer instead, kept unless a
-# document grew it past _SCRATCH_KEPT (a long-lived thread holds no more than that).
+# document grew it past _SCRATCH_KEPT (what a long-lived thread holds stays about that).
 _scratch = threading.local()
 _SCRATCH_KEPT = 16 * 1024 * 1024
 
