@@ -250,6 +250,67 @@ def test_default_sink_saves_into_the_embedded_store(tmp_path: Path, monkeypatch:
     assert [loop.loop_id for loop in core.store.load("d").loops] == ["d.fake.m-1.1"]
 
 
+def test_cores_given_the_same_sinks_continue_each_others_sessions() -> None:
+    # A handler made per call: each call's core must go on from the last one's loops.
+    recorder = SessionRecorder()
+    for key in ("r1", "r2"):
+        core = make_core(recorder)
+        core.start_run(key, CONFIG, framework_session_id="s")
+        one_turn(core, key)
+        core.end_run(key)
+    first, second = recorder.sessions()[0].loops
+    assert (first.loop_id, second.loop_id, second.parent_loop_id) == (
+        "s.fake.m-1.1",
+        "s.fake.m-1.2",
+        first.loop_id,
+    )
+    other = SessionRecorder()  # another destination: sessions of its own
+    core = make_core(other)
+    core.start_run("r3", CONFIG, framework_session_id="s")
+    core.end_run("r3")
+    assert [loop.loop_id for loop in other.sessions()[0].loops] == ["s.fake.m-1.1"]
+
+
+def test_cores_on_the_embedded_store_share_one_writer_and_its_sessions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PHI_SESSION_STORE", str(tmp_path / "sessions.db"))
+    first = AdapterCore("fake-fw", agent=AgentSession(clock=FakeClock()))
+    threads = threading.active_count()
+    cores = [first, *(AdapterCore("fake-fw", agent=AgentSession(clock=FakeClock())) for _ in range(20))]
+    assert threading.active_count() == threads  # one writer thread for them all
+    for number, core in enumerate(cores[:2]):
+        core.start_run(number, CONFIG, framework_session_id="d")
+        one_turn(core, number)
+        core.end_run(number)
+    first.close()  # others still record there: the writer saves what is finished, and goes on
+    store = SqliteStore(tmp_path / "sessions.db")
+    assert [loop.loop_id for loop in store.load("d").loops] == ["d.fake.m-1.1", "d.fake.m-1.2"]
+    cores[1].start_run("last", CONFIG, framework_session_id="d")
+    one_turn(cores[1], "last")
+    cores[1].end_run("last")
+    for core in cores[1:]:
+        core.close()
+    loops = store.load("d").loops
+    assert [(loop.loop_id, loop.parent_loop_id) for loop in loops[1:]] == [
+        ("d.fake.m-1.2", "d.fake.m-1.1"),
+        ("d.fake.m-1.3", "d.fake.m-1.2"),
+    ]
+    assert threading.active_count() < threads  # the last core out closed the writer
+
+
+def test_continuations_keep_the_framework_session_id() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    core.start_run("r", CONFIG, framework_session_id="tenant/7.chat")
+    core.handoff("r", CONFIG, metadata={"agent": "b"})
+    core.branch("x", "r", CONFIG, "x")
+    for key in ("x", "r"):
+        core.end_run(key)
+    loops = recorder.sessions()[0].loops
+    assert [loop.metadata["framework_session_id"] for loop in loops] == ["tenant/7.chat"] * 3
+
+
 def test_runs_open_at_interpreter_exit_end_failed_and_are_saved(tmp_path: Path) -> None:
     database = tmp_path / "sessions.db"
     code = """

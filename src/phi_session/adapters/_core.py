@@ -30,22 +30,23 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
 * **default sink**: the embedded store (`phi_session.stores.default_store`) behind an
   `AutoPersistingRecorder`, which saves sessions as they complete through the one
   `SessionSaver`; `close` saves what is left, and so does interpreter exit, where runs
-  still open end failed ("the interpreter exited during the run").
+  still open end failed ("the interpreter exited during the run");
+* **one identity per session, however many adapter instances**: cores recording into
+  the same place (the same embedded store, or the same sink objects) share their
+  sessions' identities and the embedded store's one recorder (`_sessions`), so that a
+  handler made per call continues the session's last loop and never reuses a loop id.
 """
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import logging
-import os
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -69,6 +70,7 @@ from ..replay.lineage import active_lineage
 from ..sinks import SinkLike
 from ..stores.base import SessionStore, validate_session_id
 from ..stores.query import check_type
+from ._sessions import EmbeddedStore, book_for_sinks, embedded_store
 
 __all__ = [
     "FRAMEWORK_SESSION_NAMESPACE",
@@ -262,13 +264,19 @@ class _Guard:
         return False
 
 
+# Metadata a run's continuations (handoffs, branches) carry on.
+_INHERITED = ("framework_session_id",)
+
+
 @dataclass
 class AdapterRun:
-    """One framework run being recorded: its loop and the tracer its continuations use."""
+    """One framework run being recorded: its loop, the tracer its continuations use, and
+    the metadata they carry on (the framework session id a derived session id stands for)."""
 
     key: object
     loop: LoopScope
     tracer: Tracer
+    inherited: dict[str, Any] = field(default_factory=dict)
 
 
 class AdapterCore:
@@ -286,13 +294,14 @@ class AdapterCore:
       the embedded store's recorder then keeps them (`Turn.request_payload`), as a
       replay compares against them (`phi_session.replay`).
     * `max_idle_sessions`: how many framework sessions without an open run keep their
-      tracer (and its `AgentSession`, ~840 bytes); each run start lets go of the least
-      recently used beyond it (`idle_sessions`). A session with an open run is always held.
+      identity (an `AgentSession`, ~840 bytes); each run start lets go of the least
+      recently used beyond it (`idle_sessions`). A session with an open run is always
+      held. Cores recording into the same place share these (the largest limit applies).
 
     A session let go of leaves its identity's compact progress (`AgentSession.progress`:
     its last loop and loop counters, ~110 bytes with one config), from which its next run
     goes on exactly: it continues the session's last loop and never reuses a loop id.
-    These entries stay for the adapter's life, one per framework session seen: neither
+    These entries stay while a core records there, one per framework session seen: neither
     the store nor a sink can stand in for them, as the store may not have saved a
     session's latest loops yet (the embedded store's recorder saves sessions as they
     complete, on another thread) and does not record which loop continuations follow
@@ -322,43 +331,24 @@ class AdapterCore:
             logger, f"{framework} adapter", "the run goes on, its record may be incomplete", traceback=True
         )
         self._guard = _Guard(self)
-        self._persister: Any = None
+        self._embedded: EmbeddedStore | None = None
         if sink is None:
-            from ..persist import AutoPersistingRecorder
-            from ..recorder import SessionRecorderConfig
             from ..stores import default_store
 
-            if store is None:
-                store = default_store()
-            self._persister = AutoPersistingRecorder(
-                store, config=SessionRecorderConfig(capture_turn_requests=capture_requests)
-            )
-            sinks: list[SinkLike] = [self._persister.on_event]
-        elif callable(sink) or not isinstance(sink, Iterable):
-            sinks = [sink]
+            self._embedded = embedded_store(store, max_idle_sessions, default_store, self)
+            store = self._embedded.store
+            sinks: list[SinkLike] = [self._embedded.persister.on_event]
+            self._book = self._embedded.book
         else:
-            sinks = list(sink)
+            sinks = [sink] if callable(sink) or not isinstance(sink, Iterable) else list(sink)
+            self._book = book_for_sinks(sinks, max_idle_sessions)
         self.store = store
         self.agent = agent if agent is not None else AgentSession(clock=clock)
         self.rotate_after = rotate_after
         self.tracer = Tracer(self.agent, sinks=sinks, processors=list(processors), redact=redact)
         self.max_idle_sessions = max_idle_sessions
-        self._lock = threading.Lock()
-        # Framework sessions by phi session id: the tracers of those with open runs (and
-        # how many), those of idle ones (least recently used first), and the progress of
-        # those let go of. A run holds its session from before its loop id is allocated
-        # until it ends, so a session is never let go of while its counters may move.
-        self._busy: dict[str, tuple[Tracer, int]] = {}
-        self._idle: OrderedDict[str, Tracer] = OrderedDict()
-        self._progress: dict[str, tuple[object, ...]] = {}
+        self._lock = threading.Lock()  # guards `_runs`; taken before the book's, never after
         self._runs: dict[object, AdapterRun] = {}
-        if self._persister is not None:
-            # Registered after the embedded store's recorder, so it runs before that
-            # recorder's own exit hook (last in, first out): runs still open at exit end
-            # as failed, saying why, and are saved; the framework's own late end (an
-            # abandoned generator finalized at shutdown) then finds nothing left to end.
-            self._pid = os.getpid()
-            atexit.register(self._close_at_exit)
 
     def __repr__(self) -> str:
         return f"AdapterCore({self.framework!r})"
@@ -433,12 +423,11 @@ class AdapterCore:
         return self._start_loop(key, tracer, config, continues, kind, meta)
 
     def _session_tracer(self, session_id: str, recorded: Session | None = None) -> Tracer:
-        """The tracer of session `session_id`; `recorded`: a recording of it that new loop
-        ids must not collide with (a replay's)."""
-        with self._lock:
-            tracer = self._hold(session_id)
-        if tracer is None:
-            clock, id_factory = self.agent.clock, self.agent.id_factory
+        """A tracer of session `session_id`, whose identity is held for one run; `recorded`:
+        a recording of it that new loop ids must not collide with (a replay's)."""
+        clock, id_factory = self.agent.clock, self.agent.id_factory
+        agent = self._book.hold(session_id, clock, id_factory)
+        if agent is None:
             if recorded is not None:
                 agent = AgentSession.continuing(recorded, clock=clock, id_factory=id_factory)
             else:
@@ -446,65 +435,10 @@ class AdapterCore:
                     self.agent.agent_id, session_id=session_id, clock=clock, id_factory=id_factory
                 )
             self._resume_from_store(agent)
-            with self._lock:  # a concurrent first run of the same session may have won
-                tracer = self._hold(session_id)
-                if tracer is None:
-                    tracer = self.tracer.for_agent(agent)
-                    self._busy[session_id] = (tracer, 1)
+            agent = self._book.add(agent)  # a concurrent first run of the session may have won
         if recorded is not None:  # counters only: continuations follow this tracer's runs
-            tracer.agent.resume((record.loop_id for record in recorded.loops), None)
-        return tracer
-
-    def _hold(self, session_id: str) -> Tracer | None:
-        """Under `_lock`: the tracer of session `session_id`, held for one more run; None
-        if the core has never seen the session."""
-        busy = self._busy.get(session_id)
-        if busy is not None:
-            tracer, runs = busy
-            self._busy[session_id] = (tracer, runs + 1)
-            return tracer
-        idle = self._idle.pop(session_id, None)
-        if idle is not None:
-            tracer = idle
-        else:
-            progress = self._progress.pop(session_id, None)
-            if progress is None:
-                return None
-            agent = self.agent
-            tracer = self.tracer.for_agent(
-                AgentSession.from_progress(progress, clock=agent.clock, id_factory=agent.id_factory)
-            )
-        self._busy[session_id] = (tracer, 1)
-        return tracer
-
-    def _hold_again(self, tracer: Tracer) -> None:
-        """Under `_lock`: hold `tracer`'s session for one more run, if it is a held
-        framework session's (not a sub-agent's or the adapter's own)."""
-        session_id = tracer.agent.session_id
-        busy = self._busy.get(session_id)
-        if busy is not None and busy[0] is tracer:
-            self._busy[session_id] = (tracer, busy[1] + 1)
-
-    def _release(self, tracer: Tracer) -> None:
-        """Under `_lock`: a run of `tracer` ended (or never started); its session becomes
-        the most recently used idle one when it was the last."""
-        session_id = tracer.agent.session_id
-        busy = self._busy.get(session_id)
-        if busy is None or busy[0] is not tracer:
-            return
-        if busy[1] > 1:
-            self._busy[session_id] = (tracer, busy[1] - 1)
-        else:
-            del self._busy[session_id]
-            self._idle[session_id] = tracer
-
-    def _let_go(self) -> None:
-        """Under `_lock`: keep `max_idle_sessions` idle tracers, the progress of the rest.
-        Called at run starts only, where the lock is taken anyway."""
-        idle = self._idle
-        while len(idle) > self.max_idle_sessions:
-            session_id, tracer = idle.popitem(last=False)
-            self._progress[session_id] = tracer.agent.progress()
+            agent.resume((record.loop_id for record in recorded.loops), None)
+        return self.tracer.for_agent(agent)
 
     def _start_loop(
         self,
@@ -519,22 +453,21 @@ class AdapterCore:
         try:
             loop = tracer.loop(config, continues=continues, kind=kind, metadata=meta)
         except BaseException:
-            with self._lock:
-                self._release(tracer)
+            self._book.release(tracer.agent)
             raise
-        return self._open(AdapterRun(key, loop, tracer))
+        inherited = {name: meta[name] for name in _INHERITED if name in meta}
+        return self._open(AdapterRun(key, loop, tracer, inherited))
 
     def _open(self, run: AdapterRun) -> AdapterRun:
         """Register and start `run`, whose session (if a framework session's) is held for
         it; a run it replaces under the same key lets go of its own hold. Idle sessions
-        beyond `max_idle_sessions` are let go of here (amortized O(1): each run end
-        leaves at most one more idle session)."""
+        beyond `max_idle_sessions` are let go of here."""
         with self._lock:
             replaced = self._runs.get(run.key)
             self._runs[run.key] = run
-            if replaced is not None:
-                self._release(replaced.tracer)
-            self._let_go()
+        if replaced is not None:
+            self._book.release(replaced.tracer.agent)
+        self._book.let_go()
         run.loop.start()
         return run
 
@@ -562,7 +495,7 @@ class AdapterCore:
             run = self._runs.get(key)
             if run is None:
                 return None
-            self._hold_again(run.tracer)
+            self._book.hold_again(run.tracer.agent)
         if run.loop.running:
             run.loop.end()
         return self._continue(key, run, config, DEFAULT, metadata)
@@ -584,7 +517,7 @@ class AdapterCore:
             parent = self._runs.get(parent_key)
             if parent is None:
                 return None
-            self._hold_again(parent.tracer)
+            self._book.hold_again(parent.tracer.agent)
         return self._continue(key, parent, config, ContinuationKind.branch(tag), metadata)
 
     def _continue(
@@ -597,7 +530,7 @@ class AdapterCore:
     ) -> AdapterRun:
         """Start and register, as `key`, a loop continuing `run`'s with `kind` (its session
         held for it by the caller)."""
-        meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
+        meta: dict[str, Any] = {"framework": self.framework, **run.inherited, **(metadata or {})}
         return self._start_loop(key, run.tracer, config, run.loop.loop_id, kind, meta)
 
     def end_run(self, key: object, error: BaseException | str | None = None) -> AdapterRun | None:
@@ -605,7 +538,9 @@ class AdapterCore:
         with self._lock:
             run = self._runs.pop(key, None)
             if run is not None:
-                self._release(run.tracer)
+                # Under the core's lock, so that no handoff holds the session again after
+                # it may have been let go of.
+                self._book.release(run.tracer.agent)
         if run is not None and run.loop.running:
             run.loop.end(error)
         return run
@@ -618,25 +553,23 @@ class AdapterCore:
     def idle_sessions(self) -> int:
         """Framework sessions without an open run whose tracer is held (at most
         `max_idle_sessions` after each run start)."""
-        return len(self._idle)
+        return self._book.idle
 
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
         """End runs still open (as failed: the adapter closed under them), then flush the
-        sinks; the embedded store's recorder saves what it holds and closes."""
-        self._close(f"the {self.framework} adapter was closed during the run")
+        sinks; the embedded store saves what is finished (and, if no other adapter uses
+        it, closes)."""
+        self.end_open_runs(f"the {self.framework} adapter was closed during the run")
+        self.tracer.flush()
+        if self._embedded is not None:
+            embedded, self._embedded = self._embedded, None
+            self.safely(embedded.leave, self)
 
-    def _close(self, reason: str) -> None:
+    def end_open_runs(self, reason: str) -> None:
+        """End every run still open as failed, with `reason`."""
         with self._lock:
             keys = list(self._runs)
         for key in keys:
             self.safely(self.end_run, key, reason)
-        self.tracer.flush()
-        if self._persister is not None:
-            atexit.unregister(self._close_at_exit)
-            self.safely(self._persister.close)
-
-    def _close_at_exit(self) -> None:
-        if os.getpid() == self._pid:  # a forked child's runs and store are its parent's
-            self._close("the interpreter exited during the run")

@@ -1,0 +1,253 @@
+"""Where adapters record to, shared: one session book per destination, one embedded
+store writer per store.
+
+A framework session's identity (its loop counters and last loop, an `AgentSession`)
+must be one object for every adapter instance recording it, or two instances number
+loops afresh and both write loop 1: a handler or capability made per call
+(``config={"callbacks": [PhiCallbackHandler()]}``) is the common case, and the store
+cannot tell the second instance about the first one's loops, which it saves later, on
+another thread. So every `AdapterCore` recording into the same place takes its
+sessions from one `SessionBook`:
+
+* the embedded store (no sink given): one `EmbeddedStore` per store location and
+  process, which also holds the one `AutoPersistingRecorder` (and writer thread)
+  saving into it, however many adapter instances there are;
+* sinks given: the book of cores given the same sinks (the same objects, by
+  identity), while any of those cores lives.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..identity import AgentSession, Clock, IdFactory
+from ..sinks import SinkLike
+from ..stores.base import SessionStore
+
+if TYPE_CHECKING:
+    from ..persist import AutoPersistingRecorder
+
+__all__ = ["EmbeddedStore", "SessionBook", "book_for_sinks", "embedded_store"]
+
+
+class SessionBook:
+    """The identities of framework sessions recorded into one destination.
+
+    A session with an open run is *busy* (held, with its count of runs); one whose
+    runs all ended is *idle*, least recently used first; beyond `max_idle` idle
+    sessions, the oldest are let go of, leaving their compact progress
+    (`AgentSession.progress`) from which they come back exactly. Thread-safe: every
+    method takes the book's lock, and never calls out under it.
+    """
+
+    def __init__(self, max_idle: int) -> None:
+        self.max_idle = max_idle
+        self._lock = threading.Lock()
+        self._busy: dict[str, tuple[AgentSession, int]] = {}
+        self._idle: OrderedDict[str, AgentSession] = OrderedDict()
+        self._progress: dict[str, tuple[object, ...]] = {}
+
+    def allow_idle(self, max_idle: int) -> None:
+        """Keep at least `max_idle` idle sessions (cores sharing a book may ask for more)."""
+        with self._lock:
+            self.max_idle = max(self.max_idle, max_idle)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def hold(self, session_id: str, clock: Clock, id_factory: IdFactory) -> AgentSession | None:
+        """The identity of session `session_id`, held for one more run; None if the book
+        has never seen the session."""
+        with self._lock:
+            busy = self._busy.get(session_id)
+            if busy is not None:
+                self._busy[session_id] = (busy[0], busy[1] + 1)
+                return busy[0]
+            agent = self._idle.pop(session_id, None)
+            if agent is None:
+                progress = self._progress.pop(session_id, None)
+                if progress is None:
+                    return None
+                agent = AgentSession.from_progress(progress, clock=clock, id_factory=id_factory)
+            self._busy[session_id] = (agent, 1)
+            return agent
+
+    def add(self, agent: AgentSession) -> AgentSession:
+        """Hold `agent`, new to the book, for a run; if a concurrent first run of its
+        session added one first, that one is held and returned instead."""
+        with self._lock:
+            busy = self._busy.get(agent.session_id)
+            if busy is not None:
+                self._busy[agent.session_id] = (busy[0], busy[1] + 1)
+                return busy[0]
+            self._busy[agent.session_id] = (agent, 1)
+            return agent
+
+    def hold_again(self, agent: AgentSession) -> None:
+        """Hold `agent`'s session for one more run, if the book holds that identity (not
+        a sub-agent's or an adapter's own)."""
+        with self._lock:
+            busy = self._busy.get(agent.session_id)
+            if busy is not None and busy[0] is agent:
+                self._busy[agent.session_id] = (agent, busy[1] + 1)
+
+    def release(self, agent: AgentSession) -> None:
+        """A run of `agent` ended (or never started); its session becomes the most
+        recently used idle one when that was its last run."""
+        with self._lock:
+            busy = self._busy.get(agent.session_id)
+            if busy is None or busy[0] is not agent:
+                return
+            if busy[1] > 1:
+                self._busy[agent.session_id] = (agent, busy[1] - 1)
+            else:
+                del self._busy[agent.session_id]
+                self._idle[agent.session_id] = agent
+
+    def let_go(self) -> None:
+        """Keep `max_idle` idle identities, the progress of the rest (amortized O(1) when
+        called at each run start: each run end leaves at most one more idle session)."""
+        with self._lock:
+            idle = self._idle
+            while len(idle) > self.max_idle:
+                session_id, agent = idle.popitem(last=False)
+                self._progress[session_id] = agent.progress()
+
+
+# -- books of cores given the same sinks ----------------------------------------------------------
+
+_books_lock = threading.Lock()
+# (ids of the sinks' owners) -> (weak references to them, a weak reference to their book).
+# The references tell a live entry from one whose objects died and whose ids were reused.
+_books: dict[tuple[int, ...], tuple[tuple[weakref.ref[Any], ...], weakref.ref[SessionBook]]] = {}
+_PRUNE_EVERY = 64
+_added_since_prune = 0
+
+
+def _owner(sink: SinkLike) -> object:
+    """What a sink belongs to: a bound method's object (``recorder.on_event`` is made
+    anew at each access), else the sink itself."""
+    return getattr(sink, "__self__", sink)
+
+
+def book_for_sinks(sinks: Sequence[SinkLike], max_idle: int) -> SessionBook:
+    """The book of the cores recording into exactly `sinks` (None of them: a book of
+    its own, as are sinks that cannot be weakly referenced)."""
+    owners = [_owner(sink) for sink in sinks]
+    try:
+        refs = tuple(weakref.ref(owner) for owner in owners)
+    except TypeError:
+        return SessionBook(max_idle)
+    if not refs:
+        return SessionBook(max_idle)
+    key = tuple(map(id, owners))
+    global _added_since_prune
+    with _books_lock:
+        entry = _books.get(key)
+        if entry is not None:
+            book = entry[1]()
+            if book is not None and all(ref() is owner for ref, owner in zip(entry[0], owners, strict=True)):
+                book.allow_idle(max_idle)
+                return book
+        book = SessionBook(max_idle)
+        _books[key] = (refs, weakref.ref(book))
+        _added_since_prune += 1
+        if _added_since_prune >= _PRUNE_EVERY:
+            _added_since_prune = 0
+            dead = [k for k, (rs, b) in _books.items() if b() is None or any(r() is None for r in rs)]
+            for k in dead:
+                del _books[k]
+        return book
+
+
+# -- the embedded store ---------------------------------------------------------------------------
+
+
+class EmbeddedStore:
+    """The embedded store as adapters record into it: the store, the one recorder saving
+    into it (`AutoPersistingRecorder`), the book of its sessions, and the cores using it.
+
+    The last core to close it closes the recorder (saving what is left); at interpreter
+    exit, the runs still open in its cores end failed, saying why, before the recorder
+    saves and closes.
+    """
+
+    def __init__(self, key: tuple[object, ...], store: SessionStore, max_idle: int) -> None:
+        from ..persist import AutoPersistingRecorder
+        from ..recorder import SessionRecorderConfig
+
+        self._key = key
+        self.store = store
+        # Requests are kept whenever an adapter records them (`capture_requests`); those
+        # that do not, send none.
+        self.persister: AutoPersistingRecorder = AutoPersistingRecorder(
+            store, config=SessionRecorderConfig(capture_turn_requests=True)
+        )
+        self.book = SessionBook(max_idle)
+        self._cores: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._closed = False
+        # Registered after the recorder's own exit hook, so it runs before it (last in,
+        # first out): open runs end with their reason before the recorder aborts the rest.
+        atexit.register(self._close_at_exit)
+
+    def join(self, core: Any) -> bool:
+        """Count `core` in (False: this one closed already; take a new one)."""
+        if self._closed:
+            return False
+        self._cores.add(core)
+        return True
+
+    def leave(self, core: Any) -> None:
+        """`core` closed: save what is finished now; the last core out closes the recorder."""
+        with _stores_lock:
+            self._cores.discard(core)
+            last = not self._cores and not self._closed
+            if last:
+                self._closed = True
+                if _stores.get(self._key) is self:
+                    del _stores[self._key]
+                atexit.unregister(self._close_at_exit)
+                # Under the registry lock: a core opening this store next reads it only
+                # once everything recorded here is saved.
+                self.persister.close()
+        if not last:
+            self.persister.checkpoint()
+            self.persister.wait_saved()
+
+    def _close_at_exit(self) -> None:
+        if os.getpid() != self._key[0]:  # a forked child's runs and store are its parent's
+            return
+        for core in list(self._cores):
+            core.end_open_runs("the interpreter exited during the run")
+        self._closed = True
+        self.persister.close()
+
+
+_stores_lock = threading.Lock()
+_stores: dict[tuple[object, ...], EmbeddedStore] = {}
+
+
+def embedded_store(
+    store: SessionStore | None, max_idle: int, opened: Callable[[], SessionStore], core: Any
+) -> EmbeddedStore:
+    """The embedded store `core` records into: `store`, or the default one (`opened`
+    opens it), shared with every other core recording there in this process."""
+    from ..stores.urls import default_store_url
+
+    location = default_store_url() if store is None else getattr(store, "path", None) or id(store)
+    key = (os.getpid(), type(store).__name__, str(location))
+    with _stores_lock:
+        shared = _stores.get(key)
+        if shared is None or not shared.join(core):
+            shared = _stores[key] = EmbeddedStore(key, store if store is not None else opened(), max_idle)
+            shared.join(core)
+        else:
+            shared.book.allow_idle(max_idle)
+        return shared
