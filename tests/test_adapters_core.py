@@ -166,6 +166,35 @@ def test_a_run_under_a_running_tool_is_its_sub_agent() -> None:
     assert_round_trip(recorder)
 
 
+def test_later_runs_under_one_tool_call_continue_its_sub_agents_session() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    parent = core.start_run("outer", CONFIG, framework_session_id="s")
+    with parent.loop.turn() as turn:
+        with turn.assistant() as reply:
+            reply.finish(tool_calls=[ToolCall(id="c1", name="ask", arguments={})])
+        with turn.tool(id="c1", name="ask", args={}) as tool:
+            token = enter_tool(tool)
+            try:
+                for key in ("first", "second"):
+                    core.start_run(key, CONFIG)
+                    one_turn(core, key)
+                    core.end_run(key)
+            finally:
+                leave_tool(token)
+            tool.result("both answered")
+    core.end_run("outer")
+    (child_session,) = [session for session in recorder.sessions() if session.session_id != "s"]
+    first, second = child_session.loops
+    assert (first.parent_loop_id, second.parent_loop_id) == (parent.loop.loop_id, first.loop_id)
+    assert second.continuation_kind == ContinuationKind("Default")
+    (parent_loop,) = next(session for session in recorder.sessions() if session.session_id == "s").loops
+    assert [ref.child_loop_id for ref in parent_loop.child_loop_refs] == [first.loop_id]
+    assert child_session.parent_spawn_ref is not None
+    assert child_session.parent_spawn_ref.tool_call_id == "c1"
+    assert_round_trip(recorder)
+
+
 def test_handoff_ends_the_loop_and_the_next_agent_continues_it() -> None:
     recorder = SessionRecorder()
     core = make_core(recorder)

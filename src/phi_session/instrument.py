@@ -1341,6 +1341,7 @@ class ToolScope(_Scope):
     """
 
     __slots__ = (
+        "_child_agent",
         "_child_loop_id",
         "_cut",
         "_loop",
@@ -1363,6 +1364,7 @@ class ToolScope(_Scope):
         # The result's content, details and whether it is an error: set in one step.
         self._outcome: tuple[tuple[Content, ...], Any, bool] = _NO_OUTCOME
         self._child_loop_id: str | None = None
+        self._child_agent: AgentSession | None = None
         self._cut = False  # ended by its turn while running
 
     def start(self) -> ToolScope:
@@ -1439,13 +1441,31 @@ class ToolScope(_Scope):
         The loop id segment is ``sub`` (phi-core's) unless `config_id` or the
         config's own ``config_id`` says otherwise. Its first turn is triggered by
         ``SubAgent``. Once it ends, this tool's result carries its loop id.
+
+        A tool call spawns one sub-agent session: called again (with no `agent`, or
+        the same one), the new loop continues that session's last loop (``Default``),
+        as the result can name only one child loop (the first).
         """
         self._require_running()
         loop = self._loop
         config = config if config is not None else loop.config
-        child = agent if agent is not None else loop.agent.spawn()
         if config_id is None:
             config_id = config.config_id if config is not None and config.config_id is not None else "sub"
+        spawned = self._child_agent
+        if spawned is not None and (agent is None or agent is spawned):
+            session_id, loop_id = spawned.allocate_loop(config_id)
+            return LoopScope(
+                loop.outlet,
+                spawned,
+                loop_id,
+                session_id,
+                config,
+                config_id,
+                parent_loop_id=spawned.last_loop_id or self._child_loop_id,
+                kind=DEFAULT,
+                metadata=metadata,
+            )
+        child = agent if agent is not None else loop.agent.spawn()
         session_id, loop_id = child.allocate_loop(config_id)
         scope = LoopScope(
             loop.outlet,
@@ -1459,8 +1479,14 @@ class ToolScope(_Scope):
             metadata=metadata,
             first_trigger="SubAgent",
         )
-        self._child_loop_id = scope.loop_id
+        if spawned is None:
+            self._child_loop_id, self._child_agent = scope.loop_id, child
         return scope
+
+    @property
+    def sub_agent_identity(self) -> AgentSession | None:
+        """The identity of the sub-agent this tool call spawned (`sub_agent`), if any."""
+        return self._child_agent
 
     def _still_open(self, what: str) -> bool:
         """Whether a call may act: False (logged) once the turn has cut the tool short,

@@ -399,7 +399,8 @@ class AdapterCore:
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
         parent_tool = _parent_tool()
         if parent_tool is not None:
-            child = self.agent.spawn()
+            # A later run under the same tool call continues its sub-agent's session.
+            child = parent_tool.sub_agent_identity or self.agent.spawn()
             tracer = self.tracer.for_agent(child)
             loop = parent_tool.sub_agent(config, agent=child, metadata=meta)
             return self._open(AdapterRun(key, loop, tracer))
