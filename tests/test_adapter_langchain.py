@@ -267,6 +267,42 @@ def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
     assert child_loop.usage.total_tokens == 9 and parent.loops[0].usage.total_tokens == 30  # no double count
 
 
+def test_a_model_called_inside_a_tool_is_a_sub_agent_not_the_next_turn() -> None:
+    recorder = SessionRecorder()
+    summarizer = chat(reply("summary!", tokens=(7, 2), model="inner-model"))
+
+    @tool
+    def summarize(text: str) -> str:
+        """Summarise text with an LLM."""
+        return str(summarizer.invoke(f"summarise {text}").content)
+
+    outer = create_agent(
+        chat(reply("", ("c1", "summarize", {"text": "abc"})), reply("done")), tools=[summarize]
+    )
+    outer.invoke(
+        {"messages": [("user", "go")]},
+        {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "outer"}},
+    )
+    sessions = recorded(recorder)
+    (loop,) = sessions.pop("outer").loops
+    (child,) = sessions.values()
+    assert loop.status == "Completed" and loop.turn_count() == 2
+    assert [type(m).__name__ for m in loop.messages] == [
+        "UserMessage",
+        "AssistantMessage",
+        "ToolResultMessage",
+        "AssistantMessage",
+    ]
+    result = loop.messages[2]
+    assert isinstance(result, ToolResultMessage) and not result.is_error
+    assert result.content[0].text == "summary!"  # type: ignore[union-attr]
+    (child_loop,) = child.loops
+    assert child_loop.parent_loop_id == loop.loop_id and child_loop.turns[0].triggered_by == "SubAgent"
+    assert [ref.child_loop_id for ref in loop.child_loop_refs] == [child_loop.loop_id]
+    assert [m.content[0].text for m in child_loop.messages] == ["summarise abc", "summary!"]  # type: ignore[union-attr]
+    assert child_loop.usage.total_tokens == 9 and loop.usage.total_tokens == 30
+
+
 def test_an_exception_ends_the_loop_aborted_and_reaches_the_host_unchanged() -> None:
     recorder = SessionRecorder()
     agent = create_agent(chat(reply("", ("c1", "explode", {"x": "y"}))), tools=[explode])

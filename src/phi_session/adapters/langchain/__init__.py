@@ -11,7 +11,7 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   whose model is the loop's config); a later run with the same
   ``configurable.thread_id`` continues that session's last loop; one started from a
   ``checkpoint_id`` (LangGraph time travel) is a ``Branch`` tagged with it; a graph run
-  under a tool run is a sub-agent (own session, linked both ways);
+  or a model call under a tool run is a sub-agent (own session, linked both ways);
 * ``on_chat_model_start`` opens a turn (after ending the previous one) with the new
   input messages (those after the last AI message that were not recorded already)
   and, with ``capture_requests=True``, the turn's ``TurnRequest``;
@@ -502,13 +502,19 @@ class _Mapper:
         metadata: Mapping[str, Any] | None,
         params: Mapping[str, Any] | None,
     ) -> None:
-        run = self._runs.get(parent_run_id) if parent_run_id is not None else None
-        if run is None:
-            if parent_run_id is not None:
-                return  # under a run this handler does not record
-            # A bare model call is a loop of its own.
-            run = _Run(run_id, metadata, None, self.core.capture_requests)
-            self._roots[run_id] = run
+        run: _Run | None
+        tool = self._tools.get(parent_run_id) if parent_run_id is not None else None
+        if tool is not None:
+            # A model called by a tool (one that summarises, say) is not the next turn of
+            # the tool's loop: like a graph run under a tool, it is a sub-agent.
+            run = self._roots[run_id] = _Run(run_id, metadata, tool[1], self.core.capture_requests)
+        else:
+            run = self._runs.get(parent_run_id) if parent_run_id is not None else None
+            if run is None:
+                if parent_run_id is not None:
+                    return  # under a run this handler does not record
+                # A bare model call is a loop of its own.
+                run = self._roots[run_id] = _Run(run_id, metadata, None, self.core.capture_requests)
         metadata = metadata or {}
         params = params or {}
         # A model without a name (a fake, a custom class) goes by its LangChain type.
