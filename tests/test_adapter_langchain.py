@@ -503,6 +503,21 @@ def test_state_graph_interrupt_resume_and_time_travel() -> None:
     assert branch.kind.kind == "Branch" and branch.kind.tag == fork["configurable"]["checkpoint_id"]
 
 
+def test_an_interrupt_in_a_subgraph_is_recorded_once() -> None:
+    inner = approval_graph(chat(reply("draft")))  # model, then interrupt(), in a subgraph
+    graph = StateGraph(State)
+    graph.add_node("inner", inner)
+    graph.add_edge(START, "inner")
+    graph.add_edge("inner", END)
+    recorder = SessionRecorder()
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "nest"}}
+    out = graph.compile(checkpointer=InMemorySaver()).invoke({"messages": [("user", "write")]}, config)
+    (raised,) = out["__interrupt__"]
+    (loop,) = recorded(recorder)["nest"].loops
+    (mark,) = [m for m in loop.messages if isinstance(m, ExtensionMessage)]
+    assert mark.data == [{"value": {"question": "approve?"}, "id": raised.id}]
+
+
 def test_state_graph_async_with_the_sync_handler() -> None:
     recorder = SessionRecorder()
     app = approval_graph(chat(reply("draft")))

@@ -306,7 +306,7 @@ def _is_interrupt(error: BaseException) -> bool:
     return any(cls.__name__ == "GraphInterrupt" for cls in type(error).__mro__)
 
 
-def _interrupt_values(error: BaseException) -> list[Any]:
+def _interrupt_values(error: BaseException) -> list[dict[str, Any]]:
     found = error.args[0] if error.args else ()
     interrupts = found if isinstance(found, (list, tuple)) else (found,)
     return [
@@ -364,7 +364,8 @@ class _Run:
         self.call_args: dict[str, Any] = {}
         """The arguments of the open turn's tool calls by call id (as its message recorded them)."""
         """Tool call ids whose results the loop recorded (not new inputs of the next turn)."""
-        self.interrupts: list[Any] = []
+        self.interrupts: dict[object, Any] = {}
+        """The values of the interrupts that stopped the run, by interrupt id."""
         self.convert: Callable[[BaseMessage, int], Message | None] = (
             converted_once() if capture_requests else _request_message
         )
@@ -372,6 +373,15 @@ class _Run:
         self.handoff = False
         """A tool handed the run over (a ``Command`` with ``goto``): the next model call is
         the next agent's, in a loop continuing this one."""
+
+    def interrupted(self, error: BaseException) -> None:
+        """Keep the values of a ``GraphInterrupt``, each once: every level it passes (the
+        tool, the node, each enclosing graph) reports the same interrupt."""
+        with self.lock:
+            for value in _interrupt_values(error):
+                # One without an id (an older LangGraph) cannot be told from a repeat: kept.
+                key = value.get("id")
+                self.interrupts.setdefault(object() if key is None else key, value)
 
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
@@ -478,8 +488,7 @@ class _Mapper:
             return
         interrupted = _is_interrupt(error)
         if interrupted:
-            with run.lock:
-                run.interrupts.extend(_interrupt_values(error))
+            run.interrupted(error)
         if self._roots.pop(run_id, None) is not None:
             self._end(run, None if interrupted else error)
 
@@ -489,7 +498,9 @@ class _Mapper:
             if error is None:
                 run.end_turn()
                 if run.interrupts:
-                    loop.user(ExtensionMessage(kind="langgraph.interrupt", data=run.interrupts))
+                    loop.user(
+                        ExtensionMessage(kind="langgraph.interrupt", data=list(run.interrupts.values()))
+                    )
         self.core.end_run(run.key, error)
 
     # -- chat models -------------------------------------------------------------------------
@@ -668,8 +679,7 @@ class _Mapper:
         run, tool, token = found
         leave_tool(token)
         if _is_interrupt(error):  # a tool asked for input: it did not fail, it has no result yet
-            with run.lock:
-                run.interrupts.extend(_interrupt_values(error))
+            run.interrupted(error)
         with run.lock:
             run.recorded.add(tool.tool_call_id)
         tool.end(error)
