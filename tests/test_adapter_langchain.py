@@ -25,6 +25,7 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import InjectedToolCallId, ToolException, tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.memory import InMemorySaver
@@ -516,6 +517,53 @@ def test_an_interrupt_in_a_subgraph_is_recorded_once() -> None:
     (loop,) = recorded(recorder)["nest"].loops
     (mark,) = [m for m in loop.messages if isinstance(m, ExtensionMessage)]
     assert mark.data == [{"value": {"question": "approve?"}, "id": raised.id}]
+
+
+class RoutedState(State):
+    route: str
+
+
+def test_a_message_resent_to_a_later_model_call_is_recorded_once() -> None:
+    """A router's reply is not added to the messages: the answering call resends the
+    user's message, which the loop recorded already (by id, given by the graph)."""
+    router, answer = chat(reply("billing")), chat(reply("Here it is"))
+    graph = StateGraph(RoutedState)
+    graph.add_node("route", lambda state: {"route": router.invoke(state["messages"]).content})
+    graph.add_node("answer", lambda state: {"messages": [answer.invoke(state["messages"])]})
+    graph.add_edge(START, "route")
+    graph.add_edge("route", "answer")
+    graph.add_edge("answer", END)
+    recorder = SessionRecorder()
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "route"}}
+    graph.compile().invoke({"messages": [("user", "where is my invoice?")]}, config)
+    (loop,) = recorded(recorder)["route"].loops
+    assert [type(m).__name__ for m in loop.messages] == [
+        "UserMessage",
+        "AssistantMessage",
+        "AssistantMessage",
+    ]
+
+
+def test_a_message_without_an_id_resent_is_recorded_once_and_an_equal_new_one_again() -> None:
+    model = chat(reply("a"), reply("b"), reply("c"))
+    prompt = HumanMessage(content="hi")
+
+    def twice(_: Any) -> Any:
+        model.invoke([prompt])
+        model.invoke([prompt])  # the same message again
+        return model.invoke([HumanMessage(content="hi")])  # another one, equal to it
+
+    recorder = SessionRecorder()
+    RunnableLambda(twice).invoke(None, {"callbacks": [PhiCallbackHandler([recorder])]})
+    (session,) = recorded(recorder).values()
+    texts = [(type(m).__name__, m.content[0].text) for m in session.loops[0].messages]  # type: ignore[union-attr]
+    assert texts == [
+        ("UserMessage", "hi"),
+        ("AssistantMessage", "a"),
+        ("AssistantMessage", "b"),
+        ("UserMessage", "hi"),
+        ("AssistantMessage", "c"),
+    ]
 
 
 def test_state_graph_async_with_the_sync_handler() -> None:

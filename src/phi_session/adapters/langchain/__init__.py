@@ -333,6 +333,7 @@ class _Run:
         "call_args",
         "convert",
         "handoff",
+        "inputs",
         "interrupts",
         "key",
         "lock",
@@ -361,9 +362,12 @@ class _Run:
         self.reply: MessageScope | None = None
         self.pending: list[AgentMessage] = []  # input that came before the loop started
         self.recorded: set[str] = set()
+        """Tool call ids whose results the loop recorded (not new inputs of the next turn)."""
+        self.inputs: dict[str | int, BaseMessage] = {}
+        """The other input messages the loop recorded, by message id, else by identity
+        (held, so that their identity stays theirs): a model call may resend them."""
         self.call_args: dict[str, Any] = {}
         """The arguments of the open turn's tool calls by call id (as its message recorded them)."""
-        """Tool call ids whose results the loop recorded (not new inputs of the next turn)."""
         self.interrupts: dict[object, Any] = {}
         """The values of the interrupts that stopped the run, by interrupt id."""
         self.convert: Callable[[BaseMessage, int], Message | None] = (
@@ -397,9 +401,17 @@ class _Run:
                 start = index + 1
                 break
         inputs: list[AgentMessage] = []
+        recorded, seen = self.recorded, self.inputs
         for message in messages[start:]:
-            if isinstance(message, ToolMessage) and message.tool_call_id in self.recorded:
-                continue
+            if isinstance(message, ToolMessage):
+                if message.tool_call_id in recorded:
+                    continue
+                recorded.add(message.tool_call_id)
+            else:
+                key = message.id or id(message)
+                if key in seen:
+                    continue
+                seen[key] = message
             converted = self.convert(message, timestamp)
             if converted is not None:
                 inputs.append(converted)
