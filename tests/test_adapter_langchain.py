@@ -244,6 +244,41 @@ def test_streamed_reasoning_and_text_blocks() -> None:
     assert [type(b).__name__ for b in end.message.content] == ["ThinkingContent", "TextContent"]
 
 
+class ReasoningBesideText(GenericFakeChatModel):
+    """A provider (DeepSeek, Ollama, Groq) that streams its reasoning in
+    ``additional_kwargs["reasoning_content"]``, beside string content."""
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        for chunk in (
+            AIMessageChunk(content="ans", additional_kwargs={"reasoning_content": "think"}),
+            AIMessageChunk(content="wer"),
+        ):
+            generation = ChatGenerationChunk(message=chunk)
+            if run_manager:
+                run_manager.on_llm_new_token(str(chunk.content), chunk=generation)
+            yield generation
+
+
+def test_reasoning_beside_string_content_is_recorded_before_the_text() -> None:
+    answer = AIMessage(content="answer", additional_kwargs={"reasoning_content": "think"})
+    events: list[Any] = []
+    handler = PhiCallbackHandler([events.append])
+    ReasoningBesideText(messages=iter([answer])).invoke("hi", {"callbacks": [handler]})  # not streamed
+    list(ReasoningBesideText(messages=iter([answer])).stream("hi", {"callbacks": [handler]}))
+    deltas = [(e.delta.kind, e.delta.delta) for e in events if isinstance(e, MessageUpdate)]
+    assert deltas == [("Thinking", "think"), ("Text", "ans"), ("Text", "wer")]
+    ends = [e.message for e in events if type(e).__name__ == "TurnEnd"]
+    assert [
+        [(type(b).__name__, getattr(b, "thinking", None) or b.text) for b in m.content] for m in ends
+    ] == [[("ThinkingContent", "think"), ("TextContent", "answer")]] * 2
+
+
 def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
     recorder = SessionRecorder()
     inner = create_agent(chat(reply("inner answer", tokens=(7, 2))), tools=[], name="researcher")

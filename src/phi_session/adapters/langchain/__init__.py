@@ -107,10 +107,16 @@ def _jsonable(value: Any) -> Any:
 # -- LangChain messages -> phi-core content ------------------------------------------------------
 
 
+def _reasoning_aside(message: BaseMessage) -> Any:
+    """The reasoning some providers (DeepSeek, Ollama, Groq) put beside text content;
+    ``content_blocks`` reads it, a plain string content does not have it."""
+    return message.additional_kwargs.get("reasoning_content")
+
+
 def _blocks(message: BaseMessage) -> tuple[Content, ...]:
     """The text, reasoning and image blocks of a message, in order (tool calls apart)."""
     content = message.content
-    if isinstance(content, str):
+    if isinstance(content, str) and not _reasoning_aside(message):
         return (TextContent(text=content),) if content else ()
     blocks: list[Content] = []
     for standard in message.content_blocks:  # LangChain's provider-neutral blocks
@@ -577,7 +583,12 @@ class _Mapper:
             return
         reply = found[1]
         message = getattr(chunk, "message", None)
-        if message is None or (isinstance(token, str) and token and isinstance(message.content, str)):
+        if message is None or (
+            isinstance(token, str)
+            and token
+            and isinstance(message.content, str)
+            and not _reasoning_aside(message)
+        ):
             if isinstance(token, str) and token:
                 reply.text_delta(token)
         else:
