@@ -25,6 +25,7 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import InjectedToolCallId, ToolException, tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -214,6 +215,22 @@ def test_a_thread_id_that_is_no_session_id_becomes_a_uuid_keeping_the_original()
     (session,) = recorded(recorder).values()
     assert session.session_id != "user/42.chat"
     assert session.loops[0].metadata["framework_session_id"] == "user/42.chat"
+
+
+def test_a_plain_chain_or_model_call_takes_its_thread_id_from_the_config_metadata() -> None:
+    """Only LangGraph copies ``configurable`` into the callbacks' metadata: a plain chain
+    or a bare model call names its session with ``metadata={"thread_id": ...}``."""
+    recorder = SessionRecorder()
+    handler = PhiCallbackHandler([recorder])
+    chain = ChatPromptTemplate.from_messages([("user", "{q}")]) | chat(reply("a"), reply("b"))
+    chain.invoke({"q": "x"}, {"callbacks": [handler], "configurable": {"thread_id": "ignored"}})
+    chain.invoke({"q": "y"}, {"callbacks": [handler], "metadata": {"thread_id": "plain"}})
+    chat(reply("c")).invoke("z", {"callbacks": [handler], "metadata": {"thread_id": "plain"}})
+    sessions = recorded(recorder)
+    assert "ignored" not in sessions
+    first, second = sessions["plain"].loops
+    assert second.parent_loop_id == first.loop_id
+    assert [m.content[0].text for m in second.messages] == ["z", "c"]  # type: ignore[union-attr]
 
 
 def test_streaming_tokens_and_tool_call_chunks_become_message_updates() -> None:

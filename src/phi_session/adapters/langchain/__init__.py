@@ -796,9 +796,10 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
     Adapter faults are counted in ``core.fault_count`` and logged once; `close` saves
     what is left.
 
-    The session is the run's ``configurable.thread_id`` (else this handler's own
-    session). Use `AsyncPhiCallbackHandler` with ``ainvoke``/``astream`` if you prefer
-    an async handler; this one also works there (it runs inline, never blocking).
+    The session is a LangGraph run's ``configurable.thread_id``, or a plain chain's or
+    model call's ``metadata={"thread_id": ...}`` (else this handler's own session).
+    Use `AsyncPhiCallbackHandler` with ``ainvoke``/``astream`` if you prefer an async
+    handler; this one also works there (it runs inline, never blocking).
     """
 
     run_inline = True
