@@ -556,6 +556,32 @@ def test_state_graph_interrupt_resume_and_time_travel() -> None:
     assert branch.kind.kind == "Branch" and branch.kind.tag == fork["configurable"]["checkpoint_id"]
 
 
+def test_a_tool_that_interrupts_has_not_failed_and_the_resumed_run_has_its_result() -> None:
+    @tool
+    def book(city: str) -> str:
+        """Book a trip, once a human confirms."""
+        return f"booked {city}: {interrupt({'confirm': city})}"
+
+    recorder = SessionRecorder()
+    agent = create_agent(
+        chat(reply("", ("c1", "book", {"city": "Oslo"})), reply("done")),
+        tools=[book],
+        checkpointer=InMemorySaver(),
+    )
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "trip"}}
+    (raised,) = agent.invoke({"messages": [("user", "book Oslo")]}, config)["__interrupt__"]
+    agent.invoke(Command(resume="yes"), config)
+
+    interrupted, resumed = recorded(recorder)["trip"].loops
+    assert interrupted.status == "Completed"
+    (paused,) = [m for m in interrupted.messages if isinstance(m, ToolResultMessage)]
+    assert not paused.is_error and paused.content[0].text == "[interrupted]"  # type: ignore[union-attr]
+    (mark,) = [m for m in interrupted.messages if isinstance(m, ExtensionMessage)]
+    assert mark.data == [{"value": {"confirm": "Oslo"}, "id": raised.id}]  # once, not per level
+    (result,) = [m for m in resumed.messages if isinstance(m, ToolResultMessage)]
+    assert result.tool_call_id == "c1" and result.content[0].text == "booked Oslo: yes"  # type: ignore[union-attr]
+
+
 def test_an_interrupt_in_a_subgraph_is_recorded_once() -> None:
     inner = approval_graph(chat(reply("draft")))  # model, then interrupt(), in a subgraph
     graph = StateGraph(State)

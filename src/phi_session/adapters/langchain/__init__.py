@@ -701,11 +701,15 @@ class _Mapper:
             return
         run, tool, token = found
         leave_tool(token)
-        if _is_interrupt(error):  # a tool asked for input: it did not fail, it has no result yet
+        interrupted = _is_interrupt(error)
+        if interrupted:
+            # The tool asked for input: it did not fail, its result comes with the resumed
+            # run. A started tool scope always records a result: this one says so.
             run.interrupted(error)
+            tool.result("[interrupted]")
         with run.lock:
             run.recorded.add(tool.tool_call_id)
-        tool.end(error)
+        tool.end(None if interrupted else error)
 
 
 def _tool_name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> str:
