@@ -25,6 +25,8 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import InjectedToolCallId, ToolException, tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.memory import InMemorySaver
@@ -215,6 +217,22 @@ def test_a_thread_id_that_is_no_session_id_becomes_a_uuid_keeping_the_original()
     assert session.loops[0].metadata["framework_session_id"] == "user/42.chat"
 
 
+def test_a_plain_chain_or_model_call_takes_its_thread_id_from_the_config_metadata() -> None:
+    """Only LangGraph copies ``configurable`` into the callbacks' metadata: a plain chain
+    or a bare model call names its session with ``metadata={"thread_id": ...}``."""
+    recorder = SessionRecorder()
+    handler = PhiCallbackHandler([recorder])
+    chain = ChatPromptTemplate.from_messages([("user", "{q}")]) | chat(reply("a"), reply("b"))
+    chain.invoke({"q": "x"}, {"callbacks": [handler], "configurable": {"thread_id": "ignored"}})
+    chain.invoke({"q": "y"}, {"callbacks": [handler], "metadata": {"thread_id": "plain"}})
+    chat(reply("c")).invoke("z", {"callbacks": [handler], "metadata": {"thread_id": "plain"}})
+    sessions = recorded(recorder)
+    assert "ignored" not in sessions
+    first, second = sessions["plain"].loops
+    assert second.parent_loop_id == first.loop_id
+    assert [m.content[0].text for m in second.messages] == ["z", "c"]  # type: ignore[union-attr]
+
+
 def test_streaming_tokens_and_tool_call_chunks_become_message_updates() -> None:
     recorder = SessionRecorder()
     events: list[Any] = []
@@ -243,6 +261,41 @@ def test_streamed_reasoning_and_text_blocks() -> None:
     assert [type(b).__name__ for b in end.message.content] == ["ThinkingContent", "TextContent"]
 
 
+class ReasoningBesideText(GenericFakeChatModel):
+    """A provider (DeepSeek, Ollama, Groq) that streams its reasoning in
+    ``additional_kwargs["reasoning_content"]``, beside string content."""
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        for chunk in (
+            AIMessageChunk(content="ans", additional_kwargs={"reasoning_content": "think"}),
+            AIMessageChunk(content="wer"),
+        ):
+            generation = ChatGenerationChunk(message=chunk)
+            if run_manager:
+                run_manager.on_llm_new_token(str(chunk.content), chunk=generation)
+            yield generation
+
+
+def test_reasoning_beside_string_content_is_recorded_before_the_text() -> None:
+    answer = AIMessage(content="answer", additional_kwargs={"reasoning_content": "think"})
+    events: list[Any] = []
+    handler = PhiCallbackHandler([events.append])
+    ReasoningBesideText(messages=iter([answer])).invoke("hi", {"callbacks": [handler]})  # not streamed
+    list(ReasoningBesideText(messages=iter([answer])).stream("hi", {"callbacks": [handler]}))
+    deltas = [(e.delta.kind, e.delta.delta) for e in events if isinstance(e, MessageUpdate)]
+    assert deltas == [("Thinking", "think"), ("Text", "ans"), ("Text", "wer")]
+    ends = [e.message for e in events if type(e).__name__ == "TurnEnd"]
+    assert [
+        [(type(b).__name__, getattr(b, "thinking", None) or b.text) for b in m.content] for m in ends
+    ] == [[("ThinkingContent", "think"), ("TextContent", "answer")]] * 2
+
+
 def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
     recorder = SessionRecorder()
     inner = create_agent(chat(reply("inner answer", tokens=(7, 2))), tools=[], name="researcher")
@@ -265,6 +318,42 @@ def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
     assert child_loop.turns[0].triggered_by == "SubAgent"
     assert [ref.child_loop_id for ref in parent.loops[0].child_loop_refs] == [child_loop.loop_id]
     assert child_loop.usage.total_tokens == 9 and parent.loops[0].usage.total_tokens == 30  # no double count
+
+
+def test_a_model_called_inside_a_tool_is_a_sub_agent_not_the_next_turn() -> None:
+    recorder = SessionRecorder()
+    summarizer = chat(reply("summary!", tokens=(7, 2), model="inner-model"))
+
+    @tool
+    def summarize(text: str) -> str:
+        """Summarise text with an LLM."""
+        return str(summarizer.invoke(f"summarise {text}").content)
+
+    outer = create_agent(
+        chat(reply("", ("c1", "summarize", {"text": "abc"})), reply("done")), tools=[summarize]
+    )
+    outer.invoke(
+        {"messages": [("user", "go")]},
+        {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "outer"}},
+    )
+    sessions = recorded(recorder)
+    (loop,) = sessions.pop("outer").loops
+    (child,) = sessions.values()
+    assert loop.status == "Completed" and loop.turn_count() == 2
+    assert [type(m).__name__ for m in loop.messages] == [
+        "UserMessage",
+        "AssistantMessage",
+        "ToolResultMessage",
+        "AssistantMessage",
+    ]
+    result = loop.messages[2]
+    assert isinstance(result, ToolResultMessage) and not result.is_error
+    assert result.content[0].text == "summary!"  # type: ignore[union-attr]
+    (child_loop,) = child.loops
+    assert child_loop.parent_loop_id == loop.loop_id and child_loop.turns[0].triggered_by == "SubAgent"
+    assert [ref.child_loop_id for ref in loop.child_loop_refs] == [child_loop.loop_id]
+    assert [m.content[0].text for m in child_loop.messages] == ["summarise abc", "summary!"]  # type: ignore[union-attr]
+    assert child_loop.usage.total_tokens == 9 and loop.usage.total_tokens == 30
 
 
 def test_an_exception_ends_the_loop_aborted_and_reaches_the_host_unchanged() -> None:
@@ -465,6 +554,94 @@ def test_state_graph_interrupt_resume_and_time_travel() -> None:
         for m in resumed.messages
     )
     assert branch.kind.kind == "Branch" and branch.kind.tag == fork["configurable"]["checkpoint_id"]
+
+
+def test_a_tool_that_interrupts_has_not_failed_and_the_resumed_run_has_its_result() -> None:
+    @tool
+    def book(city: str) -> str:
+        """Book a trip, once a human confirms."""
+        return f"booked {city}: {interrupt({'confirm': city})}"
+
+    recorder = SessionRecorder()
+    agent = create_agent(
+        chat(reply("", ("c1", "book", {"city": "Oslo"})), reply("done")),
+        tools=[book],
+        checkpointer=InMemorySaver(),
+    )
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "trip"}}
+    (raised,) = agent.invoke({"messages": [("user", "book Oslo")]}, config)["__interrupt__"]
+    agent.invoke(Command(resume="yes"), config)
+
+    interrupted, resumed = recorded(recorder)["trip"].loops
+    assert interrupted.status == "Completed"
+    (paused,) = [m for m in interrupted.messages if isinstance(m, ToolResultMessage)]
+    assert not paused.is_error and paused.content[0].text == "[interrupted]"  # type: ignore[union-attr]
+    (mark,) = [m for m in interrupted.messages if isinstance(m, ExtensionMessage)]
+    assert mark.data == [{"value": {"confirm": "Oslo"}, "id": raised.id}]  # once, not per level
+    (result,) = [m for m in resumed.messages if isinstance(m, ToolResultMessage)]
+    assert result.tool_call_id == "c1" and result.content[0].text == "booked Oslo: yes"  # type: ignore[union-attr]
+
+
+def test_an_interrupt_in_a_subgraph_is_recorded_once() -> None:
+    inner = approval_graph(chat(reply("draft")))  # model, then interrupt(), in a subgraph
+    graph = StateGraph(State)
+    graph.add_node("inner", inner)
+    graph.add_edge(START, "inner")
+    graph.add_edge("inner", END)
+    recorder = SessionRecorder()
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "nest"}}
+    out = graph.compile(checkpointer=InMemorySaver()).invoke({"messages": [("user", "write")]}, config)
+    (raised,) = out["__interrupt__"]
+    (loop,) = recorded(recorder)["nest"].loops
+    (mark,) = [m for m in loop.messages if isinstance(m, ExtensionMessage)]
+    assert mark.data == [{"value": {"question": "approve?"}, "id": raised.id}]
+
+
+class RoutedState(State):
+    route: str
+
+
+def test_a_message_resent_to_a_later_model_call_is_recorded_once() -> None:
+    """A router's reply is not added to the messages: the answering call resends the
+    user's message, which the loop recorded already (by id, given by the graph)."""
+    router, answer = chat(reply("billing")), chat(reply("Here it is"))
+    graph = StateGraph(RoutedState)
+    graph.add_node("route", lambda state: {"route": router.invoke(state["messages"]).content})
+    graph.add_node("answer", lambda state: {"messages": [answer.invoke(state["messages"])]})
+    graph.add_edge(START, "route")
+    graph.add_edge("route", "answer")
+    graph.add_edge("answer", END)
+    recorder = SessionRecorder()
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "route"}}
+    graph.compile().invoke({"messages": [("user", "where is my invoice?")]}, config)
+    (loop,) = recorded(recorder)["route"].loops
+    assert [type(m).__name__ for m in loop.messages] == [
+        "UserMessage",
+        "AssistantMessage",
+        "AssistantMessage",
+    ]
+
+
+def test_a_message_without_an_id_resent_is_recorded_once_and_an_equal_new_one_again() -> None:
+    model = chat(reply("a"), reply("b"), reply("c"))
+    prompt = HumanMessage(content="hi")
+
+    def twice(_: Any) -> Any:
+        model.invoke([prompt])
+        model.invoke([prompt])  # the same message again
+        return model.invoke([HumanMessage(content="hi")])  # another one, equal to it
+
+    recorder = SessionRecorder()
+    RunnableLambda(twice).invoke(None, {"callbacks": [PhiCallbackHandler([recorder])]})
+    (session,) = recorded(recorder).values()
+    texts = [(type(m).__name__, m.content[0].text) for m in session.loops[0].messages]  # type: ignore[union-attr]
+    assert texts == [
+        ("UserMessage", "hi"),
+        ("AssistantMessage", "a"),
+        ("AssistantMessage", "b"),
+        ("UserMessage", "hi"),
+        ("AssistantMessage", "c"),
+    ]
 
 
 def test_state_graph_async_with_the_sync_handler() -> None:

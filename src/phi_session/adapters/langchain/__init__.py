@@ -11,7 +11,7 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   whose model is the loop's config); a later run with the same
   ``configurable.thread_id`` continues that session's last loop; one started from a
   ``checkpoint_id`` (LangGraph time travel) is a ``Branch`` tagged with it; a graph run
-  under a tool run is a sub-agent (own session, linked both ways);
+  or a model call under a tool run is a sub-agent (own session, linked both ways);
 * ``on_chat_model_start`` opens a turn (after ending the previous one) with the new
   input messages (those after the last AI message that were not recorded already)
   and, with ``capture_requests=True``, the turn's ``TurnRequest``;
@@ -107,10 +107,16 @@ def _jsonable(value: Any) -> Any:
 # -- LangChain messages -> phi-core content ------------------------------------------------------
 
 
+def _reasoning_aside(message: BaseMessage) -> Any:
+    """The reasoning some providers (DeepSeek, Ollama, Groq) put beside text content;
+    ``content_blocks`` reads it, a plain string content does not have it."""
+    return message.additional_kwargs.get("reasoning_content")
+
+
 def _blocks(message: BaseMessage) -> tuple[Content, ...]:
     """The text, reasoning and image blocks of a message, in order (tool calls apart)."""
     content = message.content
-    if isinstance(content, str):
+    if isinstance(content, str) and not _reasoning_aside(message):
         return (TextContent(text=content),) if content else ()
     blocks: list[Content] = []
     for standard in message.content_blocks:  # LangChain's provider-neutral blocks
@@ -306,7 +312,7 @@ def _is_interrupt(error: BaseException) -> bool:
     return any(cls.__name__ == "GraphInterrupt" for cls in type(error).__mro__)
 
 
-def _interrupt_values(error: BaseException) -> list[Any]:
+def _interrupt_values(error: BaseException) -> list[dict[str, Any]]:
     found = error.args[0] if error.args else ()
     interrupts = found if isinstance(found, (list, tuple)) else (found,)
     return [
@@ -333,6 +339,7 @@ class _Run:
         "call_args",
         "convert",
         "handoff",
+        "inputs",
         "interrupts",
         "key",
         "lock",
@@ -361,10 +368,14 @@ class _Run:
         self.reply: MessageScope | None = None
         self.pending: list[AgentMessage] = []  # input that came before the loop started
         self.recorded: set[str] = set()
+        """Tool call ids whose results the loop recorded (not new inputs of the next turn)."""
+        self.inputs: dict[str | int, BaseMessage] = {}
+        """The other input messages the loop recorded, by message id, else by identity
+        (held, so that their identity stays theirs): a model call may resend them."""
         self.call_args: dict[str, Any] = {}
         """The arguments of the open turn's tool calls by call id (as its message recorded them)."""
-        """Tool call ids whose results the loop recorded (not new inputs of the next turn)."""
-        self.interrupts: list[Any] = []
+        self.interrupts: dict[object, Any] = {}
+        """The values of the interrupts that stopped the run, by interrupt id."""
         self.convert: Callable[[BaseMessage, int], Message | None] = (
             converted_once() if capture_requests else _request_message
         )
@@ -372,6 +383,15 @@ class _Run:
         self.handoff = False
         """A tool handed the run over (a ``Command`` with ``goto``): the next model call is
         the next agent's, in a loop continuing this one."""
+
+    def interrupted(self, error: BaseException) -> None:
+        """Keep the values of a ``GraphInterrupt``, each once: every level it passes (the
+        tool, the node, each enclosing graph) reports the same interrupt."""
+        with self.lock:
+            for value in _interrupt_values(error):
+                # One without an id (an older LangGraph) cannot be told from a repeat: kept.
+                key = value.get("id")
+                self.interrupts.setdefault(object() if key is None else key, value)
 
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
@@ -387,9 +407,17 @@ class _Run:
                 start = index + 1
                 break
         inputs: list[AgentMessage] = []
+        recorded, seen = self.recorded, self.inputs
         for message in messages[start:]:
-            if isinstance(message, ToolMessage) and message.tool_call_id in self.recorded:
-                continue
+            if isinstance(message, ToolMessage):
+                if message.tool_call_id in recorded:
+                    continue
+                recorded.add(message.tool_call_id)
+            else:
+                key = message.id or id(message)
+                if key in seen:
+                    continue
+                seen[key] = message
             converted = self.convert(message, timestamp)
             if converted is not None:
                 inputs.append(converted)
@@ -478,8 +506,7 @@ class _Mapper:
             return
         interrupted = _is_interrupt(error)
         if interrupted:
-            with run.lock:
-                run.interrupts.extend(_interrupt_values(error))
+            run.interrupted(error)
         if self._roots.pop(run_id, None) is not None:
             self._end(run, None if interrupted else error)
 
@@ -489,7 +516,9 @@ class _Mapper:
             if error is None:
                 run.end_turn()
                 if run.interrupts:
-                    loop.user(ExtensionMessage(kind="langgraph.interrupt", data=run.interrupts))
+                    loop.user(
+                        ExtensionMessage(kind="langgraph.interrupt", data=list(run.interrupts.values()))
+                    )
         self.core.end_run(run.key, error)
 
     # -- chat models -------------------------------------------------------------------------
@@ -502,13 +531,19 @@ class _Mapper:
         metadata: Mapping[str, Any] | None,
         params: Mapping[str, Any] | None,
     ) -> None:
-        run = self._runs.get(parent_run_id) if parent_run_id is not None else None
-        if run is None:
-            if parent_run_id is not None:
-                return  # under a run this handler does not record
-            # A bare model call is a loop of its own.
-            run = _Run(run_id, metadata, None, self.core.capture_requests)
-            self._roots[run_id] = run
+        run: _Run | None
+        tool = self._tools.get(parent_run_id) if parent_run_id is not None else None
+        if tool is not None:
+            # A model called by a tool (one that summarises, say) is not the next turn of
+            # the tool's loop: like a graph run under a tool, it is a sub-agent.
+            run = self._roots[run_id] = _Run(run_id, metadata, tool[1], self.core.capture_requests)
+        else:
+            run = self._runs.get(parent_run_id) if parent_run_id is not None else None
+            if run is None:
+                if parent_run_id is not None:
+                    return  # under a run this handler does not record
+                # A bare model call is a loop of its own.
+                run = self._roots[run_id] = _Run(run_id, metadata, None, self.core.capture_requests)
         metadata = metadata or {}
         params = params or {}
         # A model without a name (a fake, a custom class) goes by its LangChain type.
@@ -548,7 +583,12 @@ class _Mapper:
             return
         reply = found[1]
         message = getattr(chunk, "message", None)
-        if message is None or (isinstance(token, str) and token and isinstance(message.content, str)):
+        if message is None or (
+            isinstance(token, str)
+            and token
+            and isinstance(message.content, str)
+            and not _reasoning_aside(message)
+        ):
             if isinstance(token, str) and token:
                 reply.text_delta(token)
         else:
@@ -661,12 +701,15 @@ class _Mapper:
             return
         run, tool, token = found
         leave_tool(token)
-        if _is_interrupt(error):  # a tool asked for input: it did not fail, it has no result yet
-            with run.lock:
-                run.interrupts.extend(_interrupt_values(error))
+        interrupted = _is_interrupt(error)
+        if interrupted:
+            # The tool asked for input: it did not fail, its result comes with the resumed
+            # run. A started tool scope always records a result: this one says so.
+            run.interrupted(error)
+            tool.result("[interrupted]")
         with run.lock:
             run.recorded.add(tool.tool_call_id)
-        tool.end(error)
+        tool.end(None if interrupted else error)
 
 
 def _tool_name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> str:
@@ -757,9 +800,10 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
     Adapter faults are counted in ``core.fault_count`` and logged once; `close` saves
     what is left.
 
-    The session is the run's ``configurable.thread_id`` (else this handler's own
-    session). Use `AsyncPhiCallbackHandler` with ``ainvoke``/``astream`` if you prefer
-    an async handler; this one also works there (it runs inline, never blocking).
+    The session is a LangGraph run's ``configurable.thread_id``, or a plain chain's or
+    model call's ``metadata={"thread_id": ...}`` (else this handler's own session).
+    Use `AsyncPhiCallbackHandler` with ``ainvoke``/``astream`` if you prefer an async
+    handler; this one also works there (it runs inline, never blocking).
     """
 
     run_inline = True
