@@ -548,3 +548,36 @@ def test_an_invocation_that_ended_is_not_reported_dropped_when_freed() -> None:
     asyncio.run(h.plugin.close())
     (loop,) = h.session().loops
     assert loop.status == "Completed"
+
+
+@pytest.mark.parametrize("failing", [None, "right"])
+def test_a_fault_while_an_invocation_ends_still_ends_every_loop(
+    monkeypatch: pytest.MonkeyPatch, failing: str | None
+) -> None:
+    # With a failing branch, its agent's error callback closes its lane first.
+    def broken(self: Any, error: Any) -> None:
+        raise RuntimeError("adapter bug")
+
+    monkeypatch.setattr(google_adk._Lane, "close", broken)
+    h = Harness()
+    right = ScriptedLlm.of(RuntimeError("model down") if failing else ["R"])
+    fan = ParallelAgent(
+        name="fan",
+        sub_agents=[
+            LlmAgent(name="left", model=ScriptedLlm.of(["L"])),
+            LlmAgent(name="right", model=right),
+        ],
+    )
+    if failing:
+        with pytest.raises(RuntimeError, match="model down"):
+            h.run(fan)
+    else:
+        h.run(fan)
+    assert h.plugin.core.open_runs == 0 and h.plugin.fault_count > 0
+    loops = h.session().loops
+    assert len(loops) == 3
+    statuses = {
+        r.continuation_kind.tag if r.continuation_kind.kind == "Branch" else None: r.status for r in loops
+    }
+    assert statuses["fan.right"] == ("Aborted" if failing else "Completed")
+    assert statuses[None] == "Completed"  # ended as the branches forked from it

@@ -599,7 +599,8 @@ class PhiPlugin(BasePlugin):
             lane = self._lanes.get((callback_context.invocation_id, callback_context.branch))
             if lane is not None and lane.agent == agent.name and callback_context.branch is not None:
                 # A failing branch fails its own loop; the invocation's error ends the rest.
-                lane.close(error)
+                # A fault closing what it holds must not keep the loop open.
+                self.core.safely(lane.close, error)
                 lane.run.loop.end(error)
         except Exception as caught:
             self.core.fault(caught)
@@ -762,17 +763,20 @@ class PhiPlugin(BasePlugin):
                 self._lanes.pop(lane.key, None)
         if invocation is None:
             return
-        invocation.watch.detach()
+        # Each step under its own guard: a fault in one must not leave the invocation's
+        # loops open (and its session unsaved, held busy).
+        core = self.core
+        core.safely(invocation.watch.detach)
         if len(invocation.lanes) > 1:
             # No branch won: the session's next invocation continues the invocation's own line.
             # Set while the runs still hold their session: once they end, the core may let
             # the session's tracer go (`AdapterCore.max_idle_sessions`) and this would be lost.
             root = invocation.lanes[None].run
-            root.tracer.agent.set_last_loop(root.loop.loop_id)
+            core.safely(root.tracer.agent.set_last_loop, root.loop.loop_id)
         # Branches first, deepest first: a branch's loop ends before the loop it forked from.
         for _, lane in sorted(invocation.lanes.items(), key=lambda item: -len(item[0] or "")):
-            lane.close(error)
-            self.core.end_run(lane.key, error)
+            core.safely(lane.close, error)
+            core.safely(core.end_run, lane.key, error)
 
     def _end_abandoned(self) -> None:
         """End, failed, the invocations whose context ADK freed before they ended."""
