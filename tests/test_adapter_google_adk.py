@@ -21,6 +21,7 @@ from google.adk.agents.run_config import StreamingMode
 from google.adk.models.base_llm import BaseLlm
 from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
+from google.adk.plugins.base_plugin import BasePlugin
 from google.adk.runners import InMemoryRunner
 from google.adk.tools.agent_tool import AgentTool
 from google.genai import types
@@ -581,3 +582,45 @@ def test_a_fault_while_an_invocation_ends_still_ends_every_loop(
     }
     assert statuses["fan.right"] == ("Aborted" if failing else "Completed")
     assert statuses[None] == "Completed"  # ended as the branches forked from it
+
+
+def test_an_answer_a_plugin_gives_before_the_model_is_the_turns_message() -> None:
+    class Cache(BasePlugin):  # listed after PhiPlugin: ADK skips the model and after_model
+        async def before_model_callback(self, *, callback_context: Any, llm_request: Any) -> LlmResponse:
+            return LlmResponse(content=types.Content(role="model", parts=[types.Part(text="cached")]))
+
+    h = Harness()
+    agent = LlmAgent(name="cached", model=ScriptedLlm.of())
+    asyncio.run(
+        h.ask(InMemoryRunner(agent=agent, app_name="app", plugins=[h.plugin, Cache(name="cache")]), "hi")
+    )
+    (record,) = h.session().loops
+    (turn,) = record.turns
+    assert turn.output_message.stop_reason == "stop" and record.status == "Completed"
+    assert texts(record) == [("user", "hi"), ("assistant", "cached")]
+
+
+def test_a_call_an_agents_before_model_callback_asks_for_is_recorded_with_its_result() -> None:
+    calls = iter([types.FunctionCall(name="add", args={"a": 2, "b": 3})])
+
+    def shortcut(callback_context: Any, llm_request: LlmRequest) -> LlmResponse | None:
+        call = next(calls, None)  # the first model call only
+        return (
+            None
+            if call is None
+            else LlmResponse(content=types.Content(role="model", parts=[types.Part(function_call=call)]))
+        )
+
+    h = Harness()
+    h.run(LlmAgent(name="calc", model=ScriptedLlm.of(["5"]), tools=[add], before_model_callback=shortcut))
+    (record,) = h.session().loops
+    first, _ = record.turns
+    (call,) = first.output_message.content
+    assert first.output_message.stop_reason == "toolUse" and first.output_message.usage.total_tokens == 0
+    assert call.id.startswith("adk-") and call.id == first.tool_results[0].tool_call_id
+    assert texts(record) == [
+        ("user", "hello"),
+        ("assistant", "call:add"),
+        ("toolResult", "result:5"),
+        ("assistant", "5"),
+    ]

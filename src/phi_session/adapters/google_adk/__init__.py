@@ -20,8 +20,9 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
   are ``MessageUpdate`` deltas (text, thoughts, function-call arguments); the final
   response is the assistant message, finished when ADK emits its event, so the
   function calls carry the ids ADK gives them; usage is the response's
-  ``usage_metadata``. The turn ends at the next model call, or when its agent or the
-  invocation ends;
+  ``usage_metadata``. An answer a before-model callback gives in the model's place
+  (an agent's, or a plugin's listed after this one) is the message, from its event.
+  The turn ends at the next model call, or when its agent or the invocation ends;
 * tool callbacks are tool executions; a tool error is a failed result;
 * another agent taking over within the invocation (``transfer_to_agent``, the next
   agent of a ``SequentialAgent``) ends the loop and starts a loop continuing it; a
@@ -350,17 +351,23 @@ class _Reply:
     responses. Their content is taken from the events ADK emits for them, which carry
     the function-call ids ADK assigns after the model callbacks; a stream mixing text
     and calls ends in several final responses, so the message is finished only when
-    the turn moves on (a tool starts, the next model call, the agent or run ends)."""
+    the turn moves on (a tool starts, the next model call, the agent or run ends).
 
-    __slots__ = ("_last", "_parts", "_unseen", "scope")
+    A before-model callback that answers in the model's place (an agent's, or a plugin
+    listed after this one) skips the model and its after-model callbacks: its answer
+    arrives only as the agent's event, which then is the final response."""
+
+    __slots__ = ("_heard", "_last", "_parts", "_unseen", "scope")
 
     def __init__(self, scope: MessageScope) -> None:
         self.scope = scope
+        self._heard = False  # whether the model sent anything (partial or final)
         self._parts: list[types.Part] = []
         self._last: LlmResponse | None = None  # the latest final response or its event
         self._unseen: LlmResponse | None = None  # a final response whose event is to come
 
     def partial(self, response: LlmResponse) -> None:
+        self._heard = True
         content = response.content
         for part in content.parts or () if content is not None else ():
             if part.text:
@@ -372,18 +379,22 @@ class _Reply:
                 self.scope.tool_call_delta(_json_text(part.function_call.args))
 
     def final(self, response: LlmResponse) -> None:
+        self._heard = True
         self._take_unseen()
         self._unseen = response
 
     @property
     def waiting(self) -> bool:
-        """Whether a final response waits for its event."""
-        return self._unseen is not None
+        """Whether the agent's next event is the message: a final response waits for
+        it, or the model sent nothing (a callback may answer in its place)."""
+        return self._unseen is not None or not self._heard
 
     def event(self, event: Event) -> None:
-        """The event of the final response (if one is waiting for it)."""
-        if self._unseen is not None:
+        """The agent's event while `waiting`: the final response's, or the answer a
+        before-model callback gave."""
+        if self.waiting:
             self._unseen = None
+            self._heard = True
             self._take(event)
 
     def _take(self, response: LlmResponse) -> None:
