@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("google.adk", reason="needs the google-adk extra: pip install 'phi-session[google-adk]'")
 
-from google.adk.agents import LlmAgent, ParallelAgent, RunConfig, SequentialAgent
+from google.adk.agents import LlmAgent, LoopAgent, ParallelAgent, RunConfig, SequentialAgent
 from google.adk.agents.run_config import StreamingMode
 from google.adk.models.base_llm import BaseLlm
 from google.adk.models.llm_request import LlmRequest
@@ -624,3 +624,63 @@ def test_a_call_an_agents_before_model_callback_asks_for_is_recorded_with_its_re
         ("toolResult", "result:5"),
         ("assistant", "5"),
     ]
+
+
+@pytest.mark.parametrize("between", [True, False])
+def test_each_run_of_a_parallel_agent_forks_branches_of_its_own(between: bool) -> None:
+    # In a LoopAgent, with or without a model call between the ParallelAgent's runs.
+    h = Harness()
+    fan = ParallelAgent(
+        name="fan",
+        sub_agents=[
+            LlmAgent(name="l", model=ScriptedLlm.of(["L1"], ["L2"])),
+            LlmAgent(name="r", model=ScriptedLlm.of(["R1"], ["R2"])),
+        ],
+    )
+    pre = [LlmAgent(name="pre", model=ScriptedLlm.of(["P1"], ["P2"]))] if between else []
+    h.run(LoopAgent(name="again", max_iterations=2, sub_agents=[*pre, fan]))
+    loops = sorted(h.session().loops, key=lambda r: r.started_at.ns)
+    branches = [r for r in loops if r.continuation_kind and r.continuation_kind.kind == "Branch"]
+    assert [(r.continuation_kind.tag, texts(r)) for r in branches] == [
+        ("fan.l", [("assistant", "L1")]),
+        ("fan.r", [("assistant", "R1")]),
+        ("fan.l", [("assistant", "L2")]),
+        ("fan.r", [("assistant", "R2")]),
+    ]
+    roots = [r for r in loops if r not in branches]
+    if between:  # each run's branches fork from the loop just before them
+        first, second = roots
+        assert [texts(first)[-1], texts(second)] == [("assistant", "P1"), [("assistant", "P2")]]
+        assert [r.parent_loop_id for r in branches] == [first.loop_id] * 2 + [second.loop_id] * 2
+    else:
+        (root,) = roots
+        assert {r.parent_loop_id for r in branches} == {root.loop_id}
+    assert all(r.status == "Completed" for r in loops)
+
+
+class SlowlyFailingLlm(BaseLlm):
+    """A model that fails after its sibling branches had time to finish."""
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        raise RuntimeError("left down")
+        yield LlmResponse()  # never reached
+
+
+def test_a_branch_that_finished_keeps_its_status_when_a_sibling_fails() -> None:
+    h = Harness()
+    fan = ParallelAgent(
+        name="fan",
+        sub_agents=[
+            LlmAgent(name="l", model=SlowlyFailingLlm(model="slow")),
+            LlmAgent(name="r", model=ScriptedLlm.of(["R"])),
+        ],
+    )
+    with pytest.raises(RuntimeError, match="left down"):
+        h.run(fan)
+    branch = {r.continuation_kind.tag: r for r in h.session().loops if r.turns}
+    assert branch["fan.r"].status == "Completed" and not isinstance(branch["fan.r"].error, str)
+    assert branch["fan.l"].status == "Aborted" and "left down" in branch["fan.l"].error

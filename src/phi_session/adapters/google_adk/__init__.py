@@ -28,8 +28,10 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
   agent of a ``SequentialAgent``) ends the loop and starts a loop continuing it; a
   transfer's assistant message has stop reason ``handoff``;
 * each agent of a ``ParallelAgent`` runs in a loop of its own, a ``Branch`` (tagged
-  with the ADK branch) of the loop before it. ADK picks no winner, so none is
-  recorded: the next loop of the invocation continues the loop the branches left;
+  with the ADK branch) of the loop before it, which ends when that agent does (each
+  run of the ``ParallelAgent``, in a ``LoopAgent`` say, forks anew). ADK picks no
+  winner, so none is recorded: the next loop of the invocation continues the loop
+  the branches left;
 * an ``AgentTool`` runs its agent in a nested invocation: that is a sub-agent, in a
   session of its own, linked both ways with the tool call;
 * an exception escaping the invocation ends its loops failed (``Aborted`` + error).
@@ -503,6 +505,7 @@ class _Invocation:
     def __init__(self, invocation_id: str, watch: weakref.finalize[Any, Any]) -> None:
         self.id = invocation_id
         self.lanes: dict[str | None, _Lane] = {}
+        self.branched = False  # whether a parallel branch forked
         # Reports the invocation abandoned when ADK frees its context before it ended.
         self.watch = watch
 
@@ -597,8 +600,16 @@ class PhiPlugin(BasePlugin):
 
     async def after_agent_callback(self, *, agent: BaseAgent, callback_context: CallbackContext) -> None:
         try:
-            lane = self._lanes.get((callback_context.invocation_id, callback_context.branch))
-            if lane is not None and lane.agent == agent.name:
+            branch = callback_context.branch
+            lane = self._lanes.get((callback_context.invocation_id, branch))
+            if lane is None:
+                return
+            if branch is not None and branch.rpartition(".")[2] == agent.name:
+                # The agent a parallel branch runs is done, and so is its loop: a
+                # sibling's later failure is not its own, and a later run of the
+                # ParallelAgent (in a LoopAgent) forks branches of its own.
+                self._end_branch(lane)
+            elif lane.agent == agent.name:
                 lane.end_turn()
         except Exception as caught:
             self.core.fault(caught)
@@ -760,8 +771,19 @@ class PhiPlugin(BasePlugin):
             return None
         lane = _Lane(key, run)
         invocation.lanes[branch] = lane
+        invocation.branched = True
         self._lanes[key] = lane
         return lane
+
+    def _end_branch(self, lane: _Lane) -> None:
+        """End a parallel branch's lane and loop (a later run of the branch forks again)."""
+        invocation_id, branch = lane.key
+        invocation = self._invocations.get(invocation_id)
+        if invocation is not None:
+            invocation.lanes.pop(branch, None)
+        self._lanes.pop(lane.key, None)
+        self.core.safely(lane.close, None)
+        self.core.end_run(lane.key)
 
     def _take_tool(self, tool_context: ToolContext, tool: BaseTool) -> ToolScope | None:
         lane = self._lanes.get((tool_context.invocation_id, tool_context.branch))
@@ -778,7 +800,7 @@ class PhiPlugin(BasePlugin):
         # loops open (and its session unsaved, held busy).
         core = self.core
         core.safely(invocation.watch.detach)
-        if len(invocation.lanes) > 1:
+        if invocation.branched:
             # No branch won: the session's next invocation continues the invocation's own line.
             # Set while the runs still hold their session: once they end, the core may let
             # the session's tracer go (`AdapterCore.max_idle_sessions`) and this would be lost.
