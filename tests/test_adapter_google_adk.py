@@ -684,3 +684,25 @@ def test_a_branch_that_finished_keeps_its_status_when_a_sibling_fails() -> None:
     branch = {r.continuation_kind.tag: r for r in h.session().loops if r.turns}
     assert branch["fan.r"].status == "Completed" and not isinstance(branch["fan.r"].error, str)
     assert branch["fan.l"].status == "Aborted" and "left down" in branch["fan.l"].error
+
+
+def test_an_agent_calling_its_model_first_takes_over_from_one_that_never_did() -> None:
+    def skip(callback_context: Any) -> types.Content:
+        return types.Content(role="model", parts=[types.Part(text="skipped")])
+
+    h = Harness()
+    flow = SequentialAgent(
+        name="flow",
+        sub_agents=[
+            LlmAgent(name="a", model=ScriptedLlm(model="model-a"), before_agent_callback=skip),
+            LlmAgent(name="b", model=ScriptedLlm(model="model-b", script=[["B"]])),
+        ],
+    )
+    h.run(flow)
+    first, second = h.session().loops
+    # a's loop (a's before_agent_callback answered: no model call), then b's continuing it.
+    assert (first.config.name, first.config.model, len(first.turns)) == ("a", "model-a", 0)
+    assert texts(first) == [("user", "hello")]
+    assert (second.config.name, second.config.model) == ("b", "model-b")
+    assert second.parent_loop_id == first.loop_id and second.continuation_kind.kind == "Default"
+    assert texts(second) == [("assistant", "B")] and second.turns[0].output_message.model == "model-b"

@@ -26,7 +26,10 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
 * tool callbacks are tool executions; a tool error is a failed result;
 * another agent taking over within the invocation (``transfer_to_agent``, the next
   agent of a ``SequentialAgent``) ends the loop and starts a loop continuing it; a
-  transfer's assistant message has stop reason ``handoff``;
+  transfer's assistant message has stop reason ``handoff``. The invocation's first
+  loop has the config of the first LLM agent under the invocation's agent: another
+  agent calling its model first (that one skipped, by its ``before_agent_callback``
+  say) takes over from it the same way;
 * each agent of a ``ParallelAgent`` runs in a loop of its own, a ``Branch`` (tagged
   with the ADK branch) of the loop before it, which ends when that agent does (each
   run of the ``ParallelAgent``, in a ``LoopAgent`` say, forks anew). ADK picks no
@@ -742,14 +745,24 @@ class PhiPlugin(BasePlugin):
             lane = self._fork(invocation, branch, _agent(cc)) if branch is not None else None
             if lane is None:
                 return
-        elif not lane.run.loop.running or lane.agent not in (None, cc.agent_name):
-            # Another agent takes over (a transfer, a SequentialAgent's next agent), or
-            # the lane's loop was ended by branches forking from it: a continuation.
-            lane.end_turn()
-            run = self.core.handoff(lane.key, _config(_agent(cc)))
-            if run is None:
-                return
-            lane.run = run
+        else:
+            config = None
+            if lane.agent is None:
+                # The lane's loop took the config of the first LLM agent under the
+                # invocation's; when another agent calls its model first (that one was
+                # skipped, by its before_agent_callback say), it takes over: a handoff.
+                config = _config(_agent(cc))
+                moved = config != lane.run.loop.config
+            else:
+                moved = lane.agent != cc.agent_name
+            if moved or not lane.run.loop.running:
+                # Another agent takes over (a transfer, a SequentialAgent's next agent), or
+                # the lane's loop was ended by branches forking from it: a continuation.
+                lane.end_turn()
+                run = self.core.handoff(lane.key, config or _config(_agent(cc)))
+                if run is None:
+                    return
+                lane.run = run
         payload = _request(request, self.core.agent.millis()) if self.core.capture_requests else None
         lane.open_turn(cc.agent_name, request.model, payload)
 
