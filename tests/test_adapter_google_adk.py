@@ -706,3 +706,37 @@ def test_an_agent_calling_its_model_first_takes_over_from_one_that_never_did() -
     assert (second.config.name, second.config.model) == ("b", "model-b")
     assert second.parent_loop_id == first.loop_id and second.continuation_kind.kind == "Default"
     assert texts(second) == [("assistant", "B")] and second.turns[0].output_message.model == "model-b"
+
+
+class PartialsLlm(BaseLlm):
+    """A model whose stream ends without a final response (or fails after its partials)."""
+
+    fail: bool = False
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        for text in ("a", "b", "c"):
+            yield LlmResponse(
+                content=types.Content(role="model", parts=[types.Part(text=text)]), partial=True
+            )
+        if self.fail:
+            raise RuntimeError("stream broke")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_stream_of_partial_responses_only_is_the_streamed_message(fail: bool) -> None:
+    h = Harness()
+    agent = LlmAgent(name="partial", model=PartialsLlm(model="p", fail=fail))
+    if fail:
+        with pytest.raises(RuntimeError, match="stream broke"):
+            h.run(agent, stream=True)
+    else:
+        h.run(agent, stream=True)
+    (record,) = h.session().loops
+    message = record.turns[0].output_message
+    assert texts(record) == [("user", "hello"), ("assistant", "abc")]
+    if fail:  # a stream that failed stays a failed message
+        assert message.stop_reason == "error" and "stream broke" in message.error_message
+    else:
+        assert (message.stop_reason, message.error_message, record.status) == ("stop", None, "Completed")

@@ -20,7 +20,8 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
   are ``MessageUpdate`` deltas (text, thoughts, function-call arguments); the final
   response is the assistant message, finished when ADK emits its event, so the
   function calls carry the ids ADK gives them; usage is the response's
-  ``usage_metadata``. An answer a before-model callback gives in the model's place
+  ``usage_metadata`` (a stream ending without a final response: the streamed thinking
+  and text). An answer a before-model callback gives in the model's place
   (an agent's, or a plugin's listed after this one) is the message, from its event.
   The turn ends at the next model call, or when its agent or the invocation ends;
 * tool callbacks are tool executions; a tool error is a failed result;
@@ -413,14 +414,17 @@ class _Reply:
             unseen, self._unseen = self._unseen, None
             self._take(unseen)
 
-    def finish(self) -> None:
-        """Finish the message with what arrived; without a final response the turn's end
-        finishes it (as failed, if the turn fails)."""
+    def finish(self, *, failed: bool = False) -> None:
+        """Finish the message with what arrived. A stream may end without a final
+        response: then with the streamed thinking and text, unless the turn `failed`
+        (its end then finishes the message as failed)."""
         if not self.scope.running:  # finished already: what arrives since changes nothing
             return
         self._take_unseen()
         last = self._last
         if last is None:
+            if self._heard and not failed:  # partial responses only
+                self.scope.finish()
             return
         calls = [part.function_call for part in self._parts if part.function_call is not None]
         stop_reason, error = _stop(last, calls)
@@ -465,7 +469,8 @@ class _Lane:
             self.reply.finish()
 
     def end_turn(self, error: BaseException | str | None = None) -> None:
-        self.settle()
+        if self.reply is not None:
+            self.reply.finish(failed=error is not None)
         turn = self.turn
         self.turn = self.reply = None
         if turn is not None and turn.running:
