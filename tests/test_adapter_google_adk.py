@@ -16,11 +16,12 @@ import pytest
 
 pytest.importorskip("google.adk", reason="needs the google-adk extra: pip install 'phi-session[google-adk]'")
 
-from google.adk.agents import LlmAgent, ParallelAgent, RunConfig, SequentialAgent
+from google.adk.agents import LlmAgent, LoopAgent, ParallelAgent, RunConfig, SequentialAgent
 from google.adk.agents.run_config import StreamingMode
 from google.adk.models.base_llm import BaseLlm
 from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
+from google.adk.plugins.base_plugin import BasePlugin
 from google.adk.runners import InMemoryRunner
 from google.adk.tools.agent_tool import AgentTool
 from google.genai import types
@@ -548,3 +549,194 @@ def test_an_invocation_that_ended_is_not_reported_dropped_when_freed() -> None:
     asyncio.run(h.plugin.close())
     (loop,) = h.session().loops
     assert loop.status == "Completed"
+
+
+@pytest.mark.parametrize("failing", [None, "right"])
+def test_a_fault_while_an_invocation_ends_still_ends_every_loop(
+    monkeypatch: pytest.MonkeyPatch, failing: str | None
+) -> None:
+    # With a failing branch, its agent's error callback closes its lane first.
+    def broken(self: Any, error: Any) -> None:
+        raise RuntimeError("adapter bug")
+
+    monkeypatch.setattr(google_adk._Lane, "close", broken)
+    h = Harness()
+    right = ScriptedLlm.of(RuntimeError("model down") if failing else ["R"])
+    fan = ParallelAgent(
+        name="fan",
+        sub_agents=[
+            LlmAgent(name="left", model=ScriptedLlm.of(["L"])),
+            LlmAgent(name="right", model=right),
+        ],
+    )
+    if failing:
+        with pytest.raises(RuntimeError, match="model down"):
+            h.run(fan)
+    else:
+        h.run(fan)
+    assert h.plugin.core.open_runs == 0 and h.plugin.fault_count > 0
+    loops = h.session().loops
+    assert len(loops) == 3
+    statuses = {
+        r.continuation_kind.tag if r.continuation_kind.kind == "Branch" else None: r.status for r in loops
+    }
+    assert statuses["fan.right"] == ("Aborted" if failing else "Completed")
+    assert statuses[None] == "Completed"  # ended as the branches forked from it
+
+
+def test_an_answer_a_plugin_gives_before_the_model_is_the_turns_message() -> None:
+    class Cache(BasePlugin):  # listed after PhiPlugin: ADK skips the model and after_model
+        async def before_model_callback(self, *, callback_context: Any, llm_request: Any) -> LlmResponse:
+            return LlmResponse(content=types.Content(role="model", parts=[types.Part(text="cached")]))
+
+    h = Harness()
+    agent = LlmAgent(name="cached", model=ScriptedLlm.of())
+    asyncio.run(
+        h.ask(InMemoryRunner(agent=agent, app_name="app", plugins=[h.plugin, Cache(name="cache")]), "hi")
+    )
+    (record,) = h.session().loops
+    (turn,) = record.turns
+    assert turn.output_message.stop_reason == "stop" and record.status == "Completed"
+    assert texts(record) == [("user", "hi"), ("assistant", "cached")]
+
+
+def test_a_call_an_agents_before_model_callback_asks_for_is_recorded_with_its_result() -> None:
+    calls = iter([types.FunctionCall(name="add", args={"a": 2, "b": 3})])
+
+    def shortcut(callback_context: Any, llm_request: LlmRequest) -> LlmResponse | None:
+        call = next(calls, None)  # the first model call only
+        return (
+            None
+            if call is None
+            else LlmResponse(content=types.Content(role="model", parts=[types.Part(function_call=call)]))
+        )
+
+    h = Harness()
+    h.run(LlmAgent(name="calc", model=ScriptedLlm.of(["5"]), tools=[add], before_model_callback=shortcut))
+    (record,) = h.session().loops
+    first, _ = record.turns
+    (call,) = first.output_message.content
+    assert first.output_message.stop_reason == "toolUse" and first.output_message.usage.total_tokens == 0
+    assert call.id.startswith("adk-") and call.id == first.tool_results[0].tool_call_id
+    assert texts(record) == [
+        ("user", "hello"),
+        ("assistant", "call:add"),
+        ("toolResult", "result:5"),
+        ("assistant", "5"),
+    ]
+
+
+@pytest.mark.parametrize("between", [True, False])
+def test_each_run_of_a_parallel_agent_forks_branches_of_its_own(between: bool) -> None:
+    # In a LoopAgent, with or without a model call between the ParallelAgent's runs.
+    h = Harness()
+    fan = ParallelAgent(
+        name="fan",
+        sub_agents=[
+            LlmAgent(name="l", model=ScriptedLlm.of(["L1"], ["L2"])),
+            LlmAgent(name="r", model=ScriptedLlm.of(["R1"], ["R2"])),
+        ],
+    )
+    pre = [LlmAgent(name="pre", model=ScriptedLlm.of(["P1"], ["P2"]))] if between else []
+    h.run(LoopAgent(name="again", max_iterations=2, sub_agents=[*pre, fan]))
+    loops = sorted(h.session().loops, key=lambda r: r.started_at.ns)
+    branches = [r for r in loops if r.continuation_kind and r.continuation_kind.kind == "Branch"]
+    assert [(r.continuation_kind.tag, texts(r)) for r in branches] == [
+        ("fan.l", [("assistant", "L1")]),
+        ("fan.r", [("assistant", "R1")]),
+        ("fan.l", [("assistant", "L2")]),
+        ("fan.r", [("assistant", "R2")]),
+    ]
+    roots = [r for r in loops if r not in branches]
+    if between:  # each run's branches fork from the loop just before them
+        first, second = roots
+        assert [texts(first)[-1], texts(second)] == [("assistant", "P1"), [("assistant", "P2")]]
+        assert [r.parent_loop_id for r in branches] == [first.loop_id] * 2 + [second.loop_id] * 2
+    else:
+        (root,) = roots
+        assert {r.parent_loop_id for r in branches} == {root.loop_id}
+    assert all(r.status == "Completed" for r in loops)
+
+
+class SlowlyFailingLlm(BaseLlm):
+    """A model that fails after its sibling branches had time to finish."""
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        raise RuntimeError("left down")
+        yield LlmResponse()  # never reached
+
+
+def test_a_branch_that_finished_keeps_its_status_when_a_sibling_fails() -> None:
+    h = Harness()
+    fan = ParallelAgent(
+        name="fan",
+        sub_agents=[
+            LlmAgent(name="l", model=SlowlyFailingLlm(model="slow")),
+            LlmAgent(name="r", model=ScriptedLlm.of(["R"])),
+        ],
+    )
+    with pytest.raises(RuntimeError, match="left down"):
+        h.run(fan)
+    branch = {r.continuation_kind.tag: r for r in h.session().loops if r.turns}
+    assert branch["fan.r"].status == "Completed" and not isinstance(branch["fan.r"].error, str)
+    assert branch["fan.l"].status == "Aborted" and "left down" in branch["fan.l"].error
+
+
+def test_an_agent_calling_its_model_first_takes_over_from_one_that_never_did() -> None:
+    def skip(callback_context: Any) -> types.Content:
+        return types.Content(role="model", parts=[types.Part(text="skipped")])
+
+    h = Harness()
+    flow = SequentialAgent(
+        name="flow",
+        sub_agents=[
+            LlmAgent(name="a", model=ScriptedLlm(model="model-a"), before_agent_callback=skip),
+            LlmAgent(name="b", model=ScriptedLlm(model="model-b", script=[["B"]])),
+        ],
+    )
+    h.run(flow)
+    first, second = h.session().loops
+    # a's loop (a's before_agent_callback answered: no model call), then b's continuing it.
+    assert (first.config.name, first.config.model, len(first.turns)) == ("a", "model-a", 0)
+    assert texts(first) == [("user", "hello")]
+    assert (second.config.name, second.config.model) == ("b", "model-b")
+    assert second.parent_loop_id == first.loop_id and second.continuation_kind.kind == "Default"
+    assert texts(second) == [("assistant", "B")] and second.turns[0].output_message.model == "model-b"
+
+
+class PartialsLlm(BaseLlm):
+    """A model whose stream ends without a final response (or fails after its partials)."""
+
+    fail: bool = False
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        for text in ("a", "b", "c"):
+            yield LlmResponse(
+                content=types.Content(role="model", parts=[types.Part(text=text)]), partial=True
+            )
+        if self.fail:
+            raise RuntimeError("stream broke")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_stream_of_partial_responses_only_is_the_streamed_message(fail: bool) -> None:
+    h = Harness()
+    agent = LlmAgent(name="partial", model=PartialsLlm(model="p", fail=fail))
+    if fail:
+        with pytest.raises(RuntimeError, match="stream broke"):
+            h.run(agent, stream=True)
+    else:
+        h.run(agent, stream=True)
+    (record,) = h.session().loops
+    message = record.turns[0].output_message
+    assert texts(record) == [("user", "hello"), ("assistant", "abc")]
+    if fail:  # a stream that failed stays a failed message
+        assert message.stop_reason == "error" and "stream broke" in message.error_message
+    else:
+        assert (message.stop_reason, message.error_message, record.status) == ("stop", None, "Completed")

@@ -20,15 +20,22 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
   are ``MessageUpdate`` deltas (text, thoughts, function-call arguments); the final
   response is the assistant message, finished when ADK emits its event, so the
   function calls carry the ids ADK gives them; usage is the response's
-  ``usage_metadata``. The turn ends at the next model call, or when its agent or the
-  invocation ends;
+  ``usage_metadata`` (a stream ending without a final response: the streamed thinking
+  and text). An answer a before-model callback gives in the model's place
+  (an agent's, or a plugin's listed after this one) is the message, from its event.
+  The turn ends at the next model call, or when its agent or the invocation ends;
 * tool callbacks are tool executions; a tool error is a failed result;
 * another agent taking over within the invocation (``transfer_to_agent``, the next
   agent of a ``SequentialAgent``) ends the loop and starts a loop continuing it; a
-  transfer's assistant message has stop reason ``handoff``;
+  transfer's assistant message has stop reason ``handoff``. The invocation's first
+  loop has the config of the first LLM agent under the invocation's agent: another
+  agent calling its model first (that one skipped, by its ``before_agent_callback``
+  say) takes over from it the same way;
 * each agent of a ``ParallelAgent`` runs in a loop of its own, a ``Branch`` (tagged
-  with the ADK branch) of the loop before it. ADK picks no winner, so none is
-  recorded: the next loop of the invocation continues the loop the branches left;
+  with the ADK branch) of the loop before it, which ends when that agent does (each
+  run of the ``ParallelAgent``, in a ``LoopAgent`` say, forks anew). ADK picks no
+  winner, so none is recorded: the next loop of the invocation continues the loop
+  the branches left;
 * an ``AgentTool`` runs its agent in a nested invocation: that is a sub-agent, in a
   session of its own, linked both ways with the tool call;
 * an exception escaping the invocation ends its loops failed (``Aborted`` + error).
@@ -350,17 +357,23 @@ class _Reply:
     responses. Their content is taken from the events ADK emits for them, which carry
     the function-call ids ADK assigns after the model callbacks; a stream mixing text
     and calls ends in several final responses, so the message is finished only when
-    the turn moves on (a tool starts, the next model call, the agent or run ends)."""
+    the turn moves on (a tool starts, the next model call, the agent or run ends).
 
-    __slots__ = ("_last", "_parts", "_unseen", "scope")
+    A before-model callback that answers in the model's place (an agent's, or a plugin
+    listed after this one) skips the model and its after-model callbacks: its answer
+    arrives only as the agent's event, which then is the final response."""
+
+    __slots__ = ("_heard", "_last", "_parts", "_unseen", "scope")
 
     def __init__(self, scope: MessageScope) -> None:
         self.scope = scope
+        self._heard = False  # whether the model sent anything (partial or final)
         self._parts: list[types.Part] = []
         self._last: LlmResponse | None = None  # the latest final response or its event
         self._unseen: LlmResponse | None = None  # a final response whose event is to come
 
     def partial(self, response: LlmResponse) -> None:
+        self._heard = True
         content = response.content
         for part in content.parts or () if content is not None else ():
             if part.text:
@@ -372,18 +385,22 @@ class _Reply:
                 self.scope.tool_call_delta(_json_text(part.function_call.args))
 
     def final(self, response: LlmResponse) -> None:
+        self._heard = True
         self._take_unseen()
         self._unseen = response
 
     @property
     def waiting(self) -> bool:
-        """Whether a final response waits for its event."""
-        return self._unseen is not None
+        """Whether the agent's next event is the message: a final response waits for
+        it, or the model sent nothing (a callback may answer in its place)."""
+        return self._unseen is not None or not self._heard
 
     def event(self, event: Event) -> None:
-        """The event of the final response (if one is waiting for it)."""
-        if self._unseen is not None:
+        """The agent's event while `waiting`: the final response's, or the answer a
+        before-model callback gave."""
+        if self.waiting:
             self._unseen = None
+            self._heard = True
             self._take(event)
 
     def _take(self, response: LlmResponse) -> None:
@@ -397,14 +414,17 @@ class _Reply:
             unseen, self._unseen = self._unseen, None
             self._take(unseen)
 
-    def finish(self) -> None:
-        """Finish the message with what arrived; without a final response the turn's end
-        finishes it (as failed, if the turn fails)."""
+    def finish(self, *, failed: bool = False) -> None:
+        """Finish the message with what arrived. A stream may end without a final
+        response: then with the streamed thinking and text, unless the turn `failed`
+        (its end then finishes the message as failed)."""
         if not self.scope.running:  # finished already: what arrives since changes nothing
             return
         self._take_unseen()
         last = self._last
         if last is None:
+            if self._heard and not failed:  # partial responses only
+                self.scope.finish()
             return
         calls = [part.function_call for part in self._parts if part.function_call is not None]
         stop_reason, error = _stop(last, calls)
@@ -449,7 +469,8 @@ class _Lane:
             self.reply.finish()
 
     def end_turn(self, error: BaseException | str | None = None) -> None:
-        self.settle()
+        if self.reply is not None:
+            self.reply.finish(failed=error is not None)
         turn = self.turn
         self.turn = self.reply = None
         if turn is not None and turn.running:
@@ -492,6 +513,7 @@ class _Invocation:
     def __init__(self, invocation_id: str, watch: weakref.finalize[Any, Any]) -> None:
         self.id = invocation_id
         self.lanes: dict[str | None, _Lane] = {}
+        self.branched = False  # whether a parallel branch forked
         # Reports the invocation abandoned when ADK frees its context before it ended.
         self.watch = watch
 
@@ -586,8 +608,16 @@ class PhiPlugin(BasePlugin):
 
     async def after_agent_callback(self, *, agent: BaseAgent, callback_context: CallbackContext) -> None:
         try:
-            lane = self._lanes.get((callback_context.invocation_id, callback_context.branch))
-            if lane is not None and lane.agent == agent.name:
+            branch = callback_context.branch
+            lane = self._lanes.get((callback_context.invocation_id, branch))
+            if lane is None:
+                return
+            if branch is not None and branch.rpartition(".")[2] == agent.name:
+                # The agent a parallel branch runs is done, and so is its loop: a
+                # sibling's later failure is not its own, and a later run of the
+                # ParallelAgent (in a LoopAgent) forks branches of its own.
+                self._end_branch(lane)
+            elif lane.agent == agent.name:
                 lane.end_turn()
         except Exception as caught:
             self.core.fault(caught)
@@ -599,7 +629,8 @@ class PhiPlugin(BasePlugin):
             lane = self._lanes.get((callback_context.invocation_id, callback_context.branch))
             if lane is not None and lane.agent == agent.name and callback_context.branch is not None:
                 # A failing branch fails its own loop; the invocation's error ends the rest.
-                lane.close(error)
+                # A fault closing what it holds must not keep the loop open.
+                self.core.safely(lane.close, error)
                 lane.run.loop.end(error)
         except Exception as caught:
             self.core.fault(caught)
@@ -719,14 +750,24 @@ class PhiPlugin(BasePlugin):
             lane = self._fork(invocation, branch, _agent(cc)) if branch is not None else None
             if lane is None:
                 return
-        elif not lane.run.loop.running or lane.agent not in (None, cc.agent_name):
-            # Another agent takes over (a transfer, a SequentialAgent's next agent), or
-            # the lane's loop was ended by branches forking from it: a continuation.
-            lane.end_turn()
-            run = self.core.handoff(lane.key, _config(_agent(cc)))
-            if run is None:
-                return
-            lane.run = run
+        else:
+            config = None
+            if lane.agent is None:
+                # The lane's loop took the config of the first LLM agent under the
+                # invocation's; when another agent calls its model first (that one was
+                # skipped, by its before_agent_callback say), it takes over: a handoff.
+                config = _config(_agent(cc))
+                moved = config != lane.run.loop.config
+            else:
+                moved = lane.agent != cc.agent_name
+            if moved or not lane.run.loop.running:
+                # Another agent takes over (a transfer, a SequentialAgent's next agent), or
+                # the lane's loop was ended by branches forking from it: a continuation.
+                lane.end_turn()
+                run = self.core.handoff(lane.key, config or _config(_agent(cc)))
+                if run is None:
+                    return
+                lane.run = run
         payload = _request(request, self.core.agent.millis()) if self.core.capture_requests else None
         lane.open_turn(cc.agent_name, request.model, payload)
 
@@ -748,8 +789,19 @@ class PhiPlugin(BasePlugin):
             return None
         lane = _Lane(key, run)
         invocation.lanes[branch] = lane
+        invocation.branched = True
         self._lanes[key] = lane
         return lane
+
+    def _end_branch(self, lane: _Lane) -> None:
+        """End a parallel branch's lane and loop (a later run of the branch forks again)."""
+        invocation_id, branch = lane.key
+        invocation = self._invocations.get(invocation_id)
+        if invocation is not None:
+            invocation.lanes.pop(branch, None)
+        self._lanes.pop(lane.key, None)
+        self.core.safely(lane.close, None)
+        self.core.end_run(lane.key)
 
     def _take_tool(self, tool_context: ToolContext, tool: BaseTool) -> ToolScope | None:
         lane = self._lanes.get((tool_context.invocation_id, tool_context.branch))
@@ -762,17 +814,20 @@ class PhiPlugin(BasePlugin):
                 self._lanes.pop(lane.key, None)
         if invocation is None:
             return
-        invocation.watch.detach()
-        if len(invocation.lanes) > 1:
+        # Each step under its own guard: a fault in one must not leave the invocation's
+        # loops open (and its session unsaved, held busy).
+        core = self.core
+        core.safely(invocation.watch.detach)
+        if invocation.branched:
             # No branch won: the session's next invocation continues the invocation's own line.
             # Set while the runs still hold their session: once they end, the core may let
             # the session's tracer go (`AdapterCore.max_idle_sessions`) and this would be lost.
             root = invocation.lanes[None].run
-            root.tracer.agent.set_last_loop(root.loop.loop_id)
+            core.safely(root.tracer.agent.set_last_loop, root.loop.loop_id)
         # Branches first, deepest first: a branch's loop ends before the loop it forked from.
         for _, lane in sorted(invocation.lanes.items(), key=lambda item: -len(item[0] or "")):
-            lane.close(error)
-            self.core.end_run(lane.key, error)
+            core.safely(lane.close, error)
+            core.safely(core.end_run, lane.key, error)
 
     def _end_abandoned(self) -> None:
         """End, failed, the invocations whose context ADK freed before they ended."""
