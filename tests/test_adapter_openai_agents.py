@@ -410,6 +410,46 @@ def test_responses_model_content_and_usage_per_response(recorder: SessionRecorde
     assert (loop.usage.input, loop.usage.output) == (30, 7)
 
 
+def failing_client(status: int) -> AsyncOpenAI:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            status, json={"error": {"message": "bad request", "type": "invalid_request_error"}}
+        )
+
+    return AsyncOpenAI(
+        api_key="test",
+        base_url="http://mock/v1",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+    )
+
+
+def test_a_failed_responses_call_fails_the_message(recorder: SessionRecorder) -> None:
+    # The response span ends with no response: the reply failed, which is no adapter fault.
+    agent = Agent(name="calc", model=OpenAIResponsesModel("gpt-test-1", failing_client(400)))
+    with pytest.raises(Exception, match="bad request"):
+        run(agent, "x", hooks=None, run_config=in_session("http"))
+    (loop,) = sessions(recorder)["http"].loops
+    message = loop.turns[0].output_message
+    assert message is not None and message.stop_reason == "error"
+    assert message.error_message is not None and message.error_message.startswith("Error getting response")
+    assert loop.status == "Aborted"
+    core = openai_agents.installed()
+    assert core is not None and core.fault_count == 0
+
+
+def test_responses_usage_without_traced_data(recorder: SessionRecorder) -> None:
+    # trace_include_sensitive_data=False: the span keeps the usage, not the response.
+    client = responses_client(response_body([], 5, 1))
+    agent = Agent(name="calc", model=OpenAIResponsesModel("gpt-test-1", client))
+    config = RunConfig(trace_metadata={"phi.session_id": "redacted"}, trace_include_sensitive_data=False)
+    run(agent, "x", hooks=None, run_config=config)
+    (loop,) = sessions(recorder)["redacted"].loops
+    assert loop.status == "Completed" and (loop.usage.input, loop.usage.output) == (5, 1)
+    core = openai_agents.installed()
+    assert core is not None and core.fault_count == 0
+
+
 def test_chat_completions_model_content_and_usage(recorder: SessionRecorder) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(

@@ -513,9 +513,12 @@ class _Mapper:
         message, turn = loop.message, loop.turn
         if message is None or not message.running or turn is None:
             return
-        response = getattr(data, "response", None)
-        if response is not None:  # Responses API
-            items, usage, model = response.output, response.usage, response.model
+        if data.type == "response":  # Responses API
+            response = data.response
+            if response is not None:
+                items, usage, model = response.output, response.usage, response.model
+            else:  # the call failed (HTTP error, cancellation) or its data is not traced
+                items, usage, model = None, data.usage, None
         else:  # Chat Completions (generation span)
             items, usage, model = data.output, data.usage, data.model
         if not loop.prompted and turn.index == 0:
