@@ -27,6 +27,7 @@ from agents import (
     output_guardrail,
 )
 from agents.testing.model import ScriptedModel, assistant_message, function_call
+from agents.tracing import TracingProcessor, add_trace_processor, get_trace_provider, set_trace_processors
 from openai import AsyncOpenAI
 
 from phi_session import JsonDirStore, SessionRecorder, decode_session, encode_session
@@ -307,6 +308,45 @@ def test_install_is_idempotent_and_uninstall_detaches() -> None:
     assert openai_agents.installed() is None
     run(Agent(name="calc", model=scripted([assistant_message("x")])), "x")
     assert recorder.sessions() == []
+
+
+class CountingProcessor(TracingProcessor):
+    def __init__(self) -> None:
+        self.traces = 0
+
+    def on_trace_start(self, trace: Any) -> None:
+        self.traces += 1
+
+    def on_trace_end(self, trace: Any) -> None:
+        pass
+
+    def on_span_start(self, span: Any) -> None:
+        pass
+
+    def on_span_end(self, span: Any) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self) -> None:
+        pass
+
+
+def test_uninstall_puts_back_the_processors_install_replaced() -> None:
+    before = openai_agents._processors_of(get_trace_provider())
+    mine = CountingProcessor()
+    add_trace_processor(mine)
+    try:
+        openai_agents.install([SessionRecorder()], replace_default=True)
+        run(Agent(name="calc", model=scripted([assistant_message("x")])), "x")
+        assert mine.traces == 0  # replaced
+        openai_agents.uninstall()
+        run(Agent(name="calc", model=scripted([assistant_message("x")])), "x")
+        assert mine.traces == 1  # the user's own processor is back
+        assert openai_agents._processors_of(get_trace_provider()) == [*before, mine]
+    finally:
+        set_trace_processors(before)
 
 
 def test_without_task_and_turn_spans_the_agent_span_is_the_loop(recorder: SessionRecorder) -> None:

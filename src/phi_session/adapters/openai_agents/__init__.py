@@ -79,12 +79,12 @@ from agents.run_internal.turn_preparation import get_handoffs  # noqa: E402
 from agents.tracing import (  # noqa: E402
     Span,
     Trace,
+    TraceProvider,
     TracingProcessor,
     add_trace_processor,
     get_current_span,
     get_current_trace,
     get_trace_provider,
-    set_trace_processors,
 )
 from agents.tracing.processors import default_processor  # noqa: E402
 
@@ -749,8 +749,8 @@ class PhiTracingProcessor(TracingProcessor):
 
 _processor = PhiTracingProcessor()
 _install_lock = threading.Lock()
-_registered_with: object = None  # the trace provider the processor was added to
-_replaced_default = False
+_registered_with: TraceProvider | None = None  # the trace provider the processor was added to
+_replaced: list[TracingProcessor] | None = None  # the processors `install` replaced, to put back
 
 
 class PhiRunHooks(RunHooks[Any]):
@@ -829,6 +829,13 @@ def _warn_tracing_disabled() -> None:
         )
 
 
+def _processors_of(provider: TraceProvider) -> list[TracingProcessor]:
+    """The provider's processors. The SDK has no public getter: the default provider's
+    list is read; another provider's is taken to be the SDK's default processor."""
+    processors = getattr(getattr(provider, "_multi_processor", None), "_processors", None)
+    return list(processors) if isinstance(processors, tuple | list) else [default_processor()]
+
+
 def _tracing_disabled() -> bool:
     probe = get_trace_provider().create_trace("phi-session probe")
     return type(probe).__name__ == "NoOpTrace"
@@ -871,7 +878,7 @@ def install(
     ``redact``, ``rotate_after``). Idempotent: a second call returns the adapter
     already installed.
     """
-    global _registered_with, _replaced_default
+    global _registered_with, _replaced
     with _install_lock:
         mapper = _processor.mapper
         if mapper is not None:
@@ -879,8 +886,9 @@ def install(
         core = AdapterCore(FRAMEWORK, sink, capture_requests=capture_requests, **options)
         provider = get_trace_provider()
         if replace_default:
-            set_trace_processors([_processor])
-            _registered_with, _replaced_default = provider, True
+            _replaced = _processors_of(provider)
+            provider.set_processors([_processor])
+            _registered_with = provider
         elif _registered_with is not provider:
             add_trace_processor(_processor)
             _registered_with = provider
@@ -905,16 +913,18 @@ def installed() -> AdapterCore | None:
 
 def uninstall() -> None:
     """Stop recording: runs still open end as failed, everything held is saved, and the
-    SDK's default processor is put back if `install` replaced it."""
-    global _registered_with, _replaced_default
+    processors `install` replaced (``replace_default=True``) are put back."""
+    global _registered_with, _replaced
     with _install_lock:
         mapper = _processor.mapper
         if mapper is None:
             return
         _processor.mapper = None
-        if _replaced_default:
-            set_trace_processors([default_processor()])
-            _registered_with, _replaced_default = None, False
+        if _replaced is not None and _registered_with is not None:
+            _registered_with.set_processors(_replaced)
+            if _processor not in _replaced:  # else it stays added, as before `install`
+                _registered_with = None
+            _replaced = None
     mapper.core.close()
 
 
