@@ -26,7 +26,7 @@ from agents import (
     input_guardrail,
     output_guardrail,
 )
-from agents.testing.model import ScriptedModel, assistant_message, function_call
+from agents.testing.model import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.tracing import TracingProcessor, add_trace_processor, get_trace_provider, set_trace_processors
 from openai import AsyncOpenAI
 
@@ -188,6 +188,33 @@ def test_an_exception_in_the_run_ends_the_loop_aborted(recorder: SessionRecorder
         run(Agent(name="calc", model=model), "x", run_config=in_session("ex"))
     (loop,) = sessions(recorder)["ex"].loops
     assert loop.status == "Aborted"
+
+
+@pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
+def test_a_cancelled_run_fails_the_message_and_aborts_the_loop(
+    recorder: SessionRecorder, task_spans: bool
+) -> None:
+    async def slow(call: Any) -> ModelStep:
+        await asyncio.sleep(5)
+        return ModelStep(output=[assistant_message("too late")])
+
+    async def time_out() -> None:
+        agent = Agent(name="calc", model=scripted(ModelStep.respond(slow)))
+        config = RunConfig(
+            trace_metadata={"phi.session_id": "cancel"},
+            tracing={"include_task_and_turn_spans": task_spans},
+        )
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                Runner.run(agent, "x", hooks=openai_agents.PhiRunHooks(), run_config=config), 0.1
+            )
+
+    asyncio.run(time_out())
+    (loop,) = sessions(recorder)["cancel"].loops
+    (turn,) = loop.turns
+    message = turn.output_message
+    assert message is not None and (message.stop_reason, message.error_message) == ("error", "cancelled")
+    assert loop.status == "Aborted" and loop.error == "cancelled"
 
 
 def test_triggered_input_guardrail_rejects_the_loop(recorder: SessionRecorder) -> None:

@@ -18,7 +18,9 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
   started inside a tool is that tool's sub-agent (own session, linked both ways);
 * a triggered input ``guardrail`` -> InputRejected, loop Rejected (loop failed if it
   tripped after the first turn began); a triggered output guardrail -> the loop fails
-  with an error naming it (`_Mapper._guardrail_triggered`).
+  with an error naming it (`_Mapper._guardrail_triggered`);
+* a cancelled run (``asyncio.wait_for`` timeout, ``Task.cancel``): the spans the
+  cancellation ends failed with ``cancelled`` (the reply, a running tool, the loop).
 
 The session is ``trace_metadata["phi.session_id"]``, else the trace's ``group_id``,
 else the adapter's own session. Function spans carry no tool call id: they are
@@ -33,8 +35,10 @@ Processors see no streamed chunks: iterate ``stream(result)`` instead of
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -201,6 +205,18 @@ def _user_texts(items: Any) -> list[str]:
     if isinstance(items, str):
         return [items]
     return [_text_of(_get(item, "content")) for item in items or () if _get(item, "role") == "user"]
+
+
+_CANCELLED = {"message": "cancelled"}
+
+
+def _error_of(span: Span[Any]) -> Any:
+    """The span's error. The SDK ends the spans of a cancelled run (``asyncio.wait_for``
+    timeout, ``Task.cancel``) with none while the cancellation unwinds them: those failed."""
+    error = span.error
+    if error is None and isinstance(sys.exc_info()[1], asyncio.CancelledError):
+        return _CANCELLED
+    return error
 
 
 _ASSISTANT_ITEMS = frozenset(("function_call", "reasoning"))
@@ -444,7 +460,7 @@ class _Mapper:
         span_id = span.span_id
         loop = self._of_span.pop(span_id, None)
         if kind == "function":  # the most frequent first
-            self._tool_ended(span_id, data, span.error)
+            self._tool_ended(span_id, data, _error_of(span))
         elif kind in _MODEL_SPANS:
             if loop is not None:
                 self._model_ended(loop, span)
@@ -453,11 +469,11 @@ class _Mapper:
                 self._end_turn(loop)
         elif kind == "task":
             if loop is not None:
-                self._end_loop(loop, span.error)
+                self._end_loop(loop, _error_of(span))
         elif kind == "guardrail" and data.triggered and loop is not None:
             self._guardrail_triggered(loop, data.name, under_agent=span.parent_id == loop.agent_span)
-        elif kind == "agent" and span.error is not None and loop is not None:
-            self._end_loop(loop, span.error)
+        elif kind == "agent" and loop is not None and (error := _error_of(span)) is not None:
+            self._end_loop(loop, error)
 
     def _new_loop(self, key: str, span: Span[Any]) -> _Loop:
         loop = _Loop(key, span.trace_id, self._sessions.get(span.trace_id))
@@ -529,7 +545,8 @@ class _Mapper:
         loop.calls = list(calls)
         if model:
             message.model = str(model)
-        error = span.error.get("message") if span.error is not None else None
+        failed = _error_of(span)
+        error = failed.get("message") if failed is not None else None
         # Finished at the next step: a handoff that follows makes its stop reason ``handoff``.
         loop.reply = (blocks, calls, _usage(usage), error)
 
