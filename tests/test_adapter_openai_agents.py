@@ -517,6 +517,55 @@ def test_responses_usage_without_traced_data(recorder: SessionRecorder) -> None:
     assert core is not None and core.fault_count == 0
 
 
+@function_tool
+async def sleepy(seconds: float, tag: str) -> str:
+    """Sleep, then echo the tag."""
+    await asyncio.sleep(seconds)
+    return f"result-{tag}"
+
+
+def sleepy_call(seconds: float, tag: str) -> dict[str, Any]:
+    arguments = json.dumps({"seconds": seconds, "tag": tag})
+    return {
+        "type": "function_call",
+        "id": f"fc_{tag}",
+        "call_id": f"call_{tag}",
+        "name": "sleepy",
+        "arguments": arguments,
+        "status": "completed",
+    }
+
+
+def test_without_hooks_parallel_calls_of_one_tool_keep_their_ids(recorder: SessionRecorder) -> None:
+    # The first call ends last: matched at their ends, the two would swap ids.
+    client = responses_client(
+        response_body([sleepy_call(0.2, "A"), sleepy_call(0.01, "B")], 1, 1),
+        response_body(
+            [
+                {
+                    "type": "message",
+                    "id": "m",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": "done", "annotations": []}],
+                }
+            ],
+            1,
+            1,
+        ),
+    )
+    agent = Agent(name="a", tools=[sleepy], model=OpenAIResponsesModel("gpt-test-1", client))
+    run(agent, "go", hooks=None, run_config=in_session("par"))
+    (loop,) = sessions(recorder)["par"].loops
+    results = {m.tool_call_id: m.content[0].text for m in loop.turns[0].tool_results}  # type: ignore[union-attr]
+    assert results == {"call_A": "result-A", "call_B": "result-B"}
+    # Each tool's start is recorded when it starts, not when it ends.
+    kinds = [
+        type(e.event).__name__ for e in loop.events if type(e.event).__name__.startswith("ToolExecution")
+    ]
+    assert kinds == ["ToolExecutionStart", "ToolExecutionStart", "ToolExecutionEnd", "ToolExecutionEnd"]
+
+
 def test_chat_completions_model_content_and_usage(recorder: SessionRecorder) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(

@@ -24,7 +24,7 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
 
 The session is ``trace_metadata["phi.session_id"]``, else the trace's ``group_id``,
 else the adapter's own session. Function spans carry no tool call id: they are
-matched to the response's calls by name and order; pass ``hooks=PhiRunHooks()`` to
+matched to the response's calls by name and order as they start; pass ``hooks=PhiRunHooks()`` to
 ``Runner.run`` to make the match exact (and give the prompt and the agent's model).
 Processors see no streamed chunks: iterate ``stream(result)`` instead of
 ``result.stream_events()`` to record text, reasoning and argument deltas.
@@ -351,7 +351,7 @@ class _Tool:
 
     def started(self) -> ToolScope | None:
         if self.scope is None and self.turn.running:
-            call_id = self.call_id if self.call_id is not None else self.loop.match_call(self.name)
+            call_id = self.call_id if self.call_id is not None else self.loop.new_call_id()
             self.scope = self.turn.tool(id=call_id, name=self.name, args=self.args or {}).start()
         return self.scope
 
@@ -377,13 +377,18 @@ class _Loop:
     input_guardrails: frozenset[str] = frozenset()
     output_guardrails: frozenset[str] = frozenset()
     agent_span: str | None = None  # the running agent's span
+    hooked: bool = False  # run with `PhiRunHooks`: they give each tool's exact call
 
-    def match_call(self, name: str) -> str:
-        """The id of the response's next unmatched call named `name` (else a made-up one)."""
+    def match_call(self, name: str) -> ToolCall | None:
+        """The response's next unmatched call named `name`, if any."""
         for index, call in enumerate(self.calls):
             if call.name == name:
                 del self.calls[index]
-                return call.id
+                return call
+        return None
+
+    def new_call_id(self) -> str:
+        """A made-up id for a tool call the response did not show."""
         self.call_number += 1
         return f"{self.key}-call-{self.call_number}"
 
@@ -576,8 +581,15 @@ class _Mapper:
             return
         self._finish_message(loop)
         tool = _Tool(loop, name, turn)
+        # Matched as the spans start, in the order of the response's calls: parallel
+        # calls end in any order.
+        call = loop.match_call(name)
+        if call is not None:
+            tool.call_id, tool.args = call.id, call.arguments
         tool.token = enter_tool(tool.started)
         self._tools[span_id] = tool
+        if call is not None and not loop.hooked:  # no exact call to wait for: it starts now
+            tool.started()
 
     def exact_call(self, span_id: str, call_id: str, arguments: Any) -> None:
         """The hooks' exact call id and arguments for a function span (before it starts)."""
@@ -664,6 +676,7 @@ class _Mapper:
         loop = self._current_loop()
         if loop is None:
             return
+        loop.hooked = True
         model = getattr(agent, "model", None)
         if isinstance(model, str) and not loop.model:
             loop.model = model
