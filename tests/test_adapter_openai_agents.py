@@ -25,6 +25,7 @@ from agents import (
     function_tool,
     input_guardrail,
     output_guardrail,
+    trace,
 )
 from agents.testing.model import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.tracing import TracingProcessor, add_trace_processor, get_trace_provider, set_trace_processors
@@ -384,6 +385,40 @@ def test_without_task_and_turn_spans_the_agent_span_is_the_loop(recorder: Sessio
     run(Agent(name="calc", model=model, tools=[add]), "add", run_config=config)
     (loop,) = sessions(recorder)["nt"].loops
     assert loop.status == "Completed" and len(loop.turns) == 2
+
+
+NO_TASK_SPANS = RunConfig(tracing={"include_task_and_turn_spans": False})
+
+
+def test_without_task_spans_two_runs_in_one_trace_are_two_runs(recorder: SessionRecorder) -> None:
+    async def both() -> None:
+        with trace("workflow", group_id="wf"):
+            for prompt in ("one", "two"):
+                agent = Agent(name="chat", model=scripted([assistant_message(f"answer {prompt}")]))
+                await Runner.run(agent, prompt, hooks=openai_agents.PhiRunHooks(), run_config=NO_TASK_SPANS)
+
+    asyncio.run(both())
+    first, second = sessions(recorder)["wf"].loops
+    # No handoff between them: the first ends as it answered, the second has its own prompt.
+    assert first.turns[-1].output_message.stop_reason == "stop"  # type: ignore[union-attr]
+    assert second.loop_id == "wf.chat.2" and second.parent_loop_id == first.loop_id
+    assert second.messages[0].content[0].text == "two"  # type: ignore[union-attr]
+
+
+def test_without_task_spans_a_handoff_is_still_one(recorder: SessionRecorder) -> None:
+    billing = Agent(name="billing", model=scripted([assistant_message("billing here")]))
+    triage = Agent(
+        name="triage",
+        handoffs=[billing],
+        model=scripted([function_call("transfer_to_billing", {}, call_id="h1")]),
+    )
+    config = RunConfig(
+        trace_metadata={"phi.session_id": "nth"}, tracing={"include_task_and_turn_spans": False}
+    )
+    run(triage, "my bill", run_config=config)
+    first, second = sessions(recorder)["nth"].loops
+    assert first.turns[-1].output_message.stop_reason == "handoff"  # type: ignore[union-attr]
+    assert second.loop_id == "nth.billing.1" and second.parent_loop_id == first.loop_id
 
 
 def test_disabled_tracing_warns_once(caplog: pytest.LogCaptureFixture, recorder: SessionRecorder) -> None:

@@ -10,7 +10,8 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
 * a ``task`` span (one ``Runner`` run) is a loop; its first ``agent`` span names the
   agent, a later one is a handoff (the loop ends with stop reason ``handoff`` and the
   next agent's loop continues it); with ``include_task_and_turn_spans`` off the agent
-  span is the loop and each model span a turn;
+  span is the loop and each model span a turn, and a later agent span in the trace is
+  a handoff only after a ``handoff`` span (else it is the next run);
 * ``turn`` -> TurnStart/TurnEnd; ``response``/``generation`` -> the assistant message
   (text, reasoning, tool calls with their ids, usage of that response only; model
   from the response);
@@ -378,6 +379,7 @@ class _Loop:
     output_guardrails: frozenset[str] = frozenset()
     agent_span: str | None = None  # the running agent's span
     hooked: bool = False  # run with `PhiRunHooks`: they give each tool's exact call
+    handing_off: bool = False  # a handoff span started since the running agent's
 
     def match_call(self, name: str) -> ToolCall | None:
         """The response's next unmatched call named `name`, if any."""
@@ -457,6 +459,7 @@ class _Mapper:
         elif kind == "turn":
             self._end_turn(loop)
         elif kind == "handoff":
+            loop.handing_off = True
             self._finish_message(loop, stop_reason="handoff")
 
     def span_ended(self, span: Span[Any]) -> None:
@@ -493,9 +496,15 @@ class _Mapper:
         owner = parent if parent is not None and parent.key == parent_id else None
         if owner is None:
             # No task spans: the agent span is the loop, keyed by what it runs under (the
-            # trace, or a tool for an agent run as a tool); a later agent there is a handoff.
+            # trace, or a tool for an agent run as a tool). A later agent there is a
+            # handoff if one was made; else it is another run under the same trace.
             key = parent_id if parent_id in self._tools else span.trace_id
-            owner = self._loops.get(key) or self._new_loop(key, span)
+            owner = self._loops.get(key)
+            if owner is not None and not owner.handing_off:
+                self._end_loop(owner, None)
+                owner = None
+            if owner is None:
+                owner = self._new_loop(key, span)
         self._of_span[span_id] = owner
         owner.agent_span = span_id
         config = _config(name, owner.model)
@@ -509,6 +518,7 @@ class _Mapper:
             owner.run = self.core.handoff(owner.key, config, metadata={"agent": name})
             owner.turn = None
             owner.prompted = True
+            owner.handing_off = False
 
     def _open_turn(self, loop: _Loop) -> TurnScope | None:
         run = loop.run
