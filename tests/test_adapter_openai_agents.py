@@ -218,6 +218,42 @@ def test_a_cancelled_run_fails_the_message_and_aborts_the_loop(
     assert loop.status == "Aborted" and loop.error == "cancelled"
 
 
+@pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
+def test_errors_keep_their_cause(recorder: SessionRecorder, task_spans: bool) -> None:
+    # The SDK's span errors say "Error in agent run", "Error running tool": the cause is in their data.
+    @function_tool(failure_error_function=None)
+    def hard_fail(x: int) -> int:
+        """Fails, and the run with it."""
+        raise RuntimeError("kaboom")
+
+    tracing: Any = {"include_task_and_turn_spans": task_spans}
+    with pytest.raises(RuntimeError, match="provider down"):
+        run(
+            Agent(name="m", model=scripted(RuntimeError("provider down"))),
+            "x",
+            run_config=RunConfig(trace_metadata={"phi.session_id": "model-err"}, tracing=tracing),
+        )
+    tool_model = scripted([function_call("hard_fail", {"x": 1}, call_id="hf1")])
+    with pytest.raises(Exception, match="kaboom"):
+        run(
+            Agent(name="t", model=tool_model, tools=[hard_fail]),
+            "x",
+            run_config=RunConfig(trace_metadata={"phi.session_id": "tool-err"}, tracing=tracing),
+        )
+    found = sessions(recorder)
+    (loop,) = found["model-err"].loops
+    assert loop.status == "Aborted" and loop.error == "Error in agent run: provider down"
+    message = loop.turns[0].output_message
+    assert message is not None and (message.stop_reason, message.error_message) == (
+        "error",
+        "Error: provider down",
+    )
+    (loop,) = found["tool-err"].loops
+    assert loop.error == "Error in agent run: Error running tool hard_fail: kaboom"
+    (result,) = loop.turns[0].tool_results
+    assert result.is_error and result.content[0].text == "Error running tool: kaboom"  # type: ignore[union-attr]
+
+
 def test_triggered_input_guardrail_rejects_the_loop(recorder: SessionRecorder) -> None:
     @input_guardrail(run_in_parallel=False)
     def no_secrets(context: Any, agent: Any, text: Any) -> GuardrailFunctionOutput:

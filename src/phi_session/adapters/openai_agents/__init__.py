@@ -220,6 +220,15 @@ def _error_of(span: Span[Any]) -> Any:
     return error
 
 
+def _error_text(error: Any) -> str:
+    """A span error as text: the SDK's message ("Error in agent run", "Error running tool")
+    and the cause it keeps in the error's data."""
+    message = str(error.get("message") or "error")
+    data = error.get("data")
+    cause = (data.get("error") or data.get("message")) if isinstance(data, dict) else None
+    return f"{message}: {cause}" if isinstance(cause, str) and cause and cause != message else message
+
+
 _ASSISTANT_ITEMS = frozenset(("function_call", "reasoning"))
 _MODEL_SPANS = frozenset(("response", "generation"))
 _LOOP_SPANS = frozenset(("task", "agent"))
@@ -561,7 +570,7 @@ class _Mapper:
         if model:
             message.model = str(model)
         failed = _error_of(span)
-        error = failed.get("message") if failed is not None else None
+        error = _error_text(failed) if failed is not None else None
         # Finished at the next step: a handoff that follows makes its stop reason ``handoff``.
         loop.reply = (blocks, calls, _usage(usage), error)
 
@@ -623,7 +632,7 @@ class _Mapper:
             return
         output = "" if data.output is None else str(data.output)
         if error is not None:
-            scope.error(output or str(error.get("message")))
+            scope.error(output or _error_text(error))
         else:
             scope.result(output)
         scope.end()
@@ -674,10 +683,13 @@ class _Mapper:
             self._streams.pop(loop.trace_id, None)
         if loop.run is None:
             return
-        message = None if error is None else str(error.get("message") or error)
-        if message is None:
+        if error is None:
             self._end_turn(loop)
-        self.core.end_run(loop.key, message)
+            self.core.end_run(loop.key)
+            return
+        if loop.reply is not None:  # the reply keeps its own error; the loop's ends the turn
+            self._finish_message(loop)
+        self.core.end_run(loop.key, _error_text(error))
 
     # -- hooks and streams -----------------------------------------------------------------
 
