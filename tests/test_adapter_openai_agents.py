@@ -25,8 +25,10 @@ from agents import (
     function_tool,
     input_guardrail,
     output_guardrail,
+    trace,
 )
-from agents.testing.model import ScriptedModel, assistant_message, function_call
+from agents.testing.model import ModelStep, ScriptedModel, assistant_message, function_call
+from agents.tracing import TracingProcessor, add_trace_processor, get_trace_provider, set_trace_processors
 from openai import AsyncOpenAI
 
 from phi_session import JsonDirStore, SessionRecorder, decode_session, encode_session
@@ -189,6 +191,69 @@ def test_an_exception_in_the_run_ends_the_loop_aborted(recorder: SessionRecorder
     assert loop.status == "Aborted"
 
 
+@pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
+def test_a_cancelled_run_fails_the_message_and_aborts_the_loop(
+    recorder: SessionRecorder, task_spans: bool
+) -> None:
+    async def slow(call: Any) -> ModelStep:
+        await asyncio.sleep(5)
+        return ModelStep(output=[assistant_message("too late")])
+
+    async def time_out() -> None:
+        agent = Agent(name="calc", model=scripted(ModelStep.respond(slow)))
+        config = RunConfig(
+            trace_metadata={"phi.session_id": "cancel"},
+            tracing={"include_task_and_turn_spans": task_spans},
+        )
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                Runner.run(agent, "x", hooks=openai_agents.PhiRunHooks(), run_config=config), 0.1
+            )
+
+    asyncio.run(time_out())
+    (loop,) = sessions(recorder)["cancel"].loops
+    (turn,) = loop.turns
+    message = turn.output_message
+    assert message is not None and (message.stop_reason, message.error_message) == ("error", "cancelled")
+    assert loop.status == "Aborted" and loop.error == "cancelled"
+
+
+@pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
+def test_errors_keep_their_cause(recorder: SessionRecorder, task_spans: bool) -> None:
+    # The SDK's span errors say "Error in agent run", "Error running tool": the cause is in their data.
+    @function_tool(failure_error_function=None)
+    def hard_fail(x: int) -> int:
+        """Fails, and the run with it."""
+        raise RuntimeError("kaboom")
+
+    tracing: Any = {"include_task_and_turn_spans": task_spans}
+    with pytest.raises(RuntimeError, match="provider down"):
+        run(
+            Agent(name="m", model=scripted(RuntimeError("provider down"))),
+            "x",
+            run_config=RunConfig(trace_metadata={"phi.session_id": "model-err"}, tracing=tracing),
+        )
+    tool_model = scripted([function_call("hard_fail", {"x": 1}, call_id="hf1")])
+    with pytest.raises(Exception, match="kaboom"):
+        run(
+            Agent(name="t", model=tool_model, tools=[hard_fail]),
+            "x",
+            run_config=RunConfig(trace_metadata={"phi.session_id": "tool-err"}, tracing=tracing),
+        )
+    found = sessions(recorder)
+    (loop,) = found["model-err"].loops
+    assert loop.status == "Aborted" and loop.error == "Error in agent run: provider down"
+    message = loop.turns[0].output_message
+    assert message is not None and (message.stop_reason, message.error_message) == (
+        "error",
+        "Error: provider down",
+    )
+    (loop,) = found["tool-err"].loops
+    assert loop.error == "Error in agent run: Error running tool hard_fail: kaboom"
+    (result,) = loop.turns[0].tool_results
+    assert result.is_error and result.content[0].text == "Error running tool: kaboom"  # type: ignore[union-attr]
+
+
 def test_triggered_input_guardrail_rejects_the_loop(recorder: SessionRecorder) -> None:
     @input_guardrail(run_in_parallel=False)
     def no_secrets(context: Any, agent: Any, text: Any) -> GuardrailFunctionOutput:
@@ -309,6 +374,45 @@ def test_install_is_idempotent_and_uninstall_detaches() -> None:
     assert recorder.sessions() == []
 
 
+class CountingProcessor(TracingProcessor):
+    def __init__(self) -> None:
+        self.traces = 0
+
+    def on_trace_start(self, trace: Any) -> None:
+        self.traces += 1
+
+    def on_trace_end(self, trace: Any) -> None:
+        pass
+
+    def on_span_start(self, span: Any) -> None:
+        pass
+
+    def on_span_end(self, span: Any) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self) -> None:
+        pass
+
+
+def test_uninstall_puts_back_the_processors_install_replaced() -> None:
+    before = openai_agents._processors_of(get_trace_provider())
+    mine = CountingProcessor()
+    add_trace_processor(mine)
+    try:
+        openai_agents.install([SessionRecorder()], replace_default=True)
+        run(Agent(name="calc", model=scripted([assistant_message("x")])), "x")
+        assert mine.traces == 0  # replaced
+        openai_agents.uninstall()
+        run(Agent(name="calc", model=scripted([assistant_message("x")])), "x")
+        assert mine.traces == 1  # the user's own processor is back
+        assert openai_agents._processors_of(get_trace_provider()) == [*before, mine]
+    finally:
+        set_trace_processors(before)
+
+
 def test_without_task_and_turn_spans_the_agent_span_is_the_loop(recorder: SessionRecorder) -> None:
     model = scripted([function_call("add", {"a": 1, "b": 2}, call_id="c1")], [assistant_message("3")])
     config = RunConfig(
@@ -317,6 +421,40 @@ def test_without_task_and_turn_spans_the_agent_span_is_the_loop(recorder: Sessio
     run(Agent(name="calc", model=model, tools=[add]), "add", run_config=config)
     (loop,) = sessions(recorder)["nt"].loops
     assert loop.status == "Completed" and len(loop.turns) == 2
+
+
+NO_TASK_SPANS = RunConfig(tracing={"include_task_and_turn_spans": False})
+
+
+def test_without_task_spans_two_runs_in_one_trace_are_two_runs(recorder: SessionRecorder) -> None:
+    async def both() -> None:
+        with trace("workflow", group_id="wf"):
+            for prompt in ("one", "two"):
+                agent = Agent(name="chat", model=scripted([assistant_message(f"answer {prompt}")]))
+                await Runner.run(agent, prompt, hooks=openai_agents.PhiRunHooks(), run_config=NO_TASK_SPANS)
+
+    asyncio.run(both())
+    first, second = sessions(recorder)["wf"].loops
+    # No handoff between them: the first ends as it answered, the second has its own prompt.
+    assert first.turns[-1].output_message.stop_reason == "stop"  # type: ignore[union-attr]
+    assert second.loop_id == "wf.chat.2" and second.parent_loop_id == first.loop_id
+    assert second.messages[0].content[0].text == "two"  # type: ignore[union-attr]
+
+
+def test_without_task_spans_a_handoff_is_still_one(recorder: SessionRecorder) -> None:
+    billing = Agent(name="billing", model=scripted([assistant_message("billing here")]))
+    triage = Agent(
+        name="triage",
+        handoffs=[billing],
+        model=scripted([function_call("transfer_to_billing", {}, call_id="h1")]),
+    )
+    config = RunConfig(
+        trace_metadata={"phi.session_id": "nth"}, tracing={"include_task_and_turn_spans": False}
+    )
+    run(triage, "my bill", run_config=config)
+    first, second = sessions(recorder)["nth"].loops
+    assert first.turns[-1].output_message.stop_reason == "handoff"  # type: ignore[union-attr]
+    assert second.loop_id == "nth.billing.1" and second.parent_loop_id == first.loop_id
 
 
 def test_disabled_tracing_warns_once(caplog: pytest.LogCaptureFixture, recorder: SessionRecorder) -> None:
@@ -408,6 +546,95 @@ def test_responses_model_content_and_usage_per_response(recorder: SessionRecorde
     assert (usage.input, usage.output, usage.cache_read, usage.reasoning) == (10, 3, 2, 1)
     assert second.output_message.content[0].text == "four"  # type: ignore[union-attr]
     assert (loop.usage.input, loop.usage.output) == (30, 7)
+
+
+def failing_client(status: int) -> AsyncOpenAI:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            status, json={"error": {"message": "bad request", "type": "invalid_request_error"}}
+        )
+
+    return AsyncOpenAI(
+        api_key="test",
+        base_url="http://mock/v1",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+    )
+
+
+def test_a_failed_responses_call_fails_the_message(recorder: SessionRecorder) -> None:
+    # The response span ends with no response: the reply failed, which is no adapter fault.
+    agent = Agent(name="calc", model=OpenAIResponsesModel("gpt-test-1", failing_client(400)))
+    with pytest.raises(Exception, match="bad request"):
+        run(agent, "x", hooks=None, run_config=in_session("http"))
+    (loop,) = sessions(recorder)["http"].loops
+    message = loop.turns[0].output_message
+    assert message is not None and message.stop_reason == "error"
+    assert message.error_message is not None and message.error_message.startswith("Error getting response")
+    assert loop.status == "Aborted"
+    core = openai_agents.installed()
+    assert core is not None and core.fault_count == 0
+
+
+def test_responses_usage_without_traced_data(recorder: SessionRecorder) -> None:
+    # trace_include_sensitive_data=False: the span keeps the usage, not the response.
+    client = responses_client(response_body([], 5, 1))
+    agent = Agent(name="calc", model=OpenAIResponsesModel("gpt-test-1", client))
+    config = RunConfig(trace_metadata={"phi.session_id": "redacted"}, trace_include_sensitive_data=False)
+    run(agent, "x", hooks=None, run_config=config)
+    (loop,) = sessions(recorder)["redacted"].loops
+    assert loop.status == "Completed" and (loop.usage.input, loop.usage.output) == (5, 1)
+    core = openai_agents.installed()
+    assert core is not None and core.fault_count == 0
+
+
+@function_tool
+async def sleepy(seconds: float, tag: str) -> str:
+    """Sleep, then echo the tag."""
+    await asyncio.sleep(seconds)
+    return f"result-{tag}"
+
+
+def sleepy_call(seconds: float, tag: str) -> dict[str, Any]:
+    arguments = json.dumps({"seconds": seconds, "tag": tag})
+    return {
+        "type": "function_call",
+        "id": f"fc_{tag}",
+        "call_id": f"call_{tag}",
+        "name": "sleepy",
+        "arguments": arguments,
+        "status": "completed",
+    }
+
+
+def test_without_hooks_parallel_calls_of_one_tool_keep_their_ids(recorder: SessionRecorder) -> None:
+    # The first call ends last: matched at their ends, the two would swap ids.
+    client = responses_client(
+        response_body([sleepy_call(0.2, "A"), sleepy_call(0.01, "B")], 1, 1),
+        response_body(
+            [
+                {
+                    "type": "message",
+                    "id": "m",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": "done", "annotations": []}],
+                }
+            ],
+            1,
+            1,
+        ),
+    )
+    agent = Agent(name="a", tools=[sleepy], model=OpenAIResponsesModel("gpt-test-1", client))
+    run(agent, "go", hooks=None, run_config=in_session("par"))
+    (loop,) = sessions(recorder)["par"].loops
+    results = {m.tool_call_id: m.content[0].text for m in loop.turns[0].tool_results}  # type: ignore[union-attr]
+    assert results == {"call_A": "result-A", "call_B": "result-B"}
+    # Each tool's start is recorded when it starts, not when it ends.
+    kinds = [
+        type(e.event).__name__ for e in loop.events if type(e.event).__name__.startswith("ToolExecution")
+    ]
+    assert kinds == ["ToolExecutionStart", "ToolExecutionStart", "ToolExecutionEnd", "ToolExecutionEnd"]
 
 
 def test_chat_completions_model_content_and_usage(recorder: SessionRecorder) -> None:

@@ -10,7 +10,8 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
 * a ``task`` span (one ``Runner`` run) is a loop; its first ``agent`` span names the
   agent, a later one is a handoff (the loop ends with stop reason ``handoff`` and the
   next agent's loop continues it); with ``include_task_and_turn_spans`` off the agent
-  span is the loop and each model span a turn;
+  span is the loop and each model span a turn, and a later agent span in the trace is
+  a handoff only after a ``handoff`` span (else it is the next run);
 * ``turn`` -> TurnStart/TurnEnd; ``response``/``generation`` -> the assistant message
   (text, reasoning, tool calls with their ids, usage of that response only; model
   from the response);
@@ -18,11 +19,13 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
   started inside a tool is that tool's sub-agent (own session, linked both ways);
 * a triggered input ``guardrail`` -> InputRejected, loop Rejected (loop failed if it
   tripped after the first turn began); a triggered output guardrail -> the loop fails
-  with an error naming it (`_Mapper._guardrail_triggered`).
+  with an error naming it (`_Mapper._guardrail_triggered`);
+* a cancelled run (``asyncio.wait_for`` timeout, ``Task.cancel``): the spans the
+  cancellation ends failed with ``cancelled`` (the reply, a running tool, the loop).
 
 The session is ``trace_metadata["phi.session_id"]``, else the trace's ``group_id``,
 else the adapter's own session. Function spans carry no tool call id: they are
-matched to the response's calls by name and order; pass ``hooks=PhiRunHooks()`` to
+matched to the response's calls by name and order as they start; pass ``hooks=PhiRunHooks()`` to
 ``Runner.run`` to make the match exact (and give the prompt and the agent's model).
 Processors see no streamed chunks: iterate ``stream(result)`` instead of
 ``result.stream_events()`` to record text, reasoning and argument deltas.
@@ -33,8 +36,10 @@ Processors see no streamed chunks: iterate ``stream(result)`` instead of
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -79,12 +84,12 @@ from agents.run_internal.turn_preparation import get_handoffs  # noqa: E402
 from agents.tracing import (  # noqa: E402
     Span,
     Trace,
+    TraceProvider,
     TracingProcessor,
     add_trace_processor,
     get_current_span,
     get_current_trace,
     get_trace_provider,
-    set_trace_processors,
 )
 from agents.tracing.processors import default_processor  # noqa: E402
 
@@ -201,6 +206,27 @@ def _user_texts(items: Any) -> list[str]:
     if isinstance(items, str):
         return [items]
     return [_text_of(_get(item, "content")) for item in items or () if _get(item, "role") == "user"]
+
+
+_CANCELLED = {"message": "cancelled"}
+
+
+def _error_of(span: Span[Any]) -> Any:
+    """The span's error. The SDK ends the spans of a cancelled run (``asyncio.wait_for``
+    timeout, ``Task.cancel``) with none while the cancellation unwinds them: those failed."""
+    error = span.error
+    if error is None and isinstance(sys.exc_info()[1], asyncio.CancelledError):
+        return _CANCELLED
+    return error
+
+
+def _error_text(error: Any) -> str:
+    """A span error as text: the SDK's message ("Error in agent run", "Error running tool")
+    and the cause it keeps in the error's data."""
+    message = str(error.get("message") or "error")
+    data = error.get("data")
+    cause = (data.get("error") or data.get("message")) if isinstance(data, dict) else None
+    return f"{message}: {cause}" if isinstance(cause, str) and cause and cause != message else message
 
 
 _ASSISTANT_ITEMS = frozenset(("function_call", "reasoning"))
@@ -335,7 +361,7 @@ class _Tool:
 
     def started(self) -> ToolScope | None:
         if self.scope is None and self.turn.running:
-            call_id = self.call_id if self.call_id is not None else self.loop.match_call(self.name)
+            call_id = self.call_id if self.call_id is not None else self.loop.new_call_id()
             self.scope = self.turn.tool(id=call_id, name=self.name, args=self.args or {}).start()
         return self.scope
 
@@ -361,13 +387,19 @@ class _Loop:
     input_guardrails: frozenset[str] = frozenset()
     output_guardrails: frozenset[str] = frozenset()
     agent_span: str | None = None  # the running agent's span
+    hooked: bool = False  # run with `PhiRunHooks`: they give each tool's exact call
+    handing_off: bool = False  # a handoff span started since the running agent's
 
-    def match_call(self, name: str) -> str:
-        """The id of the response's next unmatched call named `name` (else a made-up one)."""
+    def match_call(self, name: str) -> ToolCall | None:
+        """The response's next unmatched call named `name`, if any."""
         for index, call in enumerate(self.calls):
             if call.name == name:
                 del self.calls[index]
-                return call.id
+                return call
+        return None
+
+    def new_call_id(self) -> str:
+        """A made-up id for a tool call the response did not show."""
         self.call_number += 1
         return f"{self.key}-call-{self.call_number}"
 
@@ -436,6 +468,7 @@ class _Mapper:
         elif kind == "turn":
             self._end_turn(loop)
         elif kind == "handoff":
+            loop.handing_off = True
             self._finish_message(loop, stop_reason="handoff")
 
     def span_ended(self, span: Span[Any]) -> None:
@@ -444,7 +477,7 @@ class _Mapper:
         span_id = span.span_id
         loop = self._of_span.pop(span_id, None)
         if kind == "function":  # the most frequent first
-            self._tool_ended(span_id, data, span.error)
+            self._tool_ended(span_id, data, _error_of(span))
         elif kind in _MODEL_SPANS:
             if loop is not None:
                 self._model_ended(loop, span)
@@ -453,11 +486,11 @@ class _Mapper:
                 self._end_turn(loop)
         elif kind == "task":
             if loop is not None:
-                self._end_loop(loop, span.error)
+                self._end_loop(loop, _error_of(span))
         elif kind == "guardrail" and data.triggered and loop is not None:
             self._guardrail_triggered(loop, data.name, under_agent=span.parent_id == loop.agent_span)
-        elif kind == "agent" and span.error is not None and loop is not None:
-            self._end_loop(loop, span.error)
+        elif kind == "agent" and loop is not None and (error := _error_of(span)) is not None:
+            self._end_loop(loop, error)
 
     def _new_loop(self, key: str, span: Span[Any]) -> _Loop:
         loop = _Loop(key, span.trace_id, self._sessions.get(span.trace_id))
@@ -472,9 +505,15 @@ class _Mapper:
         owner = parent if parent is not None and parent.key == parent_id else None
         if owner is None:
             # No task spans: the agent span is the loop, keyed by what it runs under (the
-            # trace, or a tool for an agent run as a tool); a later agent there is a handoff.
+            # trace, or a tool for an agent run as a tool). A later agent there is a
+            # handoff if one was made; else it is another run under the same trace.
             key = parent_id if parent_id in self._tools else span.trace_id
-            owner = self._loops.get(key) or self._new_loop(key, span)
+            owner = self._loops.get(key)
+            if owner is not None and not owner.handing_off:
+                self._end_loop(owner, None)
+                owner = None
+            if owner is None:
+                owner = self._new_loop(key, span)
         self._of_span[span_id] = owner
         owner.agent_span = span_id
         config = _config(name, owner.model)
@@ -488,6 +527,7 @@ class _Mapper:
             owner.run = self.core.handoff(owner.key, config, metadata={"agent": name})
             owner.turn = None
             owner.prompted = True
+            owner.handing_off = False
 
     def _open_turn(self, loop: _Loop) -> TurnScope | None:
         run = loop.run
@@ -513,9 +553,12 @@ class _Mapper:
         message, turn = loop.message, loop.turn
         if message is None or not message.running or turn is None:
             return
-        response = getattr(data, "response", None)
-        if response is not None:  # Responses API
-            items, usage, model = response.output, response.usage, response.model
+        if data.type == "response":  # Responses API
+            response = data.response
+            if response is not None:
+                items, usage, model = response.output, response.usage, response.model
+            else:  # the call failed (HTTP error, cancellation) or its data is not traced
+                items, usage, model = None, data.usage, None
         else:  # Chat Completions (generation span)
             items, usage, model = data.output, data.usage, data.model
         if not loop.prompted and turn.index == 0:
@@ -526,7 +569,8 @@ class _Mapper:
         loop.calls = list(calls)
         if model:
             message.model = str(model)
-        error = span.error.get("message") if span.error is not None else None
+        failed = _error_of(span)
+        error = _error_text(failed) if failed is not None else None
         # Finished at the next step: a handoff that follows makes its stop reason ``handoff``.
         loop.reply = (blocks, calls, _usage(usage), error)
 
@@ -556,8 +600,15 @@ class _Mapper:
             return
         self._finish_message(loop)
         tool = _Tool(loop, name, turn)
+        # Matched as the spans start, in the order of the response's calls: parallel
+        # calls end in any order.
+        call = loop.match_call(name)
+        if call is not None:
+            tool.call_id, tool.args = call.id, call.arguments
         tool.token = enter_tool(tool.started)
         self._tools[span_id] = tool
+        if call is not None and not loop.hooked:  # no exact call to wait for: it starts now
+            tool.started()
 
     def exact_call(self, span_id: str, call_id: str, arguments: Any) -> None:
         """The hooks' exact call id and arguments for a function span (before it starts)."""
@@ -581,7 +632,7 @@ class _Mapper:
             return
         output = "" if data.output is None else str(data.output)
         if error is not None:
-            scope.error(output or str(error.get("message")))
+            scope.error(output or _error_text(error))
         else:
             scope.result(output)
         scope.end()
@@ -632,10 +683,13 @@ class _Mapper:
             self._streams.pop(loop.trace_id, None)
         if loop.run is None:
             return
-        message = None if error is None else str(error.get("message") or error)
-        if message is None:
+        if error is None:
             self._end_turn(loop)
-        self.core.end_run(loop.key, message)
+            self.core.end_run(loop.key)
+            return
+        if loop.reply is not None:  # the reply keeps its own error; the loop's ends the turn
+            self._finish_message(loop)
+        self.core.end_run(loop.key, _error_text(error))
 
     # -- hooks and streams -----------------------------------------------------------------
 
@@ -644,6 +698,7 @@ class _Mapper:
         loop = self._current_loop()
         if loop is None:
             return
+        loop.hooked = True
         model = getattr(agent, "model", None)
         if isinstance(model, str) and not loop.model:
             loop.model = model
@@ -746,8 +801,8 @@ class PhiTracingProcessor(TracingProcessor):
 
 _processor = PhiTracingProcessor()
 _install_lock = threading.Lock()
-_registered_with: object = None  # the trace provider the processor was added to
-_replaced_default = False
+_registered_with: TraceProvider | None = None  # the trace provider the processor was added to
+_replaced: list[TracingProcessor] | None = None  # the processors `install` replaced, to put back
 
 
 class PhiRunHooks(RunHooks[Any]):
@@ -826,6 +881,13 @@ def _warn_tracing_disabled() -> None:
         )
 
 
+def _processors_of(provider: TraceProvider) -> list[TracingProcessor]:
+    """The provider's processors. The SDK has no public getter: the default provider's
+    list is read; another provider's is taken to be the SDK's default processor."""
+    processors = getattr(getattr(provider, "_multi_processor", None), "_processors", None)
+    return list(processors) if isinstance(processors, tuple | list) else [default_processor()]
+
+
 def _tracing_disabled() -> bool:
     probe = get_trace_provider().create_trace("phi-session probe")
     return type(probe).__name__ == "NoOpTrace"
@@ -868,7 +930,7 @@ def install(
     ``redact``, ``rotate_after``). Idempotent: a second call returns the adapter
     already installed.
     """
-    global _registered_with, _replaced_default
+    global _registered_with, _replaced
     with _install_lock:
         mapper = _processor.mapper
         if mapper is not None:
@@ -876,8 +938,9 @@ def install(
         core = AdapterCore(FRAMEWORK, sink, capture_requests=capture_requests, **options)
         provider = get_trace_provider()
         if replace_default:
-            set_trace_processors([_processor])
-            _registered_with, _replaced_default = provider, True
+            _replaced = _processors_of(provider)
+            provider.set_processors([_processor])
+            _registered_with = provider
         elif _registered_with is not provider:
             add_trace_processor(_processor)
             _registered_with = provider
@@ -902,16 +965,18 @@ def installed() -> AdapterCore | None:
 
 def uninstall() -> None:
     """Stop recording: runs still open end as failed, everything held is saved, and the
-    SDK's default processor is put back if `install` replaced it."""
-    global _registered_with, _replaced_default
+    processors `install` replaced (``replace_default=True``) are put back."""
+    global _registered_with, _replaced
     with _install_lock:
         mapper = _processor.mapper
         if mapper is None:
             return
         _processor.mapper = None
-        if _replaced_default:
-            set_trace_processors([default_processor()])
-            _registered_with, _replaced_default = None, False
+        if _replaced is not None and _registered_with is not None:
+            _registered_with.set_processors(_replaced)
+            if _processor not in _replaced:  # else it stays added, as before `install`
+                _registered_with = None
+            _replaced = None
     mapper.core.close()
 
 
