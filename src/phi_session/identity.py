@@ -22,9 +22,9 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from ._time import Timestamp
 from .events import LoopConfigSnapshot, SessionFormation
@@ -40,6 +40,18 @@ Clock = Callable[[], int]
 
 IdFactory = Callable[[], str]
 """A source of fresh agent and session ids (lower-case UUID v4 strings by default)."""
+
+
+class RecordedLoop(Protocol):
+    """What `AgentSession.resume_recorded` reads of a recorded loop (a `LoopRecord`, or
+    a store's `LoopOutline` of one)."""
+
+    @property
+    def loop_id(self) -> str: ...
+
+    @property
+    def started_at(self) -> Timestamp: ...
+
 
 _NS_PER_S = 1_000_000_000
 _NS_PER_MS = 1_000_000
@@ -277,21 +289,25 @@ class AgentSession:
 
     def resume_session(self, session: Session) -> None:
         """Go on with `session`, a recording of the current session (e.g. loaded from a
-        store): `resume` after its loops, the one that started last being the loop
-        continuations follow; the session has had its first loop, so no new loop
-        records a formation."""
+        store): `resume_recorded` with its loops."""
         if session.session_id != self._session_id:
             raise ValueError(
                 f"session {session.session_id!r} is not the current session {self._session_id!r}"
             )
-        if not session.loops:
+        self.resume_recorded(session.loops)
+
+    def resume_recorded(self, loops: Sequence[RecordedLoop]) -> None:
+        """Go on after `loops`, the recorded loops of the current session (its records, or
+        a store's outlines of them, which are cheaper to read): `resume` after them, the
+        one that started last being the loop continuations follow; the session has had
+        its first loop, so no new loop records a formation."""
+        if not loops:
             return
-        last = max(session.loops, key=lambda record: record.started_at.ns)
-        self.resume((record.loop_id for record in session.loops), last.loop_id)
+        last = max(loops, key=lambda loop: loop.started_at.ns)
+        self.resume((loop.loop_id for loop in loops), last.loop_id)
         with self._lock:
-            if session.session_id == self._session_id:
-                self._formation_claimed = True
-                self._pending_formation = None
+            self._formation_claimed = True
+            self._pending_formation = None
 
     @classmethod
     def continuing(

@@ -477,10 +477,12 @@ class AdapterCore:
         if store is None:
             return
         try:
-            stored = store.load(agent.session_id)
+            # The outline: loop ids and start times without the messages, in the host's
+            # thread, once per session and process.
+            outline = store.load_outline(agent.session_id)
         except (SessionNotFound, InvalidSessionId):
             return
-        agent.resume_session(stored)
+        agent.resume_recorded(outline.loops)
 
     def run(self, key: object) -> AdapterRun | None:
         """The open run known by `key`, if any."""
