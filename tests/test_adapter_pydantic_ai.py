@@ -20,7 +20,7 @@ pytest.importorskip(
 
 from pydantic_ai import Agent, CallToolsNode, DeferredToolRequests, ModelRetry, RunContext
 from pydantic_ai.exceptions import CallDeferred, ToolFailed
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import (
     AgentInfo,
     DeltaThinkingPart,
@@ -254,6 +254,47 @@ def test_model_retry_from_a_tool_is_an_error_result_and_the_run_goes_on() -> Non
         (True, "try a bigger x"),
         (False, "ok"),
     ]
+
+
+def test_calls_pydantic_ai_answers_itself_get_the_retry_text_as_error_results() -> None:
+    # Arguments failing validation, an unknown tool and an invalid output tool call run no
+    # tool: their returns are pydantic-ai's own, in the request after the tools step.
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(
+                parts=[
+                    ToolCallPart("add", {"a": "x", "b": 1}, tool_call_id="bad"),
+                    ToolCallPart("nosuch", {}, tool_call_id="unknown"),
+                    ToolCallPart("final_result", {"n": "y"}, tool_call_id="out"),
+                ]
+            )
+        return ModelResponse(parts=[ToolCallPart("final_result", {"n": 3}, tool_call_id="out2")])
+
+    recorder = SessionRecorder()
+    agent = Agent(FunctionModel(model), output_type=Answer, capabilities=[PhiCapability(recorder)])
+
+    @agent.tool_plain
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    result = agent.run_sync("go")
+    sent = {
+        part.tool_call_id: part.model_response_str(wrap_if_error=False)
+        for message in result.all_messages()
+        for part in message.parts
+        if isinstance(part, ToolReturnPart)
+    }
+    loop = only_loop(recorder)
+    first, second = loop.turns
+    assert [(r.tool_call_id, r.is_error) for r in first.tool_results] == [
+        ("bad", True),
+        ("unknown", True),
+        ("out", True),
+    ]
+    for r in first.tool_results:
+        assert r.content[0].text == sent[r.tool_call_id]  # type: ignore[union-attr]
+    assert "nosuch" in sent["unknown"] and "int_parsing" in sent["bad"]
+    assert [(r.tool_call_id, r.is_error) for r in second.tool_results] == [("out2", False)]
 
 
 def test_a_tool_raising_fails_the_run_and_its_loop_records_why() -> None:

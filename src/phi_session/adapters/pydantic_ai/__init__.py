@@ -70,7 +70,7 @@ from .._core import (
 require_extra("pydantic-ai", "pydantic_ai")
 
 import pydantic_core  # noqa: E402  (after the extra's check)
-from pydantic_ai import CallToolsNode, RunContext  # noqa: E402
+from pydantic_ai import CallToolsNode, ModelRequestNode, RunContext  # noqa: E402
 from pydantic_ai import messages as pai  # noqa: E402
 from pydantic_ai.capabilities import (  # noqa: E402
     AbstractCapability,
@@ -324,15 +324,20 @@ class _Run:
             return None
         return turn.tool(id=call.tool_call_id, name=call.tool_name, args=call.args_as_dict()).start()
 
-    def tools_done(self, history: Sequence[pai.ModelMessage] = ()) -> None:
-        """The turn ends; with the run's `history`, after recording the returns pydantic-ai
-        made itself for calls no tool ran for (output tools: "Final result processed.")."""
+    def tools_done(self, returns: pai.ModelMessage | None = None) -> None:
+        """The turn ends; with the request holding the step's `returns`, after recording those
+        pydantic-ai made itself for calls no tool ran for (output tools: "Final result
+        processed.", arguments failing validation, unknown tools: the retry text)."""
         turn, self.turn = self.turn, None
         if turn is None or not turn.running:
             return
-        if history and isinstance(history[-1], pai.ModelRequest):
-            _record_own_returns(turn, history[-1])
+        if isinstance(returns, pai.ModelRequest):
+            _record_own_returns(turn, returns)
         turn.end()
+
+
+def _last(messages: Sequence[pai.ModelMessage]) -> pai.ModelMessage | None:
+    return messages[-1] if messages else None
 
 
 def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
@@ -512,7 +517,10 @@ class PhiCapability(AbstractCapability[Any]):
             run = self._runs.get(ctx.run_id or "")
             if run is not None:
                 try:
-                    run.tools_done(ctx.messages)
+                    # Before the next request, the step's returns are in its node, not yet
+                    # in `ctx.messages`; after the last step, they are the history's end.
+                    returns = result.request if isinstance(result, ModelRequestNode) else _last(ctx.messages)
+                    run.tools_done(returns)
                 except Exception as caught:
                     self._core.fault(caught)
         return result
