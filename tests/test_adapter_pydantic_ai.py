@@ -444,6 +444,25 @@ def test_run_stream_records_the_run_too() -> None:
     assert answer.content[-2].text == "Calling lookup"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_run_stream_records_the_output_tools_return_as_agent_run_does(stream: bool) -> None:
+    # run_stream answers the output tool call outside the hooks (no tools step runs).
+    recorder = SessionRecorder()
+    agent = Agent(TestModel(), output_type=Answer, capabilities=[PhiCapability(recorder, stream=stream)])
+
+    async def main() -> Answer:
+        async with agent.run_stream("x") as run:
+            return await run.get_output()
+
+    assert asyncio.run(main()) == Answer(n=0)
+    loop = only_loop(recorder)
+    assert loop.status == "Completed" and len(loop.turns) == 1
+    call, result = loop.messages[1:]
+    assert isinstance(call, AssistantMessage) and call.content[0].name == "final_result"  # type: ignore[union-attr]
+    assert isinstance(result, ToolResultMessage) and result.tool_call_id == call.content[0].id  # type: ignore[union-attr]
+    assert result.content[0].text == "Final result processed." and not result.is_error  # type: ignore[union-attr]
+
+
 # -- concurrency ---------------------------------------------------------------------------------------
 
 

@@ -87,7 +87,9 @@ from pydantic_ai.exceptions import (  # noqa: E402
     ToolFailedError,
     ToolRetryError,
 )
+from pydantic_ai.result import FinalResult  # noqa: E402
 from pydantic_ai.usage import RequestUsage  # noqa: E402
+from pydantic_graph import End  # noqa: E402
 
 if TYPE_CHECKING:
     from pydantic_ai.models import ModelRequestContext, ModelRequestParameters
@@ -106,6 +108,8 @@ _STOP_REASONS: dict[pai.FinishReason, StopReason] = {
     "content_filter": "guardRail",
 }
 _STREAM_EVENTS = (pai.PartStartEvent, pai.PartDeltaEvent)
+# pydantic-ai's return for the output tool call that gave the run's output.
+_FINAL_RESULT_PROCESSED = "Final result processed."
 
 
 # -- pydantic-ai values -> phi-core values --------------------------------------------------------
@@ -262,13 +266,14 @@ def request_payload(
 class _Run:
     """The scopes of one run's loop: its open turn and, while it streams, the open reply."""
 
-    __slots__ = ("loop", "prompt", "reply", "turn")
+    __slots__ = ("final_returns", "loop", "prompt", "reply", "turn")
 
     def __init__(self, recording: AdapterRun, prompt: str | Sequence[pai.UserContent] | None) -> None:
         self.loop = recording.loop
         self.prompt = prompt
         self.turn: TurnScope | None = None
         self.reply: MessageScope | None = None
+        self.final_returns: pai.ModelRequest | None = None
 
     def request(self) -> TurnScope:
         """A model request step starts: the previous turn ends (if its tools step did not end
@@ -470,7 +475,7 @@ class PhiCapability(AbstractCapability[Any]):
     def _close(self, key: str, run: _Run, error: BaseException | None) -> None:
         self._runs.pop(key, None)
         if error is None:
-            self._core.safely(run.tools_done)
+            self._core.safely(run.tools_done, run.final_returns)
         self._core.safely(self._core.end_run, key, error)
 
     def _run(self, ctx: RunContext[Any]) -> _Run | None:
@@ -521,6 +526,21 @@ class PhiCapability(AbstractCapability[Any]):
                     # in `ctx.messages`; after the last step, they are the history's end.
                     returns = result.request if isinstance(result, ModelRequestNode) else _last(ctx.messages)
                     run.tools_done(returns)
+                except Exception as caught:
+                    self._core.fault(caught)
+        elif isinstance(result, End) and isinstance(result.data, FinalResult):
+            # `run_stream` ended on an output tool call without a tools step: pydantic-ai answers
+            # the call in the history it hands the caller, which no hook sees, and the response
+            # is recorded later (its hook runs once the stream is consumed). The answer is the
+            # one `agent.run` records from the history, recorded when the run ends.
+            run = self._runs.get(ctx.run_id or "")
+            final = result.data
+            if run is not None and final.tool_call_id:
+                try:
+                    done = pai.ToolReturnPart(
+                        final.tool_name or "", _FINAL_RESULT_PROCESSED, final.tool_call_id
+                    )
+                    run.final_returns = pai.ModelRequest(parts=[done])
                 except Exception as caught:
                     self._core.fault(caught)
         return result
