@@ -352,6 +352,24 @@ def test_an_adapter_fault_is_counted_and_logged_once_and_the_host_never_sees_it(
     assert all(loop.status == "Completed" for s in sessions_of(recorder) for loop in s.loops)
 
 
+@pytest.mark.parametrize("name", ["enter_tool", "leave_tool"])
+def test_a_fault_marking_the_running_tool_never_reaches_the_host(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    recorder = SessionRecorder()
+    capability = PhiCapability(recorder)
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("adapter bug")
+
+    monkeypatch.setattr(adapter, name, broken)
+    assert tools_agent(capability).run_sync("hello").output == '{"add":0,"upper":"A"}'
+    assert capability.fault_count == 2  # once per tool
+    loop = only_loop(recorder)
+    # The tools' results are still recorded.
+    assert loop.status == "Completed" and len(loop.turns[0].tool_results) == 2
+
+
 def test_hooks_pass_what_they_get_through_unchanged() -> None:
     recorder = SessionRecorder()
     seen: list[Any] = []

@@ -92,11 +92,14 @@ from pydantic_ai.usage import RequestUsage  # noqa: E402
 from pydantic_graph import End  # noqa: E402
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from pydantic_ai.models import ModelRequestContext, ModelRequestParameters
     from pydantic_ai.run import AgentRunResult
     from pydantic_ai.tools import ToolDefinition as PaiToolDefinition
 
     from ...stores.base import SessionStore
+    from .._core import RunningTool
 
 __all__ = ["PhiCapability", "ReplayModel", "ReplayTools", "request_payload"]
 
@@ -566,22 +569,37 @@ class PhiCapability(AbstractCapability[Any]):
         if tool is None:
             return await handler(args)
         # A run started inside the tool (an agent delegated to) is its sub-agent.
-        token = enter_tool(tool)
+        token = None
+        try:
+            token = enter_tool(tool)
+        except Exception as caught:
+            self._core.fault(caught)
         try:
             result = await handler(args)
         except BaseException as error:
-            leave_tool(token)
+            self._tool_done(token, tool, call, error=error)
+            raise
+        self._tool_done(token, tool, call, result=result)
+        return result
+
+    def _tool_done(
+        self,
+        token: Token[RunningTool | None] | None,
+        tool: ToolScope,
+        call: pai.ToolCallPart,
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        if token is not None:
             try:
-                _tool_end(tool, call, error=error)
+                leave_tool(token)
             except Exception as caught:
                 self._core.fault(caught)
-            raise
-        leave_tool(token)
         try:
-            _tool_end(tool, call, result=result)
+            _tool_end(tool, call, result=result, error=error)
         except Exception as caught:
             self._core.fault(caught)
-        return result
 
     # -- streaming (opt-in) ---------------------------------------------------------------
 
