@@ -18,7 +18,14 @@ pytest.importorskip(
     "pydantic_ai", reason="needs the pydantic-ai extra: pip install 'phi-session[pydantic-ai]'"
 )
 
-from pydantic_ai import Agent, CallToolsNode, DeferredToolRequests, ModelRetry, RunContext
+from pydantic_ai import (
+    Agent,
+    CallToolsNode,
+    DeferredToolRequests,
+    ModelRetry,
+    RunContext,
+    ToolReturn,
+)
 from pydantic_ai.exceptions import CallDeferred, ToolFailed
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import (
@@ -295,6 +302,27 @@ def test_calls_pydantic_ai_answers_itself_get_the_retry_text_as_error_results() 
         assert r.content[0].text == sent[r.tool_call_id]  # type: ignore[union-attr]
     assert "nosuch" in sent["unknown"] and "int_parsing" in sent["bad"]
     assert [(r.tool_call_id, r.is_error) for r in second.tool_results] == [("out2", False)]
+
+
+def test_a_tool_return_is_recorded_as_the_model_reads_it_and_never_its_metadata() -> None:
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("look", {}, tool_call_id="c1")])
+        return ModelResponse(parts=[TextPart("ok")])
+
+    recorder = SessionRecorder()
+    agent = Agent(FunctionModel(model), capabilities=[PhiCapability(recorder)])
+
+    @agent.tool_plain
+    def look() -> ToolReturn:
+        return ToolReturn(return_value={"v": 1}, content="see also this", metadata={"secret": "s3"})
+
+    agent.run_sync("go")
+    _, _, result, extra, _ = only_loop(recorder).messages
+    assert isinstance(result, ToolResultMessage) and result.content[0].text == '{"v":1}'  # type: ignore[union-attr]
+    # pydantic-ai sends `content` as a user prompt of the next request.
+    assert isinstance(extra, UserMessage) and extra.content[0].text == "see also this"  # type: ignore[union-attr]
+    assert "s3" not in codec.encode(sessions_of(recorder)[0]).decode()
 
 
 def test_a_tool_raising_fails_the_run_and_its_loop_records_why() -> None:

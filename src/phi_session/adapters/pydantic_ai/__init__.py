@@ -176,7 +176,11 @@ def _prompt(prompt: str | Sequence[pai.UserContent]) -> str | tuple[Content, ...
 
 
 def _tool_result_text(call: pai.ToolCallPart, result: Any) -> str:
-    """The result as the model reads it (pydantic-ai's own rendering of a tool return)."""
+    """The result as the model reads it (pydantic-ai's own rendering of a tool return). Of a
+    `ToolReturn`, its return value: its content reaches the model as a user prompt (recorded
+    as one) and its metadata never does."""
+    if isinstance(result, pai.ToolReturn):
+        result = result.return_value
     if isinstance(result, str):
         return result  # the rendering of a string, without building a part for it
     return pai.ToolReturnPart(
@@ -269,23 +273,31 @@ def request_payload(
 class _Run:
     """The scopes of one run's loop: its open turn and, while it streams, the open reply."""
 
-    __slots__ = ("final_returns", "loop", "prompt", "reply", "turn")
+    __slots__ = ("final_returns", "loop", "prompt", "prompts", "reply", "turn")
 
     def __init__(self, recording: AdapterRun, prompt: str | Sequence[pai.UserContent] | None) -> None:
         self.loop = recording.loop
         self.prompt = prompt
+        # `ToolReturn.content` of the tools step: pydantic-ai sends it as user prompts after
+        # the tool returns, in the next request.
+        self.prompts: list[str | Sequence[pai.UserContent]] = []
         self.turn: TurnScope | None = None
         self.reply: MessageScope | None = None
         self.final_returns: pai.ModelRequest | None = None
 
     def request(self) -> TurnScope:
         """A model request step starts: the previous turn ends (if its tools step did not end
-        it), the prompt goes in before the first turn, and the next turn starts."""
+        it), the prompt goes in before the first turn (the tools' prompts before the next),
+        and the next turn starts."""
         self.tools_done()
         loop = self.loop
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None
             loop.user(_prompt(prompt))
+        if self.prompts:
+            prompts, self.prompts = self.prompts, []
+            for prompt in prompts:
+                loop.user(_prompt(prompt))
         turn = self.turn = loop.turn().start()
         return turn
 
@@ -580,6 +592,8 @@ class PhiCapability(AbstractCapability[Any]):
             self._tool_done(token, tool, call, error=error)
             raise
         self._tool_done(token, tool, call, result=result)
+        if run is not None and isinstance(result, pai.ToolReturn) and result.content is not None:
+            run.prompts.append(result.content)
         return result
 
     def _tool_done(
