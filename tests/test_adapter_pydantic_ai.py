@@ -22,6 +22,7 @@ from pydantic_ai import (
     Agent,
     CallToolsNode,
     DeferredToolRequests,
+    DeferredToolResults,
     ModelRetry,
     RunContext,
     ToolReturn,
@@ -589,6 +590,43 @@ def test_tool_failed_is_an_error_result_and_a_deferred_call_a_result_saying_so()
     results = {m.tool_name: m for m in only_loop(recorder).messages if isinstance(m, ToolResultMessage)}
     assert results["gone"].is_error and results["gone"].content[0].text == "no such record"  # type: ignore[union-attr]
     assert not results["pay"].is_error and "CallDeferred" in results["pay"].content[0].text  # type: ignore[union-attr]
+
+
+def test_deferred_calls_get_a_result_saying_so_and_the_resumed_run_their_results() -> None:
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(
+                parts=[
+                    ToolCallPart("delete", {"path": "/a"}, tool_call_id="c1"),
+                    ToolCallPart("delete", {"path": "/b"}, tool_call_id="c2"),
+                ]
+            )
+        return ModelResponse(parts=[TextPart("done")])
+
+    recorder = SessionRecorder()
+    agent = Agent(
+        FunctionModel(model), capabilities=[PhiCapability(recorder)], output_type=[str, DeferredToolRequests]
+    )
+
+    @agent.tool_plain(requires_approval=True)  # never reaches a tool hook in the first run
+    def delete(path: str) -> str:
+        return f"deleted {path}"
+
+    first = agent.run_sync("clean up")
+    assert isinstance(first.output, DeferredToolRequests)
+    # The resumed run runs the approved tool before any model request.
+    approvals = DeferredToolResults(approvals={"c1": True, "c2": False})
+    agent.run_sync(message_history=first.all_messages(), deferred_tool_results=approvals)
+    handed_back, resumed = sessions_of(recorder)[0].loops
+    texts = [
+        (m.tool_call_id, m.content[0].text) for m in handed_back.messages if isinstance(m, ToolResultMessage)
+    ]  # type: ignore[union-attr]
+    assert texts == [("c1", "[deferred: ApprovalRequired]"), ("c2", "[deferred: ApprovalRequired]")]
+    # Its returns go in before its first turn's reply, as in the request the model gets.
+    c1, c2, answer = resumed.messages
+    assert isinstance(c1, ToolResultMessage) and c1.content[0].text == "deleted /a"  # type: ignore[union-attr]
+    assert isinstance(c2, ToolResultMessage) and c2.content[0].text == "The tool call was denied."  # type: ignore[union-attr]
+    assert isinstance(answer, AssistantMessage) and answer.content[0].text == "done"  # type: ignore[union-attr]
 
 
 def test_a_run_left_early_ends_its_loop_aborted() -> None:

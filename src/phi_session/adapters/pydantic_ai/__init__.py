@@ -70,7 +70,7 @@ from .._core import (
 require_extra("pydantic-ai", "pydantic_ai")
 
 import pydantic_core  # noqa: E402  (after the extra's check)
-from pydantic_ai import CallToolsNode, ModelRequestNode, RunContext  # noqa: E402
+from pydantic_ai import CallToolsNode, DeferredToolRequests, ModelRequestNode, RunContext  # noqa: E402
 from pydantic_ai import messages as pai  # noqa: E402
 from pydantic_ai.capabilities import (  # noqa: E402
     AbstractCapability,
@@ -188,6 +188,31 @@ def _tool_result_text(call: pai.ToolCallPart, result: Any) -> str:
     ).model_response_str()
 
 
+def _tool_result_message(part: pai.ToolReturnPart, timestamp: int) -> ToolResultMessage:
+    return ToolResultMessage(
+        tool_call_id=part.tool_call_id,
+        tool_name=part.tool_name,
+        content=(TextContent(text=part.model_response_str(wrap_if_error=False)),),
+        is_error=part.outcome in pai.ERROR_OUTCOMES,
+        timestamp=timestamp,
+    )
+
+
+def _deferred(name: str) -> str:
+    return f"[deferred: {name}]"
+
+
+def _deferred_returns(requests: DeferredToolRequests) -> list[pai.ToolReturnPart]:
+    """A result saying so for each call handed back to the caller, as a tool raising
+    `CallDeferred` or `ApprovalRequired` gets (tools needing approval and external tools
+    never run, so no tool hook sees them)."""
+    return [
+        pai.ToolReturnPart(call.tool_name, _deferred(kind.__name__), call.tool_call_id)
+        for kind, calls in ((CallDeferred, requests.calls), (ApprovalRequired, requests.approvals))
+        for call in calls
+    ]
+
+
 def _request_parts(message: pai.ModelRequest, timestamp: int, system: list[str], into: list[Message]) -> None:
     """The messages of a request step's parts; system prompt parts go to `system`. Parts
     phi-core has no message for (instruction and tool-availability bookkeeping) are left out."""
@@ -199,15 +224,7 @@ def _request_parts(message: pai.ModelRequest, timestamp: int, system: list[str],
             content = (TextContent(text=prompt),) if isinstance(prompt, str) else prompt
             into.append(UserMessage(content=content, timestamp=timestamp))
         elif isinstance(part, pai.ToolReturnPart):
-            into.append(
-                ToolResultMessage(
-                    tool_call_id=part.tool_call_id,
-                    tool_name=part.tool_name,
-                    content=(TextContent(text=part.model_response_str(wrap_if_error=False)),),
-                    is_error=part.outcome in pai.ERROR_OUTCOMES,
-                    timestamp=timestamp,
-                )
-            )
+            into.append(_tool_result_message(part, timestamp))
         elif isinstance(part, (pai.RetryPromptPart, pai.RetryFeedbackPart)):
             into.append(UserMessage(content=(TextContent(text=part.model_response()),), timestamp=timestamp))
 
@@ -343,6 +360,15 @@ class _Run:
         if turn is None:
             return None
         return turn.tool(id=call.tool_call_id, name=call.tool_name, args=call.args_as_dict()).start()
+
+    def resumed(self, returns: pai.ModelRequest, timestamp: int) -> None:
+        """A resumed run's tools step (the caller's deferred tool results: approved tools run,
+        external results, denials) comes before its first model request, outside any turn:
+        its returns wait for the first turn, ahead of the prompt, as in the request."""
+        loop = self.loop
+        for part in returns.parts:
+            if isinstance(part, pai.ToolReturnPart):
+                loop.user(_tool_result_message(part, timestamp))
 
     def tools_done(self, returns: pai.ModelMessage | None = None) -> None:
         """The turn ends; with the request holding the step's `returns`, after recording those
@@ -537,10 +563,7 @@ class PhiCapability(AbstractCapability[Any]):
             run = self._runs.get(ctx.run_id or "")
             if run is not None:
                 try:
-                    # Before the next request, the step's returns are in its node, not yet
-                    # in `ctx.messages`; after the last step, they are the history's end.
-                    returns = result.request if isinstance(result, ModelRequestNode) else _last(ctx.messages)
-                    run.tools_done(returns)
+                    self._tools_step_done(run, ctx, result)
                 except Exception as caught:
                     self._core.fault(caught)
         elif isinstance(result, End) and isinstance(result.data, FinalResult):
@@ -559,6 +582,23 @@ class PhiCapability(AbstractCapability[Any]):
                 except Exception as caught:
                     self._core.fault(caught)
         return result
+
+    def _tools_step_done(self, run: _Run, ctx: RunContext[Any], result: NodeResult[Any]) -> None:
+        if isinstance(result, ModelRequestNode):
+            # Before the next request, the step's returns are in its node, not yet in
+            # `ctx.messages`.
+            if run.turn is None:
+                run.resumed(result.request, self._core.agent.millis())
+            run.tools_done(result.request)
+            return
+        # After the last step, they are the history's end.
+        returns: pai.ModelMessage | None = _last(ctx.messages)
+        if isinstance(result, End) and isinstance(result.data, FinalResult):
+            output = result.data.output
+            if isinstance(output, DeferredToolRequests):  # calls handed back to the caller
+                parts = returns.parts if isinstance(returns, pai.ModelRequest) else ()
+                returns = pai.ModelRequest(parts=[*_deferred_returns(output), *parts])
+        run.tools_done(returns)
 
     # -- tools ----------------------------------------------------------------------------
 
@@ -650,7 +690,7 @@ def _tool_end(
         tool.result(_tool_result_text(call, error.result))
     elif isinstance(error, (CallDeferred, ApprovalRequired)):
         # Handed back to the caller (DeferredToolRequests): no result yet.
-        tool.result(f"[deferred: {type(error).__name__}]")
+        tool.result(_deferred(type(error).__name__))
     else:
         tool.end(error)
         return
