@@ -545,6 +545,35 @@ def test_concurrent_runs_on_one_capability_are_kept_apart() -> None:
         assert loop.messages[-1].content[0].text == f"done {tag}"  # type: ignore[union-attr]
 
 
+def test_concurrent_runs_given_the_same_run_id_are_kept_apart() -> None:
+    recorder = SessionRecorder()
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        prompt = messages[0].parts[-1].content  # type: ignore[union-attr]
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("wait", {"tag": prompt}, tool_call_id=f"call-{prompt}")])
+        return ModelResponse(parts=[TextPart(f"done {prompt}")])
+
+    agent = Agent(FunctionModel(model), capabilities=[PhiCapability(recorder)])
+
+    @agent.tool_plain
+    async def wait(tag: str) -> str:
+        await asyncio.sleep(0.01)  # both runs are inside a tool at once
+        return tag
+
+    async def main() -> None:
+        await asyncio.gather(agent.run("a", run_id="request-1"), agent.run("b", run_id="request-1"))
+
+    asyncio.run(main())
+    loops = [loop for session in sessions_of(recorder) for loop in session.loops]
+    assert len(loops) == 2
+    for loop in loops:
+        tag = loop.messages[0].content[0].text  # type: ignore[union-attr]
+        ids = [m.tool_call_id for m in loop.messages if isinstance(m, ToolResultMessage)]
+        assert ids == [f"call-{tag}"]
+        assert loop.messages[-1].content[0].text == f"done {tag}"  # type: ignore[union-attr]
+
+
 # -- the capability itself --------------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ assistant message is recorded whole, when the response is complete.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from ...identity import AgentSession, Clock
@@ -290,10 +291,17 @@ def request_payload(
 class _Run:
     """The scopes of one run's loop: its open turn and, while it streams, the open reply."""
 
-    __slots__ = ("final_returns", "loop", "prompt", "prompts", "reply", "turn")
+    __slots__ = ("core", "final_returns", "key", "loop", "prompt", "prompts", "reply", "run_id", "turn")
 
-    def __init__(self, recording: AdapterRun, prompt: str | Sequence[pai.UserContent] | None) -> None:
-        self.loop = recording.loop
+    def __init__(
+        self,
+        recording: AdapterRun,
+        core: AdapterCore,
+        run_id: str | None,
+        prompt: str | Sequence[pai.UserContent] | None,
+    ) -> None:
+        self.loop, self.key = recording.loop, recording.key
+        self.core, self.run_id = core, run_id  # what `PhiCapability._run` finds it by
         self.prompt = prompt
         # `ToolReturn.content` of the tools step: pydantic-ai sends it as user prompts after
         # the tool returns, in the next request.
@@ -405,6 +413,12 @@ def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
         tool.end()
 
 
+# The runs open in this context, innermost last: `wrap_run` adds its run around its handler,
+# and pydantic-ai carries the context into every hook of the run (and the tasks it starts),
+# so two runs given the same run id, each in its own task or thread, are kept apart.
+_OPEN_RUNS: ContextVar[tuple[_Run, ...]] = ContextVar("phi_session_pydantic_ai_runs", default=())
+
+
 # -- the capability -------------------------------------------------------------------------------
 
 
@@ -429,7 +443,7 @@ class PhiCapability(AbstractCapability[Any]):
 
     Never raises into the run and never changes what a hook passes on: a recording
     fault is counted (`fault_count`) and logged once, and the run goes on. One
-    instance may serve many agents and concurrent runs (state is kept per run id).
+    instance may serve many agents and concurrent runs (state is kept per run).
     `close()` ends runs still open and saves what the embedded store has not yet.
     """
 
@@ -466,7 +480,6 @@ class PhiCapability(AbstractCapability[Any]):
             processors=processors,
             redact=redact,
         )
-        self._runs: dict[str, _Run] = {}
 
     def __repr__(self) -> str:
         return f"PhiCapability(stream={self.stream}, capture_requests={self.capture_requests})"
@@ -492,42 +505,49 @@ class PhiCapability(AbstractCapability[Any]):
     # -- the run --------------------------------------------------------------------------
 
     async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
-        key = ctx.run_id or ""
-        run = self._core.safely(self._open, key, ctx)
+        run = self._core.safely(self._open, ctx)
+        if run is None:
+            return await handler()
+        token = _OPEN_RUNS.set((*_OPEN_RUNS.get(), run))
         try:
             result = await handler()
         except BaseException as error:
-            if run is not None:
-                self._close(key, run, error)
+            self._close(run, error)
             raise
-        if run is not None:
-            self._close(key, run, None)
+        finally:
+            self._core.safely(_OPEN_RUNS.reset, token)
+        self._close(run, None)
         return result
 
-    def _open(self, key: str, ctx: RunContext[Any]) -> _Run:
+    def _open(self, ctx: RunContext[Any]) -> _Run:
         model, agent = ctx.model, ctx.agent
         config = loop_config(
             model.model_name, model.system, agent.name if agent is not None and agent.name else None
         )
-        recording = self._core.start_run(key, config, framework_session_id=ctx.conversation_id)
-        run = self._runs[key] = _Run(recording, ctx.prompt)
-        return run
+        # Keyed in the core by an object of its own: run ids are the caller's to give, and
+        # two runs may be given the same.
+        recording = self._core.start_run(object(), config, framework_session_id=ctx.conversation_id)
+        return _Run(recording, self._core, ctx.run_id, ctx.prompt)
 
-    def _close(self, key: str, run: _Run, error: BaseException | None) -> None:
-        self._runs.pop(key, None)
+    def _close(self, run: _Run, error: BaseException | None) -> None:
         if error is None:
             self._core.safely(run.tools_done, run.final_returns)
-        self._core.safely(self._core.end_run, key, error)
+        self._core.safely(self._core.end_run, run.key, error)
 
     def _run(self, ctx: RunContext[Any]) -> _Run | None:
-        return self._runs.get(ctx.run_id or "")
+        """The run of `ctx` this capability records: the innermost open in this context."""
+        run_id, core = ctx.run_id, self._core
+        for run in reversed(_OPEN_RUNS.get()):
+            if run.core is core and run.run_id == run_id:
+                return run
+        return None
 
     # -- model requests -------------------------------------------------------------------
 
     async def before_model_request(
         self, ctx: RunContext[Any], request_context: ModelRequestContext
     ) -> ModelRequestContext:
-        run = self._runs.get(ctx.run_id or "")
+        run = self._run(ctx)
         if run is not None:
             try:
                 run.request()
@@ -538,7 +558,7 @@ class PhiCapability(AbstractCapability[Any]):
     async def after_model_request(
         self, ctx: RunContext[Any], *, request_context: ModelRequestContext, response: pai.ModelResponse
     ) -> pai.ModelResponse:
-        run = self._runs.get(ctx.run_id or "")
+        run = self._run(ctx)
         if run is not None:
             try:
                 model, provider = ctx.model.model_name, ctx.model.system
@@ -560,7 +580,7 @@ class PhiCapability(AbstractCapability[Any]):
         self, ctx: RunContext[Any], *, node: AgentNode[Any], result: NodeResult[Any]
     ) -> NodeResult[Any]:
         if isinstance(node, CallToolsNode):
-            run = self._runs.get(ctx.run_id or "")
+            run = self._run(ctx)
             if run is not None:
                 try:
                     self._tools_step_done(run, ctx, result)
@@ -571,7 +591,7 @@ class PhiCapability(AbstractCapability[Any]):
             # the call in the history it hands the caller, which no hook sees, and the response
             # is recorded later (its hook runs once the stream is consumed). The answer is the
             # one `agent.run` records from the history, recorded when the run ends.
-            run = self._runs.get(ctx.run_id or "")
+            run = self._run(ctx)
             final = result.data
             if run is not None and final.tool_call_id:
                 try:
@@ -611,7 +631,7 @@ class PhiCapability(AbstractCapability[Any]):
         args: ValidatedToolArgs,
         handler: WrapToolExecuteHandler,
     ) -> Any:
-        run = self._runs.get(ctx.run_id or "")
+        run = self._run(ctx)
         tool = None
         if run is not None:
             try:
