@@ -18,9 +18,17 @@ pytest.importorskip(
     "pydantic_ai", reason="needs the pydantic-ai extra: pip install 'phi-session[pydantic-ai]'"
 )
 
-from pydantic_ai import Agent, CallToolsNode, DeferredToolRequests, ModelRetry, RunContext
+from pydantic_ai import (
+    Agent,
+    CallToolsNode,
+    DeferredToolRequests,
+    DeferredToolResults,
+    ModelRetry,
+    RunContext,
+    ToolReturn,
+)
 from pydantic_ai.exceptions import CallDeferred, ToolFailed
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import (
     AgentInfo,
     DeltaThinkingPart,
@@ -256,6 +264,68 @@ def test_model_retry_from_a_tool_is_an_error_result_and_the_run_goes_on() -> Non
     ]
 
 
+def test_calls_pydantic_ai_answers_itself_get_the_retry_text_as_error_results() -> None:
+    # Arguments failing validation, an unknown tool and an invalid output tool call run no
+    # tool: their returns are pydantic-ai's own, in the request after the tools step.
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(
+                parts=[
+                    ToolCallPart("add", {"a": "x", "b": 1}, tool_call_id="bad"),
+                    ToolCallPart("nosuch", {}, tool_call_id="unknown"),
+                    ToolCallPart("final_result", {"n": "y"}, tool_call_id="out"),
+                ]
+            )
+        return ModelResponse(parts=[ToolCallPart("final_result", {"n": 3}, tool_call_id="out2")])
+
+    recorder = SessionRecorder()
+    agent = Agent(FunctionModel(model), output_type=Answer, capabilities=[PhiCapability(recorder)])
+
+    @agent.tool_plain
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    result = agent.run_sync("go")
+    sent = {
+        part.tool_call_id: part.model_response_str(wrap_if_error=False)
+        for message in result.all_messages()
+        for part in message.parts
+        if isinstance(part, ToolReturnPart)
+    }
+    loop = only_loop(recorder)
+    first, second = loop.turns
+    assert [(r.tool_call_id, r.is_error) for r in first.tool_results] == [
+        ("bad", True),
+        ("unknown", True),
+        ("out", True),
+    ]
+    for r in first.tool_results:
+        assert r.content[0].text == sent[r.tool_call_id]  # type: ignore[union-attr]
+    assert "nosuch" in sent["unknown"] and "int_parsing" in sent["bad"]
+    assert [(r.tool_call_id, r.is_error) for r in second.tool_results] == [("out2", False)]
+
+
+def test_a_tool_return_is_recorded_as_the_model_reads_it_and_never_its_metadata() -> None:
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("look", {}, tool_call_id="c1")])
+        return ModelResponse(parts=[TextPart("ok")])
+
+    recorder = SessionRecorder()
+    agent = Agent(FunctionModel(model), capabilities=[PhiCapability(recorder)])
+
+    @agent.tool_plain
+    def look() -> ToolReturn:
+        return ToolReturn(return_value={"v": 1}, content="see also this", metadata={"secret": "s3"})
+
+    agent.run_sync("go")
+    _, _, result, extra, _ = only_loop(recorder).messages
+    assert isinstance(result, ToolResultMessage) and result.content[0].text == '{"v":1}'  # type: ignore[union-attr]
+    # pydantic-ai sends `content` as a user prompt of the next request.
+    assert isinstance(extra, UserMessage) and extra.content[0].text == "see also this"  # type: ignore[union-attr]
+    assert "s3" not in codec.encode(sessions_of(recorder)[0]).decode()
+
+
 def test_a_tool_raising_fails_the_run_and_its_loop_records_why() -> None:
     recorder = SessionRecorder()
     agent = Agent(TestModel(), capabilities=[PhiCapability(recorder)])
@@ -309,6 +379,24 @@ def test_an_adapter_fault_is_counted_and_logged_once_and_the_host_never_sees_it(
     assert capability.fault_count == 4  # both responses of both runs
     # The loops still end, with what could be recorded.
     assert all(loop.status == "Completed" for s in sessions_of(recorder) for loop in s.loops)
+
+
+@pytest.mark.parametrize("name", ["enter_tool", "leave_tool"])
+def test_a_fault_marking_the_running_tool_never_reaches_the_host(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    recorder = SessionRecorder()
+    capability = PhiCapability(recorder)
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("adapter bug")
+
+    monkeypatch.setattr(adapter, name, broken)
+    assert tools_agent(capability).run_sync("hello").output == '{"add":0,"upper":"A"}'
+    assert capability.fault_count == 2  # once per tool
+    loop = only_loop(recorder)
+    # The tools' results are still recorded.
+    assert loop.status == "Completed" and len(loop.turns[0].tool_results) == 2
 
 
 def test_hooks_pass_what_they_get_through_unchanged() -> None:
@@ -403,6 +491,25 @@ def test_run_stream_records_the_run_too() -> None:
     assert answer.content[-2].text == "Calling lookup"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_run_stream_records_the_output_tools_return_as_agent_run_does(stream: bool) -> None:
+    # run_stream answers the output tool call outside the hooks (no tools step runs).
+    recorder = SessionRecorder()
+    agent = Agent(TestModel(), output_type=Answer, capabilities=[PhiCapability(recorder, stream=stream)])
+
+    async def main() -> Answer:
+        async with agent.run_stream("x") as run:
+            return await run.get_output()
+
+    assert asyncio.run(main()) == Answer(n=0)
+    loop = only_loop(recorder)
+    assert loop.status == "Completed" and len(loop.turns) == 1
+    call, result = loop.messages[1:]
+    assert isinstance(call, AssistantMessage) and call.content[0].name == "final_result"  # type: ignore[union-attr]
+    assert isinstance(result, ToolResultMessage) and result.tool_call_id == call.content[0].id  # type: ignore[union-attr]
+    assert result.content[0].text == "Final result processed." and not result.is_error  # type: ignore[union-attr]
+
+
 # -- concurrency ---------------------------------------------------------------------------------------
 
 
@@ -432,6 +539,35 @@ def test_concurrent_runs_on_one_capability_are_kept_apart() -> None:
     assert len(sessions) == 2
     for session in sessions:
         (loop,) = session.loops
+        tag = loop.messages[0].content[0].text  # type: ignore[union-attr]
+        ids = [m.tool_call_id for m in loop.messages if isinstance(m, ToolResultMessage)]
+        assert ids == [f"call-{tag}"]
+        assert loop.messages[-1].content[0].text == f"done {tag}"  # type: ignore[union-attr]
+
+
+def test_concurrent_runs_given_the_same_run_id_are_kept_apart() -> None:
+    recorder = SessionRecorder()
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        prompt = messages[0].parts[-1].content  # type: ignore[union-attr]
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("wait", {"tag": prompt}, tool_call_id=f"call-{prompt}")])
+        return ModelResponse(parts=[TextPart(f"done {prompt}")])
+
+    agent = Agent(FunctionModel(model), capabilities=[PhiCapability(recorder)])
+
+    @agent.tool_plain
+    async def wait(tag: str) -> str:
+        await asyncio.sleep(0.01)  # both runs are inside a tool at once
+        return tag
+
+    async def main() -> None:
+        await asyncio.gather(agent.run("a", run_id="request-1"), agent.run("b", run_id="request-1"))
+
+    asyncio.run(main())
+    loops = [loop for session in sessions_of(recorder) for loop in session.loops]
+    assert len(loops) == 2
+    for loop in loops:
         tag = loop.messages[0].content[0].text  # type: ignore[union-attr]
         ids = [m.tool_call_id for m in loop.messages if isinstance(m, ToolResultMessage)]
         assert ids == [f"call-{tag}"]
@@ -483,6 +619,43 @@ def test_tool_failed_is_an_error_result_and_a_deferred_call_a_result_saying_so()
     results = {m.tool_name: m for m in only_loop(recorder).messages if isinstance(m, ToolResultMessage)}
     assert results["gone"].is_error and results["gone"].content[0].text == "no such record"  # type: ignore[union-attr]
     assert not results["pay"].is_error and "CallDeferred" in results["pay"].content[0].text  # type: ignore[union-attr]
+
+
+def test_deferred_calls_get_a_result_saying_so_and_the_resumed_run_their_results() -> None:
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(
+                parts=[
+                    ToolCallPart("delete", {"path": "/a"}, tool_call_id="c1"),
+                    ToolCallPart("delete", {"path": "/b"}, tool_call_id="c2"),
+                ]
+            )
+        return ModelResponse(parts=[TextPart("done")])
+
+    recorder = SessionRecorder()
+    agent = Agent(
+        FunctionModel(model), capabilities=[PhiCapability(recorder)], output_type=[str, DeferredToolRequests]
+    )
+
+    @agent.tool_plain(requires_approval=True)  # never reaches a tool hook in the first run
+    def delete(path: str) -> str:
+        return f"deleted {path}"
+
+    first = agent.run_sync("clean up")
+    assert isinstance(first.output, DeferredToolRequests)
+    # The resumed run runs the approved tool before any model request.
+    approvals = DeferredToolResults(approvals={"c1": True, "c2": False})
+    agent.run_sync(message_history=first.all_messages(), deferred_tool_results=approvals)
+    handed_back, resumed = sessions_of(recorder)[0].loops
+    texts = [
+        (m.tool_call_id, m.content[0].text) for m in handed_back.messages if isinstance(m, ToolResultMessage)
+    ]  # type: ignore[union-attr]
+    assert texts == [("c1", "[deferred: ApprovalRequired]"), ("c2", "[deferred: ApprovalRequired]")]
+    # Its returns go in before its first turn's reply, as in the request the model gets.
+    c1, c2, answer = resumed.messages
+    assert isinstance(c1, ToolResultMessage) and c1.content[0].text == "deleted /a"  # type: ignore[union-attr]
+    assert isinstance(c2, ToolResultMessage) and c2.content[0].text == "The tool call was denied."  # type: ignore[union-attr]
+    assert isinstance(answer, AssistantMessage) and answer.content[0].text == "done"  # type: ignore[union-attr]
 
 
 def test_a_run_left_early_ends_its_loop_aborted() -> None:

@@ -34,6 +34,7 @@ assistant message is recorded whole, when the response is complete.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from ...identity import AgentSession, Clock
@@ -70,7 +71,7 @@ from .._core import (
 require_extra("pydantic-ai", "pydantic_ai")
 
 import pydantic_core  # noqa: E402  (after the extra's check)
-from pydantic_ai import CallToolsNode, RunContext  # noqa: E402
+from pydantic_ai import CallToolsNode, DeferredToolRequests, ModelRequestNode, RunContext  # noqa: E402
 from pydantic_ai import messages as pai  # noqa: E402
 from pydantic_ai.capabilities import (  # noqa: E402
     AbstractCapability,
@@ -87,14 +88,19 @@ from pydantic_ai.exceptions import (  # noqa: E402
     ToolFailedError,
     ToolRetryError,
 )
+from pydantic_ai.result import FinalResult  # noqa: E402
 from pydantic_ai.usage import RequestUsage  # noqa: E402
+from pydantic_graph import End  # noqa: E402
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from pydantic_ai.models import ModelRequestContext, ModelRequestParameters
     from pydantic_ai.run import AgentRunResult
     from pydantic_ai.tools import ToolDefinition as PaiToolDefinition
 
     from ...stores.base import SessionStore
+    from .._core import RunningTool
 
 __all__ = ["PhiCapability", "ReplayModel", "ReplayTools", "request_payload"]
 
@@ -106,6 +112,8 @@ _STOP_REASONS: dict[pai.FinishReason, StopReason] = {
     "content_filter": "guardRail",
 }
 _STREAM_EVENTS = (pai.PartStartEvent, pai.PartDeltaEvent)
+# pydantic-ai's return for the output tool call that gave the run's output.
+_FINAL_RESULT_PROCESSED = "Final result processed."
 
 
 # -- pydantic-ai values -> phi-core values --------------------------------------------------------
@@ -169,12 +177,41 @@ def _prompt(prompt: str | Sequence[pai.UserContent]) -> str | tuple[Content, ...
 
 
 def _tool_result_text(call: pai.ToolCallPart, result: Any) -> str:
-    """The result as the model reads it (pydantic-ai's own rendering of a tool return)."""
+    """The result as the model reads it (pydantic-ai's own rendering of a tool return). Of a
+    `ToolReturn`, its return value: its content reaches the model as a user prompt (recorded
+    as one) and its metadata never does."""
+    if isinstance(result, pai.ToolReturn):
+        result = result.return_value
     if isinstance(result, str):
         return result  # the rendering of a string, without building a part for it
     return pai.ToolReturnPart(
         tool_name=call.tool_name, content=result, tool_call_id=call.tool_call_id
     ).model_response_str()
+
+
+def _tool_result_message(part: pai.ToolReturnPart, timestamp: int) -> ToolResultMessage:
+    return ToolResultMessage(
+        tool_call_id=part.tool_call_id,
+        tool_name=part.tool_name,
+        content=(TextContent(text=part.model_response_str(wrap_if_error=False)),),
+        is_error=part.outcome in pai.ERROR_OUTCOMES,
+        timestamp=timestamp,
+    )
+
+
+def _deferred(name: str) -> str:
+    return f"[deferred: {name}]"
+
+
+def _deferred_returns(requests: DeferredToolRequests) -> list[pai.ToolReturnPart]:
+    """A result saying so for each call handed back to the caller, as a tool raising
+    `CallDeferred` or `ApprovalRequired` gets (tools needing approval and external tools
+    never run, so no tool hook sees them)."""
+    return [
+        pai.ToolReturnPart(call.tool_name, _deferred(kind.__name__), call.tool_call_id)
+        for kind, calls in ((CallDeferred, requests.calls), (ApprovalRequired, requests.approvals))
+        for call in calls
+    ]
 
 
 def _request_parts(message: pai.ModelRequest, timestamp: int, system: list[str], into: list[Message]) -> None:
@@ -188,15 +225,7 @@ def _request_parts(message: pai.ModelRequest, timestamp: int, system: list[str],
             content = (TextContent(text=prompt),) if isinstance(prompt, str) else prompt
             into.append(UserMessage(content=content, timestamp=timestamp))
         elif isinstance(part, pai.ToolReturnPart):
-            into.append(
-                ToolResultMessage(
-                    tool_call_id=part.tool_call_id,
-                    tool_name=part.tool_name,
-                    content=(TextContent(text=part.model_response_str(wrap_if_error=False)),),
-                    is_error=part.outcome in pai.ERROR_OUTCOMES,
-                    timestamp=timestamp,
-                )
-            )
+            into.append(_tool_result_message(part, timestamp))
         elif isinstance(part, (pai.RetryPromptPart, pai.RetryFeedbackPart)):
             into.append(UserMessage(content=(TextContent(text=part.model_response()),), timestamp=timestamp))
 
@@ -262,22 +291,38 @@ def request_payload(
 class _Run:
     """The scopes of one run's loop: its open turn and, while it streams, the open reply."""
 
-    __slots__ = ("loop", "prompt", "reply", "turn")
+    __slots__ = ("core", "final_returns", "key", "loop", "prompt", "prompts", "reply", "run_id", "turn")
 
-    def __init__(self, recording: AdapterRun, prompt: str | Sequence[pai.UserContent] | None) -> None:
-        self.loop = recording.loop
+    def __init__(
+        self,
+        recording: AdapterRun,
+        core: AdapterCore,
+        run_id: str | None,
+        prompt: str | Sequence[pai.UserContent] | None,
+    ) -> None:
+        self.loop, self.key = recording.loop, recording.key
+        self.core, self.run_id = core, run_id  # what `PhiCapability._run` finds it by
         self.prompt = prompt
+        # `ToolReturn.content` of the tools step: pydantic-ai sends it as user prompts after
+        # the tool returns, in the next request.
+        self.prompts: list[str | Sequence[pai.UserContent]] = []
         self.turn: TurnScope | None = None
         self.reply: MessageScope | None = None
+        self.final_returns: pai.ModelRequest | None = None
 
     def request(self) -> TurnScope:
         """A model request step starts: the previous turn ends (if its tools step did not end
-        it), the prompt goes in before the first turn, and the next turn starts."""
+        it), the prompt goes in before the first turn (the tools' prompts before the next),
+        and the next turn starts."""
         self.tools_done()
         loop = self.loop
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None
             loop.user(_prompt(prompt))
+        if self.prompts:
+            prompts, self.prompts = self.prompts, []
+            for prompt in prompts:
+                loop.user(_prompt(prompt))
         turn = self.turn = loop.turn().start()
         return turn
 
@@ -324,15 +369,29 @@ class _Run:
             return None
         return turn.tool(id=call.tool_call_id, name=call.tool_name, args=call.args_as_dict()).start()
 
-    def tools_done(self, history: Sequence[pai.ModelMessage] = ()) -> None:
-        """The turn ends; with the run's `history`, after recording the returns pydantic-ai
-        made itself for calls no tool ran for (output tools: "Final result processed.")."""
+    def resumed(self, returns: pai.ModelRequest, timestamp: int) -> None:
+        """A resumed run's tools step (the caller's deferred tool results: approved tools run,
+        external results, denials) comes before its first model request, outside any turn:
+        its returns wait for the first turn, ahead of the prompt, as in the request."""
+        loop = self.loop
+        for part in returns.parts:
+            if isinstance(part, pai.ToolReturnPart):
+                loop.user(_tool_result_message(part, timestamp))
+
+    def tools_done(self, returns: pai.ModelMessage | None = None) -> None:
+        """The turn ends; with the request holding the step's `returns`, after recording those
+        pydantic-ai made itself for calls no tool ran for (output tools: "Final result
+        processed.", arguments failing validation, unknown tools: the retry text)."""
         turn, self.turn = self.turn, None
         if turn is None or not turn.running:
             return
-        if history and isinstance(history[-1], pai.ModelRequest):
-            _record_own_returns(turn, history[-1])
+        if isinstance(returns, pai.ModelRequest):
+            _record_own_returns(turn, returns)
         turn.end()
+
+
+def _last(messages: Sequence[pai.ModelMessage]) -> pai.ModelMessage | None:
+    return messages[-1] if messages else None
 
 
 def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
@@ -352,6 +411,12 @@ def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
         else:
             tool.result(text)
         tool.end()
+
+
+# The runs open in this context, innermost last: `wrap_run` adds its run around its handler,
+# and pydantic-ai carries the context into every hook of the run (and the tasks it starts),
+# so two runs given the same run id, each in its own task or thread, are kept apart.
+_OPEN_RUNS: ContextVar[tuple[_Run, ...]] = ContextVar("phi_session_pydantic_ai_runs", default=())
 
 
 # -- the capability -------------------------------------------------------------------------------
@@ -378,7 +443,7 @@ class PhiCapability(AbstractCapability[Any]):
 
     Never raises into the run and never changes what a hook passes on: a recording
     fault is counted (`fault_count`) and logged once, and the run goes on. One
-    instance may serve many agents and concurrent runs (state is kept per run id).
+    instance may serve many agents and concurrent runs (state is kept per run).
     `close()` ends runs still open and saves what the embedded store has not yet.
     """
 
@@ -415,7 +480,6 @@ class PhiCapability(AbstractCapability[Any]):
             processors=processors,
             redact=redact,
         )
-        self._runs: dict[str, _Run] = {}
 
     def __repr__(self) -> str:
         return f"PhiCapability(stream={self.stream}, capture_requests={self.capture_requests})"
@@ -441,42 +505,49 @@ class PhiCapability(AbstractCapability[Any]):
     # -- the run --------------------------------------------------------------------------
 
     async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
-        key = ctx.run_id or ""
-        run = self._core.safely(self._open, key, ctx)
+        run = self._core.safely(self._open, ctx)
+        if run is None:
+            return await handler()
+        token = _OPEN_RUNS.set((*_OPEN_RUNS.get(), run))
         try:
             result = await handler()
         except BaseException as error:
-            if run is not None:
-                self._close(key, run, error)
+            self._close(run, error)
             raise
-        if run is not None:
-            self._close(key, run, None)
+        finally:
+            self._core.safely(_OPEN_RUNS.reset, token)
+        self._close(run, None)
         return result
 
-    def _open(self, key: str, ctx: RunContext[Any]) -> _Run:
+    def _open(self, ctx: RunContext[Any]) -> _Run:
         model, agent = ctx.model, ctx.agent
         config = loop_config(
             model.model_name, model.system, agent.name if agent is not None and agent.name else None
         )
-        recording = self._core.start_run(key, config, framework_session_id=ctx.conversation_id)
-        run = self._runs[key] = _Run(recording, ctx.prompt)
-        return run
+        # Keyed in the core by an object of its own: run ids are the caller's to give, and
+        # two runs may be given the same.
+        recording = self._core.start_run(object(), config, framework_session_id=ctx.conversation_id)
+        return _Run(recording, self._core, ctx.run_id, ctx.prompt)
 
-    def _close(self, key: str, run: _Run, error: BaseException | None) -> None:
-        self._runs.pop(key, None)
+    def _close(self, run: _Run, error: BaseException | None) -> None:
         if error is None:
-            self._core.safely(run.tools_done)
-        self._core.safely(self._core.end_run, key, error)
+            self._core.safely(run.tools_done, run.final_returns)
+        self._core.safely(self._core.end_run, run.key, error)
 
     def _run(self, ctx: RunContext[Any]) -> _Run | None:
-        return self._runs.get(ctx.run_id or "")
+        """The run of `ctx` this capability records: the innermost open in this context."""
+        run_id, core = ctx.run_id, self._core
+        for run in reversed(_OPEN_RUNS.get()):
+            if run.core is core and run.run_id == run_id:
+                return run
+        return None
 
     # -- model requests -------------------------------------------------------------------
 
     async def before_model_request(
         self, ctx: RunContext[Any], request_context: ModelRequestContext
     ) -> ModelRequestContext:
-        run = self._runs.get(ctx.run_id or "")
+        run = self._run(ctx)
         if run is not None:
             try:
                 run.request()
@@ -487,7 +558,7 @@ class PhiCapability(AbstractCapability[Any]):
     async def after_model_request(
         self, ctx: RunContext[Any], *, request_context: ModelRequestContext, response: pai.ModelResponse
     ) -> pai.ModelResponse:
-        run = self._runs.get(ctx.run_id or "")
+        run = self._run(ctx)
         if run is not None:
             try:
                 model, provider = ctx.model.model_name, ctx.model.system
@@ -509,13 +580,45 @@ class PhiCapability(AbstractCapability[Any]):
         self, ctx: RunContext[Any], *, node: AgentNode[Any], result: NodeResult[Any]
     ) -> NodeResult[Any]:
         if isinstance(node, CallToolsNode):
-            run = self._runs.get(ctx.run_id or "")
+            run = self._run(ctx)
             if run is not None:
                 try:
-                    run.tools_done(ctx.messages)
+                    self._tools_step_done(run, ctx, result)
+                except Exception as caught:
+                    self._core.fault(caught)
+        elif isinstance(result, End) and isinstance(result.data, FinalResult):
+            # `run_stream` ended on an output tool call without a tools step: pydantic-ai answers
+            # the call in the history it hands the caller, which no hook sees, and the response
+            # is recorded later (its hook runs once the stream is consumed). The answer is the
+            # one `agent.run` records from the history, recorded when the run ends.
+            run = self._run(ctx)
+            final = result.data
+            if run is not None and final.tool_call_id:
+                try:
+                    done = pai.ToolReturnPart(
+                        final.tool_name or "", _FINAL_RESULT_PROCESSED, final.tool_call_id
+                    )
+                    run.final_returns = pai.ModelRequest(parts=[done])
                 except Exception as caught:
                     self._core.fault(caught)
         return result
+
+    def _tools_step_done(self, run: _Run, ctx: RunContext[Any], result: NodeResult[Any]) -> None:
+        if isinstance(result, ModelRequestNode):
+            # Before the next request, the step's returns are in its node, not yet in
+            # `ctx.messages`.
+            if run.turn is None:
+                run.resumed(result.request, self._core.agent.millis())
+            run.tools_done(result.request)
+            return
+        # After the last step, they are the history's end.
+        returns: pai.ModelMessage | None = _last(ctx.messages)
+        if isinstance(result, End) and isinstance(result.data, FinalResult):
+            output = result.data.output
+            if isinstance(output, DeferredToolRequests):  # calls handed back to the caller
+                parts = returns.parts if isinstance(returns, pai.ModelRequest) else ()
+                returns = pai.ModelRequest(parts=[*_deferred_returns(output), *parts])
+        run.tools_done(returns)
 
     # -- tools ----------------------------------------------------------------------------
 
@@ -528,7 +631,7 @@ class PhiCapability(AbstractCapability[Any]):
         args: ValidatedToolArgs,
         handler: WrapToolExecuteHandler,
     ) -> Any:
-        run = self._runs.get(ctx.run_id or "")
+        run = self._run(ctx)
         tool = None
         if run is not None:
             try:
@@ -538,22 +641,39 @@ class PhiCapability(AbstractCapability[Any]):
         if tool is None:
             return await handler(args)
         # A run started inside the tool (an agent delegated to) is its sub-agent.
-        token = enter_tool(tool)
+        token = None
+        try:
+            token = enter_tool(tool)
+        except Exception as caught:
+            self._core.fault(caught)
         try:
             result = await handler(args)
         except BaseException as error:
-            leave_tool(token)
+            self._tool_done(token, tool, call, error=error)
+            raise
+        self._tool_done(token, tool, call, result=result)
+        if run is not None and isinstance(result, pai.ToolReturn) and result.content is not None:
+            run.prompts.append(result.content)
+        return result
+
+    def _tool_done(
+        self,
+        token: Token[RunningTool | None] | None,
+        tool: ToolScope,
+        call: pai.ToolCallPart,
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        if token is not None:
             try:
-                _tool_end(tool, call, error=error)
+                leave_tool(token)
             except Exception as caught:
                 self._core.fault(caught)
-            raise
-        leave_tool(token)
         try:
-            _tool_end(tool, call, result=result)
+            _tool_end(tool, call, result=result, error=error)
         except Exception as caught:
             self._core.fault(caught)
-        return result
 
     # -- streaming (opt-in) ---------------------------------------------------------------
 
@@ -590,7 +710,7 @@ def _tool_end(
         tool.result(_tool_result_text(call, error.result))
     elif isinstance(error, (CallDeferred, ApprovalRequired)):
         # Handed back to the caller (DeferredToolRequests): no result yet.
-        tool.result(f"[deferred: {type(error).__name__}]")
+        tool.result(_deferred(type(error).__name__))
     else:
         tool.end(error)
         return
