@@ -356,6 +356,28 @@ def test_a_model_called_inside_a_tool_is_a_sub_agent_not_the_next_turn() -> None
     assert child_loop.usage.total_tokens == 9 and loop.usage.total_tokens == 30
 
 
+def test_a_tool_invoked_by_a_tool_is_part_of_its_execution_not_a_call_of_the_model() -> None:
+    recorder = SessionRecorder()
+
+    @tool
+    def double(x: int) -> int:
+        """Doubles x."""
+        return 2 * x
+
+    @tool
+    def quadruple(x: int) -> int:
+        """Quadruples x."""
+        return double.invoke({"x": double.invoke({"x": x})})
+
+    agent = create_agent(chat(reply("", ("c1", "quadruple", {"x": 3})), reply("12")), tools=[quadruple])
+    agent.invoke({"messages": [("user", "go")]}, {"callbacks": [PhiCallbackHandler([recorder])]})
+    (session,) = recorded(recorder).values()
+    (loop,) = session.loops
+    results = [(m.tool_call_id, m.content[0].text) for m in loop.messages if isinstance(m, ToolResultMessage)]
+    assert results == [("c1", "12")]
+    assert loop.status == "Completed"
+
+
 def test_an_exception_ends_the_loop_aborted_and_reaches_the_host_unchanged() -> None:
     recorder = SessionRecorder()
     agent = create_agent(chat(reply("", ("c1", "explode", {"x": "y"}))), tools=[explode])

@@ -658,7 +658,9 @@ class _Mapper:
         self, name: str, inputs: Any, run_id: _RunId, parent_run_id: _RunId | None, tool_call_id: str | None
     ) -> None:
         run = self._runs.get(parent_run_id) if parent_run_id is not None else None
-        if run is None:
+        if run is None or parent_run_id in self._tools:
+            # A tool a tool invokes is part of that tool's execution, not a call the
+            # model made: the outer tool's result stands for it.
             return
         with run.lock:
             turn = run.turn
