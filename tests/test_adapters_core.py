@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import subprocess
@@ -32,6 +33,7 @@ from phi_session.adapters import (
     session_id_for,
     usage_of,
 )
+from phi_session.adapters._sessions import SessionBook
 from phi_session.errors import MissingExtra
 from phi_session.messages import ToolCall
 
@@ -308,10 +310,10 @@ def test_cores_on_the_embedded_store_share_one_writer_and_its_sessions(
     threads = threading.active_count()
     cores = [first, *(AdapterCore("fake-fw", agent=AgentSession(clock=FakeClock())) for _ in range(20))]
     assert threading.active_count() == threads  # one writer thread for them all
-    for number, core in enumerate(cores[:2]):
-        core.start_run(number, CONFIG, framework_session_id="d")
-        one_turn(core, number)
-        core.end_run(number)
+    for key, core in zip(("r1", "r2"), cores, strict=False):
+        core.start_run(key, CONFIG, framework_session_id="d")
+        one_turn(core, key)
+        core.end_run(key)
     first.close()  # others still record there: the writer saves what is finished, and goes on
     store = SqliteStore(tmp_path / "sessions.db")
     assert [loop.loop_id for loop in store.load("d").loops] == ["d.fake.m-1.1", "d.fake.m-1.2"]
@@ -326,6 +328,80 @@ def test_cores_on_the_embedded_store_share_one_writer_and_its_sessions(
         ("d.fake.m-1.3", "d.fake.m-1.2"),
     ]
     assert threading.active_count() < threads  # the last core out closed the writer
+
+
+def test_a_handler_made_per_call_goes_on_after_the_last_one_was_collected() -> None:
+    recorder = SessionRecorder()
+    for key in ("r1", "r2", "r3"):
+        core = make_core(recorder)
+        core.start_run(key, CONFIG, framework_session_id="s")
+        core.end_run(key)
+        del core
+        gc.collect()  # the core is gone; the recorder it wrote to is not
+    loops = recorder.sessions()[0].loops
+    assert [(loop.loop_id, loop.parent_loop_id) for loop in loops[1:]] == [
+        ("s.fake.m-1.2", "s.fake.m-1.1"),
+        ("s.fake.m-1.3", "s.fake.m-1.2"),
+    ]
+
+
+def test_sinks_share_a_book_in_any_order_and_two_methods_of_one_object_do_not() -> None:
+    first, second = SessionRecorder(), SessionRecorder()
+    for key, sinks in (("r1", [first, second]), ("r2", [second, first])):
+        core = AdapterCore("fake-fw", sinks, agent=AgentSession(clock=FakeClock()))
+        core.start_run(key, CONFIG, framework_session_id="s")
+        core.end_run(key)
+    assert [loop.loop_id for loop in first.sessions()[0].loops] == ["s.fake.m-1.1", "s.fake.m-1.2"]
+
+    class TwoPlaces:
+        def __init__(self) -> None:
+            self.a, self.b = SessionRecorder(), SessionRecorder()
+
+        def to_a(self, event: object) -> None:
+            self.a.on_event(event)  # type: ignore[arg-type]
+
+        def to_b(self, event: object) -> None:
+            self.b.on_event(event)  # type: ignore[arg-type]
+
+    places = TwoPlaces()
+    for key, sink in (("r1", places.to_a), ("r2", places.to_b)):
+        core = AdapterCore("fake-fw", sink, agent=AgentSession(clock=FakeClock()))
+        core.start_run(key, CONFIG, framework_session_id="s")
+        core.end_run(key)
+    assert [loop.loop_id for loop in places.b.sessions()[0].loops] == ["s.fake.m-1.1"]
+
+
+def test_a_first_run_that_lost_a_race_takes_the_identity_that_won_it() -> None:
+    book = SessionBook(max_idle=0)
+    clock = FakeClock()
+    assert book.hold("s", clock, lambda: "unused") is None
+    winner = AgentSession(session_id="s", clock=clock)
+    assert book.add(winner) is winner  # another core's first run of "s"...
+    book.release(winner)  # ...ended
+    book.let_go()  # and was let go of: only its progress is left
+    late = book.add(AgentSession(session_id="s", clock=clock))
+    assert late is not winner and late.progress() == winner.progress()
+
+
+def test_one_store_named_two_ways_has_one_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PHI_SESSION_STORE", "sessions.db")  # relative: resolved now
+    cores = [
+        AdapterCore("fake-fw", agent=AgentSession(clock=FakeClock())),
+        AdapterCore(
+            "fake-fw", store=SqliteStore(tmp_path / "sessions.db"), agent=AgentSession(clock=FakeClock())
+        ),
+    ]
+    for number, core in enumerate(cores):
+        core.start_run(number, CONFIG, framework_session_id="d")
+        core.end_run(number)
+    for core in cores:
+        core.close()
+    loops = SqliteStore(tmp_path / "sessions.db").load("d").loops
+    assert [(loop.loop_id, loop.parent_loop_id) for loop in loops] == [
+        ("d.fake.m-1.1", None),
+        ("d.fake.m-1.2", "d.fake.m-1.1"),
+    ]
 
 
 def test_continuations_keep_the_framework_session_id() -> None:

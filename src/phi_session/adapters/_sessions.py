@@ -9,11 +9,12 @@ cannot tell the second instance about the first one's loops, which it saves late
 another thread. So every `AdapterCore` recording into the same place takes its
 sessions from one `SessionBook`:
 
-* the embedded store (no sink given): one `EmbeddedStore` per store location and
-  process, which also holds the one `AutoPersistingRecorder` (and writer thread)
-  saving into it, however many adapter instances there are;
-* sinks given: the book of cores given the same sinks (the same objects, by
-  identity), while any of those cores lives.
+* the embedded store (no sink given): one `EmbeddedStore` per store location (the
+  resolved file, directory or database URL, however it was named) and process, which
+  also holds the one `AutoPersistingRecorder` (and writer thread) saving into it,
+  however many adapter instances there are;
+* sinks given: the book of cores given the same sinks (the same objects, by identity,
+  in any order), which lives as long as those objects do.
 """
 
 from __future__ import annotations
@@ -66,29 +67,33 @@ class SessionBook:
         """The identity of session `session_id`, held for one more run; None if the book
         has never seen the session."""
         with self._lock:
-            busy = self._busy.get(session_id)
-            if busy is not None:
-                self._busy[session_id] = (busy[0], busy[1] + 1)
-                return busy[0]
-            agent = self._idle.pop(session_id, None)
-            if agent is None:
-                progress = self._progress.pop(session_id, None)
-                if progress is None:
-                    return None
-                agent = AgentSession.from_progress(progress, clock=clock, id_factory=id_factory)
-            self._busy[session_id] = (agent, 1)
-            return agent
+            return self._held(session_id, clock, id_factory)
 
     def add(self, agent: AgentSession) -> AgentSession:
-        """Hold `agent`, new to the book, for a run; if a concurrent first run of its
-        session added one first, that one is held and returned instead."""
+        """Hold `agent`, made for a session `hold` found no identity of, for a run; if a
+        concurrent run of the session added one meanwhile (and may even have ended),
+        that one is held and returned instead."""
         with self._lock:
-            busy = self._busy.get(agent.session_id)
-            if busy is not None:
-                self._busy[agent.session_id] = (busy[0], busy[1] + 1)
-                return busy[0]
+            known = self._held(agent.session_id, agent.clock, agent.id_factory)
+            if known is not None:
+                return known
             self._busy[agent.session_id] = (agent, 1)
             return agent
+
+    def _held(self, session_id: str, clock: Clock, id_factory: IdFactory) -> AgentSession | None:
+        """Under the lock: `hold`."""
+        busy = self._busy.get(session_id)
+        if busy is not None:
+            self._busy[session_id] = (busy[0], busy[1] + 1)
+            return busy[0]
+        agent = self._idle.pop(session_id, None)
+        if agent is None:
+            progress = self._progress.pop(session_id, None)
+            if progress is None:
+                return None
+            agent = AgentSession.from_progress(progress, clock=clock, id_factory=id_factory)
+        self._busy[session_id] = (agent, 1)
+        return agent
 
     def hold_again(self, agent: AgentSession) -> None:
         """Hold `agent`'s session for one more run, if the book holds that identity (not
@@ -124,46 +129,49 @@ class SessionBook:
 # -- books of cores given the same sinks ----------------------------------------------------------
 
 _books_lock = threading.Lock()
-# (ids of the sinks' owners) -> (weak references to them, a weak reference to their book).
-# The references tell a live entry from one whose objects died and whose ids were reused.
-_books: dict[tuple[int, ...], tuple[tuple[weakref.ref[Any], ...], weakref.ref[SessionBook]]] = {}
+# The identity of a set of sinks -> weak references to the objects it is made of, and
+# their book. The book lives as long as those objects (a handler made per call comes and
+# goes, the recorder it writes to stays); the references tell a live entry from one whose
+# objects died and whose ids were reused. Dead entries are dropped every _PRUNE_EVERY
+# books made.
+_books: dict[tuple[tuple[int, int], ...], tuple[tuple[weakref.ref[Any], ...], SessionBook]] = {}
 _PRUNE_EVERY = 64
-_added_since_prune = 0
+_made_since_prune = 0
 
 
-def _owner(sink: SinkLike) -> object:
-    """What a sink belongs to: a bound method's object (``recorder.on_event`` is made
-    anew at each access), else the sink itself."""
-    return getattr(sink, "__self__", sink)
+def _parts(sink: SinkLike) -> tuple[object, object | None]:
+    """What tells a sink apart: a bound method's object and function (``recorder.on_event``
+    is made anew at each access; ``obj.to_a`` and ``obj.to_b`` are two destinations),
+    else the sink itself."""
+    owner = getattr(sink, "__self__", None)
+    return (sink, None) if owner is None else (owner, getattr(sink, "__func__", None))
 
 
 def book_for_sinks(sinks: Sequence[SinkLike], max_idle: int) -> SessionBook:
-    """The book of the cores recording into exactly `sinks` (None of them: a book of
-    its own, as are sinks that cannot be weakly referenced)."""
-    owners = [_owner(sink) for sink in sinks]
+    """The book of the cores recording into `sinks`, in any order. Sinks made of objects
+    that cannot be weakly referenced (a list's ``append``) get a book of their own."""
+    parts = sorted((_parts(sink) for sink in sinks), key=lambda part: (id(part[0]), id(part[1])))
     try:
-        refs = tuple(weakref.ref(owner) for owner in owners)
+        refs = tuple(weakref.ref(owner) for owner, _ in parts)
     except TypeError:
         return SessionBook(max_idle)
     if not refs:
         return SessionBook(max_idle)
-    key = tuple(map(id, owners))
-    global _added_since_prune
+    # Functions are held by the book's sinks' owners (or are module-level): their ids last.
+    key = tuple((id(owner), id(function)) for owner, function in parts)
+    global _made_since_prune
     with _books_lock:
         entry = _books.get(key)
-        if entry is not None:
-            book = entry[1]()
-            if book is not None and all(ref() is owner for ref, owner in zip(entry[0], owners, strict=True)):
-                book.allow_idle(max_idle)
-                return book
+        if entry is not None and all(ref() is owner for ref, (owner, _) in zip(entry[0], parts, strict=True)):
+            entry[1].allow_idle(max_idle)
+            return entry[1]
         book = SessionBook(max_idle)
-        _books[key] = (refs, weakref.ref(book))
-        _added_since_prune += 1
-        if _added_since_prune >= _PRUNE_EVERY:
-            _added_since_prune = 0
-            dead = [k for k, (rs, b) in _books.items() if b() is None or any(r() is None for r in rs)]
-            for k in dead:
-                del _books[k]
+        _books[key] = (refs, book)
+        _made_since_prune += 1
+        if _made_since_prune >= _PRUNE_EVERY:
+            _made_since_prune = 0
+            for dead in [k for k, (rs, _) in _books.items() if any(ref() is None for ref in rs)]:
+                del _books[dead]
         return book
 
 
@@ -234,15 +242,30 @@ _stores_lock = threading.Lock()
 _stores: dict[tuple[object, ...], EmbeddedStore] = {}
 
 
+def _location(store: SessionStore | None) -> tuple[object, ...]:
+    """Where `store` (None: the default one) keeps its sessions, the same however it was
+    named: a resolved file or directory path, a database URL, else the object itself."""
+    from ..stores.json_dir import JsonDirStore
+    from ..stores.sqlite import SqliteStore
+    from ..stores.urls import default_store_url, store_path
+
+    if store is None:
+        url = default_store_url()
+        path = store_path(url)
+        return ("url", url) if path is None else ("file", str(path.resolve()))
+    if isinstance(store, SqliteStore):
+        return ("file", str(store.path.resolve()))
+    if isinstance(store, JsonDirStore):
+        return ("file", str(store.directory.resolve()))
+    return ("object", id(store))  # held by its EmbeddedStore while registered: the id stays its
+
+
 def embedded_store(
     store: SessionStore | None, max_idle: int, opened: Callable[[], SessionStore], core: Any
 ) -> EmbeddedStore:
     """The embedded store `core` records into: `store`, or the default one (`opened`
     opens it), shared with every other core recording there in this process."""
-    from ..stores.urls import default_store_url
-
-    location = default_store_url() if store is None else getattr(store, "path", None) or id(store)
-    key = (os.getpid(), type(store).__name__, str(location))
+    key = (os.getpid(), *_location(store))
     with _stores_lock:
         shared = _stores.get(key)
         if shared is None or not shared.join(core):
@@ -251,3 +274,16 @@ def embedded_store(
         else:
             shared.book.allow_idle(max_idle)
         return shared
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no registered store or book (its parent's writer
+    threads do not exist in it), and with locks no parent thread can be holding."""
+    global _stores_lock, _books_lock
+    _stores_lock, _books_lock = threading.Lock(), threading.Lock()
+    _stores.clear()
+    _books.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
