@@ -28,7 +28,14 @@ from pydantic_ai import (
     ToolReturn,
 )
 from pydantic_ai.exceptions import CallDeferred, ToolFailed
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.messages import (
+    BinaryContent,
+    ModelMessage,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+)
 from pydantic_ai.models.function import (
     AgentInfo,
     DeltaThinkingPart,
@@ -42,7 +49,14 @@ from phi_session import codec
 from phi_session.adapters import pydantic_ai as adapter
 from phi_session.adapters.pydantic_ai import PhiCapability
 from phi_session.events import DEFAULT, INITIAL, AgentStart, MessageUpdate, ToolExecutionEnd
-from phi_session.messages import AssistantMessage, ToolCall, ToolResultMessage, UserMessage
+from phi_session.messages import (
+    AssistantMessage,
+    ImageContent,
+    TextContent,
+    ToolCall,
+    ToolResultMessage,
+    UserMessage,
+)
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.sqlite import SqliteStore
@@ -324,6 +338,27 @@ def test_a_tool_return_is_recorded_as_the_model_reads_it_and_never_its_metadata(
     # pydantic-ai sends `content` as a user prompt of the next request.
     assert isinstance(extra, UserMessage) and extra.content[0].text == "see also this"  # type: ignore[union-attr]
     assert "s3" not in codec.encode(sessions_of(recorder)[0]).decode()
+
+
+def test_an_image_a_tool_returns_is_in_its_result_beside_the_text_that_names_it() -> None:
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("snap", {}, tool_call_id="c1")])
+        return ModelResponse(parts=[TextPart("a cat")])
+
+    recorder = SessionRecorder()
+    agent = Agent(FunctionModel(model), capabilities=[PhiCapability(recorder)])
+    image = BinaryContent(data=b"\x89PNG-bytes", media_type="image/png")
+
+    @agent.tool_plain
+    def snap() -> BinaryContent:
+        return image
+
+    agent.run_sync("what is this?")
+    (result,) = [m for m in only_loop(recorder).messages if isinstance(m, ToolResultMessage)]
+    text, picture = result.content
+    assert text == TextContent(text=f"See file {image.identifier}.")  # what the model reads
+    assert picture == ImageContent(data=image.base64, mime_type="image/png")
 
 
 def test_a_tool_raising_fails_the_run_and_its_loop_records_why() -> None:

@@ -176,17 +176,19 @@ def _prompt(prompt: str | Sequence[pai.UserContent]) -> str | tuple[Content, ...
     return tuple(blocks)
 
 
-def _tool_result_text(call: pai.ToolCallPart, result: Any) -> str:
+def _tool_result_content(call: pai.ToolCallPart, result: Any) -> str | tuple[Content, ...]:
     """The result as the model reads it (pydantic-ai's own rendering of a tool return). Of a
     `ToolReturn`, its return value: its content reaches the model as a user prompt (recorded
-    as one) and its metadata never does."""
+    as one) and its metadata never does. Files a tool returns (an image) reach the model in
+    a user message after the result's text, which names them: the result keeps both."""
     if isinstance(result, pai.ToolReturn):
         result = result.return_value
     if isinstance(result, str):
         return result  # the rendering of a string, without building a part for it
-    return pai.ToolReturnPart(
-        tool_name=call.tool_name, content=result, tool_call_id=call.tool_call_id
-    ).model_response_str()
+    part = pai.ToolReturnPart(tool_name=call.tool_name, content=result, tool_call_id=call.tool_call_id)
+    text, files = part.model_response_str_and_user_content()
+    attached = [item for item in files if not isinstance(item, str)]  # the text around them: tags
+    return (TextContent(text=text), *_prompt(attached)) if attached else text
 
 
 def _tool_result_message(part: pai.ToolReturnPart, timestamp: int) -> ToolResultMessage:
@@ -702,12 +704,12 @@ def _tool_end(
     tool: ToolScope, call: pai.ToolCallPart, *, result: Any = None, error: BaseException | None = None
 ) -> None:
     if error is None:
-        tool.result(_tool_result_text(call, result))
+        tool.result(_tool_result_content(call, result))
     elif isinstance(error, (ToolRetryError, ToolFailedError)):
         # Not a failure of the run: the model gets this text as the tool's result.
         tool.error(str(error))
     elif isinstance(error, SkipToolExecution):
-        tool.result(_tool_result_text(call, error.result))
+        tool.result(_tool_result_content(call, error.result))
     elif isinstance(error, (CallDeferred, ApprovalRequired)):
         # Handed back to the caller (DeferredToolRequests): no result yet.
         tool.result(_deferred(type(error).__name__))
