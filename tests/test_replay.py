@@ -678,6 +678,25 @@ def test_adapter_runs_inside_recording_as_join_the_original_session(world: World
     assert loops[outside.loop.loop_id].kind == INITIAL
 
 
+def test_a_handoff_inside_recording_as_is_marked_as_part_of_the_replay(world: World) -> None:
+    session, _ = world.original()
+    recorder = SessionRecorder()
+    core = AdapterCore("test", [recorder], agent=AgentSession(clock=FakeClock("2025-06-02T09:00:00Z")))
+    lineage = replay_lineage(ReplayScript.from_session(session))
+    with recording_as(lineage):
+        core.start_run("r", SNAP)
+        successor = core.handoff("r", SNAP, metadata={"agent": "b"})
+        branch = core.branch("x", "r", SNAP, "x")
+        for key in ("x", "r"):
+            core.end_run(key)
+    assert successor is not None and branch is not None
+    recorder.flush()
+    loops = {record.loop_id: record for s in recorder.drain_completed() for record in s.loops}
+    # So a later default replay still picks the original run, not this replay's handoff.
+    assert loops[successor.loop.loop_id].metadata == {"framework": "test", "agent": "b", **lineage.metadata}
+    assert loops[branch.loop.loop_id].metadata == {"framework": "test", **lineage.metadata}
+
+
 def test_tracer_for_session_continues_loop_ids_without_a_new_formation(world: World) -> None:
     session, original = world.original()
     events: list[Any] = []

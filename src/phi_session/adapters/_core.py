@@ -264,14 +264,12 @@ class _Guard:
         return False
 
 
-# Metadata a run's continuations (handoffs, branches) carry on.
-_INHERITED = ("framework_session_id",)
-
-
 @dataclass
 class AdapterRun:
     """One framework run being recorded: its loop, the tracer its continuations use, and
-    the metadata they carry on (the framework session id a derived session id stands for)."""
+    the metadata they carry on (handoffs and branches): the framework session id a
+    derived session id stands for, and what a replay or a fork's lineage marks its
+    loops with."""
 
     key: object
     loop: LoopScope
@@ -404,16 +402,17 @@ class AdapterCore:
             tracer = self.tracer.for_agent(child)
             loop = parent_tool.sub_agent(config, agent=child, metadata=meta)
             return self._open(AdapterRun(key, loop, tracer))
+        inherited: dict[str, Any] = {}
         if (lineage := active_lineage()) is not None:
             # A replay or a fork (phi_session.replay.recording_as): into the recorded session.
             tracer = self._session_tracer(lineage.lineage.session.session_id, lineage.lineage.session)
             continues, kind = lineage.continuation(tracer.agent.last_loop_id)
-            meta.update(lineage.lineage.metadata)
+            inherited.update(lineage.lineage.metadata)
         else:
             if framework_session_id is not None:
                 session_id = session_id_for(framework_session_id)
                 if session_id != framework_session_id:
-                    meta["framework_session_id"] = framework_session_id
+                    inherited["framework_session_id"] = framework_session_id
                 tracer = self._session_tracer(session_id)
             else:
                 tracer = self.tracer
@@ -421,7 +420,7 @@ class AdapterCore:
                     self.agent.check_and_rotate(self.rotate_after)
             continues = tracer.agent.last_loop_id
             kind = INITIAL if continues is None else DEFAULT if kind is None else kind
-        return self._start_loop(key, tracer, config, continues, kind, meta)
+        return self._start_loop(key, tracer, config, continues, kind, meta, inherited)
 
     def _session_tracer(self, session_id: str, recorded: Session | None = None) -> Tracer:
         """A tracer of session `session_id`, whose identity is held for one run; `recorded`:
@@ -449,14 +448,15 @@ class AdapterCore:
         continues: str | None,
         kind: ContinuationKind,
         meta: dict[str, Any],
+        inherited: dict[str, Any],
     ) -> AdapterRun:
-        """Start and register, as `key`, a loop of `tracer` (its session held for it)."""
+        """Start and register, as `key`, a loop of `tracer` (its session held for it), its
+        metadata `meta` with what its run's continuations carry on (`inherited`)."""
         try:
-            loop = tracer.loop(config, continues=continues, kind=kind, metadata=meta)
+            loop = tracer.loop(config, continues=continues, kind=kind, metadata={**meta, **inherited})
         except BaseException:
             self._book.release(tracer.agent)
             raise
-        inherited = {name: meta[name] for name in _INHERITED if name in meta}
         return self._open(AdapterRun(key, loop, tracer, inherited))
 
     def _open(self, run: AdapterRun) -> AdapterRun:
@@ -533,8 +533,8 @@ class AdapterCore:
     ) -> AdapterRun:
         """Start and register, as `key`, a loop continuing `run`'s with `kind` (its session
         held for it by the caller)."""
-        meta: dict[str, Any] = {"framework": self.framework, **run.inherited, **(metadata or {})}
-        return self._start_loop(key, run.tracer, config, run.loop.loop_id, kind, meta)
+        meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
+        return self._start_loop(key, run.tracer, config, run.loop.loop_id, kind, meta, run.inherited)
 
     def end_run(self, key: object, error: BaseException | str | None = None) -> AdapterRun | None:
         """End the run `key`: its loop ends (failed, status ``Aborted``, with `error`)."""
