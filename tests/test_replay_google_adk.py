@@ -306,3 +306,15 @@ def test_a_string_result_that_reads_as_json_is_answered_as_the_string_it_was(sto
     run(agent(model, [lookup]), store)
     replayed, _ = replay(store.load(SESSION), store, with_tools=[lookup])
     assert replayed.cursor.finished and replayed.divergence is None  # the request sent {"result": "7"} again
+
+
+def test_a_tool_returning_none_is_answered_from_the_recording_not_run(store: SqliteStore) -> None:
+    def notify(message: str) -> None:
+        """Sends a notification."""
+        RUNS.append("notify")
+
+    run(agent(ScriptedLlm.of([("notify", {"message": "hi"})], ["Done."]), [notify]), store)
+    RUNS.clear()
+    replayed, _ = replay(store.load(SESSION), store, with_tools=[notify])
+    assert RUNS == []  # answered {"result": None}, as ADK sends a None result
+    assert replayed.cursor.finished and replayed.divergence is None

@@ -19,7 +19,8 @@ The answer is the function response the next recorded turn's request sent for th
 call (with ``capture_requests=True``), else the recorded result read as JSON (a
 string that is no JSON stays itself: a tool returning the string ``"5"`` is then
 answered with the number 5, which the next request shows as a divergence); a
-recorded error is answered ``{"error": text}``.
+recorded error is answered ``{"error": text}``. ADK's ``transfer_to_agent`` runs, checked
+against the recording: it only names the agent taking over, which an answer would skip.
 
 Limits: a recording without captured requests diverges at the first turn after a tool
 call: ADK sends a tool's value that is no dict as ``{"result": value}``, while the
@@ -57,7 +58,7 @@ from ...messages import (
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
 from .._core import replay_recording
-from . import FRAMEWORK, _decode, _json_text, _request
+from . import _TRANSFER_TOOL, FRAMEWORK, _decode, _json_text, _request
 
 if TYPE_CHECKING:
     from google.adk.models.llm_request import LlmRequest
@@ -140,7 +141,8 @@ def _tool_answer(result: ToolResultMessage, sent: str | None) -> Any:
     """What a tool call is answered with: what the tool returned, as ADK sent it
     (`_sent_responses`; ADK wraps a value that is no dict as ``{"result": value}``),
     else the recorded result read as the JSON it was written as (a string that is no
-    JSON as itself); a recorded error as ``{"error": text}``."""
+    JSON as itself); a recorded error as ``{"error": text}``. Never None: that would
+    leave the call unanswered, and ADK would run the tool."""
     text = _text(result)
     if result.is_error:
         return {"error": text}
@@ -149,11 +151,13 @@ def _tool_answer(result: ToolResultMessage, sent: str | None) -> Any:
             response = _decode(sent)
             if isinstance(response, dict) and list(response) == ["result"]:
                 if _json_text(response["result"]) == text:
-                    return response["result"]  # a value ADK wrapped, not a dict of the tool's
-            return response
-        return _decode(text)
+                    response = response["result"]  # a value ADK wrapped, not a dict of the tool's
+        else:
+            response = _decode(text)
     except msgspec.DecodeError:
         return text
+    # What ADK sends for a tool returning None.
+    return {"result": None} if response is None else response
 
 
 class ReplayLlm(BaseLlm):
@@ -261,4 +265,8 @@ class _RecordedTools(BasePlugin):
         if call_id is None:
             return None
         result = self.cursor.tool_result(call_id, tool.name, tool_args)
-        return None if result is None else _tool_answer(result, self.sent.get(call_id))
+        if result is None or tool.name == _TRANSFER_TOOL:
+            # ADK's transfer tool only tells ADK which agent takes over: answering it
+            # would skip the transfer, so it runs (once checked against the recording).
+            return None
+        return _tool_answer(result, self.sent.get(call_id))
