@@ -318,3 +318,22 @@ def test_a_tool_returning_none_is_answered_from_the_recording_not_run(store: Sql
     replayed, _ = replay(store.load(SESSION), store, with_tools=[notify])
     assert RUNS == []  # answered {"result": None}, as ADK sends a None result
     assert replayed.cursor.finished and replayed.divergence is None
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_run_recorded_streaming_replays_its_split_replies(store: SqliteStore, stream: bool) -> None:
+    # Streamed, the first reply's text and call came as two final responses: ADK's
+    # next request holds them as two model contents, the recording as one message.
+    run(agent(script()), store, stream=True)
+    original = store.load(SESSION)
+    (first,) = original.loops
+    request = first.turns[1].request_payload
+    assert request is not None
+    assert [len(m.content) for m in request.messages if isinstance(m, AssistantMessage)] == [1, 1]
+    RUNS.clear()
+    model = ReplayLlm(original)
+    with model.recording():
+        events = run(agent(model), store, model.tools_plugin(), stream=stream)
+    assert events[-1].content.parts[0].text == "The answer is 42."
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    assert turns(the_other(store.load(SESSION), first)) == turns(first)

@@ -9,7 +9,9 @@
 `ReplayLlm` turns each ``LlmRequest`` into a `RequestShape` with the adapter's own
 request converter (what ``PhiPlugin(capture_requests=True)`` records), so an
 unchanged agent matches its recording, and answers with the recorded reply as an
-``LlmResponse``. Past a fork point (`until_turn`) or after a divergence with
+``LlmResponse`` (as several, when the next recorded request shows ADK kept it as
+several events: a Gemini stream gives the text and the calls as final responses of
+their own). Past a fork point (`until_turn`) or after a divergence with
 ``on_divergence="fallback"`` it hands the request to `fallback`, any other ADK model.
 
 ADK runs tools outside the model: `ReplayLlm.tools_plugin` answers each tool call of a
@@ -44,6 +46,8 @@ from google.adk.models.base_llm import BaseLlm
 from google.adk.models.llm_response import LlmResponse
 from google.adk.plugins.base_plugin import BasePlugin
 from google.genai import types
+from msgspec.structs import replace
+from pydantic import PrivateAttr
 
 from ...messages import (
     AssistantMessage,
@@ -57,6 +61,7 @@ from ...messages import (
 )
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
+from ...replay.request import compare_messages
 from .._core import replay_recording
 from . import _TRANSFER_TOOL, FRAMEWORK, _decode, _json_text, _request
 
@@ -115,8 +120,53 @@ def _llm_response(reply: AssistantMessage) -> LlmResponse:
     )
 
 
+def _llm_responses(reply: AssistantMessage, split: tuple[int, ...]) -> list[LlmResponse]:
+    """A recorded reply as final responses of `split` blocks each (`_splits`), as a
+    stream gives them, each with the (cumulative) usage; the last one ends the reply."""
+    responses = []
+    start = 0
+    for size in split[:-1]:
+        content = types.Content(role="model", parts=_parts(reply.content[start : start + size]))
+        responses.append(LlmResponse(content=content, usage_metadata=_usage_metadata(reply.usage)))
+        start += size
+    return [*responses, _llm_response(replace(reply, content=reply.content[start:]))]
+
+
 def _text(message: ToolResultMessage) -> str:
     return "".join(block.text for block in message.content if type(block) is TextContent)
+
+
+def _latest(
+    request: RequestShape,
+) -> tuple[list[AssistantMessage], list[ToolResultMessage]]:
+    """The model contents ending a request's history (the previous turn's reply, in
+    as many messages as ADK kept events for it) and the function responses after them."""
+    messages = request.messages
+    end = 1 + max((i for i, m in enumerate(messages) if isinstance(m, AssistantMessage)), default=-1)
+    start = end
+    while start > 0 and isinstance(messages[start - 1], AssistantMessage):
+        start -= 1
+    replies = [m for m in messages[start:end] if isinstance(m, AssistantMessage)]
+    return replies, [m for m in messages[end:] if isinstance(m, ToolResultMessage)]
+
+
+def _splits(script: ReplayScript) -> dict[int, tuple[int, ...]]:
+    """How each recorded reply reached the next turn's request when ADK kept it as
+    several events (the block count of each), by the reply's id: Gemini streams the
+    text and the calls as final responses of their own, which the plugin records as
+    one message. Answered the same way, an unchanged agent sends the same request."""
+    splits: dict[int, tuple[int, ...]] = {}
+    for turn, after in pairwise(script.turns):
+        pieces, _ = _latest(after.request)
+        blocks = tuple(block for piece in pieces for block in piece.content)
+        reply = turn.reply
+        if (
+            len(pieces) > 1
+            and len(blocks) == len(reply.content)
+            and compare_messages([reply], [replace(reply, content=blocks)]) is None
+        ):
+            splits[id(reply)] = tuple(len(piece.content) for piece in pieces)
+    return splits
 
 
 def _sent_responses(script: ReplayScript) -> dict[str, str]:
@@ -126,9 +176,7 @@ def _sent_responses(script: ReplayScript) -> dict[str, str]:
     sends the responses to a turn's calls after the model's content, in call order."""
     sent: dict[str, str] = {}
     for turn, after in pairwise(script.turns):
-        messages = after.request.messages
-        last = max((i for i, m in enumerate(messages) if isinstance(m, AssistantMessage)), default=-1)
-        answers = [m for m in messages[last + 1 :] if isinstance(m, ToolResultMessage)]
+        _, answers = _latest(after.request)
         calls = turn.tool_calls
         if len(answers) == len(calls) and all(
             a.tool_name == c.name for a, c in zip(answers, calls, strict=True)
@@ -171,16 +219,18 @@ class ReplayLlm(BaseLlm):
     Each request (converted as `PhiPlugin` records it: system instruction, contents,
     function declarations) is checked against the recorded turn's
     (`phi_session.replay.ReplayCursor`) and answered with the recorded reply as one
-    final ``LlmResponse``: text, thoughts, function calls with their recorded ids,
-    usage, finish reason. Once the cursor hands over (a fork point, or a divergence
-    with ``on_divergence="fallback"``) `fallback` answers the request, streaming or
-    not. No network call, no tokens until then. The recorded model name is this
-    model's name; its provider the recorded one.
+    final ``LlmResponse``, or as the several the next recorded request shows it came
+    in: text, thoughts, function calls with their recorded ids, usage, finish reason.
+    Once the cursor hands over (a fork point, or a divergence with
+    ``on_divergence="fallback"``) `fallback` answers the request, streaming or not.
+    No network call, no tokens until then. The recorded model name is this model's
+    name; its provider the recorded one.
     """
 
     cursor: ReplayCursor
     provider: str
     fallback: BaseLlm | None = None
+    _splits: dict[int, tuple[int, ...]] = PrivateAttr(default_factory=dict)
 
     def __init__(
         self,
@@ -215,6 +265,7 @@ class ReplayLlm(BaseLlm):
         kwargs.setdefault("provider", config.provider if config is not None else FRAMEWORK)
         fields: dict[str, Any] = {"cursor": cursor, "fallback": fallback, **kwargs}
         super().__init__(**fields)
+        self._splits = _splits(cursor.script)
 
     @property
     def divergence(self) -> Divergence | None:
@@ -242,7 +293,9 @@ class ReplayLlm(BaseLlm):
     ) -> AsyncGenerator[LlmResponse, None]:
         reply = self.cursor.respond(RequestShape.from_payload(_request(llm_request, 0)))
         if reply is not None:
-            yield _llm_response(reply)
+            # The cursor returns the script's own reply objects.
+            for response in _llm_responses(reply, self._splits.get(id(reply), (len(reply.content),))):
+                yield response
             return
         if self.fallback is None:  # the cursor hands over only when a fallback was required
             raise ValueError("the replay handed over, but there is no fallback model")
