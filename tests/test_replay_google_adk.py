@@ -337,3 +337,31 @@ def test_a_run_recorded_streaming_replays_its_split_replies(store: SqliteStore, 
     assert events[-1].content.parts[0].text == "The answer is 42."
     assert RUNS == [] and model.cursor.finished and model.divergence is None
     assert turns(the_other(store.load(SESSION), first)) == turns(first)
+
+
+def explode(reason: str) -> str:
+    """Always fails."""
+    RUNS.append("explode")
+    raise ValueError(f"tool failed: {reason}")
+
+
+async def as_error(tool: Any, args: Any, tool_context: Any, error: Exception) -> dict[str, str]:
+    return {"error": str(error)}
+
+
+def test_a_handled_tool_error_is_answered_with_what_the_model_got(store: SqliteStore) -> None:
+    def failing(model: BaseLlm) -> LlmAgent:
+        return LlmAgent(
+            name="calc", model=model, instruction="Try.", tools=[explode], on_tool_error_callback=as_error
+        )
+
+    run(failing(ScriptedLlm.of([("explode", {"reason": "x"})], ["It failed."])), store)
+    original = store.load(SESSION)
+    (result,) = [m for m in original.loops[0].messages if isinstance(m, ToolResultMessage)]
+    assert result.is_error and result.content[0].text == "explode failed: ValueError: tool failed: x"  # type: ignore[union-attr]
+    RUNS.clear()
+    model = ReplayLlm(original)
+    with model.recording():
+        run(failing(model), store, model.tools_plugin())
+    assert RUNS == []  # answered with the callback's {"error": "tool failed: x"}, as recorded
+    assert model.cursor.finished and model.divergence is None

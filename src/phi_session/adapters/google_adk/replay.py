@@ -20,9 +20,11 @@ skips the tool (the after-tool callbacks still run: `PhiPlugin` records the resu
 The answer is the function response the next recorded turn's request sent for the
 call (with ``capture_requests=True``), else the recorded result read as JSON (a
 string that is no JSON stays itself: a tool returning the string ``"5"`` is then
-answered with the number 5, which the next request shows as a divergence); a
-recorded error is answered ``{"error": text}``. ADK's ``transfer_to_agent`` runs, checked
-against the recording: it only names the agent taking over, which an answer would skip.
+answered with the number 5, which the next request shows as a divergence). A
+recorded error is answered with what the next turn's request sent for it (an
+``on_tool_error_callback``'s answer), else ``{"error": text}``. ADK's
+``transfer_to_agent`` runs, checked against the recording: it only names the agent
+taking over, which an answer would skip.
 
 Limits: a recording without captured requests diverges at the first turn after a tool
 call: ADK sends a tool's value that is no dict as ``{"result": value}``, while the
@@ -186,13 +188,14 @@ def _sent_responses(script: ReplayScript) -> dict[str, str]:
 
 
 def _tool_answer(result: ToolResultMessage, sent: str | None) -> Any:
-    """What a tool call is answered with: what the tool returned, as ADK sent it
-    (`_sent_responses`; ADK wraps a value that is no dict as ``{"result": value}``),
-    else the recorded result read as the JSON it was written as (a string that is no
-    JSON as itself); a recorded error as ``{"error": text}``. Never None: that would
-    leave the call unanswered, and ADK would run the tool."""
+    """What a tool call is answered with: what the model got for it, as the next turn's
+    request sent it (`_sent_responses`; ADK wraps a value that is no dict as
+    ``{"result": value}``, an ``on_tool_error_callback`` answers an error), else the
+    recorded result read as the JSON it was written as (a string that is no JSON as
+    itself); without a sent response, a recorded error as ``{"error": text}``. Never
+    None: that would leave the call unanswered, and ADK would run the tool."""
     text = _text(result)
-    if result.is_error:
+    if sent is None and result.is_error:
         return {"error": text}
     try:
         if sent is not None:
