@@ -21,6 +21,7 @@ from google.adk.runners import InMemoryRunner
 
 from phi_session import SqliteStore
 from phi_session.adapters.google_adk import PhiPlugin, ReplayLlm
+from phi_session.adapters.google_adk.replay import RecordedToolError
 from phi_session.errors import ReplayDiverged
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session
@@ -365,3 +366,21 @@ def test_a_handled_tool_error_is_answered_with_what_the_model_got(store: SqliteS
         run(failing(model), store, model.tools_plugin())
     assert RUNS == []  # answered with the callback's {"error": "tool failed: x"}, as recorded
     assert model.cursor.finished and model.divergence is None
+
+
+def test_a_tool_error_that_ended_the_run_is_raised_again(store: SqliteStore) -> None:
+    def failing(model: BaseLlm) -> LlmAgent:
+        return LlmAgent(name="calc", model=model, instruction="Try.", tools=[explode])
+
+    with pytest.raises(ValueError, match="tool failed: x"):
+        run(failing(ScriptedLlm.of([("explode", {"reason": "x"})], ["Unreached."])), store)
+    original = store.load(SESSION)
+    assert original.loops[0].status == "Aborted"
+    RUNS.clear()
+    model = ReplayLlm(original)
+    with model.recording(), pytest.raises(RuntimeError) as raised:
+        run(failing(model), store, model.tools_plugin())
+    cause = raised.value.__cause__  # ADK wraps what a plugin raises
+    assert isinstance(cause, RecordedToolError) and str(cause) == "explode failed: ValueError: tool failed: x"
+    assert RUNS == [] and model.cursor.finished and model.divergence is None  # not "exhausted"
+    assert the_other(store.load(SESSION), original.loops[0]).status == "Aborted"

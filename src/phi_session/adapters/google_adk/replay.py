@@ -22,9 +22,10 @@ call (with ``capture_requests=True``), else the recorded result read as JSON (a
 string that is no JSON stays itself: a tool returning the string ``"5"`` is then
 answered with the number 5, which the next request shows as a divergence). A
 recorded error is answered with what the next turn's request sent for it (an
-``on_tool_error_callback``'s answer), else ``{"error": text}``. ADK's
-``transfer_to_agent`` runs, checked against the recording: it only names the agent
-taking over, which an answer would skip.
+``on_tool_error_callback``'s answer), else ``{"error": text}``; an error that ended the
+recorded run is raised again (`RecordedToolError`, which ADK wraps as the error of a
+plugin). ADK's ``transfer_to_agent`` runs, checked against the recording: it only
+names the agent taking over, which an answer would skip.
 
 Limits: a recording without captured requests diverges at the first turn after a tool
 call: ADK sends a tool's value that is no dict as ``{"result": value}``, while the
@@ -72,7 +73,7 @@ if TYPE_CHECKING:
     from google.adk.tools.base_tool import BaseTool
     from google.adk.tools.tool_context import ToolContext
 
-__all__ = ["ReplayLlm"]
+__all__ = ["RecordedToolError", "ReplayLlm"]
 
 _FINISH: dict[str, types.FinishReason] = {"length": types.FinishReason.MAX_TOKENS}
 
@@ -187,15 +188,23 @@ def _sent_responses(script: ReplayScript) -> dict[str, str]:
     return sent
 
 
-def _tool_answer(result: ToolResultMessage, sent: str | None) -> Any:
+class RecordedToolError(RuntimeError):
+    """A tool's recorded failure, raised in its place by a replay (`ReplayLlm.tools_plugin`)
+    where it ended the recorded run; its message is the recorded error text."""
+
+
+def _tool_answer(result: ToolResultMessage, sent: str | None, went_on: bool) -> Any:
     """What a tool call is answered with: what the model got for it, as the next turn's
     request sent it (`_sent_responses`; ADK wraps a value that is no dict as
     ``{"result": value}``, an ``on_tool_error_callback`` answers an error), else the
     recorded result read as the JSON it was written as (a string that is no JSON as
-    itself); without a sent response, a recorded error as ``{"error": text}``. Never
-    None: that would leave the call unanswered, and ADK would run the tool."""
+    itself). Without a sent response, a recorded error is answered ``{"error": text}``
+    when the run `went_on` after it, else raised as `RecordedToolError`: it ended the
+    run. Never None: that would leave the call unanswered, and ADK would run the tool."""
     text = _text(result)
     if sent is None and result.is_error:
+        if not went_on:
+            raise RecordedToolError(text)
         return {"error": text}
     try:
         if sent is not None:
@@ -313,6 +322,14 @@ class _RecordedTools(BasePlugin):
         super().__init__(name=name)
         self.cursor = cursor
         self.sent = _sent_responses(cursor.script)
+        turns = cursor.script.turns
+        # The calls of turns their loop went on from (a model call followed them).
+        self.went_on = {
+            call.id
+            for turn, after in pairwise(turns)
+            if after.loop_id == turn.loop_id
+            for call in turn.tool_calls
+        }
 
     async def before_tool_callback(
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext
@@ -325,4 +342,4 @@ class _RecordedTools(BasePlugin):
             # ADK's transfer tool only tells ADK which agent takes over: answering it
             # would skip the transfer, so it runs (once checked against the recording).
             return None
-        return _tool_answer(result, self.sent.get(call_id))
+        return _tool_answer(result, self.sent.get(call_id), call_id in self.went_on)
