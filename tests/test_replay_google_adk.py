@@ -384,3 +384,36 @@ def test_a_tool_error_that_ended_the_run_is_raised_again(store: SqliteStore) -> 
     assert isinstance(cause, RecordedToolError) and str(cause) == "explode failed: ValueError: tool failed: x"
     assert RUNS == [] and model.cursor.finished and model.divergence is None  # not "exhausted"
     assert the_other(store.load(SESSION), original.loops[0]).status == "Aborted"
+
+
+def transferring(router: BaseLlm, calc: BaseLlm) -> LlmAgent:
+    """A router handing the question over to the calculator."""
+    helper = LlmAgent(name="calc", model=calc, instruction=INSTRUCTION, tools=[add, mul], description="Sums.")
+    return LlmAgent(name="router", model=router, instruction="Route.", sub_agents=[helper])
+
+
+@pytest.fixture
+def transferred(store: SqliteStore) -> Session:
+    router = ScriptedLlm(model="router-1", script=[[("transfer_to_agent", {"agent_name": "calc"})]])
+    calc = ScriptedLlm(model="calc-1", script=[[("add", {"a": 2, "b": 3})], ["It is 5."]])
+    events = run(transferring(router, calc), store)
+    assert events[-1].content.parts[0].text == "It is 5."
+    RUNS.clear()
+    return store.load(SESSION)
+
+
+def test_a_replay_model_per_agent_answers_only_its_own_agents_tool_calls(
+    transferred: Session, store: SqliteStore
+) -> None:
+    router_loop, calc_loop = (loop.loop_id for loop in transferred.loops)
+    router, calc = ReplayLlm(transferred, router_loop), ReplayLlm(transferred, calc_loop)
+    with router.recording():
+        events = run(
+            transferring(router, calc),
+            store,
+            calc.tools_plugin("calc_tools"),
+            router.tools_plugin("router_tools"),
+        )
+    assert events[-1].content.parts[0].text == "It is 5."
+    assert RUNS == []  # add answered by the calculator's replay, the transfer checked by the router's
+    assert router.cursor.finished and calc.cursor.finished

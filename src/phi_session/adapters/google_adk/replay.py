@@ -297,7 +297,9 @@ class ReplayLlm(BaseLlm):
         the run replays: its ``before_tool_callback`` returns the recorded result, so
         ADK skips the tool (and still calls the after-tool callbacks, where `PhiPlugin`
         records the result). List it after `PhiPlugin`: ADK stops at the first
-        plugin that answers."""
+        plugin that answers. It leaves alone the calls of agents whose loops it does not
+        replay (with a replay model per agent, each one's plugin, under a name of its
+        own, answers its agent's calls)."""
         return _RecordedTools(self.cursor, name)
 
     async def generate_content_async(
@@ -321,8 +323,14 @@ class _RecordedTools(BasePlugin):
     def __init__(self, cursor: ReplayCursor, name: str) -> None:
         super().__init__(name=name)
         self.cursor = cursor
-        self.sent = _sent_responses(cursor.script)
-        turns = cursor.script.turns
+        script = cursor.script
+        self.sent = _sent_responses(script)
+        self.calls = {call.id for turn in script.turns for call in turn.tool_calls}
+        configs = (loop.config for loop in map(script.session.get_loop, script.loop_ids) if loop is not None)
+        self.agents = {
+            config.name for config in configs if config is not None and isinstance(config.name, str)
+        }
+        turns = script.turns
         # The calls of turns their loop went on from (a model call followed them).
         self.went_on = {
             call.id
@@ -337,6 +345,8 @@ class _RecordedTools(BasePlugin):
         call_id = tool_context.function_call_id
         if call_id is None:
             return None
+        if call_id not in self.calls and self.agents and tool_context.agent_name not in self.agents:
+            return None  # another agent's call: its own replay (or its tool) answers it
         result = self.cursor.tool_result(call_id, tool.name, tool_args)
         if result is None or tool.name == _TRANSFER_TOOL:
             # ADK's transfer tool only tells ADK which agent takes over: answering it
