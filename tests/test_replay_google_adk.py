@@ -417,3 +417,19 @@ def test_a_replay_model_per_agent_answers_only_its_own_agents_tool_calls(
     assert events[-1].content.parts[0].text == "It is 5."
     assert RUNS == []  # add answered by the calculator's replay, the transfer checked by the router's
     assert router.cursor.finished and calc.cursor.finished
+
+
+def test_one_replay_model_for_a_chain_names_each_loops_model(
+    transferred: Session, store: SqliteStore
+) -> None:
+    model = ReplayLlm(transferred, chain=True)  # the calculator's loop, after the router's
+    with model.recording():
+        events = run(transferring(model, model), store, model.tools_plugin())
+    assert events[-1].content.parts[0].text == "It is 5."
+    assert RUNS == [] and model.cursor.finished
+    router, calc = transferred.loops
+    replayed = [
+        loop for loop in store.load(SESSION).loops if loop.loop_id not in (router.loop_id, calc.loop_id)
+    ]
+    assert [loop.config for loop in replayed] == [router.config, calc.config]
+    assert [turns(loop) for loop in replayed] == [turns(router), turns(calc)]  # the replies' models too

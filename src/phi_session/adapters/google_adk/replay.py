@@ -32,8 +32,9 @@ call: ADK sends a tool's value that is no dict as ``{"result": value}``, while t
 recorded loop holds the value (the ids ADK numbered itself and does not send are no
 divergence: an empty call id is unknown, see `phi_session.replay.request`). Turns
 answered by `fallback` are recorded under this model's name (the plugin takes it from
-the request). Multi-agent invocations (transfers, ``AgentTool``) are not covered by
-the tests.
+the request). A transfer replays with one replay model per agent (each with its own
+tools plugin, named apart) or one for the chain (``chain=True``); ``AgentTool``
+invocations are not covered by the tests.
 """
 
 from __future__ import annotations
@@ -236,13 +237,15 @@ class ReplayLlm(BaseLlm):
     Once the cursor hands over (a fork point, or a divergence with
     ``on_divergence="fallback"``) `fallback` answers the request, streaming or not.
     No network call, no tokens until then. The recorded model name is this model's
-    name; its provider the recorded one.
+    name, by default the recorded one of the turn it answers next (each loop's of a
+    chain), and so is its provider.
     """
 
     cursor: ReplayCursor
     provider: str
     fallback: BaseLlm | None = None
     _splits: dict[int, tuple[int, ...]] = PrivateAttr(default_factory=dict)
+    _next_names: dict[int, tuple[str, str]] = PrivateAttr(default_factory=dict)
 
     def __init__(
         self,
@@ -261,7 +264,8 @@ class ReplayLlm(BaseLlm):
         `until_turn`: fork there, `fallback` answering from that turn on;
         `on_divergence` and `tools` as for `ReplayCursor`. `until_turn` and
         ``on_divergence="fallback"`` need a `fallback`. The model's name and provider
-        are the replayed loop's. `kwargs`: BaseLlm's."""
+        are the replayed loop's, then each next recorded turn's, unless `model` is
+        given. `kwargs`: BaseLlm's."""
         cursor = ReplayCursor.of(
             recording,
             loop_id,
@@ -273,11 +277,18 @@ class ReplayLlm(BaseLlm):
         )
         first = cursor.script.session.get_loop(cursor.script.loop_ids[0])
         config = first.config if first is not None else None
+        named = "model" in kwargs
         kwargs.setdefault("model", config.model if config is not None else "replay")
         kwargs.setdefault("provider", config.provider if config is not None else FRAMEWORK)
         fields: dict[str, Any] = {"cursor": cursor, "fallback": fallback, **kwargs}
         super().__init__(**fields)
         self._splits = _splits(cursor.script)
+        if not named:
+            self._next_names = {
+                id(turn.reply): (after.reply.model, after.reply.provider)
+                for turn, after in pairwise(cursor.script.turns)
+                if after.reply.model
+            }
 
     @property
     def divergence(self) -> Divergence | None:
@@ -308,6 +319,11 @@ class ReplayLlm(BaseLlm):
         reply = self.cursor.respond(RequestShape.from_payload(_request(llm_request, 0)))
         if reply is not None:
             # The cursor returns the script's own reply objects.
+            following = self._next_names.get(id(reply))
+            if following is not None:
+                # The next call may be another agent's (a chain's next loop): ADK and
+                # the plugin read its model's name off this model.
+                self.model, self.provider = following
             for response in _llm_responses(reply, self._splits.get(id(reply), (len(reply.content),))):
                 yield response
             return
