@@ -140,9 +140,7 @@ def _text(message: ToolResultMessage) -> str:
     return "".join(block.text for block in message.content if type(block) is TextContent)
 
 
-def _latest(
-    request: RequestShape,
-) -> tuple[list[AssistantMessage], list[ToolResultMessage]]:
+def _latest(request: RequestShape) -> tuple[list[AssistantMessage], list[ToolResultMessage]]:
     """The model contents ending a request's history (the previous turn's reply, in
     as many messages as ADK kept events for it) and the function responses after them."""
     messages = request.messages
@@ -346,11 +344,10 @@ class _RecordedTools(BasePlugin):
         self.agents = {
             config.name for config in configs if config is not None and isinstance(config.name, str)
         }
-        turns = script.turns
         # The calls of turns their loop went on from (a model call followed them).
         self.went_on = {
             call.id
-            for turn, after in pairwise(turns)
+            for turn, after in pairwise(script.turns)
             if after.loop_id == turn.loop_id
             for call in turn.tool_calls
         }
