@@ -619,6 +619,34 @@ def test_a_divergence_is_described_on_one_line(world: World) -> None:
     assert "\n" not in found.describe() and "\n" not in str(raised.value)
 
 
+def test_a_changed_tool_names_what_changed_in_it(world: World) -> None:
+    session, _ = world.original()
+    script = ReplayScript.from_session(session)
+    read, count = TOOLS
+    described = msgspec.structs.replace(read, description="Read a whole file.")
+    typed = msgspec.structs.replace(count, parameters={"type": "object"})
+    cases = [
+        ((described, count), "tool(s) changed: read_file (description)", "read_file 'Read a file.'"),
+        ((read, typed), "tool(s) changed: word_count (parameters)", 'word_count {"properties":'),
+        (
+            (described, typed),
+            "tool(s) changed: read_file (description), word_count (parameters)",
+            "read_file",
+        ),
+        ((read,), "tool(s) removed: word_count", "read_file, word_count"),
+    ]
+    for tools, detail, recorded in cases:
+        with pytest.raises(ReplayDiverged) as raised:
+            ReplayCursor(script).respond(msgspec.structs.replace(script.turns[0].request, tools=tools))
+        found = raised.value.divergence
+        assert (found.what, found.detail) == ("tools", detail)
+        assert found.expected is not None and found.expected.startswith(recorded)
+    assert found.actual == "read_file"
+    assert raised.value.divergence.describe().endswith(
+        "(recorded: read_file, word_count; replayed: read_file)"
+    )
+
+
 def test_an_empty_tool_call_id_is_unknown_not_a_divergence(world: World) -> None:
     session, _ = world.original()
     script = ReplayScript.from_session(session)

@@ -21,6 +21,7 @@ from google.adk.runners import InMemoryRunner
 
 from phi_session import SqliteStore
 from phi_session.adapters.google_adk import PhiPlugin, ReplayLlm
+from phi_session.adapters.google_adk.replay import RecordedToolError
 from phi_session.errors import ReplayDiverged
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session
@@ -306,3 +307,129 @@ def test_a_string_result_that_reads_as_json_is_answered_as_the_string_it_was(sto
     run(agent(model, [lookup]), store)
     replayed, _ = replay(store.load(SESSION), store, with_tools=[lookup])
     assert replayed.cursor.finished and replayed.divergence is None  # the request sent {"result": "7"} again
+
+
+def test_a_tool_returning_none_is_answered_from_the_recording_not_run(store: SqliteStore) -> None:
+    def notify(message: str) -> None:
+        """Sends a notification."""
+        RUNS.append("notify")
+
+    run(agent(ScriptedLlm.of([("notify", {"message": "hi"})], ["Done."]), [notify]), store)
+    RUNS.clear()
+    replayed, _ = replay(store.load(SESSION), store, with_tools=[notify])
+    assert RUNS == []  # answered {"result": None}, as ADK sends a None result
+    assert replayed.cursor.finished and replayed.divergence is None
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_run_recorded_streaming_replays_its_split_replies(store: SqliteStore, stream: bool) -> None:
+    # Streamed, the first reply's text and call came as two final responses: ADK's
+    # next request holds them as two model contents, the recording as one message.
+    run(agent(script()), store, stream=True)
+    original = store.load(SESSION)
+    (first,) = original.loops
+    request = first.turns[1].request_payload
+    assert request is not None
+    assert [len(m.content) for m in request.messages if isinstance(m, AssistantMessage)] == [1, 1]
+    RUNS.clear()
+    model = ReplayLlm(original)
+    with model.recording():
+        events = run(agent(model), store, model.tools_plugin(), stream=stream)
+    assert events[-1].content.parts[0].text == "The answer is 42."
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    assert turns(the_other(store.load(SESSION), first)) == turns(first)
+
+
+def explode(reason: str) -> str:
+    """Always fails."""
+    RUNS.append("explode")
+    raise ValueError(f"tool failed: {reason}")
+
+
+async def as_error(tool: Any, args: Any, tool_context: Any, error: Exception) -> dict[str, str]:
+    return {"error": str(error)}
+
+
+def test_a_handled_tool_error_is_answered_with_what_the_model_got(store: SqliteStore) -> None:
+    def failing(model: BaseLlm) -> LlmAgent:
+        return LlmAgent(
+            name="calc", model=model, instruction="Try.", tools=[explode], on_tool_error_callback=as_error
+        )
+
+    run(failing(ScriptedLlm.of([("explode", {"reason": "x"})], ["It failed."])), store)
+    original = store.load(SESSION)
+    (result,) = [m for m in original.loops[0].messages if isinstance(m, ToolResultMessage)]
+    assert result.is_error and result.content[0].text == "explode failed: ValueError: tool failed: x"  # type: ignore[union-attr]
+    RUNS.clear()
+    model = ReplayLlm(original)
+    with model.recording():
+        run(failing(model), store, model.tools_plugin())
+    assert RUNS == []  # answered with the callback's {"error": "tool failed: x"}, as recorded
+    assert model.cursor.finished and model.divergence is None
+
+
+def test_a_tool_error_that_ended_the_run_is_raised_again(store: SqliteStore) -> None:
+    def failing(model: BaseLlm) -> LlmAgent:
+        return LlmAgent(name="calc", model=model, instruction="Try.", tools=[explode])
+
+    with pytest.raises(ValueError, match="tool failed: x"):
+        run(failing(ScriptedLlm.of([("explode", {"reason": "x"})], ["Unreached."])), store)
+    original = store.load(SESSION)
+    assert original.loops[0].status == "Aborted"
+    RUNS.clear()
+    model = ReplayLlm(original)
+    with model.recording(), pytest.raises(RuntimeError) as raised:
+        run(failing(model), store, model.tools_plugin())
+    cause = raised.value.__cause__  # ADK wraps what a plugin raises
+    assert isinstance(cause, RecordedToolError) and str(cause) == "explode failed: ValueError: tool failed: x"
+    assert RUNS == [] and model.cursor.finished and model.divergence is None  # not "exhausted"
+    assert the_other(store.load(SESSION), original.loops[0]).status == "Aborted"
+
+
+def transferring(router: BaseLlm, calc: BaseLlm) -> LlmAgent:
+    """A router handing the question over to the calculator."""
+    helper = LlmAgent(name="calc", model=calc, instruction=INSTRUCTION, tools=[add, mul], description="Sums.")
+    return LlmAgent(name="router", model=router, instruction="Route.", sub_agents=[helper])
+
+
+@pytest.fixture
+def transferred(store: SqliteStore) -> Session:
+    router = ScriptedLlm(model="router-1", script=[[("transfer_to_agent", {"agent_name": "calc"})]])
+    calc = ScriptedLlm(model="calc-1", script=[[("add", {"a": 2, "b": 3})], ["It is 5."]])
+    events = run(transferring(router, calc), store)
+    assert events[-1].content.parts[0].text == "It is 5."
+    RUNS.clear()
+    return store.load(SESSION)
+
+
+def test_a_replay_model_per_agent_answers_only_its_own_agents_tool_calls(
+    transferred: Session, store: SqliteStore
+) -> None:
+    router_loop, calc_loop = (loop.loop_id for loop in transferred.loops)
+    router, calc = ReplayLlm(transferred, router_loop), ReplayLlm(transferred, calc_loop)
+    with router.recording():
+        events = run(
+            transferring(router, calc),
+            store,
+            calc.tools_plugin("calc_tools"),
+            router.tools_plugin("router_tools"),
+        )
+    assert events[-1].content.parts[0].text == "It is 5."
+    assert RUNS == []  # add answered by the calculator's replay, the transfer checked by the router's
+    assert router.cursor.finished and calc.cursor.finished
+
+
+def test_one_replay_model_for_a_chain_names_each_loops_model(
+    transferred: Session, store: SqliteStore
+) -> None:
+    model = ReplayLlm(transferred, chain=True)  # the calculator's loop, after the router's
+    with model.recording():
+        events = run(transferring(model, model), store, model.tools_plugin())
+    assert events[-1].content.parts[0].text == "It is 5."
+    assert RUNS == [] and model.cursor.finished
+    router, calc = transferred.loops
+    replayed = [
+        loop for loop in store.load(SESSION).loops if loop.loop_id not in (router.loop_id, calc.loop_id)
+    ]
+    assert [loop.config for loop in replayed] == [router.config, calc.config]
+    assert [turns(loop) for loop in replayed] == [turns(router), turns(calc)]  # the replies' models too

@@ -340,3 +340,21 @@ def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
     assert context == [plain(m) for m in fork.messages]
     assert context[:5] == [plain(m) for m in first.messages[:5]]
     assert context[-1].content[0].text == "It is 22."  # type: ignore[union-attr]
+
+
+class NamedChat(ScriptedChat):
+    """A fake chat model with a model name, as LangChain's chat models have."""
+
+    model: str = "fake-2"
+
+
+@pytest.mark.parametrize(("fallback", "name"), [(NamedChat, "fake-2"), (ScriptedChat, "ScriptedChat")])
+def test_a_forks_default_change_is_the_fallbacks_model_name(
+    original: Session, store: SqliteStore, fallback: type[ScriptedChat], name: str
+) -> None:
+    other = fallback(messages=iter([reply("Forty-two.", model="fake-2")]))
+    model = ReplayChatModel(original, until_turn=3, fallback=other)
+    with model.recording():  # the model name LangChain reports, else the class's name
+        run_agent(model, model.wrap_tools([add, mul]), store)
+    fork = the_other(store.load(THREAD), original.loops[0])
+    assert fork.metadata["fork"]["change"] == {"model": name}

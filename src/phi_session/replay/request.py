@@ -259,22 +259,50 @@ def _tool_key(tool: ToolDefinition) -> tuple[str, str, bytes]:
     return tool.name, tool.description, msgspec.json.encode(tool.parameters, order="sorted")
 
 
+def _changes(want: tuple[str, str, bytes], got: tuple[str, str, bytes]) -> list[str]:
+    """What differs between two tools of one name: ``description``, ``parameters``."""
+    return [
+        part for part, a, b in zip(("description", "parameters"), want[1:], got[1:], strict=True) if a != b
+    ]
+
+
+def _show_tool(key: tuple[str, str, bytes], parts: Sequence[str]) -> str:
+    """A tool by name and the `parts` of it that differ."""
+    shown = [key[0]]
+    if "description" in parts:
+        shown.append(repr(key[1]))
+    if "parameters" in parts:
+        shown.append(key[2].decode())
+    return clip(" ".join(shown))
+
+
 def compare_tools(
     expected: Sequence[ToolDefinition], actual: Sequence[ToolDefinition]
 ) -> tuple[str, str, str] | None:
-    """None when the same tools are offered (in any order); else ``(detail, expected, actual)``."""
+    """None when the same tools are offered (in any order); else ``(detail, expected, actual)``:
+    both sides name the tools offered, or, when only tools of the same names changed,
+    show the first changed tool's description and/or parameters."""
     want = {tool.name: _tool_key(tool) for tool in expected}
     got = {tool.name: _tool_key(tool) for tool in actual}
     if want == got:
         return None
     names = ", ".join
     added, removed = sorted(got.keys() - want.keys()), sorted(want.keys() - got.keys())
-    changed = sorted(name for name in want.keys() & got.keys() if want[name] != got[name])
+    changed = {
+        name: _changes(want[name], got[name])
+        for name in sorted(want.keys() & got.keys())
+        if want[name] != got[name]
+    }
     problems = []
     if added:
         problems.append(f"tool(s) added: {names(added)}")
     if removed:
         problems.append(f"tool(s) removed: {names(removed)}")
     if changed:
-        problems.append(f"tool(s) changed: {names(changed)}")
-    return "; ".join(problems), clip(names(sorted(want))), clip(names(sorted(got)))
+        described = (f"{name} ({', '.join(parts)})" for name, parts in changed.items())
+        problems.append(f"tool(s) changed: {names(described)}")
+    detail = clip("; ".join(problems))
+    if added or removed:
+        return detail, clip(names(sorted(want))), clip(names(sorted(got)))
+    name, parts = next(iter(changed.items()))
+    return detail, _show_tool(want[name], parts), _show_tool(got[name], parts)

@@ -9,7 +9,9 @@
 `ReplayLlm` turns each ``LlmRequest`` into a `RequestShape` with the adapter's own
 request converter (what ``PhiPlugin(capture_requests=True)`` records), so an
 unchanged agent matches its recording, and answers with the recorded reply as an
-``LlmResponse``. Past a fork point (`until_turn`) or after a divergence with
+``LlmResponse`` (as several, when the next recorded request shows ADK kept it as
+several events: a Gemini stream gives the text and the calls as final responses of
+their own). Past a fork point (`until_turn`) or after a divergence with
 ``on_divergence="fallback"`` it hands the request to `fallback`, any other ADK model.
 
 ADK runs tools outside the model: `ReplayLlm.tools_plugin` answers each tool call of a
@@ -18,16 +20,21 @@ skips the tool (the after-tool callbacks still run: `PhiPlugin` records the resu
 The answer is the function response the next recorded turn's request sent for the
 call (with ``capture_requests=True``), else the recorded result read as JSON (a
 string that is no JSON stays itself: a tool returning the string ``"5"`` is then
-answered with the number 5, which the next request shows as a divergence); a
-recorded error is answered ``{"error": text}``.
+answered with the number 5, which the next request shows as a divergence). A
+recorded error is answered with what the next turn's request sent for it (an
+``on_tool_error_callback``'s answer), else ``{"error": text}``; an error that ended the
+recorded run is raised again (`RecordedToolError`, which ADK wraps as the error of a
+plugin). ADK's ``transfer_to_agent`` runs, checked against the recording: it only
+names the agent taking over, which an answer would skip.
 
 Limits: a recording without captured requests diverges at the first turn after a tool
 call: ADK sends a tool's value that is no dict as ``{"result": value}``, while the
 recorded loop holds the value (the ids ADK numbered itself and does not send are no
 divergence: an empty call id is unknown, see `phi_session.replay.request`). Turns
 answered by `fallback` are recorded under this model's name (the plugin takes it from
-the request). Multi-agent invocations (transfers, ``AgentTool``) are not covered by
-the tests.
+the request). A transfer replays with one replay model per agent (each with its own
+tools plugin, named apart) or one for the chain (``chain=True``); ``AgentTool``
+invocations are not covered by the tests.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from google.adk.models.base_llm import BaseLlm
 from google.adk.models.llm_response import LlmResponse
 from google.adk.plugins.base_plugin import BasePlugin
 from google.genai import types
+from msgspec.structs import replace
+from pydantic import PrivateAttr
 
 from ...messages import (
     AssistantMessage,
@@ -56,15 +65,16 @@ from ...messages import (
 )
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
+from ...replay.request import compare_messages
 from .._core import replay_recording
-from . import FRAMEWORK, _decode, _json_text, _request
+from . import _TRANSFER_TOOL, FRAMEWORK, _decode, _json_text, _request
 
 if TYPE_CHECKING:
     from google.adk.models.llm_request import LlmRequest
     from google.adk.tools.base_tool import BaseTool
     from google.adk.tools.tool_context import ToolContext
 
-__all__ = ["ReplayLlm"]
+__all__ = ["RecordedToolError", "ReplayLlm"]
 
 _FINISH: dict[str, types.FinishReason] = {"length": types.FinishReason.MAX_TOKENS}
 
@@ -114,8 +124,51 @@ def _llm_response(reply: AssistantMessage) -> LlmResponse:
     )
 
 
+def _llm_responses(reply: AssistantMessage, split: tuple[int, ...]) -> list[LlmResponse]:
+    """A recorded reply as final responses of `split` blocks each (`_splits`), as a
+    stream gives them, each with the (cumulative) usage; the last one ends the reply."""
+    responses = []
+    start = 0
+    for size in split[:-1]:
+        content = types.Content(role="model", parts=_parts(reply.content[start : start + size]))
+        responses.append(LlmResponse(content=content, usage_metadata=_usage_metadata(reply.usage)))
+        start += size
+    return [*responses, _llm_response(replace(reply, content=reply.content[start:]))]
+
+
 def _text(message: ToolResultMessage) -> str:
     return "".join(block.text for block in message.content if type(block) is TextContent)
+
+
+def _latest(request: RequestShape) -> tuple[list[AssistantMessage], list[ToolResultMessage]]:
+    """The model contents ending a request's history (the previous turn's reply, in
+    as many messages as ADK kept events for it) and the function responses after them."""
+    messages = request.messages
+    end = 1 + max((i for i, m in enumerate(messages) if isinstance(m, AssistantMessage)), default=-1)
+    start = end
+    while start > 0 and isinstance(messages[start - 1], AssistantMessage):
+        start -= 1
+    replies = [m for m in messages[start:end] if isinstance(m, AssistantMessage)]
+    return replies, [m for m in messages[end:] if isinstance(m, ToolResultMessage)]
+
+
+def _splits(script: ReplayScript) -> dict[int, tuple[int, ...]]:
+    """How each recorded reply reached the next turn's request when ADK kept it as
+    several events (the block count of each), by the reply's id: Gemini streams the
+    text and the calls as final responses of their own, which the plugin records as
+    one message. Answered the same way, an unchanged agent sends the same request."""
+    splits: dict[int, tuple[int, ...]] = {}
+    for turn, after in pairwise(script.turns):
+        pieces, _ = _latest(after.request)
+        blocks = tuple(block for piece in pieces for block in piece.content)
+        reply = turn.reply
+        if (
+            len(pieces) > 1
+            and len(blocks) == len(reply.content)
+            and compare_messages([reply], [replace(reply, content=blocks)]) is None
+        ):
+            splits[id(reply)] = tuple(len(piece.content) for piece in pieces)
+    return splits
 
 
 def _sent_responses(script: ReplayScript) -> dict[str, str]:
@@ -125,9 +178,7 @@ def _sent_responses(script: ReplayScript) -> dict[str, str]:
     sends the responses to a turn's calls after the model's content, in call order."""
     sent: dict[str, str] = {}
     for turn, after in pairwise(script.turns):
-        messages = after.request.messages
-        last = max((i for i, m in enumerate(messages) if isinstance(m, AssistantMessage)), default=-1)
-        answers = [m for m in messages[last + 1 :] if isinstance(m, ToolResultMessage)]
+        _, answers = _latest(after.request)
         calls = turn.tool_calls
         if len(answers) == len(calls) and all(
             a.tool_name == c.name for a, c in zip(answers, calls, strict=True)
@@ -136,24 +187,36 @@ def _sent_responses(script: ReplayScript) -> dict[str, str]:
     return sent
 
 
-def _tool_answer(result: ToolResultMessage, sent: str | None) -> Any:
-    """What a tool call is answered with: what the tool returned, as ADK sent it
-    (`_sent_responses`; ADK wraps a value that is no dict as ``{"result": value}``),
-    else the recorded result read as the JSON it was written as (a string that is no
-    JSON as itself); a recorded error as ``{"error": text}``."""
+class RecordedToolError(RuntimeError):
+    """A tool's recorded failure, raised in its place by a replay (`ReplayLlm.tools_plugin`)
+    where it ended the recorded run; its message is the recorded error text."""
+
+
+def _tool_answer(result: ToolResultMessage, sent: str | None, went_on: bool) -> Any:
+    """What a tool call is answered with: what the model got for it, as the next turn's
+    request sent it (`_sent_responses`; ADK wraps a value that is no dict as
+    ``{"result": value}``, an ``on_tool_error_callback`` answers an error), else the
+    recorded result read as the JSON it was written as (a string that is no JSON as
+    itself). Without a sent response, a recorded error is answered ``{"error": text}``
+    when the run `went_on` after it, else raised as `RecordedToolError`: it ended the
+    run. Never None: that would leave the call unanswered, and ADK would run the tool."""
     text = _text(result)
-    if result.is_error:
+    if sent is None and result.is_error:
+        if not went_on:
+            raise RecordedToolError(text)
         return {"error": text}
     try:
         if sent is not None:
             response = _decode(sent)
             if isinstance(response, dict) and list(response) == ["result"]:
                 if _json_text(response["result"]) == text:
-                    return response["result"]  # a value ADK wrapped, not a dict of the tool's
-            return response
-        return _decode(text)
+                    response = response["result"]  # a value ADK wrapped, not a dict of the tool's
+        else:
+            response = _decode(text)
     except msgspec.DecodeError:
         return text
+    # What ADK sends for a tool returning None.
+    return {"result": None} if response is None else response
 
 
 class ReplayLlm(BaseLlm):
@@ -167,16 +230,20 @@ class ReplayLlm(BaseLlm):
     Each request (converted as `PhiPlugin` records it: system instruction, contents,
     function declarations) is checked against the recorded turn's
     (`phi_session.replay.ReplayCursor`) and answered with the recorded reply as one
-    final ``LlmResponse``: text, thoughts, function calls with their recorded ids,
-    usage, finish reason. Once the cursor hands over (a fork point, or a divergence
-    with ``on_divergence="fallback"``) `fallback` answers the request, streaming or
-    not. No network call, no tokens until then. The recorded model name is this
-    model's name; its provider the recorded one.
+    final ``LlmResponse``, or as the several the next recorded request shows it came
+    in: text, thoughts, function calls with their recorded ids, usage, finish reason.
+    Once the cursor hands over (a fork point, or a divergence with
+    ``on_divergence="fallback"``) `fallback` answers the request, streaming or not.
+    No network call, no tokens until then. The recorded model name is this model's
+    name, by default the recorded one of the turn it answers next (each loop's of a
+    chain), and so is its provider.
     """
 
     cursor: ReplayCursor
     provider: str
     fallback: BaseLlm | None = None
+    _splits: dict[int, tuple[int, ...]] = PrivateAttr(default_factory=dict)
+    _next_names: dict[int, tuple[str, str]] = PrivateAttr(default_factory=dict)
 
     def __init__(
         self,
@@ -195,7 +262,8 @@ class ReplayLlm(BaseLlm):
         `until_turn`: fork there, `fallback` answering from that turn on;
         `on_divergence` and `tools` as for `ReplayCursor`. `until_turn` and
         ``on_divergence="fallback"`` need a `fallback`. The model's name and provider
-        are the replayed loop's. `kwargs`: BaseLlm's."""
+        are the replayed loop's, then each next recorded turn's, unless `model` is
+        given. `kwargs`: BaseLlm's."""
         cursor = ReplayCursor.of(
             recording,
             loop_id,
@@ -207,10 +275,18 @@ class ReplayLlm(BaseLlm):
         )
         first = cursor.script.session.get_loop(cursor.script.loop_ids[0])
         config = first.config if first is not None else None
+        named = "model" in kwargs
         kwargs.setdefault("model", config.model if config is not None else "replay")
         kwargs.setdefault("provider", config.provider if config is not None else FRAMEWORK)
         fields: dict[str, Any] = {"cursor": cursor, "fallback": fallback, **kwargs}
         super().__init__(**fields)
+        self._splits = _splits(cursor.script)
+        if not named:
+            self._next_names = {
+                id(turn.reply): (after.reply.model, after.reply.provider)
+                for turn, after in pairwise(cursor.script.turns)
+                if after.reply.model
+            }
 
     @property
     def divergence(self) -> Divergence | None:
@@ -230,7 +306,9 @@ class ReplayLlm(BaseLlm):
         the run replays: its ``before_tool_callback`` returns the recorded result, so
         ADK skips the tool (and still calls the after-tool callbacks, where `PhiPlugin`
         records the result). List it after `PhiPlugin`: ADK stops at the first
-        plugin that answers."""
+        plugin that answers. It leaves alone the calls of agents whose loops it does not
+        replay (with a replay model per agent, each one's plugin, under a name of its
+        own, answers its agent's calls)."""
         return _RecordedTools(self.cursor, name)
 
     async def generate_content_async(
@@ -238,7 +316,14 @@ class ReplayLlm(BaseLlm):
     ) -> AsyncGenerator[LlmResponse, None]:
         reply = self.cursor.respond(RequestShape.from_payload(_request(llm_request, 0)))
         if reply is not None:
-            yield _llm_response(reply)
+            # The cursor returns the script's own reply objects.
+            following = self._next_names.get(id(reply))
+            if following is not None:
+                # The next call may be another agent's (a chain's next loop): ADK and
+                # the plugin read its model's name off this model.
+                self.model, self.provider = following
+            for response in _llm_responses(reply, self._splits.get(id(reply), (len(reply.content),))):
+                yield response
             return
         if self.fallback is None:  # the cursor hands over only when a fallback was required
             raise ValueError("the replay handed over, but there is no fallback model")
@@ -252,7 +337,20 @@ class _RecordedTools(BasePlugin):
     def __init__(self, cursor: ReplayCursor, name: str) -> None:
         super().__init__(name=name)
         self.cursor = cursor
-        self.sent = _sent_responses(cursor.script)
+        script = cursor.script
+        self.sent = _sent_responses(script)
+        self.calls = {call.id for turn in script.turns for call in turn.tool_calls}
+        configs = (loop.config for loop in map(script.session.get_loop, script.loop_ids) if loop is not None)
+        self.agents = {
+            config.name for config in configs if config is not None and isinstance(config.name, str)
+        }
+        # The calls of turns their loop went on from (a model call followed them).
+        self.went_on = {
+            call.id
+            for turn, after in pairwise(script.turns)
+            if after.loop_id == turn.loop_id
+            for call in turn.tool_calls
+        }
 
     async def before_tool_callback(
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext
@@ -260,5 +358,11 @@ class _RecordedTools(BasePlugin):
         call_id = tool_context.function_call_id
         if call_id is None:
             return None
+        if call_id not in self.calls and self.agents and tool_context.agent_name not in self.agents:
+            return None  # another agent's call: its own replay (or its tool) answers it
         result = self.cursor.tool_result(call_id, tool.name, tool_args)
-        return None if result is None else _tool_answer(result, self.sent.get(call_id))
+        if result is None or tool.name == _TRANSFER_TOOL:
+            # ADK's transfer tool only tells ADK which agent takes over: answering it
+            # would skip the transfer, so it runs (once checked against the recording).
+            return None
+        return _tool_answer(result, self.sent.get(call_id), call_id in self.went_on)

@@ -205,8 +205,14 @@ class ReplayChatModel(BaseChatModel):
         """Run the agent inside: the adapter records the run into the original session, as
         a ``Rerun{replay}`` of the replayed loop, or for a fork (``until_turn``) a
         ``Branch{tag}`` whose metadata names the fork point and `change` (default: the
-        fallback model's name)."""
-        fallback = None if self.fallback is None else self.fallback.get_name()
+        fallback model's name, else its class's name)."""
+        fallback = None
+        if self.fallback is not None:
+            # Where LangChain's chat models keep it (its ``ls_model_name`` comes from there).
+            names = (getattr(self.fallback, attribute, None) for attribute in ("model_name", "model"))
+            fallback = next(
+                (name for name in names if isinstance(name, str) and name), self.fallback.get_name()
+            )
         return replay_recording(self.cursor, tag=tag, change=change, fallback=fallback)
 
     def wrap_tools(self, tools: Sequence[BaseTool]) -> list[BaseTool]:
