@@ -619,6 +619,14 @@ def test_a_divergence_is_described_on_one_line(world: World) -> None:
     assert "\n" not in found.describe() and "\n" not in str(raised.value)
 
 
+def test_a_divergence_shows_only_the_sides_it_has() -> None:
+    base = {"turn_index": 1, "loop_id": "s.a.1", "what": "tool_call", "detail": "no recorded call"}
+    assert Divergence(**base, actual="add(1)").describe() == (
+        "turn 1 of s.a.1: tool_call: no recorded call (replayed: add(1))"
+    )
+    assert Divergence(**base).describe() == "turn 1 of s.a.1: tool_call: no recorded call"
+
+
 def test_a_changed_tool_names_what_changed_in_it(world: World) -> None:
     session, _ = world.original()
     script = ReplayScript.from_session(session)

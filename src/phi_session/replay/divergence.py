@@ -41,6 +41,9 @@ class Divergence(msgspec.Struct, frozen=True, kw_only=True):
     def describe(self) -> str:
         """One line: where, what, and both sides."""
         text = f"turn {self.turn_index} of {self.loop_id}: {self.what}: {self.detail}"
-        if self.expected is not None or self.actual is not None:
-            text += f" (recorded: {self.expected}; replayed: {self.actual})"
-        return text
+        sides = [
+            f"{name}: {side}"
+            for name, side in (("recorded", self.expected), ("replayed", self.actual))
+            if side is not None
+        ]
+        return f"{text} ({'; '.join(sides)})" if sides else text
