@@ -24,6 +24,7 @@ from pydantic_ai.usage import RequestUsage
 
 from phi_session import SessionRecorder, SessionRecorderConfig, SqliteStore
 from phi_session.adapters.pydantic_ai import PhiCapability, ReplayModel
+from phi_session.adapters.pydantic_ai.replay import RecordedToolError
 from phi_session.diff import diff_loops
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, UserMessage
@@ -398,6 +399,28 @@ def test_a_recorded_retry_replays_as_the_same_error_result(recorder: SessionReco
     (error,) = replayed.turns[0].tool_results
     assert error.is_error and error.content[0].text == "try bigger numbers"  # type: ignore[union-attr]
     assert bare(replayed.messages) == bare(original.messages)
+
+
+def test_a_tool_that_failed_the_run_fails_the_replay_there(recorder: SessionRecorder) -> None:
+    calls: list[int] = []
+
+    def boom(x: int) -> int:
+        """Explodes."""
+        calls.append(x)
+        raise RuntimeError("kaboom")
+
+    agent = Agent(TestModel(), capabilities=[PhiCapability(recorder, capture_requests=True)], tools=[boom])
+    with pytest.raises(RuntimeError, match="kaboom"):
+        agent.run_sync("go")
+    (loop,) = session_of(recorder).loops
+    assert loop.status == "Aborted" and loop.turn_count() == 1
+    model = ReplayModel(session_of(recorder), loop.loop_id)
+    # not a retry the model is asked about (an `exhausted` divergence): the recorded error
+    with model.recording(), pytest.raises(RecordedToolError, match="boom failed: RuntimeError: kaboom"):
+        agent.run_sync("go", model=model, capabilities=[model.capability])
+    assert calls == [0] and model.cursor.finished and model.divergence is None
+    replayed = session_of(recorder).loops[-1]
+    assert replayed.status == "Aborted" and replayed.turn_count() == 1
 
 
 def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder) -> None:

@@ -173,6 +173,11 @@ class ReplayCursor:
         """The first divergence, if any."""
         return self._divergence
 
+    def turn_of(self, call_id: str) -> RecordedTurn | None:
+        """The recorded turn whose reply made tool call `call_id`, if the script has it."""
+        known = self._calls.get(call_id)
+        return None if known is None else known[1]
+
     @property
     def handed_over(self) -> bool:
         """Whether model calls now go to the live or fallback model (fork point reached, or

@@ -58,6 +58,9 @@ class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
     """The model's answer, as recorded (its ``turn_id`` removed)."""
     tool_results: tuple[ToolResultMessage, ...] = ()
     """The results of the reply's tool calls, in the order they ended."""
+    aborted: bool = False
+    """Whether the original run failed in this turn: the last of a loop that ended
+    ``Aborted`` (e.g. a tool raised), so no model call followed its tool results."""
 
     @property
     def tool_calls(self) -> tuple[ToolCall, ...]:
@@ -131,6 +134,7 @@ def _recorded_turns(session: Session, record: LoopRecord) -> Iterator[RecordedTu
             inputs=inputs,
             reply=replace(output, turn_id=None),
             tool_results=results,
+            aborted=record.status == "Aborted" and turn is record.turns[-1],
         )
         local.append(output)
         local.extend(_in_call_order(results, output))

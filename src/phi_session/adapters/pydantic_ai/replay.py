@@ -18,8 +18,10 @@ add to the run) answers each tool call of a replayed turn with its recorded resu
 when ``tools="recorded"``, without running the tool: it wraps the agent's toolset
 (``get_wrapper_toolset``), so every ``wrap_tool_execute`` (the recording's) sees the
 answer as it saw the tool's; a recorded error result is raised as ``ModelRetry`` with
-its text, as a tool asking the model to retry. Output tools are pydantic-ai's own and
-run as they are.
+its text, as a tool asking the model to retry, unless the original run failed there
+(the error ends a loop recorded ``Aborted``: the tool raised): then it is raised as
+`RecordedToolError`, so the replay fails where the original did. Output tools are
+pydantic-ai's own and run as they are.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScr
 from .._core import replay_recording
 from . import _STOP_REASONS, request_payload
 
-__all__ = ["ReplayModel", "ReplayTools"]
+__all__ = ["RecordedToolError", "ReplayModel", "ReplayTools"]
 
 # The inverse of the adapter's mapping.
 _FINISH_REASONS: dict[StopReason, pai.FinishReason] = {stop: finish for finish, stop in _STOP_REASONS.items()}
@@ -236,6 +238,11 @@ class ReplayModel(Model):
         yield _ReplayedStream(model_request_parameters=model_request_parameters, _reply=reply)
 
 
+class RecordedToolError(RuntimeError):
+    """A replayed tool's recorded failure that ended the original run (its error
+    result's text, e.g. ``"boom failed: RuntimeError: kaboom"``)."""
+
+
 @dataclass
 class _RecordedToolset(WrapperToolset[Any]):
     """The agent's toolset, each call of a replayed turn answered by the cursor."""
@@ -250,6 +257,9 @@ class _RecordedToolset(WrapperToolset[Any]):
             return await super().call_tool(name, tool_args, ctx, tool)
         text = "".join(block.text for block in result.content if type(block) is TextContent)
         if result.is_error:
+            turn = self.cursor.turn_of(result.tool_call_id)
+            if turn is not None and turn.aborted:
+                raise RecordedToolError(text)  # the tool raised and the run failed: fail here too
             raise ModelRetry(text)  # as the tool did: pydantic-ai makes it the retry the model read
         return text
 
