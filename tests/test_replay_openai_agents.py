@@ -430,3 +430,23 @@ def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder
         replayed_second.parent_loop_id == replayed_first.loop_id
     )  # the conversation goes on from the replay
     assert bare(replayed_second.messages) == bare(second.messages)
+
+
+class NamedModel(ScriptedModel):
+    """A scripted model with a model name, where the SDK's models keep it."""
+
+    model = "other-model"
+
+
+@pytest.mark.parametrize(
+    ("fallback", "name"), [(NamedModel, "other-model"), (ScriptedModel, "ScriptedModel")]
+)
+def test_a_forks_default_change_is_the_fallbacks_model_name(
+    recorder: SessionRecorder, original: tuple[Session, LoopRecord], fallback: type[ScriptedModel], name: str
+) -> None:
+    session, loop = original
+    model = ReplayModel(session, loop.loop_id, until_turn=3, fallback=fallback([[assistant_message("7")]]))
+    with model.recording():  # the model name the SDK's models keep, else the class's name
+        assert run(model.agent(make_agent(Tools()))).final_output == "7"
+    fork = session_of(recorder).loops[-1]
+    assert fork.metadata["fork"]["change"] == {"model": name}

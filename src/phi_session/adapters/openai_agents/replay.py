@@ -223,8 +223,12 @@ class ReplayModel(Model):
         """Run the agent inside: the adapter records the run into the original session, as
         a ``Rerun{replay}`` of the replayed loop, or for a fork (``until_turn``) a
         ``Branch{tag}`` whose metadata names the fork point and `change` (default: the
-        fallback model's name)."""
-        fallback = None if self.fallback is None else type(self.fallback).__name__
+        fallback model's name, else its class's name)."""
+        fallback = None
+        if self.fallback is not None:
+            # The SDK's models keep the name they call the API with in `model`.
+            name = getattr(self.fallback, "model", None)
+            fallback = name if isinstance(name, str) and name else type(self.fallback).__name__
         return replay_recording(self.cursor, tag=tag, change=change, fallback=fallback)
 
     # -- tools ------------------------------------------------------------------------------
