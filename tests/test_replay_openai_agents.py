@@ -432,6 +432,37 @@ def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder
     assert bare(replayed_second.messages) == bare(second.messages)
 
 
+def handing_off(a_model: Any, b_model: Any) -> tuple[Agent[Any], Agent[Any]]:
+    """Agent A hands the question over to agent B, which looks a key up."""
+    b = Agent(name="B", instructions="You are B.", model=b_model, tools=Tools().tools)
+    return Agent(name="A", instructions="You are A.", model=a_model, handoffs=[b]), b
+
+
+def test_a_handoff_run_replays_whole_by_default(recorder: SessionRecorder) -> None:
+    a, _ = handing_off(
+        ScriptedModel([[function_call("transfer_to_b", {}, call_id="h1")]], emit_traces=True),
+        ScriptedModel(
+            [[function_call("lookup", {"key": "x"}, call_id="b1")], [assistant_message("B done")]],
+            emit_traces=True,
+        ),
+    )
+    assert run(a).final_output == "B done"
+    first, second = session_of(recorder).loops
+    assert first.turns[-1].output_message.stop_reason == "handoff"  # type: ignore[union-attr]
+    model = ReplayModel(session_of(recorder))  # the run: A's loop, then B's it handed over to
+    assert model.script.loop_ids == (first.loop_id, second.loop_id)
+    replayed_a, replayed_b = handing_off(no_model(), no_model())
+    with model.recording():
+        result = run(model.agent(replayed_a).clone(handoffs=[model.agent(replayed_b)]), model=model)
+    assert result.final_output == "B done" and model.cursor.finished
+    replayed = session_of(recorder).loops[2:]
+    assert [bare(loop.messages) for loop in replayed] == [bare(first.messages), bare(second.messages)]
+    # The replay's loops are no run to pick: the default is still the original run.
+    assert ReplayScript.from_session(session_of(recorder)).loop_ids == (first.loop_id, second.loop_id)
+    # A loop named is that loop alone.
+    assert ReplayScript.from_session(session_of(recorder), second.loop_id).loop_ids == (second.loop_id,)
+
+
 class NamedModel(ScriptedModel):
     """A scripted model with a model name, where the SDK's models keep it."""
 

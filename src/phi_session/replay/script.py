@@ -22,7 +22,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ..errors import LoopNotFound, TurnNotFound
-from ..events import ContinuationKind, TurnRequest
+from ..events import DEFAULT, ContinuationKind, TurnRequest
 from ..messages import (
     AgentMessage,
     AnnotatedRequestPayload,
@@ -140,6 +140,37 @@ def _recorded_turns(session: Session, record: LoopRecord) -> Iterator[RecordedTu
         local.extend(_in_call_order(results, output))
 
 
+def _of_a_replay(record: LoopRecord) -> bool:
+    """Whether `record` was recorded by a replay: its ``Rerun{"replay"}`` loop, or a
+    handoff or later run of it (they carry its lineage's ``metadata["replay"]``)."""
+    meta = record.metadata
+    return record.kind == _REPLAY or (isinstance(meta, dict) and isinstance(meta.get("replay"), dict))
+
+
+def _handed_over(session: Session, before: str, after: str) -> bool:
+    """Whether loop `after` took over from loop `before` by a handoff, within one run: it
+    continues it (``Default``) and `before`'s last reply stopped with ``handoff``."""
+    record, earlier = session.get_loop(after), session.get_loop(before)
+    if record is None or earlier is None or not earlier.turns:
+        return False
+    last = earlier.turns[-1].output_message
+    return (
+        record.kind == DEFAULT
+        and record.parent_loop_id == before
+        and isinstance(last, AssistantMessage)
+        and last.stop_reason == "handoff"
+    )
+
+
+def _run_to(session: Session, loop_id: str) -> list[str]:
+    """`loop_id` with the loops of its run that handed over to it, first first."""
+    chain = session.context_chain_to(loop_id)
+    start = len(chain) - 1
+    while start > 0 and _handed_over(session, chain[start - 1], chain[start]):
+        start -= 1
+    return chain[start:]
+
+
 class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
     """The recorded turns of one loop, or of a chain of loops, in the order they ran.
 
@@ -158,10 +189,15 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
     ) -> ReplayScript:
         """The turns of `loop_id`.
 
-        The default loop is the one of `session` that started last without being itself
-        a replay (``Rerun{"replay"}``, `replay_lineage`): the last run of the agent or
-        the last fork, so that a live session object that has since recorded replays
-        of it (a `SessionRecorder`'s) still defaults to the run they replayed.
+        The default is the last run of `session` that is not a replay: the loop that
+        started last without being recorded by a replay (`replay_lineage`: its
+        ``Rerun{"replay"}`` loop and the loops of the run that carry its metadata), with
+        the loops that handed over to it within its run (an agent's handoff, a
+        transfer: a ``Default`` continuation of a loop whose last reply stopped with
+        ``handoff``), first first. So a handoff run replays whole, the last run of the
+        agent or the last fork, and a live session object that has since recorded
+        replays of it (a `SessionRecorder`'s) still defaults to the run they replayed.
+        A `loop_id` given is that loop alone.
 
         With `chain`, the turns of every loop whose messages make up the context of
         `loop_id` (`Session.context_chain_to`: root first), as a conversation of
@@ -171,8 +207,9 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
         """
         if not isinstance(session, Session):
             raise TypeError(f"expected a Session, got {type(session).__name__}")
+        picked = loop_id is None
         if loop_id is None:
-            runs = [record for record in session.loops if record.kind != _REPLAY]
+            runs = [record for record in session.loops if not _of_a_replay(record)]
             if not runs:
                 raise LoopNotFound(
                     f"session {session.session_id!r} has no loop to replay (replays do not count)"
@@ -180,7 +217,10 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
             loop_id = max(runs, key=lambda record: record.started_at.ns).loop_id
         if session.get_loop(loop_id) is None:
             raise LoopNotFound(f"no loop {loop_id!r} in session {session.session_id!r}")
-        ids = session.context_chain_to(loop_id) if chain else [loop_id]
+        if chain:
+            ids = session.context_chain_to(loop_id)
+        else:
+            ids = _run_to(session, loop_id) if picked else [loop_id]
         records = [record for record in map(session.get_loop, ids) if record is not None]
         turns = tuple(turn for record in records for turn in _recorded_turns(session, record))
         return cls(session=session, loop_ids=tuple(record.loop_id for record in records), turns=turns)
