@@ -304,14 +304,26 @@ def test_another_tool_result_diverges_at_the_turn_that_reads_it(original: tuple[
 
 
 def test_on_divergence_fallback_hands_the_run_to_the_fallback_model(
-    original: tuple[Session, LoopRecord],
+    recorder: SessionRecorder, original: tuple[Session, LoopRecord]
 ) -> None:
     session, loop = original
-    fallback = ScriptedModel([[assistant_message("from the fallback")]])
+    fallback = ScriptedModel([[assistant_message("from the fallback")]], emit_traces=True)
     model = ReplayModel(session, loop.loop_id, on_divergence="fallback", fallback=fallback)
-    result = run(model.agent(make_agent(Tools(), system="You are a poet.")))
+    with model.recording():
+        result = run(model.agent(make_agent(Tools(), system="You are a poet.")))
     assert result.final_output == "from the fallback"
     assert model.divergence is not None and model.divergence.what == "system_prompt"
+    # The replay names its fallback; the turn it took over at is where it differs.
+    recorded = session_of(recorder)
+    replayed = recorded.loops[-1]
+    assert replayed.kind == ContinuationKind.rerun("replay")
+    assert replayed.metadata["replay"] == {
+        "session_id": SESSION,
+        "loop_id": loop.loop_id,
+        "fallback": "ScriptedModel",
+    }
+    first = diff_loops(recorded, loop.loop_id, recorded, replayed.loop_id).first_divergence
+    assert first is not None and first.turn == model.divergence.turn_index == 0
 
 
 def test_a_fallback_is_required_to_hand_over(original: tuple[Session, LoopRecord]) -> None:

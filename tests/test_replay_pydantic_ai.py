@@ -287,18 +287,31 @@ def test_another_tool_result_diverges_at_the_turn_that_reads_it(
 
 
 def test_on_divergence_fallback_hands_the_run_to_the_fallback_model(
-    capability: PhiCapability, original: tuple[Session, LoopRecord]
+    recorder: SessionRecorder, capability: PhiCapability, original: tuple[Session, LoopRecord]
 ) -> None:
     session, loop = original
 
     def fallback(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         return ModelResponse(parts=[TextPart("from the fallback")])
 
-    model = ReplayModel(session, loop.loop_id, on_divergence="fallback", fallback=FunctionModel(fallback))
+    fallback_model = FunctionModel(fallback, model_name="poet-model")
+    model = ReplayModel(session, loop.loop_id, on_divergence="fallback", fallback=fallback_model)
     agent = make_agent(capability, Tools(), model=no_model, system="You are a poet.")
-    result = agent.run_sync("compute", model=model, capabilities=[model.capability])
+    with model.recording():
+        result = agent.run_sync("compute", model=model, capabilities=[model.capability])
     assert result.output == "from the fallback"
     assert model.cursor.divergence is not None and model.cursor.divergence.what == "system_prompt"
+    # The replay names its fallback; the turn it took over at is where it differs.
+    recorded = session_of(recorder)
+    replayed = recorded.loops[-1]
+    assert replayed.kind == ContinuationKind.rerun("replay")
+    assert replayed.metadata["replay"] == {
+        "session_id": session.session_id,
+        "loop_id": loop.loop_id,
+        "fallback": "poet-model",
+    }
+    first = diff_loops(recorded, loop.loop_id, recorded, replayed.loop_id).first_divergence
+    assert first is not None and first.turn == model.cursor.divergence.turn_index == 0
 
 
 def test_a_fallback_is_required_to_hand_over(original: tuple[Session, LoopRecord]) -> None:

@@ -106,8 +106,15 @@ def replay_recording(
     """Where a replay model's run is recorded (`phi_session.replay.recording_as`): the
     recording's session, as a ``Rerun{replay}`` of the replayed loop, or for a fork
     (the cursor's ``until_turn``) a ``Branch{tag}`` whose metadata names the fork point
-    and `change` (default: ``{"model": fallback}``, the name of the model forked to)."""
+    and `change` (default: ``{"model": fallback}``, the name of the model forked to).
+
+    With ``on_divergence="fallback"``, ``metadata["replay"]["fallback"]`` names the model
+    that answers from a divergence on. The loop's metadata is recorded when it starts,
+    before any divergence: where the fallback took over is the loop's first turn that
+    differs from the original's (`phi_session.diff.diff_loops`)."""
     if cursor.until_turn is None:
+        if cursor.on_divergence == "fallback":
+            return recording_as(replay_lineage(cursor.script, fallback=fallback))
         return recording_as(replay_lineage(cursor.script))
     if change is None and fallback is not None:
         change = {"model": fallback}

@@ -7,13 +7,19 @@ loop ids continue after its loops', so they never collide), continuing
 
 * a replay (`replay_lineage`): kind ``Rerun{"replay"}``, parent the replayed loop (the
   first of a replayed chain), metadata ``{"replay": {"session_id", "loop_id",
-  "loop_ids"}}``;
+  "loop_ids"}}``, and ``"fallback"`` (the model's name) when a replay model hands over
+  to a fallback on a divergence (`phi_session.adapters.replay_recording`);
 * a fork (`fork_lineage`): kind ``Branch{tag}``, parent the same, metadata ``{"fork":
   {"session_id", "loop_id", "turn_index", "change"}}`` (the fork point and what
   changed, as given).
 
 Such a loop runs its parent again from its start, so it stands in for its parent in
-`Session.context_at` (`LoopRecord.reruns_parent`).
+`Session.context_at` (`LoopRecord.reruns_parent`). A replay that handed over to its
+fallback does too: its context is the replayed turns, then the fallback's. The metadata
+is recorded as the loop starts, before any divergence: where the fallback took over is
+the first turn that differs from the original's (`phi_session.diff.diff_loops`).
+`ReplayScript.from_session` never picks a replay's loop by default, even one that
+handed over; named, it replays that loop's turns as recorded.
 
 Two ways to use a lineage:
 
