@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -402,6 +403,27 @@ def test_without_captured_requests_the_context_is_rebuilt_from_the_loops(world: 
         (first.loops[0].loop_id, 3),
         (second.loop_id, 0),
     ]
+
+
+def test_without_captured_requests_a_replay_warns_once_that_only_messages_are_compared(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    session, original = world.original(capture=False)
+    script = ReplayScript.from_session(session)
+
+    def replay(system: str | None, tools: tuple[ToolDefinition, ...] | None) -> ReplayCursor:
+        cursor = ReplayCursor(script)
+        for turn in script.turns:
+            cursor.respond(RequestShape(system_prompt=system, messages=turn.request.messages, tools=tools))
+        return cursor
+
+    with caplog.at_level(logging.WARNING, logger="phi_session.replay"):
+        # Another system prompt and no tools: nothing to compare them with, no divergence.
+        assert replay("You are a poet.", ()).finished
+        (warning,) = caplog.records
+        assert original.loop_id in warning.getMessage() and "capture_requests=True" in warning.getMessage()
+        caplog.clear()
+        assert replay(None, None).finished and caplog.records == []  # messages alone: all compared
 
 
 def test_without_captured_requests_tool_results_are_rebuilt_in_call_order(world: World) -> None:

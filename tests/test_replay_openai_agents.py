@@ -4,6 +4,7 @@ offline: recorded on the SDK's own ScriptedModel, replayed without any model."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,23 @@ def test_without_capture_requests_no_request_is_recorded() -> None:
     finally:
         openai_agents.uninstall()
     assert all(turn.request_payload is None for turn in session_of(recorder).loops[0].turns)
+
+
+def test_a_replay_without_captured_requests_warns_that_the_system_prompt_is_not_compared(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=True))
+    openai_agents.install([recorder])
+    try:
+        run(make_agent(Tools(), model=four_turns()))
+    finally:
+        openai_agents.uninstall()
+    model = ReplayModel(session_of(recorder))
+    with caplog.at_level(logging.WARNING, logger="phi_session.replay"):
+        run(model.agent(make_agent(Tools(), system="You are a poet.")))
+    assert model.cursor.finished and model.divergence is None  # nothing to compare it with
+    (warning,) = caplog.records
+    assert "only the messages are compared" in warning.getMessage()
 
 
 def test_requests_captured_into_the_embedded_store_are_saved(tmp_path: Path) -> None:

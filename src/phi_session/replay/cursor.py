@@ -23,7 +23,11 @@ The contract a framework's replay model keeps (one cursor per replayed run):
 
 A replay of an unchanged agent never diverges: the recorded requests are compared
 with the replayed ones as the model sees them (`phi_session.replay.request`). The
-system prompt and the tools are compared only when both sides know them. A recorded
+system prompt and the tools are compared only when both sides know them: a recording
+without captured requests (``capture_requests`` off) has neither, so a changed system
+prompt or tool list replays silently; the cursor logs a warning, once per replay, the
+first time a replayed request has a system prompt or tools its recorded turn cannot
+compare (logger ``phi_session.replay``). A recorded
 request built from the loops before the replayed one (no captured request) also
 matches a replayed request without those earlier messages.
 
@@ -33,6 +37,7 @@ calls).
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Literal
 
@@ -46,6 +51,8 @@ from .request import Normalizer, RequestShape, clip, compare_messages, compare_t
 from .script import RecordedTurn, ReplayScript
 
 __all__ = ["OnDivergence", "ReplayCursor", "ToolsMode", "check_request"]
+
+logger = logging.getLogger("phi_session.replay")
 
 OnDivergence = Literal["stop", "fallback"]
 ToolsMode = Literal["recorded", "live"]
@@ -127,6 +134,7 @@ class ReplayCursor:
         self._handed_over = False
         self._divergence: Divergence | None = None
         self._normalize = Normalizer()
+        self._warned_uncompared = False
         # tool call id -> (position of its turn in the script, the turn)
         self._calls: dict[str, tuple[int, RecordedTurn]] = {}
         for position, turn in enumerate(script.turns):
@@ -220,6 +228,7 @@ class ReplayCursor:
                 )
                 return None
             turn = turns[position]
+            self._warn_if_uncompared(turn, request)
             found = check_request(turn, request, self._normalize)
             if found is not None:
                 self._diverge(found)
@@ -288,6 +297,23 @@ class ReplayCursor:
         if no_result:
             return "tool_call", f"tool call {call.id!r} ({name}) has no recorded result", None, None
         return None
+
+    def _warn_if_uncompared(self, turn: RecordedTurn, request: RequestShape) -> None:
+        # Otherwise an agent with another system prompt or other tools replays as if
+        # unchanged, and nothing tells the user why.
+        recorded = turn.request
+        if self._warned_uncompared or not (
+            (recorded.system_prompt is None and request.system_prompt is not None)
+            or (recorded.tools is None and request.tools is not None)
+        ):
+            return
+        self._warned_uncompared = True
+        logger.warning(
+            "replay of %s: turn %d has no captured request (record with capture_requests=True): "
+            "only the messages are compared, not the system prompt or the tools",
+            turn.loop_id,
+            turn.turn_index,
+        )
 
     # -- divergence -----------------------------------------------------------------------
 
