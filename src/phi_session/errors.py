@@ -96,3 +96,9 @@ class ReplayDiverged(PhiSessionError):
     def __init__(self, divergence: Divergence) -> None:
         super().__init__(f"replay diverged at {divergence.describe()}")
         self.divergence = divergence
+
+
+class RecordedToolError(PhiSessionError, RuntimeError):
+    """A replayed tool's recorded failure, raised in the tool's place where it ended the
+    original run, so the replay fails where the original did; the message is the
+    recorded error text (e.g. ``"boom failed: RuntimeError: kaboom"``)."""

@@ -53,6 +53,7 @@ from google.genai import types
 from msgspec.structs import replace
 from pydantic import PrivateAttr
 
+from ...errors import RecordedToolError
 from ...messages import (
     AssistantMessage,
     Content,
@@ -185,11 +186,6 @@ def _sent_responses(script: ReplayScript) -> dict[str, str]:
         ):
             sent.update((call.id, _text(answer)) for call, answer in zip(calls, answers, strict=True))
     return sent
-
-
-class RecordedToolError(RuntimeError):
-    """A tool's recorded failure, raised in its place by a replay (`ReplayLlm.tools_plugin`)
-    where it ended the recorded run; its message is the recorded error text."""
 
 
 def _tool_answer(result: ToolResultMessage, sent: str | None, went_on: bool) -> Any:

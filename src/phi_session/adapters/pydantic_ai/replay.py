@@ -41,6 +41,7 @@ from pydantic_ai.toolsets import AbstractToolset, WrapperToolset
 from pydantic_ai.toolsets.abstract import ToolsetTool
 from pydantic_ai.usage import RequestUsage
 
+from ...errors import RecordedToolError
 from ...messages import AssistantMessage, StopReason, TextContent, ThinkingContent, ToolCall, Usage
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
@@ -236,11 +237,6 @@ class ReplayModel(Model):
                 yield stream
             return
         yield _ReplayedStream(model_request_parameters=model_request_parameters, _reply=reply)
-
-
-class RecordedToolError(RuntimeError):
-    """A replayed tool's recorded failure that ended the original run (its error
-    result's text, e.g. ``"boom failed: RuntimeError: kaboom"``)."""
 
 
 @dataclass
