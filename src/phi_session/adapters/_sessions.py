@@ -20,6 +20,7 @@ sessions from one `SessionBook`:
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 import weakref
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from ..persist import AutoPersistingRecorder
 
 __all__ = ["EmbeddedStore", "SessionBook", "book_for_sinks", "embedded_store"]
+
+logger = logging.getLogger("phi_session.adapters")
 
 
 class SessionBook:
@@ -157,7 +160,7 @@ def book_for_sinks(sinks: Sequence[SinkLike], max_idle: int) -> SessionBook:
         return SessionBook(max_idle)
     if not refs:
         return SessionBook(max_idle)
-    # Functions are held by the book's sinks' owners (or are module-level): their ids last.
+    # A bound method's function belongs to its class, which outlives the objects: its id lasts.
     key = tuple((id(owner), id(function)) for owner, function in parts)
     global _made_since_prune
     with _books_lock:
@@ -235,7 +238,10 @@ class EmbeddedStore:
         for core in list(self._cores):
             core.end_open_runs("the interpreter exited during the run")
         self._closed = True
-        self.persister.close()
+        try:
+            self.persister.close()
+        except Exception:  # reported, not raised, at exit (as the recorder's own exit hook does)
+            logger.exception("%r: saving at interpreter exit failed", self.store)
 
 
 _stores_lock = threading.Lock()
