@@ -48,7 +48,15 @@ from pydantic_ai.usage import RequestUsage
 from phi_session import codec
 from phi_session.adapters import pydantic_ai as adapter
 from phi_session.adapters.pydantic_ai import PhiCapability
-from phi_session.events import DEFAULT, INITIAL, AgentStart, MessageUpdate, ToolExecutionEnd
+from phi_session.events import (
+    DEFAULT,
+    INITIAL,
+    AgentStart,
+    MessageEnd,
+    MessageUpdate,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+)
 from phi_session.messages import (
     AssistantMessage,
     ImageContent,
@@ -543,6 +551,45 @@ def test_run_stream_records_the_output_tools_return_as_agent_run_does(stream: bo
     assert isinstance(call, AssistantMessage) and call.content[0].name == "final_result"  # type: ignore[union-attr]
     assert isinstance(result, ToolResultMessage) and result.tool_call_id == call.content[0].id  # type: ignore[union-attr]
     assert result.content[0].text == "Final result processed." and not result.is_error  # type: ignore[union-attr]
+
+
+async def two_calls(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[Any]:
+    yield "Calling "
+    yield "add"
+    yield {1: DeltaToolCall(name="add", json_args='{"a":1,"b":2}', tool_call_id="c1")}
+    yield {2: DeltaToolCall(name="add", json_args='{"a":3,"b":4}', tool_call_id="c2")}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_run_stream_ends_the_reply_before_the_tools_it_called_run(stream: bool) -> None:
+    # run_stream runs the tools before `after_model_request` sees the response.
+    recorder, events = SessionRecorder(), list[Any]()
+    agent = Agent(
+        FunctionModel(text_after_tools, stream_function=two_calls),
+        capabilities=[PhiCapability([recorder, events.append], stream=stream)],
+    )
+
+    @agent.tool_plain
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    async def main() -> str:
+        async with agent.run_stream("go") as run:
+            return await run.get_output()
+
+    assert asyncio.run(main()) == "Calling add"
+    (reply_end,) = [
+        i
+        for i, e in enumerate(events)
+        if isinstance(e, MessageEnd) and isinstance(e.message, AssistantMessage)
+    ]
+    assert reply_end < min(i for i, e in enumerate(events) if isinstance(e, ToolExecutionStart))
+    loop = only_loop(recorder)
+    (reply,) = [m for m in loop.messages if isinstance(m, AssistantMessage)]
+    assert reply.content[0] == TextContent(text="Calling add")
+    assert [c.id for c in reply.content[1:]] == ["c1", "c2"]  # type: ignore[union-attr]
+    assert reply.usage.output > 0 and loop.turns[0].usage == reply.usage  # counted once
+    assert [m.tool_call_id for m in loop.messages if isinstance(m, ToolResultMessage)] == ["c1", "c2"]
 
 
 # -- concurrency ---------------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ first's ``message_history`` continues its loop. The hooks map as follows:
   results, with the text the model gets) and runs around the tool function, which is what
   lets a sub-agent run inside the tool find its parent.
 * ``after_node_run`` of a ``CallToolsNode`` (the end of a tools step) → ``TurnEnd``.
+* ``get_wrapper_model`` hands the run each response stream: ``run_stream`` runs a response's
+  tools before ``after_model_request`` sees it, so the first tool finishes the reply from
+  the stream (with its usage, recorded once) and its tools follow it, as under ``agent.run``.
 
 With ``PhiCapability(capture_requests=True)``, ``after_model_request`` also records the request
 sent (``TurnRequest``: system prompt and instructions, messages, function and output tools),
@@ -33,7 +36,8 @@ assistant message is recorded whole, when the response is complete.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +92,8 @@ from pydantic_ai.exceptions import (  # noqa: E402
     ToolFailedError,
     ToolRetryError,
 )
+from pydantic_ai.models import Model, StreamedResponse  # noqa: E402
+from pydantic_ai.models.wrapper import WrapperModel  # noqa: E402
 from pydantic_ai.result import FinalResult  # noqa: E402
 from pydantic_ai.usage import RequestUsage  # noqa: E402
 from pydantic_graph import End  # noqa: E402
@@ -97,6 +103,7 @@ if TYPE_CHECKING:
 
     from pydantic_ai.models import ModelRequestContext, ModelRequestParameters
     from pydantic_ai.run import AgentRunResult
+    from pydantic_ai.settings import ModelSettings
     from pydantic_ai.tools import ToolDefinition as PaiToolDefinition
 
     from ...stores.base import SessionStore
@@ -293,7 +300,19 @@ def request_payload(
 class _Run:
     """The scopes of one run's loop: its open turn and, while it streams, the open reply."""
 
-    __slots__ = ("core", "final_returns", "key", "loop", "prompt", "prompts", "reply", "run_id", "turn")
+    __slots__ = (
+        "answered",
+        "core",
+        "final_returns",
+        "key",
+        "loop",
+        "prompt",
+        "prompts",
+        "reply",
+        "run_id",
+        "streamed",
+        "turn",
+    )
 
     def __init__(
         self,
@@ -311,12 +330,17 @@ class _Run:
         self.turn: TurnScope | None = None
         self.reply: MessageScope | None = None
         self.final_returns: pai.ModelRequest | None = None
+        # The turn's streamed response (`_Streams`), and whether its reply was finished from
+        # it when its tools started (`tool`), before `after_model_request` saw it.
+        self.streamed: StreamedResponse | None = None
+        self.answered = False
 
     def request(self) -> TurnScope:
         """A model request step starts: the previous turn ends (if its tools step did not end
         it), the prompt goes in before the first turn (the tools' prompts before the next),
         and the next turn starts."""
         self.tools_done()
+        self.streamed, self.answered = None, False
         loop = self.loop
         if self.prompt is not None:
             prompt, self.prompt = self.prompt, None
@@ -354,6 +378,11 @@ class _Run:
         provider: str,
         payload: AnnotatedRequestPayload | None = None,
     ) -> None:
+        if self.answered:  # finished when its tools started: recorded once
+            self.answered = False
+            if payload is not None and self.turn is not None and self.turn.running:
+                self.turn.request(payload)
+            return
         reply = self.replying(response.model_name or model, response.provider_name or provider, payload)
         self.reply = None
         blocks, calls = _response_content(response.parts)
@@ -364,11 +393,17 @@ class _Run:
             stop_reason=_stop_reason(response.finish_reason, bool(calls)),
         )
 
-    def tool(self, call: pai.ToolCallPart) -> ToolScope | None:
+    def tool(self, call: pai.ToolCallPart, model: str, provider: str) -> ToolScope | None:
         """The started scope of a tool the turn's reply called (None outside a turn)."""
         turn = self.turn
         if turn is None:
             return None
+        streamed = self.streamed
+        if turn.message is None and streamed is not None:
+            # `run_stream` runs the tools once the response has streamed, before its
+            # `after_model_request`: the reply that called them ends first, as in `agent.run`.
+            self.response(streamed.get(), model, provider)
+            self.answered = True
         return turn.tool(id=call.tool_call_id, name=call.tool_name, args=call.args_as_dict()).start()
 
     def resumed(self, returns: pai.ModelRequest, timestamp: int) -> None:
@@ -419,6 +454,41 @@ def _record_own_returns(turn: TurnScope, request: pai.ModelRequest) -> None:
 # and pydantic-ai carries the context into every hook of the run (and the tasks it starts),
 # so two runs given the same run id, each in its own task or thread, are kept apart.
 _OPEN_RUNS: ContextVar[tuple[_Run, ...]] = ContextVar("phi_session_pydantic_ai_runs", default=())
+
+
+class _Streams(WrapperModel):
+    """The model serving a request, unchanged but for handing each stream it opens to the run
+    it serves: `run_stream` runs a response's tools before `after_model_request` sees it, and
+    the stream is where the response is then (`_Run.tool`)."""
+
+    def __init__(self, wrapped: Model, core: AdapterCore) -> None:
+        super().__init__(wrapped)
+        self.core = core
+
+    @asynccontextmanager
+    async def request_stream(
+        self,
+        messages: list[pai.ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+        run_context: RunContext[Any] | None = None,
+    ) -> AsyncGenerator[StreamedResponse]:
+        async with super().request_stream(
+            messages, model_settings, model_request_parameters, run_context
+        ) as streamed:
+            run = None if run_context is None else _open_run(self.core, run_context)
+            if run is not None:
+                run.streamed = streamed
+            yield streamed
+
+
+def _open_run(core: AdapterCore, ctx: RunContext[Any]) -> _Run | None:
+    """The run of `ctx` that `core` records: the innermost open in this context."""
+    run_id = ctx.run_id
+    for run in reversed(_OPEN_RUNS.get()):
+        if run.core is core and run.run_id == run_id:
+            return run
+    return None
 
 
 # -- the capability -------------------------------------------------------------------------------
@@ -537,14 +607,15 @@ class PhiCapability(AbstractCapability[Any]):
         self._core.safely(self._core.end_run, run.key, error)
 
     def _run(self, ctx: RunContext[Any]) -> _Run | None:
-        """The run of `ctx` this capability records: the innermost open in this context."""
-        run_id, core = ctx.run_id, self._core
-        for run in reversed(_OPEN_RUNS.get()):
-            if run.core is core and run.run_id == run_id:
-                return run
-        return None
+        return _open_run(self._core, ctx)
 
     # -- model requests -------------------------------------------------------------------
+
+    def get_wrapper_model(self, model: Model) -> Model | None:
+        core = self._core
+        if any(run.core is core for run in _OPEN_RUNS.get()):  # only the models of runs it records
+            return _Streams(model, core)
+        return None
 
     async def before_model_request(
         self, ctx: RunContext[Any], request_context: ModelRequestContext
@@ -637,7 +708,7 @@ class PhiCapability(AbstractCapability[Any]):
         tool = None
         if run is not None:
             try:
-                tool = run.tool(call)
+                tool = run.tool(call, ctx.model.model_name, ctx.model.system)
             except Exception as caught:
                 self._core.fault(caught)
         if tool is None:
