@@ -24,6 +24,7 @@ from google.adk.models.llm_response import LlmResponse
 from google.adk.plugins.base_plugin import BasePlugin
 from google.adk.runners import InMemoryRunner
 from google.adk.tools.agent_tool import AgentTool
+from google.adk.utils.streaming_utils import StreamingResponseAggregator
 from google.genai import types
 from pydantic import Field
 
@@ -227,6 +228,63 @@ def test_a_stream_of_text_then_calls_is_one_message_with_the_calls_usage() -> No
     assert [type(block).__name__ for block in first.content] == ["TextContent", "TextContent", "ToolCall"]
     assert first.stop_reason == "toolUse" and first.usage.total_tokens == 20  # not counted twice
     assert first.content[2].id == record.turns[0].tool_results[0].tool_call_id
+
+
+class PartialArgsLlm(BaseLlm):
+    """Gemini 3 as ADK streams it (progressive SSE, through ADK's own aggregator): a call
+    whose arguments arrive as `partial_args`, a string value in two pieces; then a text."""
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        if len(llm_request.contents) > 1:
+            yield LlmResponse(content=types.Content(role="model", parts=[types.Part(text="done")]))
+            return
+        pieces = [
+            types.PartialArg(json_path="$.label", string_value="hel", will_continue=True),
+            types.PartialArg(json_path="$.label", string_value="lo"),
+            types.PartialArg(json_path="$.n", number_value=2),
+            types.PartialArg(json_path="$.loud", bool_value=True),
+            types.PartialArg(json_path="$.note", null_value="NULL_VALUE"),
+        ]
+        aggregator = StreamingResponseAggregator()
+        for index, piece in enumerate(pieces):
+            last = index == len(pieces) - 1
+            call = types.FunctionCall(
+                name="tag" if index == 0 else None, id="c1", partial_args=[piece], will_continue=not last
+            )
+            chunk = types.GenerateContentResponse(
+                candidates=[
+                    types.Candidate(
+                        content=types.Content(role="model", parts=[types.Part(function_call=call)]),
+                        finish_reason=types.FinishReason.STOP if last else None,
+                    )
+                ]
+            )
+            async for response in aggregator.process_response(chunk):
+                yield response
+        closed = aggregator.close()
+        if closed is not None:
+            yield closed
+
+
+def tag(label: str, n: float, loud: bool, note: str | None) -> str:
+    """Tags a label."""
+    return label
+
+
+def test_arguments_streamed_as_partial_args_are_tool_call_deltas() -> None:
+    h = Harness(include_streaming_events=True)
+    h.run(LlmAgent(name="g3", model=PartialArgsLlm(model="gemini-3"), tools=[tag]), stream=True)
+    (record,) = h.session().loops
+    deltas = [
+        e.event.delta.delta
+        for e in record.events
+        if isinstance(e.event, MessageUpdate) and e.event.delta.kind == "ToolCallDelta"
+    ]
+    assert deltas == ["hel", "lo", "2.0", "true", "null"]  # strings as they come, other values as JSON
+    (call,) = record.turns[0].output_message.content
+    assert call.arguments == {"label": "hello", "n": 2.0, "loud": True, "note": None}  # type: ignore[union-attr]
 
 
 def test_transfer_is_a_handoff_to_a_continuing_loop() -> None:

@@ -138,6 +138,17 @@ def _json_text(value: Any) -> str:
     return value if isinstance(value, str) else _encode(value).decode()
 
 
+def _partial_arg_text(arg: types.PartialArg) -> str | None:
+    """A streamed argument piece as delta text: a string value's piece as it comes, another
+    value as JSON; None for a piece without one (an empty container, which ADK drops too)."""
+    if arg.string_value is not None:
+        return arg.string_value
+    for value in (arg.number_value, arg.bool_value):
+        if value is not None:
+            return _json_text(value)
+    return "null" if arg.null_value is not None else None
+
+
 def _json_copy(value: Any) -> Any:
     """A JSON-safe copy, so the host's later changes never reach a recorded event."""
     return _decode(_encode(value))
@@ -381,8 +392,16 @@ class _Reply:
                     self.scope.thinking_delta(part.text)
                 else:
                     self.scope.text_delta(part.text)
-            elif part.function_call is not None and part.function_call.args:
-                self.scope.tool_call_delta(_json_text(part.function_call.args))
+            elif part.function_call is not None:
+                call = part.function_call
+                if call.args:
+                    self.scope.tool_call_delta(_json_text(call.args))
+                # Progressive SSE (Gemini 3 models): the arguments stream a value, or a
+                # piece of a string value, at a time, with `args` left empty.
+                for arg in call.partial_args or ():
+                    piece = _partial_arg_text(arg)
+                    if piece is not None:
+                        self.scope.tool_call_delta(piece)
 
     def final(self, response: LlmResponse) -> None:
         self._heard = True
