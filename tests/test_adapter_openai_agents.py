@@ -17,6 +17,7 @@ from agents import (
     Agent,
     GuardrailFunctionOutput,
     InputGuardrailTripwireTriggered,
+    ModelRefusalError,
     OpenAIChatCompletionsModel,
     OpenAIResponsesModel,
     OutputGuardrailTripwireTriggered,
@@ -30,6 +31,7 @@ from agents import (
 from agents.testing.model import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.tracing import TracingProcessor, add_trace_processor, get_trace_provider, set_trace_processors
 from openai import AsyncOpenAI
+from openai.types.responses import ResponseOutputMessage, ResponseOutputRefusal
 
 from phi_session import JsonDirStore, SessionRecorder, decode_session, encode_session
 from phi_session.adapters import openai_agents
@@ -745,3 +747,33 @@ def test_stream_wrapper_records_each_run_under_an_enclosing_trace() -> None:
     for loop in loops:
         final = loop.turns[0].output_message.content[0].text  # type: ignore[union-attr]
         assert streamed[loop.loop_id] == final
+
+
+def test_stream_wrapper_records_a_refusal_as_text() -> None:
+    events: list[Any] = []
+    recorder = SessionRecorder()
+    openai_agents.install([recorder, events.append])
+    try:
+
+        async def consume() -> None:
+            refusal = ResponseOutputMessage(
+                id="m1",
+                type="message",
+                role="assistant",
+                status="completed",
+                content=[ResponseOutputRefusal(type="refusal", refusal="I cannot help.")],
+            )
+            agent = Agent(name="chat", model=scripted([refusal]))
+            result = Runner.run_streamed(
+                agent, "hi", hooks=openai_agents.PhiRunHooks(), run_config=in_session("refused")
+            )
+            with pytest.raises(ModelRefusalError):  # the SDK's, after the reply streamed
+                async for _ in openai_agents.stream(result):
+                    pass
+
+        asyncio.run(consume())
+    finally:
+        openai_agents.uninstall()
+    (loop,) = sessions(recorder)["refused"].loops
+    assert loop.turns[0].output_message.content[0].text == "I cannot help."  # type: ignore[union-attr]
+    assert streamed_texts(events) == {loop.loop_id: "I cannot help."}

@@ -919,7 +919,8 @@ async def stream(result: Any) -> AsyncIterator[Any]:
             try:
                 data = event.data
                 kind = getattr(data, "type", "")
-                if kind == "response.output_text.delta":
+                # A refusal is the reply's text, as in the final message (`_text_of`).
+                if kind in ("response.output_text.delta", "response.refusal.delta"):
                     mapper.stream_delta(task, "text", data.delta)
                 elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
                     mapper.stream_delta(task, "reasoning", data.delta)
