@@ -756,3 +756,52 @@ def test_a_handoff_between_agents_ends_the_loop_and_the_next_agent_continues_it(
     assert result.content[0].text == "Bob takes over"  # type: ignore[union-attr]
     assert [m.model for m in second.messages if isinstance(m, AssistantMessage)] == ["bob-model"]
     assert "Bob takes over" not in str(second.messages)  # recorded once, in the first loop
+
+
+class TokenByToken(GenericFakeChatModel):
+    """Streams its reply a word at a time, yielding to the event loop between words."""
+
+    async def _astream(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
+    ) -> Any:
+        for word in str(next(self.messages)).split(" "):
+            await asyncio.sleep(0)
+            generation = ChatGenerationChunk(message=AIMessageChunk(content=word + " "))
+            if run_manager:
+                await run_manager.on_llm_new_token(word + " ", chunk=generation)
+            yield generation
+
+
+class Outputs(TypedDict):
+    out: Annotated[list[str], lambda left, right: left + right]
+
+
+def test_tokens_of_a_reply_cut_short_by_a_parallel_model_call_are_dropped() -> None:
+    # Two nodes of one step stream at once: the second call ends the first's turn, whose
+    # later tokens are dropped, not adapter faults.
+    recorder = SessionRecorder()
+    events: list[Any] = []
+    handler = AsyncPhiCallbackHandler([recorder, events.append])
+    first = TokenByToken(messages=iter(["a1 a2 a3 a4"]))
+    second = TokenByToken(messages=iter(["b1 b2 b3 b4"]))
+
+    async def node_a(state: Outputs) -> dict[str, Any]:
+        return {"out": ["".join([str(chunk.content) async for chunk in first.astream("go")])]}
+
+    async def node_b(state: Outputs) -> dict[str, Any]:
+        return {"out": ["".join([str(chunk.content) async for chunk in second.astream("go")])]}
+
+    graph = StateGraph(Outputs)
+    graph.add_node("a", node_a)
+    graph.add_node("b", node_b)
+    for node in ("a", "b"):
+        graph.add_edge(START, node)
+        graph.add_edge(node, END)
+    config: Any = {"callbacks": [handler], "configurable": {"thread_id": "par"}}
+    out = asyncio.run(graph.compile().ainvoke({"out": []}, config))
+    assert sorted(out["out"]) == ["a1 a2 a3 a4 ", "b1 b2 b3 b4 "]  # the host's result, unchanged
+    assert handler.core.fault_count == 0
+    (session,) = recorded(recorder).values()
+    replies = [m for m in messages_of(session) if isinstance(m, AssistantMessage)]
+    streamed = "".join(e.delta.delta for e in events if isinstance(e, MessageUpdate))
+    assert len(replies) == 2 and streamed.endswith(replies[-1].content[0].text)  # type: ignore[union-attr]

@@ -17,6 +17,7 @@ from agents import (
     Agent,
     GuardrailFunctionOutput,
     InputGuardrailTripwireTriggered,
+    ModelRefusalError,
     OpenAIChatCompletionsModel,
     OpenAIResponsesModel,
     OutputGuardrailTripwireTriggered,
@@ -30,6 +31,7 @@ from agents import (
 from agents.testing.model import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.tracing import TracingProcessor, add_trace_processor, get_trace_provider, set_trace_processors
 from openai import AsyncOpenAI
+from openai.types.responses import ResponseOutputMessage, ResponseOutputRefusal
 
 from phi_session import JsonDirStore, SessionRecorder, decode_session, encode_session
 from phi_session.adapters import openai_agents
@@ -705,3 +707,73 @@ def test_nothing_is_held_after_the_runs_end(recorder: SessionRecorder) -> None:
     run(lead, "go", run_config=in_session("held"))
     core = openai_agents.installed()
     assert core is not None and core.open_runs == 0
+
+
+def streamed_texts(events: list[Any]) -> dict[str, str]:
+    """Each loop's streamed text deltas, joined."""
+    texts: dict[str, str] = {}
+    for event in events:
+        if type(event).__name__ == "MessageUpdate":
+            texts[event.loop_id] = texts.get(event.loop_id, "") + event.delta.delta
+    return texts
+
+
+def test_stream_wrapper_records_each_run_under_an_enclosing_trace() -> None:
+    # Inside ``with trace(...)`` the result has no trace of its own, and concurrent runs
+    # share that one: each run's deltas still reach its own reply.
+    events: list[Any] = []
+    recorder = SessionRecorder()
+    openai_agents.install([recorder, events.append])
+    try:
+
+        async def consume(name: str) -> None:
+            words = " ".join(f"{name}{n}" for n in range(20))
+            agent = Agent(name=name, model=scripted([assistant_message(words)]))
+            result = Runner.run_streamed(agent, "hi", hooks=openai_agents.PhiRunHooks())
+            async for _ in openai_agents.stream(result):
+                await asyncio.sleep(0)  # let the other run stream in between
+
+        async def main() -> None:
+            with trace("batch", group_id="shared"):
+                await consume("solo")
+                await asyncio.gather(consume("x"), consume("y"))
+
+        asyncio.run(main())
+    finally:
+        openai_agents.uninstall()
+    loops = sessions(recorder)["shared"].loops
+    streamed = streamed_texts(events)
+    assert len(loops) == 3
+    for loop in loops:
+        final = loop.turns[0].output_message.content[0].text  # type: ignore[union-attr]
+        assert streamed[loop.loop_id] == final
+
+
+def test_stream_wrapper_records_a_refusal_as_text() -> None:
+    events: list[Any] = []
+    recorder = SessionRecorder()
+    openai_agents.install([recorder, events.append])
+    try:
+
+        async def consume() -> None:
+            refusal = ResponseOutputMessage(
+                id="m1",
+                type="message",
+                role="assistant",
+                status="completed",
+                content=[ResponseOutputRefusal(type="refusal", refusal="I cannot help.")],
+            )
+            agent = Agent(name="chat", model=scripted([refusal]))
+            result = Runner.run_streamed(
+                agent, "hi", hooks=openai_agents.PhiRunHooks(), run_config=in_session("refused")
+            )
+            with pytest.raises(ModelRefusalError):  # the SDK's, after the reply streamed
+                async for _ in openai_agents.stream(result):
+                    pass
+
+        asyncio.run(consume())
+    finally:
+        openai_agents.uninstall()
+    (loop,) = sessions(recorder)["refused"].loops
+    assert loop.turns[0].output_message.content[0].text == "I cannot help."  # type: ignore[union-attr]
+    assert streamed_texts(events) == {loop.loop_id: "I cannot help."}

@@ -581,27 +581,32 @@ class _Mapper:
         found = self._replies.get(run_id)
         if found is None:
             return
-        reply = found[1]
+        run, reply = found
         message = getattr(chunk, "message", None)
-        if message is None or (
-            isinstance(token, str)
-            and token
-            and isinstance(message.content, str)
-            and not _reasoning_aside(message)
-        ):
-            if isinstance(token, str) and token:
-                reply.text_delta(token)
-        else:
-            for standard in message.content_blocks:
-                block = cast("Mapping[str, Any]", standard)
-                kind = block.get("type")
-                if kind == "text" and block.get("text"):
-                    reply.text_delta(str(block["text"]))
-                elif kind == "reasoning" and block.get("reasoning"):
-                    reply.thinking_delta(str(block["reasoning"]))
-        for call in getattr(message, "tool_call_chunks", None) or ():
-            if call.get("args"):
-                reply.tool_call_delta(str(call["args"]))
+        with run.lock:
+            # A reply cut short (a parallel model call of the step began the next turn)
+            # drops its late tokens, as `llm_end` drops its late result.
+            if not reply.running:
+                return
+            if message is None or (
+                isinstance(token, str)
+                and token
+                and isinstance(message.content, str)
+                and not _reasoning_aside(message)
+            ):
+                if isinstance(token, str) and token:
+                    reply.text_delta(token)
+            else:
+                for standard in message.content_blocks:
+                    block = cast("Mapping[str, Any]", standard)
+                    kind = block.get("type")
+                    if kind == "text" and block.get("text"):
+                        reply.text_delta(str(block["text"]))
+                    elif kind == "reasoning" and block.get("reasoning"):
+                        reply.thinking_delta(str(block["reasoning"]))
+            for call in getattr(message, "tool_call_chunks", None) or ():
+                if call.get("args"):
+                    reply.tool_call_delta(str(call["args"]))
 
     def llm_end(self, response: LLMResult, run_id: _RunId) -> None:
         found = self._replies.pop(run_id, None)

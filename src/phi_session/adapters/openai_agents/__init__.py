@@ -220,6 +220,14 @@ def _error_of(span: Span[Any]) -> Any:
     return error
 
 
+def _running_task() -> asyncio.Task[Any] | None:
+    """The asyncio task running now, if any (spans may start outside an event loop)."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
 def _error_text(error: Any) -> str:
     """A span error as text: the SDK's message ("Error in agent run", "Error running tool")
     and the cause it keeps in the error's data."""
@@ -387,6 +395,7 @@ class _Loop:
     input_guardrails: frozenset[str] = frozenset()
     output_guardrails: frozenset[str] = frozenset()
     agent_span: str | None = None  # the running agent's span
+    task: asyncio.Task[Any] | None = None  # the asyncio task it started in, if `_streams` maps it
     hooked: bool = False  # run with `PhiRunHooks`: they give each tool's exact call
     handing_off: bool = False  # a handoff span started since the running agent's
 
@@ -425,7 +434,10 @@ class _Mapper:
         self._loops: dict[str, _Loop] = {}  # loop key -> loop
         self._of_span: dict[str, _Loop] = {}  # span id -> its loop
         self._tools: dict[str, _Tool] = {}  # function span id -> tool
-        self._streams: dict[str, MessageScope] = {}  # trace id -> message being streamed
+        # A streamed run's asyncio task (``result.run_loop_task``, where its spans start) ->
+        # its loop, for `stream`: per run, as runs sharing a trace are not told apart by its
+        # id, and ``result.trace`` is None inside an enclosing ``trace()``.
+        self._streams: dict[asyncio.Task[Any], _Loop] = {}
 
     # -- traces ---------------------------------------------------------------------------
 
@@ -436,7 +448,6 @@ class _Mapper:
 
     def trace_ended(self, trace: Trace) -> None:
         self._sessions.pop(trace.trace_id, None)
-        self._streams.pop(trace.trace_id, None)
         with self._lock:
             left = [loop for loop in self._loops.values() if loop.trace_id == trace.trace_id]
         for loop in left:
@@ -497,6 +508,10 @@ class _Mapper:
         with self._lock:
             self._loops[key] = loop
         self._of_span[span.span_id] = loop
+        task = _running_task()
+        # A run nested in a tool may share its caller's task: the caller keeps it.
+        if task is not None and self._streams.setdefault(task, loop) is loop:
+            loop.task = task
         return loop
 
     def _agent_started(self, span: Span[Any], name: str) -> None:
@@ -546,7 +561,6 @@ class _Mapper:
         turn = self._open_turn(loop)
         if turn is not None:
             loop.message = turn.assistant(model=loop.model or None, provider=PROVIDER).start()
-            self._streams[loop.trace_id] = loop.message
 
     def _model_ended(self, loop: _Loop, span: Span[Any]) -> None:
         data = span.span_data
@@ -679,8 +693,8 @@ class _Mapper:
     def _end_loop(self, loop: _Loop, error: Any) -> None:
         with self._lock:
             self._loops.pop(loop.key, None)
-        if self._streams.get(loop.trace_id) is loop.message:
-            self._streams.pop(loop.trace_id, None)
+        if loop.task is not None and self._streams.get(loop.task) is loop:
+            self._streams.pop(loop.task, None)
         if loop.run is None:
             return
         if error is None:
@@ -734,8 +748,9 @@ class _Mapper:
         loop.calls = list(calls)
         loop.reply = (blocks, calls, _usage(response.usage), reply[3])
 
-    def stream_delta(self, trace_id: str, kind: str, delta: str) -> None:
-        message = self._streams.get(trace_id)
+    def stream_delta(self, task: asyncio.Task[Any], kind: str, delta: str) -> None:
+        loop = self._streams.get(task)
+        message = loop.message if loop is not None else None
         if message is None or not message.running:
             return
         if kind == "text":
@@ -896,21 +911,21 @@ def _tracing_disabled() -> bool:
 async def stream(result: Any) -> AsyncIterator[Any]:
     """``result.stream_events()``, unchanged, recording text, reasoning and tool-call
     argument deltas as MessageUpdate (processors never see streamed chunks)."""
-    trace = getattr(result, "trace", None)
-    trace_id = getattr(trace, "trace_id", None)
+    task = getattr(result, "run_loop_task", None)  # the run's: see `_Mapper._streams`
     async for event in result.stream_events():
         mapper = _processor.mapper
         raw = getattr(event, "type", None) == "raw_response_event"
-        if mapper is not None and trace_id is not None and raw:
+        if mapper is not None and task is not None and raw:
             try:
                 data = event.data
                 kind = getattr(data, "type", "")
-                if kind == "response.output_text.delta":
-                    mapper.stream_delta(trace_id, "text", data.delta)
+                # A refusal is the reply's text, as in the final message (`_text_of`).
+                if kind in ("response.output_text.delta", "response.refusal.delta"):
+                    mapper.stream_delta(task, "text", data.delta)
                 elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
-                    mapper.stream_delta(trace_id, "reasoning", data.delta)
+                    mapper.stream_delta(task, "reasoning", data.delta)
                 elif kind == "response.function_call_arguments.delta":
-                    mapper.stream_delta(trace_id, "arguments", data.delta)
+                    mapper.stream_delta(task, "arguments", data.delta)
             except Exception as caught:
                 mapper.core.fault(caught)
         yield event
