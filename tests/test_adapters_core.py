@@ -352,6 +352,11 @@ def test_sinks_share_a_book_in_any_order_and_two_methods_of_one_object_do_not() 
         core.start_run(key, CONFIG, framework_session_id="s")
         core.end_run(key)
     assert [loop.loop_id for loop in first.sessions()[0].loops] == ["s.fake.m-1.1", "s.fake.m-1.2"]
+    for key, sink in (("r3", first), ("r4", first.on_event)):  # a recorder is its on_event
+        core = AdapterCore("fake-fw", sink, agent=AgentSession(clock=FakeClock()))
+        core.start_run(key, CONFIG, framework_session_id="t")
+        core.end_run(key)
+    assert [loop.loop_id for loop in first.sessions()[1].loops] == ["t.fake.m-1.1", "t.fake.m-1.2"]
 
     class TwoPlaces:
         def __init__(self) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..identity import AgentSession, Clock, IdFactory
+from ..recorder import SessionRecorder
 from ..sinks import SinkLike
 from ..stores.base import SessionStore
 
@@ -145,7 +146,9 @@ _made_since_prune = 0
 def _parts(sink: SinkLike) -> tuple[object, object | None]:
     """What tells a sink apart: a bound method's object and function (``recorder.on_event``
     is made anew at each access; ``obj.to_a`` and ``obj.to_b`` are two destinations),
-    else the sink itself."""
+    else the sink itself. A recorder is its ``on_event``, which is what receives."""
+    if isinstance(sink, SessionRecorder):
+        sink = sink.on_event
     owner = getattr(sink, "__self__", None)
     return (sink, None) if owner is None else (owner, getattr(sink, "__func__", None))
 
