@@ -170,26 +170,26 @@ def test_the_recording_captures_each_turns_request(original: tuple[Session, Loop
     assert [turn.usage.input for turn in loop.turns] == [100, 101, 102, 103]
 
 
-def test_without_capture_requests_no_request_is_recorded() -> None:
+def recorded_without_requests() -> SessionRecorder:
+    """A four-turn run recorded by an adapter installed without ``capture_requests``."""
     recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=True))
     openai_agents.install([recorder])
     try:
         run(make_agent(Tools(), model=four_turns()))
     finally:
         openai_agents.uninstall()
+    return recorder
+
+
+def test_without_capture_requests_no_request_is_recorded() -> None:
+    recorder = recorded_without_requests()
     assert all(turn.request_payload is None for turn in session_of(recorder).loops[0].turns)
 
 
 def test_a_replay_without_captured_requests_warns_that_the_system_prompt_is_not_compared(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=True))
-    openai_agents.install([recorder])
-    try:
-        run(make_agent(Tools(), model=four_turns()))
-    finally:
-        openai_agents.uninstall()
-    model = ReplayModel(session_of(recorder))
+    model = ReplayModel(session_of(recorded_without_requests()))
     with caplog.at_level(logging.WARNING, logger="phi_session.replay"):
         run(model.agent(make_agent(Tools(), system="You are a poet.")))
     assert model.cursor.finished and model.divergence is None  # nothing to compare it with
