@@ -7,6 +7,7 @@ import gc
 import logging
 import threading
 import types
+import weakref
 from typing import Any
 
 import msgspec
@@ -806,14 +807,58 @@ def test_a_finished_loops_timestamps_leave_the_collector() -> None:
 
 
 def test_a_timestamp_subclass_which_could_hold_a_cycle_stays_tracked() -> None:
-    from phi_session._time import release_from_collector
+    from phi_session._collector import release_leaves
 
     class Noted(ps.Timestamp):
         __slots__ = ("note",)
 
     plain, noted = ps.Timestamp.parse("2025-06-01T09:00:00Z"), Noted("2025-06-01T09:00:00Z")
-    release_from_collector([plain, noted, "not a timestamp"])
+    release_leaves([plain, noted, "not a timestamp"], ps.Timestamp)
     assert not gc.is_tracked(plain) and gc.is_tracked(noted)
+
+
+def test_a_finished_loops_events_and_record_leave_the_collector() -> None:
+    # One tracked event (an AgentStart: gc=True, for its metadata) kept the loop's whole
+    # event tuple tracked, and every full collection walked each event of every held loop.
+    _, sessions = record(sub_agent_session("s"))
+    gc.collect()
+    for session in sessions:
+        for loop in session.loops:
+            assert not gc.is_tracked(loop.events), loop.loop_id
+            assert not any(map(gc.is_tracked, loop.events)), loop.loop_id
+            assert not gc.is_tracked(loop.events[0].event.continuation_kind)  # type: ignore[union-attr]
+    [continuation] = [r for s in sessions for r in s.loops if r.loop_id == "s.c.2"]
+    assert not gc.is_tracked(continuation)
+
+
+def test_a_loop_whose_start_holds_a_dict_stays_tracked_so_a_cycle_through_it_is_collected() -> None:
+    # A dict can change in place: a user could put the record in its own metadata.
+    class Marker:
+        pass
+
+    metadata: dict[str, object] = {"framework_session_id": "t"}
+    recorder = SessionRecorder()
+    recorder.record_all([msgspec.structs.replace(start("s.c.1", "s"), metadata=metadata), end("s.c.1")])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [loop] = session.loops
+    gc.collect()
+    assert gc.is_tracked(loop.events[0].event) and gc.is_tracked(loop)
+    marker = Marker()
+    metadata["self"], metadata["marker"] = loop, marker  # metadata -> record -> event -> metadata
+    probe = weakref.ref(marker)
+    del loop, session, metadata, marker, recorder
+    gc.collect()
+    assert probe() is None
+
+
+def test_variants_are_never_tracked_but_a_subclass_that_could_hold_more_is() -> None:
+    class Noted(ps.ContinuationKind):
+        __slots__ = ("note",)
+
+    assert not gc.is_tracked(ps.ContinuationKind.branch("b")) and not gc.is_tracked(ps.DEFAULT)
+    assert not gc.is_tracked(ps.SessionFormation.first_loop(ts(0)))
+    assert gc.is_tracked(Noted("Default"))
 
 
 def tracked_containers(root: object) -> collections.Counter[str]:
@@ -831,8 +876,8 @@ def tracked_containers(root: object) -> collections.Counter[str]:
 
 
 def test_a_held_session_adds_few_containers_for_the_collector_to_walk() -> None:
-    # What each held session adds: its loop list, its first-record-per-loop dict and one
-    # event tuple per loop (LoopEvent is gc=True: it may hold an AgentStart's metadata).
+    # What each held session adds: its loop list and its first-record-per-loop dict; the
+    # event tuples are out (`test_a_finished_loops_events_and_record_leave_the_collector`).
     counts = []
     for sessions in (2, 4):
         recorder = SessionRecorder()
@@ -843,8 +888,8 @@ def test_a_held_session_adds_few_containers_for_the_collector_to_walk() -> None:
         counts.append(tracked_containers(vars(recorder)))
         recorder.drain_completed()
     per_session = {kind: (counts[1][kind] - counts[0][kind]) // 2 for kind in counts[1] | counts[0]}
-    # two sessions each time (the sub-agent's, with one loop): 2 lists, 2 dicts, 3 loops
-    assert {kind: count for kind, count in per_session.items() if count} == {"list": 2, "dict": 2, "tuple": 3}
+    # two sessions each time (the sub-agent's, with one loop): 2 lists, 2 dicts
+    assert {kind: count for kind, count in per_session.items() if count} == {"list": 2, "dict": 2}
 
 
 def test_current_loop_is_a_snapshot_and_has_open_loop_asks_without_one() -> None:

@@ -8,15 +8,9 @@ derives nanoseconds from it on demand.
 
 from __future__ import annotations
 
-import functools
 import re
-import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
-from itertools import compress, repeat
-from operator import is_
 from typing import Any
 
 _NS_PER_S = 1_000_000_000
@@ -274,41 +268,3 @@ def _canonical_fraction(text: str) -> bool:
     if len(digits) == 6:
         return not digits.endswith("000")
     return not digits.endswith("000")
-
-
-@functools.cache
-def _gc_untrack() -> Callable[[object], None] | None:
-    """CPython's ``PyObject_GC_UnTrack``, looked up on first use (None elsewhere, or
-    where ``ctypes`` is missing)."""
-    if sys.implementation.name != "cpython":
-        return None
-    try:
-        import ctypes
-    except ImportError:
-        return None
-    untrack = ctypes.pythonapi.PyObject_GC_UnTrack
-    untrack.argtypes = (ctypes.py_object,)
-    untrack.restype = None
-    return untrack
-
-
-def release_from_collector(stamps: Iterable[object]) -> None:
-    """Stop the cyclic collector tracking these `Timestamp` objects (others are skipped).
-
-    A `Timestamp` holds one ``str`` and refuses any other attribute, so it can never be
-    part of a reference cycle; but as an instance of a Python class it is tracked, and
-    every full collection walks each one a recorder holds (half of what it walks at
-    1,000 sessions). ``PyObject_GC_UnTrack`` (public C API, for objects that cannot form
-    cycles) takes them out; a subclass, which could hold more, stays tracked. Outside
-    CPython this does nothing.
-    """
-    untrack = _gc_untrack()
-    if untrack is None:
-        return
-    # In C, with no Python step per stamp: a loop ends a few hundred times a second.
-    stamps = stamps if isinstance(stamps, (list, tuple)) else tuple(stamps)
-    _drain(map(untrack, compress(stamps, map(is_, map(type, stamps), repeat(Timestamp)))))
-
-
-_drain: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
-"""Runs an iterator to its end, keeping nothing."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, 
 import msgspec
 from msgspec.structs import force_setattr, replace
 
+from ._collector import release_leaf
 from ._float32 import Float32
 from ._time import Timestamp
 from .messages import (
@@ -129,6 +130,10 @@ class _Variant:
     """A value of one of serde's externally tagged enums: immutable, compared by value.
 
     Subclasses name their attributes in ``_FIELDS`` (equality, hashing and repr use them).
+    A class that sets ``_LEAF`` holds only strings, numbers, None and timestamps: its
+    instances can never be part of a cycle and are kept out of the cyclic collector
+    (`phi_session._collector`), as are the events and records holding them. A subclass
+    of it may hold more and stays tracked.
     """
 
     __slots__ = ()
@@ -137,6 +142,8 @@ class _Variant:
     def _init(self, **values: Any) -> None:
         for name, value in values.items():
             object.__setattr__(self, name, value)
+        if "_LEAF" in type(self).__dict__:
+            release_leaf(self)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
@@ -168,6 +175,7 @@ class ContinuationKind(_Variant):
 
     __slots__ = ("kind", "tag")
     _FIELDS = ("kind", "tag")
+    _LEAF = True
     UNIT_KINDS = ("Initial", "Default", "Compaction")
     TAGGED_KINDS = ("Rerun", "Branch")
     kind: str
@@ -358,6 +366,7 @@ class SessionFormation(_Variant):
 
     __slots__ = ("kind", "previous_session_id", "threshold_secs", "timestamp")
     _FIELDS = ("kind", "timestamp", "threshold_secs", "previous_session_id")
+    _LEAF = True
     KINDS = ("Explicit", "FirstLoop", "InactivityTimeout")
     kind: str
     timestamp: Timestamp

@@ -23,6 +23,7 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 from collections import deque
@@ -35,7 +36,8 @@ import msgspec
 from msgspec.structs import replace
 
 from . import codec
-from ._time import release_from_collector
+from ._collector import release_leaves, release_records, release_tuple
+from ._time import Timestamp
 from .events import (
     EVENT_TYPES,
     AgentEnd,
@@ -131,12 +133,20 @@ class _OpenLoop:
         self.events.append(event)
 
     def finish(self) -> None:
-        record = self.record
+        record, events = self.record, self.events
         record.events, record.turns = self._numbered(), tuple(self.turns)
         record.child_loop_refs = tuple(self.child_loop_refs)
-        # The record's instants are its events' (the turns and the record share them);
-        # found in C: most events have no timestamp (getattr's None, filtered out).
-        release_from_collector(filter(None, map(getattr, self.events, repeat("timestamp"), repeat(None))))
+        # Out of the collector's walk (`_collector`), innermost first: the record's
+        # instants are its events' (the turns and the record share them), found in C as
+        # most events have none; then what is still tracked (gc=True types: an
+        # AgentStart, its LoopEvent) and now holds nothing tracked; then the tuples and
+        # the record, if nothing in them is.
+        release_leaves(filter(None, map(getattr, events, repeat("timestamp"), repeat(None))), Timestamp)
+        release_records(filter(gc.is_tracked, events))
+        release_records(filter(gc.is_tracked, record.events))
+        for held in (record.events, record.turns, record.messages, record.child_loop_refs):
+            release_tuple(held)
+        release_records((record,))
 
     def _numbered(self) -> tuple[LoopEvent, ...]:
         return tuple(map(LoopEvent, count(), self.events))  # positional: no keyword matching
