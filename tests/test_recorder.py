@@ -984,3 +984,17 @@ def test_a_pending_branch_numbers_its_events_on_from_those_kept_before_it_starte
     assert [(e.sequence, e.event) for e in record.events] == list(
         enumerate([early, *branch, end("s.c.1", at=4)])
     )
+
+
+def test_only_exact_tuples_without_a_dict_leave_the_collector() -> None:
+    from phi_session._collector import release_tuple
+
+    class Pair(tuple[object, ...]):
+        pass
+
+    leaves, with_dict, a_list, pair = tuple(["a", 1]), ("a", {"k": "v"}), ["a"], Pair(("a",))
+    assert gc.is_tracked(leaves)  # built at run time: tracked until a collection sees it
+    for value in (leaves, with_dict, a_list, pair):
+        release_tuple(value)  # type: ignore[arg-type]
+    assert not gc.is_tracked(leaves)
+    assert gc.is_tracked(with_dict) and gc.is_tracked(a_list) and gc.is_tracked(pair)

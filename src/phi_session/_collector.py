@@ -75,16 +75,25 @@ def release_records(records: Iterable[msgspec.Struct]) -> None:
     for record in records:
         if gc.is_tracked(record):
             fields = msgspec.structs.astuple(record)
-            if not any(map(gc.is_tracked, fields)) and not any(isinstance(v, dict) for v in fields):
+            if _holds_only_leaves(fields):
                 untrack(record)
 
 
 def release_tuple(values: tuple[object, ...]) -> None:
-    """Stop tracking a tuple none of whose items is tracked.
+    """Stop tracking a tuple that holds nothing tracked and no dict (anything but an
+    exact tuple is left alone: a list or a subclass can change).
 
     The collector drops such a tuple itself only when no item is of a type that could be
     tracked: a tuple of records of a gc=True type stays tracked, each item visited by
     every full collection, even once none of them is tracked.
     """
-    if not any(map(gc.is_tracked, values)):
+    if type(values) is tuple and _holds_only_leaves(values):
         release_leaf(values)
+
+
+def _holds_only_leaves(values: tuple[object, ...]) -> bool:
+    """Nothing in `values` is tracked, and nothing is a dict, which could change in place
+    to refer back to what holds it (the types are gathered in C)."""
+    if any(map(gc.is_tracked, values)):
+        return False
+    return not any(issubclass(kind, dict) for kind in set(map(type, values)))
