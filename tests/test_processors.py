@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from typing import Any
@@ -670,3 +671,24 @@ def test_a_runs_messages_at_its_end_are_redacted_where_they_need_it() -> None:
     texts = Redactor(redact_text=True)(end).messages  # type: ignore[attr-defined]
     assert texts[0].content == (ps.TextContent(text=f"mine: {REDACTED}"),)
     assert texts[2].content == texts[3].content == (ps.TextContent(text=REDACTED),)
+
+
+def test_a_remembered_content_that_cannot_change_leaves_the_collector() -> None:
+    # Without tool-call arguments that could change there is nothing to compare later:
+    # the entry holds no lists, and the collector stops walking it (at 1,000 sessions a
+    # full memo per redactor was 30,000 objects for every full collection to walk).
+    def reply(*content: ps.Content) -> ps.AssistantMessage:
+        usage = ps.Usage(input=1, output=1)
+        return ps.AssistantMessage(
+            content=content, model="m", provider="p", usage=usage, stop_reason="stop", timestamp=1
+        )
+
+    redactor = Redactor()
+    text = reply(ps.TextContent(text="hello"))
+    call = reply(ps.ToolCall(id="c1", name="http", arguments={"q": "x"}))
+    for message in (text, call, text, call):
+        redactor(ps.MessageEnd(loop_id="s.c.1", message=message))
+    gc.collect()
+    entries = {id(entry[0]): entry for entry in redactor._memo.values()}
+    assert not gc.is_tracked(entries[id(text.content)])
+    assert gc.is_tracked(entries[id(call.content)])  # its arguments are compared on every hit

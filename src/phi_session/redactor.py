@@ -146,6 +146,8 @@ def _normalize_field(name: str) -> str:
 _OneMessage = TypeVar("_OneMessage", MessageStart, MessageEnd)
 
 _MISSING: Any = object()  # a memo miss (a remembered result is never this object)
+# Tool-call arguments of these types cannot change after a scan (None: not a tool call).
+_UNCHANGEABLE = frozenset({type(None), str, int, float, bool})
 
 
 def _live_arguments(content: tuple[Content, ...]) -> list[Any]:
@@ -393,10 +395,15 @@ class Redactor:
         if hit is not None and hit[0] is content and hit[2] == hit[3]:
             return hit[1]  # type: ignore[no-any-return]
         live = _live_arguments(content)
-        try:
-            witness = _json_copy(live)
-        except (TypeError, ValueError, msgspec.EncodeError):
-            return self._scan_content(content)
+        if set(map(type, live)) <= _UNCHANGEABLE:
+            # Nothing in it can change (most contents: no tool call, or arguments as a JSON
+            # string): an entry without lists, which the cyclic collector stops tracking.
+            live = witness = None
+        else:
+            try:
+                witness = _json_copy(live)
+            except (TypeError, ValueError, msgspec.EncodeError):
+                return self._scan_content(content)
         result = self._scan_content(content)
         self._remember(content, result, live, witness)
         return result
