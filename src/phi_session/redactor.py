@@ -394,11 +394,12 @@ class Redactor:
         hit = self._memo.get(id(content))  # `_recall`, inline: most contents come again
         if hit is not None and hit[0] is content and hit[2] == hit[3]:
             return hit[1]  # type: ignore[no-any-return]
-        live = _live_arguments(content)
+        live: list[Any] | None = _live_arguments(content)
+        witness: Any = None
         if set(map(type, live)) <= _UNCHANGEABLE:
             # Nothing in it can change (most contents: no tool call, or arguments as a JSON
             # string): an entry without lists, which the cyclic collector stops tracking.
-            live = witness = None
+            live = None
         else:
             try:
                 witness = _json_copy(live)
