@@ -394,17 +394,17 @@ class Redactor:
         hit = self._memo.get(id(content))  # `_recall`, inline: most contents come again
         if hit is not None and hit[0] is content and hit[2] == hit[3]:
             return hit[1]  # type: ignore[no-any-return]
-        live: list[Any] | None = _live_arguments(content)
+        arguments = _live_arguments(content)
+        # Nothing in it can change (most contents: no tool call, or arguments as a JSON
+        # string): an entry without lists, which the cyclic collector stops tracking.
+        live: list[Any] | None = None
         witness: Any = None
-        if set(map(type, live)) <= _UNCHANGEABLE:
-            # Nothing in it can change (most contents: no tool call, or arguments as a JSON
-            # string): an entry without lists, which the cyclic collector stops tracking.
-            live = None
-        else:
+        if not set(map(type, arguments)) <= _UNCHANGEABLE:
             try:
-                witness = _json_copy(live)
+                witness = _json_copy(arguments)
             except (TypeError, ValueError, msgspec.EncodeError):
                 return self._scan_content(content)
+            live = arguments
         result = self._scan_content(content)
         self._remember(content, result, live, witness)
         return result
