@@ -37,6 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
+
 import phi_session
 from phi_session import (
     AgentEnd,
@@ -72,8 +74,9 @@ Requests = Literal["history", "delta"] | None
 # -- the script: what the agent did, independent of how it is recorded --------------------------
 
 
-@dataclass(slots=True)
-class TurnScript:
+# msgspec Structs with gc=False: immutable data that can form no cycle, which the cyclic
+# collector never walks (see `read_script`).
+class TurnScript(msgspec.Struct, gc=False):
     deltas: Sequence[tuple[str, str]]
     thinking: str
     text: str
@@ -82,15 +85,13 @@ class TurnScript:
     usage: Usage
 
 
-@dataclass(slots=True)
-class LoopScript:
+class LoopScript(msgspec.Struct, gc=False):
     first: bool
     prompt: str | None
     turns: Sequence[TurnScript] = ()
 
 
-@dataclass(slots=True)
-class SessionScript:
+class SessionScript(msgspec.Struct, gc=False):
     agent_id: str
     config: LoopConfigSnapshot
     loops: Sequence[LoopScript] = ()
@@ -99,10 +100,11 @@ class SessionScript:
 def read_script(sessions: int) -> tuple[SessionScript, ...]:
     """W1's events turned back into what happened (prompts, deltas, tools, usage).
 
-    Read into lists, kept as tuples: the collector stops walking a tuple of untracked
-    items, so this input, held through every round, is not walked by each full
-    collection and charged to whatever is being measured then (at 1,000 sessions, held
-    in lists, it was most of what a collection walked).
+    Read into lists, kept in tuples of untracked records: the collector walks none of
+    it, so this input, held through every round, is not walked by each full collection
+    and charged to whatever is being measured then (at 1,000 sessions, held as lists of
+    dataclasses, it was most of what a collection walked). A real producer does not
+    hold what it will send.
     """
     script: list[SessionScript] = []
     session: SessionScript | None = None

@@ -26,6 +26,7 @@ import json
 import sys
 import threading
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -298,7 +299,9 @@ class Pricer:
         self._snapshot: Any = None
         # The cost of the last outlines priced, by identity (an outline is frozen): a viewer
         # keeps a session's outline and asks for its cost again with every cost page.
-        self._outlines: dict[int, tuple[SessionOutline, Any, Cost]] = {}
+        self._outlines: OrderedDict[int, tuple[SessionOutline, Any, Cost]] = (
+            OrderedDict()
+        )  # oldest out in O(1)
         self._memo_lock = threading.Lock()
         if use_table and prices_available():
             import genai_prices
@@ -437,7 +440,7 @@ class Pricer:
         cost = self._grouped(loops).get("", ZERO_COST)
         with self._memo_lock:
             if len(self._outlines) >= _OUTLINES_KEPT:
-                del self._outlines[next(iter(self._outlines))]
+                self._outlines.popitem(last=False)
             self._outlines[id(outline)] = (outline, snapshot, cost)
         return cost
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from functools import partial
 from itertools import compress, repeat
@@ -199,10 +200,14 @@ class Redactor:
         # The names `_field_verdicts` holds False for, where the anchored defaults alone
         # apply (`_redact_dict`'s shortcut; it stays empty otherwise).
         self._clean_fields: set[str] = set()
-        self._memo: dict[int, tuple[Any, Any, Any, Any]] = {}  # id -> (value, result, live, witness)
+        # id -> (value, result, live, witness); ordered to drop the oldest in O(1) (a plain
+        # dict's first entry is found past every entry deleted before it)
+        self._memo: OrderedDict[int, tuple[Any, Any, Any, Any]] = OrderedDict()
         self._memo_lock = threading.Lock()
         # id(first message) -> (history, result, live, witness): see `_history`.
-        self._histories: dict[int, tuple[tuple[Any, ...], tuple[Any, ...], list[Any], Any]] = {}
+        self._histories: OrderedDict[int, tuple[tuple[Any, ...], tuple[Any, ...], list[Any], Any]] = (
+            OrderedDict()
+        )
         # Per event type, what to scan; events of other types pass untouched, at the
         # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
         self._handlers: dict[type, Callable[[Any], AgentEvent]] = {
@@ -353,7 +358,7 @@ class Redactor:
         with self._memo_lock:
             memo = self._memo
             if len(memo) >= _MEMO_LIMIT:
-                del memo[next(iter(memo))]  # the oldest entry
+                memo.popitem(last=False)  # the oldest entry
             memo[id(value)] = (value, result, live, witness)
 
     def _snapshot_once(self, snapshot: LoopConfigSnapshot) -> LoopConfigSnapshot:
@@ -453,7 +458,7 @@ class Redactor:
             histories = self._histories
             histories.pop(key, None)  # re-inserted last: the oldest conversation goes first
             if len(histories) >= _HISTORY_LIMIT:
-                del histories[next(iter(histories))]
+                histories.popitem(last=False)
             histories[key] = (messages, result, live, witness)
         return result
 

@@ -24,6 +24,7 @@ import stat
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +152,7 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
             raise ValueError(f"lock_timeout must be a non-negative number of seconds, got {lock_timeout!r}")
         self._dir = Path(directory)
         self._lock_timeout = lock_timeout
-        self._cache: dict[str, _Entry] = {}
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()  # the oldest dropped in O(1)
         self._cache_lock = threading.Lock()
 
     @property
@@ -330,7 +331,7 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
         with self._cache_lock:
             self._cache.pop(session_id, None)
             if len(self._cache) >= SUMMARY_CACHE_LIMIT:  # bounded: evict the oldest entry
-                del self._cache[next(iter(self._cache))]
+                self._cache.popitem(last=False)
             self._cache[session_id] = entry
 
     def _forget(self, session_id: str) -> None:
