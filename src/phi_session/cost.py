@@ -298,10 +298,9 @@ class Pricer:
         self._models: dict[tuple[str | None, str], _TableModel | None] = {}
         self._snapshot: Any = None
         # The cost of the last outlines priced, by identity (an outline is frozen): a viewer
-        # keeps a session's outline and asks for its cost again with every cost page.
-        self._outlines: OrderedDict[int, tuple[SessionOutline, Any, Cost]] = (
-            OrderedDict()
-        )  # oldest out in O(1)
+        # keeps a session's outline and asks for its cost again with every cost page. Ordered:
+        # the oldest goes in O(1).
+        self._outlines: OrderedDict[int, tuple[SessionOutline, Any, Cost]] = OrderedDict()
         self._memo_lock = threading.Lock()
         if use_table and prices_available():
             import genai_prices

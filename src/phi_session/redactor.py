@@ -149,6 +149,8 @@ _OneMessage = TypeVar("_OneMessage", MessageStart, MessageEnd)
 _MISSING: Any = object()  # a memo miss (a remembered result is never this object)
 # Tool-call arguments of these types cannot change after a scan (None: not a tool call).
 _UNCHANGEABLE = frozenset({type(None), str, int, float, bool})
+# A remembered history: (messages, redacted, live arguments, their copy); see `_history`.
+_HistoryEntry = tuple[tuple[Any, ...], tuple[Any, ...], list[Any], Any]
 
 
 def _live_arguments(content: tuple[Content, ...]) -> list[Any]:
@@ -205,9 +207,7 @@ class Redactor:
         self._memo: OrderedDict[int, tuple[Any, Any, Any, Any]] = OrderedDict()
         self._memo_lock = threading.Lock()
         # id(first message) -> (history, result, live, witness): see `_history`.
-        self._histories: OrderedDict[int, tuple[tuple[Any, ...], tuple[Any, ...], list[Any], Any]] = (
-            OrderedDict()
-        )
+        self._histories: OrderedDict[int, _HistoryEntry] = OrderedDict()
         # Per event type, what to scan; events of other types pass untouched, at the
         # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
         self._handlers: dict[type, Callable[[Any], AgentEvent]] = {
