@@ -856,9 +856,13 @@ def test_variants_are_never_tracked_but_a_subclass_that_could_hold_more_is() -> 
     class Noted(ps.ContinuationKind):
         __slots__ = ("note",)
 
+    class NotedStamp(ps.Timestamp):
+        __slots__ = ("note",)
+
     assert not gc.is_tracked(ps.ContinuationKind.branch("b")) and not gc.is_tracked(ps.DEFAULT)
     assert not gc.is_tracked(ps.SessionFormation.first_loop(ts(0)))
     assert gc.is_tracked(Noted("Default"))
+    assert gc.is_tracked(ps.SessionFormation.first_loop(NotedStamp("2025-06-01T09:00:00Z")))
 
 
 def tracked_containers(root: object) -> collections.Counter[str]:

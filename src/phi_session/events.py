@@ -126,6 +126,10 @@ def _tag_field(payload: dict[str, Any], key: str, variant: str) -> str:
     return value
 
 
+# The types of the values a `_Variant` that sets ``_LEAF`` may hold and still be untracked.
+_LEAF_VALUES = frozenset({str, int, type(None), Timestamp})
+
+
 class _Variant:
     """A value of one of serde's externally tagged enums: immutable, compared by value.
 
@@ -133,7 +137,8 @@ class _Variant:
     A class that sets ``_LEAF`` holds only strings, numbers, None and timestamps: its
     instances can never be part of a cycle and are kept out of the cyclic collector
     (`phi_session._collector`), as are the events and records holding them. A subclass
-    of it may hold more and stays tracked.
+    of it may hold more and stays tracked, as does an instance given a value of another
+    type (a `Timestamp` subclass, say).
     """
 
     __slots__ = ()
@@ -142,7 +147,7 @@ class _Variant:
     def _init(self, **values: Any) -> None:
         for name, value in values.items():
             object.__setattr__(self, name, value)
-        if "_LEAF" in type(self).__dict__:
+        if "_LEAF" in type(self).__dict__ and all(type(v) in _LEAF_VALUES for v in values.values()):
             release_leaf(self)
 
     def __setattr__(self, name: str, value: Any) -> None:
