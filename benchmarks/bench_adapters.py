@@ -9,7 +9,10 @@ Times are the process's CPU time (`time.process_time`): the frameworks run their
 runs in this thread, and CPU time stays meaningful on a loaded machine where wall
 time mostly measures waiting for a core.
 
-Usage: python benchmarks/bench_adapters.py [--runs N]
+Usage: python benchmarks/bench_adapters.py [--runs N] [--inflation]
+
+``--inflation`` measures instead why the adapters cost more in place than their work
+does: see `langchain_inflation`.
 """
 
 from __future__ import annotations
@@ -368,18 +371,30 @@ def bench_pydantic_ai(runs: int) -> None:
 # -- LangChain / LangGraph ---------------------------------------------------------------------------
 
 
-def bench_langchain(runs: int) -> None:
-    from langchain.agents import create_agent
+_LANGCHAIN_CALLBACKS = (
+    "on_chain_start",
+    "on_chain_end",
+    "on_chain_error",
+    "on_chat_model_start",
+    "on_llm_new_token",
+    "on_llm_end",
+    "on_llm_error",
+    "on_tool_start",
+    "on_tool_end",
+    "on_tool_error",
+)
+"""The callbacks PhiCallbackHandler uses."""
+
+
+def langchain_handler(
+    work: Callable[[], object] | None = None, tape: list[tuple[str, Any, Any]] | None = None
+) -> Any:
+    """A LangChain handler appending a tuple per callback PhiCallbackHandler uses
+    (LangChain's own dispatch); first calling `work` when given; keeping each call's
+    arguments in `tape` when given."""
     from langchain_core.callbacks import BaseCallbackHandler
-    from langchain_core.tools import tool
-
-    from phi_session.adapters.langchain import PhiCallbackHandler
-
-    model = langchain_model()
 
     class NoOp(BaseCallbackHandler):
-        """Appends a tuple per callback PhiCallbackHandler uses: LangChain's own dispatch."""
-
         run_inline = True
 
         def __init__(self) -> None:
@@ -387,32 +402,37 @@ def bench_langchain(runs: int) -> None:
 
     def appender(callback: str) -> Callable[..., None]:
         def append(self: NoOp, *args: Any, **kwargs: Any) -> None:
+            if work is not None:
+                work()
+            if tape is not None:
+                tape.append((callback, args, kwargs))
             self.seen.append((callback, kwargs["run_id"]))
 
         return append
 
-    for callback in (
-        "on_chain_start",
-        "on_chain_end",
-        "on_chain_error",
-        "on_chat_model_start",
-        "on_llm_new_token",
-        "on_llm_end",
-        "on_llm_error",
-        "on_tool_start",
-        "on_tool_end",
-        "on_tool_error",
-    ):
+    for callback in _LANGCHAIN_CALLBACKS:
         setattr(NoOp, callback, appender(callback))
+    return NoOp()
 
-    agent = create_agent(model, tools=[tool(lookup)])
-    inputs = {"messages": [("user", "go")]}
+
+def langchain_agent() -> tuple[Any, dict[str, Any]]:
+    """`create_agent` on the fake model with the lookup tool, and one run's input."""
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    return create_agent(langchain_model(), tools=[tool(lookup)]), {"messages": [("user", "go")]}
+
+
+def bench_langchain(runs: int) -> None:
+    from phi_session.adapters.langchain import PhiCallbackHandler
+
+    agent, inputs = langchain_agent()
     recorder = SessionRecorder()
 
     def variant(callbacks: list[Any]) -> Callable[[], object]:
         return lambda: agent.invoke(inputs, {"callbacks": callbacks})
 
-    handlers: list[list[Any]] = [[], [NoOp()], [PhiCallbackHandler([recorder])]]
+    handlers: list[list[Any]] = [[], [langchain_handler()], [PhiCallbackHandler([recorder])]]
     result = medians(runs, [variant(h) for h in handlers])
     recorder.flush()
     loops = sum(len(s.loops) for s in recorder.sessions())
@@ -420,13 +440,72 @@ def bench_langchain(runs: int) -> None:
     report("langchain", *result)
 
 
+def langchain_inflation(runs: int) -> None:
+    """What work in a LangChain callback costs in place, against the same work warm.
+
+    Two handlers: one that only sums integers in each callback (almost no memory
+    touched), and the adapter into a recorder. Warm: the callbacks of one recorded run
+    replayed against the handler alone, fresh run ids each time. In place: the run's
+    median over the no-op floor, interleaved as in `bench_langchain`.
+    """
+    import uuid
+
+    from phi_session.adapters.langchain import PhiCallbackHandler
+
+    agent, inputs = langchain_agent()
+    calls: list[tuple[str, Any, Any]] = []
+    agent.invoke(inputs, {"callbacks": [langchain_handler(tape=calls)]})
+
+    def arithmetic() -> int:
+        return sum(range(300))
+
+    def replayed(handler: Any) -> float:
+        """Median CPU seconds of the recorded run's callbacks, replayed against `handler`."""
+        spent = []
+        for i in range(runs + 20):
+            ids: dict[Any, uuid.UUID] = {}
+            started = time.process_time()
+            for name, args, kwargs in calls:
+                kwargs = dict(kwargs)
+                for key in ("run_id", "parent_run_id"):
+                    if kwargs.get(key) is not None:
+                        kwargs[key] = ids.setdefault(kwargs[key], uuid.UUID(int=len(ids) + 1 + i * 1000))
+                getattr(handler, name)(*args, **kwargs)
+            if i >= 20:  # warmed up
+                spent.append(time.process_time() - started)
+        return statistics.median(spent)
+
+    floor = langchain_handler()
+    adapter = PhiCallbackHandler([SessionRecorder()])
+    subjects = {"arithmetic": langchain_handler(arithmetic), "adapter": adapter}
+    baseline = replayed(floor)  # the replay's own cost (run ids, calls) and the floor's
+    warm = {name: replayed(handler) - baseline for name, handler in subjects.items()}
+
+    def variant(handler: Any) -> Callable[[], object]:
+        return lambda: agent.invoke(inputs, {"callbacks": [handler]})
+
+    in_place = medians(runs, [variant(floor), *map(variant, subjects.values())])
+    print(f"langchain, {len(calls)} callbacks a run: the cost of a handler over the no-op floor")
+    for (name, cost), placed in zip(warm.items(), in_place[1:], strict=True):
+        over = placed - in_place[0]
+        print(f"  {name:11} warm {cost * 1e3:5.2f} ms  in place {over * 1e3:5.2f} ms  ({over / cost:.1f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument(
+        "--inflation",
+        action="store_true",
+        help="only: LangChain callbacks' cost in place against the same work warm",
+    )
     args = parser.parse_args()
     print(f"median CPU time per run of {args.runs} runs, {TURNS} turns x {TOOLS} tools")
+    if args.inflation:
+        langchain_inflation(args.runs)
+        return
     bench_openai_agents(args.runs)
     bench_google_adk(args.runs)
     bench_pydantic_ai(args.runs)
