@@ -74,8 +74,8 @@ Requests = Literal["history", "delta"] | None
 # -- the script: what the agent did, independent of how it is recorded --------------------------
 
 
-# msgspec Structs with gc=False: immutable data that can form no cycle, which the cyclic
-# collector never walks (see `read_script`).
+# gc=False msgspec Structs: they hold strings, tuples and phi-session values, can form no
+# cycle, and the cyclic collector never walks them (see `read_script`).
 class TurnScript(msgspec.Struct, gc=False):
     deltas: Sequence[tuple[str, str]]
     thinking: str
