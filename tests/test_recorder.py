@@ -996,9 +996,15 @@ def test_only_exact_tuples_without_a_dict_leave_the_collector() -> None:
     class Pair(tuple[object, ...]):
         pass
 
-    leaves, with_dict, a_list, pair = tuple(["a", 1]), ("a", {"k": "v"}), ["a"], Pair(("a",))
-    assert gc.is_tracked(leaves)  # built at run time: tracked until a collection sees it
-    for value in (leaves, with_dict, a_list, pair):
-        release_tuple(value)  # type: ignore[arg-type]
-    assert not gc.is_tracked(leaves)
+    enabled = gc.isenabled()
+    gc.disable()  # a collection would untrack `leaves` itself
+    try:
+        leaves, with_dict, a_list, pair = tuple(["a", 1]), ("a", {"k": "v"}), ["a"], Pair(("a",))
+        assert gc.is_tracked(leaves)  # built at run time: tracked until a collection sees it
+        for value in (leaves, with_dict, a_list, pair):
+            release_tuple(value)  # type: ignore[arg-type]
+        assert not gc.is_tracked(leaves)
+    finally:
+        if enabled:
+            gc.enable()
     assert gc.is_tracked(with_dict) and gc.is_tracked(a_list) and gc.is_tracked(pair)
