@@ -729,5 +729,38 @@ def test_a_file_size_limit_hit_by_the_kernel_leaves_the_journal_recoverable(
     assert_all_acknowledged_events_stored(store, acknowledged)
 
 
+def stray_deltas(count: int) -> list[AgentEvent]:
+    """Streaming deltas of loops nobody started: each is journaled and recovered as an orphan."""
+    delta = next(e for e in events(1) if type(e) is MessageUpdate)
+    return [
+        MessageUpdate(loop_id=f"nobody.p.m.{n}", message=delta.message, delta=StreamDelta.text("x"))
+        for n in range(count)
+    ]
+
+
+def test_orphans_cut_short_by_a_full_disk_are_written_whole_by_the_next_recovery(
+    tmp_path: Path, file_size_limit: Callable[[int | None], None]
+) -> None:
+    strays = stray_deltas(200)
+    write_journal(tmp_path / "j", strays, durability="os")
+    file_size_limit(20_000)  # orphans.jsonl fills up part of the way
+    with pytest.raises(StoreError, match="too large"):
+        recover(tmp_path / "j", JsonDirStore(tmp_path / "store"))
+    file_size_limit(None)
+    assert recover(tmp_path / "j", JsonDirStore(tmp_path / "store")).orphans == len(strays)
+    orphans = (tmp_path / "j" / ORPHANS_FILE).read_bytes().splitlines()
+    assert orphans == [encode_event(event) for event in strays]  # once each, none torn
+
+
+def test_orphans_appended_after_a_line_torn_by_a_crash_stay_whole(tmp_path: Path) -> None:
+    strays = stray_deltas(3)
+    write_journal(tmp_path, strays, durability="os")
+    torn = encode_event(strays[0])[:25]  # a recovery killed while writing its orphans
+    (tmp_path / ORPHANS_FILE).write_bytes(torn)
+    assert recover(tmp_path, JsonDirStore(tmp_path / "store")).orphans == len(strays)
+    lines = (tmp_path / ORPHANS_FILE).read_bytes().splitlines()
+    assert lines == [torn, *(encode_event(event) for event in strays)]
+
+
 def test_a_journal_without_segments_recovers_to_nothing(tmp_path: Path) -> None:
     assert recover(tmp_path / "missing", JsonDirStore(tmp_path / "s")).events_replayed == 0

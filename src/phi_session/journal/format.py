@@ -25,6 +25,7 @@ Sequence numbers only rise, so a gap between two records read back is records lo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -184,19 +185,37 @@ def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
 
 
 def append_orphans(directory: Path, events: Iterable[AgentEvent]) -> int:
-    """Append events to ``orphans.jsonl`` durably; returns how many."""
+    """Append events to ``orphans.jsonl`` durably; returns how many.
+
+    Every line appended is whole, so that appending again after a failure is safe: a
+    failed append (a full disk) is cut off again, and a line torn by a crash in an
+    earlier append is ended first.
+    """
     lines = [codec.encode_event(event) + b"\n" for event in events]
-    if not lines:
+    count = len(lines)
+    if not count:
         return 0
     path = directory / ORPHANS_FILE
     created = not path.exists()
-    with open(path, "ab") as file:
-        file.write(b"".join(lines))
-        file.flush()
-        os.fsync(file.fileno())
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o644)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size:
+            os.lseek(fd, size - 1, os.SEEK_SET)  # O_APPEND still writes at the end
+            if os.read(fd, 1) != b"\n":
+                lines.insert(0, b"\n")
+        try:
+            write_all(fd, lines)
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):  # the error raised is the write's
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
     if created:
         fsync_directory(directory)
-    return len(lines)
+    return count
 
 
 # -- reading segments ---------------------------------------------------------------------------

@@ -134,18 +134,24 @@ def recover(
                 report,
             )
         if remove and segments:
-            if orphans:
-                append_orphans(directory, orphans)
-                logger.warning(
-                    "journal %s: %d events belonged to no loop; written to %s",
-                    directory,
-                    len(orphans),
-                    directory / ORPHANS_FILE,
-                )
-            for path in segments:
-                path.unlink(missing_ok=True)
-            (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
-            fsync_directory(directory)
+            try:
+                if orphans:
+                    append_orphans(directory, orphans)
+                    logger.warning(
+                        "journal %s: %d events belonged to no loop; written to %s",
+                        directory,
+                        len(orphans),
+                        directory / ORPHANS_FILE,
+                    )
+                for path in segments:
+                    path.unlink(missing_ok=True)
+                (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
+                fsync_directory(directory)
+            except OSError as error:
+                raise StoreError(
+                    f"recovery of {directory}: the sessions are saved but the journal could not be "
+                    f"cleared ({error}); recovering again is safe"
+                ) from error
             report.segments_removed = len(segments)
             if isinstance(journal, Journal):
                 journal.forget_leftovers(segments)
