@@ -647,6 +647,29 @@ def test_sigkill_of_an_auto_persisting_recorder_loses_nothing(tmp_path: Path) ->
         store.load(session_id)
 
 
+_EXIT_CHILD = """
+import itertools, sys
+sys.path.insert(0, sys.argv[2])
+from journal_kill_worker import stream
+from phi_session.journal import Journal, JournaledRecorder
+
+sink = JournaledRecorder(Journal(sys.argv[1], interval_ms=60_000))  # the flusher never runs
+sink.record_all(itertools.islice(stream(), int(sys.argv[3])))
+"""
+
+
+def test_a_program_that_ends_with_the_journal_open_loses_no_event(tmp_path: Path) -> None:
+    count = 500
+    subprocess.run(
+        [sys.executable, "-c", _EXIT_CHILD, str(tmp_path / "j"), str(Path(__file__).parent), str(count)],
+        check=True,
+        timeout=60,
+    )
+    store = JsonDirStore(tmp_path / "store")
+    recover(tmp_path / "j", store)
+    assert stored(store) == recorded(list(itertools.islice(stream(), count)))
+
+
 # -- a full disk --------------------------------------------------------------------------------------
 
 

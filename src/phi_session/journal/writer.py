@@ -17,6 +17,7 @@ all of these; nothing here calls back into a recorder.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -76,7 +77,8 @@ class Journal:
     Opening takes an exclusive lock on the directory (`JournalLocked` if another
     writer holds it). Segments found there belong to an earlier run
     (`leftover_segments`): they are never appended to; `recover` replays and removes them.
-    `close` (or leaving a ``with`` block) writes and fsyncs everything.
+    `close` (or leaving a ``with`` block; at the latest, an exit hook at interpreter
+    exit) writes and fsyncs everything.
 
     I/O failures raise `StoreError`; after a failed write or fsync the journal refuses
     further appends (the kernel may have dropped the unsynced data, so a retry would lie).
@@ -142,6 +144,10 @@ class Journal:
                 target=self._flush_loop, name=f"phi-session journal flusher {self.directory}", daemon=True
             )
             self._flusher.start()
+        # At interpreter exit the flusher, a daemon thread, stops wherever it is: a journal
+        # still open is closed first, so that what waits for it is written.
+        self._pid = os.getpid()
+        atexit.register(self._close_at_exit)
 
     def __repr__(self) -> str:
         return f"Journal({str(self.directory)!r}, durability={self.durability!r})"
@@ -457,6 +463,7 @@ class Journal:
             if self._closing:
                 return
             self._closing = True
+        atexit.unregister(self._close_at_exit)
         self._stopping = True
         self._wake.set()
         if self._flusher is not None:
@@ -472,6 +479,14 @@ class Journal:
             raise StoreError(
                 f"journal {self.directory} failed: {self._failure}; records after {self._acked} may be lost"
             )
+
+    def _close_at_exit(self) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked child: the descriptors and the lock are the parent's
+        try:
+            self.close()
+        except StoreError as error:
+            logger.error("%r: closing at interpreter exit failed: %s", self, error)
 
     def _shut_down(self) -> None:
         """Close the active segment, remove what `release` covered, unlock the directory."""
