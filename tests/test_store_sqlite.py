@@ -238,6 +238,44 @@ def test_foreign_databases_are_refused_and_left_unchanged(tmp_path: Path) -> Non
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
+class _Rows:
+    """What a cursor gives back, read to the end (so that its statement holds no lock)."""
+
+    def __init__(self, rows: list[object]) -> None:
+        self.rows = rows
+
+    def fetchone(self) -> object:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[object]:
+        return self.rows
+
+
+def test_a_new_file_another_process_creates_the_schema_in_meanwhile_opens(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes opening a new file at once: the other one creates the whole schema
+    right after our first statement, and we still read one consistent version."""
+    other_process = [lambda: SqliteStore(db).close()]
+    connect = sqlite3.connect
+
+    class Interrupted(sqlite3.Connection):
+        def execute(self, *args: object) -> object:  # type: ignore[override]
+            if not other_process:
+                return super().execute(*args)  # type: ignore[arg-type]
+            rows = super().execute(*args).fetchall()  # type: ignore[arg-type]
+            other_process.pop()()
+            return _Rows(rows)
+
+    def connect_interrupted(*args: object, **kwargs: object) -> sqlite3.Connection:
+        kwargs["factory"] = Interrupted if other_process else sqlite3.Connection
+        return connect(*args, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(sqlite3, "connect", connect_interrupted)
+    with SqliteStore(db) as store:
+        assert not other_process and store.schema_version() == SCHEMA_VERSION
+
+
 def test_migration_from_an_older_version(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     session = make_session("old", loops=[make_loop("old", 1, events=2)])
     with SqliteStore(db) as store:

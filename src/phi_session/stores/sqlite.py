@@ -984,10 +984,13 @@ class SqliteStore(AsyncTwins):
             _reclaim_space(conn)
 
     def _check_version(self, conn: sqlite3.Connection) -> int:
-        (application_id,) = conn.execute("PRAGMA application_id").fetchone()
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        # One statement, one snapshot: another process may be creating the schema meanwhile.
+        application_id, version, has_tables = conn.execute(
+            "SELECT (SELECT application_id FROM pragma_application_id()), "
+            "(SELECT user_version FROM pragma_user_version()), EXISTS (SELECT 1 FROM sqlite_master)"
+        ).fetchone()
         if application_id == 0 and version == 0:
-            if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None:
+            if has_tables:
                 raise StoreError(
                     f"{self.path} is an SQLite database of another application "
                     "(it has tables but no phi-session schema); refusing to use it"
