@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -718,6 +719,24 @@ def test_a_full_disk_is_a_store_error_and_recovery_runs_at_once(
     report = recover(tmp_path / "j", store)  # in the same process: no JournalLocked
     assert report.records_lost == report.corrupt_regions == 0
     assert_all_acknowledged_events_stored(store, acknowledged)
+
+
+def test_a_file_system_that_cannot_sync_directories_still_journals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsync = os.fsync
+
+    def no_directory_sync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))  # as some network file systems do
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_directory_sync)
+    evs = events(2)
+    write_journal(tmp_path / "j", evs, durability="always")
+    store = JsonDirStore(tmp_path / "store")
+    assert recover(tmp_path / "j", store).segments_removed == 1
+    assert stored(store) == recorded(evs)
 
 
 @pytest.fixture

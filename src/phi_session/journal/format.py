@@ -119,6 +119,9 @@ def fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # EINVAL: the file system cannot sync directories
+            raise
     finally:
         os.close(fd)
 
