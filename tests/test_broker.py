@@ -480,6 +480,27 @@ def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> N
     assert worker.stats.recorded == len(events)
 
 
+def test_an_event_over_the_max_payload_is_set_aside_and_the_rest_is_sent(names: Names) -> None:
+    """NATS refuses a message over its max_payload (1 MB by default) every time: retried,
+    it held up every later event, and from the spill journal every later sink too."""
+    lines = workload.lines(1, seed=10)
+    prompt = json.loads(lines[2])["message"]["content"][0]["text"].encode()
+    events = [decode_event(line.replace(prompt, b"x" * 2_000_000)) for line in lines]
+    big = [encode_event(event) for event in events if len(encode_event(event)) > 1_000_000]
+    assert len(big) == 3  # the prompt's MessageStart and MessageEnd, the loop's AgentEnd
+    with names.sink(partitions=1, publish_timeout=1) as sink:
+        for event in events:
+            sink(event)
+        assert sink.flush(30)
+        stats = sink.stats()
+    assert (stats.published, stats.rejected, stats.pending) == (len(events) - 3, 3, 0)
+    kept = sorted((names.spill / "rejected").iterdir())
+    assert sorted(path.read_bytes() for path in kept) == sorted(big)  # kept whole, not dropped
+    with names.sink(partitions=1) as resender:
+        resender(events[0])
+        assert resender.flush(30)  # the set-aside events are not sent again
+
+
 def test_sink_checks_its_arguments(names: Names) -> None:
     with pytest.raises(ValueError, match="buffer"):
         names.sink(buffer=0)
