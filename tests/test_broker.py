@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -358,6 +359,49 @@ def test_out_of_order_redelivery_is_applied_in_order(names: Names) -> None:
     assert _stored(names.schema) == expected
     assert worker.stats.recorded == len(events)
     assert worker.stats.held_back > 0  # later events did wait for the redelivered ones
+
+
+def _one_partition_stream(names: Names) -> None:
+    async def create() -> None:
+        from phi_session.broker.settings import StreamSettings, ensure_stream
+
+        nc = await nats.connect(names.url)
+        await ensure_stream(
+            nc.jetstream(), StreamSettings(stream=names.stream, subject_prefix=names.prefix, partitions=1)
+        )
+        await nc.close()
+
+    asyncio.run(create())
+
+
+def _staged_pending(schema: str) -> int:
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        query = psycopg.sql.SQL("SELECT count(*) FROM {}.broker_events WHERE state = 0").format(
+            psycopg.sql.Identifier(schema)
+        )
+        row = conn.execute(query).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_message_ids_postgresql_cannot_hold_do_not_stop_the_worker(names: Names) -> None:
+    """A NUL, or an id over the primary key's size limit, failed the staging INSERT: the
+    worker died, and again on every start (the message is redelivered): a poison message."""
+    events = list(workload.events(1, seed=13))
+    _one_partition_stream(names)
+    hostile = ["nul\x00" + str(n) if n % 2 else secrets.token_hex(2000) for n in range(len(events))]
+    _publish_raw(
+        names,
+        [
+            (f"{names.prefix}.0", encode_event(event), {"Nats-Msg-Id": msg_id})
+            for event, msg_id in zip(events, hostile, strict=True)
+        ],
+    )
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected, 30))
+    assert _stored(names.schema) == expected
+    assert len(_staged_ids(names.schema)) == len(events)
 
 
 # -- the sink -----------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ __all__ = ["IngestWorker", "PartitionStatus", "WorkerStats", "ingest_status"]
 logger = logging.getLogger("phi_session.broker")
 
 _FETCH_WAIT = 0.5  # seconds a fetch waits on an idle partition (also how soon `stop` is seen)
+_MAX_EVENT_ID = 200  # characters; the primary key of `broker_events` has a size limit
 
 
 @dataclass
@@ -371,9 +372,13 @@ class _PartitionRun:
         for message in messages:
             headers = message.headers or {}
             sequence = message.metadata.sequence.stream
-            # A message published by something other than JetStreamSink: its stream position names it.
-            event_id = headers.get(EVENT_ID_HEADER) or f"{stream}:{sequence}"
-            staged.append(StagedEvent(sequence, event_id, headers.get(SESSION_HEADER, ""), message.data))
+            event_id = headers.get(EVENT_ID_HEADER, "")
+            if not event_id or len(event_id) > _MAX_EVENT_ID or "\x00" in event_id:
+                # Published by something other than JetStreamSink, or an id PostgreSQL cannot
+                # hold (it would fail the batch at every redelivery): its stream position names it.
+                event_id = f"{stream}:{sequence}"
+            session = headers.get(SESSION_HEADER, "").replace("\x00", "")
+            staged.append(StagedEvent(sequence, event_id, session, message.data))
         new = await self.resources.staging.insert(self.number, staged)
         for message in messages:
             await message.ack()
