@@ -384,6 +384,23 @@ def _staged_pending(schema: str) -> int:
         return int(row[0])
 
 
+def test_events_published_without_headers_are_marked_saved(names: Names) -> None:
+    """Another publisher sends no Phi-Session header: the saved session's events must not
+    stay staged (replayed by every worker taking the partition, their payload kept)."""
+    events = list(workload.events(1, seed=12))
+    _one_partition_stream(names)
+    _publish_raw(names, [(f"{names.prefix}.0", encode_event(event), {}) for event in events])
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(
+        _run_until(
+            worker, lambda: _stored(names.schema) == expected and _staged_pending(names.schema) == 0, 30
+        )
+    )
+    assert _stored(names.schema) == expected
+    assert _staged_pending(names.schema) == 0
+
+
 def test_message_ids_postgresql_cannot_hold_do_not_stop_the_worker(names: Names) -> None:
     """A NUL, or an id over the primary key's size limit, failed the staging INSERT: the
     worker died, and again on every start (the message is redelivered): a poison message."""

@@ -16,6 +16,8 @@ import zlib
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from ..errors import BrokerError, MissingExtra
 from ..events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from ..ids import session_id_from_loop_id
@@ -24,7 +26,16 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.js.client import JetStreamContext
 
-__all__ = ["ENV_PREFIX", "StreamSettings", "connect", "ensure_stream", "event_session_id", "partition_of"]
+__all__ = [
+    "ENV_PREFIX",
+    "EventKeys",
+    "StreamSettings",
+    "connect",
+    "ensure_stream",
+    "event_session_id",
+    "partition_of",
+    "remember",
+]
 
 ENV_PREFIX = "PHI_SESSION_NATS_"
 """Environment variables ``PHI_SESSION_NATS_<FIELD>`` (e.g. ``..._PARTITIONS``) set defaults."""
@@ -37,6 +48,7 @@ SESSION_HEADER = "Phi-Session"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _MAX_PARTITIONS = 1024
+_MAX_ROUTES = 100_000  # remembered sub-agent sessions and re-homed loops, oldest forgotten first
 
 
 @dataclass(frozen=True)
@@ -112,9 +124,19 @@ def _parse_env(name: str, raw: str, kind: object) -> Any:
         raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected a number, got {raw!r}") from None
 
 
-def event_session_id(event: AgentEvent, loop_sessions: dict[str, str] | None = None) -> str:
+class EventKeys(msgspec.Struct):
+    """The fields of an event's JSON that say its session, decoded without the rest."""
+
+    session_id: str | None = None
+    """Set on `AgentStart`, `ParallelLoopStart` and `ParallelLoopEnd`."""
+    loop_id: str = ""
+
+
+def event_session_id(event: AgentEvent | EventKeys, loop_sessions: dict[str, str] | None = None) -> str:
     """The session `event` belongs to: its own field, else its loop's (`loop_sessions` first)."""
     if isinstance(event, (AgentStart, ParallelLoopStart, ParallelLoopEnd)):
+        return event.session_id
+    if isinstance(event, EventKeys) and event.session_id is not None:
         return event.session_id
     loop_id: str = getattr(event, "loop_id", "")
     if loop_sessions:
@@ -122,6 +144,14 @@ def event_session_id(event: AgentEvent, loop_sessions: dict[str, str] | None = N
         if known is not None:
             return known
     return session_id_from_loop_id(loop_id)
+
+
+def remember(table: dict[str, str], key: str, value: str) -> None:
+    """``table[key] = value``, the oldest half forgotten once the table is full."""
+    if len(table) >= _MAX_ROUTES:
+        for old in list(table)[: _MAX_ROUTES // 2]:
+            del table[old]
+    table[key] = value
 
 
 def partition_of(key: str, partitions: int) -> int:

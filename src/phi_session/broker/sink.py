@@ -38,6 +38,7 @@ from .settings import (
     ensure_stream,
     event_session_id,
     partition_of,
+    remember,
     require_nats,
 )
 
@@ -52,7 +53,6 @@ logger = logging.getLogger("phi_session.broker")
 # (event id, session id, partition key, event JSON)
 _Message = tuple[str, str, str, bytes]
 _Envelope = tuple[str, str, str, msgspec.Raw]
-_MAX_ROUTES = 100_000  # remembered sub-agent sessions and re-homed loops, oldest forgotten first
 _IDLE_WAIT = 1.0
 _CANCEL_AGAIN = 0.5  # seconds `close` waits for the publishing thread between cancellations
 _REJECTED = "rejected"  # the directory in `spill_dir` of events too large to publish
@@ -225,12 +225,12 @@ class JetStreamSink:
         session = event_session_id(event, self._loop_sessions)
         if isinstance(event, AgentStart):
             if session_id_from_loop_id(event.loop_id) != session:
-                _remember(self._loop_sessions, event.loop_id, session)
+                remember(self._loop_sessions, event.loop_id, session)
             parent = event.parent_loop_id
             if parent is not None:
                 parent_session = self._loop_sessions.get(parent) or session_id_from_loop_id(parent)
                 if parent_session != session:
-                    _remember(self._roots, session, self._roots.get(parent_session, parent_session))
+                    remember(self._roots, session, self._roots.get(parent_session, parent_session))
         return session, self._roots.get(session, session)
 
     def _start_spill(self) -> None:
@@ -570,10 +570,3 @@ def _wire_size(message: _Message) -> int:
     msg_id, session, _, payload = message
     headers = f"NATS/1.0\r\n{EVENT_ID_HEADER}: {msg_id}\r\n{SESSION_HEADER}: {session}\r\n\r\n"
     return len(headers.encode("utf-8", "surrogatepass")) + len(payload)
-
-
-def _remember(table: dict[str, str], key: str, value: str) -> None:
-    if len(table) >= _MAX_ROUTES:
-        for old in list(table)[: _MAX_ROUTES // 2]:
-            del table[old]
-    table[key] = value

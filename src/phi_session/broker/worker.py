@@ -33,17 +33,22 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from ..errors import BrokerError, DecodeError, MissingExtra, StoreError
 from ..events import AgentEvent
+from ..ids import session_id_from_loop_id
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
 from .settings import (
     EVENT_ID_HEADER,
     SESSION_HEADER,
+    EventKeys,
     StreamSettings,
     connect,
     ensure_stream,
     event_session_id,
+    remember,
     require_nats,
 )
 from .staging import REJECTED, SAVED, StagedEvent, Staging
@@ -62,6 +67,7 @@ logger = logging.getLogger("phi_session.broker")
 
 _FETCH_WAIT = 0.5  # seconds a fetch waits on an idle partition (also how soon `stop` is seen)
 _MAX_EVENT_ID = 200  # characters; the primary key of `broker_events` has a size limit
+_decode_keys = msgspec.json.Decoder(EventKeys).decode
 
 
 @dataclass
@@ -306,6 +312,7 @@ class _PartitionRun:
         self.unstorable: list[str] = []  # sessions handed to `orphaned`, not yet marked
         self.waiting: dict[int, StagedEvent] = {}  # staged, not yet applied, by stream sequence
         self.applied: dict[str, list[str]] = {}  # session id -> events applied, session not yet saved
+        self.loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
         self.held: set[int] = set()  # waiting events already counted as held back
         self.stopping = asyncio.Event()
         self.task = asyncio.create_task(self.run(), name=f"partition {number}")
@@ -405,7 +412,7 @@ class _PartitionRun:
                 logger.warning("event %s is not phi-core JSON, kept as rejected: %s", event.event_id, error)
                 rejected.append(event.event_id)
                 continue
-            self.applied.setdefault(event.session_id, []).append(event.event_id)
+            self.applied.setdefault(self.session_of(event.payload), []).append(event.event_id)
             self.worker.stats.recorded += 1
         self.held.intersection_update(self.waiting)
         later = self.waiting.keys() - self.held
@@ -414,9 +421,18 @@ class _PartitionRun:
         self.worker.stats.rejected += len(rejected)
         await self.resources.staging.mark(rejected, REJECTED)
 
+    def session_of(self, payload: bytes) -> str:
+        """The session of an event the recorder took, as the recorder sees it: from the event
+        itself (the Phi-Session header is missing from other publishers, and NATS trims it)."""
+        keys = _decode_keys(payload)
+        if keys.session_id is not None and keys.loop_id:  # an AgentStart: its loop's session
+            if session_id_from_loop_id(keys.loop_id) != keys.session_id:
+                remember(self.loop_sessions, keys.loop_id, keys.session_id)
+        return event_session_id(keys, self.loop_sessions)
+
     def orphaned(self, events: list[AgentEvent]) -> None:
         if events:
-            self.unstorable.append(event_session_id(events[0]))
+            self.unstorable.append(event_session_id(events[0], self.loop_sessions))
 
     async def save(self) -> None:
         """Save what is complete; mark the events of saved sessions (and of unstorable ones)."""
