@@ -571,6 +571,28 @@ def test_sink_checks_its_arguments(names: Names) -> None:
         JetStreamSink(42)  # type: ignore[arg-type]
 
 
+def test_a_url_that_is_not_nats_is_refused_at_once(names: Names, tmp_path: Path) -> None:
+    """It was found only by the publishing thread, which retried it forever: `record --to`
+    spent its whole flush timeout, then said the events were kept for later."""
+    for make in (lambda url: JetStreamSink(url, spill_dir=names.spill), lambda url: IngestWorker(url, DSN)):
+        with pytest.raises(ValueError, match="not a NATS server URL"):
+            make("http://127.0.0.1:4222")
+    source = tmp_path / "events.jsonl"
+    source.write_bytes(encode_event(next(workload.events(1, seed=1))) + b"\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    started = time.monotonic()
+    out = subprocess.run(
+        [*CLI, "record", str(source), "--to", "http://127.0.0.1:4222"],
+        env=env,
+        text=True,
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "not a NATS server URL" in out.stderr, out.stderr
+    assert time.monotonic() - started < 30
+
+
 def test_importing_phi_session_imports_no_broker_client() -> None:
     code = "import sys, phi_session, phi_session.broker; print('nats' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -33,6 +33,7 @@ __all__ = [
     "connect",
     "ensure_stream",
     "event_session_id",
+    "nats_servers",
     "partition_of",
     "remember",
 ]
@@ -169,15 +170,21 @@ def require_nats() -> None:
         ) from None
 
 
-async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float = 2.0) -> Client:
-    """A NATS connection to `url` (``nats://host[:port]``, several separated by commas)."""
-    require_nats()
-    import nats
-
+def nats_servers(url: str) -> list[str]:
+    """The servers of `url` (``nats://host[:port]``, several separated by commas); else `ValueError`."""
     servers = [part.strip() for part in url.split(",")]
     for server in servers:
         if not re.match(r"(nats|tls)://[^/\s]+/?$", server):
             raise ValueError(f"not a NATS server URL: {server!r} (expected nats://HOST[:PORT])")
+    return servers
+
+
+async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float = 2.0) -> Client:
+    """A NATS connection to `url` (`nats_servers`)."""
+    require_nats()
+    import nats
+
+    servers = nats_servers(url)
     try:
         # Bounded: with endless reconnects, nats-py would retry a first connection forever.
         return await asyncio.wait_for(

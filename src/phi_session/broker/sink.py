@@ -37,6 +37,7 @@ from .settings import (
     connect,
     ensure_stream,
     event_session_id,
+    nats_servers,
     partition_of,
     remember,
     require_nats,
@@ -144,6 +145,7 @@ class JetStreamSink:
         require_nats()
         if not isinstance(url, str):
             raise TypeError(f"url must be a string, got {type(url).__name__}")
+        nats_servers(url)  # the publishing thread would retry a malformed URL forever
         for name, value in (("buffer", buffer), ("batch", batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -48,6 +48,7 @@ from .settings import (
     connect,
     ensure_stream,
     event_session_id,
+    nats_servers,
     remember,
     require_nats,
 )
@@ -147,6 +148,7 @@ class IngestWorker:
         for name, value in (("url", url), ("dsn", dsn), ("schema", schema), ("durable", durable)):
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+        nats_servers(url)
         self.settings = StreamSettings.from_env(
             stream=stream, subject_prefix=subject_prefix, partitions=partitions
         )
