@@ -421,6 +421,32 @@ def test_message_ids_postgresql_cannot_hold_do_not_stop_the_worker(names: Names)
     assert len(_staged_ids(names.schema)) == len(events)
 
 
+def test_postgresql_going_away_stops_the_worker_with_a_store_error(names: Names) -> None:
+    """It ended with psycopg's OperationalError ("the connection is closed", from releasing
+    the partitions on the dead connection, hiding why): the CLI called it an internal error."""
+    from phi_session.errors import StoreError
+
+    with names.sink(partitions=1) as sink:
+        sink(next(workload.events(1, seed=14)))
+        assert sink.flush(30)
+    worker = names.worker()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 30
+        while not worker.stats.owned and time.monotonic() < deadline and not task.done():
+            await asyncio.sleep(0.05)
+        status = await ingest_status(
+            names.url, DSN, schema=names.schema, stream=names.stream, subject_prefix=names.prefix
+        )
+        with psycopg.connect(DSN, autocommit=True) as conn:  # as a PostgreSQL restart would
+            conn.execute("SELECT pg_terminate_backend(%s)", (status[0].owner,))
+        with pytest.raises(StoreError, match="PostgreSQL failed while ingesting: terminating connection"):
+            await asyncio.wait_for(task, 30)
+
+    asyncio.run(scenario())
+
+
 # -- the sink -----------------------------------------------------------------------------------------
 
 

@@ -188,24 +188,34 @@ class IngestWorker:
         """Ingest until `stop()`. Raises `BrokerError` / `StoreError` if NATS or
         PostgreSQL cannot be reached at start or fail for good while running."""
         self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
+        stopping = self._stopping = asyncio.Event()
         if self._stop_requested:
             return
         async with _Resources(self) as resources:
-            self.settings = await ensure_stream(resources.js, self.settings)
-            staging = resources.staging
-            await staging.create()
-            await staging.prune(self.settings.max_age)
-            if not await staging.join(self.member_id):
-                raise BrokerError(f"worker id {self.member_id} is taken; start the worker again")
-            running: dict[int, _PartitionRun] = {}
+            import psycopg  # `_Resources` found it
+
             try:
-                while not self._stopping.is_set():
-                    await self._rebalance(resources, running)
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), self.rebalance_interval)
-            finally:
-                await asyncio.gather(*(run.finish() for run in running.values()), return_exceptions=True)
+                await self._work(resources, stopping)
+            except psycopg.Error as error:
+                raise StoreError(f"PostgreSQL failed while ingesting: {error}") from error
+
+    async def _work(self, resources: _Resources, stopping: asyncio.Event) -> None:
+        self.settings = await ensure_stream(resources.js, self.settings)
+        staging = resources.staging
+        await staging.create()
+        await staging.prune(self.settings.max_age)
+        if not await staging.join(self.member_id):
+            raise BrokerError(f"worker id {self.member_id} is taken; start the worker again")
+        running: dict[int, _PartitionRun] = {}
+        try:
+            while not stopping.is_set():
+                await self._rebalance(resources, running)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), self.rebalance_interval)
+        finally:
+            await asyncio.gather(*(run.finish() for run in running.values()), return_exceptions=True)
+            # A lost connection took its locks along: releasing them would only hide why it failed.
+            if not resources.conn.closed:
                 for number in list(running):
                     await self._release(resources, running, number)
 
