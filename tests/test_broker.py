@@ -588,6 +588,33 @@ def test_an_event_over_the_max_payload_is_set_aside_and_the_rest_is_sent(names: 
         assert resender.flush(30)  # the set-aside events are not sent again
 
 
+def test_a_sink_left_open_at_exit_keeps_its_events(names: Names) -> None:
+    """A program that ends without `close`: the publishing thread is a daemon, and the
+    events it had not sent vanished with it, without a word."""
+    from phi_session.journal import read_records
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        dead = free.getsockname()[1]
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import workload\n"
+        "from phi_session.broker import JetStreamSink\n"
+        "sink = JetStreamSink(sys.argv[2], spill_dir=sys.argv[3], publish_timeout=0.2)\n"
+        "for event in workload.events(1, seed=15):\n"
+        "    sink(event)\n"
+    )
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run(
+        [sys.executable, "-c", script, benchmarks, f"nats://127.0.0.1:{dead}", str(names.spill)],
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    kept = sum(1 for episode in names.spill.iterdir() for _ in read_records(episode))
+    assert kept == workload.EVENTS_PER_SESSION
+
+
 def test_sink_checks_its_arguments(names: Names) -> None:
     with pytest.raises(ValueError, match="buffer"):
         names.sink(buffer=0)

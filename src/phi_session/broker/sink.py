@@ -12,8 +12,10 @@ once (within the stream's duplicate window) and the workers drop any later copy.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
+import os
 import shutil
 import threading
 import time
@@ -126,7 +128,8 @@ class JetStreamSink:
     Calling the sink never waits for the network: it encodes the event and queues it
     (or appends it to the spill journal). `flush(timeout)` waits until JetStream
     acknowledged everything queued before it; `close(timeout)` flushes, then spills
-    what is still unacknowledged, so nothing is lost by closing. Thread-safe.
+    what is still unacknowledged, so nothing is lost by closing; a program that ends
+    with the sink open closes it at exit (an ``atexit`` hook). Thread-safe.
     """
 
     def __init__(
@@ -184,6 +187,9 @@ class JetStreamSink:
         )
         self._thread.start()
         self._started.wait()
+        self._pid = os.getpid()
+        # The publishing thread is a daemon: what it holds would vanish with the process.
+        atexit.register(self._close_at_exit)
 
     def __repr__(self) -> str:
         return f"JetStreamSink({self.url!r}, stream={self.settings.stream!r})"
@@ -301,6 +307,7 @@ class JetStreamSink:
             if self._closed:
                 return
             self._closed = True
+        atexit.unregister(self._close_at_exit)
         sent = self.flush(timeout)
         self._stop.set()
         self._wake()
@@ -314,6 +321,10 @@ class JetStreamSink:
             self._cancel_publisher()
             self._thread.join(_CANCEL_AGAIN)
         self._spill_rest()
+
+    def _close_at_exit(self) -> None:
+        if os.getpid() == self._pid:  # a forked child: the queue and the thread are the parent's
+            self.close()
 
     def _cancel_publisher(self) -> None:
         loop, task = self._loop, self._task
