@@ -401,6 +401,35 @@ def test_events_published_without_headers_are_marked_saved(names: Names) -> None
     assert _staged_pending(names.schema) == 0
 
 
+def test_hostile_session_ids_are_recorded_or_rejected_never_left_staged(names: Names) -> None:
+    """NATS trims header values and turns line breaks into spaces: the Phi-Session header
+    named another session than the events', whose rows then stayed staged for ever."""
+    lines = workload.lines(1, seed=16)
+    session_id = decode_event(lines[0]).session_id.encode()
+
+    def renamed(hostile: bytes) -> list[Any]:
+        return [decode_event(line.replace(session_id, hostile)) for line in lines]
+
+    storable = [renamed(hostile) for hostile in (b" padded ", b"line\\r\\nbreak", b"caf\\u00e9")]
+    unstorable = [renamed(hostile) for hostile in (b"nul\\u0000id", b"x" * 5000)]
+    with names.sink(partitions=1) as sink:
+        for events in [*storable, *unstorable]:
+            for event in events:
+                sink(event)
+        assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference(storable)
+    assert len(expected) == len(storable)
+    asyncio.run(
+        _run_until(
+            worker, lambda: _stored(names.schema) == expected and _staged_pending(names.schema) == 0, 60
+        )
+    )
+    assert _stored(names.schema) == expected
+    assert _staged_pending(names.schema) == 0
+    assert worker.stats.rejected == len(lines) * len(unstorable)  # no store takes them: kept as rejected
+
+
 def test_message_ids_postgresql_cannot_hold_do_not_stop_the_worker(names: Names) -> None:
     """A NUL, or an id over the primary key's size limit, failed the staging INSERT: the
     worker died, and again on every start (the message is redelivered): a poison message."""
