@@ -430,6 +430,34 @@ def test_hostile_session_ids_are_recorded_or_rejected_never_left_staged(names: N
     assert worker.stats.rejected == len(lines) * len(unstorable)  # no store takes them: kept as rejected
 
 
+def test_an_event_of_no_open_loop_is_kept_as_rejected_not_replayed_for_ever(names: Names) -> None:
+    """The recorder keeps it as an orphan, in no session: it stayed staged (and in the
+    worker's memory), and every worker taking the partition replayed it again."""
+    events = list(workload.events(1, seed=17))
+    sink = names.sink(partitions=1)
+    for event in events:
+        sink(event)
+    assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference([events])
+
+    def late_event_handled() -> bool:
+        if _stored(names.schema) != expected:
+            return False
+        if worker.stats.received == len(events):
+            sink(events[1])  # a TurnStart again: its loop ended long ago
+            assert sink.flush(30)
+        return worker.stats.received > len(events) and _staged_pending(names.schema) == 0
+
+    try:
+        asyncio.run(_run_until(worker, late_event_handled, 30))
+    finally:
+        sink.close()
+    assert _stored(names.schema) == expected
+    assert _staged_pending(names.schema) == 0
+    assert worker.stats.rejected == 1
+
+
 def test_message_ids_postgresql_cannot_hold_do_not_stop_the_worker(names: Names) -> None:
     """A NUL, or an id over the primary key's size limit, failed the staging INSERT: the
     worker died, and again on every start (the message is redelivered): a poison message."""

@@ -84,8 +84,8 @@ class WorkerStats:
     held_back: int = 0
     """Events that waited for an earlier one still to be delivered (redelivered out of order)."""
     rejected: int = 0
-    """Events no recorder accepts (not phi-core JSON) or of a session id no store accepts:
-    kept staged as ``rejected``, with their payload."""
+    """Events no recorder accepts (not phi-core JSON, or of no open loop) or of a session id
+    no store accepts: kept staged as ``rejected``, with their payload."""
     sessions_saved: int = 0
     partitions_taken: int = 0
     partitions_released: int = 0
@@ -422,6 +422,9 @@ class _PartitionRun:
                 self.recorder.on_json(event.payload)
             except DecodeError as error:
                 logger.warning("event %s is not phi-core JSON, kept as rejected: %s", event.event_id, error)
+                rejected.append(event.event_id)
+                continue
+            if self.recorder.drain_orphans():  # of no open loop (the recorder warned): in no session
                 rejected.append(event.event_id)
                 continue
             self.applied.setdefault(self.session_of(event.payload), []).append(event.event_id)
