@@ -672,6 +672,18 @@ def test_a_sink_left_open_at_exit_keeps_its_events(names: Names) -> None:
     assert kept == workload.EVENTS_PER_SESSION
 
 
+def test_a_sink_touches_nothing_in_spill_dir_but_its_own(names: Names) -> None:
+    """Every directory found in `spill_dir` was taken for a spill journal a dead sink left,
+    "sent" (it held no records) and removed: ``spill_dir="."`` deleted the project."""
+    (names.spill / "precious").mkdir()
+    (names.spill / "precious" / "data.txt").write_text("keep me")
+    with names.sink() as sink:
+        sink(next(workload.events(1, seed=18)))
+        assert sink.flush(30)
+    assert (names.spill / "precious" / "data.txt").read_text() == "keep me"
+    assert sorted(path.name for path in (names.spill / "precious").iterdir()) == ["data.txt"]
+
+
 def test_sink_checks_its_arguments(names: Names) -> None:
     with pytest.raises(ValueError, match="buffer"):
         names.sink(buffer=0)

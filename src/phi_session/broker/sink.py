@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -59,6 +60,8 @@ _Envelope = tuple[str, str, str, msgspec.Raw]
 _IDLE_WAIT = 1.0
 _CANCEL_AGAIN = 0.5  # seconds `close` waits for the publishing thread between cancellations
 _REJECTED = "rejected"  # the directory in `spill_dir` of events too large to publish
+# Spill journals (`JetStreamSink._episode_dir`): whatever else `spill_dir` holds is not ours.
+_EPISODE_NAME = re.compile(r"[0-9a-f]{16}-[0-9]{12,}")
 
 
 class _Episode:
@@ -242,7 +245,7 @@ class JetStreamSink:
         return session, self._roots.get(session, session)
 
     def _start_spill(self) -> None:
-        directory = self.spill_dir / f"{self.producer_id}-{self._seq:012d}"
+        directory = self._episode_dir(self._seq)
         try:
             self._spill = _Episode(directory)
         except (OSError, PhiSessionError):
@@ -259,6 +262,10 @@ class JetStreamSink:
             self._in_memory,
             directory,
         )
+
+    def _episode_dir(self, first: int) -> Path:
+        """The spill journal of the events from sequence number `first` on."""
+        return self.spill_dir / f"{self.producer_id}-{first:012d}"
 
     def _seal_spill(self) -> None:
         if self._spill is not None:
@@ -349,7 +356,7 @@ class JetStreamSink:
                 continue
             first = int(entry[0][0].rsplit("-", 1)[1])
             try:
-                with Journal(self.spill_dir / f"{self.producer_id}-{first:012d}", durability="os") as journal:
+                with Journal(self._episode_dir(first), durability="os") as journal:
                     for msg_id, session, key, payload in entry:
                         journal.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
             except (OSError, PhiSessionError):
@@ -451,7 +458,7 @@ class JetStreamSink:
             return []
         found = []
         for directory in sorted(self.spill_dir.iterdir()):
-            if not directory.is_dir() or directory.name == _REJECTED:
+            if not _EPISODE_NAME.fullmatch(directory.name) or not directory.is_dir():
                 continue
             try:
                 episode = _Episode(directory)
