@@ -715,6 +715,12 @@ def test_a_url_that_is_not_nats_is_refused_at_once(names: Names, tmp_path: Path)
     assert time.monotonic() - started < 30
 
 
+def test_a_bad_durable_name_is_named_as_such() -> None:
+    """`phi-session ingest --durable a.b` said "stream: expected ...": the wrong option."""
+    with pytest.raises(ValueError, match=r"^durable: expected 1-64 letters"):
+        IngestWorker(URL, DSN, durable="a.b")
+
+
 def test_importing_phi_session_imports_no_broker_client() -> None:
     code = "import sys, phi_session, phi_session.broker; print('nats' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

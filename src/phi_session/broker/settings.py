@@ -29,6 +29,7 @@ __all__ = [
     "ENV_PREFIX",
     "EventKeys",
     "StreamSettings",
+    "check_name",
     "connect",
     "ensure_stream",
     "event_session_id",
@@ -74,8 +75,7 @@ class StreamSettings:
     """Seconds within which JetStream drops a message whose event id it already stored."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.stream, str) or not _NAME.fullmatch(self.stream):
-            raise ValueError(f"stream: expected 1-64 letters, digits, '_' or '-', got {self.stream!r}")
+        check_name("stream", self.stream)
         tokens = self.subject_prefix.split(".") if isinstance(self.subject_prefix, str) else [""]
         if not all(_TOKEN.fullmatch(token) for token in tokens):
             raise ValueError(
@@ -109,6 +109,12 @@ class StreamSettings:
 
     def subjects(self) -> list[str]:
         return [self.subject(partition) for partition in range(self.partitions)]
+
+
+def check_name(field: str, value: object) -> None:
+    """A stream or consumer name: 1-64 letters, digits, ``_`` or ``-``; else `ValueError` naming `field`."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(f"{field}: expected 1-64 letters, digits, '_' or '-', got {value!r}")
 
 
 def _check_number(name: str, value: object, low: float, high: float, *, integer: bool = False) -> None:

@@ -45,6 +45,7 @@ from .settings import (
     SESSION_HEADER,
     EventKeys,
     StreamSettings,
+    check_name,
     connect,
     ensure_stream,
     event_session_id,
@@ -152,7 +153,7 @@ class IngestWorker:
         self.settings = StreamSettings.from_env(
             stream=stream, subject_prefix=subject_prefix, partitions=partitions
         )
-        StreamSettings(stream=durable)  # the same naming rules as a stream's name
+        check_name("durable", durable)
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         for name, number in (
