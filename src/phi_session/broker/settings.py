@@ -15,8 +15,6 @@ import zlib
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from ..errors import BrokerError, MissingExtra
 from ..events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from ..ids import session_id_from_loop_id
@@ -27,7 +25,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENV_PREFIX",
-    "EventKeys",
     "StreamSettings",
     "check_name",
     "connect",
@@ -36,6 +33,7 @@ __all__ = [
     "nats_servers",
     "partition_of",
     "remember",
+    "track_session",
 ]
 
 ENV_PREFIX = "PHI_SESSION_NATS_"
@@ -133,19 +131,9 @@ def _parse_env(name: str, raw: str, kind: object) -> Any:
         raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected a number, got {raw!r}") from None
 
 
-class EventKeys(msgspec.Struct):
-    """The fields of an event's JSON that say its session, decoded without the rest."""
-
-    session_id: str | None = None
-    """Set on `AgentStart`, `ParallelLoopStart` and `ParallelLoopEnd`."""
-    loop_id: str = ""
-
-
-def event_session_id(event: AgentEvent | EventKeys, loop_sessions: dict[str, str] | None = None) -> str:
+def event_session_id(event: AgentEvent, loop_sessions: dict[str, str] | None = None) -> str:
     """The session `event` belongs to: its own field, else its loop's (`loop_sessions` first)."""
     if isinstance(event, (AgentStart, ParallelLoopStart, ParallelLoopEnd)):
-        return event.session_id
-    if isinstance(event, EventKeys) and event.session_id is not None:
         return event.session_id
     loop_id: str = getattr(event, "loop_id", "")
     if loop_sessions:
@@ -153,6 +141,15 @@ def event_session_id(event: AgentEvent | EventKeys, loop_sessions: dict[str, str
         if known is not None:
             return known
     return session_id_from_loop_id(loop_id)
+
+
+def track_session(event: AgentEvent, loop_sessions: dict[str, str]) -> str:
+    """`event_session_id`, as a recorder sees it: an `AgentStart` whose loop id names
+    another session is remembered in `loop_sessions`, for its loop's later events."""
+    session = event_session_id(event, loop_sessions)
+    if isinstance(event, AgentStart) and session_id_from_loop_id(event.loop_id) != session:
+        remember(loop_sessions, event.loop_id, session)
+    return session
 
 
 def remember(table: dict[str, str], key: str, value: str) -> None:

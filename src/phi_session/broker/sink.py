@@ -39,11 +39,11 @@ from .settings import (
     StreamSettings,
     connect,
     ensure_stream,
-    event_session_id,
     nats_servers,
     partition_of,
     remember,
     require_nats,
+    track_session,
 )
 
 if TYPE_CHECKING:
@@ -233,10 +233,8 @@ class JetStreamSink:
     def _route(self, event: AgentEvent) -> tuple[str, str]:
         """The event's session, and the session it is partitioned by: a sub-agent's session
         goes with its parent's (one worker records both, so their links are exact)."""
-        session = event_session_id(event, self._loop_sessions)
+        session = track_session(event, self._loop_sessions)
         if isinstance(event, AgentStart):
-            if session_id_from_loop_id(event.loop_id) != session:
-                remember(self._loop_sessions, event.loop_id, session)
             parent = event.parent_loop_id
             if parent is not None:
                 parent_session = self._loop_sessions.get(parent) or session_id_from_loop_id(parent)

@@ -33,25 +33,22 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
+from ..codec import decode_event
 from ..errors import BrokerError, DecodeError, MissingExtra, StoreError
 from ..events import AgentEvent
-from ..ids import session_id_from_loop_id
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
 from .settings import (
     EVENT_ID_HEADER,
     SESSION_HEADER,
-    EventKeys,
     StreamSettings,
     check_name,
     connect,
     ensure_stream,
     event_session_id,
     nats_servers,
-    remember,
     require_nats,
+    track_session,
 )
 from .staging import REJECTED, SAVED, StagedEvent, Staging
 
@@ -69,7 +66,6 @@ logger = logging.getLogger("phi_session.broker")
 
 _FETCH_WAIT = 0.5  # seconds a fetch waits on an idle partition (also how soon `stop` is seen)
 _MAX_EVENT_ID = 200  # characters; the primary key of `broker_events` has a size limit
-_decode_keys = msgspec.json.Decoder(EventKeys).decode
 
 
 @dataclass
@@ -420,6 +416,9 @@ class _PartitionRun:
         for sequence in sorted(seq for seq in self.waiting if seq <= floor):
             event = self.waiting.pop(sequence)
             try:
+                # Its session as the recorder sees it, from the event: other publishers send
+                # no Phi-Session header, and NATS trims header values.
+                session = track_session(decode_event(event.payload, strict=False), self.loop_sessions)
                 self.recorder.on_json(event.payload)
             except DecodeError as error:
                 logger.warning("event %s is not phi-core JSON, kept as rejected: %s", event.event_id, error)
@@ -428,7 +427,7 @@ class _PartitionRun:
             if self.recorder.drain_orphans():  # of no open loop (the recorder warned): in no session
                 rejected.append(event.event_id)
                 continue
-            self.applied.setdefault(self.session_of(event.payload), []).append(event.event_id)
+            self.applied.setdefault(session, []).append(event.event_id)
             self.worker.stats.recorded += 1
         self.held.intersection_update(self.waiting)
         later = self.waiting.keys() - self.held
@@ -436,15 +435,6 @@ class _PartitionRun:
         self.held.update(later)
         self.worker.stats.rejected += len(rejected)
         await self.resources.staging.mark(rejected, REJECTED)
-
-    def session_of(self, payload: bytes) -> str:
-        """The session of an event the recorder took, as the recorder sees it: from the event
-        itself (the Phi-Session header is missing from other publishers, and NATS trims it)."""
-        keys = _decode_keys(payload)
-        if keys.session_id is not None and keys.loop_id:  # an AgentStart: its loop's session
-            if session_id_from_loop_id(keys.loop_id) != keys.session_id:
-                remember(self.loop_sessions, keys.loop_id, keys.session_id)
-        return event_session_id(keys, self.loop_sessions)
 
     def orphaned(self, events: list[AgentEvent]) -> None:
         if events:
