@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -360,6 +361,152 @@ def test_out_of_order_redelivery_is_applied_in_order(names: Names) -> None:
     assert worker.stats.held_back > 0  # later events did wait for the redelivered ones
 
 
+def _one_partition_stream(names: Names) -> None:
+    async def create() -> None:
+        from phi_session.broker.settings import StreamSettings, ensure_stream
+
+        nc = await nats.connect(names.url)
+        await ensure_stream(
+            nc.jetstream(), StreamSettings(stream=names.stream, subject_prefix=names.prefix, partitions=1)
+        )
+        await nc.close()
+
+    asyncio.run(create())
+
+
+def _staged_pending(schema: str) -> int:
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        query = psycopg.sql.SQL("SELECT count(*) FROM {}.broker_events WHERE state = 0").format(
+            psycopg.sql.Identifier(schema)
+        )
+        row = conn.execute(query).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_events_published_without_headers_are_marked_saved(names: Names) -> None:
+    """Another publisher sends no Phi-Session header: the saved session's events must not
+    stay staged (replayed by every worker taking the partition, their payload kept)."""
+    events = list(workload.events(1, seed=12))
+    lines = [encode_event(event) for event in events]
+    # A key its event type does not have: the recorder ignores it, and so must the worker.
+    lines[1] = lines[1].replace(b'"type":"TurnStart",', b'"type":"TurnStart","session_id":5,')
+    _one_partition_stream(names)
+    _publish_raw(names, [(f"{names.prefix}.0", line, {}) for line in lines])
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(
+        _run_until(
+            worker, lambda: _stored(names.schema) == expected and _staged_pending(names.schema) == 0, 30
+        )
+    )
+    assert _stored(names.schema) == expected
+    assert _staged_pending(names.schema) == 0
+
+
+def test_hostile_session_ids_are_recorded_or_rejected_never_left_staged(names: Names) -> None:
+    """NATS trims header values and turns line breaks into spaces: the Phi-Session header
+    named another session than the events', whose rows then stayed staged for ever."""
+    lines = workload.lines(1, seed=16)
+    session_id = decode_event(lines[0]).session_id.encode()
+
+    def renamed(hostile: bytes) -> list[Any]:
+        return [decode_event(line.replace(session_id, hostile)) for line in lines]
+
+    storable = [renamed(hostile) for hostile in (b" padded ", b"line\\r\\nbreak", b"caf\\u00e9")]
+    unstorable = [renamed(hostile) for hostile in (b"nul\\u0000id", b"x" * 5000)]
+    with names.sink(partitions=1) as sink:
+        for events in [*storable, *unstorable]:
+            for event in events:
+                sink(event)
+        assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference(storable)
+    assert len(expected) == len(storable)
+    asyncio.run(
+        _run_until(
+            worker, lambda: _stored(names.schema) == expected and _staged_pending(names.schema) == 0, 60
+        )
+    )
+    assert _stored(names.schema) == expected
+    assert _staged_pending(names.schema) == 0
+    assert worker.stats.rejected == len(lines) * len(unstorable)  # no store takes them: kept as rejected
+
+
+def test_an_event_of_no_open_loop_is_kept_as_rejected_not_replayed_for_ever(names: Names) -> None:
+    """The recorder keeps it as an orphan, in no session: it stayed staged (and in the
+    worker's memory), and every worker taking the partition replayed it again."""
+    events = list(workload.events(1, seed=17))
+    sink = names.sink(partitions=1)
+    for event in events:
+        sink(event)
+    assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference([events])
+
+    def late_event_handled() -> bool:
+        if _stored(names.schema) != expected:
+            return False
+        if worker.stats.received == len(events):
+            sink(events[1])  # a TurnStart again: its loop ended long ago
+            assert sink.flush(30)
+        return worker.stats.received > len(events) and _staged_pending(names.schema) == 0
+
+    try:
+        asyncio.run(_run_until(worker, late_event_handled, 30))
+    finally:
+        sink.close()
+    assert _stored(names.schema) == expected
+    assert _staged_pending(names.schema) == 0
+    assert worker.stats.rejected == 1
+
+
+def test_message_ids_postgresql_cannot_hold_do_not_stop_the_worker(names: Names) -> None:
+    """A NUL, or an id over the primary key's size limit, failed the staging INSERT: the
+    worker died, and again on every start (the message is redelivered): a poison message."""
+    events = list(workload.events(1, seed=13))
+    _one_partition_stream(names)
+    hostile = ["nul\x00" + str(n) if n % 2 else secrets.token_hex(2000) for n in range(len(events))]
+    _publish_raw(
+        names,
+        [
+            (f"{names.prefix}.0", encode_event(event), {"Nats-Msg-Id": msg_id})
+            for event, msg_id in zip(events, hostile, strict=True)
+        ],
+    )
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected, 30))
+    assert _stored(names.schema) == expected
+    assert len(_staged_ids(names.schema)) == len(events)
+
+
+def test_postgresql_going_away_stops_the_worker_with_a_store_error(names: Names) -> None:
+    """It ended with psycopg's OperationalError ("the connection is closed", from releasing
+    the partitions on the dead connection, hiding why): the CLI called it an internal error."""
+    from phi_session.errors import StoreError
+
+    with names.sink(partitions=1) as sink:
+        sink(next(workload.events(1, seed=14)))
+        assert sink.flush(30)
+    worker = names.worker()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 30
+        while not worker.stats.owned and time.monotonic() < deadline and not task.done():
+            await asyncio.sleep(0.05)
+        status = await ingest_status(
+            names.url, DSN, schema=names.schema, stream=names.stream, subject_prefix=names.prefix
+        )
+        with psycopg.connect(DSN, autocommit=True) as conn:  # as a PostgreSQL restart would
+            conn.execute("SELECT pg_terminate_backend(%s)", (status[0].owner,))
+        with pytest.raises(StoreError, match="PostgreSQL failed while ingesting: terminating connection"):
+            await asyncio.wait_for(task, 30)
+
+    asyncio.run(scenario())
+
+
 # -- the sink -----------------------------------------------------------------------------------------
 
 
@@ -480,6 +627,66 @@ def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> N
     assert worker.stats.recorded == len(events)
 
 
+def test_an_event_over_the_max_payload_is_set_aside_and_the_rest_is_sent(names: Names) -> None:
+    """NATS refuses a message over its max_payload (1 MB by default) every time: retried,
+    it held up every later event, and from the spill journal every later sink too."""
+    lines = workload.lines(1, seed=10)
+    prompt = json.loads(lines[2])["message"]["content"][0]["text"].encode()
+    events = [decode_event(line.replace(prompt, b"x" * 2_000_000)) for line in lines]
+    big = [encode_event(event) for event in events if len(encode_event(event)) > 1_000_000]
+    assert len(big) == 3  # the prompt's MessageStart and MessageEnd, the loop's AgentEnd
+    with names.sink(partitions=1, publish_timeout=1) as sink:
+        for event in events:
+            sink(event)
+        assert sink.flush(30)
+        stats = sink.stats()
+    assert (stats.published, stats.rejected, stats.pending) == (len(events) - 3, 3, 0)
+    kept = sorted((names.spill / "rejected").iterdir())
+    assert sorted(path.read_bytes() for path in kept) == sorted(big)  # kept whole, not dropped
+    with names.sink(partitions=1) as resender:
+        resender(events[0])
+        assert resender.flush(30)  # the set-aside events are not sent again
+
+
+def test_a_sink_left_open_at_exit_keeps_its_events(names: Names) -> None:
+    """A program that ends without `close`: the publishing thread is a daemon, and the
+    events it had not sent vanished with it, without a word."""
+    from phi_session.journal import read_records
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        dead = free.getsockname()[1]
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import workload\n"
+        "from phi_session.broker import JetStreamSink\n"
+        "sink = JetStreamSink(sys.argv[2], spill_dir=sys.argv[3], publish_timeout=0.2)\n"
+        "for event in workload.events(1, seed=15):\n"
+        "    sink(event)\n"
+    )
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run(
+        [sys.executable, "-c", script, benchmarks, f"nats://127.0.0.1:{dead}", str(names.spill)],
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    kept = sum(1 for episode in names.spill.iterdir() for _ in read_records(episode))
+    assert kept == workload.EVENTS_PER_SESSION
+
+
+def test_a_sink_touches_nothing_in_spill_dir_but_its_own(names: Names) -> None:
+    """Every directory found in `spill_dir` was taken for a spill journal a dead sink left,
+    "sent" (it held no records) and removed: ``spill_dir="."`` deleted the project."""
+    (names.spill / "precious").mkdir()
+    (names.spill / "precious" / "data.txt").write_text("keep me")
+    with names.sink() as sink:
+        sink(next(workload.events(1, seed=18)))
+        assert sink.flush(30)
+    assert (names.spill / "precious" / "data.txt").read_text() == "keep me"
+    assert sorted(path.name for path in (names.spill / "precious").iterdir()) == ["data.txt"]
+
+
 def test_sink_checks_its_arguments(names: Names) -> None:
     with pytest.raises(ValueError, match="buffer"):
         names.sink(buffer=0)
@@ -487,6 +694,34 @@ def test_sink_checks_its_arguments(names: Names) -> None:
         JetStreamSink(URL, stream="bad.name")
     with pytest.raises(TypeError):
         JetStreamSink(42)  # type: ignore[arg-type]
+
+
+def test_a_url_that_is_not_nats_is_refused_at_once(names: Names, tmp_path: Path) -> None:
+    """It was found only by the publishing thread, which retried it forever: `record --to`
+    spent its whole flush timeout, then said the events were kept for later."""
+    for make in (lambda url: JetStreamSink(url, spill_dir=names.spill), lambda url: IngestWorker(url, DSN)):
+        with pytest.raises(ValueError, match="not a NATS server URL"):
+            make("http://127.0.0.1:4222")
+    source = tmp_path / "events.jsonl"
+    source.write_bytes(encode_event(next(workload.events(1, seed=1))) + b"\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    started = time.monotonic()
+    out = subprocess.run(
+        [*CLI, "record", str(source), "--to", "http://127.0.0.1:4222"],
+        env=env,
+        text=True,
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "not a NATS server URL" in out.stderr, out.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_bad_durable_name_is_named_as_such() -> None:
+    """`phi-session ingest --durable a.b` said "stream: expected ...": the wrong option."""
+    with pytest.raises(ValueError, match=r"^durable: expected 1-64 letters"):
+        IngestWorker(URL, DSN, durable="a.b")
 
 
 def test_importing_phi_session_imports_no_broker_client() -> None:

@@ -20,6 +20,9 @@ def test_settings_are_validated_with_the_field_named() -> None:
         {"partitions": 1025},
         {"partitions": True},
         {"max_bytes": 10},
+        {"max_bytes": 1 << 63},  # JetStream's limits are signed 64-bit
+        {"max_age": float("inf")},  # in nanoseconds: past 2**63 the stream cannot be created
+        {"max_age": 1e10},
         {"duplicate_window": 0},
         {"duplicate_window": 20, "max_age": 10},
     ):

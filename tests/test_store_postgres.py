@@ -294,6 +294,17 @@ def test_values_beyond_bigint_survive_in_records_and_summaries(store: postgres.P
     assert (day.key, day.usage.total_tokens) == ("0001-01-01", huge + 8)
 
 
+def test_a_prompt_holding_a_nul_character_is_saved(store: postgres.PostgresStore) -> None:
+    """PostgreSQL text cannot hold NUL: the listing's ``first_prompt`` column refused the
+    whole save, every time (a pasted binary, a tool's output quoted back)."""
+    session = make_session("nul-prompt", loops=[talking_loop("nul-prompt", 1, "read\x00this")])
+    store.save(session)
+    assert encode_session(store.load("nul-prompt")) == encode_session(session)  # the exact text
+    [summary] = store.query()
+    assert summary.first_prompt == "Please read\ufffdthis"  # the listing's copy: readable
+    assert store.search("this") and store.search("read")
+
+
 def test_model_names_containing_slashes(store: postgres.PostgresStore) -> None:
     store.save(make_session("r", loops=[make_loop("r", 1, model="openrouter/meta-llama/llama-3")]))
     store.save(make_session("o", loops=[make_loop("o", 1, model="openai/gpt-4o")]))

@@ -9,7 +9,6 @@ producers and workers never disagree on it.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import re
 import zlib
@@ -24,7 +23,18 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.js.client import JetStreamContext
 
-__all__ = ["ENV_PREFIX", "StreamSettings", "connect", "ensure_stream", "event_session_id", "partition_of"]
+__all__ = [
+    "ENV_PREFIX",
+    "StreamSettings",
+    "check_name",
+    "connect",
+    "ensure_stream",
+    "event_session_id",
+    "nats_servers",
+    "partition_of",
+    "remember",
+    "track_session",
+]
 
 ENV_PREFIX = "PHI_SESSION_NATS_"
 """Environment variables ``PHI_SESSION_NATS_<FIELD>`` (e.g. ``..._PARTITIONS``) set defaults."""
@@ -37,6 +47,10 @@ SESSION_HEADER = "Phi-Session"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _MAX_PARTITIONS = 1024
+# JetStream holds sizes and durations (in nanoseconds) as signed 64-bit integers.
+_MAX_BYTES = (1 << 63) - 1
+_MAX_SECONDS = 9e9
+_MAX_ROUTES = 100_000  # remembered sub-agent sessions and re-homed loops, oldest forgotten first
 
 
 @dataclass(frozen=True)
@@ -59,8 +73,7 @@ class StreamSettings:
     """Seconds within which JetStream drops a message whose event id it already stored."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.stream, str) or not _NAME.fullmatch(self.stream):
-            raise ValueError(f"stream: expected 1-64 letters, digits, '_' or '-', got {self.stream!r}")
+        check_name("stream", self.stream)
         tokens = self.subject_prefix.split(".") if isinstance(self.subject_prefix, str) else [""]
         if not all(_TOKEN.fullmatch(token) for token in tokens):
             raise ValueError(
@@ -68,8 +81,8 @@ class StreamSettings:
                 f"or '-', got {self.subject_prefix!r}"
             )
         _check_number("partitions", self.partitions, 1, _MAX_PARTITIONS, integer=True)
-        _check_number("max_age", self.max_age, 1, math.inf)
-        _check_number("max_bytes", self.max_bytes, 1 << 20, math.inf, integer=True)
+        _check_number("max_age", self.max_age, 1, _MAX_SECONDS)
+        _check_number("max_bytes", self.max_bytes, 1 << 20, _MAX_BYTES, integer=True)
         _check_number("duplicate_window", self.duplicate_window, 1, self.max_age)
 
     @classmethod
@@ -94,6 +107,12 @@ class StreamSettings:
 
     def subjects(self) -> list[str]:
         return [self.subject(partition) for partition in range(self.partitions)]
+
+
+def check_name(field: str, value: object) -> None:
+    """A stream or consumer name: 1-64 letters, digits, ``_`` or ``-``; else `ValueError` naming `field`."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(f"{field}: expected 1-64 letters, digits, '_' or '-', got {value!r}")
 
 
 def _check_number(name: str, value: object, low: float, high: float, *, integer: bool = False) -> None:
@@ -124,6 +143,23 @@ def event_session_id(event: AgentEvent, loop_sessions: dict[str, str] | None = N
     return session_id_from_loop_id(loop_id)
 
 
+def track_session(event: AgentEvent, loop_sessions: dict[str, str]) -> str:
+    """`event_session_id`, as a recorder sees it: an `AgentStart` whose loop id names
+    another session is remembered in `loop_sessions`, for its loop's later events."""
+    session = event_session_id(event, loop_sessions)
+    if isinstance(event, AgentStart) and session_id_from_loop_id(event.loop_id) != session:
+        remember(loop_sessions, event.loop_id, session)
+    return session
+
+
+def remember(table: dict[str, str], key: str, value: str) -> None:
+    """``table[key] = value``, the oldest half forgotten once the table is full."""
+    if len(table) >= _MAX_ROUTES:
+        for old in list(table)[: _MAX_ROUTES // 2]:
+            del table[old]
+    table[key] = value
+
+
 def partition_of(key: str, partitions: int) -> int:
     """The partition of a session key: stable across processes and machines (CRC-32)."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % partitions
@@ -139,15 +175,21 @@ def require_nats() -> None:
         ) from None
 
 
-async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float = 2.0) -> Client:
-    """A NATS connection to `url` (``nats://host[:port]``, several separated by commas)."""
-    require_nats()
-    import nats
-
+def nats_servers(url: str) -> list[str]:
+    """The servers of `url` (``nats://host[:port]``, several separated by commas); else `ValueError`."""
     servers = [part.strip() for part in url.split(",")]
     for server in servers:
         if not re.match(r"(nats|tls)://[^/\s]+/?$", server):
             raise ValueError(f"not a NATS server URL: {server!r} (expected nats://HOST[:PORT])")
+    return servers
+
+
+async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float = 2.0) -> Client:
+    """A NATS connection to `url` (`nats_servers`)."""
+    require_nats()
+    import nats
+
+    servers = nats_servers(url)
     try:
         # Bounded: with endless reconnects, nats-py would retry a first connection forever.
         return await asyncio.wait_for(

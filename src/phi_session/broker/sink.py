@@ -12,8 +12,11 @@ once (within the stream's duplicate window) and the workers drop any later copy.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
+import os
+import re
 import shutil
 import threading
 import time
@@ -36,9 +39,11 @@ from .settings import (
     StreamSettings,
     connect,
     ensure_stream,
-    event_session_id,
+    nats_servers,
     partition_of,
+    remember,
     require_nats,
+    track_session,
 )
 
 if TYPE_CHECKING:
@@ -52,9 +57,11 @@ logger = logging.getLogger("phi_session.broker")
 # (event id, session id, partition key, event JSON)
 _Message = tuple[str, str, str, bytes]
 _Envelope = tuple[str, str, str, msgspec.Raw]
-_MAX_ROUTES = 100_000  # remembered sub-agent sessions and re-homed loops, oldest forgotten first
 _IDLE_WAIT = 1.0
 _CANCEL_AGAIN = 0.5  # seconds `close` waits for the publishing thread between cancellations
+_REJECTED = "rejected"  # the directory in `spill_dir` of events too large to publish
+# Spill journals (`JetStreamSink._episode_dir`): whatever else `spill_dir` holds is not ours.
+_EPISODE_NAME = re.compile(r"[0-9a-f]{16}-[0-9]{12,}")
 
 
 class _Episode:
@@ -101,6 +108,9 @@ class SinkStats:
     """Events written to the local spill journal (buffer full or broker unreachable)."""
     pending: int
     """Events not yet acknowledged: in memory or spilled (after `close`, those it left on disk)."""
+    rejected: int = 0
+    """Events larger than the broker's max_payload: never sent, each kept as a file in
+    ``spill_dir/rejected``."""
 
 
 class JetStreamSink:
@@ -114,12 +124,15 @@ class JetStreamSink:
       `spill_dir` (default ``.phi-session/spill`` in the working directory). Spilled
       events are sent once the broker takes events again, in order, and removed then;
       spill directories a dead process left are sent by the next sink started on the
-      same `spill_dir`.
+      same `spill_dir`. An event larger than the broker's max_payload (1 MB by
+      default) cannot be published: it is logged as an error and kept, as a file, in
+      ``spill_dir/rejected``, and the events after it are sent.
 
     Calling the sink never waits for the network: it encodes the event and queues it
     (or appends it to the spill journal). `flush(timeout)` waits until JetStream
     acknowledged everything queued before it; `close(timeout)` flushes, then spills
-    what is still unacknowledged, so nothing is lost by closing. Thread-safe.
+    what is still unacknowledged, so nothing is lost by closing; a program that ends
+    with the sink open closes it at exit (an ``atexit`` hook). Thread-safe.
     """
 
     def __init__(
@@ -138,6 +151,7 @@ class JetStreamSink:
         require_nats()
         if not isinstance(url, str):
             raise TypeError(f"url must be a string, got {type(url).__name__}")
+        nats_servers(url)  # the publishing thread would retry a malformed URL forever
         for name, value in (("buffer", buffer), ("batch", batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -161,7 +175,7 @@ class JetStreamSink:
         self._sending: _Entry | None = None  # the entry the sender is publishing
         self._seq = 0
         self._spill_from = buffer  # events in memory beyond which new ones are spilled
-        self._published = self._spilled = self._left = 0
+        self._published = self._spilled = self._left = self._rejected = 0
         self._closed = False
         self._roots: dict[str, str] = {}  # sub-agent session -> the session it goes with
         self._loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
@@ -176,6 +190,9 @@ class JetStreamSink:
         )
         self._thread.start()
         self._started.wait()
+        self._pid = os.getpid()
+        # The publishing thread is a daemon: what it holds would vanish with the process.
+        atexit.register(self._close_at_exit)
 
     def __repr__(self) -> str:
         return f"JetStreamSink({self.url!r}, stream={self.settings.stream!r})"
@@ -216,19 +233,17 @@ class JetStreamSink:
     def _route(self, event: AgentEvent) -> tuple[str, str]:
         """The event's session, and the session it is partitioned by: a sub-agent's session
         goes with its parent's (one worker records both, so their links are exact)."""
-        session = event_session_id(event, self._loop_sessions)
+        session = track_session(event, self._loop_sessions)
         if isinstance(event, AgentStart):
-            if session_id_from_loop_id(event.loop_id) != session:
-                _remember(self._loop_sessions, event.loop_id, session)
             parent = event.parent_loop_id
             if parent is not None:
                 parent_session = self._loop_sessions.get(parent) or session_id_from_loop_id(parent)
                 if parent_session != session:
-                    _remember(self._roots, session, self._roots.get(parent_session, parent_session))
+                    remember(self._roots, session, self._roots.get(parent_session, parent_session))
         return session, self._roots.get(session, session)
 
     def _start_spill(self) -> None:
-        directory = self.spill_dir / f"{self.producer_id}-{self._seq:012d}"
+        directory = self._episode_dir(self._seq)
         try:
             self._spill = _Episode(directory)
         except (OSError, PhiSessionError):
@@ -246,6 +261,10 @@ class JetStreamSink:
             directory,
         )
 
+    def _episode_dir(self, first: int) -> Path:
+        """The spill journal of the events from sequence number `first` on."""
+        return self.spill_dir / f"{self.producer_id}-{first:012d}"
+
     def _seal_spill(self) -> None:
         if self._spill is not None:
             self._spill.sealed = True
@@ -261,7 +280,12 @@ class JetStreamSink:
 
     def stats(self) -> SinkStats:
         with self._lock:
-            return SinkStats(published=self._published, spilled=self._spilled, pending=self._pending())
+            return SinkStats(
+                published=self._published,
+                spilled=self._spilled,
+                pending=self._pending(),
+                rejected=self._rejected,
+            )
 
     def _pending(self) -> int:
         entries = [*self._queue, *([self._sending] if self._sending is not None else [])]
@@ -288,6 +312,7 @@ class JetStreamSink:
             if self._closed:
                 return
             self._closed = True
+        atexit.unregister(self._close_at_exit)
         sent = self.flush(timeout)
         self._stop.set()
         self._wake()
@@ -301,6 +326,10 @@ class JetStreamSink:
             self._cancel_publisher()
             self._thread.join(_CANCEL_AGAIN)
         self._spill_rest()
+
+    def _close_at_exit(self) -> None:
+        if os.getpid() == self._pid:  # a forked child: the queue and the thread are the parent's
+            self.close()
 
     def _cancel_publisher(self) -> None:
         loop, task = self._loop, self._task
@@ -325,7 +354,7 @@ class JetStreamSink:
                 continue
             first = int(entry[0][0].rsplit("-", 1)[1])
             try:
-                with Journal(self.spill_dir / f"{self.producer_id}-{first:012d}", durability="os") as journal:
+                with Journal(self._episode_dir(first), durability="os") as journal:
                     for msg_id, session, key, payload in entry:
                         journal.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
             except (OSError, PhiSessionError):
@@ -382,15 +411,44 @@ class JetStreamSink:
             self._sending = entry
             return entry
 
-    def entry_sent(self, entry: _Entry) -> None:
-        count = entry.count if isinstance(entry, _Episode) else len(entry)
+    def entry_sent(self, entry: _Entry, published: int) -> None:
         if isinstance(entry, _Episode):
             entry.remove()
-            logger.warning("sent %d spilled events from %s to NATS", count, entry.directory)
+            logger.warning("sent %d spilled events from %s to NATS", published, entry.directory)
         with self._idle:
             self._sending = None
-            self._published += count
+            self._published += published
             self._idle.notify_all()
+
+    def set_aside(self, message: _Message, size: int, limit: int) -> None:
+        """Keep an event NATS will never take (over its max_payload) as a file of its own."""
+        msg_id, session, _, payload = message
+        path = self.spill_dir / _REJECTED / f"{msg_id}.json"
+        if path.exists():  # set aside by an earlier attempt at its entry
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(payload)
+        except OSError:
+            logger.exception(
+                "LOST event %s of session %r: too large for NATS, and %s cannot be written",
+                msg_id,
+                session,
+                path,
+            )
+            return
+        logger.error(
+            "event %s of session %r is %d bytes, over the max_payload (%d) of NATS at %s:"
+            " not sent, kept in %s",
+            msg_id,
+            session,
+            size,
+            limit,
+            self.url,
+            path,
+        )
+        with self._lock:
+            self._rejected += 1
 
     def leftover_episodes(self) -> list[_Episode]:
         """Spill episodes an earlier process left (oldest first); those in use are skipped."""
@@ -398,7 +456,7 @@ class JetStreamSink:
             return []
         found = []
         for directory in sorted(self.spill_dir.iterdir()):
-            if not directory.is_dir():
+            if not _EPISODE_NAME.fullmatch(directory.name) or not directory.is_dir():
                 continue
             try:
                 episode = _Episode(directory)
@@ -431,7 +489,7 @@ class _Publisher:
         leftovers = self.sink.leftover_episodes()
         try:
             while leftovers:
-                if not await self.send(leftovers[0].messages()):
+                if await self.send(leftovers[0].messages()) is None:
                     if self.sink.stopping:
                         return
                     await asyncio.sleep(pause)
@@ -453,8 +511,9 @@ class _Publisher:
                             await asyncio.wait_for(wakeup.wait(), _IDLE_WAIT)
                     continue
                 messages = entry.messages() if isinstance(entry, _Episode) else entry
-                if await self.send(messages):
-                    self.sink.entry_sent(entry)
+                published = await self.send(messages)
+                if published is not None:
+                    self.sink.entry_sent(entry, published)
                     pause = 0.05
                 elif self.sink.stopping:
                     return
@@ -468,13 +527,21 @@ class _Publisher:
                 with contextlib.suppress(Exception):
                     await self.nc.close()
 
-    async def send(self, messages: list[_Message]) -> bool:
-        """Publish `messages` in order; True once JetStream acknowledged every one."""
+    async def send(self, messages: list[_Message]) -> int | None:
+        """Publish `messages` in order; once JetStream acknowledged every one, how many it
+        took (the others were over its max_payload: set aside); None if that failed."""
         futures: list[asyncio.Future[Any]] = []
         try:
             js = await self.ready()
             count = self.settings.partitions
-            for msg_id, session, key, payload in messages:
+            assert self.nc is not None
+            limit = self.nc.max_payload
+            for message in messages:
+                msg_id, session, key, payload = message
+                size = _wire_size(message)
+                if size > limit:  # refused every time: retried, it would hold up all after it
+                    self.sink.set_aside(message, size, limit)
+                    continue
                 futures.append(
                     await js.publish_async(
                         self.settings.subject(partition_of(key, count)),
@@ -495,7 +562,7 @@ class _Publisher:
                     self.sink.url,
                     str(error) or type(error).__name__,
                 )
-            return False
+            return None
         if self.down_since is not None:
             logger.warning(
                 "NATS at %s takes events again after %.1f s",
@@ -503,7 +570,7 @@ class _Publisher:
                 time.monotonic() - self.down_since,
             )
             self.down_since = None
-        return True
+        return len(futures)
 
     async def ready(self) -> JetStreamContext:
         if self.js is not None:
@@ -516,8 +583,8 @@ class _Publisher:
         return js
 
 
-def _remember(table: dict[str, str], key: str, value: str) -> None:
-    if len(table) >= _MAX_ROUTES:
-        for old in list(table)[: _MAX_ROUTES // 2]:
-            del table[old]
-    table[key] = value
+def _wire_size(message: _Message) -> int:
+    """The bytes of a message that count against NATS's max_payload: headers and payload."""
+    msg_id, session, _, payload = message
+    headers = f"NATS/1.0\r\n{EVENT_ID_HEADER}: {msg_id}\r\n{SESSION_HEADER}: {session}\r\n\r\n"
+    return len(headers.encode("utf-8", "surrogatepass")) + len(payload)

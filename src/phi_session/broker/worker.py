@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..codec import decode_event
 from ..errors import BrokerError, DecodeError, MissingExtra, StoreError
 from ..events import AgentEvent
 from ..recorder import SessionRecorder, SessionRecorderConfig
@@ -41,10 +42,13 @@ from .settings import (
     EVENT_ID_HEADER,
     SESSION_HEADER,
     StreamSettings,
+    check_name,
     connect,
     ensure_stream,
     event_session_id,
+    nats_servers,
     require_nats,
+    track_session,
 )
 from .staging import REJECTED, SAVED, StagedEvent, Staging
 
@@ -61,6 +65,7 @@ __all__ = ["IngestWorker", "PartitionStatus", "WorkerStats", "ingest_status"]
 logger = logging.getLogger("phi_session.broker")
 
 _FETCH_WAIT = 0.5  # seconds a fetch waits on an idle partition (also how soon `stop` is seen)
+_MAX_EVENT_ID = 200  # characters; the primary key of `broker_events` has a size limit
 
 
 @dataclass
@@ -76,8 +81,8 @@ class WorkerStats:
     held_back: int = 0
     """Events that waited for an earlier one still to be delivered (redelivered out of order)."""
     rejected: int = 0
-    """Events no recorder accepts (not phi-core JSON) or of a session id no store accepts:
-    kept staged as ``rejected``, with their payload."""
+    """Events no recorder accepts (not phi-core JSON, or of no open loop) or of a session id
+    no store accepts: kept staged as ``rejected``, with their payload."""
     sessions_saved: int = 0
     partitions_taken: int = 0
     partitions_released: int = 0
@@ -140,10 +145,11 @@ class IngestWorker:
         for name, value in (("url", url), ("dsn", dsn), ("schema", schema), ("durable", durable)):
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+        nats_servers(url)
         self.settings = StreamSettings.from_env(
             stream=stream, subject_prefix=subject_prefix, partitions=partitions
         )
-        StreamSettings(stream=durable)  # the same naming rules as a stream's name
+        check_name("durable", durable)
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         for name, number in (
@@ -179,24 +185,34 @@ class IngestWorker:
         """Ingest until `stop()`. Raises `BrokerError` / `StoreError` if NATS or
         PostgreSQL cannot be reached at start or fail for good while running."""
         self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
+        stopping = self._stopping = asyncio.Event()
         if self._stop_requested:
             return
         async with _Resources(self) as resources:
-            self.settings = await ensure_stream(resources.js, self.settings)
-            staging = resources.staging
-            await staging.create()
-            await staging.prune(self.settings.max_age)
-            if not await staging.join(self.member_id):
-                raise BrokerError(f"worker id {self.member_id} is taken; start the worker again")
-            running: dict[int, _PartitionRun] = {}
+            import psycopg  # `_Resources` found it
+
             try:
-                while not self._stopping.is_set():
-                    await self._rebalance(resources, running)
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), self.rebalance_interval)
-            finally:
-                await asyncio.gather(*(run.finish() for run in running.values()), return_exceptions=True)
+                await self._work(resources, stopping)
+            except psycopg.Error as error:
+                raise StoreError(f"PostgreSQL failed while ingesting: {error}") from error
+
+    async def _work(self, resources: _Resources, stopping: asyncio.Event) -> None:
+        self.settings = await ensure_stream(resources.js, self.settings)
+        staging = resources.staging
+        await staging.create()
+        await staging.prune(self.settings.max_age)
+        if not await staging.join(self.member_id):
+            raise BrokerError(f"worker id {self.member_id} is taken; start the worker again")
+        running: dict[int, _PartitionRun] = {}
+        try:
+            while not stopping.is_set():
+                await self._rebalance(resources, running)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), self.rebalance_interval)
+        finally:
+            await asyncio.gather(*(run.finish() for run in running.values()), return_exceptions=True)
+            # A lost connection took its locks along: releasing them would only hide why it failed.
+            if not resources.conn.closed:
                 for number in list(running):
                     await self._release(resources, running, number)
 
@@ -305,6 +321,7 @@ class _PartitionRun:
         self.unstorable: list[str] = []  # sessions handed to `orphaned`, not yet marked
         self.waiting: dict[int, StagedEvent] = {}  # staged, not yet applied, by stream sequence
         self.applied: dict[str, list[str]] = {}  # session id -> events applied, session not yet saved
+        self.loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
         self.held: set[int] = set()  # waiting events already counted as held back
         self.stopping = asyncio.Event()
         self.task = asyncio.create_task(self.run(), name=f"partition {number}")
@@ -371,9 +388,13 @@ class _PartitionRun:
         for message in messages:
             headers = message.headers or {}
             sequence = message.metadata.sequence.stream
-            # A message published by something other than JetStreamSink: its stream position names it.
-            event_id = headers.get(EVENT_ID_HEADER) or f"{stream}:{sequence}"
-            staged.append(StagedEvent(sequence, event_id, headers.get(SESSION_HEADER, ""), message.data))
+            event_id = headers.get(EVENT_ID_HEADER, "")
+            if not event_id or len(event_id) > _MAX_EVENT_ID or "\x00" in event_id:
+                # Published by something other than JetStreamSink, or an id PostgreSQL cannot
+                # hold (it would fail the batch at every redelivery): its stream position names it.
+                event_id = f"{stream}:{sequence}"
+            session = headers.get(SESSION_HEADER, "").replace("\x00", "")
+            staged.append(StagedEvent(sequence, event_id, session, message.data))
         new = await self.resources.staging.insert(self.number, staged)
         for message in messages:
             await message.ack()
@@ -395,12 +416,18 @@ class _PartitionRun:
         for sequence in sorted(seq for seq in self.waiting if seq <= floor):
             event = self.waiting.pop(sequence)
             try:
+                # Its session as the recorder sees it, from the event: other publishers send
+                # no Phi-Session header, and NATS trims header values.
+                session = track_session(decode_event(event.payload, strict=False), self.loop_sessions)
                 self.recorder.on_json(event.payload)
             except DecodeError as error:
                 logger.warning("event %s is not phi-core JSON, kept as rejected: %s", event.event_id, error)
                 rejected.append(event.event_id)
                 continue
-            self.applied.setdefault(event.session_id, []).append(event.event_id)
+            if self.recorder.drain_orphans():  # of no open loop (the recorder warned): in no session
+                rejected.append(event.event_id)
+                continue
+            self.applied.setdefault(session, []).append(event.event_id)
             self.worker.stats.recorded += 1
         self.held.intersection_update(self.waiting)
         later = self.waiting.keys() - self.held
@@ -411,7 +438,7 @@ class _PartitionRun:
 
     def orphaned(self, events: list[AgentEvent]) -> None:
         if events:
-            self.unstorable.append(event_session_id(events[0]))
+            self.unstorable.append(event_session_id(events[0], self.loop_sessions))
 
     async def save(self) -> None:
         """Save what is complete; mark the events of saved sessions (and of unstorable ones)."""

@@ -36,7 +36,8 @@ fills the column for the loops already stored.
 
 Header and records are stored as the exact bytes phi-session writes (BYTEA, not
 JSONB, which would reorder keys), so ``encode_session(load(id))`` equals
-``encode_session(saved)`` byte for byte. Text columns use the ``"C"`` collation, so
+``encode_session(saved)`` byte for byte (the listing's ``first_prompt`` column shows
+a NUL, which PostgreSQL text cannot hold, as U+FFFD). Text columns use the ``"C"`` collation, so
 every ordering is by code point (as in Python and the other stores), whatever the
 database's locale. Times in the index columns are clamped to what BIGINT
 nanoseconds hold (1677-09-21 to 2262-04-11); the JSON keeps the exact instants,
@@ -465,7 +466,8 @@ def _session_values(session: Session) -> tuple[Any, ...]:
         *_usage_values(summary.usage),
         list(summary.models),
         list(model_keys),
-        summary.first_prompt,
+        # PostgreSQL text refuses NUL: the listing's copy shows U+FFFD (the JSON keeps the NUL).
+        summary.first_prompt.replace("\x00", "\ufffd") if summary.first_prompt is not None else None,
         _header(session),
     )
 
