@@ -145,6 +145,35 @@ def test_invalid_span_ids_are_a_partial_success(demo_sessions: list[Session], re
     assert parsed.partial_success.rejected_spans == 0
 
 
+def _one_span_json(fields: dict) -> bytes:
+    span = {"traceId": "ab" * 16, "spanId": "cd" * 8, "name": "chat m", **fields}
+    return json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}).encode()
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        {"traceId": "-" + "a" * 31},
+        {"traceId": "0x" + "a" * 30},
+        {"traceId": " " + "a" * 30 + " "},
+        {"spanId": "+" + "c" * 15},
+        {"spanId": "c_" + "c" * 14},
+        {"parentSpanId": "-" + "1" * 15},
+    ],
+)
+def test_ids_that_are_not_hex_digits_are_rejected(receiver: Receiver, ids: dict[str, str]) -> None:
+    response = receiver.post(_one_span_json(ids), "application/json")
+    assert response.status == 200
+    assert json.loads(response.read_body)["partialSuccess"]["rejectedSpans"] == "1"  # type: ignore[attr-defined]
+
+
+def test_base64_and_double_values_as_the_json_mapping_spells_them(receiver: Receiver) -> None:
+    values = [{"bytesValue": "-_8"}, {"bytesValue": "+/8="}, {"doubleValue": "NaN"}, {"doubleValue": "1.5"}]
+    attributes = [{"key": f"k{index}", "value": value} for index, value in enumerate(values)]
+    response = receiver.post(_one_span_json({"attributes": attributes}), "application/json")
+    assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("body", "content_type"),
     [
@@ -168,6 +197,11 @@ def test_invalid_span_ids_are_a_partial_success(demo_sessions: list[Session], re
             "application/json",
         ),
         (b"[" * 100_000 + b"]" * 100_000, "application/json"),
+        (_one_span_json({"attributes": [{"key": "k", "value": {"bytesValue": "abc!"}}]}), "application/json"),
+        (
+            _one_span_json({"attributes": [{"key": "k", "value": {"doubleValue": "high"}}]}),
+            "application/json",
+        ),
     ],
 )
 def test_bad_payloads_are_400(receiver: Receiver, body: bytes, content_type: str) -> None:
