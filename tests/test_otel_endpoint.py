@@ -322,3 +322,16 @@ def test_nothing_acknowledged_is_lost_to_sigkill(demo_sessions: list[Session], t
     saved = JsonDirStore(store)
     _same(sorted((saved.load(sid) for sid in saved.list_ids()), key=lambda s: s.created_at), demo_sessions)
     assert not list((state / "spool").glob("*.spans"))
+
+
+def test_a_retried_payload_is_recorded_once(demo_sessions: list[Session], tmp_path: Path) -> None:
+    # An exporter that timed out on a payload we took sends it again: before its trace's
+    # root came (the spans wait twice) and after (the trace was recorded).
+    made = Receiver(tmp_path)
+    for session in demo_sessions:
+        spans = session_spans(session, capture_content=True)
+        children = [span for span in spans if span.parent is not None]
+        for body in (_protobuf(children), _protobuf(children), _protobuf(spans), _protobuf(spans)):
+            assert made.post(body).status == 200
+    _same(made.close(), demo_sessions)
+    assert made.endpoint.ingestor.counters["duplicate_spans"] > 0

@@ -122,6 +122,7 @@ _SPAN_EVENT_TYPES: dict[str, type] = {
     attr.EVENT_INPUT_REJECTED: InputRejected,
 }
 _MEMORY = 100_000  # sessions remembered for continuation inference
+_RECORDED_MEMORY = 4096  # recorded traces whose span ids are remembered (a retry comes soon)
 
 
 class IngestResult(msgspec.Struct, frozen=True):
@@ -285,10 +286,11 @@ def _result_text(value: Any) -> str:
 
 
 class _Trace:
-    __slots__ = ("first_seen", "root_ended", "spans")
+    __slots__ = ("first_seen", "root_ended", "span_ids", "spans")
 
     def __init__(self, now: float) -> None:
         self.spans: list[SpanData] = []
+        self.span_ids: set[int] = set()
         self.first_seen = now
         self.root_ended = False
 
@@ -299,6 +301,9 @@ class SpanIngestor:
     * `trace_timeout`: seconds a trace whose root has not ended waits before it is recorded
       anyway (unfinished loops as Aborted); checked on every `add` and by `expire`.
     * `max_buffered_spans`: when more spans wait, the oldest traces are recorded early.
+
+    A span taken twice (an exporter retrying a payload that was taken) counts once: its
+    second copy is dropped, while it waits and for the last traces recorded.
 
     Thread-safe. `flush` records every waiting trace (call it at shutdown).
     """
@@ -323,9 +328,12 @@ class SpanIngestor:
         self._lock = threading.RLock()
         self._traces: OrderedDict[int, _Trace] = OrderedDict()
         self._buffered = 0
+        self._recorded: OrderedDict[int, set[int]] = OrderedDict()  # trace -> span ids recorded
         self._last_loop: OrderedDict[str, str] = OrderedDict()  # session -> its latest loop
         self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
-        self.counters = dict.fromkeys(("spans", "traces", "incomplete_traces", "loops", "events"), 0)
+        self.counters = dict.fromkeys(
+            ("spans", "duplicate_spans", "traces", "incomplete_traces", "loops", "events"), 0
+        )
 
     @property
     def buffered_spans(self) -> int:
@@ -344,9 +352,15 @@ class SpanIngestor:
             ready: list[int] = []
             for span in spans:
                 trace = self._traces.get(span.trace_id)
+                if span.span_id in self._recorded.get(span.trace_id, ()) or (
+                    trace is not None and span.span_id in trace.span_ids
+                ):
+                    self.counters["duplicate_spans"] += 1
+                    continue
                 if trace is None:
                     trace = self._traces[span.trace_id] = _Trace(now)
                 trace.spans.append(span)
+                trace.span_ids.add(span.span_id)
                 self._buffered += 1
                 self.counters["spans"] += 1
                 if span.parent_id is None and not trace.root_ended:
@@ -379,6 +393,11 @@ class SpanIngestor:
     def _record(self, trace_id: int, *, complete: bool) -> None:
         trace = self._traces.pop(trace_id)
         self._buffered -= len(trace.spans)
+        recorded = self._recorded.pop(trace_id, set())
+        recorded |= trace.span_ids  # late spans of a recorded trace are recorded apart, then join
+        self._recorded[trace_id] = recorded
+        if len(self._recorded) > _RECORDED_MEMORY:
+            self._recorded.popitem(last=False)
         self.counters["traces"] += 1
         if not complete:
             self.counters["incomplete_traces"] += 1
