@@ -568,3 +568,26 @@ def test_a_cut_off_turn_is_exported_with_what_it_billed() -> None:
             back = _ingest(_export(sessions, capture_content=True))
             assert sum((s.billed_usage() for s in back), ZERO_USAGE) == reported, cut
     assert unfinished_seen > 20
+
+
+@pytest.mark.parametrize("conversation", ["user/42", ".hidden", "a\\b", "x" * 201, "support.ticket-7"])
+def test_a_conversation_id_no_store_takes_is_a_session_a_store_takes(
+    conversation: str, tmp_path: Path
+) -> None:
+    # As the adapters do with a framework's session id: its UUIDv5, the original kept.
+    recorder = SessionRecorder()
+    provider = TracerProvider()
+    provider.add_span_processor(IngestSpanProcessor(recorder))
+    tracer = provider.get_tracer("test")
+    for _ in range(2):
+        agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, attr.CONVERSATION_ID: conversation}
+        with tracer.start_as_current_span("invoke_agent helper", attributes=agent):
+            with tracer.start_as_current_span("chat m", attributes={attr.REQUEST_MODEL: "m"}):
+                pass
+    provider.shutdown()
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    store = JsonDirStore(tmp_path)
+    store.save(session)
+    assert store.list_ids() == [session.session_id]
+    assert [loop.metadata["otel"]["conversation_id"] for loop in session.loops] == [conversation] * 2

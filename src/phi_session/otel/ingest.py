@@ -12,7 +12,9 @@ loops in start order as events.
   ``metadata["otel"]["synthesized"]``.
 
 Sessions: ``phi.session.id``, else ``gen_ai.conversation.id``, else OpenInference's
-``session.id``, else one session per trace.
+``session.id``, else one session per trace. A conversation id no store takes as a session
+id (or holding a ``.``) becomes its UUIDv5, as a framework's session id does in the
+adapters (`session_id_for`); the original is the loop's ``metadata["otel"]["conversation_id"]``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import msgspec
 from opentelemetry.sdk.trace import SpanProcessor
 
 from .._strict import strict_adds_nothing
+from ..adapters import session_id_for
 from ..codec import decode_event, decode_record
 from ..errors import DecodeError
 from ..events import (
@@ -544,7 +547,17 @@ class _ExactReplay:
 
 
 class _Loop:
-    __slots__ = ("agent", "chats", "loop_id", "parent_loop", "session_id", "stand_in", "synthesized", "tools")
+    __slots__ = (
+        "agent",
+        "chats",
+        "conversation_id",
+        "loop_id",
+        "parent_loop",
+        "session_id",
+        "stand_in",
+        "synthesized",
+        "tools",
+    )
 
     def __init__(self, agent: SpanData, loop_id: str, session_id: str) -> None:
         self.agent = agent
@@ -555,6 +568,7 @@ class _Loop:
         self.tools: list[SpanData] = []
         self.parent_loop: str | None = None
         self.synthesized: list[str] = []
+        self.conversation_id: str | None = None  # the producer's, when no store takes it as a session id
 
 
 class _Rebuild:
@@ -613,16 +627,21 @@ class _Rebuild:
                 break
             if tool is None and _role(ancestor) == "tool":
                 tool = ancestor
-        session_id = (
-            _text(attributes.get(attr.PHI_SESSION_ID))
-            or _text(attributes.get(attr.CONVERSATION_ID))
-            or _text(attributes.get(attr.OPENINFERENCE_SESSION_ID))
-        )
+        session_id = _text(attributes.get(attr.PHI_SESSION_ID))
+        renamed = None  # a producer's conversation id no store takes, as the adapters a framework's
+        if session_id is None:
+            given = _text(attributes.get(attr.CONVERSATION_ID)) or _text(
+                attributes.get(attr.OPENINFERENCE_SESSION_ID)
+            )
+            session_id = session_id_for(given) if given is not None else None
+            renamed = given if session_id != given else None
         if parent is not None and (session_id is None or session_id == parent.session_id):
-            session_id = f"{parent.session_id}-{agent.span_id:016x}"  # a sub-agent has its own session
+            # A sub-agent has its own session.
+            session_id = session_id_for(f"{parent.session_id}-{agent.span_id:016x}")
         session_id = session_id or self.trace_hex
         loop_id = _text(attributes.get(attr.PHI_LOOP_ID))
         loop = _Loop(agent, loop_id or f"{session_id}.otel.{agent.span_id:016x}", session_id)
+        loop.conversation_id = renamed
         if loop_id is None:
             loop.synthesized.append("loop_id")
         if parent is not None:
@@ -653,6 +672,8 @@ class _Rebuild:
                     "synthesized": loop.synthesized,
                 }
             }
+            if loop.conversation_id is not None:
+                metadata["otel"]["conversation_id"] = loop.conversation_id
         self.ingestor.parallel_before(loop.session_id, loop.loop_id, attributes, agent.start)
         emit(
             AgentStart(
