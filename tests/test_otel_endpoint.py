@@ -335,3 +335,34 @@ def test_a_retried_payload_is_recorded_once(demo_sessions: list[Session], tmp_pa
             assert made.post(body).status == 200
     _same(made.close(), demo_sessions)
     assert made.endpoint.ingestor.counters["duplicate_spans"] > 0
+
+
+def _post_chunked(port: int, chunks: list[bytes], headers: dict[str, str]) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", "/v1/traces", body=iter(chunks), headers=headers, encode_chunked=True)
+    response = connection.getresponse()
+    answer = (response.status, response.read())
+    connection.close()
+    return answer
+
+
+def test_chunked_bodies_as_nodes_exporters_send_them(demo_sessions: list[Session], tmp_path: Path) -> None:
+    # Node's OTLP exporters stream the (gzipped) payload: no Content-Length, chunked.
+    made = Receiver(tmp_path, max_body=1 << 20)
+    try:
+        for session in demo_sessions:
+            body = gzip.compress(_protobuf(session_spans(session, capture_content=True)))
+            chunks = [body[index : index + 1000] for index in range(0, len(body), 1000)]
+            headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}
+            assert _post_chunked(made.port, chunks, headers)[0] == 200
+        for start, status in ((b"%x\r\n" % (2 << 20), 413), (b"zz\r\n{}\r\n0\r\n\r\n", 400)):
+            connection = http.client.HTTPConnection("127.0.0.1", made.port, timeout=30)
+            connection.putrequest("POST", "/v1/traces")
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Transfer-Encoding", "chunked")
+            connection.endheaders(start)  # refused on the chunk size: no more is read
+            assert connection.getresponse().status == status
+            connection.close()
+    finally:
+        sessions = made.close()
+    _same(sessions, demo_sessions)

@@ -1,10 +1,11 @@
 """A local OTLP/HTTP trace receiver: ``POST /v1/traces`` -> sessions in a store.
 
-Protobuf and JSON payloads, gzip or not. What it acknowledges survives a crash: the
-decoded spans are written to a spool file and fsynced before the 200 answer, and a spool
-file is removed only once every trace it holds is recorded and those events are fsynced
-in the journal (`Journal`), whose own recovery saves what the recorder held. A restart
-replays what the spool still holds (a trace recorded twice is merged by the store).
+Protobuf and JSON payloads, gzip or not, sized or chunked. What it acknowledges survives
+a crash: the decoded spans are written to a spool file and fsynced before the 200 answer,
+and a spool file is removed only once every trace it holds is recorded and those events
+are fsynced in the journal (`Journal`), whose own recovery saves what the recorder held.
+A restart replays what the spool still holds (a trace recorded twice is merged by the
+store).
 
 Answers follow the OTLP/HTTP specification: 200 with a partial success naming the spans
 rejected (invalid ids), 400 for an unreadable payload, 413 for a body over the limit
@@ -46,6 +47,8 @@ TRACES_PATH = "/v1/traces"
 _PROTOBUF = "application/x-protobuf"
 _JSON = "application/json"
 _SPOOL_KINDS = {b"J": _JSON, b"P": _PROTOBUF}  # a spool file: this byte, then the payload as received
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+_MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer field
 
 
 class Backpressure(PhiSessionError):
@@ -303,22 +306,58 @@ class OtlpHandler(BaseHTTPRequestHandler):
         content_type = self.headers.get("Content-Type", "")
         if content_type.split(";", 1)[0].strip().lower() not in (_PROTOBUF, _JSON):
             raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {_PROTOBUF} or {_JSON}")
-        length_text = self.headers.get("Content-Length")
-        if length_text is None or not length_text.isdigit():
-            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
-        length = int(length_text)
         limit = self.server.max_body
-        if length > limit:
-            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
+        transfer = self.headers.get("Transfer-Encoding")
+        if transfer is not None:  # it overrides a Content-Length (RFC 9112 6.3)
+            if transfer.strip().lower() != "chunked":
+                raise _Refused(HTTPStatus.NOT_IMPLEMENTED, f"unsupported Transfer-Encoding {transfer!r}")
+            body = self._read_chunked(limit)
+        else:
+            body = self._read_sized(limit)
         encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding == "gzip":
             body = self._gunzip(body, limit)
         elif encoding not in ("", "identity"):
             raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported Content-Encoding {encoding!r}")
         return body, content_type
+
+    def _read_sized(self, limit: int) -> bytes:
+        length_text = self.headers.get("Content-Length")
+        if length_text is None or not length_text.isdigit():
+            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
+        length = int(length_text)
+        if length > limit:
+            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
+        return body
+
+    def _read_chunked(self, limit: int) -> bytes:
+        """A chunked body (what Node's OTLP exporters send), refused past `limit` bytes."""
+        body = bytearray()
+        while True:
+            size_text = self._chunk_line().split(b";", 1)[0].strip()  # a chunk extension is ignored
+            if not size_text or not _HEX_DIGITS.issuperset(size_text):
+                raise _Refused(HTTPStatus.BAD_REQUEST, "bad chunk size in a chunked body")
+            size = int(size_text, 16)
+            if not size:
+                break
+            if len(body) + size > limit:
+                raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+            chunk = self.rfile.read(size)
+            if len(chunk) != size or self._chunk_line().strip():
+                raise _Refused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
+            body += chunk
+        while self._chunk_line().strip():  # trailer fields, unused
+            pass
+        return bytes(body)
+
+    def _chunk_line(self) -> bytes:
+        line = self.rfile.readline(_MAX_CHUNK_LINE + 1)
+        if not line.endswith(b"\n") or len(line) > _MAX_CHUNK_LINE:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
+        return line
 
     @staticmethod
     def _gunzip(data: bytes, limit: int) -> bytes:
