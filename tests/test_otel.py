@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -12,12 +13,13 @@ import pytest
 pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip install 'phi-session[otel]'")
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from phi_session import SessionRecorder, encode_session
 from phi_session.demo import run_demo
+from phi_session.errors import ExportError
 from phi_session.messages import ZERO_USAGE
 from phi_session.model import Session
 from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
@@ -177,6 +179,35 @@ def test_sink_exports_each_session_as_it_completes(tmp_path) -> None:  # type: i
     sink.close()
     expected = {span.context.span_id for span in _export(sessions)}
     assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
+
+
+class _DownAtFirst(InMemorySpanExporter):
+    """A backend that refuses its first exports (restarting), then takes everything."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self.refusals:
+            self.refusals -= 1
+            return SpanExportResult.FAILURE
+        return super().export(spans)
+
+
+def test_sink_sends_again_what_the_exporter_failed_to_take(tmp_path: Path) -> None:
+    exporter = _DownAtFirst(refusals=2)
+    sink = OtelExportSink(exporter)
+    sessions = run_demo(JsonDirStore(tmp_path), sinks=[sink])  # the tracer counts the sink's errors
+    sink.close()
+    expected = {span.context.span_id for span in _export(sessions)}
+    assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
+    exporter.refusals, exported = 1, sink.exported_sessions
+    sink(sessions[0].loops[0].events[0].event)  # a loop starts again, never to end
+    with pytest.raises(ExportError):
+        sink.close()  # that one failed, and says so; the next close sends it
+    sink.close()
+    assert sink.exported_sessions == exported + 1
 
 
 def _ingest(spans: list) -> list[Session]:
