@@ -622,3 +622,28 @@ def test_a_conversation_id_no_store_takes_is_a_session_a_store_takes(
     store.save(session)
     assert store.list_ids() == [session.session_id]
     assert [loop.metadata["otel"]["conversation_id"] for loop in session.loops] == [conversation] * 2
+
+
+def test_a_trace_whose_recording_failed_is_taken_again_when_retried(demo_sessions: list[Session]) -> None:
+    session = demo_sessions[0]
+    first = session.loops[0].loop_id
+    spans = [
+        spans_from_sdk(span)
+        for span in _export([session], capture_content=True)
+        if span.attributes and span.attributes.get(attr.PHI_LOOP_ID) == first
+    ]
+    recorder = SessionRecorder()
+    failures = [OSError("the journal's disk is full")]
+
+    def target(event: object) -> None:
+        if failures:
+            raise failures.pop()
+        recorder.on_event(event)
+
+    ingestor = SpanIngestor(target)
+    with pytest.raises(OSError):
+        ingestor.add(spans)
+    ingestor.add(spans)  # the exporter retries the payload it got no 200 for
+    recorder.flush()
+    [back] = recorder.drain_completed()
+    assert back.get_loop(first).events == session.get_loop(first).events

@@ -396,15 +396,18 @@ class SpanIngestor:
     def _record(self, trace_id: int, *, complete: bool) -> None:
         trace = self._traces.pop(trace_id)
         self._buffered -= len(trace.spans)
+        self.counters["traces"] += 1
+        if not complete:
+            self.counters["incomplete_traces"] += 1
+        self._replay(trace_id, sorted(trace.spans, key=lambda s: (s.start, s.end)), complete)
+        # Only once recorded: a payload whose recording failed is taken again when retried.
         recorded = self._recorded.pop(trace_id, set())
         recorded |= trace.span_ids  # late spans of a recorded trace are recorded apart, then join
         self._recorded[trace_id] = recorded
         if len(self._recorded) > _RECORDED_MEMORY:
             self._recorded.popitem(last=False)
-        self.counters["traces"] += 1
-        if not complete:
-            self.counters["incomplete_traces"] += 1
-        spans = sorted(trace.spans, key=lambda s: (s.start, s.end))
+
+    def _replay(self, trace_id: int, spans: list[SpanData], complete: bool) -> None:
         if any(attr.PHI_EVENTS in span.attributes for span in spans):
             try:
                 exact = _ExactReplay(self, spans)
