@@ -366,3 +366,20 @@ def test_chunked_bodies_as_nodes_exporters_send_them(demo_sessions: list[Session
     finally:
         sessions = made.close()
     _same(sessions, demo_sessions)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        {"key": "gen_ai.operation.name", "value": {"kvlistValue": {"values": []}}},
+        {
+            "key": "phi.parallel.loop_ids",
+            "value": {"arrayValue": {"values": [{"stringValue": "L"}, {"kvlistValue": {}}]}},
+        },
+    ],
+)
+def test_an_attribute_of_an_unexpected_type_is_ignored(receiver: Receiver, hostile: dict) -> None:
+    # Any AnyValue may come under any key: a kvlist is no operation name, nor a loop id.
+    agent = {"attributes": [{"key": "phi.loop.id", "value": {"stringValue": "L"}}, hostile]}
+    response = receiver.post(_one_span_json({"name": "invoke_agent a", **agent}), "application/json")
+    assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]

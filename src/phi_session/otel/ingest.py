@@ -139,7 +139,7 @@ class IngestResult(msgspec.Struct, frozen=True):
 def _role(span: SpanData) -> str | None:
     """``agent``, ``chat``, ``tool`` or None, from the conventions or OpenInference."""
     attributes = span.attributes
-    operation = attributes.get(attr.OPERATION_NAME)
+    operation = _text(attributes.get(attr.OPERATION_NAME))  # any AnyValue may come: a kvlist is no key
     kind = attributes.get(attr.OPENINFERENCE_SPAN_KIND)
     if operation in _AGENT_OPS or kind == "AGENT" or span.name.startswith("invoke_agent"):
         return "agent"
@@ -439,21 +439,17 @@ class SpanIngestor:
         return previous
 
     def parallel_before(self, session_id: str, loop_id: str, attributes: dict[str, Any], start: int) -> None:
-        group = attributes.get(attr.PHI_PARALLEL_LOOP_IDS)
-        if not isinstance(group, tuple) or loop_id not in group:
+        group = _group(attributes)
+        if group is None or loop_id not in group:
             return
         if group not in self._groups:
             self._groups[group] = set()
-            self.emit(
-                ParallelLoopStart(
-                    session_id=session_id, loop_ids=tuple(map(str, group)), timestamp=_timestamp(start)
-                )
-            )
+            self.emit(ParallelLoopStart(session_id=session_id, loop_ids=group, timestamp=_timestamp(start)))
 
     def parallel_after(self, session_id: str, loop_id: str, attributes: dict[str, Any], end: int) -> None:
-        group = attributes.get(attr.PHI_PARALLEL_LOOP_IDS)
-        members = self._groups.get(group) if isinstance(group, tuple) else None
-        if members is None or not isinstance(group, tuple):
+        group = _group(attributes)
+        members = self._groups.get(group) if group is not None else None
+        if members is None or group is None:
             return
         members.add(loop_id)
         if len(members) < len(set(group)):
@@ -469,6 +465,14 @@ class SpanIngestor:
                 timestamp=_timestamp(end),
             )
         )
+
+
+def _group(attributes: dict[str, Any]) -> tuple[str, ...] | None:
+    """The loop ids of the parallel group we exported, None when missing or not ours."""
+    group = attributes.get(attr.PHI_PARALLEL_LOOP_IDS)
+    if isinstance(group, tuple) and all(isinstance(member, str) for member in group):
+        return group
+    return None
 
 
 def _stored_usage(value: Any) -> Usage:
