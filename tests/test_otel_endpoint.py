@@ -383,3 +383,14 @@ def test_an_attribute_of_an_unexpected_type_is_ignored(receiver: Receiver, hosti
     agent = {"attributes": [{"key": "phi.loop.id", "value": {"stringValue": "L"}}, hostile]}
     response = receiver.post(_one_span_json({"name": "invoke_agent a", **agent}), "application/json")
     assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]
+
+
+def test_every_member_of_a_gzip_body_is_read(demo_sessions: list[Session], tmp_path: Path) -> None:
+    # Concatenated gzip members are one gzip stream; concatenated protobuf messages, one message.
+    made = Receiver(tmp_path)
+    members = b"".join(
+        gzip.compress(_protobuf(session_spans(s, capture_content=True))) for s in demo_sessions
+    )
+    assert made.post(members, headers={"Content-Encoding": "gzip"}).status == 200
+    assert made.post(gzip.compress(b"{}") + b"trailing", headers={"Content-Encoding": "gzip"}).status == 400
+    _same(made.close(), demo_sessions)

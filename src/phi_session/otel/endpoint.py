@@ -361,16 +361,20 @@ class OtlpHandler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _gunzip(data: bytes, limit: int) -> bytes:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            out = inflater.decompress(data, limit + 1)  # never more than the limit: a bomb stops here
-        except zlib.error as error:
-            raise _Refused(HTTPStatus.BAD_REQUEST, f"bad gzip body: {error}") from None
-        if len(out) > limit:
-            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates to over {limit} bytes")
-        if not inflater.eof:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "truncated gzip body")
-        return out
+        out = bytearray()
+        while True:  # member after member, as gzip reads them: one after the last is no garbage
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:  # never more than the limit: a bomb stops here
+                out += inflater.decompress(data, limit + 1 - len(out))
+            except zlib.error as error:
+                raise _Refused(HTTPStatus.BAD_REQUEST, f"bad gzip body: {error}") from None
+            if len(out) > limit:
+                raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates to over {limit} bytes")
+            if not inflater.eof:
+                raise _Refused(HTTPStatus.BAD_REQUEST, "truncated gzip body")
+            data = inflater.unused_data
+            if not data:
+                return bytes(out)
 
     def _ok(self, result: IngestResult, json_wanted: bool) -> None:
         if json_wanted:
