@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from phi_session import encode_session
 from phi_session.demo import run_demo
 from phi_session.model import Session
+from phi_session.otel import endpoint as endpoint_module
 from phi_session.otel import export_session
 from phi_session.otel.endpoint import OtlpEndpoint, OtlpServer, make_otlp_server
 from phi_session.otel.export import session_spans
@@ -394,3 +396,31 @@ def test_every_member_of_a_gzip_body_is_read(demo_sessions: list[Session], tmp_p
     assert made.post(members, headers={"Content-Encoding": "gzip"}).status == 200
     assert made.post(gzip.compress(b"{}") + b"trailing", headers={"Content-Encoding": "gzip"}).status == 400
     _same(made.close(), demo_sessions)
+
+
+def test_a_failed_save_pauses_the_endpoint_not_stops_it(
+    demo_sessions: list[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(endpoint_module, "_STORE_PAUSE", 1, raising=False)
+    made = Receiver(tmp_path)
+    save, failures = made.store.save, [ValueError("a custom store's bug")]
+
+    def save_once_failing(session: Session) -> None:
+        if failures:
+            raise failures.pop()
+        save(session)
+
+    made.store.save = save_once_failing  # type: ignore[method-assign]
+    everything = [span for session in demo_sessions for span in session_spans(session, capture_content=True)]
+    assert made.post(_protobuf(everything)).status == 200
+    deadline = time.monotonic() + 30
+    while not made.endpoint.saver.stats()["sessions_failed"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    later = _one_span_json({"name": "invoke_agent a"})  # a trace of its own: one more session
+    response = made.post(later, "application/json")
+    assert response.status == 503
+    time.sleep(int(response.getheader("Retry-After")) + 0.1)
+    assert made.post(later, "application/json").status == 200  # the store works again: no more refusals
+    sessions = made.close()  # the failed one is saved at close
+    assert "ab" * 16 in {session.session_id for session in sessions}
+    _same([session for session in sessions if session.session_id != "ab" * 16], demo_sessions)

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +50,7 @@ _JSON = "application/json"
 _SPOOL_KINDS = {b"J": _JSON, b"P": _PROTOBUF}  # a spool file: this byte, then the payload as received
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer field
+_STORE_PAUSE = 5  # seconds payloads are refused after the store failed a session (Retry-After)
 
 
 class Backpressure(PhiSessionError):
@@ -152,6 +154,7 @@ class OtlpEndpoint:
         )
         self.spool = _Spool(state / "spool")
         self._accept_lock = threading.Lock()
+        self._failed, self._failed_at = 0, float("-inf")  # sessions the store failed, when that grew
         for spans in self.spool.leftovers():
             self.ingestor.add(spans)
         self._stop = threading.Event()
@@ -189,11 +192,17 @@ class OtlpEndpoint:
                 1,
             )
         stats = self.saver.stats()
-        if stats["bytes_queued"] >= self.saver.max_pending_bytes or stats["sessions_failed"]:
+        failed, now = int(stats["sessions_failed"]), time.monotonic()
+        if failed > self._failed:
+            self._failed_at = now
+        self._failed = failed
+        # Failed sessions stay failed (kept, retried at close): only a new failure is the store
+        # failing now; after the pause, a payload tries it again.
+        if stats["bytes_queued"] >= self.saver.max_pending_bytes or now - self._failed_at < _STORE_PAUSE:
             raise Backpressure(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 "the store is behind or failing; sessions are kept, retry later",
-                5,
+                _STORE_PAUSE,
             )
 
     def close(self) -> None:
