@@ -647,3 +647,22 @@ def test_a_trace_whose_recording_failed_is_taken_again_when_retried(demo_session
     recorder.flush()
     [back] = recorder.drain_completed()
     assert back.get_loop(first).events == session.get_loop(first).events
+
+
+def test_a_failing_recorder_never_reaches_the_instrumented_code_nor_other_processors() -> None:
+    def target(event: object) -> None:
+        raise OSError("the journal's disk is full")
+
+    exporter = InMemorySpanExporter()
+    processor = IngestSpanProcessor(target)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))  # e.g. to a tracing backend
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span(
+        "invoke_agent helper", attributes={attr.OPERATION_NAME: "invoke_agent"}
+    ):
+        pass
+    provider.shutdown()
+    assert [span.name for span in exporter.get_finished_spans()] == ["invoke_agent helper"]
+    assert processor.failures.total == 1

@@ -29,6 +29,7 @@ from typing import Any, get_args
 import msgspec
 from opentelemetry.sdk.trace import SpanProcessor
 
+from .._failures import FailureTally
 from .._strict import strict_adds_nothing
 from ..adapters import session_id_for
 from ..codec import decode_event, decode_record
@@ -972,21 +973,36 @@ class IngestSpanProcessor(SpanProcessor):
     """An OpenTelemetry SDK `SpanProcessor` that records GenAI spans as sessions, in process.
 
     ``provider.add_span_processor(IngestSpanProcessor(recorder))``; `shutdown` (called by
-    the provider's) records what is still waiting.
+    the provider's) records what is still waiting. A failure to record never reaches the
+    code ending the span, nor the provider's other processors (the SDK calls them one
+    after the other, unguarded): the first is logged, all are counted (`failures`).
     """
 
     def __init__(self, target: Any, **options: Any) -> None:
         self.ingestor = SpanIngestor(target, **options)
+        self.failures = FailureTally(
+            logger, "span processor", "the traces it fails on are not recorded", traceback=True
+        )
 
     def on_end(self, span: Any) -> None:
-        data = spans_from_sdk(span)
-        if data is not None:
-            self.ingestor.add((data,))
+        try:
+            data = spans_from_sdk(span)
+            if data is not None:
+                self.ingestor.add((data,))
+        except Exception as error:
+            self.failures.record(self, error)
 
     def shutdown(self) -> None:
-        self.ingestor.flush()
+        try:
+            self.ingestor.flush()
+        except Exception as error:
+            self.failures.record(self, error)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         del timeout_millis
-        self.ingestor.expire()
+        try:
+            self.ingestor.expire()
+        except Exception as error:
+            self.failures.record(self, error)
+            return False
         return True
