@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +33,7 @@ from phi_session.demo import run_demo
 from phi_session.model import Session
 from phi_session.otel import endpoint as endpoint_module
 from phi_session.otel import export_session
-from phi_session.otel.endpoint import OtlpEndpoint, OtlpServer, make_otlp_server
+from phi_session.otel.endpoint import OtlpEndpoint, OtlpHandler, OtlpServer, make_otlp_server
 from phi_session.otel.export import session_spans
 from phi_session.stores.json_dir import JsonDirStore
 
@@ -424,3 +425,15 @@ def test_a_failed_save_pauses_the_endpoint_not_stops_it(
     sessions = made.close()  # the failed one is saved at close
     assert "ab" * 16 in {session.session_id for session in sessions}
     _same([session for session in sessions if session.session_id != "ab" * 16], demo_sessions)
+
+
+def test_a_stalled_client_is_let_go(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert OtlpHandler.timeout is not None and OtlpHandler.timeout <= 60  # http.server's default: forever
+    monkeypatch.setattr(OtlpHandler, "timeout", 0.5)
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as client:
+        client.sendall(
+            b"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"  # then nothing: the handler's thread must not wait forever
+        )
+        answer = client.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408 ")

@@ -272,6 +272,8 @@ class OtlpHandler(BaseHTTPRequestHandler):
     server: OtlpServer
     server_version = "phi-session-otlp"
     protocol_version = "HTTP/1.1"
+    # Seconds a client may stay silent (exporters give up after 10): a stalled one frees its thread.
+    timeout = 30.0
 
     def do_POST(self) -> None:
         json_wanted = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower() == _JSON
@@ -317,12 +319,12 @@ class OtlpHandler(BaseHTTPRequestHandler):
             raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {_PROTOBUF} or {_JSON}")
         limit = self.server.max_body
         transfer = self.headers.get("Transfer-Encoding")
-        if transfer is not None:  # it overrides a Content-Length (RFC 9112 6.3)
-            if transfer.strip().lower() != "chunked":
-                raise _Refused(HTTPStatus.NOT_IMPLEMENTED, f"unsupported Transfer-Encoding {transfer!r}")
-            body = self._read_chunked(limit)
-        else:
-            body = self._read_sized(limit)
+        if transfer is not None and transfer.strip().lower() != "chunked":
+            raise _Refused(HTTPStatus.NOT_IMPLEMENTED, f"unsupported Transfer-Encoding {transfer!r}")
+        try:  # a Transfer-Encoding overrides a Content-Length (RFC 9112 6.3)
+            body = self._read_chunked(limit) if transfer is not None else self._read_sized(limit)
+        except TimeoutError:
+            raise _Refused(HTTPStatus.REQUEST_TIMEOUT, "the body stopped coming") from None
         encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding == "gzip":
             body = self._gunzip(body, limit)
