@@ -24,9 +24,10 @@ from phi_session.messages import ZERO_USAGE
 from phi_session.model import Session
 from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
 from phi_session.otel import attributes as attr
+from phi_session.otel import ingest as ingest_module
 from phi_session.otel.export import loop_span_id, session_spans, tool_span_id, turn_span_id
 from phi_session.otel.ingest import LOSSES
-from phi_session.otel.spans import spans_from_sdk
+from phi_session.otel.spans import SpanData, spans_from_sdk
 from phi_session.stores.json_dir import JsonDirStore
 
 
@@ -666,3 +667,27 @@ def test_a_failing_recorder_never_reaches_the_instrumented_code_nor_other_proces
     provider.shutdown()
     assert [span.name for span in exporter.get_finished_spans()] == ["invoke_agent helper"]
     assert processor.failures.total == 1
+
+
+def test_span_ids_are_remembered_for_the_last_traces_recorded_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest_module, "_RECORDED_MEMORY", 2)  # span ids, whatever their traces
+    ingestor = SpanIngestor(lambda event: None)
+
+    def root(trace: int) -> SpanData:
+        agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT}
+        return SpanData(
+            trace_id=trace,
+            span_id=1,
+            parent_id=None,
+            name="invoke_agent a",
+            kind="INTERNAL",
+            start=1,
+            end=2,
+            attributes=agent,
+        )
+
+    for trace in (1, 2, 3):
+        ingestor.add([root(trace)])
+    ingestor.add([root(3)])  # remembered: a duplicate
+    ingestor.add([root(1)])  # forgotten: recorded again
+    assert (ingestor.counters["duplicate_spans"], ingestor.counters["traces"]) == (1, 4)

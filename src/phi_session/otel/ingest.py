@@ -126,7 +126,7 @@ _SPAN_EVENT_TYPES: dict[str, type] = {
     attr.EVENT_INPUT_REJECTED: InputRejected,
 }
 _MEMORY = 100_000  # sessions remembered for continuation inference
-_RECORDED_MEMORY = 4096  # recorded traces whose span ids are remembered (a retry comes soon)
+_RECORDED_MEMORY = 100_000  # span ids of the last traces recorded (a retry comes soon); ~10 MB
 
 
 class IngestResult(msgspec.Struct, frozen=True):
@@ -333,6 +333,7 @@ class SpanIngestor:
         self._traces: OrderedDict[int, _Trace] = OrderedDict()
         self._buffered = 0
         self._recorded: OrderedDict[int, set[int]] = OrderedDict()  # trace -> span ids recorded
+        self._recorded_spans = 0
         self._last_loop: OrderedDict[str, str] = OrderedDict()  # session -> its latest loop
         self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
         self.counters = dict.fromkeys(
@@ -403,10 +404,11 @@ class SpanIngestor:
         self._replay(trace_id, sorted(trace.spans, key=lambda s: (s.start, s.end)), complete)
         # Only once recorded: a payload whose recording failed is taken again when retried.
         recorded = self._recorded.pop(trace_id, set())
+        self._recorded_spans += len(trace.span_ids - recorded)
         recorded |= trace.span_ids  # late spans of a recorded trace are recorded apart, then join
         self._recorded[trace_id] = recorded
-        if len(self._recorded) > _RECORDED_MEMORY:
-            self._recorded.popitem(last=False)
+        while self._recorded_spans > _RECORDED_MEMORY:
+            self._recorded_spans -= len(self._recorded.popitem(last=False)[1])
 
     def _replay(self, trace_id: int, spans: list[SpanData], complete: bool) -> None:
         if any(attr.PHI_EVENTS in span.attributes for span in spans):
