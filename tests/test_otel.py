@@ -15,7 +15,14 @@ pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
 
 from phi_session import SessionRecorder, encode_session
 from phi_session.demo import run_demo
@@ -691,3 +698,20 @@ def test_span_ids_are_remembered_for_the_last_traces_recorded_only(monkeypatch: 
     ingestor.add([root(3)])  # remembered: a duplicate
     ingestor.add([root(1)])  # forgotten: recorded again
     assert (ingestor.counters["duplicate_spans"], ingestor.counters["traces"]) == (1, 4)
+
+
+def test_a_span_under_a_remote_parent_is_its_traces_root() -> None:
+    # A model call made while serving a request that came with a traceparent: the caller's
+    # span is in another process. Waiting for it, the loop was recorded only after the
+    # trace timeout, and Aborted as unfinished.
+    recorder = SessionRecorder()
+    provider = TracerProvider()
+    provider.add_span_processor(IngestSpanProcessor(recorder))
+    caller = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m", attr.USAGE_INPUT_TOKENS: 3}
+    context = set_span_in_context(NonRecordingSpan(caller))
+    with provider.get_tracer("test").start_as_current_span("chat m", context=context, attributes=chat):
+        pass
+    recorder.checkpoint()
+    [session] = recorder.drain_completed()
+    assert [loop.status for loop in session.loops] == ["Completed"]

@@ -27,6 +27,10 @@ from google.protobuf.json_format import MessageToDict
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 from phi_session import encode_session
 from phi_session.demo import run_demo
@@ -437,3 +441,18 @@ def test_a_stalled_client_is_let_go(receiver: Receiver, monkeypatch: pytest.Monk
         )
         answer = client.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_span_under_a_remote_parent_is_recorded_at_once(receiver: Receiver) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    caller = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    context = set_span_in_context(NonRecordingSpan(caller))
+    for _ in range(2):
+        with provider.get_tracer("test").start_as_current_span("chat m", context=context):
+            pass
+    by_proto, by_json = exporter.get_finished_spans()
+    assert receiver.post(_protobuf([by_proto])).status == 200
+    assert receiver.post(json.dumps(_otlp_json([by_json])).encode(), "application/json").status == 200
+    assert receiver.endpoint.ingestor.buffered_spans == 0  # no wait for the caller's span: it never comes

@@ -22,6 +22,7 @@ __all__ = ["OtlpDecodeError", "SpanData", "spans_from_otlp_json", "spans_from_ot
 _KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 _MAX_DEPTH = 32
 _HEX = frozenset(string.hexdigits)
+_REMOTE_PARENT = 0x200  # SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK: the parent is in another process
 _URLSAFE = str.maketrans("-_", "+/")
 
 
@@ -36,7 +37,11 @@ class SpanEvent(msgspec.Struct, frozen=True, gc=False):
 
 
 class SpanData(msgspec.Struct, kw_only=True, gc=False):
-    """One finished span, reduced to what ingest reads. Ids are ints; times are ns."""
+    """One finished span, reduced to what ingest reads. Ids are ints; times are ns.
+
+    `parent_id` is None for a root of the trace here: a span without a parent, or one
+    whose parent is remote (the caller's, in another process: it never comes).
+    """
 
     trace_id: int
     span_id: int
@@ -61,7 +66,7 @@ def spans_from_sdk(span: Any) -> SpanData | None:
     return SpanData(
         trace_id=context.trace_id,
         span_id=context.span_id,
-        parent_id=span.parent.span_id if span.parent is not None else None,
+        parent_id=span.parent.span_id if span.parent is not None and not span.parent.is_remote else None,
         name=span.name,
         kind=span.kind.name,
         start=span.start_time or 0,
@@ -117,7 +122,7 @@ def spans_from_otlp_proto(payload: bytes) -> tuple[list[SpanData], int]:
                     SpanData(
                         trace_id=ids[0],
                         span_id=ids[1],
-                        parent_id=ids[2],
+                        parent_id=None if span.flags & _REMOTE_PARENT else ids[2],
                         name=span.name,
                         kind=_KINDS.get(span.kind, "UNSPECIFIED"),
                         start=span.start_time_unix_nano,
@@ -259,7 +264,7 @@ def spans_from_otlp_json(payload: bytes) -> tuple[list[SpanData], int]:
             SpanData(
                 trace_id=trace_id,
                 span_id=span_id,
-                parent_id=parent,
+                parent_id=None if _int(span.get("flags", 0), "flags") & _REMOTE_PARENT else parent,
                 name=name if isinstance(name, str) else "",
                 kind=_KINDS.get(kind, "UNSPECIFIED")
                 if isinstance(kind, int)
