@@ -609,7 +609,10 @@ def test_a_cut_off_turn_is_exported_with_what_it_billed() -> None:
     assert unfinished_seen > 20
 
 
-@pytest.mark.parametrize("conversation", ["user/42", ".hidden", "a\\b", "x" * 201, "support.ticket-7"])
+@pytest.mark.parametrize(
+    "conversation",
+    ["user/42", ".hidden", "a\\b", "x" * 201, "support.ticket-7", "from undecodable bytes \udc80"],
+)
 def test_a_conversation_id_no_store_takes_is_a_session_a_store_takes(
     conversation: str, tmp_path: Path
 ) -> None:
@@ -629,7 +632,8 @@ def test_a_conversation_id_no_store_takes_is_a_session_a_store_takes(
     store = JsonDirStore(tmp_path)
     store.save(session)
     assert store.list_ids() == [session.session_id]
-    assert [loop.metadata["otel"]["conversation_id"] for loop in session.loops] == [conversation] * 2
+    kept = conversation.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")  # JSON text
+    assert [loop.metadata["otel"]["conversation_id"] for loop in session.loops] == [kept] * 2
 
 
 def test_a_trace_whose_recording_failed_is_taken_again_when_retried(demo_sessions: list[Session]) -> None:

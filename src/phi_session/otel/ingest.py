@@ -156,7 +156,11 @@ def _int(value: Any) -> int:
 
 
 def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not value:
+        return None
+    # An SDK span's text may hold lone surrogates (from undecodable bytes), which no JSON
+    # holds: they are kept as escapes.
+    return value.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
 
 
 def _usage(attributes: dict[str, Any]) -> Usage | None:
