@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -12,19 +13,28 @@ import pytest
 pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip install 'phi-session[otel]'")
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
 
 from phi_session import SessionRecorder, encode_session
 from phi_session.demo import run_demo
+from phi_session.errors import ExportError
 from phi_session.messages import ZERO_USAGE
 from phi_session.model import Session
 from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
 from phi_session.otel import attributes as attr
+from phi_session.otel import ingest as ingest_module
 from phi_session.otel.export import loop_span_id, session_spans, tool_span_id, turn_span_id
 from phi_session.otel.ingest import LOSSES
-from phi_session.otel.spans import spans_from_sdk
+from phi_session.otel.spans import SpanData, spans_from_sdk
 from phi_session.stores.json_dir import JsonDirStore
 
 
@@ -177,6 +187,35 @@ def test_sink_exports_each_session_as_it_completes(tmp_path) -> None:  # type: i
     sink.close()
     expected = {span.context.span_id for span in _export(sessions)}
     assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
+
+
+class _DownAtFirst(InMemorySpanExporter):
+    """A backend that refuses its first exports (restarting), then takes everything."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self.refusals:
+            self.refusals -= 1
+            return SpanExportResult.FAILURE
+        return super().export(spans)
+
+
+def test_sink_sends_again_what_the_exporter_failed_to_take(tmp_path: Path) -> None:
+    exporter = _DownAtFirst(refusals=2)
+    sink = OtelExportSink(exporter)
+    sessions = run_demo(JsonDirStore(tmp_path), sinks=[sink])  # the tracer counts the sink's errors
+    sink.close()
+    expected = {span.context.span_id for span in _export(sessions)}
+    assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
+    exporter.refusals, exported = 1, sink.exported_sessions
+    sink(sessions[0].loops[0].events[0].event)  # a loop starts again, never to end
+    with pytest.raises(ExportError):
+        sink.close()  # that one failed, and says so; the next close sends it
+    sink.close()
+    assert sink.exported_sessions == exported + 1
 
 
 def _ingest(spans: list) -> list[Session]:
@@ -568,3 +607,115 @@ def test_a_cut_off_turn_is_exported_with_what_it_billed() -> None:
             back = _ingest(_export(sessions, capture_content=True))
             assert sum((s.billed_usage() for s in back), ZERO_USAGE) == reported, cut
     assert unfinished_seen > 20
+
+
+@pytest.mark.parametrize(
+    "conversation",
+    ["user/42", ".hidden", "a\\b", "x" * 201, "support.ticket-7", "from undecodable bytes \udc80"],
+)
+def test_a_conversation_id_no_store_takes_is_a_session_a_store_takes(
+    conversation: str, tmp_path: Path
+) -> None:
+    # As the adapters do with a framework's session id: its UUIDv5, the original kept.
+    recorder = SessionRecorder()
+    provider = TracerProvider()
+    provider.add_span_processor(IngestSpanProcessor(recorder))
+    tracer = provider.get_tracer("test")
+    for _ in range(2):
+        agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, attr.CONVERSATION_ID: conversation}
+        with tracer.start_as_current_span("invoke_agent helper", attributes=agent):
+            with tracer.start_as_current_span("chat m", attributes={attr.REQUEST_MODEL: "m"}):
+                pass
+    provider.shutdown()
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    store = JsonDirStore(tmp_path)
+    store.save(session)
+    assert store.list_ids() == [session.session_id]
+    kept = conversation.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")  # JSON text
+    assert [loop.metadata["otel"]["conversation_id"] for loop in session.loops] == [kept] * 2
+
+
+def test_a_trace_whose_recording_failed_is_taken_again_when_retried(demo_sessions: list[Session]) -> None:
+    session = demo_sessions[0]
+    first = session.loops[0].loop_id
+    spans = [
+        spans_from_sdk(span)
+        for span in _export([session], capture_content=True)
+        if span.attributes and span.attributes.get(attr.PHI_LOOP_ID) == first
+    ]
+    recorder = SessionRecorder()
+    failures = [OSError("the journal's disk is full")]
+
+    def target(event: object) -> None:
+        if failures:
+            raise failures.pop()
+        recorder.on_event(event)
+
+    ingestor = SpanIngestor(target)
+    with pytest.raises(OSError):
+        ingestor.add(spans)
+    ingestor.add(spans)  # the exporter retries the payload it got no 200 for
+    recorder.flush()
+    [back] = recorder.drain_completed()
+    assert back.get_loop(first).events == session.get_loop(first).events
+
+
+def test_a_failing_recorder_never_reaches_the_instrumented_code_nor_other_processors() -> None:
+    def target(event: object) -> None:
+        raise OSError("the journal's disk is full")
+
+    exporter = InMemorySpanExporter()
+    processor = IngestSpanProcessor(target)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))  # e.g. to a tracing backend
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span(
+        "invoke_agent helper", attributes={attr.OPERATION_NAME: "invoke_agent"}
+    ):
+        pass
+    provider.shutdown()
+    assert [span.name for span in exporter.get_finished_spans()] == ["invoke_agent helper"]
+    assert processor.failures.total == 1
+
+
+def test_span_ids_are_remembered_for_the_last_traces_recorded_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest_module, "_RECORDED_MEMORY", 2)  # span ids, whatever their traces
+    ingestor = SpanIngestor(lambda event: None)
+
+    def root(trace: int) -> SpanData:
+        agent = {attr.OPERATION_NAME: attr.OP_INVOKE_AGENT}
+        return SpanData(
+            trace_id=trace,
+            span_id=1,
+            parent_id=None,
+            name="invoke_agent a",
+            kind="INTERNAL",
+            start=1,
+            end=2,
+            attributes=agent,
+        )
+
+    for trace in (1, 2, 3):
+        ingestor.add([root(trace)])
+    ingestor.add([root(3)])  # remembered: a duplicate
+    ingestor.add([root(1)])  # forgotten: recorded again
+    assert (ingestor.counters["duplicate_spans"], ingestor.counters["traces"]) == (1, 4)
+
+
+def test_a_span_under_a_remote_parent_is_its_traces_root() -> None:
+    # A model call made while serving a request that came with a traceparent: the caller's
+    # span is in another process. Waiting for it, the loop was recorded only after the
+    # trace timeout, and Aborted as unfinished.
+    recorder = SessionRecorder()
+    provider = TracerProvider()
+    provider.add_span_processor(IngestSpanProcessor(recorder))
+    caller = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m", attr.USAGE_INPUT_TOKENS: 3}
+    context = set_span_in_context(NonRecordingSpan(caller))
+    with provider.get_tracer("test").start_as_current_span("chat m", context=context, attributes=chat):
+        pass
+    recorder.checkpoint()
+    [session] = recorder.drain_completed()
+    assert [loop.status for loop in session.loops] == ["Completed"]

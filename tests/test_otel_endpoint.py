@@ -7,9 +7,11 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,12 +27,17 @@ from google.protobuf.json_format import MessageToDict
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 from phi_session import encode_session
 from phi_session.demo import run_demo
 from phi_session.model import Session
+from phi_session.otel import endpoint as endpoint_module
 from phi_session.otel import export_session
-from phi_session.otel.endpoint import OtlpEndpoint, OtlpServer, make_otlp_server
+from phi_session.otel.endpoint import OtlpEndpoint, OtlpHandler, OtlpServer, make_otlp_server
 from phi_session.otel.export import session_spans
 from phi_session.stores.json_dir import JsonDirStore
 
@@ -145,6 +152,35 @@ def test_invalid_span_ids_are_a_partial_success(demo_sessions: list[Session], re
     assert parsed.partial_success.rejected_spans == 0
 
 
+def _one_span_json(fields: dict) -> bytes:
+    span = {"traceId": "ab" * 16, "spanId": "cd" * 8, "name": "chat m", **fields}
+    return json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}).encode()
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        {"traceId": "-" + "a" * 31},
+        {"traceId": "0x" + "a" * 30},
+        {"traceId": " " + "a" * 30 + " "},
+        {"spanId": "+" + "c" * 15},
+        {"spanId": "c_" + "c" * 14},
+        {"parentSpanId": "-" + "1" * 15},
+    ],
+)
+def test_ids_that_are_not_hex_digits_are_rejected(receiver: Receiver, ids: dict[str, str]) -> None:
+    response = receiver.post(_one_span_json(ids), "application/json")
+    assert response.status == 200
+    assert json.loads(response.read_body)["partialSuccess"]["rejectedSpans"] == "1"  # type: ignore[attr-defined]
+
+
+def test_base64_and_double_values_as_the_json_mapping_spells_them(receiver: Receiver) -> None:
+    values = [{"bytesValue": "-_8"}, {"bytesValue": "+/8="}, {"doubleValue": "NaN"}, {"doubleValue": "1.5"}]
+    attributes = [{"key": f"k{index}", "value": value} for index, value in enumerate(values)]
+    response = receiver.post(_one_span_json({"attributes": attributes}), "application/json")
+    assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("body", "content_type"),
     [
@@ -168,6 +204,11 @@ def test_invalid_span_ids_are_a_partial_success(demo_sessions: list[Session], re
             "application/json",
         ),
         (b"[" * 100_000 + b"]" * 100_000, "application/json"),
+        (_one_span_json({"attributes": [{"key": "k", "value": {"bytesValue": "abc!"}}]}), "application/json"),
+        (
+            _one_span_json({"attributes": [{"key": "k", "value": {"doubleValue": "high"}}]}),
+            "application/json",
+        ),
     ],
 )
 def test_bad_payloads_are_400(receiver: Receiver, body: bytes, content_type: str) -> None:
@@ -288,3 +329,130 @@ def test_nothing_acknowledged_is_lost_to_sigkill(demo_sessions: list[Session], t
     saved = JsonDirStore(store)
     _same(sorted((saved.load(sid) for sid in saved.list_ids()), key=lambda s: s.created_at), demo_sessions)
     assert not list((state / "spool").glob("*.spans"))
+
+
+def test_a_retried_payload_is_recorded_once(demo_sessions: list[Session], tmp_path: Path) -> None:
+    # An exporter that timed out on a payload we took sends it again: before its trace's
+    # root came (the spans wait twice) and after (the trace was recorded).
+    made = Receiver(tmp_path)
+    for session in demo_sessions:
+        spans = session_spans(session, capture_content=True)
+        children = [span for span in spans if span.parent is not None]
+        for body in (_protobuf(children), _protobuf(children), _protobuf(spans), _protobuf(spans)):
+            assert made.post(body).status == 200
+    _same(made.close(), demo_sessions)
+    assert made.endpoint.ingestor.counters["duplicate_spans"] > 0
+
+
+def _post_chunked(port: int, chunks: list[bytes], headers: dict[str, str]) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", "/v1/traces", body=iter(chunks), headers=headers, encode_chunked=True)
+    response = connection.getresponse()
+    answer = (response.status, response.read())
+    connection.close()
+    return answer
+
+
+def test_chunked_bodies_as_nodes_exporters_send_them(demo_sessions: list[Session], tmp_path: Path) -> None:
+    # Node's OTLP exporters stream the (gzipped) payload: no Content-Length, chunked.
+    made = Receiver(tmp_path, max_body=1 << 20)
+    try:
+        for session in demo_sessions:
+            body = gzip.compress(_protobuf(session_spans(session, capture_content=True)))
+            chunks = [body[index : index + 1000] for index in range(0, len(body), 1000)]
+            headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}
+            assert _post_chunked(made.port, chunks, headers)[0] == 200
+        for start, status in ((b"%x\r\n" % (2 << 20), 413), (b"zz\r\n{}\r\n0\r\n\r\n", 400)):
+            connection = http.client.HTTPConnection("127.0.0.1", made.port, timeout=30)
+            connection.putrequest("POST", "/v1/traces")
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Transfer-Encoding", "chunked")
+            connection.endheaders(start)  # refused on the chunk size: no more is read
+            assert connection.getresponse().status == status
+            connection.close()
+    finally:
+        sessions = made.close()
+    _same(sessions, demo_sessions)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        {"key": "gen_ai.operation.name", "value": {"kvlistValue": {"values": []}}},
+        {
+            "key": "phi.parallel.loop_ids",
+            "value": {"arrayValue": {"values": [{"stringValue": "L"}, {"kvlistValue": {}}]}},
+        },
+    ],
+)
+def test_an_attribute_of_an_unexpected_type_is_ignored(receiver: Receiver, hostile: dict) -> None:
+    # Any AnyValue may come under any key: a kvlist is no operation name, nor a loop id.
+    agent = {"attributes": [{"key": "phi.loop.id", "value": {"stringValue": "L"}}, hostile]}
+    response = receiver.post(_one_span_json({"name": "invoke_agent a", **agent}), "application/json")
+    assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]
+
+
+def test_every_member_of_a_gzip_body_is_read(demo_sessions: list[Session], tmp_path: Path) -> None:
+    # Concatenated gzip members are one gzip stream; concatenated protobuf messages, one message.
+    made = Receiver(tmp_path)
+    members = b"".join(
+        gzip.compress(_protobuf(session_spans(s, capture_content=True))) for s in demo_sessions
+    )
+    assert made.post(members, headers={"Content-Encoding": "gzip"}).status == 200
+    assert made.post(gzip.compress(b"{}") + b"trailing", headers={"Content-Encoding": "gzip"}).status == 400
+    _same(made.close(), demo_sessions)
+
+
+def test_a_failed_save_pauses_the_endpoint_not_stops_it(
+    demo_sessions: list[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(endpoint_module, "_STORE_PAUSE", 1, raising=False)
+    made = Receiver(tmp_path)
+    save, failures = made.store.save, [ValueError("a custom store's bug")]
+
+    def save_once_failing(session: Session) -> None:
+        if failures:
+            raise failures.pop()
+        save(session)
+
+    made.store.save = save_once_failing  # type: ignore[method-assign]
+    everything = [span for session in demo_sessions for span in session_spans(session, capture_content=True)]
+    assert made.post(_protobuf(everything)).status == 200
+    deadline = time.monotonic() + 30
+    while not made.endpoint.saver.stats()["sessions_failed"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    later = _one_span_json({"name": "invoke_agent a"})  # a trace of its own: one more session
+    response = made.post(later, "application/json")
+    assert response.status == 503
+    time.sleep(int(response.getheader("Retry-After")) + 0.1)
+    assert made.post(later, "application/json").status == 200  # the store works again: no more refusals
+    sessions = made.close()  # the failed one is saved at close
+    assert "ab" * 16 in {session.session_id for session in sessions}
+    _same([session for session in sessions if session.session_id != "ab" * 16], demo_sessions)
+
+
+def test_a_stalled_client_is_let_go(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert OtlpHandler.timeout is not None and OtlpHandler.timeout <= 60  # http.server's default: forever
+    monkeypatch.setattr(OtlpHandler, "timeout", 0.5)
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as client:
+        client.sendall(
+            b"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"  # then nothing: the handler's thread must not wait forever
+        )
+        answer = client.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_span_under_a_remote_parent_is_recorded_at_once(receiver: Receiver) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    caller = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    context = set_span_in_context(NonRecordingSpan(caller))
+    for _ in range(2):
+        with provider.get_tracer("test").start_as_current_span("chat m", context=context):
+            pass
+    by_proto, by_json = exporter.get_finished_spans()
+    assert receiver.post(_protobuf([by_proto])).status == 200
+    assert receiver.post(json.dumps(_otlp_json([by_json])).encode(), "application/json").status == 200
+    assert receiver.endpoint.ingestor.buffered_spans == 0  # no wait for the caller's span: it never comes

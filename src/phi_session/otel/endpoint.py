@@ -1,10 +1,11 @@
 """A local OTLP/HTTP trace receiver: ``POST /v1/traces`` -> sessions in a store.
 
-Protobuf and JSON payloads, gzip or not. What it acknowledges survives a crash: the
-decoded spans are written to a spool file and fsynced before the 200 answer, and a spool
-file is removed only once every trace it holds is recorded and those events are fsynced
-in the journal (`Journal`), whose own recovery saves what the recorder held. A restart
-replays what the spool still holds (a trace recorded twice is merged by the store).
+Protobuf and JSON payloads, gzip or not, sized or chunked. What it acknowledges survives
+a crash: the decoded spans are written to a spool file and fsynced before the 200 answer,
+and a spool file is removed only once every trace it holds is recorded and those events
+are fsynced in the journal (`Journal`), whose own recovery saves what the recorder held.
+A restart replays what the spool still holds (a trace recorded twice is merged by the
+store).
 
 Answers follow the OTLP/HTTP specification: 200 with a partial success naming the spans
 rejected (invalid ids), 400 for an unreadable payload, 413 for a body over the limit
@@ -20,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +48,9 @@ TRACES_PATH = "/v1/traces"
 _PROTOBUF = "application/x-protobuf"
 _JSON = "application/json"
 _SPOOL_KINDS = {b"J": _JSON, b"P": _PROTOBUF}  # a spool file: this byte, then the payload as received
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+_MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer field
+_STORE_PAUSE = 5  # seconds payloads are refused after the store failed a session (Retry-After)
 
 
 class Backpressure(PhiSessionError):
@@ -149,6 +154,7 @@ class OtlpEndpoint:
         )
         self.spool = _Spool(state / "spool")
         self._accept_lock = threading.Lock()
+        self._failed, self._failed_at = 0, float("-inf")  # sessions the store failed, when that grew
         for spans in self.spool.leftovers():
             self.ingestor.add(spans)
         self._stop = threading.Event()
@@ -186,11 +192,17 @@ class OtlpEndpoint:
                 1,
             )
         stats = self.saver.stats()
-        if stats["bytes_queued"] >= self.saver.max_pending_bytes or stats["sessions_failed"]:
+        failed, now = int(stats["sessions_failed"]), time.monotonic()
+        if failed > self._failed:
+            self._failed_at = now
+        self._failed = failed
+        # Failed sessions stay failed (kept, retried at close): only a new failure is the store
+        # failing now; after the pause, a payload tries it again.
+        if stats["bytes_queued"] >= self.saver.max_pending_bytes or now - self._failed_at < _STORE_PAUSE:
             raise Backpressure(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 "the store is behind or failing; sessions are kept, retry later",
-                5,
+                _STORE_PAUSE,
             )
 
     def close(self) -> None:
@@ -260,6 +272,8 @@ class OtlpHandler(BaseHTTPRequestHandler):
     server: OtlpServer
     server_version = "phi-session-otlp"
     protocol_version = "HTTP/1.1"
+    # Seconds a client may stay silent (exporters give up after 10): a stalled one frees its thread.
+    timeout = 30.0
 
     def do_POST(self) -> None:
         json_wanted = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower() == _JSON
@@ -303,16 +317,14 @@ class OtlpHandler(BaseHTTPRequestHandler):
         content_type = self.headers.get("Content-Type", "")
         if content_type.split(";", 1)[0].strip().lower() not in (_PROTOBUF, _JSON):
             raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {_PROTOBUF} or {_JSON}")
-        length_text = self.headers.get("Content-Length")
-        if length_text is None or not length_text.isdigit():
-            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
-        length = int(length_text)
         limit = self.server.max_body
-        if length > limit:
-            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
+        transfer = self.headers.get("Transfer-Encoding")
+        if transfer is not None and transfer.strip().lower() != "chunked":
+            raise _Refused(HTTPStatus.NOT_IMPLEMENTED, f"unsupported Transfer-Encoding {transfer!r}")
+        try:  # a Transfer-Encoding overrides a Content-Length (RFC 9112 6.3)
+            body = self._read_chunked(limit) if transfer is not None else self._read_sized(limit)
+        except TimeoutError:
+            raise _Refused(HTTPStatus.REQUEST_TIMEOUT, "the body stopped coming") from None
         encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding == "gzip":
             body = self._gunzip(body, limit)
@@ -320,18 +332,60 @@ class OtlpHandler(BaseHTTPRequestHandler):
             raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported Content-Encoding {encoding!r}")
         return body, content_type
 
+    def _read_sized(self, limit: int) -> bytes:
+        length_text = self.headers.get("Content-Length")
+        if length_text is None or not length_text.isdigit():
+            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
+        length = int(length_text)
+        if length > limit:
+            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
+        return body
+
+    def _read_chunked(self, limit: int) -> bytes:
+        """A chunked body (what Node's OTLP exporters send), refused past `limit` bytes."""
+        body = bytearray()
+        while True:
+            size_text = self._chunk_line().split(b";", 1)[0].strip()  # a chunk extension is ignored
+            if not size_text or not _HEX_DIGITS.issuperset(size_text):
+                raise _Refused(HTTPStatus.BAD_REQUEST, "bad chunk size in a chunked body")
+            size = int(size_text, 16)
+            if not size:
+                break
+            if len(body) + size > limit:
+                raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+            chunk = self.rfile.read(size)
+            if len(chunk) != size or self._chunk_line().strip():
+                raise _Refused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
+            body += chunk
+        while self._chunk_line().strip():  # trailer fields, unused
+            pass
+        return bytes(body)
+
+    def _chunk_line(self) -> bytes:
+        line = self.rfile.readline(_MAX_CHUNK_LINE + 1)
+        if not line.endswith(b"\n") or len(line) > _MAX_CHUNK_LINE:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
+        return line
+
     @staticmethod
     def _gunzip(data: bytes, limit: int) -> bytes:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            out = inflater.decompress(data, limit + 1)  # never more than the limit: a bomb stops here
-        except zlib.error as error:
-            raise _Refused(HTTPStatus.BAD_REQUEST, f"bad gzip body: {error}") from None
-        if len(out) > limit:
-            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates to over {limit} bytes")
-        if not inflater.eof:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "truncated gzip body")
-        return out
+        out = bytearray()
+        while True:  # member after member, as gzip reads them: one after the last is no garbage
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:  # never more than the limit: a bomb stops here
+                out += inflater.decompress(data, limit + 1 - len(out))
+            except zlib.error as error:
+                raise _Refused(HTTPStatus.BAD_REQUEST, f"bad gzip body: {error}") from None
+            if len(out) > limit:
+                raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates to over {limit} bytes")
+            if not inflater.eof:
+                raise _Refused(HTTPStatus.BAD_REQUEST, "truncated gzip body")
+            data = inflater.unused_data
+            if not data:
+                return bytes(out)
 
     def _ok(self, result: IngestResult, json_wanted: bool) -> None:
         if json_wanted:

@@ -528,6 +528,8 @@ class OtelExportSink:
     Give it to a `Tracer` (or any producer) next to the recorder that saves sessions.
     Sessions complete when none of their loops is open (`SessionRecorder.checkpoint`);
     `close` exports what is left (open loops as Aborted). The exporter stays the caller's.
+    A session the exporter fails to take is kept and sent again with the next one (or at
+    the next `close`); the call that saw the failure raises `ExportError`.
     """
 
     wants_deltas = False
@@ -545,6 +547,7 @@ class OtelExportSink:
         self.resource = resource
         self.recorder = SessionRecorder(config)
         self._lock = threading.Lock()
+        self._unsent: list[Session] = []  # drained, the exporter failed to take them
         self.exported_sessions = 0
 
     def __call__(self, event: AgentEvent) -> None:
@@ -555,11 +558,21 @@ class OtelExportSink:
 
     def _export_completed(self) -> None:
         with self._lock:
-            for session in self.recorder.drain_completed():
-                export_session(
-                    session, self.exporter, capture_content=self.capture_content, resource=self.resource
+            unsent, self._unsent = [*self._unsent, *self.recorder.drain_completed()], []
+            for session in unsent:
+                try:
+                    export_session(
+                        session, self.exporter, capture_content=self.capture_content, resource=self.resource
+                    )
+                except ExportError:  # the rest are still tried: one failure must not drop them
+                    self._unsent.append(session)
+                else:
+                    self.exported_sessions += 1
+            if self._unsent:
+                raise ExportError(
+                    f"{self.exporter!r} failed to export {len(self._unsent)} sessions; "
+                    "they are sent again with the next"
                 )
-                self.exported_sessions += 1
 
     def close(self) -> None:
         self.recorder.flush()

@@ -12,7 +12,9 @@ loops in start order as events.
   ``metadata["otel"]["synthesized"]``.
 
 Sessions: ``phi.session.id``, else ``gen_ai.conversation.id``, else OpenInference's
-``session.id``, else one session per trace.
+``session.id``, else one session per trace. A conversation id no store takes as a session
+id (or holding a ``.``) becomes its UUIDv5, as a framework's session id does in the
+adapters (`session_id_for`); the original is the loop's ``metadata["otel"]["conversation_id"]``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from typing import Any, get_args
 import msgspec
 from opentelemetry.sdk.trace import SpanProcessor
 
+from .._failures import FailureTally
 from .._strict import strict_adds_nothing
+from ..adapters import session_id_for
 from ..codec import decode_event, decode_record
 from ..errors import DecodeError
 from ..events import (
@@ -122,6 +126,7 @@ _SPAN_EVENT_TYPES: dict[str, type] = {
     attr.EVENT_INPUT_REJECTED: InputRejected,
 }
 _MEMORY = 100_000  # sessions remembered for continuation inference
+_RECORDED_MEMORY = 100_000  # span ids of the last traces recorded (a retry comes soon); ~10 MB
 
 
 class IngestResult(msgspec.Struct, frozen=True):
@@ -135,7 +140,7 @@ class IngestResult(msgspec.Struct, frozen=True):
 def _role(span: SpanData) -> str | None:
     """``agent``, ``chat``, ``tool`` or None, from the conventions or OpenInference."""
     attributes = span.attributes
-    operation = attributes.get(attr.OPERATION_NAME)
+    operation = _text(attributes.get(attr.OPERATION_NAME))  # any AnyValue may come: a kvlist is no key
     kind = attributes.get(attr.OPENINFERENCE_SPAN_KIND)
     if operation in _AGENT_OPS or kind == "AGENT" or span.name.startswith("invoke_agent"):
         return "agent"
@@ -151,7 +156,11 @@ def _int(value: Any) -> int:
 
 
 def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not value:
+        return None
+    # An SDK span's text may hold lone surrogates (from undecodable bytes), which no JSON
+    # holds: they are kept as escapes.
+    return value.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
 
 
 def _usage(attributes: dict[str, Any]) -> Usage | None:
@@ -285,10 +294,11 @@ def _result_text(value: Any) -> str:
 
 
 class _Trace:
-    __slots__ = ("first_seen", "root_ended", "spans")
+    __slots__ = ("first_seen", "root_ended", "span_ids", "spans")
 
     def __init__(self, now: float) -> None:
         self.spans: list[SpanData] = []
+        self.span_ids: set[int] = set()
         self.first_seen = now
         self.root_ended = False
 
@@ -299,6 +309,9 @@ class SpanIngestor:
     * `trace_timeout`: seconds a trace whose root has not ended waits before it is recorded
       anyway (unfinished loops as Aborted); checked on every `add` and by `expire`.
     * `max_buffered_spans`: when more spans wait, the oldest traces are recorded early.
+
+    A span taken twice (an exporter retrying a payload that was taken) counts once: its
+    second copy is dropped, while it waits and for the last traces recorded.
 
     Thread-safe. `flush` records every waiting trace (call it at shutdown).
     """
@@ -323,9 +336,13 @@ class SpanIngestor:
         self._lock = threading.RLock()
         self._traces: OrderedDict[int, _Trace] = OrderedDict()
         self._buffered = 0
+        self._recorded: OrderedDict[int, set[int]] = OrderedDict()  # trace -> span ids recorded
+        self._recorded_spans = 0
         self._last_loop: OrderedDict[str, str] = OrderedDict()  # session -> its latest loop
         self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
-        self.counters = dict.fromkeys(("spans", "traces", "incomplete_traces", "loops", "events"), 0)
+        self.counters = dict.fromkeys(
+            ("spans", "duplicate_spans", "traces", "incomplete_traces", "loops", "events"), 0
+        )
 
     @property
     def buffered_spans(self) -> int:
@@ -344,9 +361,15 @@ class SpanIngestor:
             ready: list[int] = []
             for span in spans:
                 trace = self._traces.get(span.trace_id)
+                if span.span_id in self._recorded.get(span.trace_id, ()) or (
+                    trace is not None and span.span_id in trace.span_ids
+                ):
+                    self.counters["duplicate_spans"] += 1
+                    continue
                 if trace is None:
                     trace = self._traces[span.trace_id] = _Trace(now)
                 trace.spans.append(span)
+                trace.span_ids.add(span.span_id)
                 self._buffered += 1
                 self.counters["spans"] += 1
                 if span.parent_id is None and not trace.root_ended:
@@ -382,7 +405,16 @@ class SpanIngestor:
         self.counters["traces"] += 1
         if not complete:
             self.counters["incomplete_traces"] += 1
-        spans = sorted(trace.spans, key=lambda s: (s.start, s.end))
+        self._replay(trace_id, sorted(trace.spans, key=lambda s: (s.start, s.end)), complete)
+        # Only once recorded: a payload whose recording failed is taken again when retried.
+        recorded = self._recorded.pop(trace_id, set())
+        self._recorded_spans += len(trace.span_ids - recorded)
+        recorded |= trace.span_ids  # late spans of a recorded trace are recorded apart, then join
+        self._recorded[trace_id] = recorded
+        while self._recorded_spans > _RECORDED_MEMORY:
+            self._recorded_spans -= len(self._recorded.popitem(last=False)[1])
+
+    def _replay(self, trace_id: int, spans: list[SpanData], complete: bool) -> None:
         if any(attr.PHI_EVENTS in span.attributes for span in spans):
             try:
                 exact = _ExactReplay(self, spans)
@@ -414,21 +446,17 @@ class SpanIngestor:
         return previous
 
     def parallel_before(self, session_id: str, loop_id: str, attributes: dict[str, Any], start: int) -> None:
-        group = attributes.get(attr.PHI_PARALLEL_LOOP_IDS)
-        if not isinstance(group, tuple) or loop_id not in group:
+        group = _group(attributes)
+        if group is None or loop_id not in group:
             return
         if group not in self._groups:
             self._groups[group] = set()
-            self.emit(
-                ParallelLoopStart(
-                    session_id=session_id, loop_ids=tuple(map(str, group)), timestamp=_timestamp(start)
-                )
-            )
+            self.emit(ParallelLoopStart(session_id=session_id, loop_ids=group, timestamp=_timestamp(start)))
 
     def parallel_after(self, session_id: str, loop_id: str, attributes: dict[str, Any], end: int) -> None:
-        group = attributes.get(attr.PHI_PARALLEL_LOOP_IDS)
-        members = self._groups.get(group) if isinstance(group, tuple) else None
-        if members is None or not isinstance(group, tuple):
+        group = _group(attributes)
+        members = self._groups.get(group) if group is not None else None
+        if members is None or group is None:
             return
         members.add(loop_id)
         if len(members) < len(set(group)):
@@ -444,6 +472,14 @@ class SpanIngestor:
                 timestamp=_timestamp(end),
             )
         )
+
+
+def _group(attributes: dict[str, Any]) -> tuple[str, ...] | None:
+    """The loop ids of the parallel group we exported, None when missing or not ours."""
+    group = attributes.get(attr.PHI_PARALLEL_LOOP_IDS)
+    if isinstance(group, tuple) and all(isinstance(member, str) for member in group):
+        return group
+    return None
 
 
 def _stored_usage(value: Any) -> Usage:
@@ -525,7 +561,17 @@ class _ExactReplay:
 
 
 class _Loop:
-    __slots__ = ("agent", "chats", "loop_id", "parent_loop", "session_id", "stand_in", "synthesized", "tools")
+    __slots__ = (
+        "agent",
+        "chats",
+        "conversation_id",
+        "loop_id",
+        "parent_loop",
+        "session_id",
+        "stand_in",
+        "synthesized",
+        "tools",
+    )
 
     def __init__(self, agent: SpanData, loop_id: str, session_id: str) -> None:
         self.agent = agent
@@ -536,6 +582,7 @@ class _Loop:
         self.tools: list[SpanData] = []
         self.parent_loop: str | None = None
         self.synthesized: list[str] = []
+        self.conversation_id: str | None = None  # the producer's, when no store takes it as a session id
 
 
 class _Rebuild:
@@ -594,16 +641,21 @@ class _Rebuild:
                 break
             if tool is None and _role(ancestor) == "tool":
                 tool = ancestor
-        session_id = (
-            _text(attributes.get(attr.PHI_SESSION_ID))
-            or _text(attributes.get(attr.CONVERSATION_ID))
-            or _text(attributes.get(attr.OPENINFERENCE_SESSION_ID))
-        )
+        session_id = _text(attributes.get(attr.PHI_SESSION_ID))
+        renamed = None  # a producer's conversation id no store takes, as the adapters a framework's
+        if session_id is None:
+            given = _text(attributes.get(attr.CONVERSATION_ID)) or _text(
+                attributes.get(attr.OPENINFERENCE_SESSION_ID)
+            )
+            session_id = session_id_for(given) if given is not None else None
+            renamed = given if session_id != given else None
         if parent is not None and (session_id is None or session_id == parent.session_id):
-            session_id = f"{parent.session_id}-{agent.span_id:016x}"  # a sub-agent has its own session
+            # A sub-agent has its own session.
+            session_id = session_id_for(f"{parent.session_id}-{agent.span_id:016x}")
         session_id = session_id or self.trace_hex
         loop_id = _text(attributes.get(attr.PHI_LOOP_ID))
         loop = _Loop(agent, loop_id or f"{session_id}.otel.{agent.span_id:016x}", session_id)
+        loop.conversation_id = renamed
         if loop_id is None:
             loop.synthesized.append("loop_id")
         if parent is not None:
@@ -634,6 +686,8 @@ class _Rebuild:
                     "synthesized": loop.synthesized,
                 }
             }
+            if loop.conversation_id is not None:
+                metadata["otel"]["conversation_id"] = loop.conversation_id
         self.ingestor.parallel_before(loop.session_id, loop.loop_id, attributes, agent.start)
         emit(
             AgentStart(
@@ -925,21 +979,36 @@ class IngestSpanProcessor(SpanProcessor):
     """An OpenTelemetry SDK `SpanProcessor` that records GenAI spans as sessions, in process.
 
     ``provider.add_span_processor(IngestSpanProcessor(recorder))``; `shutdown` (called by
-    the provider's) records what is still waiting.
+    the provider's) records what is still waiting. A failure to record never reaches the
+    code ending the span, nor the provider's other processors (the SDK calls them one
+    after the other, unguarded): the first is logged, all are counted (`failures`).
     """
 
     def __init__(self, target: Any, **options: Any) -> None:
         self.ingestor = SpanIngestor(target, **options)
+        self.failures = FailureTally(
+            logger, "span processor", "the traces it fails on are not recorded", traceback=True
+        )
 
     def on_end(self, span: Any) -> None:
-        data = spans_from_sdk(span)
-        if data is not None:
-            self.ingestor.add((data,))
+        try:
+            data = spans_from_sdk(span)
+            if data is not None:
+                self.ingestor.add((data,))
+        except Exception as error:
+            self.failures.record(self, error)
 
     def shutdown(self) -> None:
-        self.ingestor.flush()
+        try:
+            self.ingestor.flush()
+        except Exception as error:
+            self.failures.record(self, error)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         del timeout_millis
-        self.ingestor.expire()
+        try:
+            self.ingestor.expire()
+        except Exception as error:
+            self.failures.record(self, error)
+            return False
         return True

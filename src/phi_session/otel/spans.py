@@ -8,6 +8,8 @@ endpoint reports as an OTLP partial success.
 from __future__ import annotations
 
 import base64
+import binascii
+import string
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +21,9 @@ __all__ = ["OtlpDecodeError", "SpanData", "spans_from_otlp_json", "spans_from_ot
 
 _KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 _MAX_DEPTH = 32
+_HEX = frozenset(string.hexdigits)
+_REMOTE_PARENT = 0x200  # SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK: the parent is in another process
+_URLSAFE = str.maketrans("-_", "+/")
 
 
 class OtlpDecodeError(DecodeError):
@@ -32,7 +37,11 @@ class SpanEvent(msgspec.Struct, frozen=True, gc=False):
 
 
 class SpanData(msgspec.Struct, kw_only=True, gc=False):
-    """One finished span, reduced to what ingest reads. Ids are ints; times are ns."""
+    """One finished span, reduced to what ingest reads. Ids are ints; times are ns.
+
+    `parent_id` is None for a root of the trace here: a span without a parent, or one
+    whose parent is remote (the caller's, in another process: it never comes).
+    """
 
     trace_id: int
     span_id: int
@@ -57,7 +66,7 @@ def spans_from_sdk(span: Any) -> SpanData | None:
     return SpanData(
         trace_id=context.trace_id,
         span_id=context.span_id,
-        parent_id=span.parent.span_id if span.parent is not None else None,
+        parent_id=span.parent.span_id if span.parent is not None and not span.parent.is_remote else None,
         name=span.name,
         kind=span.kind.name,
         start=span.start_time or 0,
@@ -113,7 +122,7 @@ def spans_from_otlp_proto(payload: bytes) -> tuple[list[SpanData], int]:
                     SpanData(
                         trace_id=ids[0],
                         span_id=ids[1],
-                        parent_id=ids[2],
+                        parent_id=None if span.flags & _REMOTE_PARENT else ids[2],
                         name=span.name,
                         kind=_KINDS.get(span.kind, "UNSPECIFIED"),
                         start=span.start_time_unix_nano,
@@ -157,9 +166,9 @@ def _json_value(value: Any, depth: int = 0) -> Any:
         if key == "intValue" and isinstance(inner, (int, str)) and not isinstance(inner, bool):
             return _int(inner, "intValue")
         if key == "doubleValue" and isinstance(inner, (int, float, str)) and not isinstance(inner, bool):
-            return float(inner)
+            return _float(inner)
         if key == "bytesValue" and isinstance(inner, str):
-            return base64.b64decode(inner)
+            return _bytes(inner)
         if key == "arrayValue" and isinstance(inner, dict):
             return tuple(_json_value(v, depth + 1) for v in _list(inner.get("values", []), "values"))
         if key == "kvlistValue" and isinstance(inner, dict):
@@ -193,13 +202,26 @@ def _int(value: Any, name: str) -> int:
     return number
 
 
-def _hex_id(value: Any, size: int) -> int | None:
-    if not isinstance(value, str) or len(value) != 2 * size:
-        return None
+def _float(value: Any) -> float:
     try:
-        return int(value, 16) or None
+        return float(value)  # also the mapping's "NaN", "Infinity" and "-Infinity"
     except ValueError:
+        raise OtlpDecodeError("doubleValue: expected a number") from None
+
+
+def _bytes(value: str) -> bytes:
+    # The JSON mapping takes standard or URL-safe base64, padded or not.
+    try:
+        return base64.b64decode(value.translate(_URLSAFE) + "=" * (-len(value) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise OtlpDecodeError("bytesValue: expected base64") from None
+
+
+def _hex_id(value: Any, size: int) -> int | None:
+    # Hex digits only: int() would also take a sign, "0x", "_" and surrounding blanks.
+    if not isinstance(value, str) or len(value) != 2 * size or not _HEX.issuperset(value):
         return None
+    return int(value, 16) or None
 
 
 def _iter_json_spans(document: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
@@ -242,7 +264,7 @@ def spans_from_otlp_json(payload: bytes) -> tuple[list[SpanData], int]:
             SpanData(
                 trace_id=trace_id,
                 span_id=span_id,
-                parent_id=parent,
+                parent_id=None if _int(span.get("flags", 0), "flags") & _REMOTE_PARENT else parent,
                 name=name if isinstance(name, str) else "",
                 kind=_KINDS.get(kind, "UNSPECIFIED")
                 if isinstance(kind, int)
