@@ -32,7 +32,6 @@ the store saves.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import itertools
 import logging
@@ -46,6 +45,7 @@ from typing import cast
 
 import msgspec
 
+from ._exit import ExitHook
 from .errors import PhiSessionError, StoreError
 from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from .journal import Journal, JournaledRecorder, RecoveryReport, recover
@@ -234,12 +234,11 @@ class AutoPersistingRecorder:
         self._blocked_seconds = 0.0
         self._writer_seconds = 0.0  # CPU time the writer thread spent saving
         self._last_warning = -float("inf")
-        self._pid = os.getpid()
         self._writer = threading.Thread(target=self._run, name="phi-session auto-persist writer", daemon=True)
         self._writer.start()
-        # atexit runs last-in first-out: this runs before the exit hooks of the store
-        # (opened before us), which close connections the writer may be saving with.
-        atexit.register(self._close_at_exit)
+        # Runs before the exit hooks of the store (opened before us), which close
+        # connections the writer may be saving with.
+        self._exit_hook = ExitHook(self, self.close)
 
     def __enter__(self) -> AutoPersistingRecorder:
         return self
@@ -595,7 +594,7 @@ class AutoPersistingRecorder:
             self._closed = True
             while self._feeding:
                 self._lock.wait()
-        atexit.unregister(self._close_at_exit)
+        self._exit_hook.cancel()
         orphans_error = None
         try:
             self._hand_over(self.recorder.flush, last=True)
@@ -627,14 +626,6 @@ class AutoPersistingRecorder:
             )
         if orphans_error is not None:
             raise orphans_error
-
-    def _close_at_exit(self) -> None:
-        if os.getpid() != self._pid:
-            return  # a forked child: the writer thread and the journal are the parent's
-        try:
-            self.close()
-        except Exception:
-            logger.exception("%r: closing at interpreter exit failed", self)
 
     def stats(self) -> dict[str, float]:
         """Counters: events, checkpoints, sessions saved/retried/orphaned/failed,

@@ -19,8 +19,6 @@ sessions from one `SessionBook`:
 
 from __future__ import annotations
 
-import atexit
-import logging
 import os
 import threading
 import weakref
@@ -28,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._exit import ExitHook
 from ..identity import AgentSession, Clock, IdFactory
 from ..recorder import SessionRecorder
 from ..sinks import SinkLike
@@ -37,8 +36,6 @@ if TYPE_CHECKING:
     from ..persist import AutoPersistingRecorder
 
 __all__ = ["EmbeddedStore", "SessionBook", "book_for_sinks", "embedded_store"]
-
-logger = logging.getLogger("phi_session.adapters")
 
 
 class SessionBook:
@@ -207,9 +204,9 @@ class EmbeddedStore:
         self.book = SessionBook(max_idle)
         self._cores: weakref.WeakSet[Any] = weakref.WeakSet()
         self._closed = False
-        # Registered after the recorder's own exit hook, so it runs before it (last in,
-        # first out): open runs end with their reason before the recorder aborts the rest.
-        atexit.register(self._close_at_exit)
+        # Made after the recorder's own exit hook, so it runs before it: open runs end
+        # with their reason before the recorder aborts the rest.
+        self._exit_hook = ExitHook(self.store, self._close_at_exit)
 
     def join(self, core: Any) -> bool:
         """Count `core` in (False: this one closed already; take a new one)."""
@@ -227,7 +224,7 @@ class EmbeddedStore:
                 self._closed = True
                 if _stores.get(self._key) is self:
                     del _stores[self._key]
-                atexit.unregister(self._close_at_exit)
+                self._exit_hook.cancel()
                 # Under the registry lock: a core opening this store next reads it only
                 # once everything recorded here is saved.
                 self.persister.close()
@@ -236,15 +233,10 @@ class EmbeddedStore:
             self.persister.wait_saved()
 
     def _close_at_exit(self) -> None:
-        if os.getpid() != self._key[0]:  # a forked child's runs and store are its parent's
-            return
         for core in list(self._cores):
             core.end_open_runs("the interpreter exited during the run")
         self._closed = True
-        try:
-            self.persister.close()
-        except Exception:  # reported, not raised, at exit (as the recorder's own exit hook does)
-            logger.exception("%r: saving at interpreter exit failed", self.store)
+        self.persister.close()
 
 
 _stores_lock = threading.Lock()

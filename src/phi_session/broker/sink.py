@@ -12,10 +12,8 @@ once (within the stream's duplicate window) and the workers drop any later copy.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
-import os
 import re
 import shutil
 import threading
@@ -28,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 
+from .._exit import ExitHook
 from ..codec import encode_event
 from ..errors import BrokerError, PhiSessionError
 from ..events import AgentEvent, AgentStart
@@ -69,7 +68,9 @@ class _Episode:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.journal = Journal(directory, durability="os")  # written through: survives a kill
+        # Written through: survives a kill. The sink closes it, from its exit hook too:
+        # an event the sink takes at exit, before that hook runs, still goes in.
+        self.journal = Journal(directory, durability="os", close_at_exit=False)
         self.sealed = False  # no more appends: the sender owns it
         self.count = 0
 
@@ -190,9 +191,8 @@ class JetStreamSink:
         )
         self._thread.start()
         self._started.wait()
-        self._pid = os.getpid()
         # The publishing thread is a daemon: what it holds would vanish with the process.
-        atexit.register(self._close_at_exit)
+        self._exit_hook = ExitHook(self, self.close)
 
     def __repr__(self) -> str:
         return f"JetStreamSink({self.url!r}, stream={self.settings.stream!r})"
@@ -312,7 +312,7 @@ class JetStreamSink:
             if self._closed:
                 return
             self._closed = True
-        atexit.unregister(self._close_at_exit)
+        self._exit_hook.cancel()
         sent = self.flush(timeout)
         self._stop.set()
         self._wake()
@@ -326,10 +326,6 @@ class JetStreamSink:
             self._cancel_publisher()
             self._thread.join(_CANCEL_AGAIN)
         self._spill_rest()
-
-    def _close_at_exit(self) -> None:
-        if os.getpid() == self._pid:  # a forked child: the queue and the thread are the parent's
-            self.close()
 
     def _cancel_publisher(self) -> None:
         loop, task = self._loop, self._task

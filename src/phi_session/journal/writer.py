@@ -17,7 +17,6 @@ all of these; nothing here calls back into a recorder.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Literal, TypeAlias, get_args
 
 from .. import codec
+from .._exit import ExitHook
 from ..errors import PhiSessionError, StoreError
 from ..events import AgentEvent
 from .format import (
@@ -78,7 +78,8 @@ class Journal:
     writer holds it). Segments found there belong to an earlier run
     (`leftover_segments`): they are never appended to; `recover` replays and removes them.
     `close` (or leaving a ``with`` block; at the latest, an exit hook at interpreter
-    exit) writes and fsyncs everything.
+    exit) writes and fsyncs everything. With ``close_at_exit=False`` there is no exit
+    hook: the object that owns the journal closes it, from its own hook if need be.
 
     I/O failures raise `StoreError`; after a failed write or fsync the journal refuses
     further appends (the kernel may have dropped the unsynced data, so a retry would lie).
@@ -91,6 +92,7 @@ class Journal:
         durability: Durability = "interval",
         interval_ms: float = 50,
         segment_bytes: int = 64 << 20,
+        close_at_exit: bool = True,
     ) -> None:
         if durability not in get_args(Durability):
             raise ValueError(f"durability must be one of {get_args(Durability)}, got {durability!r}")
@@ -146,8 +148,7 @@ class Journal:
             self._flusher.start()
         # At interpreter exit the flusher, a daemon thread, stops wherever it is: a journal
         # still open is closed first, so that what waits for it is written.
-        self._pid = os.getpid()
-        atexit.register(self._close_at_exit)
+        self._exit_hook = ExitHook(self, self.close) if close_at_exit else None
 
     def __repr__(self) -> str:
         return f"Journal({str(self.directory)!r}, durability={self.durability!r})"
@@ -463,7 +464,8 @@ class Journal:
             if self._closing:
                 return
             self._closing = True
-        atexit.unregister(self._close_at_exit)
+        if self._exit_hook is not None:
+            self._exit_hook.cancel()
         self._stopping = True
         self._wake.set()
         if self._flusher is not None:
@@ -479,14 +481,6 @@ class Journal:
             raise StoreError(
                 f"journal {self.directory} failed: {self._failure}; records after {self._acked} may be lost"
             )
-
-    def _close_at_exit(self) -> None:
-        if os.getpid() != self._pid:
-            return  # a forked child: the descriptors and the lock are the parent's
-        try:
-            self.close()
-        except StoreError as error:
-            logger.error("%r: closing at interpreter exit failed: %s", self, error)
 
     def _shut_down(self) -> None:
         """Close the active segment, remove what `release` covered, unlock the directory."""

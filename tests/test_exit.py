@@ -1,0 +1,71 @@
+"""Closing at interpreter exit what a program left open (`phi_session._exit`): no services needed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+import workload  # noqa: E402
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_events_a_sink_takes_at_exit_are_spilled_into_its_open_journal(tmp_path: Path) -> None:
+    """A spill journal registered its own exit hook after its sink's, so atexit (last in,
+    first out) closed it first: an event given to the sink by an exit hook that ran in
+    between found the journal closed."""
+    pytest.importorskip("nats", reason="the nats extra is not installed")
+    from phi_session.journal import read_records
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        dead = free.getsockname()[1]
+    script = (
+        "import atexit, sys; sys.path.insert(0, sys.argv[1]); import workload\n"
+        "from phi_session.broker import JetStreamSink\n"
+        "events = list(workload.events(1, seed=15))\n"
+        "sink = JetStreamSink(sys.argv[2], spill_dir=sys.argv[3], buffer=1, publish_timeout=0.2)\n"
+        "# Runs after the spill journal's hook (registered later) and before the sink's.\n"
+        "atexit.register(lambda: [sink(event) for event in events[-3:]])\n"
+        "for event in events[:-3]:\n"
+        "    sink(event)\n"
+    )
+    spill = tmp_path / "spill"
+    done = _run(script, BENCHMARKS, f"nats://127.0.0.1:{dead}", str(spill))
+    assert done.returncode == 0, done.stderr
+    assert "cannot write the spill journal" not in done.stderr
+    kept = [record.payload for episode in spill.iterdir() for record in read_records(episode)]
+    assert len(kept) == workload.EVENTS_PER_SESSION
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_an_exit_hook_runs_in_its_own_process_only_and_not_once_cancelled() -> None:
+    script = (
+        "import os, sys\n"
+        "from phi_session._exit import ExitHook\n"
+        "ExitHook('kept', lambda: print('closed in', 'child' if os.getpid() != parent else 'parent'))\n"
+        "ExitHook('cancelled', lambda: print('cancelled hook ran')).cancel()\n"
+        "ExitHook('failing', lambda: 1 / 0)\n"
+        "parent = os.getpid()\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    sys.exit(0)  # a normal exit: the child runs the exit hooks it inherited\n"
+        "os.waitpid(child, 0)\n"
+    )
+    done = _run(script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["closed in parent"]
+    assert "'failing': closing at interpreter exit failed" in done.stderr
+    assert "ZeroDivisionError" in done.stderr
