@@ -43,11 +43,13 @@ from phi_session.journal import (
     Journal,
     JournaledRecorder,
     JournalLocked,
+    NotAJournal,
     RecoveryError,
     read_records,
     recover,
 )
 from phi_session.model import Session
+from phi_session.persist import AutoPersistingRecorder
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 from phi_session.stores.base import SessionStore
 from phi_session.stores.json_dir import JsonDirStore
@@ -806,3 +808,62 @@ def test_orphans_appended_after_a_line_torn_by_a_crash_stay_whole(tmp_path: Path
 
 def test_a_journal_without_segments_recovers_to_nothing(tmp_path: Path) -> None:
     assert recover(tmp_path / "missing", JsonDirStore(tmp_path / "s")).events_replayed == 0
+
+
+def test_recovery_refuses_a_directory_that_is_not_a_journal_and_touches_nothing(tmp_path: Path) -> None:
+    """`recover` deleted every ``NNNN.wal`` of any directory it was pointed at."""
+    foreign = tmp_path / "logs"
+    foreign.mkdir()
+    (foreign / "0001.wal").write_bytes(b"a write-ahead log of another program\n")
+    (foreign / "0002.wal").write_bytes(b"")
+    (foreign / "notes.txt").write_text("keep me")
+    before = {path.name: path.read_bytes() for path in foreign.iterdir()}
+    with pytest.raises(NotAJournal, match=r"logs.*\(0001\.wal, 0002\.wal\).*nothing was touched"):
+        recover(foreign, JsonDirStore(tmp_path / "store"))
+    assert {path.name: path.read_bytes() for path in foreign.iterdir()} == before  # no lock file either
+    with Journal(foreign, durability="os") as journal, pytest.raises(NotAJournal):
+        recover(journal, JsonDirStore(tmp_path / "store"))
+    (foreign / "journal.lock").unlink()  # the journal's own, made when it was opened
+    assert {path.name: path.read_bytes() for path in foreign.iterdir()} == before
+    assert not (tmp_path / "store").exists()
+
+
+def test_recovery_leaves_nothing_of_the_journal_behind(tmp_path: Path) -> None:
+    write_journal(tmp_path / "j", events(1), durability="os")
+    assert recover(tmp_path / "j", JsonDirStore(tmp_path / "store")).sessions_saved == 1
+    assert list((tmp_path / "j").iterdir()) == []  # segments, checkpoint and lock file
+
+
+def test_a_journal_whose_segment_was_cut_short_at_creation_is_recognised_by_its_lock_file(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "0000000000.wal").write_bytes(MAGIC[:3])
+    with pytest.raises(NotAJournal):
+        recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    (tmp_path / "journal.lock").touch()
+    assert recover(tmp_path, JsonDirStore(tmp_path / "store")).torn_records == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_leftover_segments_not_recovered_are_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """They block `release`, so the journal keeps every segment of the run: only a debug line said so."""
+    write_journal(tmp_path / "j", events(1), durability="os", segment_bytes=2048)
+    leftovers = len(segment_files(tmp_path / "j"))
+    with caplog.at_level(logging.WARNING, logger="phi_session"):
+        persister = AutoPersistingRecorder(
+            JsonDirStore(tmp_path / "store"),
+            journal=tmp_path / "j",
+            recover_on_start=False,
+            checkpoint_every=5,
+        )
+        for event in events(2):
+            persister.on_event(event)
+        persister.close()
+    warnings = [r.getMessage() for r in caplog.records if "earlier run" in r.getMessage()]
+    assert warnings == [
+        f"journal {tmp_path / 'j'} holds {leftovers} segments of an earlier run, not recovered "
+        "(recover_on_start=False): no segment of this run is removed until they are (`recover`), "
+        "so the journal grows"
+    ]

@@ -68,6 +68,11 @@ class JournalLocked(SessionLocked):
     """Another live `Journal` (in this or another process) holds the journal directory."""
 
 
+class NotAJournal(PhiSessionError, ValueError):
+    """A directory given as a journal holds files named like segments, none of which is
+    a journal segment; nothing in it was touched."""
+
+
 class MissingExtra(PhiSessionError, ImportError):
     """An optional dependency is not installed; the message names the extra that installs it."""
 

@@ -197,6 +197,14 @@ class AutoPersistingRecorder:
                 store,
                 self.recovery_report.sessions_saved,
             )
+        elif self.journal is not None and self.journal.leftover_segments:
+            # `release` refuses while they are there, so every segment of this run stays too.
+            logger.warning(
+                "journal %s holds %d segments of an earlier run, not recovered (recover_on_start=False): "
+                "no segment of this run is removed until they are (`recover`), so the journal grows",
+                self.journal.directory,
+                len(self.journal.leftover_segments),
+            )
         self._sink = JournaledRecorder(self.journal, self.recorder) if self.journal is not None else None
         self._saver = SessionSaver(
             store, orphans=self.journal.write_orphans if self.journal else None, retry_for=retry_for

@@ -44,7 +44,7 @@ When a segment is deleted (never before every event in it is safe elsewhere):
 * `Journal.close`: the segments `release` covered, and an active one holding nothing.
 """
 
-from ..errors import JournalLocked
+from ..errors import JournalLocked, NotAJournal
 from .adapter import JournaledRecorder
 from .format import CHECKPOINT_FILE as CHECKPOINT_FILE
 from .format import MAGIC as MAGIC
@@ -58,6 +58,7 @@ __all__ = [
     "JournalLocked",
     "JournalRecord",
     "JournaledRecorder",
+    "NotAJournal",
     "RecoveryError",
     "RecoveryReport",
     "read_records",

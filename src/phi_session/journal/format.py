@@ -70,6 +70,31 @@ def segment_path(directory: Path, number: int) -> Path:
     return directory / f"{number:010d}{SEGMENT_SUFFIX}"
 
 
+def holds_journal(directory: Path, paths: Sequence[Path]) -> bool:
+    """Whether the files `paths` of `directory`, named like segments, are a journal's.
+
+    One at least begins with `MAGIC` (a header-less file beside it is damage); or,
+    beside the lock file (which a journal makes before any segment), every one holds
+    a beginning of `MAGIC`: segments whose creation a crash cut short. Anything else
+    (another program's ``0001.wal``) is not ours.
+    """
+    heads = [_head(path) for path in paths]
+    if MAGIC in heads:
+        return True
+    return (directory / LOCK_FILE).is_file() and all(
+        head is not None and MAGIC.startswith(head) for head in heads
+    )
+
+
+def _head(path: Path) -> bytes | None:
+    """The first bytes of `path`, as many as `MAGIC` has; None if it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(MAGIC))
+    except OSError:  # a directory, or unreadable: no segment
+        return None
+
+
 def segment_paths(directory: Path) -> list[tuple[int, Path]]:
     """The segments in `directory` as (number, path), oldest first."""
     found = []
@@ -130,7 +155,7 @@ class DirectoryLock:
     """An exclusive, non-blocking ``flock`` on ``journal.lock``: one writer per directory."""
 
     def __init__(self, directory: Path) -> None:
-        path = directory / LOCK_FILE
+        self.path = path = directory / LOCK_FILE
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if sys.platform != "win32":
             try:
@@ -139,8 +164,15 @@ class DirectoryLock:
                 os.close(self._fd)
                 raise JournalLocked(f"journal {directory} is in use by another writer") from None
 
-    def release(self) -> None:
+    def release(self, *, remove: bool = False) -> None:
+        """Unlock; with `remove`, delete the lock file first, while it is still held (once
+        unlocked, another writer may hold it)."""
         if self._fd >= 0:
+            if remove:
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError as error:  # only a leftover empty file
+                    logger.warning("removing %s failed: %s", self.path, error)
             fd, self._fd = self._fd, -1
             try:
                 os.close(fd)  # closing the descriptor releases the flock

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import codec
-from ..errors import DecodeError, StoreError
+from ..errors import DecodeError, NotAJournal, StoreError
 from ..events import AgentEvent, AgentStart
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
@@ -21,6 +21,7 @@ from .format import (
     SegmentReader,
     append_orphans,
     fsync_directory,
+    holds_journal,
     read_checkpoint,
     segment_paths,
 )
@@ -89,6 +90,8 @@ def recover(
 
     `journal` is a directory no live writer holds (`JournalLocked` otherwise), or an
     open `Journal`, whose `leftover_segments` (those of an earlier run) are recovered.
+    A directory where no ``NNNN.wal`` file is a journal segment (`format.holds_journal`)
+    is refused (`NotAJournal`) before anything in it is touched.
     Events are replayed into a fresh `SessionRecorder(config)` (its callbacks run),
     completed sessions are saved every `save_every` events (memory stays bounded),
     and at the end open loops are aborted and every session is saved.
@@ -103,24 +106,28 @@ def recover(
     Idempotent: `SessionStore.save` merges by loop id, so saving what is already
     stored changes nothing. With `remove`, once every session is saved, events that no
     loop claimed are appended to ``orphans.jsonl`` in the journal directory and the
-    replayed segments (and the checkpoint) are deleted. If a save fails nothing is
-    written or deleted and `RecoveryError` (carrying the report) is raised: recovering
-    again is safe.
+    replayed segments, the checkpoint and (given a directory) the lock file are deleted.
+    If a save fails nothing is written or deleted and `RecoveryError` (carrying the
+    report) is raised: recovering again is safe.
     """
     if save_every < 1:
         raise ValueError(f"save_every must be at least 1, got {save_every!r}")
     if isinstance(journal, Journal):
         directory, lock = journal.directory, None
         segments = journal.leftover_segments
+        _check_ours(directory, segments)
     else:
         directory = Path(journal)
-        if not directory.is_dir():
+        found = [path for _, path in segment_paths(directory)] if directory.is_dir() else []
+        if not found:
             return RecoveryReport()
+        _check_ours(directory, found)  # before the lock file is made there
         try:
             lock = DirectoryLock(directory)
         except OSError as error:
             raise StoreError(f"cannot lock journal {directory}: {error}") from error
-        segments = [path for _, path in segment_paths(directory)]
+        segments = [path for _, path in segment_paths(directory)]  # as they are with no writer
+    cleared = False  # the segments are gone: the lock file goes too
     try:
         unstorable: list[AgentEvent] = []  # the events of sessions no store accepts
         saver = SessionSaver(store, orphans=unstorable.extend, retry_for=retry_for)
@@ -153,12 +160,22 @@ def recover(
                     f"cleared ({error}); recovering again is safe"
                 ) from error
             report.segments_removed = len(segments)
+            cleared = True
             if isinstance(journal, Journal):
                 journal.forget_leftovers(segments)
         return report
     finally:
         if lock is not None:
-            lock.release()
+            lock.release(remove=cleared)
+
+
+def _check_ours(directory: Path, segments: list[Path]) -> None:
+    if segments and not holds_journal(directory, segments):
+        names = ", ".join(path.name for path in segments[:3]) + (", ..." if len(segments) > 3 else "")
+        raise NotAJournal(
+            f"{directory} is not a phi-session journal: no file named like a segment ({names}) "
+            "begins with a journal segment header; nothing was touched"
+        )
 
 
 def _replay(
