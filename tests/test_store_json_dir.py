@@ -320,3 +320,21 @@ def test_summary_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         store.save(make_session(f"s{i}"))
     assert len(store._cache) == 3
     assert len(store.query()) == 6  # evicted summaries are read again from their files
+
+
+def test_an_id_whose_file_holds_another_session_is_not_saved_over_it(
+    store: JsonDirStore, directory: Path
+) -> None:
+    """On a case-insensitive file system ``S.json`` is ``s.json``: saving session "S"
+    merged it into session "s" and wrote the result over it. A hard link names one file
+    twice as such a file system does; names on a case-sensitive one are unchanged."""
+    store.save(make_session("s", "x"))
+    kept = (directory / "s.json").read_bytes()
+    os.link(directory / "s.json", directory / "S.json")
+    with pytest.raises(StoreError, match=r"session 'S'.*S\.json holds session 's'.*nothing was written"):
+        store.save(make_session("S", "y"))
+    assert (directory / "s.json").read_bytes() == (directory / "S.json").read_bytes() == kept
+    (directory / "S.json").unlink()
+    store.save(make_session("S", "y"))  # where case counts, each id has its own file, named as before
+    assert (directory / "S.json").read_bytes() == encode_session(make_session("S", "y"))
+    assert (directory / "s.json").read_bytes() == kept

@@ -182,7 +182,8 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
     def save(self, session: Session) -> None:
         """Write `session`, merged with the stored one of the same id, atomically.
 
-        A stored file that cannot be read is never overwritten: `StoreError`.
+        A stored file that cannot be read, or that holds another session (on a file
+        system that ignores case, ``A.json`` is ``a.json``), is never overwritten: `StoreError`.
         """
         session_id = session_id_to_save(session)
         try:
@@ -200,6 +201,14 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
                     f"({error}); move it aside to save"
                 ) from error
             else:
+                if stored.session_id != session_id:
+                    # A file system that ignores case gives "a" and "A" one file: merging
+                    # would make two sessions one, under the wrong id.
+                    raise StoreError(
+                        f"not saving session {session_id!r}: its file {self.path_for(session_id)} holds "
+                        f"session {stored.session_id!r} (the file system does not tell their names "
+                        "apart, e.g. it ignores case); nothing was written"
+                    )
                 merged = merge_sessions(stored, session)
             key = self._write_atomically(session_id, encode_session(merged))
         self._remember(session_id, _entry(key, merged))
