@@ -360,6 +360,30 @@ def test_repeated_agent_start_keeps_the_open_record() -> None:
     assert sum(isinstance(e.event, ps.AgentStart) for e in loop.events) == 2
 
 
+def test_a_repeated_agent_start_for_a_closed_loop_is_an_orphan_not_a_second_record() -> None:
+    """The loop had ended but its session was not drained yet: the repeat opened a
+    second record of the same id, and the session held the loop twice."""
+    again = start("s.c.1", "s", at=5)
+    late = [again, *turn("s.c.1", at=6), end("s.c.1", at=9)]
+    recorder, [session] = record([start("s.c.1", "s"), *turn("s.c.1"), end("s.c.1"), *late])
+    [loop] = session.loops
+    assert (loop.started_at, loop.ended_at, len(loop.turns)) == (ts(0), ts(1), 1)
+    orphans = recorder.orphans()
+    assert [orphan.event for orphan in orphans] == late  # nothing lost
+    assert orphans[0].reason == "repeated AgentStart for an already closed loop"
+
+
+def test_a_compaction_pass_reusing_the_closed_loop_id_is_a_second_record() -> None:
+    """phi-core's compaction pass reuses the last loop's id (wire-format §8.1, §14 item 10)."""
+    compaction = start("s.c.1", "s", at=5, parent="s.c.1", kind=ps.COMPACTION)
+    recorder, [session] = record([start("s.c.1", "s"), end("s.c.1"), compaction, end("s.c.1", at=6)])
+    assert [(r.loop_id, r.continuation_kind) for r in session.loops] == [
+        ("s.c.1", ps.INITIAL),
+        ("s.c.1", ps.COMPACTION),
+    ]
+    assert recorder.orphans() == []
+
+
 def test_a_held_session_id_seen_again_joins_its_session() -> None:
     opened: list[str] = []
     recorder = SessionRecorder(before_task=lambda s: opened.append(s.session_id))

@@ -9,8 +9,10 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
 * ``after_task`` fires once each time a session is completed, by `flush` or `checkpoint`;
 * ``ParallelLoopStart`` pre-registers Pending loop records; a branch that never
   starts is Aborted at `flush` instead of vanishing;
-* a repeated ``AgentStart`` for an open loop keeps what was recorded; a session id
-  seen again while the session is still held joins it;
+* a repeated ``AgentStart`` for an open loop keeps what was recorded; one for a loop
+  that ended (not yet drained) is an orphan, its loop's later events too (a compaction
+  pass, which reuses the id, is a second record); a session id seen again while the
+  session is still held joins it;
 * ``RevertApplied`` is stored; parallel and loop-less events are kept;
 * `flush` aborts open loops in the order they were opened, and links them to their parent;
 * `checkpoint` completes every session whose loops have all ended, as phi-core does;
@@ -39,6 +41,7 @@ from . import codec
 from ._collector import release_leaves, release_records, release_tuple
 from ._time import Timestamp
 from .events import (
+    COMPACTION,
     EVENT_TYPES,
     AgentEnd,
     AgentEvent,
@@ -319,6 +322,11 @@ class SessionRecorder:
             )
 
     def _on_agent_start(self, event: AgentStart) -> None:
+        if event.loop_id in self._closed_by_id and event.continuation_kind != COMPACTION:
+            # Its loop ended and is still held: a second record would hold the loop twice.
+            # phi-core's compaction pass alone reuses an ended loop's id (wire-format §8.1).
+            self._orphan(event, "repeated AgentStart for an already closed loop")
+            return
         held = self._open.get(event.session_id)
         if held is None:
             held = self._completed.pop(event.session_id, None)  # still held: it joins
