@@ -271,6 +271,19 @@ def test_default_store_and_environment_variable(tmp_path: Path, monkeypatch: pyt
     assert len(list((tmp_path / "elsewhere").glob("*.json"))) == 5
 
 
+@pytest.mark.parametrize(
+    "command", [["list"], ["show", "s"], ["stats"], ["search", "x"], ["export", "s"], ["rm", "s"]]
+)
+def test_an_empty_file_is_not_a_store_and_stays_empty(tmp_path: Path, command: list[str]) -> None:
+    """An empty .db file (``touch x.db``) became an SQLite store when a command read it."""
+    empty = tmp_path / "x.db"
+    empty.touch()
+    result = run(*command, "--store", empty)
+    assert_one_line_error(result, EXIT_FAILURE, f"{empty} is an empty file, not a store")
+    assert empty.stat().st_size == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["x.db"]
+
+
 def test_bad_store_url_is_one_line() -> None:
     result = run("list", "--store", "nosuch://x")
     assert result.exit_code in (EXIT_FAILURE, EXIT_USAGE)

@@ -94,7 +94,8 @@ def open_cli_store(
     created on the first save if it does not exist yet. With `must_exist` (every
     command that only reads) a file or directory store that does not exist is an
     error naming where it was looked for, not a new empty store: a mistyped
-    ``--store`` must not look like a store without sessions.
+    ``--store`` must not look like a store without sessions, and an empty file
+    (``touch x.db``) is left empty, not made a store.
     """
     from ..stores.json_dir import JsonDirStore
 
@@ -106,6 +107,9 @@ def open_cli_store(
             if path is not None and not path.exists():
                 named = " (the default store: give --store, or set $PHI_SESSION_STORE)" if url is None else ""
                 raise CliError(f"no store at {path}{named}: nothing was recorded there")
+            if path is not None and path.is_file() and path.stat().st_size == 0:
+                # Opening it would make it an SQLite store.
+                raise CliError(f"{path} is an empty file, not a store: nothing was recorded there")
         store = JsonDirStore(directory) if directory is not None else open_store(url)
     except InvalidStoreUrl as error:
         raise CliError(f"--store: {error}", EXIT_USAGE) from None
