@@ -31,6 +31,8 @@ import pytest
 from phi_session.codec import decode_event, encode_event, encode_session
 from phi_session.recorder import SessionRecorder
 
+from .nats_support import PrivateServer, listening
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import workload
 
@@ -46,15 +48,9 @@ HELPER = Path(__file__).with_name("broker_processes.py")
 CLI = (sys.executable, "-c", "from phi_session.cli import main; main()")
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
 if not DSN:
     pytest.skip("PHI_SESSION_TEST_POSTGRES_DSN is not set", allow_module_level=True)
-if not _listening(4222):
+if not listening(4222):
     pytest.skip(
         "no nats-server on 127.0.0.1:4222 (.ci/run starts one: nats-server -js)", allow_module_level=True
     )
@@ -508,34 +504,6 @@ def test_postgresql_going_away_stops_the_worker_with_a_store_error(names: Names)
 
 
 # -- the sink -----------------------------------------------------------------------------------------
-
-
-class PrivateServer:
-    """A nats-server of this test's own (so it can be stopped), on a free port."""
-
-    def __init__(self, directory: Path) -> None:
-        server = shutil.which("nats-server")
-        if server is None:
-            pytest.skip("no nats-server binary")
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            self.port = free.getsockname()[1]
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.command = [server, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(directory)]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not _listening(self.port):
-            assert time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait()
-            self.process = None
 
 
 @pytest.fixture

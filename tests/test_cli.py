@@ -32,6 +32,7 @@ from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.urls import ENV_VAR
 
 from .conftest import EXAMPLES
+from .nats_support import PrivateServer
 from .web_support import (
     BASIC_ID,
     BASIC_LOOPS,
@@ -947,3 +948,30 @@ def test_list_model_column_is_cut_not_wrapped(store_dir: Path, tmp_path: Path) -
         lines = result.stdout.splitlines()
         assert len(lines) == 6, (columns, result.stdout)  # a header and one line per session
         assert max(len(line) for line in lines) <= columns
+
+
+# -- record --to --------------------------------------------------------------------------------
+
+
+def test_record_to_a_broker_fails_when_events_were_set_aside(tmp_path: Path) -> None:
+    """An event over the broker's max_payload is never published, only set aside: the
+    command still exited 0."""
+    pytest.importorskip("nats", reason="the nats extra is not installed")
+    huge = '"' + "x" * 1_100_000 + '"'  # over NATS's default max_payload (1 MB)
+    lines = [line.replace('"Say hello."', huge) for line in example_lines() if MINIMAL_ID in line]
+    big = sum(len(line) > 1_100_000 for line in lines)
+    assert big > 1
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    server = PrivateServer(tmp_path / "jetstream")
+    server.start()
+    try:
+        result = run("record", tmp_path / "events.jsonl", "--to", server.url)
+    finally:
+        server.stop()
+    assert result.exit_code == EXIT_FAILURE, result.stderr
+    rejected = tmp_path / ".phi-session" / "spill" / "rejected"
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"phi-session: error: {big} events not published (over the broker's max_payload): "
+        f"set aside in {rejected}"
+    )
+    assert len(list(rejected.iterdir())) == big

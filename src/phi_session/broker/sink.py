@@ -287,6 +287,11 @@ class JetStreamSink:
                 rejected=self._rejected,
             )
 
+    @property
+    def rejected_dir(self) -> Path:
+        """Where events too large to publish are kept, one file each (`SinkStats.rejected`)."""
+        return self.spill_dir / _REJECTED
+
     def _pending(self) -> int:
         entries = [*self._queue, *([self._sending] if self._sending is not None else [])]
         return self._left + sum(
@@ -419,7 +424,7 @@ class JetStreamSink:
     def set_aside(self, message: _Message, size: int, limit: int) -> None:
         """Keep an event NATS will never take (over its max_payload) as a file of its own."""
         msg_id, session, _, payload = message
-        path = self.spill_dir / _REJECTED / f"{msg_id}.json"
+        path = self.rejected_dir / f"{msg_id}.json"
         if path.exists():  # set aside by an earlier attempt at its entry
             return
         try:

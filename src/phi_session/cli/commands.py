@@ -469,7 +469,8 @@ def record(
 
     With --to nats://HOST the events are published to JetStream instead (stream
     and partitions from $PHI_SESSION_NATS_*), and the command ends once the broker
-    acknowledged them all.
+    acknowledged them all. An event too large for the broker is set aside as a file
+    in .phi-session/spill/rejected, and the command then fails (exit status 1).
     """
     if broker_url is not None:
         if directory is not None or store_url is not None or orphans_path is not None:
@@ -924,6 +925,7 @@ def _publish(source: str, url: str, as_json: bool) -> None:
                 "events": outcome["events"],
                 "published": stats.published,
                 "pending": stats.pending,
+                "rejected": stats.rejected,
                 "malformed_lines": outcome["malformed_lines"],
                 "errors": outcome["errors"],
             }
@@ -946,6 +948,11 @@ def _publish(source: str, url: str, as_json: bool) -> None:
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
     if outcome["events"] == 0:
         raise CliError(f"nothing published: {lines.name} holds no valid event line")
+    if stats.rejected:
+        raise CliError(
+            f"{render.count(stats.rejected, 'event')} not published (over the broker's max_payload): "
+            f"set aside in {sink.rejected_dir}"
+        )
     if not sent:
         raise click.exceptions.Exit(EXIT_FAILURE)
 
