@@ -388,6 +388,23 @@ def test_the_v2_migration_indexes_the_stored_loops(
     assert {"loops_words", "loops_unindexed"} <= {name for (name,) in indexes}
 
 
+def test_the_v5_migration_lists_a_prompt_holding_a_nul_character(
+    store: postgres.PostgresStore, admin: Any
+) -> None:
+    """Migration 5 wrote the first prompt as it is: a NUL in one failed the migration, and
+    so every opening of that database."""
+    session = make_session("nul-prompt", loops=[talking_loop("nul-prompt", 1, "read\x00this")])
+    store.save(session)
+    # Back to version 4: no first_prompt column, no calls column (v6's).
+    sessions, meta = _table(store.schema, "sessions"), _table(store.schema, "meta")
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt").format(sessions))
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(_table(store.schema, "loops")))
+    admin.execute(sql.SQL("UPDATE {} SET value = '4' WHERE key = 'schema_version'").format(meta))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        assert [row.first_prompt for row in migrated.query()] == ["Please read\ufffdthis"]
+        assert encode_session(migrated.load("nul-prompt")) == encode_session(session)
+
+
 def test_search_reads_only_the_loops_the_index_names(
     store: postgres.PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -272,7 +272,7 @@ def _store_first_prompts(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.
                         prompts[session_id] = prompt
     cur.executemany(
         compose("UPDATE {s}.sessions SET first_prompt = %s WHERE session_id = %s"),
-        [(prompt, session_id) for session_id, prompt in prompts.items()],
+        [(_text(prompt), session_id) for session_id, prompt in prompts.items()],
     )
 
 
