@@ -30,16 +30,16 @@ from typing import Any
 
 import msgspec
 
-from ..errors import PhiSessionError
+from ..errors import Backpressure, OtlpDecodeError, OtlpRefused, PhiSessionError
 from ..journal import Journal
 from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
 from ..stores.base import SessionStore
 from ..web.server import is_loopback, loopback_host_header
 from .ingest import IngestResult, SpanIngestor
-from .spans import OtlpDecodeError, SpanData, spans_from_otlp_json, spans_from_otlp_proto
+from .spans import SpanData, spans_from_otlp_json, spans_from_otlp_proto
 
-__all__ = ["OtlpEndpoint", "OtlpServer", "make_otlp_server"]
+__all__ = ["Backpressure", "OtlpEndpoint", "OtlpServer", "make_otlp_server"]
 
 logger = logging.getLogger("phi_session.otel.endpoint")
 
@@ -51,15 +51,6 @@ _SPOOL_KINDS = {b"J": _JSON, b"P": _PROTOBUF}  # a spool file: this byte, then t
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer field
 _STORE_PAUSE = 5  # seconds payloads are refused after the store failed a session (Retry-After)
-
-
-class Backpressure(PhiSessionError):
-    """The endpoint cannot take a payload now; retry after `retry_after` seconds."""
-
-    def __init__(self, status: HTTPStatus, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
 
 
 def _decode(body: bytes, media: str) -> tuple[list[SpanData], int]:
@@ -172,7 +163,8 @@ class OtlpEndpoint:
                 logger.exception("OTLP endpoint housekeeping failed")
 
     def accept(self, body: bytes, content_type: str) -> IngestResult:
-        """Decode, spool (fsynced), then record one payload. Raises `OtlpDecodeError`, `Backpressure`."""
+        """Decode, spool (fsynced), then record one payload. Raises `OtlpDecodeError`, `OtlpRefused`
+        (`Backpressure` when it may fit later)."""
         media = content_type.split(";", 1)[0].strip().lower()
         spans, skipped = _decode(body, media)
         self._check_room(len(spans))
@@ -261,13 +253,6 @@ def make_otlp_server(
     return OtlpServer(endpoint, host, port, **options)
 
 
-class _Refused(Exception):
-    def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or {}
-
-
 class OtlpHandler(BaseHTTPRequestHandler):
     server: OtlpServer
     server_version = "phi-session-otlp"
@@ -280,14 +265,11 @@ class OtlpHandler(BaseHTTPRequestHandler):
         try:
             body, content_type = self._read()
             result = self.server.endpoint.accept(body, content_type)
-        except _Refused as refused:
+        except OtlpRefused as refused:  # Backpressure too, its Retry-After in the headers
             self._error(refused.status, str(refused), json_wanted, refused.headers)
             return
         except OtlpDecodeError as error:
             self._error(HTTPStatus.BAD_REQUEST, str(error), json_wanted)
-            return
-        except Backpressure as error:
-            self._error(error.status, str(error), json_wanted, {"Retry-After": str(error.retry_after)})
             return
         except (PhiSessionError, OSError) as error:  # the store, the journal or the spool failed: retryable
             logger.error("OTLP payload not recorded: %s", error)
@@ -311,37 +293,39 @@ class OtlpHandler(BaseHTTPRequestHandler):
 
     def _read(self) -> tuple[bytes, str]:
         if self.server.loopback_only and not loopback_host_header(self.headers.get_all("Host") or []):
-            raise _Refused(HTTPStatus.FORBIDDEN, "this endpoint answers only to one loopback Host header")
+            raise OtlpRefused(HTTPStatus.FORBIDDEN, "this endpoint answers only to one loopback Host header")
         if self.path.split("?", 1)[0] != TRACES_PATH:
-            raise _Refused(HTTPStatus.NOT_FOUND, f"no such path; traces go to {TRACES_PATH}")
+            raise OtlpRefused(HTTPStatus.NOT_FOUND, f"no such path; traces go to {TRACES_PATH}")
         content_type = self.headers.get("Content-Type", "")
         if content_type.split(";", 1)[0].strip().lower() not in (_PROTOBUF, _JSON):
-            raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {_PROTOBUF} or {_JSON}")
+            raise OtlpRefused(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {_PROTOBUF} or {_JSON}"
+            )
         limit = self.server.max_body
         transfer = self.headers.get("Transfer-Encoding")
         if transfer is not None and transfer.strip().lower() != "chunked":
-            raise _Refused(HTTPStatus.NOT_IMPLEMENTED, f"unsupported Transfer-Encoding {transfer!r}")
+            raise OtlpRefused(HTTPStatus.NOT_IMPLEMENTED, f"unsupported Transfer-Encoding {transfer!r}")
         try:  # a Transfer-Encoding overrides a Content-Length (RFC 9112 6.3)
             body = self._read_chunked(limit) if transfer is not None else self._read_sized(limit)
         except TimeoutError:
-            raise _Refused(HTTPStatus.REQUEST_TIMEOUT, "the body stopped coming") from None
+            raise OtlpRefused(HTTPStatus.REQUEST_TIMEOUT, "the body stopped coming") from None
         encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding == "gzip":
             body = self._gunzip(body, limit)
         elif encoding not in ("", "identity"):
-            raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported Content-Encoding {encoding!r}")
+            raise OtlpRefused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported Content-Encoding {encoding!r}")
         return body, content_type
 
     def _read_sized(self, limit: int) -> bytes:
         length_text = self.headers.get("Content-Length")
         if length_text is None or not length_text.isdigit():
-            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
+            raise OtlpRefused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
         length = int(length_text)
         if length > limit:
-            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+            raise OtlpRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
         body = self.rfile.read(length)
         if len(body) != length:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
+            raise OtlpRefused(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
         return body
 
     def _read_chunked(self, limit: int) -> bytes:
@@ -350,15 +334,15 @@ class OtlpHandler(BaseHTTPRequestHandler):
         while True:
             size_text = self._chunk_line().split(b";", 1)[0].strip()  # a chunk extension is ignored
             if not size_text or not _HEX_DIGITS.issuperset(size_text):
-                raise _Refused(HTTPStatus.BAD_REQUEST, "bad chunk size in a chunked body")
+                raise OtlpRefused(HTTPStatus.BAD_REQUEST, "bad chunk size in a chunked body")
             size = int(size_text, 16)
             if not size:
                 break
             if len(body) + size > limit:
-                raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+                raise OtlpRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
             chunk = self.rfile.read(size)
             if len(chunk) != size or self._chunk_line().strip():
-                raise _Refused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
+                raise OtlpRefused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
             body += chunk
         while self._chunk_line().strip():  # trailer fields, unused
             pass
@@ -367,7 +351,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
     def _chunk_line(self) -> bytes:
         line = self.rfile.readline(_MAX_CHUNK_LINE + 1)
         if not line.endswith(b"\n") or len(line) > _MAX_CHUNK_LINE:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
+            raise OtlpRefused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
         return line
 
     @staticmethod
@@ -378,11 +362,11 @@ class OtlpHandler(BaseHTTPRequestHandler):
             try:  # never more than the limit: a bomb stops here
                 out += inflater.decompress(data, limit + 1 - len(out))
             except zlib.error as error:
-                raise _Refused(HTTPStatus.BAD_REQUEST, f"bad gzip body: {error}") from None
+                raise OtlpRefused(HTTPStatus.BAD_REQUEST, f"bad gzip body: {error}") from None
             if len(out) > limit:
-                raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates to over {limit} bytes")
+                raise OtlpRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates to over {limit} bytes")
             if not inflater.eof:
-                raise _Refused(HTTPStatus.BAD_REQUEST, "truncated gzip body")
+                raise OtlpRefused(HTTPStatus.BAD_REQUEST, "truncated gzip body")
             data = inflater.unused_data
             if not data:
                 return bytes(out)
