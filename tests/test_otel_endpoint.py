@@ -456,3 +456,21 @@ def test_a_span_under_a_remote_parent_is_recorded_at_once(receiver: Receiver) ->
     assert receiver.post(_protobuf([by_proto])).status == 200
     assert receiver.post(json.dumps(_otlp_json([by_json])).encode(), "application/json").status == 200
     assert receiver.endpoint.ingestor.buffered_spans == 0  # no wait for the caller's span: it never comes
+
+
+def test_a_payload_over_the_span_limit_is_413_not_retried_forever(
+    demo_sessions: list[Session], tmp_path: Path
+) -> None:
+    """More spans in one payload than may wait at all: 429 had the exporter retry it forever."""
+    made = Receiver(tmp_path, max_buffered_spans=3)
+    try:
+        spans = session_spans(demo_sessions[0], capture_content=True)
+        assert len(spans) > 3
+        response = made.post(json.dumps(_otlp_json(spans)).encode(), "application/json")
+        assert response.status == 413 and response.getheader("Retry-After") is None
+        message = json.loads(response.read_body)["message"]  # type: ignore[attr-defined]
+        assert f"{len(spans)} spans" in message and "at most 3" in message
+        assert not list((tmp_path / "state" / "spool").glob("*.spans"))  # nothing of it taken
+        assert made.post(_protobuf(spans[:3])).status == 200  # a payload that fits still does
+    finally:
+        made.close()

@@ -9,8 +9,9 @@ store).
 
 Answers follow the OTLP/HTTP specification: 200 with a partial success naming the spans
 rejected (invalid ids), 400 for an unreadable payload, 413 for a body over the limit
-(compressed or not: a gzip bomb stops at the limit), 415 for another content type, 429
-(too many spans waiting for their roots) and 503 (the store is behind) with
+(compressed or not: a gzip bomb stops at the limit) or more spans than may ever wait,
+415 for another content type, 429 (too many spans waiting for their roots) and 503 (the
+store is behind) with
 ``Retry-After``, 403 for a non-loopback ``Host`` while bound to loopback (as the viewer).
 """
 
@@ -177,7 +178,13 @@ class OtlpEndpoint:
         return IngestResult(accepted=len(spans), rejected=skipped, message=message)
 
     def _check_room(self, count: int) -> None:
-        if self.ingestor.buffered_spans + count > self.ingestor.max_buffered_spans:
+        limit = self.ingestor.max_buffered_spans
+        if count > limit:  # never fits: a 429 would have the client retry it forever
+            raise OtlpRefused(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"{count} spans in one payload; at most {limit} may wait here: send smaller batches",
+            )
+        if self.ingestor.buffered_spans + count > limit:
             raise Backpressure(
                 HTTPStatus.TOO_MANY_REQUESTS,
                 f"{self.ingestor.buffered_spans} spans are waiting for their traces' roots",
