@@ -474,3 +474,19 @@ def test_a_payload_over_the_span_limit_is_413_not_retried_forever(
         assert made.post(_protobuf(spans[:3])).status == 200  # a payload that fits still does
     finally:
         made.close()
+
+
+def test_protobuf_under_either_media_type(demo_sessions: list[Session], tmp_path: Path) -> None:
+    """``application/protobuf`` is protobuf too (OTLP/HTTP answers in the request's type)."""
+    made = Receiver(tmp_path)
+    spans = session_spans(demo_sessions[0], capture_content=True)
+    response = made.post(_protobuf(spans), "application/protobuf")
+    assert response.status == 200 and response.getheader("Content-Type") == "application/protobuf"
+    ExportTraceServiceResponse().ParseFromString(response.read_body)  # type: ignore[attr-defined]
+    refused = made.post(b"{}", "text/plain")
+    assert refused.status == 415
+    message = json.loads(refused.read_body)["message"]  # type: ignore[attr-defined]
+    assert all(
+        kind in message for kind in ("application/x-protobuf", "application/protobuf", "application/json")
+    )
+    _same(made.close(), demo_sessions[:1])

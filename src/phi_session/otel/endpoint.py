@@ -47,6 +47,7 @@ logger = logging.getLogger("phi_session.otel.endpoint")
 DEFAULT_PORT = 4318
 TRACES_PATH = "/v1/traces"
 _PROTOBUF = "application/x-protobuf"
+_PROTOBUFS = (_PROTOBUF, "application/protobuf")  # the OTLP/HTTP spec names both
 _JSON = "application/json"
 _SPOOL_KINDS = {b"J": _JSON, b"P": _PROTOBUF}  # a spool file: this byte, then the payload as received
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
@@ -268,27 +269,26 @@ class OtlpHandler(BaseHTTPRequestHandler):
     timeout = 30.0
 
     def do_POST(self) -> None:
-        json_wanted = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower() == _JSON
+        media = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        reply = media if media in _PROTOBUFS else _JSON  # OTLP/HTTP answers in the request's type
         try:
             body, content_type = self._read()
             result = self.server.endpoint.accept(body, content_type)
         except OtlpRefused as refused:  # Backpressure too, its Retry-After in the headers
-            self._error(refused.status, str(refused), json_wanted, refused.headers)
+            self._error(refused.status, str(refused), reply, refused.headers)
             return
         except OtlpDecodeError as error:
-            self._error(HTTPStatus.BAD_REQUEST, str(error), json_wanted)
+            self._error(HTTPStatus.BAD_REQUEST, str(error), reply)
             return
         except (PhiSessionError, OSError) as error:  # the store, the journal or the spool failed: retryable
             logger.error("OTLP payload not recorded: %s", error)
-            self._error(
-                HTTPStatus.SERVICE_UNAVAILABLE, f"not recorded: {error}", json_wanted, {"Retry-After": "5"}
-            )
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"not recorded: {error}", reply, {"Retry-After": "5"})
             return
         except Exception:
             logger.exception("OTLP payload not recorded")
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error", json_wanted)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error", reply)
             return
-        self._ok(result, json_wanted)
+        self._ok(result, reply)
 
     def do_GET(self) -> None:
         self._refuse_method()
@@ -296,7 +296,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
 
     def _refuse_method(self) -> None:
-        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only POST /v1/traces", True, {"Allow": "POST"})
+        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only POST /v1/traces", _JSON, {"Allow": "POST"})
 
     def _read(self) -> tuple[bytes, str]:
         if self.server.loopback_only and not loopback_host_header(self.headers.get_all("Host") or []):
@@ -304,9 +304,9 @@ class OtlpHandler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] != TRACES_PATH:
             raise OtlpRefused(HTTPStatus.NOT_FOUND, f"no such path; traces go to {TRACES_PATH}")
         content_type = self.headers.get("Content-Type", "")
-        if content_type.split(";", 1)[0].strip().lower() not in (_PROTOBUF, _JSON):
+        if content_type.split(";", 1)[0].strip().lower() not in (*_PROTOBUFS, _JSON):
             raise OtlpRefused(
-                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {_PROTOBUF} or {_JSON}"
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {', '.join(_PROTOBUFS)} or {_JSON}"
             )
         limit = self.server.max_body
         transfer = self.headers.get("Transfer-Encoding")
@@ -378,8 +378,8 @@ class OtlpHandler(BaseHTTPRequestHandler):
             if not data:
                 return bytes(out)
 
-    def _ok(self, result: IngestResult, json_wanted: bool) -> None:
-        if json_wanted:
+    def _ok(self, result: IngestResult, reply: str) -> None:
+        if reply == _JSON:
             partial = (
                 {"partialSuccess": {"rejectedSpans": str(result.rejected), "errorMessage": result.message}}
                 if result.rejected
@@ -393,20 +393,20 @@ class OtlpHandler(BaseHTTPRequestHandler):
         if result.rejected:
             response.partial_success.rejected_spans = result.rejected
             response.partial_success.error_message = result.message
-        self._send(HTTPStatus.OK, response.SerializeToString(), _PROTOBUF)
+        self._send(HTTPStatus.OK, response.SerializeToString(), reply)
 
     def _error(
-        self, status: HTTPStatus, message: str, json_wanted: bool, headers: dict[str, str] | None = None
+        self, status: HTTPStatus, message: str, reply: str, headers: dict[str, str] | None = None
     ) -> None:
         # google.rpc codes: INVALID_ARGUMENT, UNAVAILABLE (retryable), FAILED_PRECONDITION
         retryable = status >= 500 or status is HTTPStatus.TOO_MANY_REQUESTS
         code = 3 if status == HTTPStatus.BAD_REQUEST else 14 if retryable else 9
-        if json_wanted:
-            body, content_type = msgspec.json.encode({"code": code, "message": message}), _JSON
+        if reply == _JSON:
+            body = msgspec.json.encode({"code": code, "message": message})
         else:
-            body, content_type = _status_protobuf(code, message), _PROTOBUF
+            body = _status_protobuf(code, message)
         self.close_connection = True  # the body may not have been read
-        self._send(status, body, content_type, {**(headers or {}), "Connection": "close"})
+        self._send(status, body, reply, {**(headers or {}), "Connection": "close"})
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (400 bad request line, 414, 431...) in OTLP's JSON error shape."""
@@ -415,7 +415,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
             status = HTTPStatus(code)
         except ValueError:
             status = HTTPStatus.INTERNAL_SERVER_ERROR
-        self._error(status, message or status.phrase, True)
+        self._error(status, message or status.phrase, _JSON)
 
     def _send(
         self, status: HTTPStatus, body: bytes, content_type: str, headers: dict[str, str] | None = None
