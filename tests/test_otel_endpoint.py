@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import http.client
 import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -489,4 +491,20 @@ def test_protobuf_under_either_media_type(demo_sessions: list[Session], tmp_path
     assert all(
         kind in message for kind in ("application/x-protobuf", "application/protobuf", "application/json")
     )
+    _same(made.close(), demo_sessions[:1])
+
+
+def test_a_file_system_that_cannot_sync_directories_still_spools(
+    demo_sessions: list[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsync = os.fsync
+
+    def no_directory_sync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))  # as some network file systems do
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_directory_sync)
+    made = Receiver(tmp_path)
+    assert made.post(_protobuf(session_spans(demo_sessions[0], capture_content=True))).status == 200
     _same(made.close(), demo_sessions[:1])

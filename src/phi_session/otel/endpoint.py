@@ -33,6 +33,7 @@ import msgspec
 
 from ..errors import Backpressure, OtlpDecodeError, OtlpRefused, PhiSessionError
 from ..journal import Journal
+from ..journal.format import fsync_directory
 from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
 from ..stores.base import SessionStore
@@ -94,11 +95,7 @@ class _Spool:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-        descriptor = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        fsync_directory(self.directory)
         self.track(path, spans)
         return path
 
