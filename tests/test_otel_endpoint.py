@@ -508,3 +508,17 @@ def test_a_file_system_that_cannot_sync_directories_still_spools(
     made = Receiver(tmp_path)
     assert made.post(_protobuf(session_spans(demo_sessions[0], capture_content=True))).status == 200
     _same(made.close(), demo_sessions[:1])
+
+
+def test_temporary_spool_files_a_crash_left_are_removed_at_start(tmp_path: Path) -> None:
+    spool = tmp_path / "state" / "spool"
+    spool.mkdir(parents=True)
+    (spool / "7.tmp").write_bytes(b"J{")  # a write cut short: never acknowledged
+    others = [spool / "notes.tmp", spool / "7.tmp.bak", spool / "x7.tmp"]  # not the spool's own names
+    for path in others:
+        path.write_bytes(b"keep")
+    made = Receiver(tmp_path)
+    try:
+        assert sorted(spool.iterdir()) == sorted(others)
+    finally:
+        made.close()

@@ -68,14 +68,21 @@ class _Spool:
         directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._files: dict[Path, frozenset[int]] = {}  # file -> trace ids it holds
-        numbers = [int(p.stem) for p in directory.glob("*.spans") if p.stem.isdigit()]
+        # A write a crash cut short, never acknowledged. The caller holds the journal's lock,
+        # so no other endpoint is writing here.
+        for path in self._numbered(".tmp"):
+            path.unlink(missing_ok=True)
+        numbers = [int(p.stem) for p in self._numbered(".spans")]
         self._next = itertools.count(max(numbers, default=-1) + 1)
+
+    def _numbered(self, suffix: str) -> list[Path]:
+        """The spool's own files ending in `suffix` (``<number><suffix>``), in no order."""
+        return [p for p in self.directory.glob(f"*{suffix}") if p.stem.isdigit()]
 
     def leftovers(self) -> list[list[SpanData]]:
         """What an earlier run accepted and may not have recorded, oldest first."""
         out = []
-        paths = [p for p in self.directory.glob("*.spans") if p.stem.isdigit()]
-        for path in sorted(paths, key=lambda p: int(p.stem)):
+        for path in sorted(self._numbered(".spans"), key=lambda p: int(p.stem)):
             try:
                 data = path.read_bytes()
                 spans, _ = _decode(data[1:], _SPOOL_KINDS[data[:1]])
