@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -12,6 +13,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from phi_session import (
     AgentSession,
@@ -36,6 +39,7 @@ from phi_session.adapters import (
 from phi_session.adapters._sessions import SessionBook
 from phi_session.errors import MissingExtra
 from phi_session.messages import ToolCall
+from phi_session.stores.base import validate_session_id
 
 CONFIG = LoopConfigSnapshot(model="m-1", provider="fake")
 
@@ -65,6 +69,20 @@ def test_session_ids_usable_as_is_stay() -> None:
 @pytest.mark.parametrize("raw", ["", "conv.1", "a/b", "nul\x00", ".hidden", "x" * 300, "back\\slash"])
 def test_unusable_session_ids_become_uuid5(raw: str) -> None:
     assert session_id_for(raw) == str(uuid.uuid5(FRAMEWORK_SESSION_NAMESPACE, raw))
+
+
+@settings(max_examples=300)
+@given(st.text(alphabet=st.characters(exclude_categories=())))  # lone surrogates too
+def test_every_text_has_one_storable_session_id(raw: str) -> None:
+    """Text decoded from undecodable bytes holds lone surrogates, which UTF-8 (and so
+    uuid5) refuses: session_id_for raised."""
+    session_id = session_id_for(raw)
+    assert validate_session_id(session_id) == session_id_for(raw)  # storable, deterministic
+    if session_id != raw:
+        assert session_id == str(uuid.UUID(session_id))
+        assert session_id != session_id_for(raw + "\udc80")  # lone surrogates are not dropped
+    with contextlib.suppress(UnicodeEncodeError):  # the UUIDv5 of valid text, as before
+        assert session_id in (raw, str(uuid.uuid5(FRAMEWORK_SESSION_NAMESPACE, raw)))
 
 
 def test_a_later_run_in_a_session_continues_its_last_loop() -> None:

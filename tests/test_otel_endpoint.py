@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import http.client
 import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -456,3 +458,67 @@ def test_a_span_under_a_remote_parent_is_recorded_at_once(receiver: Receiver) ->
     assert receiver.post(_protobuf([by_proto])).status == 200
     assert receiver.post(json.dumps(_otlp_json([by_json])).encode(), "application/json").status == 200
     assert receiver.endpoint.ingestor.buffered_spans == 0  # no wait for the caller's span: it never comes
+
+
+def test_a_payload_over_the_span_limit_is_413_not_retried_forever(
+    demo_sessions: list[Session], tmp_path: Path
+) -> None:
+    """More spans in one payload than may wait at all: 429 had the exporter retry it forever."""
+    made = Receiver(tmp_path, max_buffered_spans=3)
+    try:
+        spans = session_spans(demo_sessions[0], capture_content=True)
+        assert len(spans) > 3
+        response = made.post(json.dumps(_otlp_json(spans)).encode(), "application/json")
+        assert response.status == 413 and response.getheader("Retry-After") is None
+        message = json.loads(response.read_body)["message"]  # type: ignore[attr-defined]
+        assert f"{len(spans)} spans" in message and "at most 3" in message
+        assert not list((tmp_path / "state" / "spool").glob("*.spans"))  # nothing of it taken
+        assert made.post(_protobuf(spans[:3])).status == 200  # a payload that fits still does
+    finally:
+        made.close()
+
+
+def test_protobuf_under_either_media_type(demo_sessions: list[Session], tmp_path: Path) -> None:
+    """``application/protobuf`` is protobuf too (OTLP/HTTP answers in the request's type)."""
+    made = Receiver(tmp_path)
+    spans = session_spans(demo_sessions[0], capture_content=True)
+    response = made.post(_protobuf(spans), "application/protobuf")
+    assert response.status == 200 and response.getheader("Content-Type") == "application/protobuf"
+    ExportTraceServiceResponse().ParseFromString(response.read_body)  # type: ignore[attr-defined]
+    refused = made.post(b"{}", "text/plain")
+    assert refused.status == 415
+    message = json.loads(refused.read_body)["message"]  # type: ignore[attr-defined]
+    assert all(
+        kind in message for kind in ("application/x-protobuf", "application/protobuf", "application/json")
+    )
+    _same(made.close(), demo_sessions[:1])
+
+
+def test_a_file_system_that_cannot_sync_directories_still_spools(
+    demo_sessions: list[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsync = os.fsync
+
+    def no_directory_sync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))  # as some network file systems do
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_directory_sync)
+    made = Receiver(tmp_path)
+    assert made.post(_protobuf(session_spans(demo_sessions[0], capture_content=True))).status == 200
+    _same(made.close(), demo_sessions[:1])
+
+
+def test_temporary_spool_files_a_crash_left_are_removed_at_start(tmp_path: Path) -> None:
+    spool = tmp_path / "state" / "spool"
+    spool.mkdir(parents=True)
+    (spool / "7.tmp").write_bytes(b"J{")  # a write cut short: never acknowledged
+    others = [spool / "notes.tmp", spool / "7.tmp.bak", spool / "x7.tmp"]  # not the spool's own names
+    for path in others:
+        path.write_bytes(b"keep")
+    made = Receiver(tmp_path)
+    try:
+        assert sorted(spool.iterdir()) == sorted(others)
+    finally:
+        made.close()

@@ -34,3 +34,13 @@ def test_the_version_has_one_home() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'dynamic = ["version"]' in pyproject and "\nversion =" not in pyproject
     assert importlib.metadata.version("phi-session") == ps.__version__
+
+
+def test_the_otlp_errors_live_in_the_hierarchy_and_keep_their_import_paths() -> None:
+    from phi_session import errors
+    from phi_session.otel import endpoint, spans
+
+    assert spans.OtlpDecodeError is errors.OtlpDecodeError and endpoint.Backpressure is errors.Backpressure
+    for error in (errors.OtlpDecodeError, errors.Backpressure):
+        assert error.__module__ == "phi_session.errors" and issubclass(error, errors.PhiSessionError)
+    assert issubclass(errors.OtlpDecodeError, errors.DecodeError)

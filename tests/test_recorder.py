@@ -890,11 +890,16 @@ def test_variants_are_never_tracked_but_a_subclass_that_could_hold_more_is() -> 
 
 
 def tracked_containers(root: object) -> collections.Counter[str]:
-    """The lists, tuples and dicts the cyclic GC tracks that `root` reaches through tracked objects."""
+    """The lists, tuples and dicts the cyclic GC tracks that `root` reaches through tracked objects
+    (not through functions: their globals are every module's state, which other tests change)."""
     seen, stack, found = {id(root)}, [root], collections.Counter[str]()
     while stack:
         for ref in gc.get_referents(stack.pop()):
-            if id(ref) in seen or not gc.is_tracked(ref) or isinstance(ref, type | types.ModuleType):
+            if (
+                id(ref) in seen
+                or not gc.is_tracked(ref)
+                or isinstance(ref, type | types.ModuleType | types.FunctionType)
+            ):
                 continue
             seen.add(id(ref))
             stack.append(ref)

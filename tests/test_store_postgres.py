@@ -305,6 +305,27 @@ def test_a_prompt_holding_a_nul_character_is_saved(store: postgres.PostgresStore
     assert store.search("this") and store.search("read")
 
 
+def test_nul_characters_in_ids_and_names_are_saved_and_loaded_exactly(store: postgres.PostgresStore) -> None:
+    """NUL in an agent id, a parent session id, a loop id or a model name: the text columns
+    refused the whole save. The columns (filters, listings) hold U+FFFD; the JSON, what
+    `load` and the summaries' ids read, keeps the exact text."""
+    agent, parent, model = "agent\x00x", "parent\x00x", "open\x00ai/gpt\x004o"
+    nul_loop = talking_loop("nul", 1, "read this", agent_id=agent)
+    nul_loop.loop_id = "loop\x00x"
+    twin = make_loop("nul", 2, agent_id=agent, model=model)
+    twin.loop_id = "loop\ufffdx"  # the same column text as the NUL one: both are kept
+    session = make_session("nul", agent, loops=[nul_loop, twin], parent_session_id=parent)
+    store.save(session)
+    store.save(session)  # merged into itself
+    assert encode_session(store.load("nul")) == encode_session(session)
+    [summary] = store.query(SessionQuery(agent_id=agent, parent_session_id=parent, model=model))
+    assert (summary.agent_id, summary.parent_session_id) == (agent, parent)  # exact, from the header
+    assert summary.models == ("openai/gpt-4o", "open\ufffdai/gpt\ufffd4o")  # the listing's copy
+    assert [s.session_id for s in store.list_for_agent(agent)] == ["nul"]
+    assert store.list_for_agent("agent\ufffdx") == []  # another agent, not its listing's copy
+    assert "open\ufffdai/gpt\ufffd4o" in [t.key for t in store.usage_totals("model")]
+
+
 def test_model_names_containing_slashes(store: postgres.PostgresStore) -> None:
     store.save(make_session("r", loops=[make_loop("r", 1, model="openrouter/meta-llama/llama-3")]))
     store.save(make_session("o", loops=[make_loop("o", 1, model="openai/gpt-4o")]))
@@ -365,6 +386,23 @@ def test_the_v2_migration_indexes_the_stored_loops(
         (store.schema,),
     ).fetchall()
     assert {"loops_words", "loops_unindexed"} <= {name for (name,) in indexes}
+
+
+def test_the_v5_migration_lists_a_prompt_holding_a_nul_character(
+    store: postgres.PostgresStore, admin: Any
+) -> None:
+    """Migration 5 wrote the first prompt as it is: a NUL in one failed the migration, and
+    so every opening of that database."""
+    session = make_session("nul-prompt", loops=[talking_loop("nul-prompt", 1, "read\x00this")])
+    store.save(session)
+    # Back to version 4: no first_prompt column, no calls column (v6's).
+    sessions, meta = _table(store.schema, "sessions"), _table(store.schema, "meta")
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt").format(sessions))
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(_table(store.schema, "loops")))
+    admin.execute(sql.SQL("UPDATE {} SET value = '4' WHERE key = 'schema_version'").format(meta))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        assert [row.first_prompt for row in migrated.query()] == ["Please read\ufffdthis"]
+        assert encode_session(migrated.load("nul-prompt")) == encode_session(session)
 
 
 def test_search_reads_only_the_loops_the_index_names(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from http import HTTPStatus
+
     from .replay.divergence import Divergence
 
 
@@ -75,6 +77,27 @@ class NotAJournal(PhiSessionError, ValueError):
 
 class MissingExtra(PhiSessionError, ImportError):
     """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+class OtlpDecodeError(DecodeError):
+    """An OTLP payload that cannot be read (not protobuf/JSON of ExportTraceServiceRequest)."""
+
+
+class OtlpRefused(PhiSessionError):
+    """The OTLP endpoint refuses a payload: `status` is its HTTP answer, sent with `headers`."""
+
+    def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class Backpressure(OtlpRefused):
+    """The OTLP endpoint cannot take a payload now; retry after `retry_after` seconds."""
+
+    def __init__(self, status: HTTPStatus, message: str, retry_after: int) -> None:
+        super().__init__(status, message, {"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
 
 
 class ExportError(PhiSessionError):

@@ -39,6 +39,7 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import threading
@@ -137,13 +138,17 @@ def session_id_for(framework_session_id: str) -> str:
     else (empty, or containing ``.``, ``/``, NUL, or anything no store accepts) its UUIDv5.
 
     A ``.`` would be ambiguous inside loop ids (``{session_id}.{config_id}.{N}``).
+    Total: text with lone surrogates (decoded from undecodable bytes) gets one too.
     """
     if framework_session_id and "." not in framework_session_id:
         try:
             return validate_session_id(framework_session_id)
         except InvalidSessionId:
             pass
-    return str(uuid.uuid5(FRAMEWORK_SESSION_NAMESPACE, framework_session_id))
+    # uuid5 itself, over bytes that lone surrogates do not fail (valid text: its UTF-8, as uuid5).
+    name = framework_session_id.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha1(FRAMEWORK_SESSION_NAMESPACE.bytes + name, usedforsecurity=False).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
 _CONFIGS: dict[tuple[str, str, str | None, str | None], LoopConfigSnapshot] = {}

@@ -9,8 +9,9 @@ store).
 
 Answers follow the OTLP/HTTP specification: 200 with a partial success naming the spans
 rejected (invalid ids), 400 for an unreadable payload, 413 for a body over the limit
-(compressed or not: a gzip bomb stops at the limit), 415 for another content type, 429
-(too many spans waiting for their roots) and 503 (the store is behind) with
+(compressed or not: a gzip bomb stops at the limit) or more spans than may ever wait,
+415 for another content type, 429 (too many spans waiting for their roots) and 503 (the
+store is behind) with
 ``Retry-After``, 403 for a non-loopback ``Host`` while bound to loopback (as the viewer).
 """
 
@@ -30,36 +31,29 @@ from typing import Any
 
 import msgspec
 
-from ..errors import PhiSessionError
+from ..errors import Backpressure, OtlpDecodeError, OtlpRefused, PhiSessionError
 from ..journal import Journal
+from ..journal.format import fsync_directory
 from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
 from ..stores.base import SessionStore
 from ..web.server import is_loopback, loopback_host_header
 from .ingest import IngestResult, SpanIngestor
-from .spans import OtlpDecodeError, SpanData, spans_from_otlp_json, spans_from_otlp_proto
+from .spans import SpanData, spans_from_otlp_json, spans_from_otlp_proto
 
-__all__ = ["OtlpEndpoint", "OtlpServer", "make_otlp_server"]
+__all__ = ["Backpressure", "OtlpEndpoint", "OtlpServer", "make_otlp_server"]
 
 logger = logging.getLogger("phi_session.otel.endpoint")
 
 DEFAULT_PORT = 4318
 TRACES_PATH = "/v1/traces"
 _PROTOBUF = "application/x-protobuf"
+_PROTOBUFS = (_PROTOBUF, "application/protobuf")  # the OTLP/HTTP spec names both
 _JSON = "application/json"
 _SPOOL_KINDS = {b"J": _JSON, b"P": _PROTOBUF}  # a spool file: this byte, then the payload as received
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer field
 _STORE_PAUSE = 5  # seconds payloads are refused after the store failed a session (Retry-After)
-
-
-class Backpressure(PhiSessionError):
-    """The endpoint cannot take a payload now; retry after `retry_after` seconds."""
-
-    def __init__(self, status: HTTPStatus, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
 
 
 def _decode(body: bytes, media: str) -> tuple[list[SpanData], int]:
@@ -74,14 +68,21 @@ class _Spool:
         directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._files: dict[Path, frozenset[int]] = {}  # file -> trace ids it holds
-        numbers = [int(p.stem) for p in directory.glob("*.spans") if p.stem.isdigit()]
+        # A write a crash cut short, never acknowledged. The caller holds the journal's lock,
+        # so no other endpoint is writing here.
+        for path in self._numbered(".tmp"):
+            path.unlink(missing_ok=True)
+        numbers = [int(p.stem) for p in self._numbered(".spans")]
         self._next = itertools.count(max(numbers, default=-1) + 1)
+
+    def _numbered(self, suffix: str) -> list[Path]:
+        """The spool's own files ending in `suffix` (``<number><suffix>``), in no order."""
+        return [p for p in self.directory.glob(f"*{suffix}") if p.stem.isdigit()]
 
     def leftovers(self) -> list[list[SpanData]]:
         """What an earlier run accepted and may not have recorded, oldest first."""
         out = []
-        paths = [p for p in self.directory.glob("*.spans") if p.stem.isdigit()]
-        for path in sorted(paths, key=lambda p: int(p.stem)):
+        for path in sorted(self._numbered(".spans"), key=lambda p: int(p.stem)):
             try:
                 data = path.read_bytes()
                 spans, _ = _decode(data[1:], _SPOOL_KINDS[data[:1]])
@@ -101,11 +102,7 @@ class _Spool:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-        descriptor = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        fsync_directory(self.directory)
         self.track(path, spans)
         return path
 
@@ -172,7 +169,8 @@ class OtlpEndpoint:
                 logger.exception("OTLP endpoint housekeeping failed")
 
     def accept(self, body: bytes, content_type: str) -> IngestResult:
-        """Decode, spool (fsynced), then record one payload. Raises `OtlpDecodeError`, `Backpressure`."""
+        """Decode, spool (fsynced), then record one payload. Raises `OtlpDecodeError`, `OtlpRefused`
+        (`Backpressure` when it may fit later)."""
         media = content_type.split(";", 1)[0].strip().lower()
         spans, skipped = _decode(body, media)
         self._check_room(len(spans))
@@ -185,7 +183,13 @@ class OtlpEndpoint:
         return IngestResult(accepted=len(spans), rejected=skipped, message=message)
 
     def _check_room(self, count: int) -> None:
-        if self.ingestor.buffered_spans + count > self.ingestor.max_buffered_spans:
+        limit = self.ingestor.max_buffered_spans
+        if count > limit:  # never fits: a 429 would have the client retry it forever
+            raise OtlpRefused(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"{count} spans in one payload; at most {limit} may wait here: send smaller batches",
+            )
+        if self.ingestor.buffered_spans + count > limit:
             raise Backpressure(
                 HTTPStatus.TOO_MANY_REQUESTS,
                 f"{self.ingestor.buffered_spans} spans are waiting for their traces' roots",
@@ -261,13 +265,6 @@ def make_otlp_server(
     return OtlpServer(endpoint, host, port, **options)
 
 
-class _Refused(Exception):
-    def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or {}
-
-
 class OtlpHandler(BaseHTTPRequestHandler):
     server: OtlpServer
     server_version = "phi-session-otlp"
@@ -276,30 +273,26 @@ class OtlpHandler(BaseHTTPRequestHandler):
     timeout = 30.0
 
     def do_POST(self) -> None:
-        json_wanted = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower() == _JSON
+        media = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        reply = media if media in _PROTOBUFS else _JSON  # OTLP/HTTP answers in the request's type
         try:
             body, content_type = self._read()
             result = self.server.endpoint.accept(body, content_type)
-        except _Refused as refused:
-            self._error(refused.status, str(refused), json_wanted, refused.headers)
+        except OtlpRefused as refused:  # Backpressure too, its Retry-After in the headers
+            self._error(refused.status, str(refused), reply, refused.headers)
             return
         except OtlpDecodeError as error:
-            self._error(HTTPStatus.BAD_REQUEST, str(error), json_wanted)
-            return
-        except Backpressure as error:
-            self._error(error.status, str(error), json_wanted, {"Retry-After": str(error.retry_after)})
+            self._error(HTTPStatus.BAD_REQUEST, str(error), reply)
             return
         except (PhiSessionError, OSError) as error:  # the store, the journal or the spool failed: retryable
             logger.error("OTLP payload not recorded: %s", error)
-            self._error(
-                HTTPStatus.SERVICE_UNAVAILABLE, f"not recorded: {error}", json_wanted, {"Retry-After": "5"}
-            )
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"not recorded: {error}", reply, {"Retry-After": "5"})
             return
         except Exception:
             logger.exception("OTLP payload not recorded")
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error", json_wanted)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error", reply)
             return
-        self._ok(result, json_wanted)
+        self._ok(result, reply)
 
     def do_GET(self) -> None:
         self._refuse_method()
@@ -307,41 +300,43 @@ class OtlpHandler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
 
     def _refuse_method(self) -> None:
-        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only POST /v1/traces", True, {"Allow": "POST"})
+        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only POST /v1/traces", _JSON, {"Allow": "POST"})
 
     def _read(self) -> tuple[bytes, str]:
         if self.server.loopback_only and not loopback_host_header(self.headers.get_all("Host") or []):
-            raise _Refused(HTTPStatus.FORBIDDEN, "this endpoint answers only to one loopback Host header")
+            raise OtlpRefused(HTTPStatus.FORBIDDEN, "this endpoint answers only to one loopback Host header")
         if self.path.split("?", 1)[0] != TRACES_PATH:
-            raise _Refused(HTTPStatus.NOT_FOUND, f"no such path; traces go to {TRACES_PATH}")
+            raise OtlpRefused(HTTPStatus.NOT_FOUND, f"no such path; traces go to {TRACES_PATH}")
         content_type = self.headers.get("Content-Type", "")
-        if content_type.split(";", 1)[0].strip().lower() not in (_PROTOBUF, _JSON):
-            raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {_PROTOBUF} or {_JSON}")
+        if content_type.split(";", 1)[0].strip().lower() not in (*_PROTOBUFS, _JSON):
+            raise OtlpRefused(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {', '.join(_PROTOBUFS)} or {_JSON}"
+            )
         limit = self.server.max_body
         transfer = self.headers.get("Transfer-Encoding")
         if transfer is not None and transfer.strip().lower() != "chunked":
-            raise _Refused(HTTPStatus.NOT_IMPLEMENTED, f"unsupported Transfer-Encoding {transfer!r}")
+            raise OtlpRefused(HTTPStatus.NOT_IMPLEMENTED, f"unsupported Transfer-Encoding {transfer!r}")
         try:  # a Transfer-Encoding overrides a Content-Length (RFC 9112 6.3)
             body = self._read_chunked(limit) if transfer is not None else self._read_sized(limit)
         except TimeoutError:
-            raise _Refused(HTTPStatus.REQUEST_TIMEOUT, "the body stopped coming") from None
+            raise OtlpRefused(HTTPStatus.REQUEST_TIMEOUT, "the body stopped coming") from None
         encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding == "gzip":
             body = self._gunzip(body, limit)
         elif encoding not in ("", "identity"):
-            raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported Content-Encoding {encoding!r}")
+            raise OtlpRefused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported Content-Encoding {encoding!r}")
         return body, content_type
 
     def _read_sized(self, limit: int) -> bytes:
         length_text = self.headers.get("Content-Length")
         if length_text is None or not length_text.isdigit():
-            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
+            raise OtlpRefused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
         length = int(length_text)
         if length > limit:
-            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+            raise OtlpRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
         body = self.rfile.read(length)
         if len(body) != length:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
+            raise OtlpRefused(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
         return body
 
     def _read_chunked(self, limit: int) -> bytes:
@@ -350,15 +345,15 @@ class OtlpHandler(BaseHTTPRequestHandler):
         while True:
             size_text = self._chunk_line().split(b";", 1)[0].strip()  # a chunk extension is ignored
             if not size_text or not _HEX_DIGITS.issuperset(size_text):
-                raise _Refused(HTTPStatus.BAD_REQUEST, "bad chunk size in a chunked body")
+                raise OtlpRefused(HTTPStatus.BAD_REQUEST, "bad chunk size in a chunked body")
             size = int(size_text, 16)
             if not size:
                 break
             if len(body) + size > limit:
-                raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
+                raise OtlpRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
             chunk = self.rfile.read(size)
             if len(chunk) != size or self._chunk_line().strip():
-                raise _Refused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
+                raise OtlpRefused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
             body += chunk
         while self._chunk_line().strip():  # trailer fields, unused
             pass
@@ -367,7 +362,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
     def _chunk_line(self) -> bytes:
         line = self.rfile.readline(_MAX_CHUNK_LINE + 1)
         if not line.endswith(b"\n") or len(line) > _MAX_CHUNK_LINE:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
+            raise OtlpRefused(HTTPStatus.BAD_REQUEST, "truncated chunked body")
         return line
 
     @staticmethod
@@ -378,17 +373,17 @@ class OtlpHandler(BaseHTTPRequestHandler):
             try:  # never more than the limit: a bomb stops here
                 out += inflater.decompress(data, limit + 1 - len(out))
             except zlib.error as error:
-                raise _Refused(HTTPStatus.BAD_REQUEST, f"bad gzip body: {error}") from None
+                raise OtlpRefused(HTTPStatus.BAD_REQUEST, f"bad gzip body: {error}") from None
             if len(out) > limit:
-                raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates to over {limit} bytes")
+                raise OtlpRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates to over {limit} bytes")
             if not inflater.eof:
-                raise _Refused(HTTPStatus.BAD_REQUEST, "truncated gzip body")
+                raise OtlpRefused(HTTPStatus.BAD_REQUEST, "truncated gzip body")
             data = inflater.unused_data
             if not data:
                 return bytes(out)
 
-    def _ok(self, result: IngestResult, json_wanted: bool) -> None:
-        if json_wanted:
+    def _ok(self, result: IngestResult, reply: str) -> None:
+        if reply == _JSON:
             partial = (
                 {"partialSuccess": {"rejectedSpans": str(result.rejected), "errorMessage": result.message}}
                 if result.rejected
@@ -402,20 +397,20 @@ class OtlpHandler(BaseHTTPRequestHandler):
         if result.rejected:
             response.partial_success.rejected_spans = result.rejected
             response.partial_success.error_message = result.message
-        self._send(HTTPStatus.OK, response.SerializeToString(), _PROTOBUF)
+        self._send(HTTPStatus.OK, response.SerializeToString(), reply)
 
     def _error(
-        self, status: HTTPStatus, message: str, json_wanted: bool, headers: dict[str, str] | None = None
+        self, status: HTTPStatus, message: str, reply: str, headers: dict[str, str] | None = None
     ) -> None:
         # google.rpc codes: INVALID_ARGUMENT, UNAVAILABLE (retryable), FAILED_PRECONDITION
         retryable = status >= 500 or status is HTTPStatus.TOO_MANY_REQUESTS
         code = 3 if status == HTTPStatus.BAD_REQUEST else 14 if retryable else 9
-        if json_wanted:
-            body, content_type = msgspec.json.encode({"code": code, "message": message}), _JSON
+        if reply == _JSON:
+            body = msgspec.json.encode({"code": code, "message": message})
         else:
-            body, content_type = _status_protobuf(code, message), _PROTOBUF
+            body = _status_protobuf(code, message)
         self.close_connection = True  # the body may not have been read
-        self._send(status, body, content_type, {**(headers or {}), "Connection": "close"})
+        self._send(status, body, reply, {**(headers or {}), "Connection": "close"})
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (400 bad request line, 414, 431...) in OTLP's JSON error shape."""
@@ -424,7 +419,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
             status = HTTPStatus(code)
         except ValueError:
             status = HTTPStatus.INTERNAL_SERVER_ERROR
-        self._error(status, message or status.phrase, True)
+        self._error(status, message or status.phrase, _JSON)
 
     def _send(
         self, status: HTTPStatus, body: bytes, content_type: str, headers: dict[str, str] | None = None

@@ -33,7 +33,7 @@ from .._failures import FailureTally
 from .._strict import strict_adds_nothing
 from ..adapters import session_id_for
 from ..codec import decode_event, decode_record
-from ..errors import DecodeError
+from ..errors import DecodeError, OtlpDecodeError
 from ..events import (
     DEFAULT,
     INITIAL,
@@ -967,8 +967,6 @@ def ingest_otlp(payload: bytes, content_type: str, ingestor: SpanIngestor) -> In
     elif media in ("application/x-protobuf", "application/protobuf"):
         spans, skipped = spans_from_otlp_proto(payload)
     else:
-        from .spans import OtlpDecodeError
-
         raise OtlpDecodeError(f"unsupported content type {content_type!r}")
     ingestor.add(spans)
     message = f"{skipped} spans with invalid trace or span ids" if skipped else ""

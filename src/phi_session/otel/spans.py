@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import DecodeError
+from ..errors import OtlpDecodeError
 
 __all__ = ["OtlpDecodeError", "SpanData", "spans_from_otlp_json", "spans_from_otlp_proto", "spans_from_sdk"]
 
@@ -24,10 +24,6 @@ _MAX_DEPTH = 32
 _HEX = frozenset(string.hexdigits)
 _REMOTE_PARENT = 0x200  # SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK: the parent is in another process
 _URLSAFE = str.maketrans("-_", "+/")
-
-
-class OtlpDecodeError(DecodeError):
-    """An OTLP payload that cannot be read (not protobuf/JSON of ExportTraceServiceRequest)."""
 
 
 class SpanEvent(msgspec.Struct, frozen=True, gc=False):

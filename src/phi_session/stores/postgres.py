@@ -36,8 +36,11 @@ fills the column for the loops already stored.
 
 Header and records are stored as the exact bytes phi-session writes (BYTEA, not
 JSONB, which would reorder keys), so ``encode_session(load(id))`` equals
-``encode_session(saved)`` byte for byte (the listing's ``first_prompt`` column shows
-a NUL, which PostgreSQL text cannot hold, as U+FFFD). Text columns use the ``"C"`` collation, so
+``encode_session(saved)`` byte for byte. PostgreSQL text cannot hold NUL: the text
+columns, copies of the JSON's values for filters and listings, show it as U+FFFD
+(`_text`), and a filter's value is compared alike (a NUL agent id also matches the
+same id with U+FFFD in its place); summaries read their ids from the JSON, exact, and
+`list_for_agent` keeps only the agent asked for. Text columns use the ``"C"`` collation, so
 every ordering is by code point (as in Python and the other stores), whatever the
 database's locale. Times in the index columns are clamped to what BIGINT
 nanoseconds hold (1677-09-21 to 2262-04-11); the JSON keeps the exact instants,
@@ -149,6 +152,12 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     _Backfill: TypeAlias = Callable[["psycopg.Cursor[Row]", Callable[[str], "sql.Composed"]], None]
+
+
+def _text(value: str | None) -> str | None:
+    """`value` as a text column can hold it: PostgreSQL text refuses NUL, shown as U+FFFD.
+    Only for copies of what the JSON keeps exact (filters and listings)."""
+    return value.replace("\x00", "\ufffd") if value is not None else None
 
 
 def _lexemes(record: LoopRecord) -> list[str] | None:
@@ -263,7 +272,7 @@ def _store_first_prompts(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.
                         prompts[session_id] = prompt
     cur.executemany(
         compose("UPDATE {s}.sessions SET first_prompt = %s WHERE session_id = %s"),
-        [(prompt, session_id) for session_id, prompt in prompts.items()],
+        [(_text(prompt), session_id) for session_id, prompt in prompts.items()],
     )
 
 
@@ -414,14 +423,21 @@ _ROW_KEY = {
 Row = tuple[Any, ...]
 
 
-class _Times(msgspec.Struct):
-    """The two header fields a listing needs, read without decoding the whole header."""
+class _Spawn(msgspec.Struct):
+    parent_session_id: str
 
+
+class _Listed(msgspec.Struct):
+    """The header fields a listing reads exact (a text column may not: `_text`), without
+    decoding the whole header."""
+
+    agent_id: str
     created_at: str
     last_active_at: str
+    parent_spawn_ref: _Spawn | None = None
 
 
-_times_decoder = msgspec.json.Decoder(_Times)
+_listed_decoder = msgspec.json.Decoder(_Listed)
 
 
 def _clamped_ns(ts: Timestamp) -> int:
@@ -453,21 +469,20 @@ def _session_values(session: Session) -> tuple[Any, ...]:
     model_keys = dict.fromkeys(summary.models)
     model_keys.update((record.config.model, None) for record in session.loops if record.config is not None)
     return (
-        session.agent_id,
+        _text(session.agent_id),
         _clamped_ns(session.created_at),
         _day(session.created_at),
         _clamped_ns(session.last_active_at),
         summary.formation,
-        summary.parent_session_id,
+        _text(summary.parent_session_id),
         summary.rejected,
         summary.loop_count,
         summary.turn_count,
         *(summary.loops_by_status.get(s, 0) for s in LOOP_STATUSES),
         *_usage_values(summary.usage),
-        list(summary.models),
-        list(model_keys),
-        # PostgreSQL text refuses NUL: the listing's copy shows U+FFFD (the JSON keeps the NUL).
-        summary.first_prompt.replace("\x00", "\ufffd") if summary.first_prompt is not None else None,
+        [_text(model) for model in summary.models],
+        [_text(model) for model in model_keys],
+        _text(summary.first_prompt),
         _header(session),
     )
 
@@ -476,12 +491,12 @@ def _loop_values(record: LoopRecord, occurrence: int, data: bytes) -> tuple[Any,
     """The ``loops`` row of `record` (encoded as `data`), in `_LOOP_COLUMNS` order."""
     config = record.config
     return (
-        record.loop_id,
+        _text(record.loop_id),
         occurrence,
         record.status,
         _clamped_ns(record.started_at),
-        config.provider if config is not None else None,
-        config.model if config is not None else None,
+        _text(config.provider) if config is not None else None,
+        _text(config.model) if config is not None else None,
         len(record.turns),
         *_usage_values(record.billed_usage()),
         data,
@@ -579,11 +594,9 @@ class _Pool:
             conn.close()
 
 
-_SUMMARY_COLUMNS = (
+_SUMMARY_COLUMNS = (  # the agent and parent ids are read from the header: exact
     "session_id",
-    "agent_id",
     "formation",
-    "parent_session_id",
     "rejected",
     "loop_count",
     "turn_count",
@@ -597,23 +610,24 @@ _SUMMARY_COLUMNS = (
 
 def _summary(row: Row) -> SessionSummary:
     """A `SessionSummary` from a row of `_SUMMARY_COLUMNS`."""
-    session_id, agent_id, formation, parent, rejected, loop_count, turn_count = row[:7]
-    counts = row[7 : 7 + len(LOOP_STATUSES)]
-    usage = row[7 + len(LOOP_STATUSES) : 7 + len(LOOP_STATUSES) + len(USAGE_COLUMNS)]
+    session_id, formation, rejected, loop_count, turn_count = row[:5]
+    counts = row[5 : 5 + len(LOOP_STATUSES)]
+    usage = row[5 + len(LOOP_STATUSES) : 5 + len(LOOP_STATUSES) + len(USAGE_COLUMNS)]
     models, prompt, header = row[-3:]
     try:
-        times = _times_decoder.decode(header)
-        created_at = Timestamp.parse(times.created_at)
-        last_active_at = Timestamp.parse(times.last_active_at)
+        listed = _listed_decoder.decode(header)
+        created_at = Timestamp.parse(listed.created_at)
+        last_active_at = Timestamp.parse(listed.last_active_at)
     except (msgspec.DecodeError, ValueError) as exc:
         raise StoreError(f"stored session {session_id!r} is corrupt: {exc}") from exc
+    spawn = listed.parent_spawn_ref
     return SessionSummary(
         session_id=session_id,
-        agent_id=agent_id,
+        agent_id=listed.agent_id,
         created_at=created_at,
         last_active_at=last_active_at,
         formation=formation,
-        parent_session_id=parent,
+        parent_session_id=spawn.parent_session_id if spawn is not None else None,
         rejected=rejected,
         loop_count=loop_count,
         loops_by_status={status: n for status, n in zip(LOOP_STATUSES, counts, strict=True) if n},
@@ -630,12 +644,14 @@ def _set_lock_timeout(cur: psycopg.Cursor[Row], seconds: float) -> None:
 
 
 def _occurrences(loops: Sequence[LoopRecord]) -> list[int]:
-    """For each loop, how many earlier loops share its ``loop_id`` (merge matches by both)."""
-    seen: Counter[str] = Counter()
+    """For each loop, how many earlier loops share its ``loop_id`` column (merge matches by
+    both; counted on the column's text, so two ids it shows alike stay unique)."""
+    seen: Counter[str | None] = Counter()
     out = []
     for record in loops:
-        out.append(seen[record.loop_id])
-        seen[record.loop_id] += 1
+        column = _text(record.loop_id)
+        out.append(seen[column])
+        seen[column] += 1
     return out
 
 
@@ -999,12 +1015,15 @@ class PostgresStore(AsyncTwins):
         """The sessions of `agent_id` in `list_ids` order; unreadable ones are logged and skipped."""
         sessions = []
         for row in self._select_sessions(
-            f"loading the sessions of agent {agent_id!r}", "s.agent_id = %s", (agent_id,)
+            f"loading the sessions of agent {agent_id!r}", "s.agent_id = %s", (_text(agent_id),)
         ):
             try:
-                sessions.append(self._session(*row))
+                session = self._session(*row)
             except StoreError as exc:
                 _log.warning("%s: skipping it in list_for_agent(%r)", exc, agent_id)
+                continue
+            if session.agent_id == agent_id:  # not another agent the column shows alike (`_text`)
+                sessions.append(session)
         return sessions
 
     def delete(self, session_id: str) -> None:
@@ -1036,12 +1055,12 @@ class PostgresStore(AsyncTwins):
             conditions.append(also[0])
             params += also[1]
         for condition, value in (
-            ("agent_id = %s", query.agent_id),
+            ("agent_id = %s", _text(query.agent_id)),
             ("last_active_at_ns >= %s", None if query.since is None else _clamped_ns(query.since)),
             ("last_active_at_ns < %s", None if query.until is None else _clamped_ns(query.until)),
-            ("model_keys @> ARRAY[%s::text]", query.model),
+            ("model_keys @> ARRAY[%s::text]", _text(query.model)),
             ("total_tokens >= %s", query.min_tokens),
-            ("parent_session_id = %s", query.parent_session_id),
+            ("parent_session_id = %s", _text(query.parent_session_id)),
         ):
             if value is not None:
                 conditions.append(condition)
@@ -1216,7 +1235,7 @@ class PostgresStore(AsyncTwins):
             " DELETE FROM {s}.sessions WHERE session_id IN (SELECT session_id FROM doomed)"
         )
         if agent_id is not None:
-            params.insert(0, agent_id)
+            params.insert(0, _text(agent_id))
         with self._cursor("pruning sessions", transaction=True) as cur:
             cur.execute(self._sql(text), params)
             deleted = cur.rowcount
