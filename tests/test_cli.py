@@ -492,6 +492,17 @@ def test_tree(store_dir: Path) -> None:
     assert_one_line_error(run("tree", CHILD_ID, "--store", store_dir), EXIT_FAILURE, CHILD_ID)
 
 
+def test_an_unreadable_sub_agent_session_is_passed_over(store_dir: Path) -> None:
+    # As listings skip it: the parent's tree and waterfall still show, with one warning.
+    (store_dir / f"{CHILD_ID}.json").write_text("garbage", encoding="utf-8")
+    tree = run("tree", PARENT_ID, "--store", store_dir, "--json")
+    assert json_out(tree)["children"][0]["found"] is False  # type: ignore[index]
+    assert f"skipping unreadable session '{CHILD_ID}'" in tree.stderr
+    timeline = run("show", PARENT_ID, "--timeline", "--store", store_dir, "--json")
+    assert {bar["session_id"] for bar in json_out(timeline)} == {PARENT_ID}  # type: ignore[union-attr]
+    assert f"skipping unreadable session '{CHILD_ID}'" in timeline.stderr
+
+
 def test_context(store_dir: Path) -> None:
     messages = json_out(run("context", BASIC_ID, BASIC_LOOPS[1], "--store", str(store_dir), "--json"))
     assert isinstance(messages, list)
