@@ -885,6 +885,15 @@ def test_not_found_is_worded_one_way(store_dir: Path) -> None:
             "missing.jsonl",
             "no such file or directory",
         )
+    # A file a command writes, in a directory that does not exist: the path first, as above.
+    unwritable = str(Path(store_dir) / "no-dir" / "out.json")
+    for args in (
+        ("export", BASIC_ID, "-o", unwritable),
+        ("fork", BASIC_ID, "#1", "--turn", "0", "--out", unwritable),
+    ):
+        result = run(*args, "--store", store_dir)
+        assert_one_line_error(result, EXIT_FAILURE)
+        assert result.stderr.strip().lower() == f"phi-session: error: {unwritable}: no such file or directory"
 
 
 def test_counts_have_plurals_and_thousands_separators(store_dir: Path, tmp_path: Path) -> None:
