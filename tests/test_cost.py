@@ -138,7 +138,9 @@ def test_user_price_files(tmp_path: Path, suffix: str) -> None:
     ("prices", "fragment"),
     [
         ({"m": {"input": 1}}, "price of 'm'"),
-        ({"m": {"input": -1, "output": 1}}, "input must be a non-negative number"),
+        ({"m": {"input": -1, "output": 1}}, "input must be a finite non-negative number"),
+        # An infinite price (TOML's inf, JSON's 1e400) made every cost of the model crash.
+        ({"m": {"input": 1, "output": float("inf")}}, "output must be a finite non-negative number"),
         ({"m": {"input": 1, "output": 1, "colour": 1}}, "colour"),
         ({"": {"input": 1, "output": 1}}, "non-empty"),
     ],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 import threading
 from bisect import bisect_left
@@ -513,8 +514,10 @@ def _user_price(name: object, price: object) -> UserPrice:
         raise InvalidPrices(f"price of {name!r}: {error}") from None
     for field in ("input", "output", "cache_read", "cache_write"):
         value = getattr(result, field)
-        if value is not None and not value >= 0:
-            raise InvalidPrices(f"price of {name!r}: {field} must be a non-negative number, got {value}")
+        if value is not None and not 0 <= value < math.inf:
+            raise InvalidPrices(
+                f"price of {name!r}: {field} must be a finite non-negative number, got {value}"
+            )
     return result
 
 
