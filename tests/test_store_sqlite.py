@@ -967,6 +967,18 @@ def test_corrupt_record(store: SqliteStore, db: Path, caplog: pytest.LogCaptureF
     store.delete("bad")
 
 
+def test_search_skips_a_corrupt_session(
+    store: SqliteStore, db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As PostgresStore.search and the listings do: one corrupt record failed every search.
+    store.save(make_session("good", loops=[talking_loop("good", 1, "brew coffee")]))
+    store.save(make_session("bad", loops=[talking_loop("bad", 1, "brew coffee")]))
+    raw_execute(db, "UPDATE loops SET record = X'7b7d' WHERE session_id = 'bad'")
+    with caplog.at_level(logging.WARNING):
+        assert {hit.session_id for hit in store.search("coffee")} == {"good"}
+    assert "skipping unreadable session 'bad'" in caplog.text
+
+
 def test_a_session_with_corrupt_message_ids_is_reported_and_can_be_deleted(
     store: SqliteStore, db: Path
 ) -> None:
