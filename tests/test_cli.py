@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -359,6 +360,20 @@ def test_list_empty_store(tmp_path: Path) -> None:
     result = run("list", "--store", tmp_path / "empty")
     assert result.exit_code == EXIT_OK and result.stdout == ""
     assert "no sessions" in result.stderr
+
+
+def test_list_prices_around_a_corrupt_session(store_dir: Path, tmp_path: Path) -> None:
+    # Its row is listed (the summary is intact), its cost unknown, with one warning;
+    # pricing it failed the whole listing.
+    db = tmp_path / "s.db"
+    assert run("import", store_dir, "--store", db).exit_code == EXIT_OK
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE loops SET outline = X'7b7d', record = X'7b7d' WHERE session_id = ?", (BASIC_ID,))
+    conn.close()
+    result = run("list", "--store", db, "--json")
+    rows = {row["session_id"]: row for row in json_out(result)}  # type: ignore[union-attr]
+    assert set(rows) == set(EXAMPLE_IDS) and rows[BASIC_ID]["cost"]["usd"] is None
+    assert f"'{BASIC_ID}'" in result.stderr and result.stderr.count("\n") == 1
 
 
 # -- show / tree / context ---------------------------------------------------------------------
