@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -375,6 +376,20 @@ def test_list_empty_store(tmp_path: Path) -> None:
     assert "no sessions" in result.stderr
 
 
+def test_list_prices_around_a_corrupt_session(store_dir: Path, tmp_path: Path) -> None:
+    # Its row is listed (the summary is intact), its cost unknown, with one warning;
+    # pricing it failed the whole listing.
+    db = tmp_path / "s.db"
+    assert run("import", store_dir, "--store", db).exit_code == EXIT_OK
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE loops SET outline = X'7b7d', record = X'7b7d' WHERE session_id = ?", (BASIC_ID,))
+    conn.close()
+    result = run("list", "--store", db, "--json")
+    rows = {row["session_id"]: row for row in json_out(result)}  # type: ignore[union-attr]
+    assert set(rows) == set(EXAMPLE_IDS) and rows[BASIC_ID]["cost"]["usd"] is None
+    assert f"'{BASIC_ID}'" in result.stderr and result.stderr.count("\n") == 1
+
+
 # -- show / tree / context ---------------------------------------------------------------------
 
 
@@ -504,6 +519,17 @@ def test_tree(store_dir: Path) -> None:
     assert graph["children"][0]["found"] is False
     assert "not in this store" in run("tree", PARENT_ID, "--store", store_dir).stdout
     assert_one_line_error(run("tree", CHILD_ID, "--store", store_dir), EXIT_FAILURE, CHILD_ID)
+
+
+def test_an_unreadable_sub_agent_session_is_passed_over(store_dir: Path) -> None:
+    # As listings skip it: the parent's tree and waterfall still show, with one warning.
+    (store_dir / f"{CHILD_ID}.json").write_text("garbage", encoding="utf-8")
+    tree = run("tree", PARENT_ID, "--store", store_dir, "--json")
+    assert json_out(tree)["children"][0]["found"] is False  # type: ignore[index]
+    assert f"skipping unreadable session '{CHILD_ID}'" in tree.stderr
+    timeline = run("show", PARENT_ID, "--timeline", "--store", store_dir, "--json")
+    assert {bar["session_id"] for bar in json_out(timeline)} == {PARENT_ID}  # type: ignore[union-attr]
+    assert f"skipping unreadable session '{CHILD_ID}'" in timeline.stderr
 
 
 def test_context(store_dir: Path) -> None:
@@ -888,6 +914,15 @@ def test_not_found_is_worded_one_way(store_dir: Path) -> None:
             "missing.jsonl",
             "no such file or directory",
         )
+    # A file a command writes, in a directory that does not exist: the path first, as above.
+    unwritable = str(Path(store_dir) / "no-dir" / "out.json")
+    for args in (
+        ("export", BASIC_ID, "-o", unwritable),
+        ("fork", BASIC_ID, "#1", "--turn", "0", "--out", unwritable),
+    ):
+        result = run(*args, "--store", store_dir)
+        assert_one_line_error(result, EXIT_FAILURE)
+        assert result.stderr.strip().lower() == f"phi-session: error: {unwritable}: no such file or directory"
 
 
 def test_counts_have_plurals_and_thousands_separators(store_dir: Path, tmp_path: Path) -> None:

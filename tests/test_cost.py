@@ -91,6 +91,16 @@ def test_no_tokens_cost_nothing_whatever_the_model() -> None:
     assert Pricer().price(Usage(input=0, output=0), "acme", "secret-model-9", WHEN) == ZERO_COST
 
 
+def test_tokens_reported_only_as_a_total_are_unknown_never_zero() -> None:
+    # A framework that counted only a total (usage_of(None, None, total=...)): which kind of
+    # token they were, and so their price, is unknown, even for a model with a price.
+    total_only = Usage(input=0, output=0, total_tokens=1_000)
+    pricer = Pricer({"openai/gpt-4o": {"input": 2, "output": 8}})
+    assert pricer.price(total_only, "openai", "gpt-4o", WHEN) == Cost(usd=None, unpriced=("openai/gpt-4o",))
+    split = pricer.price(Usage(input=1_000, output=0, total_tokens=1_000), "openai", "gpt-4o", WHEN)
+    assert split == Cost(usd=0.002, sources=(USER_SOURCE,))
+
+
 def test_user_prices_win_and_name_their_source() -> None:
     pricer = Pricer(
         {
@@ -128,7 +138,9 @@ def test_user_price_files(tmp_path: Path, suffix: str) -> None:
     ("prices", "fragment"),
     [
         ({"m": {"input": 1}}, "price of 'm'"),
-        ({"m": {"input": -1, "output": 1}}, "input must be a non-negative number"),
+        ({"m": {"input": -1, "output": 1}}, "input must be a finite non-negative number"),
+        # An infinite price (TOML's inf, JSON's 1e400) made every cost of the model crash.
+        ({"m": {"input": 1, "output": float("inf")}}, "output must be a finite non-negative number"),
         ({"m": {"input": 1, "output": 1, "colour": 1}}, "colour"),
         ({"": {"input": 1, "output": 1}}, "non-empty"),
     ],

@@ -929,6 +929,15 @@ def test_fork_with_another_prompt_and_a_replaced_tool_result(world: World) -> No
             tracer=Tracer(config=SNAP),
             tool_results={"c1": "x"},
         )
+    with pytest.raises(ValueError, match="c1: turn 0 has no turn before it"):  # not "of turn -1"
+        fork(
+            again,
+            original.loop_id,
+            0,
+            model=counting_model([]),
+            tracer=Tracer(config=SNAP),
+            tool_results={"c1": "x"},
+        )
     with pytest.raises(TurnNotFound):
         fork(again, original.loop_id, 9, model=counting_model([]), tracer=Tracer(config=SNAP))
 

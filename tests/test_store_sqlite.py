@@ -57,6 +57,7 @@ from phi_session.stores.conformance import (
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.outline import session_outline
 from phi_session.stores.query import PruneCriteria, SessionQuery
+from phi_session.stores.search import loop_text
 from phi_session.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
 
 
@@ -100,11 +101,32 @@ def raw_execute(db: Path, *statements: str) -> None:
         conn.close()
 
 
+def back_to_v7(db: Path) -> None:
+    """Rewrite the store at `db` as schema version 7 left it: each loop's whole searchable
+    text, indexed by the unicode61 tokenizer."""
+    with SqliteStore(db) as store:
+        sessions = [store.load(session_id) for session_id in store.list_ids()]
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        for session in sessions:
+            conn.executemany(
+                "UPDATE loop_text SET text = ? WHERE session_id = ? AND position = ?",
+                [(loop_text(record), session.session_id, n) for n, record in enumerate(session.loops)],
+            )
+        conn.execute("DROP TABLE loop_text_fts")
+        conn.execute(
+            "CREATE VIRTUAL TABLE loop_text_fts USING fts5(text, content='loop_text', "
+            "tokenize='unicode61 remove_diacritics 0')"
+        )
+        conn.execute("INSERT INTO loop_text_fts (loop_text_fts) VALUES ('rebuild')")
+        conn.execute("PRAGMA user_version = 7")
+
+
 def back_to_v5(db: Path) -> None:
     """Rewrite the store at `db` as phi-session wrote it at schema version 5: each loop's
     whole compact record, no message table."""
     with SqliteStore(db) as store:
         sessions = [store.load(session_id) for session_id in store.list_ids()]
+    back_to_v7(db)
     conn = sqlite3.connect(db, isolation_level=None)
     try:
         for session in sessions:
@@ -126,6 +148,7 @@ def back_to_v5(db: Path) -> None:
 def back_to_v6(db: Path) -> None:
     """Rewrite the store at `db` as schema version 6 left it: no model calls, in the
     loops' rows or in their outlines."""
+    back_to_v7(db)
     with closing(sqlite3.connect(db, isolation_level=None)) as conn:
         for session_id, position, outline in conn.execute(
             "SELECT session_id, position, outline FROM loops"
@@ -944,6 +967,18 @@ def test_corrupt_record(store: SqliteStore, db: Path, caplog: pytest.LogCaptureF
     store.delete("bad")
 
 
+def test_search_skips_a_corrupt_session(
+    store: SqliteStore, db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As PostgresStore.search and the listings do: one corrupt record failed every search.
+    store.save(make_session("good", loops=[talking_loop("good", 1, "brew coffee")]))
+    store.save(make_session("bad", loops=[talking_loop("bad", 1, "brew coffee")]))
+    raw_execute(db, "UPDATE loops SET record = X'7b7d' WHERE session_id = 'bad'")
+    with caplog.at_level(logging.WARNING):
+        assert {hit.session_id for hit in store.search("coffee")} == {"good"}
+    assert "skipping unreadable session 'bad'" in caplog.text
+
+
 def test_a_session_with_corrupt_message_ids_is_reported_and_can_be_deleted(
     store: SqliteStore, db: Path
 ) -> None:
@@ -1051,6 +1086,30 @@ def test_the_v2_migration_indexes_the_stored_loops(db: Path) -> None:
         kinds = [hit.kind for hit in store.search("coffee")]
         assert kinds == ["text", "thinking", "text", "tool_call", "tool_result"]
     assert _indexed_loops(db) == (1, 1)
+
+
+def test_the_v8_migration_indexes_the_rule_s_words(db: Path) -> None:
+    with SqliteStore(db) as store:
+        store.save(make_session("old", loops=[talking_loop("old", 1, "the cafe\u0301 opens")]))
+    back_to_v7(db)  # unicode61 kept "cafe\u0301" one token: "cafe" was not found
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert [hit.kind for hit in store.search("cafe opens")] == [
+            "text",
+            "thinking",
+            "text",
+            "tool_call",
+            "tool_result",
+        ]
+        store.save(make_session("new", loops=[talking_loop("new", 1, "alpha\ue000beta")]))
+        assert {hit.session_id for hit in store.search("alpha beta")} == {"new"}
+    with closing(sqlite3.connect(db)) as conn:
+        assert (
+            conn.execute("SELECT text FROM loop_text WHERE session_id = 'old'")
+            .fetchone()[0]
+            .startswith("please the cafe opens plan")
+        )
+    assert _indexed_loops(db) == (2, 2)
 
 
 def test_the_v4_migration_outlines_the_stored_loops(db: Path) -> None:

@@ -59,6 +59,19 @@ def test_cost_totals(server: ViewerServer) -> None:
     assert get_json(server, "/api/cost?group=agent", status=400)["error"]
 
 
+def test_cost_by_session_skips_an_unreadable_session(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As the listing and the other totals do: one corrupt file must not fail the whole table.
+    with JsonDirStore(tmp_path) as store:
+        store.save(make_session("talk", "talker", loops=[talking_loop("talk", 1, "hi")]))
+        (tmp_path / "broken.json").write_text("garbage", encoding="utf-8")
+        with running_server(store) as server:
+            body = get_json(server, "/api/cost?by=session")
+    assert [row["key"] for row in body["totals"]] == ["talk"]
+    assert "skipping unreadable session 'broken'" in caplog.text
+
+
 def test_user_prices_reach_the_api(tmp_path: Path) -> None:
     with JsonDirStore(tmp_path) as store:
         loop = talking_loop("priced", 1, "hi")

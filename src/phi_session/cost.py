@@ -11,7 +11,8 @@ reprices history.
 Every figure is a `Cost`: ``usd`` (None when some tokens have no known price:
 unknown is never shown as 0) and ``sources``, where its prices came from
 (``"genai-prices 0.2.3"`` or ``"user"``). Usage of zero tokens costs 0 whatever
-the model.
+the model; a call that counted its tokens only as a total (no input, output or
+cache count) has no known price.
 
 Token mapping (phi-core's `Usage`): ``input`` counts the uncached input only, so
 the priced input is ``input + cache_read + cache_write`` with the cache reads and
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 import threading
 from bisect import bisect_left
@@ -142,8 +144,13 @@ def prices_available() -> bool:
     return True
 
 
+def _split(call: ModelCall) -> bool:
+    """Whether the call says which kinds its tokens were (what prices are per)."""
+    return bool(call.input or call.output or call.cache_read or call.cache_write)
+
+
 def _has_tokens(call: ModelCall) -> bool:
-    return bool(call.input or call.output or call.cache_read or call.cache_write or call.total_tokens)
+    return _split(call) or bool(call.total_tokens)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -350,6 +357,8 @@ class Pricer:
         if not priced:
             return ZERO_COST
         name = f"{provider}/{model}" if provider else (model or "unknown")
+        if not all(map(_split, priced)):  # a bare total: no rate applies to it
+            return Cost(usd=None, unpriced=(name,))
         user = self._user.get(name) if provider else None
         if user is None and model is not None:
             user = self._user.get(model)
@@ -505,8 +514,10 @@ def _user_price(name: object, price: object) -> UserPrice:
         raise InvalidPrices(f"price of {name!r}: {error}") from None
     for field in ("input", "output", "cache_read", "cache_write"):
         value = getattr(result, field)
-        if value is not None and not value >= 0:
-            raise InvalidPrices(f"price of {name!r}: {field} must be a non-negative number, got {value}")
+        if value is not None and not 0 <= value < math.inf:
+            raise InvalidPrices(
+                f"price of {name!r}: {field} must be a finite non-negative number, got {value}"
+            )
     return result
 
 

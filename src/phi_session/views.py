@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ._time import Timestamp
-from .errors import InvalidSessionId, SessionNotFound
+from .errors import InvalidSessionId, SessionNotFound, StoreError
 from .events import AgentEvent
 from .messages import AssistantMessage, ToolCall, ToolResultMessage, Usage
 from .model import LoopRecord, Session, Turn
@@ -36,6 +37,8 @@ __all__ = [
     "timeline",
     "tree_order",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,10 @@ def tree_order(links: Sequence[tuple[str, str | None]]) -> list[tuple[int, int]]
 class SpawnNode:
     """A session in `spawn_graph`.
 
-    `summary` is None when the session is not in the store (`found` false) or was
-    already shown higher up (`repeated`: not expanded again). `via` is the link
-    that spawned it (None at the root): ``parent_loop_id``, ``tool_name``,
-    ``tool_call_id``, ``child_loop_id``.
+    `summary` is None when the store does not hold the session or cannot read it
+    (`found` false) or when it was already shown higher up (`repeated`: not expanded
+    again). `via` is the link that spawned it (None at the root): ``parent_loop_id``,
+    ``tool_name``, ``tool_call_id``, ``child_loop_id``.
     """
 
     session_id: str
@@ -124,6 +127,18 @@ class SpawnNode:
     repeated: bool = False
     summary: SessionSummary | None = None
     children: list[SpawnNode] = field(default_factory=list)
+
+
+def _sub_agent_session(store: SessionStore, session_id: str) -> Session | None:
+    """The sub-agent session `session_id`; None when the store does not hold it or cannot
+    read it (logged, as listings skip such a session): the parent is still shown."""
+    try:
+        return store.load(session_id)
+    except (SessionNotFound, InvalidSessionId):
+        return None
+    except StoreError as error:
+        logger.warning("skipping unreadable session %r: %s", session_id, error)
+        return None
 
 
 def spawn_graph(store: SessionStore, root: Session) -> SpawnNode:
@@ -135,9 +150,8 @@ def spawn_graph(store: SessionStore, root: Session) -> SpawnNode:
     while pending:
         node, session = pending.pop()
         if session is None:
-            try:
-                session = store.load(node.session_id)
-            except (SessionNotFound, InvalidSessionId):
+            session = _sub_agent_session(store, node.session_id)
+            if session is None:
                 node.found = False
                 continue
         node.summary = summarize(session)
@@ -345,11 +359,9 @@ def _drawn(
             bars.append(item)
         elif store is not None and item.session_id not in drawn:
             drawn.add(item.session_id)
-            try:
-                child = store.load(item.session_id)
-            except (SessionNotFound, InvalidSessionId):
-                continue
-            stack.append(_session_bars(child, item.depth))
+            child = _sub_agent_session(store, item.session_id)
+            if child is not None:
+                stack.append(_session_bars(child, item.depth))
     return bars
 
 

@@ -195,7 +195,10 @@ class PhiSessionGroup(click.Group):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_FAILURE
         except OSError as error:
-            warn(f"error: {error.strerror or error}" + (f": {error.filename}" if error.filename else ""))
+            # What failed first, then why, as every other error line says it.
+            warn(
+                f"error: {error.filename}: {error.strerror or error}" if error.filename else f"error: {error}"
+            )
             return EXIT_FAILURE
         except Exception as error:
             if os.environ.get("PHI_SESSION_DEBUG"):

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from ..codec import decode_event, decode_session, encode_event, encode_message, encode_session
 from ..cost import Cost, Pricer
-from ..errors import DecodeError, InvalidQuery, PhiSessionError, SessionNotFound
+from ..errors import DecodeError, InvalidQuery, PhiSessionError, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..model import CompactionBlock, Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
@@ -97,6 +97,9 @@ def _session_cost(store: SessionStore, pricer: Pricer, session_id: str) -> Cost:
     try:
         return pricer.outline(store.load_outline(session_id))
     except SessionNotFound:  # deleted since it was listed
+        return Cost(usd=None)
+    except StoreError as error:  # its summary was listed: the row stays, its cost unknown
+        warn(f"warning: cost of session {session_id!r} unknown: {error}")
         return Cost(usd=None)
 
 

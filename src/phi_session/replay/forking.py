@@ -114,10 +114,12 @@ def fork(
     previous = {call.id for call in script.turns[turn_index - 1].tool_calls} if turn_index else set()
     stray = sorted(set(replaced) - previous)
     if stray:
-        raise ValueError(
-            f"tool_results: {', '.join(stray)}: not a tool call of turn {turn_index - 1}, "
-            "the turn before the fork"
+        where = (
+            f"not a tool call of turn {turn_index - 1}, the turn before the fork"
+            if turn_index
+            else "turn 0 has no turn before it whose tool results could be replaced"
         )
+        raise ValueError(f"tool_results: {', '.join(stray)}: {where}")
     inputs: Sequence[str | AgentMessage] = point.inputs
     described: dict[str, Any] = dict(change or {})
     if prompt is not None:

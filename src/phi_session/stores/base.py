@@ -13,7 +13,7 @@ import msgspec
 
 from .._time import Timestamp
 from ..codec import encode_event
-from ..errors import InvalidSessionId, SessionNotFound
+from ..errors import InvalidSessionId, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, ModelCall, Session
@@ -338,7 +338,8 @@ def collect_hits(
     """The first `limit` hits of `words` in the sessions `query` selects, in its order.
 
     An index passes the ids of the sessions that may match as `candidates`: only those
-    are loaded (None: every selected session is).
+    are loaded (None: every selected session is). A session that cannot be read is
+    skipped with a logged warning, as listings skip it.
     """
     hits: list[SearchHit] = []
     if not words or not limit:
@@ -349,6 +350,9 @@ def collect_hits(
         try:
             session = store.load(summary.session_id)
         except SessionNotFound:  # deleted since the listing
+            continue
+        except StoreError as error:
+            _log.warning("skipping unreadable session %r: %s", summary.session_id, error)
             continue
         hits.extend(itertools.islice(document_hits(session, words), limit - len(hits)))
         if len(hits) == limit:

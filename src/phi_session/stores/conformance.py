@@ -1125,6 +1125,27 @@ class StoreConformance:
         store.delete("t1")
         assert store.search("beans") == []
 
+    def test_search_words_are_the_rule_s_words_whatever_the_script(self, store: SessionStore) -> None:
+        # The rule's words are runs of `\w`: a combining accent (decomposed text), a
+        # private-use character and a lone "_" split or form words as Python splits them,
+        # whatever an index's own tokenizer would make of them.
+        said = {
+            "u1": "the cafe\u0301 opens",
+            "u2": "alpha\ue000beta",
+            "u3": "\u0130stanbul trip",
+            "u4": "a _ b",
+        }
+        for session_id, text in said.items():
+            store.save(make_session(session_id, "agent", loops=[talking_loop(session_id, 1, text)]))
+        for text, found in (
+            ("cafe opens", ["u1"]),
+            ("alpha beta", ["u2"]),
+            ("\u0130stanbul", ["u3"]),
+            ("_", ["u4"]),
+            ("caf\u00e9", []),
+        ):
+            assert sorted({hit.session_id for hit in store.search(text)}) == found, text
+
     def test_async_search_twin(self, store: SessionStore) -> None:
         self._populate_talk(store)
         assert asyncio.run(store.asearch("coffee", limit=2)) == store.search("coffee", limit=2)

@@ -91,7 +91,7 @@ from .outline import (
     session_outline,
 )
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
-from .search import DEFAULT_LIMIT, SearchHit, loop_text, search_words
+from .search import DEFAULT_LIMIT, SearchHit, loop_text, query_words, search_words
 
 if TYPE_CHECKING:
     from ..cost import Pricer
@@ -200,7 +200,7 @@ _SCHEMA_V2 = (
         FOREIGN KEY (session_id, position) REFERENCES loops (session_id, position) ON DELETE CASCADE
     )""",
     "CREATE VIRTUAL TABLE loop_text_fts USING fts5(text, content='loop_text', "
-    "tokenize='unicode61 remove_diacritics 0')",
+    "tokenize='unicode61 remove_diacritics 0')",  # v8 replaces it (`_index_words`)
     """CREATE TRIGGER loop_text_added AFTER INSERT ON loop_text BEGIN
         INSERT INTO loop_text_fts (rowid, text) VALUES (new.rowid, new.text);
     END""",
@@ -211,6 +211,10 @@ _SCHEMA_V2 = (
         INSERT INTO loop_text_fts (loop_text_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
         INSERT INTO loop_text_fts (rowid, text) VALUES (new.rowid, new.text);
     END""",
+)
+_CREATE_LOOP_TEXT_FTS = (
+    "CREATE VIRTUAL TABLE loop_text_fts USING fts5(text, content='loop_text', "
+    "tokenize=\"ascii tokenchars '_'\")"
 )
 _UPSERT_LOOP_TEXT = (
     "INSERT INTO loop_text (session_id, position, text) VALUES (?, ?, ?) "
@@ -372,6 +376,28 @@ def _store_model_calls(conn: sqlite3.Connection) -> None:
         )
 
 
+def _indexed_text(text: str) -> str:
+    """What ``loop_text`` stores of a loop's searchable text: its words (`query_words`), one
+    space apart. The index's ``ascii`` tokenizer (``_`` a word character, every non-ASCII
+    character too) then keeps each word whole, so it splits and folds nothing its own way:
+    unicode61 split no word at a private-use character or a combining accent, had no token
+    for ``_`` and folded some letters otherwise than ``str.lower``, and missed such hits."""
+    return " ".join(query_words(text))
+
+
+def _index_words(conn: sqlite3.Connection) -> None:
+    """v8: search by the rule's words. ``loop_text`` holds `_indexed_text` and
+    ``loop_text_fts`` is built again with the ``ascii`` tokenizer."""
+    rows = conn.execute("SELECT rowid, text FROM loop_text").fetchall()
+    conn.executemany(
+        "UPDATE loop_text SET text = ? WHERE rowid = ?",
+        [(_indexed_text(text), rowid) for rowid, text in rows],
+    )
+    conn.execute("DROP TABLE loop_text_fts")
+    conn.execute(_CREATE_LOOP_TEXT_FTS)
+    conn.execute("INSERT INTO loop_text_fts (loop_text_fts) VALUES ('rebuild')")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _create_v1,
     _create_v2,
@@ -380,6 +406,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _store_first_prompts,
     _share_messages,
     _store_model_calls,
+    _index_words,
 )
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
@@ -1215,7 +1242,7 @@ class SqliteStore(AsyncTwins):
                     encode_calls(record),
                 ]
             )
-            text_rows.append((session_id, position, loop_text(record)))
+            text_rows.append((session_id, position, _indexed_text(loop_text(record))))
         ids = _register_messages(conn, book, ids)
         unused = [n for n, message_id in enumerate(ids) if message_id and n not in used]
         if unused:  # replaced loops used them: the numbers stay, unassigned

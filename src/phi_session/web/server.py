@@ -78,6 +78,7 @@ import logging
 import re
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -90,7 +91,14 @@ import msgspec
 from ..codec import encode_event, encode_session
 from ..cost import Pricer, cost_totals
 from ..diff import LoopDiff, SessionDiff, diff_loops, diff_sessions, parse_ref
-from ..errors import InvalidQuery, InvalidSessionId, LoopNotFound, PhiSessionError, SessionNotFound
+from ..errors import (
+    InvalidQuery,
+    InvalidSessionId,
+    LoopNotFound,
+    PhiSessionError,
+    SessionNotFound,
+    StoreError,
+)
 from ..model import Session
 from ..stores.base import SessionStore, to_builtins, validate_session_id
 from ..stores.query import MAX_COUNT, SessionQuery, parse_group_by
@@ -223,6 +231,18 @@ def _events_json(session: Session) -> bytes:
             for loop, sequence, event in session.iter_events()
         ]
     )
+
+
+def _readable_sessions(store: SessionStore) -> Iterator[Session]:
+    """Every stored session but those deleted since the listing and those that cannot be
+    read (with a logged warning), as the store's own listings and totals skip them."""
+    for session_id in store.list_ids():
+        try:
+            yield store.load(session_id)
+        except SessionNotFound:
+            continue
+        except StoreError as error:
+            logger.warning("skipping unreadable session %r: %s", session_id, error)
 
 
 class ViewerHandler(BaseHTTPRequestHandler):
@@ -382,8 +402,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         store, pricer = self.server.store, self.server.pricer
         totals: Any
         if by == "session":  # priced session by session
-            sessions = (store.load(session_id) for session_id in store.list_ids())
-            totals = msgspec.to_builtins(cost_totals(sessions, by, pricer))
+            totals = msgspec.to_builtins(cost_totals(_readable_sessions(store), by, pricer))
         else:  # the store's totals, priced: usage and cost per group
             totals = to_builtins(store.usage_totals(self._parse(lambda: parse_group_by(by)), pricer=pricer))
         body = {**self._price_table(), "totals": totals}
