@@ -1163,7 +1163,6 @@ class PostgresStore(AsyncTwins):
                     if len(hits) == limit:
                         return hits
         return hits
-        return hits
 
     def explain_search(self, text: str, query: SessionQuery | None = None, *, analyze: bool = False) -> str:
         """PostgreSQL's plan for finding the sessions `search` reads (run it too with `analyze`)."""
