@@ -44,3 +44,27 @@ def test_the_otlp_errors_live_in_the_hierarchy_and_keep_their_import_paths() -> 
     for error in (errors.OtlpDecodeError, errors.Backpressure):
         assert error.__module__ == "phi_session.errors" and issubclass(error, errors.PhiSessionError)
     assert issubclass(errors.OtlpDecodeError, errors.DecodeError)
+
+
+def test_every_error_class_is_defined_in_the_errors_module() -> None:
+    """One home for the hierarchy: a module raising its own error imports it from there."""
+    import importlib
+    import pkgutil
+
+    import phi_session
+    from phi_session.errors import PhiSessionError
+
+    optional = ("phi_session.adapters.", "phi_session.otel.", "phi_session.broker.", "phi_session.web.")
+    for info in pkgutil.walk_packages(phi_session.__path__, "phi_session."):
+        try:
+            importlib.import_module(info.name)
+        except ImportError:
+            assert info.name.startswith(optional), info.name  # an optional extra that is missing
+    stray: list[str] = []
+    pending = [PhiSessionError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__module__.startswith("phi_session.") and cls.__module__ != "phi_session.errors":
+            stray.append(f"{cls.__module__}.{cls.__qualname__}")
+    assert not stray

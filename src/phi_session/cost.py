@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ._time import Timestamp
-from .errors import PhiSessionError
+from .errors import InvalidPrices
 from .messages import Usage
 from .model import LoopRecord, ModelCall, Session, Turn
 from .stores.base import UsageRow, usage_rows
@@ -69,10 +69,6 @@ _PER_TOKEN = Decimal(1_000_000)  # user prices are per million tokens, as provid
 _PRICES_HINT = (
     "prices unknown: pip install 'phi-session[prices]' for the genai-prices table, or give your own prices"
 )
-
-
-class InvalidPrices(PhiSessionError, ValueError):
-    """A user price table that cannot be read (names the file or entry and what is wrong)."""
 
 
 class Cost(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from http import HTTPStatus
 
+    from .journal.recovery import RecoveryReport
     from .replay.divergence import Divergence
 
 
@@ -44,6 +45,14 @@ class StoreError(PhiSessionError):
     """A storage backend failed (I/O error, full disk, broken connection)."""
 
 
+class RecoveryError(StoreError):
+    """Some recovered sessions could not be saved; the journal was kept. See `report`."""
+
+    def __init__(self, message: str, report: RecoveryReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class InvalidStoreUrl(StoreError, ValueError):
     """A store URL of no accepted form (a usage error, not a failing store)."""
 
@@ -59,6 +68,10 @@ class InvalidQuery(PhiSessionError, ValueError):
         super().__init__(f"{parameter}: {reason}" if parameter is not None else reason)
         self.reason = reason
         self.parameter = parameter
+
+
+class InvalidPrices(PhiSessionError, ValueError):
+    """A user price table that cannot be read (names the file or entry and what is wrong)."""
 
 
 class InstrumentationError(PhiSessionError, RuntimeError):

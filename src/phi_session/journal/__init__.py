@@ -44,12 +44,12 @@ When a segment is deleted (never before every event in it is safe elsewhere):
 * `Journal.close`: the segments `release` covered, and an active one holding nothing.
 """
 
-from ..errors import JournalLocked, NotAJournal
+from ..errors import JournalLocked, NotAJournal, RecoveryError
 from .adapter import JournaledRecorder
 from .format import CHECKPOINT_FILE as CHECKPOINT_FILE
 from .format import MAGIC as MAGIC
 from .format import ORPHANS_FILE as ORPHANS_FILE
-from .recovery import JournalRecord, RecoveryError, RecoveryReport, read_records, recover
+from .recovery import JournalRecord, RecoveryReport, read_records, recover
 from .writer import Durability, Journal
 
 __all__ = [

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import codec
-from ..errors import DecodeError, NotAJournal, StoreError
+from ..errors import DecodeError, NotAJournal, RecoveryError, StoreError
 from ..events import AgentEvent, AgentStart
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
@@ -28,14 +28,6 @@ from .format import (
 from .writer import Journal, StrPath
 
 logger = logging.getLogger(__name__)
-
-
-class RecoveryError(StoreError):
-    """Some recovered sessions could not be saved; the journal was kept. See `report`."""
-
-    def __init__(self, message: str, report: RecoveryReport) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass(frozen=True)
