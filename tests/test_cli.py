@@ -880,6 +880,33 @@ def test_record_of_nothing_valid_fails(tmp_path: Path, content: bytes) -> None:
     assert "nothing recorded" in result.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize(
+    ("existing", "target"), [("", "new/dirs/x.db"), ("new", "sqlite:new/x.sqlite"), ("", "new/dir/")]
+)
+def test_record_of_nothing_leaves_no_new_store_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: str, target: str
+) -> None:
+    """A store made for an empty input looked like a store without sessions (98 KB of it)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_bytes(b"")
+    if existing:
+        (tmp_path / existing).mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    result = run("record", "in.jsonl", "--store", target)
+    assert_one_line_error(result, EXIT_FAILURE, "nothing recorded")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_record_of_nothing_keeps_an_existing_store(tmp_path: Path) -> None:
+    (tmp_path / "events.jsonl").write_text("\n".join(example_lines()) + "\n")
+    (tmp_path / "in.jsonl").write_bytes(b"")
+    database = tmp_path / "kept.db"
+    assert run("record", tmp_path / "events.jsonl", "--store", database).exit_code == EXIT_OK
+    listed = run("list", "--store", database).stdout
+    assert run("record", tmp_path / "in.jsonl", "--store", database).exit_code == EXIT_FAILURE
+    assert run("list", "--store", database).stdout == listed
+
+
 def test_record_reports_the_first_20_malformed_lines_then_a_count(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text("garbage\n" * 1_234 + "\n".join(example_lines()) + "\n")
     result = run("record", tmp_path / "in.jsonl", "--dir", tmp_path / "out", "--json")

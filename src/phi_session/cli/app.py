@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -117,6 +118,38 @@ def open_cli_store(
         yield store
     finally:
         store.close()
+
+
+def undo_new_store(url: str | None, directory: str | None = None) -> Callable[[], None]:
+    """Called before a writing command opens its store: what removes that store again
+    when the command ends having saved nothing (``record`` of an empty input), if it did
+    not exist before. It removes the store's own new files, then the directories made
+    for it while they are empty: never anything that was there before."""
+    try:
+        path = Path(directory) if directory is not None else store_path(url)
+    except InvalidStoreUrl:
+        path = None  # open_cli_store reports it
+    if path is None or path.exists():
+        return lambda: None
+    path = path.absolute()
+    sidecars = [s for s in (Path(f"{path}{end}") for end in ("-wal", "-shm", "-journal")) if not s.exists()]
+    made = [path.parent]  # the directories created for it, innermost first
+    while not made[-1].exists():
+        made.append(made[-1].parent)
+    made.pop()
+
+    def undo() -> None:
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()  # a JSON store's directory: only if nothing went in
+            else:
+                path.unlink(missing_ok=True)
+            for sidecar in sidecars:
+                sidecar.unlink(missing_ok=True)
+            for parent in made:
+                parent.rmdir()
+
+    return undo
 
 
 def session_id_argument(value: str) -> str:

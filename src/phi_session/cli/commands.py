@@ -42,6 +42,7 @@ from .app import (
     stderr,
     stdout,
     store_options,
+    undo_new_store,
     warn,
 )
 
@@ -467,8 +468,8 @@ def record(
     Every session is saved to the store (merged with what is stored under its
     id) and summarised in one line. A malformed line is reported with its number
     (the first 20; later ones are counted) and skipped; everything else is
-    recorded. No valid line at all is an error (exit status 1). Ctrl-C stops
-    reading and saves what was read (exit 130).
+    recorded. No valid line at all is an error (exit status 1), and leaves no new
+    store behind. Ctrl-C stops reading and saves what was read (exit 130).
 
     With --to nats://HOST the events are published to JetStream instead (stream
     and partitions from $PHI_SESSION_NATS_*), and the command ends once the broker
@@ -491,6 +492,7 @@ def record(
         # Opened (created) before any input is consumed: an unwritable path must fail
         # now, not after the stream is gone.
         orphans_file = cleanup.enter_context(_open_orphans_file(orphans_path)) if orphans_path else None
+        undo_store = undo_new_store(store_url, directory)
         store = cleanup.enter_context(open_cli_store(store_url, directory))
         write_orphans = _orphans_writer(orphans_file) if orphans_file is not None else None
         # Sessions no store accepts join the orphans; a failed save is reported by the saver.
@@ -576,6 +578,7 @@ def record(
     if outcome["interrupted_at"] is not None:
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
     if outcome["events"] == 0:
+        undo_store()  # a store made for nothing would look like a store without sessions
         raise CliError(f"nothing recorded: {lines.name} holds no valid event line")
     if unsaved or orphans_lost:
         raise click.exceptions.Exit(EXIT_FAILURE)
