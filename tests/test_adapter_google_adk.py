@@ -798,3 +798,27 @@ def test_a_stream_of_partial_responses_only_is_the_streamed_message(fail: bool) 
         assert message.stop_reason == "error" and "stream broke" in message.error_message
     else:
         assert (message.stop_reason, message.error_message, record.status) == ("stop", None, "Completed")
+
+
+class Opaque:
+    """Not JSON."""
+
+
+def cyclic(x: int) -> dict[str, Any]:
+    """Returns a dict holding itself and an object."""
+    found: dict[str, Any] = {"x": x, "obj": Opaque()}
+    found["self"] = found
+    return found
+
+
+def test_a_tool_result_holding_a_cycle_is_recorded_as_json() -> None:
+    harness = Harness()
+    agent = LlmAgent(name="a", model=ScriptedLlm.of([("cyclic", {"x": 1})], ["done"]), tools=[cyclic])
+    harness.run(agent)
+    (session,) = harness.sessions()
+    (loop,) = session.loops
+    (result,) = loop.turns[0].tool_results
+    text = result.content[0].text  # type: ignore[union-attr]
+    assert text.startswith('{"x":1,"obj":"<') and text.endswith('"self":"{...}"}')
+    assert not result.is_error and loop.status == "Completed"
+    assert harness.plugin.fault_count == 0

@@ -264,6 +264,32 @@ def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
 # -- failures -----------------------------------------------------------------------------------------
 
 
+def test_tool_call_arguments_that_are_not_json_are_saved_as_json() -> None:
+    # A model (here a function) may hand over arguments as Python data: keys no string.
+    def scores(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(
+                parts=[ToolCallPart("best", {"scores": {1: 0.5, 2: 0.25}}, tool_call_id="c1")]
+            )
+        return ModelResponse(parts=[TextPart("1 wins")])
+
+    recorder = SessionRecorder()
+    capability = PhiCapability(recorder)
+    agent = Agent(FunctionModel(scores), capabilities=[capability])
+
+    @agent.tool_plain
+    def best(scores: dict[int, float]) -> int:
+        return max(scores, key=scores.__getitem__)
+
+    assert agent.run_sync("which?").output == "1 wins"
+    loop = only_loop(recorder)  # encodes the session, as a save does
+    (call,) = [block for block in loop.messages[1].content if isinstance(block, ToolCall)]  # type: ignore[union-attr]
+    assert call.arguments == {"scores": {"1": 0.5, "2": 0.25}}
+    (start,) = [entry.event for entry in loop.events if isinstance(entry.event, ToolExecutionStart)]
+    assert start.args == {"scores": {"1": 0.5, "2": 0.25}}
+    assert capability.fault_count == 0
+
+
 def test_model_retry_from_a_tool_is_an_error_result_and_the_run_goes_on() -> None:
     recorder = SessionRecorder()
     agent = Agent(TestModel(), capabilities=[PhiCapability(recorder)])

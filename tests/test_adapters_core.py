@@ -36,6 +36,7 @@ from phi_session.adapters import (
     session_id_for,
     usage_of,
 )
+from phi_session.adapters._core import jsonable
 from phi_session.adapters._sessions import SessionBook
 from phi_session.errors import MissingExtra
 from phi_session.messages import ToolCall
@@ -463,6 +464,28 @@ def test_usage_of_counts_none_as_zero() -> None:
     usage = usage_of(10, None, cache_read=None, reasoning=4)
     assert (usage.input, usage.output, usage.reasoning, usage.cache_read) == (10, 0, 4, 0)
     assert usage.total_tokens == 10
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+def test_jsonable_makes_any_host_value_json_data() -> None:
+    cycle: dict[str, object] = {"n": 1}
+    cycle["self"] = cycle
+    items: list[object] = [1]
+    items.append(items)
+    shared = [2]
+    value = {"cycle": cycle, "items": items, "twice": (shared, shared), (1, 2): Opaque(), "set": {3}}
+    assert jsonable(value) == {
+        "cycle": {"n": 1, "self": "{...}"},
+        "items": [1, "[...]"],
+        "twice": [[2], [2]],  # met twice, not inside itself: no cycle
+        "(1, 2)": "<opaque>",
+        "set": [3],
+    }
+    assert jsonable({1: b"\x00", "nan": float("nan")}) == {"1": "AA==", "nan": None}
 
 
 def test_missing_extra_names_the_pip_install() -> None:

@@ -44,7 +44,7 @@ import importlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -81,6 +81,7 @@ __all__ = [
     "RunningTool",
     "SinkArg",
     "enter_tool",
+    "jsonable",
     "leave_tool",
     "loop_config",
     "replay_recording",
@@ -169,6 +170,41 @@ def loop_config(
             _CONFIGS.clear()
         _CONFIGS[key] = config
     return config
+
+
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
+_NOT_JSON = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as JSON data (what a session can store), a copy of its own: what a host
+    hands over that is not JSON (an object, a key that is no string) becomes its
+    ``repr``, and a container met again inside itself (a cycle, which no encoder
+    ends) Python's mark for one, ``{...}`` or ``[...]``."""
+    try:
+        return _json_decode(_json_encode(value))
+    except _NOT_JSON:
+        return _rebuilt(value, set())
+
+
+def _rebuilt(value: Any, enclosing: set[int]) -> Any:
+    """`jsonable` of a value the encoder refused, part by part; `enclosing`: the ids of
+    the containers it is inside."""
+    if not isinstance(value, (Mapping, list, tuple)):
+        try:
+            return _json_decode(_json_encode(value))
+        except _NOT_JSON:
+            return repr(value)
+    if id(value) in enclosing:
+        return "{...}" if isinstance(value, Mapping) else "[...]"
+    enclosing.add(id(value))
+    try:
+        if isinstance(value, Mapping):
+            return {str(key): _rebuilt(item, enclosing) for key, item in value.items()}
+        return [_rebuilt(item, enclosing) for item in value]
+    finally:
+        enclosing.discard(id(value))
 
 
 def usage_of(
