@@ -1001,7 +1001,9 @@ def uninstall() -> None:
             return
         _processor.mapper = None
         if _replaced is not None and _registered_with is not None:
-            _registered_with.set_processors(_replaced)
+            # Those the host added since `install` stay, after the ones put back.
+            added = [p for p in _listed(_registered_with) or () if p is not _processor and p not in _replaced]
+            _registered_with.set_processors([*_replaced, *added])
             if _processor not in _replaced:  # else it stays added, as before `install`
                 _registered_with = None
             _replaced = None
