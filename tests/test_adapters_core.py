@@ -118,6 +118,20 @@ def test_a_run_may_continue_the_session_as_another_kind() -> None:
     assert_round_trip(recorder)
 
 
+def test_a_session_id_with_a_lone_surrogate_is_kept_escaped_in_the_metadata() -> None:
+    # The session could not be encoded, so not saved, with the lone surrogate in its metadata.
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    core.start_run("r", CONFIG, framework_session_id="user-\udc80")
+    one_turn(core, "r")
+    core.end_run("r")
+    (session,) = recorder.sessions()
+    assert session.session_id == session_id_for("user-\udc80")
+    assert session.loops[0].metadata["framework_session_id"] == "user-\\xed\\xb2\\x80"
+    assert core.fault_count == 0
+    assert_round_trip(recorder)
+
+
 def test_derived_session_id_keeps_the_original_in_metadata() -> None:
     recorder = SessionRecorder()
     core = make_core(recorder)

@@ -152,6 +152,12 @@ def session_id_for(framework_session_id: str) -> str:
     return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
+def _escaped(text: str) -> str:
+    """`text` with its lone surrogates (text decoded from undecodable bytes), which neither
+    UTF-8 nor JSON holds, as backslash escapes."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+
+
 _CONFIGS: dict[tuple[str, str, str | None, str | None], LoopConfigSnapshot] = {}
 _CONFIG_LIMIT = 256  # an adapter's agents and models are few; never grow without bound
 
@@ -460,7 +466,7 @@ class AdapterCore:
             if framework_session_id is not None:
                 session_id = session_id_for(framework_session_id)
                 if session_id != framework_session_id:
-                    inherited["framework_session_id"] = framework_session_id
+                    inherited["framework_session_id"] = _escaped(framework_session_id)
                 tracer = self._session_tracer(session_id)
             else:
                 tracer = self.tracer
