@@ -314,6 +314,21 @@ def test_default_sink_saves_into_the_embedded_store(tmp_path: Path, monkeypatch:
     assert [loop.loop_id for loop in core.store.load("d").loops] == ["d.fake.m-1.1"]
 
 
+def test_a_core_used_again_after_close_records_into_the_embedded_store_again(tmp_path: Path) -> None:
+    # An ADK runner closes its plugins; the same plugin may then serve the next runner.
+    store = SqliteStore(tmp_path / "sessions.db")
+    core = AdapterCore("fake-fw", store=store, agent=AgentSession(clock=FakeClock()))
+    for _ in range(2):
+        core.start_run("r", CONFIG, framework_session_id="d")
+        one_turn(core, "r")
+        core.end_run("r")
+        core.close()
+    first, second = store.load("d").loops
+    assert (first.loop_id, second.loop_id) == ("d.fake.m-1.1", "d.fake.m-1.2")
+    assert second.parent_loop_id == first.loop_id and second.status == "Completed"
+    assert core.fault_count == 0 and core.tracer.sink_errors == {}
+
+
 def test_cores_given_the_same_sinks_continue_each_others_sessions() -> None:
     # A handler made per call: each call's core must go on from the last one's loops.
     recorder = SessionRecorder()

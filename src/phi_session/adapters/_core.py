@@ -383,24 +383,35 @@ class AdapterCore:
             logger, f"{framework} adapter", "the run goes on, its record may be incomplete", traceback=True
         )
         self._guard = _Guard(self)
+        self.max_idle_sessions = max_idle_sessions
+        self.agent = agent if agent is not None else AgentSession(clock=clock)
+        self.rotate_after = rotate_after
+        self._lock = threading.Lock()  # guards `_runs`; taken before the book's, never after
+        self._runs: dict[object, AdapterRun] = {}
         self._embedded: EmbeddedStore | None = None
+        # With the embedded store: what recording there again after `close` takes (a
+        # plugin closed with its runner, then given to the next one).
+        self._rejoin: tuple[SessionStore | None, list[Processor], bool | Redactor] | None = None
         if sink is None:
-            from ..stores import default_store
-
-            self._embedded = embedded_store(store, max_idle_sessions, default_store, self)
-            store = self._embedded.store
-            sinks: list[SinkLike] = [self._embedded.persister.on_event]
-            self._book = self._embedded.book
+            self._rejoin = (store, list(processors), redact)
+            self._join_embedded(*self._rejoin)
         else:
             sinks = [sink] if callable(sink) or not isinstance(sink, Iterable) else list(sink)
             self._book = book_for_sinks(sinks, max_idle_sessions)
-        self.store = store
-        self.agent = agent if agent is not None else AgentSession(clock=clock)
-        self.rotate_after = rotate_after
-        self.tracer = Tracer(self.agent, sinks=sinks, processors=list(processors), redact=redact)
-        self.max_idle_sessions = max_idle_sessions
-        self._lock = threading.Lock()  # guards `_runs`; taken before the book's, never after
-        self._runs: dict[object, AdapterRun] = {}
+            self.store = store
+            self.tracer = Tracer(self.agent, sinks=sinks, processors=list(processors), redact=redact)
+
+    def _join_embedded(
+        self, store: SessionStore | None, processors: list[Processor], redact: bool | Redactor
+    ) -> None:
+        """Record into the embedded store: its recorder, store and session book."""
+        from ..stores import default_store
+
+        embedded = embedded_store(store, self.max_idle_sessions, default_store, self)
+        self._embedded, self.store, self._book = embedded, embedded.store, embedded.book
+        self.tracer = Tracer(
+            self.agent, sinks=[embedded.persister.on_event], processors=processors, redact=redact
+        )
 
     def __repr__(self) -> str:
         return f"AdapterCore({self.framework!r})"
@@ -448,6 +459,10 @@ class AdapterCore:
         the session's last loop (default ``Default``; e.g. ``Branch`` for a run
         resumed from an earlier checkpoint); a first loop is always ``Initial``.
         """
+        if self._embedded is None and (rejoin := self._rejoin) is not None:
+            with self._lock:  # closed, and recording again: its recorder closed with it
+                if self._embedded is None:
+                    self._join_embedded(*rejoin)
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
         parent_tool = _parent_tool()
         if parent_tool is not None:
@@ -617,7 +632,7 @@ class AdapterCore:
     def close(self) -> None:
         """End runs still open (as failed: the adapter closed under them), then flush the
         sinks; the embedded store saves what is finished (and, if no other adapter uses
-        it, closes)."""
+        it, closes). A run started afterwards records into the embedded store again."""
         self.end_open_runs(f"the {self.framework} adapter was closed during the run")
         self.tracer.flush()
         if self._embedded is not None:
