@@ -409,6 +409,33 @@ def test_a_tool_input_holding_a_cycle_is_recorded_as_json() -> None:
     assert handler.core.fault_count == 0
 
 
+def test_a_run_going_on_after_the_handler_closed_under_it_is_no_fault() -> None:
+    started, proceed = threading.Event(), threading.Event()
+
+    @tool
+    def wait(x: str) -> str:
+        """Waits to be let go."""
+        started.set()
+        proceed.wait(10)
+        return x
+
+    recorder = SessionRecorder()
+    handler = PhiCallbackHandler([recorder])
+    agent = create_agent(chat(reply("", ("c1", "wait", {"x": "y"})), reply("done")), tools=[wait])
+    run = threading.Thread(
+        target=agent.invoke, args=({"messages": [("user", "go")]}, {"callbacks": [handler]})
+    )
+    run.start()
+    assert started.wait(10)
+    handler.close()
+    proceed.set()  # the tool returns and the model is called again, after the close
+    run.join()
+    (session,) = recorded(recorder).values()
+    (loop,) = session.loops
+    assert (loop.status, loop.error) == ("Aborted", "the langchain adapter was closed during the run")
+    assert handler.core.fault_count == 0
+
+
 def test_an_exception_ends_the_loop_aborted_and_reaches_the_host_unchanged() -> None:
     recorder = SessionRecorder()
     agent = create_agent(chat(reply("", ("c1", "explode", {"x": "y"}))), tools=[explode])

@@ -7,6 +7,7 @@ import logging
 import runpy
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -764,6 +765,29 @@ def test_deferred_calls_get_a_result_saying_so_and_the_resumed_run_their_results
     assert isinstance(c1, ToolResultMessage) and c1.content[0].text == "deleted /a"  # type: ignore[union-attr]
     assert isinstance(c2, ToolResultMessage) and c2.content[0].text == "The tool call was denied."  # type: ignore[union-attr]
     assert isinstance(answer, AssistantMessage) and answer.content[0].text == "done"  # type: ignore[union-attr]
+
+
+def test_a_run_going_on_after_the_capability_closed_under_it_is_no_fault() -> None:
+    started, proceed = threading.Event(), threading.Event()
+    recorder = SessionRecorder()
+    capability = PhiCapability(recorder)
+    agent = Agent(TestModel(), capabilities=[capability])
+
+    @agent.tool_plain
+    def wait(x: int) -> int:
+        started.set()
+        proceed.wait(10)
+        return x
+
+    run = threading.Thread(target=agent.run_sync, args=("go",))
+    run.start()
+    assert started.wait(10)
+    capability.close()
+    proceed.set()  # the tool returns and the model is asked again, after the close
+    run.join()
+    loop = only_loop(recorder)
+    assert (loop.status, loop.error) == ("Aborted", "the pydantic-ai adapter was closed during the run")
+    assert capability.fault_count == 0
 
 
 def test_a_run_left_early_ends_its_loop_aborted() -> None:

@@ -500,7 +500,7 @@ class _Mapper:
     def _end(self, run: _Run, error: BaseException | None) -> None:
         with run.lock:
             loop = self._loop(run, _NO_MODEL)
-            if error is None:
+            if error is None and loop.running:
                 run.end_turn()
                 if run.interrupts:
                     loop.user(
@@ -548,6 +548,8 @@ class _Mapper:
             loop = run.loop
             if loop is None:
                 loop = self._loop(run, loop_config(model, provider))
+            elif not loop.running:
+                return  # ended under the run: the handler closed, or the interpreter is exiting
             elif run.handoff:
                 run.handoff = False
                 successor = self.core.handoff(run.key, loop_config(model, provider))

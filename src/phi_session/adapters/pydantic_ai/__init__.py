@@ -488,11 +488,12 @@ class _Streams(WrapperModel):
 
 
 def _open_run(core: AdapterCore, ctx: RunContext[Any]) -> _Run | None:
-    """The run of `ctx` that `core` records: the innermost open in this context."""
+    """The run of `ctx` that `core` records: the innermost open in this context; None once
+    its loop ended under it (the capability closed, or the interpreter is exiting)."""
     run_id = ctx.run_id
     for run in reversed(_OPEN_RUNS.get()):
         if run.core is core and run.run_id == run_id:
-            return run
+            return run if run.loop.running else None
     return None
 
 
