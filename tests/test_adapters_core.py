@@ -515,6 +515,8 @@ def test_jsonable_makes_any_host_value_json_data() -> None:
         "set": [3],
     }
     assert jsonable({1: b"\x00", "nan": float("nan")}) == {"1": "AA==", "nan": None}
+    # A file name from undecodable bytes: its lone surrogate as an escape, key or value.
+    assert jsonable({"f\udcff": ["x\udcff"]}) == {"f\\xed\\xb3\\xbf": ["x\\xed\\xb3\\xbf"]}
 
 
 def test_missing_extra_names_the_pip_install() -> None:

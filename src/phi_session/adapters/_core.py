@@ -186,8 +186,8 @@ _NOT_JSON = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
 def jsonable(value: Any) -> Any:
     """`value` as JSON data (what a session can store), a copy of its own: what a host
     hands over that is not JSON (an object, a key that is no string) becomes its
-    ``repr``, and a container met again inside itself (a cycle, which no encoder
-    ends) Python's mark for one, ``{...}`` or ``[...]``."""
+    ``repr``, text its lone surrogates escaped, and a container met again inside
+    itself (a cycle, which no encoder ends) Python's mark for one, ``{...}`` or ``[...]``."""
     try:
         return _json_decode(_json_encode(value))
     except _NOT_JSON:
@@ -197,6 +197,8 @@ def jsonable(value: Any) -> Any:
 def _rebuilt(value: Any, enclosing: set[int]) -> Any:
     """`jsonable` of a value the encoder refused, part by part; `enclosing`: the ids of
     the containers it is inside."""
+    if isinstance(value, str):  # refused for its lone surrogates
+        return _escaped(value)
     if not isinstance(value, (Mapping, list, tuple)):
         try:
             return _json_decode(_json_encode(value))
@@ -207,7 +209,7 @@ def _rebuilt(value: Any, enclosing: set[int]) -> Any:
     enclosing.add(id(value))
     try:
         if isinstance(value, Mapping):
-            return {str(key): _rebuilt(item, enclosing) for key, item in value.items()}
+            return {_escaped(str(key)): _rebuilt(item, enclosing) for key, item in value.items()}
         return [_rebuilt(item, enclosing) for item in value]
     finally:
         enclosing.discard(id(value))
