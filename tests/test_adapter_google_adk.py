@@ -33,6 +33,7 @@ from phi_session import (
     FakeClock,
     MessageUpdate,
     SessionRecorder,
+    SqliteStore,
     decode_session,
     encode_session,
 )
@@ -798,3 +799,51 @@ def test_a_stream_of_partial_responses_only_is_the_streamed_message(fail: bool) 
         assert message.stop_reason == "error" and "stream broke" in message.error_message
     else:
         assert (message.stop_reason, message.error_message, record.status) == ("stop", None, "Completed")
+
+
+class Opaque:
+    """Not JSON."""
+
+
+def cyclic(x: int) -> dict[str, Any]:
+    """Returns a dict holding itself and an object."""
+    found: dict[str, Any] = {"x": x, "obj": Opaque()}
+    found["self"] = found
+    return found
+
+
+def test_a_tool_result_holding_a_cycle_is_recorded_as_json() -> None:
+    harness = Harness()
+    agent = LlmAgent(name="a", model=ScriptedLlm.of([("cyclic", {"x": 1})], ["done"]), tools=[cyclic])
+    harness.run(agent)
+    (session,) = harness.sessions()
+    (loop,) = session.loops
+    (result,) = loop.turns[0].tool_results
+    text = result.content[0].text  # type: ignore[union-attr]
+    assert text.startswith('{"x":1,"obj":"<') and text.endswith('"self":"{...}"}')
+    assert not result.is_error and loop.status == "Completed"
+    assert harness.plugin.fault_count == 0
+
+
+def test_a_plugin_given_to_runner_after_runner_records_every_invocation(tmp_path: Path) -> None:
+    # Runner.close closes its plugins: the next runner's invocations must still be recorded.
+    store = SqliteStore(tmp_path / "sessions.db")
+    plugin = PhiPlugin(store=store)
+
+    async def request(text: str) -> None:
+        agent = LlmAgent(name="a", model=ScriptedLlm.of([f"re {text}"]))
+        runner = InMemoryRunner(agent=agent, app_name="app", plugins=[plugin])
+        await runner.session_service.create_session(app_name="app", user_id="u", session_id="s1")
+        message = types.Content(role="user", parts=[types.Part(text=text)])
+        async for _ in runner.run_async(user_id="u", session_id="s1", new_message=message):
+            pass
+        await runner.close()
+
+    async def requests() -> None:
+        for text in ("one", "two"):
+            await request(text)
+
+    asyncio.run(requests())
+    first, second = store.load("s1").loops
+    assert second.parent_loop_id == first.loop_id and second.status == "Completed"
+    assert plugin.fault_count == 0 and plugin.core.tracer.sink_errors == {}

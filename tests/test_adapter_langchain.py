@@ -36,7 +36,7 @@ from langgraph.types import Command, interrupt
 
 from phi_session import SessionRecorder, SqliteStore, codec
 from phi_session.adapters.langchain import AsyncPhiCallbackHandler, PhiCallbackHandler
-from phi_session.events import MessageEnd, MessageUpdate, TurnRequest
+from phi_session.events import MessageEnd, MessageUpdate, ToolExecutionStart, TurnRequest
 from phi_session.identity import AgentSession
 from phi_session.messages import (
     AssistantMessage,
@@ -376,6 +376,64 @@ def test_a_tool_invoked_by_a_tool_is_part_of_its_execution_not_a_call_of_the_mod
     results = [(m.tool_call_id, m.content[0].text) for m in loop.messages if isinstance(m, ToolResultMessage)]
     assert results == [("c1", "12")]
     assert loop.status == "Completed"
+
+
+class Opaque:
+    """Not JSON."""
+
+
+def test_a_tool_input_holding_a_cycle_is_recorded_as_json() -> None:
+    recorder = SessionRecorder()
+    handler = PhiCallbackHandler([recorder])
+    state: dict[str, Any] = {"n": 1, "obj": Opaque()}
+    state["self"] = state
+    model = chat(reply("", ("c1", "inspect", {})))
+
+    @tool
+    def inspect(state: Any) -> str:
+        """Looks at the state."""
+        return "seen"
+
+    def step(_: Any, config: Any) -> Any:
+        model.invoke("go", config)
+        return inspect.invoke({"state": state}, config)
+
+    assert RunnableLambda(step).invoke("go", {"callbacks": [handler]}) == "seen"
+    (session,) = recorded(recorder).values()
+    (loop,) = session.loops
+    (start,) = [entry.event for entry in loop.events if isinstance(entry.event, ToolExecutionStart)]
+    assert start.args["state"]["n"] == 1 and start.args["state"]["self"] == "{...}"
+    assert start.args["state"]["obj"].startswith("<")
+    (result,) = loop.turns[0].tool_results
+    assert result.content[0].text == "seen"  # type: ignore[union-attr]
+    assert handler.core.fault_count == 0
+
+
+def test_a_run_going_on_after_the_handler_closed_under_it_is_no_fault() -> None:
+    started, proceed = threading.Event(), threading.Event()
+
+    @tool
+    def wait(x: str) -> str:
+        """Waits to be let go."""
+        started.set()
+        proceed.wait(10)
+        return x
+
+    recorder = SessionRecorder()
+    handler = PhiCallbackHandler([recorder])
+    agent = create_agent(chat(reply("", ("c1", "wait", {"x": "y"})), reply("done")), tools=[wait])
+    run = threading.Thread(
+        target=agent.invoke, args=({"messages": [("user", "go")]}, {"callbacks": [handler]})
+    )
+    run.start()
+    assert started.wait(10)
+    handler.close()
+    proceed.set()  # the tool returns and the model is called again, after the close
+    run.join()
+    (session,) = recorded(recorder).values()
+    (loop,) = session.loops
+    assert (loop.status, loop.error) == ("Aborted", "the langchain adapter was closed during the run")
+    assert handler.core.fault_count == 0
 
 
 def test_an_exception_ends_the_loop_aborted_and_reaches_the_host_unchanged() -> None:

@@ -415,6 +415,35 @@ def test_uninstall_puts_back_the_processors_install_replaced() -> None:
         set_trace_processors(before)
 
 
+def test_uninstall_keeps_a_processor_the_host_added_while_installed() -> None:
+    before = openai_agents._processors_of(get_trace_provider())
+    try:
+        openai_agents.install([SessionRecorder()], replace_default=True)
+        add_trace_processor(mine := CountingProcessor())
+        openai_agents.uninstall()
+        assert openai_agents._processors_of(get_trace_provider()) == [*before, mine]
+        run(Agent(name="calc", model=scripted([assistant_message("x")])), "x")
+        assert mine.traces == 1
+    finally:
+        set_trace_processors(before)
+
+
+def test_install_after_the_host_set_its_processors_anew_records() -> None:
+    # set_trace_processors drops the processor an earlier install added: install adds it again.
+    before = openai_agents._processors_of(get_trace_provider())
+    try:
+        openai_agents.install([SessionRecorder()])
+        openai_agents.uninstall()
+        set_trace_processors([mine := CountingProcessor()])
+        recorder = SessionRecorder()
+        openai_agents.install([recorder])
+        run(Agent(name="calc", model=scripted([assistant_message("x")])), "x")
+        openai_agents.uninstall()
+        assert len(recorder.sessions()) == 1 and mine.traces == 1
+    finally:
+        set_trace_processors(before)
+
+
 def test_without_task_and_turn_spans_the_agent_span_is_the_loop(recorder: SessionRecorder) -> None:
     model = scripted([function_call("add", {"a": 1, "b": 2}, call_id="c1")], [assistant_message("3")])
     config = RunConfig(

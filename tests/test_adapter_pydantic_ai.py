@@ -7,6 +7,7 @@ import logging
 import runpy
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,32 @@ def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
 
 
 # -- failures -----------------------------------------------------------------------------------------
+
+
+def test_tool_call_arguments_that_are_not_json_are_saved_as_json() -> None:
+    # A model (here a function) may hand over arguments as Python data: keys no string.
+    def scores(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(
+                parts=[ToolCallPart("best", {"scores": {1: 0.5, 2: 0.25}}, tool_call_id="c1")]
+            )
+        return ModelResponse(parts=[TextPart("1 wins")])
+
+    recorder = SessionRecorder()
+    capability = PhiCapability(recorder)
+    agent = Agent(FunctionModel(scores), capabilities=[capability])
+
+    @agent.tool_plain
+    def best(scores: dict[int, float]) -> int:
+        return max(scores, key=scores.__getitem__)
+
+    assert agent.run_sync("which?").output == "1 wins"
+    loop = only_loop(recorder)  # encodes the session, as a save does
+    (call,) = [block for block in loop.messages[1].content if isinstance(block, ToolCall)]  # type: ignore[union-attr]
+    assert call.arguments == {"scores": {"1": 0.5, "2": 0.25}}
+    (start,) = [entry.event for entry in loop.events if isinstance(entry.event, ToolExecutionStart)]
+    assert start.args == {"scores": {"1": 0.5, "2": 0.25}}
+    assert capability.fault_count == 0
 
 
 def test_model_retry_from_a_tool_is_an_error_result_and_the_run_goes_on() -> None:
@@ -738,6 +765,29 @@ def test_deferred_calls_get_a_result_saying_so_and_the_resumed_run_their_results
     assert isinstance(c1, ToolResultMessage) and c1.content[0].text == "deleted /a"  # type: ignore[union-attr]
     assert isinstance(c2, ToolResultMessage) and c2.content[0].text == "The tool call was denied."  # type: ignore[union-attr]
     assert isinstance(answer, AssistantMessage) and answer.content[0].text == "done"  # type: ignore[union-attr]
+
+
+def test_a_run_going_on_after_the_capability_closed_under_it_is_no_fault() -> None:
+    started, proceed = threading.Event(), threading.Event()
+    recorder = SessionRecorder()
+    capability = PhiCapability(recorder)
+    agent = Agent(TestModel(), capabilities=[capability])
+
+    @agent.tool_plain
+    def wait(x: int) -> int:
+        started.set()
+        proceed.wait(10)
+        return x
+
+    run = threading.Thread(target=agent.run_sync, args=("go",))
+    run.start()
+    assert started.wait(10)
+    capability.close()
+    proceed.set()  # the tool returns and the model is asked again, after the close
+    run.join()
+    loop = only_loop(recorder)
+    assert (loop.status, loop.error) == ("Aborted", "the pydantic-ai adapter was closed during the run")
+    assert capability.fault_count == 0
 
 
 def test_a_run_left_early_ends_its_loop_aborted() -> None:

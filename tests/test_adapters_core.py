@@ -36,6 +36,7 @@ from phi_session.adapters import (
     session_id_for,
     usage_of,
 )
+from phi_session.adapters._core import jsonable
 from phi_session.adapters._sessions import SessionBook
 from phi_session.errors import MissingExtra
 from phi_session.messages import ToolCall
@@ -114,6 +115,20 @@ def test_a_run_may_continue_the_session_as_another_kind() -> None:
     assert first.continuation_kind is not None and first.continuation_kind.kind == "Initial"
     assert second.parent_loop_id == first.loop_id
     assert second.continuation_kind == ContinuationKind.branch("cp-7")
+    assert_round_trip(recorder)
+
+
+def test_a_session_id_with_a_lone_surrogate_is_kept_escaped_in_the_metadata() -> None:
+    # The session could not be encoded, so not saved, with the lone surrogate in its metadata.
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    core.start_run("r", CONFIG, framework_session_id="user-\udc80")
+    one_turn(core, "r")
+    core.end_run("r")
+    (session,) = recorder.sessions()
+    assert session.session_id == session_id_for("user-\udc80")
+    assert session.loops[0].metadata["framework_session_id"] == "user-\\xed\\xb2\\x80"
+    assert core.fault_count == 0
     assert_round_trip(recorder)
 
 
@@ -299,6 +314,21 @@ def test_default_sink_saves_into_the_embedded_store(tmp_path: Path, monkeypatch:
     assert [loop.loop_id for loop in core.store.load("d").loops] == ["d.fake.m-1.1"]
 
 
+def test_a_core_used_again_after_close_records_into_the_embedded_store_again(tmp_path: Path) -> None:
+    # An ADK runner closes its plugins; the same plugin may then serve the next runner.
+    store = SqliteStore(tmp_path / "sessions.db")
+    core = AdapterCore("fake-fw", store=store, agent=AgentSession(clock=FakeClock()))
+    for _ in range(2):
+        core.start_run("r", CONFIG, framework_session_id="d")
+        one_turn(core, "r")
+        core.end_run("r")
+        core.close()
+    first, second = store.load("d").loops
+    assert (first.loop_id, second.loop_id) == ("d.fake.m-1.1", "d.fake.m-1.2")
+    assert second.parent_loop_id == first.loop_id and second.status == "Completed"
+    assert core.fault_count == 0 and core.tracer.sink_errors == {}
+
+
 def test_cores_given_the_same_sinks_continue_each_others_sessions() -> None:
     # A handler made per call: each call's core must go on from the last one's loops.
     recorder = SessionRecorder()
@@ -463,6 +493,30 @@ def test_usage_of_counts_none_as_zero() -> None:
     usage = usage_of(10, None, cache_read=None, reasoning=4)
     assert (usage.input, usage.output, usage.reasoning, usage.cache_read) == (10, 0, 4, 0)
     assert usage.total_tokens == 10
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+def test_jsonable_makes_any_host_value_json_data() -> None:
+    cycle: dict[str, object] = {"n": 1}
+    cycle["self"] = cycle
+    items: list[object] = [1]
+    items.append(items)
+    shared = [2]
+    value = {"cycle": cycle, "items": items, "twice": (shared, shared), (1, 2): Opaque(), "set": {3}}
+    assert jsonable(value) == {
+        "cycle": {"n": 1, "self": "{...}"},
+        "items": [1, "[...]"],
+        "twice": [[2], [2]],  # met twice, not inside itself: no cycle
+        "(1, 2)": "<opaque>",
+        "set": [3],
+    }
+    assert jsonable({1: b"\x00", "nan": float("nan")}) == {"1": "AA==", "nan": None}
+    # A file name from undecodable bytes: its lone surrogate as an escape, key or value.
+    assert jsonable({"f\udcff": ["x\udcff"]}) == {"f\\xed\\xb3\\xbf": ["x\\xed\\xb3\\xbf"]}
 
 
 def test_missing_extra_names_the_pip_install() -> None:

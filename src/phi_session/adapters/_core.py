@@ -44,7 +44,7 @@ import importlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -81,6 +81,7 @@ __all__ = [
     "RunningTool",
     "SinkArg",
     "enter_tool",
+    "jsonable",
     "leave_tool",
     "loop_config",
     "replay_recording",
@@ -151,6 +152,12 @@ def session_id_for(framework_session_id: str) -> str:
     return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
+def _escaped(text: str) -> str:
+    """`text` with its lone surrogates (text decoded from undecodable bytes), which neither
+    UTF-8 nor JSON holds, as backslash escapes."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+
+
 _CONFIGS: dict[tuple[str, str, str | None, str | None], LoopConfigSnapshot] = {}
 _CONFIG_LIMIT = 256  # an adapter's agents and models are few; never grow without bound
 
@@ -169,6 +176,43 @@ def loop_config(
             _CONFIGS.clear()
         _CONFIGS[key] = config
     return config
+
+
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
+_NOT_JSON = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as JSON data (what a session can store), a copy of its own: what a host
+    hands over that is not JSON (an object, a key that is no string) becomes its
+    ``repr``, text its lone surrogates escaped, and a container met again inside
+    itself (a cycle, which no encoder ends) Python's mark for one, ``{...}`` or ``[...]``."""
+    try:
+        return _json_decode(_json_encode(value))
+    except _NOT_JSON:
+        return _rebuilt(value, set())
+
+
+def _rebuilt(value: Any, enclosing: set[int]) -> Any:
+    """`jsonable` of a value the encoder refused, part by part; `enclosing`: the ids of
+    the containers it is inside."""
+    if isinstance(value, str):  # refused for its lone surrogates
+        return _escaped(value)
+    if not isinstance(value, (Mapping, list, tuple)):
+        try:
+            return _json_decode(_json_encode(value))
+        except _NOT_JSON:
+            return repr(value)
+    if id(value) in enclosing:
+        return "{...}" if isinstance(value, Mapping) else "[...]"
+    enclosing.add(id(value))
+    try:
+        if isinstance(value, Mapping):
+            return {_escaped(str(key)): _rebuilt(item, enclosing) for key, item in value.items()}
+        return [_rebuilt(item, enclosing) for item in value]
+    finally:
+        enclosing.discard(id(value))
 
 
 def usage_of(
@@ -341,24 +385,35 @@ class AdapterCore:
             logger, f"{framework} adapter", "the run goes on, its record may be incomplete", traceback=True
         )
         self._guard = _Guard(self)
+        self.max_idle_sessions = max_idle_sessions
+        self.agent = agent if agent is not None else AgentSession(clock=clock)
+        self.rotate_after = rotate_after
+        self._lock = threading.Lock()  # guards `_runs`; taken before the book's, never after
+        self._runs: dict[object, AdapterRun] = {}
         self._embedded: EmbeddedStore | None = None
+        # With the embedded store: what recording there again after `close` takes (a
+        # plugin closed with its runner, then given to the next one).
+        self._rejoin: tuple[SessionStore | None, list[Processor], bool | Redactor] | None = None
         if sink is None:
-            from ..stores import default_store
-
-            self._embedded = embedded_store(store, max_idle_sessions, default_store, self)
-            store = self._embedded.store
-            sinks: list[SinkLike] = [self._embedded.persister.on_event]
-            self._book = self._embedded.book
+            self._rejoin = (store, list(processors), redact)
+            self._join_embedded(*self._rejoin)
         else:
             sinks = [sink] if callable(sink) or not isinstance(sink, Iterable) else list(sink)
             self._book = book_for_sinks(sinks, max_idle_sessions)
-        self.store = store
-        self.agent = agent if agent is not None else AgentSession(clock=clock)
-        self.rotate_after = rotate_after
-        self.tracer = Tracer(self.agent, sinks=sinks, processors=list(processors), redact=redact)
-        self.max_idle_sessions = max_idle_sessions
-        self._lock = threading.Lock()  # guards `_runs`; taken before the book's, never after
-        self._runs: dict[object, AdapterRun] = {}
+            self.store = store
+            self.tracer = Tracer(self.agent, sinks=sinks, processors=list(processors), redact=redact)
+
+    def _join_embedded(
+        self, store: SessionStore | None, processors: list[Processor], redact: bool | Redactor
+    ) -> None:
+        """Record into the embedded store: its recorder, store and session book."""
+        from ..stores import default_store
+
+        embedded = embedded_store(store, self.max_idle_sessions, default_store, self)
+        self._embedded, self.store, self._book = embedded, embedded.store, embedded.book
+        self.tracer = Tracer(
+            self.agent, sinks=[embedded.persister.on_event], processors=processors, redact=redact
+        )
 
     def __repr__(self) -> str:
         return f"AdapterCore({self.framework!r})"
@@ -406,6 +461,10 @@ class AdapterCore:
         the session's last loop (default ``Default``; e.g. ``Branch`` for a run
         resumed from an earlier checkpoint); a first loop is always ``Initial``.
         """
+        if self._embedded is None and (rejoin := self._rejoin) is not None:
+            with self._lock:  # closed, and recording again: its recorder closed with it
+                if self._embedded is None:
+                    self._join_embedded(*rejoin)
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
         parent_tool = _parent_tool()
         if parent_tool is not None:
@@ -424,7 +483,7 @@ class AdapterCore:
             if framework_session_id is not None:
                 session_id = session_id_for(framework_session_id)
                 if session_id != framework_session_id:
-                    inherited["framework_session_id"] = framework_session_id
+                    inherited["framework_session_id"] = _escaped(framework_session_id)
                 tracer = self._session_tracer(session_id)
             else:
                 tracer = self.tracer
@@ -575,7 +634,7 @@ class AdapterCore:
     def close(self) -> None:
         """End runs still open (as failed: the adapter closed under them), then flush the
         sinks; the embedded store saves what is finished (and, if no other adapter uses
-        it, closes)."""
+        it, closes). A run started afterwards records into the embedded store again."""
         self.end_open_runs(f"the {self.framework} adapter was closed during the run")
         self.tracer.flush()
         if self._embedded is not None:

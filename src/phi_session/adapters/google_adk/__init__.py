@@ -94,6 +94,7 @@ from .._core import (
     RunningTool,
     SinkArg,
     enter_tool,
+    jsonable,
     leave_tool,
     loop_config,
     require_extra,
@@ -129,13 +130,13 @@ _NORMAL_FINISH = {None, "STOP", "FINISH_REASON_UNSPECIFIED"}
 # -- conversions ------------------------------------------------------------------------------
 
 
-# Values that are not JSON (a tool may return any object) are written as their repr.
-_encode = msgspec.json.Encoder(enc_hook=repr).encode
+_encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
 
 def _json_text(value: Any) -> str:
-    return value if isinstance(value, str) else _encode(value).decode()
+    """`value` as JSON text; what is not JSON (a tool may return any object) as `jsonable` makes it."""
+    return value if isinstance(value, str) else _encode(jsonable(value)).decode()
 
 
 def _partial_arg_text(arg: types.PartialArg) -> str | None:
@@ -147,11 +148,6 @@ def _partial_arg_text(arg: types.PartialArg) -> str | None:
         if value is not None:
             return _json_text(value)
     return "null" if arg.null_value is not None else None
-
-
-def _json_copy(value: Any) -> Any:
-    """A JSON-safe copy, so the host's later changes never reach a recorded event."""
-    return _decode(_encode(value))
 
 
 def _blocks(parts: Sequence[types.Part] | None, *, calls: bool = True) -> tuple[Content, ...]:
@@ -174,7 +170,7 @@ def _blocks(parts: Sequence[types.Part] | None, *, calls: bool = True) -> tuple[
                 blocks.append(TextContent(text=part.text))
         elif call is not None and calls:
             blocks.append(
-                ToolCall(id=call.id or "", name=call.name or "", arguments=_json_copy(call.args or {}))
+                ToolCall(id=call.id or "", name=call.name or "", arguments=jsonable(call.args or {}))
             )
         elif blob is not None and blob.data is not None and (blob.mime_type or "").startswith("image/"):
             blocks.append(
@@ -259,7 +255,7 @@ def _tool_definitions(tools: Sequence[Any] | None) -> tuple[ToolDefinition, ...]
                 ToolDefinition(
                     name=declaration.name or "",
                     description=declaration.description or "",
-                    parameters=_json_copy(schema),
+                    parameters=jsonable(schema),
                 )
             )
     return tuple(definitions)
@@ -272,7 +268,7 @@ def _response_format(config: types.GenerateContentConfig) -> ResponseFormat:
     elif schema is None and isinstance(declared, type) and issubclass(declared, BaseModel):
         schema = declared.model_json_schema()  # an agent's output_schema
     if schema is not None:
-        return JsonSchemaFormat(schema=_json_copy(schema), name="response", strict=False)
+        return JsonSchemaFormat(schema=jsonable(schema), name="response", strict=False)
     if config.response_mime_type == "application/json":
         return JsonObjectFormat()
     return TextFormat()
@@ -499,7 +495,7 @@ class _Lane:
         self.settle()
         if self.turn is None or not self.turn.running:
             return
-        scope = self.turn.tool(id=call_id, name=name, args=_json_copy(args)).start()
+        scope = self.turn.tool(id=call_id, name=name, args=jsonable(args)).start()
         # The tool runs in a copy of this context (ADK makes sure of it), so an
         # invocation it starts (AgentTool) finds it: a sub-agent.
         self.tools[call_id] = (scope, enter_tool(scope))

@@ -70,6 +70,7 @@ from .._core import (
     RunningTool,
     SinkArg,
     enter_tool,
+    jsonable,
     leave_tool,
     loop_config,
     require_extra,
@@ -88,20 +89,6 @@ logger = logging.getLogger("phi_session.adapters.langchain")
 
 _json_encode = msgspec.json.Encoder().encode
 _fingerprint_encode = msgspec.json.Encoder(enc_hook=repr).encode
-_json_decode = msgspec.json.Decoder().decode
-
-
-def _jsonable(value: Any) -> Any:
-    """`value` as JSON data (what a session can store): objects a graph hands over
-    (interrupt payloads, tool inputs) that are not JSON become their ``repr``."""
-    try:
-        return _json_decode(_json_encode(value))
-    except (TypeError, ValueError, msgspec.EncodeError):
-        if isinstance(value, Mapping):
-            return {str(key): _jsonable(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [_jsonable(item) for item in value]
-        return repr(value)
 
 
 # -- LangChain messages -> phi-core content ------------------------------------------------------
@@ -136,7 +123,7 @@ def _blocks(message: BaseMessage) -> tuple[Content, ...]:
             blocks.append(ImageContent(data=block["base64"], mime_type=str(block.get("mime_type", ""))))
         elif kind not in ("tool_call", "tool_call_chunk", "invalid_tool_call"):
             # Not a phi-core block (a file, a URL image, a citation...): kept as its JSON.
-            blocks.append(TextContent(text=_json_encode(_jsonable(block)).decode()))
+            blocks.append(TextContent(text=_json_encode(jsonable(block)).decode()))
     return tuple(blocks)
 
 
@@ -147,7 +134,7 @@ def _tool_calls(message: AIMessage, copy: bool = False) -> list[ToolCall]:
         ToolCall(
             id=call.get("id") or "",
             name=call["name"],
-            arguments=_jsonable(call["args"]) if copy else call["args"],
+            arguments=jsonable(call["args"]) if copy else call["args"],
         )
         for call in message.tool_calls
     ]
@@ -249,7 +236,7 @@ def _tool_definitions(tools: Any) -> tuple[ToolDefinition, ...]:
                 ToolDefinition(
                     name=spec["name"],
                     description=str(spec.get("description", "")),
-                    parameters=_jsonable(schema),
+                    parameters=jsonable(schema),
                 )
             )
     return tuple(definitions)
@@ -293,7 +280,7 @@ def _tool_output(output: Any) -> tuple[str | tuple[Content, ...], bool]:
             _blocks(output) or (TextContent(text=""),),
             isinstance(output, ToolMessage) and output.status == "error",
         )
-    return (output if isinstance(output, str) else _json_encode(_jsonable(output)).decode()), False
+    return (output if isinstance(output, str) else _json_encode(jsonable(output)).decode()), False
 
 
 def _command_message(command: Any, tool_call_id: str) -> Any:
@@ -316,7 +303,7 @@ def _interrupt_values(error: BaseException) -> list[dict[str, Any]]:
     found = error.args[0] if error.args else ()
     interrupts = found if isinstance(found, (list, tuple)) else (found,)
     return [
-        _jsonable({"value": getattr(item, "value", item), "id": getattr(item, "id", None)})
+        jsonable({"value": getattr(item, "value", item), "id": getattr(item, "id", None)})
         for item in interrupts
     ]
 
@@ -493,7 +480,7 @@ class _Mapper:
         resume = getattr(inputs, "resume", None)
         if resume is not None and type(inputs).__name__ == "Command":
             # LangGraph's Command(resume=...): the answer to the interrupt is the run's input.
-            run.pending.append(ExtensionMessage(kind="langgraph.resume", data=_jsonable(resume)))
+            run.pending.append(ExtensionMessage(kind="langgraph.resume", data=jsonable(resume)))
 
     def chain_end(self, run_id: _RunId) -> None:
         run = self._runs.pop(run_id, None)
@@ -513,7 +500,7 @@ class _Mapper:
     def _end(self, run: _Run, error: BaseException | None) -> None:
         with run.lock:
             loop = self._loop(run, _NO_MODEL)
-            if error is None:
+            if error is None and loop.running:
                 run.end_turn()
                 if run.interrupts:
                     loop.user(
@@ -561,6 +548,8 @@ class _Mapper:
             loop = run.loop
             if loop is None:
                 loop = self._loop(run, loop_config(model, provider))
+            elif not loop.running:
+                return  # ended under the run: the handler closed, or the interpreter is exiting
             elif run.handoff:
                 run.handoff = False
                 successor = self.core.handoff(run.key, loop_config(model, provider))
@@ -675,7 +664,7 @@ class _Mapper:
             call_id = tool_call_id or f"lc-{UUID(int=run_id)}"
             args = run.call_args.get(call_id)
             if args is None:
-                args = _jsonable(inputs)
+                args = jsonable(inputs)
             tool = turn.tool(id=call_id, name=name, args=args).start()
         self._runs[run_id] = run
         self._tools[run_id] = (run, tool, enter_tool(tool))

@@ -896,11 +896,24 @@ def _warn_tracing_disabled() -> None:
         )
 
 
-def _processors_of(provider: TraceProvider) -> list[TracingProcessor]:
-    """The provider's processors. The SDK has no public getter: the default provider's
-    list is read; another provider's is taken to be the SDK's default processor."""
+def _listed(provider: TraceProvider) -> list[TracingProcessor] | None:
+    """The provider's processors, if they can be read: the SDK has no public getter, the
+    default provider's list is read."""
     processors = getattr(getattr(provider, "_multi_processor", None), "_processors", None)
-    return list(processors) if isinstance(processors, tuple | list) else [default_processor()]
+    return list(processors) if isinstance(processors, tuple | list) else None
+
+
+def _processors_of(provider: TraceProvider) -> list[TracingProcessor]:
+    """The provider's processors; another provider's are taken to be the SDK's default processor."""
+    listed = _listed(provider)
+    return listed if listed is not None else [default_processor()]
+
+
+def _registered(provider: TraceProvider) -> bool:
+    """Whether `_processor` is among the provider's processors: the host may have set
+    them anew (``set_trace_processors``) since it was added."""
+    listed = _listed(provider)
+    return _processor in listed if listed is not None else _registered_with is provider
 
 
 def _tracing_disabled() -> bool:
@@ -956,7 +969,7 @@ def install(
             _replaced = _processors_of(provider)
             provider.set_processors([_processor])
             _registered_with = provider
-        elif _registered_with is not provider:
+        elif not _registered(provider):
             add_trace_processor(_processor)
             _registered_with = provider
         _processor.mapper = _Mapper(core)
@@ -988,7 +1001,9 @@ def uninstall() -> None:
             return
         _processor.mapper = None
         if _replaced is not None and _registered_with is not None:
-            _registered_with.set_processors(_replaced)
+            # Those the host added since `install` stay, after the ones put back.
+            added = [p for p in _listed(_registered_with) or () if p is not _processor and p not in _replaced]
+            _registered_with.set_processors([*_replaced, *added])
             if _processor not in _replaced:  # else it stays added, as before `install`
                 _registered_with = None
             _replaced = None

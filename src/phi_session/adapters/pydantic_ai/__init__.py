@@ -66,6 +66,7 @@ from .._core import (
     AdapterRun,
     SinkArg,
     enter_tool,
+    jsonable,
     leave_tool,
     loop_config,
     require_extra,
@@ -146,7 +147,9 @@ def _response_content(parts: Sequence[pai.ModelResponsePart]) -> tuple[list[Cont
     calls: list[ToolCall] = []
     for part in parts:  # the most frequent part first
         if isinstance(part, pai.ToolCallPart):
-            calls.append(ToolCall(id=part.tool_call_id, name=part.tool_name, arguments=part.args_as_dict()))
+            calls.append(
+                ToolCall(id=part.tool_call_id, name=part.tool_name, arguments=jsonable(part.args_as_dict()))
+            )
         elif isinstance(part, pai.TextPart):
             blocks.append(TextContent(text=part.content))
         elif isinstance(part, pai.ThinkingPart):
@@ -404,7 +407,9 @@ class _Run:
             # `after_model_request`: the reply that called them ends first, as in `agent.run`.
             self.response(streamed.get(), model, provider)
             self.answered = True
-        return turn.tool(id=call.tool_call_id, name=call.tool_name, args=call.args_as_dict()).start()
+        return turn.tool(
+            id=call.tool_call_id, name=call.tool_name, args=jsonable(call.args_as_dict())
+        ).start()
 
     def resumed(self, returns: pai.ModelRequest, timestamp: int) -> None:
         """A resumed run's tools step (the caller's deferred tool results: approved tools run,
@@ -483,11 +488,12 @@ class _Streams(WrapperModel):
 
 
 def _open_run(core: AdapterCore, ctx: RunContext[Any]) -> _Run | None:
-    """The run of `ctx` that `core` records: the innermost open in this context."""
+    """The run of `ctx` that `core` records: the innermost open in this context; None once
+    its loop ended under it (the capability closed, or the interpreter is exiting)."""
     run_id = ctx.run_id
     for run in reversed(_OPEN_RUNS.get()):
         if run.core is core and run.run_id == run_id:
-            return run
+            return run if run.loop.running else None
     return None
 
 
