@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import phi_session as ps
 from phi_session._float32 import Float32
+from phi_session.codec import escape_surrogates, without_lone_surrogates
 from phi_session.stores.base import merge_sessions, validate_session_id
 from phi_session.stores.conformance import at, make_loop, make_session
 
@@ -123,3 +126,68 @@ def test_unstorable_session_ids_do_not_block_recovery(tmp_path: Path) -> None:
     assert store.list_ids() == ["good"] and not report.failed_sessions
     assert len((tmp_path / "j" / "orphans.jsonl").read_text().splitlines()) == 2
     assert ps.recover(tmp_path / "j", store).failed_sessions == []
+
+
+# -- text read from undecodable bytes (lone surrogates) ------------------------------------------
+
+
+def _record_with_lone_surrogates(sinks: list[object]) -> None:
+    """A tool listing a directory whose file names are not UTF-8, as ``os.listdir`` gives them."""
+    tracer = ps.Tracer(ps.AgentSession("agent-\udcff"), sinks=sinks)  # type: ignore[arg-type]
+    with tracer.loop(ps.LoopConfigSnapshot(model="model-\udcfe", provider="p")) as loop:
+        loop.user("list the files in caf\udce9/")
+        with loop.turn() as turn:
+            with turn.assistant() as reply:
+                reply.text_delta("looking \udcff")
+                call = ps.ToolCall(id="c1", name="ls", arguments={"path\udcff": ["caf\udce9/"]})
+                reply.finish("looking \udcff", tool_calls=[call])
+            with turn.tool(call) as tool:
+                tool.result("r\udce9sum\udce9.txt")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "json_dir"])
+def test_a_session_holding_lone_surrogates_is_saved_with_them_escaped(tmp_path: Path, kind: str) -> None:
+    """Such text made the whole session unsaveable: kept in memory, lost at exit."""
+    store: ps.SessionStore = (
+        ps.SqliteStore(tmp_path / "s.db") if kind == "sqlite" else ps.JsonDirStore(tmp_path / "d")
+    )
+    persisting = ps.AutoPersistingRecorder(
+        store, config=ps.SessionRecorderConfig(include_streaming_events=True)
+    )
+    _record_with_lone_surrogates([persisting.on_event])
+    persisting.close()
+    assert persisting.failed_sessions() == []
+    [session_id] = store.list_ids()
+    session = store.load(session_id)
+    text = ps.encode(session).decode()
+    assert "r\\\\xed\\\\xb3\\\\xa9sum" in text and "agent-\\\\xed\\\\xb3\\\\xbf" in text
+    assert ps.encode(ps.decode_session(ps.encode(session))) == ps.encode(session)
+
+
+def test_events_holding_lone_surrogates_are_written_by_every_json_writer(tmp_path: Path) -> None:
+    events: list[ps.AgentEvent] = []
+    _record_with_lone_surrogates([events.append])
+    for event in events:
+        line = ps.encode_event(event)
+        assert ps.encode_event(ps.decode_event(line)) == line
+    recorder = ps.SessionRecorder()
+    for event in events:
+        recorder.on_event(event)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert b"\\\\xed\\\\xb3\\\\xbf" in ps.encode(session, pretty=True)
+    assert "\udcff" in session.loops[0].agent_id  # the recorder's own copy is left as it was
+
+
+@given(st.text())
+def test_escaping_keeps_valid_text_as_it_is_and_makes_any_text_utf8(text: str) -> None:
+    escaped = escape_surrogates(text)
+    escaped.encode("utf-8")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        assert escaped != text
+    else:
+        assert escaped is text
+    data = {"k": [text, (text,)], text: 1}
+    assert without_lone_surrogates(data) == {"k": [escaped, (escaped,)], escaped: 1}

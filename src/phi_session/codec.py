@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar, Union, cast
+from typing import Any, Literal, TypeVar, Union, cast
 
 import msgspec
 from msgspec.structs import force_setattr, replace
@@ -57,8 +57,11 @@ __all__ = [
     "encode_message",
     "encode_plain_message",
     "encode_session",
+    "escape_surrogates",
+    "without_lone_surrogates",
 ]
 
+_V = TypeVar("_V")
 _U64_MAX = 2**64 - 1
 _HOOKED: dict[type, Callable[[Any], Any]] = {
     ContinuationKind: ContinuationKind.from_json,
@@ -107,10 +110,77 @@ def _enc_hook(obj: Any) -> Any:
     return form(obj)
 
 
+def escape_surrogates(text: str) -> str:
+    """`text` with its lone surrogates written as backslash escapes of their bytes
+    (``\\xed\\xb3\\xbf``); `text` itself when it has none.
+
+    Python text decoded from undecodable bytes (file names from ``os.listdir``,
+    ``errors="surrogateescape"``) holds lone surrogates, which neither UTF-8 nor
+    phi-core's JSON reader accepts; escaped, what they stood for is still there to read.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+    return text
+
+
+def without_lone_surrogates(value: _V) -> _V:
+    """`value` (a session, a record, an event, JSON data) with every text in it passed
+    through `escape_surrogates`: itself when nothing changes, else a copy of the parts
+    that do (the original is left as it is)."""
+    if isinstance(value, str):
+        return cast(_V, escape_surrogates(value))
+    if isinstance(value, msgspec.Struct):
+        changed = {}
+        for name in value.__struct_fields__:
+            item = getattr(value, name)
+            escaped = without_lone_surrogates(item)
+            if escaped is not item:
+                changed[name] = escaped
+        return replace(value, **changed) if changed else value
+    if isinstance(value, dict):
+        pairs = [(without_lone_surrogates(k), without_lone_surrogates(v)) for k, v in value.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(pairs, value.items(), strict=True)):
+            return value
+        return cast(_V, dict(pairs))
+    if isinstance(value, (list, tuple)):
+        items = [without_lone_surrogates(item) for item in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        return cast(_V, items if isinstance(value, list) else tuple(items))
+    return value
+
+
+class _Encoder:
+    """A msgspec JSON encoder that writes a document holding lone surrogates, which it
+    refuses, as `without_lone_surrogates` makes it: a session is never lost to text
+    its agent read from undecodable bytes. Others pay nothing for it."""
+
+    __slots__ = ("_encoder",)
+
+    def __init__(self, order: Literal["deterministic", "sorted"]) -> None:
+        self._encoder = msgspec.json.Encoder(enc_hook=_enc_hook, order=order)
+
+    def encode(self, document: Any) -> bytes:
+        try:
+            return self._encoder.encode(document)
+        except UnicodeEncodeError:
+            return self._encoder.encode(without_lone_surrogates(document))
+
+    def encode_into(self, document: Any, buffer: bytearray) -> None:
+        try:
+            self._encoder.encode_into(document, buffer)
+        except UnicodeEncodeError:
+            self._encoder.encode_into(without_lone_surrogates(document), buffer)
+
+
 # Record objects keep declaration order; free-form dicts are sorted ("deterministic").
-_plain = msgspec.json.Encoder(enc_hook=_enc_hook, order="deterministic")
+_plain = _Encoder("deterministic")
 # LLM messages in their agent-message form have every key sorted, at every depth.
-_sorted = msgspec.json.Encoder(enc_hook=_enc_hook, order="sorted")
+_sorted = _Encoder("sorted")
 
 _event_decoder = msgspec.json.Decoder(AgentEvent, dec_hook=_dec_hook)
 

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from .codec import without_lone_surrogates
 from .errors import InvalidSessionId, SessionLocked, StoreError
 from .events import AgentEvent
 from .model import Session
@@ -99,6 +100,21 @@ def _check_session(session: object) -> None:
         raise TypeError(f"expected a Session, got {type(session).__name__}")
 
 
+def _escaped_once(session: Session, error: UnicodeEncodeError) -> Session | None:
+    """What to save instead of a session a store refused for text holding lone surrogates
+    (decoded from undecodable bytes): a copy with them escaped (`without_lone_surrogates`);
+    None if `session` has none (it is already that copy, or the text was not its own)."""
+    escaped = without_lone_surrogates(session)
+    if escaped is session:
+        return None
+    logger.warning(
+        "session %s holds text no store accepts (%s): saving it with its lone surrogates escaped",
+        session.session_id,
+        error.reason,
+    )
+    return escaped
+
+
 class SessionSaver:
     """Saves sessions into `store` under the module's policy; thread-safe.
 
@@ -142,6 +158,12 @@ class SessionSaver:
             error: Exception | None = None
             try:
                 self.store.save(session)
+            except UnicodeEncodeError as caught:
+                if (escaped := _escaped_once(session, caught)) is None:
+                    error = caught
+                else:
+                    session, pause = escaped, 0.0
+                    continue
             except Exception as caught:
                 error = caught
             try:
@@ -183,6 +205,12 @@ class SessionSaver:
             error: Exception | None = None
             try:
                 await self.store.asave(session)
+            except UnicodeEncodeError as caught:
+                if (escaped := _escaped_once(session, caught)) is None:
+                    error = caught
+                else:
+                    session, pause = escaped, 0.0
+                    continue
             except Exception as caught:
                 error = caught
             try:

@@ -53,6 +53,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from .._failures import FailureTally
+from ..codec import escape_surrogates
 from ..errors import InvalidSessionId, MissingExtra, SessionNotFound
 from ..events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from ..identity import AgentSession, Clock
@@ -152,12 +153,6 @@ def session_id_for(framework_session_id: str) -> str:
     return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
-def _escaped(text: str) -> str:
-    """`text` with its lone surrogates (text decoded from undecodable bytes), which neither
-    UTF-8 nor JSON holds, as backslash escapes."""
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
-
-
 _CONFIGS: dict[tuple[str, str, str | None, str | None], LoopConfigSnapshot] = {}
 _CONFIG_LIMIT = 256  # an adapter's agents and models are few; never grow without bound
 
@@ -198,7 +193,7 @@ def _rebuilt(value: Any, enclosing: set[int]) -> Any:
     """`jsonable` of a value the encoder refused, part by part; `enclosing`: the ids of
     the containers it is inside."""
     if isinstance(value, str):  # refused for its lone surrogates
-        return _escaped(value)
+        return escape_surrogates(value)
     if not isinstance(value, (Mapping, list, tuple)):
         try:
             return _json_decode(_json_encode(value))
@@ -209,7 +204,7 @@ def _rebuilt(value: Any, enclosing: set[int]) -> Any:
     enclosing.add(id(value))
     try:
         if isinstance(value, Mapping):
-            return {_escaped(str(key)): _rebuilt(item, enclosing) for key, item in value.items()}
+            return {escape_surrogates(str(key)): _rebuilt(item, enclosing) for key, item in value.items()}
         return [_rebuilt(item, enclosing) for item in value]
     finally:
         enclosing.discard(id(value))
@@ -483,7 +478,7 @@ class AdapterCore:
             if framework_session_id is not None:
                 session_id = session_id_for(framework_session_id)
                 if session_id != framework_session_id:
-                    inherited["framework_session_id"] = _escaped(framework_session_id)
+                    inherited["framework_session_id"] = escape_surrogates(framework_session_id)
                 tracer = self._session_tracer(session_id)
             else:
                 tracer = self.tracer

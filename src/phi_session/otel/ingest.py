@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from .._failures import FailureTally
 from .._strict import strict_adds_nothing
 from ..adapters import session_id_for
-from ..codec import decode_event, decode_record
+from ..codec import decode_event, decode_record, escape_surrogates
 from ..errors import DecodeError, OtlpDecodeError
 from ..events import (
     DEFAULT,
@@ -158,9 +158,7 @@ def _int(value: Any) -> int:
 def _text(value: Any) -> str | None:
     if not isinstance(value, str) or not value:
         return None
-    # An SDK span's text may hold lone surrogates (from undecodable bytes), which no JSON
-    # holds: they are kept as escapes.
-    return value.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+    return escape_surrogates(value)  # an SDK span's text may come from undecodable bytes
 
 
 def _usage(attributes: dict[str, Any]) -> Usage | None:
