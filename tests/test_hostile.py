@@ -131,7 +131,7 @@ def test_unstorable_session_ids_do_not_block_recovery(tmp_path: Path) -> None:
 # -- text read from undecodable bytes (lone surrogates) ------------------------------------------
 
 
-def _record_with_lone_surrogates(sinks: list[object]) -> None:
+def record_with_lone_surrogates(sinks: list[object]) -> None:
     """A tool listing a directory whose file names are not UTF-8, as ``os.listdir`` gives them."""
     tracer = ps.Tracer(ps.AgentSession("agent-\udcff"), sinks=sinks)  # type: ignore[arg-type]
     with tracer.loop(ps.LoopConfigSnapshot(model="model-\udcfe", provider="p")) as loop:
@@ -154,7 +154,7 @@ def test_a_session_holding_lone_surrogates_is_saved_with_them_escaped(tmp_path: 
     persisting = ps.AutoPersistingRecorder(
         store, config=ps.SessionRecorderConfig(include_streaming_events=True)
     )
-    _record_with_lone_surrogates([persisting.on_event])
+    record_with_lone_surrogates([persisting.on_event])
     persisting.close()
     assert persisting.failed_sessions() == []
     [session_id] = store.list_ids()
@@ -166,7 +166,7 @@ def test_a_session_holding_lone_surrogates_is_saved_with_them_escaped(tmp_path: 
 
 def test_events_holding_lone_surrogates_are_written_by_every_json_writer(tmp_path: Path) -> None:
     events: list[ps.AgentEvent] = []
-    _record_with_lone_surrogates([events.append])
+    record_with_lone_surrogates([events.append])
     for event in events:
         line = ps.encode_event(event)
         assert ps.encode_event(ps.decode_event(line)) == line

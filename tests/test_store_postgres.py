@@ -605,3 +605,16 @@ def test_the_v6_migration_stores_the_model_calls(store: postgres.PostgresStore, 
     assert admin.execute(
         sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(meta)
     ).fetchone() == (str(postgres.SCHEMA_VERSION),)
+
+
+def test_a_session_holding_lone_surrogates_is_saved_with_them_escaped(store: postgres.PostgresStore) -> None:
+    from phi_session.persist import AutoPersistingRecorder
+
+    from .test_hostile import record_with_lone_surrogates
+
+    persisting = AutoPersistingRecorder(store)
+    record_with_lone_surrogates([persisting.on_event])
+    persisting.close()
+    assert persisting.failed_sessions() == []
+    [session_id] = store.list_ids()
+    assert store.load(session_id).agent_id == "agent-\\xed\\xb3\\xbf"
