@@ -574,7 +574,8 @@ def record(
             ),
             soft_wrap=True,
         )
-        _note_default_store(store_url, directory)
+        if outcome["events"]:
+            _note_default_store(store_url, directory)
     if outcome["interrupted_at"] is not None:
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
     if outcome["events"] == 0:
