@@ -19,6 +19,7 @@ from agents.usage import Usage as SdkUsage
 from msgspec.structs import replace
 from openai.types.responses import ResponseReasoningItem
 from openai.types.responses.response_reasoning_item import Summary
+from openai.types.responses.response_usage import InputTokensDetails
 
 from phi_session import SessionRecorder, SessionRecorderConfig, SqliteStore
 from phi_session.adapters import openai_agents
@@ -63,7 +64,14 @@ def mul(a: int, b: int) -> int:
 
 
 def usage(step: int) -> SdkUsage:
-    return SdkUsage(requests=1, input_tokens=100 + step, output_tokens=10 + step, total_tokens=110 + 2 * step)
+    """`step` of the input tokens read from the cache (OpenAI counts them in the input too)."""
+    return SdkUsage(
+        requests=1,
+        input_tokens=100 + 2 * step,
+        input_tokens_details=InputTokensDetails(cached_tokens=step, cache_write_tokens=0),
+        output_tokens=10 + step,
+        total_tokens=110 + 3 * step,
+    )
 
 
 def four_turns() -> ScriptedModel:
@@ -168,6 +176,7 @@ def test_the_recording_captures_each_turns_request(original: tuple[Session, Loop
         ("c4", "add"),
     ]
     assert [turn.usage.input for turn in loop.turns] == [100, 101, 102, 103]
+    assert [turn.usage.cache_read for turn in loop.turns] == [0, 1, 2, 3]
 
 
 def recorded_without_requests() -> SessionRecorder:

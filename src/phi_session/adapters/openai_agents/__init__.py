@@ -149,10 +149,18 @@ def _usage(usage: Any) -> Usage | None:
     get = _getter(usage)
     input_details = get("input_tokens_details", None) or get("prompt_tokens_details", None)
     output_details = get("output_tokens_details", None) or get("completion_tokens_details", None)
+    cache_read = cache_write = 0
+    if input_details is not None:
+        cache_read = _get(input_details, "cached_tokens") or 0
+        cache_write = _get(input_details, "cache_write_tokens") or 0
+    # OpenAI's input tokens include the cache reads and writes; phi-core counts them apart
+    # (a cost priced from the record would otherwise bill the cached tokens twice).
+    inputs = (get("input_tokens", None) or get("prompt_tokens", None) or 0) - cache_read - cache_write
     return usage_of(
-        get("input_tokens", None) or get("prompt_tokens", None),
+        max(0, inputs),
         get("output_tokens", None) or get("completion_tokens", None),
-        cache_read=_get(input_details, "cached_tokens") if input_details is not None else 0,
+        cache_read=cache_read,
+        cache_write=cache_write,
         reasoning=_get(output_details, "reasoning_tokens") if output_details is not None else 0,
         total=get("total_tokens", None),
     )

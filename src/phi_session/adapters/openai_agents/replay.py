@@ -118,7 +118,7 @@ def _response(reply: AssistantMessage, number: int) -> Response:
         parallel_tool_calls=True,
         status="completed",
         usage=ResponseUsage(
-            input_tokens=usage.input,
+            input_tokens=usage.input + usage.cache_read + usage.cache_write,
             output_tokens=usage.output,
             total_tokens=usage.total_tokens,
             input_tokens_details=InputTokensDetails(
