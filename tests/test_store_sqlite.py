@@ -1231,3 +1231,20 @@ def test_the_v3_migration_bills_the_loops_cut_off_mid_turn(db: Path) -> None:
         assert [row.usage for row in store.query()] == [reported]
         assert [row.usage for row in store.usage_totals("model")] == [reported]
         assert encode_session(store.load(session.session_id)) == encode_session(session)  # records untouched
+
+
+def test_save_many_keeps_a_batch_holding_lone_surrogates(tmp_path: Path) -> None:
+    """One session's undecodable text made the whole batch (all or none) fail."""
+    recorder = SessionRecorder()
+    for session_id, text in (("plain", "hello"), ("bytes", "caf\udce9")):
+        with Tracer(AgentSession("a", session_id=session_id), sinks=[recorder]).loop(
+            LoopConfigSnapshot(model="m", provider="p")
+        ) as loop:
+            loop.user(text)
+    recorder.flush()
+    batch = recorder.drain_completed()
+    store = SqliteStore(tmp_path / "s.db")
+    store.save_many(batch)
+    assert sorted(store.list_ids()) == ["bytes", "plain"]
+    assert store.load("plain") == batch[0] and store.load("bytes") != batch[1]
+    assert encode_session(store.load("bytes")) == encode_session(batch[1])

@@ -36,12 +36,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .codec import without_lone_surrogates
 from .errors import InvalidSessionId, SessionLocked, StoreError
 from .events import AgentEvent
 from .model import Session
 from .recorder import SessionRecorder
-from .stores.base import SessionStore
+from .stores.base import SessionStore, escaped_to_save
 
 __all__ = ["BatchStore", "OrphanSink", "SaveOutcome", "SaveStats", "SessionSaver"]
 
@@ -100,21 +99,6 @@ def _check_session(session: object) -> None:
         raise TypeError(f"expected a Session, got {type(session).__name__}")
 
 
-def _escaped_once(session: Session, error: UnicodeEncodeError) -> Session | None:
-    """What to save instead of a session a store refused for text holding lone surrogates
-    (decoded from undecodable bytes): a copy with them escaped (`without_lone_surrogates`);
-    None if `session` has none (it is already that copy, or the text was not its own)."""
-    escaped = without_lone_surrogates(session)
-    if escaped is session:
-        return None
-    logger.warning(
-        "session %s holds text no store accepts (%s): saving it with its lone surrogates escaped",
-        session.session_id,
-        error.reason,
-    )
-    return escaped
-
-
 class SessionSaver:
     """Saves sessions into `store` under the module's policy; thread-safe.
 
@@ -159,7 +143,7 @@ class SessionSaver:
             try:
                 self.store.save(session)
             except UnicodeEncodeError as caught:
-                if (escaped := _escaped_once(session, caught)) is None:
+                if (escaped := escaped_to_save(session, caught)) is None:
                     error = caught
                 else:
                     session, pause = escaped, 0.0
@@ -206,7 +190,7 @@ class SessionSaver:
             try:
                 await self.store.asave(session)
             except UnicodeEncodeError as caught:
-                if (escaped := _escaped_once(session, caught)) is None:
+                if (escaped := escaped_to_save(session, caught)) is None:
                     error = caught
                 else:
                     session, pause = escaped, 0.0

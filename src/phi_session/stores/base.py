@@ -6,13 +6,13 @@ import asyncio
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Container, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, runtime_checkable
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast, runtime_checkable
 
 import msgspec
 
 from .._time import Timestamp
-from ..codec import encode_event
+from ..codec import encode_event, without_lone_surrogates
 from ..errors import InvalidSessionId, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
@@ -128,6 +128,37 @@ def usage_rows(session: Session, group_by: GroupBy | str) -> Iterator[UsageRow]:
             record.billed_usage(),
             record.model_calls(),
         )
+
+
+def escaped_to_save(value: _T, error: UnicodeEncodeError) -> _T | None:
+    """What to save instead of `value` (a session, or sessions) that a store refused for
+    text holding lone surrogates (decoded from undecodable bytes): a copy with them
+    escaped (`without_lone_surrogates`), logged; None if `value` has none (it is already
+    that copy, or the text was not its own)."""
+    escaped = without_lone_surrogates(value)
+    if escaped is value:
+        return None
+    sessions = [value] if isinstance(value, Session) else value
+    ids = ", ".join(session.session_id for session in cast(Iterable[Session], sessions))
+    _log.warning(
+        "session %s holds text no store accepts (%s): saving it with its lone surrogates escaped",
+        ids,
+        error.reason,
+    )
+    return escaped
+
+
+def save_escaping(save: Callable[[_T], None], value: _T) -> None:
+    """``save(value)``; refused for text holding lone surrogates, saved once more with
+    them escaped (`escaped_to_save`) rather than lost: a store's `save` and `save_many`
+    leave nothing written when they raise, so the second attempt starts clean."""
+    try:
+        save(value)
+    except UnicodeEncodeError as error:
+        escaped = escaped_to_save(value, error)
+        if escaped is None:
+            raise
+        save(escaped)
 
 
 def check_pricer(pricer: Pricer | None) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 
 from .._time import Timestamp
-from ..codec import decode_event, decode_session, encode_event, encode_session
+from ..codec import decode_event, decode_session, encode_event, encode_session, without_lone_surrogates
 from ..cost import ZERO_COST, Cost, Pricer, cost_totals, prices_available
 from ..errors import InvalidQuery, InvalidSessionId, SessionNotFound
 from ..events import (
@@ -45,6 +45,8 @@ from ..events import (
     TurnEnd,
     TurnStart,
 )
+from ..identity import AgentSession
+from ..instrument import Tracer
 from ..messages import (
     ZERO_USAGE,
     AssistantMessage,
@@ -537,6 +539,28 @@ class StoreConformance:
             [session] = recorder.drain_completed()
             store.save(session)
             assert encode_session(store.load(session_id)) == encode_session(session), feed
+
+    def test_text_holding_lone_surrogates_is_saved_escaped(self, store: SessionStore) -> None:
+        # Text decoded from undecodable bytes (`os.listdir`, ``surrogateescape``) holds lone
+        # surrogates, which UTF-8 refuses: saved directly, the session is kept with them
+        # escaped, as phi-session's JSON writes them, rather than refused.
+        recorder = SessionRecorder()
+        agent = AgentSession("agent-\udcff", session_id="surrogates")
+        with Tracer(agent, sinks=[recorder]).loop(LoopConfigSnapshot(model="m-\udcfe", provider="p")) as loop:
+            loop.user("list caf\udce9/")
+            with loop.turn() as turn:
+                call = ToolCall(id="c1", name="ls", arguments={"path\udcff": ["caf\udce9/"]})
+                with turn.assistant() as reply:
+                    reply.finish("looking \udcff", tool_calls=[call])
+                with turn.tool(call) as tool:
+                    tool.result("r\udce9sum\udce9.txt")
+        recorder.flush()
+        [session] = recorder.drain_completed()
+        store.save(session)
+        loaded = store.load("surrogates")
+        assert loaded == without_lone_surrogates(session)
+        assert encode_session(loaded) == encode_session(session)
+        assert [row.agent_id for row in store.query()] == ["agent-\\xed\\xb3\\xbf"]
 
     def test_built_session_round_trip(self, store: SessionStore) -> None:
         session = make_session(

@@ -97,6 +97,7 @@ from .base import (
     check_loop_range,
     check_pricer,
     merge_sessions,
+    save_escaping,
     session_id_to_save,
     stored_usage_row,
     summarize,
@@ -846,6 +847,9 @@ class PostgresStore(AsyncTwins):
         One transaction: the session row is locked, so saves of one session from
         anywhere serialize. The incoming records are encoded before the lock is taken.
         """
+        save_escaping(self._save_one, session)
+
+    def _save_one(self, session: Session) -> None:
         session_id = session_id_to_save(session)
         encoded = _Encodings(session.loops)
         with self._cursor(f"saving session {session_id!r}", transaction=True, session_id=session_id) as cur:

@@ -75,6 +75,7 @@ from .base import (
     check_pricer,
     collect_hits,
     merge_sessions,
+    save_escaping,
     session_id_to_save,
     stored_usage_row,
     summarize,
@@ -1192,6 +1193,9 @@ class SqliteStore(AsyncTwins):
         none loses a loop; a failure (disk full, lock timeout) leaves the stored
         session as it was. Loop rows whose record did not change are not rewritten.
         """
+        save_escaping(self._save_one, session)
+
+    def _save_one(self, session: Session) -> None:
         session_id = session_id_to_save(session)
         with self._transaction("save", session_id, write=True) as conn:
             self._save_in(conn, session_id, session)
@@ -1202,6 +1206,9 @@ class SqliteStore(AsyncTwins):
         A writer with many sessions to save commits once for them all (the pages they
         share, such as the indexes' and the message table's, are written once).
         """
+        save_escaping(self._save_all, sessions)
+
+    def _save_all(self, sessions: Sequence[Session]) -> None:
         ids = [session_id_to_save(session) for session in sessions]
         if not ids:
             return
