@@ -769,6 +769,49 @@ def test_tracer_for_session_continues_loop_ids_without_a_new_formation(world: Wo
         AgentSession().resume_session(session)
 
 
+def test_a_second_replay_of_one_session_through_one_tracer_is_a_loop_of_its_own(world: World) -> None:
+    session, original = world.original()
+    recorder = SessionRecorder()
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[recorder], config=SNAP)
+    ids = []
+    for _ in range(2):  # the same session object both times: it holds neither replay
+        model = RecordedModel(session)
+        with replay_lineage(model.script).loop(tracer) as loop:
+            agent(loop, model.next, recorded=model)
+        ids.append(loop.loop_id)
+    recorder.flush()
+    (merged,) = recorder.drain_completed()
+    assert len(set(ids)) == 2
+    assert [(r.loop_id, r.parent_loop_id) for r in merged.loops] == [(i, original.loop_id) for i in ids]
+    assert recorder.orphans() == []
+
+
+def test_a_replay_through_the_tracer_recording_the_session_shares_its_loop_ids(world: World) -> None:
+    recorder = SessionRecorder()
+    tracer = Tracer(world.agent, sinks=[recorder], config=SNAP)
+    with tracer.loop() as first:
+        agent(first, scripted_model())
+    recorder.flush()
+    (session,) = recorder.sessions()
+    model = RecordedModel(session)
+    with replay_lineage(model.script).loop(tracer) as replayed:
+        agent(replayed, model.next, recorded=model)
+    with tracer.loop(continues=first.loop_id) as after:  # the live run goes on
+        pass
+    assert len({first.loop_id, replayed.loop_id, after.loop_id}) == 3
+    assert recorder.orphans() == []
+
+
+def test_a_tracer_of_the_session_yet_without_loops_goes_on_from_the_recording(world: World) -> None:
+    session, original = world.original()
+    events: list[Any] = []
+    own = AgentSession(session.agent_id, session_id=session.session_id, clock=FakeClock())
+    with Tracer(own, sinks=[events.append], config=SNAP).for_session(session).loop() as loop:
+        pass
+    assert loop.loop_id == original.loop_id.rsplit(".", 1)[0] + ".2"
+    assert events[0].formation is msgspec.UNSET and own.last_loop_id == loop.loop_id
+
+
 def test_context_at_a_rerun_of_a_rerun(world: World) -> None:
     session, original = world.original()
     lineage = replay_lineage(ReplayScript.from_session(session))
