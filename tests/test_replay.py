@@ -528,6 +528,33 @@ def test_tool_calls_are_answered_only_as_recorded(world: World) -> None:
         early.tool_result("c2", "word_count", {"text": "buy milk and eggs"})
 
 
+def test_a_tool_call_id_reused_across_turns_is_answered_from_the_latest_turn_replayed(world: World) -> None:
+    # Providers that number calls per reply ("call_0") reuse an id in every turn.
+    replies = iter(
+        [
+            reply("", [ToolCall(id="c1", name="read_file", arguments={"path": "notes.txt"})]),
+            reply("", [ToolCall(id="c1", name="read_file", arguments={"path": "todo.txt"})]),
+            reply("Done."),
+        ]
+    )
+
+    def body(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            agent(loop, lambda request: next(replies))
+
+    script = ReplayScript.from_session(world.record(body))
+    cursor = ReplayCursor(script)
+    served(script, cursor, 1)
+    first = cursor.tool_result("c1", "read_file", {"path": "notes.txt"})
+    assert first is not None and first.content == (TextContent(text=FILES["notes.txt"]),)
+    assert cursor.turn_of("c1") == script.turns[0]
+    served_next = cursor.respond(script.turns[1].request)
+    assert served_next == script.turns[1].reply
+    second = cursor.tool_result("c1", "read_file", {"path": "todo.txt"})
+    assert second is not None and second.content == (TextContent(text=FILES["todo.txt"]),)
+    assert cursor.turn_of("c1") == script.turns[1] and cursor.divergence is None
+
+
 def test_fallback_mode_keeps_the_first_divergence_and_hands_over(world: World) -> None:
     session, _ = world.original()
     script = ReplayScript.from_session(session)
