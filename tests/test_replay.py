@@ -528,8 +528,9 @@ def test_tool_calls_are_answered_only_as_recorded(world: World) -> None:
         early.tool_result("c2", "word_count", {"text": "buy milk and eggs"})
 
 
-def test_a_tool_call_id_reused_across_turns_is_answered_from_the_latest_turn_replayed(world: World) -> None:
-    # Providers that number calls per reply ("call_0") reuse an id in every turn.
+def reusing_call_ids(world: World) -> Session:
+    """A recorded loop whose model numbers its calls per reply ("call_0"), as some providers
+    do: turns 0 and 1 both call ``c1`` (reading notes.txt, then todo.txt); turn 2 answers."""
     replies = iter(
         [
             reply("", [ToolCall(id="c1", name="read_file", arguments={"path": "notes.txt"})]),
@@ -542,7 +543,11 @@ def test_a_tool_call_id_reused_across_turns_is_answered_from_the_latest_turn_rep
         with tracer.loop() as loop:
             agent(loop, lambda request: next(replies))
 
-    script = ReplayScript.from_session(world.record(body))
+    return world.record(body)
+
+
+def test_a_tool_call_id_reused_across_turns_is_answered_from_the_latest_turn_replayed(world: World) -> None:
+    script = ReplayScript.from_session(reusing_call_ids(world))
     cursor = ReplayCursor(script)
     served(script, cursor, 1)
     first = cursor.tool_result("c1", "read_file", {"path": "notes.txt"})
@@ -1010,6 +1015,23 @@ def test_fork_with_another_prompt_and_a_replaced_tool_result(world: World) -> No
         )
     with pytest.raises(TurnNotFound):
         fork(again, original.loop_id, 9, model=counting_model([]), tracer=Tracer(config=SNAP))
+
+
+def test_fork_replaces_the_results_of_the_turn_before_only_even_under_a_reused_call_id(world: World) -> None:
+    session = reusing_call_ids(world)
+    (original,) = session.loops
+    seen: list[RequestShape] = []
+
+    def body(tracer: Tracer) -> None:
+        fork(
+            session, original.loop_id, 2, model=counting_model(seen), tracer=tracer, tool_results={"c1": "x"}
+        )
+
+    branch = new_loop(session, world.record(body))
+    contents = [turn.tool_results[0].content for turn in branch.turns[:2]]
+    assert contents == [(TextContent(text=FILES["notes.txt"]),), (TextContent(text="x"),)]
+    sent = [m.content for m in seen[0].messages if isinstance(m, ToolResultMessage)]
+    assert sent == contents  # what the other model was sent
 
 
 # -- the command line ------------------------------------------------------------------------------
