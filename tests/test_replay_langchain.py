@@ -26,7 +26,7 @@ from langchain_core.tools import tool
 
 from phi_session import SqliteStore
 from phi_session.adapters.langchain import PhiCallbackHandler, ReplayChatModel
-from phi_session.errors import ReplayDiverged
+from phi_session.errors import RecordedToolError, ReplayDiverged
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session
 
@@ -358,3 +358,25 @@ def test_a_forks_default_change_is_the_fallbacks_model_name(
         run_agent(model, model.wrap_tools([add, mul]), store)
     fork = the_other(store.load(THREAD), original.loops[0])
     assert fork.metadata["fork"]["change"] == {"model": name}
+
+
+@tool
+def explode(reason: str) -> str:
+    """Always fails."""
+    RUNS.append("explode")
+    raise ValueError(f"tool failed: {reason}")
+
+
+def test_a_tool_error_that_ended_the_run_fails_the_replay_there(store: SqliteStore) -> None:
+    steps = [reply("", ("c1", "explode", {"reason": "x"})), reply("Unreached.")]
+    with pytest.raises(ValueError, match="tool failed: x"):  # the graph's tool node raises it
+        run_agent(ScriptedChat(messages=iter(steps)), [explode], store)
+    original = store.load(THREAD)
+    assert original.loops[0].status == "Aborted"
+    RUNS.clear()
+    model = ReplayChatModel(original)
+    # not a model call after the error (an `exhausted` divergence): the recorded error
+    with model.recording(), pytest.raises(RecordedToolError, match="tool failed: x"):
+        run_agent(model, model.wrap_tools([explode]), store)
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    assert the_other(store.load(THREAD), original.loops[0]).status == "Aborted"

@@ -54,11 +54,11 @@ import msgspec
 
 from .._failures import FailureTally
 from ..codec import escape_surrogates
-from ..errors import InvalidSessionId, MissingExtra, SessionNotFound
+from ..errors import InvalidSessionId, MissingExtra, RecordedToolError, SessionNotFound
 from ..events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from ..identity import AgentSession, Clock
 from ..instrument import LoopScope, ToolScope, Tracer
-from ..messages import Message, Usage
+from ..messages import Message, TextContent, ToolResultMessage, Usage
 from ..model import Session
 from ..processors import Processor, Redactor
 from ..replay import (
@@ -85,8 +85,10 @@ __all__ = [
     "jsonable",
     "leave_tool",
     "loop_config",
+    "recorded_result",
     "replay_recording",
     "require_extra",
+    "result_text",
     "session_id_for",
     "usage_of",
 ]
@@ -122,6 +124,31 @@ def replay_recording(
     if change is None and fallback is not None:
         change = {"model": fallback}
     return recording_as(fork_lineage(cursor.script, cursor.until_turn, tag=tag, change=change))
+
+
+def result_text(result: ToolResultMessage) -> str:
+    """A recorded tool result's text (its text blocks, joined), as a replay answers with it."""
+    return "".join(block.text for block in result.content if type(block) is TextContent)
+
+
+def recorded_result(
+    cursor: ReplayCursor, call_id: str, name: str, arguments: object
+) -> ToolResultMessage | None:
+    """What a replay model answers a tool call with: the recorded result, or None when
+    the tool runs live (`ReplayCursor.tool_result`).
+
+    A recorded error that ended the original run (the tool raised, and its loop was
+    recorded ``Aborted`` in that turn) is raised as `RecordedToolError` instead, with
+    the recorded error text: the replay fails where the original did, rather than
+    sending the error to a model call the recording does not have. An error the run
+    went on from is the adapter's to answer as its framework did (a retry, an error
+    message to the model)."""
+    result = cursor.tool_result(call_id, name, arguments)
+    if result is not None and result.is_error:
+        turn = cursor.turn_of(call_id)
+        if turn is not None and turn.aborted:
+            raise RecordedToolError(result_text(result))
+    return result
 
 
 def require_extra(extra: str, *modules: str) -> None:

@@ -13,8 +13,9 @@ unchanged agent matches its recording, and answers with the recorded reply as an
 
 LangChain runs tools outside the model: `ReplayChatModel.wrap_tools` wraps the
 agent's tools so that each call of a replayed turn is answered with its recorded
-result (a recorded error as a ``ToolMessage`` with ``status="error"``) without
-running the tool, through LangChain's tool callbacks, so the adapter records it as
+result (a recorded error as a ``ToolMessage`` with ``status="error"``, unless it ended
+the recorded run: then it is raised as `RecordedToolError`, so the replay fails where
+the original did) without running the tool, through LangChain's tool callbacks, so the adapter records it as
 a tool execution. Works for any graph that runs ``BaseTool``s (``create_agent``,
 LangGraph's ``ToolNode``).
 
@@ -42,6 +43,7 @@ from langchain_core.tools.base import ArgsSchema
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import PrivateAttr
 
+from ...errors import RecordedToolError
 from ...messages import (
     AssistantMessage,
     Content,
@@ -54,10 +56,10 @@ from ...messages import (
 )
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import ConvertedOnce, replay_recording
+from .._core import ConvertedOnce, recorded_result, replay_recording
 from . import _json_encode, _request, converted_once
 
-__all__ = ["ReplayChatModel"]
+__all__ = ["RecordedToolError", "ReplayChatModel"]
 
 _FINISH_REASONS: dict[str, str] = {"toolUse": "tool_calls", "length": "length"}
 
@@ -334,7 +336,7 @@ class _RecordedTool(BaseTool):
         if call_id is None:
             return None  # not a model's tool call: nothing recorded to answer with
         arguments = self._filter_injected_args(tool_input) if isinstance(tool_input, dict) else tool_input
-        result = self.cursor.tool_result(call_id, self.name, arguments)
+        result = recorded_result(self.cursor, call_id, self.name, arguments)
         return None if result is None else _tool_message(result, call_id, self.name)
 
     def _run(self, tool_input: str | dict[str, Any], call_id: str | None, config: RunnableConfig) -> Any:

@@ -19,7 +19,9 @@ The SDK runs tools outside the model; its cleanest hook is the tool itself:
 `ReplayModel.agent` clones an agent with its function tools' ``on_invoke_tool``
 answering each call of a replayed turn from the recording (``tools="recorded"``; the
 tool does not run; a recorded error result is returned as its text, its function span
-marked failed, as the SDK does for a failing tool). Agents reached
+marked failed, as the SDK does for a failing tool, unless the error ended the recorded
+run: then it is raised as `RecordedToolError`, so the replay fails where the original
+did). Agents reached
 by a handoff keep their own tools: clone them too, and give the run the replay model
 with ``RunConfig(model=model)`` (or ``model_provider=ReplayProvider(model)``).
 """
@@ -55,13 +57,14 @@ from openai.types.responses.response_prompt_param import ResponsePromptParam
 from openai.types.responses.response_reasoning_item import Summary
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
+from ...errors import RecordedToolError
 from ...messages import AssistantMessage, TextContent, ThinkingContent, ToolCall
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import replay_recording
+from .._core import recorded_result, replay_recording, result_text
 from . import request_payload
 
-__all__ = ["ReplayModel", "ReplayProvider"]
+__all__ = ["RecordedToolError", "ReplayModel", "ReplayProvider"]
 
 
 def _output(reply: AssistantMessage, number: int) -> list[TResponseOutputItem]:
@@ -245,17 +248,16 @@ class ReplayModel(Model):
         cursor = self.cursor
 
         async def answer(context: ToolContext[Any], arguments: str) -> Any:
-            result = cursor.tool_result(context.tool_call_id, tool.name, arguments)
+            result = recorded_result(cursor, context.tool_call_id, tool.name, arguments)
             if result is None:
                 return await invoke(context, arguments)
-            text = "".join(block.text for block in result.content if type(block) is TextContent)
             span = get_current_span()
             if result.is_error and span is not None:
                 # What the SDK does when a tool fails: the text goes to the model, the error to its span.
                 span.set_error(
                     SpanError(message="Error running tool (non-fatal)", data={"tool_name": tool.name})
                 )
-            return text
+            return result_text(result)
 
         return dataclasses.replace(tool, on_invoke_tool=answer)
 
