@@ -26,7 +26,7 @@ from langchain_core.tools import tool
 
 from phi_session import SqliteStore
 from phi_session.adapters.langchain import PhiCallbackHandler, ReplayChatModel
-from phi_session.errors import RecordedToolError, ReplayDiverged
+from phi_session.errors import RecordedModelError, RecordedToolError, ReplayDiverged
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session
 
@@ -380,3 +380,25 @@ def test_a_tool_error_that_ended_the_run_fails_the_replay_there(store: SqliteSto
         run_agent(model, model.wrap_tools([explode]), store)
     assert RUNS == [] and model.cursor.finished and model.divergence is None
     assert the_other(store.load(THREAD), original.loops[0]).status == "Aborted"
+
+
+def test_a_model_failure_that_ended_the_run_fails_the_replay_there(store: SqliteStore) -> None:
+    class Failing(ScriptedChat):
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            if RUNS:  # after the tool: the provider fails
+                raise RuntimeError("rate limited")
+            return super()._generate(*args, **kwargs)
+
+    with pytest.raises(RuntimeError, match="rate limited"):
+        run_agent(Failing(messages=iter(script())), [add, mul], store)
+    original = store.load(THREAD)
+    assert original.loops[0].status == "Aborted"
+    assert original.loops[0].turns[1].output_message.stop_reason == "error"  # type: ignore[union-attr]
+    RUNS.clear()
+    model = ReplayChatModel(original)
+    # not an empty reply the run ends with as if it had succeeded
+    with model.recording(), pytest.raises(RecordedModelError, match="rate limited"):
+        run_agent(model, model.wrap_tools([add, mul]), store)
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    replayed = the_other(store.load(THREAD), original.loops[0])
+    assert replayed.status == "Aborted" and replayed.turn_count() == 2

@@ -24,7 +24,7 @@ from phi_session import SessionRecorder, SessionRecorderConfig, SqliteStore
 from phi_session.adapters import openai_agents
 from phi_session.adapters.openai_agents import PhiRunHooks, ReplayModel, ReplayProvider
 from phi_session.diff import diff_loops
-from phi_session.errors import RecordedToolError, TurnNotFound
+from phi_session.errors import RecordedModelError, RecordedToolError, TurnNotFound
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ThinkingContent, ToolCall
 from phi_session.model import LoopRecord, Session
@@ -454,6 +454,22 @@ def test_a_tool_failure_that_ended_the_run_fails_the_replay_there(recorder: Sess
     assert failures == [1] and model.cursor.finished and model.divergence is None
     replayed = session_of(recorder).loops[-1]
     assert replayed.status == "Aborted" and replayed.turn_count() == 1
+
+
+def test_a_model_failure_that_ended_the_run_fails_the_replay_there(recorder: SessionRecorder) -> None:
+    tools = Tools()
+    steps: list[Any] = [[function_call("add", {"a": 1, "b": 2}, call_id="c1")], RuntimeError("rate limited")]
+    with pytest.raises(RuntimeError, match="rate limited"):
+        run(make_agent(tools, model=ScriptedModel(steps, emit_traces=True)))
+    (loop,) = session_of(recorder).loops
+    assert loop.status == "Aborted" and loop.turns[1].output_message.stop_reason == "error"  # type: ignore[union-attr]
+    model = ReplayModel(session_of(recorder), loop.loop_id)
+    # not an empty reply the run ends with as if it had succeeded
+    with model.recording(), pytest.raises(RecordedModelError, match="rate limited"):
+        run(model.agent(make_agent(tools)))
+    assert tools.calls == 1 and model.cursor.finished and model.divergence is None
+    replayed = session_of(recorder).loops[-1]
+    assert replayed.status == "Aborted" and replayed.turn_count() == 2
 
 
 def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder) -> None:

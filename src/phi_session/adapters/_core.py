@@ -19,7 +19,9 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
 * **replay and fork**: a top-level run started inside
   ``phi_session.replay.recording_as(lineage)`` is recorded into the lineage's
   session, continuing its loop with its kind and metadata (see
-  `phi_session.replay.lineage`);
+  `phi_session.replay.lineage`); a replay model answers from the recording through
+  `recorded_reply` and `recorded_result`, which raise a failure that ended the
+  original run again (`RecordedModelError`, `RecordedToolError`);
 * **sub-agents**: a run started while an instrumented tool executes (`enter_tool`,
   a context variable shared by every adapter) becomes that tool's sub-agent: its own
   session, ``parent_loop_id``, trigger ``SubAgent``, and ``child_loop_id`` in the
@@ -54,16 +56,24 @@ import msgspec
 
 from .._failures import FailureTally
 from ..codec import escape_surrogates
-from ..errors import InvalidSessionId, MissingExtra, RecordedToolError, SessionNotFound
+from ..errors import InvalidSessionId, MissingExtra, RecordedModelError, RecordedToolError, SessionNotFound
 from ..events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from ..identity import AgentSession, Clock
 from ..instrument import LoopScope, ToolScope, Tracer
-from ..messages import Message, TextContent, ToolResultMessage, Usage
+from ..messages import (
+    AnnotatedRequestPayload,
+    AssistantMessage,
+    Message,
+    TextContent,
+    ToolResultMessage,
+    Usage,
+)
 from ..model import Session
 from ..processors import Processor, Redactor
 from ..replay import (
     Lineage,
     ReplayCursor,
+    RequestShape,
     fork_lineage,
     recording_as,
     replay_lineage,
@@ -85,6 +95,7 @@ __all__ = [
     "jsonable",
     "leave_tool",
     "loop_config",
+    "recorded_reply",
     "recorded_result",
     "replay_recording",
     "require_extra",
@@ -124,6 +135,25 @@ def replay_recording(
     if change is None and fallback is not None:
         change = {"model": fallback}
     return recording_as(fork_lineage(cursor.script, cursor.until_turn, tag=tag, change=change))
+
+
+def recorded_reply(cursor: ReplayCursor, request: AnnotatedRequestPayload) -> AssistantMessage | None:
+    """What a replay model answers a model call with: the recorded reply to `request`
+    (the call's request as the adapter records it), or None once the run is handed over
+    to the fallback (`ReplayCursor.respond`).
+
+    A reply that failed the original run (the model call raised: a reply stopped with
+    ``error`` or ``aborted`` in the turn its loop was recorded ``Aborted`` in) is raised
+    as `RecordedModelError` instead, with the recorded error text: the replay fails where
+    the original did, rather than ending on an empty reply as if it had succeeded. A
+    failed reply the run went on from (a response the framework took as it was) is the
+    adapter's to answer as that response."""
+    reply = cursor.respond(RequestShape.from_payload(request))
+    if reply is not None and reply.stop_reason in ("error", "aborted"):
+        # The cursor returns the script's own reply objects.
+        if any(turn.reply is reply and turn.aborted for turn in cursor.script.turns):
+            raise RecordedModelError(reply.error_message or reply.stop_reason)
+    return reply
 
 
 def result_text(result: ToolResultMessage) -> str:

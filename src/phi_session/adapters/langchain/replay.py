@@ -55,8 +55,8 @@ from ...messages import (
     Usage,
 )
 from ...model import Session
-from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import ConvertedOnce, recorded_result, replay_recording
+from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, ToolsMode
+from .._core import ConvertedOnce, recorded_reply, recorded_result, replay_recording
 from . import _json_encode, _request, converted_once
 
 __all__ = ["RecordedToolError", "ReplayChatModel"]
@@ -251,7 +251,7 @@ class ReplayChatModel(BaseChatModel):
     def _recorded(self, messages: list[BaseMessage], kwargs: Mapping[str, Any]) -> ChatResult | None:
         # The request as the adapter records it (`_request`), so an unchanged agent matches.
         payload = _request(messages, {"tools": kwargs.get("tools")}, "", 0, self._converted)
-        reply = self.cursor.respond(RequestShape.from_payload(payload))
+        reply = recorded_reply(self.cursor, payload)
         return None if reply is None else ChatResult(generations=[ChatGeneration(message=_ai_message(reply))])
 
     def _handed_over(self, kwargs: Mapping[str, Any]) -> tuple[BaseChatModel, dict[str, Any]]:

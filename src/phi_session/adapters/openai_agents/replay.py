@@ -57,11 +57,11 @@ from openai.types.responses.response_prompt_param import ResponsePromptParam
 from openai.types.responses.response_reasoning_item import Summary
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
-from ...errors import RecordedToolError
+from ...errors import RecordedModelError, RecordedToolError
 from ...messages import AssistantMessage, TextContent, ThinkingContent, ToolCall
 from ...model import Session
-from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import recorded_result, replay_recording, result_text
+from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, ToolsMode
+from .._core import recorded_reply, recorded_result, replay_recording, result_text
 from . import request_payload
 
 __all__ = ["RecordedToolError", "ReplayModel", "ReplayProvider"]
@@ -269,9 +269,17 @@ class ReplayModel(Model):
         input: str | list[TResponseInputItem],
         tools: list[Tool],
         handoffs: list[Handoff],
+        tracing: ModelTracing,
     ) -> AssistantMessage | None:
         payload = request_payload(system_instructions, input, tools, handoffs, "", 0)
-        return self.cursor.respond(RequestShape.from_payload(payload))
+        try:
+            return recorded_reply(self.cursor, payload)
+        except RecordedModelError as error:
+            # As the SDK's models fail: in a response span marked failed, where the
+            # adapter reads the turn's error (the recorded text, as it was recorded).
+            with response_span(disabled=tracing.is_disabled()) as span:
+                span.set_error(SpanError(message=str(error), data=None))
+            raise
 
     def _handed_over(self) -> Model:
         # The cursor hands over only past until_turn or in fallback mode: both need a fallback.
@@ -292,7 +300,7 @@ class ReplayModel(Model):
         conversation_id: str | None,
         prompt: ResponsePromptParam | None,
     ) -> ModelResponse:
-        reply = self._recorded(system_instructions, input, tools, handoffs)
+        reply = self._recorded(system_instructions, input, tools, handoffs, tracing)
         if reply is None:
             return await self._handed_over().get_response(
                 system_instructions,
@@ -326,7 +334,7 @@ class ReplayModel(Model):
         conversation_id: str | None,
         prompt: ResponsePromptParam | None,
     ) -> AsyncIterator[TResponseStreamEvent]:
-        reply = self._recorded(system_instructions, input, tools, handoffs)
+        reply = self._recorded(system_instructions, input, tools, handoffs, tracing)
         if reply is None:
             async for event in self._handed_over().stream_response(
                 system_instructions,

@@ -44,8 +44,8 @@ from pydantic_ai.usage import RequestUsage
 from ...errors import RecordedToolError
 from ...messages import AssistantMessage, StopReason, TextContent, ThinkingContent, ToolCall, Usage
 from ...model import Session
-from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import recorded_result, replay_recording, result_text
+from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, ToolsMode
+from .._core import recorded_reply, recorded_result, replay_recording, result_text
 from . import _STOP_REASONS, request_payload
 
 __all__ = ["RecordedToolError", "ReplayModel", "ReplayTools"]
@@ -202,8 +202,7 @@ class ReplayModel(Model):
     def _recorded(
         self, messages: Sequence[pai.ModelMessage], parameters: ModelRequestParameters
     ) -> AssistantMessage | None:
-        payload = request_payload(messages, parameters, self._name, self._system, 0)
-        return self.cursor.respond(RequestShape.from_payload(payload))
+        return recorded_reply(self.cursor, request_payload(messages, parameters, self._name, self._system, 0))
 
     def _handed_over(self) -> Model:
         # The cursor hands over only past until_turn or in fallback mode: both need a fallback.
