@@ -11,7 +11,9 @@ request converter (what ``PhiPlugin(capture_requests=True)`` records), so an
 unchanged agent matches its recording, and answers with the recorded reply as an
 ``LlmResponse`` (as several, when the next recorded request shows ADK kept it as
 several events: a Gemini stream gives the text and the calls as final responses of
-their own). Past a fork point (`until_turn`) or after a divergence with
+their own). A model call that raised, ending the recorded run, raises again
+(`RecordedModelError`); an error response the run went on from is answered as that
+response. Past a fork point (`until_turn`) or after a divergence with
 ``on_divergence="fallback"`` it hands the request to `fallback`, any other ADK model.
 
 ADK runs tools outside the model: `ReplayLlm.tools_plugin` answers each tool call of a
@@ -67,7 +69,7 @@ from ...messages import (
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
 from ...replay.request import compare_messages
-from .._core import recorded_result, replay_recording, result_text
+from .._core import recorded_reply, recorded_result, replay_recording, result_text
 from . import _TRANSFER_TOOL, FRAMEWORK, _decode, _json_text, _request
 
 if TYPE_CHECKING:
@@ -304,7 +306,7 @@ class ReplayLlm(BaseLlm):
     async def generate_content_async(
         self, llm_request: LlmRequest, stream: bool = False
     ) -> AsyncGenerator[LlmResponse, None]:
-        reply = self.cursor.respond(RequestShape.from_payload(_request(llm_request, 0)))
+        reply = recorded_reply(self.cursor, _request(llm_request, 0))
         if reply is not None:
             # The cursor returns the script's own reply objects.
             following = self._next_names.get(id(reply))
