@@ -23,6 +23,8 @@ from langchain.agents import create_agent
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import Field
 
 from phi_session import SqliteStore
 from phi_session.adapters.langchain import PhiCallbackHandler, ReplayChatModel
@@ -402,3 +404,25 @@ def test_a_model_failure_that_ended_the_run_fails_the_replay_there(store: Sqlite
     assert RUNS == [] and model.cursor.finished and model.divergence is None
     replayed = the_other(store.load(THREAD), original.loops[0])
     assert replayed.status == "Aborted" and replayed.turn_count() == 2
+
+
+class SelfBinding(ScriptedChat):
+    """A chat model whose ``bind_tools`` configures and returns the model itself, as some
+    providers' do (no ``RunnableBinding``); it keeps the tools it was given."""
+
+    bound_tools: list[str] = Field(default_factory=list)
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        self.bound_tools = [convert_to_openai_tool(t)["function"]["name"] for t in tools]
+        return self
+
+
+def test_a_fallback_whose_bind_tools_returns_itself_takes_over(original: Session, store: SqliteStore) -> None:
+    other = SelfBinding(messages=iter([reply("It is 42.", model="fake-2")]))
+    model = ReplayChatModel(original, until_turn=3, fallback=other)
+    with model.recording():
+        out = run_agent(model, model.wrap_tools([add, mul]), store)
+    assert out["messages"][-1].content == "It is 42."
+    assert other.bound_tools == ["add", "mul"]
+    fork = the_other(store.load(THREAD), original.loops[0])
+    assert fork.status == "Completed" and fork.turn_count() == 4

@@ -264,7 +264,13 @@ class ReplayChatModel(BaseChatModel):
         bound = self.fallback.bind_tools(tools, **options)
         if isinstance(bound, RunnableBinding) and isinstance(bound.bound, BaseChatModel):
             return bound.bound, dict(bound.kwargs)
-        raise TypeError(f"{type(self.fallback).__name__}.bind_tools returned no binding of a chat model")
+        if isinstance(bound, BaseChatModel):
+            # Some models' bind_tools configures the model itself (or a copy) and returns
+            # it: it holds the tools and the options then.
+            return bound, {}
+        raise TypeError(
+            f"{type(self.fallback).__name__}.bind_tools returned neither a chat model nor its binding"
+        )
 
     # The fallback is called with `generate`, without callbacks: the call's run (and its
     # turn) is this model's own. (`invoke` would inherit the graph's callbacks.)
