@@ -15,9 +15,9 @@ LangChain runs tools outside the model: `ReplayChatModel.wrap_tools` wraps the
 agent's tools so that each call of a replayed turn is answered with its recorded
 result (a recorded error as a ``ToolMessage`` with ``status="error"``, unless it ended
 the recorded run: then it is raised as `RecordedToolError`, so the replay fails where
-the original did) without running the tool, through LangChain's tool callbacks, so the adapter records it as
-a tool execution. Works for any graph that runs ``BaseTool``s (``create_agent``,
-LangGraph's ``ToolNode``).
+the original did) without running the tool, through LangChain's tool callbacks, so the
+adapter records it as a tool execution. Works for any graph that runs ``BaseTool``s
+(``create_agent``, LangGraph's ``ToolNode``).
 
 Limits: a recorded result is a ``ToolMessage``, so a tool that returned a LangGraph
 ``Command`` (a handoff, a state update) must run live (leave it unwrapped); a tool

@@ -21,9 +21,9 @@ answering each call of a replayed turn from the recording (``tools="recorded"``;
 tool does not run; a recorded error result is returned as its text, its function span
 marked failed, as the SDK does for a failing tool, unless the error ended the recorded
 run: then it is raised as `RecordedToolError`, so the replay fails where the original
-did). Agents reached
-by a handoff keep their own tools: clone them too, and give the run the replay model
-with ``RunConfig(model=model)`` (or ``model_provider=ReplayProvider(model)``).
+did). Agents reached by a handoff keep their own tools: clone them too, and give the
+run the replay model with ``RunConfig(model=model)`` (or
+``model_provider=ReplayProvider(model)``).
 """
 
 from __future__ import annotations
