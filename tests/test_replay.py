@@ -528,6 +528,38 @@ def test_tool_calls_are_answered_only_as_recorded(world: World) -> None:
         early.tool_result("c2", "word_count", {"text": "buy milk and eggs"})
 
 
+def reusing_call_ids(world: World) -> Session:
+    """A recorded loop whose model numbers its calls per reply ("call_0"), as some providers
+    do: turns 0 and 1 both call ``c1`` (reading notes.txt, then todo.txt); turn 2 answers."""
+    replies = iter(
+        [
+            reply("", [ToolCall(id="c1", name="read_file", arguments={"path": "notes.txt"})]),
+            reply("", [ToolCall(id="c1", name="read_file", arguments={"path": "todo.txt"})]),
+            reply("Done."),
+        ]
+    )
+
+    def body(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            agent(loop, lambda request: next(replies))
+
+    return world.record(body)
+
+
+def test_a_tool_call_id_reused_across_turns_is_answered_from_the_latest_turn_replayed(world: World) -> None:
+    script = ReplayScript.from_session(reusing_call_ids(world))
+    cursor = ReplayCursor(script)
+    served(script, cursor, 1)
+    first = cursor.tool_result("c1", "read_file", {"path": "notes.txt"})
+    assert first is not None and first.content == (TextContent(text=FILES["notes.txt"]),)
+    assert cursor.turn_of("c1") == script.turns[0]
+    served_next = cursor.respond(script.turns[1].request)
+    assert served_next == script.turns[1].reply
+    second = cursor.tool_result("c1", "read_file", {"path": "todo.txt"})
+    assert second is not None and second.content == (TextContent(text=FILES["todo.txt"]),)
+    assert cursor.turn_of("c1") == script.turns[1] and cursor.divergence is None
+
+
 def test_fallback_mode_keeps_the_first_divergence_and_hands_over(world: World) -> None:
     session, _ = world.original()
     script = ReplayScript.from_session(session)
@@ -769,6 +801,49 @@ def test_tracer_for_session_continues_loop_ids_without_a_new_formation(world: Wo
         AgentSession().resume_session(session)
 
 
+def test_a_second_replay_of_one_session_through_one_tracer_is_a_loop_of_its_own(world: World) -> None:
+    session, original = world.original()
+    recorder = SessionRecorder()
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[recorder], config=SNAP)
+    ids = []
+    for _ in range(2):  # the same session object both times: it holds neither replay
+        model = RecordedModel(session)
+        with replay_lineage(model.script).loop(tracer) as loop:
+            agent(loop, model.next, recorded=model)
+        ids.append(loop.loop_id)
+    recorder.flush()
+    (merged,) = recorder.drain_completed()
+    assert len(set(ids)) == 2
+    assert [(r.loop_id, r.parent_loop_id) for r in merged.loops] == [(i, original.loop_id) for i in ids]
+    assert recorder.orphans() == []
+
+
+def test_a_replay_through_the_tracer_recording_the_session_shares_its_loop_ids(world: World) -> None:
+    recorder = SessionRecorder()
+    tracer = Tracer(world.agent, sinks=[recorder], config=SNAP)
+    with tracer.loop() as first:
+        agent(first, scripted_model())
+    recorder.flush()
+    (session,) = recorder.sessions()
+    model = RecordedModel(session)
+    with replay_lineage(model.script).loop(tracer) as replayed:
+        agent(replayed, model.next, recorded=model)
+    with tracer.loop(continues=first.loop_id) as after:  # the live run goes on
+        pass
+    assert len({first.loop_id, replayed.loop_id, after.loop_id}) == 3
+    assert recorder.orphans() == []
+
+
+def test_a_tracer_of_the_session_yet_without_loops_goes_on_from_the_recording(world: World) -> None:
+    session, original = world.original()
+    events: list[Any] = []
+    own = AgentSession(session.agent_id, session_id=session.session_id, clock=FakeClock())
+    with Tracer(own, sinks=[events.append], config=SNAP).for_session(session).loop() as loop:
+        pass
+    assert loop.loop_id == original.loop_id.rsplit(".", 1)[0] + ".2"
+    assert events[0].formation is msgspec.UNSET and own.last_loop_id == loop.loop_id
+
+
 def test_context_at_a_rerun_of_a_rerun(world: World) -> None:
     session, original = world.original()
     lineage = replay_lineage(ReplayScript.from_session(session))
@@ -940,6 +1015,23 @@ def test_fork_with_another_prompt_and_a_replaced_tool_result(world: World) -> No
         )
     with pytest.raises(TurnNotFound):
         fork(again, original.loop_id, 9, model=counting_model([]), tracer=Tracer(config=SNAP))
+
+
+def test_fork_replaces_the_results_of_the_turn_before_only_even_under_a_reused_call_id(world: World) -> None:
+    session = reusing_call_ids(world)
+    (original,) = session.loops
+    seen: list[RequestShape] = []
+
+    def body(tracer: Tracer) -> None:
+        fork(
+            session, original.loop_id, 2, model=counting_model(seen), tracer=tracer, tool_results={"c1": "x"}
+        )
+
+    branch = new_loop(session, world.record(body))
+    contents = [turn.tool_results[0].content for turn in branch.turns[:2]]
+    assert contents == [(TextContent(text=FILES["notes.txt"]),), (TextContent(text="x"),)]
+    sent = [m.content for m in seen[0].messages if isinstance(m, ToolResultMessage)]
+    assert sent == contents  # what the other model was sent
 
 
 # -- the command line ------------------------------------------------------------------------------

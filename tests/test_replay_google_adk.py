@@ -25,6 +25,7 @@ from phi_session.adapters.google_adk.replay import RecordedToolError
 from phi_session.errors import ReplayDiverged
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session
+from phi_session.replay import RecordedModelError
 
 from .test_adapter_google_adk import Harness, ScriptedLlm
 
@@ -384,6 +385,22 @@ def test_a_tool_error_that_ended_the_run_is_raised_again(store: SqliteStore) -> 
     assert isinstance(cause, RecordedToolError) and str(cause) == "explode failed: ValueError: tool failed: x"
     assert RUNS == [] and model.cursor.finished and model.divergence is None  # not "exhausted"
     assert the_other(store.load(SESSION), original.loops[0]).status == "Aborted"
+
+
+def test_a_model_failure_that_ended_the_run_fails_the_replay_there(store: SqliteStore) -> None:
+    with pytest.raises(RuntimeError, match="quota"):
+        run(agent(ScriptedLlm.of([("add", {"a": 2, "b": 3})], RuntimeError("quota"))), store)
+    original = store.load(SESSION)
+    (first,) = original.loops
+    assert first.status == "Aborted" and first.turns[1].output_message.stop_reason == "error"  # type: ignore[union-attr]
+    RUNS.clear()
+    model = ReplayLlm(original)
+    # not the error as a response, which ADK ends the run with as if it had succeeded
+    with model.recording(), pytest.raises(RecordedModelError, match="quota"):
+        run(agent(model), store, model.tools_plugin())
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    replayed = the_other(store.load(SESSION), first)
+    assert replayed.status == "Aborted" and turns(replayed) == turns(first)
 
 
 def transferring(router: BaseLlm, calc: BaseLlm) -> LlmAgent:

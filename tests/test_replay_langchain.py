@@ -23,10 +23,12 @@ from langchain.agents import create_agent
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import Field
 
 from phi_session import SqliteStore
 from phi_session.adapters.langchain import PhiCallbackHandler, ReplayChatModel
-from phi_session.errors import ReplayDiverged
+from phi_session.errors import RecordedModelError, RecordedToolError, ReplayDiverged
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session
 
@@ -358,3 +360,69 @@ def test_a_forks_default_change_is_the_fallbacks_model_name(
         run_agent(model, model.wrap_tools([add, mul]), store)
     fork = the_other(store.load(THREAD), original.loops[0])
     assert fork.metadata["fork"]["change"] == {"model": name}
+
+
+@tool
+def explode(reason: str) -> str:
+    """Always fails."""
+    RUNS.append("explode")
+    raise ValueError(f"tool failed: {reason}")
+
+
+def test_a_tool_error_that_ended_the_run_fails_the_replay_there(store: SqliteStore) -> None:
+    steps = [reply("", ("c1", "explode", {"reason": "x"})), reply("Unreached.")]
+    with pytest.raises(ValueError, match="tool failed: x"):  # the graph's tool node raises it
+        run_agent(ScriptedChat(messages=iter(steps)), [explode], store)
+    original = store.load(THREAD)
+    assert original.loops[0].status == "Aborted"
+    RUNS.clear()
+    model = ReplayChatModel(original)
+    # not a model call after the error (an `exhausted` divergence): the recorded error
+    with model.recording(), pytest.raises(RecordedToolError, match="tool failed: x"):
+        run_agent(model, model.wrap_tools([explode]), store)
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    assert the_other(store.load(THREAD), original.loops[0]).status == "Aborted"
+
+
+def test_a_model_failure_that_ended_the_run_fails_the_replay_there(store: SqliteStore) -> None:
+    class Failing(ScriptedChat):
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            if RUNS:  # after the tool: the provider fails
+                raise RuntimeError("rate limited")
+            return super()._generate(*args, **kwargs)
+
+    with pytest.raises(RuntimeError, match="rate limited"):
+        run_agent(Failing(messages=iter(script())), [add, mul], store)
+    original = store.load(THREAD)
+    assert original.loops[0].status == "Aborted"
+    assert original.loops[0].turns[1].output_message.stop_reason == "error"  # type: ignore[union-attr]
+    RUNS.clear()
+    model = ReplayChatModel(original)
+    # not an empty reply the run ends with as if it had succeeded
+    with model.recording(), pytest.raises(RecordedModelError, match="rate limited"):
+        run_agent(model, model.wrap_tools([add, mul]), store)
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    replayed = the_other(store.load(THREAD), original.loops[0])
+    assert replayed.status == "Aborted" and replayed.turn_count() == 2
+
+
+class SelfBinding(ScriptedChat):
+    """A chat model whose ``bind_tools`` configures and returns the model itself, as some
+    providers' do (no ``RunnableBinding``); it keeps the tools it was given."""
+
+    bound_tools: list[str] = Field(default_factory=list)
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        self.bound_tools = [convert_to_openai_tool(t)["function"]["name"] for t in tools]
+        return self
+
+
+def test_a_fallback_whose_bind_tools_returns_itself_takes_over(original: Session, store: SqliteStore) -> None:
+    other = SelfBinding(messages=iter([reply("It is 42.", model="fake-2")]))
+    model = ReplayChatModel(original, until_turn=3, fallback=other)
+    with model.recording():
+        out = run_agent(model, model.wrap_tools([add, mul]), store)
+    assert out["messages"][-1].content == "It is 42."
+    assert other.bound_tools == ["add", "mul"]
+    fork = the_other(store.load(THREAD), original.loops[0])
+    assert fork.status == "Completed" and fork.turn_count() == 4

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("agents", reason="needs pip install 'phi-session[openai-agents]'")
 
-from agents import Agent, RunConfig, Runner, function_tool
+from agents import Agent, RunConfig, Runner, UserError, function_tool
 from agents.testing.model import ScriptedModel, assistant_message, function_call
 from agents.usage import Usage as SdkUsage
 from msgspec.structs import replace
@@ -25,7 +25,7 @@ from phi_session import SessionRecorder, SessionRecorderConfig, SqliteStore
 from phi_session.adapters import openai_agents
 from phi_session.adapters.openai_agents import PhiRunHooks, ReplayModel, ReplayProvider
 from phi_session.diff import diff_loops
-from phi_session.errors import TurnNotFound
+from phi_session.errors import RecordedModelError, RecordedToolError, TurnNotFound
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ThinkingContent, ToolCall
 from phi_session.model import LoopRecord, Session
@@ -436,6 +436,49 @@ def test_a_recorded_tool_failure_replays_as_the_same_error_result(recorder: Sess
     (error,) = replayed.turns[0].tool_results
     assert error.is_error and error.content == original.turns[0].tool_results[0].content  # type: ignore[union-attr]
     assert bare(replayed.messages) == bare(original.messages)
+
+
+def test_a_tool_failure_that_ended_the_run_fails_the_replay_there(recorder: SessionRecorder) -> None:
+    failures: list[int] = []
+
+    @function_tool(failure_error_function=None)  # the error is raised, not sent to the model
+    def broken(x: int) -> int:
+        """Always fails."""
+        failures.append(x)
+        raise ValueError("no such thing")
+
+    steps: list[Any] = [[function_call("broken", {"x": 1}, call_id="c1")], [assistant_message("unreached")]]
+    agent = Agent(name="calc", model=ScriptedModel(steps, emit_traces=True), tools=[broken])
+    with pytest.raises(UserError, match="no such thing"):  # the SDK's wrapping of the tool's error
+        run(agent)
+    (loop,) = session_of(recorder).loops
+    assert loop.status == "Aborted" and loop.turn_count() == 1
+    (error,) = loop.turns[0].tool_results
+    model = ReplayModel(session_of(recorder), loop.loop_id)
+    # not a model call after the error (an `exhausted` divergence): the recorded error
+    with model.recording(), pytest.raises(UserError) as raised:
+        run(model.agent(agent))
+    cause = raised.value.__cause__  # the SDK wraps what a tool raises
+    assert isinstance(cause, RecordedToolError) and str(cause) == error.content[0].text  # type: ignore[union-attr]
+    assert failures == [1] and model.cursor.finished and model.divergence is None
+    replayed = session_of(recorder).loops[-1]
+    assert replayed.status == "Aborted" and replayed.turn_count() == 1
+
+
+def test_a_model_failure_that_ended_the_run_fails_the_replay_there(recorder: SessionRecorder) -> None:
+    tools = Tools()
+    steps: list[Any] = [[function_call("add", {"a": 1, "b": 2}, call_id="c1")], RuntimeError("rate limited")]
+    with pytest.raises(RuntimeError, match="rate limited"):
+        run(make_agent(tools, model=ScriptedModel(steps, emit_traces=True)))
+    (loop,) = session_of(recorder).loops
+    assert loop.status == "Aborted" and loop.turns[1].output_message.stop_reason == "error"  # type: ignore[union-attr]
+    model = ReplayModel(session_of(recorder), loop.loop_id)
+    # not an empty reply the run ends with as if it had succeeded
+    with model.recording(), pytest.raises(RecordedModelError, match="rate limited"):
+        run(model.agent(make_agent(tools)))
+    assert tools.calls == 1 and model.cursor.finished and model.divergence is None
+    replayed = session_of(recorder).loops[-1]
+    assert replayed.status == "Aborted" and replayed.turn_count() == 2
 
 
 def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder) -> None:

@@ -29,7 +29,7 @@ from phi_session.diff import diff_loops
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, UserMessage
 from phi_session.model import LoopRecord, Session
-from phi_session.replay import ReplayDiverged, ReplayScript, recording_as, replay_lineage
+from phi_session.replay import RecordedModelError, ReplayDiverged, ReplayScript, recording_as, replay_lineage
 
 SYSTEM = "You are a calculator."
 CALLS = {0: [("lookup", {"key": "a"}, "c1")], 1: [("add", {"a": 1, "b": 2}, "c2")]}
@@ -434,6 +434,29 @@ def test_a_tool_that_failed_the_run_fails_the_replay_there(recorder: SessionReco
     assert calls == [0] and model.cursor.finished and model.divergence is None
     replayed = session_of(recorder).loops[-1]
     assert replayed.status == "Aborted" and replayed.turn_count() == 1
+
+
+def test_a_model_failure_that_ended_the_run_fails_the_replay_there(
+    recorder: SessionRecorder, capability: PhiCapability
+) -> None:
+    def failing(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if any(isinstance(message, ModelResponse) for message in messages):
+            raise RuntimeError("rate limited")  # after the first turn: the provider fails
+        return scripted(messages, info)
+
+    tools = Tools()
+    with pytest.raises(RuntimeError, match="rate limited"):
+        make_agent(capability, tools, model=failing).run_sync("compute")
+    (loop,) = session_of(recorder).loops
+    assert loop.status == "Aborted" and loop.turns[1].output_message.stop_reason == "error"  # type: ignore[union-attr]
+    model = ReplayModel(session_of(recorder), loop.loop_id)
+    agent = make_agent(capability, tools, model=no_model)
+    # not an empty reply pydantic-ai asks the model again about (an `exhausted` divergence)
+    with model.recording(), pytest.raises(RecordedModelError, match="rate limited"):
+        agent.run_sync("compute", model=model, capabilities=[model.capability])
+    assert tools.calls == 1 and model.cursor.finished and model.divergence is None
+    replayed = session_of(recorder).loops[-1]
+    assert replayed.status == "Aborted" and replayed.turn_count() == 2
 
 
 def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder) -> None:

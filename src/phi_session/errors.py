@@ -143,3 +143,10 @@ class RecordedToolError(PhiSessionError, RuntimeError):
     """A replayed tool's recorded failure, raised in the tool's place where it ended the
     original run, so the replay fails where the original did; the message is the
     recorded error text (e.g. ``"boom failed: RuntimeError: kaboom"``)."""
+
+
+class RecordedModelError(PhiSessionError, RuntimeError):
+    """A replayed model call's recorded failure (the call raised, which ended the original
+    run: its reply stopped with ``error`` or ``aborted``), raised in the model's place so
+    the replay fails where the original did; the message is the recorded error text
+    (e.g. ``"RuntimeError: rate limited"``)."""

@@ -592,6 +592,11 @@ class Tracer:
         self._outlet = _Outlet(self.processors, self.fanout)
         self.wants_deltas = self.fanout.wants_deltas
         """Whether streaming deltas are built at all (some sink keeps them)."""
+        # The identities `for_session` records into, by session id, shared with every twin
+        # (`for_agent` copies this dict's reference): the session object a replay is given
+        # does not hold the loops earlier replays recorded, so a new identity built from it
+        # again would reuse their loop ids. One per session joined, for the tracer's life.
+        self._joined: dict[str, AgentSession] = {}
 
     def emit(self, event: AgentEvent) -> None:
         """Run `event` through the processors, then deliver it to every sink. Never raises."""
@@ -609,11 +614,22 @@ class Tracer:
         """A tracer recording into the recorded `session` (its agent and session ids, new
         loop ids after its loops', `AgentSession.continuing`), sharing this one's
         processors, sinks, default config, clock and id factory: how a replayed or
-        forked loop joins the session it came from (`phi_session.replay.Lineage.loop`)."""
-        agent = self.agent
-        return self.for_agent(
-            AgentSession.continuing(session, clock=agent.clock, id_factory=agent.id_factory)
-        )
+        forked loop joins the session it came from (`phi_session.replay.Lineage.loop`).
+
+        A session joined before (by this tracer or a twin), or the tracer's own current
+        session, goes on with the identity already recording it: its loop ids continue
+        after the loops recorded since (a second replay of the same `session` object),
+        and continuations follow its own last loop."""
+        own = self.agent
+        agent = own if own.session_id == session.session_id else self._joined.get(session.session_id)
+        if agent is None:  # a concurrent first join may win: its identity is the one then
+            joining = AgentSession.continuing(session, clock=own.clock, id_factory=own.id_factory)
+            agent = self._joined.setdefault(session.session_id, joining)
+        if agent.last_loop_id is None:  # none of its own yet: it goes on from the recording's
+            agent.resume_session(session)
+        else:  # counters only: `session` may hold loops recorded elsewhere since (a store's copy)
+            agent.resume((record.loop_id for record in session.loops), None)
+        return self if agent is own else self.for_agent(agent)
 
     # -- scopes ---------------------------------------------------------------------------
 

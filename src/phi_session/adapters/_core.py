@@ -19,7 +19,9 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
 * **replay and fork**: a top-level run started inside
   ``phi_session.replay.recording_as(lineage)`` is recorded into the lineage's
   session, continuing its loop with its kind and metadata (see
-  `phi_session.replay.lineage`);
+  `phi_session.replay.lineage`); a replay model answers from the recording through
+  `recorded_reply` and `recorded_result`, which raise a failure that ended the
+  original run again (`RecordedModelError`, `RecordedToolError`);
 * **sub-agents**: a run started while an instrumented tool executes (`enter_tool`,
   a context variable shared by every adapter) becomes that tool's sub-agent: its own
   session, ``parent_loop_id``, trigger ``SubAgent``, and ``child_loop_id`` in the
@@ -54,16 +56,24 @@ import msgspec
 
 from .._failures import FailureTally
 from ..codec import escape_surrogates
-from ..errors import InvalidSessionId, MissingExtra, SessionNotFound
+from ..errors import InvalidSessionId, MissingExtra, RecordedModelError, RecordedToolError, SessionNotFound
 from ..events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from ..identity import AgentSession, Clock
 from ..instrument import LoopScope, ToolScope, Tracer
-from ..messages import Message, Usage
+from ..messages import (
+    AnnotatedRequestPayload,
+    AssistantMessage,
+    Message,
+    TextContent,
+    ToolResultMessage,
+    Usage,
+)
 from ..model import Session
 from ..processors import Processor, Redactor
 from ..replay import (
     Lineage,
     ReplayCursor,
+    RequestShape,
     fork_lineage,
     recording_as,
     replay_lineage,
@@ -85,8 +95,11 @@ __all__ = [
     "jsonable",
     "leave_tool",
     "loop_config",
+    "recorded_reply",
+    "recorded_result",
     "replay_recording",
     "require_extra",
+    "result_text",
     "session_id_for",
     "usage_of",
 ]
@@ -122,6 +135,50 @@ def replay_recording(
     if change is None and fallback is not None:
         change = {"model": fallback}
     return recording_as(fork_lineage(cursor.script, cursor.until_turn, tag=tag, change=change))
+
+
+def recorded_reply(cursor: ReplayCursor, request: AnnotatedRequestPayload) -> AssistantMessage | None:
+    """What a replay model answers a model call with: the recorded reply to `request`
+    (the call's request as the adapter records it), or None once the run is handed over
+    to the fallback (`ReplayCursor.respond`).
+
+    A reply that failed the original run (the model call raised: a reply stopped with
+    ``error`` or ``aborted`` in the turn its loop was recorded ``Aborted`` in) is raised
+    as `RecordedModelError` instead, with the recorded error text: the replay fails where
+    the original did, rather than ending on an empty reply as if it had succeeded. A
+    failed reply the run went on from (a response the framework took as it was) is the
+    adapter's to answer as that response."""
+    reply = cursor.respond(RequestShape.from_payload(request))
+    if reply is not None and reply.stop_reason in ("error", "aborted"):
+        # The cursor returns the script's own reply objects.
+        if any(turn.reply is reply and turn.aborted for turn in cursor.script.turns):
+            raise RecordedModelError(reply.error_message or reply.stop_reason)
+    return reply
+
+
+def result_text(result: ToolResultMessage) -> str:
+    """A recorded tool result's text (its text blocks, joined), as a replay answers with it."""
+    return "".join(block.text for block in result.content if type(block) is TextContent)
+
+
+def recorded_result(
+    cursor: ReplayCursor, call_id: str, name: str, arguments: object
+) -> ToolResultMessage | None:
+    """What a replay model answers a tool call with: the recorded result, or None when
+    the tool runs live (`ReplayCursor.tool_result`).
+
+    A recorded error that ended the original run (the tool raised, and its loop was
+    recorded ``Aborted`` in that turn) is raised as `RecordedToolError` instead, with
+    the recorded error text: the replay fails where the original did, rather than
+    sending the error to a model call the recording does not have. An error the run
+    went on from is the adapter's to answer as its framework did (a retry, an error
+    message to the model)."""
+    result = cursor.tool_result(call_id, name, arguments)
+    if result is not None and result.is_error:
+        turn = cursor.turn_of(call_id)
+        if turn is not None and turn.aborted:
+            raise RecordedToolError(result_text(result))
+    return result
 
 
 def require_extra(extra: str, *modules: str) -> None:

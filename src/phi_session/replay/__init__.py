@@ -23,7 +23,7 @@ returned, and with ``tools="recorded"`` the recorded tool results too.
 
 from __future__ import annotations
 
-from ..errors import RecordedToolError, ReplayDiverged, TurnNotFound
+from ..errors import RecordedModelError, RecordedToolError, ReplayDiverged, TurnNotFound
 from .cursor import OnDivergence, ReplayCursor, ToolsMode, check_request
 from .divergence import Divergence, DivergenceKind
 from .forking import ToolFn, fork
@@ -40,6 +40,7 @@ __all__ = [
     "ModelFn",
     "OnDivergence",
     "RecordedModel",
+    "RecordedModelError",
     "RecordedToolError",
     "RecordedTurn",
     "ReplayCursor",

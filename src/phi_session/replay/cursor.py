@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from bisect import bisect_left
 from typing import Literal
 
 from msgspec.structs import replace
@@ -135,11 +136,12 @@ class ReplayCursor:
         self._divergence: Divergence | None = None
         self._normalize = Normalizer()
         self._warned_uncompared = False
-        # tool call id -> (position of its turn in the script, the turn)
-        self._calls: dict[str, tuple[int, RecordedTurn]] = {}
+        # tool call id -> the positions in the script of the turns that made it, in order:
+        # a provider numbering calls per reply ("call_0") reuses ids across turns.
+        self._calls: dict[str, list[int]] = {}
         for position, turn in enumerate(script.turns):
             for call in turn.tool_calls:
-                self._calls.setdefault(call.id, (position, turn))
+                self._calls.setdefault(call.id, []).append(position)
 
     @classmethod
     def of(
@@ -182,9 +184,11 @@ class ReplayCursor:
         return self._divergence
 
     def turn_of(self, call_id: str) -> RecordedTurn | None:
-        """The recorded turn whose reply made tool call `call_id`, if the script has it."""
-        known = self._calls.get(call_id)
-        return None if known is None else known[1]
+        """The latest replayed turn whose reply made tool call `call_id` (the one
+        `tool_result` answers it from), None if no turn replayed so far made it."""
+        positions = self._calls.get(call_id, ())
+        made = bisect_left(positions, self._served)
+        return self.script.turns[positions[made - 1]] if made else None
 
     @property
     def handed_over(self) -> bool:
@@ -241,13 +245,14 @@ class ReplayCursor:
         must run live (``tools="live"``, or handed over).
 
         The call must be one of the replayed turns' (same id and tool name) with the
-        same arguments; else a ``tool_call`` / ``tool_arguments`` divergence."""
+        same arguments; else a ``tool_call`` / ``tool_arguments`` divergence. An id that
+        several turns made is the latest replayed one's (`turn_of`)."""
         with self._lock:
             if self._handed_over or self.tools == "live":
                 return None
             self._raise_if_stopped()
-            known = self._calls.get(call_id)
-            if known is None or known[0] >= self._served:
+            turn = self.turn_of(call_id)
+            if turn is None:
                 last = self.script.turns[self._served - 1] if self._served else None
                 where = f"the replayed turns hold no tool call {call_id!r} ({name})"
                 self._diverge(
@@ -260,7 +265,6 @@ class ReplayCursor:
                     )
                 )
                 return None
-            turn = known[1]
             call = next(block for block in turn.tool_calls if block.id == call_id)
             result = turn.result_of(call_id)
             problem = self._call_problem(call, name, arguments, result is None)

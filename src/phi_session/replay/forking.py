@@ -28,7 +28,7 @@ from msgspec.structs import replace
 
 from ..events import LoopConfigSnapshot
 from ..instrument import LoopScope, ToolScope, Tracer
-from ..messages import AgentMessage, Content, TextContent, ToolCall, ToolResultMessage
+from ..messages import AgentMessage, AssistantMessage, Content, TextContent, ToolCall, ToolResultMessage
 from ..model import Session
 from .lineage import fork_lineage
 from .recorded import ModelFn
@@ -129,13 +129,18 @@ def fork(
         described["tool_results"] = sorted(replaced)
     lineage = fork_lineage(script, turn_index, tag=tag, change=described or None)
     request = point.request
-    kept = len(request.messages) - len(point.inputs)
+    earlier = request.messages[: len(request.messages) - len(point.inputs)]
+    # Only the results after the previous turn's reply (the context's last assistant
+    # message) are replaced: an earlier turn may have made a call of the same id.
+    replies = (i for i, m in enumerate(earlier) if isinstance(m, AssistantMessage))
+    previous_end = 1 + max(replies, default=-1)
     context: list[AgentMessage] = [
-        _apply(m, replaced) if isinstance(m, ToolResultMessage) else m for m in request.messages[:kept]
+        *earlier[:previous_end],
+        *(_apply(m, replaced) if isinstance(m, ToolResultMessage) else m for m in earlier[previous_end:]),
     ]
     with lineage.loop(tracer, config) as loop:
-        for turn in script.turns[:turn_index]:
-            _repeat(loop, turn, replaced)
+        for position, turn in enumerate(script.turns[:turn_index]):
+            _repeat(loop, turn, replaced if position == turn_index - 1 else {})
         for message in inputs:
             context.append(loop.user(message))
         for _ in range(max_turns):

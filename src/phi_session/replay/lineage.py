@@ -1,7 +1,8 @@
 """How a replayed or forked run is recorded: its own loop in the original session.
 
 A `Lineage` says where a new run goes: into `Lineage.session` (the recording; new
-loop ids continue after its loops', so they never collide), continuing
+loop ids continue after its loops' and after those the tracer recorded there since,
+`Tracer.for_session`, so they never collide), continuing
 `Lineage.parent_loop_id` with `Lineage.kind`, its ``AgentStart.metadata`` merged with
 `Lineage.metadata`:
 

@@ -11,7 +11,9 @@ request converter (what ``PhiPlugin(capture_requests=True)`` records), so an
 unchanged agent matches its recording, and answers with the recorded reply as an
 ``LlmResponse`` (as several, when the next recorded request shows ADK kept it as
 several events: a Gemini stream gives the text and the calls as final responses of
-their own). Past a fork point (`until_turn`) or after a divergence with
+their own). A model call that raised, ending the recorded run, raises again
+(`RecordedModelError`); an error response the run went on from is answered as that
+response. Past a fork point (`until_turn`) or after a divergence with
 ``on_divergence="fallback"`` it hands the request to `fallback`, any other ADK model.
 
 ADK runs tools outside the model: `ReplayLlm.tools_plugin` answers each tool call of a
@@ -67,7 +69,7 @@ from ...messages import (
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
 from ...replay.request import compare_messages
-from .._core import replay_recording
+from .._core import recorded_reply, recorded_result, replay_recording, result_text
 from . import _TRANSFER_TOOL, FRAMEWORK, _decode, _json_text, _request
 
 if TYPE_CHECKING:
@@ -137,10 +139,6 @@ def _llm_responses(reply: AssistantMessage, split: tuple[int, ...]) -> list[LlmR
     return [*responses, _llm_response(replace(reply, content=reply.content[start:]))]
 
 
-def _text(message: ToolResultMessage) -> str:
-    return "".join(block.text for block in message.content if type(block) is TextContent)
-
-
 def _latest(request: RequestShape) -> tuple[list[AssistantMessage], list[ToolResultMessage]]:
     """The model contents ending a request's history (the previous turn's reply, in
     as many messages as ADK kept events for it) and the function responses after them."""
@@ -184,22 +182,20 @@ def _sent_responses(script: ReplayScript) -> dict[str, str]:
         if len(answers) == len(calls) and all(
             a.tool_name == c.name for a, c in zip(answers, calls, strict=True)
         ):
-            sent.update((call.id, _text(answer)) for call, answer in zip(calls, answers, strict=True))
+            sent.update((call.id, result_text(answer)) for call, answer in zip(calls, answers, strict=True))
     return sent
 
 
-def _tool_answer(result: ToolResultMessage, sent: str | None, went_on: bool) -> Any:
+def _tool_answer(result: ToolResultMessage, sent: str | None) -> Any:
     """What a tool call is answered with: what the model got for it, as the next turn's
     request sent it (`_sent_responses`; ADK wraps a value that is no dict as
     ``{"result": value}``, an ``on_tool_error_callback`` answers an error), else the
     recorded result read as the JSON it was written as (a string that is no JSON as
-    itself). Without a sent response, a recorded error is answered ``{"error": text}``
-    when the run `went_on` after it, else raised as `RecordedToolError`: it ended the
-    run. Never None: that would leave the call unanswered, and ADK would run the tool."""
-    text = _text(result)
+    itself). Without a sent response, a recorded error (one the run went on from:
+    `recorded_result` raises the others) is answered ``{"error": text}``. Never None:
+    that would leave the call unanswered, and ADK would run the tool."""
+    text = result_text(result)
     if sent is None and result.is_error:
-        if not went_on:
-            raise RecordedToolError(text)
         return {"error": text}
     try:
         if sent is not None:
@@ -310,7 +306,7 @@ class ReplayLlm(BaseLlm):
     async def generate_content_async(
         self, llm_request: LlmRequest, stream: bool = False
     ) -> AsyncGenerator[LlmResponse, None]:
-        reply = self.cursor.respond(RequestShape.from_payload(_request(llm_request, 0)))
+        reply = recorded_reply(self.cursor, _request(llm_request, 0))
         if reply is not None:
             # The cursor returns the script's own reply objects.
             following = self._next_names.get(id(reply))
@@ -340,13 +336,6 @@ class _RecordedTools(BasePlugin):
         self.agents = {
             config.name for config in configs if config is not None and isinstance(config.name, str)
         }
-        # The calls of turns their loop went on from (a model call followed them).
-        self.went_on = {
-            call.id
-            for turn, after in pairwise(script.turns)
-            if after.loop_id == turn.loop_id
-            for call in turn.tool_calls
-        }
 
     async def before_tool_callback(
         self, *, tool: BaseTool, tool_args: dict[str, Any], tool_context: ToolContext
@@ -356,9 +345,9 @@ class _RecordedTools(BasePlugin):
             return None
         if call_id not in self.calls and self.agents and tool_context.agent_name not in self.agents:
             return None  # another agent's call: its own replay (or its tool) answers it
-        result = self.cursor.tool_result(call_id, tool.name, tool_args)
+        result = recorded_result(self.cursor, call_id, tool.name, tool_args)
         if result is None or tool.name == _TRANSFER_TOOL:
             # ADK's transfer tool only tells ADK which agent takes over: answering it
             # would skip the transfer, so it runs (once checked against the recording).
             return None
-        return _tool_answer(result, self.sent.get(call_id), call_id in self.went_on)
+        return _tool_answer(result, self.sent.get(call_id))

@@ -13,10 +13,11 @@ unchanged agent matches its recording, and answers with the recorded reply as an
 
 LangChain runs tools outside the model: `ReplayChatModel.wrap_tools` wraps the
 agent's tools so that each call of a replayed turn is answered with its recorded
-result (a recorded error as a ``ToolMessage`` with ``status="error"``) without
-running the tool, through LangChain's tool callbacks, so the adapter records it as
-a tool execution. Works for any graph that runs ``BaseTool``s (``create_agent``,
-LangGraph's ``ToolNode``).
+result (a recorded error as a ``ToolMessage`` with ``status="error"``, unless it ended
+the recorded run: then it is raised as `RecordedToolError`, so the replay fails where
+the original did) without running the tool, through LangChain's tool callbacks, so the
+adapter records it as a tool execution. Works for any graph that runs ``BaseTool``s
+(``create_agent``, LangGraph's ``ToolNode``).
 
 Limits: a recorded result is a ``ToolMessage``, so a tool that returned a LangGraph
 ``Command`` (a handoff, a state update) must run live (leave it unwrapped); a tool
@@ -42,6 +43,7 @@ from langchain_core.tools.base import ArgsSchema
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import PrivateAttr
 
+from ...errors import RecordedToolError
 from ...messages import (
     AssistantMessage,
     Content,
@@ -53,11 +55,11 @@ from ...messages import (
     Usage,
 )
 from ...model import Session
-from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import ConvertedOnce, replay_recording
+from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, ToolsMode
+from .._core import ConvertedOnce, recorded_reply, recorded_result, replay_recording
 from . import _json_encode, _request, converted_once
 
-__all__ = ["ReplayChatModel"]
+__all__ = ["RecordedToolError", "ReplayChatModel"]
 
 _FINISH_REASONS: dict[str, str] = {"toolUse": "tool_calls", "length": "length"}
 
@@ -249,7 +251,7 @@ class ReplayChatModel(BaseChatModel):
     def _recorded(self, messages: list[BaseMessage], kwargs: Mapping[str, Any]) -> ChatResult | None:
         # The request as the adapter records it (`_request`), so an unchanged agent matches.
         payload = _request(messages, {"tools": kwargs.get("tools")}, "", 0, self._converted)
-        reply = self.cursor.respond(RequestShape.from_payload(payload))
+        reply = recorded_reply(self.cursor, payload)
         return None if reply is None else ChatResult(generations=[ChatGeneration(message=_ai_message(reply))])
 
     def _handed_over(self, kwargs: Mapping[str, Any]) -> tuple[BaseChatModel, dict[str, Any]]:
@@ -262,7 +264,13 @@ class ReplayChatModel(BaseChatModel):
         bound = self.fallback.bind_tools(tools, **options)
         if isinstance(bound, RunnableBinding) and isinstance(bound.bound, BaseChatModel):
             return bound.bound, dict(bound.kwargs)
-        raise TypeError(f"{type(self.fallback).__name__}.bind_tools returned no binding of a chat model")
+        if isinstance(bound, BaseChatModel):
+            # Some models' bind_tools configures the model itself (or a copy) and returns
+            # it: it holds the tools and the options then.
+            return bound, {}
+        raise TypeError(
+            f"{type(self.fallback).__name__}.bind_tools returned neither a chat model nor its binding"
+        )
 
     # The fallback is called with `generate`, without callbacks: the call's run (and its
     # turn) is this model's own. (`invoke` would inherit the graph's callbacks.)
@@ -334,7 +342,7 @@ class _RecordedTool(BaseTool):
         if call_id is None:
             return None  # not a model's tool call: nothing recorded to answer with
         arguments = self._filter_injected_args(tool_input) if isinstance(tool_input, dict) else tool_input
-        result = self.cursor.tool_result(call_id, self.name, arguments)
+        result = recorded_result(self.cursor, call_id, self.name, arguments)
         return None if result is None else _tool_message(result, call_id, self.name)
 
     def _run(self, tool_input: str | dict[str, Any], call_id: str | None, config: RunnableConfig) -> Any:

@@ -19,9 +19,11 @@ The SDK runs tools outside the model; its cleanest hook is the tool itself:
 `ReplayModel.agent` clones an agent with its function tools' ``on_invoke_tool``
 answering each call of a replayed turn from the recording (``tools="recorded"``; the
 tool does not run; a recorded error result is returned as its text, its function span
-marked failed, as the SDK does for a failing tool). Agents reached
-by a handoff keep their own tools: clone them too, and give the run the replay model
-with ``RunConfig(model=model)`` (or ``model_provider=ReplayProvider(model)``).
+marked failed, as the SDK does for a failing tool, unless the error ended the recorded
+run: then it is raised as `RecordedToolError`, so the replay fails where the original
+did). Agents reached by a handoff keep their own tools: clone them too, and give the
+run the replay model with ``RunConfig(model=model)`` (or
+``model_provider=ReplayProvider(model)``).
 """
 
 from __future__ import annotations
@@ -55,13 +57,14 @@ from openai.types.responses.response_prompt_param import ResponsePromptParam
 from openai.types.responses.response_reasoning_item import Summary
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
+from ...errors import RecordedModelError, RecordedToolError
 from ...messages import AssistantMessage, TextContent, ThinkingContent, ToolCall
 from ...model import Session
-from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import replay_recording
+from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, ToolsMode
+from .._core import recorded_reply, recorded_result, replay_recording, result_text
 from . import request_payload
 
-__all__ = ["ReplayModel", "ReplayProvider"]
+__all__ = ["RecordedToolError", "ReplayModel", "ReplayProvider"]
 
 
 def _output(reply: AssistantMessage, number: int) -> list[TResponseOutputItem]:
@@ -245,17 +248,16 @@ class ReplayModel(Model):
         cursor = self.cursor
 
         async def answer(context: ToolContext[Any], arguments: str) -> Any:
-            result = cursor.tool_result(context.tool_call_id, tool.name, arguments)
+            result = recorded_result(cursor, context.tool_call_id, tool.name, arguments)
             if result is None:
                 return await invoke(context, arguments)
-            text = "".join(block.text for block in result.content if type(block) is TextContent)
             span = get_current_span()
             if result.is_error and span is not None:
                 # What the SDK does when a tool fails: the text goes to the model, the error to its span.
                 span.set_error(
                     SpanError(message="Error running tool (non-fatal)", data={"tool_name": tool.name})
                 )
-            return text
+            return result_text(result)
 
         return dataclasses.replace(tool, on_invoke_tool=answer)
 
@@ -267,9 +269,17 @@ class ReplayModel(Model):
         input: str | list[TResponseInputItem],
         tools: list[Tool],
         handoffs: list[Handoff],
+        tracing: ModelTracing,
     ) -> AssistantMessage | None:
         payload = request_payload(system_instructions, input, tools, handoffs, "", 0)
-        return self.cursor.respond(RequestShape.from_payload(payload))
+        try:
+            return recorded_reply(self.cursor, payload)
+        except RecordedModelError as error:
+            # As the SDK's models fail: in a response span marked failed, where the
+            # adapter reads the turn's error (the recorded text, as it was recorded).
+            with response_span(disabled=tracing.is_disabled()) as span:
+                span.set_error(SpanError(message=str(error), data=None))
+            raise
 
     def _handed_over(self) -> Model:
         # The cursor hands over only past until_turn or in fallback mode: both need a fallback.
@@ -290,7 +300,7 @@ class ReplayModel(Model):
         conversation_id: str | None,
         prompt: ResponsePromptParam | None,
     ) -> ModelResponse:
-        reply = self._recorded(system_instructions, input, tools, handoffs)
+        reply = self._recorded(system_instructions, input, tools, handoffs, tracing)
         if reply is None:
             return await self._handed_over().get_response(
                 system_instructions,
@@ -324,7 +334,7 @@ class ReplayModel(Model):
         conversation_id: str | None,
         prompt: ResponsePromptParam | None,
     ) -> AsyncIterator[TResponseStreamEvent]:
-        reply = self._recorded(system_instructions, input, tools, handoffs)
+        reply = self._recorded(system_instructions, input, tools, handoffs, tracing)
         if reply is None:
             async for event in self._handed_over().stream_response(
                 system_instructions,

@@ -44,8 +44,8 @@ from pydantic_ai.usage import RequestUsage
 from ...errors import RecordedToolError
 from ...messages import AssistantMessage, StopReason, TextContent, ThinkingContent, ToolCall, Usage
 from ...model import Session
-from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
-from .._core import replay_recording
+from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, ToolsMode
+from .._core import recorded_reply, recorded_result, replay_recording, result_text
 from . import _STOP_REASONS, request_payload
 
 __all__ = ["RecordedToolError", "ReplayModel", "ReplayTools"]
@@ -202,8 +202,7 @@ class ReplayModel(Model):
     def _recorded(
         self, messages: Sequence[pai.ModelMessage], parameters: ModelRequestParameters
     ) -> AssistantMessage | None:
-        payload = request_payload(messages, parameters, self._name, self._system, 0)
-        return self.cursor.respond(RequestShape.from_payload(payload))
+        return recorded_reply(self.cursor, request_payload(messages, parameters, self._name, self._system, 0))
 
     def _handed_over(self) -> Model:
         # The cursor hands over only past until_turn or in fallback mode: both need a fallback.
@@ -248,16 +247,13 @@ class _RecordedToolset(WrapperToolset[Any]):
     async def call_tool(
         self, name: str, tool_args: dict[str, Any], ctx: RunContext[Any], tool: ToolsetTool[Any]
     ) -> Any:
-        result = self.cursor.tool_result(ctx.tool_call_id or "", name, tool_args)
+        result = recorded_result(self.cursor, ctx.tool_call_id or "", name, tool_args)
         if result is None:
             return await super().call_tool(name, tool_args, ctx, tool)
-        text = "".join(block.text for block in result.content if type(block) is TextContent)
         if result.is_error:
-            turn = self.cursor.turn_of(result.tool_call_id)
-            if turn is not None and turn.aborted:
-                raise RecordedToolError(text)  # the tool raised and the run failed: fail here too
-            raise ModelRetry(text)  # as the tool did: pydantic-ai makes it the retry the model read
-        return text
+            # As the tool did: pydantic-ai makes it the retry the model read.
+            raise ModelRetry(result_text(result))
+        return result_text(result)
 
 
 class ReplayTools(AbstractCapability[Any]):
