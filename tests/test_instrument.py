@@ -423,6 +423,27 @@ def test_a_turn_without_a_reply_ends_with_a_synthesized_one() -> None:
     assert message.error_message == "turn ended without an assistant message"  # type: ignore[union-attr]
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_an_exception_whose_str_fails_is_recorded_by_its_type() -> None:
+    # Its text is read while the scopes end: a failure there would replace the agent's
+    # own exception with the instrumentation's.
+    h = Harness()
+    with pytest.raises(Unprintable), h.tracer.loop() as loop, loop.turn() as turn:
+        answer(turn, "reading", calls=(call(1),))
+        with turn.tool(call(1)):
+            raise Unprintable
+    described = "Unprintable (str() failed: RuntimeError)"
+    [record] = h.session().loops
+    assert record.status == "Aborted" and record.error == described
+    assert record.turns[0].tool_results[0].content == (  # type: ignore[union-attr]
+        ps.TextContent(text=f"read_file failed: {described}"),
+    )
+
+
 def test_a_tool_error_result_does_not_fail_the_loop() -> None:
     h = Harness()
     with h.tracer.loop() as loop:

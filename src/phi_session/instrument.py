@@ -159,8 +159,12 @@ def _content(value: str | Sequence[Content]) -> tuple[Content, ...]:
 def _describe(error: BaseException | str) -> str:
     if isinstance(error, str):
         return error
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    name = type(error).__name__
+    try:
+        text = str(error)
+    except Exception as failure:  # the agent's own exception must stay the one it sees
+        return f"{name} (str() failed: {type(failure).__name__})"
+    return f"{name}: {text}" if text else name
 
 
 def _stop_reason(error: BaseException | str) -> StopReason:
