@@ -947,3 +947,37 @@ def test_ended_scopes_are_freed_by_reference_counting_not_left_to_the_collector(
         gc.garbage.clear()
         gc.enable()
     assert left == []
+
+
+def _nested(depth: int) -> list[Any]:
+    outer: list[Any] = []
+    inner = outer
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    return outer
+
+
+def test_tool_arguments_that_cannot_be_copied_are_recorded_as_a_stand_in(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cyclic: dict[str, Any] = {"q": "x"}
+    cyclic["self"] = cyclic
+    calls = (
+        ps.ToolCall(id="c1", name="t", arguments=cyclic),
+        ps.ToolCall(id="c2", name="t", arguments=_nested(5000)),
+        ps.ToolCall(id="c3", name="t", arguments={"lock": threading.Lock()}),
+        ps.ToolCall(id="c4", name="t", arguments={"q": "fine"}),
+    )
+    h = Harness()
+    with h.tracer.loop() as loop, loop.turn() as turn:
+        reply = answer(turn, "go", calls=calls)
+    assert [block.arguments for block in reply.content if isinstance(block, ps.ToolCall)] == [
+        "[NOT RECORDED: copying the arguments raised RecursionError]",
+        "[NOT RECORDED: copying the arguments raised RecursionError]",
+        "[NOT RECORDED: copying the arguments raised TypeError]",
+        {"q": "fine"},
+    ]
+    assert h.tracer.argument_failures == 3
+    assert len([r for r in caplog.records if "copying" in r.getMessage()]) == 1  # the first only
+    assert h.session().loops[0].status == "Completed"

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from msgspec.structs import replace
 
+from ._failures import FailureTally
 from ._time import Timestamp
 from .errors import InstrumentationError
 from .events import (
@@ -131,16 +132,37 @@ __all__ = [
 _CANCELLATIONS = (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit)
 
 
-def _owned(call: ToolCall) -> ToolCall:
-    """The call with arguments of its own: a recorded message must not change (or gain
-    an unredacted secret) when the agent later mutates the dict it passed in."""
-    if isinstance(call.arguments, (dict, list)):
-        try:  # arguments are JSON values: a JSON round trip is the fast deep copy
-            owned = _json_decode(_json_encode(call.arguments))
-        except (TypeError, msgspec.EncodeError, ValueError):
-            owned = copy.deepcopy(call.arguments)
-        return replace(call, arguments=owned)
-    return call
+def _owned(call: ToolCall, failures: FailureTally) -> ToolCall:
+    """The call with arguments of its own (`_own_arguments`)."""
+    owned = _own_arguments(call.arguments, failures)
+    return call if owned is call.arguments else replace(call, arguments=owned)
+
+
+def _own_arguments(arguments: Any, failures: FailureTally) -> Any:
+    """A copy of tool arguments: what was recorded must not change (or gain an unredacted
+    secret) when the agent later mutates the dict it passed in.
+
+    Never raises into the agent: arguments that cannot be copied are recorded as a
+    stand-in naming the failure, counted in `failures`.
+    """
+    if not isinstance(arguments, (dict, list)):
+        return arguments  # a JSON string or a scalar cannot change
+    try:  # arguments are JSON values: a JSON round trip is the fast deep copy
+        return _json_decode(_json_encode(arguments))
+    except RecursionError as error:
+        # Self-referential or nested too deeply: `deepcopy` would recurse as deep, or copy
+        # the cycle, which no sink could write.
+        failure: Exception = error
+    except (TypeError, msgspec.EncodeError, ValueError):
+        try:
+            return copy.deepcopy(arguments)
+        except Exception as error:  # an object that cannot be copied (a lock, a socket)
+            failure = error
+    failures.record(_ARGUMENTS, failure)
+    return f"[NOT RECORDED: copying the arguments raised {type(failure).__name__}]"
+
+
+_ARGUMENTS = "tool arguments"  # what `_Outlet.copy_failures` counts failures of
 
 
 _json_encode = msgspec.json.Encoder().encode
@@ -271,10 +293,15 @@ class _Outlet:
     processor. It also fills in the ``config_id`` of the snapshots loops announce.
     """
 
-    __slots__ = ("_filled", "_segments", "emit", "wants_deltas")
+    __slots__ = ("_filled", "_segments", "copy_failures", "emit", "wants_deltas")
 
     def __init__(self, processors: ProcessorChain, fanout: FanOut) -> None:
         self.wants_deltas = fanout.wants_deltas
+        self.copy_failures = FailureTally(
+            logger, "copying", "they are recorded as a stand-in", traceback=False
+        )
+        """Tool arguments that could not be copied (`_own_arguments`); no traceback
+        above DEBUG, as its text may quote the arguments."""
         self._filled: dict[tuple[int, str], tuple[LoopConfigSnapshot, LoopConfigSnapshot]] = {}
         self._segments: dict[int, tuple[LoopConfigSnapshot, str]] = {}
         self.emit: Callable[[AgentEvent], None] = _emitter(processors, fanout)
@@ -722,6 +749,12 @@ class Tracer:
     def processor_failures(self) -> dict[str, int]:
         """Failures per processor; their events went on with content withheld."""
         return self.processors.failures
+
+    @property
+    def argument_failures(self) -> int:
+        """Tool arguments recorded as a stand-in because they could not be copied
+        (self-referential, nested too deeply, or holding an object that cannot be copied)."""
+        return self._outlet.copy_failures.total
 
     def flush(self) -> None:
         """Flush every sink (see `Sink.flush`). Never raises."""
@@ -1298,7 +1331,8 @@ class MessageScope(_Scope):
         if message is None:
             blocks = self._streamed() if content is None else _content(content)
             if tool_calls:
-                blocks = (*blocks, *map(_owned, tool_calls))
+                failures = self._loop.outlet.copy_failures
+                blocks = (*blocks, *(_owned(call, failures) for call in tool_calls))
             if stop_reason is None:
                 calls = tool_calls or any(type(b) is ToolCall for b in blocks)
                 stop_reason = "toolUse" if calls else "stop"
