@@ -981,3 +981,16 @@ def test_tool_arguments_that_cannot_be_copied_are_recorded_as_a_stand_in(
     assert h.tracer.argument_failures == 3
     assert len([r for r in caplog.records if "copying" in r.getMessage()]) == 1  # the first only
     assert h.session().loops[0].status == "Completed"
+
+
+def test_a_tools_start_keeps_the_arguments_it_started_with() -> None:
+    h = Harness()
+    arguments: dict[str, Any] = {"q": "x"}
+    with h.tracer.loop() as loop, loop.turn() as turn:
+        answer(turn, "go")
+        with turn.tool(id="c1", name="search", args=arguments) as tool:
+            arguments["api_key"] = "plain-secret-value"  # the agent mutates its own dict afterwards
+            tool.result("ok")
+    [start] = [e for e in h.events if isinstance(e, ps.ToolExecutionStart)]
+    assert start.args == {"q": "x"}
+    assert b"plain-secret-value" not in ps.encode(h.session())

@@ -1406,7 +1406,8 @@ class ToolScope(_Scope):
         self._cut = False  # ended by its turn while running
 
     def start(self) -> ToolScope:
-        """Emit ``ToolExecutionStart`` (the arguments pass the redactor first)."""
+        """Emit ``ToolExecutionStart`` with a copy of the arguments (`_own_arguments`),
+        which passes the redactor first."""
         if self._running or self._ended:  # `_begin`, inline
             raise _started_twice(self)
         self._running = True
@@ -1418,7 +1419,7 @@ class ToolScope(_Scope):
                 loop_id=loop.loop_id,
                 tool_call_id=self.tool_call_id,
                 tool_name=self.tool_name,
-                args=self.args,
+                args=_own_arguments(self.args, loop.outlet.copy_failures),
             )
         )
         return self
