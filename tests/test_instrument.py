@@ -590,6 +590,18 @@ def test_a_failed_compaction_emits_no_end() -> None:
     assert h.types() == ["AgentStart", "CompactionStarted", "AgentEnd"]
 
 
+def test_a_compaction_cannot_start_after_its_loop_ended() -> None:
+    h = Harness()
+    with h.tracer.loop() as loop:
+        compacting = loop.compaction(1, 1)
+        with loop.turn() as turn:
+            in_turn = turn.compaction(1, 1)
+    for late in (compacting, in_turn):
+        with pytest.raises(InstrumentationError, match="LoopScope is already ended"):
+            late.start()
+    assert h.types() == ["AgentStart", "TurnStart", "TurnEnd", "AgentEnd"]
+
+
 def test_prun_and_revert_are_recorded() -> None:
     h = Harness()
     with h.tracer.loop() as loop:

@@ -1612,8 +1612,9 @@ class CompactionScope(_Scope):
         self._after: tuple[int, int, int] | None = None
 
     def start(self) -> CompactionScope:
-        self._begin()
         loop = self._loop
+        loop.require_running()  # its events would follow the loop's AgentEnd
+        self._begin()
         loop.emit(
             CompactionStarted(
                 loop_id=loop.loop_id,
