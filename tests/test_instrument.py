@@ -498,6 +498,52 @@ def test_scopes_used_out_of_order_raise() -> None:
         Harness().tracer.loop().start().turn().start().tool()
 
 
+def test_a_refused_start_leaves_the_scope_not_started() -> None:
+    h = Harness()
+    with h.tracer.loop() as loop:
+        with loop.turn() as turn:
+            answer(turn, "go", calls=(call(1),))
+            reply, tool = turn.assistant(), turn.tool(call(1))
+        late_turn = loop.turn()
+    events = len(h.events)
+    for late in (reply, tool, late_turn):
+        with pytest.raises(InstrumentationError, match="already ended"):
+            late.start()
+        assert (late.running, late.ended) == (False, False)
+        with pytest.raises(InstrumentationError, match="not started"):
+            late.end()  # nothing to end: it never started
+    assert len(h.events) == events
+
+
+def test_a_start_that_failed_can_be_retried() -> None:
+    h = Harness()
+    clock = h.agent.clock
+
+    def broken() -> int:
+        raise OSError("clock unavailable")
+
+    loop = h.tracer.loop()
+    h.agent.clock = broken
+    with pytest.raises(OSError):
+        loop.start()
+    assert loop.status == "pending"
+    h.agent.clock = clock
+    with loop:
+        turn = loop.turn()
+        h.agent.clock = broken
+        with pytest.raises(OSError):
+            turn.start()
+        assert (turn.running, turn.ended) == (False, False)
+        h.agent.clock = clock
+        with turn:
+            answer(turn, "ok")
+    unfailing = Harness()
+    with unfailing.tracer.loop() as other:
+        simple_loop(other)
+    assert h.types() == unfailing.types()  # as if nothing had failed
+    assert h.session().loops[0].status == "Completed"
+
+
 def test_a_scope_tells_its_phase_and_no_one_can_set_it() -> None:
     h = Harness()
     loop = h.tracer.loop()

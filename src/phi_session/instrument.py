@@ -221,6 +221,9 @@ class _Scope:
 
     Used as a (sync or async) context manager, an exception leaving the block ends
     the scope with that error and is re-raised.
+
+    A `start` does whatever may raise (refusals, reading the clock) before it marks the
+    scope running and emits: one that raised leaves the scope new, to be started again.
     """
 
     # The phase (new, running, ended) as two flags, read through C-level properties:
@@ -231,10 +234,9 @@ class _Scope:
         self._running = False
         self._ended = False
 
-    def _begin(self) -> None:
+    def _require_new(self) -> None:
         if self._running or self._ended:
             raise _started_twice(self)
-        self._running = True
 
     def _close(self) -> None:
         self._running = False
@@ -860,13 +862,16 @@ class LoopScope(_Scope):
 
     def start(self) -> LoopScope:
         """Emit ``AgentStart``. The first loop of a session carries the session's formation."""
-        self._begin()
+        self._require_new()
         agent = self._agent
         at = agent.clock()
-        formation = agent.loop_started(self.session_id, self.loop_id, at)
+        timestamp = agent.stamp(at)
         config = self.config
         if config is not None and config.config_id is None:
             config = self._loop.outlet.snapshot(config, self.segment)
+        self._running = True
+        # Past all that may raise: this claims the session's formation for this loop.
+        formation = agent.loop_started(self.session_id, self.loop_id, at)
         self._loop.emit(
             AgentStart(
                 agent_id=agent.agent_id,
@@ -874,7 +879,7 @@ class LoopScope(_Scope):
                 loop_id=self.loop_id,
                 parent_loop_id=self.parent_loop_id,
                 continuation_kind=self.kind,
-                timestamp=agent.stamp(at),
+                timestamp=timestamp,
                 metadata=self.metadata,
                 config_snapshot=config,
                 formation=formation if formation is not None else msgspec.UNSET,
@@ -1089,18 +1094,17 @@ class TurnScope(_Scope):
 
     def start(self) -> TurnScope:
         """Emit ``TurnStart``, the waiting prompts or follow-ups, and the request if given."""
-        if self._running or self._ended:  # `_begin`, inline: one per turn, reply, tool
+        if self._running or self._ended:  # `_require_new`, inline: one per turn, reply, tool
             raise _started_twice(self)
-        self._running = True
         loop = self._loop
         scope = loop.scope
         if scope is None or not scope.running:
             loop.require_running()  # raises
-        loop.emit(
-            TurnStart(
-                loop_id=loop.loop_id, turn_index=self.index, timestamp=loop.now(), triggered_by=self.trigger
-            )
+        start = TurnStart(
+            loop_id=loop.loop_id, turn_index=self.index, timestamp=loop.now(), triggered_by=self.trigger
         )
+        self._running = True
+        loop.emit(start)
         loop.emit_waiting(None if self.index == 0 else self.turn_id)
         if self._request is not None:
             self.request(self._request)
@@ -1269,12 +1273,12 @@ class MessageScope(_Scope):
 
     def start(self) -> MessageScope:
         """Emit ``MessageStart`` with the placeholder message."""
-        if self._running or self._ended:  # `_begin`, inline
+        if self._running or self._ended:  # `_require_new`, inline
             raise _started_twice(self)
-        self._running = True
         turn = self._turn.scope
         if turn is None or not turn.running:
             self._turn.require_running()  # raises
+        self._running = True
         self._emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
         return self
 
@@ -1408,12 +1412,12 @@ class ToolScope(_Scope):
     def start(self) -> ToolScope:
         """Emit ``ToolExecutionStart`` with a copy of the arguments (`_own_arguments`),
         which passes the redactor first."""
-        if self._running or self._ended:  # `_begin`, inline
+        if self._running or self._ended:  # `_require_new`, inline
             raise _started_twice(self)
-        self._running = True
         loop = self._loop
         with loop.lock:  # atomic with the turn's end: never a tool its turn misses
             self._turn.tool_started(self, self._cut_short)
+            self._running = True
         loop.emit(
             ToolExecutionStart(
                 loop_id=loop.loop_id,
@@ -1612,17 +1616,17 @@ class CompactionScope(_Scope):
         self._after: tuple[int, int, int] | None = None
 
     def start(self) -> CompactionScope:
+        self._require_new()
         loop = self._loop
         loop.require_running()  # its events would follow the loop's AgentEnd
-        self._begin()
-        loop.emit(
-            CompactionStarted(
-                loop_id=loop.loop_id,
-                estimated_tokens=self.estimated_tokens,
-                message_count=self.message_count,
-                timestamp=loop.now(),
-            )
+        start = CompactionStarted(
+            loop_id=loop.loop_id,
+            estimated_tokens=self.estimated_tokens,
+            message_count=self.message_count,
+            timestamp=loop.now(),
         )
+        self._running = True
+        loop.emit(start)
         return self
 
     def done(self, *, messages_after: int, estimated_tokens_after: int, loops_compacted: int = 1) -> None:
@@ -1677,10 +1681,12 @@ class ParallelGroup(_Scope):
         return tuple(branch.loop_id for branch in self.branches)
 
     def start(self) -> ParallelGroup:
-        self._begin()
-        self._outlet.emit(
-            ParallelLoopStart(session_id=self.session_id, loop_ids=self.loop_ids, timestamp=self._agent.now())
+        self._require_new()
+        start = ParallelLoopStart(
+            session_id=self.session_id, loop_ids=self.loop_ids, timestamp=self._agent.now()
         )
+        self._running = True
+        self._outlet.emit(start)
         return self
 
     def branch(self, index: int) -> LoopScope:
