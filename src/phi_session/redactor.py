@@ -6,7 +6,8 @@ snake_case) are replaced by ``"[REDACTED]"``. By default it covers config snapsh
 loop metadata, tool arguments (in ``ToolExecutionStart`` and in the tool calls of
 every message; a JSON-string argument is parsed and its fields checked) and error
 texts (a failed tool's result included); ``redact_text=True`` extends it to message
-text, tool results, streaming deltas and progress text.
+text, tool results, streaming deltas and progress text. Values of other types in them
+(dataclasses, msgspec Structs, sets) are scanned as the JSON they are written as.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import msgspec
 from msgspec.structs import replace
 
+from .codec import json_form
 from .events import (
     AgentEnd,
     AgentEvent,
@@ -265,7 +267,8 @@ class Redactor:
         return text
 
     def redact_value(self, value: Any) -> Any:
-        """A JSON-like value with secret fields and secret patterns replaced.
+        """A JSON-like value with secret fields and secret patterns replaced (a value of
+        another type, as the JSON it is written as: `_redact_object`).
 
         Returns the very same object when nothing needed redacting, so clean
         values cost no allocation.
@@ -286,7 +289,18 @@ class Redactor:
             if any(new is not old for new, old in zip(items, value, strict=True)):
                 return items if isinstance(value, list) else tuple(items)
             return value
-        return value
+        return self._redact_object(value)
+
+    def _redact_object(self, value: Any) -> Any:
+        """A value of any other type (a dataclass, a msgspec Struct, a set...) scanned as the
+        JSON it is written as; that JSON value, redacted, replaces it only when something
+        in it was a secret."""
+        try:
+            written = msgspec.to_builtins(value, enc_hook=json_form)
+        except Exception:  # not a value the codec writes either: none of it is recorded
+            return value
+        redacted = self.redact_value(written)
+        return value if redacted is written else redacted
 
     def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
         # The usual tool arguments: known clean field names (none is known unless the
