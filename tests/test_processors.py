@@ -479,6 +479,25 @@ def test_dataclasses_and_structs_in_values_are_redacted_as_they_are_written() ->
     assert redactor.redact_value(clean) is clean  # kept as it is when nothing in it is secret
 
 
+def test_a_secret_used_as_a_dict_key_is_redacted() -> None:
+    def scenario(tracer: Tracer) -> None:
+        with tracer.loop(metadata={"keys": {SECRET_KEY: "owner"}}) as loop, loop.turn() as turn:
+            with turn.assistant() as reply:
+                reply.finish(tool_calls=[ps.ToolCall(id="c1", name="t", arguments=f'{{"{SECRET_KEY}": 1}}')])
+            with turn.tool(id="c2", name="t", args={"owners": {"ghp_0123456789abcdefghijABCDEFGHIJ": 2}}):
+                pass
+
+    data = emitted_lines(scenario)
+    assert SECRET_KEY.encode() not in data and b"ghp_0123456789" not in data
+    redactor = Redactor()
+    for _ in range(2):  # a key seen once is not taken as clean the next time
+        assert redactor.redact_value({SECRET_KEY: "owner", "q": "x"}) == {REDACTED: "owner", "q": "x"}
+        assert redactor.redact_value({SECRET_KEY: "owner"}) == {REDACTED: "owner"}
+    assert redactor.redact_value({"Bearer abcdefgh12345678": None}) == {f"Bearer {REDACTED}": None}
+    custom = Redactor(extra_patterns=[r"acct-\d{6}"])
+    assert custom.redact_value({"acct-123456": [1], 7: "x"}) == {REDACTED: [1], 7: "x"}
+
+
 def test_json_string_arguments_are_redacted_field_by_field() -> None:
     def scenario(tracer: Tracer) -> None:
         arguments = '{"password": "hunter2-secret", "apiToken": "tok-secret", "q": "x"}'

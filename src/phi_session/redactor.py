@@ -7,7 +7,8 @@ loop metadata, tool arguments (in ``ToolExecutionStart`` and in the tool calls o
 every message; a JSON-string argument is parsed and its fields checked) and error
 texts (a failed tool's result included); ``redact_text=True`` extends it to message
 text, tool results, streaming deltas and progress text. Values of other types in them
-(dataclasses, msgspec Structs, sets) are scanned as the JSON they are written as.
+(dataclasses, msgspec Structs, sets) are scanned as the JSON they are written as, and
+a mapping's keys as well as its values.
 """
 
 from __future__ import annotations
@@ -201,8 +202,9 @@ class Redactor:
         self.replacement = replacement
         self.redact_text = redact_text
         self._field_verdicts: dict[str, bool] = {}
-        # The names `_field_verdicts` holds False for, where the anchored defaults alone
-        # apply (`_redact_dict`'s shortcut; it stays empty otherwise).
+        # The names `_field_verdicts` holds False for and without an anchor (no secret in
+        # them either), where the anchored defaults alone apply (`_redact_dict`'s
+        # shortcut; it stays empty otherwise).
         self._clean_fields: set[str] = set()
         # id -> (value, result, live, witness); ordered to drop the oldest in O(1) (a plain
         # dict's first entry is found past every entry deleted before it)
@@ -246,7 +248,7 @@ class Redactor:
             verdict = key in self._fields or key.endswith(_SECRET_SUFFIXES)
             if len(self._field_verdicts) < _FIELD_CACHE_LIMIT:  # field names repeat; bound the cache
                 self._field_verdicts[name] = verdict
-                if not verdict and self._anchored_only:
+                if not verdict and self._anchored_only and _anchor_search(name) is None:
                     self._clean_fields.add(name)
         return verdict
 
@@ -313,11 +315,19 @@ class Redactor:
         except TypeError:
             pass
         changed: dict[Any, Any] | None = None
+        renamed: dict[str, str] | None = None  # keys holding a secret (used as an id, a map key)
         verdicts = self._field_verdicts
+        clean = self._clean_fields
         # Plain strings are checked inline (no call) when only the anchored defaults apply:
         # tool arguments are mostly short clean strings.
         quick = self._anchored_only
         for key, item in value.items():
+            if key not in clean and isinstance(key, str):
+                new_key = self.redact_string(key)
+                if new_key is not key:
+                    if renamed is None:
+                        renamed = {}
+                    renamed[key] = new_key
             if item is None:
                 continue
             secret = verdicts.get(key)
@@ -333,6 +343,8 @@ class Redactor:
                 if changed is None:
                     changed = dict(value)
                 changed[key] = new
+        if renamed is not None:  # two keys redacted alike keep the later's value
+            return {renamed.get(key, key): item for key, item in (changed or value).items()}
         return value if changed is None else changed
 
     # -- messages -----------------------------------------------------------------------
