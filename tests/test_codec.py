@@ -502,7 +502,7 @@ def _unshared_encoding(session: ps.Session) -> bytes:
         return msgspec.Raw(encode_message(message))
 
     loops = [codec.map_loop_messages(codec._strip_loop(record), written) for record in session.loops]
-    data = msgspec.json.encode(replace(session, loops=loops), enc_hook=codec._enc_hook, order="deterministic")
+    data = msgspec.json.encode(replace(session, loops=loops), enc_hook=codec.json_form, order="deterministic")
     return msgspec.json.format(data, indent=2)
 
 

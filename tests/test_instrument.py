@@ -423,6 +423,27 @@ def test_a_turn_without_a_reply_ends_with_a_synthesized_one() -> None:
     assert message.error_message == "turn ended without an assistant message"  # type: ignore[union-attr]
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_an_exception_whose_str_fails_is_recorded_by_its_type() -> None:
+    # Its text is read while the scopes end: a failure there would replace the agent's
+    # own exception with the instrumentation's.
+    h = Harness()
+    with pytest.raises(Unprintable), h.tracer.loop() as loop, loop.turn() as turn:
+        answer(turn, "reading", calls=(call(1),))
+        with turn.tool(call(1)):
+            raise Unprintable
+    described = "Unprintable (str() failed: RuntimeError)"
+    [record] = h.session().loops
+    assert record.status == "Aborted" and record.error == described
+    assert record.turns[0].tool_results[0].content == (  # type: ignore[union-attr]
+        ps.TextContent(text=f"read_file failed: {described}"),
+    )
+
+
 def test_a_tool_error_result_does_not_fail_the_loop() -> None:
     h = Harness()
     with h.tracer.loop() as loop:
@@ -475,6 +496,52 @@ def test_scopes_used_out_of_order_raise() -> None:
         loop.user("late")
     with pytest.raises(TypeError):
         Harness().tracer.loop().start().turn().start().tool()
+
+
+def test_a_refused_start_leaves_the_scope_not_started() -> None:
+    h = Harness()
+    with h.tracer.loop() as loop:
+        with loop.turn() as turn:
+            answer(turn, "go", calls=(call(1),))
+            reply, tool = turn.assistant(), turn.tool(call(1))
+        late_turn = loop.turn()
+    events = len(h.events)
+    for late in (reply, tool, late_turn):
+        with pytest.raises(InstrumentationError, match="already ended"):
+            late.start()
+        assert (late.running, late.ended) == (False, False)
+        with pytest.raises(InstrumentationError, match="not started"):
+            late.end()  # nothing to end: it never started
+    assert len(h.events) == events
+
+
+def test_a_start_that_failed_can_be_retried() -> None:
+    h = Harness()
+    clock = h.agent.clock
+
+    def broken() -> int:
+        raise OSError("clock unavailable")
+
+    loop = h.tracer.loop()
+    h.agent.clock = broken
+    with pytest.raises(OSError):
+        loop.start()
+    assert loop.status == "pending"
+    h.agent.clock = clock
+    with loop:
+        turn = loop.turn()
+        h.agent.clock = broken
+        with pytest.raises(OSError):
+            turn.start()
+        assert (turn.running, turn.ended) == (False, False)
+        h.agent.clock = clock
+        with turn:
+            answer(turn, "ok")
+    unfailing = Harness()
+    with unfailing.tracer.loop() as other:
+        simple_loop(other)
+    assert h.types() == unfailing.types()  # as if nothing had failed
+    assert h.session().loops[0].status == "Completed"
 
 
 def test_a_scope_tells_its_phase_and_no_one_can_set_it() -> None:
@@ -567,6 +634,18 @@ def test_a_failed_compaction_emits_no_end() -> None:
     with pytest.raises(MemoryError), h.tracer.loop() as loop, loop.compaction(1, 1):
         raise MemoryError
     assert h.types() == ["AgentStart", "CompactionStarted", "AgentEnd"]
+
+
+def test_a_compaction_cannot_start_after_its_loop_ended() -> None:
+    h = Harness()
+    with h.tracer.loop() as loop:
+        compacting = loop.compaction(1, 1)
+        with loop.turn() as turn:
+            in_turn = turn.compaction(1, 1)
+    for late in (compacting, in_turn):
+        with pytest.raises(InstrumentationError, match="LoopScope is already ended"):
+            late.start()
+    assert h.types() == ["AgentStart", "TurnStart", "TurnEnd", "AgentEnd"]
 
 
 def test_prun_and_revert_are_recorded() -> None:
@@ -926,3 +1005,50 @@ def test_ended_scopes_are_freed_by_reference_counting_not_left_to_the_collector(
         gc.garbage.clear()
         gc.enable()
     assert left == []
+
+
+def _nested(depth: int) -> list[Any]:
+    outer: list[Any] = []
+    inner = outer
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    return outer
+
+
+def test_tool_arguments_that_cannot_be_copied_are_recorded_as_a_stand_in(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cyclic: dict[str, Any] = {"q": "x"}
+    cyclic["self"] = cyclic
+    calls = (
+        ps.ToolCall(id="c1", name="t", arguments=cyclic),
+        ps.ToolCall(id="c2", name="t", arguments=_nested(5000)),
+        ps.ToolCall(id="c3", name="t", arguments={"lock": threading.Lock()}),
+        ps.ToolCall(id="c4", name="t", arguments={"q": "fine"}),
+    )
+    h = Harness()
+    with h.tracer.loop() as loop, loop.turn() as turn:
+        reply = answer(turn, "go", calls=calls)
+    assert [block.arguments for block in reply.content if isinstance(block, ps.ToolCall)] == [
+        "[NOT RECORDED: copying the arguments raised RecursionError]",
+        "[NOT RECORDED: copying the arguments raised RecursionError]",
+        "[NOT RECORDED: copying the arguments raised TypeError]",
+        {"q": "fine"},
+    ]
+    assert h.tracer.argument_failures == 3
+    assert len([r for r in caplog.records if "copying" in r.getMessage()]) == 1  # the first only
+    assert h.session().loops[0].status == "Completed"
+
+
+def test_a_tools_start_keeps_the_arguments_it_started_with() -> None:
+    h = Harness()
+    arguments: dict[str, Any] = {"q": "x"}
+    with h.tracer.loop() as loop, loop.turn() as turn:
+        answer(turn, "go")
+        with turn.tool(id="c1", name="search", args=arguments) as tool:
+            arguments["api_key"] = "plain-secret-value"  # the agent mutates its own dict afterwards
+            tool.result("ok")
+    [start] = [e for e in h.events if isinstance(e, ps.ToolExecutionStart)]
+    assert start.args == {"q": "x"}
+    assert b"plain-secret-value" not in ps.encode(h.session())

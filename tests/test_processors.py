@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import re
@@ -500,6 +501,65 @@ def test_camel_case_field_names_are_secret_fields(name: str) -> None:
     redactor = Redactor()
     assert redactor.is_secret_field(name)
     assert redactor.redact_value({name: "v", "userName": "bob"}) == {name: REDACTED, "userName": "bob"}
+
+
+@dataclasses.dataclass
+class Credentials:
+    user: str
+    api_key: str
+
+
+class Connection(msgspec.Struct):
+    url: str
+    headers: dict[str, str]
+    opened: ps.Timestamp | None = None  # a value msgspec writes only through phi-session's codec
+
+
+def test_dataclasses_and_structs_in_values_are_redacted_as_they_are_written() -> None:
+    def scenario(tracer: Tracer) -> None:
+        with tracer.loop(metadata={"login": Credentials("bob", "plain-value")}) as loop:
+            loop.user("hi")
+
+    data = emitted_lines(scenario)
+    assert b"plain-value" not in data and b"bob" in data
+    redactor = Redactor()
+    connection = Connection(
+        url="https://host/v1?key=query-secret",
+        headers={"Authorization": "anything"},
+        opened=ps.Timestamp.parse("2025-06-01T09:00:00Z"),
+    )
+    details = {"conn": connection, "tags": frozenset({SECRET_KEY})}
+    assert redactor.redact_value(details) == {
+        "conn": {
+            "url": f"https://host/v1?key={REDACTED}",
+            "headers": {"Authorization": REDACTED},
+            "opened": "2025-06-01T09:00:00Z",
+        },
+        "tags": [REDACTED],
+    }
+    start = ps.ToolExecutionStart(loop_id="l", tool_call_id="c", tool_name="t", args=connection)
+    assert redactor(start).args["headers"] == {"Authorization": REDACTED}  # type: ignore[attr-defined]
+    clean = {"conn": Connection(url="https://host/v1", headers={}), "at": ps.Timestamp.now()}
+    assert redactor.redact_value(clean) is clean  # kept as it is when nothing in it is secret
+
+
+def test_a_secret_used_as_a_dict_key_is_redacted() -> None:
+    def scenario(tracer: Tracer) -> None:
+        with tracer.loop(metadata={"keys": {SECRET_KEY: "owner"}}) as loop, loop.turn() as turn:
+            with turn.assistant() as reply:
+                reply.finish(tool_calls=[ps.ToolCall(id="c1", name="t", arguments=f'{{"{SECRET_KEY}": 1}}')])
+            with turn.tool(id="c2", name="t", args={"owners": {"ghp_0123456789abcdefghijABCDEFGHIJ": 2}}):
+                pass
+
+    data = emitted_lines(scenario)
+    assert SECRET_KEY.encode() not in data and b"ghp_0123456789" not in data
+    redactor = Redactor()
+    for _ in range(2):  # a key seen once is not taken as clean the next time
+        assert redactor.redact_value({SECRET_KEY: "owner", "q": "x"}) == {REDACTED: "owner", "q": "x"}
+        assert redactor.redact_value({SECRET_KEY: "owner"}) == {REDACTED: "owner"}
+    assert redactor.redact_value({"Bearer abcdefgh12345678": None}) == {f"Bearer {REDACTED}": None}
+    custom = Redactor(extra_patterns=[r"acct-\d{6}"])
+    assert custom.redact_value({"acct-123456": [1], 7: "x"}) == {REDACTED: [1], 7: "x"}
 
 
 def test_json_string_arguments_are_redacted_field_by_field() -> None:

@@ -101,7 +101,9 @@ _JSON_FORMS: dict[type, Callable[[Any], Any]] = {
 }
 
 
-def _enc_hook(obj: Any) -> Any:
+def json_form(obj: Any) -> Any:
+    """The JSON form of a phi-session value msgspec does not write natively (a `Timestamp`...):
+    the encoders' ``enc_hook``, and the redactor's, which scans values as they are written."""
     form = _JSON_FORMS.get(type(obj))
     if form is None:
         form = next((f for t, f in _JSON_FORMS.items() if isinstance(obj, t)), None)
@@ -162,7 +164,7 @@ class _Encoder:
     __slots__ = ("_encoder",)
 
     def __init__(self, order: Literal["deterministic", "sorted"]) -> None:
-        self._encoder = msgspec.json.Encoder(enc_hook=_enc_hook, order=order)
+        self._encoder = msgspec.json.Encoder(enc_hook=json_form, order=order)
 
     def encode(self, document: Any) -> bytes:
         try:

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from msgspec.structs import replace
 
+from ._failures import FailureTally
 from ._time import Timestamp
 from .errors import InstrumentationError
 from .events import (
@@ -131,16 +132,37 @@ __all__ = [
 _CANCELLATIONS = (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit)
 
 
-def _owned(call: ToolCall) -> ToolCall:
-    """The call with arguments of its own: a recorded message must not change (or gain
-    an unredacted secret) when the agent later mutates the dict it passed in."""
-    if isinstance(call.arguments, (dict, list)):
-        try:  # arguments are JSON values: a JSON round trip is the fast deep copy
-            owned = _json_decode(_json_encode(call.arguments))
-        except (TypeError, msgspec.EncodeError, ValueError):
-            owned = copy.deepcopy(call.arguments)
-        return replace(call, arguments=owned)
-    return call
+def _owned(call: ToolCall, failures: FailureTally) -> ToolCall:
+    """The call with arguments of its own (`_own_arguments`)."""
+    owned = _own_arguments(call.arguments, failures)
+    return call if owned is call.arguments else replace(call, arguments=owned)
+
+
+def _own_arguments(arguments: Any, failures: FailureTally) -> Any:
+    """A copy of tool arguments: what was recorded must not change (or gain an unredacted
+    secret) when the agent later mutates the dict it passed in.
+
+    Never raises into the agent: arguments that cannot be copied are recorded as a
+    stand-in naming the failure, counted in `failures`.
+    """
+    if not isinstance(arguments, (dict, list)):
+        return arguments  # a JSON string or a scalar cannot change
+    try:  # arguments are JSON values: a JSON round trip is the fast deep copy
+        return _json_decode(_json_encode(arguments))
+    except RecursionError as error:
+        # Self-referential or nested too deeply: `deepcopy` would recurse as deep, or copy
+        # the cycle, which no sink could write.
+        failure: Exception = error
+    except (TypeError, msgspec.EncodeError, ValueError):
+        try:
+            return copy.deepcopy(arguments)
+        except Exception as error:  # an object that cannot be copied (a lock, a socket)
+            failure = error
+    failures.record(_ARGUMENTS, failure)
+    return f"[NOT RECORDED: copying the arguments raised {type(failure).__name__}]"
+
+
+_ARGUMENTS = "tool arguments"  # what `_Outlet.copy_failures` counts failures of
 
 
 _json_encode = msgspec.json.Encoder().encode
@@ -159,8 +181,12 @@ def _content(value: str | Sequence[Content]) -> tuple[Content, ...]:
 def _describe(error: BaseException | str) -> str:
     if isinstance(error, str):
         return error
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    name = type(error).__name__
+    try:
+        text = str(error)
+    except Exception as failure:  # the agent's own exception must stay the one it sees
+        return f"{name} (str() failed: {type(failure).__name__})"
+    return f"{name}: {text}" if text else name
 
 
 def _stop_reason(error: BaseException | str) -> StopReason:
@@ -195,6 +221,9 @@ class _Scope:
 
     Used as a (sync or async) context manager, an exception leaving the block ends
     the scope with that error and is re-raised.
+
+    A `start` does whatever may raise (refusals, reading the clock) before it marks the
+    scope running and emits: one that raised leaves the scope new, to be started again.
     """
 
     # The phase (new, running, ended) as two flags, read through C-level properties:
@@ -205,10 +234,9 @@ class _Scope:
         self._running = False
         self._ended = False
 
-    def _begin(self) -> None:
+    def _require_new(self) -> None:
         if self._running or self._ended:
             raise _started_twice(self)
-        self._running = True
 
     def _close(self) -> None:
         self._running = False
@@ -267,10 +295,15 @@ class _Outlet:
     processor. It also fills in the ``config_id`` of the snapshots loops announce.
     """
 
-    __slots__ = ("_filled", "_segments", "emit", "wants_deltas")
+    __slots__ = ("_filled", "_segments", "copy_failures", "emit", "wants_deltas")
 
     def __init__(self, processors: ProcessorChain, fanout: FanOut) -> None:
         self.wants_deltas = fanout.wants_deltas
+        self.copy_failures = FailureTally(
+            logger, "copying", "they are recorded as a stand-in", traceback=False
+        )
+        """Tool arguments that could not be copied (`_own_arguments`); no traceback
+        above DEBUG, as its text may quote the arguments."""
         self._filled: dict[tuple[int, str], tuple[LoopConfigSnapshot, LoopConfigSnapshot]] = {}
         self._segments: dict[int, tuple[LoopConfigSnapshot, str]] = {}
         self.emit: Callable[[AgentEvent], None] = _emitter(processors, fanout)
@@ -735,6 +768,12 @@ class Tracer:
         """Failures per processor; their events went on with content withheld."""
         return self.processors.failures
 
+    @property
+    def argument_failures(self) -> int:
+        """Tool arguments recorded as a stand-in because they could not be copied
+        (self-referential, nested too deeply, or holding an object that cannot be copied)."""
+        return self._outlet.copy_failures.total
+
     def flush(self) -> None:
         """Flush every sink (see `Sink.flush`). Never raises."""
         self.fanout.flush()
@@ -839,13 +878,16 @@ class LoopScope(_Scope):
 
     def start(self) -> LoopScope:
         """Emit ``AgentStart``. The first loop of a session carries the session's formation."""
-        self._begin()
+        self._require_new()
         agent = self._agent
         at = agent.clock()
-        formation = agent.loop_started(self.session_id, self.loop_id, at)
+        timestamp = agent.stamp(at)
         config = self.config
         if config is not None and config.config_id is None:
             config = self._loop.outlet.snapshot(config, self.segment)
+        self._running = True
+        # Past all that may raise: this claims the session's formation for this loop.
+        formation = agent.loop_started(self.session_id, self.loop_id, at)
         self._loop.emit(
             AgentStart(
                 agent_id=agent.agent_id,
@@ -853,7 +895,7 @@ class LoopScope(_Scope):
                 loop_id=self.loop_id,
                 parent_loop_id=self.parent_loop_id,
                 continuation_kind=self.kind,
-                timestamp=agent.stamp(at),
+                timestamp=timestamp,
                 metadata=self.metadata,
                 config_snapshot=config,
                 formation=formation if formation is not None else msgspec.UNSET,
@@ -1068,18 +1110,17 @@ class TurnScope(_Scope):
 
     def start(self) -> TurnScope:
         """Emit ``TurnStart``, the waiting prompts or follow-ups, and the request if given."""
-        if self._running or self._ended:  # `_begin`, inline: one per turn, reply, tool
+        if self._running or self._ended:  # `_require_new`, inline: one per turn, reply, tool
             raise _started_twice(self)
-        self._running = True
         loop = self._loop
         scope = loop.scope
         if scope is None or not scope.running:
             loop.require_running()  # raises
-        loop.emit(
-            TurnStart(
-                loop_id=loop.loop_id, turn_index=self.index, timestamp=loop.now(), triggered_by=self.trigger
-            )
+        start = TurnStart(
+            loop_id=loop.loop_id, turn_index=self.index, timestamp=loop.now(), triggered_by=self.trigger
         )
+        self._running = True
+        loop.emit(start)
         loop.emit_waiting(None if self.index == 0 else self.turn_id)
         if self._request is not None:
             self.request(self._request)
@@ -1248,12 +1289,12 @@ class MessageScope(_Scope):
 
     def start(self) -> MessageScope:
         """Emit ``MessageStart`` with the placeholder message."""
-        if self._running or self._ended:  # `_begin`, inline
+        if self._running or self._ended:  # `_require_new`, inline
             raise _started_twice(self)
-        self._running = True
         turn = self._turn.scope
         if turn is None or not turn.running:
             self._turn.require_running()  # raises
+        self._running = True
         self._emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
         return self
 
@@ -1310,7 +1351,8 @@ class MessageScope(_Scope):
         if message is None:
             blocks = self._streamed() if content is None else _content(content)
             if tool_calls:
-                blocks = (*blocks, *map(_owned, tool_calls))
+                failures = self._loop.outlet.copy_failures
+                blocks = (*blocks, *(_owned(call, failures) for call in tool_calls))
             if stop_reason is None:
                 calls = tool_calls or any(type(b) is ToolCall for b in blocks)
                 stop_reason = "toolUse" if calls else "stop"
@@ -1384,19 +1426,20 @@ class ToolScope(_Scope):
         self._cut = False  # ended by its turn while running
 
     def start(self) -> ToolScope:
-        """Emit ``ToolExecutionStart`` (the arguments pass the redactor first)."""
-        if self._running or self._ended:  # `_begin`, inline
+        """Emit ``ToolExecutionStart`` with a copy of the arguments (`_own_arguments`),
+        which passes the redactor first."""
+        if self._running or self._ended:  # `_require_new`, inline
             raise _started_twice(self)
-        self._running = True
         loop = self._loop
         with loop.lock:  # atomic with the turn's end: never a tool its turn misses
             self._turn.tool_started(self, self._cut_short)
+            self._running = True
         loop.emit(
             ToolExecutionStart(
                 loop_id=loop.loop_id,
                 tool_call_id=self.tool_call_id,
                 tool_name=self.tool_name,
-                args=self.args,
+                args=_own_arguments(self.args, loop.outlet.copy_failures),
             )
         )
         return self
@@ -1589,16 +1632,17 @@ class CompactionScope(_Scope):
         self._after: tuple[int, int, int] | None = None
 
     def start(self) -> CompactionScope:
-        self._begin()
+        self._require_new()
         loop = self._loop
-        loop.emit(
-            CompactionStarted(
-                loop_id=loop.loop_id,
-                estimated_tokens=self.estimated_tokens,
-                message_count=self.message_count,
-                timestamp=loop.now(),
-            )
+        loop.require_running()  # its events would follow the loop's AgentEnd
+        start = CompactionStarted(
+            loop_id=loop.loop_id,
+            estimated_tokens=self.estimated_tokens,
+            message_count=self.message_count,
+            timestamp=loop.now(),
         )
+        self._running = True
+        loop.emit(start)
         return self
 
     def done(self, *, messages_after: int, estimated_tokens_after: int, loops_compacted: int = 1) -> None:
@@ -1653,10 +1697,12 @@ class ParallelGroup(_Scope):
         return tuple(branch.loop_id for branch in self.branches)
 
     def start(self) -> ParallelGroup:
-        self._begin()
-        self._outlet.emit(
-            ParallelLoopStart(session_id=self.session_id, loop_ids=self.loop_ids, timestamp=self._agent.now())
+        self._require_new()
+        start = ParallelLoopStart(
+            session_id=self.session_id, loop_ids=self.loop_ids, timestamp=self._agent.now()
         )
+        self._running = True
+        self._outlet.emit(start)
         return self
 
     def branch(self, index: int) -> LoopScope:

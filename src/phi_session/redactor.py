@@ -6,7 +6,9 @@ snake_case) are replaced by ``"[REDACTED]"``. By default it covers config snapsh
 loop metadata, tool arguments (in ``ToolExecutionStart`` and in the tool calls of
 every message; a JSON-string argument is parsed and its fields checked) and error
 texts (a failed tool's result included); ``redact_text=True`` extends it to message
-text, tool results, streaming deltas and progress text.
+text, tool results, streaming deltas and progress text. Values of other types in them
+(dataclasses, msgspec Structs, sets) are scanned as the JSON they are written as, and
+a mapping's keys as well as its values.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 import msgspec
 from msgspec.structs import replace
 
+from .codec import json_form
 from .events import (
     AgentEnd,
     AgentEvent,
@@ -210,8 +213,9 @@ class Redactor:
         self.replacement = replacement
         self.redact_text = redact_text
         self._field_verdicts: dict[str, bool] = {}
-        # The names `_field_verdicts` holds False for, where the anchored defaults alone
-        # apply (`_redact_dict`'s shortcut; it stays empty otherwise).
+        # The names `_field_verdicts` holds False for and without an anchor (no secret in
+        # them either), where the anchored defaults alone apply (`_redact_dict`'s
+        # shortcut; it stays empty otherwise).
         self._clean_fields: set[str] = set()
         # id -> (value, result, live, witness); ordered to drop the oldest in O(1) (a plain
         # dict's first entry is found past every entry deleted before it)
@@ -255,7 +259,7 @@ class Redactor:
             verdict = key in self._fields or key.endswith(_SECRET_SUFFIXES)
             if len(self._field_verdicts) < _FIELD_CACHE_LIMIT:  # field names repeat; bound the cache
                 self._field_verdicts[name] = verdict
-                if not verdict and self._anchored_only:
+                if not verdict and self._anchored_only and _anchor_search(name) is None:
                     self._clean_fields.add(name)
         return verdict
 
@@ -276,7 +280,8 @@ class Redactor:
         return text
 
     def redact_value(self, value: Any) -> Any:
-        """A JSON-like value with secret fields and secret patterns replaced.
+        """A JSON-like value with secret fields and secret patterns replaced (a value of
+        another type, as the JSON it is written as: `_redact_object`).
 
         Returns the very same object when nothing needed redacting, so clean
         values cost no allocation.
@@ -297,7 +302,18 @@ class Redactor:
             if any(new is not old for new, old in zip(items, value, strict=True)):
                 return items if isinstance(value, list) else tuple(items)
             return value
-        return value
+        return self._redact_object(value)
+
+    def _redact_object(self, value: Any) -> Any:
+        """A value of any other type (a dataclass, a msgspec Struct, a set...) scanned as the
+        JSON it is written as; that JSON value, redacted, replaces it only when something
+        in it was a secret."""
+        try:
+            written = msgspec.to_builtins(value, enc_hook=json_form)
+        except Exception:  # not a value the codec writes either: none of it is recorded
+            return value
+        redacted = self.redact_value(written)
+        return value if redacted is written else redacted
 
     def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
         # The usual tool arguments: known clean field names (none is known unless the
@@ -310,11 +326,19 @@ class Redactor:
         except TypeError:
             pass
         changed: dict[Any, Any] | None = None
+        renamed: dict[str, str] | None = None  # keys holding a secret (used as an id, a map key)
         verdicts = self._field_verdicts
+        clean = self._clean_fields
         # Plain strings are checked inline (no call) when only the anchored defaults apply:
         # tool arguments are mostly short clean strings.
         quick = self._anchored_only
         for key, item in value.items():
+            if key not in clean and isinstance(key, str):
+                new_key = self.redact_string(key)
+                if new_key is not key:
+                    if renamed is None:
+                        renamed = {}
+                    renamed[key] = new_key
             if item is None:
                 continue
             secret = verdicts.get(key)
@@ -330,6 +354,8 @@ class Redactor:
                 if changed is None:
                     changed = dict(value)
                 changed[key] = new
+        if renamed is not None:  # two keys redacted alike keep the later's value
+            return {renamed.get(key, key): item for key, item in (changed or value).items()}
         return value if changed is None else changed
 
     # -- messages -----------------------------------------------------------------------
