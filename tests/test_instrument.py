@@ -648,6 +648,32 @@ def test_a_compaction_cannot_start_after_its_loop_ended() -> None:
     assert h.types() == ["AgentStart", "TurnStart", "TurnEnd", "AgentEnd"]
 
 
+def test_a_compaction_still_open_when_its_loop_ends_is_ended_before_the_loop() -> None:
+    # Started by hand (or in another task) and not ended: its end followed AgentEnd.
+    h = Harness()
+    with h.tracer.loop() as loop:
+        compacting = loop.compaction(900, 12).start()
+        compacting.done(messages_after=4, estimated_tokens_after=300)
+    assert h.types() == ["AgentStart", "CompactionStarted", "CompactionEnded", "AgentEnd"]
+    assert compacting.ended
+    compacting.end()  # what its owner does late changes nothing
+    assert h.types()[-1] == "AgentEnd"
+    with pytest.raises(ValueError), h.tracer.loop() as failed:
+        failed.compaction(1, 1).start()
+        raise ValueError("boom")
+    assert h.types(failed.loop_id) == ["AgentStart", "CompactionStarted", "AgentEnd"]  # as a failed one
+
+
+def test_a_compaction_ended_twice_by_its_owner_is_refused() -> None:
+    h = Harness()
+    with h.tracer.loop() as loop:
+        compacting = loop.compaction(1, 1).start()
+        compacting.end()
+        with pytest.raises(InstrumentationError):
+            compacting.end()
+    assert h.types() == ["AgentStart", "CompactionStarted", "CompactionEnded", "AgentEnd"]
+
+
 def test_prun_and_revert_are_recorded() -> None:
     h = Harness()
     with h.tracer.loop() as loop:
@@ -973,6 +999,33 @@ def test_recorded_tool_arguments_do_not_follow_later_mutation() -> None:
     from phi_session import encode
 
     assert b"plain-secret-value" not in encode(session)
+
+
+@pytest.mark.parametrize("given_as", ["content", "message"])
+def test_tool_calls_given_in_the_content_or_the_message_do_not_follow_later_mutation(given_as: str) -> None:
+    h = Harness()
+    arguments = {"q": "x"}
+    call = ps.ToolCall(id="c1", name="search", arguments=arguments)
+    with h.tracer.loop() as loop, loop.turn() as turn:
+        with turn.assistant() as reply:
+            if given_as == "content":
+                reply.finish([ps.TextContent(text="looking"), call])
+            else:
+                reply.finish(
+                    message=ps.AssistantMessage(
+                        content=(call,),
+                        stop_reason="toolUse",
+                        model="m",
+                        provider="p",
+                        usage=ps.Usage(input=1, output=1),
+                        timestamp=0,
+                    )
+                )
+        arguments["q"] = "changed"  # the agent reuses its dict
+        with turn.tool(call) as tool:
+            tool.result("ok")
+    [record] = h.session().loops
+    assert record.turns[0].output_message.content[-1].arguments == {"q": "x"}  # type: ignore[union-attr]
 
 
 def _one_loop_with_a_streamed_reply_and_a_tool(tracer: Tracer) -> None:

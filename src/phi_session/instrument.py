@@ -55,7 +55,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from operator import attrgetter
+from operator import attrgetter, is_
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -136,6 +136,13 @@ def _owned(call: ToolCall, failures: FailureTally) -> ToolCall:
     """The call with arguments of its own (`_own_arguments`)."""
     owned = _own_arguments(call.arguments, failures)
     return call if owned is call.arguments else replace(call, arguments=owned)
+
+
+def _owned_calls(blocks: tuple[Content, ...], failures: FailureTally) -> tuple[Content, ...]:
+    """`blocks` with every tool call's arguments its own (`_owned`); `blocks` itself when
+    none holds arguments that could change."""
+    owned = tuple([_owned(block, failures) if type(block) is ToolCall else block for block in blocks])
+    return blocks if all(map(is_, owned, blocks)) else owned
 
 
 def _own_arguments(arguments: Any, failures: FailureTally) -> Any:
@@ -383,6 +390,7 @@ class _LoopState:
     """
 
     __slots__ = (
+        "_compactions",
         "_pending",
         "agent",
         "config",
@@ -425,6 +433,7 @@ class _LoopState:
         self.turn: TurnScope | None = None
         """The turn `LoopScope.turn` opened last, until it ends."""
         self._pending: list[AgentMessage] = []  # prompts / follow-ups waiting for the next turn
+        self._compactions: dict[CompactionScope, None] = {}  # running, in start order
 
     def require_running(self) -> None:
         scope = self.scope
@@ -437,6 +446,20 @@ class _LoopState:
         """The loop ended: drop the reference back to its scope, the one cycle between
         them, so that both are freed when the agent lets go (not by the collector)."""
         self.scope = None
+
+    # -- compactions (under `lock`: one may end in another thread as the loop ends) --------
+
+    def compaction_started(self, compaction: CompactionScope) -> None:
+        self._compactions[compaction] = None
+
+    def compaction_ending(self, compaction: CompactionScope) -> bool:
+        """Whether `compaction` ends now by its own call (False: the loop ended it)."""
+        return self._compactions.pop(compaction, False) is None
+
+    def take_compactions(self) -> list[CompactionScope]:
+        """The loop ends: the compactions still running, for it to end first."""
+        taken, self._compactions = list(self._compactions), {}
+        return taken
 
     def user_message(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
         if isinstance(content, (UserMessage, AssistantMessage, ToolResultMessage, ExtensionMessage)):
@@ -1027,6 +1050,10 @@ class LoopScope(_Scope):
         turn = loop.turn
         if turn is not None and turn.running:
             turn.end(error if error is not None else "the loop ended while this turn was open")
+        with loop.lock:
+            open_compactions = loop.take_compactions()
+        for compaction in open_compactions:  # ended as leaving its scope would
+            compaction.cut_short(error)
         loop.emit_waiting(None)
         self._close()
         loop.detach()
@@ -1348,10 +1375,10 @@ class MessageScope(_Scope):
         """
         if not self._running:
             raise _not_running(self)
+        failures = self._loop.outlet.copy_failures
         if message is None:
-            blocks = self._streamed() if content is None else _content(content)
+            blocks = self._streamed() if content is None else _owned_calls(_content(content), failures)
             if tool_calls:
-                failures = self._loop.outlet.copy_failures
                 blocks = (*blocks, *(_owned(call, failures) for call in tool_calls))
             if stop_reason is None:
                 calls = tool_calls or any(type(b) is ToolCall for b in blocks)
@@ -1365,6 +1392,8 @@ class MessageScope(_Scope):
                 timestamp=self._loop.millis(),
                 error_message=error_message,
             )
+        elif (owned := _owned_calls(message.content, failures)) is not message.content:
+            message = replace(message, content=owned)
         self._running, self._ended = False, True  # `_close`, inline
         self.message = message
         self._emit(MessageEnd(loop_id=self._loop_id, message=message))
@@ -1622,7 +1651,7 @@ class CompactionScope(_Scope):
     error tells why).
     """
 
-    __slots__ = ("_after", "_loop", "estimated_tokens", "message_count")
+    __slots__ = ("_after", "_cut", "_loop", "estimated_tokens", "message_count")
 
     def __init__(self, loop: _LoopState, estimated_tokens: int, message_count: int) -> None:
         super().__init__()
@@ -1630,6 +1659,7 @@ class CompactionScope(_Scope):
         self.estimated_tokens = estimated_tokens
         self.message_count = message_count
         self._after: tuple[int, int, int] | None = None
+        self._cut = False  # ended by its loop's end
 
     def start(self) -> CompactionScope:
         self._require_new()
@@ -1641,7 +1671,9 @@ class CompactionScope(_Scope):
             message_count=self.message_count,
             timestamp=loop.now(),
         )
-        self._running = True
+        with loop.lock:
+            self._running = True
+            loop.compaction_started(self)
         loop.emit(start)
         return self
 
@@ -1651,7 +1683,23 @@ class CompactionScope(_Scope):
         self._after = (messages_after, estimated_tokens_after, loops_compacted)
 
     def end(self, error: BaseException | str | None = None) -> None:
-        self._require_running()
+        """Emit ``CompactionEnded`` (none with `error`). After its loop ended it (as the
+        loop's end does a compaction still running), a no-op."""
+        loop = self._loop
+        with loop.lock:
+            if not loop.compaction_ending(self):
+                if self._cut:
+                    logger.info("compaction of loop %s: end ignored, its loop already ended it", loop.loop_id)
+                    return
+                raise _not_running(self)
+        self._emit_end(error)
+
+    def cut_short(self, error: BaseException | str | None) -> None:
+        """Its loop ends (and has taken it out of its running compactions) first."""
+        self._cut = True
+        self._emit_end(error)
+
+    def _emit_end(self, error: BaseException | str | None) -> None:
         self._close()
         if error is not None:
             return
