@@ -138,13 +138,18 @@ def escaped_to_save(value: _T, error: UnicodeEncodeError) -> _T | None:
     escaped = without_lone_surrogates(value)
     if escaped is value:
         return None
-    sessions = [value] if isinstance(value, Session) else value
-    ids = ", ".join(session.session_id for session in cast(Iterable[Session], sessions))
-    _log.warning(
-        "session %s holds text no store accepts (%s): saving it with its lone surrogates escaped",
-        ids,
-        error.reason,
+    pairs = (
+        [(escaped, value)]
+        if isinstance(value, Session)
+        else zip(cast(Any, escaped), cast(Any, value), strict=True)
     )
+    for copy, session in pairs:
+        if copy is not session:
+            _log.warning(
+                "session %s holds text no store accepts (%s): saving it with its lone surrogates escaped",
+                session.session_id,
+                error.reason,
+            )
     return escaped
 
 
