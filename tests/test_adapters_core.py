@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phi_session import (
+    INITIAL,
     AgentSession,
     ContinuationKind,
     FakeClock,
@@ -159,6 +160,31 @@ def test_continuation_after_a_restart_comes_from_the_store(tmp_path: Path) -> No
     (loop,) = recorder2.sessions()[0].loops
     assert loop.loop_id == "t.fake.m-1.2"
     assert loop.parent_loop_id == "t.fake.m-1.1"
+
+
+def test_a_run_whose_stored_session_cannot_be_read_is_recorded_in_a_session_of_its_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Continuing a session the store cannot read (a corrupt file, a store down) could
+    # reuse a stored loop's id: the run was refused, a fault, and every run of that
+    # framework session after it went unrecorded.
+    store = JsonDirStore(tmp_path)
+    (tmp_path / "t.json").write_text("{ not json")
+    recorder = SessionRecorder()
+    core = make_core(recorder, store=store)
+    for key in ("r1", "r2"):
+        with caplog.at_level(logging.WARNING, logger="phi_session.adapters"):
+            core.start_run(key, CONFIG, framework_session_id="t")
+        one_turn(core, key)
+        core.end_run(key)
+    assert core.fault_count == 0
+    sessions = recorder.sessions()
+    assert len(sessions) == 2 and "t" not in {s.session_id for s in sessions}
+    for session in sessions:
+        (loop,) = session.loops
+        assert loop.kind == INITIAL and loop.metadata["framework_session_id"] == "t"
+    assert "session 't' could not be read from the store" in caplog.text
+    assert_round_trip(recorder)
 
 
 def test_runs_without_session_use_the_adapters_agent_session() -> None:

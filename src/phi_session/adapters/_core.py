@@ -56,7 +56,14 @@ import msgspec
 
 from .._failures import FailureTally
 from ..codec import escape_surrogates
-from ..errors import InvalidSessionId, MissingExtra, RecordedModelError, RecordedToolError, SessionNotFound
+from ..errors import (
+    InvalidSessionId,
+    MissingExtra,
+    RecordedModelError,
+    RecordedToolError,
+    SessionNotFound,
+    StoreError,
+)
 from ..events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from ..identity import AgentSession, Clock
 from ..instrument import LoopScope, ToolScope, Tracer
@@ -537,6 +544,8 @@ class AdapterCore:
                 if session_id != framework_session_id:
                     inherited["framework_session_id"] = escape_surrogates(framework_session_id)
                 tracer = self._session_tracer(session_id)
+                if tracer.agent.session_id != session_id:  # unreadable: in a session of its own
+                    inherited["framework_session_id"] = escape_surrogates(framework_session_id)
             else:
                 tracer = self.tracer
                 if self.rotate_after is not None:
@@ -557,7 +566,21 @@ class AdapterCore:
                 agent = AgentSession(
                     self.agent.agent_id, session_id=session_id, clock=clock, id_factory=id_factory
                 )
-            self._resume_from_store(agent)
+            try:
+                self._resume_from_store(agent)
+            except StoreError as error:
+                # Without the stored loops, a new loop could take the id of one of them. The
+                # run is recorded in a session of its own (not held: the next run of the
+                # session asks the store again), rather than not at all.
+                fresh = AgentSession(self.agent.agent_id, clock=clock, id_factory=id_factory)
+                logger.warning(
+                    "session %r could not be read from the store (%s): this run is recorded in "
+                    "session %s, with framework_session_id in its metadata",
+                    session_id,
+                    error,
+                    fresh.session_id,
+                )
+                return self.tracer.for_agent(fresh)
             agent = self._book.add(agent)  # a concurrent first run of the session may have won
         if recorded is not None:  # counters only: continuations follow this tracer's runs
             agent.resume((record.loop_id for record in recorded.loops), None)
