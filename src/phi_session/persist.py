@@ -435,7 +435,9 @@ class AutoPersistingRecorder:
         self._cond.notify_all()
 
     def flush(self) -> None:
-        """End of stream: abort open loops, hand every session over and wait until saved."""
+        """End of stream: abort open loops, hand every session over and wait until each is
+        saved or, refused by the store, set aside in `failed_sessions` (which `close`
+        retries, raising `StoreError` if they still fail)."""
         with self._lock:
             self._check_open()
         self._hand_over(self.recorder.flush)
