@@ -540,11 +540,10 @@ class AdapterCore:
             inherited.update(lineage.lineage.metadata)
         else:
             if framework_session_id is not None:
-                session_id = session_id_for(framework_session_id)
-                if session_id != framework_session_id:
-                    inherited["framework_session_id"] = escape_surrogates(framework_session_id)
-                tracer = self._session_tracer(session_id)
-                if tracer.agent.session_id != session_id:  # unreadable: in a session of its own
+                tracer = self._session_tracer(session_id_for(framework_session_id))
+                # Kept where the session id is not the framework's: derived from it, or a
+                # session of the run's own (the stored one unreadable).
+                if tracer.agent.session_id != framework_session_id:
                     inherited["framework_session_id"] = escape_surrogates(framework_session_id)
             else:
                 tracer = self.tracer
