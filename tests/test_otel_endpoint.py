@@ -41,6 +41,7 @@ from phi_session.otel import endpoint as endpoint_module
 from phi_session.otel import export_session
 from phi_session.otel.endpoint import OtlpEndpoint, OtlpHandler, OtlpServer, make_otlp_server
 from phi_session.otel.export import session_spans
+from phi_session.otel.spans import spans_from_otlp_json
 from phi_session.stores.json_dir import JsonDirStore
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -181,6 +182,18 @@ def test_base64_and_double_values_as_the_json_mapping_spells_them(receiver: Rece
     attributes = [{"key": f"k{index}", "value": value} for index, value in enumerate(values)]
     response = receiver.post(_one_span_json({"attributes": attributes}), "application/json")
     assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]
+
+
+def test_negative_int_values_are_int64_not_a_bad_payload(receiver: Receiver) -> None:
+    # intValue is an int64: a negative one (an exit code, an offset) is as valid as any.
+    values = [{"intValue": "-1"}, {"intValue": -(2**63)}, {"intValue": str(2**63 - 1)}]
+    attributes = [{"key": f"k{index}", "value": value} for index, value in enumerate(values)]
+    response = receiver.post(_one_span_json({"attributes": attributes}), "application/json")
+    assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]
+    (span,), _ = spans_from_otlp_json(_one_span_json({"attributes": attributes}))
+    assert list(span.attributes.values()) == [-1, -(2**63), 2**63 - 1]
+    too_big = [{"key": "k", "value": {"intValue": str(2**63)}}]
+    assert receiver.post(_one_span_json({"attributes": too_big}), "application/json").status == 400
 
 
 @pytest.mark.parametrize(

@@ -160,7 +160,7 @@ def _json_value(value: Any, depth: int = 0) -> Any:
         if key == "boolValue" and isinstance(inner, bool):
             return inner
         if key == "intValue" and isinstance(inner, (int, str)) and not isinstance(inner, bool):
-            return _int(inner, "intValue")
+            return _int(inner, "intValue", signed=True)
         if key == "doubleValue" and isinstance(inner, (int, float, str)) and not isinstance(inner, bool):
             return _float(inner)
         if key == "bytesValue" and isinstance(inner, str):
@@ -188,12 +188,14 @@ def _list(value: Any, name: str) -> list[Any]:
     return value
 
 
-def _int(value: Any, name: str) -> int:
+def _int(value: Any, name: str, *, signed: bool = False) -> int:
+    """A (u)int64: intValue is signed, times and flags are not."""
     try:
         number = int(value)
     except (TypeError, ValueError):
         raise OtlpDecodeError(f"{name}: expected an integer") from None
-    if not 0 <= number < 2**64:
+    low = -(2**63) if signed else 0
+    if not low <= number < low + 2**64:
         raise OtlpDecodeError(f"{name}: out of range")
     return number
 
