@@ -218,6 +218,38 @@ def test_sink_sends_again_what_the_exporter_failed_to_take(tmp_path: Path) -> No
     assert sink.exported_sessions == exported + 1
 
 
+class _Unreachable(InMemorySpanExporter):
+    """A backend whose exporter raises (a refused connection) instead of reporting FAILURE."""
+
+    def __init__(self, raises: int) -> None:
+        super().__init__()
+        self.raises = raises
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self.raises:
+            self.raises -= 1
+            raise ConnectionRefusedError("collector down")
+        return super().export(spans)
+
+
+def test_an_exporter_that_raises_is_an_export_error_and_loses_nothing(demo_sessions: list[Session]) -> None:
+    with pytest.raises(ExportError, match="collector down"):
+        export_session(demo_sessions[0], _Unreachable(raises=1))
+    exporter = _Unreachable(raises=1)
+    sink = OtelExportSink(exporter)
+    failures = 0
+    for record in demo_sessions[0].loops:
+        for stored in record.events:
+            try:
+                sink(stored.event)
+            except ExportError:  # the sink's caller sees an ExportError, as for FAILURE
+                failures += 1
+    assert failures == 1
+    sink.close()  # the session the exporter raised on was kept: sent now
+    expected = {span.context.span_id for span in _export(demo_sessions[:1])}
+    assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
+
+
 def _ingest(spans: list) -> list[Session]:
     recorder = SessionRecorder()
     ingestor = SpanIngestor(recorder)

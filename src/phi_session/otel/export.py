@@ -514,11 +514,16 @@ def export_session(
 
     `capture_content` adds messages, system instructions, tool arguments and results, and
     the exact phi-core events (``phi.events``, which make ingest lossless). Raises
-    `ExportError` when the exporter reports failure.
+    `ExportError` when the exporter reports failure or raises.
     """
     spans = session_spans(session, capture_content=capture_content, resource=resource)
-    if exporter.export(spans) is not SpanExportResult.SUCCESS:
-        raise ExportError(f"{exporter!r} failed to export the {len(spans)} spans of {session.session_id}")
+    failed = f"{exporter!r} failed to export the {len(spans)} spans of {session.session_id}"
+    try:
+        result = exporter.export(spans)
+    except Exception as error:  # an exporter may raise (a refused connection) instead of reporting
+        raise ExportError(f"{failed}: {error}") from error
+    if result is not SpanExportResult.SUCCESS:
+        raise ExportError(failed)
     return len(spans)
 
 
