@@ -751,3 +751,45 @@ def test_a_span_under_a_remote_parent_is_its_traces_root() -> None:
     recorder.checkpoint()
     [session] = recorder.drain_completed()
     assert [loop.status for loop in session.loops] == ["Completed"]
+
+
+def _span(
+    span_id: int, parent_id: int | None, name: str, start: int, end: int, **attributes: object
+) -> SpanData:
+    return SpanData(
+        trace_id=0xA1,
+        span_id=span_id,
+        parent_id=parent_id,
+        name=name,
+        kind="CLIENT",
+        start=start,
+        end=end,
+        attributes=dict(attributes),
+    )
+
+
+def test_a_model_call_two_instrumentations_traced_is_one_turn_billed_once() -> None:
+    # pydantic-ai's instrumentation with the OpenAI SDK's (or OpenInference's LangChain one with
+    # its OpenAI one): the framework's chat span holds the SDK's chat span of the same call.
+    # Each was a turn, and the loop without its own usage counted the tokens twice.
+    agent = _span(1, None, "invoke_agent a", 0, 100, **{attr.OPERATION_NAME: attr.OP_INVOKE_AGENT})
+    tokens = {attr.USAGE_INPUT_TOKENS: 10, attr.USAGE_OUTPUT_TOKENS: 5}
+    outer = _span(2, 1, "chat m", 10, 50, **{attr.OPERATION_NAME: attr.OP_CHAT, **tokens})
+    inner = _span(
+        3,
+        2,
+        "chat m-2024",
+        11,
+        49,
+        **{attr.OPERATION_NAME: attr.OP_CHAT, attr.RESPONSE_MODEL: "m-2024", **tokens},
+    )
+    second = _span(4, 1, "chat m", 60, 90, **{attr.OPERATION_NAME: attr.OP_CHAT, **tokens})
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    ingestor.add([inner, outer, second, agent])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [loop] = session.loops
+    assert [(turn.usage.input, turn.usage.output) for turn in loop.turns] == [(10, 5), (10, 5)]
+    assert (loop.usage.input, loop.usage.output) == (20, 10)
+    assert loop.turns[0].output_message.model == "m-2024"  # type: ignore[union-attr]  # what only the inner knew

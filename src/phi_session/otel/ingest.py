@@ -92,6 +92,8 @@ LOSSES: dict[str, tuple[str, ...]] = {
         "continuation kinds are inferred: a later loop of the same conversation is Default",
         "tool call ids are made up from span ids when missing (listed in metadata)",
         "a trace without an agent span (bare model calls) is one loop, its root standing in",
+        "a chat span inside another (one call traced by two instrumentations) is one turn: the "
+        "outer span's, with what only the inner had",
     ),
 }
 
@@ -607,6 +609,13 @@ class _Rebuild:
         for span in self.spans:
             role = _role(span)
             stand_in = span.span_id in self.loops and self.loops[span.span_id].stand_in
+            outer = self._outer_chat(span) if role == "chat" else None
+            if outer is not None:
+                # The same model call traced twice (a framework's instrumentation around an
+                # SDK's): one turn, billed once; the outer span learns what only the inner knew.
+                for key, value in span.attributes.items():
+                    outer.attributes.setdefault(key, value)
+                continue
             if role in ("chat", "tool") and (span.span_id not in self.loops or stand_in):
                 owner = self._owner(span)
                 if owner is not None:
@@ -622,6 +631,16 @@ class _Rebuild:
             span = self.by_id[parent]
             yield span
             parent = span.parent_id
+
+    def _outer_chat(self, span: SpanData) -> SpanData | None:
+        """The outermost chat span `span` is nested in, within its loop."""
+        outer = None
+        for ancestor in self._ancestors(span):
+            if _role(ancestor) == "chat":
+                outer = ancestor
+            if ancestor.span_id in self.loops:
+                break
+        return outer
 
     def _owner(self, span: SpanData) -> _Loop | None:
         for ancestor in self._ancestors(span):
