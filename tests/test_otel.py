@@ -793,3 +793,79 @@ def test_a_model_call_two_instrumentations_traced_is_one_turn_billed_once() -> N
     assert [(turn.usage.input, turn.usage.output) for turn in loop.turns] == [(10, 5), (10, 5)]
     assert (loop.usage.input, loop.usage.output) == (20, 10)
     assert loop.turns[0].output_message.model == "m-2024"  # type: ignore[union-attr]  # what only the inner knew
+
+
+def _reused_call_id_session() -> Session:
+    """One loop whose two turns each call a tool under the same call id, as providers
+    that number their calls per response ("call_0") do."""
+    from phi_session import AgentEnd, AgentStart, Timestamp
+    from phi_session.events import MessageEnd, ToolExecutionEnd, ToolExecutionStart, TurnEnd, TurnStart
+    from phi_session.messages import AssistantMessage, TextContent, ToolCall, ToolResult, ToolResultMessage
+
+    def at(seconds: int) -> Timestamp:
+        return Timestamp.from_ns(seconds * 10**9)
+
+    recorder = SessionRecorder()
+    recorder.on_event(AgentStart(agent_id="a", session_id="s", loop_id="L", timestamp=at(1)))
+    for index in (0, 1):
+        reply = AssistantMessage(
+            content=(ToolCall(id="call_0", name="t", arguments={"i": index}),),
+            stop_reason="toolUse",
+            model="m",
+            provider="p",
+            usage=ZERO_USAGE,
+            timestamp=(2 + 10 * index) * 1000,
+        )
+        result = (TextContent(text=f"r{index}"),)
+        for event in (
+            TurnStart(loop_id="L", turn_index=index, timestamp=at(2 + 10 * index), triggered_by="User"),
+            MessageEnd(loop_id="L", message=reply),
+            ToolExecutionStart(loop_id="L", tool_call_id="call_0", tool_name="t", args={"i": index}),
+            ToolExecutionEnd(
+                loop_id="L",
+                tool_call_id="call_0",
+                tool_name="t",
+                result=ToolResult(content=result),
+                is_error=False,
+            ),
+            TurnEnd(
+                loop_id="L",
+                message=reply,
+                usage=ZERO_USAGE,
+                timestamp=at(5 + 10 * index),
+                tool_results=(
+                    ToolResultMessage(
+                        tool_call_id="call_0",
+                        tool_name="t",
+                        content=result,
+                        is_error=False,
+                        timestamp=(4 + 10 * index) * 1000,
+                    ),
+                ),
+            ),
+        ):
+            recorder.on_event(event)
+    recorder.on_event(AgentEnd(loop_id="L", messages=(), usage=ZERO_USAGE, timestamp=at(30)))
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    return session
+
+
+def test_a_call_id_reused_in_a_later_turn_is_its_own_tool_span() -> None:
+    # One span took both calls: under the first turn, from its start to the second's end,
+    # with the second's arguments and result; the second turn had no tool span.
+    session = _reused_call_id_session()
+    spans = session_spans(session, capture_content=True)
+    tools = sorted((s for s in spans if s.name == "execute_tool t"), key=lambda s: s.start_time or 0)
+    assert [(s.parent.span_id if s.parent else None) for s in tools] == [
+        turn_span_id("L", 0),
+        turn_span_id("L", 1),
+    ]
+    assert [s.attributes[attr.TOOL_CALL_ARGUMENTS] for s in tools] == ['{"i":0}', '{"i":1}']
+    assert [(s.start_time, s.end_time) for s in tools] == [(2 * 10**9, 4 * 10**9), (12 * 10**9, 14 * 10**9)]
+    assert len({s.context.span_id for s in spans}) == len(spans)
+    assert [s.context.span_id for s in tools] == [tool_span_id("L", "call_0"), tool_span_id("L", "call_0", 1)]
+    [back] = _ingest(session_spans(session))
+    assert [len(turn.tool_results) for turn in back.loops[0].turns] == [1, 1]
+    [back] = _ingest(spans)
+    assert encode_session(back) == encode_session(session)

@@ -11,7 +11,9 @@ Span and trace ids are hashes of loop ids, turn indices and tool call ids, so ex
 session twice yields the same spans (backends deduplicate them).
 
 Limit: a sub-agent spawned by a sub-agent joins the trace named after its direct
-spawner's loop, which is not its spawner's own trace (that needs the grandparent session).
+spawner's loop, which is not its spawner's own trace (that needs the grandparent session);
+a sub-agent spawned by a tool call whose id its loop used before is placed under that id's
+first call (the spawn reference names no turn).
 """
 
 from __future__ import annotations
@@ -95,7 +97,10 @@ def turn_span_id(loop_id: str, turn_index: int) -> int:
     return _hash_id(8, "turn", loop_id, str(turn_index))
 
 
-def tool_span_id(loop_id: str, tool_call_id: str) -> int:
+def tool_span_id(loop_id: str, tool_call_id: str, repeat: int = 0) -> int:
+    """`repeat`: how many earlier calls of the loop had this id (some providers number calls per reply)."""
+    if repeat:
+        return _hash_id(8, "tool", loop_id, tool_call_id, str(repeat))
     return _hash_id(8, "tool", loop_id, tool_call_id)
 
 
@@ -222,7 +227,9 @@ class _LoopExport:
         start = int(record.started_at.ns)
         loop = _Span(start, self._loop_attributes())
         turns: dict[int, _Span] = {}
-        tools: dict[str, tuple[_Span, int]] = {}  # call id -> span, turn index
+        tools: dict[tuple[str, int], tuple[_Span, int]] = {}  # (call id, repeat) -> span, turn index
+        repeats: dict[str, int] = {}  # call id -> the repeat its events now go to
+        ended: set[str] = set()  # call ids whose latest call has ended
         turn: tuple[int, _Span] | None = None
         now = start
         for stored in sorted(record.events, key=lambda item: item.sequence):
@@ -235,14 +242,19 @@ class _LoopExport:
                 turn, owner = (event.turn_index, span), span
             elif type(event) in (ToolExecutionStart, ToolExecutionUpdate, ToolExecutionEnd, ProgressMessage):
                 call_id = event.tool_call_id  # type: ignore[union-attr]
-                if call_id not in tools:
-                    tools[call_id] = (
+                repeat = repeats.get(call_id)
+                if repeat is None or (type(event) is ToolExecutionStart and call_id in ended):
+                    # A start after that id's end is another call under the same id.
+                    repeat = repeats[call_id] = 0 if repeat is None else repeat + 1
+                    ended.discard(call_id)
+                    tools[call_id, repeat] = (
                         _Span(now, self._tool_attributes(event)),
                         turn[0] if turn is not None else -1,
                     )
-                owner = tools[call_id][0]
+                owner, index = tools[call_id, repeat]
                 if type(event) is ToolExecutionEnd:
-                    now = self._end_tool(owner, event, now)
+                    ended.add(call_id)
+                    now = self._end_tool(owner, event, now, index)
             owner.phi_events.append((stored.sequence, event))
             owner.end = max(owner.end, now)
             if type(event) in _SPAN_EVENTS:
@@ -262,11 +274,11 @@ class _LoopExport:
         out = [
             self._readable(
                 span,
-                tool_span_id(record.loop_id, call_id),
+                tool_span_id(record.loop_id, call_id, repeat),
                 turn_span_id(record.loop_id, index) if index in turns else loop_span_id_,
                 SpanKind.INTERNAL,
             )
-            for call_id, (span, index) in tools.items()
+            for (call_id, repeat), (span, index) in tools.items()
         ]
         out.extend(
             self._readable(span, turn_span_id(record.loop_id, index), loop_span_id_, SpanKind.CLIENT)
@@ -341,7 +353,7 @@ class _LoopExport:
             attr.TOOL_CALL_ID: event.tool_call_id,
         }
 
-    def _end_tool(self, span: _Span, event: ToolExecutionEnd, now: int) -> int:
+    def _end_tool(self, span: _Span, event: ToolExecutionEnd, now: int, turn_index: int) -> int:
         span.attributes[attr.PHI_TOOL_IS_ERROR] = event.is_error
         if event.is_error:
             span.attributes[attr.ERROR_TYPE] = "phi.tool_error"
@@ -355,7 +367,9 @@ class _LoopExport:
             span.attributes[attr.TOOL_CALL_RESULT] = _json.encode(
                 [_part(content) for content in event.result.content]
             ).decode()
-        for turn in self.record.turns:  # the result message carries the end time
+        # The result message carries the end time; its own turn's, should the id recur.
+        own = [turn for turn in self.record.turns if turn.turn_id.turn_index == turn_index]
+        for turn in own or self.record.turns:
             for message in turn.tool_results:
                 if isinstance(message, ToolResultMessage) and message.tool_call_id == event.tool_call_id:
                     return max(now, message.timestamp * 1_000_000)
