@@ -693,6 +693,42 @@ def test_a_trace_whose_recording_failed_is_taken_again_when_retried(demo_session
     assert back.get_loop(first).events == session.get_loop(first).events
 
 
+def test_a_trace_failing_to_record_keeps_no_other_trace_of_its_payload_waiting() -> None:
+    # Two bare model calls, two traces, one payload; recording the first fails. The second's
+    # root had been seen: it waited for the trace timeout (its retried spans being
+    # duplicates), then came back Aborted as if its trace had never ended.
+    def call(trace_id: int) -> SpanData:
+        chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m", attr.CONVERSATION_ID: "c"}
+        return SpanData(
+            trace_id=trace_id,
+            span_id=trace_id,
+            parent_id=None,
+            name="chat m",
+            kind="CLIENT",
+            start=trace_id,
+            end=trace_id + 1,
+            attributes=chat,
+        )
+
+    recorder = SessionRecorder()
+    failures = [OSError("the journal's disk is full")]
+
+    def target(event: object) -> None:
+        if failures:
+            raise failures.pop()
+        recorder.on_event(event)
+
+    ingestor = SpanIngestor(target)
+    payload = [call(1), call(2)]
+    with pytest.raises(OSError):
+        ingestor.add(payload)
+    ingestor.add(payload)  # the exporter retries the payload it got no 200 for
+    assert ingestor.buffered_spans == 0
+    recorder.checkpoint()
+    [session] = recorder.drain_completed()
+    assert [loop.status for loop in session.loops] == ["Completed", "Completed"]
+
+
 def test_a_failing_recorder_never_reaches_the_instrumented_code_nor_other_processors() -> None:
     def target(event: object) -> None:
         raise OSError("the journal's disk is full")

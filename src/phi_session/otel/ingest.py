@@ -375,8 +375,7 @@ class SpanIngestor:
                 if span.parent_id is None and not trace.root_ended:
                     trace.root_ended = True
                     ready.append(span.trace_id)
-            for trace_id in ready:
-                self._record(trace_id, complete=True)
+            self._record_each(ready, complete=True)
             self._expire(now)
 
     def expire(self) -> int:
@@ -387,17 +386,29 @@ class SpanIngestor:
     def flush(self) -> None:
         """Record every waiting trace now (unfinished loops as Aborted)."""
         with self._lock:
-            for trace_id in list(self._traces):
-                self._record(trace_id, complete=False)
+            self._record_each(list(self._traces), complete=False)
 
     def _expire(self, now: float) -> int:
-        count = 0
-        for trace_id, trace in list(self._traces.items()):
-            if now - trace.first_seen < self.trace_timeout and self._buffered <= self.max_buffered_spans:
+        due, buffered = [], self._buffered
+        for trace_id, trace in self._traces.items():
+            if now - trace.first_seen < self.trace_timeout and buffered <= self.max_buffered_spans:
                 break  # ordered by first sight: the rest are younger
-            self._record(trace_id, complete=False)
-            count += 1
-        return count
+            due.append(trace_id)
+            buffered -= len(trace.spans)
+        self._record_each(due, complete=False)
+        return len(due)
+
+    def _record_each(self, trace_ids: list[int], *, complete: bool) -> None:
+        """Record every one of `trace_ids`, then raise the first failure: a trace that failed is
+        taken again when retried, but the others' spans would then be duplicates, left waiting."""
+        failure: Exception | None = None
+        for trace_id in trace_ids:
+            try:
+                self._record(trace_id, complete=complete)
+            except Exception as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
     def _record(self, trace_id: int, *, complete: bool) -> None:
         trace = self._traces.pop(trace_id)
