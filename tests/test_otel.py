@@ -727,6 +727,9 @@ def test_a_trace_failing_to_record_keeps_no_other_trace_of_its_payload_waiting()
     recorder.checkpoint()
     [session] = recorder.drain_completed()
     assert [loop.status for loop in session.loops] == ["Completed", "Completed"]
+    # The loop that failed was no loop to continue: each had the other as its parent.
+    second, first = session.loops
+    assert (second.parent_loop_id, first.parent_loop_id) == (None, second.loop_id)
 
 
 def test_a_failing_recorder_never_reaches_the_instrumented_code_nor_other_processors() -> None:

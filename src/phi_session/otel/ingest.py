@@ -447,14 +447,18 @@ class SpanIngestor:
         self.counters["events"] += 1
         self._emit(event)
 
-    def loop_started(self, session_id: str, loop_id: str) -> str | None:
-        """Remember `loop_id` as its session's latest; returns the previous latest."""
+    def latest_loop(self, session_id: str) -> str | None:
+        """The last loop recorded in `session_id` (what a new loop of it continues)."""
+        return self._last_loop.get(session_id)
+
+    def loop_recorded(self, session_id: str, loop_id: str) -> None:
+        """Remember `loop_id` as its session's latest, once its AgentEnd is taken: a loop whose
+        recording failed is none to continue (retried, it would continue its successor)."""
         self.counters["loops"] += 1
-        previous = self._last_loop.pop(session_id, None)
+        self._last_loop.pop(session_id, None)
         self._last_loop[session_id] = loop_id
         if len(self._last_loop) > _MEMORY:
             self._last_loop.popitem(last=False)
-        return previous
 
     def parallel_before(self, session_id: str, loop_id: str, attributes: dict[str, Any], start: int) -> None:
         group = _group(attributes)
@@ -557,7 +561,6 @@ class _ExactReplay:
     def run(self) -> None:
         for loop_id, loop in sorted(self.loops.items(), key=lambda item: item[1].start):
             session_id = str(loop.attributes.get(attr.PHI_SESSION_ID, ""))
-            self.ingestor.loop_started(session_id, loop_id)
             self.ingestor.parallel_before(session_id, loop_id, loop.attributes, loop.start)
             ended = False
             for _, event in sorted(self.events[loop_id], key=lambda item: item[0]):
@@ -568,6 +571,7 @@ class _ExactReplay:
                 # The loop span counts what its calls billed (the cut-off turn's too).
                 billed = _usage(loop.attributes) or ZERO_USAGE
                 self.ingestor.emit(_abort(loop_id, last, _UNFINISHED, billed))
+            self.ingestor.loop_recorded(session_id, loop_id)
             self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
 
 
@@ -695,7 +699,7 @@ class _Rebuild:
     def _replay(self, loop: _Loop) -> None:
         agent, emit = loop.agent, self.ingestor.emit
         attributes = agent.attributes
-        previous = self.ingestor.loop_started(loop.session_id, loop.loop_id)
+        previous = self.ingestor.latest_loop(loop.session_id)
         kind, parent = self._continuation(loop, previous)
         config = self._config(loop)
         named = agent.name.removeprefix(attr.OP_INVOKE_AGENT).strip() if _role(agent) == "agent" else ""
@@ -773,6 +777,7 @@ class _Rebuild:
                 error=error,
             )
         )
+        self.ingestor.loop_recorded(loop.session_id, loop.loop_id)
         self.ingestor.parallel_after(loop.session_id, loop.loop_id, attributes, agent.end)
 
     def _continuation(self, loop: _Loop, previous: str | None) -> tuple[ContinuationKind, str | None]:
