@@ -196,6 +196,48 @@ def test_negative_int_values_are_int64_not_a_bad_payload(receiver: Receiver) -> 
     assert receiver.post(_one_span_json({"attributes": too_big}), "application/json").status == 400
 
 
+def test_null_members_are_their_defaults_as_the_json_mapping_says(receiver: Receiver) -> None:
+    # The protobuf JSON mapping: null is accepted for every field and means its default
+    # (encoding/json in Go, for one, writes an empty slice as null).
+    span = {
+        "traceId": "ab" * 16,
+        "spanId": "cd" * 8,
+        "parentSpanId": None,
+        "name": "chat m",
+        "kind": None,
+        "flags": None,
+        "startTimeUnixNano": "5",
+        "endTimeUnixNano": None,
+        "attributes": [
+            {"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}},
+            {"key": "k", "value": None},
+            {"key": "a", "value": {"arrayValue": {"values": None}}},
+            {"key": "s", "value": {"stringValue": None}},
+        ],
+        "events": [{"name": "e", "timeUnixNano": None, "attributes": None}],
+        "status": None,
+    }
+    document = {
+        "resourceSpans": [
+            {"resource": {"attributes": None}, "scopeSpans": [{"spans": [span]}, {"spans": None}]},
+            {"resource": None, "scopeSpans": None},
+        ]
+    }
+    body = json.dumps(document).encode()
+    (got,), skipped = spans_from_otlp_json(body)
+    assert skipped == 0 and (got.parent_id, got.kind, got.start, got.end, got.events[0].time) == (
+        None,
+        "UNSPECIFIED",
+        5,
+        5,
+        0,
+    )
+    assert got.attributes == {"gen_ai.operation.name": "chat", "k": None, "a": (), "s": None}
+    assert spans_from_otlp_json(b'{"resourceSpans": null}') == ([], 0)
+    response = receiver.post(body, "application/json")
+    assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("body", "content_type"),
     [
