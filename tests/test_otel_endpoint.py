@@ -577,3 +577,59 @@ def test_temporary_spool_files_a_crash_left_are_removed_at_start(tmp_path: Path)
         assert sorted(spool.iterdir()) == sorted(others)
     finally:
         made.close()
+
+
+def test_text_from_undecodable_bytes_exports_and_comes_back_escaped() -> None:
+    # A tool listing files names one os.listdir decoded with lone surrogates, which UTF-8
+    # refuses: the export raised UnicodeEncodeError (with content), or the OTLP encoder did.
+    from phi_session import AgentEnd, AgentStart, SessionRecorder, Timestamp
+    from phi_session.codec import escape_surrogates
+    from phi_session.events import MessageEnd, ToolExecutionEnd, ToolExecutionStart, TurnEnd, TurnStart
+    from phi_session.messages import ZERO_USAGE, AssistantMessage, TextContent, ToolCall, ToolResult
+    from phi_session.otel import SpanIngestor
+    from phi_session.otel.spans import spans_from_otlp_proto
+
+    name = "report-\udcff.txt"
+    at = Timestamp.from_ns(10**18)
+    reply = AssistantMessage(
+        content=(ToolCall(id="c1", name="ls", arguments={"path": name}),),
+        stop_reason="toolUse",
+        model="m",
+        provider="p",
+        usage=ZERO_USAGE,
+        timestamp=10**12,
+    )
+    events = [
+        AgentStart(agent_id=f"agent {name}", session_id="s", loop_id="L", timestamp=at),
+        TurnStart(loop_id="L", turn_index=0, timestamp=at, triggered_by="User"),
+        MessageEnd(loop_id="L", message=reply),
+        ToolExecutionStart(loop_id="L", tool_call_id="c1", tool_name=f"ls {name}", args={"path": name}),
+        ToolExecutionEnd(
+            loop_id="L",
+            tool_call_id="c1",
+            tool_name=f"ls {name}",
+            result=ToolResult(content=(TextContent(text=name),)),
+            is_error=False,
+        ),
+        TurnEnd(loop_id="L", message=reply, usage=ZERO_USAGE, timestamp=at),
+        AgentEnd(loop_id="L", messages=(), usage=ZERO_USAGE, timestamp=at, error=f"no {name}"),
+    ]
+    recorder = SessionRecorder()
+    for event in events:
+        recorder.on_event(event)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    for capture in (False, True):
+        spans, skipped = spans_from_otlp_proto(_protobuf(session_spans(session, capture_content=capture)))
+        assert skipped == 0
+        back = SessionRecorder()
+        ingestor = SpanIngestor(back)
+        ingestor.add(spans)
+        back.flush()
+        [loop] = back.drain_completed()[0].loops
+        assert loop.agent_id == escape_surrogates(f"agent {name}")
+        assert loop.error == escape_surrogates(f"no {name}")
+        [call] = [e.event for e in loop.events if isinstance(e.event, ToolExecutionEnd)]
+        assert call.tool_name == escape_surrogates(f"ls {name}")
+        if capture:
+            assert call.result.content[0].text == escape_surrogates(name)  # type: ignore[union-attr]

@@ -163,7 +163,7 @@ class _Encoder:
 
     __slots__ = ("_encoder",)
 
-    def __init__(self, order: Literal["deterministic", "sorted"]) -> None:
+    def __init__(self, order: Literal["deterministic", "sorted"] | None) -> None:
         self._encoder = msgspec.json.Encoder(enc_hook=json_form, order=order)
 
     def encode(self, document: Any) -> bytes:

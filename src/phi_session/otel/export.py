@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from ..codec import encode_event, encode_record
+from ..codec import _Encoder, encode_event, encode_record, escape_surrogates, without_lone_surrogates
 from ..errors import ExportError
 from ..events import (
     AgentEnd,
@@ -68,7 +68,7 @@ __all__ = ["OtelExportSink", "export_session", "session_spans"]
 _SCOPE = InstrumentationScope(attr.INSTRUMENTATION_SCOPE, schema_url=attr.SCHEMA_URL)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _OK = Status(StatusCode.UNSET)
-_json = msgspec.json.Encoder()
+_json = _Encoder(None)  # content may hold lone surrogates (text from undecodable bytes): escaped
 _default_resource: Resource | None = None
 
 # Span events for these loop events; fields that may hold content are sent only with capture.
@@ -178,7 +178,30 @@ def _span_event(event: AgentEvent, time_ns: int, capture_content: bool) -> Event
             isinstance(value, tuple) and all(isinstance(v, int) for v in value)
         ):
             fields[f"phi.{name}"] = value
-    return Event(_SPAN_EVENTS[type(event)], fields, time_ns)
+    return Event(_SPAN_EVENTS[type(event)], without_lone_surrogates(fields), time_ns)
+
+
+# Attributes written by encoders that escape lone surrogates themselves.
+_ENCODED = frozenset(
+    {
+        attr.PHI_EVENTS,
+        attr.PHI_CONFIG,
+        attr.PHI_PARALLEL_EVALUATION_USAGE,
+        attr.TOOL_CALL_ARGUMENTS,
+        attr.TOOL_CALL_RESULT,
+        attr.INPUT_MESSAGES,
+        attr.OUTPUT_MESSAGES,
+        attr.SYSTEM_INSTRUCTIONS,
+    }
+)
+
+
+def _escape_texts(attributes: dict[str, Any]) -> None:
+    """Escape lone surrogates (text from undecodable bytes) in ids and names, which no OTLP
+    encoder takes; in place, as cheaply as possible when there are none."""
+    for key, value in attributes.items():
+        if key not in _ENCODED and (type(value) is tuple or (type(value) is str and not value.isascii())):
+            attributes[key] = without_lone_surrogates(value)
 
 
 class _Span:
@@ -453,7 +476,7 @@ class _LoopExport:
     def _loop_status(self) -> Status:
         record = self.record
         if isinstance(record.error, str):
-            return Status(StatusCode.ERROR, record.error)
+            return Status(StatusCode.ERROR, escape_surrogates(record.error))
         if record.status == "Aborted":
             return Status(StatusCode.ERROR, "loop aborted before it ended")
         return _OK
@@ -471,6 +494,7 @@ class _LoopExport:
         attributes = span.attributes
         if self.capture:
             attributes[attr.PHI_EVENTS] = _events_attribute(span.phi_events)
+        _escape_texts(attributes)
         if status is _OK and attr.ERROR_TYPE in attributes:
             status = Status(StatusCode.ERROR)
         operation = attributes[attr.OPERATION_NAME]
