@@ -908,3 +908,38 @@ def test_a_call_id_reused_in_a_later_turn_is_its_own_tool_span() -> None:
     assert [len(turn.tool_results) for turn in back.loops[0].turns] == [1, 1]
     [back] = _ingest(spans)
     assert encode_session(back) == encode_session(session)
+
+
+def test_openinference_cached_and_reasoning_tokens_are_counted_apart() -> None:
+    # OpenInference counts cached tokens inside llm.token_count.prompt and details them
+    # apart (as the GenAI conventions do): read as uncached input, they were billed at
+    # the full input rate, and the reasoning tokens were lost.
+    chat = _span(
+        1,
+        None,
+        "ChatCompletion",
+        0,
+        10,
+        **{
+            attr.OPENINFERENCE_SPAN_KIND: "LLM",
+            attr.OPENINFERENCE_MODEL_NAME: "claude",
+            attr.OPENINFERENCE_PROMPT_TOKENS: 100,
+            attr.OPENINFERENCE_COMPLETION_TOKENS: 20,
+            "llm.token_count.prompt_details.cache_read": 80,
+            "llm.token_count.prompt_details.cache_write": 10,
+            "llm.token_count.completion_details.reasoning": 5,
+        },
+    )
+    recorder = SessionRecorder()
+    SpanIngestor(recorder).add([chat])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    usage = session.loops[0].turns[0].usage
+    assert (usage.input, usage.cache_read, usage.cache_write, usage.output, usage.reasoning) == (
+        10,
+        80,
+        10,
+        20,
+        5,
+    )
+    assert usage.total_tokens == 120

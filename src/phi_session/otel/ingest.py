@@ -174,8 +174,11 @@ def _usage(attributes: dict[str, Any]) -> Usage | None:
         )
     ):
         return None
-    cache_read = _int(attributes.get(attr.USAGE_CACHE_READ_TOKENS))
-    cache_write = _int(attributes.get(attr.USAGE_CACHE_WRITE_TOKENS))
+    # Both count cached tokens inside the input tokens, and detail them apart.
+    cache_read = _int(_first(attributes, attr.USAGE_CACHE_READ_TOKENS, attr.OPENINFERENCE_CACHE_READ_TOKENS))
+    cache_write = _int(
+        _first(attributes, attr.USAGE_CACHE_WRITE_TOKENS, attr.OPENINFERENCE_CACHE_WRITE_TOKENS)
+    )
     total_input = _int(
         _first(
             attributes, attr.USAGE_INPUT_TOKENS, attr.LEGACY_PROMPT_TOKENS, attr.OPENINFERENCE_PROMPT_TOKENS
@@ -193,7 +196,7 @@ def _usage(attributes: dict[str, Any]) -> Usage | None:
     return Usage(
         input=inputs,
         output=output,
-        reasoning=_int(attributes.get(attr.USAGE_REASONING_TOKENS)),
+        reasoning=_int(_first(attributes, attr.USAGE_REASONING_TOKENS, attr.OPENINFERENCE_REASONING_TOKENS)),
         cache_read=cache_read,
         cache_write=cache_write,
         total_tokens=inputs + output + cache_read + cache_write,
