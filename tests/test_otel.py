@@ -250,6 +250,34 @@ def test_an_exporter_that_raises_is_an_export_error_and_loses_nothing(demo_sessi
     assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
 
 
+class _Interrupted(InMemorySpanExporter):
+    """Ctrl-C while the exporter waits on its collector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupt = True
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self.interrupt:
+            self.interrupt = False
+            raise KeyboardInterrupt
+        return super().export(spans)
+
+
+def test_an_interrupted_export_keeps_its_sessions_for_close(demo_sessions: list[Session]) -> None:
+    # The sessions drained for that export were dropped: the close that shutdown runs
+    # had nothing left to send.
+    exporter = _Interrupted()
+    sink = OtelExportSink(exporter)
+    with pytest.raises(KeyboardInterrupt):
+        for record in demo_sessions[0].loops:
+            for stored in record.events:
+                sink(stored.event)
+    sink.close()
+    first = demo_sessions[0].loops[0].loop_id
+    assert loop_span_id(first) in {span.context.span_id for span in exporter.get_finished_spans()}
+
+
 def _ingest(spans: list) -> list[Session]:
     recorder = SessionRecorder()
     ingestor = SpanIngestor(recorder)

@@ -602,13 +602,16 @@ class OtelExportSink:
     def _export_completed(self) -> None:
         with self._lock:
             unsent, self._unsent = [*self._unsent, *self.recorder.drain_completed()], []
-            for session in unsent:
+            for index, session in enumerate(unsent):
                 try:
                     export_session(
                         session, self.exporter, capture_content=self.capture_content, resource=self.resource
                     )
                 except ExportError:  # the rest are still tried: one failure must not drop them
                     self._unsent.append(session)
+                except BaseException:  # Ctrl-C while the exporter waits: the rest are for `close`
+                    self._unsent.extend(unsent[index:])
+                    raise
                 else:
                     self.exported_sessions += 1
             if self._unsent:
