@@ -34,7 +34,7 @@ from phi_session.otel import attributes as attr
 from phi_session.otel import ingest as ingest_module
 from phi_session.otel.export import loop_span_id, session_spans, tool_span_id, turn_span_id
 from phi_session.otel.ingest import LOSSES
-from phi_session.otel.spans import SpanData, spans_from_sdk
+from phi_session.otel.spans import SpanData, SpanEvent, spans_from_sdk
 from phi_session.stores.json_dir import JsonDirStore
 
 
@@ -971,3 +971,43 @@ def test_openinference_cached_and_reasoning_tokens_are_counted_apart() -> None:
         5,
     )
     assert usage.total_tokens == 120
+
+
+def test_span_text_from_undecodable_bytes_is_recorded_not_the_trace_lost() -> None:
+    # In process, attributes are Python text, which may hold lone surrogates (a file name
+    # os.listdir decoded): the JSON reader refused them with UnicodeEncodeError, and the
+    # whole trace was lost.
+    name = "report-\udcff.txt"
+    agent = _span(
+        1,
+        None,
+        "invoke_agent a",
+        0,
+        100,
+        **{attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, attr.PHI_CONFIG: name},
+    )
+    said = msgspec.json.encode([{"role": "user", "parts": [{"type": "text", "content": "ls"}]}]).decode()
+    chat = _span(
+        2,
+        1,
+        "chat m",
+        10,
+        50,
+        **{attr.OPERATION_NAME: attr.OP_CHAT, attr.INPUT_MESSAGES: said.replace("ls", f"ls {name}")},
+    )
+    tool = _span(
+        3,
+        2,
+        "execute_tool ls",
+        20,
+        30,
+        **{attr.OPERATION_NAME: attr.OP_EXECUTE_TOOL, attr.TOOL_CALL_RESULT: name},
+    )
+    agent.events.append(SpanEvent(attr.EVENT_PRUN, 60, {"phi.pruned_timestamps": name}))  # not ours
+    recorder = SessionRecorder()
+    SpanIngestor(recorder).add([tool, chat, agent])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [turn] = session.loops[0].turns
+    assert turn.tool_results[0].content[0].text == name  # type: ignore[union-attr]
+    assert encode_session(session)  # and a store takes it (escaped)

@@ -245,7 +245,7 @@ def _json(value: Any) -> Any:
     if isinstance(value, str):
         try:
             return msgspec.json.decode(value)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeEncodeError):  # lone surrogates: text, no JSON
             return value
     return value
 
@@ -984,7 +984,7 @@ class _Rebuild:
                         kind,
                     )
                 )
-            except msgspec.ValidationError:
+            except (msgspec.ValidationError, UnicodeEncodeError):  # the latter: text with lone surrogates
                 continue  # a producer's event of that name that is not ours
         return out
 
