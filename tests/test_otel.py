@@ -1011,3 +1011,32 @@ def test_span_text_from_undecodable_bytes_is_recorded_not_the_trace_lost() -> No
     [turn] = session.loops[0].turns
     assert turn.tool_results[0].content[0].text == name  # type: ignore[union-attr]
     assert encode_session(session)  # and a store takes it (escaped)
+
+
+def test_tool_calls_of_a_loop_without_model_spans_are_kept() -> None:
+    # OpenInference's CrewAI instrumentation, its model calls not instrumented: an AGENT
+    # span and its TOOL spans. With no chat span to hang them on, the tool calls vanished.
+    agent = _span(1, None, "Crew.kickoff", 0, 100, **{attr.OPENINFERENCE_SPAN_KIND: "AGENT"})
+    tools = [
+        _span(
+            2 + index,
+            1,
+            "search",
+            10 + 20 * index,
+            20 + 20 * index,
+            **{
+                attr.OPENINFERENCE_SPAN_KIND: "TOOL",
+                attr.OPENINFERENCE_TOOL_NAME: "search",
+                attr.OPENINFERENCE_OUTPUT_VALUE: f"hit {index}",
+            },
+        )
+        for index in (0, 1)
+    ]
+    recorder = SessionRecorder()
+    SpanIngestor(recorder).add([*tools, agent])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [loop] = session.loops
+    [turn] = loop.turns
+    assert [result.content[0].text for result in turn.tool_results] == ["hit 0", "hit 1"]  # type: ignore[union-attr]
+    assert "turn" in loop.metadata["otel"]["synthesized"]

@@ -91,6 +91,7 @@ LOSSES: dict[str, tuple[str, ...]] = {
         "tool calls of outputs, the first turn's user inputs, tool arguments and results)",
         "continuation kinds are inferred: a later loop of the same conversation is Default",
         "tool call ids are made up from span ids when missing (listed in metadata)",
+        "tool calls of a loop without any chat span are one turn, made up (listed in metadata)",
         "a trace without an agent span (bare model calls) is one loop, its root standing in",
         "a chat span inside another (one call traced by two instrumentations) is one turn: the "
         "outer span's, with what only the inner had",
@@ -822,7 +823,12 @@ class _Rebuild:
         return None
 
     def _turns(self, loop: _Loop) -> list[tuple[SpanData, list[SpanData]]]:
-        """Each chat span with the tool spans of its turn (under it, or after it before the next)."""
+        """Each chat span with the tool spans of its turn (under it, or after it before the next).
+        Tool spans without any chat span (model calls not instrumented) are one turn, the loop's
+        span standing in for its model call."""
+        if not loop.chats and loop.tools:
+            loop.synthesized.append("turn")
+            return [(loop.agent, list(loop.tools))]
         turns: list[tuple[SpanData, list[SpanData]]] = [(chat, []) for chat in loop.chats]
         chat_ids = {chat.span_id: i for i, (chat, _) in enumerate(turns)}
         for tool in loop.tools:
