@@ -37,6 +37,8 @@ from phi_session.otel.ingest import LOSSES
 from phi_session.otel.spans import SpanData, SpanEvent, spans_from_sdk
 from phi_session.stores.json_dir import JsonDirStore
 
+from .otel_support import tool_loop_session
+
 
 @pytest.fixture(scope="module")
 def demo_sessions(tmp_path_factory: pytest.TempPathFactory) -> list[Session]:
@@ -190,15 +192,19 @@ def test_sink_exports_each_session_as_it_completes(tmp_path) -> None:  # type: i
 
 
 class _DownAtFirst(InMemorySpanExporter):
-    """A backend that refuses its first exports (restarting), then takes everything."""
+    """A backend that refuses its first exports (restarting), then takes everything.
+    With `raising`, the exporter raises it instead of reporting FAILURE."""
 
-    def __init__(self, refusals: int) -> None:
+    def __init__(self, refusals: int, raising: BaseException | None = None) -> None:
         super().__init__()
         self.refusals = refusals
+        self.raising = raising
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self.refusals:
             self.refusals -= 1
+            if self.raising is not None:
+                raise self.raising
             return SpanExportResult.FAILURE
         return super().export(spans)
 
@@ -218,24 +224,10 @@ def test_sink_sends_again_what_the_exporter_failed_to_take(tmp_path: Path) -> No
     assert sink.exported_sessions == exported + 1
 
 
-class _Unreachable(InMemorySpanExporter):
-    """A backend whose exporter raises (a refused connection) instead of reporting FAILURE."""
-
-    def __init__(self, raises: int) -> None:
-        super().__init__()
-        self.raises = raises
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self.raises:
-            self.raises -= 1
-            raise ConnectionRefusedError("collector down")
-        return super().export(spans)
-
-
 def test_an_exporter_that_raises_is_an_export_error_and_loses_nothing(demo_sessions: list[Session]) -> None:
     with pytest.raises(ExportError, match="collector down"):
-        export_session(demo_sessions[0], _Unreachable(raises=1))
-    exporter = _Unreachable(raises=1)
+        export_session(demo_sessions[0], _DownAtFirst(1, ConnectionRefusedError("collector down")))
+    exporter = _DownAtFirst(1, ConnectionRefusedError("collector down"))
     sink = OtelExportSink(exporter)
     failures = 0
     for record in demo_sessions[0].loops:
@@ -250,24 +242,10 @@ def test_an_exporter_that_raises_is_an_export_error_and_loses_nothing(demo_sessi
     assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
 
 
-class _Interrupted(InMemorySpanExporter):
-    """Ctrl-C while the exporter waits on its collector."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.interrupt = True
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self.interrupt:
-            self.interrupt = False
-            raise KeyboardInterrupt
-        return super().export(spans)
-
-
 def test_an_interrupted_export_keeps_its_sessions_for_close(demo_sessions: list[Session]) -> None:
     # The sessions drained for that export were dropped: the close that shutdown runs
     # had nothing left to send.
-    exporter = _Interrupted()
+    exporter = _DownAtFirst(1, KeyboardInterrupt())  # Ctrl-C while it waits on its collector
     sink = OtelExportSink(exporter)
     with pytest.raises(KeyboardInterrupt):
         for record in demo_sessions[0].loops:
@@ -696,14 +674,8 @@ def test_a_conversation_id_no_store_takes_is_a_session_a_store_takes(
     assert [loop.metadata["otel"]["conversation_id"] for loop in session.loops] == [kept] * 2
 
 
-def test_a_trace_whose_recording_failed_is_taken_again_when_retried(demo_sessions: list[Session]) -> None:
-    session = demo_sessions[0]
-    first = session.loops[0].loop_id
-    spans = [
-        spans_from_sdk(span)
-        for span in _export([session], capture_content=True)
-        if span.attributes and span.attributes.get(attr.PHI_LOOP_ID) == first
-    ]
+def _retried_after_a_failure(payload: list[SpanData]) -> tuple[SessionRecorder, SpanIngestor]:
+    """`payload` taken, recording its first event failing, then taken again (retried)."""
     recorder = SessionRecorder()
     failures = [OSError("the journal's disk is full")]
 
@@ -714,8 +686,20 @@ def test_a_trace_whose_recording_failed_is_taken_again_when_retried(demo_session
 
     ingestor = SpanIngestor(target)
     with pytest.raises(OSError):
-        ingestor.add(spans)
-    ingestor.add(spans)  # the exporter retries the payload it got no 200 for
+        ingestor.add(payload)
+    ingestor.add(payload)  # the exporter retries the payload it got no 200 for
+    return recorder, ingestor
+
+
+def test_a_trace_whose_recording_failed_is_taken_again_when_retried(demo_sessions: list[Session]) -> None:
+    session = demo_sessions[0]
+    first = session.loops[0].loop_id
+    spans = [
+        spans_from_sdk(span)
+        for span in _export([session], capture_content=True)
+        if span.attributes and span.attributes.get(attr.PHI_LOOP_ID) == first
+    ]
+    recorder, _ = _retried_after_a_failure(spans)
     recorder.flush()
     [back] = recorder.drain_completed()
     assert back.get_loop(first).events == session.get_loop(first).events
@@ -725,32 +709,9 @@ def test_a_trace_failing_to_record_keeps_no_other_trace_of_its_payload_waiting()
     # Two bare model calls, two traces, one payload; recording the first fails. The second's
     # root had been seen: it waited for the trace timeout (its retried spans being
     # duplicates), then came back Aborted as if its trace had never ended.
-    def call(trace_id: int) -> SpanData:
-        chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m", attr.CONVERSATION_ID: "c"}
-        return SpanData(
-            trace_id=trace_id,
-            span_id=trace_id,
-            parent_id=None,
-            name="chat m",
-            kind="CLIENT",
-            start=trace_id,
-            end=trace_id + 1,
-            attributes=chat,
-        )
-
-    recorder = SessionRecorder()
-    failures = [OSError("the journal's disk is full")]
-
-    def target(event: object) -> None:
-        if failures:
-            raise failures.pop()
-        recorder.on_event(event)
-
-    ingestor = SpanIngestor(target)
-    payload = [call(1), call(2)]
-    with pytest.raises(OSError):
-        ingestor.add(payload)
-    ingestor.add(payload)  # the exporter retries the payload it got no 200 for
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m", attr.CONVERSATION_ID: "c"}
+    payload = [_span(trace, None, "chat m", trace, trace + 1, trace_id=trace, **chat) for trace in (1, 2)]
+    recorder, ingestor = _retried_after_a_failure(payload)
     assert ingestor.buffered_spans == 0
     recorder.checkpoint()
     [session] = recorder.drain_completed()
@@ -821,17 +782,24 @@ def test_a_span_under_a_remote_parent_is_its_traces_root() -> None:
 
 
 def _span(
-    span_id: int, parent_id: int | None, name: str, start: int, end: int, **attributes: object
+    span_id: int,
+    parent_id: int | None,
+    name: str,
+    start: int,
+    end: int,
+    *,
+    trace_id: int = 0xA1,
+    **attributes: object,
 ) -> SpanData:
     return SpanData(
-        trace_id=0xA1,
+        trace_id=trace_id,
         span_id=span_id,
+        kind="CLIENT",
         parent_id=parent_id,
         name=name,
-        kind="CLIENT",
+        attributes=dict(attributes),
         start=start,
         end=end,
-        attributes=dict(attributes),
     )
 
 
@@ -862,66 +830,11 @@ def test_a_model_call_two_instrumentations_traced_is_one_turn_billed_once() -> N
     assert loop.turns[0].output_message.model == "m-2024"  # type: ignore[union-attr]  # what only the inner knew
 
 
-def _reused_call_id_session() -> Session:
-    """One loop whose two turns each call a tool under the same call id, as providers
-    that number their calls per response ("call_0") do."""
-    from phi_session import AgentEnd, AgentStart, Timestamp
-    from phi_session.events import MessageEnd, ToolExecutionEnd, ToolExecutionStart, TurnEnd, TurnStart
-    from phi_session.messages import AssistantMessage, TextContent, ToolCall, ToolResult, ToolResultMessage
-
-    def at(seconds: int) -> Timestamp:
-        return Timestamp.from_ns(seconds * 10**9)
-
-    recorder = SessionRecorder()
-    recorder.on_event(AgentStart(agent_id="a", session_id="s", loop_id="L", timestamp=at(1)))
-    for index in (0, 1):
-        reply = AssistantMessage(
-            content=(ToolCall(id="call_0", name="t", arguments={"i": index}),),
-            stop_reason="toolUse",
-            model="m",
-            provider="p",
-            usage=ZERO_USAGE,
-            timestamp=(2 + 10 * index) * 1000,
-        )
-        result = (TextContent(text=f"r{index}"),)
-        for event in (
-            TurnStart(loop_id="L", turn_index=index, timestamp=at(2 + 10 * index), triggered_by="User"),
-            MessageEnd(loop_id="L", message=reply),
-            ToolExecutionStart(loop_id="L", tool_call_id="call_0", tool_name="t", args={"i": index}),
-            ToolExecutionEnd(
-                loop_id="L",
-                tool_call_id="call_0",
-                tool_name="t",
-                result=ToolResult(content=result),
-                is_error=False,
-            ),
-            TurnEnd(
-                loop_id="L",
-                message=reply,
-                usage=ZERO_USAGE,
-                timestamp=at(5 + 10 * index),
-                tool_results=(
-                    ToolResultMessage(
-                        tool_call_id="call_0",
-                        tool_name="t",
-                        content=result,
-                        is_error=False,
-                        timestamp=(4 + 10 * index) * 1000,
-                    ),
-                ),
-            ),
-        ):
-            recorder.on_event(event)
-    recorder.on_event(AgentEnd(loop_id="L", messages=(), usage=ZERO_USAGE, timestamp=at(30)))
-    recorder.flush()
-    [session] = recorder.drain_completed()
-    return session
-
-
 def test_a_call_id_reused_in_a_later_turn_is_its_own_tool_span() -> None:
     # One span took both calls: under the first turn, from its start to the second's end,
     # with the second's arguments and result; the second turn had no tool span.
-    session = _reused_call_id_session()
+    # As providers that number their calls per response ("call_0") do.
+    session = tool_loop_session([("call_0", "t", {"i": index}, f"r{index}") for index in (0, 1)])
     spans = session_spans(session, capture_content=True)
     tools = sorted((s for s in spans if s.name == "execute_tool t"), key=lambda s: s.start_time or 0)
     assert [(s.parent.span_id if s.parent else None) for s in tools] == [

@@ -44,6 +44,8 @@ from phi_session.otel.export import session_spans
 from phi_session.otel.spans import spans_from_otlp_json
 from phi_session.stores.json_dir import JsonDirStore
 
+from .otel_support import tool_loop_session
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -582,43 +584,16 @@ def test_temporary_spool_files_a_crash_left_are_removed_at_start(tmp_path: Path)
 def test_text_from_undecodable_bytes_exports_and_comes_back_escaped() -> None:
     # A tool listing files names one os.listdir decoded with lone surrogates, which UTF-8
     # refuses: the export raised UnicodeEncodeError (with content), or the OTLP encoder did.
-    from phi_session import AgentEnd, AgentStart, SessionRecorder, Timestamp
+    from phi_session import SessionRecorder
     from phi_session.codec import escape_surrogates
-    from phi_session.events import MessageEnd, ToolExecutionEnd, ToolExecutionStart, TurnEnd, TurnStart
-    from phi_session.messages import ZERO_USAGE, AssistantMessage, TextContent, ToolCall, ToolResult
+    from phi_session.events import ToolExecutionEnd
     from phi_session.otel import SpanIngestor
     from phi_session.otel.spans import spans_from_otlp_proto
 
     name = "report-\udcff.txt"
-    at = Timestamp.from_ns(10**18)
-    reply = AssistantMessage(
-        content=(ToolCall(id="c1", name="ls", arguments={"path": name}),),
-        stop_reason="toolUse",
-        model="m",
-        provider="p",
-        usage=ZERO_USAGE,
-        timestamp=10**12,
+    session = tool_loop_session(
+        [("c1", f"ls {name}", {"path": name}, name)], agent_id=f"agent {name}", error=f"no {name}"
     )
-    events = [
-        AgentStart(agent_id=f"agent {name}", session_id="s", loop_id="L", timestamp=at),
-        TurnStart(loop_id="L", turn_index=0, timestamp=at, triggered_by="User"),
-        MessageEnd(loop_id="L", message=reply),
-        ToolExecutionStart(loop_id="L", tool_call_id="c1", tool_name=f"ls {name}", args={"path": name}),
-        ToolExecutionEnd(
-            loop_id="L",
-            tool_call_id="c1",
-            tool_name=f"ls {name}",
-            result=ToolResult(content=(TextContent(text=name),)),
-            is_error=False,
-        ),
-        TurnEnd(loop_id="L", message=reply, usage=ZERO_USAGE, timestamp=at),
-        AgentEnd(loop_id="L", messages=(), usage=ZERO_USAGE, timestamp=at, error=f"no {name}"),
-    ]
-    recorder = SessionRecorder()
-    for event in events:
-        recorder.on_event(event)
-    recorder.flush()
-    [session] = recorder.drain_completed()
     for capture in (False, True):
         spans, skipped = spans_from_otlp_proto(_protobuf(session_spans(session, capture_content=capture)))
         assert skipped == 0
