@@ -34,8 +34,10 @@ from phi_session.otel import attributes as attr
 from phi_session.otel import ingest as ingest_module
 from phi_session.otel.export import loop_span_id, session_spans, tool_span_id, turn_span_id
 from phi_session.otel.ingest import LOSSES
-from phi_session.otel.spans import SpanData, spans_from_sdk
+from phi_session.otel.spans import SpanData, SpanEvent, spans_from_sdk
 from phi_session.stores.json_dir import JsonDirStore
+
+from .otel_support import tool_loop_session
 
 
 @pytest.fixture(scope="module")
@@ -190,15 +192,19 @@ def test_sink_exports_each_session_as_it_completes(tmp_path) -> None:  # type: i
 
 
 class _DownAtFirst(InMemorySpanExporter):
-    """A backend that refuses its first exports (restarting), then takes everything."""
+    """A backend that refuses its first exports (restarting), then takes everything.
+    With `raising`, the exporter raises it instead of reporting FAILURE."""
 
-    def __init__(self, refusals: int) -> None:
+    def __init__(self, refusals: int, raising: BaseException | None = None) -> None:
         super().__init__()
         self.refusals = refusals
+        self.raising = raising
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self.refusals:
             self.refusals -= 1
+            if self.raising is not None:
+                raise self.raising
             return SpanExportResult.FAILURE
         return super().export(spans)
 
@@ -216,6 +222,38 @@ def test_sink_sends_again_what_the_exporter_failed_to_take(tmp_path: Path) -> No
         sink.close()  # that one failed, and says so; the next close sends it
     sink.close()
     assert sink.exported_sessions == exported + 1
+
+
+def test_an_exporter_that_raises_is_an_export_error_and_loses_nothing(demo_sessions: list[Session]) -> None:
+    with pytest.raises(ExportError, match="collector down"):
+        export_session(demo_sessions[0], _DownAtFirst(1, ConnectionRefusedError("collector down")))
+    exporter = _DownAtFirst(1, ConnectionRefusedError("collector down"))
+    sink = OtelExportSink(exporter)
+    failures = 0
+    for record in demo_sessions[0].loops:
+        for stored in record.events:
+            try:
+                sink(stored.event)
+            except ExportError:  # the sink's caller sees an ExportError, as for FAILURE
+                failures += 1
+    assert failures == 1
+    sink.close()  # the session the exporter raised on was kept: sent now
+    expected = {span.context.span_id for span in _export(demo_sessions[:1])}
+    assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
+
+
+def test_an_interrupted_export_keeps_its_sessions_for_close(demo_sessions: list[Session]) -> None:
+    # The sessions drained for that export were dropped: the close that shutdown runs
+    # had nothing left to send.
+    exporter = _DownAtFirst(1, KeyboardInterrupt())  # Ctrl-C while it waits on its collector
+    sink = OtelExportSink(exporter)
+    with pytest.raises(KeyboardInterrupt):
+        for record in demo_sessions[0].loops:
+            for stored in record.events:
+                sink(stored.event)
+    sink.close()
+    first = demo_sessions[0].loops[0].loop_id
+    assert loop_span_id(first) in {span.context.span_id for span in exporter.get_finished_spans()}
 
 
 def _ingest(spans: list) -> list[Session]:
@@ -636,14 +674,8 @@ def test_a_conversation_id_no_store_takes_is_a_session_a_store_takes(
     assert [loop.metadata["otel"]["conversation_id"] for loop in session.loops] == [kept] * 2
 
 
-def test_a_trace_whose_recording_failed_is_taken_again_when_retried(demo_sessions: list[Session]) -> None:
-    session = demo_sessions[0]
-    first = session.loops[0].loop_id
-    spans = [
-        spans_from_sdk(span)
-        for span in _export([session], capture_content=True)
-        if span.attributes and span.attributes.get(attr.PHI_LOOP_ID) == first
-    ]
+def _retried_after_a_failure(payload: list[SpanData]) -> tuple[SessionRecorder, SpanIngestor]:
+    """`payload` taken, recording its first event failing, then taken again (retried)."""
     recorder = SessionRecorder()
     failures = [OSError("the journal's disk is full")]
 
@@ -654,11 +686,39 @@ def test_a_trace_whose_recording_failed_is_taken_again_when_retried(demo_session
 
     ingestor = SpanIngestor(target)
     with pytest.raises(OSError):
-        ingestor.add(spans)
-    ingestor.add(spans)  # the exporter retries the payload it got no 200 for
+        ingestor.add(payload)
+    ingestor.add(payload)  # the exporter retries the payload it got no 200 for
+    return recorder, ingestor
+
+
+def test_a_trace_whose_recording_failed_is_taken_again_when_retried(demo_sessions: list[Session]) -> None:
+    session = demo_sessions[0]
+    first = session.loops[0].loop_id
+    spans = [
+        spans_from_sdk(span)
+        for span in _export([session], capture_content=True)
+        if span.attributes and span.attributes.get(attr.PHI_LOOP_ID) == first
+    ]
+    recorder, _ = _retried_after_a_failure(spans)
     recorder.flush()
     [back] = recorder.drain_completed()
     assert back.get_loop(first).events == session.get_loop(first).events
+
+
+def test_a_trace_failing_to_record_keeps_no_other_trace_of_its_payload_waiting() -> None:
+    # Two bare model calls, two traces, one payload; recording the first fails. The second's
+    # root had been seen: it waited for the trace timeout (its retried spans being
+    # duplicates), then came back Aborted as if its trace had never ended.
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m", attr.CONVERSATION_ID: "c"}
+    payload = [_span(trace, None, "chat m", trace, trace + 1, trace_id=trace, **chat) for trace in (1, 2)]
+    recorder, ingestor = _retried_after_a_failure(payload)
+    assert ingestor.buffered_spans == 0
+    recorder.checkpoint()
+    [session] = recorder.drain_completed()
+    assert [loop.status for loop in session.loops] == ["Completed", "Completed"]
+    # The loop that failed was no loop to continue: each had the other as its parent.
+    second, first = session.loops
+    assert (second.parent_loop_id, first.parent_loop_id) == (None, second.loop_id)
 
 
 def test_a_failing_recorder_never_reaches_the_instrumented_code_nor_other_processors() -> None:
@@ -719,3 +779,177 @@ def test_a_span_under_a_remote_parent_is_its_traces_root() -> None:
     recorder.checkpoint()
     [session] = recorder.drain_completed()
     assert [loop.status for loop in session.loops] == ["Completed"]
+
+
+def _span(
+    span_id: int,
+    parent_id: int | None,
+    name: str,
+    start: int,
+    end: int,
+    *,
+    trace_id: int = 0xA1,
+    **attributes: object,
+) -> SpanData:
+    return SpanData(
+        trace_id=trace_id,
+        span_id=span_id,
+        kind="CLIENT",
+        parent_id=parent_id,
+        name=name,
+        attributes=dict(attributes),
+        start=start,
+        end=end,
+    )
+
+
+def test_a_model_call_two_instrumentations_traced_is_one_turn_billed_once() -> None:
+    # pydantic-ai's instrumentation with the OpenAI SDK's (or OpenInference's LangChain one with
+    # its OpenAI one): the framework's chat span holds the SDK's chat span of the same call.
+    # Each was a turn, and the loop without its own usage counted the tokens twice.
+    agent = _span(1, None, "invoke_agent a", 0, 100, **{attr.OPERATION_NAME: attr.OP_INVOKE_AGENT})
+    tokens = {attr.USAGE_INPUT_TOKENS: 10, attr.USAGE_OUTPUT_TOKENS: 5}
+    outer = _span(2, 1, "chat m", 10, 50, **{attr.OPERATION_NAME: attr.OP_CHAT, **tokens})
+    inner = _span(
+        3,
+        2,
+        "chat m-2024",
+        11,
+        49,
+        **{attr.OPERATION_NAME: attr.OP_CHAT, attr.RESPONSE_MODEL: "m-2024", **tokens},
+    )
+    second = _span(4, 1, "chat m", 60, 90, **{attr.OPERATION_NAME: attr.OP_CHAT, **tokens})
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    ingestor.add([inner, outer, second, agent])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [loop] = session.loops
+    assert [(turn.usage.input, turn.usage.output) for turn in loop.turns] == [(10, 5), (10, 5)]
+    assert (loop.usage.input, loop.usage.output) == (20, 10)
+    assert loop.turns[0].output_message.model == "m-2024"  # type: ignore[union-attr]  # what only the inner knew
+
+
+def test_a_call_id_reused_in_a_later_turn_is_its_own_tool_span() -> None:
+    # One span took both calls: under the first turn, from its start to the second's end,
+    # with the second's arguments and result; the second turn had no tool span.
+    # As providers that number their calls per response ("call_0") do.
+    session = tool_loop_session([("call_0", "t", {"i": index}, f"r{index}") for index in (0, 1)])
+    spans = session_spans(session, capture_content=True)
+    tools = sorted((s for s in spans if s.name == "execute_tool t"), key=lambda s: s.start_time or 0)
+    assert [(s.parent.span_id if s.parent else None) for s in tools] == [
+        turn_span_id("L", 0),
+        turn_span_id("L", 1),
+    ]
+    assert [s.attributes[attr.TOOL_CALL_ARGUMENTS] for s in tools] == ['{"i":0}', '{"i":1}']
+    assert [(s.start_time, s.end_time) for s in tools] == [(2 * 10**9, 4 * 10**9), (12 * 10**9, 14 * 10**9)]
+    assert len({s.context.span_id for s in spans}) == len(spans)
+    assert [s.context.span_id for s in tools] == [tool_span_id("L", "call_0"), tool_span_id("L", "call_0", 1)]
+    [back] = _ingest(session_spans(session))
+    assert [len(turn.tool_results) for turn in back.loops[0].turns] == [1, 1]
+    [back] = _ingest(spans)
+    assert encode_session(back) == encode_session(session)
+
+
+def test_openinference_cached_and_reasoning_tokens_are_counted_apart() -> None:
+    # OpenInference counts cached tokens inside llm.token_count.prompt and details them
+    # apart (as the GenAI conventions do): read as uncached input, they were billed at
+    # the full input rate, and the reasoning tokens were lost.
+    chat = _span(
+        1,
+        None,
+        "ChatCompletion",
+        0,
+        10,
+        **{
+            attr.OPENINFERENCE_SPAN_KIND: "LLM",
+            attr.OPENINFERENCE_MODEL_NAME: "claude",
+            attr.OPENINFERENCE_PROMPT_TOKENS: 100,
+            attr.OPENINFERENCE_COMPLETION_TOKENS: 20,
+            "llm.token_count.prompt_details.cache_read": 80,
+            "llm.token_count.prompt_details.cache_write": 10,
+            "llm.token_count.completion_details.reasoning": 5,
+        },
+    )
+    recorder = SessionRecorder()
+    SpanIngestor(recorder).add([chat])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    usage = session.loops[0].turns[0].usage
+    assert (usage.input, usage.cache_read, usage.cache_write, usage.output, usage.reasoning) == (
+        10,
+        80,
+        10,
+        20,
+        5,
+    )
+    assert usage.total_tokens == 120
+
+
+def test_span_text_from_undecodable_bytes_is_recorded_not_the_trace_lost() -> None:
+    # In process, attributes are Python text, which may hold lone surrogates (a file name
+    # os.listdir decoded): the JSON reader refused them with UnicodeEncodeError, and the
+    # whole trace was lost.
+    name = "report-\udcff.txt"
+    agent = _span(
+        1,
+        None,
+        "invoke_agent a",
+        0,
+        100,
+        **{attr.OPERATION_NAME: attr.OP_INVOKE_AGENT, attr.PHI_CONFIG: name},
+    )
+    said = msgspec.json.encode([{"role": "user", "parts": [{"type": "text", "content": "ls"}]}]).decode()
+    chat = _span(
+        2,
+        1,
+        "chat m",
+        10,
+        50,
+        **{attr.OPERATION_NAME: attr.OP_CHAT, attr.INPUT_MESSAGES: said.replace("ls", f"ls {name}")},
+    )
+    tool = _span(
+        3,
+        2,
+        "execute_tool ls",
+        20,
+        30,
+        **{attr.OPERATION_NAME: attr.OP_EXECUTE_TOOL, attr.TOOL_CALL_RESULT: name},
+    )
+    agent.events.append(SpanEvent(attr.EVENT_PRUN, 60, {"phi.pruned_timestamps": name}))  # not ours
+    recorder = SessionRecorder()
+    SpanIngestor(recorder).add([tool, chat, agent])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [turn] = session.loops[0].turns
+    assert turn.tool_results[0].content[0].text == name  # type: ignore[union-attr]
+    assert encode_session(session)  # and a store takes it (escaped)
+
+
+def test_tool_calls_of_a_loop_without_model_spans_are_kept() -> None:
+    # OpenInference's CrewAI instrumentation, its model calls not instrumented: an AGENT
+    # span and its TOOL spans. With no chat span to hang them on, the tool calls vanished.
+    agent = _span(1, None, "Crew.kickoff", 0, 100, **{attr.OPENINFERENCE_SPAN_KIND: "AGENT"})
+    tools = [
+        _span(
+            2 + index,
+            1,
+            "search",
+            10 + 20 * index,
+            20 + 20 * index,
+            **{
+                attr.OPENINFERENCE_SPAN_KIND: "TOOL",
+                attr.OPENINFERENCE_TOOL_NAME: "search",
+                attr.OPENINFERENCE_OUTPUT_VALUE: f"hit {index}",
+            },
+        )
+        for index in (0, 1)
+    ]
+    recorder = SessionRecorder()
+    SpanIngestor(recorder).add([*tools, agent])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [loop] = session.loops
+    [turn] = loop.turns
+    assert [result.content[0].text for result in turn.tool_results] == ["hit 0", "hit 1"]  # type: ignore[union-attr]
+    assert "turn" in loop.metadata["otel"]["synthesized"]

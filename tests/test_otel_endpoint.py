@@ -41,7 +41,10 @@ from phi_session.otel import endpoint as endpoint_module
 from phi_session.otel import export_session
 from phi_session.otel.endpoint import OtlpEndpoint, OtlpHandler, OtlpServer, make_otlp_server
 from phi_session.otel.export import session_spans
+from phi_session.otel.spans import spans_from_otlp_json
 from phi_session.stores.json_dir import JsonDirStore
+
+from .otel_support import tool_loop_session
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -180,6 +183,60 @@ def test_base64_and_double_values_as_the_json_mapping_spells_them(receiver: Rece
     values = [{"bytesValue": "-_8"}, {"bytesValue": "+/8="}, {"doubleValue": "NaN"}, {"doubleValue": "1.5"}]
     attributes = [{"key": f"k{index}", "value": value} for index, value in enumerate(values)]
     response = receiver.post(_one_span_json({"attributes": attributes}), "application/json")
+    assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]
+
+
+def test_negative_int_values_are_int64_not_a_bad_payload(receiver: Receiver) -> None:
+    # intValue is an int64: a negative one (an exit code, an offset) is as valid as any.
+    values = [{"intValue": "-1"}, {"intValue": -(2**63)}, {"intValue": str(2**63 - 1)}]
+    attributes = [{"key": f"k{index}", "value": value} for index, value in enumerate(values)]
+    response = receiver.post(_one_span_json({"attributes": attributes}), "application/json")
+    assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]
+    (span,), _ = spans_from_otlp_json(_one_span_json({"attributes": attributes}))
+    assert list(span.attributes.values()) == [-1, -(2**63), 2**63 - 1]
+    too_big = [{"key": "k", "value": {"intValue": str(2**63)}}]
+    assert receiver.post(_one_span_json({"attributes": too_big}), "application/json").status == 400
+
+
+def test_null_members_are_their_defaults_as_the_json_mapping_says(receiver: Receiver) -> None:
+    # The protobuf JSON mapping: null is accepted for every field and means its default
+    # (encoding/json in Go, for one, writes an empty slice as null).
+    span = {
+        "traceId": "ab" * 16,
+        "spanId": "cd" * 8,
+        "parentSpanId": None,
+        "name": "chat m",
+        "kind": None,
+        "flags": None,
+        "startTimeUnixNano": "5",
+        "endTimeUnixNano": None,
+        "attributes": [
+            {"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}},
+            {"key": "k", "value": None},
+            {"key": "a", "value": {"arrayValue": {"values": None}}},
+            {"key": "s", "value": {"stringValue": None}},
+        ],
+        "events": [{"name": "e", "timeUnixNano": None, "attributes": None}],
+        "status": None,
+    }
+    document = {
+        "resourceSpans": [
+            {"resource": {"attributes": None}, "scopeSpans": [{"spans": [span]}, {"spans": None}]},
+            {"resource": None, "scopeSpans": None},
+        ]
+    }
+    body = json.dumps(document).encode()
+    (got,), skipped = spans_from_otlp_json(body)
+    assert skipped == 0 and (got.parent_id, got.kind, got.start, got.end, got.events[0].time) == (
+        None,
+        "UNSPECIFIED",
+        5,
+        5,
+        0,
+    )
+    assert got.attributes == {"gen_ai.operation.name": "chat", "k": None, "a": (), "s": None}
+    assert spans_from_otlp_json(b'{"resourceSpans": null}') == ([], 0)
+    response = receiver.post(body, "application/json")
     assert response.status == 200 and json.loads(response.read_body) == {}  # type: ignore[attr-defined]
 
 
@@ -522,3 +579,32 @@ def test_temporary_spool_files_a_crash_left_are_removed_at_start(tmp_path: Path)
         assert sorted(spool.iterdir()) == sorted(others)
     finally:
         made.close()
+
+
+def test_text_from_undecodable_bytes_exports_and_comes_back_escaped() -> None:
+    # A tool listing files names one os.listdir decoded with lone surrogates, which UTF-8
+    # refuses: the export raised UnicodeEncodeError (with content), or the OTLP encoder did.
+    from phi_session import SessionRecorder
+    from phi_session.codec import escape_surrogates
+    from phi_session.events import ToolExecutionEnd
+    from phi_session.otel import SpanIngestor
+    from phi_session.otel.spans import spans_from_otlp_proto
+
+    name = "report-\udcff.txt"
+    session = tool_loop_session(
+        [("c1", f"ls {name}", {"path": name}, name)], agent_id=f"agent {name}", error=f"no {name}"
+    )
+    for capture in (False, True):
+        spans, skipped = spans_from_otlp_proto(_protobuf(session_spans(session, capture_content=capture)))
+        assert skipped == 0
+        back = SessionRecorder()
+        ingestor = SpanIngestor(back)
+        ingestor.add(spans)
+        back.flush()
+        [loop] = back.drain_completed()[0].loops
+        assert loop.agent_id == escape_surrogates(f"agent {name}")
+        assert loop.error == escape_surrogates(f"no {name}")
+        [call] = [e.event for e in loop.events if isinstance(e.event, ToolExecutionEnd)]
+        assert call.tool_name == escape_surrogates(f"ls {name}")
+        if capture:
+            assert call.result.content[0].text == escape_surrogates(name)  # type: ignore[union-attr]

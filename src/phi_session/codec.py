@@ -163,7 +163,7 @@ class _Encoder:
 
     __slots__ = ("_encoder",)
 
-    def __init__(self, order: Literal["deterministic", "sorted"]) -> None:
+    def __init__(self, order: Literal["deterministic", "sorted"] | None) -> None:
         self._encoder = msgspec.json.Encoder(enc_hook=json_form, order=order)
 
     def encode(self, document: Any) -> bytes:
@@ -652,8 +652,8 @@ def decode_record(data: bytes | str, kind: type[_RecordT]) -> _RecordT:
     """The inverse of `encode_record`. Raises `DecodeError`."""
     try:
         decoded: _RecordT = msgspec.json.decode(data, type=kind, dec_hook=_dec_hook)
-    except msgspec.DecodeError as error:  # ValidationError included
-        raise DecodeError(f"not a {kind.__name__}: {error}") from None
+    except (msgspec.DecodeError, UnicodeEncodeError) as error:  # ValidationError included; text
+        raise DecodeError(f"not a {kind.__name__}: {error}") from None  # with lone surrogates: no JSON
     return decoded
 
 

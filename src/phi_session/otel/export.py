@@ -11,7 +11,9 @@ Span and trace ids are hashes of loop ids, turn indices and tool call ids, so ex
 session twice yields the same spans (backends deduplicate them).
 
 Limit: a sub-agent spawned by a sub-agent joins the trace named after its direct
-spawner's loop, which is not its spawner's own trace (that needs the grandparent session).
+spawner's loop, which is not its spawner's own trace (that needs the grandparent session);
+a sub-agent spawned by a tool call whose id its loop used before is placed under that id's
+first call (the spawn reference names no turn).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from ..codec import encode_event, encode_record
+from ..codec import _Encoder, encode_event, encode_record, escape_surrogates, without_lone_surrogates
 from ..errors import ExportError
 from ..events import (
     AgentEnd,
@@ -66,7 +68,7 @@ __all__ = ["OtelExportSink", "export_session", "session_spans"]
 _SCOPE = InstrumentationScope(attr.INSTRUMENTATION_SCOPE, schema_url=attr.SCHEMA_URL)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _OK = Status(StatusCode.UNSET)
-_json = msgspec.json.Encoder()
+_json = _Encoder(None)  # content may hold lone surrogates (text from undecodable bytes): escaped
 _default_resource: Resource | None = None
 
 # Span events for these loop events; fields that may hold content are sent only with capture.
@@ -95,7 +97,10 @@ def turn_span_id(loop_id: str, turn_index: int) -> int:
     return _hash_id(8, "turn", loop_id, str(turn_index))
 
 
-def tool_span_id(loop_id: str, tool_call_id: str) -> int:
+def tool_span_id(loop_id: str, tool_call_id: str, repeat: int = 0) -> int:
+    """`repeat`: how many earlier calls of the loop had this id (some providers number calls per reply)."""
+    if repeat:
+        return _hash_id(8, "tool", loop_id, tool_call_id, str(repeat))
     return _hash_id(8, "tool", loop_id, tool_call_id)
 
 
@@ -173,7 +178,30 @@ def _span_event(event: AgentEvent, time_ns: int, capture_content: bool) -> Event
             isinstance(value, tuple) and all(isinstance(v, int) for v in value)
         ):
             fields[f"phi.{name}"] = value
-    return Event(_SPAN_EVENTS[type(event)], fields, time_ns)
+    return Event(_SPAN_EVENTS[type(event)], without_lone_surrogates(fields), time_ns)
+
+
+# Attributes written by encoders that escape lone surrogates themselves.
+_ENCODED = frozenset(
+    {
+        attr.PHI_EVENTS,
+        attr.PHI_CONFIG,
+        attr.PHI_PARALLEL_EVALUATION_USAGE,
+        attr.TOOL_CALL_ARGUMENTS,
+        attr.TOOL_CALL_RESULT,
+        attr.INPUT_MESSAGES,
+        attr.OUTPUT_MESSAGES,
+        attr.SYSTEM_INSTRUCTIONS,
+    }
+)
+
+
+def _escape_texts(attributes: dict[str, Any]) -> None:
+    """Escape lone surrogates (text from undecodable bytes) in ids and names, which no OTLP
+    encoder takes; in place, as cheaply as possible when there are none."""
+    for key, value in attributes.items():
+        if key not in _ENCODED and (type(value) is tuple or (type(value) is str and not value.isascii())):
+            attributes[key] = without_lone_surrogates(value)
 
 
 class _Span:
@@ -222,7 +250,9 @@ class _LoopExport:
         start = int(record.started_at.ns)
         loop = _Span(start, self._loop_attributes())
         turns: dict[int, _Span] = {}
-        tools: dict[str, tuple[_Span, int]] = {}  # call id -> span, turn index
+        tools: dict[tuple[str, int], tuple[_Span, int]] = {}  # (call id, repeat) -> span, turn index
+        repeats: dict[str, int] = {}  # call id -> the repeat its events now go to
+        ended: set[str] = set()  # call ids whose latest call has ended
         turn: tuple[int, _Span] | None = None
         now = start
         for stored in sorted(record.events, key=lambda item: item.sequence):
@@ -235,14 +265,19 @@ class _LoopExport:
                 turn, owner = (event.turn_index, span), span
             elif type(event) in (ToolExecutionStart, ToolExecutionUpdate, ToolExecutionEnd, ProgressMessage):
                 call_id = event.tool_call_id  # type: ignore[union-attr]
-                if call_id not in tools:
-                    tools[call_id] = (
+                repeat = repeats.get(call_id)
+                if repeat is None or (type(event) is ToolExecutionStart and call_id in ended):
+                    # A start after that id's end is another call under the same id.
+                    repeat = repeats[call_id] = 0 if repeat is None else repeat + 1
+                    ended.discard(call_id)
+                    tools[call_id, repeat] = (
                         _Span(now, self._tool_attributes(event)),
                         turn[0] if turn is not None else -1,
                     )
-                owner = tools[call_id][0]
+                owner, index = tools[call_id, repeat]
                 if type(event) is ToolExecutionEnd:
-                    now = self._end_tool(owner, event, now)
+                    ended.add(call_id)
+                    now = self._end_tool(owner, event, now, index)
             owner.phi_events.append((stored.sequence, event))
             owner.end = max(owner.end, now)
             if type(event) in _SPAN_EVENTS:
@@ -262,11 +297,11 @@ class _LoopExport:
         out = [
             self._readable(
                 span,
-                tool_span_id(record.loop_id, call_id),
+                tool_span_id(record.loop_id, call_id, repeat),
                 turn_span_id(record.loop_id, index) if index in turns else loop_span_id_,
                 SpanKind.INTERNAL,
             )
-            for call_id, (span, index) in tools.items()
+            for (call_id, repeat), (span, index) in tools.items()
         ]
         out.extend(
             self._readable(span, turn_span_id(record.loop_id, index), loop_span_id_, SpanKind.CLIENT)
@@ -341,7 +376,7 @@ class _LoopExport:
             attr.TOOL_CALL_ID: event.tool_call_id,
         }
 
-    def _end_tool(self, span: _Span, event: ToolExecutionEnd, now: int) -> int:
+    def _end_tool(self, span: _Span, event: ToolExecutionEnd, now: int, turn_index: int) -> int:
         span.attributes[attr.PHI_TOOL_IS_ERROR] = event.is_error
         if event.is_error:
             span.attributes[attr.ERROR_TYPE] = "phi.tool_error"
@@ -355,7 +390,9 @@ class _LoopExport:
             span.attributes[attr.TOOL_CALL_RESULT] = _json.encode(
                 [_part(content) for content in event.result.content]
             ).decode()
-        for turn in self.record.turns:  # the result message carries the end time
+        # The result message carries the end time; its own turn's, should the id recur.
+        own = [turn for turn in self.record.turns if turn.turn_id.turn_index == turn_index]
+        for turn in own or self.record.turns:
             for message in turn.tool_results:
                 if isinstance(message, ToolResultMessage) and message.tool_call_id == event.tool_call_id:
                     return max(now, message.timestamp * 1_000_000)
@@ -439,7 +476,7 @@ class _LoopExport:
     def _loop_status(self) -> Status:
         record = self.record
         if isinstance(record.error, str):
-            return Status(StatusCode.ERROR, record.error)
+            return Status(StatusCode.ERROR, escape_surrogates(record.error))
         if record.status == "Aborted":
             return Status(StatusCode.ERROR, "loop aborted before it ended")
         return _OK
@@ -457,6 +494,7 @@ class _LoopExport:
         attributes = span.attributes
         if self.capture:
             attributes[attr.PHI_EVENTS] = _events_attribute(span.phi_events)
+        _escape_texts(attributes)
         if status is _OK and attr.ERROR_TYPE in attributes:
             status = Status(StatusCode.ERROR)
         operation = attributes[attr.OPERATION_NAME]
@@ -514,11 +552,16 @@ def export_session(
 
     `capture_content` adds messages, system instructions, tool arguments and results, and
     the exact phi-core events (``phi.events``, which make ingest lossless). Raises
-    `ExportError` when the exporter reports failure.
+    `ExportError` when the exporter reports failure or raises.
     """
     spans = session_spans(session, capture_content=capture_content, resource=resource)
-    if exporter.export(spans) is not SpanExportResult.SUCCESS:
-        raise ExportError(f"{exporter!r} failed to export the {len(spans)} spans of {session.session_id}")
+    failed = f"{exporter!r} failed to export the {len(spans)} spans of {session.session_id}"
+    try:
+        result = exporter.export(spans)
+    except Exception as error:  # an exporter may raise (a refused connection) instead of reporting
+        raise ExportError(f"{failed}: {error}") from error
+    if result is not SpanExportResult.SUCCESS:
+        raise ExportError(failed)
     return len(spans)
 
 
@@ -559,13 +602,16 @@ class OtelExportSink:
     def _export_completed(self) -> None:
         with self._lock:
             unsent, self._unsent = [*self._unsent, *self.recorder.drain_completed()], []
-            for session in unsent:
+            for index, session in enumerate(unsent):
                 try:
                     export_session(
                         session, self.exporter, capture_content=self.capture_content, resource=self.resource
                     )
                 except ExportError:  # the rest are still tried: one failure must not drop them
                     self._unsent.append(session)
+                except BaseException:  # Ctrl-C while the exporter waits: the rest are for `close`
+                    self._unsent.extend(unsent[index:])
+                    raise
                 else:
                     self.exported_sessions += 1
             if self._unsent:

@@ -91,7 +91,10 @@ LOSSES: dict[str, tuple[str, ...]] = {
         "tool calls of outputs, the first turn's user inputs, tool arguments and results)",
         "continuation kinds are inferred: a later loop of the same conversation is Default",
         "tool call ids are made up from span ids when missing (listed in metadata)",
+        "tool calls of a loop without any chat span are one turn, made up (listed in metadata)",
         "a trace without an agent span (bare model calls) is one loop, its root standing in",
+        "a chat span inside another (one call traced by two instrumentations) is one turn: the "
+        "outer span's, with what only the inner had",
     ),
 }
 
@@ -172,8 +175,11 @@ def _usage(attributes: dict[str, Any]) -> Usage | None:
         )
     ):
         return None
-    cache_read = _int(attributes.get(attr.USAGE_CACHE_READ_TOKENS))
-    cache_write = _int(attributes.get(attr.USAGE_CACHE_WRITE_TOKENS))
+    # Both count cached tokens inside the input tokens, and detail them apart.
+    cache_read = _int(_first(attributes, attr.USAGE_CACHE_READ_TOKENS, attr.OPENINFERENCE_CACHE_READ_TOKENS))
+    cache_write = _int(
+        _first(attributes, attr.USAGE_CACHE_WRITE_TOKENS, attr.OPENINFERENCE_CACHE_WRITE_TOKENS)
+    )
     total_input = _int(
         _first(
             attributes, attr.USAGE_INPUT_TOKENS, attr.LEGACY_PROMPT_TOKENS, attr.OPENINFERENCE_PROMPT_TOKENS
@@ -191,7 +197,7 @@ def _usage(attributes: dict[str, Any]) -> Usage | None:
     return Usage(
         input=inputs,
         output=output,
-        reasoning=_int(attributes.get(attr.USAGE_REASONING_TOKENS)),
+        reasoning=_int(_first(attributes, attr.USAGE_REASONING_TOKENS, attr.OPENINFERENCE_REASONING_TOKENS)),
         cache_read=cache_read,
         cache_write=cache_write,
         total_tokens=inputs + output + cache_read + cache_write,
@@ -240,7 +246,7 @@ def _json(value: Any) -> Any:
     if isinstance(value, str):
         try:
             return msgspec.json.decode(value)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeEncodeError):  # lone surrogates: text, no JSON
             return value
     return value
 
@@ -373,8 +379,7 @@ class SpanIngestor:
                 if span.parent_id is None and not trace.root_ended:
                     trace.root_ended = True
                     ready.append(span.trace_id)
-            for trace_id in ready:
-                self._record(trace_id, complete=True)
+            self._record_each(ready, complete=True)
             self._expire(now)
 
     def expire(self) -> int:
@@ -385,17 +390,29 @@ class SpanIngestor:
     def flush(self) -> None:
         """Record every waiting trace now (unfinished loops as Aborted)."""
         with self._lock:
-            for trace_id in list(self._traces):
-                self._record(trace_id, complete=False)
+            self._record_each(list(self._traces), complete=False)
 
     def _expire(self, now: float) -> int:
-        count = 0
-        for trace_id, trace in list(self._traces.items()):
-            if now - trace.first_seen < self.trace_timeout and self._buffered <= self.max_buffered_spans:
+        due, buffered = [], self._buffered
+        for trace_id, trace in self._traces.items():
+            if now - trace.first_seen < self.trace_timeout and buffered <= self.max_buffered_spans:
                 break  # ordered by first sight: the rest are younger
-            self._record(trace_id, complete=False)
-            count += 1
-        return count
+            due.append(trace_id)
+            buffered -= len(trace.spans)
+        self._record_each(due, complete=False)
+        return len(due)
+
+    def _record_each(self, trace_ids: list[int], *, complete: bool) -> None:
+        """Record every one of `trace_ids`, then raise the first failure: a trace that failed is
+        taken again when retried, but the others' spans would then be duplicates, left waiting."""
+        failure: Exception | None = None
+        for trace_id in trace_ids:
+            try:
+                self._record(trace_id, complete=complete)
+            except Exception as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
     def _record(self, trace_id: int, *, complete: bool) -> None:
         trace = self._traces.pop(trace_id)
@@ -434,14 +451,18 @@ class SpanIngestor:
         self.counters["events"] += 1
         self._emit(event)
 
-    def loop_started(self, session_id: str, loop_id: str) -> str | None:
-        """Remember `loop_id` as its session's latest; returns the previous latest."""
+    def latest_loop(self, session_id: str) -> str | None:
+        """The last loop recorded in `session_id` (what a new loop of it continues)."""
+        return self._last_loop.get(session_id)
+
+    def loop_recorded(self, session_id: str, loop_id: str) -> None:
+        """Remember `loop_id` as its session's latest, once its AgentEnd is taken: a loop whose
+        recording failed is none to continue (retried, it would continue its successor)."""
         self.counters["loops"] += 1
-        previous = self._last_loop.pop(session_id, None)
+        self._last_loop.pop(session_id, None)
         self._last_loop[session_id] = loop_id
         if len(self._last_loop) > _MEMORY:
             self._last_loop.popitem(last=False)
-        return previous
 
     def parallel_before(self, session_id: str, loop_id: str, attributes: dict[str, Any], start: int) -> None:
         group = _group(attributes)
@@ -544,7 +565,6 @@ class _ExactReplay:
     def run(self) -> None:
         for loop_id, loop in sorted(self.loops.items(), key=lambda item: item[1].start):
             session_id = str(loop.attributes.get(attr.PHI_SESSION_ID, ""))
-            self.ingestor.loop_started(session_id, loop_id)
             self.ingestor.parallel_before(session_id, loop_id, loop.attributes, loop.start)
             ended = False
             for _, event in sorted(self.events[loop_id], key=lambda item: item[0]):
@@ -555,6 +575,7 @@ class _ExactReplay:
                 # The loop span counts what its calls billed (the cut-off turn's too).
                 billed = _usage(loop.attributes) or ZERO_USAGE
                 self.ingestor.emit(_abort(loop_id, last, _UNFINISHED, billed))
+            self.ingestor.loop_recorded(session_id, loop_id)
             self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
 
 
@@ -607,6 +628,13 @@ class _Rebuild:
         for span in self.spans:
             role = _role(span)
             stand_in = span.span_id in self.loops and self.loops[span.span_id].stand_in
+            outer = self._outer_chat(span) if role == "chat" else None
+            if outer is not None:
+                # The same model call traced twice (a framework's instrumentation around an
+                # SDK's): one turn, billed once; the outer span learns what only the inner knew.
+                for key, value in span.attributes.items():
+                    outer.attributes.setdefault(key, value)
+                continue
             if role in ("chat", "tool") and (span.span_id not in self.loops or stand_in):
                 owner = self._owner(span)
                 if owner is not None:
@@ -622,6 +650,16 @@ class _Rebuild:
             span = self.by_id[parent]
             yield span
             parent = span.parent_id
+
+    def _outer_chat(self, span: SpanData) -> SpanData | None:
+        """The outermost chat span `span` is nested in, within its loop."""
+        outer = None
+        for ancestor in self._ancestors(span):
+            if _role(ancestor) == "chat":
+                outer = ancestor
+            if ancestor.span_id in self.loops:
+                break
+        return outer
 
     def _owner(self, span: SpanData) -> _Loop | None:
         for ancestor in self._ancestors(span):
@@ -665,7 +703,7 @@ class _Rebuild:
     def _replay(self, loop: _Loop) -> None:
         agent, emit = loop.agent, self.ingestor.emit
         attributes = agent.attributes
-        previous = self.ingestor.loop_started(loop.session_id, loop.loop_id)
+        previous = self.ingestor.latest_loop(loop.session_id)
         kind, parent = self._continuation(loop, previous)
         config = self._config(loop)
         named = agent.name.removeprefix(attr.OP_INVOKE_AGENT).strip() if _role(agent) == "agent" else ""
@@ -743,6 +781,7 @@ class _Rebuild:
                 error=error,
             )
         )
+        self.ingestor.loop_recorded(loop.session_id, loop.loop_id)
         self.ingestor.parallel_after(loop.session_id, loop.loop_id, attributes, agent.end)
 
     def _continuation(self, loop: _Loop, previous: str | None) -> tuple[ContinuationKind, str | None]:
@@ -784,7 +823,12 @@ class _Rebuild:
         return None
 
     def _turns(self, loop: _Loop) -> list[tuple[SpanData, list[SpanData]]]:
-        """Each chat span with the tool spans of its turn (under it, or after it before the next)."""
+        """Each chat span with the tool spans of its turn (under it, or after it before the next).
+        Tool spans without any chat span (model calls not instrumented) are one turn, the loop's
+        span standing in for its model call."""
+        if not loop.chats and loop.tools:
+            loop.synthesized.append("turn")
+            return [(loop.agent, list(loop.tools))]
         turns: list[tuple[SpanData, list[SpanData]]] = [(chat, []) for chat in loop.chats]
         chat_ids = {chat.span_id: i for i, (chat, _) in enumerate(turns)}
         for tool in loop.tools:
@@ -946,7 +990,7 @@ class _Rebuild:
                         kind,
                     )
                 )
-            except msgspec.ValidationError:
+            except (msgspec.ValidationError, UnicodeEncodeError):  # the latter: text with lone surrogates
                 continue  # a producer's event of that name that is not ours
         return out
 

@@ -155,20 +155,22 @@ def _json_value(value: Any, depth: int = 0) -> Any:
     if not isinstance(value, dict) or len(value) > 1:
         raise OtlpDecodeError("an AnyValue must be an object with at most one member")
     for key, inner in value.items():
+        if inner is None:  # the mapping's null: the member's default, as if unset
+            return None
         if key == "stringValue" and isinstance(inner, str):
             return inner
         if key == "boolValue" and isinstance(inner, bool):
             return inner
         if key == "intValue" and isinstance(inner, (int, str)) and not isinstance(inner, bool):
-            return _int(inner, "intValue")
+            return _int(inner, "intValue", signed=True)
         if key == "doubleValue" and isinstance(inner, (int, float, str)) and not isinstance(inner, bool):
             return _float(inner)
         if key == "bytesValue" and isinstance(inner, str):
             return _bytes(inner)
         if key == "arrayValue" and isinstance(inner, dict):
-            return tuple(_json_value(v, depth + 1) for v in _list(inner.get("values", []), "values"))
+            return tuple(_json_value(v, depth + 1) for v in _list(_member(inner, "values", []), "values"))
         if key == "kvlistValue" and isinstance(inner, dict):
-            return _json_attributes(inner.get("values", []), depth + 1)
+            return _json_attributes(_member(inner, "values", []), depth + 1)
         raise OtlpDecodeError(f"unsupported AnyValue member {key!r}")
     return None
 
@@ -178,8 +180,15 @@ def _json_attributes(pairs: Any, depth: int = 0) -> dict[str, Any]:
     for pair in _list(pairs, "attributes"):
         if not isinstance(pair, dict) or not isinstance(pair.get("key"), str):
             raise OtlpDecodeError("an attribute must be an object with a string key")
-        out[pair["key"]] = _json_value(pair.get("value", {}), depth)
+        out[pair["key"]] = _json_value(_member(pair, "value", {}), depth)
     return out
+
+
+def _member(document: dict[str, Any], key: str, default: Any) -> Any:
+    """`document[key]`, `default` when missing or null (the JSON mapping accepts null for any
+    field, meaning its default)."""
+    value = document.get(key)
+    return default if value is None else value
 
 
 def _list(value: Any, name: str) -> list[Any]:
@@ -188,12 +197,14 @@ def _list(value: Any, name: str) -> list[Any]:
     return value
 
 
-def _int(value: Any, name: str) -> int:
+def _int(value: Any, name: str, *, signed: bool = False) -> int:
+    """A (u)int64: intValue is signed, times and flags are not."""
     try:
         number = int(value)
     except (TypeError, ValueError):
         raise OtlpDecodeError(f"{name}: expected an integer") from None
-    if not 0 <= number < 2**64:
+    low = -(2**63) if signed else 0
+    if not low <= number < low + 2**64:
         raise OtlpDecodeError(f"{name}: out of range")
     return number
 
@@ -223,15 +234,17 @@ def _hex_id(value: Any, size: int) -> int | None:
 def _iter_json_spans(document: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     if not isinstance(document, dict):
         raise OtlpDecodeError("an OTLP JSON payload is an object with resourceSpans")
-    for resource_spans in _list(document.get("resourceSpans", []), "resourceSpans"):
+    for resource_spans in _list(_member(document, "resourceSpans", []), "resourceSpans"):
         if not isinstance(resource_spans, dict):
             raise OtlpDecodeError("resourceSpans: expected objects")
-        resource = resource_spans.get("resource", {})
-        attributes = _json_attributes(resource.get("attributes", []) if isinstance(resource, dict) else [])
-        for scope_spans in _list(resource_spans.get("scopeSpans", []), "scopeSpans"):
+        resource = _member(resource_spans, "resource", {})
+        attributes = _json_attributes(
+            _member(resource, "attributes", []) if isinstance(resource, dict) else []
+        )
+        for scope_spans in _list(_member(resource_spans, "scopeSpans", []), "scopeSpans"):
             if not isinstance(scope_spans, dict):
                 raise OtlpDecodeError("scopeSpans: expected objects")
-            for span in _list(scope_spans.get("spans", []), "spans"):
+            for span in _list(_member(scope_spans, "spans", []), "spans"):
                 if not isinstance(span, dict):
                     raise OtlpDecodeError("spans: expected objects")
                 yield span, attributes
@@ -252,33 +265,33 @@ def spans_from_otlp_json(payload: bytes) -> tuple[list[SpanData], int]:
         if trace_id is None or span_id is None or (parent_text and parent is None):
             skipped += 1
             continue
-        start = _int(span.get("startTimeUnixNano", 0), "startTimeUnixNano")
-        status = span.get("status", {})
+        start = _int(_member(span, "startTimeUnixNano", 0), "startTimeUnixNano")
+        status = _member(span, "status", {})
         status = status if isinstance(status, dict) else {}
-        name, kind = span.get("name", ""), span.get("kind", 0)
+        name, kind = _member(span, "name", ""), _member(span, "kind", 0)
         out.append(
             SpanData(
                 trace_id=trace_id,
                 span_id=span_id,
-                parent_id=None if _int(span.get("flags", 0), "flags") & _REMOTE_PARENT else parent,
+                parent_id=None if _int(_member(span, "flags", 0), "flags") & _REMOTE_PARENT else parent,
                 name=name if isinstance(name, str) else "",
                 kind=_KINDS.get(kind, "UNSPECIFIED")
                 if isinstance(kind, int)
                 else str(kind).removeprefix("SPAN_KIND_"),
                 start=start,
-                end=max(start, _int(span.get("endTimeUnixNano", start), "endTimeUnixNano")),
-                attributes=_json_attributes(span.get("attributes", [])),
+                end=max(start, _int(_member(span, "endTimeUnixNano", start), "endTimeUnixNano")),
+                attributes=_json_attributes(_member(span, "attributes", [])),
                 events=[
                     SpanEvent(
-                        str(e.get("name", "")),
-                        _int(e.get("timeUnixNano", 0), "timeUnixNano"),
-                        _json_attributes(e.get("attributes", [])),
+                        str(_member(e, "name", "")),
+                        _int(_member(e, "timeUnixNano", 0), "timeUnixNano"),
+                        _json_attributes(_member(e, "attributes", [])),
                     )
-                    for e in _list(span.get("events", []), "events")
+                    for e in _list(_member(span, "events", []), "events")
                     if isinstance(e, dict)
                 ],
                 error=status.get("code") in (2, "STATUS_CODE_ERROR"),
-                status_message=str(status.get("message", "")),
+                status_message=str(_member(status, "message", "")),
                 resource=resource,
             )
         )
