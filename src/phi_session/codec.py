@@ -181,6 +181,16 @@ class _Encoder:
 
 # Record objects keep declaration order; free-form dicts are sorted ("deterministic").
 _plain = _Encoder("deterministic")
+_insertion_order = _Encoder(None)
+
+
+def json_text(value: Any) -> str:
+    """`value` (JSON data, or what `json_form` makes JSON of) as compact JSON text, keys in
+    insertion order and lone surrogates escaped: JSON carried inside another format
+    (span attributes), which must be valid UTF-8 whatever text the agent read."""
+    return _insertion_order.encode(value).decode()
+
+
 # LLM messages in their agent-message form have every key sorted, at every depth.
 _sorted = _Encoder("sorted")
 

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from ..codec import _Encoder, encode_event, encode_record, escape_surrogates, without_lone_surrogates
+from ..codec import encode_event, encode_record, escape_surrogates, json_text, without_lone_surrogates
 from ..errors import ExportError
 from ..events import (
     AgentEnd,
@@ -68,7 +68,6 @@ __all__ = ["OtelExportSink", "export_session", "session_spans"]
 _SCOPE = InstrumentationScope(attr.INSTRUMENTATION_SCOPE, schema_url=attr.SCHEMA_URL)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _OK = Status(StatusCode.UNSET)
-_json = _Encoder(None)  # content may hold lone surrogates (text from undecodable bytes): escaped
 _default_resource: Resource | None = None
 
 # Span events for these loop events; fields that may hold content are sent only with capture.
@@ -165,7 +164,7 @@ def genai_message(message: AgentMessage) -> dict[str, Any]:
 
 
 def _events_attribute(events: list[tuple[int, AgentEvent]]) -> str:
-    return _json.encode([[seq, msgspec.Raw(encode_event(event))] for seq, event in events]).decode()
+    return json_text([[seq, msgspec.Raw(encode_event(event))] for seq, event in events])
 
 
 def _span_event(event: AgentEvent, time_ns: int, capture_content: bool) -> Event:
@@ -285,7 +284,7 @@ class _LoopExport:
             if type(event) is TurnEnd and turn is not None:
                 turn = None
             if type(event) is ToolExecutionStart and self.capture:
-                owner.attributes[attr.TOOL_CALL_ARGUMENTS] = _json.encode(event.args).decode()
+                owner.attributes[attr.TOOL_CALL_ARGUMENTS] = json_text(event.args)
         end = int(record.ended_at.ns) if record.ended_at is not None else max(now, start)
         loop.end = max(end, loop.end)
         for index, span in turns.items():
@@ -387,9 +386,9 @@ class _LoopExport:
                 if ref.child_loop_id == child:
                     span.attributes[attr.PHI_CHILD_SESSION_ID] = ref.child_session_id
         if self.capture:
-            span.attributes[attr.TOOL_CALL_RESULT] = _json.encode(
+            span.attributes[attr.TOOL_CALL_RESULT] = json_text(
                 [_part(content) for content in event.result.content]
-            ).decode()
+            )
         # The result message carries the end time; its own turn's, should the id recur.
         own = [turn for turn in self.record.turns if turn.turn_id.turn_index == turn_index]
         for turn in own or self.record.turns:
@@ -413,14 +412,12 @@ class _LoopExport:
             span.attributes.setdefault(attr.PROVIDER_NAME, output.provider)
             span.attributes.setdefault(attr.REQUEST_MODEL, output.model)
         if self.capture:
-            span.attributes[attr.INPUT_MESSAGES] = _json.encode(
-                [genai_message(m) for m in turn.input_messages]
-            ).decode()
-            span.attributes[attr.OUTPUT_MESSAGES] = _json.encode([genai_message(output)]).decode()
+            span.attributes[attr.INPUT_MESSAGES] = json_text([genai_message(m) for m in turn.input_messages])
+            span.attributes[attr.OUTPUT_MESSAGES] = json_text([genai_message(output)])
             if turn.request_payload is not None:
-                span.attributes[attr.SYSTEM_INSTRUCTIONS] = _json.encode(
+                span.attributes[attr.SYSTEM_INSTRUCTIONS] = json_text(
                     [{"type": "text", "content": turn.request_payload.system_prompt}]
-                ).decode()
+                )
 
     def _finish_cut_turn(self, span: _Span) -> None:
         """The turn the loop was cut off in (its TurnStart, no TurnEnd), marked unfinished.
@@ -443,7 +440,7 @@ class _LoopExport:
         span.attributes.setdefault(attr.PROVIDER_NAME, reply.provider)
         span.attributes.setdefault(attr.REQUEST_MODEL, reply.model)
         if self.capture:
-            span.attributes[attr.OUTPUT_MESSAGES] = _json.encode([genai_message(m) for m in replies]).decode()
+            span.attributes[attr.OUTPUT_MESSAGES] = json_text([genai_message(m) for m in replies])
 
     def _links(self) -> list[Link]:
         record, links = self.record, []
