@@ -360,6 +360,22 @@ def test_repeated_agent_start_keeps_the_open_record() -> None:
     assert sum(isinstance(e.event, ps.AgentStart) for e in loop.events) == 2
 
 
+def test_a_repeated_agent_start_for_an_open_loop_opens_no_session_and_changes_no_header() -> None:
+    """The repeat named another session (or a parent): it opened an empty session of that
+    id (before_task fired for it) and set the loop's session's spawn link, though the
+    repeat itself was kept only in the open loop's log."""
+    opened: list[str] = []
+    recorder = SessionRecorder(before_task=lambda s: opened.append(s.session_id))
+    again = [start("a.c.1", "b", at=5), start("a.c.1", "a", at=6, parent="x.c.1")]
+    recorder.record_all([start("a.c.1", "a"), *again, end("a.c.1", at=7)])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert opened == ["a"]
+    assert (session.session_id, session.parent_spawn_ref, session.last_active_at) == ("a", None, ts(0))
+    [loop] = session.loops
+    assert [e.event for e in loop.events if isinstance(e.event, ps.AgentStart)][1:] == again  # nothing lost
+
+
 def test_a_repeated_agent_start_for_a_closed_loop_is_an_orphan_not_a_second_record() -> None:
     """The loop had ended but its session was not drained yet: the repeat opened a
     second record of the same id, and the session held the loop twice."""

@@ -327,6 +327,13 @@ class SessionRecorder:
             # phi-core's compaction pass alone reuses an ended loop's id (wire-format §8.1).
             self._orphan(event, "repeated AgentStart for an already closed loop")
             return
+        existing = self._loops.get(event.loop_id)
+        if existing is not None and existing.started:
+            # phi-core would replace the open record and lose it; keep it, and let the
+            # repeat change nothing else (it may name another session or parent).
+            existing.append(event)
+            logger.warning("repeated AgentStart for open loop %s: kept the existing record", event.loop_id)
+            return
         held = self._open.get(event.session_id)
         if held is None:
             held = self._completed.pop(event.session_id, None)  # still held: it joins
@@ -355,12 +362,6 @@ class SessionRecorder:
                         parent_session_id=parent_session, parent_loop_id=parent, tool_call_id="", tool_name=""
                     )
 
-        existing = self._loops.get(event.loop_id)
-        if existing is not None and existing.started:
-            # phi-core would replace the open record and lose it; keep it.
-            existing.append(event)
-            logger.warning("repeated AgentStart for open loop %s: kept the existing record", event.loop_id)
-            return
         snapshot = event.config_snapshot
         record = LoopRecord.start(
             loop_id=event.loop_id,
