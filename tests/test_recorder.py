@@ -6,6 +6,7 @@ import collections
 import gc
 import logging
 import threading
+import tracemalloc
 import types
 import weakref
 from typing import Any
@@ -497,6 +498,28 @@ def test_session_events_are_kept_and_optionally_written() -> None:
     [session] = recorder.drain_completed()
     again = ps.decode_session(ps.encode(session))
     assert again.session_events == [events[0], events[3]]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_session_event_costs_the_same_however_many_came_before(keep: bool) -> None:
+    """Each parallel event copied all its session's earlier ones (twice when kept in the
+    file): a long session of parallel groups was recorded in quadratic time."""
+    recorder = SessionRecorder(keep_session_events=keep)
+    recorder.on_event(start("s.c.1", "s"))
+    group = [ps.ParallelLoopStart(session_id="s", loop_ids=(), timestamp=ts(0)), group_end("s", "s.c.1")]
+    recorder.record_all(group * 2000)
+    tracemalloc.start()
+    try:
+        peaks = []
+        for event in group * 4:  # the least of a few: a list's rare regrowth is no copy per event
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            recorder.on_event(event)
+            peaks.append(tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
+    assert min(peaks) < 4000  # copying 4000 references takes 32 kB
+    assert len(recorder.session_events("s")) == 4008
 
 
 def test_failed_loop_is_visible_and_still_phi_core_shaped() -> None:

@@ -174,7 +174,9 @@ class _HeldSession:
         self.open_loops = 0
         # First closed record per loop id: O(1) parent lookups (phi-core scans).
         self.closed: dict[str, LoopRecord] = {}
-        self.events: tuple[AgentEvent, ...] = ()  # session-scoped: rare, and a tuple the GC drops
+        # Session-scoped events: most sessions have none, and hold an empty tuple rather
+        # than a list for the collector to walk; a list once they have some (appended to).
+        self.events: list[AgentEvent] | tuple[()] = ()
 
 
 class SessionRecorder:
@@ -395,13 +397,8 @@ class SessionRecorder:
             else SessionFormation.first_loop(event.timestamp),
             loops=[],
         )
-        held = _HeldSession(session)
+        held = self._held_with_early_events(session)
         self._open[event.session_id] = held
-        early = self._early_events.pop(event.session_id, None)
-        if early:
-            held.events = tuple(early)
-            if self.config.keep_session_events:
-                session.session_events = list(early)
         if self.config.before_task is not None:
             self._callbacks.append((self.config.before_task, session, True))
         return held
@@ -649,9 +646,12 @@ class SessionRecorder:
             else:  # the session was drained already (or never seen): keep, don't hoard
                 self._orphan(event, "parallel event for a session the recorder no longer holds")
             return
-        held.events = (*held.events, event)
+        events = held.events
+        if not events:
+            events = held.events = []
+        events.append(event)
         if self.config.keep_session_events:
-            held.session.session_events = list(held.events)
+            held.session.session_events = events  # the same list: O(1), not a copy per event
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -687,10 +687,16 @@ class SessionRecorder:
             formation=SessionFormation.first_loop(record.started_at),
             loops=[],
         )
+        return self._held_with_early_events(session)
+
+    def _held_with_early_events(self, session: Session) -> _HeldSession:
+        """A new held session, with the parallel events that arrived before it."""
         held = _HeldSession(session)
-        held.events = tuple(self._early_events.pop(record.session_id, ()))
-        if self.config.keep_session_events and held.events:
-            session.session_events = list(held.events)
+        early = self._early_events.pop(session.session_id, None)
+        if early:
+            held.events = early
+            if self.config.keep_session_events:
+                session.session_events = early  # the same list, which `_session_event` appends to
         return held
 
     def _complete(self, session_id: str) -> None:
