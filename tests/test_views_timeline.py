@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import phi_session as ps
 from phi_session._time import Timestamp
 from phi_session.cli import EXIT_OK, main
 from phi_session.model import LoopRecord, Session
@@ -16,6 +17,7 @@ from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
 from phi_session.views import timeline
 
+from .test_recorder import end, record, start, turn
 from .web_support import BASIC_ID, CHILD_ID, EXAMPLE_STREAM, PARALLEL_ID, PARENT_ID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -144,4 +146,41 @@ def test_show_timeline_of_a_huge_session_reads_it_a_page_of_loops_at_a_time(
     )
     assert [(bar["kind"], bar["label"], bar["start"]) for bar in as_json] == [
         (bar.kind, bar.label, str(bar.start)) for bar in timeline(session)
+    ]
+
+
+def test_sub_agents_of_tool_calls_sharing_an_id_across_turns_are_each_drawn(tmp_path: Path) -> None:
+    """Some providers number tool calls per turn ("call0" in every turn): the second
+    sub-agent took the first one's place under turn 0, and the first was never drawn."""
+    root = "p.c.1"
+
+    def spawn(child_session: str, at: int) -> list[ps.AgentEvent]:
+        child = f"{child_session}.sub.1"
+        return [
+            start(child, child_session, parent=root, agent="child", at=at),
+            end(child, at=at),
+            ps.ToolExecutionEnd(
+                loop_id=root,
+                tool_call_id="call0",
+                tool_name="researcher",
+                result=ps.ToolResult(content=(), child_loop_id=child),
+                is_error=False,
+            ),
+        ]
+
+    first, second = turn(root, 0, calls=1, at=0), turn(root, 1, calls=1, at=10)
+    events = [start(root, "p"), *first[:-1], *spawn("ka", 1), first[-1]]
+    events += [*second[:-1], *spawn("kb", 11), second[-1], end(root, at=20)]
+    _, sessions = record(events)
+    store = JsonDirStore(tmp_path)
+    for session in sessions:
+        store.save(session)
+    bars = timeline(store.load("p"), store)
+    drawn = [(bar.kind, bar.turn_index if bar.kind == "turn" else bar.session_id) for bar in bars]
+    assert [item for item in drawn if item[0] in ("turn", "session")] == [
+        ("session", "p"),
+        ("turn", 0),
+        ("session", "ka"),
+        ("turn", 1),
+        ("session", "kb"),
     ]
