@@ -767,6 +767,38 @@ def test_a_debt_that_lapses_is_forgotten() -> None:
     assert [s.session_id for s in recorder.drain_completed()] == ["p"]
 
 
+def _groups_recorded(starts: list[ps.AgentEvent], ends: list[ps.AgentEvent]) -> SessionRecorder:
+    """Parallel `starts`, three branches of session s, `ends`: checkpointed and drained."""
+    recorder = SessionRecorder()
+    branches = [event for loop in ("s.a.1", "s.b.1", "s.a.2") for event in (start(loop, "s"), end(loop))]
+    recorder.record_all([*starts, *branches, *ends])
+    recorder.checkpoint()
+    recorder.drain_completed()
+    return recorder
+
+
+GROUP_1 = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.1"), timestamp=ts(0))
+GROUP_2 = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.2", "s.b.2"), timestamp=ts(0))
+
+
+def test_a_repeated_parallel_start_is_not_a_group_the_session_stays_owed() -> None:
+    """It was counted as a second group, which never ended: the drained session stayed
+    owed (`may_amend`, which pins its journal records) until flush."""
+    recorder = _groups_recorded([GROUP_1, GROUP_1], [group_end("s", "s.a.1")])
+    assert not recorder.may_amend("s")
+
+
+def test_a_repeated_parallel_end_does_not_end_another_group() -> None:
+    """It ended the session's other open group too: that group's end, once the session
+    was drained, found nothing owed and was an orphan."""
+    ended = group_end("s", "s.a.1")
+    recorder = _groups_recorded([GROUP_1, GROUP_2], [ended, ended])
+    assert recorder.may_amend("s")
+    recorder.on_event(group_end("s", "s.a.2"))
+    assert not recorder.may_amend("s")
+    assert recorder.orphans() == []
+
+
 def test_callbacks_run_outside_the_lock_so_they_may_wait_for_other_threads() -> None:
     opened: list[str] = []
     blocked: list[str] = []

@@ -588,7 +588,10 @@ class SessionRecorder:
 
     def _on_parallel_start(self, event: ParallelLoopStart) -> None:
         self._session_event(event)
-        self._open_groups[event.session_id] = self._open_groups.get(event.session_id, 0) + 1
+        loop_ids = event.loop_ids
+        # A group no end can name (no branch) or a repeat is no new group to wait for.
+        if loop_ids and self._groups.get(loop_ids[0]) != loop_ids:
+            self._open_groups[event.session_id] = self._open_groups.get(event.session_id, 0) + 1
         for loop_id in event.loop_ids:
             self._groups.setdefault(loop_id, event.loop_ids)
             if loop_id in self._loops or loop_id in self._loop_session:
@@ -604,7 +607,8 @@ class SessionRecorder:
             self._loops[loop_id] = _OpenLoop(record, started=False)
 
     def _on_parallel_end(self, event: ParallelLoopEnd) -> None:
-        all_ids = self._groups.get(event.selected_loop_id) or (event.selected_loop_id,)
+        group_ids = self._groups.get(event.selected_loop_id)
+        all_ids = group_ids or (event.selected_loop_id,)
         for loop_id in all_ids:
             group = ParallelGroupRecord(
                 all_loop_ids=all_ids,
@@ -628,6 +632,8 @@ class SessionRecorder:
         for loop_id in all_ids:
             self._groups.pop(loop_id, None)
         self._session_event(event)  # after the amendments, which hold a drained session again
+        if group_ids is None:  # no open group (a repeat, say): it must not end another one
+            return
         remaining = self._open_groups.get(event.session_id, 0) - 1
         if remaining > 0:
             self._open_groups[event.session_id] = remaining
