@@ -522,6 +522,30 @@ def test_a_session_event_costs_the_same_however_many_came_before(keep: bool) -> 
     assert len(recorder.session_events("s")) == 4008
 
 
+def test_drained_orphans_leave_nothing_behind(caplog: pytest.LogCaptureFixture) -> None:
+    """Each orphan's loop id stayed in the set that limits warnings to one per loop, after
+    the orphans were drained: a long-running recorder (a persisting one drains them at
+    every checkpoint) grew by every loop that ever had a late event."""
+    recorder = SessionRecorder()
+    recorder.on_event(end("x.c.0"))
+    recorder.drain_orphans()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with caplog.at_level(logging.ERROR, logger="phi_session.recorder"):  # no log records kept
+            for n in range(2000):
+                recorder.on_event(end(f"{'x' * 1000}.c.{n}"))
+        recorder.drain_orphans()
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 100_000  # 2000 ids of 1 kB are 2 MB
+    with caplog.at_level(logging.WARNING, logger="phi_session.recorder"):
+        recorder.on_event(end("x.c.0"))
+    assert "x.c.0" in caplog.text  # warned again: once per loop between drains
+
+
 def test_failed_loop_is_visible_and_still_phi_core_shaped() -> None:
     failure = ps.AgentEnd(loop_id="s.c.1", messages=(), usage=usage(0), timestamp=ts(1), error="Boom: bad")
     _, [session] = record([start("s.c.1", "s"), failure])

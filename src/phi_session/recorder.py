@@ -801,8 +801,10 @@ class SessionRecorder:
             return list(self._orphans)
 
     def drain_orphans(self) -> list[OrphanEvent]:
+        """Hand over the orphans and forget them; a loop that has more warns once again."""
         with self._lock:
             orphans, self._orphans = self._orphans, []
+            self._warned_loops.clear()  # else every loop that ever had an orphan stays here
             return orphans
 
     def session_events(self, session_id: str) -> list[AgentEvent]:
