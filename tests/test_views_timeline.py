@@ -17,7 +17,7 @@ from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
 from phi_session.views import timeline
 
-from .test_recorder import end, record, start, turn
+from .test_recorder import T0, end, record, start, ts, turn, usage
 from .web_support import BASIC_ID, CHILD_ID, EXAMPLE_STREAM, PARALLEL_ID, PARENT_ID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -184,3 +184,34 @@ def test_sub_agents_of_tool_calls_sharing_an_id_across_turns_are_each_drawn(tmp_
         ("turn", 1),
         ("session", "kb"),
     ]
+
+
+def test_tool_calls_sharing_an_id_across_turns_each_end_at_their_own_result() -> None:
+    """The second turn's "call0" ended at the first turn's result, before it was called:
+    a bar of no length."""
+    root, epoch_ms = "p.c.1", T0 // 10**6
+    events: list[ps.AgentEvent] = [start(root, "p")]
+    for index, at in enumerate((0, 1000)):
+        call = ps.ToolCall(id="call0", name="read", arguments={})
+        answer = ps.AssistantMessage(
+            content=(call,),
+            stop_reason="toolUse",
+            model="claude",
+            provider="anthropic",
+            usage=usage(1),
+            timestamp=epoch_ms + at + 10,
+        )
+        result = ps.ToolResultMessage(
+            tool_call_id="call0", tool_name="read", content=(), is_error=False, timestamp=epoch_ms + at + 100
+        )
+        events += [
+            ps.TurnStart(loop_id=root, turn_index=index, triggered_by="User", timestamp=ts(at)),
+            ps.MessageEnd(loop_id=root, message=answer),
+            ps.MessageEnd(loop_id=root, message=result),
+            ps.TurnEnd(
+                loop_id=root, message=answer, usage=usage(1), timestamp=ts(at + 200), tool_results=(result,)
+            ),
+        ]
+    _, [session] = record([*events, end(root, at=2000)])
+    tools = [bar for bar in timeline(session) if bar.kind == "tool"]
+    assert [(bar.start, bar.end) for bar in tools] == [(ts(10), ts(100)), (ts(1010), ts(1100))]

@@ -403,17 +403,23 @@ def _loop_bars(
     spawned: dict[str, deque[str]] = {}
     for ref in loop.child_loop_refs:
         spawned.setdefault(ref.tool_call_id, deque()).append(ref.child_session_id)
-    results: dict[str, int] = {}  # tool call id -> its result's time, ms (Timestamps are dear to build)
-    for turn in loop.turns:
-        for message in (*turn.tool_results, *turn.input_messages):
-            if isinstance(message, ToolResultMessage):
-                results.setdefault(message.tool_call_id, message.timestamp)
+    results = _result_times(loop.turns)
     for turn_index, turn in enumerate(loop.turns):
         where = (index, loop.loop_id)
         yield from _turn_bars(session_id, where, turn_index, turn, depth + 1, results, spawned)
     for children in spawned.values():  # spawned outside a recorded turn: under the loop
         for child in children:
             yield _SubAgent(child, depth + 1)
+
+
+def _result_times(turns: Iterable[Turn]) -> dict[str, int]:
+    """Tool call id -> the time of its first result in `turns`, ms (Timestamps are dear to build)."""
+    results: dict[str, int] = {}
+    for turn in turns:
+        for message in (*turn.tool_results, *turn.input_messages):
+            if isinstance(message, ToolResultMessage):
+                results.setdefault(message.tool_call_id, message.timestamp)
+    return results
 
 
 def _turn_bars(
@@ -466,10 +472,13 @@ def _turn_bars(
     answered = Timestamp.from_ns(answered_ns)
     model, stop = f"{output.provider}/{output.model}", f"stop: {output.stop_reason}"
     yield bar("model", depth + 1, model, turn.started_at, answered, output.usage, stop)
+    # The turn's own results first: a provider that numbers its calls per turn has the
+    # same id in several turns. The loop's are for results recorded in a later turn.
+    own = _result_times((turn,))
     for block in output.content:
         if not isinstance(block, ToolCall):
             continue
-        done = results.get(block.id)
+        done = own.get(block.id, results.get(block.id))
         end = turn.ended_at if done is None else Timestamp.from_ns(max(done * _NS_PER_MS, answered_ns))
         yield bar("tool", depth + 1, block.name, answered, end, None, block.id)
         if spawned.get(block.id):
