@@ -741,10 +741,10 @@ def group_end(session: str, selected: str, *, at: int = 2) -> ps.ParallelLoopEnd
     )
 
 
-def spawn_end(parent: str, child: str) -> ps.ToolExecutionEnd:
+def spawn_end(parent: str, child: str, call: str = "t") -> ps.ToolExecutionEnd:
     return ps.ToolExecutionEnd(
         loop_id=parent,
-        tool_call_id="t",
+        tool_call_id=call,
         tool_name="sub",
         result=ps.ToolResult(content=(), child_loop_id=child),
         is_error=False,

@@ -17,7 +17,7 @@ from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
 from phi_session.views import timeline
 
-from .test_recorder import T0, end, record, start, ts, turn, usage
+from .test_recorder import T0, end, record, spawn_end, start, ts, turn, usage
 from .web_support import BASIC_ID, CHILD_ID, EXAMPLE_STREAM, PARALLEL_ID, PARENT_ID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -157,15 +157,9 @@ def test_sub_agents_of_tool_calls_sharing_an_id_across_turns_are_each_drawn(tmp_
     def spawn(child_session: str, at: int) -> list[ps.AgentEvent]:
         child = f"{child_session}.sub.1"
         return [
-            start(child, child_session, parent=root, agent="child", at=at),
+            start(child, child_session, parent=root, at=at),
             end(child, at=at),
-            ps.ToolExecutionEnd(
-                loop_id=root,
-                tool_call_id="call0",
-                tool_name="researcher",
-                result=ps.ToolResult(content=(), child_loop_id=child),
-                is_error=False,
-            ),
+            spawn_end(root, child, "call0"),
         ]
 
     first, second = turn(root, 0, calls=1, at=0), turn(root, 1, calls=1, at=10)
