@@ -227,6 +227,24 @@ def test_a_stray_queue_item_is_counted_and_skipped_not_fatal() -> None:
     assert stats.decode_errors == 2 and len(memory.sessions) == 1
 
 
+class _OwnProgress(ps.ProgressMessage):
+    """A subclass of an event type: the recorder refuses it (`TypeError`)."""
+
+
+def test_an_instance_of_a_subclass_of_an_event_type_is_counted_and_skipped_not_fatal() -> None:
+    """It passed the isinstance check, then the recorder's TypeError ended the consumer."""
+    mine = _OwnProgress(loop_id="s.p.m.1", tool_call_id="c", tool_name="t", text="mine")
+    stray = ps.ProgressMessage(loop_id="nobody.p.m.1", tool_call_id="c", tool_name="t", text="kept")
+
+    async def source() -> AsyncIterator[ps.AgentEvent]:
+        yield mine
+        yield stray
+
+    stats = asyncio.run(consume(source(), store(MemoryStore())))
+    assert stats.decode_errors == 1
+    assert [orphan.event for orphan in stats.orphans] == [stray]
+
+
 def test_events_of_no_known_loop_are_handed_back_not_dropped() -> None:
     stray = ps.ProgressMessage(loop_id="nobody.p.m.1", tool_call_id="c", tool_name="t", text="lost?")
 

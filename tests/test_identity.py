@@ -255,3 +255,13 @@ def test_an_identity_goes_on_from_its_progress(last: str | None) -> None:
     assert b.allocate_loops(["a", "b", "c"]) == ("s", ["s.a.3", "s.b.2", "s.c.1"])
     formation = b.loop_started("s", "s.c.1", b.clock())  # the first loop's formation is recorded once
     assert (formation is None) == (last is not None)
+
+
+@pytest.mark.parametrize("number", ["²", "١٢", "9" * 5000, "9" * 4300])
+def test_resume_skips_a_loop_number_no_counter_could_have_written(number: str) -> None:
+    """A stored loop id ending in a Unicode digit (``str.isdigit`` takes "²") or in a
+    number past what int() reads raised ValueError, and resuming that session failed."""
+    agent = AgentSession("a", session_id="s")
+    agent.resume(["s.c.2", f"s.c.{number}"], f"s.c.{number}")
+    assert agent.next_loop_id("c") == "s.c.3"
+    assert agent.last_loop_id == f"s.c.{number}"

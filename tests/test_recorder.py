@@ -6,6 +6,7 @@ import collections
 import gc
 import logging
 import threading
+import tracemalloc
 import types
 import weakref
 from typing import Any
@@ -360,6 +361,22 @@ def test_repeated_agent_start_keeps_the_open_record() -> None:
     assert sum(isinstance(e.event, ps.AgentStart) for e in loop.events) == 2
 
 
+def test_a_repeated_agent_start_for_an_open_loop_opens_no_session_and_changes_no_header() -> None:
+    """The repeat named another session (or a parent): it opened an empty session of that
+    id (before_task fired for it) and set the loop's session's spawn link, though the
+    repeat itself was kept only in the open loop's log."""
+    opened: list[str] = []
+    recorder = SessionRecorder(before_task=lambda s: opened.append(s.session_id))
+    again = [start("a.c.1", "b", at=5), start("a.c.1", "a", at=6, parent="x.c.1")]
+    recorder.record_all([start("a.c.1", "a"), *again, end("a.c.1", at=7)])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert opened == ["a"]
+    assert (session.session_id, session.parent_spawn_ref, session.last_active_at) == ("a", None, ts(0))
+    [loop] = session.loops
+    assert [e.event for e in loop.events if isinstance(e.event, ps.AgentStart)][1:] == again  # nothing lost
+
+
 def test_a_repeated_agent_start_for_a_closed_loop_is_an_orphan_not_a_second_record() -> None:
     """The loop had ended but its session was not drained yet: the repeat opened a
     second record of the same id, and the session held the loop twice."""
@@ -483,6 +500,52 @@ def test_session_events_are_kept_and_optionally_written() -> None:
     assert again.session_events == [events[0], events[3]]
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_session_event_costs_the_same_however_many_came_before(keep: bool) -> None:
+    """Each parallel event copied all its session's earlier ones (twice when kept in the
+    file): a long session of parallel groups was recorded in quadratic time."""
+    recorder = SessionRecorder(keep_session_events=keep)
+    recorder.on_event(start("s.c.1", "s"))
+    group = [ps.ParallelLoopStart(session_id="s", loop_ids=(), timestamp=ts(0)), group_end("s", "s.c.1")]
+    recorder.record_all(group * 2000)
+    tracemalloc.start()
+    try:
+        peaks = []
+        for event in group * 4:  # the least of a few: a list's rare regrowth is no copy per event
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            recorder.on_event(event)
+            peaks.append(tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
+    assert min(peaks) < 4000  # copying 4000 references takes 32 kB
+    assert len(recorder.session_events("s")) == 4008
+
+
+def test_drained_orphans_leave_nothing_behind(caplog: pytest.LogCaptureFixture) -> None:
+    """Each orphan's loop id stayed in the set that limits warnings to one per loop, after
+    the orphans were drained: a long-running recorder (a persisting one drains them at
+    every checkpoint) grew by every loop that ever had a late event."""
+    recorder = SessionRecorder()
+    recorder.on_event(end("x.c.0"))
+    recorder.drain_orphans()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with caplog.at_level(logging.ERROR, logger="phi_session.recorder"):  # no log records kept
+            for n in range(2000):
+                recorder.on_event(end(f"{'x' * 1000}.c.{n}"))
+        recorder.drain_orphans()
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 100_000  # 2000 ids of 1 kB are 2 MB
+    with caplog.at_level(logging.WARNING, logger="phi_session.recorder"):
+        recorder.on_event(end("x.c.0"))
+    assert "x.c.0" in caplog.text  # warned again: once per loop between drains
+
+
 def test_failed_loop_is_visible_and_still_phi_core_shaped() -> None:
     failure = ps.AgentEnd(loop_id="s.c.1", messages=(), usage=usage(0), timestamp=ts(1), error="Boom: bad")
     _, [session] = record([start("s.c.1", "s"), failure])
@@ -586,6 +649,50 @@ def test_interleaved_loops_lose_nothing(stream: tuple[list[ps.AgentEvent], int],
         assert ps.encode(ps.decode_session(data)) == data
 
 
+def _example_events() -> list[ps.AgentEvent]:
+    return [ps.decode_event(line) for path in sorted(EXAMPLES.glob("events-*.jsonl")) for line in path.open()]
+
+
+@pytest.mark.spec
+@settings(max_examples=80, deadline=None)
+@given(st.data(), st.booleans())
+def test_any_reordering_truncation_or_repeat_of_real_streams_loses_nothing(
+    data: st.DataObject, keep_deltas: bool
+) -> None:
+    """phi-core's own streams, shuffled, cut, repeated, checkpointed and drained at random:
+    nothing raises, and every event is in exactly one place: a loop's log, its session's
+    events or the orphans (deltas may be dropped, and counted); drained sessions are
+    never written to again."""
+    pool = _example_events()
+    events = data.draw(st.lists(st.sampled_from(pool), max_size=120))
+    actions = data.draw(st.lists(st.sampled_from(["", "", "", "checkpoint", "drain"]), min_size=len(events)))
+    recorder = SessionRecorder(include_streaming_events=keep_deltas, keep_session_events=True)
+    drained: list[ps.Session] = []
+    for event, action in zip(events, actions, strict=False):
+        recorder.on_event(event)
+        if action == "checkpoint":
+            recorder.checkpoint()
+        elif action == "drain":
+            drained += recorder.drain_completed()
+    frozen = [ps.encode(session) for session in drained]
+    recorder.flush()
+    drained += recorder.drain_completed()
+    assert [ps.encode(session) for session in drained[: len(frozen)]] == frozen
+    found = [orphan.event for orphan in recorder.orphans()]
+    logs = {id(loop.events): loop.events for session in drained for loop in session.loops}
+    found += [e.event for log in logs.values() for e in log]  # an amendment's copy shares its log
+    for session in drained:
+        found += session.session_events or []
+    assert _identities(found) == _identities(events)
+    deltas = sum(type(event) is ps.MessageUpdate for event in found)
+    assert deltas + recorder.dropped_deltas == sum(type(event) is ps.MessageUpdate for event in events)
+
+
+def _identities(events: list[ps.AgentEvent]) -> collections.Counter[int]:
+    """Each event but the deltas, as often as it occurs (the deltas may be dropped)."""
+    return collections.Counter(id(event) for event in events if type(event) is not ps.MessageUpdate)
+
+
 def test_parallel_end_after_its_session_was_drained_is_an_orphan_not_a_leak() -> None:
     recorder = SessionRecorder()
     recorder.record_all([start("s.a.1", "s"), end("s.a.1")])
@@ -634,10 +741,10 @@ def group_end(session: str, selected: str, *, at: int = 2) -> ps.ParallelLoopEnd
     )
 
 
-def spawn_end(parent: str, child: str) -> ps.ToolExecutionEnd:
+def spawn_end(parent: str, child: str, call: str = "t") -> ps.ToolExecutionEnd:
     return ps.ToolExecutionEnd(
         loop_id=parent,
-        tool_call_id="t",
+        tool_call_id=call,
         tool_name="sub",
         result=ps.ToolResult(content=(), child_loop_id=child),
         is_error=False,
@@ -726,6 +833,38 @@ def test_a_debt_that_lapses_is_forgotten() -> None:
     assert not recorder.may_amend("k")
     recorder.checkpoint()
     assert [s.session_id for s in recorder.drain_completed()] == ["p"]
+
+
+def _groups_recorded(starts: list[ps.AgentEvent], ends: list[ps.AgentEvent]) -> SessionRecorder:
+    """Parallel `starts`, three branches of session s, `ends`: checkpointed and drained."""
+    recorder = SessionRecorder()
+    branches = [event for loop in ("s.a.1", "s.b.1", "s.a.2") for event in (start(loop, "s"), end(loop))]
+    recorder.record_all([*starts, *branches, *ends])
+    recorder.checkpoint()
+    recorder.drain_completed()
+    return recorder
+
+
+GROUP_1 = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.1"), timestamp=ts(0))
+GROUP_2 = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.2", "s.b.2"), timestamp=ts(0))
+
+
+def test_a_repeated_parallel_start_is_not_a_group_the_session_stays_owed() -> None:
+    """It was counted as a second group, which never ended: the drained session stayed
+    owed (`may_amend`, which pins its journal records) until flush."""
+    recorder = _groups_recorded([GROUP_1, GROUP_1], [group_end("s", "s.a.1")])
+    assert not recorder.may_amend("s")
+
+
+def test_a_repeated_parallel_end_does_not_end_another_group() -> None:
+    """It ended the session's other open group too: that group's end, once the session
+    was drained, found nothing owed and was an orphan."""
+    ended = group_end("s", "s.a.1")
+    recorder = _groups_recorded([GROUP_1, GROUP_2], [ended, ended])
+    assert recorder.may_amend("s")
+    recorder.on_event(group_end("s", "s.a.2"))
+    assert not recorder.may_amend("s")
+    assert recorder.orphans() == []
 
 
 def test_callbacks_run_outside_the_lock_so_they_may_wait_for_other_threads() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import phi_session as ps
 from phi_session._time import Timestamp
 from phi_session.cli import EXIT_OK, main
 from phi_session.model import LoopRecord, Session
@@ -16,6 +17,7 @@ from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
 from phi_session.views import timeline
 
+from .test_recorder import T0, end, record, spawn_end, start, ts, turn, usage
 from .web_support import BASIC_ID, CHILD_ID, EXAMPLE_STREAM, PARALLEL_ID, PARENT_ID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -145,3 +147,65 @@ def test_show_timeline_of_a_huge_session_reads_it_a_page_of_loops_at_a_time(
     assert [(bar["kind"], bar["label"], bar["start"]) for bar in as_json] == [
         (bar.kind, bar.label, str(bar.start)) for bar in timeline(session)
     ]
+
+
+def test_sub_agents_of_tool_calls_sharing_an_id_across_turns_are_each_drawn(tmp_path: Path) -> None:
+    """Some providers number tool calls per turn ("call0" in every turn): the second
+    sub-agent took the first one's place under turn 0, and the first was never drawn."""
+    root = "p.c.1"
+
+    def spawn(child_session: str, at: int) -> list[ps.AgentEvent]:
+        child = f"{child_session}.sub.1"
+        return [
+            start(child, child_session, parent=root, at=at),
+            end(child, at=at),
+            spawn_end(root, child, "call0"),
+        ]
+
+    first, second = turn(root, 0, calls=1, at=0), turn(root, 1, calls=1, at=10)
+    events = [start(root, "p"), *first[:-1], *spawn("ka", 1), first[-1]]
+    events += [*second[:-1], *spawn("kb", 11), second[-1], end(root, at=20)]
+    _, sessions = record(events)
+    store = JsonDirStore(tmp_path)
+    for session in sessions:
+        store.save(session)
+    bars = timeline(store.load("p"), store)
+    drawn = [(bar.kind, bar.turn_index if bar.kind == "turn" else bar.session_id) for bar in bars]
+    assert [item for item in drawn if item[0] in ("turn", "session")] == [
+        ("session", "p"),
+        ("turn", 0),
+        ("session", "ka"),
+        ("turn", 1),
+        ("session", "kb"),
+    ]
+
+
+def test_tool_calls_sharing_an_id_across_turns_each_end_at_their_own_result() -> None:
+    """The second turn's "call0" ended at the first turn's result, before it was called:
+    a bar of no length."""
+    root, epoch_ms = "p.c.1", T0 // 10**6
+    events: list[ps.AgentEvent] = [start(root, "p")]
+    for index, at in enumerate((0, 1000)):
+        call = ps.ToolCall(id="call0", name="read", arguments={})
+        answer = ps.AssistantMessage(
+            content=(call,),
+            stop_reason="toolUse",
+            model="claude",
+            provider="anthropic",
+            usage=usage(1),
+            timestamp=epoch_ms + at + 10,
+        )
+        result = ps.ToolResultMessage(
+            tool_call_id="call0", tool_name="read", content=(), is_error=False, timestamp=epoch_ms + at + 100
+        )
+        events += [
+            ps.TurnStart(loop_id=root, turn_index=index, triggered_by="User", timestamp=ts(at)),
+            ps.MessageEnd(loop_id=root, message=answer),
+            ps.MessageEnd(loop_id=root, message=result),
+            ps.TurnEnd(
+                loop_id=root, message=answer, usage=usage(1), timestamp=ts(at + 200), tool_results=(result,)
+            ),
+        ]
+    _, [session] = record([*events, end(root, at=2000)])
+    tools = [bar for bar in timeline(session) if bar.kind == "tool"]
+    assert [(bar.start, bar.end) for bar in tools] == [(ts(10), ts(100)), (ts(1010), ts(1100))]

@@ -73,9 +73,10 @@ class _Consumer:
                 self.stats.decode_errors += 1
                 logger.warning("skipped an event line that is not valid phi-core JSON: %s", error)
             return
-        if not isinstance(item, EVENT_TYPES):
+        if type(item) not in EVENT_TYPES:
             # Not an event, not a line: count and skip it like an undecodable line
-            # rather than letting one stray item end the consumer.
+            # rather than letting one stray item end the consumer. The exact type, as
+            # the recorder takes no subclass of an event type.
             self.stats.decode_errors += 1
             logger.warning(
                 "skipped a queue item that is neither an event nor an event line: %s", type(item).__name__

@@ -57,6 +57,13 @@ _NS_PER_S = 1_000_000_000
 _NS_PER_MS = 1_000_000
 
 
+def _is_loop_number(text: str) -> bool:
+    """Whether `text` is a loop number a counter could have written: ASCII digits, at most
+    20 (a 64-bit count). ``str.isdigit`` alone takes "²" and other scripts' digits, and
+    int() refuses huge numbers."""
+    return len(text) <= 20 and text.isascii() and text.isdigit()
+
+
 def _uuid4() -> str:
     return str(uuid.uuid4())
 
@@ -282,7 +289,7 @@ class AgentSession:
             counters = self._counters
             for loop_id in loop_ids:
                 config_id, _, number = loop_id.removeprefix(prefix).rpartition(".")
-                if loop_id.startswith(prefix) and config_id and number.isdigit():
+                if loop_id.startswith(prefix) and config_id and _is_loop_number(number):
                     counters[config_id] = max(counters.get(config_id, 0), int(number))
             if last_loop_id is not None:
                 self._last_loop_id = last_loop_id

@@ -174,7 +174,9 @@ class _HeldSession:
         self.open_loops = 0
         # First closed record per loop id: O(1) parent lookups (phi-core scans).
         self.closed: dict[str, LoopRecord] = {}
-        self.events: tuple[AgentEvent, ...] = ()  # session-scoped: rare, and a tuple the GC drops
+        # Session-scoped events: most sessions have none, and hold an empty tuple rather
+        # than a list for the collector to walk; a list once they have some (appended to).
+        self.events: list[AgentEvent] | tuple[()] = ()
 
 
 class SessionRecorder:
@@ -327,6 +329,13 @@ class SessionRecorder:
             # phi-core's compaction pass alone reuses an ended loop's id (wire-format §8.1).
             self._orphan(event, "repeated AgentStart for an already closed loop")
             return
+        existing = self._loops.get(event.loop_id)
+        if existing is not None and existing.started:
+            # phi-core would replace the open record and lose it; keep it, and let the
+            # repeat change nothing else (it may name another session or parent).
+            existing.append(event)
+            logger.warning("repeated AgentStart for open loop %s: kept the existing record", event.loop_id)
+            return
         held = self._open.get(event.session_id)
         if held is None:
             held = self._completed.pop(event.session_id, None)  # still held: it joins
@@ -355,12 +364,6 @@ class SessionRecorder:
                         parent_session_id=parent_session, parent_loop_id=parent, tool_call_id="", tool_name=""
                     )
 
-        existing = self._loops.get(event.loop_id)
-        if existing is not None and existing.started:
-            # phi-core would replace the open record and lose it; keep it.
-            existing.append(event)
-            logger.warning("repeated AgentStart for open loop %s: kept the existing record", event.loop_id)
-            return
         snapshot = event.config_snapshot
         record = LoopRecord.start(
             loop_id=event.loop_id,
@@ -394,13 +397,8 @@ class SessionRecorder:
             else SessionFormation.first_loop(event.timestamp),
             loops=[],
         )
-        held = _HeldSession(session)
+        held = self._held_with_early_events(session)
         self._open[event.session_id] = held
-        early = self._early_events.pop(event.session_id, None)
-        if early:
-            held.events = tuple(early)
-            if self.config.keep_session_events:
-                session.session_events = list(early)
         if self.config.before_task is not None:
             self._callbacks.append((self.config.before_task, session, True))
         return held
@@ -590,7 +588,10 @@ class SessionRecorder:
 
     def _on_parallel_start(self, event: ParallelLoopStart) -> None:
         self._session_event(event)
-        self._open_groups[event.session_id] = self._open_groups.get(event.session_id, 0) + 1
+        loop_ids = event.loop_ids
+        # A group no end can name (no branch) or a repeat is no new group to wait for.
+        if loop_ids and self._groups.get(loop_ids[0]) != loop_ids:
+            self._open_groups[event.session_id] = self._open_groups.get(event.session_id, 0) + 1
         for loop_id in event.loop_ids:
             self._groups.setdefault(loop_id, event.loop_ids)
             if loop_id in self._loops or loop_id in self._loop_session:
@@ -606,7 +607,8 @@ class SessionRecorder:
             self._loops[loop_id] = _OpenLoop(record, started=False)
 
     def _on_parallel_end(self, event: ParallelLoopEnd) -> None:
-        all_ids = self._groups.get(event.selected_loop_id) or (event.selected_loop_id,)
+        group_ids = self._groups.get(event.selected_loop_id)
+        all_ids = group_ids or (event.selected_loop_id,)
         for loop_id in all_ids:
             group = ParallelGroupRecord(
                 all_loop_ids=all_ids,
@@ -630,6 +632,8 @@ class SessionRecorder:
         for loop_id in all_ids:
             self._groups.pop(loop_id, None)
         self._session_event(event)  # after the amendments, which hold a drained session again
+        if group_ids is None:  # no open group (a repeat, say): it must not end another one
+            return
         remaining = self._open_groups.get(event.session_id, 0) - 1
         if remaining > 0:
             self._open_groups[event.session_id] = remaining
@@ -648,9 +652,12 @@ class SessionRecorder:
             else:  # the session was drained already (or never seen): keep, don't hoard
                 self._orphan(event, "parallel event for a session the recorder no longer holds")
             return
-        held.events = (*held.events, event)
+        events = held.events
+        if not events:
+            events = held.events = []
+        events.append(event)
         if self.config.keep_session_events:
-            held.session.session_events = list(held.events)
+            held.session.session_events = events  # the same list: O(1), not a copy per event
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -686,10 +693,16 @@ class SessionRecorder:
             formation=SessionFormation.first_loop(record.started_at),
             loops=[],
         )
+        return self._held_with_early_events(session)
+
+    def _held_with_early_events(self, session: Session) -> _HeldSession:
+        """A new held session, with the parallel events that arrived before it."""
         held = _HeldSession(session)
-        held.events = tuple(self._early_events.pop(record.session_id, ()))
-        if self.config.keep_session_events and held.events:
-            session.session_events = list(held.events)
+        early = self._early_events.pop(session.session_id, None)
+        if early:
+            held.events = early
+            if self.config.keep_session_events:
+                session.session_events = early  # the same list, which `_session_event` appends to
         return held
 
     def _complete(self, session_id: str) -> None:
@@ -788,8 +801,10 @@ class SessionRecorder:
             return list(self._orphans)
 
     def drain_orphans(self) -> list[OrphanEvent]:
+        """Hand over the orphans and forget them; a loop that has more warns once again."""
         with self._lock:
             orphans, self._orphans = self._orphans, []
+            self._warned_loops.clear()  # else every loop that ever had an orphan stays here
             return orphans
 
     def session_events(self, session_id: str) -> list[AgentEvent]:

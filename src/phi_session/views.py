@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -397,28 +398,28 @@ def _loop_bars(
         usage=loop.billed_usage(),
         detail=" ".join(notes),
     )
-    spawned = {ref.tool_call_id: ref.child_session_id for ref in loop.child_loop_refs}
-    results: dict[str, int] = {}  # tool call id -> its result's time, ms (Timestamps are dear to build)
-    for turn in loop.turns:
-        for message in (*turn.tool_results, *turn.input_messages):
-            if isinstance(message, ToolResultMessage):
-                results.setdefault(message.tool_call_id, message.timestamp)
+    # Tool call id -> the sessions its calls spawned, in order: some providers number their
+    # tool calls per turn, so one id may be a call of several turns, each taking the next.
+    spawned: dict[str, deque[str]] = {}
+    for ref in loop.child_loop_refs:
+        spawned.setdefault(ref.tool_call_id, deque()).append(ref.child_session_id)
+    results = _result_times(loop.turns)
     for turn_index, turn in enumerate(loop.turns):
         where = (index, loop.loop_id)
         yield from _turn_bars(session_id, where, turn_index, turn, depth + 1, results, spawned)
-    linked = {ref for turn in loop.turns for ref in _tool_calls(turn)}
-    for tool_call_id, child in spawned.items():
-        if tool_call_id not in linked:  # spawned outside a recorded turn: under the loop
+    for children in spawned.values():  # spawned outside a recorded turn: under the loop
+        for child in children:
             yield _SubAgent(child, depth + 1)
 
 
-def _tool_calls(turn: Turn) -> list[str]:
-    output = turn.output_message
-    return (
-        [block.id for block in output.content if isinstance(block, ToolCall)]
-        if isinstance(output, AssistantMessage)
-        else []
-    )
+def _result_times(turns: Iterable[Turn]) -> dict[str, int]:
+    """Tool call id -> the time of its first result in `turns`, ms (Timestamps are dear to build)."""
+    results: dict[str, int] = {}
+    for turn in turns:
+        for message in (*turn.tool_results, *turn.input_messages):
+            if isinstance(message, ToolResultMessage):
+                results.setdefault(message.tool_call_id, message.timestamp)
+    return results
 
 
 def _turn_bars(
@@ -428,7 +429,7 @@ def _turn_bars(
     turn: Turn,
     depth: int,
     results: dict[str, int],
-    spawned: dict[str, str],
+    spawned: dict[str, deque[str]],
 ) -> Iterator[TimelineBar | _SubAgent]:
     def bar(
         kind: TimelineKind,
@@ -471,14 +472,17 @@ def _turn_bars(
     answered = Timestamp.from_ns(answered_ns)
     model, stop = f"{output.provider}/{output.model}", f"stop: {output.stop_reason}"
     yield bar("model", depth + 1, model, turn.started_at, answered, output.usage, stop)
+    # The turn's own results first: a provider that numbers its calls per turn has the
+    # same id in several turns. The loop's are for results recorded in a later turn.
+    own = _result_times((turn,))
     for block in output.content:
         if not isinstance(block, ToolCall):
             continue
-        done = results.get(block.id)
+        done = own.get(block.id, results.get(block.id))
         end = turn.ended_at if done is None else Timestamp.from_ns(max(done * _NS_PER_MS, answered_ns))
         yield bar("tool", depth + 1, block.name, answered, end, None, block.id)
-        if block.id in spawned:
-            yield _SubAgent(spawned[block.id], depth + 2)
+        if spawned.get(block.id):
+            yield _SubAgent(spawned[block.id].popleft(), depth + 2)
 
 
 _NS_PER_MS = 1_000_000
