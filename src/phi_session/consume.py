@@ -45,7 +45,7 @@ class ConsumeStats:
     """What a `consume` run did."""
 
     events: int = 0
-    """Items recorded (events and JSON lines)."""
+    """Items taken from the queue (events and JSON lines), `decode_errors` included."""
     decode_errors: int = 0
     """Items that were not valid phi-core events: undecodable JSON lines and queue items
     that are neither events nor lines (each logged and skipped)."""
