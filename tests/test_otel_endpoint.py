@@ -581,6 +581,24 @@ def test_temporary_spool_files_a_crash_left_are_removed_at_start(tmp_path: Path)
         made.close()
 
 
+def test_span_event_text_from_undecodable_bytes_is_escaped() -> None:
+    import phi_session as ps
+    from phi_session.codec import escape_surrogates
+
+    recorder = ps.SessionRecorder()
+    with ps.Tracer(ps.AgentSession("a"), sinks=[recorder]).loop(
+        ps.LoopConfigSnapshot(model="m", provider="p")
+    ) as loop:
+        loop.user("go")
+        loop.revert("tangent", summary="went into caf\udce9/", target=0)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    spans = session_spans(session, capture_content=True)
+    _protobuf(spans)  # the OTLP encoder takes every text
+    summaries = [e.attributes.get("phi.summary") for span in spans for e in span.events]
+    assert escape_surrogates("went into caf\udce9/") in summaries
+
+
 def test_text_from_undecodable_bytes_exports_and_comes_back_escaped() -> None:
     # A tool listing files names one os.listdir decoded with lone surrogates, which UTF-8
     # refuses: the export raised UnicodeEncodeError (with content), or the OTLP encoder did.

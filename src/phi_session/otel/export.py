@@ -173,11 +173,13 @@ def _span_event(event: AgentEvent, time_ns: int, capture_content: bool) -> Event
         value = getattr(event, name)
         if name in _NOT_ATTRIBUTES or value is None or (name in _CONTENT_FIELDS and not capture_content):
             continue
-        if isinstance(value, (str, bool, int, float)) or (
+        if isinstance(value, str):  # lone surrogates (text from undecodable bytes) escaped
+            fields[f"phi.{name}"] = escape_surrogates(value)
+        elif isinstance(value, (bool, int, float)) or (
             isinstance(value, tuple) and all(isinstance(v, int) for v in value)
         ):
             fields[f"phi.{name}"] = value
-    return Event(_SPAN_EVENTS[type(event)], without_lone_surrogates(fields), time_ns)
+    return Event(_SPAN_EVENTS[type(event)], fields, time_ns)
 
 
 # Attributes written by encoders that escape lone surrogates themselves.
