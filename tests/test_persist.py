@@ -494,3 +494,40 @@ def test_a_drained_session_owed_its_parallel_winner_keeps_its_journal_records(tm
         settle()
         assert not first.exists()  # the amendment is saved: nothing holds it any more
     assert stored(store) == recorded(group + others + [winner])
+
+
+class DeadServer(JsonDirStore):
+    """A store whose server is gone: every save waits `attempt` seconds, then fails."""
+
+    def __init__(self, directory: Path, attempt: float) -> None:
+        super().__init__(directory)
+        self.attempt = attempt
+
+    def save(self, session: Session) -> None:
+        time.sleep(self.attempt)
+        raise StoreError("connection timed out")
+
+    def save_many(self, sessions: Sequence[Session]) -> None:
+        self.save(sessions[0])
+
+
+@pytest.mark.parametrize("journaled", [False, True])
+def test_closing_on_a_dead_store_waits_retry_for_once_whatever_is_pending(
+    tmp_path: Path, journaled: bool
+) -> None:
+    evs = single_loop_sessions(40)  # three of the writer's batches
+    store = DeadServer(tmp_path / "store", attempt=0.2)
+    persisting = AutoPersistingRecorder(
+        store, journal=tmp_path / "j" if journaled else None, retry_for=0.5, checkpoint_interval=None
+    )
+    persisting.record_all(evs)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="40 sessions could not be saved"):
+        persisting.close()
+    assert time.monotonic() - started < 0.5 + 1 + 3 * 0.2  # retry_for, the grace, an attempt or so
+    # Every session is kept, none dropped: in memory, and in the journal when there is one.
+    assert sorted(s.session_id for s in persisting.failed_sessions()) == sorted(recorded(evs))
+    if journaled:
+        restarted = AutoPersistingRecorder(JsonDirStore(tmp_path / "healthy"), journal=tmp_path / "j")
+        restarted.close()
+        assert stored(JsonDirStore(tmp_path / "healthy")) == recorded(evs)

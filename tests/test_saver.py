@@ -256,6 +256,21 @@ def test_an_interrupted_drain_leaves_its_sessions_for_the_next() -> None:
     assert len(memory.sessions) == 3
 
 
+def test_past_its_deadline_a_saver_stops_trying_a_down_store_but_not_a_healthy_one(clock: FakeTime) -> None:
+    memory = MemoryStore()
+    saver = saver_for(memory, retry_for=1)
+    saver.stop_trying_after(0)
+    first, second, third = sessions(3)
+    assert saver.save(first).saved  # the store is up: tried
+    memory.trouble = failing(10**6, ps.StoreError("down"))
+    assert saver.save(second).unsaved  # given up at once: the deadline has passed
+    attempts = memory.attempts
+    outcome = saver.save(third)
+    assert outcome.unsaved and isinstance(outcome.error, ps.StoreError)
+    assert memory.attempts == attempts  # not tried: the store is down
+    assert saver.unsaved == [second, third]
+
+
 def test_an_interrupted_retry_puts_back_what_it_did_not_try(clock: FakeTime) -> None:
     memory = MemoryStore(failing(10**6, ps.StoreError("down")))
     saver = saver_for(memory, retry_for=0)

@@ -84,6 +84,7 @@ def _opens_session(kind: type) -> bool:
 _SESSION_KEY = b'"session_id"'
 _RELEASE_EVERY = 1.0  # seconds
 _SAVE_BATCH = 16  # sessions the writer saves at once: one commit, a short hold of the write lock
+_CLOSE_GRACE = 1.0  # seconds `close` gives a down store beyond `retry_for`
 
 
 def held_bytes(session: Session) -> int:
@@ -596,7 +597,9 @@ class AutoPersistingRecorder:
 
         Waits for producers still recording an event. Raises `StoreError` if some
         sessions still cannot be saved; they stay in `failed_sessions` (and in the
-        journal, which then keeps their segments).
+        journal, which then keeps their segments). On a store that is down, close
+        gives up after `retry_for` seconds plus one (and the attempt then under way),
+        however many sessions are pending: those left are kept without being tried.
         """
         with self._lock:
             if self._closed:
@@ -605,6 +608,9 @@ class AutoPersistingRecorder:
             while self._feeding:
                 self._lock.wait()
         self._exit_hook.cancel()
+        # Bounded even on a dead store whose every attempt waits for a timeout: past this,
+        # what is left is kept (failed_sessions, the journal) without being tried.
+        self._saver.stop_trying_after(self._saver.retry_for + _CLOSE_GRACE)
         orphans_error = None
         try:
             self._hand_over(self.recorder.flush, last=True)

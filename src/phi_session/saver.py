@@ -8,7 +8,10 @@ command line use to save sessions, so all of them fail the same way. The policy:
   pauses (0.05 s up to 2 s) until `retry_for` seconds have passed since the first
   attempt. Once a session has been given up, the store is taken to be down: later
   sessions get one attempt each until a save succeeds again, so a dead store costs
-  `retry_for` once, not once per session.
+  `retry_for` once, not once per session. An owner that must end in bounded time
+  (`AutoPersistingRecorder.close`) sets a deadline (`stop_trying_after`): past it, a
+  session is not even tried while the store is down, since each attempt on a dead
+  server can itself take seconds (a connect or lock timeout); it is kept unsaved.
 * **A session id no store accepts goes to the orphans.** `InvalidSessionId` cannot
   change on a retry or a restart: the session's events are handed to the `orphans`
   sink (the journal's ``orphans.jsonl``, the command line's ``--orphans`` file)
@@ -125,15 +128,26 @@ class SessionSaver:
         self._saved = self._retried = self._orphaned = 0
         self._unsaved: list[Session] = []
         self._store_down = False  # a session was given up and no save succeeded since
+        self._down_error: Exception | None = None  # the error that gave the last session up
+        self._no_attempts_after: float | None = None  # `stop_trying_after`'s monotonic instant
         self._drained: deque[Session] = deque()  # drained, not yet through `save`
 
     def __repr__(self) -> str:
         return f"SessionSaver({self.store!r})"
 
+    def stop_trying_after(self, seconds: float) -> None:
+        """From `seconds` from now on, keep sessions unsaved without trying them while the
+        store is down (a session was given up and none saved since); a session already
+        being retried stops retrying then. A store that is up is still tried."""
+        with self._lock:
+            self._no_attempts_after = time.monotonic() + seconds
+
     # -- one session -----------------------------------------------------------------------
 
     def save(self, session: Session) -> SaveOutcome:
         """Save `session` under the policy; what became of it."""
+        if (kept := self._kept_untried(session)) is not None:
+            return kept
         policy = self._policy(session)
         pause = next(policy)
         while True:
@@ -165,7 +179,7 @@ class SessionSaver:
         """
         for session in sessions:
             _check_session(session)
-        if len(sessions) > 1 and isinstance(self.store, BatchStore):
+        if len(sessions) > 1 and isinstance(self.store, BatchStore) and not self._past_deadline_while_down():
             try:
                 self.store.save_many(sessions)
             except Exception as error:  # each is tried again below, and reported there
@@ -181,6 +195,8 @@ class SessionSaver:
 
     async def asave(self, session: Session) -> SaveOutcome:
         """`save` through the store's `asave`, pausing with ``asyncio.sleep``."""
+        if (kept := self._kept_untried(session)) is not None:
+            return kept
         policy = self._policy(session)
         pause = next(policy)
         while True:
@@ -203,10 +219,34 @@ class SessionSaver:
                 outcome: SaveOutcome = done.value
                 return outcome
 
-    def _policy(self, session: Session) -> _Policy:
+    def _past_deadline_while_down(self) -> bool:
+        with self._lock:
+            return (
+                self._store_down
+                and self._no_attempts_after is not None
+                and time.monotonic() >= self._no_attempts_after
+            )
+
+    def _kept_untried(self, session: Session) -> SaveOutcome | None:
+        """The outcome of keeping `session` without an attempt, if `stop_trying_after`'s
+        deadline has passed with the store down; else None (it is to be tried)."""
         _check_session(session)
+        if not self._past_deadline_while_down():
+            return None
+        error = self._down_error or StoreError(f"{self.store!r} is down")
+        logger.error(
+            "not saving session %s: %r is down and the time to save is up, keeping it unsaved: %s",
+            session.session_id,
+            self.store,
+            error,
+        )
+        return self._keep(session, error, store_down=True)
+
+    def _policy(self, session: Session) -> _Policy:
         with self._lock:
             deadline = None if self._store_down else time.monotonic() + self.retry_for
+            if deadline is not None and self._no_attempts_after is not None:
+                deadline = min(deadline, self._no_attempts_after)
         pause = _FIRST_PAUSE
         error = yield 0.0
         last = error
@@ -276,6 +316,8 @@ class SessionSaver:
         with self._lock:
             self._unsaved.append(session)
             self._store_down = self._store_down or store_down
+            if store_down:
+                self._down_error = error
         return SaveOutcome(saved=False, error=error)
 
     # -- a recorder's completed sessions ---------------------------------------------------
