@@ -359,6 +359,24 @@ def as_query(query: SessionQuery | None) -> SessionQuery:
     return query
 
 
+def query_selects(query: SessionQuery, summary: SessionSummary) -> bool:
+    """Whether `query`'s filters (not its order, limit or page) select the session `summary` sums up."""
+    return (
+        (query.agent_id is None or summary.agent_id == query.agent_id)
+        and (query.since is None or summary.last_active_at >= query.since)
+        and (query.until is None or summary.last_active_at < query.until)
+        and (query.status is None or summary.loops_by_status.get(query.status, 0) > 0)
+        and (query.model is None or _model_matches(query.model, summary.models))
+        and (query.min_tokens is None or summary.total_tokens >= query.min_tokens)
+        and (query.parent_session_id is None or summary.parent_session_id == query.parent_session_id)
+    )
+
+
+def _model_matches(wanted: str, models: tuple[str, ...]) -> bool:
+    # Entries are "provider/model"; provider names have no slash, model names may.
+    return any(name == wanted or name.partition("/")[2] == wanted for name in models)
+
+
 def scan_search(store: SessionStore, text: str, query: SessionQuery | None, limit: int) -> list[SearchHit]:
     """`SessionStore.search` by loading every selected session and reading it (slow on big stores)."""
     return collect_hits(store, search_words(text, limit), query, limit)

@@ -25,6 +25,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -846,6 +847,40 @@ class StoreConformance:
         assert _ids(store.query(SessionQuery(agent_id="beta", status="Running"))) == ["s3"]
         assert _ids(store.query(SessionQuery(agent_id="alpha", model="gpt-4o", until=at(100)))) == ["s1"]
         assert store.query(SessionQuery(agent_id="beta", min_tokens=100)) == []
+
+    def test_text_filters_are_exact_about_nul_and_the_replacement_character(
+        self, store: SessionStore
+    ) -> None:
+        # A NUL and U+FFFD in the same place make different ids and names: neither filter
+        # may select the other's sessions (PostgreSQL text cannot hold NUL).
+        for session_id, mark, seconds in (("nul", "\x00", 10), ("fffd", "\ufffd", 20)):
+            agent = f"a{mark}b"
+            loop = talking_loop(session_id, 1, "coffee", agent_id=agent, started_at=at(seconds))
+            loop.config = LoopConfigSnapshot(model=f"m{mark}x", provider="p", config_id="cfg")
+            store.save(
+                make_session(
+                    session_id,
+                    agent,
+                    loops=[loop],
+                    created_at=at(seconds),
+                    parent_session_id=f"up{mark}",
+                )
+            )
+        for session_id, mark in (("nul", "\x00"), ("fffd", "\ufffd")):
+            for query in (
+                SessionQuery(agent_id=f"a{mark}b"),
+                SessionQuery(model=f"p/m{mark}x"),
+                SessionQuery(model=f"m{mark}x"),
+                SessionQuery(parent_session_id=f"up{mark}"),
+            ):
+                assert _ids(store.query(query)) == [session_id], query
+                assert _ids(store.query(replace(query, limit=1))) == [session_id], query
+                assert {hit.session_id for hit in store.search("coffee", query)} == {session_id}, query
+                assert {hit.session_id for hit in store.search("coffee", replace(query, limit=1))} == {
+                    session_id
+                }, query
+        assert store.prune(PruneCriteria(agent_id="a\x00b", older_than=at(1000))) == 1
+        assert store.list_ids() == ["fffd"]
 
     def test_query_sees_merged_saves(self, store: SessionStore) -> None:
         _populate(store)

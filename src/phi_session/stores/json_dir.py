@@ -44,6 +44,7 @@ from .base import (
     as_query,
     check_pricer,
     merge_sessions,
+    query_selects,
     session_id_to_save,
     summarize,
     usage_rows,
@@ -426,7 +427,7 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
         rows = [
             entry.summary
             for _, entry in self._entries()
-            if _matches(query, entry.summary) and (after is None or after.passed(entry.summary))
+            if query_selects(query, entry.summary) and (after is None or after.passed(entry.summary))
         ]
         _sort(rows, query.order)
         return rows if query.limit is None else rows[: query.limit]
@@ -483,24 +484,6 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
         if removed:
             self._sync_directory()
         return removed
-
-
-def _model_matches(wanted: str, models: tuple[str, ...]) -> bool:
-    # Entries are "provider/model"; provider names have no slash, model names may.
-    return any(name == wanted or name.partition("/")[2] == wanted for name in models)
-
-
-def _matches(query: SessionQuery, summary: SessionSummary) -> bool:
-    """The JSON directory's translation of `query`'s filters: a test of one summary."""
-    return (
-        (query.agent_id is None or summary.agent_id == query.agent_id)
-        and (query.since is None or summary.last_active_at >= query.since)
-        and (query.until is None or summary.last_active_at < query.until)
-        and (query.status is None or summary.loops_by_status.get(query.status, 0) > 0)
-        and (query.model is None or _model_matches(query.model, summary.models))
-        and (query.min_tokens is None or summary.total_tokens >= query.min_tokens)
-        and (query.parent_session_id is None or summary.parent_session_id == query.parent_session_id)
-    )
 
 
 def _sort(rows: list[SessionSummary], order: Order) -> None:

@@ -38,13 +38,15 @@ Header and records are stored as the exact bytes phi-session writes (BYTEA, not
 JSONB, which would reorder keys), so ``encode_session(load(id))`` equals
 ``encode_session(saved)`` byte for byte. PostgreSQL text cannot hold NUL: the text
 columns, copies of the JSON's values for filters and listings, show it as U+FFFD
-(`_text`), and a filter's value is compared alike (a NUL agent id also matches the
-same id with U+FFFD in its place); summaries read their ids from the JSON, exact, and
-`list_for_agent` keeps only the agent asked for. Text columns use the ``"C"`` collation, so
-every ordering is by code point (as in Python and the other stores), whatever the
-database's locale. Times in the index columns are clamped to what BIGINT
-nanoseconds hold (1677-09-21 to 2262-04-11); the JSON keeps the exact instants,
-and summaries read them from there.
+(`_text`). Filters stay exact: a filter value holding NUL or U+FFFD, whose column
+match may be another string (NUL where it has U+FFFD, or the reverse), has each
+session the columns select checked against its JSON (`_selected`); summaries read
+their ids from the JSON, exact, and `list_for_agent` keeps only the agent asked
+for. Per-agent and per-model totals are keyed by the columns: U+FFFD for NUL.
+Text columns use the ``"C"`` collation, so every ordering is by code point (as in
+Python and the other stores), whatever the database's locale. Times in the index
+columns are clamped to what BIGINT nanoseconds hold (1677-09-21 to 2262-04-11);
+the JSON keeps the exact instants, and summaries read them from there.
 
 Concurrency: `save` locks the session row (``SELECT … FOR UPDATE``; a new session
 is inserted with ``ON CONFLICT DO NOTHING`` and locked on the next try if another
@@ -97,6 +99,7 @@ from .base import (
     check_loop_range,
     check_pricer,
     merge_sessions,
+    query_selects,
     save_escaping,
     session_id_to_save,
     stored_usage_row,
@@ -153,6 +156,15 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     _Backfill: TypeAlias = Callable[["psycopg.Cursor[Row]", Callable[[str], "sql.Composed"]], None]
+
+
+def _blurred(query: SessionQuery) -> bool:
+    """Whether a text filter of `query` may match its column for another string too:
+    one with NUL where the value has U+FFFD, or the reverse (`_text`)."""
+    return any(
+        value is not None and ("\x00" in value or "\ufffd" in value)
+        for value in (query.agent_id, query.model, query.parent_session_id)
+    )
 
 
 def _text(value: str | None) -> str | None:
@@ -1090,14 +1102,36 @@ class PostgresStore(AsyncTwins):
             params.append(query.limit)
         return self._sql(text), params
 
+    def _selected(self, query: SessionQuery, columns: Sequence[str] = _SUMMARY_COLUMNS) -> list[Row]:
+        """The rows of `columns` (the session id first) of the sessions `query` selects,
+        in its order. When a text filter's column match may be another string
+        (`_blurred`), the columns select without the limit and each candidate's JSON
+        decides; a candidate that does not decode is skipped with a logged warning."""
+        if not _blurred(query):
+            statement, params = self._query_sql(query, columns)
+            with self._cursor("querying sessions") as cur:
+                cur.execute(statement, params)
+                return cur.fetchall()
+        statement, params = self._query_sql(replace(query, limit=None), columns)
+        with self._cursor("querying sessions") as cur:
+            cur.execute(statement, params)
+            candidates = cur.fetchall()
+        exact = (row for row in candidates if self._selects_exactly(query, row[0]))
+        return list(itertools.islice(exact, query.limit))
+
+    def _selects_exactly(self, query: SessionQuery, session_id: str) -> bool:
+        try:
+            return query_selects(query, summarize(self.load(session_id)))
+        except SessionNotFound:  # deleted since the candidates were listed
+            return False
+        except StoreError as exc:
+            _log.warning("%s: skipping it in a query", exc)
+            return False
+
     def query(self, query: SessionQuery | None = None) -> list[SessionSummary]:
         """Summaries of the sessions `query` selects (see `SessionQuery`), computed in SQL
         on indexed columns."""
-        statement, params = self._query_sql(as_query(query))
-        with self._cursor("querying sessions") as cur:
-            cur.execute(statement, params)
-            rows = cur.fetchall()
-        return [_summary(row) for row in rows]
+        return [_summary(row) for row in self._selected(as_query(query))]
 
     def explain_query(self, query: SessionQuery | None = None, *, analyze: bool = False) -> str:
         """PostgreSQL's plan for `query` (run it too with `analyze`): for benchmarks."""
@@ -1116,13 +1150,10 @@ class PostgresStore(AsyncTwins):
             f"EXISTS (SELECT 1 FROM {{s}}.loops l WHERE l.session_id = {{s}}.sessions.session_id"
             f" AND {_MATCHING_LOOP})"
         )
-        if query.limit is None:
+        if query.limit is None and not _blurred(query):
             return self._query_sql(query, ("session_id",), (matching, [_tsquery(words)]))
         # The query's limit picks sessions before the words do, as in every store.
-        statement, params = self._query_sql(query, ("session_id",))
-        with self._cursor("querying sessions") as cur:
-            cur.execute(statement, params)
-            selected = [session_id for (session_id,) in cur.fetchall()]
+        selected = [session_id for (session_id, *_) in self._selected(query, ("session_id",))]
         return self._query_sql(
             replace(query, limit=None),
             ("session_id",),
@@ -1223,6 +1254,12 @@ class PostgresStore(AsyncTwins):
         agent_id, keep_last, older_than = criteria.agent_id, criteria.keep_last, criteria.older_than
         conditions: list[str] = []
         params: list[Any] = []
+        scope = "agent_id = %s"
+        scope_params: list[Any] = [_text(agent_id)]
+        if agent_id is not None and _blurred(SessionQuery(agent_id=agent_id)):
+            exact = self._selected(SessionQuery(agent_id=agent_id), ("session_id",))
+            scope += " AND session_id = ANY(%s)"
+            scope_params.append([session_id for (session_id, *_) in exact])
         if older_than is not None:
             conditions.append("r.last_active_at_ns < %s")
             params.append(_clamped_ns(older_than))
@@ -1232,13 +1269,13 @@ class PostgresStore(AsyncTwins):
         text = (
             f"WITH ranked AS (SELECT session_id, last_active_at_ns, row_number() OVER"
             f" (ORDER BY {_ORDER_BY['newest']}) AS rank FROM {{s}}.sessions"
-            f"{' WHERE agent_id = %s' if agent_id is not None else ''}),"
+            f"{' WHERE ' + scope if agent_id is not None else ''}),"
             " doomed AS (SELECT s.session_id FROM {s}.sessions s JOIN ranked r USING (session_id)"
             f" WHERE {' AND '.join(conditions)} FOR UPDATE OF s SKIP LOCKED)"
             " DELETE FROM {s}.sessions WHERE session_id IN (SELECT session_id FROM doomed)"
         )
         if agent_id is not None:
-            params.insert(0, _text(agent_id))
+            params[:0] = scope_params
         with self._cursor("pruning sessions", transaction=True) as cur:
             cur.execute(self._sql(text), params)
             deleted = cur.rowcount
