@@ -827,6 +827,52 @@ def test_read_only_commands_never_create_a_store(
     assert list(tmp_path.iterdir()) == []  # nothing created, not even a directory
 
 
+READ_ONLY_COMMANDS = [
+    ("list",),
+    ("show", BASIC_ID),
+    ("tree", BASIC_ID),
+    ("context", BASIC_ID, BASIC_LOOPS[0]),
+    ("stats",),
+    ("search", "the"),
+    ("export", BASIC_ID),
+    ("fork", BASIC_ID, BASIC_LOOPS[0], "--turn", "0"),
+    ("diff", f"{BASIC_ID}:#1", f"{BASIC_ID}:#2"),
+]
+
+
+def files_under(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("args", READ_ONLY_COMMANDS)
+@pytest.mark.parametrize("schema", ["current", "older"])
+def test_read_only_commands_leave_an_sqlite_store_as_it_is(
+    tmp_path: Path, args: tuple[str, ...], schema: str
+) -> None:
+    from .test_store_sqlite import back_to_v7
+
+    db = tmp_path / "kept" / "sessions.db"
+    assert run("record", EXAMPLE_STREAM, "--store", db).exit_code == EXIT_OK
+    if schema == "older":
+        back_to_v7(db)  # a store an earlier phi-session wrote: it must not be migrated
+    before = files_under(tmp_path / "kept")
+    assert list(before) == ["sessions.db"]
+    result = run(*args, "--store", db)
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert result.stdout.strip()
+    assert files_under(tmp_path / "kept") == before  # not a byte changed, no -wal or -shm left
+
+
+@pytest.mark.parametrize("args", READ_ONLY_COMMANDS)
+def test_read_only_commands_leave_a_json_store_as_it_is(store_dir: Path, args: tuple[str, ...]) -> None:
+    before = files_under(store_dir)
+    result = run(*args, "--store", store_dir)
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert files_under(store_dir) == before
+
+
 @pytest.mark.parametrize("name", ["work/x.db", "x.sqlite", "x.sqlite3"])
 def test_a_store_path_with_an_sqlite_suffix_is_an_sqlite_file(tmp_path: Path, name: str) -> None:
     (tmp_path / "work").mkdir()

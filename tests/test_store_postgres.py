@@ -43,6 +43,7 @@ from phi_session.stores.conformance import (
 )
 from phi_session.stores.outline import session_outline
 from phi_session.stores.query import PruneCriteria, SessionQuery
+from phi_session.stores.urls import open_store
 
 from .pg_concurrency_worker import SESSION_IDS, SHARED_LOOPS, own_loop_index, shared_loop_index
 
@@ -210,6 +211,24 @@ def test_newer_schema_version_is_refused(store: postgres.PostgresStore, admin: A
     )
     with pytest.raises(StoreError, match=f"version {postgres.SCHEMA_VERSION + 1}.*newer"):
         PostgresStore(DSN, schema=store.schema)
+
+
+def test_a_read_only_store_creates_and_migrates_nothing(schema: str, admin: Any) -> None:
+    url = f"{DSN}{'&' if '?' in DSN else '?'}schema={schema}"
+    with pytest.raises(StoreError, match=f"no phi-session schema '{schema}'"):
+        open_store(url, read_only=True)
+    assert admin.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is None
+    with PostgresStore(DSN, schema=schema) as writer:
+        writer.save(make_session("kept"))
+    with open_store(url, read_only=True) as reader:
+        assert reader.list_ids() == ["kept"]
+    meta = _table(schema, "meta")
+    admin.execute(sql.SQL("UPDATE {} SET value = '1' WHERE key = 'schema_version'").format(meta))
+    with pytest.raises(StoreError, match="has version 1, older than this phi-session's"):
+        open_store(url, read_only=True)
+    assert admin.execute(
+        sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(meta)
+    ).fetchone() == ("1",)
 
 
 def test_forward_migrations_run_in_order_and_atomically(

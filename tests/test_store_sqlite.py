@@ -335,6 +335,65 @@ def test_failed_migration_leaves_the_database_as_it_was(db: Path, monkeypatch: p
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'extra'").fetchone() is None
 
 
+# -- read-only -------------------------------------------------------------------------------
+
+
+def files_next_to(db: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(db.parent.iterdir()) if p.is_file()}
+
+
+def test_a_read_only_store_needs_the_file_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such.db"
+    with pytest.raises(StoreError, match="no SQLite store at"):
+        SqliteStore(missing, read_only=True)
+    assert list(tmp_path.iterdir()) == []
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(StoreError, match="no SQLite store at"):
+        SqliteStore(empty, read_only=True)
+    assert [(p.name, p.stat().st_size) for p in tmp_path.iterdir()] == [("empty.db", 0)]
+
+
+def test_a_read_only_store_changes_nothing_and_sees_what_writers_commit(db: Path) -> None:
+    with SqliteStore(db) as writer:
+        writer.save(make_session("first"))
+    before = files_next_to(db)
+    with SqliteStore(db, read_only=True) as reader:
+        assert reader.list_ids() == ["first"]
+        with pytest.raises(StoreError, match="readonly"):
+            reader.save(make_session("second"))
+        with pytest.raises(StoreError, match="readonly"):
+            reader.delete("first")
+    assert files_next_to(db) == before  # not a byte changed, no -wal or -shm left
+    with SqliteStore(db, read_only=True) as reader, SqliteStore(db) as writer:
+        assert reader.list_ids() == ["first"]
+        writer.save(make_session("second"))  # while the reader is open, as under `serve`
+        assert sorted(reader.list_ids()) == ["first", "second"]
+
+
+def test_a_read_only_store_reads_an_older_schema_from_a_copy_and_leaves_the_file(
+    db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sessions = [make_session("a", loops=[talking_loop("a", 1, "brew coffee")]), make_session("b")]
+    with SqliteStore(db) as store:
+        store.save_many(sessions)
+    back_to_v5(db)
+    before = files_next_to(db)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    reader = SqliteStore(db, read_only=True)
+    assert {session_id: encode_session(reader.load(session_id)) for session_id in reader.list_ids()} == {
+        session.session_id: encode_session(session) for session in sessions
+    }
+    assert {hit.session_id for hit in reader.search("coffee")} == {"a"}
+    assert "schema version 5" in caplog.text and "left as it is" in caplog.text
+    reader.close()
+    assert files_next_to(db) == before and pragma(db, "user_version") == 5
+    del reader
+    assert list(temporary.iterdir()) == []  # the copy went with the store
+
+
 # -- round trips -------------------------------------------------------------------------------
 
 

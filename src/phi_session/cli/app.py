@@ -87,17 +87,19 @@ def warn(message: str) -> None:
 
 @contextlib.contextmanager
 def open_cli_store(
-    url: str | None, directory: str | None = None, *, must_exist: bool = False
+    url: str | None, directory: str | None = None, *, must_exist: bool = False, read_only: bool = False
 ) -> Iterator[SessionStore]:
     """The store named by ``--store`` (None: the default store), closed afterwards.
 
     `directory` (the ``--dir`` option) names a JSON-file store directly; it is
-    created on the first save if it does not exist yet. With `must_exist` (every
-    command that only reads) a file or directory store that does not exist is an
-    error naming where it was looked for, not a new empty store: a mistyped
-    ``--store`` must not look like a store without sessions, and an empty file
-    (``touch x.db``) is left empty, not made a store.
+    created on the first save if it does not exist yet. With `must_exist` a file
+    or directory store that does not exist is an error naming where it was looked
+    for, not a new empty store: a mistyped ``--store`` must not look like a store
+    without sessions, and an empty file (``touch x.db``) is left empty, not made a
+    store. `read_only` (every command that only reads; implies `must_exist`) opens
+    it with `open_store`'s ``read_only``: nothing in it is created, migrated or changed.
     """
+    must_exist = must_exist or read_only
     from ..stores.json_dir import JsonDirStore
 
     if directory is not None and url is not None:
@@ -111,7 +113,7 @@ def open_cli_store(
             if path is not None and path.is_file() and path.stat().st_size == 0:
                 # Opening it would make it an SQLite store.
                 raise CliError(f"{path} is an empty file, not a store: nothing was recorded there")
-        store = JsonDirStore(directory) if directory is not None else open_store(url)
+        store = JsonDirStore(directory) if directory is not None else open_store(url, read_only=read_only)
     except InvalidStoreUrl as error:
         raise CliError(f"--store: {error}", EXIT_USAGE) from None
     try:

@@ -121,7 +121,7 @@ def list_command(
     session's outline is read to price it)."""
     query = _session_query(filters)
     pricer = cli_pricer(prices_file)
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, read_only=True) as store:
         rows = store.query(query)
         costs = [_session_cost(store, pricer, row.session_id) for row in rows]
     following = query.next_page(rows)
@@ -172,7 +172,7 @@ def show(
     if with_timeline:
         _show_timeline(session_id, store_url, as_json, prices_file)
         return
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, read_only=True) as store:
         session = load_cli_session(store, session_id)
     if as_json:
         click.echo(encode_session(session).decode())
@@ -193,7 +193,7 @@ def show(
 def _show_timeline(session_id: str, store_url: str | None, as_json: bool, prices_file: str | None) -> None:
     """``show --timeline``: from the session's outline, the waterfall printed a page of
     loops at a time (`outline_timeline`), so a huge session is never whole in memory."""
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, read_only=True) as store:
         outline = store.load_outline(session_id_argument(session_id))
         pages = outline_timeline(store, outline)
         if as_json:
@@ -219,7 +219,7 @@ def tree(session_id: str, store_url: str | None, as_json: bool) -> None:
     The session, the sub-agent sessions its tools spawned, theirs, and so on,
     loaded from the store (a child missing from the store is marked).
     """
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, read_only=True) as store:
         root = load_cli_session(store, session_id)
         graph = spawn_graph(store, root)
     if as_json:
@@ -246,7 +246,7 @@ def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool)
     block instead of its messages. A compaction pass recorded from events stores
     no block (its events carry only token counts): its context is uncompacted.
     """
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, read_only=True) as store:
         session = load_cli_session(store, session_id)
     messages = session.context_at(loop_id)
     if as_json:
@@ -292,7 +292,7 @@ def stats(group_by: str, store_url: str | None, as_json: bool, prices_file: str 
     except InvalidQuery as error:
         raise CliError(f"--by: {error.reason}", EXIT_USAGE) from None
     pricer = cli_pricer(prices_file)
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, read_only=True) as store:
         totals = store.usage_totals(by, pricer=pricer)
     if as_json:
         echo_json(to_builtins(totals))
@@ -321,7 +321,7 @@ def search(text: str, limit: str, store_url: str | None, as_json: bool, **filter
     """
     query = _session_query(filters)
     hit_limit = _session_query({"limit": limit}).limit
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, read_only=True) as store:
         hits = store.search(text, query, DEFAULT_LIMIT if hit_limit is None else hit_limit)
     if as_json:
         echo_json(to_builtins(hits))
@@ -707,7 +707,7 @@ def export(
     --json is accepted for uniformity; both formats are JSON already.
     """
     del as_json  # both formats are machine-readable already
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, read_only=True) as store:
         sessions = [load_cli_session(store, session_id) for session_id in session_ids]
     if fmt == "jsonl":
         chunks: Iterable[bytes] = (encode_event(event) + b"\n" for event in event_stream(sessions))
@@ -841,7 +841,7 @@ def serve(
     """
     from ..web.server import is_loopback, make_server
 
-    with open_cli_store(store_url, must_exist=not otlp) as store, contextlib.ExitStack() as cleanup:
+    with open_cli_store(store_url, read_only=not otlp) as store, contextlib.ExitStack() as cleanup:
         try:
             server = make_server(store, host=host, port=port)
         except OSError as error:

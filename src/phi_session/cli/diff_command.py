@@ -57,7 +57,7 @@ def diff_command(
     session_b, ref_b = _side(b, loop_b, "B")
     if (ref_a is None) != (ref_b is None):
         raise CliError("name a loop on both sides (SESSION:LOOP) or on neither (SESSION)", EXIT_USAGE)
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, read_only=True) as store:
         first = load_cli_session(store, session_a)
         second = first if session_b == session_a else load_cli_session(store, session_b)
     result: LoopDiff | SessionDiff

@@ -56,7 +56,7 @@ def fork_command(
     fork_lineage); phi_session.codec.decode_messages(FILE's bytes) reads its
     messages back.
     """
-    with open_cli_store(store_url, must_exist=True) as store:
+    with open_cli_store(store_url, read_only=True) as store:
         session = load_cli_session(store, session_id)
     loop_id = find_loop(session, loop_id).loop_id
     turn = ReplayScript.from_session(session, loop_id).turn(turn_index)

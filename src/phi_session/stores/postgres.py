@@ -682,6 +682,10 @@ class PostgresStore(AsyncTwins):
     Opening connects once and brings the schema up to `SCHEMA_VERSION`; every
     database failure is raised as `StoreError` naming the server (never the
     password). Use as a context manager or call `close`.
+
+    With `read_only`, opening creates and migrates nothing: a schema that does not
+    exist, or was written by an earlier phi-session, is a `StoreError` (saving with
+    a store opened to write upgrades it).
     """
 
     def __init__(
@@ -692,6 +696,7 @@ class PostgresStore(AsyncTwins):
         pool_size: int = 4,
         lock_timeout: float = 5.0,
         connect_timeout: float = 10.0,
+        read_only: bool = False,
     ) -> None:
         if _MISSING_PSYCOPG is not None:
             raise StoreError(
@@ -724,7 +729,10 @@ class PostgresStore(AsyncTwins):
             self._connect_options["application_name"] = "phi-session"
         self._pool = _Pool(self._connect, pool_size)
         try:
-            self._migrate()
+            if read_only:
+                self._check_readable()
+            else:
+                self._migrate()
         except BaseException:
             self._pool.close()
             raise
@@ -824,6 +832,21 @@ class PostgresStore(AsyncTwins):
                         ),
                         (str(SCHEMA_VERSION),),
                     )
+
+    def _check_readable(self) -> None:
+        """What a read-only store reads is there, at `SCHEMA_VERSION`."""
+        with self._cursor("checking the schema version") as cur:
+            version = self._stored_version(cur)
+        if version is None:
+            raise StoreError(
+                f"no phi-session schema {self._schema!r} on {self._where}: nothing was recorded there"
+            )
+        if version < SCHEMA_VERSION:
+            raise StoreError(
+                f"schema {self._schema!r} on {self._where} has version {version}, older than this"
+                f" phi-session's ({SCHEMA_VERSION}); reading leaves it as it is: the first save"
+                " by this phi-session upgrades it"
+            )
 
     def _stored_version(self, cur: psycopg.Cursor[Row]) -> int | None:
         """The schema version recorded in the database (None: no schema yet)."""

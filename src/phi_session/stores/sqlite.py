@@ -46,11 +46,12 @@ import logging
 import os
 import sqlite3
 import struct
+import tempfile
 import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
@@ -861,6 +862,12 @@ class SqliteStore(AsyncTwins):
     in seconds, how long a write waits for another writer before `SessionLocked`.
     Raises `StoreError` if the file is not a phi-session database or was written
     by a newer phi-session (schema version above `SCHEMA_VERSION`).
+
+    With `read_only`, the store only reads: `path` must exist, nothing is created,
+    migrated or changed in it (a write raises `StoreError`), and it still sees what
+    writers commit meanwhile. A file written by an earlier phi-session (an older
+    schema) is then read through a migrated copy in a temporary directory, taken
+    when the store is opened: it does not see later writes.
     """
 
     def __init__(
@@ -869,6 +876,7 @@ class SqliteStore(AsyncTwins):
         *,
         timeout: float = 5.0,
         synchronous: Synchronous = "NORMAL",
+        read_only: bool = False,
     ) -> None:
         text = os.fspath(path)
         if text in ("", ":memory:") or text.startswith("file:"):
@@ -881,16 +889,27 @@ class SqliteStore(AsyncTwins):
         self.path = Path(text).absolute()
         self.timeout = timeout
         self.synchronous = synchronous
+        self.read_only = read_only
+        # What connections open: `path`, or the migrated copy a read-only store reads.
+        self._file = self.path
+        self._copy: tempfile.TemporaryDirectory[str] | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: list[tuple[_Connection, weakref.finalize[Any, Any]]] = []
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise StoreError(f"cannot create the directory of {self.path}: {error}") from error
+        if read_only:
+            if not self.path.is_file():
+                raise StoreError(f"no SQLite store at {self.path}")
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise StoreError(f"cannot create the directory of {self.path}: {error}") from error
         try:
             with self._connected("open") as conn:
-                self._migrate(conn)
+                if read_only:
+                    self._read_older_schema_from_a_copy(conn)
+                else:
+                    self._migrate(conn)
         finally:
             # Holding no connection until first use, a store opened before a fork() is
             # safe to use on both sides of it.
@@ -920,23 +939,7 @@ class SqliteStore(AsyncTwins):
                     "connections must not cross fork(): call close() before forking (the store "
                     "reconnects on its next use), or open the store in the child"
                 )
-        # check_same_thread=False only so that `close` and the exit hook may close an
-        # idle connection of another thread.
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-        try:
-            # Before anything that writes (journal_mode changes the file's header):
-            # a database of another application must be left exactly as it was.
-            self._check_version(conn)
-            # Only takes effect on a new, empty file: lets `prune` give pages back.
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            # Checkpoints shrink the WAL back to this after a large transaction (or a prune).
-            conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
-        except BaseException:
-            conn.close()
-            raise
+        conn = self._connect(self._file, read_only=self.read_only)
         connection = _Connection(conn)
         owner = _Owner(connection)
         # At interpreter exit the finalizer runs in the main thread while daemon threads
@@ -946,6 +949,58 @@ class SqliteStore(AsyncTwins):
             self._open.append((connection, release))
         self._local.owner = owner
         return connection
+
+    def _connect(self, file: Path, *, read_only: bool) -> sqlite3.Connection:
+        """A configured connection to `file`; with `read_only`, one that writes nothing.
+
+        Not ``mode=ro``: a read-only connection to a WAL database creates its -wal and
+        -shm files and, unable to remove them, leaves them behind; a read-write one
+        that never writes removes them when the last connection closes.
+        """
+        # check_same_thread=False only so that `close` and the exit hook may close an
+        # idle connection of another thread.
+        conn = sqlite3.connect(file, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        try:
+            # Before anything that writes (journal_mode changes the file's header):
+            # a database of another application must be left exactly as it was.
+            self._check_version(conn)
+            if read_only:
+                conn.execute("PRAGMA query_only = ON")
+            else:
+                # Only takes effect on a new, empty file: lets `prune` give pages back
+                # (but setting it rewrites the header's change counter, even unchanged).
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            # Checkpoints shrink the WAL back to this after a large transaction (or a prune).
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _read_older_schema_from_a_copy(self, conn: sqlite3.Connection) -> None:
+        """A read-only store of an older schema: point the connections at a copy of the
+        file (`conn`'s snapshot) migrated in a temporary directory, the file left as it is."""
+        version = self._check_version(conn)
+        if version == SCHEMA_VERSION:
+            return
+        if version == 0:
+            raise StoreError(f"no SQLite store at {self.path}: the file holds no phi-session tables")
+        self._copy = tempfile.TemporaryDirectory(prefix="phi-session-")
+        copy = Path(self._copy.name) / self.path.name
+        with closing(self._connect(copy, read_only=False)) as target:
+            conn.backup(target)
+            self._migrate(target)
+        self._file = copy
+        logger.warning(
+            "%s has schema version %d, older than this phi-session's (%d): reading a migrated copy "
+            "of it, left as it is (the first save into it upgrades it)",
+            self.path,
+            version,
+            SCHEMA_VERSION,
+        )
 
     @contextmanager
     def _connected(self, action: str, session_id: str | None = None) -> Iterator[sqlite3.Connection]:

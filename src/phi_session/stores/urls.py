@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from ..errors import InvalidStoreUrl
+from ..errors import InvalidStoreUrl, StoreError
 from .base import SessionStore
 from .sqlite import SqliteStore
 
@@ -69,8 +69,12 @@ def default_store() -> SessionStore:
     return open_store(None)
 
 
-def open_store(url: str | os.PathLike[str] | None = None) -> SessionStore:
+def open_store(url: str | os.PathLike[str] | None = None, *, read_only: bool = False) -> SessionStore:
     """Open the store `url` names (forms in the module docstring); `None`: the default.
+
+    With `read_only`, open an existing store only to read it: nothing is created,
+    migrated or changed (`StoreError` if there is no store; see the backends'
+    ``read_only``; a JSON directory is only read anyway).
 
     Raises `InvalidStoreUrl` (a `StoreError` and a ``ValueError``) for a URL of no
     accepted form, naming the accepted forms (and ``PHI_SESSION_STORE`` when the bad
@@ -79,14 +83,18 @@ def open_store(url: str | os.PathLike[str] | None = None) -> SessionStore:
     a newer schema, …).
     """
     kind, target, options = _resolve(url)
+    if read_only:
+        options["read_only"] = True
     if kind == "postgresql":
         from .postgres import PostgresStore  # psycopg is optional
 
-        return _postgres(target, PostgresStore)
+        return _postgres(target, PostgresStore, options)
     if kind == "sqlite":
         return SqliteStore(target, **options)
     from .json_dir import JsonDirStore
 
+    if read_only and not target.is_dir():
+        raise StoreError(f"no store directory at {target}")
     return JsonDirStore(target)
 
 
@@ -125,11 +133,11 @@ class _BadUrl(Exception):
         super().__init__(f"{problem}; accepted: {ACCEPTED_FORMS}")
 
 
-def _postgres(url: str, store: Any) -> SessionStore:
+def _postgres(url: str, store: Any, options: dict[str, Any]) -> SessionStore:
     dsn, schema = postgres_dsn_and_schema(url)
     if schema is not None:
-        return store(dsn, schema=schema)  # type: ignore[no-any-return]
-    return store(dsn)  # type: ignore[no-any-return]
+        options["schema"] = schema
+    return store(dsn, **options)  # type: ignore[no-any-return]
 
 
 def postgres_dsn_and_schema(url: str) -> tuple[str, str | None]:
