@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -181,14 +184,24 @@ def test_export_is_deterministic(demo_sessions: list[Session]) -> None:
     assert first == second
 
 
+def _feed(sink: OtelExportSink, session: Session) -> None:
+    for record in session.loops:
+        for stored in record.events:
+            sink(stored.event)
+
+
+def _exported_ids(exporter: InMemorySpanExporter) -> set[int]:
+    return {span.context.span_id for span in exporter.get_finished_spans()}
+
+
 def test_sink_exports_each_session_as_it_completes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     exporter = InMemorySpanExporter()
     sink = OtelExportSink(exporter)
     sessions = run_demo(JsonDirStore(tmp_path), sinks=[sink])
+    assert sink.flush(timeout=10)
     assert sink.exported_sessions >= len(sessions)  # continuations may export as their own batches
     sink.close()
-    expected = {span.context.span_id for span in _export(sessions)}
-    assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(sessions)}
 
 
 class _DownAtFirst(InMemorySpanExporter):
@@ -209,51 +222,99 @@ class _DownAtFirst(InMemorySpanExporter):
         return super().export(spans)
 
 
-def test_sink_sends_again_what_the_exporter_failed_to_take(tmp_path: Path) -> None:
+class _Unanswered(InMemorySpanExporter):
+    """A collector that does not answer until `answer` is set (at most `patience` seconds),
+    as an exporter waits out its timeout on an unreachable one."""
+
+    def __init__(self, patience: float = 5.0) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+        self.patience = patience
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.answer.wait(self.patience)
+        return super().export(spans)
+
+
+def test_the_agent_never_waits_for_the_exporter(demo_sessions: list[Session]) -> None:
+    # It waited out the exporter's timeout in the call with the session's AgentEnd.
+    exporter = _Unanswered()
+    sink = OtelExportSink(exporter)
+    started = time.monotonic()
+    _feed(sink, demo_sessions[0])
+    assert time.monotonic() - started < 1
+    assert sink.flush(timeout=0.05) is False  # still being exported
+    exporter.answer.set()
+    assert sink.flush(timeout=10)
+    sink.close()
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
+
+
+def test_a_transient_export_failure_is_retried_off_the_agents_path(tmp_path: Path) -> None:
     exporter = _DownAtFirst(refusals=2)
     sink = OtelExportSink(exporter)
-    sessions = run_demo(JsonDirStore(tmp_path), sinks=[sink])  # the tracer counts the sink's errors
+    sessions = run_demo(JsonDirStore(tmp_path), sinks=[sink])
+    assert sink.flush(timeout=10)  # the worker tried again, and the exporter took them
     sink.close()
-    expected = {span.context.span_id for span in _export(sessions)}
-    assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
-    exporter.refusals, exported = 1, sink.exported_sessions
-    sink(sessions[0].loops[0].events[0].event)  # a loop starts again, never to end
-    with pytest.raises(ExportError):
-        sink.close()  # that one failed, and says so; the next close sends it
-    sink.close()
-    assert sink.exported_sessions == exported + 1
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(sessions)}
 
 
-def test_an_exporter_that_raises_is_an_export_error_and_loses_nothing(demo_sessions: list[Session]) -> None:
+def test_export_errors_reach_flush_and_close_never_the_agent(demo_sessions: list[Session]) -> None:
     with pytest.raises(ExportError, match="collector down"):
         export_session(demo_sessions[0], _DownAtFirst(1, ConnectionRefusedError("collector down")))
-    exporter = _DownAtFirst(1, ConnectionRefusedError("collector down"))
-    sink = OtelExportSink(exporter)
-    failures = 0
-    for record in demo_sessions[0].loops:
-        for stored in record.events:
-            try:
-                sink(stored.event)
-            except ExportError:  # the sink's caller sees an ExportError, as for FAILURE
-                failures += 1
-    assert failures == 1
-    sink.close()  # the session the exporter raised on was kept: sent now
-    expected = {span.context.span_id for span in _export(demo_sessions[:1])}
-    assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
-
-
-def test_an_interrupted_export_keeps_its_sessions_for_close(demo_sessions: list[Session]) -> None:
-    # The sessions drained for that export were dropped: the close that shutdown runs
-    # had nothing left to send.
-    exporter = _DownAtFirst(1, KeyboardInterrupt())  # Ctrl-C while it waits on its collector
-    sink = OtelExportSink(exporter)
-    with pytest.raises(KeyboardInterrupt):
-        for record in demo_sessions[0].loops:
-            for stored in record.events:
-                sink(stored.event)
+    exporter = _DownAtFirst(10**6, ConnectionRefusedError("collector down"))
+    sink = OtelExportSink(exporter, retry_for=0)
+    _feed(sink, demo_sessions[0])  # raised ExportError into the agent's event path
+    with pytest.raises(ExportError, match="failed to export"):
+        sink.flush(timeout=10)
+    assert {s.session_id for s in sink.failed_sessions()} == {demo_sessions[0].session_id}
+    with pytest.raises(ExportError):
+        sink.close()  # kept, not dropped: the next close sends it
+    exporter.refusals = 0
     sink.close()
-    first = demo_sessions[0].loops[0].loop_id
-    assert loop_span_id(first) in {span.context.span_id for span in exporter.get_finished_spans()}
+    assert sink.failed_sessions() == []
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
+
+
+def test_a_full_backlog_blocks_the_producer_rather_than_dropping(
+    demo_sessions: list[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = _Unanswered()
+    sink = OtelExportSink(exporter, max_pending_bytes=1)  # one session waits at a time
+    producer = threading.Thread(target=lambda: [_feed(sink, s) for s in demo_sessions[:3]])
+    with caplog.at_level(logging.WARNING, logger="phi_session.persist"):
+        producer.start()
+        producer.join(0.5)
+        assert producer.is_alive()  # blocked: the exporter has not taken the first session yet
+        exporter.answer.set()
+        producer.join(10)
+    assert not producer.is_alive()
+    assert "blocking the producer" in caplog.text
+    sink.close()
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:3])}
+
+
+def test_sessions_in_flight_are_exported_at_interpreter_exit(tmp_path: Path) -> None:
+    script = f"""
+import time
+from opentelemetry.sdk.trace.export import SpanExportResult, SpanExporter
+from phi_session.demo import run_demo
+from phi_session.otel import OtelExportSink
+from phi_session.stores.json_dir import JsonDirStore
+
+class Slow(SpanExporter):
+    def export(self, spans):
+        time.sleep(0.2)
+        print(*[span.context.span_id for span in spans], flush=True)
+        return SpanExportResult.SUCCESS
+
+run_demo(JsonDirStore({str(tmp_path)!r}), sinks=[OtelExportSink(Slow())])
+"""  # never flushed nor closed
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    exported = {int(span_id) for span_id in done.stdout.split()}
+    store = JsonDirStore(tmp_path)
+    assert exported == {span.context.span_id for span in _export([store.load(i) for i in store.list_ids()])}
 
 
 def _ingest(spans: list) -> list[Session]:
