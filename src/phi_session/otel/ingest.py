@@ -33,7 +33,7 @@ from .._failures import FailureTally
 from .._strict import strict_adds_nothing
 from ..adapters import session_id_for
 from ..codec import decode_event, decode_record, escape_surrogates
-from ..errors import DecodeError, OtlpDecodeError
+from ..errors import DecodeError
 from ..events import (
     DEFAULT,
     INITIAL,
@@ -71,7 +71,7 @@ from ..messages import (
     UserMessage,
 )
 from . import attributes as attr
-from .spans import SpanData, spans_from_otlp_json, spans_from_otlp_proto, spans_from_sdk
+from .spans import SpanData, read_otlp, spans_from_sdk
 
 __all__ = ["LOSSES", "IngestResult", "IngestSpanProcessor", "SpanIngestor", "ingest_otlp"]
 
@@ -1003,16 +1003,9 @@ def ingest_otlp(payload: bytes, content_type: str, ingestor: SpanIngestor) -> In
 
     Raises `OtlpDecodeError` for a payload that cannot be read (nothing of it is taken).
     """
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media == "application/json":
-        spans, skipped = spans_from_otlp_json(payload)
-    elif media in ("application/x-protobuf", "application/protobuf"):
-        spans, skipped = spans_from_otlp_proto(payload)
-    else:
-        raise OtlpDecodeError(f"unsupported content type {content_type!r}")
-    ingestor.add(spans)
-    message = f"{skipped} spans with invalid trace or span ids" if skipped else ""
-    return IngestResult(accepted=len(spans), rejected=skipped, message=message)
+    read = read_otlp(payload, content_type.split(";", 1)[0].strip().lower())
+    ingestor.add(read.spans)
+    return IngestResult(accepted=len(read.spans), rejected=read.skipped, message=read.message)
 
 
 class IngestSpanProcessor(SpanProcessor):
