@@ -30,6 +30,7 @@ from opentelemetry.trace import (
 from phi_session import SessionRecorder, encode_session
 from phi_session.demo import run_demo
 from phi_session.errors import ExportError
+from phi_session.events import ToolExecutionEnd
 from phi_session.messages import ZERO_USAGE
 from phi_session.model import Session
 from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
@@ -1014,3 +1015,92 @@ def test_tool_calls_of_a_loop_without_model_spans_are_kept() -> None:
     [turn] = loop.turns
     assert [result.content[0].text for result in turn.tool_results] == ["hit 0", "hit 1"]  # type: ignore[union-attr]
     assert "turn" in loop.metadata["otel"]["synthesized"]
+
+
+def _services_calling_a_sub_agent() -> tuple[list[ReadableSpan], list[ReadableSpan], int]:
+    """A caller service's loop whose tool ``ask`` calls a sub-agent served by another service
+    (the trace context propagated, so the sub-agent's root has a remote parent): (the caller's
+    spans, the sub-agent service's spans, the tool span's id)."""
+    caller, helper = InMemorySpanExporter(), InMemorySpanExporter()
+    providers = []
+    for exporter in (caller, helper):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        providers.append(provider.get_tracer("test"))
+    calling, serving = providers
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m"}
+    with calling.start_as_current_span(
+        "invoke_agent caller", attributes={attr.OPERATION_NAME: "invoke_agent"}
+    ):
+        with calling.start_as_current_span("chat m", attributes=chat):
+            pass
+        tool_attributes = {
+            attr.OPERATION_NAME: "execute_tool",
+            attr.TOOL_NAME: "ask",
+            attr.TOOL_CALL_ID: "c1",
+        }
+        with calling.start_as_current_span("execute_tool ask", attributes=tool_attributes) as tool:
+            sent = tool.get_span_context()
+            remote = SpanContext(sent.trace_id, sent.span_id, is_remote=True, trace_flags=sent.trace_flags)
+            with serving.start_as_current_span(
+                "invoke_agent helper",
+                context=set_span_in_context(NonRecordingSpan(remote)),
+                attributes={attr.OPERATION_NAME: "invoke_agent"},
+            ):
+                with serving.start_as_current_span("chat m", attributes=chat):
+                    pass
+    return list(caller.get_finished_spans()), list(helper.get_finished_spans()), sent.span_id
+
+
+def _ingest_payloads(*payloads: list[ReadableSpan]) -> list[Session]:
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    for payload in payloads:
+        ingestor.add(spans_from_sdk(span) for span in payload)
+    ingestor.flush()
+    recorder.flush()
+    return recorder.drain_completed()
+
+
+def _link(sessions: list[Session]) -> tuple[str | None, str | None, str]:
+    """(the child loop id in the caller's tool result, the sub-agent loop's parent and kind),
+    by agent; the sub-agent is expected in a session of its own."""
+    loops = {loop.agent_id: (session.session_id, loop) for session in sessions for loop in session.loops}
+    (caller_session, caller), (helper_session, helper) = loops["caller"], loops["helper"]
+    child = next(e.event.result.child_loop_id for e in caller.events if type(e.event) is ToolExecutionEnd)
+    if caller_session == helper_session:
+        return child, None, "same session"
+    return child, helper.parent_loop_id, helper.kind.kind
+
+
+def _expected_link(sessions: list[Session]) -> tuple[str, str, str]:
+    loops = {loop.agent_id: loop.loop_id for session in sessions for loop in session.loops}
+    return loops["helper"], loops["caller"], "Initial"
+
+
+def test_a_sub_agent_of_another_service_is_linked_to_the_tool_that_called_it() -> None:
+    # Its root's parent is remote, so it was a root: the caller's next loop (a Default
+    # continuation in the trace's session), not its sub-agent, and the tool result had no child.
+    calling, serving, _ = _services_calling_a_sub_agent()
+    sessions = _ingest_payloads([*serving, *calling])  # one payload (a collector batched both)
+    assert _link(sessions) == _expected_link(sessions)
+
+
+def test_a_sub_agent_arriving_while_its_callers_trace_waits_is_linked() -> None:
+    calling, serving, _ = _services_calling_a_sub_agent()
+    first_chat = [span for span in calling if span.name == "chat m"]
+    rest = [span for span in calling if span.name != "chat m"]
+    # The caller's first spans, then the sub-agent's service, then the caller's tool and root.
+    sessions = _ingest_payloads(first_chat, serving, rest)
+    assert _link(sessions) == _expected_link(sessions)
+
+
+def test_a_remote_parent_that_never_comes_is_kept_in_the_loops_metadata() -> None:
+    _, serving, tool_span = _services_calling_a_sub_agent()
+    recorder = SessionRecorder()
+    SpanIngestor(recorder).add(spans_from_sdk(span) for span in serving)  # recorded at once
+    recorder.checkpoint()
+    [session] = recorder.drain_completed()
+    [loop] = session.loops
+    assert loop.status == "Completed" and loop.parent_loop_id is None
+    assert loop.metadata is not None and loop.metadata["otel"]["parent_span_id"] == f"{tool_span:016x}"

@@ -51,7 +51,8 @@ class SpanData(msgspec.Struct, kw_only=True, gc=False):
     """One finished span, reduced to what ingest reads. Ids are ints; times are ns.
 
     `parent_id` is None for a root of the trace here: a span without a parent, or one
-    whose parent is remote (the caller's, in another process: it never comes).
+    whose parent is remote (the caller's, in another process: it may never come here);
+    then `remote_parent_id` is that parent's span id.
     """
 
     trace_id: int
@@ -66,6 +67,7 @@ class SpanData(msgspec.Struct, kw_only=True, gc=False):
     error: bool = False
     status_message: str = ""
     resource: dict[str, Any] = msgspec.field(default_factory=dict)
+    remote_parent_id: int | None = None
 
 
 def spans_from_sdk(span: Any) -> SpanData | None:
@@ -73,11 +75,13 @@ def spans_from_sdk(span: Any) -> SpanData | None:
     context = span.context
     if context is None or not context.trace_id or not context.span_id:
         return None
-    status = span.status
+    status, parent = span.status, span.parent
+    remote = parent is not None and parent.is_remote
     return SpanData(
         trace_id=context.trace_id,
         span_id=context.span_id,
-        parent_id=span.parent.span_id if span.parent is not None and not span.parent.is_remote else None,
+        parent_id=parent.span_id if parent is not None and not remote else None,
+        remote_parent_id=parent.span_id if remote else None,
         name=span.name,
         kind=span.kind.name,
         start=span.start_time or 0,
@@ -214,11 +218,13 @@ def _spans_from_proto(payload: bytes) -> OtlpSpans:
                 if ids is None:
                     skipped += 1
                     continue
+                remote = bool(span.flags & _REMOTE_PARENT)
                 out.append(
                     SpanData(
                         trace_id=ids[0],
                         span_id=ids[1],
-                        parent_id=None if span.flags & _REMOTE_PARENT else ids[2],
+                        parent_id=None if remote else ids[2],
+                        remote_parent_id=ids[2] if remote else None,
                         name=span.name,
                         kind=_KINDS.get(span.kind, "UNSPECIFIED"),
                         start=span.start_time_unix_nano,
@@ -374,11 +380,13 @@ def _spans_from_json(payload: bytes) -> OtlpSpans:
         status = _member(span, "status", {})
         status = status if isinstance(status, dict) else {}
         name, kind = _member(span, "name", ""), _member(span, "kind", 0)
+        remote = bool(_int(_member(span, "flags", 0), "flags") & _REMOTE_PARENT)
         out.append(
             SpanData(
                 trace_id=trace_id,
                 span_id=span_id,
-                parent_id=None if _int(_member(span, "flags", 0), "flags") & _REMOTE_PARENT else parent,
+                parent_id=None if remote else parent,
+                remote_parent_id=parent if remote else None,
                 name=name if isinstance(name, str) else "",
                 kind=_KINDS.get(kind, "UNSPECIFIED")
                 if isinstance(kind, int)
