@@ -677,3 +677,17 @@ def test_any_bytes_in_a_string_read_as_python_decodes_them(name: bytes, value: b
 
 def test_a_payload_that_is_not_protobuf_is_still_refused(receiver: Receiver) -> None:
     assert receiver.post(b"\x0a\x05\xff").status == 400  # a length past the end
+
+
+def test_invalid_utf8_in_a_repeated_string_is_replaced_too() -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from phi_session.otel.spans import read_otlp
+
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.entity_refs.add().id_keys.extend(["host\u00e9", "ok", "host\u00e9"])
+    span = resource_spans.scope_spans.add().spans.add()
+    span.trace_id, span.span_id, span.name = b"\x01" * 16, b"\x02" * 8, "chat m"
+    read = read_otlp(_invalid_utf8(request.SerializeToString(), "host\u00e9"), "application/x-protobuf")
+    assert ([s.name for s in read.spans], read.repaired) == (["chat m"], 2)

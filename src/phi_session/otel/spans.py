@@ -160,14 +160,14 @@ def _valid_utf8(message: Any, texts: frozenset[str]) -> int:
     altered = 0
     for field, value in message.ListFields():
         if field.full_name in texts:
-            for raw in [value] if isinstance(value, bytes) else list(value):
+            for index, raw in enumerate([value] if isinstance(value, bytes) else value):
                 fixed = raw.decode("utf-8", "replace").encode()
                 if fixed != raw:
                     altered += 1
                     if isinstance(value, bytes):
                         setattr(message, field.name, fixed)
                     else:
-                        value[value.index(raw)] = fixed
+                        value[index] = fixed
         elif field.type == field.TYPE_MESSAGE:
             for item in [value] if hasattr(value, "ListFields") else value:
                 altered += _valid_utf8(item, texts)
