@@ -155,8 +155,8 @@ def _lenient_request() -> tuple[Any, frozenset[str]]:
 
 
 def _valid_utf8(message: Any, texts: frozenset[str]) -> int:
-    """Replace invalid UTF-8 in the string fields of a lenient `message` (U+FFFD per bad
-    byte, as ``bytes.decode`` does), in place; returns how many strings were altered."""
+    """Replace invalid UTF-8 in the string fields of a lenient `message` with U+FFFD (as
+    ``bytes.decode(errors="replace")`` does), in place; returns how many strings were altered."""
     altered = 0
     for field, value in message.ListFields():
         if field.full_name in texts:
