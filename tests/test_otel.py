@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from opentelemetry.trace import (
 from phi_session import SessionRecorder, encode_session
 from phi_session.demo import run_demo
 from phi_session.errors import ExportError
+from phi_session.events import ToolExecutionEnd
 from phi_session.messages import ZERO_USAGE
 from phi_session.model import Session
 from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
@@ -181,14 +185,24 @@ def test_export_is_deterministic(demo_sessions: list[Session]) -> None:
     assert first == second
 
 
+def _feed(sink: OtelExportSink, session: Session) -> None:
+    for record in session.loops:
+        for stored in record.events:
+            sink(stored.event)
+
+
+def _exported_ids(exporter: InMemorySpanExporter) -> set[int]:
+    return {span.context.span_id for span in exporter.get_finished_spans()}
+
+
 def test_sink_exports_each_session_as_it_completes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     exporter = InMemorySpanExporter()
     sink = OtelExportSink(exporter)
     sessions = run_demo(JsonDirStore(tmp_path), sinks=[sink])
+    assert sink.flush(timeout=10)
     assert sink.exported_sessions >= len(sessions)  # continuations may export as their own batches
     sink.close()
-    expected = {span.context.span_id for span in _export(sessions)}
-    assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(sessions)}
 
 
 class _DownAtFirst(InMemorySpanExporter):
@@ -209,51 +223,99 @@ class _DownAtFirst(InMemorySpanExporter):
         return super().export(spans)
 
 
-def test_sink_sends_again_what_the_exporter_failed_to_take(tmp_path: Path) -> None:
+class _Unanswered(InMemorySpanExporter):
+    """A collector that does not answer until `answer` is set (at most `patience` seconds),
+    as an exporter waits out its timeout on an unreachable one."""
+
+    def __init__(self, patience: float = 5.0) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+        self.patience = patience
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.answer.wait(self.patience)
+        return super().export(spans)
+
+
+def test_the_agent_never_waits_for_the_exporter(demo_sessions: list[Session]) -> None:
+    # It waited out the exporter's timeout in the call with the session's AgentEnd.
+    exporter = _Unanswered()
+    sink = OtelExportSink(exporter)
+    started = time.monotonic()
+    _feed(sink, demo_sessions[0])
+    assert time.monotonic() - started < 1
+    assert sink.flush(timeout=0.05) is False  # still being exported
+    exporter.answer.set()
+    assert sink.flush(timeout=10)
+    sink.close()
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
+
+
+def test_a_transient_export_failure_is_retried_off_the_agents_path(tmp_path: Path) -> None:
     exporter = _DownAtFirst(refusals=2)
     sink = OtelExportSink(exporter)
-    sessions = run_demo(JsonDirStore(tmp_path), sinks=[sink])  # the tracer counts the sink's errors
+    sessions = run_demo(JsonDirStore(tmp_path), sinks=[sink])
+    assert sink.flush(timeout=10)  # the worker tried again, and the exporter took them
     sink.close()
-    expected = {span.context.span_id for span in _export(sessions)}
-    assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
-    exporter.refusals, exported = 1, sink.exported_sessions
-    sink(sessions[0].loops[0].events[0].event)  # a loop starts again, never to end
-    with pytest.raises(ExportError):
-        sink.close()  # that one failed, and says so; the next close sends it
-    sink.close()
-    assert sink.exported_sessions == exported + 1
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(sessions)}
 
 
-def test_an_exporter_that_raises_is_an_export_error_and_loses_nothing(demo_sessions: list[Session]) -> None:
+def test_export_errors_reach_flush_and_close_never_the_agent(demo_sessions: list[Session]) -> None:
     with pytest.raises(ExportError, match="collector down"):
         export_session(demo_sessions[0], _DownAtFirst(1, ConnectionRefusedError("collector down")))
-    exporter = _DownAtFirst(1, ConnectionRefusedError("collector down"))
-    sink = OtelExportSink(exporter)
-    failures = 0
-    for record in demo_sessions[0].loops:
-        for stored in record.events:
-            try:
-                sink(stored.event)
-            except ExportError:  # the sink's caller sees an ExportError, as for FAILURE
-                failures += 1
-    assert failures == 1
-    sink.close()  # the session the exporter raised on was kept: sent now
-    expected = {span.context.span_id for span in _export(demo_sessions[:1])}
-    assert {span.context.span_id for span in exporter.get_finished_spans()} == expected
-
-
-def test_an_interrupted_export_keeps_its_sessions_for_close(demo_sessions: list[Session]) -> None:
-    # The sessions drained for that export were dropped: the close that shutdown runs
-    # had nothing left to send.
-    exporter = _DownAtFirst(1, KeyboardInterrupt())  # Ctrl-C while it waits on its collector
-    sink = OtelExportSink(exporter)
-    with pytest.raises(KeyboardInterrupt):
-        for record in demo_sessions[0].loops:
-            for stored in record.events:
-                sink(stored.event)
+    exporter = _DownAtFirst(10**6, ConnectionRefusedError("collector down"))
+    sink = OtelExportSink(exporter, retry_for=0)
+    _feed(sink, demo_sessions[0])  # raised ExportError into the agent's event path
+    with pytest.raises(ExportError, match="failed to export"):
+        sink.flush(timeout=10)
+    assert {s.session_id for s in sink.failed_sessions()} == {demo_sessions[0].session_id}
+    with pytest.raises(ExportError):
+        sink.close()  # kept, not dropped: the next close sends it
+    exporter.refusals = 0
     sink.close()
-    first = demo_sessions[0].loops[0].loop_id
-    assert loop_span_id(first) in {span.context.span_id for span in exporter.get_finished_spans()}
+    assert sink.failed_sessions() == []
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:1])}
+
+
+def test_a_full_backlog_blocks_the_producer_rather_than_dropping(
+    demo_sessions: list[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = _Unanswered()
+    sink = OtelExportSink(exporter, max_pending_bytes=1)  # one session waits at a time
+    producer = threading.Thread(target=lambda: [_feed(sink, s) for s in demo_sessions[:3]])
+    with caplog.at_level(logging.WARNING, logger="phi_session.persist"):
+        producer.start()
+        producer.join(0.5)
+        assert producer.is_alive()  # blocked: the exporter has not taken the first session yet
+        exporter.answer.set()
+        producer.join(10)
+    assert not producer.is_alive()
+    assert "blocking the producer" in caplog.text
+    sink.close()
+    assert _exported_ids(exporter) == {span.context.span_id for span in _export(demo_sessions[:3])}
+
+
+def test_sessions_in_flight_are_exported_at_interpreter_exit(tmp_path: Path) -> None:
+    script = f"""
+import time
+from opentelemetry.sdk.trace.export import SpanExportResult, SpanExporter
+from phi_session.demo import run_demo
+from phi_session.otel import OtelExportSink
+from phi_session.stores.json_dir import JsonDirStore
+
+class Slow(SpanExporter):
+    def export(self, spans):
+        time.sleep(0.2)
+        print(*[span.context.span_id for span in spans], flush=True)
+        return SpanExportResult.SUCCESS
+
+run_demo(JsonDirStore({str(tmp_path)!r}), sinks=[OtelExportSink(Slow())])
+"""  # never flushed nor closed
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    exported = {int(span_id) for span_id in done.stdout.split()}
+    store = JsonDirStore(tmp_path)
+    assert exported == {span.context.span_id for span in _export([store.load(i) for i in store.list_ids()])}
 
 
 def _ingest(spans: list) -> list[Session]:
@@ -953,3 +1015,92 @@ def test_tool_calls_of_a_loop_without_model_spans_are_kept() -> None:
     [turn] = loop.turns
     assert [result.content[0].text for result in turn.tool_results] == ["hit 0", "hit 1"]  # type: ignore[union-attr]
     assert "turn" in loop.metadata["otel"]["synthesized"]
+
+
+def _services_calling_a_sub_agent() -> tuple[list[ReadableSpan], list[ReadableSpan], int]:
+    """A caller service's loop whose tool ``ask`` calls a sub-agent served by another service
+    (the trace context propagated, so the sub-agent's root has a remote parent): (the caller's
+    spans, the sub-agent service's spans, the tool span's id)."""
+    caller, helper = InMemorySpanExporter(), InMemorySpanExporter()
+    providers = []
+    for exporter in (caller, helper):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        providers.append(provider.get_tracer("test"))
+    calling, serving = providers
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m"}
+    with calling.start_as_current_span(
+        "invoke_agent caller", attributes={attr.OPERATION_NAME: "invoke_agent"}
+    ):
+        with calling.start_as_current_span("chat m", attributes=chat):
+            pass
+        tool_attributes = {
+            attr.OPERATION_NAME: "execute_tool",
+            attr.TOOL_NAME: "ask",
+            attr.TOOL_CALL_ID: "c1",
+        }
+        with calling.start_as_current_span("execute_tool ask", attributes=tool_attributes) as tool:
+            sent = tool.get_span_context()
+            remote = SpanContext(sent.trace_id, sent.span_id, is_remote=True, trace_flags=sent.trace_flags)
+            with serving.start_as_current_span(
+                "invoke_agent helper",
+                context=set_span_in_context(NonRecordingSpan(remote)),
+                attributes={attr.OPERATION_NAME: "invoke_agent"},
+            ):
+                with serving.start_as_current_span("chat m", attributes=chat):
+                    pass
+    return list(caller.get_finished_spans()), list(helper.get_finished_spans()), sent.span_id
+
+
+def _ingest_payloads(*payloads: list[ReadableSpan]) -> list[Session]:
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    for payload in payloads:
+        ingestor.add(spans_from_sdk(span) for span in payload)
+    ingestor.flush()
+    recorder.flush()
+    return recorder.drain_completed()
+
+
+def _link(sessions: list[Session]) -> tuple[str | None, str | None, str]:
+    """(the child loop id in the caller's tool result, the sub-agent loop's parent and kind),
+    by agent; the sub-agent is expected in a session of its own."""
+    loops = {loop.agent_id: (session.session_id, loop) for session in sessions for loop in session.loops}
+    (caller_session, caller), (helper_session, helper) = loops["caller"], loops["helper"]
+    child = next(e.event.result.child_loop_id for e in caller.events if type(e.event) is ToolExecutionEnd)
+    if caller_session == helper_session:
+        return child, None, "same session"
+    return child, helper.parent_loop_id, helper.kind.kind
+
+
+def _expected_link(sessions: list[Session]) -> tuple[str, str, str]:
+    loops = {loop.agent_id: loop.loop_id for session in sessions for loop in session.loops}
+    return loops["helper"], loops["caller"], "Initial"
+
+
+def test_a_sub_agent_of_another_service_is_linked_to_the_tool_that_called_it() -> None:
+    # Its root's parent is remote, so it was a root: the caller's next loop (a Default
+    # continuation in the trace's session), not its sub-agent, and the tool result had no child.
+    calling, serving, _ = _services_calling_a_sub_agent()
+    sessions = _ingest_payloads([*serving, *calling])  # one payload (a collector batched both)
+    assert _link(sessions) == _expected_link(sessions)
+
+
+def test_a_sub_agent_arriving_while_its_callers_trace_waits_is_linked() -> None:
+    calling, serving, _ = _services_calling_a_sub_agent()
+    first_chat = [span for span in calling if span.name == "chat m"]
+    rest = [span for span in calling if span.name != "chat m"]
+    # The caller's first spans, then the sub-agent's service, then the caller's tool and root.
+    sessions = _ingest_payloads(first_chat, serving, rest)
+    assert _link(sessions) == _expected_link(sessions)
+
+
+def test_a_remote_parent_that_never_comes_is_kept_in_the_loops_metadata() -> None:
+    _, serving, tool_span = _services_calling_a_sub_agent()
+    recorder = SessionRecorder()
+    SpanIngestor(recorder).add(spans_from_sdk(span) for span in serving)  # recorded at once
+    recorder.checkpoint()
+    [session] = recorder.drain_completed()
+    [loop] = session.loops
+    assert loop.status == "Completed" and loop.parent_loop_id is None
+    assert loop.metadata is not None and loop.metadata["otel"]["parent_span_id"] == f"{tool_span:016x}"

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip install 'phi-session[otel]'")
 pytest.importorskip("opentelemetry.proto", reason="needs the otlp extra: pip install 'phi-session[otlp]'")
@@ -626,3 +628,66 @@ def test_text_from_undecodable_bytes_exports_and_comes_back_escaped() -> None:
         assert call.tool_name == escape_surrogates(f"ls {name}")
         if capture:
             assert call.result.content[0].text == escape_surrogates(name)  # type: ignore[union-attr]
+
+
+def _invalid_utf8(body: bytes, text: str) -> bytes:
+    """`body` with the UTF-8 of `text` made invalid (same length: lengths stay right)."""
+    encoded = text.encode()
+    assert encoded in body
+    return body.replace(encoded, b"\xff" * len(encoded))
+
+
+def test_invalid_utf8_is_replaced_only_where_it_is_and_said(tmp_path: Path) -> None:
+    # One bad string refused the whole payload (400): every other span was lost.
+    sent = tool_loop_session([("c1", "lookup", {"q": 1}, "ok"), ("c2", "lookup", {"q": 2}, "caf\u00e9")])
+    body = _invalid_utf8(_protobuf(session_spans(sent, capture_content=True)), "caf\u00e9")
+    made = Receiver(tmp_path)
+    response = made.post(body)
+    assert response.status == 200
+    partial = ExportTraceServiceResponse.FromString(response.read_body).partial_success  # type: ignore[attr-defined]
+    assert partial.rejected_spans == 0 and "invalid UTF-8" in partial.error_message
+    want = tool_loop_session([("c1", "lookup", {"q": 1}, "ok"), ("c2", "lookup", {"q": 2}, "\ufffd" * 5)])
+    _same(made.close(), [want])
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.binary(min_size=1, max_size=12), value=st.binary(min_size=1, max_size=12))
+def test_any_bytes_in_a_string_read_as_python_decodes_them(name: bytes, value: bytes) -> None:
+    from phi_session.otel.spans import read_otlp
+
+    span = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(span))
+    placeholders = ("N" * len(name), "V" * len(value))
+    with provider.get_tracer("t").start_as_current_span(placeholders[0], attributes={"k": placeholders[1]}):
+        pass
+    body = _protobuf(list(span.get_finished_spans()))
+    for placeholder, raw in zip(placeholders, (name, value), strict=True):
+        assume(body.count(placeholder.encode()) == 1)
+        body = body.replace(placeholder.encode(), raw)
+    read = read_otlp(body, "application/x-protobuf")
+    [got] = read.spans
+    assert (got.name, got.attributes["k"]) == (
+        name.decode("utf-8", "replace"),
+        value.decode("utf-8", "replace"),
+    )
+    valid = [raw for raw in (name, value) if raw.decode("utf-8", "replace").encode() == raw]
+    assert read.repaired == 2 - len(valid)
+
+
+def test_a_payload_that_is_not_protobuf_is_still_refused(receiver: Receiver) -> None:
+    assert receiver.post(b"\x0a\x05\xff").status == 400  # a length past the end
+
+
+def test_invalid_utf8_in_a_repeated_string_is_replaced_too() -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from phi_session.otel.spans import read_otlp
+
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.entity_refs.add().id_keys.extend(["host\u00e9", "ok", "host\u00e9"])
+    span = resource_spans.scope_spans.add().spans.add()
+    span.trace_id, span.span_id, span.name = b"\x01" * 16, b"\x02" * 8, "chat m"
+    read = read_otlp(_invalid_utf8(request.SerializeToString(), "host\u00e9"), "application/x-protobuf")
+    assert ([s.name for s in read.spans], read.repaired) == (["chat m"], 2)

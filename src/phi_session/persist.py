@@ -52,8 +52,7 @@ from .journal import Journal, JournaledRecorder, RecoveryReport, recover
 from .messages import ImageContent, TextContent, ThinkingContent
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
-from .saver import SessionSaver
-from .stores.base import SessionStore
+from .saver import SaveTarget, SessionSaver
 
 __all__ = ["DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder", "held_bytes"]
 
@@ -139,6 +138,7 @@ class _Pending:
 class AutoPersistingRecorder:
     """Records events and saves every finished session into `store`, in bounded memory.
 
+    * `store`: a `SessionStore`, or any other `SaveTarget` (`OtelExportSink` exports).
     * `journal`: a `Journal` or a directory to open one in (default policy), or None.
       The recorder owns it from now on: `close` closes it. With ``recover_on_start``,
       segments left by a crashed run are first recovered into `store`
@@ -161,7 +161,7 @@ class AutoPersistingRecorder:
 
     def __init__(
         self,
-        store: SessionStore,
+        store: SaveTarget,
         *,
         journal: Journal | str | os.PathLike[str] | None = None,
         config: SessionRecorderConfig | None = None,
@@ -591,6 +591,10 @@ class AutoPersistingRecorder:
     def failed_sessions(self) -> list[Session]:
         """Sessions the store refused (kept in memory, retried by `close`)."""
         return self._saver.unsaved
+
+    def retry_failed(self) -> int:
+        """Try to save the `failed_sessions` again (after `close` too); returns how many still fail."""
+        return self._saver.retry_unsaved()
 
     def close(self) -> None:
         """Flush the recorder, save everything, close the journal. Idempotent.

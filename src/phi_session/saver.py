@@ -3,8 +3,9 @@
 `SessionSaver` is what `AutoPersistingRecorder`, `consume`, journal recovery and the
 command line use to save sessions, so all of them fail the same way. The policy:
 
-* **Transient errors are retried.** `SessionLocked`, `StoreError` and `OSError` (a
-  busy database, a dropped connection, a full disk) are retried with doubling
+* **Transient errors are retried.** `SessionLocked`, `StoreError`, `OSError` and
+  `ExportError` (a busy database, a dropped connection, a full disk, a collector
+  down) are retried with doubling
   pauses (0.05 s up to 2 s) until `retry_for` seconds have passed since the first
   attempt. Once a session has been given up, the store is taken to be down: later
   sessions get one attempt each until a save succeeds again, so a dead store costs
@@ -39,20 +40,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .errors import InvalidSessionId, SessionLocked, StoreError
+from .errors import ExportError, InvalidSessionId, SessionLocked, StoreError
 from .events import AgentEvent
 from .model import Session
 from .recorder import SessionRecorder
-from .stores.base import SessionStore, escaped_to_save
+from .stores.base import escaped_to_save
 
-__all__ = ["BatchStore", "OrphanSink", "SaveOutcome", "SaveStats", "SessionSaver"]
+__all__ = ["BatchStore", "OrphanSink", "SaveOutcome", "SaveStats", "SaveTarget", "SessionSaver"]
 
 logger = logging.getLogger("phi_session.saver")
 
 OrphanSink = Callable[[list[AgentEvent]], object]
 """Takes the events of a session no store can hold and keeps them durably (or raises)."""
 
-_TRANSIENT = (SessionLocked, StoreError, OSError)
+_TRANSIENT = (SessionLocked, StoreError, OSError, ExportError)
 _FIRST_PAUSE = 0.05
 _MAX_PAUSE = 2.0
 
@@ -90,6 +91,15 @@ class SaveStats:
     """Sessions held in `SessionSaver.unsaved` right now."""
 
 
+class SaveTarget(Protocol):
+    """What a `SessionSaver` saves into: a `SessionStore`, or anything else that takes whole
+    sessions (`OtelExportSink` saves into its exporter)."""
+
+    def save(self, session: Session) -> None: ...
+
+    async def asave(self, session: Session) -> None: ...
+
+
 @runtime_checkable
 class BatchStore(Protocol):
     """A store that saves many sessions in one transaction, all or none (`SqliteStore`)."""
@@ -117,7 +127,7 @@ class SessionSaver:
     """
 
     def __init__(
-        self, store: SessionStore, *, orphans: OrphanSink | None = None, retry_for: float = 10.0
+        self, store: SaveTarget, *, orphans: OrphanSink | None = None, retry_for: float = 10.0
     ) -> None:
         if not retry_for >= 0:
             raise ValueError(f"retry_for must be a number of seconds >= 0, got {retry_for!r}")

@@ -11,8 +11,7 @@ from .. import codec
 from ..errors import DecodeError, NotAJournal, RecoveryError, StoreError
 from ..events import AgentEvent, AgentStart
 from ..recorder import SessionRecorder, SessionRecorderConfig
-from ..saver import SessionSaver
-from ..stores.base import SessionStore
+from ..saver import SaveTarget, SessionSaver
 from .format import (
     CHECKPOINT_FILE,
     ORPHANS_FILE,
@@ -71,7 +70,7 @@ def read_records(directory: StrPath) -> Iterator[JournalRecord]:
 
 def recover(
     journal: Journal | StrPath,
-    store: SessionStore,
+    store: SaveTarget,
     *,
     config: SessionRecorderConfig | None = None,
     remove: bool = True,

@@ -39,7 +39,7 @@ from ..recorder import SessionRecorderConfig
 from ..stores.base import SessionStore
 from ..web.server import is_loopback, loopback_host_header
 from .ingest import IngestResult, SpanIngestor
-from .spans import SpanData, spans_from_otlp_json, spans_from_otlp_proto
+from .spans import MEDIA_JSON, MEDIA_PROTOBUF, MEDIA_PROTOBUFS, SpanData, read_otlp
 
 __all__ = ["Backpressure", "OtlpEndpoint", "OtlpServer", "make_otlp_server"]
 
@@ -47,17 +47,10 @@ logger = logging.getLogger("phi_session.otel.endpoint")
 
 DEFAULT_PORT = 4318
 TRACES_PATH = "/v1/traces"
-_PROTOBUF = "application/x-protobuf"
-_PROTOBUFS = (_PROTOBUF, "application/protobuf")  # the OTLP/HTTP spec names both
-_JSON = "application/json"
-_SPOOL_KINDS = {b"J": _JSON, b"P": _PROTOBUF}  # a spool file: this byte, then the payload as received
+_SPOOL_KINDS = {b"J": MEDIA_JSON, b"P": MEDIA_PROTOBUF}  # a spool file: this byte, then the payload
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer field
 _STORE_PAUSE = 5  # seconds payloads are refused after the store failed a session (Retry-After)
-
-
-def _decode(body: bytes, media: str) -> tuple[list[SpanData], int]:
-    return spans_from_otlp_json(body) if media == _JSON else spans_from_otlp_proto(body)
 
 
 class _Spool:
@@ -85,7 +78,7 @@ class _Spool:
         for path in sorted(self._numbered(".spans"), key=lambda p: int(p.stem)):
             try:
                 data = path.read_bytes()
-                spans, _ = _decode(data[1:], _SPOOL_KINDS[data[:1]])
+                spans = read_otlp(data[1:], _SPOOL_KINDS[data[:1]]).spans
             except (OSError, KeyError, OtlpDecodeError) as error:  # only a torn write, never acknowledged
                 logger.warning("spool file %s unreadable (%s): skipped", path, error)
                 continue
@@ -97,7 +90,7 @@ class _Spool:
         path = self.directory / f"{next(self._next)}.spans"
         temporary = path.with_suffix(".tmp")
         with open(temporary, "wb") as handle:
-            handle.write(b"J" if media == _JSON else b"P")
+            handle.write(b"J" if media == MEDIA_JSON else b"P")
             handle.write(body)
             handle.flush()
             os.fsync(handle.fileno())
@@ -172,15 +165,15 @@ class OtlpEndpoint:
         """Decode, spool (fsynced), then record one payload. Raises `OtlpDecodeError`, `OtlpRefused`
         (`Backpressure` when it may fit later)."""
         media = content_type.split(";", 1)[0].strip().lower()
-        spans, skipped = _decode(body, media)
+        read = read_otlp(body, media)
+        spans = read.spans
         self._check_room(len(spans))
         with self._accept_lock:  # spool order is arrival order
             if spans:
                 self.spool.write(body, media, spans)
                 self.ingestor.add(spans)
         self.spool.release(self.ingestor, self.saver.journal)
-        message = f"{skipped} spans with invalid trace or span ids" if skipped else ""
-        return IngestResult(accepted=len(spans), rejected=skipped, message=message)
+        return IngestResult(accepted=len(spans), rejected=read.skipped, message=read.message)
 
     def _check_room(self, count: int) -> None:
         limit = self.ingestor.max_buffered_spans
@@ -274,7 +267,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         media = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        reply = media if media in _PROTOBUFS else _JSON  # OTLP/HTTP answers in the request's type
+        reply = media if media in MEDIA_PROTOBUFS else MEDIA_JSON  # OTLP/HTTP answers in the request's type
         try:
             body, content_type = self._read()
             result = self.server.endpoint.accept(body, content_type)
@@ -300,7 +293,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
 
     def _refuse_method(self) -> None:
-        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only POST /v1/traces", _JSON, {"Allow": "POST"})
+        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only POST /v1/traces", MEDIA_JSON, {"Allow": "POST"})
 
     def _read(self) -> tuple[bytes, str]:
         if self.server.loopback_only and not loopback_host_header(self.headers.get_all("Host") or []):
@@ -308,9 +301,10 @@ class OtlpHandler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] != TRACES_PATH:
             raise OtlpRefused(HTTPStatus.NOT_FOUND, f"no such path; traces go to {TRACES_PATH}")
         content_type = self.headers.get("Content-Type", "")
-        if content_type.split(";", 1)[0].strip().lower() not in (*_PROTOBUFS, _JSON):
+        if content_type.split(";", 1)[0].strip().lower() not in (*MEDIA_PROTOBUFS, MEDIA_JSON):
             raise OtlpRefused(
-                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {', '.join(_PROTOBUFS)} or {_JSON}"
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                f"Content-Type must be {', '.join(MEDIA_PROTOBUFS)} or {MEDIA_JSON}",
             )
         limit = self.server.max_body
         transfer = self.headers.get("Transfer-Encoding")
@@ -383,18 +377,18 @@ class OtlpHandler(BaseHTTPRequestHandler):
                 return bytes(out)
 
     def _ok(self, result: IngestResult, reply: str) -> None:
-        if reply == _JSON:
+        if reply == MEDIA_JSON:
             partial = (
                 {"partialSuccess": {"rejectedSpans": str(result.rejected), "errorMessage": result.message}}
-                if result.rejected
+                if result.message
                 else {}
             )
-            self._send(HTTPStatus.OK, msgspec.json.encode(partial), _JSON)
+            self._send(HTTPStatus.OK, msgspec.json.encode(partial), MEDIA_JSON)
             return
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
         response = ExportTraceServiceResponse()
-        if result.rejected:
+        if result.message:  # also a warning for what was accepted altered (rejected_spans 0)
             response.partial_success.rejected_spans = result.rejected
             response.partial_success.error_message = result.message
         self._send(HTTPStatus.OK, response.SerializeToString(), reply)
@@ -405,7 +399,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
         # google.rpc codes: INVALID_ARGUMENT, UNAVAILABLE (retryable), FAILED_PRECONDITION
         retryable = status >= 500 or status is HTTPStatus.TOO_MANY_REQUESTS
         code = 3 if status == HTTPStatus.BAD_REQUEST else 14 if retryable else 9
-        if reply == _JSON:
+        if reply == MEDIA_JSON:
             body = msgspec.json.encode({"code": code, "message": message})
         else:
             body = _status_protobuf(code, message)
@@ -419,7 +413,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
             status = HTTPStatus(code)
         except ValueError:
             status = HTTPStatus.INTERNAL_SERVER_ERROR
-        self._error(status, message or status.phrase, _JSON)
+        self._error(status, message or status.phrase, MEDIA_JSON)
 
     def _send(
         self, status: HTTPStatus, body: bytes, content_type: str, headers: dict[str, str] | None = None

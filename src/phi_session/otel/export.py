@@ -18,8 +18,8 @@ first call (the spawn reference names no turn).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +31,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from ..codec import encode_event, encode_record, escape_surrogates, json_text, without_lone_surrogates
-from ..errors import ExportError
+from ..errors import ExportError, StoreError
 from ..events import (
     AgentEnd,
     AgentEvent,
@@ -60,7 +60,8 @@ from ..messages import (
     UserMessage,
 )
 from ..model import LoopRecord, Session, Turn
-from ..recorder import SessionRecorder, SessionRecorderConfig
+from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
+from ..recorder import SessionRecorderConfig
 from . import attributes as attr
 
 __all__ = ["OtelExportSink", "export_session", "session_spans"]
@@ -564,14 +565,44 @@ def export_session(
     return len(spans)
 
 
+class _ExportTarget:
+    """`export_session` as a save target: the export gets the drain-and-save machinery of
+    stores (backlog, retries, exit hook) instead of a second worker of its own."""
+
+    def __init__(self, exporter: SpanExporter, capture_content: bool, resource: Resource | None) -> None:
+        self.exporter = exporter
+        self.capture_content = capture_content
+        self.resource = resource
+
+    def __repr__(self) -> str:
+        return f"the exporter {self.exporter!r}"
+
+    def save(self, session: Session) -> None:
+        export_session(session, self.exporter, capture_content=self.capture_content, resource=self.resource)
+
+    async def asave(self, session: Session) -> None:
+        await asyncio.to_thread(self.save, session)
+
+
 class OtelExportSink:
     """An event sink that records events and exports each session when it completes.
 
     Give it to a `Tracer` (or any producer) next to the recorder that saves sessions.
-    Sessions complete when none of their loops is open (`SessionRecorder.checkpoint`);
-    `close` exports what is left (open loops as Aborted). The exporter stays the caller's.
-    A session the exporter fails to take is kept and sent again with the next one (or at
-    the next `close`); the call that saw the failure raises `ExportError`.
+    Sessions complete when none of their loops is open (`SessionRecorder.checkpoint`).
+    Contract, as for `AutoPersistingRecorder`, whose worker does the export:
+
+    * Calling the sink never waits for the exporter, which runs in a background thread
+      without any of our locks held, and never raises `ExportError`.
+    * Nothing is dropped: when more than `max_pending_bytes` of sessions wait for the
+      exporter, the producer blocks (a logged warning) until it catches up; a failed
+      export is retried for `retry_for` seconds, then kept (`failed_sessions`) and tried
+      again by `flush` and `close`.
+    * `flush` waits until every completed session is exported; `close` exports what is
+      left (open loops as Aborted) and stops the worker. Both raise `ExportError` for
+      sessions the exporter did not take (kept: the next call tries them again). A
+      program that exits without `close` closes the sink at exit.
+
+    The exporter stays the caller's. Events after `close` raise `PhiSessionError`.
     """
 
     wants_deltas = False
@@ -583,42 +614,58 @@ class OtelExportSink:
         capture_content: bool = False,
         resource: Resource | None = None,
         config: SessionRecorderConfig | None = None,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        retry_for: float = 30.0,
     ) -> None:
         self.exporter = exporter
         self.capture_content = capture_content
         self.resource = resource
-        self.recorder = SessionRecorder(config)
-        self._lock = threading.Lock()
-        self._unsent: list[Session] = []  # drained, the exporter failed to take them
-        self.exported_sessions = 0
+        self._worker = AutoPersistingRecorder(
+            _ExportTarget(exporter, capture_content, resource),
+            config=config,
+            max_pending_bytes=max_pending_bytes,
+            retry_for=retry_for,
+        )
+        self.recorder = self._worker.recorder
 
     def __call__(self, event: AgentEvent) -> None:
-        self.recorder.on_event(event)
+        self._worker.on_event(event)
         if type(event) is AgentEnd:
-            self.recorder.checkpoint()
-            self._export_completed()
+            self._worker.checkpoint()
 
-    def _export_completed(self) -> None:
-        with self._lock:
-            unsent, self._unsent = [*self._unsent, *self.recorder.drain_completed()], []
-            for index, session in enumerate(unsent):
-                try:
-                    export_session(
-                        session, self.exporter, capture_content=self.capture_content, resource=self.resource
-                    )
-                except ExportError:  # the rest are still tried: one failure must not drop them
-                    self._unsent.append(session)
-                except BaseException:  # Ctrl-C while the exporter waits: the rest are for `close`
-                    self._unsent.extend(unsent[index:])
-                    raise
-                else:
-                    self.exported_sessions += 1
-            if self._unsent:
-                raise ExportError(
-                    f"{self.exporter!r} failed to export {len(self._unsent)} sessions; "
-                    "they are sent again with the next"
-                )
+    @property
+    def exported_sessions(self) -> int:
+        """Sessions exported so far (one exported at two checkpoints counts twice)."""
+        return int(self._worker.stats()["sessions_saved"])
+
+    def failed_sessions(self) -> list[Session]:
+        """Sessions the exporter did not take (kept, tried again by `flush` and `close`)."""
+        return self._worker.failed_sessions()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every completed session is exported; False if `timeout` seconds passed first.
+
+        Raises `ExportError` if the exporter did not take some of them.
+        """
+        if not self._worker.wait_saved(timeout):
+            return False
+        self._export_failed()
+        return True
 
     def close(self) -> None:
-        self.recorder.flush()
-        self._export_completed()
+        """Export what is left (open loops as Aborted) and stop the worker.
+
+        Raises `ExportError` if the exporter did not take some sessions; a later `close`
+        tries them again.
+        """
+        try:
+            self._worker.close()
+        except StoreError as error:  # the sessions the exporter did not take, still kept
+            raise ExportError(str(error)) from error
+        self._export_failed()  # those an earlier close could not send
+
+    def _export_failed(self) -> None:
+        if failed := self._worker.retry_failed():
+            raise ExportError(
+                f"{self.exporter!r} failed to export {failed} sessions; they are kept and tried again"
+            )

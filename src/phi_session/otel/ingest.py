@@ -33,7 +33,7 @@ from .._failures import FailureTally
 from .._strict import strict_adds_nothing
 from ..adapters import session_id_for
 from ..codec import decode_event, decode_record, escape_surrogates
-from ..errors import DecodeError, OtlpDecodeError
+from ..errors import DecodeError
 from ..events import (
     DEFAULT,
     INITIAL,
@@ -71,7 +71,7 @@ from ..messages import (
     UserMessage,
 )
 from . import attributes as attr
-from .spans import SpanData, spans_from_otlp_json, spans_from_otlp_proto, spans_from_sdk
+from .spans import SpanData, read_otlp, spans_from_sdk
 
 __all__ = ["LOSSES", "IngestResult", "IngestSpanProcessor", "SpanIngestor", "ingest_otlp"]
 
@@ -307,11 +307,30 @@ class _Trace:
         self.root_ended = False
 
 
+def _caller_waiting(trace: _Trace) -> bool:
+    """Whether `trace` holds spans of a caller besides those under remote parents (the
+    spans of a service it called): then the caller exports here too, and the trace waits
+    for the caller's root (its tool span links the service's agent as its sub-agent)."""
+    by_id = {span.span_id: span for span in trace.spans}
+    for span in trace.spans:
+        seen = {span.span_id}
+        while span.parent_id in by_id and span.parent_id not in seen:
+            seen.add(span.parent_id)
+            span = by_id[span.parent_id]
+        if span.remote_parent_id is None:
+            return True
+    return False
+
+
 class SpanIngestor:
     """Turns finished spans into events for `target` (a recorder, or any event callable).
 
     * `trace_timeout`: seconds a trace whose root has not ended waits before it is recorded
       anyway (unfinished loops as Aborted); checked on every `add` and by `expire`.
+      A span under a remote parent (a service called with the trace context) is its
+      trace's root here, recorded at once, unless spans of the caller already wait in the
+      trace: then it waits with them for the caller's root, which links it as a sub-agent
+      of the tool span that called it.
     * `max_buffered_spans`: when more spans wait, the oldest traces are recorded early.
 
     A span taken twice (an exporter retrying a payload that was taken) counts once: its
@@ -363,6 +382,7 @@ class SpanIngestor:
         with self._lock:
             now = self._clock()
             ready: list[int] = []
+            served: list[_Trace] = []  # traces where a span under a remote parent ended
             for span in spans:
                 trace = self._traces.get(span.trace_id)
                 if span.span_id in self._recorded.get(span.trace_id, ()) or (
@@ -377,8 +397,15 @@ class SpanIngestor:
                 self._buffered += 1
                 self.counters["spans"] += 1
                 if span.parent_id is None and not trace.root_ended:
+                    if span.remote_parent_id is None:
+                        trace.root_ended = True
+                        ready.append(span.trace_id)
+                    else:  # decided once the whole payload is in: the caller's spans may be in it
+                        served.append(trace)
+            for trace in served:
+                if not trace.root_ended and not _caller_waiting(trace):
                     trace.root_ended = True
-                    ready.append(span.trace_id)
+                    ready.append(trace.spans[0].trace_id)
             self._record_each(ready, complete=True)
             self._expire(now)
 
@@ -604,6 +631,10 @@ class _Loop:
         self.conversation_id: str | None = None  # the producer's, when no store takes it as a session id
 
 
+def _parent(span: SpanData) -> int | None:
+    return span.parent_id if span.remote_parent_id is None else span.remote_parent_id
+
+
 class _Rebuild:
     """Events rebuilt from span attributes (our export without content, or another producer)."""
 
@@ -643,13 +674,15 @@ class _Rebuild:
             self._replay(loop)
 
     def _ancestors(self, span: SpanData) -> Iterable[SpanData]:
+        """Up to the trace's root, through remote parents present here (a called service's
+        root under the caller's span)."""
         seen: set[int] = set()
-        parent = span.parent_id
+        parent = _parent(span)
         while parent is not None and parent in self.by_id and parent not in seen:
             seen.add(parent)
             span = self.by_id[parent]
             yield span
-            parent = span.parent_id
+            parent = _parent(span)
 
     def _outer_chat(self, span: SpanData) -> SpanData | None:
         """The outermost chat span `span` is nested in, within its loop."""
@@ -724,6 +757,9 @@ class _Rebuild:
             }
             if loop.conversation_id is not None:
                 metadata["otel"]["conversation_id"] = loop.conversation_id
+            missing = _parent([agent, *self._ancestors(agent)][-1])
+            if missing is not None:  # a parent that never came (a remote caller's): kept
+                metadata["otel"]["parent_span_id"] = f"{missing:016x}"
         self.ingestor.parallel_before(loop.session_id, loop.loop_id, attributes, agent.start)
         emit(
             AgentStart(
@@ -1003,16 +1039,9 @@ def ingest_otlp(payload: bytes, content_type: str, ingestor: SpanIngestor) -> In
 
     Raises `OtlpDecodeError` for a payload that cannot be read (nothing of it is taken).
     """
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media == "application/json":
-        spans, skipped = spans_from_otlp_json(payload)
-    elif media in ("application/x-protobuf", "application/protobuf"):
-        spans, skipped = spans_from_otlp_proto(payload)
-    else:
-        raise OtlpDecodeError(f"unsupported content type {content_type!r}")
-    ingestor.add(spans)
-    message = f"{skipped} spans with invalid trace or span ids" if skipped else ""
-    return IngestResult(accepted=len(spans), rejected=skipped, message=message)
+    read = read_otlp(payload, content_type.split(";", 1)[0].strip().lower())
+    ingestor.add(read.spans)
+    return IngestResult(accepted=len(read.spans), rejected=read.skipped, message=read.message)
 
 
 class IngestSpanProcessor(SpanProcessor):

@@ -2,28 +2,43 @@
 
 Bad OTLP input raises `OtlpDecodeError` (the whole payload is unreadable); a span that is
 readable but unusable (ids of the wrong size, zero ids) is skipped and counted, which the
-endpoint reports as an OTLP partial success.
+endpoint reports as an OTLP partial success. Invalid UTF-8 in a protobuf string (which
+protobuf refuses, the Collector's decoder does not) is replaced with U+FFFD in that string
+only, and counted: the endpoint says so in a partial success with no span rejected (the
+OTLP spec's warning form).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import string
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from ..errors import OtlpDecodeError
 
-__all__ = ["OtlpDecodeError", "SpanData", "spans_from_otlp_json", "spans_from_otlp_proto", "spans_from_sdk"]
+__all__ = [
+    "OtlpDecodeError",
+    "OtlpSpans",
+    "SpanData",
+    "read_otlp",
+    "spans_from_otlp_json",
+    "spans_from_otlp_proto",
+    "spans_from_sdk",
+]
 
 _KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 _MAX_DEPTH = 32
 _HEX = frozenset(string.hexdigits)
 _REMOTE_PARENT = 0x200  # SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK: the parent is in another process
 _URLSAFE = str.maketrans("-_", "+/")
+MEDIA_JSON = "application/json"
+MEDIA_PROTOBUF = "application/x-protobuf"
+MEDIA_PROTOBUFS = (MEDIA_PROTOBUF, "application/protobuf")  # the OTLP/HTTP spec names both
 
 
 class SpanEvent(msgspec.Struct, frozen=True, gc=False):
@@ -36,7 +51,8 @@ class SpanData(msgspec.Struct, kw_only=True, gc=False):
     """One finished span, reduced to what ingest reads. Ids are ints; times are ns.
 
     `parent_id` is None for a root of the trace here: a span without a parent, or one
-    whose parent is remote (the caller's, in another process: it never comes).
+    whose parent is remote (the caller's, in another process: it may never come here);
+    then `remote_parent_id` is that parent's span id.
     """
 
     trace_id: int
@@ -51,6 +67,7 @@ class SpanData(msgspec.Struct, kw_only=True, gc=False):
     error: bool = False
     status_message: str = ""
     resource: dict[str, Any] = msgspec.field(default_factory=dict)
+    remote_parent_id: int | None = None
 
 
 def spans_from_sdk(span: Any) -> SpanData | None:
@@ -58,11 +75,13 @@ def spans_from_sdk(span: Any) -> SpanData | None:
     context = span.context
     if context is None or not context.trace_id or not context.span_id:
         return None
-    status = span.status
+    status, parent = span.status, span.parent
+    remote = parent is not None and parent.is_remote
     return SpanData(
         trace_id=context.trace_id,
         span_id=context.span_id,
-        parent_id=span.parent.span_id if span.parent is not None and not span.parent.is_remote else None,
+        parent_id=parent.span_id if parent is not None and not remote else None,
+        remote_parent_id=parent.span_id if remote else None,
         name=span.name,
         kind=span.kind.name,
         start=span.start_time or 0,
@@ -95,15 +114,100 @@ def _proto_attributes(pairs: Any) -> dict[str, Any]:
     return {kv.key: _proto_value(kv.value) for kv in pairs}
 
 
-def spans_from_otlp_proto(payload: bytes) -> tuple[list[SpanData], int]:
-    """(spans, skipped) of a protobuf ExportTraceServiceRequest. Raises `OtlpDecodeError`."""
+@functools.cache
+def _lenient_request() -> tuple[Any, frozenset[str]]:
+    """ExportTraceServiceRequest with every string field read as bytes (the same wire format,
+    unchecked), and the full names of those fields."""
+    from google.protobuf import (  # type: ignore[import-untyped,unused-ignore]
+        descriptor_pb2,
+        descriptor_pool,
+        message_factory,
+    )
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    texts: set[str] = set()
+    added: set[str] = set()
+
+    def as_bytes(prefix: str, messages: Any) -> None:
+        for message in messages:
+            name = f"{prefix}.{message.name}"
+            for field in message.field:
+                if field.type == field.TYPE_STRING:
+                    field.type = field.TYPE_BYTES
+                    texts.add(f"{name}.{field.name}")
+            as_bytes(name, message.nested_type)
+
+    def add(file: Any) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        as_bytes(proto.package, proto.message_type)
+        pool.Add(proto)
+        added.add(file.name)
+
+    add(trace_service_pb2.DESCRIPTOR)
+    request = trace_service_pb2.ExportTraceServiceRequest.DESCRIPTOR.full_name
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(request)), frozenset(texts)
+
+
+def _valid_utf8(message: Any, texts: frozenset[str]) -> int:
+    """Replace invalid UTF-8 in the string fields of a lenient `message` with U+FFFD (as
+    ``bytes.decode(errors="replace")`` does), in place; returns how many strings were altered."""
+    altered = 0
+    for field, value in message.ListFields():
+        if field.full_name in texts:
+            for index, raw in enumerate([value] if isinstance(value, bytes) else value):
+                fixed = raw.decode("utf-8", "replace").encode()
+                if fixed != raw:
+                    altered += 1
+                    if isinstance(value, bytes):
+                        setattr(message, field.name, fixed)
+                    else:
+                        value[index] = fixed
+        elif field.type == field.TYPE_MESSAGE:
+            for item in [value] if hasattr(value, "ListFields") else value:
+                altered += _valid_utf8(item, texts)
+    return altered
+
+
+def _parse_request(payload: bytes) -> tuple[Any, int]:
+    """(ExportTraceServiceRequest, strings whose invalid UTF-8 was replaced). Only a payload
+    the strict parse refuses takes the lenient one: valid payloads pay nothing."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     request = ExportTraceServiceRequest()
     try:
         request.ParseFromString(payload)
+        return request, 0
     except Exception as error:  # protobuf's DecodeError, RecursionError on deep nesting...
-        raise OtlpDecodeError(f"not an OTLP protobuf ExportTraceServiceRequest: {error}") from None
+        refused = OtlpDecodeError(f"not an OTLP protobuf ExportTraceServiceRequest: {error}")
+    lenient, texts = _lenient_request()
+    try:
+        loose = lenient.FromString(payload)
+    except Exception:
+        raise refused from None
+    altered = _valid_utf8(loose, texts)
+    if not altered:  # not an encoding problem
+        raise refused
+    request.ParseFromString(loose.SerializeToString())
+    return request, altered
+
+
+def spans_from_otlp_proto(payload: bytes) -> tuple[list[SpanData], int]:
+    """(spans, skipped) of a protobuf ExportTraceServiceRequest. Raises `OtlpDecodeError`.
+
+    Invalid UTF-8 in a string is replaced (U+FFFD) rather than refusing the payload.
+    """
+    read = read_otlp(payload, MEDIA_PROTOBUF)
+    return read.spans, read.skipped
+
+
+def _spans_from_proto(payload: bytes) -> OtlpSpans:
+    request, altered = _parse_request(payload)
     out: list[SpanData] = []
     skipped = 0
     for resource_spans in request.resource_spans:
@@ -114,11 +218,13 @@ def spans_from_otlp_proto(payload: bytes) -> tuple[list[SpanData], int]:
                 if ids is None:
                     skipped += 1
                     continue
+                remote = bool(span.flags & _REMOTE_PARENT)
                 out.append(
                     SpanData(
                         trace_id=ids[0],
                         span_id=ids[1],
-                        parent_id=None if span.flags & _REMOTE_PARENT else ids[2],
+                        parent_id=None if remote else ids[2],
+                        remote_parent_id=ids[2] if remote else None,
                         name=span.name,
                         kind=_KINDS.get(span.kind, "UNSPECIFIED"),
                         start=span.start_time_unix_nano,
@@ -133,7 +239,7 @@ def spans_from_otlp_proto(payload: bytes) -> tuple[list[SpanData], int]:
                         resource=resource,
                     )
                 )
-    return out, skipped
+    return OtlpSpans(out, skipped, altered)
 
 
 def _proto_ids(span: Any) -> tuple[int, int, int | None] | None:
@@ -252,6 +358,11 @@ def _iter_json_spans(document: Any) -> Iterator[tuple[dict[str, Any], dict[str, 
 
 def spans_from_otlp_json(payload: bytes) -> tuple[list[SpanData], int]:
     """(spans, skipped) of an OTLP/HTTP JSON ExportTraceServiceRequest. Raises `OtlpDecodeError`."""
+    read = read_otlp(payload, MEDIA_JSON)
+    return read.spans, read.skipped
+
+
+def _spans_from_json(payload: bytes) -> OtlpSpans:
     try:
         document = msgspec.json.decode(payload)
     except (msgspec.DecodeError, RecursionError) as error:
@@ -269,11 +380,13 @@ def spans_from_otlp_json(payload: bytes) -> tuple[list[SpanData], int]:
         status = _member(span, "status", {})
         status = status if isinstance(status, dict) else {}
         name, kind = _member(span, "name", ""), _member(span, "kind", 0)
+        remote = bool(_int(_member(span, "flags", 0), "flags") & _REMOTE_PARENT)
         out.append(
             SpanData(
                 trace_id=trace_id,
                 span_id=span_id,
-                parent_id=None if _int(_member(span, "flags", 0), "flags") & _REMOTE_PARENT else parent,
+                parent_id=None if remote else parent,
+                remote_parent_id=parent if remote else None,
                 name=name if isinstance(name, str) else "",
                 kind=_KINDS.get(kind, "UNSPECIFIED")
                 if isinstance(kind, int)
@@ -295,4 +408,33 @@ def spans_from_otlp_json(payload: bytes) -> tuple[list[SpanData], int]:
                 resource=resource,
             )
         )
-    return out, skipped
+    return OtlpSpans(out, skipped)
+
+
+class OtlpSpans(NamedTuple):
+    """What an OTLP trace payload holds: its spans, how many were `skipped` (unusable ids)
+    and how many strings were `repaired` (invalid UTF-8 replaced with U+FFFD)."""
+
+    spans: list[SpanData]
+    skipped: int
+    repaired: int = 0
+
+    @property
+    def message(self) -> str:
+        """What the sender is told (an OTLP partial success's error message), or ""."""
+        said = []
+        if self.skipped:
+            said.append(f"{self.skipped} spans with invalid trace or span ids")
+        if self.repaired:
+            said.append(f"{self.repaired} strings with invalid UTF-8, recorded with U+FFFD in its place")
+        return "; ".join(said)
+
+
+def read_otlp(payload: bytes, media: str) -> OtlpSpans:
+    """The spans of an OTLP/HTTP trace payload of `media` (``application/json``,
+    ``application/x-protobuf`` or ``application/protobuf``). Raises `OtlpDecodeError`."""
+    if media == MEDIA_JSON:
+        return _spans_from_json(payload)
+    if media in MEDIA_PROTOBUFS:
+        return _spans_from_proto(payload)
+    raise OtlpDecodeError(f"unsupported content type {media!r}")
