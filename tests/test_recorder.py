@@ -500,6 +500,22 @@ def test_session_events_are_kept_and_optionally_written() -> None:
     assert again.session_events == [events[0], events[3]]
 
 
+def least_peak(recorder: SessionRecorder, batches: list[list[ps.AgentEvent]]) -> int:
+    """The least memory that recording one of `batches` took at its peak: the least of a
+    few, as a list's rare regrowth is no copy per event."""
+    tracemalloc.start()
+    try:
+        peaks = []
+        for batch in batches:
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            recorder.record_all(batch)
+            peaks.append(tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
+    return min(peaks)
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_a_session_event_costs_the_same_however_many_came_before(keep: bool) -> None:
     """Each parallel event copied all its session's earlier ones (twice when kept in the
@@ -508,18 +524,33 @@ def test_a_session_event_costs_the_same_however_many_came_before(keep: bool) -> 
     recorder.on_event(start("s.c.1", "s"))
     group = [ps.ParallelLoopStart(session_id="s", loop_ids=(), timestamp=ts(0)), group_end("s", "s.c.1")]
     recorder.record_all(group * 2000)
-    tracemalloc.start()
-    try:
-        peaks = []
-        for event in group * 4:  # the least of a few: a list's rare regrowth is no copy per event
-            tracemalloc.reset_peak()
-            before = tracemalloc.get_traced_memory()[0]
-            recorder.on_event(event)
-            peaks.append(tracemalloc.get_traced_memory()[1] - before)
-    finally:
-        tracemalloc.stop()
-    assert min(peaks) < 4000  # copying 4000 references takes 32 kB
+    assert least_peak(recorder, [[event] for event in group * 4]) < 4000  # 4000 references take 32 kB
     assert len(recorder.session_events("s")) == 4008
+
+
+@pytest.mark.parametrize("parent_ends_first", [True, False])
+def test_a_child_loop_costs_the_same_however_many_came_before(parent_ends_first: bool) -> None:
+    """Each child loop copied its parent's children ids: 16,000 continuations of one
+    loop took 3.8 s to record, quadratic in the number of children."""
+    recorder = SessionRecorder()
+    recorder.on_event(start("s.c.1", "s"))
+    if parent_ends_first:
+        recorder.on_event(end("s.c.1"))
+
+    def child(n: int) -> list[ps.AgentEvent]:
+        return [start(f"s.c.{n}", "s", parent="s.c.1", kind=ps.DEFAULT), end(f"s.c.{n}")]
+
+    recorder.record_all([event for n in range(2, 4002) for event in child(n)])
+    assert least_peak(recorder, [child(n) for n in range(4002, 4006)]) < 8000  # 4000 ids take 32 kB
+    expected = tuple(f"s.c.{n}" for n in range(2, 4006))
+    if parent_ends_first:
+        assert recorder.get_session("s").loops[0].children_loop_ids == expected  # type: ignore[union-attr]
+    else:
+        assert recorder.current_loop("s.c.1").children_loop_ids == expected  # type: ignore[union-attr]
+        recorder.on_event(end("s.c.1"))
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert session.get_loop("s.c.1").children_loop_ids == expected  # type: ignore[union-attr]
 
 
 def test_drained_orphans_leave_nothing_behind(caplog: pytest.LogCaptureFixture) -> None:

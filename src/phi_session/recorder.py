@@ -19,7 +19,9 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
   what a drained session learns later (its parallel winner, the tool call that
   spawned it) is handed over again by the next drain, as an amendment to merge;
 * sub-agent links use what the recorder saw, not only the loop-id prefix;
-* every ``on_event`` is O(1) amortized, and safe to call from several threads.
+* every ``on_event`` is O(1) amortized, and safe to call from several threads (a
+  parent's ``children_loop_ids`` tuple is brought up to date when its session is
+  looked at or completed, not rebuilt per child).
 """
 
 from __future__ import annotations
@@ -164,10 +166,25 @@ class _OpenLoop:
         )
 
 
+class _Children:
+    """The children of one parent record, gathered in place (an ordered set, so a repeat
+    is a no-op) and handed to the record as a tuple by `link`, once per look at the
+    session rather than once per child (a tuple grown per child is quadratic)."""
+
+    __slots__ = ("ids", "record")
+
+    def __init__(self, record: LoopRecord) -> None:
+        self.record = record
+        self.ids = dict.fromkeys(record.children_loop_ids)
+
+    def link(self) -> None:
+        self.record.children_loop_ids = tuple(self.ids)
+
+
 class _HeldSession:
     """A session the recorder still holds (open or completed-but-not-drained)."""
 
-    __slots__ = ("closed", "events", "open_loops", "session")
+    __slots__ = ("closed", "events", "open_loops", "session", "unlinked")
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -177,6 +194,23 @@ class _HeldSession:
         # Session-scoped events: most sessions have none, and hold an empty tuple rather
         # than a list for the collector to walk; a list once they have some (appended to).
         self.events: list[AgentEvent] | tuple[()] = ()
+        # Parent loop id -> children not yet in its record's tuple (`link_children`).
+        self.unlinked: dict[str, _Children] = {}
+
+    def link_child(self, parent: LoopRecord, child_id: str) -> None:
+        children = self.unlinked.get(parent.loop_id)
+        if children is None or children.record is not parent:
+            if children is not None:  # another record of the parent's id (a compaction pass)
+                children.link()
+            children = self.unlinked[parent.loop_id] = _Children(parent)
+        children.ids[child_id] = None
+
+    def link_children(self) -> Session:
+        """The session, its records' ``children_loop_ids`` brought up to date."""
+        for children in self.unlinked.values():
+            children.link()
+        self.unlinked.clear()
+        return self.session
 
 
 class SessionRecorder:
@@ -485,8 +519,8 @@ class SessionRecorder:
                 open_parent = self._loops.get(parent_id)
                 if open_parent is not None and open_parent.record.session_id == record.session_id:
                     parent = open_parent.record
-            if parent is not None and record.loop_id not in parent.children_loop_ids:
-                parent.children_loop_ids = (*parent.children_loop_ids, record.loop_id)
+            if parent is not None:
+                held.link_child(parent, record.loop_id)
         self._add_closed(held, record)
 
     def _add_closed(self, held: _HeldSession, record: LoopRecord) -> None:
@@ -708,6 +742,7 @@ class SessionRecorder:
     def _complete(self, session_id: str) -> None:
         held = self._open.pop(session_id)
         self._completed[session_id] = held
+        held.link_children()  # nothing links to a completed session: it is reopened first
         if self.config.after_task is not None:
             self._callbacks.append((self.config.after_task, held.session, False))
 
@@ -773,18 +808,25 @@ class SessionRecorder:
     def sessions(self) -> list[Session]:
         """Completed sessions, then open ones (open loops are not in ``loops`` yet)."""
         with self._lock:
-            return [h.session for h in self._completed.values()] + [h.session for h in self._open.values()]
+            return [h.session for h in self._completed.values()] + [
+                h.link_children() for h in self._open.values()
+            ]
 
     def get_session(self, session_id: str) -> Session | None:
         with self._lock:
             held = self._completed.get(session_id) or self._open.get(session_id)
-            return held.session if held is not None else None
+            return held.link_children() if held is not None else None
 
     def current_loop(self, loop_id: str) -> LoopRecord | None:
         """A snapshot of the open (Running or Pending) record of `loop_id`, or None."""
         with self._lock:
             loop = self._loops.get(loop_id)
-            return loop.snapshot() if loop is not None else None
+            if loop is None:
+                return None
+            held = self._open.get(loop.session_id)
+            if held is not None:  # its children are linked there
+                held.link_children()
+            return loop.snapshot()
 
     def has_open_loop(self, loop_id: str) -> bool:
         """Whether `loop_id` is open (Running or Pending): `current_loop` without its copy."""
