@@ -898,6 +898,39 @@ def test_a_repeated_parallel_end_does_not_end_another_group() -> None:
     assert recorder.orphans() == []
 
 
+def test_parallel_events_naming_another_sessions_loops_leave_that_session_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Session a's ParallelLoopEnd naming session b's loops (a loop id's session is its
+    prefix) set b's parallel_group and ended b's group; a's ParallelLoopStart naming them
+    made them Pending branches of a. Now both stay in a's session events, unapplied."""
+    b_group = ps.ParallelLoopStart(session_id="b", loop_ids=("b.c.1", "b.c.2"), timestamp=ts(0))
+    misrouted = [
+        group_end("a", "b.c.1"),
+        group_end("a", "b.c.2"),
+        ps.ParallelLoopStart(session_id="a", loop_ids=("a.c.2", "b.c.3"), timestamp=ts(0)),
+    ]
+    recorder = SessionRecorder(keep_session_events=True)
+    with caplog.at_level(logging.WARNING, logger="phi_session.recorder"):
+        recorder.record_all(
+            [start("a.c.1", "a"), b_group, start("b.c.1", "b"), start("b.c.2", "b"), *misrouted]
+        )
+    assert len(caplog.records) == 2  # once per foreign loop named, not per event
+    assert recorder.session_events("a") == misrouted
+    assert recorder.open_loop_ids() == ["a.c.1", "b.c.1", "b.c.2"]  # no branch pre-registered in a
+    assert recorder.current_loop("b.c.1").parallel_group is None  # type: ignore[union-attr]
+    recorder.record_all([end("b.c.1"), end("b.c.2"), end("a.c.1")])
+    assert recorder.checkpoint() == 2
+    recorder.drain_completed()
+    assert recorder.may_amend("b")  # b's own group is still open
+    recorder.on_event(group_end("b", "b.c.2"))
+    assert not recorder.may_amend("b")
+    [amended] = recorder.drain_completed()
+    assert [loop.parallel_group.is_selected for loop in amended.loops] == [False, True]  # type: ignore[union-attr]
+    recorder.flush()
+    assert recorder.orphans() == []
+
+
 def test_callbacks_run_outside_the_lock_so_they_may_wait_for_other_threads() -> None:
     opened: list[str] = []
     blocked: list[str] = []

@@ -13,7 +13,8 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
   that ended (not yet drained) is an orphan, its loop's later events too (a compaction
   pass, which reuses the id, is a second record); a session id seen again while the
   session is still held joins it;
-* ``RevertApplied`` is stored; parallel and loop-less events are kept;
+* ``RevertApplied`` is stored; parallel and loop-less events are kept; a parallel event
+  naming another session's loop is kept in its own session's events, not applied;
 * `flush` aborts open loops in the order they were opened, and links them to their parent;
 * `checkpoint` completes every session whose loops have all ended, as phi-core does;
   what a drained session learns later (its parallel winner, the tool call that
@@ -351,11 +352,39 @@ class SessionRecorder:
     def _orphan(self, event: AgentEvent, reason: str) -> None:
         self._orphans.append(OrphanEvent(event=event, reason=reason))
         loop_id = getattr(event, "loop_id", "")
-        if loop_id not in self._warned_loops:  # one warning per loop, not per event
+        self._warn_once(
+            loop_id, "%s event for %s kept as orphan: %s", type(event).__name__, loop_id or "no loop", reason
+        )
+
+    def _warn_once(self, loop_id: str, message: str, *args: object) -> None:
+        """Log a warning about `loop_id`, once per loop rather than once per event."""
+        if loop_id not in self._warned_loops:
             self._warned_loops.add(loop_id)
-            logger.warning(
-                "%s event for %s kept as orphan: %s", type(event).__name__, loop_id or "no loop", reason
-            )
+            logger.warning(message, *args)
+
+    def _session_of(self, loop_id: str) -> str:
+        """The session of `loop_id`: the one the recorder saw it in, else its id's prefix."""
+        known = self._loop_session.get(loop_id)
+        if known is None:
+            pending = self._loops.get(loop_id)  # a Pending branch: its group's session
+            known = pending.session_id if pending is not None else session_id_from_loop_id(loop_id)
+        return known
+
+    def _misrouted(self, event: ParallelLoopStart | ParallelLoopEnd, loop_ids: Iterable[str]) -> bool:
+        """Whether a parallel event names a loop of another session (which it must not edit)."""
+        for loop_id in loop_ids:
+            owner = self._session_of(loop_id)
+            if owner != event.session_id:
+                self._warn_once(
+                    loop_id,
+                    "%s of session %s names loop %s of session %s: kept in its session's events, not applied",
+                    type(event).__name__,
+                    event.session_id,
+                    loop_id,
+                    owner,
+                )
+                return True
+        return False
 
     def _on_agent_start(self, event: AgentStart) -> None:
         if event.loop_id in self._closed_by_id and event.continuation_kind != COMPACTION:
@@ -383,7 +412,7 @@ class SessionRecorder:
         parent = event.parent_loop_id
         if parent is not None and session.parent_spawn_ref is None:
             # What the recorder saw decides; the loop-id prefix is only the fallback.
-            parent_session = self._loop_session.get(parent) or session_id_from_loop_id(parent)
+            parent_session = self._session_of(parent)
             if parent_session != event.session_id:
                 known = self._spawns.get(event.loop_id)  # the parent's tool call ended first
                 if known is not None and known[1] == parent:
@@ -622,6 +651,8 @@ class SessionRecorder:
 
     def _on_parallel_start(self, event: ParallelLoopStart) -> None:
         self._session_event(event)
+        if self._misrouted(event, event.loop_ids):
+            return
         loop_ids = event.loop_ids
         # A group no end can name (no branch) or a repeat is no new group to wait for.
         if loop_ids and self._groups.get(loop_ids[0]) != loop_ids:
@@ -643,6 +674,9 @@ class SessionRecorder:
     def _on_parallel_end(self, event: ParallelLoopEnd) -> None:
         group_ids = self._groups.get(event.selected_loop_id)
         all_ids = group_ids or (event.selected_loop_id,)
+        if self._misrouted(event, all_ids):
+            self._session_event(event)
+            return
         for loop_id in all_ids:
             group = ParallelGroupRecord(
                 all_loop_ids=all_ids,
