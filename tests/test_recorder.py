@@ -880,6 +880,60 @@ GROUP_1 = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.1"), time
 GROUP_2 = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.2", "s.b.2"), timestamp=ts(0))
 
 
+def reaches(root: object, target: object) -> bool:
+    """Whether `target` can be reached from `root` through references."""
+    seen, todo = {id(root)}, [root]
+    while todo:
+        for referent in gc.get_referents(todo.pop()):
+            if referent is target:
+                return True
+            if id(referent) not in seen and not isinstance(referent, type | types.ModuleType):
+                seen.add(id(referent))
+                todo.append(referent)
+    return False
+
+
+def test_a_group_that_never_ends_is_given_up_after_the_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    """A killed agent's group never ends: its drained session stayed in the recorder, owed
+    (`may_amend`, which pins its journal records), and its never-started branch stayed
+    open, until flush. Now the checkpoint after ``group_end_timeout`` of stream time
+    gives the group up; its session had been complete all along (phi-core's rule)."""
+    recorder = SessionRecorder(group_end_timeout=60)
+    branches = ("s.a.1", "s.b.1", "s.c.1")  # s.c.1 never starts
+    group = ps.ParallelLoopStart(session_id="s", loop_ids=branches, timestamp=ts(0))
+    recorder.record_all([group, start("s.a.1", "s"), start("s.b.1", "s"), end("s.a.1"), end("s.b.1")])
+    assert recorder.checkpoint() == 1
+    [drained] = recorder.drain_completed()
+    recorder.record_all([start("t.c.1", "t", at=59_000), end("t.c.1", at=59_001)])
+    recorder.checkpoint()
+    recorder.drain_completed()
+    assert recorder.may_amend("s") and recorder.open_loop_ids() == ["s.c.1"]  # within the timeout
+    assert reaches(recorder, drained)
+    recorder.record_all([start("t.c.2", "t", at=61_000), end("t.c.2", at=61_001)])
+    with caplog.at_level(logging.WARNING, logger="phi_session.recorder"):
+        assert recorder.checkpoint() == 2  # t, and s with its branch that never started
+    assert len(caplog.records) == 1
+    assert not recorder.may_amend("s") and recorder.open_loop_ids() == []
+    amended = {session.session_id: session for session in recorder.drain_completed()}["s"]
+    assert [(loop.loop_id, loop.status) for loop in amended.loops] == [("s.c.1", "Aborted")]
+    assert not reaches(recorder, drained)  # the recorder keeps nothing of it
+    late = group_end("s", "s.b.1")
+    recorder.on_event(late)
+    assert [orphan.event for orphan in recorder.orphans()] == [late]
+
+
+def test_without_a_group_end_timeout_a_drained_session_waits_for_its_group_until_flush() -> None:
+    recorder = SessionRecorder(group_end_timeout=None)
+    group = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1",), timestamp=ts(0))
+    recorder.record_all([group, start("s.a.1", "s"), end("s.a.1"), start("t.c.1", "t", at=10**9)])
+    recorder.checkpoint()
+    recorder.drain_completed()
+    assert recorder.may_amend("s")
+    recorder.on_event(group_end("s", "s.a.1"))
+    [amended] = recorder.drain_completed()
+    assert amended.loops[0].parallel_group is not None
+
+
 def test_a_repeated_parallel_start_is_not_a_group_the_session_stays_owed() -> None:
     """It was counted as a second group, which never ended: the drained session stayed
     owed (`may_amend`, which pins its journal records) until flush."""

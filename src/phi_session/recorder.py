@@ -86,6 +86,11 @@ class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
       (extra ``session_events`` field, ignored by phi-core). Off by default so that
       files stay byte-identical to phi-core's; the recorder keeps them in memory
       either way (`SessionRecorder.session_events`).
+    * ``group_end_timeout``: how long, in seconds of stream time (the latest
+      ``AgentStart`` timestamp seen), a drained session waits for the end of a parallel
+      group of its that never ended (a killed agent's); then `checkpoint` gives the group
+      up: its branches that never started are aborted as at `flush`, and an end that
+      comes later is an orphan. None: wait until `flush`.
     """
 
     include_streaming_events: bool = False
@@ -93,6 +98,7 @@ class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
     before_task: SessionCallback | None = None
     after_task: SessionCallback | None = None
     keep_session_events: bool = False
+    group_end_timeout: float | None = 3600.0
 
 
 class OrphanEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -243,6 +249,7 @@ class SessionRecorder:
         # over again (see `drain_completed`); all of it ends with the group or parent loop.
         self._late_branches: dict[str, list[tuple[Session, LoopRecord]]] = {}  # loop in an open group
         self._late_groups: dict[str, Session] = {}  # session drained with a group open
+        self._stream_time: Timestamp | None = None  # the latest AgentStart's (`group_end_timeout`)
         self._late_spawns: dict[str, dict[str, Session]] = {}  # open parent loop -> sub-agents
         self._spawns: dict[str, tuple[str, str, str, str]] = {}  # child loop -> parent ref
         self._orphans: list[OrphanEvent] = []
@@ -387,6 +394,8 @@ class SessionRecorder:
         return False
 
     def _on_agent_start(self, event: AgentStart) -> None:
+        if self._stream_time is None or event.timestamp > self._stream_time:
+            self._stream_time = event.timestamp
         if event.loop_id in self._closed_by_id and event.continuation_kind != COMPACTION:
             # Its loop ended and is still held: a second record would hold the loop twice.
             # phi-core's compaction pass alone reuses an ended loop's id (wire-format §8.1).
@@ -787,14 +796,42 @@ class SessionRecorder:
         ``AgentEnd`` (Pending parallel branches that never started do not count),
         even if its parallel group has not ended or the tool call that spawned it is
         still running; until drained it is still enriched by such later events.
-        Costs O(open sessions). ``after_task`` fires for each completed session.
+        A drained session's group still open after ``group_end_timeout`` is given up
+        first (see `SessionRecorderConfig`). Costs O(open sessions + drained sessions
+        owed a group's end). ``after_task`` fires for each completed session.
         """
         with self._lock:
+            self._give_up_stale_groups()
             ready = [sid for sid, held in self._open.items() if held.open_loops == 0]
             for session_id in ready:
                 self._complete(session_id)
         self._run_callbacks()
         return len(ready)
+
+    def _give_up_stale_groups(self) -> None:
+        """Give up the open parallel groups of drained sessions idle for longer than
+        ``group_end_timeout`` of stream time: a killed agent's group never ends, and what
+        the recorder keeps for its end (the session, its journal records) must not stay."""
+        timeout = self.config.group_end_timeout
+        if not self._late_groups or timeout is None or self._stream_time is None:
+            return
+        cutoff = self._stream_time.ns - round(timeout * 1_000_000_000)
+        for session_id, session in list(self._late_groups.items()):
+            held = self._open.get(session_id)
+            if session.last_active_at.ns >= cutoff or (held is not None and held.open_loops):
+                continue  # waited less, or a branch still runs
+            logger.warning(
+                "session %s: parallel group without ParallelLoopEnd after %s s given up", session_id, timeout
+            )
+            del self._late_groups[session_id]
+            self._open_groups.pop(session_id, None)
+            for loop_id in [loop_id for loop_id in self._groups if self._session_of(loop_id) == session_id]:
+                del self._groups[loop_id]
+                self._late_branches.pop(loop_id, None)
+                branch = self._loops.get(loop_id)
+                if branch is not None:  # never started (a started one holds its session open)
+                    branch.record.status = "Aborted"
+                    self._close(branch)
 
     def drain_completed(self) -> list[Session]:
         """Hand over the completed sessions and forget them (at most one per session id).
