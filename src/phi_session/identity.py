@@ -371,7 +371,7 @@ class AgentSession:
         that session in the process shares one loop counter: two of them never hand out
         the same loop id, even when both are made before either records a loop."""
         agent = cls(session.agent_id, session_id=session.session_id, clock=clock, id_factory=id_factory)
-        agent._counters = _joined_counters(session.session_id)  # not yet shared: no lock needed
+        agent._counters = _joined_counters(session.session_id)  # a new identity: no one else uses it yet
         agent.resume_session(session)
         return agent
 
@@ -387,7 +387,9 @@ class AgentSession:
         with self._lock:
             session_id, last = self._session_id, self._last_loop_id
             flat: list[object] = [self.agent_id, session_id, self._formation_claimed, last]
-            for index, (config_id, count) in enumerate(self._counters.items()):  # shared: a copy
+            for index, (config_id, count) in enumerate(
+                self._counters.items()
+            ):  # a copy, read under the counters' lock
                 flat += (config_id, count)
                 if last == f"{session_id}.{config_id}.{count}":
                     flat[3] = index
