@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import uuid
 from collections.abc import Iterator
@@ -265,3 +266,41 @@ def test_resume_skips_a_loop_number_no_counter_could_have_written(number: str) -
     agent.resume(["s.c.2", f"s.c.{number}"], f"s.c.{number}")
     assert agent.next_loop_id("c") == "s.c.3"
     assert agent.last_loop_id == f"s.c.{number}"
+
+
+def recorded_session(session_id: str) -> ps.Session:
+    """A recorded session of one loop, ``{session_id}.c.1``."""
+    loop = ps.LoopRecord.start(
+        loop_id=f"{session_id}.c.1", session_id=session_id, agent_id="a", started_at=ps.Timestamp.parse(START)
+    )
+    return ps.Session(
+        session_id=session_id,
+        agent_id="a",
+        created_at=loop.started_at,
+        last_active_at=loop.started_at,
+        formation=ps.SessionFormation.first_loop(loop.started_at),
+        loops=[loop],
+    )
+
+
+def test_identities_going_on_with_one_recording_share_its_loop_counter() -> None:
+    """Each counted from the recording alone: two made before either allocated both
+    handed out ``.c.2``, and two replays of one session recorded one loop id twice."""
+    session = recorded_session("joined")
+    first, second = AgentSession.continuing(session), AgentSession.continuing(session)
+    ids = []
+
+    def allocate(agent: AgentSession) -> None:
+        ids.extend(agent.next_loop_id("c") for _ in range(500))
+
+    threads = [threading.Thread(target=allocate, args=(agent,)) for agent in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(ids) == sorted(f"joined.c.{n}" for n in range(2, 1002))
+    assert first.new_session() != "joined" and first.next_loop_id("c").endswith(".c.1")  # a new session's own
+    del first, second
+    gc.collect()
+    # Nothing is kept once no identity holds the session: a later one counts from the recording.
+    assert AgentSession.continuing(session).next_loop_id("c") == "joined.c.2"

@@ -500,6 +500,22 @@ def test_session_events_are_kept_and_optionally_written() -> None:
     assert again.session_events == [events[0], events[3]]
 
 
+def least_peak(recorder: SessionRecorder, batches: list[list[ps.AgentEvent]]) -> int:
+    """The least memory that recording one of `batches` took at its peak: the least of a
+    few, as a list's rare regrowth is no copy per event."""
+    tracemalloc.start()
+    try:
+        peaks = []
+        for batch in batches:
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            recorder.record_all(batch)
+            peaks.append(tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
+    return min(peaks)
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_a_session_event_costs_the_same_however_many_came_before(keep: bool) -> None:
     """Each parallel event copied all its session's earlier ones (twice when kept in the
@@ -508,18 +524,33 @@ def test_a_session_event_costs_the_same_however_many_came_before(keep: bool) -> 
     recorder.on_event(start("s.c.1", "s"))
     group = [ps.ParallelLoopStart(session_id="s", loop_ids=(), timestamp=ts(0)), group_end("s", "s.c.1")]
     recorder.record_all(group * 2000)
-    tracemalloc.start()
-    try:
-        peaks = []
-        for event in group * 4:  # the least of a few: a list's rare regrowth is no copy per event
-            tracemalloc.reset_peak()
-            before = tracemalloc.get_traced_memory()[0]
-            recorder.on_event(event)
-            peaks.append(tracemalloc.get_traced_memory()[1] - before)
-    finally:
-        tracemalloc.stop()
-    assert min(peaks) < 4000  # copying 4000 references takes 32 kB
+    assert least_peak(recorder, [[event] for event in group * 4]) < 4000  # 4000 references take 32 kB
     assert len(recorder.session_events("s")) == 4008
+
+
+@pytest.mark.parametrize("parent_ends_first", [True, False])
+def test_a_child_loop_costs_the_same_however_many_came_before(parent_ends_first: bool) -> None:
+    """Each child loop copied its parent's children ids: 16,000 continuations of one
+    loop took 3.8 s to record, quadratic in the number of children."""
+    recorder = SessionRecorder()
+    recorder.on_event(start("s.c.1", "s"))
+    if parent_ends_first:
+        recorder.on_event(end("s.c.1"))
+
+    def child(n: int) -> list[ps.AgentEvent]:
+        return [start(f"s.c.{n}", "s", parent="s.c.1", kind=ps.DEFAULT), end(f"s.c.{n}")]
+
+    recorder.record_all([event for n in range(2, 4002) for event in child(n)])
+    assert least_peak(recorder, [child(n) for n in range(4002, 4006)]) < 8000  # 4000 ids take 32 kB
+    expected = tuple(f"s.c.{n}" for n in range(2, 4006))
+    if parent_ends_first:
+        assert recorder.get_session("s").loops[0].children_loop_ids == expected  # type: ignore[union-attr]
+    else:
+        assert recorder.current_loop("s.c.1").children_loop_ids == expected  # type: ignore[union-attr]
+        recorder.on_event(end("s.c.1"))
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert session.get_loop("s.c.1").children_loop_ids == expected  # type: ignore[union-attr]
 
 
 def test_drained_orphans_leave_nothing_behind(caplog: pytest.LogCaptureFixture) -> None:
@@ -849,6 +880,60 @@ GROUP_1 = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.1"), time
 GROUP_2 = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.2", "s.b.2"), timestamp=ts(0))
 
 
+def reaches(root: object, target: object) -> bool:
+    """Whether `target` can be reached from `root` through references."""
+    seen, todo = {id(root)}, [root]
+    while todo:
+        for referent in gc.get_referents(todo.pop()):
+            if referent is target:
+                return True
+            if id(referent) not in seen and not isinstance(referent, type | types.ModuleType):
+                seen.add(id(referent))
+                todo.append(referent)
+    return False
+
+
+def test_a_group_that_never_ends_is_given_up_after_the_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    """A killed agent's group never ends: its drained session stayed in the recorder, owed
+    (`may_amend`, which pins its journal records), and its never-started branch stayed
+    open, until flush. Now the checkpoint after ``group_end_timeout`` of stream time
+    gives the group up; its session had been complete all along (phi-core's rule)."""
+    recorder = SessionRecorder(group_end_timeout=60)
+    branches = ("s.a.1", "s.b.1", "s.c.1")  # s.c.1 never starts
+    group = ps.ParallelLoopStart(session_id="s", loop_ids=branches, timestamp=ts(0))
+    recorder.record_all([group, start("s.a.1", "s"), start("s.b.1", "s"), end("s.a.1"), end("s.b.1")])
+    assert recorder.checkpoint() == 1
+    [drained] = recorder.drain_completed()
+    recorder.record_all([start("t.c.1", "t", at=59_000), end("t.c.1", at=59_001)])
+    recorder.checkpoint()
+    recorder.drain_completed()
+    assert recorder.may_amend("s") and recorder.open_loop_ids() == ["s.c.1"]  # within the timeout
+    assert reaches(recorder, drained)
+    recorder.record_all([start("t.c.2", "t", at=61_000), end("t.c.2", at=61_001)])
+    with caplog.at_level(logging.WARNING, logger="phi_session.recorder"):
+        assert recorder.checkpoint() == 2  # t, and s with its branch that never started
+    assert len(caplog.records) == 1
+    assert not recorder.may_amend("s") and recorder.open_loop_ids() == []
+    amended = {session.session_id: session for session in recorder.drain_completed()}["s"]
+    assert [(loop.loop_id, loop.status) for loop in amended.loops] == [("s.c.1", "Aborted")]
+    assert not reaches(recorder, drained)  # the recorder keeps nothing of it
+    late = group_end("s", "s.b.1")
+    recorder.on_event(late)
+    assert [orphan.event for orphan in recorder.orphans()] == [late]
+
+
+def test_without_a_group_end_timeout_a_drained_session_waits_for_its_group_until_flush() -> None:
+    recorder = SessionRecorder(group_end_timeout=None)
+    group = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1",), timestamp=ts(0))
+    recorder.record_all([group, start("s.a.1", "s"), end("s.a.1"), start("t.c.1", "t", at=10**9)])
+    recorder.checkpoint()
+    recorder.drain_completed()
+    assert recorder.may_amend("s")
+    recorder.on_event(group_end("s", "s.a.1"))
+    [amended] = recorder.drain_completed()
+    assert amended.loops[0].parallel_group is not None
+
+
 def test_a_repeated_parallel_start_is_not_a_group_the_session_stays_owed() -> None:
     """It was counted as a second group, which never ended: the drained session stayed
     owed (`may_amend`, which pins its journal records) until flush."""
@@ -864,6 +949,39 @@ def test_a_repeated_parallel_end_does_not_end_another_group() -> None:
     assert recorder.may_amend("s")
     recorder.on_event(group_end("s", "s.a.2"))
     assert not recorder.may_amend("s")
+    assert recorder.orphans() == []
+
+
+def test_parallel_events_naming_another_sessions_loops_leave_that_session_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Session a's ParallelLoopEnd naming session b's loops (a loop id's session is its
+    prefix) set b's parallel_group and ended b's group; a's ParallelLoopStart naming them
+    made them Pending branches of a. Now both stay in a's session events, unapplied."""
+    b_group = ps.ParallelLoopStart(session_id="b", loop_ids=("b.c.1", "b.c.2"), timestamp=ts(0))
+    misrouted = [
+        group_end("a", "b.c.1"),
+        group_end("a", "b.c.2"),
+        ps.ParallelLoopStart(session_id="a", loop_ids=("a.c.2", "b.c.3"), timestamp=ts(0)),
+    ]
+    recorder = SessionRecorder(keep_session_events=True)
+    with caplog.at_level(logging.WARNING, logger="phi_session.recorder"):
+        recorder.record_all(
+            [start("a.c.1", "a"), b_group, start("b.c.1", "b"), start("b.c.2", "b"), *misrouted]
+        )
+    assert len(caplog.records) == 2  # once per foreign loop named, not per event
+    assert recorder.session_events("a") == misrouted
+    assert recorder.open_loop_ids() == ["a.c.1", "b.c.1", "b.c.2"]  # no branch pre-registered in a
+    assert recorder.current_loop("b.c.1").parallel_group is None  # type: ignore[union-attr]
+    recorder.record_all([end("b.c.1"), end("b.c.2"), end("a.c.1")])
+    assert recorder.checkpoint() == 2
+    recorder.drain_completed()
+    assert recorder.may_amend("b")  # b's own group is still open
+    recorder.on_event(group_end("b", "b.c.2"))
+    assert not recorder.may_amend("b")
+    [amended] = recorder.drain_completed()
+    assert [loop.parallel_group.is_selected for loop in amended.loops] == [False, True]  # type: ignore[union-attr]
+    recorder.flush()
     assert recorder.orphans() == []
 
 

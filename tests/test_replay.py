@@ -70,9 +70,16 @@ FILES = {"notes.txt": "buy milk and eggs", "todo.txt": "call mum"}
 PROMPT = "How many words are in notes.txt and todo.txt?"
 
 
+_WORLDS = itertools.count(1)
+
+
 def uuids() -> Iterator[str]:
+    """Ids of a world of its own: identities going on with one recorded session share
+    its loop counter process-wide (`AgentSession.continuing`), and an adapter's held
+    identities can outlive their test."""
+    world = next(_WORLDS)
     for n in itertools.count(1):
-        yield f"00000000-0000-4000-8000-{n:012d}"
+        yield f"00000000-0000-4000-{world:04x}-{n:012d}"
 
 
 ModelFn = Callable[[RequestShape], AssistantMessage]
@@ -832,6 +839,29 @@ def test_a_replay_through_the_tracer_recording_the_session_shares_its_loop_ids(w
         pass
     assert len({first.loop_id, replayed.loop_id, after.loop_id}) == 3
     assert recorder.orphans() == []
+
+
+def test_two_tracers_joining_one_session_never_share_a_loop_id(world: World) -> None:
+    """Each tracer's identity counted from the recording alone: two tracers joining one
+    session before either recorded both took loop N, and the second AgentStart of that
+    id was kept as an orphan (its loop lost)."""
+    session, original = world.original()
+    recorder = SessionRecorder()
+    tracers = [
+        Tracer(AgentSession(clock=FakeClock()), sinks=[recorder], config=SNAP).for_session(session)
+        for _ in range(2)
+    ]
+    loops = [tracer.loop(continues=original.loop_id) for tracer in tracers]
+    for loop in loops:
+        loop.start()
+    for loop in loops:
+        loop.user("again")
+        loop.end()
+    recorder.flush()
+    (recorded,) = recorder.drain_completed()
+    assert recorder.orphans() == []
+    assert len({loop.loop_id for loop in loops}) == 2
+    assert [record.loop_id for record in recorded.loops] == [loop.loop_id for loop in loops]
 
 
 def test_a_tracer_of_the_session_yet_without_loops_goes_on_from_the_recording(world: World) -> None:

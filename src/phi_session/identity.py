@@ -22,6 +22,7 @@ import math
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol, cast
@@ -117,6 +118,56 @@ class _Stamper:
         return Timestamp(f"{prefix}.{fraction:09d}Z")
 
 
+class _LoopCounters:
+    """The loop counters of one session: ``config_id -> N`` of its latest loop id.
+
+    An identity's own, or (`AgentSession.continuing`) the one of its recorded session
+    that every identity going on with that recording in the process shares
+    (`_joined_counters`), so two of them (two tracers replaying one session, say) never
+    hand out the same loop id. Held only by those identities: it goes when they do."""
+
+    __slots__ = ("__weakref__", "_counts", "_lock")
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def allocate(self, session_id: str, config_ids: Iterable[str]) -> list[str]:
+        with self._lock:
+            counts = self._counts
+            loop_ids = []
+            for config_id in config_ids:
+                count = counts.get(config_id, 0) + 1
+                counts[config_id] = count
+                loop_ids.append(f"{session_id}.{config_id}.{count}")
+            return loop_ids
+
+    def raise_to(self, counts: Iterable[tuple[str, int]]) -> None:
+        """Go on after these counts (a counter never goes back: its ids may be in use)."""
+        with self._lock:
+            for config_id, count in counts:
+                if count > self._counts.get(config_id, 0):
+                    self._counts[config_id] = count
+
+    def items(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return list(self._counts.items())
+
+
+_SESSION_COUNTERS: weakref.WeakValueDictionary[str, _LoopCounters] = weakref.WeakValueDictionary()
+_SESSION_COUNTERS_LOCK = threading.Lock()
+
+
+def _joined_counters(session_id: str) -> _LoopCounters:
+    """The loop counters shared by the identities going on with recorded `session_id` in
+    this process, new if none holds them."""
+    with _SESSION_COUNTERS_LOCK:
+        counters = _SESSION_COUNTERS.get(session_id)
+        if counters is None:
+            counters = _SESSION_COUNTERS[session_id] = _LoopCounters()
+        return counters
+
+
 # One for every agent: its cache holds across them (a framework adapter makes an
 # `AgentSession` per framework session, often one per run).
 _STAMPER = _Stamper()
@@ -153,7 +204,7 @@ class AgentSession:
         self._lock = threading.Lock()
         self._stamper = _STAMPER
         self._session_id = session_id if session_id is not None else self.id_factory()
-        self._counters: dict[str, int] = {}
+        self._counters = _LoopCounters()
         self._last_loop_id: str | None = None
         self._last_started_ns: int | None = None
         # Why the current session was opened, until its first loop claims it.
@@ -228,7 +279,7 @@ class AgentSession:
 
     def _rotate(self, formation: SessionFormation | None) -> str:
         self._session_id = self.id_factory()
-        self._counters.clear()
+        self._counters = _LoopCounters()
         self._last_loop_id = None
         self._last_started_ns = None  # a fresh session has not run a loop
         self._pending_formation = formation
@@ -251,13 +302,7 @@ class AgentSession:
         """``(session_id, loop_ids)``: the next loop id for each of `config_ids`, in order,
         all of one session (allocated in one step, as a parallel group's branches need)."""
         with self._lock:
-            counters = self._counters
-            loop_ids = []
-            for config_id in config_ids:
-                count = counters.get(config_id, 0) + 1
-                counters[config_id] = count
-                loop_ids.append(f"{self._session_id}.{config_id}.{count}")
-            return self._session_id, loop_ids
+            return self._session_id, self._counters.allocate(self._session_id, config_ids)
 
     def loop_started(self, session_id: str, loop_id: str, at_ns: int) -> SessionFormation | None:
         """Note that `loop_id` of `session_id` started at `at_ns`.
@@ -285,12 +330,13 @@ class AgentSession:
         loop ids never repeat old ones, and continuations follow `last_loop_id`.
         """
         prefix = f"{self._session_id}."
+        counts = []
+        for loop_id in loop_ids:
+            config_id, _, number = loop_id.removeprefix(prefix).rpartition(".")
+            if loop_id.startswith(prefix) and config_id and _is_loop_number(number):
+                counts.append((config_id, int(number)))
         with self._lock:
-            counters = self._counters
-            for loop_id in loop_ids:
-                config_id, _, number = loop_id.removeprefix(prefix).rpartition(".")
-                if loop_id.startswith(prefix) and config_id and _is_loop_number(number):
-                    counters[config_id] = max(counters.get(config_id, 0), int(number))
+            self._counters.raise_to(counts)
             if last_loop_id is not None:
                 self._last_loop_id = last_loop_id
 
@@ -321,8 +367,11 @@ class AgentSession:
         cls, session: Session, *, clock: Clock | None = None, id_factory: IdFactory | None = None
     ) -> AgentSession:
         """The identity that goes on recording into `session`: its agent and session
-        ids, loop ids after its loops' (`resume_session`)."""
+        ids, loop ids after its loops' (`resume_session`). Every identity going on with
+        that session in the process shares one loop counter: two of them never hand out
+        the same loop id, even when both are made before either records a loop."""
         agent = cls(session.agent_id, session_id=session.session_id, clock=clock, id_factory=id_factory)
+        agent._counters = _joined_counters(session.session_id)  # a new identity: no one else uses it yet
         agent.resume_session(session)
         return agent
 
@@ -338,7 +387,9 @@ class AgentSession:
         with self._lock:
             session_id, last = self._session_id, self._last_loop_id
             flat: list[object] = [self.agent_id, session_id, self._formation_claimed, last]
-            for index, (config_id, count) in enumerate(self._counters.items()):
+            for index, (config_id, count) in enumerate(
+                self._counters.items()
+            ):  # a copy, read under the counters' lock
                 flat += (config_id, count)
                 if last == f"{session_id}.{config_id}.{count}":
                     flat[3] = index
@@ -359,7 +410,7 @@ class AgentSession:
             last = f"{session_id}.{config_ids[last]}.{counters[config_ids[last]]}"
         agent = cls(agent_id, session_id=session_id, clock=clock, id_factory=id_factory)
         with agent._lock:
-            agent._counters = counters
+            agent._counters.raise_to(counters.items())
             agent._last_loop_id = last
             agent._formation_claimed = claimed
         return agent

@@ -13,13 +13,16 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
   that ended (not yet drained) is an orphan, its loop's later events too (a compaction
   pass, which reuses the id, is a second record); a session id seen again while the
   session is still held joins it;
-* ``RevertApplied`` is stored; parallel and loop-less events are kept;
+* ``RevertApplied`` is stored; parallel and loop-less events are kept; a parallel event
+  naming another session's loop is kept in its own session's events, not applied;
 * `flush` aborts open loops in the order they were opened, and links them to their parent;
 * `checkpoint` completes every session whose loops have all ended, as phi-core does;
   what a drained session learns later (its parallel winner, the tool call that
   spawned it) is handed over again by the next drain, as an amendment to merge;
 * sub-agent links use what the recorder saw, not only the loop-id prefix;
-* every ``on_event`` is O(1) amortized, and safe to call from several threads.
+* every ``on_event`` is O(1) amortized, and safe to call from several threads (a
+  parent's ``children_loop_ids`` tuple is brought up to date when its session is
+  looked at or completed, not rebuilt per child).
 """
 
 from __future__ import annotations
@@ -83,6 +86,11 @@ class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
       (extra ``session_events`` field, ignored by phi-core). Off by default so that
       files stay byte-identical to phi-core's; the recorder keeps them in memory
       either way (`SessionRecorder.session_events`).
+    * ``group_end_timeout``: how long, in seconds of stream time (the latest
+      ``AgentStart`` timestamp seen), a drained session waits for the end of a parallel
+      group of its that never ended (a killed agent's); then `checkpoint` gives the group
+      up: its branches that never started are aborted as at `flush`, and an end that
+      comes later is an orphan. None: wait until `flush`.
     """
 
     include_streaming_events: bool = False
@@ -90,6 +98,7 @@ class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
     before_task: SessionCallback | None = None
     after_task: SessionCallback | None = None
     keep_session_events: bool = False
+    group_end_timeout: float | None = 3600.0
 
 
 class OrphanEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -164,10 +173,25 @@ class _OpenLoop:
         )
 
 
+class _Children:
+    """The children of one parent record, gathered in place (an ordered set, so a repeat
+    is a no-op) and handed to the record as a tuple by `link`, once per look at the
+    session rather than once per child (a tuple grown per child is quadratic)."""
+
+    __slots__ = ("ids", "record")
+
+    def __init__(self, record: LoopRecord) -> None:
+        self.record = record
+        self.ids = dict.fromkeys(record.children_loop_ids)
+
+    def link(self) -> None:
+        self.record.children_loop_ids = tuple(self.ids)
+
+
 class _HeldSession:
     """A session the recorder still holds (open or completed-but-not-drained)."""
 
-    __slots__ = ("closed", "events", "open_loops", "session")
+    __slots__ = ("closed", "events", "open_loops", "session", "unlinked")
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -177,6 +201,23 @@ class _HeldSession:
         # Session-scoped events: most sessions have none, and hold an empty tuple rather
         # than a list for the collector to walk; a list once they have some (appended to).
         self.events: list[AgentEvent] | tuple[()] = ()
+        # Parent loop id -> children not yet in its record's tuple (`link_children`).
+        self.unlinked: dict[str, _Children] = {}
+
+    def link_child(self, parent: LoopRecord, child_id: str) -> None:
+        children = self.unlinked.get(parent.loop_id)
+        if children is None or children.record is not parent:
+            if children is not None:  # another record of the parent's id (a compaction pass)
+                children.link()
+            children = self.unlinked[parent.loop_id] = _Children(parent)
+        children.ids[child_id] = None
+
+    def link_children(self) -> Session:
+        """The session, its records' ``children_loop_ids`` brought up to date."""
+        for children in self.unlinked.values():
+            children.link()
+        self.unlinked.clear()
+        return self.session
 
 
 class SessionRecorder:
@@ -208,6 +249,7 @@ class SessionRecorder:
         # over again (see `drain_completed`); all of it ends with the group or parent loop.
         self._late_branches: dict[str, list[tuple[Session, LoopRecord]]] = {}  # loop in an open group
         self._late_groups: dict[str, Session] = {}  # session drained with a group open
+        self._stream_time: Timestamp | None = None  # the latest AgentStart's (`group_end_timeout`)
         self._late_spawns: dict[str, dict[str, Session]] = {}  # open parent loop -> sub-agents
         self._spawns: dict[str, tuple[str, str, str, str]] = {}  # child loop -> parent ref
         self._orphans: list[OrphanEvent] = []
@@ -317,13 +359,43 @@ class SessionRecorder:
     def _orphan(self, event: AgentEvent, reason: str) -> None:
         self._orphans.append(OrphanEvent(event=event, reason=reason))
         loop_id = getattr(event, "loop_id", "")
-        if loop_id not in self._warned_loops:  # one warning per loop, not per event
+        self._warn_once(
+            loop_id, "%s event for %s kept as orphan: %s", type(event).__name__, loop_id or "no loop", reason
+        )
+
+    def _warn_once(self, loop_id: str, message: str, *args: object) -> None:
+        """Log a warning about `loop_id`, once per loop rather than once per event."""
+        if loop_id not in self._warned_loops:
             self._warned_loops.add(loop_id)
-            logger.warning(
-                "%s event for %s kept as orphan: %s", type(event).__name__, loop_id or "no loop", reason
-            )
+            logger.warning(message, *args)
+
+    def _session_of(self, loop_id: str) -> str:
+        """The session of `loop_id`: the one the recorder saw it in, else its id's prefix."""
+        known = self._loop_session.get(loop_id)
+        if known is None:
+            pending = self._loops.get(loop_id)  # a Pending branch: its group's session
+            known = pending.session_id if pending is not None else session_id_from_loop_id(loop_id)
+        return known
+
+    def _misrouted(self, event: ParallelLoopStart | ParallelLoopEnd, loop_ids: Iterable[str]) -> bool:
+        """Whether a parallel event names a loop of another session (which it must not edit)."""
+        for loop_id in loop_ids:
+            owner = self._session_of(loop_id)
+            if owner != event.session_id:
+                self._warn_once(
+                    loop_id,
+                    "%s of session %s names loop %s of session %s: kept in its session's events, not applied",
+                    type(event).__name__,
+                    event.session_id,
+                    loop_id,
+                    owner,
+                )
+                return True
+        return False
 
     def _on_agent_start(self, event: AgentStart) -> None:
+        if self._stream_time is None or event.timestamp > self._stream_time:
+            self._stream_time = event.timestamp
         if event.loop_id in self._closed_by_id and event.continuation_kind != COMPACTION:
             # Its loop ended and is still held: a second record would hold the loop twice.
             # phi-core's compaction pass alone reuses an ended loop's id (wire-format §8.1).
@@ -349,7 +421,7 @@ class SessionRecorder:
         parent = event.parent_loop_id
         if parent is not None and session.parent_spawn_ref is None:
             # What the recorder saw decides; the loop-id prefix is only the fallback.
-            parent_session = self._loop_session.get(parent) or session_id_from_loop_id(parent)
+            parent_session = self._session_of(parent)
             if parent_session != event.session_id:
                 known = self._spawns.get(event.loop_id)  # the parent's tool call ended first
                 if known is not None and known[1] == parent:
@@ -485,8 +557,8 @@ class SessionRecorder:
                 open_parent = self._loops.get(parent_id)
                 if open_parent is not None and open_parent.record.session_id == record.session_id:
                     parent = open_parent.record
-            if parent is not None and record.loop_id not in parent.children_loop_ids:
-                parent.children_loop_ids = (*parent.children_loop_ids, record.loop_id)
+            if parent is not None:
+                held.link_child(parent, record.loop_id)
         self._add_closed(held, record)
 
     def _add_closed(self, held: _HeldSession, record: LoopRecord) -> None:
@@ -588,6 +660,8 @@ class SessionRecorder:
 
     def _on_parallel_start(self, event: ParallelLoopStart) -> None:
         self._session_event(event)
+        if self._misrouted(event, event.loop_ids):
+            return
         loop_ids = event.loop_ids
         # A group no end can name (no branch) or a repeat is no new group to wait for.
         if loop_ids and self._groups.get(loop_ids[0]) != loop_ids:
@@ -609,6 +683,9 @@ class SessionRecorder:
     def _on_parallel_end(self, event: ParallelLoopEnd) -> None:
         group_ids = self._groups.get(event.selected_loop_id)
         all_ids = group_ids or (event.selected_loop_id,)
+        if self._misrouted(event, all_ids):
+            self._session_event(event)
+            return
         for loop_id in all_ids:
             group = ParallelGroupRecord(
                 all_loop_ids=all_ids,
@@ -708,6 +785,7 @@ class SessionRecorder:
     def _complete(self, session_id: str) -> None:
         held = self._open.pop(session_id)
         self._completed[session_id] = held
+        held.link_children()  # nothing links to a completed session: it is reopened first
         if self.config.after_task is not None:
             self._callbacks.append((self.config.after_task, held.session, False))
 
@@ -718,14 +796,42 @@ class SessionRecorder:
         ``AgentEnd`` (Pending parallel branches that never started do not count),
         even if its parallel group has not ended or the tool call that spawned it is
         still running; until drained it is still enriched by such later events.
-        Costs O(open sessions). ``after_task`` fires for each completed session.
+        A drained session's group still open after ``group_end_timeout`` is given up
+        first (see `SessionRecorderConfig`). Costs O(open sessions + drained sessions
+        owed a group's end). ``after_task`` fires for each completed session.
         """
         with self._lock:
+            self._give_up_stale_groups()
             ready = [sid for sid, held in self._open.items() if held.open_loops == 0]
             for session_id in ready:
                 self._complete(session_id)
         self._run_callbacks()
         return len(ready)
+
+    def _give_up_stale_groups(self) -> None:
+        """Give up the open parallel groups of drained sessions idle for longer than
+        ``group_end_timeout`` of stream time: a killed agent's group never ends, and what
+        the recorder keeps for its end (the session, its journal records) must not stay."""
+        timeout = self.config.group_end_timeout
+        if not self._late_groups or timeout is None or self._stream_time is None:
+            return
+        cutoff = self._stream_time.ns - round(timeout * 1_000_000_000)
+        for session_id, session in list(self._late_groups.items()):
+            held = self._open.get(session_id)
+            if session.last_active_at.ns >= cutoff or (held is not None and held.open_loops):
+                continue  # waited less, or a branch still runs
+            logger.warning(
+                "session %s: parallel group without ParallelLoopEnd after %s s given up", session_id, timeout
+            )
+            del self._late_groups[session_id]
+            self._open_groups.pop(session_id, None)
+            for loop_id in [loop_id for loop_id in self._groups if self._session_of(loop_id) == session_id]:
+                del self._groups[loop_id]
+                self._late_branches.pop(loop_id, None)
+                branch = self._loops.get(loop_id)
+                if branch is not None:  # never started (a started one holds its session open)
+                    branch.record.status = "Aborted"
+                    self._close(branch)
 
     def drain_completed(self) -> list[Session]:
         """Hand over the completed sessions and forget them (at most one per session id).
@@ -773,18 +879,25 @@ class SessionRecorder:
     def sessions(self) -> list[Session]:
         """Completed sessions, then open ones (open loops are not in ``loops`` yet)."""
         with self._lock:
-            return [h.session for h in self._completed.values()] + [h.session for h in self._open.values()]
+            return [h.session for h in self._completed.values()] + [
+                h.link_children() for h in self._open.values()
+            ]
 
     def get_session(self, session_id: str) -> Session | None:
         with self._lock:
             held = self._completed.get(session_id) or self._open.get(session_id)
-            return held.session if held is not None else None
+            return held.link_children() if held is not None else None
 
     def current_loop(self, loop_id: str) -> LoopRecord | None:
         """A snapshot of the open (Running or Pending) record of `loop_id`, or None."""
         with self._lock:
             loop = self._loops.get(loop_id)
-            return loop.snapshot() if loop is not None else None
+            if loop is None:
+                return None
+            held = self._open.get(loop.session_id)
+            if held is not None:  # its children are linked there
+                held.link_children()
+            return loop.snapshot()
 
     def has_open_loop(self, loop_id: str) -> bool:
         """Whether `loop_id` is open (Running or Pending): `current_loop` without its copy."""
