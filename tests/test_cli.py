@@ -552,17 +552,30 @@ def test_context(store_dir: Path) -> None:
 
 
 def test_untrusted_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
-    hostile = "\x1b[2J\x1b]0;owned\x07 [bold red]markup[/] \u009b31m"
+    hostile = "\x1b[2J\x1b]0;owned\x07 [bold red]markup[/] \u009b31m \u202edesrever"
     lines = [
-        line.replace('"Say hello."', json.dumps(hostile)) for line in example_lines() if MINIMAL_ID in line
+        line.replace('"Say hello."', json.dumps(hostile)).replace(
+            '"model":"claude-haiku-4-5"', '"model":' + json.dumps("haiku\x1b[31m\u2066")
+        )
+        for line in example_lines()
+        if MINIMAL_ID in line
     ]
     stream = tmp_path / "hostile.jsonl"
     stream.write_text("\n".join(lines) + "\n")
     assert run("record", stream, "--dir", tmp_path / "out").exit_code == EXIT_OK
     loop = f"{MINIMAL_ID}.anthropic.claude-haiku-4-5.1"
-    out = run("context", MINIMAL_ID, loop, "--store", tmp_path / "out").stdout
-    assert "\x1b" not in out and "\x07" not in out and "\u009b" not in out
-    assert "\\x1b[2J" in out and "[bold red]markup[/]" in out and "\\x9b31m" in out
+    outputs = {
+        "context": run("context", MINIMAL_ID, loop, "--store", tmp_path / "out").stdout,
+        "show": run("show", MINIMAL_ID, "--store", tmp_path / "out").stdout,  # its cost names the model
+        "search": run("search", "markup", "--store", tmp_path / "out").stdout,
+    }
+    for command, out in outputs.items():
+        assert not set(out) & {"\x1b", "\x07", "\u009b", "\u202e", "\u2066"}, command
+    out = outputs["context"]
+    assert (
+        "\\x1b[2J" in out and "[bold red]markup[/]" in out and "\\x9b31m" in out and "\\u202edesrever" in out
+    )
+    assert "haiku\\x1b[31m\\u2066" in outputs["show"]
 
 
 # -- stats ---------------------------------------------------------------------------------------

@@ -49,8 +49,12 @@ STATUS_STYLES = {
 }
 
 # C0/C1 control characters (except newline and tab) would let recorded content drive
-# the terminal (colours, cursor moves, title changes); they are shown as escapes.
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if c not in (9, 10)}
+# the terminal (colours, cursor moves, title changes), and bidirectional controls would
+# make it show text in another order than it is stored; all are shown as escapes.
+_CONTROL = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if c not in (9, 10)},
+    **{c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))},
+}
 _ONE_LINE = {**_CONTROL, 10: "\u23ce", 9: " "}
 
 
@@ -103,11 +107,11 @@ def cost_text(cost: Cost, *, sources: bool = False) -> Text:
     if cost.usd is None:
         text = Text("unknown", style="dim")
         if sources and cost.unpriced:
-            text.append(f" (no price for {', '.join(cost.unpriced)})", style="dim")
+            text.append(f" (no price for {safe(', '.join(cost.unpriced))})", style="dim")
         return text
     text = Text(f"${cost.usd:,.4f}")
     if sources and cost.sources:
-        text.append(f" ({', '.join(cost.sources)})", style="dim")
+        text.append(f" ({safe(', '.join(cost.sources))})", style="dim")
     return text
 
 
