@@ -89,7 +89,13 @@ DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
     r"(?<= )(?:(?<=Bearer )|(?<=bearer )|(?<=BEARER ))[A-Za-z0-9\-._~+/]{8,}=*",
     r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)",  # user:password@ in URLs
     # key=<secret>, as in URL query strings and logs (one fixed-width look-behind per name).
-    "(?<==)(?i:" + "|".join(f"(?<=\\b{key}=)" for key in _ASSIGNED_KEYS) + r")[^&#\s\"',;]+",
+    # Guarded by the "=" and then by the names' last letters, so that text dense in "="
+    # (``a=b&c=d``, base64 padding) does not try every name at every "=".
+    "(?<==)(?i:(?<=["
+    + "".join(sorted({key[-1] for key in _ASSIGNED_KEYS}))
+    + "]=)(?:"
+    + "|".join(f"(?<=\\b{key}=)" for key in _ASSIGNED_KEYS)
+    + r"))[^&#\s\"',;]+",
 )
 """Regular expressions whose matches are secrets (only the secret part is replaced)."""
 
