@@ -7,6 +7,7 @@ import gc
 import logging
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -157,8 +158,13 @@ _PIECES = st.sampled_from(
         ":",
         "=",
         "key",
+        "key=",
         "Token",
         "api_key",
+        "passwd=",
+        "Client_Secret=",
+        "SIG=",
+        "signature=",
         "&",
         " ",
         ".",
@@ -179,7 +185,8 @@ _PIECES = st.sampled_from(
 @settings(max_examples=400, deadline=None)
 def test_the_compiled_defaults_match_exactly_what_the_plain_patterns_do(text: str) -> None:
     # The default scan shares one word-boundary test among its word-start patterns and
-    # guards its look-behinds (several times faster on large text): the same matches.
+    # guards its look-behinds (several times faster on large text, and on text dense in
+    # "="): the same matches.
     plain = re.compile("|".join(f"(?:{pattern})" for pattern in _PLAIN_DEFAULTS))
     assert Redactor().redact_string(text) == plain.sub(REDACTED, text)
 
@@ -562,10 +569,10 @@ def test_a_secret_used_as_a_dict_key_is_redacted() -> None:
     assert custom.redact_value({"acct-123456": [1], 7: "x"}) == {REDACTED: [1], 7: "x"}
 
 
-def test_json_string_arguments_are_redacted_field_by_field() -> None:
+def one_tool_call(call: ps.ToolCall) -> Callable[[Tracer], None]:
+    """A scenario: one turn calling `call`, which succeeds."""
+
     def scenario(tracer: Tracer) -> None:
-        arguments = '{"password": "hunter2-secret", "apiToken": "tok-secret", "q": "x"}'
-        call = ps.ToolCall(id="c1", name="login", arguments=arguments)
         with tracer.loop() as loop:
             loop.user("hi")
             with loop.turn() as turn:
@@ -574,7 +581,12 @@ def test_json_string_arguments_are_redacted_field_by_field() -> None:
                 with turn.tool(call) as tool:
                     tool.result("ok")
 
-    data = emitted_lines(scenario)
+    return scenario
+
+
+def test_json_string_arguments_are_redacted_field_by_field() -> None:
+    arguments = '{"password": "hunter2-secret", "apiToken": "tok-secret", "q": "x"}'
+    data = emitted_lines(one_tool_call(ps.ToolCall(id="c1", name="login", arguments=arguments)))
     assert b"hunter2-secret" not in data and b"tok-secret" not in data
     redactor = Redactor()
     assert redactor.redact_json_string('[{"password": "p"}, 1]') == '[{"password":"[REDACTED]"},1]'
@@ -663,6 +675,39 @@ def test_arguments_that_do_not_copy_as_json_are_scanned_every_time() -> None:
     for _ in range(3):
         redactor(_history_request((reply,)))
     assert redactor.scans[id(arguments)] == 3
+
+
+def _nested(depth: int, leaf: Any) -> Any:
+    value = leaf
+    for level in range(depth):  # objects and arrays in turn
+        value = {"a": value} if level % 2 else [value]
+    return value
+
+
+def _leaf(value: Any, depth: int) -> Any:
+    for level in reversed(range(depth)):
+        value = value["a"] if level % 2 else value[0]
+    return value
+
+
+def test_deeply_nested_tool_arguments_are_scanned_and_kept() -> None:
+    depth = 800  # deeper than a recursive scan goes, not deeper than the codec writes
+    arguments = _nested(depth, {"q": "hello", "api_key": "plain-value"})
+    events, _, data = record({}, one_tool_call(ps.ToolCall(id="c1", name="http", arguments=arguments)))
+    assert b"WITHHELD" not in data and b"plain-value" not in data
+    [start] = [e for e in events if isinstance(e, ps.ToolExecutionStart)]
+    [end] = [e for e in events if isinstance(e, ps.MessageEnd) and isinstance(e.message, ps.AssistantMessage)]
+    [recorded] = end.message.content  # type: ignore[attr-defined]
+    for scanned in (start.args, recorded.arguments):
+        assert _leaf(scanned, depth) == {"q": "hello", "api_key": REDACTED}
+
+
+def test_arguments_nested_deeper_than_the_codec_goes_are_still_scanned() -> None:
+    depth = 5000  # past what the codec copies (a remembered content keeps a JSON copy)
+    reply = _tool_reply("http", _nested(depth, {"token": "plain-value"}))
+    redacted = Redactor()(ps.MessageEnd(loop_id="l", message=reply))
+    [call] = redacted.message.content  # type: ignore[attr-defined]
+    assert _leaf(call.arguments, depth) == {"token": REDACTED}
 
 
 def test_one_processor_and_one_sink_keep_their_failure_isolation() -> None:

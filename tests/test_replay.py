@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 
 from phi_session.adapters import AdapterCore
 from phi_session.codec import decode_messages
-from phi_session.errors import LoopNotFound, PhiSessionError, ReplayDiverged, TurnNotFound
+from phi_session.errors import (
+    LoopNotFound,
+    PhiSessionError,
+    RecordedModelError,
+    RecordedToolError,
+    ReplayDiverged,
+    TurnNotFound,
+)
 from phi_session.events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from phi_session.identity import AgentSession, FakeClock
 from phi_session.instrument import LoopScope, Tracer
@@ -360,6 +367,56 @@ def test_fork_at_turn_2_hands_the_run_to_another_model(world: World) -> None:
     # Resuming the fork: the original's first two turns (as replayed), then the new answer.
     context = [view(m) for m in merged.context_at(fork.loop_id)]
     assert context == [*views(original)[:5], view(fork.turns[2].output_message)]
+
+
+def failed_run_and_its_replay(
+    world: World, *, model: ModelFn | None = None, run_tool: Callable[[ToolCall], str] = live_tool
+) -> tuple[LoopRecord, LoopRecord, Exception]:
+    """An original run that `model` (default `scripted_model`) or `run_tool` fails (it
+    ends ``Aborted``), replayed with recorded tools by the same hand-written loop;
+    returns both loops and what the replay raised."""
+
+    def original(tracer: Tracer) -> None:
+        with pytest.raises(RuntimeError), tracer.loop() as loop:
+            agent(loop, model or scripted_model(), run_tool=run_tool)
+
+    session = world.record(original)
+    replayed = RecordedModel(session, tools="recorded")
+
+    def replay(tracer: Tracer) -> None:
+        with pytest.raises(PhiSessionError) as raised, replay_lineage(replayed.script).loop(tracer) as loop:
+            agent(loop, replayed.next, recorded=replayed)
+        failures.append(raised.value)
+
+    failures: list[Exception] = []
+    merged = world.record(replay)
+    return session.loops[-1], new_loop(session, merged), failures[0]
+
+
+def test_a_hand_loop_replay_fails_where_the_model_call_failed(world: World) -> None:
+    replies = scripted_model()
+
+    def failing_model(request: RequestShape) -> AssistantMessage:
+        if len(request.messages) > 1:  # the second turn's call
+            raise RuntimeError("rate limited")
+        return replies(request)
+
+    original, replay, raised = failed_run_and_its_replay(world, model=failing_model)
+    assert original.status == "Aborted"
+    assert isinstance(raised, RecordedModelError) and str(raised) == "RuntimeError: rate limited"
+    assert replay.status == "Aborted" and replay.turn_count() == original.turn_count() == 2
+
+
+def test_a_hand_loop_replay_fails_where_a_tool_failed(world: World) -> None:
+    def failing_tool(call: ToolCall) -> str:
+        if call.name == "word_count":
+            raise RuntimeError("kaboom")
+        return live_tool(call)
+
+    original, replay, raised = failed_run_and_its_replay(world, run_tool=failing_tool)
+    assert original.status == "Aborted"
+    assert isinstance(raised, RecordedToolError) and "kaboom" in str(raised)
+    assert replay.status == "Aborted" and replay.tool_call_count() == original.tool_call_count() == 2
 
 
 # -- scripts -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from functools import partial
 from itertools import compress, repeat, takewhile
 from operator import is_
@@ -89,7 +89,13 @@ DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
     r"(?<= )(?:(?<=Bearer )|(?<=bearer )|(?<=BEARER ))[A-Za-z0-9\-._~+/]{8,}=*",
     r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)",  # user:password@ in URLs
     # key=<secret>, as in URL query strings and logs (one fixed-width look-behind per name).
-    "(?<==)(?i:" + "|".join(f"(?<=\\b{key}=)" for key in _ASSIGNED_KEYS) + r")[^&#\s\"',;]+",
+    # Guarded by the "=" and then by the names' last letters, so that text dense in "="
+    # (``a=b&c=d``, base64 padding) does not try every name at every "=".
+    "(?<==)(?i:(?<=["
+    + "".join(sorted({key[-1] for key in _ASSIGNED_KEYS}))
+    + "]=)(?:"
+    + "|".join(f"(?<=\\b{key}=)" for key in _ASSIGNED_KEYS)
+    + r"))[^&#\s\"',;]+",
 )
 """Regular expressions whose matches are secrets (only the secret part is replaced)."""
 
@@ -165,6 +171,9 @@ _MISSING: Any = object()  # a memo miss (a remembered result is never this objec
 _UNCHANGEABLE = frozenset({type(None), str, int, float, bool})
 # A remembered history: (messages, redacted, live arguments, their copy); see `_history`.
 _HistoryEntry = tuple[tuple[Any, ...], tuple[Any, ...], list[Any], Any]
+# A container's scan (`Redactor._walk`): yields the values nested in it, is sent them
+# redacted, returns the container redacted.
+_Scan = Generator[Any, Any, Any]
 
 
 def _live_arguments(content: tuple[Content, ...]) -> list[Any]:
@@ -176,8 +185,13 @@ def _live_arguments(content: tuple[Content, ...]) -> list[Any]:
 
 def _json_copy(value: Any) -> Any:
     """A deep copy of a JSON value that compares equal to it while it is unchanged.
-    Raises for values that do not copy as JSON (and so could never compare equal)."""
+    Raises one of `_NOT_COPIED` for values that do not copy as JSON (and so could never
+    compare equal)."""
     return _json_decode(_json_encode(value))
+
+
+# What `_json_copy` raises: not JSON, or nested deeper than the codec goes from here.
+_NOT_COPIED = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
 
 
 class Redactor:
@@ -214,7 +228,7 @@ class Redactor:
         self.redact_text = redact_text
         self._field_verdicts: dict[str, bool] = {}
         # The names `_field_verdicts` holds False for and without an anchor (no secret in
-        # them either), where the anchored defaults alone apply (`_redact_dict`'s
+        # them either), where the anchored defaults alone apply (`_known_clean`'s
         # shortcut; it stays empty otherwise).
         self._clean_fields: set[str] = set()
         # id -> (value, result, live, witness); ordered to drop the oldest in O(1) (a plain
@@ -281,7 +295,7 @@ class Redactor:
 
     def redact_value(self, value: Any) -> Any:
         """A JSON-like value with secret fields and secret patterns replaced (a value of
-        another type, as the JSON it is written as: `_redact_object`).
+        another type, as the JSON it is written as: `_scan_object`), however deeply nested.
 
         Returns the very same object when nothing needed redacting, so clean
         values cost no allocation.
@@ -291,40 +305,88 @@ class Redactor:
             return self.redact_string(value)
         if tp is dict:
             return self._redact_dict(value)
-        if tp is int or tp is bool or tp is float or value is None:
+        if tp in _UNCHANGEABLE:
             return value
+        return self._walk(self._scan(value))
+
+    def _walk(self, scan: _Scan) -> Any:
+        """What `scan` returns, driven without recursion, so that arguments nested deeper
+        than the interpreter's recursion limit are scanned and kept too: each open
+        container is a generator that yields the containers nested in it and is sent
+        them redacted."""
+        open_scans: list[_Scan] = []  # the containers around the one scanned, outermost first
+        sent: Any = None
+        while True:
+            try:
+                nested = scan.send(sent)
+            except StopIteration as finished:
+                if not open_scans:
+                    return finished.value
+                scan, sent = open_scans.pop(), finished.value
+                continue
+            tp = type(nested)
+            if tp is dict:
+                if self._known_clean(nested):
+                    sent = nested
+                    continue
+                open_scans.append(scan)
+                scan, sent = self._scan_dict(nested), None
+            elif tp is str:  # what `_scan_object` writes may be a plain value
+                sent = self.redact_string(nested)
+            elif tp in _UNCHANGEABLE:
+                sent = nested
+            else:
+                open_scans.append(scan)
+                scan, sent = self._scan(nested), None
+
+    def _scan(self, value: Any) -> _Scan:
+        if isinstance(value, dict):
+            return self._scan_dict(value)
+        if isinstance(value, (list, tuple)):
+            return self._scan_items(value)
+        return self._scan_object(value)
+
+    def _scan_items(self, value: list[Any] | tuple[Any, ...]) -> _Scan:
+        items = []
+        for item in value:
+            tp = type(item)  # plain values inline: a yield costs more than their scan
+            if tp is str:
+                items.append(self.redact_string(item))
+            elif tp in _UNCHANGEABLE:
+                items.append(item)
+            else:
+                items.append((yield item))
+        if any(new is not old for new, old in zip(items, value, strict=True)):
+            return items if isinstance(value, list) else tuple(items)
+        return value
+
+    def _scan_object(self, value: Any) -> _Scan:
+        """A value of any other type (a dataclass, a msgspec Struct, a set, a str subclass...)
+        scanned as the JSON it is written as; that JSON value, redacted, replaces it only
+        when something in it was a secret."""
         if isinstance(value, str):
             return self.redact_string(value)
-        if isinstance(value, dict):
-            return self._redact_dict(value)
-        if isinstance(value, (list, tuple)):
-            items = [self.redact_value(item) for item in value]
-            if any(new is not old for new, old in zip(items, value, strict=True)):
-                return items if isinstance(value, list) else tuple(items)
-            return value
-        return self._redact_object(value)
-
-    def _redact_object(self, value: Any) -> Any:
-        """A value of any other type (a dataclass, a msgspec Struct, a set...) scanned as the
-        JSON it is written as; that JSON value, redacted, replaces it only when something
-        in it was a secret."""
         try:
             written = msgspec.to_builtins(value, enc_hook=json_form)
         except Exception:  # not a value the codec writes either: none of it is recorded
             return value
-        redacted = self.redact_value(written)
+        redacted = yield written
         return value if redacted is written else redacted
 
-    def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
+    def _known_clean(self, value: dict[Any, Any]) -> bool:
         # The usual tool arguments: known clean field names (none is known unless the
         # anchored defaults alone apply) with string values (else `join` raises), cleared
-        # in C, without the walk below, when no value holds an anchor (an anchor has no
-        # newline: none spans two values).
+        # in C, without a walk, when no value holds an anchor (an anchor has no newline:
+        # none spans two values).
         try:
-            if self._clean_fields.issuperset(value) and _anchor_search("\n".join(value.values())) is None:
-                return value
+            return self._clean_fields.issuperset(value) and _anchor_search("\n".join(value.values())) is None
         except TypeError:
-            pass
+            return False
+
+    def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
+        return value if self._known_clean(value) else self._walk(self._scan_dict(value))
+
+    def _scan_dict(self, value: dict[Any, Any]) -> _Scan:
         changed: dict[Any, Any] | None = None
         renamed: dict[str, str] | None = None  # keys holding a secret (used as an id, a map key)
         verdicts = self._field_verdicts
@@ -344,12 +406,17 @@ class Redactor:
             secret = verdicts.get(key)
             if secret is None:
                 secret = isinstance(key, str) and self.is_secret_field(key)
+            tp = type(item)
             if secret:
                 new: Any = self.replacement
-            elif quick and type(item) is str and _anchor_search(item) is None:
+            elif tp is str:
+                if quick and _anchor_search(item) is None:
+                    continue
+                new = self.redact_string(item)
+            elif tp in _UNCHANGEABLE:
                 continue
             else:
-                new = self.redact_value(item)
+                new = yield item
             if new is not item:
                 if changed is None:
                     changed = dict(value)
@@ -444,7 +511,7 @@ class Redactor:
         if not set(map(type, arguments)) <= _UNCHANGEABLE:
             try:
                 witness = _json_copy(arguments)
-            except (TypeError, ValueError, msgspec.EncodeError):
+            except _NOT_COPIED:
                 return self._scan_content(content)
             live = arguments
         result = self._scan_content(content)
@@ -488,7 +555,7 @@ class Redactor:
         if fresh_live:
             try:
                 witness = witness + _json_copy(fresh_live)
-            except (TypeError, ValueError, msgspec.EncodeError):
+            except _NOT_COPIED:
                 return result
             live = live + fresh_live
         with self._memo_lock:

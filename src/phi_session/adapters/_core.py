@@ -20,8 +20,8 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
   ``phi_session.replay.recording_as(lineage)`` is recorded into the lineage's
   session, continuing its loop with its kind and metadata (see
   `phi_session.replay.lineage`); a replay model answers from the recording through
-  `recorded_reply` and `recorded_result`, which raise a failure that ended the
-  original run again (`RecordedModelError`, `RecordedToolError`);
+  `ReplayCursor.recorded_reply` and `ReplayCursor.recorded_result`, which raise a
+  failure that ended the original run again (`RecordedModelError`, `RecordedToolError`);
 * **sub-agents**: a run started while an instrumented tool executes (`enter_tool`,
   a context variable shared by every adapter) becomes that tool's sub-agent: its own
   session, ``parent_loop_id``, trigger ``SubAgent``, and ``child_loop_id`` in the
@@ -59,8 +59,6 @@ from ..codec import escape_surrogates
 from ..errors import (
     InvalidSessionId,
     MissingExtra,
-    RecordedModelError,
-    RecordedToolError,
     SessionNotFound,
     StoreError,
 )
@@ -71,8 +69,6 @@ from ..messages import (
     AnnotatedRequestPayload,
     AssistantMessage,
     Message,
-    TextContent,
-    ToolResultMessage,
     Usage,
 )
 from ..model import Session
@@ -85,6 +81,7 @@ from ..replay import (
     recording_as,
     replay_lineage,
 )
+from ..replay.cursor import result_text
 from ..replay.lineage import active_lineage
 from ..sinks import SinkLike
 from ..stores.base import SessionStore, validate_session_id
@@ -103,7 +100,6 @@ __all__ = [
     "leave_tool",
     "loop_config",
     "recorded_reply",
-    "recorded_result",
     "replay_recording",
     "require_extra",
     "result_text",
@@ -145,47 +141,9 @@ def replay_recording(
 
 
 def recorded_reply(cursor: ReplayCursor, request: AnnotatedRequestPayload) -> AssistantMessage | None:
-    """What a replay model answers a model call with: the recorded reply to `request`
-    (the call's request as the adapter records it), or None once the run is handed over
-    to the fallback (`ReplayCursor.respond`).
-
-    A reply that failed the original run (the model call raised: a reply stopped with
-    ``error`` or ``aborted`` in the turn its loop was recorded ``Aborted`` in) is raised
-    as `RecordedModelError` instead, with the recorded error text: the replay fails where
-    the original did, rather than ending on an empty reply as if it had succeeded. A
-    failed reply the run went on from (a response the framework took as it was) is the
-    adapter's to answer as that response."""
-    reply = cursor.respond(RequestShape.from_payload(request))
-    if reply is not None and reply.stop_reason in ("error", "aborted"):
-        # The cursor returns the script's own reply objects.
-        if any(turn.reply is reply and turn.aborted for turn in cursor.script.turns):
-            raise RecordedModelError(reply.error_message or reply.stop_reason)
-    return reply
-
-
-def result_text(result: ToolResultMessage) -> str:
-    """A recorded tool result's text (its text blocks, joined), as a replay answers with it."""
-    return "".join(block.text for block in result.content if type(block) is TextContent)
-
-
-def recorded_result(
-    cursor: ReplayCursor, call_id: str, name: str, arguments: object
-) -> ToolResultMessage | None:
-    """What a replay model answers a tool call with: the recorded result, or None when
-    the tool runs live (`ReplayCursor.tool_result`).
-
-    A recorded error that ended the original run (the tool raised, and its loop was
-    recorded ``Aborted`` in that turn) is raised as `RecordedToolError` instead, with
-    the recorded error text: the replay fails where the original did, rather than
-    sending the error to a model call the recording does not have. An error the run
-    went on from is the adapter's to answer as its framework did (a retry, an error
-    message to the model)."""
-    result = cursor.tool_result(call_id, name, arguments)
-    if result is not None and result.is_error:
-        turn = cursor.turn_of(call_id)
-        if turn is not None and turn.aborted:
-            raise RecordedToolError(result_text(result))
-    return result
+    """What a replay model answers a model call with: `ReplayCursor.recorded_reply` to
+    `request` (the call's request as the adapter records it)."""
+    return cursor.recorded_reply(RequestShape.from_payload(request))
 
 
 def require_extra(extra: str, *modules: str) -> None:

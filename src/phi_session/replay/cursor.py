@@ -16,6 +16,9 @@ The contract a framework's replay model keeps (one cursor per replayed run):
    call with its content (``is_error`` tells whether it failed) instead of running
    the tool. It returns **None** when the tool must run live: ``tools="live"``, or
    the run is handed over.
+   `ReplayCursor.recorded_reply` and `ReplayCursor.recorded_result` are the same calls
+   with a failure that ended the original run raised again (`RecordedModelError`,
+   `RecordedToolError`): what every replay model answers with.
 3. On a divergence with ``on_divergence="stop"`` both raise `ReplayDiverged`
    (carrying the `Divergence`; every later call raises it again); with
    ``"fallback"`` the first divergence is kept in `ReplayCursor.divergence` and the
@@ -44,19 +47,24 @@ from typing import Literal
 
 from msgspec.structs import replace
 
-from ..errors import ReplayDiverged
-from ..messages import AssistantMessage, ToolCall, ToolResultMessage
+from ..errors import RecordedModelError, RecordedToolError, ReplayDiverged
+from ..messages import AssistantMessage, TextContent, ToolCall, ToolResultMessage
 from ..model import Session
 from .divergence import Divergence, DivergenceKind
 from .request import Normalizer, RequestShape, clip, compare_messages, compare_tools, normal_arguments
 from .script import RecordedTurn, ReplayScript
 
-__all__ = ["OnDivergence", "ReplayCursor", "ToolsMode", "check_request"]
+__all__ = ["OnDivergence", "ReplayCursor", "ToolsMode", "check_request", "result_text"]
 
 logger = logging.getLogger("phi_session.replay")
 
 OnDivergence = Literal["stop", "fallback"]
 ToolsMode = Literal["recorded", "live"]
+
+
+def result_text(result: ToolResultMessage) -> str:
+    """A recorded tool result's text (its text blocks, joined), as a replay answers with it."""
+    return "".join(block.text for block in result.content if type(block) is TextContent)
 
 
 def check_request(
@@ -283,6 +291,38 @@ class ReplayCursor:
                 return None
             assert result is not None  # _call_problem reports a missing result
             return replace(result, turn_id=None)
+
+    def recorded_reply(self, request: RequestShape) -> AssistantMessage | None:
+        """`respond`, with a reply that failed the original run raised again.
+
+        A reply that failed the original run (the model call raised: a reply stopped with
+        ``error`` or ``aborted`` in the turn its loop was recorded ``Aborted`` in) is
+        raised as `RecordedModelError` instead, with the recorded error text: the replay
+        fails where the original did, rather than ending on an empty reply as if it had
+        succeeded. A failed reply the run went on from (a response the agent took as it
+        was) is returned, for the replay to answer as that response."""
+        reply = self.respond(request)
+        if reply is not None and reply.stop_reason in ("error", "aborted"):
+            # `respond` returns the script's own reply objects.
+            if any(turn.reply is reply and turn.aborted for turn in self.script.turns):
+                raise RecordedModelError(reply.error_message or reply.stop_reason)
+        return reply
+
+    def recorded_result(self, call_id: str, name: str, arguments: object) -> ToolResultMessage | None:
+        """`tool_result`, with a recorded error that ended the original run raised again.
+
+        A recorded error that ended the original run (the tool raised, and its loop was
+        recorded ``Aborted`` in that turn) is raised as `RecordedToolError` instead, with
+        the recorded error text: the replay fails where the original did, rather than
+        sending the error to a model call the recording does not have. An error the run
+        went on from is returned, for the replay to answer as the original did (a retry,
+        an error message to the model)."""
+        result = self.tool_result(call_id, name, arguments)
+        if result is not None and result.is_error:
+            turn = self.turn_of(call_id)
+            if turn is not None and turn.aborted:
+                raise RecordedToolError(result_text(result))
+        return result
 
     @staticmethod
     def _call_problem(

@@ -12,6 +12,10 @@ first and run the tool only when it returns None::
         ...
         recorded = model.tool_result(call)           # a ToolResultMessage, or None: run it
 
+Where the original run failed, the replay fails there too: a model call that raised is
+raised again as `RecordedModelError`, a tool error that ended the run as
+`RecordedToolError`.
+
 A fork is the same with ``until_turn=k`` and a `fallback` (any callable from a
 `RequestShape` to an `AssistantMessage`: your live model, another model) and
 `fork_lineage`. The divergence rules are `ReplayCursor`'s.
@@ -69,9 +73,11 @@ class RecordedModel:
     def next(self, request: RequestShape | Sequence[AgentMessage]) -> AssistantMessage:
         """The reply to `request`: the recorded one, or the fallback model's once handed over.
 
-        Raises `ReplayDiverged` on a divergence in ``"stop"`` mode."""
+        Raises `ReplayDiverged` on a divergence in ``"stop"`` mode, and `RecordedModelError`
+        where the recorded model call failed the original run
+        (`ReplayCursor.recorded_reply`)."""
         shape = RequestShape.of(request)
-        reply = self.cursor.respond(shape)
+        reply = self.cursor.recorded_reply(shape)
         if reply is not None:
             return reply
         # Handed over: only with until_turn or in fallback mode, which both need a fallback.
@@ -79,8 +85,11 @@ class RecordedModel:
         return self.fallback(shape)
 
     def tool_result(self, call: ToolCall) -> ToolResultMessage | None:
-        """The recorded result of `call`, or None: run the tool (see `ReplayCursor.tool_result`)."""
-        return self.cursor.tool_result(call.id, call.name, call.arguments)
+        """The recorded result of `call`, or None: run the tool (see `ReplayCursor.tool_result`).
+
+        Raises `RecordedToolError` where the recorded call failed the original run
+        (`ReplayCursor.recorded_result`)."""
+        return self.cursor.recorded_result(call.id, call.name, call.arguments)
 
     @property
     def divergence(self) -> Divergence | None:

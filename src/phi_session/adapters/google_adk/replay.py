@@ -69,7 +69,7 @@ from ...messages import (
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
 from ...replay.request import compare_messages
-from .._core import recorded_reply, recorded_result, replay_recording, result_text
+from .._core import recorded_reply, replay_recording, result_text
 from . import _TRANSFER_TOOL, FRAMEWORK, _decode, _json_text, _request
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ def _tool_answer(result: ToolResultMessage, sent: str | None) -> Any:
     ``{"result": value}``, an ``on_tool_error_callback`` answers an error), else the
     recorded result read as the JSON it was written as (a string that is no JSON as
     itself). Without a sent response, a recorded error (one the run went on from:
-    `recorded_result` raises the others) is answered ``{"error": text}``. Never None:
+    `ReplayCursor.recorded_result` raises the others) is answered ``{"error": text}``. Never None:
     that would leave the call unanswered, and ADK would run the tool."""
     text = result_text(result)
     if sent is None and result.is_error:
@@ -345,7 +345,7 @@ class _RecordedTools(BasePlugin):
             return None
         if call_id not in self.calls and self.agents and tool_context.agent_name not in self.agents:
             return None  # another agent's call: its own replay (or its tool) answers it
-        result = recorded_result(self.cursor, call_id, tool.name, tool_args)
+        result = self.cursor.recorded_result(call_id, tool.name, tool_args)
         if result is None or tool.name == _TRANSFER_TOOL:
             # ADK's transfer tool only tells ADK which agent takes over: answering it
             # would skip the transfer, so it runs (once checked against the recording).

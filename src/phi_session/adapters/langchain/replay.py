@@ -56,7 +56,7 @@ from ...messages import (
 )
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, ToolsMode
-from .._core import ConvertedOnce, recorded_reply, recorded_result, replay_recording
+from .._core import ConvertedOnce, recorded_reply, replay_recording
 from . import _json_encode, _request, converted_once
 
 __all__ = ["RecordedToolError", "ReplayChatModel"]
@@ -342,7 +342,7 @@ class _RecordedTool(BaseTool):
         if call_id is None:
             return None  # not a model's tool call: nothing recorded to answer with
         arguments = self._filter_injected_args(tool_input) if isinstance(tool_input, dict) else tool_input
-        result = recorded_result(self.cursor, call_id, self.name, arguments)
+        result = self.cursor.recorded_result(call_id, self.name, arguments)
         return None if result is None else _tool_message(result, call_id, self.name)
 
     def _run(self, tool_input: str | dict[str, Any], call_id: str | None, config: RunnableConfig) -> Any:

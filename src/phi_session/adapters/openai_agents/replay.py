@@ -61,7 +61,7 @@ from ...errors import RecordedModelError, RecordedToolError
 from ...messages import AssistantMessage, TextContent, ThinkingContent, ToolCall
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, ToolsMode
-from .._core import recorded_reply, recorded_result, replay_recording, result_text
+from .._core import recorded_reply, replay_recording, result_text
 from . import request_payload
 
 __all__ = ["RecordedToolError", "ReplayModel", "ReplayProvider"]
@@ -248,7 +248,7 @@ class ReplayModel(Model):
         cursor = self.cursor
 
         async def answer(context: ToolContext[Any], arguments: str) -> Any:
-            result = recorded_result(cursor, context.tool_call_id, tool.name, arguments)
+            result = cursor.recorded_result(context.tool_call_id, tool.name, arguments)
             if result is None:
                 return await invoke(context, arguments)
             span = get_current_span()

@@ -45,7 +45,7 @@ from ...errors import RecordedToolError
 from ...messages import AssistantMessage, StopReason, TextContent, ThinkingContent, ToolCall, Usage
 from ...model import Session
 from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, ToolsMode
-from .._core import recorded_reply, recorded_result, replay_recording, result_text
+from .._core import recorded_reply, replay_recording, result_text
 from . import _STOP_REASONS, request_payload
 
 __all__ = ["RecordedToolError", "ReplayModel", "ReplayTools"]
@@ -247,7 +247,7 @@ class _RecordedToolset(WrapperToolset[Any]):
     async def call_tool(
         self, name: str, tool_args: dict[str, Any], ctx: RunContext[Any], tool: ToolsetTool[Any]
     ) -> Any:
-        result = recorded_result(self.cursor, ctx.tool_call_id or "", name, tool_args)
+        result = self.cursor.recorded_result(ctx.tool_call_id or "", name, tool_args)
         if result is None:
             return await super().call_tool(name, tool_args, ctx, tool)
         if result.is_error:
