@@ -658,6 +658,37 @@ def test_import_files_and_directories(store_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "copy" / f"{MINIMAL_ID}.json").is_file()
 
 
+@pytest.mark.parametrize(
+    ("store_name", "output_name"),
+    [
+        ("kept.db", "kept.db"),
+        ("kept.db", "kept.db-wal"),
+        ("kept/", f"kept/{MINIMAL_ID}.json"),
+        ("kept/", "kept/new.json"),
+        ("kept/", f"kept/{MINIMAL_ID}.json.lock"),
+    ],
+)
+def test_export_never_writes_over_its_own_store(tmp_path: Path, store_name: str, output_name: str) -> None:
+    """`export -o` onto the store it reads turned the SQLite store into a JSON file (exit 0);
+    `fork --out` too."""
+    store, output = f"{tmp_path}/{store_name}", tmp_path / output_name
+    assert run("record", EXAMPLE_STREAM, "--store", store).exit_code == EXIT_OK
+    before = files_under(tmp_path)
+    for args in (("export", BASIC_ID, "-o"), ("fork", BASIC_ID, "#1", "--turn", "0", "--out")):
+        result = run(*args, output, "--store", store)
+        assert_one_line_error(result, EXIT_USAGE, f"{args[-1]} {output}: a file of the store it reads")
+        assert files_under(tmp_path) == before
+    assert len(json_out(run("list", "--store", store, "--json"))) == 5  # type: ignore[arg-type]
+
+
+def test_export_write_error_names_where(store_dir: Path) -> None:
+    assert_one_line_error(
+        run("export", BASIC_ID, "--store", store_dir, "-o", "/dev/full"),
+        EXIT_FAILURE,
+        "/dev/full: No space left on device",
+    )
+
+
 def test_rm(store_dir: Path) -> None:
     data = json_out(run("rm", BASIC_ID, MINIMAL_ID, "--store", str(store_dir), "--json"))
     assert data == {"removed": [BASIC_ID, MINIMAL_ID], "missing": []}

@@ -34,6 +34,7 @@ __all__ = [
     "load_cli_session",
     "main",
     "open_cli_store",
+    "refuse_store_file",
     "session_id_argument",
     "stderr",
     "stdout",
@@ -122,6 +123,24 @@ def open_cli_store(
         store.close()
 
 
+_SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+
+
+def refuse_store_file(option: str, path: str | Path, url: str | None) -> None:
+    """A usage error if writing `path` (the file of `option`) would write over the store
+    `url` names (None: the default store), which the command reads: its SQLite file or
+    one of its sidecars, or a file directly in its directory."""
+    store = store_path(url)
+    if store is None:  # a database server: no local file of its own
+        return
+    target, store = Path(path).resolve(), store.resolve()
+    files = {store, *(Path(f"{store}{end}") for end in _SQLITE_SIDECARS)}
+    if target.parent == store if store.is_dir() else target in files:
+        raise CliError(
+            f"{option} {path}: a file of the store it reads ({store}); write elsewhere", EXIT_USAGE
+        )
+
+
 def undo_new_store(url: str | None, directory: str | None = None) -> Callable[[], None]:
     """Called before a writing command opens its store: what removes that store again
     when the command ends having saved nothing (``record`` of an empty input), if it did
@@ -134,7 +153,7 @@ def undo_new_store(url: str | None, directory: str | None = None) -> Callable[[]
     if path is None or path.exists():
         return lambda: None
     path = path.absolute()
-    sidecars = [s for s in (Path(f"{path}{end}") for end in ("-wal", "-shm", "-journal")) if not s.exists()]
+    sidecars = [s for s in (Path(f"{path}{end}") for end in _SQLITE_SIDECARS) if not s.exists()]
     made = [path.parent]  # the directories created for it, innermost first
     while not made[-1].exists():
         made.append(made[-1].parent)

@@ -38,6 +38,7 @@ from .app import (
     main,
     open_cli_store,
     prices_option,
+    refuse_store_file,
     session_id_argument,
     stderr,
     stdout,
@@ -693,7 +694,11 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     "stream (record reads it back).",
 )
 @click.option(
-    "-o", "--output", metavar="FILE", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout."
+    "-o",
+    "--output",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Write to FILE instead of stdout (never a file of the store it reads).",
 )
 @store_options
 def export(
@@ -708,6 +713,8 @@ def export(
     """
     del as_json  # both formats are machine-readable already
     with open_cli_store(store_url, read_only=True) as store:
+        if output is not None:
+            refuse_store_file("-o", output, store_url)
         sessions = [load_cli_session(store, session_id) for session_id in session_ids]
     if fmt == "jsonl":
         chunks: Iterable[bytes] = (encode_event(event) + b"\n" for event in event_stream(sessions))
@@ -720,8 +727,11 @@ def export(
         out.writelines(chunks)
         out.flush()
     else:
-        with open(output, "wb") as file:
-            file.writelines(chunks)
+        try:
+            with open(output, "wb") as file:
+                file.writelines(chunks)
+        except OSError as error:  # a write error (full disk) does not name its file
+            raise CliError(f"{output}: {error.strerror or error}") from None
 
 
 # -- rm -----------------------------------------------------------------------------------------
