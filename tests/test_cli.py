@@ -689,6 +689,43 @@ def test_export_write_error_names_where(store_dir: Path) -> None:
     )
 
 
+def test_import_keeps_the_good_sessions_of_an_array_with_a_bad_one(store_dir: Path, tmp_path: Path) -> None:
+    good = [json.loads((store_dir / f"{sid}.json").read_bytes()) for sid in (BASIC_ID, MINIMAL_ID)]
+    bad = {**good[1], "session_id": 42}
+    (tmp_path / "mixed.json").write_text(json.dumps([good[0], bad, good[1]]))
+    result = run("import", tmp_path / "mixed.json", "--store", f"{tmp_path}/copy/", "--json")
+    assert result.exit_code == EXIT_FAILURE
+    data = json.loads(result.stdout)
+    assert [row["session_id"] for row in data["imported"]] == [BASIC_ID, MINIMAL_ID]
+    [error] = data["errors"]
+    assert error["path"] == str(tmp_path / "mixed.json")
+    assert error["error"].startswith("session 2 of 3: ") and "session_id" in error["error"]
+    assert len(result.stderr.strip().splitlines()) == 1
+    for session_id in (BASIC_ID, MINIMAL_ID):
+        name = f"{session_id}.json"
+        assert (tmp_path / "copy" / name).read_bytes() == (store_dir / name).read_bytes()
+
+
+@pytest.mark.parametrize("store", ["new.db", "new-dir/", None])
+def test_import_of_nothing_leaves_no_new_store(tmp_path: Path, store: str | None) -> None:
+    (tmp_path / "broken.json").write_text("{not json")
+    result = run("import", tmp_path / "broken.json", "missing.json", *(("--store", store) if store else ()))
+    assert result.exit_code == EXIT_FAILURE
+    assert "store:" not in result.stderr  # it names no store it did not write
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.json"]
+
+
+@pytest.mark.parametrize("source", ["missing.jsonl", "."])
+def test_record_of_an_unreadable_source_creates_nothing(tmp_path: Path, source: str) -> None:
+    """A missing input left a new empty store behind and truncated the --orphans file."""
+    orphans = tmp_path / "orphans.jsonl"
+    orphans.write_text("kept\n")
+    result = run("record", source, "--store", "sub/new.db", "--orphans", orphans)
+    assert result.exit_code in (EXIT_FAILURE, EXIT_USAGE)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["orphans.jsonl"]
+    assert orphans.read_text() == "kept\n"
+
+
 def test_rm(store_dir: Path) -> None:
     data = json_out(run("rm", BASIC_ID, MINIMAL_ID, "--store", str(store_dir), "--json"))
     assert data == {"removed": [BASIC_ID, MINIMAL_ID], "missing": []}

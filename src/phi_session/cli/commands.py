@@ -490,6 +490,9 @@ def record(
         )
     )
     with contextlib.ExitStack() as cleanup:
+        # The input first: a missing one must leave no new store nor emptied orphans file.
+        lines = _LineSource(source)
+        cleanup.callback(lines.close)
         # Opened (created) before any input is consumed: an unwritable path must fail
         # now, not after the stream is gone.
         orphans_file = cleanup.enter_context(_open_orphans_file(orphans_path)) if orphans_path else None
@@ -505,21 +508,17 @@ def record(
             saved.update(dict.fromkeys(session.session_id for session in drained))
             return drained
 
-        lines = _LineSource(source)
-        try:
-            if sys.stderr.isatty() and not as_json:
-                columns = (
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    DownloadColumn(),
-                    TimeElapsedColumn(),
-                )
-                with Progress(*columns, console=stderr(), transient=True) as progress:
-                    outcome = _record_stream(lines, recorder, progress, spill)
-            else:
-                outcome = _record_stream(lines, recorder, None, spill)
-        finally:
-            lines.close()
+        if sys.stderr.isatty() and not as_json:
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns, console=stderr(), transient=True) as progress:
+                outcome = _record_stream(lines, recorder, progress, spill)
+        else:
+            outcome = _record_stream(lines, recorder, None, spill)
         spilled = bool(saved)
         sessions = spill(final=True)
         if spilled:  # summarise what the store now holds for every session touched
@@ -596,17 +595,24 @@ def _session_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _read_sessions(data: bytes) -> list[Session]:
+def _read_sessions(data: bytes) -> list[Session | DecodeError]:
     """The sessions of one file: a phi-core session, or a JSON array of them (``export``'s output).
 
-    An event stream (JSONL) gets an error that points to ``record``.
+    An array item that is no session is its error, naming the item, in its place: the
+    others are still imported. An event stream (JSONL) gets an error that points to ``record``.
     """
     if data.lstrip()[:1] == b"[":
         try:
             items = msgspec.json.decode(data, type=list[msgspec.Raw])
         except msgspec.DecodeError as error:
             raise DecodeError(f"not a JSON array of sessions: {error}") from None
-        return [decode_session(bytes(item)) for item in items]
+        read: list[Session | DecodeError] = []
+        for number, item in enumerate(items, start=1):
+            try:
+                read.append(decode_session(bytes(item)))
+            except DecodeError as error:
+                read.append(DecodeError(f"session {number} of {len(items)}: {error}"))
+        return read
     try:
         return [decode_session(data)]
     except DecodeError as error:
@@ -629,11 +635,13 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     json writes for several ids). A directory contributes every *.json file
     directly in it. A session already stored under the same id is merged (no
     stored loop is lost). A file that cannot be read is reported and skipped
-    (exit status 1). An event stream (export --format jsonl) is recorded with
-    record, not imported.
+    (exit status 1), and so is a session of an array that cannot (the others
+    are imported); importing nothing leaves no new store behind. An event stream
+    (export --format jsonl) is recorded with record, not imported.
     """
     imported: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
+    undo_store = undo_new_store(store_url)
     with open_cli_store(store_url) as store:
         saver = SessionSaver(store)
         for name in paths:
@@ -649,6 +657,9 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
                     errors.append({"path": str(file), "error": message})
                     continue
                 for session in sessions:
+                    if isinstance(session, DecodeError):
+                        errors.append({"path": str(file), "error": str(session)})
+                        continue
                     outcome = saver.save(session)
                     if outcome.saved:
                         imported.append(
@@ -661,6 +672,8 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
                                 "error": f"session {session.session_id} not saved: {outcome.error}",
                             }
                         )
+    if not imported:
+        undo_store()  # a store made for nothing would look like a store without sessions
     for failure in errors:
         warn(f"error: {failure['path']}: {failure['error']}")
     if as_json:
@@ -677,7 +690,8 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
         console.print(
             Text(f"{render.count(len(imported), 'session')} imported, {len(errors):,} failed", style="bold")
         )
-        _note_default_store(store_url)
+        if imported:
+            _note_default_store(store_url)
     if errors:
         raise click.exceptions.Exit(EXIT_FAILURE)
 
