@@ -8,6 +8,7 @@ object the console script calls); a few run as real subprocesses of the installe
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import os
@@ -156,6 +157,21 @@ def test_record_reports_malformed_lines_with_their_number_and_keeps_the_rest(tmp
     for session_id in EXAMPLE_IDS:
         name = f"{session_id}.json"
         assert (tmp_path / "out" / name).read_bytes() == (clean / name).read_bytes()
+
+
+@pytest.mark.parametrize("command", ["record", "import"])
+def test_a_utf8_byte_order_mark_is_not_an_error(store_dir: Path, tmp_path: Path, command: str) -> None:
+    """A file saved with a BOM (Windows editors, PowerShell) lost its first line: the stream's
+    first AgentStart, its loop's events then orphans and not stored; import failed the file."""
+    source = EXAMPLE_STREAM if command == "record" else store_dir / f"{BASIC_ID}.json"
+    with_bom = tmp_path / f"bom{source.suffix}"
+    with_bom.write_bytes(codecs.BOM_UTF8 + source.read_bytes())
+    result = run(command, with_bom, "--store", f"{tmp_path}/out/")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert result.stderr == ""
+    for session_id in EXAMPLE_IDS if command == "record" else (BASIC_ID,):
+        name = f"{session_id}.json"
+        assert (tmp_path / "out" / name).read_bytes() == (store_dir / name).read_bytes()
 
 
 def test_record_from_stdin(tmp_path: Path) -> None:

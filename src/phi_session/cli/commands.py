@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import sys
 from collections.abc import Callable, Iterable
@@ -381,7 +382,8 @@ def _record_stream(
             consumed += len(line)
             if progress is not None and task is not None and number % 512 == 0:
                 progress.update(task, completed=consumed)
-            data = line.strip()
+            # A BOM (Windows editors write one) is no part of the first event.
+            data = (line.removeprefix(codecs.BOM_UTF8) if number == 1 else line).strip()
             if data:
                 _record_line(recorder, data, number, source.name, outcome)
             if spill is not None and number % _SPILL_EVERY == 0:
@@ -651,7 +653,7 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
                 continue
             for file in _session_files(path):
                 try:
-                    sessions = _read_sessions(file.read_bytes())
+                    sessions = _read_sessions(file.read_bytes().removeprefix(codecs.BOM_UTF8))
                 except (OSError, PhiSessionError) as error:
                     message = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
                     errors.append({"path": str(file), "error": message})
