@@ -29,9 +29,10 @@ from phi_session.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
 from phi_session.codec import decode_session, encode_session
 from phi_session.events import SessionFormation
 from phi_session.model import LoopRecord, Session
-from phi_session.recorder import SessionRecorder
+from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.urls import ENV_VAR
+from phi_session.views import event_stream
 
 from .conftest import EXAMPLES
 from .nats_support import PrivateServer
@@ -654,6 +655,32 @@ def test_export_jsonl_gives_back_the_recorded_stream(store_dir: Path, tmp_path: 
     for session_id in (PARENT_ID, CHILD_ID):
         name = f"{session_id}.json"
         assert (again / name).read_bytes() == (store_dir / name).read_bytes()
+
+
+def test_export_jsonl_records_back_the_parallel_groups(store_dir: Path, tmp_path: Path) -> None:
+    """The session files keep a parallel group on its loops, not its ParallelLoopStart/End:
+    the exported stream had neither, so recording it back lost the group and its winner."""
+    stream = tmp_path / "all.jsonl"
+    assert run("export", *EXAMPLE_IDS, "--format", "jsonl", "--store", store_dir, "-o", stream).exit_code == 0
+    assert sum('"ParallelLoop' in line for line in stream.read_text().splitlines()) == 2
+    again = tmp_path / "again"
+    result = run("record", stream, "--dir", again)
+    assert result.exit_code == EXIT_OK and result.stderr == ""
+    for session_id in EXAMPLE_IDS:
+        name = f"{session_id}.json"
+        assert (again / name).read_bytes() == (store_dir / name).read_bytes(), name
+
+
+def test_export_jsonl_writes_a_kept_parallel_group_once(tmp_path: Path) -> None:
+    recorder = SessionRecorder(SessionRecorderConfig(keep_session_events=True))
+    for line in example_lines():
+        recorder.on_json(line)
+    recorder.flush()
+    [session] = [s for s in recorder.drain_completed() if s.session_id == PARALLEL_ID]
+    kept = [type(item.event).__name__ for item in session.iter_events() if item.loop is None]
+    assert kept == ["ParallelLoopStart", "ParallelLoopEnd"]
+    events = [type(event).__name__ for event in event_stream([session], parallel_groups=True)]
+    assert events.count("ParallelLoopStart") == events.count("ParallelLoopEnd") == 1
 
 
 def test_import_files_and_directories(store_dir: Path, tmp_path: Path) -> None:

@@ -724,7 +724,9 @@ def export(
 
     json: one ID gives its session file exactly as stored (phi-core's bytes);
     several give a JSON array of sessions. jsonl: every loop's stored events, one
-    compact phi-core event per line, in time order across loops and sessions.
+    compact phi-core event per line, in time order across loops and sessions, with
+    each parallel group's ParallelLoopStart/End (rebuilt from its loops when the
+    session file does not keep them), so that record rebuilds the same sessions.
     --json is accepted for uniformity; both formats are JSON already.
     """
     del as_json  # both formats are machine-readable already
@@ -733,7 +735,9 @@ def export(
             refuse_store_file("-o", output, store_url)
         sessions = [load_cli_session(store, session_id) for session_id in session_ids]
     if fmt == "jsonl":
-        chunks: Iterable[bytes] = (encode_event(event) + b"\n" for event in event_stream(sessions))
+        chunks: Iterable[bytes] = (
+            encode_event(event) + b"\n" for event in event_stream(sessions, parallel_groups=True)
+        )
     elif len(sessions) == 1:
         chunks = [encode_session(sessions[0]), b"\n"]
     else:
