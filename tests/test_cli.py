@@ -749,6 +749,21 @@ def test_import_keeps_the_good_sessions_of_an_array_with_a_bad_one(store_dir: Pa
         assert (tmp_path / "copy" / name).read_bytes() == (store_dir / name).read_bytes()
 
 
+@pytest.mark.parametrize("session_id", ["../../escape", "x" * 5000])
+def test_import_of_an_unsafe_session_id_is_one_short_error(
+    store_dir: Path, tmp_path: Path, session_id: str
+) -> None:
+    """The saver's own log line came first ('... no orphans sink: keeping it unsaved'), and
+    each line held the whole id: 5,000 characters, three times."""
+    hostile = tmp_path / "hostile.json"
+    hostile.write_text(
+        json.dumps({**json.loads((store_dir / f"{BASIC_ID}.json").read_bytes()), "session_id": session_id})
+    )
+    result = run("import", hostile, "--store", store_dir)
+    assert_one_line_error(result, EXIT_FAILURE, f"{hostile}: unsafe session id")
+    assert len(result.stderr) < 400
+
+
 @pytest.mark.parametrize("store", ["new.db", "new-dir/", None])
 def test_import_of_nothing_leaves_no_new_store(tmp_path: Path, store: str | None) -> None:
     (tmp_path / "broken.json").write_text("{not json")

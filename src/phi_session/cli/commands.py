@@ -16,12 +16,19 @@ from rich.text import Text
 
 from ..codec import decode_event, decode_session, encode_event, encode_message, encode_session
 from ..cost import Cost, Pricer
-from ..errors import DecodeError, InvalidQuery, PhiSessionError, SessionNotFound, StoreError
+from ..errors import (
+    DecodeError,
+    InvalidQuery,
+    InvalidSessionId,
+    PhiSessionError,
+    SessionNotFound,
+    StoreError,
+)
 from ..events import AgentEvent
 from ..model import CompactionBlock, Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
-from ..stores.base import SessionStore, summarize, summarize_outline, to_builtins
+from ..stores.base import SessionStore, summarize, summarize_outline, to_builtins, validate_session_id
 from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
 from ..stores.urls import default_store_url
@@ -659,8 +666,12 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
                     errors.append({"path": str(file), "error": message})
                     continue
                 for session in sessions:
-                    if isinstance(session, DecodeError):
-                        errors.append({"path": str(file), "error": str(session)})
+                    try:  # an unsafe id, checked here: the saver would log it too
+                        if isinstance(session, DecodeError):
+                            raise session
+                        validate_session_id(session.session_id)
+                    except (DecodeError, InvalidSessionId) as error:
+                        errors.append({"path": str(file), "error": str(error)})
                         continue
                     outcome = saver.save(session)
                     if outcome.saved:
