@@ -719,7 +719,7 @@ def test_export_never_writes_over_its_own_store(tmp_path: Path, store_name: str,
     before = files_under(tmp_path)
     for args in (("export", BASIC_ID, "-o"), ("fork", BASIC_ID, "#1", "--turn", "0", "--out")):
         result = run(*args, output, "--store", store)
-        assert_one_line_error(result, EXIT_USAGE, f"{args[-1]} {output}: a file of the store it reads")
+        assert_one_line_error(result, EXIT_USAGE, f"{args[-1]} {output}: a file of the store")
         assert files_under(tmp_path) == before
     assert len(json_out(run("list", "--store", store, "--json"))) == 5  # type: ignore[arg-type]
 
@@ -771,6 +771,27 @@ def test_import_of_nothing_leaves_no_new_store(tmp_path: Path, store: str | None
     assert result.exit_code == EXIT_FAILURE
     assert "store:" not in result.stderr  # it names no store it did not write
     assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.json"]
+
+
+@pytest.mark.parametrize("store", ["kept.db", "kept/"])
+@pytest.mark.parametrize("orphans", ["input", "store"])
+def test_record_orphans_file_is_never_the_input_nor_the_store(
+    tmp_path: Path, store: str, orphans: str
+) -> None:
+    """--orphans is emptied when opened: naming the input emptied it (every event lost), naming
+    the SQLite store replaced it with a new one (every stored session lost)."""
+    stream = tmp_path / "in.jsonl"
+    shutil.copy(EXAMPLE_STREAM, stream)
+    assert run("record", stream, "--store", store).exit_code == EXIT_OK
+    target = (
+        stream
+        if orphans == "input"
+        else (tmp_path / (store if store == "kept.db" else f"kept/{BASIC_ID}.json"))
+    )
+    before = files_under(tmp_path)
+    result = run("record", stream, "--store", store, "--orphans", target)
+    assert_one_line_error(result, EXIT_USAGE, f"--orphans {target}: ")
+    assert files_under(tmp_path) == before
 
 
 @pytest.mark.parametrize("source", ["missing.jsonl", "."])

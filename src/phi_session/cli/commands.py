@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -364,6 +365,13 @@ class _LineSource:
         if self.name != "stdin":
             self.stream.close()
 
+    def is_file(self, path: str) -> bool:
+        """Whether `path` is the file read (stdin redirected from it too)."""
+        try:
+            return os.path.samestat(os.fstat(self.stream.fileno()), os.stat(path))
+        except (OSError, ValueError):  # no such file, or a stream without a descriptor
+            return False
+
 
 class _LineConsumer(Protocol):
     def on_json(self, data: bytes | str) -> None: ...
@@ -452,7 +460,7 @@ def _open_orphans_file(path: str) -> IO[bytes]:
     metavar="FILE",
     type=click.Path(dir_okay=False),
     help="Write events that belong to no known loop to FILE (JSONL; created, "
-    "empty if there are none, before any input is read).",
+    "empty if there are none, before any input is read; never the input or a store file).",
 )
 @click.option(
     "--to",
@@ -502,6 +510,10 @@ def record(
         # The input first: a missing one must leave no new store nor emptied orphans file.
         lines = _LineSource(source)
         cleanup.callback(lines.close)
+        if orphans_path:  # opening it empties it: never the input nor a file of the store
+            if lines.is_file(orphans_path):
+                raise CliError(f"--orphans {orphans_path}: the input it records; write elsewhere", EXIT_USAGE)
+            refuse_store_file("--orphans", orphans_path, store_url, directory)
         # Opened (created) before any input is consumed: an unwritable path must fail
         # now, not after the stream is gone.
         orphans_file = cleanup.enter_context(_open_orphans_file(orphans_path)) if orphans_path else None
