@@ -671,6 +671,15 @@ def test_export_jsonl_records_back_the_parallel_groups(store_dir: Path, tmp_path
         assert (again / name).read_bytes() == (store_dir / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_export_names_a_session_given_twice_once(store_dir: Path, fmt: str) -> None:
+    """Its events were written twice: recorded back, the session was not the stored one."""
+    twice = run("export", BASIC_ID, MINIMAL_ID, BASIC_ID, "--format", fmt, "--store", store_dir)
+    once = run("export", BASIC_ID, MINIMAL_ID, "--format", fmt, "--store", store_dir)
+    assert twice.exit_code == once.exit_code == EXIT_OK
+    assert twice.stdout_bytes == once.stdout_bytes
+
+
 def test_export_jsonl_writes_a_kept_parallel_group_once(tmp_path: Path) -> None:
     recorder = SessionRecorder(SessionRecorderConfig(keep_session_events=True))
     for line in example_lines():

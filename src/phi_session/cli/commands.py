@@ -746,7 +746,7 @@ def export(
     """Export sessions as phi-core JSON or as a JSONL event stream.
 
     json: one ID gives its session file exactly as stored (phi-core's bytes);
-    several give a JSON array of sessions. jsonl: every loop's stored events, one
+    several give a JSON array of sessions (an id given twice, once). jsonl: every loop's stored events, one
     compact phi-core event per line, in time order across loops and sessions, with
     each parallel group's ParallelLoopStart/End (rebuilt from its loops when the
     session file does not keep them), so that record rebuilds the same sessions.
@@ -756,7 +756,8 @@ def export(
     with open_cli_store(store_url, read_only=True) as store:
         if output is not None:
             refuse_store_file("-o", output, store_url)
-        sessions = [load_cli_session(store, session_id) for session_id in session_ids]
+        # An id given twice is exported once: its events twice would record another session.
+        sessions = [load_cli_session(store, session_id) for session_id in dict.fromkeys(session_ids)]
     if fmt == "jsonl":
         chunks: Iterable[bytes] = (
             encode_event(event) + b"\n" for event in event_stream(sessions, parallel_groups=True)
