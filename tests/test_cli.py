@@ -739,6 +739,12 @@ def test_export_write_error_names_where(store_dir: Path) -> None:
         EXIT_FAILURE,
         "/dev/full: No space left on device",
     )
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [script(), "export", BASIC_ID, "--store", str(store_dir)], stdout=full, stderr=subprocess.PIPE
+        )
+    assert result.returncode == EXIT_FAILURE
+    assert result.stderr.decode() == "phi-session: error: stdout: No space left on device\n"
 
 
 def test_import_keeps_the_good_sessions_of_an_array_with_a_bad_one(store_dir: Path, tmp_path: Path) -> None:

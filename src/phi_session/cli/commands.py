@@ -766,16 +766,18 @@ def export(
         chunks = [encode_session(sessions[0]), b"\n"]
     else:
         chunks = [b"[\n", b",\n".join(encode_session(s) for s in sessions), b"\n]\n"]
-    if output is None:
-        out = sys.stdout.buffer
-        out.writelines(chunks)
-        out.flush()
-    else:
-        try:
+    try:
+        if output is None:
+            out = sys.stdout.buffer
+            out.writelines(chunks)
+            out.flush()
+        else:
             with open(output, "wb") as file:
                 file.writelines(chunks)
-        except OSError as error:  # a write error (full disk) does not name its file
-            raise CliError(f"{output}: {error.strerror or error}") from None
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): the command group ends quietly
+    except OSError as error:  # a write error (full disk) does not name its file
+        raise CliError(f"{output or 'stdout'}: {error.strerror or error}") from None
 
 
 # -- rm -----------------------------------------------------------------------------------------
