@@ -656,8 +656,8 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     json writes for several ids). A directory contributes every *.json file
     directly in it. A session already stored under the same id is merged (no
     stored loop is lost). A file that cannot be read is reported and skipped
-    (exit status 1), and so is a session of an array that cannot (the others
-    are imported); importing nothing leaves no new store behind. An event stream
+    (exit status 1), and so is a session of an array that cannot be read or
+    stored (the others are imported); importing nothing leaves no new store behind. An event stream
     (export --format jsonl) is recorded with record, not imported.
     """
     imported: list[dict[str, Any]] = []
@@ -678,7 +678,7 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
                     errors.append({"path": str(file), "error": message})
                     continue
                 for session in sessions:
-                    try:  # an unsafe id, checked here: the saver would log it too
+                    try:  # an unreadable array item; an unsafe id, checked here: the saver would log it too
                         if isinstance(session, DecodeError):
                             raise session
                         validate_session_id(session.session_id)
@@ -746,10 +746,11 @@ def export(
     """Export sessions as phi-core JSON or as a JSONL event stream.
 
     json: one ID gives its session file exactly as stored (phi-core's bytes);
-    several give a JSON array of sessions (an id given twice, once). jsonl: every loop's stored events, one
-    compact phi-core event per line, in time order across loops and sessions, with
-    each parallel group's ParallelLoopStart/End (rebuilt from its loops when the
-    session file does not keep them), so that record rebuilds the same sessions.
+    several give a JSON array of sessions (an ID given twice, once). jsonl: every
+    loop's stored events, one compact phi-core event per line, in time order across
+    loops and sessions, with each parallel group's ParallelLoopStart/End (rebuilt
+    from its loops when the session file does not keep them), so that record
+    rebuilds the same sessions.
     --json is accepted for uniformity; both formats are JSON already.
     """
     del as_json  # both formats are machine-readable already
