@@ -8,6 +8,7 @@ object the console script calls); a few run as real subprocesses of the installe
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import os
@@ -28,9 +29,10 @@ from phi_session.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
 from phi_session.codec import decode_session, encode_session
 from phi_session.events import SessionFormation
 from phi_session.model import LoopRecord, Session
-from phi_session.recorder import SessionRecorder
+from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.urls import ENV_VAR
+from phi_session.views import event_stream
 
 from .conftest import EXAMPLES
 from .nats_support import PrivateServer
@@ -156,6 +158,21 @@ def test_record_reports_malformed_lines_with_their_number_and_keeps_the_rest(tmp
     for session_id in EXAMPLE_IDS:
         name = f"{session_id}.json"
         assert (tmp_path / "out" / name).read_bytes() == (clean / name).read_bytes()
+
+
+@pytest.mark.parametrize("command", ["record", "import"])
+def test_a_utf8_byte_order_mark_is_not_an_error(store_dir: Path, tmp_path: Path, command: str) -> None:
+    """A file saved with a BOM (Windows editors, PowerShell) lost its first line: the stream's
+    first AgentStart, its loop's events then orphans and not stored; import failed the file."""
+    source = EXAMPLE_STREAM if command == "record" else store_dir / f"{BASIC_ID}.json"
+    with_bom = tmp_path / f"bom{source.suffix}"
+    with_bom.write_bytes(codecs.BOM_UTF8 + source.read_bytes())
+    result = run(command, with_bom, "--store", f"{tmp_path}/out/")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert result.stderr == ""
+    for session_id in EXAMPLE_IDS if command == "record" else (BASIC_ID,):
+        name = f"{session_id}.json"
+        assert (tmp_path / "out" / name).read_bytes() == (store_dir / name).read_bytes()
 
 
 def test_record_from_stdin(tmp_path: Path) -> None:
@@ -640,6 +657,41 @@ def test_export_jsonl_gives_back_the_recorded_stream(store_dir: Path, tmp_path: 
         assert (again / name).read_bytes() == (store_dir / name).read_bytes()
 
 
+def test_export_jsonl_records_back_the_parallel_groups(store_dir: Path, tmp_path: Path) -> None:
+    """The session files keep a parallel group on its loops, not its ParallelLoopStart/End:
+    the exported stream had neither, so recording it back lost the group and its winner."""
+    stream = tmp_path / "all.jsonl"
+    assert run("export", *EXAMPLE_IDS, "--format", "jsonl", "--store", store_dir, "-o", stream).exit_code == 0
+    assert sum('"ParallelLoop' in line for line in stream.read_text().splitlines()) == 2
+    again = tmp_path / "again"
+    result = run("record", stream, "--dir", again)
+    assert result.exit_code == EXIT_OK and result.stderr == ""
+    for session_id in EXAMPLE_IDS:
+        name = f"{session_id}.json"
+        assert (again / name).read_bytes() == (store_dir / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_export_names_a_session_given_twice_once(store_dir: Path, fmt: str) -> None:
+    """Its events were written twice: recorded back, the session was not the stored one."""
+    twice = run("export", BASIC_ID, MINIMAL_ID, BASIC_ID, "--format", fmt, "--store", store_dir)
+    once = run("export", BASIC_ID, MINIMAL_ID, "--format", fmt, "--store", store_dir)
+    assert twice.exit_code == once.exit_code == EXIT_OK
+    assert twice.stdout_bytes == once.stdout_bytes
+
+
+def test_export_jsonl_writes_a_kept_parallel_group_once(tmp_path: Path) -> None:
+    recorder = SessionRecorder(SessionRecorderConfig(keep_session_events=True))
+    for line in example_lines():
+        recorder.on_json(line)
+    recorder.flush()
+    [session] = [s for s in recorder.drain_completed() if s.session_id == PARALLEL_ID]
+    kept = [type(item.event).__name__ for item in session.iter_events() if item.loop is None]
+    assert kept == ["ParallelLoopStart", "ParallelLoopEnd"]
+    events = [type(event).__name__ for event in event_stream([session], parallel_groups=True)]
+    assert events.count("ParallelLoopStart") == events.count("ParallelLoopEnd") == 1
+
+
 def test_import_files_and_directories(store_dir: Path, tmp_path: Path) -> None:
     (store_dir / "broken.json").write_text("{not json")
     result = run("import", store_dir, tmp_path / "missing", "--store", "sqlite:imported.db", "--json")
@@ -656,6 +708,116 @@ def test_import_files_and_directories(store_dir: Path, tmp_path: Path) -> None:
     single = run("import", store_dir / f"{MINIMAL_ID}.json", "--store", f"{tmp_path}/copy/")
     assert single.exit_code == EXIT_OK and "1 session imported, 0 failed" in single.stdout
     assert (tmp_path / "copy" / f"{MINIMAL_ID}.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("store_name", "output_name"),
+    [
+        ("kept.db", "kept.db"),
+        ("kept.db", "kept.db-wal"),
+        ("kept/", f"kept/{MINIMAL_ID}.json"),
+        ("kept/", "kept/new.json"),
+        ("kept/", f"kept/{MINIMAL_ID}.json.lock"),
+    ],
+)
+def test_export_never_writes_over_its_own_store(tmp_path: Path, store_name: str, output_name: str) -> None:
+    """`export -o` onto the store it reads turned the SQLite store into a JSON file (exit 0);
+    `fork --out` too."""
+    store, output = f"{tmp_path}/{store_name}", tmp_path / output_name
+    assert run("record", EXAMPLE_STREAM, "--store", store).exit_code == EXIT_OK
+    before = files_under(tmp_path)
+    for args in (("export", BASIC_ID, "-o"), ("fork", BASIC_ID, "#1", "--turn", "0", "--out")):
+        result = run(*args, output, "--store", store)
+        assert_one_line_error(result, EXIT_USAGE, f"{args[-1]} {output}: a file of the store")
+        assert files_under(tmp_path) == before
+    assert len(json_out(run("list", "--store", store, "--json"))) == 5  # type: ignore[arg-type]
+
+
+def test_export_write_error_names_where(store_dir: Path) -> None:
+    assert_one_line_error(
+        run("export", BASIC_ID, "--store", store_dir, "-o", "/dev/full"),
+        EXIT_FAILURE,
+        "/dev/full: No space left on device",
+    )
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [script(), "export", BASIC_ID, "--store", str(store_dir)], stdout=full, stderr=subprocess.PIPE
+        )
+    assert result.returncode == EXIT_FAILURE
+    assert result.stderr.decode() == "phi-session: error: stdout: No space left on device\n"
+
+
+def test_import_keeps_the_good_sessions_of_an_array_with_a_bad_one(store_dir: Path, tmp_path: Path) -> None:
+    good = [json.loads((store_dir / f"{sid}.json").read_bytes()) for sid in (BASIC_ID, MINIMAL_ID)]
+    bad = {**good[1], "session_id": 42}
+    (tmp_path / "mixed.json").write_text(json.dumps([good[0], bad, good[1]]))
+    result = run("import", tmp_path / "mixed.json", "--store", f"{tmp_path}/copy/", "--json")
+    assert result.exit_code == EXIT_FAILURE
+    data = json.loads(result.stdout)
+    assert [row["session_id"] for row in data["imported"]] == [BASIC_ID, MINIMAL_ID]
+    [error] = data["errors"]
+    assert error["path"] == str(tmp_path / "mixed.json")
+    assert error["error"].startswith("session 2 of 3: ") and "session_id" in error["error"]
+    assert len(result.stderr.strip().splitlines()) == 1
+    for session_id in (BASIC_ID, MINIMAL_ID):
+        name = f"{session_id}.json"
+        assert (tmp_path / "copy" / name).read_bytes() == (store_dir / name).read_bytes()
+
+
+@pytest.mark.parametrize("session_id", ["../../escape", "x" * 5000])
+def test_import_of_an_unsafe_session_id_is_one_short_error(
+    store_dir: Path, tmp_path: Path, session_id: str
+) -> None:
+    """The saver's own log line came first ('... no orphans sink: keeping it unsaved'), and
+    each line held the whole id: 5,000 characters, three times."""
+    hostile = tmp_path / "hostile.json"
+    hostile.write_text(
+        json.dumps({**json.loads((store_dir / f"{BASIC_ID}.json").read_bytes()), "session_id": session_id})
+    )
+    result = run("import", hostile, "--store", store_dir)
+    assert_one_line_error(result, EXIT_FAILURE, f"{hostile}: unsafe session id")
+    assert len(result.stderr) < 400
+
+
+@pytest.mark.parametrize("store", ["new.db", "new-dir/", None])
+def test_import_of_nothing_leaves_no_new_store(tmp_path: Path, store: str | None) -> None:
+    (tmp_path / "broken.json").write_text("{not json")
+    result = run("import", tmp_path / "broken.json", "missing.json", *(("--store", store) if store else ()))
+    assert result.exit_code == EXIT_FAILURE
+    assert "store:" not in result.stderr  # it names no store it did not write
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.json"]
+
+
+@pytest.mark.parametrize("store", ["kept.db", "kept/"])
+@pytest.mark.parametrize("orphans", ["input", "store"])
+def test_record_orphans_file_is_never_the_input_nor_the_store(
+    tmp_path: Path, store: str, orphans: str
+) -> None:
+    """--orphans is emptied when opened: naming the input emptied it (every event lost), naming
+    the SQLite store replaced it with a new one (every stored session lost)."""
+    stream = tmp_path / "in.jsonl"
+    shutil.copy(EXAMPLE_STREAM, stream)
+    assert run("record", stream, "--store", store).exit_code == EXIT_OK
+    target = (
+        stream
+        if orphans == "input"
+        else (tmp_path / (store if store == "kept.db" else f"kept/{BASIC_ID}.json"))
+    )
+    before = files_under(tmp_path)
+    result = run("record", stream, "--store", store, "--orphans", target)
+    assert_one_line_error(result, EXIT_USAGE, f"--orphans {target}: ")
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("source", ["missing.jsonl", "."])
+def test_record_of_an_unreadable_source_creates_nothing(tmp_path: Path, source: str) -> None:
+    """A missing input left a new empty store behind and truncated the --orphans file."""
+    orphans = tmp_path / "orphans.jsonl"
+    orphans.write_text("kept\n")
+    result = run("record", source, "--store", "sub/new.db", "--orphans", orphans)
+    assert result.exit_code in (EXIT_FAILURE, EXIT_USAGE)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["orphans.jsonl"]
+    assert orphans.read_text() == "kept\n"
 
 
 def test_rm(store_dir: Path) -> None:

@@ -14,9 +14,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import msgspec
+
 from ._time import Timestamp
 from .errors import InvalidSessionId, SessionNotFound, StoreError
-from .events import AgentEvent
+from .events import AgentEvent, ParallelLoopEnd, ParallelLoopStart
 from .messages import AssistantMessage, ToolCall, ToolResultMessage, Usage
 from .model import LoopRecord, Session, Turn
 from .stores.base import SessionStore, SessionSummary, summarize
@@ -176,22 +178,62 @@ def spawn_graph(store: SessionStore, root: Session) -> SpawnNode:
     return top
 
 
-def event_stream(sessions: Sequence[Session]) -> Iterator[AgentEvent]:
+def event_stream(sessions: Sequence[Session], *, parallel_groups: bool = False) -> Iterator[AgentEvent]:
     """The stored events of `sessions`, merged in time order.
 
     Every loop's events keep their sequence order; between loops (and sessions)
     the event times decide, so the stream reads like the one that was recorded,
     minus what the recorder did not store (streaming deltas, by default).
+
+    With `parallel_groups`, also a ``ParallelLoopStart`` and a ``ParallelLoopEnd`` for
+    each parallel group the loops record but the session did not keep the events of
+    (``keep_session_events`` is off by default): at its first branch's start and its
+    last branch's end, so that recording the stream rebuilds the group and its winner.
     """
     streams: list[Iterator[tuple[int, AgentEvent]]] = []
+    starts: list[Iterator[tuple[int, AgentEvent]]] = []
+    ends: list[Iterator[tuple[int, AgentEvent]]] = []
     for session in sessions:
         for _, group in itertools.groupby(session.iter_events(), key=lambda item: id(item.loop)):
             items = list(group)
             loop = items[0].loop
             start = loop.started_at if loop is not None else session.created_at
             streams.append(_timed([item.event for item in items], start))
-    for _, event in heapq.merge(*streams, key=lambda item: item[0]):
+        if parallel_groups:
+            for opening, closing in _parallel_events(session):
+                starts.append(iter([(opening.timestamp.ns, opening)]))
+                ends.append(iter([(closing.timestamp.ns, closing)]))
+    # At one instant a group starts before its branches and ends after them (the merge is stable).
+    for _, event in heapq.merge(*starts, *streams, *ends, key=lambda item: item[0]):
         yield event
+
+
+def _parallel_events(session: Session) -> Iterator[tuple[ParallelLoopStart, ParallelLoopEnd]]:
+    """The start and end events of the parallel groups `session`'s loops record, but
+    those whose start the session kept."""
+    kept = set()
+    if not isinstance(session.session_events, msgspec.UnsetType):
+        kept = {tuple(e.loop_ids) for e in session.session_events if isinstance(e, ParallelLoopStart)}
+    branches: dict[tuple[str, ...], list[LoopRecord]] = {}
+    for record in session.loops:
+        group = record.parallel_group
+        if group is not None and tuple(group.all_loop_ids) not in kept:
+            branches.setdefault(tuple(group.all_loop_ids), []).append(record)
+    for loop_ids, records in branches.items():
+        group = records[0].parallel_group
+        assert group is not None  # only loops with a group were gathered
+        first = min(record.started_at for record in records)
+        last = max((record.ended_at for record in records if record.ended_at is not None), default=first)
+        yield (
+            ParallelLoopStart(session_id=session.session_id, loop_ids=loop_ids, timestamp=first),
+            ParallelLoopEnd(
+                session_id=session.session_id,
+                selected_loop_id=group.selected_loop_id,
+                selected_config_index=group.selected_config_index,
+                evaluation_usage=group.evaluation_usage,
+                timestamp=last,
+            ),
+        )
 
 
 def _timed(events: Sequence[AgentEvent], fallback: Timestamp) -> Iterator[tuple[int, AgentEvent]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "load_cli_session",
     "main",
     "open_cli_store",
+    "refuse_store_file",
     "session_id_argument",
     "stderr",
     "stdout",
@@ -122,19 +124,42 @@ def open_cli_store(
         store.close()
 
 
+_SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+_JSON_STORE_FILE = re.compile(r".*\.json(\..*)?", re.DOTALL)  # a session, its lock, its temporary file
+
+
+def _local_store(url: str | None, directory: str | None) -> Path | None:
+    """The SQLite file or JSON directory of the store named by ``--store`` or ``--dir``
+    (None: a database server, or a URL `open_cli_store` reports)."""
+    try:
+        return Path(directory) if directory is not None else store_path(url)
+    except InvalidStoreUrl:
+        return None
+
+
+def refuse_store_file(option: str, path: str | Path, url: str | None, directory: str | None = None) -> None:
+    """A usage error if writing `path` (the file of `option`) would write over a file of
+    the store named by `url` (None: the default store) or `directory`: its SQLite file or
+    one of its sidecars, or a session file (or its lock) in its directory."""
+    store = _local_store(url, directory)
+    if store is None:
+        return
+    target, store = Path(path).resolve(), store.resolve()
+    sqlite_files = {store, *(Path(f"{store}{end}") for end in _SQLITE_SIDECARS)}
+    if target in sqlite_files or (target.parent == store and _JSON_STORE_FILE.fullmatch(target.name)):
+        raise CliError(f"{option} {path}: a file of the store ({store}); write elsewhere", EXIT_USAGE)
+
+
 def undo_new_store(url: str | None, directory: str | None = None) -> Callable[[], None]:
     """Called before a writing command opens its store: what removes that store again
     when the command ends having saved nothing (``record`` of an empty input), if it did
     not exist before. It removes the store's own new files, then the directories made
     for it while they are empty: never anything that was there before."""
-    try:
-        path = Path(directory) if directory is not None else store_path(url)
-    except InvalidStoreUrl:
-        path = None  # open_cli_store reports it
+    path = _local_store(url, directory)
     if path is None or path.exists():
         return lambda: None
     path = path.absolute()
-    sidecars = [s for s in (Path(f"{path}{end}") for end in ("-wal", "-shm", "-journal")) if not s.exists()]
+    sidecars = [s for s in (Path(f"{path}{end}") for end in _SQLITE_SIDECARS) if not s.exists()]
     made = [path.parent]  # the directories created for it, innermost first
     while not made[-1].exists():
         made.append(made[-1].parent)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,12 +17,19 @@ from rich.text import Text
 
 from ..codec import decode_event, decode_session, encode_event, encode_message, encode_session
 from ..cost import Cost, Pricer
-from ..errors import DecodeError, InvalidQuery, PhiSessionError, SessionNotFound, StoreError
+from ..errors import (
+    DecodeError,
+    InvalidQuery,
+    InvalidSessionId,
+    PhiSessionError,
+    SessionNotFound,
+    StoreError,
+)
 from ..events import AgentEvent
 from ..model import CompactionBlock, Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
-from ..stores.base import SessionStore, summarize, summarize_outline, to_builtins
+from ..stores.base import SessionStore, summarize, summarize_outline, to_builtins, validate_session_id
 from ..stores.query import GROUP_BYS, LOOP_STATUSES, ORDERS, TIME_HELP, SessionQuery, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
 from ..stores.urls import default_store_url
@@ -38,6 +47,7 @@ from .app import (
     main,
     open_cli_store,
     prices_option,
+    refuse_store_file,
     session_id_argument,
     stderr,
     stdout,
@@ -355,6 +365,13 @@ class _LineSource:
         if self.name != "stdin":
             self.stream.close()
 
+    def is_file(self, path: str) -> bool:
+        """Whether `path` is the file read (stdin redirected from it too)."""
+        try:
+            return os.path.samestat(os.fstat(self.stream.fileno()), os.stat(path))
+        except (OSError, ValueError):  # no such file, or a stream without a descriptor
+            return False
+
 
 class _LineConsumer(Protocol):
     def on_json(self, data: bytes | str) -> None: ...
@@ -380,7 +397,8 @@ def _record_stream(
             consumed += len(line)
             if progress is not None and task is not None and number % 512 == 0:
                 progress.update(task, completed=consumed)
-            data = line.strip()
+            # A BOM (Windows editors write one) is no part of the first event.
+            data = (line.removeprefix(codecs.BOM_UTF8) if number == 1 else line).strip()
             if data:
                 _record_line(recorder, data, number, source.name, outcome)
             if spill is not None and number % _SPILL_EVERY == 0:
@@ -442,7 +460,7 @@ def _open_orphans_file(path: str) -> IO[bytes]:
     metavar="FILE",
     type=click.Path(dir_okay=False),
     help="Write events that belong to no known loop to FILE (JSONL; created, "
-    "empty if there are none, before any input is read).",
+    "empty if there are none, before any input is read; never the input or a store file).",
 )
 @click.option(
     "--to",
@@ -489,6 +507,13 @@ def record(
         )
     )
     with contextlib.ExitStack() as cleanup:
+        # The input first: a missing one must leave no new store nor emptied orphans file.
+        lines = _LineSource(source)
+        cleanup.callback(lines.close)
+        if orphans_path:  # opening it empties it: never the input nor a file of the store
+            if lines.is_file(orphans_path):
+                raise CliError(f"--orphans {orphans_path}: the input it records; write elsewhere", EXIT_USAGE)
+            refuse_store_file("--orphans", orphans_path, store_url, directory)
         # Opened (created) before any input is consumed: an unwritable path must fail
         # now, not after the stream is gone.
         orphans_file = cleanup.enter_context(_open_orphans_file(orphans_path)) if orphans_path else None
@@ -504,21 +529,17 @@ def record(
             saved.update(dict.fromkeys(session.session_id for session in drained))
             return drained
 
-        lines = _LineSource(source)
-        try:
-            if sys.stderr.isatty() and not as_json:
-                columns = (
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    DownloadColumn(),
-                    TimeElapsedColumn(),
-                )
-                with Progress(*columns, console=stderr(), transient=True) as progress:
-                    outcome = _record_stream(lines, recorder, progress, spill)
-            else:
-                outcome = _record_stream(lines, recorder, None, spill)
-        finally:
-            lines.close()
+        if sys.stderr.isatty() and not as_json:
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns, console=stderr(), transient=True) as progress:
+                outcome = _record_stream(lines, recorder, progress, spill)
+        else:
+            outcome = _record_stream(lines, recorder, None, spill)
         spilled = bool(saved)
         sessions = spill(final=True)
         if spilled:  # summarise what the store now holds for every session touched
@@ -595,17 +616,24 @@ def _session_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _read_sessions(data: bytes) -> list[Session]:
+def _read_sessions(data: bytes) -> list[Session | DecodeError]:
     """The sessions of one file: a phi-core session, or a JSON array of them (``export``'s output).
 
-    An event stream (JSONL) gets an error that points to ``record``.
+    An array item that is no session is its error, naming the item, in its place: the
+    others are still imported. An event stream (JSONL) gets an error that points to ``record``.
     """
     if data.lstrip()[:1] == b"[":
         try:
             items = msgspec.json.decode(data, type=list[msgspec.Raw])
         except msgspec.DecodeError as error:
             raise DecodeError(f"not a JSON array of sessions: {error}") from None
-        return [decode_session(bytes(item)) for item in items]
+        read: list[Session | DecodeError] = []
+        for number, item in enumerate(items, start=1):
+            try:
+                read.append(decode_session(bytes(item)))
+            except DecodeError as error:
+                read.append(DecodeError(f"session {number} of {len(items)}: {error}"))
+        return read
     try:
         return [decode_session(data)]
     except DecodeError as error:
@@ -628,11 +656,13 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     json writes for several ids). A directory contributes every *.json file
     directly in it. A session already stored under the same id is merged (no
     stored loop is lost). A file that cannot be read is reported and skipped
-    (exit status 1). An event stream (export --format jsonl) is recorded with
-    record, not imported.
+    (exit status 1), and so is a session of an array that cannot be read or
+    stored (the others are imported); importing nothing leaves no new store behind. An event stream
+    (export --format jsonl) is recorded with record, not imported.
     """
     imported: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
+    undo_store = undo_new_store(store_url)
     with open_cli_store(store_url) as store:
         saver = SessionSaver(store)
         for name in paths:
@@ -642,12 +672,19 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
                 continue
             for file in _session_files(path):
                 try:
-                    sessions = _read_sessions(file.read_bytes())
+                    sessions = _read_sessions(file.read_bytes().removeprefix(codecs.BOM_UTF8))
                 except (OSError, PhiSessionError) as error:
                     message = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
                     errors.append({"path": str(file), "error": message})
                     continue
                 for session in sessions:
+                    try:  # an unreadable array item; an unsafe id, checked here: the saver would log it too
+                        if isinstance(session, DecodeError):
+                            raise session
+                        validate_session_id(session.session_id)
+                    except (DecodeError, InvalidSessionId) as error:
+                        errors.append({"path": str(file), "error": str(error)})
+                        continue
                     outcome = saver.save(session)
                     if outcome.saved:
                         imported.append(
@@ -660,6 +697,8 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
                                 "error": f"session {session.session_id} not saved: {outcome.error}",
                             }
                         )
+    if not imported:
+        undo_store()  # a store made for nothing would look like a store without sessions
     for failure in errors:
         warn(f"error: {failure['path']}: {failure['error']}")
     if as_json:
@@ -676,7 +715,8 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
         console.print(
             Text(f"{render.count(len(imported), 'session')} imported, {len(errors):,} failed", style="bold")
         )
-        _note_default_store(store_url)
+        if imported:
+            _note_default_store(store_url)
     if errors:
         raise click.exceptions.Exit(EXIT_FAILURE)
 
@@ -693,7 +733,11 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     "stream (record reads it back).",
 )
 @click.option(
-    "-o", "--output", metavar="FILE", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout."
+    "-o",
+    "--output",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Write to FILE instead of stdout (never a file of the store it reads).",
 )
 @store_options
 def export(
@@ -702,26 +746,39 @@ def export(
     """Export sessions as phi-core JSON or as a JSONL event stream.
 
     json: one ID gives its session file exactly as stored (phi-core's bytes);
-    several give a JSON array of sessions. jsonl: every loop's stored events, one
-    compact phi-core event per line, in time order across loops and sessions.
+    several give a JSON array of sessions (an ID given twice, once). jsonl: every
+    loop's stored events, one compact phi-core event per line, in time order across
+    loops and sessions, with each parallel group's ParallelLoopStart/End (rebuilt
+    from its loops when the session file does not keep them), so that record
+    rebuilds the same sessions.
     --json is accepted for uniformity; both formats are JSON already.
     """
     del as_json  # both formats are machine-readable already
     with open_cli_store(store_url, read_only=True) as store:
-        sessions = [load_cli_session(store, session_id) for session_id in session_ids]
+        if output is not None:
+            refuse_store_file("-o", output, store_url)
+        # An id given twice is exported once: its events twice would record another session.
+        sessions = [load_cli_session(store, session_id) for session_id in dict.fromkeys(session_ids)]
     if fmt == "jsonl":
-        chunks: Iterable[bytes] = (encode_event(event) + b"\n" for event in event_stream(sessions))
+        chunks: Iterable[bytes] = (
+            encode_event(event) + b"\n" for event in event_stream(sessions, parallel_groups=True)
+        )
     elif len(sessions) == 1:
         chunks = [encode_session(sessions[0]), b"\n"]
     else:
         chunks = [b"[\n", b",\n".join(encode_session(s) for s in sessions), b"\n]\n"]
-    if output is None:
-        out = sys.stdout.buffer
-        out.writelines(chunks)
-        out.flush()
-    else:
-        with open(output, "wb") as file:
-            file.writelines(chunks)
+    try:
+        if output is None:
+            out = sys.stdout.buffer
+            out.writelines(chunks)
+            out.flush()
+        else:
+            with open(output, "wb") as file:
+                file.writelines(chunks)
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): the command group ends quietly
+    except OSError as error:  # a write error (full disk) does not name its file
+        raise CliError(f"{output or 'stdout'}: {error.strerror or error}") from None
 
 
 # -- rm -----------------------------------------------------------------------------------------

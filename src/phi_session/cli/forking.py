@@ -11,7 +11,16 @@ from ..codec import encode_message
 from ..diff import find_loop
 from ..replay.script import RecordedTurn, ReplayScript
 from . import render
-from .app import echo_json, load_cli_session, main, open_cli_store, stderr, stdout, store_options
+from .app import (
+    echo_json,
+    load_cli_session,
+    main,
+    open_cli_store,
+    refuse_store_file,
+    stderr,
+    stdout,
+    store_options,
+)
 
 
 def fork_point_json(session_id: str, turn: RecordedTurn) -> dict[str, object]:
@@ -57,6 +66,8 @@ def fork_command(
     messages back.
     """
     with open_cli_store(store_url, read_only=True) as store:
+        if out_file is not None:
+            refuse_store_file("--out", out_file, store_url)
         session = load_cli_session(store, session_id)
     loop_id = find_loop(session, loop_id).loop_id
     turn = ReplayScript.from_session(session, loop_id).turn(turn_index)

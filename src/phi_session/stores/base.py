@@ -18,7 +18,7 @@ from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, ModelCall, Session
 from .outline import SessionOutline, decode_calls, first_prompt, session_outline
-from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_count, check_type
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_count, check_type, shown
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
 
 if TYPE_CHECKING:  # cost.py reads the stores' rows; stores never need the price table
@@ -437,7 +437,8 @@ def validate_session_id(session_id: str) -> str:
         or session_id.startswith(".")
         or size > 200
     ):
-        raise InvalidSessionId(f"unsafe session id {session_id!r}")
+        # Cut short only beyond what a valid id may hold (200 bytes).
+        raise InvalidSessionId(f"unsafe session id {shown(repr(session_id), 240)}")
     return session_id
 
 

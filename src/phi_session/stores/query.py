@@ -56,21 +56,22 @@ _NS = 1_000_000_000
 _YEAR_ONE_NS = Timestamp.parse("0001-01-01T00:00:00Z").ns
 
 
-def _shown(text: str) -> str:
-    # A usage error stays one readable line even for a 5,000-digit number.
-    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+def shown(text: str, most: int = 40) -> str:
+    """`text` cut short beyond `most` characters for an error message, which stays one
+    readable line even for a 5,000-digit number or id."""
+    return text if len(text) <= most else f"{text[: most // 2]}... ({len(text)} characters)"
 
 
 def _whole_number(name: str, text: str, maximum: int) -> int:
     """A non-negative ASCII whole number of at most `maximum`, checked before `int()`
     (which refuses numbers of more than 4,300 digits with a ValueError)."""
     if _WHOLE.fullmatch(text) is None:
-        raise InvalidQuery(f"expected a whole number, got {_shown(repr(text))}", name)
+        raise InvalidQuery(f"expected a whole number, got {shown(repr(text))}", name)
     if text.startswith("-"):
-        raise InvalidQuery(f"must not be negative, got {_shown(text)}", name)
+        raise InvalidQuery(f"must not be negative, got {shown(text)}", name)
     digits = text.lstrip("0") or "0"
     if len(digits) > len(str(maximum)) or int(digits) > maximum:
-        raise InvalidQuery(f"must be at most {maximum}, got {_shown(text)}", name)
+        raise InvalidQuery(f"must be at most {maximum}, got {shown(text)}", name)
     return int(digits)
 
 
@@ -90,13 +91,13 @@ def parse_time_bound(text: str, *, now: Timestamp | None = None, name: str = "ti
         try:
             seconds = _whole_number(name, amount, oldest) * _UNIT_SECONDS[unit]
         except InvalidQuery:
-            raise InvalidQuery(f"{_shown(value)} reaches back before year 1", name) from None
+            raise InvalidQuery(f"{shown(value)} reaches back before year 1", name) from None
         return Timestamp.from_ns(current.ns - seconds * _NS)
     candidate = f"{value}T00:00:00Z" if _DATE.fullmatch(value) else value
     try:
         return Timestamp.parse(candidate)
     except ValueError:
-        raise InvalidQuery(f"{_shown(repr(text))} is not a time: expected {TIME_HELP}", name) from None
+        raise InvalidQuery(f"{shown(repr(text))} is not a time: expected {TIME_HELP}", name) from None
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> Any:
@@ -105,7 +106,7 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> Any:
     for choice in choices:
         if choice.lower() == str(value).lower():
             return choice
-    raise InvalidQuery(f"expected one of {', '.join(choices)}; got {_shown(repr(value))}", name)
+    raise InvalidQuery(f"expected one of {', '.join(choices)}; got {shown(repr(value))}", name)
 
 
 def check_type(name: str, value: object, expected: type, *, optional: bool = False) -> None:
@@ -191,7 +192,7 @@ class PageCursor:
         order, _, rest = text.partition(":")
         value, colon, session_id = rest.partition(":")
         if not colon or not session_id or re.fullmatch(r"-?[0-9]{1,80}", value) is None:
-            raise InvalidQuery(f"not a page cursor: {_shown(repr(text))}", "after")
+            raise InvalidQuery(f"not a page cursor: {shown(repr(text))}", "after")
         return cls(order, int(value), session_id)  # type: ignore[arg-type]  # checked by __post_init__
 
 
