@@ -543,6 +543,29 @@ def test_sink_spills_while_the_broker_is_down_and_sends_later(private: Names) ->
     assert worker.stats.recorded == len(events)
 
 
+def test_a_spill_journal_on_a_full_disk_loses_nothing_and_stops_nothing(private: Names) -> None:
+    """A spill journal that failed on a full disk raised again when closed: the publishing
+    thread died once it had sent that journal (nothing later was published), and
+    `close()` raised into the agent, leaving the events after it unwritten."""
+    names, server = private, private.server  # type: ignore[attr-defined]
+    server.stop()
+    producer = _helper(
+        "spill_limited", names.url, names.stream, names.prefix, str(names.spill), "21", "100000"
+    )
+    assert producer.stdout is not None and producer.stdout.readline() == "spilled\n"
+    server.start()
+    out, err = producer.communicate(timeout=120)
+    events = list(workload.events(1, seed=21))
+    assert producer.returncode == 0, err
+    assert "File too large" in err  # the journals did fill up
+    assert out.split() == ["flushed", str(len(events))]
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected, 60))
+    assert _stored(names.schema) == expected
+    assert worker.stats.recorded == len(events)
+
+
 def test_workers_ride_out_a_broker_restart(private: Names) -> None:
     names, server = private, private.server  # type: ignore[attr-defined]
     events = list(workload.events(3, seed=8))

@@ -28,7 +28,7 @@ import msgspec
 
 from .._exit import ExitHook
 from ..codec import encode_event
-from ..errors import BrokerError, PhiSessionError
+from ..errors import BrokerError, PhiSessionError, StoreError
 from ..events import AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
 from ..journal import Journal, read_records
@@ -91,8 +91,14 @@ class _Episode:
             found.append((msg_id, session, key, bytes(payload)))
         return found
 
+    def close(self) -> None:
+        """Close the journal. One that failed (a full disk) has logged why and refused the
+        append that failed; what it took before is written through, and stays readable."""
+        with contextlib.suppress(StoreError):
+            self.journal.close()
+
     def remove(self) -> None:
-        self.journal.close()
+        self.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -348,7 +354,7 @@ class JetStreamSink:
         left = 0
         for entry in entries:
             if isinstance(entry, _Episode):
-                entry.journal.close()
+                entry.close()
                 left += entry.count
                 continue
             if not entry:
@@ -523,7 +529,7 @@ class _Publisher:
                     pause = min(pause * 2, 2.0)
         finally:
             for episode in leftovers:  # not sent: left for the next sink
-                episode.journal.close()
+                episode.close()
             if self.nc is not None:
                 with contextlib.suppress(Exception):
                     await self.nc.close()
