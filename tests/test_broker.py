@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from phi_session.codec import decode_event, encode_event, encode_session
+from phi_session.errors import BrokerError
 from phi_session.recorder import SessionRecorder
 
 from .nats_support import PrivateServer, listening
@@ -764,6 +765,33 @@ def test_record_to_nats_then_ingest_and_status(names: Names, tmp_path: Path) -> 
     assert "recorded 1,240 events" in out
     assert stored == expected
     assert cli("ingest", URL, "--store", str(tmp_path / "x.db")).returncode == 2
+
+
+def test_status_creates_nothing(names: Names) -> None:
+    """`ingest --status` is read-only: it created the store's schema and tables (even when
+    there was no stream to report on) and the broker_events table."""
+
+    def status() -> list[Any]:
+        return asyncio.run(
+            ingest_status(URL, DSN, schema=names.schema, stream=names.stream, subject_prefix=names.prefix)
+        )
+
+    def schema_exists() -> bool:
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            query = "SELECT 1 FROM pg_namespace WHERE nspname = %s"
+            return conn.execute(query, (names.schema,)).fetchone() is not None
+
+    with pytest.raises(BrokerError, match="no stream"):
+        status()
+    events = list(workload.events(1, seed=22))[:10]
+    with names.sink(partitions=2) as sink:
+        for event in events:
+            sink(event)
+        assert sink.flush(30)
+    rows = status()
+    assert [(row.partition, row.staged, row.owner) for row in rows] == [(0, 0, None), (1, 0, None)]
+    assert sum(row.in_stream for row in rows) == len(events)
+    assert not schema_exists()
 
 
 def test_a_session_no_store_accepts_stays_staged_as_rejected(names: Names) -> None:

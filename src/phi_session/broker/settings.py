@@ -21,6 +21,7 @@ from ..ids import session_id_from_loop_id
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
+    from nats.js.api import StreamInfo
     from nats.js.client import JetStreamContext
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "nats_servers",
     "partition_of",
     "remember",
+    "stream_layout",
     "track_session",
 ]
 
@@ -240,6 +242,12 @@ async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> Strea
             info = await js.add_stream(config)
         except BadRequestError:
             info = await js.stream_info(settings.stream)  # the other side created it first
+    return stream_layout(info, settings)
+
+
+def stream_layout(info: StreamInfo, settings: StreamSettings) -> StreamSettings:
+    """`settings` with the partition count of the stream `info` describes; `BrokerError`
+    if its subjects are not ``{prefix}.0..N-1``."""
     subjects = list(info.config.subjects or ())
     count = len(subjects)
     if count == 0 or subjects != [f"{settings.subject_prefix}.{n}" for n in range(count)]:
