@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from phi_session.codec import decode_event, encode_event, encode_session
@@ -428,6 +429,37 @@ def test_hostile_session_ids_are_recorded_or_rejected_never_left_staged(names: N
     assert _stored(names.schema) == expected
     assert _staged_pending(names.schema) == 0
     assert worker.stats.rejected == len(lines) * len(unstorable)  # no store takes them: kept as rejected
+
+
+def test_a_session_id_with_a_lone_surrogate_holds_up_nothing(names: Names) -> None:
+    """Text from undecodable bytes (``surrogateescape``) holds lone surrogates: the payload
+    escapes them, but the Phi-Session header could not be encoded, so the event was retried
+    for ever and nothing after it was sent; `close()` then raised UnicodeEncodeError."""
+    first, second = list(workload.events(1, seed=23)), list(workload.events(1, seed=24))
+    session_id = first[0].session_id
+
+    def renamed(event: Any) -> Any:
+        ids = {
+            name: value.replace(session_id, "caf\udce9")
+            for name in ("session_id", "loop_id", "parent_loop_id")
+            if isinstance(value := getattr(event, name, None), str)
+        }
+        return msgspec.structs.replace(event, **ids)
+
+    hostile = [renamed(event) for event in first]
+    with names.sink(partitions=1) as sink:
+        for event in [*hostile, *second]:
+            sink(event)
+        assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference([second])  # the escaped id holds backslashes: no store takes it
+
+    def done() -> bool:
+        return _stored(names.schema) == expected and worker.stats.rejected == len(hostile)
+
+    asyncio.run(_run_until(worker, done, 60))
+    assert _stored(names.schema) == expected
+    assert worker.stats.rejected == len(hostile)  # kept staged, with their payload
 
 
 def test_an_event_of_no_open_loop_is_kept_as_rejected_not_replayed_for_ever(names: Names) -> None:

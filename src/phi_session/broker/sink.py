@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Union
 import msgspec
 
 from .._exit import ExitHook
-from ..codec import encode_event
+from ..codec import encode_event, escape_surrogates
 from ..errors import BrokerError, PhiSessionError, StoreError
 from ..events import AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
@@ -238,7 +238,9 @@ class JetStreamSink:
 
     def _route(self, event: AgentEvent) -> tuple[str, str]:
         """The event's session, and the session it is partitioned by: a sub-agent's session
-        goes with its parent's (one worker records both, so their links are exact)."""
+        goes with its parent's (one worker records both, so their links are exact). Both as
+        the payload spells them: lone surrogates escaped (unescaped, no header or journal
+        could hold them, and the event would be retried for ever, holding up all after it)."""
         session = track_session(event, self._loop_sessions)
         if isinstance(event, AgentStart):
             parent = event.parent_loop_id
@@ -246,7 +248,7 @@ class JetStreamSink:
                 parent_session = self._loop_sessions.get(parent) or session_id_from_loop_id(parent)
                 if parent_session != session:
                     remember(self._roots, session, self._roots.get(parent_session, parent_session))
-        return session, self._roots.get(session, session)
+        return escape_surrogates(session), escape_surrogates(self._roots.get(session, session))
 
     def _start_spill(self) -> None:
         directory = self._episode_dir(self._seq)
