@@ -31,6 +31,7 @@ import pytest
 
 from phi_session.codec import decode_event, encode_event, encode_session
 from phi_session.errors import BrokerError
+from phi_session.journal import Journal
 from phi_session.recorder import SessionRecorder
 
 from .nats_support import PrivateServer, listening
@@ -649,6 +650,37 @@ def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> N
     asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected))
     assert _stored(names.schema) == expected
     assert worker.stats.recorded == len(events)
+
+
+def test_a_dead_producers_spill_is_sent_in_order_by_one_sink(names: Names) -> None:
+    """Sinks starting together on one spill directory shared a dead producer's spill
+    journals: one that found the first held by another sink took the later ones and sent
+    them first, so a session's events reached the stream out of order."""
+    events = list(workload.events(1, seed=25))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        dead = free.getsockname()[1]
+    offline = Names(names.stream, names.prefix, names.schema, names.spill, url=f"nats://127.0.0.1:{dead}")
+    sink = offline.sink(buffer=10, publish_timeout=0.2)
+    for event in events:
+        sink(event)
+    sink.close(timeout=0.5)
+    spilled = sorted(names.spill.iterdir())
+    assert len(spilled) >= 2
+    first = Journal(spilled[0], close_at_exit=False)  # another sink is sending it
+    try:
+        with names.sink():
+            pass  # closing waits for the spill journals it took to be sent
+    finally:
+        first.close()
+    assert sorted(names.spill.iterdir()) == spilled  # all left to the sink holding the first
+    with names.sink():
+        pass
+    assert not any(names.spill.iterdir())
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected, 60))
+    assert _stored(names.schema) == expected
 
 
 def test_an_event_over_the_max_payload_is_set_aside_and_the_rest_is_sent(names: Names) -> None:

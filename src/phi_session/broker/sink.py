@@ -460,16 +460,22 @@ class JetStreamSink:
             self._rejected += 1
 
     def leftover_episodes(self) -> list[_Episode]:
-        """Spill episodes an earlier process left (oldest first); those in use are skipped."""
+        """Spill episodes an earlier process left (oldest first); those in use are skipped,
+        and so are the later ones of their producer: whoever holds the first sends them, in order."""
         if not self.spill_dir.is_dir():
             return []
         found = []
+        skipped: set[str] = set()  # producers with an episode another sink holds
         for directory in sorted(self.spill_dir.iterdir()):
             if not _EPISODE_NAME.fullmatch(directory.name) or not directory.is_dir():
+                continue
+            producer = directory.name.split("-", 1)[0]
+            if producer in skipped:
                 continue
             try:
                 episode = _Episode(directory)
             except PhiSessionError:  # locked: a live sink owns it
+                skipped.add(producer)
                 continue
             episode.sealed = True
             episode.count = sum(1 for _ in read_records(directory))
