@@ -631,8 +631,8 @@ def test_workers_ride_out_a_broker_restart(private: Names) -> None:
     assert len(ids) == len(set(ids)) == len(events)
 
 
-def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> None:
-    events = list(workload.events(1, seed=6))
+def _spilled_offline(names: Names, events: list[Any]) -> JetStreamSink:
+    """A closed sink that took `events` with no broker to reach: all left in `names.spill`."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         dead = free.getsockname()[1]
@@ -640,7 +640,13 @@ def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> N
     sink = offline.sink(buffer=10, publish_timeout=0.2)
     for event in events:
         sink(event)
-    sink.close(timeout=0.5)  # nothing reached a broker: everything is kept on disk
+    sink.close(timeout=0.5)
+    return sink
+
+
+def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> None:
+    events = list(workload.events(1, seed=6))
+    sink = _spilled_offline(names, events)  # nothing reached a broker: everything is kept on disk
     assert sink.stats().pending == len(events)
     with names.sink() as resender:
         assert resender.flush(30)
@@ -657,14 +663,7 @@ def test_a_dead_producers_spill_is_sent_in_order_by_one_sink(names: Names) -> No
     journals: one that found the first held by another sink took the later ones and sent
     them first, so a session's events reached the stream out of order."""
     events = list(workload.events(1, seed=25))
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        dead = free.getsockname()[1]
-    offline = Names(names.stream, names.prefix, names.schema, names.spill, url=f"nats://127.0.0.1:{dead}")
-    sink = offline.sink(buffer=10, publish_timeout=0.2)
-    for event in events:
-        sink(event)
-    sink.close(timeout=0.5)
+    _spilled_offline(names, events)
     spilled = sorted(names.spill.iterdir())
     assert len(spilled) >= 2
     first = Journal(spilled[0], close_at_exit=False)  # another sink is sending it
