@@ -830,6 +830,25 @@ def test_record_to_nats_then_ingest_and_status(names: Names, tmp_path: Path) -> 
     assert cli("ingest", URL, "--store", str(tmp_path / "x.db")).returncode == 2
 
 
+def test_a_nats_server_without_jetstream_is_named_as_such(names: Names, tmp_path: Path) -> None:
+    """A server started without -js: `ingest` and `ingest --status` ended in an
+    "internal error: ServiceUnavailableError ..." rather than saying what is wrong."""
+    server = PrivateServer(tmp_path, jetstream=False)
+    server.start()
+    store = f"{DSN}{'&' if '?' in DSN else '?'}schema={names.schema}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        for status in ([], ["--status"]):
+            args = ["ingest", server.url, "--store", store, "--stream", names.stream, *status]
+            done = subprocess.run([*CLI, *args], env=env, text=True, capture_output=True, timeout=60)
+            assert done.returncode == 1
+            assert done.stderr.splitlines()[-1] == (
+                "phi-session: error: the NATS server does not run JetStream (start nats-server with -js)"
+            )
+    finally:
+        server.stop()
+
+
 def test_status_creates_nothing(names: Names) -> None:
     """`ingest --status` is read-only: it created the store's schema and tables (even when
     there was no stream to report on) and the broker_events table."""

@@ -34,6 +34,7 @@ __all__ = [
     "nats_servers",
     "partition_of",
     "remember",
+    "stream_info",
     "stream_layout",
     "track_session",
 ]
@@ -220,11 +221,10 @@ async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> Strea
     A stream that exists with subjects other than ``{prefix}.0..N-1`` raises `BrokerError`.
     """
     from nats.js import api
-    from nats.js.errors import BadRequestError, NotFoundError
+    from nats.js.errors import BadRequestError
 
-    try:
-        info = await js.stream_info(settings.stream)
-    except NotFoundError:
+    info = await stream_info(js, settings.stream)
+    if info is None:
         config = api.StreamConfig(
             name=settings.stream,
             subjects=settings.subjects(),
@@ -243,6 +243,19 @@ async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> Strea
         except BadRequestError:
             info = await js.stream_info(settings.stream)  # the other side created it first
     return stream_layout(info, settings)
+
+
+async def stream_info(js: JetStreamContext, stream: str, **options: Any) -> StreamInfo | None:
+    """`js.stream_info(stream, **options)`, None if there is no such stream; `BrokerError`
+    if the server does not run JetStream."""
+    from nats.js.errors import NotFoundError, ServiceUnavailableError
+
+    try:
+        return await js.stream_info(stream, **options)
+    except NotFoundError:
+        return None
+    except ServiceUnavailableError:  # what a server started without -js answers
+        raise BrokerError("the NATS server does not run JetStream (start nats-server with -js)") from None
 
 
 def stream_layout(info: StreamInfo, settings: StreamSettings) -> StreamSettings:

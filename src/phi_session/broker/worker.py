@@ -48,6 +48,7 @@ from .settings import (
     event_session_id,
     nats_servers,
     require_nats,
+    stream_info,
     stream_layout,
     track_session,
 )
@@ -482,12 +483,11 @@ async def ingest_status(
         from nats.js.errors import NotFoundError
 
         settings = worker.settings
-        try:
-            info = await resources.js.stream_info(
-                settings.stream, subjects_filter=f"{settings.subject_prefix}.>"
-            )
-        except NotFoundError:
-            raise BrokerError(f"no stream {settings.stream} on {url}: nothing was published yet") from None
+        info = await stream_info(
+            resources.js, settings.stream, subjects_filter=f"{settings.subject_prefix}.>"
+        )
+        if info is None:
+            raise BrokerError(f"no stream {settings.stream} on {url}: nothing was published yet")
         settings = stream_layout(info, settings)
         in_stream = info.state.subjects or {}
         counts = await resources.staging.counts()
