@@ -474,7 +474,9 @@ class JetStreamSink:
         if not self.spill_dir.is_dir():
             return []
         found = []
-        skipped: set[str] = set()  # producers with an episode another sink holds
+        # This sink's own (its first may be created meanwhile), and producers with an
+        # episode another sink holds.
+        skipped = {self.producer_id}
         for directory in sorted(self.spill_dir.iterdir()):
             if not _EPISODE_NAME.fullmatch(directory.name) or not directory.is_dir():
                 continue
