@@ -95,15 +95,24 @@ class StreamSettings:
         if unknown:
             raise TypeError(f"unknown stream setting(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
+        from_env: set[str] = set()
         for item in fields(cls):
             value = given.pop(item.name, None)
             if value is None:
                 raw = os.environ.get(ENV_PREFIX + item.name.upper())
                 if raw is not None:
                     value = _parse_env(item.name, raw, item.type)
+                    from_env.add(item.name)
             if value is not None:
                 values[item.name] = value
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as error:
+            # Validation names the field; a value from the environment is named by its variable.
+            field, _, reason = str(error).partition(": ")
+            if field not in from_env:
+                raise
+            raise ValueError(f"{ENV_PREFIX}{field.upper()}: {reason}") from None
 
     def subject(self, partition: int) -> str:
         return f"{self.subject_prefix}.{partition}"
@@ -128,10 +137,12 @@ def _check_number(name: str, value: object, low: float, high: float, *, integer:
 def _parse_env(name: str, raw: str, kind: object) -> Any:
     if kind in ("str", str):
         return raw
+    integer = kind in ("int", int)
     try:
-        return int(raw) if kind in ("int", int) else float(raw)
+        return int(raw) if integer else float(raw)
     except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected a number, got {raw!r}") from None
+        expected = "an integer" if integer else "a number"
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected {expected}, got {raw!r}") from None
 
 
 def event_session_id(event: AgentEvent, loop_sessions: dict[str, str] | None = None) -> str:
