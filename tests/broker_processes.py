@@ -3,12 +3,18 @@
 
     python broker_processes.py producer URL STREAM PREFIX SPILL_DIR SEED SESSIONS
     python broker_processes.py worker URL DSN SCHEMA STREAM PREFIX
+    python broker_processes.py spill_limited URL STREAM PREFIX SPILL_DIR SEED FILE_BYTES
+
+``spill_limited`` publishes one session while the broker is down, its spill journals
+limited to FILE_BYTES each (RLIMIT_FSIZE: a full disk), prints ``spilled``, then
+flushes (the test starts the broker meanwhile), closes and prints what was published.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -26,6 +32,28 @@ def producer(url: str, stream: str, prefix: str, spill: str, seed: str, sessions
             sink(event)
         if not sink.flush(120):
             sys.exit("not flushed")
+
+
+def spill_limited(url: str, stream: str, prefix: str, spill: str, seed: str, file_bytes: str) -> None:
+    events = list(workload.events(1, seed=int(seed)))
+    unlimited = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(file_bytes), unlimited[1]))
+    sink = JetStreamSink(
+        url,
+        stream=stream,
+        subject_prefix=prefix,
+        partitions=1,
+        spill_dir=spill,
+        buffer=100,
+        publish_timeout=0.5,
+    )
+    for event in events:
+        sink(event)
+    resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+    print("spilled", flush=True)
+    flushed = sink.flush(60)
+    sink.close()
+    print("flushed" if flushed else "not flushed", sink.stats().published, flush=True)
 
 
 def worker(url: str, dsn: str, schema: str, stream: str, prefix: str) -> None:
@@ -51,4 +79,4 @@ def worker(url: str, dsn: str, schema: str, stream: str, prefix: str) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    {"producer": producer, "worker": worker}[sys.argv[1]](*sys.argv[2:])
+    {"producer": producer, "worker": worker, "spill_limited": spill_limited}[sys.argv[1]](*sys.argv[2:])

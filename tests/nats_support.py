@@ -20,7 +20,7 @@ def listening(port: int) -> bool:
 class PrivateServer:
     """A nats-server of this test's own (so it can be stopped), on a free port."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, jetstream: bool = True) -> None:
         server = shutil.which("nats-server")
         if server is None:
             pytest.skip("no nats-server binary")
@@ -28,7 +28,9 @@ class PrivateServer:
             free.bind(("127.0.0.1", 0))
             self.port = free.getsockname()[1]
         self.url = f"nats://127.0.0.1:{self.port}"
-        self.command = [server, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(directory)]
+        self.command = [server, "-a", "127.0.0.1", "-p", str(self.port)]
+        if jetstream:
+            self.command += ["-js", "-sd", str(directory)]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -26,9 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from phi_session.codec import decode_event, encode_event, encode_session
+from phi_session.errors import BrokerError
+from phi_session.journal import Journal
 from phi_session.recorder import SessionRecorder
 
 from .nats_support import PrivateServer, listening
@@ -429,6 +432,37 @@ def test_hostile_session_ids_are_recorded_or_rejected_never_left_staged(names: N
     assert worker.stats.rejected == len(lines) * len(unstorable)  # no store takes them: kept as rejected
 
 
+def test_a_session_id_with_a_lone_surrogate_holds_up_nothing(names: Names) -> None:
+    """Text from undecodable bytes (``surrogateescape``) holds lone surrogates: the payload
+    escapes them, but the Phi-Session header could not be encoded, so the event was retried
+    for ever and nothing after it was sent; `close()` then raised UnicodeEncodeError."""
+    first, second = list(workload.events(1, seed=23)), list(workload.events(1, seed=24))
+    session_id = first[0].session_id
+
+    def renamed(event: Any) -> Any:
+        ids = {
+            name: value.replace(session_id, "caf\udce9")
+            for name in ("session_id", "loop_id", "parent_loop_id")
+            if isinstance(value := getattr(event, name, None), str)
+        }
+        return msgspec.structs.replace(event, **ids)
+
+    hostile = [renamed(event) for event in first]
+    with names.sink(partitions=1) as sink:
+        for event in [*hostile, *second]:
+            sink(event)
+        assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference([second])  # the escaped id holds backslashes: no store takes it
+
+    def done() -> bool:
+        return _stored(names.schema) == expected and worker.stats.rejected == len(hostile)
+
+    asyncio.run(_run_until(worker, done, 60))
+    assert _stored(names.schema) == expected
+    assert worker.stats.rejected == len(hostile)  # kept staged, with their payload
+
+
 def test_an_event_of_no_open_loop_is_kept_as_rejected_not_replayed_for_ever(names: Names) -> None:
     """The recorder keeps it as an orphan, in no session: it stayed staged (and in the
     worker's memory), and every worker taking the partition replayed it again."""
@@ -543,6 +577,29 @@ def test_sink_spills_while_the_broker_is_down_and_sends_later(private: Names) ->
     assert worker.stats.recorded == len(events)
 
 
+def test_a_spill_journal_on_a_full_disk_loses_nothing_and_stops_nothing(private: Names) -> None:
+    """A spill journal that failed on a full disk raised again when closed: the publishing
+    thread died once it had sent that journal (nothing later was published), and
+    `close()` raised into the agent, leaving the events after it unwritten."""
+    names, server = private, private.server  # type: ignore[attr-defined]
+    server.stop()
+    producer = _helper(
+        "spill_limited", names.url, names.stream, names.prefix, str(names.spill), "21", "100000"
+    )
+    assert producer.stdout is not None and producer.stdout.readline() == "spilled\n"
+    server.start()
+    out, err = producer.communicate(timeout=120)
+    events = list(workload.events(1, seed=21))
+    assert producer.returncode == 0, err
+    assert "File too large" in err  # the journals did fill up
+    assert out.split() == ["flushed", str(len(events))]
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected, 60))
+    assert _stored(names.schema) == expected
+    assert worker.stats.recorded == len(events)
+
+
 def test_workers_ride_out_a_broker_restart(private: Names) -> None:
     names, server = private, private.server  # type: ignore[attr-defined]
     events = list(workload.events(3, seed=8))
@@ -574,16 +631,26 @@ def test_workers_ride_out_a_broker_restart(private: Names) -> None:
     assert len(ids) == len(set(ids)) == len(events)
 
 
-def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> None:
-    events = list(workload.events(1, seed=6))
+def _offline(names: Names) -> Names:
+    """`names` with the URL of a port no broker listens on."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         dead = free.getsockname()[1]
-    offline = Names(names.stream, names.prefix, names.schema, names.spill, url=f"nats://127.0.0.1:{dead}")
-    sink = offline.sink(buffer=10, publish_timeout=0.2)
+    return Names(names.stream, names.prefix, names.schema, names.spill, url=f"nats://127.0.0.1:{dead}")
+
+
+def _spilled_offline(names: Names, events: list[Any]) -> JetStreamSink:
+    """A closed sink that took `events` with no broker to reach: all left in `names.spill`."""
+    sink = _offline(names).sink(buffer=10, publish_timeout=0.2)
     for event in events:
         sink(event)
-    sink.close(timeout=0.5)  # nothing reached a broker: everything is kept on disk
+    sink.close(timeout=0.5)
+    return sink
+
+
+def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> None:
+    events = list(workload.events(1, seed=6))
+    sink = _spilled_offline(names, events)  # nothing reached a broker: everything is kept on disk
     assert sink.stats().pending == len(events)
     with names.sink() as resender:
         assert resender.flush(30)
@@ -593,6 +660,43 @@ def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> N
     asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected))
     assert _stored(names.schema) == expected
     assert worker.stats.recorded == len(events)
+
+
+def test_large_events_are_spilled_once_buffer_bytes_wait(names: Names) -> None:
+    """The buffer counted events only: with the broker down, 500 events of 0.9 MB each
+    took 430 MB of the agent's memory (10,000 of them would take 9 GB)."""
+    texts = [line for line in workload.lines(1, seed=26) if b'"text":"' in line][:40]
+    large = [decode_event(line.replace(b'"text":"', b'"text":"' + b"x" * 100_000)) for line in texts]
+    sink = _offline(names).sink(buffer_bytes=1 << 20, publish_timeout=0.2)
+    for event in large:
+        sink(event)
+    assert len(large) - sink.stats().spilled <= 12  # 1 MiB waiting, and the batch being sent
+    sink.close(timeout=0.5)
+    assert sink.stats().pending == len(large)  # all kept on disk
+
+
+def test_a_dead_producers_spill_is_sent_in_order_by_one_sink(names: Names) -> None:
+    """Sinks starting together on one spill directory shared a dead producer's spill
+    journals: one that found the first held by another sink took the later ones and sent
+    them first, so a session's events reached the stream out of order."""
+    events = list(workload.events(1, seed=25))
+    _spilled_offline(names, events)
+    spilled = sorted(names.spill.iterdir())
+    assert len(spilled) >= 2
+    first = Journal(spilled[0], close_at_exit=False)  # another sink is sending it
+    try:
+        with names.sink():
+            pass  # closing waits for the spill journals it took to be sent
+    finally:
+        first.close()
+    assert sorted(names.spill.iterdir()) == spilled  # all left to the sink holding the first
+    with names.sink():
+        pass
+    assert not any(names.spill.iterdir())
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected, 60))
+    assert _stored(names.schema) == expected
 
 
 def test_an_event_over_the_max_payload_is_set_aside_and_the_rest_is_sent(names: Names) -> None:
@@ -741,6 +845,52 @@ def test_record_to_nats_then_ingest_and_status(names: Names, tmp_path: Path) -> 
     assert "recorded 1,240 events" in out
     assert stored == expected
     assert cli("ingest", URL, "--store", str(tmp_path / "x.db")).returncode == 2
+
+
+def test_a_nats_server_without_jetstream_is_named_as_such(names: Names, tmp_path: Path) -> None:
+    """A server started without -js: `ingest` and `ingest --status` ended in an
+    "internal error: ServiceUnavailableError ..." rather than saying what is wrong."""
+    server = PrivateServer(tmp_path, jetstream=False)
+    server.start()
+    store = f"{DSN}{'&' if '?' in DSN else '?'}schema={names.schema}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        for status in ([], ["--status"]):
+            args = ["ingest", server.url, "--store", store, "--stream", names.stream, *status]
+            done = subprocess.run([*CLI, *args], env=env, text=True, capture_output=True, timeout=60)
+            assert done.returncode == 1
+            assert done.stderr.splitlines()[-1] == (
+                "phi-session: error: the NATS server does not run JetStream (start nats-server with -js)"
+            )
+    finally:
+        server.stop()
+
+
+def test_status_creates_nothing(names: Names) -> None:
+    """`ingest --status` is read-only: it created the store's schema and tables (even when
+    there was no stream to report on) and the broker_events table."""
+
+    def status() -> list[Any]:
+        return asyncio.run(
+            ingest_status(URL, DSN, schema=names.schema, stream=names.stream, subject_prefix=names.prefix)
+        )
+
+    def schema_exists() -> bool:
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            query = "SELECT 1 FROM pg_namespace WHERE nspname = %s"
+            return conn.execute(query, (names.schema,)).fetchone() is not None
+
+    with pytest.raises(BrokerError, match="no stream"):
+        status()
+    events = list(workload.events(1, seed=22))[:10]
+    with names.sink(partitions=2) as sink:
+        for event in events:
+            sink(event)
+        assert sink.flush(30)
+    rows = status()
+    assert [(row.partition, row.staged, row.owner) for row in rows] == [(0, 0, None), (1, 0, None)]
+    assert sum(row.in_stream for row in rows) == len(events)
+    assert not schema_exists()
 
 
 def test_a_session_no_store_accepts_stays_staged_as_rejected(names: Names) -> None:

@@ -44,6 +44,25 @@ def test_settings_from_arguments_then_environment(monkeypatch: pytest.MonkeyPatc
         StreamSettings.from_env(colour="red")
 
 
+def test_a_bad_value_from_the_environment_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error named the field ("stream: ...") or called an integer's bad value not a
+    number ("expected a number, got '1e9'"): neither says which variable to fix."""
+    for name, raw, reason in (
+        ("STREAM", "", "expected 1-64 letters"),
+        ("SUBJECT_PREFIX", "a b", "expected dot-separated tokens"),
+        ("PARTITIONS", "0", "expected an integer from 1 to 1024, got 0"),
+        ("MAX_BYTES", "1e9", "expected an integer, got '1e9'"),
+        ("DUPLICATE_WINDOW", "1e7", "expected a number from 1 to 604800"),
+    ):
+        with monkeypatch.context() as env:
+            env.setenv(f"PHI_SESSION_NATS_{name}", raw)
+            with pytest.raises(ValueError) as raised:
+                StreamSettings.from_env()
+            assert str(raised.value).startswith(f"PHI_SESSION_NATS_{name}: {reason}")
+    with pytest.raises(ValueError, match=r"^partitions: "):  # given, not from the environment
+        StreamSettings.from_env(partitions=0)
+
+
 def test_partitions_are_stable_and_spread() -> None:
     assert partition_of("session-1", 8) == partition_of("session-1", 8)
     spread = {partition_of(f"session-{n}", 8) for n in range(200)}

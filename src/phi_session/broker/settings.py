@@ -21,6 +21,7 @@ from ..ids import session_id_from_loop_id
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
+    from nats.js.api import StreamInfo
     from nats.js.client import JetStreamContext
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "nats_servers",
     "partition_of",
     "remember",
+    "stream_info",
+    "stream_layout",
     "track_session",
 ]
 
@@ -92,15 +95,24 @@ class StreamSettings:
         if unknown:
             raise TypeError(f"unknown stream setting(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
+        from_env: set[str] = set()
         for item in fields(cls):
             value = given.pop(item.name, None)
             if value is None:
                 raw = os.environ.get(ENV_PREFIX + item.name.upper())
                 if raw is not None:
                     value = _parse_env(item.name, raw, item.type)
+                    from_env.add(item.name)
             if value is not None:
                 values[item.name] = value
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as error:
+            # Validation names the field; a value from the environment is named by its variable.
+            field, _, reason = str(error).partition(": ")
+            if field not in from_env:
+                raise
+            raise ValueError(f"{ENV_PREFIX}{field.upper()}: {reason}") from None
 
     def subject(self, partition: int) -> str:
         return f"{self.subject_prefix}.{partition}"
@@ -125,10 +137,12 @@ def _check_number(name: str, value: object, low: float, high: float, *, integer:
 def _parse_env(name: str, raw: str, kind: object) -> Any:
     if kind in ("str", str):
         return raw
+    integer = kind in ("int", int)
     try:
-        return int(raw) if kind in ("int", int) else float(raw)
+        return int(raw) if integer else float(raw)
     except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected a number, got {raw!r}") from None
+        expected = "an integer" if integer else "a number"
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected {expected}, got {raw!r}") from None
 
 
 def event_session_id(event: AgentEvent, loop_sessions: dict[str, str] | None = None) -> str:
@@ -218,11 +232,10 @@ async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> Strea
     A stream that exists with subjects other than ``{prefix}.0..N-1`` raises `BrokerError`.
     """
     from nats.js import api
-    from nats.js.errors import BadRequestError, NotFoundError
+    from nats.js.errors import BadRequestError
 
-    try:
-        info = await js.stream_info(settings.stream)
-    except NotFoundError:
+    info = await stream_info(js, settings.stream)
+    if info is None:
         config = api.StreamConfig(
             name=settings.stream,
             subjects=settings.subjects(),
@@ -240,6 +253,25 @@ async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> Strea
             info = await js.add_stream(config)
         except BadRequestError:
             info = await js.stream_info(settings.stream)  # the other side created it first
+    return stream_layout(info, settings)
+
+
+async def stream_info(js: JetStreamContext, stream: str, **options: Any) -> StreamInfo | None:
+    """`js.stream_info(stream, **options)`, None if there is no such stream; `BrokerError`
+    if the server does not run JetStream."""
+    from nats.js.errors import NotFoundError, ServiceUnavailableError
+
+    try:
+        return await js.stream_info(stream, **options)
+    except NotFoundError:
+        return None
+    except ServiceUnavailableError:  # what a server started without -js answers
+        raise BrokerError("the NATS server does not run JetStream (start nats-server with -js)") from None
+
+
+def stream_layout(info: StreamInfo, settings: StreamSettings) -> StreamSettings:
+    """`settings` with the partition count of the stream `info` describes; `BrokerError`
+    if its subjects are not ``{prefix}.0..N-1``."""
     subjects = list(info.config.subjects or ())
     count = len(subjects)
     if count == 0 or subjects != [f"{settings.subject_prefix}.{n}" for n in range(count)]:

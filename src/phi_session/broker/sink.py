@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Union
 import msgspec
 
 from .._exit import ExitHook
-from ..codec import encode_event
-from ..errors import BrokerError, PhiSessionError
+from ..codec import encode_event, escape_surrogates
+from ..errors import BrokerError, PhiSessionError, StoreError
 from ..events import AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
 from ..journal import Journal, read_records
@@ -91,8 +91,14 @@ class _Episode:
             found.append((msg_id, session, key, bytes(payload)))
         return found
 
+    def close(self) -> None:
+        """Close the journal. One that failed (a full disk) has logged why and refused the
+        append that failed; what it took before is written through, and stays readable."""
+        with contextlib.suppress(StoreError):
+            self.journal.close()
+
     def remove(self) -> None:
-        self.journal.close()
+        self.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -121,8 +127,9 @@ class JetStreamSink:
     * `stream`, `subject_prefix`, `partitions`: the stream (`StreamSettings`; unset
       ones come from ``PHI_SESSION_NATS_*`` or the defaults). The stream is created if
       missing; an existing one decides the partition count.
-    * `buffer`: events held in memory before new ones go to the spill journal in
-      `spill_dir` (default ``.phi-session/spill`` in the working directory). Spilled
+    * `buffer`, `buffer_bytes`: events, and bytes of their JSON (64 MiB by default),
+      held in memory before new ones go to the spill journal in `spill_dir` (default
+      ``.phi-session/spill`` in the working directory), whichever is reached first. Spilled
       events are sent once the broker takes events again, in order, and removed then;
       spill directories a dead process left are sent by the next sink started on the
       same `spill_dir`. An event larger than the broker's max_payload (1 MB by
@@ -145,6 +152,7 @@ class JetStreamSink:
         partitions: int | None = None,
         spill_dir: str | Path | None = None,
         buffer: int = 10_000,
+        buffer_bytes: int = 64 << 20,
         batch: int = 512,
         publish_timeout: float = 5.0,
         wants_deltas: bool = True,
@@ -153,7 +161,7 @@ class JetStreamSink:
         if not isinstance(url, str):
             raise TypeError(f"url must be a string, got {type(url).__name__}")
         nats_servers(url)  # the publishing thread would retry a malformed URL forever
-        for name, value in (("buffer", buffer), ("batch", batch)):
+        for name, value in (("buffer", buffer), ("buffer_bytes", buffer_bytes), ("batch", batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not publish_timeout > 0:
@@ -167,15 +175,18 @@ class JetStreamSink:
         self._id_prefix = f"{self.producer_id}-"
         self.wants_deltas = wants_deltas
         self.buffer = buffer
+        self.buffer_bytes = buffer_bytes
         self.batch = batch
         self.publish_timeout = publish_timeout
         self._lock = threading.Lock()  # guards everything below it
         self._queue: deque[_Entry] = deque()
         self._in_memory = 0
+        self._in_memory_bytes = 0  # of their payloads: large events fill the buffer sooner
         self._spill: _Episode | None = None  # the episode new events are appended to
         self._sending: _Entry | None = None  # the entry the sender is publishing
         self._seq = 0
         self._spill_from = buffer  # events in memory beyond which new ones are spilled
+        self._spill_bytes_from = buffer_bytes  # the same, in bytes
         self._published = self._spilled = self._left = self._rejected = 0
         self._closed = False
         self._roots: dict[str, str] = {}  # sub-agent session -> the session it goes with
@@ -207,7 +218,8 @@ class JetStreamSink:
             session, key = self._route(event)
             self._seq += 1
             message = (f"{self._id_prefix}{self._seq}", session, key, payload)
-            if self._spill is None and self._in_memory >= self._spill_from:
+            full = self._in_memory >= self._spill_from or self._in_memory_bytes >= self._spill_bytes_from
+            if self._spill is None and full:
                 self._start_spill()
             if self._spill is not None:
                 try:
@@ -226,13 +238,16 @@ class JetStreamSink:
             else:
                 self._queue.append([message])
             self._in_memory += 1
+            self._in_memory_bytes += len(payload)
             wake = self._in_memory == 1
         if wake:
             self._wake()
 
     def _route(self, event: AgentEvent) -> tuple[str, str]:
         """The event's session, and the session it is partitioned by: a sub-agent's session
-        goes with its parent's (one worker records both, so their links are exact)."""
+        goes with its parent's (one worker records both, so their links are exact). Both as
+        the payload spells them: lone surrogates escaped (unescaped, no header or journal
+        could hold them, and the event would be retried for ever, holding up all after it)."""
         session = track_session(event, self._loop_sessions)
         if isinstance(event, AgentStart):
             parent = event.parent_loop_id
@@ -240,18 +255,19 @@ class JetStreamSink:
                 parent_session = self._loop_sessions.get(parent) or session_id_from_loop_id(parent)
                 if parent_session != session:
                     remember(self._roots, session, self._roots.get(parent_session, parent_session))
-        return session, self._roots.get(session, session)
+        return escape_surrogates(session), escape_surrogates(self._roots.get(session, session))
 
     def _start_spill(self) -> None:
         directory = self._episode_dir(self._seq)
         try:
             self._spill = _Episode(directory)
         except (OSError, PhiSessionError):
-            # Over the bound rather than dropped; tried again after another `buffer` events.
+            # Over the bound rather than dropped; tried again after another buffer's worth.
             self._spill_from = self._in_memory + self.buffer
+            self._spill_bytes_from = self._in_memory_bytes + self.buffer_bytes
             logger.exception("cannot open a spill journal in %s; keeping events in memory", self.spill_dir)
             return
-        self._spill_from = self.buffer
+        self._spill_from, self._spill_bytes_from = self.buffer, self.buffer_bytes
         self._queue.append(self._spill)
         logger.warning(
             "NATS at %s is not taking events as fast as they come (%d waiting): spilling to %s;"
@@ -344,11 +360,11 @@ class JetStreamSink:
             entries = [*([self._sending] if self._sending is not None else []), *self._queue]
             self._queue.clear()
             self._sending = None
-            self._in_memory = 0
+            self._in_memory = self._in_memory_bytes = 0
         left = 0
         for entry in entries:
             if isinstance(entry, _Episode):
-                entry.journal.close()
+                entry.close()
                 left += entry.count
                 continue
             if not entry:
@@ -409,6 +425,7 @@ class JetStreamSink:
                     self._seal_spill()  # later events queue in memory, behind it
             else:
                 self._in_memory -= len(entry)
+                self._in_memory_bytes -= sum(len(message[3]) for message in entry)
             self._sending = entry
             return entry
 
@@ -452,16 +469,24 @@ class JetStreamSink:
             self._rejected += 1
 
     def leftover_episodes(self) -> list[_Episode]:
-        """Spill episodes an earlier process left (oldest first); those in use are skipped."""
+        """Spill episodes an earlier process left (oldest first); those in use are skipped,
+        and so are the later ones of their producer: whoever holds the first sends them, in order."""
         if not self.spill_dir.is_dir():
             return []
         found = []
+        # This sink's own (its first may be created meanwhile), and producers with an
+        # episode another sink holds.
+        skipped = {self.producer_id}
         for directory in sorted(self.spill_dir.iterdir()):
             if not _EPISODE_NAME.fullmatch(directory.name) or not directory.is_dir():
+                continue
+            producer = directory.name.split("-", 1)[0]
+            if producer in skipped:
                 continue
             try:
                 episode = _Episode(directory)
             except PhiSessionError:  # locked: a live sink owns it
+                skipped.add(producer)
                 continue
             episode.sealed = True
             episode.count = sum(1 for _ in read_records(directory))
@@ -523,7 +548,7 @@ class _Publisher:
                     pause = min(pause * 2, 2.0)
         finally:
             for episode in leftovers:  # not sent: left for the next sink
-                episode.journal.close()
+                episode.close()
             if self.nc is not None:
                 with contextlib.suppress(Exception):
                     await self.nc.close()

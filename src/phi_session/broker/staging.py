@@ -163,9 +163,14 @@ class Staging:
         return len(rows)
 
     async def counts(self) -> dict[int, dict[int, int]]:
-        """Rows per partition and state."""
+        """Rows per partition and state (none before a worker created the table)."""
         from psycopg import sql
 
+        exists = await self._execute(
+            "SELECT to_regclass(format('%%I.broker_events', %s::text)) IS NOT NULL", (self.schema,)
+        )
+        if not exists[0][0]:
+            return {}
         rows = await self._execute(
             sql.SQL("SELECT part, state, count(*) FROM {} WHERE stream = %s GROUP BY part, state").format(
                 self.table

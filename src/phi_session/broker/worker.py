@@ -48,6 +48,8 @@ from .settings import (
     event_session_id,
     nats_servers,
     require_nats,
+    stream_info,
+    stream_layout,
     track_session,
 )
 from .staging import REJECTED, SAVED, StagedEvent, Staging
@@ -267,8 +269,9 @@ class _Resources:
     """The worker's connections: NATS, its own PostgreSQL connection (locks, staging),
     and the store; closed in reverse order."""
 
-    def __init__(self, worker: IngestWorker) -> None:
+    def __init__(self, worker: IngestWorker, *, with_store: bool = True) -> None:
         self.worker = worker
+        self.with_store = with_store  # opening the store creates its schema: not for `ingest_status`
         self.stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> _Resources:
@@ -292,10 +295,11 @@ class _Resources:
             except psycopg.Error as error:
                 raise StoreError(f"cannot connect to PostgreSQL: {error}") from error
             self.stack.push_async_callback(self.conn.close)
-            self.store: PostgresStore = await asyncio.to_thread(
-                PostgresStore, worker.dsn, schema=worker.schema
-            )
-            self.stack.callback(self.store.close)
+            if self.with_store:
+                self.store: PostgresStore = await asyncio.to_thread(
+                    PostgresStore, worker.dsn, schema=worker.schema
+                )
+                self.stack.callback(self.store.close)
         except BaseException:
             await self.stack.aclose()
             raise
@@ -469,23 +473,23 @@ async def ingest_status(
     subject_prefix: str | None = None,
     durable: str = "phi-ingest",
 ) -> list[PartitionStatus]:
-    """Each partition's lag (messages in the stream), staged events and owner."""
+    """Each partition's lag (messages in the stream), staged events and owner.
+
+    Read-only: creates no stream, consumer, schema or table."""
     worker = IngestWorker(
         url, dsn, schema=schema, stream=stream, subject_prefix=subject_prefix, durable=durable
     )
-    async with _Resources(worker) as resources:
+    async with _Resources(worker, with_store=False) as resources:
         from nats.js.errors import NotFoundError
 
         settings = worker.settings
-        try:
-            info = await resources.js.stream_info(
-                settings.stream, subjects_filter=f"{settings.subject_prefix}.>"
-            )
-        except NotFoundError:
-            raise BrokerError(f"no stream {settings.stream} on {url}: nothing was published yet") from None
-        settings = await ensure_stream(resources.js, settings)
+        info = await stream_info(
+            resources.js, settings.stream, subjects_filter=f"{settings.subject_prefix}.>"
+        )
+        if info is None:
+            raise BrokerError(f"no stream {settings.stream} on {url}: nothing was published yet")
+        settings = stream_layout(info, settings)
         in_stream = info.state.subjects or {}
-        await resources.staging.create()
         counts = await resources.staging.counts()
         owners = await resources.staging.owners()
         rows = []
