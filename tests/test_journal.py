@@ -806,6 +806,29 @@ def test_orphans_appended_after_a_line_torn_by_a_crash_stay_whole(tmp_path: Path
     assert lines == [torn, *(encode_event(event) for event in strays)]
 
 
+def test_a_recovery_cut_short_before_its_segments_are_removed_writes_no_orphan_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    strays = stray_deltas(3)
+    write_journal(tmp_path, strays, durability="os")
+    unlink = Path.unlink
+
+    def segments_stay(path: Path, missing_ok: bool = False) -> None:
+        if path.suffix == ".wal":  # as if killed once the orphans were written
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", segments_stay)
+    with pytest.raises(StoreError, match="recovering again is safe"):
+        recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    monkeypatch.undo()
+    report = recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    assert (report.orphans, report.segments_removed) == (0, 1)
+    lines = (tmp_path / ORPHANS_FILE).read_bytes().splitlines()
+    assert lines == [encode_event(event) for event in strays]  # once each
+    assert sorted(path.name for path in tmp_path.iterdir()) == [ORPHANS_FILE]
+
+
 def test_a_journal_without_segments_recovers_to_nothing(tmp_path: Path) -> None:
     assert recover(tmp_path / "missing", JsonDirStore(tmp_path / "s")).events_replayed == 0
 

@@ -15,6 +15,7 @@ from ..saver import SaveTarget, SessionSaver
 from .format import (
     CHECKPOINT_FILE,
     ORPHANS_FILE,
+    Checkpoint,
     DirectoryLock,
     SegmentDamage,
     SegmentReader,
@@ -23,6 +24,7 @@ from .format import (
     holds_journal,
     read_checkpoint,
     segment_paths,
+    write_checkpoint,
 )
 from .writer import Journal, StrPath
 
@@ -122,7 +124,7 @@ def recover(
     try:
         unstorable: list[AgentEvent] = []  # the events of sessions no store accepts
         saver = SessionSaver(store, orphans=unstorable.extend, retry_for=retry_for)
-        report, orphans = _replay(directory, segments, saver, config, save_every)
+        report, orphans, last = _replay(directory, segments, saver, config, save_every)
         orphans += unstorable
         report.orphans = len(orphans)
         if report.failed_sessions:
@@ -141,6 +143,9 @@ def recover(
                         len(orphans),
                         directory / ORPHANS_FILE,
                     )
+                    # Everything replayed is now stored: a recovery cut short before the
+                    # segments are gone must not write these orphans a second time.
+                    write_checkpoint(directory, Checkpoint(last + 1, last))
                 for path in segments:
                     path.unlink(missing_ok=True)
                 (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -175,8 +180,9 @@ def _replay(
     saver: SessionSaver,
     config: SessionRecorderConfig | None,
     save_every: int,
-) -> tuple[RecoveryReport, list[AgentEvent]]:
-    """Replay `segments` into a recorder, saving as it goes; the report and the recorder's orphans."""
+) -> tuple[RecoveryReport, list[AgentEvent], int]:
+    """Replay `segments` into a recorder, saving as it goes; the report, the recorder's
+    orphans and the sequence number of the last record read."""
     report = RecoveryReport()
     checkpoint = read_checkpoint(directory)
     reader = SegmentReader(report, stored_below=checkpoint.stored_below)
@@ -212,7 +218,7 @@ def _replay(
                 _save_completed(saver, recorder, report)
     reader.finish()
     _save_completed(saver, recorder, report, flush=True)
-    return report, [orphan.event for orphan in recorder.drain_orphans()]
+    return report, [orphan.event for orphan in recorder.drain_orphans()], reader.last
 
 
 def _save_completed(
