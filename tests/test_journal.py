@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -739,22 +739,6 @@ def test_a_file_system_that_cannot_sync_directories_still_journals(
     store = JsonDirStore(tmp_path / "store")
     assert recover(tmp_path / "j", store).segments_removed == 1
     assert stored(store) == recorded(evs)
-
-
-@pytest.fixture
-def file_size_limit() -> Iterator[Callable[[int | None], None]]:
-    """Sets RLIMIT_FSIZE (None: as it was): the kernel then fails writes past that size
-    (EFBIG), as it does on a full disk (ENOSPC)."""
-    resource = pytest.importorskip("resource")
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
-    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
-
-    def limit(size: int | None) -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, previous if size is None else (size, previous[1]))
-
-    yield limit
-    limit(None)
-    signal.signal(signal.SIGXFSZ, handler)
 
 
 @pytest.mark.parametrize("durability", ["always", "os"])

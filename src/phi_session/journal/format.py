@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import codec
+from .._jsonl import ends_mid_line
 from ..errors import JournalLocked
 from ..events import AgentEvent
 
@@ -235,10 +236,8 @@ def append_orphans(directory: Path, events: Iterable[AgentEvent]) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o644)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        if size:
-            os.lseek(fd, size - 1, os.SEEK_SET)  # O_APPEND still writes at the end
-            if os.read(fd, 1) != b"\n":
-                lines.insert(0, b"\n")
+        if ends_mid_line(fd):  # O_APPEND still writes at the end
+            lines.insert(0, b"\n")
         try:
             write_all(fd, lines)
             os.fsync(fd)
