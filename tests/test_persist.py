@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ from phi_session import (
 )
 from phi_session.codec import encode_event, encode_session
 from phi_session.errors import PhiSessionError, StoreError
-from phi_session.journal import ORPHANS_FILE, Journal, JournaledRecorder
+from phi_session.journal import ORPHANS_FILE, Journal, JournaledRecorder, recover
 from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder, held_bytes
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
@@ -222,6 +223,28 @@ def test_orphans_go_to_the_journal_or_stay_in_the_recorder(tmp_path: Path) -> No
     with AutoPersistingRecorder(JsonDirStore(tmp_path / "b")) as persisting:
         persisting.on_event(stray)
     assert [o.event for o in persisting.recorder.orphans()] == [stray]
+
+
+def test_orphans_written_at_a_checkpoint_are_not_written_again_after_a_crash(tmp_path: Path) -> None:
+    strays = [
+        ProgressMessage(loop_id=f"nobody.p.m.{n}", tool_call_id="c", tool_name="t", text="lost?")
+        for n in range(3)
+    ]
+    with AutoPersistingRecorder(
+        JsonDirStore(tmp_path / "store"), journal=tmp_path / "j", checkpoint_interval=None
+    ) as persisting:
+        persisting.record_all(single_loop_sessions(1))
+        persisting.checkpoint()
+        persisting.wait_saved()
+        persisting.record_all(strays)  # no session to save at the next checkpoint
+        persisting.checkpoint()
+        persisting.wait_saved()
+        assert persisting.journal is not None
+        persisting.journal.sync()
+        shutil.copytree(tmp_path / "j", tmp_path / "crashed")  # the journal as a SIGKILL leaves it
+    recover(tmp_path / "crashed", JsonDirStore(tmp_path / "store"))
+    orphans = (tmp_path / "crashed" / ORPHANS_FILE).read_bytes().splitlines()
+    assert orphans == [encode_event(event) for event in strays]  # once each
 
 
 def test_concurrent_producers(tmp_path: Path) -> None:
