@@ -841,6 +841,19 @@ def test_recovery_leaves_nothing_of_the_journal_behind(tmp_path: Path) -> None:
     assert list((tmp_path / "j").iterdir()) == []  # segments, checkpoint and lock file
 
 
+@pytest.mark.parametrize("ours", [True, False])
+def test_recovery_refuses_segments_of_another_format_version_and_touches_nothing(
+    tmp_path: Path, ours: bool
+) -> None:
+    if ours:
+        write_journal(tmp_path, events(1), durability="os")
+    (tmp_path / "0000000007.wal").write_bytes(MAGIC[:-1] + b"9" + b"records a newer version wrote")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(NotAJournal, match=r"0000000007\.wal begins with PHIJRNL9.*nothing was touched"):
+        recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
 def test_a_journal_whose_segment_was_cut_short_at_creation_is_recognised_by_its_lock_file(
     tmp_path: Path,
 ) -> None:

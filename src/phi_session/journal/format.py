@@ -87,6 +87,17 @@ def holds_journal(directory: Path, paths: Sequence[Path]) -> bool:
     )
 
 
+def other_format(paths: Sequence[Path]) -> tuple[Path, bytes] | None:
+    """The first of `paths` whose header is that of another version of this format (a
+    newer phi-session's), with that header; None if there is none. Read as damage, its
+    records would be skipped, then removed with the segments recovered."""
+    for path in paths:
+        head = _head(path)
+        if head is not None and head != MAGIC and head[:-1] == MAGIC[:-1] and head[-1:].isdigit():
+            return path, head
+    return None
+
+
 def _head(path: Path) -> bytes | None:
     """The first bytes of `path`, as many as `MAGIC` has; None if it cannot be read."""
     try:

@@ -14,6 +14,7 @@ from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SaveTarget, SessionSaver
 from .format import (
     CHECKPOINT_FILE,
+    MAGIC,
     ORPHANS_FILE,
     Checkpoint,
     DirectoryLock,
@@ -22,6 +23,7 @@ from .format import (
     append_orphans,
     fsync_directory,
     holds_journal,
+    other_format,
     read_checkpoint,
     segment_paths,
     write_checkpoint,
@@ -166,6 +168,12 @@ def recover(
 
 
 def _check_ours(directory: Path, segments: list[Path]) -> None:
+    if (other := other_format(segments)) is not None:
+        raise NotAJournal(
+            f"{directory} holds a journal of another format version ({other[0].name} begins with "
+            f"{other[1].decode(errors='replace')}, this version reads {MAGIC.decode()}): recover it "
+            "with the phi-session that wrote it; nothing was touched"
+        )
     if segments and not holds_journal(directory, segments):
         names = ", ".join(path.name for path in segments[:3]) + (", ..." if len(segments) > 3 else "")
         raise NotAJournal(
