@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import itertools
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -176,6 +178,30 @@ def test_a_session_the_store_keeps_refusing_is_kept_and_reported(
     with AutoPersistingRecorder(healthy, journal=tmp_path / "j") as restarted:
         assert restarted.recovery_report is not None
     assert stored(healthy) == recorded(evs)
+
+
+def test_sessions_kept_in_memory_are_reported_when_the_journal_failed_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FlakyStore(tmp_path / "store", refused=frozenset({"s0000002"}))
+    persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", retry_for=0.1)
+    persisting.record_all(single_loop_sessions(4))
+    persisting.checkpoint()
+    persisting.wait_saved()
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    persisting.on_event(ProgressMessage(loop_id="nobody.p.m.1", tool_call_id="c", tool_name="t", text="x"))
+    with pytest.raises(StoreError) as raised:
+        persisting.close()
+    monkeypatch.undo()
+    message = str(raised.value)
+    assert message.startswith("1 sessions could not be saved") and "failed_sessions()" in message
+    assert "the journal failed too" in message and "No space left" in message
+    assert "\n" not in message
+    assert [s.session_id for s in persisting.failed_sessions()] == ["s0000002"]
 
 
 def test_a_journal_left_by_a_crash_is_recovered_on_start(tmp_path: Path) -> None:

@@ -655,15 +655,24 @@ class AutoPersistingRecorder:
                     self._keep_pin(item)
         unsaved = self._saver.retry_unsaved()  # last chance
         self._release_journal()
+        journal_error = None
         if self.journal is not None:
-            self.journal.close()
+            try:
+                self.journal.close()
+            except StoreError as error:  # said below, with the sessions it leaves in memory only
+                journal_error = error
         if unsaved:
             ids = ", ".join(s.session_id for s in self._saver.unsaved[:5])
+            if journal_error is not None:
+                where = f"; the journal failed too: {journal_error}"
+            else:
+                where = f" and in the journal {self.journal.directory}" if self.journal else ""
             raise StoreError(
                 f"{unsaved} sessions could not be saved into {self.store!r} ({ids}); "
-                "they are in failed_sessions()"
-                + (f" and in the journal {self.journal.directory}" if self.journal else "")
-            )
+                f"they are in failed_sessions(){where}"
+            ) from journal_error
+        if journal_error is not None:
+            raise journal_error
         if orphans_error is not None:
             raise orphans_error
 
