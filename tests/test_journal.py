@@ -813,6 +813,31 @@ def test_a_recovery_cut_short_before_its_segments_are_removed_writes_no_orphan_t
     assert sorted(path.name for path in tmp_path.iterdir()) == [ORPHANS_FILE]
 
 
+def test_a_recovery_cut_short_between_two_segment_removals_makes_no_false_orphans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evs = events(2)
+    write_journal(tmp_path / "j", evs, durability="os", segment_bytes=4096)
+    segments = segment_files(tmp_path / "j")
+    assert len(segments) > 2
+    unlink = Path.unlink
+
+    def killed_after_the_first(path: Path, missing_ok: bool = False) -> None:
+        if path.suffix == ".wal" and path != segments[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        unlink(path, missing_ok=missing_ok)
+
+    store = JsonDirStore(tmp_path / "store")
+    monkeypatch.setattr(Path, "unlink", killed_after_the_first)
+    with pytest.raises(StoreError, match="recovering again is safe"):
+        recover(tmp_path / "j", store)
+    monkeypatch.undo()
+    report = recover(tmp_path / "j", store)  # the rest of the loops begun in the removed segment
+    assert (report.orphans, report.records_lost) == (0, 0)
+    assert not (tmp_path / "j" / ORPHANS_FILE).exists()
+    assert stored(store) == recorded(evs)
+
+
 def test_a_journal_without_segments_recovers_to_nothing(tmp_path: Path) -> None:
     assert recover(tmp_path / "missing", JsonDirStore(tmp_path / "s")).events_replayed == 0
 

@@ -126,7 +126,7 @@ def recover(
     try:
         unstorable: list[AgentEvent] = []  # the events of sessions no store accepts
         saver = SessionSaver(store, orphans=unstorable.extend, retry_for=retry_for)
-        report, orphans, last = _replay(directory, segments, saver, config, save_every)
+        report, orphans, replayed = _replay(directory, segments, saver, config, save_every)
         orphans += unstorable
         report.orphans = len(orphans)
         if report.failed_sessions:
@@ -145,9 +145,10 @@ def recover(
                         len(orphans),
                         directory / ORPHANS_FILE,
                     )
-                    # Everything replayed is now stored: a recovery cut short before the
-                    # segments are gone must not write these orphans a second time.
-                    write_checkpoint(directory, Checkpoint(last + 1, last))
+                # Everything replayed is now stored. A recovery cut short while removing the
+                # segments must not replay those left: it would write these orphans a second
+                # time, and take the events of loops begun in a removed segment for orphans.
+                write_checkpoint(directory, replayed)
                 for path in segments:
                     path.unlink(missing_ok=True)
                 (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -188,9 +189,9 @@ def _replay(
     saver: SessionSaver,
     config: SessionRecorderConfig | None,
     save_every: int,
-) -> tuple[RecoveryReport, list[AgentEvent], int]:
+) -> tuple[RecoveryReport, list[AgentEvent], Checkpoint]:
     """Replay `segments` into a recorder, saving as it goes; the report, the recorder's
-    orphans and the sequence number of the last record read."""
+    orphans and the checkpoint that marks every record read as stored."""
     report = RecoveryReport()
     checkpoint = read_checkpoint(directory)
     reader = SegmentReader(report, stored_below=checkpoint.stored_below)
@@ -226,7 +227,10 @@ def _replay(
                 _save_completed(saver, recorder, report)
     reader.finish()
     _save_completed(saver, recorder, report, flush=True)
-    return report, [orphan.event for orphan in recorder.drain_orphans()], reader.last
+    replayed = Checkpoint(
+        max(checkpoint.stored_below, reader.last + 1), max(checkpoint.settled_through, reader.last)
+    )
+    return report, [orphan.event for orphan in recorder.drain_orphans()], replayed
 
 
 def _save_completed(
