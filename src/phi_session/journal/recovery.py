@@ -172,7 +172,7 @@ def _check_ours(directory: Path, segments: list[Path]) -> None:
     if (other := other_format(segments)) is not None:
         raise NotAJournal(
             f"{directory} holds a journal of another format version ({other[0].name} begins with "
-            f"{other[1].decode(errors='replace')}, this version reads {MAGIC.decode()}): recover it "
+            f"{other[1].decode()}, this version reads {MAGIC.decode()}): recover it "
             "with the phi-session that wrote it; nothing was touched"
         )
     if segments and not holds_journal(directory, segments):
