@@ -247,8 +247,11 @@ def _ends_mid_line(path: str | os.PathLike[str], appending: IO[bytes]) -> bool:
     """Whether the regular file at `path`, opened as `appending`, ends inside a line."""
     if not stat.S_ISREG(os.fstat(appending.fileno()).st_mode) or not appending.tell():
         return False  # empty, or a pipe or terminal: nothing to read back
-    with open(path, "rb") as existing:
-        return ends_mid_line(existing.fileno())
+    try:
+        with open(path, "rb") as existing:
+            return ends_mid_line(existing.fileno())
+    except OSError:  # may be appended to, not read (write-only): its last line is taken as whole
+        return False
 
 
 def as_sink(target: SinkLike) -> Sink:
