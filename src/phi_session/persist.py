@@ -512,12 +512,12 @@ class AutoPersistingRecorder:
                 # Saved together, in one transaction where the store can: the queue's head,
                 # left in the queue (unsaved, for `wait_saved` and the journal) until saved.
                 batch = list(itertools.islice(self._queue, _SAVE_BATCH))
-                # Orphans were written: the journal is told so even with nothing to save.
-                settle = self._releasing = not batch and self._settle_due
+                # Orphans were written: the journal is told so at once, before any save.
+                settle = self._releasing = self._settle_due
+            if settle:
+                self._released()
             if not batch:
-                if settle:
-                    self._released()
-                else:
+                if not settle:
                     self._idle_checkpoint()
                 continue
             started = time.thread_time()
