@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "spec" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def file_size_limit() -> Iterator[Callable[[int | None], None]]:
+    """Sets RLIMIT_FSIZE (None: as it was): the kernel then fails writes past that size
+    (EFBIG), as it does on a full disk (ENOSPC)."""
+    resource = pytest.importorskip("resource")
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(size: int | None) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous if size is None else (size, previous[1]))
+
+    yield limit
+    limit(None)
+    signal.signal(signal.SIGXFSZ, handler)

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -741,22 +741,6 @@ def test_a_file_system_that_cannot_sync_directories_still_journals(
     assert stored(store) == recorded(evs)
 
 
-@pytest.fixture
-def file_size_limit() -> Iterator[Callable[[int | None], None]]:
-    """Sets RLIMIT_FSIZE (None: as it was): the kernel then fails writes past that size
-    (EFBIG), as it does on a full disk (ENOSPC)."""
-    resource = pytest.importorskip("resource")
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
-    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
-
-    def limit(size: int | None) -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, previous if size is None else (size, previous[1]))
-
-    yield limit
-    limit(None)
-    signal.signal(signal.SIGXFSZ, handler)
-
-
 @pytest.mark.parametrize("durability", ["always", "os"])
 def test_a_file_size_limit_hit_by_the_kernel_leaves_the_journal_recoverable(
     tmp_path: Path, file_size_limit: Callable[[int | None], None], durability: str
@@ -806,6 +790,54 @@ def test_orphans_appended_after_a_line_torn_by_a_crash_stay_whole(tmp_path: Path
     assert lines == [torn, *(encode_event(event) for event in strays)]
 
 
+def test_a_recovery_cut_short_before_its_segments_are_removed_writes_no_orphan_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    strays = stray_deltas(3)
+    write_journal(tmp_path, strays, durability="os")
+    unlink = Path.unlink
+
+    def segments_stay(path: Path, missing_ok: bool = False) -> None:
+        if path.suffix == ".wal":  # as if killed once the orphans were written
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", segments_stay)
+    with pytest.raises(StoreError, match="recovering again is safe"):
+        recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    monkeypatch.undo()
+    report = recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    assert (report.orphans, report.segments_removed) == (0, 1)
+    lines = (tmp_path / ORPHANS_FILE).read_bytes().splitlines()
+    assert lines == [encode_event(event) for event in strays]  # once each
+    assert sorted(path.name for path in tmp_path.iterdir()) == [ORPHANS_FILE]
+
+
+def test_a_recovery_cut_short_between_two_segment_removals_makes_no_false_orphans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evs = events(2)
+    write_journal(tmp_path / "j", evs, durability="os", segment_bytes=4096)
+    segments = segment_files(tmp_path / "j")
+    assert len(segments) > 2
+    unlink = Path.unlink
+
+    def killed_after_the_first(path: Path, missing_ok: bool = False) -> None:
+        if path.suffix == ".wal" and path != segments[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        unlink(path, missing_ok=missing_ok)
+
+    store = JsonDirStore(tmp_path / "store")
+    monkeypatch.setattr(Path, "unlink", killed_after_the_first)
+    with pytest.raises(StoreError, match="recovering again is safe"):
+        recover(tmp_path / "j", store)
+    monkeypatch.undo()
+    report = recover(tmp_path / "j", store)  # the rest of the loops begun in the removed segment
+    assert (report.orphans, report.records_lost) == (0, 0)
+    assert not (tmp_path / "j" / ORPHANS_FILE).exists()
+    assert stored(store) == recorded(evs)
+
+
 def test_a_journal_without_segments_recovers_to_nothing(tmp_path: Path) -> None:
     assert recover(tmp_path / "missing", JsonDirStore(tmp_path / "s")).events_replayed == 0
 
@@ -832,6 +864,19 @@ def test_recovery_leaves_nothing_of_the_journal_behind(tmp_path: Path) -> None:
     write_journal(tmp_path / "j", events(1), durability="os")
     assert recover(tmp_path / "j", JsonDirStore(tmp_path / "store")).sessions_saved == 1
     assert list((tmp_path / "j").iterdir()) == []  # segments, checkpoint and lock file
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_recovery_refuses_segments_of_another_format_version_and_touches_nothing(
+    tmp_path: Path, ours: bool
+) -> None:
+    if ours:
+        write_journal(tmp_path, events(1), durability="os")
+    (tmp_path / "0000000007.wal").write_bytes(MAGIC[:-1] + b"9" + b"records a newer version wrote")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(NotAJournal, match=r"0000000007\.wal begins with PHIJRNL9.*nothing was touched"):
+        recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
 def test_a_journal_whose_segment_was_cut_short_at_creation_is_recognised_by_its_lock_file(

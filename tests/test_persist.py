@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import itertools
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,7 +32,7 @@ from phi_session import (
 )
 from phi_session.codec import encode_event, encode_session
 from phi_session.errors import PhiSessionError, StoreError
-from phi_session.journal import ORPHANS_FILE, Journal, JournaledRecorder
+from phi_session.journal import ORPHANS_FILE, Journal, JournaledRecorder, recover
 from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder, held_bytes
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
@@ -177,6 +180,30 @@ def test_a_session_the_store_keeps_refusing_is_kept_and_reported(
     assert stored(healthy) == recorded(evs)
 
 
+def test_sessions_kept_in_memory_are_reported_when_the_journal_failed_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FlakyStore(tmp_path / "store", refused=frozenset({"s0000002"}))
+    persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", retry_for=0.1)
+    persisting.record_all(single_loop_sessions(4))
+    persisting.checkpoint()
+    persisting.wait_saved()
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    persisting.on_event(ProgressMessage(loop_id="nobody.p.m.1", tool_call_id="c", tool_name="t", text="x"))
+    with pytest.raises(StoreError) as raised:
+        persisting.close()
+    monkeypatch.undo()
+    message = str(raised.value)
+    assert message.startswith("1 sessions could not be saved") and "failed_sessions()" in message
+    assert "the journal failed too" in message and "No space left" in message
+    assert "\n" not in message
+    assert [s.session_id for s in persisting.failed_sessions()] == ["s0000002"]
+
+
 def test_a_journal_left_by_a_crash_is_recovered_on_start(tmp_path: Path) -> None:
     evs = single_loop_sessions(6)
     with Journal(tmp_path / "j", durability="os") as journal:  # a run that never saved anything
@@ -222,6 +249,28 @@ def test_orphans_go_to_the_journal_or_stay_in_the_recorder(tmp_path: Path) -> No
     with AutoPersistingRecorder(JsonDirStore(tmp_path / "b")) as persisting:
         persisting.on_event(stray)
     assert [o.event for o in persisting.recorder.orphans()] == [stray]
+
+
+def test_orphans_written_at_a_checkpoint_are_not_written_again_after_a_crash(tmp_path: Path) -> None:
+    strays = [
+        ProgressMessage(loop_id=f"nobody.p.m.{n}", tool_call_id="c", tool_name="t", text="lost?")
+        for n in range(3)
+    ]
+    with AutoPersistingRecorder(
+        JsonDirStore(tmp_path / "store"), journal=tmp_path / "j", checkpoint_interval=None
+    ) as persisting:
+        persisting.record_all(single_loop_sessions(1))
+        persisting.checkpoint()
+        persisting.wait_saved()
+        persisting.record_all(strays)  # no session to save at the next checkpoint
+        persisting.checkpoint()
+        persisting.wait_saved()
+        assert persisting.journal is not None
+        persisting.journal.sync()
+        shutil.copytree(tmp_path / "j", tmp_path / "crashed")  # the journal as a SIGKILL leaves it
+    recover(tmp_path / "crashed", JsonDirStore(tmp_path / "store"))
+    orphans = (tmp_path / "crashed" / ORPHANS_FILE).read_bytes().splitlines()
+    assert orphans == [encode_event(event) for event in strays]  # once each
 
 
 def test_concurrent_producers(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 import phi_session as ps
 from phi_session._failures import FailureTally
+from phi_session.codec import encode_event
 from phi_session.identity import AgentSession, FakeClock
 from phi_session.instrument import Tracer
 from phi_session.recorder import SessionRecorder
@@ -143,6 +145,34 @@ def test_jsonl_sink_appends(tmp_path: Path) -> None:
         with JsonlSink(path) as sink:
             sink(event)
     assert len(path.read_bytes().splitlines()) == 2
+
+
+def test_jsonl_sink_ends_a_line_torn_by_a_crash_before_appending(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    torn = b'{"type":"InputRejected","loop_id":"l"'  # an earlier run killed mid-line
+    path.write_bytes(torn)
+    event = ps.InputRejected(loop_id="l", reason="r")
+    with JsonlSink(path) as sink:
+        sink(event)
+    assert path.read_bytes().splitlines() == [torn, encode_event(event)]
+
+
+def test_jsonl_sink_keeps_the_events_after_a_write_a_full_disk_cut_short(
+    tmp_path: Path, file_size_limit: Callable[[int | None], None]
+) -> None:
+    path = tmp_path / "e.jsonl"
+    big = [ps.InputRejected(loop_id=f"big{n}", reason="r" * 20_000) for n in range(2)]
+    after = ps.InputRejected(loop_id="after", reason="disk freed")
+    with JsonlSink(path) as sink:
+        sink(big[0])
+        file_size_limit(30_000)  # the second line is cut short
+        with pytest.raises(OSError):
+            sink(big[1])
+        file_size_limit(None)
+        sink(after)
+    lines = path.read_bytes().splitlines()
+    assert lines[0] == encode_event(big[0])
+    assert lines[-1] == encode_event(after)  # not glued to the torn line
 
 
 def test_queue_sink_in_the_loop_and_from_other_threads() -> None:

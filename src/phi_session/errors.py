@@ -85,7 +85,8 @@ class JournalLocked(SessionLocked):
 
 class NotAJournal(PhiSessionError, ValueError):
     """A directory given as a journal holds files named like segments, none of which is
-    a journal segment; nothing in it was touched."""
+    a journal segment, or segments of another version of the journal format (a newer
+    phi-session's); nothing in it was touched."""
 
 
 class MissingExtra(PhiSessionError, ImportError):

@@ -219,7 +219,7 @@ class AutoPersistingRecorder:
         self._mutex = threading.Lock()
         self._lock = threading.Condition(self._mutex)
         # _cond: the writer's side: _queue, _queued_bytes, _waiting, _unsaved_pins, _stopping, _releasing,
-        # _backpressure_waits, _blocked_seconds, _last_warning.
+        # _settle_due, _backpressure_waits, _blocked_seconds, _last_warning.
         self._cond = threading.Condition(threading.Lock())
         self._closed = False  # no more events
         self._sealed = False  # `close` has drained the recorder for the last time
@@ -239,6 +239,7 @@ class AutoPersistingRecorder:
         self._unsaved_pins: dict[str, int] = {}  # sessions the saver gave up -> their pins
         self._stopping = False
         self._releasing = False  # the writer is telling the journal what it saved
+        self._settle_due = False  # orphans were written since the journal was last told
         self._backpressure_waits = 0
         self._blocked_seconds = 0.0
         self._writer_seconds = 0.0  # CPU time the writer thread spent saving
@@ -421,6 +422,11 @@ class AutoPersistingRecorder:
             written = journal.write_orphans(o.event for o in self._unwritten_orphans)
             self._counters["orphans_written"] += written
             self._unwritten_orphans.clear()
+            with self._cond:
+                # The checkpoint file must say so soon, even with no session to save: a
+                # recovery would otherwise replay these events and write them again.
+                self._settle_due = True
+                self._cond.notify_all()
         self._settled_through = settled
 
     def _admit(self) -> None:
@@ -449,7 +455,9 @@ class AutoPersistingRecorder:
         knows it (`Journal.release`); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while (self._queue or self._waiting or self._releasing) and self._writer.is_alive():
+            while (
+                self._queue or self._waiting or self._releasing or self._settle_due
+            ) and self._writer.is_alive():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -496,16 +504,21 @@ class AutoPersistingRecorder:
         last_release = time.monotonic()
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._stopping and not self._settle_due:
                     if not self._cond.wait(self.checkpoint_interval):
                         break  # idle for a whole interval: checkpoint below
                 if not self._queue and self._stopping:
                     return
-                    # Saved together, in one transaction where the store can: the queue's head,
+                # Saved together, in one transaction where the store can: the queue's head,
                 # left in the queue (unsaved, for `wait_saved` and the journal) until saved.
                 batch = list(itertools.islice(self._queue, _SAVE_BATCH))
+                # Orphans were written: the journal is told so at once, before any save.
+                settle = self._releasing = self._settle_due
+            if settle:
+                self._released()
             if not batch:
-                self._idle_checkpoint()
+                if not settle:
+                    self._idle_checkpoint()
                 continue
             started = time.thread_time()
             outcomes = self._saver.save_many([item.session for item in batch])
@@ -517,14 +530,20 @@ class AutoPersistingRecorder:
                     if outcome.unsaved:
                         self._keep_pin(item)
                 # Releasing costs a checkpoint-file fsync: when caught up, or now and then under load.
-                self._releasing = not self._queue or time.monotonic() - last_release >= _RELEASE_EVERY
+                self._releasing = (
+                    self._settle_due or not self._queue or time.monotonic() - last_release >= _RELEASE_EVERY
+                )
                 self._admit()
             if self._releasing:
-                self._release_journal()
+                self._released()
                 last_release = time.monotonic()
-                with self._cond:
-                    self._releasing = False
-                    self._cond.notify_all()
+
+    def _released(self) -> None:
+        """The writer tells the journal what is stored and settled; `wait_saved` waits for it."""
+        self._release_journal()
+        with self._cond:
+            self._releasing = False
+            self._cond.notify_all()
 
     def _keep_pin(self, item: _Pending) -> None:
         """The saver kept `item` unsaved: its journal records must stay (under `_cond`)."""
@@ -548,6 +567,7 @@ class AutoPersistingRecorder:
         unsaved_ids = {session.session_id for session in self._saver.unsaved}
         with self._lock:
             with self._cond:
+                self._settle_due = False  # `settled` is read below, under the same lock
                 unsaved = [p.pin for p in (*self._queue, *self._waiting) if p.pin is not None]
                 unsaved += [pin for sid, pin in self._unsaved_pins.items() if sid in unsaved_ids]
             settled = self._settled_through
@@ -635,15 +655,24 @@ class AutoPersistingRecorder:
                     self._keep_pin(item)
         unsaved = self._saver.retry_unsaved()  # last chance
         self._release_journal()
+        journal_error = None
         if self.journal is not None:
-            self.journal.close()
+            try:
+                self.journal.close()
+            except StoreError as error:  # said below, with the sessions it leaves in memory only
+                journal_error = error
         if unsaved:
             ids = ", ".join(s.session_id for s in self._saver.unsaved[:5])
+            if journal_error is not None:
+                where = f"; the journal failed too: {journal_error}"
+            else:
+                where = f" and in the journal {self.journal.directory}" if self.journal else ""
             raise StoreError(
                 f"{unsaved} sessions could not be saved into {self.store!r} ({ids}); "
-                "they are in failed_sessions()"
-                + (f" and in the journal {self.journal.directory}" if self.journal else "")
-            )
+                f"they are in failed_sessions(){where}"
+            ) from journal_error
+        if journal_error is not None:
+            raise journal_error
         if orphans_error is not None:
             raise orphans_error
 

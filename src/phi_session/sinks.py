@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from typing import IO, Any, Protocol, Union, runtime_checkable
 
 from ._failures import FailureTally
+from ._jsonl import ends_mid_line
 from .codec import encode_event
 from .events import AgentEvent
 from .recorder import SessionRecorder
@@ -193,15 +195,21 @@ class JsonlSink:
     One compact event per line, ``\\n``-terminated, flushed per line (and fsynced
     with ``fsync=True``). Given a path, the file is opened for appending and
     closed by `close()`; given a binary file object, it is written but left open.
-    Thread-safe: lines are never interleaved.
+    Thread-safe: lines are never interleaved. A last line torn by a crash or by a
+    failed write (a full disk) is ended before the next is appended, so no event is
+    glued to it and lost with it.
     """
 
     wants_deltas = True
 
     def __init__(self, target: str | os.PathLike[str] | IO[bytes], *, fsync: bool = False) -> None:
+        # Whether the file ends inside a line (torn by a crash, or by a write that failed
+        # here): the next line starts with a newline, or it would be glued to the torn one.
+        self._torn = False
         if isinstance(target, (str, os.PathLike)):
             self.file: IO[bytes] = open(target, "ab")  # owned: closed by close()
             self._owned = True
+            self._torn = _ends_mid_line(target, self.file)
         else:
             self.file = target
             self._owned = False
@@ -211,8 +219,12 @@ class JsonlSink:
     def __call__(self, event: AgentEvent) -> None:
         line = encode_event(event) + b"\n"
         with self._lock:
+            if self._torn:
+                line = b"\n" + line  # a blank line if the torn one was completed after all
+            self._torn = True  # until the whole line is written
             self.file.write(line)
             self.file.flush()
+            self._torn = False
             if self.fsync:
                 os.fsync(self.file.fileno())
 
@@ -229,6 +241,17 @@ class JsonlSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ends_mid_line(path: str | os.PathLike[str], appending: IO[bytes]) -> bool:
+    """Whether the regular file at `path`, opened as `appending`, ends inside a line."""
+    if not stat.S_ISREG(os.fstat(appending.fileno()).st_mode) or not appending.tell():
+        return False  # empty, or a pipe or terminal: nothing to read back
+    try:
+        with open(path, "rb") as existing:
+            return ends_mid_line(existing.fileno())
+    except OSError:  # may be appended to, not read (write-only): its last line is taken as whole
+        return False
 
 
 def as_sink(target: SinkLike) -> Sink:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import codec
+from .._jsonl import ends_mid_line
 from ..errors import JournalLocked
 from ..events import AgentEvent
 
@@ -84,6 +85,17 @@ def holds_journal(directory: Path, paths: Sequence[Path]) -> bool:
     return (directory / LOCK_FILE).is_file() and all(
         head is not None and MAGIC.startswith(head) for head in heads
     )
+
+
+def other_format(paths: Sequence[Path]) -> tuple[Path, bytes] | None:
+    """The first of `paths` whose header is that of another version of this format (a
+    newer phi-session's), with that header; None if there is none. Read as damage, its
+    records would be skipped, then removed with the segments recovered."""
+    for path in paths:
+        head = _head(path)
+        if head is not None and head != MAGIC and head[:-1] == MAGIC[:-1] and head[-1:].isdigit():
+            return path, head
+    return None
 
 
 def _head(path: Path) -> bytes | None:
@@ -235,10 +247,8 @@ def append_orphans(directory: Path, events: Iterable[AgentEvent]) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o644)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        if size:
-            os.lseek(fd, size - 1, os.SEEK_SET)  # O_APPEND still writes at the end
-            if os.read(fd, 1) != b"\n":
-                lines.insert(0, b"\n")
+        if ends_mid_line(fd):  # O_APPEND still writes at the end
+            lines.insert(0, b"\n")
         try:
             write_all(fd, lines)
             os.fsync(fd)

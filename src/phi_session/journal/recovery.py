@@ -14,15 +14,19 @@ from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SaveTarget, SessionSaver
 from .format import (
     CHECKPOINT_FILE,
+    MAGIC,
     ORPHANS_FILE,
+    Checkpoint,
     DirectoryLock,
     SegmentDamage,
     SegmentReader,
     append_orphans,
     fsync_directory,
     holds_journal,
+    other_format,
     read_checkpoint,
     segment_paths,
+    write_checkpoint,
 )
 from .writer import Journal, StrPath
 
@@ -122,7 +126,7 @@ def recover(
     try:
         unstorable: list[AgentEvent] = []  # the events of sessions no store accepts
         saver = SessionSaver(store, orphans=unstorable.extend, retry_for=retry_for)
-        report, orphans = _replay(directory, segments, saver, config, save_every)
+        report, orphans, replayed = _replay(directory, segments, saver, config, save_every)
         orphans += unstorable
         report.orphans = len(orphans)
         if report.failed_sessions:
@@ -141,6 +145,10 @@ def recover(
                         len(orphans),
                         directory / ORPHANS_FILE,
                     )
+                # Everything replayed is now stored. A recovery cut short while removing the
+                # segments must not replay those left: it would write these orphans a second
+                # time, and take the events of loops begun in a removed segment for orphans.
+                write_checkpoint(directory, replayed)
                 for path in segments:
                     path.unlink(missing_ok=True)
                 (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -161,6 +169,12 @@ def recover(
 
 
 def _check_ours(directory: Path, segments: list[Path]) -> None:
+    if (other := other_format(segments)) is not None:
+        raise NotAJournal(
+            f"{directory} holds a journal of another format version ({other[0].name} begins with "
+            f"{other[1].decode()}, this version reads {MAGIC.decode()}): recover it "
+            "with the phi-session that wrote it; nothing was touched"
+        )
     if segments and not holds_journal(directory, segments):
         names = ", ".join(path.name for path in segments[:3]) + (", ..." if len(segments) > 3 else "")
         raise NotAJournal(
@@ -175,8 +189,9 @@ def _replay(
     saver: SessionSaver,
     config: SessionRecorderConfig | None,
     save_every: int,
-) -> tuple[RecoveryReport, list[AgentEvent]]:
-    """Replay `segments` into a recorder, saving as it goes; the report and the recorder's orphans."""
+) -> tuple[RecoveryReport, list[AgentEvent], Checkpoint]:
+    """Replay `segments` into a recorder, saving as it goes; the report, the recorder's
+    orphans and the checkpoint that marks every record read as stored."""
     report = RecoveryReport()
     checkpoint = read_checkpoint(directory)
     reader = SegmentReader(report, stored_below=checkpoint.stored_below)
@@ -212,7 +227,10 @@ def _replay(
                 _save_completed(saver, recorder, report)
     reader.finish()
     _save_completed(saver, recorder, report, flush=True)
-    return report, [orphan.event for orphan in recorder.drain_orphans()]
+    replayed = Checkpoint(
+        max(checkpoint.stored_below, reader.last + 1), max(checkpoint.settled_through, reader.last)
+    )
+    return report, [orphan.event for orphan in recorder.drain_orphans()], replayed
 
 
 def _save_completed(
