@@ -55,7 +55,7 @@ class ConsumeStats:
     """Items taken from the queue (events and JSON lines), `decode_errors` included."""
     decode_errors: int = 0
     """Items that were not valid phi-core events: undecodable JSON lines and queue items
-    that are neither events nor lines (each logged and skipped)."""
+    that are neither events nor lines (each logged, skipped and handed to `rejected`)."""
     rejected_kept: int = 0
     """Of those, the items the `rejected` sink took (one it raised for is logged as lost)."""
     saved: int = 0
