@@ -225,6 +225,72 @@ def test_record_reports_orphans_written_only_after_the_write(
     assert json.loads(result.stdout)["totals"]["orphan_events"] == 1
 
 
+# Lines record cannot record, as read: malformed JSON (a CRLF end), an unknown event type,
+# invalid UTF-8, and a last line without its end.
+REJECTED_LINES = [b"{not json\r\n", b'{"type":"NoSuchEvent","loop_id":"x"}\n', b"\xff\xfe bad\n", b"[1"]
+
+
+def stream_with_rejected_lines(path: Path) -> Path:
+    """The example stream, `REJECTED_LINES` among its lines."""
+    lines = [line.encode() + b"\n" for line in example_lines()]
+    for index, rejected in zip((0, 3, 7), REJECTED_LINES, strict=False):
+        lines.insert(index, rejected)
+    path.write_bytes(b"".join(lines) + REJECTED_LINES[-1])
+    return path
+
+
+def test_record_keeps_every_line_it_cannot_record_in_the_rejected_file(tmp_path: Path) -> None:
+    """They were reported by number and skipped, kept nowhere: from stdin, lost."""
+    stream = stream_with_rejected_lines(tmp_path / "in.jsonl")
+    kept = tmp_path / "rejected.jsonl"
+    result = run("record", "-", "--dir", tmp_path / "out", "--rejected", kept, input=stream.read_bytes())
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert kept.read_bytes() == b"".join(REJECTED_LINES)
+    assert f"4 malformed lines skipped, 4 lines kept in {kept}" in result.stdout
+    assert sorted(JsonDirStore(tmp_path / "out").list_ids()) == sorted(EXAMPLE_IDS)
+    as_json = run("record", stream, "--dir", tmp_path / "out", "--rejected", kept, "--json")
+    assert json.loads(as_json.stdout)["totals"]["malformed_lines_kept"] == 4
+
+
+def test_record_without_a_rejected_file_says_the_skipped_lines_are_not_kept(tmp_path: Path) -> None:
+    stream = stream_with_rejected_lines(tmp_path / "in.jsonl")
+    result = run("record", stream, "--dir", tmp_path / "out")
+    assert result.exit_code == EXIT_OK
+    assert "4 malformed lines skipped, not kept (--rejected FILE keeps them)" in result.stdout
+    clean = run("record", EXAMPLE_STREAM, "--dir", tmp_path / "out", "--rejected", tmp_path / "r.jsonl")
+    assert "; 0 malformed lines skipped\n" in clean.stdout and (tmp_path / "r.jsonl").read_bytes() == b""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_record_fails_when_the_rejected_lines_cannot_be_written(tmp_path: Path) -> None:
+    stream = stream_with_rejected_lines(tmp_path / "in.jsonl")
+    result = run("record", stream, "--dir", tmp_path / "out", "--rejected", "/dev/full", "--json")
+    assert result.exit_code == EXIT_FAILURE
+    assert json.loads(result.stdout)["totals"]["malformed_lines_kept"] == 0
+    text = run("record", stream, "--dir", tmp_path / "out", "--rejected", "/dev/full")
+    assert "4 malformed lines skipped, NOT kept in /dev/full: No space left on device" in text.stdout
+
+
+@pytest.mark.parametrize("target", ["input", "store", "orphans", "missing-dir"])
+def test_record_rejected_file_is_never_the_input_the_store_nor_the_orphans_file(
+    tmp_path: Path, target: str
+) -> None:
+    stream = tmp_path / "in.jsonl"
+    shutil.copy(EXAMPLE_STREAM, stream)
+    assert run("record", stream, "--store", "kept.db").exit_code == EXIT_OK
+    path = {
+        "input": stream,
+        "store": tmp_path / "kept.db",
+        "orphans": tmp_path / "o.jsonl",
+        "missing-dir": tmp_path / "no-such-dir" / "r.jsonl",
+    }[target]
+    orphans = ["--orphans", tmp_path / "o.jsonl"] if target == "orphans" else []
+    before = files_under(tmp_path)
+    result = run("record", stream, "--store", "kept.db", *orphans, "--rejected", path)
+    assert_one_line_error(result, EXIT_USAGE, "--rejected", str(path))
+    assert files_under(tmp_path) == before
+
+
 def test_record_ctrl_c_during_a_mid_stream_save_keeps_every_drained_session(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1234,6 +1300,20 @@ def test_list_model_column_is_cut_not_wrapped(store_dir: Path, tmp_path: Path) -
 
 
 # -- record --to --------------------------------------------------------------------------------
+
+
+def test_record_to_a_broker_keeps_the_lines_it_cannot_publish_in_the_rejected_file(tmp_path: Path) -> None:
+    pytest.importorskip("nats", reason="the nats extra is not installed")
+    stream = stream_with_rejected_lines(tmp_path / "in.jsonl")
+    server = PrivateServer(tmp_path / "jetstream")
+    server.start()
+    try:
+        result = run("record", stream, "--to", server.url, "--rejected", tmp_path / "r.jsonl")
+    finally:
+        server.stop()
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert (tmp_path / "r.jsonl").read_bytes() == b"".join(REJECTED_LINES)
+    assert f"4 malformed lines skipped, 4 lines kept in {tmp_path / 'r.jsonl'})" in result.stdout
 
 
 def test_record_to_a_broker_fails_when_events_were_set_aside(tmp_path: Path) -> None:

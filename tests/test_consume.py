@@ -126,6 +126,43 @@ def test_json_lines_from_an_async_iterable_with_a_bad_line() -> None:
     assert [ps.encode(s) for s in memory.sessions.values()] == reference()
 
 
+def test_items_it_cannot_record_go_to_the_rejected_sink_as_taken() -> None:
+    """They were logged, counted and dropped: nothing held them."""
+    events: list[ps.AgentEvent] = []
+    agent_work(
+        Tracer(
+            AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[events.append], config=SNAP
+        ),
+        loops=1,
+    )
+    stray = {"type": "x"}  # neither an event nor a JSON line
+    bad: list[object] = [b"{not json", '{"type": "Nope"}', b"\xff\xfe not utf-8", stray]
+    items: list[object] = [*bad[:2], *map(ps.encode, events), *bad[2:]]
+    kept: list[object] = []
+    memory = MemoryStore()
+
+    async def source() -> AsyncIterator[Any]:
+        for item in items:
+            yield item
+
+    stats = asyncio.run(consume(source(), store(memory), rejected=kept.append))
+    assert kept == bad and kept[3] is stray
+    assert stats.decode_errors == stats.rejected_kept == 4
+    assert [ps.encode(s) for s in memory.sessions.values()] == reference(loops=1)
+
+
+def test_a_rejected_sink_that_raises_is_logged_and_the_run_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(item: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    async def source() -> AsyncIterator[bytes]:
+        yield b"{not json"
+
+    stats = asyncio.run(consume(source(), store(MemoryStore()), rejected=broken))
+    assert stats.decode_errors == 1 and stats.rejected_kept == 0
+    assert "LOST a skipped item" in caplog.text and "No space left" in caplog.text
+
+
 def test_periodic_checkpoints_save_finished_sessions_while_running() -> None:
     memory = MemoryStore()
 

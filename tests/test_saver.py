@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -223,6 +225,31 @@ def test_a_bug_in_the_store_is_not_retried_and_the_session_is_kept(clock: FakeTi
     assert saver.take_unsaved() == [session] and saver.unsaved == []
 
 
+def test_an_unusable_stored_session_gets_one_attempt_and_one_error_line(
+    clock: FakeTime, caplog: pytest.LogCaptureFixture
+) -> None:
+    unusable = ps.StoredSessionUnusable("stored session 's' is corrupt")
+    memory = MemoryStore(failing(1, unusable))
+    saver = saver_for(memory, retry_for=10)
+    first, second = sessions(2)
+    outcome = saver.save(first)
+    assert outcome.unsaved and outcome.error is unusable
+    assert memory.attempts == 1 and clock.pauses == []
+    assert saver.unsaved == [first] and saver.stats().retried == 0
+    assert [record.getMessage() for record in caplog.records] == [
+        f"session {first.session_id} cannot be saved into {memory!r}, keeping it unsaved: {unusable}"
+    ]
+    memory.trouble = failing(2, ps.StoreError("a blip"))
+    assert saver.save(second).saved  # the store is not taken to be down: still retried
+
+
+def test_an_unusable_stored_session_gets_one_attempt_through_asave_too(clock: FakeTime) -> None:
+    memory = MemoryStore(failing(1, ps.StoredSessionUnusable("stored session 's' is corrupt")))
+    [session] = sessions(1)
+    assert asyncio.run(saver_for(memory).asave(session)).unsaved
+    assert memory.attempts == 1
+
+
 def test_drain_checkpoints_saves_and_returns_what_was_saved() -> None:
     memory = MemoryStore()
     saver = saver_for(memory)
@@ -400,6 +427,26 @@ def test_import_retries_a_busy_store_and_reports_what_it_could_not_save(
     assert [row["session_id"] for row in report["imported"]] == [good.session_id]
     [error] = report["errors"]
     assert f"session {other.session_id} not saved" in error["error"] and "another writer" in error["error"]
+
+
+@pytest.mark.parametrize("store", ["dir", "sqlite"])
+def test_import_over_an_unusable_stored_session_fails_at_once(
+    tmp_path: Path, clock: FakeTime, store: str
+) -> None:
+    [session] = sessions(1)
+    source = tmp_path / "session.json"
+    source.write_bytes(ps.encode(session))
+    url = f"{tmp_path / 'out'}/" if store == "dir" else str(tmp_path / "out.db")
+    assert CliRunner().invoke(main, ["import", str(source), "--store", url]).exit_code == 0
+    if store == "dir":
+        JsonDirStore(tmp_path / "out").path_for(session.session_id).write_bytes(b"garbage")
+    else:
+        with contextlib.closing(sqlite3.connect(tmp_path / "out.db")) as db, db:
+            db.execute("UPDATE loops SET record = x'7b7b'")
+    result = CliRunner().invoke(main, ["import", str(source), "--store", url])
+    assert result.exit_code == 1
+    assert clock.pauses == [] and "retrying" not in result.stderr
+    assert "is corrupt" in result.stderr or "corrupt session file" in result.stderr
 
 
 def test_recovery_retries_a_busy_store_instead_of_failing(tmp_path: Path, clock: FakeTime) -> None:

@@ -26,7 +26,7 @@ import pytest
 from phi_session import Timestamp, Usage
 from phi_session.codec import decode_session, encode_session
 from phi_session.cost import Pricer, prices_available
-from phi_session.errors import SessionLocked, StoreError
+from phi_session.errors import SessionLocked, StoredSessionUnusable, StoreError
 from phi_session.model import Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import postgres
@@ -487,6 +487,9 @@ def test_corrupt_rows_raise_store_error_and_are_skipped_in_listings(
     with caplog.at_level(logging.WARNING):
         assert [s.session_id for s in store.list_for_agent("agent")] == ["good"]
     assert "'bad' is corrupt" in caplog.text
+    # Never overwritten by a merge, which fails so until it is deleted: not worth a retry.
+    with pytest.raises(StoredSessionUnusable, match="'bad' is corrupt"):
+        store.save(make_session("bad", loops=[make_loop("bad", 2)]))
 
 
 # -- Errors and lifecycle -------------------------------------------------------------------

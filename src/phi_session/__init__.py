@@ -28,6 +28,7 @@ from .errors import (
     PhiSessionError,
     SessionLocked,
     SessionNotFound,
+    StoredSessionUnusable,
     StoreError,
 )
 from .events import (
@@ -221,6 +222,7 @@ __all__ = [
     "SpawnRef",
     "SqliteStore",
     "StoreError",
+    "StoredSessionUnusable",
     "StreamDelta",
     "TextContent",
     "ThinkingContent",

@@ -13,6 +13,10 @@ runs another loop in that session later, it is recorded as a new part of the sam
 session id, and the store merges the parts (loops are matched by ``loop_id``).
 Set `checkpoint_interval` above the agent's think time to keep sessions whole in
 memory, or to None to save only at shutdown.
+
+An item it cannot record (a line that is not phi-core JSON or of an unknown event
+type, an object that is no event) is logged, counted and skipped; pass `rejected`
+to keep it: it is called with the item exactly as taken from the source.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -31,13 +35,16 @@ from .recorder import OrphanEvent, SessionRecorder
 from .saver import SessionSaver
 from .stores.base import SessionStore
 
-__all__ = ["ConsumeStats", "Source", "consume"]
+__all__ = ["ConsumeStats", "RejectedSink", "Source", "consume"]
 
 logger = logging.getLogger("phi_session.consume")
 
 Item = Union[AgentEvent, bytes, str, None]
 Source = Union["asyncio.Queue[Item]", AsyncIterable[Item]]
 """A queue (None ends the stream) or an async iterable of events or JSON lines."""
+
+RejectedSink = Callable[[object], object]
+"""Takes an item `consume` could not record, as taken from the source, and keeps it (or raises)."""
 
 
 @dataclass
@@ -48,7 +55,9 @@ class ConsumeStats:
     """Items taken from the queue (events and JSON lines), `decode_errors` included."""
     decode_errors: int = 0
     """Items that were not valid phi-core events: undecodable JSON lines and queue items
-    that are neither events nor lines (each logged and skipped)."""
+    that are neither events nor lines (each logged, skipped and handed to `rejected`)."""
+    rejected_kept: int = 0
+    """Of those, the items the `rejected` sink took (one it raised for is logged as lost)."""
     saved: int = 0
     """Successful session saves (a session saved at two checkpoints counts twice)."""
     checkpoints: int = 0
@@ -59,9 +68,10 @@ class ConsumeStats:
 
 
 class _Consumer:
-    def __init__(self, saver: SessionSaver, recorder: SessionRecorder) -> None:
+    def __init__(self, saver: SessionSaver, recorder: SessionRecorder, rejected: RejectedSink | None) -> None:
         self.saver = saver
         self.recorder = recorder
+        self.rejected = rejected
         self.stats = ConsumeStats()
 
     def feed(self, item: AgentEvent | bytes | str) -> None:
@@ -70,19 +80,30 @@ class _Consumer:
             try:
                 self.recorder.on_json(item)
             except DecodeError as error:
-                self.stats.decode_errors += 1
                 logger.warning("skipped an event line that is not valid phi-core JSON: %s", error)
+                self.reject(item)
             return
         if type(item) not in EVENT_TYPES:
             # Not an event, not a line: count and skip it like an undecodable line
             # rather than letting one stray item end the consumer. The exact type, as
             # the recorder takes no subclass of an event type.
-            self.stats.decode_errors += 1
             logger.warning(
                 "skipped a queue item that is neither an event nor an event line: %s", type(item).__name__
             )
+            self.reject(item)
             return
         self.recorder.on_event(item)
+
+    def reject(self, item: object) -> None:
+        self.stats.decode_errors += 1
+        if self.rejected is None:
+            return
+        try:
+            self.rejected(item)
+        except Exception:  # the sink's failure must not end the consumer
+            logger.exception("LOST a skipped item: the rejected sink raised")
+            return
+        self.stats.rejected_kept += 1
 
     async def tick(self, interval: float) -> None:
         while True:
@@ -136,6 +157,7 @@ async def consume(
     recorder: SessionRecorder | None = None,
     checkpoint_interval: float | None = 5.0,
     retry_for: float = 10.0,
+    rejected: RejectedSink | None = None,
 ) -> ConsumeStats:
     """Record `source` into `store` until the stream ends or the task is cancelled.
 
@@ -144,12 +166,17 @@ async def consume(
     `retry_for` seconds, then once more at shutdown, and what still fails is handed
     back in `ConsumeStats.unsaved`. On cancellation the final flush and save still
     run (shielded from a second cancellation), then ``CancelledError`` propagates. Decoding errors of
-    JSON lines are logged and counted, never raised. Returns the run's `ConsumeStats`.
+    JSON lines are logged and counted, never raised; `rejected` (default: none, such
+    items are not kept) is called with each item that could not be recorded, exactly as
+    taken from the source; if it raises, that is logged and the run goes on. Returns the
+    run's `ConsumeStats`.
     """
     if checkpoint_interval is not None and not checkpoint_interval > 0:
         raise ValueError("checkpoint_interval must be positive (or None)")
     consumer = _Consumer(
-        SessionSaver(store, retry_for=retry_for), recorder if recorder is not None else SessionRecorder()
+        SessionSaver(store, retry_for=retry_for),
+        recorder if recorder is not None else SessionRecorder(),
+        rejected,
     )
     ticker = (
         asyncio.create_task(consumer.tick(checkpoint_interval)) if checkpoint_interval is not None else None

@@ -45,6 +45,12 @@ class StoreError(PhiSessionError):
     """A storage backend failed (I/O error, full disk, broken connection)."""
 
 
+class StoredSessionUnusable(StoreError):
+    """What a store holds under a session's id cannot be merged with: it does not decode,
+    or (a file system that ignores case) it is another session. Saving that id fails the
+    same way until the stored copy is moved aside or deleted, so it is not retried."""
+
+
 class RecoveryError(StoreError):
     """Some recovered sessions could not be saved; the journal was kept. See `report`."""
 

@@ -13,6 +13,10 @@ command line use to save sessions, so all of them fail the same way. The policy:
   (`AutoPersistingRecorder.close`) sets a deadline (`stop_trying_after`): past it, a
   session is not even tried while the store is down, since each attempt on a dead
   server can itself take seconds (a connect or lock timeout); it is kept unsaved.
+* **What the store holds unusable is not retried.** `StoredSessionUnusable` (the
+  stored copy of the session does not decode) fails every save of that id until
+  someone moves it aside: the session gets one attempt and one error line, and is
+  kept in `unsaved`; the store is not taken to be down.
 * **A session id no store accepts goes to the orphans.** `InvalidSessionId` cannot
   change on a retry or a restart: the session's events are handed to the `orphans`
   sink (the journal's ``orphans.jsonl``, the command line's ``--orphans`` file)
@@ -40,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .errors import ExportError, InvalidSessionId, SessionLocked, StoreError
+from .errors import ExportError, InvalidSessionId, SessionLocked, StoredSessionUnusable, StoreError
 from .events import AgentEvent
 from .model import Session
 from .recorder import SessionRecorder
@@ -260,7 +264,7 @@ class SessionSaver:
         pause = _FIRST_PAUSE
         error = yield 0.0
         last = error
-        while isinstance(error, _TRANSIENT):
+        while isinstance(error, _TRANSIENT) and not isinstance(error, StoredSessionUnusable):
             if deadline is None or time.monotonic() + pause > deadline:
                 logger.error(
                     "saving session %s into %r failed, keeping it unsaved: %s",
@@ -288,12 +292,13 @@ class SessionSaver:
             return SaveOutcome(saved=True, error=last)
         if isinstance(error, InvalidSessionId):
             return self._orphan(session, error)
-        # Not an I/O problem (a bug in a custom store): retrying cannot help.
+        # Not an I/O problem (an unusable stored copy, a bug in a custom store): retrying
+        # cannot help. A bug's message alone may not say what was raised.
         logger.error(
-            "session %s cannot be saved into %r, keeping it unsaved: %r",
+            "session %s cannot be saved into %r, keeping it unsaved: %s",
             session.session_id,
             self.store,
-            error,
+            error if isinstance(error, StoredSessionUnusable) else repr(error),
         )
         return self._keep(session, error, store_down=False)
 

@@ -41,6 +41,7 @@ from .app import (
     EXIT_USAGE,
     PROG,
     CliError,
+    F,
     cli_pricer,
     echo_json,
     load_cli_session,
@@ -377,13 +378,53 @@ class _LineConsumer(Protocol):
     def on_json(self, data: bytes | str) -> None: ...
 
 
+class _RejectedLines:
+    """The ``--rejected`` file (None: not asked for): every input line that could not be
+    recorded, byte for byte, its line end included, so the file is those lines of the input."""
+
+    def __init__(self, path: str | None, file: IO[bytes] | None) -> None:
+        self.path, self.file = path, file
+        self.kept = 0
+        self.error: str | None = None  # why they are not all kept
+
+    def keep(self, line: bytes) -> None:
+        if self.file is None or self.error is not None:
+            return
+        try:
+            self.file.write(line)
+        except OSError as error:
+            self.error = error.strerror or str(error)
+            return
+        self.kept += 1
+
+    def close(self) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.close()  # closing flushes: a full disk shows up here
+        except OSError as error:
+            self.error = self.error or error.strerror or str(error)
+
+    def outcome(self, malformed: int) -> str:
+        """What became of the `malformed` lines skipped, for the summary line."""
+        if not malformed:
+            return ""
+        if self.path is None:
+            return ", not kept (--rejected FILE keeps them)"
+        if self.error is not None:
+            return f", NOT kept in {self.path}: {self.error}"
+        return f", {render.count(self.kept, 'line')} kept in {self.path}"
+
+
 def _record_stream(
     source: _LineSource,
     recorder: _LineConsumer,
     progress: Progress | None,
     spill: Callable[[], object] | None = None,
+    rejected: _RejectedLines | None = None,
 ) -> dict[str, Any]:
-    """Feed every non-empty line to the recorder; malformed lines are reported and skipped.
+    """Feed every non-empty line to the recorder; malformed lines are reported, skipped
+    and kept in `rejected`.
 
     Every `_SPILL_EVERY` lines `spill()` saves the finished sessions, so memory stays
     bounded on long streams. Ctrl-C stops the reading, not the recording: what was
@@ -399,8 +440,8 @@ def _record_stream(
                 progress.update(task, completed=consumed)
             # A BOM (Windows editors write one) is no part of the first event.
             data = (line.removeprefix(codecs.BOM_UTF8) if number == 1 else line).strip()
-            if data:
-                _record_line(recorder, data, number, source.name, outcome)
+            if data and not _record_line(recorder, data, number, source.name, outcome) and rejected:
+                rejected.keep(line)
             if spill is not None and number % _SPILL_EVERY == 0:
                 spill()
     except KeyboardInterrupt:
@@ -415,7 +456,8 @@ def _record_stream(
 
 def _record_line(
     recorder: _LineConsumer, data: bytes, number: int, name: str, outcome: dict[str, Any]
-) -> None:
+) -> bool:
+    """Whether the line was recorded (else it is reported and counted)."""
     try:
         recorder.on_json(data)
     except DecodeError as error:
@@ -423,8 +465,9 @@ def _record_line(
         if outcome["malformed_lines"] <= MAX_REPORTED_LINES:
             outcome["errors"].append({"line": number, "error": str(error)})
             warn(f"{name}: line {number:,}: skipped: {error}")
-        return
+        return False
     outcome["events"] += 1
+    return True
 
 
 def _orphans_writer(file: IO[bytes]) -> Callable[[Iterable[AgentEvent]], None]:
@@ -436,11 +479,39 @@ def _orphans_writer(file: IO[bytes]) -> Callable[[Iterable[AgentEvent]], None]:
     return write
 
 
-def _open_orphans_file(path: str) -> IO[bytes]:
+def _check_output_file(
+    option: str, path: str, lines: _LineSource, store_url: str | None, directory: str | None
+) -> None:
+    """Opening the file of `option` empties it: never the input nor a file of the store."""
+    if lines.is_file(path):
+        raise CliError(f"{option} {path}: the input it records; write elsewhere", EXIT_USAGE)
+    refuse_store_file(option, path, store_url, directory)
+
+
+def _open_output_file(option: str, path: str) -> IO[bytes]:
+    """Opened (created) before any input is consumed: an unwritable path must fail now,
+    not after the stream is gone. Closed by the caller's ExitStack."""
     try:
-        return open(path, "wb")  # closed by the caller's ExitStack
+        return open(path, "wb")
     except OSError as error:
-        raise CliError(f"--orphans: cannot write {path}: {error.strerror or error}", EXIT_USAGE) from None
+        raise CliError(f"{option}: cannot write {path}: {error.strerror or error}", EXIT_USAGE) from None
+
+
+def _output_file_option(name: str, dest: str, what: str, form: str) -> Callable[[F], F]:
+    """An option naming a file `record` writes what it cannot store into."""
+    return click.option(
+        name,
+        dest,
+        metavar="FILE",
+        type=click.Path(dir_okay=False),
+        help=f"Write {what} to FILE ({form}; created, empty if there are none, before any input "
+        "is read; never the input or a store file).",
+    )
+
+
+def _open_rejected(path: str | None) -> _RejectedLines:
+    """The ``--rejected`` file, once `_check_output_file` passed it; close it when done."""
+    return _RejectedLines(path, _open_output_file("--rejected", path) if path else None)
 
 
 @main.command()
@@ -454,13 +525,12 @@ def _open_orphans_file(path: str) -> IO[bytes]:
 )
 @click.option("--include-streaming-events", is_flag=True, help="Also store MessageUpdate deltas.")
 @click.option("--capture-turn-requests", is_flag=True, help="Copy TurnRequest payloads into their turns.")
-@click.option(
-    "--orphans",
-    "orphans_path",
-    metavar="FILE",
-    type=click.Path(dir_okay=False),
-    help="Write events that belong to no known loop to FILE (JSONL; created, "
-    "empty if there are none, before any input is read; never the input or a store file).",
+@_output_file_option("--orphans", "orphans_path", "events that belong to no known loop", "JSONL")
+@_output_file_option(
+    "--rejected",
+    "rejected_path",
+    "every input line that could not be recorded (malformed, unknown event type)",
+    "byte for byte; not the --orphans file",
 )
 @click.option(
     "--to",
@@ -476,6 +546,7 @@ def record(
     include_streaming_events: bool,
     capture_turn_requests: bool,
     orphans_path: str | None,
+    rejected_path: str | None,
     broker_url: str | None,
     store_url: str | None,
     as_json: bool,
@@ -485,7 +556,8 @@ def record(
     FILE (or - for stdin) is phi-core's event stream, one JSON event per line.
     Every session is saved to the store (merged with what is stored under its
     id) and summarised in one line. A malformed line is reported with its number
-    (the first 20; later ones are counted) and skipped; everything else is
+    (the first 20; later ones are counted) and skipped, and kept byte for byte in
+    the --rejected file if one is given (also with --to); everything else is
     recorded. No valid line at all is an error (exit status 1), and leaves no new
     store behind. Ctrl-C stops reading and saves what was read (exit 130).
 
@@ -499,7 +571,7 @@ def record(
             raise CliError(
                 "--to publishes to a broker: --store, --dir and --orphans do not apply", EXIT_USAGE
             )
-        _publish(source, broker_url, as_json)
+        _publish(source, broker_url, as_json, rejected_path)
         return
     recorder = SessionRecorder(
         SessionRecorderConfig(
@@ -507,16 +579,20 @@ def record(
         )
     )
     with contextlib.ExitStack() as cleanup:
-        # The input first: a missing one must leave no new store nor emptied orphans file.
+        # The input first: a missing one must leave no new store nor emptied output file.
         lines = _LineSource(source)
         cleanup.callback(lines.close)
-        if orphans_path:  # opening it empties it: never the input nor a file of the store
-            if lines.is_file(orphans_path):
-                raise CliError(f"--orphans {orphans_path}: the input it records; write elsewhere", EXIT_USAGE)
-            refuse_store_file("--orphans", orphans_path, store_url, directory)
-        # Opened (created) before any input is consumed: an unwritable path must fail
-        # now, not after the stream is gone.
-        orphans_file = cleanup.enter_context(_open_orphans_file(orphans_path)) if orphans_path else None
+        if orphans_path:
+            _check_output_file("--orphans", orphans_path, lines, store_url, directory)
+        if rejected_path:
+            _check_output_file("--rejected", rejected_path, lines, store_url, directory)
+            if orphans_path and Path(orphans_path).resolve() == Path(rejected_path).resolve():
+                raise CliError(f"--rejected {rejected_path}: the --orphans file; write elsewhere", EXIT_USAGE)
+        orphans_file = (
+            cleanup.enter_context(_open_output_file("--orphans", orphans_path)) if orphans_path else None
+        )
+        rejected = _open_rejected(rejected_path)
+        cleanup.callback(rejected.close)
         undo_store = undo_new_store(store_url, directory)
         store = cleanup.enter_context(open_cli_store(store_url, directory))
         write_orphans = _orphans_writer(orphans_file) if orphans_file is not None else None
@@ -537,9 +613,10 @@ def record(
                 TimeElapsedColumn(),
             )
             with Progress(*columns, console=stderr(), transient=True) as progress:
-                outcome = _record_stream(lines, recorder, progress, spill)
+                outcome = _record_stream(lines, recorder, progress, spill, rejected)
         else:
-            outcome = _record_stream(lines, recorder, None, spill)
+            outcome = _record_stream(lines, recorder, None, spill, rejected)
+        rejected.close()
         spilled = bool(saved)
         sessions = spill(final=True)
         if spilled:  # summarise what the store now holds for every session touched
@@ -568,6 +645,7 @@ def record(
         "total_tokens": sum(row.total_tokens for row in summaries),
         "events": outcome["events"],
         "malformed_lines": outcome["malformed_lines"],
+        "malformed_lines_kept": rejected.kept if rejected.error is None else 0,
         "orphan_events": len(orphans),
         "unsaved_sessions": len(unsaved),
         "interrupted_at_line": outcome["interrupted_at"],
@@ -590,7 +668,8 @@ def record(
                 f"{render.count(totals['loops'], 'loop')}, "
                 f"{render.count(totals['turns'], 'turn')}, {render.count(totals['total_tokens'], 'token')} "
                 f"from {render.count(totals['events'], 'event')}; "
-                f"{render.count(totals['malformed_lines'], 'malformed line')} skipped",
+                f"{render.count(totals['malformed_lines'], 'malformed line')} skipped"
+                f"{rejected.outcome(totals['malformed_lines'])}",
                 style="bold",
             ),
             soft_wrap=True,
@@ -602,7 +681,7 @@ def record(
     if outcome["events"] == 0:
         undo_store()  # a store made for nothing would look like a store without sessions
         raise CliError(f"nothing recorded: {lines.name} holds no valid event line")
-    if unsaved or orphans_lost:
+    if unsaved or orphans_lost or rejected.error is not None:
         raise click.exceptions.Exit(EXIT_FAILURE)
 
 
@@ -968,20 +1047,27 @@ class _Publisher:
         self.sink(decode_event(data))
 
 
-def _publish(source: str, url: str, as_json: bool) -> None:
+def _publish(source: str, url: str, as_json: bool, rejected_path: str | None) -> None:
     from ..broker import JetStreamSink
 
     try:
         sink = JetStreamSink(url)
     except ValueError as error:
         raise CliError(f"--to: {error}", EXIT_USAGE) from None
-    lines = _LineSource(source)
-    try:
-        outcome = _record_stream(lines, _Publisher(sink), None)
-    finally:
-        lines.close()
-        sent = sink.flush(timeout=60)
-        sink.close()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(sink.close)
+        lines = _LineSource(source)
+        cleanup.callback(lines.close)
+        if rejected_path:
+            _check_output_file("--rejected", rejected_path, lines, None, None)
+        rejected = _open_rejected(rejected_path)
+        cleanup.callback(rejected.close)
+        try:
+            outcome = _record_stream(lines, _Publisher(sink), None, rejected=rejected)
+        finally:
+            lines.close()
+            rejected.close()
+            sent = sink.flush(timeout=60)
     stats = sink.stats()
     if as_json:
         echo_json(
@@ -991,6 +1077,7 @@ def _publish(source: str, url: str, as_json: bool) -> None:
                 "pending": stats.pending,
                 "rejected": stats.rejected,
                 "malformed_lines": outcome["malformed_lines"],
+                "malformed_lines_kept": rejected.kept if rejected.error is None else 0,
                 "errors": outcome["errors"],
             }
         )
@@ -998,7 +1085,8 @@ def _publish(source: str, url: str, as_json: bool) -> None:
         stdout().print(
             Text(
                 f"published {render.count(stats.published, 'event')} to {url} "
-                f"({render.count(outcome['malformed_lines'], 'malformed line')} skipped)",
+                f"({render.count(outcome['malformed_lines'], 'malformed line')} skipped"
+                f"{rejected.outcome(outcome['malformed_lines'])})",
                 style="bold",
             ),
             soft_wrap=True,
@@ -1017,7 +1105,7 @@ def _publish(source: str, url: str, as_json: bool) -> None:
             f"{render.count(stats.rejected, 'event')} not published (over the broker's max_payload): "
             f"set aside in {sink.rejected_dir}"
         )
-    if not sent:
+    if not sent or rejected.error is not None:
         raise click.exceptions.Exit(EXIT_FAILURE)
 
 

@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
 from ..codec import decode_session, encode_session
-from ..errors import DecodeError, InvalidSessionId, SessionLocked, SessionNotFound, StoreError
+from ..errors import (
+    DecodeError,
+    InvalidSessionId,
+    SessionLocked,
+    SessionNotFound,
+    StoredSessionUnusable,
+    StoreError,
+)
 from ..messages import ZERO_USAGE, Usage
 from ..model import Session
 from .base import (
@@ -196,8 +203,8 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
                 stored, _ = self._read(session_id)
             except SessionNotFound:
                 merged = session
-            except StoreError as error:
-                raise StoreError(
+            except StoredSessionUnusable as error:
+                raise StoredSessionUnusable(
                     f"not saving session {session_id!r}: the stored file cannot be merged "
                     f"({error}); move it aside to save"
                 ) from error
@@ -205,7 +212,7 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
                 if stored.session_id != session_id:
                     # A file system that ignores case gives "a" and "A" one file: merging
                     # would make two sessions one, under the wrong id.
-                    raise StoreError(
+                    raise StoredSessionUnusable(
                         f"not saving session {session_id!r}: its file {self.path_for(session_id)} holds "
                         f"session {stored.session_id!r} (the file system does not tell their names "
                         "apart, e.g. it ignores case); nothing was written"
@@ -332,7 +339,7 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
         try:
             session = decode_session(data, strict=False)  # what any writer of ours wrote
         except DecodeError as error:
-            raise StoreError(f"corrupt session file {path}: {error}") from error
+            raise StoredSessionUnusable(f"corrupt session file {path}: {error}") from error
         entry = _entry(key, session)
         self._remember(session_id, entry)
         return session, entry

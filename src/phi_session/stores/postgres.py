@@ -85,7 +85,7 @@ import msgspec
 
 from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
-from ..errors import DecodeError, SessionLocked, SessionNotFound, StoreError
+from ..errors import DecodeError, SessionLocked, SessionNotFound, StoredSessionUnusable, StoreError
 from ..messages import Usage
 from ..model import LoopRecord, Session
 from .base import (
@@ -632,7 +632,7 @@ def _summary(row: Row) -> SessionSummary:
         created_at = Timestamp.parse(listed.created_at)
         last_active_at = Timestamp.parse(listed.last_active_at)
     except (msgspec.DecodeError, ValueError) as exc:
-        raise StoreError(f"stored session {session_id!r} is corrupt: {exc}") from exc
+        raise StoredSessionUnusable(f"stored session {session_id!r} is corrupt: {exc}") from exc
     spawn = listed.parent_spawn_ref
     return SessionSummary(
         session_id=session_id,
@@ -871,7 +871,7 @@ class PostgresStore(AsyncTwins):
             session = decode_session(header, strict=False)
             session.loops = [decode_loop(record, strict=False) for record in records]
         except DecodeError as exc:
-            raise StoreError(f"stored session {session_id!r} is corrupt: {exc}") from exc
+            raise StoredSessionUnusable(f"stored session {session_id!r} is corrupt: {exc}") from exc
         return session
 
     # -- SessionStore ---------------------------------------------------------------------
@@ -1027,7 +1027,7 @@ class PostgresStore(AsyncTwins):
                 for outline, record in zip(outlines, records, strict=True)
             ]
         except (DecodeError, msgspec.DecodeError) as exc:
-            raise StoreError(f"stored session {session_id!r} is corrupt: {exc}") from exc
+            raise StoredSessionUnusable(f"stored session {session_id!r} is corrupt: {exc}") from exc
         return session_outline(session, loops)
 
     def load_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]:
@@ -1048,7 +1048,7 @@ class PostgresStore(AsyncTwins):
         try:
             return [decode_loop(record, strict=False) for record in row[0]]
         except DecodeError as exc:
-            raise StoreError(f"stored session {session_id!r} is corrupt: {exc}") from exc
+            raise StoredSessionUnusable(f"stored session {session_id!r} is corrupt: {exc}") from exc
 
     def list_for_agent(self, agent_id: str) -> list[Session]:
         """The sessions of `agent_id` in `list_ids` order; unreadable ones are logged and skipped."""

@@ -60,7 +60,7 @@ from msgspec.structs import replace
 
 from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_session
-from ..errors import DecodeError, SessionLocked, SessionNotFound, StoreError
+from ..errors import DecodeError, SessionLocked, SessionNotFound, StoredSessionUnusable, StoreError
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
 from .base import (
@@ -1123,11 +1123,13 @@ class SqliteStore(AsyncTwins):
 
     @contextmanager
     def _reading(self, session_id: str) -> Iterator[None]:
-        """Stored bytes that do not decode: `StoreError` naming the session."""
+        """Stored bytes that do not decode: `StoredSessionUnusable` naming the session."""
         try:
             yield
         except (DecodeError, msgspec.DecodeError) as error:
-            raise StoreError(f"{self.path}: stored session {session_id!r} is corrupt: {error}") from error
+            raise StoredSessionUnusable(
+                f"{self.path}: stored session {session_id!r} is corrupt: {error}"
+            ) from error
 
     def _expand(
         self,
