@@ -919,6 +919,8 @@ def test_recovery_refuses_a_directory_that_is_not_a_journal_and_touches_nothing(
     (foreign / "0001.wal").write_bytes(b"a write-ahead log of another program\n")
     (foreign / "0002.wal").write_bytes(b"")
     (foreign / "notes.txt").write_text("keep me")
+    (foreign / ORPHANS_FILE).write_text("theirs\n")
+    (foreign / CHECKPOINT_FILE).write_text('{"stored_below": 0, "settled_through": -1, "orphans_size": 0}')
     before = {path.name: path.read_bytes() for path in foreign.iterdir()}
     with pytest.raises(NotAJournal, match=r"logs.*\(0001\.wal, 0002\.wal\).*nothing was touched"):
         recover(foreign, JsonDirStore(tmp_path / "store"))

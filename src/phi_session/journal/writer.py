@@ -41,9 +41,11 @@ from .format import (
     cut_unsettled_orphans,
     frame_header,
     fsync_directory,
+    holds_journal,
     last_seq,
     open_new,
     orphans_size,
+    other_format,
     read_checkpoint,
     remove_checkpoint_tmp,
     segment_path,
@@ -134,7 +136,11 @@ class Journal:
             self._leftovers = [path for _, path in existing]
             earlier = read_checkpoint(self.directory)
             remove_checkpoint_tmp(self.directory)
-            if self._leftovers:
+            if (
+                self._leftovers
+                and holds_journal(self.directory, self._leftovers)
+                and not other_format(self._leftovers)
+            ):
                 # Orphans the earlier run wrote after its last checkpoint: recovering the
                 # leftovers writes them again. Cut now, before this run appends its own.
                 cut_unsettled_orphans(self.directory, earlier)
