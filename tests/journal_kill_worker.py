@@ -27,6 +27,7 @@ from phi_session import (
     AssistantMessage,
     MessageEnd,
     MessageUpdate,
+    ProgressMessage,
     StreamDelta,
     TextContent,
     Timestamp,
@@ -145,12 +146,21 @@ def stream(
             active.append(current)
 
 
+def with_strays(events: Iterator[AgentEvent], every: int = 7) -> Iterator[AgentEvent]:
+    """`events` with, after every `every`-th, an event of a loop nobody started (an orphan)."""
+    for index, event in enumerate(events, 1):
+        yield event
+        if index % every == 0:
+            yield ProgressMessage(loop_id=f"stray.p.m.{index}", tool_call_id="c", tool_name="t", text="?")
+
+
 def main(directory: str, durability: str, mode: str) -> None:
     """Record `stream()` forever, printing the index of each acknowledged event.
 
     `mode` ``journal``: a bare `JournaledRecorder` (finished sessions are discarded:
     only the journal keeps them). ``persist``: an `AutoPersistingRecorder` saving into
-    ``DIRECTORY/sessions.db`` and releasing journal segments as it goes.
+    ``DIRECTORY/sessions.db`` and releasing journal segments as it goes. ``orphans``:
+    the same, recording `with_strays(stream())`.
     """
     journal = Journal(
         Path(directory) / "journal",
@@ -159,7 +169,7 @@ def main(directory: str, durability: str, mode: str) -> None:
         segment_bytes=16 * 1024,
     )
     persist = None
-    if mode == "persist":
+    if mode in ("persist", "orphans"):
         persist = AutoPersistingRecorder(
             SqliteStore(Path(directory) / "sessions.db"),
             journal=journal,
@@ -169,7 +179,7 @@ def main(directory: str, durability: str, mode: str) -> None:
     else:
         sink = JournaledRecorder(journal)
     waiting: deque[tuple[int, int]] = deque()  # (stream index, sequence number) not yet acknowledged
-    for index, event in enumerate(stream()):
+    for index, event in enumerate(with_strays(stream()) if mode == "orphans" else stream()):
         if persist is not None:
             persist.on_event(event)
             waiting.append((index, journal.last_seq))

@@ -32,7 +32,7 @@ from phi_session import (
 )
 from phi_session.codec import encode_event, encode_session
 from phi_session.errors import PhiSessionError, StoreError
-from phi_session.journal import ORPHANS_FILE, Journal, JournaledRecorder, recover
+from phi_session.journal import CHECKPOINT_FILE, ORPHANS_FILE, Journal, JournaledRecorder, recover
 from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder, held_bytes
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
@@ -271,6 +271,58 @@ def test_orphans_written_at_a_checkpoint_are_not_written_again_after_a_crash(tmp
     recover(tmp_path / "crashed", JsonDirStore(tmp_path / "store"))
     orphans = (tmp_path / "crashed" / ORPHANS_FILE).read_bytes().splitlines()
     assert orphans == [encode_event(event) for event in strays]  # once each
+
+
+def strays_of(name: str, count: int) -> list[AgentEvent]:
+    """Events of loops nobody started, each its own: they become orphans."""
+    return [
+        ProgressMessage(loop_id=f"{name}.p.m.{n}", tool_call_id="c", tool_name="t", text="lost?")
+        for n in range(count)
+    ]
+
+
+def crash_between_orphans_and_checkpoint(
+    tmp_path: Path, settled: list[AgentEvent], unsettled: list[AgentEvent]
+) -> Path:
+    """The journal as a SIGKILL leaves it after the orphans of `unsettled` were written,
+    before the checkpoint recorded them as settled (those of `settled` are)."""
+    with AutoPersistingRecorder(
+        JsonDirStore(tmp_path / "store"), journal=tmp_path / "j", checkpoint_interval=None
+    ) as persisting:
+        persisting.record_all([*single_loop_sessions(1), *settled])
+        persisting.checkpoint()
+        persisting.wait_saved()
+        checkpoint = (tmp_path / "j" / CHECKPOINT_FILE).read_bytes()
+        persisting.record_all(unsettled)
+        persisting.checkpoint()
+        persisting.wait_saved()
+        assert persisting.journal is not None
+        persisting.journal.sync()
+        shutil.copytree(tmp_path / "j", tmp_path / "crashed")
+    (tmp_path / "crashed" / CHECKPOINT_FILE).write_bytes(checkpoint)
+    return tmp_path / "crashed"
+
+
+def test_orphans_written_after_the_last_checkpoint_are_written_once_by_recovery(tmp_path: Path) -> None:
+    strays = strays_of("nobody", 4)
+    crashed = crash_between_orphans_and_checkpoint(tmp_path, strays[:2], strays[2:])
+    for _ in range(2):  # recovering twice changes nothing
+        recover(crashed, JsonDirStore(tmp_path / "store"))
+        orphans = (crashed / ORPHANS_FILE).read_bytes().splitlines()
+        assert orphans == [encode_event(event) for event in strays]  # once each
+
+
+def test_a_recorder_started_on_such_a_journal_writes_every_orphan_once(tmp_path: Path) -> None:
+    strays, later = strays_of("nobody", 4), strays_of("later", 2)
+    crashed = crash_between_orphans_and_checkpoint(tmp_path, strays[:2], strays[2:])
+    with AutoPersistingRecorder(JsonDirStore(tmp_path / "store"), journal=crashed) as persisting:
+        persisting.record_all(later)  # this run's own orphans, after the recovered ones
+        persisting.checkpoint()
+        persisting.wait_saved()
+        assert persisting.journal is not None
+        recover(persisting.journal, JsonDirStore(tmp_path / "store"))  # nothing left to recover
+    orphans = (crashed / ORPHANS_FILE).read_bytes().splitlines()
+    assert orphans == [encode_event(event) for event in [*strays, *later]]
 
 
 def test_concurrent_producers(tmp_path: Path) -> None:

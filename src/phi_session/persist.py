@@ -571,13 +571,18 @@ class AutoPersistingRecorder:
                 unsaved = [p.pin for p in (*self._queue, *self._waiting) if p.pin is not None]
                 unsaved += [pin for sid, pin in self._unsaved_pins.items() if sid in unsaved_ids]
             settled = self._settled_through
+            # The recorder's orphans are written under `_lock`, the saver's by this thread: the
+            # size read now holds those of `settled` and of the sessions no longer pinned.
+            orphans_settled = self.journal.orphans_size()
             # Orphans the recorder still holds are only safe once written (settled).
             stored_below = min(
                 (*self._pins.values(), *self._late_pins.values(), *self._feeding, *unsaved, settled + 1)
             )
             self._warn_about_stuck_pin(stored_below)
         try:
-            removed = self.journal.release(stored_below, settled_through=settled)
+            removed = self.journal.release(
+                stored_below, settled_through=settled, orphans_settled=orphans_settled
+            )
         except PhiSessionError as error:
             logger.debug("journal not released: %s", error)  # leftovers not recovered, or closed
             return

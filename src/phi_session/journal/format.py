@@ -3,7 +3,8 @@
 Layout of a journal directory::
 
     0000000000.wal, 0000000001.wal, ...   segments, numbered in creation order
-    checkpoint.json                        what a live writer already saved (optional)
+    checkpoint.json                        what a live writer already saved, and how much
+                                           of orphans.jsonl is settled (optional)
     orphans.jsonl                          events no loop claimed (phi-core JSON lines)
     journal.lock                           held (flock) by the one live writer
 
@@ -34,7 +35,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import codec
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 MAGIC = b"PHIJRNL2"
 SEGMENT_SUFFIX = ".wal"
 CHECKPOINT_FILE = "checkpoint.json"
+CHECKPOINT_TMP = CHECKPOINT_FILE + ".tmp"  # written, then renamed over the checkpoint
 ORPHANS_FILE = "orphans.jsonl"
 LOCK_FILE = "journal.lock"
 FRAME_MARKER = b"\xffPJF"
@@ -198,16 +200,23 @@ class Checkpoint:
 
     stored_below: int = 0
     settled_through: int = -1
+    orphans_size: int | None = None
+    """The first bytes of ``orphans.jsonl`` that hold every orphan this checkpoint covers;
+    what follows was written after it, so recovery derives it again from the segments.
+    None: not recorded (a checkpoint of an older version), nothing is cut."""
 
 
 def read_checkpoint(directory: Path) -> Checkpoint:
     path = directory / CHECKPOINT_FILE
     try:
         data = json.loads(path.read_bytes())
-        return Checkpoint(int(data["stored_below"]), int(data["settled_through"]))
+        size = data.get("orphans_size")
+        return Checkpoint(
+            int(data["stored_below"]), int(data["settled_through"]), None if size is None else int(size)
+        )
     except FileNotFoundError:
         return Checkpoint()
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         # Ignoring it only means replaying (and re-saving, idempotently) more frames.
         logger.warning("ignoring unreadable journal checkpoint %s: %s", path, error)
         return Checkpoint()
@@ -215,20 +224,57 @@ def read_checkpoint(directory: Path) -> Checkpoint:
 
 def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
     path = directory / CHECKPOINT_FILE
-    tmp = directory / f"{CHECKPOINT_FILE}.tmp"
-    data = json.dumps(
-        {
-            "version": 1,
-            "stored_below": checkpoint.stored_below,
-            "settled_through": checkpoint.settled_through,
-        }
-    ).encode()
+    tmp = directory / CHECKPOINT_TMP
+    fields: dict[str, int] = {
+        "version": 1,
+        "stored_below": checkpoint.stored_below,
+        "settled_through": checkpoint.settled_through,
+    }
+    if checkpoint.orphans_size is not None:
+        fields["orphans_size"] = checkpoint.orphans_size
     with open(tmp, "wb") as file:
-        file.write(data)
+        file.write(json.dumps(fields).encode())
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
     fsync_directory(directory)
+
+
+def remove_checkpoint_tmp(directory: Path) -> None:
+    """Delete a temporary checkpoint a crash left before its rename (the checkpoint is whole)."""
+    (directory / CHECKPOINT_TMP).unlink(missing_ok=True)
+
+
+def orphans_size(directory: Path) -> int:
+    """The size of ``orphans.jsonl`` in bytes (0 if there is none)."""
+    try:
+        return (directory / ORPHANS_FILE).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def settle_orphans(directory: Path, checkpoint: Checkpoint) -> None:
+    """Before appending orphans: make the checkpoint (`checkpoint`, as read) record the size
+    ``orphans.jsonl`` has now, so that a recovery after a crash cuts what the append wrote."""
+    size = orphans_size(directory)
+    if checkpoint.orphans_size != size:
+        write_checkpoint(directory, replace(checkpoint, orphans_size=size))
+
+
+def cut_unsettled_orphans(directory: Path, checkpoint: Checkpoint) -> None:
+    """Cut ``orphans.jsonl`` back to what `checkpoint` settled.
+
+    Only while the segments that follow the checkpoint are still there: the orphans
+    written after it are derived from them again, and would otherwise be written twice.
+    """
+    if checkpoint.orphans_size is None or orphans_size(directory) <= checkpoint.orphans_size:
+        return
+    fd = os.open(directory / ORPHANS_FILE, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+    try:
+        os.ftruncate(fd, checkpoint.orphans_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def append_orphans(directory: Path, events: Iterable[AgentEvent]) -> int:

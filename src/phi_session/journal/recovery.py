@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import codec
@@ -21,11 +21,15 @@ from .format import (
     SegmentDamage,
     SegmentReader,
     append_orphans,
+    cut_unsettled_orphans,
     fsync_directory,
     holds_journal,
+    orphans_size,
     other_format,
     read_checkpoint,
+    remove_checkpoint_tmp,
     segment_paths,
+    settle_orphans,
     write_checkpoint,
 )
 from .writer import Journal, StrPath
@@ -124,6 +128,8 @@ def recover(
         segments = [path for _, path in segment_paths(directory)]  # as they are with no writer
     cleared = False  # the segments are gone: the lock file goes too
     try:
+        if lock is not None:  # an open `Journal` did it when it was opened
+            remove_checkpoint_tmp(directory)
         unstorable: list[AgentEvent] = []  # the events of sessions no store accepts
         saver = SessionSaver(store, orphans=unstorable.extend, retry_for=retry_for)
         report, orphans, replayed = _replay(directory, segments, saver, config, save_every)
@@ -136,8 +142,15 @@ def recover(
                 report,
             )
         if remove and segments:
+            removed: list[Path] = []
             try:
+                # Orphans the dead writer wrote after its last checkpoint are derived again
+                # from these segments (an open `Journal` cut them when it was opened).
+                checkpoint = read_checkpoint(directory)
+                if lock is not None:
+                    cut_unsettled_orphans(directory, checkpoint)
                 if orphans:
+                    settle_orphans(directory, checkpoint)
                     append_orphans(directory, orphans)
                     logger.warning(
                         "journal %s: %d events belonged to no loop; written to %s",
@@ -148,20 +161,23 @@ def recover(
                 # Everything replayed is now stored. A recovery cut short while removing the
                 # segments must not replay those left: it would write these orphans a second
                 # time, and take the events of loops begun in a removed segment for orphans.
-                write_checkpoint(directory, replayed)
+                write_checkpoint(directory, replace(replayed, orphans_size=orphans_size(directory)))
                 for path in segments:
                     path.unlink(missing_ok=True)
-                (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
+                    removed.append(path)
+                if lock is not None:  # an open `Journal` still has segments the checkpoint guards
+                    (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
                 fsync_directory(directory)
             except OSError as error:
                 raise StoreError(
                     f"recovery of {directory}: the sessions are saved but the journal could not be "
                     f"cleared ({error}); recovering again is safe"
                 ) from error
+            finally:
+                if isinstance(journal, Journal):  # recovering again reads only what is left
+                    journal.forget_leftovers(removed)
             report.segments_removed = len(segments)
             cleared = True
-            if isinstance(journal, Journal):
-                journal.forget_leftovers(segments)
         return report
     finally:
         if lock is not None:

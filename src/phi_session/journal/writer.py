@@ -38,13 +38,19 @@ from .format import (
     Checkpoint,
     DirectoryLock,
     append_orphans,
+    cut_unsettled_orphans,
     frame_header,
     fsync_directory,
+    holds_journal,
     last_seq,
     open_new,
+    orphans_size,
+    other_format,
     read_checkpoint,
+    remove_checkpoint_tmp,
     segment_path,
     segment_paths,
+    settle_orphans,
     write_all,
     write_checkpoint,
 )
@@ -129,6 +135,18 @@ class Journal:
             existing = segment_paths(self.directory)
             self._leftovers = [path for _, path in existing]
             earlier = read_checkpoint(self.directory)
+            remove_checkpoint_tmp(self.directory)
+            if (
+                self._leftovers
+                and holds_journal(self.directory, self._leftovers)
+                and not other_format(self._leftovers)
+            ):
+                # Orphans the earlier run wrote after its last checkpoint: recovering the
+                # leftovers writes them again. Cut now, before this run appends its own.
+                cut_unsettled_orphans(self.directory, earlier)
+            # Until the checkpoint records the size orphans.jsonl has, the first orphans are
+            # appended after recording it (`write_orphans`).
+            self._orphans_settled = earlier.orphans_size == orphans_size(self.directory)
             # Sequence numbers keep rising across runs, so an old checkpoint never covers new records.
             self._next_seq = max(
                 last_seq(self._leftovers) + 1, earlier.stored_below, earlier.settled_through + 1
@@ -282,16 +300,24 @@ class Journal:
             finally:
                 self._waiting -= 1
 
+    def orphans_size(self) -> int:
+        """The size of ``orphans.jsonl`` in bytes, for `release`."""
+        return orphans_size(self.directory)
+
     def write_orphans(self, events: Iterable[AgentEvent]) -> int:
         """Durably append events that no loop claimed to ``orphans.jsonl``; returns how many."""
         try:
+            if not self._orphans_settled:
+                with self._release_lock:  # `release` writes the checkpoint too
+                    settle_orphans(self.directory, read_checkpoint(self.directory))
+                    self._orphans_settled = True
             return append_orphans(self.directory, events)
         except OSError as error:
             raise StoreError(f"journal {self.directory}: cannot write orphans: {error}") from error
 
     # -- retiring segments -------------------------------------------------------------------
 
-    def release(self, stored_below: int, *, settled_through: int) -> int:
+    def release(self, stored_below: int, *, settled_through: int, orphans_settled: int | None = None) -> int:
         """Record what is safely stored; remove the segments that hold nothing else.
 
         The caller promises: (1) every event with a sequence number below
@@ -299,12 +325,15 @@ class Journal:
         one the recorder never keeps; (2) every event numbered up to
         `settled_through` that belongs to a loop started below `stored_below` is
         saved or written to ``orphans.jsonl``. `recover` then skips those events.
+        `orphans_settled` is the size `orphans_size` returned once those orphans were
+        written (default: the size now); a recovery cuts what follows, which it writes again.
 
         A segment is removed once all its frames are below `stored_below` (never the
         active one). Raises `PhiSessionError` while leftover segments of an earlier run
         exist: the checkpoint would wrongly cover them; `recover` them first.
         Returns how many segments were removed.
         """
+        settled_size = self.orphans_size() if orphans_settled is None else orphans_settled
         with self._release_lock:
             with self._lock:
                 self._check_writable()
@@ -315,12 +344,14 @@ class Journal:
                 checkpoint = Checkpoint(
                     max(self._checkpoint.stored_below, min(stored_below, self._next_seq)),
                     max(self._checkpoint.settled_through, min(settled_through, self._next_seq - 1)),
+                    max(self._checkpoint.orphans_size or 0, settled_size),
                 )
                 covered = [s for s in self._segments[:-1] if self._end_of(s) <= checkpoint.stored_below]
             try:
                 if checkpoint != self._checkpoint:
                     write_checkpoint(self.directory, checkpoint)
                     self._checkpoint = checkpoint
+                    self._orphans_settled = True
                 return self._remove(covered)
             except OSError as error:
                 raise StoreError(f"journal {self.directory}: release failed: {error}") from error
