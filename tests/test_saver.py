@@ -313,6 +313,34 @@ def test_an_interrupted_retry_puts_back_what_it_did_not_try(clock: FakeTime) -> 
     assert len(saver.unsaved) == 3
 
 
+def test_sessions_a_retry_is_going_through_are_still_unsaved_until_saved() -> None:
+    # The persisting recorder releases journal segments below every `unsaved` session
+    # from its writer thread: one a retry took out must not look saved meanwhile.
+    memory = MemoryStore(failing(10**6, ps.StoreError("down")))
+    saver = saver_for(memory, retry_for=0)
+    held = sessions(3)
+    for session in held:
+        saver.save(session)
+    saving, release = threading.Event(), threading.Event()
+
+    def slow(session: ps.Session) -> None:
+        saving.set()
+        release.wait(10)
+        raise ps.StoreError("still down")
+
+    memory.trouble = slow
+    retry = threading.Thread(target=saver.retry_unsaved)
+    retry.start()
+    try:
+        assert saving.wait(10)
+        assert [s.session_id for s in saver.unsaved] == [s.session_id for s in held]
+        assert saver.stats().unsaved == 3
+    finally:
+        release.set()
+        retry.join(10)
+    assert [s.session_id for s in saver.unsaved] == [s.session_id for s in held]
+
+
 def test_the_async_twins_follow_the_same_policy() -> None:
     memory = MemoryStore(failing(2, ps.SessionLocked("busy")))
     saver = saver_for(memory, retry_for=0.3)  # pauses 0.05 + 0.1, then the next would pass it

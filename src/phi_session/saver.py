@@ -141,6 +141,7 @@ class SessionSaver:
         self._lock = threading.Lock()  # guards the counters, `_unsaved` and `_store_down`
         self._saved = self._retried = self._orphaned = 0
         self._unsaved: list[Session] = []
+        self._in_retry: list[deque[Session]] = []  # what `retry_unsaved` takes out, not yet tried
         self._store_down = False  # a session was given up and no save succeeded since
         self._down_error: Exception | None = None  # the error that gave the last session up
         self._no_attempts_after: float | None = None  # `stop_trying_after`'s monotonic instant
@@ -371,9 +372,16 @@ class SessionSaver:
 
     @property
     def unsaved(self) -> list[Session]:
-        """Sessions neither saved nor orphaned, oldest first."""
+        """Sessions neither saved nor orphaned, oldest first (those a retry is going
+        through included: until saved, their journal records must stay)."""
         with self._lock:
-            return list(self._unsaved)
+            return self._unsaved_now()
+
+    def _unsaved_now(self) -> list[Session]:
+        # A session failing its retry is kept again just before it leaves its batch: once.
+        kept = {id(session) for session in self._unsaved}
+        retried = [session for batch in self._in_retry for session in batch if id(session) not in kept]
+        return [*retried, *self._unsaved]
 
     def take_unsaved(self) -> list[Session]:
         """Hand the unsaved sessions over to the caller (they are no longer held here)."""
@@ -386,7 +394,8 @@ class SessionSaver:
         with self._retrying() as batch:
             while batch:
                 self.save(batch[0])
-                batch.popleft()
+                with self._lock:  # `unsaved` reads the batch
+                    batch.popleft()
         return self.stats().unsaved
 
     async def aretry_unsaved(self) -> int:
@@ -394,7 +403,8 @@ class SessionSaver:
         with self._retrying() as batch:
             while batch:
                 await self.asave(batch[0])
-                batch.popleft()
+                with self._lock:
+                    batch.popleft()
         return self.stats().unsaved
 
     @contextmanager
@@ -402,15 +412,19 @@ class SessionSaver:
         """The unsaved sessions to retry; those not yet tried when interrupted go back."""
         with self._lock:
             batch, self._unsaved = deque(self._unsaved), []
+            self._in_retry.append(batch)
         try:
             yield batch
         finally:
-            if batch:
-                with self._lock:
-                    self._unsaved[:0] = batch
+            with self._lock:
+                self._in_retry = [other for other in self._in_retry if other is not batch]
+                self._unsaved[:0] = batch
 
     def stats(self) -> SaveStats:
         with self._lock:
             return SaveStats(
-                saved=self._saved, retried=self._retried, orphaned=self._orphaned, unsaved=len(self._unsaved)
+                saved=self._saved,
+                retried=self._retried,
+                orphaned=self._orphaned,
+                unsaved=len(self._unsaved_now()),
             )
