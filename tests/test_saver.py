@@ -475,6 +475,8 @@ def test_import_over_an_unusable_stored_session_fails_at_once(
     assert result.exit_code == 1
     assert clock.pauses == [] and "retrying" not in result.stderr
     assert "is corrupt" in result.stderr or "corrupt session file" in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "error:" in line]  # said once
+    assert session.session_id in line and str(source) in line
 
 
 def test_recovery_retries_a_busy_store_instead_of_failing(tmp_path: Path, clock: FakeTime) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "main",
     "open_cli_store",
     "refuse_store_file",
+    "saver_errors_reported_by_the_command",
     "session_id_argument",
     "stderr",
     "stdout",
@@ -200,6 +201,22 @@ class _StderrLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         warn(f"{'error' if record.levelno >= logging.ERROR else 'warning'}: {self.format(record)}")
+
+
+@contextlib.contextmanager
+def saver_errors_reported_by_the_command() -> Iterator[None]:
+    """For a command that reports each session its saver could not save (``import``):
+    the saver's own error line would say it a second time (its retry warnings still show)."""
+
+    def below_error(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    saver_logger = logging.getLogger("phi_session.saver")
+    saver_logger.addFilter(below_error)
+    try:
+        yield
+    finally:
+        saver_logger.removeFilter(below_error)
 
 
 class PhiSessionGroup(click.Group):

@@ -49,6 +49,7 @@ from .app import (
     open_cli_store,
     prices_option,
     refuse_store_file,
+    saver_errors_reported_by_the_command,
     session_id_argument,
     stderr,
     stdout,
@@ -742,7 +743,7 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     imported: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     undo_store = undo_new_store(store_url)
-    with open_cli_store(store_url) as store:
+    with open_cli_store(store_url) as store, saver_errors_reported_by_the_command():
         saver = SessionSaver(store)
         for name in paths:
             path = Path(name)
