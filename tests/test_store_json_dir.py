@@ -341,3 +341,78 @@ def test_an_id_whose_file_holds_another_session_is_not_saved_over_it(
     store.save(make_session("S", "y"))  # where case counts, each id has its own file, named as before
     assert (directory / "S.json").read_bytes() == encode_session(make_session("S", "y"))
     assert (directory / "s.json").read_bytes() == kept
+
+
+# -- partial loads: the file's loops kept apart ------------------------------------------
+
+
+def _counting_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    decoded: list[int] = []
+
+    def counting(data: bytes | str, *, strict: bool = True) -> Any:
+        decoded.append(1)
+        return decode_session(data, strict=strict)
+
+    monkeypatch.setattr(json_dir, "decode_session", counting)
+    return decoded
+
+
+def test_pages_of_an_unchanged_file_do_not_decode_it_again(
+    store: JsonDirStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The viewer asks for the outline, then page after page of loops: the file is decoded once."""
+    session = make_session("big", loops=[make_loop("big", index) for index in range(1, 6)])
+    save_session(session, directory)  # another store: not in this one's cache
+    decoded = _counting_decodes(monkeypatch)
+    outline = store.load_outline("big")
+    for start in range(5):
+        assert store.load_loops("big", start, start + 2) == session.loops[start : start + 2]
+    assert store.load_outline("big") == outline
+    assert len(decoded) == 1
+    assert store.load_loops("big", 0, 5) == store.load_loops("big", 0, 5)
+    first, again = store.load_loops("big", 0, 1)[0], store.load_loops("big", 0, 1)[0]
+    assert first is not again  # each call's records are its own: a caller may change them
+
+
+def test_pages_see_a_file_another_writer_changed(
+    store: JsonDirStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_session(make_session("s", loops=[make_loop("s", 1)]), directory)
+    assert [loop.loop_id for loop in store.load_outline("s").loops] == ["s.cfg.1"]
+    assert len(store.load_loops("s", 0, 5)) == 1
+    save_session(make_session("s", loops=[make_loop("s", 2)]), directory)  # another writer
+    assert [loop.loop_id for loop in store.load_outline("s").loops] == ["s.cfg.1", "s.cfg.2"]
+    assert [record.loop_id for record in store.load_loops("s", 0, 5)] == ["s.cfg.1", "s.cfg.2"]
+    # Rewritten in place (phi-core's own functions truncate and write): same inode, new time.
+    path = directory / "s.json"
+    other = encode_session(make_session("s", loops=[make_loop("s", 3, tokens=9)]))
+    info = path.stat()
+    with open(path, "r+b") as file:
+        file.truncate(0)
+        file.write(other)
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1))
+    assert [record.loop_id for record in store.load_loops("s", 0, 5)] == ["s.cfg.3"]
+    assert store.load_outline("s").loops[0].billed_usage.total_tokens == 9
+    path.unlink()
+    with pytest.raises(SessionNotFound):
+        store.load_loops("s", 0, 1)
+    with pytest.raises(SessionNotFound):
+        store.load_outline("s")
+
+
+def test_files_kept_for_pages_are_bounded(
+    store: JsonDirStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for session_id in ("a", "b", "c"):
+        save_session(make_session(session_id), directory)
+    largest = max(path.stat().st_size for path in directory.glob("*.json"))
+    monkeypatch.setattr(json_dir, "PAGED_BYTES_LIMIT", 2 * largest)  # two files at most
+    decoded = _counting_decodes(monkeypatch)
+    for session_id in ("a", "b", "a", "c"):  # "b" is then the least recently read
+        store.load_outline(session_id)
+    assert len(decoded) == 3
+    store.load_loops("a", 0, 1)
+    store.load_loops("c", 0, 1)
+    assert len(decoded) == 3
+    store.load_loops("b", 0, 1)
+    assert len(decoded) == 4

@@ -17,7 +17,7 @@ from ..errors import InvalidSessionId, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, ModelCall, Session
-from .outline import SessionOutline, decode_calls, first_prompt, session_outline
+from .outline import SessionOutline, decode_calls, first_prompt
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_count, check_type, shown
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
 
@@ -326,20 +326,6 @@ class ScanSearch:
     ) -> list[SearchHit]:
         """See `SessionStore.search`. Loads every selected session: slow on a big store."""
         return scan_search(self, text, query, limit)  # type: ignore[arg-type]
-
-
-class OutlineFromLoad:
-    """`load_outline` and `load_loops` by loading the whole session: for stores that keep no outline."""
-
-    def load_outline(self, session_id: str) -> SessionOutline:
-        """See `SessionStore.load_outline`. Loads the whole session."""
-        return session_outline(self.load(session_id))  # type: ignore[attr-defined]
-
-    def load_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]:
-        """See `SessionStore.load_loops`. Loads the whole session."""
-        check_loop_range(start, stop)
-        session: Session = self.load(session_id)  # type: ignore[attr-defined]
-        return session.loops[start:stop]
 
 
 def check_loop_range(start: int, stop: int) -> None:

@@ -11,7 +11,10 @@ never exposes a half-written file.
 This is the backend without indexes: `JsonDirStore.query`, `usage_totals` and
 `prune` read every file, but remember each file's summary in memory (keyed by
 inode, modification time and size) so that only new or changed files are parsed
-again. Locking needs ``fcntl`` (POSIX); on Windows the store can read but not write.
+again. Likewise the last few files read in pages (`load_outline`, `load_loops`: the
+viewer) are kept as their outline and each loop's JSON, so that a page decodes only
+its own loops, not the whole file again; every read checks the file's key first.
+Locking needs ``fcntl`` (POSIX); on Windows the store can read but not write.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
-from ..codec import decode_session, encode_session
+import msgspec
+
+from ..codec import decode_loop, decode_session, encode_session
 from ..errors import (
     DecodeError,
     InvalidSessionId,
@@ -40,15 +45,15 @@ from ..errors import (
     StoreError,
 )
 from ..messages import ZERO_USAGE, Usage
-from ..model import Session
+from ..model import LoopRecord, Session
 from .base import (
     AsyncTwins,
-    OutlineFromLoad,
     ScanSearch,
     SessionSummary,
     UsageRow,
     UsageTotal,
     as_query,
+    check_loop_range,
     check_pricer,
     merge_sessions,
     query_selects,
@@ -57,6 +62,7 @@ from .base import (
     usage_rows,
     validate_session_id,
 )
+from .outline import SessionOutline, session_outline
 from .query import GroupBy, Order, PruneCriteria, SessionQuery, check_type, parse_group_by
 
 if sys.platform != "win32":
@@ -108,6 +114,37 @@ def _entry(key: _FileKey, session: Session) -> _Entry:
     return _Entry(key=key, summary=summarize(session), rows=tuple(usage_rows(session, "model")))
 
 
+PAGED_BYTES_LIMIT = 512 * 2**20
+"""How many bytes of session files `JsonDirStore.load_outline` and `load_loops` keep
+split, together (the file read last is kept whatever its size); beyond this, the
+least recently read are dropped. The viewer pages through a few sessions at a time."""
+
+
+@dataclass(frozen=True)
+class _Paged:
+    """One version of one session file, split for partial loads."""
+
+    key: _FileKey
+    outline: SessionOutline
+    loops: tuple[msgspec.Raw, ...]
+    """Each loop's JSON as the file holds it (views of its bytes), decoded only when a
+    page asks for the loop."""
+
+    @property
+    def size(self) -> int:
+        """The file's bytes, which its loops keep alive."""
+        return self.key[2]
+
+
+class _LoopsOnly(msgspec.Struct):
+    """A session file read only as far as its loops' JSON (the rest is skipped)."""
+
+    loops: list[msgspec.Raw] = []
+
+
+_split_loops = msgspec.json.Decoder(_LoopsOnly)
+
+
 # Kernel file times are coarse (a clock tick, often several ms), so saves in quick
 # succession would share a modification time and `list_ids` could not tell which
 # came last. Each save therefore stamps its file from a nanosecond clock that never
@@ -144,7 +181,7 @@ def _describe(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
+class JsonDirStore(ScanSearch, AsyncTwins):
     """A `SessionStore` keeping one phi-core JSON file per session in `directory`.
 
     The directory is created on the first save. `save` waits at most
@@ -161,6 +198,7 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
         self._dir = Path(directory)
         self._lock_timeout = lock_timeout
         self._cache: OrderedDict[str, _Entry] = OrderedDict()  # the oldest dropped in O(1)
+        self._paged: OrderedDict[str, _Paged] = OrderedDict()  # least recently read first
         self._cache_lock = threading.Lock()
 
     @property
@@ -181,9 +219,11 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
         self.close()
 
     def close(self) -> None:
-        """Forget the cached summaries. The store holds no other resource and stays usable."""
+        """Forget the cached summaries and split files. The store holds no other resource
+        and stays usable."""
         with self._cache_lock:
             self._cache.clear()
+            self._paged.clear()
 
     # -- writing ----------------------------------------------------------------------
 
@@ -325,24 +365,76 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
         """The stored session. A file that does not parse raises `StoreError` naming it."""
         return self._read(validate_session_id(session_id))[0]
 
-    def _read(self, session_id: str) -> tuple[Session, _Entry]:
+    def load_outline(self, session_id: str) -> SessionOutline:
+        """See `SessionStore.load_outline`. Decodes the whole file unless it is unchanged
+        since the last partial load."""
+        return self._paged_file(validate_session_id(session_id)).outline
+
+    def load_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]:
+        """See `SessionStore.load_loops`. Decodes those loops only, once the file has been
+        split (by the first partial load of this version of it)."""
+        check_loop_range(start, stop)
+        session_id = validate_session_id(session_id)
+        paged = self._paged_file(session_id)
+        try:
+            return [decode_loop(bytes(raw), strict=False) for raw in paged.loops[start:stop]]
+        except DecodeError as error:  # not seen: the whole file decoded, so do its loops
+            raise self._corrupt(session_id, error) from error
+
+    def _paged_file(self, session_id: str) -> _Paged:
+        """The split current version of the session file, from the cache if its key matches."""
         path = self._dir / f"{session_id}{_SUFFIX}"
         try:
-            with open(path, "rb") as file:
-                # Key and bytes come from one open file, so they describe one version.
-                key = _file_key(os.fstat(file.fileno()))
-                data = file.read()
+            key = _file_key(os.stat(path))
         except FileNotFoundError:
             raise SessionNotFound(f"no session {session_id!r} in {self._dir}") from None
         except OSError as error:
             raise StoreError(f"cannot read session file {path}: {_describe(error)}") from error
+        with self._cache_lock:
+            paged = self._paged.get(session_id)
+            if paged is not None and paged.key == key:
+                self._paged.move_to_end(session_id)
+                return paged
+        key, data = self._read_bytes(session_id)
+        session, _ = self._decode(session_id, key, data)
+        loops = tuple(_split_loops.decode(data).loops)
+        if len(loops) != len(session.loops):  # both read one "loops" array: never, but pages would shift
+            raise self._corrupt(session_id, "its loops do not split apart")
+        paged = _Paged(key=key, outline=session_outline(session), loops=loops)
+        with self._cache_lock:
+            self._paged.pop(session_id, None)
+            self._paged[session_id] = paged
+            kept = sum(entry.size for entry in self._paged.values())
+            while kept > PAGED_BYTES_LIMIT and len(self._paged) > 1:  # drop the least recently read
+                kept -= self._paged.popitem(last=False)[1].size
+        return paged
+
+    def _read(self, session_id: str) -> tuple[Session, _Entry]:
+        return self._decode(session_id, *self._read_bytes(session_id))
+
+    def _read_bytes(self, session_id: str) -> tuple[_FileKey, bytes]:
+        path = self._dir / f"{session_id}{_SUFFIX}"
+        try:
+            with open(path, "rb") as file:
+                # Key and bytes come from one open file, so they describe one version.
+                return _file_key(os.fstat(file.fileno())), file.read()
+        except FileNotFoundError:
+            raise SessionNotFound(f"no session {session_id!r} in {self._dir}") from None
+        except OSError as error:
+            raise StoreError(f"cannot read session file {path}: {_describe(error)}") from error
+
+    def _decode(self, session_id: str, key: _FileKey, data: bytes) -> tuple[Session, _Entry]:
+        """The session `data` holds, its summary remembered under `key`."""
         try:
             session = decode_session(data, strict=False)  # what any writer of ours wrote
         except DecodeError as error:
-            raise StoredSessionUnusable(f"corrupt session file {path}: {error}") from error
+            raise self._corrupt(session_id, error) from error
         entry = _entry(key, session)
         self._remember(session_id, entry)
         return session, entry
+
+    def _corrupt(self, session_id: str, reason: object) -> StoredSessionUnusable:
+        return StoredSessionUnusable(f"corrupt session file {self.path_for(session_id)}: {reason}")
 
     def _remember(self, session_id: str, entry: _Entry) -> None:
         with self._cache_lock:
@@ -354,6 +446,7 @@ class JsonDirStore(ScanSearch, OutlineFromLoad, AsyncTwins):
     def _forget(self, session_id: str) -> None:
         with self._cache_lock:
             self._cache.pop(session_id, None)
+            self._paged.pop(session_id, None)
 
     def _scan(self) -> list[tuple[str, os.stat_result]]:
         """Session files with their metadata, most recently saved first (ties: by id)."""

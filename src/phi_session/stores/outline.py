@@ -10,7 +10,7 @@ counts by type, billed usage, the model calls cost prices, first prompt) and the
 `SessionStore.load_loops` whole loops, a range of positions at a time. The SQL
 stores keep each loop's outline beside its record (`encode_loop_outline`), so
 neither reads the records of other loops; the JSON directory store derives both
-from the whole session.
+from the whole file, which it keeps split by loop while it is unchanged.
 
 Opening a session of 23,000 loops decodes 23,000 outlines: that is why a
 `LoopOutline` is flat (strings, counts and two usages) and keeps the record as raw
