@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console, Group
+from rich.text import Text
 
 from phi_session.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from phi_session.cli.render import STATUS_STYLES
+from phi_session.cli.render_diff import _Sides
 from phi_session.diff import LoopDiff, SessionDiff, diff_loops
 
 from .diff_support import BASE, Step, Stored, store_fork
@@ -98,3 +106,48 @@ def test_a_missing_store_is_not_created(tmp_path: Path) -> None:
     result = run("diff", "--store", missing, "a:#1", "b:#1")
     assert result.exit_code == EXIT_FAILURE and "no store at" in result.stderr
     assert not missing.exists()
+
+
+# -- the loops' facts side by side, drawn without rich's table layout ---------------------------
+
+# Narrow, wide (two cells) and combining characters, and spaces that a fold could break at.
+_CELL_TEXT = st.lists(
+    st.sampled_from(["a", "Z", "7", " ", "-", "#", ":", "\u4e2d", "\U0001f600", "e\u0301", "\\x1b"]),
+    max_size=30,
+).map("".join)
+_CELL_STYLE = st.sampled_from(["", "bold", "blue", "dim", *STATUS_STYLES.values()])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(_CELL_TEXT, _CELL_STYLE, _CELL_TEXT, _CELL_STYLE, _CELL_TEXT, _CELL_STYLE),
+        min_size=1,
+        max_size=8,
+    ),
+    width=st.integers(min_value=8, max_value=140),
+)
+def test_sides_are_drawn_as_rich_draws_their_table(
+    rows: list[tuple[str, str, str, str, str, str]], width: int
+) -> None:
+    """Byte for byte, colours included, at any width: those the rows fit in side by side
+    (drawn directly) and narrower ones (rich folds the cells)."""
+    sides = _Sides(
+        [(Text(label, style=s0), Text(a, style=s1), Text(b, style=s2)) for label, s0, a, s1, b, s2 in rows]
+    )
+
+    def drawn(renderable: Any, colour: bool) -> str:
+        out = io.StringIO()
+        console = Console(
+            file=out,
+            width=width,
+            force_terminal=colour,
+            color_system="truecolor" if colour else None,
+            highlight=False,
+            soft_wrap=False,
+        )
+        console.print(Group(Text("before"), renderable, Text("after")))
+        return out.getvalue()
+
+    for colour in (False, True):
+        assert drawn(sides, colour) == drawn(sides.table(), colour)

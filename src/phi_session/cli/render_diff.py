@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import msgspec
-from rich.console import Group, RenderableType
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -49,26 +51,75 @@ def _seconds_line(a: float | None, b: float | None, delta: float | None) -> str:
     return text
 
 
-def _sides_table(a: LoopSide, b: LoopSide, diff: LoopDiff) -> Table:
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    table.add_column("")
-    table.add_column("A", ratio=1, overflow="fold")
-    table.add_column("B", ratio=1, overflow="fold")
+class _Sides:
+    """Both loops' facts side by side, under the header ``A`` and ``B``: the rich `Table`
+    of `table`, drawn here directly while it fits the console's width.
+
+    A session diff draws one per loop pair, and rich lays a table out cell by cell
+    (measured, wrapped, padded): about 2 ms, three quarters of drawing a pair. Every
+    cell is one line of one style, so while the widest cells fit side by side the
+    table's layout is known: each column as wide as its widest cell, one space
+    between columns, each cell padded to its column's width. These are the segments
+    rich yields for it (the header row bold throughout); a table too wide for the
+    console is left to rich, which folds its cells.
+    """
+
+    _HEADER = ("", "A", "B")
+    _PADDING = ((0, 1), (1, 1), (1, 0))  # (left, right) spaces of each column: no outer edge
+
+    def __init__(self, rows: list[tuple[Text, Text, Text]]) -> None:
+        self.rows = rows
+
+    def table(self) -> Table:
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        table.add_column(self._HEADER[0])
+        table.add_column(self._HEADER[1], ratio=1, overflow="fold")
+        table.add_column(self._HEADER[2], ratio=1, overflow="fold")
+        for row in self.rows:
+            table.add_row(*row)
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        header = tuple(Text(name, style="bold") for name in self._HEADER)
+        rows = [header, *self.rows]
+        widths = [max(cell_len(row[column].plain) for row in rows) for column in range(3)]
+        if sum(widths) + sum(map(sum, self._PADDING)) > options.max_width:
+            yield self.table()
+            return
+        bold = console.get_style("bold")
+        for row in rows:
+            padding = bold if row is header else None
+            for cell, width, (left, right) in zip(row, widths, self._PADDING, strict=True):
+                if left:
+                    yield Segment(" " * left, padding)
+                text = cell.plain
+                yield Segment(text + " " * (width - cell_len(text)), console.get_style(cell.style))
+                if right:
+                    yield Segment(" " * right, padding)
+            yield Segment.line()
+
+
+def _sides_table(a: LoopSide, b: LoopSide, diff: LoopDiff) -> _Sides:
+    rows: list[tuple[Text, Text, Text]] = []
 
     def row(label: str, value_a: str, value_b: str, style: str = "") -> None:
-        table.add_row(
-            Text(label, style="bold"),
-            plain(value_a, style, one_line=True),
-            plain(value_b, style, one_line=True),
+        rows.append(
+            (
+                Text(label, style="bold"),
+                plain(value_a, style, one_line=True),
+                plain(value_b, style, one_line=True),
+            )
         )
 
     row("session", a.session_id, b.session_id)
     row("loop", f"#{a.position + 1} {a.loop_id}", f"#{b.position + 1} {b.loop_id}")
     row("kind", a.continuation, b.continuation, "blue")
-    table.add_row(
-        Text("status", style="bold"),
-        Text(a.status, style=STATUS_STYLES.get(a.status, "")),
-        Text(b.status, style=STATUS_STYLES.get(b.status, "")),
+    rows.append(
+        (
+            Text("status", style="bold"),
+            Text(a.status, style=STATUS_STYLES.get(a.status, "")),
+            Text(b.status, style=STATUS_STYLES.get(b.status, "")),
+        )
     )
     row("model", a.model or "no config", b.model or "no config")
     row("turns", number(a.turn_count), number(b.turn_count))
@@ -79,7 +130,7 @@ def _sides_table(a: LoopSide, b: LoopSide, diff: LoopDiff) -> Table:
         "-" if a.seconds is None else duration(a.seconds),
         _seconds_line(a.seconds, b.seconds, diff.seconds_delta),
     )
-    return table
+    return _Sides(rows)
 
 
 def _json(value: Any) -> str:
