@@ -82,18 +82,20 @@ class _Sides:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         header = tuple(Text(name, style="bold") for name in self._HEADER)
         rows = [header, *self.rows]
-        widths = [max(cell_len(row[column].plain) for row in rows) for column in range(3)]
+        lengths = [[cell_len(cell.plain) for cell in row] for row in rows]
+        widths = [max(row[column] for row in lengths) for column in range(3)]
         if sum(widths) + sum(map(sum, self._PADDING)) > options.max_width:
             yield self.table()
             return
         bold = console.get_style("bold")
-        for row in rows:
+        for row, row_lengths in zip(rows, lengths, strict=True):
             padding = bold if row is header else None
-            for cell, width, (left, right) in zip(row, widths, self._PADDING, strict=True):
+            for cell, length, width, (left, right) in zip(
+                row, row_lengths, widths, self._PADDING, strict=True
+            ):
                 if left:
                     yield Segment(" " * left, padding)
-                text = cell.plain
-                yield Segment(text + " " * (width - cell_len(text)), console.get_style(cell.style))
+                yield Segment(cell.plain + " " * (width - length), console.get_style(cell.style))
                 if right:
                     yield Segment(" " * right, padding)
             yield Segment.line()
