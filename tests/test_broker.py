@@ -31,7 +31,7 @@ import pytest
 
 from phi_session.codec import decode_event, encode_event, encode_session
 from phi_session.errors import BrokerError
-from phi_session.journal import Journal
+from phi_session.journal import Journal, read_records
 from phi_session.recorder import SessionRecorder
 
 from .nats_support import PrivateServer, listening
@@ -577,6 +577,28 @@ def test_sink_spills_while_the_broker_is_down_and_sends_later(private: Names) ->
     assert worker.stats.recorded == len(events)
 
 
+def test_flush_can_give_up_at_once_while_nats_is_unreachable(private: Names) -> None:
+    """`flush(timeout)` waits out its timeout for a broker that is down (its promise); with
+    `fail_fast` it ends once an attempt to connect failed, and `unreachable` says why (the
+    reason was "TimeoutError", after 4 s of nats-py retrying a refused connection)."""
+    names, server = private, private.server  # type: ignore[attr-defined]
+    server.stop()
+    events = list(workload.events(1, seed=7))
+    sink = names.sink()
+    assert sink.unreachable is None  # nothing to send: no attempt yet
+    for event in events:
+        sink(event)
+    assert not sink.flush(60, fail_fast=True)
+    assert sink.unreachable is not None
+    assert sink.unreachable.startswith(f"cannot reach NATS at {names.url}: ")
+    assert "Connect call failed" in sink.unreachable
+    server.start()
+    assert sink.flush(60)  # still retrying: sent once NATS is back
+    assert sink.unreachable is None
+    sink.close()
+    assert sink.stats().published == len(events)
+
+
 def test_a_spill_journal_on_a_full_disk_loses_nothing_and_stops_nothing(private: Names) -> None:
     """A spill journal that failed on a full disk raised again when closed: the publishing
     thread died once it had sent that journal (nothing later was published), and
@@ -723,8 +745,6 @@ def test_an_event_over_the_max_payload_is_set_aside_and_the_rest_is_sent(names: 
 def test_a_sink_left_open_at_exit_keeps_its_events(names: Names) -> None:
     """A program that ends without `close`: the publishing thread is a daemon, and the
     events it had not sent vanished with it, without a word."""
-    from phi_session.journal import read_records
-
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         dead = free.getsockname()[1]
@@ -757,6 +777,44 @@ def test_a_sink_touches_nothing_in_spill_dir_but_its_own(names: Names) -> None:
         assert sink.flush(30)
     assert (names.spill / "precious" / "data.txt").read_text() == "keep me"
     assert sorted(path.name for path in (names.spill / "precious").iterdir()) == ["data.txt"]
+
+
+def test_a_spill_dir_that_is_not_a_directory_is_refused_at_once(tmp_path: Path) -> None:
+    """It was found once the broker was down: every spill journal failed to open (a
+    traceback each time), the events stayed in memory, and `close` lost them."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    for spill in (blocker, blocker / "spill"):
+        with pytest.raises(BrokerError, match=f"^spill_dir {spill}: {blocker} is not a directory$"):
+            JetStreamSink(URL, spill_dir=spill)
+
+
+def test_sinks_spilling_at_once_create_their_spill_dir_together(tmp_path: Path) -> None:
+    """Creating the spill directory is idempotent: sinks closing at the same moment on
+    a `spill_dir` none of them has created yet all keep their events there."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        unreachable = f"nats://127.0.0.1:{free.getsockname()[1]}"
+    spill = tmp_path / "not" / "yet" / "spill"
+    events = list(workload.events(1, seed=3))
+    sinks = [JetStreamSink(unreachable, spill_dir=spill) for _ in range(8)]
+    for sink in sinks:
+        for event in events:
+            sink(event)
+    together = threading.Barrier(len(sinks))
+
+    def close(sink: JetStreamSink) -> None:
+        together.wait()
+        sink.close(timeout=0)
+
+    closing = [threading.Thread(target=close, args=(sink,)) for sink in sinks]
+    for thread in closing:
+        thread.start()
+    for thread in closing:
+        thread.join()
+    assert [sink.stats().pending for sink in sinks] == [len(events)] * len(sinks)
+    kept = sum(1 for episode in spill.iterdir() for _ in read_records(episode))
+    assert kept == len(events) * len(sinks)
 
 
 def test_sink_checks_its_arguments(names: Names) -> None:

@@ -26,7 +26,7 @@ from click.testing import CliRunner, Result
 
 from phi_session._time import Timestamp
 from phi_session.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MAX_TREE_DEPTH, main
-from phi_session.codec import decode_session, encode_session
+from phi_session.codec import decode_event, decode_session, encode_event, encode_session
 from phi_session.events import SessionFormation
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
@@ -49,6 +49,7 @@ from .web_support import (
     PARENT_ID,
     PARENT_LOOP,
     example_lines,
+    xss_lines,
 )
 
 SCRIPT = Path(sys.executable).with_name("phi-session")
@@ -1338,3 +1339,64 @@ def test_record_to_a_broker_fails_when_events_were_set_aside(tmp_path: Path) -> 
         f"set aside in {rejected}"
     )
     assert len(list(rejected.iterdir())) == big
+
+
+def _spilled_payloads(spill: Path) -> list[bytes]:
+    """The events the sink's spill journals in `spill` hold, in order."""
+    from phi_session.journal import read_records
+
+    payloads = []
+    for episode in sorted(path for path in spill.iterdir() if path.name != "rejected"):
+        for record in read_records(episode):
+            payloads.append(json.loads(record.payload)[3])
+    return [encode_event(decode_event(json.dumps(payload))) for payload in payloads]
+
+
+def _stream_payloads(url: str) -> list[bytes]:
+    """Every message of the default stream, in stream order."""
+    import asyncio
+
+    import nats
+
+    async def read() -> list[bytes]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            count = (await js.stream_info("PHI_EVENTS")).state.messages
+            return [(await js.get_msg("PHI_EVENTS", seq)).data or b"" for seq in range(1, count + 1)]
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def test_record_to_an_unreachable_broker_keeps_the_events_and_says_so_in_one_line(tmp_path: Path) -> None:
+    """It waited for the broker 60 s, then 10 s more, and said so in three warnings
+    under a 'published 0 events' line."""
+    pytest.importorskip("nats", reason="the nats extra is not installed")
+    server = PrivateServer(tmp_path / "jetstream")  # not started yet: its port is closed
+    spill = tmp_path / ".phi-session" / "spill"
+    result = run("record", EXAMPLE_STREAM, "--to", server.url)
+    assert_one_line_error(
+        result,
+        EXIT_FAILURE,
+        f"phi-session: error: cannot reach NATS at {server.url}: ",
+        f": 88 events kept in {spill}; the next 'phi-session record --to' from this directory sends them",
+    )
+    assert result.stdout == ""
+    first = [encode_event(decode_event(line)) for line in example_lines()]
+    assert _spilled_payloads(spill) == first
+
+    # The broker back: the next run sends them first, then its own events.
+    later = tmp_path / "later.jsonl"
+    later.write_text("\n".join(xss_lines()) + "\n", encoding="utf-8")
+    server.start()
+    try:
+        result = run("record", later, "--to", server.url)
+        assert result.exit_code == EXIT_OK, result.stderr
+        assert _stream_payloads(server.url) == first + [
+            encode_event(decode_event(line)) for line in xss_lines()
+        ]
+    finally:
+        server.stop()
+    assert _spilled_payloads(spill) == []

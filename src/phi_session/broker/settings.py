@@ -9,6 +9,7 @@ producers and workers never disagree on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import zlib
@@ -199,31 +200,66 @@ def nats_servers(url: str) -> list[str]:
 
 
 async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float = 2.0) -> Client:
-    """A NATS connection to `url` (`nats_servers`)."""
+    """A NATS connection to `url` (`nats_servers`); `BrokerError` once every server
+    failed to connect (each within `timeout` seconds), saying why the last one did."""
     require_nats()
     import nats
 
     servers = nats_servers(url)
-    try:
-        # Bounded: with endless reconnects, nats-py would retry a first connection forever.
-        return await asyncio.wait_for(
-            nats.connect(
-                servers=servers,
-                name=name,
-                connect_timeout=timeout,
-                allow_reconnect=reconnect,
-                max_reconnect_attempts=-1 if reconnect else 0,
-                reconnect_time_wait=0.5,
-                error_cb=_quiet,
-            ),
-            timeout * (len(servers) + 1),
+    attempts = _FirstAttempts(len(servers))
+    connecting = asyncio.ensure_future(
+        nats.connect(
+            servers=servers,
+            name=name,
+            connect_timeout=timeout,
+            allow_reconnect=reconnect,
+            max_reconnect_attempts=-1 if reconnect else 0,
+            reconnect_time_wait=0.5,
+            error_cb=attempts.failed,
         )
-    except Exception as error:
-        raise BrokerError(f"cannot reach NATS at {url}: {str(error) or type(error).__name__}") from error
+    )
+    given_up = asyncio.ensure_future(attempts.every_server_failed.wait())
+    try:
+        # With endless reconnects, nats-py would retry a first connection forever.
+        await asyncio.wait(
+            (connecting, given_up), timeout=timeout * (len(servers) + 1), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        given_up.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+    try:
+        client = connecting.result()
+    except (asyncio.CancelledError, Exception) as error:
+        why = attempts.last or error  # cancelled: no attempt ended in time
+        if isinstance(why, (TimeoutError, asyncio.TimeoutError, asyncio.CancelledError)):
+            reason = f"no answer within {timeout:g} s"
+        else:
+            reason = str(why) or type(why).__name__
+        raise BrokerError(f"cannot reach NATS at {url}: {reason}") from error
+    attempts.connected = True
+    return client
 
 
-async def _quiet(error: Exception) -> None:
-    """nats-py reports connection errors here; the callers see them as failed requests."""
+class _FirstAttempts:
+    """nats-py reports each failed connection attempt (`failed`, its error callback); with
+    reconnects allowed it tries its servers again and again: one round says enough."""
+
+    def __init__(self, servers: int) -> None:
+        self.left = servers
+        self.last: Exception | None = None
+        self.every_server_failed = asyncio.Event()
+        self.connected = False  # later errors: the client reconnects by itself
+
+    async def failed(self, error: Exception) -> None:
+        if self.connected:
+            return
+        self.last = error
+        self.left -= 1
+        if self.left <= 0:
+            self.every_server_failed.set()
 
 
 async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> StreamSettings:

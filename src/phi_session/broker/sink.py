@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 __all__ = ["JetStreamSink", "SinkStats"]
 
 logger = logging.getLogger("phi_session.broker")
+# Notices of events waiting for NATS (spilled, NATS unreachable, left on disk at close): a
+# program that reports that backlog itself (``record --to``) silences this logger.
+backlog_logger = logging.getLogger("phi_session.broker.backlog")
 
 # (event id, session id, partition key, event JSON)
 _Message = tuple[str, str, str, bytes]
@@ -140,7 +143,8 @@ class JetStreamSink:
     (or appends it to the spill journal). `flush(timeout)` waits until JetStream
     acknowledged everything queued before it; `close(timeout)` flushes, then spills
     what is still unacknowledged, so nothing is lost by closing; a program that ends
-    with the sink open closes it at exit (an ``atexit`` hook). Thread-safe.
+    with the sink open closes it at exit (an ``atexit`` hook). `unreachable` says why
+    NATS could not be reached, while it cannot. Thread-safe.
     """
 
     def __init__(
@@ -171,6 +175,7 @@ class JetStreamSink:
             stream=stream, subject_prefix=subject_prefix, partitions=partitions
         )
         self.spill_dir = Path(spill_dir) if spill_dir is not None else Path.cwd() / ".phi-session" / "spill"
+        _check_spill_dir(self.spill_dir)
         self.producer_id = uuid.uuid4().hex[:16]
         self._id_prefix = f"{self.producer_id}-"
         self.wants_deltas = wants_deltas
@@ -189,6 +194,7 @@ class JetStreamSink:
         self._spill_bytes_from = buffer_bytes  # the same, in bytes
         self._published = self._spilled = self._left = self._rejected = 0
         self._closed = False
+        self._unreachable: str | None = None
         self._roots: dict[str, str] = {}  # sub-agent session -> the session it goes with
         self._loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
         self._idle = threading.Condition(self._lock)
@@ -269,7 +275,7 @@ class JetStreamSink:
             return
         self._spill_from, self._spill_bytes_from = self.buffer, self.buffer_bytes
         self._queue.append(self._spill)
-        logger.warning(
+        backlog_logger.warning(
             "NATS at %s is not taking events as fast as they come (%d waiting): spilling to %s;"
             " nothing is dropped, they are sent when it does",
             self.url,
@@ -314,14 +320,30 @@ class JetStreamSink:
             entry.count if isinstance(entry, _Episode) else len(entry) for entry in entries
         )
 
-    def flush(self, timeout: float | None = 30.0) -> bool:
+    @property
+    def unreachable(self) -> str | None:
+        """Why NATS could not be reached (or its stream could not be set up) at the last
+        attempt; None before the first attempt and once one succeeded."""
+        with self._lock:
+            return self._unreachable
+
+    def set_unreachable(self, reason: str | None) -> None:
+        """Called by the publishing thread after each attempt to connect (None: it succeeded)."""
+        with self._idle:
+            self._unreachable = reason
+            self._idle.notify_all()
+
+    def flush(self, timeout: float | None = 30.0, *, fail_fast: bool = False) -> bool:
         """Wait until JetStream acknowledged every event given so far; False if `timeout`
-        seconds passed first (the rest stays queued or spilled, and is sent later)."""
+        seconds passed first (the rest stays queued or spilled, and is sent later). With
+        `fail_fast`, False as soon as NATS is `unreachable` too, rather than waiting for it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
             while self._queue or self._sending is not None:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if (remaining is not None and remaining <= 0) or not self._thread.is_alive():
+                    return False
+                if fail_fast and self._unreachable is not None:
                     return False
                 self._idle.wait(remaining if remaining is not None else _IDLE_WAIT)
             return True
@@ -385,7 +407,7 @@ class JetStreamSink:
         with self._lock:
             self._left = left
         if left:
-            logger.warning(
+            backlog_logger.warning(
                 "%d events not yet acknowledged by NATS at %s are kept in %s; the next "
                 "JetStreamSink on that directory sends them",
                 left,
@@ -471,13 +493,15 @@ class JetStreamSink:
     def leftover_episodes(self) -> list[_Episode]:
         """Spill episodes an earlier process left (oldest first); those in use are skipped,
         and so are the later ones of their producer: whoever holds the first sends them, in order."""
-        if not self.spill_dir.is_dir():
+        try:
+            listed = sorted(self.spill_dir.iterdir())
+        except (FileNotFoundError, NotADirectoryError):  # none yet (or removed meanwhile)
             return []
         found = []
         # This sink's own (its first may be created meanwhile), and producers with an
         # episode another sink holds.
         skipped = {self.producer_id}
-        for directory in sorted(self.spill_dir.iterdir()):
+        for directory in listed:
             if not _EPISODE_NAME.fullmatch(directory.name) or not directory.is_dir():
                 continue
             producer = directory.name.split("-", 1)[0]
@@ -582,7 +606,7 @@ class _Publisher:
             self.js = None  # check the stream again before the retry (it may be gone)
             if self.down_since is None:
                 self.down_since = time.monotonic()
-                logger.warning(
+                (backlog_logger if self.sink.unreachable else logger).warning(
                     "publishing to NATS at %s failed (%s); retrying, events wait in the buffer"
                     " and then the spill journal",
                     self.sink.url,
@@ -601,12 +625,32 @@ class _Publisher:
     async def ready(self) -> JetStreamContext:
         if self.js is not None:
             return self.js
-        if self.nc is None or self.nc.is_closed:
-            self.nc = await connect(self.sink.url, name=f"phi-session producer {self.sink.producer_id}")
-        js = self.nc.jetstream(timeout=self.sink.publish_timeout)
-        self.settings = await ensure_stream(js, self.sink.settings)
+        try:
+            if self.nc is None or self.nc.is_closed:
+                self.nc = await connect(self.sink.url, name=f"phi-session producer {self.sink.producer_id}")
+            js = self.nc.jetstream(timeout=self.sink.publish_timeout)
+            self.settings = await ensure_stream(js, self.sink.settings)
+        except Exception as error:
+            reason = str(error) or type(error).__name__
+            self.sink.set_unreachable(
+                reason if isinstance(error, BrokerError) else f"NATS at {self.sink.url}: {reason}"
+            )
+            raise
+        self.sink.set_unreachable(None)
         self.js = js
         return js
+
+
+def _check_spill_dir(path: Path) -> None:
+    """`BrokerError` if `path` cannot become a directory: it, or the nearest of its
+    parents that exists, is something else. Created only when first needed (each spill
+    journal's ``mkdir(parents=True, exist_ok=True)``, so sinks may create it at once);
+    found only then, no event spilled could be kept, and `close` lost them."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise BrokerError(f"spill_dir {path}: {existing} is not a directory")
+            return
 
 
 def _wire_size(message: _Message) -> int:

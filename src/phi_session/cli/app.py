@@ -36,6 +36,7 @@ __all__ = [
     "main",
     "open_cli_store",
     "refuse_store_file",
+    "reported_by_the_command",
     "saver_errors_reported_by_the_command",
     "session_id_argument",
     "stderr",
@@ -204,19 +205,24 @@ class _StderrLogHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def saver_errors_reported_by_the_command() -> Iterator[None]:
-    """For a command that reports each session its saver could not save (``import``):
-    the saver's own error line would say it a second time (its retry warnings still show)."""
+def reported_by_the_command(logger_name: str, level: int = logging.NOTSET) -> Iterator[None]:
+    """Records of `logger_name` from `level` up are not shown: the command says what they say."""
 
-    def below_error(record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
+    def below(record: logging.LogRecord) -> bool:
+        return record.levelno < level
 
-    saver_logger = logging.getLogger("phi_session.saver")
-    saver_logger.addFilter(below_error)
+    library_logger = logging.getLogger(logger_name)
+    library_logger.addFilter(below)
     try:
         yield
     finally:
-        saver_logger.removeFilter(below_error)
+        library_logger.removeFilter(below)
+
+
+def saver_errors_reported_by_the_command() -> contextlib.AbstractContextManager[None]:
+    """For a command that reports each session its saver could not save (``import``):
+    the saver's own error line would say it a second time (its retry warnings still show)."""
+    return reported_by_the_command("phi_session.saver", logging.ERROR)
 
 
 class PhiSessionGroup(click.Group):

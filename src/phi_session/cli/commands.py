@@ -49,6 +49,7 @@ from .app import (
     open_cli_store,
     prices_option,
     refuse_store_file,
+    reported_by_the_command,
     saver_errors_reported_by_the_command,
     session_id_argument,
     stderr,
@@ -565,7 +566,9 @@ def record(
     With --to nats://HOST the events are published to JetStream instead (stream
     and partitions from $PHI_SESSION_NATS_*), and the command ends once the broker
     acknowledged them all. An event too large for the broker is set aside as a file
-    in .phi-session/spill/rejected, and the command then fails (exit status 1).
+    in .phi-session/spill/rejected, and the command then fails (exit status 1). A
+    broker that cannot be reached fails it at once: the events are kept in
+    .phi-session/spill, and the next 'record --to' from this directory sends them.
     """
     if broker_url is not None:
         if directory is not None or store_url is not None or orphans_path is not None:
@@ -1050,13 +1053,17 @@ class _Publisher:
 
 def _publish(source: str, url: str, as_json: bool, rejected_path: str | None) -> None:
     from ..broker import JetStreamSink
+    from ..broker.sink import backlog_logger
 
     try:
         sink = JetStreamSink(url)
     except ValueError as error:
         raise CliError(f"--to: {error}", EXIT_USAGE) from None
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(sink.close)
+        # What waits for the broker, and why, is the command's own last line.
+        cleanup.enter_context(reported_by_the_command(backlog_logger.name))
+        # The flush below is the one wait: closing only spills what it left.
+        cleanup.callback(sink.close, 0)
         lines = _LineSource(source)
         cleanup.callback(lines.close)
         if rejected_path:
@@ -1068,8 +1075,9 @@ def _publish(source: str, url: str, as_json: bool, rejected_path: str | None) ->
         finally:
             lines.close()
             rejected.close()
-            sent = sink.flush(timeout=60)
+            sent = sink.flush(timeout=60, fail_fast=True)
     stats = sink.stats()
+    unreachable = None if sent else sink.unreachable
     if as_json:
         echo_json(
             {
@@ -1082,7 +1090,8 @@ def _publish(source: str, url: str, as_json: bool, rejected_path: str | None) ->
                 "errors": outcome["errors"],
             }
         )
-    else:
+    elif unreachable is None or stats.published or outcome["malformed_lines"]:
+        # (Not when it would only say nothing was published: the error line says why.)
         stdout().print(
             Text(
                 f"published {render.count(stats.published, 'event')} to {url} "
@@ -1092,11 +1101,14 @@ def _publish(source: str, url: str, as_json: bool, rejected_path: str | None) ->
             ),
             soft_wrap=True,
         )
-    if not sent:
-        warn(
-            f"warning: {render.count(stats.pending, 'event')} not acknowledged yet are kept in "
-            f"{sink.spill_dir}; the next 'record --to' or JetStreamSink there sends them"
-        )
+    kept = f"kept in {sink.spill_dir}; the next 'phi-session record --to' from this directory sends them"
+    if unreachable is not None:
+        message = f"{unreachable}: {render.count(stats.pending, 'event')} {kept}"
+        if outcome["interrupted_at"] is None:
+            raise CliError(message)
+        warn(f"error: {message}")
+    elif not sent:
+        warn(f"warning: {render.count(stats.pending, 'event')} not acknowledged yet are {kept}")
     if outcome["interrupted_at"] is not None:
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
     if outcome["events"] == 0:

@@ -1039,6 +1039,28 @@ class StoreConformance:
         assert store.usage_totals() == [UsageTotal(key="idle", sessions=1, loops=0, usage=_usage(0))]
         assert store.usage_totals("model") == []
 
+    def test_usage_totals_keep_nul_and_the_replacement_character_apart(self, store: SessionStore) -> None:
+        # A NUL and U+FFFD in the same place make different agents and models: each keeps
+        # its own total under its own key (PostgreSQL text cannot hold NUL).
+        sessions = []
+        for session_id, mark, tokens in (("nul", "\x00", 100), ("fffd", "\ufffd", 300)):
+            agent = f"a{mark}b"
+            loop = make_loop(session_id, 1, agent_id=agent, tokens=tokens, model=f"p{mark}/m{mark}x")
+            sessions.append(make_session(session_id, agent, loops=[loop]))
+            store.save(sessions[-1])
+        pricer = Pricer({}, use_table=False)
+        keys: tuple[tuple[GroupBy, str], ...] = (("agent", "a{}b"), ("model", "p{0}/m{0}x"))
+        for by, key in keys:
+            expected = [
+                UsageTotal(key=key.format(mark), sessions=1, loops=1, usage=_usage(tokens))
+                for mark, tokens in (("\x00", 100), ("\ufffd", 300))
+            ]
+            assert store.usage_totals(by) == expected, by
+            priced = store.usage_totals(by, pricer=pricer)
+            assert [msgspec.structs.replace(row, cost=msgspec.UNSET) for row in priced] == expected, by
+            costs = {row.key: row.cost for row in cost_totals(sessions, by, pricer)}
+            assert {row.key: row.cost for row in priced} == costs, by
+
     def test_summaries_carry_the_first_prompt(self, store: SessionStore) -> None:
         long = "x" * 500
         store.save(make_session("quiet", last_active_at=at(1)))  # no message at all

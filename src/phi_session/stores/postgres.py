@@ -42,7 +42,8 @@ columns, copies of the JSON's values for filters and listings, show it as U+FFFD
 match may be another string (NUL where it has U+FFFD, or the reverse), has each
 session the columns select checked against its JSON (`_selected`); summaries read
 their ids from the JSON, exact, and `list_for_agent` keeps only the agent asked
-for. Per-agent and per-model totals are keyed by the columns: U+FFFD for NUL.
+for. Per-agent and per-model totals are exact too: a group whose key holds U+FFFD
+is summed again under the keys its rows' JSON holds (`_exact_totals`).
 Text columns use the ``"C"`` collation, so every ordering is by code point (as in
 Python and the other stores), whatever the database's locale. Times in the index
 columns are clamped to what BIGINT nanoseconds hold (1677-09-21 to 2262-04-11);
@@ -86,7 +87,7 @@ import msgspec
 from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
 from ..errors import DecodeError, SessionLocked, SessionNotFound, StoredSessionUnusable, StoreError
-from ..messages import Usage
+from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
 from .base import (
     STATUS_COLUMNS,
@@ -94,11 +95,13 @@ from .base import (
     USAGE_FIELDS,
     AsyncTwins,
     SessionSummary,
+    UsageRow,
     UsageTotal,
     as_query,
     check_loop_range,
     check_pricer,
     merge_sessions,
+    model_key,
     query_selects,
     save_escaping,
     session_id_to_save,
@@ -171,6 +174,30 @@ def _text(value: str | None) -> str | None:
     """`value` as a text column can hold it: PostgreSQL text refuses NUL, shown as U+FFFD.
     Only for copies of what the JSON keeps exact (filters and listings)."""
     return value.replace("\x00", "\ufffd") if value is not None else None
+
+
+_BLURRED = "\ufffd"  # in a text column: U+FFFD, or NUL (`_text`)
+
+
+def _exact_loop(record: bytes | None) -> LoopRecord | None:
+    """The loop of a row whose text columns may stand for other strings (`_text`), to read
+    its exact names from; None for another row, or one whose record does not decode."""
+    if record is None:
+        return None
+    try:
+        return decode_loop(record, strict=False)
+    except DecodeError:
+        return None
+
+
+def _exact_key(group_by: GroupBy, key: str, loop: LoopRecord | None, header: bytes | None) -> str:
+    """A `usage_totals` key as the JSON has it (`loop` and `header` are read only for rows
+    whose key column may stand for another string); else the column's `key`."""
+    if group_by == "agent" and header is not None:
+        return _listed_decoder.decode(header).agent_id
+    if group_by == "model" and loop is not None:
+        return model_key(loop)
+    return key
 
 
 def _lexemes(record: LoopRecord) -> list[str] | None:
@@ -1250,20 +1277,83 @@ class PostgresStore(AsyncTwins):
                 UsageTotal(key=key, sessions=sessions, loops=int(loops), usage=_usage(tokens))
                 for key, sessions, loops, *tokens in cur.fetchall()
             ]
+            totals = self._exact_totals(cur, group_by, totals)
             if pricer is None:
                 return totals
-            tokens = ", ".join(f"l.{column}" for column in USAGE_COLUMNS)
-            cur.execute(
-                self._sql(
-                    f"SELECT {_ROW_KEY[group_by]}, l.provider, l.model, l.calls, l.started_at_ns, {tokens}"
-                    " FROM {s}.loops l JOIN {s}.sessions s USING (session_id)"
-                )
-            )
-            rows = [
-                stored_usage_row(key, provider, model, calls, Timestamp.from_ns(started), _usage(usage))
-                for key, provider, model, calls, started, *usage in cur.fetchall()
-            ]
+            rows = self._usage_rows(cur, group_by)
+            # Names holding U+FFFD may stand for NUL too (`_text`): those rows' JSON says.
+            if any(_BLURRED in f"{row.key}{row.provider}{row.model}" for row in rows):
+                rows = [row for row in rows if _BLURRED not in f"{row.key}{row.provider}{row.model}"]
+                rows += self._usage_rows(cur, group_by, exact=True)
         return pricer.price_totals(totals, rows)
+
+    def _usage_rows(
+        self, cur: psycopg.Cursor[Row], group_by: GroupBy, *, exact: bool = False
+    ) -> list[UsageRow]:
+        """Every loop's `UsageRow`, its key and names as the columns hold them; `exact`:
+        only the loops whose key or names hold U+FFFD, as their JSON holds them."""
+        key_column = _ROW_KEY[group_by]
+        tokens = ", ".join(f"l.{column}" for column in USAGE_COLUMNS)
+        json, where = (
+            ("l.record, s.header", f" WHERE strpos(concat({key_column}, l.provider, l.model), %s) > 0")
+            if exact
+            else ("NULL, NULL", "")
+        )
+        cur.execute(
+            self._sql(
+                f"SELECT {key_column}, l.provider, l.model, l.calls, l.started_at_ns, {json}, {tokens}"
+                f" FROM {{s}}.loops l JOIN {{s}}.sessions s USING (session_id){where}"
+            ),
+            (_BLURRED,) if exact else None,
+        )
+        rows = []
+        for key, provider, model, calls, started, record, header, *usage in cur.fetchall():
+            if exact:
+                loop = _exact_loop(record)
+                if loop is not None:
+                    config = loop.config
+                    provider, model = (None, None) if config is None else (config.provider, config.model)
+                key = _exact_key(group_by, key, loop, header)
+            rows.append(
+                stored_usage_row(key, provider, model, calls, Timestamp.from_ns(started), _usage(usage))
+            )
+        return rows
+
+    def _exact_totals(
+        self, cur: psycopg.Cursor[Row], group_by: GroupBy, totals: list[UsageTotal]
+    ) -> list[UsageTotal]:
+        """`totals` with each group whose key holds U+FFFD (which stands for NUL too:
+        `_text`) summed again under its rows' exact keys, read from their JSON; by key."""
+        blurred = [total.key for total in totals if _BLURRED in total.key]
+        if not blurred:
+            return totals
+        tokens = ", ".join(USAGE_COLUMNS)
+        if group_by == "model":
+            columns, table = "1, record, NULL", "loops"
+        else:  # by agent (a day is digits)
+            columns, table = "loop_count, NULL, header", "sessions"
+        column = _GROUP_KEY[group_by]
+        cur.execute(
+            self._sql(
+                f"SELECT {column}, session_id, {columns}, {tokens} FROM {{s}}.{table}"
+                f" WHERE {column} = ANY(%s)"
+            ),
+            (blurred,),
+        )
+        sessions: dict[str, set[str]] = {}
+        loops: Counter[str] = Counter()
+        usage: dict[str, Usage] = {}
+        for column_key, session_id, count, record, header, *values in cur.fetchall():
+            key = _exact_key(group_by, column_key, _exact_loop(record), header)
+            sessions.setdefault(key, set()).add(session_id)
+            loops[key] += count
+            usage[key] = usage.get(key, ZERO_USAGE) + _usage(values)
+        exact = [total for total in totals if total.key not in blurred]
+        exact += [
+            UsageTotal(key=key, sessions=len(ids), loops=loops[key], usage=usage[key])
+            for key, ids in sessions.items()
+        ]
+        return sorted(exact, key=lambda total: total.key)
 
     def prune(self, criteria: PruneCriteria) -> int:
         """Delete the whole sessions `criteria` selects; returns how many. Then ``VACUUM`` the tables.
