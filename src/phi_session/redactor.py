@@ -732,9 +732,11 @@ class Redactor:
 
     def _update(self, event: MessageUpdate) -> MessageUpdate:
         delta = event.delta
-        if delta.kind == "ToolCallDelta" or self.redact_text:
-            text = self.redact_string(delta.delta)
-            if text is not delta.delta:
+        # A tool call's arguments are always scanned, text and thinking with `redact_text`.
+        if delta.ToolCallDelta is not msgspec.UNSET or self.redact_text:
+            piece = delta.delta
+            text = self.redact_string(piece)
+            if text is not piece:
                 event = replace(event, delta=StreamDelta(delta.kind, text))
         message = event.message
         if type(message) is AssistantMessage and not message.content and message.error_message is None:
