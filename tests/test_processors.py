@@ -97,6 +97,21 @@ def test_text_redaction_is_opt_in() -> None:
         assert secret.encode() not in data, secret
 
 
+def test_text_redaction_covers_deltas_streamed_into_a_single_sink() -> None:
+    # One sink and the redactor alone: the tracer's shortest path for prose deltas.
+    redactor = Redactor()
+    events: list[ps.AgentEvent] = []
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append], redact=redactor, config=SNAP)
+    with tracer.loop() as loop, loop.turn() as turn, turn.assistant() as reply:
+        reply.text_delta(f"plain {SECRET_KEY}")  # text is left alone unless asked for
+        redactor.redact_text = True  # read per event
+        reply.text_delta(f"text {SECRET_KEY}")
+        reply.thinking_delta(f"thinking {SECRET_KEY}")
+        reply.finish()
+    deltas = [e.delta.delta for e in events if isinstance(e, ps.MessageUpdate)]  # type: ignore[attr-defined]
+    assert deltas == [f"plain {SECRET_KEY}", f"text {REDACTED}", f"thinking {REDACTED}"]
+
+
 def test_redaction_can_be_turned_off() -> None:
     _, session, _ = record({"redact": False}, secret_scenario)
     assert session.loops[0].metadata == {"password": "pw", "user": "bob"}
@@ -798,6 +813,21 @@ def test_known_clean_field_names_are_still_scanned_for_secrets() -> None:
     assert redactor.redact_value({"q": "x", "api_key": "plain"}) == {"q": "x", "api_key": REDACTED}
     numbers = {"q": 3, "path": 2.5}
     assert redactor.redact_value(numbers) is numbers
+
+
+def test_known_clean_field_names_with_numbers_beside_text_are_still_scanned_for_secrets() -> None:
+    redactor = Redactor()
+    clean = {"path": "src/a.py", "max_results": 30, "verbose": True, "query": "cache"}
+    assert redactor.redact_value(clean) is clean  # every name is now known clean
+    assert redactor.redact_value(clean) is clean
+    mixed = {"path": "src/a.py", "max_results": 30, "query": f"use {SECRET_KEY}", "verbose": None}
+    assert redactor.redact_value(mixed) == {**mixed, "query": "use [REDACTED]"}
+    nested = {"path": "src", "max_results": [SECRET_KEY]}
+    assert redactor.redact_value(nested) == {"path": "src", "max_results": [REDACTED]}
+    call = ps.ToolExecutionStart(
+        loop_id="l", tool_call_id="c", tool_name="t", args={"path": "https://u:pw@host/x", "max_results": 2}
+    )
+    assert redactor(call).args == {"path": "https://[REDACTED]@host/x", "max_results": 2}  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("options", [{"extra_patterns": [r"acct-\d{6}"]}, {"patterns": [r"acct-\d{6}"]}])

@@ -16,7 +16,7 @@ from operator import attrgetter, is_
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar, Union
 
 import msgspec
-from msgspec.structs import force_setattr, replace
+from msgspec.structs import force_setattr
 
 from ._collector import release_leaf
 from ._float32 import Float32
@@ -341,17 +341,29 @@ _TOOL_CALL: StreamDelta = _plain_new(StreamDelta, ToolCallDelta=_Fragment(""))
 
 
 # A producer builds one delta per streamed token: these skip ``StreamDelta(kind, delta)``'s
-# checks, which a known kind does not need.
+# checks, which a known kind does not need, and `__post_init__` (`replace` would run it),
+# which only what a decoder reads needs: a copy of the kind's template, its fragment set.
+_copy_text: Callable[[], StreamDelta] = _TEXT.__copy__  # type: ignore[attr-defined]
+_copy_thinking: Callable[[], StreamDelta] = _THINKING.__copy__  # type: ignore[attr-defined]
+_copy_tool_call: Callable[[], StreamDelta] = _TOOL_CALL.__copy__  # type: ignore[attr-defined]
+
+
 def _text_delta(delta: str) -> StreamDelta:
-    return replace(_TEXT, Text=_Fragment(delta))
+    built = _copy_text()
+    force_setattr(built, "Text", _Fragment(delta))
+    return built
 
 
 def _thinking_delta(delta: str) -> StreamDelta:
-    return replace(_THINKING, Thinking=_Fragment(delta))
+    built = _copy_thinking()
+    force_setattr(built, "Thinking", _Fragment(delta))
+    return built
 
 
 def _tool_call_delta(delta: str) -> StreamDelta:
-    return replace(_TOOL_CALL, ToolCallDelta=_Fragment(delta))
+    built = _copy_tool_call()
+    force_setattr(built, "ToolCallDelta", _Fragment(delta))
+    return built
 
 
 _DELTA_BUILDERS: dict[str, Callable[[str], StreamDelta]] = {

@@ -56,7 +56,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from operator import attrgetter, is_
-from types import TracebackType
+from types import FunctionType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -302,7 +302,7 @@ class _Outlet:
     processor. It also fills in the ``config_id`` of the snapshots loops announce.
     """
 
-    __slots__ = ("_filled", "_segments", "copy_failures", "emit", "wants_deltas")
+    __slots__ = ("_filled", "_segments", "copy_failures", "emit", "emit_prose", "wants_deltas")
 
     def __init__(self, processors: ProcessorChain, fanout: FanOut) -> None:
         self.wants_deltas = fanout.wants_deltas
@@ -315,6 +315,8 @@ class _Outlet:
         self._segments: dict[int, tuple[LoopConfigSnapshot, str]] = {}
         self.emit: Callable[[AgentEvent], None] = _emitter(processors, fanout)
         """Run an event through the processors, then deliver it to every sink. Never raises."""
+        self.emit_prose: Callable[[MessageUpdate], None] = _prose_emitter(processors, fanout, self.emit)
+        """`emit` for a text or thinking delta into phi-core's empty placeholder message."""
 
     def snapshot(self, config: LoopConfigSnapshot, segment: str) -> LoopConfigSnapshot:
         """`config` with ``config_id`` filled in, as phi-core's loop does; one object per
@@ -358,11 +360,14 @@ def _emitter(processors: ProcessorChain, fanout: FanOut) -> Callable[[AgentEvent
         return emit
     sink, receive = lone
     passed_on, withheld, sink_failed = processors.passed_on, processors.withheld, fanout.failed
+    # A processor object's own `__call__`, bound: calling the object goes through a slot
+    # lookup and an argument copy on every event.
+    run = processor.__call__ if isinstance(type(processor).__call__, FunctionType) else processor
 
     def emit_inline(event: AgentEvent) -> None:
         # Dropped events return early: an event passed on as it came takes no None test.
         try:
-            processed = processor(event)
+            processed = run(event)
         except Exception as error:
             processed = withheld(processor, event, error)
             if processed is None:
@@ -378,6 +383,32 @@ def _emitter(processors: ProcessorChain, fanout: FanOut) -> Callable[[AgentEvent
             sink_failed(sink, error)
 
     return emit_inline
+
+
+def _prose_emitter(
+    processors: ProcessorChain, fanout: FanOut, emit: Callable[[AgentEvent], None]
+) -> Callable[[MessageUpdate], None]:
+    """`_Outlet.emit_prose`: most events of a stream are text and thinking deltas into
+    phi-core's empty placeholder, which the redactor passes on as they came unless it
+    redacts text (`Redactor.__call__`); with the redactor as the only processor and one
+    sink, they go straight to the sink (as `emit` would deliver them)."""
+    lone = fanout.lone
+    redactor = processors.lone
+    if type(redactor) is not Redactor or lone is None:
+        return emit
+    sink, receive = lone
+    sink_failed = fanout.failed
+
+    def emit_prose(event: MessageUpdate) -> None:
+        if redactor.redact_text:  # read per event, as the redactor does
+            emit(event)
+            return
+        try:
+            receive(event)
+        except Exception as error:
+            sink_failed(sink, error)
+
+    return emit_prose
 
 
 class _LoopState:
@@ -1281,6 +1312,7 @@ class MessageScope(_Scope):
     __slots__ = (
         "_deltas",
         "_emit",
+        "_emit_prose",
         "_loop",
         "_loop_id",
         "_placeholder",
@@ -1303,6 +1335,7 @@ class MessageScope(_Scope):
         self._thinking: list[str] = []
         self._deltas = loop.wants_deltas
         self._emit = loop.emit
+        self._emit_prose = loop.outlet.emit_prose
         # phi-core's empty placeholder, sent with MessageStart and every MessageUpdate.
         self._placeholder = AssistantMessage(
             content=(),
@@ -1333,7 +1366,7 @@ class MessageScope(_Scope):
         self._text.append(text)
         if self._deltas:
             delta = _text_delta(text)
-            self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
+            self._emit_prose(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def thinking_delta(self, text: str) -> None:
         """A piece of streamed reasoning."""
@@ -1342,7 +1375,7 @@ class MessageScope(_Scope):
         self._thinking.append(text)
         if self._deltas:
             delta = _thinking_delta(text)
-            self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
+            self._emit_prose(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def tool_call_delta(self, json_fragment: str) -> None:
         """A piece of a tool call's streamed JSON arguments (pass the parsed call to `finish`)."""

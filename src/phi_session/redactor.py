@@ -169,6 +169,8 @@ _OneMessage = TypeVar("_OneMessage", MessageStart, MessageEnd)
 _MISSING: Any = object()  # a memo miss (a remembered result is never this object)
 # Tool-call arguments of these types cannot change after a scan (None: not a tool call).
 _UNCHANGEABLE = frozenset({type(None), str, int, float, bool})
+_STRINGS = frozenset({str})
+_is_str = str.__instancecheck__
 # A remembered history: (messages, redacted, live arguments, their copy); see `_history`.
 _HistoryEntry = tuple[tuple[Any, ...], tuple[Any, ...], list[Any], Any]
 # A container's scan (`Redactor._walk`): yields the values nested in it, is sent them
@@ -375,13 +377,18 @@ class Redactor:
 
     def _known_clean(self, value: dict[Any, Any]) -> bool:
         # The usual tool arguments: known clean field names (none is known unless the
-        # anchored defaults alone apply) with string values (else `join` raises), cleared
-        # in C, without a walk, when no value holds an anchor (an anchor has no newline:
-        # none spans two values).
-        try:
-            return self._clean_fields.issuperset(value) and _anchor_search("\n".join(value.values())) is None
-        except TypeError:
+        # anchored defaults alone apply) with string values, and maybe numbers, booleans
+        # or None (`_scan_dict` passes those by), cleared in C, without a walk, when no
+        # string holds an anchor (an anchor has no newline: none spans two values).
+        if not self._clean_fields.issuperset(value):
             return False
+        values = value.values()
+        kinds = set(map(type, values))
+        if kinds <= _STRINGS:
+            return _anchor_search("\n".join(values)) is None
+        if kinds <= _UNCHANGEABLE:  # exact types: these strings are the values of type str
+            return _anchor_search("\n".join(filter(_is_str, values))) is None
+        return False
 
     def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
         return value if self._known_clean(value) else self._walk(self._scan_dict(value))
@@ -677,7 +684,9 @@ class Redactor:
                 and event.delta.ToolCallDelta is msgspec.UNSET  # not a tool call's arguments
                 and not self.redact_text
             ):
-                return event  # prose streamed into phi-core's empty placeholder: nothing to scan
+                # Prose streamed into phi-core's empty placeholder: nothing to scan (a
+                # `Tracer` delivers these without the call: `instrument._prose_emitter`).
+                return event
             return self._update(event)
         handler = self._handlers.get(type(event))
         return event if handler is None else handler(event)
@@ -723,9 +732,11 @@ class Redactor:
 
     def _update(self, event: MessageUpdate) -> MessageUpdate:
         delta = event.delta
-        if delta.kind == "ToolCallDelta" or self.redact_text:
-            text = self.redact_string(delta.delta)
-            if text is not delta.delta:
+        # A tool call's arguments are always scanned, text and thinking with `redact_text`.
+        if delta.ToolCallDelta is not msgspec.UNSET or self.redact_text:
+            piece = delta.delta
+            text = self.redact_string(piece)
+            if text is not piece:
                 event = replace(event, delta=StreamDelta(delta.kind, text))
         message = event.message
         if type(message) is AssistantMessage and not message.content and message.error_message is None:
