@@ -1244,6 +1244,21 @@ def test_the_index_follows_saves_deletes_and_prunes(store: SqliteStore, db: Path
     assert _indexed_loops(db) == (0, 0)
 
 
+def test_save_many_indexes_the_last_version_of_a_session_given_twice(store: SqliteStore, db: Path) -> None:
+    # The batch's loop texts are written together at its end: the later one must win.
+    store.save_many(
+        [
+            make_session("a", loops=[talking_loop("a", 1, "brew coffee")]),
+            make_session("a", loops=[talking_loop("a", 1, "grind beans")], last_active_at=at(9)),
+            make_session("b", loops=[talking_loop("b", 1, "water plants")]),
+        ]
+    )
+    assert store.search("coffee") == []
+    assert {hit.session_id for hit in store.search("beans")} == {"a"}
+    assert {hit.session_id for hit in store.search("plants")} == {"b"}
+    assert _indexed_loops(db) == (2, 2)
+
+
 def test_search_reads_only_the_sessions_the_index_names(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,7 +35,7 @@ from ..model import LoopRecord
 
 __all__ = ["MessageBook", "digest", "expand", "numbers_in", "pack", "unpack"]
 
-_MARK = 0  # the NUL byte opening a marker
+_MARK = b"\x00"  # the byte opening a marker
 _MARKER = re.compile(rb"\x00(\d+)")
 _LEVEL = 1  # zlib level: 6 gains a tenth in size for twice the time
 
@@ -98,7 +98,8 @@ class MessageBook:
         used = self._used
         used.clear()
         template = encode_loop_with(record, agent=self._agent_marker, plain=self._plain_marker)
-        if template.count(_MARK) != len(used):
+        # Counted as bytes.replace finds them (memchr), several times faster than bytes.count.
+        if len(template) - len(template.replace(_MARK, b"")) != len(used):
             # A NUL the encoder did not escape would be read back as a marker.
             raise StoreError(f"loop {record.loop_id!r} encodes to JSON holding a NUL byte")
         return template, set(used)
@@ -107,16 +108,16 @@ class MessageBook:
         """What a message of one form is written as: its number's marker. Called for every
         message a record repeats, so the common case (met before) is kept short; it holds
         the book's containers, not the book (no reference cycle keeps a book alive)."""
-        # id(message) -> (message, its marker, its number): a conversation's messages are
+        # id(message) -> (its marker, its number, message): a conversation's messages are
         # the same objects in every record that repeats them. The message is held so that
-        # its id is not reused while the book lives.
-        memo: dict[int, tuple[Any, msgspec.Raw, int]] = {}
+        # its id is not reused while the book lives: an id found is the same message's.
+        memo: dict[int, tuple[msgspec.Raw, int, Any]] = {}
         used, numbers = self._used, self._numbers
         digests, added, markers = self.digests, self.added, self._markers
 
         def marker(message: Any) -> msgspec.Raw:
             hit = memo.get(id(message))
-            if hit is None or hit[0] is not message:
+            if hit is None:
                 body = encode(message)
                 address = digest(body)
                 number = numbers.get(address)
@@ -125,8 +126,8 @@ class MessageBook:
                     digests.append(address)
                     added.append((address, body))
                     markers.append(msgspec.Raw(b"\x00%d" % number))
-                hit = memo[id(message)] = (message, markers[number], number)
-            used.append(hit[2])
-            return hit[1]
+                hit = memo[id(message)] = (markers[number], number, message)
+            used.append(hit[1])
+            return hit[0]
 
         return marker

@@ -39,6 +39,7 @@ __all__ = [
     "decode_loop_outline",
     "encode_calls",
     "encode_loop_outline",
+    "encode_outline_and_calls",
     "first_prompt",
     "loop_outline",
     "loop_prompt",
@@ -223,6 +224,13 @@ def decode_loop_outline(data: bytes) -> LoopOutline:
         prompt=stored.prompt,
         record_json=stored.record,
     )
+
+
+def encode_outline_and_calls(record: LoopRecord) -> tuple[bytes, bytes]:
+    """`encode_loop_outline` and `encode_calls` of `record` (what a SQL store writes beside
+    its record), finding its model calls once for both."""
+    outline = loop_outline(record)
+    return _encoder.encode(outline), _encoder.encode(outline.calls)
 
 
 _calls_decoder = msgspec.json.Decoder(tuple[ModelCall, ...])

@@ -52,6 +52,11 @@ DocumentKind = Literal["text", "thinking", "tool_call", "tool_result"]
 DEFAULT_LIMIT = 50
 SNIPPET_CHARS = 160
 _WORD = re.compile(r"\w+")
+# ASCII text's bytes mapped to its words, lower-cased and space-separated: a word
+# character (``\w`` in ASCII is ``[A-Za-z0-9_]``) to its lower case, any other to a space.
+_ASCII_WORD_BYTES = bytes(
+    ord(char.lower()) if char.isascii() and _WORD.fullmatch(char) else 0x20 for char in map(chr, range(256))
+)
 
 
 class SearchHit(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,7 +91,12 @@ def query_words(text: str) -> tuple[str, ...]:
     in order (`TypeError` for a non-string)."""
     if not isinstance(text, str):
         raise TypeError(f"search text must be str, not {type(text).__name__}")
-    return tuple(dict.fromkeys(word.lower() for word in _WORD.findall(text)))
+    if text.isascii():
+        # One C pass for the common case: lowering ASCII moves no word boundary.
+        return tuple(dict.fromkeys(text.encode().translate(_ASCII_WORD_BYTES).decode().split()))
+    # Elsewhere lowering may (``"İ".lower()`` ends in a combining mark, not a word
+    # character): each distinct word is lowered on its own.
+    return tuple(dict.fromkeys(word.lower() for word in dict.fromkeys(_WORD.findall(text))))
 
 
 def _message_texts(message: AgentMessage) -> Iterator[tuple[DocumentKind, str]]:

@@ -89,6 +89,7 @@ from .outline import (
     decode_loop_outline,
     encode_calls,
     encode_loop_outline,
+    encode_outline_and_calls,
     loop_outline,
     session_outline,
 )
@@ -493,9 +494,18 @@ def _message_rows(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, tup
     return rows
 
 
+# A digest stored already keeps its row, which one more session now refers to.
 _INSERT_MESSAGE = (
-    "INSERT INTO messages (id, digest, refs, body) VALUES (?, ?, 1, ?) ON CONFLICT (digest) DO NOTHING"
+    "INSERT INTO messages (id, digest, refs, body) VALUES (?, ?, 1, ?) "
+    "ON CONFLICT (digest) DO UPDATE SET refs = refs + 1"
 )
+
+
+def _blob(data: bytes) -> bytearray:
+    """`data` as a parameter the ``sqlite3`` module binds at once: it looks for an adapter
+    for every value but an int, float, str or bytearray first, which for bytes (on Python
+    3.11) costs more than copying them (it raises and clears an AttributeError)."""
+    return bytearray(data)
 
 
 def _register_messages(conn: sqlite3.Connection, book: MessageBook, ids: Sequence[int]) -> list[int]:
@@ -504,24 +514,24 @@ def _register_messages(conn: sqlite3.Connection, book: MessageBook, ids: Sequenc
     now refers to, or a new row. Inside the writing transaction: no other writer runs."""
     if not book.added:
         return list(ids)
-    # Most messages are new: each is offered under the next free id, and only if some
-    # digest was stored already (fewer rows inserted than offered) are the stored ids
-    # looked up, rather than looking every digest up before inserting.
+    # Most messages are new: each is offered under the next free id, and only the
+    # digests whose offered id was not taken (stored already) are looked up, rather
+    # than looking every digest up before inserting.
     first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetchone()[0]
-    offered = [(first + n, address, body) for n, (address, body) in enumerate(book.added)]
-    new_ids = [message_id for message_id, _, _ in offered]
-    if conn.executemany(_INSERT_MESSAGE, offered).rowcount < len(offered):
-        addresses = [address for _, address, _ in offered]
+    conn.executemany(
+        _INSERT_MESSAGE,
+        [(first + n, _blob(address), _blob(body)) for n, (address, body) in enumerate(book.added)],
+    )
+    new_ids = list(range(first, first + len(book.added)))
+    taken = {message_id for (message_id,) in conn.execute("SELECT id FROM messages WHERE id >= ?", (first,))}
+    if len(taken) < len(new_ids):
+        shared = [n for n, message_id in enumerate(new_ids) if message_id not in taken]
+        addresses = [book.added[n][0] for n in shared]
         stored: dict[bytes, int] = {}
         for chunk, marks in _in_chunks(addresses):
             stored.update(conn.execute(f"SELECT digest, id FROM messages WHERE digest IN ({marks})", chunk))
-        new_ids = [stored[address] for address in addresses]
-        shared = [
-            (stored_id,)
-            for stored_id, (offered_id, _, _) in zip(new_ids, offered, strict=True)
-            if stored_id != offered_id
-        ]
-        conn.executemany("UPDATE messages SET refs = refs + 1 WHERE id = ?", shared)
+        for n, address in zip(shared, addresses, strict=True):
+            new_ids[n] = stored[address]
     return [*ids, *new_ids]
 
 
@@ -544,6 +554,27 @@ def _release_messages(conn: sqlite3.Connection, ids: Iterable[int]) -> None:
     counts = Counter(message_id for message_id in ids if message_id)
     conn.executemany("UPDATE messages SET refs = refs - ? WHERE id = ?", [(n, i) for i, n in counts.items()])
     conn.executemany("DELETE FROM messages WHERE id = ? AND refs <= 0", [(i,) for i in counts])
+
+
+# ``loop_text`` rows a statement: three parameters each, as many as in an IN list.
+_TEXT_ROWS_PER_STATEMENT = _IDS_PER_STATEMENT // 3
+
+
+def _index_loop_texts(conn: sqlite3.Connection, rows: Sequence[tuple[str, int, str]]) -> None:
+    """Upsert `rows` into ``loop_text``, many a statement, after a transaction's other writes.
+
+    FTS5 writes the words indexed so far as a new segment of its index whenever a
+    statement opens a savepoint while it holds some, which a write with a trigger does:
+    upserted a row at a time (``executemany``) and before other writes, a transaction
+    wrote a segment per loop, and merging them cost more than indexing the words."""
+    for start in range(0, len(rows), _TEXT_ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _TEXT_ROWS_PER_STATEMENT]
+        values = ", ".join(["(?, ?, ?)"] * len(chunk))
+        conn.execute(
+            f"INSERT INTO loop_text (session_id, position, text) VALUES {values} "
+            "ON CONFLICT (session_id, position) DO UPDATE SET text = excluded.text",
+            [value for row in chunk for value in row],
+        )
 
 
 def _loop_row(record: LoopRecord) -> list[Any]:
@@ -1255,7 +1286,7 @@ class SqliteStore(AsyncTwins):
     def _save_one(self, session: Session) -> None:
         session_id = session_id_to_save(session)
         with self._transaction("save", session_id, write=True) as conn:
-            self._save_in(conn, session_id, session)
+            _index_loop_texts(conn, self._save_in(conn, session_id, session))
 
     def save_many(self, sessions: Sequence[Session]) -> None:
         """`save` each of `sessions`, in order, in one transaction: all are saved or none.
@@ -1270,11 +1301,16 @@ class SqliteStore(AsyncTwins):
         if not ids:
             return
         with self._transaction(f"save {len(ids)} sessions", ", ".join(ids[:3]), write=True) as conn:
+            text_rows: list[tuple[str, int, str]] = []
             for session_id, session in zip(ids, sessions, strict=True):
-                self._save_in(conn, session_id, session)
+                text_rows += self._save_in(conn, session_id, session)
+            _index_loop_texts(conn, text_rows)
 
-    def _save_in(self, conn: sqlite3.Connection, session_id: str, session: Session) -> None:
-        """`save`, inside the writing transaction `conn` is in."""
+    def _save_in(
+        self, conn: sqlite3.Connection, session_id: str, session: Session
+    ) -> list[tuple[str, int, str]]:
+        """`save`, inside the writing transaction `conn` is in, but for the ``loop_text``
+        rows of the loops written, which it returns (`_index_loop_texts`)."""
         rows = self._read_rows(conn, session_id)
         book = MessageBook()
         ids: list[int] = []
@@ -1302,8 +1338,7 @@ class SqliteStore(AsyncTwins):
                     position,
                     *_loop_row(record),
                     pack(template),
-                    encode_loop_outline(record),
-                    encode_calls(record),
+                    *encode_outline_and_calls(record),
                 ]
             )
             text_rows.append((session_id, position, _indexed_text(loop_text(record))))
@@ -1315,7 +1350,7 @@ class SqliteStore(AsyncTwins):
                 ids[n] = 0
         conn.execute(_UPSERT_SESSION, _session_row(session, ids))
         conn.executemany(_UPSERT_LOOP, loop_rows)
-        conn.executemany(_UPSERT_LOOP_TEXT, text_rows)
+        return text_rows
 
     def _stored_for_merge(
         self, conn: sqlite3.Connection, session_id: str, rows: _StoredRows
