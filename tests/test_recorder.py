@@ -390,6 +390,20 @@ def test_a_repeated_agent_start_for_a_closed_loop_is_an_orphan_not_a_second_reco
     assert orphans[0].reason == "repeated AgentStart for an already closed loop"
 
 
+def test_a_closed_loop_started_again_at_the_same_instant_is_replaced_in_its_place() -> None:
+    """The loop sent again by a producer that learned more (an OTLP ingest that found the
+    sub-agent's caller): the new record takes the ended one's place, as a store's merge
+    of the two saves would, instead of an orphan."""
+    again = [start("s.c.1", "s", parent="p.c.1"), *turn("s.c.1"), *turn("s.c.1", 1, at=1), end("s.c.1", at=2)]
+    first = [start("s.c.1", "s"), *turn("s.c.1"), end("s.c.1", at=2)]
+    recorder, [session] = record([*first, start("s.c.2", "s", at=3), end("s.c.2", at=4), *again])
+    assert recorder.orphans() == []
+    assert [(loop.loop_id, loop.parent_loop_id, len(loop.turns)) for loop in session.loops] == [
+        ("s.c.1", "p.c.1", 2),
+        ("s.c.2", None, 0),
+    ]
+
+
 def test_a_compaction_pass_reusing_the_closed_loop_id_is_a_second_record() -> None:
     """phi-core's compaction pass reuses the last loop's id (wire-format §8.1, §14 item 10)."""
     compaction = start("s.c.1", "s", at=5, parent="s.c.1", kind=ps.COMPACTION)

@@ -11,8 +11,9 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
   starts is Aborted at `flush` instead of vanishing;
 * a repeated ``AgentStart`` for an open loop keeps what was recorded; one for a loop
   that ended (not yet drained) is an orphan, its loop's later events too (a compaction
-  pass, which reuses the id, is a second record); a session id seen again while the
-  session is still held joins it;
+  pass, which reuses the id, is a second record), unless it starts the loop at the same
+  instant: the loop sent again, its new record replaces the ended one; a session id seen
+  again while the session is still held joins it;
 * ``RevertApplied`` is stored; parallel and loop-less events are kept; a parallel event
   naming another session's loop is kept in its own session's events, not applied;
 * `flush` aborts open loops in the order they were opened, and links them to their parent;
@@ -252,6 +253,7 @@ class SessionRecorder:
         self._stream_time: Timestamp | None = None  # the latest AgentStart's (`group_end_timeout`)
         self._late_spawns: dict[str, dict[str, Session]] = {}  # open parent loop -> sub-agents
         self._spawns: dict[str, tuple[str, str, str, str]] = {}  # child loop -> parent ref
+        self._replacing: dict[str, LoopRecord] = {}  # loop sent again -> the ended record it replaces
         self._orphans: list[OrphanEvent] = []
         # Session-scoped events that arrive before their session's first AgentStart.
         self._early_events: dict[str, list[AgentEvent]] = {}
@@ -396,11 +398,14 @@ class SessionRecorder:
     def _on_agent_start(self, event: AgentStart) -> None:
         if self._stream_time is None or event.timestamp > self._stream_time:
             self._stream_time = event.timestamp
+        replaced = None
         if event.loop_id in self._closed_by_id and event.continuation_kind != COMPACTION:
             # Its loop ended and is still held: a second record would hold the loop twice.
             # phi-core's compaction pass alone reuses an ended loop's id (wire-format §8.1).
-            self._orphan(event, "repeated AgentStart for an already closed loop")
-            return
+            replaced = self._resent(event)
+            if replaced is None:
+                self._orphan(event, "repeated AgentStart for an already closed loop")
+                return
         existing = self._loops.get(event.loop_id)
         if existing is not None and existing.started:
             # phi-core would replace the open record and lose it; keep it, and let the
@@ -447,6 +452,8 @@ class SessionRecorder:
             metadata=event.metadata,
             config=snapshot if isinstance(snapshot, LoopConfigSnapshot) else None,
         )
+        if replaced is not None:  # as a store's merge, the new version keeps the old one's links
+            record.children_loop_ids = replaced.children_loop_ids
         loop = _OpenLoop(record)
         if existing is not None:  # a Pending branch starts: keep what arrived before it
             loop.events = existing.events
@@ -456,6 +463,27 @@ class SessionRecorder:
         self._loop_session[event.loop_id] = event.session_id
         held.open_loops += 1
         loop.append(event)
+
+    def _resent(self, event: AgentStart) -> LoopRecord | None:
+        """The ended record of `event`'s loop in its held session, when `event` starts it
+        again at the same instant: the loop sent again by a producer that learned more (an
+        OTLP ingest that found its caller). Its new record takes the old one's place when it
+        closes, as a store's merge of the two saves would. None otherwise."""
+        held = self._open.get(event.session_id) or self._completed.get(event.session_id)
+        record = held.closed.get(event.loop_id) if held is not None else None
+        if held is None or record is None or record.started_at != event.timestamp:
+            return None
+        held.link_children()  # no child is left to link into the record replaced
+        del held.closed[event.loop_id]
+        self._replacing[event.loop_id] = record
+        holders = tuple(
+            session_id
+            for session_id in self._closed_by_id.pop(event.loop_id)
+            if session_id != event.session_id
+        )
+        if holders:
+            self._closed_by_id[event.loop_id] = holders
+        return record
 
     def _open_session(self, event: AgentStart) -> _HeldSession:
         formation = event.formation
@@ -559,10 +587,18 @@ class SessionRecorder:
                     parent = open_parent.record
             if parent is not None:
                 held.link_child(parent, record.loop_id)
-        self._add_closed(held, record)
+        replaced = self._replacing.pop(record.loop_id, None) if self._replacing else None
+        self._add_closed(held, record, replaced)
 
-    def _add_closed(self, held: _HeldSession, record: LoopRecord) -> None:
-        held.session.loops.append(record)
+    def _add_closed(self, held: _HeldSession, record: LoopRecord, replaced: LoopRecord | None = None) -> None:
+        loops = held.session.loops
+        slot = (
+            None if replaced is None else next((i for i, kept in enumerate(loops) if kept is replaced), None)
+        )
+        if slot is None:
+            loops.append(record)
+        else:
+            loops[slot] = record
         if record.loop_id not in held.closed:
             held.closed[record.loop_id] = record
             session_id = held.session.session_id
