@@ -71,3 +71,47 @@ def tool_loop_session(
     recorder.flush()
     [session] = recorder.drain_completed()
     return session
+
+
+def services_calling_a_sub_agent(conversation: str | None = None) -> tuple[list[Any], list[Any], int]:
+    """A caller service's loop (of `conversation`, if given) whose tool ``ask`` calls a
+    sub-agent served by another service (the trace context propagated, so the sub-agent's root
+    has a remote parent): (the caller's finished SDK spans, the sub-agent service's, the tool
+    span's id)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, set_span_in_context
+
+    from phi_session.otel import attributes as attr
+
+    caller, helper = InMemorySpanExporter(), InMemorySpanExporter()
+    providers = []
+    for exporter in (caller, helper):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        providers.append(provider.get_tracer("test"))
+    calling, serving = providers
+    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m"}
+    agent: dict[str, Any] = {attr.OPERATION_NAME: "invoke_agent"}
+    if conversation is not None:
+        agent[attr.CONVERSATION_ID] = conversation
+    with calling.start_as_current_span("invoke_agent caller", attributes=agent):
+        with calling.start_as_current_span("chat m", attributes=chat):
+            pass
+        tool_attributes = {
+            attr.OPERATION_NAME: "execute_tool",
+            attr.TOOL_NAME: "ask",
+            attr.TOOL_CALL_ID: "c1",
+        }
+        with calling.start_as_current_span("execute_tool ask", attributes=tool_attributes) as tool:
+            sent = tool.get_span_context()
+            remote = SpanContext(sent.trace_id, sent.span_id, is_remote=True, trace_flags=sent.trace_flags)
+            with serving.start_as_current_span(
+                "invoke_agent helper",
+                context=set_span_in_context(NonRecordingSpan(remote)),
+                attributes={attr.OPERATION_NAME: "invoke_agent"},
+            ):
+                with serving.start_as_current_span("chat m", attributes=chat):
+                    pass
+    return list(caller.get_finished_spans()), list(helper.get_finished_spans()), sent.span_id

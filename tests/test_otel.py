@@ -41,7 +41,7 @@ from phi_session.otel.ingest import LOSSES
 from phi_session.otel.spans import SpanData, SpanEvent, spans_from_sdk
 from phi_session.stores.json_dir import JsonDirStore
 
-from .otel_support import tool_loop_session
+from .otel_support import services_calling_a_sub_agent, tool_loop_session
 
 
 @pytest.fixture(scope="module")
@@ -1017,41 +1017,6 @@ def test_tool_calls_of_a_loop_without_model_spans_are_kept() -> None:
     assert "turn" in loop.metadata["otel"]["synthesized"]
 
 
-def _services_calling_a_sub_agent() -> tuple[list[ReadableSpan], list[ReadableSpan], int]:
-    """A caller service's loop whose tool ``ask`` calls a sub-agent served by another service
-    (the trace context propagated, so the sub-agent's root has a remote parent): (the caller's
-    spans, the sub-agent service's spans, the tool span's id)."""
-    caller, helper = InMemorySpanExporter(), InMemorySpanExporter()
-    providers = []
-    for exporter in (caller, helper):
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        providers.append(provider.get_tracer("test"))
-    calling, serving = providers
-    chat = {attr.OPERATION_NAME: attr.OP_CHAT, attr.REQUEST_MODEL: "m"}
-    with calling.start_as_current_span(
-        "invoke_agent caller", attributes={attr.OPERATION_NAME: "invoke_agent"}
-    ):
-        with calling.start_as_current_span("chat m", attributes=chat):
-            pass
-        tool_attributes = {
-            attr.OPERATION_NAME: "execute_tool",
-            attr.TOOL_NAME: "ask",
-            attr.TOOL_CALL_ID: "c1",
-        }
-        with calling.start_as_current_span("execute_tool ask", attributes=tool_attributes) as tool:
-            sent = tool.get_span_context()
-            remote = SpanContext(sent.trace_id, sent.span_id, is_remote=True, trace_flags=sent.trace_flags)
-            with serving.start_as_current_span(
-                "invoke_agent helper",
-                context=set_span_in_context(NonRecordingSpan(remote)),
-                attributes={attr.OPERATION_NAME: "invoke_agent"},
-            ):
-                with serving.start_as_current_span("chat m", attributes=chat):
-                    pass
-    return list(caller.get_finished_spans()), list(helper.get_finished_spans()), sent.span_id
-
-
 def _ingest_payloads(*payloads: list[ReadableSpan]) -> list[Session]:
     recorder = SessionRecorder()
     ingestor = SpanIngestor(recorder)
@@ -1081,13 +1046,13 @@ def _expected_link(sessions: list[Session]) -> tuple[str, str, str]:
 def test_a_sub_agent_of_another_service_is_linked_to_the_tool_that_called_it() -> None:
     # Its root's parent is remote, so it was a root: the caller's next loop (a Default
     # continuation in the trace's session), not its sub-agent, and the tool result had no child.
-    calling, serving, _ = _services_calling_a_sub_agent()
+    calling, serving, _ = services_calling_a_sub_agent()
     sessions = _ingest_payloads([*serving, *calling])  # one payload (a collector batched both)
     assert _link(sessions) == _expected_link(sessions)
 
 
 def test_a_sub_agent_arriving_while_its_callers_trace_waits_is_linked() -> None:
-    calling, serving, _ = _services_calling_a_sub_agent()
+    calling, serving, _ = services_calling_a_sub_agent()
     first_chat = [span for span in calling if span.name == "chat m"]
     rest = [span for span in calling if span.name != "chat m"]
     # The caller's first spans, then the sub-agent's service, then the caller's tool and root.
@@ -1096,7 +1061,7 @@ def test_a_sub_agent_arriving_while_its_callers_trace_waits_is_linked() -> None:
 
 
 def test_a_remote_parent_that_never_comes_is_kept_in_the_loops_metadata() -> None:
-    _, serving, tool_span = _services_calling_a_sub_agent()
+    _, serving, tool_span = services_calling_a_sub_agent()
     recorder = SessionRecorder()
     SpanIngestor(recorder).add(spans_from_sdk(span) for span in serving)  # recorded at once
     recorder.checkpoint()
@@ -1104,3 +1069,85 @@ def test_a_remote_parent_that_never_comes_is_kept_in_the_loops_metadata() -> Non
     [loop] = session.loops
     assert loop.status == "Completed" and loop.parent_loop_id is None
     assert loop.metadata is not None and loop.metadata["otel"]["parent_span_id"] == f"{tool_span:016x}"
+
+
+def _encoded(sessions: list[Session]) -> dict[str, bytes]:
+    return {session.session_id: encode_session(session) for session in sessions}
+
+
+@pytest.mark.parametrize("first", ["sub-agent", "caller"])
+def test_a_sub_agent_is_linked_whichever_service_exports_first(first: str) -> None:
+    # The sub-agent's service exporting first: recorded at once in the trace's session, then
+    # the caller came as its Default continuation, and neither link was made. The caller
+    # exporting first (its root ended, so recorded): the sub-agent became its continuation.
+    calling, serving, _ = services_calling_a_sub_agent()
+    sessions = _ingest_payloads(*((serving, calling) if first == "sub-agent" else (calling, serving)))
+    assert _link(sessions) == _expected_link(sessions)
+    assert _encoded(sessions) == _encoded(_ingest_payloads([*serving, *calling]))
+
+
+def _saved_one_by_one(root: Path, *payloads: list[ReadableSpan]) -> list[Session]:
+    """The store's sessions after each payload was ingested and what completed saved."""
+    store, recorder = JsonDirStore(root), SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    for payload in payloads:
+        ingestor.add(spans_from_sdk(span) for span in payload)
+        recorder.checkpoint()
+        for session in recorder.drain_completed():
+            store.save(session)
+    return [store.load(session_id) for session_id in store.list_ids()]
+
+
+@pytest.mark.parametrize("first", ["sub-agent", "caller"])
+def test_a_sub_agent_saved_before_the_other_side_came_is_linked_in_the_store(
+    tmp_path: Path, first: str
+) -> None:
+    calling, serving, _ = services_calling_a_sub_agent()
+    apart = _saved_one_by_one(
+        tmp_path / "apart", *((serving, calling) if first == "sub-agent" else (calling, serving))
+    )
+    assert _link(apart) == _expected_link(apart)
+    assert _encoded(apart) == _encoded(_saved_one_by_one(tmp_path / "together", [*serving, *calling]))
+
+
+def test_a_sub_agent_whose_caller_never_comes_is_recorded_once_and_complete() -> None:
+    _, serving, tool_span = services_calling_a_sub_agent()
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    ingestor.add(spans_from_sdk(span) for span in serving)
+    assert ingestor.buffered_spans == 0  # no wait for a caller that may never come
+    recorder.checkpoint()
+    [session] = recorder.drain_completed()
+    ingestor.flush()
+    recorder.flush()
+    assert recorder.drain_completed() == [] and recorder.orphans() == []
+    [loop] = session.loops
+    assert (loop.status, loop.parent_loop_id, session.parent_spawn_ref) == ("Completed", None, None)
+    assert loop.metadata is not None and loop.metadata["otel"]["parent_span_id"] == f"{tool_span:016x}"
+    # Its own session, named as when its caller's spans are here: a caller exporting later
+    # may link it in place.
+    assert session.session_id == f"{loop.metadata['otel']['trace_id']}-{loop.metadata['otel']['span_id']}"
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["held", "saved"])
+def test_a_caller_sent_again_keeps_its_place_in_its_conversation(tmp_path: Path, saved: bool) -> None:
+    # The caller's loop is sent again, linked, once its sub-agent's service exports: it must
+    # still continue the loop it continued, and the conversation's next loop still follows
+    # the latest one, not it.
+    first, second, third = (services_calling_a_sub_agent("chat-1") for _ in range(3))
+    late = [[*first[1], *first[0]], second[0], [*third[1], *third[0]], second[1]]
+    together = [[*first[1], *first[0]], [*second[1], *second[0]], [*third[1], *third[0]]]
+    if saved:
+        apart, want = (
+            _saved_one_by_one(tmp_path / "apart", *late),
+            _saved_one_by_one(tmp_path / "in", *together),
+        )
+    else:
+        apart, want = _ingest_payloads(*late), _ingest_payloads(*together)
+    assert _encoded(apart) == _encoded(want)
+    [chat] = [session for session in apart if session.session_id == "chat-1"]
+    assert [(loop.kind.kind, loop.parent_loop_id) for loop in chat.loops] == [
+        ("Initial", None),
+        ("Default", chat.loops[0].loop_id),
+        ("Default", chat.loops[1].loop_id),
+    ]

@@ -46,7 +46,7 @@ from phi_session.otel.export import session_spans
 from phi_session.otel.spans import spans_from_otlp_json
 from phi_session.stores.json_dir import JsonDirStore
 
-from .otel_support import tool_loop_session
+from .otel_support import services_calling_a_sub_agent, tool_loop_session
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -691,3 +691,46 @@ def test_invalid_utf8_in_a_repeated_string_is_replaced_too() -> None:
     span.trace_id, span.span_id, span.name = b"\x01" * 16, b"\x02" * 8, "chat m"
     read = read_otlp(_invalid_utf8(request.SerializeToString(), "host\u00e9"), "application/x-protobuf")
     assert ([s.name for s in read.spans], read.repaired) == (["chat m"], 2)
+
+
+def _endpoint_saved(root: Path, *payloads: list) -> list[Session]:
+    """The store's sessions once each payload was accepted and what completed saved."""
+    store = JsonDirStore(root / "store")
+    endpoint = OtlpEndpoint(store, root / "state", tick=60)
+    for spans in payloads:
+        endpoint.accept(_protobuf(spans), "application/x-protobuf")
+        endpoint.saver.checkpoint()
+        assert endpoint.saver.wait_saved(10)
+    endpoint.close()
+    return [store.load(session_id) for session_id in store.list_ids()]
+
+
+@pytest.mark.parametrize("first", ["sub-agent", "caller"])
+def test_a_sub_agent_saved_before_the_other_service_exported_is_linked_in_the_store(
+    tmp_path: Path, first: str
+) -> None:
+    calling, serving, _ = services_calling_a_sub_agent()
+    apart = _endpoint_saved(
+        tmp_path / "apart", *((serving, calling) if first == "sub-agent" else (calling, serving))
+    )
+    # The sessions saved again (merged in the store) are what one payload of both gives.
+    _same(apart, _endpoint_saved(tmp_path / "together", [*serving, *calling]))
+    [child] = [loop for session in apart for loop in session.loops if loop.agent_id == "helper"]
+    assert child.parent_loop_id is not None
+
+
+def test_a_sub_agent_whose_caller_never_exports_is_saved_complete_at_once(tmp_path: Path) -> None:
+    _, serving, tool_span = services_calling_a_sub_agent()
+    store = JsonDirStore(tmp_path / "store")
+    endpoint = OtlpEndpoint(store, tmp_path / "state", tick=60)
+    endpoint.accept(_protobuf(serving), "application/x-protobuf")
+    assert endpoint.ingestor.buffered_spans == 0  # no wait for a caller that may never come
+    endpoint.saver.checkpoint()
+    assert endpoint.saver.wait_saved(10)
+    [session_id] = store.list_ids()
+    saved = store.load(session_id)
+    endpoint.close()
+    assert encode_session(store.load(session_id)) == encode_session(saved)
+    [loop] = saved.loops
+    assert (loop.status, loop.parent_loop_id, saved.parent_spawn_ref) == ("Completed", None, None)
+    assert loop.metadata is not None and loop.metadata["otel"]["parent_span_id"] == f"{tool_span:016x}"

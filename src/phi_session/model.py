@@ -20,7 +20,7 @@ that holds it makes a cycle the GC cannot collect.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 from msgspec.structs import force_setattr
@@ -68,6 +68,8 @@ __all__ = [
     "TurnId",
     "TurnRange",
 ]
+
+_T = TypeVar("_T")
 
 LoopStatus = Literal["Pending", "Running", "Completed", "Rejected", "Aborted"]
 SessionScope = Literal["ephemeral", "persistent"]
@@ -437,6 +439,21 @@ class LoopRecord(msgspec.Struct, kw_only=True):
             if section is not None:
                 out.extend(section.messages)
         return out
+
+
+def keep_links(replaced: LoopRecord, winner: LoopRecord) -> LoopRecord:
+    """`winner`, a version of `replaced`'s loop taking its place (a store's merge, a loop
+    sent again), with the links only `replaced` has (``children_loop_ids``,
+    ``child_loop_refs``): a version made before a link was added must not remove it."""
+    children = _union(winner.children_loop_ids, replaced.children_loop_ids)
+    refs = _union(winner.child_loop_refs, replaced.child_loop_refs)
+    if len(children) == len(winner.children_loop_ids) and len(refs) == len(winner.child_loop_refs):
+        return winner
+    return msgspec.structs.replace(winner, children_loop_ids=children, child_loop_refs=refs)
+
+
+def _union(kept: tuple[_T, ...], extra: tuple[_T, ...]) -> tuple[_T, ...]:
+    return kept + tuple(item for item in extra if item not in kept)
 
 
 class SessionEvent(NamedTuple):

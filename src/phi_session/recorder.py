@@ -11,8 +11,11 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
   starts is Aborted at `flush` instead of vanishing;
 * a repeated ``AgentStart`` for an open loop keeps what was recorded; one for a loop
   that ended (not yet drained) is an orphan, its loop's later events too (a compaction
-  pass, which reuses the id, is a second record); a session id seen again while the
-  session is still held joins it;
+  pass, which reuses the id, is a second record), unless it starts the loop at the same
+  instant: the loop sent again, whose record replaces the ended one once it ends, if it
+  holds as many events (else, or if it never ends, its events are orphans; meanwhile its
+  session is what it was, complete and drained with the ended record if its loops had
+  ended); a session id seen again while the session is still held joins it;
 * ``RevertApplied`` is stored; parallel and loop-less events are kept; a parallel event
   naming another session's loop is kept in its own session's events, not applied;
 * `flush` aborts open loops in the order they were opened, and links them to their parent;
@@ -62,7 +65,16 @@ from .events import (
 )
 from .ids import config_segment_from_loop_id, session_id_from_loop_id
 from .messages import AgentMessage, AnnotatedRequestPayload, AssistantMessage, TurnId
-from .model import ChildLoopRef, LoopEvent, LoopRecord, ParallelGroupRecord, Session, SpawnRef, Turn
+from .model import (
+    ChildLoopRef,
+    LoopEvent,
+    LoopRecord,
+    ParallelGroupRecord,
+    Session,
+    SpawnRef,
+    Turn,
+    keep_links,
+)
 
 __all__ = ["OrphanEvent", "SessionRecorder", "SessionRecorderConfig"]
 
@@ -173,6 +185,18 @@ class _OpenLoop:
         )
 
 
+class _Resent:
+    """An ended loop being sent again (`SessionRecorder._resend`): what its record, once
+    it ends, replaces, and what it then tells its session."""
+
+    __slots__ = ("record", "session", "spawn")
+
+    def __init__(self, session: Session, record: LoopRecord, spawn: SpawnRef | None) -> None:
+        self.session = session  # the one holding `record` (drained meanwhile: amended)
+        self.record = record
+        self.spawn = spawn
+
+
 class _Children:
     """The children of one parent record, gathered in place (an ordered set, so a repeat
     is a no-op) and handed to the record as a tuple by `link`, once per look at the
@@ -252,6 +276,7 @@ class SessionRecorder:
         self._stream_time: Timestamp | None = None  # the latest AgentStart's (`group_end_timeout`)
         self._late_spawns: dict[str, dict[str, Session]] = {}  # open parent loop -> sub-agents
         self._spawns: dict[str, tuple[str, str, str, str]] = {}  # child loop -> parent ref
+        self._resending: dict[str, _Resent] = {}  # open loop sent again -> what it replaces
         self._orphans: list[OrphanEvent] = []
         # Session-scoped events that arrive before their session's first AgentStart.
         self._early_events: dict[str, list[AgentEvent]] = {}
@@ -399,7 +424,8 @@ class SessionRecorder:
         if event.loop_id in self._closed_by_id and event.continuation_kind != COMPACTION:
             # Its loop ended and is still held: a second record would hold the loop twice.
             # phi-core's compaction pass alone reuses an ended loop's id (wire-format §8.1).
-            self._orphan(event, "repeated AgentStart for an already closed loop")
+            if not self._resend(event):
+                self._orphan(event, "repeated AgentStart for an already closed loop")
             return
         existing = self._loops.get(event.loop_id)
         if existing is not None and existing.started:
@@ -418,35 +444,9 @@ class SessionRecorder:
         session = held.session
         if event.timestamp > session.last_active_at:
             session.last_active_at = event.timestamp
-        parent = event.parent_loop_id
-        if parent is not None and session.parent_spawn_ref is None:
-            # What the recorder saw decides; the loop-id prefix is only the fallback.
-            parent_session = self._session_of(parent)
-            if parent_session != event.session_id:
-                known = self._spawns.get(event.loop_id)  # the parent's tool call ended first
-                if known is not None and known[1] == parent:
-                    session.parent_spawn_ref = SpawnRef(
-                        parent_session_id=known[0],
-                        parent_loop_id=known[1],
-                        tool_call_id=known[2],
-                        tool_name=known[3],
-                    )
-                else:
-                    session.parent_spawn_ref = SpawnRef(
-                        parent_session_id=parent_session, parent_loop_id=parent, tool_call_id="", tool_name=""
-                    )
-
-        snapshot = event.config_snapshot
-        record = LoopRecord.start(
-            loop_id=event.loop_id,
-            session_id=event.session_id,
-            agent_id=event.agent_id,
-            parent_loop_id=parent,
-            continuation_kind=event.continuation_kind,
-            started_at=event.timestamp,
-            metadata=event.metadata,
-            config=snapshot if isinstance(snapshot, LoopConfigSnapshot) else None,
-        )
+        if session.parent_spawn_ref is None:
+            session.parent_spawn_ref = self._spawn_ref(event)
+        record = _started(event)
         loop = _OpenLoop(record)
         if existing is not None:  # a Pending branch starts: keep what arrived before it
             loop.events = existing.events
@@ -456,6 +456,87 @@ class SessionRecorder:
         self._loop_session[event.loop_id] = event.session_id
         held.open_loops += 1
         loop.append(event)
+
+    def _spawn_ref(self, event: AgentStart) -> SpawnRef | None:
+        """The link of `event`'s session to the loop that spawned it, if its parent loop is
+        another session's. What the recorder saw decides; the loop-id prefix is only the fallback."""
+        parent = event.parent_loop_id
+        if parent is None:
+            return None
+        parent_session = self._session_of(parent)
+        if parent_session == event.session_id:
+            return None
+        known = self._spawns.get(event.loop_id)  # the parent's tool call ended first
+        if known is not None and known[1] == parent:
+            return SpawnRef(
+                parent_session_id=known[0], parent_loop_id=known[1], tool_call_id=known[2], tool_name=known[3]
+            )
+        return SpawnRef(
+            parent_session_id=parent_session, parent_loop_id=parent, tool_call_id="", tool_name=""
+        )
+
+    def _resend(self, event: AgentStart) -> bool:
+        """Open `event`'s loop again if `event` starts its ended record, held, at the same
+        instant: the loop sent again by a producer that learned more (an OTLP ingest that
+        found its caller). Until it ends it changes nothing held: its session keeps the
+        ended record (and is complete if it was), and only its AgentEnd lets its record
+        take that one's place (`_end_resend`), as a store's merge of the two saves would."""
+        held = self._open.get(event.session_id) or self._completed.get(event.session_id)
+        record = held.closed.get(event.loop_id) if held is not None else None
+        if (
+            held is None
+            or record is None
+            or record.started_at != event.timestamp
+            or event.loop_id in self._loops
+        ):
+            return False  # (an open one of its id: a compaction pass, or the loop sent again already)
+        self._resending[event.loop_id] = _Resent(held.session, record, self._spawn_ref(event))
+        loop = _OpenLoop(_started(event))
+        self._loops[event.loop_id] = loop
+        loop.append(event)
+        return True
+
+    def _end_resend(self, loop: _OpenLoop, *, ended: bool) -> None:
+        """The loop sent again is over: if it ended and holds as many events, its record
+        replaces the ended one in place, keeping its links, and a completed session is
+        completed again, as any session a loop closes in (one drained meanwhile gets the
+        record as an amendment); else its events are orphans, the ended record untouched."""
+        record = loop.record
+        resent = self._resending.pop(record.loop_id)
+        del self._loops[record.loop_id]
+        self._late_spawns.pop(record.loop_id, None)
+        replaced = resent.record
+        if not ended or len(loop.events) < len(replaced.events):
+            # `merge_sessions` too keeps, of two finished versions, the one with more events.
+            reason = (
+                "loop sent again with fewer events than its ended record, which is kept"
+                if ended
+                else "loop sent again that never ended: its ended record is kept"
+            )
+            for event in loop.events:
+                self._orphan(event, reason)
+            return
+        loop.finish()
+        session_id = record.session_id
+        held = self._open.get(session_id)
+        if held is None:
+            held = self._completed.get(session_id)
+            if held is not None and held.session is resent.session:
+                del self._completed[session_id]
+                self._open[session_id] = held
+            else:
+                held = self._amendable(resent.session)  # drained meanwhile
+        held.link_children()  # every child of the record replaced is in its tuple
+        record = keep_links(replaced, record)
+        self._link_to_parent(held, record)
+        session = held.session
+        spawn = resent.spawn
+        if spawn is not None and (
+            session.parent_spawn_ref is None
+            or (spawn.tool_call_id and not session.parent_spawn_ref.tool_call_id)
+        ):
+            session.parent_spawn_ref = spawn
+        self._add_closed(held, record, replaced)
 
     def _open_session(self, event: AgentStart) -> _HeldSession:
         formation = event.formation
@@ -535,7 +616,10 @@ class SessionRecorder:
                 if isinstance(message, AssistantMessage):
                     record.config = _fallback_config(record.loop_id, message)
                     break
-        self._close(loop)
+        if self._resending and record.loop_id in self._resending:
+            self._end_resend(loop, ended=True)
+        else:
+            self._close(loop)
 
     def _close(self, loop: _OpenLoop) -> None:
         """Move a loop out of the open map into its session, linking it to its parent."""
@@ -550,6 +634,10 @@ class SessionRecorder:
         self._late_spawns.pop(record.loop_id, None)  # its tool calls have all ended
         if loop.started:
             held.open_loops -= 1
+        self._link_to_parent(held, record)
+        self._add_closed(held, record)
+
+    def _link_to_parent(self, held: _HeldSession, record: LoopRecord) -> None:
         parent_id = record.parent_loop_id
         if parent_id is not None:
             parent = held.closed.get(parent_id)
@@ -559,12 +647,20 @@ class SessionRecorder:
                     parent = open_parent.record
             if parent is not None:
                 held.link_child(parent, record.loop_id)
-        self._add_closed(held, record)
 
-    def _add_closed(self, held: _HeldSession, record: LoopRecord) -> None:
-        held.session.loops.append(record)
-        if record.loop_id not in held.closed:
+    def _add_closed(self, held: _HeldSession, record: LoopRecord, replaced: LoopRecord | None = None) -> None:
+        loops = held.session.loops
+        slot = (
+            None if replaced is None else next((i for i, kept in enumerate(loops) if kept is replaced), None)
+        )
+        if slot is None:
+            loops.append(record)
+        else:
+            loops[slot] = record
+        first = held.closed.get(record.loop_id)
+        if first is None or first is replaced:
             held.closed[record.loop_id] = record
+        if first is None:
             session_id = held.session.session_id
             self._closed_by_id[record.loop_id] = (*self._closed_by_id.get(record.loop_id, ()), session_id)
 
@@ -746,6 +842,9 @@ class SessionRecorder:
         """
         with self._lock:
             for loop in list(self._loops.values()):
+                if self._resending and loop.record.loop_id in self._resending:
+                    self._end_resend(loop, ended=False)
+                    continue
                 loop.turn = None
                 loop.record.status = "Aborted"
                 self._close(loop)
@@ -829,7 +928,9 @@ class SessionRecorder:
                 del self._groups[loop_id]
                 self._late_branches.pop(loop_id, None)
                 branch = self._loops.get(loop_id)
-                if branch is not None:  # never started (a started one holds its session open)
+                # Never started: a started one holds its session open, or is its loop sent
+                # again, which its AgentEnd or `flush` ends.
+                if branch is not None and not branch.started:
                     branch.record.status = "Aborted"
                     self._close(branch)
 
@@ -838,10 +939,11 @@ class SessionRecorder:
 
         A drained session can still learn something: its parallel group's winner
         (``ParallelLoopEnd``), the tool call that spawned it (the parent's
-        ``ToolExecutionEnd``). Such late information is handed over again by a later
-        drain, as an *amendment*: a `Session` with the same id and header holding only
-        the loops that changed (copies; what was handed over is never modified) and
-        the new header fields and session events. A store's ``save`` merges it into
+        ``ToolExecutionEnd``), the record of a loop of it sent again, that ended since.
+        Such late information is handed over again by a later drain, as an *amendment*:
+        a `Session` with the same id and header holding only the loops that changed
+        (copies; what was handed over is never modified) and the new header fields and
+        session events. A store's ``save`` merges it into
         the saved session (by loop id), so saving every drained session, amendments
         included, gives the same files as saving once at the end.
         """
@@ -930,12 +1032,14 @@ class SessionRecorder:
         """Whether a drained `session_id` may still come back as an amendment.
 
         True while it is owed its parallel group's end or the tool call that spawned
-        it; a caller that must keep what it needs to redo the session (a journal's
-        events) keeps it until this turns False.
+        it, or a loop of it is being sent again; a caller that must keep what it needs
+        to redo the session (a journal's events) keeps it until this turns False.
         """
         with self._lock:
-            return session_id in self._late_groups or any(
-                session_id in owed for owed in self._late_spawns.values()
+            return (
+                session_id in self._late_groups
+                or any(session_id in owed for owed in self._late_spawns.values())
+                or any(resent.session.session_id == session_id for resent in self._resending.values())
             )
 
     def has_early_events(self, session_id: str) -> bool:
@@ -981,6 +1085,21 @@ class SessionRecorder:
         ParallelLoopStart: _on_parallel_start,
         ParallelLoopEnd: _on_parallel_end,
     }
+
+
+def _started(event: AgentStart) -> LoopRecord:
+    """The Running record `event` starts."""
+    snapshot = event.config_snapshot
+    return LoopRecord.start(
+        loop_id=event.loop_id,
+        session_id=event.session_id,
+        agent_id=event.agent_id,
+        parent_loop_id=event.parent_loop_id,
+        continuation_kind=event.continuation_kind,
+        started_at=event.timestamp,
+        metadata=event.metadata,
+        config=snapshot if isinstance(snapshot, LoopConfigSnapshot) else None,
+    )
 
 
 def _fallback_config(loop_id: str, message: AssistantMessage) -> LoopConfigSnapshot:

@@ -12,7 +12,9 @@ loops in start order as events.
   ``metadata["otel"]["synthesized"]``.
 
 Sessions: ``phi.session.id``, else ``gen_ai.conversation.id``, else OpenInference's
-``session.id``, else one session per trace. A conversation id no store takes as a session
+``session.id``, else one session per trace (for a part served under a remote parent, one
+per served root span, so that it is named alike whether its caller's spans come first,
+with it, later or never). A conversation id no store takes as a session
 id (or holding a ``.``) becomes its UUIDv5, as a framework's session id does in the
 adapters (`session_id_for`); the original is the loop's ``metadata["otel"]["conversation_id"]``.
 """
@@ -130,6 +132,7 @@ _SPAN_EVENT_TYPES: dict[str, type] = {
 }
 _MEMORY = 100_000  # sessions remembered for continuation inference
 _RECORDED_MEMORY = 100_000  # span ids of the last traces recorded (a retry comes soon); ~10 MB
+_KEPT_MEMORY = 10_000  # spans of the last traces recorded, for a caller or callee exporting later
 
 
 class IngestResult(msgspec.Struct, frozen=True):
@@ -307,6 +310,28 @@ class _Trace:
         self.root_ended = False
 
 
+class _Kept:
+    """A trace's spans already recorded, kept a while (`trace_timeout`): another service's
+    part of the trace may come later, calling them or called by them (a remote parent)."""
+
+    __slots__ = ("at", "continued", "span_ids", "spans")
+
+    def __init__(
+        self, at: float, spans: list[SpanData], span_ids: set[int], continued: dict[str, str | None]
+    ) -> None:
+        self.at = at
+        self.spans = spans
+        self.span_ids = span_ids
+        self.continued = continued  # loop id -> the loop it continued when recorded
+
+
+def _calls_between(kept: _Kept, trace: _Trace) -> bool:
+    """Whether a span of one is the remote parent of a span of the other."""
+    return any(span.remote_parent_id in kept.span_ids for span in trace.spans) or any(
+        span.remote_parent_id in trace.span_ids for span in kept.spans
+    )
+
+
 def _caller_waiting(trace: _Trace) -> bool:
     """Whether `trace` holds spans of a caller besides those under remote parents (the
     spans of a service it called): then the caller exports here too, and the trace waits
@@ -330,7 +355,10 @@ class SpanIngestor:
       A span under a remote parent (a service called with the trace context) is its
       trace's root here, recorded at once, unless spans of the caller already wait in the
       trace: then it waits with them for the caller's root, which links it as a sub-agent
-      of the tool span that called it.
+      of the tool span that called it. Either side exporting later (within `trace_timeout`)
+      is linked too: what was recorded of the trace is kept that long (at most
+      ``_KEPT_MEMORY`` spans) and recorded again with it, its loops sent again whole, so
+      that a recorder (or a store merging them) holds what one payload would have given.
     * `max_buffered_spans`: when more spans wait, the oldest traces are recorded early.
 
     A span taken twice (an exporter retrying a payload that was taken) counts once: its
@@ -361,6 +389,8 @@ class SpanIngestor:
         self._buffered = 0
         self._recorded: OrderedDict[int, set[int]] = OrderedDict()  # trace -> span ids recorded
         self._recorded_spans = 0
+        self._kept: OrderedDict[int, _Kept] = OrderedDict()  # trace -> its spans recorded lately
+        self._kept_spans = 0
         self._last_loop: OrderedDict[str, str] = OrderedDict()  # session -> its latest loop
         self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
         self.counters = dict.fromkeys(
@@ -420,6 +450,8 @@ class SpanIngestor:
             self._record_each(list(self._traces), complete=False)
 
     def _expire(self, now: float) -> int:
+        while self._kept and now - next(iter(self._kept.values())).at >= self.trace_timeout:
+            self._forget_kept(next(iter(self._kept)))
         due, buffered = [], self._buffered
         for trace_id, trace in self._traces.items():
             if now - trace.first_seen < self.trace_timeout and buffered <= self.max_buffered_spans:
@@ -447,7 +479,18 @@ class SpanIngestor:
         self.counters["traces"] += 1
         if not complete:
             self.counters["incomplete_traces"] += 1
-        self._replay(trace_id, sorted(trace.spans, key=lambda s: (s.start, s.end)), complete)
+        kept = self._kept.get(trace_id)  # taken only once recorded, as the spans below
+        joined = kept if kept is not None and _calls_between(kept, trace) else None
+        spans = trace.spans if joined is None else [*joined.spans, *trace.spans]
+        resent = {} if joined is None else joined.continued
+        continued = self._replay(trace_id, sorted(spans, key=lambda s: (s.start, s.end)), complete, resent)
+        self._forget_kept(trace_id)
+        if continued is not None:
+            span_ids = trace.span_ids
+            if kept is not None:  # joined or not, both parts may yet meet a later one
+                spans, span_ids = [*kept.spans, *trace.spans], kept.span_ids | span_ids
+                continued = {**kept.continued, **continued}
+            self._keep(trace_id, spans, span_ids, continued)
         # Only once recorded: a payload whose recording failed is taken again when retried.
         recorded = self._recorded.pop(trace_id, set())
         self._recorded_spans += len(trace.span_ids - recorded)
@@ -456,7 +499,25 @@ class SpanIngestor:
         while self._recorded_spans > _RECORDED_MEMORY:
             self._recorded_spans -= len(self._recorded.popitem(last=False)[1])
 
-    def _replay(self, trace_id: int, spans: list[SpanData], complete: bool) -> None:
+    def _keep(
+        self, trace_id: int, spans: list[SpanData], span_ids: set[int], continued: dict[str, str | None]
+    ) -> None:
+        self._kept[trace_id] = _Kept(self._clock(), spans, span_ids, continued)
+        self._kept_spans += len(spans)
+        while self._kept_spans > _KEPT_MEMORY:
+            self._forget_kept(next(iter(self._kept)))
+
+    def _forget_kept(self, trace_id: int) -> None:
+        kept = self._kept.pop(trace_id, None)
+        if kept is not None:
+            self._kept_spans -= len(kept.spans)
+
+    def _replay(
+        self, trace_id: int, spans: list[SpanData], complete: bool, resent: dict[str, str | None]
+    ) -> dict[str, str | None] | None:
+        """Replay `spans`; returns the loop each rebuilt loop continued (None for our own
+        export, replayed exactly: it links its sub-agents itself). `resent` holds the loops
+        recorded before (and the loop each continued then), sent again."""
         if any(attr.PHI_EVENTS in span.attributes for span in spans):
             try:
                 exact = _ExactReplay(self, spans)
@@ -469,8 +530,10 @@ class SpanIngestor:
                 )
             else:
                 exact.run()
-                return
-        _Rebuild(self, trace_id, spans, complete).run()
+                return None
+        rebuild = _Rebuild(self, trace_id, spans, complete, resent)
+        rebuild.run()
+        return rebuild.continued
 
     # -- helpers for the replays ------------------------------------------------------------
 
@@ -638,8 +701,17 @@ def _parent(span: SpanData) -> int | None:
 class _Rebuild:
     """Events rebuilt from span attributes (our export without content, or another producer)."""
 
-    def __init__(self, ingestor: SpanIngestor, trace_id: int, spans: list[SpanData], complete: bool) -> None:
+    def __init__(
+        self,
+        ingestor: SpanIngestor,
+        trace_id: int,
+        spans: list[SpanData],
+        complete: bool,
+        resent: dict[str, str | None],
+    ) -> None:
         self.ingestor = ingestor
+        self.resent = resent  # loops recorded before, sent again -> the loop each continued then
+        self.continued: dict[str, str | None] = {}  # every loop -> the loop it continues
         self.complete = complete
         self.trace_hex = f"{trace_id:032x}"
         self.spans = spans
@@ -704,12 +776,15 @@ class _Rebuild:
         attributes = agent.attributes
         parent: _Loop | None = None
         tool: SpanData | None = None
+        served = agent if agent.remote_parent_id is not None else None  # the root of a called service
         for ancestor in self._ancestors(agent):
             if ancestor.span_id in self.loops:
                 parent = self.loops[ancestor.span_id]
                 break
             if tool is None and _role(ancestor) == "tool":
                 tool = ancestor
+            if served is None and ancestor.remote_parent_id is not None:
+                served = ancestor
         session_id = _text(attributes.get(attr.PHI_SESSION_ID))
         renamed = None  # a producer's conversation id no store takes, as the adapters a framework's
         if session_id is None:
@@ -718,7 +793,13 @@ class _Rebuild:
             )
             session_id = session_id_for(given) if given is not None else None
             renamed = given if session_id != given else None
-        if parent is not None and (session_id is None or session_id == parent.session_id):
+        if served is not None and (
+            session_id is None or (parent is not None and session_id == parent.session_id)
+        ):
+            # Served to a caller in another process: a session of its own, named alike whether
+            # the caller's spans are here or come later (then its loops are sent again, linked).
+            session_id = session_id_for(f"{self.trace_hex}-{served.span_id:016x}")
+        elif parent is not None and (session_id is None or session_id == parent.session_id):
             # A sub-agent has its own session.
             session_id = session_id_for(f"{parent.session_id}-{agent.span_id:016x}")
         session_id = session_id or self.trace_hex
@@ -736,7 +817,9 @@ class _Rebuild:
     def _replay(self, loop: _Loop) -> None:
         agent, emit = loop.agent, self.ingestor.emit
         attributes = agent.attributes
-        previous = self.ingestor.latest_loop(loop.session_id)
+        again = loop.loop_id in self.resent  # it continues what it did, and is no session's latest
+        previous = self.resent[loop.loop_id] if again else self.ingestor.latest_loop(loop.session_id)
+        self.continued[loop.loop_id] = previous
         kind, parent = self._continuation(loop, previous)
         config = self._config(loop)
         named = agent.name.removeprefix(attr.OP_INVOKE_AGENT).strip() if _role(agent) == "agent" else ""
@@ -760,7 +843,8 @@ class _Rebuild:
             missing = _parent([agent, *self._ancestors(agent)][-1])
             if missing is not None:  # a parent that never came (a remote caller's): kept
                 metadata["otel"]["parent_span_id"] = f"{missing:016x}"
-        self.ingestor.parallel_before(loop.session_id, loop.loop_id, attributes, agent.start)
+        if not again:  # its group is not started twice
+            self.ingestor.parallel_before(loop.session_id, loop.loop_id, attributes, agent.start)
         emit(
             AgentStart(
                 agent_id=agent_id,
@@ -817,8 +901,9 @@ class _Rebuild:
                 error=error,
             )
         )
-        self.ingestor.loop_recorded(loop.session_id, loop.loop_id)
-        self.ingestor.parallel_after(loop.session_id, loop.loop_id, attributes, agent.end)
+        if not again:
+            self.ingestor.loop_recorded(loop.session_id, loop.loop_id)
+            self.ingestor.parallel_after(loop.session_id, loop.loop_id, attributes, agent.end)
 
     def _continuation(self, loop: _Loop, previous: str | None) -> tuple[ContinuationKind, str | None]:
         attributes = loop.agent.attributes

@@ -16,7 +16,7 @@ from ..codec import encode_event, without_lone_surrogates
 from ..errors import InvalidSessionId, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
-from ..model import LoopRecord, ModelCall, Session
+from ..model import LoopRecord, ModelCall, Session, keep_links
 from .outline import SessionOutline, decode_calls, first_prompt
 from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_count, check_type, shown
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
@@ -476,7 +476,7 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
             continue
         matched.add(slot)
         if _loop_weight(record) >= _loop_weight(loops[slot]):
-            merged = _keep_links(loops[slot], record)
+            merged = keep_links(loops[slot], record)
             if merged != loops[slot]:
                 loops[slot] = merged
                 adopted.append(merged)
@@ -510,19 +510,6 @@ def _same_loop(record: LoopRecord, loops: list[LoopRecord], candidates: list[int
         if not _ended_before(loops[slot], record) and not _ended_before(record, loops[slot]):
             return slot
     return None
-
-
-def _union(kept: tuple[_T, ...], extra: tuple[_T, ...]) -> tuple[_T, ...]:
-    return kept + tuple(item for item in extra if item not in kept)
-
-
-def _keep_links(replaced: LoopRecord, winner: LoopRecord) -> LoopRecord:
-    # A snapshot taken before a link was added must not remove it.
-    children = _union(winner.children_loop_ids, replaced.children_loop_ids)
-    refs = _union(winner.child_loop_refs, replaced.child_loop_refs)
-    if len(children) == len(winner.children_loop_ids) and len(refs) == len(winner.child_loop_refs):
-        return winner
-    return msgspec.structs.replace(winner, children_loop_ids=children, child_loop_refs=refs)
 
 
 def _link_to_parents(loops: list[LoopRecord], adopted: list[LoopRecord]) -> None:
