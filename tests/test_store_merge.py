@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from phi_session.codec import encode_session
 from phi_session.events import ParallelLoopStart
-from phi_session.model import ChildLoopRef, LoopRecord, LoopStatus, Session, SpawnRef
+from phi_session.messages import ZERO_USAGE
+from phi_session.model import ChildLoopRef, LoopRecord, LoopStatus, ParallelGroupRecord, Session, SpawnRef
 from phi_session.stores.base import merge_sessions
 from phi_session.stores.conformance import at, make_loop, make_session
 
@@ -175,6 +176,24 @@ def test_links_of_a_replaced_version_are_kept() -> None:
     assert len(merged.loops[0].events) == 2
     assert merged.loops[0].children_loop_ids == ("s.cfg.2",)
     assert merged.loops[0].child_loop_refs == (ref,)
+
+
+def test_a_replacing_version_without_its_parallel_group_keeps_the_group() -> None:
+    # A producer that sent the loop again without its group's events (OTel ingest
+    # linking a remote caller) must not take the loop out of its group.
+    group = ParallelGroupRecord(
+        all_loop_ids=("s.cfg.1", "s.cfg.2"),
+        selected_loop_id="s.cfg.1",
+        selected_config_index=0,
+        evaluation_usage=ZERO_USAGE,
+        is_selected=True,
+    )
+    grouped = make_loop("s", 1, events=1)
+    grouped.parallel_group = group
+    later = make_loop("s", 1, events=2)
+    merged = merge_sessions(make_session("s", loops=[grouped]), make_session("s", loops=[later]))
+    assert len(merged.loops[0].events) == 2
+    assert merged.loops[0].parallel_group == group
 
 
 # -- properties ----------------------------------------------------------------------------

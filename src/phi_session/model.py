@@ -444,12 +444,20 @@ class LoopRecord(msgspec.Struct, kw_only=True):
 def keep_links(replaced: LoopRecord, winner: LoopRecord) -> LoopRecord:
     """`winner`, a version of `replaced`'s loop taking its place (a store's merge, a loop
     sent again), with the links only `replaced` has (``children_loop_ids``,
-    ``child_loop_refs``): a version made before a link was added must not remove it."""
+    ``child_loop_refs``, ``parallel_group``): a version made before a link was added, or
+    by a producer that did not see it, must not remove it."""
     children = _union(winner.children_loop_ids, replaced.children_loop_ids)
     refs = _union(winner.child_loop_refs, replaced.child_loop_refs)
-    if len(children) == len(winner.children_loop_ids) and len(refs) == len(winner.child_loop_refs):
+    group = winner.parallel_group if winner.parallel_group is not None else replaced.parallel_group
+    if (
+        len(children) == len(winner.children_loop_ids)
+        and len(refs) == len(winner.child_loop_refs)
+        and group is winner.parallel_group
+    ):
         return winner
-    return msgspec.structs.replace(winner, children_loop_ids=children, child_loop_refs=refs)
+    return msgspec.structs.replace(
+        winner, children_loop_ids=children, child_loop_refs=refs, parallel_group=group
+    )
 
 
 def _union(kept: tuple[_T, ...], extra: tuple[_T, ...]) -> tuple[_T, ...]:
