@@ -414,7 +414,13 @@ def shared_sessions(draw: st.DrawFn) -> ps.Session:
     pool: list[ps.AgentMessage] = draw(st.lists(messages, min_size=1, max_size=4))
     plain_pool: list[ps.Message] = draw(st.lists(llm_messages, min_size=1, max_size=4))
     pick = st.sampled_from(pool)
-    history = st.lists(st.sampled_from(plain_pool), max_size=5).map(tuple)
+    # A request resends the conversation so far (a prefix of it, the same objects), or
+    # carries any messages.
+    conversation = draw(st.lists(st.sampled_from(plain_pool), max_size=6).map(tuple))
+    history = st.one_of(
+        st.integers(min_value=0, max_value=len(conversation)).map(lambda n: conversation[:n]),
+        st.lists(st.sampled_from(plain_pool), max_size=5).map(tuple),
+    )
     stamp = ps.Timestamp.parse("2025-06-01T09:00:00Z")
     loops = []
     for index in range(draw(st.integers(min_value=1, max_value=2))):

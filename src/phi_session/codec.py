@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from operator import is_
 from typing import Any, Literal, TypeVar, Union, cast
 
 import msgspec
@@ -460,8 +461,31 @@ class _PrettyHistories:
         return _MARKER
 
 
+class _ResentHistories:
+    """Plain-form histories written as their messages' bytes. Each request of a
+    conversation resends the one before it: a history whose first messages are the
+    previous history's (the same objects) reuses that one's bytes and looks up only
+    the messages after them."""
+
+    __slots__ = ("_bytes", "_last", "_written")
+
+    def __init__(self, messages: _MessageBytes) -> None:
+        self._bytes = messages
+        self._last: tuple[Any, ...] | list[Any] = ()
+        self._written: tuple[msgspec.Raw, ...] = ()
+
+    def many(self, messages: tuple[Any, ...] | list[Any]) -> tuple[msgspec.Raw, ...]:
+        last = self._last
+        if len(messages) >= len(last) and all(map(is_, messages, last)):
+            written = self._written + self._bytes.many(messages[len(last) :])
+        else:
+            written = self._bytes.many(messages)
+        self._last, self._written = messages, written  # held: their ids stay theirs
+        return written
+
+
 _Form = _MessageBytes | _Mapped
-_Histories = _MessageBytes | _Mapped | _PrettyHistories
+_Histories = _Mapped | _PrettyHistories | _ResentHistories
 
 
 class _Item(msgspec.Struct, gc=False):
@@ -472,12 +496,10 @@ class _Item(msgspec.Struct, gc=False):
 
 
 # The streaming events (MessageStart, MessageUpdate, MessageEnd) are most of a loop's
-# events and carry one agent-form message: their skeletons are made inline, by field.
-_ONE_AGENT_MESSAGE = {
-    tp: fields[0].name
-    for tp, fields in MESSAGE_FIELDS.items()
-    if len(fields) == 1 and fields[0].agent and not fields[0].many and fields[0].within is None
-}
+# events and carry one agent-form message, their ``message``: their skeletons are made
+# inline. The other events that carry messages go through their fields' writers.
+_STREAMING = frozenset(tp for tp, fields in MESSAGE_FIELDS.items() if fields == (MessageField("message"),))
+_CARRIERS = frozenset(MESSAGE_FIELDS) - _STREAMING
 
 
 class _Skeleton:
@@ -555,24 +577,20 @@ class _Skeleton:
         force_setattr(skeleton, "messages", self._forms[True].many(record.messages))
         # Lists: the skeleton is only encoded (as arrays, like the record's tuples).
         force_setattr(skeleton, "turns", [self._turn(turn) for turn in record.turns])
-        known_fields, fields_of = self._event_fields.get, self._fields_of
-        event_of, agent = self._event, self._forms[True]
-        known, one = agent.known, agent.one
+        agent = self._forms[True]
+        known, one, event_of = agent.known, agent.one, self.event
         events: list[LoopEvent | _Item] = []
         append = events.append
         for item in record.events:
             event: Any = item.event
-            name = _ONE_AGENT_MESSAGE.get(type(event))
-            if name is not None:
-                message = getattr(event, name)
-                copy = event.__copy__()
-                force_setattr(copy, name, known(id(message)) or one(message))
-                append(_Item(item.sequence, copy))
+            if type(event) in _STREAMING:  # each one through the form: encode_loop_with counts them
+                message = event.message
+                raw = known(id(message)) or one(message)
+                append(_Item(item.sequence, replace(event, message=raw)))  # faster than copy, set
+            elif type(event) in _CARRIERS:
+                append(_Item(item.sequence, event_of(event)))
             else:
-                fields = known_fields(type(event))
-                if fields is None:
-                    fields = fields_of(type(event))
-                append(_Item(item.sequence, event_of(event, fields)) if fields else item)
+                append(item)
         force_setattr(skeleton, "events", events)
         block = record.compaction_block
         if isinstance(block, CompactionBlock):
@@ -599,7 +617,7 @@ def _forms() -> tuple[_MessageBytes, _MessageBytes]:
 
 def _skeleton() -> _Skeleton:
     forms = _forms()
-    return _Skeleton(forms, lambda _depth: forms[False])
+    return _Skeleton(forms, lambda _depth: _ResentHistories(forms[False]))
 
 
 # A pretty document is formatted from its compact bytes, which live only until then.
