@@ -476,13 +476,14 @@ def realistic_events(script: Sequence[SessionScript]) -> int:
     return len(script) * (workload.EVENTS_PER_SESSION + turns)
 
 
-def recorded(script: Sequence[SessionScript], requests: Requests) -> int:
-    """Producer (redactor on) -> recorder keeping every chunk -> every session encoded; the bytes."""
+def recorded(script: Sequence[SessionScript], requests: Requests, *, pretty: bool = True) -> int:
+    """Producer (redactor on) -> recorder keeping every chunk -> every session encoded
+    (pretty: the session-file layout; else compact, as stores keep it); the bytes."""
     recorder = SessionRecorder(include_streaming_events=True)
     play(script, _tracers(script, [recorder]), requests)
     recorder.flush()
     encode = phi_session.encode
-    return sum(len(encode(session)) for session in recorder.drain_completed())
+    return sum(len(encode(session, pretty=pretty)) for session in recorder.drain_completed())
 
 
 def recorded_sessions(script: Sequence[SessionScript], requests: Requests) -> list[Session]:
@@ -665,6 +666,7 @@ def realistic(repeat: int, directory: Path) -> None:
     rows = {
         "memory": Clock("phi-session: Tracer -> recorder -> encode", n1),
         "encode": Clock("  of which encode (the same sessions, alone)", n1),
+        "memory_compact": Clock("  the same, sessions encoded compact", n1),
         "memory_delta": Clock("  Tracer -> recorder -> encode, delta-only", n1),
         "sqlite": Clock("phi-session: Tracer -> SQLite, all saved", n1),
         "sqlite_delta": Clock("  Tracer -> SQLite, delta-only", n1),
@@ -675,6 +677,7 @@ def realistic(repeat: int, directory: Path) -> None:
     operations: list[tuple[Clock, Callable[[], object]]] = [
         (rows["memory"], lambda: recorded(script, "history")),
         (rows["encode"], lambda: encoded(sessions)),
+        (rows["memory_compact"], lambda: recorded(script, "history", pretty=False)),
         (rows["memory_delta"], lambda: recorded(script, "delta")),
         (rows["sqlite"], lambda: persisted(script, database, "history")),
         (rows["sqlite_delta"], lambda: persisted(script, database, "delta")),
@@ -716,6 +719,8 @@ def realistic(repeat: int, directory: Path) -> None:
                 f"{rows[key].label + ' vs peer':<64} {ratio:>6.2f}x  goal >= {target}x  "
                 f"{'PASS' if ratio >= target else 'MISS'}"
             )
+        ratio = rows["peer"].cpu / rows["memory_compact"].cpu
+        print(f"{rows['memory_compact'].label + ' vs peer':<64} {ratio:>6.2f}x")
         for key in ("memory_delta", "sqlite_delta"):
             ratio = rows["peer_delta"].cpu / rows[key].cpu
             print(f"{rows[key].label + ' vs peer, delta-only':<64} {ratio:>6.2f}x")
