@@ -1098,6 +1098,31 @@ def _saved_one_by_one(root: Path, *payloads: list[ReadableSpan]) -> list[Session
     return [store.load(session_id) for session_id in store.list_ids()]
 
 
+def test_a_sub_agent_exported_after_its_caller_was_saved_keeps_the_tool_call_that_spawned_it(
+    demo_sessions: list[Session], tmp_path: Path
+) -> None:
+    # Each session exported apart, as `export_session` does: the caller's trace is recorded
+    # and saved (the OTLP endpoint's periodic checkpoint) before its sub-agent's spans,
+    # which join that trace, are recorded when it times out (here: flushed).
+    assert any(session.parent_spawn_ref is not None for session in demo_sessions)
+    store, recorder = JsonDirStore(tmp_path), SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    for session in demo_sessions:
+        ingestor.add(spans_from_sdk(span) for span in _export([session], capture_content=True))
+        recorder.checkpoint()
+        for done in recorder.drain_completed():
+            store.save(done)
+    ingestor.flush()
+    recorder.flush()
+    for done in recorder.drain_completed():
+        store.save(done)
+    saved = [store.load(session_id) for session_id in store.list_ids()]
+    assert {s.session_id: s.parent_spawn_ref for s in saved} == {
+        s.session_id: s.parent_spawn_ref for s in demo_sessions
+    }
+    assert _encoded(saved) == _encoded(demo_sessions)
+
+
 @pytest.mark.parametrize("first", ["sub-agent", "caller"])
 def test_a_sub_agent_saved_before_the_other_side_came_is_linked_in_the_store(
     tmp_path: Path, first: str

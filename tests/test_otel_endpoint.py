@@ -405,6 +405,18 @@ def test_a_retried_payload_is_recorded_once(demo_sessions: list[Session], tmp_pa
     assert made.endpoint.ingestor.counters["duplicate_spans"] > 0
 
 
+def test_a_sub_agent_posted_after_its_caller_was_saved_keeps_the_tool_call_that_spawned_it(
+    demo_sessions: list[Session], tmp_path: Path
+) -> None:
+    # A checkpoint between the caller's payload and its sub-agent's (the saver's periodic
+    # one, when the exporter paused): the sub-agent was saved without its tool call.
+    made = Receiver(tmp_path)
+    for session in demo_sessions:
+        assert made.post(_protobuf(session_spans(session, capture_content=True))).status == 200
+        made.endpoint.saver.checkpoint()
+    _same(made.close(), demo_sessions)
+
+
 def _post_chunked(port: int, chunks: list[bytes], headers: dict[str, str]) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     connection.request("POST", "/v1/traces", body=iter(chunks), headers=headers, encode_chunked=True)

@@ -977,6 +977,81 @@ def test_what_a_drained_session_learns_later_comes_back_as_an_amendment() -> Non
     assert amendment.parent_spawn_ref.tool_call_id == "t"
 
 
+# A spawner p.c.1 whose tool call t runs the sub-agent k.sub.1, in every order a producer
+# may send them in.
+_SPAWN_STEPS: dict[str, ps.AgentEvent] = {
+    "p starts": start("p.c.1", "p"),
+    "k starts": start("k.sub.1", "k", at=1, parent="p.c.1"),
+    "k ends": end("k.sub.1", at=2),
+    "t ends": spawn_end("p.c.1", "k.sub.1"),
+    "p ends": end("p.c.1", at=3),
+}
+_SPAWN_ORDERS = [
+    ("p starts", "k starts", "k ends", "t ends", "p ends"),  # phi-core's: k runs in the tool call
+    ("p starts", "k starts", "t ends", "k ends", "p ends"),
+    ("p starts", "t ends", "k starts", "k ends", "p ends"),
+    ("p starts", "t ends", "k starts", "p ends", "k ends"),
+    ("p starts", "t ends", "p ends", "k starts", "k ends"),  # an OTLP ingest's: the caller's loop whole first
+]
+
+
+@pytest.mark.parametrize("drained_after", ["never", "each event", *range(5)])
+@pytest.mark.parametrize("order", _SPAWN_ORDERS, ids=", ".join)
+def test_a_sub_agent_gets_its_whole_spawn_ref_however_its_sessions_are_drained(
+    order: tuple[str, ...], drained_after: str | int
+) -> None:
+    """A spawner drained before its sub-agent started took its tool call with it: the
+    sub-agent's spawn ref was saved without it (by the OTLP endpoint, when its periodic
+    checkpoint fell between a caller's payload and its sub-agent's)."""
+    from phi_session.stores.base import merge_sessions
+
+    events = [_SPAWN_STEPS[step] for step in order]
+    _, whole = record(events)
+    recorder = SessionRecorder()
+    saved: dict[str, ps.Session] = {}
+    handed: list[ps.Session] = []
+
+    def save(drained: list[ps.Session]) -> None:
+        for session in drained:
+            handed.append(session)
+            previous = saved.get(session.session_id)
+            saved[session.session_id] = session if previous is None else merge_sessions(previous, session)
+
+    for index, event in enumerate(events):
+        recorder.on_event(event)
+        if drained_after in ("each event", index):
+            recorder.checkpoint()
+            save(recorder.drain_completed())
+    recorder.checkpoint()  # every loop has ended: the stream may go on
+    save(recorder.drain_completed())
+    spawn = ps.SpawnRef(parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="t", tool_name="sub")
+    assert [s.parent_spawn_ref for s in handed if s.session_id == "k"][-1] == spawn  # the recorder's
+    assert {sid: ps.encode(s) for sid, s in saved.items()} == {s.session_id: ps.encode(s) for s in whole}
+    assert not recorder._spawns and not recorder._awaited_spawns  # nothing kept for what is saved
+
+
+def test_a_sub_agent_that_never_starts_is_awaited_until_flush_among_the_latest_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from phi_session import recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "_AWAITED_SPAWNS", 2)
+    recorder = SessionRecorder()
+    for n in range(3):
+        recorder.record_all(
+            [start(f"p{n}.c.1", f"p{n}"), spawn_end(f"p{n}.c.1", f"k{n}.sub.1"), end(f"p{n}.c.1")]
+        )
+        recorder.checkpoint()
+        recorder.drain_completed()
+    assert list(recorder._awaited_spawns) == ["k1.sub.1", "k2.sub.1"]  # the oldest given up
+    recorder.record_all([start("k0.sub.1", "k0", parent="p0.c.1"), start("k1.sub.1", "k1", parent="p1.c.1")])
+    recorder.flush()
+    refs = {s.session_id: s.parent_spawn_ref for s in recorder.drain_completed()}
+    assert refs["k0"] is not None and refs["k0"].tool_call_id == ""  # phi-core's provisional ref
+    assert refs["k1"] is not None and refs["k1"].tool_call_id == "t"
+    assert not recorder._spawns and not recorder._awaited_spawns  # k2 never came: the stream ended
+
+
 def test_a_debt_that_lapses_is_forgotten() -> None:
     recorder = SessionRecorder()
     recorder.record_all([start("p.c.1", "p"), start("k.sub.1", "k", parent="p.c.1"), end("k.sub.1")])

@@ -22,7 +22,9 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
 * `checkpoint` completes every session whose loops have all ended, as phi-core does;
   what a drained session learns later (its parallel winner, the tool call that
   spawned it) is handed over again by the next drain, as an amendment to merge;
-* sub-agent links use what the recorder saw, not only the loop-id prefix;
+* sub-agent links use what the recorder saw, not only the loop-id prefix; a sub-agent
+  that starts after its spawner's session was drained still gets the tool call (the
+  latest `_AWAITED_SPAWNS` such tool calls are remembered, until `flush`);
 * every ``on_event`` is O(1) amortized, and safe to call from several threads (a
   parent's ``children_loop_ids`` tuple is brought up to date when its session is
   looked at or completed, not rebuilt per child).
@@ -81,6 +83,10 @@ __all__ = ["OrphanEvent", "SessionRecorder", "SessionRecorderConfig"]
 logger = logging.getLogger("phi_session.recorder")
 
 SessionCallback = Callable[[Session], Any]
+
+# Sub-agents named by a drained spawner's tool call that the recorder does not hold,
+# remembered for when they start (the latest ones only: one never may, or ran already).
+_AWAITED_SPAWNS = 10_000
 
 
 class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -276,6 +282,9 @@ class SessionRecorder:
         self._stream_time: Timestamp | None = None  # the latest AgentStart's (`group_end_timeout`)
         self._late_spawns: dict[str, dict[str, Session]] = {}  # open parent loop -> sub-agents
         self._spawns: dict[str, tuple[str, str, str, str]] = {}  # child loop -> parent ref
+        # The same, once the parent's session was drained before the child started
+        # (an OTLP ingest sends a caller's loop whole, then its sub-agent's).
+        self._awaited_spawns: dict[str, tuple[str, str, str, str]] = {}
         self._resending: dict[str, _Resent] = {}  # open loop sent again -> what it replaces
         self._orphans: list[OrphanEvent] = []
         # Session-scoped events that arrive before their session's first AgentStart.
@@ -463,16 +472,19 @@ class SessionRecorder:
         parent = event.parent_loop_id
         if parent is None:
             return None
-        parent_session = self._session_of(parent)
+        # The parent's tool call ended first (its session maybe drained since).
+        known = self._spawns.get(event.loop_id) or self._awaited_spawns.get(event.loop_id)
+        if known is not None and known[1] == parent:
+            parent_session, tool_call_id, tool_name = known[0], known[2], known[3]
+        else:
+            parent_session, tool_call_id, tool_name = self._session_of(parent), "", ""
         if parent_session == event.session_id:
             return None
-        known = self._spawns.get(event.loop_id)  # the parent's tool call ended first
-        if known is not None and known[1] == parent:
-            return SpawnRef(
-                parent_session_id=known[0], parent_loop_id=known[1], tool_call_id=known[2], tool_name=known[3]
-            )
         return SpawnRef(
-            parent_session_id=parent_session, parent_loop_id=parent, tool_call_id="", tool_name=""
+            parent_session_id=parent_session,
+            parent_loop_id=parent,
+            tool_call_id=tool_call_id,
+            tool_name=tool_name,
         )
 
     def _resend(self, event: AgentStart) -> bool:
@@ -723,8 +735,9 @@ class SessionRecorder:
             )
         )
         parent_ref = (loop.session_id, event.loop_id, event.tool_call_id, event.tool_name)
-        self._spawns[child_loop_id] = parent_ref  # for a child that starts later
         late = self._late_spawns.get(event.loop_id, {}).pop(child_session_id, None)
+        if late is None:  # for a child that starts later, or is sent again
+            self._spawns[child_loop_id] = parent_ref
         held = self._open.get(child_session_id) or self._completed.get(child_session_id)
         if held is None and late is not None:
             held = self._amendable(late)  # drained before this tool call ended
@@ -850,6 +863,10 @@ class SessionRecorder:
                 self._close(loop)
             self._groups.clear()
             self._open_groups.clear()
+            # No sub-agent starts after the stream's end: none is awaited, even by a
+            # spawner drained after this.
+            self._spawns.clear()
+            self._awaited_spawns.clear()
             self._late_branches.clear()
             self._late_groups.clear()
             for events in self._early_events.values():  # announced, but no branch ever started
@@ -968,13 +985,22 @@ class SessionRecorder:
                 self._late_branches.setdefault(record.loop_id, []).append((session, record))
             self._loop_session.pop(record.loop_id, None)
             self._spawns.pop(record.loop_id, None)
+            self._awaited_spawns.pop(record.loop_id, None)
             for ref in record.child_loop_refs:
-                self._spawns.pop(ref.child_loop_id, None)
+                parent_ref = self._spawns.pop(ref.child_loop_id, None)
+                if parent_ref is not None and ref.child_loop_id not in self._loop_session:
+                    self._await_spawn(ref.child_loop_id, parent_ref)
             self._warned_loops.discard(record.loop_id)
             holders = self._closed_by_id.pop(record.loop_id, ())
             kept = tuple(session_id for session_id in holders if session_id != session.session_id)
             if kept:
                 self._closed_by_id[record.loop_id] = kept
+
+    def _await_spawn(self, child_loop_id: str, parent_ref: tuple[str, str, str, str]) -> None:
+        """Remember the tool call naming `child_loop_id` past its spawner's drain, for its start."""
+        self._awaited_spawns[child_loop_id] = parent_ref
+        if len(self._awaited_spawns) > _AWAITED_SPAWNS:
+            del self._awaited_spawns[next(iter(self._awaited_spawns))]
 
     # -- queries ------------------------------------------------------------------------
 
