@@ -36,7 +36,7 @@ import contextlib
 import gc
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from itertools import count, repeat
@@ -284,7 +284,9 @@ class SessionRecorder:
         self._spawns: dict[str, tuple[str, str, str, str]] = {}  # child loop -> parent ref
         # The same, once the parent's session was drained before the child started
         # (an OTLP ingest sends a caller's loop whole, then its sub-agent's).
-        self._awaited_spawns: dict[str, tuple[str, str, str, str]] = {}
+        # Ordered: the oldest goes first in O(1) (a plain dict finds its first entry past
+        # every one deleted before it).
+        self._awaited_spawns: OrderedDict[str, tuple[str, str, str, str]] = OrderedDict()
         self._resending: dict[str, _Resent] = {}  # open loop sent again -> what it replaces
         self._orphans: list[OrphanEvent] = []
         # Session-scoped events that arrive before their session's first AgentStart.
@@ -1000,7 +1002,7 @@ class SessionRecorder:
         """Remember the tool call naming `child_loop_id` past its spawner's drain, for its start."""
         self._awaited_spawns[child_loop_id] = parent_ref
         if len(self._awaited_spawns) > _AWAITED_SPAWNS:
-            del self._awaited_spawns[next(iter(self._awaited_spawns))]
+            self._awaited_spawns.popitem(last=False)
 
     # -- queries ------------------------------------------------------------------------
 
