@@ -27,7 +27,10 @@ from phi_session import (
     ParallelLoopEnd,
     ParallelLoopStart,
     ProgressMessage,
+    SpawnRef,
     Timestamp,
+    ToolExecutionEnd,
+    ToolResult,
     Usage,
 )
 from phi_session.codec import encode_event, encode_session
@@ -595,6 +598,45 @@ def test_a_drained_session_owed_its_parallel_winner_keeps_its_journal_records(tm
         settle()
         assert not first.exists()  # the amendment is saved: nothing holds it any more
     assert stored(store) == recorded(group + others + [winner])
+
+
+def test_a_sub_agent_recovered_after_its_spawner_was_saved_keeps_its_tool_call(tmp_path: Path) -> None:
+    """A crash after the spawner was saved (its journal records released) and before the
+    sub-agent that started late was: recovery finds the tool call in the store."""
+    ts = Timestamp.now()
+    spawner = [
+        AgentStart(agent_id="x", session_id="p", loop_id="p.c.1", timestamp=ts),
+        ToolExecutionEnd(
+            loop_id="p.c.1",
+            tool_call_id="t",
+            tool_name="sub",
+            result=ToolResult(content=(), child_loop_id="k.sub.1"),
+            is_error=False,
+        ),
+        AgentEnd(loop_id="p.c.1", messages=(), usage=Usage(input=1, output=1), timestamp=ts),
+    ]
+    sub_agent = AgentStart(
+        agent_id="y", session_id="k", loop_id="k.sub.1", parent_loop_id="p.c.1", timestamp=ts
+    )
+    journal = Journal(tmp_path / "j", durability="os", segment_bytes=4096)
+    store = JsonDirStore(tmp_path / "store")
+    with AutoPersistingRecorder(
+        store, journal=journal, checkpoint_every=10**9, checkpoint_interval=None
+    ) as persisting:
+        persisting.record_all(spawner + single_loop_sessions(40))
+        persisting.checkpoint()
+        assert persisting.wait_saved(timeout=10)
+        assert b'"session_id":"p"' not in b"".join(path.read_bytes() for path in journal.segments())
+        persisting.on_event(sub_agent)
+        # The process dies here: what is on disk is what a crash leaves.
+        shutil.copytree(tmp_path / "j", tmp_path / "crashed")
+        shutil.copytree(tmp_path / "store", tmp_path / "crashed-store")
+    recovered = JsonDirStore(tmp_path / "crashed-store")
+    recover(tmp_path / "crashed", recovered)
+    assert recovered.load("k").parent_spawn_ref == SpawnRef(
+        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="t", tool_name="sub"
+    )
+    assert store.load("k").parent_spawn_ref == recovered.load("k").parent_spawn_ref  # as the live run
 
 
 class DeadServer(JsonDirStore):

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import codec
-from ..errors import DecodeError, NotAJournal, RecoveryError, StoreError
+from ..errors import DecodeError, NotAJournal, PhiSessionError, RecoveryError, StoreError
 from ..events import AgentEvent, AgentStart
+from ..ids import session_id_from_loop_id
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SaveTarget, SessionSaver
+from ..stores.base import SessionStore
 from .format import (
     CHECKPOINT_FILE,
     MAGIC,
@@ -230,6 +232,12 @@ def _replay(
                     # Its loop started before the checkpoint: the live writer saved it (`release`).
                     report.events_already_stored += 1
                     continue
+                if (
+                    type(event) is AgentStart
+                    and event.parent_loop_id is not None
+                    and recorder.lacks_spawner(event.loop_id, event.parent_loop_id)
+                ):
+                    _find_spawner(saver.store, recorder, event.loop_id, event.parent_loop_id)
                 if isinstance(event, codec.LazyMessageUpdate):
                     recorder.on_json(payload)  # the recorder's own path: it drops or decodes it
                 else:
@@ -247,6 +255,24 @@ def _replay(
         max(checkpoint.stored_below, reader.last + 1), max(checkpoint.settled_through, reader.last)
     )
     return report, [orphan.event for orphan in recorder.drain_orphans()], replayed
+
+
+def _find_spawner(store: SaveTarget, recorder: SessionRecorder, loop_id: str, parent_loop_id: str) -> None:
+    """Hand `recorder` the tool call that spawned `loop_id` from its spawner's saved loop:
+    a spawner saved before the crash had its records released, so the replay lacks it."""
+    if not isinstance(store, SessionStore):
+        return
+    parent_session_id = session_id_from_loop_id(parent_loop_id)
+    try:
+        outline = store.load_outline(parent_session_id)
+        parent = next((loop.record for loop in outline.loops if loop.loop_id == parent_loop_id), None)
+    except PhiSessionError:  # not saved, or unreadable: the spawn ref stays provisional
+        return
+    if parent is not None:
+        for ref in parent.child_loop_refs:
+            if ref.child_loop_id == loop_id:
+                recorder.await_spawn(parent_session_id, parent_loop_id, ref)
+                return
 
 
 def _save_completed(
