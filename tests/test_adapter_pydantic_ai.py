@@ -694,6 +694,20 @@ def test_a_run_level_capability_replaces_the_agents_instead_of_recording_twice()
     assert agent_level.sessions() == [] and len(sessions_of(run_level)) == 1
 
 
+def test_two_capabilities_in_one_list_record_with_the_last_and_a_warning_says_so(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(PhiCapability, "_reported_duplicates", False)  # once per process
+    first, last = SessionRecorder(), SessionRecorder()
+    agent = Agent(TestModel(), capabilities=[PhiCapability(first), PhiCapability(last)])
+    with caplog.at_level(logging.WARNING, logger="phi_session"):
+        agent.run_sync("x")
+        agent.run_sync("y")
+    assert first.sessions() == [] and len(sessions_of(last)) == 2
+    [warning] = [r.getMessage() for r in caplog.records if "PhiCapability" in r.getMessage()]
+    assert "only the last records" in warning and "list of sinks" in warning
+
+
 def test_stream_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="stream"):
         PhiCapability(stream="yes")  # type: ignore[arg-type]

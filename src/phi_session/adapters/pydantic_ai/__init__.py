@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...identity import AgentSession, Clock
 from ...instrument import MessageScope, ToolScope, TurnScope
@@ -68,6 +68,7 @@ from .._core import (
     enter_tool,
     jsonable,
     leave_tool,
+    logger,
     loop_config,
     require_extra,
     usage_of,
@@ -528,6 +529,7 @@ class PhiCapability(AbstractCapability[Any]):
     # A default id: an agent has one of these, and one given to a run replaces the agent's
     # (pydantic-ai's rule for a repeated capability id) instead of recording the run twice.
     id: str | None = "phi_session"
+    _reported_duplicates: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -574,7 +576,18 @@ class PhiCapability(AbstractCapability[Any]):
 
     @classmethod
     def combine(cls, capabilities: Sequence[AbstractCapability[Any]]) -> AbstractCapability[Any]:
-        return capabilities[-1]  # the same recording stated twice in one layer: record once
+        # The same recording stated twice in one layer: record once, and say so once, since
+        # the others' sinks get nothing.
+        kept = capabilities[-1]
+        dropped = [other for other in capabilities if other is not kept]
+        if dropped and not cls._reported_duplicates:  # a setting: once per process
+            cls._reported_duplicates = True
+            logger.warning(
+                "pydantic-ai: a run was given %d PhiCapability in one list: only the last records "
+                "(to send its events to several places, give one PhiCapability a list of sinks)",
+                len(dropped) + 1,
+            )
+        return kept
 
     @classmethod
     def get_serialization_name(cls) -> str | None:
