@@ -366,10 +366,16 @@ def test_an_adapter_fault_never_reaches_the_host(
         openai_agents.uninstall()
 
 
-def test_install_is_idempotent_and_uninstall_detaches() -> None:
+def test_install_is_idempotent_and_uninstall_detaches(caplog: pytest.LogCaptureFixture) -> None:
     recorder = SessionRecorder()
-    core = openai_agents.install([recorder])
-    assert openai_agents.install([SessionRecorder()]) is core
+    sinks = [recorder]
+    core = openai_agents.install(sinks)
+    with caplog.at_level(logging.WARNING, logger="phi_session"):
+        assert openai_agents.install(sinks) is core
+        assert caplog.records == []  # the same install again: nothing to say
+        assert openai_agents.install([SessionRecorder()], capture_requests=True) is core
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "already installed" in warning and "uninstall()" in warning  # the other sink gets nothing
     openai_agents.uninstall()
     assert openai_agents.installed() is None
     run(Agent(name="calc", model=scripted([assistant_message("x")])), "x")

@@ -826,6 +826,7 @@ _processor = PhiTracingProcessor()
 _install_lock = threading.Lock()
 _registered_with: TraceProvider | None = None  # the trace provider the processor was added to
 _replaced: list[TracingProcessor] | None = None  # the processors `install` replaced, to put back
+_installed_with: tuple[object, ...] = ()  # the arguments of the `install` in force
 
 
 class PhiRunHooks(RunHooks[Any]):
@@ -964,13 +965,21 @@ def install(
     compares against to detect divergence; off by default (it repeats the whole history
     every turn). `options` go to `AdapterCore` (``store``, ``agent``, ``processors``,
     ``redact``, ``rotate_after``). Idempotent: a second call returns the adapter
-    already installed.
+    already installed (with a warning if it asks for other sinks or options, which it
+    does not get: `uninstall` first).
     """
-    global _registered_with, _replaced
+    global _registered_with, _replaced, _installed_with
+    arguments = (sink, replace_default, capture_requests, options)
     with _install_lock:
         mapper = _processor.mapper
         if mapper is not None:
+            if arguments != _installed_with:
+                logger.warning(
+                    "openai-agents: phi-session is already installed; this install()'s sink and "
+                    "options are not used (call uninstall() first to change them)"
+                )
             return mapper.core
+        _installed_with = arguments
         core = AdapterCore(FRAMEWORK, sink, capture_requests=capture_requests, **options)
         provider = get_trace_provider()
         if replace_default:
@@ -1002,12 +1011,13 @@ def installed() -> AdapterCore | None:
 def uninstall() -> None:
     """Stop recording: runs still open end as failed, everything held is saved, and the
     processors `install` replaced (``replace_default=True``) are put back."""
-    global _registered_with, _replaced
+    global _registered_with, _replaced, _installed_with
     with _install_lock:
         mapper = _processor.mapper
         if mapper is None:
             return
         _processor.mapper = None
+        _installed_with = ()
         if _replaced is not None and _registered_with is not None:
             # Those the host added since `install` stay, after the ones put back.
             added = [p for p in _listed(_registered_with) or () if p is not _processor and p not in _replaced]
