@@ -41,6 +41,7 @@ from phi_session.persist import AutoPersistingRecorder, held_bytes
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 from phi_session.stores.base import SessionStore
 from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.outline import SessionOutline
 from phi_session.stores.sqlite import SqliteStore
 
 from .journal_kill_worker import stream
@@ -600,24 +601,38 @@ def test_a_drained_session_owed_its_parallel_winner_keeps_its_journal_records(tm
     assert stored(store) == recorded(group + others + [winner])
 
 
-def test_a_sub_agent_recovered_after_its_spawner_was_saved_keeps_its_tool_call(tmp_path: Path) -> None:
+class CountingOutlines(JsonDirStore):
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.outlines_read = 0
+
+    def load_outline(self, session_id: str) -> SessionOutline:
+        self.outlines_read += 1
+        return super().load_outline(session_id)
+
+
+def test_sub_agents_recovered_after_their_spawner_was_saved_keep_their_tool_calls(tmp_path: Path) -> None:
     """A crash after the spawner was saved (its journal records released) and before the
-    sub-agent that started late was: recovery finds the tool call in the store."""
+    sub-agents that started late were: recovery finds the tool calls in the store,
+    reading the spawner's session once."""
     ts = Timestamp.now()
-    spawner = [
-        AgentStart(agent_id="x", session_id="p", loop_id="p.c.1", timestamp=ts),
+    calls = {"k1.sub.1": "t1", "k2.sub.1": "t2"}
+    spawner: list[AgentEvent] = [AgentStart(agent_id="x", session_id="p", loop_id="p.c.1", timestamp=ts)]
+    spawner += [
         ToolExecutionEnd(
             loop_id="p.c.1",
-            tool_call_id="t",
+            tool_call_id=call,
             tool_name="sub",
-            result=ToolResult(content=(), child_loop_id="k.sub.1"),
+            result=ToolResult(content=(), child_loop_id=child),
             is_error=False,
-        ),
-        AgentEnd(loop_id="p.c.1", messages=(), usage=Usage(input=1, output=1), timestamp=ts),
+        )
+        for child, call in calls.items()
     ]
-    sub_agent = AgentStart(
-        agent_id="y", session_id="k", loop_id="k.sub.1", parent_loop_id="p.c.1", timestamp=ts
-    )
+    spawner.append(AgentEnd(loop_id="p.c.1", messages=(), usage=Usage(input=1, output=1), timestamp=ts))
+    sub_agents = [
+        AgentStart(agent_id="y", session_id=child[:2], loop_id=child, parent_loop_id="p.c.1", timestamp=ts)
+        for child in calls
+    ]
     journal = Journal(tmp_path / "j", durability="os", segment_bytes=4096)
     store = JsonDirStore(tmp_path / "store")
     with AutoPersistingRecorder(
@@ -627,16 +642,19 @@ def test_a_sub_agent_recovered_after_its_spawner_was_saved_keeps_its_tool_call(t
         persisting.checkpoint()
         assert persisting.wait_saved(timeout=10)
         assert b'"session_id":"p"' not in b"".join(path.read_bytes() for path in journal.segments())
-        persisting.on_event(sub_agent)
+        persisting.record_all(sub_agents)
         # The process dies here: what is on disk is what a crash leaves.
         shutil.copytree(tmp_path / "j", tmp_path / "crashed")
         shutil.copytree(tmp_path / "store", tmp_path / "crashed-store")
-    recovered = JsonDirStore(tmp_path / "crashed-store")
+    recovered = CountingOutlines(tmp_path / "crashed-store")
     recover(tmp_path / "crashed", recovered)
-    assert recovered.load("k").parent_spawn_ref == SpawnRef(
-        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="t", tool_name="sub"
-    )
-    assert store.load("k").parent_spawn_ref == recovered.load("k").parent_spawn_ref  # as the live run
+    for child, call in calls.items():
+        spawn = recovered.load(child[:2]).parent_spawn_ref
+        assert spawn == SpawnRef(
+            parent_session_id="p", parent_loop_id="p.c.1", tool_call_id=call, tool_name="sub"
+        )
+        assert store.load(child[:2]).parent_spawn_ref == spawn  # as the live run saved it
+    assert recovered.outlines_read == 1
 
 
 class DeadServer(JsonDirStore):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,6 +12,7 @@ from .. import codec
 from ..errors import DecodeError, NotAJournal, PhiSessionError, RecoveryError, StoreError
 from ..events import AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
+from ..model import ChildLoopRef
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SaveTarget, SessionSaver
 from ..stores.base import SessionStore
@@ -214,6 +216,7 @@ def _replay(
     checkpoint = read_checkpoint(directory)
     reader = SegmentReader(report, stored_below=checkpoint.stored_below)
     recorder = SessionRecorder(config)
+    spawners = _SavedSpawners(saver.store)
     for path in segments:
         report.segments_read += 1
         for seq, payload in reader.read(path):
@@ -237,7 +240,7 @@ def _replay(
                     and event.parent_loop_id is not None
                     and recorder.lacks_spawner(event.loop_id, event.parent_loop_id)
                 ):
-                    _find_spawner(saver.store, recorder, event.loop_id, event.parent_loop_id)
+                    spawners.hand_to(recorder, event.loop_id, event.parent_loop_id)
                 if isinstance(event, codec.LazyMessageUpdate):
                     recorder.on_json(payload)  # the recorder's own path: it drops or decodes it
                 else:
@@ -257,22 +260,41 @@ def _replay(
     return report, [orphan.event for orphan in recorder.drain_orphans()], replayed
 
 
-def _find_spawner(store: SaveTarget, recorder: SessionRecorder, loop_id: str, parent_loop_id: str) -> None:
-    """Hand `recorder` the tool call that spawned `loop_id` from its spawner's saved loop:
-    a spawner saved before the crash had its records released, so the replay lacks it."""
-    if not isinstance(store, SessionStore):
-        return
-    parent_session_id = session_id_from_loop_id(parent_loop_id)
-    try:
-        outline = store.load_outline(parent_session_id)
-        parent = next((loop.record for loop in outline.loops if loop.loop_id == parent_loop_id), None)
-    except PhiSessionError:  # not saved, or unreadable: the spawn ref stays provisional
-        return
-    if parent is not None:
-        for ref in parent.child_loop_refs:
-            if ref.child_loop_id == loop_id:
-                recorder.await_spawn(parent_session_id, parent_loop_id, ref)
-                return
+class _SavedSpawners:
+    """The tool calls of spawners saved before the crash: a spawner saved had its records
+    released, so the replay lacks it, and a sub-agent started later would get a spawn ref
+    without its tool call. Read from the store once per spawner session (the latest 64)."""
+
+    def __init__(self, store: SaveTarget) -> None:
+        self._store = store if isinstance(store, SessionStore) else None
+        # session id -> child loop id -> (spawning loop id, its ref)
+        self._sessions: OrderedDict[str, dict[str, tuple[str, ChildLoopRef]]] = OrderedDict()
+
+    def hand_to(self, recorder: SessionRecorder, loop_id: str, parent_loop_id: str) -> None:
+        """Give `recorder` the tool call of `parent_loop_id` that spawned `loop_id`, if stored."""
+        if self._store is None:
+            return
+        session_id = session_id_from_loop_id(parent_loop_id)
+        refs = self._sessions.get(session_id)
+        if refs is None:
+            refs = self._sessions[session_id] = self._read(self._store, session_id)
+            if len(self._sessions) > 64:
+                self._sessions.popitem(last=False)
+        found = refs.get(loop_id)
+        if found is not None and found[0] == parent_loop_id:
+            recorder.await_spawn(session_id, parent_loop_id, found[1])
+
+    @staticmethod
+    def _read(store: SessionStore, session_id: str) -> dict[str, tuple[str, ChildLoopRef]]:
+        try:
+            outline = store.load_outline(session_id)
+            return {
+                ref.child_loop_id: (loop.loop_id, ref)
+                for loop in outline.loops
+                for ref in loop.record.child_loop_refs
+            }
+        except PhiSessionError:  # not saved, or unreadable: spawn refs stay provisional
+            return {}
 
 
 def _save_completed(
