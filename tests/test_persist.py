@@ -611,12 +611,14 @@ class CountingOutlines(JsonDirStore):
         return super().load_outline(session_id)
 
 
-def test_sub_agents_recovered_after_their_spawner_was_saved_keep_their_tool_calls(tmp_path: Path) -> None:
-    """A crash after the spawner was saved (its journal records released) and before the
-    sub-agents that started late were: recovery finds the tool calls in the store,
-    reading the spawner's session once."""
+_SPAWNED = {"k1.sub.1": "t1", "k2.sub.1": "t2"}  # sub-agent loop -> the tool call of p.c.1 that spawned it
+
+
+def crash_after_spawner_saved(tmp_path: Path) -> JsonDirStore:
+    """A crash after the spawner p was saved (its journal records released) and before the
+    sub-agents it spawned, which started late, were: the journal and store it leaves are
+    ``crashed`` and ``crashed-store``. Returns the store of the run that went on."""
     ts = Timestamp.now()
-    calls = {"k1.sub.1": "t1", "k2.sub.1": "t2"}
     spawner: list[AgentEvent] = [AgentStart(agent_id="x", session_id="p", loop_id="p.c.1", timestamp=ts)]
     spawner += [
         ToolExecutionEnd(
@@ -626,12 +628,12 @@ def test_sub_agents_recovered_after_their_spawner_was_saved_keep_their_tool_call
             result=ToolResult(content=(), child_loop_id=child),
             is_error=False,
         )
-        for child, call in calls.items()
+        for child, call in _SPAWNED.items()
     ]
     spawner.append(AgentEnd(loop_id="p.c.1", messages=(), usage=Usage(input=1, output=1), timestamp=ts))
     sub_agents = [
         AgentStart(agent_id="y", session_id=child[:2], loop_id=child, parent_loop_id="p.c.1", timestamp=ts)
-        for child in calls
+        for child in _SPAWNED
     ]
     journal = Journal(tmp_path / "j", durability="os", segment_bytes=4096)
     store = JsonDirStore(tmp_path / "store")
@@ -646,15 +648,40 @@ def test_sub_agents_recovered_after_their_spawner_was_saved_keep_their_tool_call
         # The process dies here: what is on disk is what a crash leaves.
         shutil.copytree(tmp_path / "j", tmp_path / "crashed")
         shutil.copytree(tmp_path / "store", tmp_path / "crashed-store")
+    return store
+
+
+def test_sub_agents_recovered_after_their_spawner_was_saved_keep_their_tool_calls(tmp_path: Path) -> None:
+    """Recovery finds the tool calls in the store, reading the spawner's session once."""
+    live = crash_after_spawner_saved(tmp_path)
     recovered = CountingOutlines(tmp_path / "crashed-store")
     recover(tmp_path / "crashed", recovered)
-    for child, call in calls.items():
+    for child, call in _SPAWNED.items():
         spawn = recovered.load(child[:2]).parent_spawn_ref
         assert spawn == SpawnRef(
             parent_session_id="p", parent_loop_id="p.c.1", tool_call_id=call, tool_name="sub"
         )
-        assert store.load(child[:2]).parent_spawn_ref == spawn  # as the live run saved it
+        assert live.load(child[:2]).parent_spawn_ref == spawn  # as the live run saved it
     assert recovered.outlines_read == 1
+
+
+def test_a_spawner_that_cannot_be_read_leaves_provisional_spawn_refs_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Unreadable(JsonDirStore):
+        def load_outline(self, session_id: str) -> SessionOutline:
+            raise StoreError("disk I/O error")
+
+    crash_after_spawner_saved(tmp_path)
+    recovered = Unreadable(tmp_path / "crashed-store")
+    with caplog.at_level(logging.WARNING, logger="phi_session"):
+        recover(tmp_path / "crashed", recovered)
+    for child in _SPAWNED:  # saved all the same, without the tool call
+        assert recovered.load(child[:2]).parent_spawn_ref == SpawnRef(
+            parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="", tool_name=""
+        )
+    [warning] = [r.getMessage() for r in caplog.records if "spawn refs" in r.getMessage()]
+    assert "'p'" in warning and "disk I/O error" in warning
 
 
 class DeadServer(JsonDirStore):

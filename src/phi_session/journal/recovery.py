@@ -9,7 +9,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import codec
-from ..errors import DecodeError, NotAJournal, PhiSessionError, RecoveryError, StoreError
+from ..errors import (
+    DecodeError,
+    InvalidSessionId,
+    NotAJournal,
+    PhiSessionError,
+    RecoveryError,
+    SessionNotFound,
+    StoreError,
+)
 from ..events import AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
 from ..model import ChildLoopRef
@@ -293,7 +301,15 @@ class _SavedSpawners:
                 for loop in outline.loops
                 for ref in loop.record.child_loop_refs
             }
-        except PhiSessionError:  # not saved, or unreadable: spawn refs stay provisional
+        except (SessionNotFound, InvalidSessionId):  # no spawner saved there
+            return {}
+        except PhiSessionError as error:
+            logger.warning(
+                "recovery: session %r, where sub-agents were spawned, could not be read (%s): "
+                "their spawn refs are saved without the tool call",
+                session_id,
+                error,
+            )
             return {}
 
 
