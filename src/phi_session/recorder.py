@@ -998,25 +998,6 @@ class SessionRecorder:
             if kept:
                 self._closed_by_id[record.loop_id] = kept
 
-    def lacks_spawner(self, child_loop_id: str, parent_loop_id: str) -> bool:
-        """Whether the sub-agent loop `child_loop_id` would start with a provisional spawn
-        ref (no tool call): the recorder holds neither its parent loop nor the tool call."""
-        with self._lock:
-            return (
-                child_loop_id not in self._spawns
-                and child_loop_id not in self._awaited_spawns
-                and parent_loop_id not in self._loop_session
-                and parent_loop_id not in self._loops
-            )
-
-    def await_spawn(self, parent_session_id: str, parent_loop_id: str, ref: ChildLoopRef) -> None:
-        """The tool call that spawned ``ref.child_loop_id``, learned outside the stream (a
-        store holding the spawner that a journal's recovery no longer replays): the
-        sub-agent's session gets its whole spawn ref when it starts."""
-        with self._lock:
-            parent_ref = (parent_session_id, parent_loop_id, ref.tool_call_id, ref.tool_name)
-            self._await_spawn(ref.child_loop_id, parent_ref)
-
     def _await_spawn(self, child_loop_id: str, parent_ref: tuple[str, str, str, str]) -> None:
         """Remember the tool call naming `child_loop_id` past its spawner's drain, for its start."""
         self._awaited_spawns[child_loop_id] = parent_ref
@@ -1088,6 +1069,25 @@ class SessionRecorder:
                 or any(session_id in owed for owed in self._late_spawns.values())
                 or any(resent.session.session_id == session_id for resent in self._resending.values())
             )
+
+    def lacks_spawner(self, child_loop_id: str, parent_loop_id: str) -> bool:
+        """Whether the sub-agent loop `child_loop_id` would start with a provisional spawn
+        ref (no tool call): the recorder holds neither its parent loop nor the tool call."""
+        with self._lock:
+            return (
+                child_loop_id not in self._spawns
+                and child_loop_id not in self._awaited_spawns
+                and parent_loop_id not in self._loop_session
+                and parent_loop_id not in self._loops
+            )
+
+    def await_spawn(self, parent_session_id: str, parent_loop_id: str, ref: ChildLoopRef) -> None:
+        """The tool call that spawned ``ref.child_loop_id``, learned outside the stream (a
+        store holding the spawner that a journal's recovery no longer replays): the
+        sub-agent's session gets its whole spawn ref when it starts."""
+        with self._lock:
+            parent_ref = (parent_session_id, parent_loop_id, ref.tool_call_id, ref.tool_name)
+            self._await_spawn(ref.child_loop_id, parent_ref)
 
     def has_early_events(self, session_id: str) -> bool:
         """Whether parallel events wait for `session_id`'s first loop to start."""
