@@ -1030,6 +1030,24 @@ def test_a_sub_agent_gets_its_whole_spawn_ref_however_its_sessions_are_drained(
     assert not recorder._spawns and not recorder._awaited_spawns  # nothing kept for what is saved
 
 
+def test_a_spawn_learned_outside_the_stream_completes_the_sub_agents_ref() -> None:
+    """`await_spawn`: what a journal's recovery reads from the store for a spawner it no
+    longer replays; `lacks_spawner` says when the recorder needs it."""
+    recorder = SessionRecorder()
+    assert recorder.lacks_spawner("k.sub.1", "p.c.1")
+    recorder.on_event(start("q.c.1", "q"))
+    assert not recorder.lacks_spawner("j.sub.1", "q.c.1")  # its parent loop is here
+    ref = ps.ChildLoopRef(tool_call_id="t", tool_name="sub", child_loop_id="k.sub.1", child_session_id="k")
+    recorder.await_spawn("p", "p.c.1", ref)
+    assert not recorder.lacks_spawner("k.sub.1", "p.c.1")
+    recorder.record_all([start("k.sub.1", "k", parent="p.c.1"), end("k.sub.1")])
+    recorder.flush()
+    [child] = [s for s in recorder.drain_completed() if s.session_id == "k"]
+    assert child.parent_spawn_ref == ps.SpawnRef(
+        parent_session_id="p", parent_loop_id="p.c.1", tool_call_id="t", tool_name="sub"
+    )
+
+
 def test_a_sub_agent_that_never_starts_is_awaited_until_flush_among_the_latest_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
