@@ -496,6 +496,30 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     )
 
 
+def loops_a_merge_touches(loop_ids: Sequence[str], incoming: Session) -> list[int]:
+    """The positions of the stored loops (whose ids are `loop_ids`, in order) that
+    `merge_sessions` with `incoming` may change: those of its loops' ids, and of their
+    parents' (a finished loop is linked into its parent's ``children_loop_ids``). The
+    others keep their place as stored: a store reads whole only these (`merge_part`)."""
+    wanted = {record.loop_id for record in incoming.loops}
+    wanted.update(record.parent_loop_id for record in incoming.loops if record.parent_loop_id is not None)
+    return [position for position, loop_id in enumerate(loop_ids) if loop_id in wanted]
+
+
+def merge_part(
+    stored: Session, positions: Sequence[int], loop_count: int, incoming: Session
+) -> tuple[Session, list[tuple[int, LoopRecord]]]:
+    """`merge_sessions` of a stored session of `loop_count` loops with `incoming`, read in
+    part: `stored` holds the header and only the loops at `positions` (at least those of
+    `loops_a_merge_touches`). The merged header (its loops: those of `stored`, merged, then
+    the new ones), and each of those loops with its position in the whole merged session.
+    The same as merging the whole session: every loop the merge matches, replaces or
+    links is among them, and new loops are appended after the last stored one."""
+    merged = merge_sessions(stored, incoming)
+    added = range(loop_count, loop_count + len(merged.loops) - len(positions))
+    return merged, list(zip([*positions, *added], merged.loops, strict=True))
+
+
 def _ended_before(first: LoopRecord, second: LoopRecord) -> bool:
     return first.ended_at is not None and second.started_at >= first.ended_at
 

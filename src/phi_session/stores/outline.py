@@ -229,7 +229,11 @@ def decode_loop_outline(data: bytes) -> LoopOutline:
 def encode_outline_and_calls(record: LoopRecord) -> tuple[bytes, bytes]:
     """`encode_loop_outline` and `encode_calls` of `record` (what a SQL store writes beside
     its record), finding its model calls once for both."""
-    outline = loop_outline(record)
+    return encode_outline_parts(loop_outline(record))
+
+
+def encode_outline_parts(outline: LoopOutline) -> tuple[bytes, bytes]:
+    """`encode_outline_and_calls` of the loop whose `outline` this is."""
     return _encoder.encode(outline), _encoder.encode(outline.calls)
 
 

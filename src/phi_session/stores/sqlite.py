@@ -53,7 +53,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast, get_args
 
 import msgspec
 from msgspec.structs import replace
@@ -75,21 +75,24 @@ from .base import (
     check_loop_range,
     check_pricer,
     collect_hits,
-    merge_sessions,
+    loops_a_merge_touches,
+    merge_part,
     save_escaping,
     session_id_to_save,
     stored_usage_row,
     summarize,
+    summarize_outline,
     usage_rows,
     validate_session_id,
 )
 from .message_book import MessageBook, expand, numbers_in, pack, unpack
 from .outline import (
+    LoopOutline,
     SessionOutline,
     decode_loop_outline,
     encode_calls,
     encode_loop_outline,
-    encode_outline_and_calls,
+    encode_outline_parts,
     loop_outline,
     session_outline,
 )
@@ -482,6 +485,15 @@ def _in_chunks(values: Sequence[Any]) -> Iterator[tuple[Sequence[Any], str]]:
         yield chunk, ", ".join("?" * len(chunk))
 
 
+def _message_digests(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, bytes]:
+    """The digest of each message of `ids` that is stored (0s are skipped)."""
+    wanted = sorted({message_id for message_id in ids if message_id})
+    digests: dict[int, bytes] = {}
+    for chunk, marks in _in_chunks(wanted):
+        digests.update(conn.execute(f"SELECT id, digest FROM messages WHERE id IN ({marks})", chunk))
+    return digests
+
+
 def _message_rows(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, tuple[bytes, bytes]]:
     """The digest and body of each message of `ids` that is stored (0s are skipped)."""
     wanted = sorted({message_id for message_id in ids if message_id})
@@ -612,9 +624,9 @@ _SUMMARY_COLUMNS = (
 _SESSION_COLUMNS = (*_SUMMARY_COLUMNS, "created_at_ns", "last_active_at_ns", "header", "message_ids")
 
 
-def _session_row(session: Session, message_ids: Sequence[int]) -> list[Any]:
-    """The `_SESSION_COLUMNS` of a (merged) session whose message numbers stand for `message_ids`."""
-    summary = summarize(session)
+def _session_row(session: Session, summary: SessionSummary, message_ids: Sequence[int]) -> list[Any]:
+    """The `_SESSION_COLUMNS` of a (merged) session header, its `summary`, its message
+    numbers standing for `message_ids`."""
     tokens = [getattr(summary.usage, name) for name in USAGE_FIELDS]
     return [
         session.session_id,
@@ -828,6 +840,7 @@ def _reclaim_space(conn: sqlite3.Connection) -> None:
 
 
 _MESSAGE_IDS_SQL = "SELECT message_ids FROM sessions WHERE session_id = ?"
+_HEAD_SQL = "SELECT header, message_ids FROM sessions WHERE session_id = ?"
 
 
 class _StoredRows(NamedTuple):
@@ -836,6 +849,23 @@ class _StoredRows(NamedTuple):
     header: bytes
     message_ids: bytes
     records: list[bytes]
+
+
+class _StoredPart(NamedTuple):
+    """What a save reads of the stored session it merges into (`SqliteStore._read_for_merge`)."""
+
+    session: Session
+    """The header, and the records of the loops at `positions` only."""
+    positions: list[int]
+    """The loops the merge may change (`loops_a_merge_touches`), and those without an outline."""
+    outlines: list[LoopOutline | None]
+    """Every stored loop's (None: not stored; its record is read)."""
+    templates: dict[int, bytes]
+    """The templates of the loops at `positions`."""
+    ids: list[int]
+    """The stored message id of each message number (0: unassigned)."""
+    book: MessageBook
+    """Numbers messages as the stored session does: a loop saved again unchanged has the same template."""
 
 
 # Connections inherited through fork(): SQLite must neither use nor close them in the
@@ -1142,9 +1172,7 @@ class SqliteStore(AsyncTwins):
     @staticmethod
     def _read_rows(conn: sqlite3.Connection, session_id: str) -> _StoredRows | None:
         """The stored rows of `session_id`, or None."""
-        row = conn.execute(
-            "SELECT header, message_ids FROM sessions WHERE session_id = ?", (session_id,)
-        ).fetchone()
+        row = conn.execute(_HEAD_SQL, (session_id,)).fetchone()
         if row is None:
             return None
         records = conn.execute(
@@ -1210,9 +1238,7 @@ class SqliteStore(AsyncTwins):
         (but of a loop whose outline is missing: one that did not decode when migrated)."""
         validate_session_id(session_id)
         with self._transaction("load outline", session_id) as conn:
-            row = conn.execute(
-                "SELECT header, message_ids FROM sessions WHERE session_id = ?", (session_id,)
-            ).fetchone()
+            row = conn.execute(_HEAD_SQL, (session_id,)).fetchone()
             if row is None:
                 raise SessionNotFound(f"no session {session_id!r} in {self.path}")
             loops = conn.execute(
@@ -1310,62 +1336,109 @@ class SqliteStore(AsyncTwins):
         self, conn: sqlite3.Connection, session_id: str, session: Session
     ) -> list[tuple[str, int, str]]:
         """`save`, inside the writing transaction `conn` is in, but for the ``loop_text``
-        rows of the loops written, which it returns (`_index_loop_texts`)."""
-        rows = self._read_rows(conn, session_id)
-        book = MessageBook()
-        ids: list[int] = []
-        templates: list[bytes] = []
-        stored_loops: list[LoopRecord] = []
-        if rows is not None:
-            # A corrupt one is never overwritten: reading it raises.
-            stored, ids, templates, book = self._stored_for_merge(conn, session_id, rows)
-            stored_loops = stored.loops
-            session = merge_sessions(stored, session)
-        used: set[int] = set()  # the message numbers of the merged session's loops
+        rows of the loops written, which it returns (`_index_loop_texts`).
+
+        Only the stored loops the merge may change are read whole (`loops_a_merge_touches`):
+        a conversation saved loop by loop costs what each loop touches, not the whole
+        session again. The others are known by their outlines (the session's summary)."""
+        stored = self._read_for_merge(conn, session_id, session)
+        book = stored.book if stored is not None else MessageBook()
+        ids = stored.ids if stored is not None else []
+        if stored is None:
+            pairs, outlines = list(enumerate(session.loops)), []
+        else:
+            session, pairs = merge_part(stored.session, stored.positions, len(stored.outlines), session)
+            outlines = list(stored.outlines)
+        total = max(len(outlines), pairs[-1][0] + 1) if pairs else len(outlines)
+        outlines += [None] * (total - len(outlines))
+        kept = {} if stored is None else dict(zip(stored.positions, stored.session.loops, strict=True))
+        replaced: list[int] = []  # stored loops rewritten: the messages they used may be used no more
+        used: set[int] = set()  # the message numbers of the loops written or read whole
         loop_rows: list[list[Any]] = []
         text_rows: list[tuple[str, int, str]] = []
-        for position, record in enumerate(session.loops):
-            if position < len(stored_loops) and record is stored_loops[position]:
-                used |= numbers_in(templates[position])  # the stored version won the merge
+        for position, record in pairs:
+            stored_template = None if stored is None else stored.templates.get(position)
+            if record is kept.get(position):  # the stored version won the merge
+                if stored_template is not None:
+                    used |= numbers_in(stored_template)
+                if outlines[position] is None:
+                    outlines[position] = loop_outline(record)
                 continue
             template, numbers = book.template(record)
             used |= numbers
-            if position < len(templates) and template == templates[position]:
+            outline = outlines[position] = loop_outline(record)
+            if template == stored_template:
                 continue
+            if stored_template is not None:
+                replaced.append(position)
             loop_rows.append(
-                [
-                    session_id,
-                    position,
-                    *_loop_row(record),
-                    pack(template),
-                    *encode_outline_and_calls(record),
-                ]
+                [session_id, position, *_loop_row(record), pack(template), *encode_outline_parts(outline)]
             )
             text_rows.append((session_id, position, _indexed_text(loop_text(record))))
         ids = _register_messages(conn, book, ids)
-        unused = [n for n, message_id in enumerate(ids) if message_id and n not in used]
-        if unused:  # replaced loops used them: the numbers stay, unassigned
-            _release_messages(conn, [ids[n] for n in unused])
-            for n in unused:
-                ids[n] = 0
-        conn.execute(_UPSERT_SESSION, _session_row(session, ids))
+        if stored is not None and replaced:
+            # The numbers only replaced versions used, unless a loop not read whole uses them too.
+            freed = set().union(*(numbers_in(stored.templates[p]) for p in replaced)) - used
+            if freed:
+                freed -= self._numbers_used_elsewhere(conn, session_id, {p for p, _ in pairs}, freed)
+            if freed:  # the numbers stay, unassigned
+                _release_messages(conn, [ids[n] for n in freed if ids[n]])
+                for n in freed:
+                    ids[n] = 0
+        summary = summarize_outline(session_outline(session, cast(list[LoopOutline], outlines)))
+        conn.execute(_UPSERT_SESSION, _session_row(session, summary, ids))
         conn.executemany(_UPSERT_LOOP, loop_rows)
         return text_rows
 
-    def _stored_for_merge(
-        self, conn: sqlite3.Connection, session_id: str, rows: _StoredRows
-    ) -> tuple[Session, list[int], list[bytes], MessageBook]:
-        """The stored session, its message ids, its loops' templates, and a book numbering
-        messages as it does (so that a loop saved again unchanged has the same template)."""
+    def _read_for_merge(
+        self, conn: sqlite3.Connection, session_id: str, incoming: Session
+    ) -> _StoredPart | None:
+        """What merging `incoming` into the stored `session_id` reads, or None (not stored).
+        A corrupt one is never overwritten: reading it raises."""
+        row = conn.execute(_HEAD_SQL, (session_id,)).fetchone()
+        if row is None:
+            return None
+        loops = conn.execute(
+            "SELECT loop_id, outline FROM loops WHERE session_id = ? ORDER BY position", (session_id,)
+        ).fetchall()
         with self._reading(session_id):
-            ids = _unpack_ids(rows.message_ids)
-            templates = [unpack(blob) for blob in rows.records]
-            messages = _message_rows(conn, ids)
-            found = [messages.get(message_id) for message_id in ids]
-            records = [expand(t, [None if m is None else m[1] for m in found]) for t in templates]
-        stored = self._decode(session_id, rows.header, records)
-        book = MessageBook(None if m is None else m[0] for m in found)
-        return stored, ids, templates, book
+            outlines = [None if outline is None else decode_loop_outline(outline) for _, outline in loops]
+            wanted = set(loops_a_merge_touches([loop_id for loop_id, _ in loops], incoming))
+            wanted.update(position for position, outline in enumerate(outlines) if outline is None)
+            positions = sorted(wanted)
+            blobs = self._templates(conn, session_id, positions)
+            templates = dict(zip(positions, map(unpack, blobs), strict=True))
+            ids = _unpack_ids(row[1])
+            numbers = set().union(*map(numbers_in, templates.values()))
+            bodies = _message_rows(conn, [ids[n] for n in numbers if n < len(ids)])
+            found = [bodies.get(message_id) for message_id in ids]
+            texts = [None if m is None else m[1] for m in found]
+            records = [expand(templates[position], texts) for position in positions]
+            digests = _message_digests(conn, ids)
+        header = self._decode(session_id, row[0], records)
+        book = MessageBook(digests.get(message_id) for message_id in ids)
+        return _StoredPart(header, positions, outlines, templates, ids, book)
+
+    @staticmethod
+    def _templates(conn: sqlite3.Connection, session_id: str, positions: Sequence[int]) -> list[bytes]:
+        """The packed templates of the loops at `positions` (sorted), in that order."""
+        blobs: list[bytes] = []
+        for chunk, marks in _in_chunks(list(positions)):
+            sql = f"SELECT record FROM loops WHERE session_id = ? AND position IN ({marks}) ORDER BY position"
+            blobs += [blob for (blob,) in conn.execute(sql, (session_id, *chunk))]
+        return blobs
+
+    def _numbers_used_elsewhere(
+        self, conn: sqlite3.Connection, session_id: str, read: set[int], numbers: set[int]
+    ) -> set[int]:
+        """Which of `numbers` a stored loop other than those at positions `read` refers to."""
+        found: set[int] = set()
+        rows = conn.execute("SELECT position, record FROM loops WHERE session_id = ?", (session_id,))
+        with self._reading(session_id):
+            for position, blob in rows:
+                if position not in read:
+                    found |= numbers & numbers_in(unpack(blob))
+        return found
 
     def delete(self, session_id: str) -> None:
         validate_session_id(session_id)
