@@ -46,6 +46,7 @@ from phi_session.stores.query import PruneCriteria, SessionQuery
 from phi_session.stores.urls import open_store
 
 from .pg_concurrency_worker import SESSION_IDS, SHARED_LOOPS, own_loop_index, shared_loop_index
+from .store_support import check_saves_read_only_touched_loops
 
 DSN = os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "")
 if not DSN:
@@ -489,7 +490,13 @@ def test_corrupt_rows_raise_store_error_and_are_skipped_in_listings(
     assert "'bad' is corrupt" in caplog.text
     # Never overwritten by a merge, which fails so until it is deleted: not worth a retry.
     with pytest.raises(StoredSessionUnusable, match="'bad' is corrupt"):
-        store.save(make_session("bad", loops=[make_loop("bad", 2)]))
+        store.save(make_session("bad", loops=[make_loop("bad", 1)]))
+    # A save that does not touch it (a loop of its own) is kept, beside it as it was.
+    store.save(make_session("bad", loops=[make_loop("bad", 2)]))
+    assert [loop.loop_id for loop in store.load_outline("bad").loops] == ["bad.cfg.1", "bad.cfg.2"]
+    assert [loop.loop_id for loop in store.load_loops("bad", 1, 2)] == ["bad.cfg.2"]
+    with pytest.raises(StoreError, match="'bad' is corrupt"):
+        store.load("bad")
 
 
 # -- Errors and lifecycle -------------------------------------------------------------------
@@ -640,3 +647,9 @@ def test_a_session_holding_lone_surrogates_is_saved_with_them_escaped(store: pos
     assert persisting.failed_sessions() == []
     [session_id] = store.list_ids()
     assert store.load(session_id).agent_id == "agent-\\xed\\xb3\\xbf"
+
+
+def test_saving_a_loop_into_a_long_session_reads_only_the_loops_it_touches(
+    store: postgres.PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check_saves_read_only_touched_loops(store, postgres, monkeypatch)

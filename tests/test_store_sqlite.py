@@ -38,10 +38,10 @@ from phi_session.errors import SessionLocked, SessionNotFound, StoredSessionUnus
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
 from phi_session.messages import TextFormat
-from phi_session.model import LoopRecord, LoopStatus, ModelCall, Session
+from phi_session.model import LoopStatus, ModelCall, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import sqlite as sqlite_module
-from phi_session.stores.base import UsageTotal, merge_sessions, summarize
+from phi_session.stores.base import UsageTotal, summarize
 from phi_session.stores.conformance import (
     EXAMPLE_SESSIONS,
     EXAMPLES_DIR,
@@ -59,6 +59,8 @@ from phi_session.stores.outline import session_outline
 from phi_session.stores.query import PruneCriteria, SessionQuery
 from phi_session.stores.search import loop_text
 from phi_session.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
+
+from .store_support import check_saves_read_only_touched_loops
 
 
 class TestSqliteConformance(StoreConformance):
@@ -1334,37 +1336,4 @@ def test_save_many_keeps_a_batch_holding_lone_surrogates(tmp_path: Path) -> None
 def test_saving_a_loop_into_a_long_session_reads_only_the_loops_it_touches(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A conversation saved loop by loop (each save merges one more loop into what is
-    stored) costs what that loop touches, not the whole session: the stored loops the
-    merge cannot change are neither decoded nor rewritten."""
-    recorder = SessionRecorder()
-    tracer = Tracer(AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m", provider="p"))
-    decoded: list[str] = []
-    real_decode = sqlite_module.decode_loop
-
-    def counting_decode(data: bytes, *, strict: bool = True) -> LoopRecord:
-        record = real_decode(data, strict=strict)
-        decoded.append(record.loop_id)
-        return record
-
-    monkeypatch.setattr(sqlite_module, "decode_loop", counting_decode)
-    saved: list[Session] = []
-    for n in range(12):
-        with tracer.loop(continues=tracer.agent.last_loop_id) as loop:  # its parent: the loop before
-            loop.user(f"question {n}")
-            with loop.turn() as turn, turn.assistant() as reply:
-                reply.text_delta(f"answer {n}")
-        recorder.checkpoint()
-        decoded.clear()
-        for part in recorder.drain_completed():
-            store.save(part)
-            saved.append(part)
-        if n:
-            assert decoded == [saved[-2].loops[0].loop_id]  # the parent, which links it
-    session_id = saved[0].session_id
-    whole = saved[0]
-    for part in saved[1:]:
-        whole = merge_sessions(whole, part)
-    assert encode_session(store.load(session_id)) == encode_session(whole)
-    [row] = store.query()
-    assert row == summarize(whole)
+    check_saves_read_only_touched_loops(store, sqlite_module, monkeypatch)

@@ -76,11 +76,11 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
@@ -100,20 +100,24 @@ from .base import (
     as_query,
     check_loop_range,
     check_pricer,
-    merge_sessions,
+    loops_a_merge_touches,
+    merge_part,
     model_key,
     query_selects,
     save_escaping,
     session_id_to_save,
     stored_usage_row,
     summarize,
+    summarize_outline,
     validate_session_id,
 )
 from .outline import (
+    LoopOutline,
     SessionOutline,
     decode_loop_outline,
     encode_calls,
     encode_loop_outline,
+    encode_outline_parts,
     loop_outline,
     session_outline,
 )
@@ -502,12 +506,13 @@ def _header(session: Session) -> bytes:
     return encode_session(msgspec.structs.replace(session, loops=[]), pretty=False)
 
 
-def _session_values(session: Session) -> tuple[Any, ...]:
-    """The ``sessions`` row of `session`, in `_SESSION_COLUMNS` order."""
-    summary = summarize(session)
+def _session_values(session: Session, outlines: Sequence[LoopOutline]) -> tuple[Any, ...]:
+    """The ``sessions`` row of the (merged) session header `session`, whose loops'
+    outlines are `outlines`, in `_SESSION_COLUMNS` order."""
+    summary = summarize_outline(session_outline(session, outlines))
     # What the model filter matches: every provider/model and every bare model name.
     model_keys = dict.fromkeys(summary.models)
-    model_keys.update((record.config.model, None) for record in session.loops if record.config is not None)
+    model_keys.update((outline.model, None) for outline in outlines if outline.model is not None)
     return (
         _text(session.agent_id),
         _clamped_ns(session.created_at),
@@ -527,8 +532,9 @@ def _session_values(session: Session) -> tuple[Any, ...]:
     )
 
 
-def _loop_values(record: LoopRecord, occurrence: int, data: bytes) -> tuple[Any, ...]:
-    """The ``loops`` row of `record` (encoded as `data`), in `_LOOP_COLUMNS` order."""
+def _loop_values(record: LoopRecord, occurrence: int, data: bytes, outline: LoopOutline) -> tuple[Any, ...]:
+    """The ``loops`` row of `record` (encoded as `data`, outlined as `outline`), in
+    `_LOOP_COLUMNS` order."""
     config = record.config
     return (
         _text(record.loop_id),
@@ -541,8 +547,7 @@ def _loop_values(record: LoopRecord, occurrence: int, data: bytes) -> tuple[Any,
         *_usage_values(record.billed_usage()),
         data,
         _lexemes(record),
-        encode_loop_outline(record),
-        encode_calls(record),
+        *encode_outline_parts(outline),
     )
 
 
@@ -683,13 +688,13 @@ def _set_lock_timeout(cur: psycopg.Cursor[Row], seconds: float) -> None:
     cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(1, round(seconds * 1000))}ms",))
 
 
-def _occurrences(loops: Sequence[LoopRecord]) -> list[int]:
-    """For each loop, how many earlier loops share its ``loop_id`` column (merge matches by
-    both; counted on the column's text, so two ids it shows alike stay unique)."""
+def _occurrences(columns: Iterable[str | None]) -> list[int]:
+    """For each loop, how many earlier loops share its ``loop_id`` column (`columns`: each
+    loop's, as `_text` writes it; merge matches by both, and two ids it shows alike stay
+    unique)."""
     seen: Counter[str | None] = Counter()
     out = []
-    for record in loops:
-        column = _text(record.loop_id)
+    for column in columns:
         out.append(seen[column])
         seen[column] += 1
     return out
@@ -914,6 +919,7 @@ class PostgresStore(AsyncTwins):
     def _save_one(self, session: Session) -> None:
         session_id = session_id_to_save(session)
         encoded = _Encodings(session.loops)
+        outlines = [loop_outline(record) for record in session.loops]  # a new session's
         with self._cursor(f"saving session {session_id!r}", transaction=True, session_id=session_id) as cur:
             for _ in range(_SAVE_ATTEMPTS):
                 cur.execute(
@@ -932,11 +938,14 @@ class PostgresStore(AsyncTwins):
                         f" VALUES (%s, {{order}}{', %s' * len(_SESSION_COLUMNS)})"
                         " ON CONFLICT (session_id) DO NOTHING"
                     ),
-                    (session_id, *_session_values(session)),
+                    (session_id, *_session_values(session, outlines)),
                 )
                 if cur.rowcount == 1:
                     loops = session.loops
-                    self._insert_loops(cur, session_id, 0, loops, _occurrences(loops), encoded)
+                    occurrences = _occurrences(_text(record.loop_id) for record in loops)
+                    self._insert_loops(
+                        cur, session_id, 0, list(zip(loops, occurrences, outlines, strict=True)), encoded
+                    )
                     return
         raise StoreError(
             f"saving session {session_id!r}: it was deleted and re-created"
@@ -948,10 +957,10 @@ class PostgresStore(AsyncTwins):
         cur: psycopg.Cursor[Row],
         session_id: str,
         first_position: int,
-        loops: Sequence[LoopRecord],
-        occurrences: Sequence[int],
+        loops: Sequence[tuple[LoopRecord, int, LoopOutline]],
         encoded: _Encodings,
     ) -> None:
+        """Insert `loops` (each with its occurrence and outline) from `first_position` on."""
         if not loops:
             return
         cur.executemany(
@@ -960,8 +969,8 @@ class PostgresStore(AsyncTwins):
                 f" VALUES (%s, %s, {_LOOP_VALUES})"
             ),
             [
-                (session_id, first_position + i, *_loop_values(record, occurrence, encoded(record)))
-                for i, (record, occurrence) in enumerate(zip(loops, occurrences, strict=True))
+                (session_id, first_position + i, *_loop_values(record, occurrence, encoded(record), outline))
+                for i, (record, occurrence, outline) in enumerate(loops)
             ],
         )
 
@@ -973,23 +982,53 @@ class PostgresStore(AsyncTwins):
         incoming: Session,
         encoded: _Encodings,
     ) -> None:
-        """Merge `incoming` into the locked stored session; rewrite the loops that changed."""
+        """Merge `incoming` into the locked stored session; rewrite the loops that changed.
+
+        Only the stored loops the merge may change are read whole (`loops_a_merge_touches`):
+        a conversation saved loop by loop costs what each loop touches, not the whole
+        session again. The others are known by their outlines (the session's summary)."""
         cur.execute(
-            self._sql("SELECT position, record FROM {s}.loops WHERE session_id = %s ORDER BY position"),
+            self._sql(
+                "SELECT position, loop_id, outline FROM {s}.loops WHERE session_id = %s ORDER BY position"
+            ),
             (session_id,),
         )
         rows = cur.fetchall()
-        stored = self._session(session_id, header, [record for _, record in rows])
-        stored_loops = list(stored.loops)  # merge_sessions keeps these objects where they win
-        merged = merge_sessions(stored, incoming)
-        occurrences = _occurrences(merged.loops)
+        try:
+            outlines = [None if outline is None else decode_loop_outline(outline) for _, _, outline in rows]
+        except (DecodeError, msgspec.DecodeError) as exc:
+            raise StoredSessionUnusable(f"stored session {session_id!r} is corrupt: {exc}") from exc
+        wanted = set(loops_a_merge_touches([loop_id for _, loop_id, _ in rows], incoming))
+        wanted.update(index for index, outline in enumerate(outlines) if outline is None)
+        indexes = sorted(wanted)
+        cur.execute(
+            self._sql("SELECT position, record FROM {s}.loops WHERE session_id = %s AND position = ANY(%s)"),
+            (session_id, [rows[index][0] for index in indexes]),
+        )
+        data_at: dict[int, bytes] = dict(cur.fetchall())
+        stored = self._session(session_id, header, [data_at[rows[index][0]] for index in indexes])
+        kept = dict(zip(indexes, stored.loops, strict=True))  # merge_sessions keeps these where they win
+        merged, pairs = merge_part(stored, indexes, len(rows), incoming)
+        new_columns = [_text(record.loop_id) for index, record in pairs if index >= len(rows)]
+        occurrences = _occurrences([*(loop_id for _, loop_id, _ in rows), *new_columns])
+        outlines += [None] * len(new_columns)
         updates = []
-        for index, ((position, data), record) in enumerate(zip(rows, merged.loops[: len(rows)], strict=True)):
-            if record is stored_loops[index]:
+        added: list[tuple[LoopRecord, int, LoopOutline]] = []
+        for index, record in pairs:
+            if record is kept.get(index):
+                if outlines[index] is None:
+                    outlines[index] = loop_outline(record)
                 continue
+            outline = outlines[index] = loop_outline(record)
+            if index >= len(rows):
+                added.append((record, occurrences[index], outline))
+                continue
+            position = rows[index][0]
             new_data = encoded(record)
-            if new_data != data:
-                updates.append((*_loop_values(record, occurrences[index], new_data), session_id, position))
+            if new_data != data_at[position]:
+                updates.append(
+                    (*_loop_values(record, occurrences[index], new_data, outline), session_id, position)
+                )
         if updates:
             cur.executemany(
                 self._sql(
@@ -999,18 +1038,17 @@ class PostgresStore(AsyncTwins):
                 ),
                 updates,
             )
-        added = merged.loops[len(rows) :]
         # Positions only grow (whole sessions are deleted, never single loops), but a
         # gap left by hand-editing must not make an insert collide.
         next_position = rows[-1][0] + 1 if rows else 0
-        self._insert_loops(cur, session_id, next_position, added, occurrences[len(rows) :], encoded)
+        self._insert_loops(cur, session_id, next_position, added, encoded)
         # Always rewritten, even when nothing changed: the save counts as the latest one.
         cur.execute(
             self._sql(
                 f"UPDATE {{s}}.sessions SET (saved_order, {', '.join(_SESSION_COLUMNS)})"
                 f" = ROW({{order}}, {', '.join(['%s'] * len(_SESSION_COLUMNS))}) WHERE session_id = %s"
             ),
-            (*_session_values(merged), session_id),
+            (*_session_values(merged, cast(list[LoopOutline], outlines)), session_id),
         )
 
     def _select_sessions(self, action: str, condition: str, params: Sequence[Any]) -> list[Row]:

@@ -1,0 +1,55 @@
+"""Checks shared by the SQL stores' tests."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import pytest
+
+from phi_session import LoopConfigSnapshot
+from phi_session.codec import encode_session
+from phi_session.identity import AgentSession
+from phi_session.instrument import Tracer
+from phi_session.model import LoopRecord, Session
+from phi_session.recorder import SessionRecorder
+from phi_session.stores.base import SessionStore, merge_sessions, summarize
+
+
+def check_saves_read_only_touched_loops(
+    store: SessionStore, module: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversation saved loop by loop (each save merges one more loop into what is
+    stored) costs what that loop touches, not the whole session: of the stored loops,
+    `module`'s save decodes only the new loop's parent (which it links), and what it
+    stores is what merging every part gives, summary included."""
+    recorder = SessionRecorder()
+    tracer = Tracer(AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m", provider="p"))
+    decoded: list[str] = []
+    real_decode = module.decode_loop
+
+    def counting_decode(data: bytes, *, strict: bool = True) -> LoopRecord:
+        record: LoopRecord = real_decode(data, strict=strict)
+        decoded.append(record.loop_id)
+        return record
+
+    monkeypatch.setattr(module, "decode_loop", counting_decode)
+    saved: list[Session] = []
+    for n in range(12):
+        with tracer.loop(continues=tracer.agent.last_loop_id) as loop:  # its parent: the loop before
+            loop.user(f"question {n}")
+            with loop.turn() as turn, turn.assistant() as reply:
+                reply.text_delta(f"answer {n}")
+        recorder.checkpoint()
+        decoded.clear()
+        for part in recorder.drain_completed():
+            store.save(part)
+            saved.append(part)
+        if n:
+            assert decoded == [saved[-2].loops[0].loop_id]
+    whole = saved[0]
+    for part in saved[1:]:
+        whole = merge_sessions(whole, part)
+    monkeypatch.undo()
+    assert encode_session(store.load(whole.session_id)) == encode_session(whole)
+    [row] = store.query()
+    assert row == summarize(whole)
