@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from phi_session import Timestamp, Usage
 from phi_session.codec import decode_session, encode_session
@@ -46,7 +47,7 @@ from phi_session.stores.query import PruneCriteria, SessionQuery
 from phi_session.stores.urls import open_store
 
 from .pg_concurrency_worker import SESSION_IDS, SHARED_LOOPS, own_loop_index, shared_loop_index
-from .store_support import check_saves_read_only_touched_loops
+from .store_support import check_saves_in_parts, check_saves_read_only_touched_loops, conversation_parts
 
 DSN = os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "")
 if not DSN:
@@ -653,3 +654,11 @@ def test_saving_a_loop_into_a_long_session_reads_only_the_loops_it_touches(
     store: postgres.PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     check_saves_read_only_touched_loops(store, postgres, monkeypatch)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=conversation_parts)
+def test_saves_in_parts_store_what_merging_them_gives(
+    store: postgres.PostgresStore, parts: list[list[tuple[int, bool]]]
+) -> None:
+    store.delete(check_saves_in_parts(store, parts))

@@ -55,12 +55,13 @@ from phi_session.stores.conformance import (
     talking_loop,
 )
 from phi_session.stores.json_dir import JsonDirStore
+from phi_session.stores.message_book import numbers_in, unpack
 from phi_session.stores.outline import session_outline
 from phi_session.stores.query import PruneCriteria, SessionQuery
 from phi_session.stores.search import loop_text
 from phi_session.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
 
-from .store_support import check_saves_read_only_touched_loops
+from .store_support import check_saves_in_parts, check_saves_read_only_touched_loops, conversation_parts
 
 
 class TestSqliteConformance(StoreConformance):
@@ -1337,3 +1338,32 @@ def test_saving_a_loop_into_a_long_session_reads_only_the_loops_it_touches(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     check_saves_read_only_touched_loops(store, sqlite_module, monkeypatch)
+
+
+def numbered_but_unused(db: Path) -> dict[str, set[int]]:
+    """Per session, the message numbers its message ids assign that none of its loops uses."""
+    with closing(sqlite3.connect(db)) as conn:
+        found: dict[str, set[int]] = {}
+        for session_id, blob in conn.execute("SELECT session_id, message_ids FROM sessions"):
+            assigned = {n for n, message_id in enumerate(sqlite_module._unpack_ids(blob)) if message_id}
+            for (record,) in conn.execute("SELECT record FROM loops WHERE session_id = ?", (session_id,)):
+                assigned -= numbers_in(unpack(record))
+            if assigned:
+                found[session_id] = assigned
+    return found
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=conversation_parts)
+def test_saves_in_parts_store_what_merging_them_gives_and_keep_no_unused_message(
+    db: Path, parts: list[list[tuple[int, bool]]]
+) -> None:
+    """Whatever parts of a conversation are saved, in whatever order (running snapshots
+    and finished loops, some loops again): the store holds what merging the parts gives,
+    its summary, and exactly the messages its loops use."""
+    with SqliteStore(db) as store:
+        session_id = check_saves_in_parts(store, parts)
+        assert numbered_but_unused(db) == {}
+        message_refs(db)
+        store.delete(session_id)
+    assert message_refs(db) == {}
