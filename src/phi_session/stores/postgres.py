@@ -552,7 +552,8 @@ def _loop_values(record: LoopRecord, occurrence: int, data: bytes, outline: Loop
 
 
 class _Encodings:
-    """Compact JSON of loop records: the incoming ones encoded up front, others on demand.
+    """Compact JSON and outlines of loop records: the incoming ones made up front (before
+    the session's lock is taken), others on demand.
 
     Keyed by identity: the up-front records are kept alive by `_records`, so no
     other record can take one of their ids. `merge_sessions` may hand back new
@@ -562,10 +563,15 @@ class _Encodings:
     def __init__(self, records: Sequence[LoopRecord]) -> None:
         self._records = list(records)
         self._data = {id(record): encode_loop(record, pretty=False) for record in self._records}
+        self._outlines = {id(record): loop_outline(record) for record in self._records}
 
     def __call__(self, record: LoopRecord) -> bytes:
         data = self._data.get(id(record))
         return data if data is not None else encode_loop(record, pretty=False)
+
+    def outline(self, record: LoopRecord) -> LoopOutline:
+        outline = self._outlines.get(id(record))
+        return outline if outline is not None else loop_outline(record)
 
 
 def _sessions_sql(condition: str, loop_condition: str = "TRUE") -> str:
@@ -919,7 +925,6 @@ class PostgresStore(AsyncTwins):
     def _save_one(self, session: Session) -> None:
         session_id = session_id_to_save(session)
         encoded = _Encodings(session.loops)
-        outlines = [loop_outline(record) for record in session.loops]  # a new session's
         with self._cursor(f"saving session {session_id!r}", transaction=True, session_id=session_id) as cur:
             for _ in range(_SAVE_ATTEMPTS):
                 cur.execute(
@@ -938,14 +943,13 @@ class PostgresStore(AsyncTwins):
                         f" VALUES (%s, {{order}}{', %s' * len(_SESSION_COLUMNS)})"
                         " ON CONFLICT (session_id) DO NOTHING"
                     ),
-                    (session_id, *_session_values(session, outlines)),
+                    (session_id, *_session_values(session, list(map(encoded.outline, session.loops)))),
                 )
                 if cur.rowcount == 1:
                     loops = session.loops
                     occurrences = _occurrences(_text(record.loop_id) for record in loops)
-                    self._insert_loops(
-                        cur, session_id, 0, list(zip(loops, occurrences, outlines, strict=True)), encoded
-                    )
+                    rows = [(r, n, encoded.outline(r)) for r, n in zip(loops, occurrences, strict=True)]
+                    self._insert_loops(cur, session_id, 0, rows, encoded)
                     return
         raise StoreError(
             f"saving session {session_id!r}: it was deleted and re-created"
@@ -1019,7 +1023,7 @@ class PostgresStore(AsyncTwins):
                 if outlines[index] is None:
                     outlines[index] = loop_outline(record)
                 continue
-            outline = outlines[index] = loop_outline(record)
+            outline = outlines[index] = encoded.outline(record)
             if index >= len(rows):
                 added.append((record, occurrences[index], outline))
                 continue
