@@ -61,7 +61,7 @@ from ..messages import (
 )
 from ..model import LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef, Turn
 from ..recorder import SessionRecorder
-from .base import SessionStore, SessionSummary, UsageTotal
+from .base import SessionStore, SessionSummary, UsageTotal, merge_sessions, summarize
 from .outline import PROMPT_CHARS, session_outline
 from .query import GroupBy, PageCursor, PruneCriteria, SessionQuery
 from .search import SearchHit
@@ -72,10 +72,12 @@ __all__ = [
     "StoreConformance",
     "at",
     "calls_loop",
+    "conversation_loop",
     "cut_streams",
     "make_loop",
     "make_session",
     "reported_usage",
+    "save_in_parts",
 ]
 
 
@@ -243,6 +245,41 @@ TIERED_MODEL = "google/gemini-2.5-pro"
 """A model whose table price per token doubles above 200k input tokens of one request."""
 TIERED_CALL = Usage(input=150_000, output=1_000, total_tokens=151_000)
 """A call below that tier: two of them, priced as one call, would cross it."""
+
+
+def conversation_loop(session_id: str, index: int, *, finished: bool) -> LoopRecord:
+    """Loop `index` of a conversation (a continuation of the one before), finished or as a
+    running snapshot. Each says something of its own and repeats the first loop's question;
+    the snapshot also holds a draft that the finished loop no longer has, and that is what
+    another loop of the five says (a message a replaced version no longer uses, and another
+    loop still does)."""
+    question = UserMessage(content=(TextContent(text="the question"),), timestamp=1)
+    own = UserMessage(content=(TextContent(text=f"answer {index}"),), timestamp=2)
+    draft = UserMessage(content=(TextContent(text=f"answer {index % 5 + 1}"),), timestamp=2)
+    status: LoopStatus = "Completed" if finished else "Running"
+    record = make_loop(session_id, index, status=status, started_at=at(index), parent_index=index - 1 or None)
+    said = (question, own) if finished else (question, draft)
+    record.events = tuple(
+        LoopEvent(sequence=n, event=MessageEnd(loop_id=record.loop_id, message=message))
+        for n, message in enumerate(said)
+    )
+    return record
+
+
+def save_in_parts(
+    store: SessionStore, session_id: str, parts: Sequence[Sequence[tuple[int, bool]]]
+) -> Session:
+    """Save `parts` of the conversation `session_id` (each a list of (loop index 1-5,
+    finished), `conversation_loop`) one after the other into `store`; what merging them gives."""
+    expected: Session | None = None
+    for part in parts:
+        loops = [conversation_loop(session_id, index, finished=finished) for index, finished in part]
+        incoming = make_session(session_id, loops=loops)
+        store.save(incoming)
+        expected = incoming if expected is None else merge_sessions(expected, incoming)
+    if expected is None:
+        raise ValueError("no parts to save")
+    return expected
 
 
 def calls_loop(
@@ -686,6 +723,28 @@ class StoreConformance:
             store.save(session)
         expected = (EXAMPLES_DIR / "session-basic.json").read_bytes()
         assert encode_session(store.load(decode_session(expected).session_id)) == expected
+
+    def test_saves_in_parts_hold_what_merging_them_gives(self, store: SessionStore) -> None:
+        # Running snapshots replaced by finished loops, loops saved again, parents linked
+        # later, in several orders: a store that reads only part of what it holds (the
+        # loops a save may change) must give what merging the whole parts gives.
+        cases = [
+            [
+                [(1, False)],
+                [(1, True)],
+                [(2, False), (3, True)],
+                [(2, True)],
+                [(4, True), (5, False)],
+                [(5, True)],
+            ],
+            [[(3, True)], [(1, True)], [(2, False)], [(5, True), (4, False)], [(2, True), (4, True)]],
+            [[(1, True), (2, True), (3, True)], [(3, False)], [(2, True)], [(1, False), (5, True)]],
+        ]
+        for n, parts in enumerate(cases):
+            session_id = f"parts{n}"
+            expected = save_in_parts(store, session_id, parts)
+            assert encode_session(store.load(session_id)) == encode_session(expected), parts
+            assert [row for row in store.query() if row.session_id == session_id] == [summarize(expected)]
 
     def test_concurrent_saves_of_one_session_lose_no_loop(self, store: SessionStore) -> None:
         writers = 8
