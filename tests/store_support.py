@@ -1,4 +1,4 @@
-"""Checks shared by the SQL stores' tests."""
+"""Checks shared by the stores' tests."""
 
 from __future__ import annotations
 

@@ -13,11 +13,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from phi_session.codec import decode_session, encode_session
 from phi_session.errors import SessionLocked, SessionNotFound, StoredSessionUnusable, StoreError
+from phi_session.model import Session
 from phi_session.stores import json_dir
+from phi_session.stores.base import merge_sessions, summarize
 from phi_session.stores.conformance import EXAMPLE_SESSIONS, StoreConformance, make_loop, make_session
 from phi_session.stores.json_dir import (
     JsonDirStore,
@@ -28,6 +32,9 @@ from phi_session.stores.json_dir import (
     save_session,
 )
 from phi_session.stores.query import PruneCriteria, SessionQuery
+
+from .conftest import GOLDEN
+from .store_support import check_saves_in_parts, check_saves_read_only_touched_loops, conversation_parts
 
 
 class TestJsonDirConformance(StoreConformance):
@@ -416,3 +423,58 @@ def test_files_kept_for_pages_are_bounded(
     assert len(decoded) == 3
     store.load_loops("b", 0, 1)
     assert len(decoded) == 4
+
+
+# -- saving a session in parts ------------------------------------------------------------
+
+
+def _session_files() -> list[Path]:
+    golden = sorted((GOLDEN / "recorder").glob("*/sessions/*.json"))
+    return [*EXAMPLE_SESSIONS, *golden[::7]]  # every example, and a spread of the golden cases
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("path", _session_files(), ids=lambda path: f"{path.parent.parent.name}/{path.name}")
+def test_a_session_saved_loop_by_loop_is_the_file_merging_the_parts_gives(
+    store: JsonDirStore, directory: Path, path: Path
+) -> None:
+    """Each save after the first copies the loops it cannot change from the file this
+    store wrote: the file stays byte for byte `encode_session` of the merged session."""
+    session = decode_session(path.read_bytes())
+    parts = [msgspec.structs.replace(session, loops=[record]) for record in session.loops] or [session]
+    parts.append(session)  # and the whole session again, over its parts
+    expected = None
+    for part in parts:
+        store.save(part)
+        expected = part if expected is None else merge_sessions(expected, part)
+        assert (directory / f"{session.session_id}.json").read_bytes() == encode_session(expected)
+    [row] = store.query()
+    assert row == summarize(expected)
+
+
+def test_saving_a_loop_into_a_long_session_reads_only_the_loops_it_touches(
+    store: JsonDirStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole_reads: list[bytes] = []
+    real_decode_session = json_dir.decode_session
+
+    def counting(data: bytes, *, strict: bool = True) -> Session:
+        whole_reads.append(data)
+        return real_decode_session(data, strict=strict)
+
+    monkeypatch.setattr(json_dir, "decode_session", counting)
+    check_saves_read_only_touched_loops(store, json_dir, monkeypatch)  # undoes the patch at its end
+    assert whole_reads == []  # no save read the file whole: each copied what it did not touch
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=conversation_parts)
+def test_saves_in_parts_write_the_file_merging_them_gives(
+    directory: Path, parts: list[list[tuple[int, bool]]]
+) -> None:
+    store = JsonDirStore(directory)
+    session_id = check_saves_in_parts(store, parts)
+    expected = store.load(session_id)
+    assert store.path_for(session_id).read_bytes() == encode_session(expected)
+    JsonDirStore(directory).save(expected)  # a store that did not write it reads it whole
+    assert store.path_for(session_id).read_bytes() == encode_session(expected)

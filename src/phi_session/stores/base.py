@@ -120,14 +120,19 @@ def usage_rows(session: Session, group_by: GroupBy | str) -> Iterator[UsageRow]:
             key = session.session_id
         else:
             key = model_key(record)
-        config = record.config
-        yield UsageRow(
-            key,
-            None if config is None else config.provider,
-            None if config is None else config.model,
-            record.billed_usage(),
-            record.model_calls(),
-        )
+        yield loop_usage_row(record, key)
+
+
+def loop_usage_row(record: LoopRecord, key: str) -> UsageRow:
+    """`record` as a `UsageRow` under `key`."""
+    config = record.config
+    return UsageRow(
+        key,
+        None if config is None else config.provider,
+        None if config is None else config.model,
+        record.billed_usage(),
+        record.model_calls(),
+    )
 
 
 def escaped_to_save(value: _T, error: UnicodeEncodeError) -> _T | None:
@@ -585,16 +590,16 @@ def summarize(session: Session) -> SessionSummary:
         )
         for record in session.loops
     )
-    return _summary(session, len(session.loops), loops, first_prompt(session))
+    return summarize_parts(session, len(session.loops), loops, first_prompt(session))
 
 
 def summarize_outline(outline: SessionOutline) -> SessionSummary:
     """The listing row of an outlined session (`summarize` of the whole session)."""
     loops = ((loop.status, loop.model_key, loop.billed_usage, loop.turn_count) for loop in outline.loops)
-    return _summary(outline.session, len(outline.loops), loops, outline.first_prompt)
+    return summarize_parts(outline.session, len(outline.loops), loops, outline.first_prompt)
 
 
-def _summary(
+def summarize_parts(
     session: Session, loop_count: int, loops: Iterable[tuple[str, str | None, Usage, int]], prompt: str | None
 ) -> SessionSummary:
     """The listing row of `session` (whose loops may be left out) from each loop's status,

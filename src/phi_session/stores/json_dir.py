@@ -13,7 +13,10 @@ This is the backend without indexes: `JsonDirStore.query`, `usage_totals` and
 inode, modification time and size) so that only new or changed files are parsed
 again. Likewise the last few files read in pages (`load_outline`, `load_loops`: the
 viewer) are kept as their outline and each loop's JSON, so that a page decodes only
-its own loops, not the whole file again; every read checks the file's key first.
+its own loops, not the whole file again; every read checks the file's key first. And a
+save into a file as this store last wrote it decodes only the loops its merge may
+change and copies the others' bytes (a conversation saved loop by loop is not decoded
+and encoded whole at every loop).
 Locking needs ``fcntl`` (POSIX); on Windows the store can read but not write.
 """
 
@@ -28,14 +31,15 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 import msgspec
+from msgspec.structs import replace
 
-from ..codec import decode_loop, decode_session, encode_session
+from ..codec import decode_loop, decode_session, encode_loop, encode_session
 from ..errors import (
     DecodeError,
     InvalidSessionId,
@@ -55,14 +59,17 @@ from .base import (
     as_query,
     check_loop_range,
     check_pricer,
+    loop_usage_row,
+    loops_a_merge_touches,
+    merge_part,
     merge_sessions,
+    model_key,
     query_selects,
     session_id_to_save,
-    summarize,
-    usage_rows,
+    summarize_parts,
     validate_session_id,
 )
-from .outline import SessionOutline, session_outline
+from .outline import SessionOutline, loop_prompt, session_outline
 from .query import GroupBy, Order, PruneCriteria, SessionQuery, check_type, parse_group_by
 
 if sys.platform != "win32":
@@ -110,8 +117,106 @@ class _Entry:
     """Its loops, keyed by model (``provider/model`` or ``"unknown"``)."""
 
 
-def _entry(key: _FileKey, session: Session) -> _Entry:
-    return _Entry(key=key, summary=summarize(session), rows=tuple(usage_rows(session, "model")))
+class _LoopFacts(NamedTuple):
+    """What a session file's `_Entry` needs of one of its loops, and its id."""
+
+    loop_id: str
+    listed: tuple[str, str | None, Usage, int]
+    """Its status, ``provider/model`` (None: no config), billed usage and turn count."""
+    prompt: str | None
+    row: UsageRow
+
+
+def _facts(record: LoopRecord) -> _LoopFacts:
+    row = loop_usage_row(record, model_key(record))
+    listed = (record.status, None if record.config is None else row.key, row.usage, len(record.turns))
+    return _LoopFacts(record.loop_id, listed, loop_prompt(record), row)
+
+
+def _entry(key: _FileKey, header: Session, facts: Sequence[_LoopFacts]) -> _Entry:
+    """The entry of a file holding the session `header` whose loops' facts are `facts`."""
+    prompt = next((fact.prompt for fact in facts if fact.prompt is not None), None)
+    summary = summarize_parts(header, len(facts), (fact.listed for fact in facts), prompt)
+    return _Entry(key=key, summary=summary, rows=tuple(fact.row for fact in facts))
+
+
+@dataclass(frozen=True)
+class _Written:
+    """The last version of a session file this store wrote: where each loop's JSON lies in
+    it, and the facts of its loops. The next save into an unchanged file decodes only the
+    loops its merge may change (`loops_a_merge_touches`) and copies the others' bytes."""
+
+    key: _FileKey
+    header: Session
+    """The session as written, without its loops."""
+    spans: tuple[tuple[int, int], ...]
+    """Where each loop's JSON lies in the file."""
+    facts: tuple[_LoopFacts, ...]
+
+
+WRITTEN_LOOPS_LIMIT = 100_000
+"""How many loops the files this store wrote last are remembered for (`_Written`), together."""
+
+# Where a session file's loops go: after the loops key of the session, written empty.
+_NO_LOOPS = b'\n  "loops": []'
+_LOOP_NEWLINE = b"\n    "  # a loop object's lines in the loops array, two levels in
+
+
+def _loop_bytes(record: LoopRecord) -> bytes:
+    """`record` as a session file holds it: its pretty JSON, indented two levels in."""
+    return encode_loop(record).replace(b"\n", _LOOP_NEWLINE)
+
+
+# A loop in a session file: an object opening after "[" or "," two levels in, closing
+# where its closing brace stands two levels in (what it holds is indented deeper, and a
+# string holds no newline).
+_FIRST_LOOP = b'\n  "loops": [' + _LOOP_NEWLINE
+_LOOP_END = b"\n    }"
+
+
+def _loop_spans(data: bytes, count: int) -> tuple[tuple[int, int], ...] | None:
+    """Where each of the `count` loops lies in the session file `data` (`encode_session`'s
+    bytes), or None if they cannot be told apart (not seen: then nothing is remembered)."""
+    spans: list[tuple[int, int]] = []
+    start = data.find(_FIRST_LOOP)
+    if count and start == -1:
+        return None
+    at = start + len(_FIRST_LOOP)
+    for index in range(count):
+        end = data.find(_LOOP_END, at)
+        if end == -1:
+            return None
+        end += len(_LOOP_END)
+        spans.append((at, end))
+        following = b"\n  ]" if index == count - 1 else b"," + _LOOP_NEWLINE
+        if not data.startswith(following, end):
+            return None
+        at = end + len(following)
+    return tuple(spans)
+
+
+def _session_file(
+    header: Session, loops: Sequence[bytes | memoryview]
+) -> tuple[bytes, tuple[tuple[int, int], ...]]:
+    """The file of session `header` holding `loops` (`_loop_bytes`, or their bytes in an
+    earlier file): `encode_session` of the whole session. And where each loop lies in it."""
+    text = encode_session(replace(header, loops=[]))
+    at = text.find(_NO_LOOPS)
+    if not loops:
+        return text, ()
+    if at == -1 or text.find(_NO_LOOPS, at + 1) != -1:  # not seen: a key of the session's own
+        raise StoreError(f"session {header.session_id!r}: cannot place its loops in its file")
+    parts: list[bytes | memoryview] = [text[: at + len(_NO_LOOPS) - 1]]
+    spans: list[tuple[int, int]] = []
+    offset = len(parts[0])
+    for index, loop in enumerate(loops):
+        separator = _LOOP_NEWLINE if index == 0 else b"," + _LOOP_NEWLINE
+        offset += len(separator)
+        spans.append((offset, offset + len(loop)))
+        offset += len(loop)
+        parts += [separator, loop]
+    parts += [b"\n  ]", text[at + len(_NO_LOOPS) :]]
+    return b"".join(parts), tuple(spans)
 
 
 PAGED_BYTES_LIMIT = 512 * 2**20
@@ -199,6 +304,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         self._lock_timeout = lock_timeout
         self._cache: OrderedDict[str, _Entry] = OrderedDict()  # the oldest dropped in O(1)
         self._paged: OrderedDict[str, _Paged] = OrderedDict()  # least recently read first
+        self._written: OrderedDict[str, _Written] = OrderedDict()  # least recently written first
         self._cache_lock = threading.Lock()
 
     @property
@@ -224,6 +330,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         with self._cache_lock:
             self._cache.clear()
             self._paged.clear()
+            self._written.clear()
 
     # -- writing ----------------------------------------------------------------------
 
@@ -239,27 +346,83 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         except OSError as error:
             raise StoreError(f"cannot create session directory {self._dir}: {_describe(error)}") from error
         with self._locked(session_id):
-            try:
-                stored, _ = self._read(session_id)
-            except SessionNotFound:
-                merged = session
-            except StoredSessionUnusable as error:
-                raise StoredSessionUnusable(
-                    f"not saving session {session_id!r}: the stored file cannot be merged "
-                    f"({error}); move it aside to save"
-                ) from error
+            header, loops, facts = self._merged(session_id, session)
+            if loops is None:  # merged whole: `header` holds every loop
+                data = encode_session(header)
+                spans = _loop_spans(data, len(header.loops))
             else:
-                if stored.session_id != session_id:
-                    # A file system that ignores case gives "a" and "A" one file: merging
-                    # would make two sessions one, under the wrong id.
-                    raise StoredSessionUnusable(
-                        f"not saving session {session_id!r}: its file {self.path_for(session_id)} holds "
-                        f"session {stored.session_id!r} (the file system does not tell their names "
-                        "apart, e.g. it ignores case); nothing was written"
-                    )
-                merged = merge_sessions(stored, session)
-            key = self._write_atomically(session_id, encode_session(merged))
-        self._remember(session_id, _entry(key, merged))
+                data, spans = _session_file(header, loops)
+            key = self._write_atomically(session_id, data)
+            if spans is not None:
+                self._keep_written(session_id, _Written(key, replace(header, loops=[]), spans, tuple(facts)))
+        self._remember(session_id, _entry(key, header, facts))
+
+    def _merged(
+        self, session_id: str, session: Session
+    ) -> tuple[Session, list[bytes | memoryview] | None, list[_LoopFacts]]:
+        """What saving `session` writes: the merged session, None and each loop's facts; or,
+        when the file is as this store last wrote it, where only the loops the merge may
+        change are decoded: the merged header (its loops: those), each loop's bytes in the
+        file and each loop's facts."""
+        try:
+            key, data = self._read_bytes(session_id)
+        except SessionNotFound:
+            return session, None, list(map(_facts, session.loops))
+        with self._cache_lock:
+            written = self._written.get(session_id)
+        if written is not None and written.key == key:
+            return self._merged_in_part(session_id, written, data, session)
+        try:
+            stored, _ = self._decode(session_id, key, data)
+        except StoredSessionUnusable as error:
+            raise StoredSessionUnusable(
+                f"not saving session {session_id!r}: the stored file cannot be merged "
+                f"({error}); move it aside to save"
+            ) from error
+        if stored.session_id != session_id:
+            # A file system that ignores case gives "a" and "A" one file: merging
+            # would make two sessions one, under the wrong id.
+            raise StoredSessionUnusable(
+                f"not saving session {session_id!r}: its file {self.path_for(session_id)} holds "
+                f"session {stored.session_id!r} (the file system does not tell their names "
+                "apart, e.g. it ignores case); nothing was written"
+            )
+        merged = merge_sessions(stored, session)
+        return merged, None, list(map(_facts, merged.loops))
+
+    def _merged_in_part(
+        self, session_id: str, written: _Written, data: bytes, session: Session
+    ) -> tuple[Session, list[bytes | memoryview], list[_LoopFacts]]:
+        positions = loops_a_merge_touches([fact.loop_id for fact in written.facts], session)
+        try:
+            records = [decode_loop(data[slice(*written.spans[p])], strict=False) for p in positions]
+        except DecodeError as error:  # not seen: this store wrote these bytes
+            raise self._corrupt(session_id, error) from error
+        kept = dict(zip(positions, records, strict=True))
+        merged, pairs = merge_part(
+            replace(written.header, loops=records), positions, len(written.spans), session
+        )
+        view = memoryview(data)
+        loops: list[bytes | memoryview] = [view[start:end] for start, end in written.spans]
+        facts = list(written.facts)
+        for position, record in pairs:
+            if record is kept.get(position):
+                continue
+            if position == len(loops):  # a new loop, after the last
+                loops.append(_loop_bytes(record))
+                facts.append(_facts(record))
+            else:
+                loops[position] = _loop_bytes(record)
+                facts[position] = _facts(record)
+        return merged, loops, facts
+
+    def _keep_written(self, session_id: str, written: _Written) -> None:
+        with self._cache_lock:
+            self._written.pop(session_id, None)
+            self._written[session_id] = written
+            held = sum(len(entry.spans) for entry in self._written.values())
+            while held > WRITTEN_LOOPS_LIMIT and len(self._written) > 1:  # the least recently written go
+                held -= len(self._written.popitem(last=False)[1].spans)
 
     @contextlib.contextmanager
     def _locked(self, session_id: str) -> Iterator[None]:
@@ -429,7 +592,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
             session = decode_session(data, strict=False)  # what any writer of ours wrote
         except DecodeError as error:
             raise self._corrupt(session_id, error) from error
-        entry = _entry(key, session)
+        entry = _entry(key, session, list(map(_facts, session.loops)))
         self._remember(session_id, entry)
         return session, entry
 
@@ -447,6 +610,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         with self._cache_lock:
             self._cache.pop(session_id, None)
             self._paged.pop(session_id, None)
+            self._written.pop(session_id, None)
 
     def _scan(self) -> list[tuple[str, os.stat_result]]:
         """Session files with their metadata, most recently saved first (ties: by id)."""
