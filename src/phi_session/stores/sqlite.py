@@ -1414,7 +1414,9 @@ class SqliteStore(AsyncTwins):
             found = [bodies.get(message_id) for message_id in ids]
             texts = [None if m is None else m[1] for m in found]
             records = [expand(templates[position], texts) for position in positions]
-            digests = _message_digests(conn, ids)
+            # The book numbers every message: the digests of those not read with a body.
+            digests = {message_id: row[0] for message_id, row in bodies.items()}
+            digests.update(_message_digests(conn, (m for m in ids if m not in digests)))
         header = self._decode(session_id, row[0], records)
         book = MessageBook(digests.get(message_id) for message_id in ids)
         return _StoredPart(header, positions, outlines, templates, ids, book)
