@@ -1176,3 +1176,61 @@ def test_a_caller_sent_again_keeps_its_place_in_its_conversation(tmp_path: Path,
         ("Default", chat.loops[0].loop_id),
         ("Default", chat.loops[1].loop_id),
     ]
+
+
+def test_a_run_longer_than_the_timeout_is_one_loop_while_its_spans_keep_coming() -> None:
+    # A batch processor exports each model call as it ends, the agent span only at the end:
+    # a run of a few minutes must not be cut into an Aborted stand-in and an empty loop.
+    now = [0.0]
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder, trace_timeout=60, clock=lambda: now[0])
+    agent = {"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": "conv-1"}
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"}
+    second = 10**9
+    for index, at in enumerate((10, 50, 90, 130)):
+        now[0] = at
+        usage = {"gen_ai.usage.input_tokens": 100, "gen_ai.usage.output_tokens": 10}
+        ingestor.add([_span(0x10 + index, 1, "chat m", (at - 5) * second, at * second, **chat, **usage)])
+        assert ingestor.expire() == 0
+    now[0] = 135
+    ingestor.add([_span(1, None, "invoke_agent a", 0, 135 * second, **agent)])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [loop] = session.loops
+    assert (session.session_id, loop.status, loop.turn_count()) == ("conv-1", "Completed", 4)
+    assert (loop.usage.input, loop.usage.output) == (400, 40)
+    assert ingestor.counters["incomplete_traces"] == 0
+
+
+@pytest.mark.parametrize("capture_content", [False, True], ids=["rebuilt", "exact"])
+def test_spans_coming_after_their_roots_were_recorded_join_them(
+    demo_sessions: list[Session], capture_content: bool
+) -> None:
+    # A payload retried after a 429, or batches an exporter sends concurrently: the children
+    # come after the root's payload was taken and recorded.
+    spans = _export(demo_sessions, capture_content=capture_content)
+    roots = [span for span in spans if span.parent is None]
+    children = [span for span in spans if span.parent is not None]
+    assert _encoded(_ingest_payloads(roots, children)) == _encoded(_ingest_payloads(spans))
+
+
+def test_a_loop_whose_model_call_stands_in_for_it_bills_every_turn() -> None:
+    # Model calls of a called service with no agent span: the first stands in for the loop,
+    # and is one of its turns, not the loop's total.
+    remote = 0xBEEF
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"}
+    usage = {"gen_ai.usage.input_tokens": 100, "gen_ai.usage.output_tokens": 10}
+    spans = [
+        msgspec.structs.replace(
+            _span(0x20 + i, None, "chat m", i, i + 1, **chat, **usage), remote_parent_id=remote
+        )
+        for i in range(3)
+    ]
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    ingestor.add(spans)
+    ingestor.flush()
+    recorder.flush()
+    [loop] = [loop for session in recorder.drain_completed() for loop in session.loops]
+    assert loop.turn_count() == 3
+    assert (loop.usage.input, loop.usage.output) == (300, 30)

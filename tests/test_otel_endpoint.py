@@ -38,6 +38,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_s
 
 from phi_session import encode_session
 from phi_session.demo import run_demo
+from phi_session.errors import OtlpDecodeError, OtlpRefused
 from phi_session.model import Session
 from phi_session.otel import endpoint as endpoint_module
 from phi_session.otel import export_session
@@ -746,3 +747,55 @@ def test_a_sub_agent_whose_caller_never_exports_is_saved_complete_at_once(tmp_pa
     [loop] = saved.loops
     assert (loop.status, loop.parent_loop_id, saved.parent_spawn_ref) == ("Completed", None, None)
     assert loop.metadata is not None and loop.metadata["otel"]["parent_span_id"] == f"{tool_span:016x}"
+
+
+def test_gzip_members_are_read_in_pieces_and_their_number_bounded() -> None:
+    # Incompressible members larger than a piece, one after another: each read whole, in order.
+    first, second = os.urandom(200_000), os.urandom(70_000)
+    body = gzip.compress(first) + gzip.compress(b"") + gzip.compress(second)
+    assert OtlpHandler._gunzip(body, 1 << 20) == first + second
+    for broken, status in [
+        (gzip.compress(first)[:-9], 400),  # cut short in its last piece
+        (gzip.compress(first) + b"\x1f\x8b junk", 400),
+        (gzip.compress(first), 413),  # over the limit given
+    ]:
+        with pytest.raises(OtlpRefused) as refused:
+            OtlpHandler._gunzip(broken, 100_000 if status == 413 else 1 << 20)
+        assert refused.value.status == status
+    # Each member costs a fresh inflater: a body of tiny members is refused at a bound, not
+    # worked through (16 MiB of them kept a core busy for minutes).
+    empty = gzip.compress(b"")
+    assert OtlpHandler._gunzip(empty * endpoint_module._MAX_GZIP_MEMBERS, 10) == b""
+    with pytest.raises(OtlpRefused, match="members"):
+        OtlpHandler._gunzip(empty * (endpoint_module._MAX_GZIP_MEMBERS + 1), 10)
+
+
+def test_an_escaped_lone_surrogate_is_repaired_not_the_payload_refused(receiver: Receiver) -> None:
+    # JavaScript's JSON.stringify of a text cut inside an emoji; msgspec refuses the escape.
+    attributes = [{"key": "gen_ai.prompt", "value": {"stringValue": "cut \ud83d"}}]
+    body = _one_span_json({"name": "chat \udc00", "attributes": attributes})
+    assert b"\\ud83d" in body
+    response = receiver.post(body, "application/json")
+    assert response.status == 200
+    partial = json.loads(response.read_body)["partialSuccess"]  # type: ignore[attr-defined]
+    assert partial["rejectedSpans"] == "0" and "lone surrogates" in partial["errorMessage"]
+    read = spans_from_otlp_json(body)
+    assert [(span.name, span.attributes) for span in read[0]] == [
+        ("chat \ufffd", {"gen_ai.prompt": "cut \ufffd"})
+    ]
+    for still_bad in (
+        body.replace(b"}]}]}", b"}]}"),
+        body.replace(b'{"traceId"', b'{"nan": NaN, "traceId"', 1),
+    ):
+        with pytest.raises(OtlpDecodeError, match="not JSON"):
+            spans_from_otlp_json(still_bad)
+
+
+def test_json_numbers_and_ids_read_as_protobuf_reads_them() -> None:
+    # A double of 400 digits is a bad value (400), never an internal error (500, retried).
+    huge = [{"key": "k", "value": {"doubleValue": int("1" + "0" * 400)}}]
+    with pytest.raises(OtlpDecodeError, match="doubleValue"):
+        spans_from_otlp_json(_one_span_json({"attributes": huge}))
+    # An all-zero parent span id is a root, as protobuf's default is.
+    (span,), skipped = spans_from_otlp_json(_one_span_json({"parentSpanId": "0" * 16}))
+    assert (span.parent_id, span.remote_parent_id, skipped) == (None, None, 0)

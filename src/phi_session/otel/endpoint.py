@@ -50,6 +50,8 @@ TRACES_PATH = "/v1/traces"
 _SPOOL_KINDS = {b"J": MEDIA_JSON, b"P": MEDIA_PROTOBUF}  # a spool file: this byte, then the payload
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer field
+_GZIP_PIECE = 64 * 1024  # gzip input inflated at a time
+_MAX_GZIP_MEMBERS = 1024  # a client's gzip writes one; a body of thousands is an attack
 _STORE_PAUSE = 5  # seconds payloads are refused after the store failed a session (Retry-After)
 
 
@@ -362,19 +364,27 @@ class OtlpHandler(BaseHTTPRequestHandler):
     @staticmethod
     def _gunzip(data: bytes, limit: int) -> bytes:
         out = bytearray()
-        while True:  # member after member, as gzip reads them: one after the last is no garbage
+        body = memoryview(data)
+        at = 0
+        for _ in range(_MAX_GZIP_MEMBERS):  # member after member, as gzip reads them
             inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            try:  # never more than the limit: a bomb stops here
-                out += inflater.decompress(data, limit + 1 - len(out))
-            except zlib.error as error:
-                raise OtlpRefused(HTTPStatus.BAD_REQUEST, f"bad gzip body: {error}") from None
-            if len(out) > limit:
-                raise OtlpRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates to over {limit} bytes")
+            while not inflater.eof and at < len(body):
+                # In pieces: what a member leaves unread is copied, so that copy stays small.
+                piece = body[at : at + _GZIP_PIECE]
+                try:  # never more than the limit: a bomb stops here
+                    out += inflater.decompress(piece, limit + 1 - len(out))
+                except zlib.error as error:
+                    raise OtlpRefused(HTTPStatus.BAD_REQUEST, f"bad gzip body: {error}") from None
+                if len(out) > limit:
+                    raise OtlpRefused(
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body inflates to over {limit} bytes"
+                    )
+                at += len(piece) - len(inflater.unused_data)
             if not inflater.eof:
                 raise OtlpRefused(HTTPStatus.BAD_REQUEST, "truncated gzip body")
-            data = inflater.unused_data
-            if not data:
+            if at == len(body):
                 return bytes(out)
+        raise OtlpRefused(HTTPStatus.BAD_REQUEST, f"gzip body of over {_MAX_GZIP_MEMBERS} members")
 
     def _ok(self, result: IngestResult, reply: str) -> None:
         if reply == MEDIA_JSON:

@@ -3,7 +3,9 @@
 `SpanIngestor` buffers spans per trace until the trace's root span has ended (or the
 trace waited `trace_timeout` seconds, or the buffer is full: then what arrived is
 recorded, its unfinished loops as Aborted; nothing is dropped), then replays the trace's
-loops in start order as events.
+loops in start order as events. Spans of a trace that come after it was recorded (a
+retried payload, an exporter sending batches concurrently) are replayed with its
+recorded spans, its loops sent again whole.
 
 * Our own export with content (``phi.events``): the exact stored events come back.
 * Our own export without content, and other producers (the GenAI conventions,
@@ -133,6 +135,7 @@ _SPAN_EVENT_TYPES: dict[str, type] = {
 _MEMORY = 100_000  # sessions remembered for continuation inference
 _RECORDED_MEMORY = 100_000  # span ids of the last traces recorded (a retry comes soon); ~10 MB
 _KEPT_MEMORY = 10_000  # spans of the last traces recorded, for a caller or callee exporting later
+_KEPT_TEXT = 64 * 2**20  # and the characters of their text attributes (our export's events)
 
 
 class IngestResult(msgspec.Struct, frozen=True):
@@ -301,12 +304,12 @@ def _result_text(value: Any) -> str:
 
 
 class _Trace:
-    __slots__ = ("first_seen", "root_ended", "span_ids", "spans")
+    __slots__ = ("last_seen", "root_ended", "span_ids", "spans")
 
     def __init__(self, now: float) -> None:
         self.spans: list[SpanData] = []
         self.span_ids: set[int] = set()
-        self.first_seen = now
+        self.last_seen = now  # a long run's spans keep coming: it times out once they stop
         self.root_ended = False
 
 
@@ -314,7 +317,7 @@ class _Kept:
     """A trace's spans already recorded, kept a while (`trace_timeout`): another service's
     part of the trace may come later, calling them or called by them (a remote parent)."""
 
-    __slots__ = ("at", "continued", "span_ids", "spans")
+    __slots__ = ("at", "continued", "span_ids", "spans", "text")
 
     def __init__(
         self, at: float, spans: list[SpanData], span_ids: set[int], continued: dict[str, str | None]
@@ -323,6 +326,9 @@ class _Kept:
         self.spans = spans
         self.span_ids = span_ids
         self.continued = continued  # loop id -> the loop it continued when recorded
+        self.text = sum(
+            len(value) for span in spans for value in span.attributes.values() if isinstance(value, str)
+        )
 
 
 def _calls_between(kept: _Kept, trace: _Trace) -> bool:
@@ -330,6 +336,13 @@ def _calls_between(kept: _Kept, trace: _Trace) -> bool:
     return any(span.remote_parent_id in kept.span_ids for span in trace.spans) or any(
         span.remote_parent_id in trace.span_ids for span in kept.spans
     )
+
+
+def _joins(kept: _Kept, trace: _Trace) -> bool:
+    """Whether `trace`'s spans belong with those recorded of it: a call between the two, or
+    late spans under a recorded one. (Not the other way round: a root that comes after its
+    spans were recorded without it would rebuild them as another loop, billed twice.)"""
+    return _calls_between(kept, trace) or any(span.parent_id in kept.span_ids for span in trace.spans)
 
 
 def _caller_waiting(trace: _Trace) -> bool:
@@ -350,8 +363,10 @@ def _caller_waiting(trace: _Trace) -> bool:
 class SpanIngestor:
     """Turns finished spans into events for `target` (a recorder, or any event callable).
 
-    * `trace_timeout`: seconds a trace whose root has not ended waits before it is recorded
-      anyway (unfinished loops as Aborted); checked on every `add` and by `expire`.
+    * `trace_timeout`: seconds a trace whose root has not ended waits for its next span
+      before it is recorded anyway (unfinished loops as Aborted); checked on every `add` and
+      by `expire`. A span that comes later under one of its recorded spans records it again
+      with the late spans, its loops sent again whole, as for a caller below.
       A span under a remote parent (a service called with the trace context) is its
       trace's root here, recorded at once, unless spans of the caller already wait in the
       trace: then it waits with them for the caller's root, which links it as a sub-agent
@@ -391,6 +406,7 @@ class SpanIngestor:
         self._recorded_spans = 0
         self._kept: OrderedDict[int, _Kept] = OrderedDict()  # trace -> its spans recorded lately
         self._kept_spans = 0
+        self._kept_text = 0
         self._last_loop: OrderedDict[str, str] = OrderedDict()  # session -> its latest loop
         self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
         self.counters = dict.fromkeys(
@@ -422,22 +438,34 @@ class SpanIngestor:
                     continue
                 if trace is None:
                     trace = self._traces[span.trace_id] = _Trace(now)
+                else:  # ordered by the last span seen: the oldest times out first
+                    trace.last_seen = now
+                    self._traces.move_to_end(span.trace_id)
                 trace.spans.append(span)
                 trace.span_ids.add(span.span_id)
                 self._buffered += 1
                 self.counters["spans"] += 1
-                if span.parent_id is None and not trace.root_ended:
+                if trace.root_ended:
+                    continue
+                if span.parent_id is None:
                     if span.remote_parent_id is None:
                         trace.root_ended = True
                         ready.append(span.trace_id)
                     else:  # decided once the whole payload is in: the caller's spans may be in it
                         served.append(trace)
+                elif self._under_recorded(span):  # its root was recorded already: it joins that
+                    trace.root_ended = True
+                    ready.append(span.trace_id)
             for trace in served:
                 if not trace.root_ended and not _caller_waiting(trace):
                     trace.root_ended = True
                     ready.append(trace.spans[0].trace_id)
             self._record_each(ready, complete=True)
             self._expire(now)
+
+    def _under_recorded(self, span: SpanData) -> bool:
+        kept = self._kept.get(span.trace_id)
+        return kept is not None and span.parent_id in kept.span_ids
 
     def expire(self) -> int:
         """Record the traces that waited too long; returns how many."""
@@ -454,8 +482,8 @@ class SpanIngestor:
             self._forget_kept(next(iter(self._kept)))
         due, buffered = [], self._buffered
         for trace_id, trace in self._traces.items():
-            if now - trace.first_seen < self.trace_timeout and buffered <= self.max_buffered_spans:
-                break  # ordered by first sight: the rest are younger
+            if now - trace.last_seen < self.trace_timeout and buffered <= self.max_buffered_spans:
+                break  # ordered by the last span seen: the rest were seen later
             due.append(trace_id)
             buffered -= len(trace.spans)
         self._record_each(due, complete=False)
@@ -480,17 +508,16 @@ class SpanIngestor:
         if not complete:
             self.counters["incomplete_traces"] += 1
         kept = self._kept.get(trace_id)  # taken only once recorded, as the spans below
-        joined = kept if kept is not None and _calls_between(kept, trace) else None
+        joined = kept if kept is not None and _joins(kept, trace) else None
         spans = trace.spans if joined is None else [*joined.spans, *trace.spans]
         resent = {} if joined is None else joined.continued
         continued = self._replay(trace_id, sorted(spans, key=lambda s: (s.start, s.end)), complete, resent)
         self._forget_kept(trace_id)
-        if continued is not None:
-            span_ids = trace.span_ids
-            if kept is not None:  # joined or not, both parts may yet meet a later one
-                spans, span_ids = [*kept.spans, *trace.spans], kept.span_ids | span_ids
-                continued = {**kept.continued, **continued}
-            self._keep(trace_id, spans, span_ids, continued)
+        span_ids = trace.span_ids
+        if kept is not None:  # joined or not, both parts may yet meet a later one
+            spans, span_ids = [*kept.spans, *trace.spans], kept.span_ids | span_ids
+            continued = {**kept.continued, **continued}
+        self._keep(trace_id, spans, span_ids, continued)
         # Only once recorded: a payload whose recording failed is taken again when retried.
         recorded = self._recorded.pop(trace_id, set())
         self._recorded_spans += len(trace.span_ids - recorded)
@@ -502,22 +529,24 @@ class SpanIngestor:
     def _keep(
         self, trace_id: int, spans: list[SpanData], span_ids: set[int], continued: dict[str, str | None]
     ) -> None:
-        self._kept[trace_id] = _Kept(self._clock(), spans, span_ids, continued)
+        kept = self._kept[trace_id] = _Kept(self._clock(), spans, span_ids, continued)
         self._kept_spans += len(spans)
-        while self._kept_spans > _KEPT_MEMORY:
+        self._kept_text += kept.text
+        while self._kept_spans > _KEPT_MEMORY or self._kept_text > _KEPT_TEXT:
             self._forget_kept(next(iter(self._kept)))
 
     def _forget_kept(self, trace_id: int) -> None:
         kept = self._kept.pop(trace_id, None)
         if kept is not None:
             self._kept_spans -= len(kept.spans)
+            self._kept_text -= kept.text
 
     def _replay(
         self, trace_id: int, spans: list[SpanData], complete: bool, resent: dict[str, str | None]
-    ) -> dict[str, str | None] | None:
-        """Replay `spans`; returns the loop each rebuilt loop continued (None for our own
-        export, replayed exactly: it links its sub-agents itself). `resent` holds the loops
-        recorded before (and the loop each continued then), sent again."""
+    ) -> dict[str, str | None]:
+        """Replay `spans`; returns the loop each loop continued (None for our own export,
+        replayed exactly: its events say). `resent` holds the loops recorded before (and the
+        loop each continued then), sent again."""
         if any(attr.PHI_EVENTS in span.attributes for span in spans):
             try:
                 exact = _ExactReplay(self, spans)
@@ -529,8 +558,8 @@ class SpanIngestor:
                     error,
                 )
             else:
-                exact.run()
-                return None
+                exact.run(resent)
+                return dict.fromkeys(exact.loops)
         rebuild = _Rebuild(self, trace_id, spans, complete, resent)
         rebuild.run()
         return rebuild.continued
@@ -652,10 +681,12 @@ class _ExactReplay:
                 data = msgspec.json.encode(item[1])
                 bucket.append((item[0], decode_event(data, strict=not strict_adds_nothing(data))))
 
-    def run(self) -> None:
+    def run(self, resent: dict[str, str | None]) -> None:
         for loop_id, loop in sorted(self.loops.items(), key=lambda item: item[1].start):
             session_id = str(loop.attributes.get(attr.PHI_SESSION_ID, ""))
-            self.ingestor.parallel_before(session_id, loop_id, loop.attributes, loop.start)
+            again = loop_id in resent  # sent again whole: its group is not started twice
+            if not again:
+                self.ingestor.parallel_before(session_id, loop_id, loop.attributes, loop.start)
             ended = False
             for _, event in sorted(self.events[loop_id], key=lambda item: item[0]):
                 ended = ended or type(event) is AgentEnd
@@ -665,8 +696,9 @@ class _ExactReplay:
                 # The loop span counts what its calls billed (the cut-off turn's too).
                 billed = _usage(loop.attributes) or ZERO_USAGE
                 self.ingestor.emit(_abort(loop_id, last, _UNFINISHED, billed))
-            self.ingestor.loop_recorded(session_id, loop_id)
-            self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
+            if not again:
+                self.ingestor.loop_recorded(session_id, loop_id)
+                self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
 
 
 class _Loop:
@@ -868,7 +900,8 @@ class _Rebuild:
         )
         for event in self._span_events(loop):
             emit(event)
-        usage = _usage(attributes)
+        # A span standing in for the loop is one of its turns: its usage is that turn's.
+        usage = None if loop.stand_in else _usage(attributes)
         if usage is None:
             usage = ZERO_USAGE
             for chat, _ in turns:

@@ -3,9 +3,10 @@
 Bad OTLP input raises `OtlpDecodeError` (the whole payload is unreadable); a span that is
 readable but unusable (ids of the wrong size, zero ids) is skipped and counted, which the
 endpoint reports as an OTLP partial success. Invalid UTF-8 in a protobuf string (which
-protobuf refuses, the Collector's decoder does not) is replaced with U+FFFD in that string
-only, and counted: the endpoint says so in a partial success with no span rejected (the
-OTLP spec's warning form).
+protobuf refuses, the Collector's decoder does not), or a lone surrogate escaped in a JSON
+string (JavaScript's ``JSON.stringify`` writes one for text cut inside an emoji), is
+replaced with U+FFFD in that string only, and counted: the endpoint says so in a partial
+success with no span rejected (the OTLP spec's warning form).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import json
 import string
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -34,6 +36,7 @@ __all__ = [
 _KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 _MAX_DEPTH = 32
 _HEX = frozenset(string.hexdigits)
+_NO_SPAN = "0" * 16
 _REMOTE_PARENT = 0x200  # SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK: the parent is in another process
 _URLSAFE = str.maketrans("-_", "+/")
 MEDIA_JSON = "application/json"
@@ -318,7 +321,7 @@ def _int(value: Any, name: str, *, signed: bool = False) -> int:
 def _float(value: Any) -> float:
     try:
         return float(value)  # also the mapping's "NaN", "Infinity" and "-Infinity"
-    except ValueError:
+    except (ValueError, OverflowError):  # (an integer of 400 digits)
         raise OtlpDecodeError("doubleValue: expected a number") from None
 
 
@@ -362,18 +365,51 @@ def spans_from_otlp_json(payload: bytes) -> tuple[list[SpanData], int]:
     return read.spans, read.skipped
 
 
-def _spans_from_json(payload: bytes) -> OtlpSpans:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _repaired_text(value: Any, repaired: list[int]) -> Any:
+    """`value` with each string holding a lone surrogate made valid (U+FFFD in its place)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            repaired[0] += 1
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return value
+    if isinstance(value, list):
+        return [_repaired_text(item, repaired) for item in value]
+    if isinstance(value, dict):
+        return {_repaired_text(k, repaired): _repaired_text(v, repaired) for k, v in value.items()}
+    return value
+
+
+def _json_document(payload: bytes) -> tuple[Any, int]:
+    """The parsed payload, and how many of its strings were repaired."""
     try:
-        document = msgspec.json.decode(payload)
+        return msgspec.json.decode(payload), 0
     except (msgspec.DecodeError, RecursionError) as error:
-        raise OtlpDecodeError(f"not JSON: {error}") from None
+        refused = error
+    if b"\\ud" in payload or b"\\uD" in payload:  # msgspec refuses an escaped lone surrogate
+        try:
+            repaired = [0]
+            return _repaired_text(json.loads(payload, parse_constant=_no_constant), repaired), repaired[0]
+        except (ValueError, RecursionError):
+            pass  # not JSON either: msgspec says why
+    raise OtlpDecodeError(f"not JSON: {refused}") from None
+
+
+def _spans_from_json(payload: bytes) -> OtlpSpans:
+    document, repaired = _json_document(payload)
     out: list[SpanData] = []
     skipped = 0
     for span, resource in _iter_json_spans(document):
         trace_id, span_id = _hex_id(span.get("traceId"), 16), _hex_id(span.get("spanId"), 8)
         parent_text = span.get("parentSpanId") or ""
         parent = _hex_id(parent_text, 8) if parent_text else None
-        if trace_id is None or span_id is None or (parent_text and parent is None):
+        # An all-zero parent is none, as in protobuf (where it is the default).
+        if trace_id is None or span_id is None or (parent is None and parent_text not in ("", _NO_SPAN)):
             skipped += 1
             continue
         start = _int(_member(span, "startTimeUnixNano", 0), "startTimeUnixNano")
@@ -408,12 +444,12 @@ def _spans_from_json(payload: bytes) -> OtlpSpans:
                 resource=resource,
             )
         )
-    return OtlpSpans(out, skipped)
+    return OtlpSpans(out, skipped, repaired)
 
 
 class OtlpSpans(NamedTuple):
     """What an OTLP trace payload holds: its spans, how many were `skipped` (unusable ids)
-    and how many strings were `repaired` (invalid UTF-8 replaced with U+FFFD)."""
+    and how many strings were `repaired` (invalid text replaced with U+FFFD)."""
 
     spans: list[SpanData]
     skipped: int
@@ -426,7 +462,10 @@ class OtlpSpans(NamedTuple):
         if self.skipped:
             said.append(f"{self.skipped} spans with invalid trace or span ids")
         if self.repaired:
-            said.append(f"{self.repaired} strings with invalid UTF-8, recorded with U+FFFD in its place")
+            said.append(
+                f"{self.repaired} strings with invalid UTF-8 or lone surrogates,"
+                " recorded with U+FFFD in its place"
+            )
         return "; ".join(said)
 
 
