@@ -7,6 +7,7 @@ import sys
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -26,7 +27,8 @@ from phi_session.cost import (
 from phi_session.errors import InvalidQuery
 from phi_session.events import MessageEnd, TurnStart
 from phi_session.messages import ZERO_USAGE, Usage
-from phi_session.model import LoopEvent
+from phi_session.model import LoopEvent, ModelCall
+from phi_session.stores.base import UsageRow
 from phi_session.stores.conformance import TIERED_CALL, at, calls_loop, make_loop, make_session
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.outline import session_outline
@@ -363,3 +365,32 @@ def test_an_updated_table_is_used_at_once() -> None:
     finally:
         data_snapshot.set_custom_snapshot(None)
     assert pricer.outline(outline) == known
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.sampled_from([("p", "m1"), ("p", "m2"), ("q", "unknown-model")]),
+            st.integers(1, 10**7),
+            st.integers(0, 10**6),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_totals_do_not_depend_on_the_order_a_store_reads_its_rows(rows: list, random: Any) -> None:
+    # Each store reads its loops in an order of its own: the same loops must cost the same,
+    # to the last bit, and name their sources and unpriced models alike.
+    pricer = Pricer({"p/m1": {"input": 0.1, "output": 0.3}, "p/m2": {"input": 1.1, "output": 2.7}})
+    usage_rows = [
+        UsageRow(
+            key, provider, model, Usage(input=i, output=o), [ModelCall.of(WHEN, Usage(input=i, output=o))]
+        )
+        for key, (provider, model), i, o in rows
+    ]
+    shuffled = list(usage_rows)
+    random.shuffle(shuffled)
+    assert pricer.row_costs(shuffled) == pricer.row_costs(usage_rows)

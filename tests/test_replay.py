@@ -1173,3 +1173,26 @@ def test_cli_fork_prints_or_writes_the_context_of_a_turn(world: World, tmp_path:
         result = run(*args)
         assert result.exit_code == code, (args, result.output)
         assert len(result.stderr.strip().splitlines()) == 1 and text in result.stderr
+
+
+def test_tool_arguments_compare_as_json_values() -> None:
+    # `True == 1 == 1.0` in Python; in JSON a boolean is never a number (as `diff_loops` says).
+    from phi_session.diff import same_json
+    from phi_session.replay.cursor import ReplayCursor as Cursor
+    from phi_session.replay.request import compare_messages
+
+    recorded = ToolCall(id="c1", name="run_tests", arguments={"verbose": True, "n": 1, "opts": {"a": [1, 2]}})
+    for asked, same in [
+        ({"opts": {"a": [1.0, 2]}, "n": 1.0, "verbose": True}, True),  # numbers by value, any key order
+        ({"verbose": 1, "n": 1, "opts": {"a": [1, 2]}}, False),
+        ({"verbose": True, "n": True, "opts": {"a": [1, 2]}}, False),
+        ({"verbose": True, "n": 1, "opts": {"a": [1, 2, 3]}}, False),
+        ({"verbose": True, "n": 1}, False),
+    ]:
+        assert same_json(recorded.arguments, asked) is same
+        problem = Cursor._call_problem(recorded, "run_tests", asked, no_result=False)
+        assert (problem is None) is same, asked
+        if not same:
+            assert problem is not None and problem[0] == "tool_arguments"
+        replied = reply("", [msgspec.structs.replace(recorded, arguments=asked)])
+        assert (compare_messages([reply("", [recorded])], [replied]) is None) is same, asked

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -31,6 +32,7 @@ from phi_session.errors import SessionLocked, StoredSessionUnusable, StoreError
 from phi_session.model import Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import postgres
+from phi_session.stores import search as search_module
 from phi_session.stores.conformance import (
     EXAMPLES_DIR,
     TIERED_CALL,
@@ -635,6 +637,25 @@ def test_the_v6_migration_stores_the_model_calls(store: postgres.PostgresStore, 
     assert admin.execute(
         sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(meta)
     ).fetchone() == (str(postgres.SCHEMA_VERSION),)
+
+
+def test_the_v7_migration_reads_tool_call_arguments_as_text(
+    store: postgres.PostgresStore, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as before:  # the arguments' JSON as written, as before version 7
+        before.setattr(
+            search_module, "_arguments_text", lambda arguments: msgspec.json.encode(arguments).decode()
+        )
+        store.save(make_session("old", loops=[talking_loop("old", 1, "import os\nimport sys")]))
+        assert [hit.kind for hit in store.search("nimport")] == ["tool_call"]
+    meta = _table(store.schema, "meta")
+    admin.execute(sql.SQL("UPDATE {} SET value = '6' WHERE key = 'schema_version'").format(meta))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        assert migrated.search("nimport") == []
+        assert [hit.kind for hit in migrated.search("sys")][3] == "tool_call"
+    words = sql.SQL("SELECT words::text FROM {}").format(_table(store.schema, "loops"))
+    [(indexed,)] = admin.execute(words).fetchall()
+    assert "'nimport'" not in indexed and "'import'" in indexed
 
 
 def test_a_session_holding_lone_surrogates_is_saved_with_them_escaped(store: postgres.PostgresStore) -> None:

@@ -40,6 +40,7 @@ from phi_session.instrument import Tracer
 from phi_session.messages import TextFormat
 from phi_session.model import LoopStatus, ModelCall, Session
 from phi_session.recorder import SessionRecorder
+from phi_session.stores import search as search_module
 from phi_session.stores import sqlite as sqlite_module
 from phi_session.stores.base import UsageTotal, summarize
 from phi_session.stores.conformance import (
@@ -1178,6 +1179,34 @@ def test_the_v8_migration_indexes_the_rule_s_words(db: Path) -> None:
             .fetchone()[0]
             .startswith("please the cafe opens plan")
         )
+    assert _indexed_loops(db) == (2, 2)
+
+
+def _json_escaped_arguments(arguments: object) -> str:
+    """How a tool call's arguments were read before schema version 9: their JSON as written."""
+    return msgspec.json.encode(arguments).decode()
+
+
+def test_the_v9_migration_reads_tool_call_arguments_as_text(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as before:
+        before.setattr(search_module, "_arguments_text", _json_escaped_arguments)
+        with SqliteStore(db) as store:
+            store.save(make_session("old", loops=[talking_loop("old", 1, "import os\nimport sys")]))
+            store.save(make_session("plain", loops=[talking_loop("plain", 1, "brew coffee")]))
+            assert [hit.kind for hit in store.search("nimport")] == ["tool_call"]
+        raw_execute(db, "PRAGMA user_version = 8")
+    with closing(sqlite3.connect(db)) as conn:
+        before_texts = dict(conn.execute("SELECT session_id, text FROM loop_text").fetchall())
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert [hit.kind for hit in store.search("sys")][3] == "tool_call"
+        assert store.search("nimport") == []
+    with closing(sqlite3.connect(db)) as conn:
+        after_texts = dict(conn.execute("SELECT session_id, text FROM loop_text").fetchall())
+    assert after_texts["plain"] == before_texts["plain"]  # only the loops whose words change
+    assert "nimport" in before_texts["old"].split() and "nimport" not in after_texts["old"].split()
     assert _indexed_loops(db) == (2, 2)
 
 

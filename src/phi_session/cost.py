@@ -75,8 +75,8 @@ class Cost(msgspec.Struct, frozen=True, kw_only=True):
     """What some usage cost: ``usd`` (None: unknown) and where the prices came from.
 
     ``unpriced`` lists the ``provider/model`` names with tokens but no known price.
-    Adding costs keeps the sources and unpriced models of both; the sum is unknown
-    when either part is.
+    Adding costs keeps the sources and unpriced models of both, sorted (a sum is the same
+    whatever order a store reads its parts in); the sum is unknown when either part is.
     """
 
     usd: float | None
@@ -100,7 +100,12 @@ ZERO_COST = Cost(usd=0.0)
 
 
 def _merged(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
-    return first + tuple(item for item in second if item not in first)
+    return first if set(second) <= set(first) else tuple(sorted({*first, *second}))
+
+
+def _group_order(item: tuple[tuple[str, str | None, str | None], list[ModelCall]]) -> tuple[str, str, str]:
+    (key, provider, model), _ = item
+    return key, provider or "", model or ""
 
 
 def total(costs: Iterable[Cost]) -> Cost:
@@ -359,12 +364,13 @@ class Pricer:
         if user is None and model is not None:
             user = self._user.get(model)
         if user is not None:
-            return Cost(usd=sum(user.usd(call) for call in priced), sources=(USER_SOURCE,))
+            return Cost(usd=math.fsum(user.usd(call) for call in priced), sources=(USER_SOURCE,))
         entry = None if self._table is None or model is None else self._table_model(provider, model)
         if entry is None:
             return Cost(usd=None, unpriced=(name,))
         try:
-            usd = sum(entry.usd(self._table, call) for call in priced)
+            # fsum: correctly rounded, so the same calls cost the same in any order.
+            usd = math.fsum(entry.usd(self._table, call) for call in priced)
         except ValueError:  # counts the table refuses for this model: better unknown than wrong
             return Cost(usd=None, unpriced=(name,))
         assert self._table_source is not None
@@ -414,7 +420,8 @@ class Pricer:
         for key, provider, model, calls in loops:
             groups.setdefault((key, provider, model), []).extend(calls)
         sums: dict[str, Cost] = {}
-        for (key, provider, model), calls in groups.items():
+        # In the groups' order, not the rows': every store's rows then give the same sums.
+        for (key, provider, model), calls in sorted(groups.items(), key=_group_order):
             sums[key] = sums.get(key, ZERO_COST) + self.calls(calls, provider, model)
         return sums
 

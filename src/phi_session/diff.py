@@ -673,6 +673,26 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def same_json(a: Any, b: Any) -> bool:
+    """Whether JSON values are equal as JSON: numbers by value, a boolean never a number
+    (``True == 1`` in Python), objects whatever their keys' order, arrays item by item.
+    Iterative, as `_json_changes`."""
+    pending: list[tuple[Any, Any]] = [(a, b)]
+    while pending:
+        value_a, value_b = pending.pop()
+        if isinstance(value_a, dict) and isinstance(value_b, dict):
+            if value_a.keys() != value_b.keys():
+                return False
+            pending.extend((item, value_b[key]) for key, item in value_a.items())
+        elif isinstance(value_a, list) and isinstance(value_b, list):
+            if len(value_a) != len(value_b):
+                return False
+            pending.extend(zip(value_a, value_b, strict=True))
+        elif not _same(value_a, value_b):
+            return False
+    return True
+
+
 _MISSING: Any = object()
 """The side of a key or item that only the other side has."""
 

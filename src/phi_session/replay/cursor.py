@@ -47,6 +47,7 @@ from typing import Literal
 
 from msgspec.structs import replace
 
+from ..diff import same_json
 from ..errors import RecordedModelError, RecordedToolError, ReplayDiverged
 from ..messages import AssistantMessage, TextContent, ToolCall, ToolResultMessage
 from ..model import Session
@@ -331,7 +332,7 @@ class ReplayCursor:
         if call.name != name:
             return "tool_call", f"tool call {call.id!r} was to {call.name}, not {name}", call.name, name
         recorded, given = normal_arguments(call.arguments), normal_arguments(arguments)
-        if recorded != given:
+        if not same_json(recorded, given):
             return (
                 "tool_arguments",
                 f"{name} [{call.id}] called with other arguments",

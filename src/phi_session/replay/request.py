@@ -32,6 +32,7 @@ from typing import Any
 
 import msgspec
 
+from ..diff import same_json
 from ..messages import (
     AgentMessage,
     AnnotatedRequestPayload,
@@ -138,7 +139,7 @@ class _Normal(msgspec.Struct, frozen=True):
         if self.thinking and other.thinking and self.thinking != other.thinking:
             return False
         return len(self.calls) == len(other.calls) and all(
-            _same_id(mine[0], theirs[0]) and mine[1:] == theirs[1:]
+            _same_id(mine[0], theirs[0]) and mine[1] == theirs[1] and same_json(mine[2], theirs[2])
             for mine, theirs in zip(self.calls, other.calls, strict=True)
         )
 

@@ -1286,6 +1286,22 @@ class StoreConformance:
         ):
             assert sorted({hit.session_id for hit in store.search(text)}) == found, text
 
+    def test_search_reads_a_tool_calls_arguments_as_their_text(self, store: SessionStore) -> None:
+        # A file a tool writes: each line's first word follows an escaped newline in the
+        # arguments' JSON, and is found as itself, never glued to the escape's letter.
+        store.save(
+            make_session("w1", "agent", loops=[talking_loop("w1", 1, "import os\nimport sys\ttabbed")])
+        )
+        assert [hit.kind for hit in store.search("tabbed")] == [
+            "text",
+            "thinking",
+            "text",
+            "tool_call",
+            "tool_result",
+        ]
+        assert store.search("nimport") == store.search("ttabbed") == []
+        assert store.search("tabbed")[3].snippet == 'lookup {"q":"import os import sys tabbed args"}'
+
     def test_async_search_twin(self, store: SessionStore) -> None:
         self._populate_talk(store)
         assert asyncio.run(store.asearch("coffee", limit=2)) == store.search("coffee", limit=2)

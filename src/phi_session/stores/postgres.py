@@ -142,7 +142,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -405,6 +405,11 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         "ALTER TABLE {s}.loops ADD COLUMN calls BYTEA",
         partial(_backfill_loops, "calls", "%s", encode_calls),
         partial(_backfill_loops, "outline", "%s", encode_loop_outline),
+    ),
+    (
+        # A tool call's words are those of its arguments' text, a control character's
+        # escape read as a blank (`search.loop_text`): every loop's words again.
+        partial(_backfill_loops, "words", _WORDS_VALUE, _lexemes),
     ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION

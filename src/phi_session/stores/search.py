@@ -57,6 +57,16 @@ _WORD = re.compile(r"\w+")
 _ASCII_WORD_BYTES = bytes(
     ord(char.lower()) if char.isascii() and _WORD.fullmatch(char) else 0x20 for char in map(chr, range(256))
 )
+# A control character's escape in a tool call's JSON arguments (the newlines of a file a
+# tool writes) would glue its letter to the next word ("\nimport" read as "nimport"): it
+# is read as the blank it stands for. An escaped backslash is matched whole, so that the
+# letter after it stays a letter.
+_CONTROL_ESCAPE = re.compile(r"\\(?:[bfnrt]|u00[0-9a-fA-F]{2})|(\\.)")
+
+
+def _arguments_text(arguments: object) -> str:
+    text = msgspec.json.encode(arguments).decode()
+    return _CONTROL_ESCAPE.sub(lambda match: match.group(1) or " ", text) if "\\" in text else text
 
 
 class SearchHit(msgspec.Struct, frozen=True, kw_only=True):
@@ -113,8 +123,7 @@ def _message_texts(message: AgentMessage) -> Iterator[tuple[DocumentKind, str]]:
         elif isinstance(block, ThinkingContent):
             yield "thinking", block.thinking
         elif isinstance(block, ToolCall):
-            arguments = msgspec.json.encode(block.arguments).decode()
-            yield "tool_call", f"{block.name} {arguments}"
+            yield "tool_call", f"{block.name} {_arguments_text(block.arguments)}"
 
 
 def loop_text(record: LoopRecord) -> str:

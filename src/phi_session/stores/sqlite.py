@@ -404,6 +404,32 @@ def _index_words(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO loop_text_fts (loop_text_fts) VALUES ('rebuild')")
 
 
+def _index_tool_call_words(conn: sqlite3.Connection) -> None:
+    """v9: a tool call's words are those of its arguments' text, a control character's
+    escape read as a blank (`search.loop_text`): the loops whose words that changes are
+    indexed again. A loop whose record does not decode keeps its words."""
+    changed: list[tuple[str, int, str]] = []
+    for session_id, message_ids in conn.execute("SELECT session_id, message_ids FROM sessions").fetchall():
+        try:
+            ids = _unpack_ids(message_ids)
+        except DecodeError:
+            continue
+        found = _message_rows(conn, ids)
+        bodies = [row[1] if row is not None else None for row in map(found.get, ids)]
+        for position, blob, stored in conn.execute(
+            "SELECT l.position, l.record, t.text FROM loops AS l JOIN loop_text AS t "
+            "ON t.session_id = l.session_id AND t.position = l.position WHERE l.session_id = ?",
+            (session_id,),
+        ).fetchall():
+            try:
+                text = _indexed_text(loop_text(decode_loop(expand(unpack(blob), bodies), strict=False)))
+            except DecodeError:
+                continue
+            if text != stored:
+                changed.append((session_id, position, text))
+    _index_loop_texts(conn, changed)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _create_v1,
     _create_v2,
@@ -413,6 +439,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _share_messages,
     _store_model_calls,
     _index_words,
+    _index_tool_call_words,
 )
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
