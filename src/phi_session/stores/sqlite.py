@@ -360,15 +360,23 @@ def _store_model_calls(conn: sqlite3.Connection) -> None:
     record does not decode keeps NULL and its old outline: its billed usage then stands
     in for its calls (`stored_usage_row`, `LoopOutline.model_calls`)."""
     conn.execute("ALTER TABLE loops ADD COLUMN calls BLOB")
-    sessions = conn.execute("SELECT session_id, message_ids FROM sessions").fetchall()
-    for session_id, message_ids in sessions:
+    updates = [
+        (encode_calls(record), encode_loop_outline(record), session_id, position)
+        for session_id, position, record in _each_stored_loop(conn)
+    ]
+    conn.executemany("UPDATE loops SET calls = ?, outline = ? WHERE session_id = ? AND position = ?", updates)
+
+
+def _each_stored_loop(conn: sqlite3.Connection) -> Iterator[tuple[str, int, LoopRecord]]:
+    """``(session_id, position, record)`` of every stored loop (v6's layout) that decodes:
+    a migration leaves one that does not as it was, for its readers to report."""
+    for session_id, message_ids in conn.execute("SELECT session_id, message_ids FROM sessions").fetchall():
         try:
             ids = _unpack_ids(message_ids)
         except DecodeError:
             continue
         found = _message_rows(conn, ids)
         bodies = [row[1] if row is not None else None for row in map(found.get, ids)]
-        updates = []
         for position, blob in conn.execute(
             "SELECT position, record FROM loops WHERE session_id = ?", (session_id,)
         ).fetchall():
@@ -376,10 +384,7 @@ def _store_model_calls(conn: sqlite3.Connection) -> None:
                 record = decode_loop(expand(unpack(blob), bodies), strict=False)
             except DecodeError:
                 continue
-            updates.append((encode_calls(record), encode_loop_outline(record), session_id, position))
-        conn.executemany(
-            "UPDATE loops SET calls = ?, outline = ? WHERE session_id = ? AND position = ?", updates
-        )
+            yield session_id, position, record
 
 
 def _indexed_text(text: str) -> str:
@@ -409,24 +414,13 @@ def _index_tool_call_words(conn: sqlite3.Connection) -> None:
     escape read as a blank (`search.loop_text`): the loops whose words that changes are
     indexed again. A loop whose record does not decode keeps its words."""
     changed: list[tuple[str, int, str]] = []
-    for session_id, message_ids in conn.execute("SELECT session_id, message_ids FROM sessions").fetchall():
-        try:
-            ids = _unpack_ids(message_ids)
-        except DecodeError:
-            continue
-        found = _message_rows(conn, ids)
-        bodies = [row[1] if row is not None else None for row in map(found.get, ids)]
-        for position, blob, stored in conn.execute(
-            "SELECT l.position, l.record, t.text FROM loops AS l JOIN loop_text AS t "
-            "ON t.session_id = l.session_id AND t.position = l.position WHERE l.session_id = ?",
-            (session_id,),
-        ).fetchall():
-            try:
-                text = _indexed_text(loop_text(decode_loop(expand(unpack(blob), bodies), strict=False)))
-            except DecodeError:
-                continue
-            if text != stored:
-                changed.append((session_id, position, text))
+    for session_id, position, record in _each_stored_loop(conn):
+        text = _indexed_text(loop_text(record))
+        stored = conn.execute(
+            "SELECT text FROM loop_text WHERE session_id = ? AND position = ?", (session_id, position)
+        ).fetchone()
+        if stored is None or stored[0] != text:
+            changed.append((session_id, position, text))
     _index_loop_texts(conn, changed)
 
 
