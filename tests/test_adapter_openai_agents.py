@@ -34,7 +34,7 @@ from openai import AsyncOpenAI
 from openai.types.responses import ResponseOutputMessage, ResponseOutputRefusal
 
 from phi_session import JsonDirStore, SessionRecorder, decode_session, encode_session
-from phi_session.adapters import openai_agents
+from phi_session.adapters import openai_agents, session_id_for
 from phi_session.events import InputRejected
 from phi_session.model import Session
 
@@ -366,6 +366,29 @@ def test_an_adapter_fault_never_reaches_the_host(
         openai_agents.uninstall()
 
 
+def test_a_fault_in_the_hooks_never_fails_the_tool(
+    recorder: SessionRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode() -> None:
+        raise RuntimeError("adapter bug")
+
+    monkeypatch.setattr(openai_agents, "get_current_span", explode)
+    model = scripted([function_call("add", {"a": 1, "b": 2}, call_id="call-1")], [assistant_message("3")])
+    result = run(Agent(name="calc", model=model, tools=[add]), "add", run_config=in_session("hooked"))
+    assert result.final_output == "3"
+    (loop,) = sessions(recorder)["hooked"].loops
+    assert loop.status == "Completed" and loop.turns[0].tool_results[0].content[0].text == "3"  # type: ignore[union-attr]
+
+
+def test_an_empty_phi_session_id_is_a_session_id_as_an_empty_group_id_is(recorder: SessionRecorder) -> None:
+    agent = Agent(name="calc", model=scripted([assistant_message("a")], [assistant_message("b")]))
+    run(agent, "x", run_config=in_session(""))
+    run(agent, "y", run_config=RunConfig(group_id=""))
+    (session,) = sessions(recorder).values()
+    assert session.session_id == session_id_for("")
+    assert [loop.metadata["framework_session_id"] for loop in session.loops] == ["", ""]
+
+
 def test_install_is_idempotent_and_uninstall_detaches(caplog: pytest.LogCaptureFixture) -> None:
     recorder = SessionRecorder()
     sinks = [recorder]
@@ -430,6 +453,18 @@ def test_uninstall_keeps_a_processor_the_host_added_while_installed() -> None:
         assert openai_agents._processors_of(get_trace_provider()) == [*before, mine]
         run(Agent(name="calc", model=scripted([assistant_message("x")])), "x")
         assert mine.traces == 1
+    finally:
+        set_trace_processors(before)
+
+
+def test_uninstall_keeps_the_processors_the_host_set_while_installed() -> None:
+    # The host took over its list (set_trace_processors): what install replaced stays out.
+    before = openai_agents._processors_of(get_trace_provider())
+    try:
+        openai_agents.install([SessionRecorder()], replace_default=True)
+        set_trace_processors([mine := CountingProcessor()])
+        openai_agents.uninstall()
+        assert openai_agents._processors_of(get_trace_provider()) == [mine]
     finally:
         set_trace_processors(before)
 

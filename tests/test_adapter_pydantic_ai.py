@@ -451,6 +451,22 @@ def test_an_adapter_fault_is_counted_and_logged_once_and_the_host_never_sees_it(
     assert all(loop.status == "Completed" for s in sessions_of(recorder) for loop in s.loops)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["run", "streamed"])
+@pytest.mark.parametrize("part", ["_open_run", "_Streams"])
+def test_a_fault_finding_the_run_or_wrapping_its_model_never_reaches_the_host(
+    monkeypatch: pytest.MonkeyPatch, part: str, stream: bool
+) -> None:
+    # What every hook does first (a RunContext without `run_id`, in another pydantic-ai,
+    # fails there too): a fault, not the host's error.
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("adapter bug")
+
+    monkeypatch.setattr(adapter, part, broken)
+    capability = PhiCapability(SessionRecorder(), stream=stream)
+    assert tools_agent(capability).run_sync("hello").output == '{"add":0,"upper":"A"}'
+    assert capability.fault_count > 0
+
+
 @pytest.mark.parametrize("name", ["enter_tool", "leave_tool"])
 def test_a_fault_marking_the_running_tool_never_reaches_the_host(
     monkeypatch: pytest.MonkeyPatch, name: str

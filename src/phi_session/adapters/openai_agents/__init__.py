@@ -451,7 +451,9 @@ class _Mapper:
 
     def trace_started(self, trace: Trace) -> None:
         metadata = getattr(trace, "metadata", None) or {}
-        session = metadata.get("phi.session_id") or getattr(trace, "group_id", None)
+        session = metadata.get("phi.session_id")  # "" too is an id (made a UUIDv5, as any unusable)
+        if session is None:
+            session = getattr(trace, "group_id", None)
         self._sessions[trace.trace_id] = str(session) if session is not None else None
 
     def trace_ended(self, trace: Trace) -> None:
@@ -881,12 +883,13 @@ class PhiRunHooks(RunHooks[Any]):
 
     async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
         mapper = _processor.mapper
-        span = get_current_span()
-        call_id = getattr(context, "tool_call_id", None)
-        if mapper is None or span is None or call_id is None:
+        if mapper is None:
             return
         try:
-            mapper.exact_call(span.span_id, call_id, getattr(context, "tool_arguments", None))
+            span = get_current_span()
+            call_id = getattr(context, "tool_call_id", None)
+            if span is not None and call_id is not None:
+                mapper.exact_call(span.span_id, call_id, getattr(context, "tool_arguments", None))
         except Exception as caught:
             mapper.core.fault(caught)
 
@@ -1019,9 +1022,11 @@ def uninstall() -> None:
         _processor.mapper = None
         _installed_with = ()
         if _replaced is not None and _registered_with is not None:
-            # Those the host added since `install` stay, after the ones put back.
-            added = [p for p in _listed(_registered_with) or () if p is not _processor and p not in _replaced]
-            _registered_with.set_processors([*_replaced, *added])
+            if _registered(_registered_with):  # else the host set a list of its own since: kept
+                # Those the host added since `install` stay, after the ones put back.
+                listed = _listed(_registered_with) or ()
+                added = [p for p in listed if p is not _processor and p not in _replaced]
+                _registered_with.set_processors([*_replaced, *added])
             if _processor not in _replaced:  # else it stays added, as before `install`
                 _registered_with = None
             _replaced = None

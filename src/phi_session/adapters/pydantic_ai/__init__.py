@@ -482,7 +482,7 @@ class _Streams(WrapperModel):
         async with super().request_stream(
             messages, model_settings, model_request_parameters, run_context
         ) as streamed:
-            run = None if run_context is None else _open_run(self.core, run_context)
+            run = None if run_context is None else self.core.safely(_open_run, self.core, run_context)
             if run is not None:
                 run.streamed = streamed
             yield streamed
@@ -626,11 +626,14 @@ class PhiCapability(AbstractCapability[Any]):
         self._core.safely(self._core.end_run, run.key, error)
 
     def _run(self, ctx: RunContext[Any]) -> _Run | None:
-        return _open_run(self._core, ctx)
+        return self._core.safely(_open_run, self._core, ctx)  # (a context without run_id, say)
 
     # -- model requests -------------------------------------------------------------------
 
     def get_wrapper_model(self, model: Model) -> Model | None:
+        return self._core.safely(self._wrapper_model, model)  # None, the model as it is: a fault
+
+    def _wrapper_model(self, model: Model) -> Model | None:
         core = self._core
         if any(run.core is core for run in _OPEN_RUNS.get()):  # only the models of runs it records
             return _Streams(model, core)
