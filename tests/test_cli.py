@@ -370,6 +370,20 @@ def test_an_empty_file_is_not_a_store_and_stays_empty(tmp_path: Path, command: l
     assert sorted(path.name for path in tmp_path.iterdir()) == ["x.db"]
 
 
+@pytest.mark.parametrize("command", [["list"], ["rm", "s"]])
+def test_a_sqlite_file_of_no_store_is_not_made_one(tmp_path: Path, command: list[str]) -> None:
+    """`rm` opened a blank SQLite file to write, and made it an empty store."""
+    blank = tmp_path / "blank.db"
+    conn = sqlite3.connect(blank)
+    conn.execute("VACUUM")  # a database with no table yet: not a store, whoever made it
+    conn.close()
+    before = blank.read_bytes()
+    assert_one_line_error(
+        run(*command, "--store", blank), EXIT_FAILURE, "no SQLite store at", "holds no phi-session"
+    )
+    assert blank.read_bytes() == before
+
+
 def test_bad_store_url_is_one_line() -> None:
     result = run("list", "--store", "nosuch://x")
     assert result.exit_code in (EXIT_FAILURE, EXIT_USAGE)

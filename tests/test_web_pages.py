@@ -169,6 +169,33 @@ def test_cache_sees_a_new_save_after_it_expires(tmp_path: Path) -> None:
         get_json(running, f"/api/sessions/{PARENT_ID}/overview", 404)
 
 
+@pytest.mark.parametrize("view", ["loops/4", "event-log?offset=100", "timeline", "cost"])
+def test_a_session_saved_anew_within_the_cache_is_read_again_not_an_internal_error(
+    tmp_path: Path, view: str
+) -> None:
+    # Deleted and recorded again shorter while its outline is cached: the pages must not
+    # mix the two (unpacking loops that are gone was a 500).
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as running:
+        store.save(huge_session(5, "again"))
+        assert get_json(running, "/api/sessions/again/loops")["total"] == 5
+        store.delete("again")
+        store.save(huge_session(2, "again"))
+        if view == "loops/4":
+            assert "below 2" in get_json(running, f"/api/sessions/again/{view}", 400)["error"]
+        else:
+            get_json(running, f"/api/sessions/again/{view}")
+        assert get_json(running, "/api/sessions/again/loops")["total"] == 2
+
+
+@pytest.mark.parametrize("view", ["loops", "event-log", "timeline", "cost"])
+def test_a_page_of_no_items_is_refused(server: ViewerServer, view: str) -> None:
+    # Its next page would be itself: a client following `next` would never end.
+    assert (
+        "limit must be a whole number from 1"
+        in get_json(server, f"/api/sessions/{PARENT_ID}/{view}?limit=0", 400)["error"]
+    )
+
+
 def test_first_prompt_is_cut() -> None:
     session = huge_session(1)
     prompt = first_prompt(session)

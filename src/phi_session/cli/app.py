@@ -117,6 +117,10 @@ def open_cli_store(
             if path is not None and path.is_file() and path.stat().st_size == 0:
                 # Opening it would make it an SQLite store.
                 raise CliError(f"{path} is an empty file, not a store: nothing was recorded there")
+            if directory is None and not read_only:
+                # Opened to write, a blank SQLite file or a missing database schema would be
+                # made a store: read-only, its absence is the readers' error, and nothing is made.
+                open_store(url, read_only=True).close()
         store = JsonDirStore(directory) if directory is not None else open_store(url, read_only=read_only)
     except InvalidStoreUrl as error:
         raise CliError(f"--store: {error}", EXIT_USAGE) from None

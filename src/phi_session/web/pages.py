@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -24,7 +25,7 @@ import msgspec
 from .._time import Timestamp
 from ..codec import encode_event, encode_loop, encode_session
 from ..cost import Cost, Pricer
-from ..model import Session
+from ..model import LoopRecord, Session
 from ..stores.base import SessionStore, summarize_outline, to_builtins
 from ..stores.outline import SessionOutline
 from ..views import TimelineBar, loops_timeline, outline_span, read_loops, session_bar, tree_order
@@ -43,6 +44,11 @@ class Page:
         return items[self.offset : self.offset + self.limit]
 
 
+class StaleOutline(Exception):
+    """The stored session is no longer the one a cached outline describes (deleted and
+    saved anew meanwhile, say): its entry is dropped and the request served again."""
+
+
 class CachedSession:
     """One session's outline, the indexes its pages need and, for the diff, the whole
     session: each built on first use."""
@@ -52,6 +58,23 @@ class CachedSession:
         self.session_id = outline.session.session_id
         self.store = store
         self.loaded_at = time.monotonic()
+
+    def _loops(self, start: int, stop: int) -> list[LoopRecord]:
+        """The stored loops `start` to `stop`, which must be those the outline lists."""
+        records = self.store.load_loops(self.session_id, start, stop)
+        listed = [loop.loop_id for loop in self.outline.loops[start:stop]]
+        if [record.loop_id for record in records] != listed:
+            raise StaleOutline(self.session_id)
+        return records
+
+    def _loops_at(self, indexes: Iterable[int]) -> dict[int, LoopRecord]:
+        try:
+            records = read_loops(self.store, self.session_id, indexes)
+        except ValueError:  # fewer loops stored than asked for
+            raise StaleOutline(self.session_id) from None
+        if any(record.loop_id != self.outline.loops[index].loop_id for index, record in records.items()):
+            raise StaleOutline(self.session_id)
+        return records
 
     @cached_property
     def session(self) -> Session:
@@ -127,7 +150,7 @@ class CachedSession:
 
     def loop(self, index: int) -> bytes:
         """One loop with its turns and messages (its events are on the event log's pages)."""
-        [record] = self.store.load_loops(self.session_id, index, index + 1)  # the index is checked
+        [record] = self._loops(index, index + 1)  # the index is checked
         return encode_loop(msgspec.structs.replace(record, events=[]), pretty=False)
 
     def event_log(self, page: Page, event_type: str | None, loop: int | None) -> bytes:
@@ -155,7 +178,7 @@ class CachedSession:
             held += counts[last - wanted.start]
             last += 1
         rows: list[dict[str, Any]] = []
-        records = self.store.load_loops(self.session_id, first, last) if first < last else []
+        records = self._loops(first, last) if first < last else []
         for index, record in enumerate(records, first):
             stored = sorted(record.events, key=lambda item: item.sequence)
             if event_type is not None:
@@ -175,7 +198,7 @@ class CachedSession:
         the page's loops are read (and the sub-agent sessions they spawned)."""
         first, last = self.span
         placed = page.of(self.tree_order)
-        records = read_loops(self.store, self.session_id, (index for index, _ in placed))
+        records = self._loops_at(index for index, _ in placed)
         bars = loops_timeline(
             self.session_id, ((index, depth, records[index]) for index, depth in placed), self.store
         )
@@ -209,7 +232,7 @@ class CachedSession:
         """The session's cost (from its outline) and that of a page of its loops (in
         session order) and of their turns (`Pricer.breakdown`'s shape, paged)."""
         start = min(page.offset, len(self.outline.loops))
-        records = self.store.load_loops(self.session_id, start, start + page.limit)
+        records = self._loops(start, min(start + page.limit, len(self.outline.loops)))
         return {
             "session_id": self.session_id,
             "cost": msgspec.to_builtins(pricer.outline(self.outline)),
@@ -268,6 +291,11 @@ class SessionCache:
         self.ttl = ttl
         self._entries: OrderedDict[str, CachedSession] = OrderedDict()
         self._lock = threading.Lock()
+
+    def forget(self, session_id: str) -> None:
+        """Drop the session's entry: the next `get` reads its outline again."""
+        with self._lock:
+            self._entries.pop(session_id, None)
 
     def get(self, session_id: str) -> CachedSession:
         """The session's entry (`SessionNotFound` and store errors as `load_outline` raises them)."""

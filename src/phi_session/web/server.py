@@ -103,7 +103,7 @@ from ..model import Session
 from ..stores.base import SessionStore, to_builtins, validate_session_id
 from ..stores.query import MAX_COUNT, SessionQuery, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
-from .pages import Page, SessionCache
+from .pages import CachedSession, Page, SessionCache, StaleOutline
 
 __all__ = ["ViewerServer", "is_loopback", "loopback_host_header", "make_server"]
 
@@ -349,7 +349,20 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _paged_api(
         self, session_id: str, rest: list[str], query: dict[str, str]
     ) -> tuple[HTTPStatus, bytes, str]:
-        entry = self.server.sessions.get(validate_session_id(session_id))
+        session_id = validate_session_id(session_id)
+        try:
+            return self._paged_view(self.server.sessions.get(session_id), rest, query)
+        except StaleOutline:
+            self.server.sessions.forget(session_id)
+        try:  # once more, from the stored session as it is now
+            return self._paged_view(self.server.sessions.get(session_id), rest, query)
+        except StaleOutline:
+            self.server.sessions.forget(session_id)
+            raise HttpError(HTTPStatus.CONFLICT, "the session changed while it was read: ask again") from None
+
+    def _paged_view(
+        self, entry: CachedSession, rest: list[str], query: dict[str, str]
+    ) -> tuple[HTTPStatus, bytes, str]:
         view = rest[0]
         if view == "loops" and len(rest) == 2:
             self._only(query, set())
@@ -383,7 +396,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     def _page(self, query: dict[str, str], default: int = 200, most: int = _MAX_PAGE) -> Page:
         offset, limit = query.get("offset") or "0", query.get("limit") or str(default)
-        return Page(self._index("offset", offset, MAX_COUNT), self._index("limit", limit, most + 1))
+        page = Page(self._index("offset", offset, MAX_COUNT), self._index("limit", limit, most + 1))
+        if page.limit == 0:  # its next page would be itself: a client following them never ends
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"limit must be a whole number from 1 to {most}, got '0'")
+        return page
 
     @staticmethod
     def _index(name: str, text: str, bound: int) -> int:
