@@ -384,6 +384,13 @@ def test_a_sqlite_file_of_no_store_is_not_made_one(tmp_path: Path, command: list
     assert blank.read_bytes() == before
 
 
+def test_a_bad_store_url_from_the_environment_is_named_as_such(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHI_SESSION_STORE", "nosuch://x")
+    result = run("list")
+    assert_one_line_error(result, EXIT_USAGE, "environment variable PHI_SESSION_STORE='nosuch://x'")
+    assert "--store" not in result.stderr  # no --store was given
+
+
 def test_bad_store_url_is_one_line() -> None:
     result = run("list", "--store", "nosuch://x")
     assert result.exit_code in (EXIT_FAILURE, EXIT_USAGE)
@@ -628,6 +635,11 @@ def test_an_unreadable_sub_agent_session_is_passed_over(store_dir: Path) -> None
     timeline = run("show", PARENT_ID, "--timeline", "--store", store_dir, "--json")
     assert {bar["session_id"] for bar in json_out(timeline)} == {PARENT_ID}  # type: ignore[union-attr]
     assert f"skipping unreadable session '{CHILD_ID}'" in timeline.stderr
+
+
+def test_show_asked_for_two_views_says_so(store_dir: Path) -> None:
+    result = run("show", PARENT_ID, "--timeline", "--events", "--store", store_dir)
+    assert_one_line_error(result, EXIT_USAGE, "--timeline and --events both name a view: give one")
 
 
 def test_context(store_dir: Path) -> None:

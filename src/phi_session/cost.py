@@ -331,7 +331,9 @@ class Pricer:
         try:
             text = file.read_text(encoding="utf-8")
             data = _read_toml(file, text) if file.suffix.lower() == ".toml" else json.loads(text)
-        except (OSError, UnicodeDecodeError, ValueError) as error:
+        except OSError as error:  # its reason alone: the message names the file once
+            raise InvalidPrices(f"cannot read prices from {file}: {error.strerror or error}") from None
+        except (UnicodeDecodeError, ValueError) as error:
             raise InvalidPrices(f"cannot read prices from {file}: {error}") from None
         if not isinstance(data, dict):
             raise InvalidPrices(f"{file}: expected a table of model names to prices")

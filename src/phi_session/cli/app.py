@@ -122,8 +122,8 @@ def open_cli_store(
                 # made a store: read-only, its absence is the readers' error, and nothing is made.
                 open_store(url, read_only=True).close()
         store = JsonDirStore(directory) if directory is not None else open_store(url, read_only=read_only)
-    except InvalidStoreUrl as error:
-        raise CliError(f"--store: {error}", EXIT_USAGE) from None
+    except InvalidStoreUrl as error:  # (one from $PHI_SESSION_STORE names the variable itself)
+        raise CliError(f"--store: {error}" if url is not None else str(error), EXIT_USAGE) from None
     try:
         yield store
     finally:

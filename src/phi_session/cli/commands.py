@@ -183,6 +183,8 @@ def show(
     with --timeline --json, the waterfall's bars.
     """
     if with_timeline:
+        if with_events:  # a waterfall has no event log to add: say so rather than drop the flag
+            raise CliError("--timeline and --events both name a view: give one", EXIT_USAGE)
         _show_timeline(session_id, store_url, as_json, prices_file)
         return
     with open_cli_store(store_url, read_only=True) as store:
