@@ -82,6 +82,22 @@ def test_a_recorder_is_accepted_as_a_sink() -> None:
         as_sink(42)  # type: ignore[arg-type]
 
 
+def test_a_persisting_recorder_is_accepted_as_a_sink(tmp_path: Path) -> None:
+    # As a SessionRecorder is: `Tracer(sinks=[AutoPersistingRecorder(store)])` was "not a sink".
+    store = ps.SqliteStore(tmp_path / "s.db")
+    streaming = ps.SessionRecorderConfig(include_streaming_events=True)
+    with ps.AutoPersistingRecorder(store, config=streaming) as persisting:
+        t = tracer(persisting)
+        assert isinstance(as_sink(persisting), RecorderSink) and t.wants_deltas
+        run_loop(t)
+        t.close()  # the tracer's close leaves the recorder to its owner
+        persisting.flush()
+    [session_id] = store.list_ids()
+    assert len(store.load(session_id).loops[0].turns) == 2
+    with ps.AutoPersistingRecorder(ps.SqliteStore(tmp_path / "t.db")) as quiet:
+        assert not tracer(quiet).wants_deltas
+
+
 def test_deltas_are_built_only_if_some_sink_keeps_them() -> None:
     class NoDeltas(list[ps.AgentEvent]):
         wants_deltas = False

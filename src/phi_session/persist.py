@@ -253,6 +253,11 @@ class AutoPersistingRecorder:
     def __enter__(self) -> AutoPersistingRecorder:
         return self
 
+    @property
+    def config(self) -> SessionRecorderConfig:
+        """The recorder's settings (a `Tracer` sink builds streaming deltas only if it keeps them)."""
+        return self.recorder.config
+
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 

@@ -1,6 +1,7 @@
 """Sinks: where emitted events go, behind one interface (`Sink`).
 
-* `RecorderSink`: a `SessionRecorder` in the same process (a bare recorder works too).
+* `RecorderSink`: a recorder in the same process, `SessionRecorder` or
+  `AutoPersistingRecorder` (a bare recorder works too).
 * `QueueSink`: an ``asyncio.Queue`` drained by a recorder task (`phi_session.consume`),
   safe to call from any thread.
 * `JsonlSink`: a JSON Lines file in phi-core's event-stream format, one event per
@@ -24,13 +25,12 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable
-from typing import IO, Any, Protocol, Union, runtime_checkable
+from typing import IO, Any, Protocol, Union, cast, runtime_checkable
 
 from ._failures import FailureTally
 from ._jsonl import ends_mid_line
 from .codec import encode_event
 from .events import AgentEvent
-from .recorder import SessionRecorder
 
 __all__ = ["CallableSink", "FanOut", "JsonlSink", "QueueSink", "RecorderSink", "Sink", "SinkLike", "as_sink"]
 
@@ -69,8 +69,24 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-SinkLike = Union[Sink, SessionRecorder, Callable[[AgentEvent], Any]]
+class EventRecorder(Protocol):
+    """A recorder: what takes events by ``on_event`` (`SessionRecorder`,
+    `AutoPersistingRecorder`), owned by whoever made it."""
+
+    def on_event(self, event: AgentEvent, /) -> Any: ...
+
+
+SinkLike = Union[Sink, EventRecorder, Callable[[AgentEvent], Any]]
 """What `Tracer` accepts as a sink: a sink, a recorder, or any callable."""
+
+
+def recorder_receiver(target: object) -> Callable[[AgentEvent], Any] | None:
+    """`target`'s ``on_event`` if it is a recorder (not callable itself, with an
+    ``on_event``), else None."""
+    if callable(target):
+        return None
+    receiver = getattr(target, "on_event", None)
+    return receiver if callable(receiver) else None
 
 
 class CallableSink:
@@ -101,16 +117,18 @@ class CallableSink:
 
 
 class RecorderSink:
-    """Feeds a `SessionRecorder` in the same process (thread-safe, as the recorder is)."""
+    """Feeds a recorder (`SessionRecorder`, `AutoPersistingRecorder`, any `EventRecorder`)
+    in the same process (thread-safe, as the recorder is)."""
 
     __slots__ = ("recorder",)
 
-    def __init__(self, recorder: SessionRecorder) -> None:
+    def __init__(self, recorder: EventRecorder) -> None:
         self.recorder = recorder
 
     @property
     def wants_deltas(self) -> bool:
-        return self.recorder.config.include_streaming_events
+        config = getattr(self.recorder, "config", None)
+        return bool(getattr(config, "include_streaming_events", True))
 
     def __call__(self, event: AgentEvent) -> None:
         self.recorder.on_event(event)
@@ -257,10 +275,10 @@ def _ends_mid_line(path: str | os.PathLike[str], appending: IO[bytes]) -> bool:
 def as_sink(target: SinkLike) -> Sink:
     """Adapt what `Tracer` accepts into a `Sink`: a recorder gets a `RecorderSink`, a
     callable lacking part of the interface a `CallableSink`."""
-    if isinstance(target, SessionRecorder):
-        return RecorderSink(target)
+    if recorder_receiver(target) is not None:
+        return RecorderSink(cast(EventRecorder, target))
     if not callable(target):
-        raise TypeError(f"not a sink: {target!r} (expected a callable or a SessionRecorder)")
+        raise TypeError(f"not a sink: {target!r} (expected a callable or a recorder with on_event)")
     if isinstance(target, Sink):
         return target
     return CallableSink(target)

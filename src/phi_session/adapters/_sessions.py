@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exit import ExitHook
 from ..identity import AgentSession, Clock, IdFactory
-from ..recorder import SessionRecorder
-from ..sinks import SinkLike
+from ..sinks import SinkLike, recorder_receiver
 from ..stores.base import SessionStore
 
 if TYPE_CHECKING:
@@ -144,8 +143,7 @@ def _parts(sink: SinkLike) -> tuple[object, object | None]:
     """What tells a sink apart: a bound method's object and function (``recorder.on_event``
     is made anew at each access; ``obj.to_a`` and ``obj.to_b`` are two destinations),
     else the sink itself. A recorder is its ``on_event``, which is what receives."""
-    if isinstance(sink, SessionRecorder):
-        sink = sink.on_event
+    sink = recorder_receiver(sink) or sink
     owner = getattr(sink, "__self__", None)
     return (sink, None) if owner is None else (owner, getattr(sink, "__func__", None))
 
