@@ -925,11 +925,45 @@ def test_recovery_refuses_a_directory_that_is_not_a_journal_and_touches_nothing(
     with pytest.raises(NotAJournal, match=r"logs.*\(0001\.wal, 0002\.wal\).*nothing was touched"):
         recover(foreign, JsonDirStore(tmp_path / "store"))
     assert {path.name: path.read_bytes() for path in foreign.iterdir()} == before  # no lock file either
-    with Journal(foreign, durability="os") as journal, pytest.raises(NotAJournal):
-        recover(journal, JsonDirStore(tmp_path / "store"))
-    (foreign / "journal.lock").unlink()  # the journal's own, made when it was opened
-    assert {path.name: path.read_bytes() for path in foreign.iterdir()} == before
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("head", [b"a write-ahead log of another program\n", b"", MAGIC[:3]])
+def test_a_journal_refuses_a_directory_that_is_not_one_and_touches_nothing(
+    tmp_path: Path, head: bytes
+) -> None:
+    """`Journal` made its lock file before looking, took another program's ``.wal`` for a
+    leftover, and, beside that lock file, one empty or beginning like a segment for ours:
+    `AutoPersistingRecorder` recovered it, that is deleted it."""
+    foreign = tmp_path / "logs"
+    foreign.mkdir()
+    (foreign / "0000000000.wal").write_bytes(head)
+    (foreign / "notes.txt").write_text("keep me")
+    before = {path.name: path.read_bytes() for path in foreign.iterdir()}
+    with pytest.raises(NotAJournal, match=r"logs is not a phi-session journal.*nothing was touched"):
+        Journal(foreign, durability="os")
+    with pytest.raises(NotAJournal):
+        AutoPersistingRecorder(JsonDirStore(tmp_path / "store"), journal=foreign)
+    assert {path.name: path.read_bytes() for path in foreign.iterdir()} == before  # no lock file either
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_journal_opened_on_another_format_version_refuses_it_and_touches_nothing(tmp_path: Path) -> None:
+    """It started a segment of its own among a newer version's."""
+    (tmp_path / "0000000007.wal").write_bytes(MAGIC[:-1] + b"9" + b"records a newer version wrote")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(NotAJournal, match="another format version"):
+        Journal(tmp_path, durability="os")
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_a_segment_a_crash_left_empty_beside_the_lock_file_is_recovered_on_start(tmp_path: Path) -> None:
+    (tmp_path / "journal.lock").touch()
+    (tmp_path / "0000000000.wal").write_bytes(b"")
+    with AutoPersistingRecorder(JsonDirStore(tmp_path / "store"), journal=tmp_path) as persisting:
+        assert persisting.recovery_report is not None
+        assert persisting.recovery_report.segments_removed == 1
+    assert not (tmp_path / "0000000000.wal").exists()
 
 
 def test_recovery_leaves_nothing_of_the_journal_behind(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from .. import codec
 from .._jsonl import ends_mid_line
-from ..errors import JournalLocked
+from ..errors import JournalLocked, NotAJournal
 from ..events import AgentEvent
 
 if sys.platform != "win32":
@@ -73,11 +73,32 @@ def segment_path(directory: Path, number: int) -> Path:
     return directory / f"{number:010d}{SEGMENT_SUFFIX}"
 
 
+def check_ours(directory: Path, segments: Sequence[Path]) -> None:
+    """Raise `NotAJournal` unless the files `segments` of `directory`, named like
+    segments, are this journal's (`holds_journal`) and of this format version.
+
+    Call it before making the lock file there: an earlier journal's lock file is what
+    marks segments whose creation a crash cut short as ours.
+    """
+    if (other := other_format(segments)) is not None:
+        raise NotAJournal(
+            f"{directory} holds a journal of another format version ({other[0].name} begins with "
+            f"{other[1].decode()}, this version reads {MAGIC.decode()}): recover it "
+            "with the phi-session that wrote it; nothing was touched"
+        )
+    if segments and not holds_journal(directory, segments):
+        names = ", ".join(path.name for path in segments[:3]) + (", ..." if len(segments) > 3 else "")
+        raise NotAJournal(
+            f"{directory} is not a phi-session journal: no file named like a segment ({names}) "
+            "begins with a journal segment header; nothing was touched"
+        )
+
+
 def holds_journal(directory: Path, paths: Sequence[Path]) -> bool:
     """Whether the files `paths` of `directory`, named like segments, are a journal's.
 
     One at least begins with `MAGIC` (a header-less file beside it is damage); or,
-    beside the lock file (which a journal makes before any segment), every one holds
+    beside the lock file an earlier journal made (before any segment), every one holds
     a beginning of `MAGIC`: segments whose creation a crash cut short. Anything else
     (another program's ``0001.wal``) is not ours.
     """

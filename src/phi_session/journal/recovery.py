@@ -12,7 +12,6 @@ from .. import codec
 from ..errors import (
     DecodeError,
     InvalidSessionId,
-    NotAJournal,
     PhiSessionError,
     RecoveryError,
     SessionNotFound,
@@ -26,18 +25,16 @@ from ..saver import SaveTarget, SessionSaver
 from ..stores.base import SessionStore
 from .format import (
     CHECKPOINT_FILE,
-    MAGIC,
     ORPHANS_FILE,
     Checkpoint,
     DirectoryLock,
     SegmentDamage,
     SegmentReader,
     append_orphans,
+    check_ours,
     cut_unsettled_orphans,
     fsync_directory,
-    holds_journal,
     orphans_size,
-    other_format,
     read_checkpoint,
     remove_checkpoint_tmp,
     segment_paths,
@@ -101,7 +98,7 @@ def recover(
 
     `journal` is a directory no live writer holds (`JournalLocked` otherwise), or an
     open `Journal`, whose `leftover_segments` (those of an earlier run) are recovered.
-    A directory where no ``NNNN.wal`` file is a journal segment (`format.holds_journal`)
+    A directory whose ``NNNN.wal`` files are not this journal's (`format.check_ours`)
     is refused (`NotAJournal`) before anything in it is touched.
     Events are replayed into a fresh `SessionRecorder(config)` (its callbacks run),
     completed sessions are saved every `save_every` events (memory stays bounded),
@@ -125,14 +122,13 @@ def recover(
         raise ValueError(f"save_every must be at least 1, got {save_every!r}")
     if isinstance(journal, Journal):
         directory, lock = journal.directory, None
-        segments = journal.leftover_segments
-        _check_ours(directory, segments)
+        segments = journal.leftover_segments  # checked when it was opened
     else:
         directory = Path(journal)
         found = [path for _, path in segment_paths(directory)] if directory.is_dir() else []
         if not found:
             return RecoveryReport()
-        _check_ours(directory, found)  # before the lock file is made there
+        check_ours(directory, found)  # before the lock file is made there
         try:
             lock = DirectoryLock(directory)
         except OSError as error:
@@ -194,21 +190,6 @@ def recover(
     finally:
         if lock is not None:
             lock.release(remove=cleared)
-
-
-def _check_ours(directory: Path, segments: list[Path]) -> None:
-    if (other := other_format(segments)) is not None:
-        raise NotAJournal(
-            f"{directory} holds a journal of another format version ({other[0].name} begins with "
-            f"{other[1].decode()}, this version reads {MAGIC.decode()}): recover it "
-            "with the phi-session that wrote it; nothing was touched"
-        )
-    if segments and not holds_journal(directory, segments):
-        names = ", ".join(path.name for path in segments[:3]) + (", ..." if len(segments) > 3 else "")
-        raise NotAJournal(
-            f"{directory} is not a phi-session journal: no file named like a segment ({names}) "
-            "begins with a journal segment header; nothing was touched"
-        )
 
 
 def _replay(

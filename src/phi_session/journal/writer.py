@@ -38,14 +38,13 @@ from .format import (
     Checkpoint,
     DirectoryLock,
     append_orphans,
+    check_ours,
     cut_unsettled_orphans,
     frame_header,
     fsync_directory,
-    holds_journal,
     last_seq,
     open_new,
     orphans_size,
-    other_format,
     read_checkpoint,
     remove_checkpoint_tmp,
     segment_path,
@@ -81,8 +80,10 @@ class Journal:
     """An append-only, segmented write-ahead log of events. Thread-safe.
 
     Opening takes an exclusive lock on the directory (`JournalLocked` if another
-    writer holds it). Segments found there belong to an earlier run
-    (`leftover_segments`): they are never appended to; `recover` replays and removes them.
+    writer holds it); a directory whose ``NNNN.wal`` files are not this journal's
+    (`format.check_ours`) is refused (`NotAJournal`) before anything in it is touched.
+    Segments found there belong to an earlier run (`leftover_segments`): they are never
+    appended to; `recover` replays and removes them.
     `close` (or leaving a ``with`` block; at the latest, an exit hook at interpreter
     exit) writes and fsyncs everything. With ``close_at_exit=False`` there is no exit
     hook: the object that owns the journal closes it, from its own hook if need be.
@@ -112,6 +113,8 @@ class Journal:
         self.segment_bytes = segment_bytes
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            # Before the lock file is made: check_ours takes one for an earlier journal's.
+            check_ours(self.directory, [path for _, path in segment_paths(self.directory)])
             self._dir_lock = DirectoryLock(self.directory)
         except OSError as error:
             raise StoreError(f"cannot open journal {self.directory}: {error}") from error
@@ -132,15 +135,11 @@ class Journal:
         self._segments: list[_Segment] = []
         self._checkpoint = Checkpoint()  # what this run promised (`release`)
         try:
-            existing = segment_paths(self.directory)
+            existing = segment_paths(self.directory)  # as they are with no other writer
             self._leftovers = [path for _, path in existing]
             earlier = read_checkpoint(self.directory)
             remove_checkpoint_tmp(self.directory)
-            if (
-                self._leftovers
-                and holds_journal(self.directory, self._leftovers)
-                and not other_format(self._leftovers)
-            ):
+            if self._leftovers:
                 # Orphans the earlier run wrote after its last checkpoint: recovering the
                 # leftovers writes them again. Cut now, before this run appends its own.
                 cut_unsettled_orphans(self.directory, earlier)
