@@ -898,14 +898,60 @@ def test_recovering_an_open_journal_again_after_a_removal_failed_finishes_the_jo
 
 
 def test_a_checkpoint_left_half_written_by_a_crash_is_removed(tmp_path: Path) -> None:
-    write_journal(tmp_path / "j", events(1), durability="os")
+    with Journal(tmp_path / "j", durability="os") as journal:
+        JournaledRecorder(journal).record_all(events(1))
+        journal.release(1, settled_through=0)
+        written = (tmp_path / "j" / CHECKPOINT_FILE).read_bytes()
     tmp = tmp_path / "j" / f"{CHECKPOINT_FILE}.tmp"
-    tmp.write_bytes(b'{"version": 1, "stored_')
-    with Journal(tmp_path / "j", durability="os"):
-        assert not tmp.exists()
-    tmp.write_bytes(b'{"version": 1, "stored_')
+    for cut in (0, 20, len(written) - 1, len(written)):  # wherever the crash cut its writing
+        tmp.write_bytes(written[:cut])
+        with Journal(tmp_path / "j", durability="os"):
+            assert not tmp.exists()
+    tmp.write_bytes(written[:20])
     recover(tmp_path / "j", JsonDirStore(tmp_path / "store"))
     assert not tmp.exists()
+
+
+FOREIGN_CHECKPOINT = b'{"epoch": 12, "model": "weights.bin"}'
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {CHECKPOINT_FILE: FOREIGN_CHECKPOINT, f"{CHECKPOINT_FILE}.tmp": b"partial user data"},
+        {CHECKPOINT_FILE: FOREIGN_CHECKPOINT},
+        {CHECKPOINT_FILE: b"not JSON"},
+        {f"{CHECKPOINT_FILE}.tmp": b"partial user data"},
+        {f"{CHECKPOINT_FILE}.tmp": b""},  # no lock file: no journal of ours crashed here
+    ],
+    ids=["both", "checkpoint", "not-json", "tmp", "empty-tmp"],
+)
+def test_a_journal_refuses_a_checkpoint_that_is_not_ours_and_touches_nothing(
+    tmp_path: Path, files: dict[str, bytes]
+) -> None:
+    """Opening deleted another program's ``checkpoint.json.tmp``, and a clean close its
+    ``checkpoint.json`` (after warning that it was not a journal's)."""
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(NotAJournal, match=r"checkpoint.*nothing was touched"):
+        AutoPersistingRecorder(JsonDirStore(tmp_path / "store"), journal=tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before  # no lock file either
+
+
+@pytest.mark.parametrize("name", [CHECKPOINT_FILE, f"{CHECKPOINT_FILE}.tmp"])
+def test_a_checkpoint_that_is_not_ours_beside_a_journal_is_neither_replaced_nor_removed(
+    tmp_path: Path, name: str
+) -> None:
+    write_journal(tmp_path, events(1), durability="os")
+    (tmp_path / name).write_bytes(FOREIGN_CHECKPOINT)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(NotAJournal, match=r"checkpoint.*nothing was touched"):
+        recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    with pytest.raises(NotAJournal):
+        Journal(tmp_path, durability="os")
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert not (tmp_path / "store").exists()
 
 
 def test_a_journal_without_segments_recovers_to_nothing(tmp_path: Path) -> None:

@@ -91,8 +91,9 @@ class JournalLocked(SessionLocked):
 
 class NotAJournal(PhiSessionError, ValueError):
     """A directory given as a journal holds files named like segments, none of which is
-    a journal segment, or segments of another version of the journal format (a newer
-    phi-session's); nothing in it was touched."""
+    a journal segment, segments of another version of the journal format (a newer
+    phi-session's), or a ``checkpoint.json`` (or ``checkpoint.json.tmp``) that a journal
+    did not write; nothing in it was touched."""
 
 
 class MissingExtra(PhiSessionError, ImportError):

@@ -52,6 +52,7 @@ MAGIC = b"PHIJRNL2"
 SEGMENT_SUFFIX = ".wal"
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_TMP = CHECKPOINT_FILE + ".tmp"  # written, then renamed over the checkpoint
+_CHECKPOINT_START = b'{"version": 1, "stored_below": '  # how `write_checkpoint` begins one
 ORPHANS_FILE = "orphans.jsonl"
 LOCK_FILE = "journal.lock"
 FRAME_MARKER = b"\xffPJF"
@@ -74,40 +75,50 @@ def segment_path(directory: Path, number: int) -> Path:
 
 
 def check_ours(directory: Path, segments: Sequence[Path]) -> None:
-    """Raise `NotAJournal` unless the files `segments` of `directory`, named like
-    segments, are this journal's (`holds_journal`) and of this format version.
+    """Raise `NotAJournal` unless the files of `directory` a journal would write, remove
+    or replace are this journal's: `segments`, those named like segments (`holds_journal`,
+    and of this format version), the checkpoint and its temporary file.
 
     Call it before making the lock file there: an earlier journal's lock file is what
-    marks segments whose creation a crash cut short as ours.
+    marks the files whose writing a crash cut short as ours.
     """
+    beside_lock = (directory / LOCK_FILE).is_file()
     if (other := other_format(segments)) is not None:
         raise NotAJournal(
             f"{directory} holds a journal of another format version ({other[0].name} begins with "
             f"{other[1].decode()}, this version reads {MAGIC.decode()}): recover it "
             "with the phi-session that wrote it; nothing was touched"
         )
-    if segments and not holds_journal(directory, segments):
+    if segments and not holds_journal(segments, beside_lock=beside_lock):
         names = ", ".join(path.name for path in segments[:3]) + (", ..." if len(segments) > 3 else "")
         raise NotAJournal(
             f"{directory} is not a phi-session journal: no file named like a segment ({names}) "
             "begins with a journal segment header; nothing was touched"
         )
+    read_checkpoint(directory)  # raises NotAJournal for a checkpoint.json that is not ours
+    tmp = directory / CHECKPOINT_TMP
+    if os.path.lexists(tmp):
+        # A crash in `write_checkpoint` leaves a beginning of what it writes, and the lock file.
+        head = _head(tmp, len(_CHECKPOINT_START))
+        if not beside_lock or head is None or not _CHECKPOINT_START.startswith(head):
+            raise NotAJournal(
+                f"{directory} is not a phi-session journal: {CHECKPOINT_TMP} is not a journal "
+                "checkpoint cut short; nothing was touched"
+            )
 
 
-def holds_journal(directory: Path, paths: Sequence[Path]) -> bool:
-    """Whether the files `paths` of `directory`, named like segments, are a journal's.
+def holds_journal(paths: Sequence[Path], *, beside_lock: bool) -> bool:
+    """Whether the files `paths`, named like segments, are a journal's.
 
     One at least begins with `MAGIC` (a header-less file beside it is damage); or,
-    beside the lock file an earlier journal made (before any segment), every one holds
-    a beginning of `MAGIC`: segments whose creation a crash cut short. Anything else
-    (another program's ``0001.wal``) is not ours.
+    `beside_lock` (the lock file an earlier journal made before any segment), every one
+    holds a beginning of `MAGIC`: segments whose creation a crash cut short. Anything
+    else (another program's ``0001.wal``) is not ours.
     """
     heads = [_head(path) for path in paths]
     if MAGIC in heads:
         return True
-    return (directory / LOCK_FILE).is_file() and all(
-        head is not None and MAGIC.startswith(head) for head in heads
-    )
+    return beside_lock and all(head is not None and MAGIC.startswith(head) for head in heads)
 
 
 def other_format(paths: Sequence[Path]) -> tuple[Path, bytes] | None:
@@ -121,12 +132,12 @@ def other_format(paths: Sequence[Path]) -> tuple[Path, bytes] | None:
     return None
 
 
-def _head(path: Path) -> bytes | None:
-    """The first bytes of `path`, as many as `MAGIC` has; None if it cannot be read."""
+def _head(path: Path, size: int = len(MAGIC)) -> bytes | None:
+    """The first `size` bytes of `path`; None if it cannot be read."""
     try:
         with open(path, "rb") as file:
-            return file.read(len(MAGIC))
-    except OSError:  # a directory, or unreadable: no segment
+            return file.read(size)
+    except OSError:  # a directory, or unreadable: not ours
         return None
 
 
@@ -228,6 +239,7 @@ class Checkpoint:
 
 
 def read_checkpoint(directory: Path) -> Checkpoint:
+    """The checkpoint; `NotAJournal` if ``checkpoint.json`` is not one (`check_ours`)."""
     path = directory / CHECKPOINT_FILE
     try:
         data = json.loads(path.read_bytes())
@@ -238,9 +250,11 @@ def read_checkpoint(directory: Path) -> Checkpoint:
     except FileNotFoundError:
         return Checkpoint()
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        # Ignoring it only means replaying (and re-saving, idempotently) more frames.
-        logger.warning("ignoring unreadable journal checkpoint %s: %s", path, error)
-        return Checkpoint()
+        # Written atomically, ours is whole: this is another program's, not to be replaced.
+        raise NotAJournal(
+            f"{directory} is not a phi-session journal: its {CHECKPOINT_FILE} is not a journal "
+            f"checkpoint ({type(error).__name__}: {error}); nothing was touched"
+        ) from None
 
 
 def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
@@ -262,7 +276,8 @@ def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
 
 
 def remove_checkpoint_tmp(directory: Path) -> None:
-    """Delete a temporary checkpoint a crash left before its rename (the checkpoint is whole)."""
+    """Delete a temporary checkpoint a crash left before its rename (the checkpoint is whole;
+    `check_ours` found the temporary one ours)."""
     (directory / CHECKPOINT_TMP).unlink(missing_ok=True)
 
 
