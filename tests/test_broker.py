@@ -653,6 +653,39 @@ def test_workers_ride_out_a_broker_restart(private: Names) -> None:
     assert len(ids) == len(set(ids)) == len(events)
 
 
+def test_a_worker_stopped_while_nats_is_down_stops_cleanly(
+    private: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing the connection NATS had dropped raised ``ConnectionResetError`` out of
+    `run()`: ``phi-session ingest`` printed "error: Connection lost" and no summary."""
+    from phi_session.broker import worker as worker_module
+
+    names, server = private, private.server  # type: ignore[attr-defined]
+    clients = []
+    connect = worker_module.connect
+
+    async def connect_and_keep(*args: Any, **kwargs: Any) -> Any:
+        clients.append(await connect(*args, **kwargs))
+        return clients[-1]
+
+    monkeypatch.setattr(worker_module, "connect", connect_and_keep)
+    worker = names.worker(partitions=2)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(worker.run())
+        while not worker.stats.owned:
+            assert not task.done(), task.result()
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(server.stop)
+        # Stopped once a request waits to be sent: closing flushes it, into the lost connection.
+        await _stop_when(
+            worker, task, lambda: clients[0].is_reconnecting and clients[0].pending_data_size > 0
+        )
+
+    asyncio.run(scenario())  # returns, raising nothing
+    assert worker.stats.partitions_taken == 2
+
+
 def _offline(names: Names) -> Names:
     """`names` with the URL of a port no broker listens on."""
     with socket.socket() as free:

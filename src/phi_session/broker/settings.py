@@ -29,6 +29,7 @@ __all__ = [
     "ENV_PREFIX",
     "StreamSettings",
     "check_name",
+    "close_quietly",
     "connect",
     "ensure_stream",
     "event_session_id",
@@ -241,6 +242,14 @@ async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float
         raise BrokerError(f"cannot reach NATS at {url}: {reason}") from error
     attempts.connected = True
     return client
+
+
+async def close_quietly(nc: Client) -> None:
+    """Close a NATS connection, also one the broker dropped: closing flushes, which then
+    fails (``ConnectionResetError``), and what it held unflushed was never acknowledged,
+    so it is published or delivered again anyway."""
+    with contextlib.suppress(Exception):
+        await nc.close()
 
 
 class _FirstAttempts:

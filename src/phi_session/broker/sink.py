@@ -36,6 +36,7 @@ from .settings import (
     EVENT_ID_HEADER,
     SESSION_HEADER,
     StreamSettings,
+    close_quietly,
     connect,
     ensure_stream,
     nats_servers,
@@ -574,8 +575,7 @@ class _Publisher:
             for episode in leftovers:  # not sent: left for the next sink
                 episode.close()
             if self.nc is not None:
-                with contextlib.suppress(Exception):
-                    await self.nc.close()
+                await close_quietly(self.nc)
 
     async def send(self, messages: list[_Message]) -> int | None:
         """Publish `messages` in order; once JetStream acknowledged every one, how many it

@@ -43,6 +43,7 @@ from .settings import (
     SESSION_HEADER,
     StreamSettings,
     check_name,
+    close_quietly,
     connect,
     ensure_stream,
     event_session_id,
@@ -286,7 +287,7 @@ class _Resources:
             ) from None
         try:
             self.nc: Client = await connect(worker.url, name=f"phi-session ingest {worker.member_id}")
-            self.stack.push_async_callback(self.nc.close)
+            self.stack.push_async_callback(close_quietly, self.nc)
             self.js: JetStreamContext = self.nc.jetstream()
             try:
                 self.conn: psycopg.AsyncConnection[Any] = await psycopg.AsyncConnection.connect(
