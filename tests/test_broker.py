@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import secrets
 import shutil
@@ -885,6 +886,26 @@ def test_a_bad_durable_name_is_named_as_such() -> None:
     """`phi-session ingest --durable a.b` said "stream: expected ...": the wrong option."""
     with pytest.raises(ValueError, match=r"^durable: expected 1-64 letters"):
         IngestWorker(URL, DSN, durable="a.b")
+
+
+def test_seconds_nats_cannot_hold_are_refused_at_once() -> None:
+    """``--ack-wait inf`` crashed with an internal OverflowError; 1e10 (over the int64 of
+    nanoseconds NATS takes) had the server refuse the consumer, and the worker ran on idle."""
+    for value in (math.inf, math.nan, 1e10, 0):
+        with pytest.raises(ValueError, match=r"^ack_wait must be a positive number of seconds up to 9e\+09"):
+            IngestWorker(URL, DSN, ack_wait=value)
+    IngestWorker(URL, DSN, ack_wait=9e9)
+
+
+def test_a_consumer_the_server_refuses_stops_the_worker_saying_why(names: Names) -> None:
+    """A second consumer group on the work-queue stream is refused by the server: the
+    refusal was taken for a consumer that exists, whose lookup then failed and was taken
+    for NATS being down, so the worker ran for ever doing nothing."""
+    first = names.worker(partitions=1)
+    asyncio.run(_run_until(first, lambda: first.stats.owned))
+    second = names.worker(durable="other")
+    with pytest.raises(BrokerError, match=r"^cannot create consumer other-0 on stream .*: filtered consumer"):
+        asyncio.run(asyncio.wait_for(second.run(), 120))
 
 
 def test_importing_phi_session_imports_no_broker_client() -> None:

@@ -54,7 +54,7 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _MAX_PARTITIONS = 1024
 # JetStream holds sizes and durations (in nanoseconds) as signed 64-bit integers.
 _MAX_BYTES = (1 << 63) - 1
-_MAX_SECONDS = 9e9
+MAX_SECONDS = 9e9
 _MAX_ROUTES = 100_000  # remembered sub-agent sessions and re-homed loops, oldest forgotten first
 
 
@@ -86,7 +86,7 @@ class StreamSettings:
                 f"or '-', got {self.subject_prefix!r}"
             )
         _check_number("partitions", self.partitions, 1, _MAX_PARTITIONS, integer=True)
-        _check_number("max_age", self.max_age, 1, _MAX_SECONDS)
+        _check_number("max_age", self.max_age, 1, MAX_SECONDS)
         _check_number("max_bytes", self.max_bytes, 1 << 20, _MAX_BYTES, integer=True)
         _check_number("duplicate_window", self.duplicate_window, 1, self.max_age)
 

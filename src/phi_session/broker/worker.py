@@ -40,6 +40,7 @@ from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
 from .settings import (
     EVENT_ID_HEADER,
+    MAX_SECONDS,
     SESSION_HEADER,
     StreamSettings,
     check_name,
@@ -160,8 +161,14 @@ class IngestWorker:
             ("checkpoint_interval", checkpoint_interval),
             ("rebalance_interval", rebalance_interval),
         ):
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or not number > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {number!r}")
+            if (
+                isinstance(number, bool)
+                or not isinstance(number, (int, float))
+                or not 0 < number <= MAX_SECONDS
+            ):
+                raise ValueError(
+                    f"{name} must be a positive number of seconds up to {MAX_SECONDS:g}, got {number!r}"
+                )
         self.url, self.dsn, self.schema, self.durable = url, dsn, schema, durable
         self.batch, self.ack_wait = batch, float(ack_wait)
         self.checkpoint_interval, self.rebalance_interval = checkpoint_interval, rebalance_interval
@@ -369,7 +376,7 @@ class _PartitionRun:
 
     async def ensure_consumer(self, name: str) -> None:
         from nats.js import api
-        from nats.js.errors import BadRequestError
+        from nats.js.errors import BadRequestError, NotFoundError
 
         settings = self.worker.settings
         config = api.ConsumerConfig(
@@ -383,8 +390,13 @@ class _PartitionRun:
         )
         try:
             await self.resources.js.add_consumer(settings.stream, config)
-        except BadRequestError:  # it exists with other settings (an older worker's): use it
-            await self.resources.js.consumer_info(settings.stream, name)
+        except BadRequestError as error:
+            try:  # it exists with settings it cannot take (an older worker's): use it
+                await self.resources.js.consumer_info(settings.stream, name)
+            except NotFoundError:  # refused: retrying would fail the same way, for ever
+                raise BrokerError(
+                    f"cannot create consumer {name} on stream {settings.stream}: {error.description or error}"
+                ) from None
 
     async def take(self, messages: list[Msg]) -> None:
         """Stage a batch, then acknowledge it; the new events wait to be applied."""
