@@ -755,6 +755,36 @@ def test_a_dead_producers_spill_is_sent_in_order_by_one_sink(names: Names) -> No
     assert _stored(names.schema) == expected
 
 
+@pytest.mark.parametrize("older_names", [False, True])
+def test_spills_of_several_dead_producers_are_sent_oldest_first(
+    names: Names, monkeypatch: pytest.MonkeyPatch, older_names: bool
+) -> None:
+    """Spill journals were sent in the order of their producer ids (random): a session
+    one process began and the next continued, both spilled, was sent second half first,
+    its events rejected as of no open loop, and the session never saved."""
+    from phi_session.broker import sink as sink_module
+
+    events = list(workload.events(1, seed=27))
+    half = len(events) // 2
+    for producer, part in (("f" * 16, events[:half]), ("0" * 16, events[half:])):  # ids sort backwards
+        monkeypatch.setattr(sink_module.uuid, "uuid4", lambda producer=producer: uuid.UUID(producer * 2))
+        _spilled_offline(names, part)
+    monkeypatch.undo()
+    if older_names:  # as versions up to 0.1 named them: no start time, the files' times tell
+        for index, path in enumerate(sorted(names.spill.iterdir())):  # as they were made
+            for file in path.iterdir():
+                os.utime(file, ns=(index * 10**9, index * 10**9))
+            path.rename(path.with_name(path.name[-29:]))
+    with names.sink() as resender:
+        assert resender.flush(30)
+    assert not any(names.spill.iterdir())
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected, 60))
+    assert _stored(names.schema) == expected
+    assert worker.stats.rejected == 0
+
+
 def test_an_event_over_the_max_payload_is_set_aside_and_the_rest_is_sent(names: Names) -> None:
     """NATS refuses a message over its max_payload (1 MB by default) every time: retried,
     it held up every later event, and from the spill journal every later sink too."""

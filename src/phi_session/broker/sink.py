@@ -64,7 +64,8 @@ _IDLE_WAIT = 1.0
 _CANCEL_AGAIN = 0.5  # seconds `close` waits for the publishing thread between cancellations
 _REJECTED = "rejected"  # the directory in `spill_dir` of events too large to publish
 # Spill journals (`JetStreamSink._episode_dir`): whatever else `spill_dir` holds is not ours.
-_EPISODE_NAME = re.compile(r"[0-9a-f]{16}-[0-9]{12,}")
+# (start time, producer id, first sequence number); versions up to 0.1 wrote no start time.
+_EPISODE_NAME = re.compile(r"(?:([0-9]{20})-)?([0-9a-f]{16})-([0-9]{12,})")
 
 
 class _Episode:
@@ -135,8 +136,8 @@ class JetStreamSink:
       held in memory before new ones go to the spill journal in `spill_dir` (default
       ``.phi-session/spill`` in the working directory), whichever is reached first. Spilled
       events are sent once the broker takes events again, in order, and removed then;
-      spill directories a dead process left are sent by the next sink started on the
-      same `spill_dir`. An event larger than the broker's max_payload (1 MB by
+      spill directories dead processes left are sent by the next sink started on the
+      same `spill_dir`, the oldest process's first. An event larger than the broker's max_payload (1 MB by
       default) cannot be published: it is logged as an error and kept, as a file, in
       ``spill_dir/rejected``, and the events after it are sent.
 
@@ -178,6 +179,7 @@ class JetStreamSink:
         self.spill_dir = Path(spill_dir) if spill_dir is not None else Path.cwd() / ".phi-session" / "spill"
         _check_spill_dir(self.spill_dir)
         self.producer_id = uuid.uuid4().hex[:16]
+        self._started_ns = time.time_ns()  # names its spill journals: the next sink sends the oldest first
         self._id_prefix = f"{self.producer_id}-"
         self.wants_deltas = wants_deltas
         self.buffer = buffer
@@ -286,7 +288,7 @@ class JetStreamSink:
 
     def _episode_dir(self, first: int) -> Path:
         """The spill journal of the events from sequence number `first` on."""
-        return self.spill_dir / f"{self.producer_id}-{first:012d}"
+        return self.spill_dir / f"{self._started_ns:020d}-{self.producer_id}-{first:012d}"
 
     def _seal_spill(self) -> None:
         if self._spill is not None:
@@ -495,17 +497,26 @@ class JetStreamSink:
         """Spill episodes an earlier process left (oldest first); those in use are skipped,
         and so are the later ones of their producer: whoever holds the first sends them, in order."""
         try:
-            listed = sorted(self.spill_dir.iterdir())
+            named = [(_EPISODE_NAME.fullmatch(path.name), path) for path in self.spill_dir.iterdir()]
         except (FileNotFoundError, NotADirectoryError):  # none yet (or removed meanwhile)
             return []
+        listed = [
+            (match[2], int(match[3]), match[1], path) for match, path in named if match and path.is_dir()
+        ]
+        # Producers in the order they started (a session one process began and the next
+        # continued is sent in that order), each one's episodes in order. For an episode an
+        # older version named without its start time, its oldest file's time stands in (the
+        # lock file, made when the episode began).
+        started: dict[str, int] = {}
+        for producer, _, stamp, path in listed:
+            time_ns = int(stamp) if stamp else _oldest_file(path)
+            started[producer] = min(time_ns, started.get(producer, time_ns))
+        listed.sort(key=lambda item: (started[item[0]], item[0], item[1]))
         found = []
         # This sink's own (its first may be created meanwhile), and producers with an
         # episode another sink holds.
         skipped = {self.producer_id}
-        for directory in listed:
-            if not _EPISODE_NAME.fullmatch(directory.name) or not directory.is_dir():
-                continue
-            producer = directory.name.split("-", 1)[0]
+        for producer, _, _, directory in listed:
             if producer in skipped:
                 continue
             try:
@@ -651,6 +662,14 @@ def _check_spill_dir(path: Path) -> None:
             if not existing.is_dir():
                 raise BrokerError(f"spill_dir {path}: {existing} is not a directory")
             return
+
+
+def _oldest_file(directory: Path) -> int:
+    """When the oldest file in `directory` was last written (ns since the epoch); 0 if unknown."""
+    try:
+        return min((path.stat().st_mtime_ns for path in directory.iterdir()), default=0)
+    except OSError:
+        return 0
 
 
 def _wire_size(message: _Message) -> int:
