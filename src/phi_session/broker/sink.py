@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -32,6 +33,7 @@ from ..errors import BrokerError, PhiSessionError, StoreError
 from ..events import AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
 from ..journal import Journal, read_records
+from ..journal.format import SegmentDamage
 from .settings import (
     EVENT_ID_HEADER,
     SESSION_HEADER,
@@ -78,23 +80,40 @@ class _Episode:
         self.journal = Journal(directory, durability="os", close_at_exit=False)
         self.sealed = False  # no more appends: the sender owns it
         self.count = 0
+        self.acknowledged = 0  # events JetStream took, by the attempts so far (`chunks`)
+        self.published = 0  # of those, not set aside as too large
+        # What the last reading (`chunks`) found.
+        self.damage, self.readable, self.last_seq = SegmentDamage(), 0, -1
 
     def append(self, message: _Message) -> None:
         msg_id, session, key, payload = message
         self.journal.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
         self.count += 1
 
-    def messages(self) -> list[_Message]:
+    def chunks(self, size: int) -> Iterator[list[_Message]]:
+        """The messages not yet `acknowledged`, in order, `size` at a time: what is held in
+        memory stays bounded however long the outage was. Damage is counted (`remove`)."""
         decode = msgspec.json.Decoder(_Envelope).decode
-        found: list[_Message] = []
-        for record in read_records(self.directory):
+        self.damage, self.readable, self.last_seq = SegmentDamage(), 0, -1
+        chunk: list[_Message] = []
+        for record in read_records(self.directory, self.damage):
+            self.last_seq = record.seq
             try:
                 msg_id, session, key, payload = decode(record.payload)
             except msgspec.DecodeError:
-                logger.error("skipped a damaged record in spill journal %s", self.directory)
+                logger.warning(
+                    "spill journal %s: record %d is not an event, skipped", self.directory, record.seq
+                )
                 continue
-            found.append((msg_id, session, key, bytes(payload)))
-        return found
+            self.readable += 1
+            if self.readable <= self.acknowledged:  # sent by an earlier attempt
+                continue
+            chunk.append((msg_id, session, key, bytes(payload)))
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
     def close(self) -> None:
         """Close the journal. One that failed (a full disk) has logged why and refused the
@@ -102,9 +121,31 @@ class _Episode:
         with contextlib.suppress(StoreError):
             self.journal.close()
 
-    def remove(self) -> None:
+    def remove(self, rejected_dir: Path) -> None:
+        """Delete the episode, every event in it sent; a damaged one is kept in `rejected_dir`."""
         self.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        # Records are numbered from 0, one per event: those missing before the last one read
+        # are lost, and so is what an unreadable end held (known only of this process's own).
+        lost = max(self.count, self.last_seq + 1) - self.readable
+        if not lost and not self.damage.bytes_skipped:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
+        kept = rejected_dir / self.directory.name
+        try:
+            rejected_dir.mkdir(parents=True, exist_ok=True)
+            self.directory.rename(kept)
+        except OSError as error:
+            logger.error("cannot move the damaged spill journal %s to %s: %s", self.directory, kept, error)
+            kept = self.directory  # the next sink sends it again: a copy is dropped as a duplicate
+        logger.error(
+            "LOST %s events: spill journal %s is damaged (%d bytes unreadable); its %d readable"
+            " events were sent, the journal is kept in %s",
+            lost or "an unknown number of",
+            self.directory,
+            self.damage.bytes_skipped,
+            self.readable,
+            kept,
+        )
 
 
 _Entry = Union[list[_Message], _Episode]
@@ -139,7 +180,8 @@ class JetStreamSink:
       spill directories dead processes left are sent by the next sink started on the
       same `spill_dir`, the oldest process's first. An event larger than the broker's max_payload (1 MB by
       default) cannot be published: it is logged as an error and kept, as a file, in
-      ``spill_dir/rejected``, and the events after it are sent.
+      ``spill_dir/rejected``, and the events after it are sent. So is a spill journal found
+      damaged, once what can be read of it was sent (an error says what was lost).
 
     Calling the sink never waits for the network: it encodes the event and queues it
     (or appends it to the spill journal). `flush(timeout)` waits until JetStream
@@ -456,7 +498,7 @@ class JetStreamSink:
 
     def entry_sent(self, entry: _Entry, published: int) -> None:
         if isinstance(entry, _Episode):
-            entry.remove()
+            entry.remove(self.rejected_dir)
             logger.warning("sent %d spilled events from %s to NATS", published, entry.directory)
         with self._idle:
             self._sending = None
@@ -551,14 +593,14 @@ class _Publisher:
         leftovers = self.sink.leftover_episodes()
         try:
             while leftovers:
-                if await self.send(leftovers[0].messages()) is None:
+                if await self.send_entry(leftovers[0]) is None:
                     if self.sink.stopping:
                         return
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 2.0)
                     continue
                 episode = leftovers.pop(0)
-                episode.remove()
+                episode.remove(self.sink.rejected_dir)
                 logger.warning(
                     "sent %d events an earlier process spilled in %s", episode.count, episode.directory
                 )
@@ -572,8 +614,7 @@ class _Publisher:
                         with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(wakeup.wait(), _IDLE_WAIT)
                     continue
-                messages = entry.messages() if isinstance(entry, _Episode) else entry
-                published = await self.send(messages)
+                published = await self.send_entry(entry)
                 if published is not None:
                     self.sink.entry_sent(entry, published)
                     pause = 0.05
@@ -587,6 +628,19 @@ class _Publisher:
                 episode.close()
             if self.nc is not None:
                 await close_quietly(self.nc)
+
+    async def send_entry(self, entry: _Entry) -> int | None:
+        """`send` an entry; an episode a chunk at a time, each acknowledged before the next
+        is read, and a retry resumes after the last one acknowledged."""
+        if not isinstance(entry, _Episode):
+            return await self.send(entry)
+        for chunk in entry.chunks(self.sink.batch):
+            published = await self.send(chunk)
+            if published is None:
+                return None
+            entry.acknowledged += len(chunk)
+            entry.published += published
+        return entry.published
 
     async def send(self, messages: list[_Message]) -> int | None:
         """Publish `messages` in order; once JetStream acknowledged every one, how many it

@@ -74,15 +74,17 @@ class RecoveryReport(SegmentDamage):
     segments_removed: int = 0
 
 
-def read_records(directory: StrPath) -> Iterator[JournalRecord]:
-    """Every valid frame of every segment in `directory`, in order (damage is skipped).
+def read_records(directory: StrPath, damage: SegmentDamage | None = None) -> Iterator[JournalRecord]:
+    """Every valid frame of every segment in `directory`, in order (damage is skipped;
+    with `damage`, counted there and logged as `recover` does).
 
     For inspection; it takes no lock, so a live writer's last frame may be missing.
     """
-    reader = SegmentReader()
+    reader = SegmentReader(damage)
     for _, path in segment_paths(Path(directory)):
         for seq, payload in reader.read(path):
             yield JournalRecord(seq, payload, path)
+    reader.finish()
 
 
 def recover(
