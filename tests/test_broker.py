@@ -817,6 +817,23 @@ def test_a_spill_journal_is_sent_a_chunk_at_a_time(names: Names, monkeypatch: py
     assert not any(names.spill.iterdir())
 
 
+def test_a_spill_journal_damaged_past_reading_is_reported_and_kept(
+    names: Names, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its segment overwritten whole, it was taken for a journal another sink holds and
+    skipped for ever, without a word."""
+    events = list(workload.events(1, seed=29))
+    _spilled_offline(names, events)
+    episode = max(names.spill.iterdir(), key=lambda path: sum(1 for _ in read_records(path)))
+    (episode / "0000000000.wal").write_bytes(b"garbage" * 100)
+    with names.sink() as resender:
+        assert resender.flush(30)
+    kept = names.spill / "rejected" / episode.name
+    assert not episode.exists() and (kept / "0000000000.wal").read_bytes() == b"garbage" * 100
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert any(f"spill journal {episode} is unreadable" in error and str(kept) in error for error in errors)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_damaged_spill_journal_is_reported_and_kept(
     names: Names, caplog: pytest.LogCaptureFixture, damage: str

@@ -29,7 +29,7 @@ import msgspec
 
 from .._exit import ExitHook
 from ..codec import encode_event, escape_surrogates
-from ..errors import BrokerError, PhiSessionError, StoreError
+from ..errors import BrokerError, NotAJournal, PhiSessionError, StoreError
 from ..events import AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
 from ..journal import Journal, read_records
@@ -130,13 +130,6 @@ class _Episode:
         if not lost and not self.damage.bytes_skipped:
             shutil.rmtree(self.directory, ignore_errors=True)
             return
-        kept = rejected_dir / self.directory.name
-        try:
-            rejected_dir.mkdir(parents=True, exist_ok=True)
-            self.directory.rename(kept)
-        except OSError as error:
-            logger.error("cannot move the damaged spill journal %s to %s: %s", self.directory, kept, error)
-            kept = self.directory  # the next sink sends it again: a copy is dropped as a duplicate
         logger.error(
             "LOST %s events: spill journal %s is damaged (%d bytes unreadable); its %d readable"
             " events were sent, the journal is kept in %s",
@@ -144,8 +137,20 @@ class _Episode:
             self.directory,
             self.damage.bytes_skipped,
             self.readable,
-            kept,
+            _set_aside(self.directory, rejected_dir),
         )
+
+
+def _set_aside(directory: Path, rejected_dir: Path) -> Path:
+    """Move a damaged spill journal into `rejected_dir`; where it is kept."""
+    kept = rejected_dir / directory.name
+    try:
+        rejected_dir.mkdir(parents=True, exist_ok=True)
+        directory.rename(kept)
+    except OSError as error:
+        logger.error("cannot move the damaged spill journal %s to %s: %s", directory, kept, error)
+        return directory  # the next sink sends it again: a copy is dropped as a duplicate
+    return kept
 
 
 _Entry = Union[list[_Message], _Episode]
@@ -563,6 +568,14 @@ class JetStreamSink:
                 continue
             try:
                 episode = _Episode(directory)
+            except NotAJournal as error:  # ours by its name, damaged past reading
+                logger.error(
+                    "LOST an unknown number of events: spill journal %s is unreadable (%s); it is kept in %s",
+                    directory,
+                    error,
+                    _set_aside(directory, self.rejected_dir),
+                )
+                continue
             except PhiSessionError:  # locked: a live sink owns it
                 skipped.add(producer)
                 continue
@@ -593,7 +606,8 @@ class _Publisher:
         leftovers = self.sink.leftover_episodes()
         try:
             while leftovers:
-                if await self.send_entry(leftovers[0]) is None:
+                published = await self.send_entry(leftovers[0])
+                if published is None:
                     if self.sink.stopping:
                         return
                     await asyncio.sleep(pause)
@@ -602,7 +616,7 @@ class _Publisher:
                 episode = leftovers.pop(0)
                 episode.remove(self.sink.rejected_dir)
                 logger.warning(
-                    "sent %d events an earlier process spilled in %s", episode.count, episode.directory
+                    "sent %d events an earlier process spilled in %s", published, episode.directory
                 )
             while True:
                 entry = self.sink.next_entry()
