@@ -434,6 +434,41 @@ def test_hostile_session_ids_are_recorded_or_rejected_never_left_staged(names: N
     assert worker.stats.rejected == len(lines) * len(unstorable)  # no store takes them: kept as rejected
 
 
+def _publish_raw(subject: str, headers: bytes, payload: bytes) -> None:
+    """Publish as any client may: nats-py writes no header block beginning with a status."""
+    with socket.create_connection(("127.0.0.1", 4222), timeout=10) as raw:
+        raw.recv(4096)  # INFO
+        raw.sendall(b'CONNECT {"verbose":false,"headers":true,"protocol":1}\r\n')
+        size = len(headers) + len(payload)
+        raw.sendall(
+            b"HPUB %s %d %d\r\n%s%s\r\nPING\r\n" % (subject.encode(), len(headers), size, headers, payload)
+        )
+        raw.recv(4096)  # PONG: the server took it
+
+
+def test_a_message_whose_headers_begin_with_a_status_is_data_not_held_up_for_ever(names: Names) -> None:
+    """nats-py's fetch takes it for the server's own status (404 no messages) and drops
+    it: never acknowledged, it held every later event of its partition back for good."""
+    events = list(workload.events(1, seed=31))
+    with names.sink(partitions=1) as sink:
+        sink(events[0])
+        assert sink.flush(30)
+        for status in (b"404 No Messages", b"408 Request Timeout", b"503"):
+            _publish_raw(f"{names.prefix}.0", b"NATS/1.0 %s\r\n\r\n" % status, b"{}")
+        for event in events[1:]:
+            sink(event)
+        assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference([events])
+
+    def done() -> bool:
+        return _stored(names.schema) == expected and worker.stats.rejected == 3
+
+    asyncio.run(_run_until(worker, done, 60))
+    assert _stored(names.schema) == expected
+    assert worker.stats.rejected == 3  # kept staged, as any payload that is no event
+
+
 def test_a_session_id_with_a_lone_surrogate_holds_up_nothing(names: Names) -> None:
     """Text from undecodable bytes (``surrogateescape``) holds lone surrogates: the payload
     escapes them, but the Phi-Session header could not be encoded, so the event was retried

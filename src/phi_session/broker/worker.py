@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import random
@@ -69,6 +70,7 @@ __all__ = ["IngestWorker", "PartitionStatus", "WorkerStats", "ingest_status"]
 logger = logging.getLogger("phi_session.broker")
 
 _FETCH_WAIT = 0.5  # seconds a fetch waits on an idle partition (also how soon `stop` is seen)
+_NO_WAIT_ANSWER = 5.0  # seconds the server has to answer a pull that waits for nothing
 _MAX_EVENT_ID = 200  # characters; the primary key of `broker_events` has a size limit
 
 
@@ -320,6 +322,84 @@ class _Resources:
         await self.stack.aclose()
 
 
+class _Pull:
+    """Batches of a durable pull consumer's messages, in the order they come.
+
+    Not nats-py's ``fetch``, which takes any message whose header block begins with a
+    status line (``NATS/1.0 404``) for the server's own and drops it: a producer may
+    publish such headers, and that message, never acknowledged, held its partition up
+    for good. What the stream delivers carries its acknowledgement subject: whatever its
+    headers say, such a message is data.
+    """
+
+    def __init__(self, js: JetStreamContext, nc: Client, stream: str, durable: str) -> None:
+        self._js, self._nc, self._stream, self._durable = js, nc, stream, durable
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._inbox = nc.new_inbox()
+        self._arrived: asyncio.Queue[Msg] = asyncio.Queue()
+        self._subscription: Any = None
+
+    async def start(self) -> None:
+        async def arrived(message: Msg) -> None:
+            self._arrived.put_nowait(message)
+
+        self._subscription = await self._nc.subscribe(self._inbox, cb=arrived)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._subscription.unsubscribe()
+
+    async def consumer_info(self) -> Any:
+        return await self._js.consumer_info(self._stream, self._durable)
+
+    async def fetch(self, batch: int, wait: float) -> list[Msg]:
+        """Up to `batch` messages: those the stream has now, else the first to come within
+        `wait` seconds (and any that came with it); none on an idle partition."""
+        taken = self._take_arrived(batch)  # delivered to an earlier request after it returned
+        if len(taken) < batch:
+            await self._request({"batch": batch - len(taken), "no_wait": True})
+            taken += await self._collect(batch - len(taken), _NO_WAIT_ANSWER, linger=False)
+        if not taken:
+            await self._request({"batch": batch, "expires": int(wait * 1e9)})
+            taken = await self._collect(batch, wait + _NO_WAIT_ANSWER, linger=True)
+        return taken
+
+    async def _request(self, request: dict[str, Any]) -> None:
+        await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+
+    def _take_arrived(self, most: int) -> list[Msg]:
+        taken: list[Msg] = []
+        while len(taken) < most and not self._arrived.empty():
+            message = self._arrived.get_nowait()
+            if _is_data(message):
+                taken.append(message)
+        return taken
+
+    async def _collect(self, most: int, within: float, *, linger: bool) -> list[Msg]:
+        """Messages answering the last request: until `most`, the request's end (404 no
+        messages, 408 expired, 409) or `within` seconds; lingering, from the first message
+        on only those already here (the rest come to the next fetch)."""
+        taken: list[Msg] = []
+        deadline = time.monotonic() + within
+        while len(taken) < most:
+            if linger and taken:
+                return taken + self._take_arrived(most - len(taken))
+            try:
+                message = await asyncio.wait_for(self._arrived.get(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                break
+            if _is_data(message):
+                taken.append(message)
+            elif (message.headers or {}).get("Status") in ("404", "408", "409"):
+                break  # (100: a heartbeat)
+        return taken
+
+
+def _is_data(message: Msg) -> bool:
+    """Whether the stream delivered `message` (else it is the server's status)."""
+    return bool(message.reply) and message.reply.startswith("$JS.ACK.")
+
+
 class _PartitionRun:
     """One partition held by this worker: its consumer, its recorder, its saver."""
 
@@ -346,9 +426,8 @@ class _PartitionRun:
         worker, number = self.worker, self.number
         name = f"{worker.durable}-{number}"
         await self.ensure_consumer(name)
-        subscription = await self.resources.js.pull_subscribe_bind(
-            durable=name, stream=worker.settings.stream
-        )
+        subscription = _Pull(self.resources.js, self.resources.nc, worker.settings.stream, name)
+        await subscription.start()
         try:
             for event in await self.resources.staging.pending(number):
                 self.waiting[event.stream_seq] = event
@@ -357,10 +436,7 @@ class _PartitionRun:
                 await self.apply_ready(subscription)
             last_save = time.monotonic()
             while not self.stopping.is_set():
-                try:
-                    messages = await subscription.fetch(worker.batch, timeout=_FETCH_WAIT)
-                except asyncio.TimeoutError:  # nats-py raises it (or its subclass) on an idle partition
-                    messages = []
+                messages = await subscription.fetch(worker.batch, _FETCH_WAIT)
                 if messages:
                     await self.take(messages)
                     self.worker.note_broker_up()
@@ -371,8 +447,7 @@ class _PartitionRun:
                     last_save = time.monotonic()
             await self.save()
         finally:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+            await subscription.close()
 
     async def ensure_consumer(self, name: str) -> None:
         from nats.js import api
@@ -425,7 +500,7 @@ class _PartitionRun:
             else:
                 stats.duplicates += 1
 
-    async def apply_ready(self, subscription: JetStreamContext.PullSubscription) -> None:
+    async def apply_ready(self, subscription: _Pull) -> None:
         """Apply the waiting events up to the acknowledgement floor, in stream order."""
         info = await subscription.consumer_info()
         floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
