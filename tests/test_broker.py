@@ -434,7 +434,7 @@ def test_hostile_session_ids_are_recorded_or_rejected_never_left_staged(names: N
     assert worker.stats.rejected == len(lines) * len(unstorable)  # no store takes them: kept as rejected
 
 
-def _publish_raw(subject: str, headers: bytes, payload: bytes) -> None:
+def _publish_headers_as_written(subject: str, headers: bytes, payload: bytes) -> None:
     """Publish as any client may: nats-py writes no header block beginning with a status."""
     with socket.create_connection(("127.0.0.1", 4222), timeout=10) as raw:
         raw.recv(4096)  # INFO
@@ -454,7 +454,7 @@ def test_a_message_whose_headers_begin_with_a_status_is_data_not_held_up_for_eve
         sink(events[0])
         assert sink.flush(30)
         for status in (b"404 No Messages", b"408 Request Timeout", b"503"):
-            _publish_raw(f"{names.prefix}.0", b"NATS/1.0 %s\r\n\r\n" % status, b"{}")
+            _publish_headers_as_written(f"{names.prefix}.0", b"NATS/1.0 %s\r\n\r\n" % status, b"{}")
         for event in events[1:]:
             sink(event)
         assert sink.flush(30)
