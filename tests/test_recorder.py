@@ -167,6 +167,16 @@ def test_turns_collect_inputs_and_stamp_tool_results() -> None:
     )
 
 
+def test_a_turns_inputs_are_its_messages_of_any_role_but_assistant() -> None:
+    # By role (wire-format §3.5): an extension message whose role is "assistant" is no input.
+    said = [ps.extension_message(role, "note", {"x": 1}) for role in ("assistant", "user", "system")]
+    events = [start("s.c.1", "s"), *turn("s.c.1")]
+    events[2:2] = [ps.MessageEnd(loop_id="s.c.1", message=message) for message in said]  # after TurnStart
+    _, [session] = record([*events, end("s.c.1")])
+    [materialized] = session.loops[0].turns
+    assert list(materialized.input_messages) == said[1:]
+
+
 def test_capture_turn_requests_fills_request_payload() -> None:
     payload = ps.AnnotatedRequestPayload(
         system_prompt="sys",

@@ -66,7 +66,7 @@ from .events import (
     TurnStart,
 )
 from .ids import config_segment_from_loop_id, session_id_from_loop_id
-from .messages import AgentMessage, AnnotatedRequestPayload, AssistantMessage, TurnId
+from .messages import AgentMessage, AnnotatedRequestPayload, AssistantMessage, TurnId, message_role
 from .model import (
     ChildLoopRef,
     LoopEvent,
@@ -686,7 +686,8 @@ class SessionRecorder:
             loop.turn.payload = event.payload
 
     def _on_message_end(self, loop: _OpenLoop, event: MessageEnd) -> None:
-        if loop.turn is not None and not isinstance(event.message, AssistantMessage):
+        # By role (wire-format §3.5): an extension message may say "assistant" too.
+        if loop.turn is not None and message_role(event.message) != "assistant":
             loop.turn.inputs.append(event.message)
 
     def _on_message_update(self, event: MessageUpdate) -> None:
