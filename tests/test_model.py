@@ -62,6 +62,29 @@ def test_compaction_block_stands_in_for_a_loops_messages() -> None:
     assert [m.content[0].text for m in s.context_at("s.c.2")] == ["summary", "d"]  # type: ignore[union-attr]
 
 
+def test_keep_first_takes_message_groups_as_phi_core_does() -> None:
+    # phi-core's TurnMap: consecutive messages of one turn are a group, a message without a
+    # turn id one of its own. Joining the turns' messages put a turn's tool result (an
+    # input of its turn too) twice, the first before its call.
+    def said(text: str, turn: int | None) -> ps.UserMessage:
+        turn_id = None if turn is None else ps.TurnId(loop_id="s.c.1", turn_index=turn)
+        return ps.UserMessage(content=(ps.TextContent(text=text),), timestamp=1, turn_id=turn_id)
+
+    record = loop("s.c.1", None)
+    record.messages = [said("prompt", None), said("call", 0), said("result", 0), said("answer", 1)]
+    s = session(record)
+    for first, last, kept in [
+        (0, 0, ["prompt"]),
+        (0, 1, ["prompt", "call", "result"]),
+        (1, 2, ["call", "result", "answer"]),
+        (0, 3, []),  # past the last group: none, as in phi-core
+    ]:
+        record.compaction_block = ps.CompactionBlock(
+            keep_first=TurnRange(start_turn=first, end_turn=last), created_at=T
+        )
+        assert [m.content[0].text for m in s.context_at("s.c.1")] == kept  # type: ignore[union-attr]
+
+
 def test_a_rerun_of_a_loop_replaces_it_on_the_chain() -> None:
     # A rerun continues the parent of the loop it retries (phi-core: "reruns: only the
     # active ancestor chain"), so the context at the rerun does not hold the retried answer.

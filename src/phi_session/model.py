@@ -19,7 +19,7 @@ that holds it makes a cycle the GC cannot collect.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
@@ -422,9 +422,14 @@ class LoopRecord(msgspec.Struct, kw_only=True):
 
         Without a compaction block, its own ``messages``. With one, the block
         stands in for them, as phi-core's context loader reads it: for the most
-        recent loop of the chain, the messages of the ``keep_first`` turns, the
+        recent loop of the chain, the ``keep_first`` part of its messages, the
         compacted summary, then the recent section; for an earlier loop
         (`most_recent` false) only the compacted summary.
+
+        ``keep_first`` counts message groups as phi-core does: consecutive messages
+        of one turn are a group, a message without a turn id (the prompt) is one of
+        its own; the range takes the groups at those positions (none when it reaches
+        past the last).
         """
         block = self.compaction_block
         if not isinstance(block, CompactionBlock):
@@ -433,12 +438,29 @@ class LoopRecord(msgspec.Struct, kw_only=True):
             return list(block.keep_compacted.messages) if block.keep_compacted is not None else []
         out: list[AgentMessage] = []
         if block.keep_first is not None:
-            for turn in self.turns[block.keep_first.start_turn : block.keep_first.end_turn + 1]:
-                out.extend(turn.all_messages())
+            groups = _message_groups(self.messages)
+            first, last = block.keep_first.start_turn, block.keep_first.end_turn
+            if first < len(groups) and last < len(groups):
+                out.extend(self.messages[groups[first][0] : groups[last][1] + 1])
         for section in (block.keep_compacted, block.keep_recent):
             if section is not None:
                 out.extend(section.messages)
         return out
+
+
+def _message_groups(messages: Sequence[AgentMessage]) -> list[tuple[int, int]]:
+    """``(first, last)`` positions of each group of `messages` (`context_messages`)."""
+    groups: list[tuple[int, int]] = []
+    current: int | None = None
+    for position, message in enumerate(messages):
+        turn_id = getattr(message, "turn_id", None)
+        turn_index = None if turn_id is None else turn_id.turn_index
+        if turn_index is not None and turn_index == current:
+            groups[-1] = (groups[-1][0], position)
+        else:
+            groups.append((position, position))
+        current = turn_index
+    return groups
 
 
 def keep_links(replaced: LoopRecord, winner: LoopRecord) -> LoopRecord:
