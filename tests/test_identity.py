@@ -304,3 +304,17 @@ def test_identities_going_on_with_one_recording_share_its_loop_counter() -> None
     gc.collect()
     # Nothing is kept once no identity holds the session: a later one counts from the recording.
     assert AgentSession.continuing(session).next_loop_id("c") == "joined.c.2"
+
+
+def test_every_identity_of_a_session_shares_its_loop_counter() -> None:
+    """A live agent's identity and one made for a replay of its session (or a second
+    tracer of one conversation) counted apart: both handed out ``.c.2``, and the live
+    loop's record was lost to the recorder's orphans."""
+    live = AgentSession(session_id="talk")
+    assert live.next_loop_id("c") == "talk.c.1"
+    replay = AgentSession(session_id="talk")
+    assert [replay.next_loop_id("c"), live.next_loop_id("c")] == ["talk.c.2", "talk.c.3"]
+    # A rotation's new session is counted alike, with any other identity of it.
+    rotated = live.new_session()
+    assert AgentSession(session_id=rotated).next_loop_id("c") == f"{rotated}.c.1"
+    assert live.next_loop_id("c") == f"{rotated}.c.2"

@@ -121,10 +121,10 @@ class _Stamper:
 class _LoopCounters:
     """The loop counters of one session: ``config_id -> N`` of its latest loop id.
 
-    An identity's own, or (`AgentSession.continuing`) the one of its recorded session
-    that every identity going on with that recording in the process shares
-    (`_joined_counters`), so two of them (two tracers replaying one session, say) never
-    hand out the same loop id. Held only by those identities: it goes when they do."""
+    Every identity of that session in the process shares them (`_joined_counters`), so
+    two of them (a live agent and a replay of its session, two tracers of one
+    conversation) never hand out the same loop id. Held only by those identities: it
+    goes when they do."""
 
     __slots__ = ("__weakref__", "_counts", "_lock")
 
@@ -159,8 +159,8 @@ _SESSION_COUNTERS_LOCK = threading.Lock()
 
 
 def _joined_counters(session_id: str) -> _LoopCounters:
-    """The loop counters shared by the identities going on with recorded `session_id` in
-    this process, new if none holds them."""
+    """The loop counters shared by the identities of `session_id` in this process, new
+    if none holds them."""
     with _SESSION_COUNTERS_LOCK:
         counters = _SESSION_COUNTERS.get(session_id)
         if counters is None:
@@ -204,7 +204,7 @@ class AgentSession:
         self._lock = threading.Lock()
         self._stamper = _STAMPER
         self._session_id = session_id if session_id is not None else self.id_factory()
-        self._counters = _LoopCounters()
+        self._counters = _joined_counters(self._session_id)
         self._last_loop_id: str | None = None
         self._last_started_ns: int | None = None
         # Why the current session was opened, until its first loop claims it.
@@ -279,7 +279,7 @@ class AgentSession:
 
     def _rotate(self, formation: SessionFormation | None) -> str:
         self._session_id = self.id_factory()
-        self._counters = _LoopCounters()
+        self._counters = _joined_counters(self._session_id)
         self._last_loop_id = None
         self._last_started_ns = None  # a fresh session has not run a loop
         self._pending_formation = formation
@@ -371,7 +371,6 @@ class AgentSession:
         that session in the process shares one loop counter: two of them never hand out
         the same loop id, even when both are made before either records a loop."""
         agent = cls(session.agent_id, session_id=session.session_id, clock=clock, id_factory=id_factory)
-        agent._counters = _joined_counters(session.session_id)  # a new identity: no one else uses it yet
         agent.resume_session(session)
         return agent
 
