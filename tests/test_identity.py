@@ -306,15 +306,22 @@ def test_identities_going_on_with_one_recording_share_its_loop_counter() -> None
     assert AgentSession.continuing(session).next_loop_id("c") == "joined.c.2"
 
 
-def test_every_identity_of_a_session_shares_its_loop_counter() -> None:
-    """A live agent's identity and one made for a replay of its session (or a second
-    tracer of one conversation) counted apart: both handed out ``.c.2``, and the live
-    loop's record was lost to the recorder's orphans."""
-    live = AgentSession(session_id="talk")
-    assert live.next_loop_id("c") == "talk.c.1"
-    replay = AgentSession(session_id="talk")
-    assert [replay.next_loop_id("c"), live.next_loop_id("c")] == ["talk.c.2", "talk.c.3"]
-    # A rotation's new session is counted alike, with any other identity of it.
+def test_an_identity_made_for_a_session_another_made_shares_its_loop_counter() -> None:
+    """A live agent's identity and one going on with its session (a replay of it through
+    another tracer) counted apart: both handed out ``.c.2``, and the live loop's record
+    was lost to the recorder's orphans."""
+    live = AgentSession()
+    first = live.next_loop_id("c")
+    recorded = recorded_session(live.session_id)
+    replay = AgentSession.continuing(recorded)
+    assert first == f"{live.session_id}.c.1"
+    assert [replay.next_loop_id("c"), live.next_loop_id("c")] == [
+        f"{live.session_id}.c.2",
+        f"{live.session_id}.c.3",
+    ]
+    # A rotation's fresh session is shared alike.
     rotated = live.new_session()
-    assert AgentSession(session_id=rotated).next_loop_id("c") == f"{rotated}.c.1"
-    assert live.next_loop_id("c") == f"{rotated}.c.2"
+    assert live.next_loop_id("c") == f"{rotated}.c.1"
+    assert AgentSession.continuing(recorded_session(rotated)).next_loop_id("c") == f"{rotated}.c.2"
+    # A session id given to an identity may name another destination's session: not shared.
+    assert AgentSession(session_id=live.session_id).next_loop_id("c") == f"{live.session_id}.c.1"

@@ -121,10 +121,12 @@ class _Stamper:
 class _LoopCounters:
     """The loop counters of one session: ``config_id -> N`` of its latest loop id.
 
-    Every identity of that session in the process shares them (`_joined_counters`), so
-    two of them (a live agent and a replay of its session, two tracers of one
-    conversation) never hand out the same loop id. Held only by those identities: it
-    goes when they do."""
+    Shared (`_joined_counters`) by the identities of a session whose id one of them made
+    (a fresh UUID: that session's alone) and by those going on with a recorded session
+    (`AgentSession.continuing`), so two of them (a live agent and a replay of its
+    session) never hand out the same loop id. A session id given to an identity may name
+    sessions of several destinations (a framework's thread id): its counters are its own.
+    Held only by the identities sharing them: they go when those do."""
 
     __slots__ = ("__weakref__", "_counts", "_lock")
 
@@ -159,8 +161,8 @@ _SESSION_COUNTERS_LOCK = threading.Lock()
 
 
 def _joined_counters(session_id: str) -> _LoopCounters:
-    """The loop counters shared by the identities of `session_id` in this process, new
-    if none holds them."""
+    """The loop counters shared by the identities of `session_id` in this process (see
+    `_LoopCounters`), new if none holds them."""
     with _SESSION_COUNTERS_LOCK:
         counters = _SESSION_COUNTERS.get(session_id)
         if counters is None:
@@ -203,8 +205,12 @@ class AgentSession:
         self.agent_id: str = agent_id if agent_id is not None else self.id_factory()
         self._lock = threading.Lock()
         self._stamper = _STAMPER
-        self._session_id = session_id if session_id is not None else self.id_factory()
-        self._counters = _joined_counters(self._session_id)
+        if session_id is None:
+            self._session_id = self.id_factory()
+            self._counters = _joined_counters(self._session_id)
+        else:  # a name several destinations may use: shared only by `continuing` identities
+            self._session_id = session_id
+            self._counters = _LoopCounters()
         self._last_loop_id: str | None = None
         self._last_started_ns: int | None = None
         # Why the current session was opened, until its first loop claims it.
@@ -371,6 +377,7 @@ class AgentSession:
         that session in the process shares one loop counter: two of them never hand out
         the same loop id, even when both are made before either records a loop."""
         agent = cls(session.agent_id, session_id=session.session_id, clock=clock, id_factory=id_factory)
+        agent._counters = _joined_counters(session.session_id)  # a new identity: no one else uses it yet
         agent.resume_session(session)
         return agent
 
