@@ -1028,6 +1028,27 @@ def test_tool_calls_given_in_the_content_or_the_message_do_not_follow_later_muta
     assert record.turns[0].output_message.content[-1].arguments == {"q": "x"}  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("handed_back", ["tool_calls", "message", "finish"])
+def test_the_tool_calls_handed_back_to_the_agent_are_not_the_recorded_ones(handed_back: str) -> None:
+    # Agent code naturally adds a credential to the call it is about to run.
+    h = Harness()
+    with h.tracer.loop() as loop, loop.turn() as turn:
+        with turn.assistant() as reply:
+            returned = reply.finish(tool_calls=[ps.ToolCall(id="c1", name="get", arguments={"url": "u"})])
+        message = returned if handed_back == "finish" else turn.message
+        assert message is not None
+        [call] = turn.tool_calls if handed_back == "tool_calls" else message.content
+        assert isinstance(call, ps.ToolCall)
+        call.arguments["api_key"] = "plain-secret-value"
+        with turn.tool(call) as tool:
+            tool.result("ok")
+    [end] = [
+        e for e in h.events if isinstance(e, ps.MessageEnd) and isinstance(e.message, ps.AssistantMessage)
+    ]
+    assert end.message.content == (ps.ToolCall(id="c1", name="get", arguments={"url": "u"}),)
+    assert b"plain-secret-value" not in ps.encode(h.session())
+
+
 def _one_loop_with_a_streamed_reply_and_a_tool(tracer: Tracer) -> None:
     with tracer.loop() as loop:
         loop.user("q")
@@ -1082,8 +1103,9 @@ def test_tool_arguments_that_cannot_be_copied_are_recorded_as_a_stand_in(
     )
     h = Harness()
     with h.tracer.loop() as loop, loop.turn() as turn:
-        reply = answer(turn, "go", calls=calls)
-    assert [block.arguments for block in reply.content if isinstance(block, ps.ToolCall)] == [
+        answer(turn, "go", calls=calls)
+    [end] = [e for e in h.events if isinstance(e, ps.MessageEnd)]
+    assert [block.arguments for block in end.message.content if isinstance(block, ps.ToolCall)] == [
         "[NOT RECORDED: copying the arguments raised RecursionError]",
         "[NOT RECORDED: copying the arguments raised RecursionError]",
         "[NOT RECORDED: copying the arguments raised TypeError]",

@@ -551,11 +551,26 @@ class _TurnState:
     emits the ends it returns outside the lock.
     """
 
-    __slots__ = ("_ending", "_idle", "_open", "_waiting", "lock", "message", "results", "scope", "usage")
+    __slots__ = (
+        "_ending",
+        "_idle",
+        "_open",
+        "_waiting",
+        "given",
+        "lock",
+        "message",
+        "results",
+        "scope",
+        "usage",
+    )
 
     def __init__(self, scope: TurnScope, loop: _LoopState) -> None:
         self.scope: TurnScope | None = scope
         self.message: AssistantMessage | None = None
+        """The (last) assistant message as recorded, its tool calls copies of their own."""
+        self.given: AssistantMessage | None = None
+        """That message as the agent gave it, with its own tool calls: what the agent gets
+        back, so that changing them leaves the recorded one alone."""
         self.usage: Usage = ZERO_USAGE
         self.results: list[ToolResultMessage] = []
         # Tools started and not yet ending (a dict keeps their start order), with how
@@ -575,9 +590,11 @@ class _TurnState:
         if not scope.running:
             raise _not_running(scope)
 
-    def finished(self, message: AssistantMessage) -> None:
-        """An assistant message of the turn is final."""
+    def finished(self, message: AssistantMessage, given: AssistantMessage) -> None:
+        """An assistant message of the turn is final: `message` as recorded, `given` as the
+        agent gave it."""
         self.message = message
+        self.given = given
         usage = self.usage
         self.usage = message.usage if usage is ZERO_USAGE else usage + message.usage
 
@@ -1145,8 +1162,9 @@ class TurnScope(_Scope):
 
     @property
     def message(self) -> AssistantMessage | None:
-        """The turn's (last) assistant message, once finished."""
-        return self._turn.message
+        """The turn's (last) assistant message, once finished (as `MessageScope.finish`
+        returned it)."""
+        return self._turn.given
 
     @property
     def usage(self) -> Usage:
@@ -1160,8 +1178,10 @@ class TurnScope(_Scope):
 
     @property
     def tool_calls(self) -> tuple[ToolCall, ...]:
-        """The tool calls of the turn's assistant message (empty before it is finished)."""
-        message = self._turn.message
+        """The tool calls of the turn's assistant message (empty before it is finished): the
+        agent's own, which it may change (say, to add a credential) without changing
+        what was recorded."""
+        message = self._turn.given
         if message is None:
             return ()
         return tuple(block for block in message.content if type(block) is ToolCall)
@@ -1405,14 +1425,16 @@ class MessageScope(_Scope):
         Give the whole `message`, or its parts: `content` (default: the streamed
         thinking and text), `tool_calls` (appended), `usage` (default zero) and
         `stop_reason` (default ``"toolUse"`` with tool calls, else ``"stop"``).
+
+        The message returned holds the tool calls given; the one recorded, copies of
+        them (`_own_arguments`).
         """
         if not self._running:
             raise _not_running(self)
-        failures = self._loop.outlet.copy_failures
         if message is None:
-            blocks = self._streamed() if content is None else _owned_calls(_content(content), failures)
+            blocks = self._streamed() if content is None else _content(content)
             if tool_calls:
-                blocks = (*blocks, *(_owned(call, failures) for call in tool_calls))
+                blocks = (*blocks, *tool_calls)
             if stop_reason is None:
                 calls = tool_calls or any(type(b) is ToolCall for b in blocks)
                 stop_reason = "toolUse" if calls else "stop"
@@ -1425,12 +1447,14 @@ class MessageScope(_Scope):
                 timestamp=self._loop.millis(),
                 error_message=error_message,
             )
-        elif (owned := _owned_calls(message.content, failures)) is not message.content:
-            message = replace(message, content=owned)
+        recorded = message
+        owned = _owned_calls(message.content, self._loop.outlet.copy_failures)
+        if owned is not message.content:
+            recorded = replace(message, content=owned)
         self._running, self._ended = False, True  # `_close`, inline
         self.message = message
-        self._emit(MessageEnd(loop_id=self._loop_id, message=message))
-        self._turn.finished(message)
+        self._emit(MessageEnd(loop_id=self._loop_id, message=recorded))
+        self._turn.finished(recorded, message)
         return message
 
     def _streamed(self) -> tuple[Content, ...]:
