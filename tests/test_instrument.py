@@ -723,6 +723,22 @@ def test_a_branch_that_never_runs_is_recorded_aborted() -> None:
     assert records == {group.loop_ids[0]: "Completed", group.loop_ids[1]: "Aborted"}
 
 
+def test_a_negative_index_selects_the_branch_counted_from_the_end() -> None:
+    h = Harness()
+    with h.tracer.parallel([SNAP, SNAP]) as group:
+        for index in (0, 1):
+            with group.branch(index) as branch:
+                simple_loop(branch)
+        with pytest.raises(IndexError):  # out of range: refused, the group still open
+            group.select(-3)
+        assert group.select(-1) is group.branches[1]
+    records = {r.loop_id: r.parallel_group for r in h.session().loops}  # the file loads back
+    assert [(g.selected_config_index, g.is_selected) for g in map(records.get, group.loop_ids) if g] == [
+        (1, False),
+        (1, True),
+    ]
+
+
 def test_parallel_branches_share_one_session_while_another_thread_rotates() -> None:
     agent = AgentSession(clock=FakeClock())
     tracer = Tracer(agent, config=SNAP)

@@ -1816,15 +1816,16 @@ class ParallelGroup(_Scope):
         return self.branches[index]
 
     def select(self, winner: int | str, *, evaluation_usage: Usage = ZERO_USAGE) -> LoopScope:
-        """Choose the winning branch (by index or loop id); emits ``ParallelLoopEnd``."""
+        """Choose the winning branch (by loop id, or by index as `branch` takes it: a
+        negative one counts from the end); emits ``ParallelLoopEnd``."""
         self._require_running()
         if isinstance(winner, str):
             ids = self.loop_ids
             if winner not in ids:
                 raise ValueError(f"{winner!r} is not a branch of this group")
             index = ids.index(winner)
-        else:
-            index = winner
+        else:  # the index recorded is the branch's position (phi-core refuses one below 0)
+            index = range(len(self.branches))[winner]
         chosen = self.branches[index]
         agent = self._agent
         self._outlet.emit(
