@@ -9,6 +9,7 @@ import io
 import itertools
 import threading
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 from typing import Any
 
 import msgspec
@@ -1106,16 +1107,24 @@ def _nested(depth: int) -> list[Any]:
     return outer
 
 
+class _Unprintable:
+    def __str__(self) -> str:
+        raise ValueError("no text")
+
+
 def test_tool_arguments_that_cannot_be_copied_are_recorded_as_a_stand_in(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     cyclic: dict[str, Any] = {"q": "x"}
     cyclic["self"] = cyclic
+    lock = threading.Lock()
     calls = (
         ps.ToolCall(id="c1", name="t", arguments=cyclic),
         ps.ToolCall(id="c2", name="t", arguments=_nested(5000)),
-        ps.ToolCall(id="c3", name="t", arguments={"lock": threading.Lock()}),
-        ps.ToolCall(id="c4", name="t", arguments={"q": "fine"}),
+        ps.ToolCall(id="c3", name="t", arguments={"q": [_Unprintable()]}),
+        ps.ToolCall(id="c4", name="t", arguments={"path": PurePosixPath("notes.txt"), "lock": lock}),
+        ps.ToolCall(id="c5", name="t", arguments=PurePosixPath("notes.txt")),
+        ps.ToolCall(id="c6", name="t", arguments={"q": "fine"}),
     )
     h = Harness()
     with h.tracer.loop() as loop, loop.turn() as turn:
@@ -1124,11 +1133,14 @@ def test_tool_arguments_that_cannot_be_copied_are_recorded_as_a_stand_in(
     assert [block.arguments for block in end.message.content if isinstance(block, ps.ToolCall)] == [
         "[NOT RECORDED: copying the arguments raised RecursionError]",
         "[NOT RECORDED: copying the arguments raised RecursionError]",
-        "[NOT RECORDED: copying the arguments raised TypeError]",
+        "[NOT RECORDED: copying the arguments raised ValueError]",
+        {"path": "notes.txt", "lock": str(lock)},  # what JSON cannot hold, as its text
+        "notes.txt",
         {"q": "fine"},
     ]
-    assert h.tracer.argument_failures == 3
+    assert h.tracer.argument_failures == 5
     assert len([r for r in caplog.records if "copying" in r.getMessage()]) == 1  # the first only
+    assert h.tracer.sink_errors == {}  # every sink could write them
     assert h.session().loops[0].status == "Completed"
 
 

@@ -50,7 +50,6 @@ tracer's `_Outlet` (processors, then sinks) only.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -146,33 +145,40 @@ def _owned_calls(blocks: tuple[Content, ...], failures: FailureTally) -> tuple[C
 
 
 def _own_arguments(arguments: Any, failures: FailureTally) -> Any:
-    """A copy of tool arguments: what was recorded must not change (or gain an unredacted
-    secret) when the agent later mutates the dict it passed in.
+    """A copy of tool arguments, as the JSON they are written as: what was recorded must
+    not change (or gain an unredacted secret) when the agent later mutates the dict it
+    passed in, and every sink and store must be able to write it.
 
-    Never raises into the agent: arguments that cannot be copied are recorded as a
-    stand-in naming the failure, counted in `failures`.
+    Never raises into the agent: a value JSON cannot hold (a `pathlib.Path`, an object
+    of the agent's) is recorded as its ``str``, and arguments that cannot be copied at
+    all (self-referential, nested too deeply) as a stand-in naming the failure; both
+    are counted in `failures`.
     """
-    if not isinstance(arguments, (dict, list)):
+    if type(arguments) in _SCALARS:
         return arguments  # a JSON string or a scalar cannot change
     try:  # arguments are JSON values: a JSON round trip is the fast deep copy
         return _json_decode(_json_encode(arguments))
     except RecursionError as error:
-        # Self-referential or nested too deeply: `deepcopy` would recurse as deep, or copy
-        # the cycle, which no sink could write.
         failure: Exception = error
-    except (TypeError, msgspec.EncodeError, ValueError):
+    except (TypeError, msgspec.EncodeError, ValueError) as error:
+        failure = error
         try:
-            return copy.deepcopy(arguments)
-        except Exception as error:  # an object that cannot be copied (a lock, a socket)
-            failure = error
+            written = _json_decode(_json_encode_as_text(arguments))
+        except Exception as stand_in:  # a key JSON cannot hold, a `str` that raises
+            failure = stand_in
+        else:
+            failures.record(_ARGUMENTS, failure)
+            return written
     failures.record(_ARGUMENTS, failure)
     return f"[NOT RECORDED: copying the arguments raised {type(failure).__name__}]"
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 _ARGUMENTS = "tool arguments"  # what `_Outlet.copy_failures` counts failures of
 
 
 _json_encode = msgspec.json.Encoder().encode
+_json_encode_as_text = msgspec.json.Encoder(enc_hook=str).encode
 _json_decode = msgspec.json.Decoder().decode
 _text_delta = delta_builder("Text")
 _thinking_delta = delta_builder("Thinking")
@@ -307,7 +313,7 @@ class _Outlet:
     def __init__(self, processors: ProcessorChain, fanout: FanOut) -> None:
         self.wants_deltas = fanout.wants_deltas
         self.copy_failures = FailureTally(
-            logger, "copying", "they are recorded as a stand-in", traceback=False
+            logger, "copying", "they are recorded as text or a stand-in", traceback=False
         )
         """Tool arguments that could not be copied (`_own_arguments`); no traceback
         above DEBUG, as its text may quote the arguments."""
@@ -841,8 +847,9 @@ class Tracer:
 
     @property
     def argument_failures(self) -> int:
-        """Tool arguments recorded as a stand-in because they could not be copied
-        (self-referential, nested too deeply, or holding an object that cannot be copied)."""
+        """Tool arguments not recorded as given: holding a value JSON cannot hold (recorded
+        as its ``str``), or self-referential or nested too deeply (recorded as a stand-in);
+        counted each time they are recorded (a call's message, then its tool's start)."""
         return self._outlet.copy_failures.total
 
     def flush(self) -> None:
