@@ -1066,6 +1066,37 @@ def test_the_tool_calls_handed_back_to_the_agent_are_not_the_recorded_ones(hande
     assert b"plain-secret-value" not in ps.encode(h.session())
 
 
+def test_loop_metadata_and_tool_details_do_not_follow_later_mutation() -> None:
+    # An agent reuses one metadata dict across loops, and a tool its stats dict.
+    h = Harness()
+    metadata: dict[str, Any] = {"user": "alice"}
+    details: dict[str, Any] = {"rows": 0}
+    for attempt in (0, 1):
+        metadata["attempt"] = attempt
+        with h.tracer.loop(metadata=metadata) as loop, loop.turn() as turn:
+            answer(turn, "go")
+            with turn.tool(id=f"c{attempt}", name="q", args={}) as tool:
+                details["rows"] += 1
+                tool.update("partial", details=details)
+                tool.result("ok", details=details)
+                details["rows"] += 10  # before the tool's end: the end records what it was given last
+    metadata["api_key"] = details["token"] = "plain-secret-value"
+    session = h.session()
+    assert [loop.metadata for loop in session.loops] == [
+        {"user": "alice", "attempt": 0},
+        {"user": "alice", "attempt": 1},
+    ]
+    assert [e.partial_result.details for e in h.events if isinstance(e, ps.ToolExecutionUpdate)] == [
+        {"rows": 1},
+        {"rows": 12},
+    ]
+    assert [e.result.details for e in h.events if isinstance(e, ps.ToolExecutionEnd)] == [
+        {"rows": 11},
+        {"rows": 22},
+    ]
+    assert b"plain-secret-value" not in ps.encode(session)
+
+
 def _one_loop_with_a_streamed_reply_and_a_tool(tracer: Tracer) -> None:
     with tracer.loop() as loop:
         loop.user("q")
@@ -1131,9 +1162,9 @@ def test_tool_arguments_that_cannot_be_copied_are_recorded_as_a_stand_in(
         answer(turn, "go", calls=calls)
     [end] = [e for e in h.events if isinstance(e, ps.MessageEnd)]
     assert [block.arguments for block in end.message.content if isinstance(block, ps.ToolCall)] == [
-        "[NOT RECORDED: copying the arguments raised RecursionError]",
-        "[NOT RECORDED: copying the arguments raised RecursionError]",
-        "[NOT RECORDED: copying the arguments raised ValueError]",
+        "[NOT RECORDED: copying the tool arguments raised RecursionError]",
+        "[NOT RECORDED: copying the tool arguments raised RecursionError]",
+        "[NOT RECORDED: copying the tool arguments raised ValueError]",
         {"path": "notes.txt", "lock": str(lock)},  # what JSON cannot hold, as its text
         "notes.txt",
         {"q": "fine"},

@@ -132,8 +132,8 @@ _CANCELLATIONS = (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit)
 
 
 def _owned(call: ToolCall, failures: FailureTally) -> ToolCall:
-    """The call with arguments of its own (`_own_arguments`)."""
-    owned = _own_arguments(call.arguments, failures)
+    """The call with arguments of its own (`_own_copy`)."""
+    owned = _own_copy(call.arguments, failures, _ARGUMENTS)
     return call if owned is call.arguments else replace(call, arguments=owned)
 
 
@@ -144,37 +144,41 @@ def _owned_calls(blocks: tuple[Content, ...], failures: FailureTally) -> tuple[C
     return blocks if all(map(is_, owned, blocks)) else owned
 
 
-def _own_arguments(arguments: Any, failures: FailureTally) -> Any:
-    """A copy of tool arguments, as the JSON they are written as: what was recorded must
-    not change (or gain an unredacted secret) when the agent later mutates the dict it
+def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
+    """A copy of what the agent gave to record (`what`: tool arguments, loop metadata, a
+    tool result's details), as the JSON it is written as: what was recorded must not
+    change (or gain an unredacted secret) when the agent later mutates the dict it
     passed in, and every sink and store must be able to write it.
 
     Never raises into the agent: a value JSON cannot hold (a `pathlib.Path`, an object
-    of the agent's) is recorded as its ``str``, and arguments that cannot be copied at
-    all (self-referential, nested too deeply) as a stand-in naming the failure; both
-    are counted in `failures`.
+    of the agent's) is recorded as its ``str``, and one that cannot be copied at all
+    (self-referential, nested too deeply) as a stand-in naming the failure; both are
+    counted in `failures`.
     """
-    if type(arguments) in _SCALARS:
-        return arguments  # a JSON string or a scalar cannot change
-    try:  # arguments are JSON values: a JSON round trip is the fast deep copy
-        return _json_decode(_json_encode(arguments))
+    if type(value) in _SCALARS:
+        return value  # a JSON string or a scalar cannot change
+    try:  # these are JSON values: a JSON round trip is the fast deep copy
+        return _json_decode(_json_encode(value))
     except RecursionError as error:
         failure: Exception = error
     except (TypeError, msgspec.EncodeError, ValueError) as error:
         failure = error
         try:
-            written = _json_decode(_json_encode_as_text(arguments))
+            written = _json_decode(_json_encode_as_text(value))
         except Exception as stand_in:  # a key JSON cannot hold, a `str` that raises
             failure = stand_in
         else:
-            failures.record(_ARGUMENTS, failure)
+            failures.record(what, failure)
             return written
-    failures.record(_ARGUMENTS, failure)
-    return f"[NOT RECORDED: copying the arguments raised {type(failure).__name__}]"
+    failures.record(what, failure)
+    return f"[NOT RECORDED: copying the {what} raised {type(failure).__name__}]"
 
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
-_ARGUMENTS = "tool arguments"  # what `_Outlet.copy_failures` counts failures of
+# What `_Outlet.copy_failures` counts failures of.
+_ARGUMENTS = "tool arguments"
+_METADATA = "loop metadata"
+_DETAILS = "tool result details"
 
 
 _json_encode = msgspec.json.Encoder().encode
@@ -315,8 +319,8 @@ class _Outlet:
         self.copy_failures = FailureTally(
             logger, "copying", "they are recorded as text or a stand-in", traceback=False
         )
-        """Tool arguments that could not be copied (`_own_arguments`); no traceback
-        above DEBUG, as its text may quote the arguments."""
+        """Tool arguments, loop metadata and tool result details not copied as given
+        (`_own_copy`); no traceback above DEBUG, as its text may quote them."""
         self._filled: dict[tuple[int, str], tuple[LoopConfigSnapshot, LoopConfigSnapshot]] = {}
         self._segments: dict[int, tuple[LoopConfigSnapshot, str]] = {}
         self.emit: Callable[[AgentEvent], None] = _emitter(processors, fanout)
@@ -847,9 +851,10 @@ class Tracer:
 
     @property
     def argument_failures(self) -> int:
-        """Tool arguments not recorded as given: holding a value JSON cannot hold (recorded
-        as its ``str``), or self-referential or nested too deeply (recorded as a stand-in);
-        counted each time they are recorded (a call's message, then its tool's start)."""
+        """Tool arguments (and loop metadata, tool result details) not recorded as given:
+        holding a value JSON cannot hold (recorded as its ``str``), or self-referential or
+        nested too deeply (recorded as a stand-in); counted each time they are recorded
+        (a call's message, then its tool's start)."""
         return self._outlet.copy_failures.total
 
     def flush(self) -> None:
@@ -974,7 +979,7 @@ class LoopScope(_Scope):
                 parent_loop_id=self.parent_loop_id,
                 continuation_kind=self.kind,
                 timestamp=timestamp,
-                metadata=self.metadata,
+                metadata=_own_copy(self.metadata, self._loop.outlet.copy_failures, _METADATA),
                 config_snapshot=config,
                 formation=formation if formation is not None else msgspec.UNSET,
             )
@@ -1434,7 +1439,7 @@ class MessageScope(_Scope):
         `stop_reason` (default ``"toolUse"`` with tool calls, else ``"stop"``).
 
         The message returned holds the tool calls given; the one recorded, copies of
-        them (`_own_arguments`).
+        them (`_own_copy`).
         """
         if not self._running:
             raise _not_running(self)
@@ -1519,7 +1524,7 @@ class ToolScope(_Scope):
         self._cut = False  # ended by its turn while running
 
     def start(self) -> ToolScope:
-        """Emit ``ToolExecutionStart`` with a copy of the arguments (`_own_arguments`),
+        """Emit ``ToolExecutionStart`` with a copy of the arguments (`_own_copy`),
         which passes the redactor first."""
         if self._running or self._ended:  # `_require_new`, inline
             raise _started_twice(self)
@@ -1532,7 +1537,7 @@ class ToolScope(_Scope):
                 loop_id=loop.loop_id,
                 tool_call_id=self.tool_call_id,
                 tool_name=self.tool_name,
-                args=_own_arguments(self.args, loop.outlet.copy_failures),
+                args=_own_copy(self.args, loop.outlet.copy_failures, _ARGUMENTS),
             )
         )
         return self
@@ -1541,9 +1546,13 @@ class ToolScope(_Scope):
         """A partial result (``ToolExecutionUpdate``)."""
         if not self._running and not self._still_open("update"):
             return
+        loop = self._loop
         if not isinstance(partial, ToolResult):
             partial = ToolResult(content=_content(partial), details=details)
-        loop = self._loop
+        if partial.details is not None:
+            partial = replace(
+                partial, details=_own_copy(partial.details, loop.outlet.copy_failures, _DETAILS)
+            )
         loop.emit(
             ToolExecutionUpdate(
                 loop_id=loop.loop_id,
@@ -1682,7 +1691,7 @@ class ToolScope(_Scope):
             child = self._child_loop_id
             result = ToolResult(
                 content=content,
-                details=details,
+                details=_own_copy(details, loop.outlet.copy_failures, _DETAILS),
                 child_loop_id=child if child is not None else msgspec.UNSET,
             )
             loop.emit(
