@@ -1097,6 +1097,20 @@ def test_loop_metadata_and_tool_details_do_not_follow_later_mutation() -> None:
     assert b"plain-secret-value" not in ps.encode(session)
 
 
+@pytest.mark.parametrize("delta", ["text_delta", "thinking_delta", "tool_call_delta"])
+def test_a_delta_that_is_no_text_is_refused_at_once(delta: str) -> None:
+    # OpenAI streams send chunks whose delta.content is None.
+    h = Harness(streaming=True)
+    with h.tracer.loop() as loop, loop.turn() as turn:
+        with turn.assistant() as reply:
+            with pytest.raises(TypeError, match=f"{delta}\\(\\) takes a str, not NoneType"):
+                getattr(reply, delta)(None)
+            getattr(reply, delta)("Hello")
+    [record] = h.session().loops  # every line written decodes
+    assert record.status == "Completed"
+    assert h.tracer.sink_errors == {}
+
+
 def _one_loop_with_a_streamed_reply_and_a_tool(tracer: Tracer) -> None:
     with tracer.loop() as loop:
         loop.user("q")

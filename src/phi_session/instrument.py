@@ -27,7 +27,7 @@ carrying the error (recorded as status ``Aborted`` with ``error``; phi-core stil
 loads the file). Recording never raises into the agent: processors fail closed and
 sinks are isolated (`phi_session.processors`, `phi_session.sinks`). Using a scope
 that is not running (not started, or already ended) is a programming error and
-raises `InstrumentationError`.
+raises `InstrumentationError`; so is a streamed delta that is no ``str`` (`TypeError`).
 
 Scope methods never wait and do no I/O of their own (a sink may: `JsonlSink` writes a
 line per event), so coroutines call them directly; ``async with`` works like ``with``.
@@ -226,6 +226,10 @@ ToolFinisher = Callable[[BaseException | str | None], None]
 
 def _started_twice(scope: _Scope) -> InstrumentationError:
     return InstrumentationError(f"{type(scope).__name__} already started")
+
+
+def _not_text(method: str, value: object) -> TypeError:
+    return TypeError(f"{method}() takes a str, not {type(value).__name__}")
 
 
 def _not_running(scope: _Scope) -> InstrumentationError:
@@ -1390,11 +1394,15 @@ class MessageScope(_Scope):
         self._emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
         return self
 
-    # The three delta methods run once per streamed token: each builds its event inline.
+    # The three delta methods run once per streamed token: each builds its event inline,
+    # and refuses a piece that is no text (a stream's empty ``delta.content`` is None) at
+    # once, before it reaches a sink or the message built from the pieces.
     def text_delta(self, text: str) -> None:
         """A piece of streamed answer text."""
         if not self._running:
             self._require_running()
+        if type(text) is not str and not isinstance(text, str):
+            raise _not_text("text_delta", text)
         self._text.append(text)
         if self._deltas:
             delta = _text_delta(text)
@@ -1404,6 +1412,8 @@ class MessageScope(_Scope):
         """A piece of streamed reasoning."""
         if not self._running:
             self._require_running()
+        if type(text) is not str and not isinstance(text, str):
+            raise _not_text("thinking_delta", text)
         self._thinking.append(text)
         if self._deltas:
             delta = _thinking_delta(text)
@@ -1413,6 +1423,8 @@ class MessageScope(_Scope):
         """A piece of a tool call's streamed JSON arguments (pass the parsed call to `finish`)."""
         if not self._running:
             self._require_running()
+        if type(json_fragment) is not str and not isinstance(json_fragment, str):
+            raise _not_text("tool_call_delta", json_fragment)
         if self._deltas:
             delta = _tool_call_delta(json_fragment)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
