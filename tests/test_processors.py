@@ -112,6 +112,22 @@ def test_text_redaction_covers_deltas_streamed_into_a_single_sink() -> None:
     assert deltas == [f"plain {SECRET_KEY}", f"text {REDACTED}", f"thinking {REDACTED}"]
 
 
+def test_a_secret_split_across_text_deltas_is_redacted_in_the_finished_message() -> None:
+    # The documented limit of `redact_text`: each delta is scanned on its own, the
+    # finished message whole.
+    events: list[ps.AgentEvent] = []
+    tracer = Tracer(
+        AgentSession(clock=FakeClock()), sinks=[events.append], redact=Redactor(redact_text=True), config=SNAP
+    )
+    head, tail = SECRET_KEY[:12], SECRET_KEY[12:]
+    with tracer.loop() as loop, loop.turn() as turn, turn.assistant() as reply:
+        reply.text_delta(f"your key is {head}")
+        reply.text_delta(tail)
+        reply.finish()
+    [end] = [e for e in events if isinstance(e, ps.MessageEnd)]
+    assert end.message.content == (ps.TextContent(text=f"your key is {REDACTED}"),)
+
+
 def test_redaction_can_be_turned_off() -> None:
     _, session, _ = record({"redact": False}, secret_scenario)
     assert session.loops[0].metadata == {"password": "pw", "user": "bob"}

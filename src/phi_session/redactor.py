@@ -9,6 +9,11 @@ texts (a failed tool's result included); ``redact_text=True`` extends it to mess
 text, tool results, streaming deltas and progress text. Values of other types in them
 (dataclasses, msgspec Structs, sets) are scanned as the JSON they are written as, and
 a mapping's keys as well as its values.
+
+A streaming delta is scanned on its own, as it passes: a secret split across two
+deltas (as token streams split keys) is written in them unredacted, by sinks that
+keep deltas (a `JsonlSink`, a recorder with ``include_streaming_events=True``). The
+message they make up is scanned whole (``MessageEnd`` and after) and is redacted.
 """
 
 from __future__ import annotations
@@ -201,9 +206,11 @@ class Redactor:
 
     `extra_patterns` and `extra_fields` add to the defaults; `patterns` and `fields`
     replace them. A field match replaces the whole value; a pattern match replaces
-    only the secret (``Bearer [REDACTED]``). Streaming tool-call deltas are scanned
-    piece by piece, so a secret split across two deltas is not caught there (it is
-    in the final message). Thread-safe.
+    only the secret (``Bearer [REDACTED]``). Streaming deltas (tool-call arguments;
+    text and thinking with `redact_text`) are scanned piece by piece, so a secret split
+    across two deltas is not caught there (it is in the final message): the deltas of
+    an event stream are passed on as they come, and a processor passes on one event
+    for one, so it cannot hold back a piece until the next shows it clean. Thread-safe.
     """
 
     def __init__(
