@@ -318,6 +318,32 @@ run_demo(JsonDirStore({str(tmp_path)!r}), sinks=[OtelExportSink(Slow())])
     assert exported == {span.context.span_id for span in _export([store.load(i) for i in store.list_ids()])}
 
 
+def test_a_first_export_at_interpreter_exit_is_made(tmp_path: Path) -> None:
+    # The loop is left open: nothing is exported before the exit hook closes the sink, so
+    # the default resource is not made by an earlier export (its detectors start a thread
+    # pool, which interpreter shutdown refuses).
+    names = tmp_path / "names"
+    script = f"""
+from opentelemetry.sdk.trace.export import SpanExportResult, SpanExporter
+from phi_session import AgentStart, Timestamp
+from phi_session.otel import OtelExportSink
+
+class Names(SpanExporter):
+    def export(self, spans):
+        with open({str(names)!r}, "a") as out:
+            out.writelines(span.name + "\\n" for span in spans)
+        return SpanExportResult.SUCCESS
+
+sink = OtelExportSink(Names())
+start = Timestamp.parse("2025-06-01T09:00:00Z")
+sink(AgentStart(agent_id="a", session_id="s", loop_id="s.p.m.1", timestamp=start))
+"""  # never flushed nor closed
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "failed" not in done.stderr, done.stderr
+    assert names.read_text().split("\n") == ["invoke_agent a", ""]
+
+
 def _ingest(spans: list) -> list[Session]:
     recorder = SessionRecorder()
     ingestor = SpanIngestor(recorder)

@@ -572,7 +572,9 @@ class _ExportTarget:
     def __init__(self, exporter: SpanExporter, capture_content: bool, resource: Resource | None) -> None:
         self.exporter = exporter
         self.capture_content = capture_content
-        self.resource = resource
+        # Made now, not at the first export: that may come at interpreter exit (`close` by
+        # the exit hook), when the default resource's detectors can no longer start threads.
+        self.resource = _resource(resource)
 
     def __repr__(self) -> str:
         return f"the exporter {self.exporter!r}"
