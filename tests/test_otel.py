@@ -939,6 +939,31 @@ def test_a_call_id_reused_in_a_later_turn_is_its_own_tool_span() -> None:
     assert encode_session(back) == encode_session(session)
 
 
+class _CountedTurns(tuple):  # type: ignore[type-arg]
+    """A loop's turns, counting the scans of them."""
+
+    scans = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        _CountedTurns.scans += 1
+        return super().__iter__()
+
+
+def test_exporting_a_loop_scans_its_turns_a_bounded_number_of_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tool call's end time is its result's, looked up in its turn: a scan of every turn
+    # per tool call made exporting a long loop quadratic.
+    session = tool_loop_session([(f"c{index}", "t", {}, "ok") for index in range(50)])
+    expected = session_spans(session, capture_content=True)
+    [record] = session.loops
+    monkeypatch.setattr(record, "turns", _CountedTurns(record.turns))
+    monkeypatch.setattr(_CountedTurns, "scans", 0)
+    spans = session_spans(session, capture_content=True)
+    assert _CountedTurns.scans <= 5
+    assert [(s.name, s.context, s.parent, s.start_time, s.end_time, s.attributes) for s in spans] == [
+        (s.name, s.context, s.parent, s.start_time, s.end_time, s.attributes) for s in expected
+    ]
+
+
 def test_openinference_cached_and_reasoning_tokens_are_counted_apart() -> None:
     # OpenInference counts cached tokens inside llm.token_count.prompt and details them
     # apart (as the GenAI conventions do): read as uncached input, they were billed at

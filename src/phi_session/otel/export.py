@@ -246,6 +246,23 @@ class _LoopExport:
             attr.PHI_SESSION_ID: session.session_id,
             attr.PHI_LOOP_ID: record.loop_id,
         }
+        self._turns: dict[int, Turn] | None = None  # made by `_indexed` when first needed
+        self._result_times: dict[tuple[int, str], int] = {}  # (turn index, call id) -> ms
+        self._first_result_times: dict[str, int] = {}  # call id -> ms, its first result's
+
+    def _indexed(self) -> dict[int, Turn]:
+        """The loop's turns by index (the first of each), made once with its tool results'
+        times: looked up for every tool call, which scanning the turns made quadratic."""
+        if self._turns is None:
+            self._turns = {}
+            for turn in self.record.turns:
+                index = turn.turn_id.turn_index
+                self._turns.setdefault(index, turn)
+                for message in turn.tool_results:
+                    if isinstance(message, ToolResultMessage):
+                        self._result_times.setdefault((index, message.tool_call_id), message.timestamp)
+                        self._first_result_times.setdefault(message.tool_call_id, message.timestamp)
+        return self._turns
 
     def spans(self) -> list[ReadableSpan]:
         record = self.record
@@ -393,17 +410,16 @@ class _LoopExport:
                 [_part(content) for content in event.result.content]
             )
         # The result message carries the end time; its own turn's, should the id recur.
-        own = [turn for turn in self.record.turns if turn.turn_id.turn_index == turn_index]
-        for turn in own or self.record.turns:
-            for message in turn.tool_results:
-                if isinstance(message, ToolResultMessage) and message.tool_call_id == event.tool_call_id:
-                    return max(now, message.timestamp * 1_000_000)
-        return now
+        if turn_index in self._indexed():
+            millis = self._result_times.get((turn_index, event.tool_call_id))
+        else:
+            millis = self._first_result_times.get(event.tool_call_id)
+        return now if millis is None else max(now, millis * 1_000_000)
 
     def _finish_turn(self, index: int, span: _Span) -> None:
         turn: Turn | None = self.record.get_turn(index)
         if turn is None or turn.turn_id.turn_index != index:
-            turn = next((t for t in self.record.turns if t.turn_id.turn_index == index), None)
+            turn = self._indexed().get(index)
         if turn is None:  # never ended (aborted loop)
             return
         span.end = max(span.end, int(turn.ended_at.ns))
