@@ -852,6 +852,62 @@ def test_span_ids_are_remembered_for_the_last_traces_recorded_only(monkeypatch: 
     assert (ingestor.counters["duplicate_spans"], ingestor.counters["traces"]) == (1, 4)
 
 
+class _Batches(InMemorySpanExporter):
+    """Keeps each export call's spans apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[ReadableSpan]] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.batches.append(list(spans))
+        return SpanExportResult.SUCCESS
+
+
+@pytest.mark.parametrize("capture_content", [True, False])
+def test_sessions_amended_after_their_export_come_back_whole(tmp_path: Path, capture_content: bool) -> None:
+    # The sink exports a session once its loops have ended: the demo's parallel branches
+    # before their group ends. The group's end amends them, and they are exported again:
+    # the same span ids, with the group's attributes and links. The ingest kept the first
+    # version, so the groups were lost.
+    exporter = _Batches()
+    sink = OtelExportSink(exporter, capture_content=capture_content)
+    originals = run_demo(JsonDirStore(tmp_path), sinks=[sink])
+    sink.close()
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    for batch in exporter.batches:
+        ingestor.add(spans_from_sdk(span) for span in batch)
+    ingestor.flush()
+    recorder.flush()
+    back = {session.session_id: session for session in recorder.drain_completed()}
+    assert ingestor.counters["updated_spans"] > 0
+    assert any(loop.parallel_group for session in originals for loop in session.loops)
+    assert any(session.parent_spawn_ref for session in originals)
+    for original in originals:
+        session = back[original.session_id]
+        if capture_content:
+            assert encode_session(session) == encode_session(original)
+        assert session.parent_spawn_ref == original.parent_spawn_ref
+        assert [(loop.loop_id, loop.parallel_group) for loop in session.loops] == [
+            (loop.loop_id, loop.parallel_group) for loop in original.loops
+        ]
+
+
+def test_a_newer_version_of_a_waiting_span_takes_its_place_and_a_copy_counts_once() -> None:
+    spans = [spans_from_sdk(span) for span in session_spans(tool_loop_session([("c", "t", {}, "r")]))]
+    tool = next(span for span in spans if span.name == "execute_tool t")
+    failed = msgspec.structs.replace(tool, attributes={**tool.attributes, attr.PHI_TOOL_IS_ERROR: True})
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    ingestor.add([tool, tool, failed, failed])  # waits for its root
+    ingestor.add(span for span in spans if span is not tool)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert [message.is_error for message in session.loops[0].turns[0].tool_results] == [True]
+    assert (ingestor.counters["duplicate_spans"], ingestor.counters["updated_spans"]) == (2, 1)
+
+
 def test_a_span_under_a_remote_parent_is_its_traces_root() -> None:
     # A model call made while serving a request that came with a traceparent: the caller's
     # span is in another process. Waiting for it, the loop was recorded only after the

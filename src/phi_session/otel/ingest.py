@@ -4,8 +4,9 @@
 trace waited `trace_timeout` seconds, or the buffer is full: then what arrived is
 recorded, its unfinished loops as Aborted; nothing is dropped), then replays the trace's
 loops in start order as events. Spans of a trace that come after it was recorded (a
-retried payload, an exporter sending batches concurrently) are replayed with its
-recorded spans, its loops sent again whole.
+retried payload, an exporter sending batches concurrently), and newer versions of its
+spans (the same span ids with other content: a session amended after its export), are
+replayed with its recorded spans, its loops sent again whole.
 
 * Our own export with content (``phi.events``): the exact stored events come back.
 * Our own export without content, and other producers (the GenAI conventions,
@@ -304,53 +305,58 @@ def _result_text(value: Any) -> str:
 
 
 class _Trace:
-    __slots__ = ("last_seen", "root_ended", "span_ids", "spans")
+    __slots__ = ("last_seen", "root_ended", "spans", "updates")
 
     def __init__(self, now: float) -> None:
-        self.spans: list[SpanData] = []
-        self.span_ids: set[int] = set()
+        self.spans: dict[int, SpanData] = {}  # span id -> span, in arrival order
         self.last_seen = now  # a long run's spans keep coming: it times out once they stop
         self.root_ended = False
+        self.updates = False  # holds newer versions of spans recorded: joins them, even a root
 
 
 class _Kept:
     """A trace's spans already recorded, kept a while (`trace_timeout`): another service's
     part of the trace may come later, calling them or called by them (a remote parent)."""
 
-    __slots__ = ("at", "continued", "span_ids", "spans", "text")
+    __slots__ = ("at", "continued", "spans", "text")
 
-    def __init__(
-        self, at: float, spans: list[SpanData], span_ids: set[int], continued: dict[str, str | None]
-    ) -> None:
+    def __init__(self, at: float, spans: dict[int, SpanData], continued: dict[str, str | None]) -> None:
         self.at = at
-        self.spans = spans
-        self.span_ids = span_ids
+        self.spans = spans  # span id -> span
         self.continued = continued  # loop id -> the loop it continued when recorded
         self.text = sum(
-            len(value) for span in spans for value in span.attributes.values() if isinstance(value, str)
+            len(value)
+            for span in spans.values()
+            for value in span.attributes.values()
+            if isinstance(value, str)
         )
 
 
 def _calls_between(kept: _Kept, trace: _Trace) -> bool:
     """Whether a span of one is the remote parent of a span of the other."""
-    return any(span.remote_parent_id in kept.span_ids for span in trace.spans) or any(
-        span.remote_parent_id in trace.span_ids for span in kept.spans
+    return any(span.remote_parent_id in kept.spans for span in trace.spans.values()) or any(
+        span.remote_parent_id in trace.spans for span in kept.spans.values()
     )
 
 
 def _joins(kept: _Kept, trace: _Trace) -> bool:
-    """Whether `trace`'s spans belong with those recorded of it: a call between the two, or
-    late spans under a recorded one. (Not the other way round: a root that comes after its
-    spans were recorded without it would rebuild them as another loop, billed twice.)"""
-    return _calls_between(kept, trace) or any(span.parent_id in kept.span_ids for span in trace.spans)
+    """Whether `trace`'s spans belong with those recorded of it: newer versions of recorded
+    ones, a call between the two, or late spans under a recorded one. (Not the other way
+    round: a root that comes after its spans were recorded without it would rebuild them as
+    another loop, billed twice.)"""
+    return (
+        trace.updates
+        or _calls_between(kept, trace)
+        or any(span.parent_id in kept.spans for span in trace.spans.values())
+    )
 
 
 def _caller_waiting(trace: _Trace) -> bool:
     """Whether `trace` holds spans of a caller besides those under remote parents (the
     spans of a service it called): then the caller exports here too, and the trace waits
     for the caller's root (its tool span links the service's agent as its sub-agent)."""
-    by_id = {span.span_id: span for span in trace.spans}
-    for span in trace.spans:
+    by_id = trace.spans
+    for span in by_id.values():
         seen = {span.span_id}
         while span.parent_id in by_id and span.parent_id not in seen:
             seen.add(span.parent_id)
@@ -377,7 +383,11 @@ class SpanIngestor:
     * `max_buffered_spans`: when more spans wait, the oldest traces are recorded early.
 
     A span taken twice (an exporter retrying a payload that was taken) counts once: its
-    second copy is dropped, while it waits and for the last traces recorded.
+    second copy is dropped, while it waits and for the last traces recorded. Sent again
+    with other content, it is a newer version (a session amended after its export: a
+    parallel group's end names its branches' group), counted in ``updated_spans``: it
+    takes the place of the one waiting, or, for a span still kept (see above), its trace
+    is recorded again with it, its loops sent again whole.
 
     Thread-safe. `flush` records every waiting trace (call it at shutdown).
     """
@@ -409,8 +419,9 @@ class SpanIngestor:
         self._kept_text = 0
         self._last_loop: OrderedDict[str, str] = OrderedDict()  # session -> its latest loop
         self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
+        self._ended_groups: OrderedDict[tuple[str, ...], None] = OrderedDict()  # ParallelLoopEnd emitted
         self.counters = dict.fromkeys(
-            ("spans", "duplicate_spans", "traces", "incomplete_traces", "loops", "events"), 0
+            ("spans", "duplicate_spans", "updated_spans", "traces", "incomplete_traces", "loops", "events"), 0
         )
 
     @property
@@ -428,44 +439,61 @@ class SpanIngestor:
         with self._lock:
             now = self._clock()
             ready: list[int] = []
-            served: list[_Trace] = []  # traces where a span under a remote parent ended
+            served: list[tuple[int, _Trace]] = []  # traces where a span under a remote parent ended
             for span in spans:
                 trace = self._traces.get(span.trace_id)
-                if span.span_id in self._recorded.get(span.trace_id, ()) or (
-                    trace is not None and span.span_id in trace.span_ids
-                ):
-                    self.counters["duplicate_spans"] += 1
-                    continue
+                waiting = trace.spans.get(span.span_id) if trace is not None else None
+                updates = False  # a newer version of a span recorded
+                if waiting is not None or span.span_id in self._recorded.get(span.trace_id, ()):
+                    # Taken before: an exporter's retry, or a newer version (a session
+                    # amended after its export sends the same span ids with more to say).
+                    updates = waiting is None
+                    if waiting == span or (updates and not self._newer_than_kept(span)):
+                        self.counters["duplicate_spans"] += 1
+                        continue
+                    self.counters["updated_spans"] += 1
+                else:
+                    self.counters["spans"] += 1
                 if trace is None:
                     trace = self._traces[span.trace_id] = _Trace(now)
                 else:  # ordered by the last span seen: the oldest times out first
                     trace.last_seen = now
                     self._traces.move_to_end(span.trace_id)
-                trace.spans.append(span)
-                trace.span_ids.add(span.span_id)
-                self._buffered += 1
-                self.counters["spans"] += 1
+                if waiting is None:
+                    self._buffered += 1
+                trace.spans[span.span_id] = span  # a newer version takes the waiting one's place
+                trace.updates = trace.updates or updates
                 if trace.root_ended:
                     continue
-                if span.parent_id is None:
+                if updates:  # recorded again at once with the rest of what was recorded
+                    trace.root_ended = True
+                    ready.append(span.trace_id)
+                elif span.parent_id is None:
                     if span.remote_parent_id is None:
                         trace.root_ended = True
                         ready.append(span.trace_id)
                     else:  # decided once the whole payload is in: the caller's spans may be in it
-                        served.append(trace)
+                        served.append((span.trace_id, trace))
                 elif self._under_recorded(span):  # its root was recorded already: it joins that
                     trace.root_ended = True
                     ready.append(span.trace_id)
-            for trace in served:
+            for trace_id, trace in served:
                 if not trace.root_ended and not _caller_waiting(trace):
                     trace.root_ended = True
-                    ready.append(trace.spans[0].trace_id)
+                    ready.append(trace_id)
             self._record_each(ready, complete=True)
             self._expire(now)
 
     def _under_recorded(self, span: SpanData) -> bool:
         kept = self._kept.get(span.trace_id)
-        return kept is not None and span.parent_id in kept.span_ids
+        return kept is not None and span.parent_id in kept.spans
+
+    def _newer_than_kept(self, span: SpanData) -> bool:
+        """Whether `span`, recorded before, differs from the version kept: a newer one. One no
+        longer kept cannot be told from a retry, and is taken for one."""
+        kept = self._kept.get(span.trace_id)
+        recorded = kept.spans.get(span.span_id) if kept is not None else None
+        return recorded is not None and recorded != span
 
     def expire(self) -> int:
         """Record the traces that waited too long; returns how many."""
@@ -509,27 +537,27 @@ class SpanIngestor:
             self.counters["incomplete_traces"] += 1
         kept = self._kept.get(trace_id)  # taken only once recorded, as the spans below
         joined = kept if kept is not None and _joins(kept, trace) else None
-        spans = trace.spans if joined is None else [*joined.spans, *trace.spans]
+        # A newer version of a recorded span takes its place.
+        spans = trace.spans if joined is None else {**joined.spans, **trace.spans}
         resent = {} if joined is None else joined.continued
-        continued = self._replay(trace_id, sorted(spans, key=lambda s: (s.start, s.end)), complete, resent)
+        continued = self._replay(
+            trace_id, sorted(spans.values(), key=lambda s: (s.start, s.end)), complete, resent
+        )
         self._forget_kept(trace_id)
-        span_ids = trace.span_ids
         if kept is not None:  # joined or not, both parts may yet meet a later one
-            spans, span_ids = [*kept.spans, *trace.spans], kept.span_ids | span_ids
+            spans = {**kept.spans, **trace.spans}
             continued = {**kept.continued, **continued}
-        self._keep(trace_id, spans, span_ids, continued)
+        self._keep(trace_id, spans, continued)
         # Only once recorded: a payload whose recording failed is taken again when retried.
         recorded = self._recorded.pop(trace_id, set())
-        self._recorded_spans += len(trace.span_ids - recorded)
-        recorded |= trace.span_ids  # late spans of a recorded trace are recorded apart, then join
+        self._recorded_spans += len(trace.spans.keys() - recorded)
+        recorded.update(trace.spans)  # late spans of a recorded trace are recorded apart, then join
         self._recorded[trace_id] = recorded
         while self._recorded_spans > _RECORDED_MEMORY:
             self._recorded_spans -= len(self._recorded.popitem(last=False)[1])
 
-    def _keep(
-        self, trace_id: int, spans: list[SpanData], span_ids: set[int], continued: dict[str, str | None]
-    ) -> None:
-        kept = self._kept[trace_id] = _Kept(self._clock(), spans, span_ids, continued)
+    def _keep(self, trace_id: int, spans: dict[int, SpanData], continued: dict[str, str | None]) -> None:
+        kept = self._kept[trace_id] = _Kept(self._clock(), spans, continued)
         self._kept_spans += len(spans)
         self._kept_text += kept.text
         while self._kept_spans > _KEPT_MEMORY or self._kept_text > _KEPT_TEXT:
@@ -584,8 +612,11 @@ class SpanIngestor:
             self._last_loop.popitem(last=False)
 
     def parallel_before(self, session_id: str, loop_id: str, attributes: dict[str, Any], start: int) -> None:
+        """ParallelLoopStart before a group's first member. Called for loops sent again too:
+        one whose first version had no group (exported before the group ended) brings it
+        then; a group ended (`parallel_after`) is not started again."""
         group = _group(attributes)
-        if group is None or loop_id not in group:
+        if group is None or loop_id not in group or group in self._ended_groups:
             return
         if group not in self._groups:
             self._groups[group] = set()
@@ -600,6 +631,9 @@ class SpanIngestor:
         if len(members) < len(set(group)):
             return
         del self._groups[group]
+        self._ended_groups[group] = None
+        if len(self._ended_groups) > _MEMORY:
+            self._ended_groups.popitem(last=False)
         usage = attributes.get(attr.PHI_PARALLEL_EVALUATION_USAGE)
         self.emit(
             ParallelLoopEnd(
@@ -684,9 +718,8 @@ class _ExactReplay:
     def run(self, resent: dict[str, str | None]) -> None:
         for loop_id, loop in sorted(self.loops.items(), key=lambda item: item[1].start):
             session_id = str(loop.attributes.get(attr.PHI_SESSION_ID, ""))
-            again = loop_id in resent  # sent again whole: its group is not started twice
-            if not again:
-                self.ingestor.parallel_before(session_id, loop_id, loop.attributes, loop.start)
+            again = loop_id in resent  # sent again whole: no session's latest loop
+            self.ingestor.parallel_before(session_id, loop_id, loop.attributes, loop.start)
             ended = False
             for _, event in sorted(self.events[loop_id], key=lambda item: item[0]):
                 ended = ended or type(event) is AgentEnd
@@ -698,7 +731,7 @@ class _ExactReplay:
                 self.ingestor.emit(_abort(loop_id, last, _UNFINISHED, billed))
             if not again:
                 self.ingestor.loop_recorded(session_id, loop_id)
-                self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
+            self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
 
 
 class _Loop:
@@ -875,8 +908,7 @@ class _Rebuild:
             missing = _parent([agent, *self._ancestors(agent)][-1])
             if missing is not None:  # a parent that never came (a remote caller's): kept
                 metadata["otel"]["parent_span_id"] = f"{missing:016x}"
-        if not again:  # its group is not started twice
-            self.ingestor.parallel_before(loop.session_id, loop.loop_id, attributes, agent.start)
+        self.ingestor.parallel_before(loop.session_id, loop.loop_id, attributes, agent.start)
         emit(
             AgentStart(
                 agent_id=agent_id,
@@ -936,7 +968,7 @@ class _Rebuild:
         )
         if not again:
             self.ingestor.loop_recorded(loop.session_id, loop.loop_id)
-            self.ingestor.parallel_after(loop.session_id, loop.loop_id, attributes, agent.end)
+        self.ingestor.parallel_after(loop.session_id, loop.loop_id, attributes, agent.end)
 
     def _continuation(self, loop: _Loop, previous: str | None) -> tuple[ContinuationKind, str | None]:
         attributes = loop.agent.attributes
