@@ -122,7 +122,7 @@ class _LoopCounters:
     """The loop counters of one session: ``config_id -> N`` of its latest loop id.
 
     Shared (`_joined_counters`) by the identities of a session whose id one of them made
-    (a fresh UUID: that session's alone) and by those going on with a recorded session
+    (a UUID v4: that session's alone) and by those going on with a recorded session
     (`AgentSession.continuing`), so two of them (a live agent and a replay of its
     session) never hand out the same loop id. A session id given to an identity may name
     sessions of several destinations (a framework's thread id): its counters are its own.
@@ -205,12 +205,8 @@ class AgentSession:
         self.agent_id: str = agent_id if agent_id is not None else self.id_factory()
         self._lock = threading.Lock()
         self._stamper = _STAMPER
-        if session_id is None:
-            self._session_id = self.id_factory()
-            self._counters = _joined_counters(self._session_id)
-        else:  # a name several destinations may use: shared only by `continuing` identities
-            self._session_id = session_id
-            self._counters = _LoopCounters()
+        self._session_id = session_id if session_id is not None else self.id_factory()
+        self._counters = self._counters_of_new_session(made=session_id is None)
         self._last_loop_id: str | None = None
         self._last_started_ns: int | None = None
         # Why the current session was opened, until its first loop claims it.
@@ -285,12 +281,20 @@ class AgentSession:
 
     def _rotate(self, formation: SessionFormation | None) -> str:
         self._session_id = self.id_factory()
-        self._counters = _joined_counters(self._session_id)
+        self._counters = self._counters_of_new_session(made=True)
         self._last_loop_id = None
         self._last_started_ns = None  # a fresh session has not run a loop
         self._pending_formation = formation
         self._formation_claimed = False
         return self._session_id
+
+    def _counters_of_new_session(self, *, made: bool) -> _LoopCounters:
+        """Shared (`_joined_counters`) when this identity `made` the session's id as a UUID
+        v4, that session's alone; a given id (a framework's thread id) or one from an
+        injected factory (a test's ``s1``, ``s2``…) may name other sessions too."""
+        if made and self.id_factory is _uuid4:
+            return _joined_counters(self._session_id)
+        return _LoopCounters()
 
     # -- loops --------------------------------------------------------------------------
 
