@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from phi_session.errors import StoreError
+from phi_session.errors import InvalidStoreUrl, StoreError
 from phi_session.stores import postgres as postgres_module
 from phi_session.stores.base import SessionStore
 from phi_session.stores.conformance import make_session
@@ -207,13 +207,23 @@ def test_environment_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
         ("", "empty"),
         ("redis://cache/0", "unknown store URL scheme 'redis'"),
         ("sqlite:x.db?synchronous=OFF", "NORMAL or FULL"),
+        ("postgresql://bob:s3cret@db/x?schema=", r"\?schema=: schema must be a PostgreSQL identifier"),
+        ("redis://bob:s3cret@cache/0", "unknown store URL scheme 'redis'"),
     ],
 )
 def test_bad_environment_variable(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
     monkeypatch.setenv(ENV_VAR, value)
-    with pytest.raises(StoreError, match=message) as caught:
+    with pytest.raises(InvalidStoreUrl, match=message) as caught:
         default_store()
     assert f"environment variable {ENV_VAR}=" in str(caught.value)
+    assert "s3cret" not in str(caught.value)  # a password is not for a terminal or a log
+
+
+@pytest.mark.parametrize("schema", ["", "x" * 64, "a%00b"])
+def test_a_schema_no_postgresql_takes_is_a_bad_url(schema: str) -> None:
+    # It was a ValueError from the store's constructor: the CLI's "internal error".
+    with pytest.raises(InvalidStoreUrl, match=r"\?schema=: schema must be a PostgreSQL identifier"):
+        open_store(f"postgresql://db/x?schema={schema}")
 
 
 def test_every_store_is_a_session_store(tmp_path: Path) -> None:

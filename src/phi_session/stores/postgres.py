@@ -711,6 +711,13 @@ def _occurrences(columns: Iterable[str | None]) -> list[int]:
     return out
 
 
+def schema_problem(schema: object) -> str | None:
+    """Why `schema` names no schema this store can use, or None."""
+    if not isinstance(schema, str) or not schema or len(schema.encode("utf-8")) > 63 or "\x00" in schema:
+        return f"schema must be a PostgreSQL identifier of 1 to 63 bytes, got {schema!r}"
+    return None
+
+
 class PostgresStore(AsyncTwins):
     """Sessions in PostgreSQL; safe for many threads, processes and machines at once.
 
@@ -745,8 +752,8 @@ class PostgresStore(AsyncTwins):
             raise StoreError(
                 "PostgresStore needs psycopg 3: pip install 'phi-session[postgres]'"
             ) from _MISSING_PSYCOPG
-        if not isinstance(schema, str) or not schema or len(schema.encode("utf-8")) > 63 or "\x00" in schema:
-            raise ValueError(f"schema must be a PostgreSQL identifier of 1 to 63 bytes, got {schema!r}")
+        if (problem := schema_problem(schema)) is not None:
+            raise ValueError(problem)
         if pool_size < 1:
             raise ValueError(f"pool_size must be at least 1, got {pool_size}")
         if not lock_timeout > 0:  # PostgreSQL reads 0 as "wait forever"

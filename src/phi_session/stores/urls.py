@@ -116,7 +116,7 @@ def _resolve(url: str | os.PathLike[str] | None) -> tuple[str, Any, dict[str, An
             return _locate(value)
         except _BadUrl as error:
             raise InvalidStoreUrl(
-                f"environment variable {ENV_VAR}={value!r} is not a store: {error}"
+                f"environment variable {ENV_VAR}={_without_password(value)!r} is not a store: {error}"
             ) from None
     try:
         if isinstance(url, str):
@@ -124,6 +124,17 @@ def _resolve(url: str | os.PathLike[str] | None) -> tuple[str, Any, dict[str, An
         return _plain_path(Path(url), str(url))
     except _BadUrl as error:
         raise InvalidStoreUrl(str(error)) from None
+
+
+def _without_password(url: str) -> str:
+    """`url` to show in an error: a database URL's password is not for a terminal or a log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 class _BadUrl(Exception):
@@ -160,6 +171,11 @@ def _locate(url: str) -> tuple[str, Any, dict[str, Any]]:
         path, options = _sqlite(url[match.end() :])
         return "sqlite", path, options
     if scheme in ("postgresql", "postgres"):
+        from .postgres import schema_problem
+
+        _, schema = postgres_dsn_and_schema(url)
+        if schema is not None and (problem := schema_problem(schema)) is not None:
+            raise _BadUrl(f"?schema=: {problem}")
         return "postgresql", url, {}
     if scheme == "file":
         parts = urlsplit(url)
