@@ -350,22 +350,33 @@ def as_query(query: SessionQuery | None) -> SessionQuery:
     return query
 
 
-def query_selects(query: SessionQuery, summary: SessionSummary) -> bool:
-    """Whether `query`'s filters (not its order, limit or page) select the session `summary` sums up."""
+def query_selects(
+    query: SessionQuery, summary: SessionSummary, configs: Iterable[tuple[str | None, str | None]]
+) -> bool:
+    """Whether `query`'s filters (not its order, limit or page) select the session `summary`
+    sums up, whose loops ran the ``(provider, model)`` `configs`."""
     return (
         (query.agent_id is None or summary.agent_id == query.agent_id)
         and (query.since is None or summary.last_active_at >= query.since)
         and (query.until is None or summary.last_active_at < query.until)
         and (query.status is None or summary.loops_by_status.get(query.status, 0) > 0)
-        and (query.model is None or _model_matches(query.model, summary.models))
+        and (query.model is None or _runs_model(query.model, configs))
         and (query.min_tokens is None or summary.total_tokens >= query.min_tokens)
         and (query.parent_session_id is None or summary.parent_session_id == query.parent_session_id)
     )
 
 
-def _model_matches(wanted: str, models: tuple[str, ...]) -> bool:
-    # Entries are "provider/model"; provider names have no slash, model names may.
-    return any(name == wanted or name.partition("/")[2] == wanted for name in models)
+def _runs_model(wanted: str, configs: Iterable[tuple[str | None, str | None]]) -> bool:
+    # Matched on the parts: a provider's name may hold a "/" as well as a model's.
+    return any(
+        model == wanted or (provider is not None and f"{provider}/{model}" == wanted)
+        for provider, model in configs
+    )
+
+
+def loop_configs(session: Session) -> Iterator[tuple[str | None, str | None]]:
+    """``(provider, model)`` of each loop of `session` that has a config (`query_selects`)."""
+    return ((loop.config.provider, loop.config.model) for loop in session.loops if loop.config is not None)
 
 
 def scan_search(store: SessionStore, text: str, query: SessionQuery | None, limit: int) -> list[SearchHit]:

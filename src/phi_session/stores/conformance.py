@@ -890,6 +890,15 @@ class StoreConformance:
         assert store.query(SessionQuery(model="gpt")) == []  # names match whole, not as substrings
         assert store.query(SessionQuery(model="openai")) == []
 
+    def test_query_by_model_whose_provider_holds_a_slash(self, store: SessionStore) -> None:
+        # A gateway's provider name ("openrouter/openai"): a bare model name matches, and
+        # "provider/model" as a whole; a split at another slash is no name it ran.
+        record = make_loop("gw", 1, model=None)
+        record.config = LoopConfigSnapshot(model="gpt-4o", provider="openrouter/openai", config_id="cfg")
+        store.save(make_session("gw", loops=[record]))
+        for name, found in (("gpt-4o", ["gw"]), ("openrouter/openai/gpt-4o", ["gw"]), ("openai/gpt-4o", [])):
+            assert _ids(store.query(SessionQuery(model=name))) == found, name
+
     def test_query_by_tokens(self, store: SessionStore) -> None:
         _populate(store)
         assert _ids(store.query(SessionQuery(min_tokens=100))) == ["s2", "s1"]

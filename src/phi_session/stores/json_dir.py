@@ -691,7 +691,8 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         rows = [
             entry.summary
             for _, entry in self._entries()
-            if query_selects(query, entry.summary) and (after is None or after.passed(entry.summary))
+            if query_selects(query, entry.summary, ((row.provider, row.model) for row in entry.rows))
+            and (after is None or after.passed(entry.summary))
         ]
         _sort(rows, query.order)
         return rows if query.limit is None else rows[: query.limit]

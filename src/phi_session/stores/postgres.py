@@ -100,6 +100,7 @@ from .base import (
     as_query,
     check_loop_range,
     check_pricer,
+    loop_configs,
     loops_a_merge_touches,
     merge_part,
     model_key,
@@ -1225,7 +1226,8 @@ class PostgresStore(AsyncTwins):
 
     def _selects_exactly(self, query: SessionQuery, session_id: str) -> bool:
         try:
-            return query_selects(query, summarize(self.load(session_id)))
+            session = self.load(session_id)
+            return query_selects(query, summarize(session), loop_configs(session))
         except SessionNotFound:  # deleted since the candidates were listed
             return False
         except StoreError as exc:
