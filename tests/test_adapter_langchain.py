@@ -662,6 +662,40 @@ def test_a_tool_that_interrupts_has_not_failed_and_the_resumed_run_has_its_resul
     assert result.tool_call_id == "c1" and result.content[0].text == "booked Oslo: yes"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
+def test_a_resumed_run_records_only_the_interrupted_calls_result(handler: type) -> None:
+    # The call answered before the interrupt is sent to the model again by the resumed
+    # run: it was recorded in the interrupted loop, and is no input of the resumed one.
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        return a + b
+
+    @tool
+    def book(city: str) -> str:
+        """Book a trip, once a human confirms."""
+        return f"booked {city}: {interrupt({'confirm': city})}"
+
+    recorder = SessionRecorder()
+    calls = (("c1", "add", {"a": 1, "b": 2}), ("c2", "book", {"city": "Oslo"}))
+    agent = create_agent(
+        chat(reply("", *calls), reply("done")), tools=[add, book], checkpointer=InMemorySaver()
+    )
+    config: Any = {"callbacks": [handler([recorder])], "configurable": {"thread_id": "both"}}
+
+    async def both_runs() -> None:
+        await agent.ainvoke({"messages": [("user", "add, then book")]}, config)
+        await agent.ainvoke(Command(resume="yes"), config)
+
+    asyncio.run(both_runs())
+    interrupted, resumed = recorded(recorder)["both"].loops
+    results = [m for m in interrupted.turns[0].tool_results if isinstance(m, ToolResultMessage)]
+    answered = sorted((m.tool_call_id, m.content[0].text) for m in results)  # type: ignore[union-attr]
+    assert answered == [("c1", "3"), ("c2", "[interrupted]")]  # (concurrent tools: any order)
+    again = [m for m in resumed.messages if isinstance(m, ToolResultMessage)]
+    assert [(m.tool_call_id, m.content[0].text) for m in again] == [("c2", "booked Oslo: yes")]  # type: ignore[union-attr]
+
+
 def test_an_interrupt_in_a_subgraph_is_recorded_once() -> None:
     inner = approval_graph(chat(reply("draft")))  # model, then interrupt(), in a subgraph
     graph = StateGraph(State)

@@ -411,6 +411,7 @@ class _Run:
         return inputs
 
 
+_ANSWERED_MEMORY = 4096  # threads whose interrupted run's answered calls are kept
 _NO_MODEL = LoopConfigSnapshot(model="none", provider="langchain")
 """The config of a run that called no model (a resumed run that only ran a node, say)."""
 
@@ -425,6 +426,22 @@ class _Mapper:
         self._roots: dict[_RunId, _Run] = {}
         self._replies: dict[_RunId, tuple[_Run, MessageScope]] = {}
         self._tools: dict[_RunId, tuple[_Run, ToolScope, Token[RunningTool | None]]] = {}
+        # Thread id -> the calls of an interrupted run's last reply that it recorded results
+        # of: the resumed run's model call sends them again, and they are no new inputs
+        # (the interrupted call's result, which comes with the resume, is). Bounded.
+        self._answered: dict[str, frozenset[str]] = {}
+        self._answered_lock = threading.Lock()
+
+    def _root(
+        self, run_id: _RunId, metadata: Mapping[str, Any] | None, parent_tool: ToolScope | None
+    ) -> _Run:
+        """A new root run (a loop), knowing what the thread's interrupted run recorded."""
+        run = self._roots[run_id] = _Run(run_id, metadata, parent_tool, self.core.capture_requests)
+        thread = _thread(metadata)
+        if thread is not None:
+            with self._answered_lock:
+                run.recorded.update(self._answered.pop(thread, ()))
+        return run
 
     # -- loops ---------------------------------------------------------------------------------
 
@@ -434,7 +451,7 @@ class _Mapper:
         if loop is not None:
             return loop
         metadata = run.metadata or {}
-        thread = metadata.get("thread_id")
+        thread = _thread(metadata)
         checkpoint = metadata.get("checkpoint_id")
         # The parent tool is marked as running here too: a sub-agent found by its parent
         # run id is found when an async handler ran the tool's start in another context.
@@ -443,7 +460,7 @@ class _Mapper:
             started = self.core.start_run(
                 run.key,
                 config,
-                framework_session_id=None if thread is None else str(thread),
+                framework_session_id=thread,
                 kind=None if checkpoint is None else ContinuationKind.branch(str(checkpoint)),
             )
         finally:
@@ -475,8 +492,7 @@ class _Mapper:
                     self._runs[run_id] = run
                 return
             parent_tool = tool[1]  # a graph run inside a tool: a sub-agent
-        run = _Run(run_id, metadata, parent_tool, self.core.capture_requests)
-        self._roots[run_id] = self._runs[run_id] = run
+        run = self._runs[run_id] = self._root(run_id, metadata, parent_tool)
         resume = getattr(inputs, "resume", None)
         if resume is not None and type(inputs).__name__ == "Command":
             # LangGraph's Command(resume=...): the answer to the interrupt is the run's input.
@@ -500,6 +516,15 @@ class _Mapper:
     def _end(self, run: _Run, error: BaseException | None) -> None:
         with run.lock:
             loop = self._loop(run, _NO_MODEL)
+            thread = _thread(run.metadata)
+            if thread is not None and run.interrupts:
+                answered = run.recorded.intersection(run.call_args)
+                with self._answered_lock:
+                    self._answered.pop(thread, None)
+                    if answered:
+                        self._answered[thread] = frozenset(answered)
+                        if len(self._answered) > _ANSWERED_MEMORY:
+                            del self._answered[next(iter(self._answered))]
             if error is None and loop.running:
                 run.end_turn()
                 if run.interrupts:
@@ -523,14 +548,14 @@ class _Mapper:
         if tool is not None:
             # A model called by a tool (one that summarises, say) is not the next turn of
             # the tool's loop: like a graph run under a tool, it is a sub-agent.
-            run = self._roots[run_id] = _Run(run_id, metadata, tool[1], self.core.capture_requests)
+            run = self._root(run_id, metadata, tool[1])
         else:
             run = self._runs.get(parent_run_id) if parent_run_id is not None else None
             if run is None:
                 if parent_run_id is not None:
                     return  # under a run this handler does not record
                 # A bare model call is a loop of its own.
-                run = self._roots[run_id] = _Run(run_id, metadata, None, self.core.capture_requests)
+                run = self._root(run_id, metadata, None)
         metadata = metadata or {}
         params = params or {}
         # A model without a name (a fake, a custom class) goes by its LangChain type.
@@ -703,9 +728,15 @@ class _Mapper:
             # run. A started tool scope always records a result: this one says so.
             run.interrupted(error)
             tool.result("[interrupted]")
-        with run.lock:
-            run.recorded.add(tool.tool_call_id)
+        else:
+            with run.lock:
+                run.recorded.add(tool.tool_call_id)
         tool.end(None if interrupted else error)
+
+
+def _thread(metadata: Mapping[str, Any] | None) -> str | None:
+    thread = (metadata or {}).get("thread_id")
+    return None if thread is None else str(thread)
 
 
 def _tool_name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> str:
