@@ -17,12 +17,18 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from phi_session.cost import Pricer, prices_available
-from phi_session.model import Session
+from phi_session.identity import AgentSession
+from phi_session.instrument import Tracer
+from phi_session.messages import ToolCall
+from phi_session.model import LoopConfigSnapshot, Session
+from phi_session.recorder import SessionRecorder
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
 from phi_session.web.server import ViewerServer
@@ -122,12 +128,13 @@ class Watched:
         dialog.dismiss()
 
 
-@pytest.fixture
-def watched(browser: Any, server: ViewerServer) -> Iterator[Watched]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=server.url)
-    context.set_default_timeout(20_000)  # generous for a loaded CI machine; passing runs take ~1 s
-    page = context.new_page()
-    watcher = Watched(page)
+@contextmanager
+def watched_page(browser: Any, url: str, *, height: int = 900, timeout: int = 20_000) -> Iterator[Watched]:
+    """A page of the viewer at `url`; the default timeout is generous for a loaded CI
+    machine (passing runs take about a second)."""
+    context = browser.new_context(viewport={"width": 1280, "height": height}, base_url=url)
+    context.set_default_timeout(timeout)
+    watcher = Watched(context.new_page())
     try:
         yield watcher
     finally:
@@ -135,6 +142,12 @@ def watched(browser: Any, server: ViewerServer) -> Iterator[Watched]:
     # Any error or dialog fails the test that caused it (CSP violations included).
     assert watcher.errors == []
     assert watcher.dialogs == []
+
+
+@pytest.fixture
+def watched(browser: Any, server: ViewerServer) -> Iterator[Watched]:
+    with watched_page(browser, server.url) as watcher:
+        yield watcher
 
 
 def loop_details(page: Page, loop_id: str) -> Any:
@@ -390,11 +403,8 @@ def test_cost_charts_show_an_unknown_price_as_unknown(browser: Any, demo_ids: di
     # "unknown" with no bar, never as $0; a group holding it is unknown too.
     pricer = Pricer({"claude-sonnet-4-5": {"input": 3, "output": 15}}, use_table=False)
     with JsonDirStore(demo_ids["directory"]) as store, running_server(store, pricer=pricer) as server:
-        context = browser.new_context(viewport={"width": 1280, "height": 1400}, base_url=server.url)
-        context.set_default_timeout(20_000)
-        watcher = Watched(context.new_page())
-        page = watcher.page
-        try:
+        with watched_page(browser, server.url, height=1400) as watcher:
+            page = watcher.page
             page.goto("/#/stats")
             page.wait_for_selector("#cost-chart-agent")
             model = page.locator("#cost-chart-model g.chart-bar")
@@ -409,9 +419,6 @@ def test_cost_charts_show_an_unknown_price_as_unknown(browser: Any, demo_ids: di
             assert page.locator("#cost-chart-day .bar-note.unknown", has_text="?").count() >= 1
             ARTIFACTS.mkdir(exist_ok=True)
             page.locator(".charts").screenshot(path=str(ARTIFACTS / "usage-charts-unknown.png"))
-        finally:
-            context.close()
-    assert watcher.errors == [] and watcher.dialogs == []
 
 
 def test_session_list_pages_by_keyset(watched: Watched, demo_ids: dict[str, Any]) -> None:
@@ -458,11 +465,8 @@ def huge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ViewerServ
 
 
 def test_huge_session_opens_paged(browser: Any, huge_server: ViewerServer) -> None:
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=huge_server.url)
-    context.set_default_timeout(60_000)
-    page = context.new_page()
-    watcher = Watched(page)
-    try:
+    with watched_page(browser, huge_server.url, timeout=60_000) as watcher:
+        page = watcher.page
         page.goto("/#/session/huge-session")
         page.wait_for_selector("#loop-tree")
         assert page.locator("#loop-tree details.loop").count() == 200  # one page, not 600
@@ -479,6 +483,10 @@ def test_huge_session_opens_paged(browser: Any, huge_server: ViewerServer) -> No
         page.locator("#timeline-wrap").evaluate("box => { box.scrollTop = box.scrollHeight; }")
         expect(bars).to_have_count(1 + 60 * 15)
         page.locator("#timeline-wrap").screenshot(path=str(ARTIFACTS / "huge-timeline.png"))
+        # A chain of 600 continuations: past 10 levels the tree stops moving right (the
+        # deepest loops were squeezed to a few pixels).
+        deep = loop_details(page, "huge-session.loop.150").bounding_box()
+        assert deep is not None and deep["width"] > 600, deep
         late = page.locator('#timeline g.bar-loop[data-loop-index="45"]')
         title = late.locator("title").text_content() or ""
         assert "loop #46" in title and ("$" in title or "unknown" in title)  # priced with its page
@@ -492,9 +500,36 @@ def test_huge_session_opens_paged(browser: Any, huge_server: ViewerServer) -> No
         page.click("#more-events")
         expect(page.locator("#event-log tbody tr")).to_have_count(400)
         page.screenshot(path=str(ARTIFACTS / "huge-session.png"))
-    finally:
-        context.close()
-    assert watcher.errors == [] and watcher.dialogs == []
+
+
+def test_a_loop_cut_off_shows_its_conversation(browser: Any, tmp_path: Path) -> None:
+    # Its messages come with AgentEnd: a loop whose process died has none, but its turns
+    # and events hold the conversation; the chat view and the listing's prompt read them.
+    recorder = SessionRecorder()
+    config = LoopConfigSnapshot(model="m", provider="p")
+    loop = Tracer(AgentSession(session_id="cut-off"), sinks=[recorder], config=config).loop().start()
+    loop.user("What is in notes.txt?")
+    with loop.turn() as turn:
+        with turn.assistant() as reply:
+            reply.finish("Let me look.", tool_calls=[ToolCall(id="c1", name="read_file", arguments={})])
+        with turn.tool(turn.tool_calls[0]) as tool:
+            tool.result("buy milk")
+    recorder.flush()  # the loop never ended: Aborted, without messages
+    [session] = recorder.drain_completed()
+    assert session.loops[0].status == "Aborted" and not session.loops[0].messages
+    with SqliteStore(tmp_path / "cut.db") as store, running_server(store) as running:
+        store.save(session)
+        with watched_page(browser, running.url) as watcher:
+            page = watcher.page
+            page.goto("/")
+            expect(page.locator("#sessions tbody td.prompt")).to_have_text("What is in notes.txt?")
+            page.goto("/#/session/cut-off")
+            details = loop_details(page, session.loops[0].loop_id)
+            details.locator("summary").first.click()
+            details.locator("button.view-chat").click()
+            chat = details.locator(".chat")
+            expect(chat.locator(".bubble-user")).to_have_text("What is in notes.txt?")
+            expect(chat.locator("details.chat-tool summary")).to_contain_text("read_file")
 
 
 def test_search_box_and_cost(watched: Watched) -> None:

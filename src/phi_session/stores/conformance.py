@@ -1146,6 +1146,15 @@ class StoreConformance:
         )
         assert {row.session_id: row.first_prompt for row in store.query()}["quiet"] == "Please go"
 
+    def test_a_loop_that_never_ended_has_its_first_prompt_too(self, store: SessionStore) -> None:
+        # Its messages come with AgentEnd: a loop cut off (its process died) has none, and
+        # its prompt is in its stored events.
+        record = make_loop("cut", 1, status="Aborted")
+        said = UserMessage(content=(TextContent(text="What is in notes.txt?"),), timestamp=0)
+        record.events = (LoopEvent(sequence=0, event=MessageEnd(loop_id=record.loop_id, message=said)),)
+        store.save(make_session("cut", loops=[record]))
+        assert {row.session_id: row.first_prompt for row in store.query()}["cut"] == "What is in notes.txt?"
+
     # -- partial loads ----------------------------------------------------------------
 
     def _check_partial_loads(self, store: SessionStore, session_id: str) -> None:

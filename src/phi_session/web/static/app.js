@@ -13,6 +13,7 @@
   const IMAGE_TYPES = /^image\/(png|jpeg|gif|webp)$/;
   const PAGE_SIZE = "50"; // sessions per list page
   const LOOP_PAGE = 200; // loops and events per request
+  const MAX_INDENT = 10; // levels of the loop tree and the timeline that move right
   const FILTERS = [
     ["agent", "Agent", "agent id"],
     ["model", "Model", "provider/model"],
@@ -292,7 +293,7 @@
         const cost = h("td", { class: "num cost" }, "");
         costs.set(row.session_id, cost);
         return h("tr", null,
-          h("td", { class: "nowrap" }, h("a", { href: sessionHref(row.session_id), class: "mono session-link" }, row.session_id)),
+          h("td", { class: "id", title: row.session_id }, h("a", { href: sessionHref(row.session_id), class: "mono session-link" }, row.session_id)),
           h("td", { class: "prompt clip", title: row.first_prompt || "" }, row.first_prompt || ""),
           h("td", { class: "mono clip", title: row.agent_id }, row.agent_id),
           h("td", { class: "nowrap", title: row.last_active_at }, secondsTime(row.last_active_at)),
@@ -447,13 +448,16 @@
   }
 
   // The conversation as the user saw it: user and assistant text, tool calls folded with their results.
+  // A loop that never ended (aborted, or still running) has no messages yet: its turns hold them.
   function chatView(loop) {
+    const messages = (loop.messages || []).length ? loop.messages : (loop.turns || []).flatMap((turn) =>
+      [...(turn.input_messages || []), turn.output_message, ...(turn.tool_results || [])].filter(Boolean));
     const results = new Map();
-    for (const message of loop.messages || []) {
+    for (const message of messages) {
       if (message.role === "toolResult") results.set(message.toolCallId, message);
     }
     const bubbles = [];
-    for (const message of loop.messages || []) {
+    for (const message of messages) {
       if (message.role === "user") {
         bubbles.push(h("div", { class: "bubble bubble-user" }, (message.content || []).map(contentBlock)));
       } else if (message.role === "assistant") {
@@ -576,6 +580,9 @@
       const node = loopView(row, sessionId);
       stack.length = Math.min(stack.length, row.depth);
       const holder = stack.length ? stack[stack.length - 1].querySelector(":scope > .children") : tree;
+      // As on the timeline: past MAX_INDENT levels a chain stops moving right (a chat's loops
+      // each continue the one before: 300 of them squeezed the deepest to a few pixels).
+      if (row.depth > MAX_INDENT) holder.classList.add("flat");
       holder.appendChild(node);
       stack.push(node);
       const details = node.querySelector("details.loop");
@@ -684,8 +691,8 @@
         const start = Math.min(Math.max(bar.offset_ms, 0), span);
         const x = LABEL + (start / span) * AXIS;
         const width = Math.max(2, (Math.min(bar.duration_ms, span - start) / span) * AXIS);
-        // A long chain of continuations nests deep: past 10 levels the labels stop moving right.
-        const indent = Math.min(bar.depth, 10);
+        // A long chain of continuations nests deep: past MAX_INDENT levels the labels stop moving right.
+        const indent = Math.min(bar.depth, MAX_INDENT);
         const label = bar.label.length > 44 - indent * 2 ? bar.label.slice(0, 43 - indent * 2) + "…" : bar.label;
         const clickable = bar.loop_id !== null;
         const group = svg("g", { class: "bar bar-" + bar.kind + (bar.status ? " " + statusClass(bar.status) : "") +
