@@ -444,6 +444,10 @@ def test_list_json_and_filters(store_dir: Path) -> None:
     assert len(ids("--status", "Completed")) == 5
     assert ids("--min-tokens", "1000") == [PARENT_ID, BASIC_ID]
     assert ids("--limit", "2") == [MINIMAL_ID, PARALLEL_ID]
+    # The next page's cursor, on one line whatever the width (Rich wrapped it at 80 columns).
+    paged = run("list", "--limit", "2", "--store", store_dir)
+    [cursor] = [line for line in paged.stderr.splitlines() if line.startswith("more may follow: --after ")]
+    assert ids("--after", cursor.rpartition(" ")[2])[:1] == [CHILD_ID]
     assert ids("--since", "2025-06-03") == [MINIMAL_ID, PARALLEL_ID]
     assert ids("--until", "2025-06-02") == [BASIC_ID]
     assert ids("--since", "2025-06-02T14:30:00.500Z", "--until", "2025-06-03") == [CHILD_ID]
@@ -748,6 +752,13 @@ def test_export_jsonl_gives_back_the_recorded_stream(store_dir: Path, tmp_path: 
     for session_id in (PARENT_ID, CHILD_ID):
         name = f"{session_id}.json"
         assert (again / name).read_bytes() == (store_dir / name).read_bytes()
+    assert (
+        "warning" not in run("export", PARENT_ID, CHILD_ID, "--format", "jsonl", "--store", store_dir).stderr
+    )
+    # Alone, the sub-agent loses the tool call that spawned it (in its parent's events): said.
+    alone = run("export", CHILD_ID, "--format", "jsonl", "--store", store_dir)
+    assert alone.exit_code == EXIT_OK
+    assert f"sub-agent session {CHILD_ID!r} is exported without its parent {PARENT_ID!r}" in alone.stderr
 
 
 def test_export_jsonl_records_back_the_parallel_groups(store_dir: Path, tmp_path: Path) -> None:
@@ -926,6 +937,9 @@ def test_rm(store_dir: Path) -> None:
     mixed = run("rm", PARALLEL_ID, "../x", CHILD_ID, "--store", store_dir, "--json")
     assert_one_line_error(mixed, EXIT_USAGE, "../x")
     assert (store_dir / f"{PARALLEL_ID}.json").exists() and (store_dir / f"{CHILD_ID}.json").exists()
+    # An id given twice is deleted once: it was reported removed and missing, exit status 1.
+    twice = run("rm", CHILD_ID, CHILD_ID, "--store", store_dir, "--json")
+    assert twice.exit_code == EXIT_OK and json_out(twice) == {"removed": [CHILD_ID], "missing": []}
 
 
 # -- the group itself --------------------------------------------------------------------------------

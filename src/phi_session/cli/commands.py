@@ -139,8 +139,12 @@ def list_command(
         costs = [_session_cost(store, pricer, row.session_id) for row in rows]
     following = query.next_page(rows)
     if following is not None and following.after is not None:
-        stderr().print(
-            f"more may follow: --after {following.after}", style="dim", markup=False, highlight=False
+        stderr().print(  # one line, whatever the width: a script reads the cursor from it
+            f"more may follow: --after {following.after}",
+            style="dim",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
     if as_json:
         echo_json(
@@ -845,6 +849,15 @@ def export(
         # An id given twice is exported once: its events twice would record another session.
         sessions = [load_cli_session(store, session_id) for session_id in dict.fromkeys(session_ids)]
     if fmt == "jsonl":
+        exported = {session.session_id for session in sessions}
+        for session in sessions:
+            spawn = session.parent_spawn_ref
+            if spawn is not None and spawn.parent_session_id not in exported:
+                # The tool call that spawned it is in its parent's events only.
+                warn(
+                    f"warning: sub-agent session {session.session_id!r} is exported without its parent "
+                    f"{spawn.parent_session_id!r}: record rebuilds it without the tool call that spawned it"
+                )
         chunks: Iterable[bytes] = (
             encode_event(event) + b"\n" for event in event_stream(sessions, parallel_groups=True)
         )
@@ -878,7 +891,8 @@ def rm(session_ids: tuple[str, ...], store_url: str | None, as_json: bool) -> No
     A malformed id is a usage error (exit status 2) that deletes nothing: every id is
     checked before the first deletion.
     """
-    valid_ids = [session_id_argument(session_id) for session_id in session_ids]
+    # An id given twice, once (it was both removed and missing).
+    valid_ids = [session_id_argument(session_id) for session_id in dict.fromkeys(session_ids)]
     removed: list[str] = []
     missing: list[str] = []
     with open_cli_store(store_url, must_exist=True) as store:
