@@ -62,7 +62,8 @@ def test_agent_end_for_a_pending_branch_of_a_drained_session_is_recorded() -> No
     recorder.flush()
     [session] = recorder.drain_completed()
     [loop] = session.loops
-    assert loop.status == "Completed" and [type(e.event).__name__ for e in loop.events] == [
+    # Never started (a vetoed branch sends only its AgentEnd): Aborted, nothing lost.
+    assert loop.status == "Aborted" and [type(e.event).__name__ for e in loop.events] == [
         "TurnStart",
         "AgentEnd",
     ]

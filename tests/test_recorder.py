@@ -167,6 +167,33 @@ def test_turns_collect_inputs_and_stamp_tool_results() -> None:
     )
 
 
+def test_a_turns_tool_results_are_plain_whichever_way_they_arrive() -> None:
+    """`TurnEnd.tool_results` are plain messages: a result with agent metadata kept it in
+    the turn through `on_event`, and lost it through `on_json` (a journal's replay)."""
+    result = msgspec.structs.replace(tool_result("call0"), node_id=7, tags=("x",))
+    events: list[ps.AgentEvent] = [
+        start("s.c.1", "s"),
+        ps.TurnStart(loop_id="s.c.1", turn_index=0, triggered_by="User", timestamp=ts(0)),
+        ps.TurnEnd(
+            loop_id="s.c.1", message=assistant("a"), usage=usage(1), timestamp=ts(1), tool_results=(result,)
+        ),
+        end("s.c.1", at=2),
+    ]
+    _, [direct] = record(events)
+    recorder = SessionRecorder()
+    for event in events:
+        recorder.on_json(ps.encode_event(event))
+    recorder.flush()
+    [decoded] = recorder.drain_completed()
+    [stamped] = direct.loops[0].turns[0].tool_results
+    assert (stamped.node_id, stamped.tags, stamped.turn_id) == (
+        None,
+        (),
+        ps.TurnId(loop_id="s.c.1", turn_index=0),
+    )
+    assert ps.encode(direct) == ps.encode(decoded)
+
+
 def test_a_turns_inputs_are_its_messages_of_any_role_but_assistant() -> None:
     # By role (wire-format §3.5): an extension message whose role is "assistant" is no input.
     said = [ps.extension_message(role, "note", {"x": 1}) for role in ("assistant", "user", "system")]
@@ -387,17 +414,180 @@ def test_a_repeated_agent_start_for_an_open_loop_opens_no_session_and_changes_no
     assert [e.event for e in loop.events if isinstance(e.event, ps.AgentStart)][1:] == again  # nothing lost
 
 
-def test_a_repeated_agent_start_for_a_closed_loop_is_an_orphan_not_a_second_record() -> None:
-    """The loop had ended but its session was not drained yet: the repeat opened a
-    second record of the same id, and the session held the loop twice."""
-    again = start("s.c.1", "s", at=5)
-    late = [again, *turn("s.c.1", at=6), end("s.c.1", at=9)]
-    recorder, [session] = record([start("s.c.1", "s"), *turn("s.c.1"), end("s.c.1"), *late])
+def test_an_agent_start_for_a_closed_loop_before_its_end_is_an_orphan_not_a_second_record() -> None:
+    """The loop had ended but its session was not drained yet: a repeat from within its
+    run opened a second record of the same id, and the session held the loop twice."""
+    again = start("s.c.1", "s", at=1)
+    late = [again, *turn("s.c.1", at=2), end("s.c.1", at=9)]
+    recorder, [session] = record([start("s.c.1", "s"), *turn("s.c.1"), end("s.c.1", at=5), *late])
     [loop] = session.loops
-    assert (loop.started_at, loop.ended_at, len(loop.turns)) == (ts(0), ts(1), 1)
+    assert (loop.started_at, loop.ended_at, len(loop.turns)) == (ts(0), ts(5), 1)
     orphans = recorder.orphans()
     assert [orphan.event for orphan in orphans] == late  # nothing lost
     assert orphans[0].reason == "repeated AgentStart for an already closed loop"
+
+
+def test_a_closed_loops_id_started_again_after_its_end_is_a_second_record() -> None:
+    """phi-core names loops `{segment}.{N}` and parallel branches `{segment}.{k}`, so ids
+    come again (wire-format §8.1): its recorder makes a second record, and so do we (the
+    second loop was an orphan, lost to every store)."""
+    recorder, [session] = record(
+        [
+            start("s.c.1", "s"),
+            *turn("s.c.1"),
+            end("s.c.1", at=2),
+            start("s.c.1", "s", at=5),
+            end("s.c.1", at=6),
+        ]
+    )
+    assert [(r.loop_id, r.started_at, r.status) for r in session.loops] == [
+        ("s.c.1", ts(0), "Completed"),
+        ("s.c.1", ts(5), "Completed"),
+    ]
+    assert recorder.orphans() == []
+
+
+def _evaluation(at: int, winner: str, tokens: tuple[int, int]) -> list[ps.AgentEvent]:
+    """A parallel evaluation of two configurations, named as phi-core names its branches."""
+    events: list[ps.AgentEvent] = [
+        ps.ParallelLoopStart(session_id="s", loop_ids=("s.claude.1", "s.gpt.2"), timestamp=ts(at))
+    ]
+    for loop_id, n in zip(("s.claude.1", "s.gpt.2"), tokens, strict=True):
+        answer = assistant(f"{loop_id} at {at}")
+        events += [
+            start(loop_id, "s", at=at + 1),
+            ps.AgentEnd(loop_id=loop_id, messages=(answer,), usage=usage(n), timestamp=ts(at + 2)),
+        ]
+    events.append(group_end("s", winner, at=at + 3))
+    return events
+
+
+def _saved_after_every_event(events: list[ps.AgentEvent]) -> dict[str, bytes]:
+    """The session files of `events` checkpointed, drained and saved (merged) after each one."""
+    from phi_session.stores.base import merge_sessions
+
+    recorder = SessionRecorder()
+    saved: dict[str, ps.Session] = {}
+    for event in [*events, None]:
+        if event is None:
+            recorder.flush()
+        else:
+            recorder.on_event(event)
+            recorder.checkpoint()
+        for session in recorder.drain_completed():
+            previous = saved.get(session.session_id)
+            saved[session.session_id] = session if previous is None else merge_sessions(previous, session)
+    return {session_id: ps.encode(session) for session_id, session in saved.items()}
+
+
+@pytest.mark.parametrize("agent_loop_first", [False, True])
+def test_a_second_parallel_evaluation_reusing_branch_ids_keeps_both_groups(agent_loop_first: bool) -> None:
+    """A second `agent_loop_parallel` in a session names its branches as the first did (and
+    branch 1 as the agent's own first loop of that configuration): its loops were orphans,
+    and its winner was written over the first group's records."""
+    before = [start("s.claude.1", "s"), end("s.claude.1")] if agent_loop_first else []
+    events = [*before, *_evaluation(10, "s.claude.1", (1, 2)), *_evaluation(20, "s.gpt.2", (3, 4))]
+    recorder, [session] = record(events)
+    assert recorder.orphans() == []
+    loops = session.loops[len(before) // 2 :]
+    assert [(r.loop_id, r.started_at) for r in loops] == [
+        ("s.claude.1", ts(11)),
+        ("s.gpt.2", ts(11)),
+        ("s.claude.1", ts(21)),
+        ("s.gpt.2", ts(21)),
+    ]
+    assert [(g.selected_loop_id, g.is_selected) for g in (r.parallel_group for r in loops) if g] == [
+        ("s.claude.1", True),
+        ("s.claude.1", False),
+        ("s.gpt.2", False),
+        ("s.gpt.2", True),
+    ]
+    assert session.billed_usage().input == 1 + 2 + 3 + 4
+    if agent_loop_first:
+        assert session.loops[0].parallel_group is None
+    assert _saved_after_every_event(events) == {"s": ps.encode(session)}
+
+
+def test_a_lone_agent_end_of_a_branch_that_never_started_aborts_it() -> None:
+    """phi-core's loop sends only an AgentEnd when a `before_loop` hook vetoes a branch:
+    the Pending branch was recorded Completed, with no AgentStart in its log."""
+    veto = end("s.b.2", at=2)
+    events = [
+        ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
+        start("s.a.1", "s", at=1, agent="agent-x"),
+        veto,
+        end("s.a.1", at=3),
+        group_end("s", "s.a.1", at=4),
+    ]
+    recorder, [session] = record(events)
+    branch = session.get_loop("s.b.2")
+    assert branch is not None and branch.status == "Aborted" and branch.ended_at is None
+    assert [e.event for e in branch.events] == [veto]  # kept, as the loop's only event
+    assert recorder.orphans() == []
+    assert _saved_after_every_event(events) == {"s": ps.encode(session)}
+
+
+def test_a_lone_agent_end_before_any_branch_started_makes_up_no_session() -> None:
+    """Before any branch started, the veto made the session up: no agent id, created at the
+    group's announcement, and `before_task` never called."""
+    opened: list[str] = []
+    veto = end("s.b.2", at=2)
+    events = [
+        ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
+        veto,
+        start("s.a.1", "s", at=3, agent="agent-x"),
+        end("s.a.1", at=4),
+        group_end("s", "s.a.1", at=5),
+    ]
+    recorder, [session] = record(events, before_task=lambda s: opened.append(s.session_id))
+    assert (session.agent_id, session.created_at, opened) == ("agent-x", ts(3), ["s"])
+    assert recorder.orphans() == []
+    branch = session.get_loop("s.b.2")
+    assert branch is not None and branch.status == "Aborted"  # at flush, as documented
+    assert [e.event for e in branch.events] == [veto]
+
+
+def test_a_branch_that_never_started_keeps_a_drained_sessions_header() -> None:
+    """Drained before `flush` aborted its never-started branch, the session was amended
+    with a header made up from the branch: created at the group's announcement."""
+    events = [
+        ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
+        start("s.a.1", "s", at=1),
+        end("s.a.1", at=2),
+        group_end("s", "s.a.1", at=3),
+    ]
+    _, [whole] = record(events)
+    assert whole.created_at == ts(1)
+    assert _saved_after_every_event(events) == {"s": ps.encode(whole)}
+
+
+def test_a_bare_id_continuation_after_its_parent_was_drained_is_no_sub_agent() -> None:
+    """Once the parent's session was drained, the continuation's parent fell back to the
+    id's prefix, which for a bare id is the id itself: a bogus `parent_spawn_ref`."""
+    events = [
+        start("0f1e2d3c", "s"),
+        end("0f1e2d3c"),
+        start("s.c.2", "s", at=2, parent="0f1e2d3c", kind=ps.DEFAULT),
+    ]
+    _, [whole] = record([*events, end("s.c.2", at=3)])
+    assert whole.parent_spawn_ref is None
+    assert _saved_after_every_event([*events, end("s.c.2", at=3)]) == {"s": ps.encode(whole)}
+
+
+def test_a_compaction_pass_links_to_its_loop_after_a_drain_too() -> None:
+    """phi-core links a compaction pass's record into its loop's first record (its own id);
+    a store's merge skipped self-parented loops, so a drain in between lost the link."""
+    events = [
+        start("s.c.1", "s"),
+        end("s.c.1"),
+        start("s.c.1", "s", at=5, parent="s.c.1", kind=ps.COMPACTION),
+        end("s.c.1", at=6),
+        start("s.c.2", "s", at=7, parent="s.c.1", kind=ps.DEFAULT),
+        end("s.c.2", at=8),
+    ]
+    _, [whole] = record(events)
+    assert whole.loops[0].children_loop_ids == ("s.c.1", "s.c.2")
+    assert _saved_after_every_event(events) == {"s": ps.encode(whole)}
 
 
 def test_a_closed_loop_started_again_at_the_same_instant_is_replaced_in_its_place() -> None:

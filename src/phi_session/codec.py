@@ -313,6 +313,12 @@ def _plain_message(message: Message) -> Message:
     return replace(message, turn_id=None, node_id=None, parent_id=None, tags=(), provenance_hint=None)
 
 
+def stamped_plain(message: Message, turn_id: TurnId) -> Message:
+    """`message` as a turn's tool results hold it: the plain form, stamped with `turn_id`
+    (phi-core's ``Turn.tool_results`` are plain messages, which carry no other metadata)."""
+    return replace(message, turn_id=turn_id, node_id=None, parent_id=None, tags=(), provenance_hint=None)
+
+
 def encode_plain_message(message: Message) -> bytes:
     """The plain form of one LLM message (as a ``TurnRequest``'s history holds it): agent
     metadata dropped, keys in declaration order, compact."""

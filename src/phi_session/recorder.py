@@ -221,18 +221,25 @@ class _Children:
 class _HeldSession:
     """A session the recorder still holds (open or completed-but-not-drained)."""
 
-    __slots__ = ("closed", "events", "open_loops", "session", "unlinked")
+    __slots__ = ("closed", "events", "latest", "open_loops", "session", "unlinked")
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self.open_loops = 0
         # First closed record per loop id: O(1) parent lookups (phi-core scans).
         self.closed: dict[str, LoopRecord] = {}
+        # The last closed record of an id closed more than once (a compaction pass, an id
+        # used again by a later loop): rare, so only those ids are here.
+        self.latest: dict[str, LoopRecord] = {}
         # Session-scoped events: most sessions have none, and hold an empty tuple rather
         # than a list for the collector to walk; a list once they have some (appended to).
         self.events: list[AgentEvent] | tuple[()] = ()
         # Parent loop id -> children not yet in its record's tuple (`link_children`).
         self.unlinked: dict[str, _Children] = {}
+
+    def last_closed(self, loop_id: str) -> LoopRecord | None:
+        """The record of `loop_id` that closed last, if any did."""
+        return self.latest.get(loop_id) or self.closed.get(loop_id)
 
     def link_child(self, parent: LoopRecord, child_id: str) -> None:
         children = self.unlinked.get(parent.loop_id)
@@ -273,12 +280,15 @@ class SessionRecorder:
         # Loop id -> the held sessions with a closed record of it (`_HeldSession.closed`);
         # session ids, not records: tuples of strings the GC does not track.
         self._closed_by_id: dict[str, tuple[str, ...]] = {}
-        self._groups: dict[str, tuple[str, ...]] = {}
+        self._groups: dict[str, tuple[str, ...]] = {}  # branch id -> its open group's ids
+        self._group_since: dict[str, Timestamp] = {}  # branch id -> when its open group began
         self._open_groups: dict[str, int] = {}  # session id -> parallel groups not yet ended
         # What drained sessions are still owed, so the late information can be handed
         # over again (see `drain_completed`); all of it ends with the group or parent loop.
         self._late_branches: dict[str, list[tuple[Session, LoopRecord]]] = {}  # loop in an open group
         self._late_groups: dict[str, Session] = {}  # session drained with a group open
+        # The header of such a session once its group ended with a branch never started.
+        self._unstarted_homes: dict[str, Session] = {}
         self._stream_time: Timestamp | None = None  # the latest AgentStart's (`group_end_timeout`)
         self._late_spawns: dict[str, dict[str, Session]] = {}  # open parent loop -> sub-agents
         self._spawns: dict[str, tuple[str, str, str, str]] = {}  # child loop -> parent ref
@@ -432,9 +442,12 @@ class SessionRecorder:
     def _on_agent_start(self, event: AgentStart) -> None:
         if self._stream_time is None or event.timestamp > self._stream_time:
             self._stream_time = event.timestamp
-        if event.loop_id in self._closed_by_id and event.continuation_kind != COMPACTION:
+        if (
+            event.loop_id in self._closed_by_id
+            and event.continuation_kind != COMPACTION
+            and not self._starts_again(event.session_id, event.loop_id, event.timestamp)
+        ):
             # Its loop ended and is still held: a second record would hold the loop twice.
-            # phi-core's compaction pass alone reuses an ended loop's id (wire-format §8.1).
             if not self._resend(event):
                 self._orphan(event, "repeated AgentStart for an already closed loop")
             return
@@ -468,6 +481,22 @@ class SessionRecorder:
         held.open_loops += 1
         loop.append(event)
 
+    def _starts_again(self, session_id: str, loop_id: str, timestamp: Timestamp) -> bool:
+        """Whether a loop of `loop_id` starting at `timestamp` in `session_id` is a new loop
+        of an id used before: the id's last record there ended by then. phi-core names
+        loops so that ids come again (wire-format §8.1): a compaction pass reuses its
+        loop's id, a second parallel evaluation its branches' `{segment}.{k}`, which an
+        agent's own `{segment}.{N}` may also reach. A start at the ended record's own
+        instant is that loop sent again (`_resend`), no new loop."""
+        held = self._open.get(session_id) or self._completed.get(session_id)
+        record = held.last_closed(loop_id) if held is not None else None
+        return (
+            record is not None
+            and record.ended_at is not None
+            and timestamp >= record.ended_at
+            and timestamp != record.started_at
+        )
+
     def _spawn_ref(self, event: AgentStart) -> SpawnRef | None:
         """The link of `event`'s session to the loop that spawned it, if its parent loop is
         another session's. What the recorder saw decides; the loop-id prefix is only the fallback."""
@@ -478,6 +507,15 @@ class SessionRecorder:
         known = self._spawns.get(event.loop_id) or self._awaited_spawns.get(event.loop_id)
         if known is not None and known[1] == parent:
             parent_session, tool_call_id, tool_name = known[0], known[2], known[3]
+        elif (
+            event.continuation_kind.kind != "Initial"
+            and parent not in self._loop_session
+            and parent not in self._loops
+            and session_id_from_loop_id(parent) == parent
+        ):
+            # A continuation of a bare-id loop no longer held (drained): the id names no
+            # session, and a continuation goes on in its parent's session.
+            return None
         else:
             parent_session, tool_call_id, tool_name = self._session_of(parent), "", ""
         if parent_session == event.session_id:
@@ -616,6 +654,9 @@ class SessionRecorder:
     # -- steps: what follows an event's storing in its open loop (`_store`) -------------
 
     def _on_agent_end(self, loop: _OpenLoop, event: AgentEnd) -> None:
+        if not loop.started:
+            self._end_unstarted(loop, event)
+            return
         record = loop.record
         record.ended_at = event.timestamp
         record.rejection = event.rejection
@@ -635,13 +676,29 @@ class SessionRecorder:
         else:
             self._close(loop)
 
+    def _end_unstarted(self, loop: _OpenLoop, event: AgentEnd) -> None:
+        """A lone `AgentEnd` for an announced parallel branch: phi-core's loop sends only that
+        when a ``before_loop`` hook vetoes the run (wire-format §10). The branch never ran:
+        it ends Aborted now, as at `flush`, its events kept, if its session is held; else
+        it stays Pending, the event in its log, until `flush` or a start (a session opened
+        for it would take its header from no AgentStart)."""
+        if loop.session_id not in self._open and loop.session_id not in self._completed:
+            return
+        loop.turn = None
+        loop.record.status = "Aborted"
+        self._close(loop)
+
     def _close(self, loop: _OpenLoop) -> None:
         """Move a loop out of the open map into its session, linking it to its parent."""
         record = loop.record
         held = self._open.get(loop.session_id)
         if held is None:
-            # Only a Pending branch can outlive its open session (it does not hold it open).
-            held = self._completed.pop(loop.session_id, None) or self._placeholder_session(record)
+            # Only a Pending branch can outlive its open session (it does not hold it open):
+            # drained with its group open, the session is amended; else a header is made up.
+            held = self._completed.pop(loop.session_id, None)
+            if held is None:
+                late = self._late_groups.get(loop.session_id) or self._unstarted_homes.get(loop.session_id)
+                held = self._amendment(late) if late is not None else self._placeholder_session(record)
             self._open[loop.session_id] = held
         del self._loops[record.loop_id]
         loop.finish()
@@ -674,6 +731,8 @@ class SessionRecorder:
         first = held.closed.get(record.loop_id)
         if first is None or first is replaced:
             held.closed[record.loop_id] = record
+        elif replaced is None or held.latest.get(record.loop_id) is replaced:
+            held.latest[record.loop_id] = record
         if first is None:
             session_id = held.session.session_id
             self._closed_by_id[record.loop_id] = (*self._closed_by_id.get(record.loop_id, ()), session_id)
@@ -711,7 +770,9 @@ class SessionRecorder:
                     usage=event.usage,
                     input_messages=tuple(pending.inputs),
                     output_message=event.message,
-                    tool_results=tuple(map(partial(replace, turn_id=turn_id), event.tool_results)),
+                    tool_results=tuple(
+                        map(partial(codec.stamped_plain, turn_id=turn_id), event.tool_results)
+                    ),
                     started_at=pending.started_at,
                     ended_at=event.timestamp,
                     request_payload=pending.payload,
@@ -766,9 +827,12 @@ class SessionRecorder:
         again, else an amendment (its header, then only what changed) for the next drain."""
         held = self._open.get(drained.session_id) or self._completed.get(drained.session_id)
         if held is None:
-            held = _HeldSession(replace(drained, loops=[], session_events=msgspec.UNSET))
-            self._completed[drained.session_id] = held
+            held = self._completed[drained.session_id] = self._amendment(drained)
         return held
+
+    @staticmethod
+    def _amendment(drained: Session) -> _HeldSession:
+        return _HeldSession(replace(drained, loops=[], session_events=msgspec.UNSET))
 
     def _on_parallel_start(self, event: ParallelLoopStart) -> None:
         self._session_event(event)
@@ -779,8 +843,12 @@ class SessionRecorder:
         if loop_ids and self._groups.get(loop_ids[0]) != loop_ids:
             self._open_groups[event.session_id] = self._open_groups.get(event.session_id, 0) + 1
         for loop_id in event.loop_ids:
-            self._groups.setdefault(loop_id, event.loop_ids)
-            if loop_id in self._loops or loop_id in self._loop_session:
+            if self._groups.setdefault(loop_id, event.loop_ids) is event.loop_ids:
+                self._group_since[loop_id] = event.timestamp
+            if loop_id in self._loops or (
+                loop_id in self._loop_session
+                and not self._starts_again(event.session_id, loop_id, event.timestamp)
+            ):
                 continue
             # Pre-register the branch so it is visible (and cannot vanish) before it starts.
             record = LoopRecord.start(
@@ -807,11 +875,14 @@ class SessionRecorder:
                 is_selected=loop_id == event.selected_loop_id,
             )
             loop = self._loops.get(loop_id)
-            if loop is not None:
+            if loop is not None:  # (a closed record of its id is an earlier loop's)
                 loop.record.parallel_group = group
-            for session_id in self._closed_by_id.get(loop_id, ()):
-                held = self._open.get(session_id) or self._completed[session_id]
-                held.closed[loop_id].parallel_group = group
+            else:
+                for session_id in self._closed_by_id.get(loop_id, ()):
+                    held = self._open.get(session_id) or self._completed[session_id]
+                    record = held.last_closed(loop_id)
+                    assert record is not None  # `_closed_by_id` lists the sessions holding one
+                    record.parallel_group = group
             for session, record in self._late_branches.pop(loop_id, ()):
                 # Drained already: amend a copy, never what was handed over.
                 self._add_closed(
@@ -820,6 +891,7 @@ class SessionRecorder:
                 )
         for loop_id in all_ids:
             self._groups.pop(loop_id, None)
+            self._group_since.pop(loop_id, None)
         self._session_event(event)  # after the amendments, which hold a drained session again
         if group_ids is None:  # no open group (a repeat, say): it must not end another one
             return
@@ -828,7 +900,12 @@ class SessionRecorder:
             self._open_groups[event.session_id] = remaining
         else:
             self._open_groups.pop(event.session_id, None)
-            self._late_groups.pop(event.session_id, None)
+            late = self._late_groups.pop(event.session_id, None)
+            if late is not None and any(not self._loops[i].started for i in all_ids if i in self._loops):
+                # A branch that never started ends at `flush`: into this session's header.
+                self._unstarted_homes[event.session_id] = replace(
+                    late, loops=[], session_events=msgspec.UNSET
+                )
 
     def _session_event(self, event: ParallelLoopStart | ParallelLoopEnd) -> None:
         held = self._open.get(event.session_id) or self._completed.get(event.session_id)
@@ -865,6 +942,7 @@ class SessionRecorder:
                 loop.record.status = "Aborted"
                 self._close(loop)
             self._groups.clear()
+            self._group_since.clear()
             self._open_groups.clear()
             # No sub-agent starts after the stream's end: none is awaited, even by a
             # spawner drained after this.
@@ -872,6 +950,7 @@ class SessionRecorder:
             self._awaited_spawns.clear()
             self._late_branches.clear()
             self._late_groups.clear()
+            self._unstarted_homes.clear()
             for events in self._early_events.values():  # announced, but no branch ever started
                 for event in events:
                     self._orphan(event, "parallel group whose session never started")
@@ -942,17 +1021,18 @@ class SessionRecorder:
             logger.warning(
                 "session %s: parallel group without ParallelLoopEnd after %s s given up", session_id, timeout
             )
-            del self._late_groups[session_id]
             self._open_groups.pop(session_id, None)
             for loop_id in [loop_id for loop_id in self._groups if self._session_of(loop_id) == session_id]:
                 del self._groups[loop_id]
+                del self._group_since[loop_id]
                 self._late_branches.pop(loop_id, None)
                 branch = self._loops.get(loop_id)
                 # Never started: a started one holds its session open, or is its loop sent
                 # again, which its AgentEnd or `flush` ends.
                 if branch is not None and not branch.started:
                     branch.record.status = "Aborted"
-                    self._close(branch)
+                    self._close(branch)  # into the late group's session, amended
+            del self._late_groups[session_id]
 
     def drain_completed(self) -> list[Session]:
         """Hand over the completed sessions and forget them (at most one per session id).
@@ -984,7 +1064,9 @@ class SessionRecorder:
         if spawn is not None and not spawn.tool_call_id and spawn.parent_loop_id in self._loops:
             self._late_spawns.setdefault(spawn.parent_loop_id, {})[session.session_id] = session
         for record in session.loops:
-            if record.loop_id in self._groups:
+            since = self._group_since.get(record.loop_id)
+            if since is not None and (record.ended_at is None or record.ended_at >= since):
+                # (One that ended before its id's group began is an earlier loop of that id.)
                 self._late_branches.setdefault(record.loop_id, []).append((session, record))
             self._loop_session.pop(record.loop_id, None)
             self._spawns.pop(record.loop_id, None)

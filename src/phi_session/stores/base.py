@@ -557,12 +557,14 @@ def _link_to_parents(loops: list[LoopRecord], adopted: list[LoopRecord]) -> None
     for index, record in enumerate(loops):
         first.setdefault(record.loop_id, index)
     for child in adopted:
-        if child.parent_loop_id in (None, child.loop_id) or child.status in ("Running", "Pending"):
-            continue  # only finished loops are linked, and never to themselves
+        if child.parent_loop_id is None or child.status in ("Running", "Pending"):
+            continue  # only finished loops are linked
         slot = first.get(child.parent_loop_id)
         if slot is None:
             continue  # the parent lives in another session
         parent = loops[slot]
+        if parent is child:
+            continue  # never to itself (a compaction pass's record links to its loop's first)
         if child.loop_id not in parent.children_loop_ids:
             loops[slot] = msgspec.structs.replace(
                 parent, children_loop_ids=(*parent.children_loop_ids, child.loop_id)
