@@ -17,8 +17,9 @@ The framework-independent core, one module per concept:
 * `phi_session.replay.forking`: `fork`, a recorded loop run again up to a turn and then
   handed to another model, for any recorded loop.
 
-A replay costs no tokens and makes no network call: the recorded replies are
-returned, and with ``tools="recorded"`` the recorded tool results too.
+A replay calls no model and makes no network call: the recorded replies are
+returned (with the usage they reported, which billing roll-ups count like any loop's),
+and with ``tools="recorded"`` the recorded tool results too.
 """
 
 from __future__ import annotations
