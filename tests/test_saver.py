@@ -140,6 +140,54 @@ def test_once_a_session_is_given_up_later_ones_get_one_attempt_until_a_save_succ
     assert saver.save(fourth).saved  # healthy again: retried as usual
 
 
+def _conversation_in_pieces() -> tuple[ps.Session, list[ps.Session]]:
+    """A loop and its continuation, whole and as the two pieces a recorder hands over."""
+
+    def loop(n: int, parent: str | None) -> list[ps.AgentEvent]:
+        at = ps.Timestamp.from_ns(1_750_000_000 * 10**9 + n * 10**9)
+        return [
+            ps.AgentStart(
+                agent_id="a",
+                session_id="s",
+                loop_id=f"s.c.{n}",
+                parent_loop_id=parent,
+                continuation_kind=ps.DEFAULT if parent else ps.INITIAL,
+                timestamp=at,
+            ),
+            ps.AgentEnd(loop_id=f"s.c.{n}", messages=(), usage=ps.Usage(input=n, output=1), timestamp=at),
+        ]
+
+    whole = SessionRecorder()
+    whole.record_all([*loop(1, None), *loop(2, "s.c.1")])
+    whole.flush()
+    pieces = SessionRecorder()
+    handed: list[ps.Session] = []
+    for events in (loop(1, None), loop(2, "s.c.1")):
+        pieces.record_all(events)
+        pieces.checkpoint()
+        handed += pieces.drain_completed()
+    return whole.drain_completed()[0], handed
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_later_piece_of_a_session_is_saved_after_its_unsaved_earlier_pieces(
+    clock: FakeTime, batch: bool
+) -> None:
+    """A store outage gave a conversation's first piece up; the continuation, saved once the
+    store was back, went in first, and the first piece was merged in after it: its loops
+    out of order, and the continuation's link to its parent lost."""
+    whole, (first, second) = _conversation_in_pieces()
+    memory = BatchMemoryStore() if batch else MemoryStore()
+    memory.trouble = failing(10**6, ps.StoreError("down"))
+    saver = saver_for(memory, retry_for=1)
+    assert saver.save(first).unsaved
+    memory.trouble = None
+    [other] = sessions(1)
+    outcomes = saver.save_many([second, other]) if batch else [saver.save(second)]
+    assert all(outcome.saved for outcome in outcomes) and saver.unsaved == []
+    assert ps.encode(memory.sessions["s"]) == ps.encode(whole)
+
+
 def test_a_session_id_no_store_accepts_goes_to_the_orphans(clock: FakeTime) -> None:
     [session] = sessions(1)
     bad = ps.Session(

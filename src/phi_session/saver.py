@@ -26,6 +26,9 @@ command line use to save sessions, so all of them fail the same way. The policy:
   `retry_unsaved` tries it again; drained sessions are held until their save has
   finished, so an interrupt (Ctrl-C, task cancellation) in the middle of a save
   leaves them for the next `drain` rather than losing them.
+* **A session's pieces keep their order.** A later piece of a session with pieces kept
+  unsaved is saved merged after them (and takes them out of `unsaved`), so an outage
+  never has a continuation stored before the loop it continues.
 * **Every outcome is counted** (`SaveStats`) and logged on ``phi_session.saver``:
   a retry as a warning, a session given up or orphaned as an error.
 
@@ -48,7 +51,7 @@ from .errors import ExportError, InvalidSessionId, SessionLocked, StoredSessionU
 from .events import AgentEvent
 from .model import Session
 from .recorder import SessionRecorder
-from .stores.base import escaped_to_save
+from .stores.base import escaped_to_save, merge_sessions
 
 __all__ = ["BatchStore", "OrphanSink", "SaveOutcome", "SaveStats", "SaveTarget", "SessionSaver"]
 
@@ -161,6 +164,7 @@ class SessionSaver:
 
     def save(self, session: Session) -> SaveOutcome:
         """Save `session` under the policy; what became of it."""
+        session = self._after_unsaved(session)
         if (kept := self._kept_untried(session)) is not None:
             return kept
         policy = self._policy(session)
@@ -194,7 +198,12 @@ class SessionSaver:
         """
         for session in sessions:
             _check_session(session)
-        if len(sessions) > 1 and isinstance(self.store, BatchStore) and not self._past_deadline_while_down():
+        if (
+            len(sessions) > 1
+            and isinstance(self.store, BatchStore)
+            and not self._past_deadline_while_down()
+            and not self._holds_unsaved(sessions)
+        ):
             try:
                 self.store.save_many(sessions)
             except Exception as error:  # each is tried again below, and reported there
@@ -210,6 +219,7 @@ class SessionSaver:
 
     async def asave(self, session: Session) -> SaveOutcome:
         """`save` through the store's `asave`, pausing with ``asyncio.sleep``."""
+        session = self._after_unsaved(session)
         if (kept := self._kept_untried(session)) is not None:
             return kept
         policy = self._policy(session)
@@ -233,6 +243,28 @@ class SessionSaver:
             except StopIteration as done:
                 outcome: SaveOutcome = done.value
                 return outcome
+
+    def _after_unsaved(self, session: Session) -> Session:
+        """`session` after the unsaved earlier pieces of its id, taken out of `unsaved`:
+        a later piece saved first would be merged in before them (its loops first, a
+        continuation's link to a parent saved later lost)."""
+        _check_session(session)
+        with self._lock:
+            earlier = [kept for kept in self._unsaved if kept.session_id == session.session_id]
+            if not earlier:
+                return session
+            self._unsaved = [kept for kept in self._unsaved if kept.session_id != session.session_id]
+        merged = earlier[0]
+        for piece in [*earlier[1:], session]:
+            merged = merge_sessions(merged, piece)
+        return merged
+
+    def _holds_unsaved(self, sessions: Sequence[Session]) -> bool:
+        with self._lock:
+            if not self._unsaved:
+                return False
+            ids = {session.session_id for session in sessions}
+            return any(kept.session_id in ids for kept in self._unsaved)
 
     def _past_deadline_while_down(self) -> bool:
         with self._lock:
