@@ -478,3 +478,25 @@ def test_saves_in_parts_write_the_file_merging_them_gives(
     assert store.path_for(session_id).read_bytes() == encode_session(expected)
     JsonDirStore(directory).save(expected)  # a store that did not write it reads it whole
     assert store.path_for(session_id).read_bytes() == encode_session(expected)
+
+
+def test_an_interrupt_as_the_temporary_file_is_opened_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C handled as `os.open` returned, before its descriptor was kept: the
+    temporary file stayed in the store's directory."""
+    store = JsonDirStore(tmp_path / "sessions")
+    real_open = os.open
+
+    def interrupted(path: Any, flags: int, *args: Any) -> int:
+        fd = real_open(path, flags, *args)
+        if ".tmp." in str(path):
+            os.close(fd)
+            raise KeyboardInterrupt
+        return fd
+
+    monkeypatch.setattr(json_dir.os, "open", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(make_session("s"))
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "sessions").iterdir() if ".tmp." in p.name] == []

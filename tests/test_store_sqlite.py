@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -1396,3 +1397,39 @@ def test_saves_in_parts_store_what_merging_them_gives_and_keep_no_unused_message
         message_refs(db)
         store.delete(session_id)
     assert message_refs(db) == {}
+
+
+def test_an_interrupt_as_a_write_transaction_begins_leaves_no_lock_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C handled as `BEGIN IMMEDIATE` returned (a signal handler runs when the C call
+    returns): the transaction stayed open, every later save from the thread was refused
+    ("cannot start a transaction within a transaction") and other writers were locked out."""
+    from phi_session.stores import sqlite as sqlite_module
+
+    armed = [False]
+
+    class Interrupted(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            cursor = super().execute(sql, *args)
+            if armed[0] and sql == "BEGIN IMMEDIATE":
+                armed[0] = False
+                raise KeyboardInterrupt
+            return cursor
+
+    connect = sqlite3.connect
+    monkeypatch.setattr(
+        sqlite_module.sqlite3, "connect", lambda *a, **k: connect(*a, factory=Interrupted, **k)
+    )
+    store = SqliteStore(tmp_path / "s.db")
+    first, second = make_session("first"), make_session("second")
+    store.save(first)
+    armed[0] = True
+    with pytest.raises(KeyboardInterrupt):
+        store.save(second)
+    store.save(second)  # the same thread saves again
+    monkeypatch.undo()
+    with SqliteStore(tmp_path / "s.db", timeout=1) as other:  # and another writer is not locked out
+        other.save(make_session("third"))
+        assert sorted(other.list_ids()) == ["first", "second", "third"]
+    store.close()

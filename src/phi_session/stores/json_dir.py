@@ -461,11 +461,10 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         """
         target = self._dir / f"{session_id}{_SUFFIX}"
         temp = self._dir / f"{session_id}{_SUFFIX}.tmp.{os.getpid()}.{time.time_ns()}"
+        fd = -1
         try:
+            # Opened inside the try: an interrupt as it returns must not leave the file.
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        except OSError as error:  # nothing was created, so nothing to remove
-            raise StoreError(f"cannot write {target}: {_describe(error)}") from error
-        try:
             try:
                 view = memoryview(data)
                 while view:
@@ -478,8 +477,9 @@ class JsonDirStore(ScanSearch, AsyncTwins):
                 os.close(fd)
             os.replace(temp, target)
         except BaseException as error:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
+            if fd != -1 or not isinstance(error, OSError):  # (a failed open created nothing)
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
             if isinstance(error, OSError):
                 raise StoreError(f"cannot write {target}: {_describe(error)}") from error
             raise

@@ -1120,8 +1120,10 @@ class SqliteStore(AsyncTwins):
     ) -> Iterator[sqlite3.Connection]:
         """One transaction; a write one takes the write lock up front (no upgrade deadlocks)."""
         with self._connected(action, session_id) as conn:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            # BEGIN inside the try: an interrupt (Ctrl-C) landing as it returns must not
+            # leave the write lock held and every later BEGIN refused.
             try:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 yield conn
             except BaseException:
                 if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
@@ -1133,8 +1135,8 @@ class SqliteStore(AsyncTwins):
         version = self._check_version(conn)
         if version == SCHEMA_VERSION:
             return
-        conn.execute("BEGIN IMMEDIATE")
         try:
+            conn.execute("BEGIN IMMEDIATE")
             version = self._check_version(conn)  # another process may have migrated meanwhile
             for migration in MIGRATIONS[version:]:
                 migration(conn)
