@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,3 +48,41 @@ def file_size_limit() -> Iterator[Callable[[int | None], None]]:
     yield limit
     limit(None)
     signal.signal(signal.SIGXFSZ, handler)
+
+
+def read_only(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Nothing can be created under `root`, as on a read-only mount (which root's
+    permissions do not stop, where a chmod would)."""
+    mkdir, open_ = os.mkdir, os.open
+
+    def refuse(path: Any) -> None:
+        if isinstance(path, (str, os.PathLike)) and Path(path).is_relative_to(root):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def refused_mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        refuse(path)
+        mkdir(path, *args, **kwargs)
+
+    def refused_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_CREAT:
+            refuse(path)
+        return open_(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refused_mkdir)
+    monkeypatch.setattr(os, "open", refused_open)
+
+
+def full_disk_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
+    """Every write after the first `writes` fails as on a full disk."""
+    done = 0
+    for name in ("write", "writev"):
+        real = getattr(os, name)
+
+        def fail(fd: int, data: Any, real: Any = real) -> Any:
+            nonlocal done
+            done += 1
+            if done > writes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, data)
+
+        monkeypatch.setattr(os, name, fail)

@@ -36,6 +36,7 @@ from phi_session.errors import BrokerError
 from phi_session.journal import Journal, read_records
 from phi_session.recorder import SessionRecorder
 
+from .conftest import full_disk_after, read_only
 from .nats_support import PrivateServer, listening
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -44,7 +45,7 @@ import workload
 nats = pytest.importorskip("nats", reason="the nats extra is not installed (pip install 'phi-session[nats]')")
 psycopg = pytest.importorskip("psycopg", reason="the postgres extra is not installed")
 
-from phi_session.broker import IngestWorker, JetStreamSink, ingest_status  # noqa: E402
+from phi_session.broker import IngestWorker, JetStreamSink, SinkStats, ingest_status  # noqa: E402
 from phi_session.stores.postgres import PostgresStore  # noqa: E402
 
 URL = "nats://127.0.0.1:4222"
@@ -920,6 +921,27 @@ def test_an_event_over_the_max_payload_is_set_aside_and_the_rest_is_sent(names: 
         assert resender.flush(30)  # the set-aside events are not sent again
 
 
+def test_an_event_over_the_max_payload_that_cannot_be_set_aside_is_counted_lost(
+    names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was logged, and counted nowhere: `close` returned, ``stats()`` said nothing."""
+    lines = workload.lines(1, seed=10)
+    prompt = json.loads(lines[2])["message"]["content"][0]["text"].encode()
+    events = [decode_event(line.replace(prompt, b"x" * 2_000_000)) for line in lines]
+    read_only(monkeypatch, names.spill / "rejected")
+    sink = names.sink(partitions=1, publish_timeout=1)
+    for event in events:
+        sink(event)
+    assert sink.flush(30)
+    with pytest.raises(BrokerError) as raised:
+        sink.close()
+    assert sink.stats() == SinkStats(published=len(events) - 3, spilled=0, pending=0, rejected=0, lost=3)
+    assert str(raised.value) == (
+        f"LOST 3 events: 3 over the max_payload of NATS at {URL} and not written to"
+        f" {names.spill / 'rejected'} (Read-only file system)"
+    )
+
+
 def test_a_sink_left_open_at_exit_keeps_its_events(names: Names) -> None:
     """A program that ends without `close`: the publishing thread is a daemon, and the
     events it had not sent vanished with it, without a word."""
@@ -965,6 +987,52 @@ def test_a_spill_dir_that_is_not_a_directory_is_refused_at_once(tmp_path: Path) 
     for spill in (blocker, blocker / "spill"):
         with pytest.raises(BrokerError, match=f"^spill_dir {spill}: {blocker} is not a directory$"):
             JetStreamSink(URL, spill_dir=spill)
+
+
+def test_a_spill_dir_that_cannot_be_written_is_refused_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was taken: with the broker down, no spill journal could be made, and `close`
+    logged the events as lost, returned, and counted them nowhere."""
+    (tmp_path / "ro").mkdir()
+    read_only(monkeypatch, tmp_path / "ro")
+    for spill in (tmp_path / "ro", tmp_path / "ro" / "not" / "yet"):
+        with pytest.raises(
+            BrokerError, match=f"^spill_dir {spill}: cannot write there: Read-only file system$"
+        ):
+            JetStreamSink(URL, spill_dir=spill)
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+@pytest.mark.parametrize("writes", [0, 3])
+def test_events_a_full_disk_refuses_at_close_are_counted_and_raised(
+    names: Names, monkeypatch: pytest.MonkeyPatch, writes: int
+) -> None:
+    """`close` logged them as lost and returned; `stats()` counted them nowhere (and
+    ``record --to`` said they were kept)."""
+    offline = _offline(names)
+    events = list(workload.events(1, seed=4))[:20]
+    sink = offline.sink(batch=8, publish_timeout=0.2)
+    for event in events:
+        sink(event)
+    with monkeypatch.context() as patched, pytest.raises(BrokerError) as raised:
+        full_disk_after(patched, writes)  # the segment's header, then records
+        sink.close(timeout=0)
+    stats = sink.stats()
+    kept = sum(1 for episode in names.spill.iterdir() for _ in read_records(episode))
+    if writes == 0:
+        assert (stats.lost, stats.pending) == (len(events), 0)
+        assert list(names.spill.iterdir()) == []  # no empty journal for the next sink to "send"
+    else:  # what was written before the disk filled is kept, and said to be
+        assert 0 < stats.pending < len(events)
+        assert stats.lost == len(events) - stats.pending
+    assert kept == stats.pending
+    kept_too = f"; {kept} kept in {names.spill} for the next sink" if kept else ""
+    assert str(raised.value) == (
+        f"LOST {stats.lost} events: {stats.lost} not taken by NATS at {offline.url} and not"
+        f" written to a spill journal in {names.spill} (No space left on device){kept_too}"
+    )
+    sink.close()  # once: already closed
 
 
 def test_sinks_spilling_at_once_create_their_spill_dir_together(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.urls import ENV_VAR
 from phi_session.views import event_stream
 
-from .conftest import EXAMPLES
+from .conftest import EXAMPLES, full_disk_after, read_only
 from .nats_support import PrivateServer
 from .web_support import (
     BASIC_ID,
@@ -1440,3 +1440,38 @@ def test_record_to_an_unreachable_broker_keeps_the_events_and_says_so_in_one_lin
     finally:
         server.stop()
     assert _spilled_payloads(spill) == []
+
+
+def test_record_to_a_broker_with_an_unwritable_spill_dir_fails_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a read-only directory, the events were lost at the end (a traceback), and the
+    command said "0 events kept in .phi-session/spill": the next run would send them."""
+    pytest.importorskip("nats", reason="the nats extra is not installed")
+    read_only(monkeypatch, tmp_path / ".phi-session")
+    result = run("record", EXAMPLE_STREAM, "--to", PrivateServer(tmp_path / "jetstream").url)
+    assert_one_line_error(
+        result,
+        EXIT_FAILURE,
+        f"phi-session: error: spill_dir {tmp_path / '.phi-session' / 'spill'}: cannot write there: "
+        "Read-only file system",
+    )
+
+
+def test_record_to_an_unreachable_broker_on_a_full_disk_says_the_events_are_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "0 events kept in .phi-session/spill", under the traceback of each loss."""
+    pytest.importorskip("nats", reason="the nats extra is not installed")
+    server = PrivateServer(tmp_path / "jetstream")  # not started: its port is closed
+    with monkeypatch.context() as patched:
+        full_disk_after(patched, 0)
+        result = run("record", EXAMPLE_STREAM, "--to", server.url)
+    spill = tmp_path / ".phi-session" / "spill"
+    assert_one_line_error(
+        result,
+        EXIT_FAILURE,
+        f"phi-session: error: LOST 88 events: 88 not taken by NATS at {server.url} and not written"
+        f" to a spill journal in {spill} (No space left on device)",
+    )
+    assert result.stdout == ""

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import re
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -169,6 +170,10 @@ class SinkStats:
     rejected: int = 0
     """Events larger than the broker's max_payload: never sent, each kept as a file in
     ``spill_dir/rejected``."""
+    lost: int = 0
+    """Events neither sent nor kept: NATS had not taken them at `close` and no spill journal
+    could hold them, or too large for NATS and ``spill_dir/rejected`` could not hold them (a
+    full disk). `close` raises `BrokerError` saying so."""
 
 
 class JetStreamSink:
@@ -192,8 +197,11 @@ class JetStreamSink:
     (or appends it to the spill journal). `flush(timeout)` waits until JetStream
     acknowledged everything queued before it; `close(timeout)` flushes, then spills
     what is still unacknowledged, so nothing is lost by closing; a program that ends
-    with the sink open closes it at exit (an ``atexit`` hook). `unreachable` says why
-    NATS could not be reached, while it cannot. Thread-safe.
+    with the sink open closes it at exit (an ``atexit`` hook). `spill_dir` is created
+    when the sink is made: one that cannot be written is refused then (`BrokerError`).
+    Events the disk could not take later are counted (`SinkStats.lost`), and `close`
+    raises `BrokerError` for them. `unreachable` says why NATS could not be reached,
+    while it cannot. Thread-safe.
     """
 
     def __init__(
@@ -224,7 +232,7 @@ class JetStreamSink:
             stream=stream, subject_prefix=subject_prefix, partitions=partitions
         )
         self.spill_dir = Path(spill_dir) if spill_dir is not None else Path.cwd() / ".phi-session" / "spill"
-        _check_spill_dir(self.spill_dir)
+        _make_spill_dir(self.spill_dir)
         self.producer_id = uuid.uuid4().hex[:16]
         self._started_ns = time.time_ns()  # names its spill journals: the next sink sends the oldest first
         self._id_prefix = f"{self.producer_id}-"
@@ -243,6 +251,7 @@ class JetStreamSink:
         self._spill_from = buffer  # events in memory beyond which new ones are spilled
         self._spill_bytes_from = buffer_bytes  # the same, in bytes
         self._published = self._spilled = self._left = self._rejected = 0
+        self._lost: dict[str, int] = {}  # why events were lost -> how many
         self._closed = False
         self._unreachable: str | None = None
         self._roots: dict[str, str] = {}  # sub-agent session -> the session it goes with
@@ -357,6 +366,7 @@ class JetStreamSink:
                 spilled=self._spilled,
                 pending=self._pending(),
                 rejected=self._rejected,
+                lost=sum(self._lost.values()),
             )
 
     @property
@@ -400,7 +410,8 @@ class JetStreamSink:
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Flush for up to `timeout` seconds, then spill what is left and stop. No event
-        may follow. Events still spilled are sent by the next sink on the same `spill_dir`."""
+        may follow. Events still spilled are sent by the next sink on the same `spill_dir`.
+        Raises `BrokerError` once all that is done if events were lost (`SinkStats.lost`)."""
         with self._lock:
             if self._closed:
                 return
@@ -411,14 +422,24 @@ class JetStreamSink:
         self._wake()
         if sent:
             self._thread.join()
-            return
-        # Stop a retry in progress (a connection attempt can take minutes). The NATS
-        # client can lose a cancellation (Python 3.11's wait_for drops one that lands as
-        # its inner call finishes), so it is asked again until the thread has ended.
-        while self._thread.is_alive():
-            self._cancel_publisher()
-            self._thread.join(_CANCEL_AGAIN)
-        self._spill_rest()
+        else:
+            # Stop a retry in progress (a connection attempt can take minutes). The NATS
+            # client can lose a cancellation (Python 3.11's wait_for drops one that lands as
+            # its inner call finishes), so it is asked again until the thread has ended.
+            while self._thread.is_alive():
+                self._cancel_publisher()
+                self._thread.join(_CANCEL_AGAIN)
+            self._spill_rest()
+        with self._lock:
+            lost, left = dict(self._lost), self._left
+        if lost:
+            kept = f"; {left} kept in {self.spill_dir} for the next sink" if left else ""
+            reasons = "; ".join(f"{count} {reason}" for reason, count in lost.items())
+            raise BrokerError(f"LOST {sum(lost.values())} events: {reasons}{kept}")
+
+    def _count_lost(self, count: int, reason: str) -> None:
+        with self._lock:
+            self._lost[reason] = self._lost.get(reason, 0) + count
 
     def _cancel_publisher(self) -> None:
         loop, task = self._loop, self._task
@@ -441,19 +462,22 @@ class JetStreamSink:
                 continue
             if not entry:
                 continue
-            first = int(entry[0][0].rsplit("-", 1)[1])
+            directory = self._episode_dir(int(entry[0][0].rsplit("-", 1)[1]))
+            written = 0  # each written through: kept even if a later one fails
             try:
-                with Journal(self._episode_dir(first), durability="os") as journal:
+                with Journal(directory, durability="os") as journal:
                     for msg_id, session, key, payload in entry:
                         journal.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
-            except (OSError, PhiSessionError):
-                logger.exception(
-                    "LOST %d events: NATS did not take them and the spill journal in %s cannot be written",
-                    len(entry),
-                    self.spill_dir,
+                        written += 1
+            except (OSError, PhiSessionError) as error:
+                if not written:  # nothing for the next sink to send
+                    shutil.rmtree(directory, ignore_errors=True)
+                self._count_lost(
+                    len(entry) - written,
+                    f"not taken by NATS at {self.url} and not written to a spill journal in"
+                    f" {self.spill_dir} ({_reason(error)})",
                 )
-                continue
-            left += len(entry)
+            left += written
         with self._lock:
             self._left = left
         if left:
@@ -519,12 +543,17 @@ class JetStreamSink:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(payload)
-        except OSError:
+        except OSError as error:
             logger.exception(
                 "LOST event %s of session %r: too large for NATS, and %s cannot be written",
                 msg_id,
                 session,
                 path,
+            )
+            self._count_lost(
+                1,
+                f"over the max_payload of NATS at {self.url} and not written to {self.rejected_dir}"
+                f" ({_reason(error)})",
             )
             return
         logger.error(
@@ -720,16 +749,32 @@ class _Publisher:
         return js
 
 
-def _check_spill_dir(path: Path) -> None:
-    """`BrokerError` if `path` cannot become a directory: it, or the nearest of its
-    parents that exists, is something else. Created only when first needed (each spill
-    journal's ``mkdir(parents=True, exist_ok=True)``, so sinks may create it at once);
-    found only then, no event spilled could be kept, and `close` lost them."""
+def _make_spill_dir(path: Path) -> None:
+    """Create `path` (if missing; sinks may create it at once) and check a file can be
+    written in it; `BrokerError` if not. Found only once the broker is down, it would
+    lose every event the sink had to keep."""
     for existing in (path, *path.parents):
         if existing.exists():
             if not existing.is_dir():
                 raise BrokerError(f"spill_dir {path}: {existing} is not a directory")
-            return
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise BrokerError(f"spill_dir {path}: cannot write there: {_reason(error)}") from None
+
+
+def _reason(error: BaseException) -> str:
+    """Why a write failed, in a few words: the OS's reason, found behind a journal's errors
+    (which wrap it, or, closing, follow the one that did)."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(cause or error)
 
 
 def _oldest_file(directory: Path) -> int:

@@ -1076,8 +1076,10 @@ def _publish(source: str, url: str, as_json: bool, rejected_path: str | None) ->
     except ValueError as error:
         raise CliError(f"--to: {error}", EXIT_USAGE) from None
     with contextlib.ExitStack() as cleanup:
-        # What waits for the broker, and why, is the command's own last line.
+        # What waits for the broker, and why, is the command's own last line; a spill
+        # journal's failure is the sink's error (`close`: events lost).
         cleanup.enter_context(reported_by_the_command(backlog_logger.name))
+        cleanup.enter_context(reported_by_the_command("phi_session.journal"))
         # The flush below is the one wait: closing only spills what it left.
         cleanup.callback(sink.close, 0)
         lines = _LineSource(source)
