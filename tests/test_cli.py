@@ -9,6 +9,7 @@ object the console script calls); a few run as real subprocesses of the installe
 from __future__ import annotations
 
 import codecs
+import contextlib
 import itertools
 import json
 import os
@@ -725,7 +726,7 @@ def test_stats(store_dir: Path) -> None:
 def test_export_json(store_dir: Path, tmp_path: Path) -> None:
     one = run("export", BASIC_ID, "--store", store_dir)
     assert one.exit_code == EXIT_OK
-    assert one.stdout_bytes == (store_dir / f"{BASIC_ID}.json").read_bytes() + b"\n"
+    assert one.stdout_bytes == (store_dir / f"{BASIC_ID}.json").read_bytes()
     both = json_out(run("export", BASIC_ID, MINIMAL_ID, "--store", str(store_dir)))
     assert isinstance(both, list) and [s["session_id"] for s in both] == [BASIC_ID, MINIMAL_ID]
     target = tmp_path / "basic.json"
@@ -734,6 +735,16 @@ def test_export_json(store_dir: Path, tmp_path: Path) -> None:
     assert encode_session(decode_session(target.read_bytes())) == stored
     assert_one_line_error(run("export", BASIC_ID, "nope", "--store", store_dir), EXIT_FAILURE, "nope")
     assert_one_line_error(run("export", BASIC_ID, "--format", "xml", "--store", store_dir), EXIT_USAGE, "xml")
+
+
+@pytest.mark.spec
+def test_export_of_one_session_is_phi_cores_file_byte_for_byte(tmp_path: Path) -> None:
+    """``export -o`` added a final newline phi-core's files do not have."""
+    store = tmp_path / "store"
+    assert run("record", EXAMPLES / "events-basic.jsonl", "--dir", store).exit_code == EXIT_OK
+    target = tmp_path / "out.json"
+    assert run("export", BASIC_ID, "--store", store, "-o", target).exit_code == EXIT_OK
+    assert target.read_bytes() == (EXAMPLES / "session-basic.json").read_bytes()
 
 
 def test_export_jsonl_gives_back_the_recorded_stream(store_dir: Path, tmp_path: Path) -> None:
@@ -808,7 +819,7 @@ def test_import_files_and_directories(store_dir: Path, tmp_path: Path) -> None:
     assert isinstance(listed, list) and len(listed) == 5
     # Imported sessions are the phi-core sessions, unchanged.
     exported = run("export", BASIC_ID, "--store", "sqlite:imported.db")
-    assert exported.stdout_bytes == (store_dir / f"{BASIC_ID}.json").read_bytes() + b"\n"
+    assert exported.stdout_bytes == (store_dir / f"{BASIC_ID}.json").read_bytes()
     single = run("import", store_dir / f"{MINIMAL_ID}.json", "--store", f"{tmp_path}/copy/")
     assert single.exit_code == EXIT_OK and "1 session imported, 0 failed" in single.stdout
     assert (tmp_path / "copy" / f"{MINIMAL_ID}.json").is_file()
@@ -991,6 +1002,22 @@ needs_script = pytest.mark.skipif(
 
 def script() -> str:
     return str(SCRIPT) if SCRIPT.exists() else "phi-session"
+
+
+@needs_script
+def test_export_of_one_session_to_a_terminal_ends_its_last_line(store_dir: Path) -> None:
+    """Without the file's missing final newline, the shell's prompt would follow the ``}``."""
+    pty = pytest.importorskip("pty")
+    terminal, its_end = pty.openpty()
+    exported = subprocess.Popen([script(), "export", BASIC_ID, "--store", str(store_dir)], stdout=its_end)
+    os.close(its_end)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO: the command ended, nothing more to read
+        while chunk := os.read(terminal, 1 << 16):
+            shown += chunk
+    os.close(terminal)
+    assert exported.wait(60) == EXIT_OK
+    assert shown.endswith(b"}\r\n")  # the terminal's newline
 
 
 @needs_script

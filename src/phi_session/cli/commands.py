@@ -834,10 +834,11 @@ def export(
 ) -> None:
     """Export sessions as phi-core JSON or as a JSONL event stream.
 
-    json: one ID gives its session file exactly as stored (phi-core's bytes);
-    several give a JSON array of sessions (an ID given twice, once). jsonl: every
-    loop's stored events, one compact phi-core event per line, in time order across
-    loops and sessions, with each parallel group's ParallelLoopStart/End (rebuilt
+    json: one ID gives its session file exactly as stored (phi-core's bytes, with
+    no final newline: a terminal alone gets one, for its prompt); several give a
+    JSON array of sessions (an ID given twice, once). jsonl: every loop's stored
+    events, one compact phi-core event per line, in time order across loops and
+    sessions, with each parallel group's ParallelLoopStart/End (rebuilt
     from its loops when the session file does not keep them), so that record
     rebuilds the same sessions.
     --json is accepted for uniformity; both formats are JSON already.
@@ -862,7 +863,9 @@ def export(
             encode_event(event) + b"\n" for event in event_stream(sessions, parallel_groups=True)
         )
     elif len(sessions) == 1:
-        chunks = [encode_session(sessions[0]), b"\n"]
+        # Exactly phi-core's file, which has no final newline; on a terminal the prompt would follow it.
+        on_terminal = output is None and sys.stdout.isatty()
+        chunks = [encode_session(sessions[0]), *([b"\n"] if on_terminal else [])]
     else:
         chunks = [b"[\n", b",\n".join(encode_session(s) for s in sessions), b"\n]\n"]
     try:
