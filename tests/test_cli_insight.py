@@ -70,6 +70,13 @@ def test_stats_table_shows_cost_and_an_unknown_total(
     assert lines[2].endswith("unknown") and lines[-1].endswith("unknown")  # never a made-up total
 
 
+def test_stats_help_says_how_cost_is_priced() -> None:
+    """It said "every loop at its model's price when it started": each model call is
+    priced at its own instant and tier (`Pricer.row_costs`)."""
+    shown = " ".join(run("stats", "--help").stdout.split())
+    assert "each model call at its model's price (and tier) when the call was made" in shown
+
+
 def test_show_names_the_price_source(store: Path, prices: Path) -> None:
     result = run("show", "known", "--store", store, "--prices", prices)
     assert "$2.0000 (user)" in result.stdout

@@ -303,8 +303,8 @@ def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool)
 def stats(group_by: str, store_url: str | None, as_json: bool, prices_file: str | None) -> None:
     """Token usage and cost totals, grouped by agent, model or day.
 
-    Cost is priced now from the stored usage: every loop at its model's price when
-    it started.
+    Cost is priced now from the stored usage: each model call at its model's price
+    (and tier) when the call was made.
     """
     try:
         by = parse_group_by(group_by)

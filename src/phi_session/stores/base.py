@@ -225,8 +225,8 @@ class SessionStore(Protocol):
         without a config) and counts a session once in each of its models;
         ``day`` groups sessions by the UTC date of ``created_at`` (``YYYY-MM-DD``).
         Usage is `LoopRecord.billed_usage`. With a `pricer`, each total also has its
-        ``cost`` (`Pricer.price_totals`: every loop at its model's price when it
-        started; unknown when a price is): O(loops) price lookups.
+        ``cost`` (`Pricer.price_totals`: each model call at its model's price, and tier,
+        when the call was made; unknown when a price is): O(loops) price lookups.
         """
         ...
 
