@@ -1136,6 +1136,17 @@ def test_read_only_commands_never_create_a_store(
     assert list(tmp_path.iterdir()) == []  # nothing created, not even a directory
 
 
+def test_a_missing_store_named_by_the_environment_is_said_to_be(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was called "the default store", with the advice to set the variable already set."""
+    monkeypatch.setenv(ENV_VAR, "mystore.db")
+    assert_one_line_error(
+        run("list"),
+        EXIT_FAILURE,
+        "phi-session: error: no store at mystore.db (named by $PHI_SESSION_STORE: give --store, "
+        "or change it): nothing was recorded there",
+    )
+
+
 READ_ONLY_COMMANDS = [
     ("list",),
     ("show", BASIC_ID),

@@ -20,7 +20,7 @@ from ..cost import Pricer
 from ..errors import InvalidSessionId, InvalidStoreUrl, PhiSessionError
 from ..model import Session
 from ..stores.base import SessionStore, validate_session_id
-from ..stores.urls import open_store, store_path
+from ..stores.urls import ENV_VAR, open_store, store_path
 from .render import safe
 
 __all__ = [
@@ -112,7 +112,7 @@ def open_cli_store(
         if must_exist:
             path = store_path(url) if directory is None else None
             if path is not None and not path.exists():
-                named = " (the default store: give --store, or set $PHI_SESSION_STORE)" if url is None else ""
+                named = _default_store_hint() if url is None else ""
                 raise CliError(f"no store at {path}{named}: nothing was recorded there")
             if path is not None and path.is_file() and path.stat().st_size == 0:
                 # Opening it would make it an SQLite store.
@@ -128,6 +128,13 @@ def open_cli_store(
         yield store
     finally:
         store.close()
+
+
+def _default_store_hint() -> str:
+    """Where the default store came from, for an error saying it does not exist."""
+    if ENV_VAR in os.environ:
+        return f" (named by ${ENV_VAR}: give --store, or change it)"
+    return f" (the default store: give --store, or set ${ENV_VAR})"
 
 
 _SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
