@@ -930,12 +930,15 @@ def test_a_journal_refuses_a_checkpoint_that_is_not_ours_and_touches_nothing(
     tmp_path: Path, files: dict[str, bytes]
 ) -> None:
     """Opening deleted another program's ``checkpoint.json.tmp``, and a clean close its
-    ``checkpoint.json`` (after warning that it was not a journal's)."""
+    ``checkpoint.json`` (after warning that it was not a journal's). `recover`, finding no
+    segment, reported nothing to recover."""
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     with pytest.raises(NotAJournal, match=r"checkpoint.*nothing was touched"):
         AutoPersistingRecorder(JsonDirStore(tmp_path / "store"), journal=tmp_path)
+    with pytest.raises(NotAJournal, match=r"checkpoint.*nothing was touched"):
+        recover(tmp_path, JsonDirStore(tmp_path / "store"))
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before  # no lock file either
 
 

@@ -100,8 +100,9 @@ def recover(
 
     `journal` is a directory no live writer holds (`JournalLocked` otherwise), or an
     open `Journal`, whose `leftover_segments` (those of an earlier run) are recovered.
-    A directory whose ``NNNN.wal`` files are not this journal's (`format.check_ours`)
-    is refused (`NotAJournal`) before anything in it is touched.
+    A directory whose ``NNNN.wal`` files or checkpoint are not this journal's
+    (`format.check_ours`), segments or none, is refused (`NotAJournal`) before anything
+    in it is touched.
     Events are replayed into a fresh `SessionRecorder(config)` (its callbacks run),
     completed sessions are saved every `save_every` events (memory stays bounded),
     and at the end open loops are aborted and every session is saved.
@@ -127,10 +128,14 @@ def recover(
         segments = journal.leftover_segments  # checked when it was opened
     else:
         directory = Path(journal)
-        found = [path for _, path in segment_paths(directory)] if directory.is_dir() else []
+        if not directory.is_dir():
+            return RecoveryReport()
+        found = [path for _, path in segment_paths(directory)]
+        # Before the lock file is made there; with no segment too: a checkpoint that is
+        # not ours is refused as `Journal` refuses it.
+        check_ours(directory, found)
         if not found:
             return RecoveryReport()
-        check_ours(directory, found)  # before the lock file is made there
         try:
             lock = DirectoryLock(directory)
         except OSError as error:
