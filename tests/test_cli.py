@@ -108,6 +108,30 @@ def test_record_prints_one_line_per_session_and_totals(tmp_path: Path) -> None:
     assert sorted(p.stem for p in (tmp_path / "out").glob("*.json")) == sorted(EXAMPLE_IDS)
 
 
+def test_record_counts_the_sessions_a_save_interrupted_by_ctrl_c_had_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in the middle of a periodic save: the sessions that save had stored were
+    returned by no later save, and the summary left them out (the store held them)."""
+    from phi_session.cli import commands
+
+    monkeypatch.setattr(commands, "_SPILL_EVERY", len(EXAMPLE_STREAM.read_bytes().splitlines()))
+    save = JsonDirStore.save
+    calls = itertools.count()
+
+    def interrupted(self: JsonDirStore, session: Session) -> None:
+        save(self, session)
+        if next(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(JsonDirStore, "save", interrupted)
+    result = run("record", EXAMPLE_STREAM, "--dir", tmp_path / "out", "--json")
+    assert result.exit_code == EXIT_INTERRUPTED, result.stderr
+    data = json.loads(result.stdout)
+    assert sorted(row["session_id"] for row in data["sessions"]) == sorted(EXAMPLE_IDS)
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.json")) == sorted(EXAMPLE_IDS)
+
+
 @pytest.mark.spec
 def test_record_writes_phi_core_session_files_byte_for_byte(tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -127,6 +127,8 @@ class SessionSaver:
       Without it such sessions stay in `unsaved`.
     * `retry_for`: seconds a transient failure is retried before the session is
       given up (kept in `unsaved`).
+    * `on_saved`: called with each session once it is saved (a drain interrupted by
+      Ctrl-C returns nothing, though it may have saved some).
 
     `save`/`asave` save one session; `drain`/`adrain` do a recorder's checkpoint (or
     flush), drain its completed sessions and save them. `drain` and `adrain` are
@@ -134,13 +136,19 @@ class SessionSaver:
     """
 
     def __init__(
-        self, store: SaveTarget, *, orphans: OrphanSink | None = None, retry_for: float = 10.0
+        self,
+        store: SaveTarget,
+        *,
+        orphans: OrphanSink | None = None,
+        retry_for: float = 10.0,
+        on_saved: Callable[[Session], object] | None = None,
     ) -> None:
         if not retry_for >= 0:
             raise ValueError(f"retry_for must be a number of seconds >= 0, got {retry_for!r}")
         self.store = store
         self.retry_for = retry_for
         self._orphans = orphans
+        self._on_saved = on_saved
         self._lock = threading.Lock()  # guards the counters, `_unsaved` and `_store_down`
         self._saved = self._retried = self._orphaned = 0
         self._unsaved: list[Session] = []
@@ -187,7 +195,7 @@ class SessionSaver:
                 pause = policy.send(error)
             except StopIteration as done:
                 outcome: SaveOutcome = done.value
-                return outcome
+                return self._told(session, outcome)
 
     def save_many(self, sessions: Sequence[Session]) -> list[SaveOutcome]:
         """Save `sessions`; what became of each.
@@ -214,7 +222,7 @@ class SessionSaver:
                 with self._lock:
                     self._store_down = False
                     self._saved += len(sessions)
-                return [SaveOutcome(saved=True)] * len(sessions)
+                return [self._told(session, SaveOutcome(saved=True)) for session in sessions]
         return [self.save(session) for session in sessions]
 
     async def asave(self, session: Session) -> SaveOutcome:
@@ -242,7 +250,12 @@ class SessionSaver:
                 pause = policy.send(error)
             except StopIteration as done:
                 outcome: SaveOutcome = done.value
-                return outcome
+                return self._told(session, outcome)
+
+    def _told(self, session: Session, outcome: SaveOutcome) -> SaveOutcome:
+        if outcome.saved and self._on_saved is not None:
+            self._on_saved(session)
+        return outcome
 
     def _after_unsaved(self, session: Session) -> Session:
         """`session` after the unsaved earlier pieces of its id, taken out of `unsaved`:

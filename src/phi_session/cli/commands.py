@@ -606,14 +606,14 @@ def record(
         undo_store = undo_new_store(store_url, directory)
         store = cleanup.enter_context(open_cli_store(store_url, directory))
         write_orphans = _orphans_writer(orphans_file) if orphans_file is not None else None
-        # Sessions no store accepts join the orphans; a failed save is reported by the saver.
-        saver = SessionSaver(store, orphans=write_orphans)
         saved: dict[str, None] = {}  # ids of every session saved, in order
+        # Sessions no store accepts join the orphans; a failed save is reported by the saver.
+        saver = SessionSaver(
+            store, orphans=write_orphans, on_saved=lambda session: saved.setdefault(session.session_id)
+        )
 
         def spill(*, final: bool = False) -> list[Session]:
-            drained = saver.drain(recorder, flush=final)
-            saved.update(dict.fromkeys(session.session_id for session in drained))
-            return drained
+            return saver.drain(recorder, flush=final)
 
         if sys.stderr.isatty() and not as_json:
             columns = (
