@@ -529,6 +529,35 @@ def test_an_event_of_no_open_loop_is_kept_as_rejected_not_replayed_for_ever(name
     assert worker.stats.rejected == 1
 
 
+def test_a_session_whose_agent_died_mid_loop_is_saved_aborted_once_idle(names: Names) -> None:
+    """Its loop never ends: the worker never saved the session (recording the stream and
+    flushing stores it, the loop Aborted), and its events stayed staged for ever."""
+    events = list(workload.events(2, seed=18))
+    cut = 800  # in the second session's second loop: its agent dies there
+    sink = names.sink(partitions=1)
+    for event in events[:cut]:
+        sink(event)
+    assert sink.flush(30)
+    worker = names.worker(idle_timeout=1.0)
+    expected = _reference([events[:cut]])
+
+    def late_event_handled() -> bool:
+        if _stored(names.schema) != expected or _staged_pending(names.schema):
+            return False
+        if worker.stats.received == cut:
+            sink(events[cut])  # the loop aborted: handled as an event of a closed loop
+            assert sink.flush(30)
+        return worker.stats.received > cut and _staged_pending(names.schema) == 0
+
+    try:
+        asyncio.run(_run_until(worker, late_event_handled, 30))
+    finally:
+        sink.close()
+    assert _stored(names.schema) == expected
+    assert _staged_pending(names.schema) == 0
+    assert worker.stats.rejected == 1
+
+
 def test_message_ids_postgresql_cannot_hold_do_not_stop_the_worker(names: Names) -> None:
     """A NUL, or an id over the primary key's size limit, failed the staging INSERT: the
     worker died, and again on every start (the message is redelivered): a poison message."""
@@ -1107,6 +1136,8 @@ def test_seconds_nats_cannot_hold_are_refused_at_once() -> None:
         with pytest.raises(ValueError, match=r"^ack_wait must be a positive number of seconds up to 9e\+09"):
             IngestWorker(URL, DSN, ack_wait=value)
     IngestWorker(URL, DSN, ack_wait=9e9)
+    with pytest.raises(ValueError, match=r"^idle_timeout must be a positive number of seconds"):
+        IngestWorker(URL, DSN, idle_timeout=0)
 
 
 def test_a_consumer_the_server_refuses_stops_the_worker_saying_why(names: Names) -> None:

@@ -1338,6 +1338,31 @@ def test_a_group_that_never_ends_is_given_up_after_the_timeout(caplog: pytest.Lo
     assert [orphan.event for orphan in recorder.orphans()] == [late]
 
 
+def test_abort_session_is_flush_for_one_session_alone() -> None:
+    """A broker worker ends the session of an agent that died mid-loop (no event for its
+    idle timeout) while others keep recording: as `flush` would, for that session only."""
+    events = [
+        start("s.c.1", "s"),
+        end("s.c.1"),
+        start("s.c.2", "s", at=2, parent="s.c.1"),
+        *turn("s.c.2")[:2],
+        ps.ParallelLoopStart(session_id="s", loop_ids=("s.x.3", "s.y.4"), timestamp=ts(3)),
+        start("s.x.3", "s", at=3),
+        start("t.c.1", "t", at=4),
+    ]
+    _, [want, _t] = record(events)
+    recorder = SessionRecorder()
+    recorder.record_all(events)
+    assert recorder.abort_session("s") == 3  # s.c.2, s.x.3 and s.y.4 (never started)
+    assert recorder.abort_session("s") == 0
+    [session] = recorder.drain_completed()
+    assert ps.encode(session) == ps.encode(want)
+    assert recorder.open_loop_ids() == ["t.c.1"] and not recorder.may_amend("s")
+    late = turn("s.c.2")[2]
+    recorder.on_event(late)
+    assert [orphan.event for orphan in recorder.orphans()] == [late]
+
+
 def test_without_a_group_end_timeout_a_drained_session_waits_for_its_group_until_flush() -> None:
     recorder = SessionRecorder(group_end_timeout=None)
     group = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1",), timestamp=ts(0))

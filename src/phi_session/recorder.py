@@ -935,12 +935,7 @@ class SessionRecorder:
         """
         with self._lock:
             for loop in list(self._loops.values()):
-                if self._resending and loop.record.loop_id in self._resending:
-                    self._end_resend(loop, ended=False)
-                    continue
-                loop.turn = None
-                loop.record.status = "Aborted"
-                self._close(loop)
+                self._abort(loop)
             self._groups.clear()
             self._group_since.clear()
             self._open_groups.clear()
@@ -951,13 +946,46 @@ class SessionRecorder:
             self._late_branches.clear()
             self._late_groups.clear()
             self._unstarted_homes.clear()
-            for events in self._early_events.values():  # announced, but no branch ever started
-                for event in events:
-                    self._orphan(event, "parallel group whose session never started")
-            self._early_events.clear()
+            for session_id in list(self._early_events):
+                self._orphan_early_events(session_id)
             for session_id in list(self._open):
                 self._complete(session_id)
         self._run_callbacks()
+
+    def abort_session(self, session_id: str) -> int:
+        """End of stream for one session (its agent died): `flush`, for it alone; returns
+        how many open loops it aborted.
+
+        Its open loops are aborted, its open parallel groups given up, parallel events
+        waiting for its first loop kept as orphans, and it is completed. Later events of
+        its loops are orphans, as after `flush`. Costs O(open loops + open groups).
+        """
+        with self._lock:
+            loops = [loop for loop in self._loops.values() if loop.session_id == session_id]
+            for loop in loops:
+                self._abort(loop)
+            self._give_up_groups(session_id)
+            self._unstarted_homes.pop(session_id, None)
+            self._orphan_early_events(session_id)
+            if session_id in self._open:
+                self._complete(session_id)
+        self._run_callbacks()
+        return len(loops)
+
+    def _abort(self, loop: _OpenLoop) -> None:
+        """End an open loop that never ends: Aborted, its unfinished turn discarded (a loop
+        sent again: its ended record is kept)."""
+        if self._resending and loop.record.loop_id in self._resending:
+            self._end_resend(loop, ended=False)
+            return
+        loop.turn = None
+        loop.record.status = "Aborted"
+        self._close(loop)
+
+    def _orphan_early_events(self, session_id: str) -> None:
+        """Announced, but no branch ever started: its parallel events are orphans."""
+        for event in self._early_events.pop(session_id, ()):
+            self._orphan(event, "parallel group whose session never started")
 
     def _placeholder_session(self, record: LoopRecord) -> _HeldSession:
         session = Session(
@@ -1021,18 +1049,23 @@ class SessionRecorder:
             logger.warning(
                 "session %s: parallel group without ParallelLoopEnd after %s s given up", session_id, timeout
             )
-            self._open_groups.pop(session_id, None)
-            for loop_id in [loop_id for loop_id in self._groups if self._session_of(loop_id) == session_id]:
-                del self._groups[loop_id]
-                del self._group_since[loop_id]
-                self._late_branches.pop(loop_id, None)
-                branch = self._loops.get(loop_id)
-                # Never started: a started one holds its session open, or is its loop sent
-                # again, which its AgentEnd or `flush` ends.
-                if branch is not None and not branch.started:
-                    branch.record.status = "Aborted"
-                    self._close(branch)  # into the late group's session, amended
-            del self._late_groups[session_id]
+            self._give_up_groups(session_id)
+
+    def _give_up_groups(self, session_id: str) -> None:
+        """Forget the open parallel groups of `session_id`: its branches that never started
+        are aborted as at `flush`; an end that comes later is an orphan."""
+        self._open_groups.pop(session_id, None)
+        for loop_id in [loop_id for loop_id in self._groups if self._session_of(loop_id) == session_id]:
+            del self._groups[loop_id]
+            del self._group_since[loop_id]
+            self._late_branches.pop(loop_id, None)
+            branch = self._loops.get(loop_id)
+            # Never started: a started one holds its session open, or is its loop sent
+            # again, which its AgentEnd or `flush` ends.
+            if branch is not None and not branch.started:
+                branch.record.status = "Aborted"
+                self._close(branch)  # into the late group's session, amended
+        self._late_groups.pop(session_id, None)
 
     def drain_completed(self) -> list[Session]:
         """Hand over the completed sessions and forget them (at most one per session id).

@@ -11,7 +11,9 @@ partition's loop:
    staged, so nothing earlier can still arrive (a redelivery out of order waits
    here until the gap before it is filled);
 3. every `checkpoint_interval` seconds, save the completed sessions through
-   `SessionSaver`, and mark their events saved.
+   `SessionSaver`, and mark their events saved. A session none of whose events came
+   for `idle_timeout` seconds (its agent died mid-loop) is first ended as `flush`
+   ends it: its open loops aborted, it is saved.
 
 Workers share the partitions: each takes its fair share (partitions / live
 workers, rounded up) and gives back any above it; a dead worker's partitions are
@@ -125,6 +127,10 @@ class IngestWorker:
       needless redelivery costs only a duplicate dropped);
       `checkpoint_interval`: seconds between saves; `rebalance_interval`: seconds
       between looks at the other workers.
+    * `idle_timeout`: seconds a session's open loops wait for its next event; then
+      they are aborted (as at the end of a stream) and the session is saved. Counted
+      from when this worker took the partition, and not while it catches up with a
+      backlog: a restart or a lag never ends a live session.
     * `recorder_config`: how each partition's recorder records.
 
     `await run()` works until `stop()` is called (from any thread) and returns after
@@ -145,6 +151,7 @@ class IngestWorker:
         ack_wait: float = 5.0,
         checkpoint_interval: float = 1.0,
         rebalance_interval: float = 1.0,
+        idle_timeout: float = 3600.0,
         recorder_config: SessionRecorderConfig | None = None,
     ) -> None:
         require_nats()
@@ -162,6 +169,7 @@ class IngestWorker:
             ("ack_wait", ack_wait),
             ("checkpoint_interval", checkpoint_interval),
             ("rebalance_interval", rebalance_interval),
+            ("idle_timeout", idle_timeout),
         ):
             if (
                 isinstance(number, bool)
@@ -174,6 +182,7 @@ class IngestWorker:
         self.url, self.dsn, self.schema, self.durable = url, dsn, schema, durable
         self.batch, self.ack_wait = batch, float(ack_wait)
         self.checkpoint_interval, self.rebalance_interval = checkpoint_interval, rebalance_interval
+        self.idle_timeout = float(idle_timeout)
         self.recorder_config = recorder_config or SessionRecorderConfig()
         self.stats = WorkerStats()
         self.member_id = random.getrandbits(31)
@@ -413,6 +422,10 @@ class _PartitionRun:
         self.unstorable: list[str] = []  # sessions handed to `orphaned`, not yet marked
         self.waiting: dict[int, StagedEvent] = {}  # staged, not yet applied, by stream sequence
         self.applied: dict[str, list[str]] = {}  # session id -> events applied, session not yet saved
+        self.last_event: dict[
+            str, float
+        ] = {}  # session id with events staged -> monotonic time of its latest
+        self.behind_at = time.monotonic()  # when the partition was last taken or had a backlog
         self.loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
         self.held: set[int] = set()  # waiting events already counted as held back
         self.stopping = asyncio.Event()
@@ -442,6 +455,8 @@ class _PartitionRun:
                     self.worker.note_broker_up()
                 if self.waiting:
                     await self.apply_ready(subscription)
+                if len(messages) == worker.batch or self.waiting:
+                    self.behind_at = time.monotonic()  # a session's next event may still be on its way
                 if time.monotonic() - last_save >= worker.checkpoint_interval:
                     await self.save()
                     last_save = time.monotonic()
@@ -505,6 +520,7 @@ class _PartitionRun:
         info = await subscription.consumer_info()
         floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
         rejected = []
+        now = time.monotonic()
         for sequence in sorted(seq for seq in self.waiting if seq <= floor):
             event = self.waiting.pop(sequence)
             try:
@@ -520,6 +536,7 @@ class _PartitionRun:
                 rejected.append(event.event_id)
                 continue
             self.applied.setdefault(session, []).append(event.event_id)
+            self.last_event[session] = now
             self.worker.stats.recorded += 1
         self.held.intersection_update(self.waiting)
         later = self.waiting.keys() - self.held
@@ -534,6 +551,7 @@ class _PartitionRun:
 
     async def save(self) -> None:
         """Save what is complete; mark the events of saved sessions (and of unstorable ones)."""
+        self.end_idle_sessions()
         saver = self.saver
         retried = [session for session in saver.take_unsaved() if (await saver.asave(session)).saved]
         saved = retried + await saver.adrain(self.recorder)
@@ -550,6 +568,25 @@ class _PartitionRun:
         self.unstorable.clear()
         self.worker.stats.rejected += len(rejected)
         await self.resources.staging.mark(rejected, REJECTED)
+        for session_id in self.last_event.keys() - self.applied.keys():
+            del self.last_event[session_id]
+
+    def end_idle_sessions(self) -> None:
+        """End, as `flush` would, the sessions no event came for in `idle_timeout`: a killed
+        agent's loops never end, and its session would never be saved."""
+        now = time.monotonic()
+        cutoff = now - self.worker.idle_timeout
+        if self.behind_at >= cutoff:
+            return
+        for session_id, latest in list(self.last_event.items()):
+            if latest < cutoff:
+                if self.recorder.abort_session(session_id):
+                    logger.warning(
+                        "session %s: no event for %g s, its open loops are aborted",
+                        session_id,
+                        self.worker.idle_timeout,
+                    )
+                self.last_event[session_id] = now  # looked at again only after another timeout
 
 
 async def ingest_status(

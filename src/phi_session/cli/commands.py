@@ -1166,6 +1166,14 @@ def _publish(source: str, url: str, as_json: bool, rejected_path: str | None) ->
     help="Redeliver what a worker took but did not acknowledge after SECONDS (the catch-up "
     "delay after a worker dies; set when the consumers are created).",
 )
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Abort the open loops of a session no event came for in SECONDS (its agent died) and save it.",
+)
 @store_options
 def ingest(
     url: str,
@@ -1175,6 +1183,7 @@ def ingest(
     partitions: int | None,
     durable: str,
     ack_wait: float,
+    idle_timeout: float,
     store_url: str | None,
     as_json: bool,
 ) -> None:
@@ -1221,6 +1230,7 @@ def ingest(
             partitions=partitions,
             durable=durable,
             ack_wait=ack_wait,
+            idle_timeout=idle_timeout,
         )
     except ValueError as error:
         raise CliError(str(error), EXIT_USAGE) from None
