@@ -31,6 +31,7 @@ from typing import Any
 import msgspec
 import pytest
 
+import phi_session as ps
 from phi_session.codec import decode_event, encode_event, encode_session
 from phi_session.errors import BrokerError
 from phi_session.journal import Journal, read_records
@@ -556,6 +557,80 @@ def test_a_session_whose_agent_died_mid_loop_is_saved_aborted_once_idle(names: N
     assert _stored(names.schema) == expected
     assert _staged_pending(names.schema) == 0
     assert worker.stats.rejected == 1
+
+
+def test_a_worker_restarted_before_a_late_amendment_still_makes_it(names: Names) -> None:
+    """A session saved while still owed its group's end, or the tool call that spawned it,
+    had its events marked saved: the next owner of the partition, replaying only pending
+    ones, knew nothing to amend. The group was lost (its ParallelLoopEnd rejected) and the
+    sub-agent kept a spawn ref without its tool call."""
+
+    def at(seconds: int) -> ps.Timestamp:
+        return ps.Timestamp.from_ns(1_750_000_000 * 10**9 + seconds * 10**9)
+
+    usage = ps.Usage(input=10, output=1, total_tokens=11)
+
+    def start(session: str, loop_id: str, s: int, parent: str | None = None) -> ps.AgentStart:
+        return ps.AgentStart(
+            agent_id="ag",
+            session_id=session,
+            loop_id=loop_id,
+            parent_loop_id=parent,
+            continuation_kind=ps.INITIAL,
+            timestamp=at(s),
+        )
+
+    def end(loop_id: str, s: int) -> ps.AgentEnd:
+        return ps.AgentEnd(loop_id=loop_id, messages=(), usage=usage, timestamp=at(s))
+
+    before = [
+        ps.ParallelLoopStart(session_id="G", loop_ids=("G.a.1", "G.b.2"), timestamp=at(0)),
+        start("G", "G.a.1", 1),
+        start("G", "G.b.2", 1),
+        end("G.a.1", 4),
+        end("G.b.2", 5),
+        start("P", "P.c.1", 0),
+        ps.ToolExecutionStart(loop_id="P.c.1", tool_call_id="call-7", tool_name="researcher", args={}),
+        start("C", "C.c.1", 1, parent="P.c.1"),
+        end("C.c.1", 2),
+    ]
+    after = [
+        ps.ParallelLoopEnd(
+            session_id="G",
+            selected_loop_id="G.b.2",
+            selected_config_index=1,
+            evaluation_usage=usage,
+            timestamp=at(9),
+        ),
+        ps.ToolExecutionEnd(
+            loop_id="P.c.1",
+            tool_call_id="call-7",
+            tool_name="researcher",
+            result=ps.ToolResult(content=(), child_loop_id="C.c.1"),
+            is_error=False,
+            child_loop_id="C.c.1",
+        ),
+        end("P.c.1", 3),
+    ]
+    expected = _reference([before + after])
+    with names.sink(partitions=1) as sink:
+        for event in before:
+            sink(event)
+        assert sink.flush(30)
+        first = names.worker()
+        asyncio.run(_run_until(first, lambda: {"G", "C"} <= set(_stored(names.schema)), 30))
+        for event in after:  # the judge's verdict, the tool's result: once the worker restarted
+            sink(event)
+        assert sink.flush(30)
+    second = names.worker()
+    asyncio.run(
+        _run_until(
+            second, lambda: _stored(names.schema) == expected and _staged_pending(names.schema) == 0, 30
+        )
+    )
+    assert _stored(names.schema) == expected
+    assert _staged_pending(names.schema) == 0
+    assert second.stats.rejected == 0
 
 
 def test_message_ids_postgresql_cannot_hold_do_not_stop_the_worker(names: Names) -> None:

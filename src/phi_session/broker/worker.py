@@ -11,9 +11,10 @@ partition's loop:
    staged, so nothing earlier can still arrive (a redelivery out of order waits
    here until the gap before it is filled);
 3. every `checkpoint_interval` seconds, save the completed sessions through
-   `SessionSaver`, and mark their events saved. A session none of whose events came
-   for `idle_timeout` seconds (its agent died mid-loop) is first ended as `flush`
-   ends it: its open loops aborted, it is saved.
+   `SessionSaver`, and mark their events saved once the recorder owes them no
+   amendment (until then a new owner replays them, as a journal keeps its pinned
+   records). A session none of whose events came for `idle_timeout` seconds (its
+   agent died mid-loop) is first ended as `flush` ends it: its open loops aborted.
 
 Workers share the partitions: each takes its fair share (partitions / live
 workers, rounded up) and gives back any above it; a dead worker's partitions are
@@ -422,9 +423,10 @@ class _PartitionRun:
         self.unstorable: list[str] = []  # sessions handed to `orphaned`, not yet marked
         self.waiting: dict[int, StagedEvent] = {}  # staged, not yet applied, by stream sequence
         self.applied: dict[str, list[str]] = {}  # session id -> events applied, session not yet saved
-        self.last_event: dict[
-            str, float
-        ] = {}  # session id with events staged -> monotonic time of its latest
+        # Session id -> events of it saved while it may still be amended (its group's end, the
+        # tool call that spawned it is owed): staged, so a new owner replays them and can amend.
+        self.owed: dict[str, list[str]] = {}
+        self.last_event: dict[str, float] = {}  # session id applied or owed -> when its latest came
         self.behind_at = time.monotonic()  # when the partition was last taken or had a backlog
         self.loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
         self.held: set[int] = set()  # waiting events already counted as held back
@@ -557,9 +559,26 @@ class _PartitionRun:
         saved = retried + await saver.adrain(self.recorder)
         held = {session.session_id for session in saver.unsaved}
         done: list[str] = []
+        recorder = self.recorder
         for session in saved:
-            if session.session_id not in held:
-                done.extend(self.applied.pop(session.session_id, ()))
+            session_id = session.session_id
+            if session_id in held:
+                continue
+            events = [*self.owed.pop(session_id, ()), *self.applied.pop(session_id, ())]
+            if recorder.may_amend(session_id):
+                self.owed[session_id] = events
+            else:
+                done.extend(events)
+        # Owed nothing any more, with no amendment (its group given up, its spawner ended):
+        # unless later events of it wait to be saved, which a new owner replays from these.
+        for session_id in [
+            session_id
+            for session_id in self.owed
+            if session_id not in self.applied
+            and session_id not in held
+            and not recorder.may_amend(session_id)
+        ]:
+            done.extend(self.owed.pop(session_id))
         self.worker.stats.sessions_saved += len(saved)
         await self.resources.staging.mark(done, SAVED)
         rejected = [
@@ -568,7 +587,7 @@ class _PartitionRun:
         self.unstorable.clear()
         self.worker.stats.rejected += len(rejected)
         await self.resources.staging.mark(rejected, REJECTED)
-        for session_id in self.last_event.keys() - self.applied.keys():
+        for session_id in self.last_event.keys() - self.applied.keys() - self.owed.keys():
             del self.last_event[session_id]
 
     def end_idle_sessions(self) -> None:
