@@ -357,6 +357,31 @@ def test_one_writer_per_directory(tmp_path: Path) -> None:
     Journal(tmp_path).close()  # free again
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_lock_file_recovery_removes_before_it_is_locked_is_not_a_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that opened ``journal.lock`` just before a recovery removed it (on clearing
+    the journal) locked a file nobody else opens: a second writer then shared the directory
+    and took the first one's live segment for a leftover to recover and remove."""
+    from phi_session.journal import format as journal_format
+
+    write_journal(tmp_path, events(1), durability="os")
+    real_flock = journal_format.fcntl.flock
+
+    def recover_first(fd: int, operation: int) -> None:
+        # The recovery runs in the gap between the writer's open and its flock.
+        monkeypatch.setattr(journal_format.fcntl, "flock", real_flock)
+        assert recover(tmp_path, JsonDirStore(tmp_path / "store")).segments_removed == 1
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(journal_format.fcntl, "flock", recover_first)
+    with Journal(tmp_path, durability="os") as first:
+        first.append(events(1)[0])
+        with pytest.raises(JournalLocked):
+            Journal(tmp_path)
+
+
 def test_invalid_options_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="durability"):
         Journal(tmp_path, durability="never")  # type: ignore[arg-type]

@@ -202,17 +202,36 @@ class DirectoryLock:
 
     def __init__(self, directory: Path) -> None:
         self.path = path = directory / LOCK_FILE
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if sys.platform != "win32":
+        while True:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if sys.platform == "win32":
+                return
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if self._holds_path():
+                    return
             except BlockingIOError:
                 os.close(self._fd)
                 raise JournalLocked(f"journal {directory} is in use by another writer") from None
+            except BaseException:
+                os.close(self._fd)
+                raise
+            # The file was removed (`release(remove=True)`) between our open and our flock:
+            # locking it excludes nobody, as the next writer makes and locks a new one.
+            os.close(self._fd)
+
+    def _holds_path(self) -> bool:
+        """Whether the locked descriptor is still the file at `path`."""
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self._fd)
+        return (held.st_ino, held.st_dev) == (named.st_ino, named.st_dev)
 
     def release(self, *, remove: bool = False) -> None:
         """Unlock; with `remove`, delete the lock file first, while it is still held (once
-        unlocked, another writer may hold it)."""
+        unlocked, another writer may hold it; one that opened it before finds it gone)."""
         if self._fd >= 0:
             if remove:
                 try:
