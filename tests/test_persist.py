@@ -34,7 +34,7 @@ from phi_session import (
     Usage,
 )
 from phi_session.codec import encode_event, encode_session
-from phi_session.errors import PhiSessionError, StoreError
+from phi_session.errors import JournalLocked, PhiSessionError, StoreError
 from phi_session.journal import CHECKPOINT_FILE, ORPHANS_FILE, Journal, JournaledRecorder, recover
 from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder, held_bytes
@@ -232,6 +232,20 @@ def test_journal_segments_are_released_while_running(tmp_path: Path) -> None:
         # Everything is saved: only the active segment is left.
         assert len(journal.segments()) == 1 and persisting.stats()["segments_removed"] > 10
     assert journal.closed and list((tmp_path / "j").glob("*.wal")) == []
+
+
+def test_a_journal_feeds_one_recorder(tmp_path: Path) -> None:
+    """Two recorders given one `Journal` were both accepted: the first one's release
+    removed segments holding the second one's unsaved events."""
+    store = SqliteStore(tmp_path / "s.db")
+    with Journal(tmp_path / "j", durability="os") as journal:
+        with AutoPersistingRecorder(store, journal=journal) as persisting:
+            with pytest.raises(JournalLocked, match="in use by another recorder"):
+                AutoPersistingRecorder(store, journal=journal)
+            with pytest.raises(JournalLocked, match="in use by another recorder"):
+                JournaledRecorder(journal)
+            persisting.record_all(single_loop_sessions(1))  # still open: the refusal closed nothing
+    assert list(store.list_ids()) == ["s0000000"]
 
 
 def test_an_idle_recorder_still_saves_finished_sessions(tmp_path: Path) -> None:

@@ -86,7 +86,8 @@ class InstrumentationError(PhiSessionError, RuntimeError):
 
 
 class JournalLocked(SessionLocked):
-    """Another live `Journal` (in this or another process) holds the journal directory."""
+    """Another live `Journal` (in this or another process) holds the journal directory,
+    or another recorder already writes through the `Journal` given."""
 
 
 class NotAJournal(PhiSessionError, ValueError):

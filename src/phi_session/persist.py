@@ -140,7 +140,8 @@ class AutoPersistingRecorder:
 
     * `store`: a `SessionStore`, or any other `SaveTarget` (`OtelExportSink` exports).
     * `journal`: a `Journal` or a directory to open one in (default policy), or None.
-      The recorder owns it from now on: `close` closes it. With ``recover_on_start``,
+      The recorder owns it from now on: `close` closes it (`JournalLocked` if another
+      recorder already writes through it). With ``recover_on_start``,
       segments left by a crashed run are first recovered into `store`
       (`recovery_report`).
     * `config`: the `SessionRecorderConfig` (also used for recovery).

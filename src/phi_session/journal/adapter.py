@@ -20,6 +20,9 @@ class JournaledRecorder:
     order is the recorder's whoever feeds it. Streaming deltas the recorder drops are
     not journaled (replaying would drop them again), nor lines that are not events
     (they raise `DecodeError` and record nothing).
+
+    A journal feeds one recorder: a second `JournaledRecorder` (or `AutoPersistingRecorder`)
+    given the same `Journal` is refused (`JournalLocked`).
     """
 
     def __init__(
@@ -31,6 +34,7 @@ class JournaledRecorder:
     ) -> None:
         if recorder is not None and config is not None:
             raise TypeError("pass either a recorder or a config, not both")
+        journal.claim()
         self.journal = journal
         self.recorder = recorder if recorder is not None else SessionRecorder(config)
         self._last_seq = journal.last_seq

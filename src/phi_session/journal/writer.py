@@ -28,7 +28,7 @@ from typing import Literal, TypeAlias, get_args
 
 from .. import codec
 from .._exit import ExitHook
-from ..errors import PhiSessionError, StoreError
+from ..errors import JournalLocked, PhiSessionError, StoreError
 from ..events import AgentEvent
 from .format import (
     CHECKPOINT_FILE,
@@ -126,6 +126,7 @@ class Journal:
         self._waiting = 0  # threads in `wait_acknowledged`
         self._failure: BaseException | None = None
         self._closing = False  # `close` was called
+        self._claimed = False  # a recorder writes through it (`claim`)
         self._closed = False
         self._writable = True  # neither closed nor failed
         self._write_through = durability == "os"
@@ -208,6 +209,14 @@ class Journal:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def claim(self) -> None:
+        """Make the caller the one recorder that writes through this journal; `JournalLocked`
+        if another already does (its `release` would remove segments holding the caller's events)."""
+        with self._lock:
+            if self._claimed:
+                raise JournalLocked(f"journal {self.directory} is in use by another recorder")
+            self._claimed = True
 
     # -- appending ----------------------------------------------------------------------------
 
