@@ -1457,6 +1457,52 @@ def test_callbacks_run_outside_the_lock_so_they_may_wait_for_other_threads() -> 
     assert recorder.get_session("t").is_rejected  # type: ignore[union-attr]
 
 
+def veto_while_another_thread_runs_callbacks() -> tuple[SessionRecorder, threading.Event, threading.Thread]:
+    """A recorder whose ``before_task`` rejects "blocked", with "slow"'s running in another
+    thread (until the event returned is set), so that "blocked"'s waits for that thread."""
+    running, release = threading.Event(), threading.Event()
+
+    def before(session: ps.Session) -> bool:
+        if session.session_id == "slow":
+            running.set()
+            release.wait(timeout=5)
+        return session.session_id != "blocked"
+
+    recorder = SessionRecorder(before_task=before)
+    slow = threading.Thread(target=lambda: recorder.on_event(start("slow.c.1", "slow")))
+    slow.start()
+    assert running.wait(timeout=5)
+    recorder.record_all([start("blocked.c.1", "blocked"), end("blocked.c.1")])
+    return recorder, release, slow
+
+
+def test_a_session_is_not_completed_before_its_before_task_ran() -> None:
+    """Its ``before_task``, left to another thread running callbacks, set ``rejected`` on
+    the session after a checkpoint had handed it over: the rejection was lost."""
+    recorder, release, slow = veto_while_another_thread_runs_callbacks()
+    assert recorder.checkpoint() == 0
+    assert recorder.drain_completed() == []
+    release.set()
+    slow.join()
+    assert recorder.checkpoint() == 1
+    [blocked] = recorder.drain_completed()
+    assert blocked.is_rejected
+
+
+def test_a_rejection_after_flush_handed_the_session_over_is_an_amendment() -> None:
+    recorder, release, slow = veto_while_another_thread_runs_callbacks()
+    recorder.flush()
+    drained = {session.session_id: session for session in recorder.drain_completed()}
+    release.set()
+    slow.join()
+    assert not drained["blocked"].is_rejected  # never modified once handed over
+    [amendment] = recorder.drain_completed()
+    assert amendment.session_id == "blocked" and amendment.is_rejected and amendment.loops == []
+    from phi_session.stores.base import merge_sessions
+
+    assert merge_sessions(drained["blocked"], amendment).is_rejected
+
+
 def test_callbacks_run_in_order_and_a_wrapper_can_defer_them() -> None:
     order: list[str] = []
     recorder = SessionRecorder(

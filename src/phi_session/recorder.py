@@ -221,11 +221,14 @@ class _Children:
 class _HeldSession:
     """A session the recorder still holds (open or completed-but-not-drained)."""
 
-    __slots__ = ("closed", "events", "latest", "open_loops", "session", "unlinked")
+    __slots__ = ("before_task_due", "closed", "events", "latest", "open_loops", "session", "unlinked")
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self.open_loops = 0
+        # Its ``before_task`` has not run yet (another thread runs the callbacks): not
+        # complete before it has, so that a rejection is in what is handed over.
+        self.before_task_due = False
         # First closed record per loop id: O(1) parent lookups (phi-core scans).
         self.closed: dict[str, LoopRecord] = {}
         # The last closed record of an id closed more than once (a compaction pass, an id
@@ -307,9 +310,9 @@ class SessionRecorder:
         # lock and before the event is applied, so the journal's order is ours.
         self._write_ahead: Callable[[bytes | str], object] | None = None
         self._inline_steps = self._steps  # what `on_event` stores inline (`set_write_ahead`)
-        # before_task/after_task wait here (callback, session, is before_task) and run
-        # once the lock is released, in order (`_run_callbacks`).
-        self._callbacks: deque[tuple[SessionCallback, Session, bool]] = deque()
+        # before_task/after_task wait here (callback, session, its held session for a
+        # before_task) and run once the lock is released, in order (`_run_callbacks`).
+        self._callbacks: deque[tuple[SessionCallback, Session, _HeldSession | None]] = deque()
         self._callback_runner = threading.Lock()  # held by the one thread running them
         self._deferring = threading.local()  # `deferred_callbacks` blocks open in this thread
 
@@ -605,7 +608,8 @@ class SessionRecorder:
         held = self._held_with_early_events(session)
         self._open[event.session_id] = held
         if self.config.before_task is not None:
-            self._callbacks.append((self.config.before_task, session, True))
+            held.before_task_due = True
+            self._callbacks.append((self.config.before_task, session, held))
         return held
 
     def _run_callbacks(self) -> None:
@@ -622,12 +626,23 @@ class SessionRecorder:
         ):
             try:
                 while self._callbacks:
-                    callback, session, is_before_task = self._callbacks.popleft()
-                    if self._call(callback, session) is False and is_before_task:
+                    callback, session, opened = self._callbacks.popleft()
+                    result = self._call(callback, session)
+                    if opened is not None:
                         with self._lock:
-                            session.rejected = True
+                            self._before_task_ran(opened, rejected=result is False)
             finally:
                 self._callback_runner.release()
+
+    def _before_task_ran(self, held: _HeldSession, *, rejected: bool) -> None:
+        held.before_task_due = False
+        if not rejected:
+            return
+        session = held.session
+        if self._open.get(session.session_id) is held or self._completed.get(session.session_id) is held:
+            session.rejected = True
+        else:  # `flush` completed it and it was drained: what was handed over is never modified
+            self._amendable(session).session.rejected = True
 
     @contextlib.contextmanager
     def deferred_callbacks(self) -> Iterator[None]:
@@ -1013,7 +1028,7 @@ class SessionRecorder:
         self._completed[session_id] = held
         held.link_children()  # nothing links to a completed session: it is reopened first
         if self.config.after_task is not None:
-            self._callbacks.append((self.config.after_task, held.session, False))
+            self._callbacks.append((self.config.after_task, held.session, None))
 
     def checkpoint(self) -> int:
         """Complete every open session whose loops have all ended; returns how many.
@@ -1023,12 +1038,22 @@ class SessionRecorder:
         even if its parallel group has not ended or the tool call that spawned it is
         still running; until drained it is still enriched by such later events.
         A drained session's group still open after ``group_end_timeout`` is given up
-        first (see `SessionRecorderConfig`). Costs O(open sessions + drained sessions
-        owed a group's end). ``after_task`` fires for each completed session.
+        first (see `SessionRecorderConfig`). A session whose ``before_task`` has not run
+        yet (another thread is running callbacks) waits for a later checkpoint (if `flush`
+        completes it, a rejection comes as an amendment once drained). Costs
+        O(open sessions + drained sessions owed a group's end). ``after_task`` fires for
+        each completed session.
         """
         with self._lock:
             self._give_up_stale_groups()
-            ready = [sid for sid, held in self._open.items() if held.open_loops == 0]
+            # A thread deferring callbacks runs them itself once its block ends: only another
+            # thread's pending ``before_task`` holds a session back.
+            deferring = getattr(self._deferring, "depth", 0)
+            ready = [
+                sid
+                for sid, held in self._open.items()
+                if held.open_loops == 0 and (deferring or not held.before_task_due)
+            ]
             for session_id in ready:
                 self._complete(session_id)
         self._run_callbacks()
