@@ -36,8 +36,9 @@ def _without_links(record: LoopRecord) -> LoopRecord:
     return msgspec.structs.replace(record, children_loop_ids=[], child_loop_refs=[])
 
 
-def _finished(record: LoopRecord) -> bool:
-    return record.status not in ("Running", "Pending")
+def _ended(record: LoopRecord) -> int:
+    """2: it ended (Completed, Rejected); 1: cut short (Aborted); 0: still running."""
+    return {"Completed": 2, "Rejected": 2, "Aborted": 1}.get(record.status, 0)
 
 
 # -- examples ----------------------------------------------------------------------------
@@ -58,9 +59,17 @@ def test_which_version_of_a_loop_wins() -> None:
     done, running = make_loop("s", 1, events=1), make_loop("s", 1, status="Running", events=9)
     assert winner(done, running) is done  # a running snapshot never replaces a finished loop
     assert winner(running, done) is done
-    fewer, more = make_loop("s", 1, events=1), make_loop("s", 1, status="Aborted", events=2)
-    assert winner(fewer, more) is more  # among finished versions, more events win
+    fewer, more = make_loop("s", 1, events=1), make_loop("s", 1, events=2)
+    assert winner(fewer, more) is more  # among ended versions, more events win
     assert winner(more, fewer) is more
+    # A version cut short never replaces one that ended, even with as many events or
+    # more (it arrived later, out of order, or was sent again and never ended).
+    for events in (2, 3):
+        aborted = make_loop("s", 1, status="Aborted", events=events)
+        assert winner(more, aborted) is more
+        assert winner(aborted, more) is more
+    assert winner(make_loop("s", 1, status="Rejected"), aborted).status == "Rejected"
+    assert winner(running, aborted) is aborted  # but it replaces a running snapshot
     first, second = make_loop("s", 1, events=1, tokens=1), make_loop("s", 1, events=1, tokens=2)
     assert winner(first, second) is second  # a tie goes to the incoming save
 
@@ -237,9 +246,9 @@ def test_each_loop_is_the_better_version(stored: Session, incoming: Session) -> 
     after = dict(zip(_keys(incoming.loops), incoming.loops, strict=True))
     for key, record in zip(_keys(merged.loops), merged.loops, strict=True):
         old, new = before.get(key), after.get(key)
-        # Finished beats unfinished, then more events win, then the incoming version.
+        # Ended beats cut short beats running, then more events win, then the incoming version.
         if new is None or (
-            old is not None and (_finished(old), len(old.events)) > (_finished(new), len(new.events))
+            old is not None and (_ended(old), len(old.events)) > (_ended(new), len(new.events))
         ):
             expected = old
         else:

@@ -444,10 +444,14 @@ def validate_session_id(session_id: str) -> str:
     return session_id
 
 
+# A loop that ended outweighs one cut short (never ended: a recorder too keeps an ended
+# record over the same loop sent again that never ends), which outweighs a running snapshot.
+_FINISH_RANK: dict[str, int] = {"Pending": 0, "Running": 0, "Aborted": 1, "Completed": 2, "Rejected": 2}
+
+
 def _loop_weight(record: LoopRecord) -> tuple[int, int]:
-    # A finished record outweighs a running snapshot of the same loop; then more events win.
-    finished = record.status not in ("Running", "Pending")
-    return (int(finished), len(record.events))
+    # Then more events win.
+    return (_FINISH_RANK[record.status], len(record.events))
 
 
 def merge_sessions(stored: Session, incoming: Session) -> Session:
@@ -466,8 +470,9 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     ended names a second record (phi-core's compaction pass re-uses the id of the
     last, finished loop, and phi-core keeps both).
 
-    Of two versions of one loop, the finished one wins, then the one with more
-    events, then (a tie) the incoming one; the winner is kept whole, start time
+    Of two versions of one loop, an ended one (``Completed``, ``Rejected``) wins
+    over one cut short (``Aborted``), which wins over a running snapshot; then the
+    one with more events, then (a tie) the incoming one; the winner is kept whole, start time
     included. Stored loops keep their place; new ones are appended in their order.
     A winning version keeps the links (``children_loop_ids``, ``child_loop_refs``)
     of the version it replaces, and a finished loop that is new or changed is
