@@ -733,3 +733,55 @@ def test_closing_on_a_dead_store_waits_retry_for_once_whatever_is_pending(
         restarted = AutoPersistingRecorder(JsonDirStore(tmp_path / "healthy"), journal=tmp_path / "j")
         restarted.close()
         assert stored(JsonDirStore(tmp_path / "healthy")) == recorded(evs)
+
+
+def test_recovery_keeps_a_parallel_group_saved_while_another_session_held_the_journal(
+    tmp_path: Path,
+) -> None:
+    """P's group ended and was saved while Q, begun after P's ParallelLoopStart, was still
+    open: recovery replayed from Q's first record, P's ParallelLoopEnd without its start,
+    made a group of the selected branch alone and saved it over the stored group."""
+
+    def at(s: int) -> Timestamp:
+        return Timestamp.from_ns(1_750_000_000 * 10**9 + s * 10**9)
+
+    def start(session: str, loop: str, s: int) -> AgentStart:
+        return AgentStart(agent_id="ag", session_id=session, loop_id=loop, timestamp=at(s))
+
+    def end(loop: str, s: int) -> AgentEnd:
+        return AgentEnd(
+            loop_id=loop, messages=(), usage=Usage(input=s, output=0, total_tokens=s), timestamp=at(s)
+        )
+
+    evs: list[AgentEvent] = [
+        ParallelLoopStart(session_id="P", loop_ids=("P.a.1", "P.b.2"), timestamp=at(0)),
+        start("P", "P.a.1", 1),
+        start("Q", "Q.c.1", 2),
+        start("P", "P.b.2", 3),
+        end("P.a.1", 4),
+        end("P.b.2", 5),
+        ParallelLoopEnd(
+            session_id="P",
+            selected_loop_id="P.b.2",
+            selected_config_index=1,
+            evaluation_usage=Usage(input=0, output=0),
+            timestamp=at(6),
+        ),
+    ]
+    store = JsonDirStore(tmp_path / "store")
+    with AutoPersistingRecorder(
+        store, journal=Journal(tmp_path / "j", durability="os"), checkpoint_every=1, checkpoint_interval=None
+    ) as persisting:
+        persisting.record_all(evs)
+        assert persisting.wait_saved(timeout=10)
+        # The process dies here: what is on disk is what a crash leaves.
+        shutil.copytree(tmp_path / "j", tmp_path / "crashed")
+        shutil.copytree(tmp_path / "store", tmp_path / "crashed-store")
+    saved = encode_session(store.load("P"))
+    recovered = JsonDirStore(tmp_path / "crashed-store")
+    recover(tmp_path / "crashed", recovered)
+    assert encode_session(recovered.load("P")) == saved
+    assert [loop.parallel_group.all_loop_ids for loop in recovered.load("P").loops] == [  # type: ignore[union-attr]
+        ("P.a.1", "P.b.2"),
+        ("P.a.1", "P.b.2"),
+    ]

@@ -1175,6 +1175,12 @@ class SessionRecorder:
         with self._lock:
             return loop_id in self._loops
 
+    def in_open_group(self, loop_id: str) -> bool:
+        """Whether `loop_id` is a branch of a parallel group whose ``ParallelLoopStart``
+        was recorded and whose ``ParallelLoopEnd`` was not."""
+        with self._lock:
+            return loop_id in self._groups
+
     def open_loop_ids(self) -> list[str]:
         with self._lock:
             return list(self._loops)

@@ -17,7 +17,7 @@ from ..errors import (
     SessionNotFound,
     StoreError,
 )
-from ..events import AgentEvent, AgentStart
+from ..events import AgentEvent, AgentStart, ParallelLoopEnd
 from ..ids import session_id_from_loop_id
 from ..model import ChildLoopRef
 from ..recorder import SessionRecorder, SessionRecorderConfig
@@ -229,6 +229,15 @@ def _replay(
                     and not recorder.has_open_loop(loop_id)
                 ):
                     # Its loop started before the checkpoint: the live writer saved it (`release`).
+                    report.events_already_stored += 1
+                    continue
+                if (
+                    seq <= checkpoint.settled_through
+                    and type(event) is ParallelLoopEnd
+                    and not recorder.in_open_group(event.selected_loop_id)
+                ):
+                    # Its group started before the checkpoint: the live writer saved it whole.
+                    # Replayed, its start unseen, it would make a group of the selected loop alone.
                     report.events_already_stored += 1
                     continue
                 if (

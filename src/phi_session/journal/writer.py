@@ -331,8 +331,8 @@ class Journal:
         The caller promises: (1) every event with a sequence number below
         `stored_below` is saved in the store, was written to ``orphans.jsonl``, or is
         one the recorder never keeps; (2) every event numbered up to
-        `settled_through` that belongs to a loop started below `stored_below` is
-        saved or written to ``orphans.jsonl``. `recover` then skips those events.
+        `settled_through` that belongs to a loop (or ends a parallel group) started
+        below `stored_below` is saved or written to ``orphans.jsonl``. `recover` then skips those events.
         `orphans_settled` is the size `orphans_size` returned once those orphans were
         written (default: the size now); a recovery cuts what follows, which it writes again.
 
