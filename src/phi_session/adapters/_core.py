@@ -54,6 +54,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from .._checks import check_type
 from .._failures import FailureTally
 from ..codec import escape_surrogates
 from ..errors import (
@@ -85,7 +86,6 @@ from ..replay.cursor import result_text
 from ..replay.lineage import active_lineage
 from ..sinks import SinkLike
 from ..stores.base import SessionStore, validate_session_id
-from ..stores.query import check_type
 from ._sessions import EmbeddedStore, book_for_sinks, embedded_store
 
 __all__ = [

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast, runt
 
 import msgspec
 
+from .._checks import check_type
 from .._time import Timestamp
 from ..codec import encode_event, without_lone_surrogates
 from ..errors import InvalidSessionId, SessionNotFound, StoreError
@@ -18,7 +19,7 @@ from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, ModelCall, Session, keep_links
 from .outline import SessionOutline, decode_calls, first_prompt
-from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_count, check_type, shown
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_count, shown
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
 
 if TYPE_CHECKING:  # cost.py reads the stores' rows; stores never need the price table

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 import msgspec
 from msgspec.structs import replace
 
+from .._checks import check_type
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
 from ..errors import (
     DecodeError,
@@ -70,7 +71,7 @@ from .base import (
     validate_session_id,
 )
 from .outline import SessionOutline, loop_prompt, session_outline
-from .query import GroupBy, Order, PruneCriteria, SessionQuery, check_type, parse_group_by
+from .query import GroupBy, Order, PruneCriteria, SessionQuery, parse_group_by
 
 if sys.platform != "win32":
     import fcntl

@@ -84,6 +84,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
+from .._checks import check_type
 from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
 from ..errors import DecodeError, SessionLocked, SessionNotFound, StoredSessionUnusable, StoreError
@@ -122,7 +123,7 @@ from .outline import (
     loop_outline,
     session_outline,
 )
-from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, parse_group_by
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, loop_text, query_words, search_words
 
 # psycopg is optional: this module imports without it and `PostgresStore()` says

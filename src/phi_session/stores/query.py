@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal, get_args
 
+from .._checks import check_type
 from .._time import Timestamp
 from ..errors import InvalidQuery
 from ..model import LoopStatus
@@ -107,14 +108,6 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> Any:
         if choice.lower() == str(value).lower():
             return choice
     raise InvalidQuery(f"expected one of {', '.join(choices)}; got {shown(repr(value))}", name)
-
-
-def check_type(name: str, value: object, expected: type, *, optional: bool = False) -> None:
-    """`TypeError` unless `value` is an `expected` (a bool is no int), or None when `optional`."""
-    if (value is None and optional) or (isinstance(value, expected) and not isinstance(value, bool)):
-        return
-    alternative = " or None" if optional else ""
-    raise TypeError(f"{name} must be {expected.__name__}{alternative}, not {type(value).__name__}")
 
 
 def check_count(name: str, value: int | None, maximum: int | None = None) -> None:

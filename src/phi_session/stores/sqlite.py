@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast, get_args
 import msgspec
 from msgspec.structs import replace
 
+from .._checks import check_type
 from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_session
 from ..errors import DecodeError, SessionLocked, SessionNotFound, StoredSessionUnusable, StoreError
@@ -96,7 +97,7 @@ from .outline import (
     loop_outline,
     session_outline,
 )
-from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_type, parse_group_by
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, parse_group_by
 from .search import DEFAULT_LIMIT, SearchHit, loop_text, query_words, search_words
 
 if TYPE_CHECKING:
