@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from phi_session import InvalidArgument
 from phi_session.broker import StreamSettings, partition_of
 
 
@@ -18,7 +19,6 @@ def test_settings_are_validated_with_the_field_named() -> None:
         {"subject_prefix": "a.*"},
         {"partitions": 0},
         {"partitions": 1025},
-        {"partitions": True},
         {"max_bytes": 10},
         {"max_bytes": 1 << 63},  # JetStream's limits are signed 64-bit
         {"max_age": float("inf")},  # in nanoseconds: past 2**63 the stream cannot be created
@@ -27,7 +27,11 @@ def test_settings_are_validated_with_the_field_named() -> None:
         {"duplicate_window": 20, "max_age": 10},
     ):
         name = next(iter(bad))
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(InvalidArgument, match=name):  # a PhiSessionError, not a bare ValueError
+            StreamSettings(**bad)  # type: ignore[arg-type]
+    for bad in ({"partitions": True}, {"partitions": "8"}, {"stream": 5}, {"subject_prefix": None}):
+        name = next(iter(bad))
+        with pytest.raises(TypeError, match=name):
             StreamSettings(**bad)  # type: ignore[arg-type]
 
 
@@ -56,7 +60,7 @@ def test_a_bad_value_from_the_environment_names_its_variable(monkeypatch: pytest
     ):
         with monkeypatch.context() as env:
             env.setenv(f"PHI_SESSION_NATS_{name}", raw)
-            with pytest.raises(ValueError) as raised:
+            with pytest.raises(InvalidArgument) as raised:
                 StreamSettings.from_env()
             assert str(raised.value).startswith(f"PHI_SESSION_NATS_{name}: {reason}")
     with pytest.raises(ValueError, match=r"^partitions: "):  # given, not from the environment
@@ -68,6 +72,14 @@ def test_partitions_are_stable_and_spread() -> None:
     spread = {partition_of(f"session-{n}", 8) for n in range(200)}
     assert spread == set(range(8))
     assert partition_of("s", 1) == 0
+    # AttributeError ('int' object has no attribute 'encode') and ZeroDivisionError.
+    with pytest.raises(TypeError, match=r"^key must be str, not int$"):
+        partition_of(5, 8)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^partitions must be int, not str$"):
+        partition_of("s", "8")  # type: ignore[arg-type]
+    for count in (0, -3):  # -3 gave a negative or zero partition
+        with pytest.raises(InvalidArgument, match=f"^partitions must be at least 1, got {count}$"):
+            partition_of("s", count)
 
 
 def test_without_nats_py_the_error_names_the_extra() -> None:

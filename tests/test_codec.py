@@ -18,6 +18,7 @@ import phi_session as ps
 from phi_session.codec import decode_messages, encode_message
 from phi_session.messages import ZERO_USAGE
 from phi_session.model import CompactedSection, CompactionBlock, LoopEvent, LoopRecord, Turn, TurnRange
+from phi_session.stores.conformance import make_loop, make_session
 
 from .strategies import any_event, messages, request_payload
 
@@ -243,6 +244,26 @@ def test_rejects_non_text_input_type() -> None:
         ps.decode_event(42)  # type: ignore[arg-type]
 
 
+def test_a_memoryview_decodes_as_its_bytes() -> None:
+    """The strict check read it with ``.decode``, which a memoryview lacks: AttributeError."""
+    start = ps.AgentStart(agent_id="a", session_id="s", loop_id="s.x.1", timestamp=ps.Timestamp.now())
+    data = ps.encode(start)
+    event = ps.decode_event(data)
+    assert ps.decode_event(memoryview(data)) == ps.decode_event(bytearray(data)) == event  # type: ignore[arg-type]
+    with pytest.raises(ps.DecodeError):
+        ps.decode_event(memoryview(b"{}"))  # type: ignore[arg-type]
+
+
+def test_encoding_something_else_than_a_session_or_loop_is_a_type_error() -> None:
+    """A loop given to encode_session raised AttributeError ('LoopRecord' has no 'loops')."""
+    session = make_session("s1", loops=[make_loop("s1", 0)])
+    record = session.loops[0]
+    with pytest.raises(TypeError, match=r"^session must be Session, not LoopRecord$"):
+        ps.encode_session(record)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^record must be LoopRecord, not Session$"):
+        ps.codec.encode_loop(session)  # type: ignore[arg-type]
+
+
 @settings(max_examples=200, deadline=None)
 @given(any_event)
 def test_any_event_survives_encode_decode(event: ps.AgentEvent) -> None:
@@ -281,6 +302,35 @@ def test_enum_values_compare_by_value() -> None:
     assert ps.SessionFormation.first_loop(t) != ps.SessionFormation.explicit(t)
     with pytest.raises(AttributeError):
         ps.DEFAULT.kind = "Rerun"  # type: ignore[misc]
+
+
+def test_a_bad_variant_is_an_invalid_argument_and_a_bad_type_a_type_error() -> None:
+    """Each raised a bare ValueError, a wrong type included."""
+    t = ps.Timestamp.parse("2025-06-01T09:00:00Z")
+    for build, message in (
+        (lambda: ps.ContinuationKind("bogus"), "unknown continuation kind 'bogus'"),
+        (lambda: ps.ContinuationKind("Default", "tag"), "Default carries no tag"),
+        (lambda: ps.ContinuationKind("Rerun"), "Rerun needs a string tag"),
+        (lambda: ps.SessionFormation("bogus", t), "unknown session formation 'bogus'"),
+        (lambda: ps.SessionFormation("FirstLoop", t, 5), "FirstLoop carries only a timestamp"),
+        (lambda: ps.SessionFormation.inactivity_timeout(-1, None, t), "threshold_secs: expected an unsigned"),
+        (lambda: ps.StreamDelta("bogus", "x"), "unknown stream delta kind 'bogus'"),
+    ):
+        with pytest.raises(ps.InvalidArgument, match=message):
+            build()
+    for build, message in (
+        (lambda: ps.ContinuationKind.rerun(5), "^a Rerun tag must be str, not int$"),  # type: ignore[arg-type]
+        (lambda: ps.ContinuationKind(5), "^a continuation kind must be str, not int$"),  # type: ignore[arg-type]
+        (lambda: ps.SessionFormation(5, t), "^a session formation must be str, not int$"),  # type: ignore[arg-type]
+        (lambda: ps.SessionFormation.inactivity_timeout("5", None, t), "threshold_secs"),  # type: ignore[arg-type]
+        (lambda: ps.StreamDelta(5, "x"), "^a stream delta kind must be str, not int$"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=message):
+            build()
+    start = ps.AgentStart(agent_id="a", session_id="s", loop_id="s.x.1", timestamp=t)
+    bad = ps.encode(start).replace(b'"Initial"', b'{"Rerun":{"tag":5}}')
+    with pytest.raises(ps.DecodeError):  # in JSON, a bad type is still a decode error
+        ps.decode_event(bad)
 
 
 def _delta_line(delta: object) -> str:
@@ -334,7 +384,7 @@ def test_a_stream_delta_keeps_its_constructor_and_python_protocols() -> None:
     assert delta == ps.StreamDelta.tool_call('{"a"') and hash(delta) == hash(ps.StreamDelta.tool_call('{"a"'))
     assert repr(delta) == "StreamDelta('ToolCallDelta', '{\"a\"')"
     assert pickle.loads(pickle.dumps(delta)) == delta == copy.deepcopy(delta)
-    with pytest.raises(ValueError, match="unknown stream delta kind 'Speech'"):
+    with pytest.raises(ps.InvalidArgument, match="unknown stream delta kind 'Speech'"):
         ps.StreamDelta("Speech", "x")
     with pytest.raises(TypeError, match="not int"):
         ps.StreamDelta("Text", 1)  # type: ignore[arg-type]

@@ -233,7 +233,7 @@ async def _stream() -> AsyncIterator[ps.AgentEvent | None]:
 
 
 def test_the_interval_must_be_positive() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ps.InvalidArgument, match="checkpoint_interval"):  # was a bare ValueError
         asyncio.run(consume(_stream(), store(MemoryStore()), checkpoint_interval=0))
 
 

@@ -152,6 +152,19 @@ def test_bad_user_prices_are_refused(prices: dict, fragment: str) -> None:
         Pricer(prices)
 
 
+def test_arguments_of_another_type_are_type_errors() -> None:
+    """They raised AttributeError ('int' object has no attribute 'items' / 'loops')."""
+    pricer = Pricer(use_table=False)
+    for call, message in (
+        (lambda: Pricer(5), "^user_prices must be Mapping or None, not int$"),  # type: ignore[arg-type]
+        (lambda: pricer.session(5), "^session must be Session, not int$"),  # type: ignore[arg-type]
+        (lambda: pricer.breakdown(5), "^session must be Session, not int$"),  # type: ignore[arg-type]
+        (lambda: pricer.outline(5), "^outline must be SessionOutline, not int$"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
 def test_unreadable_price_file(tmp_path: Path) -> None:
     with pytest.raises(InvalidPrices) as missing:
         Pricer.from_file(tmp_path / "missing.json")

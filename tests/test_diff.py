@@ -18,7 +18,7 @@ from phi_session.diff import (
     find_loop,
     parse_ref,
 )
-from phi_session.errors import LoopNotFound
+from phi_session.errors import InvalidArgument, LoopNotFound
 
 from .diff_support import BASE, Run, Step, record_runs
 
@@ -225,7 +225,21 @@ def test_loops_are_named_by_id_or_position() -> None:
     assert parse_ref("s1:s1.acme.m1.1") == ("s1", "s1.acme.m1.1")
     assert parse_ref("s1:ollama.llama3:8b.1") == ("s1", "ollama.llama3:8b.1")  # split at the first colon
     assert parse_ref("a:b", "c:d") == ("a:b", "c:d")  # the loop named apart: the whole text is the id
-    with pytest.raises(ValueError, match="empty loop"):
+    with pytest.raises(InvalidArgument, match="empty loop"):  # a PhiSessionError, not a bare ValueError
         parse_ref("s1", "")
     with pytest.raises(TypeError):
         parse_ref(3)  # type: ignore[arg-type]
+
+
+def test_something_else_than_a_session_or_loop_name_is_a_type_error() -> None:
+    """They raised AttributeError ('NoneType' object has no attribute 'loops')."""
+    session, (a,) = record_runs([Run(BASE)])
+    for call, message in (
+        (lambda: diff_sessions(session, None), "^b must be Session, not NoneType$"),  # type: ignore[arg-type]
+        (lambda: diff_sessions(5, session), "^a must be Session, not int$"),  # type: ignore[arg-type]
+        (lambda: find_loop(5, "#1"), "^session must be Session, not int$"),  # type: ignore[arg-type]
+        (lambda: find_loop(session, 1), "^loop must be str, not int$"),  # type: ignore[arg-type]
+        (lambda: diff_loops(session, a, None, a), "^session must be Session, not NoneType$"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()

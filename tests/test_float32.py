@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from phi_session._float32 import Float32, round_f32
+from phi_session.errors import InvalidArgument
 
 
 @pytest.mark.parametrize(
@@ -49,3 +50,10 @@ def test_overflow_becomes_infinity_like_rust_as_f32() -> None:
     flt_max = struct.unpack("<f", struct.pack("<f", 3.4028234663852886e38))[0]
     assert round_f32(3.40282356e38) == flt_max  # just below the midpoint: rounds down
     assert math.isinf(round_f32(3.4028235677973366e38))  # the midpoint rounds to even: overflow
+
+
+def test_text_that_is_no_number_is_an_invalid_argument() -> None:
+    """float()'s bare ValueError came through."""
+    assert Float32("0.5") == 0.5
+    with pytest.raises(InvalidArgument, match="expected a number, got 'x'"):
+        Float32("x")  # type: ignore[arg-type]

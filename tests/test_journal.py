@@ -36,7 +36,7 @@ from phi_session import (
     Usage,
 )
 from phi_session.codec import decode_session, encode_event, encode_session
-from phi_session.errors import DecodeError, StoreError
+from phi_session.errors import DecodeError, InvalidArgument, StoreError
 from phi_session.journal import (
     CHECKPOINT_FILE,
     MAGIC,
@@ -296,7 +296,7 @@ def test_interval_acknowledges_in_the_background(tmp_path: Path) -> None:
         assert journal.acknowledged_seq == -1
         assert not journal.wait_acknowledged(seq, timeout=0.02)
         assert journal.sync() == seq == journal.acknowledged_seq
-        with pytest.raises(ValueError, match="never appended"):
+        with pytest.raises(InvalidArgument, match="never appended"):
             journal.wait_acknowledged(seq + 1)
 
 
@@ -383,12 +383,23 @@ def test_a_lock_file_recovery_removes_before_it_is_locked_is_not_a_lock(
 
 
 def test_invalid_options_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="durability"):
+    # InvalidArgument: a PhiSessionError (they were bare ValueErrors) and a ValueError.
+    with pytest.raises(InvalidArgument, match="durability"):
         Journal(tmp_path, durability="never")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="interval_ms"):
+    with pytest.raises(InvalidArgument, match="interval_ms"):
         Journal(tmp_path, interval_ms=0)
-    with pytest.raises(ValueError, match="segment_bytes"):
+    with pytest.raises(InvalidArgument, match="segment_bytes"):
         Journal(tmp_path, segment_bytes=4)
+    with pytest.raises(InvalidArgument, match="save_every"):
+        recover(tmp_path, JsonDirStore(tmp_path / "store"), save_every=0)
+    # It raised AttributeError ('int' object has no attribute 'last_seq').
+    with pytest.raises(TypeError, match=r"^journal must be Journal, not int$"):
+        JournaledRecorder(5)  # type: ignore[arg-type]
+    with (
+        Journal(tmp_path / "j") as journal,
+        pytest.raises(TypeError, match=r"^recorder must be SessionRecorder"),
+    ):
+        JournaledRecorder(journal, 5)  # type: ignore[arg-type]
 
 
 # -- leftovers, release and checkpoints ---------------------------------------------------------------

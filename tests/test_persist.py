@@ -34,7 +34,7 @@ from phi_session import (
     Usage,
 )
 from phi_session.codec import encode_event, encode_session
-from phi_session.errors import JournalLocked, PhiSessionError, StoreError
+from phi_session.errors import InvalidArgument, JournalLocked, PhiSessionError, StoreError
 from phi_session.journal import CHECKPOINT_FILE, ORPHANS_FILE, Journal, JournaledRecorder, recover
 from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder, held_bytes
@@ -370,9 +370,9 @@ def test_closed_and_invalid_use(tmp_path: Path) -> None:
     with pytest.raises(PhiSessionError, match="closed"):
         persisting.on_event(single_loop_sessions(1)[0])
     assert persisting.checkpoint() == 0
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(InvalidArgument, match="at least 1"):  # a PhiSessionError and a ValueError
         AutoPersistingRecorder(JsonDirStore(tmp_path), checkpoint_every=0)
-    with pytest.raises(ValueError, match="checkpoint_interval"):
+    with pytest.raises(InvalidArgument, match="checkpoint_interval"):
         AutoPersistingRecorder(JsonDirStore(tmp_path), checkpoint_interval=0)
 
 
@@ -478,7 +478,7 @@ def test_the_writer_saves_waiting_sessions_in_batches(tmp_path: Path) -> None:
 
 
 def test_the_budget_must_be_positive(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="max_pending_bytes"):
+    with pytest.raises(InvalidArgument, match="max_pending_bytes"):
         AutoPersistingRecorder(JsonDirStore(tmp_path), max_pending_bytes=0)
 
 

@@ -856,6 +856,21 @@ def test_custom_patterns_apply_to_known_clean_field_names(options: dict[str, Any
     assert redactor(call).args == {"q": f"see {REDACTED}"}  # type: ignore[attr-defined]
 
 
+def test_a_custom_pattern_that_does_not_compile_is_named() -> None:
+    """re.error came through, naming neither the pattern nor phi-session, and its position
+    was in the patterns joined into one."""
+    for options in ({"extra_patterns": [r"ok-\d+", "("]}, {"patterns": ["("]}):
+        with pytest.raises(ps.InvalidArgument, match=r"^secret pattern '\(' does not compile: missing \)"):
+            Redactor(**options)
+    with pytest.raises(
+        ps.InvalidArgument, match=r"^the secret patterns do not compile together: redefinition"
+    ):
+        Redactor(extra_patterns=["(?P<n>a)", "(?P<n>b)"])  # each compiles alone
+    with pytest.raises(TypeError):
+        Redactor(extra_patterns=[5])  # type: ignore[list-item]
+    assert Redactor(extra_patterns=[re.compile("acct-1")]).redact_string("acct-1") == REDACTED
+
+
 def test_a_runs_messages_at_its_end_are_redacted_where_they_need_it() -> None:
     arguments: dict[str, Any] = {"q": "x"}
     reply = _tool_reply("http", arguments)

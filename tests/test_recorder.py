@@ -932,6 +932,12 @@ def test_config_must_not_be_given_twice() -> None:
         SessionRecorder(SessionRecorderConfig(), include_streaming_events=True)
 
 
+def test_a_config_of_another_type_is_a_type_error() -> None:
+    """It raised AttributeError (no include_streaming_events)."""
+    with pytest.raises(TypeError, match=r"^config must be SessionRecorderConfig or None, not int$"):
+        SessionRecorder(5)  # type: ignore[arg-type]
+
+
 # -- properties ------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from phi_session.adapters import AdapterCore
 from phi_session.codec import decode_messages
 from phi_session.errors import (
+    InvalidArgument,
     LoopNotFound,
     PhiSessionError,
     RecordedModelError,
@@ -547,11 +548,27 @@ def test_unknown_loops_and_turns_are_errors(world: World) -> None:
         ReplayCursor(script, until_turn=-1)
     with pytest.raises(TypeError):
         ReplayScript.from_session("not a session")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="fallback"):
+    with pytest.raises(InvalidArgument, match="fallback"):
         RecordedModel(script, until_turn=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument, match=r"^tools must be 'recorded' or 'live', not 'maybe'$"):
         ReplayCursor(script, tools="maybe")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match=r"^on_divergence must be 'stop' or 'fallback', not 'never'$"):
+        ReplayCursor(script, on_divergence="never")  # type: ignore[arg-type]
     assert issubclass(ReplayDiverged, PhiSessionError) and issubclass(TurnNotFound, KeyError)
+    # Each raised AttributeError ('int' object has no attribute 'id' / 'session_id' / 'for_session').
+    original = script.loop_ids[0]
+    for call, message in (
+        (lambda: RecordedModel(script).tool_result(5), "^call must be ToolCall, not int$"),  # type: ignore[arg-type]
+        (lambda: replay_lineage(5), "^script must be ReplayScript, not int$"),  # type: ignore[arg-type]
+        (lambda: fork_lineage(5, 1), "^script must be ReplayScript, not int$"),  # type: ignore[arg-type]
+        (lambda: replay_lineage(script).loop(5), "^tracer must be Tracer, not int$"),  # type: ignore[arg-type]
+        (
+            lambda: fork(session, original, 1, model=lambda request: None, tracer=5),  # type: ignore[arg-type,return-value]
+            "^tracer must be Tracer, not int$",
+        ),
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()
 
 
 # -- the cursor ----------------------------------------------------------------------------------
@@ -719,7 +736,7 @@ def test_replay_cursor_of_a_session_or_a_script(world: World) -> None:
     assert ReplayCursor.of(script).script is script
     # Handing over needs the replay model's fallback model.
     for options in ({"until_turn": 1}, {"on_divergence": "fallback"}):
-        with pytest.raises(ValueError, match="need a fallback model"):
+        with pytest.raises(InvalidArgument, match="need a fallback model"):
             ReplayCursor.of(session, **options)  # type: ignore[arg-type]
         assert not ReplayCursor.of(session, fallback=True, **options).finished  # type: ignore[arg-type]
     assert RecordedModel(session).cursor.script == script
@@ -1082,7 +1099,7 @@ def test_fork_with_another_prompt_and_a_replaced_tool_result(world: World) -> No
     assert branch.metadata["fork"]["change"] == {"tool_results": ["c2"]}
     assert branch.turns[1].tool_results[0].content == (TextContent(text="40"),)
     assert seen[0].messages[4].content == (TextContent(text="40"),)  # type: ignore[union-attr]
-    with pytest.raises(ValueError, match="c1: not a tool call of turn 1"):
+    with pytest.raises(InvalidArgument, match="c1: not a tool call of turn 1"):
         fork(
             again,
             original.loop_id,

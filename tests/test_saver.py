@@ -434,10 +434,19 @@ def test_a_session_of_the_wrong_type_is_a_type_error() -> None:
 
 
 def test_retry_for_must_be_a_duration() -> None:
-    with pytest.raises(ValueError, match="retry_for"):
+    with pytest.raises(ps.InvalidArgument, match="retry_for"):  # a PhiSessionError and a ValueError
         saver_for(MemoryStore(), retry_for=-1)
-    with pytest.raises(ValueError, match="retry_for"):
+    with pytest.raises(ps.InvalidArgument, match="retry_for"):
         saver_for(MemoryStore(), retry_for=float("nan"))
+
+
+def test_draining_something_else_than_a_recorder_is_a_type_error() -> None:
+    """It raised AttributeError ('int' object has no attribute 'checkpoint')."""
+    saver = saver_for(MemoryStore())
+    with pytest.raises(TypeError, match=r"^recorder must be SessionRecorder, not int$"):
+        saver.drain(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^recorder must be SessionRecorder, not int$"):
+        asyncio.run(saver.adrain(5))  # type: ignore[arg-type]
 
 
 # -- the command line saves through a SessionSaver ----------------------------------------------

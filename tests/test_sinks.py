@@ -216,7 +216,7 @@ def test_queue_sink_in_the_loop_and_from_other_threads() -> None:
 
 
 def test_queue_sink_refuses_a_bounded_queue() -> None:
-    with pytest.raises(ValueError, match="unbounded"):
+    with pytest.raises(ps.InvalidArgument, match="unbounded"):  # was a bare ValueError
         QueueSink(asyncio.Queue(maxsize=10))
 
 

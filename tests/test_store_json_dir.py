@@ -18,7 +18,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from phi_session.codec import decode_session, encode_session
-from phi_session.errors import SessionLocked, SessionNotFound, StoredSessionUnusable, StoreError
+from phi_session.errors import (
+    InvalidArgument,
+    SessionLocked,
+    SessionNotFound,
+    StoredSessionUnusable,
+    StoreError,
+)
 from phi_session.model import Session
 from phi_session.stores import json_dir
 from phi_session.stores.base import merge_sessions, summarize
@@ -133,9 +139,9 @@ def test_list_ids_ties_are_ordered_by_id(store: JsonDirStore, directory: Path) -
 
 
 def test_lock_timeout_must_be_a_duration(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument, match="lock_timeout"):  # was a bare ValueError
         JsonDirStore(tmp_path, lock_timeout=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument, match="lock_timeout"):
         JsonDirStore(tmp_path, lock_timeout=float("nan"))
 
 

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from phi_session import Timestamp, Usage
 from phi_session.codec import decode_session, encode_session
 from phi_session.cost import Pricer, prices_available
-from phi_session.errors import SessionLocked, StoredSessionUnusable, StoreError
+from phi_session.errors import InvalidArgument, SessionLocked, StoredSessionUnusable, StoreError
 from phi_session.model import Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import postgres
@@ -513,12 +513,18 @@ def test_connection_failure_names_the_server_not_the_password() -> None:
 
 
 def test_invalid_arguments_are_refused(schema: str) -> None:
-    with pytest.raises(ValueError):
+    # InvalidArgument: a PhiSessionError (they were bare ValueErrors) and a ValueError.
+    with pytest.raises(InvalidArgument, match="schema must be a PostgreSQL identifier"):
         PostgresStore(DSN, schema="x" * 64)  # PostgreSQL would silently truncate it
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument, match="lock_timeout"):
         PostgresStore(DSN, schema=schema, lock_timeout=0)  # PostgreSQL reads 0 as "forever"
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument, match="pool_size"):
         PostgresStore(DSN, schema=schema, pool_size=0)
+    # psycopg's AttributeError ('int' object has no attribute 'encode').
+    with pytest.raises(TypeError, match=r"^dsn must be str, not int$"):
+        PostgresStore(5, schema=schema)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^schema must be str, not int$"):
+        PostgresStore(DSN, schema=5)  # type: ignore[arg-type]
     with pytest.raises(StoreError, match="invalid PostgreSQL connection string") as info:
         PostgresStore("host=x password=s3cret =oops", schema=schema)
     assert "s3cret" not in str(info.value)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from phi_session import (
     AgentMessage,
     AnnotatedRequestPayload,
+    InvalidArgument,
     LoopConfigSnapshot,
     Timestamp,
     ToolCall,
@@ -196,7 +197,7 @@ def test_synchronous_setting(db: Path) -> None:
         assert connection_of(store).execute("PRAGMA synchronous").fetchone()[0] == 2
     with SqliteStore(db) as store:
         assert connection_of(store).execute("PRAGMA synchronous").fetchone()[0] == 1
-    with pytest.raises(ValueError, match="synchronous"):
+    with pytest.raises(InvalidArgument, match="synchronous"):  # was a bare ValueError
         SqliteStore(db, synchronous="OFF")  # type: ignore[arg-type]
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from phi_session import Timestamp
+from phi_session import FakeClock, InvalidArgument, Timestamp
 
 MAX_NS = 253402300799_999_999_999  # 9999-12-31T23:59:59.999999999Z
 MIN_NS = -62167219200_000_000_000  # 0000-01-01T00:00:00Z
@@ -51,8 +51,16 @@ def test_parse_normalizes_to_phi_core_spelling(text: str, canonical: str) -> Non
     ],
 )
 def test_parse_rejects_what_phi_core_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):  # a PhiSessionError and a ValueError
         Timestamp.parse(text)
+
+
+def test_a_time_that_is_not_text_is_a_type_error() -> None:
+    """It was a bare ValueError, as for text that is no date-time."""
+    with pytest.raises(TypeError, match="expected an RFC 3339 date-time string, got int"):
+        Timestamp.parse(5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="invalid RFC 3339 date-time: 'garbage'"):
+        FakeClock("garbage")
 
 
 @given(st.integers(min_value=MIN_NS, max_value=MAX_NS))

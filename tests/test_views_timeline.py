@@ -209,3 +209,28 @@ def test_tool_calls_sharing_an_id_across_turns_each_end_at_their_own_result() ->
     _, [session] = record([*events, end(root, at=2000)])
     tools = [bar for bar in timeline(session) if bar.kind == "tool"]
     assert [(bar.start, bar.end) for bar in tools] == [(ts(10), ts(100)), (ts(1010), ts(1100))]
+
+
+def test_arguments_of_another_type_are_type_errors_and_an_empty_page_an_invalid_argument(
+    tmp_path: Path,
+) -> None:
+    """They raised AttributeError ('int' object has no attribute 'loops' / 'load'), and a
+    page of 0 loops range()'s bare ValueError."""
+    from phi_session import views
+
+    store = _store(tmp_path)
+    session = store.load(PARENT_ID)
+    for call, message in (
+        (lambda: views.loop_forest(5), "^session must be Session, not int$"),  # type: ignore[arg-type]
+        (lambda: timeline(5), "^session must be Session, not int$"),  # type: ignore[arg-type]
+        (lambda: timeline(session, 5), "^store must be SessionStore or None, not int$"),  # type: ignore[arg-type]
+        (lambda: views.spawn_graph(5, session), "^store must be SessionStore, not int$"),  # type: ignore[arg-type]
+        (lambda: views.spawn_graph(store, 5), "^root must be Session, not int$"),  # type: ignore[arg-type]
+        (lambda: list(views.event_stream([5])), "^session must be Session, not int$"),  # type: ignore[list-item]
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()
+    outline = store.load_outline(PARENT_ID)
+    with pytest.raises(ps.InvalidArgument, match=r"^loops_per_page must be at least 1, got 0$"):
+        next(views.outline_timeline(store, outline, 0))
+    assert next(views.outline_timeline(store, outline, 1))

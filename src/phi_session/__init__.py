@@ -19,6 +19,7 @@ from .consume import ConsumeStats, consume
 from .errors import (
     DecodeError,
     InstrumentationError,
+    InvalidArgument,
     InvalidQuery,
     InvalidSessionId,
     InvalidStoreUrl,
@@ -167,6 +168,7 @@ __all__ = [
     "ImageContent",
     "InputRejected",
     "InstrumentationError",
+    "InvalidArgument",
     "InvalidQuery",
     "InvalidSessionId",
     "InvalidStoreUrl",

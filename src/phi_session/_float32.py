@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import struct
 
+from .errors import InvalidArgument
+
 _F32 = struct.Struct("<f")
 
 
@@ -22,7 +24,11 @@ class Float32(float):
     __slots__ = ()
 
     def __new__(cls, value: float = 0.0) -> Float32:
-        return super().__new__(cls, round_f32(float(value)))
+        try:
+            number = float(value)
+        except ValueError:  # text float() cannot read, such as "x"
+            raise InvalidArgument(f"expected a number, got {value!r}") from None
+        return super().__new__(cls, round_f32(number))
 
     def to_json(self) -> bytes:
         """phi-core's spelling: shortest round trip, positional for 1e-6 <= |x| < 1e13."""

@@ -46,7 +46,7 @@ class Scan:
     def __init__(self, data: bytes | str) -> None:
         self.repeated = False
         self.numbers_differ = False
-        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
+        text = str(data, "utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
         self.tree: Any = json.loads(text, object_pairs_hook=self._pairs, parse_int=self._int)
         if text.count("[") + text.count("{") > MAX_DEPTH and _depth(self.tree) > MAX_DEPTH:
             raise DecodeError(f"nesting deeper than {MAX_DEPTH} levels")

@@ -13,6 +13,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from .errors import InvalidArgument
+
 _NS_PER_S = 1_000_000_000
 _MAX_YEAR = 262_143  # chrono's range: what phi-core can read back
 _SECONDS_PER_DAY = 86_400
@@ -67,12 +69,12 @@ def _civil_from_days(z: int) -> tuple[int, int, int]:
 
 def _epoch_seconds(y: int, mo: int, d: int, h: int, mi: int, s: int) -> int:
     if not 1 <= mo <= 12:
-        raise ValueError("month out of range")
+        raise InvalidArgument("month out of range")
     days_in_month = 29 if mo == 2 and _is_leap(y) else _DAYS_IN_MONTH[mo - 1]
     if not 1 <= d <= days_in_month:
-        raise ValueError("day out of range")
+        raise InvalidArgument("day out of range")
     if h > 23 or mi > 59 or s > 59:
-        raise ValueError("time of day out of range")
+        raise InvalidArgument("time of day out of range")
     return _days_from_civil(y, mo, d) * _SECONDS_PER_DAY + h * 3600 + mi * 60 + s
 
 
@@ -133,10 +135,11 @@ class Timestamp:
     def parse(cls, text: str) -> Timestamp:
         """Read an RFC 3339 date-time; any offset is converted to UTC.
 
-        Raises ``ValueError`` with the reason when the text is not a valid date-time.
+        Raises `InvalidArgument` (a ``ValueError``) with the reason when the text is not a
+        valid date-time, ``TypeError`` when it is not a string.
         """
         if not isinstance(text, str):
-            raise ValueError(f"expected an RFC 3339 date-time string, got {type(text).__name__}")
+            raise TypeError(f"expected an RFC 3339 date-time string, got {type(text).__name__}")
         # Fast path: a second already validated, and a canonical fraction after it.
         if text[:19] in _seconds_cache and _canonical_tail(text[19:]):
             stamp = object.__new__(cls)
@@ -147,15 +150,15 @@ class Timestamp:
             return cls(text)
         match = _LENIENT.fullmatch(text)
         if match is None:
-            raise ValueError(f"invalid RFC 3339 date-time: {text!r}")
+            raise InvalidArgument(f"invalid RFC 3339 date-time: {text!r}")
         y, mo, d, h, mi, s, frac, _z, _utc, sign, oh, om = match.groups()
         if abs(int(y)) > _MAX_YEAR:
-            raise ValueError(f"year out of range: {text!r}")
+            raise InvalidArgument(f"year out of range: {text!r}")
         seconds = _epoch_seconds(int(y), int(mo), int(d), int(h), int(mi), int(s))
         if sign is not None:
             off_h, off_m = int(oh), int(om)
             if off_h > 23 or off_m > 59:
-                raise ValueError(f"offset out of range: {text!r}")
+                raise InvalidArgument(f"offset out of range: {text!r}")
             offset = off_h * 3600 + off_m * 60
             seconds -= offset if sign == "+" else -offset
         nanos = int((frac or "0")[:9].ljust(9, "0"))

@@ -18,6 +18,7 @@ import msgspec
 from msgspec.structs import force_setattr, replace
 
 from . import _strict
+from ._checks import check_type
 from ._float32 import Float32
 from ._time import Timestamp
 from .errors import DecodeError
@@ -693,6 +694,7 @@ def decode_record(data: bytes | str, kind: type[_RecordT]) -> _RecordT:
 
 def encode_session(session: Session, *, pretty: bool = True) -> bytes:
     """A session file's bytes: pretty-printed (two spaces), no final newline."""
+    check_type("session", session, Session)
 
     def document(skeleton: _Skeleton) -> Session:
         return replace(session, loops=[skeleton.loop(record) for record in session.loops])
@@ -701,6 +703,8 @@ def encode_session(session: Session, *, pretty: bool = True) -> bytes:
 
 
 def encode_loop(record: LoopRecord, *, pretty: bool = True) -> bytes:
+    check_type("record", record, LoopRecord)
+
     def document(skeleton: _Skeleton) -> LoopRecord:
         return skeleton.loop(record)
 

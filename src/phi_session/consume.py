@@ -28,7 +28,7 @@ from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
 from typing import Union
 
-from .errors import DecodeError
+from .errors import DecodeError, InvalidArgument
 from .events import EVENT_TYPES, AgentEvent
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder
@@ -172,7 +172,7 @@ async def consume(
     run's `ConsumeStats`.
     """
     if checkpoint_interval is not None and not checkpoint_interval > 0:
-        raise ValueError("checkpoint_interval must be positive (or None)")
+        raise InvalidArgument("checkpoint_interval must be positive (or None)")
     consumer = _Consumer(
         SessionSaver(store, retry_for=retry_for),
         recorder if recorder is not None else SessionRecorder(),

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ._checks import check_type
 from ._time import Timestamp
 from .errors import InvalidPrices
 from .messages import Usage
@@ -298,6 +299,7 @@ class Pricer:
         *,
         use_table: bool = True,
     ) -> None:
+        check_type("user_prices", user_prices, Mapping, optional=True)
         self._user = {name: _user_price(name, price) for name, price in (user_prices or {}).items()}
         self._table: Any = None
         self._table_source: str | None = None
@@ -439,12 +441,14 @@ class Pricer:
 
     def session(self, session: Session) -> Cost:
         """The sum of the costs of the session's loops."""
+        check_type("session", session, Session)
         loops = (("", *_model_of(record), record.model_calls()) for record in session.loops)
         return self._grouped(loops).get("", ZERO_COST)
 
     def outline(self, outline: SessionOutline) -> Cost:
         """`session` of an outlined session: its loops' calls are in the outline. The cost
         of the last few outlines is remembered (by identity, for the same table data)."""
+        check_type("outline", outline, SessionOutline)
         snapshot = self._current_snapshot()
         kept = self._outlines.get(id(outline))
         if kept is not None and kept[0] is outline and kept[1] is snapshot:
@@ -469,6 +473,7 @@ class Pricer:
 
     def breakdown(self, session: Session) -> SessionCost:
         """The cost of the session, of each loop and of each turn."""
+        check_type("session", session, Session)
         loops = [self.loop_cost(record) for record in session.loops]
         return SessionCost(
             session_id=session.session_id, cost=total(loop.cost for loop in loops), loops=tuple(loops)

@@ -43,7 +43,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from .errors import LoopNotFound
+from ._checks import check_type
+from .errors import InvalidArgument, LoopNotFound
 from .messages import (
     AgentMessage,
     AssistantMessage,
@@ -261,14 +262,14 @@ def parse_ref(text: str, loop: str | None = None) -> tuple[str, str | None]:
 
     The text is split at its first ``:``, so a session id holding a colon is
     written with its `loop` named apart: then `text` is the whole session id
-    (an empty `loop` is a `ValueError`). The loop is a loop id or ``#N`` (see
+    (an empty `loop` is an `InvalidArgument`). The loop is a loop id or ``#N`` (see
     `find_loop`). An empty loop after the colon (``SESSION:``) is None.
     """
     if not isinstance(text, str) or not isinstance(loop, (str, type(None))):
         raise TypeError("a loop reference and its loop must be str")
     if loop is not None:
         if not loop:
-            raise ValueError("empty loop")
+            raise InvalidArgument("empty loop")
         return text, loop
     session_id, colon, named = text.partition(":")
     return session_id, (named if colon and named else None)
@@ -280,11 +281,14 @@ def find_loop(session: Session, loop: str) -> LoopRecord:
 
     Raises `LoopNotFound`.
     """
-    return session.loops[_loop_index(session, loop)]
+    index = _loop_index(session, loop)  # first: it checks the arguments' types
+    return session.loops[index]
 
 
 def _loop_index(session: Session, loop: str) -> int:
     """The index in ``session.loops`` of the loop `find_loop` finds."""
+    check_type("session", session, Session)
+    check_type("loop", loop, str)
     for index, record in enumerate(session.loops):
         if record.loop_id == loop:  # the first with the id, as `Session.get_loop` reads it
             return index
@@ -308,6 +312,8 @@ def diff_loops(session_a: Session, loop_a: str, session_b: Session, loop_b: str)
 
 def diff_sessions(a: Session, b: Session) -> SessionDiff:
     """Session `a` against session `b`: their loops paired in tree order, each pair diffed."""
+    check_type("a", a, Session)
+    check_type("b", b, Session)
     order_a = [index for index, _ in loop_order(a)]
     order_b = [index for index, _ in loop_order(b)]
     pairs = [_diff_pair(a, index_a, b, index_b) for index_a, index_b in zip(order_a, order_b, strict=False)]

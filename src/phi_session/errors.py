@@ -76,6 +76,10 @@ class InvalidQuery(PhiSessionError, ValueError):
         self.parameter = parameter
 
 
+class InvalidArgument(PhiSessionError, ValueError):
+    """An argument of the right type with a value phi-session cannot use."""
+
+
 class InvalidPrices(PhiSessionError, ValueError):
     """A user price table that cannot be read (names the file or entry and what is wrong)."""
 

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, 
 import msgspec
 from msgspec.structs import force_setattr
 
+from ._checks import check_type
 from ._collector import release_leaf
 from ._float32 import Float32
 from ._time import Timestamp
+from .errors import InvalidArgument
 from .messages import (
     U32,
     U64,
@@ -189,12 +191,14 @@ class ContinuationKind(_Variant):
     def __init__(self, kind: str, tag: str | None = None) -> None:
         if kind in self.UNIT_KINDS:
             if tag is not None:
-                raise ValueError(f"{kind} carries no tag")
+                raise InvalidArgument(f"{kind} carries no tag")
         elif kind in self.TAGGED_KINDS:
-            if not isinstance(tag, str):
-                raise ValueError(f"{kind} needs a string tag")
+            if tag is None:
+                raise InvalidArgument(f"{kind} needs a string tag")
+            check_type(f"a {kind} tag", tag, str)
         else:
-            raise ValueError(f"unknown continuation kind {kind!r}")
+            check_type("a continuation kind", kind, str)
+            raise InvalidArgument(f"unknown continuation kind {kind!r}")
         self._init(kind=kind, tag=tag)
 
     @classmethod
@@ -244,7 +248,8 @@ class _StreamDeltaType(msgspec.StructMeta):
     def __call__(cls, kind: str, delta: str) -> Any:
         build = _DELTA_BUILDERS.get(kind) if isinstance(kind, str) else None
         if build is None:
-            raise ValueError(f"unknown stream delta kind {kind!r}")
+            check_type("a stream delta kind", kind, str)
+            raise InvalidArgument(f"unknown stream delta kind {kind!r}")
         if not isinstance(delta, str):
             raise TypeError(f"a stream delta is a str, not {type(delta).__name__}")
         return build(delta)
@@ -398,16 +403,17 @@ class SessionFormation(_Variant):
         previous_session_id: str | None = None,
     ) -> None:
         if kind not in self.KINDS:
-            raise ValueError(f"unknown session formation {kind!r}")
+            check_type("a session formation", kind, str)
+            raise InvalidArgument(f"unknown session formation {kind!r}")
         if kind == "InactivityTimeout":
-            if (
-                not isinstance(threshold_secs, int)
-                or isinstance(threshold_secs, bool)
-                or not (0 <= threshold_secs <= _U64_MAX)
+            if threshold_secs is not None and (
+                not isinstance(threshold_secs, int) or isinstance(threshold_secs, bool)
             ):
-                raise ValueError("InactivityTimeout.threshold_secs: expected an unsigned integer")
+                raise TypeError("InactivityTimeout.threshold_secs: expected an unsigned integer")
+            if threshold_secs is None or not (0 <= threshold_secs <= _U64_MAX):
+                raise InvalidArgument("InactivityTimeout.threshold_secs: expected an unsigned integer")
         elif threshold_secs is not None or previous_session_id is not None:
-            raise ValueError(f"{kind} carries only a timestamp")
+            raise InvalidArgument(f"{kind} carries only a timestamp")
         self._init(
             kind=kind,
             timestamp=timestamp,

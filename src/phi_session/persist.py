@@ -46,7 +46,7 @@ from typing import cast
 import msgspec
 
 from ._exit import ExitHook
-from .errors import PhiSessionError, StoreError
+from .errors import InvalidArgument, PhiSessionError, StoreError
 from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from .journal import Journal, JournaledRecorder, RecoveryReport, recover
 from .messages import ImageContent, TextContent, ThinkingContent
@@ -174,9 +174,9 @@ class AutoPersistingRecorder:
         warn_after: float = 5.0,
     ) -> None:
         if checkpoint_every < 1 or max_pending_bytes < 1:
-            raise ValueError("checkpoint_every and max_pending_bytes must be at least 1")
+            raise InvalidArgument("checkpoint_every and max_pending_bytes must be at least 1")
         if checkpoint_interval is not None and checkpoint_interval <= 0:
-            raise ValueError("checkpoint_interval must be positive or None")
+            raise InvalidArgument("checkpoint_interval must be positive or None")
         self.store = store
         self.recorder = SessionRecorder(config)
         self.journal = journal if isinstance(journal, Journal) or journal is None else Journal(journal)

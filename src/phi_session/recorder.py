@@ -46,6 +46,7 @@ import msgspec
 from msgspec.structs import replace
 
 from . import codec
+from ._checks import check_type
 from ._collector import release_leaves, release_records, release_tuple
 from ._time import Timestamp
 from .events import (
@@ -273,6 +274,7 @@ class SessionRecorder:
     def __init__(self, config: SessionRecorderConfig | None = None, **options: Any) -> None:
         if config is not None and options:
             raise TypeError("pass either a SessionRecorderConfig or keyword options, not both")
+        check_type("config", config, SessionRecorderConfig, optional=True)
         self.config = config if config is not None else SessionRecorderConfig(**options)
         self._keep_deltas = self.config.include_streaming_events  # read on every delta
         self._lock = threading.RLock()

@@ -31,6 +31,7 @@ import msgspec
 from msgspec.structs import replace
 
 from .codec import json_form
+from .errors import InvalidArgument
 from .events import (
     AgentEnd,
     AgentEvent,
@@ -108,6 +109,20 @@ DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
 def _alternation(patterns: Iterable[str | re.Pattern[str]]) -> re.Pattern[str]:
     # One alternation: a single scan per string.
     return re.compile("|".join(f"(?:{p.pattern if isinstance(p, re.Pattern) else p})" for p in patterns))
+
+
+def _custom_alternation(patterns: list[str | re.Pattern[str]]) -> re.Pattern[str]:
+    """`_alternation` of a user's patterns; `InvalidArgument` naming one that does not compile."""
+    for pattern in patterns:
+        if not isinstance(pattern, re.Pattern):
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise InvalidArgument(f"secret pattern {pattern!r} does not compile: {error}") from None
+    try:
+        return _alternation(patterns)
+    except re.error as error:  # each compiles alone: two groups of one name, say
+        raise InvalidArgument(f"the secret patterns do not compile together: {error}") from None
 
 
 def _sharing_word_start(patterns: tuple[str, ...]) -> list[str]:
@@ -229,7 +244,7 @@ class Redactor:
         else:
             self._default = None
             custom = [*patterns, *extra_patterns]
-        self._custom = _alternation(custom) if custom else None
+        self._custom = _custom_alternation(custom) if custom else None
         # Only the anchored defaults apply: a plain string without an anchor is clean.
         self._anchored_only = self._custom is None and self._default is not None
         self._fields = frozenset(_normalize_field(f) for f in (*fields, *extra_fields))

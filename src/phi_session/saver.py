@@ -47,7 +47,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .errors import ExportError, InvalidSessionId, SessionLocked, StoredSessionUnusable, StoreError
+from ._checks import check_type
+from .errors import (
+    ExportError,
+    InvalidArgument,
+    InvalidSessionId,
+    SessionLocked,
+    StoredSessionUnusable,
+    StoreError,
+)
 from .events import AgentEvent
 from .model import Session
 from .recorder import SessionRecorder
@@ -144,7 +152,7 @@ class SessionSaver:
         on_saved: Callable[[Session], object] | None = None,
     ) -> None:
         if not retry_for >= 0:
-            raise ValueError(f"retry_for must be a number of seconds >= 0, got {retry_for!r}")
+            raise InvalidArgument(f"retry_for must be a number of seconds >= 0, got {retry_for!r}")
         self.store = store
         self.retry_for = retry_for
         self._orphans = orphans
@@ -406,6 +414,7 @@ class SessionSaver:
         return saved
 
     def _take(self, recorder: SessionRecorder, flush: bool) -> list[Session]:
+        check_type("recorder", recorder, SessionRecorder)
         if flush:
             recorder.flush()
         else:

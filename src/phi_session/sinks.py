@@ -30,6 +30,7 @@ from typing import IO, Any, Protocol, Union, cast, runtime_checkable
 from ._failures import FailureTally
 from ._jsonl import ends_mid_line
 from .codec import encode_event
+from .errors import InvalidArgument
 from .events import AgentEvent
 
 __all__ = ["CallableSink", "FanOut", "JsonlSink", "QueueSink", "RecorderSink", "Sink", "SinkLike", "as_sink"]
@@ -165,7 +166,7 @@ class QueueSink:
         wants_deltas: bool = True,
     ) -> None:
         if queue.maxsize > 0:
-            raise ValueError(
+            raise InvalidArgument(
                 "QueueSink needs an unbounded asyncio.Queue (maxsize=0): a full queue would drop events"
             )
         self.queue = queue

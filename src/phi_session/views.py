@@ -16,8 +16,9 @@ from typing import Literal
 
 import msgspec
 
+from ._checks import check_type
 from ._time import Timestamp
-from .errors import InvalidSessionId, SessionNotFound, StoreError
+from .errors import InvalidArgument, InvalidSessionId, SessionNotFound, StoreError
 from .events import AgentEvent, ParallelLoopEnd, ParallelLoopStart
 from .messages import AssistantMessage, ToolCall, ToolResultMessage, Usage
 from .model import LoopRecord, Session, Turn
@@ -76,6 +77,7 @@ def loop_order(session: Session) -> list[tuple[int, int]]:
 
     The order the loop tree is drawn in: each loop before the loops that continue it.
     """
+    check_type("session", session, Session)
     return tree_order([(record.loop_id, record.parent_loop_id) for record in session.loops])
 
 
@@ -146,6 +148,8 @@ def _sub_agent_session(store: SessionStore, session_id: str) -> Session | None:
 
 def spawn_graph(store: SessionStore, root: Session) -> SpawnNode:
     """The sub-agent sessions reachable from `root` through ``child_loop_refs``, loaded from `store`."""
+    check_type("store", store, SessionStore)
+    check_type("root", root, Session)
     expanded = {root.session_id}
     top = SpawnNode(root.session_id, None)
     # Explicit stack: a deep chain of sub-agents must not hit the recursion limit.
@@ -194,6 +198,7 @@ def event_stream(sessions: Sequence[Session], *, parallel_groups: bool = False) 
     starts: list[Iterator[tuple[int, AgentEvent]]] = []
     ends: list[Iterator[tuple[int, AgentEvent]]] = []
     for session in sessions:
+        check_type("session", session, Session)
         for _, group in itertools.groupby(session.iter_events(), key=lambda item: id(item.loop)):
             items = list(group)
             loop = items[0].loop
@@ -305,6 +310,8 @@ def timeline(session: Session, store: SessionStore | None = None) -> list[Timeli
     session a tool call spawned is loaded and drawn, inline, under that call; one
     missing from the store, or already drawn, is skipped.
     """
+    check_type("session", session, Session)
+    check_type("store", store, SessionStore, optional=True)
     return _drawn(_session_bars(session, 0), store, {session.session_id})
 
 
@@ -358,6 +365,9 @@ def outline_timeline(
     at a time, each page's loops read from `store` when it is asked for: a huge session's
     waterfall without the whole session in memory. The first page starts with the
     session's bar; a sub-agent session is drawn once."""
+    check_type("loops_per_page", loops_per_page, int)
+    if loops_per_page < 1:
+        raise InvalidArgument(f"loops_per_page must be at least 1, got {loops_per_page}")
     session_id = outline.session.session_id
     order = tree_order([(loop.loop_id, loop.parent_loop_id) for loop in outline.loops])
     drawn = {session_id}

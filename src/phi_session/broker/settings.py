@@ -16,7 +16,8 @@ import zlib
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BrokerError, MissingExtra
+from .._checks import check_type
+from ..errors import BrokerError, InvalidArgument, MissingExtra
 from ..events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from ..ids import session_id_from_loop_id
 
@@ -62,7 +63,8 @@ _MAX_ROUTES = 100_000  # remembered sub-agent sessions and re-homed loops, oldes
 class StreamSettings:
     """The stream's name and layout, and the limits it is created with.
 
-    Validated on construction (`ValueError` naming the field). `from_env` fills what
+    Validated on construction (`InvalidArgument`, or `TypeError` for a value of the
+    wrong type, naming the field). `from_env` fills what
     is not given from ``PHI_SESSION_NATS_*`` variables.
     """
 
@@ -79,9 +81,9 @@ class StreamSettings:
 
     def __post_init__(self) -> None:
         check_name("stream", self.stream)
-        tokens = self.subject_prefix.split(".") if isinstance(self.subject_prefix, str) else [""]
-        if not all(_TOKEN.fullmatch(token) for token in tokens):
-            raise ValueError(
+        check_type("subject_prefix", self.subject_prefix, str)
+        if not all(_TOKEN.fullmatch(token) for token in self.subject_prefix.split(".")):
+            raise InvalidArgument(
                 "subject_prefix: expected dot-separated tokens of letters, digits, '_' "
                 f"or '-', got {self.subject_prefix!r}"
             )
@@ -114,7 +116,7 @@ class StreamSettings:
             field, _, reason = str(error).partition(": ")
             if field not in from_env:
                 raise
-            raise ValueError(f"{ENV_PREFIX}{field.upper()}: {reason}") from None
+            raise InvalidArgument(f"{ENV_PREFIX}{field.upper()}: {reason}") from None
 
     def subject(self, partition: int) -> str:
         return f"{self.subject_prefix}.{partition}"
@@ -124,16 +126,20 @@ class StreamSettings:
 
 
 def check_name(field: str, value: object) -> None:
-    """A stream or consumer name: 1-64 letters, digits, ``_`` or ``-``; else `ValueError` naming `field`."""
+    """A stream or consumer name: 1-64 letters, digits, ``_`` or ``-``; else `InvalidArgument`
+    (`TypeError` for a non-string) naming `field`."""
     if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise ValueError(f"{field}: expected 1-64 letters, digits, '_' or '-', got {value!r}")
+        check_type(field, value, str)
+        raise InvalidArgument(f"{field}: expected 1-64 letters, digits, '_' or '-', got {value!r}")
 
 
 def _check_number(name: str, value: object, low: float, high: float, *, integer: bool = False) -> None:
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name}: expected {kind} from {low:g} to {high:g}, got {value!r}")
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name}: expected {kind} from {low:g} to {high:g}, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidArgument(f"{name}: expected {kind} from {low:g} to {high:g}, got {value!r}")
 
 
 def _parse_env(name: str, raw: str, kind: object) -> Any:
@@ -144,7 +150,7 @@ def _parse_env(name: str, raw: str, kind: object) -> Any:
         return int(raw) if integer else float(raw)
     except ValueError:
         expected = "an integer" if integer else "a number"
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected {expected}, got {raw!r}") from None
+        raise InvalidArgument(f"{ENV_PREFIX}{name.upper()}: expected {expected}, got {raw!r}") from None
 
 
 def event_session_id(event: AgentEvent, loop_sessions: dict[str, str] | None = None) -> str:
@@ -178,6 +184,10 @@ def remember(table: dict[str, str], key: str, value: str) -> None:
 
 def partition_of(key: str, partitions: int) -> int:
     """The partition of a session key: stable across processes and machines (CRC-32)."""
+    if not (isinstance(key, str) and isinstance(partitions, int) and partitions > 0):
+        check_type("key", key, str)
+        check_type("partitions", partitions, int)
+        raise InvalidArgument(f"partitions must be at least 1, got {partitions}")
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % partitions
 
 
@@ -192,11 +202,11 @@ def require_nats() -> None:
 
 
 def nats_servers(url: str) -> list[str]:
-    """The servers of `url` (``nats://host[:port]``, several separated by commas); else `ValueError`."""
+    """The servers of `url` (``nats://host[:port]``, several separated by commas); else `InvalidArgument`."""
     servers = [part.strip() for part in url.split(",")]
     for server in servers:
         if not re.match(r"(nats|tls)://[^/\s]+/?$", server):
-            raise ValueError(f"not a NATS server URL: {server!r} (expected nats://HOST[:PORT])")
+            raise InvalidArgument(f"not a NATS server URL: {server!r} (expected nats://HOST[:PORT])")
     return servers
 
 

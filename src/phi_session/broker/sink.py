@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 
+from .._checks import check_type
 from .._exit import ExitHook
 from ..codec import encode_event, escape_surrogates
-from ..errors import BrokerError, NotAJournal, PhiSessionError, StoreError
+from ..errors import BrokerError, InvalidArgument, NotAJournal, PhiSessionError, StoreError
 from ..events import AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
 from ..journal import Journal, read_records
@@ -223,10 +224,11 @@ class JetStreamSink:
             raise TypeError(f"url must be a string, got {type(url).__name__}")
         nats_servers(url)  # the publishing thread would retry a malformed URL forever
         for name, value in (("buffer", buffer), ("buffer_bytes", buffer_bytes), ("batch", batch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_type(name, value, int)
+            if value < 1:
+                raise InvalidArgument(f"{name} must be a positive integer, got {value!r}")
         if not publish_timeout > 0:
-            raise ValueError(f"publish_timeout must be positive, got {publish_timeout!r}")
+            raise InvalidArgument(f"publish_timeout must be positive, got {publish_timeout!r}")
         self.url = url
         self.settings = StreamSettings.from_env(
             stream=stream, subject_prefix=subject_prefix, partitions=partitions

@@ -37,8 +37,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._checks import check_type
 from ..codec import decode_event
-from ..errors import BrokerError, DecodeError, MissingExtra, StoreError
+from ..errors import BrokerError, DecodeError, InvalidArgument, MissingExtra, StoreError
 from ..events import AgentEvent
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SessionSaver
@@ -164,20 +165,19 @@ class IngestWorker:
             stream=stream, subject_prefix=subject_prefix, partitions=partitions
         )
         check_name("durable", durable)
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        check_type("batch", batch, int)
+        if batch < 1:
+            raise InvalidArgument(f"batch must be a positive integer, got {batch!r}")
         for name, number in (
             ("ack_wait", ack_wait),
             ("checkpoint_interval", checkpoint_interval),
             ("rebalance_interval", rebalance_interval),
             ("idle_timeout", idle_timeout),
         ):
-            if (
-                isinstance(number, bool)
-                or not isinstance(number, (int, float))
-                or not 0 < number <= MAX_SECONDS
-            ):
-                raise ValueError(
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise TypeError(f"{name} must be a number of seconds, not {type(number).__name__}")
+            if not 0 < number <= MAX_SECONDS:
+                raise InvalidArgument(
                     f"{name} must be a positive number of seconds up to {MAX_SECONDS:g}, got {number!r}"
                 )
         self.url, self.dsn, self.schema, self.durable = url, dsn, schema, durable

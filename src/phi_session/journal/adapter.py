@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .._checks import check_type
 from ..events import AgentEvent
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from .writer import Journal
@@ -34,6 +35,8 @@ class JournaledRecorder:
     ) -> None:
         if recorder is not None and config is not None:
             raise TypeError("pass either a recorder or a config, not both")
+        check_type("journal", journal, Journal)
+        check_type("recorder", recorder, SessionRecorder, optional=True)
         journal.claim()
         self.journal = journal
         self.recorder = recorder if recorder is not None else SessionRecorder(config)

@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import codec
 from ..errors import (
     DecodeError,
+    InvalidArgument,
     InvalidSessionId,
     PhiSessionError,
     RecoveryError,
@@ -122,7 +123,7 @@ def recover(
     report) is raised: recovering again is safe.
     """
     if save_every < 1:
-        raise ValueError(f"save_every must be at least 1, got {save_every!r}")
+        raise InvalidArgument(f"save_every must be at least 1, got {save_every!r}")
     if isinstance(journal, Journal):
         directory, lock = journal.directory, None
         segments = journal.leftover_segments  # checked when it was opened

@@ -28,7 +28,7 @@ from typing import Literal, TypeAlias, get_args
 
 from .. import codec
 from .._exit import ExitHook
-from ..errors import JournalLocked, PhiSessionError, StoreError
+from ..errors import InvalidArgument, JournalLocked, PhiSessionError, StoreError
 from ..events import AgentEvent
 from .format import (
     CHECKPOINT_FILE,
@@ -102,11 +102,11 @@ class Journal:
         close_at_exit: bool = True,
     ) -> None:
         if durability not in get_args(Durability):
-            raise ValueError(f"durability must be one of {get_args(Durability)}, got {durability!r}")
+            raise InvalidArgument(f"durability must be one of {get_args(Durability)}, got {durability!r}")
         if interval_ms <= 0:
-            raise ValueError(f"interval_ms must be positive, got {interval_ms!r}")
+            raise InvalidArgument(f"interval_ms must be positive, got {interval_ms!r}")
         if segment_bytes <= len(MAGIC):
-            raise ValueError(f"segment_bytes must exceed {len(MAGIC)}, got {segment_bytes!r}")
+            raise InvalidArgument(f"segment_bytes must exceed {len(MAGIC)}, got {segment_bytes!r}")
         self.directory = Path(directory)
         self.durability: Durability = durability
         self.interval = interval_ms / 1000
@@ -290,7 +290,7 @@ class Journal:
         """Wait until record `seq` is acknowledged; False if `timeout` seconds pass first
         (or if the journal is closed before)."""
         if seq >= self._next_seq:
-            raise ValueError(f"sequence number {seq} was never appended (last: {self.last_seq})")
+            raise InvalidArgument(f"sequence number {seq} was never appended (last: {self.last_seq})")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._acked_cond:
             self._waiting += 1

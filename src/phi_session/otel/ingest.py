@@ -38,7 +38,7 @@ from .._failures import FailureTally
 from .._strict import strict_adds_nothing
 from ..adapters import session_id_for
 from ..codec import decode_event, decode_record, escape_surrogates
-from ..errors import DecodeError
+from ..errors import DecodeError, InvalidArgument
 from ..events import (
     DEFAULT,
     INITIAL,
@@ -405,7 +405,7 @@ class SpanIngestor:
         if not callable(self._emit):
             raise TypeError(f"not an event target: {target!r}")
         if trace_timeout <= 0 or max_buffered_spans < 1:
-            raise ValueError("trace_timeout must be positive and max_buffered_spans at least 1")
+            raise InvalidArgument("trace_timeout must be positive and max_buffered_spans at least 1")
         self.trace_timeout = trace_timeout
         self.max_buffered_spans = max_buffered_spans
         self._clock = clock

@@ -48,7 +48,7 @@ from typing import Literal
 from msgspec.structs import replace
 
 from ..diff import same_json
-from ..errors import RecordedModelError, RecordedToolError, ReplayDiverged
+from ..errors import InvalidArgument, RecordedModelError, RecordedToolError, ReplayDiverged
 from ..messages import AssistantMessage, TextContent, ToolCall, ToolResultMessage
 from ..model import Session
 from .divergence import Divergence, DivergenceKind
@@ -130,9 +130,9 @@ class ReplayCursor:
         if not isinstance(script, ReplayScript):
             raise TypeError(f"expected a ReplayScript, got {type(script).__name__}")
         if on_divergence not in ("stop", "fallback"):
-            raise ValueError(f"on_divergence must be 'stop' or 'fallback', not {on_divergence!r}")
+            raise InvalidArgument(f"on_divergence must be 'stop' or 'fallback', not {on_divergence!r}")
         if tools not in ("recorded", "live"):
-            raise ValueError(f"tools must be 'recorded' or 'live', not {tools!r}")
+            raise InvalidArgument(f"tools must be 'recorded' or 'live', not {tools!r}")
         if until_turn is not None:
             script.turn(until_turn)  # TurnNotFound for a fork point the recording does not have
         self.script = script
@@ -170,14 +170,14 @@ class ReplayCursor:
         (default as `ReplayScript.from_session`; `chain`: with the loops it continues).
         `fallback`: whether the replay model has a fallback model; `until_turn` and
         ``on_divergence="fallback"`` hand calls over to it, so they need one
-        (ValueError without)."""
+        (`InvalidArgument` without)."""
         script = (
             recording
             if isinstance(recording, ReplayScript)
             else ReplayScript.from_session(recording, loop_id, chain=chain)
         )
         if not fallback and (until_turn is not None or on_divergence == "fallback"):
-            raise ValueError("until_turn and on_divergence='fallback' need a fallback model")
+            raise InvalidArgument("until_turn and on_divergence='fallback' need a fallback model")
         return cls(script, on_divergence=on_divergence, tools=tools, until_turn=until_turn)
 
     # -- state ----------------------------------------------------------------------------

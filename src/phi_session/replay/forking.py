@@ -26,6 +26,7 @@ from typing import Any
 
 from msgspec.structs import replace
 
+from ..errors import InvalidArgument
 from ..events import LoopConfigSnapshot
 from ..instrument import LoopScope, ToolScope, Tracer
 from ..messages import AgentMessage, AssistantMessage, Content, TextContent, ToolCall, ToolResultMessage
@@ -105,7 +106,7 @@ def fork(
     model that keeps calling tools is stopped after `max_turns` live turns.
 
     Raises `LoopNotFound` / `TurnNotFound` for a fork point the session lacks, and
-    ValueError for a replaced tool result of a call that is not the previous turn's
+    `InvalidArgument` for a replaced tool result of a call that is not the previous turn's
     (later recorded turns saw the original result).
     """
     script = ReplayScript.from_session(session, loop_id)
@@ -119,7 +120,7 @@ def fork(
             if turn_index
             else "turn 0 has no turn before it whose tool results could be replaced"
         )
-        raise ValueError(f"tool_results: {', '.join(stray)}: {where}")
+        raise InvalidArgument(f"tool_results: {', '.join(stray)}: {where}")
     inputs: Sequence[str | AgentMessage] = point.inputs
     described: dict[str, Any] = dict(change or {})
     if prompt is not None:

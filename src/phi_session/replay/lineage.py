@@ -44,13 +44,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .._checks import check_type
 from ..events import DEFAULT, ContinuationKind, LoopConfigSnapshot
+from ..instrument import Tracer
 from ..model import Session
-from .script import REPLAY_TAG
+from .script import REPLAY_TAG, ReplayScript
 
 if TYPE_CHECKING:
-    from ..instrument import LoopScope, Tracer
-    from .script import ReplayScript
+    from ..instrument import LoopScope
 
 __all__ = ["ActiveLineage", "Lineage", "active_lineage", "fork_lineage", "recording_as", "replay_lineage"]
 
@@ -72,6 +73,7 @@ class Lineage(msgspec.Struct, frozen=True, kw_only=True):
     ) -> LoopScope:
         """A loop of `tracer` (its sinks, processors, default config) recorded with this
         lineage, plus `metadata`; start it with ``with``."""
+        check_type("tracer", tracer, Tracer)
         return tracer.for_session(self.session).loop(
             config,
             continues=self.parent_loop_id,
@@ -82,6 +84,7 @@ class Lineage(msgspec.Struct, frozen=True, kw_only=True):
 
 def replay_lineage(script: ReplayScript, **details: Any) -> Lineage:
     """The lineage of a replay of `script`; `details` (JSON values) join ``metadata["replay"]``."""
+    check_type("script", script, ReplayScript)
     info: dict[str, Any] = {"session_id": script.session_id, "loop_id": script.loop_id, **details}
     if len(script.loop_ids) > 1:
         info["loop_ids"] = list(script.loop_ids)
@@ -98,6 +101,7 @@ def fork_lineage(script: ReplayScript, turn: int, *, tag: str = "fork", change: 
     ``until_turn``): ``Branch{tag}``; ``metadata["fork"]`` names the recorded turn the
     fork left from and `change` (a JSON value describing what changed, e.g.
     ``{"model": "gpt-5"}``). Raises `TurnNotFound` for a turn the script lacks."""
+    check_type("script", script, ReplayScript)
     point = script.turn(turn)
     return Lineage(
         session=script.session,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from .._checks import check_type
 from ..messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from ..model import Session
 from .cursor import OnDivergence, ReplayCursor, ToolsMode
@@ -89,6 +90,7 @@ class RecordedModel:
 
         Raises `RecordedToolError` where the recorded call failed the original run
         (`ReplayCursor.recorded_result`)."""
+        check_type("call", call, ToolCall)
         return self.cursor.recorded_result(call.id, call.name, call.arguments)
 
     @property

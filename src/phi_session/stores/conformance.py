@@ -543,6 +543,8 @@ class StoreConformance:
                     store.load(wrong)  # type: ignore[arg-type]
                 with _raises(TypeError, match="session id must be str"):
                     store.delete(wrong)  # type: ignore[arg-type]
+                with _raises(TypeError, match="^agent_id must be str, not "):
+                    store.list_for_agent(wrong)  # type: ignore[arg-type]
         with _raises(TypeError, match="group_by must be str"):
             store.usage_totals(None)  # type: ignore[arg-type]
         assert store.list_ids() == []

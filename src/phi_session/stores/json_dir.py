@@ -43,6 +43,7 @@ from .._checks import check_type
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
 from ..errors import (
     DecodeError,
+    InvalidArgument,
     InvalidSessionId,
     SessionLocked,
     SessionNotFound,
@@ -300,7 +301,9 @@ class JsonDirStore(ScanSearch, AsyncTwins):
 
     def __init__(self, directory: StrPath, *, lock_timeout: float = 5.0) -> None:
         if not lock_timeout >= 0:  # also rejects NaN
-            raise ValueError(f"lock_timeout must be a non-negative number of seconds, got {lock_timeout!r}")
+            raise InvalidArgument(
+                f"lock_timeout must be a non-negative number of seconds, got {lock_timeout!r}"
+            )
         self._dir = Path(directory)
         self._lock_timeout = lock_timeout
         self._cache: OrderedDict[str, _Entry] = OrderedDict()  # the oldest dropped in O(1)
@@ -646,6 +649,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         Unlike phi-core, an unreadable file is skipped with a logged warning.
         Files whose cached summary names another agent are not parsed again.
         """
+        check_type("agent_id", agent_id, str)
         sessions: list[Session] = []
         for session_id, info in self._scan():
             with self._cache_lock:

@@ -87,7 +87,14 @@ import msgspec
 from .._checks import check_type
 from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
-from ..errors import DecodeError, SessionLocked, SessionNotFound, StoredSessionUnusable, StoreError
+from ..errors import (
+    DecodeError,
+    InvalidArgument,
+    SessionLocked,
+    SessionNotFound,
+    StoredSessionUnusable,
+    StoreError,
+)
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
 from .base import (
@@ -754,12 +761,14 @@ class PostgresStore(AsyncTwins):
             raise StoreError(
                 "PostgresStore needs psycopg 3: pip install 'phi-session[postgres]'"
             ) from _MISSING_PSYCOPG
+        check_type("dsn", dsn, str)
+        check_type("schema", schema, str)
         if (problem := schema_problem(schema)) is not None:
-            raise ValueError(problem)
+            raise InvalidArgument(problem)
         if pool_size < 1:
-            raise ValueError(f"pool_size must be at least 1, got {pool_size}")
+            raise InvalidArgument(f"pool_size must be at least 1, got {pool_size}")
         if not lock_timeout > 0:  # PostgreSQL reads 0 as "wait forever"
-            raise ValueError(f"lock_timeout must be positive, got {lock_timeout}")
+            raise InvalidArgument(f"lock_timeout must be positive, got {lock_timeout}")
         try:
             given = conninfo_to_dict(dsn)
         except psycopg.Error:  # its message may quote the string, password included
@@ -1135,6 +1144,7 @@ class PostgresStore(AsyncTwins):
 
     def list_for_agent(self, agent_id: str) -> list[Session]:
         """The sessions of `agent_id` in `list_ids` order; unreadable ones are logged and skipped."""
+        check_type("agent_id", agent_id, str)
         sessions = []
         for row in self._select_sessions(
             f"loading the sessions of agent {agent_id!r}", "s.agent_id = %s", (_text(agent_id),)

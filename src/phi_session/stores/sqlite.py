@@ -61,7 +61,14 @@ from msgspec.structs import replace
 from .._checks import check_type
 from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_session
-from ..errors import DecodeError, SessionLocked, SessionNotFound, StoredSessionUnusable, StoreError
+from ..errors import (
+    DecodeError,
+    InvalidArgument,
+    SessionLocked,
+    SessionNotFound,
+    StoredSessionUnusable,
+    StoreError,
+)
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
 from .base import (
@@ -968,7 +975,7 @@ class SqliteStore(AsyncTwins):
                 "connection, so an in-memory database would not be shared (use a temporary file)"
             )
         if synchronous not in get_args(Synchronous):
-            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
+            raise InvalidArgument(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
         self.path = Path(text).absolute()
         self.timeout = timeout
         self.synchronous = synchronous
@@ -1309,6 +1316,7 @@ class SqliteStore(AsyncTwins):
 
         A stored session that does not decode is skipped with a logged warning.
         """
+        check_type("agent_id", agent_id, str)
         sessions: list[Session] = []
         with self._transaction("list sessions of agent", agent_id) as conn:
             ids = conn.execute(
