@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -235,6 +240,76 @@ async def _stream() -> AsyncIterator[ps.AgentEvent | None]:
 def test_the_interval_must_be_positive() -> None:
     with pytest.raises(ps.InvalidArgument, match="checkpoint_interval"):  # was a bare ValueError
         asyncio.run(consume(_stream(), store(MemoryStore()), checkpoint_interval=0))
+
+
+def test_a_queue_sink_and_consume_share_a_typed_queue(tmp_path: Path) -> None:
+    """Under mypy --strict the documented pairing needed a cast whatever the queue's item
+    type: consume took an ``asyncio.Queue[AgentEvent | bytes | str | None]``, QueueSink an
+    ``asyncio.Queue[AgentEvent | None]``, and ``asyncio.Queue`` is invariant."""
+    pytest.importorskip("mypy")
+    source = tmp_path / "pairing.py"
+    source.write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+
+            from phi_session import AgentEvent, QueueSink, SessionStore, consume
+
+
+            async def events_only(store: SessionStore) -> None:
+                queue: asyncio.Queue[AgentEvent | None] = asyncio.Queue()
+                QueueSink(queue)
+                await consume(queue, store)
+
+
+            async def lines_too(store: SessionStore) -> None:
+                queue: asyncio.Queue[AgentEvent | bytes | str | None] = asyncio.Queue()
+                QueueSink(queue)
+                await consume(queue, store)
+            """
+        )
+    )
+    # In a process of its own: mypy raises the recursion limit of the one it runs in.
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), str(source)],
+        env={**os.environ, "MYPYPATH": str(Path(ps.__file__).parents[1])},  # this checkout's package
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+class _OtherQueue:
+    """A queue with asyncio.Queue's methods but not its class (janus' async side, say)."""
+
+    def __init__(self) -> None:
+        self.inner: asyncio.Queue[Any] = asyncio.Queue()
+        self.maxsize = 0
+
+    def put_nowait(self, item: Any) -> None:
+        self.inner.put_nowait(item)
+
+    async def get(self) -> Any:
+        return await self.inner.get()
+
+    def get_nowait(self) -> Any:
+        return self.inner.get_nowait()
+
+
+def test_any_queue_with_asyncio_queues_methods_pairs_them() -> None:
+    memory = MemoryStore()
+
+    async def main() -> None:
+        queue = _OtherQueue()
+        tracer, sink = tracer_into(queue)  # type: ignore[arg-type]
+        task = asyncio.create_task(consume(queue, store(memory), checkpoint_interval=None))
+        agent_work(tracer)
+        sink.close()
+        await task
+
+    asyncio.run(main())
+    assert [ps.encode(s) for s in memory.sessions.values()] == reference()
 
 
 def test_a_given_recorder_is_used() -> None:

@@ -220,6 +220,12 @@ def test_queue_sink_refuses_a_bounded_queue() -> None:
         QueueSink(asyncio.Queue(maxsize=10))
 
 
+def test_queue_sink_refuses_what_is_no_queue() -> None:
+    """It raised AttributeError ('int' object has no attribute 'maxsize')."""
+    with pytest.raises(TypeError, match=r"^queue must be an asyncio.Queue, not int$"):
+        QueueSink(5)  # type: ignore[arg-type]
+
+
 def test_queue_sink_outside_a_running_loop_needs_an_explicit_loop() -> None:
     # Binding to the first caller's loop would pick the agent's loop in another
     # thread, and the consumer would never see the events.

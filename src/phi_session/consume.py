@@ -26,7 +26,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Protocol, TypeVar, Union, runtime_checkable
 
 from .errors import DecodeError, InvalidArgument
 from .events import EVENT_TYPES, AgentEvent
@@ -39,8 +39,22 @@ __all__ = ["ConsumeStats", "RejectedSink", "Source", "consume"]
 
 logger = logging.getLogger("phi_session.consume")
 
+_Item_co = TypeVar("_Item_co", covariant=True)
+
+
+@runtime_checkable
+class _GetQueue(Protocol[_Item_co]):
+    """What `consume` uses of an ``asyncio.Queue``. A protocol rather than the class, so
+    that a queue of fewer item types (`QueueSink`'s ``asyncio.Queue[AgentEvent | None]``)
+    type-checks: ``asyncio.Queue`` is invariant."""
+
+    async def get(self) -> _Item_co: ...
+
+    def get_nowait(self) -> _Item_co: ...
+
+
 Item = Union[AgentEvent, bytes, str, None]
-Source = Union["asyncio.Queue[Item]", AsyncIterable[Item]]
+Source = Union[_GetQueue[Item], AsyncIterable[Item]]
 """A queue (None ends the stream) or an async iterable of events or JSON lines."""
 
 RejectedSink = Callable[[object], object]
@@ -112,7 +126,7 @@ class _Consumer:
             await self.saver.adrain(self.recorder)
 
     async def read(self, source: Source) -> None:
-        if isinstance(source, asyncio.Queue):
+        if isinstance(source, _GetQueue):
             while True:
                 item = await source.get()
                 if item is None:
@@ -126,7 +140,7 @@ class _Consumer:
 
     def take_queued(self, source: Source) -> None:
         """On cancellation: record whatever the producer already queued."""
-        if not isinstance(source, asyncio.Queue):
+        if not isinstance(source, _GetQueue):
             return
         while True:
             try:

@@ -25,7 +25,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable
-from typing import IO, Any, Protocol, Union, cast, runtime_checkable
+from typing import IO, Any, Protocol, TypeVar, Union, cast, runtime_checkable
 
 from ._failures import FailureTally
 from ._jsonl import ends_mid_line
@@ -145,6 +145,21 @@ class RecorderSink:
         return f"RecorderSink({self.recorder!r})"
 
 
+_Item_contra = TypeVar("_Item_contra", contravariant=True)
+
+
+@runtime_checkable
+class _PutQueue(Protocol[_Item_contra]):
+    """What `QueueSink` uses of an ``asyncio.Queue``. A protocol rather than the class, so
+    that a queue of more item types (``asyncio.Queue[AgentEvent | bytes | str | None]``,
+    shared with other producers for `consume`) type-checks: ``asyncio.Queue`` is invariant."""
+
+    @property
+    def maxsize(self) -> int: ...
+
+    def put_nowait(self, item: _Item_contra) -> None: ...
+
+
 class QueueSink:
     """Puts events on an ``asyncio.Queue`` for a recorder task (`phi_session.consume`).
 
@@ -160,11 +175,13 @@ class QueueSink:
 
     def __init__(
         self,
-        queue: asyncio.Queue[AgentEvent | None],
+        queue: _PutQueue[AgentEvent | None],
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         wants_deltas: bool = True,
     ) -> None:
+        if not isinstance(queue, _PutQueue):
+            raise TypeError(f"queue must be an asyncio.Queue, not {type(queue).__name__}")
         if queue.maxsize > 0:
             raise InvalidArgument(
                 "QueueSink needs an unbounded asyncio.Queue (maxsize=0): a full queue would drop events"
