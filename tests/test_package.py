@@ -68,3 +68,21 @@ def test_every_error_class_is_defined_in_the_errors_module() -> None:
         if cls.__module__.startswith("phi_session.") and cls.__module__ != "phi_session.errors":
             stray.append(f"{cls.__module__}.{cls.__qualname__}")
     assert not stray
+
+
+def test_the_readme_lists_every_error_class() -> None:
+    """Its list of the hierarchy left out NotAJournal, RecordedToolError and RecordedModelError."""
+    from phi_session import errors
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listing = readme[readme.index("Everything raises subclasses of `PhiSessionError`") :]
+    listing = listing[: listing.index("\n\n")]
+    classes = [
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, errors.PhiSessionError) and name != "PhiSessionError"
+    ]
+    assert [name for name in classes if f"`{name}`" not in listing] == []
+    assert issubclass(ps.InvalidArgument, errors.PhiSessionError) and issubclass(
+        ps.InvalidArgument, ValueError
+    )
