@@ -705,3 +705,20 @@ def test_a_store_can_write_its_own_form_of_each_message() -> None:
     )
     tree = json.loads(marked)
     assert tree["messages"] == ["A"] and tree["events"][0]["event"]["payload"]["messages"] == ["P"]
+
+
+@pytest.mark.parametrize("value", [123, None, {"a": 1}, "text", [ps.TextContent(text="x")]])
+def test_encode_refuses_what_is_no_session_loop_record_event_or_message(value: object) -> None:
+    # It wrote any JSON value: bytes no decoder of phi-core's format reads back.
+    with pytest.raises(TypeError, match="encode\\(\\) takes a Session, LoopRecord, event or message"):
+        ps.encode(value)  # type: ignore[arg-type]
+
+
+def test_the_encoders_of_one_kind_refuse_the_others() -> None:
+    session = _requests_session(ps.UserMessage(content=(ps.TextContent(text="q"),), timestamp=1))
+    with pytest.raises(TypeError, match="encode_event\\(\\) takes an event, not Session"):
+        ps.encode_event(session)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="encode_session\\(\\) takes a Session, not LoopRecord"):
+        ps.encode_session(session.loops[0])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="pretty must be bool or None, not str"):
+        ps.encode(session, pretty="no")  # type: ignore[arg-type]

@@ -875,6 +875,15 @@ def test_emit_sends_hand_built_events_through_processors_and_sinks() -> None:
     assert isinstance(h.session().loops[0].events[1].event, ps.ProgressMessage)
 
 
+def test_emit_refuses_what_is_not_an_event() -> None:
+    # A number was written into the JSONL file as a line of its own.
+    h = Harness()
+    for value in (5, {"type": "AgentStart"}):
+        with pytest.raises(TypeError, match="emit\\(\\) takes an event, not"):
+            h.tracer.emit(value)  # type: ignore[arg-type]
+    assert h.events == [] and h.stream.getvalue() == b""
+
+
 def test_deltas_are_kept_only_when_the_recorder_keeps_them() -> None:
     h = Harness(streaming=True)
     run_basic(h)

@@ -1103,3 +1103,16 @@ def test_leftover_segments_not_recovered_are_warned_about_once(
         "(recover_on_start=False): no segment of this run is removed until they are (`recover`), "
         "so the journal grows"
     ]
+
+
+def test_a_journal_appends_events_only(tmp_path: Path) -> None:
+    # A number or a whole session was journaled as a record, and recovered as garbage.
+    recorder = SessionRecorder()
+    recorder.record_all(events(1))
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    with Journal(tmp_path, durability="os") as journal:
+        for value in (5, session, {"type": "AgentStart"}):
+            with pytest.raises(TypeError, match="append\\(\\) takes an event, not"):
+                journal.append(value)  # type: ignore[arg-type]
+        assert journal.last_seq == -1

@@ -65,6 +65,17 @@ __all__ = [
 
 _V = TypeVar("_V")
 _U64_MAX = 2**64 - 1
+
+EVENT_CLASSES: frozenset[type] = frozenset(EVENT_TYPES)
+"""The event classes, for the cheap test of an event on a hot path: ``type(value) in
+EVENT_CLASSES`` (a hash lookup; ``isinstance`` against `EVENT_TYPES` tries each class)."""
+
+
+def not_an_event(what: str, value: object) -> TypeError:
+    """The `TypeError` of `what` (a function) given `value`, which is not an event."""
+    return TypeError(f"{what} takes an event, not {type(value).__name__}")
+
+
 _HOOKED: dict[type, Callable[[Any], Any]] = {
     ContinuationKind: ContinuationKind.from_json,
     SessionFormation: SessionFormation.from_json,
@@ -671,7 +682,10 @@ def _pretty(document: Callable[[_Skeleton], Any], depth: int) -> bytes:
 
 
 def encode_event(event: AgentEvent) -> bytes:
-    """One event, compact, exactly as phi-core writes an event-stream line (no newline)."""
+    """One event, compact, exactly as phi-core writes an event-stream line (no newline).
+    `TypeError` for anything else (a session: `encode_session`)."""
+    if type(event) not in EVENT_CLASSES:
+        raise not_an_event("encode_event()", event)
     return _plain.encode(_skeleton().event(event))
 
 
@@ -726,15 +740,20 @@ def encode(obj: Session | LoopRecord | AgentEvent | AgentMessage, *, pretty: boo
 
     Sessions and loop records are pretty-printed (the session-file layout) and
     events compact (the event-stream layout) unless `pretty` says otherwise.
+    `TypeError` for anything else.
     """
+    if pretty is not None and not isinstance(pretty, bool):
+        raise TypeError(f"pretty must be bool or None, not {type(pretty).__name__}")
     if isinstance(obj, Session):
         return encode_session(obj, pretty=True if pretty is None else pretty)
     if isinstance(obj, LoopRecord):
         return encode_loop(obj, pretty=True if pretty is None else pretty)
     if isinstance(obj, (*LLM_MESSAGE_TYPES, ExtensionMessage)):
         data = encode_message(obj)
-    else:
+    elif type(obj) in EVENT_CLASSES:
         data = encode_event(obj)
+    else:
+        raise TypeError(f"encode() takes a Session, LoopRecord, event or message, not {type(obj).__name__}")
     return msgspec.json.format(data, indent=2) if pretty else data
 
 

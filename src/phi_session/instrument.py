@@ -63,6 +63,7 @@ from msgspec.structs import replace
 
 from ._failures import FailureTally
 from ._time import Timestamp
+from .codec import EVENT_CLASSES, not_an_event
 from .errors import InstrumentationError
 from .events import (
     DEFAULT,
@@ -717,7 +718,10 @@ class Tracer:
         self._joined: dict[str, AgentSession] = {}
 
     def emit(self, event: AgentEvent) -> None:
-        """Run `event` through the processors, then deliver it to every sink. Never raises."""
+        """Run `event` through the processors, then deliver it to every sink. Never raises
+        (but `TypeError` for what is not an event)."""
+        if type(event) not in EVENT_CLASSES:
+            raise not_an_event("emit()", event)
         self._outlet.emit(event)
 
     def for_agent(self, agent: AgentSession) -> Tracer:

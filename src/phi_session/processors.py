@@ -24,8 +24,8 @@ from typing import Any, Protocol
 from msgspec.structs import replace
 
 from ._failures import FailureTally
+from .codec import EVENT_CLASSES
 from .events import (
-    EVENT_TYPES,
     AgentEnd,
     AgentEvent,
     AgentStart,
@@ -177,8 +177,6 @@ def withhold(event: AgentEvent, note: str) -> AgentEvent:
 
 # -- the chain -------------------------------------------------------------------------------
 
-_EVENT_TYPES: frozenset[type] = frozenset(EVENT_TYPES)
-
 
 class ProcessorChain:
     """Runs processors in order; a failing processor fails closed (see the module docs).
@@ -244,7 +242,7 @@ class ProcessorChain:
             with self._lock:
                 self.dropped += 1
             return None
-        if result is not event and type(result) not in _EVENT_TYPES:
+        if result is not event and type(result) not in EVENT_CLASSES:
             return self.withheld(processor, event, TypeError(f"returned {type(result).__name__}"))
         return result  # type: ignore[no-any-return]
 

@@ -225,7 +225,10 @@ class Journal:
 
         With ``commit=False`` an ``"always"`` journal returns before the fsync; call
         `commit` with the number (this lets several threads share one fsync).
+        `TypeError` for what is not an event.
         """
+        if type(event) not in codec.EVENT_CLASSES:
+            raise codec.not_an_event("append()", event)
         return self.append_json(codec.encode_event(event), commit=commit)
 
     def append_json(self, data: bytes | str, *, commit: bool = True) -> int:
