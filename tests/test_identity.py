@@ -325,3 +325,31 @@ def test_an_identity_made_for_a_session_another_made_shares_its_loop_counter() -
     assert AgentSession.continuing(recorded_session(rotated)).next_loop_id("c") == f"{rotated}.c.2"
     # A session id given to an identity may name another destination's session: not shared.
     assert AgentSession(session_id=live.session_id).next_loop_id("c") == f"{live.session_id}.c.1"
+
+
+def test_an_identitys_arguments_are_checked_where_they_enter() -> None:
+    # Taken in, an id that is no text was written into every loop of a session no store loads.
+    with pytest.raises(TypeError, match="agent_id must be str or None, not int"):
+        AgentSession(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="session_id must be str or None, not int"):
+        AgentSession(session_id=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="clock must be callable or None, not int"):
+        AgentSession(clock=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"id_factory\(\) must be str, not int"):
+        AgentSession(id_factory=lambda: 5)  # type: ignore[arg-type,return-value]
+    made = iter(["a", "s1", 7])
+    agent = AgentSession(clock=FakeClock(), id_factory=lambda: next(made))  # type: ignore[arg-type]
+    agent.loop_started(agent.session_id, agent.next_loop_id("c"), 0)
+    with pytest.raises(TypeError, match=r"id_factory\(\) must be str, not int"):
+        agent.new_session()
+    assert agent.session_id == "s1"  # a refused rotation leaves the session as it was
+    with pytest.raises(TypeError, match="threshold must be a number of seconds or a timedelta, not str"):
+        agent.check_and_rotate("30")  # type: ignore[arg-type]
+    with pytest.raises(ps.InvalidArgument, match="threshold must be a non-negative duration, got -1"):
+        agent.check_and_rotate(-1)
+    with pytest.raises(TypeError, match="loop_id must be str, not int"):
+        agent.set_last_loop(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="config must be LoopConfigSnapshot, not int"):
+        config_id_of(5)  # type: ignore[arg-type]
+    with pytest.raises(ps.InvalidArgument, match="backwards"):
+        FakeClock().advance(-1)

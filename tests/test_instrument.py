@@ -730,7 +730,7 @@ def test_a_negative_index_selects_the_branch_counted_from_the_end() -> None:
         for index in (0, 1):
             with group.branch(index) as branch:
                 simple_loop(branch)
-        with pytest.raises(IndexError):  # out of range: refused, the group still open
+        with pytest.raises(ps.InvalidArgument, match="no branch -3 in a group of 2"):  # the group stays open
             group.select(-3)
         assert group.select(-1) is group.branches[1]
     records = {r.loop_id: r.parallel_group for r in h.session().loops}  # the file loads back
@@ -1209,3 +1209,178 @@ def test_a_tools_start_keeps_the_arguments_it_started_with() -> None:
     [start] = [e for e in h.events if isinstance(e, ps.ToolExecutionStart)]
     assert start.args == {"q": "x"}
     assert b"plain-secret-value" not in ps.encode(h.session())
+
+
+# -- arguments are checked where they enter -----------------------------------------------------
+
+_CALL = ps.ToolCall(id="c1", name="t", arguments={})
+_STOP_REASONS = (
+    "stop, length, toolUse, error, aborted, maxTurns, userStop, handoff, guardRail, contextCompacted, paused"
+)
+
+
+@pytest.mark.parametrize(
+    ("stage", "bad", "error", "message"),
+    [
+        ("loop", lambda loop: loop.user(["hi"]), TypeError, r"content\[0\] must be a content block, not str"),
+        ("loop", lambda loop: loop.user(5), TypeError, "content must be str or a sequence of content blocks"),
+        (
+            "loop",
+            lambda loop: loop.compaction(-1, 3),
+            ps.InvalidArgument,
+            "estimated_tokens: expected a count",
+        ),
+        ("loop", lambda loop: loop.compaction("9", 3), TypeError, "estimated_tokens must be int, not str"),
+        ("loop", lambda loop: loop.prun(1, 1, [-5]), ps.InvalidArgument, r"pruned_timestamps\[0\]: expected"),
+        ("loop", lambda loop: loop.revert("oops"), ps.InvalidArgument, "category: expected one of failure, "),
+        ("loop", lambda loop: loop.revert("failure", applied="yes"), TypeError, "applied must be bool"),
+        ("loop", lambda loop: loop.reject(5), TypeError, "reason must be str, not int"),
+        ("loop", lambda loop: loop.turn("user"), ps.InvalidArgument, "trigger: expected one of User, "),
+        ("turn", lambda turn: turn.tool(5), TypeError, "call must be ToolCall, not int"),
+        ("turn", lambda turn: turn.tool(id=5, name="t"), TypeError, "id must be str, not int"),
+        ("turn", lambda turn: turn.assistant(model=5), TypeError, "model must be str or None, not int"),
+        (
+            "turn",
+            lambda turn: turn.request({}),
+            TypeError,
+            "payload must be AnnotatedRequestPayload, not dict",
+        ),
+        ("turn", lambda turn: turn.compaction(1, None), TypeError, "message_count must be int, not NoneType"),
+        ("reply", lambda reply: reply.finish(stop_reason=5), TypeError, "stop_reason must be str, not int"),
+        ("reply", lambda reply: reply.finish(stop_reason="done"), ps.InvalidArgument, _STOP_REASONS),
+        (
+            "reply",
+            lambda reply: reply.finish(tool_calls=[{"id": "c", "name": "n", "arguments": {}}]),
+            TypeError,
+            r"tool_calls\[0\] must be ToolCall, not dict",
+        ),
+        ("reply", lambda reply: reply.finish(usage={"input": 1}), TypeError, "usage must be Usage or None"),
+        (
+            "reply",
+            lambda reply: reply.finish(usage=ps.Usage(input=None, output=1)),  # type: ignore[arg-type]
+            TypeError,
+            "usage.input must be int, not NoneType",
+        ),
+        (
+            "reply",
+            lambda reply: reply.finish(usage=ps.Usage(input=1, output=-1)),
+            ps.InvalidArgument,
+            "usage.output: expected a count",
+        ),
+        (
+            "reply",
+            lambda reply: reply.finish(message=5),
+            TypeError,
+            "message must be AssistantMessage, not int",
+        ),
+        (
+            "reply",
+            lambda reply: reply.finish(error_message=5),
+            TypeError,
+            "error_message must be str or None",
+        ),
+        ("tool", lambda tool: tool.progress(50), TypeError, "text must be str, not int"),
+        (
+            "tool",
+            lambda tool: tool.result([{"type": "text", "text": "ok"}]),
+            TypeError,
+            r"content\[0\] must be",
+        ),
+        (
+            "tool",
+            lambda tool: tool.update(5),
+            TypeError,
+            "partial must be str or a sequence of content blocks",
+        ),
+        (
+            "tool",
+            lambda tool: tool.sub_agent(5),
+            TypeError,
+            "config must be LoopConfigSnapshot or None, not int",
+        ),
+        (
+            "tool",
+            lambda tool: tool.sub_agent(agent="a"),
+            TypeError,
+            "agent must be AgentSession or None, not str",
+        ),
+    ],
+)
+def test_a_bad_argument_is_refused_where_it_enters_and_every_file_still_loads(
+    stage: str, bad: Any, error: type[Exception], message: str
+) -> None:
+    # Taken in, each of these was recorded into a session no store could load again.
+    h = Harness()
+    with h.tracer.loop() as loop:
+        loop.user("q")
+        if stage == "loop":
+            with pytest.raises(error, match=message):
+                bad(loop)
+        with loop.turn() as turn:
+            if stage == "turn":
+                with pytest.raises(error, match=message):
+                    bad(turn)
+            with turn.assistant() as reply:
+                if stage == "reply":
+                    with pytest.raises(error, match=message):
+                        bad(reply)
+                reply.finish(tool_calls=[_CALL])
+            with turn.tool(_CALL) as tool:
+                if stage == "tool":
+                    with pytest.raises(error, match=message):
+                        bad(tool)
+                tool.result("ok")
+    [record] = h.session().loops  # `sessions` decodes every file
+    assert record.status == "Completed"
+
+
+def test_the_tracers_arguments_are_checked_before_anything_is_emitted() -> None:
+    h = Harness()
+    tracer = h.tracer
+    with pytest.raises(TypeError, match="agent must be AgentSession or None, not int"):
+        Tracer(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="config must be LoopConfigSnapshot or None, not dict"):
+        Tracer(config={"model": "m", "provider": "p"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="config must be LoopConfigSnapshot or None, not int"):
+        tracer.loop(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="kind must be ContinuationKind or None, not str"):
+        tracer.loop(kind="Rerun")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="config_id must be str or None, not int"):
+        tracer.loop(config_id=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="continues must be str or None, not int"):
+        tracer.loop(continues=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"configs\[1\] must be LoopConfigSnapshot, not int"):
+        tracer.parallel([SNAP, 5])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="configs must be a sequence of LoopConfigSnapshot, not int"):
+        tracer.parallel(5)  # type: ignore[arg-type]
+    with pytest.raises(ps.InvalidArgument, match="at least one config"):
+        tracer.parallel([])
+    with pytest.raises(ps.InvalidArgument, match="needs a config snapshot"):
+        Tracer().loop()
+    assert h.events == [] and h.stream.getvalue() == b""
+    with tracer.loop() as loop:  # no loop id was used up by the refusals
+        simple_loop(loop)
+    assert h.session().loops[0].loop_id.endswith(f".{CONFIG_ID}.1")
+
+
+def test_a_parallel_groups_winner_and_branches_are_checked() -> None:
+    h = Harness()
+    with h.tracer.parallel([SNAP, SNAP]) as group:
+        with pytest.raises(ps.InvalidArgument, match="index: no branch 2 in a group of 2"):
+            group.branch(2)
+        for index in (0, 1):
+            with group.branch(index) as branch:
+                simple_loop(branch)
+        with pytest.raises(ps.InvalidArgument, match="winner: no branch 5 in a group of 2"):
+            group.select(5)
+        with pytest.raises(ps.InvalidArgument, match="'x' is not a branch of this group"):
+            group.select("x")
+        with pytest.raises(TypeError, match="winner must be int or str, not float"):
+            group.select(1.0)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="evaluation_usage must be Usage, not int"):
+            group.select(0, evaluation_usage=5)  # type: ignore[arg-type]
+        group.select(0)
+    assert [loop.parallel_group.is_selected for loop in h.session().loops if loop.parallel_group] == [
+        True,
+        False,
+    ]

@@ -1,6 +1,36 @@
-"""Argument checks shared by the public API: a wrong type is a `TypeError` naming the argument."""
+"""Checks of the values a caller hands phi-session, made once where a value enters (a
+constructor, a scope's start or finish), never per event.
+
+A value of the wrong type raises `TypeError`; one of the right type that phi-core
+cannot hold (a stop reason it does not know, a negative count) `InvalidArgument`.
+Recording must refuse such values at once: taken in, they would be written into a
+session that no store can load again.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from typing import TypeVar
+
+from msgspec.structs import astuple
+
+from .errors import InvalidArgument
+from .messages import Usage
+
+__all__ = [
+    "check_callable",
+    "check_choice",
+    "check_counts",
+    "check_each",
+    "check_instance",
+    "check_type",
+    "check_unsigned",
+    "check_usage",
+]
+
+_U64_MAX = 2**64 - 1
+
+_T = TypeVar("_T")
 
 
 def check_type(name: str, value: object, expected: type, *, optional: bool = False) -> None:
@@ -9,3 +39,69 @@ def check_type(name: str, value: object, expected: type, *, optional: bool = Fal
         return
     alternative = " or None" if optional else ""
     raise TypeError(f"{name} must be {expected.__name__}{alternative}, not {type(value).__name__}")
+
+
+def _wrong_type(name: str, expected: str, value: object) -> TypeError:
+    return TypeError(f"{name} must be {expected}, not {type(value).__name__}")
+
+
+def check_instance(name: str, value: object, expected: type | tuple[type, ...], described: str) -> None:
+    """`TypeError` unless `value` is an `expected` (`described` in the message: ``"str or None"``)."""
+    if not isinstance(value, expected):
+        raise _wrong_type(name, described, value)
+
+
+def check_each(
+    name: str, values: Iterable[_T], expected: type | tuple[type, ...], described: str
+) -> tuple[_T, ...]:
+    """`values` as a tuple; `TypeError` unless they are a collection (not text) of `expected`."""
+    kind = type(values)
+    if kind is not tuple and kind is not list:  # those skip the slower test against the ABC
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise _wrong_type(name, f"a sequence of {described}", values)
+    items = tuple(values)
+    for index, item in enumerate(items):
+        if not isinstance(item, expected):
+            raise _wrong_type(f"{name}[{index}]", described, item)
+    return items
+
+
+def check_callable(name: str, value: object, *, optional: bool = False) -> None:
+    """`TypeError` unless `value` is callable (or None when `optional`)."""
+    if not (callable(value) or (value is None and optional)):
+        raise _wrong_type(name, "callable or None" if optional else "callable", value)
+
+
+def check_choice(name: str, value: object, choices: Collection[str]) -> None:
+    """`TypeError` unless `value` is a str; `InvalidArgument` unless it is one of `choices`."""
+    if type(value) is str and value in choices:
+        return
+    check_type(name, value, str)
+    raise InvalidArgument(f"{name}: expected one of {', '.join(choices)}; got {value!r}")
+
+
+def check_unsigned(name: str, value: object, *, optional: bool = False) -> None:
+    """`TypeError` unless `value` is an int (a bool is none), or None when `optional`;
+    `InvalidArgument` unless phi-core's unsigned 64-bit counters hold it."""
+    check_type(name, value, int, optional=optional)
+    if isinstance(value, int) and not 0 <= value <= _U64_MAX:
+        raise InvalidArgument(f"{name}: expected a count from 0 to 2**64-1; got {value}")
+
+
+def check_counts(name: str, values: Iterable[int]) -> tuple[int, ...]:
+    """`values` as a tuple, each checked by `check_unsigned`."""
+    counts = check_each(name, values, int, "int")
+    for index, count in enumerate(counts):
+        check_unsigned(f"{name}[{index}]", count)
+    return counts
+
+
+def check_usage(name: str, usage: Usage | None, *, optional: bool = False) -> None:
+    """`check_type` of a `Usage`, and `check_unsigned` of each of its counters."""
+    check_type(name, usage, Usage, optional=optional)
+    if usage is None:
+        return
+    counts = astuple(usage)
+    if not all(type(count) is int and 0 <= count <= _U64_MAX for count in counts):
+        for field, count in zip(Usage.__struct_fields__, counts, strict=True):
+            check_unsigned(f"{name}.{field}", count)  # raises, naming the counter

@@ -27,7 +27,9 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol, cast
 
+from ._checks import check_callable, check_instance, check_type
 from ._time import Timestamp
+from .errors import InvalidArgument
 from .events import LoopConfigSnapshot, SessionFormation
 from .ids import derive_config_id
 
@@ -76,6 +78,7 @@ def config_id_of(config: LoopConfigSnapshot) -> str:
     followed by ``.thinking`` when reasoning is on: a thinking level other than
     ``"off"`` or, with no level given, ``reasoning`` true.
     """
+    check_type("config", config, LoopConfigSnapshot)
     if config.config_id is not None:
         return config.config_id
     level = config.thinking_level
@@ -200,12 +203,16 @@ class AgentSession:
         clock: Clock | None = None,
         id_factory: IdFactory | None = None,
     ) -> None:
+        check_type("agent_id", agent_id, str, optional=True)
+        check_type("session_id", session_id, str, optional=True)
+        check_callable("clock", clock, optional=True)
+        check_callable("id_factory", id_factory, optional=True)
         self.clock: Clock = clock if clock is not None else time.time_ns
         self.id_factory: IdFactory = id_factory if id_factory is not None else _uuid4
-        self.agent_id: str = agent_id if agent_id is not None else self.id_factory()
+        self.agent_id: str = agent_id if agent_id is not None else self._fresh_id()
         self._lock = threading.Lock()
         self._stamper = _STAMPER
-        self._session_id = session_id if session_id is not None else self.id_factory()
+        self._session_id = session_id if session_id is not None else self._fresh_id()
         self._counters = self._counters_of_new_session(made=session_id is None)
         self._last_loop_id: str | None = None
         self._last_started_ns: int | None = None
@@ -213,6 +220,12 @@ class AgentSession:
         # None for FirstLoop, whose timestamp is that first loop's start.
         self._pending_formation: SessionFormation | None = None
         self._formation_claimed = False
+
+    def _fresh_id(self) -> str:
+        """A new id from `id_factory`, which must make text (ids are written as strings)."""
+        made = self.id_factory()
+        check_type("id_factory()", made, str)
+        return made
 
     # -- identity -----------------------------------------------------------------------
 
@@ -262,9 +275,10 @@ class AgentSession:
         recorded with formation ``InactivityTimeout`` (``threshold_secs`` is the
         threshold in whole seconds, ``previous_session_id`` the idle session).
         """
+        check_instance("threshold", threshold, (int, float, timedelta), "a number of seconds or a timedelta")
         seconds = threshold.total_seconds() if isinstance(threshold, timedelta) else float(threshold)
         if not seconds >= 0:  # also rejects NaN
-            raise ValueError(f"threshold must be a non-negative duration, got {threshold!r}")
+            raise InvalidArgument(f"threshold must be a non-negative duration, got {threshold!r}")
         with self._lock:
             last = self._last_started_ns
             if last is None:
@@ -280,7 +294,7 @@ class AgentSession:
             return self._rotate(formation)
 
     def _rotate(self, formation: SessionFormation | None) -> str:
-        self._session_id = self.id_factory()
+        self._session_id = self._fresh_id()
         self._counters = self._counters_of_new_session(made=True)
         self._last_loop_id = None
         self._last_started_ns = None  # a fresh session has not run a loop
@@ -354,7 +368,7 @@ class AgentSession:
         """Go on with `session`, a recording of the current session (e.g. loaded from a
         store): `resume_recorded` with its loops."""
         if session.session_id != self._session_id:
-            raise ValueError(
+            raise InvalidArgument(
                 f"session {session.session_id!r} is not the current session {self._session_id!r}"
             )
         self.resume_recorded(session.loops)
@@ -427,6 +441,7 @@ class AgentSession:
 
     def set_last_loop(self, loop_id: str) -> None:
         """Make `loop_id` the loop that continuations follow by default (e.g. a parallel winner)."""
+        check_type("loop_id", loop_id, str)
         with self._lock:
             self._last_loop_id = loop_id
 
@@ -467,7 +482,7 @@ class FakeClock:
         if isinstance(seconds, timedelta):
             seconds = seconds.total_seconds()
         if seconds < 0:
-            raise ValueError("a clock does not go backwards")
+            raise InvalidArgument("a clock does not go backwards")
         with self._lock:
             self._ns += round(seconds * _NS_PER_S)
 

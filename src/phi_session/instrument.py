@@ -28,6 +28,10 @@ loads the file). Recording never raises into the agent: processors fail closed a
 sinks are isolated (`phi_session.processors`, `phi_session.sinks`). Using a scope
 that is not running (not started, or already ended) is a programming error and
 raises `InstrumentationError`; so is a streamed delta that is no ``str`` (`TypeError`).
+Every other argument is checked where it enters (the scope's creation, start or
+finish, never per delta): `TypeError` for a wrong type, `InvalidArgument` for a value
+phi-core cannot hold (an unknown stop reason, a negative count), before anything is
+emitted, so what is recorded always loads again.
 
 Scope methods never wait and do no I/O of their own (a sink may: `JsonlSink` writes a
 line per event), so coroutines call them directly; ``async with`` works like ``with``.
@@ -56,15 +60,24 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from operator import attrgetter, is_
 from types import FunctionType, TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 import msgspec
 from msgspec.structs import replace
 
+from ._checks import (
+    check_choice,
+    check_counts,
+    check_each,
+    check_instance,
+    check_type,
+    check_unsigned,
+    check_usage,
+)
 from ._failures import FailureTally
 from ._time import Timestamp
 from .codec import EVENT_CLASSES, not_an_event
-from .errors import InstrumentationError
+from .errors import InstrumentationError, InvalidArgument
 from .events import (
     DEFAULT,
     INITIAL,
@@ -190,10 +203,19 @@ _thinking_delta = delta_builder("Thinking")
 _tool_call_delta = delta_builder("ToolCallDelta")
 
 
-def _content(value: str | Sequence[Content]) -> tuple[Content, ...]:
+_CONTENT_TYPES: tuple[type, ...] = get_args(Content)
+_STOP_REASONS = get_args(StopReason)
+_TRIGGERS = get_args(TurnTrigger)
+_REVERT_CATEGORIES = get_args(RevertCategory)
+
+
+def _content(name: str, value: str | Sequence[Content]) -> tuple[Content, ...]:
+    """Text or content blocks as blocks; `TypeError` (naming argument `name`) for others."""
     if isinstance(value, str):
         return (TextContent(text=value),)
-    return tuple(value)
+    if not isinstance(value, Iterable) or isinstance(value, bytes):
+        raise TypeError(f"{name} must be str or a sequence of content blocks, not {type(value).__name__}")
+    return check_each(name, value, _CONTENT_TYPES, "a content block")
 
 
 def _describe(error: BaseException | str) -> str:
@@ -510,7 +532,7 @@ class _LoopState:
     def user_message(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
         if isinstance(content, (UserMessage, AssistantMessage, ToolResultMessage, ExtensionMessage)):
             return content
-        return UserMessage(content=_content(content), timestamp=self.millis())
+        return UserMessage(content=_content("content", content), timestamp=self.millis())
 
     def emit_message(self, message: AgentMessage) -> None:
         """A complete message: ``MessageStart`` and ``MessageEnd``."""
@@ -704,6 +726,8 @@ class Tracer:
         redact: bool | Redactor = True,
         config: LoopConfigSnapshot | None = None,
     ) -> None:
+        check_type("agent", agent, AgentSession, optional=True)
+        check_type("config", config, LoopConfigSnapshot, optional=True)
         self.agent = agent if agent is not None else AgentSession()
         self.config = config
         self.fanout = FanOut(sinks)
@@ -777,6 +801,8 @@ class Tracer:
           ``ContinuationKind.branch(tag)`` or ``COMPACTION``. A continuation kind
           without `continues` continues the agent's last loop, as phi-core does.
         """
+        check_type("config", config, LoopConfigSnapshot, optional=True)
+        check_type("config_id", config_id, str, optional=True)
         config = config if config is not None else self.config
         kind, continues = self._lineage(kind, continues)
         segment = self._segment(config, config_id)
@@ -807,8 +833,9 @@ class Tracer:
         The branches' loop ids are allocated in one step, so all of them belong to one
         session even while another thread rotates it.
         """
+        configs = check_each("configs", configs, LoopConfigSnapshot, "LoopConfigSnapshot")
         if not configs:
-            raise ValueError("a parallel group needs at least one config")
+            raise InvalidArgument("a parallel group needs at least one config")
         kind, continues = self._lineage(kind, continues)
         agent = self.agent
         segments = [self._segment(config, None) for config in configs]
@@ -832,6 +859,8 @@ class Tracer:
     def _lineage(
         self, kind: ContinuationKind | None, continues: str | None
     ) -> tuple[ContinuationKind, str | None]:
+        check_type("kind", kind, ContinuationKind, optional=True)
+        check_type("continues", continues, str, optional=True)
         if kind is None:
             return (INITIAL if continues is None else DEFAULT), continues
         if continues is None and kind != INITIAL:
@@ -842,7 +871,7 @@ class Tracer:
         if config_id is not None:
             return config_id
         if config is None:
-            raise ValueError("a loop needs a config snapshot (here or on the Tracer) or a config_id")
+            raise InvalidArgument("a loop needs a config snapshot (here or on the Tracer) or a config_id")
         return self._outlet.segment(config)
 
     # -- sinks ----------------------------------------------------------------------------
@@ -1019,8 +1048,11 @@ class LoopScope(_Scope):
         """
         if not self._running:
             raise _not_running(self)
+        check_type("request", request, AnnotatedRequestPayload, optional=True)
         if trigger is None:
             trigger = self.first_trigger if self.turns == 0 else "Continuation"
+        else:
+            check_choice("trigger", trigger, _TRIGGERS)
         scope = TurnScope(self, self._loop, self.turns, trigger, request)
         self._loop.open_turn(scope)
         self.turns += 1
@@ -1035,6 +1067,7 @@ class LoopScope(_Scope):
         Later, the loop goes on.
         """
         self._require_running()
+        check_type("reason", reason, str)
         loop = self._loop
         loop.emit(InputRejected(loop_id=self.loop_id, reason=reason))
         if self.turns == 0:
@@ -1066,6 +1099,10 @@ class LoopScope(_Scope):
     ) -> None:
         """Record a ``PrunApplied`` (messages pruned from the context; timestamps in epoch ms)."""
         self._require_running()
+        check_unsigned("tokens_removed", tokens_removed)
+        check_unsigned("messages_removed", messages_removed)
+        timestamps = check_counts("pruned_timestamps", pruned_timestamps)
+        check_type("memo", memo, str, optional=True)
         loop = self._loop
         loop.emit(
             PrunApplied(
@@ -1073,7 +1110,7 @@ class LoopScope(_Scope):
                 tokens_removed=tokens_removed,
                 messages_removed=messages_removed,
                 memo=memo,
-                pruned_timestamps=tuple(pruned_timestamps),
+                pruned_timestamps=timestamps,
                 timestamp=loop.now(),
             )
         )
@@ -1090,13 +1127,19 @@ class LoopScope(_Scope):
     ) -> None:
         """Record a ``RevertApplied`` (the context rolled back to `target`)."""
         self._require_running()
+        check_choice("category", category, _REVERT_CATEGORIES)
+        node_ids = check_counts("abandoned_node_ids", abandoned_node_ids)
+        check_instance("applied", applied, bool, "bool")
+        check_unsigned("target", target, optional=True)
+        check_type("summary", summary, str, optional=True)
+        check_type("reason", reason, str, optional=True)
         loop = self._loop
         loop.emit(
             RevertApplied(
                 loop_id=self.loop_id,
                 category=category,
                 target=target,
-                abandoned_node_ids=tuple(abandoned_node_ids),
+                abandoned_node_ids=node_ids,
                 summary=summary,
                 applied=applied,
                 reason=reason,
@@ -1239,6 +1282,7 @@ class TurnScope(_Scope):
         """Emit the turn's ``TurnRequest`` (the fully assembled request to the model)."""
         if not self._running:
             raise _not_running(self)
+        check_type("payload", payload, AnnotatedRequestPayload)
         loop = self._loop
         loop.emit(
             TurnRequest(loop_id=loop.loop_id, turn_index=self.index, payload=payload, timestamp=loop.now())
@@ -1258,6 +1302,8 @@ class TurnScope(_Scope):
             raise _not_running(self)
         if self._message is not None and self._message.running:
             raise InstrumentationError("the turn's previous assistant message is still open")
+        check_type("model", model, str, optional=True)
+        check_type("provider", provider, str, optional=True)
         config = self._loop.config
         scope = MessageScope(
             self._loop,
@@ -1280,9 +1326,12 @@ class TurnScope(_Scope):
         if not self._running:
             raise _not_running(self)
         if call is not None:
+            check_type("call", call, ToolCall)
             id, name, args = call.id, call.name, call.arguments
         if id is None or name is None:
             raise TypeError("tool() needs a ToolCall or both id= and name=")
+        check_type("id", id, str)
+        check_type("name", name, str)
         return ToolScope(self._loop, self._turn, id, name, args)
 
     def end(self, error: BaseException | str | None = None) -> None:
@@ -1460,12 +1509,16 @@ class MessageScope(_Scope):
         if not self._running:
             raise _not_running(self)
         if message is None:
-            blocks = self._streamed() if content is None else _content(content)
-            if tool_calls:
-                blocks = (*blocks, *tool_calls)
+            blocks = self._streamed() if content is None else _content("content", content)
+            calls = check_each("tool_calls", tool_calls, ToolCall, "ToolCall")
+            if calls:
+                blocks = (*blocks, *calls)
+            check_usage("usage", usage, optional=True)
+            check_type("error_message", error_message, str, optional=True)
             if stop_reason is None:
-                calls = tool_calls or any(type(b) is ToolCall for b in blocks)
-                stop_reason = "toolUse" if calls else "stop"
+                stop_reason = "toolUse" if calls or any(type(b) is ToolCall for b in blocks) else "stop"
+            else:
+                check_choice("stop_reason", stop_reason, _STOP_REASONS)
             message = AssistantMessage(
                 content=blocks,
                 stop_reason=stop_reason,
@@ -1475,6 +1528,8 @@ class MessageScope(_Scope):
                 timestamp=self._loop.millis(),
                 error_message=error_message,
             )
+        else:
+            check_type("message", message, AssistantMessage)
         recorded = message
         owned = _owned_calls(message.content, self._loop.outlet.copy_failures)
         if owned is not message.content:
@@ -1564,7 +1619,7 @@ class ToolScope(_Scope):
             return
         loop = self._loop
         if not isinstance(partial, ToolResult):
-            partial = ToolResult(content=_content(partial), details=details)
+            partial = ToolResult(content=_content("partial", partial), details=details)
         if partial.details is not None:
             partial = replace(
                 partial, details=_own_copy(partial.details, loop.outlet.copy_failures, _DETAILS)
@@ -1582,6 +1637,7 @@ class ToolScope(_Scope):
         """A progress note (``ProgressMessage``)."""
         if not self._running and not self._still_open("progress"):
             return
+        check_type("text", text, str)
         loop = self._loop
         loop.emit(
             ProgressMessage(
@@ -1596,13 +1652,13 @@ class ToolScope(_Scope):
         """The tool's successful result (emitted when the scope ends)."""
         if not self._running and not self._still_open("result"):
             return
-        self._outcome = (_content(content), details, False)
+        self._outcome = (_content("content", content), details, False)
 
     def error(self, content: str | Sequence[Content], details: Any = None) -> None:
         """The tool's error result (emitted when the scope ends); the loop goes on."""
         if not self._running and not self._still_open("error"):
             return
-        self._outcome = (_content(content), details, True)
+        self._outcome = (_content("content", content), details, True)
 
     def sub_agent(
         self,
@@ -1624,6 +1680,9 @@ class ToolScope(_Scope):
         as the result can name only one child loop (the first).
         """
         self._require_running()
+        check_type("config", config, LoopConfigSnapshot, optional=True)
+        check_type("agent", agent, AgentSession, optional=True)
+        check_type("config_id", config_id, str, optional=True)
         loop = self._loop
         config = config if config is not None else loop.config
         if config_id is None:
@@ -1702,7 +1761,7 @@ class ToolScope(_Scope):
         try:
             content, details, is_error = self._outcome
             if error is not None:
-                content, is_error = _content(f"{self.tool_name} failed: {_describe(error)}"), True
+                content, is_error = (TextContent(text=f"{self.tool_name} failed: {_describe(error)}"),), True
             loop = self._loop
             child = self._child_loop_id
             result = ToolResult(
@@ -1743,6 +1802,8 @@ class CompactionScope(_Scope):
     __slots__ = ("_after", "_cut", "_loop", "estimated_tokens", "message_count")
 
     def __init__(self, loop: _LoopState, estimated_tokens: int, message_count: int) -> None:
+        check_unsigned("estimated_tokens", estimated_tokens)
+        check_unsigned("message_count", message_count)
         super().__init__()
         self._loop = loop
         self.estimated_tokens = estimated_tokens
@@ -1769,6 +1830,9 @@ class CompactionScope(_Scope):
     def done(self, *, messages_after: int, estimated_tokens_after: int, loops_compacted: int = 1) -> None:
         """The result of the compaction (emitted when the scope ends)."""
         self._require_running()
+        check_unsigned("messages_after", messages_after)
+        check_unsigned("estimated_tokens_after", estimated_tokens_after)
+        check_unsigned("loops_compacted", loops_compacted)
         self._after = (messages_after, estimated_tokens_after, loops_compacted)
 
     def end(self, error: BaseException | str | None = None) -> None:
@@ -1845,19 +1909,21 @@ class ParallelGroup(_Scope):
     def branch(self, index: int) -> LoopScope:
         """The loop of branch `index` (0-based, in config order); start it with ``with``."""
         self._require_running()
-        return self.branches[index]
+        return self.branches[self._position("index", index)]
 
     def select(self, winner: int | str, *, evaluation_usage: Usage = ZERO_USAGE) -> LoopScope:
         """Choose the winning branch (by loop id, or by index as `branch` takes it: a
         negative one counts from the end); emits ``ParallelLoopEnd``."""
         self._require_running()
+        check_instance("winner", winner, (int, str), "int or str")
+        check_usage("evaluation_usage", evaluation_usage)
         if isinstance(winner, str):
             ids = self.loop_ids
             if winner not in ids:
-                raise ValueError(f"{winner!r} is not a branch of this group")
+                raise InvalidArgument(f"{winner!r} is not a branch of this group")
             index = ids.index(winner)
-        else:  # the index recorded is the branch's position (phi-core refuses one below 0)
-            index = range(len(self.branches))[winner]
+        else:
+            index = self._position("winner", winner)
         chosen = self.branches[index]
         agent = self._agent
         self._outlet.emit(
@@ -1873,6 +1939,15 @@ class ParallelGroup(_Scope):
         agent.set_last_loop(chosen.loop_id)
         self._close()
         return chosen
+
+    def _position(self, name: str, index: int) -> int:
+        """The position of branch `index`, a negative one counting from the end (the
+        position is what is recorded: phi-core refuses an index below 0)."""
+        check_type(name, index, int)
+        count = len(self.branches)
+        if not -count <= index < count:
+            raise InvalidArgument(f"{name}: no branch {index} in a group of {count}")
+        return index % count
 
     def end(self, error: BaseException | str | None = None) -> None:
         """Close the group; without a `select`, no winner is recorded."""
