@@ -922,3 +922,34 @@ def test_a_remembered_content_that_cannot_change_leaves_the_collector() -> None:
     entries = {id(entry[0]): entry for entry in redactor._memo.values()}
     assert not gc.is_tracked(entries[id(text.content)])
     assert gc.is_tracked(entries[id(call.content)])  # its arguments are compared on every hit
+
+
+@pytest.mark.parametrize("redact", [1, "true", "yes", "no", None])
+def test_redact_takes_a_bool_or_a_redactor_and_nothing_else(redact: object) -> None:
+    # Only `True` turned the redactor on: a truthy value read from a config file silently
+    # recorded every secret.
+    with pytest.raises(TypeError, match="redact must be a bool or a Redactor"):
+        Tracer(redact=redact)  # type: ignore[arg-type]
+
+
+def test_a_processor_that_cannot_be_called_is_refused_at_once() -> None:
+    # It withheld the content of every event of the run.
+    with pytest.raises(TypeError, match=r"processors\[1\] must be callable, not int"):
+        Tracer(processors=[lambda event: event, 5])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"processors\[0\] must be callable, not str"):
+        ProcessorChain(["redact"])  # type: ignore[list-item]
+
+
+def test_a_redactors_patterns_and_fields_are_checked() -> None:
+    # A lone string was taken as patterns, one per letter; a pattern of another type replaced
+    # the defaults, which then caught no secret.
+    with pytest.raises(TypeError, match=r"patterns must be a sequence of str or re\.Pattern, not str"):
+        Redactor(patterns=r"sk-\w+")
+    with pytest.raises(TypeError, match=r"extra_patterns\[0\] must be str or re\.Pattern, not int"):
+        Redactor(extra_patterns=[5])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="fields must be a sequence of str, not str"):
+        Redactor(fields="api_key")
+    with pytest.raises(TypeError, match="redact_text must be bool, not str"):
+        Redactor(redact_text="yes")  # type: ignore[arg-type]
+    with pytest.raises(ps.InvalidArgument, match="patterns: not a regular expression"):
+        Redactor(extra_patterns=["("])

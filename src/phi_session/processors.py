@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from msgspec.structs import replace
 
+from ._checks import check_callable, check_instance
 from ._failures import FailureTally
 from .codec import EVENT_CLASSES
 from .events import (
@@ -187,6 +188,7 @@ class ProcessorChain:
 
     def __init__(self, processors: Iterable[Processor] = ()) -> None:
         self.processors: tuple[Processor, ...] = tuple(processors)
+        check_processors(self.processors)
         self._failures = FailureTally(
             logger, "processor", "its events are recorded with content withheld", traceback=False
         )
@@ -264,9 +266,23 @@ class ProcessorChain:
         return self._failures.counts
 
 
+def check_processors(processors: Sequence[object]) -> None:
+    """`TypeError` unless every processor is callable: one that is not would withhold the
+    content of every event."""
+    for index, processor in enumerate(processors):
+        check_callable(f"processors[{index}]", processor)
+
+
+def check_redact(redact: object) -> None:
+    """`TypeError` unless `redact` is a bool or a `Redactor`: a truthy ``"yes"`` or ``1``
+    must not turn redaction off."""
+    check_instance("redact", redact, (bool, Redactor), "a bool or a Redactor")
+
+
 def default_processors(redact: bool | Redactor, processors: Sequence[Processor]) -> ProcessorChain:
     """The chain a `Tracer` runs: the user's processors, then the redactor (last, so
     that nothing a processor adds escapes it)."""
+    check_redact(redact)
     chain = list(processors)
     if redact is True:
         chain.append(Redactor())

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import msgspec
 from msgspec.structs import replace
 
+from ._checks import check_each, check_instance, check_type
 from .codec import json_form
 from .errors import InvalidArgument
 from .events import (
@@ -104,6 +105,9 @@ DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
     + r"))[^&#\s\"',;]+",
 )
 """Regular expressions whose matches are secrets (only the secret part is replaced)."""
+
+
+_PATTERN_TYPES = (str, re.Pattern)
 
 
 def _alternation(patterns: Iterable[str | re.Pattern[str]]) -> re.Pattern[str]:
@@ -238,12 +242,19 @@ class Redactor:
         replacement: str = REDACTED,
         redact_text: bool = False,
     ) -> None:
+        # Checked here: a pattern or field of another type (a lone string, iterated as its
+        # letters) would leave the secrets it was meant to catch in place.
+        extra = check_each("extra_patterns", extra_patterns, _PATTERN_TYPES, "str or re.Pattern")
         if patterns is DEFAULT_SECRET_PATTERNS:
             self._default: re.Pattern[str] | None = _DEFAULT_PATTERN
-            custom = list(extra_patterns)
+            custom = list(extra)
         else:
             self._default = None
-            custom = [*patterns, *extra_patterns]
+            custom = [*check_each("patterns", patterns, _PATTERN_TYPES, "str or re.Pattern"), *extra]
+        fields = check_each("fields", fields, str, "str")
+        extra_fields = check_each("extra_fields", extra_fields, str, "str")
+        check_type("replacement", replacement, str)
+        check_instance("redact_text", redact_text, bool, "bool")
         self._custom = _custom_alternation(custom) if custom else None
         # Only the anchored defaults apply: a plain string without an anchor is clean.
         self._anchored_only = self._custom is None and self._default is not None
