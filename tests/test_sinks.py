@@ -349,3 +349,35 @@ def test_sink_and_processor_failures_share_one_accounting(caplog: pytest.LogCapt
     assert len(messages) == 2
     assert messages[0].startswith("processor ") and "failed with ValueError" in messages[0]
     assert messages[1].startswith("sink ") and "failed with RuntimeError" in messages[1]
+
+
+def test_a_jsonl_sink_refuses_a_file_it_cannot_write_lines_of_bytes_to(tmp_path: Path) -> None:
+    # A text-mode file refused every line (logged once): the run's file stayed empty.
+    with open(tmp_path / "events.jsonl", "w") as text_file:
+        with pytest.raises(TypeError, match="target must be a path or a binary file, not TextIOWrapper"):
+            JsonlSink(text_file)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="target must be a path or a binary file, not int"):
+        JsonlSink(5)  # type: ignore[arg-type]
+    (tmp_path / "read.jsonl").write_bytes(b"")
+    with open(tmp_path / "read.jsonl", "rb") as read_only:
+        with pytest.raises(ps.InvalidArgument, match="not open for writing"):
+            JsonlSink(read_only)
+    closed = io.BytesIO()
+    closed.close()
+    with pytest.raises(ps.InvalidArgument, match="not open for writing"):
+        JsonlSink(closed)
+
+
+def test_sinks_refuse_what_they_cannot_deliver_to_at_once() -> None:
+    with pytest.raises(TypeError, match=r"recorder must be a recorder \(with on_event\), not int"):
+        RecorderSink(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="target must be callable, not int"):
+        CallableSink(5)  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(TypeError, match="queue must be Queue, not list"):
+            QueueSink([], loop=loop)  # type: ignore[arg-type]
+        with pytest.raises(ps.InvalidArgument, match="unbounded"):
+            QueueSink(asyncio.Queue(maxsize=1), loop=loop)
+    finally:
+        loop.close()

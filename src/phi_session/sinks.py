@@ -20,6 +20,7 @@ not even build them.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import stat
@@ -27,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import IO, Any, Protocol, TypeVar, Union, cast, runtime_checkable
 
+from ._checks import check_callable, check_type
 from ._failures import FailureTally
 from ._jsonl import ends_mid_line
 from .codec import encode_event
@@ -97,6 +99,7 @@ class CallableSink:
     __slots__ = ("_close", "_flush", "target", "wants_deltas")
 
     def __init__(self, target: Callable[[AgentEvent], Any]) -> None:
+        check_callable("target", target)
         self.target = target
         self.wants_deltas = bool(getattr(target, "wants_deltas", True))
         self._flush: Callable[[], Any] | None = getattr(target, "flush", None)
@@ -124,6 +127,8 @@ class RecorderSink:
     __slots__ = ("recorder",)
 
     def __init__(self, recorder: EventRecorder) -> None:
+        if not callable(getattr(recorder, "on_event", None)):
+            raise TypeError(f"recorder must be a recorder (with on_event), not {type(recorder).__name__}")
         self.recorder = recorder
 
     @property
@@ -182,6 +187,7 @@ class QueueSink:
     ) -> None:
         if not isinstance(queue, _PutQueue):
             raise TypeError(f"queue must be an asyncio.Queue, not {type(queue).__name__}")
+        check_type("loop", loop, asyncio.AbstractEventLoop, optional=True)
         if queue.maxsize > 0:
             raise InvalidArgument(
                 "QueueSink needs an unbounded asyncio.Queue (maxsize=0): a full queue would drop events"
@@ -247,7 +253,7 @@ class JsonlSink:
             self._owned = True
             self._torn = _ends_mid_line(target, self.file)
         else:
-            self.file = target
+            self.file = _binary_writer(target)
             self._owned = False
         self.fsync = fsync
         self._lock = threading.Lock()
@@ -277,6 +283,19 @@ class JsonlSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _binary_writer(target: object) -> IO[bytes]:
+    """`target`, a file object `JsonlSink` can write its lines of bytes to: checked here,
+    as a sink that fails on every event records nothing (a text-mode file refuses bytes)."""
+    if isinstance(target, io.TextIOBase) or not (
+        callable(getattr(target, "write", None)) and callable(getattr(target, "flush", None))
+    ):
+        raise TypeError(f"target must be a path or a binary file, not {type(target).__name__}")
+    writable = getattr(target, "writable", None)
+    if getattr(target, "closed", False) is True or (callable(writable) and not writable()):
+        raise InvalidArgument("target: the file is not open for writing")
+    return cast("IO[bytes]", target)
 
 
 def _ends_mid_line(path: str | os.PathLike[str], appending: IO[bytes]) -> bool:
