@@ -1116,3 +1116,10 @@ def test_a_journal_appends_events_only(tmp_path: Path) -> None:
             with pytest.raises(TypeError, match="append\\(\\) takes an event, not"):
                 journal.append(value)  # type: ignore[arg-type]
         assert journal.last_seq == -1
+
+
+def test_a_journals_arguments_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="journal must be Journal, not int"):
+        JournaledRecorder(5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="durability must be one of"):
+        Journal(tmp_path / "j", durability="never")  # type: ignore[arg-type]

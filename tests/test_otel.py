@@ -1341,3 +1341,11 @@ def test_a_loop_whose_model_call_stands_in_for_it_bills_every_turn() -> None:
     [loop] = [loop for session in recorder.drain_completed() for loop in session.loops]
     assert loop.turn_count() == 3
     assert (loop.usage.input, loop.usage.output) == (300, 30)
+
+
+def test_an_export_sink_refuses_an_exporter_that_cannot_export() -> None:
+    # Every session recorded was then given up at export.
+    with pytest.raises(TypeError, match="exporter must be a SpanExporter, not int"):
+        OtelExportSink(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="capture_content must be bool, not str"):
+        OtelExportSink(InMemorySpanExporter(), capture_content="yes")  # type: ignore[arg-type]

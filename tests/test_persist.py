@@ -785,3 +785,17 @@ def test_recovery_keeps_a_parallel_group_saved_while_another_session_held_the_jo
         ("P.a.1", "P.b.2"),
         ("P.a.1", "P.b.2"),
     ]
+
+
+def test_an_auto_persisting_recorders_arguments_are_checked_before_it_starts(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="store must be a SessionStore \\(or another SaveTarget\\), not int"):
+        AutoPersistingRecorder(5)  # type: ignore[arg-type]
+    store = JsonDirStore(tmp_path / "store")
+    with pytest.raises(TypeError, match="journal must be a Journal, a path or None, not int"):
+        AutoPersistingRecorder(store, journal=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="config must be SessionRecorderConfig or None, not int"):
+        AutoPersistingRecorder(store, config=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="checkpoint_every must be int, not str"):
+        AutoPersistingRecorder(store, checkpoint_every="10")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="checkpoint_interval must be a number of seconds > 0"):
+        AutoPersistingRecorder(store, checkpoint_interval=-1)

@@ -556,3 +556,18 @@ def test_recovery_retries_a_busy_store_instead_of_failing(tmp_path: Path, clock:
     assert clock.pauses == [0.05, 0.1, 0.2]
     assert sorted(store.list_ids()) == ["s0000000", "s0000001", "s0000002"]
     assert list((tmp_path / "j").glob("*.wal")) == []
+
+
+def test_a_saver_refuses_what_it_cannot_save_into_at_once(tmp_path: Path) -> None:
+    # Every session drained into a path (or anything else without save) was lost.
+    with pytest.raises(TypeError, match="store must be a SessionStore \\(or another SaveTarget\\), not str"):
+        SessionSaver(str(tmp_path / "sessions.db"))  # type: ignore[arg-type]
+    store = MemoryStore()
+    with pytest.raises(TypeError, match="orphans must be callable or None, not int"):
+        SessionSaver(store, orphans=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="retry_for must be a number of seconds, not str"):
+        SessionSaver(store, retry_for="10")  # type: ignore[arg-type]
+    with pytest.raises(ps.InvalidArgument, match="retry_for must be a number of seconds >= 0, got -1"):
+        SessionSaver(store, retry_for=-1)
+    with pytest.raises(TypeError, match="recorder must be SessionRecorder, not int"):
+        SessionSaver(store).drain(5)  # type: ignore[arg-type]

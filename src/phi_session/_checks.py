@@ -23,6 +23,7 @@ __all__ = [
     "check_counts",
     "check_each",
     "check_instance",
+    "check_seconds",
     "check_type",
     "check_unsigned",
     "check_usage",
@@ -86,6 +87,19 @@ def check_unsigned(name: str, value: object, *, optional: bool = False) -> None:
     check_type(name, value, int, optional=optional)
     if isinstance(value, int) and not 0 <= value <= _U64_MAX:
         raise InvalidArgument(f"{name}: expected a count from 0 to 2**64-1; got {value}")
+
+
+def check_seconds(name: str, value: object, *, optional: bool = False, positive: bool = False) -> None:
+    """`TypeError` unless `value` is a number (or None when `optional`); `InvalidArgument`
+    if it is negative (or zero, when `positive`) or NaN."""
+    if value is None and optional:
+        return
+    check_instance(
+        name, value, (int, float), "a number of seconds or None" if optional else "a number of seconds"
+    )
+    if not (value > 0 if positive else value >= 0):  # type: ignore[operator]  # also refuses NaN
+        bound = "> 0" if positive else ">= 0"
+        raise InvalidArgument(f"{name} must be a number of seconds {bound}, got {value!r}")
 
 
 def check_counts(name: str, values: Iterable[int]) -> tuple[int, ...]:

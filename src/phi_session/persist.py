@@ -45,6 +45,7 @@ from typing import cast
 
 import msgspec
 
+from ._checks import check_instance, check_seconds, check_type
 from ._exit import ExitHook
 from .errors import InvalidArgument, PhiSessionError, StoreError
 from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
@@ -52,7 +53,7 @@ from .journal import Journal, JournaledRecorder, RecoveryReport, recover
 from .messages import ImageContent, TextContent, ThinkingContent
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
-from .saver import SaveTarget, SessionSaver
+from .saver import SaveTarget, SessionSaver, check_save_target
 
 __all__ = ["DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder", "held_bytes"]
 
@@ -173,10 +174,18 @@ class AutoPersistingRecorder:
         retry_for: float = 30.0,
         warn_after: float = 5.0,
     ) -> None:
+        check_save_target(store)
+        check_instance(
+            "journal", journal, (Journal, str, os.PathLike, type(None)), "a Journal, a path or None"
+        )
+        check_type("config", config, SessionRecorderConfig, optional=True)
+        check_type("checkpoint_every", checkpoint_every, int)
+        check_type("max_pending_bytes", max_pending_bytes, int)
         if checkpoint_every < 1 or max_pending_bytes < 1:
             raise InvalidArgument("checkpoint_every and max_pending_bytes must be at least 1")
-        if checkpoint_interval is not None and checkpoint_interval <= 0:
-            raise InvalidArgument("checkpoint_interval must be positive or None")
+        check_seconds("checkpoint_interval", checkpoint_interval, optional=True, positive=True)
+        check_seconds("retry_for", retry_for)
+        check_seconds("warn_after", warn_after)
         self.store = store
         self.recorder = SessionRecorder(config)
         self.journal = journal if isinstance(journal, Journal) or journal is None else Journal(journal)

@@ -47,10 +47,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ._checks import check_type
+from ._checks import check_callable, check_seconds, check_type
 from .errors import (
     ExportError,
-    InvalidArgument,
     InvalidSessionId,
     SessionLocked,
     StoredSessionUnusable,
@@ -122,6 +121,13 @@ class BatchStore(Protocol):
     def save_many(self, sessions: Sequence[Session]) -> None: ...
 
 
+def check_save_target(store: object) -> None:
+    """`TypeError` unless `store` can be saved into (a `SaveTarget`, such as a `SessionStore`):
+    checked where it is given, as every session saved into anything else is lost."""
+    if not (callable(getattr(store, "save", None)) and callable(getattr(store, "asave", None))):
+        raise TypeError(f"store must be a SessionStore (or another SaveTarget), not {type(store).__name__}")
+
+
 def _check_session(session: object) -> None:
     if not isinstance(session, Session):
         raise TypeError(f"expected a Session, got {type(session).__name__}")
@@ -151,8 +157,9 @@ class SessionSaver:
         retry_for: float = 10.0,
         on_saved: Callable[[Session], object] | None = None,
     ) -> None:
-        if not retry_for >= 0:
-            raise InvalidArgument(f"retry_for must be a number of seconds >= 0, got {retry_for!r}")
+        check_save_target(store)
+        check_callable("orphans", orphans, optional=True)
+        check_seconds("retry_for", retry_for)
         self.store = store
         self.retry_for = retry_for
         self._orphans = orphans

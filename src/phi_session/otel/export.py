@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from .._checks import check_instance, check_type
 from ..codec import encode_event, encode_record, escape_surrogates, json_text, without_lone_surrogates
 from ..errors import ExportError, StoreError
 from ..events import (
@@ -635,6 +636,10 @@ class OtelExportSink:
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         retry_for: float = 30.0,
     ) -> None:
+        if not callable(getattr(exporter, "export", None)):
+            raise TypeError(f"exporter must be a SpanExporter, not {type(exporter).__name__}")
+        check_instance("capture_content", capture_content, bool, "bool")
+        check_type("resource", resource, Resource, optional=True)
         self.exporter = exporter
         self.capture_content = capture_content
         self.resource = resource
