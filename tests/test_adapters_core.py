@@ -39,7 +39,7 @@ from phi_session.adapters import (
 )
 from phi_session.adapters._core import jsonable
 from phi_session.adapters._sessions import SessionBook
-from phi_session.errors import MissingExtra
+from phi_session.errors import InvalidArgument, MissingExtra
 from phi_session.messages import ToolCall
 from phi_session.stores.base import validate_session_id
 
@@ -685,3 +685,37 @@ def test_concurrent_runs_across_sessions_never_reuse_a_loop_id() -> None:
         numbers = sorted(int(loop.loop_id.rsplit(".", 1)[1]) for loop in session.loops)
         assert numbers == list(range(1, len(session.loops) + 1))
     assert sum(len(session.loops) for session in recorder.sessions()) == 200
+
+
+def test_an_adapters_arguments_are_checked_before_its_store_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A path given as the store was taken in: every run was lost at its first save.
+    monkeypatch.chdir(tmp_path)  # where the embedded store would be opened
+    with pytest.raises(TypeError, match="store must be SessionStore or None, not str"):
+        AdapterCore("fake-fw", store="sessions.db")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="redact must be a bool or a Redactor, not str"):
+        AdapterCore("fake-fw", redact="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"processors\[0\] must be callable, not int"):
+        AdapterCore("fake-fw", processors=[5])  # type: ignore[list-item]
+    with pytest.raises(InvalidArgument, match="rotate_after must be a number of seconds >= 0"):
+        AdapterCore("fake-fw", rotate_after=-1)
+    with pytest.raises(TypeError, match="framework must be str, not int"):
+        AdapterCore(5)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []  # no store was opened
+
+
+@pytest.mark.parametrize(
+    ("counts", "error", "message"),
+    [
+        ((1.5, 2), TypeError, "usage.input must be int, not float"),
+        ((-1, 2), InvalidArgument, "usage.input: expected a count"),
+        ((1, 2, "3"), TypeError, "usage.cache_read must be int, not str"),
+    ],
+)
+def test_a_frameworks_usage_that_is_no_count_is_refused(
+    counts: tuple[object, ...], error: type[Exception], message: str
+) -> None:
+    input, output, *cache_read = counts
+    with pytest.raises(error, match=message):
+        usage_of(input, output, cache_read=cache_read[0] if cache_read else 0)  # type: ignore[arg-type]

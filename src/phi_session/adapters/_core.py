@@ -54,10 +54,11 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from .._checks import check_type
+from .._checks import check_callable, check_instance, check_seconds, check_type, check_usage
 from .._failures import FailureTally
 from ..codec import escape_surrogates
 from ..errors import (
+    InvalidArgument,
     InvalidSessionId,
     MissingExtra,
     SessionNotFound,
@@ -73,7 +74,7 @@ from ..messages import (
     Usage,
 )
 from ..model import Session
-from ..processors import Processor, Redactor
+from ..processors import Processor, Redactor, check_processors, check_redact
 from ..replay import (
     Lineage,
     ReplayCursor,
@@ -241,9 +242,11 @@ def usage_of(
     reasoning: int | None = 0,
     total: int | None = None,
 ) -> Usage:
-    """One model response's `Usage` from a framework's counters (None counts as 0)."""
+    """One model response's `Usage` from a framework's counters (None counts as 0).
+    `TypeError` or `InvalidArgument` for a counter that is no count (a float, a negative
+    number), which no store could load again."""
     input, output = input or 0, output or 0
-    return Usage(
+    usage = Usage(
         input=input,
         output=output,
         cache_read=cache_read or 0,
@@ -251,6 +254,8 @@ def usage_of(
         reasoning=reasoning or 0,
         total_tokens=total or input + output,
     )
+    check_usage("usage", usage)
+    return usage
 
 
 class ConvertedOnce(Generic[_F]):
@@ -393,9 +398,20 @@ class AdapterCore:
         capture_requests: bool = False,
         max_idle_sessions: int = 4096,
     ) -> None:
+        # All checked before the embedded store is opened (a store given as a path, say,
+        # would lose every run at its first save).
+        check_type("framework", framework, str)
+        check_type("store", store, SessionStore, optional=True)
+        check_type("agent", agent, AgentSession, optional=True)
+        check_callable("clock", clock, optional=True)
+        check_seconds("rotate_after", rotate_after, optional=True)
+        processors = list(processors)
+        check_processors(processors)
+        check_redact(redact)
+        check_instance("capture_requests", capture_requests, bool, "bool")
         check_type("max_idle_sessions", max_idle_sessions, int)
         if max_idle_sessions < 0:
-            raise ValueError(f"max_idle_sessions must be >= 0, got {max_idle_sessions}")
+            raise InvalidArgument(f"max_idle_sessions must be >= 0, got {max_idle_sessions}")
         self.framework = framework
         self.capture_requests = capture_requests
         self.failures = FailureTally(
@@ -412,13 +428,13 @@ class AdapterCore:
         # plugin closed with its runner, then given to the next one).
         self._rejoin: tuple[SessionStore | None, list[Processor], bool | Redactor] | None = None
         if sink is None:
-            self._rejoin = (store, list(processors), redact)
+            self._rejoin = (store, processors, redact)
             self._join_embedded(*self._rejoin)
         else:
             sinks = [sink] if callable(sink) or not isinstance(sink, Iterable) else list(sink)
             self._book = book_for_sinks(sinks, max_idle_sessions)
             self.store = store
-            self.tracer = Tracer(self.agent, sinks=sinks, processors=list(processors), redact=redact)
+            self.tracer = Tracer(self.agent, sinks=sinks, processors=processors, redact=redact)
 
     def _join_embedded(
         self, store: SessionStore | None, processors: list[Processor], redact: bool | Redactor
