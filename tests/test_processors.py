@@ -19,6 +19,7 @@ import phi_session as ps
 from phi_session.identity import AgentSession, FakeClock
 from phi_session.instrument import Tracer
 from phi_session.messages import NodeTag, TextFormat
+from phi_session.model import REPLAYED_TAG, mark_replayed
 from phi_session.processors import REDACTED, ProcessorChain, Redactor, withhold
 from phi_session.recorder import SessionRecorder
 
@@ -452,6 +453,24 @@ def test_withhold_removes_every_piece_of_content_from_every_event_type() -> None
     assert isinstance(start, ps.AgentStart) and start.metadata == {"withheld": "[note]"}
     end = withhold(events[1], "[note]")
     assert isinstance(end, ps.AgentEnd) and end.rejection == "[note]" and end.usage == events[1].usage  # type: ignore[union-attr]
+
+
+def test_withhold_keeps_the_tag_of_a_reply_a_replay_served() -> None:
+    # Billing reads it: a withheld replayed reply must not be billed as a model call.
+    served = mark_replayed(
+        ps.AssistantMessage(
+            content=(ps.TextContent(text=MARK),),
+            stop_reason="stop",
+            model="m",
+            provider="p",
+            usage=ps.Usage(input=1, output=1),
+            timestamp=1,
+            tags=(NodeTag(kind="lesson", text=MARK, created_at_turn=0, abandoned_node_ids=()),),
+        )
+    )
+    kept = withhold(ps.MessageEnd(loop_id="l", message=served), "[note]")
+    assert isinstance(kept, ps.MessageEnd) and kept.message.tags == (REPLAYED_TAG,)
+    assert MARK.encode() not in ps.encode(kept)
 
 
 def emitted_lines(scenario: Any, **options: Any) -> bytes:

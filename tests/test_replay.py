@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 
 from phi_session.adapters import AdapterCore
 from phi_session.codec import decode_messages
+from phi_session.cost import Pricer
+from phi_session.diff import diff_loops
 from phi_session.errors import (
     InvalidArgument,
     LoopNotFound,
@@ -34,6 +36,7 @@ from phi_session.events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSna
 from phi_session.identity import AgentSession, FakeClock
 from phi_session.instrument import LoopScope, Tracer
 from phi_session.messages import (
+    ZERO_USAGE,
     AgentMessage,
     AnnotatedRequestPayload,
     AssistantMessage,
@@ -45,7 +48,7 @@ from phi_session.messages import (
     Usage,
     UserMessage,
 )
-from phi_session.model import LoopRecord, Session
+from phi_session.model import LoopRecord, Session, is_replayed
 from phi_session.recorder import SessionRecorder
 from phi_session.replay import (
     Divergence,
@@ -217,10 +220,12 @@ class World:
 
 
 def view(message: AgentMessage) -> Any:
-    """A message without its timestamp and turn id (what a replay must reproduce)."""
+    """A message without its timestamp, turn id and tags (what a replay must reproduce; it
+    tags the replies it served)."""
     data = msgspec.to_builtins(message)
     data.pop("timestamp", None)
     data.pop("turnId", None)
+    data.pop("tags", None)
     return data
 
 
@@ -1213,3 +1218,88 @@ def test_tool_arguments_compare_as_json_values() -> None:
             assert problem is not None and problem[0] == "tool_arguments"
         replied = reply("", [msgspec.structs.replace(recorded, arguments=asked)])
         assert (compare_messages([reply("", [recorded])], [replied]) is None) is same, asked
+
+
+# -- billing: a replay's served turns called no model ----------------------------------------------
+
+PRICER = Pricer({"acme/house-model": {"input": 1, "output": 10}}, use_table=False)
+
+
+def usage_sum(usages: Sequence[Usage]) -> Usage:
+    total = ZERO_USAGE
+    for usage in usages:
+        total = total + usage
+    return total
+
+
+def test_a_replay_and_a_fork_bill_the_original_once_and_the_forks_live_turns(world: World) -> None:
+    session, original = world.original()
+    script = ReplayScript.from_session(session)
+    model = RecordedModel(script, tools="recorded")
+
+    def replay_body(tracer: Tracer) -> None:
+        with replay_lineage(script).loop(tracer) as loop:
+            agent(loop, model.next, recorded=model)
+
+    def fork_body(tracer: Tracer) -> None:
+        fork(
+            session,
+            original.loop_id,
+            2,
+            model=counting_model([]),
+            tracer=tracer,
+            tools={"read_file": lambda arguments: FILES[arguments["path"]]},
+        )
+
+    world.record(replay_body)
+    merged = world.record(fork_body)
+    (replay,) = [loop for loop in merged.loops if loop.kind == ContinuationKind.rerun("replay")]
+    (branch,) = [loop for loop in merged.loops if loop.kind == ContinuationKind.branch("fork")]
+
+    # The replay reports the recorded usage (a diff compares like with like), bills none.
+    assert replay.usage == original.usage and replay.reported_usage() == original.usage
+    assert all(is_replayed(turn.output_message) for turn in replay.turns)
+    assert replay.billed_usage() == ZERO_USAGE and replay.model_calls() == []
+    loop_diff = diff_loops(merged, original.loop_id, merged, replay.loop_id)
+    assert loop_diff.identical and loop_diff.usage_delta.is_zero()
+    assert loop_diff.b.usage == original.usage
+    # The fork bills the turns its model answered, not the two it repeated.
+    assert [is_replayed(turn.output_message) for turn in branch.turns] == [True, True, False, False]
+    live = usage_sum([turn.usage for turn in branch.turns[2:]])
+    assert live != ZERO_USAGE and branch.billed_usage() == live
+    assert [call.usage for call in branch.model_calls()] == [turn.usage for turn in branch.turns[2:]]
+    assert not any(is_replayed(turn.output_message) for turn in original.turns)
+
+    billed = original.usage + live
+    assert merged.billed_usage() == billed
+    assert merged.reported_usage() == original.usage + original.usage + branch.usage
+    (summary,) = world.store.query()
+    assert summary.usage == billed
+    (total,) = world.store.usage_totals("model", pricer=PRICER)
+    assert total.usage == billed and total.loops == 3
+    expected = (billed.input * 1 + billed.output * 10) / 1_000_000
+    assert not isinstance(total.cost, msgspec.UnsetType)
+    assert total.cost.usd == pytest.approx(expected)
+    assert PRICER.session(merged).usd == pytest.approx(expected)
+
+
+def test_a_replay_that_falls_back_to_a_live_model_bills_the_live_turns(world: World) -> None:
+    session, original = world.original()
+    script = ReplayScript.from_session(session)
+    model = RecordedModel(script, on_divergence="fallback", tools="live", fallback=counting_model([]))
+
+    def miscount(call: ToolCall) -> str:
+        return "5" if call.name == "word_count" else live_tool(call)
+
+    def body(tracer: Tracer) -> None:
+        with replay_lineage(script).loop(tracer) as loop:
+            agent(loop, model.next, recorded=model, run_tool=miscount)
+
+    merged = world.record(body)
+    replay = new_loop(session, merged)
+    assert model.divergence is not None and model.divergence.turn_index == 2
+    assert [is_replayed(turn.output_message) for turn in replay.turns] == [True, True, False, False]
+    live = usage_sum([turn.usage for turn in replay.turns[2:]])
+    assert replay.billed_usage() == live and replay.usage == usage_sum([t.usage for t in replay.turns])
+    (summary,) = world.store.query()
+    assert summary.usage == original.usage + live

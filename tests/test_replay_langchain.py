@@ -30,7 +30,7 @@ from phi_session import SqliteStore
 from phi_session.adapters.langchain import PhiCallbackHandler, ReplayChatModel
 from phi_session.errors import RecordedModelError, RecordedToolError, ReplayDiverged
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
-from phi_session.model import LoopRecord, Session
+from phi_session.model import LoopRecord, Session, is_replayed
 
 from .test_adapter_langchain import ScriptedChat, reply
 
@@ -135,9 +135,10 @@ def replay(
 
 
 def plain(message: AgentMessage) -> Any:
-    """A message without what differs between two recordings of one run (time, turn ids)."""
+    """A message without what differs between two recordings of one run (time, turn ids, the
+    tag of a reply a replay served)."""
     message = msgspec.structs.replace(message, timestamp=0)
-    return msgspec.structs.replace(message, turn_id=None) if hasattr(message, "turn_id") else message
+    return msgspec.structs.replace(message, turn_id=None, tags=()) if hasattr(message, "turn_id") else message
 
 
 def turns(record: LoopRecord) -> list[tuple[Any, ...]]:
@@ -205,6 +206,12 @@ def test_a_replay_without_model_or_tools_records_the_same_run_as_a_rerun(
     assert turns(replayed) == turns(first)  # messages, tool calls with their ids, results, usage
     assert replayed.usage == first.usage
     assert calls(replayed) == calls(first)
+    # Saved, the session bills the original run once: the replay's replies were served.
+    assert all(is_replayed(turn.output_message) for turn in replayed.turns)
+    (summary,) = store.query()
+    assert summary.usage == first.usage
+    (total,) = store.usage_totals("model")
+    assert total.usage == first.usage and total.loops == 2
 
 
 def test_a_recording_without_requests_replays_against_its_messages(store: SqliteStore) -> None:
@@ -337,6 +344,10 @@ def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
     assert result.content[0].text == "22"  # type: ignore[union-attr]
     forked = fork.turns[2].output_message
     assert isinstance(forked, AssistantMessage) and forked.model == "fake-2"
+    # Saved, the fork bills the other model's two turns, not the two it repeated.
+    assert [is_replayed(turn.output_message) for turn in fork.turns] == [True, True, False, False]
+    (summary,) = store.query()
+    assert summary.usage == first.usage + fork.turns[2].usage + fork.turns[3].usage
     # The fork stands in for the original: its context is its own run, from the prompt.
     context = [plain(m) for m in session.context_at(fork.loop_id)]
     assert context == [plain(m) for m in fork.messages]

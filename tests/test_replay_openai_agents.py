@@ -28,7 +28,7 @@ from phi_session.diff import diff_loops
 from phi_session.errors import RecordedModelError, RecordedToolError, TurnNotFound
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ThinkingContent, ToolCall
-from phi_session.model import LoopRecord, Session
+from phi_session.model import LoopRecord, Session, is_replayed
 from phi_session.replay import ReplayDiverged, ReplayScript, recording_as, replay_lineage
 
 SYSTEM = "You are a calculator."
@@ -138,8 +138,9 @@ def session_of(recorder: SessionRecorder) -> Session:
 
 
 def bare(messages: Sequence[AgentMessage]) -> list[AgentMessage]:
-    """Messages without what differs between two runs of the same conversation."""
-    return [replace(message, timestamp=0, turn_id=None) for message in messages]  # type: ignore[type-var]
+    """Messages without what differs between two runs of the same conversation (time, turn
+    ids, the tag of a reply a replay served)."""
+    return [replace(message, timestamp=0, turn_id=None, tags=()) for message in messages]  # type: ignore[type-var]
 
 
 def calls_of(loop: LoopRecord) -> list[list[ToolCall]]:
@@ -245,7 +246,12 @@ def test_a_replay_with_recorded_tools_equals_the_original(
     assert calls_of(replayed) == calls_of(loop)
     assert [turn.usage for turn in replayed.turns] == [turn.usage for turn in loop.turns]
     assert replayed.usage == loop.usage
-    assert diff_loops(session_of(recorder), loop.loop_id, session_of(recorder), replayed.loop_id).identical
+    loop_diff = diff_loops(session_of(recorder), loop.loop_id, session_of(recorder), replayed.loop_id)
+    assert loop_diff.identical and loop_diff.usage_delta.is_zero()
+    # Every reply was served from the recording: the replay bills no tokens.
+    assert all(is_replayed(turn.output_message) for turn in replayed.turns)
+    assert replayed.billed_usage().total_tokens == 0 and replayed.model_calls() == []
+    assert session_of(recorder).billed_usage() == loop.usage
     thought = replayed.turns[0].output_message.content[0]  # type: ignore[union-attr]
     assert isinstance(thought, ThinkingContent) and thought.thinking == "first, look it up"
     for mine, theirs in zip(replayed.turns, loop.turns, strict=True):
@@ -402,6 +408,9 @@ def test_a_fork_at_turn_2_replays_two_turns_then_runs_the_other_model(
     answer = fork.turns[2].output_message
     assert isinstance(answer, AssistantMessage) and answer.content[0].text == "forked: 3"  # type: ignore[union-attr]
     assert answer.usage.input == 150
+    # The fork bills the other model's turn only: the two before it were served.
+    assert [is_replayed(turn.output_message) for turn in fork.turns] == [True, True, False]
+    assert fork.billed_usage() == answer.usage
     diff = diff_loops(recorded, loop.loop_id, recorded, fork.loop_id)
     assert diff.diverged_turns == [2, 3] and diff.first_divergence is not None  # the fork's answer; no turn 3
     assert diff.first_divergence.turn == 2
@@ -539,6 +548,9 @@ def test_a_handoff_run_replays_whole_by_default(recorder: SessionRecorder) -> No
     assert result.final_output == "B done" and model.cursor.finished
     replayed = session_of(recorder).loops[2:]
     assert [bare(loop.messages) for loop in replayed] == [bare(first.messages), bare(second.messages)]
+    # The loop the handoff started is served from the recording too: neither bills.
+    assert all(is_replayed(turn.output_message) for loop in replayed for turn in loop.turns)
+    assert session_of(recorder).billed_usage() == first.billed_usage() + second.billed_usage()
     # The replay's loops are no run to pick: the default is still the original run.
     assert ReplayScript.from_session(session_of(recorder)).loop_ids == (first.loop_id, second.loop_id)
     # A loop named is that loop alone.

@@ -115,8 +115,9 @@ def session_of(recorder: SessionRecorder) -> Session:
 
 
 def bare(messages: Sequence[AgentMessage]) -> list[AgentMessage]:
-    """Messages without what differs between two runs of the same conversation."""
-    return [replace(message, timestamp=0, turn_id=None) for message in messages]  # type: ignore[type-var]
+    """Messages without what differs between two runs of the same conversation (time, turn
+    ids, the tag of a reply a replay served)."""
+    return [replace(message, timestamp=0, turn_id=None, tags=()) for message in messages]  # type: ignore[type-var]
 
 
 def calls_of(loop: LoopRecord) -> list[list[ToolCall]]:

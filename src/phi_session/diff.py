@@ -188,9 +188,10 @@ class LoopSide(_Result, frozen=True):
 
     `position` is its index in ``session.loops`` (``phi-session show`` numbers it
     ``#position+1``); `continuation` is its kind, ``Branch:tag`` for a tagged one;
-    `model` its config's ``provider/model`` (None without a config); `usage` what it
-    billed (`LoopRecord.billed_usage`: a loop cut off before its end counts its
-    turns); `seconds` its duration (None while it has not ended).
+    `model` its config's ``provider/model`` (None without a config); `usage` what its
+    replies reported (`LoopRecord.reported_usage`: a loop cut off before its end counts
+    its turns; a replay's turns, the recorded usage, though not billed again);
+    `seconds` its duration (None while it has not ended).
     """
 
     session_id: str
@@ -338,7 +339,7 @@ def diff_sessions(a: Session, b: Session) -> SessionDiff:
         only_in_a=only_a,
         only_in_b=only_b,
         first_divergence=first,
-        usage_delta=UsageDelta.between(a.billed_usage(), b.billed_usage()),
+        usage_delta=UsageDelta.between(a.reported_usage(), b.reported_usage()),
     )
 
 
@@ -355,7 +356,7 @@ def _side(session: Session, position: int) -> LoopSide:
         status=record.status,
         model=None if config is None else f"{config.provider}/{config.model}",
         turn_count=len(record.turns),
-        usage=record.billed_usage(),
+        usage=record.reported_usage(),
         seconds=None if record.ended_at is None else record.ended_at - record.started_at,
     )
 

@@ -125,11 +125,13 @@ from .messages import (
     Usage,
     UserMessage,
 )
+from .model import mark_replayed
 from .processors import Processor, ProcessorChain, Redactor, default_processors
 from .sinks import FanOut, SinkLike
 
 if TYPE_CHECKING:
     from .model import Session
+    from .replay.cursor import ReplayCursor
 
 __all__ = [
     "CompactionScope",
@@ -469,7 +471,9 @@ class _LoopState:
         "millis",
         "now",
         "outlet",
+        "replay",
         "scope",
+        "served",
         "turn",
         "usage",
         "wants_deltas",
@@ -482,6 +486,7 @@ class _LoopState:
         agent: AgentSession,
         loop_id: str,
         config: LoopConfigSnapshot | None,
+        replay: ReplayCursor | None = None,
     ) -> None:
         self.scope: LoopScope | None = scope
         self.outlet = outlet
@@ -494,6 +499,10 @@ class _LoopState:
         """The agent's clock in epoch milliseconds (message timestamps)."""
         self.loop_id = loop_id
         self.config = config
+        self.replay = replay
+        """The replay answering the loop's model calls, if any (`Tracer.loop`)."""
+        self.served = replay.turns_served if replay is not None else 0
+        """How many recorded replies `replay` had served by the loop's last finished reply."""
         self.lock = threading.Lock()  # guards the tool bookkeeping of the loop's turns
         self.messages: list[AgentMessage] = []
         """What ``AgentEnd`` will carry: the turns' messages and those emitted outside a turn."""
@@ -787,6 +796,7 @@ class Tracer:
         kind: ContinuationKind | None = None,
         metadata: Any = None,
         config_id: str | None = None,
+        replay: ReplayCursor | None = None,
     ) -> LoopScope:
         """A new loop of the agent's current session (started on ``with`` or `LoopScope.start`).
 
@@ -800,6 +810,11 @@ class Tracer:
           ``DEFAULT`` (the default with it), ``ContinuationKind.rerun(tag)``,
           ``ContinuationKind.branch(tag)`` or ``COMPACTION``. A continuation kind
           without `continues` continues the agent's last loop, as phi-core does.
+        * `replay`: the `phi_session.replay.ReplayCursor` answering the loop's model
+          calls, for an agent that builds its replies itself (a framework adapter's): a
+          reply finished after the cursor served a recorded reply (since the loop's
+          previous reply) is tagged as served (`phi_session.model.REPLAYED_TAG`), so
+          no roll-up bills it.
         """
         check_type("config", config, LoopConfigSnapshot, optional=True)
         check_type("config_id", config_id, str, optional=True)
@@ -818,6 +833,7 @@ class Tracer:
             parent_loop_id=continues,
             kind=kind,
             metadata=metadata,
+            replay=replay,
         )
 
     def parallel(
@@ -951,10 +967,11 @@ class LoopScope(_Scope):
         kind: ContinuationKind,
         metadata: Any,
         first_trigger: TurnTrigger | None = None,
+        replay: ReplayCursor | None = None,
     ) -> None:
         super().__init__()
         self._agent = agent
-        self._loop = _LoopState(self, outlet, agent, loop_id, config)
+        self._loop = _LoopState(self, outlet, agent, loop_id, config, replay)
         self.loop_id = loop_id
         self.session_id = session_id
         self.config = config
@@ -1530,8 +1547,14 @@ class MessageScope(_Scope):
             )
         else:
             check_type("message", message, AssistantMessage)
+        loop = self._loop
+        if loop.replay is not None and loop.replay.turns_served > loop.served:
+            # The replay served a recorded reply since the loop's last one: this is it (a
+            # framework may start the turn only after its model call returned).
+            loop.served = loop.replay.turns_served
+            message = mark_replayed(message)
         recorded = message
-        owned = _owned_calls(message.content, self._loop.outlet.copy_failures)
+        owned = _owned_calls(message.content, loop.outlet.copy_failures)
         if owned is not message.content:
             recorded = replace(message, content=owned)
         self._running, self._ended = False, True  # `_close`, inline

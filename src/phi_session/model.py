@@ -45,11 +45,13 @@ from .messages import (
     AgentMessage,
     AnnotatedRequestPayload,
     AssistantMessage,
+    NodeTag,
     TurnId,
     Usage,
 )
 
 __all__ = [
+    "REPLAYED_TAG",
     "ChildLoopRef",
     "CompactedSection",
     "CompactionBlock",
@@ -67,6 +69,8 @@ __all__ = [
     "Turn",
     "TurnId",
     "TurnRange",
+    "is_replayed",
+    "mark_replayed",
 ]
 
 _T = TypeVar("_T")
@@ -221,6 +225,31 @@ class ModelCall(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 _USAGE_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
 
+REPLAYED_TAG = NodeTag(
+    kind="checkpoint", text="phi-session:replayed", created_at_turn=0, abandoned_node_ids=()
+)
+"""The tag of an assistant reply a replay served from its recording instead of calling a
+model (`phi_session.replay`): its usage is the recorded call's, which no roll-up bills
+again (`LoopRecord.billed_usage`). A message tag is agent metadata, which phi-core keeps
+and never sends to a model."""
+
+
+def is_replayed(message: AgentMessage) -> bool:
+    """Whether `message` is a reply served from a recording (it carries `REPLAYED_TAG`)."""
+    return REPLAYED_TAG in getattr(message, "tags", ())  # extension messages have no tags
+
+
+def mark_replayed(message: AssistantMessage) -> AssistantMessage:
+    """`message` tagged as a reply served from a recording (`REPLAYED_TAG`)."""
+    if REPLAYED_TAG in message.tags:
+        return message
+    return msgspec.structs.replace(message, tags=(*message.tags, REPLAYED_TAG))
+
+
+def _less(usage: Usage, spent: Usage) -> Usage:
+    """`usage` minus `spent`, field by field, never below zero."""
+    return Usage(**{name: max(0, getattr(usage, name) - getattr(spent, name)) for name in _USAGE_FIELDS})
+
 
 class LoopRecord(msgspec.Struct, kw_only=True):
     """A complete record of one agent-loop execution.
@@ -333,27 +362,29 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         return sum(len(turn.tool_results) for turn in self.turns)
 
     def unfinished_usage(self) -> Usage:
-        """The usage of the turn a loop without ``AgentEnd`` was cut off in (zero for the others).
+        """The billed usage of the turn a loop without ``AgentEnd`` was cut off in (zero for the others).
 
         phi-core leaves a loop that never got its ``AgentEnd`` (aborted by ``flush``:
         a stream cut off, a process killed and its journal replayed; or still
         running) with zero ``usage`` and drops its unfinished turn, yet the model
         calls of that turn happened and were billed. Its event log still holds them:
         this is the usage of the assistant messages whose ``MessageEnd`` it holds
-        after its last ``TurnEnd``. Derived from the log, so the record keeps
-        phi-core's bytes. Zero for a loop that reports its usage (`reports_usage`).
+        after its last ``TurnEnd``, but for replies a replay served (`is_replayed`).
+        Derived from the log, so the record keeps phi-core's bytes. Zero for a loop
+        that reports its usage (`reports_usage`).
         """
         total = ZERO_USAGE
         if self.reports_usage():
             return total
-        for usage in self._cut_off_turn()[1]:
-            total = total + usage
+        for reply in self._cut_off_turn()[1]:
+            if not is_replayed(reply):
+                total = total + reply.usage
         return total
 
-    def _cut_off_turn(self) -> tuple[Timestamp | None, list[Usage]]:
-        """The ``TurnStart`` time (None: no TurnStart) and the assistant replies' usages,
-        in order, of the events after the loop's last ``TurnEnd``."""
-        usages: list[Usage] = []
+    def _cut_off_turn(self) -> tuple[Timestamp | None, list[AssistantMessage]]:
+        """The ``TurnStart`` time (None: no TurnStart) and the assistant replies, in order,
+        of the events after the loop's last ``TurnEnd``."""
+        replies: list[AssistantMessage] = []
         turn_start: Timestamp | None = None
         for stored in reversed(self.events):
             event = stored.event
@@ -362,9 +393,9 @@ class LoopRecord(msgspec.Struct, kw_only=True):
             if type(event) is TurnStart and turn_start is None:
                 turn_start = event.timestamp
             elif type(event) is MessageEnd and type(event.message) is AssistantMessage:
-                usages.append(event.message.usage)
-        usages.reverse()
-        return turn_start, usages
+                replies.append(event.message)
+        replies.reverse()
+        return turn_start, replies
 
     def reports_usage(self) -> bool:
         """Whether ``usage`` counts the loop's calls: it was closed by ``AgentEnd``
@@ -373,46 +404,82 @@ class LoopRecord(msgspec.Struct, kw_only=True):
             self.ended_at is not None or self.status in ("Completed", "Rejected") or self.usage != ZERO_USAGE
         )
 
-    def billed_usage(self) -> Usage:
-        """Every token the loop's model calls reported: what every roll-up counts.
+    def reported_usage(self) -> Usage:
+        """Every token the loop's replies reported, the replayed ones' included: what two
+        runs compare (`phi_session.diff`), a replay reporting its recording's usage.
 
         A loop that reports its usage (`reports_usage`): its ``usage``. A loop
         without ``AgentEnd``, whose ``usage`` phi-core leaves at zero: its finished
-        turns' usage plus `unfinished_usage`. Summaries, `Session.total_usage`, the
-        stores' totals and cost all count this, so a cut-off stream is never
-        under-billed: it equals the usage of the assistant ``MessageEnd`` events
-        of its log.
+        turns' usage plus that of the replies of the turn it was cut off in.
         """
         if self.reports_usage():
             return self.usage
-        total = self.unfinished_usage()
+        total = ZERO_USAGE
         for turn in self.turns:
             total = total + turn.usage
+        for reply in self._cut_off_turn()[1]:
+            total = total + reply.usage
         return total
+
+    def replayed_usage(self) -> Usage:
+        """The usage of the replies a replay served from its recording (`is_replayed`): no
+        model was called for them, the recorded call was billed where it was recorded."""
+        total = ZERO_USAGE
+        for turn in self.turns:
+            if is_replayed(turn.output_message):
+                total = total + turn.usage
+        if not self.reports_usage():
+            for reply in self._cut_off_turn()[1]:
+                if is_replayed(reply):
+                    total = total + reply.usage
+        return total
+
+    def billed_usage(self) -> Usage:
+        """Every token the loop's model calls reported: what every roll-up counts.
+
+        `reported_usage` without `replayed_usage` (a replay's served turns called no
+        model; a loop reporting less than they did bills zero, never below). A loop
+        without ``AgentEnd`` thus counts its finished turns and `unfinished_usage`.
+        Summaries, `Session.billed_usage`, the stores' totals and cost all count this,
+        so a cut-off stream is never under-billed and a replay never billed twice.
+        """
+        reported = self.reported_usage()
+        replayed = self.replayed_usage()
+        return reported if replayed == ZERO_USAGE else _less(reported, replayed)
 
     def model_calls(self) -> list[ModelCall]:
         """The loop's model calls with tokens, each with when it started: what cost prices,
         one call at a time. Their usages add up to `billed_usage`.
 
-        A finished turn is one call (one assistant reply), at its ``started_at``. A
-        loop cut off before ``AgentEnd`` adds each assistant ``MessageEnd`` of the turn it
-        was cut off in (`unfinished_usage`), at that turn's ``TurnStart`` (the loop's
-        start without one). A loop that reports more usage than its turns (a reply
-        whose turn never ended, an adapter's own total) adds the difference as one
-        call at its start; one whose turns report more than its usage cannot be split:
-        its usage is then one call at its start.
+        A finished turn is one call (one assistant reply), at its ``started_at``; a turn
+        a replay served is none (`is_replayed`). A loop cut off before ``AgentEnd`` adds
+        each assistant ``MessageEnd`` of the turn it was cut off in (`unfinished_usage`),
+        at that turn's ``TurnStart`` (the loop's start without one). A loop that reports
+        more usage than its turns (a reply whose turn never ended, an adapter's own
+        total) adds the difference as one call at its start; one whose turns report
+        more than its billed usage cannot be split: that usage is then one call at its
+        start.
         """
-        calls = [ModelCall.of(turn.started_at, turn.usage) for turn in self.turns if turn.usage != ZERO_USAGE]
+        calls = [
+            ModelCall.of(turn.started_at, turn.usage)
+            for turn in self.turns
+            if turn.usage != ZERO_USAGE and not is_replayed(turn.output_message)
+        ]
         if not self.reports_usage():
             turn_start, unfinished = self._cut_off_turn()  # what `unfinished_usage` sums
             started_at = self.started_at if turn_start is None else turn_start
-            calls += [ModelCall.of(started_at, usage) for usage in unfinished if usage != ZERO_USAGE]
+            calls += [
+                ModelCall.of(started_at, reply.usage)
+                for reply in unfinished
+                if reply.usage != ZERO_USAGE and not is_replayed(reply)
+            ]
             return calls
-        rest = [getattr(self.usage, name) for name in _USAGE_FIELDS]
+        billed = self.billed_usage()
+        rest = [getattr(billed, name) for name in _USAGE_FIELDS]
         for call in calls:
             rest = [left - getattr(call, name) for left, name in zip(rest, _USAGE_FIELDS, strict=True)]
         if any(value < 0 for value in rest):
-            return [ModelCall.of(self.started_at, self.usage)] if self.usage != ZERO_USAGE else []
+            return [ModelCall.of(self.started_at, billed)] if billed != ZERO_USAGE else []
         if any(rest):
             calls.append(ModelCall(self.started_at.ns // _NS_PER_MS, *rest))
         return calls
@@ -590,10 +657,19 @@ class Session(msgspec.Struct, kw_only=True):
 
     def billed_usage(self) -> Usage:
         """Every token the session's model calls reported (`LoopRecord.billed_usage` summed):
-        unlike `total_usage`, the unfinished turns of loops cut off before ``AgentEnd`` count."""
+        unlike `total_usage`, the unfinished turns of loops cut off before ``AgentEnd`` count,
+        and the turns a replay served from its recording do not."""
         total = ZERO_USAGE
         for record in self.loops:
             total = total + record.billed_usage()
+        return total
+
+    def reported_usage(self) -> Usage:
+        """Every token the session's replies reported (`LoopRecord.reported_usage` summed):
+        `billed_usage` with the replayed turns' recorded usage counted again."""
+        total = ZERO_USAGE
+        for record in self.loops:
+            total = total + record.reported_usage()
         return total
 
     def iter_events(self) -> Iterator[SessionEvent]:

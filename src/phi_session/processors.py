@@ -48,11 +48,13 @@ from .messages import (
     AssistantMessage,
     Content,
     ExtensionMessage,
+    NodeTag,
     TextContent,
     ToolResult,
     extension_message,
     message_role,
 )
+from .model import REPLAYED_TAG
 from .redactor import DEFAULT_SECRET_FIELDS, DEFAULT_SECRET_PATTERNS, REDACTED, Redactor
 
 __all__ = [
@@ -104,15 +106,23 @@ def _withhold_content(note: str) -> tuple[Content, ...]:
     return (TextContent(text=note),)
 
 
+def _kept_tags(tags: tuple[NodeTag, ...]) -> tuple[NodeTag, ...]:
+    # A tag's text may quote what was withheld; a replay's own tag cannot, and billing reads it.
+    return (REPLAYED_TAG,) if REPLAYED_TAG in tags else ()
+
+
 def _withhold_message(message: AgentMessage, note: str) -> AgentMessage:
     if isinstance(message, ExtensionMessage):
         return extension_message(message_role(message), message.kind, {"withheld": note})
     content = _withhold_content(note) if message.content else ()
     if isinstance(message, AssistantMessage):
         return replace(
-            message, content=content, tags=(), error_message=None if message.error_message is None else note
+            message,
+            content=content,
+            tags=_kept_tags(message.tags),
+            error_message=None if message.error_message is None else note,
         )
-    return replace(message, content=content, tags=())
+    return replace(message, content=content, tags=_kept_tags(message.tags))
 
 
 def _withhold_result(result: ToolResult, note: str) -> ToolResult:

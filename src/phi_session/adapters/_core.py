@@ -134,11 +134,11 @@ def replay_recording(
     differs from the original's (`phi_session.diff.diff_loops`)."""
     if cursor.until_turn is None:
         if cursor.on_divergence == "fallback":
-            return recording_as(replay_lineage(cursor.script, fallback=fallback))
-        return recording_as(replay_lineage(cursor.script))
+            return recording_as(replay_lineage(cursor.script, fallback=fallback), cursor)
+        return recording_as(replay_lineage(cursor.script), cursor)
     if change is None and fallback is not None:
         change = {"model": fallback}
-    return recording_as(fork_lineage(cursor.script, cursor.until_turn, tag=tag, change=change))
+    return recording_as(fork_lineage(cursor.script, cursor.until_turn, tag=tag, change=change), cursor)
 
 
 def recorded_reply(cursor: ReplayCursor, request: AnnotatedRequestPayload) -> AssistantMessage | None:
@@ -345,14 +345,16 @@ class _Guard:
 @dataclass
 class AdapterRun:
     """One framework run being recorded: its loop, the tracer its continuations use, and
-    the metadata they carry on (handoffs and branches): the framework session id a
-    derived session id stands for, and what a replay or a fork's lineage marks its
-    loops with."""
+    what they carry on (handoffs and branches): the metadata (the framework session id a
+    derived session id stands for, and what a replay or a fork's lineage marks its loops
+    with) and the cursor of the replay answering its model calls, whose served replies
+    are recorded tagged (`phi_session.replay.recording_as`)."""
 
     key: object
     loop: LoopScope
     tracer: Tracer
     inherited: dict[str, Any] = field(default_factory=dict)
+    replay: ReplayCursor | None = None
 
 
 class AdapterCore:
@@ -507,11 +509,13 @@ class AdapterCore:
             loop = parent_tool.sub_agent(config, agent=child, metadata=meta)
             return self._open(AdapterRun(key, loop, tracer))
         inherited: dict[str, Any] = {}
+        replay: ReplayCursor | None = None
         if (lineage := active_lineage()) is not None:
             # A replay or a fork (phi_session.replay.recording_as): into the recorded session.
             tracer = self._session_tracer(lineage.lineage.session.session_id, lineage.lineage.session)
             continues, kind = lineage.continuation(tracer.agent.last_loop_id)
             inherited.update(lineage.lineage.metadata)
+            replay = lineage.cursor
         else:
             if framework_session_id is not None:
                 tracer = self._session_tracer(session_id_for(framework_session_id))
@@ -525,7 +529,7 @@ class AdapterCore:
                     self.agent.check_and_rotate(self.rotate_after)
             continues = tracer.agent.last_loop_id
             kind = INITIAL if continues is None else DEFAULT if kind is None else kind
-        return self._start_loop(key, tracer, config, continues, kind, meta, inherited)
+        return self._start_loop(key, tracer, config, continues, kind, meta, inherited, replay)
 
     def _session_tracer(self, session_id: str, recorded: Session | None = None) -> Tracer:
         """A tracer of session `session_id`, whose identity is held for one run; `recorded`:
@@ -568,15 +572,19 @@ class AdapterCore:
         kind: ContinuationKind,
         meta: dict[str, Any],
         inherited: dict[str, Any],
+        replay: ReplayCursor | None,
     ) -> AdapterRun:
         """Start and register, as `key`, a loop of `tracer` (its session held for it), its
-        metadata `meta` with what its run's continuations carry on (`inherited`)."""
+        metadata `meta` with what its run's continuations carry on (`inherited`, and
+        `replay`: the cursor answering its model calls, `Tracer.loop`)."""
         try:
-            loop = tracer.loop(config, continues=continues, kind=kind, metadata={**meta, **inherited})
+            loop = tracer.loop(
+                config, continues=continues, kind=kind, metadata={**meta, **inherited}, replay=replay
+            )
         except BaseException:
             self._book.release(tracer.agent)
             raise
-        return self._open(AdapterRun(key, loop, tracer, inherited))
+        return self._open(AdapterRun(key, loop, tracer, inherited, replay))
 
     def _open(self, run: AdapterRun) -> AdapterRun:
         """Register and start `run`, whose session (if a framework session's) is held for
@@ -653,7 +661,9 @@ class AdapterCore:
         """Start and register, as `key`, a loop continuing `run`'s with `kind` (its session
         held for it by the caller)."""
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
-        return self._start_loop(key, run.tracer, config, run.loop.loop_id, kind, meta, run.inherited)
+        return self._start_loop(
+            key, run.tracer, config, run.loop.loop_id, kind, meta, run.inherited, run.replay
+        )
 
     def end_run(self, key: object, error: BaseException | str | None = None) -> AdapterRun | None:
         """End the run `key`: its loop ends (failed, status ``Aborted``, with `error`)."""

@@ -30,7 +30,7 @@ from ..errors import InvalidArgument
 from ..events import LoopConfigSnapshot
 from ..instrument import LoopScope, ToolScope, Tracer
 from ..messages import AgentMessage, AssistantMessage, Content, TextContent, ToolCall, ToolResultMessage
-from ..model import Session
+from ..model import Session, mark_replayed
 from .lineage import fork_lineage
 from .recorded import ModelFn
 from .request import RequestShape
@@ -76,7 +76,7 @@ def _repeat(loop: LoopScope, turn: RecordedTurn, replaced: Mapping[str, tuple[Co
         loop.user(message)
     with loop.turn() as scope:
         with scope.assistant() as reply:
-            reply.finish(message=turn.reply)
+            reply.finish(message=mark_replayed(turn.reply))  # repeated: no model call to bill
         for call in scope.tool_calls:
             with scope.tool(call) as tool:
                 recorded = turn.result_of(call.id)

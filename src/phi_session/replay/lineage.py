@@ -52,6 +52,7 @@ from .script import REPLAY_TAG, ReplayScript
 
 if TYPE_CHECKING:
     from ..instrument import LoopScope
+    from .cursor import ReplayCursor
 
 __all__ = ["ActiveLineage", "Lineage", "active_lineage", "fork_lineage", "recording_as", "replay_lineage"]
 
@@ -119,12 +120,14 @@ def fork_lineage(script: ReplayScript, turn: int, *, tag: str = "fork", change: 
 
 
 class ActiveLineage:
-    """The lineage of a ``recording_as`` block, and whether its first run has started."""
+    """The lineage of a ``recording_as`` block, the cursor answering its model calls (if
+    given), and whether its first run has started."""
 
-    __slots__ = ("_claimed", "_lock", "lineage")
+    __slots__ = ("_claimed", "_lock", "cursor", "lineage")
 
-    def __init__(self, lineage: Lineage) -> None:
+    def __init__(self, lineage: Lineage, cursor: ReplayCursor | None = None) -> None:
         self.lineage = lineage
+        self.cursor = cursor
         self._lock = threading.Lock()
         self._claimed = False
 
@@ -142,11 +145,15 @@ _active: ContextVar[ActiveLineage | None] = ContextVar("phi_session_replay_linea
 
 
 @contextmanager
-def recording_as(lineage: Lineage) -> Iterator[Lineage]:
-    """Record the top-level framework runs started inside the block with `lineage`."""
+def recording_as(lineage: Lineage, cursor: ReplayCursor | None = None) -> Iterator[Lineage]:
+    """Record the top-level framework runs started inside the block with `lineage`.
+
+    `cursor`: the `ReplayCursor` answering their model calls (a framework replay
+    model's): the replies it serves are recorded tagged as served, so that no roll-up
+    bills them (`phi_session.instrument.Tracer.loop`'s ``replay``)."""
     if not isinstance(lineage, Lineage):
         raise TypeError(f"expected a Lineage, got {type(lineage).__name__}")
-    token = _active.set(ActiveLineage(lineage))
+    token = _active.set(ActiveLineage(lineage, cursor))
     try:
         yield lineage
     finally:

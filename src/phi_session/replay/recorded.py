@@ -16,6 +16,10 @@ Where the original run failed, the replay fails there too: a model call that rai
 raised again as `RecordedModelError`, a tool error that ended the run as
 `RecordedToolError`.
 
+The recorded replies come back tagged as served (`phi_session.model.REPLAYED_TAG`): give
+them to ``reply.finish(message=...)`` as they are, and the replay's turns carry the
+recorded usage (a diff compares like with like) while billing leaves them out.
+
 A fork is the same with ``until_turn=k`` and a `fallback` (any callable from a
 `RequestShape` to an `AssistantMessage`: your live model, another model) and
 `fork_lineage`. The divergence rules are `ReplayCursor`'s.
@@ -27,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 from .._checks import check_type
 from ..messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
-from ..model import Session
+from ..model import Session, mark_replayed
 from .cursor import OnDivergence, ReplayCursor, ToolsMode
 from .divergence import Divergence
 from .request import RequestShape
@@ -74,13 +78,17 @@ class RecordedModel:
     def next(self, request: RequestShape | Sequence[AgentMessage]) -> AssistantMessage:
         """The reply to `request`: the recorded one, or the fallback model's once handed over.
 
+        A recorded reply is tagged as served (`phi_session.model.REPLAYED_TAG`): finished
+        as it is (``reply.finish(message=...)``), it is recorded with its recorded usage,
+        which no roll-up bills again.
+
         Raises `ReplayDiverged` on a divergence in ``"stop"`` mode, and `RecordedModelError`
         where the recorded model call failed the original run
         (`ReplayCursor.recorded_reply`)."""
         shape = RequestShape.of(request)
         reply = self.cursor.recorded_reply(shape)
         if reply is not None:
-            return reply
+            return mark_replayed(reply)
         # Handed over: only with until_turn or in fallback mode, which both need a fallback.
         assert self.fallback is not None
         return self.fallback(shape)
