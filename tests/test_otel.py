@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -733,6 +733,48 @@ def test_a_cut_off_turn_is_exported_with_what_it_billed() -> None:
             back = _ingest(_export(sessions, capture_content=True))
             assert sum((s.billed_usage() for s in back), ZERO_USAGE) == reported, cut
     assert unfinished_seen > 20
+
+
+def test_a_replayed_turn_is_exported_marked_and_without_usage() -> None:
+    """A replay's turns called no model: their chat spans carry no usage, so a backend
+    summing the chat spans, or the loop spans, bills the original run once."""
+    from phi_session import AgentSession, LoopConfigSnapshot, LoopScope, Tracer
+    from phi_session.messages import AgentMessage, AssistantMessage, TextContent, Usage
+    from phi_session.replay import RecordedModel, replay_lineage
+
+    def live(messages: Sequence[AgentMessage]) -> AssistantMessage:
+        usage = Usage(input=40, output=5, total_tokens=45)
+        return AssistantMessage(
+            content=(TextContent(text="hi"),),
+            stop_reason="stop",
+            model="m",
+            provider="p",
+            usage=usage,
+            timestamp=0,
+        )
+
+    def agent(loop: LoopScope, model: Callable[[Sequence[AgentMessage]], AssistantMessage]) -> None:
+        prompt = loop.user("hello")
+        with loop.turn() as turn, turn.assistant() as reply:
+            reply.finish(message=model([prompt]))
+
+    recorder = SessionRecorder()
+    tracer = Tracer(AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m", provider="p"))
+    with tracer.loop() as loop:
+        agent(loop, live)
+    recorder.flush()
+    (original,) = recorder.drain_completed()
+    replay = RecordedModel(original)
+    with replay_lineage(replay.script).loop(tracer) as loop:
+        agent(loop, replay.next)
+    recorder.flush()
+    (replayed,) = recorder.drain_completed()  # the replay's loop, in the original's session
+    spans = _export([original, replayed])
+    chats = [span for span in spans if span.kind is SpanKind.CLIENT]
+    loops = [span for span in spans if span.attributes[attr.OPERATION_NAME] == attr.OP_INVOKE_AGENT]
+    assert [bool(span.attributes.get(attr.PHI_TURN_REPLAYED)) for span in chats] == [False, True]
+    assert _span_usage(chats[1]) == (0, 0, 0, 0, 0)
+    assert _total_usage(chats) == _total_usage(loops) == (40, 5, 0, 0, 0)
 
 
 @pytest.mark.parametrize(

@@ -1303,3 +1303,28 @@ def test_a_replay_that_falls_back_to_a_live_model_bills_the_live_turns(world: Wo
     assert replay.billed_usage() == live and replay.usage == usage_sum([t.usage for t in replay.turns])
     (summary,) = world.store.query()
     assert summary.usage == original.usage + live
+
+
+def test_cli_show_bills_a_replay_nothing_and_marks_its_turns(world: World, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from phi_session.cli import main
+
+    session, original = world.original()
+    model = RecordedModel(ReplayScript.from_session(session))
+
+    def body(tracer: Tracer) -> None:
+        with replay_lineage(model.script).loop(tracer) as loop:
+            agent(loop, model.next, recorded=model)
+
+    replay = new_loop(session, world.record(body))
+    shown = CliRunner().invoke(
+        main,
+        ["show", session.session_id, "--store", str(tmp_path / "sessions")],
+        terminal_width=200,
+    )
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.count("replayed, not billed") == replay.turn_count() == 4
+    assert f"{original.usage.total_tokens:,} tokens" in shown.stdout  # the session's total: the original's
+    assert "· 0 tokens" in shown.stdout  # the replay's loop
+    assert f"replayed from the recording, not billed: {original.usage.total_tokens:,} tokens" in shown.stdout

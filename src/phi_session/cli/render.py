@@ -34,7 +34,7 @@ from ..messages import (
     Usage,
     message_role,
 )
-from ..model import LoopRecord, Session
+from ..model import LoopRecord, Session, is_replayed
 from ..stores.base import SessionSummary, UsageTotal
 from ..stores.query import LOOP_STATUSES
 from ..stores.search import SearchHit
@@ -409,6 +409,8 @@ def _turn_line(record: LoopRecord, turn_index: int) -> Text:
     if tools:
         line.append(" · calls ")
         line.append(safe(", ".join(tools), one_line=True), style="cyan")
+    if is_replayed(turn.output_message):
+        line.append(" · replayed, not billed", style="dim")
     return line
 
 
@@ -432,6 +434,11 @@ def _add_loop(tree: Tree, session: Session, index: int, drawn_under: int | None,
         unfinished = record.unfinished_usage()
         if unfinished.total_tokens or unfinished.input or unfinished.output:
             branch.add(Text(f"  of which in the unfinished turn: {usage_line(unfinished)}", style="dim"))
+        replayed = record.replayed_usage()
+        if replayed.total_tokens or replayed.input or replayed.output:
+            branch.add(
+                Text(f"  replayed from the recording, not billed: {usage_line(replayed)}", style="dim")
+            )
     if record.rejection is not None:
         branch.add(_cut(plain(f"rejected: {record.rejection}", "magenta", one_line=True)))
     if isinstance(record.error, str):

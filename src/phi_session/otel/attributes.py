@@ -79,6 +79,7 @@ PHI_CONFIG = "phi.config"  # the loop's config snapshot, phi-core JSON
 PHI_TURN_INDEX = "phi.turn.index"
 PHI_TURN_TRIGGER = "phi.turn.triggered_by"
 PHI_TURN_UNFINISHED = "phi.turn.unfinished"  # a turn cut off before its TurnEnd (loop aborted)
+PHI_TURN_REPLAYED = "phi.turn.replayed"  # a turn a replay served from its recording: no model call
 PHI_TOOL_IS_ERROR = "phi.tool.is_error"
 PHI_CHILD_LOOP_ID = "phi.child_loop.id"
 PHI_CHILD_SESSION_ID = "phi.child_session.id"

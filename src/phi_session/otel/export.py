@@ -5,7 +5,9 @@ per loop, ``chat {model}`` (CLIENT) per turn, ``execute_tool {tool}`` (INTERNAL)
 call, under the turn that ran it. Usage attributes count what was billed: a loop cut off
 before AgentEnd (phi-core gives it zero usage and drops the turn it was cut off in) has
 that turn as a chat span marked ``phi.turn.unfinished``, with its replies' usage, and its
-loop span counts it (`LoopRecord.billed_usage`). A sub-agent's first loop joins its spawner's trace under
+loop span counts it (`LoopRecord.billed_usage`); a turn a replay served from its
+recording (`phi_session.model.is_replayed`) is a chat span marked ``phi.turn.replayed``,
+without usage, as no model was called. A sub-agent's first loop joins its spawner's trace under
 the tool span that spawned it; continuations and parallel siblings are span links.
 Span and trace ids are hashes of loop ids, turn indices and tool call ids, so exporting a
 session twice yields the same spans (backends deduplicate them).
@@ -60,7 +62,7 @@ from ..messages import (
     Usage,
     UserMessage,
 )
-from ..model import LoopRecord, Session, Turn
+from ..model import LoopRecord, Session, Turn, is_replayed
 from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
 from . import attributes as attr
@@ -424,8 +426,11 @@ class _LoopExport:
         if turn is None:  # never ended (aborted loop)
             return
         span.end = max(span.end, int(turn.ended_at.ns))
-        span.attributes.update(_usage_attributes(turn.usage))
         output = turn.output_message
+        if is_replayed(output):  # its recorded usage was billed where it was recorded
+            span.attributes[attr.PHI_TURN_REPLAYED] = True
+        else:
+            span.attributes.update(_usage_attributes(turn.usage))
         if isinstance(output, AssistantMessage):
             span.attributes[attr.RESPONSE_MODEL] = output.model
             span.attributes[attr.RESPONSE_FINISH_REASONS] = (output.stop_reason,)

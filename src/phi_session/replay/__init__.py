@@ -18,8 +18,21 @@ The framework-independent core, one module per concept:
   handed to another model, for any recorded loop.
 
 A replay calls no model and makes no network call: the recorded replies are
-returned (with the usage they reported, which billing roll-ups count like any loop's),
-and with ``tools="recorded"`` the recorded tool results too.
+returned, with the usage they reported, and with ``tools="recorded"`` the recorded
+tool results too.
+
+What is billed: only what was spent. Every reply served from a recording is tagged
+(`phi_session.model.REPLAYED_TAG`): by `RecordedModel.next` (finish the turn with the
+reply it returned, ``reply.finish(message=...)``), by `fork` for the turns it repeats,
+and for a framework adapter by its loop, given the replay's cursor
+(``recording_as(lineage, cursor)``, which `phi_session.adapters.replay_recording`
+does). The replay's turns keep the recorded usage (`LoopRecord.reported_usage`, what
+`phi_session.diff` compares: a replay shows no usage change), while
+`LoopRecord.billed_usage`, `LoopRecord.model_calls` and every roll-up built on them
+(the stores' summaries and `usage_totals`, cost, the CLI, the viewer) leave the tagged
+turns out: a replay bills nothing, a fork the turns from its fork point on, a replay
+handed over to its fallback the fallback's turns. Stores total a loop when they save
+it: replays recorded before replies were tagged keep their recorded usage in totals.
 """
 
 from __future__ import annotations
