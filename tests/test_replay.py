@@ -1328,3 +1328,31 @@ def test_cli_show_bills_a_replay_nothing_and_marks_its_turns(world: World, tmp_p
     assert f"{original.usage.total_tokens:,} tokens" in shown.stdout  # the session's total: the original's
     assert "· 0 tokens" in shown.stdout  # the replay's loop
     assert f"replayed from the recording, not billed: {original.usage.total_tokens:,} tokens" in shown.stdout
+
+
+def test_a_loop_given_the_cursor_tags_each_reply_it_served_whenever_the_turn_starts(world: World) -> None:
+    # What adapters rely on: a framework may open the turn only once its model call returned,
+    # or finish a reply after its next model call; a reply of the fallback is never tagged.
+    session, _ = world.original()
+    script = ReplayScript.from_session(session)
+    cursor = ReplayCursor(script, until_turn=3)
+    recorder = SessionRecorder()
+    tracer = Tracer(world.agent, sinks=[recorder], config=SNAP).for_session(session)
+    with tracer.loop(replay=cursor) as loop:
+        served(script, cursor, 1)  # before its turn starts
+        with loop.turn() as turn, turn.assistant() as message:
+            message.finish("rebuilt by the framework", usage=script.turns[0].reply.usage)
+        with loop.turn() as turn:
+            reply = turn.assistant().start()
+            for recorded in script.turns[1:3]:  # the next call served before this reply is finished
+                assert cursor.respond(recorded.request) == recorded.reply
+            reply.finish("second")
+        with loop.turn() as turn, turn.assistant() as message:
+            message.finish("third")
+        with loop.turn() as turn, turn.assistant() as message:
+            assert cursor.respond(script.turns[3].request) is None  # the fork point: live
+            message.finish("live", usage=Usage(input=7, output=1))
+    recorder.flush()
+    (record,) = recorder.drain_completed()[0].loops
+    assert [is_replayed(turn.output_message) for turn in record.turns] == [True, True, True, False]
+    assert record.billed_usage() == Usage(input=7, output=1)

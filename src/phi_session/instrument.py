@@ -502,7 +502,8 @@ class _LoopState:
         self.replay = replay
         """The replay answering the loop's model calls, if any (`Tracer.loop`)."""
         self.served = replay.turns_served if replay is not None else 0
-        """How many recorded replies `replay` had served by the loop's last finished reply."""
+        """How many of the recorded replies `replay` served are recorded (as the loop's replies,
+        or before the loop started)."""
         self.lock = threading.Lock()  # guards the tool bookkeeping of the loop's turns
         self.messages: list[AgentMessage] = []
         """What ``AgentEnd`` will carry: the turns' messages and those emitted outside a turn."""
@@ -811,10 +812,10 @@ class Tracer:
           ``ContinuationKind.branch(tag)`` or ``COMPACTION``. A continuation kind
           without `continues` continues the agent's last loop, as phi-core does.
         * `replay`: the `phi_session.replay.ReplayCursor` answering the loop's model
-          calls, for an agent that builds its replies itself (a framework adapter's): a
-          reply finished after the cursor served a recorded reply (since the loop's
-          previous reply) is tagged as served (`phi_session.model.REPLAYED_TAG`), so
-          no roll-up bills it.
+          calls, for an agent that builds its replies itself (a framework adapter's):
+          each reply finished while a recorded reply the cursor served is not yet
+          recorded is that one, and is tagged as served
+          (`phi_session.model.REPLAYED_TAG`), so no roll-up bills it.
         """
         check_type("config", config, LoopConfigSnapshot, optional=True)
         check_type("config_id", config_id, str, optional=True)
@@ -1549,9 +1550,10 @@ class MessageScope(_Scope):
             check_type("message", message, AssistantMessage)
         loop = self._loop
         if loop.replay is not None and loop.replay.turns_served > loop.served:
-            # The replay served a recorded reply since the loop's last one: this is it (a
-            # framework may start the turn only after its model call returned).
-            loop.served = loop.replay.turns_served
+            # A recorded reply the replay served is not yet recorded: this is it. Counted
+            # here, not from the turn's start: a framework may start the turn after its
+            # model call returned, or finish a reply after its next model call.
+            loop.served += 1
             message = mark_replayed(message)
         recorded = message
         owned = _owned_calls(message.content, loop.outlet.copy_failures)
