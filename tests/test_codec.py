@@ -718,7 +718,7 @@ def test_the_encoders_of_one_kind_refuse_the_others() -> None:
     session = _requests_session(ps.UserMessage(content=(ps.TextContent(text="q"),), timestamp=1))
     with pytest.raises(TypeError, match="encode_event\\(\\) takes an event, not Session"):
         ps.encode_event(session)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="encode_session\\(\\) takes a Session, not LoopRecord"):
+    with pytest.raises(TypeError, match="session must be Session, not LoopRecord"):
         ps.encode_session(session.loops[0])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="pretty must be bool or None, not str"):
         ps.encode(session, pretty="no")  # type: ignore[arg-type]

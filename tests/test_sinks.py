@@ -375,7 +375,7 @@ def test_sinks_refuse_what_they_cannot_deliver_to_at_once() -> None:
         CallableSink(5)  # type: ignore[arg-type]
     loop = asyncio.new_event_loop()
     try:
-        with pytest.raises(TypeError, match="queue must be Queue, not list"):
+        with pytest.raises(TypeError, match=r"queue must be an asyncio\.Queue, not list"):
             QueueSink([], loop=loop)  # type: ignore[arg-type]
         with pytest.raises(ps.InvalidArgument, match="unbounded"):
             QueueSink(asyncio.Queue(maxsize=1), loop=loop)
