@@ -521,7 +521,7 @@ def test_a_lone_agent_end_of_a_branch_that_never_started_aborts_it() -> None:
     ]
     recorder, [session] = record(events)
     branch = session.get_loop("s.b.2")
-    assert branch is not None and branch.status == "Aborted" and branch.ended_at is None
+    assert branch is not None and branch.status == "Aborted" and branch.ended_at == ts(2)
     assert [e.event for e in branch.events] == [veto]  # kept, as the loop's only event
     assert recorder.orphans() == []
     assert _saved_after_every_event(events) == {"s": ps.encode(session)}
@@ -1787,3 +1787,90 @@ def test_only_exact_tuples_without_a_dict_leave_the_collector() -> None:
         if enabled:
             gc.enable()
     assert gc.is_tracked(with_dict) and gc.is_tracked(a_list) and gc.is_tracked(pair)
+
+
+def test_a_vetoed_branch_of_a_drained_session_is_handed_over_at_once() -> None:
+    """Its session drained with the group open, the branch's lone AgentEnd left it Pending:
+    a journal or a broker worker then took the event for stored, and a crash lost it."""
+    veto = end("s.b.2", at=2)
+    recorder = SessionRecorder()
+    recorder.record_all(
+        [
+            ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
+            start("s.a.1", "s"),
+            end("s.a.1"),
+        ]
+    )
+    recorder.checkpoint()
+    assert len(recorder.drain_completed()) == 1
+    recorder.on_event(veto)
+    recorder.checkpoint()
+    [amendment] = recorder.drain_completed()
+    [branch] = amendment.loops
+    assert (branch.loop_id, branch.status, [e.event for e in branch.events]) == ("s.b.2", "Aborted", [veto])
+
+
+def test_an_id_used_again_after_its_branch_was_vetoed_is_a_second_record() -> None:
+    """A vetoed branch's record had no end, so a later evaluation's branch of its id was
+    taken for a repeat: it was swallowed, Aborted, its usage lost."""
+    first = [
+        ps.ParallelLoopStart(session_id="s", loop_ids=("s.claude.1", "s.gpt.2"), timestamp=ts(10)),
+        start("s.claude.1", "s", at=11),
+        end("s.gpt.2", at=11),
+        end("s.claude.1", at=12),
+        group_end("s", "s.claude.1", at=13),
+    ]
+    recorder, [session] = record(
+        [start("s.main.0", "s"), end("s.main.0"), *first, *_evaluation(20, "s.gpt.2", (3, 4))]
+    )
+    assert recorder.orphans() == []
+    assert [(r.loop_id, r.status) for r in session.loops if r.loop_id == "s.gpt.2"] == [
+        ("s.gpt.2", "Aborted"),
+        ("s.gpt.2", "Completed"),
+    ]
+    assert session.loops[-1].parallel_group is not None and session.loops[-1].parallel_group.is_selected
+
+
+def test_a_group_ending_while_its_winners_compaction_pass_runs_marks_the_winner() -> None:
+    """phi-core marks the open loop of the id and its closed record; with a loop of the id
+    open the closed record was left without its group."""
+    events = [
+        ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0)),
+        start("s.a.1", "s", at=1),
+        end("s.a.1", at=2),
+        start("s.b.2", "s", at=1),
+        end("s.b.2", at=2),
+        start("s.a.1", "s", at=3, parent="s.a.1", kind=ps.COMPACTION),
+        group_end("s", "s.a.1", at=4),
+        end("s.a.1", at=5),
+    ]
+    _, [session] = record(events)
+    groups = [
+        (r.loop_id, r.parallel_group is not None and r.parallel_group.is_selected) for r in session.loops
+    ]
+    assert groups == [("s.a.1", True), ("s.b.2", False), ("s.a.1", True)]
+
+
+def test_the_second_record_of_an_id_sent_again_whole_is_replaced() -> None:
+    """`_resend` looked only at an id's first record: the second one sent again with more
+    events was orphaned, and the thinner record stayed."""
+    second = [start("s.c.1", "s", at=5), end("s.c.1", at=6)]
+    fuller = [start("s.c.1", "s", at=5), *turn("s.c.1", at=5), end("s.c.1", at=6)]
+    recorder, [session] = record([start("s.c.1", "s"), end("s.c.1", at=2), *second, *fuller])
+    assert recorder.orphans() == []
+    kept = len(fuller) - 1  # (its streamed delta is not kept)
+    assert [(r.started_at, len(r.events)) for r in session.loops] == [(ts(0), 2), (ts(5), kept)]
+
+
+def test_a_before_task_interrupted_does_not_hold_its_session_back() -> None:
+    """Ctrl-C inside `before_task`: its session waited for it for ever, never completed by
+    a checkpoint."""
+
+    def before(session: ps.Session) -> None:
+        raise KeyboardInterrupt
+
+    recorder = SessionRecorder(before_task=before)
+    with pytest.raises(KeyboardInterrupt):
+        recorder.on_event(start("s.c.1", "s"))
+    recorder.on_event(end("s.c.1"))
+    assert recorder.checkpoint() == 1

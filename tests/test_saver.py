@@ -188,6 +188,26 @@ def test_a_later_piece_of_a_session_is_saved_after_its_unsaved_earlier_pieces(
     assert ps.encode(memory.sessions["s"]) == ps.encode(whole)
 
 
+def test_an_interrupted_save_of_a_later_piece_keeps_the_earlier_pieces(clock: FakeTime) -> None:
+    """The earlier pieces were taken out of `unsaved` before the save: Ctrl-C during it lost
+    them (the caller keeps only the piece it was saving)."""
+    whole, (first, second) = _conversation_in_pieces()
+    memory = MemoryStore(failing(10**6, ps.StoreError("down")))
+    saver = saver_for(memory, retry_for=1)
+    assert saver.save(first).unsaved
+
+    def interrupted(session: ps.Session) -> None:
+        raise KeyboardInterrupt
+
+    memory.trouble = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        saver.save(second)
+    assert saver.unsaved == [first]
+    memory.trouble = None
+    assert saver.save(second).saved
+    assert ps.encode(memory.sessions["s"]) == ps.encode(whole)
+
+
 def test_a_session_id_no_store_accepts_goes_to_the_orphans(clock: FakeTime) -> None:
     [session] = sessions(1)
     bad = ps.Session(

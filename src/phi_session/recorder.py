@@ -470,6 +470,7 @@ class SessionRecorder:
                 self._open[event.session_id] = held
             else:
                 held = self._open_session(event)
+                self._unstarted_homes.pop(event.session_id, None)  # held: amended in place
         session = held.session
         if event.timestamp > session.last_active_at:
             session.last_active_at = event.timestamp
@@ -539,7 +540,11 @@ class SessionRecorder:
         ended record (and is complete if it was), and only its AgentEnd lets its record
         take that one's place (`_end_resend`), as a store's merge of the two saves would."""
         held = self._open.get(event.session_id) or self._completed.get(event.session_id)
-        record = held.closed.get(event.loop_id) if held is not None else None
+        record = None
+        if held is not None:  # the first record of its id, or the last (an id used again)
+            record = held.closed.get(event.loop_id)
+            if record is not None and record.started_at != event.timestamp:
+                record = held.latest.get(event.loop_id)
         if (
             held is None
             or record is None
@@ -629,10 +634,13 @@ class SessionRecorder:
             try:
                 while self._callbacks:
                     callback, session, opened = self._callbacks.popleft()
-                    result = self._call(callback, session)
-                    if opened is not None:
-                        with self._lock:
-                            self._before_task_ran(opened, rejected=result is False)
+                    result = None
+                    try:
+                        result = self._call(callback, session)
+                    finally:  # even interrupted (Ctrl-C): a session waiting for it never completes
+                        if opened is not None:
+                            with self._lock:
+                                self._before_task_ran(opened, rejected=result is False)
             finally:
                 self._callback_runner.release()
 
@@ -696,13 +704,21 @@ class SessionRecorder:
     def _end_unstarted(self, loop: _OpenLoop, event: AgentEnd) -> None:
         """A lone `AgentEnd` for an announced parallel branch: phi-core's loop sends only that
         when a ``before_loop`` hook vetoes the run (wire-format §10). The branch never ran:
-        it ends Aborted now, as at `flush`, its events kept, if its session is held; else
-        it stays Pending, the event in its log, until `flush` or a start (a session opened
-        for it would take its header from no AgentStart)."""
-        if loop.session_id not in self._open and loop.session_id not in self._completed:
+        it ends Aborted now, its events kept, into its session if it is held or was drained
+        (an amendment); else it stays Pending, the event in its log, until `flush` or a start
+        (a session opened for it would take its header from no AgentStart). Its record ends
+        at the event's instant: a later loop may use its id again (`_starts_again`)."""
+        session_id = loop.session_id
+        if not (
+            session_id in self._open
+            or session_id in self._completed
+            or session_id in self._late_groups
+            or session_id in self._unstarted_homes
+        ):
             return
         loop.turn = None
         loop.record.status = "Aborted"
+        loop.record.ended_at = event.timestamp
         self._close(loop)
 
     def _close(self, loop: _OpenLoop) -> None:
@@ -714,7 +730,9 @@ class SessionRecorder:
             # drained with its group open, the session is amended; else a header is made up.
             held = self._completed.pop(loop.session_id, None)
             if held is None:
-                late = self._late_groups.get(loop.session_id) or self._unstarted_homes.get(loop.session_id)
+                late = self._late_groups.get(loop.session_id) or self._unstarted_homes.pop(
+                    loop.session_id, None
+                )
                 held = self._amendment(late) if late is not None else self._placeholder_session(record)
             self._open[loop.session_id] = held
         del self._loops[record.loop_id]
@@ -892,13 +910,16 @@ class SessionRecorder:
                 is_selected=loop_id == event.selected_loop_id,
             )
             loop = self._loops.get(loop_id)
-            if loop is not None:  # (a closed record of its id is an earlier loop's)
+            if loop is not None:
                 loop.record.parallel_group = group
-            else:
-                for session_id in self._closed_by_id.get(loop_id, ()):
-                    held = self._open.get(session_id) or self._completed[session_id]
-                    record = held.last_closed(loop_id)
-                    assert record is not None  # `_closed_by_id` lists the sessions holding one
+            since = self._group_since.get(loop_id)
+            for session_id in self._closed_by_id.get(loop_id, ()):
+                held = self._open.get(session_id) or self._completed[session_id]
+                record = held.last_closed(loop_id)
+                assert record is not None  # `_closed_by_id` lists the sessions holding one
+                # With a loop of its id open (a compaction pass, the loop sent again), a
+                # record that ended before the group began is an earlier loop's.
+                if loop is None or since is None or record.ended_at is None or record.ended_at >= since:
                     record.parallel_group = group
             for session, record in self._late_branches.pop(loop_id, ()):
                 # Drained already: amend a copy, never what was handed over.

@@ -187,30 +187,30 @@ class SessionSaver:
 
     def save(self, session: Session) -> SaveOutcome:
         """Save `session` under the policy; what became of it."""
-        session = self._after_unsaved(session)
-        if (kept := self._kept_untried(session)) is not None:
-            return kept
-        policy = self._policy(session)
-        pause = next(policy)
-        while True:
-            if pause:
-                time.sleep(pause)
-            error: Exception | None = None
-            try:
-                self.store.save(session)
-            except UnicodeEncodeError as caught:
-                if (escaped := escaped_to_save(session, caught)) is None:
+        with self._after_unsaved(session) as session:
+            if (kept := self._kept_untried(session)) is not None:
+                return kept
+            policy = self._policy(session)
+            pause = next(policy)
+            while True:
+                if pause:
+                    time.sleep(pause)
+                error: Exception | None = None
+                try:
+                    self.store.save(session)
+                except UnicodeEncodeError as caught:
+                    if (escaped := escaped_to_save(session, caught)) is None:
+                        error = caught
+                    else:
+                        session, pause = escaped, 0.0
+                        continue
+                except Exception as caught:
                     error = caught
-                else:
-                    session, pause = escaped, 0.0
-                    continue
-            except Exception as caught:
-                error = caught
-            try:
-                pause = policy.send(error)
-            except StopIteration as done:
-                outcome: SaveOutcome = done.value
-                return self._told(session, outcome)
+                try:
+                    pause = policy.send(error)
+                except StopIteration as done:
+                    outcome: SaveOutcome = done.value
+                    return self._told(session, outcome)
 
     def save_many(self, sessions: Sequence[Session]) -> list[SaveOutcome]:
         """Save `sessions`; what became of each.
@@ -242,50 +242,59 @@ class SessionSaver:
 
     async def asave(self, session: Session) -> SaveOutcome:
         """`save` through the store's `asave`, pausing with ``asyncio.sleep``."""
-        session = self._after_unsaved(session)
-        if (kept := self._kept_untried(session)) is not None:
-            return kept
-        policy = self._policy(session)
-        pause = next(policy)
-        while True:
-            if pause:
-                await asyncio.sleep(pause)
-            error: Exception | None = None
-            try:
-                await self.store.asave(session)
-            except UnicodeEncodeError as caught:
-                if (escaped := escaped_to_save(session, caught)) is None:
+        with self._after_unsaved(session) as session:
+            if (kept := self._kept_untried(session)) is not None:
+                return kept
+            policy = self._policy(session)
+            pause = next(policy)
+            while True:
+                if pause:
+                    await asyncio.sleep(pause)
+                error: Exception | None = None
+                try:
+                    await self.store.asave(session)
+                except UnicodeEncodeError as caught:
+                    if (escaped := escaped_to_save(session, caught)) is None:
+                        error = caught
+                    else:
+                        session, pause = escaped, 0.0
+                        continue
+                except Exception as caught:
                     error = caught
-                else:
-                    session, pause = escaped, 0.0
-                    continue
-            except Exception as caught:
-                error = caught
-            try:
-                pause = policy.send(error)
-            except StopIteration as done:
-                outcome: SaveOutcome = done.value
-                return self._told(session, outcome)
+                try:
+                    pause = policy.send(error)
+                except StopIteration as done:
+                    outcome: SaveOutcome = done.value
+                    return self._told(session, outcome)
 
     def _told(self, session: Session, outcome: SaveOutcome) -> SaveOutcome:
         if outcome.saved and self._on_saved is not None:
             self._on_saved(session)
         return outcome
 
-    def _after_unsaved(self, session: Session) -> Session:
+    @contextmanager
+    def _after_unsaved(self, session: Session) -> Iterator[Session]:
         """`session` after the unsaved earlier pieces of its id, taken out of `unsaved`:
         a later piece saved first would be merged in before them (its loops first, a
-        continuation's link to a parent saved later lost)."""
+        continuation's link to a parent saved later lost). They go back if the save is
+        interrupted (Ctrl-C, a task cancelled): the caller keeps only its own piece."""
         _check_session(session)
         with self._lock:
             earlier = [kept for kept in self._unsaved if kept.session_id == session.session_id]
-            if not earlier:
-                return session
-            self._unsaved = [kept for kept in self._unsaved if kept.session_id != session.session_id]
+            if earlier:
+                self._unsaved = [kept for kept in self._unsaved if kept.session_id != session.session_id]
+        if not earlier:
+            yield session
+            return
         merged = earlier[0]
         for piece in [*earlier[1:], session]:
             merged = merge_sessions(merged, piece)
-        return merged
+        try:
+            yield merged
+        except BaseException:
+            with self._lock:
+                self._unsaved[:0] = earlier
+            raise
 
     def _holds_unsaved(self, sessions: Sequence[Session]) -> bool:
         with self._lock:
