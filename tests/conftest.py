@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,22 @@ def full_disk_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
             return real(fd, data)
 
         monkeypatch.setattr(os, name, fail)
+
+
+def in_forked_child(work: Callable[[], object]) -> int:
+    """Run `work` in a child made by ``os.fork()``; its exit status: 0 if `work` returned,
+    1 if it raised (the traceback on stderr). The child never returns into pytest."""
+    child = os.fork()
+    if child == 0:
+        status = 1
+        try:
+            work()
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")

@@ -36,7 +36,7 @@ from phi_session import (
     Usage,
 )
 from phi_session.codec import decode_session, encode_event, encode_session
-from phi_session.errors import DecodeError, InvalidArgument, StoreError
+from phi_session.errors import DecodeError, InvalidArgument, StoreError, UsedAfterFork
 from phi_session.journal import (
     CHECKPOINT_FILE,
     MAGIC,
@@ -56,6 +56,7 @@ from phi_session.stores.base import SessionStore
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
 
+from .conftest import in_forked_child, needs_fork
 from .journal_kill_worker import stream, with_strays
 
 WORKER = Path(__file__).with_name("journal_kill_worker.py")
@@ -144,6 +145,36 @@ def test_sequence_numbers_are_contiguous_and_keep_rising_across_runs(tmp_path: P
     numbers = [record.seq for record in read_records(tmp_path)]
     assert first_new == numbers[-1]
     assert numbers == list(range(len(numbers)))
+
+
+@needs_fork
+@pytest.mark.parametrize("durability", ["always", "interval", "os"])
+def test_a_journal_refuses_writes_in_a_forked_child_and_its_parent_goes_on(
+    tmp_path: Path, durability: str
+) -> None:
+    """A child appended to its parent's active segment: records numbered twice, frames
+    interleaved, and after the parent's crash its acknowledged records cut as a torn tail."""
+    evs = events(1)
+    journal = Journal(tmp_path, durability=durability)  # type: ignore[arg-type]
+    journal.append(evs[0])
+
+    def child() -> None:
+        with pytest.raises(UsedAfterFork, match="a forked process must open its own journal"):
+            journal.append(evs[1])
+        with pytest.raises(UsedAfterFork):
+            journal.sync()
+        with pytest.raises(UsedAfterFork):
+            journal.write_orphans(evs[1:2])
+        journal.close()  # the parent's: nothing written, removed or unlocked
+
+    assert in_forked_child(child) == 0
+    for event in evs[1:4]:
+        journal.append(event)
+    journal.sync()
+    assert [record.payload for record in read_records(tmp_path)] == [encode_event(e) for e in evs[:4]]
+    assert [record.seq for record in read_records(tmp_path)] == [0, 1, 2, 3]
+    assert not (tmp_path / ORPHANS_FILE).exists()
+    journal.close()
 
 
 def test_streaming_deltas_the_recorder_drops_are_not_journaled(tmp_path: Path) -> None:

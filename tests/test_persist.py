@@ -34,8 +34,15 @@ from phi_session import (
     Usage,
 )
 from phi_session.codec import encode_event, encode_session
-from phi_session.errors import InvalidArgument, JournalLocked, PhiSessionError, StoreError
-from phi_session.journal import CHECKPOINT_FILE, ORPHANS_FILE, Journal, JournaledRecorder, recover
+from phi_session.errors import InvalidArgument, JournalLocked, PhiSessionError, StoreError, UsedAfterFork
+from phi_session.journal import (
+    CHECKPOINT_FILE,
+    ORPHANS_FILE,
+    Journal,
+    JournaledRecorder,
+    read_records,
+    recover,
+)
 from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder, held_bytes
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
@@ -44,6 +51,7 @@ from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.outline import SessionOutline
 from phi_session.stores.sqlite import SqliteStore
 
+from .conftest import in_forked_child, needs_fork
 from .journal_kill_worker import stream
 
 
@@ -571,6 +579,72 @@ def test_a_program_that_ends_with_the_recorder_open_saves_everything(
         evs = list(itertools.islice(stream(sessions=30), events + index))
         with SqliteStore(db) as store:
             assert stored(store) == recorded(evs), f"run {index}: events lost"
+
+
+_PREFORK = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from journal_kill_worker import stream
+from phi_session.persist import AutoPersistingRecorder
+from phi_session.stores.sqlite import SqliteStore
+
+recorder = AutoPersistingRecorder(SqliteStore(sys.argv[1]))
+sessions = {}
+for event in stream(sessions=3, loops=1, interleave=1):
+    sessions.setdefault(event.loop_id.split(".")[0], []).append(event)
+first, *others = sessions.values()
+recorder.record_all(first[:1])  # open in the parent when it forks: the parent's to save
+workers = []
+for events in others:
+    worker = os.fork()
+    if worker == 0:
+        recorder.record_all(events)
+        sys.exit(0)  # without close: the exit hook saves
+    workers.append(worker)
+for worker in workers:
+    assert os.waitstatus_to_exitcode(os.waitpid(worker, 0)[1]) == 0
+recorder.record_all(first[1:])
+recorder.close()
+"""
+
+
+@needs_fork
+def test_forked_workers_record_into_the_store_with_a_recorder_of_their_own(tmp_path: Path) -> None:
+    """A recorder made before a fork (a pre-fork server's workers) took the workers' events
+    into a copy whose writer thread and exit hook were the parent's: nothing was saved."""
+    db = tmp_path / "s.db"
+    done = subprocess.run(
+        [sys.executable, "-c", _PREFORK, str(db), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    with SqliteStore(db) as store:
+        assert stored(store) == recorded(list(stream(sessions=3, loops=1, interleave=1)))
+
+
+@needs_fork
+def test_a_journaling_recorder_is_refused_in_a_forked_child_and_its_parent_goes_on(tmp_path: Path) -> None:
+    """The child appended to the parent's journal segment: records numbered twice, and the
+    parent's acknowledged records cut as a torn tail by the recovery after its crash."""
+    evs = single_loop_sessions(2)
+    half = len(evs) // 2
+    store = SqliteStore(tmp_path / "s.db")
+    journal = Journal(tmp_path / "j", durability="always")
+    # Nothing saved, so every record stays in the journal until closing.
+    with AutoPersistingRecorder(store, journal=journal, checkpoint_interval=None) as persisting:
+        persisting.record_all(evs[:1])
+
+        def child() -> None:
+            with pytest.raises(UsedAfterFork, match="a forked process must make its own recorder"):
+                persisting.on_event(evs[half])
+            persisting.close()  # nothing of the child's: the parent's journal is left alone
+
+        assert in_forked_child(child) == 0
+        persisting.record_all(evs[1:])
+        assert [record.seq for record in read_records(tmp_path / "j")] == list(range(journal.last_seq + 1))
+    assert stored(store) == recorded(evs)
 
 
 def test_a_drained_session_owed_its_parallel_winner_keeps_its_journal_records(tmp_path: Path) -> None:

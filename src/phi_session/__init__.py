@@ -31,6 +31,7 @@ from .errors import (
     SessionNotFound,
     StoredSessionUnusable,
     StoreError,
+    UsedAfterFork,
 )
 from .events import (
     COMPACTION,
@@ -246,6 +247,7 @@ __all__ = [
     "TurnStart",
     "Usage",
     "UsageTotal",
+    "UsedAfterFork",
     "UserMessage",
     "config_id_of",
     "consume",

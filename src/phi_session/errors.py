@@ -94,6 +94,12 @@ class JournalLocked(SessionLocked):
     or another recorder already writes through the `Journal` given."""
 
 
+class UsedAfterFork(PhiSessionError):
+    """An object a process opened that cannot go on in a process forked from it (a
+    `Journal`, a recorder journaling into one, a `JetStreamSink`) was used in the forked
+    child; the child must make its own after the fork. The parent's goes on unharmed."""
+
+
 class NotAJournal(PhiSessionError, ValueError):
     """A directory given as a journal holds files named like segments, none of which is
     a journal segment, segments of another version of the journal format (a newer

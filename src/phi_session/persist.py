@@ -23,7 +23,10 @@ Nothing is ever dropped:
   the recorder (`SessionRecorder.orphans`) and in `failed_sessions`;
 * a program that ends, or dies of an exception, with the recorder still open closes
   it at exit (an ``atexit`` hook), saving everything before the stores' own exit
-  hooks close their connections.
+  hooks close their connections;
+* in a process forked from the one that made it, the recorder starts afresh at the
+  child's first event (its own writer thread and exit hook, none of the parent's
+  sessions); with a journal, which is the parent's, it refuses (`UsedAfterFork`).
 
 No lock of this class is held while the recorder runs (its ``before_task`` and
 ``after_task`` callbacks may wait on other threads that use this recorder) or while
@@ -47,7 +50,8 @@ import msgspec
 
 from ._checks import check_instance, check_seconds, check_type
 from ._exit import ExitHook
-from .errors import InvalidArgument, PhiSessionError, StoreError
+from ._fork import in_forked_child
+from .errors import InvalidArgument, PhiSessionError, StoreError, UsedAfterFork
 from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from .journal import Journal, JournaledRecorder, RecoveryReport, recover
 from .messages import ImageContent, TextContent, ThinkingContent
@@ -220,6 +224,14 @@ class AutoPersistingRecorder:
         self._saver = SessionSaver(
             store, orphans=self.journal.write_orphans if self.journal else None, retry_for=retry_for
         )
+        self._made_by = os.getpid()
+        self._forked = False  # a forked child's copy, not recording yet (`_give_up_in_child`)
+        self._new_state()
+        self._start()
+        in_forked_child(self, AutoPersistingRecorder._give_up_in_child)
+
+    def _new_state(self) -> None:
+        """Locks, and nothing held: what recording starts from."""
         # Lock order: _lock, then _cond.
         # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _settled_through,
         # _unwritten_orphans, _since_checkpoint, _counters, _warned_pins.
@@ -254,11 +266,25 @@ class AutoPersistingRecorder:
         self._blocked_seconds = 0.0
         self._writer_seconds = 0.0  # CPU time the writer thread spent saving
         self._last_warning = -float("inf")
+
+    def _start(self) -> None:
         self._writer = threading.Thread(target=self._run, name="phi-session auto-persist writer", daemon=True)
         self._writer.start()
         # Runs before the exit hooks of the store (opened before us), which close
         # connections the writer may be saving with.
         self._exit_hook = ExitHook(self, self.close)
+
+    def _give_up_in_child(self) -> None:
+        """In a forked child: the sessions held and queued, the writer thread and the exit
+        hook are the parent's, which saves them. Without a journal the child records
+        afresh into the same store from its first event on (`_check_open`); a journal is
+        the parent's to write (`Journal`), so then the recorder refuses."""
+        closed = self._closed
+        self.recorder = SessionRecorder(self.recorder.config)
+        self._saver = SessionSaver(self.store, retry_for=self._saver.retry_for)
+        self._new_state()  # a parent thread may have held the locks; it does not exist here
+        self._closed = True  # until `_check_open`; `close` has nothing of this process's to save
+        self._forked = not closed
 
     def __enter__(self) -> AutoPersistingRecorder:
         return self
@@ -362,8 +388,18 @@ class AutoPersistingRecorder:
             self.checkpoint()
 
     def _check_open(self) -> None:
-        if self._closed:
+        """Under `_lock`: raise unless events may be recorded."""
+        if not self._closed:
+            return
+        if not self._forked:
             raise PhiSessionError("the AutoPersistingRecorder is closed")
+        if self.journal is not None:
+            raise UsedAfterFork(
+                f"{self!r} journals into {self.journal.directory}, opened by process {self._made_by}; "
+                "a forked process must make its own recorder, with its own journal, after the fork"
+            )
+        self._forked = self._closed = False
+        self._start()
 
     # -- checkpoints ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ all of these; nothing here calls back into a recorder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -28,7 +29,8 @@ from typing import Literal, TypeAlias, get_args
 
 from .. import codec
 from .._exit import ExitHook
-from ..errors import InvalidArgument, JournalLocked, PhiSessionError, StoreError
+from .._fork import in_forked_child
+from ..errors import InvalidArgument, JournalLocked, PhiSessionError, StoreError, UsedAfterFork
 from ..events import AgentEvent
 from .format import (
     CHECKPOINT_FILE,
@@ -90,6 +92,10 @@ class Journal:
 
     I/O failures raise `StoreError`; after a failed write or fsync the journal refuses
     further appends (the kernel may have dropped the unsynced data, so a retry would lie).
+
+    A process forked from the one that opened it must not write to it (`UsedAfterFork`):
+    the parent goes on appending to the same segment. The child lets go of the directory
+    lock at once (the parent keeps it); its `close` does nothing.
     """
 
     def __init__(
@@ -119,11 +125,9 @@ class Journal:
         except OSError as error:
             raise StoreError(f"cannot open journal {self.directory}: {error}") from error
         # See the module docstring for what each lock guards and their order.
-        self._release_lock = threading.Lock()
-        self._sync_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._acked_cond = threading.Condition(threading.Lock())
-        self._waiting = 0  # threads in `wait_acknowledged`
+        self._new_locks()
+        self._opened_by = os.getpid()
+        self._in_child = False  # a forked child's copy of the journal (`_give_up_in_child`)
         self._failure: BaseException | None = None
         self._closing = False  # `close` was called
         self._claimed = False  # a recorder writes through it (`claim`)
@@ -167,6 +171,29 @@ class Journal:
         # At interpreter exit the flusher, a daemon thread, stops wherever it is: a journal
         # still open is closed first, so that what waits for it is written.
         self._exit_hook = ExitHook(self, self.close) if close_at_exit else None
+        in_forked_child(self, Journal._give_up_in_child)
+
+    def _new_locks(self) -> None:
+        self._release_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._acked_cond = threading.Condition(threading.Lock())
+        self._waiting = 0  # threads in `wait_acknowledged`
+
+    def _give_up_in_child(self) -> None:
+        """In a forked child: the parent goes on appending to the active segment, so a
+        record written here would share its numbers and tear its frames. Refuse every
+        write, and close this process's copy of the segment's descriptor."""
+        self._new_locks()  # a parent thread may have held them; it does not exist here
+        if self._closed:
+            return
+        self._in_child = True
+        self._closing = self._closed = True  # `close` has nothing of this process's to do
+        self._writable = False
+        self._pending, self._singles, self._pending_bytes = [], [], 0  # the parent writes them
+        self._flusher = None
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
 
     def __repr__(self) -> str:
         return f"Journal({str(self.directory)!r}, durability={self.durability!r})"
@@ -317,6 +344,8 @@ class Journal:
 
     def write_orphans(self, events: Iterable[AgentEvent]) -> int:
         """Durably append events that no loop claimed to ``orphans.jsonl``; returns how many."""
+        if self._in_child:
+            raise self._used_after_fork()
         try:
             if not self._orphans_settled:
                 with self._release_lock:  # `release` writes the checkpoint too
@@ -476,10 +505,18 @@ class Journal:
         return StoreError(f"journal {self.directory}: {what}: {error}")
 
     def _check_writable(self) -> None:
+        if self._in_child:
+            raise self._used_after_fork()
         if self._closed:
             raise StoreError(f"journal {self.directory} is closed")
         if self._failure is not None:
             raise StoreError(f"journal {self.directory} failed earlier: {self._failure}")
+
+    def _used_after_fork(self) -> UsedAfterFork:
+        return UsedAfterFork(
+            f"journal {self.directory} was opened by process {self._opened_by}; a forked process "
+            "must open its own journal, in another directory, after the fork"
+        )
 
     def _flush_loop(self) -> None:
         while not self._stopping:
