@@ -43,6 +43,8 @@ from phi_session.errors import InvalidArgument, MissingExtra
 from phi_session.messages import ToolCall
 from phi_session.stores.base import validate_session_id
 
+from .conftest import needs_fork
+
 CONFIG = LoopConfigSnapshot(model="m-1", provider="fake")
 
 
@@ -513,6 +515,52 @@ core.start_run("r", LoopConfigSnapshot(model="m-1", provider="fake"), framework_
     assert child.stdout == "the late end found None\n"  # its run had ended already
     (loop,) = SqliteStore(database).load("d").loops
     assert (loop.status, loop.error) == ("Aborted", "the interpreter exited during the run")
+
+
+_PREFORK = """
+import os, sys
+from phi_session import LoopConfigSnapshot
+from phi_session.adapters import AdapterCore
+
+config = LoopConfigSnapshot(model="m-1", provider="fake")
+core = AdapterCore("fake-fw")  # made before the fork, recording into the embedded store
+
+
+def run(session: str) -> None:
+    core.start_run("r", config, framework_session_id=session).loop.user("hi")
+    core.end_run("r")
+
+
+run("parent")  # the parent's thread now holds a connection to the store
+workers = []
+for n in (1, 2):
+    worker = os.fork()
+    if worker == 0:
+        run(f"worker{n}")
+        sys.exit(0)  # without close: the exit hooks save
+    workers.append(worker)
+for worker in workers:
+    assert os.waitstatus_to_exitcode(os.waitpid(worker, 0)[1]) == 0
+run("parent")
+"""
+
+
+@needs_fork
+def test_forked_workers_record_into_an_embedded_store_of_their_own(tmp_path: Path) -> None:
+    """A core made before a fork sent a worker's runs to its parent's recorder, whose writer
+    thread and exit hook do not exist in the worker, through the parent's store connection:
+    none of them was saved, and nothing said so."""
+    database = tmp_path / "sessions.db"
+    env = {**os.environ, "PHI_SESSION_STORE": str(database)}
+    child = subprocess.run(
+        [sys.executable, "-c", _PREFORK], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert (child.returncode, child.stderr) == (0, "")
+    store = SqliteStore(database)
+    assert sorted(store.list_ids()) == ["parent", "worker1", "worker2"]
+    assert [loop.loop_id for loop in store.load("parent").loops] == ["parent.fake.m-1.1", "parent.fake.m-1.2"]
+    for worker in ("worker1", "worker2"):
+        assert [loop.status for loop in store.load(worker).loops] == ["Completed"]
 
 
 def test_usage_of_counts_none_as_zero() -> None:

@@ -32,7 +32,9 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
 * **default sink**: the embedded store (`phi_session.stores.default_store`) behind an
   `AutoPersistingRecorder`, which saves sessions as they complete through the one
   `SessionSaver`; `close` saves what is left, and so does interpreter exit, where runs
-  still open end failed ("the interpreter exited during the run");
+  still open end failed ("the interpreter exited during the run"); a process forked
+  from the one that made the core (a pre-fork server's worker) records from its first
+  run on into an embedded store of its own: its own recorder and connection;
 * **one identity per session, however many adapter instances**: cores recording into
   the same place (the same embedded store, or the same sink objects) share their
   sessions' identities and the embedded store's one recorder (`_sessions`), so that a
@@ -56,6 +58,7 @@ import msgspec
 
 from .._checks import check_callable, check_instance, check_seconds, check_type, check_usage
 from .._failures import FailureTally
+from .._fork import in_forked_child
 from ..codec import escape_surrogates
 from ..errors import (
     InvalidArgument,
@@ -432,6 +435,7 @@ class AdapterCore:
         if sink is None:
             self._rejoin = (store, processors, redact)
             self._join_embedded(*self._rejoin)
+            in_forked_child(self, AdapterCore._leave_in_child)
         else:
             sinks = [sink] if callable(sink) or not isinstance(sink, Iterable) else list(sink)
             self._book = book_for_sinks(sinks, max_idle_sessions)
@@ -449,6 +453,14 @@ class AdapterCore:
         self.tracer = Tracer(
             self.agent, sinks=[embedded.persister.on_event], processors=processors, redact=redact
         )
+
+    def _leave_in_child(self) -> None:
+        """In a forked child: the embedded store's recorder (its writer thread, its exit hook,
+        the store's connections) and the runs open are the parent's, which saves them; the
+        child's next run joins an embedded store of the child's own (`start_run`)."""
+        self._lock = threading.Lock()  # a parent thread may have held it; it does not exist here
+        self._runs.clear()
+        self._embedded = None
 
     def __repr__(self) -> str:
         return f"AdapterCore({self.framework!r})"
