@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -103,6 +104,35 @@ def in_forked_child(work: Callable[[], object]) -> int:
         finally:
             os._exit(status)
     return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+
+
+@contextlib.contextmanager
+def idle_forked_child(work: Callable[[], object] = lambda: None) -> Iterator[None]:
+    """A child made by ``os.fork()`` that runs `work`, then lives on, idle, until the block
+    ends; its exit status (as `in_forked_child`'s) must then be 0."""
+    ready, ready_w = os.pipe()
+    done_r, done = os.pipe()
+    child = os.fork()
+    if child == 0:
+        status = 1
+        try:
+            work()
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os.write(ready_w, b"-")
+            os.read(done_r, 1)
+            os._exit(status)
+    try:
+        os.read(ready, 1)
+        yield
+    finally:
+        os.write(done, b"-")
+        status = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+        for fd in (ready, ready_w, done_r, done):
+            os.close(fd)
+    assert status == 0
 
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")

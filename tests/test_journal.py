@@ -56,7 +56,7 @@ from phi_session.stores.base import SessionStore
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
 
-from .conftest import in_forked_child, needs_fork
+from .conftest import idle_forked_child, in_forked_child, needs_fork
 from .journal_kill_worker import stream, with_strays
 
 WORKER = Path(__file__).with_name("journal_kill_worker.py")
@@ -175,6 +175,22 @@ def test_a_journal_refuses_writes_in_a_forked_child_and_its_parent_goes_on(
     assert [record.seq for record in read_records(tmp_path)] == [0, 1, 2, 3]
     assert not (tmp_path / ORPHANS_FILE).exists()
     journal.close()
+
+
+@needs_fork
+def test_a_forked_child_keeps_no_journal_locked(tmp_path: Path) -> None:
+    """The child kept its copy of the lock's descriptor: a helper process forked while the
+    journal was open (a multiprocessing pool) kept the directory locked for as long as it
+    lived, after the journal was closed or its process died (`recover` refused)."""
+    journal = Journal(tmp_path)
+
+    def child() -> None:
+        with pytest.raises(JournalLocked):  # letting go of its copy left the parent's lock held
+            Journal(tmp_path)
+
+    with idle_forked_child(child):
+        journal.close()
+        Journal(tmp_path).close()
 
 
 def test_streaming_deltas_the_recorder_drops_are_not_journaled(tmp_path: Path) -> None:

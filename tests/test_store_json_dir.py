@@ -39,7 +39,7 @@ from phi_session.stores.json_dir import (
 )
 from phi_session.stores.query import PruneCriteria, SessionQuery
 
-from .conftest import GOLDEN
+from .conftest import GOLDEN, idle_forked_child, needs_fork
 from .store_support import check_saves_in_parts, check_saves_read_only_touched_loops, conversation_parts
 
 
@@ -184,6 +184,32 @@ def test_save_waits_for_a_lock_released_in_time(directory: Path) -> None:
     holder.join()
     assert time.monotonic() - started >= 0.1
     assert store.list_ids() == ["s"]
+
+
+@needs_fork
+def test_a_child_forked_during_a_save_keeps_no_session_locked(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child kept its copy of the sidecar's locked descriptor, and the thread that would
+    have closed it does not exist there: the session stayed locked while the child lived."""
+    store = JsonDirStore(directory, lock_timeout=0.2)
+    writing, go_on = threading.Event(), threading.Event()
+    write = store._write_atomically
+
+    def slow_write(*args: Any) -> Any:
+        writing.set()
+        go_on.wait(5)
+        return write(*args)
+
+    monkeypatch.setattr(store, "_write_atomically", slow_write)
+    saver = threading.Thread(target=store.save, args=(make_session("s"),))
+    saver.start()
+    writing.wait(5)
+    with idle_forked_child():
+        go_on.set()
+        saver.join()
+        store.save(make_session("s", loops=[make_loop("s", 2)]))  # SessionLocked while the child lived
+    assert [r.loop_id for r in store.load("s").loops] == ["s.cfg.1", "s.cfg.2"]
 
 
 def test_readers_take_no_lock(store: JsonDirStore, directory: Path) -> None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import codec
+from .._fork import in_forked_child
 from .._jsonl import ends_mid_line
 from ..errors import JournalLocked, NotAJournal
 from ..events import AgentEvent
@@ -209,7 +210,7 @@ class DirectoryLock:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if self._holds_path():
-                    return
+                    break
             except BlockingIOError:
                 os.close(self._fd)
                 raise JournalLocked(f"journal {directory} is in use by another writer") from None
@@ -219,6 +220,7 @@ class DirectoryLock:
             # The file was removed (`release(remove=True)`) between our open and our flock:
             # locking it excludes nobody, as the next writer makes and locks a new one.
             os.close(self._fd)
+        in_forked_child(self, DirectoryLock._forget_in_child)
 
     def _holds_path(self) -> bool:
         """Whether the locked descriptor is still the file at `path`."""
@@ -228,6 +230,14 @@ class DirectoryLock:
             return False
         held = os.fstat(self._fd)
         return (held.st_ino, held.st_dev) == (named.st_ino, named.st_dev)
+
+    def _forget_in_child(self) -> None:
+        """In a forked child: close this process's copy of the descriptor, which would keep
+        the directory locked for as long as the child lives; the parent keeps its lock."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def release(self, *, remove: bool = False) -> None:
         """Unlock; with `remove`, delete the lock file first, while it is still held (once

@@ -288,6 +288,24 @@ def _describe(error: OSError) -> str:
     return error.strerror or str(error)
 
 
+# The sidecar locks held now, by saves on any thread. A child forked meanwhile closes its
+# copies at once: it would keep the session locked for as long as it lives, and the
+# thread that would have unlocked it does not exist there. (A flock is the open file
+# description's: the parent's lock holds until the parent closes its descriptor.)
+_held_locks: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class JsonDirStore(ScanSearch, AsyncTwins):
     """A `SessionStore` keeping one phi-core JSON file per session in `directory`.
 
@@ -438,6 +456,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as error:
             raise StoreError(f"cannot open lock file {lock_path}: {_describe(error)}") from error
+        _held_locks.add(fd)
         try:
             deadline = time.monotonic() + self._lock_timeout
             while True:
@@ -456,6 +475,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
                     raise StoreError(f"cannot lock {lock_path}: {_describe(error)}") from error
             yield
         finally:
+            _held_locks.discard(fd)
             os.close(fd)  # closing the descriptor releases the lock
 
     def _write_atomically(self, session_id: str, data: bytes) -> _FileKey:
