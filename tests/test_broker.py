@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import re
@@ -32,12 +33,13 @@ import msgspec
 import pytest
 
 import phi_session as ps
+from phi_session import AgentSession, LoopConfigSnapshot, Tracer
 from phi_session.codec import decode_event, encode_event, encode_session
-from phi_session.errors import BrokerError
+from phi_session.errors import BrokerError, UsedAfterFork
 from phi_session.journal import Journal, read_records
 from phi_session.recorder import SessionRecorder
 
-from .conftest import full_disk_after, read_only
+from .conftest import full_disk_after, in_forked_child, needs_fork, read_only
 from .nats_support import PrivateServer, listening
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -1069,6 +1071,37 @@ def test_a_sink_left_open_at_exit_keeps_its_events(names: Names) -> None:
     )
     kept = sum(1 for episode in names.spill.iterdir() for _ in read_records(episode))
     assert kept == workload.EVENTS_PER_SESSION
+
+
+@needs_fork
+def test_a_sink_is_refused_in_a_forked_child_and_a_tracer_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A child's events went into a copy of the queue that no thread sends, and its exit
+    hook is its parent's: they were lost, without a word."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        unreachable = f"nats://127.0.0.1:{free.getsockname()[1]}"
+    events = list(workload.events(1, seed=4))
+    sink = JetStreamSink(unreachable, spill_dir=tmp_path, publish_timeout=0.2)
+    sink(events[0])
+
+    def child() -> None:
+        with pytest.raises(UsedAfterFork, match="a forked process must make its own JetStreamSink"):
+            sink(events[1])
+        tracer = Tracer(AgentSession(), sinks=[sink])
+        with caplog.at_level(logging.ERROR, logger="phi_session.sinks"):
+            with tracer.loop(LoopConfigSnapshot(model="m", provider="p")) as loop:
+                loop.user("hi")
+        assert list(tracer.sink_errors) == [repr(sink)]  # every event failed, and was counted
+        (logged,) = [r for r in caplog.records if r.exc_info and r.exc_info[0] is UsedAfterFork]
+        assert "failed with UsedAfterFork" in logged.getMessage()
+        sink.close(timeout=0)  # the parent's events are the parent's to send or spill
+
+    assert in_forked_child(child) == 0
+    sink(events[1])
+    sink.close(timeout=0)
+    assert sum(1 for episode in tmp_path.iterdir() for _ in read_records(episode)) == 2
 
 
 def test_a_sink_touches_nothing_in_spill_dir_but_its_own(names: Names) -> None:

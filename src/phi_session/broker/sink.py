@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -30,8 +31,9 @@ import msgspec
 
 from .._checks import check_type
 from .._exit import ExitHook
+from .._fork import in_forked_child
 from ..codec import encode_event, escape_surrogates
-from ..errors import BrokerError, InvalidArgument, NotAJournal, PhiSessionError, StoreError
+from ..errors import BrokerError, InvalidArgument, NotAJournal, PhiSessionError, StoreError, UsedAfterFork
 from ..events import AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
 from ..journal import Journal, read_records
@@ -202,7 +204,8 @@ class JetStreamSink:
     when the sink is made: one that cannot be written is refused then (`BrokerError`).
     Events the disk could not take later are counted (`SinkStats.lost`), and `close`
     raises `BrokerError` for them. `unreachable` says why NATS could not be reached,
-    while it cannot. Thread-safe.
+    while it cannot. Thread-safe. A process forked from the one that made the sink cannot
+    use it (`UsedAfterFork`): it makes its own after the fork.
     """
 
     def __init__(
@@ -271,6 +274,20 @@ class JetStreamSink:
         self._started.wait()
         # The publishing thread is a daemon: what it holds would vanish with the process.
         self._exit_hook = ExitHook(self, self.close)
+        self._made_by = os.getpid()
+        self._in_child = False  # a forked child's copy (`_give_up_in_child`)
+        in_forked_child(self, JetStreamSink._give_up_in_child)
+
+    def _give_up_in_child(self) -> None:
+        """In a forked child: the connection, the publishing thread and the events queued
+        are the parent's, which sends them; the child's events would wait in a queue no
+        thread sends, so they are refused (`UsedAfterFork`)."""
+        self._lock = threading.Lock()  # a parent thread may have held it; it does not exist here
+        self._idle = threading.Condition(self._lock)
+        self._in_child = not self._closed
+        self._closed = True  # `close` has nothing of this process's to send
+        self._queue.clear()
+        self._sending = self._spill = None
 
     def __repr__(self) -> str:
         return f"JetStreamSink({self.url!r}, stream={self.settings.stream!r})"
@@ -281,6 +298,11 @@ class JetStreamSink:
         payload = encode_event(event)
         with self._lock:
             if self._closed:
+                if self._in_child:
+                    raise UsedAfterFork(
+                        f"{self!r} was made by process {self._made_by}; a forked process must make "
+                        "its own JetStreamSink after the fork"
+                    )
                 raise BrokerError(f"{self!r} is closed")
             session, key = self._route(event)
             self._seq += 1
