@@ -466,6 +466,33 @@ def test_a_huge_message_counts_for_what_it_weighs() -> None:
     assert 3 * len(huge) <= held_bytes(session) <= 3 * len(huge) + 1_000 * (events + 1)
 
 
+def test_tool_arguments_and_details_count_for_what_they_weigh() -> None:
+    """A 2 MB tool-call argument and a 1 MB result's details count against the budget
+    (the Tracer keeps its own copy of the arguments in the call and in its
+    ToolExecutionStart: two in memory)."""
+    from phi_session import AgentSession, LoopConfigSnapshot, ToolCall, Tracer
+
+    recorder = SessionRecorder()
+    tracer = Tracer(
+        AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m", provider="p"), redact=False
+    )
+    content = "y" * 2_000_000
+    details = {"lines": ["z" * 1_000] * 1_000}
+    with tracer.loop() as loop:
+        loop.user("write it")
+        with loop.turn() as turn:
+            with turn.assistant() as reply:
+                reply.finish(tool_calls=[ToolCall(id="c", name="write", arguments={"content": content})])
+            with turn.tool(turn.tool_calls[0]) as tool:
+                tool.result("ok", details=details)
+    tracer.close()
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    events = sum(len(record.events) for record in session.loops)
+    weight = 2 * len(content) + 1_000 * 1_000
+    assert weight <= held_bytes(session) <= weight + 1_000 * (events + 1)
+
+
 def test_the_writer_saves_waiting_sessions_in_batches(tmp_path: Path) -> None:
     batches: list[int] = []
 

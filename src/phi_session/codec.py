@@ -197,6 +197,11 @@ _plain = _Encoder("deterministic")
 _insertion_order = _Encoder(None)
 
 
+def json_size(value: Any) -> int:
+    """The length of `value`'s compact JSON encoding (as `json_text` writes it), in bytes."""
+    return len(_insertion_order.encode(value))
+
+
 def json_text(value: Any) -> str:
     """`value` (JSON data, or what `json_form` makes JSON of) as compact JSON text, keys in
     insertion order and lone surrogates escaped: JSON carried inside another format

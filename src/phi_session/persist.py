@@ -51,10 +51,19 @@ import msgspec
 from ._checks import check_instance, check_seconds, check_type
 from ._exit import ExitHook
 from ._fork import in_forked_child
+from .codec import json_size
 from .errors import InvalidArgument, PhiSessionError, StoreError, UsedAfterFork
-from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
+from .events import (
+    AgentEvent,
+    AgentStart,
+    ParallelLoopEnd,
+    ParallelLoopStart,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    ToolExecutionUpdate,
+)
 from .journal import Journal, JournaledRecorder, RecoveryReport, recover
-from .messages import ImageContent, TextContent, ThinkingContent
+from .messages import ExtensionMessage, ImageContent, TextContent, ThinkingContent, ToolCall
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
 from .saver import SaveTarget, SessionSaver, check_save_target
@@ -93,25 +102,54 @@ _CLOSE_GRACE = 1.0  # seconds `close` gives a down store beyond `retry_for`
 
 def held_bytes(session: Session) -> int:
     """What a session counts against the writer's budget: `EVENT_BYTES` per event (and one
-    for the session itself) plus the text its loops' messages hold, so that one huge tool
-    output or image counts for what it weighs. A message resent in every ``TurnRequest``
-    is one object in memory and counts once."""
+    for the session itself) plus the text its loops' messages hold and the JSON size of the
+    free-form data they carry (tool-call arguments, tool results' details, extension
+    data), so that one huge tool output, image or argument counts for what it weighs. One
+    object held in several places (a message resent in every ``TurnRequest``) counts once;
+    a copy counts as what it is, another object in memory."""
     held = EVENT_BYTES * (1 + sum(len(record.events) for record in session.loops))
+    seen: set[int] = set()
     for record in session.loops:
         for message in record.messages:
             for block in getattr(message, "content", ()):
-                held += _block_chars(block)
+                held += _block_bytes(block, seen)
+            if isinstance(message, ExtensionMessage):
+                held += _data_bytes(message.data, seen)
+        for stored in record.events:
+            event = stored.event
+            kind = type(event)
+            if kind is ToolExecutionStart:
+                held += _data_bytes(cast(ToolExecutionStart, event).args, seen)
+            elif kind is ToolExecutionEnd:
+                held += _data_bytes(cast(ToolExecutionEnd, event).result.details, seen)
+            elif kind is ToolExecutionUpdate:
+                held += _data_bytes(cast(ToolExecutionUpdate, event).partial_result.details, seen)
     return held
 
 
-def _block_chars(block: object) -> int:
+def _block_bytes(block: object, seen: set[int]) -> int:
     if isinstance(block, TextContent):
         return len(block.text)
     if isinstance(block, ThinkingContent):
         return len(block.thinking)
     if isinstance(block, ImageContent):
         return len(block.data)
-    return 0  # a tool call: its arguments are small next to EVENT_BYTES
+    if isinstance(block, ToolCall):
+        return _data_bytes(block.arguments, seen)
+    return 0
+
+
+def _data_bytes(value: object, seen: set[int]) -> int:
+    """The JSON size of free-form data, counted once per object (by identity)."""
+    if value is None or isinstance(value, (bool, int, float)) or id(value) in seen:
+        return 0
+    seen.add(id(value))
+    if isinstance(value, str):
+        return len(value)
+    try:
+        return json_size(value)
+    except (TypeError, RecursionError):  # not JSON: saving it fails, and says why
+        return 0
 
 
 class _SessionProbe(msgspec.Struct):
