@@ -7,6 +7,7 @@ import gc
 import logging
 import re
 import threading
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -692,6 +693,42 @@ def test_a_remembered_message_whose_arguments_gain_a_secret_is_scanned_again() -
     redacted = redactor(_history_request((reply,)))
     [message] = redacted.payload.messages  # type: ignore[attr-defined]
     assert message.content[0].arguments["nested"]["api_key"] == REDACTED
+
+
+def test_a_redactor_keeps_no_more_than_its_budget_of_drained_conversations_alive() -> None:
+    # Its memo outlives the sessions: 100 conversations each with a 300 KB argument kept
+    # 90 MB (the arguments and their copies) alive once they were dropped.
+    redactor = Redactor()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(100):
+            reply = _tool_reply("write", {"path": f"f{index}", "content": "y" * 300_000})
+            redactor(ps.MessageEnd(loop_id="l", message=reply))
+            redactor(_history_request((reply,)))
+            del reply
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 25_000_000
+
+
+def test_a_huge_argument_is_scanned_again_each_time_not_kept() -> None:
+    arguments = {"content": "y" * 3_000_000}
+    reply = _tool_reply("write", arguments)
+    redactor = CountingRedactor()
+    for _ in range(3):
+        redactor(ps.MessageEnd(loop_id="l", message=reply))
+    assert redactor.scans[id(arguments)] == 3
+    small = {"path": "a.py"}
+    for _ in range(3):
+        redactor(ps.MessageEnd(loop_id="l", message=_tool_reply("read", small)))
+    assert redactor.scans[id(small)] == 3  # each its own content: scanned each time
+    reply = _tool_reply("read", small)
+    for _ in range(3):
+        redactor(ps.MessageEnd(loop_id="l", message=reply))
+    assert redactor.scans[id(small)] == 4  # one content: scanned once
 
 
 class CountingStringRedactor(Redactor):

@@ -161,6 +161,20 @@ class ToolCall(_Content, tag="toolCall", frozen=True):
 
 Content = Union[TextContent, ImageContent, ThinkingContent, ToolCall]
 
+
+def text_size(block: object) -> int:
+    """The characters of text, thinking or image data a content block holds (0 for a
+    tool call): what it weighs in memory, for the budgets that count it."""
+    tp = type(block)
+    if tp is TextContent:
+        return len(block.text)  # type: ignore[attr-defined]
+    if tp is ThinkingContent:
+        return len(block.thinking)  # type: ignore[attr-defined]
+    if tp is ImageContent:
+        return len(block.data)  # type: ignore[attr-defined]
+    return 0
+
+
 # -- Messages -------------------------------------------------------------------------
 
 

@@ -63,7 +63,7 @@ from .events import (
     ToolExecutionUpdate,
 )
 from .journal import Journal, JournaledRecorder, RecoveryReport, recover
-from .messages import ExtensionMessage, ImageContent, TextContent, ThinkingContent, ToolCall
+from .messages import ExtensionMessage, ToolCall, text_size
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
 from .saver import SaveTarget, SessionSaver, check_save_target
@@ -128,15 +128,9 @@ def held_bytes(session: Session) -> int:
 
 
 def _block_bytes(block: object, seen: set[int]) -> int:
-    if isinstance(block, TextContent):
-        return len(block.text)
-    if isinstance(block, ThinkingContent):
-        return len(block.thinking)
-    if isinstance(block, ImageContent):
-        return len(block.data)
     if isinstance(block, ToolCall):
         return _data_bytes(block.arguments, seen)
-    return 0
+    return text_size(block)
 
 
 def _data_bytes(value: object, seen: set[int]) -> int:

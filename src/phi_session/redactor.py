@@ -31,7 +31,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ._checks import check_each, check_instance, check_type
-from .codec import json_form
+from .codec import json_form, json_size
 from .errors import InvalidArgument
 from .events import (
     AgentEnd,
@@ -63,6 +63,7 @@ from .messages import (
     UserMessage,
     extension_message,
     message_role,
+    text_size,
 )
 
 __all__ = ["DEFAULT_SECRET_FIELDS", "DEFAULT_SECRET_PATTERNS", "REDACTED", "Redactor"]
@@ -150,6 +151,12 @@ _json_encode = msgspec.json.encode
 _FIELD_CACHE_LIMIT = 4096
 _MEMO_LIMIT = 1024  # per redactor: the distinct contents of a long conversation's history
 _HISTORY_LIMIT = 64  # per redactor: the conversations in flight (each holds its last history)
+# What the remembered contents, and the remembered histories, may hold (their text and
+# tool arguments, and the arguments' copies), per redactor: they outlive their sessions,
+# and must not keep megabytes of drained conversations alive.
+_MEMO_BYTES = 8 * 1024 * 1024
+_HISTORY_BYTES = 8 * 1024 * 1024
+_MEMO_VALUE_BYTES = 1024 * 1024  # a larger content is scanned again each time it comes
 
 DEFAULT_SECRET_FIELDS: frozenset[str] = frozenset(
     {
@@ -195,8 +202,8 @@ _MISSING: Any = object()  # a memo miss (a remembered result is never this objec
 _UNCHANGEABLE = frozenset({type(None), str, int, float, bool})
 _STRINGS = frozenset({str})
 _is_str = str.__instancecheck__
-# A remembered history: (messages, redacted, live arguments, their copy); see `_history`.
-_HistoryEntry = tuple[tuple[Any, ...], tuple[Any, ...], list[Any], Any]
+# A remembered history: (messages, redacted, live arguments, their copy, size); see `_history`.
+_HistoryEntry = tuple[tuple[Any, ...], tuple[Any, ...], list[Any], Any, int]
 # A container's scan (`Redactor._walk`): yields the values nested in it, is sent them
 # redacted, returns the container redacted.
 _Scan = Generator[Any, Any, Any]
@@ -209,11 +216,21 @@ def _live_arguments(content: tuple[Content, ...]) -> list[Any]:
     return list(map(getattr, content, repeat("arguments"), repeat(None)))
 
 
-def _json_copy(value: Any) -> Any:
-    """A deep copy of a JSON value that compares equal to it while it is unchanged.
-    Raises one of `_NOT_COPIED` for values that do not copy as JSON (and so could never
-    compare equal)."""
-    return _json_decode(_json_encode(value))
+def _json_copy(value: Any, room: int) -> tuple[Any, int] | None:
+    """A deep copy of a JSON value that compares equal to it while it is unchanged, and
+    the size of its JSON; None, without a copy, when that is over `room` bytes. Raises
+    one of `_NOT_COPIED` for values that do not copy as JSON (and so could never compare
+    equal)."""
+    written = _json_encode(value)
+    if len(written) > room:
+        return None
+    return _json_decode(written), len(written)
+
+
+def _content_size(content: tuple[Content, ...], arguments: list[Any]) -> int:
+    """What `content` holds besides the tool arguments that could change: its text, and
+    arguments given as a JSON string."""
+    return sum(map(text_size, content)) + sum(len(a) for a in arguments if type(a) is str)
 
 
 # What `_json_copy` raises: not JSON, or nested deeper than the codec goes from here.
@@ -266,12 +283,14 @@ class Redactor:
         # them either), where the anchored defaults alone apply (`_known_clean`'s
         # shortcut; it stays empty otherwise).
         self._clean_fields: set[str] = set()
-        # id -> (value, result, live, witness); ordered to drop the oldest in O(1) (a plain
-        # dict's first entry is found past every entry deleted before it)
-        self._memo: OrderedDict[int, tuple[Any, Any, Any, Any]] = OrderedDict()
+        # id -> (value, result, live, witness, size); ordered to drop the oldest in O(1) (a
+        # plain dict's first entry is found past every entry deleted before it)
+        self._memo: OrderedDict[int, tuple[Any, Any, Any, Any, int]] = OrderedDict()
+        self._memo_bytes = 0  # the sizes of `_memo`'s entries (`_MEMO_BYTES`)
         self._memo_lock = threading.Lock()
-        # id(first message) -> (history, result, live, witness): see `_history`.
+        # id(first message) -> (history, result, live, witness, size): see `_history`.
         self._histories: OrderedDict[int, _HistoryEntry] = OrderedDict()
+        self._history_bytes = 0
         # Per event type, what to scan; events of other types pass untouched, at the
         # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
         self._handlers: dict[type, Callable[[Any], AgentEvent]] = {
@@ -498,19 +517,26 @@ class Redactor:
             return hit[1]
         return _MISSING
 
-    def _remember(self, value: Any, result: Any, live: Any = None, witness: Any = None) -> None:
+    def _remember(self, value: Any, result: Any, size: int, live: Any = None, witness: Any = None) -> None:
+        """Remember `result` for `value`, which holds `size` bytes (with `live` and `witness`)."""
+        if size > _MEMO_VALUE_BYTES:
+            return
         with self._memo_lock:
             memo = self._memo
-            if len(memo) >= _MEMO_LIMIT:
-                memo.popitem(last=False)  # the oldest entry
-            memo[id(value)] = (value, result, live, witness)
+            while memo and (len(memo) >= _MEMO_LIMIT or self._memo_bytes + size > _MEMO_BYTES):
+                self._memo_bytes -= memo.popitem(last=False)[1][4]  # the oldest entry
+            old = memo.pop(id(value), None)  # scanned by two threads at once
+            if old is not None:
+                self._memo_bytes -= old[4]
+            memo[id(value)] = (value, result, live, witness, size)
+            self._memo_bytes += size
 
     def _snapshot_once(self, snapshot: LoopConfigSnapshot) -> LoopConfigSnapshot:
         # Every loop of an agent announces the same snapshot object: scanned once.
         result = self._recall(snapshot)
         if result is _MISSING:
             result = self._snapshot(snapshot)
-            self._remember(snapshot, result)
+            self._remember(snapshot, result, 0)  # a few names
         return result  # type: ignore[no-any-return]
 
     def _arguments(self, arguments: Any) -> Any:
@@ -524,7 +550,7 @@ class Redactor:
             result = self._recall(arguments)
             if result is _MISSING:
                 result = self.redact_json_string(arguments)
-                self._remember(arguments, result)
+                self._remember(arguments, result, len(arguments))
             return result
         return self.redact_value(arguments)
 
@@ -536,7 +562,7 @@ class Redactor:
         tool calls' arguments may be dicts or lists that could still change (gain a
         secret after the scan): the entry keeps a copy of them taken before the scan
         and holds only while they still equal it; arguments that do not copy as JSON
-        are never remembered.
+        are never remembered, nor is a content over `_MEMO_VALUE_BYTES`.
         """
         if not content:
             return content
@@ -548,14 +574,20 @@ class Redactor:
         # string): an entry without lists, which the cyclic collector stops tracking.
         live: list[Any] | None = None
         witness: Any = None
+        size = _content_size(content, arguments)
         if not set(map(type, arguments)) <= _UNCHANGEABLE:
             try:
-                witness = _json_copy(arguments)
+                # The live arguments and their copy: each weighs about their JSON.
+                copied = _json_copy(arguments, (_MEMO_VALUE_BYTES - size) // 2)
             except _NOT_COPIED:
+                copied = None
+            if copied is None:
                 return self._scan_content(content)
+            witness, arguments_size = copied
+            size += 2 * arguments_size
             live = arguments
         result = self._scan_content(content)
-        self._remember(content, result, live, witness)
+        self._remember(content, result, size, live, witness)
         return result
 
     def _history(self, messages: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -568,17 +600,18 @@ class Redactor:
         on every turn). As in `_content`, what could still change (tool-call
         arguments) is compared with a copy taken before the scan; a history holding
         anything else that could change (extension data with text redaction on,
-        arguments that do not copy as JSON) is not remembered.
+        arguments that do not copy as JSON), or weighing over `_HISTORY_BYTES`, is not
+        remembered (the shorter one remembered before it still serves).
         """
         if not messages:
             return messages
         key = id(messages[0])
-        start, done, live, witness = 0, (), [], []
+        start, done, live, witness, size = 0, (), [], [], 0
         hit = self._histories.get(key)
         if hit is not None:
-            known, result, known_live, known_witness = hit
+            known, result, known_live, known_witness, known_size = hit
             if len(known) <= len(messages) and all(map(is_, known, messages)) and known_live == known_witness:
-                start, live, witness = len(known), known_live, known_witness
+                start, live, witness, size = len(known), known_live, known_witness, known_size
                 done = () if result is known else result  # () while nothing in it was redacted
         fresh = messages[start:]
         mapped = tuple(map(self._message, fresh))
@@ -589,21 +622,42 @@ class Redactor:
         fresh_live = []
         for message in fresh:
             if type(message) is AssistantMessage:
-                fresh_live += _live_arguments(message.content)
-            elif self.redact_text and isinstance(message, ExtensionMessage):
-                return result
+                arguments = _live_arguments(message.content)
+                size += _content_size(message.content, arguments)
+                fresh_live += arguments
+            elif isinstance(message, ExtensionMessage):
+                if self.redact_text:
+                    return result
+                try:
+                    size += json_size(message.data)
+                except _NOT_COPIED:
+                    return result
+            else:
+                size += sum(map(text_size, message.content))
         if fresh_live:
             try:
-                witness = witness + _json_copy(fresh_live)
+                copied = _json_copy(fresh_live, (_HISTORY_BYTES - size) // 2)
             except _NOT_COPIED:
+                copied = None
+            if copied is None:
                 return result
+            witness = witness + copied[0]
+            size += 2 * copied[1]
             live = live + fresh_live
+        if size > _HISTORY_BYTES:
+            return result
         with self._memo_lock:
             histories = self._histories
-            histories.pop(key, None)  # re-inserted last: the oldest conversation goes first
-            if len(histories) >= _HISTORY_LIMIT:
-                histories.popitem(last=False)
-            histories[key] = (messages, result, live, witness)
+            old = histories.pop(key, None)
+            if old is not None:
+                self._history_bytes -= old[4]
+            # Re-inserted last: the oldest conversation goes first.
+            while histories and (
+                len(histories) >= _HISTORY_LIMIT or self._history_bytes + size > _HISTORY_BYTES
+            ):
+                self._history_bytes -= histories.popitem(last=False)[1][4]
+            histories[key] = (messages, result, live, witness, size)
+            self._history_bytes += size
         return result
 
     def _messages(self, messages: tuple[Any, ...]) -> tuple[Any, ...]:
