@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 import phi_session as ps
@@ -129,6 +131,45 @@ def test_self_parented_loop_does_not_hang() -> None:
     # phi-core's compaction pass reuses its loop id as its own parent.
     s = session(loop("s.c.1", "s.c.1", "a"))
     assert s.loop_chain_to("s.c.1") == ["s.c.1"]
+
+
+class CountedLoops(list[ps.LoopRecord]):
+    """A session's loops that count the passes made over them."""
+
+    passes = 0
+
+    def __iter__(self) -> Iterator[ps.LoopRecord]:
+        self.passes += 1
+        return super().__iter__()
+
+    def __reversed__(self) -> Iterator[ps.LoopRecord]:
+        self.passes += 1
+        return super().__reversed__()
+
+
+def chain_of(count: int) -> ps.Session:
+    """A session of `count` loops, each continuing the one before, loops counted."""
+    s = session(*(loop(f"s.c.{i}", f"s.c.{i - 1}" if i else None, f"m{i}") for i in range(count)))
+    s.loops = CountedLoops(s.loops)
+    return s
+
+
+def test_a_long_chain_is_walked_with_one_pass_over_the_loops() -> None:
+    s = chain_of(200)
+    last = "s.c.199"
+    assert len(s.context_at(last)) == 200
+    assert len(s.loop_chain_to(last)) == len(s.context_chain_to(last)) == 200
+    assert s.loops.passes <= 3  # type: ignore[attr-defined]
+    index = s.loop_index()
+    assert s.context_at(last, index=index) == s.context_at(last)
+    assert s.loop_chain_to(last, index=index) == s.loop_chain_to(last)
+
+
+def test_the_loop_index_holds_the_first_loop_of_an_id() -> None:
+    first, second = loop("s.c.1", None, "a"), loop("s.c.1", None, "b")
+    s = session(first, second, loop("s.c.2", "s.c.1", "c"))
+    assert s.loop_index()["s.c.1"] is first is s.get_loop("s.c.1")
+    assert [m.content[0].text for m in s.context_at("s.c.2")] == ["a", "c"]  # type: ignore[union-attr]
 
 
 def test_metadata_that_refers_back_to_its_records_is_collected() -> None:

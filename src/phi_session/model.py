@@ -19,7 +19,7 @@ that holds it makes a cycle the GC cannot collect.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
@@ -594,6 +594,13 @@ class Session(msgspec.Struct, kw_only=True):
                 return record
         return None
 
+    def loop_index(self) -> dict[str, LoopRecord]:
+        """Each loop id's first loop (the one `get_loop` finds), in one pass: for looking up
+        many loops (walking a chain of parents) without scanning the loops for each. It
+        does not follow the session's later changes."""
+        # Built backwards so that the first loop with an id is the one that stays.
+        return {record.loop_id: record for record in reversed(self.loops)}
+
     def root_loops(self) -> list[LoopRecord]:
         """Loops without a parent in this session (origins and sub-agent roots)."""
         ids = {record.loop_id for record in self.loops}
@@ -615,33 +622,36 @@ class Session(msgspec.Struct, kw_only=True):
         wanted = set(record.parallel_group.all_loop_ids)
         return [r for r in self.loops if r.loop_id in wanted]
 
-    def loop_chain_to(self, loop_id: str) -> list[str]:
+    def loop_chain_to(self, loop_id: str, *, index: Mapping[str, LoopRecord] | None = None) -> list[str]:
         """Loop ids from the root down to `loop_id`, following ``parent_loop_id``.
 
         Unlike phi-core, a loop that names itself (or an ancestor) as parent, as
         phi-core's compaction pass does, ends the walk instead of looping forever.
+        `index`: this session's `loop_index`, to reuse over many calls.
         """
+        loops = self.loop_index() if index is None else index
         chain = [loop_id]
         seen = {loop_id}
-        record = self.get_loop(loop_id)
+        record = loops.get(loop_id)
         while record is not None and record.parent_loop_id is not None:
             parent = record.parent_loop_id
             if parent in seen:
                 break
             chain.append(parent)
             seen.add(parent)
-            record = self.get_loop(parent)
+            record = loops.get(parent)
         chain.reverse()
         return chain
 
-    def context_chain_to(self, loop_id: str) -> list[str]:
+    def context_chain_to(self, loop_id: str, *, index: Mapping[str, LoopRecord] | None = None) -> list[str]:
         """The loops whose messages make up `context_at(loop_id)`, root first:
         `loop_chain_to` without the loops that a later loop of the chain runs again
-        from their start (`LoopRecord.reruns_parent`: a replay or a fork)."""
-        chain = self.loop_chain_to(loop_id)
+        from their start (`LoopRecord.reruns_parent`: a replay or a fork).
+        `index`: this session's `loop_index`, to reuse over many calls."""
+        loops = self.loop_index() if index is None else index
         kept: list[str] = []
-        for chain_id in chain:
-            record = self.get_loop(chain_id)
+        for chain_id in self.loop_chain_to(loop_id, index=loops):
+            record = loops.get(chain_id)
             if record is not None and record.reruns_parent and kept and kept[-1] == record.parent_loop_id:
                 kept.pop()
             kept.append(chain_id)
@@ -681,7 +691,9 @@ class Session(msgspec.Struct, kw_only=True):
             for event in self.session_events:
                 yield SessionEvent(None, None, event)
 
-    def context_at(self, loop_id: str) -> list[AgentMessage]:
+    def context_at(
+        self, loop_id: str, *, index: Mapping[str, LoopRecord] | None = None
+    ) -> list[AgentMessage]:
         """The ordered message history needed to resume from `loop_id`.
 
         Messages of every loop along `loop_chain_to(loop_id)` that this session
@@ -699,13 +711,15 @@ class Session(msgspec.Struct, kw_only=True):
         from its start, so it stands in for its parent (`context_chain_to`): an
         extension of phi-session's, keyed by its own metadata, that no phi-core
         stream triggers.
+        `index`: this session's `loop_index`, to reuse over many calls.
         Raises `LoopNotFound` for an unknown loop.
         """
-        if self.get_loop(loop_id) is None:
+        loops = self.loop_index() if index is None else index
+        if loop_id not in loops:
             raise LoopNotFound(f"no loop {loop_id!r} in session {self.session_id!r}")
         history: list[AgentMessage] = []
-        for chain_id in self.context_chain_to(loop_id):
-            record = self.get_loop(chain_id)
+        for chain_id in self.context_chain_to(loop_id, index=loops):
+            record = loops.get(chain_id)
             if record is not None:  # None: the parent lives in another session (sub-agent)
                 history.extend(record.context_messages(most_recent=chain_id == loop_id))
         return history

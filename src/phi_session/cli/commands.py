@@ -267,7 +267,8 @@ def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool)
     """
     with open_cli_store(store_url, read_only=True) as store:
         session = load_cli_session(store, session_id)
-    messages = session.context_at(loop_id)
+    index = session.loop_index()
+    messages = session.context_at(loop_id, index=index)
     if as_json:
         echo_json([msgspec.Raw(encode_message(message)) for message in messages])
         return
@@ -275,7 +276,7 @@ def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool)
     for message in messages:
         console.print(render.message_view(message))
     note = render.count(len(messages), "message")
-    chain = [session.get_loop(chain_id) for chain_id in session.loop_chain_to(loop_id)]
+    chain = [index.get(chain_id) for chain_id in session.loop_chain_to(loop_id, index=index)]
     if any(
         record is not None
         and record.kind.kind == "Compaction"

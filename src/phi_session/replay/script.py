@@ -16,7 +16,7 @@ its tool results), each turn's tool results in the order of its reply's tool cal
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import msgspec
 from msgspec.structs import replace
@@ -105,8 +105,10 @@ def _in_call_order(
     return tuple(sorted(results, key=lambda result: order.get(result.tool_call_id, len(order))))
 
 
-def _recorded_turns(session: Session, record: LoopRecord) -> Iterator[RecordedTurn]:
-    context = session.context_at(record.loop_id)
+def _recorded_turns(
+    session: Session, record: LoopRecord, index: Mapping[str, LoopRecord]
+) -> Iterator[RecordedTurn]:
+    context = session.context_at(record.loop_id, index=index)
     history = context[: len(context) - len(record.context_messages())]
     local: list[AgentMessage] = []
     for turn in record.turns:
@@ -147,10 +149,10 @@ def _of_a_replay(record: LoopRecord) -> bool:
     return record.kind == _REPLAY or (isinstance(meta, dict) and isinstance(meta.get("replay"), dict))
 
 
-def _handed_over(session: Session, before: str, after: str) -> bool:
+def _handed_over(index: Mapping[str, LoopRecord], before: str, after: str) -> bool:
     """Whether loop `after` took over from loop `before` by a handoff, within one run: it
     continues it (``Default``) and `before`'s last reply stopped with ``handoff``."""
-    record, earlier = session.get_loop(after), session.get_loop(before)
+    record, earlier = index.get(after), index.get(before)
     if record is None or earlier is None or not earlier.turns:
         return False
     last = earlier.turns[-1].output_message
@@ -162,11 +164,11 @@ def _handed_over(session: Session, before: str, after: str) -> bool:
     )
 
 
-def _run_to(session: Session, loop_id: str) -> list[str]:
+def _run_to(session: Session, loop_id: str, index: Mapping[str, LoopRecord]) -> list[str]:
     """`loop_id` with the loops of its run that handed over to it, first first."""
-    chain = session.context_chain_to(loop_id)
+    chain = session.context_chain_to(loop_id, index=index)
     start = len(chain) - 1
-    while start > 0 and _handed_over(session, chain[start - 1], chain[start]):
+    while start > 0 and _handed_over(index, chain[start - 1], chain[start]):
         start -= 1
     return chain[start:]
 
@@ -215,14 +217,15 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
                     f"session {session.session_id!r} has no loop to replay (replays do not count)"
                 )
             loop_id = max(runs, key=lambda record: record.started_at.ns).loop_id
-        if session.get_loop(loop_id) is None:
+        index = session.loop_index()  # built once: every loop of a chain looks up its parents
+        if loop_id not in index:
             raise LoopNotFound(f"no loop {loop_id!r} in session {session.session_id!r}")
         if chain:
-            ids = session.context_chain_to(loop_id)
+            ids = session.context_chain_to(loop_id, index=index)
         else:
-            ids = _run_to(session, loop_id) if picked else [loop_id]
-        records = [record for record in map(session.get_loop, ids) if record is not None]
-        turns = tuple(turn for record in records for turn in _recorded_turns(session, record))
+            ids = _run_to(session, loop_id, index) if picked else [loop_id]
+        records = [record for record in map(index.get, ids) if record is not None]
+        turns = tuple(turn for record in records for turn in _recorded_turns(session, record, index))
         return cls(session=session, loop_ids=tuple(record.loop_id for record in records), turns=turns)
 
     @property
