@@ -111,18 +111,33 @@ def _context(trace_id: int, span_id: int) -> SpanContext:
     return SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
 
 
-def _placement(session: Session, loop_id: str) -> tuple[int, int | None]:
-    """(trace id, parent span id) of a loop's span: its own trace, or its spawner's."""
-    spawn = session.parent_spawn_ref
-    record = session.get_loop(loop_id)
-    if spawn is not None and record is not None and record.parent_loop_id == spawn.parent_loop_id:
-        parent = (
-            tool_span_id(spawn.parent_loop_id, spawn.tool_call_id)
-            if spawn.tool_call_id
-            else loop_span_id(spawn.parent_loop_id)
-        )
-        return _hash_id(16, "trace", spawn.parent_loop_id), parent
-    return _hash_id(16, "trace", loop_id), None
+class _Placements:
+    """Where the span of each loop of a session goes, its loops indexed once: every loop
+    asks for its own, its parent's and each of its parallel siblings'."""
+
+    def __init__(self, session: Session) -> None:
+        self._spawn = session.parent_spawn_ref
+        self._loops = session.loop_index()
+        self._known: dict[str, tuple[int, int | None]] = {}
+
+    def __call__(self, loop_id: str) -> tuple[int, int | None]:
+        """(trace id, parent span id) of a loop's span: its own trace, or its spawner's."""
+        known = self._known.get(loop_id)
+        if known is None:
+            known = self._known[loop_id] = self._place(loop_id)
+        return known
+
+    def _place(self, loop_id: str) -> tuple[int, int | None]:
+        spawn = self._spawn
+        record = self._loops.get(loop_id)
+        if spawn is not None and record is not None and record.parent_loop_id == spawn.parent_loop_id:
+            parent = (
+                tool_span_id(spawn.parent_loop_id, spawn.tool_call_id)
+                if spawn.tool_call_id
+                else loop_span_id(spawn.parent_loop_id)
+            )
+            return _hash_id(16, "trace", spawn.parent_loop_id), parent
+        return _hash_id(16, "trace", loop_id), None
 
 
 def _usage_attributes(usage: Usage) -> dict[str, int]:
@@ -237,13 +252,18 @@ class _LoopExport:
     """The spans of one loop."""
 
     def __init__(
-        self, session: Session, record: LoopRecord, capture_content: bool, resource: Resource
+        self,
+        session: Session,
+        record: LoopRecord,
+        capture_content: bool,
+        resource: Resource,
+        placements: _Placements,
     ) -> None:
-        self.session = session
         self.record = record
         self.capture = capture_content
         self.resource = resource
-        self.trace_id, self.parent_span = _placement(session, record.loop_id)
+        self.placements = placements
+        self.trace_id, self.parent_span = placements(record.loop_id)
         self.common = {
             attr.CONVERSATION_ID: session.session_id,
             attr.PHI_SESSION_ID: session.session_id,
@@ -473,7 +493,7 @@ class _LoopExport:
         if parent is not None and parent != record.loop_id and self.parent_span is None:
             links.append(
                 Link(
-                    _context(_placement(self.session, parent)[0], loop_span_id(parent)),
+                    _context(self.placements(parent)[0], loop_span_id(parent)),
                     {
                         attr.PHI_LINK_KIND: attr.LINK_CONTINUATION,
                         attr.PHI_CONTINUATION_KIND: record.kind.kind,
@@ -486,7 +506,7 @@ class _LoopExport:
                 if sibling != record.loop_id:
                     links.append(
                         Link(
-                            _context(_placement(self.session, sibling)[0], loop_span_id(sibling)),
+                            _context(self.placements(sibling)[0], loop_span_id(sibling)),
                             {
                                 attr.PHI_LINK_KIND: attr.LINK_PARALLEL,
                                 attr.PHI_PARALLEL_SELECTED: sibling == group.selected_loop_id,
@@ -557,9 +577,10 @@ def session_spans(
     if not isinstance(session, Session):
         raise TypeError(f"expected a Session, got {type(session).__name__}")
     chosen = _resource(resource)
+    placements = _Placements(session)
     spans: list[ReadableSpan] = []
     for record in session.loops:
-        spans.extend(_LoopExport(session, record, capture_content, chosen).spans())
+        spans.extend(_LoopExport(session, record, capture_content, chosen, placements).spans())
     return spans
 
 
