@@ -493,6 +493,23 @@ def test_tool_arguments_and_details_count_for_what_they_weigh() -> None:
     assert weight <= held_bytes(session) <= weight + 1_000 * (events + 1)
 
 
+def test_a_journaled_event_does_not_bring_its_session_up_to_date(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pinning the journal for an AgentStart looked the session up, linking its
+    # records' children each time (each later child gathered all its siblings again).
+    evs = list(stream(sessions=3, loops=4, turns=1))
+    with AutoPersistingRecorder(
+        JsonDirStore(tmp_path / "store"), journal=tmp_path / "journal", checkpoint_interval=None
+    ) as persisting:
+        looks = []
+        monkeypatch.setattr(persisting.recorder, "get_session", looks.append)
+        persisting.record_all(evs)
+        assert looks == []
+        monkeypatch.undo()
+    assert stored(persisting.store) == recorded(evs)
+
+
 def test_the_writer_saves_waiting_sessions_in_batches(tmp_path: Path) -> None:
     batches: list[int] = []
 

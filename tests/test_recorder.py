@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import phi_session as ps
+from phi_session import recorder as recorder_module
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 
 from .conftest import EXAMPLES
@@ -253,6 +254,39 @@ def test_continuations_link_children_in_finish_order() -> None:
     assert [r.loop_id for r in session.root_loops()] == ["s.c.1"]
     assert session.loop_chain_to("s.c.2") == ["s.c.1", "s.c.2"]
     assert [r.loop_id for r in session.loops] == ["s.c.1", "s.c.3", "s.c.2"]  # completion order
+
+
+def test_a_look_at_an_open_session_does_not_gather_its_children_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each look made the next child of a parent gather all its siblings again (from the
+    # record's tuple): with a journal, every AgentStart looked, so each cost more than the last.
+    made = []
+
+    class CountedChildren(recorder_module._Children):
+        __slots__ = ()
+
+        def __init__(self, record: ps.LoopRecord) -> None:
+            made.append(record.loop_id)
+            super().__init__(record)
+
+    monkeypatch.setattr(recorder_module, "_Children", CountedChildren)
+    recorder = SessionRecorder()
+    recorder.record_all([start("s.c.0", "s"), end("s.c.0", at=1), start("s.open", "s", at=1, parent="s.c.0")])
+    for i in range(1, 40):
+        kind = ps.ContinuationKind.rerun(f"r{i}")
+        recorder.record_all([start(f"s.c.{i}", "s", at=2, parent="s.c.0", kind=kind), end(f"s.c.{i}", at=3)])
+        assert recorder.holds("s")
+        session = recorder.get_session("s")
+        assert session is not None and session.get_loop("s.c.0").children_loop_ids[-1] == f"s.c.{i}"  # type: ignore[union-attr]
+    assert made == ["s.c.0"]
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    assert session.get_loop("s.c.0").children_loop_ids == (  # type: ignore[union-attr]
+        *(f"s.c.{i}" for i in range(1, 40)),
+        "s.open",
+    )
+    assert not recorder.holds("s")
 
 
 def test_sub_agent_links_both_ways() -> None:

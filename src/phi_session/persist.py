@@ -410,7 +410,7 @@ class AutoPersistingRecorder:
         an orphan) is protected by the orphans' own bookkeeping, not by a pin that
         would never be removed.
         """
-        if self.recorder.get_session(session_id) is not None or self.recorder.has_early_events(session_id):
+        if self.recorder.holds(session_id) or self.recorder.has_early_events(session_id):
             self._pins[session_id] = min(seq, self._pins.get(session_id, seq))
 
     def _after_event(self, seq: int, due: bool) -> None:
@@ -493,7 +493,7 @@ class AutoPersistingRecorder:
         for session_id in [
             sid
             for sid in self._late_pins
-            if not self.recorder.may_amend(sid) and self.recorder.get_session(sid) is None
+            if not self.recorder.may_amend(sid) and not self.recorder.holds(sid)
         ]:
             del self._late_pins[session_id]
 
@@ -683,7 +683,7 @@ class AutoPersistingRecorder:
             if (
                 pin == stored_below
                 and session_id not in self._warned_pins
-                and self.recorder.get_session(session_id) is None
+                and not self.recorder.holds(session_id)
             ):
                 self._warned_pins.add(session_id)
                 logger.warning(

@@ -207,7 +207,9 @@ class _Resent:
 class _Children:
     """The children of one parent record, gathered in place (an ordered set, so a repeat
     is a no-op) and handed to the record as a tuple by `link`, once per look at the
-    session rather than once per child (a tuple grown per child is quadratic)."""
+    session rather than once per child (a tuple grown per child is quadratic). Kept
+    while its session is open: made again from the tuple, every look at the session
+    would cost each later child all its siblings."""
 
     __slots__ = ("ids", "record")
 
@@ -222,7 +224,16 @@ class _Children:
 class _HeldSession:
     """A session the recorder still holds (open or completed-but-not-drained)."""
 
-    __slots__ = ("before_task_due", "closed", "events", "latest", "open_loops", "session", "unlinked")
+    __slots__ = (
+        "before_task_due",
+        "children",
+        "closed",
+        "events",
+        "latest",
+        "open_loops",
+        "session",
+        "unlinked",
+    )
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -238,7 +249,9 @@ class _HeldSession:
         # Session-scoped events: most sessions have none, and hold an empty tuple rather
         # than a list for the collector to walk; a list once they have some (appended to).
         self.events: list[AgentEvent] | tuple[()] = ()
-        # Parent loop id -> children not yet in its record's tuple (`link_children`).
+        # Parent loop id -> its children, while the session is open (`link_child`).
+        self.children: dict[str, _Children] = {}
+        # The same, for those with children not yet in their record's tuple (`link_children`).
         self.unlinked: dict[str, _Children] = {}
 
     def last_closed(self, loop_id: str) -> LoopRecord | None:
@@ -246,12 +259,14 @@ class _HeldSession:
         return self.latest.get(loop_id) or self.closed.get(loop_id)
 
     def link_child(self, parent: LoopRecord, child_id: str) -> None:
-        children = self.unlinked.get(parent.loop_id)
+        parent_id = parent.loop_id
+        children = self.children.get(parent_id)
         if children is None or children.record is not parent:
-            if children is not None:  # another record of the parent's id (a compaction pass)
-                children.link()
-            children = self.unlinked[parent.loop_id] = _Children(parent)
+            if children is not None and self.unlinked.pop(parent_id, None) is not None:
+                children.link()  # another record of the parent's id (a compaction pass)
+            children = self.children[parent_id] = _Children(parent)
         children.ids[child_id] = None
+        self.unlinked[parent_id] = children
 
     def link_children(self) -> Session:
         """The session, its records' ``children_loop_ids`` brought up to date."""
@@ -259,6 +274,12 @@ class _HeldSession:
             children.link()
         self.unlinked.clear()
         return self.session
+
+    def complete(self) -> None:
+        """Link every child, and let the gathering go: nothing links to a completed
+        session (it is reopened first)."""
+        self.link_children()
+        self.children.clear()
 
 
 class SessionRecorder:
@@ -1049,7 +1070,7 @@ class SessionRecorder:
     def _complete(self, session_id: str) -> None:
         held = self._open.pop(session_id)
         self._completed[session_id] = held
-        held.link_children()  # nothing links to a completed session: it is reopened first
+        held.complete()
         if self.config.after_task is not None:
             self._callbacks.append((self.config.after_task, held.session, None))
 
@@ -1176,6 +1197,12 @@ class SessionRecorder:
             return [h.session for h in self._completed.values()] + [
                 h.link_children() for h in self._open.values()
             ]
+
+    def holds(self, session_id: str) -> bool:
+        """Whether the recorder holds `session_id` (open, or completed and not drained):
+        `get_session` without bringing the session up to date."""
+        with self._lock:
+            return session_id in self._open or session_id in self._completed
 
     def get_session(self, session_id: str) -> Session | None:
         with self._lock:
