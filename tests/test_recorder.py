@@ -21,6 +21,7 @@ from phi_session import recorder as recorder_module
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 
 from .conftest import EXAMPLES
+from .test_model import CountedLoops
 
 T0 = 1_750_000_000 * 10**9
 
@@ -287,6 +288,27 @@ def test_a_look_at_an_open_session_does_not_gather_its_children_again(
         "s.open",
     )
     assert not recorder.holds("s")
+
+
+def test_a_loop_sent_again_takes_its_place_without_a_scan_of_the_loops() -> None:
+    # The record it replaced was searched for among every loop of the session: a
+    # session of 8,000 loops each sent again (an OTLP ingest linking a caller) cost 105 us a loop.
+    loops = [
+        [start(f"s.c.{i}", "s", at=i), *turn(f"s.c.{i}", at=i), end(f"s.c.{i}", at=i + 1)] for i in range(30)
+    ]
+    recorder = SessionRecorder()
+    for events in loops:
+        recorder.record_all(events)
+    session = recorder.get_session("s")
+    assert session is not None
+    session.loops = CountedLoops(session.loops)
+    for events in reversed(loops):
+        recorder.record_all(events)
+    assert session.loops.passes == 0  # type: ignore[attr-defined]
+    recorder.flush()
+    (drained,) = recorder.drain_completed()
+    assert [record.loop_id for record in drained.loops] == [f"s.c.{i}" for i in range(30)]
+    assert all(len(record.turns) == 1 for record in drained.loops)
 
 
 def test_sub_agent_links_both_ways() -> None:

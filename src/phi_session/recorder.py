@@ -231,6 +231,7 @@ class _HeldSession:
         "events",
         "latest",
         "open_loops",
+        "places",
         "session",
         "unlinked",
     )
@@ -246,6 +247,9 @@ class _HeldSession:
         # The last closed record of an id closed more than once (a compaction pass, an id
         # used again by a later loop): rare, so only those ids are here.
         self.latest: dict[str, LoopRecord] = {}
+        # id(record) -> its place in ``session.loops``: a record sent again takes the place
+        # of the one it replaces without a scan of the loops.
+        self.places: dict[int, int] = {}
         # Session-scoped events: most sessions have none, and hold an empty tuple rather
         # than a list for the collector to walk; a list once they have some (appended to).
         self.events: list[AgentEvent] | tuple[()] = ()
@@ -777,13 +781,13 @@ class SessionRecorder:
 
     def _add_closed(self, held: _HeldSession, record: LoopRecord, replaced: LoopRecord | None = None) -> None:
         loops = held.session.loops
-        slot = (
-            None if replaced is None else next((i for i, kept in enumerate(loops) if kept is replaced), None)
-        )
+        slot = None if replaced is None else held.places.pop(id(replaced), None)
         if slot is None:
+            slot = len(loops)
             loops.append(record)
         else:
             loops[slot] = record
+        held.places[id(record)] = slot
         first = held.closed.get(record.loop_id)
         if first is None or first is replaced:
             held.closed[record.loop_id] = record
