@@ -526,17 +526,19 @@ config = LoopConfigSnapshot(model="m-1", provider="fake")
 core = AdapterCore("fake-fw")  # made before the fork, recording into the embedded store
 
 
-def run(session: str) -> None:
+def run(session: str | None) -> None:
     core.start_run("r", config, framework_session_id=session).loop.user("hi")
     core.end_run("r")
 
 
 run("parent")  # the parent's thread now holds a connection to the store
+run(None)  # and the core's own session (no framework session id) has a loop
 workers = []
 for n in (1, 2):
     worker = os.fork()
     if worker == 0:
         run(f"worker{n}")
+        run(None)
         sys.exit(0)  # without close: the exit hooks save
     workers.append(worker)
 for worker in workers:
@@ -549,7 +551,8 @@ run("parent")
 def test_forked_workers_record_into_an_embedded_store_of_their_own(tmp_path: Path) -> None:
     """A core made before a fork sent a worker's runs to its parent's recorder, whose writer
     thread and exit hook do not exist in the worker, through the parent's store connection:
-    none of them was saved, and nothing said so."""
+    none of them was saved, and nothing said so. A run without a framework session id went
+    on in the core's own session, whose loop ids every worker numbered alike."""
     database = tmp_path / "sessions.db"
     env = {**os.environ, "PHI_SESSION_STORE": str(database)}
     child = subprocess.run(
@@ -557,7 +560,12 @@ def test_forked_workers_record_into_an_embedded_store_of_their_own(tmp_path: Pat
     )
     assert (child.returncode, child.stderr) == (0, "")
     store = SqliteStore(database)
-    assert sorted(store.list_ids()) == ["parent", "worker1", "worker2"]
+    named = {"parent", "worker1", "worker2"}
+    own = set(store.list_ids()) - named
+    assert named <= set(store.list_ids())
+    assert len(own) == 3  # the parent's and one of each worker's own
+    for session in map(store.load, own):
+        assert [loop.loop_id for loop in session.loops] == [f"{session.session_id}.fake.m-1.1"]
     assert [loop.loop_id for loop in store.load("parent").loops] == ["parent.fake.m-1.1", "parent.fake.m-1.2"]
     for worker in ("worker1", "worker2"):
         assert [loop.status for loop in store.load(worker).loops] == ["Completed"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -15,6 +17,9 @@ from hypothesis import strategies as st
 
 import phi_session as ps
 from phi_session.identity import AgentSession, FakeClock, config_id_of
+from phi_session.instrument import Tracer
+
+from .conftest import in_forked_child, needs_fork
 
 START = "2025-06-01T09:00:00Z"
 
@@ -353,3 +358,51 @@ def test_an_identitys_arguments_are_checked_where_they_enter() -> None:
         config_id_of(5)  # type: ignore[arg-type]
     with pytest.raises(ps.InvalidArgument, match="backwards"):
         FakeClock().advance(-1)
+
+
+@needs_fork
+def test_a_forked_child_records_into_a_session_of_its_own_when_the_identity_made_its_id() -> None:
+    """Every worker forked from a process whose tracer had made its session went on with
+    that session and its loop counters: two workers wrote one loop id at the same time,
+    and a store's merge kept one of the two loops."""
+    tracer = Tracer()  # an identity of its own making, as a pre-fork server's tracer has
+    parent = tracer.agent
+    shared = parent.session_id
+    assert tracer.loop(config_id="c").loop_id == f"{shared}.c.1"
+    read, write = os.pipe()
+
+    def work() -> None:
+        loop = tracer.loop(config_id="c")  # its first use in the child
+        assert loop.session_id == parent.session_id != shared and is_uuid4(loop.session_id)
+        assert loop.loop_id == f"{loop.session_id}.c.1" and parent.last_loop_id is None
+        assert parent.loop_started(loop.session_id, loop.loop_id, 5) == first_loop(5)
+        os.write(write, loop.session_id.encode() + b"\n")
+
+    assert [in_forked_child(work), in_forked_child(work)] == [0, 0]
+    os.close(write)
+    with os.fdopen(read) as children:
+        first, second = children.read().split()
+    assert len({first, second, shared}) == 3  # each worker a session of its own
+    assert parent.session_id == shared and tracer.loop(config_id="c").loop_id == f"{shared}.c.2"
+
+
+@needs_fork
+def test_a_forked_child_keeps_a_given_session_id_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    given = AgentSession(session_id="thread-1")
+    continued = AgentSession.continuing(recorded_session("joined"))
+    given.next_loop_id("c")
+
+    def work() -> None:
+        with caplog.at_level(logging.WARNING, "phi_session.identity"):
+            assert [given.next_loop_id("c"), given.next_loop_id("c")] == ["thread-1.c.2", "thread-1.c.3"]
+            assert continued.session_id == "joined"
+            assert continued.next_loop_id("c") == "joined.c.2"
+        warned = [record.getMessage() for record in caplog.records]
+        assert len(warned) == 2, warned
+        assert warned[0].startswith("session 'thread-1' was made before this process forked")
+        assert "'joined'" in warned[1]
+
+    with caplog.at_level(logging.WARNING, "phi_session.identity"):
+        assert in_forked_child(work) == 0
+        assert given.next_loop_id("c") == "thread-1.c.2"
+    assert caplog.records == []  # the parent goes on as it was

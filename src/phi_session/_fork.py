@@ -7,6 +7,9 @@ function that, in the child, gives up what is its parent's: its copies of lock
 descriptors (a ``flock`` belongs to the open file description the parent shares:
 closing the child's copy leaves the parent's lock held, and the child no longer keeps
 it held after the parent lets go), and a state it must not go on from.
+
+An object too small and too numerous for a hook of its own notes `fork_generation` when
+made instead, and sees at its next use whether it is a forked copy.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ logger = logging.getLogger(__name__)
 _hooks: dict[int, tuple[weakref.ref[Any], Callable[[Any], object]]] = {}
 _tokens = itertools.count()
 _T = TypeVar("_T")
+_generation = 0
 
 
 def in_forked_child(owner: _T, give_up: Callable[[_T], object]) -> None:
@@ -35,7 +39,15 @@ def in_forked_child(owner: _T, give_up: Callable[[_T], object]) -> None:
     _hooks[token] = (weakref.ref(owner, lambda _: hooks.pop(token, None)), give_up)
 
 
+def fork_generation() -> int:
+    """How many forks made this process from the one that imported this module: 0 there,
+    one more in each child. An object made in another generation is a forked copy."""
+    return _generation
+
+
 def _after_fork_in_child() -> None:
+    global _generation
+    _generation += 1
     for ref, give_up in list(_hooks.values()):
         owner = ref()
         if owner is None:

@@ -18,6 +18,7 @@ one.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -28,6 +29,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol, cast
 
 from ._checks import check_callable, check_instance, check_type
+from ._fork import fork_generation
 from ._time import Timestamp
 from .errors import InvalidArgument
 from .events import LoopConfigSnapshot, SessionFormation
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from .model import Session
 
 __all__ = ["AgentSession", "Clock", "FakeClock", "IdFactory", "config_id_of"]
+
+logger = logging.getLogger(__name__)
 
 Clock = Callable[[], int]
 """A source of time: nanoseconds since the Unix epoch (``time.time_ns`` by default)."""
@@ -191,6 +195,13 @@ class AgentSession:
     is what "the last loop started" means for `check_and_rotate`, and it hands the
     pending `SessionFormation` to the first loop of each session.
 
+    In a forked child (a pre-fork server's worker), an identity made before the fork
+    moves, at its first use there, to a new session of its own (``FirstLoop``) when it
+    made the session's id itself: the parent and every sibling go on numbering the
+    loops of the one they shared, and a store merges two loops of one id alive at the
+    same time into one. A session id it was given (or `continuing`) is kept, with a
+    warning: nothing coordinates the processes' loop counters.
+
     All methods are thread-safe. `clock` (nanoseconds since the epoch) and
     `id_factory` are injectable for deterministic tests and demos.
     """
@@ -213,7 +224,9 @@ class AgentSession:
         self._lock = threading.Lock()
         self._stamper = _STAMPER
         self._session_id = session_id if session_id is not None else self._fresh_id()
-        self._counters = self._counters_of_new_session(made=session_id is None)
+        self._made = session_id is None  # the current session's id is this identity's own
+        self._generation = fork_generation()
+        self._counters = self._counters_of_new_session(made=self._made)
         self._last_loop_id: str | None = None
         self._last_started_ns: int | None = None
         # Why the current session was opened, until its first loop claims it.
@@ -232,16 +245,19 @@ class AgentSession:
     @property
     def session_id(self) -> str:
         """The current session id."""
+        self._follow_fork()
         return self._session_id
 
     @property
     def last_loop_id(self) -> str | None:
         """The most recently started loop of the current session (None after a rotation)."""
+        self._follow_fork()
         return self._last_loop_id
 
     @property
     def last_loop_started_at(self) -> Timestamp | None:
         """When the last loop of the current session started (None before the first)."""
+        self._follow_fork()
         started = self._last_started_ns
         return None if started is None else Timestamp.from_ns(started)
 
@@ -264,6 +280,7 @@ class AgentSession:
 
         The new session's first loop is recorded with formation ``FirstLoop``.
         """
+        self._follow_fork()
         with self._lock:
             return self._rotate(None)
 
@@ -279,6 +296,7 @@ class AgentSession:
         seconds = threshold.total_seconds() if isinstance(threshold, timedelta) else float(threshold)
         if not seconds >= 0:  # also rejects NaN
             raise InvalidArgument(f"threshold must be a non-negative duration, got {threshold!r}")
+        self._follow_fork()
         with self._lock:
             last = self._last_started_ns
             if last is None:
@@ -295,6 +313,7 @@ class AgentSession:
 
     def _rotate(self, formation: SessionFormation | None) -> str:
         self._session_id = self._fresh_id()
+        self._made = True
         self._counters = self._counters_of_new_session(made=True)
         self._last_loop_id = None
         self._last_started_ns = None  # a fresh session has not run a loop
@@ -309,6 +328,26 @@ class AgentSession:
         if made and self.id_factory is _uuid4:
             return _joined_counters(self._session_id)
         return _LoopCounters()
+
+    def _follow_fork(self) -> None:
+        """At the first use in a forked child: a session of its own, or a warning (see the
+        class's docstring). Its counters and last loop are the parent's as they stood at
+        the fork, which goes on with them."""
+        if self._generation == fork_generation():
+            return
+        with self._lock:
+            generation = fork_generation()
+            if self._generation == generation:  # another thread of the child was first
+                return
+            self._generation = generation
+            if self._made:
+                self._rotate(None)
+                return
+        logger.warning(
+            "session %r was made before this process forked and is recorded by both: "
+            "their loop ids may collide (make its AgentSession after the fork)",
+            self._session_id,
+        )
 
     # -- loops --------------------------------------------------------------------------
 
@@ -325,6 +364,7 @@ class AgentSession:
     def allocate_loops(self, config_ids: Iterable[str]) -> tuple[str, list[str]]:
         """``(session_id, loop_ids)``: the next loop id for each of `config_ids`, in order,
         all of one session (allocated in one step, as a parallel group's branches need)."""
+        self._follow_fork()
         with self._lock:
             return self._session_id, self._counters.allocate(self._session_id, config_ids)
 
@@ -335,6 +375,7 @@ class AgentSession:
         current session, else None. Loops of an earlier session (a parallel branch
         allocated before a rotation) change nothing.
         """
+        self._follow_fork()
         with self._lock:
             if session_id != self._session_id:
                 return None
@@ -353,7 +394,7 @@ class AgentSession:
         Loop counters continue after the given loop ids of the current session, so new
         loop ids never repeat old ones, and continuations follow `last_loop_id`.
         """
-        prefix = f"{self._session_id}."
+        prefix = f"{self.session_id}."
         counts = []
         for loop_id in loop_ids:
             config_id, _, number = loop_id.removeprefix(prefix).rpartition(".")
@@ -367,7 +408,7 @@ class AgentSession:
     def resume_session(self, session: Session) -> None:
         """Go on with `session`, a recording of the current session (e.g. loaded from a
         store): `resume_recorded` with its loops."""
-        if session.session_id != self._session_id:
+        if session.session_id != self.session_id:
             raise InvalidArgument(
                 f"session {session.session_id!r} is not the current session {self._session_id!r}"
             )
@@ -408,6 +449,7 @@ class AgentSession:
         pair per config's loop counter; the last loop is the index of its pair when it is
         that config's latest loop (as it usually is: no string of its own), else its id.
         """
+        self._follow_fork()
         with self._lock:
             session_id, last = self._session_id, self._last_loop_id
             flat: list[object] = [self.agent_id, session_id, self._formation_claimed, last]
@@ -442,6 +484,7 @@ class AgentSession:
     def set_last_loop(self, loop_id: str) -> None:
         """Make `loop_id` the loop that continuations follow by default (e.g. a parallel winner)."""
         check_type("loop_id", loop_id, str)
+        self._follow_fork()
         with self._lock:
             self._last_loop_id = loop_id
 
