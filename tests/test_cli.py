@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import io
 import itertools
 import json
 import os
@@ -24,19 +25,21 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from rich.console import Console
 
 from phi_session._time import Timestamp
-from phi_session.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MAX_TREE_DEPTH, main
+from phi_session.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MAX_TREE_DEPTH, main, render
 from phi_session.codec import decode_event, decode_session, encode_event, encode_session
 from phi_session.events import SessionFormation
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.urls import ENV_VAR
-from phi_session.views import event_stream
+from phi_session.views import event_stream, loop_forest
 
 from .conftest import EXAMPLES, full_disk_after, read_only
 from .nats_support import PrivateServer
+from .test_model import chain_of
 from .web_support import (
     BASIC_ID,
     BASIC_LOOPS,
@@ -600,6 +603,18 @@ def test_show_renders_a_long_continuation_chain(tmp_path: Path) -> None:
     assert shown == [f"loop-{i}" for i in range(count)]
     assert f"continues loop #{count - 1}" in result.stdout
     assert len({label.index("#") for label in labels}) == MAX_TREE_DEPTH  # nesting stops there
+
+
+def test_show_looks_loops_up_in_one_index() -> None:
+    """Each loop's details scanned the loops for its parent: a session of 20,000 chained
+    loops took quadratic time to show."""
+    s = chain_of(300)
+    s.loops[0].parent_loop_id = "elsewhere.c.1"
+    out = io.StringIO()
+    Console(file=out, width=200).print(render.loop_tree(s, loop_forest(s)))
+    assert s.loops.passes <= 3  # type: ignore[attr-defined]
+    assert out.getvalue().count("(not in this session)") == 1
+    assert "continues loop elsewhere.c.1 (not in this session)" in out.getvalue()
 
 
 def test_show_events(store_dir: Path) -> None:

@@ -8,7 +8,7 @@ thousands separators and counted nouns their plural.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -414,11 +414,19 @@ def _turn_line(record: LoopRecord, turn_index: int) -> Text:
     return line
 
 
-def _add_loop(tree: Tree, session: Session, index: int, drawn_under: int | None, details: bool) -> Tree:
+def _add_loop(
+    tree: Tree,
+    session: Session,
+    index: int,
+    drawn_under: int | None,
+    details: bool,
+    loops: Mapping[str, LoopRecord],
+) -> Tree:
     """Add loop `index` under `tree`; returns its branch for the child loops.
 
     `drawn_under` is the index of its parent loop when the tree is too deep to draw it
-    nested there, so the relation is spelled out instead.
+    nested there, so the relation is spelled out instead. `loops` is the session's
+    `Session.loop_index` with `details` (built once for the whole tree).
     """
     record = session.loops[index]
     branch = tree.add(loop_label(record, index + 1, session, details=details))
@@ -428,7 +436,7 @@ def _add_loop(tree: Tree, session: Session, index: int, drawn_under: int | None,
         ended = f"ended {record.ended_at}" if record.ended_at is not None else "not ended"
         branch.add(Text(f"started {record.started_at} · {ended}", style="dim"))
         branch.add(plain(_config_text(record), "dim"))
-        if record.parent_loop_id is not None and session.get_loop(record.parent_loop_id) is None:
+        if record.parent_loop_id is not None and record.parent_loop_id not in loops:
             branch.add(plain(f"continues loop {record.parent_loop_id} (not in this session)", "dim"))
         branch.add(Text(f"usage: {usage_line(record.billed_usage())}", style="dim"))
         unfinished = record.unfinished_usage()
@@ -497,10 +505,11 @@ def loop_tree(session: Session, forest: Sequence[LoopNode], *, details: bool = T
     # of continued loops must not hit the recursion limit.
     # Entries: (tree to draw under, depth, parent loop index, forest node).
     stack: list[tuple[Tree, int, int | None, LoopNode]] = [(tree, 1, None, node) for node in reversed(forest)]
+    loops = session.loop_index() if details else {}
     while stack:
         under, depth, parent, node = stack.pop()
         flattened = depth > MAX_TREE_DEPTH
-        branch = _add_loop(under, session, node.index, parent if flattened else None, details)
+        branch = _add_loop(under, session, node.index, parent if flattened else None, details, loops)
         below = under if depth >= MAX_TREE_DEPTH else branch
         stack.extend((below, depth + 1, node.index, child) for child in reversed(node.children))
     return tree
