@@ -1425,6 +1425,50 @@ def test_abort_session_is_flush_for_one_session_alone() -> None:
     assert [orphan.event for orphan in recorder.orphans()] == [late]
 
 
+def test_abort_sessions_ends_many_sessions_as_abort_session_ends_each() -> None:
+    """A broker worker ended each idle session by its own `abort_session`, every call a
+    scan of every open loop and group: 20,000 sessions of a dead host blocked its event
+    loop for seconds. `abort_sessions` ends them all in one pass, to the same records."""
+
+    def sessions(n: int) -> list[ps.AgentEvent]:
+        events: list[ps.AgentEvent] = []
+        for i in range(n):
+            s = f"s{i}"
+            events += [
+                start(f"{s}.c.1", s, at=i),
+                end(f"{s}.c.1", at=i),
+                start(f"{s}.c.2", s, at=i, parent=f"{s}.c.1"),
+                *turn(f"{s}.c.2")[:2],
+            ]
+            if i % 2:  # a parallel group, one branch started
+                events += [
+                    ps.ParallelLoopStart(session_id=s, loop_ids=(f"{s}.x.3", f"{s}.y.4"), timestamp=ts(i)),
+                    start(f"{s}.x.3", s, at=i),
+                ]
+        return [*events, start("t.c.1", "t", at=n)]
+
+    one_by_one, at_once = SessionRecorder(), SessionRecorder()
+    one_by_one.record_all(sessions(6))
+    at_once.record_all(sessions(6))
+    ids = ["s0", "s1", "s2", "s3", "s4", "s5", "s3", "unknown"]
+    counts = {session_id: one_by_one.abort_session(session_id) for session_id in ids}
+    assert counts == {"s0": 1, "s1": 3, "s2": 1, "s3": 0, "s4": 1, "s5": 3, "unknown": 0}
+    assert at_once.abort_sessions(ids) == {**counts, "s3": 3}  # an id given twice is ended once
+    assert at_once.abort_sessions([]) == {} and at_once.abort_sessions(["s1"]) == {"s1": 0}
+    for recorder in (one_by_one, at_once):
+        assert recorder.open_loop_ids() == ["t.c.1"]
+    assert [ps.encode(s) for s in at_once.drain_completed()] == [
+        ps.encode(s) for s in one_by_one.drain_completed()
+    ]
+    late = turn("s1.c.2")[2]
+    at_once.on_event(late)
+    assert [orphan.event for orphan in at_once.orphans()] == [late]
+    with pytest.raises(TypeError, match=r"session_ids must be a sequence of str, not str"):
+        at_once.abort_sessions("s1")
+    with pytest.raises(TypeError, match=r"session_id must be str, not int"):
+        at_once.abort_session(5)  # type: ignore[arg-type]
+
+
 def test_without_a_group_end_timeout_a_drained_session_waits_for_its_group_until_flush() -> None:
     recorder = SessionRecorder(group_end_timeout=None)
     group = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1",), timestamp=ts(0))

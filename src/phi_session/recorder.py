@@ -37,7 +37,7 @@ import gc
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from functools import partial
 from itertools import count, repeat
 from typing import Any, ClassVar
@@ -46,7 +46,7 @@ import msgspec
 from msgspec.structs import replace
 
 from . import codec
-from ._checks import check_type
+from ._checks import check_each, check_type
 from ._collector import release_leaves, release_records, release_tuple
 from ._time import Timestamp
 from .events import (
@@ -1023,17 +1023,27 @@ class SessionRecorder:
         waiting for its first loop kept as orphans, and it is completed. Later events of
         its loops are orphans, as after `flush`. Costs O(open loops + open groups).
         """
+        check_type("session_id", session_id, str)
+        return self.abort_sessions((session_id,))[session_id]
+
+    def abort_sessions(self, session_ids: Iterable[str]) -> dict[str, int]:
+        """`abort_session` for each of `session_ids` (a broker worker ending every session
+        of a host that died), in one pass over the open loops and groups, however many
+        they are; returns how many open loops it aborted in each."""
+        aborted = dict.fromkeys(check_each("session_ids", session_ids, str, "str"), 0)
         with self._lock:
-            loops = [loop for loop in self._loops.values() if loop.session_id == session_id]
+            loops = [loop for loop in self._loops.values() if loop.session_id in aborted]
             for loop in loops:
                 self._abort(loop)
-            self._give_up_groups(session_id)
-            self._unstarted_homes.pop(session_id, None)
-            self._orphan_early_events(session_id)
-            if session_id in self._open:
-                self._complete(session_id)
+                aborted[loop.session_id] += 1
+            self._give_up_groups(aborted.keys())
+            for session_id in aborted:
+                self._unstarted_homes.pop(session_id, None)
+                self._orphan_early_events(session_id)
+                if session_id in self._open:
+                    self._complete(session_id)
         self._run_callbacks()
-        return len(loops)
+        return aborted
 
     def _abort(self, loop: _OpenLoop) -> None:
         """End an open loop that never ends: Aborted, its unfinished turn discarded (a loop
@@ -1115,20 +1125,25 @@ class SessionRecorder:
         if not self._late_groups or timeout is None or self._stream_time is None:
             return
         cutoff = self._stream_time.ns - round(timeout * 1_000_000_000)
-        for session_id, session in list(self._late_groups.items()):
+        stale = set()
+        for session_id, session in self._late_groups.items():
             held = self._open.get(session_id)
             if session.last_active_at.ns >= cutoff or (held is not None and held.open_loops):
                 continue  # waited less, or a branch still runs
             logger.warning(
                 "session %s: parallel group without ParallelLoopEnd after %s s given up", session_id, timeout
             )
-            self._give_up_groups(session_id)
+            stale.add(session_id)
+        if stale:
+            self._give_up_groups(stale)
 
-    def _give_up_groups(self, session_id: str) -> None:
-        """Forget the open parallel groups of `session_id`: its branches that never started
-        are aborted as at `flush`; an end that comes later is an orphan."""
-        self._open_groups.pop(session_id, None)
-        for loop_id in [loop_id for loop_id in self._groups if self._session_of(loop_id) == session_id]:
+    def _give_up_groups(self, session_ids: Collection[str]) -> None:
+        """Forget the open parallel groups of `session_ids` (a set, in one pass over the
+        groups): their branches that never started are aborted as at `flush`; an end that
+        comes later is an orphan."""
+        for session_id in session_ids:
+            self._open_groups.pop(session_id, None)
+        for loop_id in [loop_id for loop_id in self._groups if self._session_of(loop_id) in session_ids]:
             del self._groups[loop_id]
             del self._group_since[loop_id]
             self._late_branches.pop(loop_id, None)
@@ -1138,7 +1153,8 @@ class SessionRecorder:
             if branch is not None and not branch.started:
                 branch.record.status = "Aborted"
                 self._close(branch)  # into the late group's session, amended
-        self._late_groups.pop(session_id, None)
+        for session_id in session_ids:
+            self._late_groups.pop(session_id, None)
 
     def drain_completed(self) -> list[Session]:
         """Hand over the completed sessions and forget them (at most one per session id).

@@ -597,15 +597,15 @@ class _PartitionRun:
         cutoff = now - self.worker.idle_timeout
         if self.behind_at >= cutoff:
             return
-        for session_id, latest in list(self.last_event.items()):
-            if latest < cutoff:
-                if self.recorder.abort_session(session_id):
-                    logger.warning(
-                        "session %s: no event for %g s, its open loops are aborted",
-                        session_id,
-                        self.worker.idle_timeout,
-                    )
-                self.last_event[session_id] = now  # looked at again only after another timeout
+        idle = [session_id for session_id, latest in self.last_event.items() if latest < cutoff]
+        for session_id, aborted in self.recorder.abort_sessions(idle).items():
+            if aborted:
+                logger.warning(
+                    "session %s: no event for %g s, its open loops are aborted",
+                    session_id,
+                    self.worker.idle_timeout,
+                )
+            self.last_event[session_id] = now  # looked at again only after another timeout
 
 
 async def ingest_status(
