@@ -90,19 +90,22 @@ def full_disk_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
         monkeypatch.setattr(os, name, fail)
 
 
+def _status_of(work: Callable[[], object]) -> int:
+    """In a forked child: run `work`; 0 if it returned, 1 if it raised (the traceback on stderr)."""
+    try:
+        work()
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
 def in_forked_child(work: Callable[[], object]) -> int:
     """Run `work` in a child made by ``os.fork()``; its exit status: 0 if `work` returned,
     1 if it raised (the traceback on stderr). The child never returns into pytest."""
     child = os.fork()
     if child == 0:
-        status = 1
-        try:
-            work()
-            status = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(status)
+        os._exit(_status_of(work))
     return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
 
 
@@ -116,10 +119,7 @@ def idle_forked_child(work: Callable[[], object] = lambda: None) -> Iterator[Non
     if child == 0:
         status = 1
         try:
-            work()
-            status = 0
-        except BaseException:
-            traceback.print_exc()
+            status = _status_of(work)
         finally:
             os.write(ready_w, b"-")
             os.read(done_r, 1)
