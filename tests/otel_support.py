@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from phi_session import AgentEnd, AgentStart, SessionRecorder, Timestamp
-from phi_session.events import MessageEnd, ToolExecutionEnd, ToolExecutionStart, TurnEnd, TurnStart
+from phi_session.events import (
+    INITIAL,
+    AgentEvent,
+    ContinuationKind,
+    MessageEnd,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    TurnEnd,
+    TurnStart,
+)
 from phi_session.messages import (
     ZERO_USAGE,
     AssistantMessage,
@@ -27,7 +36,34 @@ def tool_loop_session(
     """One loop ``L`` of session ``s``, turn i (from 2 + 10 i s) making call i:
     (call id, tool name, arguments, result text), its result at 4 + 10 i s."""
     recorder = SessionRecorder()
-    recorder.on_event(AgentStart(agent_id=agent_id, session_id="s", loop_id="L", timestamp=_at(1)))
+    recorder.record_all(tool_loop_events("L", calls, agent_id=agent_id, error=error))
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    return session
+
+
+def tool_loop_events(
+    loop_id: str,
+    calls: list[tuple[str, str, Any, str]],
+    *,
+    at: int = 0,
+    session_id: str = "s",
+    agent_id: str = "a",
+    parent: str | None = None,
+    kind: ContinuationKind = INITIAL,
+    error: str | None = None,
+) -> list[AgentEvent]:
+    """The events of `tool_loop_session`'s loop, as `loop_id` of `session_id`, `at` s later."""
+    events: list[AgentEvent] = [
+        AgentStart(
+            agent_id=agent_id,
+            session_id=session_id,
+            loop_id=loop_id,
+            parent_loop_id=parent,
+            continuation_kind=kind,
+            timestamp=_at(at + 1),
+        )
+    ]
     for index, (call_id, tool, args, text) in enumerate(calls):
         reply = AssistantMessage(
             content=(ToolCall(id=call_id, name=tool, arguments=args),),
@@ -35,42 +71,41 @@ def tool_loop_session(
             model="m",
             provider="p",
             usage=ZERO_USAGE,
-            timestamp=(2 + 10 * index) * 1000,
+            timestamp=(at + 2 + 10 * index) * 1000,
         )
         result = (TextContent(text=text),)
-        for event in (
-            TurnStart(loop_id="L", turn_index=index, timestamp=_at(2 + 10 * index), triggered_by="User"),
-            MessageEnd(loop_id="L", message=reply),
-            ToolExecutionStart(loop_id="L", tool_call_id=call_id, tool_name=tool, args=args),
+        events += [
+            TurnStart(
+                loop_id=loop_id, turn_index=index, timestamp=_at(at + 2 + 10 * index), triggered_by="User"
+            ),
+            MessageEnd(loop_id=loop_id, message=reply),
+            ToolExecutionStart(loop_id=loop_id, tool_call_id=call_id, tool_name=tool, args=args),
             ToolExecutionEnd(
-                loop_id="L",
+                loop_id=loop_id,
                 tool_call_id=call_id,
                 tool_name=tool,
                 result=ToolResult(content=result),
                 is_error=False,
             ),
             TurnEnd(
-                loop_id="L",
+                loop_id=loop_id,
                 message=reply,
                 usage=ZERO_USAGE,
-                timestamp=_at(5 + 10 * index),
+                timestamp=_at(at + 5 + 10 * index),
                 tool_results=(
                     ToolResultMessage(
                         tool_call_id=call_id,
                         tool_name=tool,
                         content=result,
                         is_error=False,
-                        timestamp=(4 + 10 * index) * 1000,
+                        timestamp=(at + 4 + 10 * index) * 1000,
                     ),
                 ),
             ),
-        ):
-            recorder.on_event(event)
+        ]
     failed: dict[str, Any] = {} if error is None else {"error": error}
-    recorder.on_event(AgentEnd(loop_id="L", messages=(), usage=ZERO_USAGE, timestamp=_at(30), **failed))
-    recorder.flush()
-    [session] = recorder.drain_completed()
-    return session
+    events.append(AgentEnd(loop_id=loop_id, messages=(), usage=ZERO_USAGE, timestamp=_at(at + 30), **failed))
+    return events
 
 
 def services_calling_a_sub_agent(conversation: str | None = None) -> tuple[list[Any], list[Any], int]:

@@ -9,9 +9,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
+from msgspec.structs import replace
 
 pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip install 'phi-session[otel]'")
 
@@ -27,10 +29,10 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from phi_session import SessionRecorder, encode_session
+from phi_session import SessionRecorder, Timestamp, encode_session
 from phi_session.demo import run_demo
 from phi_session.errors import ExportError
-from phi_session.events import ToolExecutionEnd
+from phi_session.events import COMPACTION, AgentEvent, ParallelLoopEnd, ParallelLoopStart, ToolExecutionEnd
 from phi_session.messages import ZERO_USAGE
 from phi_session.model import ParallelGroupRecord, Session
 from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
@@ -41,7 +43,7 @@ from phi_session.otel.ingest import LOSSES
 from phi_session.otel.spans import SpanData, SpanEvent, spans_from_sdk
 from phi_session.stores.json_dir import JsonDirStore
 
-from .otel_support import services_calling_a_sub_agent, tool_loop_session
+from .otel_support import services_calling_a_sub_agent, tool_loop_events, tool_loop_session
 from .test_model import chain_of
 
 
@@ -1055,6 +1057,117 @@ def test_a_call_id_reused_in_a_later_turn_is_its_own_tool_span() -> None:
     assert [len(turn.tool_results) for turn in back.loops[0].turns] == [1, 1]
     [back] = _ingest(spans)
     assert encode_session(back) == encode_session(session)
+
+
+def _reused_ids_session() -> Session:
+    """Loops reusing ids, as phi-core's do: ``s.a.1``, its compaction pass (``s.a.1`` again),
+    then two parallel evaluations of ``s.p.1`` and ``s.p.2``; every loop makes the call ``c``."""
+
+    def loop(loop_id: str, at: int, **start: Any) -> list[AgentEvent]:
+        return tool_loop_events(loop_id, [("c", "t", {"at": at}, f"{loop_id} at {at}")], at=at, **start)
+
+    def evaluation(at: int, selected: str) -> list[AgentEvent]:
+        return [
+            ParallelLoopStart(
+                session_id="s", loop_ids=("s.p.1", "s.p.2"), timestamp=Timestamp.from_ns((at + 1) * 10**9)
+            ),
+            *loop("s.p.1", at, parent="s.a.1"),
+            *loop("s.p.2", at, parent="s.a.1"),
+            ParallelLoopEnd(
+                session_id="s",
+                selected_loop_id=selected,
+                selected_config_index=int(selected[-1]) - 1,
+                evaluation_usage=ZERO_USAGE,
+                timestamp=Timestamp.from_ns((at + 30) * 10**9),
+            ),
+        ]
+
+    recorder = SessionRecorder()
+    recorder.record_all(
+        [
+            *loop("s.a.1", 0),
+            *loop("s.a.1", 100, parent="s.a.1", kind=COMPACTION),
+            *evaluation(200, "s.p.1"),
+            *evaluation(300, "s.p.2"),
+        ]
+    )
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    return session
+
+
+def test_every_record_of_a_loop_id_used_again_has_its_spans_and_comes_back() -> None:
+    # A compaction pass and a second parallel evaluation reuse loop ids: their records shared
+    # their first records' span ids, and ingest kept one record of each id, the last.
+    session = _reused_ids_session()
+    assert [record.loop_id for record in session.loops] == [
+        "s.a.1",
+        "s.a.1",
+        "s.p.1",
+        "s.p.2",
+        "s.p.1",
+        "s.p.2",
+    ]
+    spans = session_spans(session, capture_content=True)
+    by_id = _by_id(spans)
+    assert len(by_id) == len(spans) == 6 * 3  # a loop, a turn and a tool call span per record
+    # The first record of an id keeps the ids it always had; links name it.
+    firsts = {record.loop_id: record for record in reversed(session.loops)}
+    for loop_id, record in firsts.items():
+        assert by_id[loop_span_id(loop_id)].start_time == record.started_at.ns
+        assert by_id[turn_span_id(loop_id, 0)].parent.span_id == loop_span_id(loop_id)
+        assert by_id[tool_span_id(loop_id, "c")].parent.span_id == turn_span_id(loop_id, 0)
+    [compaction] = [span for span in spans if span.attributes.get(attr.PHI_CONTINUATION_KIND) == "Compaction"]
+    assert compaction.context.span_id != loop_span_id("s.a.1")
+    assert [(link.context.span_id, link.attributes[attr.PHI_LINK_KIND]) for link in compaction.links] == [
+        (loop_span_id("s.a.1"), "continuation")
+    ]
+    [back] = _ingest(spans)
+    assert encode_session(back) == encode_session(session)
+    # Each record in a trace of its own: a payload per loop, in the session's order, too.
+    [back] = _ingest_payloads(
+        *(
+            session_spans(replace(session, loops=session.loops[: n + 1]), capture_content=True)
+            for n in range(6)
+        )
+    )
+    assert encode_session(back) == encode_session(session)
+
+
+def test_a_sub_agents_compaction_pass_comes_back_with_its_first_record() -> None:
+    # Both records of the sub-agent's loop are under the tool span that spawned it, in its
+    # spawner's trace: ingest replayed them as one loop.
+    spawner = tool_loop_events("s.a.1", [("c", "t", {}, "done")])
+    ended = next(i for i, event in enumerate(spawner) if type(event) is ToolExecutionEnd)
+    spawn = spawner[ended]
+    assert type(spawn) is ToolExecutionEnd
+    sub_agent = [("c", "t", {}, "sub")]
+    recorder = SessionRecorder()
+    recorder.record_all(
+        [
+            *spawner[:ended],
+            *tool_loop_events("k.b.1", sub_agent, at=2, session_id="k", parent="s.a.1"),
+            *tool_loop_events("k.b.1", sub_agent, at=40, session_id="k", parent="k.b.1", kind=COMPACTION),
+            replace(spawn, result=replace(spawn.result, child_loop_id="k.b.1")),
+            *spawner[ended + 1 :],
+        ]
+    )
+    recorder.flush()
+    sessions = sorted(recorder.drain_completed(), key=lambda session: session.created_at)
+    [_, sub] = sessions
+    assert sub.parent_spawn_ref is not None and [record.loop_id for record in sub.loops] == ["k.b.1"] * 2
+    spans = session_spans(sub, capture_content=True)
+    [first, compaction] = sorted(
+        (s for s in spans if s.name == "invoke_agent a"), key=lambda s: s.start_time or 0
+    )
+    assert first.context.span_id == loop_span_id("k.b.1") != compaction.context.span_id
+    assert first.parent.span_id == compaction.parent.span_id == tool_span_id("s.a.1", "c")
+    assert [link.context.span_id for link in compaction.links] == [loop_span_id("k.b.1")]
+    [back] = _ingest(spans)  # alone: which call of its spawner spawned it is not known
+    assert encode_session(replace(back, parent_spawn_ref=sub.parent_spawn_ref)) == encode_session(sub)
+    assert [encode_session(s) for s in _ingest(_export(sessions, capture_content=True))] == [
+        encode_session(s) for s in sessions
+    ]
 
 
 class _CountedTurns(tuple):  # type: ignore[type-arg]

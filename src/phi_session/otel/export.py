@@ -10,12 +10,17 @@ recording (`phi_session.model.is_replayed`) is a chat span marked ``phi.turn.rep
 without usage, as no model was called. A sub-agent's first loop joins its spawner's trace under
 the tool span that spawned it; continuations and parallel siblings are span links.
 Span and trace ids are hashes of loop ids, turn indices and tool call ids, so exporting a
-session twice yields the same spans (backends deduplicate them).
+session twice yields the same spans (backends deduplicate them). A loop id used again (a
+compaction pass, a second parallel evaluation reusing its branches' ids) has a record per use:
+each record after the first has span ids (and, unless under its spawner's tool span, a trace)
+of its own, hashed with its ordinal; links name an id's first record, as `Session.get_loop`
+finds it.
 
 Limit: a sub-agent spawned by a sub-agent joins the trace named after its direct
 spawner's loop, which is not its spawner's own trace (that needs the grandparent session);
 a sub-agent spawned by a tool call whose id its loop used before is placed under that id's
-first call (the spawn reference names no turn).
+first call (the spawn reference names no turn); a second parallel evaluation's branches
+link the first evaluation's records as their siblings (links name an id's first record).
 """
 
 from __future__ import annotations
@@ -92,19 +97,27 @@ def _hash_id(size: int, *parts: str) -> int:
     return value or 1  # zero is the invalid id
 
 
-def loop_span_id(loop_id: str) -> int:
-    return _hash_id(8, "loop", loop_id)
+def _record_key(loop_id: str, ordinal: int) -> tuple[str, ...]:
+    """What names the `ordinal`-th record of `loop_id` in its spans' ids: a loop id used
+    again (a compaction pass, a second parallel evaluation) has a record for each use, and
+    the first keeps the ids it always had."""
+    return (loop_id, f"record {ordinal}") if ordinal else (loop_id,)
 
 
-def turn_span_id(loop_id: str, turn_index: int) -> int:
-    return _hash_id(8, "turn", loop_id, str(turn_index))
+def loop_span_id(loop_id: str, ordinal: int = 0) -> int:
+    """`ordinal`: how many earlier records of the session had this loop id."""
+    return _hash_id(8, "loop", *_record_key(loop_id, ordinal))
 
 
-def tool_span_id(loop_id: str, tool_call_id: str, repeat: int = 0) -> int:
+def turn_span_id(loop_id: str, turn_index: int, ordinal: int = 0) -> int:
+    return _hash_id(8, "turn", *_record_key(loop_id, ordinal), str(turn_index))
+
+
+def tool_span_id(loop_id: str, tool_call_id: str, repeat: int = 0, ordinal: int = 0) -> int:
     """`repeat`: how many earlier calls of the loop had this id (some providers number calls per reply)."""
     if repeat:
-        return _hash_id(8, "tool", loop_id, tool_call_id, str(repeat))
-    return _hash_id(8, "tool", loop_id, tool_call_id)
+        return _hash_id(8, "tool", *_record_key(loop_id, ordinal), tool_call_id, str(repeat))
+    return _hash_id(8, "tool", *_record_key(loop_id, ordinal), tool_call_id)
 
 
 def _context(trace_id: int, span_id: int) -> SpanContext:
@@ -121,16 +134,33 @@ class _Placements:
         self._known: dict[str, tuple[int, int | None]] = {}
 
     def __call__(self, loop_id: str) -> tuple[int, int | None]:
-        """(trace id, parent span id) of a loop's span: its own trace, or its spawner's."""
+        """(trace id, parent span id) of the span of `loop_id`'s first record (the one links
+        name): its own trace, or its spawner's."""
         known = self._known.get(loop_id)
         if known is None:
             known = self._known[loop_id] = self._place(loop_id)
         return known
 
+    def of_record(self, record: LoopRecord, ordinal: int) -> tuple[int, int | None]:
+        """(trace id, parent span id) of the span of `record`, the `ordinal`-th record of its
+        id. A record of an id used again has a trace of its own, in which it is recorded when
+        ingested, in its session's order; but in a sub-agent's session, the records of an id
+        whose first is under its spawner's tool span are there too (they ran within that
+        call), where ingest finds them with their first."""
+        placed = self(record.loop_id)
+        if ordinal and placed[1] is None:
+            return _hash_id(16, "trace", *_record_key(record.loop_id, ordinal)), None
+        return placed
+
+    def spawned(self, record: LoopRecord | None) -> bool:
+        """Whether `record`'s parent is the loop that spawned its session (its span is a child
+        of that loop's span, not linked to it)."""
+        spawn = self._spawn
+        return spawn is not None and record is not None and record.parent_loop_id == spawn.parent_loop_id
+
     def _place(self, loop_id: str) -> tuple[int, int | None]:
         spawn = self._spawn
-        record = self._loops.get(loop_id)
-        if spawn is not None and record is not None and record.parent_loop_id == spawn.parent_loop_id:
+        if spawn is not None and self.spawned(self._loops.get(loop_id)):
             parent = (
                 tool_span_id(spawn.parent_loop_id, spawn.tool_call_id)
                 if spawn.tool_call_id
@@ -255,15 +285,17 @@ class _LoopExport:
         self,
         session: Session,
         record: LoopRecord,
+        ordinal: int,
         capture_content: bool,
         resource: Resource,
         placements: _Placements,
     ) -> None:
         self.record = record
+        self.ordinal = ordinal  # how many earlier records of the session had its loop id
         self.capture = capture_content
         self.resource = resource
         self.placements = placements
-        self.trace_id, self.parent_span = placements(record.loop_id)
+        self.trace_id, self.parent_span = placements.of_record(record, ordinal)
         self.common = {
             attr.CONVERSATION_ID: session.session_id,
             attr.PHI_SESSION_ID: session.session_id,
@@ -335,18 +367,19 @@ class _LoopExport:
                 self._finish_cut_turn(span)
             else:
                 self._finish_turn(index, span)
-        loop_span_id_ = loop_span_id(record.loop_id)
+        loop_id, ordinal = record.loop_id, self.ordinal
+        loop_span_id_ = loop_span_id(loop_id, ordinal)
         out = [
             self._readable(
                 span,
-                tool_span_id(record.loop_id, call_id, repeat),
-                turn_span_id(record.loop_id, index) if index in turns else loop_span_id_,
+                tool_span_id(loop_id, call_id, repeat, ordinal),
+                turn_span_id(loop_id, index, ordinal) if index in turns else loop_span_id_,
                 SpanKind.INTERNAL,
             )
             for (call_id, repeat), (span, index) in tools.items()
         ]
         out.extend(
-            self._readable(span, turn_span_id(record.loop_id, index), loop_span_id_, SpanKind.CLIENT)
+            self._readable(span, turn_span_id(loop_id, index, ordinal), loop_span_id_, SpanKind.CLIENT)
             for index, span in turns.items()
         )
         out.append(
@@ -490,7 +523,13 @@ class _LoopExport:
     def _links(self) -> list[Link]:
         record, links = self.record, []
         parent = record.parent_loop_id
-        if parent is not None and parent != record.loop_id and self.parent_span is None:
+        # A link names its loop's first record; a compaction pass, which reuses its loop's
+        # id, links that (the first record of an id naming itself links nothing).
+        if (
+            parent is not None
+            and (parent != record.loop_id or self.ordinal)
+            and (self.parent_span is None or not self.placements.spawned(record))
+        ):
             links.append(
                 Link(
                     _context(self.placements(parent)[0], loop_span_id(parent)),
@@ -579,8 +618,10 @@ def session_spans(
     chosen = _resource(resource)
     placements = _Placements(session)
     spans: list[ReadableSpan] = []
+    ordinals: dict[str, int] = {}  # loop id -> records of it so far
     for record in session.loops:
-        spans.extend(_LoopExport(session, record, capture_content, chosen, placements).spans())
+        ordinal = ordinals[record.loop_id] = ordinals.get(record.loop_id, -1) + 1
+        spans.extend(_LoopExport(session, record, ordinal, capture_content, chosen, placements).spans())
     return spans
 
 

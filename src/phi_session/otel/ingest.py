@@ -419,7 +419,8 @@ class SpanIngestor:
         self._kept_text = 0
         self._last_loop: OrderedDict[str, str] = OrderedDict()  # session -> its latest loop
         self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
-        self._ended_groups: OrderedDict[tuple[str, ...], None] = OrderedDict()  # ParallelLoopEnd emitted
+        # Parallel group -> the end (ns) of its last ParallelLoopEnd emitted.
+        self._ended_groups: OrderedDict[tuple[str, ...], int] = OrderedDict()
         self.counters = dict.fromkeys(
             ("spans", "duplicate_spans", "updated_spans", "traces", "incomplete_traces", "loops", "events"), 0
         )
@@ -587,7 +588,7 @@ class SpanIngestor:
                 )
             else:
                 exact.run(resent)
-                return dict.fromkeys(exact.loops)
+                return dict.fromkeys(exact.loop_ids)
         rebuild = _Rebuild(self, trace_id, spans, complete, resent)
         rebuild.run()
         return rebuild.continued
@@ -614,11 +615,13 @@ class SpanIngestor:
     def parallel_before(self, session_id: str, loop_id: str, attributes: dict[str, Any], start: int) -> None:
         """ParallelLoopStart before a group's first member. Called for loops sent again too:
         one whose first version had no group (exported before the group ended) brings it
-        then; a group ended (`parallel_after`) is not started again."""
+        then; a group ended (`parallel_after`) is not started again, unless by a member
+        starting after that end: a second evaluation, reusing its branches' ids."""
         group = _group(attributes)
-        if group is None or loop_id not in group or group in self._ended_groups:
+        if group is None or loop_id not in group:
             return
-        if group not in self._groups:
+        ended = self._ended_groups.get(group)
+        if (ended is None or start >= ended) and group not in self._groups:
             self._groups[group] = set()
             self.emit(ParallelLoopStart(session_id=session_id, loop_ids=group, timestamp=_timestamp(start)))
 
@@ -631,7 +634,8 @@ class SpanIngestor:
         if len(members) < len(set(group)):
             return
         del self._groups[group]
-        self._ended_groups[group] = None
+        self._ended_groups.pop(group, None)  # the latest evaluation's end, forgotten last
+        self._ended_groups[group] = end
         if len(self._ended_groups) > _MEMORY:
             self._ended_groups.popitem(last=False)
         usage = attributes.get(attr.PHI_PARALLEL_EVALUATION_USAGE)
@@ -682,15 +686,43 @@ def _abort(loop_id: str, end: int, why: str, usage: Usage = ZERO_USAGE) -> Agent
 _UNFINISHED = "the loop's trace ended (or timed out) before the loop did"
 
 
+class _StoredRecord:
+    """One loop record of our export: its invoke_agent span (else its earliest), its stored
+    events and the last end of its spans."""
+
+    __slots__ = ("end", "events", "loop_id", "span")
+
+    def __init__(self, loop_id: str, span: SpanData) -> None:
+        self.loop_id = loop_id
+        self.span = span
+        self.end = span.end
+        self.events: list[tuple[int, AgentEvent]] = []
+
+
+def _record_span(span: SpanData, loop_id: str, by_id: dict[int, SpanData]) -> int | None:
+    """The id of the invoke_agent span of `span`'s loop record (itself or an ancestor of its
+    loop id; our export nests a loop's spans at most two deep), None if it is not here."""
+    for _ in range(3):
+        if span.attributes.get(attr.OPERATION_NAME) == attr.OP_INVOKE_AGENT:
+            return span.span_id
+        parent = by_id.get(span.parent_id) if span.parent_id is not None else None
+        if parent is None or parent.attributes.get(attr.PHI_LOOP_ID) != loop_id:
+            return None
+        span = parent
+    return None
+
+
 class _ExactReplay:
-    """Our own export with content: the stored events, loop by loop in start order."""
+    """Our own export with content: the stored events, loop record by loop record in start
+    order (a loop id used again, by a compaction pass or a second parallel evaluation, has a
+    record, and an invoke_agent span, for each use)."""
 
     def __init__(self, ingestor: SpanIngestor, spans: list[SpanData]) -> None:
         """Decode every stored event first: raises `DecodeError` before anything is recorded."""
         self.ingestor = ingestor
-        self.spans = spans
-        self.events: dict[str, list[tuple[int, AgentEvent]]] = {}
-        self.loops: dict[str, SpanData] = {}  # loop id -> its invoke_agent span, else its earliest span
+        by_id = {span.span_id: span for span in spans}
+        # (loop id, its record's invoke_agent span id, None for spans cut off from it) -> record
+        self.records: dict[tuple[str, int | None], _StoredRecord] = {}
         for span in spans:
             loop_id = span.attributes.get(attr.PHI_LOOP_ID)
             stored = span.attributes.get(attr.PHI_EVENTS)
@@ -702,9 +734,13 @@ class _ExactReplay:
                     f"{attr.PHI_EVENTS} of span {span.span_id:016x}: expected a JSON array "
                     f"and a {attr.PHI_LOOP_ID}"
                 )
-            if loop_id not in self.loops or span.attributes.get(attr.OPERATION_NAME) == attr.OP_INVOKE_AGENT:
-                self.loops[loop_id] = span
-            bucket = self.events.setdefault(loop_id, [])
+            key = (loop_id, _record_span(span, loop_id, by_id))
+            record = self.records.get(key)
+            if record is None:
+                record = self.records[key] = _StoredRecord(loop_id, span)
+            elif key[1] == span.span_id:
+                record.span = span
+            record.end = max(record.end, span.end)
             for item in items:
                 if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)):
                     raise DecodeError(
@@ -713,22 +749,40 @@ class _ExactReplay:
                 # Encoded here from what was parsed: the second, strict parse finds
                 # something only in the rare events that `strict_adds_nothing` points out.
                 data = msgspec.json.encode(item[1])
-                bucket.append((item[0], decode_event(data, strict=not strict_adds_nothing(data))))
+                record.events.append((item[0], decode_event(data, strict=not strict_adds_nothing(data))))
+        self._join_cut_off()
+
+    def _join_cut_off(self) -> None:
+        """Spans cut off from their record's invoke_agent span (a parent missing) join their
+        loop id's first record, if it is here: records of an id are in start order."""
+        first: dict[str, _StoredRecord] = {}
+        for (loop_id, span_id), record in self.records.items():
+            if span_id is not None:
+                first.setdefault(loop_id, record)
+        for key in [key for key in self.records if key[1] is None and key[0] in first]:
+            cut_off = self.records.pop(key)
+            record = first[key[0]]
+            record.events += cut_off.events
+            record.end = max(record.end, cut_off.end)
+
+    @property
+    def loop_ids(self) -> list[str]:
+        return [record.loop_id for record in self.records.values()]
 
     def run(self, resent: dict[str, str | None]) -> None:
-        for loop_id, loop in sorted(self.loops.items(), key=lambda item: item[1].start):
+        for record in sorted(self.records.values(), key=lambda record: record.span.start):
+            loop_id, loop = record.loop_id, record.span
             session_id = str(loop.attributes.get(attr.PHI_SESSION_ID, ""))
             again = loop_id in resent  # sent again whole: no session's latest loop
             self.ingestor.parallel_before(session_id, loop_id, loop.attributes, loop.start)
             ended = False
-            for _, event in sorted(self.events[loop_id], key=lambda item: item[0]):
+            for _, event in sorted(record.events, key=lambda item: item[0]):
                 ended = ended or type(event) is AgentEnd
                 self.ingestor.emit(event)
             if not ended:
-                last = max(s.end for s in self.spans if s.attributes.get(attr.PHI_LOOP_ID) == loop_id)
                 # The loop span counts what its calls billed (the cut-off turn's too).
                 billed = _usage(loop.attributes) or ZERO_USAGE
-                self.ingestor.emit(_abort(loop_id, last, _UNFINISHED, billed))
+                self.ingestor.emit(_abort(loop_id, record.end, _UNFINISHED, billed))
             if not again:
                 self.ingestor.loop_recorded(session_id, loop_id)
             self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
