@@ -722,3 +722,35 @@ def test_the_encoders_of_one_kind_refuse_the_others() -> None:
         ps.encode_session(session.loops[0])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="pretty must be bool or None, not str"):
         ps.encode(session, pretty="no")  # type: ignore[arg-type]
+
+
+def test_a_replayed_reply_says_so_in_a_key_phi_core_ignores_and_no_request_carries() -> None:
+    """The mark was a NodeTag of kind "checkpoint": phi-core's revert mode pins such tags
+    into the model's prompt, so a replayed session resumed there sent the mark to the model."""
+    from phi_session.model import is_replayed, mark_replayed
+
+    reply = mark_replayed(
+        ps.AssistantMessage(
+            content=(ps.TextContent(text="a"),),
+            stop_reason="stop",
+            model="m",
+            provider="p",
+            usage=ZERO_USAGE,
+            timestamp=1,
+        )
+    )
+    assert reply.tags == () and is_replayed(reply)
+    data = encode_message(reply)
+    assert b'"phiSessionReplayed":true' in data
+    for strict in (True, False):
+        event = ps.decode_event(ps.encode_event(ps.MessageEnd(loop_id="l", message=reply)), strict=strict)
+        assert isinstance(event, ps.MessageEnd) and is_replayed(event.message)
+    unmarked = ps.decode_event(
+        b'{"type":"MessageEnd","loop_id":"l","message":' + data.replace(b"true", b"1") + b"}", strict=False
+    )
+    assert isinstance(unmarked, ps.MessageEnd) and not is_replayed(unmarked.message)  # not a bool: dropped
+    assert b"phiSessionReplayed" not in ps.codec.encode_plain_message(reply)
+    payload = ps.TurnEnd(
+        loop_id="l", message=reply, usage=ZERO_USAGE, timestamp=ps.Timestamp.from_ns(0), tool_results=()
+    )
+    assert is_replayed(ps.decode_event(ps.encode_event(payload)).message)  # type: ignore[union-attr]

@@ -222,12 +222,12 @@ class World:
 
 
 def view(message: AgentMessage) -> Any:
-    """A message without its timestamp, turn id and tags (what a replay must reproduce; it
-    tags the replies it served)."""
+    """A message without its timestamp, turn id and replay mark (what a replay must
+    reproduce; it marks the replies it served)."""
     data = msgspec.to_builtins(message)
     data.pop("timestamp", None)
     data.pop("turnId", None)
-    data.pop("tags", None)
+    data.pop("phiSessionReplayed", None)
     return data
 
 

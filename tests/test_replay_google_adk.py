@@ -115,9 +115,13 @@ def replay(
 
 def plain(message: AgentMessage) -> Any:
     """A message without what differs between two recordings of one run (time, turn ids, the
-    tag of a reply a replay served)."""
+    mark of a reply a replay served)."""
     message = msgspec.structs.replace(message, timestamp=0)
-    return msgspec.structs.replace(message, turn_id=None, tags=()) if hasattr(message, "turn_id") else message
+    return (
+        msgspec.structs.replace(message, turn_id=None, phi_session_replayed=False)
+        if hasattr(message, "turn_id")
+        else message
+    )
 
 
 def turns(record: LoopRecord) -> list[tuple[Any, ...]]:

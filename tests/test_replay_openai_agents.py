@@ -139,8 +139,8 @@ def session_of(recorder: SessionRecorder) -> Session:
 
 def bare(messages: Sequence[AgentMessage]) -> list[AgentMessage]:
     """Messages without what differs between two runs of the same conversation (time, turn
-    ids, the tag of a reply a replay served)."""
-    return [replace(message, timestamp=0, turn_id=None, tags=()) for message in messages]  # type: ignore[type-var]
+    ids, the mark of a reply a replay served)."""
+    return [replace(message, timestamp=0, turn_id=None, phi_session_replayed=False) for message in messages]  # type: ignore[type-var]
 
 
 def calls_of(loop: LoopRecord) -> list[list[ToolCall]]:

@@ -325,15 +325,32 @@ def _plain_message(message: Message) -> Message:
         and message.parent_id is None
         and not message.tags
         and message.provenance_hint is None
+        and not message.phi_session_replayed
     ):
         return message
-    return replace(message, turn_id=None, node_id=None, parent_id=None, tags=(), provenance_hint=None)
+    return replace(
+        message,
+        turn_id=None,
+        node_id=None,
+        parent_id=None,
+        tags=(),
+        provenance_hint=None,
+        phi_session_replayed=False,
+    )
 
 
 def stamped_plain(message: Message, turn_id: TurnId) -> Message:
     """`message` as a turn's tool results hold it: the plain form, stamped with `turn_id`
     (phi-core's ``Turn.tool_results`` are plain messages, which carry no other metadata)."""
-    return replace(message, turn_id=turn_id, node_id=None, parent_id=None, tags=(), provenance_hint=None)
+    return replace(
+        message,
+        turn_id=turn_id,
+        node_id=None,
+        parent_id=None,
+        tags=(),
+        provenance_hint=None,
+        phi_session_replayed=False,
+    )
 
 
 def encode_plain_message(message: Message) -> bytes:
@@ -770,6 +787,7 @@ _METADATA_TYPES: dict[str, Any] = {
     "parentId": int,
     "tags": tuple[NodeTag, ...],
     "provenanceHint": BlockProvenance,
+    "phiSessionReplayed": bool,
 }
 _METADATA_FIELDS = {
     "turnId": "turn_id",
@@ -777,6 +795,7 @@ _METADATA_FIELDS = {
     "parentId": "parent_id",
     "tags": "tags",
     "provenanceHint": "provenance_hint",
+    "phiSessionReplayed": "phi_session_replayed",
 }
 _LlmMessage = Union[LLM_MESSAGE_TYPES]  # type: ignore[valid-type]
 
@@ -836,6 +855,7 @@ def _lenient_message(obj: Any, path: str, hidden: _Placeholders) -> AgentMessage
                 }
                 if metadata["tags"] is None:
                     metadata["tags"] = ()
+                metadata["phi_session_replayed"] = metadata["phi_session_replayed"] is True
                 return replace(message, **metadata)  # type: ignore[no-any-return]
         role, kind = obj.get("role"), obj.get("kind")
         if isinstance(role, str) and isinstance(kind, str) and "data" in obj:

@@ -814,8 +814,8 @@ class Tracer:
         * `replay`: the `phi_session.replay.ReplayCursor` answering the loop's model
           calls, for an agent that builds its replies itself (a framework adapter's):
           each reply finished while a recorded reply the cursor served is not yet
-          recorded is that one, and is tagged as served
-          (`phi_session.model.REPLAYED_TAG`), so no roll-up bills it.
+          recorded is that one, and is marked as served
+          (`phi_session.model.is_replayed`), so no roll-up bills it.
         """
         check_type("config", config, LoopConfigSnapshot, optional=True)
         check_type("config_id", config_id, str, optional=True)

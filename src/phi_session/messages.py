@@ -197,6 +197,9 @@ class _LlmMessage(_Frozen, tag_field="role", omit_defaults=True, rename=_message
     parent_id: U64 | None = None
     tags: tuple[NodeTag, ...] = ()
     provenance_hint: BlockProvenance | None = None
+    phi_session_replayed: bool = False
+    """phi-session's own: an assistant reply a replay served from its recording instead of
+    calling a model (`phi_session.model.is_replayed`). phi-core ignores the key."""
 
 
 class UserMessage(_LlmMessage, tag="user", kw_only=True, frozen=True):

@@ -45,13 +45,11 @@ from .messages import (
     AgentMessage,
     AnnotatedRequestPayload,
     AssistantMessage,
-    NodeTag,
     TurnId,
     Usage,
 )
 
 __all__ = [
-    "REPLAYED_TAG",
     "ChildLoopRef",
     "CompactedSection",
     "CompactionBlock",
@@ -225,25 +223,20 @@ class ModelCall(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 _USAGE_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
 
-REPLAYED_TAG = NodeTag(
-    kind="checkpoint", text="phi-session:replayed", created_at_turn=0, abandoned_node_ids=()
-)
-"""The tag of an assistant reply a replay served from its recording instead of calling a
-model (`phi_session.replay`): its usage is the recorded call's, which no roll-up bills
-again (`LoopRecord.billed_usage`). A message tag is agent metadata, which phi-core keeps
-and never sends to a model."""
-
 
 def is_replayed(message: AgentMessage) -> bool:
-    """Whether `message` is a reply served from a recording (it carries `REPLAYED_TAG`)."""
-    return REPLAYED_TAG in getattr(message, "tags", ())  # extension messages have no tags
+    """Whether `message` is a reply a replay served from its recording instead of calling a
+    model (`phi_session.replay`): its usage is the recorded call's, which no roll-up bills
+    again (`LoopRecord.billed_usage`). It says so in agent metadata of phi-session's own
+    (``"phiSessionReplayed": true``), which phi-core ignores and no model is sent."""
+    return getattr(message, "phi_session_replayed", False) is True  # extension messages: never
 
 
 def mark_replayed(message: AssistantMessage) -> AssistantMessage:
-    """`message` tagged as a reply served from a recording (`REPLAYED_TAG`)."""
-    if REPLAYED_TAG in message.tags:
+    """`message` marked as a reply served from a recording (`is_replayed`)."""
+    if message.phi_session_replayed:
         return message
-    return msgspec.structs.replace(message, tags=(*message.tags, REPLAYED_TAG))
+    return msgspec.structs.replace(message, phi_session_replayed=True)
 
 
 def _less(usage: Usage, spent: Usage) -> Usage:

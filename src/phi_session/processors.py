@@ -48,13 +48,11 @@ from .messages import (
     AssistantMessage,
     Content,
     ExtensionMessage,
-    NodeTag,
     TextContent,
     ToolResult,
     extension_message,
     message_role,
 )
-from .model import REPLAYED_TAG
 from .redactor import DEFAULT_SECRET_FIELDS, DEFAULT_SECRET_PATTERNS, REDACTED, Redactor
 
 __all__ = [
@@ -106,11 +104,6 @@ def _withhold_content(note: str) -> tuple[Content, ...]:
     return (TextContent(text=note),)
 
 
-def _kept_tags(tags: tuple[NodeTag, ...]) -> tuple[NodeTag, ...]:
-    # A tag's text may quote what was withheld; a replay's own tag cannot, and billing reads it.
-    return (REPLAYED_TAG,) if REPLAYED_TAG in tags else ()
-
-
 def _withhold_message(message: AgentMessage, note: str) -> AgentMessage:
     if isinstance(message, ExtensionMessage):
         return extension_message(message_role(message), message.kind, {"withheld": note})
@@ -119,10 +112,10 @@ def _withhold_message(message: AgentMessage, note: str) -> AgentMessage:
         return replace(
             message,
             content=content,
-            tags=_kept_tags(message.tags),
+            tags=(),  # a tag's text may quote what is withheld
             error_message=None if message.error_message is None else note,
         )
-    return replace(message, content=content, tags=_kept_tags(message.tags))
+    return replace(message, content=content, tags=())
 
 
 def _withhold_result(result: ToolResult, note: str) -> ToolResult:

@@ -21,8 +21,8 @@ A replay calls no model and makes no network call: the recorded replies are
 returned, with the usage they reported, and with ``tools="recorded"`` the recorded
 tool results too.
 
-What is billed: only what was spent. Every reply served from a recording is tagged
-(`phi_session.model.REPLAYED_TAG`): by `RecordedModel.next` (finish the turn with the
+What is billed: only what was spent. Every reply served from a recording is marked
+(`phi_session.model.is_replayed`): by `RecordedModel.next` (finish the turn with the
 reply it returned, ``reply.finish(message=...)``), by `fork` for the turns it repeats,
 and for a framework adapter by its loop, given the replay's cursor
 (``recording_as(lineage, cursor)``, which `phi_session.adapters.replay_recording`

@@ -16,7 +16,7 @@ Where the original run failed, the replay fails there too: a model call that rai
 raised again as `RecordedModelError`, a tool error that ended the run as
 `RecordedToolError`.
 
-The recorded replies come back tagged as served (`phi_session.model.REPLAYED_TAG`): give
+The recorded replies come back marked as served (`phi_session.model.is_replayed`): give
 them to ``reply.finish(message=...)`` as they are, and the replay's turns carry the
 recorded usage (a diff compares like with like) while billing leaves them out.
 
@@ -78,7 +78,7 @@ class RecordedModel:
     def next(self, request: RequestShape | Sequence[AgentMessage]) -> AssistantMessage:
         """The reply to `request`: the recorded one, or the fallback model's once handed over.
 
-        A recorded reply is tagged as served (`phi_session.model.REPLAYED_TAG`): finished
+        A recorded reply is marked as served (`phi_session.model.is_replayed`): finished
         as it is (``reply.finish(message=...)``), it is recorded with its recorded usage,
         which no roll-up bills again.
 
