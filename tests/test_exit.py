@@ -69,3 +69,19 @@ def test_an_exit_hook_runs_in_its_own_process_only_and_not_once_cancelled() -> N
     assert done.stdout.splitlines() == ["closed in parent"]
     assert "'failing': closing at interpreter exit failed" in done.stderr
     assert "ZeroDivisionError" in done.stderr
+
+
+def test_an_exit_hook_interrupted_by_ctrl_c_logs_one_line_saying_what_is_left() -> None:
+    script = (
+        "from phi_session._exit import ExitHook\n"
+        "def close():\n"
+        "    raise KeyboardInterrupt\n"
+        "ExitHook('recorder', close, lambda: '3 sessions not saved')\n"
+        "ExitHook('journal', close)\n"
+    )
+    done = _run(script)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "'journal': closing at interpreter exit was interrupted",
+        "'recorder': closing at interpreter exit was interrupted: 3 sessions not saved",
+    ]

@@ -395,6 +395,29 @@ def test_close_writes_everything_and_refuses_appends_afterwards(tmp_path: Path) 
         journal.append(events(1)[0])
 
 
+def test_a_close_interrupted_before_writing_is_finished_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while `close` wrote what was queued, then `close` again: the second returned
+    at once, and the records not yet written were lost."""
+    journal = Journal(tmp_path, durability="interval", interval_ms=10**7)
+    for event in events(1)[:3]:
+        journal.append(event)
+    take_pending = Journal._take_pending
+
+    def interrupted_once(self: Journal) -> object:
+        monkeypatch.undo()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Journal, "_take_pending", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        journal.close()
+    assert Journal._take_pending is take_pending
+    journal.close()
+    assert [r.seq for r in read_records(tmp_path)] == [0, 1, 2]
+    Journal(tmp_path).close()  # unlocked
+
+
 def test_one_writer_per_directory(tmp_path: Path) -> None:
     with Journal(tmp_path):
         with pytest.raises(JournalLocked):

@@ -18,12 +18,16 @@ class ExitHook:
     another closes it itself: the owned one gets no hook, or it would close first.
     A forked child inherits the hook but not the threads and descriptors `close` would
     act on: only the process that made the hook runs it. A failure is logged (at exit
-    there is no caller left to raise it to).
+    there is no caller left to raise it to), and so is a Ctrl-C that stops `close`: one
+    line, with what `unfinished` says is left undone (the process ends without it).
     """
 
-    def __init__(self, owner: object, close: Callable[[], object]) -> None:
+    def __init__(
+        self, owner: object, close: Callable[[], object], unfinished: Callable[[], str] | None = None
+    ) -> None:
         self._owner = owner
         self._close = close
+        self._unfinished = unfinished
         self._pid = os.getpid()
         atexit.register(self._run)
 
@@ -35,5 +39,8 @@ class ExitHook:
             return
         try:
             self._close()
+        except KeyboardInterrupt:
+            left = f": {self._unfinished()}" if self._unfinished is not None else ""
+            logger.error("%r: closing at interpreter exit was interrupted%s", self._owner, left)
         except Exception:
             logger.exception("%r: closing at interpreter exit failed", self._owner)

@@ -3,12 +3,13 @@
 Locks, in the only order in which a thread may hold them together (a thread holding
 one takes only locks further down this list):
 
-1. ``_release_lock``: `release` and `close` (the checkpoint, removing segments).
-2. ``_sync_lock``: the active segment's descriptor: writing frames, rotating to a new
+1. ``_close_lock``: `close`, one call at a time.
+2. ``_release_lock``: `release` and `close` (the checkpoint, removing segments).
+3. ``_sync_lock``: the active segment's descriptor: writing frames, rotating to a new
    segment, fsync, closing descriptors. Under ``"os"`` an append writes through under it.
-3. ``_lock``: numbering and queueing records, the list of segments and leftovers, the
+4. ``_lock``: numbering and queueing records, the list of segments and leftovers, the
    closed and failed state. Held only for bookkeeping, never across I/O.
-4. ``_acked_cond``: the waiters for the acknowledged sequence number (which only
+5. ``_acked_cond``: the waiters for the acknowledged sequence number (which only
    writers, under ``_sync_lock``, change).
 
 A `JournaledRecorder` appends under the recorder's lock, which is thus taken before
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Literal, TypeAlias, get_args
 
 from .. import codec
+from .._daemon import DaemonThread
 from .._exit import ExitHook
 from .._fork import in_forked_child
 from ..errors import InvalidArgument, JournalLocked, PhiSessionError, StoreError, UsedAfterFork
@@ -129,7 +131,6 @@ class Journal:
         self._opened_by = os.getpid()
         self._in_child = False  # a forked child's copy of the journal (`_give_up_in_child`)
         self._failure: BaseException | None = None
-        self._closing = False  # `close` was called
         self._claimed = False  # a recorder writes through it (`claim`)
         self._closed = False
         self._writable = True  # neither closed nor failed
@@ -162,18 +163,16 @@ class Journal:
             raise StoreError(f"cannot open journal {self.directory}: {error}") from error
         self._stopping = False
         self._wake = threading.Event()
-        self._flusher: threading.Thread | None = None
+        self._flusher: DaemonThread | None = None
         if durability == "interval":
-            self._flusher = threading.Thread(
-                target=self._flush_loop, name=f"phi-session journal flusher {self.directory}", daemon=True
-            )
-            self._flusher.start()
+            self._flusher = DaemonThread(self._flush_loop, f"phi-session journal flusher {self.directory}")
         # At interpreter exit the flusher, a daemon thread, stops wherever it is: a journal
         # still open is closed first, so that what waits for it is written.
-        self._exit_hook = ExitHook(self, self.close) if close_at_exit else None
+        self._exit_hook = ExitHook(self, self.close, self._unwritten_at_exit) if close_at_exit else None
         in_forked_child(self, Journal._give_up_in_child)
 
     def _new_locks(self) -> None:
+        self._close_lock = threading.Lock()
         self._release_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -188,7 +187,7 @@ class Journal:
         if self._closed:
             return
         self._in_child = True
-        self._closing = self._closed = True  # `close` has nothing of this process's to do
+        self._closed = True  # `close` has nothing of this process's to do
         self._writable = False
         self._pending, self._singles, self._pending_bytes = [], [], 0  # the parent writes them
         self._flusher = None
@@ -537,29 +536,30 @@ class Journal:
         A clean close after everything was released leaves no segment behind. Raises
         `StoreError` if the journal failed (now or earlier: records appended after the
         acknowledged ones may be lost), after closing and unlocking all the same, so
-        that `recover` can run at once.
+        that `recover` can run at once. An interrupted close (Ctrl-C) is not done: the
+        next call (at the latest, the exit hook's) writes what is still to be written.
         """
-        with self._lock:
-            if self._closing:
+        with self._close_lock:
+            if self._closed:
                 return
-            self._closing = True
-        if self._exit_hook is not None:
-            self._exit_hook.cancel()
-        self._stopping = True
-        self._wake.set()
-        if self._flusher is not None:
-            self._flusher.join()
-        try:
+            self._stopping = True
+            self._wake.set()
+            if self._flusher is not None:
+                self._flusher.join()
             if self._failure is None:
-                self._sync()
-        except StoreError:
-            pass  # recorded as the failure, reported below once everything is closed
-        finally:
+                with contextlib.suppress(StoreError):  # the failure, reported below once closed
+                    self._sync()
             self._shut_down()
+            if self._exit_hook is not None:
+                self._exit_hook.cancel()
         if self._failure is not None:
             raise StoreError(
                 f"journal {self.directory} failed: {self._failure}; records after {self._acked} may be lost"
             )
+
+    def _unwritten_at_exit(self) -> str:
+        """What a close interrupted at interpreter exit leaves unwritten (`ExitHook`)."""
+        return f"records after {self._acked} may be lost; those up to it are kept, for recover"
 
     def _shut_down(self) -> None:
         """Close the active segment, remove what `release` covered, unlock the directory."""
