@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -69,6 +70,55 @@ def test_an_exit_hook_runs_in_its_own_process_only_and_not_once_cancelled() -> N
     assert done.stdout.splitlines() == ["closed in parent"]
     assert "'failing': closing at interpreter exit failed" in done.stderr
     assert "ZeroDivisionError" in done.stderr
+
+
+_CTRL_C_AT_EXIT = """
+import signal, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import workload
+from phi_session.persist import AutoPersistingRecorder
+from phi_session.stores.json_dir import JsonDirStore
+
+class CtrlCAtFirstSave(JsonDirStore):
+    pressed = False
+
+    def save(self, session):
+        if not self.pressed:  # the user presses Ctrl-C while the exit hook saves
+            self.pressed = True
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        time.sleep(0.05)
+        super().save(session)
+
+journal = sys.argv[3] if len(sys.argv) > 3 else None
+recorder = AutoPersistingRecorder(
+    CtrlCAtFirstSave(sys.argv[2]), journal=journal, checkpoint_every=10**6, checkpoint_interval=None
+)
+recorder.record_all(workload.events(20, seed=3))
+"""
+
+
+@pytest.mark.parametrize("journaled", [False, True])
+def test_a_ctrl_c_while_the_exit_hook_saves_says_in_one_line_what_is_left(
+    tmp_path: Path, journaled: bool
+) -> None:
+    """A generic "Exception ignored in atexit callback" traceback, and nothing said about
+    the sessions left unsaved."""
+    from phi_session.persist import AutoPersistingRecorder
+    from phi_session.stores.json_dir import JsonDirStore
+
+    store, journal = tmp_path / "store", tmp_path / "j"
+    done = _run(_CTRL_C_AT_EXIT, BENCHMARKS, str(store), *([str(journal)] if journaled else []))
+    assert done.returncode == 0, done.stderr
+    [line] = done.stderr.splitlines()
+    kept = f"their events are kept in the journal {journal}, for recover" if journaled else "are lost"
+    assert re.fullmatch(
+        rf"AutoPersistingRecorder\(.*\): closing at interpreter exit was interrupted: "
+        rf"up to \d+ sessions not saved into .*{re.escape(kept)}.*",
+        line,
+    ), line
+    if journaled:  # nothing is lost: the next recorder on the journal saves the rest
+        AutoPersistingRecorder(JsonDirStore(store), journal=journal).close()
+        assert len(JsonDirStore(store).list_ids()) == 20
 
 
 def test_an_exit_hook_interrupted_by_ctrl_c_logs_one_line_saying_what_is_left() -> None:

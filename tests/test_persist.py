@@ -8,12 +8,13 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -851,6 +852,103 @@ def test_closing_on_a_dead_store_waits_retry_for_once_whatever_is_pending(
         restarted = AutoPersistingRecorder(JsonDirStore(tmp_path / "healthy"), journal=tmp_path / "j")
         restarted.close()
         assert stored(JsonDirStore(tmp_path / "healthy")) == recorded(evs)
+
+
+@pytest.fixture
+def ctrl_c() -> Iterator[Callable[[], None]]:
+    """Presses Ctrl-C from any thread: a KeyboardInterrupt in the main thread, wherever it waits."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    main = threading.main_thread().ident
+    assert main is not None
+    yield lambda: signal.pthread_kill(main, signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, previous)
+
+
+class SlowFirstCall(JsonDirStore):
+    """Saves slowly; `at_first_save` is called at the first save (from the writer thread)."""
+
+    def __init__(self, directory: Path, at_first_save: Callable[[], None]) -> None:
+        super().__init__(directory)
+        self.at_first_save: Callable[[], None] | None = at_first_save
+
+    def save(self, session: Session) -> None:
+        if self.at_first_save is not None:
+            self.at_first_save, call = None, self.at_first_save
+            call()
+        time.sleep(0.02)
+        super().save(session)
+
+
+@pytest.mark.parametrize("journaled", [False, True])
+def test_a_close_interrupted_while_the_writer_saves_is_finished_by_the_next(
+    tmp_path: Path, ctrl_c: Callable[[], None], journaled: bool
+) -> None:
+    """Ctrl-C while `close` waited for the writer, then `close` again: the second returned at
+    once (the first had marked the recorder closed), and what the writer had not saved yet
+    died with the process."""
+    evs = single_loop_sessions(20)
+    store = SlowFirstCall(tmp_path / "store", ctrl_c)
+    persisting = AutoPersistingRecorder(
+        store,
+        journal=tmp_path / "j" if journaled else None,
+        checkpoint_every=10**6,
+        checkpoint_interval=None,
+    )
+    persisting.record_all(evs)
+    with pytest.raises(KeyboardInterrupt):
+        persisting.close()
+    with pytest.raises(PhiSessionError, match="closed"):  # no event is taken meanwhile
+        persisting.on_event(evs[0])
+    persisting.close()
+    assert stored(store) == recorded(evs)
+    assert not list((tmp_path / "j").glob("*.wal"))  # released and closed
+    persisting.close()  # done: nothing more to do
+
+
+class RefusingTheWriter(JsonDirStore):
+    """Refuses every save but those of the main thread (`close`'s last retry), the first of
+    which is interrupted by Ctrl-C."""
+
+    interrupted = False
+
+    def save(self, session: Session) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise StoreError("database is having a bad day")
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        super().save(session)
+
+
+def test_a_close_interrupted_while_retrying_failed_sessions_retries_them_next_time(tmp_path: Path) -> None:
+    evs = single_loop_sessions(5)
+    store = RefusingTheWriter(tmp_path / "store")
+    persisting = AutoPersistingRecorder(store, retry_for=0, checkpoint_every=10**6, checkpoint_interval=None)
+    persisting.record_all(evs)
+    with pytest.raises(KeyboardInterrupt):
+        persisting.close()
+    assert len(persisting.failed_sessions()) == 5  # none dropped by the interrupt
+    persisting.close()
+    assert persisting.failed_sessions() == []
+    assert stored(store) == recorded(evs)
+
+
+def test_a_close_called_while_another_closes_returns_once_everything_is_saved(tmp_path: Path) -> None:
+    evs = single_loop_sessions(20)
+    saving = threading.Event()
+    store = SlowFirstCall(tmp_path / "store", saving.set)
+    persisting = AutoPersistingRecorder(store, checkpoint_every=10**6, checkpoint_interval=None)
+    persisting.record_all(evs)
+    first = threading.Thread(target=persisting.close)
+    first.start()
+    assert saving.wait(10)  # the first close is under way
+    persisting.close()
+    assert stored(store) == recorded(evs)
+    first.join()
 
 
 def test_recovery_keeps_a_parallel_group_saved_while_another_session_held_the_journal(

@@ -23,7 +23,8 @@ Nothing is ever dropped:
   the recorder (`SessionRecorder.orphans`) and in `failed_sessions`;
 * a program that ends, or dies of an exception, with the recorder still open closes
   it at exit (an ``atexit`` hook), saving everything before the stores' own exit
-  hooks close their connections;
+  hooks close their connections; a `close` interrupted (Ctrl-C) is not done: the
+  next call, or that hook, goes on with what is left;
 * in a process forked from the one that made it, the recorder starts afresh at the
   child's first event (its own writer thread and exit hook, none of the parent's
   sessions); with a journal, which is the parent's, it refuses (`UsedAfterFork`).
@@ -49,6 +50,7 @@ from typing import cast
 import msgspec
 
 from ._checks import check_instance, check_seconds, check_type
+from ._daemon import DaemonThread
 from ._exit import ExitHook
 from ._fork import in_forked_child
 from .codec import json_size
@@ -264,7 +266,9 @@ class AutoPersistingRecorder:
 
     def _new_state(self) -> None:
         """Locks, and nothing held: what recording starts from."""
-        # Lock order: _lock, then _cond.
+        # Lock order: _close_lock, then _lock, then _cond.
+        # _close_lock: `close` runs one call at a time (a second waits, then finds it done).
+        self._close_lock = threading.Lock()
         # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _settled_through,
         # _unwritten_orphans, _since_checkpoint, _counters, _warned_pins.
         # Every event takes it twice (`_enter`, `_leave`): there its lock `_mutex` is
@@ -277,6 +281,8 @@ class AutoPersistingRecorder:
         self._cond = threading.Condition(threading.Lock())
         self._closed = False  # no more events
         self._sealed = False  # `close` has drained the recorder for the last time
+        # `close` did all its work; one interrupted (Ctrl-C) did not, and is done again.
+        self._close_done = False
         # Producers inside the recorder now, by the journal seq they started from: their
         # events are numbered from there on, so the journal is kept from there on.
         self._feeding: dict[int, int] = {}
@@ -300,11 +306,10 @@ class AutoPersistingRecorder:
         self._last_warning = -float("inf")
 
     def _start(self) -> None:
-        self._writer = threading.Thread(target=self._run, name="phi-session auto-persist writer", daemon=True)
-        self._writer.start()
+        self._writer = DaemonThread(self._run, "phi-session auto-persist writer")
         # Runs before the exit hooks of the store (opened before us), which close
         # connections the writer may be saving with.
-        self._exit_hook = ExitHook(self, self.close)
+        self._exit_hook = ExitHook(self, self.close, self._unsaved_at_exit)
 
     def _give_up_in_child(self) -> None:
         """In a forked child: the sessions held and queued, the writer thread and the exit
@@ -315,7 +320,8 @@ class AutoPersistingRecorder:
         self.recorder = SessionRecorder(self.recorder.config)
         self._saver = SessionSaver(self.store, retry_for=self._saver.retry_for)
         self._new_state()  # a parent thread may have held the locks; it does not exist here
-        self._closed = True  # until `_check_open`; `close` has nothing of this process's to save
+        # Until `_check_open`; `close` has nothing of this process's to save.
+        self._closed = self._close_done = True
         self._forked = not closed
 
     def __enter__(self) -> AutoPersistingRecorder:
@@ -430,7 +436,7 @@ class AutoPersistingRecorder:
                 f"{self!r} journals into {self.journal.directory}, opened by process {self._made_by}; "
                 "a forked process must make its own recorder, with its own journal, after the fork"
             )
-        self._forked = self._closed = False
+        self._forked = self._closed = self._close_done = False
         self._start()
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -455,7 +461,6 @@ class AutoPersistingRecorder:
         with self._lock:
             if self._sealed:
                 return 0
-            self._sealed = last
             self._since_checkpoint = 0
             self._counters["checkpoints"] += 1
             # Read before draining: every event up to it has been applied by then.
@@ -468,6 +473,9 @@ class AutoPersistingRecorder:
                 self._admit()
             if self.journal is not None:
                 self._write_orphans(self.journal, settled)
+            # Only now: a `close` interrupted before, or failing to write the orphans, is
+            # done again, and hands over (and writes) what is still there.
+            self._sealed = last
         return len(sessions)
 
     def _unpin(self, session_id: str) -> int | None:
@@ -712,43 +720,41 @@ class AutoPersistingRecorder:
         journal, which then keeps their segments). On a store that is down, close
         gives up after `retry_for` seconds plus one (and the attempt then under way),
         however many sessions are pending: those left are kept without being tried.
+
+        An interrupted close (Ctrl-C) takes no more events but is not done: the next
+        call (at the latest, the exit hook's) goes on from where it stopped, and raises
+        what it would have. A thread calling it while another closes waits for it.
         """
-        with self._lock:
-            if self._closed:
+        with self._close_lock:
+            if self._close_done:
                 return
-            self._closed = True
-            while self._feeding:
-                self._lock.wait()
-        self._exit_hook.cancel()
-        # Bounded even on a dead store whose every attempt waits for a timeout: past this,
-        # what is left is kept (failed_sessions, the journal) without being tried.
-        self._saver.stop_trying_after(self._saver.retry_for + _CLOSE_GRACE)
-        orphans_error = None
-        try:
-            self._hand_over(self.recorder.flush, last=True)
-        except PhiSessionError as error:  # the sessions are handed over; the orphans stay journaled
-            orphans_error = error
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._writer.join()
-        with self._cond:  # the writer's work if it died
-            leftovers = [*self._queue, *self._waiting]
-            self._queue.clear()
-            self._waiting.clear()
-            self._queued_bytes = 0
-        for item in leftovers:
-            if self._saver.save(item.session).unsaved:
-                with self._cond:
-                    self._keep_pin(item)
-        unsaved = self._saver.retry_unsaved()  # last chance
-        self._release_journal()
-        journal_error = None
-        if self.journal is not None:
+            with self._lock:
+                self._closed = True
+                while self._feeding:
+                    self._lock.wait()
+            # Bounded even on a dead store whose every attempt waits for a timeout: past this,
+            # what is left is kept (failed_sessions, the journal) without being tried.
+            self._saver.stop_trying_after(self._saver.retry_for + _CLOSE_GRACE)
+            orphans_error = None
             try:
-                self.journal.close()
-            except StoreError as error:  # said below, with the sessions it leaves in memory only
-                journal_error = error
+                self._hand_over(self.recorder.flush, last=True)
+            except PhiSessionError as error:  # the sessions are handed over; the orphans stay journaled
+                orphans_error = error
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._writer.join()
+            self._save_leftovers()
+            unsaved = self._saver.retry_unsaved()  # last chance
+            self._release_journal()
+            journal_error = None
+            if self.journal is not None:
+                try:
+                    self.journal.close()
+                except StoreError as error:  # said below, with the sessions it leaves in memory only
+                    journal_error = error
+            self._close_done = True
+            self._exit_hook.cancel()
         if unsaved:
             ids = ", ".join(s.session_id for s in self._saver.unsaved[:5])
             if journal_error is not None:
@@ -763,6 +769,36 @@ class AutoPersistingRecorder:
             raise journal_error
         if orphans_error is not None:
             raise orphans_error
+
+    def _save_leftovers(self) -> None:
+        """Save what the stopped writer left (it died); each session leaves the queue once
+        tried, so that a `close` interrupted meanwhile goes on with the next."""
+        while True:
+            with self._cond:
+                line = self._queue or self._waiting
+                if not line:
+                    return
+                item = line[0]
+            outcome = self._saver.save(item.session)
+            with self._cond:
+                line.popleft()
+                if line is self._queue:
+                    self._queued_bytes -= item.size
+                if outcome.unsaved:
+                    self._keep_pin(item)
+
+    def _unsaved_at_exit(self) -> str:
+        """What a close interrupted at interpreter exit leaves unsaved (`ExitHook`)."""
+        held = self.recorder.stats()
+        with self._cond:
+            handed = len(self._queue) + len(self._waiting)
+        count = held["open_sessions"] + held["completed_sessions"] + handed + self._saver.stats().unsaved
+        if self.journal is None:
+            return f"up to {count} sessions not saved into {self.store!r} are lost"
+        return (
+            f"up to {count} sessions not saved into {self.store!r}; their events are kept in the journal "
+            f"{self.journal.directory}, for recover (or the next AutoPersistingRecorder on it)"
+        )
 
     def stats(self) -> dict[str, float]:
         """Counters: events, checkpoints, sessions saved/retried/orphaned/failed,
