@@ -1172,6 +1172,40 @@ def test_events_a_full_disk_refuses_at_close_are_counted_and_raised(
     sink.close()  # once: already closed
 
 
+def test_a_close_interrupted_while_spilling_is_finished_by_the_next(
+    names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while `close` spilled what NATS had not taken, then `close` again: the second
+    returned at once, and the events not yet written died with the process."""
+    events = list(workload.events(1, seed=4))[:20]
+    sink = _offline(names).sink(batch=8, publish_timeout=0.2)
+    for event in events:
+        sink(event)
+    appended = 0
+    append_json = Journal.append_json
+
+    def interrupted_once(journal: Journal, data: bytes | str, *, commit: bool = True) -> int:
+        nonlocal appended
+        appended += 1
+        if appended == 10:  # in the second batch
+            raise KeyboardInterrupt
+        return append_json(journal, data, commit=commit)
+
+    monkeypatch.setattr(Journal, "append_json", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        sink.close(timeout=0)
+    with pytest.raises(BrokerError, match="is closed"):  # no event is taken meanwhile
+        sink(events[0])
+    sink.close(timeout=0)
+    assert sink.stats() == SinkStats(published=0, spilled=0, pending=len(events))
+    kept = [
+        msgspec.json.decode(record.payload)[3]
+        for episode in sorted(names.spill.iterdir())
+        for record in read_records(episode)
+    ]
+    assert kept == [json.loads(encode_event(event)) for event in events]  # each once, in order
+
+
 def test_sinks_spilling_at_once_create_their_spill_dir_together(tmp_path: Path) -> None:
     """Creating the spill directory is idempotent: sinks closing at the same moment on
     a `spill_dir` none of them has created yet all keep their events there."""

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Union
 import msgspec
 
 from .._checks import check_type
+from .._daemon import DaemonThread
 from .._exit import ExitHook
 from .._fork import in_forked_child
 from ..codec import encode_event, escape_surrogates
@@ -258,6 +259,8 @@ class JetStreamSink:
         self._published = self._spilled = self._left = self._rejected = 0
         self._lost: dict[str, int] = {}  # why events were lost -> how many
         self._closed = False
+        self._close_lock = threading.Lock()  # one `close` at a time; taken before `_lock`
+        self._close_done = False  # an interrupted `close` (Ctrl-C) is not: it is done again
         self._unreachable: str | None = None
         self._roots: dict[str, str] = {}  # sub-agent session -> the session it goes with
         self._loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
@@ -267,13 +270,10 @@ class JetStreamSink:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[Any] | None = None
         self._started = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"phi-session JetStreamSink {url}", daemon=True
-        )
-        self._thread.start()
+        self._thread = DaemonThread(self._run, f"phi-session JetStreamSink {url}")
         self._started.wait()
         # The publishing thread is a daemon: what it holds would vanish with the process.
-        self._exit_hook = ExitHook(self, self.close)
+        self._exit_hook = ExitHook(self, self.close, self._unsent_at_exit)
         self._made_by = os.getpid()
         self._in_child = False  # a forked child's copy (`_give_up_in_child`)
         in_forked_child(self, JetStreamSink._give_up_in_child)
@@ -282,10 +282,11 @@ class JetStreamSink:
         """In a forked child: the connection, the publishing thread and the events queued
         are the parent's, which sends them; the child's events would wait in a queue no
         thread sends, so they are refused (`UsedAfterFork`)."""
-        self._lock = threading.Lock()  # a parent thread may have held it; it does not exist here
+        # A parent thread may have held them; it does not exist here.
+        self._lock, self._close_lock = threading.Lock(), threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_child = not self._closed
-        self._closed = True  # `close` has nothing of this process's to send
+        self._closed = self._close_done = True  # `close` has nothing of this process's to send
         self._queue.clear()
         self._sending = self._spill = None
 
@@ -435,27 +436,31 @@ class JetStreamSink:
     def close(self, timeout: float | None = 10.0) -> None:
         """Flush for up to `timeout` seconds, then spill what is left and stop. No event
         may follow. Events still spilled are sent by the next sink on the same `spill_dir`.
-        Raises `BrokerError` once all that is done if events were lost (`SinkStats.lost`)."""
-        with self._lock:
-            if self._closed:
+        Raises `BrokerError` once all that is done if events were lost (`SinkStats.lost`).
+        An interrupted close (Ctrl-C) takes no more events but is not done: the next call
+        (at the latest, the exit hook's) goes on from where it stopped."""
+        with self._close_lock:
+            if self._close_done:
                 return
-            self._closed = True
-        self._exit_hook.cancel()
-        sent = self.flush(timeout)
-        self._stop.set()
-        self._wake()
-        if sent:
-            self._thread.join()
-        else:
-            # Stop a retry in progress (a connection attempt can take minutes). The NATS
-            # client can lose a cancellation (Python 3.11's wait_for drops one that lands as
-            # its inner call finishes), so it is asked again until the thread has ended.
-            while self._thread.is_alive():
-                self._cancel_publisher()
-                self._thread.join(_CANCEL_AGAIN)
-            self._spill_rest()
-        with self._lock:
-            lost, left = dict(self._lost), self._left
+            with self._lock:
+                self._closed = True
+            sent = self.flush(timeout)
+            self._stop.set()
+            self._wake()
+            if sent:
+                self._thread.join()
+            else:
+                # Stop a retry in progress (a connection attempt can take minutes). The NATS
+                # client can lose a cancellation (Python 3.11's wait_for drops one that lands as
+                # its inner call finishes), so it is asked again until the thread has ended.
+                while self._thread.is_alive():
+                    self._cancel_publisher()
+                    self._thread.join(_CANCEL_AGAIN)
+                self._spill_rest()
+            with self._lock:
+                lost, left = dict(self._lost), self._left
+            self._close_done = True
+            self._exit_hook.cancel()
         if lost:
             kept = f"; {left} kept in {self.spill_dir} for the next sink" if left else ""
             reasons = "; ".join(f"{count} {reason}" for reason, count in lost.items())
@@ -472,38 +477,25 @@ class JetStreamSink:
                 loop.call_soon_threadsafe(task.cancel)
 
     def _spill_rest(self) -> None:
+        """Keep on disk what NATS has not taken (the publishing thread has ended). Each entry
+        leaves the queue once kept, so that a `close` interrupted meanwhile goes on with the next."""
         with self._lock:
             self._seal_spill()
-            entries = [*([self._sending] if self._sending is not None else []), *self._queue]
-            self._queue.clear()
-            self._sending = None
+            if self._sending is not None:
+                self._queue.appendleft(self._sending)
+                self._sending = None
             self._in_memory = self._in_memory_bytes = 0
-        left = 0
-        for entry in entries:
-            if isinstance(entry, _Episode):
-                entry.close()
-                left += entry.count
-                continue
-            if not entry:
-                continue
-            directory = self._episode_dir(int(entry[0][0].rsplit("-", 1)[1]))
-            written = 0  # each written through: kept even if a later one fails
-            try:
-                with Journal(directory, durability="os") as journal:
-                    for msg_id, session, key, payload in entry:
-                        journal.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
-                        written += 1
-            except (OSError, PhiSessionError) as error:
-                if not written:  # nothing for the next sink to send
-                    shutil.rmtree(directory, ignore_errors=True)
-                self._count_lost(
-                    len(entry) - written,
-                    f"not taken by NATS at {self.url} and not written to a spill journal in"
-                    f" {self.spill_dir} ({_reason(error)})",
-                )
-            left += written
+        while True:
+            with self._lock:
+                if not self._queue:
+                    break
+                entry = self._queue[0]
+            kept = self._keep_on_disk(entry)
+            with self._lock:
+                self._queue.popleft()
+                self._left += kept
         with self._lock:
-            self._left = left
+            left = self._left
         if left:
             backlog_logger.warning(
                 "%d events not yet acknowledged by NATS at %s are kept in %s; the next "
@@ -512,6 +504,43 @@ class JetStreamSink:
                 self.url,
                 self.spill_dir,
             )
+
+    def _keep_on_disk(self, entry: _Entry) -> int:
+        """Close an episode, or write events held in memory to a spill journal; how many are kept."""
+        if isinstance(entry, _Episode):
+            entry.close()
+            return entry.count
+        if not entry:
+            return 0
+        directory = self._episode_dir(int(entry[0][0].rsplit("-", 1)[1]))
+        # What a `close` interrupted while writing it wrote: the entry is written again, whole.
+        shutil.rmtree(directory, ignore_errors=True)
+        written = 0  # each written through: kept even if a later one fails
+        try:
+            with Journal(directory, durability="os") as journal:
+                for msg_id, session, key, payload in entry:
+                    journal.append_json(msgspec.json.encode((msg_id, session, key, msgspec.Raw(payload))))
+                    written += 1
+        except (OSError, PhiSessionError) as error:
+            if not written:  # nothing for the next sink to send
+                shutil.rmtree(directory, ignore_errors=True)
+            self._count_lost(
+                len(entry) - written,
+                f"not taken by NATS at {self.url} and not written to a spill journal in"
+                f" {self.spill_dir} ({_reason(error)})",
+            )
+        return written
+
+    def _unsent_at_exit(self) -> str:
+        """What a close interrupted at interpreter exit leaves unsent (`ExitHook`)."""
+        with self._lock:
+            entries = [*self._queue, *([self._sending] if self._sending is not None else [])]
+            in_memory = sum(len(entry) for entry in entries if not isinstance(entry, _Episode))
+            spilled = self._pending() - in_memory
+        return (
+            f"{in_memory} events not acknowledged by NATS at {self.url} are lost; "
+            f"{spilled} spilled to {self.spill_dir} are kept for the next sink"
+        )
 
     def __enter__(self) -> JetStreamSink:
         return self
