@@ -1015,3 +1015,29 @@ def test_an_auto_persisting_recorders_arguments_are_checked_before_it_starts(tmp
         AutoPersistingRecorder(store, checkpoint_every="10")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="checkpoint_interval must be a number of seconds > 0"):
         AutoPersistingRecorder(store, checkpoint_interval=-1)
+
+
+def test_a_session_holding_what_json_cannot_write_is_kept_unsaved_and_the_others_saved(
+    tmp_path: Path,
+) -> None:
+    """Sizing a drained session's tool arguments raised for a value JSON cannot write (a
+    Path): the hand-over failed after the drain, and every session drained with it was lost."""
+    from msgspec.structs import replace
+
+    from phi_session import ToolExecutionStart
+
+    events = list(stream(sessions=2, loops=1))
+    odd = events[0].session_id  # type: ignore[union-attr]
+    events = [
+        replace(e, args={"path": Path("x")})
+        if isinstance(e, ToolExecutionStart) and e.loop_id.startswith(odd)
+        else e
+        for e in events
+    ]
+    store = JsonDirStore(tmp_path / "store")
+    persisting = AutoPersistingRecorder(store, checkpoint_every=1, checkpoint_interval=None, retry_for=0)
+    persisting.record_all(events)
+    with pytest.raises(StoreError, match="could not be saved"):
+        persisting.close()
+    assert [s.session_id for s in persisting.failed_sessions()] == [odd]
+    assert len(store.list_ids()) == 1 and odd not in store.list_ids()

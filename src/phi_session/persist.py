@@ -144,7 +144,7 @@ def _data_bytes(value: object, seen: set[int]) -> int:
         return len(value)
     try:
         return json_size(value)
-    except (TypeError, RecursionError):  # not JSON: saving it fails, and says why
+    except Exception:  # not JSON (a Path, say): saving it fails and says why; sizing must not
         return 0
 
 
