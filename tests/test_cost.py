@@ -412,3 +412,50 @@ def test_totals_do_not_depend_on_the_order_a_store_reads_its_rows(rows: list, ra
     shuffled = list(usage_rows)
     random.shuffle(shuffled)
     assert pricer.row_costs(shuffled) == pricer.row_costs(usage_rows)
+
+
+def test_a_turn_a_replay_served_from_its_recording_costs_nothing() -> None:
+    """The loop cost nothing, but each of its turns was priced at its recorded usage (the
+    viewer's turn tooltips and the cost API's per-turn rows)."""
+    from phi_session import (
+        AgentEnd,
+        AgentStart,
+        AssistantMessage,
+        LoopConfigSnapshot,
+        SessionRecorder,
+        TurnEnd,
+    )
+    from phi_session.messages import TextContent
+    from phi_session.model import mark_replayed
+
+    usage = Usage(input=1000, output=10, total_tokens=1010)
+    reply = mark_replayed(
+        AssistantMessage(
+            content=(TextContent(text="a"),),
+            stop_reason="stop",
+            model="m",
+            provider="p",
+            usage=usage,
+            timestamp=1,
+        )
+    )
+    recorder = SessionRecorder()
+    recorder.record_all(
+        [
+            AgentStart(
+                agent_id="a",
+                session_id="s",
+                loop_id="s.c.1",
+                timestamp=WHEN,
+                config_snapshot=LoopConfigSnapshot(model="m", provider="p"),
+            ),
+            TurnStart(loop_id="s.c.1", turn_index=0, triggered_by="User", timestamp=WHEN),
+            TurnEnd(loop_id="s.c.1", message=reply, usage=usage, timestamp=WHEN, tool_results=()),
+            AgentEnd(loop_id="s.c.1", messages=(reply,), usage=usage, timestamp=WHEN),
+        ]
+    )
+    recorder.flush()
+    [record] = recorder.drain_completed()[0].loops
+    pricer = Pricer({"p/m": {"input": 1, "output": 1}}, use_table=False)
+    assert pricer.loop(record).usd == 0
+    assert pricer.turn(record.turns[0], record).usd == 0

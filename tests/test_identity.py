@@ -350,7 +350,7 @@ def test_an_identitys_arguments_are_checked_where_they_enter() -> None:
     assert agent.session_id == "s1"  # a refused rotation leaves the session as it was
     with pytest.raises(TypeError, match="threshold must be a number of seconds or a timedelta, not str"):
         agent.check_and_rotate("30")  # type: ignore[arg-type]
-    with pytest.raises(ps.InvalidArgument, match="threshold must be a non-negative duration, got -1"):
+    with pytest.raises(ps.InvalidArgument, match="threshold must be a number of seconds >= 0, got -1"):
         agent.check_and_rotate(-1)
     with pytest.raises(TypeError, match="loop_id must be str, not int"):
         agent.set_last_loop(5)  # type: ignore[arg-type]
@@ -406,3 +406,19 @@ def test_a_forked_child_keeps_a_given_session_id_and_warns_once(caplog: pytest.L
         assert in_forked_child(work) == 0
         assert given.next_loop_id("c") == "thread-1.c.2"
     assert caplog.records == []  # the parent goes on as it was
+
+
+@needs_fork
+def test_a_forked_child_does_not_wait_for_a_lock_a_parent_thread_held_at_the_fork() -> None:
+    """A thread of the parent the child does not have held the identity's lock at the fork:
+    the child's first use waited for it for ever."""
+    import signal
+
+    agent = AgentSession()
+
+    def work() -> None:
+        signal.alarm(10)  # a hang fails the child instead of the suite
+        assert agent.session_id
+
+    with agent._lock:  # as a parent thread allocating a loop id at the fork would
+        assert in_forked_child(work) == 0

@@ -1384,3 +1384,32 @@ def test_a_parallel_groups_winner_and_branches_are_checked() -> None:
         True,
         False,
     ]
+
+
+def test_values_of_the_right_kind_in_another_type_are_taken() -> None:
+    """The new argument checks refused what worked before: a `StrEnum` stop reason or
+    trigger, a NumPy-like integer branch index, and `tool_calls=None` from an SDK."""
+    import enum
+
+    class Stop(enum.StrEnum):
+        LENGTH = "length"
+
+    class Index:  # what a NumPy integer is to Python: an integer through __index__
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+        def __index__(self) -> int:
+            return self.value
+
+    h = Harness()
+    with h.tracer.loop() as loop:
+        loop.user("hi")
+        with loop.turn() as turn, turn.assistant() as reply:
+            reply.finish(stop_reason=Stop.LENGTH, tool_calls=None)
+    with h.tracer.parallel([SNAP, SNAP]) as group:
+        for index in (0, 1):
+            with group.branch(Index(index)) as branch:  # type: ignore[arg-type]
+                simple_loop(branch)
+        assert group.select(Index(1)) is group.branches[1]  # type: ignore[arg-type]
+    [first, *_] = h.session().loops
+    assert first.turns[0].output_message.stop_reason == "length"  # type: ignore[union-attr]

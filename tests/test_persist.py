@@ -1041,3 +1041,11 @@ def test_a_session_holding_what_json_cannot_write_is_kept_unsaved_and_the_others
         persisting.close()
     assert [s.session_id for s in persisting.failed_sessions()] == [odd]
     assert len(store.list_ids()) == 1 and odd not in store.list_ids()
+
+
+def test_a_budget_given_as_a_whole_float_is_taken(tmp_path: Path) -> None:
+    """``max_pending_bytes=64e6`` worked before the argument checks, which refused it."""
+    with AutoPersistingRecorder(JsonDirStore(tmp_path / "store"), max_pending_bytes=64e6) as persisting:  # type: ignore[arg-type]
+        assert persisting.max_pending_bytes == 64_000_000
+    with pytest.raises(InvalidArgument, match="whole number of bytes"):
+        AutoPersistingRecorder(JsonDirStore(tmp_path / "store"), max_pending_bytes=1.5)  # type: ignore[arg-type]

@@ -9,7 +9,10 @@ session that no store can load again.
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Collection, Iterable
+from datetime import timedelta
 from typing import TypeVar
 
 from msgspec.structs import astuple
@@ -22,6 +25,7 @@ __all__ = [
     "check_choice",
     "check_counts",
     "check_each",
+    "check_index",
     "check_instance",
     "check_seconds",
     "check_type",
@@ -74,8 +78,9 @@ def check_callable(name: str, value: object, *, optional: bool = False) -> None:
 
 
 def check_choice(name: str, value: object, choices: Collection[str]) -> None:
-    """`TypeError` unless `value` is a str; `InvalidArgument` unless it is one of `choices`."""
-    if type(value) is str and value in choices:
+    """`TypeError` unless `value` is a str (a `StrEnum` member is one); `InvalidArgument`
+    unless it is one of `choices`."""
+    if isinstance(value, str) and value in choices:
         return
     check_type(name, value, str)
     raise InvalidArgument(f"{name}: expected one of {', '.join(choices)}; got {value!r}")
@@ -89,15 +94,32 @@ def check_unsigned(name: str, value: object, *, optional: bool = False) -> None:
         raise InvalidArgument(f"{name}: expected a count from 0 to 2**64-1; got {value}")
 
 
-def check_seconds(name: str, value: object, *, optional: bool = False, positive: bool = False) -> None:
-    """`TypeError` unless `value` is a number (or None when `optional`); `InvalidArgument`
-    if it is negative (or zero, when `positive`) or NaN."""
+def check_index(name: str, value: object, described: str = "int") -> int:
+    """`value` as an int: anything that is an integer (``operator.index``: a NumPy integer
+    too) but a bool; `TypeError` otherwise (`described` says what was expected)."""
+    if isinstance(value, bool):
+        raise _wrong_type(name, described, value)
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise _wrong_type(name, described, value) from None
+
+
+def check_seconds(
+    name: str, value: object, *, optional: bool = False, positive: bool = False, duration: bool = False
+) -> None:
+    """`TypeError` unless `value` is a real number (a NumPy one too; with `duration`, a
+    `timedelta` too), or None when `optional`; `InvalidArgument` if it is negative (or
+    zero, when `positive`) or NaN."""
     if value is None and optional:
         return
-    check_instance(
-        name, value, (int, float), "a number of seconds or None" if optional else "a number of seconds"
-    )
-    if not (value > 0 if positive else value >= 0):  # type: ignore[operator]  # also refuses NaN
+    if duration and isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        described = "a number of seconds" + (" or a timedelta" if duration else "")
+        raise _wrong_type(name, described + (" or None" if optional else ""), value)
+    seconds = float(value)
+    if not (seconds > 0 if positive else seconds >= 0):  # also refuses NaN
         bound = "> 0" if positive else ">= 0"
         raise InvalidArgument(f"{name} must be a number of seconds {bound}, got {value!r}")
 

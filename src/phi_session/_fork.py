@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -45,9 +46,19 @@ def fork_generation() -> int:
     return _generation
 
 
+def forked_copy_lock() -> threading.Lock:
+    """The lock under which a forked copy renews its own locks at its first use in the child
+    (a parent's thread the child lacks may have held them at the fork); new in each child."""
+    return _forked_copy_lock
+
+
+_forked_copy_lock = threading.Lock()
+
+
 def _after_fork_in_child() -> None:
-    global _generation
+    global _generation, _forked_copy_lock
     _generation += 1
+    _forked_copy_lock = threading.Lock()
     for ref, give_up in list(_hooks.values()):
         owner = ref()
         if owner is None:

@@ -40,8 +40,8 @@ import msgspec
 from ._checks import check_type
 from ._time import Timestamp
 from .errors import InvalidPrices
-from .messages import Usage
-from .model import LoopRecord, ModelCall, Session, Turn
+from .messages import ZERO_USAGE, Usage
+from .model import LoopRecord, ModelCall, Session, Turn, is_replayed
 from .stores.base import UsageRow, usage_rows
 from .stores.outline import SessionOutline
 from .stores.query import parse_group_by
@@ -407,9 +407,11 @@ class Pricer:
         return entry
 
     def turn(self, turn: Turn, record: LoopRecord) -> Cost:
-        """The cost of one turn (one model call), at the price when it started."""
+        """The cost of one turn (one model call), at the price when it started; none for a
+        reply a replay served from its recording (no model was called: `is_replayed`)."""
         provider, model = _model_of(record)
-        return self.price(turn.usage, provider, model, turn.started_at)
+        usage = ZERO_USAGE if is_replayed(turn.output_message) else turn.usage
+        return self.price(usage, provider, model, turn.started_at)
 
     def loop(self, record: LoopRecord) -> Cost:
         """The cost of a loop: each of its calls (`LoopRecord.model_calls`) at its own price."""

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol, cast
 
-from ._checks import check_callable, check_instance, check_type
-from ._fork import fork_generation
+from ._checks import check_callable, check_seconds, check_type
+from ._fork import fork_generation, forked_copy_lock
 from ._time import Timestamp
 from .errors import InvalidArgument
 from .events import LoopConfigSnapshot, SessionFormation
@@ -135,11 +135,18 @@ class _LoopCounters:
     sessions of several destinations (a framework's thread id): its counters are its own.
     Held only by the identities sharing them: they go when those do."""
 
-    __slots__ = ("__weakref__", "_counts", "_lock")
+    __slots__ = ("__weakref__", "_counts", "_generation", "_lock")
 
     def __init__(self) -> None:
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._generation = fork_generation()
+
+    def follow_fork(self) -> None:
+        """In a forked child, under `forked_copy_lock`: a lock of its own, once."""
+        if self._generation != fork_generation():
+            self._generation = fork_generation()
+            self._lock = threading.Lock()
 
     def allocate(self, session_id: str, config_ids: Iterable[str]) -> list[str]:
         with self._lock:
@@ -292,10 +299,8 @@ class AgentSession:
         recorded with formation ``InactivityTimeout`` (``threshold_secs`` is the
         threshold in whole seconds, ``previous_session_id`` the idle session).
         """
-        check_instance("threshold", threshold, (int, float, timedelta), "a number of seconds or a timedelta")
+        check_seconds("threshold", threshold, duration=True)
         seconds = threshold.total_seconds() if isinstance(threshold, timedelta) else float(threshold)
-        if not seconds >= 0:  # also rejects NaN
-            raise InvalidArgument(f"threshold must be a non-negative duration, got {threshold!r}")
         self._follow_fork()
         with self._lock:
             last = self._last_started_ns
@@ -335,14 +340,18 @@ class AgentSession:
         the fork, which goes on with them."""
         if self._generation == fork_generation():
             return
-        with self._lock:
+        with forked_copy_lock():
             generation = fork_generation()
             if self._generation == generation:  # another thread of the child was first
                 return
-            self._generation = generation
-            if self._made:
-                self._rotate(None)
-                return
+            # A thread of the parent the child does not have may have held these at the fork.
+            self._lock = threading.Lock()
+            self._counters.follow_fork()
+            with self._lock:
+                self._generation = generation
+                if self._made:
+                    self._rotate(None)
+                    return
         logger.warning(
             "session %r was made before this process forked and is recorded by both: "
             "their loop ids may collide (make its AgentSession after the fork)",

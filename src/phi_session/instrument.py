@@ -69,6 +69,7 @@ from ._checks import (
     check_choice,
     check_counts,
     check_each,
+    check_index,
     check_instance,
     check_type,
     check_unsigned,
@@ -1509,7 +1510,7 @@ class MessageScope(_Scope):
         self,
         content: str | Sequence[Content] | None = None,
         *,
-        tool_calls: Sequence[ToolCall] = (),
+        tool_calls: Sequence[ToolCall] | None = (),
         usage: Usage | None = None,
         stop_reason: StopReason | None = None,
         error_message: str | None = None,
@@ -1528,7 +1529,7 @@ class MessageScope(_Scope):
             raise _not_running(self)
         if message is None:
             blocks = self._streamed() if content is None else _content("content", content)
-            calls = check_each("tool_calls", tool_calls, ToolCall, "ToolCall")
+            calls = check_each("tool_calls", tool_calls or (), ToolCall, "ToolCall")
             if calls:
                 blocks = (*blocks, *calls)
             check_usage("usage", usage, optional=True)
@@ -1940,7 +1941,6 @@ class ParallelGroup(_Scope):
         """Choose the winning branch (by loop id, or by index as `branch` takes it: a
         negative one counts from the end); emits ``ParallelLoopEnd``."""
         self._require_running()
-        check_instance("winner", winner, (int, str), "int or str")
         check_usage("evaluation_usage", evaluation_usage)
         if isinstance(winner, str):
             ids = self.loop_ids
@@ -1948,7 +1948,7 @@ class ParallelGroup(_Scope):
                 raise InvalidArgument(f"{winner!r} is not a branch of this group")
             index = ids.index(winner)
         else:
-            index = self._position("winner", winner)
+            index = self._position("winner", winner, "int or str")
         chosen = self.branches[index]
         agent = self._agent
         self._outlet.emit(
@@ -1965,10 +1965,10 @@ class ParallelGroup(_Scope):
         self._close()
         return chosen
 
-    def _position(self, name: str, index: int) -> int:
+    def _position(self, name: str, index: int, described: str = "int") -> int:
         """The position of branch `index`, a negative one counting from the end (the
         position is what is recorded: phi-core refuses an index below 0)."""
-        check_type(name, index, int)
+        index = check_index(name, index, described)
         count = len(self.branches)
         if not -count <= index < count:
             raise InvalidArgument(f"{name}: no branch {index} in a group of {count}")

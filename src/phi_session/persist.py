@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import numbers
 import os
 import threading
 import time
@@ -218,7 +219,12 @@ class AutoPersistingRecorder:
         )
         check_type("config", config, SessionRecorderConfig, optional=True)
         check_type("checkpoint_every", checkpoint_every, int)
-        check_type("max_pending_bytes", max_pending_bytes, int)
+        budget: object = max_pending_bytes
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+            raise TypeError(f"max_pending_bytes must be a number of bytes, not {type(budget).__name__}")
+        if not float(budget).is_integer():  # 64e6 is a count; 1.5 and NaN are not
+            raise InvalidArgument(f"max_pending_bytes must be a whole number of bytes, got {budget!r}")
+        max_pending_bytes = int(float(budget))
         if checkpoint_every < 1 or max_pending_bytes < 1:
             raise InvalidArgument("checkpoint_every and max_pending_bytes must be at least 1")
         check_seconds("checkpoint_interval", checkpoint_interval, optional=True, positive=True)

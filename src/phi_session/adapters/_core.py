@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -369,7 +370,7 @@ class AdapterCore:
     * `store`: where earlier runs of a framework session are looked up for
       continuations (default: the embedded store when `sink` is None, else none).
     * `agent`: the identity of runs without a framework session id (fresh by default);
-      `rotate_after`: its inactivity rotation in seconds (None: never).
+      `rotate_after`: its inactivity rotation in seconds or a timedelta (None: never).
     * `processors`, `redact`: as for `Tracer`.
     * `capture_requests`: the adapter records each turn's request (``TurnRequest``);
       the embedded store's recorder then keeps them (`Turn.request_payload`), as a
@@ -397,7 +398,7 @@ class AdapterCore:
         store: SessionStore | None = None,
         agent: AgentSession | None = None,
         clock: Clock | None = None,
-        rotate_after: float | None = 1800.0,
+        rotate_after: float | timedelta | None = 1800.0,
         processors: Iterable[Processor] = (),
         redact: bool | Redactor = True,
         capture_requests: bool = False,
@@ -409,7 +410,7 @@ class AdapterCore:
         check_type("store", store, SessionStore, optional=True)
         check_type("agent", agent, AgentSession, optional=True)
         check_callable("clock", clock, optional=True)
-        check_seconds("rotate_after", rotate_after, optional=True)
+        check_seconds("rotate_after", rotate_after, optional=True, duration=True)
         processors = list(processors)
         check_processors(processors)
         check_redact(redact)
