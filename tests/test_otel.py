@@ -1060,6 +1060,15 @@ def test_a_call_id_reused_in_a_later_turn_is_its_own_tool_span() -> None:
 
 
 def _reused_ids_session() -> Session:
+    """The session of `_reused_ids_events`."""
+    recorder = SessionRecorder()
+    recorder.record_all(_reused_ids_events())
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    return session
+
+
+def _reused_ids_events() -> list[AgentEvent]:
     """Loops reusing ids, as phi-core's do: ``s.a.1``, its compaction pass (``s.a.1`` again),
     then two parallel evaluations of ``s.p.1`` and ``s.p.2``; every loop makes the call ``c``."""
 
@@ -1082,18 +1091,12 @@ def _reused_ids_session() -> Session:
             ),
         ]
 
-    recorder = SessionRecorder()
-    recorder.record_all(
-        [
-            *loop("s.a.1", 0),
-            *loop("s.a.1", 100, parent="s.a.1", kind=COMPACTION),
-            *evaluation(200, "s.p.1"),
-            *evaluation(300, "s.p.2"),
-        ]
-    )
-    recorder.flush()
-    [session] = recorder.drain_completed()
-    return session
+    return [
+        *loop("s.a.1", 0),
+        *loop("s.a.1", 100, parent="s.a.1", kind=COMPACTION),
+        *evaluation(200, "s.p.1"),
+        *evaluation(300, "s.p.2"),
+    ]
 
 
 def test_every_record_of_a_loop_id_used_again_has_its_spans_and_comes_back() -> None:
@@ -1132,6 +1135,33 @@ def test_every_record_of_a_loop_id_used_again_has_its_spans_and_comes_back() -> 
         )
     )
     assert encode_session(back) == encode_session(session)
+
+
+def test_the_sink_numbers_a_loop_ids_records_across_its_exports() -> None:
+    # The sink exports each drain on its own (it checkpoints at every AgentEnd): the
+    # compaction pass and the second evaluation's branches, drained after their ids' first
+    # records, were numbered as first records and overwrote those records' spans. The
+    # amendments (each evaluation's end, after its branches were exported) keep their numbers.
+    session = _reused_ids_session()
+    exporter = _Batches()
+    sink = OtelExportSink(exporter, capture_content=True)
+    for event in _reused_ids_events():
+        sink(event)
+    sink.close()
+    assert len(exporter.batches) > 4  # a drain per loop record, and amendments
+    whole = session_spans(session, capture_content=True)
+    last = _by_id([span for batch in exporter.batches for span in batch])  # a later version wins
+    assert len(last) == len(whole) == 6 * 3
+    assert {span_id: span.start_time for span_id, span in last.items()} == {
+        span.context.span_id: span.start_time for span in whole
+    }
+    firsts = {record.loop_id: record for record in reversed(session.loops)}
+    for loop_id, record in firsts.items():
+        assert last[loop_span_id(loop_id)].start_time == record.started_at.ns
+    [back] = _ingest_payloads(*exporter.batches)
+    assert encode_session(back) == encode_session(session)
+    with pytest.raises(TypeError, match="first_ordinals must be Mapping or None, not list"):
+        session_spans(session, first_ordinals=[1])  # type: ignore[arg-type]
 
 
 def test_a_sub_agents_compaction_pass_comes_back_with_its_first_record() -> None:

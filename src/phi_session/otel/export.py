@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -78,6 +80,9 @@ _SCOPE = InstrumentationScope(attr.INSTRUMENTATION_SCOPE, schema_url=attr.SCHEMA
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _OK = Status(StatusCode.UNSET)
 _default_resource: Resource | None = None
+# Sessions whose exported records an `OtelExportSink` remembers, to number a loop id's later
+# records after them (a few dozen bytes per loop).
+_EXPORTED_MEMORY = 10_000
 
 # Span events for these loop events; fields that may hold content are sent only with capture.
 _SPAN_EVENTS: dict[type, str] = {
@@ -610,17 +615,30 @@ def _resource(resource: Resource | None) -> Resource:
 
 
 def session_spans(
-    session: Session, *, capture_content: bool = False, resource: Resource | None = None
+    session: Session,
+    *,
+    capture_content: bool = False,
+    resource: Resource | None = None,
+    first_ordinals: Mapping[str, int] | None = None,
 ) -> list[ReadableSpan]:
-    """The finished spans of `session`, children before their parents (as an SDK ends them)."""
+    """The finished spans of `session`, children before their parents (as an SDK ends them).
+
+    `first_ordinals`: for a part of a session (a drain exported on its own), per loop id,
+    how many records of that id the session had before the part's first: the part's
+    records of the id are numbered from there, so that each has the span ids it has in
+    the whole session's export.
+    """
     if not isinstance(session, Session):
         raise TypeError(f"expected a Session, got {type(session).__name__}")
+    check_type("first_ordinals", first_ordinals, Mapping, optional=True)
     chosen = _resource(resource)
     placements = _Placements(session)
     spans: list[ReadableSpan] = []
-    ordinals: dict[str, int] = {}  # loop id -> records of it so far
+    # loop id -> the ordinal of its next record
+    ordinals: dict[str, int] = dict(first_ordinals) if first_ordinals is not None else {}
     for record in session.loops:
-        ordinal = ordinals[record.loop_id] = ordinals.get(record.loop_id, -1) + 1
+        ordinal = ordinals.get(record.loop_id, 0)
+        ordinals[record.loop_id] = ordinal + 1
         spans.extend(_LoopExport(session, record, ordinal, capture_content, chosen, placements).spans())
     return spans
 
@@ -631,14 +649,18 @@ def export_session(
     *,
     capture_content: bool = False,
     resource: Resource | None = None,
+    first_ordinals: Mapping[str, int] | None = None,
 ) -> int:
     """Export `session` through `exporter`; returns the number of spans.
 
     `capture_content` adds messages, system instructions, tool arguments and results, and
-    the exact phi-core events (``phi.events``, which make ingest lossless). Raises
-    `ExportError` when the exporter reports failure or raises.
+    the exact phi-core events (``phi.events``, which make ingest lossless);
+    `first_ordinals` is `session_spans`'. Raises `ExportError` when the exporter reports
+    failure or raises.
     """
-    spans = session_spans(session, capture_content=capture_content, resource=resource)
+    spans = session_spans(
+        session, capture_content=capture_content, resource=resource, first_ordinals=first_ordinals
+    )
     failed = f"{exporter!r} failed to export the {len(spans)} spans of {session.session_id}"
     try:
         result = exporter.export(spans)
@@ -647,6 +669,39 @@ def export_session(
     if result is not SpanExportResult.SUCCESS:
         raise ExportError(failed)
     return len(spans)
+
+
+class _ExportedRecords:
+    """The loop records exported so far, per session: a sink exports each drain of a
+    session on its own, and a loop id's record drained after its first (a compaction pass,
+    a second parallel evaluation) is numbered after the records exported before it.
+
+    A record is its loop id and start: an amendment sends records again, with their start,
+    and they keep their numbers. Bounded: the latest `_EXPORTED_MEMORY` sessions exported;
+    one forgotten numbers its later records from its own drain again (span ids of an
+    earlier record's, which they then overwrite at the backend).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the writer thread and a caller's retry both export
+        # session id -> loop id -> the starts (ns) of its records, in order
+        self._sessions: OrderedDict[str, dict[str, list[int]]] = OrderedDict()
+
+    def first_ordinals(self, session: Session) -> dict[str, int]:
+        """`session_spans`' `first_ordinals` of the drain `session`, which counts as exported."""
+        with self._lock:
+            starts = self._sessions.pop(session.session_id, None) or {}
+            self._sessions[session.session_id] = starts  # the latest, forgotten last
+            if len(self._sessions) > _EXPORTED_MEMORY:
+                self._sessions.popitem(last=False)
+            first: dict[str, int] = {}
+            for record in session.loops:
+                known = starts.setdefault(record.loop_id, [])
+                start = record.started_at.ns
+                if start not in known:  # a new record (ids are reused a few times at most)
+                    known.append(start)
+                first.setdefault(record.loop_id, known.index(start))
+            return first
 
 
 class _ExportTarget:
@@ -659,12 +714,19 @@ class _ExportTarget:
         # Made now, not at the first export: that may come at interpreter exit (`close` by
         # the exit hook), when the default resource's detectors can no longer start threads.
         self.resource = _resource(resource)
+        self.exported = _ExportedRecords()
 
     def __repr__(self) -> str:
         return f"the exporter {self.exporter!r}"
 
     def save(self, session: Session) -> None:
-        export_session(session, self.exporter, capture_content=self.capture_content, resource=self.resource)
+        export_session(
+            session,
+            self.exporter,
+            capture_content=self.capture_content,
+            resource=self.resource,
+            first_ordinals=self.exported.first_ordinals(session),
+        )
 
     async def asave(self, session: Session) -> None:
         await asyncio.to_thread(self.save, session)
