@@ -799,6 +799,69 @@ def test_a_replayed_turn_is_exported_marked_and_without_usage() -> None:
     assert _total_usage(chats) == _total_usage(loops) == (40, 5, 0, 0, 0)
 
 
+def test_a_cut_off_fork_bills_the_same_after_a_round_trip() -> None:
+    # A fork repeats a recorded turn (100 tokens, served), then calls the model (7), and is
+    # cut off. Its loop span's usage counts what was billed (7), which ingest gave the
+    # AgentEnd it makes up: the served turn was then taken out of it again (billed 0,
+    # reported 7 instead of 7 and 107). It now gives the figure a loop's AgentEnd reports.
+    from phi_session import AgentSession, FakeClock, LoopConfigSnapshot, Tracer
+    from phi_session.events import TurnEnd
+    from phi_session.messages import AssistantMessage, TextContent, ToolCall, Usage
+    from phi_session.replay import RequestShape, fork
+
+    def model(tokens: int) -> Callable[[RequestShape], AssistantMessage]:
+        def reply(request: RequestShape) -> AssistantMessage:
+            return AssistantMessage(
+                content=(
+                    TextContent(text="x"),
+                    ToolCall(id=f"c{len(request.messages)}", name="t", arguments={}),
+                ),
+                stop_reason="toolUse",
+                model="m",
+                provider="p",
+                usage=Usage(input=tokens, output=0, total_tokens=tokens),
+                timestamp=0,
+            )
+
+        return reply
+
+    clock, config = FakeClock(), LoopConfigSnapshot(model="m", provider="p")
+    recorder = SessionRecorder()
+    tracer = Tracer(AgentSession(clock=clock), sinks=[recorder], config=config)
+    with tracer.loop() as loop:
+        context = [loop.user("go")]
+        for _ in range(2):
+            with loop.turn() as turn:
+                with turn.assistant() as reply:
+                    context.append(reply.finish(message=model(100)(RequestShape(messages=tuple(context)))))
+                for call in turn.tool_calls:
+                    with turn.tool(call) as tool:
+                        tool.result("ok")
+                context += turn.tool_results
+    recorder.flush()
+    [original] = recorder.drain_completed()
+    events: list[AgentEvent] = []
+    forked = Tracer(AgentSession(clock=clock), sinks=[events.append], config=config)
+    fork(original, original.loops[0].loop_id, 1, model=model(7), tracer=forked, max_turns=2)
+    served_turn_end = next(i for i, event in enumerate(events) if type(event) is TurnEnd)
+    checked = 0
+    for cut in range(1, len(events)):
+        recorder = SessionRecorder()
+        recorder.record_all(events[:cut])
+        recorder.flush()
+        [session] = recorder.drain_completed()
+        [cut_off] = session.loops
+        if cut_off.ended_at is not None:
+            continue
+        [back] = _ingest(session_spans(session, capture_content=True))
+        [ingested] = back.loops
+        assert ingested.billed_usage() == cut_off.billed_usage(), cut
+        if cut > served_turn_end:  # (a served reply in the cut-off turn is counted as not reported)
+            assert ingested.reported_usage() == cut_off.reported_usage(), cut
+            checked += cut_off.billed_usage().input == 7 and cut_off.reported_usage().input == 107
+    assert checked > 0
+
+
 @pytest.mark.parametrize(
     "conversation",
     ["user/42", ".hidden", "a\\b", "x" * 201, "support.ticket-7", "from undecodable bytes \udc80"],

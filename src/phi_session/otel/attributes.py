@@ -89,6 +89,10 @@ PHI_PARALLEL_SELECTED_LOOP = "phi.parallel.selected_loop_id"
 PHI_PARALLEL_CONFIG_INDEX = "phi.parallel.selected_config_index"
 PHI_PARALLEL_EVALUATION_USAGE = "phi.parallel.evaluation_usage"  # phi-core JSON
 PHI_EVENTS = "phi.events"  # with content capture: [[sequence, event], ...] as phi-core JSON
+# With content capture, on a loop span without AgentEnd: the usage (phi-core JSON) that the
+# AgentEnd ingest makes up for it reports (gen_ai.usage.* count what was billed, without the
+# replayed turns, which such a usage counts).
+PHI_LOOP_USAGE = "phi.loop.usage"
 PHI_SYNTHESIZED = "phi.synthesized"  # on ingest: which ids were made up (see ingest)
 PHI_LINK_KIND = "phi.link.kind"
 LINK_CONTINUATION = "continuation"

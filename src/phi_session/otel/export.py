@@ -7,8 +7,11 @@ before AgentEnd (phi-core gives it zero usage and drops the turn it was cut off 
 that turn as a chat span marked ``phi.turn.unfinished``, with its replies' usage, and its
 loop span counts it (`LoopRecord.billed_usage`); a turn a replay served from its
 recording (`phi_session.model.is_replayed`) is a chat span marked ``phi.turn.replayed``,
-without usage, as no model was called. A sub-agent's first loop joins its spawner's trace under
-the tool span that spawned it; continuations and parallel siblings are span links.
+without usage, as no model was called. With content, a loop cut off before AgentEnd also
+carries ``phi.loop.usage``: what the AgentEnd ingest makes up for it reports, which keeps
+its billing (its replayed turns counted, as an AgentEnd's usage counts them). A sub-agent's
+first loop joins its spawner's trace under the tool span that spawned it; continuations and
+parallel siblings are span links.
 Span and trace ids are hashes of loop ids, turn indices and tool call ids, so exporting a
 session twice yields the same spans (backends deduplicate them). A loop id used again (a
 compaction pass, a second parallel evaluation reusing its branches' ids) has a record per use:
@@ -184,6 +187,18 @@ def _usage_attributes(usage: Usage) -> dict[str, int]:
         attr.USAGE_CACHE_WRITE_TOKENS: usage.cache_write,
         attr.USAGE_REASONING_TOKENS: usage.reasoning,
     }
+
+
+def _ended_usage(record: LoopRecord) -> Usage:
+    """The usage of an ``AgentEnd`` closing `record`, a loop without one, that keeps its
+    `billed_usage`: its finished turns' (a replay's served ones too, which billing leaves
+    out of a loop's usage) and its cut-off turn's billed calls (`unfinished_usage`)."""
+    if record.reports_usage():
+        return record.usage
+    usage = record.unfinished_usage()
+    for turn in record.turns:
+        usage = usage + turn.usage
+    return usage
 
 
 def _part(content: Any) -> dict[str, Any]:
@@ -414,6 +429,8 @@ class _LoopExport:
             # AgentEnd, whose usage phi-core leaves at zero, its finished and cut-off turns'.
             **_usage_attributes(record.billed_usage()),
         }
+        if self.capture and record.ended_at is None:
+            attributes[attr.PHI_LOOP_USAGE] = encode_record(_ended_usage(record)).decode()
         if record.kind.tag is not None:
             attributes[attr.PHI_CONTINUATION_TAG] = record.kind.tag
         if record.parent_loop_id is not None:

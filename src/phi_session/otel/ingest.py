@@ -780,9 +780,11 @@ class _ExactReplay:
                 ended = ended or type(event) is AgentEnd
                 self.ingestor.emit(event)
             if not ended:
-                # The loop span counts what its calls billed (the cut-off turn's too).
-                billed = _usage(loop.attributes) or ZERO_USAGE
-                self.ingestor.emit(_abort(loop_id, record.end, _UNFINISHED, billed))
+                # What keeps the loop's billing (its replayed turns' usage too); an export
+                # without it (before phi.loop.usage) has the billed usage only.
+                stored = loop.attributes.get(attr.PHI_LOOP_USAGE)
+                usage = _stored_usage(stored) if stored is not None else _usage(loop.attributes) or ZERO_USAGE
+                self.ingestor.emit(_abort(loop_id, record.end, _UNFINISHED, usage))
             if not again:
                 self.ingestor.loop_recorded(session_id, loop_id)
             self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
