@@ -342,15 +342,7 @@ def _plain_message(message: Message) -> Message:
 def stamped_plain(message: Message, turn_id: TurnId) -> Message:
     """`message` as a turn's tool results hold it: the plain form, stamped with `turn_id`
     (phi-core's ``Turn.tool_results`` are plain messages, which carry no other metadata)."""
-    return replace(
-        message,
-        turn_id=turn_id,
-        node_id=None,
-        parent_id=None,
-        tags=(),
-        provenance_hint=None,
-        phi_session_replayed=False,
-    )
+    return replace(_plain_message(message), turn_id=turn_id)
 
 
 def encode_plain_message(message: Message) -> bytes:
