@@ -18,7 +18,7 @@ from typing import TypeVar
 from msgspec.structs import astuple
 
 from .errors import InvalidArgument
-from .messages import Usage
+from .messages import ZERO_USAGE, Usage
 
 __all__ = [
     "check_callable",
@@ -40,7 +40,9 @@ _T = TypeVar("_T")
 
 def check_type(name: str, value: object, expected: type, *, optional: bool = False) -> None:
     """`TypeError` unless `value` is an `expected` (a bool is no int), or None when `optional`."""
-    if (value is None and optional) or (isinstance(value, expected) and not isinstance(value, bool)):
+    if type(value) is expected or (value is None and optional):  # the common cases, first
+        return
+    if isinstance(value, expected) and not isinstance(value, bool):
         return
     alternative = " or None" if optional else ""
     raise TypeError(f"{name} must be {expected.__name__}{alternative}, not {type(value).__name__}")
@@ -134,6 +136,8 @@ def check_counts(name: str, values: Iterable[int]) -> tuple[int, ...]:
 
 def check_usage(name: str, usage: Usage | None, *, optional: bool = False) -> None:
     """`check_type` of a `Usage`, and `check_unsigned` of each of its counters."""
+    if usage is ZERO_USAGE:  # the default of most scopes, frozen
+        return
     check_type(name, usage, Usage, optional=optional)
     if usage is None:
         return
