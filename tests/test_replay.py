@@ -589,6 +589,37 @@ def test_unknown_loops_and_turns_are_errors(world: World) -> None:
             call()
 
 
+def test_a_turn_index_must_be_an_int_and_a_loop_id_a_str(world: World) -> None:
+    # A bool was taken as turn 1 (or 0) and a float failed deep inside; a loop id given
+    # as a number raised LoopNotFound.
+    session, _ = world.original()
+    script = ReplayScript.from_session(session)
+    for call, message in (
+        (lambda: script.turn(True), "^position must be int, not bool$"),
+        (lambda: script.turn(1.0), "^position must be int, not float$"),
+        (lambda: fork_lineage(script, True), "^turn must be int, not bool$"),
+        (
+            lambda: RecordedModel(script, until_turn=True, fallback=reply),
+            "^until_turn must be int or None, not bool$",
+        ),
+        (lambda: ReplayCursor(script, until_turn=1.5), "^until_turn must be int or None, not float$"),
+        (lambda: ReplayScript.from_session(session, 3), "^loop_id must be str or None, not int$"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()  # type: ignore[no-untyped-call]
+    assert script.turn(np_int(1)).turn_index == 1  # an integer of another type is one
+
+
+def np_int(value: int) -> Any:
+    """An integer that is no int (as a NumPy integer): `operator.index` reads it."""
+
+    class Integer:
+        def __index__(self) -> int:
+            return value
+
+    return Integer()
+
+
 # -- the cursor ----------------------------------------------------------------------------------
 
 

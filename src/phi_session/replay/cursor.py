@@ -47,6 +47,7 @@ from typing import Literal
 
 from msgspec.structs import replace
 
+from .._checks import check_index
 from ..diff import same_json
 from ..errors import InvalidArgument, RecordedModelError, RecordedToolError, ReplayDiverged
 from ..messages import AssistantMessage, TextContent, ToolCall, ToolResultMessage
@@ -134,6 +135,7 @@ class ReplayCursor:
         if tools not in ("recorded", "live"):
             raise InvalidArgument(f"tools must be 'recorded' or 'live', not {tools!r}")
         if until_turn is not None:
+            until_turn = check_index("until_turn", until_turn, "int or None")
             script.turn(until_turn)  # TurnNotFound for a fork point the recording does not have
         self.script = script
         self.on_divergence: OnDivergence = on_divergence

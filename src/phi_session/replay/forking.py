@@ -26,6 +26,7 @@ from typing import Any
 
 from msgspec.structs import replace
 
+from .._checks import check_index
 from ..errors import InvalidArgument
 from ..events import LoopConfigSnapshot
 from ..instrument import LoopScope, ToolScope, Tracer
@@ -109,6 +110,7 @@ def fork(
     `InvalidArgument` for a replaced tool result of a call that is not the previous turn's
     (later recorded turns saw the original result).
     """
+    turn_index = check_index("turn_index", turn_index)
     script = ReplayScript.from_session(session, loop_id)
     point = script.turn(turn_index)
     replaced = {call_id: _text(content) for call_id, content in (tool_results or {}).items()}

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .._checks import check_type
+from .._checks import check_index, check_type
 from ..events import DEFAULT, ContinuationKind, LoopConfigSnapshot
 from ..instrument import Tracer
 from ..model import Session
@@ -103,7 +103,7 @@ def fork_lineage(script: ReplayScript, turn: int, *, tag: str = "fork", change: 
     fork left from and `change` (a JSON value describing what changed, e.g.
     ``{"model": "gpt-5"}``). Raises `TurnNotFound` for a turn the script lacks."""
     check_type("script", script, ReplayScript)
-    point = script.turn(turn)
+    point = script.turn(check_index("turn", turn))
     return Lineage(
         session=script.session,
         parent_loop_id=script.loop_ids[0],

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 import msgspec
 from msgspec.structs import replace
 
+from .._checks import check_index, check_type
 from ..errors import LoopNotFound, TurnNotFound
 from ..events import DEFAULT, ContinuationKind, TurnRequest
 from ..messages import (
@@ -209,6 +210,7 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
         """
         if not isinstance(session, Session):
             raise TypeError(f"expected a Session, got {type(session).__name__}")
+        check_type("loop_id", loop_id, str, optional=True)
         picked = loop_id is None
         if loop_id is None:
             runs = [record for record in session.loops if not _of_a_replay(record)]
@@ -240,7 +242,9 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
     def turn(self, position: int) -> RecordedTurn:
         """The recorded turn at `position` (0-based, across the script's loops).
 
-        Raises `TurnNotFound` when the script has no such turn."""
+        Raises `TurnNotFound` when the script has no such turn, `TypeError` for a
+        `position` that is no int (a bool is none)."""
+        position = check_index("position", position)
         if not 0 <= position < len(self.turns):
             raise TurnNotFound(
                 f"loop {self.loop_id} has no turn {position} (it has {len(self.turns)} turn(s): "
