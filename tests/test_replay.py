@@ -620,6 +620,49 @@ def np_int(value: int) -> Any:
     return Integer()
 
 
+@pytest.mark.parametrize(
+    ("argument", "error", "message"),
+    [
+        ({"turn_index": True}, TypeError, "^turn_index must be int, not bool$"),
+        ({"model": None}, TypeError, "^model must be callable, not NoneType$"),
+        (
+            {"tools": ["read_file"]},
+            TypeError,
+            "^tools must be a mapping of names to functions or None, not list$",
+        ),
+        ({"tools": {"read_file": "cat"}}, TypeError, r"^tools\['read_file'\] must be callable, not str$"),
+        ({"prompt": [3]}, TypeError, r"^prompt\[0\] must be str or a message, not int$"),
+        (
+            {"tool_results": {"c2": 5}},
+            TypeError,
+            r"^tool_results\['c2'\] must be str or content blocks, not int$",
+        ),
+        ({"change": "gpt"}, TypeError, "^change must be a mapping or None, not str$"),
+        ({"max_turns": 0}, InvalidArgument, "^max_turns must be at least 1, got 0$"),
+        ({"max_turns": -5}, InvalidArgument, "^max_turns must be at least 1, got -5$"),
+        ({"max_turns": 2.0}, TypeError, "^max_turns must be int, not float$"),
+    ],
+)
+def test_fork_checks_its_arguments_before_recording_anything(
+    world: World, argument: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    # Each recorded a Branch{fork} loop first: Aborted after an AttributeError or a
+    # TypeError from deep inside, or Completed without a live turn (max_turns < 1).
+    session, original = world.original()
+    recorder = SessionRecorder()
+    arguments: dict[str, Any] = {
+        "turn_index": 2,
+        "model": lambda request: reply("Done."),
+        "tracer": Tracer(world.agent, sinks=[recorder], config=SNAP),
+        **argument,
+    }
+    turn_index = arguments.pop("turn_index")
+    with pytest.raises(error, match=message):
+        fork(session, original.loop_id, turn_index, **arguments)
+    recorder.flush()
+    assert recorder.drain_completed() == [] and recorder.sessions() == []
+
+
 # -- the cursor ----------------------------------------------------------------------------------
 
 

@@ -22,11 +22,11 @@ plus the prompt and replaced results.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 from msgspec.structs import replace
 
-from .._checks import check_index
+from .._checks import check_callable, check_each, check_index, check_instance, check_type
 from ..errors import InvalidArgument
 from ..events import LoopConfigSnapshot
 from ..instrument import LoopScope, ToolScope, Tracer
@@ -38,6 +38,9 @@ from .request import RequestShape
 from .script import RecordedTurn, ReplayScript
 
 __all__ = ["ToolFn", "fork"]
+
+_PROMPT_TYPES: tuple[type, ...] = (str, *get_args(AgentMessage))
+_CONTENT_TYPES: tuple[type, ...] = get_args(Content)
 
 ToolFn = Callable[[Any], str | Sequence[Content]]
 """A tool as a plain function: the call's arguments in, its result (text or content) out."""
@@ -84,6 +87,45 @@ def _repeat(loop: LoopScope, turn: RecordedTurn, replaced: Mapping[str, tuple[Co
                 _finish_recorded(tool, None if recorded is None else _apply(recorded, replaced))
 
 
+def _check_arguments(
+    model: ModelFn,
+    tracer: Tracer,
+    tools: Mapping[str, ToolFn] | None,
+    prompt: str | Sequence[AgentMessage] | None,
+    tool_results: Mapping[str, str | Sequence[Content]] | None,
+    tag: str,
+    change: Mapping[str, Any] | None,
+    config: LoopConfigSnapshot | None,
+    max_turns: int,
+) -> None:
+    """`fork`'s checks of what it is given, made before it records anything."""
+    check_callable("model", model)
+    check_type("tracer", tracer, Tracer)
+    if tools is not None:
+        check_instance("tools", tools, Mapping, "a mapping of names to functions or None")
+        for name, run in tools.items():
+            check_type("a key of tools", name, str)
+            check_callable(f"tools[{name!r}]", run)
+    if prompt is not None and not isinstance(prompt, str):
+        check_each("prompt", prompt, _PROMPT_TYPES, "str or a message")
+    if tool_results is not None:
+        check_instance("tool_results", tool_results, Mapping, "a mapping of call ids to results or None")
+        for call_id, content in tool_results.items():
+            check_type("a key of tool_results", call_id, str)
+            if isinstance(content, str):
+                continue
+            where = f"tool_results[{call_id!r}]"
+            if isinstance(content, bytes) or not isinstance(content, Sequence):
+                raise TypeError(f"{where} must be str or content blocks, not {type(content).__name__}")
+            check_each(where, content, _CONTENT_TYPES, "a content block")
+    check_type("tag", tag, str)
+    check_instance("change", change, (Mapping, type(None)), "a mapping or None")
+    check_type("config", config, LoopConfigSnapshot, optional=True)
+    check_type("max_turns", max_turns, int)
+    if max_turns < 1:
+        raise InvalidArgument(f"max_turns must be at least 1, got {max_turns}")
+
+
 def fork(
     session: Session,
     loop_id: str,
@@ -108,9 +150,12 @@ def fork(
 
     Raises `LoopNotFound` / `TurnNotFound` for a fork point the session lacks, and
     `InvalidArgument` for a replaced tool result of a call that is not the previous turn's
-    (later recorded turns saw the original result).
+    (later recorded turns saw the original result). Every argument is checked before
+    anything is recorded: `TypeError` for one of the wrong type, `InvalidArgument` for a
+    `max_turns` below 1 (a fork that would never call `model`).
     """
     turn_index = check_index("turn_index", turn_index)
+    _check_arguments(model, tracer, tools, prompt, tool_results, tag, change, config, max_turns)
     script = ReplayScript.from_session(session, loop_id)
     point = script.turn(turn_index)
     replaced = {call_id: _text(content) for call_id, content in (tool_results or {}).items()}
