@@ -32,7 +32,7 @@ from phi_session.errors import (
     ReplayDiverged,
     TurnNotFound,
 )
-from phi_session.events import DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
+from phi_session.events import COMPACTION, DEFAULT, INITIAL, ContinuationKind, LoopConfigSnapshot
 from phi_session.identity import AgentSession, FakeClock
 from phi_session.instrument import LoopScope, Tracer
 from phi_session.messages import (
@@ -553,6 +553,33 @@ def test_the_default_loop_is_the_last_run_that_is_not_a_replay(world: World) -> 
     only_replays = msgspec.structs.replace(session, loops=session.loops[1:2])
     with pytest.raises(LoopNotFound, match="replays do not count"):
         ReplayScript.from_session(only_replays)
+
+
+def test_the_default_loop_skips_loops_without_turns(world: World) -> None:
+    # A compaction pass (and a rejected input) after the run was the default: nothing to
+    # replay, the first model call was "exhausted".
+    def body(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            agent(loop, scripted_model())
+        with tracer.loop(continues=loop.loop_id) as rejected:
+            rejected.user("and now?")
+            rejected.reject("blocked")
+        with (
+            tracer.loop(continues=loop.loop_id, kind=COMPACTION) as compaction,
+            compaction.compaction(900, 9),
+        ):
+            pass
+
+    session = world.record(body)
+    run, *passes = session.loops
+    assert [(record.status, len(record.turns)) for record in passes] == [("Rejected", 0), ("Completed", 0)]
+    assert ReplayScript.from_session(session).loop_ids == (run.loop_id,)
+    model = RecordedModel(session)
+    with replay_lineage(model.script).loop(Tracer(world.agent, sinks=[], config=SNAP)) as loop:
+        agent(loop, model.next, recorded=model)
+    assert model.finished
+    with pytest.raises(LoopNotFound, match="nor loops without turns"):
+        ReplayScript.from_session(msgspec.structs.replace(session, loops=passes))
 
 
 def test_unknown_loops_and_turns_are_errors(world: World) -> None:

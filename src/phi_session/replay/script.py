@@ -194,7 +194,8 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
 
         The default is the last run of `session` that is not a replay: the loop that
         started last without being recorded by a replay (`replay_lineage`: its
-        ``Rerun{"replay"}`` loop and the loops of the run that carry its metadata), with
+        ``Rerun{"replay"}`` loop and the loops of the run that carry its metadata) and
+        with turns (a compaction pass or a rejected input made no model call), with
         the loops that handed over to it within its run (an agent's handoff, a
         transfer: a ``Default`` continuation of a loop whose last reply stopped with
         ``handoff``), first first. So a handoff run replays whole, the last run of the
@@ -213,10 +214,11 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
         check_type("loop_id", loop_id, str, optional=True)
         picked = loop_id is None
         if loop_id is None:
-            runs = [record for record in session.loops if not _of_a_replay(record)]
+            runs = [record for record in session.loops if record.turns and not _of_a_replay(record)]
             if not runs:
                 raise LoopNotFound(
-                    f"session {session.session_id!r} has no loop to replay (replays do not count)"
+                    f"session {session.session_id!r} has no loop to replay "
+                    "(replays do not count, nor loops without turns)"
                 )
             loop_id = max(runs, key=lambda record: record.started_at.ns).loop_id
         index = session.loop_index()  # built once: every loop of a chain looks up its parents
