@@ -61,6 +61,7 @@ from phi_session.replay import (
     recording_as,
     replay_lineage,
 )
+from phi_session.replay.request import summarize
 from phi_session.stores import JsonDirStore
 
 from .test_model import chain_of
@@ -1190,6 +1191,39 @@ def test_fork_repeats_the_turns_before_the_fork_point_then_runs_the_other_model(
     assert seen[0].system_prompt == SYSTEM and seen[0].tools == TOOLS
     assert [view(m) for m in seen[0].messages] == [view(m) for m in script.turns[2].request.messages]
     assert [view(m) for m in merged.context_at(branch.loop_id)] == views(branch)
+
+
+def test_fork_keeps_the_captured_context_where_it_does_not_end_with_the_turns_inputs(world: World) -> None:
+    # An adapter once recorded a continued conversation's earlier prompt again as the new
+    # loop's input; its captured request ends with the new prompt only. The fork cut
+    # as many messages as the turn had inputs off its end, losing the earlier answer.
+    def body(tracer: Tracer) -> None:
+        with tracer.loop() as first:
+            first.user("2 + 2?")
+            with first.turn() as turn, turn.assistant() as answer:
+                answer.finish(message=reply("4"))
+        history = first.messages
+        with tracer.loop(continues=first.loop_id) as second:
+            for prompt in ("2 + 2?", "3 + 3?"):
+                second.user(prompt)
+            sent = RequestShape(
+                system_prompt=SYSTEM,
+                messages=(*history, UserMessage(content=(TextContent(text="3 + 3?"),), timestamp=0)),
+            )
+            with second.turn(request=payload(sent)) as turn, turn.assistant() as answer:
+                answer.finish(message=reply("6"))
+
+    session = world.record(body)
+    seen: list[RequestShape] = []
+    fork(
+        session, session.loops[1].loop_id, 0, model=counting_model(seen), tracer=Tracer(sinks=[], config=SNAP)
+    )
+    assert [summarize(m) for m in seen[0].messages] == [
+        "user '2 + 2?'",
+        "assistant '4'",  # was lost
+        "user '2 + 2?'",  # the turn's inputs, as recorded
+        "user '3 + 3?'",
+    ]
 
 
 def test_fork_with_another_prompt_and_a_replaced_tool_result(world: World) -> None:

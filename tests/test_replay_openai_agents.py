@@ -21,7 +21,7 @@ from openai.types.responses import ResponseReasoningItem
 from openai.types.responses.response_reasoning_item import Summary
 from openai.types.responses.response_usage import InputTokensDetails
 
-from phi_session import SessionRecorder, SessionRecorderConfig, SqliteStore
+from phi_session import LoopConfigSnapshot, SessionRecorder, SessionRecorderConfig, SqliteStore, Tracer
 from phi_session.adapters import openai_agents
 from phi_session.adapters.openai_agents import PhiRunHooks, ReplayModel, ReplayProvider
 from phi_session.diff import diff_loops
@@ -29,7 +29,8 @@ from phi_session.errors import RecordedModelError, RecordedToolError, TurnNotFou
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ThinkingContent, ToolCall
 from phi_session.model import LoopRecord, Session, is_replayed
-from phi_session.replay import ReplayDiverged, ReplayScript, recording_as, replay_lineage
+from phi_session.replay import ReplayDiverged, ReplayScript, RequestShape, fork, recording_as, replay_lineage
+from phi_session.replay.request import summarize
 
 SYSTEM = "You are a calculator."
 SESSION = "replayed"
@@ -521,6 +522,63 @@ def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder
         replayed_second.parent_loop_id == replayed_first.loop_id
     )  # the conversation goes on from the replay
     assert bare(replayed_second.messages) == bare(second.messages)
+
+
+@pytest.mark.parametrize("capture", [True, False])
+def test_a_conversation_continued_with_its_input_list_records_only_the_new_message(capture: bool) -> None:
+    # The second run's input repeats the first run's items (`to_input_list()`): each of
+    # its user items was recorded as the new loop's prompt. Its context repeated "2 + 2?",
+    # a fork at its turn 0 lost the earlier answer, and (without captured requests) a
+    # replay of the unchanged agent diverged.
+    def steps() -> list[Any]:
+        return [
+            [function_call("add", {"a": 2, "b": 2}, call_id="c1")],
+            [assistant_message("4")],
+            [assistant_message("6")],
+        ]
+
+    async def conversation(agent: Agent[Any]) -> Any:
+        config = RunConfig(trace_metadata={"phi.session_id": SESSION})
+        first = await Runner.run(agent, "2 + 2?", hooks=PhiRunHooks(), run_config=config)
+        follow_up = [*first.to_input_list(), {"role": "user", "content": "3 + 3?"}]
+        return (await Runner.run(agent, follow_up, hooks=PhiRunHooks(), run_config=config)).final_output
+
+    recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=capture))
+    openai_agents.install([recorder], capture_requests=capture)
+    try:
+        agent = make_agent(Tools(), model=ScriptedModel(steps(), emit_traces=True))
+        assert asyncio.run(conversation(agent)) == "6"
+        session = session_of(recorder)
+        _, second = session.loops
+        assert [summarize(m) for m in session.context_at(second.loop_id)] == [
+            "user '2 + 2?'",
+            'assistant add({"a":2,"b":2}) [c1]',
+            "toolResult [c1] '4'",
+            "assistant '4'",
+            "user '3 + 3?'",
+            "assistant '6'",
+        ]
+        assert [summarize(m) for m in second.messages] == ["user '3 + 3?'", "assistant '6'"]
+        seen: list[RequestShape] = []
+
+        def other(request: RequestShape) -> AssistantMessage:
+            seen.append(request)
+            return second.turns[0].output_message  # type: ignore[return-value]
+
+        fork(
+            session,
+            second.loop_id,
+            0,
+            model=other,
+            tracer=Tracer(sinks=[], config=LoopConfigSnapshot(model="o", provider="o")),
+        )
+        assert bare(seen[0].messages) == bare(session.context_at(second.loop_id)[:-1])
+        model = ReplayModel(ReplayScript.from_session(session, chain=True))
+        with recording_as(replay_lineage(model.script)):
+            assert asyncio.run(conversation(model.agent(make_agent(Tools())))) == "6"
+        assert model.cursor.finished
+    finally:
+        openai_agents.uninstall()
 
 
 def handing_off(a_model: Any, b_model: Any) -> tuple[Agent[Any], Agent[Any]]:

@@ -48,7 +48,7 @@ import importlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -109,6 +109,7 @@ __all__ = [
     "require_extra",
     "result_text",
     "session_id_for",
+    "since_last_reply",
     "usage_of",
 ]
 
@@ -235,6 +236,17 @@ def _rebuilt(value: Any, enclosing: set[int]) -> Any:
         return [_rebuilt(item, enclosing) for item in value]
     finally:
         enclosing.discard(id(value))
+
+
+def since_last_reply(items: Sequence[_T], is_reply: Callable[[_T], bool]) -> Sequence[_T]:
+    """The items of a model input after its last reply (`is_reply`): what a run adds to
+    the history it was handed. A conversation is continued by sending the earlier
+    turns again (the previous loop's context, which the session holds already) with the
+    new messages after them: only those are the new loop's input."""
+    for index in range(len(items) - 1, -1, -1):
+        if is_reply(items[index]):
+            return items[index + 1 :]
+    return items
 
 
 def usage_of(

@@ -34,7 +34,7 @@ from ..messages import AgentMessage, AssistantMessage, Content, TextContent, Too
 from ..model import Session, mark_replayed
 from .lineage import fork_lineage
 from .recorded import ModelFn
-from .request import RequestShape
+from .request import RequestShape, compare_messages
 from .script import RecordedTurn, ReplayScript
 
 __all__ = ["ToolFn", "fork"]
@@ -85,6 +85,20 @@ def _repeat(loop: LoopScope, turn: RecordedTurn, replaced: Mapping[str, tuple[Co
             with scope.tool(call) as tool:
                 recorded = turn.result_of(call.id)
                 _finish_recorded(tool, None if recorded is None else _apply(recorded, replaced))
+
+
+def _inputs_at_end(messages: Sequence[AgentMessage], inputs: Sequence[AgentMessage]) -> int:
+    """How many of `messages` (a turn's request) are, at its end, the last of the turn's
+    own `inputs` as the model sees them: the fork sends the inputs (or its prompt)
+    after the rest. A captured request need not end with all of them (a recording made
+    before its adapter told the new input from the history it resent)."""
+    count = 0
+    while (
+        count < min(len(messages), len(inputs))
+        and compare_messages([messages[-1 - count]], [inputs[-1 - count]]) is None
+    ):
+        count += 1
+    return count
 
 
 def _check_arguments(
@@ -177,7 +191,7 @@ def fork(
         described["tool_results"] = sorted(replaced)
     lineage = fork_lineage(script, turn_index, tag=tag, change=described or None)
     request = point.request
-    earlier = request.messages[: len(request.messages) - len(point.inputs)]
+    earlier = request.messages[: len(request.messages) - _inputs_at_end(request.messages, point.inputs)]
     # Only the results after the previous turn's reply (the context's last assistant
     # message) are replaced: an earlier turn may have made a call of the same id.
     replies = (i for i, m in enumerate(earlier) if isinstance(m, AssistantMessage))

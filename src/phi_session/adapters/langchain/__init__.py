@@ -74,6 +74,7 @@ from .._core import (
     leave_tool,
     loop_config,
     require_extra,
+    since_last_reply,
     usage_of,
 )
 
@@ -125,6 +126,10 @@ def _blocks(message: BaseMessage) -> tuple[Content, ...]:
             # Not a phi-core block (a file, a URL image, a citation...): kept as its JSON.
             blocks.append(TextContent(text=_json_encode(jsonable(block)).decode()))
     return tuple(blocks)
+
+
+def _is_ai(message: BaseMessage) -> bool:
+    return isinstance(message, AIMessage)
 
 
 def _tool_calls(message: AIMessage, copy: bool = False) -> list[ToolCall]:
@@ -388,14 +393,9 @@ class _Run:
 
     def new_inputs(self, messages: Sequence[BaseMessage], timestamp: int) -> list[AgentMessage]:
         """The messages after the last AI message that the loop has not recorded yet."""
-        start = 0
-        for index in range(len(messages) - 1, -1, -1):
-            if isinstance(messages[index], AIMessage):
-                start = index + 1
-                break
         inputs: list[AgentMessage] = []
         recorded, seen = self.recorded, self.inputs
-        for message in messages[start:]:
+        for message in since_last_reply(messages, _is_ai):
             if isinstance(message, ToolMessage):
                 if message.tool_call_id in recorded:
                     continue

@@ -24,9 +24,12 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
   cancellation ends failed with ``cancelled`` (the reply, a running tool, the loop).
 
 The session is ``trace_metadata["phi.session_id"]``, else the trace's ``group_id``,
-else the adapter's own session. Function spans carry no tool call id: they are
-matched to the response's calls by name and order as they start; pass ``hooks=PhiRunHooks()`` to
-``Runner.run`` to make the match exact (and give the prompt and the agent's model).
+else the adapter's own session. A loop's prompt is the user messages of its first input
+after the last model output: a conversation continued with ``result.to_input_list()``
+plus the next message sends the earlier turns again, which the session holds already.
+Function spans carry no tool call id: they are matched to the response's calls by name
+and order as they start; pass ``hooks=PhiRunHooks()`` to ``Runner.run`` to make the
+match exact (and give the prompt and the agent's model).
 Processors see no streamed chunks: iterate ``stream(result)`` instead of
 ``result.stream_events()`` to record text, reasoning and argument deltas.
 ``install(capture_requests=True)`` with the hooks also records each turn's request
@@ -74,6 +77,7 @@ from .._core import (
     leave_tool,
     loop_config,
     require_extra,
+    since_last_reply,
     usage_of,
 )
 
@@ -209,11 +213,22 @@ def _output_blocks(items: Any) -> tuple[list[Content], list[ToolCall]]:
     return blocks, calls
 
 
+_ASSISTANT_ITEMS = frozenset(("function_call", "reasoning"))
+
+
+def _is_output(item: Any) -> bool:
+    """Whether an input item is one the model produced (text, reasoning, a tool call)."""
+    return _get(item, "type") in _ASSISTANT_ITEMS or _get(item, "role") == "assistant"
+
+
 def _user_texts(items: Any) -> list[str]:
-    """The user messages of a model input (a string, Responses items or Chat messages)."""
+    """The user messages a model input adds (a string, Responses items or Chat messages):
+    those after its last output item. A conversation continued the SDK's way
+    (``result.to_input_list()`` plus the next message) sends the earlier turns again."""
     if isinstance(items, str):
         return [items]
-    return [_text_of(_get(item, "content")) for item in items or () if _get(item, "role") == "user"]
+    new = since_last_reply(list(items or ()), _is_output)
+    return [_text_of(_get(item, "content")) for item in new if _get(item, "role") == "user"]
 
 
 _CANCELLED = {"message": "cancelled"}
@@ -245,7 +260,6 @@ def _error_text(error: Any) -> str:
     return f"{message}: {cause}" if isinstance(cause, str) and cause and cause != message else message
 
 
-_ASSISTANT_ITEMS = frozenset(("function_call", "reasoning"))
 _MODEL_SPANS = frozenset(("response", "generation"))
 _LOOP_SPANS = frozenset(("task", "agent"))
 
