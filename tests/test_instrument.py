@@ -303,6 +303,52 @@ def test_follow_ups_are_stamped_with_the_turn_that_takes_them() -> None:
     ]
 
 
+def test_a_message_injected_after_the_reply_keeps_its_place_in_the_loops_messages() -> None:
+    # Steering while the turn's tools ran was recorded before the turn's reply in the
+    # loop's messages (AgentEnd), though emitted after it; phi-core's messages are in
+    # the order they are emitted.
+    h = Harness()
+    calls = tuple(ps.ToolCall(id=f"c{n}", name="read", arguments={"n": n}) for n in (1, 2))
+    with h.tracer.loop() as loop:
+        loop.user("prompt")
+        with loop.turn() as turn:
+            turn.user("before the reply")
+            answer(turn, "reading", calls=calls)
+            turn.user("steer 1")
+            for call in turn.tool_calls:
+                with turn.tool(call) as tool:
+                    tool.result(f"result {call.id}")
+                turn.user(f"after {call.id}")
+        simple_loop(loop, "done")
+    record = h.session().loops[0]
+
+    def texts(messages: Any) -> list[str]:
+        return [m.content[0].text for m in messages]  # type: ignore[no-any-return]
+
+    assert texts(record.messages) == [
+        "prompt",
+        "before the reply",
+        "reading",
+        "steer 1",
+        "result c1",
+        "after c1",
+        "result c2",
+        "after c2",
+        "done",
+    ]
+    ended = [e.message for e in h.events if isinstance(e, ps.MessageEnd)]
+    assert texts(record.messages) == texts(ended)  # the order they were emitted in
+    assert texts(record.turns[0].input_messages) == [
+        "prompt",
+        "before the reply",
+        "steer 1",
+        "result c1",
+        "after c1",
+        "result c2",
+        "after c2",
+    ]
+
+
 def test_a_ready_made_message_is_passed_through() -> None:
     h = Harness()
     note = ps.extension_message("extension", "note", {"k": 1})

@@ -556,6 +556,79 @@ def test_the_default_loop_is_the_last_run_that_is_not_a_replay(world: World) -> 
         ReplayScript.from_session(only_replays)
 
 
+def steered_agent(loop: LoopScope, model: ModelFn, recorded: RecordedModel | None = None) -> None:
+    """An agent told something more while its first turn's tools run (`TurnScope.user`
+    after the reply), which it sends after the result that had come in by then."""
+    context: list[AgentMessage] = [loop.user(PROMPT)]
+    for _ in range(4):
+        with loop.turn() as turn:
+            with turn.assistant() as message:
+                context.append(message.finish(message=model(RequestShape(messages=tuple(context)))))
+            for position, call in enumerate(turn.tool_calls):
+                if turn.index == 0 and position == 1:
+                    context.append(turn.user("Skip todo.txt if it is long."))
+                with turn.tool(call) as tool:
+                    stored = recorded.tool_result(call) if recorded is not None else None
+                    tool.result(stored.content if stored is not None else live_tool(call))
+                context.append(turn.tool_results[-1])
+        if not turn.tool_calls:
+            return
+
+
+def steered_model(request: RequestShape) -> AssistantMessage:
+    if len(request.messages) == 1:
+        return reply(
+            "Reading both.",
+            [
+                ToolCall(id="c1", name="read_file", arguments={"path": "notes.txt"}),
+                ToolCall(id="c2", name="read_file", arguments={"path": "todo.txt"}),
+            ],
+        )
+    return reply("notes.txt: buy milk and eggs; todo.txt: call mum.")
+
+
+@pytest.mark.parametrize("capture", [True, False])
+def test_a_steering_message_after_the_reply_replays_and_forks_where_it_was_sent(
+    world: World, capture: bool
+) -> None:
+    # It was recorded before the turn's reply, and counted as an input of the turn that
+    # had already called its model: a replay of the unchanged agent diverged, a fork of
+    # the next turn sent the model the messages out of order.
+    def body(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            steered_agent(loop, steered_model)
+
+    session = world.record(body, capture=capture)
+    (original,) = session.loops
+    sent = [
+        "user 'How many words are in notes.txt and todo.txt?'",
+        "assistant 'Reading both.' "
+        'read_file({"path":"notes.txt"}) [c1] read_file({"path":"todo.txt"}) [c2]',
+        "toolResult [c1] 'buy milk and eggs'",
+        "user 'Skip todo.txt if it is long.'",
+        "toolResult [c2] 'call mum'",
+    ]
+    assert [summarize(m) for m in original.messages[:-1]] == sent
+    script = ReplayScript.from_session(session)
+    assert [summarize(m) for m in script.turns[1].request.messages] == sent
+    model = RecordedModel(script)
+
+    def again(tracer: Tracer) -> None:
+        with replay_lineage(script).loop(tracer) as loop:
+            steered_agent(loop, model.next, model)
+
+    merged = world.record(again, capture=capture)
+    assert model.finished and views(new_loop(session, merged)) == views(original)
+    seen: list[RequestShape] = []
+
+    def forked(tracer: Tracer) -> None:
+        fork(session, original.loop_id, 1, model=counting_model(seen), tracer=tracer, max_turns=1)
+
+    branch = new_loop(merged, world.record(forked, capture=capture))
+    assert [summarize(m) for m in seen[0].messages] == sent
+    assert views(branch)[:5] == views(original)[:5]  # the repeated turn, steering in its place
+
+
 def test_the_default_loop_skips_loops_without_turns(world: World) -> None:
     # A compaction pass (and a rejected input) after the run was the default: nothing to
     # replay, the first model call was "exhausted".

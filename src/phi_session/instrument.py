@@ -934,7 +934,8 @@ class LoopScope(_Scope):
     """One agent loop: ``AgentStart`` ... ``AgentEnd``. Create with `Tracer.loop`.
 
     `user` adds a prompt (before the first turn) or a follow-up message (between
-    turns: emitted at the start of the next turn; during a turn: at once).
+    turns: emitted at the start of the next turn; during a turn: at once, and
+    ``messages`` keep the order of emission: after the turn's reply, it follows it).
     `turn()` opens the next turn. `reject(reason)` records an input rejection;
     before the first turn it ends the loop as rejected. ``messages`` and ``usage``
     are what ``AgentEnd`` will carry.
@@ -1211,6 +1212,7 @@ class TurnScope(_Scope):
         "_loop_scope",
         "_message",
         "_request",
+        "_steering",
         "_turn",
         "index",
         "inputs",
@@ -1236,6 +1238,9 @@ class TurnScope(_Scope):
         self._request = request
         self.inputs: list[AgentMessage] = []
         """Messages injected during the turn (with ``turnId``)."""
+        # Of `inputs`, those injected after the turn's reply (steering while its tools
+        # run), each with the reply it followed and how many tool results had ended.
+        self._steering: list[tuple[AgentMessage, AssistantMessage, int]] = []
         self._message: MessageScope | None = None
 
     @property
@@ -1295,6 +1300,9 @@ class TurnScope(_Scope):
             message = replace(message, turn_id=self.turn_id)
         loop.emit_message(message)
         self.inputs.append(message)
+        turn = self._turn
+        if turn.message is not None:
+            self._steering.append((message, turn.message, len(turn.results)))
         return message
 
     def request(self, payload: AnnotatedRequestPayload) -> None:
@@ -1405,7 +1413,23 @@ class TurnScope(_Scope):
                 tool_results=results,
             )
         )
-        loop.record((*self.inputs, stamped, *map(partial(replace, turn_id=turn_id), results)), turn.usage)
+        stamped_results = map(partial(replace, turn_id=turn_id), results)
+        if self._steering:
+            loop.record(self._in_emitted_order(message, stamped, list(stamped_results)), turn.usage)
+        else:
+            loop.record((*self.inputs, stamped, *stamped_results), turn.usage)
+
+    def _in_emitted_order(
+        self, reply: AssistantMessage, stamped: AssistantMessage, results: list[AgentMessage]
+    ) -> list[AgentMessage]:
+        """The turn's messages in the order they were emitted, as phi-core's loop messages
+        are: the messages injected after `reply` (`stamped`: as recorded) follow it, among
+        its tool `results` where they were emitted."""
+        late = [(injected, ended) for injected, after, ended in self._steering if after is reply]
+        inputs = self.inputs
+        for injected, ended in reversed(late):
+            results.insert(ended, injected)
+        return [*inputs[: len(inputs) - len(late)], stamped, *results]
 
 
 class MessageScope(_Scope):

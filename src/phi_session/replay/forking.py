@@ -78,13 +78,18 @@ def _run_tool(tool: ToolScope, call: ToolCall, tools: Mapping[str, ToolFn]) -> N
 def _repeat(loop: LoopScope, turn: RecordedTurn, replaced: Mapping[str, tuple[Content, ...]]) -> None:
     for message in turn.inputs:
         loop.user(message)
+    steering = list(turn.steering)
     with loop.turn() as scope:
         with scope.assistant() as reply:
             reply.finish(message=mark_replayed(turn.reply))  # repeated: no model call to bill
-        for call in scope.tool_calls:
+        for ended, call in enumerate(scope.tool_calls):
+            while steering and steering[0][0] <= ended:  # where it came among the results
+                scope.user(steering.pop(0)[1])
             with scope.tool(call) as tool:
                 recorded = turn.result_of(call.id)
                 _finish_recorded(tool, None if recorded is None else _apply(recorded, replaced))
+        for _, message in steering:
+            scope.user(message)
 
 
 def _inputs_at_end(messages: Sequence[AgentMessage], inputs: Sequence[AgentMessage]) -> int:

@@ -11,25 +11,30 @@ the messages are the context the model had: what the loops before this one
 contribute (`Session.context_at`, the chain of ``parent_loop_id``), then this loop's
 messages up to and including the turn's own inputs (its prompts and follow-ups, not
 its tool results), each turn's tool results in the order of its reply's tool calls
-(the order frameworks send them in, whichever ended first).
+(the order frameworks send them in, whichever ended first). The messages are in the
+order they were emitted (the loop's event log): one injected during a turn after its
+reply (steering while its tools run) follows that reply, among its tool results where
+it was emitted, and so reaches the next turn's request, not its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from operator import attrgetter
 
 import msgspec
 from msgspec.structs import replace
 
 from .._checks import check_index, check_type
 from ..errors import LoopNotFound, TurnNotFound
-from ..events import DEFAULT, ContinuationKind, TurnRequest
+from ..events import DEFAULT, ContinuationKind, MessageEnd, TurnEnd, TurnRequest, TurnStart
 from ..messages import (
     AgentMessage,
     AnnotatedRequestPayload,
     AssistantMessage,
     ToolCall,
     ToolResultMessage,
+    message_role,
 )
 from ..model import LoopRecord, Session, Turn
 from .request import RequestShape
@@ -59,6 +64,9 @@ class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
     """The model's answer, as recorded (its ``turn_id`` removed)."""
     tool_results: tuple[ToolResultMessage, ...] = ()
     """The results of the reply's tool calls, in the order they ended."""
+    steering: tuple[tuple[int, AgentMessage], ...] = ()
+    """The messages the turn added after the reply (steering while its tools ran), as
+    recorded, each with how many of its tool results had ended before it."""
     aborted: bool = False
     """Whether the original run failed in this turn: the last of a loop that ended
     ``Aborted`` (e.g. a tool raised), so no model call followed its tool results."""
@@ -66,6 +74,15 @@ class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def tool_calls(self) -> tuple[ToolCall, ...]:
         return tuple(block for block in self.reply.content if type(block) is ToolCall)
+
+    def followed_by(self) -> list[AgentMessage]:
+        """What follows the reply in the next turn's context: its tool results in the
+        order of its calls (as frameworks send them), with the `steering` messages among
+        them where they were emitted."""
+        after: list[AgentMessage] = list(_in_call_order(self.tool_results, self.reply))
+        for ended, message in reversed(self.steering):
+            after.insert(ended, message)
+        return after
 
     def result_of(self, call_id: str) -> ToolResultMessage | None:
         """The recorded result of tool call `call_id`, if it ended."""
@@ -75,14 +92,45 @@ class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
         return None
 
 
-def _requested(record: LoopRecord, turn: Turn) -> AnnotatedRequestPayload | None:
-    if turn.request_payload is not None:
-        return turn.request_payload
-    for stored in record.events:
-        event = stored.event
-        if type(event) is TurnRequest and event.turn_index == turn.index:
-            return event.payload
-    return None
+class _EventLog:
+    """What a replay reads from a loop's events, in one pass: each turn's captured
+    request (``TurnRequest``) and how many of its inputs were emitted before its reply
+    (the recorder's turn inputs are the messages other than the assistant's that end
+    within the turn, in the order they end)."""
+
+    __slots__ = ("before_reply", "requests")
+
+    def __init__(self, record: LoopRecord) -> None:
+        self.requests: dict[int, AnnotatedRequestPayload] = {}
+        self.before_reply: dict[int, int] = {}
+        turn: int | None = None
+        ended = 0
+        for stored in sorted(record.events, key=_SEQUENCE):
+            event = stored.event
+            if type(event) is MessageEnd:
+                if turn is not None:
+                    if message_role(event.message) == "assistant":
+                        self.before_reply[turn] = ended
+                    else:
+                        ended += 1
+            elif type(event) is TurnStart:
+                turn, ended = event.turn_index, 0
+            elif type(event) is TurnEnd:
+                turn = None
+            elif type(event) is TurnRequest:
+                self.requests.setdefault(event.turn_index, event.payload)
+
+    def request(self, turn: Turn) -> AnnotatedRequestPayload | None:
+        """The captured request of `turn`, if any."""
+        return turn.request_payload if turn.request_payload is not None else self.requests.get(turn.index)
+
+    def split(self, turn: Turn) -> int:
+        """How many of `turn`'s input messages came before its reply; all of them when the
+        log does not say (a loop stored without its events)."""
+        return min(self.before_reply.get(turn.index, len(turn.input_messages)), len(turn.input_messages))
+
+
+_SEQUENCE = attrgetter("sequence")
 
 
 def _own_results(turn: Turn) -> set[str]:
@@ -111,36 +159,48 @@ def _recorded_turns(
 ) -> Iterator[RecordedTurn]:
     context = session.context_at(record.loop_id, index=index)
     history = context[: len(context) - len(record.context_messages())]
+    log = _EventLog(record)
     local: list[AgentMessage] = []
     for turn in record.turns:
         output = turn.output_message
         if not isinstance(output, AssistantMessage):
             raise TurnNotFound(f"turn {turn.index} of loop {record.loop_id} has no assistant reply to replay")
         own = _own_results(turn)
+        split = log.split(turn)
         # phi-core's turn inputs also hold the turn's own tool results, which the model
         # had not seen when it was called.
         inputs = tuple(
-            m for m in turn.input_messages if not (isinstance(m, ToolResultMessage) and m.tool_call_id in own)
+            m
+            for m in turn.input_messages[:split]
+            if not (isinstance(m, ToolResultMessage) and m.tool_call_id in own)
         )
+        steering: list[tuple[int, AgentMessage]] = []
+        ended = 0
+        for message in turn.input_messages[split:]:
+            if isinstance(message, ToolResultMessage) and message.tool_call_id in own:
+                ended += 1
+            else:
+                steering.append((ended, message))
         local.extend(inputs)
-        payload = _requested(record, turn)
+        payload = log.request(turn)
         if payload is not None:
             request, inherited = RequestShape.from_payload(payload), 0
         else:
             request, inherited = RequestShape(messages=(*history, *local)), len(history)
-        results = tuple(m for m in turn.tool_results if isinstance(m, ToolResultMessage))
-        yield RecordedTurn(
+        recorded = RecordedTurn(
             loop_id=record.loop_id,
             turn_index=turn.index,
             request=request,
             inherited=inherited,
             inputs=inputs,
             reply=replace(output, turn_id=None),
-            tool_results=results,
+            tool_results=tuple(m for m in turn.tool_results if isinstance(m, ToolResultMessage)),
+            steering=tuple(steering),
             aborted=record.status == "Aborted" and turn is record.turns[-1],
         )
+        yield recorded
         local.append(output)
-        local.extend(_in_call_order(results, output))
+        local.extend(recorded.followed_by())
 
 
 def _of_a_replay(record: LoopRecord) -> bool:
