@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ from phi_session.replay import (
     recording_as,
     replay_lineage,
 )
-from phi_session.replay.request import summarize
+from phi_session.replay.request import compare_messages, summarize
 from phi_session.stores import JsonDirStore
 
 from .test_model import chain_of
@@ -487,6 +488,100 @@ def test_a_long_chain_is_scripted_with_a_few_passes_over_its_loops() -> None:
         script = ReplayScript.from_session(session, "s.c.199", chain=chain)
         assert len(script.loop_ids) == (200 if chain else 1)
         assert session.loops.passes <= 3  # type: ignore[attr-defined]
+
+
+def long_loop(world: World, turns: int) -> Session:
+    """A loop of `turns` turns, each but the last calling a tool, without captured requests."""
+
+    def model(request: RequestShape) -> AssistantMessage:
+        done = sum(isinstance(m, ToolResultMessage) for m in request.messages[-1:])
+        n = len(request.messages)
+        if n // 2 + 1 < turns:
+            return reply(
+                f"step {n}", [ToolCall(id=f"c{n}", name="read_file", arguments={"path": "notes.txt"})]
+            )
+        return reply(f"done {done}")
+
+    def body(tracer: Tracer) -> None:
+        with tracer.loop() as loop:
+            agent(loop, model, capture=False, max_turns=turns)
+
+    session = world.record(body, capture=False)
+    record = session.loops[-1]
+    assert len(record.turns) == turns and record.parent_loop_id is None
+    return msgspec.structs.replace(session, loops=[record])
+
+
+class CountedEvents(tuple):  # type: ignore[type-arg]
+    """A loop's events, counting the passes over them."""
+
+    passes = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.passes += 1
+        return super().__iter__()
+
+
+def test_a_long_loop_is_scripted_in_one_pass_over_its_events_holding_its_messages_once(world: World) -> None:
+    # Each turn without a captured request scanned the loop's whole event log for one,
+    # and copied the whole history into its request: 2,000 turns took 2.35 s, and a
+    # script held n² messages (`phi-session fork --turn 0` on 3,000 turns: 200 MB).
+    held = []
+    for turns in (200, 400):
+        session = long_loop(world, turns)
+        (record,) = session.loops
+        events = CountedEvents(record.events)
+        session = msgspec.structs.replace(session, loops=[msgspec.structs.replace(record, events=events)])
+        tracemalloc.start()
+        try:
+            script = ReplayScript.from_session(session)
+            held.append(tracemalloc.get_traced_memory()[0])
+        finally:
+            tracemalloc.stop()
+        assert events.passes == 1
+        assert len(script.turns[-1].request.messages) == len(record.messages) - 1
+    assert held[1] < 2.5 * held[0]  # linear: twice the turns, twice the memory (was 3.7 times)
+
+
+def test_a_long_replay_compares_each_request_only_where_it_goes_on_from_the_last(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every model call compared the whole context with the recorded one again: a
+    # 1,000-turn replay took 5 s.
+    compared = []
+
+    def counting(expected: Sequence[AgentMessage], actual: Sequence[AgentMessage], *args: Any) -> Any:
+        compared.append(len(expected) + len(actual))
+        return compare_messages(expected, actual, *args)
+
+    monkeypatch.setattr("phi_session.replay.cursor.compare_messages", counting)
+    session = long_loop(world, 300)
+    model = RecordedModel(session)
+
+    def again(tracer: Tracer) -> None:
+        with replay_lineage(model.script).loop(tracer) as loop:
+            agent(loop, model.next, recorded=model, capture=False, max_turns=300)
+
+    world.record(again, capture=False)
+    assert model.finished
+    assert sum(compared) < 10 * 300  # each new message once a side (the whole context each time: 180,000)
+
+
+def test_a_long_chain_reuses_each_loops_context_for_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each loop's context was built anew from the chain (context_at per loop): 2,000
+    # chained loops took 4.2 s.
+    read = []
+    context_messages = LoopRecord.context_messages
+
+    def counting(record: LoopRecord, **options: Any) -> list[AgentMessage]:
+        read.append(record.loop_id)
+        return context_messages(record, **options)
+
+    monkeypatch.setattr(LoopRecord, "context_messages", counting)
+    session = chain_of(300)
+    script = ReplayScript.from_session(session, "s.c.299", chain=True)
+    assert len(script.loop_ids) == 300
+    assert len(read) <= 3 * 300  # each loop's messages read a few times, not once per later loop
 
 
 def test_without_captured_requests_a_replay_warns_once_that_only_messages_are_compared(

@@ -50,7 +50,7 @@ from msgspec.structs import replace
 from .._checks import check_index
 from ..diff import same_json
 from ..errors import InvalidArgument, RecordedModelError, RecordedToolError, ReplayDiverged
-from ..messages import AssistantMessage, TextContent, ToolCall, ToolResultMessage
+from ..messages import AgentMessage, AssistantMessage, TextContent, ToolCall, ToolResultMessage
 from ..model import Session
 from .divergence import Divergence, DivergenceKind
 from .request import Normalizer, RequestShape, clip, compare_messages, compare_tools, normal_arguments
@@ -69,14 +69,44 @@ def result_text(result: ToolResultMessage) -> str:
     return "".join(block.text for block in result.content if type(block) is TextContent)
 
 
+_Messages = tuple[AgentMessage, ...]
+_Matched = tuple[_Messages, _Messages]
+"""The messages of a request that matched: the recorded ones it was compared with (all,
+or those after the inherited ones) and the replayed ones."""
+
+
 def check_request(
     turn: RecordedTurn, request: RequestShape, normalize: Normalizer | None = None
 ) -> Divergence | None:
     """The divergence between `request` and what `turn` was asked, or None when they match.
 
     `normalize`: a `Normalizer` kept over a run (each message read once)."""
-    normal = normalize if normalize is not None else Normalizer()
-    recorded = turn.request
+    return _check(turn, turn.request, request, normalize if normalize is not None else Normalizer(), None)[0]
+
+
+def _extends(recorded: _Messages, replayed: _Messages, before: _Matched) -> bool:
+    """Whether both sides go on from the messages of the last request that matched: then
+    only what follows needs comparing. Tuples compare their items by identity first, so
+    an agent resending its messages (and a script sharing its recorded ones) costs next
+    to nothing."""
+    old_recorded, old_replayed = before
+    return (
+        len(recorded) >= len(old_recorded)
+        and len(replayed) >= len(old_replayed)
+        and recorded[: len(old_recorded)] == old_recorded
+        and replayed[: len(old_replayed)] == old_replayed
+    )
+
+
+def _check(
+    turn: RecordedTurn,
+    recorded: RequestShape,
+    request: RequestShape,
+    normal: Normalizer,
+    before: _Matched | None,
+) -> tuple[Divergence | None, _Matched | None]:
+    """`check_request` of `recorded` (`turn`'s request, built once), and the messages that
+    matched; `before`: those of the last request that matched, if any."""
 
     def diverged(what: DivergenceKind, found: tuple[str, str | None, str | None]) -> Divergence:
         detail, expected, actual = found
@@ -95,16 +125,27 @@ def check_request(
         and recorded.system_prompt != request.system_prompt
     ):
         found = ("the system prompt differs", clip(recorded.system_prompt), clip(request.system_prompt))
-        return diverged("system_prompt", found)
+        return diverged("system_prompt", found), None
     if recorded.tools is not None and request.tools is not None:
         tools = compare_tools(recorded.tools, request.tools)
         if tools is not None:
-            return diverged("tools", tools)
-    messages = compare_messages(recorded.messages, request.messages, normal)
-    if messages is not None and turn.inherited:
-        if compare_messages(recorded.messages[turn.inherited :], request.messages, normal) is None:
-            return None
-    return None if messages is None else diverged("messages", messages)
+            return diverged("tools", tools), None
+    replayed = request.messages
+    full = recorded.messages
+    # A request without the messages inherited from earlier loops matches too.
+    sides = (full, full[turn.inherited :]) if turn.inherited else (full,)
+    if before is not None:
+        for side in sides:
+            if _extends(side, replayed, before):
+                if compare_messages(side[len(before[0]) :], replayed[len(before[1]) :], normal) is None:
+                    return None, (side, replayed)
+    messages = compare_messages(full, replayed, normal)
+    if messages is None:
+        return None, (full, replayed)
+    for side in sides[1:]:
+        if compare_messages(side, replayed, normal) is None:
+            return None, (side, replayed)
+    return diverged("messages", messages), None
 
 
 class ReplayCursor:
@@ -146,6 +187,7 @@ class ReplayCursor:
         self._handed_over = False
         self._divergence: Divergence | None = None
         self._normalize = Normalizer()
+        self._matched: _Matched | None = None  # the messages of the last request served
         self._warned_uncompared = False
         # tool call id -> the positions in the script of the turns that made it, in order:
         # a provider numbering calls per reply ("call_0") reuses ids across turns.
@@ -243,8 +285,9 @@ class ReplayCursor:
                 )
                 return None
             turn = turns[position]
-            self._warn_if_uncompared(turn, request)
-            found = check_request(turn, request, self._normalize)
+            recorded = turn.request
+            self._warn_if_uncompared(turn, recorded, request)
+            found, self._matched = _check(turn, recorded, request, self._normalize, self._matched)
             if found is not None:
                 self._diverge(found)
                 return None
@@ -345,10 +388,9 @@ class ReplayCursor:
             return "tool_call", f"tool call {call.id!r} ({name}) has no recorded result", None, None
         return None
 
-    def _warn_if_uncompared(self, turn: RecordedTurn, request: RequestShape) -> None:
+    def _warn_if_uncompared(self, turn: RecordedTurn, recorded: RequestShape, request: RequestShape) -> None:
         # Otherwise an agent with another system prompt or other tools replays as if
         # unchanged, and nothing tells the user why.
-        recorded = turn.request
         if self._warned_uncompared or not (
             (recorded.system_prompt is None and request.system_prompt is not None)
             or (recorded.tools is None and request.tools is not None)

@@ -46,17 +46,50 @@ REPLAY_TAG = "replay"
 _REPLAY = ContinuationKind.rerun(REPLAY_TAG)
 
 
+class SharedContext:
+    """The messages the requests of a loop's turns without a captured one are rebuilt
+    from, shared by those turns (each its own would make a script of n turns hold n²
+    messages): the first `inherited` of `past` (what the loops before it contribute, a
+    list shared along a chain, which later loops extend), then the loop's own (`own`,
+    growing turn by turn)."""
+
+    __slots__ = ("inherited", "own", "past")
+
+    def __init__(self, past: list[AgentMessage]) -> None:
+        self.past = past
+        self.inherited = len(past)
+        self.own: list[AgentMessage] = []
+
+    def messages(self, end: int) -> tuple[AgentMessage, ...]:
+        """The inherited messages, then the first `end` of the loop's own."""
+        return (*self.past[: self.inherited], *self.own[:end])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SharedContext):
+            return NotImplemented
+        mine, theirs = self.messages(len(self.own)), other.messages(len(other.own))
+        return self.inherited == other.inherited and mine == theirs
+
+    __hash__ = None  # type: ignore[assignment]  # it grows while a script is built
+
+    def __repr__(self) -> str:
+        return f"SharedContext({self.inherited} inherited, {len(self.own)} own messages)"
+
+
 class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
-    """One recorded model call: what was asked, what came back, what its tools returned."""
+    """One recorded model call: what was asked, what came back, what its tools returned.
+
+    What was asked is its `captured` request, else rebuilt from `context`: its first
+    `context_end` own messages after the inherited ones (`request` builds either)."""
 
     loop_id: str
     turn_index: int
-    request: RequestShape
-    """What the model was asked (see the module docstring)."""
-    inherited: int = 0
-    """How many of ``request.messages`` (the first ones) came from the loops before this
-    one; 0 for a captured request. A replayed request without them matches too (an
-    agent run afresh, without the earlier conversation in memory)."""
+    captured: RequestShape | None = None
+    """The turn's captured request, if any."""
+    context: SharedContext | None = None
+    """Without one: the context of the turn's loop, shared by its turns."""
+    context_end: int = 0
+    """How many of the loop's own messages in `context` the turn's request holds."""
     inputs: tuple[AgentMessage, ...] = ()
     """The messages the turn itself added before the model call: the prompt of a first
     turn, follow-ups (as recorded, with their turn ids)."""
@@ -70,6 +103,23 @@ class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
     aborted: bool = False
     """Whether the original run failed in this turn: the last of a loop that ended
     ``Aborted`` (e.g. a tool raised), so no model call followed its tool results."""
+
+    @property
+    def request(self) -> RequestShape:
+        """What the model was asked (see the module docstring); one rebuilt from `context`
+        is built at each use (the turns of a loop share their messages)."""
+        if self.captured is not None:
+            return self.captured
+        if self.context is None:
+            return RequestShape()
+        return RequestShape(messages=self.context.messages(self.context_end))
+
+    @property
+    def inherited(self) -> int:
+        """How many of ``request.messages`` (the first ones) came from the loops before this
+        one; 0 for a captured request. A replayed request without them matches too (an
+        agent run afresh, without the earlier conversation in memory)."""
+        return 0 if self.captured is not None or self.context is None else self.context.inherited
 
     @property
     def tool_calls(self) -> tuple[ToolCall, ...]:
@@ -154,13 +204,11 @@ def _in_call_order(
     return tuple(sorted(results, key=lambda result: order.get(result.tool_call_id, len(order))))
 
 
-def _recorded_turns(
-    session: Session, record: LoopRecord, index: Mapping[str, LoopRecord]
-) -> Iterator[RecordedTurn]:
-    context = session.context_at(record.loop_id, index=index)
-    history = context[: len(context) - len(record.context_messages())]
+def _recorded_turns(record: LoopRecord, past: list[AgentMessage]) -> Iterator[RecordedTurn]:
+    """The turns of `record`, whose context is `past` (what the loops before it contribute)."""
     log = _EventLog(record)
-    local: list[AgentMessage] = []
+    context = SharedContext(past)
+    local = context.own
     for turn in record.turns:
         output = turn.output_message
         if not isinstance(output, AssistantMessage):
@@ -183,15 +231,12 @@ def _recorded_turns(
                 steering.append((ended, message))
         local.extend(inputs)
         payload = log.request(turn)
-        if payload is not None:
-            request, inherited = RequestShape.from_payload(payload), 0
-        else:
-            request, inherited = RequestShape(messages=(*history, *local)), len(history)
         recorded = RecordedTurn(
             loop_id=record.loop_id,
             turn_index=turn.index,
-            request=request,
-            inherited=inherited,
+            captured=None if payload is None else RequestShape.from_payload(payload),
+            context=context if payload is None else None,
+            context_end=len(local),
             inputs=inputs,
             reply=replace(output, turn_id=None),
             tool_results=tuple(m for m in turn.tool_results if isinstance(m, ToolResultMessage)),
@@ -289,8 +334,17 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
         else:
             ids = _run_to(session, loop_id, index) if picked else [loop_id]
         records = [record for record in map(index.get, ids) if record is not None]
-        turns = tuple(turn for record in records for turn in _recorded_turns(session, record, index))
-        return cls(session=session, loop_ids=tuple(record.loop_id for record in records), turns=turns)
+        turns: list[RecordedTurn] = []
+        if records:
+            # Each loop's context goes on from the one before it (`ids` follow a chain):
+            # what the first one's loops contribute, then each loop's own in turn.
+            first = records[0]
+            context = session.context_at(first.loop_id, index=index)
+            past = context[: len(context) - len(first.context_messages())]
+            for record in records:
+                turns.extend(_recorded_turns(record, past))
+                past.extend(record.context_messages(most_recent=False))
+        return cls(session=session, loop_ids=tuple(record.loop_id for record in records), turns=tuple(turns))
 
     @property
     def session_id(self) -> str:
