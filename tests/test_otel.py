@@ -32,7 +32,20 @@ from opentelemetry.trace import (
 from phi_session import SessionRecorder, Timestamp, encode_session
 from phi_session.demo import run_demo
 from phi_session.errors import ExportError
-from phi_session.events import COMPACTION, AgentEvent, ParallelLoopEnd, ParallelLoopStart, ToolExecutionEnd
+from phi_session.events import (
+    COMPACTION,
+    AgentEnd,
+    AgentEvent,
+    AgentStart,
+    CompactionEnded,
+    CompactionStarted,
+    ParallelLoopEnd,
+    ParallelLoopStart,
+    PrunApplied,
+    ToolExecutionEnd,
+    TurnEnd,
+    TurnStart,
+)
 from phi_session.messages import ZERO_USAGE
 from phi_session.model import ParallelGroupRecord, Session
 from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
@@ -419,6 +432,64 @@ def test_round_trip_without_content_keeps_the_structure(demo_sessions: list[Sess
         # The stated losses: messages, tool arguments/results, metadata, formation.
         assert all(not record.messages for record in got.loops)
         assert "messages" in LOSSES["phi-session export without content"][0]
+
+
+def _with_span_events() -> Session:
+    """`tool_loop_session` of two calls with a prun within turn 0 (on its chat span) and a
+    compaction between turns 0 and 1 (on the loop span)."""
+    at = lambda seconds: Timestamp.from_ns(int(seconds * 10**9))  # noqa: E731
+    events = tool_loop_events("L", [("c1", "t", {}, "ok"), ("c2", "t", {}, "ok")])
+    events.insert(
+        5,
+        PrunApplied(
+            loop_id="L", tokens_removed=50, messages_removed=2, pruned_timestamps=(3,), timestamp=at(4.5)
+        ),
+    )
+    events[7:7] = [
+        CompactionStarted(loop_id="L", estimated_tokens=900, message_count=12, timestamp=at(7)),
+        CompactionEnded(
+            loop_id="L",
+            messages_before=12,
+            messages_after=3,
+            estimated_tokens_before=900,
+            estimated_tokens_after=200,
+            loops_compacted=1,
+            timestamp=at(7),  # of one time: kept in order
+        ),
+    ]
+    recorder = SessionRecorder()
+    recorder.record_all(events)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    return session
+
+
+def test_span_events_come_back_in_place_without_content() -> None:
+    want = _with_span_events()
+    [got] = _ingest(_export([want]))
+    shape = (AgentStart, TurnStart, ToolExecutionEnd, TurnEnd, AgentEnd, PrunApplied, CompactionStarted)
+    kept = [
+        event.event for event in want.loops[0].events if isinstance(event.event, (*shape, CompactionEnded))
+    ]
+    back = [
+        event.event for event in got.loops[0].events if isinstance(event.event, (*shape, CompactionEnded))
+    ]
+    assert [type(event) for event in back] == [type(event) for event in kept]
+    spans = (PrunApplied, CompactionStarted, CompactionEnded)
+    assert [e for e in back if isinstance(e, spans)] == [e for e in kept if isinstance(e, spans)]
+
+
+def test_a_span_event_that_cannot_be_rebuilt_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    agent = _span(1, None, "invoke_agent a", 0, 100, **{attr.OPERATION_NAME: attr.OP_INVOKE_AGENT})
+    agent = replace(
+        agent, events=[SpanEvent(attr.EVENT_COMPACTION_STARTED, 10, {"phi.estimated_tokens": "many"})]
+    )
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    with caplog.at_level(logging.WARNING, logger="phi_session.otel.ingest"):
+        ingestor.add([agent])
+    assert ingestor.counters["unreadable_span_events"] == 1
+    assert attr.EVENT_COMPACTION_STARTED in caplog.text
 
 
 def test_span_processor_records_in_process(demo_sessions: list[Session]) -> None:

@@ -389,6 +389,9 @@ class SpanIngestor:
     takes the place of the one waiting, or, for a span still kept (see above), its trace
     is recorded again with it, its loops sent again whole.
 
+    A span event named as ours (compaction, prun, revert, rejection) that cannot be rebuilt
+    as its event is logged and counted in ``unreadable_span_events``, not recorded.
+
     Thread-safe. `flush` records every waiting trace (call it at shutdown).
     """
 
@@ -422,7 +425,17 @@ class SpanIngestor:
         # Parallel group -> the end (ns) of its last ParallelLoopEnd emitted.
         self._ended_groups: OrderedDict[tuple[str, ...], int] = OrderedDict()
         self.counters = dict.fromkeys(
-            ("spans", "duplicate_spans", "updated_spans", "traces", "incomplete_traces", "loops", "events"), 0
+            (
+                "spans",
+                "duplicate_spans",
+                "updated_spans",
+                "traces",
+                "incomplete_traces",
+                "loops",
+                "events",
+                "unreadable_span_events",
+            ),
+            0,
         )
 
     @property
@@ -978,16 +991,18 @@ class _Rebuild:
             )
         )
         turns = self._turns(loop)
+        # The loop span's events happened between turns: each goes before the first turn after it.
+        between = self._span_events(loop, agent)
         messages: list[AgentMessage] = []
         for index, (chat, tools) in enumerate(turns):
+            self._emit_until(between, chat.start)
             messages.extend(self._turn(loop, index, chat, tools, config))
+        self._emit_until(between, None)
         captured = any(
             attr.OUTPUT_MESSAGES in chat.attributes
             or f"{attr.OPENINFERENCE_OUTPUT_MESSAGES}.0.message.role" in chat.attributes
             for chat, _ in turns
         )
-        for event in self._span_events(loop):
-            emit(event)
         # A span standing in for the loop is one of its turns: its usage is that turn's.
         usage = None if loop.stand_in else _usage(attributes)
         if usage is None:
@@ -1109,11 +1124,16 @@ class _Rebuild:
                 user = UserMessage(content=_contents(given), timestamp=chat.start // 1_000_000)
                 messages.append(user)
                 emit(MessageEnd(loop_id=loop.loop_id, message=user))
+        # The chat span's events happened within the turn, among its tool calls (a loop's own
+        # span standing in for its model call gave its events to the loop).
+        within = self._span_events(loop, chat) if chat is not loop.agent else []
         results: list[ToolResultMessage] = []
         end = chat.end
         for tool in sorted(tools, key=lambda s: s.start):
+            self._emit_until(within, tool.start)
             results.append(self._tool(loop, tool))
             end = max(end, tool.end)
+        self._emit_until(within, None)
         usage = _usage(attributes) or ZERO_USAGE
         outputs = _messages(attributes.get(attr.OUTPUT_MESSAGES)) or _openinference_messages(
             attributes, attr.OPENINFERENCE_OUTPUT_MESSAGES
@@ -1201,9 +1221,12 @@ class _Rebuild:
             timestamp=tool.end // 1_000_000,
         )
 
-    def _span_events(self, loop: _Loop) -> list[AgentEvent]:
-        out: list[AgentEvent] = []
-        for event in sorted(loop.agent.events, key=lambda e: e.time):
+    def _span_events(self, loop: _Loop, span: SpanData) -> list[tuple[int, AgentEvent]]:
+        """The phi events `span`'s span events stand for, with their times, latest first (as
+        `_emit_until` takes them). One that cannot be rebuilt is counted and logged, not
+        recorded: a producer's event of one of our names that is not ours, or a damaged one."""
+        out: list[tuple[int, AgentEvent]] = []
+        for event in sorted(span.events, key=lambda e: e.time):
             kind = _SPAN_EVENT_TYPES.get(event.name)
             if kind is None:
                 continue
@@ -1221,20 +1244,33 @@ class _Rebuild:
             if kind is PrunApplied:
                 fields.setdefault("pruned_timestamps", ())
             try:
-                out.append(
-                    msgspec.convert(
-                        {
-                            **fields,
-                            "loop_id": loop.loop_id,
-                            "type": kind.__name__,
-                            "timestamp": str(_timestamp(event.time)),
-                        },
-                        kind,
-                    )
+                rebuilt: AgentEvent = msgspec.convert(
+                    {
+                        **fields,
+                        "loop_id": loop.loop_id,
+                        "type": kind.__name__,
+                        "timestamp": _timestamp(event.time),
+                    },
+                    kind,
                 )
-            except (msgspec.ValidationError, UnicodeEncodeError):  # the latter: text with lone surrogates
-                continue  # a producer's event of that name that is not ours
+            except (msgspec.ValidationError, UnicodeEncodeError) as error:  # the latter: lone surrogates
+                self.ingestor.counters["unreadable_span_events"] += 1
+                logger.warning(
+                    "trace %s: span event %r of span %016x is not one we can read (%s); not recorded",
+                    self.trace_hex,
+                    event.name,
+                    span.span_id,
+                    error,
+                )
+                continue
+            out.append((event.time, rebuilt))
+        out.reverse()  # not sorted in reverse: events of one time keep their order
         return out
+
+    def _emit_until(self, pending: list[tuple[int, AgentEvent]], time: int | None) -> None:
+        """Emit the events of `pending` (latest first) up to `time` (all of them for None)."""
+        while pending and (time is None or pending[-1][0] <= time):
+            self.ingestor.emit(pending.pop()[1])
 
 
 # -- inputs ------------------------------------------------------------------------------------------------
