@@ -828,6 +828,21 @@ def test_a_cut_off_turn_is_exported_with_what_it_billed() -> None:
     assert unfinished_seen > 20
 
 
+def test_a_cut_off_turn_and_a_call_that_never_ended_come_back_unfinished_without_content() -> None:
+    # Cut off in turn 1 while its tool ran: no TurnEnd for that turn, no ToolExecutionEnd for that call.
+    recorder = SessionRecorder()
+    recorder.record_all(tool_loop_events("L", [("c1", "t", {}, "ok"), ("c2", "t", {}, "ok")])[:9])
+    recorder.flush()
+    [want] = recorder.drain_completed()
+    [got] = _ingest(_export([want]))
+    names = [type(e.event).__name__ for e in want.loops[0].events if type(e.event).__name__ != "MessageEnd"]
+    assert [type(e.event).__name__ for e in got.loops[0].events] == [*names, "AgentEnd"]
+    assert [(m.tool_call_id, m.is_error) for t in got.loops[0].turns for m in t.tool_results] == [
+        ("c1", False)
+    ]
+    assert got.loops[0].status == "Aborted"
+
+
 def test_a_replayed_turn_is_exported_marked_and_without_usage() -> None:
     """A replay's turns called no model: their chat spans carry no usage, so a backend
     summing the chat spans, or the loop spans, bills the original run once."""

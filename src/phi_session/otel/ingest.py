@@ -1104,7 +1104,8 @@ class _Rebuild:
         tools: list[SpanData],
         config: LoopConfigSnapshot | None,
     ) -> list[AgentMessage]:
-        """Emit one turn; returns its messages (new user inputs, the reply, tool results)."""
+        """Emit one turn; returns its messages (new user inputs, and the reply and tool results of a
+        turn that ended)."""
         emit, attributes = self.ingestor.emit, chat.attributes
         messages: list[AgentMessage] = []
         trigger: TurnTrigger = "User" if index == 0 else "Continuation"
@@ -1131,9 +1132,13 @@ class _Rebuild:
         end = chat.end
         for tool in sorted(tools, key=lambda s: s.start):
             self._emit_until(within, tool.start)
-            results.append(self._tool(loop, tool))
+            result = self._tool(loop, tool)
+            if result is not None:
+                results.append(result)
             end = max(end, tool.end)
         self._emit_until(within, None)
+        if attributes.get(attr.PHI_TURN_UNFINISHED) is True:  # our export of a turn cut off: no TurnEnd
+            return messages
         usage = _usage(attributes) or ZERO_USAGE
         outputs = _messages(attributes.get(attr.OUTPUT_MESSAGES)) or _openinference_messages(
             attributes, attr.OPENINFERENCE_OUTPUT_MESSAGES
@@ -1169,7 +1174,8 @@ class _Rebuild:
         )
         return [*messages, reply, *results]
 
-    def _tool(self, loop: _Loop, tool: SpanData) -> ToolResultMessage:
+    def _tool(self, loop: _Loop, tool: SpanData) -> ToolResultMessage | None:
+        """Emit one tool call; returns its result, None for a call our export says never ended."""
         emit, attributes = self.ingestor.emit, tool.attributes
         name = (
             _text(attributes.get(attr.TOOL_NAME))
@@ -1199,6 +1205,8 @@ class _Rebuild:
                         text=str(event.attributes.get("phi.text", "")),
                     )
                 )
+        if attr.PHI_LOOP_ID in attributes and attr.PHI_TOOL_IS_ERROR not in attributes:
+            return None  # our export states how every call that ended ended
         result = _first(attributes, attr.TOOL_CALL_RESULT, attr.OPENINFERENCE_OUTPUT_VALUE)
         content = (TextContent(text=_result_text(result)),) if result is not None else ()
         is_error = bool(attributes.get(attr.PHI_TOOL_IS_ERROR, tool.error))
