@@ -1286,6 +1286,54 @@ def test_every_record_of_a_loop_id_used_again_has_its_spans_and_comes_back() -> 
     assert encode_session(back) == encode_session(session)
 
 
+def _overlapping_evaluations() -> list[AgentEvent]:
+    """Two evaluations (from 0 s and 100 s) of the parallel group ``s.p.1``, ``s.p.2``: ``s.p.2``
+    starts first and ends last, so the session's loops (in the order they ended) are not in
+    the order they started."""
+    events: list[AgentEvent] = []
+    for at in (0, 100):
+        second = tool_loop_events("s.p.2", [("c", "t", {}, "ok")], at=at)
+        first = tool_loop_events("s.p.1", [("c", "t", {}, "ok")], at=at + 1)
+        first[-1] = replace(first[-1], timestamp=Timestamp.from_ns((at + 25) * 10**9))
+        group = ("s.p.1", "s.p.2")
+        events += [
+            ParallelLoopStart(session_id="s", loop_ids=group, timestamp=Timestamp.from_ns((at + 1) * 10**9)),
+            second[0],
+            *first,
+            *second[1:],
+            ParallelLoopEnd(
+                session_id="s",
+                selected_loop_id="s.p.1",
+                selected_config_index=0,
+                evaluation_usage=ZERO_USAGE,
+                timestamp=Timestamp.from_ns((at + 30) * 10**9),
+            ),
+        ]
+    return events
+
+
+def test_parallel_branches_come_back_formed_and_started_by_the_first_to_start() -> None:
+    recorder = SessionRecorder()
+    recorder.record_all(_overlapping_evaluations())
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert [record.loop_id for record in session.loops] == ["s.p.1", "s.p.2"] * 2
+    spans = session_spans(session, capture_content=True)
+    [back] = _ingest(spans)
+    assert encode_session(back) == encode_session(session)  # created at the first start, loops as they ended
+    events: list[AgentEvent] = []
+    ingestor = SpanIngestor(events.append)
+    ingestor.add(spans_from_sdk(span) for span in spans)
+    assert [
+        (type(e).__name__, e.timestamp.ns // 10**9) for e in events if "Parallel" in type(e).__name__
+    ] == [
+        ("ParallelLoopStart", 1),
+        ("ParallelLoopEnd", 30),
+        ("ParallelLoopStart", 101),
+        ("ParallelLoopEnd", 130),
+    ]
+
+
 def test_the_sink_numbers_a_loop_ids_records_across_its_exports() -> None:
     # The sink exports each drain on its own (it checkpoints at every AgentEnd): the
     # compaction pass and the second evaluation's branches, drained after their ids' first

@@ -424,6 +424,10 @@ class SpanIngestor:
         self._groups: dict[tuple[str, ...], set[str]] = {}  # parallel group -> members replayed
         # Parallel group -> the end (ns) of its last ParallelLoopEnd emitted.
         self._ended_groups: OrderedDict[tuple[str, ...], int] = OrderedDict()
+        # The parallel branches of the traces being recorded (`_ordered`): (loop id, start of
+        # its loop span) -> its evaluation and its loop span's place in arrival order.
+        self._branches: dict[tuple[str, int], tuple[_Evaluation, int]] = {}
+        self._evaluations: list[_Evaluation] = []
         self.counters = dict.fromkeys(
             (
                 "spans",
@@ -535,13 +539,58 @@ class SpanIngestor:
         """Record every one of `trace_ids`, then raise the first failure: a trace that failed is
         taken again when retried, but the others' spans would then be duplicates, left waiting."""
         failure: Exception | None = None
-        for trace_id in trace_ids:
+        for trace_id in self._ordered(trace_ids):
             try:
                 self._record(trace_id, complete=complete)
             except Exception as error:
                 failure = failure or error
+        try:  # the ends still held: of branches whose traces failed to record, and their siblings'
+            for evaluation in self._evaluations:
+                self._end_held(evaluation)
+        except Exception as error:
+            failure = failure or error
         if failure is not None:
             raise failure
+
+    def _ordered(self, trace_ids: list[int]) -> list[int]:
+        """`trace_ids` in the order to record them, noting the parallel branches among them
+        (`_branches`). As they came: loops are replayed as they ended, their session's order;
+        but the traces of one parallel evaluation's branches together, at the first one's
+        place, in start order, each branch's end held until the last has been replayed
+        (`end_loop`): the first to start forms its session and starts the group, and they
+        end in their session's order."""
+        self._branches = {}
+        self._evaluations = []
+        # group -> (start, loop id, place in arrival order, index in trace_ids) of its branches' loop spans
+        found: dict[tuple[str, ...], list[tuple[int, str, int, int]]] = {}
+        arrival = 0
+        for index, trace_id in enumerate(trace_ids):
+            for span in self._traces[trace_id].spans.values():
+                group = _group(span.attributes)
+                loop_id = span.attributes.get(attr.PHI_LOOP_ID)
+                if group is not None and loop_id in group:
+                    found.setdefault(group, []).append((span.start, loop_id, arrival, index))
+                arrival += 1
+        if not found:
+            return trace_ids
+        place = list(range(len(trace_ids)))
+        for branches in found.values():
+            branches.sort()
+            evaluations: list[list[tuple[int, str, int, int]]] = []
+            for branch in branches:
+                # A branch's id again: the group's next evaluation (one reusing its ids).
+                if not evaluations or any(branch[1] == other[1] for other in evaluations[-1]):
+                    evaluations.append([])
+                evaluations[-1].append(branch)
+            for members in evaluations:
+                evaluation = _Evaluation(members[0][0], len(members))
+                self._evaluations.append(evaluation)
+                first = min(index for *_, index in members)
+                for start, loop_id, position, index in members:
+                    place[index] = min(place[index], first)
+                    self._branches[loop_id, start] = (evaluation, position)
+        starts = [min(span.start for span in self._traces[trace_id].spans.values()) for trace_id in trace_ids]
+        return [trace_ids[i] for i in sorted(range(len(trace_ids)), key=lambda i: (place[i], starts[i]))]
 
     def _record(self, trace_id: int, *, complete: bool) -> None:
         trace = self._traces.pop(trace_id)
@@ -625,21 +674,52 @@ class SpanIngestor:
         if len(self._last_loop) > _MEMORY:
             self._last_loop.popitem(last=False)
 
-    def parallel_before(self, session_id: str, loop_id: str, attributes: dict[str, Any], start: int) -> None:
-        """ParallelLoopStart before a group's first member. Called for loops sent again too:
-        one whose first version had no group (exported before the group ended) brings it
-        then; a group ended (`parallel_after`) is not started again, unless by a member
-        starting after that end: a second evaluation, reusing its branches' ids."""
-        group = _group(attributes)
+    def start_loop(self, session_id: str, loop_id: str, span: SpanData) -> None:
+        """Before the AgentStart of `loop_id` (`span`: its loop span): ParallelLoopStart before
+        a group's first member, at the first start of its branches recorded with it. Called
+        for loops sent again too: one whose first version had no group (exported before the
+        group ended) brings it then; a group ended (`end_loop`) is not started again, unless
+        by a member starting after that end: a second evaluation, reusing its branches' ids."""
+        group = _group(span.attributes)
         if group is None or loop_id not in group:
             return
         ended = self._ended_groups.get(group)
-        if (ended is None or start >= ended) and group not in self._groups:
+        if (ended is None or span.start >= ended) and group not in self._groups:
             self._groups[group] = set()
+            branch = self._branches.get((loop_id, span.start))
+            start = span.start if branch is None else branch[0].start
             self.emit(ParallelLoopStart(session_id=session_id, loop_ids=group, timestamp=_timestamp(start)))
 
-    def parallel_after(self, session_id: str, loop_id: str, attributes: dict[str, Any], end: int) -> None:
-        group = _group(attributes)
+    def end_loop(
+        self, session_id: str, loop_id: str, span: SpanData, ending: list[AgentEvent], recorded: bool
+    ) -> None:
+        """Emit `ending` (the AgentEnd of `loop_id`, and any event after it), remember the loop
+        as its session's latest if `recorded` (not sent again), and end its parallel group
+        after its last member. A branch waits for the other branches recorded with it (see
+        `_ordered`)."""
+        branch = self._branches.get((loop_id, span.start))
+        if branch is None:
+            self._end_loop(session_id, loop_id, span, ending, recorded)
+            return
+        evaluation, position = branch
+        evaluation.held.append((position, session_id, loop_id, span, ending, recorded))
+        if len(evaluation.held) == evaluation.size:
+            self._end_held(evaluation)
+
+    def _end_held(self, evaluation: _Evaluation) -> None:
+        held = sorted(evaluation.held, key=lambda item: item[0])
+        evaluation.held.clear()
+        for _, session_id, loop_id, span, ending, recorded in held:
+            self._end_loop(session_id, loop_id, span, ending, recorded)
+
+    def _end_loop(
+        self, session_id: str, loop_id: str, span: SpanData, ending: list[AgentEvent], recorded: bool
+    ) -> None:
+        for event in ending:
+            self.emit(event)
+        if recorded:
+            self.loop_recorded(session_id, loop_id)
+        group = _group(span.attributes)
         members = self._groups.get(group) if group is not None else None
         if members is None or group is None:
             return
@@ -648,19 +728,31 @@ class SpanIngestor:
             return
         del self._groups[group]
         self._ended_groups.pop(group, None)  # the latest evaluation's end, forgotten last
-        self._ended_groups[group] = end
+        self._ended_groups[group] = span.end
         if len(self._ended_groups) > _MEMORY:
             self._ended_groups.popitem(last=False)
-        usage = attributes.get(attr.PHI_PARALLEL_EVALUATION_USAGE)
+        attributes = span.attributes
         self.emit(
             ParallelLoopEnd(
                 session_id=session_id,
                 selected_loop_id=str(attributes.get(attr.PHI_PARALLEL_SELECTED_LOOP, "")),
                 selected_config_index=_int(attributes.get(attr.PHI_PARALLEL_CONFIG_INDEX)),
-                evaluation_usage=_stored_usage(usage),
-                timestamp=_timestamp(end),
+                evaluation_usage=_stored_usage(attributes.get(attr.PHI_PARALLEL_EVALUATION_USAGE)),
+                timestamp=_timestamp(span.end),
             )
         )
+
+
+class _Evaluation:
+    """The branches of one evaluation of a parallel group among the traces being recorded."""
+
+    __slots__ = ("held", "size", "start")
+
+    def __init__(self, start: int, size: int) -> None:
+        self.start = start  # its first branch's start (ns)
+        self.size = size  # its branches
+        # The ends of its branches replayed: (place, session id, loop id, loop span, events, recorded)
+        self.held: list[tuple[int, str, str, SpanData, list[AgentEvent], bool]] = []
 
 
 def _group(attributes: dict[str, Any]) -> tuple[str, ...] | None:
@@ -787,20 +879,19 @@ class _ExactReplay:
             loop_id, loop = record.loop_id, record.span
             session_id = str(loop.attributes.get(attr.PHI_SESSION_ID, ""))
             again = loop_id in resent  # sent again whole: no session's latest loop
-            self.ingestor.parallel_before(session_id, loop_id, loop.attributes, loop.start)
-            ended = False
-            for _, event in sorted(record.events, key=lambda item: item[0]):
-                ended = ended or type(event) is AgentEnd
+            self.ingestor.start_loop(session_id, loop_id, loop)
+            events = [event for _, event in sorted(record.events, key=lambda item: item[0])]
+            end = next((i for i, event in enumerate(events) if type(event) is AgentEnd), len(events))
+            for event in events[:end]:
                 self.ingestor.emit(event)
-            if not ended:
+            ending = events[end:]
+            if not ending:
                 # What keeps the loop's billing (its replayed turns' usage too); an export
                 # without it (before phi.loop.usage) has the billed usage only.
                 stored = loop.attributes.get(attr.PHI_LOOP_USAGE)
                 usage = _stored_usage(stored) if stored is not None else _usage(loop.attributes) or ZERO_USAGE
-                self.ingestor.emit(_abort(loop_id, record.end, _UNFINISHED, usage))
-            if not again:
-                self.ingestor.loop_recorded(session_id, loop_id)
-            self.ingestor.parallel_after(session_id, loop_id, loop.attributes, loop.end)
+                ending = [_abort(loop_id, record.end, _UNFINISHED, usage)]
+            self.ingestor.end_loop(session_id, loop_id, loop, ending, not again)
 
 
 class _Loop:
@@ -977,7 +1068,7 @@ class _Rebuild:
             missing = _parent([agent, *self._ancestors(agent)][-1])
             if missing is not None:  # a parent that never came (a remote caller's): kept
                 metadata["otel"]["parent_span_id"] = f"{missing:016x}"
-        self.ingestor.parallel_before(loop.session_id, loop.loop_id, attributes, agent.start)
+        self.ingestor.start_loop(loop.session_id, loop.loop_id, agent)
         emit(
             AgentStart(
                 agent_id=agent_id,
@@ -1027,19 +1118,15 @@ class _Rebuild:
             error = agent.status_message or str(attributes.get(attr.ERROR_TYPE) or "error")
         elif loop.stand_in and not self.complete:
             error = _UNFINISHED
-        emit(
-            AgentEnd(
-                loop_id=loop.loop_id,
-                messages=tuple(messages) if captured else (),
-                usage=usage,
-                timestamp=_timestamp(agent.end),
-                rejection=rejection,
-                error=error,
-            )
+        ending = AgentEnd(
+            loop_id=loop.loop_id,
+            messages=tuple(messages) if captured else (),
+            usage=usage,
+            timestamp=_timestamp(agent.end),
+            rejection=rejection,
+            error=error,
         )
-        if not again:
-            self.ingestor.loop_recorded(loop.session_id, loop.loop_id)
-        self.ingestor.parallel_after(loop.session_id, loop.loop_id, attributes, agent.end)
+        self.ingestor.end_loop(loop.session_id, loop.loop_id, agent, [ending], not again)
 
     def _continuation(self, loop: _Loop, previous: str | None) -> tuple[ContinuationKind, str | None]:
         attributes = loop.agent.attributes
