@@ -39,6 +39,7 @@ from phi_session.events import (
     AgentStart,
     CompactionEnded,
     CompactionStarted,
+    MessageEnd,
     ParallelLoopEnd,
     ParallelLoopStart,
     PrunApplied,
@@ -46,7 +47,7 @@ from phi_session.events import (
     TurnEnd,
     TurnStart,
 )
-from phi_session.messages import ZERO_USAGE
+from phi_session.messages import ZERO_USAGE, AssistantMessage, TextContent, UserMessage
 from phi_session.model import ParallelGroupRecord, Session
 from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
 from phi_session.otel import attributes as attr
@@ -212,6 +213,33 @@ def test_span_events_and_content_capture(demo_sessions: list[Session]) -> None:
         attr.TOOL_CALL_ARGUMENTS in span.attributes and attr.TOOL_CALL_RESULT in span.attributes
         for span in tools
     )
+
+
+def test_finished_spans_end_at_their_loops_and_turns_ends() -> None:
+    # Message times (ms, from another clock maybe) after the AgentEnd and TurnEnd pushed the
+    # spans' ends past them, and ingest without content then ended the loop and turn late.
+    late = 60_000  # ms: after the loop's end at 30 s
+    events = tool_loop_events("L", [("c1", "t", {}, "ok")])
+    events.insert(
+        1, MessageEnd(loop_id="L", message=UserMessage(content=(TextContent(text="hi"),), timestamp=late))
+    )
+    events = [
+        replace(event, message=replace(event.message, timestamp=late))
+        if isinstance(event, (MessageEnd, TurnEnd)) and isinstance(event.message, AssistantMessage)
+        else event
+        for event in events
+    ]
+    recorder = SessionRecorder()
+    recorder.record_all(events)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [record] = session.loops
+    [turn] = record.turns
+    spans = _by_id(session_spans(session))
+    assert spans[loop_span_id("L")].end_time == record.ended_at.ns  # type: ignore[union-attr]
+    assert spans[turn_span_id("L", 0)].end_time == turn.ended_at.ns
+    [back] = _ingest(list(spans.values()))
+    assert (back.loops[0].ended_at, back.loops[0].turns[0].ended_at) == (record.ended_at, turn.ended_at)
 
 
 def test_export_is_deterministic(demo_sessions: list[Session]) -> None:

@@ -380,8 +380,9 @@ class _LoopExport:
                 turn = None
             if type(event) is ToolExecutionStart and self.capture:
                 owner.attributes[attr.TOOL_CALL_ARGUMENTS] = json_text(event.args)
-        end = int(record.ended_at.ns) if record.ended_at is not None else max(now, start)
-        loop.end = max(end, loop.end)
+        # A loop that ended ends at its AgentEnd: its messages' times (ms, of other clocks
+        # maybe) that pushed its span along may lie past it.
+        loop.end = int(record.ended_at.ns) if record.ended_at is not None else max(now, loop.end)
         for index, span in turns.items():
             if turn is not None and turn[0] == index:
                 self._finish_cut_turn(span)
@@ -500,7 +501,7 @@ class _LoopExport:
             turn = self._indexed().get(index)
         if turn is None:  # never ended (aborted loop)
             return
-        span.end = max(span.end, int(turn.ended_at.ns))
+        span.end = int(turn.ended_at.ns)  # at its TurnEnd, as a loop's span (see `spans`)
         output = turn.output_message
         if is_replayed(output):  # its recorded usage was billed where it was recorded
             span.attributes[attr.PHI_TURN_REPLAYED] = True

@@ -1222,7 +1222,8 @@ class _Rebuild:
             result = self._tool(loop, tool)
             if result is not None:
                 results.append(result)
-            end = max(end, tool.end)
+            if attr.PHI_TURN_INDEX not in attributes:  # a model call's span; ours spans its turn
+                end = max(end, tool.end)
         self._emit_until(within, None)
         if attributes.get(attr.PHI_TURN_UNFINISHED) is True:  # our export of a turn cut off: no TurnEnd
             return messages
