@@ -1751,6 +1751,35 @@ def test_spans_coming_after_their_roots_were_recorded_join_them(
     assert _encoded(_ingest_payloads(roots, children)) == _encoded(_ingest_payloads(spans))
 
 
+def test_spans_of_a_sub_agent_whose_loop_span_comes_last_wait_for_it(demo_sessions: list[Session]) -> None:
+    # The spawner's root came with the sub-agent's turn and tool spans, cut off from the
+    # sub-agent's loop span, still to come: replayed then without their AgentStart, they
+    # were orphans for good, besides the loop recorded whole once its span came.
+    spans = _export(demo_sessions, capture_content=True)
+    late = [
+        span
+        for span in spans
+        if span.parent is not None and span.attributes[attr.OPERATION_NAME] == attr.OP_INVOKE_AGENT
+    ]
+    assert late  # the demo has sub-agents
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    ingestor.add(spans_from_sdk(span) for span in spans if span not in late)
+    ingestor.add(spans_from_sdk(span) for span in late)
+    assert ingestor.buffered_spans == 0
+    ingestor.flush()
+    recorder.flush()
+    assert recorder.orphans() == []
+    assert _encoded(recorder.drain_completed()) == _encoded(_ingest_payloads(spans))
+    # A loop span that never comes: its spans wait no longer than the trace timeout.
+    now = [0.0]
+    ingestor = SpanIngestor(SessionRecorder(), trace_timeout=5, clock=lambda: now[0])
+    ingestor.add(spans_from_sdk(span) for span in spans if span not in late)
+    assert ingestor.buffered_spans > 0
+    now[0] = 6
+    assert ingestor.expire() and ingestor.buffered_spans == 0
+
+
 def test_a_loop_whose_model_call_stands_in_for_it_bills_every_turn() -> None:
     # Model calls of a called service with no agent span: the first stands in for the loop,
     # and is one of its turns, not the loop's total.

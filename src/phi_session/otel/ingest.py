@@ -372,7 +372,9 @@ class SpanIngestor:
     * `trace_timeout`: seconds a trace whose root has not ended waits for its next span
       before it is recorded anyway (unfinished loops as Aborted); checked on every `add` and
       by `expire`. A span that comes later under one of its recorded spans records it again
-      with the late spans, its loops sent again whole, as for a caller below.
+      with the late spans, its loops sent again whole, as for a caller below; spans of our
+      export cut off from their loop's span (a sub-agent's, still to come) are not recorded
+      with the root, but wait for it likewise.
       A span under a remote parent (a service called with the trace context) is its
       trace's root here, recorded at once, unless spans of the caller already wait in the
       trace: then it waits with them for the caller's root, which links it as a sub-agent
@@ -603,18 +605,24 @@ class SpanIngestor:
         # A newer version of a recorded span takes its place.
         spans = trace.spans if joined is None else {**joined.spans, **trace.spans}
         resent = {} if joined is None else joined.continued
-        continued = self._replay(
+        continued, waiting = self._replay(
             trace_id, sorted(spans.values(), key=lambda s: (s.start, s.end)), complete, resent
         )
         self._forget_kept(trace_id)
         if kept is not None:  # joined or not, both parts may yet meet a later one
             spans = {**kept.spans, **trace.spans}
             continued = {**kept.continued, **continued}
+        if waiting:  # not recorded: they wait, as spans coming after the trace was recorded do
+            again = self._traces[trace_id] = _Trace(trace.last_seen)
+            again.spans = {span_id: spans[span_id] for span_id in waiting}
+            self._buffered += len(waiting)
+            spans = {span_id: span for span_id, span in spans.items() if span_id not in waiting}
         self._keep(trace_id, spans, continued)
         # Only once recorded: a payload whose recording failed is taken again when retried.
         recorded = self._recorded.pop(trace_id, set())
-        self._recorded_spans += len(trace.spans.keys() - recorded)
-        recorded.update(trace.spans)  # late spans of a recorded trace are recorded apart, then join
+        taken = trace.spans.keys() - waiting
+        self._recorded_spans += len(taken - recorded)
+        recorded.update(taken)  # late spans of a recorded trace are recorded apart, then join
         self._recorded[trace_id] = recorded
         while self._recorded_spans > _RECORDED_MEMORY:
             self._recorded_spans -= len(self._recorded.popitem(last=False)[1])
@@ -634,13 +642,14 @@ class SpanIngestor:
 
     def _replay(
         self, trace_id: int, spans: list[SpanData], complete: bool, resent: dict[str, str | None]
-    ) -> dict[str, str | None]:
+    ) -> tuple[dict[str, str | None], set[int]]:
         """Replay `spans`; returns the loop each loop continued (None for our own export,
-        replayed exactly: its events say). `resent` holds the loops recorded before (and the
-        loop each continued then), sent again."""
+        replayed exactly: its events say), and the ids of the spans left waiting (ours cut
+        off from their loop's span, in a trace whose root came: that span is still to come).
+        `resent` holds the loops recorded before (and the loop each continued then), sent again."""
         if any(attr.PHI_EVENTS in span.attributes for span in spans):
             try:
-                exact = _ExactReplay(self, spans)
+                exact = _ExactReplay(self, spans, complete)
             except DecodeError as error:  # not our export after all, or damaged: best effort
                 logger.warning(
                     "trace %032x: unreadable %s (%s); rebuilt from its spans",
@@ -650,10 +659,10 @@ class SpanIngestor:
                 )
             else:
                 exact.run(resent)
-                return dict.fromkeys(exact.loop_ids)
+                return dict.fromkeys(exact.loop_ids), exact.waiting
         rebuild = _Rebuild(self, trace_id, spans, complete, resent)
         rebuild.run()
-        return rebuild.continued
+        return rebuild.continued, set()
 
     # -- helpers for the replays ------------------------------------------------------------
 
@@ -795,13 +804,14 @@ class _StoredRecord:
     """One loop record of our export: its invoke_agent span (else its earliest), its stored
     events and the last end of its spans."""
 
-    __slots__ = ("end", "events", "loop_id", "span")
+    __slots__ = ("end", "events", "loop_id", "span", "span_ids")
 
     def __init__(self, loop_id: str, span: SpanData) -> None:
         self.loop_id = loop_id
         self.span = span
         self.end = span.end
         self.events: list[tuple[int, AgentEvent]] = []
+        self.span_ids: list[int] = []
 
 
 def _record_span(span: SpanData, loop_id: str, by_id: dict[int, SpanData]) -> int | None:
@@ -822,9 +832,13 @@ class _ExactReplay:
     order (a loop id used again, by a compaction pass or a second parallel evaluation, has a
     record, and an invoke_agent span, for each use)."""
 
-    def __init__(self, ingestor: SpanIngestor, spans: list[SpanData]) -> None:
-        """Decode every stored event first: raises `DecodeError` before anything is recorded."""
+    def __init__(self, ingestor: SpanIngestor, spans: list[SpanData], complete: bool) -> None:
+        """Decode every stored event first: raises `DecodeError` before anything is recorded.
+
+        `complete`: the trace's root came; then spans cut off from a loop whose span is not
+        here wait for it (`waiting`) rather than being replayed without their AgentStart."""
         self.ingestor = ingestor
+        self.waiting: set[int] = set()
         by_id = {span.span_id: span for span in spans}
         # (loop id, its record's invoke_agent span id, None for spans cut off from it) -> record
         self.records: dict[tuple[str, int | None], _StoredRecord] = {}
@@ -846,6 +860,7 @@ class _ExactReplay:
             elif key[1] == span.span_id:
                 record.span = span
             record.end = max(record.end, span.end)
+            record.span_ids.append(span.span_id)
             for item in items:
                 if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)):
                     raise DecodeError(
@@ -855,20 +870,24 @@ class _ExactReplay:
                 # something only in the rare events that `strict_adds_nothing` points out.
                 data = msgspec.json.encode(item[1])
                 record.events.append((item[0], decode_event(data, strict=not strict_adds_nothing(data))))
-        self._join_cut_off()
+        self._join_cut_off(complete)
 
-    def _join_cut_off(self) -> None:
+    def _join_cut_off(self, complete: bool) -> None:
         """Spans cut off from their record's invoke_agent span (a parent missing) join their
-        loop id's first record, if it is here: records of an id are in start order."""
+        loop id's first record, if it is here: records of an id are in start order. Else,
+        in a `complete` trace, they wait for it."""
         first: dict[str, _StoredRecord] = {}
         for (loop_id, span_id), record in self.records.items():
             if span_id is not None:
                 first.setdefault(loop_id, record)
-        for key in [key for key in self.records if key[1] is None and key[0] in first]:
+        for key in [key for key in self.records if key[1] is None and (complete or key[0] in first)]:
             cut_off = self.records.pop(key)
-            record = first[key[0]]
-            record.events += cut_off.events
-            record.end = max(record.end, cut_off.end)
+            joins = first.get(key[0])
+            if joins is None:
+                self.waiting.update(cut_off.span_ids)
+                continue
+            joins.events += cut_off.events
+            joins.end = max(joins.end, cut_off.end)
 
     @property
     def loop_ids(self) -> list[str]:
