@@ -356,6 +356,30 @@ def test_a_model_called_inside_a_tool_is_a_sub_agent_not_the_next_turn() -> None
     assert child_loop.usage.total_tokens == 9 and loop.usage.total_tokens == 30
 
 
+def test_a_chain_without_a_model_run_by_a_tool_is_part_of_its_execution_not_a_sub_agent() -> None:
+    recorder = SessionRecorder()
+    shout_chain = ChatPromptTemplate.from_template("format {x}") | RunnableLambda(
+        lambda prompt: prompt.to_string().upper()
+    )
+
+    @tool
+    def shout(x: str) -> str:
+        """Shouts x."""
+        return str(shout_chain.invoke({"x": x}))
+
+    agent = create_agent(chat(reply("", ("c1", "shout", {"x": "hi"})), reply("done")), tools=[shout])
+    agent.invoke(
+        {"messages": [("user", "go")]},
+        {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "t"}},
+    )
+    sessions = recorded(recorder)
+    assert list(sessions) == ["t"]  # no sub-agent session
+    (loop,) = sessions["t"].loops
+    assert not loop.child_loop_refs
+    (result,) = loop.turns[0].tool_results
+    assert result.content[0].text == "HUMAN: FORMAT HI"  # type: ignore[union-attr]
+
+
 def test_a_tool_invoked_by_a_tool_is_part_of_its_execution_not_a_call_of_the_model() -> None:
     recorder = SessionRecorder()
 

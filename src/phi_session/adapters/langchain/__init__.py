@@ -11,7 +11,8 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   whose model is the loop's config); a later run with the same
   ``configurable.thread_id`` continues that session's last loop; one started from a
   ``checkpoint_id`` (LangGraph time travel) is a ``Branch`` tagged with it; a graph run
-  or a model call under a tool run is a sub-agent (own session, linked both ways);
+  or a model call under a tool run is a sub-agent (own session, linked both ways),
+  recorded only if it calls a model (a plain chain is part of the tool's execution);
 * ``on_chat_model_start`` opens a turn (after ending the previous one) with the new
   input messages (those after the last AI message that were not recorded already)
   and, with ``capture_requests=True``, the turn's ``TurnRequest``;
@@ -324,7 +325,7 @@ class _Run:
 
     The loop starts at the run's first model call, whose model and provider are the
     loop's config (a graph names no model when it starts), or at the run's end if it
-    made none.
+    made none; a sub-agent that made none (a plain chain a tool runs) has no loop.
     """
 
     __slots__ = (
@@ -515,6 +516,8 @@ class _Mapper:
 
     def _end(self, run: _Run, error: BaseException | None) -> None:
         with run.lock:
+            if run.loop is None and run.parent_tool is not None:
+                return  # a sub-agent that called no model: its tool's result is all it did
             loop = self._loop(run, _NO_MODEL)
             thread = _thread(run.metadata)
             if thread is not None and run.interrupts:
