@@ -5,13 +5,15 @@ in-memory checkpointer, sync and async, into a recorder and a store."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, TypedDict
 
 import pytest
@@ -33,6 +35,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.types import Command, interrupt
+from pydantic import Field
 
 from phi_session import SessionRecorder, SqliteStore, codec
 from phi_session.adapters.langchain import AsyncPhiCallbackHandler, PhiCallbackHandler
@@ -527,6 +530,57 @@ def test_async_runs_with_the_async_handler_interleave_correctly() -> None:
         loop = sessions[f"async-{name}"].loops[0]
         assert loop.status == "Completed" and loop.turn_count() == 2
         assert loop.messages[-1].content[0].text == f"bye {name}"  # type: ignore[union-attr]
+
+
+class Hanging(GenericFakeChatModel):
+    """A model that never answers (streamed: after one token), keeping weak references
+    to the messages it was sent in `sent`."""
+
+    sent: list[Any] = Field(default_factory=list)
+
+    async def _agenerate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> Any:
+        self.sent.extend(weakref.ref(message) for message in messages)
+        await asyncio.Event().wait()
+
+    async def _astream(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        self.sent.extend(weakref.ref(message) for message in messages)
+        chunk = ChatGenerationChunk(message=AIMessageChunk(content="partial"))
+        if run_manager:
+            await run_manager.on_llm_new_token("partial", chunk=chunk)
+        yield chunk
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("how", ["task cancelled", "stream abandoned"])
+@pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
+def test_a_run_dropped_during_a_model_call_leaves_nothing_held(handler: type, how: str) -> None:
+    # LangChain ends no model call it drops (no on_llm_end, no on_llm_error): the run's
+    # end lets go of it, and of the messages the run was sent.
+    model = Hanging(messages=iter([]))
+    recorder = SessionRecorder()
+    config: Any = {"callbacks": [handler([recorder])], "configurable": {"thread_id": "dropped"}}
+    inputs = {"messages": [("user", "go")]}
+
+    async def drop() -> None:
+        agent = create_agent(model, tools=[])
+        if how == "task cancelled":
+            task = asyncio.create_task(agent.ainvoke(inputs, config))
+            while not model.sent:
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            async for _ in agent.astream(inputs, config, stream_mode="messages"):
+                break
+
+    asyncio.run(drop())
+    gc.collect()
+    assert model.sent and [ref() for ref in model.sent] == [None] * len(model.sent)
+    (loop,) = recorded(recorder)["dropped"].loops
+    assert loop.status == "Aborted"
 
 
 def test_capture_requests_records_the_turn_request() -> None:

@@ -330,6 +330,7 @@ class _Run:
 
     __slots__ = (
         "call_args",
+        "children",
         "convert",
         "handoff",
         "inputs",
@@ -376,6 +377,9 @@ class _Run:
         self.handoff = False
         """A tool handed the run over (a ``Command`` with ``goto``): the next model call is
         the next agent's, in a loop continuing this one."""
+        self.children: set[_RunId] = set()
+        """The run ids under this one still open: the run's end forgets them, as a run
+        cancelled during a model call gets no end of that call (nor of its tools)."""
 
     def interrupted(self, error: BaseException) -> None:
         """Keep the values of a ``GraphInterrupt``, each once: every level it passes (the
@@ -491,6 +495,7 @@ class _Mapper:
                 run = self._runs.get(parent_run_id)
                 if run is not None:
                     self._runs[run_id] = run
+                    run.children.add(run_id)
                 return
             parent_tool = tool[1]  # a graph run inside a tool: a sub-agent
         run = self._runs[run_id] = self._root(run_id, metadata, parent_tool)
@@ -501,13 +506,17 @@ class _Mapper:
 
     def chain_end(self, run_id: _RunId) -> None:
         run = self._runs.pop(run_id, None)
-        if run is not None and self._roots.pop(run_id, None) is not None:
+        if run is None:
+            return
+        run.children.discard(run_id)
+        if self._roots.pop(run_id, None) is not None:
             self._end(run, None)
 
     def chain_error(self, error: BaseException, run_id: _RunId) -> None:
         run = self._runs.pop(run_id, None)
         if run is None:
             return
+        run.children.discard(run_id)
         interrupted = _is_interrupt(error)
         if interrupted:
             run.interrupted(error)
@@ -515,6 +524,11 @@ class _Mapper:
             self._end(run, None if interrupted else error)
 
     def _end(self, run: _Run, error: BaseException | None) -> None:
+        # Copied at once (in C): a thread of the run may still register a tool.
+        for child in list(run.children):
+            self._runs.pop(child, None)
+            self._replies.pop(child, None)
+            self._tools.pop(child, None)
         with run.lock:
             if run.loop is None and run.parent_tool is not None:
                 return  # a sub-agent that called no model: its tool's result is all it did
@@ -593,6 +607,7 @@ class _Mapper:
             run.turn, run.reply = turn, reply
         self._runs[run_id] = run
         self._replies[run_id] = (run, reply)
+        run.children.add(run_id)
 
     def new_token(self, token: Any, chunk: Any, run_id: _RunId) -> None:
         found = self._replies.get(run_id)
@@ -631,6 +646,7 @@ class _Mapper:
         if found is None:
             return
         run, reply = found
+        run.children.discard(run_id)
         generations = response.generations[0] if response.generations else []
         message = getattr(generations[0], "message", None) if generations else None
         with run.lock:
@@ -664,6 +680,7 @@ class _Mapper:
         if found is None:
             return
         run, reply = found
+        run.children.discard(run_id)
         with run.lock:
             if reply.running:
                 reply.end(error)
@@ -696,6 +713,7 @@ class _Mapper:
             tool = turn.tool(id=call_id, name=name, args=args).start()
         self._runs[run_id] = run
         self._tools[run_id] = (run, tool, enter_tool(tool))
+        run.children.add(run_id)
 
     def tool_end(self, output: Any, run_id: _RunId) -> None:
         found = self._tools.pop(run_id, None)
@@ -703,6 +721,7 @@ class _Mapper:
         if found is None:
             return
         run, tool, token = found
+        run.children.discard(run_id)
         leave_tool(token)
         handoff = False
         if type(output).__name__ == "Command":  # LangGraph: a state update, maybe a handoff
@@ -724,6 +743,7 @@ class _Mapper:
         if found is None:
             return
         run, tool, token = found
+        run.children.discard(run_id)
         leave_tool(token)
         interrupted = _is_interrupt(error)
         if interrupted:
