@@ -740,6 +740,48 @@ def test_a_tool_that_interrupts_has_not_failed_and_the_resumed_run_has_its_resul
     assert result.tool_call_id == "c1" and result.content[0].text == "booked Oslo: yes"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("inner", ["agent", "model"])
+def test_a_sub_agent_a_resumed_tool_runs_before_any_model_call_is_recorded_linked_to_the_caller(
+    inner: str,
+) -> None:
+    # The resumed run's tool runs outside any model turn (it is no tool execution of the
+    # resumed loop); what it runs is a sub-agent of the loop whose model called it.
+    researcher = create_agent(chat(reply("inner answer", tokens=(70, 7))), tools=[], name="researcher")
+    summarizer = chat(reply("inner answer", tokens=(70, 7)))
+
+    @tool
+    def research(q: str) -> str:
+        """Research, once approved."""
+        interrupt({"approve": q})
+        if inner == "agent":
+            return str(researcher.invoke({"messages": [("user", q)]})["messages"][-1].content)
+        return str(summarizer.invoke(q).content)
+
+    recorder = SessionRecorder()
+    agent = create_agent(
+        chat(reply("", ("c1", "research", {"q": "why"}), tokens=(10, 1)), reply("done", tokens=(20, 2))),
+        tools=[research],
+        checkpointer=InMemorySaver(),
+    )
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "hitl"}}
+    agent.invoke({"messages": [("user", "go")]}, config)
+    agent.invoke(Command(resume="yes"), config)
+
+    sessions = recorded(recorder)
+    interrupted, resumed = sessions.pop("hitl").loops
+    (child,) = sessions.values()
+    (child_loop,) = child.loops
+    assert child_loop.parent_loop_id == interrupted.loop_id and child_loop.loop_id.endswith(".sub.1")
+    assert child.parent_spawn_ref is not None
+    assert child.parent_spawn_ref.parent_loop_id == interrupted.loop_id
+    assert child_loop.turns[0].triggered_by == "SubAgent"
+    assert [m.content[0].text for m in child_loop.messages] == ["why", "inner answer"]  # type: ignore[union-attr]
+    (result,) = [m for m in resumed.messages if isinstance(m, ToolResultMessage)]
+    assert result.content[0].text == "inner answer"  # type: ignore[union-attr]
+    usage = [loop.usage.total_tokens for loop in (interrupted, resumed, child_loop)]
+    assert usage == [11, 22, 77]
+
+
 @pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
 def test_a_resumed_run_records_only_the_interrupted_calls_result(handler: type) -> None:
     # The call answered before the interrupt is sent to the model again by the resumed

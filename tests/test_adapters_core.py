@@ -229,6 +229,28 @@ def test_a_run_under_a_running_tool_is_its_sub_agent() -> None:
     assert_round_trip(recorder)
 
 
+def test_a_run_spawned_outside_any_tool_is_a_sub_agent_linked_one_way() -> None:
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    parent = core.start_run("outer", CONFIG, framework_session_id="s")
+    child = core.start_sub_agent("inner", CONFIG, parent.loop.loop_id)
+    with child.loop.turn("SubAgent") as turn, turn.assistant() as reply:
+        reply.finish("sub answer")
+    core.end_run("inner")
+    core.end_run("outer")
+    sessions = {session.session_id: session for session in recorder.sessions()}
+    child_session = sessions[child.loop.session_id]
+    (child_loop,) = child_session.loops
+    assert child_loop.loop_id == f"{child_session.session_id}.sub.1"
+    assert child_loop.parent_loop_id == parent.loop.loop_id and child_loop.continuation_kind == INITIAL
+    assert child_session.parent_spawn_ref is not None
+    assert child_session.parent_spawn_ref.parent_loop_id == parent.loop.loop_id
+    assert child_session.parent_spawn_ref.tool_call_id == ""
+    (parent_loop,) = sessions["s"].loops
+    assert not parent_loop.child_loop_refs
+    assert_round_trip(recorder)
+
+
 def test_later_runs_under_one_tool_call_continue_its_sub_agents_session() -> None:
     recorder = SessionRecorder()
     core = make_core(recorder)

@@ -25,7 +25,8 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
 * **sub-agents**: a run started while an instrumented tool executes (`enter_tool`,
   a context variable shared by every adapter) becomes that tool's sub-agent: its own
   session, ``parent_loop_id``, trigger ``SubAgent``, and ``child_loop_id`` in the
-  tool's result;
+  tool's result; one a run spawned outside any instrumented tool is linked one way
+  (`AdapterCore.start_sub_agent`);
 * **never disturb the host**: adapter code runs under `AdapterCore.guard` (or catches
   into `AdapterCore.fault`); a fault is counted and logged once (`failures`), and the
   run goes on;
@@ -521,10 +522,7 @@ class AdapterCore:
         the session's last loop (default ``Default``; e.g. ``Branch`` for a run
         resumed from an earlier checkpoint); a first loop is always ``Initial``.
         """
-        if self._embedded is None and (rejoin := self._rejoin) is not None:
-            with self._lock:  # closed, and recording again: its recorder closed with it
-                if self._embedded is None:
-                    self._join_embedded(*rejoin)
+        self._record_again()
         meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
         parent_tool = _parent_tool()
         if parent_tool is not None:
@@ -555,6 +553,35 @@ class AdapterCore:
             continues = tracer.agent.last_loop_id
             kind = INITIAL if continues is None else DEFAULT if kind is None else kind
         return self._start_loop(key, tracer, config, continues, kind, meta, inherited, replay)
+
+    def start_sub_agent(
+        self,
+        key: object,
+        config: LoopConfigSnapshot,
+        parent_loop_id: str | None,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> AdapterRun:
+        """Start the loop of a framework run that another run spawned outside any
+        instrumented tool (inside a tool the framework ran outside a model turn): a
+        sub-agent in a session of its own, its ``parent_loop_id`` the spawning loop
+        `parent_loop_id` (None: not known). The link goes one way: no tool result names
+        the sub-agent, so its session's ``parent_spawn_ref`` names no tool call. Its loop
+        id segment is ``sub`` (unless the config names one), as `ToolScope.sub_agent`'s;
+        give its first turn the trigger ``SubAgent`` (`LoopScope.turn`), as theirs have."""
+        self._record_again()
+        meta: dict[str, Any] = {"framework": self.framework, **(metadata or {})}
+        tracer = self.tracer.for_agent(self.agent.spawn())
+        config_id = config.config_id if config.config_id is not None else "sub"
+        loop = tracer.loop(config, continues=parent_loop_id, kind=INITIAL, metadata=meta, config_id=config_id)
+        return self._open(AdapterRun(key, loop, tracer))
+
+    def _record_again(self) -> None:
+        """Record into the embedded store again after `close` (see `_rejoin`)."""
+        if self._embedded is None and (rejoin := self._rejoin) is not None:
+            with self._lock:
+                if self._embedded is None:
+                    self._join_embedded(*rejoin)
 
     def _session_tracer(self, session_id: str, recorded: Session | None = None) -> Tracer:
         """A tracer of session `session_id`, whose identity is held for one run; `recorded`:

@@ -13,6 +13,8 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   ``checkpoint_id`` (LangGraph time travel) is a ``Branch`` tagged with it; a graph run
   or a model call under a tool run is a sub-agent (own session, linked both ways),
   recorded only if it calls a model (a plain chain is part of the tool's execution);
+  under a tool run outside a model turn (not recorded), linked one way (to the loop
+  the run resumes, before its first model call);
 * ``on_chat_model_start`` opens a turn (after ending the previous one) with the new
   input messages (those after the last AI message that were not recorded already)
   and, with ``capture_requests=True``, the turn's ``TurnRequest``;
@@ -44,7 +46,7 @@ from uuid import UUID
 import msgspec
 
 from ..._float32 import Float32
-from ...events import ContinuationKind, LoopConfigSnapshot
+from ...events import ContinuationKind, LoopConfigSnapshot, TurnTrigger
 from ...instrument import LoopScope, MessageScope, ToolScope, TurnScope
 from ...messages import (
     AgentMessage,
@@ -343,6 +345,8 @@ class _Run:
         "pending",
         "recorded",
         "reply",
+        "resumes",
+        "spawner",
         "turn",
     )
 
@@ -351,11 +355,17 @@ class _Run:
         key: _RunId,
         metadata: Mapping[str, Any] | None,
         parent_tool: ToolScope | None,
+        spawner: _Run | None,
         capture_requests: bool,
     ) -> None:
         self.key = key
         self.metadata = metadata
         self.parent_tool = parent_tool
+        self.spawner = spawner
+        """The run inside whose unrecorded tool (run outside a model turn) this sub-agent runs."""
+        self.resumes: str | None = None
+        """The loop of the interrupted run this one resumes (whose model called the tools
+        the resumed run runs before its own first model call)."""
         self.lock = threading.Lock()  # tools of a step call back from several threads
         self.loop: LoopScope | None = None
         self.turn: TurnScope | None = None
@@ -380,6 +390,10 @@ class _Run:
         self.children: set[_RunId] = set()
         """The run ids under this one still open: the run's end forgets them, as a run
         cancelled during a model call gets no end of that call (nor of its tools)."""
+
+    @property
+    def sub_agent(self) -> bool:
+        return self.parent_tool is not None or self.spawner is not None
 
     def interrupted(self, error: BaseException) -> None:
         """Keep the values of a ``GraphInterrupt``, each once: every level it passes (the
@@ -416,7 +430,7 @@ class _Run:
         return inputs
 
 
-_ANSWERED_MEMORY = 4096  # threads whose interrupted run's answered calls are kept
+_INTERRUPTED_MEMORY = 4096  # threads whose interrupted run's loop and answered calls are kept
 _NO_MODEL = LoopConfigSnapshot(model="none", provider="langchain")
 """The config of a run that called no model (a resumed run that only ran a node, say)."""
 
@@ -431,21 +445,33 @@ class _Mapper:
         self._roots: dict[_RunId, _Run] = {}
         self._replies: dict[_RunId, tuple[_Run, MessageScope]] = {}
         self._tools: dict[_RunId, tuple[_Run, ToolScope, Token[RunningTool | None]]] = {}
-        # Thread id -> the calls of an interrupted run's last reply that it recorded results
-        # of: the resumed run's model call sends them again, and they are no new inputs
-        # (the interrupted call's result, which comes with the resume, is). Bounded.
-        self._answered: dict[str, frozenset[str]] = {}
-        self._answered_lock = threading.Lock()
+        self._unrecorded_tools: dict[_RunId, _Run] = {}
+        """Tools run outside a model turn (not recorded) -> their run: what runs inside them
+        is still a sub-agent."""
+        # Thread id -> an interrupted run's loop id and the calls of its last reply that it
+        # recorded results of: the resumed run's model call sends them again, and they are
+        # no new inputs (the interrupted call's result, which comes with the resume, is).
+        # Bounded.
+        self._interrupted: dict[str, tuple[str, frozenset[str]]] = {}
+        self._interrupted_lock = threading.Lock()
 
     def _root(
-        self, run_id: _RunId, metadata: Mapping[str, Any] | None, parent_tool: ToolScope | None
+        self,
+        run_id: _RunId,
+        metadata: Mapping[str, Any] | None,
+        parent_tool: ToolScope | None,
+        spawner: _Run | None = None,
     ) -> _Run:
         """A new root run (a loop), knowing what the thread's interrupted run recorded."""
-        run = self._roots[run_id] = _Run(run_id, metadata, parent_tool, self.core.capture_requests)
+        run = _Run(run_id, metadata, parent_tool, spawner, self.core.capture_requests)
+        self._roots[run_id] = run
         thread = _thread(metadata)
         if thread is not None:
-            with self._answered_lock:
-                run.recorded.update(self._answered.pop(thread, ()))
+            with self._interrupted_lock:
+                interrupted = self._interrupted.pop(thread, None)
+            if interrupted is not None:
+                run.resumes = interrupted[0]
+                run.recorded.update(interrupted[1])
         return run
 
     # -- loops ---------------------------------------------------------------------------------
@@ -458,19 +484,26 @@ class _Mapper:
         metadata = run.metadata or {}
         thread = _thread(metadata)
         checkpoint = metadata.get("checkpoint_id")
-        # The parent tool is marked as running here too: a sub-agent found by its parent
-        # run id is found when an async handler ran the tool's start in another context.
-        token = enter_tool(run.parent_tool) if run.parent_tool is not None else None
-        try:
-            started = self.core.start_run(
-                run.key,
-                config,
-                framework_session_id=thread,
-                kind=None if checkpoint is None else ContinuationKind.branch(str(checkpoint)),
-            )
-        finally:
-            if token is not None:
-                leave_tool(token)
+        spawner = run.spawner
+        if spawner is not None:
+            # Before its first model call, the spawning run has no loop: the loop its tools
+            # belong to is then the interrupted one it resumes, if any.
+            spawning = spawner.loop.loop_id if spawner.loop is not None else spawner.resumes
+            started = self.core.start_sub_agent(run.key, config, spawning)
+        else:
+            # The parent tool is marked as running here too: a sub-agent found by its parent
+            # run id is found when an async handler ran the tool's start in another context.
+            token = enter_tool(run.parent_tool) if run.parent_tool is not None else None
+            try:
+                started = self.core.start_run(
+                    run.key,
+                    config,
+                    framework_session_id=thread,
+                    kind=None if checkpoint is None else ContinuationKind.branch(str(checkpoint)),
+                )
+            finally:
+                if token is not None:
+                    leave_tool(token)
         loop = run.loop = started.loop
         for message in run.pending:
             loop.user(message)
@@ -488,17 +521,20 @@ class _Mapper:
     def chain_start(
         self, inputs: Any, run_id: _RunId, parent_run_id: _RunId | None, metadata: Mapping[str, Any] | None
     ) -> None:
-        parent_tool = None
+        parent_tool = spawner = None
         if parent_run_id is not None:
             tool = self._tools.get(parent_run_id)
-            if tool is None:
-                run = self._runs.get(parent_run_id)
-                if run is not None:
-                    self._runs[run_id] = run
-                    run.children.add(run_id)
-                return
-            parent_tool = tool[1]  # a graph run inside a tool: a sub-agent
-        run = self._runs[run_id] = self._root(run_id, metadata, parent_tool)
+            if tool is not None:
+                parent_tool = tool[1]  # a graph run inside a tool: a sub-agent
+            else:
+                spawner = self._unrecorded_tools.get(parent_run_id)
+                if spawner is None:
+                    run = self._runs.get(parent_run_id)
+                    if run is not None:
+                        self._runs[run_id] = run
+                        run.children.add(run_id)
+                    return
+        run = self._runs[run_id] = self._root(run_id, metadata, parent_tool, spawner)
         resume = getattr(inputs, "resume", None)
         if resume is not None and type(inputs).__name__ == "Command":
             # LangGraph's Command(resume=...): the answer to the interrupt is the run's input.
@@ -529,19 +565,19 @@ class _Mapper:
             self._runs.pop(child, None)
             self._replies.pop(child, None)
             self._tools.pop(child, None)
+            self._unrecorded_tools.pop(child, None)
         with run.lock:
-            if run.loop is None and run.parent_tool is not None:
+            if run.loop is None and run.sub_agent:
                 return  # a sub-agent that called no model: its tool's result is all it did
             loop = self._loop(run, _NO_MODEL)
             thread = _thread(run.metadata)
             if thread is not None and run.interrupts:
-                answered = run.recorded.intersection(run.call_args)
-                with self._answered_lock:
-                    self._answered.pop(thread, None)
-                    if answered:
-                        self._answered[thread] = frozenset(answered)
-                        if len(self._answered) > _ANSWERED_MEMORY:
-                            del self._answered[next(iter(self._answered))]
+                answered = frozenset(run.recorded.intersection(run.call_args))
+                with self._interrupted_lock:
+                    self._interrupted.pop(thread, None)
+                    self._interrupted[thread] = (loop.loop_id, answered)
+                    if len(self._interrupted) > _INTERRUPTED_MEMORY:
+                        del self._interrupted[next(iter(self._interrupted))]
             if error is None and loop.running:
                 run.end_turn()
                 if run.interrupts:
@@ -562,10 +598,11 @@ class _Mapper:
     ) -> None:
         run: _Run | None
         tool = self._tools.get(parent_run_id) if parent_run_id is not None else None
-        if tool is not None:
+        spawner = self._unrecorded_tools.get(parent_run_id) if parent_run_id is not None else None
+        if tool is not None or spawner is not None:
             # A model called by a tool (one that summarises, say) is not the next turn of
             # the tool's loop: like a graph run under a tool, it is a sub-agent.
-            run = self._root(run_id, metadata, tool[1])
+            run = self._root(run_id, metadata, None if tool is None else tool[1], spawner)
         else:
             run = self._runs.get(parent_run_id) if parent_run_id is not None else None
             if run is None:
@@ -602,7 +639,9 @@ class _Mapper:
                 loop.user(message)
             capture = self.core.capture_requests
             request = _request(history, params, model, now, run.convert) if capture else None
-            turn = loop.turn(request=request).start()
+            # A sub-agent loop no tool scope spawned starts as a tool-spawned one does.
+            trigger: TurnTrigger | None = "SubAgent" if run.spawner is not None and loop.turns == 0 else None
+            turn = loop.turn(trigger, request=request).start()
             reply = turn.assistant(model=model, provider=provider).start()
             run.turn, run.reply = turn, reply
         self._runs[run_id] = run
@@ -704,7 +743,10 @@ class _Mapper:
         with run.lock:
             turn = run.turn
             if turn is None or not turn.running:
+                # Not a call of the run's model; a run inside it is still a sub-agent.
                 logger.info("tool %s ran outside a model turn: not recorded", name)
+                self._unrecorded_tools[run_id] = run
+                run.children.add(run_id)
                 return
             call_id = tool_call_id or f"lc-{UUID(int=run_id)}"
             args = run.call_args.get(call_id)
@@ -719,6 +761,7 @@ class _Mapper:
         found = self._tools.pop(run_id, None)
         self._runs.pop(run_id, None)
         if found is None:
+            self._unrecorded_tool_end(run_id)
             return
         run, tool, token = found
         run.children.discard(run_id)
@@ -741,6 +784,7 @@ class _Mapper:
         found = self._tools.pop(run_id, None)
         self._runs.pop(run_id, None)
         if found is None:
+            self._unrecorded_tool_end(run_id)
             return
         run, tool, token = found
         run.children.discard(run_id)
@@ -755,6 +799,11 @@ class _Mapper:
             with run.lock:
                 run.recorded.add(tool.tool_call_id)
         tool.end(None if interrupted else error)
+
+    def _unrecorded_tool_end(self, run_id: _RunId) -> None:
+        run = self._unrecorded_tools.pop(run_id, None)
+        if run is not None:
+            run.children.discard(run_id)
 
 
 def _thread(metadata: Mapping[str, Any] | None) -> str | None:
