@@ -38,6 +38,7 @@ from langgraph.types import Command, interrupt
 from pydantic import Field
 
 from phi_session import SessionRecorder, SqliteStore, codec
+from phi_session._strict import MAX_VALUE_DEPTH
 from phi_session.adapters.langchain import AsyncPhiCallbackHandler, PhiCallbackHandler
 from phi_session.events import MessageEnd, MessageUpdate, ToolExecutionStart, TurnRequest
 from phi_session.identity import AgentSession
@@ -403,6 +404,34 @@ def test_a_tool_invoked_by_a_tool_is_part_of_its_execution_not_a_call_of_the_mod
     results = [(m.tool_call_id, m.content[0].text) for m in loop.messages if isinstance(m, ToolResultMessage)]
     assert results == [("c1", "12")]
     assert loop.status == "Completed"
+
+
+@pytest.mark.parametrize("depth", [MAX_VALUE_DEPTH, MAX_VALUE_DEPTH + 1])
+def test_tool_arguments_nested_to_phi_cores_limit_are_kept_and_deeper_ones_cut_to_it(depth: int) -> None:
+    # The deepest place a session holds tool arguments: a captured request's messages,
+    # in the TurnRequest event among the loop's events.
+    deep: Any = "leaf"
+    for _ in range(depth - 1):
+        deep = {"k": deep}
+
+    @tool
+    def inspect(v: Any) -> str:
+        """Looks at v."""
+        return "seen"
+
+    recorder = SessionRecorder()
+    handler = PhiCallbackHandler([recorder], capture_requests=True)
+    agent = create_agent(chat(reply("", ("c1", "inspect", {"v": deep})), reply("done")), tools=[inspect])
+    agent.invoke({"messages": [("user", "go")]}, {"callbacks": [handler], "configurable": {"thread_id": "d"}})
+    (loop,) = recorded(recorder)["d"].loops  # encoded and decoded: phi-core reads it
+    (call,) = [block for block in loop.messages[1].content if isinstance(block, ToolCall)]  # type: ignore[union-attr]
+    requests = [entry.event.payload for entry in loop.events if isinstance(entry.event, TurnRequest)]
+    (resent,) = [block for block in requests[1].messages[1].content if isinstance(block, ToolCall)]  # type: ignore[union-attr]
+    assert resent.arguments == call.arguments
+    if depth == MAX_VALUE_DEPTH:
+        assert call.arguments == {"v": deep} and handler.core.tracer.argument_failures == 0
+    else:
+        assert call.arguments != {"v": deep} and handler.core.tracer.argument_failures > 0
 
 
 class Opaque:

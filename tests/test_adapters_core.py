@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -28,6 +30,7 @@ from phi_session import (
     decode_session,
     encode_session,
 )
+from phi_session._strict import MAX_VALUE_DEPTH
 from phi_session.adapters import (
     FRAMEWORK_SESSION_NAMESPACE,
     AdapterCore,
@@ -40,6 +43,7 @@ from phi_session.adapters import (
 from phi_session.adapters._core import jsonable
 from phi_session.adapters._sessions import SessionBook
 from phi_session.errors import InvalidArgument, MissingExtra
+from phi_session.events import ToolExecutionEnd, ToolExecutionStart
 from phi_session.messages import ToolCall
 from phi_session.stores.base import validate_session_id
 
@@ -621,6 +625,63 @@ def test_jsonable_makes_any_host_value_json_data() -> None:
     assert jsonable({1: b"\x00", "nan": float("nan")}) == {"1": "AA==", "nan": None}
     # A file name from undecodable bytes: its lone surrogate as an escape, key or value.
     assert jsonable({"f\udcff": ["x\udcff"]}) == {"f\\xed\\xb3\\xbf": ["x\\xed\\xb3\\xbf"]}
+
+
+def nested(depth: int, leaf: object) -> Any:
+    """`leaf` inside `depth` containers, dicts and lists in turn from the outside."""
+    value = leaf
+    for level in reversed(range(depth)):
+        value = {"k": value} if level % 2 == 0 else [value]
+    return value
+
+
+def depth_of(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(depth_of, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(depth_of, value), default=0)
+    return 0
+
+
+def innermost(value: object) -> object:
+    while isinstance(value, (dict, list)):
+        value = value["k"] if isinstance(value, dict) else value[0]
+    return value
+
+
+@pytest.mark.parametrize("depth", [MAX_VALUE_DEPTH, MAX_VALUE_DEPTH + 1, 400])
+def test_values_nested_deeper_than_phi_core_reads_in_a_session_keep_their_depths_as_text(
+    depth: int,
+) -> None:
+    # phi-core reads no session nested past 128 levels: tool arguments (in the reply and
+    # at the tool's start), a tool result's details and loop metadata stay within it.
+    recorder = SessionRecorder()
+    core = make_core(recorder)
+    value = nested(depth, "leaf")
+    run = core.start_run("r", CONFIG, metadata={"deep": value["k"]})
+    with run.loop.turn() as turn:
+        with turn.assistant() as reply:
+            reply.finish(tool_calls=[ToolCall(id="c1", name="t", arguments=value)])
+        with turn.tool(id="c1", name="t", args=value) as tool:
+            tool.result("done", details=value)
+    core.end_run("r")
+    (session,) = recorder.sessions()
+    data = encode_session(session)
+    assert encode_session(decode_session(data)) == data  # decoding checks phi-core's limit
+    (loop,) = session.loops
+    (call,) = loop.turns[0].output_message.content  # type: ignore[union-attr]
+    (start,) = [entry.event for entry in loop.events if isinstance(entry.event, ToolExecutionStart)]
+    (end,) = [entry.event for entry in loop.events if isinstance(entry.event, ToolExecutionEnd)]
+    kept = [call.arguments, start.args, end.result.details, {"k": loop.metadata["deep"]}]  # type: ignore[union-attr]
+    assert jsonable(value) == kept[0]
+    if depth == MAX_VALUE_DEPTH:
+        assert kept == [value] * 4 and core.tracer.argument_failures == 0
+        return
+    # Down to the limit as given, below it as JSON text (each counted, logged once).
+    assert kept == [kept[0]] * 4 and core.tracer.argument_failures == 4
+    assert depth_of(kept[0]) == MAX_VALUE_DEPTH
+    cut = json.loads(innermost(kept[0]))  # type: ignore[arg-type]
+    assert depth_of(cut) == depth - MAX_VALUE_DEPTH and innermost(cut) == "leaf"
 
 
 def test_missing_extra_names_the_pip_install() -> None:

@@ -5,7 +5,8 @@ the integer 0 and keeps integers of any size. phi-core (serde_json) rejects
 repeated keys in record objects, reads ``-0`` as the float -0.0, turns integers
 beyond the 64-bit ranges into floats, and refuses nesting deeper than 128.
 This second, slower parse (stdlib ``json`` with hooks) finds those cases; it runs
-only in strict decoding, never on the recorder's hot path.
+only in strict decoding, never on the recorder's hot path. `clip_depth` keeps what is
+recorded within the nesting limit.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from .events import MESSAGE_FIELDS_BY_TAG
 _U64_MAX = 2**64 - 1
 _I64_MIN = -(2**63)
 MAX_DEPTH = 128
+MAX_VALUE_DEPTH = MAX_DEPTH - 11
+"""How deep a free-form value (tool arguments, a tool result's details, loop metadata)
+may nest for phi-core to read the session holding it: the deepest place a session holds
+one is under 11 levels (the session, its loops, a loop, its events, one, its event, a
+`TurnRequest`'s payload, its messages, one, its content, a tool call)."""
 # Free-form values, where phi-core lets the last repeated key win.
 _FREE_FORM = frozenset({"metadata", "args", "arguments", "details", "data", "parameters", "schema"})
 # Per event type, the fields holding agent-form messages, which phi-core reads leniently
@@ -102,6 +108,38 @@ def strict_adds_nothing(data: bytes) -> bool:
     if (2 * containers + data.count(b",")) * containers > _INDENT_BUDGET:
         return False
     return _TOO_DEEP.search(msgspec.json.format(data, indent=1)) is None
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def clip_depth(tree: Any, encoded: bytes) -> bool:
+    """Replace, in `tree` (JSON data of the caller's own; `encoded`, its JSON), each
+    container nested deeper than `MAX_VALUE_DEPTH` by its JSON text; whether it held one."""
+    if encoded.count(b"[") + encoded.count(b"{") <= MAX_VALUE_DEPTH:
+        return False  # a bound at C speed (brackets inside strings count too)
+    return _clip(tree, 1)
+
+
+def _clip(node: Any, level: int) -> bool:
+    """`clip_depth` of `node`, standing at `level`."""
+    if isinstance(node, dict):
+        keys: Any = list(node)
+    elif isinstance(node, list):
+        keys = range(len(node))
+    else:
+        return False
+    clipped = False
+    for key in keys:
+        item = node[key]
+        if not isinstance(item, (dict, list)):
+            continue
+        if level == MAX_VALUE_DEPTH:
+            node[key] = _encode(item).decode()
+            clipped = True
+        elif _clip(item, level + 1):
+            clipped = True
+    return clipped
 
 
 def _depth(node: Any) -> int:

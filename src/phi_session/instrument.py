@@ -76,6 +76,7 @@ from ._checks import (
     check_usage,
 )
 from ._failures import FailureTally
+from ._strict import MAX_VALUE_DEPTH, clip_depth
 from ._time import Timestamp
 from .codec import EVENT_CLASSES, not_an_event
 from .errors import InstrumentationError, InvalidArgument
@@ -168,27 +169,40 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
     passed in, and every sink and store must be able to write it.
 
     Never raises into the agent: a value JSON cannot hold (a `pathlib.Path`, an object
-    of the agent's) is recorded as its ``str``, and one that cannot be copied at all
-    (self-referential, nested too deeply) as a stand-in naming the failure; both are
-    counted in `failures`.
+    of the agent's) is recorded as its ``str``; containers nested deeper than phi-core
+    reads inside a session (`MAX_VALUE_DEPTH`) as their JSON text; and a value that
+    cannot be copied at all (self-referential, nested too deeply) as a stand-in naming
+    the failure; all are counted in `failures`.
     """
     if type(value) in _SCALARS:
         return value  # a JSON string or a scalar cannot change
     try:  # these are JSON values: a JSON round trip is the fast deep copy
-        return _json_decode(_json_encode(value))
+        encoded = _json_encode(value)
+        copy = _json_decode(encoded)
     except RecursionError as error:
         failure: Exception = error
     except (TypeError, msgspec.EncodeError, ValueError) as error:
         failure = error
         try:
-            written = _json_decode(_json_encode_as_text(value))
+            encoded = _json_encode_as_text(value)
+            written = _json_decode(encoded)
         except Exception as stand_in:  # a key JSON cannot hold, a `str` that raises
             failure = stand_in
         else:
             failures.record(what, failure)
-            return written
+            return _within_depth(written, encoded, failures, what)
+    else:
+        return _within_depth(copy, encoded, failures, what)
     failures.record(what, failure)
     return f"[NOT RECORDED: copying the {what} raised {type(failure).__name__}]"
+
+
+def _within_depth(copy: Any, encoded: bytes, failures: FailureTally, what: str) -> Any:
+    """`copy` (`encoded`, written) with its containers nested too deep for phi-core as
+    their JSON text (`clip_depth`), counted in `failures`."""
+    if clip_depth(copy, encoded):
+        failures.record(what, ValueError(f"nested deeper than {MAX_VALUE_DEPTH} levels"))
+    return copy
 
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
@@ -907,9 +921,10 @@ class Tracer:
     @property
     def argument_failures(self) -> int:
         """Tool arguments (and loop metadata, tool result details) not recorded as given:
-        holding a value JSON cannot hold (recorded as its ``str``), or self-referential or
-        nested too deeply (recorded as a stand-in); counted each time they are recorded
-        (a call's message, then its tool's start)."""
+        holding a value JSON cannot hold (recorded as its ``str``), nested deeper than
+        phi-core reads in a session (the deepest containers recorded as their JSON text),
+        or self-referential or nested too deeply to copy (recorded as a stand-in); counted
+        each time they are recorded (a call's message, then its tool's start)."""
         return self._outlet.copy_failures.total
 
     def flush(self) -> None:

@@ -61,6 +61,7 @@ import msgspec
 from .._checks import check_callable, check_instance, check_seconds, check_type, check_usage
 from .._failures import FailureTally
 from .._fork import in_forked_child
+from .._strict import clip_depth
 from ..codec import escape_surrogates
 from ..errors import (
     InvalidArgument,
@@ -210,12 +211,18 @@ _NOT_JSON = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
 def jsonable(value: Any) -> Any:
     """`value` as JSON data (what a session can store), a copy of its own: what a host
     hands over that is not JSON (an object, a key that is no string) becomes its
-    ``repr``, text its lone surrogates escaped, and a container met again inside
-    itself (a cycle, which no encoder ends) Python's mark for one, ``{...}`` or ``[...]``."""
+    ``repr``, text its lone surrogates escaped, a container met again inside itself (a
+    cycle, which no encoder ends) Python's mark for one, ``{...}`` or ``[...]``, and a
+    container nested deeper than phi-core reads inside a session its JSON text
+    (`clip_depth`)."""
     try:
-        return _json_decode(_json_encode(value))
+        encoded = _json_encode(value)
+        data = _json_decode(encoded)
     except _NOT_JSON:
-        return _rebuilt(value, set())
+        data = _rebuilt(value, set())
+        encoded = _json_encode(data)
+    clip_depth(data, encoded)
+    return data
 
 
 def _rebuilt(value: Any, enclosing: set[int]) -> Any:
