@@ -601,9 +601,10 @@ def test_a_run_dropped_during_a_model_call_leaves_nothing_held(handler: type, ho
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-        else:
-            async for _ in agent.astream(inputs, config, stream_mode="messages"):
-                break
+        else:  # the host stops reading after the first token
+            stream = agent.astream(inputs, config, stream_mode="messages")
+            await anext(stream)
+            await stream.aclose()
 
     asyncio.run(drop())
     gc.collect()
