@@ -597,6 +597,50 @@ def test_forked_workers_record_into_an_embedded_store_of_their_own(tmp_path: Pat
         assert [loop.status for loop in store.load(worker).loops] == ["Completed"]
 
 
+_MULTIPROCESSING = """
+import multiprocessing
+from phi_session import LoopConfigSnapshot
+from phi_session.adapters import AdapterCore
+
+core = AdapterCore("fake-fw")  # made before the fork, recording into the embedded store
+
+
+def run(session):
+    core.start_run("r", LoopConfigSnapshot(model="m-1", provider="fake"), framework_session_id=session)
+    core.end_run("r")
+
+
+context = multiprocessing.get_context("fork")
+children = [context.Process(target=run, args=(f"process{n}",)) for n in (1, 2)]
+for child in children:
+    child.start()
+for child in children:
+    child.join()
+    assert child.exitcode == 0
+pool = context.Pool(2)
+pool.map(run, [f"job{n}" for n in range(4)])
+pool.close()  # the workers finish and exit (`terminate` would kill them)
+pool.join()
+"""
+
+
+@needs_fork
+def test_runs_in_multiprocessing_children_are_saved_as_they_exit(tmp_path: Path) -> None:
+    """A multiprocessing child (fork) leaves through ``os._exit``: the exit hook of its
+    embedded store never ran, and none of its runs was saved."""
+    database = tmp_path / "sessions.db"
+    env = {**os.environ, "PHI_SESSION_STORE": str(database)}
+    child = subprocess.run(
+        [sys.executable, "-c", _MULTIPROCESSING], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert (child.returncode, child.stderr) == (0, "")
+    store = SqliteStore(database)
+    assert set(store.list_ids()) == {"process1", "process2", "job0", "job1", "job2", "job3"}
+    assert {loop.status for session in store.list_ids() for loop in store.load(session).loops} == {
+        "Completed"
+    }
+
+
 def test_usage_of_counts_none_as_zero() -> None:
     usage = usage_of(10, None, cache_read=None, reasoning=4)
     assert (usage.input, usage.output, usage.reasoning, usage.cache_read) == (10, 0, 4, 0)

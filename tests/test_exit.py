@@ -72,6 +72,33 @@ def test_an_exit_hook_runs_in_its_own_process_only_and_not_once_cancelled() -> N
     assert "ZeroDivisionError" in done.stderr
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_an_exit_hook_made_in_a_multiprocessing_child_runs_once_as_the_child_ends() -> None:
+    """A `multiprocessing` child (a `Process`, a `Pool`'s worker) leaves through
+    ``os._exit`` once its target returns: no exit hook made there ran."""
+    script = (
+        "import multiprocessing, os, sys\n"
+        "from phi_session._exit import ExitHook\n"
+        "def made_in_child(tag):\n"
+        "    ExitHook(tag, lambda: print('closed', tag, flush=True))\n"
+        "    ExitHook('cancelled', lambda: print('cancelled hook ran', flush=True)).cancel()\n"
+        "context = multiprocessing.get_context('fork')\n"
+        "process = context.Process(target=made_in_child, args=('process',))\n"
+        "process.start(); process.join()\n"
+        "pool = context.Pool(1)\n"
+        "pool.apply(made_in_child, ('pool worker',))\n"
+        "pool.close(); pool.join()  # the worker exits as a process does\n"
+        "child = os.fork()\n"
+        "if child == 0:  # a plain fork's child exits normally: atexit and finalizers both run\n"
+        "    made_in_child('forked')\n"
+        "    sys.exit(0)\n"
+        "os.waitpid(child, 0)\n"
+    )
+    done = _run(script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["closed process", "closed pool worker", "closed forked"]
+
+
 _CTRL_C_AT_EXIT = """
 import signal, sys, threading, time
 sys.path.insert(0, sys.argv[1])
