@@ -847,3 +847,46 @@ def test_a_plugin_given_to_runner_after_runner_records_every_invocation(tmp_path
     first, second = store.load("s1").loops
     assert second.parent_loop_id == first.loop_id and second.status == "Completed"
     assert plugin.fault_count == 0 and plugin.core.tracer.sink_errors == {}
+
+
+class GatedLlm(BaseLlm):
+    """Answers once `gate` (an `asyncio.Event`) is set."""
+
+    gate: Any = None
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        await self.gate.wait()
+        yield LlmResponse(content=types.Content(role="model", parts=[types.Part(text="late")]))
+
+
+def test_a_runner_closing_leaves_the_invocation_of_another_runner_sharing_its_plugin(tmp_path: Path) -> None:
+    """ADK closes a runner's plugins without saying which runner closes: a plugin given to
+    runners made per request ended, aborted, the invocation another request was running."""
+    store = SqliteStore(tmp_path / "sessions.db")
+    plugin = PhiPlugin(store=store)
+
+    def runner(name: str, model: BaseLlm) -> InMemoryRunner:
+        return InMemoryRunner(agent=LlmAgent(name=name, model=model), app_name="app", plugins=[plugin])
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        slow, fast = (
+            runner("slow", GatedLlm(model="gated", gate=gate)),
+            runner("fast", ScriptedLlm.of(["quick"])),
+        )
+        waiting = asyncio.create_task(Harness().ask(slow, "wait", session_id="slow"))
+        while not plugin.core.open_runs:
+            await asyncio.sleep(0.001)
+        await Harness().ask(fast, "hi", session_id="fast")
+        await fast.close()
+        assert [loop.status for loop in store.load("fast").loops] == ["Completed"]  # saved at close
+        gate.set()
+        await waiting  # the last invocation to end closes the plugin that was closed under it: all saved
+        (loop,) = store.load("slow").loops
+        assert (loop.status, texts(loop)) == ("Completed", [("user", "wait"), ("assistant", "late")])
+        await slow.close()
+
+    asyncio.run(scenario())
+    assert plugin.core.open_runs == 0 and plugin.fault_count == 0

@@ -748,6 +748,12 @@ class AdapterCore:
 
     # -- lifetime -------------------------------------------------------------------------
 
+    def flush(self) -> None:
+        """Flush the sinks; the embedded store saves what is finished. Runs go on."""
+        self.tracer.flush()
+        if self._embedded is not None:
+            self.safely(self._embedded.save_finished)
+
     def close(self) -> None:
         """End runs still open (as failed: the adapter closed under them), then flush the
         sinks; the embedded store saves what is finished (and, if no other adapter uses

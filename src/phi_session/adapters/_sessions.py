@@ -227,8 +227,12 @@ class EmbeddedStore:
                 # once everything recorded here is saved.
                 self.persister.close()
         if not last:
-            self.persister.checkpoint()
-            self.persister.wait_saved()
+            self.save_finished()
+
+    def save_finished(self) -> None:
+        """Save, before returning, the sessions that have no open loop."""
+        self.persister.checkpoint()
+        self.persister.wait_saved()
 
     def _close_at_exit(self) -> None:
         for core in list(self._cores):

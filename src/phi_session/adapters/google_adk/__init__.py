@@ -558,8 +558,10 @@ class PhiPlugin(BasePlugin):
     * `max_idle_sessions`: how many ADK sessions without a running invocation keep their
       full state in memory (`phi_session.adapters.AdapterCore`).
 
-    `close()` (ADK calls it when the runner closes) ends invocations still open and
-    flushes the sinks.
+    `close()` (ADK calls it when the runner closes) flushes the sinks, the embedded
+    store saving what is finished. ADK does not say which runner closes, so invocations
+    still running (this runner's, or another's given the plugin too) go on being
+    recorded: the last of them to end closes the plugin.
     """
 
     def __init__(
@@ -595,6 +597,7 @@ class PhiPlugin(BasePlugin):
         # Ids of invocations whose context ADK freed before they ended, appended by a
         # finalizer (in whatever thread frees it, so nothing is done there but this append).
         self._abandoned: deque[str] = deque()
+        self._closing = False  # closed while invocations ran: the last to end closes the core
 
     @property
     def fault_count(self) -> int:
@@ -725,10 +728,15 @@ class PhiPlugin(BasePlugin):
     async def close(self) -> None:
         try:
             self._end_abandoned()
+            # ADK does not say which runner closes: the invocations still running may be
+            # another runner's, given this plugin too. They end as they finish, and the
+            # last of them closes the core; what is finished is saved now.
             with self._lock:
-                self._invocations.clear()
-                self._lanes.clear()
-            self.core.close()
+                self._closing = bool(self._invocations)
+            if self._closing:
+                self.core.flush()
+            else:
+                self.core.close()
         except Exception as caught:
             self.core.fault(caught)
 
@@ -825,10 +833,13 @@ class PhiPlugin(BasePlugin):
     def _finish(self, invocation_id: str, error: BaseException | str | None) -> None:
         with self._lock:
             invocation = self._invocations.pop(invocation_id, None)
-            for lane in invocation.lanes.values() if invocation is not None else ():
+            if invocation is None:
+                return
+            for lane in invocation.lanes.values():
                 self._lanes.pop(lane.key, None)
-        if invocation is None:
-            return
+            close = self._closing and not self._invocations
+            if close:
+                self._closing = False
         # Each step under its own guard: a fault in one must not leave the invocation's
         # loops open (and its session unsaved, held busy).
         core = self.core
@@ -843,6 +854,8 @@ class PhiPlugin(BasePlugin):
         for _, lane in sorted(invocation.lanes.items(), key=lambda item: -len(item[0] or "")):
             core.safely(lane.close, error)
             core.safely(core.end_run, lane.key, error)
+        if close:
+            core.close()
 
     def _end_abandoned(self) -> None:
         """End, failed, the invocations whose context ADK freed before they ended."""
