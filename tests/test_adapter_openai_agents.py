@@ -513,6 +513,46 @@ def test_without_task_spans_two_runs_in_one_trace_are_two_runs(recorder: Session
     assert second.messages[0].content[0].text == "two"  # type: ignore[union-attr]
 
 
+def test_without_task_spans_concurrent_runs_in_one_trace_are_runs_of_their_own(
+    recorder: SessionRecorder,
+) -> None:
+    """Runs gathered under one ``trace()`` were told apart by the trace alone: each agent
+    span ended the loop another run was still in, as the next run."""
+
+    @function_tool
+    async def slow_add(a: int, b: int) -> int:
+        """Add two numbers, slowly."""
+        await asyncio.sleep(0.001 * a)
+        return a + b
+
+    def agent(n: int) -> Agent[Any]:
+        steps = (
+            [function_call("slow_add", {"a": n, "b": 1}, call_id=f"c{n}")],
+            [assistant_message(f"done {n}")],
+        )
+        return Agent(name="calc", tools=[slow_add], model=scripted(*steps))
+
+    async def gathered() -> None:
+        with trace("workflow", group_id="together"):
+            hooks = openai_agents.PhiRunHooks
+            await asyncio.gather(
+                *(Runner.run(agent(n), f"q{n}", hooks=hooks(), run_config=NO_TASK_SPANS) for n in range(1, 4))
+            )
+
+    asyncio.run(gathered())
+    loops = sessions(recorder)["together"].loops
+    by_prompt = {loop.messages[0].content[0].text: loop for loop in loops}  # type: ignore[union-attr]
+    assert sorted(by_prompt) == ["q1", "q2", "q3"]
+    for n in range(1, 4):
+        loop = by_prompt[f"q{n}"]
+        assert loop.status == "Completed" and len(loop.turns) == 2
+        (result,) = loop.turns[0].tool_results
+        assert (result.tool_call_id, result.content[0].text) == (f"c{n}", str(n + 1))  # type: ignore[union-attr]
+        assert loop.turns[1].output_message.content[0].text == f"done {n}"  # type: ignore[union-attr]
+    core = openai_agents.installed()
+    assert core is not None and core.fault_count == 0
+
+
 def test_without_task_spans_a_handoff_is_still_one(recorder: SessionRecorder) -> None:
     billing = Agent(name="billing", model=scripted([assistant_message("billing here")]))
     triage = Agent(

@@ -10,8 +10,9 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
 * a ``task`` span (one ``Runner`` run) is a loop; its first ``agent`` span names the
   agent, a later one is a handoff (the loop ends with stop reason ``handoff`` and the
   next agent's loop continues it); with ``include_task_and_turn_spans`` off the agent
-  span is the loop and each model span a turn, and a later agent span in the trace is
-  a handoff only after a ``handoff`` span (else it is the next run);
+  span is the loop and each model span a turn, and a later agent span of the run (in
+  its trace and asyncio task) is a handoff only after a ``handoff`` span (else it is
+  the next run);
 * ``turn`` -> TurnStart/TurnEnd; ``response``/``generation`` -> the assistant message
   (text, reasoning, tool calls with their ids, usage of that response only; model
   from the response);
@@ -420,6 +421,7 @@ class _Loop:
     task: asyncio.Task[Any] | None = None  # the asyncio task it started in, if `_streams` maps it
     hooked: bool = False  # run with `PhiRunHooks`: they give each tool's exact call
     handing_off: bool = False  # a handoff span started since the running agent's
+    place: tuple[str, asyncio.Task[Any] | None] | None = None  # its trace and task (no task spans)
 
     def match_call(self, name: str) -> ToolCall | None:
         """The response's next unmatched call named `name`, if any."""
@@ -460,6 +462,9 @@ class _Mapper:
         # its loop, for `stream`: per run, as runs sharing a trace are not told apart by its
         # id, and ``result.trace`` is None inside an enclosing ``trace()``.
         self._streams: dict[asyncio.Task[Any], _Loop] = {}
+        # Without task spans: the loop of each run under a trace, by the trace and the
+        # asyncio task running it (runs sharing an enclosing trace run in tasks of their own).
+        self._in_trace: dict[tuple[str, asyncio.Task[Any] | None], _Loop] = {}
 
     # -- traces ---------------------------------------------------------------------------
 
@@ -543,16 +548,24 @@ class _Mapper:
         parent = self._of_span.get(parent_id) if parent_id is not None else None
         owner = parent if parent is not None and parent.key == parent_id else None
         if owner is None:
-            # No task spans: the agent span is the loop, keyed by what it runs under (the
-            # trace, or a tool for an agent run as a tool). A later agent there is a
-            # handoff if one was made; else it is another run under the same trace.
-            key = parent_id if parent_id in self._tools else span.trace_id
-            owner = self._loops.get(key)
+            # No task spans: the agent span is the loop, found by what it runs under (a
+            # tool for an agent run as a tool, else its trace and asyncio task). A later
+            # agent there is a handoff if one was made; else it is another run.
+            place: tuple[str, asyncio.Task[Any] | None] | None = None
+            if parent_id is not None and parent_id in self._tools:
+                key = parent_id
+                owner = self._loops.get(key)
+            else:
+                key, place = span_id, (span.trace_id, _running_task())
+                owner = self._in_trace.get(place)
             if owner is not None and not owner.handing_off:
                 self._end_loop(owner, None)
                 owner = None
             if owner is None:
                 owner = self._new_loop(key, span)
+                if place is not None:
+                    owner.place = place
+                    self._in_trace[place] = owner
         self._of_span[span_id] = owner
         owner.agent_span = span_id
         config = _config(name, owner.model)
@@ -719,6 +732,8 @@ class _Mapper:
             self._loops.pop(loop.key, None)
         if loop.task is not None and self._streams.get(loop.task) is loop:
             self._streams.pop(loop.task, None)
+        if loop.place is not None and self._in_trace.get(loop.place) is loop:
+            self._in_trace.pop(loop.place, None)
         if loop.run is None:
             return
         if error is None:
