@@ -36,6 +36,7 @@ from openai.types.responses import ResponseOutputMessage, ResponseOutputRefusal
 from phi_session import JsonDirStore, SessionRecorder, decode_session, encode_session
 from phi_session.adapters import openai_agents, session_id_for
 from phi_session.events import InputRejected
+from phi_session.messages import ToolResultMessage
 from phi_session.model import Session
 
 
@@ -153,6 +154,61 @@ def test_handoff_ends_the_loop_and_the_next_agent_continues(recorder: SessionRec
     assert first.turns[-1].output_message.stop_reason == "handoff"  # type: ignore[union-attr]
     assert (second.loop_id, second.parent_loop_id) == ("h.billing.1", first.loop_id)
     assert second.continuation_kind is not None and second.continuation_kind.kind == "Default"
+
+
+@pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "streamed"])
+def test_handoff_calls_get_the_results_the_sdk_gives_them(
+    recorder: SessionRecorder, task_spans: bool, streamed: bool
+) -> None:
+    """The handoff span only finished the message: the transfer calls had no result in
+    the record (a history a provider rejects), though the SDK's history has one each."""
+    billing = Agent(name="billing", model=scripted([assistant_message("billing here")]))
+    support = Agent(name="support", model=scripted([assistant_message("support here")]))
+    triage = Agent(
+        name="triage",
+        tools=[add],
+        handoffs=[billing, support],
+        model=scripted(
+            [
+                assistant_message("passing you on"),
+                function_call("add", {"a": 1, "b": 2}, call_id="t1"),
+                function_call("transfer_to_billing", {}, call_id="h1"),
+                function_call("transfer_to_support", {}, call_id="h2"),  # the SDK acts on the first only
+            ]
+        ),
+    )
+    config = RunConfig(
+        trace_metadata={"phi.session_id": "hr"}, tracing={"include_task_and_turn_spans": task_spans}
+    )
+    hooks = openai_agents.PhiRunHooks()
+
+    async def go() -> Any:
+        if not streamed:
+            return await Runner.run(triage, "my bill", hooks=hooks, run_config=config)
+        result = Runner.run_streamed(triage, "my bill", hooks=hooks, run_config=config)
+        async for _ in openai_agents.stream(result):
+            pass
+        return result
+
+    result = asyncio.run(go())
+    outputs = sorted(
+        (item["call_id"], item["output"])
+        for item in result.to_input_list()
+        if item.get("type") == "function_call_output"
+    )
+    assert outputs == [
+        ("h1", '{"assistant": "billing"}'),
+        ("h2", "Multiple handoffs detected, ignoring this one."),
+        ("t1", "3"),
+    ]
+    session = sessions(recorder)["hr"]
+    first, second = session.loops
+    recorded = [(m.tool_call_id, m.content[0].text) for m in first.turns[-1].tool_results]  # type: ignore[union-attr]
+    assert sorted(recorded) == outputs
+    context = session.context_at(second.loop_id)
+    answered = {m.tool_call_id for m in context if isinstance(m, ToolResultMessage)}
+    assert answered == {"t1", "h1", "h2"}
 
 
 def test_agent_as_tool_is_a_sub_agent_linked_both_ways(recorder: SessionRecorder) -> None:

@@ -18,6 +18,7 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
   from the response);
 * ``function`` -> the tool's events and result (a span error -> ``is_error``); a run
   started inside a tool is that tool's sub-agent (own session, linked both ways);
+* ``handoff`` -> the transfer call's result as the SDK writes it (``{"assistant": name}``);
 * a triggered input ``guardrail`` -> InputRejected, loop Rejected (loop failed if it
   tripped after the first turn began); a triggered output guardrail -> the loop fails
   with an error naming it (`_Mapper._guardrail_triggered`);
@@ -262,6 +263,8 @@ def _error_text(error: Any) -> str:
 
 
 _MODEL_SPANS = frozenset(("response", "generation"))
+# The output the SDK gives each handoff call of a response after the first, which it acts on.
+_IGNORED_HANDOFF = "Multiple handoffs detected, ignoring this one."
 _LOOP_SPANS = frozenset(("task", "agent"))
 
 
@@ -527,6 +530,9 @@ class _Mapper:
         elif kind == "task":
             if loop is not None:
                 self._end_loop(loop, _error_of(span))
+        elif kind == "handoff":
+            if loop is not None and data.to_agent is not None:
+                self._handed_off(loop, data.to_agent)
         elif kind == "guardrail" and data.triggered and loop is not None:
             self._guardrail_triggered(loop, data.name, under_agent=span.parent_id == loop.agent_span)
         elif kind == "agent" and loop is not None and (error := _error_of(span)) is not None:
@@ -687,6 +693,20 @@ class _Mapper:
         else:
             scope.result(output)
         scope.end()
+
+    def _handed_off(self, loop: _Loop, agent_name: str) -> None:
+        """The handoff calls' results, as the SDK writes them into the history: the
+        transfer message (``{"assistant": name}``) for the first, which it acts on, an
+        ignoring one for any other. The SDK runs a response's function tools before its
+        handoff, so the calls their spans did not match are the handoff calls."""
+        turn = loop.turn
+        calls, loop.calls = loop.calls, []
+        if turn is None or not turn.running:
+            return
+        for index, call in enumerate(calls):
+            scope = turn.tool(id=call.id, name=call.name, args=call.arguments).start()
+            scope.result(json.dumps({"assistant": agent_name}) if index == 0 else _IGNORED_HANDOFF)
+            scope.end()
 
     def _guardrail_triggered(self, loop: _Loop, name: str, *, under_agent: bool) -> None:
         """A guardrail's tripwire: the SDK raises its exception out of the run next.
