@@ -1974,3 +1974,46 @@ def test_a_before_task_interrupted_does_not_hold_its_session_back() -> None:
         recorder.on_event(start("s.c.1", "s"))
     recorder.on_event(end("s.c.1"))
     assert recorder.checkpoint() == 1
+
+
+def _branch_sent_again(group_end_before_it_ends: bool) -> list[ps.AgentEvent]:
+    """A parallel branch recorded in part, then sent again whole at the same instant (an
+    OTLP ingest given its late span in a later payload), before its group ends."""
+    branches = ("s.a.1", "s.b.2")
+    first = [start("s.a.1", "s"), *turn("s.a.1"), end("s.a.1", at=3)]
+    again = [start("s.a.1", "s"), *turn("s.a.1"), *turn("s.a.1", 1, at=1), end("s.a.1", at=3)]
+    other = [start("s.b.2", "s", at=1), end("s.b.2", at=2)]
+    tail = [group_end("s", "s.a.1", at=4)]
+    if group_end_before_it_ends:
+        again, tail = again[:-1], [*tail, again[-1]]
+    group_start = ps.ParallelLoopStart(session_id="s", loop_ids=branches, timestamp=ts(0))
+    return [group_start, *first, *again, *other, *tail]
+
+
+@pytest.mark.parametrize("group_end_before_it_ends", [False, True])
+@pytest.mark.parametrize("drained_after", ["each event", 7, 8, 9])  # 7: its first end, 8: its start again
+def test_a_branch_sent_again_after_its_session_was_drained_is_saved_once(
+    drained_after: int | str, group_end_before_it_ends: bool
+) -> None:
+    """The drained record of a branch sent again was still owed its group's end: the end
+    amended that stale record too, next to the one sent again, and the store held the loop
+    twice (the same id and start)."""
+    from phi_session.stores.base import merge_sessions
+
+    events = _branch_sent_again(group_end_before_it_ends)
+    _, [whole] = record(events)
+    recorder = SessionRecorder()
+    saved: ps.Session | None = None
+    for index, event in enumerate([*events, None]):
+        if event is None:
+            recorder.flush()
+        else:
+            recorder.on_event(event)
+            recorder.checkpoint()
+        if event is None or drained_after in ("each event", index):
+            for session in recorder.drain_completed():
+                saved = session if saved is None else merge_sessions(saved, session)
+    assert saved is not None
+    assert [(r.loop_id, len(r.turns)) for r in saved.loops] == [("s.a.1", 2), ("s.b.2", 0)]
+    assert ps.encode(saved) == ps.encode(whole)
+    assert recorder.orphans() == []

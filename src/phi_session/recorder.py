@@ -262,6 +262,13 @@ class _HeldSession:
         """The record of `loop_id` that closed last, if any did."""
         return self.latest.get(loop_id) or self.closed.get(loop_id)
 
+    def has_closed(self, loop_id: str, started_at: Timestamp) -> bool:
+        """Whether the first or last closed record of `loop_id` started at `started_at`."""
+        return any(
+            record is not None and record.started_at == started_at
+            for record in (self.closed.get(loop_id), self.latest.get(loop_id))
+        )
+
     def link_child(self, parent: LoopRecord, child_id: str) -> None:
         parent_id = parent.loop_id
         children = self.children.get(parent_id)
@@ -947,6 +954,8 @@ class SessionRecorder:
                 if loop is None or since is None or record.ended_at is None or record.ended_at >= since:
                     record.parallel_group = group
             for session, record in self._late_branches.pop(loop_id, ()):
+                if self._sent_again(session.session_id, record):
+                    continue  # its version sent again has the group (set above, or as it ends)
                 # Drained already: amend a copy, never what was handed over.
                 self._add_closed(
                     self._amendable(session),
@@ -969,6 +978,22 @@ class SessionRecorder:
                 self._unstarted_homes[event.session_id] = replace(
                     late, loops=[], session_events=msgspec.UNSET
                 )
+
+    def _sent_again(self, session_id: str, drained: LoopRecord) -> bool:
+        """Whether the loop of the `drained` record was started again at its instant since
+        (an OTLP ingest given a late span of it): open, or closed in its session held
+        again. That version takes the drained one's place in a store's merge (which keeps
+        the group of either): an amended copy of the drained one would be a second record."""
+        loop = self._loops.get(drained.loop_id)
+        if (
+            loop is not None
+            and loop.started
+            and loop.session_id == session_id
+            and loop.record.started_at == drained.started_at
+        ):
+            return True
+        held = self._open.get(session_id) or self._completed.get(session_id)
+        return held is not None and held.has_closed(drained.loop_id, drained.started_at)
 
     def _session_event(self, event: ParallelLoopStart | ParallelLoopEnd) -> None:
         held = self._open.get(event.session_id) or self._completed.get(event.session_id)
@@ -1189,7 +1214,7 @@ class SessionRecorder:
             since = self._group_since.get(record.loop_id)
             if since is not None and (record.ended_at is None or record.ended_at >= since):
                 # (One that ended before its id's group began is an earlier loop of that id.)
-                self._late_branches.setdefault(record.loop_id, []).append((session, record))
+                self._owe_group_end(session, record)
             self._loop_session.pop(record.loop_id, None)
             self._spawns.pop(record.loop_id, None)
             self._awaited_spawns.pop(record.loop_id, None)
@@ -1202,6 +1227,18 @@ class SessionRecorder:
             kept = tuple(session_id for session_id in holders if session_id != session.session_id)
             if kept:
                 self._closed_by_id[record.loop_id] = kept
+
+    def _owe_group_end(self, session: Session, record: LoopRecord) -> None:
+        """Remember the drained branch `record` for its group's end. A version of it drained
+        before (the loop sent again since: the same start) is forgotten: amended too, it
+        would be a second record of the loop."""
+        owed = self._late_branches.setdefault(record.loop_id, [])
+        owed[:] = [
+            (other, older)
+            for other, older in owed
+            if other.session_id != session.session_id or older.started_at != record.started_at
+        ]
+        owed.append((session, record))
 
     def _await_spawn(self, child_loop_id: str, parent_ref: tuple[str, str, str, str]) -> None:
         """Remember the tool call naming `child_loop_id` past its spawner's drain, for its start."""
