@@ -322,6 +322,47 @@ def test_backpressure_is_429_with_retry_after(demo_sessions: list[Session], tmp_
         made.close()
 
 
+def test_backpressure_lets_in_the_roots_that_free_the_spans_waiting(tmp_path: Path) -> None:
+    """A 429 refused the root that would have freed the spans waiting for it: the client
+    retried after its trace timed out, and one run was saved as two loops."""
+
+    def span(trace: int, span_id: int, parent: int | None, operation: str, at: int, took: int = 1) -> dict:
+        attributes = [
+            {"key": "gen_ai.operation.name", "value": {"stringValue": operation}},
+            {"key": "gen_ai.conversation.id", "value": {"stringValue": f"conv{trace}"}},
+        ]
+        fields = {
+            "traceId": f"{trace:032x}",
+            "spanId": f"{span_id:016x}",
+            "name": f"{operation} m",
+            "startTimeUnixNano": str(T0 + at * 10**9),
+            "endTimeUnixNano": str(T0 + (at + took) * 10**9),
+            "attributes": attributes,
+        }
+        return fields | ({"parentSpanId": f"{parent:016x}"} if parent is not None else {})
+
+    def post(*spans: dict) -> int:
+        document = {"resourceSpans": [{"scopeSpans": [{"spans": list(spans)}]}]}
+        return made.post(json.dumps(document).encode(), "application/json").status
+
+    T0 = 1_750_000_000 * 10**9
+    made = Receiver(tmp_path, max_buffered_spans=4)
+    try:
+        # Two agents' model calls, their roots (invoke_agent) still running: the room is full.
+        assert post(span(1, 11, 1, "chat", 0), span(1, 12, 1, "chat", 2)) == 200
+        assert post(span(2, 21, 2, "chat", 0), span(2, 22, 2, "chat", 2)) == 200
+        assert post(span(3, 31, 3, "chat", 0)) == 429  # no room for more to wait
+        assert post(span(2, 23, 2, "chat", 4)) == 429
+        # The root that frees trace 1, with one more span to wait, and a trace whole (never waits).
+        root = span(1, 1, None, "invoke_agent", -1, took=6)
+        assert post(root, span(3, 31, 3, "chat", 0), span(4, 4, None, "invoke_agent", 0)) == 200
+        assert made.endpoint.ingestor.buffered_spans == 3
+    finally:
+        made.close()
+    [loop] = made.store.load("conv1").loops
+    assert (loop.status, len(loop.turns)) == ("Completed", 2)
+
+
 def _serve(store: Path, state: Path) -> tuple[subprocess.Popen[str], int]:
     code = "from phi_session.cli import main; main()"
     process = subprocess.Popen(

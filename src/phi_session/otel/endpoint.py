@@ -10,8 +10,8 @@ store).
 Answers follow the OTLP/HTTP specification: 200 with a partial success naming the spans
 rejected (invalid ids), 400 for an unreadable payload, 413 for a body over the limit
 (compressed or not: a gzip bomb stops at the limit) or more spans than may ever wait,
-415 for another content type, 429 (too many spans waiting for their roots) and 503 (the
-store is behind) with
+415 for another content type, 429 (too many spans waiting for their roots, counted after
+the payload's roots free theirs) and 503 (the store is behind) with
 ``Retry-After``, 403 for a non-loopback ``Host`` while bound to loopback (as the viewer).
 """
 
@@ -169,7 +169,7 @@ class OtlpEndpoint:
         media = content_type.split(";", 1)[0].strip().lower()
         read = read_otlp(body, media)
         spans = read.spans
-        self._check_room(len(spans))
+        self._check_room(spans)
         with self._accept_lock:  # spool order is arrival order
             if spans:
                 self.spool.write(body, media, spans)
@@ -177,14 +177,19 @@ class OtlpEndpoint:
         self.spool.release(self.ingestor, self.saver.journal)
         return IngestResult(accepted=len(spans), rejected=read.skipped, message=read.message)
 
-    def _check_room(self, count: int) -> None:
+    def _check_room(self, spans: list[SpanData]) -> None:
         limit = self.ingestor.max_buffered_spans
-        if count > limit:  # never fits: a 429 would have the client retry it forever
+        if len(spans) > limit:  # never fits: a 429 would have the client retry it forever
             raise OtlpRefused(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"{count} spans in one payload; at most {limit} may wait here: send smaller batches",
+                f"{len(spans)} spans in one payload; at most {limit} may wait here: send smaller batches",
             )
-        if self.ingestor.buffered_spans + count > limit:
+        # What the payload leaves waiting, less what its roots free: a root of a waiting trace
+        # is let in (refused, the trace's spans were recorded apart once timed out), as is a
+        # trace whole in it (recorded at once).
+        rooted = {span.trace_id for span in spans if span.parent_id is None and span.remote_parent_id is None}
+        count = sum(span.trace_id not in rooted for span in spans)
+        if count and self.ingestor.buffered_spans - self.ingestor.waiting_spans(rooted) + count > limit:
             raise Backpressure(
                 HTTPStatus.TOO_MANY_REQUESTS,
                 f"{self.ingestor.buffered_spans} spans are waiting for their traces' roots",

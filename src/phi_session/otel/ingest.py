@@ -454,6 +454,11 @@ class SpanIngestor:
         with self._lock:
             return any(trace_id in self._traces for trace_id in trace_ids)
 
+    def waiting_spans(self, trace_ids: Iterable[int]) -> int:
+        """How many spans of `trace_ids` wait for their roots."""
+        with self._lock:
+            return sum(len(trace.spans) for trace in map(self._traces.get, trace_ids) if trace is not None)
+
     def add(self, spans: Iterable[SpanData]) -> None:
         """Take finished spans; record every trace that is now complete."""
         with self._lock:
