@@ -36,7 +36,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
-from phi_session import encode_session
+from phi_session import encode_event, encode_session
 from phi_session.demo import run_demo
 from phi_session.errors import OtlpDecodeError, OtlpRefused
 from phi_session.model import Session
@@ -432,6 +432,37 @@ def test_nothing_acknowledged_is_lost_to_sigkill(demo_sessions: list[Session], t
     saved = JsonDirStore(store)
     _same(sorted((saved.load(sid) for sid in saved.list_ids()), key=lambda s: s.created_at), demo_sessions)
     assert not list((state / "spool").glob("*.spans"))
+
+
+def test_serve_saves_our_own_export_with_its_deltas_and_turn_requests(tmp_path: Path) -> None:
+    """`serve --otlp` recorded with the default recorder options: the streaming deltas and
+    turn requests our export carries were dropped after the 200."""
+    from phi_session import decode_session
+
+    from .conftest import GOLDEN
+
+    def golden(case: str) -> Session:
+        [path] = (GOLDEN / "recorder" / case / "sessions").glob("*.json")
+        return decode_session(path.read_bytes())
+
+    captured, streamed = golden("195-1sess-1loops-capture"), golden("177-1sess-1loops-stream")
+    assert any(turn.request_payload for loop in captured.loops for turn in loop.turns)
+    assert any(type(stored.event).__name__ == "MessageUpdate" for stored in streamed.loops[0].events)
+    process, port = _serve(tmp_path / "store", tmp_path / "state")
+    try:
+        for want in (captured, streamed):
+            assert _post_protobuf(port, session_spans(want, capture_content=True)) == 200
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, errors
+    saved = JsonDirStore(tmp_path / "store")
+    assert encode_session(saved.load(captured.session_id)) == encode_session(captured)
+    [loop] = saved.load(streamed.session_id).loops
+    assert [encode_event(stored.event) for stored in loop.events] == [
+        encode_event(stored.event) for stored in streamed.loops[0].events
+    ]
 
 
 def test_a_retried_payload_is_recorded_once(demo_sessions: list[Session], tmp_path: Path) -> None:

@@ -119,11 +119,18 @@ class _Spool:
             return len(done)
 
 
+# Our own export's spans carry every event its recorder kept, deltas only if it kept them
+# (other producers' spans hold neither deltas nor turn requests). Which turns had their
+# request copied is not said: all get it, rather than none (it is in their TurnRequest).
+_KEEP_ALL = SessionRecorderConfig(include_streaming_events=True, capture_turn_requests=True)
+
+
 class OtlpEndpoint:
     """Turns OTLP payloads into sessions saved in `store`, durably (see the module doc).
 
-    `state_dir` holds the journal and the spool. Call `close` to record what waits and
-    save everything.
+    `state_dir` holds the journal and the spool. `config` is the recorder's; by default
+    it keeps streaming deltas and turn requests, which only phi-session's own export
+    (with content) carries. Call `close` to record what waits and save everything.
     """
 
     def __init__(
@@ -139,7 +146,10 @@ class OtlpEndpoint:
     ) -> None:
         state = Path(state_dir)
         self.saver = AutoPersistingRecorder(
-            store, journal=state / "journal", config=config, max_pending_bytes=max_pending_bytes
+            store,
+            journal=state / "journal",
+            config=_KEEP_ALL if config is None else config,
+            max_pending_bytes=max_pending_bytes,
         )
         self.ingestor = SpanIngestor(
             self.saver, trace_timeout=trace_timeout, max_buffered_spans=max_buffered_spans
