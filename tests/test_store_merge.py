@@ -168,6 +168,19 @@ def test_a_continuation_saved_after_a_drain_is_linked_to_its_parent() -> None:
     assert merge_sessions(stored, running).loops[0].children_loop_ids == ()  # not finished yet
 
 
+def test_a_parent_saved_after_its_continuation_is_linked_to_it() -> None:
+    """Its continuation's trace exported first: the parent, saved later, never got its child."""
+    child, running = make_loop("s", 2, parent_index=1), make_loop("s", 3, status="Running", parent_index=1)
+    stored = make_session("s", loops=[child, running, make_loop("s", 4, parent_index=2)])
+    merged = merge_sessions(stored, make_session("s", loops=[make_loop("s", 1)]))
+    assert [(r.loop_id, r.children_loop_ids) for r in merged.loops] == [
+        ("s.cfg.2", ()),  # its child .4 was saved with it, linked by its recorder (or not at all)
+        ("s.cfg.3", ()),
+        ("s.cfg.4", ()),
+        ("s.cfg.1", ("s.cfg.2",)),  # not the running .3: not finished yet
+    ]
+
+
 def test_unchanged_loops_are_not_linked() -> None:
     # phi-core does not link aborted loops; re-saving its file must not change it.
     aborted = make_loop("s", 2, status="Aborted", parent_index=1)

@@ -477,9 +477,11 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     included. Stored loops keep their place; new ones are appended in their order.
     A winning version keeps the links (``children_loop_ids``, ``child_loop_refs``)
     of the version it replaces, and a finished loop that is new or changed is
-    linked into its same-session parent's ``children_loop_ids``: a recorder that
-    drained the parent before the child finished could not link them, and the
-    merged session then reads as if it had been recorded in one go.
+    linked into its same-session parent's ``children_loop_ids``, as are the stored
+    finished children of a parent that is new or changed: a recorder that drained
+    the parent before the child finished (or the child before the parent came) could
+    not link them, and the merged session then reads as if it had been recorded in
+    one go.
     Session-scoped events (``session_events``) are combined the same way: the
     incoming ones not already stored are appended.
     """
@@ -518,14 +520,20 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     )
 
 
-def loops_a_merge_touches(loop_ids: Sequence[str], incoming: Session) -> list[int]:
-    """The positions of the stored loops (whose ids are `loop_ids`, in order) that
-    `merge_sessions` with `incoming` may change: those of its loops' ids, and of their
-    parents' (a finished loop is linked into its parent's ``children_loop_ids``). The
-    others keep their place as stored: a store reads whole only these (`merge_part`)."""
-    wanted = {record.loop_id for record in incoming.loops}
-    wanted.update(record.parent_loop_id for record in incoming.loops if record.parent_loop_id is not None)
-    return [position for position, loop_id in enumerate(loop_ids) if loop_id in wanted]
+def loops_a_merge_touches(stored: Sequence[tuple[str, str | None]], incoming: Session) -> list[int]:
+    """The positions of the stored loops (`stored`: each one's loop id and parent loop id,
+    in order) that `merge_sessions` with `incoming` may change or read: those of its loops'
+    ids, of their parents' (a finished loop is linked into its parent's
+    ``children_loop_ids``), and their children (linked into a parent that is new or
+    changed). The others keep their place as stored: a store reads whole only these
+    (`merge_part`)."""
+    ids = {record.loop_id for record in incoming.loops}
+    wanted = ids | {record.parent_loop_id for record in incoming.loops if record.parent_loop_id is not None}
+    return [
+        position
+        for position, (loop_id, parent_id) in enumerate(stored)
+        if loop_id in wanted or parent_id in ids
+    ]
 
 
 def merge_part(
@@ -562,7 +570,12 @@ def _link_to_parents(loops: list[LoopRecord], adopted: list[LoopRecord]) -> None
     first: dict[str, int] = {}  # like the recorder, a loop id names its first record
     for index, record in enumerate(loops):
         first.setdefault(record.loop_id, index)
-    for child in adopted:
+    # A parent new or changed links its stored children too: one saved before it (its
+    # continuation's trace exported first) is not in its links.
+    parents = {record.loop_id for record in adopted if loops[first[record.loop_id]] is record}
+    taken = set(map(id, adopted))
+    stored = [record for record in loops if record.parent_loop_id in parents and id(record) not in taken]
+    for child in [*stored, *adopted]:
         if child.parent_loop_id is None or child.status in ("Running", "Pending"):
             continue  # only finished loops are linked
         slot = first.get(child.parent_loop_id)

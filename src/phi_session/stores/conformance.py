@@ -748,6 +748,16 @@ class StoreConformance:
             assert encode_session(store.load(session_id)) == encode_session(expected), parts
             assert [row for row in store.query() if row.session_id == session_id] == [summarize(expected)]
 
+    def test_a_parent_saved_after_its_child_is_linked_to_it(self, store: SessionStore) -> None:
+        # A continuation whose trace was exported before its parent's.
+        store.save(make_session("late", loops=[make_loop("late", 1), make_loop("late", 3, parent_index=2)]))
+        store.save(make_session("late", loops=[make_loop("late", 2, parent_index=1)]))
+        assert [(r.loop_id, r.children_loop_ids) for r in store.load("late").loops] == [
+            ("late.cfg.1", ("late.cfg.2",)),
+            ("late.cfg.3", ()),
+            ("late.cfg.2", ("late.cfg.3",)),
+        ]
+
     def test_concurrent_saves_of_one_session_lose_no_loop(self, store: SessionStore) -> None:
         writers = 8
         barrier = threading.Barrier(writers)

@@ -120,9 +120,10 @@ class _Entry:
 
 
 class _LoopFacts(NamedTuple):
-    """What a session file's `_Entry` needs of one of its loops, and its id."""
+    """What a session file's `_Entry` needs of one of its loops, and its id and parent's."""
 
     loop_id: str
+    parent_loop_id: str | None
     listed: tuple[str, str | None, Usage, int]
     """Its status, ``provider/model`` (None: no config), billed usage and turn count."""
     prompt: str | None
@@ -132,7 +133,7 @@ class _LoopFacts(NamedTuple):
 def _facts(record: LoopRecord) -> _LoopFacts:
     row = loop_usage_row(record, model_key(record))
     listed = (record.status, None if record.config is None else row.key, row.usage, len(record.turns))
-    return _LoopFacts(record.loop_id, listed, loop_prompt(record), row)
+    return _LoopFacts(record.loop_id, record.parent_loop_id, listed, loop_prompt(record), row)
 
 
 def _entry(key: _FileKey, header: Session, facts: Sequence[_LoopFacts]) -> _Entry:
@@ -415,7 +416,9 @@ class JsonDirStore(ScanSearch, AsyncTwins):
     def _merged_in_part(
         self, session_id: str, written: _Written, data: bytes, session: Session
     ) -> tuple[Session, list[bytes | memoryview], list[_LoopFacts]]:
-        positions = loops_a_merge_touches([fact.loop_id for fact in written.facts], session)
+        positions = loops_a_merge_touches(
+            [(fact.loop_id, fact.parent_loop_id) for fact in written.facts], session
+        )
         try:
             records = [decode_loop(data[slice(*written.spans[p])], strict=False) for p in positions]
         except DecodeError as error:  # not seen: this store wrote these bytes

@@ -1025,7 +1025,11 @@ class PostgresStore(AsyncTwins):
             outlines = [None if outline is None else decode_loop_outline(outline) for _, _, outline in rows]
         except (DecodeError, msgspec.DecodeError) as exc:
             raise StoredSessionUnusable(f"stored session {session_id!r} is corrupt: {exc}") from exc
-        wanted = set(loops_a_merge_touches([loop_id for _, loop_id, _ in rows], incoming))
+        family = [
+            (loop_id, None if outline is None else outline.parent_loop_id)
+            for (_, loop_id, _), outline in zip(rows, outlines, strict=True)
+        ]
+        wanted = set(loops_a_merge_touches(family, incoming))
         wanted.update(index for index, outline in enumerate(outlines) if outline is None)
         indexes = sorted(wanted)
         cur.execute(

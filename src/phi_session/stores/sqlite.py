@@ -1435,7 +1435,11 @@ class SqliteStore(AsyncTwins):
         ).fetchall()
         with self._reading(session_id):
             outlines = [None if outline is None else decode_loop_outline(outline) for _, outline in loops]
-            wanted = set(loops_a_merge_touches([loop_id for loop_id, _ in loops], incoming))
+            family = [
+                (loop_id, None if outline is None else outline.parent_loop_id)
+                for (loop_id, _), outline in zip(loops, outlines, strict=True)
+            ]
+            wanted = set(loops_a_merge_touches(family, incoming))
             wanted.update(position for position, outline in enumerate(outlines) if outline is None)
             positions = sorted(wanted)
             blobs = self._templates(conn, session_id, positions)
