@@ -2017,3 +2017,21 @@ def test_a_branch_sent_again_after_its_session_was_drained_is_saved_once(
     assert [(r.loop_id, len(r.turns)) for r in saved.loops] == [("s.a.1", 2), ("s.b.2", 0)]
     assert ps.encode(saved) == ps.encode(whole)
     assert recorder.orphans() == []
+
+
+def test_a_continuation_that_closed_before_its_parent_is_linked_to_it() -> None:
+    """An OTLP ingest given the continuation's trace first: its parent, recorded after it,
+    never got it in its ``children_loop_ids``, held or drained between the two."""
+    events = [
+        start("s.c.2", "s", at=5, parent="s.c.1", kind=ps.DEFAULT),
+        end("s.c.2", at=6),
+        start("s.c.1", "s"),
+        end("s.c.1", at=1),
+    ]
+    _, [whole] = record(events)
+    saved = ps.decode_session(_saved_after_every_event(events)["s"])
+    for session in (whole, saved):
+        assert [(r.loop_id, r.children_loop_ids) for r in session.loops] == [
+            ("s.c.2", ()),
+            ("s.c.1", ("s.c.2",)),
+        ]

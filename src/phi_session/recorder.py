@@ -19,6 +19,8 @@ session files, and fixes the gaps that lose, split or misattribute data (§14):
 * ``RevertApplied`` is stored; parallel and loop-less events are kept; a parallel event
   naming another session's loop is kept in its own session's events, not applied;
 * `flush` aborts open loops in the order they were opened, and links them to their parent;
+  a loop that closed before its parent of the session did (an OTLP ingest's continuation
+  whose trace came first) is linked to it once it closes;
 * `checkpoint` completes every session whose loops have all ended, as phi-core does;
   what a drained session learns later (its parallel winner, the tool call that
   spawned it) is handed over again by the next drain, as an amendment to merge;
@@ -228,6 +230,7 @@ class _HeldSession:
         "before_task_due",
         "children",
         "closed",
+        "early_children",
         "events",
         "latest",
         "open_loops",
@@ -257,6 +260,9 @@ class _HeldSession:
         self.children: dict[str, _Children] = {}
         # The same, for those with children not yet in their record's tuple (`link_children`).
         self.unlinked: dict[str, _Children] = {}
+        # Parent loop id -> the children that closed before it did (a continuation whose
+        # trace an OTLP ingest got first); None while there are none, as in most sessions.
+        self.early_children: dict[str, list[str]] | None = None
 
     def last_closed(self, loop_id: str) -> LoopRecord | None:
         """The record of `loop_id` that closed last, if any did."""
@@ -278,6 +284,18 @@ class _HeldSession:
             children = self.children[parent_id] = _Children(parent)
         children.ids[child_id] = None
         self.unlinked[parent_id] = children
+
+    def await_parent(self, parent_id: str, child_id: str) -> None:
+        """Link `child_id` to the first record of `parent_id` once it closes here."""
+        if self.early_children is None:
+            self.early_children = {}
+        self.early_children.setdefault(parent_id, []).append(child_id)
+
+    def link_early_children(self, record: LoopRecord) -> None:
+        """Link the children that closed before `record`, if it is the first record of its id."""
+        if self.early_children and self.closed.get(record.loop_id) is record:
+            for child_id in self.early_children.pop(record.loop_id, ()):
+                self.link_child(record, child_id)
 
     def link_children(self) -> Session:
         """The session, its records' ``children_loop_ids`` brought up to date."""
@@ -774,6 +792,7 @@ class SessionRecorder:
             held.open_loops -= 1
         self._link_to_parent(held, record)
         self._add_closed(held, record)
+        held.link_early_children(record)
 
     def _link_to_parent(self, held: _HeldSession, record: LoopRecord) -> None:
         parent_id = record.parent_loop_id
@@ -785,6 +804,8 @@ class SessionRecorder:
                     parent = open_parent.record
             if parent is not None:
                 held.link_child(parent, record.loop_id)
+            elif parent_id != record.loop_id and self._session_of(parent_id) == record.session_id:
+                held.await_parent(parent_id, record.loop_id)  # not here yet
 
     def _add_closed(self, held: _HeldSession, record: LoopRecord, replaced: LoopRecord | None = None) -> None:
         loops = held.session.loops
