@@ -2035,3 +2035,16 @@ def test_a_continuation_that_closed_before_its_parent_is_linked_to_it() -> None:
             ("s.c.2", ()),
             ("s.c.1", ("s.c.2",)),
         ]
+
+
+def test_a_checkpoint_after_a_loops_end_looks_at_its_session_only() -> None:
+    recorder = SessionRecorder()
+    recorder.record_all([start("a.c.1", "a"), start("b.c.1", "b"), start("o.c.1", "o"), end("a.c.1")])
+    recorder.on_event(end("b.c.1"))
+    assert recorder.checkpoint(loop_id="b.c.1") == 1  # not a's, whose loop ended too
+    assert [session.session_id for session in recorder.drain_completed()] == ["b"]
+    assert recorder.checkpoint(loop_id="o.c.1") == 0  # still running
+    assert recorder.checkpoint(loop_id="unknown.c.1") == 0
+    assert recorder.checkpoint() == 1
+    with pytest.raises(TypeError, match="loop_id must be str or None"):
+        recorder.checkpoint(loop_id=1)  # type: ignore[arg-type]

@@ -447,16 +447,19 @@ class AutoPersistingRecorder:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def checkpoint(self) -> int:
+    def checkpoint(self, *, loop_id: str | None = None) -> int:
         """Hand every finished session to the writer now; returns how many.
 
         Blocks until they are all in the writer's queue, which holds at most
         `max_pending_bytes` (plus one session): backpressure when the store lags.
+        With `loop_id`, of the open sessions only that loop's is looked at
+        (`SessionRecorder.checkpoint`).
         """
+        check_type("loop_id", loop_id, str, optional=True)
         with self._lock:
             if self._closed:  # `close` hands everything over itself
                 return 0
-        handed = self._hand_over(self.recorder.checkpoint)
+        handed = self._hand_over(functools.partial(self.recorder.checkpoint, loop_id=loop_id))
         self._wait_for_room()
         return handed
 

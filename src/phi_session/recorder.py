@@ -1134,7 +1134,7 @@ class SessionRecorder:
         if self.config.after_task is not None:
             self._callbacks.append((self.config.after_task, held.session, None))
 
-    def checkpoint(self) -> int:
+    def checkpoint(self, *, loop_id: str | None = None) -> int:
         """Complete every open session whose loops have all ended; returns how many.
 
         phi-core's contract: a session is complete once every loop of it has received
@@ -1147,15 +1147,26 @@ class SessionRecorder:
         completes it, a rejection comes as an amendment once drained). Costs
         O(open sessions + drained sessions owed a group's end). ``after_task`` fires for
         each completed session.
+
+        With `loop_id` (whose ``AgentEnd`` was just recorded), only the session of that
+        loop is looked at, in O(1): for a caller that checkpoints after every loop's end
+        (and now and then in full, for what completes otherwise).
         """
+        check_type("loop_id", loop_id, str, optional=True)
         with self._lock:
-            self._give_up_stale_groups()
+            if loop_id is None:
+                self._give_up_stale_groups()
+                candidates: Iterable[tuple[str, _HeldSession]] = self._open.items()
+            else:
+                session_id = self._session_of(loop_id)
+                held = self._open.get(session_id)
+                candidates = () if held is None else ((session_id, held),)
             # A thread deferring callbacks runs them itself once its block ends: only another
             # thread's pending ``before_task`` holds a session back.
             deferring = getattr(self._deferring, "depth", 0)
             ready = [
                 sid
-                for sid, held in self._open.items()
+                for sid, held in candidates
                 if held.open_loops == 0 and (deferring or not held.before_task_due)
             ]
             for session_id in ready:

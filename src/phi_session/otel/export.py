@@ -800,8 +800,8 @@ class OtelExportSink:
 
     def __call__(self, event: AgentEvent) -> None:
         self._worker.on_event(event)
-        if type(event) is AgentEnd:
-            self._worker.checkpoint()
+        if type(event) is AgentEnd:  # its session only: a full checkpoint scans every open one
+            self._worker.checkpoint(loop_id=event.loop_id)
 
     @property
     def exported_sessions(self) -> int:
