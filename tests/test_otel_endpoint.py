@@ -521,6 +521,42 @@ def test_chunked_bodies_as_nodes_exporters_send_them(demo_sessions: list[Session
     _same(sessions, demo_sessions)
 
 
+def _raw(port: int, data: bytes) -> bytes:
+    """Send `data` as is on a new connection; everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(data)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    return answer
+
+
+_SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("framing", "body", "status"),
+    [
+        (b"Content-Length: 2\r\nContent-Length: %d\r\n", b"{}", b"400"),
+        (b"Content-Length: 2, %d\r\n", b"{}", b"400"),
+        (b"Content-Length: +%d\r\n", b"{}", b"400"),
+        (b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n", b"2\r\n{}\r\n0\r\n\r\n", b"200"),
+        (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n", b"", b"501"),
+    ],
+)
+def test_a_body_framed_two_ways_never_smuggles_a_request(
+    receiver: Receiver, framing: bytes, body: bytes, status: bytes
+) -> None:
+    """Content-Length values that differ, or with a chunked body, were taken as one framing
+    on a kept-alive connection: the rest of the body was answered as another request
+    (a desync behind a proxy that framed it the other way). RFC 9112 6.3."""
+    head = b"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    framed = framing % (len(body) + len(_SMUGGLED)) if b"%d" in framing else framing
+    answer = _raw(receiver.port, head + framed + b"\r\n" + body + _SMUGGLED)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"\r\nConnection: close\r\n" in answer
+
+
 @pytest.mark.parametrize(
     "hostile",
     [

@@ -255,6 +255,20 @@ def test_a_request_without_a_host_header_is_refused(server: ViewerServer) -> Non
     assert raw_request(server, two).startswith(b"HTTP/1.1 403")
 
 
+def test_a_request_body_never_smuggles_another_request(server: ViewerServer) -> None:
+    """The viewer reads no body: on a kept-alive connection, a GET's body was answered as
+    the next request (a desync behind a proxy that sent it as a body)."""
+    smuggled = b"GET /api/stats HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    for framing in (b"Content-Length: %d\r\n" % len(smuggled), b"Transfer-Encoding: chunked\r\n"):
+        answer = raw_request(
+            server, b"GET /api/sessions HTTP/1.1\r\nHost: localhost\r\n" + framing + b"\r\n" + smuggled
+        )
+        assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 ") == 1, answer[:200]
+    conflicting = b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n"
+    answer = raw_request(server, b"GET /api/sessions HTTP/1.1\r\nHost: localhost\r\n" + conflicting)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+
+
 SECURITY_HEADERS = (
     "Content-Security-Policy",
     "X-Content-Type-Options",

@@ -8,10 +8,11 @@ A restart replays what the spool still holds (a trace recorded twice is merged b
 store).
 
 Answers follow the OTLP/HTTP specification: 200 with a partial success naming the spans
-rejected (invalid ids), 400 for an unreadable payload, 413 for a body over the limit
-(compressed or not: a gzip bomb stops at the limit) or more spans than may ever wait,
-415 for another content type, 429 (too many spans waiting for their roots, counted after
-the payload's roots free theirs) and 503 (the store is behind) with
+rejected (invalid ids), 400 for an unreadable payload (or Content-Length values that
+differ; a chunked body that has one too is read, and its connection closed), 413 for a
+body over the limit (compressed or not: a gzip bomb stops at the limit) or more spans
+than may ever wait, 415 for another content type, 429 (too many spans waiting for their
+roots, counted after the payload's roots free theirs) and 503 (the store is behind) with
 ``Retry-After``, 403 for a non-loopback ``Host`` while bound to loopback (as the viewer).
 """
 
@@ -37,7 +38,7 @@ from ..journal.format import fsync_directory
 from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
 from ..stores.base import SessionStore
-from ..web.server import is_loopback, loopback_host_header
+from ..web.server import CHUNKED, HttpError, body_length, is_loopback, loopback_host_header
 from .ingest import IngestResult, SpanIngestor
 from .spans import MEDIA_JSON, MEDIA_PROTOBUF, MEDIA_PROTOBUFS, SpanData, read_otlp
 
@@ -324,11 +325,14 @@ class OtlpHandler(BaseHTTPRequestHandler):
                 f"Content-Type must be {', '.join(MEDIA_PROTOBUFS)} or {MEDIA_JSON}",
             )
         limit = self.server.max_body
-        transfer = self.headers.get("Transfer-Encoding")
-        if transfer is not None and transfer.strip().lower() != "chunked":
-            raise OtlpRefused(HTTPStatus.NOT_IMPLEMENTED, f"unsupported Transfer-Encoding {transfer!r}")
-        try:  # a Transfer-Encoding overrides a Content-Length (RFC 9112 6.3)
-            body = self._read_chunked(limit) if transfer is not None else self._read_sized(limit)
+        try:
+            length = body_length(self)
+        except HttpError as error:
+            raise OtlpRefused(error.status, str(error)) from None
+        if length is None:
+            raise OtlpRefused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
+        try:
+            body = self._read_chunked(limit) if length == CHUNKED else self._read_sized(length, limit)
         except TimeoutError:
             raise OtlpRefused(HTTPStatus.REQUEST_TIMEOUT, "the body stopped coming") from None
         encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
@@ -338,11 +342,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
             raise OtlpRefused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported Content-Encoding {encoding!r}")
         return body, content_type
 
-    def _read_sized(self, limit: int) -> bytes:
-        length_text = self.headers.get("Content-Length")
-        if length_text is None or not length_text.isdigit():
-            raise OtlpRefused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
-        length = int(length_text)
+    def _read_sized(self, length: int, limit: int) -> bytes:
         if length > limit:
             raise OtlpRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
         body = self.rfile.read(length)
@@ -429,7 +429,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
         else:
             body = _status_protobuf(code, message)
         self.close_connection = True  # the body may not have been read
-        self._send(status, body, reply, {**(headers or {}), "Connection": "close"})
+        self._send(status, body, reply, headers)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (400 bad request line, 414, 431...) in OTLP's JSON error shape."""
@@ -443,6 +443,8 @@ class OtlpHandler(BaseHTTPRequestHandler):
     def _send(
         self, status: HTTPStatus, body: bytes, content_type: str, headers: dict[str, str] | None = None
     ) -> None:
+        if self.close_connection:  # said, so that the client sends no other request on it
+            headers = {**(headers or {}), "Connection": "close"}
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))

@@ -165,6 +165,39 @@ def loopback_host_header(values: list[str]) -> bool:
     return name is not None and is_loopback(name)
 
 
+CHUNKED = -1  # `body_length` of a chunked body
+
+
+def body_length(handler: BaseHTTPRequestHandler) -> int | None:
+    """The length of the request's body by its framing headers (RFC 9112 6.3): None
+    without any, `CHUNKED` for a chunked one. Raises `HttpError`: 400 for Content-Length
+    values that differ or are no number, 501 for another transfer coding. A request with
+    both headers is chunked. Either way, its connection is closed after the answer: where
+    the request ends is unsure (a proxy may have framed it the other way, and the rest
+    would be read as another request)."""
+    codings = handler.headers.get_all("Transfer-Encoding") or []
+    fields = handler.headers.get_all("Content-Length") or []
+    lengths = {length.strip() for field in fields for length in field.split(",")}
+    if codings and lengths:
+        handler.close_connection = True
+    if codings:
+        coding = ", ".join(codings)
+        if coding.strip().lower() == "chunked":
+            return CHUNKED
+        error = HttpError(HTTPStatus.NOT_IMPLEMENTED, f"unsupported Transfer-Encoding {coding!r}")
+    elif not lengths:
+        return None
+    elif len(lengths) > 1:
+        error = HttpError(HTTPStatus.BAD_REQUEST, "Content-Length headers that differ")
+    else:
+        [length] = lengths
+        if length.isascii() and length.isdigit():
+            return int(length)
+        error = HttpError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}")
+    handler.close_connection = True
+    raise error
+
+
 class HttpError(Exception):
     """An error response: status and the message of its ``{"error": …}`` body."""
 
@@ -293,6 +326,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     def _route(self) -> tuple[HTTPStatus, bytes, str]:
         self._check_host()
+        if body_length(self):  # never read: the next request would be read from it
+            self.close_connection = True
         url = urlsplit(self.path)
         # Split before unquoting: an id holding an encoded "/" stays one segment
         # (and is then refused by validate_session_id).
