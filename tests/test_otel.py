@@ -31,7 +31,7 @@ from opentelemetry.trace import (
 
 from phi_session import SessionRecorder, Timestamp, encode_session
 from phi_session.demo import run_demo
-from phi_session.errors import ExportError
+from phi_session.errors import ExportError, InvalidArgument
 from phi_session.events import (
     COMPACTION,
     AgentEnd,
@@ -49,7 +49,7 @@ from phi_session.events import (
 )
 from phi_session.messages import ZERO_USAGE, AssistantMessage, TextContent, UserMessage
 from phi_session.model import ParallelGroupRecord, Session
-from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session
+from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session, ingest_otlp
 from phi_session.otel import attributes as attr
 from phi_session.otel import ingest as ingest_module
 from phi_session.otel.export import loop_span_id, session_spans, tool_span_id, turn_span_id
@@ -616,6 +616,44 @@ def run_demo_once() -> list[Session]:
 def test_session_spans_rejects_non_sessions() -> None:
     with pytest.raises(TypeError):
         session_spans("nope")  # type: ignore[arg-type]
+
+
+def test_the_exports_and_the_ingest_check_their_arguments() -> None:
+    """Values of the wrong type were taken (and failed later, in the OTLP encoder, or as an
+    `ExportError` or `AttributeError`), bad ones recorded with."""
+    session, exporter = tool_loop_session([("c1", "read", {}, "ok")]), InMemorySpanExporter()
+    wrong: list[tuple[Any, str]] = [
+        (lambda: export_session(session, exporter, capture_content="no"), "capture_content must be bool"),
+        (lambda: export_session(session, exporter, resource="x"), "resource must be Resource or None"),
+        (lambda: export_session(session, None), "exporter must be a SpanExporter, not NoneType"),
+        (lambda: session_spans(session, first_ordinals={"L": "a"}), "first_ordinals\\['L'\\] must be int"),
+        (lambda: session_spans(session, first_ordinals={1: 0}), "first_ordinals keys must be str"),
+        (lambda: SpanIngestor(print, max_buffered_spans=1.5), "max_buffered_spans must be int"),
+        (lambda: SpanIngestor(print, trace_timeout="1"), "trace_timeout must be a number of seconds"),
+        (lambda: SpanIngestor(print, clock=1), "clock must be callable"),
+        (lambda: ingest_otlp(b"{}", None, SpanIngestor(print)), "content_type must be str"),
+        (lambda: ingest_otlp("{}", "application/json", SpanIngestor(print)), "payload must be bytes"),
+        (lambda: ingest_otlp(b"{}", "application/json", None), "ingestor must be SpanIngestor"),
+        (lambda: SpanIngestor(print).add([1]), "spans\\[0\\] must be SpanData, not int"),
+    ]
+    for call, message in wrong:
+        with pytest.raises(TypeError, match=message):
+            call()
+    bad: list[tuple[Any, str]] = [
+        (
+            lambda: session_spans(session, first_ordinals={"L": -1}),
+            "first_ordinals\\['L'\\]: expected a count",
+        ),
+        (
+            lambda: SpanIngestor(print, trace_timeout=float("nan")),
+            "trace_timeout must be a number of seconds > 0",
+        ),
+        (lambda: SpanIngestor(print, max_buffered_spans=0), "max_buffered_spans must be at least 1"),
+    ]
+    for call, message in bad:
+        with pytest.raises(InvalidArgument, match=message):
+            call()
+    assert exporter.get_finished_spans() == ()  # nothing exported with a bad argument
 
 
 def test_simple_span_processor_exports_to_in_memory_via_sdk() -> None:

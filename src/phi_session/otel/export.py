@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from .._checks import check_instance, check_type
+from .._checks import check_type, check_unsigned
 from ..codec import encode_event, encode_record, escape_surrogates, json_text, without_lone_surrogates
 from ..errors import ExportError, StoreError
 from ..events import (
@@ -648,7 +648,12 @@ def session_spans(
     """
     if not isinstance(session, Session):
         raise TypeError(f"expected a Session, got {type(session).__name__}")
+    check_type("capture_content", capture_content, bool)
+    check_type("resource", resource, Resource, optional=True)
     check_type("first_ordinals", first_ordinals, Mapping, optional=True)
+    for loop_id, first in (first_ordinals or {}).items():
+        check_type("first_ordinals keys", loop_id, str)
+        check_unsigned(f"first_ordinals[{loop_id!r}]", first)
     chosen = _resource(resource)
     placements = _Placements(session)
     spans: list[ReadableSpan] = []
@@ -676,6 +681,7 @@ def export_session(
     `first_ordinals` is `session_spans`'. Raises `ExportError` when the exporter reports
     failure or raises.
     """
+    _check_exporter(exporter)
     spans = session_spans(
         session, capture_content=capture_content, resource=resource, first_ordinals=first_ordinals
     )
@@ -687,6 +693,11 @@ def export_session(
     if result is not SpanExportResult.SUCCESS:
         raise ExportError(failed)
     return len(spans)
+
+
+def _check_exporter(exporter: object) -> None:
+    if not callable(getattr(exporter, "export", None)):
+        raise TypeError(f"exporter must be a SpanExporter, not {type(exporter).__name__}")
 
 
 class _ExportedRecords:
@@ -783,9 +794,8 @@ class OtelExportSink:
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         retry_for: float = 30.0,
     ) -> None:
-        if not callable(getattr(exporter, "export", None)):
-            raise TypeError(f"exporter must be a SpanExporter, not {type(exporter).__name__}")
-        check_instance("capture_content", capture_content, bool, "bool")
+        _check_exporter(exporter)
+        check_type("capture_content", capture_content, bool)
         check_type("resource", resource, Resource, optional=True)
         self.exporter = exporter
         self.capture_content = capture_content

@@ -34,6 +34,7 @@ from typing import Any, get_args
 import msgspec
 from opentelemetry.sdk.trace import SpanProcessor
 
+from .._checks import check_callable, check_each, check_instance, check_seconds, check_type
 from .._failures import FailureTally
 from .._strict import strict_adds_nothing
 from ..adapters import session_id_for
@@ -409,8 +410,11 @@ class SpanIngestor:
         self._emit: Callable[[AgentEvent], Any] = on_event if callable(on_event) else target
         if not callable(self._emit):
             raise TypeError(f"not an event target: {target!r}")
-        if trace_timeout <= 0 or max_buffered_spans < 1:
-            raise InvalidArgument("trace_timeout must be positive and max_buffered_spans at least 1")
+        check_seconds("trace_timeout", trace_timeout, positive=True)
+        check_type("max_buffered_spans", max_buffered_spans, int)
+        if max_buffered_spans < 1:
+            raise InvalidArgument(f"max_buffered_spans must be at least 1, got {max_buffered_spans}")
+        check_callable("clock", clock)
         self.trace_timeout = trace_timeout
         self.max_buffered_spans = max_buffered_spans
         self._clock = clock
@@ -461,6 +465,7 @@ class SpanIngestor:
 
     def add(self, spans: Iterable[SpanData]) -> None:
         """Take finished spans; record every trace that is now complete."""
+        spans = check_each("spans", spans, SpanData, "SpanData")  # before any is taken
         with self._lock:
             now = self._clock()
             ready: list[int] = []
@@ -1401,6 +1406,9 @@ def ingest_otlp(payload: bytes, content_type: str, ingestor: SpanIngestor) -> In
 
     Raises `OtlpDecodeError` for a payload that cannot be read (nothing of it is taken).
     """
+    check_instance("payload", payload, (bytes, bytearray, memoryview), "bytes")
+    check_type("content_type", content_type, str)
+    check_type("ingestor", ingestor, SpanIngestor)
     read = read_otlp(payload, content_type.split(";", 1)[0].strip().lower())
     ingestor.add(read.spans)
     return IngestResult(accepted=len(read.spans), rejected=read.skipped, message=read.message)
