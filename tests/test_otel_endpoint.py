@@ -434,9 +434,10 @@ def test_nothing_acknowledged_is_lost_to_sigkill(demo_sessions: list[Session], t
     assert not list((state / "spool").glob("*.spans"))
 
 
-def test_serve_saves_our_own_export_with_its_deltas_and_turn_requests(tmp_path: Path) -> None:
-    """`serve --otlp` recorded with the default recorder options: the streaming deltas and
-    turn requests our export carries were dropped after the 200."""
+def test_serve_saves_our_own_export_with_its_deltas_and_no_request_copies(tmp_path: Path) -> None:
+    """`serve --otlp` recorded with the default recorder options: the streaming deltas our
+    export carries were dropped after the 200. Turn requests stay in their events only:
+    a session recorded without copies (the default) comes back byte-identical."""
     from phi_session import decode_session
 
     from .conftest import GOLDEN
@@ -448,6 +449,7 @@ def test_serve_saves_our_own_export_with_its_deltas_and_turn_requests(tmp_path: 
     captured, streamed = golden("195-1sess-1loops-capture"), golden("177-1sess-1loops-stream")
     assert any(turn.request_payload for loop in captured.loops for turn in loop.turns)
     assert any(type(stored.event).__name__ == "MessageUpdate" for stored in streamed.loops[0].events)
+    assert any(type(stored.event).__name__ == "TurnRequest" for stored in streamed.loops[0].events)
     process, port = _serve(tmp_path / "store", tmp_path / "state")
     try:
         for want in (captured, streamed):
@@ -458,10 +460,11 @@ def test_serve_saves_our_own_export_with_its_deltas_and_turn_requests(tmp_path: 
         process.kill()
     assert process.returncode == 0, errors
     saved = JsonDirStore(tmp_path / "store")
-    assert encode_session(saved.load(captured.session_id)) == encode_session(captured)
-    [loop] = saved.load(streamed.session_id).loops
+    assert encode_session(saved.load(streamed.session_id)) == encode_session(streamed)
+    [loop] = saved.load(captured.session_id).loops
+    assert [turn.request_payload for turn in loop.turns] == [None] * len(loop.turns)
     assert [encode_event(stored.event) for stored in loop.events] == [
-        encode_event(stored.event) for stored in streamed.loops[0].events
+        encode_event(stored.event) for stored in captured.loops[0].events
     ]
 
 

@@ -121,17 +121,19 @@ class _Spool:
 
 
 # Our own export's spans carry every event its recorder kept, deltas only if it kept them
-# (other producers' spans hold neither deltas nor turn requests). Which turns had their
-# request copied is not said: all get it, rather than none (it is in their TurnRequest).
-_KEEP_ALL = SessionRecorderConfig(include_streaming_events=True, capture_turn_requests=True)
+# (other producers' spans hold none), so keeping deltas adds nothing that was not sent.
+# Turn requests are not copied into their turns: which turns had them copied is not
+# sent, and copying all would grow a default (capture off) session with the square of
+# its length; each request stays whole in its TurnRequest event.
+_KEEP_SENT = SessionRecorderConfig(include_streaming_events=True)
 
 
 class OtlpEndpoint:
     """Turns OTLP payloads into sessions saved in `store`, durably (see the module doc).
 
     `state_dir` holds the journal and the spool. `config` is the recorder's; by default
-    it keeps streaming deltas and turn requests, which only phi-session's own export
-    (with content) carries. Call `close` to record what waits and save everything.
+    it keeps streaming deltas, which only phi-session's own export (with content)
+    carries. Call `close` to record what waits and save everything.
     """
 
     def __init__(
@@ -149,7 +151,7 @@ class OtlpEndpoint:
         self.saver = AutoPersistingRecorder(
             store,
             journal=state / "journal",
-            config=_KEEP_ALL if config is None else config,
+            config=_KEEP_SENT if config is None else config,
             max_pending_bytes=max_pending_bytes,
         )
         self.ingestor = SpanIngestor(

@@ -86,6 +86,8 @@ LOSSES: dict[str, tuple[str, ...]] = {
         "nothing in the loops; session-scoped ParallelLoopStart/End are rebuilt from the loops "
         "(their timestamps are the first member's start and the last member's end)",
         "a loop that never ended comes back Aborted with ended_at and error set",
+        "Turn.request_payload, the copy of a turn's request a recorder with "
+        "capture_turn_requests makes (the request stays whole in its TurnRequest event)",
     ),
     "phi-session export without content": (
         "messages, tool arguments and results, turn requests, streaming deltas",
