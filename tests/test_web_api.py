@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import struct
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,6 +17,10 @@ from typing import Any
 import pytest
 
 from phi_session.codec import decode_event, decode_session, encode_session
+from phi_session.identity import AgentSession
+from phi_session.instrument import Tracer
+from phi_session.model import LoopConfigSnapshot
+from phi_session.recorder import SessionRecorder
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
 from phi_session.web.server import ViewerServer, is_loopback
@@ -376,3 +382,38 @@ def test_ipv6_loopback(store_dir: Path) -> None:
         assert server.url.startswith("http://[::1]:")
         with urllib.request.urlopen(server.url + "api/sessions", timeout=10) as response:
             assert len(json.load(response)) == 5
+
+
+def test_a_client_gone_mid_response_prints_no_traceback(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = SessionRecorder()
+    tracer = Tracer(
+        AgentSession(session_id="long"), sinks=[recorder], config=LoopConfigSnapshot(model="m", provider="p")
+    )
+    with tracer.loop() as loop:
+        loop.user("word " * 2_000_000)  # a 10 MB answer: more than the socket buffers hold
+        with loop.turn() as turn, turn.assistant() as reply:
+            reply.finish("ok")
+    tracer.close()
+    recorder.flush()
+    with JsonDirStore(tmp_path) as store, running_server(store) as server:
+        for session in recorder.drain_completed():
+            store.save(session)
+        handled = threading.Event()
+        shutdown_request = server.shutdown_request
+
+        def done(request: Any) -> None:  # the request's thread ends: handled, error or not
+            shutdown_request(request)
+            handled.set()
+
+        monkeypatch.setattr(server, "shutdown_request", done)
+        host, port = server.server_address[:2]
+        with socket.create_connection((str(host), port), timeout=20) as connection:
+            connection.sendall(b"GET /api/sessions/long HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert connection.recv(1000).startswith(b"HTTP/1.1 200")
+            # Gone at once, with a reset: the server's next write fails.
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert handled.wait(20)
+    assert capfd.readouterr().err == ""
+

@@ -226,6 +226,13 @@ class ViewerServer(ThreadingHTTPServer):
         self.sessions = SessionCache(store)
         super().__init__((host.strip("[]"), port), ViewerHandler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away mid-request (a page left, a download cancelled) is no
+        # error of ours: no traceback. Anything else is reported as socketserver does.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         """The page's address (the bound port, even when 0 was asked for)."""
