@@ -76,6 +76,21 @@ def test_session_page_default_size_and_filters(server: ViewerServer) -> None:
     assert "order" in get_json(server, "/api/session-page?after=tokens:1:x", 400)["error"]
 
 
+def test_a_blank_session_page_size_is_the_default_and_zero_is_refused(tmp_path: Path) -> None:
+    # A blank limit listed every session in one page; 0 gave an empty page, where the other
+    # paged views answer 400.
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as running:
+        for number in range(51):
+            store.save(huge_session(1, f"s{number}"))
+        for query in ("", "?limit=", "?limit=%20"):
+            page = get_json(running, f"/api/session-page{query}")
+            assert len(page["sessions"]) == 50 and page["next"] is not None, query
+        assert (
+            "limit must be a whole number from 1"
+            in get_json(running, "/api/session-page?limit=0", 400)["error"]
+        )
+
+
 def test_overview_has_no_loops_but_the_totals(server: ViewerServer, store_dir: Path) -> None:
     overview = get_json(server, f"/api/sessions/{PARENT_ID}/overview")
     stored = decode_session((store_dir / f"{PARENT_ID}.json").read_bytes())

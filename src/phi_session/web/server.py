@@ -380,8 +380,15 @@ class ViewerHandler(BaseHTTPRequestHandler):
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
 
     def _session_page(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
-        filters = self._parse(lambda: SessionQuery.from_strings({"limit": "50", **query}))
-        limit = filters.limit if filters.limit is not None else MAX_COUNT
+        # As on the other paged views: a blank limit is the default, and a page of no rows
+        # is refused (its next page would be itself).
+        sized = {**query, "limit": query.get("limit", "").strip() or "50"}
+        filters = self._parse(lambda: SessionQuery.from_strings(sized))
+        limit = filters.limit
+        if limit == 0:
+            raise HttpError(
+                HTTPStatus.BAD_REQUEST, f"limit must be a whole number from 1 to {MAX_COUNT}, got '0'"
+            )
         # One row more than the page: a next page is offered only when it holds a row.
         rows = self.server.store.query(replace(filters, limit=min(limit + 1, MAX_COUNT)))
         following = filters.next_page(rows[:limit]) if len(rows) > limit else None
