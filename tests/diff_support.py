@@ -78,10 +78,11 @@ def _request(step: Step) -> AnnotatedRequestPayload | None:
     )
 
 
-def record_runs(runs: list[Run]) -> tuple[Session, list[str]]:
+def record_runs(runs: list[Run], session_id: str | None = None) -> tuple[Session, list[str]]:
     """One session holding every run as a loop; returns it and the loop ids in run order."""
     recorder = SessionRecorder(SessionRecorderConfig(capture_turn_requests=True))
-    tracer = Tracer(AgentSession(), sinks=[recorder], config=LoopConfigSnapshot(model="m1", provider="acme"))
+    agent = AgentSession(session_id=session_id) if session_id is not None else AgentSession()
+    tracer = Tracer(agent, sinks=[recorder], config=LoopConfigSnapshot(model="m1", provider="acme"))
     loop_ids: list[str] = []
     for run in runs:
         options: dict[str, Any] = {}
@@ -132,3 +133,19 @@ def store_fork(directory: Path, fork: list[Step]) -> Stored:
         store.save(forked)
         store.save(other)
     return Stored(directory, forked, parent, forked_loop, other)
+
+
+COLON_IDS = ("team", "team:alpha", "team:beta")
+
+
+def store_colon_ids(directory: Path) -> dict[str, Session]:
+    """Sessions whose ids hold a colon (`COLON_IDS`), beside one named as their prefix;
+    ``team:beta`` answers its last turn otherwise."""
+    sessions = {}
+    for session_id in COLON_IDS:
+        steps = [*BASE[:-1], Step("No.")] if session_id == "team:beta" else BASE
+        sessions[session_id] = record_runs([Run(steps)], session_id)[0]
+    with JsonDirStore(directory) as store:
+        for session in sessions.values():
+            store.save(session)
+    return sessions

@@ -18,9 +18,9 @@ from rich.text import Text
 from phi_session.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from phi_session.cli.render import STATUS_STYLES
 from phi_session.cli.render_diff import _Sides
-from phi_session.diff import LoopDiff, SessionDiff, diff_loops
+from phi_session.diff import LoopDiff, SessionDiff, diff_loops, diff_sessions
 
-from .diff_support import BASE, Step, Stored, store_fork
+from .diff_support import BASE, Step, Stored, store_colon_ids, store_fork
 
 HOSTILE = "\x1b[31mred[/] [bold]not markup[/bold]"
 FORK = [*BASE[:2], Step("Saturday: Orsay.\nSunday: Louvre.\nBring sunglasses."), Step(HOSTILE)]
@@ -79,6 +79,17 @@ def test_loop_options_and_sessions(store: Stored) -> None:
     data = json.loads(run("diff", "--json", "--store", directory, session, other).stdout)
     assert data["diff"] == "sessions" and data["first_divergence"]["field"] == "loop"
     assert [side["loop_id"] for side in data["only_in_a"]] == [fork]
+
+
+def test_two_sessions_whose_ids_hold_a_colon(tmp_path: Path) -> None:
+    # "team:alpha" was read as loop "alpha" of session "team": no such loop.
+    sessions = store_colon_ids(tmp_path)
+    result = run("diff", "--json", "--store", tmp_path, "team:alpha", "team:beta")
+    assert result.exit_code == EXIT_OK, result.stderr
+    expected = diff_sessions(sessions["team:alpha"], sessions["team:beta"])
+    assert msgspec.json.decode(result.stdout, type=LoopDiff | SessionDiff) == expected
+    loops = run("diff", "--json", "--store", tmp_path, "team:#1", "team:beta", "--loop-b", "#1")
+    assert loops.exit_code == EXIT_OK and json.loads(loops.stdout)["a"]["session_id"] == "team"
 
 
 @pytest.mark.parametrize(

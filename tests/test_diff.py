@@ -16,9 +16,10 @@ from phi_session.diff import (
     diff_loops,
     diff_sessions,
     find_loop,
+    load_ref,
     parse_ref,
 )
-from phi_session.errors import InvalidArgument, LoopNotFound
+from phi_session.errors import InvalidArgument, LoopNotFound, SessionNotFound
 
 from .diff_support import BASE, Run, Step, record_runs
 
@@ -229,6 +230,29 @@ def test_loops_are_named_by_id_or_position() -> None:
         parse_ref("s1", "")
     with pytest.raises(TypeError):
         parse_ref(3)  # type: ignore[arg-type]
+
+
+def test_a_reference_that_is_a_stored_session_id_names_that_session() -> None:
+    """``team:alpha`` was always session ``team``, loop ``alpha``: two whole sessions whose
+    ids hold a colon could not be compared."""
+    stored = {"team": "the session team", "team:alpha": "the session team:alpha"}
+
+    def load(session_id: str) -> str:
+        if session_id not in stored:
+            raise SessionNotFound(session_id)
+        return stored[session_id]
+
+    assert load_ref("team:alpha", None, load) == ("the session team:alpha", None)
+    assert load_ref("team:beta", None, load) == ("the session team", "beta")  # no such session
+    assert load_ref("team:alpha", "#1", load) == ("the session team:alpha", "#1")  # loop apart
+    assert load_ref("team", None, load) == ("the session team", None)
+    assert load_ref("team:../x", None, load) == ("the session team", "../x")  # no session id
+    with pytest.raises(SessionNotFound):
+        load_ref("nobody:alpha", None, load)
+    with pytest.raises(InvalidArgument, match="empty loop"):
+        load_ref("team:alpha", "", load)
+    with pytest.raises(TypeError):
+        load_ref(3, None, load)  # type: ignore[arg-type]
 
 
 def test_something_else_than_a_session_or_loop_name_is_a_type_error() -> None:

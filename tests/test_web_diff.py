@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import msgspec
@@ -12,7 +13,7 @@ from phi_session.diff import LoopDiff, SessionDiff, diff_loops, diff_sessions
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.web.server import ViewerServer
 
-from .diff_support import BASE, Step, Stored, store_fork
+from .diff_support import BASE, Step, Stored, store_colon_ids, store_fork
 from .test_web_api import get_json, request
 from .web_support import running_server
 
@@ -54,6 +55,17 @@ def test_two_sessions(server: ViewerServer, runs: Stored) -> None:
     body = get_json(server, diff_path(a=forked.session_id, b=other.session_id))
     assert body["diff"] == "sessions" and body["first_divergence"]["field"] == "loop"
     assert msgspec.convert(body, LoopDiff | SessionDiff) == diff_sessions(forked, other)
+
+
+def test_two_sessions_whose_ids_hold_a_colon(tmp_path: Path) -> None:
+    # "team:alpha" was read as loop "alpha" of session "team" (a 404 for its loop).
+    sessions = store_colon_ids(tmp_path)
+    with JsonDirStore(tmp_path) as store, running_server(store) as running:
+        body = get_json(running, diff_path(a="team:alpha", b="team:beta"))
+        expected = diff_sessions(sessions["team:alpha"], sessions["team:beta"])
+        assert body["diff"] == "sessions" and msgspec.convert(body, LoopDiff | SessionDiff) == expected
+        loops = get_json(running, diff_path(a="team:#1", b="team:beta", loop_b="#1"))  # still loops
+        assert loops["diff"] == "loops" and loops["a"]["session_id"] == "team"
 
 
 @pytest.mark.parametrize(

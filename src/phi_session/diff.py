@@ -38,13 +38,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
 from ._checks import check_type
-from .errors import InvalidArgument, LoopNotFound
+from .errors import InvalidArgument, InvalidSessionId, LoopNotFound, SessionNotFound
 from .messages import (
     AgentMessage,
     AssistantMessage,
@@ -59,6 +59,7 @@ from .messages import (
     message_role,
 )
 from .model import LoopRecord, Session, Turn
+from .stores.base import validate_session_id
 from .views import loop_order
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "diff_loops",
     "diff_sessions",
     "find_loop",
+    "load_ref",
     "parse_ref",
 ]
 
@@ -264,7 +266,8 @@ def parse_ref(text: str, loop: str | None = None) -> tuple[str, str | None]:
     The text is split at its first ``:``, so a session id holding a colon is
     written with its `loop` named apart: then `text` is the whole session id
     (an empty `loop` is an `InvalidArgument`). The loop is a loop id or ``#N`` (see
-    `find_loop`). An empty loop after the colon (``SESSION:``) is None.
+    `find_loop`). An empty loop after the colon (``SESSION:``) is None. `load_ref`
+    reads a whole session whose id holds a colon too.
     """
     if not isinstance(text, str) or not isinstance(loop, (str, type(None))):
         raise TypeError("a loop reference and its loop must be str")
@@ -274,6 +277,27 @@ def parse_ref(text: str, loop: str | None = None) -> tuple[str, str | None]:
         return text, loop
     session_id, colon, named = text.partition(":")
     return session_id, (named if colon and named else None)
+
+
+_Loaded = TypeVar("_Loaded")
+
+
+def load_ref(text: str, loop: str | None, load: Callable[[str], _Loaded]) -> tuple[_Loaded, str | None]:
+    """The session a reference names, loaded by `load` (which raises `SessionNotFound`
+    for an id not stored), and its loop or None, as `parse_ref` reads them; but a text
+    holding a colon that is, whole, the id of a stored session names that session:
+    ``team:alpha`` is the session ``team:alpha`` when there is one, else the loop
+    ``alpha`` of the session ``team``.
+    """
+    if not isinstance(text, str):
+        raise TypeError("a loop reference and its loop must be str")
+    if loop is None and ":" in text:
+        try:
+            return load(validate_session_id(text)), None
+        except (SessionNotFound, InvalidSessionId):
+            pass  # not a stored session's id: SESSION:LOOP
+    session_id, named = parse_ref(text, loop)
+    return load(session_id), named
 
 
 def find_loop(session: Session, loop: str) -> LoopRecord:

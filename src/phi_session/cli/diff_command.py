@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 
-from ..diff import LoopDiff, SessionDiff, diff_loops, diff_sessions, parse_ref
+from ..diff import LoopDiff, SessionDiff, diff_loops, diff_sessions, load_ref
+from ..errors import InvalidArgument
+from ..model import Session
 from . import render_diff
 from .app import (
     EXIT_USAGE,
@@ -18,11 +22,14 @@ from .app import (
 )
 
 
-def _side(text: str, loop: str | None, name: str) -> tuple[str, str | None]:
-    """The session id and loop of argument `name` (with ``--loop-NAME``, `text` is the whole id)."""
+def _side(
+    text: str, loop: str | None, name: str, load: Callable[[str], Session]
+) -> tuple[Session, str | None]:
+    """The session and loop of argument `name` (`load_ref`; with ``--loop-NAME``, `text`
+    is the whole id)."""
     try:
-        return parse_ref(text, loop)
-    except ValueError as error:
+        return load_ref(text, loop, load)
+    except InvalidArgument as error:
         raise CliError(f"--loop-{name.lower()}: {error}", EXIT_USAGE) from None
 
 
@@ -39,9 +46,11 @@ def diff_command(
 
     A and B are SESSION:LOOP (a loop) or SESSION (a whole session, its loops
     paired in tree order). LOOP is a loop id or #N, the N-th loop as 'show'
-    numbers them. The text is split at its first colon; for a session id that
-    holds one, give the loop with --loop-a/--loop-b. Name a loop on both sides or
-    on neither. Both may be in one session: a fork and the loop it forked from.
+    numbers them. The text is split at its first colon, unless it is, whole, the
+    id of a stored session (then it names that session); for a loop of a session
+    whose id holds a colon, give the loop with --loop-a/--loop-b. Name a loop on
+    both sides or on neither. Both may be in one session: a fork and the loop it
+    forked from.
 
     Per turn it shows what differs in content: input messages, the system prompt
     and tools offered (when requests were captured), text and thinking (line
@@ -53,13 +62,18 @@ def diff_command(
 
     Exit status 0 whether or not they differ; 1 an unknown session or loop; 2 usage.
     """
-    session_a, ref_a = _side(a, loop_a, "A")
-    session_b, ref_b = _side(b, loop_b, "B")
+    with open_cli_store(store_url, read_only=True) as store:
+        loaded: dict[str, Session] = {}
+
+        def load(session_id: str) -> Session:  # a session on both sides is loaded once
+            if session_id not in loaded:
+                loaded[session_id] = load_cli_session(store, session_id)
+            return loaded[session_id]
+
+        first, ref_a = _side(a, loop_a, "A", load)
+        second, ref_b = _side(b, loop_b, "B", load)
     if (ref_a is None) != (ref_b is None):
         raise CliError("name a loop on both sides (SESSION:LOOP) or on neither (SESSION)", EXIT_USAGE)
-    with open_cli_store(store_url, read_only=True) as store:
-        first = load_cli_session(store, session_a)
-        second = first if session_b == session_a else load_cli_session(store, session_b)
     result: LoopDiff | SessionDiff
     if ref_a is not None and ref_b is not None:
         result = diff_loops(first, ref_a, second, ref_b)

@@ -21,7 +21,8 @@ Standard library only (`http.server.ThreadingHTTPServer`). Routes, all ``GET``
 * ``/api/diff?a=REF&b=REF`` two runs compared (`phi_session.diff`): a REF is
   ``SESSION:LOOP`` (LOOP a loop id or ``#N``; the text splits at its first colon,
   so a session id holding one names its loop apart with ``loop_a``/``loop_b``) for a
-  `LoopDiff`, or ``SESSION`` on both sides for a `SessionDiff`; the JSON of
+  `LoopDiff`, or ``SESSION`` on both sides for a `SessionDiff` (a text that is, whole,
+  a stored session's id names that session, colon or not: `load_ref`); the JSON of
   ``phi-session diff --json``;
 * ``/api/search?q=TEXT&limit=N&`` plus the filters of ``/api/sessions`` (but ``limit``,
   which caps the hits, default 50): ``[{"session_id", "agent_id", "loop_id",
@@ -90,8 +91,9 @@ import msgspec
 
 from ..codec import encode_event, encode_session
 from ..cost import Pricer, cost_totals
-from ..diff import LoopDiff, SessionDiff, diff_loops, diff_sessions, parse_ref
+from ..diff import LoopDiff, SessionDiff, diff_loops, diff_sessions, load_ref
 from ..errors import (
+    InvalidArgument,
     InvalidQuery,
     InvalidSessionId,
     LoopNotFound,
@@ -492,10 +494,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
                     HTTPStatus.BAD_REQUEST, f"missing query parameter {name!r} (SESSION or SESSION:LOOP)"
                 )
             try:
-                session_id, loop = parse_ref(query[name], query.get(f"loop_{name}"))
-            except ValueError as error:
+                entry, loop = load_ref(query[name], query.get(f"loop_{name}"), self._cached)
+            except InvalidArgument as error:
                 raise HttpError(HTTPStatus.BAD_REQUEST, f"loop_{name}: {error}") from None
-            sides.append((self.server.sessions.get(validate_session_id(session_id)).session, loop))
+            sides.append((entry.session, loop))
         (session_a, loop_a), (session_b, loop_b) = sides
         if loop_a is not None and loop_b is not None:
             result: LoopDiff | SessionDiff = diff_loops(session_a, loop_a, session_b, loop_b)
@@ -504,6 +506,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
         else:
             raise HttpError(HTTPStatus.BAD_REQUEST, "name a loop on both sides (SESSION:LOOP) or on neither")
         return HTTPStatus.OK, _json_bytes(result), _JSON
+
+    def _cached(self, session_id: str) -> CachedSession:
+        return self.server.sessions.get(validate_session_id(session_id))
 
     def _static(self, name: str, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         del query  # cache-busting parameters are harmless
