@@ -320,6 +320,8 @@ def test_timeline_hover_and_click_opens_the_turn(watched: Watched, demo_ids: dic
     kinds = page.locator("#timeline g.bar").evaluate_all("bars => bars.map(b => b.dataset.kind)")
     assert kinds[0] == "session" and {"loop", "turn", "model", "tool"} <= set(kinds)
     assert kinds.count("session") == 2  # the sub-agent's session, inline
+    sub_agent = page.locator("#timeline g.bar-session", has_text=CHILD_ID)
+    assert "clickable" in (sub_agent.get_attribute("class") or "")  # it opens that session
     tool = page.locator("#timeline g.bar-tool", has_text="researcher").first
     title = tool.locator("title").text_content() or ""
     assert "researcher" in title and "from 2025-" in title

@@ -10,14 +10,17 @@ from pathlib import Path
 import pytest
 
 from phi_session.codec import decode_loop, decode_session
-from phi_session.model import Session
+from phi_session.identity import AgentSession
+from phi_session.instrument import Tracer
+from phi_session.messages import ToolCall
+from phi_session.model import LoopConfigSnapshot, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.base import summarize, to_builtins
 from phi_session.stores.conformance import EXAMPLES_DIR
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.outline import PROMPT_CHARS, first_prompt
 from phi_session.stores.sqlite import SqliteStore
-from phi_session.views import timeline
+from phi_session.views import SUB_AGENT_LOOPS, timeline
 from phi_session.web.server import ViewerServer
 
 from .test_web_api import get_json, ids
@@ -233,6 +236,48 @@ def _paged_events(server: ViewerServer, path: str, size: int) -> list[tuple[str 
         if len(rows) >= page["total"]:
             assert len(rows) == page["total"]
             return rows
+
+
+def test_a_page_of_the_timeline_draws_a_few_loops_of_a_long_sub_agent_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sub-agent session that went on for thousands of loops was loaded whole and drawn
+    # whole on the page of the loop that spawned it (limit=1: 9,007 bars, 3.9 MB).
+    recorder = SessionRecorder()
+    config = LoopConfigSnapshot(model="m", provider="p")
+    parent = Tracer(AgentSession(session_id="parent"), sinks=[recorder], config=config)
+    with parent.loop() as loop, loop.turn() as turn:
+        with turn.assistant() as reply:
+            reply.finish(tool_calls=[ToolCall(id="c1", name="worker", arguments={})])
+        with turn.tool(turn.tool_calls[0]) as tool:
+            with tool.sub_agent() as child:
+                child.user("start")
+            tool.result("done")
+    parent.close()
+    recorder.flush()
+    sessions = {session.session_id: session for session in recorder.drain_completed()}
+    [child_id] = set(sessions) - {"parent"}
+    more = Tracer(sinks=[recorder], config=config).for_session(sessions[child_id])
+    for number in range(2 * SUB_AGENT_LOOPS):  # the sub-agent session goes on
+        with more.loop() as loop, loop.turn() as turn, turn.assistant() as reply:
+            reply.finish(f"ok {number}")
+    more.close()
+    recorder.flush()
+    with SqliteStore(tmp_path / "s.db") as store:
+        for session in [*sessions.values(), *recorder.drain_completed()]:
+            store.save(session)
+
+        def no_whole_session(self: SqliteStore, session_id: str) -> Session:
+            raise AssertionError(f"the whole session {session_id} was loaded")
+
+        monkeypatch.setattr(SqliteStore, "load", no_whole_session)
+        with running_server(store) as server:
+            bars = get_json(server, "/api/sessions/parent/timeline?limit=1")["bars"]
+    drawn = [bar for bar in bars if bar["session_id"] == child_id]
+    assert drawn[0]["kind"] == "session"
+    assert drawn[0]["detail"] == f"{SUB_AGENT_LOOPS} of {2 * SUB_AGENT_LOOPS + 1} loops drawn"
+    loops = [bar["loop_index"] for bar in drawn if bar["kind"] == "loop"]
+    assert loops == list(range(SUB_AGENT_LOOPS))
 
 
 def _paged_bars(server: ViewerServer, path: str, size: int) -> list[tuple[str, int, str, str, str | None]]:

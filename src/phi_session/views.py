@@ -10,8 +10,9 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Literal
 
 import msgspec
@@ -26,6 +27,7 @@ from .stores.base import SessionStore, SessionSummary, summarize
 from .stores.outline import SessionOutline
 
 __all__ = [
+    "SUB_AGENT_LOOPS",
     "LoopNode",
     "SpawnNode",
     "TimelineBar",
@@ -142,8 +144,12 @@ def _sub_agent_session(store: SessionStore, session_id: str) -> Session | None:
     except (SessionNotFound, InvalidSessionId):
         return None
     except StoreError as error:
-        logger.warning("skipping unreadable session %r: %s", session_id, error)
+        _unreadable(session_id, error)
         return None
+
+
+def _unreadable(session_id: str, error: Exception) -> None:
+    logger.warning("skipping unreadable session %r: %s", session_id, error)
 
 
 def spawn_graph(store: SessionStore, root: Session) -> SpawnNode:
@@ -300,6 +306,11 @@ class _SubAgent:
     depth: int
 
 
+SUB_AGENT_LOOPS = 3
+"""How many loops of a sub-agent session a page of a waterfall draws (`loops_timeline`):
+a sub-agent session may go on for thousands of loops, and a page is a few loops."""
+
+
 def timeline(session: Session, store: SessionStore | None = None) -> list[TimelineBar]:
     """The waterfall of `session`: its loops, turns, model calls and tool calls in order.
 
@@ -312,7 +323,8 @@ def timeline(session: Session, store: SessionStore | None = None) -> list[Timeli
     """
     check_type("session", session, Session)
     check_type("store", store, SessionStore, optional=True)
-    return _drawn(_session_bars(session, 0), store, {session.session_id})
+    expand = None if store is None else partial(_whole_sub_agent, store)
+    return _drawn(_session_bars(session, 0), expand, {session.session_id})
 
 
 def loops_timeline(
@@ -325,11 +337,15 @@ def loops_timeline(
     session.loops, depth in the loop tree, record)``: a page of `tree_order`, so that a
     huge session's waterfall is drawn a page of loops at a time. Sub-agent sessions as in
     `timeline`, but for those in `drawn` (the sessions drawn on earlier pages, updated;
-    by default each page draws every sub-agent its loops spawned once)."""
+    by default each page draws every sub-agent its loops spawned once), and bounded as a
+    page is: a sub-agent session's bar, then only its first `SUB_AGENT_LOOPS` loops in
+    tree order (read from its outline, `SessionStore.load_outline`, and `load_loops`);
+    the session bar's `detail` counts what it leaves out."""
     bars = (
         item for index, depth, record in loops for item in _loop_bars(session_id, index, record, depth + 1)
     )
-    return _drawn(bars, store, {session_id} if drawn is None else drawn)
+    expand = None if store is None else partial(_sub_agent_page, store)
+    return _drawn(bars, expand, {session_id} if drawn is None else drawn)
 
 
 def outline_span(outline: SessionOutline) -> tuple[Timestamp, Timestamp]:
@@ -369,9 +385,9 @@ def outline_timeline(
     if loops_per_page < 1:
         raise InvalidArgument(f"loops_per_page must be at least 1, got {loops_per_page}")
     session_id = outline.session.session_id
-    order = tree_order([(loop.loop_id, loop.parent_loop_id) for loop in outline.loops])
+    order = _outline_order(outline)
     drawn = {session_id}
-    first: list[TimelineBar] = [replace(session_bar(outline.session), end=outline_span(outline)[1])]
+    first: list[TimelineBar] = [_outline_bar(outline, 0)]
     for start in range(0, max(len(order), 1), loops_per_page):
         placed = order[start : start + loops_per_page]
         records = read_loops(store, session_id, (index for index, _ in placed))
@@ -380,6 +396,15 @@ def outline_timeline(
         )
         yield first + page
         first = []
+
+
+def _outline_order(outline: SessionOutline) -> list[tuple[int, int]]:
+    return tree_order([(loop.loop_id, loop.parent_loop_id) for loop in outline.loops])
+
+
+def _outline_bar(outline: SessionOutline, depth: int) -> TimelineBar:
+    """`session_bar` of an outlined session (its header holds no loops: the outline's end)."""
+    return replace(session_bar(outline.session, depth), end=outline_span(outline)[1])
 
 
 def session_bar(session: Session, depth: int = 0) -> TimelineBar:
@@ -396,26 +421,62 @@ def session_bar(session: Session, depth: int = 0) -> TimelineBar:
     )
 
 
+_Items = Iterator[TimelineBar | _SubAgent]
+
+
 def _drawn(
-    items: Iterator[TimelineBar | _SubAgent], store: SessionStore | None, drawn: set[str]
+    items: _Items, expand: Callable[[_SubAgent], _Items | None] | None, drawn: set[str]
 ) -> list[TimelineBar]:
-    """`items` with each sub-agent session they name expanded in place (loaded from
-    `store`), except those in `drawn` (the sessions already drawn, updated)."""
+    """`items` with each sub-agent session they name replaced in place by its bars
+    (`expand`: None when the session cannot be read; no `expand`, none drawn), except
+    those in `drawn` (the sessions already drawn, updated)."""
     bars: list[TimelineBar] = []
     # An explicit stack of pending bars: deep sub-agent chains must not recurse.
-    stack: list[Iterator[TimelineBar | _SubAgent]] = [items]
+    stack: list[_Items] = [items]
     while stack:
         item = next(stack[-1], None)
         if item is None:
             stack.pop()
         elif isinstance(item, TimelineBar):
             bars.append(item)
-        elif store is not None and item.session_id not in drawn:
+        elif expand is not None and item.session_id not in drawn:
             drawn.add(item.session_id)
-            child = _sub_agent_session(store, item.session_id)
+            child = expand(item)
             if child is not None:
-                stack.append(_session_bars(child, item.depth))
+                stack.append(child)
     return bars
+
+
+def _whole_sub_agent(store: SessionStore, sub_agent: _SubAgent) -> _Items | None:
+    """The bars of the whole sub-agent session (`timeline`)."""
+    child = _sub_agent_session(store, sub_agent.session_id)
+    return None if child is None else _session_bars(child, sub_agent.depth)
+
+
+def _sub_agent_page(store: SessionStore, sub_agent: _SubAgent) -> _Items | None:
+    """The sub-agent session's bar and its first `SUB_AGENT_LOOPS` loops (`loops_timeline`),
+    reading only those loops."""
+    session_id, depth = sub_agent.session_id, sub_agent.depth
+    try:
+        outline = store.load_outline(session_id)
+        placed = _outline_order(outline)[:SUB_AGENT_LOOPS]
+        records = read_loops(store, session_id, (index for index, _ in placed))
+    except (SessionNotFound, InvalidSessionId):
+        return None
+    except (StoreError, ValueError) as error:  # ValueError: fewer loops stored than outlined
+        _unreadable(session_id, error)
+        return None
+    bar = _outline_bar(outline, depth)
+    if len(placed) < len(outline.loops):
+        bar = replace(bar, detail=f"{len(placed)} of {len(outline.loops):,} loops drawn")
+    return itertools.chain(
+        [bar],
+        (
+            item
+            for index, level in placed
+            for item in _loop_bars(session_id, index, records[index], depth + 1 + level)
+        ),
+    )
 
 
 def _session_bars(session: Session, depth: int) -> Iterator[TimelineBar | _SubAgent]:

@@ -195,7 +195,8 @@ class CachedSession:
         """The waterfall's bars of a page of loops in tree order (``offset`` and ``limit``
         count loops; the first page starts with the session's bar), placed in milliseconds
         from the axis start, with each of the session's loop and turn bars priced. Only
-        the page's loops are read (and the sub-agent sessions they spawned)."""
+        the page's loops are read (and the first loops of the sub-agent sessions they
+        spawned: `loops_timeline`)."""
         first, last = self.span
         placed = page.of(self.tree_order)
         records = self._loops_at(index for index, _ in placed)

@@ -52,9 +52,12 @@ session's outline, `SessionStore.load_outline`, is loaded once and kept a minute
   in tree order (``offset``/``limit`` count loops: default 20, at most 500; the first
   page starts with the session's bar), the session's loop and turn bars with their
   ``cost``: ``{"loops", "offset", "next", "start", "end", "span_ms", "bars"}``
-  (``next``: the next page's offset, null after the last).
+  (``next``: the next page's offset, null after the last); a sub-agent session the
+  page's loops spawned is drawn as its bar and its first loops (`views.SUB_AGENT_LOOPS`,
+  the bar's ``detail`` counting the rest).
 
-Every paged view reads only the loops its page covers; ``/api/sessions/{id}`` and
+Every paged view reads only the loops its page covers (and the first loops of the
+sub-agent sessions the timeline's page draws); ``/api/sessions/{id}`` and
 ``/api/sessions/{id}/events`` (the whole stored session, for export) and the diff
 load whole sessions.
 

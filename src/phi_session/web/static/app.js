@@ -694,7 +694,8 @@
         // A long chain of continuations nests deep: past MAX_INDENT levels the labels stop moving right.
         const indent = Math.min(bar.depth, MAX_INDENT);
         const label = bar.label.length > 44 - indent * 2 ? bar.label.slice(0, 43 - indent * 2) + "…" : bar.label;
-        const clickable = bar.loop_id !== null;
+        // A sub-agent's session bar opens that session (a page draws only its first loops).
+        const clickable = bar.loop_id !== null || bar.session_id !== sessionId;
         const group = svg("g", { class: "bar bar-" + bar.kind + (bar.status ? " " + statusClass(bar.status) : "") +
           (clickable ? " clickable" : ""), "data-kind": bar.kind, "data-loop-index": bar.loop_index, tabindex: clickable ? 0 : null,
         onclick: clickable ? () => openTurn(bar) : null,
