@@ -21,12 +21,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from phi_session.cost import Pricer, prices_available
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
-from phi_session.messages import ToolCall
+from phi_session.messages import ToolCall, extension_message
 from phi_session.model import LoopConfigSnapshot, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.json_dir import JsonDirStore
@@ -532,6 +533,46 @@ def test_a_loop_cut_off_shows_its_conversation(browser: Any, tmp_path: Path) -> 
             chat = details.locator(".chat")
             expect(chat.locator(".bubble-user")).to_have_text("What is in notes.txt?")
             expect(chat.locator("details.chat-tool summary")).to_contain_text("read_file")
+
+
+def test_extension_messages_show_their_kind_and_data_whatever_their_role(
+    browser: Any, tmp_path: Path
+) -> None:
+    # phi-core reads {"role": "user", "kind", "data"} (no content) as an extension message:
+    # the page drew such messages as empty user and assistant messages.
+    recorder = SessionRecorder()
+    tracer = Tracer(
+        AgentSession(session_id="ext"), sinks=[recorder], config=LoopConfigSnapshot(model="m", provider="p")
+    )
+    with tracer.loop() as loop:
+        loop.user("Go on?")
+        loop.user(extension_message("user", "approval", {"approved_by": "alice"}))
+        loop.user(extension_message("assistant", "plan", {"steps": ["read", "answer"]}))
+        with loop.turn() as turn, turn.assistant() as reply:
+            reply.finish("Done.")
+    tracer.close()
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    # The recorder keeps no "assistant" message among a turn's inputs; phi-core's JSON may.
+    [loop] = session.loops
+    turn = loop.turns[0]
+    turn = msgspec.structs.replace(turn, input_messages=(*turn.input_messages, loop.messages[2]))
+    session = msgspec.structs.replace(session, loops=[msgspec.structs.replace(loop, turns=(turn,))])
+    with SqliteStore(tmp_path / "ext.db") as store, running_server(store) as running:
+        store.save(session)
+        with watched_page(browser, running.url) as watcher:
+            page = watcher.page
+            page.goto("/#/session/ext")
+            details = loop_details(page, session.loops[0].loop_id)
+            details.locator("summary").first.click()
+            extensions = details.locator(".structured .msg-extension")
+            expect(extensions).to_have_count(2)
+            assert "approval" in extensions.first.inner_text() and "alice" in extensions.first.inner_text()
+            assert "plan" in extensions.nth(1).inner_text() and "answer" in extensions.nth(1).inner_text()
+            assert details.locator(".structured .msg-user").all_inner_texts()[0].endswith("Go on?")
+            assert details.locator(".structured .msg-user, .structured .msg-assistant").count() == 2
+            details.locator("button.view-chat").click()  # the conversation: no empty bubbles
+            assert details.locator(".chat .bubble").all_inner_texts() == ["Go on?", "Done."]
 
 
 def test_search_box_and_cost(watched: Watched) -> None:

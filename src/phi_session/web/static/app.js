@@ -387,10 +387,19 @@
     }
   }
 
+  // The role of an LLM message, null for an extension message. phi-core reads a message
+  // as an LLM message when it can (spec 3.5), else as an extension (role, kind, data):
+  // stored, an LLM message always has its content, an extension never has any, and an
+  // extension may take any role, "user" and "assistant" too.
+  function llmRole(message) {
+    const role = String(message.role);
+    return Object.prototype.hasOwnProperty.call(ROLE_CLASSES, role) && message.content !== undefined ? role : null;
+  }
+
   function messageView(message) {
     const role = String(message.role);
-    const known = Object.prototype.hasOwnProperty.call(ROLE_CLASSES, role);
-    const isError = role === "toolResult" && message.isError;
+    const known = llmRole(message) !== null;
+    const isError = known && role === "toolResult" && message.isError;
     const head = h("div", { class: "msg-head" }, h("span", { class: "role" }, role));
     const box = h("div", { class: "msg " + (known ? ROLE_CLASSES[role] : "msg-extension") + (isError ? " is-error" : "") }, head);
     if (!known) {
@@ -422,7 +431,7 @@
   function freshInputs(turn, previous) {
     const results = [...(turn.tool_results || []), ...((previous || {}).tool_results || [])];
     const shown = new Set(results.map((message) => message.toolCallId));
-    return (turn.input_messages || []).filter((message) => !(message.role === "toolResult" && shown.has(message.toolCallId)));
+    return (turn.input_messages || []).filter((message) => !(llmRole(message) === "toolResult" && shown.has(message.toolCallId)));
   }
 
   function turnView(turn, previous, index) {
@@ -454,13 +463,14 @@
       [...(turn.input_messages || []), turn.output_message, ...(turn.tool_results || [])].filter(Boolean));
     const results = new Map();
     for (const message of messages) {
-      if (message.role === "toolResult") results.set(message.toolCallId, message);
+      if (llmRole(message) === "toolResult") results.set(message.toolCallId, message);
     }
     const bubbles = [];
     for (const message of messages) {
-      if (message.role === "user") {
+      const role = llmRole(message); // extension messages are the app's, not the conversation's
+      if (role === "user") {
         bubbles.push(h("div", { class: "bubble bubble-user" }, (message.content || []).map(contentBlock)));
-      } else if (message.role === "assistant") {
+      } else if (role === "assistant") {
         const parts = (message.content || []).map((block) => {
           if (block && block.type === "toolCall") {
             const result = results.get(block.id);
