@@ -487,9 +487,17 @@ def test_huge_session_opens_paged(browser: Any, huge_server: ViewerServer) -> No
         expect(bars).to_have_count(1 + 60 * 15)
         page.locator("#timeline-wrap").screenshot(path=str(ARTIFACTS / "huge-timeline.png"))
         # A chain of 600 continuations: past 10 levels the tree stops moving right (the
-        # deepest loops were squeezed to a few pixels).
+        # deepest loops were squeezed to a few pixels) and stops nesting (2,000 nested
+        # loops crashed the tab): loop #151 is no deeper in the page than loop #21.
         deep = loop_details(page, "huge-session.loop.150").bounding_box()
         assert deep is not None and deep["width"] > 600, deep
+        depths = [
+            loop_details(page, f"huge-session.loop.{index}").evaluate(
+                "node => { let depth = 0; for (; node; node = node.parentElement) depth++; return depth; }"
+            )
+            for index in (20, 150, 399)
+        ]
+        assert depths[0] == depths[1] == depths[2] < 60, depths
         late = page.locator('#timeline g.bar-loop[data-loop-index="45"]')
         title = late.locator("title").text_content() or ""
         assert "loop #46" in title and ("$" in title or "unknown" in title)  # priced with its page

@@ -589,9 +589,12 @@
     for (const row of rows) {
       const node = loopView(row, sessionId);
       stack.length = Math.min(stack.length, row.depth);
-      const holder = stack.length ? stack[stack.length - 1].querySelector(":scope > .children") : tree;
-      // As on the timeline: past MAX_INDENT levels a chain stops moving right (a chat's loops
-      // each continue the one before: 300 of them squeezed the deepest to a few pixels).
+      // As on the timeline: past MAX_INDENT levels a chain stops nesting. Its loops follow
+      // one another under their ancestor at that depth (a chat's loops each continue the
+      // one before: nested, 300 of them squeezed the deepest to a few pixels, and 2,000
+      // made a DOM too deep for the browser's tab, which crashed).
+      const parent = stack[Math.min(stack.length, MAX_INDENT + 1) - 1];
+      const holder = parent ? parent.querySelector(":scope > .children") : tree;
       if (row.depth > MAX_INDENT) holder.classList.add("flat");
       holder.appendChild(node);
       stack.push(node);
