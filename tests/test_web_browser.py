@@ -511,6 +511,11 @@ def test_huge_session_opens_paged(browser: Any, huge_server: ViewerServer) -> No
         page.click("#more-events")
         expect(page.locator("#event-log tbody tr")).to_have_count(400)
         page.screenshot(path=str(ARTIFACTS / "huge-session.png"))
+        # A link to a loop the session does not hold: every page looked through, then said.
+        page.goto("/#/session/huge-session?loop=huge-session.loop.nope")
+        expect(page.locator("#loop-count")).to_have_text("600 of 600 loops shown")
+        banner = page.locator(".view-session .error-banner")
+        expect(banner).to_contain_text("no loop huge-session.loop.nope in this session")
 
 
 def test_a_loop_cut_off_shows_its_conversation(browser: Any, tmp_path: Path) -> None:

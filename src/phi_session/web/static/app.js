@@ -800,7 +800,8 @@
       moreLoops.hidden = loaded >= total;
     };
     await loadLoops();
-    while (focus && !elements.has(focus) && loaded < total && loaded < 20 * LOOP_PAGE) await loadLoops();
+    // A link to a late loop (a search hit, ?loop=) loads the pages up to it, as openTurn does.
+    while (focus && !elements.has(focus) && loaded < total) await loadLoops();
     moreLoops.addEventListener("click", async () => {
       moreLoops.disabled = true;
       try { await loadLoops(); } catch (error) { append(tree, showError(error)); } finally { moreLoops.disabled = false; }
@@ -830,6 +831,8 @@
       target.classList.add("highlight");
       target.open = true;
       if (focusTurn !== null) target.load().then(() => openTurn({ session_id: id, loop_id: focus, turn_index: Number(focusTurn) }));
+    } else if (focus) {
+      append(page, showError(new Error("no loop " + focus + " in this session: showing the session from its start")));
     }
 
     const logHolder = h("div", { id: "event-log-holder" });
