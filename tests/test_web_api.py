@@ -417,3 +417,17 @@ def test_a_client_gone_mid_response_prints_no_traceback(
         assert handled.wait(20)
     assert capfd.readouterr().err == ""
 
+
+def test_a_get_with_a_body_closes_the_connection_after_answering(server: ViewerServer) -> None:
+    # The body is never read: were the connection kept, its bytes would be read as the
+    # next request (a request smuggled past whatever stands in front of the viewer).
+    inner = b"GET /api/stats HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    for framing in (b"Content-Length: %d\r\n" % len(inner), b"Transfer-Encoding: chunked\r\n"):
+        outer = b"GET /api/session-page?limit=1 HTTP/1.1\r\nHost: localhost\r\n" + framing + b"\r\n" + inner
+        answer = raw_request(server, outer)
+        assert answer.count(b"HTTP/1.1 ") == 1, answer[:200]
+        assert answer.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close\r\n" in answer
+    answer = raw_request(
+        server, b"HEAD /api/stats HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nabc"
+    )
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"\r\nConnection: close\r\n" in answer

@@ -561,7 +561,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self.log_error("code %d, message %s", code, message)
         self.close_connection = True  # the request may not have been read in full
         body, content_type = self._error_body(message or status.phrase)
-        self._send(status, body, content_type, head=self.command == "HEAD", extra={"Connection": "close"})
+        self._send(status, body, content_type, head=self.command == "HEAD")
 
     @staticmethod
     def _error_body(message: str) -> tuple[bytes, str]:
@@ -580,7 +580,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        for name, value in {**_SECURITY_HEADERS, **(extra or {})}.items():
+        headers = {**_SECURITY_HEADERS, **(extra or {})}
+        if self.close_connection:  # say so: the client must not send another request on it
+            headers["Connection"] = "close"
+        for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
         if not head:
