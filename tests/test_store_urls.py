@@ -15,7 +15,14 @@ from phi_session.stores.base import SessionStore
 from phi_session.stores.conformance import make_session
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
-from phi_session.stores.urls import ENV_VAR, default_store, default_store_url, open_store, store_path
+from phi_session.stores.urls import (
+    ENV_VAR,
+    default_store,
+    default_store_url,
+    open_store,
+    postgres_dsn_and_schema,
+    store_path,
+)
 
 POSTGRES_DSN = os.environ.get("PHI_SESSION_TEST_POSTGRES_DSN", "")
 
@@ -149,10 +156,17 @@ def test_postgres_url() -> None:
     # A schema of its own: the default one may hold another checkout's schema version.
     schema = f"phi_test_urls_{uuid.uuid4().hex[:12]}"
     separator = "&" if "?" in POSTGRES_DSN else "?"
-    store = open_store(f"{POSTGRES_DSN}{separator}schema={schema}")
+    # libpq decodes the other parameters itself: "%20" is a space to it, "+" a plus.
+    store = open_store(
+        f"{POSTGRES_DSN}{separator}application_name=my%20agent+fleet&schema={schema}"
+        "&options=-c%20statement_timeout%3D12345"
+    )
     try:
         assert isinstance(store, postgres_module.PostgresStore)
         assert store.schema == schema
+        with store._pool.connection() as conn:
+            assert conn.execute("SHOW application_name").fetchone() == ("my agent+fleet",)
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("12345ms",)
     finally:
         store.close()
         import psycopg
@@ -245,3 +259,22 @@ def test_postgres_url_schema_parameter_is_passed_as_schema(monkeypatch: pytest.M
     monkeypatch.setattr(postgres_module, "PostgresStore", FakeStore)
     open_store("postgresql://u@h:5432/db?schema=tenant_a&connect_timeout=3")
     assert seen == {"dsn": "postgresql://u@h:5432/db?connect_timeout=3", "options": {"schema": "tenant_a"}}
+
+
+@pytest.mark.parametrize(
+    ("url", "dsn", "schema"),
+    [
+        (
+            "postgresql://u@h/db?options=-c%20statement_timeout%3D5s&schema=a%2Bb&application_name=x+y",
+            "postgresql://u@h/db?options=-c%20statement_timeout%3D5s&application_name=x+y",
+            "a+b",
+        ),
+        ("postgresql:///db?schema=s&host=/run/postgresql", "postgresql:///db?host=/run/postgresql", "s"),
+        ("postgresql:///db", "postgresql:///db", None),
+        ("postgres://u:p%20w@h/db?schema=one&schema=two", "postgres://u:p%20w@h/db", "two"),
+    ],
+)
+def test_postgres_url_reaches_libpq_as_written_but_the_schema(url: str, dsn: str, schema: str | None) -> None:
+    # Re-encoding the parameters changed them: "%20" became "+" (a plus to libpq) and
+    # "postgresql:///db" became "postgresql:/db" (refused by libpq).
+    assert postgres_dsn_and_schema(url) == (dsn, schema)

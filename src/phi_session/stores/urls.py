@@ -24,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from ..errors import InvalidStoreUrl, StoreError
 from .base import SessionStore
@@ -152,12 +152,26 @@ def _postgres(url: str, store: Any, options: dict[str, Any]) -> SessionStore:
 
 
 def postgres_dsn_and_schema(url: str) -> tuple[str, str | None]:
-    """A ``postgresql://`` store URL as libpq's DSN and the ``?schema=`` it names (None: the default)."""
-    # libpq itself would reject the schema parameter.
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "schema"]
-    schemas = [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "schema"]
-    return urlunsplit(parts._replace(query=urlencode(query))), (schemas[-1] if schemas else None)
+    """A ``postgresql://`` store URL as libpq's DSN and the ``?schema=`` it names (None: the default).
+
+    Only the ``schema`` parameters (which libpq would reject) are cut out; the rest of
+    the URL reaches libpq as written, for libpq to decode: re-encoding it would change
+    it (``%20`` written as ``+``, which libpq reads as a plus; ``postgresql:///db``
+    written as ``postgresql:/db``, which libpq refuses). The schema is decoded as libpq
+    decodes the other values: percent escapes only.
+    """
+    base, mark, query = url.partition("?")
+    if not mark:
+        return url, None
+    kept: list[str] = []
+    schema = None
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if unquote(name) == "schema":
+            schema = unquote(value)  # the last one wins, as libpq's repeated parameters do
+        else:
+            kept.append(pair)
+    return f"{base}?{'&'.join(kept)}" if kept else base, schema
 
 
 def _locate(url: str) -> tuple[str, Any, dict[str, Any]]:
