@@ -74,6 +74,11 @@ def test_status_and_order_are_case_insensitive_and_kept_canonical() -> None:
         ({"after": "newest:" + "9" * 5000 + ":s"}, "after: not a page cursor"),
         ({"after": "tokens:5:s"}, "after: the cursor was made for order 'tokens', not 'newest'"),
         ({"colour": "blue"}, "colour: unknown filter; known filters: agent, since"),
+        # Undecodable bytes of a command-line argument: text no store holds or can be asked for.
+        ({"agent": "x\udcff"}, "agent: 'x\\udcff' is not Unicode text (it holds a lone surrogate)"),
+        ({"parent": "\udcff"}, "parent: '\\udcff' is not Unicode text"),
+        ({"after": "newest:1:s\udcff"}, "after: 'newest:1:s\\udcff' is not Unicode text"),
+        ({"after": "newest:1:s\x00"}, "after: not a page cursor: 'newest:1:s\\x00'"),
         (
             {"since": "2025-06-03", "until": "2025-06-01"},
             "until: 2025-06-01T00:00:00Z is not later than since",
@@ -107,6 +112,11 @@ def test_ages_stay_within_year_one() -> None:
         (lambda: PruneCriteria(), "prune needs older_than, keep_last or both"),
         (lambda: PruneCriteria(keep_last=-1), "keep_last: must not be negative, got -1"),
         (lambda: parse_group_by("week"), "group_by: expected one of agent, model, day; got 'week'"),
+        (lambda: SessionQuery(model="m\udc80"), "model: 'm\\udc80' is not Unicode text"),
+        (lambda: SessionQuery(parent_session_id="\ud800"), "parent_session_id: '\\ud800' is not Unicode"),
+        (lambda: PruneCriteria(keep_last=1, agent_id="\udcff"), "agent_id: '\\udcff' is not Unicode text"),
+        (lambda: PageCursor("newest", 1, "s\udcff"), "after: 's\\udcff' is not Unicode text"),
+        (lambda: PageCursor("tokens", 1, "s\x00"), "after: not a page cursor: 'tokens:1:s\\x00'"),
     ],
 )
 def test_values_are_checked_when_built(build: object, message: str) -> None:

@@ -962,6 +962,26 @@ class StoreConformance:
         assert store.prune(PruneCriteria(agent_id="a\x00b", older_than=at(1000))) == 1
         assert store.list_ids() == ["fffd"]
 
+    def test_text_no_session_holds_is_a_bad_query_everywhere(self, store: SessionStore) -> None:
+        # A lone surrogate (undecodable bytes of a command-line argument) is in no stored
+        # text, and a NUL in no session id: one InvalidQuery from every store, never an
+        # encoding error from its database.
+        store.save(make_session("a"))
+        bad = "x\udcff"
+        for ask in (
+            lambda: store.query(SessionQuery(agent_id=bad)),
+            lambda: store.query(SessionQuery(model=bad)),
+            lambda: store.query(SessionQuery(parent_session_id=bad)),
+            lambda: store.query(SessionQuery(after=PageCursor("newest", 0, bad))),
+            lambda: store.query(SessionQuery(limit=2, after=PageCursor.parse("newest:0:s\x00"))),
+            lambda: store.search("agent", SessionQuery(agent_id=bad)),
+            lambda: store.list_for_agent(bad),
+            lambda: store.prune(PruneCriteria(keep_last=0, agent_id=bad)),
+        ):
+            with _raises(InvalidQuery):
+                ask()
+        assert store.list_ids() == ["a"]
+
     def test_query_sees_merged_saves(self, store: SessionStore) -> None:
         _populate(store)
         store.save(

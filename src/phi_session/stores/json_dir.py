@@ -72,7 +72,7 @@ from .base import (
     validate_session_id,
 )
 from .outline import SessionOutline, loop_prompt, session_outline
-from .query import GroupBy, Order, PruneCriteria, SessionQuery, parse_group_by
+from .query import GroupBy, Order, PruneCriteria, SessionQuery, check_text, parse_group_by
 
 if sys.platform != "win32":
     import fcntl
@@ -673,6 +673,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         Files whose cached summary names another agent are not parsed again.
         """
         check_type("agent_id", agent_id, str)
+        check_text("agent_id", agent_id)
         sessions: list[Session] = []
         for session_id, info in self._scan():
             with self._cache_lock:

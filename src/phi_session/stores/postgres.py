@@ -130,7 +130,7 @@ from .outline import (
     loop_outline,
     session_outline,
 )
-from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, parse_group_by
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_text, parse_group_by
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, loop_text, query_words, search_words
 
 # psycopg is optional: this module imports without it and `PostgresStore()` says
@@ -1149,6 +1149,7 @@ class PostgresStore(AsyncTwins):
     def list_for_agent(self, agent_id: str) -> list[Session]:
         """The sessions of `agent_id` in `list_ids` order; unreadable ones are logged and skipped."""
         check_type("agent_id", agent_id, str)
+        check_text("agent_id", agent_id)
         sessions = []
         for row in self._select_sessions(
             f"loading the sessions of agent {agent_id!r}", "s.agent_id = %s", (_text(agent_id),)

@@ -110,6 +110,19 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> Any:
     raise InvalidQuery(f"expected one of {', '.join(choices)}; got {shown(repr(value))}", name)
 
 
+def check_text(name: str, value: str | None) -> None:
+    """`InvalidQuery` (parameter `name`) if `value` holds a lone surrogate, what bytes that
+    are not UTF-8 decode to (a command-line argument's): no stored text holds one, and the
+    SQL stores cannot even be asked for it."""
+    if value is None or value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        problem = f"{shown(repr(value))} is not Unicode text (it holds a lone surrogate)"
+        raise InvalidQuery(problem, name) from None
+
+
 def check_count(name: str, value: int | None, maximum: int | None = None) -> None:
     """`TypeError` unless `value` is an int (or None); `InvalidQuery` if negative or above `maximum`."""
     check_type(name, value, int, optional=True)
@@ -151,6 +164,9 @@ class PageCursor:
         check_type("cursor value", self.value, int)
         check_type("cursor session_id", self.session_id, str)
         object.__setattr__(self, "order", _choice("after", self.order, ORDERS))
+        check_text("after", self.session_id)
+        if "\x00" in self.session_id:  # no session id holds one (`validate_session_id`)
+            raise InvalidQuery(f"not a page cursor: {shown(repr(str(self)))}", "after")
 
     @classmethod
     def after(cls, order: Order, row: Any) -> PageCursor:
@@ -247,6 +263,7 @@ class SessionQuery:
     def __post_init__(self) -> None:
         for name in ("agent_id", "model", "parent_session_id"):
             check_type(name, getattr(self, name), str, optional=True)
+            check_text(name, getattr(self, name))
         for name in ("since", "until"):
             check_type(name, getattr(self, name), Timestamp, optional=True)
         check_count("min_tokens", self.min_tokens)
@@ -278,6 +295,7 @@ class SessionQuery:
             text = raw.strip() if raw is not None else ""
             if not text:
                 continue
+            check_text(name, text)  # named as given: the field's checks would name the field
             value: Any = text
             if name in ("since", "until"):
                 value = parse_time_bound(text, now=now, name=name)
@@ -307,5 +325,6 @@ class PruneCriteria:
         check_type("older_than", self.older_than, Timestamp, optional=True)
         check_count("keep_last", self.keep_last, MAX_COUNT)
         check_type("agent_id", self.agent_id, str, optional=True)
+        check_text("agent_id", self.agent_id)
         if self.older_than is None and self.keep_last is None:
             raise InvalidQuery("prune needs older_than, keep_last or both")

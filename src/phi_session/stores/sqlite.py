@@ -104,7 +104,7 @@ from .outline import (
     loop_outline,
     session_outline,
 )
-from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, parse_group_by
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_text, parse_group_by
 from .search import DEFAULT_LIMIT, SearchHit, loop_text, query_words, search_words
 
 if TYPE_CHECKING:
@@ -1317,6 +1317,7 @@ class SqliteStore(AsyncTwins):
         A stored session that does not decode is skipped with a logged warning.
         """
         check_type("agent_id", agent_id, str)
+        check_text("agent_id", agent_id)
         sessions: list[Session] = []
         with self._transaction("list sessions of agent", agent_id) as conn:
             ids = conn.execute(
