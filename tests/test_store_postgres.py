@@ -29,7 +29,7 @@ from phi_session import Timestamp, Usage
 from phi_session.codec import decode_session, encode_session
 from phi_session.cost import Pricer, prices_available
 from phi_session.errors import InvalidArgument, SessionLocked, StoredSessionUnusable, StoreError
-from phi_session.model import Session
+from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import postgres
 from phi_session.stores import search as search_module
@@ -39,6 +39,7 @@ from phi_session.stores.conformance import (
     StoreConformance,
     at,
     calls_loop,
+    cut_loop,
     make_loop,
     make_session,
     reported_usage,
@@ -662,6 +663,27 @@ def test_the_v7_migration_reads_tool_call_arguments_as_text(
     words = sql.SQL("SELECT words::text FROM {}").format(_table(store.schema, "loops"))
     [(indexed,)] = admin.execute(words).fetchall()
     assert "'nimport'" not in indexed and "'import'" in indexed
+
+
+def test_the_v8_migration_indexes_what_loops_that_never_ended_said(
+    store: postgres.PostgresStore, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as before:  # a loop's messages only, as before version 8
+        before.setattr(LoopRecord, "conversation", lambda record: record.messages)
+        store.save(make_session("cut", loops=[cut_loop("cut", 1, "brew coffee")]))
+    meta = _table(store.schema, "meta")
+    admin.execute(sql.SQL("UPDATE {} SET value = '7' WHERE key = 'schema_version'").format(meta))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        assert [hit.kind for hit in migrated.search("coffee")] == [
+            "text",
+            "thinking",
+            "text",
+            "tool_call",
+            "tool_result",
+        ]
+    words = sql.SQL("SELECT words::text FROM {}").format(_table(store.schema, "loops"))
+    [(indexed,)] = admin.execute(words).fetchall()
+    assert "'coffee'" in indexed
 
 
 def test_a_session_holding_lone_surrogates_is_saved_with_them_escaped(store: postgres.PostgresStore) -> None:

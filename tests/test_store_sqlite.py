@@ -40,7 +40,7 @@ from phi_session.errors import SessionLocked, SessionNotFound, StoredSessionUnus
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
 from phi_session.messages import TextFormat
-from phi_session.model import LoopStatus, ModelCall, Session
+from phi_session.model import LoopRecord, LoopStatus, ModelCall, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import search as search_module
 from phi_session.stores import sqlite as sqlite_module
@@ -52,6 +52,7 @@ from phi_session.stores.conformance import (
     StoreConformance,
     at,
     calls_loop,
+    cut_loop,
     make_loop,
     make_session,
     reported_usage,
@@ -1209,6 +1210,27 @@ def test_the_v9_migration_reads_tool_call_arguments_as_text(
         after_texts = dict(conn.execute("SELECT session_id, text FROM loop_text").fetchall())
     assert after_texts["plain"] == before_texts["plain"]  # only the loops whose words change
     assert "nimport" in before_texts["old"].split() and "nimport" not in after_texts["old"].split()
+    assert _indexed_loops(db) == (2, 2)
+
+
+def test_the_v10_migration_indexes_what_loops_that_never_ended_said(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as before:  # a loop's messages only, as before version 10
+        before.setattr(LoopRecord, "conversation", lambda record: record.messages)
+        with SqliteStore(db) as store:
+            store.save(make_session("cut", loops=[cut_loop("cut", 1, "brew coffee")]))
+            store.save(make_session("plain", loops=[talking_loop("plain", 1, "brew coffee")]))
+        raw_execute(db, "PRAGMA user_version = 9")
+    with closing(sqlite3.connect(db)) as conn:
+        before_texts = dict(conn.execute("SELECT session_id, text FROM loop_text").fetchall())
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert [hit.session_id for hit in store.search("coffee")] == ["cut"] * 5 + ["plain"] * 5
+    with closing(sqlite3.connect(db)) as conn:
+        after_texts = dict(conn.execute("SELECT session_id, text FROM loop_text").fetchall())
+    assert after_texts["plain"] == before_texts["plain"] and before_texts["cut"] == ""
+    assert after_texts["cut"] == after_texts["plain"]
     assert _indexed_loops(db) == (2, 2)
 
 

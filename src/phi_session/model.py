@@ -351,6 +351,14 @@ class LoopRecord(msgspec.Struct, kw_only=True):
     def turn_count(self) -> int:
         return len(self.turns)
 
+    def conversation(self) -> Sequence[AgentMessage]:
+        """What was said in the loop: its ``messages``; for a loop that never ended (aborted,
+        running), which phi-core leaves without them (they come with ``AgentEnd``), the
+        messages of its stored ``MessageEnd`` events, in order."""
+        if self.messages:
+            return self.messages
+        return [stored.event.message for stored in self.events if type(stored.event) is MessageEnd]
+
     def tool_call_count(self) -> int:
         return sum(len(turn.tool_results) for turn in self.turns)
 

@@ -73,6 +73,7 @@ __all__ = [
     "at",
     "calls_loop",
     "conversation_loop",
+    "cut_loop",
     "cut_streams",
     "make_loop",
     "make_session",
@@ -237,6 +238,17 @@ def talking_loop(
             timestamp=0,
             turn_id=turn_id,
         ),
+    )
+    return record
+
+
+def cut_loop(session_id: str, index: int, said: str) -> LoopRecord:
+    """`talking_loop` cut off before its end (its process died): ``Aborted``, without
+    messages (they come with ``AgentEnd``), what was said only in its ``MessageEnd`` events."""
+    record = make_loop(session_id, index, status="Aborted")
+    record.events = tuple(
+        LoopEvent(sequence=n, event=MessageEnd(loop_id=record.loop_id, message=message))
+        for n, message in enumerate(talking_loop(session_id, index, said).messages)
     )
     return record
 
@@ -1351,6 +1363,18 @@ class StoreConformance:
         ]
         assert store.search("nimport") == store.search("ttabbed") == []
         assert store.search("tabbed")[3].snippet == 'lookup {"q":"import os import sys tabbed args"}'
+
+    def test_search_reads_what_a_loop_that_never_ended_said(self, store: SessionStore) -> None:
+        # Its messages come with AgentEnd: a loop cut off (its process died) has none, and
+        # what was said is in its stored MessageEnd events.
+        store.save(make_session("cut", loops=[cut_loop("cut", 1, "brew the coffee")]))
+        assert _hit_places(store.search("coffee")) == [
+            ("cut", "cut.cfg.1", None, 0, "text"),
+            ("cut", "cut.cfg.1", 0, 1, "thinking"),
+            ("cut", "cut.cfg.1", 0, 1, "text"),
+            ("cut", "cut.cfg.1", 0, 1, "tool_call"),
+            ("cut", "cut.cfg.1", 0, 2, "tool_result"),
+        ]
 
     def test_async_search_twin(self, store: SessionStore) -> None:
         self._populate_talk(store)

@@ -27,7 +27,6 @@ import msgspec
 
 from .._time import Timestamp
 from ..codec import decode_loop, encode_loop
-from ..events import MessageEnd
 from ..messages import TextContent, Usage, UserMessage
 from ..model import LoopRecord, ModelCall, Session
 
@@ -53,14 +52,9 @@ PROMPT_CHARS = 200
 
 
 def loop_prompt(record: LoopRecord) -> str | None:
-    """The text of the loop's first user message, cut to `PROMPT_CHARS` (None: it has none).
-
-    A loop that never ended (aborted, running) has no ``messages``: its first user
-    message is then read from its stored ``MessageEnd`` events."""
-    messages = record.messages or (
-        item.event.message for item in record.events if type(item.event) is MessageEnd
-    )
-    for message in messages:
+    """The text of the first user message of the loop's `LoopRecord.conversation` (which a
+    loop that never ended has in its events), cut to `PROMPT_CHARS` (None: it has none)."""
+    for message in record.conversation():
         if isinstance(message, UserMessage):
             text = " ".join(block.text for block in message.content if isinstance(block, TextContent))
             return text if len(text) <= PROMPT_CHARS else text[: PROMPT_CHARS - 1] + "\u2026"

@@ -151,7 +151,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -418,6 +418,11 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
     (
         # A tool call's words are those of its arguments' text, a control character's
         # escape read as a blank (`search.loop_text`): every loop's words again.
+        partial(_backfill_loops, "words", _WORDS_VALUE, _lexemes),
+    ),
+    (
+        # A loop that never ended is searched by what its MessageEnd events said
+        # (`LoopRecord.conversation`): every loop's words again.
         partial(_backfill_loops, "words", _WORDS_VALUE, _lexemes),
     ),
 )

@@ -4,7 +4,8 @@ Every store searches the same documents with the same rule, so that the backends
 agree (the conformance suite checks it):
 
 * a **document** is one piece of text of one message of a loop's conversation
-  (`LoopRecord.messages`): a text block (``text``), a thinking block
+  (`LoopRecord.conversation`: its messages, or, for a loop that never ended, those of
+  its ``MessageEnd`` events): a text block (``text``), a thinking block
   (``thinking``), a tool call's name and JSON arguments (``tool_call``) or a tool
   result's text (``tool_result``);
 * the **match rule**: the query's words (runs of letters, digits and ``_``,
@@ -73,7 +74,8 @@ class SearchHit(msgspec.Struct, frozen=True, kw_only=True):
     """One matching document: where it is and a snippet of it.
 
     ``highlights`` are ``[start, end)`` character offsets of the matched words
-    inside ``snippet``. ``turn_index`` is None for a message outside any turn.
+    inside ``snippet``. ``message_index`` is the message's position in the loop's
+    `LoopRecord.conversation`; ``turn_index`` is None for a message outside any turn.
     """
 
     session_id: str
@@ -132,13 +134,13 @@ def loop_text(record: LoopRecord) -> str:
     An index finds the loops whose text holds every word; `document_hits` then applies
     the exact rule (all words in one document) to the loaded session.
     """
-    return "\n".join(text for message in record.messages for _, text in _message_texts(message))
+    return "\n".join(text for message in record.conversation() for _, text in _message_texts(message))
 
 
 def documents(session: Session) -> Iterator[Document]:
     """The searchable documents of `session`, loop by loop, message by message."""
     for record in session.loops:
-        for index, message in enumerate(record.messages):
+        for index, message in enumerate(record.conversation()):
             turn_id = getattr(message, "turn_id", None)
             turn_index = None if turn_id is None else turn_id.turn_index
             for kind, text in _message_texts(message):

@@ -420,7 +420,19 @@ def _index_words(conn: sqlite3.Connection) -> None:
 def _index_tool_call_words(conn: sqlite3.Connection) -> None:
     """v9: a tool call's words are those of its arguments' text, a control character's
     escape read as a blank (`search.loop_text`): the loops whose words that changes are
-    indexed again. A loop whose record does not decode keeps its words."""
+    indexed again."""
+    _index_changed_words(conn)
+
+
+def _index_what_cut_loops_said(conn: sqlite3.Connection) -> None:
+    """v10: a loop that never ended is searched by what its ``MessageEnd`` events said
+    (`LoopRecord.conversation`): the loops whose words that changes are indexed again."""
+    _index_changed_words(conn)
+
+
+def _index_changed_words(conn: sqlite3.Connection) -> None:
+    """Index again the loops whose words (`search.loop_text`) differ from those stored. A
+    loop whose record does not decode keeps its words."""
     changed: list[tuple[str, int, str]] = []
     for session_id, position, record in _each_stored_loop(conn):
         text = _indexed_text(loop_text(record))
@@ -442,6 +454,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _store_model_calls,
     _index_words,
     _index_tool_call_words,
+    _index_what_cut_loops_said,
 )
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
