@@ -521,6 +521,14 @@ def test_invalid_arguments_are_refused(schema: str) -> None:
         PostgresStore(DSN, schema=schema, lock_timeout=0)  # PostgreSQL reads 0 as "forever"
     with pytest.raises(InvalidArgument, match="pool_size"):
         PostgresStore(DSN, schema=schema, pool_size=0)
+    # Taken, they failed every save (OverflowError, ValueError, or PostgreSQL refusing them).
+    for name in ("lock_timeout", "connect_timeout"):
+        for seconds in (float("inf"), float("nan"), 1e7, -1.0):
+            refused = rf"^{name} must be a number of seconds > 0 and <= 2147483.647, got"
+            with pytest.raises(InvalidArgument, match=refused):
+                PostgresStore(DSN, schema=schema, **{name: seconds})
+    with PostgresStore(DSN, schema=schema, lock_timeout=2_147_483.647) as store:
+        store.save(make_session("longest wait"))
     # psycopg's AttributeError ('int' object has no attribute 'encode').
     with pytest.raises(TypeError, match=r"^dsn must be str, not int$"):
         PostgresStore(5, schema=schema)  # type: ignore[arg-type]

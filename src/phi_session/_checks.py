@@ -108,11 +108,17 @@ def check_index(name: str, value: object, described: str = "int") -> int:
 
 
 def check_seconds(
-    name: str, value: object, *, optional: bool = False, positive: bool = False, duration: bool = False
+    name: str,
+    value: object,
+    *,
+    optional: bool = False,
+    positive: bool = False,
+    duration: bool = False,
+    maximum: float | None = None,
 ) -> None:
     """`TypeError` unless `value` is a real number (a NumPy one too; with `duration`, a
     `timedelta` too), or None when `optional`; `InvalidArgument` if it is negative (or
-    zero, when `positive`) or NaN."""
+    zero, when `positive`), NaN or (given a `maximum`) above it."""
     if value is None and optional:
         return
     if duration and isinstance(value, timedelta):
@@ -121,8 +127,10 @@ def check_seconds(
         described = "a number of seconds" + (" or a timedelta" if duration else "")
         raise _wrong_type(name, described + (" or None" if optional else ""), value)
     seconds = float(value)
-    if not (seconds > 0 if positive else seconds >= 0):  # also refuses NaN
-        bound = "> 0" if positive else ">= 0"
+    if not (seconds > 0 if positive else seconds >= 0) or (maximum is not None and not seconds <= maximum):
+        bound = "> 0" if positive else ">= 0"  # the first test also refuses NaN
+        if maximum is not None:
+            bound += f" and <= {maximum}"
         raise InvalidArgument(f"{name} must be a number of seconds {bound}, got {value!r}")
 
 

@@ -84,7 +84,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
-from .._checks import check_type
+from .._checks import check_seconds, check_type
 from .._time import Timestamp
 from ..codec import decode_loop, decode_session, encode_loop, encode_session
 from ..errors import (
@@ -157,6 +157,8 @@ SCHEMA_VERSION = 8
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 # Advisory-lock class id ("ph") of schema migrations; the object id is hashtext(schema).
 MIGRATION_LOCK_CLASS = 0x7068
+# The longest timeout PostgreSQL and libpq take: 2**31-1 milliseconds.
+_MOST_SECONDS = 2_147_483.647
 # Migrations may rewrite tables, so other processes wait for them longer than for a session.
 _MIGRATION_LOCK_TIMEOUT = 60.0
 # Search lexemes are cut to this many characters (a tsvector lexeme holds at most 2047
@@ -739,9 +741,9 @@ class PostgresStore(AsyncTwins):
     schema holding the tables (created if missing; at most 63 bytes, since
     PostgreSQL would silently truncate a longer name). ``pool_size`` bounds the
     connections this store opens (one per concurrent call). ``lock_timeout``
-    (seconds, > 0) bounds the wait for a session another writer is saving, after
+    (seconds) bounds the wait for a session another writer is saving, after
     which `SessionLocked` is raised. ``connect_timeout`` (seconds) applies unless
-    the DSN sets one.
+    the DSN sets one. Both are > 0 and at most 2147483.647 s (`InvalidArgument`).
 
     Opening connects once and brings the schema up to `SCHEMA_VERSION`; every
     database failure is raised as `StoreError` naming the server (never the
@@ -772,8 +774,10 @@ class PostgresStore(AsyncTwins):
             raise InvalidArgument(problem)
         if pool_size < 1:
             raise InvalidArgument(f"pool_size must be at least 1, got {pool_size}")
-        if not lock_timeout > 0:  # PostgreSQL reads 0 as "wait forever"
-            raise InvalidArgument(f"lock_timeout must be positive, got {lock_timeout}")
+        # PostgreSQL reads a lock_timeout of 0 as "wait forever", and holds at most
+        # 2**31-1 ms; libpq a connect_timeout of 0 as "wait forever".
+        check_seconds("lock_timeout", lock_timeout, positive=True, maximum=_MOST_SECONDS)
+        check_seconds("connect_timeout", connect_timeout, positive=True, maximum=_MOST_SECONDS)
         try:
             given = conninfo_to_dict(dsn)
         except psycopg.Error:  # its message may quote the string, password included
