@@ -218,6 +218,19 @@ def test_newer_schema_version_is_refused(store: postgres.PostgresStore, admin: A
         PostgresStore(DSN, schema=store.schema)
 
 
+@pytest.mark.parametrize("value", ["v7", "", " 7", "\u0667", "9" * 5000])
+def test_a_schema_version_that_is_no_number_is_a_store_error(
+    store: postgres.PostgresStore, admin: Any, value: str
+) -> None:
+    admin.execute(
+        sql.SQL("UPDATE {} SET value = %s WHERE key = 'schema_version'").format(_table(store.schema, "meta")),
+        (value,),
+    )
+    for read_only in (False, True):
+        with pytest.raises(StoreError, match=r"records schema_version .*: not a version phi-session writes"):
+            PostgresStore(DSN, schema=store.schema, read_only=read_only)
+
+
 def test_a_read_only_store_creates_and_migrates_nothing(schema: str, admin: Any) -> None:
     url = f"{DSN}{'&' if '?' in DSN else '?'}schema={schema}"
     with pytest.raises(StoreError, match=f"no phi-session schema '{schema}'"):

@@ -1376,6 +1376,14 @@ class StoreConformance:
             ("cut", "cut.cfg.1", 0, 2, "tool_result"),
         ]
 
+    def test_search_of_thousands_of_words(self, store: SessionStore) -> None:
+        # A pasted document as the query: PostgreSQL ran out of stack on 19,000 words.
+        said = " ".join(f"w{n}" for n in range(300))
+        store.save(make_session("long", loops=[talking_loop("long", 1, said)]))
+        assert len(store.search(said)) == 5
+        assert store.search(f"{said} w300") == []
+        assert store.search(" ".join(f"w{n}" for n in range(20_000))) == []
+
     def test_async_search_twin(self, store: SessionStore) -> None:
         self._populate_talk(store)
         assert asyncio.run(store.asearch("coffee", limit=2)) == store.search("coffee", limit=2)

@@ -30,9 +30,9 @@ parser (which would split ``example.com`` or ``1.5`` differently from the query
 rule), each cut to `_LEXEME_CHARS`. It is written with the loop row, so saves,
 merges, deletes and prunes keep it current; a loop whose words outgrow a
 ``tsvector`` gets NULL and is read by every search. `search` asks the index for
-the loops holding every query word, then reads only those loops of the
-candidate sessions and applies the exact rule of `search.py`. The v2 migration
-fills the column for the loops already stored.
+the loops holding every query word (the first `_TSQUERY_WORDS` of a longer query),
+then reads only those loops of the candidate sessions and applies the exact rule of
+`search.py`. The v2 migration fills the column for the loops already stored.
 
 Header and records are stored as the exact bytes phi-session writes (BYTEA, not
 JSONB, which would reorder keys), so ``encode_session(load(id))`` equals
@@ -74,6 +74,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -130,7 +131,7 @@ from .outline import (
     loop_outline,
     session_outline,
 )
-from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_text, parse_group_by
+from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_text, parse_group_by, shown
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, loop_text, query_words, search_words
 
 # psycopg is optional: this module imports without it and `PostgresStore()` says
@@ -165,6 +166,8 @@ _MIGRATION_LOCK_TIMEOUT = 60.0
 # bytes); a loop's lexemes beyond _LEXEME_BUDGET bytes (a tsvector holds 1 MiB) are not indexed.
 _LEXEME_CHARS = 256
 _LEXEME_BUDGET = 1_000_000
+# A search asks the index for at most this many of its words (`_tsquery`).
+_TSQUERY_WORDS = 256
 # Candidate sessions of a search are read 4, 8, … at most this many at a time, until the hits suffice.
 _SEARCH_BATCH = 32
 # A save retries when its session vanished (deleted) between its insert attempt and its lock.
@@ -227,8 +230,19 @@ def _lexemes(record: LoopRecord) -> list[str] | None:
 
 def _tsquery(words: Sequence[str]) -> str:
     """The tsquery text asking for every one of `words` (`query_words`: letters, digits and
-    ``_`` only, so quoting each lexeme needs no escape)."""
-    return " & ".join(f"'{word[:_LEXEME_CHARS]}'" for word in words)
+    ``_`` only, so quoting each lexeme needs no escape), but beyond the first
+    `_TSQUERY_WORDS`: the index then names a few more candidates, which the exact rule
+    reads (a tsquery holds at most 1 MB of lexemes)."""
+    return _all_of(words[:_TSQUERY_WORDS])
+
+
+def _all_of(words: Sequence[str]) -> str:
+    """`_tsquery` as a balanced tree of ``&``: PostgreSQL evaluates a tsquery recursively,
+    and a chain of some 19,000 words exceeded its stack depth limit."""
+    if len(words) == 1:
+        return f"'{words[0][:_LEXEME_CHARS]}'"
+    half = len(words) // 2
+    return f"({_all_of(words[:half])}) & ({_all_of(words[half:])})"
 
 
 _WORDS_VALUE = "array_to_tsvector(%s::text[])"  # NULL stays NULL: array_to_tsvector is strict
@@ -928,6 +942,11 @@ class PostgresStore(AsyncTwins):
         row = cur.fetchone()
         if row is None:
             return None
+        if re.fullmatch(r"[0-9]{1,9}", row[0]) is None:  # int() takes " 7", raises on "v7"
+            raise StoreError(
+                f"schema {self._schema!r} on {self._where} records schema_version {shown(repr(row[0]))}:"
+                " not a version phi-session writes (a damaged or foreign meta table)"
+            )
         version = int(row[0])
         if version > SCHEMA_VERSION:
             raise StoreError(
