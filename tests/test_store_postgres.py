@@ -338,14 +338,14 @@ def test_a_prompt_holding_a_nul_character_is_saved(store: postgres.PostgresStore
     store.save(session)
     assert encode_session(store.load("nul-prompt")) == encode_session(session)  # the exact text
     [summary] = store.query()
-    assert summary.first_prompt == "Please read\ufffdthis"  # the listing's copy: readable
+    assert summary.first_prompt == "Please read\x00this"  # exact, from the outline (not the column)
     assert store.search("this") and store.search("read")
 
 
 def test_nul_characters_in_ids_and_names_are_saved_and_loaded_exactly(store: postgres.PostgresStore) -> None:
     """NUL in an agent id, a parent session id, a loop id or a model name: the text columns
     refused the whole save. The columns (filters, listings) hold U+FFFD; the JSON, what
-    `load`, the summaries' ids and the totals' keys read, keeps the exact text."""
+    `load`, the summaries and the totals' keys read, keeps the exact text."""
     agent, parent, model = "agent\x00x", "parent\x00x", "open\x00ai/gpt\x004o"
     nul_loop = talking_loop("nul", 1, "read this", agent_id=agent)
     nul_loop.loop_id = "loop\x00x"
@@ -357,7 +357,7 @@ def test_nul_characters_in_ids_and_names_are_saved_and_loaded_exactly(store: pos
     assert encode_session(store.load("nul")) == encode_session(session)
     [summary] = store.query(SessionQuery(agent_id=agent, parent_session_id=parent, model=model))
     assert (summary.agent_id, summary.parent_session_id) == (agent, parent)  # exact, from the header
-    assert summary.models == ("openai/gpt-4o", "open\ufffdai/gpt\ufffd4o")  # the listing's copy
+    assert summary.models == ("openai/gpt-4o", model)  # exact, from the outlines (not the column)
     assert [s.session_id for s in store.list_for_agent(agent)] == ["nul"]
     assert store.list_for_agent("agent\ufffdx") == []  # another agent, not its listing's copy
     assert model in [t.key for t in store.usage_totals("model")]  # exact, from the JSON
@@ -438,7 +438,7 @@ def test_the_v5_migration_lists_a_prompt_holding_a_nul_character(
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(_table(store.schema, "loops")))
     admin.execute(sql.SQL("UPDATE {} SET value = '4' WHERE key = 'schema_version'").format(meta))
     with PostgresStore(DSN, schema=store.schema) as migrated:
-        assert [row.first_prompt for row in migrated.query()] == ["Please read\ufffdthis"]
+        assert [row.first_prompt for row in migrated.query()] == ["Please read\x00this"]
         assert encode_session(migrated.load("nul-prompt")) == encode_session(session)
 
 

@@ -994,6 +994,19 @@ class StoreConformance:
                 ask()
         assert store.list_ids() == ["a"]
 
+    def test_summaries_keep_nul_and_the_replacement_character_apart(self, store: SessionStore) -> None:
+        # PostgreSQL text cannot hold NUL: its columns show U+FFFD, the listing may not.
+        for session_id, mark in (("nul", "\x00"), ("fffd", "\ufffd"), ("both", "\x00\ufffd")):
+            loop = talking_loop(session_id, 1, f"hello{mark}world")
+            loop.config = LoopConfigSnapshot(model=f"m{mark}x", provider=f"p{mark}", config_id="cfg")
+            store.save(make_session(session_id, loops=[loop]))
+        rows = {row.session_id: (row.models, row.first_prompt) for row in store.query()}
+        assert rows == {
+            "nul": (("p\x00/m\x00x",), "Please hello\x00world"),
+            "fffd": (("p\ufffd/m\ufffdx",), "Please hello\ufffdworld"),
+            "both": (("p\x00\ufffd/m\x00\ufffdx",), "Please hello\x00\ufffdworld"),
+        }
+
     def test_query_sees_merged_saves(self, store: SessionStore) -> None:
         _populate(store)
         store.save(

@@ -41,9 +41,10 @@ columns, copies of the JSON's values for filters and listings, show it as U+FFFD
 (`_text`). Filters stay exact: a filter value holding NUL or U+FFFD, whose column
 match may be another string (NUL where it has U+FFFD, or the reverse), has each
 session the columns select checked against its JSON (`_selected`); summaries read
-their ids from the JSON, exact, and `list_for_agent` keeps only the agent asked
-for. Per-agent and per-model totals are exact too: a group whose key holds U+FFFD
-is summed again under the keys its rows' JSON holds (`_exact_totals`).
+their ids from the JSON, exact, and models and first prompt showing U+FFFD from the
+loops' outlines; `list_for_agent` keeps only the agent asked for. Per-agent and
+per-model totals are exact too: a group whose key holds U+FFFD is summed again
+under the keys its rows' JSON holds (`_exact_totals`).
 Text columns use the ``"C"`` collation, so every ordering is by code point (as in
 Python and the other stores), whatever the database's locale. Times in the index
 columns are clamped to what BIGINT nanoseconds hold (1677-09-21 to 2262-04-11);
@@ -1281,7 +1282,26 @@ class PostgresStore(AsyncTwins):
     def query(self, query: SessionQuery | None = None) -> list[SessionSummary]:
         """Summaries of the sessions `query` selects (see `SessionQuery`), computed in SQL
         on indexed columns."""
-        return [_summary(row) for row in self._selected(as_query(query))]
+        summaries = [_summary(row) for row in self._selected(as_query(query))]
+        return [
+            self._exact_summary(summary)
+            if any(_BLURRED in text for text in (*summary.models, summary.first_prompt or ""))
+            else summary
+            for summary in summaries
+        ]
+
+    def _exact_summary(self, summary: SessionSummary) -> SessionSummary:
+        """`summary`, whose models or first prompt hold U+FFFD (which stands for NUL too:
+        `_text`), with those read exact from its loops' outlines; as it is if they cannot be
+        read (logged)."""
+        try:
+            exact = summarize_outline(self.load_outline(summary.session_id))
+        except SessionNotFound:  # deleted since it was listed
+            return summary
+        except StoreError as exc:
+            _log.warning("%s: its listing may show U+FFFD for NUL", exc)
+            return summary
+        return msgspec.structs.replace(summary, models=exact.models, first_prompt=exact.first_prompt)
 
     def explain_query(self, query: SessionQuery | None = None, *, analyze: bool = False) -> str:
         """PostgreSQL's plan for `query` (run it too with `analyze`): for benchmarks."""
