@@ -292,6 +292,68 @@ def test_unreadable_entry_is_a_store_error(store: JsonDirStore, directory: Path)
         store.load("folder")
 
 
+def test_a_file_that_is_not_that_session_is_never_deleted(store: JsonDirStore, directory: Path) -> None:
+    # `phi-session rm package --store .` in a project directory deleted its package.json.
+    directory.mkdir()
+    (directory / "package.json").write_text('{"name": "my-app", "version": "1.0.0"}')
+    store.save(make_session("s"))
+    os.link(directory / "s.json", directory / "t.json")  # t.json holds session "s"
+    for session_id, problem in (("package", r"package\.json: Object missing"), ("t", "holds session 's'")):
+        with pytest.raises(StoredSessionUnusable, match=f"^not deleting session '{session_id}': .*{problem}"):
+            store.delete(session_id)
+        with pytest.raises(StoredSessionUnusable):
+            delete_session(session_id, directory)
+    # Nor a sidecar left beside them (a refused operation removes the one it made).
+    assert _names(directory) == ["package.json", "s.json", "s.json.lock", "t.json"]
+    assert store.prune(PruneCriteria(keep_last=0)) == 1  # s; t.json holds another session
+    assert _names(directory) == ["package.json", "s.json.lock", "t.json"]
+
+
+def test_a_refused_operation_removes_only_the_sidecar_it_made(store: JsonDirStore, directory: Path) -> None:
+    directory.mkdir()
+    (directory / "package.json").write_text("{}")
+    with pytest.raises(StoredSessionUnusable, match="not saving session 'package'"):
+        store.save(make_session("package"))
+    assert _names(directory) == ["package.json"]
+    (directory / "package.json.lock").touch()  # another writer's: it may hold it open
+    with pytest.raises(StoredSessionUnusable):
+        store.save(make_session("package"))
+    with pytest.raises(StoredSessionUnusable):
+        store.delete("package")
+    assert _names(directory) == ["package.json", "package.json.lock"]
+
+
+def test_a_writer_waiting_on_a_removed_sidecar_locks_the_one_in_place(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lock of a sidecar a refused operation removed guards nothing: a writer that
+    # opened it meanwhile must lock the sidecar in place (it creates one) instead.
+    directory.mkdir()
+    (directory / "p.json").write_text("{}")
+    refusing, writer_store = JsonDirStore(directory), JsonDirStore(directory)
+    waiting = threading.Event()
+    flock = writer_store._flock
+
+    def flock_noted(*args: Any) -> None:
+        waiting.set()
+        flock(*args)
+
+    def refuse_once_the_writer_waits(session_id: str) -> None:  # under the refusing lock
+        writer.start()
+        assert waiting.wait(5)
+        (directory / "p.json").write_bytes(encode_session(make_session("p")))  # a session by now
+        raise StoredSessionUnusable("refused")
+
+    monkeypatch.setattr(writer_store, "_flock", flock_noted)
+    monkeypatch.setattr(refusing, "_check_is_session", refuse_once_the_writer_waits)
+    writer = threading.Thread(target=writer_store.save, args=(make_session("p", loops=[make_loop("p", 2)]),))
+    with pytest.raises(StoredSessionUnusable, match="refused"):
+        refusing.delete("p")
+    writer.join(10)
+    assert _names(directory) == ["p.json", "p.json.lock"]
+    assert [loop.loop_id for loop in writer_store.load("p").loops] == ["p.cfg.1", "p.cfg.2"]
+
+
 # -- the summary cache ------------------------------------------------------------------
 
 

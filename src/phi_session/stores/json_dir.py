@@ -314,8 +314,10 @@ class JsonDirStore(ScanSearch, AsyncTwins):
     `lock_timeout` seconds for another writer's lock (`SessionLocked` after
     that), merges with the stored session and replaces the file atomically; a
     failed write (full disk, …) raises `StoreError` and leaves the stored file
-    as it was. Lock sidecars are never removed: deleting one that another
-    process has open would let two writers lock different files.
+    as it was. Lock sidecars stay (phi-core never removes one: deleting one that
+    another of its writers has open would let two writers lock different files),
+    but for one created for an operation refused because the file is not that
+    session (`_locked`).
     """
 
     def __init__(self, directory: StrPath, *, lock_timeout: float = 5.0) -> None:
@@ -451,35 +453,78 @@ class JsonDirStore(ScanSearch, AsyncTwins):
 
     @contextlib.contextmanager
     def _locked(self, session_id: str) -> Iterator[None]:
-        """Hold phi-core's writer lock of `session_id` (the sidecar's flock)."""
+        """Hold phi-core's writer lock of `session_id` (the sidecar's flock).
+
+        A sidecar this call created for an operation refused inside the block (the file
+        is not that session: `StoredSessionUnusable`; or is gone: `SessionNotFound`) is
+        removed again, under the lock: it would only litter the directory beside a file
+        that is not a session. A writer that opened it meanwhile finds it unlinked once
+        it holds its lock, and takes the lock again on the sidecar now in place.
+        """
         if sys.platform == "win32":
             raise StoreError("JsonDirStore needs POSIX flock to write; it is not available on Windows")
         lock_path = self._dir / f"{session_id}{_SUFFIX}.lock"
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as error:
-            raise StoreError(f"cannot open lock file {lock_path}: {_describe(error)}") from error
-        _held_locks.add(fd)
-        try:
-            deadline = time.monotonic() + self._lock_timeout
-            while True:
+        deadline = time.monotonic() + self._lock_timeout
+        while True:
+            fd, created = self._open_sidecar(lock_path)
+            _held_locks.add(fd)
+            try:
+                self._flock(fd, session_id, lock_path, deadline)
+                if self._still_in_place(fd, lock_path):
+                    try:
+                        yield
+                    except (StoredSessionUnusable, SessionNotFound):
+                        if created:
+                            with contextlib.suppress(OSError):
+                                os.unlink(lock_path)
+                        raise
+                    return
+            finally:
+                _held_locks.discard(fd)
+                os.close(fd)  # closing the descriptor releases the lock
+
+    @staticmethod
+    def _open_sidecar(lock_path: Path) -> tuple[int, bool]:
+        """A descriptor of the lock sidecar, opened or created, and whether this call created it."""
+        while True:
+            try:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise SessionLocked(
-                            f"session {session_id!r} is locked by another writer ({lock_path}); "
-                            f"gave up after {self._lock_timeout:g} s"
-                        ) from None
-                    time.sleep(min(_LOCK_RETRY_INTERVAL, remaining))
-                except OSError as error:
-                    raise StoreError(f"cannot lock {lock_path}: {_describe(error)}") from error
-            yield
-        finally:
-            _held_locks.discard(fd)
-            os.close(fd)  # closing the descriptor releases the lock
+                    return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), True
+                except FileExistsError:
+                    return os.open(lock_path, os.O_RDWR | os.O_CLOEXEC), False
+            except FileNotFoundError:  # removed between the two opens: create it
+                continue
+            except OSError as error:
+                raise StoreError(f"cannot open lock file {lock_path}: {_describe(error)}") from error
+
+    def _flock(self, fd: int, session_id: str, lock_path: Path, deadline: float) -> None:
+        """Take the sidecar's exclusive lock, retrying as phi-core does until `deadline`."""
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SessionLocked(
+                        f"session {session_id!r} is locked by another writer ({lock_path}); "
+                        f"gave up after {self._lock_timeout:g} s"
+                    ) from None
+                time.sleep(min(_LOCK_RETRY_INTERVAL, remaining))
+            except OSError as error:
+                raise StoreError(f"cannot lock {lock_path}: {_describe(error)}") from error
+
+    @staticmethod
+    def _still_in_place(fd: int, lock_path: Path) -> bool:
+        """Whether the locked sidecar `fd` is still the one at `lock_path` (a refused
+        operation removes the sidecar it created: its lock then guards nothing)."""
+        try:
+            held, current = os.fstat(fd), os.stat(lock_path)
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            raise StoreError(f"cannot lock {lock_path}: {_describe(error)}") from error
+        return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
     def _write_atomically(self, session_id: str, data: bytes) -> _FileKey:
         """Replace the session file by `data`; returns the new file's key.
@@ -527,7 +572,12 @@ class JsonDirStore(ScanSearch, AsyncTwins):
             raise StoreError(f"cannot sync directory {self._dir}: {_describe(error)}") from error
 
     def delete(self, session_id: str) -> None:
-        """Remove the session file, under the writer lock. Its sidecar stays."""
+        """Remove the session file, under the writer lock. Its sidecar stays.
+
+        A file that is not that session (one that does not decode as a session, such as
+        a project's ``package.json``, or holds another id) is never deleted:
+        `StoredSessionUnusable`.
+        """
         # Checked first so that deleting a missing session creates no sidecar.
         if not self.path_for(session_id).is_file() or not self._remove(session_id):
             raise SessionNotFound(f"no session {session_id!r} in {self._dir}")
@@ -535,9 +585,12 @@ class JsonDirStore(ScanSearch, AsyncTwins):
 
     def _remove(self, session_id: str, *, only_if: _FileKey | None = None) -> bool:
         """Unlink the session file under the lock; False if it is gone or (with
-        `only_if`) was saved again since that version was judged."""
+        `only_if`) was saved again since that version was judged. Without `only_if`,
+        the file is read first: `StoredSessionUnusable` unless it is that session."""
         path = self._dir / f"{session_id}{_SUFFIX}"
         with self._locked(session_id):
+            if only_if is None:
+                self._check_is_session(session_id)
             try:
                 if only_if is not None and _file_key(os.stat(path)) != only_if:
                     return False
@@ -548,6 +601,19 @@ class JsonDirStore(ScanSearch, AsyncTwins):
                 raise StoreError(f"cannot delete {path}: {_describe(error)}") from error
         self._forget(session_id)
         return True
+
+    def _check_is_session(self, session_id: str) -> None:
+        """`StoredSessionUnusable` unless the file of `session_id` holds that session;
+        `SessionNotFound` if it is gone."""
+        try:
+            stored, _ = self._read(session_id)
+        except StoredSessionUnusable as error:
+            raise StoredSessionUnusable(f"not deleting session {session_id!r}: {error}") from error
+        if stored.session_id != session_id:
+            raise StoredSessionUnusable(
+                f"not deleting session {session_id!r}: its file {self.path_for(session_id)} holds "
+                f"session {stored.session_id!r}"
+            )
 
     # -- reading ----------------------------------------------------------------------
 
@@ -767,7 +833,8 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         candidates = [
             (session_id, entry)
             for session_id, entry in self._entries()
-            if agent_id is None or entry.summary.agent_id == agent_id
+            if (agent_id is None or entry.summary.agent_id == agent_id)
+            and entry.summary.session_id == session_id  # never a file holding another session
         ]
         candidates.sort(key=lambda item: (-item[1].summary.last_active_at.ns, item[0]))
         if keep_last is not None:
