@@ -27,7 +27,7 @@ from phi_session.errors import (
 )
 from phi_session.model import Session
 from phi_session.stores import json_dir
-from phi_session.stores.base import merge_sessions, summarize
+from phi_session.stores.base import SessionStore, merge_sessions, summarize
 from phi_session.stores.conformance import EXAMPLE_SESSIONS, StoreConformance, make_loop, make_session
 from phi_session.stores.json_dir import (
     JsonDirStore,
@@ -49,6 +49,10 @@ class TestJsonDirConformance(StoreConformance):
         store = JsonDirStore(tmp_path / "sessions")
         yield store
         store.close()
+
+    def open_read_only(self, store: SessionStore) -> SessionStore:
+        assert isinstance(store, JsonDirStore)
+        return JsonDirStore(store.directory, read_only=True)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import postgres
 from phi_session.stores import search as search_module
+from phi_session.stores.base import SessionStore
 from phi_session.stores.conformance import (
     EXAMPLES_DIR,
     TIERED_CALL,
@@ -91,6 +92,10 @@ class TestPostgresConformance(StoreConformance):
     def store(self, schema: str) -> Iterator[postgres.PostgresStore]:
         with PostgresStore(DSN, schema=schema) as opened:
             yield opened
+
+    def open_read_only(self, store: SessionStore) -> SessionStore:
+        assert isinstance(store, PostgresStore)
+        return PostgresStore(DSN, schema=store.schema, read_only=True)
 
 
 def _table(schema: str, name: str) -> Any:

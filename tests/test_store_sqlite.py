@@ -44,7 +44,7 @@ from phi_session.model import LoopRecord, LoopStatus, ModelCall, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import search as search_module
 from phi_session.stores import sqlite as sqlite_module
-from phi_session.stores.base import UsageTotal, summarize
+from phi_session.stores.base import SessionStore, UsageTotal, summarize
 from phi_session.stores.conformance import (
     EXAMPLE_SESSIONS,
     EXAMPLES_DIR,
@@ -74,6 +74,10 @@ class TestSqliteConformance(StoreConformance):
         store = SqliteStore(tmp_path / "sessions.db")
         yield store
         store.close()
+
+    def open_read_only(self, store: SessionStore) -> SessionStore:
+        assert isinstance(store, SqliteStore)
+        return SqliteStore(store.path, read_only=True)
 
 
 @pytest.fixture
@@ -367,9 +371,9 @@ def test_a_read_only_store_changes_nothing_and_sees_what_writers_commit(db: Path
     before = files_next_to(db)
     with SqliteStore(db, read_only=True) as reader:
         assert reader.list_ids() == ["first"]
-        with pytest.raises(StoreError, match="readonly"):
+        with pytest.raises(StoreError, match="is open read-only: cannot"):
             reader.save(make_session("second"))
-        with pytest.raises(StoreError, match="readonly"):
+        with pytest.raises(StoreError, match="is open read-only: cannot"):
             reader.delete("first")
     assert files_next_to(db) == before  # not a byte changed, no -wal or -shm left
     with SqliteStore(db, read_only=True) as reader, SqliteStore(db) as writer:

@@ -172,6 +172,13 @@ def save_escaping(save: Callable[[_T], None], value: _T) -> None:
         save(escaped)
 
 
+def check_writable(store: Any, action: str) -> None:
+    """`StoreError` if `store` was opened read-only (its ``read_only``): the refusal of a
+    write (`action`: ``save session 'x'``, ``prune``) in one wording for every backend."""
+    if store.read_only:
+        raise StoreError(f"{store!r} is open read-only: cannot {action}")
+
+
 def check_pricer(pricer: Pricer | None) -> None:
     """`usage_totals`' check of its ``pricer`` argument (`TypeError` for anything but a `Pricer`)."""
     if pricer is not None:

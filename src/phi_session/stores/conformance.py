@@ -34,7 +34,7 @@ import msgspec
 from .._time import Timestamp
 from ..codec import decode_event, decode_session, encode_event, encode_session, without_lone_surrogates
 from ..cost import ZERO_COST, Cost, Pricer, cost_totals, prices_available
-from ..errors import InvalidQuery, InvalidSessionId, SessionNotFound
+from ..errors import InvalidQuery, InvalidSessionId, SessionNotFound, StoreError
 from ..events import (
     AgentEnd,
     AgentEvent,
@@ -501,7 +501,14 @@ def _loop_ids(session: Session) -> list[str]:
 
 
 class StoreConformance:
-    """Subclass with a ``store`` fixture yielding a fresh store of the backend under test."""
+    """Subclass with a ``store`` fixture yielding a fresh store of the backend under test,
+    and `open_read_only` if the backend has a read-only mode."""
+
+    def open_read_only(self, store: SessionStore) -> SessionStore:
+        """The store `store` is, opened read-only (the test is skipped without one)."""
+        import pytest
+
+        pytest.skip(f"{type(store).__name__} has no read-only mode")
 
     # -- basics -----------------------------------------------------------------------
 
@@ -560,6 +567,24 @@ class StoreConformance:
         with _raises(TypeError, match="group_by must be str"):
             store.usage_totals(None)  # type: ignore[arg-type]
         assert store.list_ids() == []
+
+    def test_a_read_only_store_refuses_every_write(self, store: SessionStore) -> None:
+        store.save(make_session("kept"))
+        reader = self.open_read_only(store)
+        try:
+            for write, action in (
+                (lambda: reader.save(make_session("new")), "save session 'new'"),
+                (lambda: asyncio.run(reader.asave(make_session("new"))), "save session 'new'"),
+                (lambda: reader.delete("kept"), "delete session 'kept'"),
+                (lambda: reader.delete("absent"), "delete session 'absent'"),
+                (lambda: reader.prune(PruneCriteria(keep_last=0)), "prune"),
+            ):
+                with _raises(StoreError) as caught:
+                    write()
+                assert str(caught.value) == f"{reader!r} is open read-only: cannot {action}"
+            assert reader.list_ids() == store.list_ids() == ["kept"]
+        finally:
+            reader.close()
 
     # -- round trips ------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from .base import (
     as_query,
     check_loop_range,
     check_pricer,
+    check_writable,
     loop_usage_row,
     loops_a_merge_touches,
     merge_part,
@@ -318,14 +319,20 @@ class JsonDirStore(ScanSearch, AsyncTwins):
     another of its writers has open would let two writers lock different files),
     but for one created for an operation refused because the file is not that
     session (`_locked`).
+
+    With `read_only`, the store only reads: `directory` must exist, and `save`,
+    `delete` and `prune` raise `StoreError`.
     """
 
-    def __init__(self, directory: StrPath, *, lock_timeout: float = 5.0) -> None:
+    def __init__(self, directory: StrPath, *, lock_timeout: float = 5.0, read_only: bool = False) -> None:
         if not lock_timeout >= 0:  # also rejects NaN
             raise InvalidArgument(
                 f"lock_timeout must be a non-negative number of seconds, got {lock_timeout!r}"
             )
         self._dir = Path(directory)
+        self.read_only = read_only
+        if read_only and not self._dir.is_dir():
+            raise StoreError(f"no store directory at {self._dir}")
         self._lock_timeout = lock_timeout
         self._cache: OrderedDict[str, _Entry] = OrderedDict()  # the oldest dropped in O(1)
         self._paged: OrderedDict[str, _Paged] = OrderedDict()  # least recently read first
@@ -366,6 +373,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         system that ignores case, ``A.json`` is ``a.json``), is never overwritten: `StoreError`.
         """
         session_id = session_id_to_save(session)
+        check_writable(self, f"save session {session_id!r}")
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -578,6 +586,8 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         a project's ``package.json``, or holds another id) is never deleted:
         `StoredSessionUnusable`.
         """
+        validate_session_id(session_id)
+        check_writable(self, f"delete session {session_id!r}")
         # Checked first so that deleting a missing session creates no sidecar.
         if not self.path_for(session_id).is_file() or not self._remove(session_id):
             raise SessionNotFound(f"no session {session_id!r} in {self._dir}")
@@ -829,6 +839,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         A file saved again after it was judged is left alone.
         """
         check_type("criteria", criteria, PruneCriteria)
+        check_writable(self, "prune")
         agent_id, keep_last, older_than = criteria.agent_id, criteria.keep_last, criteria.older_than
         candidates = [
             (session_id, entry)

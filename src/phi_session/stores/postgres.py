@@ -110,6 +110,7 @@ from .base import (
     as_query,
     check_loop_range,
     check_pricer,
+    check_writable,
     loop_configs,
     loops_a_merge_touches,
     merge_part,
@@ -764,9 +765,10 @@ class PostgresStore(AsyncTwins):
     database failure is raised as `StoreError` naming the server (never the
     password). Use as a context manager or call `close`.
 
-    With `read_only`, opening creates and migrates nothing: a schema that does not
-    exist, or was written by an earlier phi-session, is a `StoreError` (saving with
-    a store opened to write upgrades it).
+    With `read_only`, the store only reads: opening creates and migrates nothing (a
+    schema that does not exist, or was written by an earlier phi-session, is a
+    `StoreError`; saving with a store opened to write upgrades it), and `save`,
+    `delete` and `prune` raise `StoreError`.
     """
 
     def __init__(
@@ -800,6 +802,7 @@ class PostgresStore(AsyncTwins):
                 "invalid PostgreSQL connection string (not shown: it may hold a password)"
             ) from None
         self._dsn = dsn
+        self.read_only = read_only
         self._where = _describe_server(given)
         self._schema = schema
         self._placeholders = {
@@ -976,6 +979,7 @@ class PostgresStore(AsyncTwins):
 
     def _save_one(self, session: Session) -> None:
         session_id = session_id_to_save(session)
+        check_writable(self, f"save session {session_id!r}")
         encoded = _Encodings(session.loops)
         with self._cursor(f"saving session {session_id!r}", transaction=True, session_id=session_id) as cur:
             for _ in range(_SAVE_ATTEMPTS):
@@ -1194,6 +1198,7 @@ class PostgresStore(AsyncTwins):
 
     def delete(self, session_id: str) -> None:
         validate_session_id(session_id)
+        check_writable(self, f"delete session {session_id!r}")
         with self._cursor(f"deleting session {session_id!r}", transaction=True, session_id=session_id) as cur:
             cur.execute(self._sql("DELETE FROM {s}.sessions WHERE session_id = %s"), (session_id,))
             if cur.rowcount == 0:
@@ -1484,6 +1489,7 @@ class PostgresStore(AsyncTwins):
         statistics.
         """
         check_type("criteria", criteria, PruneCriteria)
+        check_writable(self, "prune")
         agent_id, keep_last, older_than = criteria.agent_id, criteria.keep_last, criteria.older_than
         conditions: list[str] = []
         params: list[Any] = []

@@ -82,6 +82,7 @@ from .base import (
     as_query,
     check_loop_range,
     check_pricer,
+    check_writable,
     collect_hits,
     loops_a_merge_touches,
     merge_part,
@@ -1357,6 +1358,7 @@ class SqliteStore(AsyncTwins):
 
     def _save_one(self, session: Session) -> None:
         session_id = session_id_to_save(session)
+        check_writable(self, f"save session {session_id!r}")
         with self._transaction("save", session_id, write=True) as conn:
             _index_loop_texts(conn, self._save_in(conn, session_id, session))
 
@@ -1372,6 +1374,7 @@ class SqliteStore(AsyncTwins):
         ids = [session_id_to_save(session) for session in sessions]
         if not ids:
             return
+        check_writable(self, f"save {len(ids)} sessions")
         with self._transaction(f"save {len(ids)} sessions", ", ".join(ids[:3]), write=True) as conn:
             text_rows: list[tuple[str, int, str]] = []
             for session_id, session in zip(ids, sessions, strict=True):
@@ -1494,6 +1497,7 @@ class SqliteStore(AsyncTwins):
 
     def delete(self, session_id: str) -> None:
         validate_session_id(session_id)
+        check_writable(self, f"delete session {session_id!r}")
         with self._transaction("delete", session_id, write=True) as conn:
             row = conn.execute(_MESSAGE_IDS_SQL, (session_id,)).fetchone()
             if row is not None:
@@ -1511,6 +1515,7 @@ class SqliteStore(AsyncTwins):
         database on every prune).
         """
         check_type("criteria", criteria, PruneCriteria)
+        check_writable(self, "prune")
         agent_id, keep_last, older_than = criteria.agent_id, criteria.keep_last, criteria.older_than
         scope = "agent_id = ?" if agent_id is not None else "1"
         scope_params: list[Any] = [agent_id] if agent_id is not None else []

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-from ..errors import InvalidStoreUrl, StoreError
+from ..errors import InvalidStoreUrl
 from .base import SessionStore
 from .sqlite import SqliteStore
 
@@ -73,8 +73,8 @@ def open_store(url: str | os.PathLike[str] | None = None, *, read_only: bool = F
     """Open the store `url` names (forms in the module docstring); `None`: the default.
 
     With `read_only`, open an existing store only to read it: nothing is created,
-    migrated or changed (`StoreError` if there is no store; see the backends'
-    ``read_only``; a JSON directory is only read anyway).
+    migrated or changed, and writes raise `StoreError` (as does a missing store; see
+    the backends' ``read_only``).
 
     Raises `InvalidStoreUrl` (a `StoreError` and a ``ValueError``) for a URL of no
     accepted form, naming the accepted forms (and ``PHI_SESSION_STORE`` when the bad
@@ -93,9 +93,7 @@ def open_store(url: str | os.PathLike[str] | None = None, *, read_only: bool = F
         return SqliteStore(target, **options)
     from .json_dir import JsonDirStore
 
-    if read_only and not target.is_dir():
-        raise StoreError(f"no store directory at {target}")
-    return JsonDirStore(target)
+    return JsonDirStore(target, read_only=read_only)
 
 
 def store_path(url: str | os.PathLike[str] | None = None) -> Path | None:
