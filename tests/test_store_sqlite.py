@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -65,6 +66,7 @@ from phi_session.stores.query import PruneCriteria, SessionQuery
 from phi_session.stores.search import loop_text
 from phi_session.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
 
+from .conftest import in_forked_child, needs_fork
 from .store_support import check_saves_in_parts, check_saves_read_only_touched_loops, conversation_parts
 
 
@@ -380,6 +382,120 @@ def test_a_read_only_store_changes_nothing_and_sees_what_writers_commit(db: Path
         assert reader.list_ids() == ["first"]
         writer.save(make_session("second"))  # while the reader is open, as under `serve`
         assert sorted(reader.list_ids()) == ["first", "second"]
+
+
+_SAVE_AND_DIE = """
+import os, sys
+from phi_session.stores.conformance import make_session
+from phi_session.stores.sqlite import SqliteStore
+
+store = SqliteStore(sys.argv[1])
+for n in range(3):
+    store.save(make_session(f"s{n}"))
+os._exit(0)  # as if killed: its connection never closes, its commits stay in the WAL
+"""
+
+
+def test_a_read_only_store_never_checkpoints_what_a_killed_writer_left(db: Path) -> None:
+    # Closing a read-write connection (the last one) checkpointed the WAL into the file.
+    SqliteStore(db).close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", _SAVE_AND_DIE, str(db)], env=env, check=True)
+    before = files_next_to(db)
+    assert len(before[f"{db.name}-wal"]) > 0
+    with SqliteStore(db, read_only=True) as reader:
+        assert sorted(reader.list_ids()) == ["s0", "s1", "s2"]
+    after = files_next_to(db)  # (its -shm, SQLite's shared memory, readers write)
+    assert after[db.name] == before[db.name] and after[f"{db.name}-wal"] == before[f"{db.name}-wal"]
+
+
+def test_a_read_only_store_whose_file_went_away_creates_none(db: Path) -> None:
+    # A read-only `serve` made an empty store when the file was moved: each thread's
+    # connection was opened in create mode.
+    with SqliteStore(db) as writer:
+        writer.save(make_session("first"))
+    reader = SqliteStore(db, read_only=True)
+    assert reader.list_ids() == ["first"]
+    moved = db.with_name("moved.db")
+    db.rename(moved)
+    caught: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            reader.list_ids()
+        except BaseException as error:
+            caught.append(error)
+
+    thread = threading.Thread(target=read)  # a new thread: a new connection
+    thread.start()
+    thread.join()
+    reader.close()
+    assert [str(error) for error in caught] == [f"no SQLite store at {db}"]
+    assert not db.exists()
+
+
+needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+_NOBODY = 65534
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory user nobody may enter and read but not write (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="phi-session-ro-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def _as_nobody(work: Any) -> int:
+    def run() -> None:
+        os.setgid(_NOBODY)
+        os.setuid(_NOBODY)
+        work()
+
+    return in_forked_child(run)
+
+
+@needs_fork
+@needs_root
+def test_a_read_only_store_reads_a_file_this_user_may_only_read(shared_dir: Path) -> None:
+    db = shared_dir / "sessions.db"
+    with SqliteStore(db) as writer:
+        writer.save(make_session("first"))
+        db.chmod(0o644)
+
+        def read_while_a_writer_has_it_open() -> None:
+            assert not os.access(db, os.W_OK)
+            with SqliteStore(db, read_only=True) as reader:
+                assert reader.list_ids() == ["first"]
+
+        # It failed: "attempt to write a readonly database".
+        assert _as_nobody(read_while_a_writer_has_it_open) == 0
+
+    def refused_without_its_wal() -> None:
+        with pytest.raises(StoreError, match=r"cannot read it as this user: .* which are missing and"):
+            SqliteStore(db, read_only=True)
+
+    assert not db.with_name("sessions.db-wal").exists()
+    assert _as_nobody(refused_without_its_wal) == 0
+
+
+@needs_root
+def test_a_read_only_store_reads_a_file_on_a_read_only_file_system(shared_dir: Path) -> None:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(shared_dir)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        db = shared_dir / "sessions.db"
+        with SqliteStore(db) as writer:
+            writer.save(make_session("first", loops=[talking_loop("first", 1, "brew coffee")]))
+        subprocess.run(["mount", "-o", "remount,ro", str(shared_dir)], check=True)
+        # It failed: "unable to open database file" (no -wal, and none can be made).
+        with SqliteStore(db, read_only=True) as reader:
+            assert reader.list_ids() == ["first"]
+            assert [hit.session_id for hit in reader.search("coffee")] == ["first"] * 5
+        assert sorted(path.name for path in shared_dir.iterdir()) == ["sessions.db"]
+    finally:
+        subprocess.run(["umount", str(shared_dir)], check=True)
 
 
 def test_a_read_only_store_reads_an_older_schema_from_a_copy_and_leaves_the_file(

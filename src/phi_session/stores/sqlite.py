@@ -874,6 +874,16 @@ def _usage_by_key(session: Session, group_by: GroupBy) -> dict[str, tuple[int, U
 # -- The store -------------------------------------------------------------------------------
 
 
+def _on_read_only_file_system(file: Path) -> bool:
+    """Whether `file` lies on a file system mounted read-only (nothing can change it)."""
+    if not hasattr(os, "statvfs"):  # Windows
+        return False
+    try:
+        return bool(os.statvfs(file).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _reclaim_space(conn: sqlite3.Connection) -> None:
     """Give the database's free pages back to the file system (outside a transaction)."""
     # executescript() steps the pragma to completion; execute() frees one page.
@@ -969,9 +979,14 @@ class SqliteStore(AsyncTwins):
 
     With `read_only`, the store only reads: `path` must exist, nothing is created,
     migrated or changed in it (a write raises `StoreError`), and it still sees what
-    writers commit meanwhile. A file written by an earlier phi-session (an older
-    schema) is then read through a migrated copy in a temporary directory, taken
-    when the store is opened: it does not see later writes.
+    writers commit meanwhile, and closing it never checkpoints what a writer left in
+    the WAL into the file. A file on a read-only file system is read as it is; one in
+    a directory this user may not write is read while a writer has it open (SQLite
+    reads it through the -wal and -shm files it then has beside it), else refused
+    (`StoreError`). A file
+    written by an earlier phi-session (an older schema) is read through a migrated
+    copy in a temporary directory, taken when the store is opened: it does not see
+    later writes.
     """
 
     def __init__(
@@ -1000,10 +1015,7 @@ class SqliteStore(AsyncTwins):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: list[tuple[_Connection, weakref.finalize[Any, Any]]] = []
-        if read_only:
-            if not self.path.is_file():
-                raise StoreError(f"no SQLite store at {self.path}")
-        else:
+        if not read_only:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as error:
@@ -1054,23 +1066,22 @@ class SqliteStore(AsyncTwins):
         self._local.owner = owner
         return connection
 
-    def _connect(self, file: Path, *, read_only: bool) -> sqlite3.Connection:
-        """A configured connection to `file`; with `read_only`, one that writes nothing.
-
-        Not ``mode=ro``: a read-only connection to a WAL database creates its -wal and
-        -shm files and, unable to remove them, leaves them behind; a read-write one
-        that never writes removes them when the last connection closes.
-        """
+    def _connection_to(self, target: str | Path, *, uri: bool = False) -> sqlite3.Connection:
         # check_same_thread=False only so that `close` and the exit hook may close an
         # idle connection of another thread.
-        conn = sqlite3.connect(file, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        return sqlite3.connect(
+            target, timeout=self.timeout, isolation_level=None, check_same_thread=False, uri=uri
+        )
+
+    def _connect(self, file: Path, *, read_only: bool) -> sqlite3.Connection:
+        """A configured connection to `file`; with `read_only`, one that writes nothing
+        (`_open_read_only`)."""
+        conn = self._open_read_only(file) if read_only else self._connection_to(file)
         try:
-            # Before anything that writes (journal_mode changes the file's header):
-            # a database of another application must be left exactly as it was.
-            self._check_version(conn)
-            if read_only:
-                conn.execute("PRAGMA query_only = ON")
-            else:
+            if not read_only:
+                # Before anything that writes (journal_mode changes the file's header):
+                # a database of another application must be left exactly as it was.
+                self._check_version(conn)
                 # Only takes effect on a new, empty file: lets `prune` give pages back
                 # (but setting it rewrites the header's change counter, even unchanged).
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -1079,6 +1090,53 @@ class SqliteStore(AsyncTwins):
             conn.execute("PRAGMA foreign_keys = ON")
             # Checkpoints shrink the WAL back to this after a large transaction (or a prune).
             conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_read_only(self, file: Path) -> sqlite3.Connection:
+        """A connection to `file` that neither creates it (a store moved away while a
+        reader runs stays away) nor writes it, its schema checked.
+
+        SQLite reads a WAL database through its -wal and -shm files, creating them if
+        missing; the last connection to close checkpoints the -wal into the file and
+        removes both, but a read-only one (``mode=ro``) can do neither. So:
+
+        * a -wal is there (a writer is at work, or was killed and left its commits
+          in it): ``mode=ro``, which creates nothing here and never checkpoints, so
+          closing never rewrites the file;
+        * none (the file holds every commit), on a read-only file system: ``mode=ro``
+          and ``immutable=1``: nothing can change the file, and no -wal can be made;
+        * none, elsewhere: ``mode=rw`` (no create) with ``query_only``: it makes the
+          -wal and -shm and, closing last, removes them, leaving nothing behind; what
+          it may checkpoint then is only what writers committed while it was open,
+          as their own close would have. Where this user may not create them (a
+          directory it may not write), `StoreError`: ``immutable=1`` would be wrong
+          as soon as a writer comes, which it could not tell.
+        """
+        if not file.is_file():
+            raise StoreError(f"no SQLite store at {file}")
+        wal = file.with_name(f"{file.name}-wal")
+        if wal.exists():
+            mode = "ro"
+        elif _on_read_only_file_system(file):
+            mode = "ro&immutable=1"
+        else:
+            mode = "rw"
+        conn = self._connection_to(f"{file.as_uri()}?mode={mode}", uri=True)
+        try:
+            self._check_version(conn)  # its first read, which opens the WAL
+            conn.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as error:
+            conn.close()
+            if not wal.exists() and not os.access(file.parent, os.W_OK):
+                raise StoreError(
+                    f"{file}: cannot read it as this user: SQLite reads it beside its -wal and -shm"
+                    f" files, which are missing and cannot be created in {file.parent} (they"
+                    " exist while a writer has it open)"
+                ) from error
+            raise
         except BaseException:
             conn.close()
             raise
