@@ -29,7 +29,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from phi_session import SessionRecorder, Timestamp, encode_session
+from phi_session import SessionRecorder, Timestamp, decode_session, encode_session
 from phi_session.demo import run_demo
 from phi_session.errors import ExportError, InvalidArgument
 from phi_session.events import (
@@ -1870,3 +1870,53 @@ def test_an_export_sink_refuses_an_exporter_that_cannot_export() -> None:
         OtelExportSink(5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="capture_content must be bool, not str"):
         OtelExportSink(InMemorySpanExporter(), capture_content="yes")  # type: ignore[arg-type]
+
+
+def test_tool_arguments_nested_deeper_than_phi_core_reads_are_clipped_and_counted() -> None:
+    # Arguments nested deeper than fits inside a session made the whole ingested session
+    # unreadable by phi-core; as in recording, their deepest containers become JSON text.
+    def nested(levels: int) -> Any:
+        value: Any = "leaf"
+        for _ in range(levels):
+            value = {"k": value}
+        return value
+
+    said = [
+        {
+            "role": "assistant",
+            "parts": [{"type": "tool_call", "id": "c1", "name": "t", "arguments": nested(125)}],
+        }
+    ]
+    agent = _span(1, None, "invoke_agent a", 0, 100, **{attr.OPERATION_NAME: attr.OP_INVOKE_AGENT})
+    chat = _span(
+        2,
+        1,
+        "chat m",
+        10,
+        50,
+        **{attr.OPERATION_NAME: attr.OP_CHAT, attr.OUTPUT_MESSAGES: msgspec.json.encode(said).decode()},
+    )
+    tool = _span(
+        3,
+        1,
+        "execute_tool t",
+        55,
+        60,
+        **{
+            attr.OPERATION_NAME: attr.OP_EXECUTE_TOOL,
+            attr.TOOL_CALL_ID: "c1",
+            attr.TOOL_CALL_ARGUMENTS: msgspec.json.encode(nested(125)).decode(),
+        },
+    )
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    ingestor.add([chat, tool, agent])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert decode_session(encode_session(session), strict=True) == session
+    assert ingestor.counters["clipped_arguments"] == 2
+    [call] = session.loops[0].turns[0].output_message.content
+    deepest = call.arguments  # type: ignore[union-attr]
+    for _ in range(116):
+        deepest = deepest["k"]
+    assert deepest == {"k": msgspec.json.encode(nested(8)).decode()}  # the 117th level holds text

@@ -36,7 +36,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 
 from .._checks import check_callable, check_each, check_instance, check_seconds, check_type
 from .._failures import FailureTally
-from .._strict import strict_adds_nothing
+from .._strict import clip_depth, strict_adds_nothing
 from ..adapters import session_id_for
 from ..codec import decode_event, decode_record, escape_surrogates
 from ..errors import DecodeError, InvalidArgument
@@ -266,7 +266,16 @@ def _parts(message: Any) -> list[Any]:
     return [part for part in parts if isinstance(part, dict)] if isinstance(parts, list) else []
 
 
-def _contents(message: Any) -> tuple[Content, ...]:
+def _within_depth(arguments: Any, counters: dict[str, int]) -> Any:
+    """Tool `arguments` decoded here (ours to change) with their containers nested deeper
+    than phi-core reads inside a session as their JSON text (`clip_depth`), counted in
+    ``clipped_arguments``: one such value would make the whole session unreadable."""
+    if isinstance(arguments, (dict, list)) and clip_depth(arguments, msgspec.json.encode(arguments)):
+        counters["clipped_arguments"] += 1
+    return arguments
+
+
+def _contents(message: Any, counters: dict[str, int]) -> tuple[Content, ...]:
     out: list[Content] = []
     for part in _parts(message):
         kind, content = part.get("type"), part.get("content")
@@ -279,7 +288,7 @@ def _contents(message: Any) -> tuple[Content, ...]:
                 ToolCall(
                     id=str(part.get("id") or ""),
                     name=str(part.get("name") or ""),
-                    arguments=part.get("arguments"),
+                    arguments=_within_depth(part.get("arguments"), counters),
                 )
             )
     return tuple(out)
@@ -395,7 +404,9 @@ class SpanIngestor:
     is recorded again with it, its loops sent again whole.
 
     A span event named as ours (compaction, prun, revert, rejection) that cannot be rebuilt
-    as its event is logged and counted in ``unreadable_span_events``, not recorded.
+    as its event is logged and counted in ``unreadable_span_events``, not recorded. Tool
+    arguments nested deeper than phi-core reads inside a session keep their deepest
+    containers as JSON text, as in recording, counted in ``clipped_arguments``.
 
     Thread-safe. `flush` records every waiting trace (call it at shutdown).
     """
@@ -446,6 +457,7 @@ class SpanIngestor:
                 "loops",
                 "events",
                 "unreadable_span_events",
+                "clipped_arguments",
             ),
             0,
         )
@@ -1240,7 +1252,9 @@ class _Rebuild:
                 attributes, attr.OPENINFERENCE_INPUT_MESSAGES
             )
             for given in _new_user_messages(inputs):
-                user = UserMessage(content=_contents(given), timestamp=chat.start // 1_000_000)
+                user = UserMessage(
+                    content=_contents(given, self.ingestor.counters), timestamp=chat.start // 1_000_000
+                )
                 messages.append(user)
                 emit(MessageEnd(loop_id=loop.loop_id, message=user))
         # The chat span's events happened within the turn, among its tool calls (a loop's own
@@ -1275,7 +1289,7 @@ class _Rebuild:
         )
         provider = _text(_first(attributes, *_PROVIDER_NAMES))
         reply = AssistantMessage(
-            content=tuple(c for m in outputs for c in _contents(m)),
+            content=tuple(c for m in outputs for c in _contents(m, self.ingestor.counters)),
             stop_reason=_STOP_REASONS.get(str(reason), "toolUse" if tools else "stop"),  # type: ignore[arg-type]
             model=model or (config.model if config is not None else ""),
             provider=provider or (config.provider if config is not None else ""),
@@ -1311,7 +1325,10 @@ class _Rebuild:
                 loop_id=loop.loop_id,
                 tool_call_id=call_id,
                 tool_name=name,
-                args=_json(_first(attributes, attr.TOOL_CALL_ARGUMENTS, attr.OPENINFERENCE_TOOL_PARAMETERS)),
+                args=_within_depth(
+                    _json(_first(attributes, attr.TOOL_CALL_ARGUMENTS, attr.OPENINFERENCE_TOOL_PARAMETERS)),
+                    self.ingestor.counters,
+                ),
             )
         )
         for event in tool.events:
