@@ -313,6 +313,23 @@ def test_a_file_that_is_not_that_session_is_never_deleted(store: JsonDirStore, d
     assert _names(directory) == ["package.json", "s.json.lock", "t.json"]
 
 
+def test_a_damaged_file_of_the_session_is_deleted(store: JsonDirStore, directory: Path) -> None:
+    # A session file truncated by a full disk could not be removed at all (delete refused
+    # it as not that session, prune cannot judge it); what starts as its file is its own.
+    store.save(make_session("s"))
+    store.save(make_session("t"))
+    for session_id in ("s", "t"):
+        path = directory / f"{session_id}.json"
+        path.write_bytes(path.read_bytes()[:40])
+    os.replace(directory / "t.json", directory / "u.json")  # u.json starts as session "t"
+    with pytest.raises(StoredSessionUnusable, match="corrupt session file"):
+        store.load("s")
+    store.delete("s")
+    with pytest.raises(StoredSessionUnusable, match=r"^not deleting session 'u': corrupt session file"):
+        store.delete("u")
+    assert _names(directory) == ["s.json.lock", "t.json.lock", "u.json"]
+
+
 def test_a_refused_operation_removes_only_the_sidecar_it_made(store: JsonDirStore, directory: Path) -> None:
     directory.mkdir()
     (directory / "package.json").write_text("{}")

@@ -171,6 +171,11 @@ def _loop_bytes(record: LoopRecord) -> bytes:
     return encode_loop(record).replace(b"\n", _LOOP_NEWLINE)
 
 
+def _header_of(session_id: str) -> bytes:
+    """How a file of `session_id` starts (`encode_session`, as phi-core: its id first)."""
+    return b'{\n  "session_id": ' + msgspec.json.encode(session_id) + b","
+
+
 # A loop in a session file: an object opening after "[" or "," two levels in, closing
 # where its closing brace stands two levels in (what it holds is indented deeper, and a
 # string holds no newline).
@@ -582,9 +587,10 @@ class JsonDirStore(ScanSearch, AsyncTwins):
     def delete(self, session_id: str) -> None:
         """Remove the session file, under the writer lock. Its sidecar stays.
 
-        A file that is not that session (one that does not decode as a session, such as
-        a project's ``package.json``, or holds another id) is never deleted:
-        `StoredSessionUnusable`.
+        A file that is not that session (one that holds another id, or that neither
+        decodes as a session nor starts as that session's file does, such as a project's
+        ``package.json``) is never deleted: `StoredSessionUnusable`. A damaged file of
+        that session (truncated by a full disk) is.
         """
         validate_session_id(session_id)
         check_writable(self, f"delete session {session_id!r}")
@@ -613,11 +619,14 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         return True
 
     def _check_is_session(self, session_id: str) -> None:
-        """`StoredSessionUnusable` unless the file of `session_id` holds that session;
-        `SessionNotFound` if it is gone."""
+        """`StoredSessionUnusable` unless the file of `session_id` holds that session, or
+        starts as its file does (damaged); `SessionNotFound` if it is gone."""
+        key, data = self._read_bytes(session_id)
         try:
-            stored, _ = self._read(session_id)
+            stored, _ = self._decode(session_id, key, data)
         except StoredSessionUnusable as error:
+            if data.startswith(_header_of(session_id)):  # this session, damaged: its owner may remove it
+                return
             raise StoredSessionUnusable(f"not deleting session {session_id!r}: {error}") from error
         if stored.session_id != session_id:
             raise StoredSessionUnusable(
