@@ -347,6 +347,38 @@ def test_a_prompt_holding_a_nul_character_is_saved(store: postgres.PostgresStore
     assert store.search("this") and store.search("read")
 
 
+def test_a_listing_reads_the_outlines_only_of_sessions_whose_text_held_nul(
+    store: postgres.PostgresStore, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first prompt holding a real U+FFFD (a mis-decoded file pasted) cannot be told from
+    a NUL in the column: every such summary loaded its whole outline, one per row listed."""
+    for index in range(3):
+        sid = f"fffd-{index}"
+        store.save(make_session(sid, loops=[talking_loop(sid, 1, "caf\ufffd r\u00e9sum\ufffd")]))
+    store.save(make_session("nul", loops=[talking_loop("nul", 1, "read\x00this")]))
+    store.save(make_session("plain", loops=[talking_loop("plain", 1, "brew coffee")]))
+    outlines: list[str] = []
+    real = store.load_outline
+    monkeypatch.setattr(store, "load_outline", lambda sid: outlines.append(sid) or real(sid))
+    prompts = {row.session_id: row.first_prompt for row in store.query()}
+    assert prompts == {
+        "nul": "Please read\x00this",
+        "plain": "Please brew coffee",
+        **{f"fffd-{index}": "Please caf\ufffd r\u00e9sum\ufffd" for index in range(3)},
+    }
+    assert outlines == ["nul"]
+    # Back to version 8: rows showing U+FFFD may stand for NUL, read exact until saved again.
+    meta, sessions = _table(store.schema, "meta"), _table(store.schema, "sessions")
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN listing_nul").format(sessions))
+    admin.execute(sql.SQL("UPDATE {} SET value = '8' WHERE key = 'schema_version'").format(meta))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        migrated_real = migrated.load_outline
+        monkeypatch.setattr(migrated, "load_outline", lambda sid: outlines.append(sid) or migrated_real(sid))
+        outlines.clear()
+        assert {row.session_id: row.first_prompt for row in migrated.query()} == prompts
+        assert sorted(outlines) == ["fffd-0", "fffd-1", "fffd-2", "nul"]
+
+
 def test_nul_characters_in_ids_and_names_are_saved_and_loaded_exactly(store: postgres.PostgresStore) -> None:
     """NUL in an agent id, a parent session id, a loop id or a model name: the text columns
     refused the whole save. The columns (filters, listings) hold U+FFFD; the JSON, what
@@ -405,7 +437,9 @@ def test_the_v2_migration_indexes_the_stored_loops(
         sql.SQL("ALTER TABLE {} DROP COLUMN words, DROP COLUMN outline, DROP COLUMN calls").format(loops)
     )
     sessions = _table(store.schema, "sessions")
-    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt").format(sessions))
+    admin.execute(
+        sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt, DROP COLUMN listing_nul").format(sessions)
+    )
     admin.execute(sql.SQL("UPDATE {} SET value = '1' WHERE key = 'schema_version'").format(meta))
     admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(loops))
     with PostgresStore(DSN, schema=store.schema) as migrated:
@@ -439,7 +473,9 @@ def test_the_v5_migration_lists_a_prompt_holding_a_nul_character(
     store.save(session)
     # Back to version 4: no first_prompt column, no calls column (v6's).
     sessions, meta = _table(store.schema, "sessions"), _table(store.schema, "meta")
-    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt").format(sessions))
+    admin.execute(
+        sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt, DROP COLUMN listing_nul").format(sessions)
+    )
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(_table(store.schema, "loops")))
     admin.execute(sql.SQL("UPDATE {} SET value = '4' WHERE key = 'schema_version'").format(meta))
     with PostgresStore(DSN, schema=store.schema) as migrated:
@@ -623,7 +659,9 @@ def test_the_v4_migration_bills_the_loops_cut_off_mid_turn(store: postgres.Postg
         )
     meta = _table(store.schema, "meta")
     sessions = _table(store.schema, "sessions")
-    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt").format(sessions))  # v5's
+    admin.execute(
+        sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt, DROP COLUMN listing_nul").format(sessions)
+    )
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(_table(store.schema, "loops")))  # v6's
     admin.execute(sql.SQL("UPDATE {} SET value = '3' WHERE key = 'schema_version'").format(meta))
     reported = reported_usage(lines)
@@ -653,6 +691,7 @@ def test_the_v6_migration_stores_the_model_calls(store: postgres.PostgresStore, 
     loops, meta = _table(store.schema, "loops"), _table(store.schema, "meta")
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(loops))
     admin.execute(sql.SQL("UPDATE {} SET outline = NULL").format(loops))
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN listing_nul").format(_table(store.schema, "sessions")))
     admin.execute(sql.SQL("UPDATE {} SET value = '5' WHERE key = 'schema_version'").format(meta))
     admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(loops))
     pricer = Pricer()
@@ -682,6 +721,7 @@ def test_the_v7_migration_reads_tool_call_arguments_as_text(
         store.save(make_session("old", loops=[talking_loop("old", 1, "import os\nimport sys")]))
         assert [hit.kind for hit in store.search("nimport")] == ["tool_call"]
     meta = _table(store.schema, "meta")
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN listing_nul").format(_table(store.schema, "sessions")))
     admin.execute(sql.SQL("UPDATE {} SET value = '6' WHERE key = 'schema_version'").format(meta))
     with PostgresStore(DSN, schema=store.schema) as migrated:
         assert migrated.search("nimport") == []
@@ -698,6 +738,7 @@ def test_the_v8_migration_indexes_what_loops_that_never_ended_said(
         before.setattr(LoopRecord, "conversation", lambda record: record.messages)
         store.save(make_session("cut", loops=[cut_loop("cut", 1, "brew coffee")]))
     meta = _table(store.schema, "meta")
+    admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN listing_nul").format(_table(store.schema, "sessions")))
     admin.execute(sql.SQL("UPDATE {} SET value = '7' WHERE key = 'schema_version'").format(meta))
     with PostgresStore(DSN, schema=store.schema) as migrated:
         assert [hit.kind for hit in migrated.search("coffee")] == [

@@ -41,10 +41,11 @@ columns, copies of the JSON's values for filters and listings, show it as U+FFFD
 (`_text`). Filters stay exact: a filter value holding NUL or U+FFFD, whose column
 match may be another string (NUL where it has U+FFFD, or the reverse), has each
 session the columns select checked against its JSON (`_selected`); summaries read
-their ids from the JSON, exact, and models and first prompt showing U+FFFD from the
-loops' outlines; `list_for_agent` keeps only the agent asked for. Per-agent and
-per-model totals are exact too: a group whose key holds U+FFFD is summed again
-under the keys its rows' JSON holds (`_exact_totals`).
+their ids from the JSON, exact, and models and first prompt that held NUL
+(``sessions.listing_nul``, schema v9) from the loops' outlines; `list_for_agent`
+keeps only the agent asked for. Per-agent and per-model totals are exact too: a
+group whose key holds U+FFFD is summed again under the keys its rows' JSON holds
+(`_exact_totals`).
 Text columns use the ``"C"`` collation, so every ordering is by code point (as in
 Python and the other stores), whatever the database's locale. Times in the index
 columns are clamped to what BIGINT nanoseconds hold (1677-09-21 to 2262-04-11);
@@ -154,7 +155,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -443,6 +444,14 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         # (`LoopRecord.conversation`): every loop's words again.
         partial(_backfill_loops, "words", _WORDS_VALUE, _lexemes),
     ),
+    (
+        # Whether the models or first_prompt column stands for text holding NUL (`_text`):
+        # only those summaries read them exact from the outlines. Stored rows showing
+        # U+FFFD may: they are read exact until saved again.
+        "ALTER TABLE {s}.sessions ADD COLUMN listing_nul BOOLEAN NOT NULL DEFAULT false",
+        "UPDATE {s}.sessions SET listing_nul = true WHERE strpos(first_prompt, chr(65533)) > 0"
+        " OR strpos(array_to_string(models, ''), chr(65533)) > 0",
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -461,6 +470,7 @@ _SESSION_COLUMNS = (
     "models",
     "model_keys",
     "first_prompt",
+    "listing_nul",
     "header",
 )
 _LOOP_COLUMNS = (
@@ -565,6 +575,7 @@ def _session_values(session: Session, outlines: Sequence[LoopOutline]) -> tuple[
         [_text(model) for model in summary.models],
         [_text(model) for model in model_keys],
         _text(summary.first_prompt),
+        any("\x00" in text for text in (*summary.models, summary.first_prompt or "")),
         _header(session),
     )
 
@@ -692,16 +703,18 @@ _SUMMARY_COLUMNS = (  # the agent and parent ids are read from the header: exact
     *USAGE_COLUMNS,
     "models",
     "first_prompt",
+    "listing_nul",
     "header",
 )
 
 
-def _summary(row: Row) -> SessionSummary:
-    """A `SessionSummary` from a row of `_SUMMARY_COLUMNS`."""
+def _summary(row: Row) -> tuple[SessionSummary, bool]:
+    """A `SessionSummary` from a row of `_SUMMARY_COLUMNS`, and whether its models or
+    first prompt stand for text holding NUL (`_text`)."""
     session_id, formation, rejected, loop_count, turn_count = row[:5]
     counts = row[5 : 5 + len(LOOP_STATUSES)]
     usage = row[5 + len(LOOP_STATUSES) : 5 + len(LOOP_STATUSES) + len(USAGE_COLUMNS)]
-    models, prompt, header = row[-3:]
+    models, prompt, nul, header = row[-4:]
     try:
         listed = _listed_decoder.decode(header)
         created_at = Timestamp.parse(listed.created_at)
@@ -723,7 +736,7 @@ def _summary(row: Row) -> SessionSummary:
         usage=_usage(usage),
         models=tuple(models),
         first_prompt=prompt,
-    )
+    ), nul
 
 
 def _set_lock_timeout(cur: psycopg.Cursor[Row], seconds: float) -> None:
@@ -1288,17 +1301,11 @@ class PostgresStore(AsyncTwins):
         """Summaries of the sessions `query` selects (see `SessionQuery`), computed in SQL
         on indexed columns."""
         summaries = [_summary(row) for row in self._selected(as_query(query))]
-        return [
-            self._exact_summary(summary)
-            if any(_BLURRED in text for text in (*summary.models, summary.first_prompt or ""))
-            else summary
-            for summary in summaries
-        ]
+        return [self._exact_summary(summary) if nul else summary for summary, nul in summaries]
 
     def _exact_summary(self, summary: SessionSummary) -> SessionSummary:
-        """`summary`, whose models or first prompt hold U+FFFD (which stands for NUL too:
-        `_text`), with those read exact from its loops' outlines; as it is if they cannot be
-        read (logged)."""
+        """`summary`, whose models or first prompt show U+FFFD for NUL (`_text`), with those
+        read exact from its loops' outlines; as it is if they cannot be read (logged)."""
         try:
             exact = summarize_outline(self.load_outline(summary.session_id))
         except SessionNotFound:  # deleted since it was listed
