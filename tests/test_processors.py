@@ -797,6 +797,26 @@ def test_arguments_nested_deeper_than_the_codec_goes_are_still_scanned() -> None
     assert _leaf(call.arguments, depth) == {"token": REDACTED}
 
 
+def test_a_value_nested_in_itself_is_withheld_not_walked_forever() -> None:
+    arguments: dict[str, Any] = {"path": "/tmp/x", "opts": {"password": "plain-value"}}
+    arguments["opts"]["parent"] = arguments  # a back-reference the agent keeps
+    items: list[Any] = ["x"]
+    items.append(items)
+    redactor = Redactor()
+    for value in (arguments, {"items": items}, [{"a": items}]):
+        with pytest.raises(ps.PhiSessionError, match="nested in itself"):
+            redactor.redact_value(value)
+    shared = {"token": "plain-value"}  # met twice, but never inside itself
+    assert redactor.redact_value({"a": shared, "b": [shared, shared]}) == {
+        "a": {"token": REDACTED},
+        "b": [{"token": REDACTED}, {"token": REDACTED}],
+    }
+    chain = ProcessorChain([redactor])
+    request = chain(_history_request((_tool_reply("read", arguments),)))
+    assert isinstance(request, ps.TurnRequest) and request.payload.messages == ()
+    assert chain.failures == {repr(redactor): 1}
+
+
 def test_one_processor_and_one_sink_keep_their_failure_isolation() -> None:
     """The usual shape (one processor, one sink) runs both inline: the same contract."""
     received: list[ps.AgentEvent] = []

@@ -32,7 +32,7 @@ from msgspec.structs import replace
 
 from ._checks import check_each, check_instance, check_type
 from .codec import json_form, json_size
-from .errors import InvalidArgument
+from .errors import InvalidArgument, PhiSessionError
 from .events import (
     AgentEnd,
     AgentEvent,
@@ -361,19 +361,23 @@ class Redactor:
             return self._redact_dict(value)
         if tp in _UNCHANGEABLE:
             return value
-        return self._walk(self._scan(value))
+        return self._walk(value, self._scan(value))
 
-    def _walk(self, scan: _Scan) -> Any:
-        """What `scan` returns, driven without recursion, so that arguments nested deeper
-        than the interpreter's recursion limit are scanned and kept too: each open
-        container is a generator that yields the containers nested in it and is sent
-        them redacted."""
+    def _walk(self, value: Any, scan: _Scan) -> Any:
+        """What `scan` (of `value`) returns, driven without recursion, so that arguments
+        nested deeper than the interpreter's recursion limit are scanned and kept too:
+        each open container is a generator that yields the containers nested in it and
+        is sent them redacted. `PhiSessionError` for a container nested in itself: a
+        cyclic value would be walked forever (the chain withholds the event instead)."""
         open_scans: list[_Scan] = []  # the containers around the one scanned, outermost first
+        open_ids = [id(value)]  # the ids of those containers and of the one scanned
+        on_path = {id(value)}
         sent: Any = None
         while True:
             try:
                 nested = scan.send(sent)
             except StopIteration as finished:
+                on_path.discard(open_ids.pop())
                 if not open_scans:
                     return finished.value
                 scan, sent = open_scans.pop(), finished.value
@@ -383,15 +387,19 @@ class Redactor:
                 if self._known_clean(nested):
                     sent = nested
                     continue
-                open_scans.append(scan)
-                scan, sent = self._scan_dict(nested), None
             elif tp is str:  # what `_scan_object` writes may be a plain value
                 sent = self.redact_string(nested)
+                continue
             elif tp in _UNCHANGEABLE:
                 sent = nested
-            else:
-                open_scans.append(scan)
-                scan, sent = self._scan(nested), None
+                continue
+            key = id(nested)
+            if key in on_path:
+                raise PhiSessionError(f"a {type(nested).__name__} nested in itself cannot be redacted")
+            open_scans.append(scan)
+            open_ids.append(key)
+            on_path.add(key)
+            scan, sent = (self._scan_dict(nested) if tp is dict else self._scan(nested)), None
 
     def _scan(self, value: Any) -> _Scan:
         if isinstance(value, dict):
@@ -443,7 +451,7 @@ class Redactor:
         return False
 
     def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
-        return value if self._known_clean(value) else self._walk(self._scan_dict(value))
+        return value if self._known_clean(value) else self._walk(value, self._scan_dict(value))
 
     def _scan_dict(self, value: dict[Any, Any]) -> _Scan:
         changed: dict[Any, Any] | None = None
