@@ -601,6 +601,23 @@ def test_dataclasses_and_structs_in_values_are_redacted_as_they_are_written() ->
     assert redactor.redact_value(clean) is clean  # kept as it is when nothing in it is secret
 
 
+def test_a_value_the_redactor_cannot_read_is_withheld_not_passed_on() -> None:
+    raw = msgspec.Raw(b'{"password": "plain-value", "q": "x"}')  # written verbatim by the encoders
+    redactor = Redactor()
+    assert redactor.redact_value({"cfg": raw}) == {"cfg": {"password": REDACTED, "q": "x"}}
+    assert redactor.redact_value([Connection(url="u", headers={"Authorization": raw})]) == [
+        {"url": "u", "headers": {"Authorization": REDACTED}, "opened": None}
+    ]
+    clean = {"cfg": msgspec.Raw(b'{"q": "x"}')}
+    assert redactor.redact_value(clean) is clean
+    chain = ProcessorChain([redactor])
+    for unreadable in (object(), msgspec.Raw(b'{"password": "plain-value"')):
+        start = ps.ToolExecutionStart(loop_id="l", tool_call_id="c", tool_name="t", args={"a": [unreadable]})
+        with pytest.raises(ps.PhiSessionError, match="cannot be read"):
+            redactor(start)
+        assert chain(start).args == {"withheld": "[WITHHELD: processor Redactor raised PhiSessionError]"}  # type: ignore[union-attr]
+
+
 def test_a_secret_used_as_a_dict_key_is_redacted() -> None:
     def scenario(tracer: Tracer) -> None:
         with tracer.loop(metadata={"keys": {SECRET_KEY: "owner"}}) as loop, loop.turn() as turn:
@@ -756,7 +773,7 @@ def test_json_string_arguments_resent_in_every_turn_request_are_scanned_once() -
 
 
 def test_arguments_that_do_not_copy_as_json_are_scanned_every_time() -> None:
-    arguments = {"when": object()}  # no JSON copy to compare against: never remembered
+    arguments = {"when": ps.Timestamp.now()}  # no JSON copy to compare against: never remembered
     reply = _tool_reply("http", arguments)
     redactor = CountingRedactor()
     for _ in range(3):

@@ -425,13 +425,19 @@ class Redactor:
     def _scan_object(self, value: Any) -> _Scan:
         """A value of any other type (a dataclass, a msgspec Struct, a set, a str subclass...)
         scanned as the JSON it is written as; that JSON value, redacted, replaces it only
-        when something in it was a secret."""
+        when something in it was a secret. `PhiSessionError` for a value it cannot read:
+        unscanned, it must not be passed on (the chain withholds the event)."""
         if isinstance(value, str):
             return self.redact_string(value)
         try:
             written = msgspec.to_builtins(value, enc_hook=json_form)
-        except Exception:  # not a value the codec writes either: none of it is recorded
-            return value
+        except Exception:
+            # What the encoders write but `to_builtins` refuses (a `msgspec.Raw`, verbatim
+            # JSON, anywhere in it) is read back from that JSON.
+            try:
+                written = _json_decode(_json_encode(value, enc_hook=json_form))
+            except Exception:
+                raise PhiSessionError(f"a {type(value).__name__} cannot be read to be redacted") from None
         redacted = yield written
         return value if redacted is written else redacted
 
