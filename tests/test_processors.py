@@ -114,6 +114,32 @@ def test_text_redaction_covers_deltas_streamed_into_a_single_sink() -> None:
     assert deltas == [f"plain {SECRET_KEY}", f"text {REDACTED}", f"thinking {REDACTED}"]
 
 
+def test_tool_call_deltas_are_read_as_json_or_pieces_of_it() -> None:
+    arguments = {"host": "db", "password": "plain-value"}
+    pieces = [
+        msgspec.json.encode(arguments).decode(),  # whole arguments in one delta (ADK, pydantic-ai)
+        '{"host": "db", "pass',
+        'word": "split-name", "apiKey": "plain-value',
+        '-more"}',
+    ]
+
+    def scenario(tracer: Tracer) -> None:
+        with tracer.loop() as loop, loop.turn() as turn, turn.assistant() as reply:
+            for piece in pieces:
+                reply.tool_call_delta(piece)
+            reply.finish(tool_calls=[ps.ToolCall(id="c", name="connect", arguments=arguments)])
+
+    events, _, data = record({}, scenario)
+    assert b"plain-value" not in data
+    deltas = [e.delta.delta for e in events if isinstance(e, ps.MessageUpdate)]  # type: ignore[attr-defined]
+    assert deltas == [
+        '{"host":"db","password":"[REDACTED]"}',
+        '{"host": "db", "pass',  # a name split across two pieces is caught in the finished message only
+        f'word": "split-name", "apiKey": "{REDACTED}',
+        '-more"}',
+    ]
+
+
 def test_a_secret_split_across_text_deltas_is_redacted_in_the_finished_message() -> None:
     # The documented limit of `redact_text`: each delta is scanned on its own, the
     # finished message whole.

@@ -110,6 +110,11 @@ DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
 
 _PATTERN_TYPES = (str, re.Pattern)
 
+# A quoted field name and the string value after it, to its closing quote or the end of
+# the text (JSON cut short): `Redactor.redact_json_string`'s reading of text that does
+# not parse.
+_QUOTED_FIELD = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:\s*"((?:[^"\\]|\\.)*)')
+
 
 def _alternation(patterns: Iterable[str | re.Pattern[str]]) -> re.Pattern[str]:
     # One alternation: a single scan per string.
@@ -242,11 +247,12 @@ class Redactor:
 
     `extra_patterns` and `extra_fields` add to the defaults; `patterns` and `fields`
     replace them. A field match replaces the whole value; a pattern match replaces
-    only the secret (``Bearer [REDACTED]``). Streaming deltas (tool-call arguments;
-    text and thinking with `redact_text`) are scanned piece by piece, so a secret split
-    across two deltas is not caught there (it is in the final message): the deltas of
-    an event stream are passed on as they come, and a processor passes on one event
-    for one, so it cannot hold back a piece until the next shows it clean. Thread-safe.
+    only the secret (``Bearer [REDACTED]``). Streaming deltas (tool-call arguments, read
+    as JSON or a piece of it; text and thinking with `redact_text`) are scanned piece by
+    piece, so a secret split across two deltas is not caught there (it is in the final
+    message): the deltas of an event stream are passed on as they come, and a processor
+    passes on one event for one, so it cannot hold back a piece until the next shows it
+    clean. Thread-safe.
     """
 
     def __init__(
@@ -505,7 +511,9 @@ class Redactor:
 
         Tool arguments often arrive as a JSON string (``'{"password": "x"}'``): its
         secret *fields* are only visible once parsed. A changed value is re-encoded
-        compactly; anything that is not a JSON object or array gets `redact_string`.
+        compactly. Anything else (JSON cut short or malformed, a streamed piece of it)
+        gets `redact_string`, and the string values of the secret fields quoted in it
+        (``"password": "x``) are replaced too.
         """
         head = text.lstrip()[:1]
         if head == "{" or head == "[":
@@ -516,7 +524,17 @@ class Redactor:
             else:
                 redacted = self.redact_value(parsed)
                 return text if redacted is parsed else _json_encode(redacted).decode()
-        return self.redact_string(text)
+        text = self.redact_string(text)
+        if '"' not in text:
+            return text
+        redacted = _QUOTED_FIELD.sub(self._quoted_field, text)
+        return text if redacted == text else redacted
+
+    def _quoted_field(self, match: re.Match[str]) -> str:
+        # The value of a secret field, up to its closing quote or the end of the text.
+        if not self.is_secret_field(match[1]):
+            return match[0]
+        return match[0][: match.start(2) - match.start()] + _json_encode(self.replacement).decode()[1:-1]
 
     def _recall(self, value: Any) -> Any:
         """What was returned for `value` when it was last scanned, or `_MISSING`.
@@ -833,10 +851,12 @@ class Redactor:
 
     def _update(self, event: MessageUpdate) -> MessageUpdate:
         delta = event.delta
-        # A tool call's arguments are always scanned, text and thinking with `redact_text`.
-        if delta.ToolCallDelta is not msgspec.UNSET or self.redact_text:
+        # A tool call's arguments are always scanned (as JSON, or a piece of it), text and
+        # thinking with `redact_text`.
+        arguments = delta.ToolCallDelta is not msgspec.UNSET
+        if arguments or self.redact_text:
             piece = delta.delta
-            text = self.redact_string(piece)
+            text = self.redact_json_string(piece) if arguments else self.redact_string(piece)
             if text is not piece:
                 event = replace(event, delta=StreamDelta(delta.kind, text))
         message = event.message
