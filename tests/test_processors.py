@@ -689,6 +689,32 @@ def test_json_string_arguments_are_redacted_field_by_field() -> None:
     assert redactor.redact_json_string("{not json sk-abcdefghijklmnopqrstuv") == "{not json [REDACTED]"
 
 
+def test_fields_are_found_in_json_cut_short_malformed_or_written_into_a_string() -> None:
+    redactor = Redactor()
+    assert (
+        redactor.redact_json_string('{"path": "/etc", "password": "plain-value", "mo')  # cut at max_tokens
+        == '{"path": "/etc", "password": "[REDACTED]", "mo'
+    )
+    assert redactor.redact_json_string('{"password": "plain-\\"value",}') == '{"password": "[REDACTED]",}'
+    body = msgspec.json.encode({"password": "plain-value", "q": "x"}).decode()
+    for _ in range(2):  # the second time its field names are known clean
+        assert redactor.redact_value({"url": "https://api", "body": body}) == {
+            "url": "https://api",
+            "body": '{"password":"[REDACTED]","q":"x"}',
+        }
+    assert redactor.redact_value([" [1]", "{not json"]) == [" [1]", "{not json"]
+    credentials = {"AccessKeyId": "id", "SecretAccessKey": "plain-value", "SessionToken": "plain-value"}
+    assert redactor.redact_value({"Credentials": credentials}) == {
+        "Credentials": {"AccessKeyId": "id", "SecretAccessKey": REDACTED, "SessionToken": REDACTED}
+    }
+    headers = {"headers": [["Authorization", "Basic plain-value"], ("Accept", "*/*"), ("Cookie", "x")]}
+    assert redactor.redact_value(headers) == {
+        "headers": [["Authorization", REDACTED], ("Accept", "*/*"), ("Cookie", REDACTED)]
+    }
+    tags = {"tags": ["secret", "public"]}  # a pair only in a list of pairs
+    assert redactor.redact_value(tags) is tags
+
+
 class CountingRedactor(Redactor):
     """Counts the scans of each dict (tool arguments) by identity."""
 

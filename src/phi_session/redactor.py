@@ -4,7 +4,9 @@ API-key and bearer-token patterns and named fields (``api_key``, ``authorization
 ``password``, ``token``, ``secret``...; camelCase and kebab-case names read as
 snake_case) are replaced by ``"[REDACTED]"``. By default it covers config snapshots,
 loop metadata, tool arguments (in ``ToolExecutionStart`` and in the tool calls of
-every message; a JSON-string argument is parsed and its fields checked) and error
+every message; a JSON-string argument, or JSON written into a string value, is parsed
+and its fields checked, and JSON that does not parse has its quoted fields checked;
+``[name, value]`` pairs in a list, as headers are often given, are fields too) and error
 texts (a failed tool's result included); ``redact_text=True`` extends it to message
 text, tool results, streaming deltas and progress text. Values of other types in them
 (dataclasses, msgspec Structs, sets) are scanned as the JSON they are written as, and
@@ -112,8 +114,9 @@ _PATTERN_TYPES = (str, re.Pattern)
 
 # A quoted field name and the string value after it, to its closing quote or the end of
 # the text (JSON cut short): `Redactor.redact_json_string`'s reading of text that does
-# not parse.
-_QUOTED_FIELD = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:\s*"((?:[^"\\]|\\.)*)')
+# not parse. A name is short and unescaped: a scan started inside a string (a streamed
+# piece, JSON escaped in JSON) gives up at once, at the next backslash.
+_QUOTED_FIELD = re.compile(r'"([^"\\\n]{1,128})"\s*:\s*"((?:[^"\\]|\\.)*)')
 
 
 def _alternation(patterns: Iterable[str | re.Pattern[str]]) -> re.Pattern[str]:
@@ -151,6 +154,16 @@ _DEFAULT_ANCHORS = re.compile(
     r"sk-|AKIA|ASIA|ghp_|gho_|ghu_|ghs_|ghr_|github_pat_|xox|AIza|eyJ|Bearer |bearer |BEARER |://|="
 )
 _anchor_search = _DEFAULT_ANCHORS.search
+# What may be a JSON object or array written into a string (`Redactor.redact_json_string`).
+_json_head = re.compile(r"\s*[{\[]").match
+
+
+def _clean_text(text: str) -> bool:
+    """Whether the anchored defaults alone find nothing in `text`: no anchor, and no JSON
+    in it, whose fields are checked by name."""
+    return _anchor_search(text) is None and "{" not in text and "[" not in text
+
+
 _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
 _FIELD_CACHE_LIMIT = 4096
@@ -181,6 +194,7 @@ DEFAULT_SECRET_FIELDS: frozenset[str] = frozenset(
         "client_secret",
         "secret_key",
         "private_key",
+        "secret_access_key",  # AWS's own JSON spelling: SecretAccessKey
         "aws_secret_access_key",
         "cookie",
         "set_cookie",
@@ -362,12 +376,19 @@ class Redactor:
         """
         tp = type(value)
         if tp is str:
-            return self.redact_string(value)
+            return self._redact_str(value)
         if tp is dict:
             return self._redact_dict(value)
         if tp in _UNCHANGEABLE:
             return value
         return self._walk(value, self._scan(value))
+
+    def _redact_str(self, text: str) -> str:
+        # A string value in a value: JSON written into it (a request body) is read as JSON.
+        return self.redact_json_string(text) if _json_head(text) else self.redact_string(text)
+
+    def _is_secret_pair(self, item: list[Any] | tuple[Any, ...]) -> bool:
+        return len(item) == 2 and _is_str(item[0]) and _is_str(item[1]) and self.is_secret_field(item[0])
 
     def _walk(self, value: Any, scan: _Scan) -> Any:
         """What `scan` (of `value`) returns, driven without recursion, so that arguments
@@ -419,9 +440,12 @@ class Redactor:
         for item in value:
             tp = type(item)  # plain values inline: a yield costs more than their scan
             if tp is str:
-                items.append(self.redact_string(item))
+                items.append(self._redact_str(item))
             elif tp in _UNCHANGEABLE:
                 items.append(item)
+            elif (tp is list or tp is tuple) and self._is_secret_pair(item):
+                # A (name, value) pair in a list of them, as headers are often given.
+                items.append(tp((item[0], self.replacement)))
             else:
                 items.append((yield item))
         if any(new is not old for new, old in zip(items, value, strict=True)):
@@ -457,9 +481,9 @@ class Redactor:
         values = value.values()
         kinds = set(map(type, values))
         if kinds <= _STRINGS:
-            return _anchor_search("\n".join(values)) is None
+            return _clean_text("\n".join(values))
         if kinds <= _UNCHANGEABLE:  # exact types: these strings are the values of type str
-            return _anchor_search("\n".join(filter(_is_str, values))) is None
+            return _clean_text("\n".join(filter(_is_str, values)))
         return False
 
     def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
@@ -489,9 +513,9 @@ class Redactor:
             if secret:
                 new: Any = self.replacement
             elif tp is str:
-                if quick and _anchor_search(item) is None:
+                if quick and _anchor_search(item) is None and not _json_head(item):
                     continue
-                new = self.redact_string(item)
+                new = self._redact_str(item)
             elif tp in _UNCHANGEABLE:
                 continue
             else:
@@ -515,8 +539,7 @@ class Redactor:
         gets `redact_string`, and the string values of the secret fields quoted in it
         (``"password": "x``) are replaced too.
         """
-        head = text.lstrip()[:1]
-        if head == "{" or head == "[":
+        if _json_head(text):
             try:
                 parsed = _json_decode(text)
             except msgspec.DecodeError:
