@@ -250,6 +250,15 @@ def test_the_compiled_defaults_match_exactly_what_the_plain_patterns_do(text: st
     assert Redactor().redact_string(text) == plain.sub(REDACTED, text)
 
 
+@pytest.mark.parametrize("replacement", [r"<redacted:\g<0>>", r"[C:\redacted]", r"[redacted\d]", "\\1"])
+def test_the_replacement_is_written_as_it_is(replacement: str) -> None:
+    redactor = Redactor(replacement=replacement, extra_patterns=[r"corp-\d+"])
+    assert redactor.redact_string(f"key {SECRET_KEY}, corp-123") == f"key {replacement}, {replacement}"
+    assert redactor.redact_json_string('{"password": "x", "q": "') == '{"password": "x", "q": "'.replace(
+        '"x"', msgspec.json.encode(replacement).decode()
+    )
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -357,15 +357,20 @@ class Redactor:
         # The default patterns are only run on text holding one of their literal
         # anchors: most text has none, and the anchor scan is many times cheaper.
         if default is not None and _anchor_search(text) is not None:
-            redacted, count = default.subn(self.replacement, text)
+            redacted, count = default.subn(self._template(), text)
             if count:
                 text = redacted
         custom = self._custom
         if custom is not None:
-            redacted, count = custom.subn(self.replacement, text)
+            redacted, count = custom.subn(self._template(), text)
             if count:
                 text = redacted
         return text
+
+    def _template(self) -> str:
+        # `replacement` as a `re.sub` template of itself: its backslashes are no escapes
+        # (``\g<0>`` would put the secret back, ``\d`` raise on every event).
+        return self.replacement.replace("\\", "\\\\")
 
     def redact_value(self, value: Any) -> Any:
         """A JSON-like value with secret fields and secret patterns replaced (a value of
