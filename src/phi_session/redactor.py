@@ -124,17 +124,29 @@ def _alternation(patterns: Iterable[str | re.Pattern[str]]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{p.pattern if isinstance(p, re.Pattern) else p})" for p in patterns))
 
 
-def _custom_alternation(patterns: list[str | re.Pattern[str]]) -> re.Pattern[str]:
-    """`_alternation` of a user's patterns; `InvalidArgument` naming one that does not compile."""
+def _custom_alternations(patterns: list[str | re.Pattern[str]]) -> tuple[re.Pattern[str], ...]:
+    """A user's patterns as `_alternation`s, run one after another; `InvalidArgument` naming
+    one that does not compile.
+
+    A pattern with groups starts a new alternation: in one, groups are numbered across its
+    patterns, and a backreference (``\\1``) in a later one would name an earlier one's group.
+    """
+    runs: list[list[str | re.Pattern[str]]] = []
     for pattern in patterns:
-        if not isinstance(pattern, re.Pattern):
+        if isinstance(pattern, re.Pattern):
+            groups = pattern.groups
+        else:
             try:
-                re.compile(pattern)
+                groups = re.compile(pattern).groups
             except re.error as error:
                 raise InvalidArgument(f"secret pattern {pattern!r} does not compile: {error}") from None
+        if groups or not runs:
+            runs.append([pattern])
+        else:
+            runs[-1].append(pattern)
     try:
-        return _alternation(patterns)
-    except re.error as error:  # each compiles alone: two groups of one name, say
+        return tuple(map(_alternation, runs))
+    except re.error as error:  # each compiles alone: a global flag (``(?i)``) not at the start
         raise InvalidArgument(f"the secret patterns do not compile together: {error}") from None
 
 
@@ -292,9 +304,9 @@ class Redactor:
         extra_fields = check_each("extra_fields", extra_fields, str, "str")
         check_type("replacement", replacement, str)
         check_instance("redact_text", redact_text, bool, "bool")
-        self._custom = _custom_alternation(custom) if custom else None
+        self._custom = _custom_alternations(custom)
         # Only the anchored defaults apply: a plain string without an anchor is clean.
-        self._anchored_only = self._custom is None and self._default is not None
+        self._anchored_only = not self._custom and self._default is not None
         self._fields = frozenset(_normalize_field(f) for f in (*fields, *extra_fields))
         self.replacement = replacement
         self.redact_text = redact_text
@@ -360,8 +372,7 @@ class Redactor:
             redacted, count = default.subn(self._template(), text)
             if count:
                 text = redacted
-        custom = self._custom
-        if custom is not None:
+        for custom in self._custom:
             redacted, count = custom.subn(self._template(), text)
             if count:
                 text = redacted
