@@ -140,6 +140,43 @@ def test_tool_call_deltas_are_read_as_json_or_pieces_of_it() -> None:
     ]
 
 
+def test_text_redaction_covers_every_text_a_failed_processor_withholds() -> None:
+    tag = NodeTag(kind="lesson", text=f"use {SECRET_KEY}", created_at_turn=0, abandoned_node_ids=())
+    user = ps.UserMessage(content=(ps.TextContent(text="hi"),), timestamp=1, tags=(tag,))
+    schema = {"type": "object", "properties": {"password": {"type": "string", "default": SECRET_KEY}}}
+    tool = ps.ToolDefinition(name="login", description=f"logs in with {SECRET_KEY}", parameters=schema)
+    history = (user, _tool_reply("login", {"q": "x"}))
+    payload = msgspec.structs.replace(request_payload(history), system_prompt=SECRET_KEY, tools=(tool,))
+    events: list[ps.AgentEvent] = [
+        ps.TurnRequest(loop_id="l", turn_index=0, payload=payload, timestamp=ps.Timestamp.now()),
+        ps.MessageEnd(loop_id="l", message=msgspec.structs.replace(_tool_reply("t", {}), tags=(tag,))),
+        ps.PrunApplied(
+            loop_id="l",
+            tokens_removed=1,
+            messages_removed=1,
+            memo=f"saw {SECRET_KEY}",
+            pruned_timestamps=(),
+            timestamp=ps.Timestamp.now(),
+        ),
+        ps.RevertApplied(
+            loop_id="l",
+            category="failure",
+            abandoned_node_ids=(),
+            summary=f"summary {SECRET_KEY}",
+            applied=True,
+            reason=f"reason {SECRET_KEY}",
+            timestamp=ps.Timestamp.now(),
+        ),
+    ]
+    for event in events:
+        assert SECRET_KEY.encode() in ps.encode(Redactor()(event))  # message text: not by default
+        redacted = Redactor(redact_text=True)(event)
+        assert SECRET_KEY.encode() not in ps.encode(redacted) and b"WITHHELD" not in ps.encode(redacted)
+    [request, *_] = [Redactor(redact_text=True)(event) for event in events]
+    [kept] = request.payload.tools  # type: ignore[attr-defined]
+    assert kept.parameters["properties"] == {"password": {"type": "string", "default": REDACTED}}
+
+
 def test_a_secret_split_across_text_deltas_is_redacted_in_the_finished_message() -> None:
     # The documented limit of `redact_text`: each delta is scanned on its own, the
     # finished message whole.

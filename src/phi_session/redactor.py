@@ -8,7 +8,9 @@ every message; a JSON-string argument, or JSON written into a string value, is p
 and its fields checked, and JSON that does not parse has its quoted fields checked;
 ``[name, value]`` pairs in a list, as headers are often given, are fields too) and error
 texts (a failed tool's result included); ``redact_text=True`` extends it to message
-text, tool results, streaming deltas and progress text. Values of other types in them
+text and tags, tool results, streaming deltas and progress text, a request's system
+prompt and tool definitions (their parameters by pattern only: a schema names fields),
+and prune and revert texts. Values of other types in them
 (dataclasses, msgspec Structs, sets) are scanned as the JSON they are written as, and
 a mapping's keys as well as its values.
 
@@ -45,6 +47,8 @@ from .events import (
     MessageStart,
     MessageUpdate,
     ProgressMessage,
+    PrunApplied,
+    RevertApplied,
     StreamDelta,
     ToolExecutionEnd,
     ToolExecutionStart,
@@ -57,9 +61,11 @@ from .messages import (
     AssistantMessage,
     Content,
     ExtensionMessage,
+    NodeTag,
     TextContent,
     ThinkingContent,
     ToolCall,
+    ToolDefinition,
     ToolResult,
     ToolResultMessage,
     UserMessage,
@@ -344,7 +350,17 @@ class Redactor:
             }
         )
         if redact_text:
-            self._handlers.update({ToolExecutionUpdate: self._tool_update, ProgressMessage: self._progress})
+            # Text outside messages, as `processors.withhold` takes it for content.
+            self._request_messages = self._handlers[TurnRequest]
+            self._handlers.update(
+                {
+                    TurnRequest: self._turn_request,
+                    ToolExecutionUpdate: self._tool_update,
+                    ProgressMessage: self._progress,
+                    PrunApplied: self._prun,
+                    RevertApplied: self._revert,
+                }
+            )
 
     def __repr__(self) -> str:
         return f"Redactor(redact_text={self.redact_text})"
@@ -406,12 +422,23 @@ class Redactor:
     def _is_secret_pair(self, item: list[Any] | tuple[Any, ...]) -> bool:
         return len(item) == 2 and _is_str(item[0]) and _is_str(item[1]) and self.is_secret_field(item[0])
 
-    def _walk(self, value: Any, scan: _Scan) -> Any:
+    def _redact_patterns(self, value: Any) -> Any:
+        """`value` with its pattern matches replaced, its field names not read as secret
+        fields: a tool's parameters (a JSON schema names the fields it describes)."""
+        tp = type(value)
+        if tp is str:
+            return self.redact_string(value)
+        if tp in _UNCHANGEABLE:
+            return value
+        return self._walk(value, self._scan(value, names=False), names=False)
+
+    def _walk(self, value: Any, scan: _Scan, names: bool = True) -> Any:
         """What `scan` (of `value`) returns, driven without recursion, so that arguments
         nested deeper than the interpreter's recursion limit are scanned and kept too:
         each open container is a generator that yields the containers nested in it and
-        is sent them redacted. `PhiSessionError` for a container nested in itself: a
-        cyclic value would be walked forever (the chain withholds the event instead)."""
+        is sent them redacted (`names`: secret field names are read as such). A container
+        nested in itself raises `PhiSessionError`: a cyclic value would be walked
+        forever (the chain withholds the event instead)."""
         open_scans: list[_Scan] = []  # the containers around the one scanned, outermost first
         open_ids = [id(value)]  # the ids of those containers and of the one scanned
         on_path = {id(value)}
@@ -442,24 +469,25 @@ class Redactor:
             open_scans.append(scan)
             open_ids.append(key)
             on_path.add(key)
-            scan, sent = (self._scan_dict(nested) if tp is dict else self._scan(nested)), None
+            scan = self._scan_dict(nested, names) if tp is dict else self._scan(nested, names)
+            sent = None
 
-    def _scan(self, value: Any) -> _Scan:
+    def _scan(self, value: Any, names: bool = True) -> _Scan:
         if isinstance(value, dict):
-            return self._scan_dict(value)
+            return self._scan_dict(value, names)
         if isinstance(value, (list, tuple)):
-            return self._scan_items(value)
+            return self._scan_items(value, names)
         return self._scan_object(value)
 
-    def _scan_items(self, value: list[Any] | tuple[Any, ...]) -> _Scan:
+    def _scan_items(self, value: list[Any] | tuple[Any, ...], names: bool = True) -> _Scan:
         items = []
         for item in value:
             tp = type(item)  # plain values inline: a yield costs more than their scan
             if tp is str:
-                items.append(self._redact_str(item))
+                items.append(self._redact_str(item) if names else self.redact_string(item))
             elif tp in _UNCHANGEABLE:
                 items.append(item)
-            elif (tp is list or tp is tuple) and self._is_secret_pair(item):
+            elif names and (tp is list or tp is tuple) and self._is_secret_pair(item):
                 # A (name, value) pair in a list of them, as headers are often given.
                 items.append(tp((item[0], self.replacement)))
             else:
@@ -505,7 +533,7 @@ class Redactor:
     def _redact_dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
         return value if self._known_clean(value) else self._walk(value, self._scan_dict(value))
 
-    def _scan_dict(self, value: dict[Any, Any]) -> _Scan:
+    def _scan_dict(self, value: dict[Any, Any], names: bool = True) -> _Scan:
         changed: dict[Any, Any] | None = None
         renamed: dict[str, str] | None = None  # keys holding a secret (used as an id, a map key)
         verdicts = self._field_verdicts
@@ -522,7 +550,7 @@ class Redactor:
                     renamed[key] = new_key
             if item is None:
                 continue
-            secret = verdicts.get(key)
+            secret = verdicts.get(key) if names else False
             if secret is None:
                 secret = isinstance(key, str) and self.is_secret_field(key)
             tp = type(item)
@@ -531,7 +559,7 @@ class Redactor:
             elif tp is str:
                 if quick and _anchor_search(item) is None and not _json_head(item):
                     continue
-                new = self._redact_str(item)
+                new = self._redact_str(item) if names else self.redact_string(item)
             elif tp in _UNCHANGEABLE:
                 continue
             else:
@@ -788,12 +816,13 @@ class Redactor:
         if tp is AssistantMessage:
             content = self._content(message.content)
             error = message.error_message
-            if error is None:
+            if error is None and not message.tags:
                 return message if content is message.content else replace(message, content=content)
-            error = self.redact_string(error)
-            if content is not message.content or error is not message.error_message:
-                return replace(message, content=content, error_message=error)
-            return message
+            error = None if error is None else self.redact_string(error)
+            tags = self._tags(message.tags)
+            if content is message.content and error is message.error_message and tags is message.tags:
+                return message
+            return replace(message, content=content, error_message=error, tags=tags)
         if not self.redact_text:
             # Tool results carry no tool arguments: without text redaction only failed
             # ones (error texts) are scanned.
@@ -803,7 +832,10 @@ class Redactor:
             return message
         if tp is UserMessage or tp is ToolResultMessage:
             content = self._content(message.content)
-            return message if content is message.content else replace(message, content=content)
+            tags = self._tags(message.tags)
+            if content is message.content and tags is message.tags:
+                return message
+            return replace(message, content=content, tags=tags)
         if isinstance(message, ExtensionMessage):
             data = self.redact_value(message.data)
             return (
@@ -812,6 +844,15 @@ class Redactor:
                 else extension_message(message_role(message), message.kind, data)
             )
         return message
+
+    def _tags(self, tags: tuple[NodeTag, ...]) -> tuple[NodeTag, ...]:
+        # A tag's text (a lesson learnt, a summary) is message text: scanned with `redact_text`.
+        if not (tags and self.redact_text):
+            return tags
+        texts = [self.redact_string(tag.text) for tag in tags]
+        if all(text is tag.text for text, tag in zip(texts, tags, strict=True)):
+            return tags
+        return tuple(replace(tag, text=text) for text, tag in zip(texts, tags, strict=True))
 
     def _result(self, result: ToolResult, is_error: bool = False) -> ToolResult:
         content = self._error_content(result.content) if is_error else self._content(result.content)
@@ -857,7 +898,7 @@ class Redactor:
             if not (message.is_error or self.redact_text):
                 return event
         elif tp is AssistantMessage:
-            if not message.content and message.error_message is None:
+            if not message.content and message.error_message is None and not message.tags:
                 return event  # phi-core's empty placeholder: nothing in it
         elif tp is UserMessage and not self.redact_text:
             return event
@@ -884,6 +925,33 @@ class Redactor:
         reason = self.redact_string(event.reason)
         return event if reason is event.reason else replace(event, reason=reason)
 
+    def _turn_request(self, event: TurnRequest) -> TurnRequest:
+        event = self._request_messages(event)  # type: ignore[assignment]
+        payload = event.payload
+        prompt = self.redact_string(payload.system_prompt)
+        tools = tuple(map(self._tool, payload.tools))
+        if prompt is payload.system_prompt and all(map(is_, tools, payload.tools)):
+            return event
+        return replace(event, payload=replace(payload, system_prompt=prompt, tools=tools))
+
+    def _tool(self, tool: ToolDefinition) -> ToolDefinition:
+        description = self.redact_string(tool.description)
+        parameters = self._redact_patterns(tool.parameters)
+        if description is tool.description and parameters is tool.parameters:
+            return tool
+        return replace(tool, description=description, parameters=parameters)
+
+    def _prun(self, event: PrunApplied) -> PrunApplied:
+        memo = None if event.memo is None else self.redact_string(event.memo)
+        return event if memo is event.memo else replace(event, memo=memo)
+
+    def _revert(self, event: RevertApplied) -> RevertApplied:
+        summary = None if event.summary is None else self.redact_string(event.summary)
+        reason = None if event.reason is None else self.redact_string(event.reason)
+        if summary is event.summary and reason is event.reason:
+            return event
+        return replace(event, summary=summary, reason=reason)
+
     def _progress(self, event: ProgressMessage) -> ProgressMessage:
         text = self.redact_string(event.text)
         return event if text is event.text else replace(event, text=text)
@@ -899,7 +967,12 @@ class Redactor:
             if text is not piece:
                 event = replace(event, delta=StreamDelta(delta.kind, text))
         message = event.message
-        if type(message) is AssistantMessage and not message.content and message.error_message is None:
+        if (
+            type(message) is AssistantMessage
+            and not message.content
+            and message.error_message is None
+            and not message.tags
+        ):
             return event  # phi-core's empty placeholder: nothing to scan
         return map_messages(event, self._message)
 
