@@ -709,6 +709,14 @@ def test_a_secret_used_as_a_dict_key_is_redacted() -> None:
     assert custom.redact_value({"acct-123456": [1], 7: "x"}) == {REDACTED: [1], 7: "x"}
 
 
+def test_two_secret_keys_redacted_alike_keep_both_values() -> None:
+    first, second = "sk-proj-" + "A" * 24, "sk-proj-" + "B" * 24
+    usage = {first: 10, REDACTED: 1, second: 5, "x": 0}  # API keys as a usage table's keys
+    assert Redactor().redact_value({"usage": usage}) == {
+        "usage": {f"{REDACTED}#2": 10, REDACTED: 1, f"{REDACTED}#3": 5, "x": 0}
+    }
+
+
 def one_tool_call(call: ps.ToolCall) -> Callable[[Tracer], None]:
     """A scenario: one turn calling `call`, which succeeds."""
 

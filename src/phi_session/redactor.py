@@ -274,6 +274,26 @@ def _content_size(content: tuple[Content, ...], arguments: list[Any]) -> int:
 _NOT_COPIED = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
 
 
+def _renamed(value: dict[Any, Any], renamed: dict[str, str]) -> dict[Any, Any]:
+    """`value` with the keys in `renamed` renamed, in place: two keys redacted alike (two
+    API keys as the keys of a usage table) are numbered (``[REDACTED]#2``), so that
+    neither value is lost."""
+    taken = {key for key in value if key not in renamed}
+    result = {}
+    for key, item in value.items():
+        new_key = renamed.get(key)
+        if new_key is None:
+            result[key] = item
+            continue
+        unique, number = new_key, 1
+        while unique in taken:
+            number += 1
+            unique = f"{new_key}#{number}"
+        taken.add(unique)
+        result[unique] = item
+    return result
+
+
 class Redactor:
     """The built-in secret scrubber: a processor (see the module docs for what it covers).
 
@@ -568,8 +588,8 @@ class Redactor:
                 if changed is None:
                     changed = dict(value)
                 changed[key] = new
-        if renamed is not None:  # two keys redacted alike keep the later's value
-            return {renamed.get(key, key): item for key, item in (changed or value).items()}
+        if renamed is not None:
+            return _renamed(changed or value, renamed)
         return value if changed is None else changed
 
     # -- messages -----------------------------------------------------------------------
