@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import re
 import threading
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import phi_session as ps
+from phi_session._strict import MAX_VALUE_DEPTH
 from phi_session.identity import AgentSession, FakeClock
 from phi_session.instrument import Tracer
 from phi_session.messages import NodeTag, TextFormat
@@ -901,7 +903,9 @@ def _leaf(value: Any, depth: int) -> Any:
 
 
 def test_deeply_nested_tool_arguments_are_scanned_and_kept() -> None:
-    depth = 800  # deeper than a recursive scan goes, not deeper than the codec writes
+    # Deeper than phi-core reads in a session: what lies past MAX_VALUE_DEPTH is kept as
+    # its JSON text, which the redactor reads as JSON (a secret field in it is found).
+    depth = 800
     arguments = _nested(depth, {"q": "hello", "api_key": "plain-value"})
     events, _, data = record({}, one_tool_call(ps.ToolCall(id="c1", name="http", arguments=arguments)))
     assert b"WITHHELD" not in data and b"plain-value" not in data
@@ -909,7 +913,12 @@ def test_deeply_nested_tool_arguments_are_scanned_and_kept() -> None:
     [end] = [e for e in events if isinstance(e, ps.MessageEnd) and isinstance(e.message, ps.AssistantMessage)]
     [recorded] = end.message.content  # type: ignore[attr-defined]
     for scanned in (start.args, recorded.arguments):
-        assert _leaf(scanned, depth) == {"q": "hello", "api_key": REDACTED}
+        kept = 0
+        while not isinstance(scanned, str):
+            scanned = scanned["a"] if (depth - 1 - kept) % 2 else scanned[0]
+            kept += 1
+        assert kept == MAX_VALUE_DEPTH
+        assert _leaf(json.loads(scanned), depth - kept) == {"q": "hello", "api_key": REDACTED}
 
 
 def test_arguments_nested_deeper_than_the_codec_goes_are_still_scanned() -> None:
