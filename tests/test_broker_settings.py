@@ -67,6 +67,21 @@ def test_a_bad_value_from_the_environment_names_its_variable(monkeypatch: pytest
         StreamSettings.from_env(partitions=0)
 
 
+def test_a_max_age_under_the_default_duplicate_window_shrinks_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PHI_SESSION_NATS_MAX_AGE=60 failed with "duplicate_window: ... got 120.0", a setting
+    never set: JetStream wants the window no longer than max_age, so the default one fits it."""
+    monkeypatch.setenv("PHI_SESSION_NATS_MAX_AGE", "60")
+    settings = StreamSettings.from_env()
+    assert (settings.max_age, settings.duplicate_window) == (60.0, 60.0)
+    assert StreamSettings.from_env(max_age=30).duplicate_window == 30
+    assert StreamSettings.from_env(max_age=3600).duplicate_window == 120
+    monkeypatch.setenv("PHI_SESSION_NATS_DUPLICATE_WINDOW", "90")  # set, and too long: named
+    with pytest.raises(InvalidArgument, match=r"^PHI_SESSION_NATS_DUPLICATE_WINDOW: .* to 60, got 90"):
+        StreamSettings.from_env()
+
+
 def test_partitions_are_stable_and_spread() -> None:
     assert partition_of("session-1", 8) == partition_of("session-1", 8)
     spread = {partition_of(f"session-{n}", 8) for n in range(200)}

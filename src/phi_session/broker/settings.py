@@ -77,7 +77,8 @@ class StreamSettings:
     max_bytes: int = 1 << 30
     """Backlog the stream holds; when full, publishes are refused (producers spill locally)."""
     duplicate_window: float = 120.0
-    """Seconds within which JetStream drops a message whose event id it already stored."""
+    """Seconds within which JetStream drops a message whose event id it already stored; at
+    most `max_age` (`from_env` makes the default no longer than a shorter `max_age`)."""
 
     def __post_init__(self) -> None:
         check_name("stream", self.stream)
@@ -109,6 +110,10 @@ class StreamSettings:
                     from_env.add(item.name)
             if value is not None:
                 values[item.name] = value
+        max_age = values.get("max_age")
+        if "duplicate_window" not in values and isinstance(max_age, (int, float)) and max_age > 0:
+            # JetStream holds a window no longer than max_age: the default one shrinks to fit.
+            values["duplicate_window"] = min(cls.duplicate_window, max_age)
         try:
             return cls(**values)
         except ValueError as error:
