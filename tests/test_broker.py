@@ -1295,6 +1295,39 @@ def test_a_consumer_the_server_refuses_stops_the_worker_saying_why(names: Names)
         asyncio.run(asyncio.wait_for(second.run(), 120))
 
 
+def test_a_stream_whose_subjects_another_stream_takes_is_a_configuration_error(
+    names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server refused the stream (subjects overlap another stream's): the refusal was
+    taken for the other side having created it, whose lookup failed. The worker crashed with
+    "internal error: NotFoundError"; the sink said "stream not found" and asked every 2 s."""
+    _one_partition_stream(names)
+    other = Names(stream=f"{names.stream}_B", prefix=names.prefix, schema=names.schema, spill=names.spill)
+    refusal = rf"^cannot create stream {other.stream} on subjects {names.prefix}\.\*: subjects overlap"
+    with pytest.raises(BrokerError, match=refusal):
+        asyncio.run(asyncio.wait_for(other.worker().run(), 60))
+    from phi_session.broker import sink as sink_module
+
+    asked = []
+
+    async def counted(*args: Any) -> Any:
+        asked.append(time.monotonic())
+        return await ensure_stream(*args)
+
+    ensure_stream = sink_module.ensure_stream
+    monkeypatch.setattr(sink_module, "ensure_stream", counted)
+    sink = other.sink(publish_timeout=1.0)
+    try:
+        sink(next(iter(workload.events(1, seed=3))))
+        assert not sink.flush(10, fail_fast=True)
+        assert re.match(refusal, sink.unreachable or "")
+        time.sleep(3)
+        assert len(asked) == 1  # a configuration error: not asked again and again
+    finally:
+        sink.close(0)
+    assert sink.stats().pending == 1  # kept in the spill journal for the next sink
+
+
 def test_importing_phi_session_imports_no_broker_client() -> None:
     code = "import sys, phi_session, phi_session.broker; print('nats' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

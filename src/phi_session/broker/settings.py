@@ -289,7 +289,8 @@ class _FirstAttempts:
 async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> StreamSettings:
     """Create the stream if missing; return the settings with the stream's partition count.
 
-    A stream that exists with subjects other than ``{prefix}.0..N-1`` raises `BrokerError`.
+    A stream that exists with subjects other than ``{prefix}.0..N-1``, or one the server
+    refuses to create (its subjects overlap another stream's), raises `BrokerError`.
     """
     from nats.js import api
     from nats.js.errors import BadRequestError
@@ -311,8 +312,13 @@ async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> Strea
         )
         try:
             info = await js.add_stream(config)
-        except BadRequestError:
-            info = await js.stream_info(settings.stream)  # the other side created it first
+        except BadRequestError as error:
+            info = await stream_info(js, settings.stream)  # the other side created it first
+            if info is None:  # refused (its subjects overlap another stream's): a configuration error
+                raise BrokerError(
+                    f"cannot create stream {settings.stream} on subjects {settings.subject_prefix}.*: "
+                    f"{error.description or error}"
+                ) from None
     return stream_layout(info, settings)
 
 

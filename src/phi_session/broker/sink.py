@@ -69,6 +69,7 @@ _Message = tuple[str, str, str, bytes]
 _Envelope = tuple[str, str, str, msgspec.Raw]
 _IDLE_WAIT = 1.0
 _CANCEL_AGAIN = 0.5  # seconds `close` waits for the publishing thread between cancellations
+_REFUSED_RETRY = 30.0  # seconds between attempts while the server refuses the stream (its settings)
 _REJECTED = "rejected"  # the directory in `spill_dir` of events too large to publish
 # Spill journals (`JetStreamSink._episode_dir`): whatever else `spill_dir` holds is not ours.
 # (start time, producer id, first sequence number); versions up to 0.1 wrote no start time.
@@ -680,6 +681,7 @@ class _Publisher:
         self.js: JetStreamContext | None = None
         self.settings = sink.settings
         self.down_since: float | None = None
+        self.refused = False  # the server refused the stream (`ensure_stream`'s `BrokerError`)
 
     async def run(self) -> None:
         wakeup = asyncio.Event()
@@ -692,8 +694,7 @@ class _Publisher:
                 if published is None:
                     if self.sink.stopping:
                         return
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 2.0)
+                    pause = await self.wait(pause)
                     continue
                 episode = leftovers.pop(0)
                 episode.remove(self.sink.rejected_dir)
@@ -717,13 +718,18 @@ class _Publisher:
                 elif self.sink.stopping:
                     return
                 else:
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 2.0)
+                    pause = await self.wait(pause)
         finally:
             for episode in leftovers:  # not sent: left for the next sink
                 episode.close()
             if self.nc is not None:
                 await close_quietly(self.nc)
+
+    async def wait(self, pause: float) -> float:
+        """Wait `pause` seconds before a retry; the next pause. A stream the server refuses
+        (`refused`: a configuration error) is asked for again only every `_REFUSED_RETRY` s."""
+        await asyncio.sleep(_REFUSED_RETRY if self.refused else pause)
+        return min(pause * 2, 2.0)
 
     async def send_entry(self, entry: _Entry) -> int | None:
         """`send` an entry; an episode a chunk at a time, each acknowledged before the next
@@ -786,17 +792,21 @@ class _Publisher:
     async def ready(self) -> JetStreamContext:
         if self.js is not None:
             return self.js
+        connected = False
         try:
             if self.nc is None or self.nc.is_closed:
                 self.nc = await connect(self.sink.url, name=f"phi-session producer {self.sink.producer_id}")
+            connected = True
             js = self.nc.jetstream(timeout=self.sink.publish_timeout)
             self.settings = await ensure_stream(js, self.sink.settings)
         except Exception as error:
             reason = str(error) or type(error).__name__
+            self.refused = connected and isinstance(error, BrokerError)
             self.sink.set_unreachable(
                 reason if isinstance(error, BrokerError) else f"NATS at {self.sink.url}: {reason}"
             )
             raise
+        self.refused = False
         self.sink.set_unreachable(None)
         self.js = js
         return js
