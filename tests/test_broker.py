@@ -1029,6 +1029,59 @@ def test_an_event_over_the_max_payload_is_set_aside_and_the_rest_is_sent(names: 
         assert resender.flush(30)  # the set-aside events are not sent again
 
 
+def test_events_refused_by_a_full_stream_are_stored_in_order_once_it_has_room(names: Names) -> None:
+    """A full stream (discard new) refused the large events of a batch sent at once and took
+    the smaller ones after them; the whole batch was sent again, so the refused ones were
+    stored after those: their session recorded out of order. (Each refusal also waited
+    out publish_timeout: nats-py never resolved its future.)"""
+    lines = workload.lines(1, seed=10)
+    prompt = json.loads(lines[2])["message"]["content"][0]["text"].encode()
+    events = [decode_event(line.replace(prompt, b"x" * 300_000)) for line in lines[:60]]
+    assert sum(len(encode_event(event)) > 100_000 for event in events) == 2
+
+    async def fill() -> list[int]:
+        from phi_session.broker.settings import StreamSettings, ensure_stream
+
+        nc = await nats.connect(names.url)
+        js = nc.jetstream()
+        settings = StreamSettings(
+            stream=names.stream, subject_prefix=names.prefix, partitions=1, max_bytes=1 << 20
+        )
+        await ensure_stream(js, settings)
+        # ~150 KB left: room for the small events, not for the 300 KB ones.
+        filler = [(await js.publish(settings.subject(0), b"f" * 100_000)).seq for _ in range(9)]
+        await nc.close()
+        return filler
+
+    async def make_room(filler: list[int]) -> None:
+        nc = await nats.connect(names.url)
+        for seq in filler:
+            await nc.jetstream().delete_msg(names.stream, seq)
+        await nc.close()
+
+    async def stored_ids() -> list[str]:
+        nc = await nats.connect(names.url)
+        js = nc.jetstream()
+        state = (await js.stream_info(names.stream)).state
+        stored = [await js.get_msg(names.stream, seq) for seq in range(state.first_seq, state.last_seq + 1)]
+        await nc.close()
+        return [message.headers["Nats-Msg-Id"] for message in stored if message.headers]
+
+    filler = asyncio.run(fill())
+    with names.sink(partitions=1, publish_timeout=30) as sink:
+        for event in events:
+            sink(event)
+        assert not sink.flush(3)
+        asyncio.run(make_room(filler))
+        made_room = time.monotonic()
+        assert sink.flush(60)
+        assert time.monotonic() - made_room < 10  # a refusal is known at once: no publish_timeout
+        stats = sink.stats()
+    assert (stats.published, stats.pending) == (len(events), 0)
+    ids = asyncio.run(stored_ids())
+    assert [int(msg_id.rsplit("-", 1)[1]) for msg_id in ids] == list(range(1, len(events) + 1))
+
+
 def test_an_event_over_the_max_payload_that_cannot_be_set_aside_is_counted_lost(
     names: Names, monkeypatch: pytest.MonkeyPatch
 ) -> None:

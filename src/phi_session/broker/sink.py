@@ -682,6 +682,7 @@ class _Publisher:
         self.settings = sink.settings
         self.down_since: float | None = None
         self.refused = False  # the server refused the stream (`ensure_stream`'s `BrokerError`)
+        self.acknowledged: set[str] = set()  # ids of the messages `send` is at, acknowledged so far
 
     async def run(self) -> None:
         wakeup = asyncio.Event()
@@ -746,30 +747,34 @@ class _Publisher:
 
     async def send(self, messages: list[_Message]) -> int | None:
         """Publish `messages` in order; once JetStream acknowledged every one, how many it
-        took (the others were over its max_payload: set aside); None if that failed."""
-        futures: list[asyncio.Future[Any]] = []
+        took (the others were over its max_payload: set aside); None if that failed.
+
+        A partition's messages go one at a time, each acknowledged before the next: sent
+        together, one JetStream refused (the stream full, NATS reconnecting) could be followed
+        by later ones it took, its retry stored after them, and its session recorded out of
+        order. Partitions go side by side. A retry sends only what was not acknowledged."""
         try:
             js = await self.ready()
             count = self.settings.partitions
             assert self.nc is not None
             limit = self.nc.max_payload
+            partitions: dict[int, list[_Message]] = {}
             for message in messages:
-                msg_id, session, key, payload = message
+                if message[0] in self.acknowledged:
+                    continue
                 size = _wire_size(message)
                 if size > limit:  # refused every time: retried, it would hold up all after it
                     self.sink.set_aside(message, size, limit)
                     continue
-                futures.append(
-                    await js.publish_async(
-                        self.settings.subject(partition_of(key, count)),
-                        payload,
-                        headers={EVENT_ID_HEADER: msg_id, SESSION_HEADER: session},
-                    )
-                )
-            await asyncio.wait_for(asyncio.gather(*futures), self.sink.publish_timeout)
+                partitions.setdefault(partition_of(message[2], count), []).append(message)
+            sent = await asyncio.gather(
+                *(self.send_in_order(js, number, queued) for number, queued in partitions.items()),
+                return_exceptions=True,
+            )
+            failed = next((outcome for outcome in sent if isinstance(outcome, BaseException)), None)
+            if failed is not None:
+                raise failed
         except Exception as error:
-            for future in futures:
-                future.cancel()
             self.js = None  # check the stream again before the retry (it may be gone)
             if self.down_since is None:
                 self.down_since = time.monotonic()
@@ -777,7 +782,7 @@ class _Publisher:
                     "publishing to NATS at %s failed (%s); retrying, events wait in the buffer"
                     " and then the spill journal",
                     self.sink.url,
-                    str(error) or type(error).__name__,
+                    getattr(error, "description", None) or str(error) or type(error).__name__,
                 )
             return None
         if self.down_since is not None:
@@ -787,7 +792,23 @@ class _Publisher:
                 time.monotonic() - self.down_since,
             )
             self.down_since = None
-        return len(futures)
+        published = len(self.acknowledged)
+        self.acknowledged.clear()
+        return published
+
+    async def send_in_order(self, js: JetStreamContext, partition: int, messages: list[_Message]) -> None:
+        """Publish `messages` to `partition`, each once the one before it is acknowledged;
+        raise at the first that is not (the rest are not sent)."""
+        subject = self.settings.subject(partition)
+        for msg_id, session, _, payload in messages:
+            # Refused, the answer raises here at once (publish_async left its future unresolved).
+            await js.publish(
+                subject,
+                payload,
+                timeout=self.sink.publish_timeout,
+                headers={EVENT_ID_HEADER: msg_id, SESSION_HEADER: session},
+            )
+            self.acknowledged.add(msg_id)
 
     async def ready(self) -> JetStreamContext:
         if self.js is not None:
