@@ -861,6 +861,23 @@ def test_events_spilled_by_a_closed_sink_are_sent_by_the_next(names: Names) -> N
     assert worker.stats.recorded == len(events)
 
 
+def test_a_sink_counts_and_waits_for_the_spilled_events_of_dead_processes_it_sends(names: Names) -> None:
+    """A new sink said pending=0, and its flush() returned True at once, while it had not
+    sent what an earlier process left spilled yet (NATS unreachable)."""
+    events = list(workload.events(1, seed=6))
+    _spilled_offline(names, events)
+    resender = _offline(names).sink(publish_timeout=0.2)
+    assert resender.stats().pending == len(events)
+    assert not resender.flush(1)
+    resender.close(0)
+    assert resender.stats().pending == len(events)  # still on disk, for the next sink
+    with names.sink() as sender:
+        assert sender.stats().pending == len(events)
+        assert sender.flush(30)
+        assert sender.stats() == SinkStats(published=len(events), spilled=0, pending=0)
+    assert not any(names.spill.iterdir())
+
+
 def test_large_events_are_spilled_once_buffer_bytes_wait(names: Names) -> None:
     """The buffer counted events only: with the broker down, 500 events of 0.9 MB each
     took 430 MB of the agent's memory (10,000 of them would take 9 GB)."""

@@ -85,6 +85,7 @@ class _Episode:
         # an event the sink takes at exit, before that hook runs, still goes in.
         self.journal = Journal(directory, durability="os", close_at_exit=False)
         self.sealed = False  # no more appends: the sender owns it
+        self.inherited = False  # an earlier process's (`JetStreamSink.leftover_episodes`)
         self.count = 0
         self.acknowledged = 0  # events JetStream took, by the attempts so far (`chunks`)
         self.published = 0  # of those, not set aside as too large
@@ -167,11 +168,13 @@ class SinkStats:
     """What a `JetStreamSink` did so far."""
 
     published: int
-    """Events JetStream acknowledged (a retried event counts once)."""
+    """Events JetStream acknowledged (a retried event counts once), those of the spill
+    journals of dead processes it sent included."""
     spilled: int
     """Events written to the local spill journal (buffer full or broker unreachable)."""
     pending: int
-    """Events not yet acknowledged: in memory or spilled (after `close`, those it left on disk)."""
+    """Events not yet acknowledged: in memory or spilled, by this sink or by the dead
+    processes whose spill journals it sends (after `close`, those it left on disk)."""
     rejected: int = 0
     """Events larger than the broker's max_payload: never sent, each kept as a file in
     ``spill_dir/rejected``."""
@@ -193,7 +196,8 @@ class JetStreamSink:
       ``.phi-session/spill`` in the working directory), whichever is reached first. Spilled
       events are sent once the broker takes events again, in order, and removed then;
       spill directories dead processes left are sent by the next sink started on the
-      same `spill_dir`, the oldest process's first. An event larger than the broker's max_payload (1 MB by
+      same `spill_dir`, the oldest process's first, before its own events (its `flush`
+      waits for them too, its `stats` count them). An event larger than the broker's max_payload (1 MB by
       default) cannot be published: it is logged as an error and kept, as a file, in
       ``spill_dir/rejected``, and the events after it are sent. So is a spill journal found
       damaged, once what can be read of it was sent (an error says what was lost).
@@ -271,6 +275,8 @@ class JetStreamSink:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[Any] | None = None
         self._started = threading.Event()
+        # Those of dead processes go first: counted as pending, waited for by `flush`.
+        self._queue.extend(self.leftover_episodes())
         self._thread = DaemonThread(self._run, f"phi-session JetStreamSink {url}")
         self._started.wait()
         # The publishing thread is a daemon: what it holds would vanish with the process.
@@ -582,7 +588,8 @@ class JetStreamSink:
     def entry_sent(self, entry: _Entry, published: int) -> None:
         if isinstance(entry, _Episode):
             entry.remove(self.rejected_dir)
-            logger.warning("sent %d spilled events from %s to NATS", published, entry.directory)
+            whose = "an earlier process spilled in" if entry.inherited else "spilled events from"
+            logger.warning("sent %d events %s %s to NATS", published, whose, entry.directory)
         with self._idle:
             self._sending = None
             self._published += published
@@ -662,7 +669,7 @@ class JetStreamSink:
             except PhiSessionError:  # locked: a live sink owns it
                 skipped.add(producer)
                 continue
-            episode.sealed = True
+            episode.sealed = episode.inherited = True
             episode.count = sum(1 for _ in read_records(directory))
             found.append(episode)
         return found
@@ -688,20 +695,7 @@ class _Publisher:
         wakeup = asyncio.Event()
         self.sink.bind_loop(asyncio.get_running_loop(), wakeup, asyncio.current_task())
         pause = 0.05
-        leftovers = self.sink.leftover_episodes()
         try:
-            while leftovers:
-                published = await self.send_entry(leftovers[0])
-                if published is None:
-                    if self.sink.stopping:
-                        return
-                    pause = await self.wait(pause)
-                    continue
-                episode = leftovers.pop(0)
-                episode.remove(self.sink.rejected_dir)
-                logger.warning(
-                    "sent %d events an earlier process spilled in %s", published, episode.directory
-                )
             while True:
                 entry = self.sink.next_entry()
                 if entry is None:
@@ -721,8 +715,6 @@ class _Publisher:
                 else:
                     pause = await self.wait(pause)
         finally:
-            for episode in leftovers:  # not sent: left for the next sink
-                episode.close()
             if self.nc is not None:
                 await close_quietly(self.nc)
 
