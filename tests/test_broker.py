@@ -1449,6 +1449,49 @@ def test_record_to_nats_then_ingest_and_status(names: Names, tmp_path: Path) -> 
     assert cli("ingest", URL, "--store", str(tmp_path / "x.db")).returncode == 2
 
 
+def test_a_second_signal_stops_ingest_at_once_while_postgresql_does_not_answer(names: Names) -> None:
+    """Every SIGTERM and Ctrl-C only asked for the clean stop, which waited for PostgreSQL
+    (its staging SQL blocked) for ever: nothing but SIGKILL ended `phi-session ingest`."""
+    _one_partition_stream(names)
+    store = f"{DSN}{'&' if '?' in DSN else '?'}schema={names.schema}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = ["ingest", URL, "--store", store, "--stream", names.stream, "--subject-prefix", names.prefix]
+    worker = subprocess.Popen(
+        [*CLI, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    blocker = psycopg.connect(DSN)
+    try:
+
+        def owned() -> bool:
+            status = ingest_status(
+                URL, DSN, schema=names.schema, stream=names.stream, subject_prefix=names.prefix
+            )
+            return any(row.owner is not None for row in asyncio.run(status))
+
+        deadline = time.monotonic() + 60
+        while not owned():
+            assert time.monotonic() < deadline and worker.poll() is None
+            time.sleep(0.2)
+        table = psycopg.sql.SQL("LOCK TABLE {}.broker_events").format(psycopg.sql.Identifier(names.schema))
+        blocker.execute(table)  # held, in its open transaction: staging SQL waits for it
+        with names.sink() as sink:
+            sink(next(workload.events(1, seed=15)))
+            assert sink.flush(30)
+        time.sleep(1)  # the worker is staging it
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        assert worker.poll() is None  # the clean stop waits for PostgreSQL
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=10)
+        assert worker.returncode == 130
+        assert err.splitlines()[-1] == "phi-session: interrupted"
+    finally:
+        blocker.close()
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+
+
 def test_a_nats_server_without_jetstream_is_named_as_such(names: Names, tmp_path: Path) -> None:
     """A server started without -js: `ingest` and `ingest --status` ended in an
     "internal error: ServiceUnavailableError ..." rather than saying what is wrong."""

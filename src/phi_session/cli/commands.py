@@ -1192,7 +1192,9 @@ def ingest(
 
     Run one or more on any machines: they share the stream's partitions, each
     event is recorded once, and stopping saves what is complete (the rest is
-    picked up by the next worker). With --status, show each partition's lag.
+    picked up by the next worker). A second SIGTERM or Ctrl-C quits at once, not
+    waiting for PostgreSQL or NATS (exit status 130; nothing is lost). With
+    --status, show each partition's lag.
     """
     import asyncio
     import signal
@@ -1236,13 +1238,28 @@ def ingest(
     except ValueError as error:
         raise CliError(str(error), EXIT_USAGE) from None
 
+    signals = 0
+
+    def stop() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            worker.stop()
+            return
+        # The clean stop waits for PostgreSQL and NATS, which may never answer: a second signal
+        # quits at once. Nothing is lost: what was not acknowledged is delivered again, what
+        # was staged is replayed by the next worker.
+        warn("interrupted")
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
     async def run() -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, worker.stop)
+            loop.add_signal_handler(signum, stop)
         await worker.run()
 
-    started = f"ingesting {worker.settings.stream} from {url} (SIGTERM or Ctrl-C stops)"
+    started = f"ingesting {worker.settings.stream} from {url} (SIGTERM or Ctrl-C stops, a second one at once)"
     stderr().print(render.plain(started, "dim"), soft_wrap=True)
     asyncio.run(run())
     stats = worker.stats
