@@ -1398,6 +1398,31 @@ def test_a_stream_whose_subjects_another_stream_takes_is_a_configuration_error(
     assert sink.stats().pending == 1  # kept in the spill journal for the next sink
 
 
+def test_a_worker_of_another_store_is_refused_the_consumers_of_a_stream(names: Names) -> None:
+    """Workers with the same durable recording into two schemas (or databases) shared the
+    consumers, each taking part of every session: partition locks are per store."""
+    first = names.worker(partitions=2)
+    asyncio.run(_run_until(first, lambda: len(first.stats.owned) == 2))
+    other = Names(names.stream, names.prefix, f"{names.schema}_b", names.spill)
+    try:
+        refusal = (
+            rf"^consumer phi-ingest-[01] of stream {names.stream} records into another store \(schema"
+            rf" {names.schema} of database .*\), not schema {other.schema} of database .*: a store needs"
+            r" a stream of its own"
+        )
+        with pytest.raises(BrokerError, match=refusal):
+            asyncio.run(asyncio.wait_for(other.worker().run(), 60))
+        again = names.worker()  # its own store's worker still takes them
+        asyncio.run(_run_until(again, lambda: len(again.stats.owned) == 2))
+    finally:
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(
+                psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                    psycopg.sql.Identifier(other.schema)
+                )
+            )
+
+
 def test_importing_phi_session_imports_no_broker_client() -> None:
     code = "import sys, phi_session, phi_session.broker; print('nats' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

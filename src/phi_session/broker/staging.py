@@ -182,6 +182,15 @@ class Staging:
             counts.setdefault(part, {})[state] = count
         return counts
 
+    async def store_name(self) -> str:
+        """The store's schema, database and PostgreSQL cluster: the same whichever address
+        a worker reaches it by."""
+        rows = await self._execute(
+            "SELECT current_database(), (SELECT system_identifier FROM pg_control_system())::text"
+        )
+        database, system = rows[0]
+        return f"schema {self.schema} of database {database} (PostgreSQL system {system})"
+
     # -- ownership -------------------------------------------------------------------------------
 
     async def join(self, member: int) -> bool:

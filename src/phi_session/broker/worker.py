@@ -326,6 +326,11 @@ class _Resources:
         self.staging = Staging(
             self.conn, schema=worker.schema, stream=worker.settings.stream, durable=worker.durable
         )
+        try:
+            self.store_name = await self.staging.store_name()
+        except BaseException:
+            await self.stack.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -471,8 +476,12 @@ class _PartitionRun:
         from nats.js.errors import BadRequestError, NotFoundError
 
         settings = self.worker.settings
+        with contextlib.suppress(NotFoundError):
+            # Checked first: creating it again would write this worker's store over the other's.
+            self.check_store(await self.resources.js.consumer_info(settings.stream, name))
         config = api.ConsumerConfig(
             durable_name=name,
+            description=self.store_label,
             filter_subject=settings.subject(self.number),
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
@@ -489,6 +498,24 @@ class _PartitionRun:
                 raise BrokerError(
                     f"cannot create consumer {name} on stream {settings.stream}: {error.description or error}"
                 ) from None
+
+    @property
+    def store_label(self) -> str:
+        """The consumer's description: the store its messages are recorded into."""
+        return f"phi-session ingest into {self.resources.store_name}"
+
+    def check_store(self, info: Any) -> None:
+        """`BrokerError` if the consumer `info` describes records into another store: sharing
+        it, each worker would record part of every session (partition locks are per store).
+        One no store is recorded on (an older worker's) is this one's."""
+        theirs = info.config.description
+        if theirs and theirs != self.store_label:
+            store = theirs.removeprefix("phi-session ingest into ")
+            raise BrokerError(
+                f"consumer {info.name} of stream {self.worker.settings.stream} records into another"
+                f" store ({store}), not {self.resources.store_name}: a store needs a stream of its"
+                " own (--stream and --subject-prefix)"
+            )
 
     async def take(self, messages: list[Msg]) -> None:
         """Stage a batch, then acknowledge it; the new events wait to be applied."""
@@ -520,6 +547,7 @@ class _PartitionRun:
     async def apply_ready(self, subscription: _Pull) -> None:
         """Apply the waiting events up to the acknowledgement floor, in stream order."""
         info = await subscription.consumer_info()
+        self.check_store(info)  # a worker of another store may have taken the consumer since
         floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
         rejected = []
         now = time.monotonic()
