@@ -1517,6 +1517,63 @@ def test_a_second_signal_stops_ingest_at_once_while_postgresql_does_not_answer(n
             worker.communicate()
 
 
+@pytest.mark.parametrize("deleted", ["consumer", "stream"])
+def test_a_worker_sets_up_its_consumer_again_once_it_is_gone(
+    names: Names, deleted: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pull on a consumer that is gone (deleted, or NATS restarted without its storage)
+    has no answer: taken for an idle partition, the worker waited for ever, saying nothing."""
+    first, second = list(workload.events(1, seed=16)), list(workload.events(1, seed=17))
+    worker = names.worker(partitions=1)
+
+    async def delete() -> None:
+        nc = await nats.connect(names.url)
+        js = nc.jetstream()
+        if deleted == "stream":
+            await js.delete_stream(names.stream)
+        else:
+            await js.delete_consumer(names.stream, "phi-ingest-0")
+        await nc.close()
+
+    def publish(events: list[Any]) -> None:
+        with names.sink(partitions=1) as sink:
+            for event in events:
+                sink(event)
+            assert sink.flush(30)
+
+    _one_partition_stream(names)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(worker.run())
+        try:
+            publish(first)
+            expected = _reference([first])
+            await _until(lambda: _stored(names.schema) == expected, task)
+            await delete()
+            publish(second)
+            expected = _reference([first, second])
+            await _until(lambda: _stored(names.schema) == expected, task, 90)
+        finally:
+            worker.stop()
+            await task
+
+    asyncio.run(scenario())
+    gone = [record.getMessage() for record in caplog.records if "is gone" in record.getMessage()]
+    assert gone == [
+        f"partition 0: consumer phi-ingest-0 of stream {names.stream} is gone (NATS lost its storage,"
+        " or it was deleted); setting it up again"
+    ]
+
+
+async def _until(done: Any, task: asyncio.Task[None], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(done):
+        assert time.monotonic() < deadline, "timed out"
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.2)
+
+
 def test_a_nats_server_without_jetstream_is_named_as_such(names: Names, tmp_path: Path) -> None:
     """A server started without -js: `ingest` and `ingest --status` ended in an
     "internal error: ServiceUnavailableError ..." rather than saying what is wrong."""

@@ -353,6 +353,7 @@ class _Pull:
         self._inbox = nc.new_inbox()
         self._arrived: asyncio.Queue[Msg] = asyncio.Queue()
         self._subscription: Any = None
+        self.answered = True  # whether anything answered the last `fetch`'s requests
 
     async def start(self) -> None:
         async def arrived(message: Msg) -> None:
@@ -370,6 +371,7 @@ class _Pull:
     async def fetch(self, batch: int, wait: float) -> list[Msg]:
         """Up to `batch` messages: those the stream has now, else the first to come within
         `wait` seconds (and any that came with it); none on an idle partition."""
+        self.answered = False
         taken = self._take_arrived(batch)  # delivered to an earlier request after it returned
         if len(taken) < batch:
             await self._request({"batch": batch - len(taken), "no_wait": True})
@@ -386,6 +388,7 @@ class _Pull:
         taken: list[Msg] = []
         while len(taken) < most and not self._arrived.empty():
             message = self._arrived.get_nowait()
+            self.answered = True
             if _is_data(message):
                 taken.append(message)
         return taken
@@ -403,6 +406,7 @@ class _Pull:
                 message = await asyncio.wait_for(self._arrived.get(), max(deadline - time.monotonic(), 0))
             except asyncio.TimeoutError:
                 break
+            self.answered = True
             if _is_data(message):
                 taken.append(message)
             elif (message.headers or {}).get("Status") in ("404", "408", "409"):
@@ -457,6 +461,8 @@ class _PartitionRun:
             last_save = time.monotonic()
             while not self.stopping.is_set():
                 messages = await subscription.fetch(worker.batch, _FETCH_WAIT)
+                if not subscription.answered:  # not even "no messages": is the consumer there?
+                    await self.find_consumer(subscription)
                 if messages:
                     await self.take(messages)
                     self.worker.note_broker_up()
@@ -470,6 +476,35 @@ class _PartitionRun:
             await self.save()
         finally:
             await subscription.close()
+
+    async def find_consumer(self, subscription: _Pull) -> None:
+        """Create the stream and the consumer again if they are gone (NATS restarted without
+        its storage, or they were deleted): a pull on a missing consumer has no answer, and
+        the partition would wait for ever, idle to all appearances. A lookup that has no
+        answer either fails the partition, as NATS being down does."""
+        from nats.js.errors import NotFoundError
+
+        try:
+            await subscription.consumer_info()
+            return
+        except NotFoundError:
+            pass
+        name = f"{self.worker.durable}-{self.number}"
+        logger.warning(
+            "partition %d: consumer %s of stream %s is gone (NATS lost its storage, or it was"
+            " deleted); setting it up again",
+            self.number,
+            name,
+            self.worker.settings.stream,
+        )
+        settings = self.worker.settings
+        layout = await ensure_stream(self.resources.js, settings)
+        if layout.partitions != settings.partitions:  # made again, by a producer set up otherwise
+            raise BrokerError(
+                f"stream {settings.stream} was created again with {layout.partitions} partitions,"
+                f" not {settings.partitions}: start the workers again"
+            )
+        await self.ensure_consumer(name)
 
     async def ensure_consumer(self, name: str) -> None:
         from nats.js import api
