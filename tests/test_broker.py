@@ -473,6 +473,30 @@ def test_a_message_whose_headers_begin_with_a_status_is_data_not_held_up_for_eve
     assert worker.stats.rejected == 3  # kept staged, as any payload that is no event
 
 
+def test_a_message_whose_header_status_is_not_utf8_stops_no_partition(names: Names) -> None:
+    """nats-py decodes a header status line as UTF-8 in its reading task: one that is not
+    ended that task, and the worker heard nothing more on any partition, for good, idle to
+    all appearances and holding its partitions."""
+    events = list(workload.events(1, seed=32))
+    with names.sink(partitions=1) as sink:
+        sink(events[0])
+        assert sink.flush(30)
+        for headers in (b"NATS/1.0 \xff\xfe\xfd\r\n\r\n", b"NATS/1.0 404 \xc3(\r\n\r\n"):
+            _publish_headers_as_written(f"{names.prefix}.0", headers, b"{}")
+        for event in events[1:]:
+            sink(event)
+        assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference([events])
+
+    def done() -> bool:
+        return _stored(names.schema) == expected and worker.stats.rejected == 2
+
+    asyncio.run(_run_until(worker, done, 60))
+    assert _stored(names.schema) == expected
+    assert worker.stats.rejected == 2  # kept staged, as any payload that is no event
+
+
 def test_a_session_id_with_a_lone_surrogate_holds_up_nothing(names: Names) -> None:
     """Text from undecodable bytes (``surrogateescape``) holds lone surrogates: the payload
     escapes them, but the Phi-Session header could not be encoded, so the event was retried
@@ -795,6 +819,26 @@ def test_workers_ride_out_a_broker_restart(private: Names) -> None:
     # count events twice, the store never does (the sessions above are exact).
     ids = _staged_ids(names.schema)
     assert len(ids) == len(set(ids)) == len(events)
+
+
+def test_a_worker_whose_connection_stops_answering_stops_saying_so(private: Names) -> None:
+    """A connection open to the client that hears nothing more (its reading task ended, the
+    server hangs) left the worker idle to all appearances, its partitions held, for as long
+    as nats-py took to notice, if ever."""
+    names, server = private, private.server  # type: ignore[attr-defined]
+    worker = names.worker(partitions=1)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(worker.run())
+        await _until(lambda: worker.stats.owned, task)
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(BrokerError, match=r"^NATS at .* does not answer on an open connection"):
+                await asyncio.wait_for(task, 90)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+
+    asyncio.run(scenario())
 
 
 def test_a_worker_stopped_while_nats_is_down_stops_cleanly(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import zlib
@@ -219,19 +220,21 @@ async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float
     """A NATS connection to `url` (`nats_servers`); `BrokerError` once every server
     failed to connect (each within `timeout` seconds), saying why the last one did."""
     require_nats()
-    import nats
-
     servers = nats_servers(url)
     attempts = _FirstAttempts(len(servers))
+    client = _lenient_client_class()()
+    options: dict[str, Any] = {  # (nats-py annotates its seconds as int)
+        "connect_timeout": timeout,
+        "reconnect_time_wait": 0.5,
+    }
     connecting = asyncio.ensure_future(
-        nats.connect(
+        client.connect(
             servers=servers,
             name=name,
-            connect_timeout=timeout,
             allow_reconnect=reconnect,
             max_reconnect_attempts=-1 if reconnect else 0,
-            reconnect_time_wait=0.5,
             error_cb=attempts.failed,
+            **options,
         )
     )
     given_up = asyncio.ensure_future(attempts.every_server_failed.wait())
@@ -247,7 +250,7 @@ async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float
             with contextlib.suppress(asyncio.CancelledError):
                 await connecting
     try:
-        client = connecting.result()
+        connecting.result()
     except (asyncio.CancelledError, Exception) as error:
         why = attempts.last or error  # cancelled: no attempt ended in time
         if isinstance(why, (TimeoutError, asyncio.TimeoutError, asyncio.CancelledError)):
@@ -257,6 +260,26 @@ async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float
         raise BrokerError(f"cannot reach NATS at {url}: {reason}") from error
     attempts.connected = True
     return client
+
+
+@functools.cache
+def _lenient_client_class() -> type[Client]:
+    """nats-py's client, reading any header block. nats-py decodes a header status line as
+    UTF-8 in its reading task: a message whose one is not (anyone may publish it) ended that
+    task for good, and the connection, open to all appearances, heard nothing more."""
+    from nats.aio.client import Client
+
+    class LenientClient(Client):
+        async def _process_headers(self, headers: bytes) -> dict[str, str] | None:
+            try:
+                return await super()._process_headers(headers)
+            except Exception:  # the same header block, with what it cannot read replaced by '?'
+                readable = headers.decode("utf-8", "replace").encode("ascii", "replace")
+                with contextlib.suppress(Exception):
+                    return await super()._process_headers(readable)
+                return None  # a message without headers: still data, named by its stream position
+
+    return LenientClient
 
 
 async def close_quietly(nc: Client) -> None:

@@ -75,6 +75,7 @@ logger = logging.getLogger("phi_session.broker")
 
 _FETCH_WAIT = 0.5  # seconds a fetch waits on an idle partition (also how soon `stop` is seen)
 _NO_WAIT_ANSWER = 5.0  # seconds the server has to answer a pull that waits for nothing
+_PING_ANSWER = 10  # seconds the server has to answer a ping, once a partition failed on NATS
 _MAX_EVENT_ID = 200  # characters; the primary key of `broker_events` has a size limit
 
 
@@ -248,6 +249,7 @@ class IngestWorker:
             if not isinstance(error, (nats.errors.Error, asyncio.TimeoutError)):
                 run.task.result()  # PostgreSQL or a bug: that is the worker failing
                 continue
+            await self._check_connection(resources)
             # NATS is down or restarting: start the partition again (its staged events are
             # replayed) once the client has reconnected.
             if not self._broker_down:
@@ -272,6 +274,22 @@ class IngestWorker:
                 running[number] = _PartitionRun(self, resources, number)
                 self.stats.partitions_taken += 1
         self.stats.owned = sorted(running)
+
+    async def _check_connection(self, resources: _Resources) -> None:
+        """`BrokerError` if the connection, open to the client, does not answer a ping: its
+        reading has stopped (or the server hangs), and the client would not see it for
+        minutes, every partition idle meanwhile. Stopped, the worker can be started again."""
+        import nats.errors
+
+        if not resources.nc.is_connected:  # reconnecting: the client knows
+            return
+        try:
+            await resources.nc.rtt(_PING_ANSWER)
+        except nats.errors.TimeoutError:
+            raise BrokerError(
+                f"NATS at {self.url} does not answer on an open connection (no answer to a ping"
+                f" within {_PING_ANSWER} s): the worker stops, to be started again"
+            ) from None
 
     def note_broker_up(self) -> None:
         if self._broker_down:
