@@ -732,6 +732,19 @@ def test_untrusted_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
     assert "haiku\\x1b[31m\\u2066" in outputs["show"]
 
 
+def test_next_page_cursor_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    # The cursor printed under a full page holds the last row's stored session id.
+    hostile = MINIMAL_ID + "\x1b[31m\x1b]0;owned\x07\u009b2J\u202eevil"
+    stream = tmp_path / "hostile.jsonl"
+    stream.write_text("\n".join(example_lines()).replace(MINIMAL_ID, json.dumps(hostile)[1:-1]) + "\n")
+    store = tmp_path / "s.db"
+    assert run("record", stream, "--store", store).exit_code == EXIT_OK
+    paged = run("list", "--limit", "1", "--store", store)
+    [cursor] = [line for line in paged.stderr.splitlines() if line.startswith("more may follow: --after ")]
+    assert not set(cursor) & {"\x1b", "\x07", "\u009b", "\u202e"}
+    assert cursor.endswith(f"{MINIMAL_ID}\\x1b[31m\\x1b]0;owned\\x07\\x9b2J\\u202eevil")
+
+
 # -- stats ---------------------------------------------------------------------------------------
 
 

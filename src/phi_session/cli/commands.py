@@ -140,7 +140,8 @@ def list_command(
     following = query.next_page(rows)
     if following is not None and following.after is not None:
         stderr().print(  # one line, whatever the width: a script reads the cursor from it
-            f"more may follow: --after {following.after}",
+            # The cursor holds a stored session id: escaped, as every other shown id.
+            f"more may follow: --after {render.safe(str(following.after), one_line=True)}",
             style="dim",
             markup=False,
             highlight=False,
