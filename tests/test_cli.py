@@ -1097,6 +1097,19 @@ def test_console_script_help_and_record(tmp_path: Path) -> None:
     assert missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
 
 
+@needs_script
+def test_output_in_an_encoding_without_the_cli_symbols(store_dir: Path) -> None:
+    # A latin-1 locale has no ●, → or …: they are written escaped, never a failure.
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1", "COLUMNS": "100"}
+    for args in (["list"], ["show", PARENT_ID], ["tree", PARENT_ID], ["show", PARENT_ID, "--timeline"]):
+        result = subprocess.run(
+            [script(), *args, "--store", str(store_dir)], capture_output=True, env=env, timeout=60
+        )
+        assert result.returncode == EXIT_OK, (args, result.stderr)
+        assert result.stderr == b"" and result.stdout, args
+        assert args == ["list"] or b"\\u" in result.stdout  # list has no symbol at this width
+
+
 @pytest.fixture
 def served(store_dir: Path) -> Iterator[str]:
     process = subprocess.Popen(

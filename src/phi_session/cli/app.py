@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -76,6 +77,14 @@ def stdout() -> Console:
 
 def stderr() -> Console:
     return Console(stderr=True, highlight=False)
+
+
+def _lenient_output() -> None:
+    """Standard output and error never fail on a character their encoding lacks (a latin-1
+    locale has no ``…`` or ``●``): it is written as a backslash escape instead."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
 
 
 def echo_json(value: Any) -> None:
@@ -254,6 +263,7 @@ class PhiSessionGroup(click.Group):
         return code
 
     def _run(self, args: Sequence[str] | None, prog_name: str, complete_var: str | None, **extra: Any) -> int:
+        _lenient_output()
         handler = _StderrLogHandler(logging.WARNING)
         library_logger = logging.getLogger("phi_session")
         library_logger.addHandler(handler)
