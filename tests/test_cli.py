@@ -1073,6 +1073,28 @@ def test_export_of_one_session_to_a_terminal_ends_its_last_line(store_dir: Path)
 
 
 @needs_script
+def test_no_color_is_heeded_on_a_terminal(store_dir: Path) -> None:
+    pty = pytest.importorskip("pty")
+
+    def on_a_terminal(**env: str) -> bytes:
+        terminal, its_end = pty.openpty()
+        listed = subprocess.Popen(
+            [script(), "list", "--store", str(store_dir)], stdout=its_end, env={**os.environ, **env}
+        )
+        os.close(its_end)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO: the command ended, nothing more to read
+            while chunk := os.read(terminal, 1 << 16):
+                shown += chunk
+        os.close(terminal)
+        assert listed.wait(60) == EXIT_OK
+        return shown
+
+    assert b"\x1b[32m" in on_a_terminal(TERM="xterm")  # the statuses' colours
+    assert b"\x1b[3" not in on_a_terminal(TERM="xterm", NO_COLOR="1")
+
+
+@needs_script
 def test_console_script_help_and_record(tmp_path: Path) -> None:
     helped = subprocess.run([script(), "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert helped.returncode == EXIT_OK

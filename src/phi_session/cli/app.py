@@ -70,9 +70,10 @@ class CliError(Exception):
 
 def stdout() -> Console:
     # Piped output is colourless and, unless $COLUMNS says otherwise, wide: ids are never cut.
+    # On a terminal rich decides on colour, heeding $NO_COLOR.
     tty = sys.stdout.isatty()
     width = None if tty or "COLUMNS" in os.environ else 200
-    return Console(highlight=False, soft_wrap=False, width=width, no_color=not tty)
+    return Console(highlight=False, soft_wrap=False, width=width, no_color=None if tty else True)
 
 
 def stderr() -> Console:
