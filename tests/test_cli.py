@@ -452,6 +452,15 @@ def test_list_table_fits_narrow_terminals(store_dir: Path) -> None:
         assert rows[0].split()[0] == MINIMAL_ID and rows[-1].split()[-1] == "1,534"  # nothing cut
 
 
+@pytest.mark.parametrize("columns", ["0", "5"])
+def test_list_and_show_ignore_an_unusable_columns(store_dir: Path, columns: str) -> None:
+    # Some CI runners set COLUMNS=0: as if unset, not a width nothing fits in.
+    for args in (["list"], ["show", PARENT_ID]):
+        result = CliRunner().invoke(main, [*args, "--store", str(store_dir)], env={"COLUMNS": columns})
+        assert result.exit_code == EXIT_OK
+        assert PARENT_ID in result.stdout, args
+
+
 def test_list_json_and_filters(store_dir: Path) -> None:
     def ids(*args: str) -> list[str]:
         data = json_out(run("list", "--store", str(store_dir), "--json", *args))

@@ -10,7 +10,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import click
 import msgspec
@@ -68,16 +68,37 @@ class CliError(Exception):
 # -- output -----------------------------------------------------------------------------------
 
 
+_MIN_COLUMNS = 20
+"""A narrower $COLUMNS (0 from some CI runners) is taken for unset: nothing would fit."""
+
+
+def _width(stream: TextIO, piped: int | None) -> int | None:
+    """The width of a console on `stream`: a usable $COLUMNS, else the terminal's (None:
+    rich asks it), else, not on a terminal, `piped` (None: rich's default)."""
+    columns = os.environ.get("COLUMNS")
+    if columns is not None and columns.isdigit() and int(columns) >= _MIN_COLUMNS:
+        return int(columns)
+    tty = stream.isatty()
+    if columns is None:
+        return None if tty else piped
+    # Given no width, rich would read the unusable $COLUMNS itself.
+    if tty:
+        with contextlib.suppress(OSError, ValueError):
+            return os.get_terminal_size(stream.fileno()).columns or 80
+    return piped or 80
+
+
 def stdout() -> Console:
     # Piped output is colourless and, unless $COLUMNS says otherwise, wide: ids are never cut.
     # On a terminal rich decides on colour, heeding $NO_COLOR.
-    tty = sys.stdout.isatty()
-    width = None if tty or "COLUMNS" in os.environ else 200
-    return Console(highlight=False, soft_wrap=False, width=width, no_color=None if tty else True)
+    width = _width(sys.stdout, 200)
+    return Console(
+        highlight=False, soft_wrap=False, width=width, no_color=None if sys.stdout.isatty() else True
+    )
 
 
 def stderr() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, width=_width(sys.stderr, None))
 
 
 def _lenient_output() -> None:
