@@ -461,6 +461,34 @@ def test_list_and_show_ignore_an_unusable_columns(store_dir: Path, columns: str)
         assert PARENT_ID in result.stdout, args
 
 
+def test_narrow_terminals_never_cut_ids_keys_or_numbers(tmp_path: Path) -> None:
+    # The demo's sessions: one with "8 Completed, 1 Rejected" loops, three models, long snippets.
+    assert run("demo", "--store", tmp_path / "d.db").exit_code == EXIT_OK
+    rows = json_out(run("list", "--store", tmp_path / "d.db", "--json"))
+    models = json_out(run("stats", "--by", "model", "--store", tmp_path / "d.db", "--json"))
+    hits = json_out(run("search", "CI", "--store", tmp_path / "d.db", "--json"))
+    assert isinstance(rows, list) and isinstance(models, list) and isinstance(hits, list)
+
+    def shown(columns: int, *args: str) -> str:
+        result = CliRunner().invoke(
+            main, [*args, "--store", str(tmp_path / "d.db")], env={"COLUMNS": str(columns)}
+        )
+        assert result.exit_code == EXIT_OK
+        assert max(len(line) for line in result.stdout.splitlines()) <= columns, (columns, args)
+        return result.stdout
+
+    for columns in (80, 100, 120):
+        words = shown(columns, "list").split()
+        for row in rows:
+            assert row["session_id"] in words and f"{row['total_tokens']:,}" in words, columns
+        words = shown(columns, "stats", "--by", "model").split()
+        for group in models:
+            assert group["key"] in words and f"{group['usage']['total_tokens']:,}" in words, columns
+        words = shown(columns, "search", "CI").split()  # (the snippets wrap beside folded loop ids)
+        for hit in hits:
+            assert hit["session_id"] in words and set(hit["snippet"].split()) <= set(words), columns
+
+
 def test_list_json_and_filters(store_dir: Path) -> None:
     def ids(*args: str) -> list[str]:
         data = json_out(run("list", "--store", str(store_dir), "--json", *args))

@@ -318,7 +318,8 @@ def stats(group_by: str, store_url: str | None, as_json: bool, prices_file: str 
     if as_json:
         echo_json(to_builtins(totals))
     elif totals:
-        stdout().print(render.usage_totals_table(totals, by))
+        console = stdout()
+        console.print(render.usage_totals_table(totals, by, console.width))
         _note_unknown_costs(pricer, [row.cost for row in totals if isinstance(row.cost, Cost)])
     else:
         stderr().print("no sessions", style="dim")
@@ -347,7 +348,8 @@ def search(text: str, limit: str, store_url: str | None, as_json: bool, **filter
     if as_json:
         echo_json(to_builtins(hits))
     elif hits:
-        stdout().print(render.search_hits_table(hits))
+        console = stdout()
+        console.print(render.search_hits_table(hits, console.width))
     else:
         stderr().print("no matches", style="dim")
 

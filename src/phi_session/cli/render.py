@@ -140,45 +140,42 @@ def summaries_table(rows: Sequence[SessionSummary], width: int, costs: Sequence[
     Ids, times, durations, loop counts, tokens and costs are never cut; the agent id
     is shortened. Narrower terminals lose columns instead: below 180 the creation time
     and the first prompt, below 130 the cost and the model, below 100 the agent, the
-    duration (creation to last activity) and the turn count. The model and prompt
-    columns give way, cut with an ellipsis rather than wrapped.
+    duration (creation to last activity) and the turn count, and these go at any width
+    the others do not fit in. The model and prompt columns give way, cut with an
+    ellipsis rather than wrapped; the loop counts wrap when even the fewest columns
+    do not fit.
     """
-    show_created, show_model, show_agent = width >= 180, width >= 130, width >= 100
-    # (header, right-justified, shrinks, the cell of a row and its cost) of the columns shown.
-    columns: list[tuple[str, bool, bool, Any]] = [("ID", False, False, lambda row, _: plain(row.session_id))]
-    if show_agent:
-        columns.append(("AGENT", False, False, lambda row, _: plain(row.agent_id, limit=9)))
-    if show_created:
-        columns.append(("CREATED", False, False, lambda row, _: Text(short_time(row.created_at))))
-    columns.append(("LAST ACTIVE", False, False, lambda row, _: Text(short_time(row.last_active_at))))
-    if show_agent:
-        columns.append(("DURATION", True, False, lambda row, _: Text(_span(row))))
-    columns.append(("LOOPS", False, False, lambda row, _: _loops_cell(row)))
-    if show_agent:
-        columns.append(("TURNS", True, False, lambda row, _: Text(number(row.turn_count))))
-    columns.append(("TOKENS", True, False, lambda row, _: Text(number(row.total_tokens))))
-    if show_model:
-        columns.append(("COST", True, False, lambda _, cost: cost_text(cost)))
-        columns.append(("MODEL", False, True, lambda row, _: plain(", ".join(row.models), one_line=True)))
-    if show_created:
-        columns.append(("PROMPT", False, True, lambda row, _: plain(row.first_prompt or "", one_line=True)))
-    cells = [[cell(row, cost) for _, _, _, cell in columns] for row, cost in zip(rows, costs, strict=True)]
-    widths = [
-        max([len(header), *(Text.assemble(line[index]).cell_len for line in cells)])
-        for index, (header, *_) in enumerate(columns)
-    ]
-    # Fixed columns get their widest cell; the shrinking ones take what is left in turn,
-    # each leaving 8 columns to each one after it.
-    left = width - 2 * (len(columns) - 1) - sum(w for w, c in zip(widths, columns, strict=True) if not c[2])
-    shrinking = [index for index, column in enumerate(columns) if column[2]]
+    level = 3 if width >= 180 else 2 if width >= 130 else 1 if width >= 100 else 0
+    while True:
+        columns = _summary_columns(level)
+        cells = [
+            [cell(row, cost) for _, _, _, cell in columns] for row, cost in zip(rows, costs, strict=True)
+        ]
+        widths = [
+            max([len(header), *(Text.assemble(line[index]).cell_len for line in cells)])
+            for index, (header, *_) in enumerate(columns)
+        ]
+        # Fixed columns get their widest cell; the shrinking ones take what is left in
+        # turn, each leaving 8 columns to each one after it.
+        shrinking = [index for index, column in enumerate(columns) if column[2]]
+        fixed = sum(w for w, c in zip(widths, columns, strict=True) if not c[2])
+        left = width - 2 * (len(columns) - 1) - fixed
+        if left >= 8 * len(shrinking) or level == 0:
+            break
+        level -= 1
+    wrapped = None
+    if left < 0:  # even the fewest columns do not fit: the loop counts wrap, down to their longest word
+        wrapped = next(index for index, column in enumerate(columns) if column[0] == "LOOPS")
+        words = [len(word) for line in cells for word in Text.assemble(line[wrapped]).plain.split()]
+        widths[wrapped] = max(len("LOOPS"), *words, widths[wrapped] + left)
     for place, index in enumerate(shrinking):
         widths[index] = max(8, min(widths[index], left - 8 * (len(shrinking) - place - 1)))
         left -= widths[index]
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for (header, right, shrinks, _), size in zip(columns, widths, strict=True):
+    for index, ((header, right, shrinks, _), size) in enumerate(zip(columns, widths, strict=True)):
         table.add_column(
             header,
-            no_wrap=True,
+            no_wrap=index != wrapped,
             overflow="ellipsis" if shrinks else "fold",
             width=size,
             justify="right" if right else "left",
@@ -186,6 +183,29 @@ def summaries_table(rows: Sequence[SessionSummary], width: int, costs: Sequence[
     for line in cells:
         table.add_row(*line)
     return table
+
+
+def _summary_columns(level: int) -> list[tuple[str, bool, bool, Any]]:
+    """The ``list`` columns of a detail `level` (0 to 3: more columns, from the agent up):
+    (header, right-justified, shrinks, the cell of a row and its cost) each."""
+    columns: list[tuple[str, bool, bool, Any]] = [("ID", False, False, lambda row, _: plain(row.session_id))]
+    if level >= 1:
+        columns.append(("AGENT", False, False, lambda row, _: plain(row.agent_id, limit=9)))
+    if level >= 3:
+        columns.append(("CREATED", False, False, lambda row, _: Text(short_time(row.created_at))))
+    columns.append(("LAST ACTIVE", False, False, lambda row, _: Text(short_time(row.last_active_at))))
+    if level >= 1:
+        columns.append(("DURATION", True, False, lambda row, _: Text(_span(row))))
+    columns.append(("LOOPS", False, False, lambda row, _: _loops_cell(row)))
+    if level >= 1:
+        columns.append(("TURNS", True, False, lambda row, _: Text(number(row.turn_count))))
+    columns.append(("TOKENS", True, False, lambda row, _: Text(number(row.total_tokens))))
+    if level >= 2:
+        columns.append(("COST", True, False, lambda _, cost: cost_text(cost)))
+        columns.append(("MODEL", False, True, lambda row, _: plain(", ".join(row.models), one_line=True)))
+    if level >= 3:
+        columns.append(("PROMPT", False, True, lambda row, _: plain(row.first_prompt or "", one_line=True)))
+    return columns
 
 
 def _span(row: SessionSummary) -> str:
@@ -226,36 +246,74 @@ def partition_status_record(row: Any) -> dict[str, Any]:
     return {name: getattr(row, name) for name in _PARTITION_COLUMNS}
 
 
-def usage_totals_table(totals: Sequence[UsageTotal], by: str) -> Table:
-    """The ``stats`` table: usage and cost (priced totals) per group, with totals."""
+_STATS_DROPPED = ("reasoning", "cache_write", "cache_read", "input", "output", "loops")
+"""The ``stats`` columns a narrow terminal loses, in turn (those all zero first)."""
+
+
+def usage_totals_table(totals: Sequence[UsageTotal], by: str, width: int) -> Table:
+    """The ``stats`` table: usage and cost (priced totals) per group, with totals, for a
+    terminal `width` columns wide. Keys, counts and costs are never cut: headers wrap, and
+    where the table would still not fit it loses token breakdowns (all-zero ones first),
+    then the loop count."""
     table = Table(box=None, header_style="bold", pad_edge=False, show_footer=len(totals) > 1)
     costs = [row.cost if isinstance(row.cost, Cost) else ZERO_COST for row in totals]
     grand = sum((row.usage for row in totals), Usage(input=0, output=0))
     # A session with loops on several models counts once per model: no session total then.
     sessions_total = "" if by == "model" else number(sum(row.sessions for row in totals))
-    table.add_column(by.upper(), footer="total")
-    table.add_column("SESSIONS", justify="right", footer=sessions_total)
-    table.add_column("LOOPS", justify="right", footer=number(sum(row.loops for row in totals)))
-    for name in USAGE_COLUMNS:
-        table.add_column(name.replace("_", " ").upper(), justify="right", footer=number(getattr(grand, name)))
-    table.add_column("COST", justify="right", footer=cost_text(total(costs)))
-    for row, cost in zip(totals, costs, strict=True):
-        table.add_row(
-            plain(row.key),
-            number(row.sessions),
-            number(row.loops),
-            *(number(getattr(row.usage, name)) for name in USAGE_COLUMNS),
-            cost_text(cost),
+    # name: (header, footer, cells)
+    columns: dict[str, tuple[str, Text, list[Text]]] = {
+        "key": (by.upper(), Text("total"), [plain(row.key) for row in totals]),
+        "sessions": ("SESSIONS", Text(sessions_total), [Text(number(row.sessions)) for row in totals]),
+        "loops": (
+            "LOOPS",
+            Text(number(sum(row.loops for row in totals))),
+            [Text(number(r.loops)) for r in totals],
+        ),
+        **{
+            name: (
+                name.replace("_", " ").upper(),
+                Text(number(getattr(grand, name))),
+                [Text(number(getattr(row.usage, name))) for row in totals],
+            )
+            for name in USAGE_COLUMNS
+        },
+        "cost": ("COST", cost_text(total(costs)), [cost_text(cost) for cost in costs]),
+    }
+
+    def fits(widths: dict[str, int]) -> bool:
+        return sum(widths.values()) + 2 * (len(widths) - 1) <= width
+
+    widths = {
+        name: max(len(header), *(text.cell_len for text in (footer, *cells)))
+        for name, (header, footer, cells) in columns.items()
+    }
+    if not fits(widths):  # headers wrap, then columns go
+        widths = {
+            name: max(*(len(word) for word in header.split()), *(text.cell_len for text in (footer, *cells)))
+            for name, (header, footer, cells) in columns.items()
+        }
+        for name in sorted(_STATS_DROPPED, key=lambda name: getattr(grand, name, None) != 0):
+            if fits(widths):
+                break
+            del columns[name], widths[name]
+    for name, (header, footer, _) in columns.items():
+        table.add_column(
+            header, footer=footer, justify="left" if name == "key" else "right", width=widths[name]
         )
+    for index in range(len(totals)):
+        table.add_row(*(cells[index] for _, _, cells in columns.values()))
     return table
 
 
-def search_hits_table(hits: Sequence[SearchHit]) -> Table:
-    """The ``search`` table: where each hit is and its snippet, the matched words in bold."""
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for name in ("SESSION", "LOOP", "TURN", "KIND"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("SNIPPET")
+_MIN_SNIPPET = 24
+"""The ``search`` snippet's least width, however long the ids beside it."""
+
+
+def search_hits_table(hits: Sequence[SearchHit], width: int) -> Table:
+    """The ``search`` table for a terminal `width` columns wide: where each hit is and its
+    snippet, the matched words in bold. Nothing is cut: the loop ids fold and the snippets
+    wrap, keeping at least `_MIN_SNIPPET` columns."""
+    lines: list[list[Text]] = []
     for hit in hits:
         snippet = Text()
         end = 0
@@ -265,7 +323,19 @@ def search_hits_table(hits: Sequence[SearchHit]) -> Table:
             end = stop
         snippet.append_text(plain(hit.snippet[end:], one_line=True))
         turn = "-" if hit.turn_index is None else str(hit.turn_index)
-        table.add_row(plain(hit.session_id), plain(hit.loop_id), turn, hit.kind, snippet)
+        lines.append([plain(hit.session_id), plain(hit.loop_id), Text(turn), Text(hit.kind), snippet])
+    headers = ("SESSION", "LOOP", "TURN", "KIND", "SNIPPET")
+    widths = [
+        max(len(header), *(line[index].cell_len for line in lines)) for index, header in enumerate(headers)
+    ]
+    left = width - 2 * (len(headers) - 1) - widths[0] - widths[2] - widths[3]
+    widths[1] = max(10, min(widths[1], left - min(widths[4], _MIN_SNIPPET)))
+    widths[4] = max(8, min(widths[4], left - widths[1]))
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for index, (header, size) in enumerate(zip(headers, widths, strict=True)):
+        table.add_column(header, no_wrap=index in (0, 2, 3), overflow="fold", width=size)
+    for line in lines:
+        table.add_row(*line)
     return table
 
 
