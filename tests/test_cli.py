@@ -1233,6 +1233,23 @@ def test_record_saving_as_it_goes_writes_the_same_files(
     assert sorted(written.values()) == sorted(expected.values())
 
 
+def test_record_saving_as_it_goes_reads_no_whole_session_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Memory stays bounded: the summaries of a long stream come from outlines, one at a time.
+    import phi_session.cli.commands as cli_module
+
+    whole = run("record", EXAMPLE_STREAM, "--dir", tmp_path / "whole")
+    monkeypatch.setattr(cli_module, "_SPILL_EVERY", 3)
+    loaded: list[str] = []
+    monkeypatch.setattr(JsonDirStore, "load", lambda self, sid: loaded.append(sid))
+    spilled = run("record", EXAMPLE_STREAM, "--dir", tmp_path / "spilled")
+    assert spilled.exit_code == EXIT_OK and loaded == []
+    # The same summaries, in the order the sessions were saved.
+    expected = whole.stdout.replace(str(tmp_path / "whole"), str(tmp_path / "spilled"))
+    assert sorted(spilled.stdout.splitlines()) == sorted(expected.splitlines())
+
+
 # -- what a new user hits ------------------------------------------------------------------------
 
 

@@ -633,8 +633,13 @@ def record(
         rejected.close()
         spilled = bool(saved)
         sessions = spill(final=True)
-        if spilled:  # summarise what the store now holds for every session touched
-            sessions = [store.load(sid) for sid in saved]
+        # Summarised from what the store now holds for every session touched, each
+        # outline in turn (loops bare): memory stays bounded whatever the stream's length.
+        summaries = (
+            [summarize_outline(store.load_outline(sid)) for sid in saved]
+            if spilled
+            else [summarize(session) for session in sessions]
+        )
         unsaved = saver.unsaved
         if outcome["interrupted_at"] is not None:
             warn(f"interrupted after line {outcome['interrupted_at']:,}: what was read is recorded and saved")
@@ -651,7 +656,6 @@ def record(
                     orphans_lost = True
                     where = f"NOT written to {orphans_path}: {error.strerror or error}"
             warn(f"warning: {render.count(len(orphans), 'event')} belonged to no known loop: {where}")
-    summaries = [summarize(session) for session in sessions]
     totals = {
         "sessions": len(summaries),
         "loops": sum(row.loop_count for row in summaries),
