@@ -937,6 +937,23 @@ def test_export_never_writes_over_its_own_store(tmp_path: Path, store_name: str,
     assert len(json_out(run("list", "--store", store, "--json"))) == 5  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("store_name", "linked"), [("kept.db", "kept.db"), ("kept/", f"kept/{MINIMAL_ID}.json")]
+)
+def test_export_never_writes_over_a_hard_link_of_its_store(
+    tmp_path: Path, store_name: str, linked: str
+) -> None:
+    store, output = f"{tmp_path}/{store_name}", tmp_path / "elsewhere.out"
+    assert run("record", EXAMPLE_STREAM, "--store", store).exit_code == EXIT_OK
+    os.link(tmp_path / linked, output)
+    before = output.read_bytes()
+    for args in (("export", BASIC_ID, "-o"), ("fork", BASIC_ID, "#1", "--turn", "0", "--out")):
+        result = run(*args, output, "--store", store)
+        assert_one_line_error(result, EXIT_USAGE, f"{args[-1]} {output}: a file of the store")
+        assert output.read_bytes() == before
+    assert len(json_out(run("list", "--store", store, "--json"))) == 5  # type: ignore[arg-type]
+
+
 def test_export_write_error_names_where(store_dir: Path) -> None:
     assert_one_line_error(
         run("export", BASIC_ID, "--store", store_dir, "-o", "/dev/full"),

@@ -190,8 +190,35 @@ def refuse_store_file(option: str, path: str | Path, url: str | None, directory:
         return
     target, store = Path(path).resolve(), store.resolve()
     sqlite_files = {store, *(Path(f"{store}{end}") for end in _SQLITE_SIDECARS)}
-    if target in sqlite_files or (target.parent == store and _JSON_STORE_FILE.fullmatch(target.name)):
+    if (
+        target in sqlite_files
+        or (target.parent == store and _JSON_STORE_FILE.fullmatch(target.name))
+        or _same_file_as_any(target, store, sqlite_files)
+    ):
         raise CliError(f"{option} {path}: a file of the store ({store}); write elsewhere", EXIT_USAGE)
+
+
+def _same_file_as_any(target: Path, store: Path, sqlite_files: set[Path]) -> bool:
+    """Whether `target` is, under another name (a hard link, a bind mount), the SQLite
+    file or a sidecar, or a session file of the JSON store directory `store`."""
+    try:
+        if store.is_dir() and _JSON_STORE_FILE.fullmatch(target.name):
+            if os.path.samestat(target.parent.stat(), store.stat()):
+                return True
+        identity = target.stat()
+    except OSError:  # not there (yet): nothing of the store's
+        return False
+    if store.is_dir():
+        if identity.st_nlink < 2:  # its one name is not in the store
+            return False
+        candidates = [entry for entry in store.iterdir() if _JSON_STORE_FILE.fullmatch(entry.name)]
+    else:
+        candidates = list(sqlite_files)
+    for candidate in candidates:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(identity, candidate.stat()):
+                return True
+    return False
 
 
 def undo_new_store(url: str | None, directory: str | None = None) -> Callable[[], None]:
