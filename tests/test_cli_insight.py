@@ -106,3 +106,21 @@ def test_search(store: Path) -> None:
     assert "no matches" in run("search", "nothing-here", "--store", store).stderr
     assert_one_line_error(run("search", "x", "--limit", "-1", "--store", store), EXIT_USAGE, "--limit")
     assert_one_line_error(run("search", "x", "--status", "done", "--store", store), EXIT_USAGE, "--status")
+
+
+def test_tokens_reported_only_as_a_total_are_not_called_a_missing_price(tmp_path: Path, prices: Path) -> None:
+    directory = tmp_path / "totals"
+    with JsonDirStore(directory) as sessions:
+        loop = talking_loop("total-only", 1, "count the beans")
+        loop.usage = Usage(input=0, output=0, total_tokens=777)
+        sessions.save(make_session("total-only", "alpha", loops=[loop]))
+    shown = run("show", "total-only", "--store", directory, "--prices", prices)
+    assert "unknown (tokens not split by kind for openai/gpt-4o)" in shown.stdout
+    assert "no price for" not in shown.stdout
+    [row] = json.loads(run("list", "--store", directory, "--prices", prices, "--json").stdout)
+    assert row["cost"] == {
+        "usd": None,
+        "sources": [],
+        "unpriced": ["openai/gpt-4o"],
+        "unsplit": ["openai/gpt-4o"],
+    }

@@ -98,7 +98,12 @@ def test_tokens_reported_only_as_a_total_are_unknown_never_zero() -> None:
     # token they were, and so their price, is unknown, even for a model with a price.
     total_only = Usage(input=0, output=0, total_tokens=1_000)
     pricer = Pricer({"openai/gpt-4o": {"input": 2, "output": 8}})
-    assert pricer.price(total_only, "openai", "gpt-4o", WHEN) == Cost(usd=None, unpriced=("openai/gpt-4o",))
+    # Unpriced for want of split tokens, not of a price: `unsplit` says which.
+    unknown = Cost(usd=None, unpriced=("openai/gpt-4o",), unsplit=("openai/gpt-4o",))
+    assert pricer.price(total_only, "openai", "gpt-4o", WHEN) == unknown
+    assert unknown + Cost(usd=None, unpriced=("acme/x",)) == Cost(
+        usd=None, unpriced=("acme/x", "openai/gpt-4o"), unsplit=("openai/gpt-4o",)
+    )
     split = pricer.price(Usage(input=1_000, output=0, total_tokens=1_000), "openai", "gpt-4o", WHEN)
     assert split == Cost(usd=0.002, sources=(USER_SOURCE,))
 

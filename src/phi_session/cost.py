@@ -76,6 +76,8 @@ class Cost(msgspec.Struct, frozen=True, kw_only=True):
     """What some usage cost: ``usd`` (None: unknown) and where the prices came from.
 
     ``unpriced`` lists the ``provider/model`` names with tokens but no known price.
+    ``unsplit`` (left out, UNSET, unless some) names those of them whose price is not
+    missing but cannot apply: a call reported only its total, not its tokens by kind.
     Adding costs keeps the sources and unpriced models of both, sorted (a sum is the same
     whatever order a store reads its parts in); the sum is unknown when either part is.
     """
@@ -83,13 +85,16 @@ class Cost(msgspec.Struct, frozen=True, kw_only=True):
     usd: float | None
     sources: tuple[str, ...] = ()
     unpriced: tuple[str, ...] = ()
+    unsplit: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET
 
     def __add__(self, other: Cost) -> Cost:
         usd = None if self.usd is None or other.usd is None else self.usd + other.usd
+        unsplit = _merged(self.unsplit or (), other.unsplit or ())
         return Cost(
             usd=usd,
             sources=_merged(self.sources, other.sources),
             unpriced=_merged(self.unpriced, other.unpriced),
+            unsplit=unsplit or msgspec.UNSET,
         )
 
     @property
@@ -363,7 +368,7 @@ class Pricer:
             return ZERO_COST
         name = f"{provider}/{model}" if provider else (model or "unknown")
         if not all(map(_split, priced)):  # a bare total: no rate applies to it
-            return Cost(usd=None, unpriced=(name,))
+            return Cost(usd=None, unpriced=(name,), unsplit=(name,))
         user = self._user.get(name) if provider else None
         if user is None and model is not None:
             user = self._user.get(model)

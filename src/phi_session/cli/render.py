@@ -106,8 +106,12 @@ def cost_text(cost: Cost, *, sources: bool = False) -> Text:
     """``$0.0123`` (with its price sources when asked), or a dim ``unknown``: never a made-up 0."""
     if cost.usd is None:
         text = Text("unknown", style="dim")
-        if sources and cost.unpriced:
-            text.append(f" (no price for {safe(', '.join(cost.unpriced))})", style="dim")
+        unsplit = cost.unsplit or ()
+        missing = [name for name in cost.unpriced if name not in unsplit]
+        if sources and missing:
+            text.append(f" (no price for {safe(', '.join(missing))})", style="dim")
+        if sources and unsplit:
+            text.append(f" (tokens not split by kind for {safe(', '.join(unsplit))})", style="dim")
         return text
     text = Text(f"${cost.usd:,.4f}")
     if sources and cost.sources:

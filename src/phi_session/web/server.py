@@ -31,7 +31,8 @@ Standard library only (`http.server.ThreadingHTTPServer`). Routes, all ``GET``
 
 A ``cost`` is ``{"usd": float | null, "sources": [str], "unpriced": [str]}``: ``usd``
 null means unknown (a model without a known price, listed in ``unpriced``; never
-shown as 0); ``sources`` name the price tables used (``"genai-prices 0.2.3"`` or
+shown as 0; one whose calls reported only total tokens is also in ``"unsplit": [str]``,
+present only then); ``sources`` name the price tables used (``"genai-prices 0.2.3"`` or
 ``"user"``). ``table`` is the price table in use (null without the ``prices``
 extra) and ``hint`` what to install when it is missing (null otherwise).
 
