@@ -640,6 +640,23 @@ def test_show_renders_a_long_continuation_chain(tmp_path: Path) -> None:
     assert shown == [f"loop-{i}" for i in range(count)]
     assert f"continues loop #{count - 1}" in result.stdout
     assert len({label.index("#") for label in labels}) == MAX_TREE_DEPTH  # nesting stops there
+    # The waterfall's labels stop nesting there too: none is all indentation.
+    waterfall = CliRunner().invoke(
+        main, ["show", "chain", "--timeline", "--store", str(tmp_path / "chain")], env={"COLUMNS": "120"}
+    )
+    bars = [line for line in waterfall.stdout.splitlines() if "loop #" in line]
+    assert [int(bar.split("loop #")[1].split()[0]) for bar in bars] == list(range(1, count + 1))
+    assert max(bar.index("loop #") for bar in bars) == 2 * MAX_TREE_DEPTH
+
+
+def test_durations_read_the_same_backwards() -> None:
+    assert [render.duration(s) for s in (-5, -0.25, -125, -0.0, 0.0004)] == [
+        "-5.0s",
+        "-250ms",
+        "-2m05s",
+        "0ms",
+        "0ms",
+    ]
 
 
 def test_show_looks_loops_up_in_one_index() -> None:

@@ -627,8 +627,10 @@ _BAR_STYLES = {"session": "bold", "loop": "blue", "turn": "cyan", "model": "mage
 
 def duration(seconds: float) -> str:
     """``850ms``, ``12.4s``, ``3m05s``: a span as a person reads it."""
+    if seconds <= -0.0005:  # a clock that went back: the same units as forwards
+        return f"-{duration(-seconds)}"
     if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
+        return f"{abs(seconds) * 1000:.0f}ms"  # (no "-0ms")
     if seconds < 60:
         return f"{seconds:.1f}s"
     minutes, rest = divmod(int(seconds), 60)
@@ -660,14 +662,17 @@ def timeline_table(
         span = first, max([first, *(bar.end for bar in bars if bar.end is not None)])
     first, last = span
     seconds = max(last - first, 1e-9)
+    shift = 0  # indentation taken off a loop (and what is under it) nested beyond MAX_TREE_DEPTH
     for bar in bars:
+        if bar.kind in ("session", "loop"):
+            shift = max(0, bar.depth - MAX_TREE_DEPTH)
         end = bar.end if bar.end is not None else last
         left = max(0, round((bar.start - first) / seconds * axis))
         cells = max(1, min(axis, round((end - first) / seconds * axis)) - left)
         left = min(left, axis - 1)
         drawn = Text(" " * left)
         drawn.append("\u2588" * min(cells, axis - left), style=_BAR_STYLES[bar.kind])
-        label = Text("  " * bar.depth)
+        label = Text("  " * max(0, bar.depth - shift))
         label.append_text(plain(bar.label, style=_BAR_STYLES[bar.kind], one_line=True))
         if bar.detail:
             label.append_text(plain(f" {bar.detail}", style="dim", one_line=True))
