@@ -368,6 +368,17 @@ def test_a_jsonl_sink_refuses_a_file_it_cannot_write_lines_of_bytes_to(tmp_path:
         JsonlSink(closed)
 
 
+def test_a_jsonl_sink_refuses_fsync_for_a_file_without_a_descriptor(tmp_path: Path) -> None:
+    # It wrote every line, then reported each event as a failed delivery (fileno() raised).
+    with pytest.raises(ps.InvalidArgument, match="fsync=True needs a file with a descriptor"):
+        JsonlSink(io.BytesIO(), fsync=True)
+    with open(tmp_path / "events.jsonl", "wb") as file:
+        t = tracer(JsonlSink(file, fsync=True))
+        run_loop(t, turns=1)
+        assert t.sink_errors == {}
+    assert (tmp_path / "events.jsonl").read_bytes().count(b"\n") > 0
+
+
 def test_sinks_refuse_what_they_cannot_deliver_to_at_once() -> None:
     with pytest.raises(TypeError, match=r"recorder must be a recorder \(with on_event\), not int"):
         RecorderSink(5)  # type: ignore[arg-type]

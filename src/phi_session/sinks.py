@@ -235,8 +235,10 @@ class JsonlSink:
     """Appends each event to a JSON Lines file in phi-core's event-stream format.
 
     One compact event per line, ``\\n``-terminated, flushed per line (and fsynced
-    with ``fsync=True``). Given a path, the file is opened for appending and
-    closed by `close()`; given a binary file object, it is written but left open.
+    with ``fsync=True``, which a file object without a descriptor, such as a
+    ``BytesIO``, cannot be: refused with `InvalidArgument`). Given a path, the file
+    is opened for appending and closed by `close()`; given a binary file object, it
+    is written but left open.
     Thread-safe: lines are never interleaved. A last line torn by a crash or by a
     failed write (a full disk) is ended before the next is appended, so no event is
     glued to it and lost with it.
@@ -255,6 +257,8 @@ class JsonlSink:
         else:
             self.file = _binary_writer(target)
             self._owned = False
+            if fsync and not _has_descriptor(self.file):
+                raise InvalidArgument("fsync=True needs a file with a descriptor (fileno())")
         self.fsync = fsync
         self._lock = threading.Lock()
 
@@ -296,6 +300,16 @@ def _binary_writer(target: object) -> IO[bytes]:
     if getattr(target, "closed", False) is True or (callable(writable) and not writable()):
         raise InvalidArgument("target: the file is not open for writing")
     return cast("IO[bytes]", target)
+
+
+def _has_descriptor(file: IO[bytes]) -> bool:
+    """Whether `file` has a descriptor to fsync (an in-memory file has none: its
+    ``fileno()`` raises)."""
+    fileno = getattr(file, "fileno", None)
+    try:
+        return callable(fileno) and type(fileno()) is int
+    except (OSError, ValueError):  # `io.UnsupportedOperation` is both
+        return False
 
 
 def _ends_mid_line(path: str | os.PathLike[str], appending: IO[bytes]) -> bool:
