@@ -7,6 +7,7 @@ import asyncio
 import gc
 import io
 import itertools
+import operator
 import threading
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 import phi_session as ps
 from phi_session.identity import AgentSession, FakeClock
 from phi_session.instrument import InstrumentationError, LoopScope, Tracer, TurnScope
+from phi_session.messages import JsonSchemaFormat
 from phi_session.recorder import SessionRecorder
 from phi_session.sinks import JsonlSink
 
@@ -1150,6 +1152,100 @@ def test_loop_metadata_and_tool_details_do_not_follow_later_mutation() -> None:
         {"rows": 22},
     ]
     assert b"plain-secret-value" not in ps.encode(session)
+
+
+def _prior_reply(arguments: dict[str, Any]) -> ps.AssistantMessage:
+    return ps.AssistantMessage(
+        content=(ps.ToolCall(id="c0", name="fetch", arguments=arguments),),
+        stop_reason="toolUse",
+        model="m",
+        provider="p",
+        usage=ps.Usage(input=0, output=0),
+        timestamp=1,
+    )
+
+
+@pytest.mark.parametrize("when", ["prompt", "follow_up", "steering"])
+def test_ready_messages_given_to_user_do_not_follow_later_mutation(when: str) -> None:
+    # They were recorded by reference: the agent's later changes (a credential added to
+    # its own dicts) reached the saved session, past the redactor.
+    h = Harness()
+    state: dict[str, Any] = {"step": 1}
+    arguments: dict[str, Any] = {"url": "https://api.example/v1/items"}
+    given = [ps.extension_message("extension", "agent-state", state), _prior_reply(arguments)]
+    with h.tracer.loop() as loop:
+        if when == "prompt":
+            returned = [loop.user(message) for message in given]
+        with loop.turn() as turn:
+            if when == "steering":
+                returned = [turn.user(message) for message in given]
+            answer(turn, "ok")
+        if when == "follow_up":
+            returned = [loop.user(message) for message in given]
+            with loop.turn() as turn:
+                answer(turn, "again")
+    # What the agent gets back holds its own dicts, as `MessageScope.finish` hands back.
+    assert returned[0].data is state  # type: ignore[union-attr]
+    assert returned[1].content[0].arguments is arguments  # type: ignore[union-attr]
+    state["step"] = 2
+    state["api_key"] = "sk-proj-LATESECRETAAAAAAAAAAAAAAAAAAAAA"
+    arguments["headers"] = {"Authorization": "Bearer LATEBEARERTOKEN123"}
+    recorded = [e.message for e in h.events if isinstance(e, ps.MessageEnd)]
+    assert [m.data for m in recorded if isinstance(m, ps.ExtensionMessage)] == [{"step": 1}]
+    [prior] = [m for m in recorded if isinstance(m, ps.AssistantMessage) and m.timestamp == 1]
+    assert prior.content[0].arguments == {"url": "https://api.example/v1/items"}  # type: ignore[union-attr]
+    encoded = ps.encode(h.session())
+    assert b"LATESECRET" not in encoded and b"LATEBEARER" not in encoded and b'"step": 2' not in encoded
+
+
+def test_a_request_payload_does_not_follow_later_mutation_nor_is_its_history_copied_again() -> None:
+    h = Harness()
+    earlier: dict[str, Any] = {"url": "https://api.example/v1/items"}
+    parameters: dict[str, Any] = {"type": "object", "properties": {"path": {"type": "string"}}}
+    schema: dict[str, Any] = {"type": "object"}
+    tools = (ps.ToolDefinition(name="read", description="Read a file.", parameters=parameters),)
+
+    def payload(messages: list[Any]) -> ps.AnnotatedRequestPayload:
+        return ps.AnnotatedRequestPayload(
+            system_prompt="s",
+            messages=tuple(messages),
+            provenance=(),
+            tools=tools,
+            model_id="m",
+            thinking_level="off",
+            response_format=JsonSchemaFormat(schema=schema, name="answer", strict=True),
+        )
+
+    conversation: list[Any] = [_prior_reply(earlier)]
+    replies = []
+    with h.tracer.loop() as loop:
+        for n in range(3):
+            with loop.turn(request=payload(conversation)) as turn:
+                answer(turn, "reading", calls=(call(n),))
+                with turn.tool(call(n)) as tool:
+                    tool.result("text")
+            conversation += [turn.message, *turn.tool_results]
+            replies.append(turn.message)
+    earlier["password"] = "PW_AFTER_THE_FACT"
+    parameters["properties"]["api_key"] = {"default": "PW_AFTER_THE_FACT"}
+    schema["api_key"] = "PW_AFTER_THE_FACT"
+    for reply in replies:
+        reply.content[-1].arguments["token"] = "PW_AFTER_THE_FACT"  # type: ignore[union-attr]
+    first, second, third = [e.payload for e in h.events if isinstance(e, ps.TurnRequest)]
+    assert first.messages[0].content[0].arguments == {"url": "https://api.example/v1/items"}  # type: ignore[union-attr]
+    assert first.tools[0].parameters == {"type": "object", "properties": {"path": {"type": "string"}}}
+    assert first.response_format == JsonSchemaFormat(schema={"type": "object"}, name="answer", strict=True)
+    assert b"PW_AFTER_THE_FACT" not in ps.encode(h.session())
+    # Copied once: a later request holds the very same copies, and a reply the agent sends
+    # back is the one recorded when it was finished.
+    assert third.messages[0] is second.messages[0] is first.messages[0]
+    assert third.messages[1] is second.messages[1] and third.tools[0] is first.tools[0]
+    ends = [
+        e.message
+        for e in h.events
+        if isinstance(e, ps.MessageEnd) and isinstance(e.message, ps.AssistantMessage)
+    ]
+    assert len(third.messages) == 5 and all(map(operator.is_, third.messages[1::2], ends[:2]))
 
 
 @pytest.mark.parametrize("delta", ["text_delta", "thinking_delta", "tool_call_delta"])

@@ -117,10 +117,13 @@ from .messages import (
     AssistantMessage,
     Content,
     ExtensionMessage,
+    JsonSchemaFormat,
+    Message,
     StopReason,
     TextContent,
     ThinkingContent,
     ToolCall,
+    ToolDefinition,
     ToolResult,
     ToolResultMessage,
     TurnId,
@@ -157,16 +160,137 @@ def _owned(call: ToolCall, failures: FailureTally) -> ToolCall:
 
 def _owned_calls(blocks: tuple[Content, ...], failures: FailureTally) -> tuple[Content, ...]:
     """`blocks` with every tool call's arguments its own (`_owned`); `blocks` itself when
-    none holds arguments that could change."""
+    none holds arguments that could change (and it is a tuple, not the agent's list)."""
     owned = tuple([_owned(block, failures) if type(block) is ToolCall else block for block in blocks])
-    return blocks if all(map(is_, owned, blocks)) else owned
+    return blocks if type(blocks) is tuple and all(map(is_, owned, blocks)) else owned
+
+
+_M = TypeVar("_M", bound=AgentMessage)
+
+
+def _owned_message(message: _M, failures: FailureTally) -> _M:
+    """`message` with tool-call arguments (`_owned_calls`) or extension data
+    (`_own_copy`) of its own; `message` itself when it holds none that could change."""
+    if isinstance(message, ExtensionMessage):
+        data = _own_copy(message.data, failures, _EXTENSION_DATA)
+        return message if data is message.data else replace(message, data=data)
+    given = message.content
+    if type(given) is tuple and ToolCall not in map(type, given):
+        return message  # most messages: the request's conversation holds them every turn
+    content = _owned_calls(given, failures)
+    return message if content is given else replace(message, content=content)
+
+
+class _Owned:
+    """Copies of what the agent gave to record that it may change later (messages,
+    request payloads, tool definitions; `_owned_message`, `_own_copy`), remembered by
+    the object given: a request carries the whole conversation and the same tools
+    every turn, and a message or tool copied once is recorded as that copy again (the
+    same object as recorded before, which stores keep once), not copied anew.
+
+    Holds at most `_OWNED_LIMIT` copies, each with the object given, so that its id
+    stays its own; then it starts over (what it no longer holds is copied again).
+    """
+
+    __slots__ = ("_copies", "failures")
+
+    def __init__(self, failures: FailureTally) -> None:
+        self.failures = failures
+        self._copies: dict[int, tuple[object, Any]] = {}
+
+    def message(self, message: _M) -> _M:
+        """A copy of `message` as it is now (`_owned_message`), remembered as its copy."""
+        owned = _owned_message(message, self.failures)
+        if owned is not message:
+            self._remember(message, owned)
+        return owned
+
+    def payload(self, payload: AnnotatedRequestPayload, before: _Sent | None) -> _Sent:
+        """`payload` with messages, tools and response schema of its own (those copied
+        before as that copy; `payload` itself when it holds nothing that could change),
+        and what to give as `before` with the next request of its loop.
+
+        A request carries the conversation so far: the messages it shares with the
+        loop's request `before` (which starts it, as the same objects) are taken as
+        copied then, and only those after them are looked at.
+        """
+        given = tuple(payload.messages)  # the agent's list would change with its conversation
+        tools = payload.tools
+        owned: tuple[Message, ...] = ()
+        start = 0
+        owned_tools = None
+        if before is not None:
+            known, known_tools, sent = before
+            if len(known) <= len(given) and all(map(is_, known, given)):
+                owned, start = sent.messages, len(known)
+            if tools is known_tools and type(tools) is tuple:  # the same tools, as usual
+                owned_tools = sent.tools
+        if start < len(given):
+            copies = self._copies
+            fresh = []
+            for message in given[start:]:
+                hit = copies.get(id(message))
+                if hit is None or hit[0] is not message:
+                    check_instance("payload.messages", message, _MESSAGE_TYPES, "a message")
+                    hit = (message, self.message(message))
+                fresh.append(hit[1])
+            owned += tuple(fresh)
+        if owned_tools is None:
+            owned_tools = tuple(map(self._tool, tools))
+        response_format = payload.response_format
+        if type(response_format) is JsonSchemaFormat:
+            schema = _own_copy(response_format.schema, self.failures, _SCHEMA)
+            if schema is not response_format.schema:
+                response_format = replace(response_format, schema=schema)
+        if not (
+            type(payload.messages) is tuple
+            and type(tools) is tuple
+            and type(payload.provenance) is tuple
+            and response_format is payload.response_format
+            and all(map(is_, owned, given))
+            and all(map(is_, owned_tools, tools))
+        ):
+            payload = replace(
+                payload,
+                messages=owned,
+                tools=owned_tools,
+                provenance=tuple(payload.provenance),
+                response_format=response_format,
+            )
+        return given, tools, payload
+
+    def _tool(self, tool: ToolDefinition) -> ToolDefinition:
+        hit = self._copies.get(id(tool))
+        if hit is not None and hit[0] is tool:
+            return hit[1]  # type: ignore[no-any-return]
+        check_type("payload.tools", tool, ToolDefinition)
+        parameters = _own_copy(tool.parameters, self.failures, _PARAMETERS)
+        if parameters is tool.parameters:
+            return tool
+        owned = replace(tool, parameters=parameters)
+        self._remember(tool, owned)
+        return owned
+
+    def _remember(self, given: object, owned: object) -> None:
+        copies = self._copies  # tools of a loop run in threads: each step is atomic
+        if len(copies) >= _OWNED_LIMIT:
+            copies.clear()
+        copies[id(given)] = (given, owned)
+
+
+_Sent = tuple[tuple[AgentMessage, ...], Any, AnnotatedRequestPayload]
+"""A loop's last request (`_Owned.payload`): its messages and tools as given, and as recorded."""
+# How many copies `_Owned` remembers: the tool-calling messages of a long conversation,
+# which a loop's first request carries again.
+_OWNED_LIMIT = 1024
 
 
 def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
     """A copy of what the agent gave to record (`what`: tool arguments, loop metadata, a
-    tool result's details), as the JSON it is written as: what was recorded must not
-    change (or gain an unredacted secret) when the agent later mutates the dict it
-    passed in, and every sink and store must be able to write it.
+    tool result's details, extension message data...), as the JSON it is written as:
+    what was recorded must not change (or gain an unredacted secret) when the agent
+    later mutates the dict it passed in, and every sink and store must be able to
+    write it.
 
     Never raises into the agent: a value JSON cannot hold (a `pathlib.Path`, an object
     of the agent's) is recorded as its ``str``; containers nested deeper than phi-core
@@ -210,6 +334,9 @@ _SCALARS = frozenset({str, int, float, bool, type(None)})
 _ARGUMENTS = "tool arguments"
 _METADATA = "loop metadata"
 _DETAILS = "tool result details"
+_EXTENSION_DATA = "extension message data"
+_PARAMETERS = "tool parameters"
+_SCHEMA = "response format schema"
 
 
 _json_encode = msgspec.json.Encoder().encode
@@ -221,6 +348,7 @@ _tool_call_delta = delta_builder("ToolCallDelta")
 
 
 _CONTENT_TYPES: tuple[type, ...] = get_args(Content)
+_MESSAGE_TYPES: tuple[type, ...] = get_args(AgentMessage)
 _STOP_REASONS = get_args(StopReason)
 _TRIGGERS = get_args(TurnTrigger)
 _REVERT_CATEGORIES = get_args(RevertCategory)
@@ -356,15 +484,18 @@ class _Outlet:
     processor. It also fills in the ``config_id`` of the snapshots loops announce.
     """
 
-    __slots__ = ("_filled", "_segments", "copy_failures", "emit", "emit_prose", "wants_deltas")
+    __slots__ = ("_filled", "_segments", "copy_failures", "emit", "emit_prose", "owned", "wants_deltas")
 
     def __init__(self, processors: ProcessorChain, fanout: FanOut) -> None:
         self.wants_deltas = fanout.wants_deltas
         self.copy_failures = FailureTally(
             logger, "copying", "they are recorded as text or a stand-in", traceback=False
         )
-        """Tool arguments, loop metadata and tool result details not copied as given
-        (`_own_copy`); no traceback above DEBUG, as its text may quote them."""
+        """Tool arguments, loop metadata, tool result details, extension message data and a
+        request's tool parameters and response schema not copied as given (`_own_copy`);
+        no traceback above DEBUG, as its text may quote them."""
+        self.owned = _Owned(self.copy_failures)
+        """The copies recorded of the agent's messages, request payloads and tools."""
         self._filled: dict[tuple[int, str], tuple[LoopConfigSnapshot, LoopConfigSnapshot]] = {}
         self._segments: dict[int, tuple[LoopConfigSnapshot, str]] = {}
         self.emit: Callable[[AgentEvent], None] = _emitter(processors, fanout)
@@ -477,6 +608,7 @@ class _LoopState:
     __slots__ = (
         "_compactions",
         "_pending",
+        "_sent",
         "agent",
         "config",
         "emit",
@@ -527,6 +659,7 @@ class _LoopState:
         """The turn `LoopScope.turn` opened last, until it ends."""
         self._pending: list[AgentMessage] = []  # prompts / follow-ups waiting for the next turn
         self._compactions: dict[CompactionScope, None] = {}  # running, in start order
+        self._sent: _Sent | None = None  # the last request, whose copies the next one reuses
 
     def require_running(self) -> None:
         scope = self.scope
@@ -558,6 +691,11 @@ class _LoopState:
         if isinstance(content, (UserMessage, AssistantMessage, ToolResultMessage, ExtensionMessage)):
             return content
         return UserMessage(content=_content("content", content), timestamp=self.millis())
+
+    def request(self, payload: AnnotatedRequestPayload) -> AnnotatedRequestPayload:
+        """`payload` as recorded: with copies of its own of what could change (`_Owned.payload`)."""
+        self._sent = sent = self.outlet.owned.payload(payload, self._sent)
+        return sent[2]
 
     def emit_message(self, message: AgentMessage) -> None:
         """A complete message: ``MessageStart`` and ``MessageEnd``."""
@@ -920,7 +1058,8 @@ class Tracer:
 
     @property
     def argument_failures(self) -> int:
-        """Tool arguments (and loop metadata, tool result details) not recorded as given:
+        """Tool arguments (and loop metadata, tool result details, extension message data,
+        a request's tool parameters and response schema) not recorded as given:
         holding a value JSON cannot hold (recorded as its ``str``), nested deeper than
         phi-core reads in a session (the deepest containers recorded as their JSON text),
         or self-referential or nested too deeply to copy (recorded as a stand-in); counted
@@ -1069,7 +1208,7 @@ class LoopScope(_Scope):
         if turn is not None:
             return turn.user(content)
         message = loop.user_message(content)
-        loop.wait_for_turn(message)
+        loop.wait_for_turn(loop.outlet.owned.message(message))
         return message
 
     def turn(
@@ -1307,17 +1446,21 @@ class TurnScope(_Scope):
         return self
 
     def user(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
-        """Inject a message (steering / follow-up) into this turn, stamped with its ``turnId``."""
+        """Inject a message (steering / follow-up) into this turn, stamped with its ``turnId``.
+
+        The message returned holds the tool calls (or extension data) given; the one
+        recorded, copies of them (`_own_copy`)."""
         self._require_running()
         loop = self._loop
         message = loop.user_message(content)
         if not isinstance(message, ExtensionMessage):
             message = replace(message, turn_id=self.turn_id)
-        loop.emit_message(message)
-        self.inputs.append(message)
+        recorded = loop.outlet.owned.message(message)
+        loop.emit_message(recorded)
+        self.inputs.append(recorded)
         turn = self._turn
         if turn.message is not None:
-            self._steering.append((message, turn.message, len(turn.results)))
+            self._steering.append((recorded, turn.message, len(turn.results)))
         return message
 
     def request(self, payload: AnnotatedRequestPayload) -> None:
@@ -1327,7 +1470,12 @@ class TurnScope(_Scope):
         check_type("payload", payload, AnnotatedRequestPayload)
         loop = self._loop
         loop.emit(
-            TurnRequest(loop_id=loop.loop_id, turn_index=self.index, payload=payload, timestamp=loop.now())
+            TurnRequest(
+                loop_id=loop.loop_id,
+                turn_index=self.index,
+                payload=loop.request(payload),
+                timestamp=loop.now(),
+            )
         )
 
     def compaction(self, estimated_tokens: int, message_count: int) -> CompactionScope:
@@ -1595,10 +1743,7 @@ class MessageScope(_Scope):
             # model call returned, or finish a reply after its next model call.
             loop.served += 1
             message = mark_replayed(message)
-        recorded = message
-        owned = _owned_calls(message.content, loop.outlet.copy_failures)
-        if owned is not message.content:
-            recorded = replace(message, content=owned)
+        recorded = loop.outlet.owned.message(message)
         self._running, self._ended = False, True  # `_close`, inline
         self.message = message
         self._emit(MessageEnd(loop_id=self._loop_id, message=recorded))
