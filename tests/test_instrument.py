@@ -4,11 +4,14 @@ sessions recorded back from the JSONL file written alongside."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import gc
 import io
 import itertools
 import operator
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Any
@@ -1338,6 +1341,55 @@ def test_tool_arguments_that_cannot_be_copied_are_recorded_as_a_stand_in(
     assert len([r for r in caplog.records if "copying" in r.getMessage()]) == 1  # the first only
     assert h.tracer.sink_errors == {}  # every sink could write them
     assert h.session().loops[0].status == "Completed"
+
+
+def test_mappings_models_collections_and_bytes_are_recorded_as_the_json_they_hold() -> None:
+    # Recorded as their Python text ("{'api_key': 'x'}"): named secrets passed the
+    # redactor, and the data was mangled; bytes were base64, whatever secret they held.
+    pydantic = pytest.importorskip("pydantic")
+
+    class Settings(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+        model: str
+        api_key: str
+        raw: bytes
+
+    arguments = {
+        "userdict": collections.UserDict({"password": "PW_USERDICT", "n": 1}),
+        "proxy": types.MappingProxyType({"api_key": "PW_PROXY"}),
+        "settings": Settings(model="gpt", api_key="PW_PYDANTIC", raw=b"r"),
+        "queue": collections.deque(["a", 1]),
+        "keys": {"x": 1}.keys(),
+        "headers": {b"Authorization": b"Bearer PWBYTESHEADERVALUE123"},
+        "text": b"plain text",
+        "binary": b"\xff\x00\xc4",
+    }
+    h = Harness()
+    with h.tracer.loop(metadata={"settings": arguments["settings"]}) as loop, loop.turn() as turn:
+        answer(turn, "go", calls=(ps.ToolCall(id="c1", name="t", arguments=arguments),))
+        with turn.tool(turn.tool_calls[0]) as tool:
+            tool.result("ok", details=collections.UserDict(rows=3))
+    expected = {
+        "userdict": {"password": "[REDACTED]", "n": 1},
+        "proxy": {"api_key": "[REDACTED]"},
+        "settings": {"model": "gpt", "api_key": "[REDACTED]", "raw": "r"},
+        "queue": ["a", 1],
+        "keys": ["x"],
+        "headers": {"Authorization": "[REDACTED]"},
+        "text": "plain text",
+        "binary": base64.b64encode(b"\xff\x00\xc4").decode(),  # not text: as JSON holds bytes
+    }
+    [start] = [e for e in h.events if isinstance(e, ps.ToolExecutionStart)]
+    assert start.args == expected
+    [end] = [
+        e for e in h.events if isinstance(e, ps.MessageEnd) and isinstance(e.message, ps.AssistantMessage)
+    ]
+    assert end.message.content[-1].arguments == expected  # type: ignore[union-attr]
+    [result] = [e.result for e in h.events if isinstance(e, ps.ToolExecutionEnd)]
+    assert result.details == {"rows": 3}
+    session = h.session()
+    assert session.loops[0].metadata == {"settings": expected["settings"]}
+    assert h.tracer.argument_failures == 0
+    assert b"PW_" not in ps.encode(session)
 
 
 def test_a_tools_start_keeps_the_arguments_it_started_with() -> None:

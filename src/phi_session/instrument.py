@@ -56,7 +56,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from functools import partial
 from operator import attrgetter, is_
 from types import FunctionType, TracebackType
@@ -78,7 +78,7 @@ from ._checks import (
 from ._failures import FailureTally
 from ._strict import MAX_VALUE_DEPTH, clip_depth
 from ._time import Timestamp
-from .codec import EVENT_CLASSES, not_an_event
+from .codec import EVENT_CLASSES, json_form, not_an_event
 from .errors import InstrumentationError, InvalidArgument
 from .events import (
     DEFAULT,
@@ -292,6 +292,10 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
     later mutates the dict it passed in, and every sink and store must be able to
     write it.
 
+    Values msgspec writes no JSON for are copied as `_json_value` makes them (a mapping
+    as an object, a pydantic model as its JSON dump...), and bytes as text when they
+    are UTF-8 (`_bytes_as_text`), so that the redactor reads what they hold.
+
     Never raises into the agent: a value JSON cannot hold (a `pathlib.Path`, an object
     of the agent's) is recorded as its ``str``; containers nested deeper than phi-core
     reads inside a session (`MAX_VALUE_DEPTH`) as their JSON text; and a value that
@@ -301,13 +305,17 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
     if type(value) in _SCALARS:
         return value  # a JSON string or a scalar cannot change
     try:  # these are JSON values: a JSON round trip is the fast deep copy
+        if _may_hold_bytes(value):
+            value = _bytes_as_text(value, _json_value)
         encoded = _json_encode(value)
         copy = _json_decode(encoded)
     except RecursionError as error:
         failure: Exception = error
-    except (TypeError, msgspec.EncodeError, ValueError) as error:
+    except Exception as error:  # a value JSON cannot hold, or the agent's code (a mapping's) raised
         failure = error
         try:
+            if _may_hold_bytes(value):
+                value = _bytes_as_text(value, _json_value_or_text)
             encoded = _json_encode_as_text(value)
             written = _json_decode(encoded)
         except Exception as stand_in:  # a key JSON cannot hold, a `str` that raises
@@ -319,6 +327,67 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
         return _within_depth(copy, encoded, failures, what)
     failures.record(what, failure)
     return f"[NOT RECORDED: copying the {what} raised {type(failure).__name__}]"
+
+
+def _json_value(value: Any) -> Any:
+    """The JSON form of a value msgspec writes none for (the copy's ``enc_hook``): a
+    mapping as an object, a pydantic model as its ``model_dump(mode="json")``, text
+    (a `str` subclass) and bytes (a `bytes` subclass) as `_bytes_as_text` keeps them,
+    another collection (a deque, a dict view) as an array, a phi-session value as the
+    codec writes it (`json_form`); `NotImplementedError` for any other (an iterator is
+    not consumed)."""
+    if isinstance(value, str):
+        return str.__str__(value)  # its text, whatever its own `__str__` says
+    if isinstance(value, Mapping):
+        return dict(value)
+    if getattr(type(value), "model_dump", None) is not None:  # the class's: no agent `__getattr__`
+        return value.model_dump(mode="json")
+    if isinstance(value, _BYTES):
+        return _text_or_bytes(value)
+    if isinstance(value, Collection):
+        return list(value)
+    return json_form(value)
+
+
+def _json_value_or_text(value: Any) -> Any:
+    """`_json_value`, or else the value's ``str``."""
+    try:
+        return _json_value(value)
+    except Exception:  # none, or the agent's code raised: its text is what is left
+        return str(value)
+
+
+def _may_hold_bytes(value: Any) -> bool:
+    """False if `value` holds no bytes; read at C speed from its MessagePack, where only
+    bytes are written with these markers (which other values may hold too: then True)."""
+    packed = _msgpack_encode(value)
+    return 0xC4 in packed or 0xC5 in packed or 0xC6 in packed  # ints: a byte needle is slower
+
+
+def _bytes_as_text(value: Any, hook: Callable[[Any], Any]) -> Any:
+    """`value` as plain data (`msgspec.to_builtins`, `hook` its ``enc_hook``) with its
+    bytes that are UTF-8 as text (`_text_or_bytes`)."""
+    return _bytes_walked(msgspec.to_builtins(value, builtin_types=_BYTES, enc_hook=hook))
+
+
+def _bytes_walked(node: Any) -> Any:
+    tp = type(node)
+    if tp is dict:
+        return {_bytes_walked(key): _bytes_walked(item) for key, item in node.items()}
+    if tp is list:
+        return [_bytes_walked(item) for item in node]
+    if tp in _BYTES:
+        return _text_or_bytes(node)
+    return node
+
+
+def _text_or_bytes(data: bytes | bytearray | memoryview) -> str | bytes:
+    """Bytes as their text if they are UTF-8 (a header value, a token, a file's text);
+    else as bytes, which JSON holds as base64."""
+    try:
+        return bytes(data).decode()
+    except UnicodeDecodeError:
+        return bytes(data)
 
 
 def _within_depth(copy: Any, encoded: bytes, failures: FailureTally, what: str) -> Any:
@@ -339,8 +408,10 @@ _PARAMETERS = "tool parameters"
 _SCHEMA = "response format schema"
 
 
-_json_encode = msgspec.json.Encoder().encode
-_json_encode_as_text = msgspec.json.Encoder(enc_hook=str).encode
+_BYTES = (bytes, bytearray, memoryview)
+_json_encode = msgspec.json.Encoder(enc_hook=_json_value).encode
+_json_encode_as_text = msgspec.json.Encoder(enc_hook=_json_value_or_text).encode
+_msgpack_encode = msgspec.msgpack.Encoder(enc_hook=_json_value_or_text).encode
 _json_decode = msgspec.json.Decoder().decode
 _text_delta = delta_builder("Text")
 _thinking_delta = delta_builder("Thinking")
