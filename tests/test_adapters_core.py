@@ -579,13 +579,7 @@ def test_forked_workers_record_into_an_embedded_store_of_their_own(tmp_path: Pat
     thread and exit hook do not exist in the worker, through the parent's store connection:
     none of them was saved, and nothing said so. A run without a framework session id went
     on in the core's own session, whose loop ids every worker numbered alike."""
-    database = tmp_path / "sessions.db"
-    env = {**os.environ, "PHI_SESSION_STORE": str(database)}
-    child = subprocess.run(
-        [sys.executable, "-c", _PREFORK], capture_output=True, text=True, env=env, timeout=60
-    )
-    assert (child.returncode, child.stderr) == (0, "")
-    store = SqliteStore(database)
+    store = _embedded_store_after(_PREFORK, tmp_path)
     named = {"parent", "worker1", "worker2"}
     own = set(store.list_ids()) - named
     assert named <= set(store.list_ids())
@@ -595,6 +589,17 @@ def test_forked_workers_record_into_an_embedded_store_of_their_own(tmp_path: Pat
     assert [loop.loop_id for loop in store.load("parent").loops] == ["parent.fake.m-1.1", "parent.fake.m-1.2"]
     for worker in ("worker1", "worker2"):
         assert [loop.status for loop in store.load(worker).loops] == ["Completed"]
+
+
+def _embedded_store_after(program: str, tmp_path: Path) -> SqliteStore:
+    """The embedded store `program` recorded into, once it ran cleanly in a process of its own."""
+    database = tmp_path / "sessions.db"
+    env = {**os.environ, "PHI_SESSION_STORE": str(database)}
+    child = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert (child.returncode, child.stderr) == (0, "")
+    return SqliteStore(database)
 
 
 _MULTIPROCESSING = """
@@ -628,13 +633,7 @@ pool.join()
 def test_runs_in_multiprocessing_children_are_saved_as_they_exit(tmp_path: Path) -> None:
     """A multiprocessing child (fork) leaves through ``os._exit``: the exit hook of its
     embedded store never ran, and none of its runs was saved."""
-    database = tmp_path / "sessions.db"
-    env = {**os.environ, "PHI_SESSION_STORE": str(database)}
-    child = subprocess.run(
-        [sys.executable, "-c", _MULTIPROCESSING], capture_output=True, text=True, env=env, timeout=60
-    )
-    assert (child.returncode, child.stderr) == (0, "")
-    store = SqliteStore(database)
+    store = _embedded_store_after(_MULTIPROCESSING, tmp_path)
     assert set(store.list_ids()) == {"process1", "process2", "job0", "job1", "job2", "job3"}
     assert {loop.status for session in store.list_ids() for loop in store.load(session).loops} == {
         "Completed"

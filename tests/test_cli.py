@@ -1130,36 +1130,29 @@ def script() -> str:
 @needs_script
 def test_export_of_one_session_to_a_terminal_ends_its_last_line(store_dir: Path) -> None:
     """Without the file's missing final newline, the shell's prompt would follow the ``}``."""
+    shown = _on_a_terminal([script(), "export", BASIC_ID, "--store", str(store_dir)])
+    assert shown.endswith(b"}\r\n")  # the terminal's newline
+
+
+def _on_a_terminal(command: list[str], **env: str) -> bytes:
+    """What `command` shows on a pseudo-terminal, once it ended well."""
     pty = pytest.importorskip("pty")
     terminal, its_end = pty.openpty()
-    exported = subprocess.Popen([script(), "export", BASIC_ID, "--store", str(store_dir)], stdout=its_end)
+    run = subprocess.Popen(command, stdout=its_end, env={**os.environ, **env})
     os.close(its_end)
     shown = b""
     with contextlib.suppress(OSError):  # EIO: the command ended, nothing more to read
         while chunk := os.read(terminal, 1 << 16):
             shown += chunk
     os.close(terminal)
-    assert exported.wait(60) == EXIT_OK
-    assert shown.endswith(b"}\r\n")  # the terminal's newline
+    assert run.wait(60) == EXIT_OK
+    return shown
 
 
 @needs_script
 def test_no_color_is_heeded_on_a_terminal(store_dir: Path) -> None:
-    pty = pytest.importorskip("pty")
-
     def on_a_terminal(**env: str) -> bytes:
-        terminal, its_end = pty.openpty()
-        listed = subprocess.Popen(
-            [script(), "list", "--store", str(store_dir)], stdout=its_end, env={**os.environ, **env}
-        )
-        os.close(its_end)
-        shown = b""
-        with contextlib.suppress(OSError):  # EIO: the command ended, nothing more to read
-            while chunk := os.read(terminal, 1 << 16):
-                shown += chunk
-        os.close(terminal)
-        assert listed.wait(60) == EXIT_OK
-        return shown
+        return _on_a_terminal([script(), "list", "--store", str(store_dir)], **env)
 
     assert b"\x1b[32m" in on_a_terminal(TERM="xterm")  # the statuses' colours
     assert b"\x1b[3" not in on_a_terminal(TERM="xterm", NO_COLOR="1")
