@@ -27,9 +27,10 @@ import pytest
 from phi_session.cost import Pricer, prices_available
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
-from phi_session.messages import ToolCall, extension_message
+from phi_session.messages import ToolCall, Usage, extension_message
 from phi_session.model import LoopConfigSnapshot, Session
 from phi_session.recorder import SessionRecorder
+from phi_session.stores.conformance import make_session, talking_loop
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
 from phi_session.web.server import ViewerServer
@@ -422,6 +423,28 @@ def test_cost_charts_show_an_unknown_price_as_unknown(browser: Any, demo_ids: di
             assert page.locator("#cost-chart-day .bar-note.unknown", has_text="?").count() >= 1
             ARTIFACTS.mkdir(exist_ok=True)
             page.locator(".charts").screenshot(path=str(ARTIFACTS / "usage-charts-unknown.png"))
+
+
+def test_tokens_reported_only_as_a_total_are_not_called_a_missing_price(browser: Any, tmp_path: Path) -> None:
+    # The model has a price, but the calls counted their tokens only as a total: the
+    # viewer says so, as the CLI does, rather than "no price".
+    with JsonDirStore(tmp_path) as store:
+        loop = talking_loop("total-only", 1, "count the beans")
+        loop.usage = Usage(input=0, output=0, total_tokens=777)
+        store.save(make_session("total-only", "alpha", loops=[loop]))
+        pricer = Pricer({"openai/gpt-4o": {"input": 1, "output": 2}}, use_table=False)
+        note = "cost unknown (tokens not split by kind for openai/gpt-4o)"
+        with running_server(store, pricer=pricer) as server, watched_page(browser, server.url) as watcher:
+            page = watcher.page
+            page.goto("/")
+            expect(page.locator("#sessions td.cost")).to_have_text(note)
+            page.goto("/#/session/total-only")
+            expect(page.locator("#session-cost")).to_have_text(note)
+            page.goto("/#/stats?by=model")
+            page.wait_for_selector("#cost-chart-model")
+            title = page.locator("#cost-chart-model g.chart-bar title").text_content() or ""
+            assert note in title and "no price" not in title
+            expect(page.locator("#stats td.cost")).to_have_text(note)
 
 
 def test_session_list_pages_by_keyset(watched: Watched, demo_ids: dict[str, Any]) -> None:

@@ -64,11 +64,16 @@
       : Math.floor(minutes / 60) + "h" + String(minutes % 60).padStart(2, "0") + "m";
   }
 
-  // A cost from the API: unknown (null) is never shown as $0.
+  // A cost from the API: unknown (null) is never shown as $0. Why, in the CLI's words: the
+  // models without a price, and those whose calls reported only a total ("unsplit", also
+  // listed in "unpriced": they have a price, but no rate applies to a bare total).
   function costText(cost) {
     if (!cost) return "";
     if (cost.usd === null || cost.usd === undefined) {
-      return "cost unknown" + (cost.unpriced && cost.unpriced.length ? " (no price for " + cost.unpriced.join(", ") + ")" : "");
+      const unsplit = cost.unsplit || [];
+      const missing = (cost.unpriced || []).filter((name) => !unsplit.includes(name));
+      return "cost unknown" + (missing.length ? " (no price for " + missing.join(", ") + ")" : "") +
+        (unsplit.length ? " (tokens not split by kind for " + unsplit.join(", ") + ")" : "");
     }
     const usd = Number(cost.usd);
     return "$" + (usd >= 1 ? usd.toFixed(2) : usd.toPrecision(3)) + (cost.unpriced && cost.unpriced.length ? " + unpriced" : "");
