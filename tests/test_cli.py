@@ -489,6 +489,42 @@ def test_narrow_terminals_never_cut_ids_keys_or_numbers(tmp_path: Path) -> None:
             assert hit["session_id"] in words and set(hit["snippet"].split()) <= set(words), columns
 
 
+def test_terminals_narrower_than_a_row_of_ids_drop_columns_rather_than_cut_ids(tmp_path: Path) -> None:
+    # Ids are what users copy into the next command: other columns wrap, then go; an id
+    # folds only on a terminal narrower than itself.
+    assert run("demo", "--store", tmp_path / "d.db").exit_code == EXIT_OK
+    rows = json_out(run("list", "--store", tmp_path / "d.db", "--json"))
+    agents = json_out(run("stats", "--by", "agent", "--store", tmp_path / "d.db", "--json"))
+    hits = json_out(run("search", "CI", "--store", tmp_path / "d.db", "--json"))
+    assert isinstance(rows, list) and isinstance(agents, list) and isinstance(hits, list)
+    sessions = [row["session_id"] for row in rows]
+    child = next(row for row in rows if row["parent_session_id"] is not None)
+    stored = json_out(run("show", child["session_id"], "--json", "--store", tmp_path / "d.db"))
+    assert isinstance(stored, dict)
+    loop_ids = [loop["loop_id"] for loop in stored["loops"]]  # in the loop tree
+    for columns in (70, 60, 50, 40, 30):
+        outputs = {}
+        for args in (
+            ("list",),
+            ("stats", "--by", "agent"),
+            ("search", "CI"),
+            ("show", child["session_id"]),
+        ):
+            result = CliRunner().invoke(
+                main, [*args, "--store", str(tmp_path / "d.db")], env={"COLUMNS": str(columns)}
+            )
+            assert result.exit_code == EXIT_OK, result.output
+            assert max(len(line) for line in result.stdout.splitlines()) <= columns, (columns, args)
+            # Whole words where an id fits the terminal, else folded: every character kept.
+            outputs[args[0]] = result.stdout.split() if columns >= 36 else "".join(result.stdout.split())
+        assert all(session_id in outputs["list"] for session_id in sessions), columns
+        assert all(group["key"] in outputs["stats"] for group in agents), columns
+        assert all(hit["session_id"] in outputs["search"] for hit in hits), columns
+        shown = "".join(outputs["show"]) if columns >= 36 else outputs["show"]
+        for text in (child["session_id"], child["agent_id"], child["parent_session_id"], *loop_ids):
+            assert text in shown, columns
+
+
 def test_list_json_and_filters(store_dir: Path) -> None:
     def ids(*args: str) -> list[str]:
         data = json_out(run("list", "--store", str(store_dir), "--json", *args))

@@ -146,8 +146,10 @@ def summaries_table(rows: Sequence[SessionSummary], width: int, costs: Sequence[
     and the first prompt, below 130 the cost and the model, below 100 the agent, the
     duration (creation to last activity) and the turn count, and these go at any width
     the others do not fit in. The model and prompt columns give way, cut with an
-    ellipsis rather than wrapped; the loop counts wrap when even the fewest columns
-    do not fit.
+    ellipsis rather than wrapped. When even the fewest columns do not fit, the loop
+    counts and then the last-active time wrap at their spaces; then the time, the tokens
+    and the loop counts go in turn. The id, what users copy, goes last: alone, it folds
+    only on a terminal narrower than itself.
     """
     level = 3 if width >= 180 else 2 if width >= 130 else 1 if width >= 100 else 0
     while True:
@@ -164,14 +166,30 @@ def summaries_table(rows: Sequence[SessionSummary], width: int, costs: Sequence[
         shrinking = [index for index, column in enumerate(columns) if column[2]]
         fixed = sum(w for w, c in zip(widths, columns, strict=True) if not c[2])
         left = width - 2 * (len(columns) - 1) - fixed
-        if left >= 8 * len(shrinking) or level == 0:
+        # Down to the fewest columns, wrapping some down to their longest words comes first.
+        wrapping = [index for name in _SUMMARY_WRAPS for index, c in enumerate(columns) if c[0] == name]
+        least = {
+            index: max(
+                len(word)
+                for text in (columns[index][0], *(line[index] for line in cells))
+                for word in Text.assemble(text).plain.split()
+            )
+            for index in wrapping
+        }
+        if left >= 8 * len(shrinking):
+            break
+        if level <= 0 and (left + sum(widths[i] - least[i] for i in wrapping) >= 0 or level == _FEWEST):
             break
         level -= 1
-    wrapped = None
-    if left < 0:  # even the fewest columns do not fit: the loop counts wrap, down to their longest word
-        wrapped = next(index for index, column in enumerate(columns) if column[0] == "LOOPS")
-        words = [len(word) for line in cells for word in Text.assemble(line[wrapped]).plain.split()]
-        widths[wrapped] = max(len("LOOPS"), *words, widths[wrapped] + left)
+    wrapped = set()
+    for index in wrapping if left < 0 else ():  # (at level 0 or below: wider ones fit unwrapped)
+        size = max(least[index], widths[index] + left)
+        left += widths[index] - size
+        widths[index] = size
+        wrapped.add(index)
+    if left < 0:  # the id alone, on a terminal narrower than it: folded, never cut
+        widths[0] = width
+        wrapped.add(0)
     for place, index in enumerate(shrinking):
         widths[index] = max(8, min(widths[index], left - 8 * (len(shrinking) - place - 1)))
         left -= widths[index]
@@ -179,7 +197,7 @@ def summaries_table(rows: Sequence[SessionSummary], width: int, costs: Sequence[
     for index, ((header, right, shrinks, _), size) in enumerate(zip(columns, widths, strict=True)):
         table.add_column(
             header,
-            no_wrap=index != wrapped,
+            no_wrap=index not in wrapped,
             overflow="ellipsis" if shrinks else "fold",
             width=size,
             justify="right" if right else "left",
@@ -189,21 +207,31 @@ def summaries_table(rows: Sequence[SessionSummary], width: int, costs: Sequence[
     return table
 
 
+_SUMMARY_WRAPS = ("LOOPS", "LAST ACTIVE")
+"""The ``list`` columns that wrap at their spaces when the fewest do not fit, in turn."""
+_FEWEST = -3
+"""The ``list`` detail level of the id alone."""
+
+
 def _summary_columns(level: int) -> list[tuple[str, bool, bool, Any]]:
-    """The ``list`` columns of a detail `level` (0 to 3: more columns, from the agent up):
-    (header, right-justified, shrinks, the cell of a row and its cost) each."""
+    """The ``list`` columns of a detail `level` (`_FEWEST` to 3: more columns, from the
+    agent up; below 0 the time, the tokens, then the loop counts go): (header,
+    right-justified, shrinks, the cell of a row and its cost) each."""
     columns: list[tuple[str, bool, bool, Any]] = [("ID", False, False, lambda row, _: plain(row.session_id))]
     if level >= 1:
         columns.append(("AGENT", False, False, lambda row, _: plain(row.agent_id, limit=9)))
     if level >= 3:
         columns.append(("CREATED", False, False, lambda row, _: Text(short_time(row.created_at))))
-    columns.append(("LAST ACTIVE", False, False, lambda row, _: Text(short_time(row.last_active_at))))
+    if level >= 0:
+        columns.append(("LAST ACTIVE", False, False, lambda row, _: Text(short_time(row.last_active_at))))
     if level >= 1:
         columns.append(("DURATION", True, False, lambda row, _: Text(_span(row))))
-    columns.append(("LOOPS", False, False, lambda row, _: _loops_cell(row)))
+    if level >= -2:
+        columns.append(("LOOPS", False, False, lambda row, _: _loops_cell(row)))
     if level >= 1:
         columns.append(("TURNS", True, False, lambda row, _: Text(number(row.turn_count))))
-    columns.append(("TOKENS", True, False, lambda row, _: Text(number(row.total_tokens))))
+    if level >= -1:
+        columns.append(("TOKENS", True, False, lambda row, _: Text(number(row.total_tokens))))
     if level >= 2:
         columns.append(("COST", True, False, lambda _, cost: cost_text(cost)))
         columns.append(("MODEL", False, True, lambda row, _: plain(", ".join(row.models), one_line=True)))
@@ -252,13 +280,16 @@ def partition_status_record(row: Any) -> dict[str, Any]:
 
 _STATS_DROPPED = ("reasoning", "cache_write", "cache_read", "input", "output", "loops")
 """The ``stats`` columns a narrow terminal loses, in turn (those all zero first)."""
+_STATS_DROPPED_LAST = ("sessions", "cost", "total_tokens")
+"""The ``stats`` columns a terminal narrower still loses, in turn, down to the key alone."""
 
 
 def usage_totals_table(totals: Sequence[UsageTotal], by: str, width: int) -> Table:
     """The ``stats`` table: usage and cost (priced totals) per group, with totals, for a
     terminal `width` columns wide. Keys, counts and costs are never cut: headers wrap, and
     where the table would still not fit it loses token breakdowns (all-zero ones first),
-    then the loop count."""
+    then the loop count, the session count, the cost and the total tokens. The key goes
+    last: alone, it folds only on a terminal narrower than itself."""
     table = Table(box=None, header_style="bold", pad_edge=False, show_footer=len(totals) > 1)
     costs = [row.cost if isinstance(row.cost, Cost) else ZERO_COST for row in totals]
     grand = sum((row.usage for row in totals), Usage(input=0, output=0))
@@ -296,13 +327,20 @@ def usage_totals_table(totals: Sequence[UsageTotal], by: str, width: int) -> Tab
             name: max(*(len(word) for word in header.split()), *(text.cell_len for text in (footer, *cells)))
             for name, (header, footer, cells) in columns.items()
         }
-        for name in sorted(_STATS_DROPPED, key=lambda name: getattr(grand, name, None) != 0):
+        dropped = sorted(_STATS_DROPPED, key=lambda name: getattr(grand, name, None) != 0)
+        for name in (*dropped, *_STATS_DROPPED_LAST):
             if fits(widths):
                 break
             del columns[name], widths[name]
+        if not fits(widths):  # the key alone, on a terminal narrower than it
+            widths["key"] = width
     for name, (header, footer, _) in columns.items():
         table.add_column(
-            header, footer=footer, justify="left" if name == "key" else "right", width=widths[name]
+            header,
+            footer=footer,
+            justify="left" if name == "key" else "right",
+            width=widths[name],
+            overflow="fold",
         )
     for index in range(len(totals)):
         table.add_row(*(cells[index] for _, _, cells in columns.values()))
@@ -316,7 +354,9 @@ _MIN_SNIPPET = 24
 def search_hits_table(hits: Sequence[SearchHit], width: int) -> Table:
     """The ``search`` table for a terminal `width` columns wide: where each hit is and its
     snippet, the matched words in bold. Nothing is cut: the loop ids fold and the snippets
-    wrap, keeping at least `_MIN_SNIPPET` columns."""
+    wrap, keeping at least `_MIN_SNIPPET` columns. A terminal too narrow for all that loses
+    the kind, the turn, the loop id, then the snippet, down to the session id alone (which
+    folds only on a terminal narrower than itself)."""
     lines: list[list[Text]] = []
     for hit in hits:
         snippet = Text()
@@ -332,14 +372,25 @@ def search_hits_table(hits: Sequence[SearchHit], width: int) -> Table:
     widths = [
         max(len(header), *(line[index].cell_len for line in lines)) for index, header in enumerate(headers)
     ]
-    left = width - 2 * (len(headers) - 1) - widths[0] - widths[2] - widths[3]
-    widths[1] = max(10, min(widths[1], left - min(widths[4], _MIN_SNIPPET)))
-    widths[4] = max(8, min(widths[4], left - widths[1]))
+    least = [widths[0], 10, widths[2], widths[3], 8]  # the loop ids fold, the snippets wrap
+    shown = list(range(len(headers)))
+    for dropped in (3, 2, 1, 4):  # kind, turn, loop, snippet
+        if sum(least[index] for index in shown) + 2 * (len(shown) - 1) <= width:
+            break
+        shown.remove(dropped)
+    left = width - 2 * (len(shown) - 1) - sum(widths[index] for index in shown if index in (0, 2, 3))
+    if 1 in shown:
+        widths[1] = max(10, min(widths[1], left - (min(widths[4], _MIN_SNIPPET) if 4 in shown else 0)))
+        left -= widths[1]
+    widths[4] = max(8, min(widths[4], left))
+    folded = widths[0] > width  # the session id alone, on a terminal narrower than it
+    widths[0] = min(widths[0], width)
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for index, (header, size) in enumerate(zip(headers, widths, strict=True)):
-        table.add_column(header, no_wrap=index in (0, 2, 3), overflow="fold", width=size)
+    for index in shown:
+        no_wrap = index in (2, 3) or (index == 0 and not folded)
+        table.add_column(headers[index], no_wrap=no_wrap, overflow="fold", width=widths[index])
     for line in lines:
-        table.add_row(*line)
+        table.add_row(*(line[index] for index in shown))
     return table
 
 
@@ -382,7 +433,7 @@ def _formation_text(session: Session) -> str:
 def session_header(session: Session, summary: SessionSummary, cost: Cost) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
-    grid.add_column()
+    grid.add_column(overflow="fold")  # an id wider than the terminal folds: never cut
     spawn = session.parent_spawn_ref
     parent = (
         plain(
@@ -448,7 +499,8 @@ def loop_label(record: LoopRecord, position: int, session: Session, *, details: 
     """``#n ● Status  Kind  loop id …  turns · tool calls · tokens``.
 
     Without `details` the loop id is shortened to what follows the session id
-    (``.anthropic.claude-sonnet-4-5.3``), so the line fits a narrow terminal.
+    (``.anthropic.claude-sonnet-4-5.3``) and the line cut to fit a narrow terminal;
+    with `details` (``show``) the whole id is kept, what users copy: the line wraps.
     """
     loop_id = record.loop_id
     if not details and loop_id.startswith(session.session_id) and loop_id != session.session_id:
@@ -469,7 +521,7 @@ def loop_label(record: LoopRecord, position: int, session: Session, *, details: 
         f"{count(record.billed_usage().total_tokens, 'token')}",
         style="dim",
     )
-    return _cut(label)
+    return label if details else _cut(label)
 
 
 def _turn_line(record: LoopRecord, turn_index: int) -> Text:
