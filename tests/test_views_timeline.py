@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 from click.testing import CliRunner
 
@@ -234,3 +235,35 @@ def test_arguments_of_another_type_are_type_errors_and_an_empty_page_an_invalid_
     with pytest.raises(ps.InvalidArgument, match=r"^loops_per_page must be at least 1, got 0$"):
         next(views.outline_timeline(store, outline, 0))
     assert next(views.outline_timeline(store, outline, 1))
+
+
+def test_a_loop_that_never_ended_spans_to_its_last_recorded_event(tmp_path: Path) -> None:
+    """An aborted loop (no AgentEnd: its stream cut off) drew a time axis of 0 ms: its
+    last known time, its start. It spans to its last recorded event, as does the axis;
+    one still running when saved keeps no end but the axis reaches its last event too."""
+    from phi_session.views import outline_span
+
+    root = "p.c.1"
+    cut_off = ps.TurnStart(loop_id=root, turn_index=1, triggered_by="Continuation", timestamp=ts(3000))
+    _, [session] = record([start(root, "p"), *turn(root, 0, at=1000), cut_off])
+    assert session.loops[0].status == "Aborted" and session.loops[0].ended_at is None
+    bars = timeline(session)
+    assert [(bar.kind, bar.start, bar.end) for bar in bars[:2]] == [
+        ("session", ts(0), ts(3000)),
+        ("loop", ts(0), ts(3000)),
+    ]
+    running = msgspec.structs.replace(
+        session, loops=[msgspec.structs.replace(session.loops[0], status="Running")]
+    )
+    assert [bar.end for bar in timeline(running)[:2]] == [ts(3000), None]
+    with SqliteStore(tmp_path / "s.db") as store:
+        for saved in (session, running):
+            store.save(saved)
+            assert outline_span(store.load_outline("p"), store) == (ts(0), ts(3000))
+        store.save(session)
+    result = CliRunner().invoke(
+        main, ["show", "p", "--timeline", "--store", str(tmp_path / "s.db")], env={"COLUMNS": "120"}
+    )
+    assert result.exit_code == EXIT_OK, result.output
+    [loop_row] = [line for line in result.output.splitlines() if "loop #1" in line]
+    assert "Aborted" in loop_row and " 3.0s " in loop_row

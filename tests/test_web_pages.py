@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from phi_session.codec import decode_loop, decode_session
+from phi_session.events import TurnStart
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
 from phi_session.messages import ToolCall
@@ -339,3 +340,18 @@ def test_a_session_opens_from_its_outline_and_pages_events_loop_by_loop(
             assert (
                 get_json(server, "/api/sessions/huge-session/loops/39")["loop_id"] == "huge-session.loop.39"
             )
+
+
+def test_the_timeline_of_a_loop_that_never_ended_spans_to_its_last_recorded_event(tmp_path: Path) -> None:
+    # An aborted loop (its stream cut off, no AgentEnd) drew an axis of 0 ms.
+    from .test_recorder import record, start, ts, turn
+
+    cut_off = TurnStart(loop_id="p.c.1", turn_index=1, triggered_by="Continuation", timestamp=ts(3000))
+    _, [session] = record([start("p.c.1", "p"), *turn("p.c.1", 0, at=1000), cut_off])
+    with SqliteStore(tmp_path / "s.db") as store:
+        store.save(session)
+        with running_server(store) as server:
+            body = get_json(server, "/api/sessions/p/timeline")
+    assert body["span_ms"] == 3000
+    loop = next(bar for bar in body["bars"] if bar["kind"] == "loop")
+    assert loop["status"] == "Aborted" and loop["end"] == str(ts(3000)) and loop["duration_ms"] == 3000

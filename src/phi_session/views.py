@@ -348,14 +348,28 @@ def loops_timeline(
     return _drawn(bars, expand, {session_id} if drawn is None else drawn)
 
 
-def outline_span(outline: SessionOutline) -> tuple[Timestamp, Timestamp]:
+def outline_span(outline: SessionOutline, store: SessionStore | None = None) -> tuple[Timestamp, Timestamp]:
     """The time axis of an outlined session's waterfall: its creation (or its first loop's
-    start, if earlier) to its last activity, loop start or loop end. A sub-agent session
-    drawn inline may reach beyond it."""
+    start, if earlier) to its last activity, loop start or loop end. With `store`, a loop
+    that never ended (aborted, or running when saved) is read from it: its end is then its
+    last recorded event (the outline holds no events). A sub-agent session drawn inline may
+    reach beyond it."""
     header, loops = outline.session, outline.loops
     first = min([header.created_at, *(loop.started_at for loop in loops)])
-    ends = (loop.ended_at for loop in loops if loop.ended_at is not None)
+    ends = [loop.ended_at for loop in loops if loop.ended_at is not None]
+    if store is not None:
+        unended = (index for index, loop in enumerate(loops) if loop.ended_text is None)
+        ends += map(_last_seen, read_loops(store, header.session_id, unended).values())
     return first, max([first, header.last_active_at, *(loop.started_at for loop in loops), *ends])
+
+
+def _last_seen(loop: LoopRecord) -> Timestamp:
+    """When the loop was last seen: its end; for one that never ended (aborted, or running
+    when saved: phi-core leaves its ``ended_at`` null), its last recorded event's time."""
+    if loop.ended_at is not None:
+        return loop.ended_at
+    stamps = (getattr(stored.event, "timestamp", None) for stored in loop.events)
+    return max([loop.started_at, *(stamp for stamp in stamps if isinstance(stamp, Timestamp))])
 
 
 def read_loops(store: SessionStore, session_id: str, indexes: Iterable[int]) -> dict[int, LoopRecord]:
@@ -387,7 +401,7 @@ def outline_timeline(
     session_id = outline.session.session_id
     order = _outline_order(outline)
     drawn = {session_id}
-    first: list[TimelineBar] = [_outline_bar(outline, 0)]
+    first: list[TimelineBar] = [_outline_bar(outline, 0, store)]
     for start in range(0, max(len(order), 1), loops_per_page):
         placed = order[start : start + loops_per_page]
         records = read_loops(store, session_id, (index for index, _ in placed))
@@ -402,15 +416,16 @@ def _outline_order(outline: SessionOutline) -> list[tuple[int, int]]:
     return tree_order([(loop.loop_id, loop.parent_loop_id) for loop in outline.loops])
 
 
-def _outline_bar(outline: SessionOutline, depth: int) -> TimelineBar:
+def _outline_bar(outline: SessionOutline, depth: int, store: SessionStore) -> TimelineBar:
     """`session_bar` of an outlined session (its header holds no loops: the outline's end)."""
-    return replace(session_bar(outline.session, depth), end=outline_span(outline)[1])
+    return replace(session_bar(outline.session, depth), end=outline_span(outline, store)[1])
 
 
 def session_bar(session: Session, depth: int = 0) -> TimelineBar:
-    """The bar of a whole session: from its creation to its last activity or loop end.
-    (Of an outline's header too: it reads the loops' ends only if it has them.)"""
-    ends = [loop.ended_at for loop in session.loops if loop.ended_at is not None]
+    """The bar of a whole session: from its creation to its last activity or loop end (a
+    loop that never ended: its last recorded event). (Of an outline's header too: it reads
+    the loops' ends only if it has them.)"""
+    ends = [_last_seen(loop) for loop in session.loops]
     return TimelineBar(
         "session",
         depth,
@@ -455,18 +470,18 @@ def _whole_sub_agent(store: SessionStore, sub_agent: _SubAgent) -> _Items | None
 
 def _sub_agent_page(store: SessionStore, sub_agent: _SubAgent) -> _Items | None:
     """The sub-agent session's bar and its first `SUB_AGENT_LOOPS` loops (`loops_timeline`),
-    reading only those loops."""
+    reading only those loops (and those that never ended, for the bar's end: `outline_span`)."""
     session_id, depth = sub_agent.session_id, sub_agent.depth
     try:
         outline = store.load_outline(session_id)
         placed = _outline_order(outline)[:SUB_AGENT_LOOPS]
         records = read_loops(store, session_id, (index for index, _ in placed))
+        bar = _outline_bar(outline, depth, store)
     except (SessionNotFound, InvalidSessionId):
         return None
     except (StoreError, ValueError) as error:  # ValueError: fewer loops stored than outlined
         _unreadable(session_id, error)
         return None
-    bar = _outline_bar(outline, depth)
     if len(placed) < len(outline.loops):
         bar = replace(bar, detail=f"{len(placed)} of {len(outline.loops):,} loops drawn")
     return itertools.chain(
@@ -498,12 +513,13 @@ def _loop_bars(
     label = f"loop #{index + 1}"
     if loop.config is not None:
         label += f" {loop.config.provider}/{loop.config.model}"
+    # An aborted loop has no end, but is not running: it ends where its record does.
     yield TimelineBar(
         "loop",
         depth,
         label,
         loop.started_at,
-        loop.ended_at,
+        _last_seen(loop) if loop.status == "Aborted" else loop.ended_at,
         session_id,
         index,
         loop_id=loop.loop_id,

@@ -225,7 +225,7 @@ def _show_timeline(session_id: str, store_url: str | None, as_json: bool, prices
         console.print(render.session_header(outline.session, summarize_outline(outline), cost))
         _note_unknown_costs(pricer, [cost])
         console.print()
-        span = outline_span(outline)
+        span = outline_span(outline, store)
         for number, bars in enumerate(pages):
             console.print(render.timeline_table(bars, console.width, span, header=number == 0))
 

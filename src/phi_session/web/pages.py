@@ -6,8 +6,8 @@ turns and events), kept for a short while in a `SessionCache`, and is served in
 pages: the overview (header and totals), the loops in tree order, one loop's turns
 (`load_loops`), the event log (filtered by type and/or loop: only the loops a page
 covers are read), the timeline and the cost of a page of loops (only those loops are
-read). The browser asks only for what it shows; only the diff loads a whole session.
-Everything here returns JSON bytes.
+read, and for the timeline's axis those that never ended). The browser asks only for
+what it shows; only the diff loads a whole session. Everything here returns JSON bytes.
 """
 
 from __future__ import annotations
@@ -107,8 +107,11 @@ class CachedSession:
 
     @cached_property
     def span(self) -> tuple[Timestamp, Timestamp]:
-        """The waterfall's time axis (`outline_span`)."""
-        return outline_span(self.outline)
+        """The waterfall's time axis (`outline_span`: it reads the loops that never ended)."""
+        try:
+            return outline_span(self.outline, self.store)
+        except ValueError:  # fewer loops stored than outlined
+            raise StaleOutline(self.session_id) from None
 
     # -- pages --------------------------------------------------------------------------
 
