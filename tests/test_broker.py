@@ -1602,6 +1602,70 @@ def test_a_worker_sets_up_its_consumer_again_once_it_is_gone(
     ]
 
 
+def test_events_without_headers_after_the_stream_is_created_again_are_not_taken_for_duplicates(
+    names: Names,
+) -> None:
+    """A message without an event id is named by its stream position: the stream created
+    again numbers its messages from 1 again, and each was dropped as a duplicate of the
+    earlier stream's message at that position."""
+    first, second = list(workload.events(1, seed=41)), list(workload.events(1, seed=42))
+    worker = names.worker(partitions=1)
+
+    def publish(events: list[Any]) -> None:
+        _one_partition_stream(names)
+        _publish_raw(names, [(f"{names.prefix}.0", encode_event(event), {}) for event in events])
+
+    async def scenario() -> None:
+        task = asyncio.create_task(worker.run())
+        try:
+            await asyncio.to_thread(publish, first)
+            await _until(lambda: _stored(names.schema) == _reference([first]), task)
+            await _delete_stream(names.url, names.stream)
+            await asyncio.to_thread(publish, second)
+            expected = _reference([first, second])
+            await _until(lambda: worker.stats.received == len(first) + len(second), task, 90)
+            await _until(lambda: _stored(names.schema) == expected, task, 30)
+        finally:
+            worker.stop()
+            await task
+
+    asyncio.run(scenario())
+    assert worker.stats.duplicates == 0
+    assert _stored(names.schema) == _reference([first, second])
+    assert _staged_pending(names.schema) == 0
+
+
+def test_events_staged_before_the_stream_is_created_again_are_replayed_first(names: Names) -> None:
+    """Staged events keep their stream sequence: those of a session still open when its
+    stream was deleted and created again were replayed, by the next worker, interleaved
+    with the new stream's (numbered from 1 again), and the session was recorded wrong."""
+    events = list(workload.events(1, seed=43))
+    cut = len(events) // 2
+    expected = _reference([events])
+
+    def publish(part: list[Any]) -> None:
+        with names.sink(partitions=1) as sink:
+            for event in part:
+                sink(event)
+            assert sink.flush(30)
+
+    publish(events[:cut])
+    first = names.worker(partitions=1)
+    asyncio.run(_run_until(first, lambda: first.stats.recorded == cut, 60))
+    assert first.stats.recorded == cut and _staged_pending(names.schema) == cut  # its loop is open
+    asyncio.run(_delete_stream(names.url, names.stream))
+    publish(events[cut:])
+    second = names.worker(partitions=1)
+    asyncio.run(
+        _run_until(
+            second, lambda: _stored(names.schema) == expected and _staged_pending(names.schema) == 0, 60
+        )
+    )
+    assert _stored(names.schema) == expected
+    assert second.stats.rejected == 0
+    assert _staged_pending(names.schema) == 0
+
+
 async def _until(done: Any, task: asyncio.Task[None], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not await asyncio.to_thread(done):

@@ -18,6 +18,11 @@ every event a worker took from the stream, keyed by its event id:
 Rows of saved events (ids only) are removed after the stream's ``max_age``: no copy
 of them can be delivered after that.
 
+A row's ``stream_seq`` orders it among the others of its partition; ``stream_created``
+names the stream it came from (its creation time): a stream deleted and created again
+numbers its messages from 1 again, so a worker that sets its consumer up on such a
+stream first moves the rows of the earlier one below it (`rekey`), keeping their order.
+
 Partition ownership uses session-level advisory locks on the worker's connection:
 a worker holds ``(partition class, n)`` while it consumes partition ``n`` and
 ``(member class, its id)`` while it runs. PostgreSQL releases both the moment the
@@ -91,9 +96,16 @@ class Staging:
                 payload BYTEA,
                 state SMALLINT NOT NULL DEFAULT 0,
                 received_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                stream_created TEXT COLLATE "C",
                 PRIMARY KEY (stream, event_id)
             )"""
             ).format(self.table)
+        )
+        # Tables of workers before `stream_created`: their rows are taken for the current stream's.
+        await self._execute(
+            sql.SQL('ALTER TABLE {} ADD COLUMN IF NOT EXISTS stream_created TEXT COLLATE "C"').format(
+                self.table
+            )
         )
         await self._execute(
             sql.SQL(
@@ -102,19 +114,21 @@ class Staging:
             ).format(self.table)
         )
 
-    async def insert(self, part: int, events: list[StagedEvent]) -> set[str]:
-        """Stage `events`; returns the ids that were new (the others are duplicates)."""
+    async def insert(self, part: int, created: str | None, events: list[StagedEvent]) -> set[str]:
+        """Stage `events`, taken from the stream created at `created`; returns the ids that
+        were new (the others are duplicates)."""
         from psycopg import sql
 
         rows = await self._execute(
             sql.SQL(
-                "INSERT INTO {} (stream, part, stream_seq, event_id, session_id, payload)"
-                " SELECT %s, %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bytea[])"
+                "INSERT INTO {} (stream, part, stream_created, stream_seq, event_id, session_id, payload)"
+                " SELECT %s, %s, %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bytea[])"
                 " ON CONFLICT DO NOTHING RETURNING event_id"
             ).format(self.table),
             (
                 self.stream,
                 part,
+                created,
                 [e.stream_seq for e in events],
                 [e.event_id for e in events],
                 [e.session_id for e in events],
@@ -136,6 +150,29 @@ class Staging:
         return [
             StagedEvent(seq, event_id, session, bytes(payload)) for seq, event_id, session, payload in rows
         ]
+
+    async def rekey(self, part: int, created: str) -> int:
+        """Move the pending rows of `part` staged from an earlier stream than the one created
+        at `created` below every sequence of that one (to 0 and under, in their order), and
+        count them as its; returns how far they moved. Rows of no known stream (staged by an
+        older worker) are taken for this one's, as they are."""
+        from psycopg import sql
+
+        rows = await self._execute(
+            sql.SQL(
+                "WITH earlier AS (SELECT coalesce(max(stream_seq), 0) AS top FROM {0}"
+                "   WHERE stream = %(stream)s AND part = %(part)s AND state = 0"
+                "   AND stream_created <> %(created)s),"
+                " moved AS (UPDATE {0} SET stream_created = %(created)s, stream_seq = CASE"
+                "   WHEN stream_created IS NULL THEN stream_seq"
+                "   ELSE stream_seq - (SELECT top FROM earlier) END"
+                "   WHERE stream = %(stream)s AND part = %(part)s AND state = 0"
+                "   AND stream_created IS DISTINCT FROM %(created)s)"
+                " SELECT top FROM earlier"
+            ).format(self.table),
+            {"stream": self.stream, "part": part, "created": created},
+        )
+        return int(rows[0][0])
 
     async def mark(self, event_ids: list[str], state: int) -> None:
         from psycopg import sql

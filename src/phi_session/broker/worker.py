@@ -457,6 +457,7 @@ class _PartitionRun:
         self.behind_at = time.monotonic()  # when the partition was last taken or had a backlog
         self.loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
         self.held: set[int] = set()  # waiting events already counted as held back
+        self.stream_created: str | None = None  # the stream the consumer reads (its creation time)
         self.stopping = asyncio.Event()
         self.task = asyncio.create_task(self.run(), name=f"partition {number}")
 
@@ -551,6 +552,26 @@ class _PartitionRun:
                 raise BrokerError(
                     f"cannot create consumer {name} on stream {settings.stream}: {error.description or error}"
                 ) from None
+        await self.follow_stream()
+
+    async def follow_stream(self) -> None:
+        """Note which stream the consumer reads. One created again numbers its messages from 1
+        again: the events staged from the earlier one move below them first, so they are still
+        applied first, in their order, and none waits for an acknowledgement floor to reach it."""
+        info = await stream_info(self.resources.js, self.worker.settings.stream)
+        if info is None or info.created is None:  # gone again: the next pull sets it up again
+            return
+        created = info.created.isoformat()
+        if created == self.stream_created:
+            return
+        shift = await self.resources.staging.rekey(self.number, created)
+        if shift:
+            self.waiting = {
+                sequence - shift: event._replace(stream_seq=sequence - shift)
+                for sequence, event in self.waiting.items()
+            }
+            self.held = {sequence - shift for sequence in self.held}
+        self.stream_created = created
 
     @property
     def store_label(self) -> str:
@@ -580,11 +601,12 @@ class _PartitionRun:
             event_id = headers.get(EVENT_ID_HEADER, "")
             if not event_id or len(event_id) > _MAX_EVENT_ID or "\x00" in event_id:
                 # Published by something other than JetStreamSink, or an id PostgreSQL cannot
-                # hold (it would fail the batch at every redelivery): its stream position names it.
-                event_id = f"{stream}:{sequence}"
+                # hold (it would fail the batch at every redelivery): its stream position names
+                # it, with the stream's creation (one created again numbers from 1 again).
+                event_id = f"{stream}:{sequence}@{self.stream_created}"
             session = headers.get(SESSION_HEADER, "").replace("\x00", "")
             staged.append(StagedEvent(sequence, event_id, session, message.data))
-        new = await self.resources.staging.insert(self.number, staged)
+        new = await self.resources.staging.insert(self.number, self.stream_created, staged)
         for message in messages:
             await message.ack()
         await self.resources.nc.flush()
