@@ -27,6 +27,7 @@ import pytest
 from click.testing import CliRunner, Result
 from rich.console import Console
 
+import phi_session as ps
 from phi_session._time import Timestamp
 from phi_session.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MAX_TREE_DEPTH, main, render
 from phi_session.codec import decode_event, decode_session, encode_event, encode_session
@@ -926,6 +927,54 @@ def test_export_jsonl_records_back_the_parallel_groups(store_dir: Path, tmp_path
     for session_id in EXAMPLE_IDS:
         name = f"{session_id}.json"
         assert (again / name).read_bytes() == (store_dir / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("cut", ["parent", "parent and branch"])
+def test_export_jsonl_records_back_a_branch_that_never_started_of_a_group_that_never_ended(
+    tmp_path: Path, cut: str
+) -> None:
+    """A group announced, one branch never started, the agent cut off before the group ended:
+    the branch is recorded (Aborted, with no event of its own) but no loop records the group,
+    so the exported stream named it nowhere and recording it back lost the branch."""
+
+    def at(ms: int) -> Timestamp:
+        return Timestamp.from_ns(1_750_000_000 * 10**9 + ms * 10**6)
+
+    usage = ps.Usage(input=10, output=1, total_tokens=11)
+
+    def start(loop_id: str, ms: int, parent: str | None = None) -> ps.AgentStart:
+        return ps.AgentStart(
+            agent_id="ag",
+            session_id="S",
+            loop_id=loop_id,
+            parent_loop_id=parent,
+            continuation_kind=ps.INITIAL,
+            timestamp=at(ms),
+        )
+
+    events: list[ps.AgentEvent] = [
+        start("S.main.1", 0),
+        start("S.early.1", 1),  # opened before the group: aborted before its branches
+        ps.ParallelLoopStart(session_id="S", loop_ids=("S.a.1", "S.b.2", "S.c.3"), timestamp=at(2)),
+        start("S.late.1", 3),  # opened after the group: aborted after its branches
+        start("S.a.1", 4, parent="S.main.1"),
+        start("S.b.2", 5, parent="S.main.1"),
+        ps.AgentEnd(loop_id="S.b.2", messages=(), usage=usage, timestamp=at(6)),
+    ]
+    if cut == "parent":
+        events.append(ps.AgentEnd(loop_id="S.a.1", messages=(), usage=usage, timestamp=at(7)))
+    stream = tmp_path / "cut.jsonl"
+    stream.write_bytes(b"".join(encode_event(event) + b"\n" for event in events))
+    stored = tmp_path / "stored"
+    assert run("record", stream, "--dir", stored).exit_code == EXIT_OK
+    recorded = decode_session((stored / "S.json").read_bytes())
+    assert "S.c.3" in [loop.loop_id for loop in recorded.loops]
+    exported = tmp_path / "exported.jsonl"
+    assert run("export", "S", "--format", "jsonl", "--store", stored, "-o", exported).exit_code == EXIT_OK
+    again = tmp_path / "again"
+    result = run("record", exported, "--dir", again)
+    assert result.exit_code == EXIT_OK and result.stderr == ""
+    assert (again / "S.json").read_bytes() == (stored / "S.json").read_bytes()
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl"])

@@ -20,7 +20,7 @@ import msgspec
 from ._checks import check_type
 from ._time import Timestamp
 from .errors import InvalidArgument, InvalidSessionId, SessionNotFound, StoreError
-from .events import AgentEvent, ParallelLoopEnd, ParallelLoopStart
+from .events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from .messages import AssistantMessage, ToolCall, ToolResultMessage, Usage
 from .model import LoopRecord, Session, Turn
 from .stores.base import SessionStore, SessionSummary, summarize
@@ -198,7 +198,9 @@ def event_stream(sessions: Sequence[Session], *, parallel_groups: bool = False) 
     With `parallel_groups`, also a ``ParallelLoopStart`` and a ``ParallelLoopEnd`` for
     each parallel group the loops record but the session did not keep the events of
     (``keep_session_events`` is off by default): at its first branch's start and its
-    last branch's end, so that recording the stream rebuilds the group and its winner.
+    last branch's end, so that recording the stream rebuilds the group and its winner;
+    and a ``ParallelLoopStart`` for the branches that never started of a group that
+    never ended, at their announcement, so that recording the stream keeps them.
     """
     streams: list[Iterator[tuple[int, AgentEvent]]] = []
     starts: list[Iterator[tuple[int, AgentEvent]]] = []
@@ -213,15 +215,17 @@ def event_stream(sessions: Sequence[Session], *, parallel_groups: bool = False) 
         if parallel_groups:
             for opening, closing in _parallel_events(session):
                 starts.append(iter([(opening.timestamp.ns, opening)]))
-                ends.append(iter([(closing.timestamp.ns, closing)]))
+                if closing is not None:
+                    ends.append(iter([(closing.timestamp.ns, closing)]))
     # At one instant a group starts before its branches and ends after them (the merge is stable).
     for _, event in heapq.merge(*starts, *streams, *ends, key=lambda item: item[0]):
         yield event
 
 
-def _parallel_events(session: Session) -> Iterator[tuple[ParallelLoopStart, ParallelLoopEnd]]:
+def _parallel_events(session: Session) -> Iterator[tuple[ParallelLoopStart, ParallelLoopEnd | None]]:
     """The start and end events of the parallel groups `session`'s loops record, but
-    those whose start the session kept."""
+    those whose start the session kept; then the starts of its groups that never ended
+    and have a branch that never started (`_unended_starts`)."""
     kept = set()
     if not isinstance(session.session_events, msgspec.UnsetType):
         kept = {tuple(e.loop_ids) for e in session.session_events if isinstance(e, ParallelLoopStart)}
@@ -245,6 +249,39 @@ def _parallel_events(session: Session) -> Iterator[tuple[ParallelLoopStart, Para
                 timestamp=last,
             ),
         )
+    for opening in _unended_starts(session, {loop_id for loop_ids in kept for loop_id in loop_ids}):
+        yield opening, None
+
+
+def _unended_starts(session: Session, announced: set[str]) -> Iterator[ParallelLoopStart]:
+    """A ``ParallelLoopStart`` for the branches of `session` that never started, of groups
+    that never ended (named by no kept start): the recorder keeps such a branch (Aborted,
+    with no AgentStart, no group), but no event of the stream names it.
+
+    One per announcement instant (the branch's `started_at`). It also names the loops
+    aborted before the branch that started after that instant: the announcement opened
+    them too, and `flush` aborts loops in the order they were opened, which is their
+    order in ``loops``; the group's winner is never known, so naming them changes
+    nothing else."""
+    names: dict[Timestamp, list[str]] = {}
+    aborted: list[LoopRecord] = []  # started loops that never ended, so far
+    for record in session.loops:
+        if record.parallel_group is not None or record.loop_id in announced:
+            continue
+        if any(isinstance(item.event, AgentStart) for item in record.events):
+            if record.status == "Aborted" and record.ended_at is None:
+                aborted.append(record)
+            continue
+        if record.status != "Aborted" or record.agent_id:  # not an announced branch: no group opened it
+            continue
+        since = record.started_at
+        loop_ids = names.setdefault(since, [])
+        loop_ids.extend(
+            loop.loop_id for loop in aborted if loop.started_at >= since and loop.loop_id not in loop_ids
+        )
+        loop_ids.append(record.loop_id)
+    for since, loop_ids in names.items():
+        yield ParallelLoopStart(session_id=session.session_id, loop_ids=tuple(loop_ids), timestamp=since)
 
 
 def _timed(events: Sequence[AgentEvent], fallback: Timestamp) -> Iterator[tuple[int, AgentEvent]]:

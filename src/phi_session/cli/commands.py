@@ -847,7 +847,8 @@ def export(
     JSON array of sessions (an ID given twice, once). jsonl: every loop's stored
     events, one compact phi-core event per line, in time order across loops and
     sessions, with each parallel group's ParallelLoopStart/End (rebuilt
-    from its loops when the session file does not keep them), so that record
+    from its loops when the session file does not keep them; a group that never
+    ended, only its start, for its branches that never started), so that record
     rebuilds the same sessions.
     --json is accepted for uniformity; both formats are JSON already.
     """
