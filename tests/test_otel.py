@@ -980,6 +980,9 @@ def test_a_cut_off_fork_bills_the_same_after_a_round_trip() -> None:
     # cut off. Its loop span's usage counts what was billed (7), which ingest gave the
     # AgentEnd it makes up: the served turn was then taken out of it again (billed 0,
     # reported 7 instead of 7 and 107). It now gives the figure a loop's AgentEnd reports.
+    # Cut off in the served turn itself, the served reply's usage was left out of that
+    # figure, and the turn it was cut off in was not looked at for served replies once
+    # ingest ended the loop: it came back reporting 0, not 100.
     from phi_session import AgentSession, FakeClock, LoopConfigSnapshot, Tracer
     from phi_session.events import TurnEnd
     from phi_session.messages import AssistantMessage, TextContent, ToolCall, Usage
@@ -1020,7 +1023,7 @@ def test_a_cut_off_fork_bills_the_same_after_a_round_trip() -> None:
     forked = Tracer(AgentSession(clock=clock), sinks=[events.append], config=config)
     fork(original, original.loops[0].loop_id, 1, model=model(7), tracer=forked, max_turns=2)
     served_turn_end = next(i for i, event in enumerate(events) if type(event) is TurnEnd)
-    checked = 0
+    checked = cut_in_served = 0
     for cut in range(1, len(events)):
         recorder = SessionRecorder()
         recorder.record_all(events[:cut])
@@ -1032,10 +1035,12 @@ def test_a_cut_off_fork_bills_the_same_after_a_round_trip() -> None:
         [back] = _ingest(session_spans(session, capture_content=True))
         [ingested] = back.loops
         assert ingested.billed_usage() == cut_off.billed_usage(), cut
-        if cut > served_turn_end:  # (a served reply in the cut-off turn is counted as not reported)
-            assert ingested.reported_usage() == cut_off.reported_usage(), cut
-            checked += cut_off.billed_usage().input == 7 and cut_off.reported_usage().input == 107
+        assert ingested.reported_usage() == cut_off.reported_usage(), cut
+        assert ingested.replayed_usage() == cut_off.replayed_usage(), cut
+        checked += cut_off.billed_usage().input == 7 and cut_off.reported_usage().input == 107
+        cut_in_served += cut <= served_turn_end and cut_off.reported_usage().input == 100
     assert checked > 0
+    assert cut_in_served > 0
 
 
 @pytest.mark.parametrize(

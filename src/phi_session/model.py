@@ -424,15 +424,16 @@ class LoopRecord(msgspec.Struct, kw_only=True):
 
     def replayed_usage(self) -> Usage:
         """The usage of the replies a replay served from its recording (`is_replayed`): no
-        model was called for them, the recorded call was billed where it was recorded."""
+        model was called for them, the recorded call was billed where it was recorded.
+        Those of the turn the loop was cut off in count too, whether or not an ``AgentEnd``
+        came after it (one an OTLP ingest makes up reports them, as `reported_usage` does)."""
         total = ZERO_USAGE
         for turn in self.turns:
             if is_replayed(turn.output_message):
                 total = total + turn.usage
-        if not self.reports_usage():
-            for reply in self._cut_off_turn()[1]:
-                if is_replayed(reply):
-                    total = total + reply.usage
+        for reply in self._cut_off_turn()[1]:
+            if is_replayed(reply):
+                total = total + reply.usage
         return total
 
     def billed_usage(self) -> Usage:

@@ -189,18 +189,6 @@ def _usage_attributes(usage: Usage) -> dict[str, int]:
     }
 
 
-def _ended_usage(record: LoopRecord) -> Usage:
-    """The usage of an ``AgentEnd`` closing `record`, a loop without one, that keeps its
-    `billed_usage`: its finished turns' (a replay's served ones too, which billing leaves
-    out of a loop's usage) and its cut-off turn's billed calls (`unfinished_usage`)."""
-    if record.reports_usage():
-        return record.usage
-    usage = record.unfinished_usage()
-    for turn in record.turns:
-        usage = usage + turn.usage
-    return usage
-
-
 def _part(content: Any) -> dict[str, Any]:
     if isinstance(content, TextContent):
         return {"type": "text", "content": content.text}
@@ -431,7 +419,9 @@ class _LoopExport:
             **_usage_attributes(record.billed_usage()),
         }
         if self.capture and record.ended_at is None:
-            attributes[attr.PHI_LOOP_USAGE] = encode_record(_ended_usage(record)).decode()
+            # What an AgentEnd closing it reports: every reply's usage, a replay's served ones
+            # too (its cut-off turn's included), which `billed_usage` takes out again.
+            attributes[attr.PHI_LOOP_USAGE] = encode_record(record.reported_usage()).decode()
         if record.kind.tag is not None:
             attributes[attr.PHI_CONTINUATION_TAG] = record.kind.tag
         if record.parent_loop_id is not None:
