@@ -24,6 +24,7 @@ from agents import (
     RunConfig,
     Runner,
     function_tool,
+    handoff,
     input_guardrail,
     output_guardrail,
     trace,
@@ -168,12 +169,12 @@ def test_handoff_calls_get_the_results_the_sdk_gives_them(
     triage = Agent(
         name="triage",
         tools=[add],
-        handoffs=[billing, support],
+        handoffs=[handoff(billing, tool_name_override="escalate"), support],  # the hooks know its name
         model=scripted(
             [
                 assistant_message("passing you on"),
                 function_call("add", {"a": 1, "b": 2}, call_id="t1"),
-                function_call("transfer_to_billing", {}, call_id="h1"),
+                function_call("escalate", {}, call_id="h1"),
                 function_call("transfer_to_support", {}, call_id="h2"),  # the SDK acts on the first only
             ]
         ),
@@ -204,6 +205,8 @@ def test_handoff_calls_get_the_results_the_sdk_gives_them(
     ]
     session = sessions(recorder)["hr"]
     first, second = session.loops
+    # A handoff ends the loop, though the response also called a tool (it ran first).
+    assert first.turns[-1].output_message.stop_reason == "handoff"  # type: ignore[union-attr]
     recorded = [(m.tool_call_id, m.content[0].text) for m in first.turns[-1].tool_results]  # type: ignore[union-attr]
     assert sorted(recorded) == outputs
     context = session.context_at(second.loop_id)
@@ -718,6 +721,32 @@ def test_responses_model_content_and_usage_per_response(recorder: SessionRecorde
     assert usage.total_tokens == 13
     assert second.output_message.content[0].text == "four"  # type: ignore[union-attr]
     assert (loop.usage.input, loop.usage.output) == (24, 7)
+
+
+def test_without_hooks_a_tool_call_beside_a_handoff_still_ends_in_handoff(recorder: SessionRecorder) -> None:
+    """The tool's span finished the reply before the handoff span came: ``toolUse``. Without
+    hooks the handoff calls are known by the agent span's handoffs (the SDK's default names)."""
+    call = {"type": "function_call", "status": "completed"}
+    client = responses_client(
+        response_body(
+            [
+                {**call, "id": "fc_1", "call_id": "t1", "name": "add", "arguments": '{"a": 1, "b": 2}'},
+                {**call, "id": "fc_2", "call_id": "h1", "name": "transfer_to_billing", "arguments": "{}"},
+            ],
+            1,
+            1,
+        )
+    )
+    billing = Agent(name="billing", model=scripted([assistant_message("billing here")]))
+    triage = Agent(
+        name="triage", tools=[add], handoffs=[billing], model=OpenAIResponsesModel("gpt-test-1", client)
+    )
+    run(triage, "my bill", hooks=None, run_config=in_session("nhh"))
+    first, second = sessions(recorder)["nhh"].loops
+    message = first.turns[-1].output_message
+    assert message is not None and [call.id for call in message.content] == ["t1", "h1"]  # type: ignore[union-attr]
+    assert message.stop_reason == "handoff"
+    assert second.parent_loop_id == first.loop_id
 
 
 def failing_client(status: int) -> AsyncOpenAI:

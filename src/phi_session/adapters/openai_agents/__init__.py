@@ -19,6 +19,8 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
 * ``function`` -> the tool's events and result (a span error -> ``is_error``); a run
   started inside a tool is that tool's sub-agent (own session, linked both ways);
 * ``handoff`` -> the transfer call's result as the SDK writes it (``{"assistant": name}``);
+  the reply that calls it stops with ``handoff``, function tools it calls too (their spans
+  come first) notwithstanding (`_Mapper._hands_off`);
 * a triggered input ``guardrail`` -> InputRejected, loop Rejected (loop failed if it
   tripped after the first turn began); a triggered output guardrail -> the loop fails
   with an error naming it (`_Mapper._guardrail_triggered`);
@@ -98,6 +100,7 @@ from agents.tracing import (  # noqa: E402
     get_trace_provider,
 )
 from agents.tracing.processors import default_processor  # noqa: E402
+from agents.util._transforms import transform_string_function_style  # noqa: E402
 
 __all__ = [
     "PhiRunHooks",
@@ -377,6 +380,20 @@ def _guardrail_names(guardrails: Any) -> frozenset[str]:
     return frozenset(guardrail.get_name() for guardrail in guardrails or ())
 
 
+def _handoff_tools(handoffs: Any) -> frozenset[str]:
+    """The tool names the model calls to hand off to `handoffs`: a ``Handoff``'s own, else
+    (an agent, or an agent span's agent name) the SDK's default name for the agent."""
+    names: set[str] = set()
+    for item in handoffs or ():
+        if isinstance(item, Handoff):
+            names.add(item.tool_name)
+            continue
+        name = item if isinstance(item, str) else getattr(item, "name", None)
+        if isinstance(name, str):  # as `Handoff.default_tool_name`
+            names.add(transform_string_function_style(f"transfer_to_{name}", warn_on_whitespace=False))
+    return frozenset(names)
+
+
 def _config(agent_name: str, model: str) -> LoopConfigSnapshot:
     return loop_config(model, PROVIDER, agent_name, agent_name.replace(".", "-").replace("/", "-") or "agent")
 
@@ -420,7 +437,9 @@ class _Loop:
     # guardrail's span from an input guardrail's (the spans look alike).
     input_guardrails: frozenset[str] = frozenset()
     output_guardrails: frozenset[str] = frozenset()
+    handoff_tools: frozenset[str] = frozenset()  # the running agent's (from the hooks)
     agent_span: str | None = None  # the running agent's span
+    agent_data: Any = None  # its span data: the agents it hands off to, set each turn
     task: asyncio.Task[Any] | None = None  # the asyncio task it started in, if `_streams` maps it
     hooked: bool = False  # run with `PhiRunHooks`: they give each tool's exact call
     handing_off: bool = False  # a handoff span started since the running agent's
@@ -573,7 +592,8 @@ class _Mapper:
                     owner.place = place
                     self._in_trace[place] = owner
         self._of_span[span_id] = owner
-        owner.agent_span = span_id
+        owner.agent_span, owner.agent_data = span_id, span.span_data
+        owner.handoff_tools = frozenset()  # the hooks give the new agent's
         config = _config(name, owner.model)
         if owner.run is None:
             owner.run = self.core.start_run(
@@ -655,7 +675,9 @@ class _Mapper:
         turn = loop.turn
         if turn is None:
             return
-        self._finish_message(loop)
+        # The SDK runs a response's function tools before its handoff, whose span comes
+        # too late to give the reply the stop reason it gives a reply that only hands off.
+        self._finish_message(loop, stop_reason="handoff" if self._hands_off(loop) else None)
         tool = _Tool(loop, name, turn)
         # Matched as the spans start, in the order of the response's calls: parallel
         # calls end in any order.
@@ -666,6 +688,18 @@ class _Mapper:
         self._tools[span_id] = tool
         if call is not None and not loop.hooked:  # no exact call to wait for: it starts now
             tool.started()
+
+    @staticmethod
+    def _hands_off(loop: _Loop) -> bool:
+        """Whether the unfinished reply calls one of the running agent's handoffs: by the
+        hooks' exact tool names, else by the default names of the agent span's handoffs."""
+        reply = loop.reply
+        if reply is None or not reply[1]:
+            return False
+        names = loop.handoff_tools
+        if not loop.hooked:
+            names = _handoff_tools(getattr(loop.agent_data, "handoffs", None))
+        return any(call.name in names for call in reply[1])
 
     def exact_call(self, span_id: str, call_id: str, arguments: Any) -> None:
         """The hooks' exact call id and arguments for a function span (before it starts)."""
@@ -777,6 +811,7 @@ class _Mapper:
             loop.model = model
         loop.input_guardrails = _guardrail_names(getattr(agent, "input_guardrails", None))
         loop.output_guardrails = _guardrail_names(getattr(agent, "output_guardrails", None))
+        loop.handoff_tools = _handoff_tools(getattr(agent, "handoffs", None))
 
     def _current_loop(self) -> _Loop | None:
         span = get_current_span()
