@@ -477,6 +477,11 @@ def test_without_captured_requests_the_context_is_rebuilt_from_the_loops(world: 
         (first.loops[0].loop_id, 3),
         (second.loop_id, 0),
     ]
+    # Read from the end without building it, a request (rebuilt or captured) is the same.
+    captured = ReplayScript.from_session(world.original()[0]).turns
+    assert all(turn.captured is not None for turn in captured)
+    for each in (*chain.turns, *captured):
+        assert list(each.request_last_first()) == list(reversed(each.request.messages))
 
 
 def test_a_long_chain_is_scripted_with_a_few_passes_over_its_loops() -> None:

@@ -26,6 +26,7 @@ from phi_session.errors import ReplayDiverged
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session
 from phi_session.replay import RecordedModelError
+from phi_session.replay.script import SharedContext
 
 from .test_adapter_google_adk import Harness, ScriptedLlm
 
@@ -220,6 +221,40 @@ def test_a_recording_without_requests_does_not_diverge_on_adks_missing_call_ids(
     assert found is not None and (found.turn_index, found.what) == (1, "messages")
     assert found.expected is not None and found.actual is not None
     assert found.expected.endswith("'5'") and found.actual.endswith("""'{"result":5}'""")
+
+
+def total(a: int, b: int) -> dict[str, int]:
+    """Adds two numbers, as a dict."""
+    RUNS.append("total")
+    return {"sum": a + b}
+
+
+def test_a_long_recording_without_requests_is_set_up_reading_only_where_each_request_ends(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The replay's setup (a streamed reply's pieces, the responses sent to the calls) rebuilt
+    # every turn's request from the recorded context, twice, and scanned it whole for the
+    # reply it ends with: quadratic in the turns (2,000 turns: 2.2 s before the first call).
+    n = 40
+    steps = [[f"step {i}", ("total", {"a": i, "b": 1})] for i in range(n - 1)]
+    run(agent(ScriptedLlm.of(*steps, ["done"]), [total]), store, capture=False)
+    original = store.load(SESSION)
+    assert len(original.loops[0].turns) == n
+    RUNS.clear()
+    read = []
+    messages = SharedContext.messages
+
+    def counting(context: SharedContext, end: int) -> tuple[AgentMessage, ...]:
+        read.append(context.inherited + end)
+        return messages(context, end)
+
+    monkeypatch.setattr(SharedContext, "messages", counting)
+    model = ReplayLlm(original)
+    plugin = model.tools_plugin()
+    assert sum(read) < 10 * n  # each message a few times, not once per later turn (~3,200)
+    with model.recording():
+        run(agent(model, [total]), store, plugin, capture=False)
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
 
 
 def test_another_instruction_diverges_at_turn_0(original: Session, store: SqliteStore) -> None:

@@ -64,6 +64,14 @@ class SharedContext:
         """The inherited messages, then the first `end` of the loop's own."""
         return (*self.past[: self.inherited], *self.own[:end])
 
+    def last_first(self, end: int) -> Iterator[AgentMessage]:
+        """`messages` of `end`, last first, as far as the caller reads them (no copy)."""
+        own, past = self.own, self.past
+        for index in range(end - 1, -1, -1):
+            yield own[index]
+        for index in range(self.inherited - 1, -1, -1):
+            yield past[index]
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SharedContext):
             return NotImplemented
@@ -113,6 +121,15 @@ class RecordedTurn(msgspec.Struct, frozen=True, kw_only=True):
         if self.context is None:
             return RequestShape()
         return RequestShape(messages=self.context.messages(self.context_end))
+
+    def request_last_first(self) -> Iterator[AgentMessage]:
+        """``request.messages``, last first, without building the request: reading what a
+        request ends with costs what is read, where a rebuilt request copies the context."""
+        if self.captured is not None:
+            return reversed(self.captured.messages)
+        if self.context is None:
+            return iter(())
+        return self.context.last_first(self.context_end)
 
     @property
     def inherited(self) -> int:

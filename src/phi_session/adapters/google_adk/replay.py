@@ -67,7 +67,15 @@ from ...messages import (
     Usage,
 )
 from ...model import Session
-from ...replay import Divergence, Lineage, OnDivergence, ReplayCursor, ReplayScript, RequestShape, ToolsMode
+from ...replay import (
+    Divergence,
+    Lineage,
+    OnDivergence,
+    RecordedTurn,
+    ReplayCursor,
+    ReplayScript,
+    ToolsMode,
+)
 from ...replay.request import compare_messages
 from .._core import recorded_reply, replay_recording, result_text
 from . import _TRANSFER_TOOL, FRAMEWORK, _decode, _json_text, _request
@@ -139,16 +147,23 @@ def _llm_responses(reply: AssistantMessage, split: tuple[int, ...]) -> list[LlmR
     return [*responses, _llm_response(replace(reply, content=reply.content[start:]))]
 
 
-def _latest(request: RequestShape) -> tuple[list[AssistantMessage], list[ToolResultMessage]]:
-    """The model contents ending a request's history (the previous turn's reply, in
-    as many messages as ADK kept events for it) and the function responses after them."""
-    messages = request.messages
-    end = 1 + max((i for i, m in enumerate(messages) if isinstance(m, AssistantMessage)), default=-1)
-    start = end
-    while start > 0 and isinstance(messages[start - 1], AssistantMessage):
-        start -= 1
-    replies = [m for m in messages[start:end] if isinstance(m, AssistantMessage)]
-    return replies, [m for m in messages[end:] if isinstance(m, ToolResultMessage)]
+def _latest(turn: RecordedTurn) -> tuple[list[AssistantMessage], list[ToolResultMessage]]:
+    """The model contents ending the history of a turn's request (the previous turn's
+    reply, in as many messages as ADK kept events for it) and the function responses
+    after them. Read from the end, as far as they go: the setup of a replay reads each
+    request's end only, not the whole history once per turn."""
+    replies: list[AssistantMessage] = []
+    answers: list[ToolResultMessage] = []
+    for message in turn.request_last_first():
+        if isinstance(message, AssistantMessage):
+            replies.append(message)
+        elif replies:
+            break
+        elif isinstance(message, ToolResultMessage):
+            answers.append(message)
+    replies.reverse()
+    answers.reverse()
+    return replies, answers
 
 
 def _splits(script: ReplayScript) -> dict[int, tuple[int, ...]]:
@@ -158,7 +173,7 @@ def _splits(script: ReplayScript) -> dict[int, tuple[int, ...]]:
     one message. Answered the same way, an unchanged agent sends the same request."""
     splits: dict[int, tuple[int, ...]] = {}
     for turn, after in pairwise(script.turns):
-        pieces, _ = _latest(after.request)
+        pieces, _ = _latest(after)
         blocks = tuple(block for piece in pieces for block in piece.content)
         reply = turn.reply
         if (
@@ -177,7 +192,7 @@ def _sent_responses(script: ReplayScript) -> dict[str, str]:
     sends the responses to a turn's calls after the model's content, in call order."""
     sent: dict[str, str] = {}
     for turn, after in pairwise(script.turns):
-        _, answers = _latest(after.request)
+        _, answers = _latest(after)
         calls = turn.tool_calls
         if len(answers) == len(calls) and all(
             a.tool_name == c.name for a, c in zip(answers, calls, strict=True)
