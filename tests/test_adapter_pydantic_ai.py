@@ -836,6 +836,33 @@ def test_a_run_left_early_ends_its_loop_aborted() -> None:
     assert loop.status == "Aborted" and loop.error is not None
 
 
+async def first_words_then_nothing(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+    yield "The answer "
+    await asyncio.Event().wait()  # the rest never comes: only the caller leaving ends the stream
+    yield "is 42."
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_run_stream_left_before_its_response_is_read_cuts_the_reply_off(stream: bool) -> None:
+    # The reply was recorded as a whole one (`stop`) with the words streamed so far.
+    recorder = SessionRecorder()
+    model = FunctionModel(text_after_tools, stream_function=first_words_then_nothing)
+    agent = Agent(model, capabilities=[PhiCapability(recorder, stream=stream)])
+
+    async def main() -> None:
+        async with agent.run_stream("what is the answer?"):
+            pass  # left without reading the output
+
+    asyncio.run(main())
+    loop = only_loop(recorder)
+    assert loop.status == "Aborted" and loop.error is not None
+    (turn,) = loop.turns
+    reply = turn.output_message
+    assert isinstance(reply, AssistantMessage) and reply.content == (TextContent(text="The answer "),)
+    assert reply.stop_reason == "aborted" and reply.error_message
+    assert loop.messages[-1] == reply
+
+
 # -- the embedded store, restarts, the extra --------------------------------------------------------------
 
 

@@ -22,6 +22,8 @@ first's ``message_history`` continues its loop. The hooks map as follows:
 * ``get_wrapper_model`` hands the run each response stream: ``run_stream`` runs a response's
   tools before ``after_model_request`` sees it, so the first tool finishes the reply from
   the stream (with its usage, recorded once) and its tools follow it, as under ``agent.run``.
+  A response whose stream stopped before the model finished (a ``run_stream`` left early)
+  is a reply cut off: what came, with stop reason ``aborted``; the run's end ends the loop.
 
 With ``PhiCapability(capture_requests=True)``, ``after_model_request`` also records the request
 sent (``TurnRequest``: system prompt and instructions, messages, function and output tools),
@@ -120,6 +122,10 @@ _STOP_REASONS: dict[pai.FinishReason, StopReason] = {
     "error": "error",
     "content_filter": "guardRail",
 }
+# A response whose stream stopped before the model finished (a `run_stream` left early, a
+# cancelled stream): the reply is cut off, as phi-core's loop records a cancelled one.
+_CUT_OFF_STATES = frozenset(("incomplete", "interrupted"))
+_CUT_OFF = "the response stream stopped before the model finished"  # its error message
 _STREAM_EVENTS = (pai.PartStartEvent, pai.PartDeltaEvent)
 # pydantic-ai's return for the output tool call that gave the run's output.
 _FINAL_RESULT_PROCESSED = "Final result processed."
@@ -160,7 +166,10 @@ def _response_content(parts: Sequence[pai.ModelResponsePart]) -> tuple[list[Cont
     return blocks, calls
 
 
-def _stop_reason(reason: pai.FinishReason | None, calls: bool) -> StopReason:
+def _stop_reason(response: pai.ModelResponse, calls: bool) -> StopReason:
+    if response.state in _CUT_OFF_STATES:
+        return "aborted"
+    reason = response.finish_reason
     if reason is None or (calls and reason == "stop"):
         return "toolUse" if calls else "stop"
     return _STOP_REASONS.get(reason, "stop")
@@ -249,7 +258,7 @@ def _reply_message(
     blocks, calls = _response_content(response.parts)
     return AssistantMessage(
         content=(*blocks, *calls),
-        stop_reason=_stop_reason(response.finish_reason, bool(calls)),
+        stop_reason=_stop_reason(response, bool(calls)),
         model=response.model_name or model,
         provider=response.provider_name or provider,
         usage=_usage(response.usage),
@@ -390,11 +399,13 @@ class _Run:
         reply = self.replying(response.model_name or model, response.provider_name or provider, payload)
         self.reply = None
         blocks, calls = _response_content(response.parts)
+        stop_reason = _stop_reason(response, bool(calls))
         reply.finish(
             blocks,
             tool_calls=calls,
             usage=_usage(response.usage),
-            stop_reason=_stop_reason(response.finish_reason, bool(calls)),
+            stop_reason=stop_reason,
+            error_message=_CUT_OFF if stop_reason == "aborted" else None,
         )
 
     def tool(self, call: pai.ToolCallPart, model: str, provider: str) -> ToolScope | None:
