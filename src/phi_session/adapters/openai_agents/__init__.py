@@ -51,7 +51,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import msgspec
 
@@ -100,7 +101,6 @@ from agents.tracing import (  # noqa: E402
     get_trace_provider,
 )
 from agents.tracing.processors import default_processor  # noqa: E402
-from agents.util._transforms import transform_string_function_style  # noqa: E402
 
 __all__ = [
     "PhiRunHooks",
@@ -389,8 +389,8 @@ def _handoff_tools(handoffs: Any) -> frozenset[str]:
             names.add(item.tool_name)
             continue
         name = item if isinstance(item, str) else getattr(item, "name", None)
-        if isinstance(name, str):  # as `Handoff.default_tool_name`
-            names.add(transform_string_function_style(f"transfer_to_{name}", warn_on_whitespace=False))
+        if isinstance(name, str):  # the SDK's public rule reads only the agent's name
+            names.add(Handoff.default_tool_name(cast(Any, SimpleNamespace(name=name))))
     return frozenset(names)
 
 
