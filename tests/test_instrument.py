@@ -1139,7 +1139,7 @@ def test_loop_metadata_and_tool_details_do_not_follow_later_mutation() -> None:
                 details["rows"] += 1
                 tool.update("partial", details=details)
                 tool.result("ok", details=details)
-                details["rows"] += 10  # before the tool's end: the end records what it was given last
+                details["rows"] += 10  # after result(): it was recorded as it was at the call
     metadata["api_key"] = details["token"] = "plain-secret-value"
     session = h.session()
     assert [loop.metadata for loop in session.loops] == [
@@ -1151,10 +1151,26 @@ def test_loop_metadata_and_tool_details_do_not_follow_later_mutation() -> None:
         {"rows": 12},
     ]
     assert [e.result.details for e in h.events if isinstance(e, ps.ToolExecutionEnd)] == [
-        {"rows": 11},
-        {"rows": 22},
+        {"rows": 1},
+        {"rows": 12},
     ]
     assert b"plain-secret-value" not in ps.encode(session)
+
+
+def test_tool_result_and_error_details_are_copied_at_the_call() -> None:
+    # Copied when the tool ended: a key added after result() (a credential) was recorded.
+    h = Harness(redact=False)
+    with h.tracer.loop() as loop, loop.turn() as turn:
+        answer(turn, "go")
+        for n, outcome in enumerate(("result", "error")):
+            details: dict[str, Any] = {"rows": [1]}
+            with turn.tool(id=f"c{n}", name="q", args={}) as tool:
+                getattr(tool, outcome)("done", details=details)
+                details["rows"].append(2)
+                details["api_key"] = "sk-ant-added-after-the-call"
+    ends = [e for e in h.events if isinstance(e, ps.ToolExecutionEnd)]
+    assert [(e.result.details, e.is_error) for e in ends] == [({"rows": [1]}, False), ({"rows": [1]}, True)]
+    assert b"added-after-the-call" not in ps.encode(h.session())
 
 
 def _prior_reply(arguments: dict[str, Any]) -> ps.AssistantMessage:

@@ -1930,16 +1930,22 @@ class ToolScope(_Scope):
         )
 
     def result(self, content: str | Sequence[Content], details: Any = None) -> None:
-        """The tool's successful result (emitted when the scope ends)."""
+        """The tool's successful result (emitted when the scope ends; `details` copied now,
+        `_own_copy`)."""
         if not self._running and not self._still_open("result"):
             return
-        self._outcome = (_content("content", content), details, False)
+        self._outcome = (_content("content", content), self._own_details(details), False)
 
     def error(self, content: str | Sequence[Content], details: Any = None) -> None:
-        """The tool's error result (emitted when the scope ends); the loop goes on."""
+        """The tool's error result (emitted when the scope ends; `details` copied now); the
+        loop goes on."""
         if not self._running and not self._still_open("error"):
             return
-        self._outcome = (_content("content", content), details, True)
+        self._outcome = (_content("content", content), self._own_details(details), True)
+
+    def _own_details(self, details: Any) -> Any:
+        # Copied at the call, as documented: the agent may go on changing its dict.
+        return _own_copy(details, self._loop.outlet.copy_failures, _DETAILS)
 
     def sub_agent(
         self,
@@ -2047,7 +2053,7 @@ class ToolScope(_Scope):
             child = self._child_loop_id
             result = ToolResult(
                 content=content,
-                details=_own_copy(details, loop.outlet.copy_failures, _DETAILS),
+                details=details,  # copied by `result` or `error`
                 child_loop_id=child if child is not None else msgspec.UNSET,
             )
             loop.emit(
