@@ -926,6 +926,54 @@ def test_emit_sends_hand_built_events_through_processors_and_sinks() -> None:
     assert isinstance(h.session().loops[0].events[1].event, ps.ProgressMessage)
 
 
+def test_a_hand_built_events_values_do_not_follow_later_mutation() -> None:
+    # Recorded by reference: arguments changed after emit() changed the record, and a
+    # credential added afterwards never passed the redactor.
+    h = Harness()
+    args: dict[str, Any] = {"path": "a.txt"}
+    metadata: dict[str, Any] = {"user": "alice"}
+    details: dict[str, Any] = {"rows": 1}
+    data: dict[str, Any] = {"note": "n"}
+    arguments: dict[str, Any] = {"q": "x"}
+    reply = ps.AssistantMessage(
+        content=(ps.ToolCall(id="c", name="n", arguments=arguments),),
+        stop_reason="toolUse",
+        model="m",
+        provider="p",
+        usage=usage(1),
+        timestamp=0,
+    )
+    extension = ps.extension_message("extension", "memo", data)
+    with h.tracer.loop() as loop, loop.turn() as turn:
+        emit, loop_id = h.tracer.emit, loop.loop_id
+        answer(turn, "go")
+        emit(ps.ToolExecutionStart(loop_id=loop_id, tool_call_id="c", tool_name="n", args=args))
+        result = ps.ToolResult(content=(ps.TextContent(text="r"),), details=details)
+        emit(ps.ToolExecutionUpdate(loop_id=loop_id, tool_call_id="c", tool_name="n", partial_result=result))
+        emit(
+            ps.ToolExecutionEnd(
+                loop_id=loop_id, tool_call_id="c", tool_name="n", result=result, is_error=False
+            )
+        )
+        emit(ps.MessageStart(loop_id=loop_id, message=reply))
+        emit(ps.MessageEnd(loop_id=loop_id, message=extension))
+        session_id = loop.session_id
+    start = ps.AgentStart(
+        agent_id="a",
+        session_id=session_id,
+        loop_id=f"{session_id}.c.1",
+        timestamp=h.agent.now(),
+        metadata=metadata,
+    )
+    emit(start)
+    for value in (args, metadata, details, data, arguments):
+        value["api_key"] = "sk-ant-api03-added-after-emit"
+    assert b"added-after-emit" not in b"".join(map(ps.encode_event, h.events))
+    session = h.session()  # as recorded from the file written at each emit
+    assert b"added-after-emit" not in ps.encode(session)
+    assert session.loops[1].metadata == {"user": "alice"}
+
+
 def test_emit_refuses_what_is_not_an_event() -> None:
     # A number was written into the JSONL file as a line of its own.
     h = Harness()

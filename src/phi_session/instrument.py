@@ -108,6 +108,7 @@ from .events import (
     TurnStart,
     TurnTrigger,
     delta_builder,
+    map_messages,
 )
 from .identity import AgentSession, config_id_of
 from .messages import (
@@ -179,6 +180,36 @@ def _owned_message(message: _M, failures: FailureTally) -> _M:
         return message  # most messages: the request's conversation holds them every turn
     content = _owned_calls(given, failures)
     return message if content is given else replace(message, content=content)
+
+
+def _owned_result(result: ToolResult, failures: FailureTally) -> ToolResult:
+    """`result` with details of its own (`_own_copy`)."""
+    details = _own_copy(result.details, failures, _DETAILS)
+    return result if details is result.details else replace(result, details=details)
+
+
+def _owned_event(event: AgentEvent, outlet: _Outlet) -> AgentEvent:
+    """A hand-built `event` (`Tracer.emit`) with copies of its own of what the scopes copy
+    (`_own_copy`, `_Owned`): its tool arguments, loop metadata, tool result details, its
+    messages' tool-call arguments and extension data, and a request's messages, tools and
+    schema; `event` itself when it holds none that could change."""
+    failures = outlet.copy_failures
+    if type(event) is ToolExecutionStart:
+        args = _own_copy(event.args, failures, _ARGUMENTS)
+        return event if args is event.args else replace(event, args=args)
+    if type(event) is AgentStart:
+        metadata = _own_copy(event.metadata, failures, _METADATA)
+        return event if metadata is event.metadata else replace(event, metadata=metadata)
+    if type(event) is ToolExecutionUpdate:
+        partial = _owned_result(event.partial_result, failures)
+        return event if partial is event.partial_result else replace(event, partial_result=partial)
+    if type(event) is ToolExecutionEnd:
+        result = _owned_result(event.result, failures)
+        return event if result is event.result else replace(event, result=result)
+    if type(event) is TurnRequest:
+        payload = outlet.owned.payload(event.payload, None)[2]
+        return event if payload is event.payload else replace(event, payload=payload)
+    return map_messages(event, outlet.owned.message)
 
 
 class _Owned:
@@ -977,10 +1008,12 @@ class Tracer:
 
     def emit(self, event: AgentEvent) -> None:
         """Run `event` through the processors, then deliver it to every sink. Never raises
-        (but `TypeError` for what is not an event)."""
+        (but `TypeError` for what is not an event). Its tool arguments, metadata, details
+        and message data are recorded as they are now, as the scopes record them."""
         if type(event) not in EVENT_CLASSES:
             raise not_an_event("emit()", event)
-        self._outlet.emit(event)
+        outlet = self._outlet
+        outlet.emit(_owned_event(event, outlet))  # as the scopes record: the agent may change its dicts
 
     def for_agent(self, agent: AgentSession) -> Tracer:
         """A tracer of another identity sharing this one's processors, sinks and default
@@ -1901,10 +1934,7 @@ class ToolScope(_Scope):
         loop = self._loop
         if not isinstance(partial, ToolResult):
             partial = ToolResult(content=_content("partial", partial), details=details)
-        if partial.details is not None:
-            partial = replace(
-                partial, details=_own_copy(partial.details, loop.outlet.copy_failures, _DETAILS)
-            )
+        partial = _owned_result(partial, loop.outlet.copy_failures)
         loop.emit(
             ToolExecutionUpdate(
                 loop_id=loop.loop_id,
