@@ -918,6 +918,25 @@ def test_async_scopes_and_concurrent_branches() -> None:
     ] == [False, False, True]
 
 
+def test_the_messages_and_results_a_scope_hands_out_are_not_the_ones_it_records() -> None:
+    # The tracer's own lists: a message an agent appended to `loop.messages` (building
+    # its next request) was recorded in AgentEnd though never sent.
+    h = Harness()
+    with h.tracer.loop() as loop:
+        loop.user("q")
+        with loop.turn() as turn:
+            answer(turn, "a", calls=(call(1),))
+            with turn.tool(call(1)) as tool:
+                tool.result("r")
+            turn.user("steer")
+        handed = (loop.messages, turn.tool_results, turn.inputs)
+        assert all(type(value) is tuple for value in handed)
+        assert len(loop.messages) == 4 and len(turn.tool_results) == len(turn.inputs) == 1
+        simple_loop(loop, "done")
+    [record] = h.session().loops
+    assert len(record.messages) == 5 and len(record.turns[0].tool_results) == 1
+
+
 def test_emit_sends_hand_built_events_through_processors_and_sinks() -> None:
     h = Harness()
     with h.tracer.loop() as loop:

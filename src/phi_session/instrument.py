@@ -1254,9 +1254,9 @@ class LoopScope(_Scope):
         return self._agent.agent_id
 
     @property
-    def messages(self) -> list[AgentMessage]:
-        """The messages ``AgentEnd`` will carry, so far."""
-        return self._loop.messages
+    def messages(self) -> tuple[AgentMessage, ...]:
+        """The messages ``AgentEnd`` will carry, so far (a copy: the agent may build on it)."""
+        return tuple(self._loop.messages)
 
     @property
     def usage(self) -> Usage:
@@ -1466,6 +1466,7 @@ class TurnScope(_Scope):
     """One turn: ``TurnStart`` ... ``TurnEnd``. Create with `LoopScope.turn`."""
 
     __slots__ = (
+        "_inputs",
         "_loop",
         "_loop_scope",
         "_message",
@@ -1473,7 +1474,6 @@ class TurnScope(_Scope):
         "_steering",
         "_turn",
         "index",
-        "inputs",
         "trigger",
         "turn_id",
     )
@@ -1494,8 +1494,7 @@ class TurnScope(_Scope):
         self.trigger: TurnTrigger = trigger
         self.turn_id = TurnId(loop_id=loop.loop_id, turn_index=index)
         self._request = request
-        self.inputs: list[AgentMessage] = []
-        """Messages injected during the turn (with ``turnId``)."""
+        self._inputs: list[AgentMessage] = []  # injected during the turn (`inputs`)
         # Of `inputs`, those injected after the turn's reply (steering while its tools
         # run), each with the reply it followed and how many tool results had ended.
         self._steering: list[tuple[AgentMessage, AssistantMessage, int]] = []
@@ -1517,9 +1516,14 @@ class TurnScope(_Scope):
         return self._turn.usage
 
     @property
-    def tool_results(self) -> list[ToolResultMessage]:
-        """The results of the turn's ended tools, in the order they ended."""
-        return self._turn.results
+    def tool_results(self) -> tuple[ToolResultMessage, ...]:
+        """The results of the turn's ended tools, in the order they ended (a copy)."""
+        return tuple(self._turn.results)
+
+    @property
+    def inputs(self) -> tuple[AgentMessage, ...]:
+        """Messages injected during the turn (with ``turnId``), as recorded (a copy)."""
+        return tuple(self._inputs)
 
     @property
     def tool_calls(self) -> tuple[ToolCall, ...]:
@@ -1561,7 +1565,7 @@ class TurnScope(_Scope):
             message = replace(message, turn_id=self.turn_id)
         recorded = loop.outlet.owned.message(message)
         loop.emit_message(recorded)
-        self.inputs.append(recorded)
+        self._inputs.append(recorded)
         turn = self._turn
         if turn.message is not None:
             self._steering.append((recorded, turn.message, len(turn.results)))
@@ -1684,7 +1688,7 @@ class TurnScope(_Scope):
         if self._steering:
             loop.record(self._in_emitted_order(message, stamped, list(stamped_results)), turn.usage)
         else:
-            loop.record((*self.inputs, stamped, *stamped_results), turn.usage)
+            loop.record((*self._inputs, stamped, *stamped_results), turn.usage)
 
     def _in_emitted_order(
         self, reply: AssistantMessage, stamped: AssistantMessage, results: list[AgentMessage]
@@ -1693,7 +1697,7 @@ class TurnScope(_Scope):
         are: the messages injected after `reply` (`stamped`: as recorded) follow it, among
         its tool `results` where they were emitted."""
         late = [(injected, ended) for injected, after, ended in self._steering if after is reply]
-        inputs = self.inputs
+        inputs = self._inputs
         for injected, ended in reversed(late):
             results.insert(ended, injected)
         return [*inputs[: len(inputs) - len(late)], stamped, *results]
