@@ -332,6 +332,23 @@ def test_an_identity_made_for_a_session_another_made_shares_its_loop_counter() -
     assert AgentSession(session_id=live.session_id).next_loop_id("c") == f"{live.session_id}.c.1"
 
 
+@pytest.mark.parametrize("bad", ["team.alpha", "", "../x", "a/b", "nul\x00", "x" * 201])
+def test_a_session_id_no_loop_id_or_store_can_hold_is_refused(bad: str) -> None:
+    # "team.alpha" was taken: its loop ids named session "team" to phi-core, and a later
+    # continuation was recorded as spawned from it; the others failed only when saved.
+    with pytest.raises(ps.InvalidSessionId):
+        AgentSession(session_id=bad)
+    made = iter(["agent", bad])
+    with pytest.raises(ps.InvalidSessionId):
+        AgentSession(id_factory=lambda: next(made))
+    made = iter(["agent", "s1", bad])
+    agent = AgentSession(id_factory=lambda: next(made))
+    with pytest.raises(ps.InvalidSessionId):
+        agent.new_session()
+    assert agent.session_id == "s1"  # a refused rotation leaves the session as it was
+    assert AgentSession(session_id="team-alpha").next_loop_id("c") == "team-alpha.c.1"
+
+
 def test_an_identitys_arguments_are_checked_where_they_enter() -> None:
     # Taken in, an id that is no text was written into every loop of a session no store loads.
     with pytest.raises(TypeError, match="agent_id must be str or None, not int"):

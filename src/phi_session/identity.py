@@ -34,6 +34,7 @@ from ._time import Timestamp
 from .errors import InvalidArgument
 from .events import LoopConfigSnapshot, SessionFormation
 from .ids import derive_config_id
+from .stores.base import validate_loop_session_id
 
 if TYPE_CHECKING:
     from .model import Session
@@ -193,7 +194,9 @@ class AgentSession:
     """The identity of one agent: its id, its current session, and loop-id allocation.
 
     * ``agent_id``: given, or a fresh UUID v4; never changes.
-    * ``session_id``: a UUID v4, replaced by `new_session` and `check_and_rotate`.
+    * ``session_id``: a UUID v4, replaced by `new_session` and `check_and_rotate`. One
+      given (or made by `id_factory`) holding a ``.`` (which would end it inside its loop
+      ids), or that no store can save (empty, ``/``, ``../x``), raises `InvalidSessionId`.
     * `next_loop_id(config_id)`: ``{session_id}.{config_id}.{N}``; ``N`` counts from 1
       per (session, config) and restarts in every new session; `allocate_loop`
       returns it with its session id, read atomically.
@@ -230,7 +233,10 @@ class AgentSession:
         self.agent_id: str = agent_id if agent_id is not None else self._fresh_id()
         self._lock = threading.Lock()
         self._stamper = _STAMPER
-        self._session_id = session_id if session_id is not None else self._fresh_id()
+        # One phi-core reads back from its loop ids, and every store can save.
+        self._session_id = validate_loop_session_id(
+            session_id if session_id is not None else self._fresh_id()
+        )
         self._made = session_id is None  # the current session's id is this identity's own
         self._generation = fork_generation()
         self._counters = self._counters_of_new_session(made=self._made)
@@ -317,7 +323,7 @@ class AgentSession:
             return self._rotate(formation)
 
     def _rotate(self, formation: SessionFormation | None) -> str:
-        self._session_id = self._fresh_id()
+        self._session_id = validate_loop_session_id(self._fresh_id())
         self._made = True
         self._counters = self._counters_of_new_session(made=True)
         self._last_loop_id = None

@@ -92,7 +92,7 @@ from ..replay import (
 from ..replay.cursor import result_text
 from ..replay.lineage import active_lineage
 from ..sinks import SinkLike
-from ..stores.base import SessionStore, validate_session_id
+from ..stores.base import SessionStore, validate_loop_session_id
 from ._sessions import EmbeddedStore, book_for_sinks, embedded_store
 
 __all__ = [
@@ -172,11 +172,10 @@ def session_id_for(framework_session_id: str) -> str:
     A ``.`` would be ambiguous inside loop ids (``{session_id}.{config_id}.{N}``).
     Total: text with lone surrogates (decoded from undecodable bytes) gets one too.
     """
-    if framework_session_id and "." not in framework_session_id:
-        try:
-            return validate_session_id(framework_session_id)
-        except InvalidSessionId:
-            pass
+    try:
+        return validate_loop_session_id(framework_session_id)
+    except InvalidSessionId:
+        pass
     # uuid5 itself, over bytes that lone surrogates do not fail (valid text: its UTF-8, as uuid5).
     name = framework_session_id.encode("utf-8", "surrogatepass")
     digest = hashlib.sha1(FRAMEWORK_SESSION_NAMESPACE.bytes + name, usedforsecurity=False).digest()

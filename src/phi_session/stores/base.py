@@ -452,6 +452,19 @@ def validate_session_id(session_id: str) -> str:
     return session_id
 
 
+def validate_loop_session_id(session_id: str) -> str:
+    """`validate_session_id`, and no ``.``: the id of a session loops are recorded in, which
+    phi-core reads back from their ids (``{session_id}.{config_id}.{N}``) as the part
+    before the first ``.``."""
+    validate_session_id(session_id)
+    if "." in session_id:
+        head = session_id.split(".", 1)[0]
+        raise InvalidSessionId(
+            f"session id {shown(repr(session_id), 240)} holds a '.': its loop ids name session {head!r}"
+        )
+    return session_id
+
+
 # A loop that ended outweighs one cut short (never ended: a recorder too keeps an ended
 # record over the same loop sent again that never ends), which outweighs a running snapshot.
 _FINISH_RANK: dict[str, int] = {"Pending": 0, "Running": 0, "Aborted": 1, "Completed": 2, "Rejected": 2}
