@@ -811,6 +811,26 @@ def test_a_rotation_between_parallel_groups_starts_the_next_in_the_new_session()
     assert second.loop_ids == (f"{new_session}.{CONFIG_ID}.1", f"{new_session}.{CONFIG_ID}.2")
 
 
+def test_a_parallel_group_selected_after_a_rotation_leaves_the_new_session_alone() -> None:
+    # The winner (a loop of the old session) became the new session's last loop: its
+    # next continuation got a parent in another session.
+    h = Harness()
+    with h.tracer.loop() as origin:
+        simple_loop(origin)
+    group = h.tracer.parallel([SNAP, SNAP])
+    new_session = h.agent.new_session()
+    with group:
+        for index in (0, 1):
+            with group.branch(index) as branch:
+                simple_loop(branch)
+        group.select(1)
+    assert h.agent.last_loop_id is None
+    with h.tracer.loop(kind=ps.DEFAULT) as later:
+        simple_loop(later)
+    assert later.session_id == new_session and later.parent_loop_id is None
+    assert [session.parent_spawn_ref for session in h.sessions()] == [None, None]
+
+
 def test_sub_agent_runs_in_its_own_session_linked_both_ways() -> None:
     h = Harness()
     with h.tracer.loop() as parent, parent.turn() as turn:

@@ -496,12 +496,18 @@ class AgentSession:
             agent._formation_claimed = claimed
         return agent
 
-    def set_last_loop(self, loop_id: str) -> None:
-        """Make `loop_id` the loop that continuations follow by default (e.g. a parallel winner)."""
+    def set_last_loop(self, loop_id: str, *, session_id: str | None = None) -> None:
+        """Make `loop_id` the loop that continuations follow by default (e.g. a parallel winner).
+
+        With `session_id`, the session `loop_id` belongs to, only while that is the current
+        session: a loop of a session rotated away from changes nothing (as in `loop_started`).
+        """
         check_type("loop_id", loop_id, str)
+        check_type("session_id", session_id, str, optional=True)
         self._follow_fork()
         with self._lock:
-            self._last_loop_id = loop_id
+            if session_id is None or session_id == self._session_id:
+                self._last_loop_id = loop_id
 
     def spawn(self, agent_id: str | None = None) -> AgentSession:
         """A new identity (fresh agent and session ids) sharing this one's clock and id factory.

@@ -2198,7 +2198,8 @@ class ParallelGroup(_Scope):
     Entering emits ``ParallelLoopStart`` with every branch's loop id. Run each
     branch with ``with group.branch(i) as loop`` (concurrently if you like), then
     call `select` with the winner and the judge's usage (``ParallelLoopEnd``); the
-    winner becomes the loop that later continuations follow. Branches never run
+    winner becomes the loop that later continuations follow (unless the session was
+    rotated since the group was made: the new session's are not). Branches never run
     are recorded as ``Aborted`` when the recorder flushes.
     """
 
@@ -2256,7 +2257,7 @@ class ParallelGroup(_Scope):
             )
         )
         self.selected = chosen
-        agent.set_last_loop(chosen.loop_id)
+        agent.set_last_loop(chosen.loop_id, session_id=self.session_id)  # not after a rotation
         self._close()
         return chosen
 
