@@ -215,6 +215,29 @@ def test_queue_sink_in_the_loop_and_from_other_threads() -> None:
     assert [i.reason for i in items[:-1]] == [str(i) for i in range(100)] and items[-1] is None
 
 
+def test_queue_sink_keeps_the_order_of_emission_across_threads() -> None:
+    # A sync step in the loop's thread joining its tools' worker threads: their events
+    # waited in the loop's callbacks while TurnEnd and AgentEnd were put at once, ahead
+    # of them, and the tools' events became orphans.
+    async def main() -> list[Any]:
+        queue: asyncio.Queue[ps.AgentEvent | None] = asyncio.Queue()
+        sink = QueueSink(queue)
+        sink(ps.InputRejected(loop_id="l", reason="0"))
+        worker = threading.Thread(target=lambda: sink(ps.InputRejected(loop_id="l", reason="1")))
+        worker.start()
+        worker.join()
+        sink(ps.InputRejected(loop_id="l", reason="2"))  # the loop's thread again, the worker's still waiting
+        sink(ps.InputRejected(loop_id="l", reason="3"))
+        await asyncio.sleep(0)  # the waiting ones are put: direct puts again
+        sink(ps.InputRejected(loop_id="l", reason="4"))
+        assert queue.qsize() == 5
+        sink.close()
+        return [await queue.get() for _ in range(6)]
+
+    items = asyncio.run(main())
+    assert [item.reason for item in items[:-1]] == ["0", "1", "2", "3", "4"] and items[-1] is None
+
+
 def test_queue_sink_refuses_a_bounded_queue() -> None:
     with pytest.raises(ps.InvalidArgument, match="unbounded"):  # was a bare ValueError
         QueueSink(asyncio.Queue(maxsize=10))

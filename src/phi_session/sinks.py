@@ -168,9 +168,11 @@ class _PutQueue(Protocol[_Item_contra]):
 class QueueSink:
     """Puts events on an ``asyncio.Queue`` for a recorder task (`phi_session.consume`).
 
-    Safe to call from any thread: from the queue's event-loop thread the event is
-    put directly, from any other thread through ``call_soon_threadsafe`` (order is
-    kept per thread). The loop is `loop`, else the running loop at construction:
+    Safe to call from any thread, events reaching the queue in the order of the calls:
+    from the queue's event-loop thread an event is put directly, from any other thread
+    through ``call_soon_threadsafe`` (and from the loop's thread too while events handed
+    over so are waiting, so that none is put ahead of them: a sync step joining its
+    tools' threads). The loop is `loop`, else the running loop at construction:
     built outside a running loop without `loop=`, the sink is refused (`RuntimeError`)
     rather than guessing, since the first caller's loop may be the agent's, not the
     consumer's. `close()` puts the end-of-stream marker (None).
@@ -195,6 +197,10 @@ class QueueSink:
         self.queue = queue
         self.wants_deltas = wants_deltas
         self._thread: int | None = None  # the loop's thread, if known: direct puts from it
+        # Events handed to the loop's callbacks and not yet put (under `_lock`): while there
+        # are any, the loop's thread hands its events over too, behind them.
+        self._waiting = 0
+        self._lock = threading.Lock()
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -211,12 +217,29 @@ class QueueSink:
         self._loop: asyncio.AbstractEventLoop = loop
 
     def __call__(self, event: AgentEvent | None) -> None:
-        if threading.get_ident() == self._thread:
+        # `_waiting` only drops in the loop's thread (`_put`): read there, it cannot be stale.
+        if not self._waiting and threading.get_ident() == self._thread:
             self.queue.put_nowait(event)
             return
         # Any other thread (or an explicit loop whose thread is unknown): always this
         # path, so the events of one thread keep their order.
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self._hand_over(event)
+
+    def _hand_over(self, event: AgentEvent | None) -> None:
+        """Put `event` from the loop's thread, behind every event handed over before."""
+        with self._lock:
+            self._waiting += 1
+        try:
+            self._loop.call_soon_threadsafe(self._put, event)
+        except BaseException:  # a closed loop: nothing is waiting for it
+            with self._lock:
+                self._waiting -= 1
+            raise
+
+    def _put(self, event: AgentEvent | None) -> None:
+        with self._lock:
+            self._waiting -= 1
+        self.queue.put_nowait(event)
 
     def flush(self) -> None:
         """Nothing to do: each event is on its way to the queue when the call returns."""
@@ -228,7 +251,7 @@ class QueueSink:
         other threads have handed over but the loop has not queued yet. Raises
         `RuntimeError` if the loop is closed (the marker could not be delivered).
         """
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, None)
+        self._hand_over(None)
 
 
 class JsonlSink:
