@@ -716,6 +716,21 @@ def test_a_compaction_still_open_when_its_loop_ends_is_ended_before_the_loop() -
     assert h.types(failed.loop_id) == ["AgentStart", "CompactionStarted", "AgentEnd"]  # as a failed one
 
 
+def test_a_compaction_still_open_when_a_rejection_ends_its_loop_is_ended_first() -> None:
+    # Its CompactionEnded followed the rejection's AgentEnd, an orphan.
+    h = Harness()
+    with h.tracer.loop() as loop:
+        loop.user("a very long prompt")
+        with loop.compaction(5000, 12) as compacting:
+            loop.reject("input too long")
+            compacting.done(messages_after=3, estimated_tokens_after=900)  # too late: ignored
+    types = ["AgentStart", "CompactionStarted", "InputRejected", "CompactionEnded", "AgentEnd"]
+    assert h.types() == types and compacting.ended and loop.status == "rejected"
+    [record] = h.session().loops
+    assert record.status == "Rejected" and [type(e.event).__name__ for e in record.events] == types
+    assert h.recorder.stats()["orphans"] == 0
+
+
 def test_a_compaction_ended_twice_by_its_owner_is_refused() -> None:
     h = Harness()
     with h.tracer.loop() as loop:

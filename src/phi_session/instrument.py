@@ -784,10 +784,13 @@ class _LoopState:
         """Whether `compaction` ends now by its own call (False: the loop ended it)."""
         return self._compactions.pop(compaction, False) is None
 
-    def take_compactions(self) -> list[CompactionScope]:
-        """The loop ends: the compactions still running, for it to end first."""
-        taken, self._compactions = list(self._compactions), {}
-        return taken
+    def end_compactions(self, error: BaseException | str | None) -> None:
+        """The loop ends: end the compactions still running first, as leaving their scopes
+        would (with `error`: no ``CompactionEnded``)."""
+        with self.lock:
+            taken, self._compactions = list(self._compactions), {}
+        for compaction in taken:
+            compaction.cut_short(error)
 
     def user_message(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
         if isinstance(content, (UserMessage, AssistantMessage, ToolResultMessage, ExtensionMessage)):
@@ -1341,8 +1344,8 @@ class LoopScope(_Scope):
 
         Before the first turn the initial input is what was rejected: the loop ends
         at once with ``AgentEnd`` carrying the rejection, no messages and zero usage
-        (status ``Rejected``), and the waiting prompts are discarded, as in phi-core.
-        Later, the loop goes on.
+        (status ``Rejected``), and the waiting prompts are discarded, as in phi-core
+        (a compaction still running is ended first, as `end` does). Later, the loop goes on.
         """
         self._require_running()
         check_type("reason", reason, str)
@@ -1350,6 +1353,7 @@ class LoopScope(_Scope):
         loop.emit(InputRejected(loop_id=self.loop_id, reason=reason))
         if self.turns == 0:
             loop.discard_waiting()
+            loop.end_compactions(None)  # a running compaction's end must not follow AgentEnd
             self.rejection = reason
             self._close()
             loop.detach()
@@ -1439,10 +1443,7 @@ class LoopScope(_Scope):
         turn = loop.turn
         if turn is not None and turn.running:
             turn.end(error if error is not None else "the loop ended while this turn was open")
-        with loop.lock:
-            open_compactions = loop.take_compactions()
-        for compaction in open_compactions:  # ended as leaving its scope would
-            compaction.cut_short(error)
+        loop.end_compactions(error)
         loop.emit_waiting(None)
         self._close()
         loop.detach()
@@ -2149,7 +2150,11 @@ class CompactionScope(_Scope):
         return self
 
     def done(self, *, messages_after: int, estimated_tokens_after: int, loops_compacted: int = 1) -> None:
-        """The result of the compaction (emitted when the scope ends)."""
+        """The result of the compaction (emitted when the scope ends). After its loop ended
+        it, a no-op (logged)."""
+        if self._cut:
+            self._ignored("done")
+            return
         self._require_running()
         check_unsigned("messages_after", messages_after)
         check_unsigned("estimated_tokens_after", estimated_tokens_after)
@@ -2163,10 +2168,13 @@ class CompactionScope(_Scope):
         with loop.lock:
             if not loop.compaction_ending(self):
                 if self._cut:
-                    logger.info("compaction of loop %s: end ignored, its loop already ended it", loop.loop_id)
+                    self._ignored("end")
                     return
                 raise _not_running(self)
         self._emit_end(error)
+
+    def _ignored(self, what: str) -> None:
+        logger.info("compaction of loop %s: %s ignored, its loop already ended it", self._loop.loop_id, what)
 
     def cut_short(self, error: BaseException | str | None) -> None:
         """Its loop ends (and has taken it out of its running compactions) first."""
