@@ -207,6 +207,9 @@ def test_cancellation_records_and_saves_everything_already_queued() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        # Left running, its identity (and so session "s"'s shared loop counter) would live
+        # on until the collector ran, and later tests' loops of "s" would be numbered after it.
+        open_loop.end()
 
     asyncio.run(main())
     [session] = memory.sessions.values()

@@ -328,8 +328,30 @@ def test_an_identity_made_for_a_session_another_made_shares_its_loop_counter() -
     rotated = live.new_session()
     assert live.next_loop_id("c") == f"{rotated}.c.1"
     assert AgentSession.continuing(recorded_session(rotated)).next_loop_id("c") == f"{rotated}.c.2"
-    # A session id given to an identity may name another destination's session: not shared.
-    assert AgentSession(session_id=live.session_id).next_loop_id("c") == f"{live.session_id}.c.1"
+    # An identity given the session's id takes part too.
+    assert AgentSession(session_id=live.session_id).next_loop_id("c") == f"{live.session_id}.c.3"
+
+
+def test_identities_given_one_session_id_share_its_loop_counter() -> None:
+    """Two concurrent requests of one conversation, each with an `AgentSession` of its id,
+    both handed out loop 1: the recorder kept one loop and orphaned the other's end."""
+    first, second = AgentSession(session_id="conversation-42"), AgentSession(session_id="conversation-42")
+    assert [first.next_loop_id("c"), second.next_loop_id("c"), first.next_loop_id("c")] == [
+        "conversation-42.c.1",
+        "conversation-42.c.2",
+        "conversation-42.c.3",
+    ]
+    # The one identity per session of a destination an adapter holds counts apart: the id
+    # (a framework's thread id) may name another destination's session too.
+    assert AgentSession.of_destination("a", "conversation-42").next_loop_id("c") == "conversation-42.c.1"
+    del first, second
+    gc.collect()
+    # Nothing is kept once no identity holds the session (a store's loops seed a new one).
+    assert AgentSession(session_id="conversation-42").next_loop_id("c") == "conversation-42.c.1"
+    # Ids an injected factory makes (a test's s1, s2...) may name other sessions: not shared.
+    made = iter(["a", "s1", "b", "s1"])
+    one, other = (AgentSession(id_factory=lambda: next(made)) for _ in range(2))
+    assert one.next_loop_id("c") == other.next_loop_id("c") == "s1.c.1"
 
 
 @pytest.mark.parametrize("bad", ["team.alpha", "", "../x", "a/b", "nul\x00", "x" * 201])

@@ -129,12 +129,16 @@ class _Stamper:
 class _LoopCounters:
     """The loop counters of one session: ``config_id -> N`` of its latest loop id.
 
-    Shared (`_joined_counters`) by the identities of a session whose id one of them made
-    (a UUID v4: that session's alone) and by those going on with a recorded session
-    (`AgentSession.continuing`), so two of them (a live agent and a replay of its
-    session) never hand out the same loop id. A session id given to an identity may name
-    sessions of several destinations (a framework's thread id): its counters are its own.
-    Held only by the identities sharing them: they go when those do."""
+    Shared (`_joined_counters`) by every identity of a session in the process: the one
+    that made its id (a UUID v4), those given it (two concurrent requests of one
+    conversation, each with an `AgentSession` of its id) and those going on with a
+    recording of it (`AgentSession.continuing`), so two of them never hand out the same
+    loop id. Not by identities of ids an injected factory made (a test's ``s1``,
+    ``s2``…), which may name unrelated sessions, nor by those a holder of one identity per
+    session of its destination makes (`AgentSession.of_destination`, a framework
+    adapter's: a framework's thread id may name another destination's session too).
+    Held only by the identities sharing them: they go when those do (a new identity then
+    counts from 1, or after the loops a store holds, `AgentSession.resume`)."""
 
     __slots__ = ("__weakref__", "_counts", "_generation", "_lock")
 
@@ -333,12 +337,11 @@ class AgentSession:
         return self._session_id
 
     def _counters_of_new_session(self, *, made: bool) -> _LoopCounters:
-        """Shared (`_joined_counters`) when this identity `made` the session's id as a UUID
-        v4, that session's alone; a given id (a framework's thread id) or one from an
-        injected factory (a test's ``s1``, ``s2``…) may name other sessions too."""
-        if made and self.id_factory is _uuid4:
-            return _joined_counters(self._session_id)
-        return _LoopCounters()
+        """Shared (`_joined_counters`), but when this identity `made` the session's id with an
+        injected factory (a test's ``s1``, ``s2``…, which may name unrelated sessions)."""
+        if made and self.id_factory is not _uuid4:
+            return _LoopCounters()
+        return _joined_counters(self._session_id)
 
     def _follow_fork(self) -> None:
         """At the first use in a forked child: a session of its own, or a warning (see the
@@ -451,7 +454,6 @@ class AgentSession:
         that session in the process shares one loop counter: two of them never hand out
         the same loop id, even when both are made before either records a loop."""
         agent = cls(session.agent_id, session_id=session.session_id, clock=clock, id_factory=id_factory)
-        agent._counters = _joined_counters(session.session_id)  # a new identity: no one else uses it yet
         agent.resume_session(session)
         return agent
 
@@ -481,9 +483,10 @@ class AgentSession:
         cls, progress: tuple[object, ...], *, clock: Clock | None = None, id_factory: IdFactory | None = None
     ) -> AgentSession:
         """The identity that goes on from `progress` (an `AgentSession.progress`): same agent
-        and session, loop counters, last loop, and whether its first loop was recorded. Not
-        kept: the last loop's start time (`check_and_rotate` leaves the session alone until
-        its next loop starts) and the formation of a rotation no loop has claimed yet."""
+        and session, loop counters (its own, as `of_destination` makes them), last loop,
+        and whether its first loop was recorded. Not kept: the last loop's start time
+        (`check_and_rotate` leaves the session alone until its next loop starts) and the
+        formation of a rotation no loop has claimed yet."""
         agent_id, session_id, claimed, last = cast("tuple[str, str, bool, str | int | None]", progress[:4])
         config_ids = cast("tuple[str, ...]", progress[4::2])
         counters = dict(zip(config_ids, cast("tuple[int, ...]", progress[5::2]), strict=True))
@@ -491,10 +494,26 @@ class AgentSession:
             last = f"{session_id}.{config_ids[last]}.{counters[config_ids[last]]}"
         agent = cls(agent_id, session_id=session_id, clock=clock, id_factory=id_factory)
         with agent._lock:
+            agent._counters = _LoopCounters()  # its holder's alone (see `of_destination`)
             agent._counters.raise_to(counters.items())
             agent._last_loop_id = last
             agent._formation_claimed = claimed
         return agent
+
+    @classmethod
+    def of_destination(
+        cls,
+        agent_id: str,
+        session_id: str,
+        *,
+        clock: Clock | None = None,
+        id_factory: IdFactory | None = None,
+    ) -> AgentSession:
+        """An identity of the given `session_id` counting its loops alone, not with every
+        identity of that id in the process: for a holder of the one identity of each session
+        of its destination, seeded from it (a framework adapter's), where the id (a
+        framework's thread id) may name another destination's session too, numbered apart."""
+        return cls.from_progress((agent_id, session_id, False, None), clock=clock, id_factory=id_factory)
 
     def set_last_loop(self, loop_id: str, *, session_id: str | None = None) -> None:
         """Make `loop_id` the loop that continuations follow by default (e.g. a parallel winner).

@@ -598,8 +598,8 @@ class AdapterCore:
             if recorded is not None:
                 agent = AgentSession.continuing(recorded, clock=clock, id_factory=id_factory)
             else:
-                agent = AgentSession(
-                    self.agent.agent_id, session_id=session_id, clock=clock, id_factory=id_factory
+                agent = AgentSession.of_destination(
+                    self.agent.agent_id, session_id, clock=clock, id_factory=id_factory
                 )
             try:
                 self._resume_from_store(agent)
