@@ -238,6 +238,34 @@ def test_queue_sink_keeps_the_order_of_emission_across_threads() -> None:
     assert [item.reason for item in items[:-1]] == ["0", "1", "2", "3", "4"] and items[-1] is None
 
 
+def test_events_sent_after_a_queue_sinks_close_are_counted_and_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A run still going when its tracer closed: its events went behind the end-of-stream
+    # marker, where no consumer reads, and nothing counted or logged them.
+    async def main() -> tuple[Tracer, QueueSink, list[Any], int]:
+        queue: asyncio.Queue[ps.AgentEvent | None] = asyncio.Queue()
+        sink = QueueSink(queue)
+        t = tracer(sink)
+        loop = t.loop().start()
+        t.close()
+        with loop.turn() as turn, turn.assistant() as reply:
+            reply.finish("late")
+        worker = threading.Thread(target=loop.end)  # from another thread too
+        worker.start()
+        worker.join()
+        await asyncio.sleep(0)
+        items = [await queue.get(), await queue.get()]
+        return t, sink, items, queue.qsize()
+
+    with caplog.at_level(logging.ERROR, logger="phi_session.sinks"):
+        t, sink, items, left = asyncio.run(main())
+    assert isinstance(items[0], ps.AgentStart) and items[1] is None and left == 0
+    assert t.sink_errors == {repr(sink): 5}  # TurnStart, MessageStart, MessageEnd, TurnEnd, AgentEnd
+    [logged] = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert "QueueSink is closed" in str(logged.exc_info[1])  # type: ignore[index]
+
+
 def test_queue_sink_refuses_a_bounded_queue() -> None:
     with pytest.raises(ps.InvalidArgument, match="unbounded"):  # was a bare ValueError
         QueueSink(asyncio.Queue(maxsize=10))

@@ -1178,7 +1178,8 @@ class Tracer:
         self.fanout.flush()
 
     def close(self) -> None:
-        """Close every sink (see `Sink.close`). Never raises."""
+        """Close every sink (see `Sink.close`). Never raises. An event emitted after it (a
+        run still going) that a sink can no longer take is counted in `sink_errors`."""
         self.fanout.close()
 
     def __enter__(self) -> Tracer:

@@ -32,7 +32,7 @@ from ._checks import check_callable, check_type
 from ._failures import FailureTally
 from ._jsonl import ends_mid_line
 from .codec import encode_event
-from .errors import InvalidArgument
+from .errors import InstrumentationError, InvalidArgument
 from .events import AgentEvent
 
 __all__ = ["CallableSink", "FanOut", "JsonlSink", "QueueSink", "RecorderSink", "Sink", "SinkLike", "as_sink"]
@@ -56,8 +56,9 @@ class Sink(Protocol):
       no sink does, they are never built.
     * The lifecycle: ``flush()`` makes what it received durable or visible
       (`Tracer.flush`); ``close()`` flushes and releases what it holds, and no
-      event follows it (`Tracer.close`). Neither raises into the agent either: a
-      failure is logged.
+      event follows it (`Tracer.close`): one sent anyway raises if the sink can no
+      longer take it (`QueueSink`), so that `FanOut` counts it. Neither raises into the
+      agent either: a failure is logged.
 
     Any callable is accepted where a sink is expected: `as_sink` adapts it.
     """
@@ -200,6 +201,7 @@ class QueueSink:
         # Events handed to the loop's callbacks and not yet put (under `_lock`): while there
         # are any, the loop's thread hands its events over too, behind them.
         self._waiting = 0
+        self._closed = False  # the end-of-stream marker is on its way: no event may follow it
         self._lock = threading.Lock()
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -219,15 +221,20 @@ class QueueSink:
     def __call__(self, event: AgentEvent | None) -> None:
         # `_waiting` only drops in the loop's thread (`_put`): read there, it cannot be stale.
         if not self._waiting and threading.get_ident() == self._thread:
+            if self._closed:
+                raise _closed_queue()
             self.queue.put_nowait(event)
             return
         # Any other thread (or an explicit loop whose thread is unknown): always this
         # path, so the events of one thread keep their order.
         self._hand_over(event)
 
-    def _hand_over(self, event: AgentEvent | None) -> None:
+    def _hand_over(self, event: AgentEvent | None, *, closing: bool = False) -> None:
         """Put `event` from the loop's thread, behind every event handed over before."""
         with self._lock:
+            if self._closed and not closing:
+                raise _closed_queue()
+            self._closed = self._closed or closing
             self._waiting += 1
         try:
             self._loop.call_soon_threadsafe(self._put, event)
@@ -249,9 +256,15 @@ class QueueSink:
 
         The marker always goes through the loop's callback queue, behind the events
         other threads have handed over but the loop has not queued yet. Raises
-        `RuntimeError` if the loop is closed (the marker could not be delivered).
+        `RuntimeError` if the loop is closed (the marker could not be delivered). An
+        event sent after it raises `InstrumentationError` (counted by `FanOut.errors`,
+        the first logged): behind the marker, no consumer would read it.
         """
-        self._hand_over(None)
+        self._hand_over(None, closing=True)
+
+
+def _closed_queue() -> InstrumentationError:
+    return InstrumentationError("QueueSink is closed: an event behind its end-of-stream marker is never read")
 
 
 class JsonlSink:
