@@ -368,6 +368,20 @@ def test_a_callable_becomes_a_sink_keeping_the_parts_it_has(caplog: pytest.LogCa
     t.close()  # Partial has no close: nothing to call
 
 
+def test_failing_components_of_equal_repr_are_reported_apart() -> None:
+    # Keyed by repr: two sinks of one repr showed {...: 2} for four failures.
+    class Equal(Boom):
+        def __repr__(self) -> str:
+            return "HttpSink('http://collector')"
+
+    first, second = Equal(), Equal()
+    t = tracer(first, second, lambda event: None)
+    with t.loop():
+        pass
+    assert t.sink_errors == {"HttpSink('http://collector')": 2, "HttpSink('http://collector') #2": 2}
+    assert sum(t.sink_errors.values()) == t.fanout.error_count == 4
+
+
 def test_failures_are_counted_per_component_and_each_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     test_logger = logging.getLogger("phi_session.test_failures")
     quiet = FailureTally(test_logger, "part", "it is skipped", traceback=False)

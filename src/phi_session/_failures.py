@@ -15,7 +15,7 @@ class FailureTally:
     traceback; without it the traceback is logged at DEBUG only, for components
     whose exception messages may quote what they were handling (a processor may be
     holding the very secret it was about to remove). Components are told apart by
-    identity and reported by ``repr``. Thread-safe.
+    identity and reported by ``repr`` (`counts`). Thread-safe.
     """
 
     def __init__(self, logger: logging.Logger, kind: str, consequence: str, *, traceback: bool) -> None:
@@ -47,9 +47,20 @@ class FailureTally:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Failures per component (by repr), for components that failed at least once."""
+        """Failures per component (by repr, in the order they first failed), for components
+        that failed at least once; one whose repr an earlier one has is ``"{repr} #2"``,
+        ``#3``..., so that no count hides another."""
         with self._lock:
-            return {repr(component): count for component, count in self._counts.values()}
+            failed = list(self._counts.values())
+        counts: dict[str, int] = {}
+        for component, count in failed:
+            key = shown = repr(component)
+            number = 1
+            while key in counts:
+                number += 1
+                key = f"{shown} #{number}"
+            counts[key] = count
+        return counts
 
     @property
     def total(self) -> int:

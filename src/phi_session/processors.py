@@ -265,7 +265,8 @@ class ProcessorChain:
 
     @property
     def failures(self) -> dict[str, int]:
-        """Failure count per processor (by repr), for those that failed at least once."""
+        """Failure count per processor (by repr, `FailureTally.counts`), for those that
+        failed at least once."""
         return self._failures.counts
 
 

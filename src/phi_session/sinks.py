@@ -433,7 +433,8 @@ class FanOut:
 
     @property
     def errors(self) -> dict[str, int]:
-        """Failed deliveries per sink (by repr), for sinks that failed at least once."""
+        """Failed deliveries per sink (by repr, `FailureTally.counts`), for sinks that
+        failed at least once."""
         return self._failures.counts
 
     @property
