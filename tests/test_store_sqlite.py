@@ -1126,6 +1126,30 @@ def test_a_held_write_lock_raises_session_locked(db: Path) -> None:
         assert len(store.load("x").loops) == 2
 
 
+def test_opening_and_reading_never_wait_for_another_writer(db: Path) -> None:
+    """Another process's long write (a big save) holds the write lock: opening the store
+    and reading from a thread with no connection yet neither wait for it nor fail."""
+    with SqliteStore(db) as store:
+        store.save(make_session("x"))
+    blocker = sqlite3.connect(db, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with SqliteStore(db, timeout=0.1) as store:
+            read: list[object] = []
+
+            def reads() -> None:
+                read.append([r.loop_id for r in store.load("x").loops])
+                read.append([o.loop_id for o in store.load_outline("x").loops])
+                read.append([s.session_id for s in store.query()])
+
+            thread = threading.Thread(target=reads)
+            thread.start()
+            thread.join()
+            assert read == [["x.cfg.1"], ["x.cfg.1"], ["x"]]
+    finally:
+        blocker.close()
+
+
 def test_full_database_leaves_the_stored_session_whole(store: SqliteStore) -> None:
     first = make_session("f", loops=[make_loop("f", 1, events=2)])
     store.save(first)

@@ -1082,9 +1082,12 @@ class SqliteStore(AsyncTwins):
                 # Before anything that writes (journal_mode changes the file's header):
                 # a database of another application must be left exactly as it was.
                 self._check_version(conn)
-                # Only takes effect on a new, empty file: lets `prune` give pages back
-                # (but setting it rewrites the header's change counter, even unchanged).
-                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                # Lets `prune` give pages back. It takes effect only on a new, empty file,
+                # and setting it writes the header even unchanged, which would make every
+                # connection wait for another process's write (a big save), readers too.
+                if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+                    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                # A no-op, taking no lock, on a file already in WAL mode.
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conn.execute("PRAGMA foreign_keys = ON")
