@@ -42,10 +42,11 @@ from phi_session.adapters import (
 )
 from phi_session.adapters._core import jsonable
 from phi_session.adapters._sessions import SessionBook
-from phi_session.errors import InvalidArgument, MissingExtra
+from phi_session.errors import InvalidArgument, MissingExtra, SessionLocked
 from phi_session.events import ToolExecutionEnd, ToolExecutionStart
 from phi_session.messages import ToolCall
 from phi_session.stores.base import validate_session_id
+from phi_session.stores.outline import SessionOutline
 
 from .conftest import needs_fork
 
@@ -191,6 +192,27 @@ def test_a_run_whose_stored_session_cannot_be_read_is_recorded_in_a_session_of_i
         assert loop.kind == INITIAL and loop.metadata["framework_session_id"] == "t"
     assert "session 't' could not be read from the store" in caplog.text
     assert_round_trip(recorder)
+
+
+def test_a_run_whose_stored_session_is_locked_is_recorded_whole_in_a_session_of_its_own(
+    tmp_path: Path,
+) -> None:
+    # SessionLocked (another writer held the store past its timeout) slipped past the
+    # fallback: the run failed to start and its prompt and first turn were lost.
+    class LockedStore(JsonDirStore):
+        def load_outline(self, session_id: str) -> SessionOutline:
+            raise SessionLocked(f"{session_id!r}: the database stayed locked by another writer")
+
+    recorder = SessionRecorder()
+    core = make_core(recorder, store=LockedStore(tmp_path))
+    core.start_run("r1", CONFIG, framework_session_id="t")
+    one_turn(core, "r1", "the prompt")
+    core.end_run("r1")
+    assert core.fault_count == 0
+    ((loop,),) = [session.loops for session in recorder.sessions()]
+    assert loop.kind == INITIAL and loop.metadata["framework_session_id"] == "t"
+    assert [type(m).__name__ for m in loop.messages] == ["UserMessage", "AssistantMessage"]
+    assert loop.turn_count() == 1
 
 
 def test_runs_without_session_use_the_adapters_agent_session() -> None:

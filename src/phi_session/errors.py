@@ -37,12 +37,13 @@ class InvalidSessionId(PhiSessionError, ValueError):
     """A session id that cannot safely name a stored object (``../x``, ``/``, NUL, empty)."""
 
 
-class SessionLocked(PhiSessionError):
-    """Another writer held the session's lock for longer than the bounded wait."""
-
-
 class StoreError(PhiSessionError):
     """A storage backend failed (I/O error, full disk, broken connection)."""
+
+
+class SessionLocked(StoreError):
+    """Another writer held the session's lock for longer than the bounded wait (a
+    `StoreError`: what was asked of the store was not done)."""
 
 
 class StoredSessionUnusable(StoreError):
