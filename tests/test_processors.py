@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import phi_session as ps
+from phi_session import redactor as redactor_module
 from phi_session._strict import MAX_VALUE_DEPTH
 from phi_session.identity import AgentSession, FakeClock
 from phi_session.instrument import Tracer
@@ -1021,6 +1022,54 @@ def test_a_history_whose_earlier_arguments_gain_a_secret_is_scanned_again() -> N
     arguments["token"] = "plain-value"  # inside the remembered part of the history
     request = redactor(_history_request((PROMPT, first, second)))
     assert request.payload.messages[1].content[0].arguments["token"] == REDACTED  # type: ignore[union-attr]
+
+
+def _small_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The redactor's budgets shrunk to what a few 4 KB messages outgrow.
+    monkeypatch.setattr(redactor_module, "_HISTORY_BYTES", 32_000)
+    monkeypatch.setattr(redactor_module, "_MEMO_BYTES", 32_000)
+
+
+def test_a_history_over_the_budget_still_scans_each_message_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past the budget each request rescanned the whole history (the memo evicting, in
+    # turn, each content the next request needed): 30x the cost of a request before.
+    _small_budgets(monkeypatch)
+    replies = [_tool_reply("write", {"path": f"f{n}", "content": "y" * 4000}) for n in range(30)]
+    replies[20].content[0].arguments["api_key"] = "plain-value"  # type: ignore[union-attr]
+    redactor = CountingRedactor()
+    requests = _growing_history(redactor, replies)
+    assert [redactor.scans[id(r.content[0].arguments)] for r in replies] == [1] * 30  # type: ignore[union-attr]
+    assert requests[-1].payload.messages[21].content[0].arguments["api_key"] == REDACTED  # type: ignore[attr-defined]
+    replies[3].content[0].arguments["token"] = "plain-value"  # type: ignore[union-attr]
+    request = redactor(_history_request((PROMPT, *replies)))
+    assert request.payload.messages[4].content[0].arguments["token"] == REDACTED  # type: ignore[attr-defined]
+
+
+def test_histories_over_the_budget_are_kept_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The one over the budget kept for its next request goes when another one over it comes.
+    _small_budgets(monkeypatch)
+    redactor = Redactor()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for conversation in range(20):
+            history: tuple[ps.Message, ...] = (
+                ps.UserMessage(content=(ps.TextContent(text="hi"),), timestamp=1),
+            )
+            for n in range(25):  # 100 KB of arguments, and their copies
+                history += (_tool_reply("write", {"path": f"{conversation}/{n}", "content": "y" * 4000}),)
+                redactor(_history_request(history))
+            del history
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+        for n in range(70):  # other conversations, under the budget: the last one over it goes
+            redactor(_history_request((ps.UserMessage(content=(ps.TextContent(text=f"{n}"),), timestamp=1),)))
+        gc.collect()
+        held_after = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 400_000  # the budget, and one history over it: 20 were 3 MB
+    assert held_after < 100_000
 
 
 def test_known_clean_field_names_are_still_scanned_for_secrets() -> None:

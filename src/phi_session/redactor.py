@@ -35,6 +35,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ._checks import check_each, check_instance, check_type
+from ._strict import MAX_VALUE_DEPTH
 from .codec import json_form, json_size
 from .errors import InvalidArgument, PhiSessionError
 from .events import (
@@ -193,6 +194,9 @@ _HISTORY_LIMIT = 64  # per redactor: the conversations in flight (each holds its
 _MEMO_BYTES = 8 * 1024 * 1024
 _HISTORY_BYTES = 8 * 1024 * 1024
 _MEMO_VALUE_BYTES = 1024 * 1024  # a larger content is scanned again each time it comes
+# One conversation in flight past `_HISTORY_BYTES` is remembered beside them, up to this
+# (what it holds besides the messages the agent holds anyway: the arguments' copies).
+_LARGE_HISTORY_BYTES = 256 * 1024 * 1024
 
 DEFAULT_SECRET_FIELDS: frozenset[str] = frozenset(
     {
@@ -237,6 +241,7 @@ _OneMessage = TypeVar("_OneMessage", MessageStart, MessageEnd)
 _MISSING: Any = object()  # a memo miss (a remembered result is never this object)
 # Tool-call arguments of these types cannot change after a scan (None: not a tool call).
 _UNCHANGEABLE = frozenset({type(None), str, int, float, bool})
+_JSON_SCALARS = frozenset({type(None), int, float, bool})
 _STRINGS = frozenset({str})
 _is_str = str.__instancecheck__
 # A remembered history: (messages, redacted, live arguments, their copy, size); see `_history`.
@@ -254,14 +259,54 @@ def _live_arguments(content: tuple[Content, ...]) -> list[Any]:
 
 
 def _json_copy(value: Any, room: int) -> tuple[Any, int] | None:
-    """A deep copy of a JSON value that compares equal to it while it is unchanged, and
-    the size of its JSON; None, without a copy, when that is over `room` bytes. Raises
-    one of `_NOT_COPIED` for values that do not copy as JSON (and so could never compare
-    equal)."""
-    written = _json_encode(value)
-    if len(written) > room:
+    """A copy of a JSON value's dicts and lists that compares equal to it while it is
+    unchanged, and about what its JSON weighs; None when that is over `room` bytes, or
+    when the value holds anything but JSON's own types (which could change unseen, or
+    never compare equal) or is nested deeper than phi-core reads (a comparison that deep
+    could exceed the recursion limit; a cycle never ends).
+
+    Its strings and numbers, which cannot change, are the value's own: comparing the two
+    is a pointer test per leaf, not a reading of every text (a long conversation's
+    arguments are compared on every request).
+    """
+    if type(value) is not list:  # the callers' case: a list of blocks' arguments
         return None
-    return _json_decode(written), len(written)
+    size = 2
+    copy: list[Any] = []
+    stack: list[tuple[Any, Any, int]] = [(value, copy, 1)]
+    while stack:
+        source, target, depth = stack.pop()
+        if depth > MAX_VALUE_DEPTH:
+            return None
+        is_dict = type(source) is dict
+        for key, item in source.items() if is_dict else enumerate(source):
+            tp = type(item)
+            if tp is str:
+                new: Any = item
+                size += len(item) + 3
+            elif tp in _JSON_SCALARS:
+                new = item
+                size += 8
+            elif tp is dict:
+                new = {}
+                stack.append((item, new, depth + 1))
+                size += 2
+            elif tp is list:
+                new = []
+                stack.append((item, new, depth + 1))
+                size += 2
+            else:
+                return None
+            if is_dict:
+                if type(key) is not str:
+                    return None
+                size += len(key) + 3
+                target[key] = new
+            else:
+                target.append(new)
+        if size > room:
+            return None
+    return copy, size
 
 
 def _content_size(content: tuple[Content, ...], arguments: list[Any]) -> int:
@@ -270,7 +315,7 @@ def _content_size(content: tuple[Content, ...], arguments: list[Any]) -> int:
     return sum(map(text_size, content)) + sum(len(a) for a in arguments if type(a) is str)
 
 
-# What `_json_copy` raises: not JSON, or nested deeper than the codec goes from here.
+# What `json_size` raises: not JSON, or nested deeper than the codec goes from here.
 _NOT_COPIED = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
 
 
@@ -349,6 +394,10 @@ class Redactor:
         # id(first message) -> (history, result, live, witness, size): see `_history`.
         self._histories: OrderedDict[int, _HistoryEntry] = OrderedDict()
         self._history_bytes = 0
+        # (id(first message), entry, `_history_stores` then): the one history over
+        # `_HISTORY_BYTES` (see `_history`), and the count of histories remembered.
+        self._large_history: tuple[int, _HistoryEntry, int] | None = None
+        self._history_stores = 0
         # Per event type, what to scan; events of other types pass untouched, at the
         # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
         self._handlers: dict[type, Callable[[Any], AgentEvent]] = {
@@ -695,11 +744,8 @@ class Redactor:
         witness: Any = None
         size = _content_size(content, arguments)
         if not set(map(type, arguments)) <= _UNCHANGEABLE:
-            try:
-                # The live arguments and their copy: each weighs about their JSON.
-                copied = _json_copy(arguments, (_MEMO_VALUE_BYTES - size) // 2)
-            except _NOT_COPIED:
-                copied = None
+            # The live arguments and their copy: each counted as their JSON.
+            copied = _json_copy(arguments, (_MEMO_VALUE_BYTES - size) // 2)
             if copied is None:
                 return self._scan_content(content)
             witness, arguments_size = copied
@@ -719,14 +765,23 @@ class Redactor:
         on every turn). As in `_content`, what could still change (tool-call
         arguments) is compared with a copy taken before the scan; a history holding
         anything else that could change (extension data with text redaction on,
-        arguments that do not copy as JSON), or weighing over `_HISTORY_BYTES`, is not
-        remembered (the shorter one remembered before it still serves).
+        arguments that do not copy as JSON) is not remembered (the shorter one
+        remembered before it still serves). The histories remembered weigh at most
+        `_HISTORY_BYTES`, beside the one last given that weighs more on its own (a
+        conversation that outgrew the budget, in flight: past it, every request was
+        scanned whole, the memo evicting in turn each content the next one needed) up to
+        `_LARGE_HISTORY_BYTES`, until the next such history replaces it or
+        `_HISTORY_LIMIT` requests of other histories pass without it.
         """
         if not messages:
             return messages
         key = id(messages[0])
         start, done, live, witness, size = 0, (), [], [], 0
         hit = self._histories.get(key)
+        if hit is None:
+            large = self._large_history  # read once: another thread may replace it
+            if large is not None and large[0] == key:
+                hit = large[1]
         if hit is not None:
             known, result, known_live, known_witness, known_size = hit
             if len(known) <= len(messages) and all(map(is_, known, messages)) and known_live == known_witness:
@@ -754,28 +809,35 @@ class Redactor:
             else:
                 size += sum(map(text_size, message.content))
         if fresh_live:
-            try:
-                copied = _json_copy(fresh_live, (_HISTORY_BYTES - size) // 2)
-            except _NOT_COPIED:
-                copied = None
+            copied = _json_copy(fresh_live, (_LARGE_HISTORY_BYTES - size) // 2)
             if copied is None:
                 return result
             witness = witness + copied[0]
             size += 2 * copied[1]
             live = live + fresh_live
-        if size > _HISTORY_BYTES:
+        if size > _LARGE_HISTORY_BYTES:
             return result
+        entry = (messages, result, live, witness, size)
         with self._memo_lock:
             histories = self._histories
             old = histories.pop(key, None)
             if old is not None:
                 self._history_bytes -= old[4]
+            self._history_stores += 1
+            if size > _HISTORY_BYTES:
+                self._large_history = (key, entry, self._history_stores)
+                return result
+            large = self._large_history
+            # Dropped once shrunk (pruned) back under the budget, or once not asked for
+            # while `_HISTORY_LIMIT` others were (its conversation most likely over).
+            if large is not None and (large[0] == key or self._history_stores - large[2] > _HISTORY_LIMIT):
+                self._large_history = None
             # Re-inserted last: the oldest conversation goes first.
             while histories and (
                 len(histories) >= _HISTORY_LIMIT or self._history_bytes + size > _HISTORY_BYTES
             ):
                 self._history_bytes -= histories.popitem(last=False)[1][4]
-            histories[key] = (messages, result, live, witness, size)
+            histories[key] = entry
             self._history_bytes += size
         return result
 
