@@ -1122,6 +1122,19 @@ def test_custom_patterns_keep_their_own_groups_and_backreferences() -> None:
     assert redactor.redact_string(text) == f"{REDACTED} {REDACTED} {REDACTED} {kept} {REDACTED} {REDACTED}"
 
 
+def test_compiled_patterns_keep_their_flags() -> None:
+    # Their text was joined with the others', their flags dropped: re.IGNORECASE missed
+    # "ACCT-12", re.VERBOSE matched its spaces literally.
+    verbose = re.compile(r"""tok_ [0-9]+  # a numbered token""", re.VERBOSE)
+    patterns = [re.compile(r"acct-\d+", re.IGNORECASE), r"plain-\d+", verbose, re.compile("(?i)corp_x")]
+    for options in ({"extra_patterns": patterns}, {"patterns": patterns}):
+        redactor = Redactor(**options)  # type: ignore[arg-type]
+        text = "ACCT-12 Acct-3 PLAIN-4 plain-5 tok_77 CORP_X"
+        assert (
+            redactor.redact_string(text) == f"{REDACTED} {REDACTED} PLAIN-4 {REDACTED} {REDACTED} {REDACTED}"
+        )
+
+
 def test_a_custom_pattern_that_does_not_compile_is_named() -> None:
     """re.error came through, naming neither the pattern nor phi-session, and its position
     was in the patterns joined into one."""

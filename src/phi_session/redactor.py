@@ -137,22 +137,28 @@ def _custom_alternations(patterns: list[str | re.Pattern[str]]) -> tuple[re.Patt
 
     A pattern with groups starts a new alternation: in one, groups are numbered across its
     patterns, and a backreference (``\\1``) in a later one would name an earlier one's group.
+    A compiled pattern with flags (``re.IGNORECASE``, or ``(?i)`` in its text) runs alone,
+    as compiled: joined with others, it would lose them.
     """
-    runs: list[list[str | re.Pattern[str]]] = []
+    runs: list[list[str | re.Pattern[str]] | re.Pattern[str]] = []
     for pattern in patterns:
         if isinstance(pattern, re.Pattern):
+            if pattern.flags & ~re.UNICODE:
+                runs.append(pattern)
+                continue
             groups = pattern.groups
         else:
             try:
                 groups = re.compile(pattern).groups
             except re.error as error:
                 raise InvalidArgument(f"secret pattern {pattern!r} does not compile: {error}") from None
-        if groups or not runs:
+        last = runs[-1] if runs else None
+        if groups or not isinstance(last, list):
             runs.append([pattern])
         else:
-            runs[-1].append(pattern)
+            last.append(pattern)
     try:
-        return tuple(map(_alternation, runs))
+        return tuple(run if isinstance(run, re.Pattern) else _alternation(run) for run in runs)
     except re.error as error:  # each compiles alone: a global flag (``(?i)``) not at the start
         raise InvalidArgument(f"the secret patterns do not compile together: {error}") from None
 
