@@ -10,6 +10,7 @@ import re
 import threading
 import tracemalloc
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import msgspec
@@ -180,20 +181,87 @@ def test_text_redaction_covers_every_text_a_failed_processor_withholds() -> None
     assert kept.parameters["properties"] == {"password": {"type": "string", "default": REDACTED}}
 
 
-def test_a_secret_split_across_text_deltas_is_redacted_in_the_finished_message() -> None:
-    # The documented limit of `redact_text`: each delta is scanned on its own, the
-    # finished message whole.
+def _streamed(events: list[ps.AgentEvent], kind: str) -> list[str]:
+    return [e.delta.delta for e in events if isinstance(e, ps.MessageUpdate) and e.delta.kind == kind]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("recorder", [False, True])
+def test_a_secret_split_across_text_deltas_is_redacted_in_them(recorder: bool) -> None:
+    # Each delta was scanned on its own: "sk-ant-api0" + "3-abc..." passed unredacted
+    # into the recorded deltas, the finished message alone redacted.
     events: list[ps.AgentEvent] = []
+    sinks: list[Any] = [events.append, SessionRecorder(include_streaming_events=True)][: 1 + recorder]
     tracer = Tracer(
-        AgentSession(clock=FakeClock()), sinks=[events.append], redact=Redactor(redact_text=True), config=SNAP
+        AgentSession(clock=FakeClock()), sinks=sinks, redact=Redactor(redact_text=True), config=SNAP
     )
     head, tail = SECRET_KEY[:12], SECRET_KEY[12:]
     with tracer.loop() as loop, loop.turn() as turn, turn.assistant() as reply:
-        reply.text_delta(f"your key is {head}")
-        reply.text_delta(tail)
+        reply.thinking_delta("the key is s")
+        reply.thinking_delta(f"k-{'a' * 20} I think")
+        for piece in (
+            "your key is ",
+            head[:3],
+            head[3:],
+            tail[:10],
+            tail[10:],
+            " and the url https://us",
+            "er:pw@h/x",
+        ):
+            reply.text_delta(piece)
         reply.finish()
     [end] = [e for e in events if isinstance(e, ps.MessageEnd)]
-    assert end.message.content == (ps.TextContent(text=f"your key is {REDACTED}"),)
+    thinking, text = end.message.content  # type: ignore[attr-defined]
+    assert text.text == f"your key is {REDACTED} and the url https://{REDACTED}@h/x"
+    assert thinking.thinking == f"the key is {REDACTED} I think"
+    assert "".join(_streamed(events, "Text")) == text.text  # in order, nothing lost
+    assert "".join(_streamed(events, "Thinking")) == thinking.thinking
+    kinds = [e.delta.kind for e in events if isinstance(e, ps.MessageUpdate)]  # type: ignore[attr-defined]
+    assert kinds == sorted(kinds, reverse=True)  # the thinking's end before the first text
+    data = b"".join(ps.encode(e) for e in events)
+    for secret in (SECRET_KEY[3:], "a" * 20, "er:pw"):
+        assert secret.encode() not in data
+
+
+_SECRETS = (
+    SECRET_KEY,
+    "AKIAABCDEFGHIJKLMNOP",
+    "Bearer abcdefgh123",
+    "api_key=hunter2",
+    "https://u:pw@h",
+    "acct-123456",
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([*_SECRETS, " ", "the ", "e", "s", "=", "x=1 ", "Be", ":", "acct-", "\n"]),
+        max_size=12,
+    ),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+    st.booleans(),
+)
+def test_streamed_text_is_redacted_as_the_whole_text_is(
+    parts: list[str], cuts: list[int], custom: bool
+) -> None:
+    redactor = Redactor(redact_text=True, extra_patterns=[r"acct-\d{6}"] if custom else [])
+    whole = "".join(parts)
+    bounds = sorted({0, len(whole), *(c for c in cuts if c < len(whole))})
+    placeholder = ps.AssistantMessage(
+        content=(), stop_reason="stop", model="m", provider="", usage=ps.Usage(input=0, output=0), timestamp=1
+    )
+    assert redactor.open_stream(placeholder)
+    out = []
+    for start, end in pairwise(bounds):
+        event = ps.MessageUpdate(
+            loop_id="l", message=placeholder, delta=ps.StreamDelta("Text", whole[start:end])
+        )
+        out.append(redactor(event).delta.delta)  # type: ignore[attr-defined]
+    out += [delta.delta for delta in redactor.close_stream(placeholder)]
+    expected = redactor.redact_string(whole)
+    assert "".join(out) == expected
+    for secret in ("abcdefghijklmnopqrstuvwxyz012345", "BCDEFGHIJKLMNOP", "abcdefgh123", "hunter2", ":pw"):
+        assert secret in expected or all(secret not in piece for piece in out)  # what redaction removes
 
 
 def test_redaction_can_be_turned_off() -> None:

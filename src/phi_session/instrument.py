@@ -586,7 +586,17 @@ class _Outlet:
     processor. It also fills in the ``config_id`` of the snapshots loops announce.
     """
 
-    __slots__ = ("_filled", "_segments", "copy_failures", "emit", "emit_prose", "owned", "wants_deltas")
+    __slots__ = (
+        "_deliver",
+        "_filled",
+        "_segments",
+        "_streaming",
+        "copy_failures",
+        "emit",
+        "emit_prose",
+        "owned",
+        "wants_deltas",
+    )
 
     def __init__(self, processors: ProcessorChain, fanout: FanOut) -> None:
         self.wants_deltas = fanout.wants_deltas
@@ -604,6 +614,51 @@ class _Outlet:
         """Run an event through the processors, then deliver it to every sink. Never raises."""
         self.emit_prose: Callable[[MessageUpdate], None] = _prose_emitter(processors, fanout, self.emit)
         """`emit` for a text or thinking delta into phi-core's empty placeholder message."""
+        last = processors.processors[-1] if processors else None
+        # The redactor that holds back the end of a reply's text where a secret may start
+        # (`Redactor.open_stream`): the last processor, so that what it passes on later
+        # goes straight to the sinks.
+        self._streaming = last if isinstance(last, Redactor) else None
+        self._deliver = fanout.deliver
+
+    def stream_emitters(
+        self, loop_id: str, placeholder: AssistantMessage
+    ) -> tuple[Callable[[MessageUpdate], None], Callable[[MessageUpdate], None]] | None:
+        """`emit` for the text deltas, and for the thinking deltas, of the reply streamed
+        into `placeholder` when the redactor holds back their end (`Redactor.open_stream`;
+        None otherwise): a delta of one kind after the other first passes on what was
+        held of the other."""
+        redactor = self._streaming
+        if redactor is None or not redactor.open_stream(placeholder):
+            return None
+        emit, release = self.emit, self.release_stream
+        streaming = [""]  # the kind streaming
+
+        def emitter(kind: str) -> Callable[[MessageUpdate], None]:
+            def emit_held(event: MessageUpdate) -> None:
+                if streaming[0] is not kind:
+                    if streaming[0]:
+                        release(loop_id, placeholder, streaming[0])
+                    streaming[0] = kind
+                emit(event)
+
+            return emit_held
+
+        return emitter("Text"), emitter("Thinking")
+
+    def release_stream(self, loop_id: str, placeholder: AssistantMessage, kind: str | None = None) -> None:
+        """Deliver what the redactor held back of a stream (`stream_emitters`), as deltas;
+        the stream ends unless a `kind` is given."""
+        redactor = self._streaming
+        if redactor is None:
+            return
+        try:
+            deltas = redactor.close_stream(placeholder, kind)
+        except Exception:  # never raised into the agent; what it held is in the finished message
+            logger.exception("the redactor could not pass on the end of a streamed reply")
+            return
+        for delta in deltas:
+            self._deliver(MessageUpdate(loop_id=loop_id, message=placeholder, delta=delta))
 
     def snapshot(self, config: LoopConfigSnapshot, segment: str) -> LoopConfigSnapshot:
         """`config` with ``config_id`` filled in, as phi-core's loop does; one object per
@@ -1718,6 +1773,8 @@ class MessageScope(_Scope):
         "_deltas",
         "_emit",
         "_emit_prose",
+        "_emit_thinking",
+        "_held",
         "_loop",
         "_loop_id",
         "_placeholder",
@@ -1740,7 +1797,7 @@ class MessageScope(_Scope):
         self._thinking: list[str] = []
         self._deltas = loop.wants_deltas
         self._emit = loop.emit
-        self._emit_prose = loop.outlet.emit_prose
+        self._emit_prose = self._emit_thinking = loop.outlet.emit_prose
         # phi-core's empty placeholder, sent with MessageStart and every MessageUpdate.
         self._placeholder = AssistantMessage(
             content=(),
@@ -1751,6 +1808,7 @@ class MessageScope(_Scope):
             timestamp=loop.millis(),
         )
         self.message: AssistantMessage | None = None
+        self._held = False  # the redactor holds back the end of its text (`_Outlet.stream_emitters`)
 
     def start(self) -> MessageScope:
         """Emit ``MessageStart`` with the placeholder message."""
@@ -1761,6 +1819,10 @@ class MessageScope(_Scope):
             self._turn.require_running()  # raises
         self._running = True
         self._emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
+        if self._deltas:
+            held = self._loop.outlet.stream_emitters(self._loop_id, self._placeholder)
+            if held is not None:
+                (self._emit_prose, self._emit_thinking), self._held = held, True
         return self
 
     # The three delta methods run once per streamed token: each builds its event inline,
@@ -1786,7 +1848,7 @@ class MessageScope(_Scope):
         self._thinking.append(text)
         if self._deltas:
             delta = _thinking_delta(text)
-            self._emit_prose(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
+            self._emit_thinking(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def tool_call_delta(self, json_fragment: str) -> None:
         """A piece of a tool call's streamed JSON arguments (pass the parsed call to `finish`)."""
@@ -1856,6 +1918,8 @@ class MessageScope(_Scope):
         recorded = loop.outlet.owned.message(message)
         self._running, self._ended = False, True  # `_close`, inline
         self.message = message
+        if self._held:  # the end of the streamed text, before the message it ends
+            loop.outlet.release_stream(self._loop_id, self._placeholder)
         self._emit(MessageEnd(loop_id=self._loop_id, message=recorded))
         self._turn.finished(recorded, message)
         return message

@@ -14,15 +14,22 @@ and prune and revert texts. Values of other types in them
 (dataclasses, msgspec Structs, sets) are scanned as the JSON they are written as, and
 a mapping's keys as well as its values.
 
-A streaming delta is scanned on its own, as it passes: a secret split across two
-deltas (as token streams split keys) is written in them unredacted, by sinks that
-keep deltas (a `JsonlSink`, a recorder with ``include_streaming_events=True``). The
-message they make up is scanned whole (``MessageEnd`` and after) and is redacted.
+Streamed text and thinking (with ``redact_text``) are redacted across deltas, as token
+streams split keys: a `Tracer` has the redactor hold back the end of a reply's stream
+where a secret may start (`Redactor.open_stream`), and passes it on, redacted, at the
+front of a later delta or before the reply's ``MessageEnd``; the deltas stay in order
+and make up the recorded message's text. The limit: a secret, or what decides it, longer
+than `_STREAM_HOLD` characters without white space (or, for the user's patterns, than
+that from its start) may pass in the deltas; the message is scanned whole and redacted.
+Tool-call argument deltas, and deltas given to the redactor without `open_stream`, are
+scanned piece by piece: a secret split across two of them is caught in the message only.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable
@@ -174,11 +181,43 @@ def _sharing_word_start(patterns: tuple[str, ...]) -> list[str]:
 
 
 _DEFAULT_PATTERN = _alternation(_sharing_word_start(DEFAULT_SECRET_PATTERNS))
-# A literal every match of a default pattern contains ("=" and "://" for the URL ones).
-_DEFAULT_ANCHORS = re.compile(
-    r"sk-|AKIA|ASIA|ghp_|gho_|ghu_|ghs_|ghr_|github_pat_|xox|AIza|eyJ|Bearer |bearer |BEARER |://|="
+# A literal every match of a default pattern contains ("=" and "://" for the URL ones),
+# at most a few characters before the match starts; the first ones only at a word start.
+_WORD_ANCHORS = (
+    "sk-",
+    "AKIA",
+    "ASIA",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "xox",
+    "AIza",
+    "eyJ",
 )
-_anchor_search = _DEFAULT_ANCHORS.search
+_ANCHORS = (*_WORD_ANCHORS, "Bearer ", "bearer ", "BEARER ", "://", "=")
+_anchor_search = re.compile("|".join(map(re.escape, _ANCHORS))).search
+
+
+def _heads(anchors: Iterable[str]) -> str:
+    # The starts of `anchors` (their proper prefixes), the longest first.
+    heads = {re.escape(anchor[:n]) for anchor in anchors for n in range(1, len(anchor))}
+    return "|".join(sorted(heads, key=len, reverse=True))
+
+
+# The start of an anchor at the end of a text: a streamed piece that the next one may
+# complete into an anchor (the leftmost such start is wanted: the longest).
+_ANCHOR_HEAD = rf"(?:\b(?:{_heads(_WORD_ANCHORS)})|{_heads(_ANCHORS[len(_WORD_ANCHORS) :])})\Z"
+_anchor_head_search = re.compile(_ANCHOR_HEAD).search
+# An anchor, or else (group 1) the start of one at the end: a streamed piece's one search.
+_candidate_search = re.compile("|".join(map(re.escape, _ANCHORS)) + f"|({_ANCHOR_HEAD})").search
+_LONGEST_ANCHOR = max(map(len, _ANCHORS))
+# What of a stream's text passed on its next piece's look-behinds may read: the longest
+# look-behind of a default pattern (``\bclient_secret=``, the ``\b`` reading one more).
+_DEFAULT_LOOKBEHIND = max(map(len, _ASSIGNED_KEYS)) + 2
+_space_search = re.compile(r"\s").search
 # What may be a JSON object or array written into a string (`Redactor.redact_json_string`).
 _json_head = re.compile(r"\s*[{\[]").match
 
@@ -200,6 +239,16 @@ _HISTORY_LIMIT = 64  # per redactor: the conversations in flight (each holds its
 _MEMO_BYTES = 8 * 1024 * 1024
 _HISTORY_BYTES = 8 * 1024 * 1024
 _MEMO_VALUE_BYTES = 1024 * 1024  # a larger content is scanned again each time it comes
+# Streamed text (`Redactor.open_stream`): the longest a secret is taken to be (what is
+# held back behind the start of one; with the user's patterns, also what is kept of the
+# text passed on, for the look-behinds of the next piece), the most held back at once (a
+# match still growing past it is passed on, redacted as far as it goes), and the streams
+# open at once per redactor.
+_STREAM_HOLD = 256
+_STREAM_HOLD_LIMIT = 4096
+_STREAM_LIMIT = 1024
+_STREAM_KINDS = {"Text": 1, "Thinking": 2}  # where a stream's state is in its entry
+_NO_STREAM = ("", "")  # a kind not streamed yet: (what was passed on of it, what is held)
 # One conversation in flight past `_HISTORY_BYTES` is remembered beside them, up to this
 # (what it holds besides the messages the agent holds anyway: the arguments' copies).
 _LARGE_HISTORY_BYTES = 256 * 1024 * 1024
@@ -243,6 +292,19 @@ def _normalize_field(name: str) -> str:
 
 
 _OneMessage = TypeVar("_OneMessage", MessageStart, MessageEnd)
+
+# The pattern parser of the `re` module (its place changed in Python 3.11).
+_sre_parse: Any = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
+
+
+def _match_width(pattern: re.Pattern[str]) -> int:
+    """The most characters a match of `pattern` spans, at most `_STREAM_HOLD` (the most
+    when it cannot be told)."""
+    try:
+        return min(_STREAM_HOLD, int(_sre_parse.parse(pattern.pattern, pattern.flags).getwidth()[1]))
+    except Exception:  # the parser is not a public interface
+        return _STREAM_HOLD
+
 
 _MISSING: Any = object()  # a memo miss (a remembered result is never this object)
 # Tool-call arguments of these types cannot change after a scan (None: not a tool call).
@@ -353,9 +415,8 @@ class Redactor:
     only the secret (``Bearer [REDACTED]``). Streaming deltas (tool-call arguments, read
     as JSON or a piece of it; text and thinking with `redact_text`) are scanned piece by
     piece, so a secret split across two deltas is not caught there (it is in the final
-    message): the deltas of an event stream are passed on as they come, and a processor
-    passes on one event for one, so it cannot hold back a piece until the next shows it
-    clean. Thread-safe.
+    message), except the text and thinking of a stream opened with `open_stream` (as a
+    `Tracer` does), whose end is held back where a secret may start. Thread-safe.
     """
 
     def __init__(
@@ -404,6 +465,15 @@ class Redactor:
         # `_HISTORY_BYTES` (see `_history`), and the count of histories remembered.
         self._large_history: tuple[int, _HistoryEntry, int] | None = None
         self._history_stores = 0
+        # id(placeholder) -> [placeholder, text state, thinking state]: see `open_stream`.
+        self._streams: dict[int, list[Any]] = {}
+        self._passes = ((self._default,) if self._default is not None else ()) + self._custom
+        # What must be held back of a stream for the user's patterns (the default ones
+        # are found by their anchors): a match that starts before it is whole, and the
+        # character after it seen (``\b``).
+        self._stream_width = max((_match_width(p) + 1 for p in self._custom), default=0)
+        # What is kept of the text passed on, for the look-behinds of the next piece.
+        self._stream_context = _STREAM_HOLD if self._custom else _DEFAULT_LOOKBEHIND
         # Per event type, what to scan; events of other types pass untouched, at the
         # cost of one dict lookup. Messages are wherever `MESSAGE_FIELDS` says.
         self._handlers: dict[type, Callable[[Any], AgentEvent]] = {
@@ -1051,7 +1121,12 @@ class Redactor:
         arguments = delta.ToolCallDelta is not msgspec.UNSET
         if arguments or self.redact_text:
             piece = delta.delta
-            text = self.redact_json_string(piece) if arguments else self.redact_string(piece)
+            message = event.message
+            stream = self._streams.get(id(message)) if self._streams and not arguments else None
+            if stream is not None and stream[0] is message:  # held back where a secret may start
+                text = self._stream(stream, 1 if delta.Text is not msgspec.UNSET else 2, piece)
+            else:
+                text = self.redact_json_string(piece) if arguments else self.redact_string(piece)
             if text is not piece:
                 event = replace(event, delta=StreamDelta(delta.kind, text))
         message = event.message
@@ -1063,6 +1138,138 @@ class Redactor:
         ):
             return event  # phi-core's empty placeholder: nothing to scan
         return map_messages(event, self._message)
+
+    # -- streamed text --------------------------------------------------------------------
+
+    def open_stream(self, message: AssistantMessage) -> bool:
+        """Hold back, from now on, the end of the text and thinking streamed in deltas
+        carrying `message` (phi-core's placeholder of a reply, the one object every
+        delta of it carries) wherever a secret may start that the next deltas complete:
+        it is passed on, redacted, at the front of a later delta, so that a secret split
+        across deltas is redacted in them as in the finished message (a `Tracer` does
+        this for each reply). The caller passes on what `close_stream` returns once the
+        stream ends (and, for a kind, before the other kind streams), after every
+        processor: a delta's text is then what the redactor passed on.
+
+        What is held back is at most `_STREAM_HOLD` characters behind the start of a
+        possible secret (an anchor of the default patterns; for the user's patterns, the
+        longest they match, from their parsed form), and a match still growing is held
+        to `_STREAM_HOLD_LIMIT` characters. False, holding nothing, without
+        `redact_text` or with `_STREAM_LIMIT` streams open.
+        """
+        if not self.redact_text:
+            return False
+        with self._memo_lock:
+            streams = self._streams
+            if len(streams) >= _STREAM_LIMIT:  # abandoned replies: scanned piece by piece
+                return False
+            streams[id(message)] = [message, _NO_STREAM, _NO_STREAM]
+        return True
+
+    def close_stream(self, message: AssistantMessage, kind: str | None = None) -> tuple[StreamDelta, ...]:
+        """What was held back of the stream `open_stream` opened for `message`, redacted,
+        as the deltas to pass on (none for a kind that holds nothing); the stream ends,
+        unless a `kind` (``"Text"`` or ``"Thinking"``) is given, which is then passed on
+        whole so far, and its next piece starts afresh."""
+        stream = self._streams.get(id(message))
+        if stream is None or stream[0] is not message:
+            return ()
+        if kind is None:
+            with self._memo_lock:
+                self._streams.pop(id(message), None)
+        kinds = _STREAM_KINDS if kind is None else (kind,)
+        out = []
+        for name in kinds:
+            context, held = stream[_STREAM_KINDS[name]]
+            if held:
+                stream[_STREAM_KINDS[name]] = (context + held)[-self._stream_context :], ""
+                out.append(StreamDelta(name, self._released(context + held, len(context), len(held))))
+        return tuple(out)
+
+    def _stream(self, stream: list[Any], index: int, piece: str) -> str:
+        """What to pass on, redacted, of the text of a stream (`open_stream`) that `piece`
+        continues: what it held back and `piece`, but for a tail that a secret may start
+        in and the next piece complete."""
+        context, held = stream[index]
+        text = held + piece if held else piece
+        end = cut = len(text)
+        default = self._default
+        found = None if default is None else _candidate_search(text)
+        if found is not None and found.lastindex:  # no anchor, only the start of one at the end
+            cut, found = found.start(), None
+        if found is None and not self._custom:
+            # Nothing to redact, nothing a secret may start in (the usual piece): one
+            # search, and what look-behinds need kept.
+            released = text[:cut] if cut < end else text
+            length = self._stream_context
+            kept = released[-length:] if len(released) >= length else (context + released)[-length:]
+            stream[index] = kept, text[cut:]
+            return piece if released is piece else released
+        if default is not None:
+            head = _anchor_head_search(text, max(0, end - _LONGEST_ANCHOR + 1))
+            if head is not None:  # an anchor the next piece may complete
+                cut = head.start()
+            # A secret may start at an anchor and end in the next pieces, unless white
+            # space follows it: a default pattern matches none (but in "Bearer ").
+            anchor = _anchor_search(text, max(0, end - _STREAM_HOLD))
+            while anchor is not None and _space_search(text, anchor.end()) is not None:
+                anchor = _anchor_search(text, anchor.end())
+            if anchor is not None:
+                cut = min(cut, anchor.start())
+        if self._custom:
+            cut = min(cut, max(0, end - self._stream_width))
+        scanned = context + text
+        start = len(context)
+        # Held from the start of a match that the held tail (or the next piece) may
+        # lengthen or end otherwise; one pass may move the cut into another's match.
+        moved = True
+        while moved:
+            moved = False
+            for pattern in self._passes:
+                for match in pattern.finditer(scanned, start):
+                    at = match.start() - start
+                    if at >= cut:
+                        break
+                    if match.end() - start > cut or match.end() - start == end:
+                        if pattern is default:  # from its anchor: without it, the rest would pass for clean
+                            anchor = _anchor_search(text, max(0, at - _LONGEST_ANCHOR))
+                            if anchor is not None and anchor.start() < at:
+                                at = anchor.start()
+                        cut, moved = at, True
+                        break
+        cut = max(cut, end - _STREAM_HOLD_LIMIT)
+        stream[index] = self._context(context, text, cut), text[cut:]
+        released = self._released(scanned, start, cut) if cut else ""
+        return piece if released == piece else released
+
+    def _context(self, context: str, text: str, cut: int) -> str:
+        # What look-behinds read of the text passed on: `context`, then `text` to `cut`.
+        length = self._stream_context
+        if cut >= length:
+            return text[cut - length : cut]
+        return (context + text[:cut])[-length:] if cut else context
+
+    def _released(self, scanned: str, start: int, length: int) -> str:
+        """`redact_string` of the `length` characters of `scanned` from `start` (what is
+        passed on of a stream), what comes before read for look-behinds and what comes
+        after for look-aheads; a match running past them is redacted up to their end."""
+        end = start + length
+        for pattern in self._passes:
+            pieces: list[str] = []
+            last = start
+            for match in pattern.finditer(scanned, start):
+                if match.start() >= end:
+                    break
+                pieces += (scanned[last : match.start()], self.replacement)
+                last = min(match.end(), end)
+                if last == end:
+                    break
+            if pieces:
+                pieces.append(scanned[last:end])
+                redacted = "".join(pieces)
+                scanned = scanned[:start] + redacted + scanned[end:]
+                end = start + len(redacted)
+        return scanned[start:end]
 
     def _agent_start(self, event: AgentStart) -> AgentStart:
         snapshot = event.config_snapshot
