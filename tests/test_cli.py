@@ -367,6 +367,81 @@ def test_record_ctrl_c_still_saves_what_was_read(tmp_path: Path, monkeypatch: py
     assert len(saved.loops[0].events) == 5
 
 
+def test_record_ctrl_c_arriving_once_the_input_ended_still_saves_what_was_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tail -f x | phi-session record -`: Ctrl-C also ends the producer, so the read may see the
+    end of the input before the signal is handled. It came after the read loop and nothing
+    was saved."""
+    import signal
+
+    from phi_session.cli import commands
+
+    close = commands._RejectedLines.close
+
+    calls = itertools.count()
+
+    def signalled(self: object) -> None:  # the first thing after the input ended
+        if next(calls) == 0:
+            signal.raise_signal(signal.SIGINT)
+        close(self)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(commands._RejectedLines, "close", signalled)
+    lines = len(example_lines())
+    result = run("record", EXAMPLE_STREAM, "--dir", tmp_path / "out", "--json")
+    assert result.exit_code == EXIT_INTERRUPTED, (result.stderr, result.exception)
+    assert f"interrupted after line {lines}: what was read is recorded and saved" in result.stderr
+    assert json.loads(result.stdout)["totals"]["interrupted_at_line"] == lines
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.json")) == sorted(EXAMPLE_IDS)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_record_ctrl_c_during_the_final_save_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    save = JsonDirStore.save
+    calls = itertools.count()
+
+    def signalled(self: JsonDirStore, session: Session) -> None:
+        if next(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+        save(self, session)
+
+    monkeypatch.setattr(JsonDirStore, "save", signalled)
+    result = run("record", EXAMPLE_STREAM, "--dir", tmp_path / "out")
+    assert result.exit_code == EXIT_INTERRUPTED, (result.stderr, result.exception)
+    assert "what was read is recorded and saved" in result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("total: 5 sessions")
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.json")) == sorted(EXAMPLE_IDS)
+
+
+def test_record_second_ctrl_c_gives_up_the_save_and_says_what_was_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    save = JsonDirStore.save
+    calls = itertools.count()
+
+    def signalled(self: JsonDirStore, session: Session) -> None:
+        if next(calls) in (1, 2):  # Ctrl-C, and again
+            signal.raise_signal(signal.SIGINT)
+        save(self, session)
+
+    monkeypatch.setattr(JsonDirStore, "save", signalled)
+    result = run("record", EXAMPLE_STREAM, "--dir", tmp_path / "out")
+    assert_one_line_error(
+        result,
+        EXIT_INTERRUPTED,
+        "interrupted again: the save was given up",
+        "2 sessions saved",
+        "3 sessions not saved",
+    )
+    assert len(list((tmp_path / "out").glob("*.json"))) == 2
+
+
 def test_record_errors(tmp_path: Path) -> None:
     assert_one_line_error(run("record", tmp_path / "missing.jsonl"), EXIT_FAILURE, "missing.jsonl")
     assert_one_line_error(run("record", tmp_path), EXIT_USAGE, "directory")

@@ -438,6 +438,12 @@ class SessionSaver:
         self._drained.extend(recorder.drain_completed())
         return list(self._drained)
 
+    @property
+    def pending(self) -> list[Session]:
+        """Sessions a `drain` took from its recorder and was interrupted before saving
+        (Ctrl-C, a task cancelled): the next `drain` saves them first."""
+        return list(self._drained)
+
     # -- what could not be saved -----------------------------------------------------------
 
     @property

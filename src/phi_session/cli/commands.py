@@ -5,8 +5,9 @@ from __future__ import annotations
 import codecs
 import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -428,10 +429,63 @@ class _RejectedLines:
         return f", {render.count(self.kept, 'line')} kept in {self.path}"
 
 
+class _CtrlC:
+    """Ctrl-C (SIGINT) while ``record`` runs, once `installed`.
+
+    While the input is read, it stops the reading (a KeyboardInterrupt where the read is).
+    After that it is only counted, so that what was read is still saved, until `abortable`:
+    from then on a second one gives the save up (KeyboardInterrupt). Ctrl-C hits a whole
+    pipeline, so ``tail -f x | phi-session record -`` often reads the end of its input
+    before the signal is handled: that must not cost what was read.
+    """
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.signals = 0
+        self._abortable = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signals += 1
+        if self.reading:
+            self.reading = False  # the next one is only counted: this one stops the reading
+            raise KeyboardInterrupt
+        if self._abortable and self.signals > 1:
+            raise KeyboardInterrupt
+
+    def abortable(self) -> None:
+        """From now on a second Ctrl-C gives up (one already given: now)."""
+        self._abortable = True
+        if self.signals > 1:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_CtrlC]:
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.SIG_IGN:  # (a background job's): Ctrl-C is not for it
+            yield self
+            return
+        try:
+            signal.signal(signal.SIGINT, self)
+        except ValueError:  # not the main thread: Python's own KeyboardInterrupt stays
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def interrupted_at(self, outcome: dict[str, Any]) -> int | None:
+        """The line after which the reading was stopped (the last one, for a Ctrl-C that
+        came after the input ended); None: no Ctrl-C."""
+        at: int | None = outcome["interrupted_at"]
+        return outcome["lines"] if at is None and self.signals else at
+
+
 def _record_stream(
     source: _LineSource,
     recorder: _LineConsumer,
     progress: Progress | None,
+    ctrl_c: _CtrlC,
     spill: Callable[[], object] | None = None,
     rejected: _RejectedLines | None = None,
 ) -> dict[str, Any]:
@@ -440,10 +494,17 @@ def _record_stream(
 
     Every `_SPILL_EVERY` lines `spill()` saves the finished sessions, so memory stays
     bounded on long streams. Ctrl-C stops the reading, not the recording: what was
-    read is still flushed and saved by the caller (``interrupted_at`` says after which line).
+    read is still flushed and saved by the caller (``interrupted_at`` says after which
+    line); a later one is counted by `ctrl_c`.
     """
     task = progress.add_task("recording", total=source.size) if progress is not None else None
-    outcome: dict[str, Any] = {"events": 0, "malformed_lines": 0, "errors": [], "interrupted_at": None}
+    outcome: dict[str, Any] = {
+        "events": 0,
+        "malformed_lines": 0,
+        "errors": [],
+        "interrupted_at": None,
+        "lines": 0,
+    }
     consumed = number = 0
     try:
         for number, line in enumerate(source.stream, start=1):
@@ -456,8 +517,11 @@ def _record_stream(
                 rejected.keep(line)
             if spill is not None and number % _SPILL_EVERY == 0:
                 spill()
+        ctrl_c.reading = False  # (inside the try: a Ctrl-C just before it is still caught)
     except KeyboardInterrupt:
+        ctrl_c.reading = False
         outcome["interrupted_at"] = number
+    outcome["lines"] = number
     if progress is not None and task is not None:
         progress.update(task, completed=consumed)
     hidden = outcome["malformed_lines"] - len(outcome["errors"])
@@ -571,7 +635,8 @@ def record(
     (the first 20; later ones are counted) and skipped, and kept byte for byte in
     the --rejected file if one is given (also with --to); everything else is
     recorded. No valid line at all is an error (exit status 1), and leaves no new
-    store behind. Ctrl-C stops reading and saves what was read (exit 130).
+    store behind. Ctrl-C stops reading and saves what was read (exit 130); a
+    second one gives up the save, saying how many sessions were saved.
 
     With --to nats://HOST the events are published to JetStream instead (stream
     and partitions from $PHI_SESSION_NATS_*), and the command ends once the broker
@@ -619,20 +684,33 @@ def record(
         def spill(*, final: bool = False) -> list[Session]:
             return saver.drain(recorder, flush=final)
 
-        if sys.stderr.isatty() and not as_json:
-            columns = (
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TimeElapsedColumn(),
+        ctrl_c = _CtrlC()
+        try:
+            with ctrl_c.installed():
+                if sys.stderr.isatty() and not as_json:
+                    columns = (
+                        TextColumn("{task.description}"),
+                        BarColumn(),
+                        DownloadColumn(),
+                        TimeElapsedColumn(),
+                    )
+                    with Progress(*columns, console=stderr(), transient=True) as progress:
+                        outcome = _record_stream(lines, recorder, progress, ctrl_c, spill, rejected)
+                else:
+                    outcome = _record_stream(lines, recorder, None, ctrl_c, spill, rejected)
+                ctrl_c.abortable()
+                rejected.close()
+                spilled = bool(saved)
+                sessions = spill(final=True)
+        except KeyboardInterrupt:  # Ctrl-C again: the user gives up what is not saved yet
+            left = {session.session_id for session in (*saver.pending, *saver.unsaved, *recorder.sessions())}
+            whole = sum(session_id not in left for session_id in saved)
+            warn(
+                f"interrupted again: the save was given up ({render.count(whole, 'session')} saved, "
+                f"{render.count(len(left), 'session')} not saved)"
             )
-            with Progress(*columns, console=stderr(), transient=True) as progress:
-                outcome = _record_stream(lines, recorder, progress, spill, rejected)
-        else:
-            outcome = _record_stream(lines, recorder, None, spill, rejected)
-        rejected.close()
-        spilled = bool(saved)
-        sessions = spill(final=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        outcome["interrupted_at"] = ctrl_c.interrupted_at(outcome)
         # Summarised from what the store now holds for every session touched, each
         # outline in turn (loops bare): memory stays bounded whatever the stream's length.
         summaries = (
@@ -1032,8 +1110,6 @@ def serve(
 
 
 def _stop_on_sigterm() -> None:
-    import signal
-
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -1100,12 +1176,16 @@ def _publish(source: str, url: str, as_json: bool, rejected_path: str | None) ->
             _check_output_file("--rejected", rejected_path, lines, None, None)
         rejected = _open_rejected(rejected_path)
         cleanup.callback(rejected.close)
-        try:
-            outcome = _record_stream(lines, _Publisher(sink), None, rejected=rejected)
-        finally:
-            lines.close()
-            rejected.close()
-            sent = sink.flush(timeout=60, fail_fast=True)
+        ctrl_c = _CtrlC()
+        with ctrl_c.installed():
+            try:
+                outcome = _record_stream(lines, _Publisher(sink), None, ctrl_c, rejected=rejected)
+            finally:
+                lines.close()
+                rejected.close()
+                ctrl_c.abortable()  # (Ctrl-C again: what is not sent is only spilled, by `close`)
+                sent = sink.flush(timeout=60, fail_fast=True)
+    outcome["interrupted_at"] = ctrl_c.interrupted_at(outcome)
     stats = sink.stats()
     unreachable = None if sent else sink.unreachable
     if as_json:
@@ -1205,7 +1285,6 @@ def ingest(
     --status, show each partition's lag.
     """
     import asyncio
-    import signal
 
     from ..broker import IngestWorker, ingest_status
     from ..stores.urls import postgres_dsn_and_schema, store_path
