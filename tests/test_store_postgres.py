@@ -254,6 +254,48 @@ def test_a_read_only_store_creates_and_migrates_nothing(schema: str, admin: Any)
     ).fetchone() == ("1",)
 
 
+def _schema_exists(admin: Any, schema: str) -> bool:
+    return admin.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is not None
+
+
+def test_discard_new_schema_drops_only_a_schema_its_opening_created_and_nothing_was_saved_in(
+    schema: str, admin: Any
+) -> None:
+    with PostgresStore(DSN, schema=schema) as store:
+        assert store.discard_new_schema()
+    assert not _schema_exists(admin, schema)
+    with PostgresStore(DSN, schema=schema) as store:
+        store.save(make_session("kept"))
+        assert not store.discard_new_schema()
+    with PostgresStore(DSN, schema=schema) as store:  # it exists now: never this opening's
+        store.delete("kept")
+        assert not store.discard_new_schema()
+    assert _schema_exists(admin, schema)
+    admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))  # an administrator's
+    with PostgresStore(DSN, schema=schema) as store:
+        assert not store.discard_new_schema()
+    assert _schema_exists(admin, schema)
+
+
+@pytest.mark.parametrize(
+    ("command", "content"), [("record", "not json\n"), ("import", "[1]")], ids=["record", "import"]
+)
+def test_a_cli_command_that_saved_nothing_leaves_no_new_schema(
+    schema: str, admin: Any, tmp_path: Path, command: str, content: str
+) -> None:
+    from click.testing import CliRunner
+
+    from phi_session.cli import main
+
+    url = f"{DSN}{'&' if '?' in DSN else '?'}schema={schema}"
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    result = CliRunner().invoke(main, [command, str(bad), "--store", url])
+    assert result.exit_code == 1, result.stderr
+    assert not _schema_exists(admin, schema)
+
+
 def test_forward_migrations_run_in_order_and_atomically(
     store: postgres.PostgresStore, admin: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "load_cli_session",
     "main",
     "open_cli_store",
+    "open_new_cli_store",
     "refuse_store_file",
     "reported_by_the_command",
     "saver_errors_reported_by_the_command",
@@ -221,11 +222,40 @@ def _same_file_as_any(target: Path, store: Path, sqlite_files: set[Path]) -> boo
     return False
 
 
-def undo_new_store(url: str | None, directory: str | None = None) -> Callable[[], None]:
-    """Called before a writing command opens its store: what removes that store again
-    when the command ends having saved nothing (``record`` of an empty input), if it did
-    not exist before. It removes the store's own new files, then the directories made
-    for it while they are empty: never anything that was there before."""
+@contextlib.contextmanager
+def open_new_cli_store(
+    url: str | None, directory: str | None = None
+) -> Iterator[tuple[SessionStore, Callable[[], None]]]:
+    """`open_cli_store` for a writing command that may end having saved nothing (``record``
+    of an empty input), with `discard`: called before the store closes, it has the store
+    removed again on closing if this command made it, since a store made for nothing
+    would look like a store without sessions. Removed are the store's own new files, then
+    the directories made for it while they are empty, or the database schema its opening
+    created while no session is in it: never anything that was there before."""
+    undo_files = _undo_new_local_store(url, directory)
+    discarded = False
+
+    def discard() -> None:
+        nonlocal discarded
+        discarded = True
+
+    with open_cli_store(url, directory) as store:
+        yield store, discard
+        if discarded and _local_store(url, directory) is None:
+            from ..stores.postgres import PostgresStore
+
+            if isinstance(store, PostgresStore):
+                try:
+                    store.discard_new_schema()
+                except PhiSessionError as error:
+                    warn(f"warning: the new store is left: {error}")
+    if discarded:
+        undo_files()
+
+
+def _undo_new_local_store(url: str | None, directory: str | None) -> Callable[[], None]:
+    """Called before the store is opened: what removes its SQLite file (and sidecars) or
+    JSON directory, if they do not exist yet, and the directories made for them."""
     path = _local_store(url, directory)
     if path is None or path.exists():
         return lambda: None

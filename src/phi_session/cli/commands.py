@@ -48,6 +48,7 @@ from .app import (
     load_cli_session,
     main,
     open_cli_store,
+    open_new_cli_store,
     prices_option,
     refuse_store_file,
     reported_by_the_command,
@@ -56,7 +57,6 @@ from .app import (
     stderr,
     stdout,
     store_options,
-    undo_new_store,
     warn,
 )
 
@@ -672,8 +672,7 @@ def record(
         )
         rejected = _open_rejected(rejected_path)
         cleanup.callback(rejected.close)
-        undo_store = undo_new_store(store_url, directory)
-        store = cleanup.enter_context(open_cli_store(store_url, directory))
+        store, discard_store = cleanup.enter_context(open_new_cli_store(store_url, directory))
         write_orphans = _orphans_writer(orphans_file) if orphans_file is not None else None
         saved: dict[str, None] = {}  # ids of every session saved, in order
         # Sessions no store accepts join the orphans; a failed save is reported by the saver.
@@ -711,6 +710,8 @@ def record(
             )
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
         outcome["interrupted_at"] = ctrl_c.interrupted_at(outcome)
+        if outcome["events"] == 0:
+            discard_store()
         # Summarised from what the store now holds for every session touched, each
         # outline in turn (loops bare): memory stays bounded whatever the stream's length.
         summaries = (
@@ -775,7 +776,6 @@ def record(
     if outcome["interrupted_at"] is not None:
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
     if outcome["events"] == 0:
-        undo_store()  # a store made for nothing would look like a store without sessions
         raise CliError(f"nothing recorded: {lines.name} holds no valid event line")
     if unsaved or orphans_lost or rejected.error is not None:
         raise click.exceptions.Exit(EXIT_FAILURE)
@@ -837,8 +837,7 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
     """
     imported: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
-    undo_store = undo_new_store(store_url)
-    with open_cli_store(store_url) as store, saver_errors_reported_by_the_command():
+    with open_new_cli_store(store_url) as (store, discard_store), saver_errors_reported_by_the_command():
         saver = SessionSaver(store)
         for name in paths:
             path = Path(name)
@@ -872,8 +871,8 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
                                 "error": f"session {session.session_id} not saved: {outcome.error}",
                             }
                         )
-    if not imported:
-        undo_store()  # a store made for nothing would look like a store without sessions
+        if not imported:
+            discard_store()
     for failure in errors:
         warn(f"error: {failure['path']}: {failure['error']}")
     if as_json:

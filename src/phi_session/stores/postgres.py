@@ -823,6 +823,7 @@ class PostgresStore(AsyncTwins):
             "order": sql.SQL("nextval({})").format(sql.Literal(self._qualified("save_order"))),
         }
         self._lock_timeout = lock_timeout
+        self._created_schema = False  # by this opening (`discard_new_schema`)
         self._connect_options: dict[str, Any] = {}
         if "connect_timeout" not in given:
             self._connect_options["connect_timeout"] = max(1, round(connect_timeout))
@@ -913,6 +914,7 @@ class PostgresStore(AsyncTwins):
                 cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self._schema,))
                 if cur.fetchone() is None:
                     cur.execute(self._sql("CREATE SCHEMA {s}"))
+                    self._created_schema = True
                 cur.execute(
                     self._sql(
                         "CREATE TABLE IF NOT EXISTS {s}.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
@@ -933,6 +935,24 @@ class PostgresStore(AsyncTwins):
                         ),
                         (str(SCHEMA_VERSION),),
                     )
+
+    def discard_new_schema(self) -> bool:
+        """Drop the schema that opening this store created, if no session is in it: for a
+        command that ends having saved nothing and must leave no new store behind. A schema
+        that existed before the opening is never dropped. Whether it was dropped (the store
+        can then no longer be used)."""
+        if not self._created_schema:
+            return False
+        with self._cursor("dropping the new schema", transaction=True) as cur:
+            # Taken first, so that a save in flight elsewhere commits before the check below.
+            cur.execute(self._sql("LOCK TABLE {s}.sessions IN ACCESS EXCLUSIVE MODE"))
+            cur.execute(self._sql("SELECT EXISTS (SELECT 1 FROM {s}.sessions)"))
+            row = cur.fetchone()
+            if row is None or row[0]:
+                return False
+            cur.execute(self._sql("DROP SCHEMA {s} CASCADE"))
+        self._created_schema = False
+        return True
 
     def _check_readable(self) -> None:
         """What a read-only store reads is there, at `SCHEMA_VERSION`."""
