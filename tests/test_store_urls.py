@@ -138,6 +138,16 @@ def test_file_url(tmp_path: Path) -> None:
         open_store("file://server/share")
 
 
+@pytest.mark.parametrize("url", ["file:", "file://", "file:///", "file://localhost", "FILE://"])
+def test_a_file_url_without_a_directory_path_is_refused(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--store file://$DIR` with $DIR unset: not the working directory, nor the root."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidStoreUrl, match="file URL without a directory path; accepted: "):
+        store_path(url)
+
+
 # -- PostgreSQL ----------------------------------------------------------------------------------
 
 

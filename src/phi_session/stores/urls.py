@@ -193,7 +193,10 @@ def _locate(url: str) -> tuple[str, Any, dict[str, Any]]:
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise _BadUrl(f"file URL {url!r} names a host ({parts.netloc!r}); only local directories work")
-        return "directory", Path(_local_path(unquote(parts.path))), {}
+        location = _local_path(unquote(parts.path))
+        if location in ("", "/"):  # (``file://$DIR`` with $DIR unset): not the cwd, nor the root
+            raise _BadUrl("file URL without a directory path")
+        return "directory", Path(location), {}
     # Only the scheme is shown: the rest of an unknown URL may hold a password.
     raise _BadUrl(f"unknown store URL scheme {scheme!r}")
 
