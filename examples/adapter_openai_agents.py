@@ -1,7 +1,9 @@
 """Record OpenAI Agents SDK runs as phi-core sessions, offline.
 
-The agent runs on the SDK's own scripted test model (no network, no key); with a real
-model nothing changes but the ``model=`` argument. Run it, then look at the result:
+The agent runs on the SDK's own scripted test model (no network, no key; and with
+``replace_default=True`` the SDK's own exporter, which uploads traces to OpenAI whenever
+OPENAI_API_KEY is set, is not used); with a real model nothing changes but the ``model=``
+argument. Run it, then look at the result:
 
     python examples/adapter_openai_agents.py
     phi-session list
@@ -22,7 +24,8 @@ def word_count(text: str) -> int:
 
 
 async def main() -> None:
-    core = openai_agents.install()  # the one line: sessions go to .phi-session/sessions.db
+    # The one line: sessions go to .phi-session/sessions.db, and to nowhere else.
+    core = openai_agents.install(replace_default=True)
     model = ScriptedModel(
         [
             [function_call("word_count", {"text": "to be or not to be"}, call_id="call_1")],

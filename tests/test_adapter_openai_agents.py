@@ -976,3 +976,26 @@ def test_stream_wrapper_records_a_refusal_as_text() -> None:
     (loop,) = sessions(recorder)["refused"].loops
     assert loop.turns[0].output_message.content[0].text == "I cannot help."  # type: ignore[union-attr]
     assert streamed_texts(events) == {loop.loop_id: "I cannot help."}
+
+
+def test_the_example_uploads_no_trace_to_openai(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It says "no network, no key": with the user's OPENAI_API_KEY set, the SDK's default
+    exporter, kept next to phi-session's processor, uploaded the run's traces to OpenAI."""
+    import runpy
+    from pathlib import Path
+
+    from agents.tracing.processors import BackendSpanExporter
+
+    uploaded: list[Any] = []
+    monkeypatch.setattr(BackendSpanExporter, "export", lambda self, items: uploaded.extend(items))
+    get_trace_provider().force_flush()  # what earlier tests' runs left queued
+    uploaded.clear()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-a-key")
+    monkeypatch.chdir(tmp_path)
+    example = Path(__file__).resolve().parents[1] / "examples" / "adapter_openai_agents.py"
+    runpy.run_path(str(example), run_name="__main__")
+    get_trace_provider().force_flush()
+    assert "It has 6 words. / You are welcome." in capsys.readouterr().out
+    assert uploaded == []
