@@ -107,3 +107,16 @@ def test_without_nats_py_the_error_names_the_extra() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'phi-session[nats]'" in out.stdout
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999", "x"])
+def test_a_nats_url_with_a_port_out_of_range_is_refused(port: str) -> None:
+    from phi_session.broker.settings import nats_servers
+
+    assert nats_servers("nats://a:4222, tls://[::1]:65535,nats://b") == [
+        "nats://a:4222",
+        "tls://[::1]:65535",
+        "nats://b",
+    ]
+    with pytest.raises(InvalidArgument, match=r"'nats://b:.*' \(its port must be a number 1-65535\)$"):
+        nats_servers(f"nats://a:4222,nats://b:{port}")

@@ -1847,3 +1847,16 @@ def test_record_to_an_unreachable_broker_on_a_full_disk_says_the_events_are_lost
         f" to a spill journal in {spill} (No space left on device)",
     )
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "65536", "x"])
+def test_a_nats_url_with_a_port_out_of_range_is_a_usage_error(tmp_path: Path, port: str) -> None:
+    """`--to nats://HOST:99999` was "cannot reach NATS" (exit 1), every event spilled to be
+    sent again by the next `record --to`."""
+    url = f"nats://127.0.0.1:{port}"
+    assert_one_line_error(run("record", EXAMPLE_STREAM, "--to", url), EXIT_USAGE, "--to: ", url, "port")
+    assert not (tmp_path / ".phi-session").exists()
+    postgres = "postgresql://nobody@127.0.0.1:1/none"
+    for status in ([], ["--status"]):
+        result = run("ingest", url, "--store", postgres, *status)
+        assert_one_line_error(result, EXIT_USAGE, url, "port")

@@ -16,6 +16,7 @@ import re
 import zlib
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from .._checks import check_type
 from ..errors import BrokerError, InvalidArgument, MissingExtra
@@ -211,8 +212,18 @@ def nats_servers(url: str) -> list[str]:
     """The servers of `url` (``nats://host[:port]``, several separated by commas); else `InvalidArgument`."""
     servers = [part.strip() for part in url.split(",")]
     for server in servers:
-        if not re.match(r"(nats|tls)://[^/\s]+/?$", server):
+        try:
+            parts = urlsplit(server) if re.match(r"(nats|tls)://[^/\s]+/?$", server) else None
+        except ValueError:  # a malformed IPv6 address
+            parts = None
+        if parts is None:
             raise InvalidArgument(f"not a NATS server URL: {server!r} (expected nats://HOST[:PORT])")
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or over 65535
+            port = 0
+        if port == 0:  # nats-py would try it, fail, and the events would wait for it
+            raise InvalidArgument(f"not a NATS server URL: {server!r} (its port must be a number 1-65535)")
     return servers
 
 
