@@ -512,6 +512,15 @@ def test_a_first_run_that_lost_a_race_takes_the_identity_that_won_it() -> None:
     assert late is not winner and late.progress() == winner.progress()
 
 
+def test_a_bad_store_variable_is_named_in_the_adapters_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in the CLI's: "unknown store URL scheme 'bogus'" alone did not say where it came from."""
+    from phi_session.errors import InvalidStoreUrl
+
+    monkeypatch.setenv("PHI_SESSION_STORE", "bogus://x")
+    with pytest.raises(InvalidStoreUrl, match=r"^environment variable PHI_SESSION_STORE='bogus://x' is not"):
+        AdapterCore("fake-fw", agent=AgentSession(clock=FakeClock()))
+
+
 def test_one_store_named_two_ways_has_one_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PHI_SESSION_STORE", "sessions.db")  # relative: resolved now

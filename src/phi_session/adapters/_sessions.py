@@ -254,7 +254,7 @@ def _location(store: SessionStore | None) -> tuple[object, ...]:
 
     if store is None:
         url = default_store_url()
-        path = store_path(url)
+        path = store_path(None)  # (a bad $PHI_SESSION_STORE: the error names the variable)
         return ("url", url) if path is None else ("file", str(path.resolve()))
     if isinstance(store, SqliteStore):
         return ("file", str(store.path.resolve()))
