@@ -1860,3 +1860,18 @@ def test_a_nats_url_with_a_port_out_of_range_is_a_usage_error(tmp_path: Path, po
     for status in ([], ["--status"]):
         result = run("ingest", url, "--store", postgres, *status)
         assert_one_line_error(result, EXIT_USAGE, url, "port")
+
+
+def test_an_unknown_postgres_url_parameter_is_a_usage_error_naming_it() -> None:
+    pytest.importorskip("psycopg")
+    result = run("list", "--store", "postgresql://agent:s3cret@127.0.0.1:1/db?sslmod=disable")
+    assert_one_line_error(result, EXIT_USAGE, "--store: unknown PostgreSQL connection parameter 'sslmod'")
+    assert "s3cret" not in result.stderr
+    for status in ([], ["--status"]):
+        url = "postgresql://agent:s3cret@127.0.0.1:1/db?sslmod=disable"
+        result = run("ingest", "nats://127.0.0.1:1", "--store", url, *status)
+        assert_one_line_error(result, EXIT_USAGE, "unknown PostgreSQL connection parameter 'sslmod'")
+        # libpq's other messages may quote the password: ingest showed them on connecting.
+        result = run("ingest", "nats://127.0.0.1:1", "--store", "postgresql://agent:s3 cret@127.0.0.1:1/db")
+        assert_one_line_error(result, EXIT_FAILURE, "invalid PostgreSQL connection string (not shown")
+        assert "s3" not in result.stderr

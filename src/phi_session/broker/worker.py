@@ -162,6 +162,9 @@ class IngestWorker:
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a string, got {type(value).__name__}")
         nats_servers(url)
+        from ..stores.postgres import dsn_parameters
+
+        dsn_parameters(dsn)  # now: psycopg's error on connecting may quote it, password included
         self.settings = StreamSettings.from_env(
             stream=stream, subject_prefix=subject_prefix, partitions=partitions
         )

@@ -93,6 +93,7 @@ from ..codec import decode_loop, decode_session, encode_loop, encode_session
 from ..errors import (
     DecodeError,
     InvalidArgument,
+    InvalidStoreUrl,
     SessionLocked,
     SessionNotFound,
     StoredSessionUnusable,
@@ -163,6 +164,8 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 MIGRATION_LOCK_CLASS = 0x7068
 # The longest timeout PostgreSQL and libpq take: 2**31-1 milliseconds.
 _MOST_SECONDS = 2_147_483.647
+# libpq's error for a parameter it does not know, in a URL or a key=value string.
+_UNKNOWN_PARAMETER = re.compile(r'invalid (?:URI query parameter:|connection option) "([^"\n]+)"')
 # Migrations may rewrite tables, so other processes wait for them longer than for a session.
 _MIGRATION_LOCK_TIMEOUT = 60.0
 # Search lexemes are cut to this many characters (a tsvector lexeme holds at most 2047
@@ -763,6 +766,22 @@ def schema_problem(schema: object) -> str | None:
     return None
 
 
+def dsn_parameters(dsn: str) -> dict[str, Any]:
+    """libpq's parameters in `dsn` (a URL or a key=value string; none without psycopg,
+    whose absence the caller reports). A parameter libpq does not know is `InvalidStoreUrl`
+    naming it; any other fault a `StoreError` that does not show the string, which may
+    hold a password (as libpq's own messages may)."""
+    if _MISSING_PSYCOPG is not None:
+        return {}
+    try:
+        return conninfo_to_dict(dsn)
+    except psycopg.Error as error:
+        unknown = _UNKNOWN_PARAMETER.fullmatch(str(error).strip())
+        if unknown is not None:  # (this message quotes only the parameter's name)
+            raise InvalidStoreUrl(f"unknown PostgreSQL connection parameter {unknown.group(1)!r}") from None
+        raise StoreError("invalid PostgreSQL connection string (not shown: it may hold a password)") from None
+
+
 class PostgresStore(AsyncTwins):
     """Sessions in PostgreSQL; safe for many threads, processes and machines at once.
 
@@ -808,12 +827,7 @@ class PostgresStore(AsyncTwins):
         # 2**31-1 ms; libpq a connect_timeout of 0 as "wait forever".
         check_seconds("lock_timeout", lock_timeout, positive=True, maximum=_MOST_SECONDS)
         check_seconds("connect_timeout", connect_timeout, positive=True, maximum=_MOST_SECONDS)
-        try:
-            given = conninfo_to_dict(dsn)
-        except psycopg.Error:  # its message may quote the string, password included
-            raise StoreError(
-                "invalid PostgreSQL connection string (not shown: it may hold a password)"
-            ) from None
+        given = dsn_parameters(dsn)
         self._dsn = dsn
         self.read_only = read_only
         self._where = _describe_server(given)
