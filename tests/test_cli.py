@@ -935,7 +935,9 @@ def test_stats(store_dir: Path) -> None:
     assert table.exit_code == EXIT_OK
     assert table.stdout.splitlines()[0].split()[:3] == ["AGENT", "SESSIONS", "LOOPS"]
     assert table.stdout.strip().splitlines()[-1].split()[:3] == ["total", "5", "7"]
-    assert_one_line_error(run("stats", "--by", "week", "--store", store_dir), EXIT_USAGE, "--by")
+    assert_one_line_error(
+        run("stats", "--by", "week", "--store", store_dir), EXIT_USAGE, "--by: expected one of"
+    )
 
 
 # -- export / import / rm --------------------------------------------------------------------------
@@ -1870,8 +1872,37 @@ def test_an_unknown_postgres_url_parameter_is_a_usage_error_naming_it() -> None:
     for status in ([], ["--status"]):
         url = "postgresql://agent:s3cret@127.0.0.1:1/db?sslmod=disable"
         result = run("ingest", "nats://127.0.0.1:1", "--store", url, *status)
-        assert_one_line_error(result, EXIT_USAGE, "unknown PostgreSQL connection parameter 'sslmod'")
+        assert_one_line_error(result, EXIT_USAGE, "--store: unknown PostgreSQL connection parameter 'sslmod'")
         # libpq's other messages may quote the password: ingest showed them on connecting.
         result = run("ingest", "nats://127.0.0.1:1", "--store", "postgresql://agent:s3 cret@127.0.0.1:1/db")
         assert_one_line_error(result, EXIT_FAILURE, "invalid PostgreSQL connection string (not shown")
         assert "s3" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error"),
+    [
+        (["--ack-wait", "-1"], "--ack-wait: must be a positive number of seconds"),
+        (["--idle-timeout", "0"], "--idle-timeout: must be a positive number of seconds"),
+        (["--partitions", "0"], "--partitions: expected an integer from 1 to 1024, got 0"),
+        (["--stream", "a.b"], "--stream: expected 1-64 letters"),
+        (["--subject-prefix", "a b"], "--subject-prefix: expected dot-separated tokens"),
+        (["--durable", "a.b"], "--durable: expected 1-64 letters"),
+    ],
+)
+def test_ingest_errors_name_its_options(arguments: list[str], error: str) -> None:
+    """They named the library's parameters: "ack_wait must be ...", "partitions: ..."."""
+    result = run(
+        "ingest", "nats://127.0.0.1:1", "--store", "postgresql://nobody@127.0.0.1:1/none", *arguments
+    )
+    assert_one_line_error(result, EXIT_USAGE, f"error: {error}")
+
+
+def test_ingest_names_where_a_bad_store_url_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("psycopg")
+    monkeypatch.setenv(ENV_VAR, "bogus://x")
+    result = run("ingest", "nats://127.0.0.1:1")
+    assert_one_line_error(result, EXIT_USAGE, f"environment variable {ENV_VAR}='bogus://x' is not a store")
+    monkeypatch.setenv(ENV_VAR, "postgresql://nobody@127.0.0.1:1/none?sslmod=disable")
+    assert_one_line_error(run("ingest", "nats://127.0.0.1:1"), EXIT_USAGE, f"${ENV_VAR}: unknown PostgreSQL")
+    assert_one_line_error(run("list"), EXIT_USAGE, f"${ENV_VAR}: unknown PostgreSQL connection parameter")

@@ -203,7 +203,8 @@ def test_stats(server: ViewerServer) -> None:
         "openai/gpt-4o",
     ]
     assert sum(row["usage"]["total_tokens"] for row in by_model) == 2970
-    assert "by" in get_json(server, "/api/stats?by=week", status=400)["error"]
+    # Named as in the URL, not as the library's parameter (group_by).
+    assert get_json(server, "/api/stats?by=week", status=400)["error"].startswith("by: expected one of")
     assert get_json(server, "/api/stats?group=agent", status=400)["error"]
 
 

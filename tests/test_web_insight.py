@@ -55,7 +55,7 @@ def test_cost_totals(server: ViewerServer) -> None:
     ]
     assert all(set(row["cost"]) == {"usd", "sources", "unpriced"} for row in by_model["totals"])
     assert get_json(server, "/api/cost")["totals"]  # by agent
-    assert "by" in get_json(server, "/api/cost?by=week", status=400)["error"]
+    assert get_json(server, "/api/cost?by=week", status=400)["error"].startswith("by: expected one of")
     assert get_json(server, "/api/cost?group=agent", status=400)["error"]
 
 

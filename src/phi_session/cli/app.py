@@ -44,6 +44,7 @@ __all__ = [
     "stderr",
     "stdout",
     "store_options",
+    "store_url_error",
     "warn",
 ]
 
@@ -154,12 +155,20 @@ def open_cli_store(
                 # made a store: read-only, its absence is the readers' error, and nothing is made.
                 open_store(url, read_only=True).close()
         store = JsonDirStore(directory) if directory is not None else open_store(url, read_only=read_only)
-    except InvalidStoreUrl as error:  # (one from $PHI_SESSION_STORE names the variable itself)
-        raise CliError(f"--store: {error}" if url is not None else str(error), EXIT_USAGE) from None
+    except InvalidStoreUrl as error:
+        raise store_url_error(error, url) from None
     try:
         yield store
     finally:
         store.close()
+
+
+def store_url_error(error: InvalidStoreUrl, url: str | None) -> CliError:
+    """The usage error of a store URL refused: given by ``--store``, or (`url` None) by
+    $PHI_SESSION_STORE, named unless the error names it already."""
+    if url is not None:
+        return CliError(f"--store: {error}", EXIT_USAGE)
+    return CliError(str(error) if ENV_VAR in str(error) else f"${ENV_VAR}: {error}", EXIT_USAGE)
 
 
 def _default_store_hint() -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import codecs
 import contextlib
 import os
+import re
 import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -22,6 +23,7 @@ from ..errors import (
     DecodeError,
     InvalidQuery,
     InvalidSessionId,
+    InvalidStoreUrl,
     PhiSessionError,
     SessionNotFound,
     StoreError,
@@ -57,6 +59,7 @@ from .app import (
     stderr,
     stdout,
     store_options,
+    store_url_error,
     warn,
 )
 
@@ -95,11 +98,26 @@ def _filter_options(fn: Callable[..., None]) -> Callable[..., None]:
     return fn
 
 
+def _option_error(error: ValueError, options: Mapping[str, str]) -> CliError:
+    """A library's refusal of an argument, as the usage error of the option that gave it
+    (`options`: the library's names of the options): ``ack_wait must be …`` becomes
+    ``--ack-wait: must be …``, ``group_by: expected …`` ``--by: expected …``. An error
+    naming nothing of `options` (one from an environment variable names it) stays as it is."""
+    if isinstance(error, InvalidQuery):
+        name, reason = error.parameter, error.reason
+    else:
+        named = re.fullmatch(r"(\w+)(?:: | (?=must ))(.*)", str(error), re.DOTALL)
+        name, reason = named.groups() if named is not None else (None, str(error))
+    option = options.get(name) if name is not None else None
+    return CliError(f"{option}: {reason}" if option is not None else str(error), EXIT_USAGE)
+
+
 def _session_query(filters: dict[str, str | None]) -> SessionQuery:
     try:
         return SessionQuery.from_strings(filters)
     except InvalidQuery as error:
-        raise CliError(f"--{str(error.parameter).replace('_', '-')}: {error.reason}", EXIT_USAGE) from None
+        # (Every filter's option is named as its parameter.)
+        raise _option_error(error, {name: f"--{name.replace('_', '-')}" for name in filters}) from None
 
 
 def _note_unknown_costs(pricer: Pricer, costs: Iterable[Cost]) -> None:
@@ -312,7 +330,7 @@ def stats(group_by: str, store_url: str | None, as_json: bool, prices_file: str 
     try:
         by = parse_group_by(group_by)
     except InvalidQuery as error:
-        raise CliError(f"--by: {error.reason}", EXIT_USAGE) from None
+        raise _option_error(error, {"group_by": "--by"}) from None
     pricer = cli_pricer(prices_file)
     with open_cli_store(store_url, read_only=True) as store:
         totals = store.usage_totals(by, pricer=pricer)
@@ -1231,6 +1249,19 @@ def _publish(source: str, url: str, as_json: bool, rejected_path: str | None) ->
         raise click.exceptions.Exit(EXIT_FAILURE)
 
 
+_INGEST_OPTIONS = {
+    name: f"--{name.replace('_', '-')}"
+    for name in ("stream", "subject_prefix", "partitions", "durable", "ack_wait", "idle_timeout")
+}
+"""`IngestWorker`'s parameters that are ``ingest`` options of the same names."""
+
+
+def _ingest_error(error: ValueError, store_url: str | None) -> CliError:
+    if isinstance(error, InvalidStoreUrl):
+        return store_url_error(error, store_url)
+    return _option_error(error, _INGEST_OPTIONS)
+
+
 @main.command()
 @click.argument("url", metavar="NATS_URL")
 @click.option("--status", is_flag=True, help="Show each partition's lag and owner, then exit.")
@@ -1289,7 +1320,11 @@ def ingest(
     from ..stores.urls import postgres_dsn_and_schema, store_path
 
     target = store_url if store_url is not None else default_store_url()
-    if store_path(target) is not None:
+    try:
+        local = store_path(store_url)
+    except InvalidStoreUrl as error:
+        raise store_url_error(error, store_url) from None
+    if local is not None:
         raise CliError(
             f"ingest needs a PostgreSQL store (--store postgresql://...), not {target}", EXIT_USAGE
         )
@@ -1303,7 +1338,7 @@ def ingest(
                 )
             )
         except ValueError as error:
-            raise CliError(str(error), EXIT_USAGE) from None
+            raise _ingest_error(error, store_url) from None
         if as_json:
             echo_json([render.partition_status_record(row) for row in rows])
         else:
@@ -1322,7 +1357,7 @@ def ingest(
             idle_timeout=idle_timeout,
         )
     except ValueError as error:
-        raise CliError(str(error), EXIT_USAGE) from None
+        raise _ingest_error(error, store_url) from None
 
     signals = 0
 

@@ -109,7 +109,7 @@ from ..errors import (
 )
 from ..model import Session
 from ..stores.base import SessionStore, to_builtins, validate_session_id
-from ..stores.query import MAX_COUNT, SessionQuery, parse_group_by
+from ..stores.query import MAX_COUNT, GroupBy, SessionQuery, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
 from .pages import CachedSession, Page, SessionCache, StaleOutline
 
@@ -363,7 +363,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
             return self._sessions_api(parts[2:], query)
         if parts == ["api", "stats"]:
             self._only(query, {"by"})
-            by = self._parse(lambda: parse_group_by(query.get("by") or "agent"))
+            by = self._group_by(query.get("by") or "agent")
             totals = self.server.store.usage_totals(by)
             return HTTPStatus.OK, _json_bytes(to_builtins(totals)), _JSON
         if parts == ["api", "cost"]:
@@ -477,7 +477,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         if by == "session":  # priced session by session
             totals = msgspec.to_builtins(cost_totals(_readable_sessions(store), by, pricer))
         else:  # the store's totals, priced: usage and cost per group
-            totals = to_builtins(store.usage_totals(self._parse(lambda: parse_group_by(by)), pricer=pricer))
+            totals = to_builtins(store.usage_totals(self._group_by(by), pricer=pricer))
         body = {**self._price_table(), "totals": totals}
         return HTTPStatus.OK, _json_bytes(body), _JSON
 
@@ -551,6 +551,14 @@ class ViewerHandler(BaseHTTPRequestHandler):
             return parse()
         except InvalidQuery as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
+
+    @staticmethod
+    def _group_by(value: str) -> GroupBy:
+        """The ``by`` parameter, named so in its error (the library's is ``group_by``)."""
+        try:
+            return parse_group_by(value)
+        except InvalidQuery as error:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"by: {error.reason}") from None
 
     # -- responses --------------------------------------------------------------------------
 
