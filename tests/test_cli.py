@@ -233,7 +233,7 @@ def test_record_unwritable_orphans_file_fails_before_reading(tmp_path: Path) -> 
         unwritable,
         input="".join(line + "\n" for line in example_lines()),
     )
-    assert_one_line_error(result, EXIT_USAGE, "--orphans", str(unwritable))
+    assert_one_line_error(result, EXIT_FAILURE, f"error: {unwritable}: No such file or directory")
     assert not (tmp_path / "out").exists()
 
 
@@ -317,7 +317,10 @@ def test_record_rejected_file_is_never_the_input_the_store_nor_the_orphans_file(
     orphans = ["--orphans", tmp_path / "o.jsonl"] if target == "orphans" else []
     before = files_under(tmp_path)
     result = run("record", stream, "--store", "kept.db", *orphans, "--rejected", path)
-    assert_one_line_error(result, EXIT_USAGE, "--rejected", str(path))
+    if target == "missing-dir":  # not a usage error: a path not found, as in every command
+        assert_one_line_error(result, EXIT_FAILURE, f"error: {path}: No such file or directory")
+    else:
+        assert_one_line_error(result, EXIT_USAGE, "--rejected", str(path))
     assert files_under(tmp_path) == before
 
 
@@ -1630,22 +1633,28 @@ def test_not_found_is_worded_one_way(store_dir: Path) -> None:
         EXIT_FAILURE,
         f"no loop 'nope' in session '{BASIC_ID}'",
     )
+    # A file the user named that is not there: the path, then the system's words, exit 1.
     for command in ("record", "import"):
-        assert_one_line_error(
-            run(command, "missing.jsonl", "--dir" if command == "record" else "--store", store_dir),
-            EXIT_FAILURE,
-            "missing.jsonl",
-            "no such file or directory",
-        )
-    # A file a command writes, in a directory that does not exist: the path first, as above.
+        result = run(command, "missing.jsonl", "--dir" if command == "record" else "--store", store_dir)
+        assert_one_line_error(result, EXIT_FAILURE)
+        assert result.stderr == "phi-session: error: missing.jsonl: No such file or directory\n"
+    result = run("list", "--store", store_dir, "--prices", "missing.toml")
+    assert_one_line_error(result, EXIT_FAILURE, "missing.toml: No such file or directory")
+    # A file a command writes, in a directory that does not exist: the same.
     unwritable = str(Path(store_dir) / "no-dir" / "out.json")
     for args in (
         ("export", BASIC_ID, "-o", unwritable),
         ("fork", BASIC_ID, "#1", "--turn", "0", "--out", unwritable),
+        ("record", EXAMPLE_STREAM, "--rejected", unwritable),
+        ("record", EXAMPLE_STREAM, "--orphans", unwritable),
     ):
         result = run(*args, "--store", store_dir)
         assert_one_line_error(result, EXIT_FAILURE)
-        assert result.stderr.strip().lower() == f"phi-session: error: {unwritable}: no such file or directory"
+        assert result.stderr == f"phi-session: error: {unwritable}: No such file or directory\n"
+    # An empty file name is not the working directory ("cannot read prices from .").
+    result = run("list", "--store", store_dir, "--prices", "")
+    assert_one_line_error(result, EXIT_USAGE)
+    assert result.stderr == "phi-session: error: --prices: empty file name\n"
 
 
 def test_counts_have_plurals_and_thousands_separators(store_dir: Path, tmp_path: Path) -> None:

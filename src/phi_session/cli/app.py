@@ -37,6 +37,7 @@ __all__ = [
     "main",
     "open_cli_store",
     "open_new_cli_store",
+    "path_error",
     "refuse_store_file",
     "reported_by_the_command",
     "saver_errors_reported_by_the_command",
@@ -109,6 +110,12 @@ def _lenient_output() -> None:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
             stream.reconfigure(errors="backslashreplace")
+
+
+def path_error(path: str | os.PathLike[str], error: OSError) -> CliError:
+    """A file the user named that cannot be read or written, worded as every command
+    words it: the path, then the system's reason (exit status 1: not found, or failed)."""
+    return CliError(f"{os.fspath(path)}: {error.strerror or error}", EXIT_FAILURE)
 
 
 def echo_json(value: Any) -> None:
@@ -388,9 +395,7 @@ class PhiSessionGroup(click.Group):
             return EXIT_FAILURE
         except OSError as error:
             # What failed first, then why, as every other error line says it.
-            warn(
-                f"error: {error.filename}: {error.strerror or error}" if error.filename else f"error: {error}"
-            )
+            warn(f"error: {path_error(error.filename, error) if error.filename else error}")
             return EXIT_FAILURE
         except Exception as error:
             if os.environ.get("PHI_SESSION_DEBUG"):
@@ -430,6 +435,8 @@ def prices_option(fn: F) -> F:
 
 def cli_pricer(prices_file: str | None) -> Pricer:
     """The pricer of `--prices` (genai-prices alone without a file)."""
+    if prices_file == "":  # (``--prices "$FILE"`` with FILE unset): not the working directory
+        raise CliError("--prices: empty file name", EXIT_USAGE)
     return Pricer() if prices_file is None else Pricer.from_file(prices_file)
 
 

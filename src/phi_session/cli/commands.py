@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -51,6 +52,7 @@ from .app import (
     main,
     open_cli_store,
     open_new_cli_store,
+    path_error,
     prices_option,
     refuse_store_file,
     reported_by_the_command,
@@ -386,11 +388,12 @@ class _LineSource:
             self.stream: IO[bytes] = sys.stdin.buffer
             return
         path = Path(name)
-        if not path.exists():
-            raise CliError(f"{name}: no such file or directory", EXIT_FAILURE)
         if path.is_dir():
             raise CliError(f"{name}: is a directory, expected a JSONL event file", EXIT_USAGE)
-        self.stream = path.open("rb")
+        try:
+            self.stream = path.open("rb")
+        except OSError as error:
+            raise path_error(name, error) from None
         self.size = path.stat().st_size
 
     def close(self) -> None:
@@ -582,13 +585,13 @@ def _check_output_file(
     refuse_store_file(option, path, store_url, directory)
 
 
-def _open_output_file(option: str, path: str) -> IO[bytes]:
+def _open_output_file(path: str) -> IO[bytes]:
     """Opened (created) before any input is consumed: an unwritable path must fail now,
     not after the stream is gone. Closed by the caller's ExitStack."""
     try:
         return open(path, "wb")
     except OSError as error:
-        raise CliError(f"{option}: cannot write {path}: {error.strerror or error}", EXIT_USAGE) from None
+        raise path_error(path, error) from None
 
 
 def _output_file_option(name: str, dest: str, what: str, form: str) -> Callable[[F], F]:
@@ -605,7 +608,7 @@ def _output_file_option(name: str, dest: str, what: str, form: str) -> Callable[
 
 def _open_rejected(path: str | None) -> _RejectedLines:
     """The ``--rejected`` file, once `_check_output_file` passed it; close it when done."""
-    return _RejectedLines(path, _open_output_file("--rejected", path) if path else None)
+    return _RejectedLines(path, _open_output_file(path) if path else None)
 
 
 @main.command()
@@ -685,9 +688,7 @@ def record(
             _check_output_file("--rejected", rejected_path, lines, store_url, directory)
             if orphans_path and Path(orphans_path).resolve() == Path(rejected_path).resolve():
                 raise CliError(f"--rejected {rejected_path}: the --orphans file; write elsewhere", EXIT_USAGE)
-        orphans_file = (
-            cleanup.enter_context(_open_output_file("--orphans", orphans_path)) if orphans_path else None
-        )
+        orphans_file = cleanup.enter_context(_open_output_file(orphans_path)) if orphans_path else None
         rejected = _open_rejected(rejected_path)
         cleanup.callback(rejected.close)
         store, discard_store = cleanup.enter_context(open_new_cli_store(store_url, directory))
@@ -860,7 +861,7 @@ def import_command(paths: tuple[str, ...], store_url: str | None, as_json: bool)
         for name in paths:
             path = Path(name)
             if not path.exists():
-                errors.append({"path": name, "error": "no such file or directory"})
+                errors.append({"path": name, "error": os.strerror(errno.ENOENT)})
                 continue
             for file in _session_files(path):
                 try:
@@ -983,7 +984,7 @@ def export(
     except BrokenPipeError:
         raise  # the reader went away (`| head`): the command group ends quietly
     except OSError as error:  # a write error (full disk) does not name its file
-        raise CliError(f"{output or 'stdout'}: {error.strerror or error}") from None
+        raise path_error(output or "stdout", error) from None
 
 
 # -- rm -----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from .app import (
     load_cli_session,
     main,
     open_cli_store,
+    path_error,
     refuse_store_file,
     stderr,
     stdout,
@@ -74,7 +75,10 @@ def fork_command(
     if out_file is not None or as_json:
         data = fork_point_json(session.session_id, turn)
         if out_file is not None:
-            out_file.write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))
+            try:
+                out_file.write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))
+            except OSError as error:  # a write error (full disk) does not name its file
+                raise path_error(out_file, error) from None
             note = f"wrote the context of turn {turn_index} to {out_file}"
             stderr().print(render.plain(note, "dim"), soft_wrap=True)
         if as_json:
