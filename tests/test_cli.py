@@ -1915,3 +1915,14 @@ def test_ingest_names_where_a_bad_store_url_came_from(monkeypatch: pytest.Monkey
     monkeypatch.setenv(ENV_VAR, "postgresql://nobody@127.0.0.1:1/none?sslmod=disable")
     assert_one_line_error(run("ingest", "nats://127.0.0.1:1"), EXIT_USAGE, f"${ENV_VAR}: unknown PostgreSQL")
     assert_one_line_error(run("list"), EXIT_USAGE, f"${ENV_VAR}: unknown PostgreSQL connection parameter")
+
+
+def test_serve_otlp_without_the_sdk_names_the_otlp_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It named [otel], which lacks opentelemetry-proto: following it led to a second error."""
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # not installed
+    result = run("serve", "--otlp", "--port", "0", "--otlp-port", "0")
+    assert_one_line_error(result, EXIT_FAILURE, "serve --otlp needs the OpenTelemetry SDK")
+    assert result.stderr.rstrip().endswith("pip install 'phi-session[otlp]'"), result.stderr
+    assert not (tmp_path / ".phi-session").exists()  # no store made for a receiver never started

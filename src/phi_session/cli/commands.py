@@ -1105,6 +1105,8 @@ def serve(
     """
     from ..web.server import is_loopback, make_server
 
+    if otlp:
+        _require_otlp()  # before the store is opened to write: a missing extra makes none
     with open_cli_store(store_url, read_only=not otlp) as store, contextlib.ExitStack() as cleanup:
         try:
             server = make_server(store, host=host, port=port)
@@ -1134,20 +1136,23 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def _require_otlp() -> None:
+    from ..errors import MissingExtra
+    from ..otel._sdk import require_proto, require_sdk
+
+    try:
+        require_sdk("serve --otlp", "otlp")  # (the otel extra lacks the protobuf package)
+        require_proto()
+    except MissingExtra as error:
+        raise CliError(str(error)) from None
+
+
 def _start_otlp(store: SessionStore, host: str, port: int, state: str, cleanup: contextlib.ExitStack) -> str:
     """Start the OTLP receiver in a thread; `cleanup` stops it and saves what it holds."""
     import threading
 
-    from ..errors import MissingExtra
+    from ..otel.endpoint import OtlpEndpoint, make_otlp_server
 
-    try:
-        from ..otel._sdk import require_proto, require_sdk
-
-        require_sdk()
-        require_proto()
-        from ..otel.endpoint import OtlpEndpoint, make_otlp_server
-    except MissingExtra as error:
-        raise CliError(str(error)) from None
     endpoint = OtlpEndpoint(store, state)
     cleanup.callback(endpoint.close)
     try:

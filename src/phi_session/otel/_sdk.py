@@ -5,13 +5,14 @@ from __future__ import annotations
 from ..errors import MissingExtra
 
 
-def require_sdk() -> None:
-    """Raise `MissingExtra` unless the OpenTelemetry SDK is importable."""
+def require_sdk(user: str = "phi_session.otel", extra: str = "otel") -> None:
+    """Raise `MissingExtra` unless the OpenTelemetry SDK is importable: `user` needs it,
+    and `extra` (which must install all that `user` needs) installs it."""
     try:
         import opentelemetry.sdk.trace  # noqa: F401
     except ImportError as error:
         raise MissingExtra(
-            f"phi_session.otel needs the OpenTelemetry SDK ({error}): pip install 'phi-session[otel]'"
+            f"{user} needs the OpenTelemetry SDK ({error}): pip install 'phi-session[{extra}]'"
         ) from None
 
 
