@@ -103,7 +103,33 @@ def test_snippet_runs_and_leaves_what_it_says(workdir: Path, kind: str, code: st
     result = subprocess.run(command, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr and "error" not in result.stderr.lower(), result.stderr
+    if kind == "python":
+        check_shown_output(code, result.stdout)
     check_leftovers(code, workdir)
+
+
+# A comment after a print that shows what it prints: a repr (``Cost(usd=0.1..., ...)``).
+_SHOWN = re.compile(r"^\s*print\(.*\)\s+# (\[?[A-Z]\w*\(.*)$")
+
+
+def check_shown_output(code: str, stdout: str) -> None:
+    """What a snippet's comment says a print prints is what it prints, ``...`` standing
+    for anything (each print of such a snippet prints one line)."""
+    prints = [line for line in code.splitlines() if re.match(r"\s*print\(", line)]
+    shown = [_SHOWN.match(line) for line in prints]
+    if not any(shown):
+        return
+    printed = stdout.splitlines()
+    assert len(printed) == len(prints), stdout
+    for match, line in zip(shown, printed, strict=True):
+        if match is not None:
+            # The price table's version is the one installed, not the README's.
+            comment, line = (_TABLE.sub("genai-prices N", text) for text in (match.group(1), line))
+            pattern = ".*?".join(re.escape(part) for part in comment.split("..."))
+            assert re.fullmatch(pattern, line), (comment, line)
+
+
+_TABLE = re.compile(r"genai-prices \d+(\.\d+)*")
 
 
 def serve_and_check(workdir: Path, script: str) -> None:
