@@ -6,14 +6,14 @@ import asyncio
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast, runtime_checkable
 
 import msgspec
 
 from .._checks import check_type
 from .._time import Timestamp
-from ..codec import encode_event, without_lone_surrogates
+from ..codec import encode_event, json_form, without_lone_surrogates
 from ..errors import InvalidSessionId, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
@@ -157,19 +157,6 @@ def escaped_to_save(value: _T, error: UnicodeEncodeError) -> _T | None:
                 error.reason,
             )
     return escaped
-
-
-def save_escaping(save: Callable[[_T], None], value: _T) -> None:
-    """``save(value)``; refused for text holding lone surrogates, saved once more with
-    them escaped (`escaped_to_save`) rather than lost: a store's `save` and `save_many`
-    leave nothing written when they raise, so the second attempt starts clean."""
-    try:
-        save(value)
-    except UnicodeEncodeError as error:
-        escaped = escaped_to_save(value, error)
-        if escaped is None:
-            raise
-        save(escaped)
 
 
 def check_writable(store: Any, action: str) -> None:
@@ -424,10 +411,24 @@ def collect_hits(
     return hits
 
 
-def session_id_to_save(session: Session) -> str:
-    """The checked id of a session handed to `save` (`TypeError` for anything but a `Session`)."""
+# msgspec refuses text holding a lone surrogate: encoding a session (in C) is how a store
+# learns cheaply that it holds none, the common case.
+_surrogate_check = msgspec.json.Encoder(enc_hook=json_form)
+
+
+def session_to_save(session: Session) -> Session:
+    """A session handed to `save` as a store holds it (`TypeError` for anything but a
+    `Session`; its id checked): itself, or a copy with the lone surrogates of its text
+    escaped (`escaped_to_save`), as stores write them. It is merged with the stored copy
+    so: merged raw, the same session saved again would read as new loops and links."""
     check_type("session", session, Session)
-    return validate_session_id(session.session_id)
+    validate_session_id(session.session_id)  # before escaping: such an id is refused
+    try:
+        _surrogate_check.encode(session)
+    except UnicodeEncodeError as error:
+        escaped = escaped_to_save(session, error)
+        return session if escaped is None else escaped  # None: nothing the walk reaches to escape
+    return session
 
 
 def validate_session_id(session_id: str) -> str:

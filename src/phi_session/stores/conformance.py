@@ -59,7 +59,7 @@ from ..messages import (
     Usage,
     UserMessage,
 )
-from ..model import LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef, Turn
+from ..model import ChildLoopRef, LoopEvent, LoopRecord, LoopStatus, Session, SpawnRef, Turn
 from ..recorder import SessionRecorder
 from .base import SessionStore, SessionSummary, UsageTotal, merge_sessions, summarize
 from .outline import PROMPT_CHARS, session_outline
@@ -638,6 +638,28 @@ class StoreConformance:
         assert loaded == without_lone_surrogates(session)
         assert encode_session(loaded) == encode_session(session)
         assert [row.agent_id for row in store.query()] == ["agent-\\xed\\xb3\\xbf"]
+
+    def test_saving_text_holding_lone_surrogates_again_adds_nothing(self, store: SessionStore) -> None:
+        # The stored copy holds them escaped: merged raw, the same session saved again
+        # read as new links and events (inside a record) or loops (in an id) on every save.
+        linked = make_loop("resurrogate", 1)
+        linked.children_loop_ids = ("resurrogate.cfg\udc80.9",)
+        linked.child_loop_refs = (
+            ChildLoopRef(
+                tool_call_id="c", tool_name="ls \udc80", child_loop_id="k.c.1", child_session_id="k"
+            ),
+        )
+        renamed = make_loop("resurrogate", 2, parent_index=1)
+        renamed.loop_id = "resurrogate.cfg\udc80.2"
+        inside = make_session("resurrogate", loops=[linked])
+        inside.session_events = [
+            ProgressMessage(loop_id="x", tool_call_id="c", tool_name="t", text="caf\udce9")
+        ]
+        named = make_session("resurrogate-id", loops=[renamed])
+        for session in (inside, named):
+            for _ in range(3):
+                store.save(session)
+            assert encode_session(store.load(session.session_id)) == encode_session(session)
 
     def test_built_session_round_trip(self, store: SessionStore) -> None:
         session = make_session(

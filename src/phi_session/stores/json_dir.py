@@ -68,7 +68,7 @@ from .base import (
     merge_sessions,
     model_key,
     query_selects,
-    session_id_to_save,
+    session_to_save,
     summarize_parts,
     validate_session_id,
 )
@@ -377,7 +377,8 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         A stored file that cannot be read, or that holds another session (on a file
         system that ignores case, ``A.json`` is ``a.json``), is never overwritten: `StoreError`.
         """
-        session_id = session_id_to_save(session)
+        session = session_to_save(session)
+        session_id = session.session_id
         check_writable(self, f"save session {session_id!r}")
         try:
             self._dir.mkdir(parents=True, exist_ok=True)

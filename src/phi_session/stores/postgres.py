@@ -118,8 +118,7 @@ from .base import (
     merge_part,
     model_key,
     query_selects,
-    save_escaping,
-    session_id_to_save,
+    session_to_save,
     stored_usage_row,
     summarize,
     summarize_outline,
@@ -1022,10 +1021,8 @@ class PostgresStore(AsyncTwins):
         One transaction: the session row is locked, so saves of one session from
         anywhere serialize. The incoming records are encoded before the lock is taken.
         """
-        save_escaping(self._save_one, session)
-
-    def _save_one(self, session: Session) -> None:
-        session_id = session_id_to_save(session)
+        session = session_to_save(session)
+        session_id = session.session_id
         check_writable(self, f"save session {session_id!r}")
         encoded = _Encodings(session.loops)
         with self._cursor(f"saving session {session_id!r}", transaction=True, session_id=session_id) as cur:

@@ -86,8 +86,7 @@ from .base import (
     collect_hits,
     loops_a_merge_touches,
     merge_part,
-    save_escaping,
-    session_id_to_save,
+    session_to_save,
     stored_usage_row,
     summarize,
     summarize_outline,
@@ -1415,10 +1414,8 @@ class SqliteStore(AsyncTwins):
         none loses a loop; a failure (disk full, lock timeout) leaves the stored
         session as it was. Loop rows whose record did not change are not rewritten.
         """
-        save_escaping(self._save_one, session)
-
-    def _save_one(self, session: Session) -> None:
-        session_id = session_id_to_save(session)
+        session = session_to_save(session)
+        session_id = session.session_id
         check_writable(self, f"save session {session_id!r}")
         with self._transaction("save", session_id, write=True) as conn:
             _index_loop_texts(conn, self._save_in(conn, session_id, session))
@@ -1429,10 +1426,8 @@ class SqliteStore(AsyncTwins):
         A writer with many sessions to save commits once for them all (the pages they
         share, such as the indexes' and the message table's, are written once).
         """
-        save_escaping(self._save_all, sessions)
-
-    def _save_all(self, sessions: Sequence[Session]) -> None:
-        ids = [session_id_to_save(session) for session in sessions]
+        sessions = [session_to_save(session) for session in sessions]
+        ids = [session.session_id for session in sessions]
         if not ids:
             return
         check_writable(self, f"save {len(ids)} sessions")
