@@ -557,7 +557,9 @@ def _unshared_encoding(session: ps.Session) -> bytes:
     def written(message: ps.AgentMessage) -> msgspec.Raw:
         return msgspec.Raw(encode_message(message))
 
-    loops = [codec.map_loop_messages(codec._strip_loop(record), written) for record in session.loops]
+    loops = [
+        codec.map_loop_messages(codec.without_plain_metadata(record), written) for record in session.loops
+    ]
     data = msgspec.json.encode(replace(session, loops=loops), enc_hook=codec.json_form, order="deterministic")
     return msgspec.json.format(data, indent=2)
 

@@ -356,7 +356,7 @@ def _strip_plain(event: Any) -> Any:
     return map_messages(event, _plain_message, agent=False)
 
 
-def _strip_loop(record: LoopRecord) -> LoopRecord:
+def without_plain_metadata(record: LoopRecord) -> LoopRecord:
     """`record` without agent metadata in its plain-form messages: itself when it has
     none, else a copy. Decoders drop such metadata (as phi-core does) and encoders
     never write it, so a record encodes the same before and after a round trip."""
@@ -1036,7 +1036,7 @@ def decode_session(data: bytes | str, *, strict: bool = True) -> Session:
     """Read a session file. Raises `DecodeError` (see `decode_event` for `strict`)."""
     check = _strict.check_session if strict else None
     session: Session = _decode(data, _session_decoder, Session, _repair_session, _restore_session, check)
-    session.loops = [_strip_loop(record) for record in session.loops]
+    session.loops = [without_plain_metadata(record) for record in session.loops]
     return session
 
 
@@ -1044,4 +1044,4 @@ def decode_loop(data: bytes | str, *, strict: bool = True) -> LoopRecord:
     """Read one loop record. Raises `DecodeError` (see `decode_event` for `strict`)."""
     check = _strict.check_loop if strict else None
     record: LoopRecord = _decode(data, _loop_decoder, LoopRecord, _repair_loop, map_loop_messages, check)
-    return _strip_loop(record)
+    return without_plain_metadata(record)

@@ -13,7 +13,7 @@ import msgspec
 
 from .._checks import check_type
 from .._time import Timestamp
-from ..codec import encode_event, json_form, without_lone_surrogates
+from ..codec import encode_event, json_form, without_lone_surrogates, without_plain_metadata
 from ..errors import InvalidSessionId, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
@@ -520,9 +520,12 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
             adopted.append(record)
             continue
         matched.add(slot)
-        if _loop_weight(record) >= _loop_weight(loops[slot]):
-            merged = keep_links(loops[slot], record)
-            if merged != loops[slot]:
+        kept = loops[slot]
+        if _loop_weight(record) >= _loop_weight(kept):
+            merged = keep_links(kept, record)
+            # Compared as stored: encoders drop the agent metadata of plain-form messages
+            # (a request's history), which a loaded copy lacks (stripped only if they differ).
+            if merged != kept and without_plain_metadata(merged) != without_plain_metadata(kept):
                 loops[slot] = merged
                 adopted.append(merged)
     _link_to_parents(loops, adopted)

@@ -50,8 +50,10 @@ from ..identity import AgentSession
 from ..instrument import Tracer
 from ..messages import (
     ZERO_USAGE,
+    AnnotatedRequestPayload,
     AssistantMessage,
     TextContent,
+    TextFormat,
     ThinkingContent,
     ToolCall,
     ToolResultMessage,
@@ -766,6 +768,40 @@ class StoreConformance:
         store.save(session)
         store.save(session)
         assert encode_session(store.load("same")) == encode_session(session)
+
+    def test_saving_plain_form_metadata_again_changes_nothing(self, store: SessionStore) -> None:
+        # A request's history may carry agent metadata (a turnId) that encoders drop: the
+        # stored copy lacks it, and the same loop saved again is not a changed one (a
+        # changed child would be linked into its parent's children_loop_ids).
+        parent, child = make_loop("replain", 1), make_loop("replain", 2, parent_index=1)
+        turn_id = TurnId(loop_id=child.loop_id, turn_index=0)
+        hello = UserMessage(content=(TextContent(text="hi"),), timestamp=0, turn_id=turn_id)
+        payload = AnnotatedRequestPayload(
+            system_prompt="s",
+            messages=(hello,),
+            provenance=(),
+            tools=(),
+            model_id="m",
+            thinking_level="off",
+            response_format=TextFormat(),
+        )
+        child.turns = (
+            Turn(
+                turn_id=turn_id,
+                triggered_by="User",
+                usage=ZERO_USAGE,
+                input_messages=(),
+                output_message=hello,
+                tool_results=(),
+                started_at=at(2),
+                ended_at=at(2),
+                request_payload=payload,
+            ),
+        )
+        session = make_session("replain", loops=[parent, child])
+        store.save(session)
+        store.save(session)
+        assert encode_session(store.load("replain")) == encode_session(session)
 
     def test_drained_and_continued_session_loses_nothing(self, store: SessionStore) -> None:
         _examples()
