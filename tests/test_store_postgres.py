@@ -635,6 +635,27 @@ def test_invalid_arguments_are_refused(schema: str) -> None:
     assert "s3cret" not in str(info.value)
 
 
+@pytest.mark.parametrize("odd", ["50%off", "%s %% '\\\" \\0025"])
+def test_a_schema_holding_a_percent_sign_works(odd: str) -> None:
+    # psycopg reads a "%" in a statement with parameters as a placeholder, even inside the
+    # quoted schema: every statement failed.
+    name = f"phi_test_{uuid.uuid4().hex[:12]} {odd}"
+    try:
+        with PostgresStore(DSN, schema=name) as store:
+            store.save(make_session("pct", loops=[talking_loop("pct", 1, "hello")]))
+            store.save(make_session("pct", loops=[make_loop("pct", 2)]))
+            assert store.list_ids() == ["pct"] and len(store.load("pct").loops) == 2
+            assert [row.session_id for row in store.query()] == ["pct"]
+            assert store.search("hello") and store.usage_totals()
+        with PostgresStore(DSN, schema=name, read_only=True) as reader:
+            assert reader.list_ids() == ["pct"]
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            assert conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (name,)).fetchone()
+    finally:
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
 def test_missing_psycopg_is_a_clear_store_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(postgres, "_MISSING_PSYCOPG", ImportError("No module named 'psycopg'"))
     with pytest.raises(StoreError, match=r"phi-session\[postgres\]"):

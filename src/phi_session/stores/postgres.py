@@ -781,6 +781,18 @@ def dsn_parameters(dsn: str) -> dict[str, Any]:
         raise StoreError("invalid PostgreSQL connection string (not shown: it may hold a password)") from None
 
 
+def _schema_placeholders(schema: str, sequence: str) -> dict[str, sql.Composable]:
+    """What `PostgresStore._sql` puts for ``{s}`` (`schema`, quoted) and ``{order}`` (the
+    next number of the quoted `sequence`). psycopg reads every ``%`` of a statement with
+    parameters as a placeholder, quoted or not: in a schema holding one, it is written as
+    a Unicode escape (in an identifier ``U&"..."``, in a string ``E'...'``)."""
+    if "%" not in schema:
+        return {"s": sql.Identifier(schema), "order": sql.SQL("nextval({})").format(sql.Literal(sequence))}
+    name = schema.replace("\\", "\\\\").replace('"', '""').replace("%", "\\0025")
+    text = sequence.replace("\\", "\\\\").replace("'", "''").replace("%", "\\u0025")
+    return {"s": sql.SQL(f'U&"{name}"'), "order": sql.SQL(f"nextval(E'{text}')")}
+
+
 class PostgresStore(AsyncTwins):
     """Sessions in PostgreSQL; safe for many threads, processes and machines at once.
 
@@ -831,10 +843,7 @@ class PostgresStore(AsyncTwins):
         self.read_only = read_only
         self._where = _describe_server(given)
         self._schema = schema
-        self._placeholders = {
-            "s": sql.Identifier(schema),
-            "order": sql.SQL("nextval({})").format(sql.Literal(self._qualified("save_order"))),
-        }
+        self._placeholders = _schema_placeholders(schema, self._qualified("save_order"))
         self._lock_timeout = lock_timeout
         self._created_schema = False  # by this opening (`discard_new_schema`)
         self._connect_options: dict[str, Any] = {}
