@@ -13,7 +13,7 @@ import operator
 import threading
 import types
 from collections.abc import Iterator
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import msgspec
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import phi_session as ps
 from phi_session.identity import AgentSession, FakeClock
 from phi_session.instrument import InstrumentationError, LoopScope, Tracer, TurnScope
-from phi_session.messages import JsonSchemaFormat
+from phi_session.messages import JsonSchemaFormat, TextFormat
 from phi_session.recorder import SessionRecorder
 from phi_session.sinks import JsonlSink
 
@@ -1034,7 +1034,27 @@ def test_emit_refuses_what_is_not_an_event() -> None:
     for value in (5, {"type": "AgentStart"}):
         with pytest.raises(TypeError, match="emit\\(\\) takes an event, not"):
             h.tracer.emit(value)  # type: ignore[arg-type]
+    # An event holding what phi-core cannot was recorded, and its session no longer loaded.
+    partial = ps.ToolResult(content="partial")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"event\.partial_result\.content must be a sequence, not str"):
+        h.tracer.emit(
+            ps.ToolExecutionUpdate(loop_id="l", tool_call_id="c", tool_name="t", partial_result=partial)
+        )
+    with pytest.raises(ps.InvalidArgument, match=r"event\.message\.stop_reason: invalid enum value 'weird'"):
+        h.tracer.emit(ps.MessageEnd(loop_id="l", message=_reply(stop_reason="weird")))
     assert h.events == [] and h.stream.getvalue() == b""
+
+
+def test_every_event_a_run_emits_can_be_emitted_by_hand(tmp_path: Path) -> None:
+    """`Tracer.emit` checks what it is given, and passes every kind the scopes emit."""
+    from phi_session.demo import run_demo
+
+    events: list[ps.AgentEvent] = []
+    run_demo(directory=str(tmp_path), sinks=[events.append])
+    h = Harness()
+    for event in events:
+        h.tracer.emit(event)
+    assert len(h.events) == len(events)
 
 
 def test_deltas_are_kept_only_when_the_recorder_keeps_them() -> None:
@@ -1526,6 +1546,33 @@ def test_a_tools_start_keeps_the_arguments_it_started_with() -> None:
 # -- arguments are checked where they enter -----------------------------------------------------
 
 _CALL = ps.ToolCall(id="c1", name="t", arguments={})
+
+
+def _reply(**fields: Any) -> ps.AssistantMessage:
+    given: dict[str, Any] = {
+        "content": (ps.TextContent(text="a"),),
+        "stop_reason": "stop",
+        "model": "m",
+        "provider": "p",
+        "usage": ps.Usage(input=0, output=0),
+        "timestamp": 1,
+    }
+    return ps.AssistantMessage(**{**given, **fields})
+
+
+def _request(**fields: Any) -> ps.AnnotatedRequestPayload:
+    given: dict[str, Any] = {
+        "system_prompt": "s",
+        "messages": (),
+        "provenance": (),
+        "tools": (),
+        "model_id": "m",
+        "thinking_level": "off",
+        "response_format": TextFormat(),
+    }
+    return ps.AnnotatedRequestPayload(**{**given, **fields})
+
+
 _STOP_REASONS = (
     "stop, length, toolUse, error, aborted, maxTurns, userStop, handoff, guardRail, contextCompacted, paused"
 )
@@ -1536,6 +1583,25 @@ _STOP_REASONS = (
     [
         ("loop", lambda loop: loop.user(["hi"]), TypeError, r"content\[0\] must be a content block, not str"),
         ("loop", lambda loop: loop.user(5), TypeError, "content must be str or a sequence of content blocks"),
+        # Fields inside what the scopes take: msgspec builds records without checking them.
+        (
+            "loop",
+            lambda loop: loop.user([ps.TextContent(text=123)]),
+            TypeError,
+            r"content\[0\]\.text must be str",
+        ),
+        (
+            "loop",
+            lambda loop: loop.user(ps.UserMessage(content=(ps.TextContent(text="a"),), timestamp="x")),
+            TypeError,
+            "content.timestamp must be int, not str",
+        ),
+        (
+            "loop",
+            lambda loop: loop.user(ps.UserMessage(content="a", timestamp=1)),
+            TypeError,
+            "content.content must be a sequence, not str",
+        ),
         (
             "loop",
             lambda loop: loop.compaction(-1, 3),
@@ -1558,6 +1624,38 @@ _STOP_REASONS = (
             "payload must be AnnotatedRequestPayload, not dict",
         ),
         ("turn", lambda turn: turn.compaction(1, None), TypeError, "message_count must be int, not NoneType"),
+        (
+            "turn",
+            lambda turn: turn.request(_request(max_tokens=-5)),
+            ps.InvalidArgument,
+            "payload.max_tokens: expected `int` >= 0; got -5",
+        ),
+        (
+            "turn",
+            lambda turn: turn.request(_request(thinking_level="max")),
+            ps.InvalidArgument,
+            "payload.thinking_level: invalid enum value 'max'",
+        ),
+        (
+            "turn",
+            lambda turn: turn.request(_request(system_prompt=None)),
+            TypeError,
+            "payload.system_prompt must be str, not NoneType",
+        ),
+        (
+            "turn",
+            lambda turn: turn.request(_request(messages=(ps.UserMessage(content=(), timestamp=-1),))),
+            ps.InvalidArgument,
+            r"payload.messages\[0\]\.timestamp: expected `int` >= 0; got -1",
+        ),
+        (
+            "turn",
+            lambda turn: turn.request(
+                _request(tools=(ps.ToolDefinition(name=5, description="d", parameters={}),))
+            ),
+            TypeError,
+            "payload.tools.name must be str, not int",
+        ),
         ("reply", lambda reply: reply.finish(stop_reason=5), TypeError, "stop_reason must be str, not int"),
         ("reply", lambda reply: reply.finish(stop_reason="done"), ps.InvalidArgument, _STOP_REASONS),
         (
@@ -1567,6 +1665,30 @@ _STOP_REASONS = (
             r"tool_calls\[0\] must be ToolCall, not dict",
         ),
         ("reply", lambda reply: reply.finish(usage={"input": 1}), TypeError, "usage must be Usage or None"),
+        (
+            "reply",
+            lambda reply: reply.finish(tool_calls=[ps.ToolCall(id=7, name="n", arguments={})]),
+            TypeError,
+            r"tool_calls\[0\]\.id must be str, not int",
+        ),
+        (
+            "reply",
+            lambda reply: reply.finish(message=_reply(stop_reason="weird")),
+            ps.InvalidArgument,
+            "message.stop_reason: invalid enum value 'weird'",
+        ),
+        (
+            "reply",
+            lambda reply: reply.finish(message=_reply(usage=ps.Usage(input=-1, output=0))),
+            ps.InvalidArgument,
+            "message.usage.input: expected `int` >= 0; got -1",
+        ),
+        (
+            "reply",
+            lambda reply: reply.finish(message=_reply(usage=ps.Usage(input=2**64, output=0))),
+            ps.InvalidArgument,
+            "message.usage.input: 18446744073709551616 is beyond the 64-bit integers",
+        ),
         (
             "reply",
             lambda reply: reply.finish(usage=ps.Usage(input=None, output=1)),  # type: ignore[arg-type]
@@ -1592,6 +1714,24 @@ _STOP_REASONS = (
             "error_message must be str or None",
         ),
         ("tool", lambda tool: tool.progress(50), TypeError, "text must be str, not int"),
+        (
+            "tool",
+            lambda tool: tool.update(ps.ToolResult(content="partial")),
+            TypeError,
+            "partial.content must be a sequence, not str",
+        ),
+        (
+            "tool",
+            lambda tool: tool.result([ps.TextContent(text=PurePosixPath("notes.txt"))]),
+            TypeError,
+            r"content\[0\]\.text must be str, not PurePosixPath",
+        ),
+        (
+            "tool",
+            lambda tool: tool.sub_agent(ps.LoopConfigSnapshot(model="m", provider="p", temperature="0.7")),
+            TypeError,
+            "config.temperature must be a number, not str",
+        ),
         (
             "tool",
             lambda tool: tool.result([{"type": "text", "text": "ok"}]),
@@ -1669,6 +1809,18 @@ def test_the_tracers_arguments_are_checked_before_anything_is_emitted() -> None:
         tracer.parallel([])
     with pytest.raises(ps.InvalidArgument, match="needs a config snapshot"):
         Tracer().loop()
+    # The fields of a snapshot: a bad one was recorded and no loop of its session loaded
+    # again; a model that is no str failed deriving the loop id, naming no field.
+    with pytest.raises(TypeError, match=r"config\.model must be str, not int"):
+        Tracer(config=ps.LoopConfigSnapshot(model=5, provider=None))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"config\.model must be str, not int"):
+        tracer.loop(ps.LoopConfigSnapshot(model=5, provider=None))  # type: ignore[arg-type]
+    with pytest.raises(ps.InvalidArgument, match=r"config\.max_tokens: expected `int` >= 0; got -1"):
+        tracer.loop(ps.LoopConfigSnapshot(model="m", provider="p", max_tokens=-1))
+    with pytest.raises(ps.InvalidArgument, match=r"config\.thinking_level: invalid enum value 'max'"):
+        tracer.loop(ps.LoopConfigSnapshot(model="m", provider="p", thinking_level="max"), config_id="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"configs\[1\]\.temperature must be a number, not str"):
+        tracer.parallel([SNAP, ps.LoopConfigSnapshot(model="m", provider="p", temperature="0.7")])  # type: ignore[arg-type]
     assert h.events == [] and h.stream.getvalue() == b""
     with tracer.loop() as loop:  # no loop id was used up by the refusals
         simple_loop(loop)

@@ -1017,29 +1017,37 @@ def test_an_auto_persisting_recorders_arguments_are_checked_before_it_starts(tmp
         AutoPersistingRecorder(store, checkpoint_interval=-1)
 
 
+@pytest.mark.parametrize("odd_value", ["arguments", "message text"])
 def test_a_session_holding_what_json_cannot_write_is_kept_unsaved_and_the_others_saved(
-    tmp_path: Path,
+    tmp_path: Path, odd_value: str
 ) -> None:
-    """Sizing a drained session's tool arguments raised for a value JSON cannot write (a
-    Path): the hand-over failed after the drain, and every session drained with it was lost."""
+    """Sizing a drained session raised for a value JSON cannot write (a Path in tool
+    arguments) or a message text that is no str (hand-built events, which no `Tracer`
+    check saw): the hand-over failed after the drain, and every session drained with it
+    was lost, while `stats()` said nothing was unsaved."""
     from msgspec.structs import replace
 
-    from phi_session import ToolExecutionStart
+    from phi_session import AgentEnd, TextContent, ToolExecutionStart, UserMessage
 
     events = list(stream(sessions=2, loops=1))
     odd = events[0].session_id  # type: ignore[union-attr]
-    events = [
-        replace(e, args={"path": Path("x")})
-        if isinstance(e, ToolExecutionStart) and e.loop_id.startswith(odd)
-        else e
-        for e in events
-    ]
+
+    def oddity(event: AgentEvent) -> AgentEvent:
+        if odd_value == "arguments" and isinstance(event, ToolExecutionStart):
+            return replace(event, args={"path": Path("x")})
+        if odd_value == "message text" and isinstance(event, AgentEnd):
+            bad = UserMessage(content=(TextContent(text=123),), timestamp=1)  # type: ignore[arg-type]
+            return replace(event, messages=(bad, *event.messages))
+        return event
+
+    events = [oddity(e) if getattr(e, "loop_id", "").startswith(odd) else e for e in events]
     store = JsonDirStore(tmp_path / "store")
     persisting = AutoPersistingRecorder(store, checkpoint_every=1, checkpoint_interval=None, retry_for=0)
     persisting.record_all(events)
     with pytest.raises(StoreError, match="could not be saved"):
         persisting.close()
     assert [s.session_id for s in persisting.failed_sessions()] == [odd]
+    assert persisting.stats()["sessions_failed"] == 1
     assert len(store.list_ids()) == 1 and odd not in store.list_ids()
 
 

@@ -97,10 +97,16 @@ _TOO_DEEP = re.compile(rb'\n {%d}(?:[\[{]|"(?:[^"\\]|\\.)*": [\[{])' % MAX_DEPTH
 _INDENT_BUDGET = 16 * 1024 * 1024
 
 
+def holds_no_big_integer(data: bytes) -> bool:
+    """Whether `data`, JSON as msgspec writes it, is sure to hold no integer beyond 64
+    bits (False also where it merely might)."""
+    return data.translate(_DIGITS_ONLY).find(_MAYBE_TOO_BIG) == -1
+
+
 def strict_adds_nothing(data: bytes) -> bool:
     """Whether strict decoding of `data`, JSON as msgspec writes it, is sure to give what
     lenient decoding gives (False also where it merely might not)."""
-    if data.translate(_DIGITS_ONLY).find(_MAYBE_TOO_BIG) != -1:
+    if not holds_no_big_integer(data):
         return False
     containers = data.count(b"[") + data.count(b"{")
     if containers <= MAX_DEPTH:

@@ -9,6 +9,7 @@ sorted, free-form values sorted, nanosecond timestamps, float32 temperatures.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from operator import is_
@@ -21,7 +22,7 @@ from . import _strict
 from ._checks import check_type
 from ._float32 import Float32
 from ._time import Timestamp
-from .errors import DecodeError
+from .errors import DecodeError, InvalidArgument
 from .events import (
     EVENT_TYPES,
     MESSAGE_FIELDS,
@@ -42,6 +43,8 @@ from .messages import (
     ExtensionMessage,
     Message,
     NodeTag,
+    TextContent,
+    ToolCall,
     TurnId,
     Usage,
     extension_message,
@@ -176,8 +179,12 @@ class _Encoder:
 
     __slots__ = ("_encoder",)
 
-    def __init__(self, order: Literal["deterministic", "sorted"] | None) -> None:
-        self._encoder = msgspec.json.Encoder(enc_hook=json_form, order=order)
+    def __init__(
+        self,
+        order: Literal["deterministic", "sorted"] | None,
+        enc_hook: Callable[[Any], Any] = json_form,
+    ) -> None:
+        self._encoder = msgspec.json.Encoder(enc_hook=enc_hook, order=order)
 
     def encode(self, document: Any) -> bytes:
         try:
@@ -211,6 +218,125 @@ def json_text(value: Any) -> str:
 
 # LLM messages in their agent-message form have every key sorted, at every depth.
 _sorted = _Encoder("sorted")
+
+
+# -- Checking what a caller built ------------------------------------------------------------
+
+# msgspec builds records without checking their fields: one of the wrong type or out of
+# range is written as it is, and the session holding it no longer loads. A record is
+# checked by reading its JSON back as its own type, as a store would load it.
+
+HOOKED_ONLY_AS_KEYS = frozenset({tuple, list, dict, set, frozenset, bool, type(None), msgspec.Raw})
+"""Types msgspec writes itself: its JSON encoder's ``enc_hook`` meets one only as a dict
+key, which JSON holds as text only (a tuple: a grid cell)."""
+# What stands for a value JSON cannot hold: free-form fields (tool arguments, details,
+# extension data) take it, as they are copied as JSON on their own; a typed field refuses it.
+_NOT_JSON = msgspec.Raw(b'{"\\u0000not JSON":0}')
+
+
+def _checked_form(obj: Any) -> Any:
+    if type(obj) in HOOKED_ONLY_AS_KEYS:
+        return ""  # a dict key (JSON has only text keys): a free-form value's, copied on its own
+    try:
+        return json_form(obj)
+    except NotImplementedError:
+        return _NOT_JSON
+
+
+_checking = _Encoder(None, _checked_form)
+_check_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+# The commonest records given (an answer's text, its tool calls), whose typed fields are
+# all text: checked as such, without the round trip.
+_ALL_TEXT: dict[type, Callable[[Any], bool]] = {
+    TextContent: lambda block: type(block.text) is str,
+    ToolCall: lambda call: type(call.id) is str and type(call.name) is str,
+}
+_EXPECTED_TYPE = re.compile(r"[Ee]xpected `?([^`]+?)`?, got `?([^`]+?)`?$")
+_PATH_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_JSON_KINDS = {"array": "a sequence", "object": "an object", "null": "None"}
+_ABSENT = object()
+
+
+def check_recordable(name: str, value: msgspec.Struct, index: int | None = None) -> None:
+    """`TypeError` (a field of the wrong type) or `InvalidArgument` (a value phi-core
+    cannot hold: a negative count, an unknown stop reason) unless `value`, a record the
+    caller built (a message, a config snapshot, a request, an event), reads back as its
+    own type from its JSON; the error names the field, under `name` (``name[index]``
+    with an `index`). Free-form fields are not looked at: they are copied as JSON where
+    they are recorded."""
+    kind = type(value)
+    all_text = _ALL_TEXT.get(kind)
+    if all_text is not None and all_text(value):
+        return
+    if index is not None:
+        name = f"{name}[{index}]"
+    try:
+        data = _checking.encode(value)
+    except RecursionError:  # a free-form value nested too deep to write (or holding itself),
+        return  # which is recorded as a stand-in: records themselves are shallow
+    decoder = _check_decoders.get(kind)
+    if decoder is None:
+        if len(_check_decoders) >= 64:  # record types are few (extension roles may not be)
+            _check_decoders.clear()
+        decoder = _check_decoders[kind] = msgspec.json.Decoder(kind, dec_hook=_dec_hook)
+    try:
+        decoder.decode(data)
+    except (msgspec.ValidationError, ValueError) as error:
+        raise _refused(name, value, error) from None
+    if _strict.holds_no_big_integer(data):
+        return
+    try:  # an integer may be beyond 64 bits, which phi-core reads as a float
+        scan = _strict.Scan(data)
+    except (ValueError, RecursionError):  # nested past phi-core's limit: only free-form values
+        return  # are, and they are clipped where they are copied
+    if scan.numbers_differ:
+        try:
+            _convert(scan.tree, kind)
+        except (msgspec.ValidationError, ValueError) as error:
+            where, found = _located(name, value, str(error).partition(" - at `")[2].rstrip("`"))
+            raise InvalidArgument(
+                f"{where}: {found!r} is beyond the 64-bit integers phi-core reads"
+            ) from None
+
+
+def _refused(name: str, value: Any, error: Exception) -> Exception:
+    """The error naming the field of `value` that decoding found wrong (`error`)."""
+    message, _, path = str(error).partition(" - at `")
+    where, found = _located(name, value, path.rstrip("`"))
+    wrong_type = _EXPECTED_TYPE.match(message)
+    if wrong_type is not None:
+        expected, got = wrong_type.groups()
+        actual = type(found).__name__ if found is not _ABSENT else got
+        return TypeError(f"{where} must be {_JSON_KINDS.get(expected, expected)}, not {actual}")
+    detail = message[:1].lower() + message[1:]
+    if found is not _ABSENT and message.startswith("Expected"):
+        detail += f"; got {found!r}"
+    return InvalidArgument(f"{where}: {detail}")
+
+
+def _located(name: str, value: Any, path: str) -> tuple[str, Any]:
+    """msgspec's error `path` (``$.usage.input``) into `value` as its attribute names after
+    `name`, and the value there (`_ABSENT` if it cannot be followed)."""
+    where, node = name, value
+    for key, index in _PATH_STEP.findall(path[1:]):
+        if node is _ABSENT:
+            where += f".{key}" if key else f"[{index}]"
+            continue
+        if key:
+            fields = getattr(type(node), "__struct_encode_fields__", ())
+            if key in fields:
+                attribute = type(node).__struct_fields__[fields.index(key)]
+                where, node = f"{where}.{attribute}", getattr(node, attribute)
+            else:
+                where, node = f"{where}.{key}", _ABSENT
+        else:
+            where += f"[{index}]"
+            try:
+                node = node[int(index)]
+            except Exception:  # not a sequence after all: the path goes on as written
+                node = _ABSENT
+    return where, node
+
 
 _event_decoder = msgspec.json.Decoder(AgentEvent, dec_hook=_dec_hook)
 

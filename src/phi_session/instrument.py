@@ -78,7 +78,7 @@ from ._checks import (
 from ._failures import FailureTally
 from ._strict import MAX_VALUE_DEPTH, clip_depth
 from ._time import Timestamp
-from .codec import EVENT_CLASSES, json_form, not_an_event
+from .codec import EVENT_CLASSES, check_recordable, json_form, not_an_event
 from .errors import InstrumentationError, InvalidArgument
 from .events import (
     DEFAULT,
@@ -220,7 +220,8 @@ class _Owned:
     same object as recorded before, which stores keep once), not copied anew.
 
     Holds at most `_OWNED_LIMIT` copies, each with the object given, so that its id
-    stays its own; then it starts over (what it no longer holds is copied again).
+    stays its own; then it starts over (what it no longer holds is copied, and checked,
+    again).
     """
 
     __slots__ = ("_copies", "failures")
@@ -230,10 +231,11 @@ class _Owned:
         self._copies: dict[int, tuple[object, Any]] = {}
 
     def message(self, message: _M) -> _M:
-        """A copy of `message` as it is now (`_owned_message`), remembered as its copy."""
+        """A copy of `message` as it is now (`_owned_message`), remembered as its copy
+        (itself, if it holds nothing that could change): a request resending it takes it
+        as copied and checked (`check_recordable`, by the caller, where it entered)."""
         owned = _owned_message(message, self.failures)
-        if owned is not message:
-            self._remember(message, owned)
+        self._remember(message, owned)
         return owned
 
     def payload(self, payload: AnnotatedRequestPayload, before: _Sent | None) -> _Sent:
@@ -245,6 +247,8 @@ class _Owned:
         loop's request `before` (which starts it, as the same objects) are taken as
         copied then, and only those after them are looked at.
         """
+        # Its own fields; its messages and tools are checked where they are copied, once.
+        check_recordable("payload", replace(payload, messages=(), tools=()))
         given = tuple(payload.messages)  # the agent's list would change with its conversation
         tools = payload.tools
         owned: tuple[Message, ...] = ()
@@ -259,10 +263,13 @@ class _Owned:
         if start < len(given):
             copies = self._copies
             fresh = []
-            for message in given[start:]:
+            for index in range(start, len(given)):
+                message = given[index]
                 hit = copies.get(id(message))
                 if hit is None or hit[0] is not message:
-                    check_instance("payload.messages", message, _MESSAGE_TYPES, "a message")
+                    name = f"payload.messages[{index}]"
+                    check_instance(name, message, _MESSAGE_TYPES, "a message")
+                    check_recordable(name, message)
                     hit = (message, self.message(message))
                 fresh.append(hit[1])
             owned += tuple(fresh)
@@ -295,6 +302,7 @@ class _Owned:
         if hit is not None and hit[0] is tool:
             return hit[1]  # type: ignore[no-any-return]
         check_type("payload.tools", tool, ToolDefinition)
+        check_recordable("payload.tools", tool)
         parameters = _own_copy(tool.parameters, self.failures, _PARAMETERS)
         if parameters is tool.parameters:
             return tool
@@ -457,12 +465,23 @@ _REVERT_CATEGORIES = get_args(RevertCategory)
 
 
 def _content(name: str, value: str | Sequence[Content]) -> tuple[Content, ...]:
-    """Text or content blocks as blocks; `TypeError` (naming argument `name`) for others."""
+    """Text or content blocks as blocks; `TypeError` (naming argument `name`) for others,
+    and for blocks holding what phi-core cannot (`_checked_each`)."""
     if isinstance(value, str):
         return (TextContent(text=value),)
     if not isinstance(value, Iterable) or isinstance(value, bytes):
         raise TypeError(f"{name} must be str or a sequence of content blocks, not {type(value).__name__}")
-    return check_each(name, value, _CONTENT_TYPES, "a content block")
+    return _checked_each(name, check_each(name, value, _CONTENT_TYPES, "a content block"))
+
+
+def _checked_each(name: str, records: tuple[_R, ...]) -> tuple[_R, ...]:
+    """`records` (content blocks, tool calls), each checked by `check_recordable`."""
+    for index, record in enumerate(records):
+        check_recordable(name, record, index)
+    return records
+
+
+_R = TypeVar("_R", bound=msgspec.Struct)
 
 
 def _describe(error: BaseException | str) -> str:
@@ -587,6 +606,7 @@ class _Outlet:
     """
 
     __slots__ = (
+        "_checked",
         "_deliver",
         "_filled",
         "_segments",
@@ -610,6 +630,7 @@ class _Outlet:
         """The copies recorded of the agent's messages, request payloads and tools."""
         self._filled: dict[tuple[int, str], tuple[LoopConfigSnapshot, LoopConfigSnapshot]] = {}
         self._segments: dict[int, tuple[LoopConfigSnapshot, str]] = {}
+        self._checked: dict[int, LoopConfigSnapshot] = {}
         self.emit: Callable[[AgentEvent], None] = _emitter(processors, fanout)
         """Run an event through the processors, then deliver it to every sink. Never raises."""
         self.emit_prose: Callable[[MessageUpdate], None] = _prose_emitter(processors, fanout, self.emit)
@@ -659,6 +680,16 @@ class _Outlet:
             return
         for delta in deltas:
             self._deliver(MessageUpdate(loop_id=loop_id, message=placeholder, delta=delta))
+
+    def check_config(self, config: LoopConfigSnapshot | None, name: str = "config") -> None:
+        """`check_recordable` of a loop's config snapshot (argument `name`), once per object
+        (an agent's loops share theirs)."""
+        if config is None or self._checked.get(id(config)) is config:
+            return
+        check_recordable(name, config)
+        if len(self._checked) >= 64:  # configs are few; never grow without bound
+            self._checked.clear()
+        self._checked[id(config)] = config
 
     def snapshot(self, config: LoopConfigSnapshot, segment: str) -> LoopConfigSnapshot:
         """`config` with ``config_id`` filled in, as phi-core's loop does; one object per
@@ -849,6 +880,7 @@ class _LoopState:
 
     def user_message(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
         if isinstance(content, (UserMessage, AssistantMessage, ToolResultMessage, ExtensionMessage)):
+            check_recordable("content", content)
             return content
         return UserMessage(content=_content("content", content), timestamp=self.millis())
 
@@ -1056,6 +1088,7 @@ class Tracer:
         self.fanout = FanOut(sinks)
         self.processors = default_processors(redact, processors)
         self._outlet = _Outlet(self.processors, self.fanout)
+        self._outlet.check_config(config)
         self.wants_deltas = self.fanout.wants_deltas
         """Whether streaming deltas are built at all (some sink keeps them)."""
         # The identities `for_session` records into, by session id, shared with every twin
@@ -1066,10 +1099,12 @@ class Tracer:
 
     def emit(self, event: AgentEvent) -> None:
         """Run `event` through the processors, then deliver it to every sink. Never raises
-        (but `TypeError` for what is not an event). Its tool arguments, metadata, details
-        and message data are recorded as they are now, as the scopes record them."""
+        (but `TypeError` for what is not an event, and `TypeError` or `InvalidArgument` for
+        one holding what phi-core cannot: `check_recordable`). Its tool arguments, metadata,
+        details and message data are recorded as they are now, as the scopes record them."""
         if type(event) not in EVENT_CLASSES:
             raise not_an_event("emit()", event)
+        check_recordable("event", event)
         outlet = self._outlet
         outlet.emit(_owned_event(event, outlet))  # as the scopes record: the agent may change its dicts
 
@@ -1135,6 +1170,7 @@ class Tracer:
         check_type("config", config, LoopConfigSnapshot, optional=True)
         check_type("config_id", config_id, str, optional=True)
         config = config if config is not None else self.config
+        self._outlet.check_config(config)
         kind, continues = self._lineage(kind, continues)
         segment = self._segment(config, config_id)
         agent = self.agent
@@ -1168,6 +1204,8 @@ class Tracer:
         configs = check_each("configs", configs, LoopConfigSnapshot, "LoopConfigSnapshot")
         if not configs:
             raise InvalidArgument("a parallel group needs at least one config")
+        for index, config in enumerate(configs):
+            self._outlet.check_config(config, f"configs[{index}]")
         kind, continues = self._lineage(kind, continues)
         agent = self.agent
         segments = [self._segment(config, None) for config in configs]
@@ -1888,7 +1926,9 @@ class MessageScope(_Scope):
             raise _not_running(self)
         if message is None:
             blocks = self._streamed() if content is None else _content("content", content)
-            calls = check_each("tool_calls", tool_calls or (), ToolCall, "ToolCall")
+            calls = _checked_each(
+                "tool_calls", check_each("tool_calls", tool_calls or (), ToolCall, "ToolCall")
+            )
             if calls:
                 blocks = (*blocks, *calls)
             check_usage("usage", usage, optional=True)
@@ -1908,6 +1948,7 @@ class MessageScope(_Scope):
             )
         else:
             check_type("message", message, AssistantMessage)
+            check_recordable("message", message)
         loop = self._loop
         if loop.replay is not None and loop.replay.turns_served > loop.served:
             # A recorded reply the replay served is not yet recorded: this is it. Counted
@@ -2004,6 +2045,8 @@ class ToolScope(_Scope):
         loop = self._loop
         if not isinstance(partial, ToolResult):
             partial = ToolResult(content=_content("partial", partial), details=details)
+        else:
+            check_recordable("partial", partial)
         partial = _owned_result(partial, loop.outlet.copy_failures)
         loop.emit(
             ToolExecutionUpdate(
@@ -2072,6 +2115,7 @@ class ToolScope(_Scope):
         check_type("config_id", config_id, str, optional=True)
         loop = self._loop
         config = config if config is not None else loop.config
+        loop.outlet.check_config(config)
         if config_id is None:
             config_id = config.config_id if config is not None and config.config_id is not None else "sub"
         spawned = self._child_agent
@@ -2166,12 +2210,15 @@ class ToolScope(_Scope):
                     child_loop_id=child,
                 )
             )
-            message = ToolResultMessage(
-                tool_call_id=self.tool_call_id,
-                tool_name=self.tool_name,
-                content=content,
-                is_error=is_error,
-                timestamp=loop.millis(),
+            # Remembered (`_Owned.message`): the agent's next request resends it.
+            message = loop.outlet.owned.message(
+                ToolResultMessage(
+                    tool_call_id=self.tool_call_id,
+                    tool_name=self.tool_name,
+                    content=content,
+                    is_error=is_error,
+                    timestamp=loop.millis(),
+                )
             )
             loop.emit_message(message)
         finally:

@@ -109,8 +109,22 @@ def held_bytes(session: Session) -> int:
     free-form data they carry (tool-call arguments, tool results' details, extension
     data), so that one huge tool output, image or argument counts for what it weighs. One
     object held in several places (a message resent in every ``TurnRequest``) counts once;
-    a copy counts as what it is, another object in memory."""
+    a copy counts as what it is, another object in memory.
+
+    Never raises: sized while a checkpoint hands sessions over, it would lose every
+    session drained with this one. A session it cannot size (a message text that is
+    no str, in hand-built events) counts its events only; saving it fails and says why,
+    and the session is kept unsaved (`SessionSaver`)."""
     held = EVENT_BYTES * (1 + sum(len(record.events) for record in session.loops))
+    try:
+        return held + _content_bytes(session)
+    except Exception:  # what no store can write either
+        return held
+
+
+def _content_bytes(session: Session) -> int:
+    """`held_bytes` beyond its events: texts and free-form data."""
+    held = 0
     seen: set[int] = set()
     for record in session.loops:
         for message in record.messages:
