@@ -1530,6 +1530,58 @@ def test_mappings_models_collections_and_bytes_are_recorded_as_the_json_they_hol
     assert b"PW_" not in ps.encode(session)
 
 
+def _recorded_free_form(h: Harness, arguments: Any, metadata: Any, details: Any) -> list[Any]:
+    """The tool arguments (in the reply, at the tool's start), loop metadata and tool
+    result details `h` records of these."""
+    with h.tracer.loop(metadata=metadata) as loop, loop.turn() as turn:
+        answer(turn, "go", calls=(ps.ToolCall(id="c1", name="t", arguments=arguments),))
+        with turn.tool(turn.tool_calls[0]) as tool:
+            tool.result("ok", details=details)
+    [record] = h.session().loops  # and the session loads
+    [call] = [b for m in record.messages if isinstance(m, ps.AssistantMessage) for b in m.content[1:]]
+    [start] = [e for e in h.events if isinstance(e, ps.ToolExecutionStart)]
+    [end] = [e for e in h.events if isinstance(e, ps.ToolExecutionEnd)]
+    return [call.arguments, start.args, record.metadata, end.result.details]  # type: ignore[union-attr]
+
+
+def test_a_dict_key_json_cannot_hold_is_recorded_as_its_text_and_counted() -> None:
+    # A tuple key (a grid cell) sent the copy into endless recursion: the whole value
+    # was recorded as "[NOT RECORDED: ... raised RecursionError]", every other key lost.
+    h = Harness()
+    arguments = {"path": "/etc/app.conf", "cells": {(0, 1): "A1", (2, 3): "C4"}}
+    recorded = _recorded_free_form(
+        h,
+        arguments,
+        {"user": "alice", "grid": {(1, 1): 5}},
+        {"rows": 3, "keys": {None: 1, frozenset({2}): 2}},
+    )
+    expected_arguments = {"path": "/etc/app.conf", "cells": {"(0, 1)": "A1", "(2, 3)": "C4"}}
+    assert recorded == [
+        expected_arguments,
+        expected_arguments,
+        {"user": "alice", "grid": {"(1, 1)": 5}},
+        {"rows": 3, "keys": {"None": 1, "frozenset({2})": 2}},
+    ]
+    assert h.tracer.argument_failures == 4
+
+
+def test_nan_and_infinities_are_recorded_as_text_and_counted() -> None:
+    # JSON has no such numbers: msgspec wrote them as null, and nothing said so. Their
+    # text is the OTLP JSON mapping's, which float() reads back.
+    h = Harness()
+    nan, inf = float("nan"), float("inf")
+    arguments = {"threshold": nan, "limits": [inf, -inf, 1.5], "unset": None, "raw": b"x"}
+    recorded = _recorded_free_form(h, arguments, {"score": -inf}, nan)
+    expected_arguments = {
+        "threshold": "NaN",
+        "limits": ["Infinity", "-Infinity", 1.5],
+        "unset": None,
+        "raw": "x",
+    }
+    assert recorded == [expected_arguments, expected_arguments, {"score": "-Infinity"}, "NaN"]
+    assert h.tracer.argument_failures == 4
+
+
 def test_a_tools_start_keeps_the_arguments_it_started_with() -> None:
     h = Harness()
     arguments: dict[str, Any] = {"q": "x"}

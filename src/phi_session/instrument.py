@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import re
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from functools import partial
@@ -78,7 +80,7 @@ from ._checks import (
 from ._failures import FailureTally
 from ._strict import MAX_VALUE_DEPTH, clip_depth
 from ._time import Timestamp
-from .codec import EVENT_CLASSES, check_recordable, json_form, not_an_event
+from .codec import EVENT_CLASSES, HOOKED_ONLY_AS_KEYS, check_recordable, json_form, not_an_event
 from .errors import InstrumentationError, InvalidArgument
 from .events import (
     DEFAULT,
@@ -333,19 +335,26 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
 
     Values msgspec writes no JSON for are copied as `_json_value` makes them (a mapping
     as an object, a pydantic model as its JSON dump...), and bytes as text when they
-    are UTF-8 (`_bytes_as_text`), so that the redactor reads what they hold.
+    are UTF-8 (`_plain_data`), so that the redactor reads what they hold.
 
     Never raises into the agent: a value JSON cannot hold (a `pathlib.Path`, an object
-    of the agent's) is recorded as its ``str``; containers nested deeper than phi-core
-    reads inside a session (`MAX_VALUE_DEPTH`) as their JSON text; and a value that
-    cannot be copied at all (self-referential, nested too deeply) as a stand-in naming
-    the failure; all are counted in `failures`.
+    of the agent's, a dict key that is no text or number) is recorded as its ``str``; a
+    NaN or infinity as text (`_non_finite_text`: JSON has no such numbers, and msgspec
+    writes them as null); containers nested deeper than phi-core reads inside a session
+    (`MAX_VALUE_DEPTH`) as their JSON text; and a value that cannot be copied at all
+    (self-referential, nested too deeply) as a stand-in naming the failure; all are
+    counted in `failures`.
     """
-    if type(value) in _SCALARS:
+    tp = type(value)
+    if tp in _SCALARS:
+        if tp is float and not math.isfinite(value):
+            failures.record(what, ValueError("a NaN or infinity, recorded as text"))
+            return _non_finite_text(value)
         return value  # a JSON string or a scalar cannot change
+    altered: list[float] = []
     try:  # these are JSON values: a JSON round trip is the fast deep copy
-        if _may_hold_bytes(value):
-            value = _bytes_as_text(value, _json_value)
+        if _needs_walk(value):
+            value = _plain_data(value, _json_value, altered)
         encoded = _json_encode(value)
         copy = _json_decode(encoded)
     except RecursionError as error:
@@ -353,8 +362,8 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
     except Exception as error:  # a value JSON cannot hold, or the agent's code (a mapping's) raised
         failure = error
         try:
-            if _may_hold_bytes(value):
-                value = _bytes_as_text(value, _json_value_or_text)
+            if _needs_walk(value):
+                value = _plain_data(value, _json_value_or_text, altered)
             encoded = _json_encode_as_text(value)
             written = _json_decode(encoded)
         except Exception as stand_in:  # a key JSON cannot hold, a `str` that raises
@@ -363,6 +372,8 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
             failures.record(what, failure)
             return _within_depth(written, encoded, failures, what)
     else:
+        if altered:
+            failures.record(what, ValueError(f"{len(altered)} NaN or infinities, recorded as text"))
         return _within_depth(copy, encoded, failures, what)
     failures.record(what, failure)
     return f"[NOT RECORDED: copying the {what} raised {type(failure).__name__}]"
@@ -371,10 +382,12 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
 def _json_value(value: Any) -> Any:
     """The JSON form of a value msgspec writes none for (the copy's ``enc_hook``): a
     mapping as an object, a pydantic model as its ``model_dump(mode="json")``, text
-    (a `str` subclass) and bytes (a `bytes` subclass) as `_bytes_as_text` keeps them,
+    (a `str` subclass) and bytes (a `bytes` subclass) as `_plain_data` keeps them,
     another collection (a deque, a dict view) as an array, a phi-session value as the
     codec writes it (`json_form`); `NotImplementedError` for any other (an iterator is
-    not consumed)."""
+    not consumed), and `TypeError` for a dict key JSON cannot hold."""
+    if type(value) in HOOKED_ONLY_AS_KEYS:  # a tuple turned into a list would come back here
+        raise TypeError(f"a dict key of type {type(value).__name__} is no JSON key")
     if isinstance(value, str):
         return str.__str__(value)  # its text, whatever its own `__str__` says
     if isinstance(value, Mapping):
@@ -396,28 +409,43 @@ def _json_value_or_text(value: Any) -> Any:
         return str(value)
 
 
-def _may_hold_bytes(value: Any) -> bool:
-    """False if `value` holds no bytes; read at C speed from its MessagePack, where only
-    bytes are written with these markers (which other values may hold too: then True)."""
+def _needs_walk(value: Any) -> bool:
+    """False if `value` holds no bytes and no NaN or infinity; read at C speed from its
+    MessagePack, where only bytes are written with these markers, and such floats with
+    all exponent bits set (which other values may hold too: then True)."""
     packed = _msgpack_encode(value)
-    return 0xC4 in packed or 0xC5 in packed or 0xC6 in packed  # ints: a byte needle is slower
+    return (
+        0xC4 in packed or 0xC5 in packed or 0xC6 in packed  # ints: a byte needle is slower
+    ) or (0xCB in packed and _NON_FINITE_PACKED.search(packed) is not None)
 
 
-def _bytes_as_text(value: Any, hook: Callable[[Any], Any]) -> Any:
+_NON_FINITE_PACKED = re.compile(rb"\xcb[\x7f\xff][\xf0-\xff]")  # a float64's marker, sign, exponent
+
+
+def _plain_data(value: Any, hook: Callable[[Any], Any], altered: list[float]) -> Any:
     """`value` as plain data (`msgspec.to_builtins`, `hook` its ``enc_hook``) with its
-    bytes that are UTF-8 as text (`_text_or_bytes`)."""
-    return _bytes_walked(msgspec.to_builtins(value, builtin_types=_BYTES, enc_hook=hook))
+    bytes that are UTF-8 as text (`_text_or_bytes`) and its NaN and infinities as text
+    (`_non_finite_text`, each added to `altered`)."""
+    return _walked(msgspec.to_builtins(value, builtin_types=_BYTES, enc_hook=hook), altered)
 
 
-def _bytes_walked(node: Any) -> Any:
+def _walked(node: Any, altered: list[float]) -> Any:
     tp = type(node)
     if tp is dict:
-        return {_bytes_walked(key): _bytes_walked(item) for key, item in node.items()}
+        return {_walked(key, altered): _walked(item, altered) for key, item in node.items()}
     if tp is list:
-        return [_bytes_walked(item) for item in node]
+        return [_walked(item, altered) for item in node]
     if tp in _BYTES:
         return _text_or_bytes(node)
+    if isinstance(node, float) and not math.isfinite(node):
+        altered.append(node)
+        return _non_finite_text(node)
     return node
+
+
+def _non_finite_text(number: float) -> str:
+    """A NaN or infinity as the OTLP JSON mapping spells it, which ``float()`` reads back."""
+    return "NaN" if number != number else "Infinity" if number > 0 else "-Infinity"
 
 
 def _text_or_bytes(data: bytes | bytearray | memoryview) -> str | bytes:
@@ -1260,7 +1288,8 @@ class Tracer:
     def argument_failures(self) -> int:
         """Tool arguments (and loop metadata, tool result details, extension message data,
         a request's tool parameters and response schema) not recorded as given:
-        holding a value JSON cannot hold (recorded as its ``str``), nested deeper than
+        holding a value or dict key JSON cannot hold (recorded as its ``str``), a NaN or
+        infinity (recorded as ``"NaN"``, ``"Infinity"``, ``"-Infinity"``), nested deeper than
         phi-core reads in a session (the deepest containers recorded as their JSON text),
         or self-referential or nested too deeply to copy (recorded as a stand-in); counted
         each time they are recorded (a call's message, then its tool's start)."""
