@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -397,6 +398,32 @@ def test_an_identitys_arguments_are_checked_where_they_enter() -> None:
         config_id_of(5)  # type: ignore[arg-type]
     with pytest.raises(ps.InvalidArgument, match="backwards"):
         FakeClock().advance(-1)
+
+
+@pytest.mark.parametrize("clock", [lambda: 1.7e9, lambda: 1.7e18, lambda: "2025", lambda: True])
+def test_a_clock_that_gives_no_int_nanoseconds_is_refused_at_its_first_reading(clock: Any) -> None:
+    # `clock=time.time` (float seconds) failed at the loop's start with "Unknown format
+    # code 'd' for object of type 'float'", naming no clock.
+    recorder = ps.SessionRecorder()
+    tracer = Tracer(
+        AgentSession(clock=clock), sinks=[recorder], config=ps.LoopConfigSnapshot(model="m", provider="p")
+    )
+    for read in (tracer.agent.now, tracer.agent.millis, tracer.loop().start):
+        with pytest.raises(
+            TypeError, match=r"the clock's reading must be int nanoseconds since the epoch .*, not "
+        ):
+            read()
+    recorder.flush()
+    assert recorder.drain_completed() == []
+
+
+def test_a_clock_giving_another_integer_type_is_taken() -> None:
+    class Nanoseconds:  # what a NumPy integer is to Python: an integer through __index__
+        def __index__(self) -> int:
+            return 1_748_768_400_123_000_000
+
+    agent = AgentSession(clock=Nanoseconds)  # type: ignore[arg-type]
+    assert str(agent.now()) == "2025-06-01T09:00:00.123Z" and agent.millis() == 1_748_768_400_123
 
 
 @needs_fork

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol, cast
 
-from ._checks import check_callable, check_seconds, check_type
+from ._checks import check_callable, check_index, check_seconds, check_type
 from ._fork import fork_generation, forked_copy_lock
 from ._time import Timestamp
 from .errors import InvalidArgument
@@ -91,6 +91,14 @@ def config_id_of(config: LoopConfigSnapshot) -> str:
     return derive_config_id(config.provider, config.model, thinking=thinking)
 
 
+def _nanoseconds(reading: object) -> int:
+    """A clock reading that is no int: an integer of another type (a NumPy one) as int;
+    `TypeError` for others, at the first reading (seconds as a float: ``time.time``)."""
+    return check_index(
+        "the clock's reading", reading, "int nanoseconds since the epoch (as time.time_ns gives)"
+    )
+
+
 class _Stamper:
     """Turns clock readings into `Timestamp`s, reusing the formatted date of the last second.
 
@@ -106,6 +114,8 @@ class _Stamper:
         self._cache: tuple[int, str] | None = None
 
     def __call__(self, ns: int) -> Timestamp:
+        if type(ns) is not int:
+            ns = _nanoseconds(ns)
         second, fraction = divmod(ns, _NS_PER_S)
         cache = self._cache
         if cache is not None and cache[0] == second:
@@ -284,7 +294,10 @@ class AgentSession:
 
     def millis(self) -> int:
         """The clock's current time in milliseconds since the epoch (message timestamps)."""
-        return self.clock() // _NS_PER_MS
+        ns = self.clock()
+        if type(ns) is not int:
+            ns = _nanoseconds(ns)
+        return ns // _NS_PER_MS
 
     def stamp(self, ns: int) -> Timestamp:
         """A clock reading as a `Timestamp` (fast for readings within the same second)."""
