@@ -593,6 +593,32 @@ def test_files_that_are_not_segments_are_skipped(tmp_path: Path) -> None:
     assert (report.corrupt_regions, report.torn_records, report.sessions_saved) == (1, 1, 1)
 
 
+def test_records_lost_at_the_start_of_the_journal_are_counted(
+    damaged: tuple[Path, list[AgentEvent], Path],
+) -> None:
+    """A damaged first frame lost its record without a word: gaps were counted only
+    after a first record was read."""
+    directory, evs, segment = damaged
+    offset, length = frames(segment)[0]
+    flip(segment, offset + length // 2)
+    report = recover(directory, JsonDirStore(directory.parent / "store"))
+    assert (report.records_lost, report.corrupt_regions, report.torn_records) == (1, 1, 0)
+    assert report.events_replayed == len(evs) - 1
+
+
+def test_records_before_the_checkpoint_are_not_counted_lost_at_the_start(tmp_path: Path) -> None:
+    """An open journal that recovered the leftovers of an earlier run starts numbering
+    after them; its checkpoint covers them once they are removed, whatever it releases."""
+    write_journal(tmp_path, events(2), durability="os")
+    with Journal(tmp_path, durability="os") as journal:
+        recover(journal, JsonDirStore(tmp_path / "store"))
+        JournaledRecorder(journal).record_all(events(1))
+        journal.release(0, settled_through=-1)  # nothing of this run is saved yet
+    records = len(list(read_records(tmp_path)))
+    report = recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    assert (report.records_lost, report.corrupt_regions, report.events_replayed) == (0, 0, records)
+
+
 @pytest.fixture
 def segmented(tmp_path: Path) -> tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]]:
     """A journal of single-record frames over several segments: its events, segments,

@@ -489,7 +489,8 @@ class SegmentReader:
 
     def _reached(self, first: int, path: Path) -> None:
         """A valid frame starting at record `first`: count the records missing before it."""
-        lost = first - max(self.last + 1, self.stored_below) if self.last >= 0 else 0
+        # Numbering starts at 0, or where the checkpoint says the records still here begin.
+        lost = first - max(self.last + 1, self.stored_below)
         tail, self._tail = self._tail, None
         if lost <= 0:
             if tail is not None:

@@ -139,7 +139,6 @@ class Journal:
         self._singles: list[int] = []  # positions in _pending of records holding a newline
         self._pending_bytes = 0
         self._segments: list[_Segment] = []
-        self._checkpoint = Checkpoint()  # what this run promised (`release`)
         try:
             existing = segment_paths(self.directory)  # as they are with no other writer
             self._leftovers = [path for _, path in existing]
@@ -157,6 +156,9 @@ class Journal:
                 last_seq(self._leftovers) + 1, earlier.stored_below, earlier.settled_through + 1
             )
             self._acked = self._synced = self._next_seq - 1
+            # What this run promised (`release`). Records below its first are the leftovers',
+            # which `release` refuses to cover until they are recovered, that is saved.
+            self._checkpoint = Checkpoint(self._next_seq, self._next_seq - 1)
             self._fd, self._size = self._open_segment(existing[-1][0] + 1 if existing else 0, self._next_seq)
         except OSError as error:
             self._dir_lock.release()
