@@ -619,6 +619,57 @@ def test_records_before_the_checkpoint_are_not_counted_lost_at_the_start(tmp_pat
     assert (report.records_lost, report.corrupt_regions, report.events_replayed) == (0, 0, records)
 
 
+def test_a_damaged_segment_header_loses_none_of_the_frames_after_it(tmp_path: Path) -> None:
+    """The whole segment was skipped as "not a journal segment": its intact records were
+    lost uncounted, the loops they began taken for orphans, and the segment deleted."""
+    evs, segments = several_segments(tmp_path / "j")
+    flip(segments[0], 0)
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path / "j", store)
+    assert (report.corrupt_regions, report.bytes_skipped, report.records_lost, report.orphans) == (
+        1,
+        len(MAGIC),
+        0,
+        0,
+    )
+    assert stored(store) == recorded(evs)
+
+
+def test_a_lone_segment_with_a_damaged_header_beside_the_lock_file_is_recovered(tmp_path: Path) -> None:
+    """It was refused (`NotAJournal`): no file began with a segment header."""
+    evs = events(1)
+    write_journal(tmp_path, evs, durability="os")
+    (segment,) = segment_files(tmp_path)
+    flip(segment, 3)
+    assert (tmp_path / "journal.lock").exists()
+    with AutoPersistingRecorder(JsonDirStore(tmp_path / "store"), journal=tmp_path) as persisting:
+        report = persisting.recovery_report
+        assert report is not None and (report.corrupt_regions, report.records_lost) == (1, 0)
+        assert persisting.journal is not None and persisting.journal.last_seq == report.events_replayed - 1
+    assert stored(JsonDirStore(tmp_path / "store")) == recorded(evs)
+    assert segment_files(tmp_path) == []
+
+
+def test_a_lone_segment_with_a_damaged_header_and_no_lock_file_is_not_taken_for_ours(tmp_path: Path) -> None:
+    write_journal(tmp_path, events(1), durability="os")
+    (segment,) = segment_files(tmp_path)
+    flip(segment, 3)
+    (tmp_path / "journal.lock").unlink()  # nothing says a journal was here
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(NotAJournal, match="nothing was touched"):
+        recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_a_file_without_frames_beside_the_lock_file_is_not_taken_for_a_segment(tmp_path: Path) -> None:
+    (tmp_path / "journal.lock").touch()
+    (tmp_path / "0000000000.wal").write_bytes(b"a write-ahead log of another program\n" * 100)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(NotAJournal, match="nothing was touched"):
+        recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
 @pytest.fixture
 def segmented(tmp_path: Path) -> tuple[Path, list[AgentEvent], list[Path], dict[Path, list[int]]]:
     """A journal of single-record frames over several segments: its events, segments,

@@ -10,7 +10,8 @@ Layout of a journal directory::
 
 A segment starts with the 8 bytes ``PHIJRNL2`` and holds frames; a frame carries
 one or more consecutive records (group commit: whatever was appended since the
-previous write)::
+previous write). A segment whose header is damaged is read from its first valid frame
+on (the header counts as damage)::
 
     4 bytes  marker FF 50 4A 46 (never in UTF-8 text: a reader resynchronises on it)
     u32 LE   data length
@@ -113,13 +114,27 @@ def holds_journal(paths: Sequence[Path], *, beside_lock: bool) -> bool:
 
     One at least begins with `MAGIC` (a header-less file beside it is damage); or,
     `beside_lock` (the lock file an earlier journal made before any segment), every one
-    holds a beginning of `MAGIC`: segments whose creation a crash cut short. Anything
-    else (another program's ``0001.wal``) is not ours.
+    holds a beginning of `MAGIC` (segments whose creation a crash cut short), or one
+    holds a valid frame (a segment whose header was damaged). Anything else (another
+    program's ``0001.wal``) is not ours.
     """
     heads = [_head(path) for path in paths]
     if MAGIC in heads:
         return True
-    return beside_lock and all(head is not None and MAGIC.startswith(head) for head in heads)
+    if not beside_lock:
+        return False
+    return all(head is not None and MAGIC.startswith(head) for head in heads) or any(
+        _holds_frame(path) for path, head in zip(paths, heads, strict=True) if head
+    )
+
+
+def _holds_frame(path: Path) -> bool:
+    """Whether `path` holds a valid frame anywhere (a checksummed one: not by chance)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return _resync(memoryview(data), 0, -1) is not None
 
 
 def other_format(paths: Sequence[Path]) -> tuple[Path, bytes] | None:
@@ -457,14 +472,19 @@ class SegmentReader:
     def read(self, path: Path) -> Iterator[tuple[int, bytes]]:
         """The records of one segment, as (seq, payload)."""
         data = memoryview(path.read_bytes())
-        if bytes(data[: len(MAGIC)]) != MAGIC:
+        pos = len(MAGIC)
+        if bytes(data[:pos]) != MAGIC:
             if MAGIC.startswith(bytes(data)):  # created, crashed before its header was written
                 if len(data):
                     self._tail_at(path, 0, len(data))
-            else:
+                return
+            # A damaged header (the file is ours: `check_ours`): the frames after it are intact.
+            found = _resync(data, 0, self.last)
+            if found is None:
                 self._corrupt(path, 0, len(data), "not a journal segment")
-            return
-        pos = len(MAGIC)
+                return
+            self._corrupt(path, 0, found, "damaged segment header")
+            pos = found
         while pos < len(data):
             frame = _frame_at(data, pos, self.last)
             records = frame and _records(data, pos, frame[1], frame[2])
