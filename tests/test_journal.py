@@ -229,6 +229,7 @@ def test_a_malformed_delta_of_an_unknown_loop_is_counted_not_fatal(tmp_path: Pat
     report = recover(tmp_path, store)
     assert report.undecodable == 1 and report.orphans == 0
     assert stored(store) == recorded(events(1))
+    assert len((tmp_path / ORPHANS_FILE).read_bytes().splitlines()) == 1  # the record, kept
 
 
 def test_a_line_with_inner_newlines_gets_its_own_frame(tmp_path: Path) -> None:
@@ -272,6 +273,28 @@ def test_recovery_skips_a_journaled_line_that_is_not_an_event(
     with caplog.at_level(logging.WARNING, "phi_session.journal"):
         report = recover(tmp_path, store)
     assert report.undecodable == 1 and "not an event" in caplog.text
+    assert stored(store) == recorded(evs)
+    assert (tmp_path / ORPHANS_FILE).read_bytes() == b'{"type": "NoSuchEvent"}\n'  # kept, as journaled
+
+
+def test_records_recovery_cannot_decode_are_kept_in_the_orphans_file(tmp_path: Path) -> None:
+    """An event of a newer phi-core was counted, then deleted with its segment."""
+    newer = b'{"type":"BudgetExceeded","loop_id":"s0000000.p.m.1","limit":100}'
+    pretty = b'{\n  "type": "BudgetExceeded",\n  "limit": 7\n}'
+    evs = events(1)
+    with Journal(tmp_path, durability="os") as journal:
+        sink = JournaledRecorder(journal)
+        sink.record_all(evs[:3])
+        journal.append_json(newer)
+        journal.append_json(pretty)
+        sink.record_all(evs[3:])
+    assert recover(tmp_path, JsonDirStore(tmp_path / "store"), remove=False).undecodable == 2
+    assert not (tmp_path / ORPHANS_FILE).exists()  # still in the journal: written once, on removal
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path, store)
+    assert (report.undecodable, report.orphans, report.segments_removed) == (2, 0, 1)
+    kept = (tmp_path / ORPHANS_FILE).read_bytes().splitlines()
+    assert kept == [newer, b'{"type":"BudgetExceeded","limit":7}']  # one line each
     assert stored(store) == recorded(evs)
 
 

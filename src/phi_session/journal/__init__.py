@@ -34,8 +34,9 @@ run at once and brings back every acknowledged event.
 When a segment is deleted (never before every event in it is safe elsewhere):
 
 * `recover`, after it saved every session rebuilt from the segments it replayed (and
-  wrote their orphans): all of those segments, i.e. every segment of a directory no
-  writer holds, or the leftovers of an open `Journal` (never its own segments);
+  wrote their orphans and the records it could not decode): all of those segments,
+  i.e. every segment of a directory no writer holds, or the leftovers of an open
+  `Journal` (never its own segments);
 * `Journal.release(stored_below, ...)`: a segment other than the active one whose
   records are all numbered below `stored_below`. `AutoPersistingRecorder` passes the
   first record number of the oldest session not yet saved (held in memory, queued or

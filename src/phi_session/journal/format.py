@@ -5,7 +5,8 @@ Layout of a journal directory::
     0000000000.wal, 0000000001.wal, ...   segments, numbered in creation order
     checkpoint.json                        what a live writer already saved, and how much
                                            of orphans.jsonl is settled (optional)
-    orphans.jsonl                          events no loop claimed (phi-core JSON lines)
+    orphans.jsonl                          events no loop claimed (phi-core JSON lines), and
+                                           records recovery could not decode, as journaled
     journal.lock                           held (flock) by the one live writer
 
 A segment starts with the 8 bytes ``PHIJRNL2`` and holds frames; a frame carries
@@ -38,6 +39,8 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import msgspec
 
 from .. import codec
 from .._fork import in_forked_child
@@ -357,14 +360,16 @@ def cut_unsettled_orphans(directory: Path, checkpoint: Checkpoint) -> None:
         os.close(fd)
 
 
-def append_orphans(directory: Path, events: Iterable[AgentEvent]) -> int:
-    """Append events to ``orphans.jsonl`` durably; returns how many.
+def append_orphans(directory: Path, events: Iterable[AgentEvent], records: Iterable[bytes] = ()) -> int:
+    """Append events, and `records` that are not events (kept as journaled, one line
+    each: `_one_line`), to ``orphans.jsonl`` durably; returns how many.
 
     Every line appended is whole, so that appending again after a failure is safe: a
     failed append (a full disk) is cut off again, and a line torn by a crash in an
     earlier append is ended first.
     """
     lines = [codec.encode_event(event) + b"\n" for event in events]
+    lines += [_one_line(record) + b"\n" for record in records]
     count = len(lines)
     if not count:
         return 0
@@ -387,6 +392,17 @@ def append_orphans(directory: Path, events: Iterable[AgentEvent]) -> int:
     if created:
         fsync_directory(directory)
     return count
+
+
+def _one_line(record: bytes) -> bytes:
+    """`record` on one line: JSON spread over several lines re-encoded compactly (the same
+    value); anything else, which no reader could take for an event anyway, byte for byte."""
+    if b"\n" not in record and b"\r" not in record:
+        return record
+    try:
+        return msgspec.json.encode(msgspec.json.decode(record))
+    except msgspec.MsgspecError:
+        return record
 
 
 # -- reading segments ---------------------------------------------------------------------------

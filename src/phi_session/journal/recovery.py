@@ -65,7 +65,9 @@ class RecoveryReport(SegmentDamage):
     events_already_stored: int = 0
     """Records a live writer had marked as saved (`Journal.release`), not replayed."""
     undecodable: int = 0
-    """Records that are not an event; `on_json` rejected them when they were recorded."""
+    """Records that are not an event this phi-session knows (an event of a newer phi-core,
+    a line another producer journaled with `Journal.append_json`); written as journaled to
+    ``orphans.jsonl`` with the orphans when the segments are removed."""
     sessions_saved: int = 0
     """Store saves made (a session whose loops span a save point is saved more than once)."""
     failed_sessions: list[str] = field(default_factory=list)
@@ -117,7 +119,8 @@ def recover(
 
     Idempotent: `SessionStore.save` merges by loop id, so saving what is already
     stored changes nothing. With `remove`, once every session is saved, events that no
-    loop claimed are appended to ``orphans.jsonl`` in the journal directory and the
+    loop claimed and records that are not events (`RecoveryReport.undecodable`) are
+    appended to ``orphans.jsonl`` in the journal directory and the
     replayed segments, the checkpoint and (given a directory) the lock file are deleted.
     If a save fails nothing is written or deleted and `RecoveryError` (carrying the
     report) is raised: recovering again is safe.
@@ -148,7 +151,7 @@ def recover(
             remove_checkpoint_tmp(directory)
         unstorable: list[AgentEvent] = []  # the events of sessions no store accepts
         saver = SessionSaver(store, orphans=unstorable.extend, retry_for=retry_for)
-        report, orphans, replayed = _replay(directory, segments, saver, config, save_every)
+        report, orphans, rejected, replayed = _replay(directory, segments, saver, config, save_every)
         orphans += unstorable
         report.orphans = len(orphans)
         if report.failed_sessions:
@@ -165,13 +168,15 @@ def recover(
                 checkpoint = read_checkpoint(directory)
                 if lock is not None:
                     cut_unsettled_orphans(directory, checkpoint)
-                if orphans:
+                if orphans or rejected:
                     settle_orphans(directory, checkpoint)
-                    append_orphans(directory, orphans)
+                    append_orphans(directory, orphans, rejected)
                     logger.warning(
-                        "journal %s: %d events belonged to no loop; written to %s",
+                        "journal %s: %d events belonged to no loop and %d records were not events; "
+                        "written to %s",
                         directory,
                         len(orphans),
+                        len(rejected),
                         directory / ORPHANS_FILE,
                     )
                 # Everything replayed is now stored. A recovery cut short while removing the
@@ -206,10 +211,12 @@ def _replay(
     saver: SessionSaver,
     config: SessionRecorderConfig | None,
     save_every: int,
-) -> tuple[RecoveryReport, list[AgentEvent], Checkpoint]:
+) -> tuple[RecoveryReport, list[AgentEvent], list[bytes], Checkpoint]:
     """Replay `segments` into a recorder, saving as it goes; the report, the recorder's
-    orphans and the checkpoint that marks every record read as stored."""
+    orphans, the records that are not events and the checkpoint that marks every record
+    read as stored."""
     report = RecoveryReport()
+    rejected: list[bytes] = []
     checkpoint = read_checkpoint(directory)
     reader = SegmentReader(report, stored_below=checkpoint.stored_below)
     recorder = SessionRecorder(config)
@@ -253,7 +260,8 @@ def _replay(
                     recorder.on_event(event)
             except DecodeError as error:
                 report.undecodable += 1
-                logger.warning("journal %s: record %d is not an event, skipped: %s", path, seq, error)
+                rejected.append(payload)
+                logger.warning("journal %s: record %d is not an event, kept aside: %s", path, seq, error)
                 continue
             report.events_replayed += 1
             if report.events_replayed % save_every == 0:
@@ -263,7 +271,7 @@ def _replay(
     replayed = Checkpoint(
         max(checkpoint.stored_below, reader.last + 1), max(checkpoint.settled_through, reader.last)
     )
-    return report, [orphan.event for orphan in recorder.drain_orphans()], replayed
+    return report, [orphan.event for orphan in recorder.drain_orphans()], rejected, replayed
 
 
 class _SavedSpawners:

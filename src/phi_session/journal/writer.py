@@ -262,8 +262,9 @@ class Journal:
     def append_json(self, data: bytes | str, *, commit: bool = True) -> int:
         """Journal one event given as a phi-core JSON line; returns its sequence number.
 
-        The line is stored as given, not validated: `recover` skips (and counts) a
-        record that does not decode, as `SessionRecorder.on_json` rejected it live.
+        The line is stored as given, not validated: `recover` counts a record that does
+        not decode (as `SessionRecorder.on_json` rejected it live) and keeps it in
+        ``orphans.jsonl``.
 
         This is the hot path, a list append: frames are built, checksummed and written
         once per flush by whoever syncs (flusher, `commit`, `close`), outside `_lock`.
