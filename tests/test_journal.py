@@ -1103,6 +1103,92 @@ def test_recovering_an_open_journal_again_after_a_removal_failed_finishes_the_jo
     assert stored(store) == recorded(evs)
 
 
+def disk_full(monkeypatch: pytest.MonkeyPatch, directory: Path, *, freed_by_a_removal: bool) -> None:
+    """The files of `directory` fail to be written or synced with ENOSPC, as on a full
+    disk (the store's are elsewhere); with `freed_by_a_removal`, only until one of the
+    segments it holds now is removed."""
+    segments = len(segment_files(directory))
+
+    def full(real: Callable[..., object]) -> Callable[..., object]:
+        def fail_if_full(fd: int, *args: object) -> object:
+            held = os.fstat(fd)
+            full_now = not freed_by_a_removal or len(segment_files(directory)) >= segments
+            if full_now and any(
+                (path.stat().st_ino, path.stat().st_dev) == (held.st_ino, held.st_dev)
+                for path in directory.iterdir()
+            ):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, *args)
+
+        return fail_if_full
+
+    for name in ("fsync", "write", "writev"):
+        monkeypatch.setattr(os, name, full(getattr(os, name)))
+
+
+@pytest.mark.parametrize("freed_by_a_removal", [True, False])
+def test_recovery_clears_a_journal_that_filled_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, freed_by_a_removal: bool
+) -> None:
+    """Recovery wrote its checkpoint before removing any segment: on a full disk it could
+    never clear the journal, and so no recorder could start on it again."""
+    evs, _ = several_segments(tmp_path / "j")
+    store = JsonDirStore(tmp_path / "store")
+    disk_full(monkeypatch, tmp_path / "j", freed_by_a_removal=freed_by_a_removal)
+    report = recover(tmp_path / "j", store)
+    assert (report.records_lost, report.orphans, report.failed_sessions) == (0, 0, [])
+    assert list((tmp_path / "j").iterdir()) == []  # segments, checkpoint (and its temporary file), lock
+    monkeypatch.undo()
+    assert stored(store) == recorded(evs)
+
+
+def test_a_recorder_starts_on_a_journal_that_filled_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening the journal starts a segment, which a full disk refuses: the recorder could
+    not start, and so could not recover the segments that filled it."""
+    evs, segments = several_segments(tmp_path / "j")
+    store = JsonDirStore(tmp_path / "store")
+    disk_full(monkeypatch, tmp_path / "j", freed_by_a_removal=True)
+    with AutoPersistingRecorder(store, journal=tmp_path / "j") as persisting:
+        report = persisting.recovery_report
+        assert report is not None and report.records_lost == 0
+        assert report.segments_removed == len(segments) + 1  # and the one the failed open began
+    monkeypatch.undo()
+    assert stored(store) == recorded(evs)
+
+
+def test_a_recovery_on_a_full_disk_cut_short_between_two_removals_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evs, segments = several_segments(tmp_path / "j")
+    store = JsonDirStore(tmp_path / "store")
+    disk_full(monkeypatch, tmp_path / "j", freed_by_a_removal=False)
+    removals_fail(monkeypatch, lambda path: path == segments[1])  # as if killed there
+    with pytest.raises(StoreError, match="recovering again is safe"):
+        recover(tmp_path / "j", store)
+    monkeypatch.undo()
+    assert segment_files(tmp_path / "j") == segments[:2]  # removed newest first: what is left is a prefix
+    report = recover(tmp_path / "j", store)
+    assert (report.records_lost, report.orphans, report.corrupt_regions) == (0, 0, 0)
+    assert stored(store) == recorded(evs)  # saved again, what was stored is kept whole
+    assert list((tmp_path / "j").iterdir()) == []
+
+
+def test_a_recovery_that_must_write_orphans_on_a_full_disk_keeps_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    strays = stray_deltas(3)
+    write_journal(tmp_path, strays, durability="os")
+    disk_full(monkeypatch, tmp_path, freed_by_a_removal=False)
+    with pytest.raises(StoreError, match="recovering again is safe"):
+        recover(tmp_path, JsonDirStore(tmp_path / "store"))
+    monkeypatch.undo()
+    assert len(segment_files(tmp_path)) == 1
+    assert recover(tmp_path, JsonDirStore(tmp_path / "store")).orphans == len(strays)
+    assert (tmp_path / ORPHANS_FILE).read_bytes().splitlines() == [encode_event(event) for event in strays]
+
+
 def test_a_checkpoint_left_half_written_by_a_crash_is_removed(tmp_path: Path) -> None:
     with Journal(tmp_path / "j", durability="os") as journal:
         JournaledRecorder(journal).record_all(events(1))

@@ -66,6 +66,7 @@ from .events import (
     ToolExecutionUpdate,
 )
 from .journal import Journal, JournaledRecorder, RecoveryReport, recover
+from .journal.format import out_of_space
 from .messages import ExtensionMessage, ToolCall, text_size
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
@@ -246,26 +247,23 @@ class AutoPersistingRecorder:
         check_seconds("warn_after", warn_after)
         self.store = store
         self.recorder = SessionRecorder(config)
-        self.journal = journal if isinstance(journal, Journal) or journal is None else Journal(journal)
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.max_pending_bytes = max_pending_bytes
         self.warn_after = warn_after
         self.recovery_report: RecoveryReport | None = None
+        if isinstance(journal, Journal) or journal is None:
+            self.journal = journal
+        else:
+            self.journal = self._open_journal(journal, config, recover_on_start, retry_for)
         if self.journal is not None and recover_on_start and self.journal.leftover_segments:
             try:
-                self.recovery_report = recover(self.journal, store, config=config, retry_for=retry_for)
+                report = recover(self.journal, store, config=config, retry_for=retry_for)
             except BaseException:
                 if not isinstance(journal, Journal):
                     self.journal.close()  # we opened it: do not leave the directory locked
                 raise
-            logger.warning(
-                "recovered %d events of an earlier run from %s into %r: %d sessions saved",
-                self.recovery_report.events_replayed,
-                self.journal.directory,
-                store,
-                self.recovery_report.sessions_saved,
-            )
+            self._recovered(report, self.journal.directory)
         elif self.journal is not None and self.journal.leftover_segments:
             # `release` refuses while they are there, so every segment of this run stays too.
             logger.warning(
@@ -283,6 +281,34 @@ class AutoPersistingRecorder:
         self._new_state()
         self._start()
         in_forked_child(self, AutoPersistingRecorder._give_up_in_child)
+
+    def _open_journal(
+        self,
+        directory: str | os.PathLike[str],
+        config: SessionRecorderConfig | None,
+        recover_on_start: bool,
+        retry_for: float,
+    ) -> Journal:
+        try:
+            return Journal(directory)
+        except StoreError as error:
+            if not (recover_on_start and out_of_space(error.__cause__)):
+                raise
+        # The journal filled its disk: no room for this run's first segment, but recovering
+        # the earlier run's, which needs none, clears them.
+        logger.warning("journal %s: no space left to open it; recovering it first", directory)
+        self._recovered(recover(directory, self.store, config=config, retry_for=retry_for), directory)
+        return Journal(directory)
+
+    def _recovered(self, report: RecoveryReport, directory: str | os.PathLike[str]) -> None:
+        self.recovery_report = report
+        logger.warning(
+            "recovered %d events of an earlier run from %s into %r: %d sessions saved",
+            report.events_replayed,
+            directory,
+            self.store,
+            report.sessions_saved,
+        )
 
     def _new_state(self) -> None:
         """Locks, and nothing held: what recording starts from."""

@@ -202,6 +202,11 @@ def write_all(fd: int, parts: list[bytes]) -> None:
             parts[0] = parts[0][written:]
 
 
+def out_of_space(error: BaseException | None) -> bool:
+    """Whether `error` is a full disk (or quota): freeing space, not waiting, is the remedy."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def fsync_directory(directory: Path) -> None:
     # A created, renamed or removed file survives a power loss only once its directory is synced.
     if sys.platform == "win32":

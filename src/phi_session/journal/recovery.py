@@ -36,6 +36,7 @@ from .format import (
     cut_unsettled_orphans,
     fsync_directory,
     orphans_size,
+    out_of_space,
     read_checkpoint,
     remove_checkpoint_tmp,
     segment_paths,
@@ -123,7 +124,9 @@ def recover(
     appended to ``orphans.jsonl`` in the journal directory and the
     replayed segments, the checkpoint and (given a directory) the lock file are deleted.
     If a save fails nothing is written or deleted and `RecoveryError` (carrying the
-    report) is raised: recovering again is safe.
+    report) is raised: recovering again is safe. On a full disk, when nothing but the
+    checkpoint is to be written, the segments (all saved) are removed newest first
+    until it fits, so that a journal that filled its disk can always be cleared.
     """
     if save_every < 1:
         raise InvalidArgument(f"save_every must be at least 1, got {save_every!r}")
@@ -182,8 +185,15 @@ def recover(
                 # Everything replayed is now stored. A recovery cut short while removing the
                 # segments must not replay those left: it would write these orphans a second
                 # time, and take the events of loops begun in a removed segment for orphans.
-                write_checkpoint(directory, replace(replayed, orphans_size=orphans_size(directory)))
-                for path in segments:
+                left = list(segments)
+                _write_checkpoint_making_room(
+                    directory,
+                    replace(replayed, orphans_size=orphans_size(directory)),
+                    left,
+                    removed,
+                    may_remove=not (orphans or rejected),
+                )
+                for path in left:
                     path.unlink(missing_ok=True)
                     removed.append(path)
                 if lock is not None:  # an open `Journal` still has segments the checkpoint guards
@@ -203,6 +213,44 @@ def recover(
     finally:
         if lock is not None:
             lock.release(remove=cleared)
+
+
+def _write_checkpoint_making_room(
+    directory: Path, checkpoint: Checkpoint, segments: list[Path], removed: list[Path], *, may_remove: bool
+) -> None:
+    """Write `checkpoint`; on a full disk (the journal filled it), with `may_remove`, remove
+    `segments`, whose every record is stored, newest first until it can be written (or
+    none is left for it to guard).
+
+    Newest first: a recovery cut short in between leaves a prefix of what it replayed,
+    whose replay again loses nothing and saves nothing the store does not already hold
+    whole (a loop cut short there loses to its stored end; no loop lacks its start). Not
+    when orphans were written: the next recovery cuts those appended after the old
+    checkpoint, and must derive them all again.
+    """
+    warned = False
+    while True:
+        try:
+            write_checkpoint(directory, checkpoint)
+            return
+        except OSError as error:
+            if not (out_of_space(error) and may_remove):
+                raise
+            remove_checkpoint_tmp(directory)
+            if not segments:
+                return
+            if not warned:
+                warned = True
+                logger.warning(
+                    "journal %s: no space left for its checkpoint (%s); removing its segments, "
+                    "all saved, newest first until it fits",
+                    directory,
+                    error,
+                )
+        newest = segments.pop()
+        newest.unlink(missing_ok=True)
+        removed.append(newest)
+        fsync_directory(directory)
 
 
 def _replay(
