@@ -552,7 +552,9 @@ def test_a_failed_save_keeps_the_journal(tmp_path: Path) -> None:
                 raise StoreError("disk full")
             super().save(session)
 
-    with pytest.raises(RecoveryError, match="1 sessions could not be saved") as raised:
+    with pytest.raises(
+        RecoveryError, match=r"1 session could not be saved \(s0000001\): disk full;"
+    ) as raised:
         recover(tmp_path / "j", Refusing(tmp_path / "store"), retry_for=0.1)
     assert raised.value.report.failed_sessions == ["s0000001"]
     assert segment_files(tmp_path / "j") != []

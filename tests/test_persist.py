@@ -35,7 +35,14 @@ from phi_session import (
     Usage,
 )
 from phi_session.codec import encode_event, encode_session
-from phi_session.errors import InvalidArgument, JournalLocked, PhiSessionError, StoreError, UsedAfterFork
+from phi_session.errors import (
+    InvalidArgument,
+    JournalLocked,
+    PhiSessionError,
+    StoredSessionUnusable,
+    StoreError,
+    UsedAfterFork,
+)
 from phi_session.journal import (
     CHECKPOINT_FILE,
     ORPHANS_FILE,
@@ -182,7 +189,7 @@ def test_a_session_the_store_keeps_refusing_is_kept_and_reported(
     store = FlakyStore(tmp_path / "store", refused=frozenset({"s0000002"}))
     persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", retry_for=0.1)
     persisting.record_all(evs)
-    with pytest.raises(StoreError, match="1 sessions could not be saved"):
+    with pytest.raises(StoreError, match="1 session could not be saved"):
         persisting.close()
     assert [s.session_id for s in persisting.failed_sessions()] == ["s0000002"]
     assert "keeping it unsaved" in caplog.text
@@ -211,10 +218,61 @@ def test_sessions_kept_in_memory_are_reported_when_the_journal_failed_too(
         persisting.close()
     monkeypatch.undo()
     message = str(raised.value)
-    assert message.startswith("1 sessions could not be saved") and "failed_sessions()" in message
+    assert message.startswith("1 session could not be saved") and "failed_sessions()" in message
     assert "the journal failed too" in message and "No space left" in message
     assert "\n" not in message
     assert [s.session_id for s in persisting.failed_sessions()] == ["s0000002"]
+
+
+class DamagedCopies(JsonDirStore):
+    """Holds an unusable stored copy of the sessions in `damaged`."""
+
+    def __init__(self, directory: Path, damaged: frozenset[str]) -> None:
+        super().__init__(directory)
+        self.damaged = damaged
+
+    def save(self, session: Session) -> None:
+        if session.session_id in self.damaged:
+            raise StoredSessionUnusable(f"stored session {session.session_id!r} does not decode")
+        super().save(session)
+
+
+def session_of(event: AgentEvent) -> str:
+    return getattr(event, "session_id", None) or getattr(event, "loop_id", "").split(".")[0]
+
+
+def test_a_session_the_store_refuses_on_start_is_kept_and_recording_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One session the store could not take made every start on the journal raise
+    RecoveryError ("1 sessions could not be saved (s0000001); the journal was kept"),
+    without the store's reason, on every restart."""
+    evs = single_loop_sessions(6)
+    before = [e for e in evs if session_of(e) < "s0000004"]
+    after = [e for e in evs if session_of(e) >= "s0000004"]
+    with Journal(tmp_path / "j", durability="os", segment_bytes=2048) as journal:  # a crashed run
+        JournaledRecorder(journal).record_all(before)
+    refused = [r.payload for r in read_records(tmp_path / "j") if b'"s0000001' in r.payload]
+    store = DamagedCopies(tmp_path / "store", frozenset({"s0000001"}))
+    with caplog.at_level(logging.WARNING, "phi_session.persist"):
+        persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", retry_for=0.1)
+    report = persisting.recovery_report
+    assert report is not None and report.failed_sessions == ["s0000001"]
+    assert [s.session_id for s in persisting.failed_sessions()] == ["s0000001"]
+    warned = [r.getMessage() for r in caplog.records if "could not be saved" in r.getMessage()]
+    assert len(warned) == 1 and "1 session could not be saved" in warned[0]
+    assert "does not decode" in warned[0] and "failed_sessions()" in warned[0]
+    # Only the refused session's records are kept, in this run's journal: a crash now loses nothing.
+    assert [r.payload for r in read_records(tmp_path / "j")] == refused
+    shutil.copytree(tmp_path / "j", tmp_path / "crashed")
+    persisting.record_all(after)
+    with pytest.raises(StoreError, match=r"1 session could not be saved .*does not decode"):
+        persisting.close()
+    healthy = JsonDirStore(tmp_path / "store")
+    assert recover(tmp_path / "crashed", healthy).failed_sessions == []
+    with AutoPersistingRecorder(healthy, journal=tmp_path / "j") as restarted:
+        assert restarted.recovery_report is not None and restarted.failed_sessions() == []
+    assert stored(healthy) == recorded(evs)
 
 
 def test_a_journal_left_by_a_crash_is_recovered_on_start(tmp_path: Path) -> None:
@@ -385,12 +443,16 @@ def test_closed_and_invalid_use(tmp_path: Path) -> None:
         AutoPersistingRecorder(JsonDirStore(tmp_path), checkpoint_interval=0)
 
 
+class InterruptedStore(JsonDirStore):
+    def save(self, session: Session) -> None:
+        raise KeyboardInterrupt
+
+
 def test_a_failed_recovery_on_start_leaves_the_journal_unlocked(tmp_path: Path) -> None:
     with Journal(tmp_path / "j", durability="os") as journal:
         JournaledRecorder(journal).record_all(single_loop_sessions(2))
-    refusing = FlakyStore(tmp_path / "store", refused=frozenset({"s0000001"}))
-    with pytest.raises(StoreError, match="could not be saved"):
-        AutoPersistingRecorder(refusing, journal=tmp_path / "j", retry_for=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        AutoPersistingRecorder(InterruptedStore(tmp_path / "store"), journal=tmp_path / "j")
     Journal(tmp_path / "j").close()  # not left locked
 
 

@@ -67,10 +67,11 @@ from .events import (
 )
 from .journal import Journal, JournaledRecorder, RecoveryReport, recover
 from .journal.format import out_of_space
+from .journal.recovery import KeptUnsaved, recover_keeping_unsaved
 from .messages import ExtensionMessage, ToolCall, text_size
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
-from .saver import SaveTarget, SessionSaver, check_save_target
+from .saver import SaveTarget, SessionSaver, check_save_target, not_saved
 
 __all__ = ["DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder", "held_bytes"]
 
@@ -198,7 +199,8 @@ class AutoPersistingRecorder:
       The recorder owns it from now on: `close` closes it (`JournalLocked` if another
       recorder already writes through it). With ``recover_on_start``,
       segments left by a crashed run are first recovered into `store`
-      (`recovery_report`).
+      (`recovery_report`); a session the store refuses then is kept as one this run
+      failed to save (`failed_sessions`, its records journaled again).
     * `config`: the `SessionRecorderConfig` (also used for recovery).
     * `checkpoint_every`: events between checkpoints; `checkpoint_interval`: seconds
       after which an idle recorder checkpoints anyway (None: never).
@@ -256,9 +258,12 @@ class AutoPersistingRecorder:
             self.journal = journal
         else:
             self.journal = self._open_journal(journal, config, recover_on_start, retry_for)
+        kept = None  # the sessions recovery could not save, journaled again
         if self.journal is not None and recover_on_start and self.journal.leftover_segments:
             try:
-                report = recover(self.journal, store, config=config, retry_for=retry_for)
+                report, kept = recover_keeping_unsaved(
+                    self.journal, store, config=config, retry_for=retry_for
+                )
             except BaseException:
                 if not isinstance(journal, Journal):
                     self.journal.close()  # we opened it: do not leave the directory locked
@@ -279,6 +284,8 @@ class AutoPersistingRecorder:
         self._made_by = os.getpid()
         self._forked = False  # a forked child's copy, not recording yet (`_give_up_in_child`)
         self._new_state()
+        if kept is not None:
+            self._keep_recovered(kept)
         self._start()
         in_forked_child(self, AutoPersistingRecorder._give_up_in_child)
 
@@ -308,6 +315,18 @@ class AutoPersistingRecorder:
             directory,
             self.store,
             report.sessions_saved,
+        )
+
+    def _keep_recovered(self, kept: KeptUnsaved) -> None:
+        """Hold what recovery on start could not save as if this run had failed to save it:
+        in `failed_sessions`, retried by `close`, its journal records kept meanwhile."""
+        self._saver.keep_unsaved(kept.sessions, kept.error)
+        for session in kept.sessions:
+            self._unsaved_pins[session.session_id] = kept.first_seq
+        logger.warning(
+            "recovery of %s: %s; kept in the journal and in failed_sessions() (retried by close)",
+            self.journal.directory if self.journal is not None else "",
+            not_saved([session.session_id for session in kept.sessions], kept.error, self.store),
         )
 
     def _new_state(self) -> None:
@@ -805,14 +824,13 @@ class AutoPersistingRecorder:
             self._close_done = True
             self._exit_hook.cancel()
         if unsaved:
-            ids = ", ".join(s.session_id for s in self._saver.unsaved[:5])
+            ids = [s.session_id for s in self._saver.unsaved]
             if journal_error is not None:
                 where = f"; the journal failed too: {journal_error}"
             else:
                 where = f" and in the journal {self.journal.directory}" if self.journal else ""
             raise StoreError(
-                f"{unsaved} sessions could not be saved into {self.store!r} ({ids}); "
-                f"they are in failed_sessions(){where}"
+                f"{not_saved(ids, self._saver.last_error, self.store)}; they are in failed_sessions(){where}"
             ) from journal_error
         if journal_error is not None:
             raise journal_error

@@ -42,7 +42,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -121,6 +121,17 @@ class BatchStore(Protocol):
     def save_many(self, sessions: Sequence[Session]) -> None: ...
 
 
+def not_saved(ids: Sequence[str], error: BaseException | None, into: object = None) -> str:
+    """``2 sessions could not be saved into <store> (s1, s2): <error>``: how the owners of
+    a saver say what it could not save (at most five ids are named)."""
+    noun = "session" if len(ids) == 1 else "sessions"
+    target = f" into {into!r}" if into is not None else ""
+    named = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+    # One line: a driver's message may span several (psycopg's hints).
+    cause = "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) if error else ""
+    return f"{len(ids)} {noun} could not be saved{target} ({named}){f': {cause}' if cause else ''}"
+
+
 def check_save_target(store: object) -> None:
     """`TypeError` unless `store` can be saved into (a `SaveTarget`, such as a `SessionStore`):
     checked where it is given, as every session saved into anything else is lost."""
@@ -170,6 +181,7 @@ class SessionSaver:
         self._in_retry: list[deque[Session]] = []  # what `retry_unsaved` takes out, not yet tried
         self._store_down = False  # a session was given up and no save succeeded since
         self._down_error: Exception | None = None  # the error that gave the last session up
+        self._last_error: Exception | None = None  # the error that kept the last session unsaved
         self._no_attempts_after: float | None = None  # `stop_trying_after`'s monotonic instant
         self._drained: deque[Session] = deque()  # drained, not yet through `save`
 
@@ -400,6 +412,7 @@ class SessionSaver:
     def _keep(self, session: Session, error: Exception, *, store_down: bool) -> SaveOutcome:
         with self._lock:
             self._unsaved.append(session)
+            self._last_error = error
             self._store_down = self._store_down or store_down
             if store_down:
                 self._down_error = error
@@ -458,6 +471,23 @@ class SessionSaver:
         kept = {id(session) for session in self._unsaved}
         retried = [session for batch in self._in_retry for session in batch if id(session) not in kept]
         return [*retried, *self._unsaved]
+
+    @property
+    def last_error(self) -> Exception | None:
+        """The error that kept the last unsaved session unsaved (None if none was)."""
+        with self._lock:
+            return self._last_error
+
+    def keep_unsaved(self, sessions: Iterable[Session], error: Exception | None = None) -> None:
+        """Hold `sessions`, which another saver gave up (`error`), as unsaved: `retry_unsaved`
+        tries them, and a later piece of one of them is saved merged after it."""
+        kept = list(sessions)
+        for session in kept:
+            _check_session(session)
+        with self._lock:
+            self._unsaved.extend(kept)
+            if kept and error is not None:
+                self._last_error = error
 
     def take_unsaved(self) -> list[Session]:
         """Hand the unsaved sessions over to the caller (they are no longer held here)."""

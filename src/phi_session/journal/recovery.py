@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -20,9 +21,9 @@ from ..errors import (
 )
 from ..events import AgentEvent, AgentStart, ParallelLoopEnd
 from ..ids import session_id_from_loop_id
-from ..model import ChildLoopRef
+from ..model import ChildLoopRef, Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
-from ..saver import SaveTarget, SessionSaver
+from ..saver import SaveTarget, SessionSaver, not_saved
 from ..stores.base import SessionStore
 from .format import (
     CHECKPOINT_FILE,
@@ -128,6 +129,45 @@ def recover(
     checkpoint is to be written, the segments (all saved) are removed newest first
     until it fits, so that a journal that filled its disk can always be cleared.
     """
+    return _recover(journal, store, config, remove, save_every, retry_for, None)[0]
+
+
+@dataclass
+class KeptUnsaved:
+    """The sessions a recovery into an open journal could not save (`recover_keeping_unsaved`)."""
+
+    sessions: list[Session]
+    first_seq: int
+    """Where their records, journaled again, begin in the journal's own segments."""
+    error: Exception | None
+    """What kept the last of them unsaved."""
+
+
+def recover_keeping_unsaved(
+    journal: Journal, store: SaveTarget, *, config: SessionRecorderConfig | None, retry_for: float
+) -> tuple[RecoveryReport, KeptUnsaved | None]:
+    """`recover` the leftovers of an open `journal`, except that sessions the store does not
+    take do not keep every leftover: their records are journaled again, in order, in the
+    journal's own segments (from `KeptUnsaved.first_seq`), and the leftovers go. What
+    `AutoPersistingRecorder` does on start, so that one session the store refuses does
+    not stop recording; the sessions, not saved, come back in the result.
+
+    A crash between the new records' fsync and the checkpoint that covers the leftovers
+    (one file written) has the next recovery replay those sessions' events twice.
+    """
+    return _recover(journal, store, config, True, 10_000, retry_for, _Keeping())
+
+
+def _recover(
+    journal: Journal | StrPath,
+    store: SaveTarget,
+    config: SessionRecorderConfig | None,
+    remove: bool,
+    save_every: int,
+    retry_for: float,
+    keeping: _Keeping | None,
+) -> tuple[RecoveryReport, KeptUnsaved | None]:
+    """`recover`; with `keeping` (and an open `Journal`), `recover_keeping_unsaved`."""
     if save_every < 1:
         raise InvalidArgument(f"save_every must be at least 1, got {save_every!r}")
     if isinstance(journal, Journal):
@@ -136,13 +176,13 @@ def recover(
     else:
         directory = Path(journal)
         if not directory.is_dir():
-            return RecoveryReport()
+            return RecoveryReport(), None
         found = [path for _, path in segment_paths(directory)]
         # Before the lock file is made there; with no segment too: a checkpoint that is
         # not ours is refused as `Journal` refuses it.
         check_ours(directory, found)
         if not found:
-            return RecoveryReport()
+            return RecoveryReport(), None
         try:
             lock = DirectoryLock(directory)
         except OSError as error:
@@ -154,15 +194,26 @@ def recover(
             remove_checkpoint_tmp(directory)
         unstorable: list[AgentEvent] = []  # the events of sessions no store accepts
         saver = SessionSaver(store, orphans=unstorable.extend, retry_for=retry_for)
-        report, orphans, rejected, replayed = _replay(directory, segments, saver, config, save_every)
+        report, orphans, rejected, replayed = _replay(directory, segments, saver, config, save_every, keeping)
         orphans += unstorable
         report.orphans = len(orphans)
+        kept = None
         if report.failed_sessions:
-            raise RecoveryError(
-                f"recovery of {directory}: {len(report.failed_sessions)} sessions could not be saved "
-                f"({', '.join(report.failed_sessions[:5])}); the journal was kept",
-                report,
-            )
+            if keeping is None or not isinstance(journal, Journal):
+                raise RecoveryError(
+                    f"recovery of {directory}: {not_saved(report.failed_sessions, saver.last_error)}; "
+                    "the journal was kept",
+                    report,
+                )
+            try:
+                first = _journal_again(journal, segments, keeping.numbers_of(report.failed_sessions))
+            except PhiSessionError as error:
+                raise RecoveryError(
+                    f"recovery of {directory}: {not_saved(report.failed_sessions, saver.last_error)}, "
+                    f"nor journaled again ({error}); the journal was kept",
+                    report,
+                ) from error
+            kept = KeptUnsaved(keeping.sessions, first, saver.last_error)
         if remove and segments:
             removed: list[Path] = []
             try:
@@ -209,7 +260,7 @@ def recover(
                     journal.forget_leftovers(removed)
             report.segments_removed = len(segments)
             cleared = True
-        return report
+        return report, kept
     finally:
         if lock is not None:
             lock.release(remove=cleared)
@@ -253,12 +304,53 @@ def _write_checkpoint_making_room(
         fsync_directory(directory)
 
 
+class _Keeping:
+    """What a recovery that keeps the sessions it cannot save notes while replaying: the
+    sessions the saver gave up, and the numbers of the records replayed into each session."""
+
+    def __init__(self) -> None:
+        self.sessions: list[Session] = []
+        self._records: dict[str, array[int]] = {}
+        self._loops: dict[str, str] = {}  # loop id -> the session its AgentStart named
+
+    def note(self, seq: int, event: object) -> None:
+        """Record `seq`, just replayed as `event`, as its session's (as the recorder routes it)."""
+        session_id = getattr(event, "session_id", None)
+        loop_id = getattr(event, "loop_id", None)
+        if type(event) is AgentStart:
+            self._loops[event.loop_id] = event.session_id
+        if session_id is None and loop_id is not None:
+            session_id = self._loops.get(loop_id) or session_id_from_loop_id(loop_id)
+        if session_id is not None:
+            numbers = self._records.get(session_id)
+            if numbers is None:
+                numbers = self._records[session_id] = array("q")
+            numbers.append(seq)
+
+    def numbers_of(self, session_ids: list[str]) -> set[int]:
+        return {seq for sid in set(session_ids) for seq in self._records.get(sid, ())}
+
+
+def _journal_again(journal: Journal, segments: list[Path], numbers: set[int]) -> int:
+    """Append the records `numbers` of `segments` to `journal`, in order, durably; the
+    number the first one gets there."""
+    first = journal.last_seq + 1
+    reader = SegmentReader()
+    for path in segments:
+        for seq, payload in reader.read(path):
+            if seq in numbers:
+                journal.append_json(payload, commit=False)
+    journal.sync()
+    return first
+
+
 def _replay(
     directory: Path,
     segments: list[Path],
     saver: SessionSaver,
     config: SessionRecorderConfig | None,
     save_every: int,
+    keeping: _Keeping | None,
 ) -> tuple[RecoveryReport, list[AgentEvent], list[bytes], Checkpoint]:
     """Replay `segments` into a recorder, saving as it goes; the report, the recorder's
     orphans, the records that are not events and the checkpoint that marks every record
@@ -312,10 +404,12 @@ def _replay(
                 logger.warning("journal %s: record %d is not an event, kept aside: %s", path, seq, error)
                 continue
             report.events_replayed += 1
+            if keeping is not None:
+                keeping.note(seq, event)
             if report.events_replayed % save_every == 0:
-                _save_completed(saver, recorder, report)
+                _save_completed(saver, recorder, report, keeping)
     reader.finish()
-    _save_completed(saver, recorder, report, flush=True)
+    _save_completed(saver, recorder, report, keeping, flush=True)
     replayed = Checkpoint(
         max(checkpoint.stored_below, reader.last + 1), max(checkpoint.settled_through, reader.last)
     )
@@ -368,13 +462,21 @@ class _SavedSpawners:
 
 
 def _save_completed(
-    saver: SessionSaver, recorder: SessionRecorder, report: RecoveryReport, *, flush: bool = False
+    saver: SessionSaver,
+    recorder: SessionRecorder,
+    report: RecoveryReport,
+    keeping: _Keeping | None,
+    *,
+    flush: bool = False,
 ) -> None:
     """The recovery's one save step: checkpoint (or flush), drain, save.
 
     A session that is not saved stays in the journal, which `recover` then keeps:
-    the report lists its id, and it leaves memory.
+    the report lists its id, and it leaves memory (`keeping` holds it).
     """
     saver.drain(recorder, flush=flush)
-    report.failed_sessions.extend(session.session_id for session in saver.take_unsaved())
+    unsaved = saver.take_unsaved()
+    report.failed_sessions.extend(session.session_id for session in unsaved)
+    if keeping is not None:
+        keeping.sessions += unsaved
     report.sessions_saved = saver.stats().saved
