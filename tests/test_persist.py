@@ -39,6 +39,7 @@ from phi_session.errors import (
     InvalidArgument,
     JournalLocked,
     PhiSessionError,
+    StoreClosed,
     StoredSessionUnusable,
     StoreError,
     UsedAfterFork,
@@ -441,6 +442,72 @@ def test_closed_and_invalid_use(tmp_path: Path) -> None:
         AutoPersistingRecorder(JsonDirStore(tmp_path), checkpoint_every=0)
     with pytest.raises(InvalidArgument, match="checkpoint_interval"):
         AutoPersistingRecorder(JsonDirStore(tmp_path), checkpoint_interval=0)
+
+
+class ClosedStore(JsonDirStore):
+    """A store closed before the recorder saving into it."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.attempts = 0
+
+    def save(self, session: Session) -> None:
+        self.attempts += 1
+        raise StoreClosed("the ClosedStore is closed")
+
+
+def test_a_closed_store_is_not_retried_and_close_says_so(tmp_path: Path) -> None:
+    """A closed store's error was retried for retry_for seconds (at interpreter exit, a hang)."""
+    store = ClosedStore(tmp_path / "store")
+    persisting = AutoPersistingRecorder(store, journal=tmp_path / "j", retry_for=30)
+    persisting.record_all(single_loop_sessions(3))
+    with pytest.raises(
+        StoreError,
+        match=r"^3 sessions could not be saved into .* \(s0000000, s0000001, s0000002\): the ClosedStore "
+        r"is closed; they are in failed_sessions\(\) and in the journal ",
+    ):
+        persisting.close()
+    assert persisting.stats()["save_retries"] == 0 and store.attempts <= 6  # once each, and close's last try
+    assert len(persisting.failed_sessions()) == 3
+
+
+_CLOSED_AT_EXIT = """
+import logging, sys
+sys.path.insert(0, sys.argv[1])
+from journal_kill_worker import stream
+from phi_session.errors import StoreClosed
+from phi_session.persist import AutoPersistingRecorder
+from phi_session.stores.json_dir import JsonDirStore
+
+class Closed(JsonDirStore):
+    def save(self, session):
+        raise StoreClosed("the PostgresStore is closed")
+
+logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+journal = None if sys.argv[3] == "-" else sys.argv[3]
+recorder = AutoPersistingRecorder(Closed(sys.argv[2]), journal=journal, retry_for=30)
+recorder.record_all(stream(sessions=2, loops=1))
+"""
+
+
+@pytest.mark.parametrize("journaled", [False, True])
+def test_a_store_closed_before_the_recorder_is_reported_at_exit_in_one_line(
+    tmp_path: Path, journaled: bool
+) -> None:
+    journal = str(tmp_path / "j") if journaled else "-"
+    done = subprocess.run(
+        [sys.executable, "-c", _CLOSED_AT_EXIT, str(Path(__file__).parent), str(tmp_path / "store"), journal],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "phi_session.persist" in line]
+    assert "2 sessions could not be saved" in line and "the PostgresStore is closed" in line
+    if journaled:
+        assert f"their events are kept in the journal {journal}" in line
+    else:
+        assert line.endswith("they are lost")
 
 
 class InterruptedStore(JsonDirStore):

@@ -311,6 +311,25 @@ def test_an_unusable_stored_session_gets_one_attempt_and_one_error_line(
     assert saver.save(second).saved  # the store is not taken to be down: still retried
 
 
+def test_a_closed_store_is_not_retried_and_said_once(
+    clock: FakeTime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every error of a closed store was taken for a transient one: retried for retry_for
+    seconds (at interpreter exit, a hang), then each session lost all the same."""
+    closed = ps.StoreClosed("the MemoryStore is closed")
+    assert isinstance(closed, ps.StoreError)
+    memory = MemoryStore(failing(10, closed))
+    saver = saver_for(memory, retry_for=30)
+    first, second = sessions(2)
+    assert saver.save(first).error is closed and saver.save(second).unsaved
+    assert memory.attempts == 2 and clock.pauses == [] and saver.stats().retried == 0
+    assert saver.unsaved == [first, second] and saver.last_error is closed
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{memory!r} is closed: not saving session {first.session_id}, nor any after it while it "
+        f"is, keeping them unsaved: {closed}"
+    ]
+
+
 def test_an_unusable_stored_session_gets_one_attempt_through_asave_too(clock: FakeTime) -> None:
     memory = MemoryStore(failing(1, ps.StoredSessionUnusable("stored session 's' is corrupt")))
     [session] = sessions(1)

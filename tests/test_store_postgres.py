@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from phi_session import Timestamp, Usage
 from phi_session.codec import decode_session, encode_session
 from phi_session.cost import Pricer, prices_available
-from phi_session.errors import InvalidArgument, SessionLocked, StoredSessionUnusable, StoreError
+from phi_session.errors import InvalidArgument, SessionLocked, StoreClosed, StoredSessionUnusable, StoreError
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import postgres
@@ -699,7 +699,7 @@ def test_closed_store_refuses_work(schema: str) -> None:
     store = PostgresStore(DSN, schema=schema)
     store.close()
     store.close()
-    with pytest.raises(StoreError, match="closed"):
+    with pytest.raises(StoreClosed, match="closed"):  # a StoreError the saver does not retry
         store.list_ids()
 
 

@@ -52,6 +52,11 @@ class StoredSessionUnusable(StoreError):
     same way until the stored copy is moved aside or deleted, so it is not retried."""
 
 
+class StoreClosed(StoreError):
+    """The store was closed (`close`) and takes nothing more. Not retried: no wait reopens
+    it (a `PostgresStore` left its ``with`` block before the recorder saving into it)."""
+
+
 class RecoveryError(StoreError):
     """Some recovered sessions could not be saved; the journal was kept. See `report`."""
 

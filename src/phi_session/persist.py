@@ -348,6 +348,7 @@ class AutoPersistingRecorder:
         self._sealed = False  # `close` has drained the recorder for the last time
         # `close` did all its work; one interrupted (Ctrl-C) did not, and is done again.
         self._close_done = False
+        self._exiting = False  # the exit hook is closing (`_close_at_exit`)
         # Producers inside the recorder now, by the journal seq they started from: their
         # events are numbered from there on, so the journal is kept from there on.
         self._feeding: dict[int, int] = {}
@@ -374,7 +375,7 @@ class AutoPersistingRecorder:
         self._writer = DaemonThread(self._run, "phi-session auto-persist writer")
         # Runs before the exit hooks of the store (opened before us), which close
         # connections the writer may be saving with.
-        self._exit_hook = ExitHook(self, self.close, self._unsaved_at_exit)
+        self._exit_hook = ExitHook(self, self._close_at_exit, self._unsaved_at_exit)
 
     def _give_up_in_child(self) -> None:
         """In a forked child: the sessions held and queued, the writer thread and the exit
@@ -824,14 +825,15 @@ class AutoPersistingRecorder:
             self._close_done = True
             self._exit_hook.cancel()
         if unsaved:
-            ids = [s.session_id for s in self._saver.unsaved]
+            what = not_saved([s.session_id for s in self._saver.unsaved], self._saver.last_error, self.store)
             if journal_error is not None:
                 where = f"; the journal failed too: {journal_error}"
+            elif self._exiting:  # failed_sessions() goes with the process
+                where = f"; {self._kept_in_journal()}" if self.journal else "; they are lost"
+                raise StoreError(f"{what}{where}")
             else:
                 where = f" and in the journal {self.journal.directory}" if self.journal else ""
-            raise StoreError(
-                f"{not_saved(ids, self._saver.last_error, self.store)}; they are in failed_sessions(){where}"
-            ) from journal_error
+            raise StoreError(f"{what}; they are in failed_sessions(){where}") from journal_error
         if journal_error is not None:
             raise journal_error
         if orphans_error is not None:
@@ -854,6 +856,15 @@ class AutoPersistingRecorder:
                 if outcome.unsaved:
                     self._keep_pin(item)
 
+    def _close_at_exit(self) -> None:
+        """`close` from the exit hook: no caller is left to raise to, nor to read
+        `failed_sessions`; what is left unsaved is said in one line, with where it is."""
+        self._exiting = True
+        try:
+            self.close()
+        except PhiSessionError as error:
+            logger.error("%r at interpreter exit: %s", self, error)
+
     def _unsaved_at_exit(self) -> str:
         """What a close interrupted at interpreter exit leaves unsaved (`ExitHook`)."""
         held = self.recorder.stats()
@@ -862,9 +873,13 @@ class AutoPersistingRecorder:
         count = held["open_sessions"] + held["completed_sessions"] + handed + self._saver.stats().unsaved
         if self.journal is None:
             return f"up to {count} sessions not saved into {self.store!r} are lost"
+        return f"up to {count} sessions not saved into {self.store!r}; {self._kept_in_journal()}"
+
+    def _kept_in_journal(self) -> str:
+        directory = self.journal.directory if self.journal is not None else ""
         return (
-            f"up to {count} sessions not saved into {self.store!r}; their events are kept in the journal "
-            f"{self.journal.directory}, for recover (or the next AutoPersistingRecorder on it)"
+            f"their events are kept in the journal {directory}, for recover "
+            "(or the next AutoPersistingRecorder on it)"
         )
 
     def stats(self) -> dict[str, float]:

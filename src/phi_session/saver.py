@@ -13,6 +13,10 @@ command line use to save sessions, so all of them fail the same way. The policy:
   (`AutoPersistingRecorder.close`) sets a deadline (`stop_trying_after`): past it, a
   session is not even tried while the store is down, since each attempt on a dead
   server can itself take seconds (a connect or lock timeout); it is kept unsaved.
+* **A closed store is not retried.** `StoreClosed` (its ``close`` was called: a
+  `PostgresStore` left its ``with`` block before the recorder saving into it) cannot
+  change with time: every session is kept in `unsaved` at once, with one error line
+  for them all.
 * **What the store holds unusable is not retried.** `StoredSessionUnusable` (the
   stored copy of the session does not decode) fails every save of that id until
   someone moves it aside: the session gets one attempt and one error line, and is
@@ -52,6 +56,7 @@ from .errors import (
     ExportError,
     InvalidSessionId,
     SessionLocked,
+    StoreClosed,
     StoredSessionUnusable,
     StoreError,
 )
@@ -182,6 +187,7 @@ class SessionSaver:
         self._store_down = False  # a session was given up and no save succeeded since
         self._down_error: Exception | None = None  # the error that gave the last session up
         self._last_error: Exception | None = None  # the error that kept the last session unsaved
+        self._closed_said = False  # the store's `StoreClosed` was logged, and no save succeeded since
         self._no_attempts_after: float | None = None  # `stop_trying_after`'s monotonic instant
         self._drained: deque[Session] = deque()  # drained, not yet through `save`
 
@@ -247,7 +253,7 @@ class SessionSaver:
                 )
             else:
                 with self._lock:
-                    self._store_down = False
+                    self._store_down = self._closed_said = False
                     self._saved += len(sessions)
                 return [self._told(session, SaveOutcome(saved=True)) for session in sessions]
         return [self.save(session) for session in sessions]
@@ -346,7 +352,7 @@ class SessionSaver:
         pause = _FIRST_PAUSE
         error = yield 0.0
         last = error
-        while isinstance(error, _TRANSIENT) and not isinstance(error, StoredSessionUnusable):
+        while isinstance(error, _TRANSIENT) and not isinstance(error, (StoredSessionUnusable, StoreClosed)):
             if deadline is None or time.monotonic() + pause > deadline:
                 logger.error(
                     "saving session %s into %r failed, keeping it unsaved: %s",
@@ -369,11 +375,13 @@ class SessionSaver:
             pause = min(pause * 2, _MAX_PAUSE)
         if error is None:
             with self._lock:
-                self._store_down = False
+                self._store_down = self._closed_said = False
                 self._saved += 1
             return SaveOutcome(saved=True, error=last)
         if isinstance(error, InvalidSessionId):
             return self._orphan(session, error)
+        if isinstance(error, StoreClosed):
+            return self._closed_store(session, error)
         # Not an I/O problem (an unusable stored copy, a bug in a custom store): retrying
         # cannot help. A bug's message alone may not say what was raised.
         logger.error(
@@ -382,6 +390,19 @@ class SessionSaver:
             self.store,
             error if isinstance(error, StoredSessionUnusable) else repr(error),
         )
+        return self._keep(session, error, store_down=False)
+
+    def _closed_store(self, session: Session, error: StoreClosed) -> SaveOutcome:
+        """Keep `session`: the store is closed. Said once while it stays closed, not per session."""
+        with self._lock:
+            first, self._closed_said = not self._closed_said, True
+        if first:
+            logger.error(
+                "%r is closed: not saving session %s, nor any after it while it is, keeping them unsaved: %s",
+                self.store,
+                session.session_id,
+                error,
+            )
         return self._keep(session, error, store_down=False)
 
     def _orphan(self, session: Session, error: InvalidSessionId) -> SaveOutcome:

@@ -96,6 +96,7 @@ from ..errors import (
     InvalidStoreUrl,
     SessionLocked,
     SessionNotFound,
+    StoreClosed,
     StoredSessionUnusable,
     StoreError,
 )
@@ -666,7 +667,7 @@ class _Pool:
         with self._slots:
             with self._lock:
                 if self._closed:
-                    raise StoreError("the PostgresStore is closed")
+                    raise StoreClosed("the PostgresStore is closed")
                 conn = self._idle.pop() if self._idle else None
             if conn is None or conn.closed:
                 conn = self._connect()
