@@ -225,6 +225,49 @@ def test_sessions_kept_in_memory_are_reported_when_the_journal_failed_too(
     assert [s.session_id for s in persisting.failed_sessions()] == ["s0000002"]
 
 
+def checkpoints_fail(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """Syncing the journal's new checkpoint fails (EIO): every release fails."""
+    fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        held, tmp = os.fstat(fd), directory / f"{CHECKPOINT_FILE}.tmp"
+        if tmp.exists() and (tmp.stat().st_ino, tmp.stat().st_dev) == (held.st_ino, held.st_dev):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+
+
+def test_a_journal_that_cannot_be_released_is_warned_about_once_per_episode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed release was logged at DEBUG only: the journal grew without a word."""
+    evs = single_loop_sessions(9)
+    thirds = [evs[: len(evs) // 3], evs[len(evs) // 3 : 2 * len(evs) // 3], evs[2 * len(evs) // 3 :]]
+    store = JsonDirStore(tmp_path / "store")
+
+    def record(persisting: AutoPersistingRecorder, events: list[AgentEvent]) -> None:
+        for event in events:
+            persisting.on_event(event)
+            persisting.checkpoint()
+            assert persisting.wait_saved(timeout=10)  # and released (or not)
+
+    with caplog.at_level(logging.WARNING, "phi_session.persist"):
+        with AutoPersistingRecorder(store, journal=tmp_path / "j", checkpoint_interval=None) as persisting:
+            checkpoints_fail(monkeypatch, tmp_path / "j")
+            record(persisting, thirds[0])
+            monkeypatch.undo()
+            record(persisting, thirds[1])
+            assert (tmp_path / "j" / CHECKPOINT_FILE).exists()  # released again
+            checkpoints_fail(monkeypatch, tmp_path / "j")
+            record(persisting, thirds[2])
+            monkeypatch.undo()
+    warnings = [r.getMessage() for r in caplog.records if "release" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert all("keeps growing" in warning and "Input/output error" in warning for warning in warnings)
+    assert stored(store) == recorded(evs)
+
+
 class DamagedCopies(JsonDirStore):
     """Holds an unusable stored copy of the sessions in `damaged`."""
 

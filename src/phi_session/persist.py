@@ -349,6 +349,7 @@ class AutoPersistingRecorder:
         # `close` did all its work; one interrupted (Ctrl-C) did not, and is done again.
         self._close_done = False
         self._exiting = False  # the exit hook is closing (`_close_at_exit`)
+        self._release_failing = False  # the journal's release failed and has not worked since
         # Producers inside the recorder now, by the journal seq they started from: their
         # events are numbered from there on, so the journal is kept from there on.
         self._feeding: dict[int, int] = {}
@@ -744,8 +745,17 @@ class AutoPersistingRecorder:
                 stored_below, settled_through=settled, orphans_settled=orphans_settled
             )
         except PhiSessionError as error:
-            logger.debug("journal not released: %s", error)  # leftovers not recovered, or closed
+            if not isinstance(error.__cause__, OSError):  # leftovers (warned about on start), closed
+                logger.debug("journal not released: %s", error)
+            elif not self._release_failing:  # the checkpoint or a removal failed: say so once
+                self._release_failing = True
+                logger.warning(
+                    "journal %s keeps growing until a release works again (the sessions are saved): %s",
+                    self.journal.directory,
+                    error,
+                )
             return
+        self._release_failing = False
         with self._lock:
             self._counters["segments_removed"] += removed
 
