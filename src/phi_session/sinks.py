@@ -20,6 +20,8 @@ not even build them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import io
 import logging
 import os
@@ -275,9 +277,13 @@ class JsonlSink:
     ``BytesIO``, cannot be: refused with `InvalidArgument`). Given a path, the file
     is opened for appending and closed by `close()`; given a binary file object, it
     is written but left open.
-    Thread-safe: lines are never interleaved. A last line torn by a crash or by a
-    failed write (a full disk) is ended before the next is appended, so no event is
-    glued to it and lost with it.
+    Thread-safe: lines are never interleaved. A call that raises (a full disk) wrote
+    nothing of its event to a file given by path: what the failed write had written of
+    the line is cut off again (a regular file no other process appends to), so a failed
+    event never shows up later, nor twice if retried. A file object given keeps its own
+    buffer, which may still write such a line with the next one. A last line torn by a
+    crash (or left by a failed write) is ended before the next is appended, so no
+    event is glued to it and lost with it.
     """
 
     wants_deltas = True
@@ -287,8 +293,11 @@ class JsonlSink:
         # here): the next line starts with a newline, or it would be glued to the torn one.
         self._torn = False
         if isinstance(target, (str, os.PathLike)):
-            self.file: IO[bytes] = open(target, "ab")  # owned: closed by close()
+            # Owned (closed by close()) and unbuffered: a line is written by `_append`, all
+            # of it or none, never kept in a buffer that writes it with a later line.
+            self.file: IO[bytes] = open(target, "ab", buffering=0)
             self._owned = True
+            self._regular = stat.S_ISREG(os.fstat(self.file.fileno()).st_mode)
             self._torn = _ends_mid_line(target, self.file)
         else:
             self.file = _binary_writer(target)
@@ -303,12 +312,38 @@ class JsonlSink:
         with self._lock:
             if self._torn:
                 line = b"\n" + line  # a blank line if the torn one was completed after all
-            self._torn = True  # until the whole line is written
-            self.file.write(line)
-            self.file.flush()
+            if self._owned:
+                self._append(line)
+            else:
+                self._torn = True  # until the whole line is written
+                self.file.write(line)
+                self.file.flush()
             self._torn = False
             if self.fsync:
                 os.fsync(self.file.fileno())
+
+    def _append(self, line: bytes) -> None:
+        """Write `line` to the owned file, or raise having written none of it (what a failed
+        write had written is cut off again; where it cannot be, the line is left torn)."""
+        fd, view, done = self.file.fileno(), memoryview(line), 0
+        try:
+            while done < len(view):
+                written = os.write(fd, view[done:])
+                if not written:
+                    raise OSError(errno.EIO, "write made no progress")
+                done += written
+        except OSError:
+            if done:
+                self._take_back(fd, done)
+            raise
+
+    def _take_back(self, fd: int, size: int) -> None:
+        """Cut off the last `size` bytes, which a failed `_append` wrote (under the lock)."""
+        if self._regular:
+            with contextlib.suppress(OSError):  # the error raised is the write's
+                os.ftruncate(fd, os.fstat(fd).st_size - size)
+                return
+        self._torn = True  # a pipe, or the cut failed: the next line starts on its own
 
     def flush(self) -> None:
         """Nothing to do: every line is flushed (and fsynced with ``fsync=True``) as it is written."""
