@@ -610,3 +610,14 @@ def test_a_saver_refuses_what_it_cannot_save_into_at_once(tmp_path: Path) -> Non
         SessionSaver(store, retry_for=-1)
     with pytest.raises(TypeError, match="recorder must be SessionRecorder, not int"):
         SessionSaver(store).drain(5)  # type: ignore[arg-type]
+
+
+def test_what_could_not_be_saved_is_said_in_one_line() -> None:
+    error = ps.StoreError("connection failed\nHINT: is the server running?")
+    assert saver_module.not_saved(["s1"], error) == (
+        "1 session could not be saved (s1): connection failed; HINT: is the server running?"
+    )
+    pieces = ["s1", "s2", "s1", *(f"t{n}" for n in range(5))]  # s1 kept in two pieces
+    assert saver_module.not_saved(pieces, None, "db") == (
+        "7 sessions could not be saved into 'db' (s1, s2, t0, t1, t2, ...)"
+    )

@@ -128,7 +128,9 @@ class BatchStore(Protocol):
 
 def not_saved(ids: Sequence[str], error: BaseException | None, into: object = None) -> str:
     """``2 sessions could not be saved into <store> (s1, s2): <error>``: how the owners of
-    a saver say what it could not save (at most five ids are named)."""
+    a saver say what it could not save (at most five ids are named; a session kept in
+    several pieces counts once)."""
+    ids = list(dict.fromkeys(ids))
     noun = "session" if len(ids) == 1 else "sessions"
     target = f" into {into!r}" if into is not None else ""
     named = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
