@@ -330,6 +330,20 @@ def test_a_closed_store_is_not_retried_and_said_once(
     ]
 
 
+def test_a_store_used_after_fork_gets_one_attempt(clock: FakeTime) -> None:
+    """A forked child's refusal to use its parent's PostgresStore was a StoreError, taken
+    for a transient one: the child's exit hung for retry_for seconds before giving up."""
+    refused = ps.UsedAfterFork(
+        "this PostgresStore was opened by process 1; a forked process must open its own"
+    )
+    memory = MemoryStore(failing(10, refused))
+    saver = saver_for(memory, retry_for=30)
+    [session] = sessions(1)
+    outcome = saver.save(session)
+    assert outcome.unsaved and outcome.error is refused
+    assert memory.attempts == 1 and clock.pauses == [] and saver.stats().retried == 0
+
+
 def test_an_unusable_stored_session_gets_one_attempt_through_asave_too(clock: FakeTime) -> None:
     memory = MemoryStore(failing(1, ps.StoredSessionUnusable("stored session 's' is corrupt")))
     [session] = sessions(1)

@@ -28,7 +28,14 @@ from hypothesis import HealthCheck, given, settings
 from phi_session import Timestamp, Usage
 from phi_session.codec import decode_session, encode_session
 from phi_session.cost import Pricer, prices_available
-from phi_session.errors import InvalidArgument, SessionLocked, StoreClosed, StoredSessionUnusable, StoreError
+from phi_session.errors import (
+    InvalidArgument,
+    SessionLocked,
+    StoreClosed,
+    StoredSessionUnusable,
+    StoreError,
+    UsedAfterFork,
+)
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder
 from phi_session.stores import postgres
@@ -685,7 +692,7 @@ def test_a_forked_child_must_open_its_own_store(store: postgres.PostgresStore) -
         try:
             store.list_ids()
             results.put("the child used its parent's connection")
-        except StoreError as exc:
+        except UsedAfterFork as exc:
             results.put(str(exc))
 
     process = context.Process(target=child)

@@ -102,8 +102,9 @@ class JournalLocked(SessionLocked):
 
 class UsedAfterFork(PhiSessionError):
     """An object a process opened that cannot go on in a process forked from it (a
-    `Journal`, a recorder journaling into one, a `JetStreamSink`) was used in the forked
-    child; the child must make its own after the fork. The parent's goes on unharmed."""
+    `Journal`, a recorder journaling into one, a `JetStreamSink`, a `PostgresStore`) was
+    used in the forked child; the child must make its own after the fork. The parent's
+    goes on unharmed. Never retried: waiting cannot make it usable."""
 
 
 class NotAJournal(PhiSessionError, ValueError):

@@ -99,6 +99,7 @@ from ..errors import (
     StoreClosed,
     StoredSessionUnusable,
     StoreError,
+    UsedAfterFork,
 )
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, Session
@@ -661,7 +662,7 @@ class _Pool:
         if os.getpid() != self._pid:
             # A forked child shares its parent's sockets: using (or even closing) them
             # would corrupt the parent's sessions with the server.
-            raise StoreError(
+            raise UsedAfterFork(
                 f"this PostgresStore was opened by process {self._pid}; a forked process must open its own"
             )
         with self._slots:
