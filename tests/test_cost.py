@@ -76,6 +76,35 @@ def test_cache_reads_are_cheaper_than_fresh_input() -> None:
     assert fresh.usd is not None and cached.usd is not None and cached.usd < fresh.usd
 
 
+def test_cache_inside_input_is_billed_once() -> None:
+    # phi-core's OpenAI-compatible and Gemini providers write input = the prompt, cache
+    # included, and the provider's total (prompt + completion); its Anthropic provider and
+    # phi-session's adapters write the uncached input (total 0, or counting the cache on top).
+    pricer = Pricer({"gpt-4o": {"input": 2, "output": 8, "cache_read": 1}})
+    openai = Usage(input=10_000, output=500, cache_read=8_000, total_tokens=10_500)
+    gemini = Usage(input=10_000, output=500, cache_read=8_000, total_tokens=10_900)  # + 400 thoughts
+    apart = Usage(input=2_000, output=500, cache_read=8_000, total_tokens=10_500)
+    anthropic = Usage(input=2_000, output=500, cache_read=8_000)
+    expected = Cost(usd=(2_000 * 2 + 500 * 8 + 8_000 * 1) / 1e6, sources=(USER_SOURCE,))
+    for usage in (openai, gemini, apart, anthropic):
+        assert pricer.price(usage, "openai", "gpt-4o", WHEN) == expected, usage
+
+
+@needs_table
+def test_openai_cached_tokens_cost_what_genai_prices_says() -> None:
+    import genai_prices
+
+    recorded = Usage(input=10_000, output=500, cache_read=8_000, total_tokens=10_500)
+    expected = genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=10_000, cache_read_tokens=8_000, output_tokens=500),
+        "gpt-4o",
+        provider_id="openai",
+        genai_request_timestamp=datetime(2025, 6, 1, 12, tzinfo=timezone.utc),
+    )
+    cost = Pricer().price(recorded, "openai", "gpt-4o", WHEN)
+    assert cost.usd == pytest.approx(float(expected.total_price), rel=1e-9)
+
+
 @needs_table
 def test_an_unknown_provider_name_falls_back_to_the_model() -> None:
     pricer = Pricer()

@@ -14,10 +14,11 @@ unknown is never shown as 0) and ``sources``, where its prices came from
 the model; a call that counted its tokens only as a total (no input, output or
 cache count) has no known price.
 
-Token mapping (phi-core's `Usage`): ``input`` counts the uncached input only, so
-the priced input is ``input + cache_read + cache_write`` with the cache reads and
-writes at their own rates; ``reasoning`` is a part of ``output`` (priced as output
-unless the table has a reasoning rate).
+Token mapping (phi-core's `Usage`): the cache reads and writes are priced at their own
+rates, the rest of the input at the input rate (`uncached_input`: phi-core's providers
+count ``input`` with or without the cache, and the call's ``total_tokens`` tells which);
+``reasoning`` is a part of ``output`` (priced as output unless the table has a
+reasoning rate).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ __all__ = [
     "cost_totals",
     "prices_available",
     "total",
+    "uncached_input",
 ]
 
 USER_SOURCE = "user"
@@ -134,12 +136,41 @@ class UserPrice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         cache_read = self.input if self.cache_read is None else self.cache_read
         cache_write = self.input if self.cache_write is None else self.cache_write
         micro = (
-            Decimal(usage.input) * Decimal(str(self.input))
+            Decimal(uncached_input(usage)) * Decimal(str(self.input))
             + Decimal(usage.output) * Decimal(str(self.output))
             + Decimal(usage.cache_read) * Decimal(str(cache_read))
             + Decimal(usage.cache_write) * Decimal(str(cache_write))
         )
         return float(micro / _PER_TOKEN)
+
+
+def uncached_input(usage: Usage | ModelCall) -> int:
+    """The input tokens of one call that were neither read from nor written to the cache.
+
+    phi-core's providers fill `Usage` two ways. Anthropic's (``anthropic.rs``) writes the
+    uncached input apart from ``cache_read`` and ``cache_write`` and no total (0), and
+    phi-session's adapters write it apart too, with a total counting the cache on top
+    (``input + output + cache_read + cache_write``). phi-core's OpenAI-compatible provider
+    (``openai_compat.rs``: ``input`` = ``prompt_tokens``, ``cache_read`` = ``cached_tokens``,
+    total = the provider's ``prompt + completion``) and Gemini's (``google.rs``: ``input`` =
+    ``promptTokenCount``, ``cache_read`` = ``cachedContentTokenCount``, total =
+    ``totalTokenCount``, which adds the thoughts and tool-use prompt to input and output)
+    count the cache inside ``input``, with a total counting it once. So the cache is inside
+    ``input`` when the call has cached tokens, no more than its input, and a total of at
+    least ``input + output`` that is not ``input + output + cache_read + cache_write``.
+    (A Gemini call whose uncounted thoughts equal its cached tokens exactly cannot be told
+    apart, and is read as uncached input.)
+    """
+    cached = usage.cache_read + usage.cache_write
+    counted = usage.input + usage.output
+    if (
+        cached
+        and cached <= usage.input
+        and usage.total_tokens >= counted
+        and usage.total_tokens != counted + cached
+    ):
+        return usage.input - cached
+    return usage.input
 
 
 def prices_available() -> bool:
@@ -202,7 +233,7 @@ class _TableModel:
 
     def usd(self, table: Any, call: ModelCall) -> float:
         """What the table charges for `call` (`ValueError` if it refuses its counts)."""
-        total_input = call.input + call.cache_read + call.cache_write
+        total_input = uncached_input(call) + call.cache_read + call.cache_write
         reasoning = min(call.reasoning, call.output)
         if self._timed:
             when = _instant(call.started_ms)
