@@ -22,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -32,6 +33,7 @@ from phi_session._time import Timestamp
 from phi_session.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MAX_TREE_DEPTH, main, render
 from phi_session.codec import decode_event, decode_session, encode_event, encode_session
 from phi_session.events import SessionFormation
+from phi_session.messages import Usage
 from phi_session.model import LoopRecord, Session
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
 from phi_session.stores.json_dir import JsonDirStore
@@ -1406,6 +1408,42 @@ def test_serve_reports_a_busy_port(store_dir: Path) -> None:
         assert_one_line_error(
             run("serve", "--store", store_dir, "--port", str(port)), EXIT_FAILURE, f"127.0.0.1:{port}"
         )
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+def test_serve_prices_the_viewer_with_the_cli_prices(
+    store_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, from_env: bool
+) -> None:
+    # The viewer's costs are the CLI's: --prices, or $PHI_SESSION_PRICES as list/show/stats.
+    import phi_session.web.server as web_server
+
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"acme/house-model": {"input": 1000, "output": 1000}}')
+    pricers: list[Any] = []
+
+    class Server:
+        url = "http://127.0.0.1:1/"
+
+        def serve_forever(self) -> None:
+            pass
+
+        def server_close(self) -> None:
+            pass
+
+    def make_server(store: object, **options: Any) -> Server:
+        pricers.append(options.get("pricer"))
+        return Server()
+
+    monkeypatch.setattr(web_server, "make_server", make_server)
+    args: list[str | Path] = ["serve", "--store", store_dir, "--port", "0"]
+    if from_env:
+        monkeypatch.setenv("PHI_SESSION_PRICES", str(prices))
+    else:
+        args += ["--prices", prices]
+    assert run(*args).exit_code == EXIT_OK
+    [pricer] = pricers
+    cost = pricer.price(Usage(input=1_000, output=0), "acme", "house-model", Timestamp.from_ns(0))
+    assert cost.usd == 1.0 and cost.sources == ("user",)
 
 
 @pytest.mark.spec

@@ -1094,9 +1094,17 @@ def demo(directory: str | None, store_url: str | None, as_json: bool) -> None:
     type=click.Path(file_okay=False),
     help="Where the OTLP receiver keeps its journal and spool (what it acknowledged survives a crash).",
 )
+@prices_option
 @store_options
 def serve(
-    host: str, port: int, otlp: bool, otlp_port: int, otlp_state: str, store_url: str | None, as_json: bool
+    host: str,
+    port: int,
+    otlp: bool,
+    otlp_port: int,
+    otlp_state: str,
+    store_url: str | None,
+    as_json: bool,
+    prices_file: str | None,
 ) -> None:
     """Serve the read-only web viewer over the store (Ctrl-C stops it).
 
@@ -1107,9 +1115,10 @@ def serve(
 
     if otlp:
         _require_otlp()  # before the store is opened to write: a missing extra makes none
+    pricer = cli_pricer(prices_file)  # the viewer's costs are list's, show's and stats'
     with open_cli_store(store_url, read_only=not otlp) as store, contextlib.ExitStack() as cleanup:
         try:
-            server = make_server(store, host=host, port=port)
+            server = make_server(store, host=host, port=port, pricer=pricer)
         except OSError as error:
             raise CliError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
         cleanup.callback(server.server_close)
