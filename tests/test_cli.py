@@ -1695,6 +1695,23 @@ def test_not_found_is_worded_one_way(store_dir: Path) -> None:
     assert result.stderr == "phi-session: error: --prices: empty file name\n"
 
 
+def test_a_bad_prices_file_names_where_it_came_from(
+    store_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As $PHI_SESSION_STORE's errors: the option or the variable that named the file.
+    prices = tmp_path / "team-prices.json"
+    prices.write_text('{"gpt-4o": {"input": -1, "output": 1}}')
+    why = f"{prices}: price of 'gpt-4o': input must be a finite non-negative number, got -1.0"
+    given = run("stats", "--store", store_dir, "--prices", prices)
+    assert_one_line_error(given, EXIT_FAILURE)
+    assert given.stderr == f"phi-session: error: --prices: {why}\n"
+    monkeypatch.setenv("PHI_SESSION_PRICES", str(prices))
+    for command in ("stats", "list", "serve"):
+        from_env = run(command, "--store", store_dir)
+        assert_one_line_error(from_env, EXIT_FAILURE)
+        assert from_env.stderr == f"phi-session: error: $PHI_SESSION_PRICES: {why}\n", command
+
+
 def test_counts_have_plurals_and_thousands_separators(store_dir: Path, tmp_path: Path) -> None:
     single = run("record", EXAMPLE_STREAM.parent / "events.jsonl", "--dir", tmp_path / "one")
     assert (

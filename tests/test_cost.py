@@ -210,6 +210,13 @@ def test_unreadable_price_file(tmp_path: Path) -> None:
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(InvalidPrices, match="expected a table"):
         Pricer.from_file(tmp_path / "list.json")
+    # A bad price in a file names the file, as its other errors do.
+    (tmp_path / "bad.json").write_text('{"gpt-4o": {"input": -1, "output": 1}}')
+    with pytest.raises(InvalidPrices) as bad:
+        Pricer.from_file(tmp_path / "bad.json")
+    assert str(bad.value) == (
+        f"{tmp_path / 'bad.json'}: price of 'gpt-4o': input must be a finite non-negative number, got -1.0"
+    )
 
 
 def test_breakdown_and_totals() -> None:

@@ -375,7 +375,10 @@ class Pricer:
             raise InvalidPrices(f"cannot read prices from {file}: {error}") from None
         if not isinstance(data, dict):
             raise InvalidPrices(f"{file}: expected a table of model names to prices")
-        return cls(data, use_table=use_table)
+        try:
+            return cls(data, use_table=use_table)
+        except InvalidPrices as error:  # which file holds the bad price, as its other errors say
+            raise InvalidPrices(f"{file}: {error}") from None
 
     @property
     def table_source(self) -> str | None:

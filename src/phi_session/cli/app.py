@@ -18,7 +18,7 @@ from rich.console import Console
 
 from .. import __version__
 from ..cost import Pricer
-from ..errors import InvalidSessionId, InvalidStoreUrl, PhiSessionError
+from ..errors import InvalidPrices, InvalidSessionId, InvalidStoreUrl, PhiSessionError
 from ..model import Session
 from ..stores.base import SessionStore, validate_session_id
 from ..stores.urls import ENV_VAR, open_store, store_path
@@ -173,9 +173,15 @@ def open_cli_store(
 def store_url_error(error: InvalidStoreUrl, url: str | None) -> CliError:
     """The usage error of a store URL refused: given by ``--store``, or (`url` None) by
     $PHI_SESSION_STORE, named unless the error names it already."""
-    if url is not None:
-        return CliError(f"--store: {error}", EXIT_USAGE)
-    return CliError(str(error) if ENV_VAR in str(error) else f"${ENV_VAR}: {error}", EXIT_USAGE)
+    return source_error(error, "--store", ENV_VAR, from_env=url is None, exit_code=EXIT_USAGE)
+
+
+def source_error(error: Exception, option: str, env_var: str, *, from_env: bool, exit_code: int) -> CliError:
+    """The error of a value given by `option`, or (`from_env`) by $`env_var`: which one
+    gave it, named first (the variable unless the error names it already)."""
+    if not from_env:
+        return CliError(f"{option}: {error}", exit_code)
+    return CliError(str(error) if env_var in str(error) else f"${env_var}: {error}", exit_code)
 
 
 def _default_store_hint() -> str:
@@ -420,6 +426,9 @@ def main() -> None:
     """
 
 
+_PRICES_ENV_VAR = "PHI_SESSION_PRICES"
+
+
 def prices_option(fn: F) -> F:
     """``--prices FILE``: the user's own prices, for the commands that show cost."""
     return click.option(
@@ -427,17 +436,28 @@ def prices_option(fn: F) -> F:
         "prices_file",
         metavar="FILE",
         default=None,
-        envvar="PHI_SESSION_PRICES",
+        envvar=_PRICES_ENV_VAR,
         help="Your own prices, USD per million tokens (TOML or JSON; default $PHI_SESSION_PRICES); "
         "they win over the genai-prices table of the 'prices' extra.",
     )(fn)
 
 
 def cli_pricer(prices_file: str | None) -> Pricer:
-    """The pricer of `--prices` (genai-prices alone without a file)."""
+    """The pricer of `--prices` (genai-prices alone without a file); its errors name the
+    option or $PHI_SESSION_PRICES, whichever gave the file."""
     if prices_file == "":  # (``--prices "$FILE"`` with FILE unset): not the working directory
         raise CliError("--prices: empty file name", EXIT_USAGE)
-    return Pricer() if prices_file is None else Pricer.from_file(prices_file)
+    if prices_file is None:
+        return Pricer()
+    try:
+        return Pricer.from_file(prices_file)
+    except InvalidPrices as error:
+        context = click.get_current_context(silent=True)
+        source = None if context is None else context.get_parameter_source("prices_file")
+        from_env = source is click.core.ParameterSource.ENVIRONMENT
+        raise source_error(
+            error, "--prices", _PRICES_ENV_VAR, from_env=from_env, exit_code=EXIT_FAILURE
+        ) from None
 
 
 def store_options(fn: F) -> F:
