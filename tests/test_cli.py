@@ -1981,3 +1981,35 @@ def test_serve_otlp_without_the_sdk_names_the_otlp_extra(
     assert_one_line_error(result, EXIT_FAILURE, "serve --otlp needs the OpenTelemetry SDK")
     assert result.stderr.rstrip().endswith("pip install 'phi-session[otlp]'"), result.stderr
     assert not (tmp_path / ".phi-session").exists()  # no store made for a receiver never started
+
+
+def test_a_tiny_known_cost_is_never_shown_as_zero() -> None:
+    # Below $0.0001 four decimals read $0.0000, as free: two significant digits instead.
+    from phi_session.cost import Cost
+
+    shown = {
+        usd: render.cost_text(Cost(usd=usd)).plain
+        for usd in (0.0, 2.7e-05, 4.9e-05, 9.4e-05, 1e-09, 0.0123, 1234.5)
+    }
+    assert shown == {
+        0.0: "$0.0000",
+        2.7e-05: "$0.000027",
+        4.9e-05: "$0.000049",
+        9.4e-05: "$0.000094",
+        1e-09: "$0.0000000010",
+        0.0123: "$0.0123",
+        1234.5: "$1,234.5000",
+    }
+
+
+def test_show_prints_a_tiny_cost_with_its_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PHI_SESSION_PRICES", raising=False)
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"claude-haiku-4-5": {"input": 0.001, "output": 0.001}}')
+    store = tmp_path / "tiny.db"
+    assert run("import", EXAMPLES / "session-minimal.json", "--store", store).exit_code == EXIT_OK
+    session_id = json.loads((EXAMPLES / "session-minimal.json").read_text())["session_id"]
+    shown = run("show", session_id, "--store", store, "--prices", prices)
+    assert shown.exit_code == EXIT_OK, shown.stderr
+    [line] = [line for line in shown.stdout.splitlines() if "Cost" in line]
+    assert "$0.0000 " not in line + " " and "$0.00000" in line, line

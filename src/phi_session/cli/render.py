@@ -8,6 +8,7 @@ thousands separators and counted nouns their plural.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,6 +103,18 @@ def status_counts(counts: dict[str, int]) -> Text:
     return out
 
 
+_LAST_DECIMAL = 0.0001  # the last of four decimals: a cost below it would read $0.0000, as free
+
+
+def usd_text(usd: float) -> str:
+    """``$0.0123``: four decimals, or two significant digits for a non-zero cost below
+    $0.0001 (``$0.000027``), so a known cost never reads as free."""
+    if 0 < usd < _LAST_DECIMAL:
+        decimals = 1 - math.floor(math.log10(usd))
+        return f"${usd:.{decimals}f}"
+    return f"${usd:,.4f}"
+
+
 def cost_text(cost: Cost, *, sources: bool = False) -> Text:
     """``$0.0123`` (with its price sources when asked), or a dim ``unknown``: never a made-up 0."""
     if cost.usd is None:
@@ -113,7 +126,7 @@ def cost_text(cost: Cost, *, sources: bool = False) -> Text:
         if sources and unsplit:
             text.append(f" (tokens not split by kind for {safe(', '.join(unsplit))})", style="dim")
         return text
-    text = Text(f"${cost.usd:,.4f}")
+    text = Text(usd_text(cost.usd))
     if sources and cost.sources:
         text.append(f" ({safe(', '.join(cost.sources))})", style="dim")
     return text

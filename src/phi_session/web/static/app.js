@@ -76,7 +76,9 @@
         (unsplit.length ? " (tokens not split by kind for " + unsplit.join(", ") + ")" : "");
     }
     const usd = Number(cost.usd);
-    return "$" + (usd >= 1 ? usd.toFixed(2) : usd.toPrecision(3)) + (cost.unpriced && cost.unpriced.length ? " + unpriced" : "");
+    // Three significant digits below $1, never exponent notation (toPrecision's below 1e-6).
+    const digits = usd > 0 && usd < 1 ? Math.min(100, 2 - Math.floor(Math.log10(usd))) : 2;
+    return "$" + usd.toFixed(digits) + (cost.unpriced && cost.unpriced.length ? " + unpriced" : "");
   }
 
   // Costs are extra: a viewer whose server has no cost API (or no prices) shows none.
