@@ -500,3 +500,63 @@ def test_a_turn_a_replay_served_from_its_recording_costs_nothing() -> None:
     pricer = Pricer({"p/m": {"input": 1, "output": 1}}, use_table=False)
     assert pricer.loop(record).usd == 0
     assert pricer.turn(record.turns[0], record).usd == 0
+
+
+def _served_session() -> Any:
+    """A loop configured for anthropic/claude-opus-4-1 whose one reply a fallback,
+    openai/gpt-4o-mini, served."""
+    from phi_session import AgentSession, LoopConfigSnapshot, SessionRecorder, Tracer
+
+    recorder = SessionRecorder()
+    config = LoopConfigSnapshot(model="claude-opus-4-1", provider="anthropic")
+    tracer = Tracer(AgentSession(), sinks=[recorder], config=config)
+    with tracer.loop() as loop:
+        loop.user("hi")
+        with loop.turn() as turn, turn.assistant(model="gpt-4o-mini", provider="openai") as reply:
+            reply.finish("hello", usage=Usage(input=1_000_000, output=0, total_tokens=1_000_000))
+    tracer.close()
+    recorder.flush()
+    return recorder.drain_completed()[0]
+
+
+SERVED_PRICES = {
+    "openai/gpt-4o-mini": {"input": 0.15, "output": 0.6},
+    "claude-opus-4-1": {"input": 15, "output": 75},
+}
+
+
+def test_a_call_is_priced_at_the_model_that_served_it(tmp_path: Path) -> None:
+    # A fallback model or a router served the reply: its price, not the loop config's.
+    session = _served_session()
+    pricer = Pricer(SERVED_PRICES, use_table=False)
+    served = Cost(usd=0.15, sources=(USER_SOURCE,))
+    record = session.loops[0]
+    assert pricer.session(session) == served
+    assert pricer.loop(record) == served
+    assert pricer.turn(record.turns[0], record) == served
+    assert pricer.breakdown(session).cost == served
+    assert pricer.outline(session_outline(session)) == served
+    with JsonDirStore(tmp_path / "store") as store:
+        store.save(session)
+        assert pricer.outline(store.load_outline(session.session_id)) == served
+        [row] = store.usage_totals("model", pricer=pricer)
+        assert row.cost == served  # keyed by the loop's config, priced by the call's model
+    # A reply of the config's own model keeps the stored calls as they were.
+    assert [call.served_by for call in record.model_calls()] == [("openai", "gpt-4o-mini")]
+
+
+@pytest.mark.spec
+def test_a_cut_off_reply_without_a_config_is_priced_at_its_model() -> None:
+    # phi-core's own output: an aborted loop with no config snapshot whose cut-off reply
+    # names openai/gpt-4o: priced, not unknown.
+    from phi_session.codec import decode_session
+    from tests.conftest import SPEC
+
+    [path] = SPEC.glob("golden/recorder/*/sessions/0275b706-f86a-4522-8ce7-3cd23bf7586e.json")
+    session = decode_session(path.read_bytes())
+    pricer = Pricer({"openai/gpt-4o": {"input": 1, "output": 1}}, use_table=False)
+    loops = [loop for loop in session.loops if loop.config is None and loop.billed_usage().total_tokens]
+    assert loops
+    for loop in loops:
+        assert pricer.loop(loop).known, loop.loop_id
+    assert pricer.session(session).known

@@ -1,6 +1,7 @@
 """Cost in US dollars of stored usage, priced at query time.
 
-A `Pricer` prices model calls of one model, each at its own instant: first from the
+A `Pricer` prices model calls, each on the model that served it (the reply's, else the
+loop config's: `ModelCall.served_by`) and at its own instant: first from the
 user's own prices (a mapping, or a TOML/JSON file: `Pricer.from_file`), then from
 the ``genai-prices`` table (the optional extra ``prices``) at the price valid at that
 instant. A loop or a session is the sum of its calls (`LoopRecord.model_calls`), never
@@ -42,7 +43,7 @@ from ._checks import check_type
 from ._time import Timestamp
 from .errors import InvalidPrices
 from .messages import ZERO_USAGE, Usage
-from .model import LoopRecord, ModelCall, Session, Turn, is_replayed
+from .model import LoopRecord, ModelCall, Session, Turn, is_replayed, served_by
 from .stores.base import UsageRow, usage_rows
 from .stores.outline import SessionOutline
 from .stores.query import parse_group_by
@@ -395,9 +396,26 @@ class Pricer:
         return self.calls([ModelCall.of(at, usage)], provider, model)
 
     def calls(self, calls: Iterable[ModelCall], provider: str | None, model: str | None) -> Cost:
-        """The cost of model calls on `provider`/`model`, each at its price when it started
-        (to the millisecond). Unknown when a call with tokens has no known price."""
+        """The cost of model calls of a loop on `provider`/`model`, each at its price when it
+        started (to the millisecond), on the model that served it (`ModelCall.served_by`,
+        else `provider`/`model`). Unknown when a call with tokens has no known price."""
         priced = [call for call in calls if _has_tokens(call)]
+        if all(call.served_by is None for call in priced):
+            return self._one_model(priced, provider, model)
+        groups: dict[tuple[str | None, str | None], list[ModelCall]] = {}
+        for call in priced:
+            served = (
+                (provider, model)
+                if call.served_by is None
+                else (call.served_by[0] or None, call.served_by[1])
+            )
+            groups.setdefault(served, []).append(call)
+        # In the models' order, not the calls': the same calls cost the same in any order.
+        ordered = sorted(groups.items(), key=lambda item: (item[0][0] or "", item[0][1] or ""))
+        return total(self._one_model(group, *served) for served, group in ordered)
+
+    def _one_model(self, priced: list[ModelCall], provider: str | None, model: str | None) -> Cost:
+        """`calls` of calls with tokens, all on `provider`/`model`."""
         if not priced:
             return ZERO_COST
         name = f"{provider}/{model}" if provider else (model or "unknown")
@@ -448,9 +466,9 @@ class Pricer:
     def turn(self, turn: Turn, record: LoopRecord) -> Cost:
         """The cost of one turn (one model call), at the price when it started; none for a
         reply a replay served from its recording (no model was called: `is_replayed`)."""
-        provider, model = _model_of(record)
         usage = ZERO_USAGE if is_replayed(turn.output_message) else turn.usage
-        return self.price(usage, provider, model, turn.started_at)
+        call = ModelCall.of(turn.started_at, usage, served_by(turn.output_message, record.config))
+        return self.calls([call], *_model_of(record))
 
     def loop(self, record: LoopRecord) -> Cost:
         """The cost of a loop: each of its calls (`LoopRecord.model_calls`) at its own price."""

@@ -180,9 +180,9 @@ class ModelCall(msgspec.Struct, array_like=True, frozen=True, gc=False):
     in milliseconds since the Unix epoch, and its token counts (`Usage`'s fields).
 
     Cost prices a loop call by call, because a price can depend on one request's
-    input tokens (tiered prices) and on its time. Stored beside each loop by the SQL
-    stores as a compact JSON array of integers, so totals price calls without
-    reading records.
+    input tokens (tiered prices), on its time and on the model that served it
+    (`served_by`). Stored beside each loop by the SQL stores as a compact JSON array,
+    so totals price calls without reading records.
     """
 
     started_ms: int
@@ -192,9 +192,13 @@ class ModelCall(msgspec.Struct, array_like=True, frozen=True, gc=False):
     cache_read: int
     cache_write: int
     total_tokens: int
+    served_by: tuple[str, str] | None = None
+    """The ``(provider, model)`` its reply names when not the loop config's (a fallback
+    model, a router, a loop without a config); None: the loop config's model. Last, so
+    the calls stored before it decode (and older readers ignore it)."""
 
     @classmethod
-    def of(cls, started_at: Timestamp, usage: Usage) -> ModelCall:
+    def of(cls, started_at: Timestamp, usage: Usage, served_by: tuple[str, str] | None = None) -> ModelCall:
         return cls(
             started_at.ns // _NS_PER_MS,
             usage.input,
@@ -203,6 +207,7 @@ class ModelCall(msgspec.Struct, array_like=True, frozen=True, gc=False):
             usage.cache_read,
             usage.cache_write,
             usage.total_tokens,
+            served_by,
         )
 
     @property
@@ -222,6 +227,17 @@ class ModelCall(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 
 _USAGE_FIELDS = ("input", "output", "reasoning", "cache_read", "cache_write", "total_tokens")
+
+
+def served_by(reply: AgentMessage, config: LoopConfigSnapshot | None) -> tuple[str, str] | None:
+    """`ModelCall.served_by` of a call whose reply is `reply`, in a loop of `config`: the
+    reply's provider and model when it names a model other than the config's (None: the
+    config's, or a reply that names none)."""
+    if not isinstance(reply, AssistantMessage) or not reply.model:
+        return None
+    if config is not None and reply.model == config.model and reply.provider == config.provider:
+        return None
+    return (reply.provider, reply.model)
 
 
 def is_replayed(message: AgentMessage) -> bool:
@@ -453,6 +469,8 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         """The loop's model calls with tokens, each with when it started: what cost prices,
         one call at a time. Their usages add up to `billed_usage`.
 
+        Each call names the model that served it when its reply names another than the
+        loop config's (`ModelCall.served_by`).
         A finished turn is one call (one assistant reply), at its ``started_at``; a turn
         a replay served is none (`is_replayed`). A loop cut off before ``AgentEnd`` adds
         each assistant ``MessageEnd`` of the turn it was cut off in (`unfinished_usage`),
@@ -462,8 +480,9 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         more than its billed usage cannot be split: that usage is then one call at its
         start.
         """
+        config = self.config
         calls = [
-            ModelCall.of(turn.started_at, turn.usage)
+            ModelCall.of(turn.started_at, turn.usage, served_by(turn.output_message, config))
             for turn in self.turns
             if turn.usage != ZERO_USAGE and not is_replayed(turn.output_message)
         ]
@@ -471,7 +490,7 @@ class LoopRecord(msgspec.Struct, kw_only=True):
             turn_start, unfinished = self._cut_off_turn()  # what `unfinished_usage` sums
             started_at = self.started_at if turn_start is None else turn_start
             calls += [
-                ModelCall.of(started_at, reply.usage)
+                ModelCall.of(started_at, reply.usage, served_by(reply, config))
                 for reply in unfinished
                 if reply.usage != ZERO_USAGE and not is_replayed(reply)
             ]

@@ -243,7 +243,8 @@ _calls_decoder = msgspec.json.Decoder(tuple[ModelCall, ...])
 
 def encode_calls(record: LoopRecord) -> bytes:
     """The stored form of `record`'s model calls (`LoopRecord.model_calls`): compact JSON,
-    an array of integer arrays, what the SQL stores' priced totals read."""
+    an array of arrays (the integers, then `ModelCall.served_by`), what the SQL stores'
+    priced totals read."""
     return _encoder.encode(record.model_calls())
 
 
