@@ -823,6 +823,26 @@ def test_the_v8_migration_indexes_what_loops_that_never_ended_said(
     assert "'coffee'" in indexed
 
 
+def test_the_v10_migration_names_the_models_that_served_the_calls(
+    store: postgres.PostgresStore, monkeypatch: pytest.MonkeyPatch, admin: Any
+) -> None:
+    import phi_session.model as model_module
+
+    from .test_cost import SERVED_PRICES, _served_session
+
+    session = _served_session()
+    with monkeypatch.context() as before:  # calls without their serving model, as before version 10
+        before.setattr(model_module, "served_by", lambda reply, config: None)
+        store.save(session)
+    meta = _table(store.schema, "meta")
+    admin.execute(sql.SQL("UPDATE {} SET value = '9' WHERE key = 'schema_version'").format(meta))
+    pricer = Pricer(SERVED_PRICES, use_table=False)
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        [row] = migrated.usage_totals("model", pricer=pricer)
+        assert row.cost == pricer.session(session) and row.cost.usd == 0.15
+        assert migrated.load_outline(session.session_id) == session_outline(session)
+
+
 def test_a_session_holding_lone_surrogates_is_saved_with_them_escaped(store: postgres.PostgresStore) -> None:
     from phi_session.persist import AutoPersistingRecorder
 

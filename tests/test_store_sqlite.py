@@ -1600,3 +1600,23 @@ def test_an_interrupt_as_a_write_transaction_begins_leaves_no_lock_held(
         other.save(make_session("third"))
         assert sorted(other.list_ids()) == ["first", "second", "third"]
     store.close()
+
+
+def test_the_v11_migration_names_the_models_that_served_the_calls(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import phi_session.model as model_module
+    from tests.test_cost import SERVED_PRICES, _served_session
+
+    session = _served_session()
+    with monkeypatch.context() as before:  # calls without their serving model, as before version 11
+        before.setattr(model_module, "served_by", lambda reply, config: None)
+        with SqliteStore(db) as store:
+            store.save(session)
+        raw_execute(db, "PRAGMA user_version = 10")
+    pricer = Pricer(SERVED_PRICES, use_table=False)
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        [row] = store.usage_totals("model", pricer=pricer)
+        assert row.cost == pricer.session(session) and row.cost.usd == 0.15
+        assert store.load_outline(session.session_id) == session_outline(session)

@@ -157,7 +157,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -455,6 +455,12 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         "ALTER TABLE {s}.sessions ADD COLUMN listing_nul BOOLEAN NOT NULL DEFAULT false",
         "UPDATE {s}.sessions SET listing_nul = true WHERE strpos(first_prompt, chr(65533)) > 0"
         " OR strpos(array_to_string(models, ''), chr(65533)) > 0",
+    ),
+    (
+        # A model call names the model that served it when not the loop config's
+        # (`ModelCall.served_by`): every loop's calls and outline again.
+        partial(_backfill_loops, "calls", "%s", encode_calls),
+        partial(_backfill_loops, "outline", "%s", encode_loop_outline),
     ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION

@@ -444,6 +444,20 @@ def _index_changed_words(conn: sqlite3.Connection) -> None:
     _index_loop_texts(conn, changed)
 
 
+def _name_serving_models(conn: sqlite3.Connection) -> None:
+    """v11: a model call names the model that served it when not the loop config's
+    (`ModelCall.served_by`): the loops whose calls that changes get them, and their
+    outline, again. A loop whose record does not decode keeps its calls."""
+    updates = []
+    for session_id, position, record in _each_stored_loop(conn):
+        outline = loop_outline(record)
+        if outline.calls is None or not any(call.served_by for call in outline.calls):
+            continue
+        outline_json, calls_json = encode_outline_parts(outline)
+        updates.append((calls_json, outline_json, session_id, position))
+    conn.executemany("UPDATE loops SET calls = ?, outline = ? WHERE session_id = ? AND position = ?", updates)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _create_v1,
     _create_v2,
@@ -455,6 +469,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _index_words,
     _index_tool_call_words,
     _index_what_cut_loops_said,
+    _name_serving_models,
 )
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
