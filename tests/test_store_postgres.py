@@ -843,6 +843,21 @@ def test_the_v10_migration_names_the_models_that_served_the_calls(
         assert migrated.load_outline(session.session_id) == session_outline(session)
 
 
+def test_the_v11_migration_indexes_the_composed_words(
+    store: postgres.PostgresStore, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as before:  # words split at each combining accent, as before version 11
+        before.setattr(search_module, "_composed", lambda text: text)
+        store.save(make_session("nfd", loops=[talking_loop("nfd", 1, "send the re\u0301sume\u0301")]))
+    meta = _table(store.schema, "meta")
+    admin.execute(sql.SQL("UPDATE {} SET value = '10' WHERE key = 'schema_version'").format(meta))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        assert {hit.session_id for hit in migrated.search("r\u00e9sum\u00e9")} == {"nfd"}
+    words = sql.SQL("SELECT words::text FROM {}").format(_table(store.schema, "loops"))
+    [(indexed,)] = admin.execute(words).fetchall()
+    assert "'sume'" not in indexed and "r\u00e9sum\u00e9" in indexed
+
+
 def test_a_session_holding_lone_surrogates_is_saved_with_them_escaped(store: postgres.PostgresStore) -> None:
     from phi_session.persist import AutoPersistingRecorder
 

@@ -1308,10 +1308,10 @@ def test_the_v2_migration_indexes_the_stored_loops(db: Path) -> None:
 def test_the_v8_migration_indexes_the_rule_s_words(db: Path) -> None:
     with SqliteStore(db) as store:
         store.save(make_session("old", loops=[talking_loop("old", 1, "the cafe\u0301 opens")]))
-    back_to_v7(db)  # unicode61 kept "cafe\u0301" one token: "cafe" was not found
+    back_to_v7(db)  # unicode61 kept "cafe\u0301" one token: the rule's word was not found
     with SqliteStore(db) as store:
         assert store.schema_version() == SCHEMA_VERSION
-        assert [hit.kind for hit in store.search("cafe opens")] == [
+        assert [hit.kind for hit in store.search("caf\u00e9 opens")] == [
             "text",
             "thinking",
             "text",
@@ -1324,7 +1324,7 @@ def test_the_v8_migration_indexes_the_rule_s_words(db: Path) -> None:
         assert (
             conn.execute("SELECT text FROM loop_text WHERE session_id = 'old'")
             .fetchone()[0]
-            .startswith("please the cafe opens plan")
+            .startswith("please the caf\u00e9 opens plan")
         )
     assert _indexed_loops(db) == (2, 2)
 
@@ -1620,3 +1620,17 @@ def test_the_v11_migration_names_the_models_that_served_the_calls(
         [row] = store.usage_totals("model", pricer=pricer)
         assert row.cost == pricer.session(session) and row.cost.usd == 0.15
         assert store.load_outline(session.session_id) == session_outline(session)
+
+
+def test_the_v12_migration_indexes_the_composed_words(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decomposed = "send the re\u0301sume\u0301"
+    with monkeypatch.context() as before:  # words split at each combining accent, as before version 12
+        before.setattr(search_module, "_composed", lambda text: text)
+        with SqliteStore(db) as store:
+            store.save(make_session("nfd", loops=[talking_loop("nfd", 1, decomposed)]))
+            assert store.search("r\u00e9sum\u00e9") == []
+        raw_execute(db, "PRAGMA user_version = 11")
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert {hit.session_id for hit in store.search("r\u00e9sum\u00e9")} == {"nfd"}
+        assert store.search("sume") == []

@@ -157,7 +157,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -461,6 +461,11 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         # (`ModelCall.served_by`): every loop's calls and outline again.
         partial(_backfill_loops, "calls", "%s", encode_calls),
         partial(_backfill_loops, "outline", "%s", encode_loop_outline),
+    ),
+    (
+        # The rule's words are those of the composed (NFC) text (`search.query_words`):
+        # every loop's words again.
+        partial(_backfill_loops, "words", _WORDS_VALUE, _lexemes),
     ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION

@@ -8,9 +8,11 @@ agree (the conformance suite checks it):
   its ``MessageEnd`` events): a text block (``text``), a thinking block
   (``thinking``), a tool call's name and JSON arguments (``tool_call``) or a tool
   result's text (``tool_result``);
-* the **match rule**: the query's words (runs of letters, digits and ``_``,
-  compared case-insensitively) all occur as words of the document. A query
-  without a word matches nothing.
+* the **match rule**: the query's words (runs of letters, digits and ``_`` of the
+  text in Unicode's composed form, NFC, compared case-insensitively) all occur as
+  words of the document. A query without a word matches nothing. Composed first, a
+  word reads the same whether its accents came precomposed or as combining marks
+  (decomposed, NFD: macOS file names, some model outputs).
 
 `SearchHit` carries the session, loop, turn (when the message names one) and a
 snippet of the document around the first match with the offsets of every matched
@@ -21,6 +23,7 @@ as HTML).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterator
 from typing import Literal
 
@@ -98,6 +101,14 @@ class Document(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     text: str
 
 
+def _composed(text: str) -> str:
+    """`text` in NFC, the form the match rule reads: a combining accent is no word
+    character, so decomposed text would split its words at each accent."""
+    if text.isascii() or unicodedata.is_normalized("NFC", text):
+        return text
+    return unicodedata.normalize("NFC", text)
+
+
 def query_words(text: str) -> tuple[str, ...]:
     """The distinct words of a text (a query, or a loop's text for an index), lower-cased,
     in order (`TypeError` for a non-string)."""
@@ -108,7 +119,8 @@ def query_words(text: str) -> tuple[str, ...]:
         return tuple(dict.fromkeys(text.encode().translate(_ASCII_WORD_BYTES).decode().split()))
     # Elsewhere lowering may (``"İ".lower()`` ends in a combining mark, not a word
     # character): each distinct word is lowered on its own.
-    return tuple(dict.fromkeys(word.lower() for word in dict.fromkeys(_WORD.findall(text))))
+    words = _WORD.findall(_composed(text))
+    return tuple(dict.fromkeys(word.lower() for word in dict.fromkeys(words)))
 
 
 def _message_texts(message: AgentMessage) -> Iterator[tuple[DocumentKind, str]]:
@@ -155,7 +167,9 @@ def documents(session: Session) -> Iterator[Document]:
 
 
 def _snippet(text: str, words: tuple[str, ...]) -> tuple[str, tuple[tuple[int, int], ...]] | None:
-    """The snippet of `text` around its first matched word, or None unless every word occurs."""
+    """The snippet of `text` (composed: `_composed`) around its first matched word, or None
+    unless every word occurs."""
+    text = _composed(text)
     spans = [match.span() for match in _WORD.finditer(text) if match.group().lower() in words]
     found = {text[start:end].lower() for start, end in spans}
     if not spans or found != set(words):

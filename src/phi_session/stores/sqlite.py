@@ -458,6 +458,12 @@ def _name_serving_models(conn: sqlite3.Connection) -> None:
     conn.executemany("UPDATE loops SET calls = ?, outline = ? WHERE session_id = ? AND position = ?", updates)
 
 
+def _index_composed_words(conn: sqlite3.Connection) -> None:
+    """v12: the rule's words are those of the composed (NFC) text (`search.query_words`):
+    the loops whose words that changes (decomposed accents) are indexed again."""
+    _index_changed_words(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _create_v1,
     _create_v2,
@@ -470,6 +476,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _index_tool_call_words,
     _index_what_cut_loops_said,
     _name_serving_models,
+    _index_composed_words,
 )
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
