@@ -249,6 +249,69 @@ def test_workers_starting_together_on_a_fresh_schema_both_run(names: Names) -> N
             )
 
 
+def test_a_worker_starting_on_a_table_being_read_changes_nothing_and_waits_for_nothing(names: Names) -> None:
+    """ALTER TABLE ... ADD COLUMN IF NOT EXISTS ran at every start: it waits for any open
+    reader of the table (pg_dump, a report) even with the column there, and every running
+    worker's insert queued behind it, for as long as the reader read."""
+    from phi_session.broker.staging import StagedEvent, Staging
+
+    async def scenario() -> None:
+        setup, reader, starting = [
+            await psycopg.AsyncConnection.connect(DSN, autocommit=True) for _ in range(3)
+        ]
+        try:
+            await setup.execute(
+                psycopg.sql.SQL("CREATE SCHEMA {}").format(psycopg.sql.Identifier(names.schema))
+            )
+            running = Staging(setup, schema=names.schema, stream=names.stream, durable="d")
+            await running.create()
+            await reader.execute("BEGIN")
+            await reader.execute(
+                psycopg.sql.SQL("SELECT count(*) FROM {}.broker_events").format(
+                    psycopg.sql.Identifier(names.schema)
+                )
+            )
+            await starting.execute("SET lock_timeout = '200ms'")  # a wait for the reader fails
+            await Staging(starting, schema=names.schema, stream=names.stream, durable="d").create()
+            assert await running.insert(0, "c", [StagedEvent(1, "e1", "s", b"{}")]) == {"e1"}
+        finally:
+            for conn in (setup, reader, starting):
+                await conn.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_adds_the_column_an_older_workers_table_lacks(names: Names) -> None:
+    """Rows an older worker staged keep no stream: they are taken for the current one's."""
+    from phi_session.broker.staging import Staging
+
+    table = psycopg.sql.SQL("{}.broker_events").format(psycopg.sql.Identifier(names.schema))
+
+    async def scenario() -> None:
+        async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+            await conn.execute(
+                psycopg.sql.SQL("CREATE SCHEMA {}").format(psycopg.sql.Identifier(names.schema))
+            )
+            staging = Staging(conn, schema=names.schema, stream=names.stream, durable="d")
+            await staging.create()
+            await conn.execute(psycopg.sql.SQL("ALTER TABLE {} DROP COLUMN stream_created").format(table))
+            await conn.execute(
+                psycopg.sql.SQL(
+                    "INSERT INTO {} (stream, part, stream_seq, event_id, session_id, payload)"
+                    " VALUES (%s, 0, 1, 'e1', 's', '')"
+                ).format(table),
+                (names.stream,),
+            )
+            await staging.create()
+            rows = await (
+                await conn.execute(psycopg.sql.SQL("SELECT event_id, stream_created FROM {}").format(table))
+            ).fetchall()
+            assert rows == [("e1", None)]
+            assert [event.event_id for event in await staging.pending(0)] == ["e1"]
+
+    asyncio.run(scenario())
+
+
 # -- duplicates and order ---------------------------------------------------------------------------
 
 

@@ -32,6 +32,8 @@ partitions on its next rebalance.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import zlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
 __all__ = ["PENDING", "REJECTED", "SAVED", "StagedEvent", "Staging"]
 
 PENDING, SAVED, REJECTED = 0, 1, 2
+
+logger = logging.getLogger("phi_session.broker")
+
+_DDL_LOCK_WAIT = 1.0  # seconds a schema change waits for the table at a time
 
 
 class StagedEvent(NamedTuple):
@@ -72,15 +78,45 @@ class Staging:
         return await cursor.fetchall() if cursor.description is not None else []
 
     async def create(self) -> None:
+        """Create the table and its index, or add what an older worker's lacks. Nothing is
+        done when all is there: DDL on the table, IF NOT EXISTS too, waits for every open
+        reader (pg_dump, a report) and holds up every worker's insert behind it."""
+        import psycopg
+
         from ..stores.postgres import MIGRATION_LOCK_CLASS
 
-        # CREATE ... IF NOT EXISTS races with itself (workers starting together on a fresh
-        # schema fail on a unique violation): the DDL runs under the store's migration lock.
-        async with self.conn.transaction():
-            await self._execute(
-                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (MIGRATION_LOCK_CLASS, self.schema)
-            )
-            await self._create_tables()
+        warned = False
+        while not await self._complete():
+            # CREATE ... IF NOT EXISTS races with itself (workers starting together on a fresh
+            # schema fail on a unique violation): the DDL runs under the store's migration lock.
+            try:
+                async with self.conn.transaction():
+                    # Waits in turns: the other workers' inserts pass between them.
+                    await self._execute(
+                        "SELECT set_config('lock_timeout', %s, true)", (f"{_DDL_LOCK_WAIT * 1000:.0f}ms",)
+                    )
+                    await self._execute(
+                        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (MIGRATION_LOCK_CLASS, self.schema)
+                    )
+                    await self._create_tables()
+                return
+            except psycopg.errors.LockNotAvailable:
+                if not warned:
+                    logger.warning(
+                        "waiting for a lock on %s.broker_events to bring it up to date", self.schema
+                    )
+                    warned = True
+                await asyncio.sleep(_DDL_LOCK_WAIT)
+
+    async def _complete(self) -> bool:
+        """Whether the table, its newest column and its index are there."""
+        rows = await self._execute(
+            "SELECT to_regclass(format('%%I.broker_events_pending', %(schema)s::text)) IS NOT NULL"
+            " AND EXISTS (SELECT FROM pg_attribute WHERE attname = 'stream_created' AND NOT attisdropped"
+            "   AND attrelid = to_regclass(format('%%I.broker_events', %(schema)s::text)))",
+            {"schema": self.schema},
+        )
+        return bool(rows[0][0])
 
     async def _create_tables(self) -> None:
         from psycopg import sql
