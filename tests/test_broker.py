@@ -472,6 +472,55 @@ def test_events_published_without_headers_are_marked_saved(names: Names) -> None
     assert _staged_pending(names.schema) == 0
 
 
+def test_a_message_without_an_event_id_staged_by_an_older_worker_is_applied_once(names: Names) -> None:
+    """Rolling upgrade: an older worker named a message without an event id ``STREAM:SEQ``,
+    staged it and died before acknowledging it. Its redelivery to a newer worker was named
+    ``STREAM:SEQ@CREATED``, taken for a new event and applied a second time."""
+    from phi_session.broker.staging import Staging
+
+    events = list(workload.events(1, seed=44))
+    lines = [encode_event(event) for event in events]
+    _one_partition_stream(names)
+    _publish_raw(names, [(f"{names.prefix}.0", line, {}) for line in lines])
+
+    async def staged_by_an_older_worker() -> None:
+        async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+            await conn.execute(
+                psycopg.sql.SQL("CREATE SCHEMA {}").format(psycopg.sql.Identifier(names.schema))
+            )
+            await Staging(conn, schema=names.schema, stream=names.stream, durable="d").create()
+            for sequence, line in enumerate(lines, 1):
+                await conn.execute(
+                    psycopg.sql.SQL(
+                        "INSERT INTO {}.broker_events"
+                        " (stream, part, stream_seq, event_id, session_id, payload)"
+                        " VALUES (%s, 0, %s, %s, %s, %s)"
+                    ).format(psycopg.sql.Identifier(names.schema)),
+                    (names.stream, sequence, f"{names.stream}:{sequence}", "", line),
+                )
+
+    asyncio.run(staged_by_an_older_worker())
+    worker = names.worker(partitions=1)
+    expected = _reference([events])
+    asyncio.run(
+        _run_until(
+            worker,
+            lambda: (
+                worker.stats.received == len(events)
+                and _stored(names.schema) == expected
+                and _staged_pending(names.schema) == 0
+            ),
+            60,
+        )
+    )
+    assert _stored(names.schema) == expected
+    assert worker.stats.duplicates == len(events)
+    assert worker.stats.rejected == 0
+    assert sorted(_staged_ids(names.schema)) == sorted(
+        f"{names.stream}:{n}" for n in range(1, len(lines) + 1)
+    )
+
+
 def test_hostile_session_ids_are_recorded_or_rejected_never_left_staged(names: Names) -> None:
     """NATS trims header values and turns line breaks into spaces: the Phi-Session header
     named another session than the events', whose rows then stayed staged for ever."""
@@ -1698,15 +1747,24 @@ def test_events_without_headers_after_the_stream_is_created_again_are_not_taken_
     assert _staged_pending(names.schema) == 0
 
 
-def test_events_staged_before_the_stream_is_created_again_are_replayed_first(names: Names) -> None:
+@pytest.mark.parametrize("event_ids", [True, False], ids=["event ids", "no event ids"])
+def test_events_staged_before_the_stream_is_created_again_are_replayed_first(
+    names: Names, event_ids: bool
+) -> None:
     """Staged events keep their stream sequence: those of a session still open when its
     stream was deleted and created again were replayed, by the next worker, interleaved
-    with the new stream's (numbered from 1 again), and the session was recorded wrong."""
+    with the new stream's (numbered from 1 again), and the session was recorded wrong.
+    Messages without an event id are named by their position: the new stream's are not
+    taken for the earlier one's staged at that position."""
     events = list(workload.events(1, seed=43))
     cut = len(events) // 2
     expected = _reference([events])
 
     def publish(part: list[Any]) -> None:
+        if not event_ids:
+            _one_partition_stream(names)
+            _publish_raw(names, [(f"{names.prefix}.0", encode_event(event), {}) for event in part])
+            return
         with names.sink(partitions=1) as sink:
             for event in part:
                 sink(event)
@@ -1725,7 +1783,7 @@ def test_events_staged_before_the_stream_is_created_again_are_replayed_first(nam
         )
     )
     assert _stored(names.schema) == expected
-    assert second.stats.rejected == 0
+    assert second.stats.rejected == second.stats.duplicates == 0
     assert _staged_pending(names.schema) == 0
 
 

@@ -173,6 +173,32 @@ class Staging:
         )
         return {row[0] for row in rows}
 
+    async def position_ids(self, created: str | None, sequences: list[int]) -> dict[int, str]:
+        """Event ids for messages that carry none (sequence -> id), named by their position:
+        ``{stream}:{seq}``, as older workers named them, unless an earlier stream's message
+        at that position has that id (a stream created again numbers from 1 again): then
+        ``{stream}:{seq}@{created}``. A message staged already, under either id, gets it
+        again: its redelivery is a duplicate whichever worker staged it."""
+        from psycopg import sql
+
+        names = {seq: f"{self.stream}:{seq}" for seq in sequences}
+        dated = {seq: f"{name}@{created}" for seq, name in names.items()}
+        rows = await self._execute(
+            sql.SQL(
+                "SELECT event_id, stream_seq, stream_created FROM {} WHERE stream = %s AND event_id = ANY(%s)"
+            ).format(self.table),
+            (self.stream, [*names.values(), *dated.values()]),
+        )
+        found = {event_id: (seq, stream) for event_id, seq, stream in rows}
+        ids = {}
+        for seq, name in names.items():
+            # Rows of an earlier stream keep theirs, or moved below this one's sequences (`rekey`);
+            # those of no known stream (an older worker's) are this one's.
+            theirs = found.get(name, (seq, None))
+            earlier = theirs[0] != seq or theirs[1] not in (None, created)
+            ids[seq] = dated[seq] if earlier or dated[seq] in found else name
+        return ids
+
     async def pending(self, part: int) -> list[StagedEvent]:
         from psycopg import sql
 

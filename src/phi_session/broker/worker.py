@@ -596,19 +596,22 @@ class _PartitionRun:
 
     async def take(self, messages: list[Msg]) -> None:
         """Stage a batch, then acknowledge it; the new events wait to be applied."""
-        stream = self.worker.settings.stream
         staged = []
+        unnamed = []
         for message in messages:
             headers = message.headers or {}
             sequence = message.metadata.sequence.stream
             event_id = headers.get(EVENT_ID_HEADER, "")
             if not event_id or len(event_id) > _MAX_EVENT_ID or "\x00" in event_id:
                 # Published by something other than JetStreamSink, or an id PostgreSQL cannot
-                # hold (it would fail the batch at every redelivery): its stream position names
-                # it, with the stream's creation (one created again numbers from 1 again).
-                event_id = f"{stream}:{sequence}@{self.stream_created}"
+                # hold (it would fail the batch at every redelivery): its stream position names it.
+                event_id = ""
+                unnamed.append(sequence)
             session = headers.get(SESSION_HEADER, "").replace("\x00", "")
             staged.append(StagedEvent(sequence, event_id, session, message.data))
+        if unnamed:
+            named = await self.resources.staging.position_ids(self.stream_created, unnamed)
+            staged = [event._replace(event_id=event.event_id or named[event.stream_seq]) for event in staged]
         new = await self.resources.staging.insert(self.number, self.stream_created, staged)
         for message in messages:
             await message.ack()
