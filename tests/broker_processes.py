@@ -1,5 +1,6 @@
 """Processes the broker tests start: ``producer`` publishes a workload stream through a
-`JetStreamSink`; ``worker`` runs an `IngestWorker` until SIGTERM.
+`JetStreamSink`; ``worker`` runs an `IngestWorker` until SIGTERM (it prints ``ready`` once
+a SIGTERM stops it cleanly).
 
     python broker_processes.py producer URL STREAM PREFIX SPILL_DIR SEED SESSIONS
     python broker_processes.py worker URL DSN SCHEMA STREAM PREFIX
@@ -71,6 +72,7 @@ def worker(url: str, dsn: str, schema: str, stream: str, prefix: str) -> None:
 
     async def main() -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, ingest.stop)
+        print("ready", flush=True)  # a SIGTERM before this ended it with -15, stats unprinted
         await ingest.run()
 
     asyncio.run(main())

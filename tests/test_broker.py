@@ -181,6 +181,14 @@ def _helper(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def _started_worker(args: tuple[str, ...]) -> subprocess.Popen[str]:
+    worker = _helper(*args)
+    assert worker.stdout is not None
+    line = worker.stdout.readline()
+    assert line == "ready\n", (line, worker.communicate(timeout=30))
+    return worker
+
+
 # -- the fleet ------------------------------------------------------------------------------------
 
 
@@ -189,7 +197,7 @@ def test_four_producers_two_workers_one_killed_and_restarted(names: Names) -> No
     seeds = [11, 12, 13, 14]
     expected = _reference([list(workload.events(sessions, seed=seed)) for seed in seeds])
     worker_args = ("worker", URL, DSN, names.schema, names.stream, names.prefix)
-    first, second = _helper(*worker_args), _helper(*worker_args)
+    first, second = _started_worker(worker_args), _started_worker(worker_args)
     producers = [
         _helper("producer", URL, names.stream, names.prefix, str(names.spill), str(seed), str(sessions))
         for seed in seeds
@@ -202,7 +210,8 @@ def test_four_producers_two_workers_one_killed_and_restarted(names: Names) -> No
     for producer in producers:
         _, err = producer.communicate(timeout=180)
         assert producer.returncode == 0, err
-    restarted = _helper(*worker_args)
+    # The others may have stored everything already: the SIGTERM must not come before it can stop.
+    restarted = _started_worker(worker_args)
     try:
         stored = _wait_stored(names.schema, expected)
     finally:
