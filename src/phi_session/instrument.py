@@ -211,7 +211,9 @@ def _owned_event(event: AgentEvent, outlet: _Outlet) -> AgentEvent:
     if type(event) is TurnRequest:
         payload = outlet.owned.payload(event.payload, None)[2]
         return event if payload is event.payload else replace(event, payload=payload)
-    return map_messages(event, outlet.owned.message)
+    # Copied, not remembered as `_Owned` would: a streamed reply's partial messages would
+    # stay alive with their copies, each holding the tool arguments so far.
+    return map_messages(event, lambda message: _owned_message(message, failures))
 
 
 class _Owned:
