@@ -267,3 +267,92 @@ def test_a_loop_that_never_ended_spans_to_its_last_recorded_event(tmp_path: Path
     assert result.exit_code == EXIT_OK, result.output
     [loop_row] = [line for line in result.output.splitlines() if "loop #1" in line]
     assert "Aborted" in loop_row and " 3.0s " in loop_row
+
+
+def _aborted(session: Session) -> Session:
+    """`session` with every loop cut off (no AgentEnd: no end, aborted)."""
+    loops = [msgspec.structs.replace(loop, ended_at=None, status="Aborted") for loop in session.loops]
+    return msgspec.structs.replace(session, loops=loops)
+
+
+def test_show_timeline_of_loops_that_never_ended_reads_only_its_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The axis of loops that never ended (their last event's time) read every such loop
+    at once, twice: 3,000 aborted loops took 20 s and 250 MB more. Their outlines hold it."""
+    session = _aborted(huge_session(450))
+    store_url = str(tmp_path / "s.db")
+    with SqliteStore(store_url) as store:
+        store.save(session)
+    pages: list[tuple[int, int]] = []
+    real_load_loops = SqliteStore.load_loops
+
+    def load_loops(self: SqliteStore, session_id: str, start: int, stop: int) -> list[LoopRecord]:
+        pages.append((start, stop))
+        return real_load_loops(self, session_id, start, stop)
+
+    monkeypatch.setattr(SqliteStore, "load_loops", load_loops)
+    runner = CliRunner()
+    args = ["show", "huge-session", "--timeline", "--store", store_url]
+    result = runner.invoke(main, args, env={"COLUMNS": "120"})
+    assert result.exit_code == EXIT_OK, result.output
+    assert pages == [(0, 200), (200, 400), (400, 450)]
+    [bar, *_] = json.loads(runner.invoke(main, [*args, "--json"]).output)
+    assert bar["end"] == str(timeline(session)[0].end)  # as drawn from the whole session
+
+
+def test_the_span_of_loops_outlined_before_their_last_event_time_was_is_read_a_few_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An outline stored before it held a loop's last event time: such loops are read.
+    from phi_session.views import _SEEN_BATCH, outline_span
+
+    session = _aborted(huge_session(100))
+    with SqliteStore(tmp_path / "s.db") as store:
+        store.save(session)
+        outline = store.load_outline("huge-session")
+        older = msgspec.structs.replace(
+            outline,
+            loops=tuple(msgspec.structs.replace(loop, unended_seen_text=None) for loop in outline.loops),
+        )
+        read: list[tuple[int, int]] = []
+        real_load_loops = store.load_loops
+
+        def load_loops(session_id: str, start: int, stop: int) -> list[LoopRecord]:
+            read.append((start, stop))
+            return real_load_loops(session_id, start, stop)
+
+        monkeypatch.setattr(store, "load_loops", load_loops)
+        assert outline_span(outline, store) == outline_span(older, store)
+        assert outline_span(outline, store)[1] == timeline(session)[0].end
+    assert read == [(start, min(start + _SEEN_BATCH, 100)) for start in range(0, 100, _SEEN_BATCH)]
+
+
+def test_a_sub_agents_bar_end_is_taken_from_the_ends_known_already(tmp_path: Path) -> None:
+    # The viewer drew a sub-agent session's bar reading its loops that never ended on
+    # every page of its parent's timeline; the ends are kept for the parent's pages.
+    from phi_session.cost import Pricer
+    from phi_session.views import loops_timeline
+    from phi_session.web.pages import CachedSession, Page
+
+    root, child = "p.c.1", "k.sub.1"
+    first = turn(root, 0, calls=1, at=0)
+    cut_off = ps.TurnStart(loop_id=child, turn_index=0, triggered_by="Continuation", timestamp=ts(7000))
+    events = [start(root, "p"), *first[:-1], start(child, "k", parent=root, at=1), cut_off]
+    _, sessions = record([*events, spawn_end(root, child), first[-1], end(root, at=20)])
+    store = JsonDirStore(tmp_path)
+    for session in sessions:
+        store.save(session)
+    parent = store.load("p")
+    placed = [(0, 0, parent.loops[0])]
+
+    def child_end(ends: dict[str, Timestamp] | None) -> Timestamp | None:
+        bars = loops_timeline("p", placed, store, sub_agent_ends=ends)
+        return next(bar.end for bar in bars if bar.kind == "session" and bar.session_id == "k")
+
+    ends: dict[str, Timestamp] = {}
+    assert child_end(ends) == ts(7000) and ends == {"k": ts(7000)}
+    assert child_end({"k": ts(9000)}) == ts(9000)
+    cached = CachedSession(store.load_outline("p"), store)
+    cached.timeline(Page(0, 20), Pricer(use_table=False))
+    assert cached.sub_agent_ends == {"k": ts(7000)}

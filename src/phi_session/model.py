@@ -378,6 +378,14 @@ class LoopRecord(msgspec.Struct, kw_only=True):
     def tool_call_count(self) -> int:
         return sum(len(turn.tool_results) for turn in self.turns)
 
+    def last_seen(self) -> Timestamp:
+        """When the loop was last seen: its end; for one that never ended (aborted, or running
+        when saved: phi-core leaves its ``ended_at`` null), its last recorded event's time."""
+        if self.ended_at is not None:
+            return self.ended_at
+        stamps = (getattr(stored.event, "timestamp", None) for stored in self.events)
+        return max([self.started_at, *(stamp for stamp in stamps if isinstance(stamp, Timestamp))])
+
     def unfinished_usage(self) -> Usage:
         """The billed usage of the turn a loop without ``AgentEnd`` was cut off in (zero for the others).
 

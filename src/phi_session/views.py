@@ -369,6 +369,7 @@ def loops_timeline(
     loops: Iterable[tuple[int, int, LoopRecord]],
     store: SessionStore | None = None,
     drawn: set[str] | None = None,
+    sub_agent_ends: dict[str, Timestamp] | None = None,
 ) -> list[TimelineBar]:
     """The bars `timeline` draws for some of a session's loops, each given as ``(index in
     session.loops, depth in the loop tree, record)``: a page of `tree_order`, so that a
@@ -377,36 +378,38 @@ def loops_timeline(
     by default each page draws every sub-agent its loops spawned once), and bounded as a
     page is: a sub-agent session's bar, then only its first `SUB_AGENT_LOOPS` loops in
     tree order (read from its outline, `SessionStore.load_outline`, and `load_loops`);
-    the session bar's `detail` counts what it leaves out."""
+    the session bar's `detail` counts what it leaves out, and it ends where its
+    `outline_span` does (kept in `sub_agent_ends` by session id, and taken from there: a
+    cache for the pages of one session)."""
     bars = (
         item for index, depth, record in loops for item in _loop_bars(session_id, index, record, depth + 1)
     )
-    expand = None if store is None else partial(_sub_agent_page, store)
+    ends = {} if sub_agent_ends is None else sub_agent_ends
+    expand = None if store is None else partial(_sub_agent_page, store, ends)
     return _drawn(bars, expand, {session_id} if drawn is None else drawn)
+
+
+_SEEN_BATCH = 32
+"""How many loops `outline_span` reads from the store at a time."""
 
 
 def outline_span(outline: SessionOutline, store: SessionStore | None = None) -> tuple[Timestamp, Timestamp]:
     """The time axis of an outlined session's waterfall: its creation (or its first loop's
-    start, if earlier) to its last activity, loop start or loop end. With `store`, a loop
-    that never ended (aborted, or running when saved) is read from it: its end is then its
-    last recorded event (the outline holds no events). A sub-agent session drawn inline may
-    reach beyond it."""
+    start, if earlier) to its last activity, loop start or loop end; a loop that never ended
+    (aborted, or running when saved) ends at its last recorded event (`LoopOutline.last_seen`).
+    With `store`, such a loop whose outline was stored without that time is read from it,
+    `_SEEN_BATCH` loops at a time (only the latest time is kept). A sub-agent session drawn
+    inline may reach beyond it."""
     header, loops = outline.session, outline.loops
     first = min([header.created_at, *(loop.started_at for loop in loops)])
-    ends = [loop.ended_at for loop in loops if loop.ended_at is not None]
+    seen = [loop.last_seen for loop in loops]
+    ends = [stamp for stamp in seen if stamp is not None]
     if store is not None:
-        unended = (index for index, loop in enumerate(loops) if loop.ended_text is None)
-        ends += map(_last_seen, read_loops(store, header.session_id, unended).values())
+        unknown = [index for index, stamp in enumerate(seen) if stamp is None]
+        for start in range(0, len(unknown), _SEEN_BATCH):
+            records = read_loops(store, header.session_id, unknown[start : start + _SEEN_BATCH])
+            ends.append(max(record.last_seen() for record in records.values()))
     return first, max([first, header.last_active_at, *(loop.started_at for loop in loops), *ends])
-
-
-def _last_seen(loop: LoopRecord) -> Timestamp:
-    """When the loop was last seen: its end; for one that never ended (aborted, or running
-    when saved: phi-core leaves its ``ended_at`` null), its last recorded event's time."""
-    if loop.ended_at is not None:
-        return loop.ended_at
-    stamps = (getattr(stored.event, "timestamp", None) for stored in loop.events)
-    return max([loop.started_at, *(stamp for stamp in stamps if isinstance(stamp, Timestamp))])
 
 
 def read_loops(store: SessionStore, session_id: str, indexes: Iterable[int]) -> dict[int, LoopRecord]:
@@ -426,19 +429,25 @@ def read_loops(store: SessionStore, session_id: str, indexes: Iterable[int]) -> 
 
 
 def outline_timeline(
-    store: SessionStore, outline: SessionOutline, loops_per_page: int = 200
+    store: SessionStore,
+    outline: SessionOutline,
+    loops_per_page: int = 200,
+    *,
+    span: tuple[Timestamp, Timestamp] | None = None,
 ) -> Iterator[list[TimelineBar]]:
     """`timeline` of an outlined session, a page of `loops_per_page` loops (in tree order)
     at a time, each page's loops read from `store` when it is asked for: a huge session's
     waterfall without the whole session in memory. The first page starts with the
-    session's bar; a sub-agent session is drawn once."""
+    session's bar, which ends where `span` (its `outline_span`, if the caller has it)
+    does; a sub-agent session is drawn once."""
     check_type("loops_per_page", loops_per_page, int)
     if loops_per_page < 1:
         raise InvalidArgument(f"loops_per_page must be at least 1, got {loops_per_page}")
     session_id = outline.session.session_id
     order = _outline_order(outline)
     drawn = {session_id}
-    first: list[TimelineBar] = [_outline_bar(outline, 0, store)]
+    end = (outline_span(outline, store) if span is None else span)[1]
+    first: list[TimelineBar] = [_outline_bar(outline, 0, end)]
     for start in range(0, max(len(order), 1), loops_per_page):
         placed = order[start : start + loops_per_page]
         records = read_loops(store, session_id, (index for index, _ in placed))
@@ -453,16 +462,17 @@ def _outline_order(outline: SessionOutline) -> list[tuple[int, int]]:
     return tree_order([(loop.loop_id, loop.parent_loop_id) for loop in outline.loops])
 
 
-def _outline_bar(outline: SessionOutline, depth: int, store: SessionStore) -> TimelineBar:
-    """`session_bar` of an outlined session (its header holds no loops: the outline's end)."""
-    return replace(session_bar(outline.session, depth), end=outline_span(outline, store)[1])
+def _outline_bar(outline: SessionOutline, depth: int, end: Timestamp) -> TimelineBar:
+    """`session_bar` of an outlined session, ending at `end` (its header holds no loops:
+    `outline_span`'s end)."""
+    return replace(session_bar(outline.session, depth), end=end)
 
 
 def session_bar(session: Session, depth: int = 0) -> TimelineBar:
     """The bar of a whole session: from its creation to its last activity or loop end (a
     loop that never ended: its last recorded event). (Of an outline's header too: it reads
     the loops' ends only if it has them.)"""
-    ends = [_last_seen(loop) for loop in session.loops]
+    ends = [loop.last_seen() for loop in session.loops]
     return TimelineBar(
         "session",
         depth,
@@ -505,15 +515,19 @@ def _whole_sub_agent(store: SessionStore, sub_agent: _SubAgent) -> _Items | None
     return None if child is None else _session_bars(child, sub_agent.depth)
 
 
-def _sub_agent_page(store: SessionStore, sub_agent: _SubAgent) -> _Items | None:
+def _sub_agent_page(store: SessionStore, ends: dict[str, Timestamp], sub_agent: _SubAgent) -> _Items | None:
     """The sub-agent session's bar and its first `SUB_AGENT_LOOPS` loops (`loops_timeline`),
-    reading only those loops (and those that never ended, for the bar's end: `outline_span`)."""
+    reading only those loops (and, for the bar's end unless `ends` has it, those whose
+    outline lacks it: `outline_span`)."""
     session_id, depth = sub_agent.session_id, sub_agent.depth
     try:
         outline = store.load_outline(session_id)
         placed = _outline_order(outline)[:SUB_AGENT_LOOPS]
         records = read_loops(store, session_id, (index for index, _ in placed))
-        bar = _outline_bar(outline, depth, store)
+        end = ends.get(session_id)
+        if end is None:
+            end = ends[session_id] = outline_span(outline, store)[1]
+        bar = _outline_bar(outline, depth, end)
     except (SessionNotFound, InvalidSessionId):
         return None
     except (StoreError, ValueError) as error:  # ValueError: fewer loops stored than outlined
@@ -556,7 +570,7 @@ def _loop_bars(
         depth,
         label,
         loop.started_at,
-        _last_seen(loop) if loop.status == "Aborted" else loop.ended_at,
+        loop.last_seen() if loop.status == "Aborted" else loop.ended_at,
         session_id,
         index,
         loop_id=loop.loop_id,

@@ -236,7 +236,8 @@ def _show_timeline(session_id: str, store_url: str | None, as_json: bool, prices
     loops at a time (`outline_timeline`), so a huge session is never whole in memory."""
     with open_cli_store(store_url, read_only=True) as store:
         outline = store.load_outline(session_id_argument(session_id))
-        pages = outline_timeline(store, outline)
+        span = outline_span(outline, store)  # it may read loops: once
+        pages = outline_timeline(store, outline, span=span)
         if as_json:
             echo_json(to_builtins([bar for page in pages for bar in page]))
             return
@@ -246,7 +247,6 @@ def _show_timeline(session_id: str, store_url: str | None, as_json: bool, prices
         console.print(render.session_header(outline.session, summarize_outline(outline), cost))
         _note_unknown_costs(pricer, [cost])
         console.print()
-        span = outline_span(outline, store)
         for number, bars in enumerate(pages):
             console.print(render.timeline_table(bars, console.width, span, header=number == 0))
 

@@ -96,6 +96,9 @@ class LoopOutline(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     calls: tuple[ModelCall, ...] | None = None
     """`LoopRecord.model_calls` of the whole loop; None in an outline stored before they
     were (`model_calls` then stands the billed usage in for them)."""
+    unended_seen_text: str | None = msgspec.field(default=None, name="last_seen")
+    """`LoopRecord.last_seen` of a loop that never ended (its last event's time); None for
+    one that ended, or in an outline stored before it was (`last_seen`)."""
 
     def model_calls(self) -> tuple[ModelCall, ...]:
         """The loop's model calls, what cost prices; for an outline stored without them,
@@ -117,6 +120,14 @@ class LoopOutline(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     @property
     def ended_at(self) -> Timestamp | None:
         return None if self.ended_text is None else Timestamp.parse(self.ended_text)
+
+    @property
+    def last_seen(self) -> Timestamp | None:
+        """`LoopRecord.last_seen` of the loop; None if it never ended and its outline was
+        stored before the time of its last event was (the loop holds it)."""
+        if self.ended_text is not None:
+            return self.ended_at
+        return None if self.unended_seen_text is None else Timestamp.parse(self.unended_seen_text)
 
     @property
     def event_count(self) -> int:
@@ -173,6 +184,7 @@ def loop_outline(record: LoopRecord) -> LoopOutline:
         prompt=loop_prompt(record),
         record_json=msgspec.Raw(encode_loop(bare_loop(record), pretty=False)),
         calls=tuple(record.model_calls()),
+        unended_seen_text=None if record.ended_at is not None else str(record.last_seen()),
     )
 
 

@@ -6,8 +6,9 @@ turns and events), kept for a short while in a `SessionCache`, and is served in
 pages: the overview (header and totals), the loops in tree order, one loop's turns
 (`load_loops`), the event log (filtered by type and/or loop: only the loops a page
 covers are read), the timeline and the cost of a page of loops (only those loops are
-read, and for the timeline's axis those that never ended). The browser asks only for
-what it shows; only the diff loads a whole session. Everything here returns JSON bytes.
+read, and for the timeline's axis those that never ended if their outlines lack their
+last event's time). The browser asks only for what it shows; only the diff loads a
+whole session. Everything here returns JSON bytes.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class CachedSession:
         self.session_id = outline.session.session_id
         self.store = store
         self.loaded_at = time.monotonic()
+        self.sub_agent_ends: dict[str, Timestamp] = {}  # the ends of sub-agent bars (`loops_timeline`)
 
     def _loops(self, start: int, stop: int) -> list[LoopRecord]:
         """The stored loops `start` to `stop`, which must be those the outline lists."""
@@ -107,7 +109,7 @@ class CachedSession:
 
     @cached_property
     def span(self) -> tuple[Timestamp, Timestamp]:
-        """The waterfall's time axis (`outline_span`: it reads the loops that never ended)."""
+        """The waterfall's time axis (`outline_span`: it may read loops that never ended)."""
         try:
             return outline_span(self.outline, self.store)
         except ValueError:  # fewer loops stored than outlined
@@ -204,7 +206,10 @@ class CachedSession:
         placed = page.of(self.tree_order)
         records = self._loops_at(index for index, _ in placed)
         bars = loops_timeline(
-            self.session_id, ((index, depth, records[index]) for index, depth in placed), self.store
+            self.session_id,
+            ((index, depth, records[index]) for index, depth in placed),
+            self.store,
+            sub_agent_ends=self.sub_agent_ends,
         )
         if page.offset == 0:
             bars.insert(0, replace(session_bar(self.outline.session), end=last))

@@ -58,9 +58,10 @@ session's outline, `SessionStore.load_outline`, is loaded once and kept a minute
   the bar's ``detail`` counting the rest).
 
 Every paged view reads only the loops its page covers (and the first loops of the
-sub-agent sessions the timeline's page draws; the timeline also reads the loops that
-never ended, aborted or running, whose last recorded event ends its time axis:
-`views.outline_span`); ``/api/sessions/{id}`` and
+sub-agent sessions the timeline's page draws; the last recorded event of a loop that
+never ended, aborted or running, ends the time axis: the timeline reads such loops
+whose outline was stored without it, `views.outline_span`, once per cached session);
+``/api/sessions/{id}`` and
 ``/api/sessions/{id}/events`` (the whole stored session, for export) and the diff
 load whole sessions.
 
