@@ -60,10 +60,17 @@ def agent_work(tracer: Tracer, loops: int = 3) -> None:
                 reply.finish(usage=ps.Usage(input=n, output=n))
 
 
+def identity() -> AgentSession:
+    """Of session "s", numbering its loops alone (its id made by an injected factory): the
+    identities of a session id given in a process share its loop counter, and `reference`
+    records the same loops again, as a process of its own would."""
+    return AgentSession(agent_id="a", clock=FakeClock(), id_factory=lambda: "s")
+
+
 def reference(loops: int = 3) -> list[bytes]:
     recorder = SessionRecorder()
     agent_work(
-        Tracer(AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[recorder], config=SNAP),
+        Tracer(identity(), sinks=[recorder], config=SNAP),
         loops,
     )
     recorder.flush()
@@ -72,7 +79,7 @@ def reference(loops: int = 3) -> list[bytes]:
 
 def tracer_into(queue: asyncio.Queue[Any]) -> tuple[Tracer, QueueSink]:
     sink = QueueSink(queue)
-    agent = AgentSession(agent_id="a", session_id="s", clock=FakeClock())
+    agent = identity()
     return Tracer(agent, sinks=[sink], config=SNAP), sink
 
 
@@ -111,11 +118,7 @@ def test_events_from_another_thread_all_arrive() -> None:
 
 def test_json_lines_from_an_async_iterable_with_a_bad_line() -> None:
     events: list[ps.AgentEvent] = []
-    agent_work(
-        Tracer(
-            AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[events.append], config=SNAP
-        )
-    )
+    agent_work(Tracer(identity(), sinks=[events.append], config=SNAP))
     lines: list[bytes | str] = [ps.encode(e) for e in events]
     lines.insert(3, b'{"type": "Nope"}')
     lines[5] = lines[5].decode()  # type: ignore[union-attr]
@@ -135,9 +138,7 @@ def test_items_it_cannot_record_go_to_the_rejected_sink_as_taken() -> None:
     """They were logged, counted and dropped: nothing held them."""
     events: list[ps.AgentEvent] = []
     agent_work(
-        Tracer(
-            AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[events.append], config=SNAP
-        ),
+        Tracer(identity(), sinks=[events.append], config=SNAP),
         loops=1,
     )
     stray = {"type": "x"}  # neither an event nor a JSON line
@@ -207,9 +208,6 @@ def test_cancellation_records_and_saves_everything_already_queued() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        # Left running, its identity (and so session "s"'s shared loop counter) would live
-        # on until the collector ran, and later tests' loops of "s" would be numbered after it.
-        open_loop.end()
 
     asyncio.run(main())
     [session] = memory.sessions.values()
@@ -229,9 +227,7 @@ def test_a_failing_store_is_retried_and_what_never_saves_is_handed_back() -> Non
 async def _stream() -> AsyncIterator[ps.AgentEvent | None]:
     events: list[ps.AgentEvent] = []
     agent_work(
-        Tracer(
-            AgentSession(agent_id="a", session_id="s", clock=FakeClock()), sinks=[events.append], config=SNAP
-        ),
+        Tracer(identity(), sinks=[events.append], config=SNAP),
         loops=1,
     )
     for event in events:
@@ -329,7 +325,7 @@ def test_a_stray_queue_item_is_counted_and_skipped_not_fatal() -> None:
     async def main() -> Any:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         events: list[ps.AgentEvent] = []
-        agent = AgentSession(agent_id="a", session_id="s", clock=FakeClock())
+        agent = identity()
         agent_work(Tracer(agent, sinks=[events.append], config=SNAP), loops=1)
         queue.put_nowait({"type": "x"})  # neither an event nor a JSON line
         for event in events:

@@ -228,12 +228,19 @@ def test_allocate_loop_reads_the_session_and_the_loop_id_together() -> None:
     assert all(loop_id.startswith(session_id + ".") for session_id, loop_id in pairs)
 
 
+def unique_id(name: str) -> str:
+    """A session id no other test gives: the loop counters of a session id given in a
+    process outlive its identities (`identity._RECENT_SESSIONS`)."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
 def test_allocate_loops_numbers_each_config_in_one_session() -> None:
-    agent = AgentSession(clock=FakeClock(), session_id="s")
-    assert agent.allocate_loop("b") == ("s", "s.b.1")
-    assert agent.allocate_loops(["a", "b", "a"]) == ("s", ["s.a.1", "s.b.2", "s.a.2"])
-    assert agent.allocate_loops([]) == ("s", [])
-    assert agent.next_loop_id("a") == "s.a.3"
+    s = unique_id("s")
+    agent = AgentSession(clock=FakeClock(), session_id=s)
+    assert agent.allocate_loop("b") == (s, f"{s}.b.1")
+    assert agent.allocate_loops(["a", "b", "a"]) == (s, [f"{s}.a.1", f"{s}.b.2", f"{s}.a.2"])
+    assert agent.allocate_loops([]) == (s, [])
+    assert agent.next_loop_id("a") == f"{s}.a.3"
 
 
 def test_allocate_loops_is_one_step_against_a_concurrent_rotation() -> None:
@@ -251,16 +258,18 @@ def test_agents_share_one_timestamp_cache() -> None:
     assert AgentSession()._stamper is AgentSession()._stamper
 
 
-@pytest.mark.parametrize("last", ["s.a.1", "s.b.1", None])
+@pytest.mark.parametrize("last", ["a.1", "b.1", None])
 def test_an_identity_goes_on_from_its_progress(last: str | None) -> None:
-    a = AgentSession("agent", session_id="s", clock=FakeClock(START))
+    s = unique_id("s")
+    last = None if last is None else f"{s}.{last}"
+    a = AgentSession("agent", session_id=s, clock=FakeClock(START))
     a.allocate_loops(["a", "a", "b"])
     if last is not None:
-        a.loop_started("s", last, a.clock())
+        a.loop_started(s, last, a.clock())
     b = AgentSession.from_progress(a.progress(), clock=a.clock)
-    assert (b.agent_id, b.session_id, b.last_loop_id) == ("agent", "s", last)
-    assert b.allocate_loops(["a", "b", "c"]) == ("s", ["s.a.3", "s.b.2", "s.c.1"])
-    formation = b.loop_started("s", "s.c.1", b.clock())  # the first loop's formation is recorded once
+    assert (b.agent_id, b.session_id, b.last_loop_id) == ("agent", s, last)
+    assert b.allocate_loops(["a", "b", "c"]) == (s, [f"{s}.a.3", f"{s}.b.2", f"{s}.c.1"])
+    formation = b.loop_started(s, f"{s}.c.1", b.clock())  # the first loop's formation is recorded once
     assert (formation is None) == (last is not None)
 
 
@@ -268,10 +277,11 @@ def test_an_identity_goes_on_from_its_progress(last: str | None) -> None:
 def test_resume_skips_a_loop_number_no_counter_could_have_written(number: str) -> None:
     """A stored loop id ending in a Unicode digit (``str.isdigit`` takes "²") or in a
     number past what int() reads raised ValueError, and resuming that session failed."""
-    agent = AgentSession("a", session_id="s")
-    agent.resume(["s.c.2", f"s.c.{number}"], f"s.c.{number}")
-    assert agent.next_loop_id("c") == "s.c.3"
-    assert agent.last_loop_id == f"s.c.{number}"
+    s = unique_id("s")
+    agent = AgentSession("a", session_id=s)
+    agent.resume([f"{s}.c.2", f"{s}.c.{number}"], f"{s}.c.{number}")
+    assert agent.next_loop_id("c") == f"{s}.c.3"
+    assert agent.last_loop_id == f"{s}.c.{number}"
 
 
 def recorded_session(session_id: str) -> ps.Session:
@@ -292,7 +302,8 @@ def recorded_session(session_id: str) -> ps.Session:
 def test_identities_going_on_with_one_recording_share_its_loop_counter() -> None:
     """Each counted from the recording alone: two made before either allocated both
     handed out ``.c.2``, and two replays of one session recorded one loop id twice."""
-    session = recorded_session("joined")
+    joined = unique_id("joined")
+    session = recorded_session(joined)
     first, second = AgentSession.continuing(session), AgentSession.continuing(session)
     ids = []
 
@@ -304,12 +315,12 @@ def test_identities_going_on_with_one_recording_share_its_loop_counter() -> None
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(ids) == sorted(f"joined.c.{n}" for n in range(2, 1002))
-    assert first.new_session() != "joined" and first.next_loop_id("c").endswith(".c.1")  # a new session's own
+    assert sorted(ids) == sorted(f"{joined}.c.{n}" for n in range(2, 1002))
+    assert first.new_session() != joined and first.next_loop_id("c").endswith(".c.1")  # a new session's own
     del first, second
     gc.collect()
-    # Nothing is kept once no identity holds the session: a later one counts from the recording.
-    assert AgentSession.continuing(session).next_loop_id("c") == "joined.c.2"
+    # Kept once no identity holds the session (for a while: see the test of their lifetime).
+    assert AgentSession.continuing(session).next_loop_id("c") == f"{joined}.c.1002"
 
 
 def test_an_identity_made_for_a_session_another_made_shares_its_loop_counter() -> None:
@@ -336,23 +347,65 @@ def test_an_identity_made_for_a_session_another_made_shares_its_loop_counter() -
 def test_identities_given_one_session_id_share_its_loop_counter() -> None:
     """Two concurrent requests of one conversation, each with an `AgentSession` of its id,
     both handed out loop 1: the recorder kept one loop and orphaned the other's end."""
-    first, second = AgentSession(session_id="conversation-42"), AgentSession(session_id="conversation-42")
+    conversation = unique_id("conversation")
+    first, second = AgentSession(session_id=conversation), AgentSession(session_id=conversation)
     assert [first.next_loop_id("c"), second.next_loop_id("c"), first.next_loop_id("c")] == [
-        "conversation-42.c.1",
-        "conversation-42.c.2",
-        "conversation-42.c.3",
+        f"{conversation}.c.1",
+        f"{conversation}.c.2",
+        f"{conversation}.c.3",
     ]
     # The one identity per session of a destination an adapter holds counts apart: the id
     # (a framework's thread id) may name another destination's session too.
-    assert AgentSession.of_destination("a", "conversation-42").next_loop_id("c") == "conversation-42.c.1"
-    del first, second
-    gc.collect()
-    # Nothing is kept once no identity holds the session (a store's loops seed a new one).
-    assert AgentSession(session_id="conversation-42").next_loop_id("c") == "conversation-42.c.1"
+    assert AgentSession.of_destination("a", conversation).next_loop_id("c") == f"{conversation}.c.1"
     # Ids an injected factory makes (a test's s1, s2...) may name other sessions: not shared.
     made = iter(["a", "s1", "b", "s1"])
     one, other = (AgentSession(id_factory=lambda: next(made)) for _ in range(2))
     assert one.next_loop_id("c") == other.next_loop_id("c") == "s1.c.1"
+
+
+def test_a_session_ids_loop_numbers_go_on_however_late_its_last_identity_is_freed() -> None:
+    """The counters went with the last identity holding them: a request's identity that
+    its kept exception's traceback held (a cycle) went only when the collector ran, and
+    the next request of the conversation numbered its loop 2, or 1 again after a
+    collection (the first request's loop id: the recorder merged the two loops)."""
+    conversation = unique_id("conversation")
+
+    def request() -> str:
+        agent = AgentSession(session_id=conversation)
+        loop_id = agent.next_loop_id("c")
+        try:
+            raise ValueError("provider timeout")
+        except ValueError as error:
+            kept = error  # a cycle: its traceback holds this frame, which holds it and the identity
+        assert kept
+        return loop_id
+
+    first = request()
+    gc.collect()
+    second = request()
+    assert [first, second] == [f"{conversation}.c.1", f"{conversation}.c.2"]
+
+
+def test_the_loop_counters_of_the_sessions_numbered_last_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from phi_session import identity
+
+    monkeypatch.setattr(identity, "_RECENT_SESSIONS", 2)
+    old, middle, new = unique_id("old"), unique_id("middle"), unique_id("new")
+    for session_id in (old, middle, new):
+        AgentSession(session_id=session_id).next_loop_id("c")
+    gc.collect()
+    # Past the bound, the oldest is let go: a new identity of it counts from 1 (or after
+    # the loops a store holds: `AgentSession.resume`).
+    assert [AgentSession(session_id=s).next_loop_id("c") for s in (middle, new, old)] == [
+        f"{middle}.c.2",
+        f"{new}.c.2",
+        f"{old}.c.1",
+    ]
+    # Identities counting alone (an adapter's, an injected factory's ids) keep nothing.
+    made = iter(["a", middle])
+    AgentSession.of_destination("a", new).next_loop_id("c")
+    AgentSession(id_factory=lambda: next(made)).next_loop_id("c")
+    assert AgentSession(session_id=new).next_loop_id("c") == f"{new}.c.3"
 
 
 @pytest.mark.parametrize("bad", ["team.alpha", "", "../x", "a/b", "nul\x00", "x" * 201])
@@ -369,7 +422,8 @@ def test_a_session_id_no_loop_id_or_store_can_hold_is_refused(bad: str) -> None:
     with pytest.raises(ps.InvalidSessionId):
         agent.new_session()
     assert agent.session_id == "s1"  # a refused rotation leaves the session as it was
-    assert AgentSession(session_id="team-alpha").next_loop_id("c") == "team-alpha.c.1"
+    team = unique_id("team-alpha")
+    assert AgentSession(session_id=team).next_loop_id("c") == f"{team}.c.1"
 
 
 def test_an_identitys_arguments_are_checked_where_they_enter() -> None:
@@ -454,23 +508,24 @@ def test_a_forked_child_records_into_a_session_of_its_own_when_the_identity_made
 
 @needs_fork
 def test_a_forked_child_keeps_a_given_session_id_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
-    given = AgentSession(session_id="thread-1")
-    continued = AgentSession.continuing(recorded_session("joined"))
+    thread, joined = unique_id("thread"), unique_id("joined")
+    given = AgentSession(session_id=thread)
+    continued = AgentSession.continuing(recorded_session(joined))
     given.next_loop_id("c")
 
     def work() -> None:
         with caplog.at_level(logging.WARNING, "phi_session.identity"):
-            assert [given.next_loop_id("c"), given.next_loop_id("c")] == ["thread-1.c.2", "thread-1.c.3"]
-            assert continued.session_id == "joined"
-            assert continued.next_loop_id("c") == "joined.c.2"
+            assert [given.next_loop_id("c"), given.next_loop_id("c")] == [f"{thread}.c.2", f"{thread}.c.3"]
+            assert continued.session_id == joined
+            assert continued.next_loop_id("c") == f"{joined}.c.2"
         warned = [record.getMessage() for record in caplog.records]
         assert len(warned) == 2, warned
-        assert warned[0].startswith("session 'thread-1' was made before this process forked")
-        assert "'joined'" in warned[1]
+        assert warned[0].startswith(f"session '{thread}' was made before this process forked")
+        assert f"'{joined}'" in warned[1]
 
     with caplog.at_level(logging.WARNING, "phi_session.identity"):
         assert in_forked_child(work) == 0
-        assert given.next_loop_id("c") == "thread-1.c.2"
+        assert given.next_loop_id("c") == f"{thread}.c.2"
     assert caplog.records == []  # the parent goes on as it was
 
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol, cast
@@ -147,15 +149,19 @@ class _LoopCounters:
     ``s2``…), which may name unrelated sessions, nor by those a holder of one identity per
     session of its destination makes (`AgentSession.of_destination`, a framework
     adapter's: a framework's thread id may name another destination's session too).
-    Held only by the identities sharing them: they go when those do (a new identity then
-    counts from 1, or after the loops a store holds, `AgentSession.resume`)."""
+    Held by the identities sharing them and, once those are gone, while their session is
+    among the `_RECENT_SESSIONS` whose loops were numbered last: a new identity of it goes
+    on numbering however late the collector frees the last one (an identity that an
+    exception's traceback keeps goes only when the collector runs); after that it counts
+    from 1, or after the loops a store holds (`AgentSession.resume`)."""
 
-    __slots__ = ("__weakref__", "_counts", "_generation", "_lock")
+    __slots__ = ("__weakref__", "_counts", "_generation", "_lock", "_shared_as")
 
-    def __init__(self) -> None:
+    def __init__(self, shared_as: str | None = None) -> None:
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
         self._generation = fork_generation()
+        self._shared_as = shared_as  # the session id it is shared under (`_joined_counters`)
 
     def follow_fork(self) -> None:
         """In a forked child, under `forked_copy_lock`: a lock of its own, once."""
@@ -171,7 +177,9 @@ class _LoopCounters:
                 count = counts.get(config_id, 0) + 1
                 counts[config_id] = count
                 loop_ids.append(f"{session_id}.{config_id}.{count}")
-            return loop_ids
+        if self._shared_as is not None:
+            _SESSION_COUNTERS.keep(self._shared_as, self)
+        return loop_ids
 
     def raise_to(self, counts: Iterable[tuple[str, int]]) -> None:
         """Go on after these counts (a counter never goes back: its ids may be in use)."""
@@ -185,18 +193,55 @@ class _LoopCounters:
             return list(self._counts.items())
 
 
-_SESSION_COUNTERS: weakref.WeakValueDictionary[str, _LoopCounters] = weakref.WeakValueDictionary()
-_SESSION_COUNTERS_LOCK = threading.Lock()
+_RECENT_SESSIONS = 4096
+"""How many sessions' loop counters are kept after their last identity is gone (a few
+hundred bytes each): those that handed out loop ids last."""
+
+
+class _SharedCounters:
+    """The loop counters of the sessions of this process: those its identities hold, and
+    the `_RECENT_SESSIONS` used last (see `_LoopCounters`)."""
+
+    def __init__(self) -> None:
+        self._held: weakref.WeakValueDictionary[str, _LoopCounters] = weakref.WeakValueDictionary()
+        self._recent: OrderedDict[str, _LoopCounters] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def join(self, session_id: str) -> _LoopCounters:
+        """The counters of `session_id`, new if none are kept."""
+        with self._lock:
+            counters = self._held.get(session_id) or self._recent.get(session_id)
+            if counters is None:
+                counters = _LoopCounters(session_id)
+            self._held[session_id] = counters
+            return counters
+
+    def keep(self, session_id: str, counters: _LoopCounters) -> None:
+        """Note that `counters` just handed out loop ids: they are kept the longest. (Not
+        when joined: an identity that numbers no loop, as one `AgentSession.from_progress`
+        seeds before its own counters replace them, must not push others out.)"""
+        with self._lock:
+            recent = self._recent
+            recent[session_id] = counters
+            recent.move_to_end(session_id)
+            while len(recent) > _RECENT_SESSIONS:
+                recent.popitem(last=False)
+
+    def after_fork(self) -> None:
+        """A lock of its own in a forked child (a parent's thread may have held it)."""
+        self._lock = threading.Lock()
+
+
+_SESSION_COUNTERS = _SharedCounters()
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_SESSION_COUNTERS.after_fork)
 
 
 def _joined_counters(session_id: str) -> _LoopCounters:
     """The loop counters shared by the identities of `session_id` in this process (see
-    `_LoopCounters`), new if none holds them."""
-    with _SESSION_COUNTERS_LOCK:
-        counters = _SESSION_COUNTERS.get(session_id)
-        if counters is None:
-            counters = _SESSION_COUNTERS[session_id] = _LoopCounters()
-        return counters
+    `_LoopCounters`), new if none are kept."""
+    return _SESSION_COUNTERS.join(session_id)
 
 
 # One for every agent: its cache holds across them (a framework adapter makes an
