@@ -364,7 +364,9 @@ def test_input_guardrail_tripping_after_the_model_answered_is_still_an_input_rej
     # model answered, an output guardrail's moment (its span, under the turn's, tells).
     @input_guardrail(run_in_parallel=True)
     async def slow_check(context: Any, agent: Any, text: Any) -> GuardrailFunctionOutput:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(
+            0.3
+        )  # long enough for the scripted model to answer first, even on a loaded machine
         return GuardrailFunctionOutput(output_info=None, tripwire_triggered=True)
 
     agent = Agent(name="calc", model=scripted([assistant_message("answer")]), input_guardrails=[slow_check])
