@@ -401,21 +401,29 @@ def test_record_ctrl_c_arriving_once_the_input_ended_still_saves_what_was_read(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_record_ctrl_c_during_the_final_save_finishes_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _record_with_ctrl_c_at_saves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupted: tuple[int, ...]
+) -> Result:
+    """`record` of the example stream into a directory, a SIGINT raised as the saves
+    numbered `interrupted` (from 0) begin."""
     import signal
 
     save = JsonDirStore.save
     calls = itertools.count()
 
     def signalled(self: JsonDirStore, session: Session) -> None:
-        if next(calls) == 1:
+        if next(calls) in interrupted:
             signal.raise_signal(signal.SIGINT)
         save(self, session)
 
     monkeypatch.setattr(JsonDirStore, "save", signalled)
-    result = run("record", EXAMPLE_STREAM, "--dir", tmp_path / "out")
+    return run("record", EXAMPLE_STREAM, "--dir", tmp_path / "out")
+
+
+def test_record_ctrl_c_during_the_final_save_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = _record_with_ctrl_c_at_saves(tmp_path, monkeypatch, (1,))
     assert result.exit_code == EXIT_INTERRUPTED, (result.stderr, result.exception)
     assert "what was read is recorded and saved" in result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("total: 5 sessions")
@@ -425,18 +433,7 @@ def test_record_ctrl_c_during_the_final_save_finishes_it(
 def test_record_second_ctrl_c_gives_up_the_save_and_says_what_was_saved(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import signal
-
-    save = JsonDirStore.save
-    calls = itertools.count()
-
-    def signalled(self: JsonDirStore, session: Session) -> None:
-        if next(calls) in (1, 2):  # Ctrl-C, and again
-            signal.raise_signal(signal.SIGINT)
-        save(self, session)
-
-    monkeypatch.setattr(JsonDirStore, "save", signalled)
-    result = run("record", EXAMPLE_STREAM, "--dir", tmp_path / "out")
+    result = _record_with_ctrl_c_at_saves(tmp_path, monkeypatch, (1, 2))  # Ctrl-C, and again
     assert_one_line_error(
         result,
         EXIT_INTERRUPTED,
