@@ -1072,6 +1072,22 @@ def test_emit_refuses_what_is_not_an_event() -> None:
     assert h.events == [] and h.stream.getvalue() == b""
 
 
+def test_emit_takes_extension_messages_of_any_role() -> None:
+    # phi-core takes any role for an extension message; the check made when an event is
+    # emitted refused all but "extension", and a loop's AgentEnd was lost with it.
+    h = Harness()
+    memory = b'{"role":"memory","kind":"recall","data":{"k":1}}'
+    end = ps.decode_event(
+        b'{"type":"AgentEnd","loop_id":"l","messages":[' + memory + b'],"usage":{"input":0,"output":0},'
+        b'"timestamp":"2025-06-01T09:00:01Z","rejection":null}'
+    )
+    h.tracer.emit(ps.decode_event(b'{"type":"MessageEnd","loop_id":"l","message":' + memory + b"}"))
+    h.tracer.emit(end)
+    assert [type(event).__name__ for event in h.events] == ["MessageEnd", "AgentEnd"]
+    with pytest.raises(ps.InvalidArgument, match=r"event\.usage\.input"):  # the rest is still checked
+        h.tracer.emit(msgspec.structs.replace(end, usage=ps.Usage(input=-1, output=0)))
+
+
 def test_every_event_a_run_emits_can_be_emitted_by_hand(tmp_path: Path) -> None:
     """`Tracer.emit` checks what it is given, and passes every kind the scopes emit."""
     from phi_session.demo import run_demo

@@ -282,7 +282,11 @@ def check_recordable(name: str, value: msgspec.Struct, index: int | None = None)
     try:
         decoder.decode(data)
     except (msgspec.ValidationError, ValueError) as error:
-        raise _refused(name, value, error) from None
+        lenient = _lenient_event_error(data, kind) if kind in EVENT_CLASSES else error
+        if lenient is not None:
+            # The typed union knows extension messages only by the role "extension": past
+            # a message of another role, only the lenient reading finds what is wrong.
+            raise _refused(name, value, lenient if str(error).endswith(".role`") else error) from None
     if _strict.holds_no_big_integer(data):
         return
     try:  # an integer may be beyond 64 bits, which phi-core reads as a float
@@ -297,6 +301,17 @@ def check_recordable(name: str, value: msgspec.Struct, index: int | None = None)
             raise InvalidArgument(
                 f"{where}: {found!r} is beyond the 64-bit integers phi-core reads"
             ) from None
+
+
+def _lenient_event_error(data: bytes, kind: type) -> Exception | None:
+    """What is wrong with an event the typed decoder refused, read as `decode_event` reads
+    it (an extension message of any role, which the typed union knows only as
+    "extension"); None if nothing is."""
+    try:
+        _convert(_repair_event(msgspec.json.decode(data), "$", _Placeholders()), kind)
+    except (msgspec.ValidationError, ValueError) as error:  # DecodeError is a ValueError
+        return error
+    return None
 
 
 def _refused(name: str, value: Any, error: Exception) -> Exception:
