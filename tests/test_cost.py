@@ -502,17 +502,20 @@ def test_a_turn_a_replay_served_from_its_recording_costs_nothing() -> None:
     assert pricer.turn(record.turns[0], record).usd == 0
 
 
-def _served_session() -> Any:
-    """A loop configured for anthropic/claude-opus-4-1 whose one reply a fallback,
-    openai/gpt-4o-mini, served."""
+def _served_session(
+    configured: tuple[str, str] = ("anthropic", "claude-opus-4-1"),
+    served: tuple[str, str] = ("openai", "gpt-4o-mini"),
+) -> Any:
+    """A loop configured for `configured` (provider, model) whose one reply `served`
+    served (by default a fallback)."""
     from phi_session import AgentSession, LoopConfigSnapshot, SessionRecorder, Tracer
 
     recorder = SessionRecorder()
-    config = LoopConfigSnapshot(model="claude-opus-4-1", provider="anthropic")
+    config = LoopConfigSnapshot(model=configured[1], provider=configured[0])
     tracer = Tracer(AgentSession(), sinks=[recorder], config=config)
     with tracer.loop() as loop:
         loop.user("hi")
-        with loop.turn() as turn, turn.assistant(model="gpt-4o-mini", provider="openai") as reply:
+        with loop.turn() as turn, turn.assistant(model=served[1], provider=served[0]) as reply:
             reply.finish("hello", usage=Usage(input=1_000_000, output=0, total_tokens=1_000_000))
     tracer.close()
     recorder.flush()
@@ -543,6 +546,23 @@ def test_a_call_is_priced_at_the_model_that_served_it(tmp_path: Path) -> None:
         assert row.cost == served  # keyed by the loop's config, priced by the call's model
     # A reply of the config's own model keeps the stored calls as they were.
     assert [call.served_by for call in record.model_calls()] == [("openai", "gpt-4o-mini")]
+
+
+def test_a_dated_snapshot_of_the_configured_model_takes_the_users_price_of_it() -> None:
+    # The APIs name the snapshot that served an alias (gpt-4o-2024-08-06 for gpt-4o), as
+    # the adapters record it: a price the user set for the alias went unused.
+    session = _served_session(("openai", "gpt-4o"), ("openai", "gpt-4o-2024-08-06"))
+    alias_priced = Pricer({"openai/gpt-4o": {"input": 2.5, "output": 10}}, use_table=False)
+    assert alias_priced.session(session) == Cost(usd=2.5, sources=(USER_SOURCE,))
+    # A price of the snapshot itself, where the user set one, still wins.
+    both = Pricer(
+        {
+            "openai/gpt-4o": {"input": 2.5, "output": 10},
+            "openai/gpt-4o-2024-08-06": {"input": 1, "output": 1},
+        },
+        use_table=False,
+    )
+    assert both.session(session) == Cost(usd=1.0, sources=(USER_SOURCE,))
 
 
 @pytest.mark.spec

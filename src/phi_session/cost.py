@@ -406,13 +406,31 @@ class Pricer:
         for call in priced:
             served = (
                 (provider, model)
-                if call.served_by is None
+                if call.served_by is None or self._priced_as_configured(call.served_by, provider, model)
                 else (call.served_by[0] or None, call.served_by[1])
             )
             groups.setdefault(served, []).append(call)
         # In the models' order, not the calls': the same calls cost the same in any order.
         ordered = sorted(groups.items(), key=lambda item: (item[0][0] or "", item[0][1] or ""))
         return total(self._one_model(group, *served) for served, group in ordered)
+
+    def _users_price(self, provider: str | None, model: str | None) -> UserPrice | None:
+        """The user's price of `provider`/`model` (under that name, else the bare model's)."""
+        user = self._user.get(f"{provider}/{model}") if provider else None
+        return self._user.get(model) if user is None and model is not None else user
+
+    def _priced_as_configured(self, served: tuple[str, str], provider: str | None, model: str | None) -> bool:
+        """Whether a call served by `served` is priced as the configured `provider`/`model`:
+        a dated snapshot of it (``gpt-4o-2024-08-06``, as the APIs name what served an
+        alias) that the user priced only under the configured name."""
+        served_provider, served_model = served
+        return (
+            model is not None
+            and served_model.startswith(model + "-")
+            and (not served_provider or not provider or served_provider == provider)
+            and self._users_price(served_provider or provider, served_model) is None
+            and self._users_price(provider, model) is not None
+        )
 
     def _one_model(self, priced: list[ModelCall], provider: str | None, model: str | None) -> Cost:
         """`calls` of calls with tokens, all on `provider`/`model`."""
@@ -421,9 +439,7 @@ class Pricer:
         name = f"{provider}/{model}" if provider else (model or "unknown")
         if not all(map(_split, priced)):  # a bare total: no rate applies to it
             return Cost(usd=None, unpriced=(name,), unsplit=(name,))
-        user = self._user.get(name) if provider else None
-        if user is None and model is not None:
-            user = self._user.get(model)
+        user = self._users_price(provider, model)
         if user is not None:
             return Cost(usd=math.fsum(user.usd(call) for call in priced), sources=(USER_SOURCE,))
         entry = None if self._table is None or model is None else self._table_model(provider, model)
