@@ -180,6 +180,42 @@ def test_events_holding_lone_surrogates_are_written_by_every_json_writer(tmp_pat
     assert "\udcff" in session.loops[0].agent_id  # the recorder's own copy is left as it was
 
 
+@pytest.mark.parametrize(
+    ("continuation", "formation"),
+    [
+        (ps.ContinuationKind.rerun("retry \udcff"), None),
+        (ps.ContinuationKind.branch("b\udcff"), None),
+        (ps.INITIAL, ps.SessionFormation.inactivity_timeout(60, "old\udcff", T0)),
+    ],
+)
+def test_lone_surrogates_in_a_continuation_tag_or_a_previous_session_id_are_escaped(
+    tmp_path: Path, continuation: ps.ContinuationKind, formation: ps.SessionFormation | None
+) -> None:
+    """The text of serde's tagged enums was left as it was: the session could not be saved."""
+    start = ps.AgentStart(
+        agent_id="a",
+        session_id="s",
+        loop_id="s.c.1",
+        continuation_kind=continuation,
+        timestamp=T0,
+        **({} if formation is None else {"formation": formation}),
+    )
+    recorder = ps.SessionRecorder()
+    recorder.record_all(
+        [start, ps.AgentEnd(loop_id="s.c.1", messages=(), usage=ps.Usage(input=0, output=0), timestamp=T0)]
+    )
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    store = ps.JsonDirStore(tmp_path)
+    store.save(session)
+    assert b"\\\\xed\\\\xb3\\\\xbf" in ps.encode(store.load("s"))
+    assert b"\\\\xed\\\\xb3\\\\xbf" in ps.encode_event(start)
+    escaped = without_lone_surrogates(session)
+    assert escaped.loops[0].continuation_kind.kind == continuation.kind
+    assert escaped.formation.kind == session.formation.kind
+    assert without_lone_surrogates(ps.INITIAL) is ps.INITIAL
+
+
 @given(st.text())
 def test_escaping_keeps_valid_text_as_it_is_and_makes_any_text_utf8(text: str) -> None:
     escaped = escape_surrogates(text)

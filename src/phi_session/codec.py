@@ -151,6 +151,15 @@ def without_lone_surrogates(value: _V) -> _V:
     that do (the original is left as it is)."""
     if isinstance(value, str):
         return cast(_V, escape_surrogates(value))
+    # serde's tagged enums hold text too: a Rerun's or Branch's tag, a previous session's id.
+    if isinstance(value, ContinuationKind):
+        tag = value.tag and escape_surrogates(value.tag)
+        return value if tag is value.tag else cast(_V, ContinuationKind(value.kind, tag))
+    if isinstance(value, SessionFormation):
+        previous = value.previous_session_id and escape_surrogates(value.previous_session_id)
+        if previous is value.previous_session_id:
+            return value
+        return cast(_V, SessionFormation(value.kind, value.timestamp, value.threshold_secs, previous))
     if isinstance(value, msgspec.Struct):
         changed = {}
         for name in value.__struct_fields__:
