@@ -563,6 +563,9 @@ def test_a_dated_snapshot_of_the_configured_model_takes_the_users_price_of_it() 
         use_table=False,
     )
     assert both.session(session) == Cost(usd=1.0, sources=(USER_SOURCE,))
+    # Another model whose name extends the configured one's is no snapshot of it.
+    mini = _served_session(("openai", "gpt-4o"), ("openai", "gpt-4o-mini"))
+    assert alias_priced.session(mini) == Cost(usd=None, unpriced=("openai/gpt-4o-mini",))
 
 
 @pytest.mark.spec

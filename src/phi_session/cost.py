@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 import sys
 import threading
 from bisect import bisect_left
@@ -319,6 +320,11 @@ def _thresholds(price: Any) -> list[int]:
     return sorted(starts)
 
 
+# What the APIs append to an alias to name the snapshot that served it: a date
+# (gpt-4o-2024-08-06, claude-3-5-sonnet-20241022) or a month code (gpt-4-0613).
+_DATED_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4})")
+
+
 class Pricer:
     """Prices usage by provider, model and time: the user's prices first, then ``genai-prices``.
 
@@ -426,7 +432,8 @@ class Pricer:
         served_provider, served_model = served
         return (
             model is not None
-            and served_model.startswith(model + "-")
+            and served_model.startswith(model)
+            and _DATED_SUFFIX.fullmatch(served_model, len(model)) is not None
             and (not served_provider or not provider or served_provider == provider)
             and self._users_price(served_provider or provider, served_model) is None
             and self._users_price(provider, model) is not None
