@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import phi_session as ps
+from phi_session._alphanumeric import is_alphanumeric
 from phi_session.identity import AgentSession, FakeClock, config_id_of
 from phi_session.instrument import Tracer
 
@@ -68,6 +69,27 @@ def test_config_id_is_explicit_or_derived_like_phi_core() -> None:
     assert config_id_of(off) == "openai.o3"
     assert config_id_of(snap(model="o3", provider="openai", reasoning=True)) == "openai.o3.thinking"
     assert config_id_of(snap(model="a/b c", provider="x")) == "x.a-b-c"
+
+
+@pytest.mark.parametrize(
+    ("model", "slug"),
+    [
+        ("a\u0345b", "a\u0345b"),  # an Other_Alphabetic mark: Rust's is_alphanumeric, not str.isalnum
+        ("ka\u0903", "ka\u0903"),  # Devanagari visarga, a spacing mark that is Other_Alphabetic
+        ("\U00011f04x", "\U00011f04x"),  # a Kawi letter (Unicode 15), unknown to Python 3.11's tables
+        ("\u2160\u00b2\u2460", "\u2160\u00b2\u2460"),  # Nl and No numbers are alphanumeric in both
+        ("e\u0301", "e-"),  # a combining accent is no letter in either
+    ],
+)
+def test_model_slug_keeps_what_rusts_is_alphanumeric_keeps(model: str, slug: str) -> None:
+    """str.isalnum replaced Other_Alphabetic marks, so the config id differed from phi-core's."""
+    assert config_id_of(ps.LoopConfigSnapshot(model=model, provider="p")) == f"p.{slug}"
+
+
+def test_rusts_alphanumeric_table_holds_every_python_alphanumeric() -> None:
+    """Rust's set (Alphabetic or Numeric, of a newer Unicode) contains Python's isalnum."""
+    missing = [hex(p) for p in range(0x110000) if chr(p).isalnum() and not is_alphanumeric(chr(p))]
+    assert missing == []
 
 
 def test_a_session_that_never_ran_a_loop_is_never_rotated() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._alphanumeric import is_alphanumeric
+
 
 def session_id_from_loop_id(loop_id: str) -> str:
     """The part before the first ``.`` (the whole id when it has none)."""
@@ -17,8 +19,11 @@ def config_segment_from_loop_id(loop_id: str) -> str | None:
 
 
 def model_slug(model: str) -> str:
-    """Every character that is neither alphanumeric (Unicode, as Rust's) nor ``-`` becomes ``-``."""
-    return "".join(c if c.isalnum() or c == "-" else "-" for c in model)
+    """Characters neither alphanumeric (as Rust's ``char::is_alphanumeric``) nor ``-`` become ``-``.
+
+    Not ``str.isalnum``: it refuses marks Rust counts as alphabetic, and its Unicode is older.
+    """
+    return "".join(c if c == "-" or is_alphanumeric(c) else "-" for c in model)
 
 
 def derive_config_id(provider: str, model: str, *, thinking: bool = False) -> str:
