@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import struct
+from decimal import ROUND_FLOOR, Decimal, localcontext
 
 import pytest
 from hypothesis import given
@@ -30,6 +31,12 @@ from phi_session.errors import InvalidArgument
         (100, b"100.0"),
         (0.000001, b"0.000001"),
         (9.9e-7, b"9.9e-7"),
+        (2.0**-12, b"0.00024414062"),  # a tie between two 8-digit spellings: ryu takes the even one
+        (2.0**-96, b"1.2621775e-29"),  # powers of two: the closer 8 digits below do not read back
+        (2.0**87, b"1.5474251e26"),
+        (2.0**90, b"1.2379401e27"),
+        (33554448, b"33554450.0"),  # 7 digits on the midpoint above: an even f32 takes it
+        (33554452, b"33554452.0"),  # ... an odd one does not
     ],
 )
 def test_spelled_as_phi_core_writes_f32(value: float, spelling: bytes) -> None:
@@ -43,6 +50,34 @@ def test_shortest_spelling_reads_back_to_the_same_f32(value: float) -> None:
     # no shorter decimal would do: dropping a significant digit changes the value
     digits = text.decode().split("e")[0].replace("-", "").replace(".", "").strip("0")
     assert len(digits) <= 9
+
+
+def shortest_round_trip(value: float) -> Decimal:
+    """Brute force: of the decimals with fewest digits that struct reads back as the f32 ``value``,
+    the nearest (ties to even)."""
+    with localcontext() as context:
+        context.prec = 200  # an f32 in decimal has up to 105 significant digits
+        exact = Decimal(abs(value))
+        for precision in range(1, 10):
+            step = Decimal(1).scaleb(exact.adjusted() - precision + 1)
+            floor = (exact / step).to_integral_value(ROUND_FLOOR)
+            back = [n for n in (floor, floor + 1) if round_f32(float(n * step)) == abs(value)]
+            if back:
+                nearest = min(back, key=lambda n: (abs(n * step - exact), n % 2))
+                return (nearest * step).copy_sign(Decimal(value))
+    raise AssertionError(value)
+
+
+def test_every_power_of_two_is_spelled_shortest_as_ryu() -> None:
+    """Below a power of two the gap halves: the nearest decimal below missed while the one above read back."""
+    for exponent in range(-149, 128):
+        value = 2.0**exponent
+        assert Decimal(Float32(value).to_json().decode()) == shortest_round_trip(value), exponent
+
+
+@given(st.floats(width=32, allow_nan=False, allow_infinity=False).filter(bool))
+def test_spelling_is_the_nearest_of_the_shortest(value: float) -> None:
+    assert Decimal(Float32(value).to_json().decode()) == shortest_round_trip(value)
 
 
 def test_overflow_becomes_infinity_like_rust_as_f32() -> None:
