@@ -707,6 +707,37 @@ def test_temporary_spool_files_a_crash_left_are_removed_at_start(tmp_path: Path)
         made.close()
 
 
+def test_a_release_between_spooling_and_adding_keeps_the_acknowledged_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ticker (or another request) released spool files while a payload was spooled but its
+    spans not yet waiting: its file went though its trace waited for its root, lost to a crash."""
+    endpoint = OtlpEndpoint(JsonDirStore(tmp_path / "store"), tmp_path / "state", tick=3600)
+    add = endpoint.ingestor.add
+
+    def add_after_a_release(spans: list) -> None:
+        endpoint.spool.release(endpoint.ingestor, endpoint.saver.journal)  # what the ticker may do
+        add(spans)
+
+    monkeypatch.setattr(endpoint.ingestor, "add", add_after_a_release)
+    chat = {
+        "traceId": "ab" * 16,
+        "spanId": "cd" * 8,
+        "parentSpanId": "ef" * 8,  # the agent's span, still running
+        "name": "chat m",
+        "startTimeUnixNano": "1750000000000000000",
+        "endTimeUnixNano": "1750000001000000000",
+        "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}],
+    }
+    body = json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [chat]}]}]}).encode()
+    try:
+        assert endpoint.accept(body, "application/json").accepted == 1
+        assert endpoint.ingestor.waiting([int("ab" * 16, 16)])
+        assert len(list((tmp_path / "state" / "spool").glob("*.spans"))) == 1
+    finally:
+        endpoint.close()
+
+
 def test_span_event_text_from_undecodable_bytes_is_escaped() -> None:
     import phi_session as ps
     from phi_session.codec import escape_surrogates

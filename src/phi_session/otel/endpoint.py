@@ -89,7 +89,8 @@ class _Spool:
             out.append(spans)
         return out
 
-    def write(self, body: bytes, media: str, spans: list[SpanData]) -> Path:
+    def write(self, body: bytes, media: str) -> Path:
+        """Spool one payload, fsynced; `track` it once its spans wait (`release` skips it till then)."""
         path = self.directory / f"{next(self._next)}.spans"
         temporary = path.with_suffix(".tmp")
         with open(temporary, "wb") as handle:
@@ -99,7 +100,6 @@ class _Spool:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
         fsync_directory(self.directory)
-        self.track(path, spans)
         return path
 
     def track(self, path: Path, spans: list[SpanData]) -> None:
@@ -185,8 +185,11 @@ class OtlpEndpoint:
         self._check_room(spans)
         with self._accept_lock:  # spool order is arrival order
             if spans:
-                self.spool.write(body, media, spans)
+                path = self.spool.write(body, media)
                 self.ingestor.add(spans)
+                # Tracked only now: a release before the add saw its traces not waiting yet and
+                # removed the file. Untracked (the add failed), it stays until a restart replays it.
+                self.spool.track(path, spans)
         self.spool.release(self.ingestor, self.saver.journal)
         return IngestResult(accepted=len(spans), rejected=read.skipped, message=read.message)
 
