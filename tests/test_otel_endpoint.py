@@ -38,10 +38,11 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_s
 
 from phi_session import encode_event, encode_session
 from phi_session.demo import run_demo
-from phi_session.errors import OtlpDecodeError, OtlpRefused
+from phi_session.errors import InvalidArgument, OtlpDecodeError, OtlpRefused
 from phi_session.model import Session
 from phi_session.otel import endpoint as endpoint_module
 from phi_session.otel import export_session
+from phi_session.otel import spans as spans_module
 from phi_session.otel.endpoint import OtlpEndpoint, OtlpHandler, OtlpServer, make_otlp_server
 from phi_session.otel.export import session_spans
 from phi_session.otel.spans import spans_from_otlp_json
@@ -659,6 +660,48 @@ def test_a_payload_over_the_span_limit_is_413_not_retried_forever(
         assert made.post(_protobuf(spans[:3])).status == 200  # a payload that fits still does
     finally:
         made.close()
+
+
+def test_a_payload_over_the_span_limit_is_refused_before_its_spans_are_built(
+    demo_sessions: list[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each span read costs ~100 times its bytes: an over-count payload was read whole, then refused."""
+    built = []
+    monkeypatch.setattr(spans_module, "SpanData", lambda **fields: built.append(fields))
+    made = Receiver(tmp_path, max_buffered_spans=3)
+    try:
+        spans = session_spans(demo_sessions[0], capture_content=True)
+        for body, media in (
+            (_protobuf(spans), "application/x-protobuf"),
+            (json.dumps(_otlp_json(spans)).encode(), "application/json"),
+        ):
+            response = made.post(body, media)
+            message = response.read_body.decode(errors="replace")  # type: ignore[attr-defined]
+            assert response.status == 413 and f"{len(spans)} spans" in message
+        assert not built
+    finally:
+        made.close()
+
+
+def test_payloads_decoded_at_once_are_bounded_the_rest_503_with_retry_after(
+    demo_sessions: list[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten 2 MB gzip payloads decoded at once took 2 GB: now `max_decoding` at once, others 503."""
+    with pytest.raises(TypeError, match="max_decoding"):
+        OtlpEndpoint(JsonDirStore(tmp_path / "s"), tmp_path / "bad", max_decoding="2")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="max_decoding must be at least 1"):
+        OtlpEndpoint(JsonDirStore(tmp_path / "s"), tmp_path / "bad", max_decoding=0)
+    monkeypatch.setattr(endpoint_module, "_DECODE_WAIT", 0.01)
+    made = Receiver(tmp_path, max_decoding=1)
+    body = _protobuf(session_spans(demo_sessions[0], capture_content=True))
+    try:
+        assert made.endpoint._decoding.acquire(blocking=False)  # a payload being decoded
+        response = made.post(body)
+        assert response.status == 503 and response.getheader("Retry-After") == "1"
+        made.endpoint._decoding.release()
+        assert made.post(body).status == 200
+    finally:
+        _same(made.close(), demo_sessions[:1])
 
 
 def test_protobuf_under_either_media_type(demo_sessions: list[Session], tmp_path: Path) -> None:

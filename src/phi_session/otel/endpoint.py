@@ -12,8 +12,9 @@ rejected (invalid ids), 400 for an unreadable payload (or Content-Length values 
 differ; a chunked body that has one too is read, and its connection closed), 413 for a
 body over the limit (compressed or not: a gzip bomb stops at the limit) or more spans
 than may ever wait, 415 for another content type, 429 (too many spans waiting for their
-roots, counted after the payload's roots free theirs) and 503 (the store is behind) with
-``Retry-After``, 403 for a non-loopback ``Host`` while bound to loopback (as the viewer).
+roots, counted after the payload's roots free theirs) and 503 (the store is behind, or
+too many payloads are being read at once) with ``Retry-After``, 403 for a non-loopback
+``Host`` while bound to loopback (as the viewer).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import Any
 
 import msgspec
 
-from ..errors import Backpressure, OtlpDecodeError, OtlpRefused, PhiSessionError
+from .._checks import check_type
+from ..errors import Backpressure, InvalidArgument, OtlpDecodeError, OtlpRefused, PhiSessionError
 from ..journal import Journal
 from ..journal.format import fsync_directory
 from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
@@ -54,6 +56,7 @@ _MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer field
 _GZIP_PIECE = 64 * 1024  # gzip input inflated at a time
 _MAX_GZIP_MEMBERS = 1024  # a client's gzip writes one; a body of thousands is an attack
 _STORE_PAUSE = 5  # seconds payloads are refused after the store failed a session (Retry-After)
+_DECODE_WAIT = 1.0  # seconds a payload waits for its turn to be decoded before a 503
 
 
 class _Spool:
@@ -133,7 +136,9 @@ class OtlpEndpoint:
 
     `state_dir` holds the journal and the spool. `config` is the recorder's; by default
     it keeps streaming deltas, which only phi-session's own export (with content)
-    carries. Call `close` to record what waits and save everything.
+    carries. At most `max_decoding` payloads are read at once (each takes about 100 times
+    its bytes in memory); another waits a second, then is answered 503. Call `close` to
+    record what waits and save everything.
     """
 
     def __init__(
@@ -145,8 +150,12 @@ class OtlpEndpoint:
         trace_timeout: float = 60.0,
         max_buffered_spans: int = 200_000,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        max_decoding: int = 2,
         tick: float = 1.0,
     ) -> None:
+        check_type("max_decoding", max_decoding, int)
+        if max_decoding < 1:
+            raise InvalidArgument(f"max_decoding must be at least 1, got {max_decoding}")
         state = Path(state_dir)
         self.saver = AutoPersistingRecorder(
             store,
@@ -159,6 +168,9 @@ class OtlpEndpoint:
         )
         self.spool = _Spool(state / "spool")
         self._accept_lock = threading.Lock()
+        # A payload being read holds about 100 times its bytes until it is spooled and added:
+        # unbounded, ten 16 MiB ones at once took gigabytes.
+        self._decoding = threading.BoundedSemaphore(max_decoding)
         self._failed, self._failed_at = 0, float("-inf")  # sessions the store failed, when that grew
         for spans in self.spool.leftovers():
             self.ingestor.add(spans)
@@ -180,26 +192,26 @@ class OtlpEndpoint:
         """Decode, spool (fsynced), then record one payload. Raises `OtlpDecodeError`, `OtlpRefused`
         (`Backpressure` when it may fit later)."""
         media = content_type.split(";", 1)[0].strip().lower()
-        read = read_otlp(body, media)
-        spans = read.spans
-        self._check_room(spans)
-        with self._accept_lock:  # spool order is arrival order
-            if spans:
-                path = self.spool.write(body, media)
-                self.ingestor.add(spans)
-                # Tracked only now: a release before the add saw its traces not waiting yet and
-                # removed the file. Untracked (the add failed), it stays until a restart replays it.
-                self.spool.track(path, spans)
+        if not self._decoding.acquire(timeout=_DECODE_WAIT):
+            raise Backpressure(HTTPStatus.SERVICE_UNAVAILABLE, "too many payloads at once; retry later", 1)
+        try:
+            read = read_otlp(body, media, max_spans=self.ingestor.max_buffered_spans)
+            spans = read.spans
+            self._check_room(spans)
+            with self._accept_lock:  # spool order is arrival order
+                if spans:
+                    path = self.spool.write(body, media)
+                    self.ingestor.add(spans)
+                    # Tracked only now: a release before the add saw its traces not waiting yet and
+                    # removed the file. Untracked (the add failed), it stays until a restart replays it.
+                    self.spool.track(path, spans)
+        finally:
+            self._decoding.release()
         self.spool.release(self.ingestor, self.saver.journal)
         return IngestResult(accepted=len(spans), rejected=read.skipped, message=read.message)
 
     def _check_room(self, spans: list[SpanData]) -> None:
-        limit = self.ingestor.max_buffered_spans
-        if len(spans) > limit:  # never fits: a 429 would have the client retry it forever
-            raise OtlpRefused(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"{len(spans)} spans in one payload; at most {limit} may wait here: send smaller batches",
-            )
+        limit = self.ingestor.max_buffered_spans  # what one payload may hold: read_otlp refused more
         # What the payload leaves waiting, less what its roots free: a root of a waiting trace
         # is let in (refused, the trace's spans were recorded apart once timed out), as is a
         # trace whole in it (recorded at once).

@@ -17,11 +17,12 @@ import functools
 import json
 import string
 from collections.abc import Iterator
+from http import HTTPStatus
 from typing import Any, NamedTuple
 
 import msgspec
 
-from ..errors import OtlpDecodeError
+from ..errors import OtlpDecodeError, OtlpRefused
 
 __all__ = [
     "OtlpDecodeError",
@@ -209,8 +210,9 @@ def spans_from_otlp_proto(payload: bytes) -> tuple[list[SpanData], int]:
     return read.spans, read.skipped
 
 
-def _spans_from_proto(payload: bytes) -> OtlpSpans:
+def _spans_from_proto(payload: bytes, max_spans: int | None) -> OtlpSpans:
     request, altered = _parse_request(payload)
+    _check_count(sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans), max_spans)
     out: list[SpanData] = []
     skipped = 0
     for resource_spans in request.resource_spans:
@@ -400,8 +402,9 @@ def _json_document(payload: bytes) -> tuple[Any, int]:
     raise OtlpDecodeError(f"not JSON: {refused}") from None
 
 
-def _spans_from_json(payload: bytes) -> OtlpSpans:
+def _spans_from_json(payload: bytes, max_spans: int | None) -> OtlpSpans:
     document, repaired = _json_document(payload)
+    _check_count(sum(1 for _ in _iter_json_spans(document)), max_spans)
     out: list[SpanData] = []
     skipped = 0
     for span, resource in _iter_json_spans(document):
@@ -469,11 +472,23 @@ class OtlpSpans(NamedTuple):
         return "; ".join(said)
 
 
-def read_otlp(payload: bytes, media: str) -> OtlpSpans:
+def _check_count(count: int, max_spans: int | None) -> None:
+    if (
+        max_spans is not None and count > max_spans
+    ):  # never fits: a 429 would have the client retry it forever
+        raise OtlpRefused(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"{count} spans in one payload; at most {max_spans} may wait here: send smaller batches",
+        )
+
+
+def read_otlp(payload: bytes, media: str, *, max_spans: int | None = None) -> OtlpSpans:
     """The spans of an OTLP/HTTP trace payload of `media` (``application/json``,
-    ``application/x-protobuf`` or ``application/protobuf``). Raises `OtlpDecodeError`."""
+    ``application/x-protobuf`` or ``application/protobuf``). Raises `OtlpDecodeError`, and
+    `OtlpRefused` (413) for more than `max_spans` spans, counted before any is read (a span
+    read costs about 100 times its bytes)."""
     if media == MEDIA_JSON:
-        return _spans_from_json(payload)
+        return _spans_from_json(payload, max_spans)
     if media in MEDIA_PROTOBUFS:
-        return _spans_from_proto(payload)
+        return _spans_from_proto(payload, max_spans)
     raise OtlpDecodeError(f"unsupported content type {media!r}")
