@@ -47,7 +47,7 @@ from phi_session.events import (
     TurnEnd,
     TurnStart,
 )
-from phi_session.messages import ZERO_USAGE, AssistantMessage, TextContent, UserMessage
+from phi_session.messages import ZERO_USAGE, AssistantMessage, TextContent, ToolCall, UserMessage
 from phi_session.model import ParallelGroupRecord, Session
 from phi_session.otel import IngestSpanProcessor, OtelExportSink, SpanIngestor, export_session, ingest_otlp
 from phi_session.otel import attributes as attr
@@ -1925,3 +1925,90 @@ def test_tool_arguments_nested_deeper_than_phi_core_reads_are_clipped_and_counte
     for _ in range(116):
         deepest = deepest["k"]
     assert deepest == {"k": msgspec.json.encode(nested(8)).decode()}  # the 117th level holds text
+
+
+_ASKED = [{"role": "user", "parts": [{"type": "text", "content": "Capital of France?"}]}]
+_ANSWERED = [
+    {
+        "role": "assistant",
+        "parts": [
+            {"type": "text", "content": "Paris."},
+            {"type": "tool_call", "id": "c1", "name": "look", "arguments": {"city": "Paris"}},
+        ],
+    }
+]
+_OPENAI_ASKED = [{"role": "user", "content": [{"type": "text", "text": "Capital of France?"}]}]
+_OPENAI_ANSWERED = [
+    {
+        "role": "assistant",
+        "content": "Paris.",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "look", "arguments": '{"city": "Paris"}'}}
+        ],
+    }
+]
+
+
+def _json_text(value: object) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+@pytest.mark.parametrize(
+    ("attributes", "events"),
+    [
+        ({attr.INPUT_MESSAGES: _json_text(_ASKED), attr.OUTPUT_MESSAGES: _json_text(_ANSWERED)}, []),
+        (  # the conventions since 1.37: on the operation-details event
+            {},
+            [
+                SpanEvent(
+                    attr.EVENT_OPERATION_DETAILS,
+                    90,
+                    {attr.INPUT_MESSAGES: _json_text(_ASKED), attr.OUTPUT_MESSAGES: _json_text(_ANSWERED)},
+                )
+            ],
+        ),
+        (  # the older conventions' content events: OpenAI's message format, as JSON
+            {},
+            [
+                SpanEvent(attr.EVENT_LEGACY_PROMPT, 10, {attr.LEGACY_PROMPT: _json_text(_OPENAI_ASKED)}),
+                SpanEvent(
+                    attr.EVENT_LEGACY_COMPLETION, 90, {attr.LEGACY_COMPLETION: _json_text(_OPENAI_ANSWERED)}
+                ),
+            ],
+        ),
+    ],
+    ids=["span attributes", "operation details event", "content events"],
+)
+def test_messages_are_read_wherever_the_conventions_put_them(
+    attributes: dict[str, str], events: list[SpanEvent]
+) -> None:
+    """Messages carried on span events, as the GenAI conventions put them now and did before,
+    were lost: only the span's own attributes were read."""
+    chat = _span(1, None, "chat gpt-4o", 0, 100, **{attr.OPERATION_NAME: "chat", **attributes})
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    ingestor.add([replace(chat, events=events)])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [loop] = session.loops
+    [turn] = loop.turns
+    assert [m.content for m in turn.input_messages] == [(TextContent(text="Capital of France?"),)]
+    assert turn.output_message.content == (
+        TextContent(text="Paris."),
+        ToolCall(id="c1", name="look", arguments={"city": "Paris"}),
+    )
+    assert loop.messages  # content captured: the loop's AgentEnd holds its messages
+
+
+def test_messages_on_the_per_message_events_are_a_stated_loss() -> None:
+    chat = _span(1, None, "chat gpt-4o", 0, 100, **{attr.OPERATION_NAME: "chat"})
+    user = SpanEvent("gen_ai.user.message", 10, {"content": "Capital of France?"})
+    recorder = SessionRecorder()
+    SpanIngestor(recorder).add([replace(chat, events=[user])])
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert not session.loops[0].turns[0].input_messages
+    assert any(
+        "gen_ai.user.message" in loss
+        for loss in LOSSES["other producers (GenAI conventions, pydantic-ai, OpenInference)"]
+    )

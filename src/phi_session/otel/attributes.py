@@ -44,6 +44,9 @@ TOOL_CALL_RESULT = "gen_ai.tool.call.result"
 INPUT_MESSAGES = "gen_ai.input.messages"
 OUTPUT_MESSAGES = "gen_ai.output.messages"
 SYSTEM_INSTRUCTIONS = "gen_ai.system_instructions"
+# Read only: the older conventions' content, OpenAI's message format as JSON, on their events.
+LEGACY_PROMPT = "gen_ai.prompt"
+LEGACY_COMPLETION = "gen_ai.completion"
 ERROR_TYPE = "error.type"
 
 # -- OpenInference (read only) -------------------------------------------------------------------
@@ -99,6 +102,10 @@ LINK_CONTINUATION = "continuation"
 LINK_PARALLEL = "parallel"
 
 # -- span events ---------------------------------------------------------------------------------
+# Read only: a model call's messages (gen_ai.input/output.messages) when not on its span.
+EVENT_OPERATION_DETAILS = "gen_ai.client.inference.operation.details"
+EVENT_LEGACY_PROMPT = "gen_ai.content.prompt"  # the older conventions' (LEGACY_PROMPT)
+EVENT_LEGACY_COMPLETION = "gen_ai.content.completion"  # (LEGACY_COMPLETION)
 EVENT_COMPACTION_STARTED = "phi.compaction.started"
 EVENT_COMPACTION_ENDED = "phi.compaction.ended"
 EVENT_PRUN = "phi.prun_applied"

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import msgspec
 from opentelemetry.sdk.trace import SpanProcessor
@@ -98,6 +98,9 @@ LOSSES: dict[str, tuple[str, ...]] = {
         "streaming deltas; content unless the producer captured it (then text, reasoning and "
         "tool calls of outputs, the first turn's user inputs, tool arguments and results)",
         "continuation kinds are inferred: a later loop of the same conversation is Default",
+        "content on the per-message events (gen_ai.user.message, gen_ai.choice...: conventions 1.28 "
+        "to 1.36), and gen_ai.prompt/gen_ai.completion of the older content events that are not "
+        "OpenAI's message format as JSON (as those conventions recommend)",
         "tool call ids are made up from span ids when missing (listed in metadata)",
         "tool calls of a loop without any chat span are one turn, made up (listed in metadata)",
         "a trace without an agent span (bare model calls) is one loop, its root standing in",
@@ -297,6 +300,75 @@ def _contents(message: Any, counters: dict[str, int]) -> tuple[Content, ...]:
 def _messages(value: Any) -> list[Any]:
     decoded = _json(value)
     return decoded if isinstance(decoded, list) else []
+
+
+def _openai_message(message: Any) -> Any:
+    """A message in OpenAI's format (the older conventions' content events) in the conventions'
+    shape: its text (a string, or text parts) and its tool calls as parts."""
+    if not isinstance(message, dict):
+        return message
+    content = message.get("content")
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    parts: list[dict[str, Any]] = [
+        {"type": "text", "content": part["text"]}
+        for part in (content if isinstance(content, list) else [])
+        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+    ]
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            arguments = _json(function.get("arguments"))
+            parts.append(
+                {
+                    "type": "tool_call",
+                    "id": call.get("id"),
+                    "name": function.get("name"),
+                    "arguments": arguments,
+                }
+            )
+    return {"role": message.get("role"), "parts": parts}
+
+
+# Where each producer puts a model call's input or output messages: the conventions' attribute
+# (on the span, or since 1.37 on its operation-details event), OpenInference's flattened
+# attributes, and the older conventions' content event with its attribute.
+_MESSAGE_SOURCES = {
+    "input": (
+        attr.INPUT_MESSAGES,
+        attr.OPENINFERENCE_INPUT_MESSAGES,
+        attr.EVENT_LEGACY_PROMPT,
+        attr.LEGACY_PROMPT,
+    ),
+    "output": (
+        attr.OUTPUT_MESSAGES,
+        attr.OPENINFERENCE_OUTPUT_MESSAGES,
+        attr.EVENT_LEGACY_COMPLETION,
+        attr.LEGACY_COMPLETION,
+    ),
+}
+
+
+def _span_messages(span: SpanData, direction: Literal["input", "output"]) -> list[Any] | None:
+    """The ``input`` or ``output`` messages of a model call's `span` in the conventions' shape
+    (``role`` and ``parts``), from the first source holding some; None when it has no source
+    (the content was not captured)."""
+    name, flattened, event_name, legacy = _MESSAGE_SOURCES[direction]
+    found = None
+    details = [e.attributes for e in span.events if e.name == attr.EVENT_OPERATION_DETAILS]
+    for attributes in (span.attributes, *details):
+        if name in attributes:
+            found = _messages(attributes[name])
+            if found:
+                return found
+    openinference = _openinference_messages(span.attributes, flattened)
+    if openinference:
+        return openinference
+    for event in span.events:
+        if event.name == event_name and legacy in event.attributes:
+            return [_openai_message(message) for message in _messages(event.attributes[legacy])]
+    return found
 
 
 def _new_user_messages(messages: list[Any]) -> list[dict[str, Any]]:
@@ -1132,11 +1204,7 @@ class _Rebuild:
             self._emit_until(between, chat.start)
             messages.extend(self._turn(loop, index, chat, tools, config))
         self._emit_until(between, None)
-        captured = any(
-            attr.OUTPUT_MESSAGES in chat.attributes
-            or f"{attr.OPENINFERENCE_OUTPUT_MESSAGES}.0.message.role" in chat.attributes
-            for chat, _ in turns
-        )
+        captured = any(_span_messages(chat, "output") is not None for chat, _ in turns)
         # A span standing in for the loop is one of its turns: its usage is that turn's.
         usage = None if loop.stand_in else _usage(attributes)
         if usage is None:
@@ -1248,10 +1316,7 @@ class _Rebuild:
             )
         )
         if index == 0:
-            inputs = _messages(attributes.get(attr.INPUT_MESSAGES)) or _openinference_messages(
-                attributes, attr.OPENINFERENCE_INPUT_MESSAGES
-            )
-            for given in _new_user_messages(inputs):
+            for given in _new_user_messages(_span_messages(chat, "input") or []):
                 user = UserMessage(
                     content=_contents(given, self.ingestor.counters), timestamp=chat.start // 1_000_000
                 )
@@ -1273,9 +1338,7 @@ class _Rebuild:
         if attributes.get(attr.PHI_TURN_UNFINISHED) is True:  # our export of a turn cut off: no TurnEnd
             return messages
         usage = _usage(attributes) or ZERO_USAGE
-        outputs = _messages(attributes.get(attr.OUTPUT_MESSAGES)) or _openinference_messages(
-            attributes, attr.OPENINFERENCE_OUTPUT_MESSAGES
-        )
+        outputs = _span_messages(chat, "output") or []
         reasons = _first(attributes, attr.RESPONSE_FINISH_REASONS, attr.OPENINFERENCE_FINISH_REASON)
         if isinstance(reasons, str):
             reasons = (reasons,)
