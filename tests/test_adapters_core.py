@@ -405,6 +405,55 @@ def test_a_core_used_again_after_close_records_into_the_embedded_store_again(tmp
     assert core.fault_count == 0 and core.tracer.sink_errors == {}
 
 
+_ONE_HOP = """
+import sys
+from phi_session import LoopConfigSnapshot
+from phi_session.adapters import AdapterCore
+
+core = AdapterCore("fake-fw")  # the embedded store: $PHI_SESSION_STORE
+core.start_run("r", LoopConfigSnapshot(model="m-1", provider="fake"), framework_session_id=sys.argv[1])
+core.end_run("r")
+core.close()
+"""
+
+
+def test_a_session_held_in_memory_goes_on_after_the_loops_another_process_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A web app's workers: a conversation's requests land on one worker, then another,
+    then the first again. The first held the session in memory from its earlier run and
+    went on from it: its next loop took a number the other worker had saved (a second
+    record of that id) and continued its own stale last loop."""
+    database = tmp_path / "sessions.db"
+    monkeypatch.setenv("PHI_SESSION_STORE", str(database))
+    core = AdapterCore("fake-fw")  # on the clock the other process's runs are on
+
+    def here(key: str) -> None:
+        core.start_run(key, CONFIG, framework_session_id="conv")
+        one_turn(core, key)
+        core.end_run(key)
+        core.flush()  # saved before the next request lands elsewhere
+
+    def elsewhere() -> None:
+        worker = subprocess.run(
+            [sys.executable, "-c", _ONE_HOP, "conv"], capture_output=True, text=True, timeout=60
+        )
+        assert (worker.returncode, worker.stderr) == (0, "")
+
+    here("r1")
+    elsewhere()
+    here("r3")
+    elsewhere()
+    core.close()
+    loops = SqliteStore(database).load("conv").loops
+    assert [(loop.loop_id, loop.parent_loop_id) for loop in loops] == [
+        ("conv.fake.m-1.1", None),
+        ("conv.fake.m-1.2", "conv.fake.m-1.1"),
+        ("conv.fake.m-1.3", "conv.fake.m-1.2"),
+        ("conv.fake.m-1.4", "conv.fake.m-1.3"),
+    ]
+
+
 def test_cores_given_the_same_sinks_continue_each_others_sessions() -> None:
     # A handler made per call: each call's core must go on from the last one's loops.
     recorder = SessionRecorder()

@@ -470,16 +470,44 @@ class AgentSession:
         Loop counters continue after the given loop ids of the current session, so new
         loop ids never repeat old ones, and continuations follow `last_loop_id`.
         """
-        prefix = f"{self.session_id}."
-        counts = []
-        for loop_id in loop_ids:
-            config_id, _, number = loop_id.removeprefix(prefix).rpartition(".")
-            if loop_id.startswith(prefix) and config_id and _is_loop_number(number):
-                counts.append((config_id, int(number)))
+        counts = [count for count in map(self._count_of, loop_ids) if count is not None]
         with self._lock:
             self._counters.raise_to(counts)
             if last_loop_id is not None:
                 self._last_loop_id = last_loop_id
+
+    def _count_of(self, loop_id: str) -> tuple[str, int] | None:
+        """``(config_id, N)`` of a loop id of the current session; None for another's."""
+        prefix = f"{self.session_id}."
+        config_id, _, number = loop_id.removeprefix(prefix).rpartition(".")
+        if loop_id.startswith(prefix) and config_id and _is_loop_number(number):
+            return config_id, int(number)
+        return None
+
+    def go_on_after(self, loops: Sequence[tuple[str, int]]) -> None:
+        """Go on after `loops` (each one's id and start, in nanoseconds since the epoch):
+        loops of the current session another process may have recorded since this identity
+        last read them (`SessionStore.loop_starts`), some maybe its own. Loop counters go
+        past them; the latest started of those numbered beyond this identity's counters
+        (newer loops it did not number) becomes the loop continuations follow, unless its
+        own last loop started later."""
+        if not loops:
+            return
+        counted = [(self._count_of(loop_id), loop_id, started) for loop_id, started in loops]
+        with self._lock:
+            known = dict(self._counters.items())
+            newer = [
+                (started, loop_id)
+                for count, loop_id, started in counted
+                if count is not None and count[1] > known.get(count[0], 0)
+            ]
+            self._counters.raise_to(count for count, _, _ in counted if count is not None)
+            if newer:
+                started, loop_id = max(newer)
+                if self._last_started_ns is None or started > self._last_started_ns:
+                    self._last_loop_id, self._last_started_ns = loop_id, started
+            self._formation_claimed = True
+            self._pending_formation = None
 
     def resume_session(self, session: Session) -> None:
         """Go on with `session`, a recording of the current session (e.g. loaded from a

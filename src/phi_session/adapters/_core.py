@@ -13,7 +13,8 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
 * **continuation**: a later run in the same session continues its last loop
   (``Default``), found in memory (the session's tracer, or the compact progress kept
   of a session let go of: `AdapterCore` ``max_idle_sessions``), else in `store`
-  (which also seeds the loop counter, so loop ids never repeat across restarts);
+  (which also seeds the loop counter, so loop ids never repeat across restarts; a later
+  run reads only the loops other processes saved since, `AdapterCore._catch_up`);
   `AdapterCore.handoff` ends a loop with stop reason ``handoff`` and starts the next
   agent's loop continuing it;
 * **replay and fork**: a top-level run started inside
@@ -593,8 +594,12 @@ class AdapterCore:
         """A tracer of session `session_id`, whose identity is held for one run; `recorded`:
         a recording of it that new loop ids must not collide with (a replay's)."""
         clock, id_factory = self.agent.clock, self.agent.id_factory
-        agent = self._book.hold(session_id, clock, id_factory)
-        if agent is None:
+        held = self._book.hold(session_id, clock, id_factory)
+        if held is not None:
+            agent, stored = held
+            if stored is not None:  # no run of it open here: other processes may have gone on
+                self._catch_up(agent, stored)
+        else:
             if recorded is not None:
                 agent = AgentSession.continuing(recorded, clock=clock, id_factory=id_factory)
             else:
@@ -602,7 +607,7 @@ class AdapterCore:
                     self.agent.agent_id, session_id, clock=clock, id_factory=id_factory
                 )
             try:
-                self._resume_from_store(agent)
+                stored = self._resume_from_store(agent)
             except StoreError as error:
                 # Without the stored loops, a new loop could take the id of one of them. The
                 # run is recorded in a session of its own (not held: the next run of the
@@ -616,7 +621,7 @@ class AdapterCore:
                     fresh.session_id,
                 )
                 return self.tracer.for_agent(fresh)
-            agent = self._book.add(agent)  # a concurrent first run of the session may have won
+            agent = self._book.add(agent, stored)  # a concurrent first run of the session may have won
         if recorded is not None:  # counters only: continuations follow this tracer's runs
             agent.resume((record.loop_id for record in recorded.loops), None)
         return self.tracer.for_agent(agent)
@@ -657,17 +662,43 @@ class AdapterCore:
         run.loop.start()
         return run
 
-    def _resume_from_store(self, agent: AgentSession) -> None:
+    def _resume_from_store(self, agent: AgentSession) -> int | None:
+        """Go on after the stored loops of `agent`'s session; how many were read (None:
+        no store)."""
+        store = self.store
+        if store is None:
+            return None
+        try:
+            # The outline: loop ids and start times without the messages, in the host's
+            # thread, once per session and process (later runs read only what is new).
+            outline = store.load_outline(agent.session_id)
+        except (SessionNotFound, InvalidSessionId):
+            return 0
+        agent.resume_recorded(outline.loops)
+        return len(outline.loops)
+
+    def _catch_up(self, agent: AgentSession, stored: int) -> None:
+        """Go on after the loops of `agent`'s session that other processes (a web app's
+        other workers) saved since this one read its first `stored` loops: a run of it
+        there must not reuse their loop numbers, and continues the session's last loop.
+        One index range read per run start (`SessionStore.loop_starts`)."""
         store = self.store
         if store is None:
             return
         try:
-            # The outline: loop ids and start times without the messages, in the host's
-            # thread, once per session and process.
-            outline = store.load_outline(agent.session_id)
-        except (SessionNotFound, InvalidSessionId):
+            loops = store.loop_starts(agent.session_id, stored)
+        except SessionNotFound:
+            return  # not saved yet (or deleted): this process's memory is all there is
+        except StoreError as error:
+            logger.warning(
+                "session %r could not be read from the store (%s): its run goes on from this "
+                "process's memory, missing the loops other processes saved since",
+                agent.session_id,
+                error,
+            )
             return
-        agent.resume_recorded(outline.loops)
+        agent.go_on_after(loops)
+        self._book.read_stored(agent.session_id, stored + len(loops))
 
     def run(self, key: object) -> AdapterRun | None:
         """The open run known by `key`, if any."""

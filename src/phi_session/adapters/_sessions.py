@@ -43,8 +43,10 @@ class SessionBook:
     A session with an open run is *busy* (held, with its count of runs); one whose
     runs all ended is *idle*, least recently used first; beyond `max_idle` idle
     sessions, the oldest are let go of, leaving their compact progress
-    (`AgentSession.progress`) from which they come back exactly. Thread-safe: every
-    method takes the book's lock, and never calls out under it.
+    (`AgentSession.progress`) from which they come back exactly. For a session read from
+    a store, the book also counts the stored loops read so far, from which a run that
+    finds it idle reads what other processes saved since (`SessionStore.loop_starts`).
+    Thread-safe: every method takes the book's lock, and never calls out under it.
     """
 
     def __init__(self, max_idle: int) -> None:
@@ -53,6 +55,7 @@ class SessionBook:
         self._busy: dict[str, tuple[AgentSession, int]] = {}
         self._idle: OrderedDict[str, AgentSession] = OrderedDict()
         self._progress: dict[str, tuple[object, ...]] = {}
+        self._stored: dict[str, int] = {}  # session id -> its stored loops read (a store's sessions)
 
     def allow_idle(self, max_idle: int) -> None:
         """Keep at least `max_idle` idle sessions (cores sharing a book may ask for more)."""
@@ -63,25 +66,39 @@ class SessionBook:
     def idle(self) -> int:
         return len(self._idle)
 
-    def hold(self, session_id: str, clock: Clock, id_factory: IdFactory) -> AgentSession | None:
-        """The identity of session `session_id`, held for one more run; None if the book
-        has never seen the session."""
+    def hold(
+        self, session_id: str, clock: Clock, id_factory: IdFactory
+    ) -> tuple[AgentSession, int | None] | None:
+        """The identity of session `session_id`, held for one more run, and how many of its
+        stored loops were read when it was idle (None while another run of it is open, or
+        for a session not read from a store); None if the book has never seen the session."""
         with self._lock:
-            return self._held(session_id, clock, id_factory)
+            agent = self._held(session_id, clock, id_factory)
+            if agent is None:
+                return None
+            return agent, self._stored.get(session_id) if self._busy[session_id][1] == 1 else None
 
-    def add(self, agent: AgentSession) -> AgentSession:
-        """Hold `agent`, made for a session `hold` found no identity of, for a run; if a
-        concurrent run of the session added one meanwhile (and may even have ended),
+    def add(self, agent: AgentSession, stored: int | None = None) -> AgentSession:
+        """Hold `agent`, made for a session `hold` found no identity of, for a run
+        (`stored`: how many of its stored loops it went on after, if read from a store);
+        if a concurrent run of the session added one meanwhile (and may even have ended),
         that one is held and returned instead."""
         with self._lock:
             known = self._held(agent.session_id, agent.clock, agent.id_factory)
             if known is not None:
                 return known
             self._busy[agent.session_id] = (agent, 1)
+            if stored is not None:
+                self._stored[agent.session_id] = stored
             return agent
 
+    def read_stored(self, session_id: str, count: int) -> None:
+        """The first `count` stored loops of `session_id` were read (a run caught up)."""
+        with self._lock:
+            self._stored[session_id] = max(count, self._stored.get(session_id, 0))
+
     def _held(self, session_id: str, clock: Clock, id_factory: IdFactory) -> AgentSession | None:
-        """Under the lock: `hold`."""
+        """Under the lock: `hold`'s identity."""
         busy = self._busy.get(session_id)
         if busy is not None:
             self._busy[session_id] = (busy[0], busy[1] + 1)

@@ -256,6 +256,17 @@ class SessionStore(Protocol):
         """
         ...
 
+    def loop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]:
+        """The id and start time (nanoseconds since the epoch) of each stored loop at
+        positions `start` onward, in order: what another writer added to a session since a
+        reader saw its first `start` loops (a merge keeps stored loops in place and appends
+        new ones), reading no record, and nothing before `start` where the store can.
+
+        `SessionNotFound` if there is no such session; `InvalidQuery` for a negative
+        `start` (`TypeError` for a non-int one).
+        """
+        ...
+
     def close(self) -> None:
         """Release the store's resources. Idempotent."""
         ...
@@ -272,6 +283,7 @@ class SessionStore(Protocol):
     async def aprune(self, criteria: PruneCriteria) -> int: ...
     async def aload_outline(self, session_id: str) -> SessionOutline: ...
     async def aload_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]: ...
+    async def aloop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]: ...
     async def asearch(
         self, text: str, query: SessionQuery | None = None, limit: int = DEFAULT_LIMIT
     ) -> list[SearchHit]: ...
@@ -317,6 +329,9 @@ class AsyncTwins:
     async def aload_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]:
         return await asyncio.to_thread(self.load_loops, session_id, start, stop)  # type: ignore[attr-defined]
 
+    async def aloop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]:
+        return await asyncio.to_thread(self.loop_starts, session_id, start)  # type: ignore[attr-defined]
+
 
 class ScanSearch:
     """`SessionStore.search` by reading the sessions (`scan_search`): for stores without an index."""
@@ -329,7 +344,8 @@ class ScanSearch:
 
 
 def check_loop_range(start: int, stop: int) -> None:
-    """The bounds of `SessionStore.load_loops`: `TypeError` unless ints, `InvalidQuery` if negative."""
+    """The bounds of `SessionStore.load_loops` (`loop_starts`: its `start` twice): `TypeError`
+    unless ints, `InvalidQuery` if negative."""
     check_count("start", start)
     check_count("stop", stop)
 

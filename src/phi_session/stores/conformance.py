@@ -1347,6 +1347,32 @@ class StoreConformance:
         assert asyncio.run(store.aload_outline("p")) == store.load_outline("p")
         assert asyncio.run(store.aload_loops("p", 0, 1)) == store.load("p").loops
 
+    def test_loop_starts_are_those_of_the_loops_from_a_position_on(self, store: SessionStore) -> None:
+        store.save(make_session("w", loops=[make_loop("w", 1, status="Running", started_at=at(1))]))
+        store.save(
+            make_session(
+                "w", loops=[make_loop("w", 2, started_at=at(2)), make_loop("w", 1, started_at=at(1))]
+            )
+        )
+        store.save(make_session("w", loops=[make_loop("w", 3, started_at=at(3))]))
+        starts = [(record.loop_id, record.started_at.ns) for record in store.load("w").loops]
+        assert [loop_id for loop_id, _ in starts] == ["w.cfg.1", "w.cfg.2", "w.cfg.3"]  # merged in place
+        for start in range(4):
+            assert store.loop_starts("w", start) == starts[start:]
+        assert store.loop_starts("w", 10) == []
+        assert asyncio.run(store.aloop_starts("w", 2)) == starts[2:]
+        store.save(make_session("empty", loops=[]))
+        assert store.loop_starts("empty", 0) == []
+        with _raises(SessionNotFound):
+            store.loop_starts("absent", 0)
+        with _raises(InvalidQuery, "start: must not be negative"):
+            store.loop_starts("w", -1)
+        with _raises(TypeError, match="start must be int"):
+            store.loop_starts("w", "1")  # type: ignore[arg-type]
+        for bad_id in INVALID_SESSION_IDS:
+            with _raises(InvalidSessionId):
+                store.loop_starts(bad_id, 0)
+
     # -- search -----------------------------------------------------------------------
 
     def _populate_talk(self, store: SessionStore) -> None:

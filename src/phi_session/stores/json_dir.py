@@ -657,6 +657,13 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         except DecodeError as error:  # not seen: the whole file decoded, so do its loops
             raise self._corrupt(session_id, error) from error
 
+    def loop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]:
+        """See `SessionStore.loop_starts`. From the outline (`load_outline`): the whole file
+        is decoded unless it is unchanged since the last partial load."""
+        check_loop_range(start, start)
+        loops = self.load_outline(session_id).loops[start:]
+        return [(loop.loop_id, loop.started_at.ns) for loop in loops]
+
     def _paged_file(self, session_id: str) -> _Paged:
         """The split current version of the session file, from the cache if its key matches."""
         path = self._dir / f"{session_id}{_SUFFIX}"

@@ -1245,6 +1245,26 @@ class PostgresStore(AsyncTwins):
         except DecodeError as exc:
             raise StoredSessionUnusable(f"stored session {session_id!r} is corrupt: {exc}") from exc
 
+    def loop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]:
+        """See `SessionStore.loop_starts`. One range of the loops' index."""
+        validate_session_id(session_id)
+        check_loop_range(start, start)
+        with self._cursor(f"reading the loop starts of session {session_id!r}") as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT ARRAY(SELECT l.loop_id FROM {s}.loops l WHERE l.session_id = s.session_id"
+                    " AND l.position >= %s ORDER BY l.position),"
+                    " ARRAY(SELECT l.started_at_ns FROM {s}.loops l WHERE l.session_id = s.session_id"
+                    " AND l.position >= %s ORDER BY l.position)"
+                    " FROM {s}.sessions s WHERE s.session_id = %s"
+                ),
+                (min(start, _I64_MAX), min(start, _I64_MAX), session_id),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise SessionNotFound(f"no session {session_id!r} in {self._where} schema {self._schema!r}")
+        return list(zip(row[0], row[1], strict=True))
+
     def list_for_agent(self, agent_id: str) -> list[Session]:
         """The sessions of `agent_id` in `list_ids` order; unreadable ones are logged and skipped."""
         check_type("agent_id", agent_id, str)

@@ -1401,6 +1401,21 @@ class SqliteStore(AsyncTwins):
         with self._reading(session_id):
             return [decode_loop(record, strict=False) for record in records]
 
+    def loop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]:
+        """See `SessionStore.loop_starts`. One range of the loops' index, and the session's
+        row when that range is empty."""
+        validate_session_id(session_id)
+        check_loop_range(start, start)
+        with self._transaction("read loop starts", session_id) as conn:
+            rows = conn.execute(
+                "SELECT loop_id, started_at_ns FROM loops WHERE session_id = ? AND position >= ? "
+                "ORDER BY position",
+                (session_id, _clamp(start)),
+            ).fetchall()
+            if not rows and conn.execute(_MESSAGE_IDS_SQL, (session_id,)).fetchone() is None:
+                raise SessionNotFound(f"no session {session_id!r} in {self.path}")
+        return [(loop_id, started) for loop_id, started in rows]
+
     def list_ids(self) -> list[str]:
         """Every stored session id, most recently saved first."""
         with self._connected("list sessions") as conn:
