@@ -46,7 +46,7 @@ from phi_session.errors import InvalidArgument, MissingExtra, SessionLocked
 from phi_session.events import ToolExecutionEnd, ToolExecutionStart
 from phi_session.messages import ToolCall
 from phi_session.stores.base import validate_session_id
-from phi_session.stores.outline import SessionOutline
+from phi_session.stores.outline import SessionOutline, loop_prompt
 
 from .conftest import needs_fork
 
@@ -452,6 +452,40 @@ def test_a_session_held_in_memory_goes_on_after_the_loops_another_process_saved(
         ("conv.fake.m-1.3", "conv.fake.m-1.2"),
         ("conv.fake.m-1.4", "conv.fake.m-1.3"),
     ]
+
+
+def test_overlapping_runs_of_one_session_in_two_processes_are_both_kept(tmp_path: Path) -> None:
+    """Both runs started before either was saved: each process numbered its loop 2, and
+    the store merged the two records of that id, alive at the same time, into one: a
+    whole run was lost. They are two records now (their agents differ), still of one id."""
+    store = SqliteStore(tmp_path / "sessions.db")
+    clock = FakeClock()
+    recorders = [SessionRecorder(), SessionRecorder()]  # two processes: two books, one store
+    workers = [
+        AdapterCore("fake-fw", [recorder], store=store, agent=AgentSession(f"worker-{n}", clock=clock))
+        for n, recorder in enumerate(recorders)
+    ]
+
+    def save(recorder: SessionRecorder) -> None:
+        for session in recorder.sessions():
+            store.save(session)
+
+    workers[0].start_run("r1", CONFIG, framework_session_id="conv")
+    workers[0].end_run("r1")
+    save(recorders[0])
+    for n, core in enumerate(workers):
+        core.start_run(n, CONFIG, framework_session_id="conv")
+        one_turn(core, n, f"request {n}")
+    for n, core in enumerate(workers):
+        core.end_run(n)
+        save(recorders[n])
+    loops = store.load("conv").loops
+    assert [(loop.loop_id, loop.agent_id) for loop in loops] == [
+        ("conv.fake.m-1.1", "worker-0"),
+        ("conv.fake.m-1.2", "worker-0"),
+        ("conv.fake.m-1.2", "worker-1"),
+    ]
+    assert [loop_prompt(loop) for loop in loops[1:]] == ["request 0", "request 1"]
 
 
 def test_cores_given_the_same_sinks_continue_each_others_sessions() -> None:

@@ -103,6 +103,24 @@ def test_the_same_loop_saved_with_another_start_time_is_one_record() -> None:
     assert merged.loops == [tied]  # a tie goes to the incoming save
 
 
+def test_one_loop_id_run_by_two_agents_at_the_same_time_is_two_records() -> None:
+    # Two processes' adapters each numbered their run of one session N (both started
+    # before either was saved): one agent's record replaced the other's, a run lost.
+    mine = make_loop("s", 1, events=2, started_at=at(0), agent_id="worker-a")
+    theirs = make_loop("s", 1, events=3, started_at=at(0.25), agent_id="worker-b")
+    twin = make_loop("s", 1, events=1, started_at=at(0), agent_id="worker-b")  # the same instant too
+    for other in (theirs, twin):
+        merged = merge_sessions(make_session("s", loops=[mine]), make_session("s", loops=[other]))
+        assert merged.loops == [mine, other]
+        again = merge_sessions(merged, make_session("s", loops=[other, mine]))
+        assert again.loops == merged.loops  # saving either again matches it with itself
+    # A branch the recorder registered before it started has no agent yet: the same loop.
+    pending = make_loop("s", 1, status="Pending", started_at=at(0), agent_id="")
+    for stored, incoming in ((pending, mine), (mine, pending)):
+        merged = merge_sessions(make_session("s", loops=[stored]), make_session("s", loops=[incoming]))
+        assert merged.loops == [mine]
+
+
 def test_an_id_used_again_after_its_loop_ended_is_a_second_record() -> None:
     # phi-core's compaction pass starts a record under the id of the last, finished
     # loop (as its own parent); phi-core keeps both, and so does the merge.

@@ -496,8 +496,9 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     """Combine two saves of one session id without losing a loop.
 
     Which records are the same loop (the merge key): a loop is known by its
-    ``loop_id`` and its lifetime. An incoming record with id X is matched with the
-    first stored record of id X, not matched yet, that
+    ``loop_id``, its agent and its lifetime. An incoming record with id X is matched
+    with the first stored record of id X, not matched yet, of the same ``agent_id``
+    (or either's empty: a parallel branch registered before it started), that
 
     1. started at the same instant (the n-th such with the n-th); else that
     2. was alive at the same time: neither started at or after the other ended
@@ -506,7 +507,9 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
 
     Otherwise the record is new and is appended: an id used again after its loop
     ended names a second record (phi-core's compaction pass re-uses the id of the
-    last, finished loop, and phi-core keeps both).
+    last, finished loop, and phi-core keeps both), and so does one another agent
+    ran (two processes' adapters that numbered overlapping runs of one session alike,
+    each with an agent id of its own: neither run is lost).
 
     Of two versions of one loop, an ended one (``Completed``, ``Rejected``) wins
     over one cut short (``Aborted``), which wins over a running snapshot; then the
@@ -597,6 +600,8 @@ def _ended_before(first: LoopRecord, second: LoopRecord) -> bool:
 def _same_loop(record: LoopRecord, loops: list[LoopRecord], candidates: list[int]) -> int | None:
     """The position of the stored version of `record` among `candidates` (the unmatched
     stored records of its id), or None: the merge key of `merge_sessions`."""
+    agent = record.agent_id
+    candidates = [slot for slot in candidates if not agent or loops[slot].agent_id in (agent, "")]
     for slot in candidates:
         if loops[slot].started_at == record.started_at:
             return slot
