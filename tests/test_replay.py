@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phi_session.adapters import AdapterCore
-from phi_session.codec import decode_messages
+from phi_session.codec import decode_messages, decode_session
 from phi_session.cost import Pricer
 from phi_session.diff import diff_loops
 from phi_session.errors import (
@@ -41,6 +41,7 @@ from phi_session.messages import (
     AgentMessage,
     AnnotatedRequestPayload,
     AssistantMessage,
+    ExtensionMessage,
     TextContent,
     ThinkingContent,
     ToolCall,
@@ -65,6 +66,7 @@ from phi_session.replay import (
 from phi_session.replay.request import compare_messages, summarize
 from phi_session.stores import JsonDirStore
 
+from .conftest import GOLDEN
 from .test_model import chain_of
 
 SNAP = LoopConfigSnapshot(model="house-model", provider="acme")
@@ -1397,6 +1399,30 @@ def test_fork_keeps_the_captured_context_where_it_does_not_end_with_the_turns_in
         "user '2 + 2?'",  # the turn's inputs, as recorded
         "user '3 + 3?'",
     ]
+
+
+@pytest.mark.spec  # phi-core's own recording: its captured request holds no extension message
+@pytest.mark.parametrize("prompt", [None, "What about Paris?"])
+def test_fork_sends_a_captured_request_without_the_turns_extension_inputs(prompt: str | None) -> None:
+    # Turn 0's inputs are the user's prompt then an extension message, which phi-core
+    # never sends to a model: the fork matched none of them at the captured request's
+    # end, so it sent the prompt twice (or the old prompt before the new one), and the
+    # extension message.
+    case = GOLDEN / "recorder" / "049-1sess-2loops" / "sessions"
+    session = decode_session(next(case.iterdir()).read_bytes())
+    loop = session.loops[0]
+    point = ReplayScript.from_session(session, loop.loop_id).turn(0)
+    assert [type(m).__name__ for m in point.inputs] == ["UserMessage", "ExtensionMessage"]
+    seen: list[RequestShape] = []
+    tracer = Tracer(sinks=[SessionRecorder()], config=SNAP)
+    fork(session, loop.loop_id, 0, model=counting_model(seen), tracer=tracer, prompt=prompt)
+    expected = (
+        point.request.messages
+        if prompt is None
+        else (UserMessage(content=(TextContent(text=prompt),), timestamp=0),)
+    )
+    assert [summarize(m) for m in seen[0].messages] == [summarize(m) for m in expected]
+    assert not any(isinstance(m, ExtensionMessage) for m in seen[0].messages)
 
 
 def test_fork_with_another_prompt_and_a_replaced_tool_result(world: World) -> None:

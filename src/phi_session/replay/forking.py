@@ -34,7 +34,7 @@ from ..messages import AgentMessage, AssistantMessage, Content, TextContent, Too
 from ..model import Session, mark_replayed
 from .lineage import fork_lineage
 from .recorded import ModelFn
-from .request import RequestShape, compare_messages
+from .request import RequestShape, compare_messages, reaches_model
 from .script import RecordedTurn, ReplayScript
 
 __all__ = ["ToolFn", "fork"]
@@ -90,6 +90,12 @@ def _repeat(loop: LoopScope, turn: RecordedTurn, replaced: Mapping[str, tuple[Co
                 _finish_recorded(tool, None if recorded is None else _apply(recorded, replaced))
         for _, message in steering:
             scope.user(message)
+
+
+def _sent(message: AgentMessage, captured: bool) -> bool:
+    """Whether the fork sends `message` to its model: a captured request holds only what
+    the model received, never an extension message; a rebuilt one holds them all."""
+    return not captured or reaches_model(message)
 
 
 def _inputs_at_end(messages: Sequence[AgentMessage], inputs: Sequence[AgentMessage]) -> int:
@@ -196,7 +202,9 @@ def fork(
         described["tool_results"] = sorted(replaced)
     lineage = fork_lineage(script, turn_index, tag=tag, change=described or None)
     request = point.request
-    earlier = request.messages[: len(request.messages) - _inputs_at_end(request.messages, point.inputs)]
+    captured = point.captured is not None
+    own = [m for m in point.inputs if _sent(m, captured)]
+    earlier = request.messages[: len(request.messages) - _inputs_at_end(request.messages, own)]
     # Only the results after the previous turn's reply (the context's last assistant
     # message) are replaced: an earlier turn may have made a call of the same id.
     replies = (i for i, m in enumerate(earlier) if isinstance(m, AssistantMessage))
@@ -209,7 +217,9 @@ def fork(
         for position, turn in enumerate(script.turns[:turn_index]):
             _repeat(loop, turn, replaced if position == turn_index - 1 else {})
         for message in inputs:
-            context.append(loop.user(message))
+            recorded = loop.user(message)
+            if _sent(recorded, captured):
+                context.append(recorded)
         for _ in range(max_turns):
             with loop.turn() as scope:
                 shape = RequestShape(

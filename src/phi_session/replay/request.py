@@ -28,23 +28,23 @@ order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 
 from ..diff import same_json
 from ..messages import (
+    LLM_MESSAGE_TYPES,
     AgentMessage,
     AnnotatedRequestPayload,
-    AssistantMessage,
     ImageContent,
+    Message,
     TextContent,
     TextFormat,
     ThinkingContent,
     ToolCall,
     ToolDefinition,
     ToolResultMessage,
-    UserMessage,
 )
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "compare_messages",
     "compare_tools",
     "normal_arguments",
+    "reaches_model",
     "summarize",
 ]
 
@@ -88,9 +89,7 @@ class RequestShape(msgspec.Struct, frozen=True, kw_only=True):
         options.setdefault("provenance", ())
         return AnnotatedRequestPayload(
             system_prompt=self.system_prompt or "",
-            messages=tuple(
-                m for m in self.messages if isinstance(m, (UserMessage, AssistantMessage, ToolResultMessage))
-            ),
+            messages=tuple(filter(reaches_model, self.messages)),
             tools=self.tools or (),
             model_id=model_id,
             **options,
@@ -109,6 +108,11 @@ class RequestShape(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # -- normal forms ------------------------------------------------------------------------------
+
+
+def reaches_model(message: AgentMessage) -> TypeGuard[Message]:
+    """Whether `message` is sent to a model: extension messages never are."""
+    return isinstance(message, LLM_MESSAGE_TYPES)
 
 
 def normal_arguments(arguments: Any) -> Any:
@@ -151,8 +155,8 @@ def _same_id(a: str, b: str) -> bool:
 
 
 def _normal(message: AgentMessage) -> _Normal | None:
-    if not isinstance(message, (UserMessage, AssistantMessage, ToolResultMessage)):
-        return None  # extension messages never reach a model
+    if not reaches_model(message):
+        return None
     text: list[str] = []
     thinking: list[str] = []
     images: list[tuple[str, str]] = []
