@@ -20,7 +20,7 @@ from phi_session.cli.render import STATUS_STYLES
 from phi_session.cli.render_diff import _Sides
 from phi_session.diff import LoopDiff, SessionDiff, diff_loops, diff_sessions
 
-from .diff_support import BASE, Step, Stored, store_colon_ids, store_fork
+from .diff_support import BASE, Step, Stored, record_turnless, store_colon_ids, store_fork
 
 HOSTILE = "\x1b[31mred[/] [bold]not markup[/bold]"
 FORK = [*BASE[:2], Step("Saturday: Orsay.\nSunday: Louvre.\nBring sunglasses."), Step(HOSTILE)]
@@ -63,6 +63,22 @@ def test_identical_loops_and_json(store: Stored) -> None:
     assert data["diff"] == "loops" and data["first_divergence"]["turn"] == 2
     expected = diff_loops(store.forked, parent, store.forked, fork)
     assert msgspec.json.decode(result.stdout, type=LoopDiff | SessionDiff) == expected
+
+
+def test_loops_without_turns_that_ended_otherwise(tmp_path: Path) -> None:
+    # A rejected input against a compaction pass: "no divergence: the runs match in content".
+    session, ids = record_turnless(tmp_path)
+    refs = (f"{session.session_id}:{ids['injection']}", f"{session.session_id}:{ids['compaction']}")
+    result = run("diff", "--store", tmp_path, *refs)
+    assert result.exit_code == EXIT_OK, result.stderr
+    out = result.stdout
+    assert "match in content" not in out and "prompt injection" in out
+    assert "loop \u2260 changed" in out and "no turns on either side" in out
+    assert out.strip().splitlines()[-1] == "first divergence: loop.status changed (and 1 more)"
+    data = run("diff", "--json", "--store", tmp_path, *refs).stdout
+    expected = diff_loops(session, ids["injection"], session, ids["compaction"])
+    assert msgspec.json.decode(data, type=LoopDiff | SessionDiff) == expected
+    assert json.loads(data)["first_divergence"]["path"] == "loop.status"
 
 
 def test_loop_options_and_sessions(store: Stored) -> None:

@@ -21,7 +21,7 @@ from phi_session.diff import (
 )
 from phi_session.errors import InvalidArgument, LoopNotFound, SessionNotFound
 
-from .diff_support import BASE, Run, Step, record_runs
+from .diff_support import BASE, Run, Step, record_runs, record_turnless
 
 
 def changed(step: int, **fields: object) -> list[Step]:
@@ -162,6 +162,54 @@ def test_a_fork_against_its_parent_names_the_first_differing_turn() -> None:
     assert (diff.first_divergence.turn, diff.first_divergence.path) == (2, "output.text")
     assert diff.b.continuation == "Branch:fork" and diff.b.parent_loop_id == parent
     assert diff.a.continuation == "Initial" and diff.b.position == 1
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "path", "kind", "values", "more"),
+    [
+        ("injection", "rate limited", "loop.rejection", "changed", ("prompt injection", "rate limited"), 0),
+        ("injection", "compaction", "loop.status", "changed", ("Rejected", "Completed"), 1),
+        ("aborted hello", "aborted bye", "loop.messages[0]", "changed", ("hello", "bye"), 0),
+        ("compaction", "aborted bye", "loop.messages[0]", "added", (msgspec.UNSET, "bye"), 2),
+    ],
+)
+def test_loops_without_turns_differ_in_their_messages_and_how_they_ended(
+    a: str, b: str, path: str, kind: str, values: tuple[object, object], more: int
+) -> None:
+    # Only turns were compared: two inputs rejected for other reasons, a rejected input
+    # and a compaction pass, two prompts that failed at once were all "identical".
+    session, ids = record_turnless()
+    diff = diff_loops(session, ids[a], session, ids[b])
+    assert not diff.identical and diff.turns == ()
+    change = diff.changes[0]
+    assert (change.field, change.path, change.kind, change.a, change.b) == ("loop", path, kind, *values)
+    assert len(diff.changes) == 1 + more
+    assert diff.first_divergence == FirstDifference(
+        loop_a=ids[a],
+        loop_b=ids[b],
+        turn=None,
+        field="loop",
+        path=path,
+        summary=f"{path} {kind}" + (f" (and {more} more)" if more else ""),
+    )
+    assert msgspec.json.decode(msgspec.json.encode(diff), type=LoopDiff | SessionDiff) == diff
+    assert diff_loops(session, ids[a], session, ids[a]).identical
+    assert diff_sessions(session, session).identical
+
+
+def test_how_a_loop_ended_counts_after_its_turns() -> None:
+    session, (a, b) = record_runs([Run(BASE), Run(changed(0, text="Looking."))])
+    loops = {record.loop_id: record for record in session.loops}
+    loops[b].status, loops[b].error = "Aborted", "boom"
+    diff = diff_loops(session, a, session, b)
+    assert [(c.path, c.a, c.b) for c in diff.changes] == [
+        ("loop.status", "Completed", "Aborted"),
+        ("loop.error", None, "boom"),
+    ]
+    assert diff.first_divergence is not None and diff.first_divergence.path == "output.text"
+    loops[b].turns = loops[a].turns
+    first = diff_loops(session, a, session, b).first_divergence
+    assert first is not None and first.summary == "loop.status changed (and 1 more)"
 
 
 def test_json_round_trip() -> None:

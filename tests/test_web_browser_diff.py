@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
+from phi_session.model import Session
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.web.server import ViewerServer
 
-from .diff_support import BASE, Run, Step, Stored, record_runs, store_fork
+from .diff_support import BASE, Run, Step, Stored, record_runs, record_turnless, store_fork
 from .test_web_browser import ARTIFACTS, Watched, browser, expect, loop_details
 from .web_support import running_server
 
@@ -39,7 +41,15 @@ def replayed(runs: Stored) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(runs: Stored, replayed: tuple[str, str]) -> Iterator[ViewerServer]:
+def turnless(runs: Stored) -> tuple[Session, dict[str, str]]:
+    """A session of loops without turns (`record_turnless`), in the store of `runs`."""
+    return record_turnless(runs.directory)
+
+
+@pytest.fixture(scope="module")
+def server(
+    runs: Stored, replayed: tuple[str, str], turnless: tuple[Session, dict[str, str]]
+) -> Iterator[ViewerServer]:
     with JsonDirStore(runs.directory) as store, running_server(store) as running:
         yield running
 
@@ -102,6 +112,26 @@ def test_a_replay_compared_with_its_parent_does_not_diverge(
     )
     assert "Rerun:replay" in page.locator(".diff-sides").inner_text()
     expect(page.locator(".diff-turn.diff-equal")).to_have_count(3)
+
+
+def test_a_rejected_input_against_a_compaction_pass(
+    watched: Watched, turnless: tuple[Session, dict[str, str]]
+) -> None:
+    page = watched.page
+    session, ids = turnless
+    query = urlencode({"a": f"{session.session_id}:{ids['injection']}", "b": f"{session.session_id}:#3"})
+    page.goto(f"/#/diff?{query}")
+    expect(page.locator(".loop-diff .first-divergence")).to_have_text(
+        "First divergence: loop.status changed (and 1 more)"
+    )
+    rows = page.locator(".diff-loop-changes tbody tr")
+    expect(rows).to_have_count(2)
+    cells = [rows.nth(index).locator("td").all_inner_texts() for index in range(2)]
+    assert [[cell.strip() for cell in row] for row in cells] == [
+        ["loop.status", "Rejected", "Completed"],
+        ["loop.rejection", "prompt injection", "null"],
+    ]
+    expect(page.locator(".diff-turns")).to_have_text("No turns on either side.")
 
 
 def test_pick_any_two_loops_across_sessions(watched: Watched, runs: Stored) -> None:

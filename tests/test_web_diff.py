@@ -13,7 +13,7 @@ from phi_session.diff import LoopDiff, SessionDiff, diff_loops, diff_sessions
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.web.server import ViewerServer
 
-from .diff_support import BASE, Step, Stored, store_colon_ids, store_fork
+from .diff_support import BASE, Step, Stored, record_turnless, store_colon_ids, store_fork
 from .test_web_api import get_json, request
 from .web_support import running_server
 
@@ -55,6 +55,20 @@ def test_two_sessions(server: ViewerServer, runs: Stored) -> None:
     body = get_json(server, diff_path(a=forked.session_id, b=other.session_id))
     assert body["diff"] == "sessions" and body["first_divergence"]["field"] == "loop"
     assert msgspec.convert(body, LoopDiff | SessionDiff) == diff_sessions(forked, other)
+
+
+def test_loops_without_turns_that_ended_otherwise(tmp_path: Path) -> None:
+    # Two inputs rejected for other reasons were "identical".
+    session, ids = record_turnless(tmp_path)
+    sid = session.session_id
+    with JsonDirStore(tmp_path) as store, running_server(store) as running:
+        body = get_json(running, diff_path(a=f"{sid}:{ids['injection']}", b=f"{sid}:{ids['rate limited']}"))
+    assert body["first_divergence"]["field"] == "loop" and body["first_divergence"]["turn"] is None
+    assert [(c["path"], c["a"], c["b"]) for c in body["changes"]] == [
+        ("loop.rejection", "prompt injection", "rate limited")
+    ]
+    expected = diff_loops(session, ids["injection"], session, ids["rate limited"])
+    assert msgspec.convert(body, LoopDiff | SessionDiff) == expected
 
 
 def test_two_sessions_whose_ids_hold_a_colon(tmp_path: Path) -> None:

@@ -17,6 +17,11 @@ of B) and reports, per turn, what differs in content:
   matched to the calls in call order;
 * ``stop_reason`` and ``error`` (the assistant message's error text).
 
+A loop also differs in itself (`LoopDiff.changes`, field ``loop``): in how it ended
+(``loop.status``, ``loop.rejection``, ``loop.error``) and, when neither side has a
+turn (an aborted prompt, a compaction pass), in its messages (``loop.messages[0]``);
+a rejected loop holds no message. These count after its turns.
+
 Runs are expected to differ in timing and token counts, so those are reported as
 deltas (`UsageDelta`, seconds), never as divergence; so are the model that
 answered and the tool call ids (`TurnDiff.incidental`), which a fresh run assigns
@@ -93,6 +98,7 @@ FieldName = Literal[
     "error",
     "model",
     "tool_call_id",
+    "loop",
 ]
 TurnStatus = Literal["equal", "changed", "added", "removed"]
 
@@ -174,7 +180,8 @@ class FirstDifference(_Result, frozen=True):
 
     `turn` is the turn index (None when a whole loop exists on one side only);
     `field` and `path` are those of the first change (``turn`` for a turn on one
-    side only, ``loop`` for a loop on one side only); `summary` says it in a line.
+    side only, ``loop`` for a loop on one side only or one that differs in itself);
+    `summary` says it in a line.
     """
 
     loop_a: str | None
@@ -208,24 +215,26 @@ class LoopSide(_Result, frozen=True):
     seconds: float | None
 
 
-class LoopDiff(_Result, frozen=True, tag="loops", tag_field="diff"):
+class LoopDiff(_Result, frozen=True, kw_only=True, tag="loops", tag_field="diff"):
     """Loop A against loop B, turn by turn (`diff_loops`).
 
-    `turns` holds one `TurnDiff` per position of the longer loop. `first_divergence`
-    is None when no turn diverges (`identical`). `usage_delta` and `seconds_delta`
-    compare the loops' totals, B minus A.
+    `turns` holds one `TurnDiff` per position of the longer loop; `changes` what
+    differs in the loops themselves (field ``loop``, see the module docstring).
+    `first_divergence` is None when neither does (`identical`). `usage_delta` and
+    `seconds_delta` compare the loops' totals, B minus A.
     """
 
     a: LoopSide
     b: LoopSide
     turns: tuple[TurnDiff, ...]
+    changes: tuple[FieldChange, ...] = ()
     first_divergence: FirstDifference | None
     usage_delta: UsageDelta
     seconds_delta: float | None
 
     @property
     def identical(self) -> bool:
-        """No turn diverges (timing, usage and incidental differences aside)."""
+        """Neither a turn nor the loops differ (timing, usage and incidental differences aside)."""
         return self.first_divergence is None
 
     @property
@@ -392,13 +401,28 @@ def _diff_pair(session_a: Session, index_a: int, session_b: Session, index_b: in
         _diff_turn(index, a.get_turn(index), b.get_turn(index))
         for index in range(max(len(a.turns), len(b.turns)))
     ]
+    changes = tuple(_loop_changes(a, b))
     first = next((turn for turn in turns if turn.diverged), None)
+    if first is not None:
+        divergence: FirstDifference | None = _divergence(a.loop_id, b.loop_id, first)
+    elif changes:
+        divergence = FirstDifference(
+            loop_a=a.loop_id,
+            loop_b=b.loop_id,
+            turn=None,
+            field="loop",
+            path=changes[0].path,
+            summary=_what(changes),
+        )
+    else:
+        divergence = None
     both_ended = side_a.seconds is not None and side_b.seconds is not None
     return LoopDiff(
         a=side_a,
         b=side_b,
         turns=tuple(turns),
-        first_divergence=None if first is None else _divergence(a.loop_id, b.loop_id, first),
+        changes=changes,
+        first_divergence=divergence,
         usage_delta=UsageDelta.between(side_a.usage, side_b.usage),
         seconds_delta=round((side_b.seconds or 0.0) - (side_a.seconds or 0.0), 9) if both_ended else None,
     )
@@ -409,11 +433,7 @@ def _divergence(loop_a: str, loop_b: str, turn: TurnDiff) -> FirstDifference:
         where = "B" if turn.status == "added" else "A"
         field, path, what = "turn", f"turns[{turn.index}]", f"only in {where}"
     else:
-        change = turn.changes[0]
-        field, path = change.field, change.path
-        what = f"{path} {change.kind}"
-        if len(turn.changes) > 1:
-            what += f" (and {len(turn.changes) - 1} more)"
+        field, path, what = turn.changes[0].field, turn.changes[0].path, _what(turn.changes)
     return FirstDifference(
         loop_a=loop_a,
         loop_b=loop_b,
@@ -422,6 +442,30 @@ def _divergence(loop_a: str, loop_b: str, turn: TurnDiff) -> FirstDifference:
         path=path,
         summary=f"turn {turn.index}: {what}",
     )
+
+
+def _what(changes: Sequence[FieldChange]) -> str:
+    """The first of `changes` in a line, and how many more there are."""
+    first = changes[0]
+    more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+    return f"{first.path} {first.kind}{more}"
+
+
+def _loop_changes(a: LoopRecord, b: LoopRecord) -> Iterator[FieldChange]:
+    """What differs in the loops themselves: without turns on either side their messages
+    (what their turns' inputs would show), then how each ended."""
+    if not a.turns and not b.turns:
+        yield from _text_changes("loop", "loop.messages", a.messages, b.messages)
+    for name in ("status", "rejection", "error"):
+        value_a, value_b = (getattr(record, name) for record in (a, b))
+        if value_a != value_b:  # an error not set (UNSET) shows as null
+            yield FieldChange(
+                field="loop",
+                path=f"loop.{name}",
+                kind="changed",
+                a=None if value_a is msgspec.UNSET else value_a,
+                b=None if value_b is msgspec.UNSET else value_b,
+            )
 
 
 def _diff_turn(index: int, a: Turn | None, b: Turn | None) -> TurnDiff:
@@ -487,9 +531,9 @@ def _text_change(field: FieldName, path: str, a: str, b: str) -> FieldChange:
     return FieldChange(field=field, path=path, kind="changed", a=a, b=b, text_diff=tuple(lines)[2:])
 
 
-def _inputs(turn: Turn) -> list[str]:
+def _inputs(turn: Turn) -> list[AgentMessage]:
     # The turn's tool results sit in its input messages too: they are compared as results.
-    return [_message_text(m) for m in turn.input_messages if not isinstance(m, ToolResultMessage)]
+    return [m for m in turn.input_messages if not isinstance(m, ToolResultMessage)]
 
 
 def _whole_turn(turn: Turn, kind: ChangeKind) -> Iterator[FieldChange]:
@@ -500,8 +544,8 @@ def _whole_turn(turn: Turn, kind: ChangeKind) -> Iterator[FieldChange]:
     def part(field: FieldName, path: str, value: Any) -> FieldChange:
         return FieldChange(field=field, path=path, kind=kind, **{side: value})
 
-    for index, text in enumerate(_inputs(turn)):
-        yield part("input", f"input[{index}]", text)
+    for index, message in enumerate(_inputs(turn)):
+        yield part("input", f"input[{index}]", _message_text(message))
     output = turn.output_message
     if _message_text(output):
         yield part("text", "output.text", _message_text(output))
@@ -517,16 +561,23 @@ def _whole_turn(turn: Turn, kind: ChangeKind) -> Iterator[FieldChange]:
             yield part("error", "output.error_message", output.error_message)
 
 
+def _text_changes(
+    field: FieldName, path: str, a: Sequence[AgentMessage], b: Sequence[AgentMessage]
+) -> Iterator[FieldChange]:
+    """The messages of `a` and `b` (``path[0]``...) that differ in text, by position."""
+    texts_a, texts_b = [_message_text(m) for m in a], [_message_text(m) for m in b]
+    for index in range(max(len(texts_a), len(texts_b))):
+        where = f"{path}[{index}]"
+        if index >= len(texts_b):
+            yield FieldChange(field=field, path=where, kind="removed", a=texts_a[index])
+        elif index >= len(texts_a):
+            yield FieldChange(field=field, path=where, kind="added", b=texts_b[index])
+        elif texts_a[index] != texts_b[index]:
+            yield _text_change(field, where, texts_a[index], texts_b[index])
+
+
 def _compare_inputs(a: Turn, b: Turn, changes: list[FieldChange]) -> None:
-    inputs_a, inputs_b = _inputs(a), _inputs(b)
-    for index in range(max(len(inputs_a), len(inputs_b))):
-        path = f"input[{index}]"
-        if index >= len(inputs_b):
-            changes.append(FieldChange(field="input", path=path, kind="removed", a=inputs_a[index]))
-        elif index >= len(inputs_a):
-            changes.append(FieldChange(field="input", path=path, kind="added", b=inputs_b[index]))
-        elif inputs_a[index] != inputs_b[index]:
-            changes.append(_text_change("input", path, inputs_a[index], inputs_b[index]))
+    changes.extend(_text_changes("input", "input", _inputs(a), _inputs(b)))
 
 
 def _compare_requests(a: Turn, b: Turn, changes: list[FieldChange]) -> None:

@@ -190,17 +190,22 @@ def _turn_view(turn: TurnDiff) -> RenderableType:
     )
     if not turn.changes and not turn.incidental:
         return head
+    return Group(head, _changes_table(turn.changes, turn.incidental))
+
+
+def _changes_table(changes: tuple[FieldChange, ...], incidental: tuple[FieldChange, ...] = ()) -> Table:
+    """`changes`, then the `incidental` ones dim: where, A's value, B's value."""
     table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1, 0, 2))
     table.add_column("WHAT", no_wrap=True, width=30, overflow="ellipsis")
     table.add_column("A", ratio=1, overflow="fold")
     table.add_column("B", ratio=1, overflow="fold")
-    for change in turn.changes:
+    for change in changes:
         for row in _change_rows(change):
             table.add_row(*row)
-    for change in turn.incidental:
+    for change in incidental:
         for row in _change_rows(change, "dim"):
             table.add_row(*row)
-    return Group(head, table)
+    return table
 
 
 def _divergence_line(first: FirstDifference | None) -> Text:
@@ -214,8 +219,13 @@ def _divergence_line(first: FirstDifference | None) -> Text:
 
 
 def loop_diff_view(diff: LoopDiff) -> Group:
-    """Both loops' facts side by side, every turn (changes listed), then where they first diverge."""
+    """Both loops' facts side by side, how the loops differ in themselves, every turn
+    (changes listed), then where they first diverge."""
     parts: list[RenderableType] = [_sides_table(diff.a, diff.b, diff), Text()]
+    if diff.changes:
+        head = Text("loop ", style="bold")
+        head.append(f"{_STATUS_MARKS['changed'][0]} changed", style=_STATUS_MARKS["changed"][1])
+        parts += [head, _changes_table(diff.changes), Text()]
     parts += [_turn_view(turn) for turn in diff.turns]
     if not diff.turns:
         parts.append(Text("no turns on either side", style="dim"))

@@ -994,10 +994,14 @@
       h("span", null, tokensPair(turn.usage_a, turn.usage_b, turn.usage_delta)),
       turn.status !== "added" ? link(diff.a, "open A") : null,
       turn.status !== "removed" ? link(diff.b, "open B") : null);
-    const rows = [...turn.changes.map((change) => changeRows(change, false)), ...turn.incidental.map((change) => changeRows(change, true))];
-    const table = rows.length ? h("table", { class: "data diff-changes" },
+    return h("div", { class: "diff-turn diff-" + turn.status, "data-turn-index": turn.index }, head, changesTable(turn.changes, turn.incidental));
+  }
+
+  // The changes, then the incidental ones; none: no table.
+  function changesTable(changes, incidental) {
+    const rows = [...changes.map((change) => changeRows(change, false)), ...incidental.map((change) => changeRows(change, true))];
+    return rows.length ? h("table", { class: "data diff-changes" },
       h("thead", null, h("tr", null, h("th", null, "What"), h("th", null, "A"), h("th", null, "B"))), h("tbody", null, rows)) : null;
-    return h("div", { class: "diff-turn diff-" + turn.status, "data-turn-index": turn.index }, head, table);
   }
 
   function divergenceView(first, className) {
@@ -1023,7 +1027,9 @@
     const sides = h("table", { class: "data diff-sides" },
       h("thead", null, h("tr", null, h("th", null, ""), h("th", null, "A"), h("th", null, "B"))),
       h("tbody", null, rows.map(([label, left, right]) => h("tr", null, h("th", null, label), h("td", null, left), h("td", null, right)))));
-    return h("div", { class: "loop-diff" }, h("div", { class: "table-wrap" }, sides), divergenceView(diff.first_divergence, "first-divergence"),
+    // How the loops differ in themselves (how they ended; without turns, their messages).
+    const loopChanges = diff.changes.length ? h("div", { class: "diff-loop-changes" }, changesTable(diff.changes, [])) : null;
+    return h("div", { class: "loop-diff" }, h("div", { class: "table-wrap" }, sides), divergenceView(diff.first_divergence, "first-divergence"), loopChanges,
       h("div", { class: "diff-turns" }, diff.turns.length ? diff.turns.map((turn) => turnDiffView(turn, diff)) : h("p", { class: "muted" }, "No turns on either side.")));
   }
 
