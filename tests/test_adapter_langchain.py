@@ -561,6 +561,64 @@ def test_async_runs_with_the_async_handler_interleave_correctly() -> None:
         assert loop.messages[-1].content[0].text == f"bye {name}"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
+@pytest.mark.parametrize("attached", ["listed twice", "two sharing a recorder", "model and config"])
+def test_a_handler_attached_twice_records_each_run_once(handler: type, attached: str) -> None:
+    """LangChain calls a handler listed twice (or handlers recording into the same place)
+    once per listing for the root run's own callbacks: the run is recorded once."""
+    recorder, deltas = SessionRecorder(), TextDeltas()
+    first = handler([recorder, deltas])
+    second = handler([deltas, recorder]) if attached == "two sharing a recorder" else first
+    callbacks = [first] if attached == "model and config" else [first, second]
+    bare = chat(reply("one two"))
+    if attached == "model and config":
+        bare.callbacks = [first]
+    agent = create_agent(
+        chat(reply("", ("c1", "add", {"a": 1, "b": 2})), reply("It is 3")),
+        tools=[add],
+        checkpointer=InMemorySaver(),
+    )
+    chain = ChatPromptTemplate.from_messages([("user", "{q}")]) | chat(reply("chained"))
+
+    async def run_all() -> None:
+        await collected(bare.astream("hi", {"callbacks": callbacks, "metadata": {"thread_id": "bare"}}))
+        await agent.ainvoke(
+            {"messages": [("user", "add")]}, {"callbacks": callbacks, "configurable": {"thread_id": "agent"}}
+        )
+        await chain.ainvoke({"q": "x"}, {"callbacks": callbacks, "metadata": {"thread_id": "chain"}})
+
+    if handler is AsyncPhiCallbackHandler:
+        asyncio.run(run_all())
+    else:
+        list(bare.stream("hi", {"callbacks": callbacks, "metadata": {"thread_id": "bare"}}))
+        agent.invoke(
+            {"messages": [("user", "add")]}, {"callbacks": callbacks, "configurable": {"thread_id": "agent"}}
+        )
+        chain.invoke({"q": "x"}, {"callbacks": callbacks, "metadata": {"thread_id": "chain"}})
+    sessions = recorded(recorder)
+    for thread, turns, last in (("bare", 1, "one two"), ("agent", 2, "It is 3"), ("chain", 1, "chained")):
+        (loop,) = sessions[thread].loops
+        assert loop.status == "Completed" and loop.turn_count() == turns
+        assert loop.messages[-1].content[0].text == last  # type: ignore[union-attr]
+    assert deltas.texts == ["one", " ", "two"]  # the bare call's, each once
+    assert first.core.fault_count == second.core.fault_count == 0
+
+
+class TextDeltas:
+    """A sink keeping the text deltas of the streamed replies."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def __call__(self, event: Any) -> None:
+        if isinstance(event, MessageUpdate) and event.delta.kind == "Text":
+            self.texts.append(event.delta.delta)
+
+
+async def collected(chunks: AsyncIterator[Any]) -> list[Any]:
+    return [chunk async for chunk in chunks]
+
+
 class Hanging(GenericFakeChatModel):
     """A model that never answers (streamed: after one token), keeping weak references
     to the messages it was sent in `sent`."""

@@ -511,6 +511,17 @@ class AdapterCore:
 
     # -- runs -----------------------------------------------------------------------------
 
+    def claim(self, key: object) -> bool:
+        """Whether this core records framework run `key`: False if another core recording
+        into the same place does (a framework calling both for each event of the run), until
+        that core's `unclaim`."""
+        self._record_again()  # the book of the run's destination
+        return self._book.claim((self.framework, key), self) is self
+
+    def unclaim(self, key: object) -> None:
+        """The run `key` this core claimed ended."""
+        self._book.unclaim((self.framework, key), self)
+
     def start_run(
         self,
         key: object,

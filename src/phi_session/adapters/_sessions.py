@@ -56,6 +56,19 @@ class SessionBook:
         self._idle: OrderedDict[str, AgentSession] = OrderedDict()
         self._progress: dict[str, tuple[object, ...]] = {}
         self._stored: dict[str, int] = {}  # session id -> its stored loops read (a store's sessions)
+        self._claims: dict[object, object] = {}
+
+    def claim(self, run: object, owner: object) -> object:
+        """Who records framework run `run` here: `owner` if no one did yet (a handler
+        attached twice to one run, or two recording into one place, would record it twice)."""
+        with self._lock:
+            return self._claims.setdefault(run, owner)
+
+    def unclaim(self, run: object, owner: object) -> None:
+        """`owner` is done with run `run` (its end)."""
+        with self._lock:
+            if self._claims.get(run) is owner:
+                del self._claims[run]
 
     def allow_idle(self, max_idle: int) -> None:
         """Keep at least `max_idle` idle sessions (cores sharing a book may ask for more)."""

@@ -30,7 +30,9 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   failed (``Aborted`` plus the error).
 
 The handler runs inline (``run_inline``) so events keep the run's order, and never
-raises into the host: a fault is counted and logged once, and the run goes on.
+raises into the host: a fault is counted and logged once, and the run goes on. A run
+it is attached to twice (listed twice in the callbacks, or beside another handler
+recording into the same place) is recorded once.
 """
 
 from __future__ import annotations
@@ -334,6 +336,7 @@ class _Run:
         "call_args",
         "children",
         "convert",
+        "copies",
         "handoff",
         "inputs",
         "interrupts",
@@ -347,6 +350,7 @@ class _Run:
         "reply",
         "resumes",
         "spawner",
+        "tokens",
         "turn",
     )
 
@@ -390,6 +394,12 @@ class _Run:
         self.children: set[_RunId] = set()
         """The run ids under this one still open: the run's end forgets them, as a run
         cancelled during a model call gets no end of that call (nor of its tools)."""
+        self.copies = 1
+        """How often the handler is attached to the run (listed twice in its callbacks):
+        LangChain calls it that often for each of the run's own callbacks (its children's
+        managers hold it once)."""
+        self.tokens = 0
+        """The token callbacks of the run's own model call so far, copies included."""
 
     @property
     def sub_agent(self) -> bool:
@@ -461,8 +471,16 @@ class _Mapper:
         metadata: Mapping[str, Any] | None,
         parent_tool: ToolScope | None,
         spawner: _Run | None = None,
-    ) -> _Run:
-        """A new root run (a loop), knowing what the thread's interrupted run recorded."""
+    ) -> _Run | None:
+        """A new root run (a loop), knowing what the thread's interrupted run recorded;
+        None if it is recorded already: this handler was called for it before (it is
+        attached twice), or another recording into the same place claimed it."""
+        known = self._roots.get(run_id)
+        if known is not None:
+            known.copies += 1
+            return None
+        if not self.core.claim(run_id):
+            return None
         run = _Run(run_id, metadata, parent_tool, spawner, self.core.capture_requests)
         self._roots[run_id] = run
         thread = _thread(metadata)
@@ -534,7 +552,10 @@ class _Mapper:
                         self._runs[run_id] = run
                         run.children.add(run_id)
                     return
-        run = self._runs[run_id] = self._root(run_id, metadata, parent_tool, spawner)
+        run = self._root(run_id, metadata, parent_tool, spawner)
+        if run is None:
+            return
+        self._runs[run_id] = run
         resume = getattr(inputs, "resume", None)
         if resume is not None and type(inputs).__name__ == "Command":
             # LangGraph's Command(resume=...): the answer to the interrupt is the run's input.
@@ -560,6 +581,7 @@ class _Mapper:
             self._end(run, None if interrupted else error)
 
     def _end(self, run: _Run, error: BaseException | None) -> None:
+        self.core.unclaim(run.key)
         # Copied at once (in C): a thread of the run may still register a tool.
         for child in list(run.children):
             self._runs.pop(child, None)
@@ -603,6 +625,8 @@ class _Mapper:
             # A model called by a tool (one that summarises, say) is not the next turn of
             # the tool's loop: like a graph run under a tool, it is a sub-agent.
             run = self._root(run_id, metadata, None if tool is None else tool[1], spawner)
+            if run is None:
+                return
         else:
             run = self._runs.get(parent_run_id) if parent_run_id is not None else None
             if run is None:
@@ -610,6 +634,8 @@ class _Mapper:
                     return  # under a run this handler does not record
                 # A bare model call is a loop of its own.
                 run = self._root(run_id, metadata, None)
+                if run is None:
+                    return
         metadata = metadata or {}
         params = params or {}
         # A model without a name (a fake, a custom class) goes by its LangChain type.
@@ -659,6 +685,10 @@ class _Mapper:
             # drops its late tokens, as `llm_end` drops its late result.
             if not reply.running:
                 return
+            if run.copies > 1 and run.key == run_id:
+                run.tokens += 1
+                if run.tokens % run.copies:
+                    return  # a copy: the last one is recorded
             if message is None or (
                 isinstance(token, str)
                 and token
