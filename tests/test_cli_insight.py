@@ -12,7 +12,7 @@ from phi_session.cli import EXIT_USAGE, main
 from phi_session.cost import prices_available
 from phi_session.events import LoopConfigSnapshot
 from phi_session.messages import Usage
-from phi_session.stores.conformance import make_session, talking_loop
+from phi_session.stores.conformance import calls_loop, make_session, talking_loop
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.urls import ENV_VAR
 
@@ -56,6 +56,27 @@ def test_list_and_stats_json_carry_cost(store: Path, prices: Path) -> None:
         ("acme/secret-model", None),
         ("openai/gpt-4o", 2.0),
     ]
+
+
+def test_stats_by_model_groups_calls_by_the_model_that_served_them(tmp_path: Path, prices: Path) -> None:
+    """A configured alias answered by its dated snapshot, then a fallback model: rows of the
+    serving models, whose costs add up to the total."""
+    call = Usage(input=500_000, output=0, total_tokens=500_000)
+    served = ["openai/gpt-4o-2024-08-06", "openai/gpt-4o-2024-08-06", "acme/fallback"]
+    loop = calls_loop("alias", 1, [call, call, call], model="openai/gpt-4o", served_by=served)
+    with JsonDirStore(tmp_path / "store") as sessions:
+        sessions.save(make_session("alias", loops=[loop]))
+    by_model, by_agent = (
+        json.loads(
+            run("stats", "--by", by, "--store", tmp_path / "store", "--prices", prices, "--json").stdout
+        )
+        for by in ("model", "agent")
+    )
+    assert [(row["key"], row["usage"]["input"], row["cost"]["usd"]) for row in by_model] == [
+        ("acme/fallback", 500_000, None),
+        ("openai/gpt-4o-2024-08-06", 1_000_000, 2.0),  # priced as the alias the user priced
+    ]
+    assert by_agent[0]["cost"] == {"usd": None, "sources": ["user"], "unpriced": ["acme/fallback"]}
 
 
 def test_stats_table_shows_cost_and_an_unknown_total(

@@ -214,8 +214,11 @@ def test_a_replay_without_model_or_tools_records_the_same_run_as_a_rerun(
     assert all(is_replayed(turn.output_message) for turn in replayed.turns)
     (summary,) = store.query()
     assert summary.usage == first.usage
-    (total,) = store.usage_totals("model")
-    assert total.usage == first.usage and total.loops == 2
+    # By model, the original's calls are the replying model's; the replay, which called
+    # none, stays under its config's, with no usage.
+    served, configured = store.usage_totals("model")
+    assert (served.key, served.usage, served.loops) == ("fake/fake-1", first.usage, 1)
+    assert (configured.usage.total_tokens, configured.loops) == (0, 1)
 
 
 def test_a_recording_without_requests_replays_against_its_messages(store: SqliteStore) -> None:

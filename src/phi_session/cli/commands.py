@@ -319,7 +319,7 @@ def context(session_id: str, loop_id: str, store_url: str | None, as_json: bool)
     default="agent",
     show_default=True,
     metavar="|".join(GROUP_BYS),
-    help="Group usage by agent, by model (provider/model) or by UTC day of creation.",
+    help="Group usage by agent, by model (provider/model serving each call) or by UTC day of creation.",
 )
 @prices_option
 @store_options

@@ -105,13 +105,44 @@ def stored_usage_row(
 
 
 def model_key(record: LoopRecord) -> str:
-    """A loop's ``usage_totals`` model: its config's ``provider/model``, else ``"unknown"``."""
+    """A loop's model: its config's ``provider/model``, else ``"unknown"``."""
     config = record.config
     return "unknown" if config is None else f"{config.provider}/{config.model}"
 
 
+def serving_rows(row: UsageRow) -> Sequence[UsageRow]:
+    """A loop's `row` under its model (`model_key`) as ``usage_totals("model")`` counts it:
+    split by the model that served each call (`ModelCall.served_by`, a ``provider/model``
+    key of its own), the loop's model keeping the rest."""
+    if all(call.served_by is None for call in row.calls):
+        return (row,)
+    by_key: dict[str, list[ModelCall]] = {}
+    for call in row.calls:
+        served = call.served_by
+        by_key.setdefault(row.key if served is None else f"{served[0]}/{served[1]}", []).append(call)
+    return [
+        row._replace(key=key, usage=sum((call.usage for call in calls), ZERO_USAGE), calls=calls)
+        for key, calls in by_key.items()
+    ]
+
+
+def model_totals(rows: Iterable[tuple[str, UsageRow]]) -> list[UsageTotal]:
+    """``usage_totals("model")`` of `rows` (`serving_rows`, each with its session's id), by
+    key: a session counts once in each of its models, a loop once in each that served it."""
+    groups: dict[str, tuple[set[str], int, Usage]] = {}
+    for session_id, row in rows:
+        sessions, loops, usage = groups.get(row.key) or (set(), 0, ZERO_USAGE)
+        sessions.add(session_id)
+        groups[row.key] = (sessions, loops + 1, usage + row.usage)
+    return [
+        UsageTotal(key=key, sessions=len(sessions), loops=loops, usage=usage)
+        for key, (sessions, loops, usage) in sorted(groups.items())
+    ]
+
+
 def usage_rows(session: Session, group_by: GroupBy | str) -> Iterator[UsageRow]:
-    """`session`'s loops as `UsageRow`, under their key of `usage_totals` (``session``: its id)."""
+    """`session`'s loops as `UsageRow`, under their key of `usage_totals` (``session``: its
+    id; ``model``: a loop's `serving_rows`)."""
     for record in session.loops:
         if group_by == "agent":
             key = session.agent_id
@@ -120,7 +151,8 @@ def usage_rows(session: Session, group_by: GroupBy | str) -> Iterator[UsageRow]:
         elif group_by == "session":
             key = session.session_id
         else:
-            key = model_key(record)
+            yield from serving_rows(loop_usage_row(record, model_key(record)))
+            continue
         yield loop_usage_row(record, key)
 
 
@@ -216,8 +248,9 @@ class SessionStore(Protocol):
     def usage_totals(self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None) -> list[UsageTotal]:
         """Usage summed per agent, per model or per day (`parse_group_by`), sorted by key.
 
-        ``model`` groups loops by their config's ``provider/model`` (``"unknown"``
-        without a config) and counts a session once in each of its models;
+        ``model`` groups each model call by the ``provider/model`` that served it
+        (`ModelCall.served_by`), else its loop config's (``"unknown"`` without a
+        config), and counts a session, and a loop, once in each of its models;
         ``day`` groups sessions by the UTC date of ``created_at`` (``YYYY-MM-DD``).
         Usage is `LoopRecord.billed_usage`. With a `pricer`, each total also has its
         ``cost`` (`Pricer.price_totals`: each model call at its model's price, and tier,

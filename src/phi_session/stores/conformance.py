@@ -21,6 +21,7 @@ import pytest when they run.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -301,15 +302,18 @@ def calls_loop(
     index: int,
     calls: Sequence[Usage],
     *,
-    model: str = TIERED_MODEL,
+    model: str | None = TIERED_MODEL,
     started_at: Timestamp | None = None,
+    served_by: Sequence[str] = (),
 ) -> LoopRecord:
     """`make_loop` of `model` whose turns are one model call each, of the `calls` usages,
-    a second apart; the loop's usage is their sum."""
+    a second apart; the loop's usage is their sum. Call ``n``'s reply names the
+    ``provider/model`` ``served_by[n]`` (default: the loop's `model`)."""
     record = make_loop(session_id, index, model=model, started_at=started_at)
-    provider, _, name = model.partition("/")
     usage = ZERO_USAGE
     for number, call in enumerate(calls):
+        serving = served_by[number] if number < len(served_by) else model
+        provider, _, name = (serving or "").partition("/")
         turn_id = TurnId(loop_id=record.loop_id, turn_index=number)
         start = Timestamp.from_ns(record.started_at.ns + number * 1_000_000_000)
         reply = AssistantMessage(
@@ -1241,6 +1245,60 @@ class StoreConformance:
             assert isinstance(row.cost, Cost) and row.cost.usd == _approx(2 * one), by
         assert pricer.outline(store.load_outline("tiered")).usd == _approx(2 * one)
         assert pricer.session(store.load("tiered")).usd == _approx(2 * one)
+
+    def test_usage_totals_by_model_go_by_the_model_that_served_each_call(self, store: SessionStore) -> None:
+        # An alias served by its dated snapshot, a model switched mid-loop, a loop without a
+        # config: each call's usage (and cost) is its serving model's.
+        def tokens(n: int) -> Usage:
+            return Usage(input=n, output=n // 10, total_tokens=n + n // 10)
+
+        gpt, snapshot, claude, mini = (
+            "openai/gpt-4o",
+            "openai/gpt-4o-2024-08-06",
+            "anthropic/claude-sonnet-4-5",
+            "openai/gpt-4o-mini",
+        )
+        sessions = [
+            make_session(
+                "alias",
+                loops=[
+                    calls_loop(
+                        "alias", 1, [tokens(1000), tokens(2000)], model=gpt, served_by=[snapshot, snapshot]
+                    ),
+                    calls_loop("alias", 2, [tokens(300), tokens(400)], model=gpt, served_by=[gpt, claude]),
+                ],
+            ),
+            make_session("plain", loops=[calls_loop("plain", 1, [tokens(50)], model=claude)]),
+            make_session("bare", loops=[calls_loop("bare", 1, [tokens(70)], model=None, served_by=[mini])]),
+        ]
+        for session in sessions:
+            store.save(session)
+        pricer = Pricer(
+            {"gpt-4o": {"input": 2, "output": 8}, "claude-sonnet-4-5": {"input": 3, "output": 15}},
+            use_table=False,
+        )
+        by_model = store.usage_totals("model", pricer=pricer)
+        assert [msgspec.structs.replace(row, cost=msgspec.UNSET) for row in by_model] == [
+            UsageTotal(key=claude, sessions=2, loops=2, usage=tokens(400) + tokens(50)),
+            UsageTotal(key=gpt, sessions=1, loops=1, usage=tokens(300)),
+            UsageTotal(key=snapshot, sessions=1, loops=1, usage=tokens(1000) + tokens(2000)),
+            UsageTotal(key=mini, sessions=1, loops=1, usage=tokens(70)),
+        ]
+        assert store.usage_totals("model") == [
+            msgspec.structs.replace(row, cost=msgspec.UNSET) for row in by_model
+        ]
+        costs = {row.key: row.cost for row in by_model}
+        # The snapshot is priced as the alias the user priced; the mini has no price.
+        assert costs[snapshot] == Cost(usd=_approx(3000 * 2e-6 + 300 * 8e-6), sources=("user",))
+        assert costs[mini] == Cost(usd=None, unpriced=(mini,))
+        assert {row.key: row.cost for row in cost_totals(sessions, "model", pricer)} == costs
+        [everything] = store.usage_totals("agent", pricer=pricer)
+        assert everything.usage == _sum(row.usage for row in by_model)
+        assert isinstance(everything.cost, Cost) and everything.cost.unpriced == (mini,)
+        # The rows add up to the cost of the priced sessions, which price each call alike.
+        priced = [cost.usd for key, cost in costs.items() if key != mini and isinstance(cost, Cost)]
+        alias, plain = (pricer.session(session).usd for session in sessions[:2])
+        assert alias is not None and plain is not None and math.fsum(priced) == _approx(alias + plain)  # type: ignore[arg-type]
 
     def test_usage_totals_count_sessions_without_loops(self, store: SessionStore) -> None:
         store.save(make_session("empty", "idle", loops=[]))

@@ -67,7 +67,9 @@ from .base import (
     merge_part,
     merge_sessions,
     model_key,
+    model_totals,
     query_selects,
+    serving_rows,
     session_to_save,
     summarize_parts,
     validate_session_id,
@@ -824,26 +826,25 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         `SessionStore.usage_totals`), from the cached summaries."""
         group_by = parse_group_by(group_by)
         check_pricer(pricer)
+        entries = self._entries()
+        if group_by == "model":
+            served = [
+                (session_id, part)
+                for session_id, entry in entries
+                for row in entry.rows
+                for part in serving_rows(row)
+            ]
+            totals = model_totals(served)
+            return totals if pricer is None else pricer.price_totals(totals, [row for _, row in served])
         groups: dict[str, tuple[int, int, Usage]] = {}
         rows: list[UsageRow] = []
-        for _, entry in self._entries():
+        for _, entry in entries:
             summary = entry.summary
-            if group_by == "model":
-                sums: dict[str, tuple[int, Usage]] = {}
-                for row in entry.rows:
-                    loops, usage = sums.get(row.key, (0, ZERO_USAGE))
-                    sums[row.key] = (loops + 1, usage + row.usage)
-                parts = [(key, loops, usage) for key, (loops, usage) in sums.items()]
-            else:
-                key = summary.agent_id if group_by == "agent" else str(summary.created_at).partition("T")[0]
-                parts = [(key, summary.loop_count, summary.usage)]
+            key = summary.agent_id if group_by == "agent" else str(summary.created_at).partition("T")[0]
             if pricer is not None:
-                rows.extend(
-                    row if group_by == "model" else row._replace(key=parts[0][0]) for row in entry.rows
-                )
-            for key, loops, usage in parts:
-                sessions, total_loops, total = groups.get(key, (0, 0, ZERO_USAGE))
-                groups[key] = (sessions + 1, total_loops + loops, total + usage)
+                rows.extend(row._replace(key=key) for row in entry.rows)
+            sessions, loops, usage = groups.get(key, (0, 0, ZERO_USAGE))
+            groups[key] = (sessions + 1, loops + summary.loop_count, usage + summary.usage)
         totals = [
             UsageTotal(key=key, sessions=sessions, loops=loops, usage=usage)
             for key, (sessions, loops, usage) in sorted(groups.items())

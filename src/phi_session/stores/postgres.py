@@ -119,7 +119,9 @@ from .base import (
     loops_a_merge_touches,
     merge_part,
     model_key,
+    model_totals,
     query_selects,
+    serving_rows,
     session_to_save,
     stored_usage_row,
     summarize,
@@ -1460,10 +1462,10 @@ class PostgresStore(AsyncTwins):
         return self._explain(statement, params, analyze=analyze)
 
     def usage_totals(self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None) -> list[UsageTotal]:
-        """Usage summed per agent, per ``provider/model`` of the loops (``"unknown"``
-        without a config; a session counts once in each of its models) or per UTC day
-        of ``created_at`` (``YYYY-MM-DD``), sorted by key; with a `pricer`, the loops'
-        rows are read too and priced (see `SessionStore.usage_totals`)."""
+        """Usage summed per agent, per ``provider/model`` that served the calls
+        (`serving_rows`; ``"unknown"`` without a config; a session counts once in each of
+        its models) or per UTC day of ``created_at`` (``YYYY-MM-DD``), sorted by key; with
+        a `pricer`, the loops' rows are read too and priced (see `SessionStore.usage_totals`)."""
         group_by = parse_group_by(group_by)
         check_pricer(pricer)
         sums = ", ".join(f"sum({column})" for column in USAGE_COLUMNS)
@@ -1472,6 +1474,14 @@ class PostgresStore(AsyncTwins):
         else:
             counts, table = "count(*), sum(loop_count)", "sessions"
         with self._cursor(f"summing usage by {group_by}") as cur:
+            if group_by == "model" and self._served_elsewhere(cur):
+                served = [
+                    (session_id, part)
+                    for session_id, row in self._exact_usage_rows(cur, group_by)
+                    for part in serving_rows(row)
+                ]
+                totals = model_totals(served)
+                return totals if pricer is None else pricer.price_totals(totals, [row for _, row in served])
             cur.execute(
                 self._sql(
                     f"SELECT {_GROUP_KEY[group_by]} AS key, {counts}, {sums} FROM {{s}}.{table}"
@@ -1485,18 +1495,32 @@ class PostgresStore(AsyncTwins):
             totals = self._exact_totals(cur, group_by, totals)
             if pricer is None:
                 return totals
-            rows = self._usage_rows(cur, group_by)
-            # Names holding U+FFFD may stand for NUL too (`_text`): those rows' JSON says.
-            if any(_BLURRED in f"{row.key}{row.provider}{row.model}" for row in rows):
-                rows = [row for row in rows if _BLURRED not in f"{row.key}{row.provider}{row.model}"]
-                rows += self._usage_rows(cur, group_by, exact=True)
+            rows = [row for _, row in self._exact_usage_rows(cur, group_by)]
         return pricer.price_totals(totals, rows)
+
+    def _served_elsewhere(self, cur: psycopg.Cursor[Row]) -> bool:
+        """Whether a loop has a call its config's model did not serve: stored calls name a
+        serving model only as JSON text (`ModelCall.served_by`), other calls hold numbers."""
+        cur.execute(
+            self._sql("SELECT 1 FROM {s}.loops WHERE position(%s::bytea IN calls) > 0 LIMIT 1"), (b'"',)
+        )
+        return cur.fetchone() is not None
+
+    def _exact_usage_rows(self, cur: psycopg.Cursor[Row], group_by: GroupBy) -> list[tuple[str, UsageRow]]:
+        """Every loop's `UsageRow` and its session's id, its key and names as its JSON has them."""
+        rows = self._usage_rows(cur, group_by)
+        # Names holding U+FFFD may stand for NUL too (`_text`): those rows' JSON says.
+        if any(_BLURRED in f"{row.key}{row.provider}{row.model}" for _, row in rows):
+            rows = [(sid, row) for sid, row in rows if _BLURRED not in f"{row.key}{row.provider}{row.model}"]
+            rows += self._usage_rows(cur, group_by, exact=True)
+        return rows
 
     def _usage_rows(
         self, cur: psycopg.Cursor[Row], group_by: GroupBy, *, exact: bool = False
-    ) -> list[UsageRow]:
-        """Every loop's `UsageRow`, its key and names as the columns hold them; `exact`:
-        only the loops whose key or names hold U+FFFD, as their JSON holds them."""
+    ) -> list[tuple[str, UsageRow]]:
+        """Every loop's `UsageRow` and its session's id, its key and names as the columns
+        hold them; `exact`: only the loops whose key or names hold U+FFFD, as their JSON
+        holds them."""
         key_column = _ROW_KEY[group_by]
         tokens = ", ".join(f"l.{column}" for column in USAGE_COLUMNS)
         json, where = (
@@ -1506,22 +1530,22 @@ class PostgresStore(AsyncTwins):
         )
         cur.execute(
             self._sql(
-                f"SELECT {key_column}, l.provider, l.model, l.calls, l.started_at_ns, {json}, {tokens}"
+                f"SELECT l.session_id, {key_column}, l.provider, l.model, l.calls, l.started_at_ns,"
+                f" {json}, {tokens}"
                 f" FROM {{s}}.loops l JOIN {{s}}.sessions s USING (session_id){where}"
             ),
             (_BLURRED,) if exact else None,
         )
         rows = []
-        for key, provider, model, calls, started, record, header, *usage in cur.fetchall():
+        for session_id, key, provider, model, calls, started, record, header, *usage in cur.fetchall():
             if exact:
                 loop = _exact_loop(record)
                 if loop is not None:
                     config = loop.config
                     provider, model = (None, None) if config is None else (config.provider, config.model)
                 key = _exact_key(group_by, key, loop, header)
-            rows.append(
-                stored_usage_row(key, provider, model, calls, Timestamp.from_ns(started), _usage(usage))
-            )
+            row = stored_usage_row(key, provider, model, calls, Timestamp.from_ns(started), _usage(usage))
+            rows.append((session_id, row))
         return rows
 
     def _exact_totals(

@@ -86,6 +86,8 @@ from .base import (
     collect_hits,
     loops_a_merge_touches,
     merge_part,
+    model_totals,
+    serving_rows,
     session_to_save,
     stored_usage_row,
     summarize,
@@ -866,11 +868,17 @@ _ROWS_FROM_SQL = (
     f"l.provider, l.model, l.calls, l.started_at_ns, {_LOOP_TOKENS_SQL} "
     "FROM loops l JOIN sessions s USING (session_id)"
 )
+_LOOP_MODEL_SQL = "COALESCE(l.provider || '/' || l.model, 'unknown')"
 _ROWS_SQL: dict[str, str] = {
     "agent": f"SELECT s.agent_id, {_ROWS_FROM_SQL}",
     "day": f"SELECT substr(s.created_at, 1, instr(s.created_at, 'T') - 1), {_ROWS_FROM_SQL}",
-    "model": f"SELECT COALESCE(l.provider || '/' || l.model, 'unknown'), {_ROWS_FROM_SQL}",
+    "model": f"SELECT {_LOOP_MODEL_SQL}, {_ROWS_FROM_SQL}",
 }
+# The model rows with their session's id (`model_totals` counts sessions).
+_SESSION_ROWS_SQL = f"SELECT l.session_id, {_LOOP_MODEL_SQL}, {_ROWS_FROM_SQL}"
+# Stored calls name a serving model only as JSON text (`ModelCall.served_by`), and
+# other calls hold numbers only: loops without a quote are totalled by their config.
+_SERVED_ELSEWHERE_SQL = "SELECT 1 FROM loops WHERE instr(calls, CAST('\"' AS BLOB)) > 0 LIMIT 1"
 
 
 def _usage_of(tokens: Sequence[int]) -> Usage:
@@ -884,11 +892,9 @@ def _usage_by_key(session: Session, group_by: GroupBy) -> dict[str, tuple[int, U
     if group_by == "day":
         return {str(session.created_at).partition("T")[0]: (len(session.loops), session.billed_usage())}
     by_model: dict[str, tuple[int, Usage]] = {}
-    for record in session.loops:
-        config = record.config
-        key = "unknown" if config is None else f"{config.provider}/{config.model}"
-        loops, usage = by_model.get(key, (0, ZERO_USAGE))
-        by_model[key] = (loops + 1, usage + record.billed_usage())
+    for row in usage_rows(session, group_by):
+        loops, usage = by_model.get(row.key, (0, ZERO_USAGE))
+        by_model[row.key] = (loops + 1, usage + row.usage)
     return by_model
 
 
@@ -1671,16 +1677,31 @@ class SqliteStore(AsyncTwins):
         return "\n".join(str(row[-1]) for row in rows)
 
     def usage_totals(self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None) -> list[UsageTotal]:
-        """Usage per agent, per ``provider/model`` (``"unknown"``: loops without a config)
-        or per UTC day of the sessions' creation (``YYYY-MM-DD``), sorted by key; see
-        `SessionStore.usage_totals`. One SQL aggregate over the summary columns; with a
-        `pricer`, the loops' rows are read too (one snapshot) and priced."""
+        """Usage per agent, per ``provider/model`` that served the calls (``"unknown"``:
+        loops without a config) or per UTC day of the sessions' creation (``YYYY-MM-DD``),
+        sorted by key; see `SessionStore.usage_totals`. One SQL aggregate over the summary
+        columns (by model, once a call was served by another model than its loop's config,
+        the loops' rows split by `serving_rows`); with a `pricer`, the loops' rows are read
+        too (one snapshot) and priced."""
         group_by = parse_group_by(group_by)
         check_pricer(pricer)
         rows: list[UsageRow] = []
         with self._transaction("usage totals") as conn:
             if conn.execute("SELECT 1 FROM sessions WHERE NOT exact LIMIT 1").fetchone() is not None:
                 totals = self._usage_totals_from_records(conn, group_by, rows if pricer is not None else None)
+            elif group_by == "model" and conn.execute(_SERVED_ELSEWHERE_SQL).fetchone() is not None:
+                served = [
+                    (session_id, part)
+                    for session_id, key, provider, model, calls, started, *tokens in conn.execute(
+                        _SESSION_ROWS_SQL
+                    )
+                    for part in serving_rows(
+                        stored_usage_row(
+                            key, provider, model, calls, Timestamp.from_ns(started), _usage_of(tokens)
+                        )
+                    )
+                ]
+                totals, rows = model_totals(served), [row for _, row in served]
             else:
                 totals = [
                     UsageTotal(
