@@ -62,7 +62,7 @@ from phi_session.stores.conformance import (
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.message_book import numbers_in, unpack
 from phi_session.stores.outline import session_outline
-from phi_session.stores.query import PruneCriteria, SessionQuery
+from phi_session.stores.query import PageCursor, PruneCriteria, SessionQuery
 from phi_session.stores.search import loop_text
 from phi_session.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
 
@@ -589,6 +589,32 @@ def test_days_outside_the_integer_range(store: SqliteStore) -> None:
         ("1000-01-01", 1),
         ("2400-12-31", 1),
     ]
+
+
+def test_instants_beyond_the_integer_columns_sort_and_filter_exactly(store: SqliteStore) -> None:
+    """Times before 1677 or after 2262 saturate the nanosecond columns: such sessions were
+    listed in id order and selected by the bound's year, whatever their own time."""
+    times = {
+        "a-late": "2262-04-13T00:00:00Z",
+        "b-late": "2262-04-12T00:00:00Z",
+        "now": "2024-05-01T00:00:00Z",
+    }
+    times |= {"c-early": "1601-01-01T00:00:00Z", "d-early": "1600-01-01T00:00:00Z"}
+    for session_id, when in times.items():
+        store.save(make_session(session_id, created_at=Timestamp.parse(when)))
+    newest = ["a-late", "b-late", "now", "c-early", "d-early"]
+    assert [row.session_id for row in store.query()] == newest
+    assert [row.session_id for row in store.query(SessionQuery(order="oldest"))] == newest[::-1]
+    since = SessionQuery(since=Timestamp.parse("2262-04-12T12:00:00Z"))
+    until = SessionQuery(until=Timestamp.parse("1601-01-01T00:00:00Z"))
+    assert [row.session_id for row in store.query(since)] == ["a-late"]
+    assert [row.session_id for row in store.query(until)] == ["d-early"]
+    pages: list[str] = []
+    cursor = None
+    while page := store.query(SessionQuery(limit=2, after=cursor)):
+        pages += [row.session_id for row in page]
+        cursor = PageCursor.after("newest", page[-1])
+    assert pages == newest
 
 
 def test_unchanged_loops_are_not_rewritten(store: SqliteStore) -> None:

@@ -19,7 +19,7 @@ from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, ModelCall, Session, keep_links
 from .outline import SessionOutline, decode_calls, first_prompt
-from .query import LOOP_STATUSES, GroupBy, PruneCriteria, SessionQuery, check_count, shown
+from .query import LOOP_STATUSES, GroupBy, Order, PruneCriteria, SessionQuery, check_count, shown
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
 
 if TYPE_CHECKING:  # cost.py reads the stores' rows; stores never need the price table
@@ -401,13 +401,47 @@ def query_selects(
     sums up, whose loops ran the ``(provider, model)`` `configs`."""
     return (
         (query.agent_id is None or summary.agent_id == query.agent_id)
-        and (query.since is None or summary.last_active_at >= query.since)
-        and (query.until is None or summary.last_active_at < query.until)
+        and _selects_numbers(query, summary)
         and (query.status is None or summary.loops_by_status.get(query.status, 0) > 0)
         and (query.model is None or _runs_model(query.model, configs))
-        and (query.min_tokens is None or summary.total_tokens >= query.min_tokens)
         and (query.parent_session_id is None or summary.parent_session_id == query.parent_session_id)
     )
+
+
+def _selects_numbers(query: SessionQuery, summary: SessionSummary) -> bool:
+    return (
+        (query.since is None or summary.last_active_at >= query.since)
+        and (query.until is None or summary.last_active_at < query.until)
+        and (query.min_tokens is None or summary.total_tokens >= query.min_tokens)
+    )
+
+
+def past_the_columns(
+    query: SessionQuery, summaries: Iterable[SessionSummary], first: list[SessionSummary]
+) -> list[SessionSummary]:
+    """A SQL store's answer to `query`: `first`, what its integer columns selected among
+    the sessions whose time and token count they hold exact, merged with those of
+    `summaries` (the sessions whose value a column saturates, which `query`'s other
+    filters selected) that its filters on time and tokens and its page select, in its
+    order and up to its limit."""
+    after = query.after
+    past = [row for row in summaries if _selects_numbers(query, row) and (after is None or after.passed(row))]
+    if not past:
+        return first
+    rows = first + past
+    sort_summaries(rows, query.order)
+    return rows if query.limit is None else rows[: query.limit]
+
+
+def sort_summaries(rows: list[SessionSummary], order: Order) -> None:
+    """Sort `rows` in `order`, ties by session id (as every store sorts)."""
+    rows.sort(key=lambda row: row.session_id)  # ties, kept by the stable sorts below
+    if order == "newest":
+        rows.sort(key=lambda row: row.last_active_at, reverse=True)
+    elif order == "oldest":
+        rows.sort(key=lambda row: row.last_active_at)
+    else:
+        rows.sort(key=lambda row: row.total_tokens, reverse=True)
 
 
 def _runs_model(wanted: str, configs: Iterable[tuple[str | None, str | None]]) -> bool:

@@ -33,7 +33,14 @@ from typing import Any
 import msgspec
 
 from .._time import Timestamp
-from ..codec import decode_event, decode_session, encode_event, encode_session, without_lone_surrogates
+from ..codec import (
+    decode_event,
+    decode_session,
+    encode_event,
+    encode_loop,
+    encode_session,
+    without_lone_surrogates,
+)
 from ..cost import ZERO_COST, Cost, Pricer, cost_totals, prices_available
 from ..errors import InvalidQuery, InvalidSessionId, SessionNotFound, StoreError
 from ..events import (
@@ -697,6 +704,68 @@ class StoreConformance:
         assert str(loaded.last_active_at) == "2024-05-01T12:00:01.100200300Z"
         assert str(loaded.loops[0].started_at) == "2024-05-01T12:00:00.000000001Z"
         assert str(loaded.loops[0].ended_at) == "2024-05-01T12:00:00.500000001Z"
+
+    def test_unsigned_64_bit_counts_and_extreme_instants_stay_exact(self, store: SessionStore) -> None:
+        # phi-core's token counters and message timestamps are u64, its instants reach years
+        # 1 to 9999: what overflows a SQL column is never lost from the session nor the sums.
+        huge = 2**64 - 1
+        call = Usage(
+            input=huge, output=huge, reasoning=huge, cache_read=huge, cache_write=huge, total_tokens=huge
+        )
+        calls = calls_loop(
+            "u64",
+            1,
+            [call, call],
+            model="openai/gpt-4o",
+            served_by=["openai/gpt-4o", "openai/gpt-4o-2024-08-06"],
+        )
+        calls.messages = (UserMessage(content=(TextContent(text="count"),), timestamp=huge),)
+        late = make_loop("u64", 2, started_at=Timestamp.parse("9999-12-31T23:59:58.999999999Z"))
+        late.usage = call
+        session = make_session(
+            "u64",
+            created_at=Timestamp.parse("0001-01-01T00:00:00Z"),
+            last_active_at=Timestamp.parse("9999-12-31T23:59:59.999999999Z"),
+            loops=[calls, late],
+        )
+        store.save(session)
+        store.save(make_session("small", loops=[make_loop("small", 1, tokens=7)]))
+        assert encode_session(store.load("u64")) == encode_session(session)
+        assert store.load_outline("u64") == session_outline(session)
+        assert [encode_loop(loop) for loop in store.load_loops("u64", 0, 2)] == list(
+            map(encode_loop, session.loops)
+        )
+        rows = {row.session_id: row for row in store.query()}
+        assert rows["u64"] == summarize(session) and rows["u64"].total_tokens == 3 * huge
+        # Counts either side of the signed 64-bit bound sort and filter by their exact value.
+        for session_id, tokens in (("signed", 2**63 - 1), ("over", 2**63)):
+            store.save(make_session(session_id, loops=[make_loop(session_id, 1, tokens=tokens)]))
+        by_tokens = ["u64", "over", "signed", "small"]
+        assert _ids(store.query(SessionQuery(order="tokens"))) == by_tokens
+        assert _ids(store.query(SessionQuery(order="tokens", limit=2))) == by_tokens[:2]
+        assert _ids(store.query(SessionQuery(min_tokens=2**63, order="tokens"))) == ["u64", "over"]
+        assert _ids(store.query(SessionQuery(min_tokens=3 * huge))) == ["u64"]
+        pages: list[str] = []
+        cursor = None
+        while page := store.query(SessionQuery(order="tokens", limit=1, after=cursor)):
+            pages += _ids(page)
+            cursor = PageCursor.after("tokens", page[0])
+        assert pages == by_tokens
+        others = _sum(make_loop("o", 1, tokens=tokens).usage for tokens in (7, 2**63 - 1, 2**63))
+        assert [(row.key, row.usage) for row in store.usage_totals("model")] == [
+            ("openai/gpt-4o", call + late.usage + others),
+            ("openai/gpt-4o-2024-08-06", call),
+        ]
+        assert [(row.key, row.usage) for row in store.usage_totals("day")] == [
+            ("0001-01-01", session.billed_usage()),
+            ("2024-05-01", others),
+        ]
+        pricer = Pricer({"gpt-4o": {"input": 1, "output": 1}}, use_table=False)
+        [total] = store.usage_totals("agent", pricer=pricer)
+        assert total.usage == session.billed_usage() + others
+        expected = pricer.session(session).usd
+        assert isinstance(total.cost, Cost) and expected is not None
+        assert total.cost.usd == _approx(expected + (others.input + others.output) / 1e6)
 
     def test_loaded_session_is_independent_of_the_store(self, store: SessionStore) -> None:
         session = make_session("own")

@@ -71,11 +71,12 @@ from .base import (
     query_selects,
     serving_rows,
     session_to_save,
+    sort_summaries,
     summarize_parts,
     validate_session_id,
 )
 from .outline import SessionOutline, loop_prompt, session_outline
-from .query import GroupBy, Order, PruneCriteria, SessionQuery, check_text, parse_group_by
+from .query import GroupBy, PruneCriteria, SessionQuery, check_text, parse_group_by
 
 if sys.platform != "win32":
     import fcntl
@@ -818,7 +819,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
             if query_selects(query, entry.summary, ((row.provider, row.model) for row in entry.rows))
             and (after is None or after.passed(entry.summary))
         ]
-        _sort(rows, query.order)
+        sort_summaries(rows, query.order)
         return rows if query.limit is None else rows[: query.limit]
 
     def usage_totals(self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None) -> list[UsageTotal]:
@@ -874,16 +875,6 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         if removed:
             self._sync_directory()
         return removed
-
-
-def _sort(rows: list[SessionSummary], order: Order) -> None:
-    rows.sort(key=lambda row: row.session_id)  # ties, kept by the stable sorts below
-    if order == "newest":
-        rows.sort(key=lambda row: row.last_active_at, reverse=True)
-    elif order == "oldest":
-        rows.sort(key=lambda row: row.last_active_at)
-    else:
-        rows.sort(key=lambda row: row.total_tokens, reverse=True)
 
 
 # -- phi-core's function names ----------------------------------------------------------

@@ -33,11 +33,12 @@ transaction); pass ``synchronous="FULL"`` to make each commit durable.
 
 Numbers. SQLite integers are signed 64-bit; phi-core's token counters are
 unsigned 64-bit and its instants reach year 9999. Values beyond SQLite's range
-saturate in the integer columns, which only sort and filter (a session with more
-than 2**63-1 tokens sorts and filters as if it had 2**63-1; instants outside
-1677-2262 as those years' bounds). Nothing exact is lost: timestamps are also
-kept as text, the records keep every value, and the summaries and totals of a
-session whose token counts saturated are computed from its records.
+saturate in the integer columns, which only sort and filter: the few sessions at
+a column's bound (more than 2**63-2 tokens, instants outside 1677-2262) are
+sorted and filtered by their exact values, read apart (`past_the_columns`).
+Nothing exact is lost: timestamps are also kept as text, the records keep every
+value, and the summaries and totals of a session whose token counts saturated
+are computed from its records.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ from .base import (
     loops_a_merge_touches,
     merge_part,
     model_totals,
+    past_the_columns,
     serving_rows,
     session_to_save,
     stored_usage_row,
@@ -812,16 +814,31 @@ def _model_lookups(model: str) -> list[tuple[str, Sequence[Any]]]:
     return lookups
 
 
-def _select_summaries(query: SessionQuery) -> tuple[str, list[Any]]:
-    """SQLite's translation of `query`: the SQL and parameters of `SqliteStore.query`."""
-    where: list[str] = []
-    params: list[Any] = []
-    limited = query.limit is not None
+# The sessions whose sort columns may be saturated (`_clamp`): their exact values decide
+# the filters on them, the page and the order (`past_the_columns`).
+_SATURATED_SQL = "(last_active_at_ns IN (?, ?) OR total_tokens = ?)"
+_SATURATED = (_I64_MIN, _I64_MAX, _I64_MAX)
+_ANY_SATURATED_SQL = f"SELECT 1 FROM sessions WHERE {_SATURATED_SQL} LIMIT 1"
+
+
+def _select_summaries(query: SessionQuery, *, saturated: bool = False) -> tuple[str, list[Any]]:
+    """SQLite's translation of `query`: the SQL and parameters of `SqliteStore.query`, for
+    the sessions whose sort columns hold their exact values; `saturated`: the sessions of
+    the others that the filters on text and loops select, in no order."""
+    # Saturated: the few such sessions first (the indexes of both columns), then the
+    # filters, their loops probed a session at a time (as a limited query's).
+    where = [
+        f"session_id IN (SELECT session_id FROM sessions WHERE {_SATURATED_SQL})"
+        if saturated
+        else f"NOT {_SATURATED_SQL}"
+    ]
+    params: list[Any] = [*_SATURATED]
+    limited = query.limit is not None or saturated
     for condition, value in (
         ("agent_id = ?", query.agent_id),
-        ("last_active_at_ns >= ?", None if query.since is None else _clamp(query.since.ns)),
-        ("last_active_at_ns < ?", None if query.until is None else _clamp(query.until.ns)),
-        ("total_tokens >= ?", None if query.min_tokens is None else _clamp(query.min_tokens)),
+        ("last_active_at_ns >= ?", None if query.since is None or saturated else _clamp(query.since.ns)),
+        ("last_active_at_ns < ?", None if query.until is None or saturated else _clamp(query.until.ns)),
+        ("total_tokens >= ?", None if query.min_tokens is None or saturated else _clamp(query.min_tokens)),
         ("parent_session_id = ?", query.parent_session_id),
     ):
         if value is not None:
@@ -836,16 +853,15 @@ def _select_summaries(query: SessionQuery) -> tuple[str, list[Any]]:
         condition, loop_params = _loop_filter(lookups, limited=limited)
         where.append(condition)
         params += loop_params
+    if saturated:  # in no order: `past_the_columns` sorts them
+        return f"{_SUMMARY_SQL} WHERE {' AND '.join(where)}", params
     if query.after is not None:
         cursor = query.after
         column, beyond = _CURSOR_COLUMNS[cursor.column], "<" if cursor.descending else ">"
         where.append(f"({column} {beyond} ? OR ({column} = ? AND session_id > ?))")
         params += [_clamp(cursor.value), _clamp(cursor.value), cursor.session_id]
-    sql = _SUMMARY_SQL
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY {_ORDER_SQL[query.order]}"
-    if limited:
+    sql = f"{_SUMMARY_SQL} WHERE {' AND '.join(where)} ORDER BY {_ORDER_SQL[query.order]}"
+    if query.limit is not None:
         sql += " LIMIT ?"
         params.append(query.limit)
     return sql, params
@@ -1642,12 +1658,20 @@ class SqliteStore(AsyncTwins):
 
     def query(self, query: SessionQuery | None = None) -> list[SessionSummary]:
         """Summaries of the sessions `query` selects (see `SessionQuery`), from the indexed columns only."""
-        sql, params = _select_summaries(as_query(query))
+        query = as_query(query)
         with self._transaction("query") as conn:
-            return [
-                _summary_from_row(row) if row[-1] else summarize(self._read_session(conn, row[0]))
-                for row in conn.execute(sql, params).fetchall()
-            ]
+            first = self._summaries(conn, *_select_summaries(query))
+            past = []
+            if conn.execute(_ANY_SATURATED_SQL, _SATURATED).fetchone() is not None:
+                past = self._summaries(conn, *_select_summaries(query, saturated=True))
+        return past_the_columns(query, past, first)
+
+    def _summaries(self, conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[SessionSummary]:
+        """The summaries of the `_SUMMARY_SQL` rows `sql` selects (an inexact one's from its session)."""
+        return [
+            _summary_from_row(row) if row[-1] else summarize(self._read_session(conn, row[0]))
+            for row in conn.execute(sql, params).fetchall()
+        ]
 
     def search(
         self, text: str, query: SessionQuery | None = None, limit: int = DEFAULT_LIMIT
