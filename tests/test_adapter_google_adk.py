@@ -7,6 +7,7 @@ import gc
 import runpy
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
@@ -542,14 +543,17 @@ def test_max_idle_sessions_reaches_the_core_and_is_checked() -> None:
         PhiPlugin([SessionRecorder()], max_idle_sessions=-1)
 
 
-class HangingLlm(BaseLlm):
-    """A model that never answers: its invocation ends only when ADK's caller gives up."""
+class HangingLlm(ScriptedLlm):
+    """A model that answers its script, then never again: its invocation ends only when
+    ADK's caller gives up."""
 
     async def generate_content_async(
         self, llm_request: LlmRequest, stream: bool = False
     ) -> AsyncGenerator[LlmResponse, None]:
-        await asyncio.Event().wait()
-        yield LlmResponse()  # never reached
+        if not self.script:
+            await asyncio.Event().wait()
+        async for response in super().generate_content_async(llm_request, stream):
+            yield response
 
 
 @pytest.mark.parametrize("how", ["task cancelled", "events abandoned"])
@@ -890,3 +894,76 @@ def test_a_runner_closing_leaves_the_invocation_of_another_runner_sharing_its_pl
 
     asyncio.run(scenario())
     assert plugin.core.open_runs == 0 and plugin.fault_count == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("how", ["break", "aclose", "read to the end"])
+def test_an_invocation_whose_events_the_host_stops_reading_ends_aborted(how: str, stream: bool) -> None:
+    # ADK takes the early close of its events for a clean completion and calls
+    # after_run_callback: the run cut short must not be recorded as finished.
+    h = Harness()
+    model = ScriptedLlm.of(["Let me ", "add.", ("add", {"a": 2, "b": 2})], ["4"])
+    runner = h.runner(LlmAgent(name="calc", model=model, tools=[add]))
+
+    async def scenario() -> None:
+        await runner.session_service.create_session(app_name="app", user_id="u", session_id="s1")
+        message = types.Content(role="user", parts=[types.Part(text="add")])
+        config = RunConfig(streaming_mode=StreamingMode.SSE if stream else StreamingMode.NONE)
+        events = runner.run_async(user_id="u", session_id="s1", new_message=message, run_config=config)
+        if how == "aclose":
+            await anext(events)
+            await events.aclose()
+            return
+        async for _ in events:
+            if how == "break":
+                break  # asyncio closes the generator left open as the loop shuts down
+
+    asyncio.run(scenario())
+    assert h.plugin.core.open_runs == 0 and h.plugin.fault_count == 0
+    (record,) = h.session().loops
+    first = record.turns[0].output_message
+    if how == "read to the end":
+        assert (record.status, first.stop_reason) == ("Completed", "toolUse")
+        assert texts(record)[-2:] == [("toolResult", "result:4"), ("assistant", "4")]
+    elif stream:  # the first event was a partial response: the reply is cut off before its calls
+        assert (record.status, record.error) == ("Aborted", google_adk.ABANDONED)
+        assert texts(record) == [("user", "add"), ("assistant", "Let me "), ("assistant", "add.")]
+        assert first.stop_reason == "aborted" and first.error_message == google_adk.ABANDONED
+    else:  # the first event was the reply calling a tool, which never ran
+        assert (record.status, record.error) == ("Aborted", google_adk.ABANDONED)
+        assert texts(record) == [
+            ("user", "add"),
+            ("assistant", "Let me "),
+            ("assistant", "add."),
+            ("assistant", "call:add"),
+        ]
+        assert first.stop_reason == "toolUse" and not record.turns[0].tool_results
+
+
+@pytest.mark.parametrize("where", ["in a tool", "in the next model call"])
+def test_a_sync_run_the_host_breaks_out_of_ends_aborted(where: str) -> None:
+    started = threading.Event()
+
+    async def wait(seconds: int) -> int:
+        """Waits."""
+        started.set()
+        if where == "in a tool":
+            await asyncio.Event().wait()
+        return seconds
+
+    h = Harness()
+    model = HangingLlm.of([("wait", {"seconds": 1})])  # then never answers again
+    runner = h.runner(LlmAgent(name="waiter", model=model, tools=[wait]))
+    asyncio.run(runner.session_service.create_session(app_name="app", user_id="u", session_id="s1"))
+    message = types.Content(role="user", parts=[types.Part(text="wait")])
+    for event in runner.run(user_id="u", session_id="s1", new_message=message):
+        if where == "in a tool":
+            assert started.wait(5)
+            break
+        if event.get_function_responses():
+            break
+    assert h.plugin.core.open_runs == 0 and h.plugin.fault_count == 0
+    (record,) = h.session().loops
+    assert (record.status, record.error) == ("Aborted", google_adk.ABANDONED)
+    (result,) = record.turns[0].tool_results
+    assert result.is_error == (where == "in a tool")

@@ -44,14 +44,19 @@ What is not recorded: a plugin listed before this one that answers a callback it
 (returns a value) hides that callback from this plugin (ADK stops at the first
 answer), so list `PhiPlugin` first; a result another plugin substitutes for a tool's
 is not seen (the tool's own result is recorded); live (bidirectional) streaming is
-not mapped. A cancelled invocation (its task cancelled, or its events abandoned: ADK
-calls no plugin then) is ended failed, with `ABANDONED` as its error, once ADK lets go
-of its context: at the next invocation's start, or at `PhiPlugin.close`.
+not mapped. An invocation stopped midway ends failed (``Aborted``, `ABANDONED` as its
+error), a reply it cut off recorded as what came with stop reason ``aborted``: one whose
+events the host stopped reading (a ``break``, ``aclose``, leaving the sync
+``Runner.run`` loop), which ADK ends as if it were done, as it ends; one whose task was
+cancelled (ADK calls no plugin then) once ADK lets go of its context: at the next
+invocation's start, or at `PhiPlugin.close`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import sys
 import threading
 import weakref
 from collections import deque
@@ -337,6 +342,12 @@ def _model_agent(agent: BaseNode | None) -> LlmAgent | None:
     return None
 
 
+def _cancelled() -> bool:
+    """Whether the callback runs as its task is cancelled: ADK then runs the after-agent
+    and after-run callbacks as if the agents were done."""
+    return isinstance(sys.exc_info()[1], asyncio.CancelledError)
+
+
 def _agent(cc: CallbackContext) -> BaseNode | None:
     """The agent running (looked up only when needed: ADK copies its context to give it)."""
     return cc.get_invocation_context().agent
@@ -429,26 +440,48 @@ class _Reply:
             unseen, self._unseen = self._unseen, None
             self._take(unseen)
 
-    def finish(self, *, failed: bool = False) -> None:
+    @property
+    def cut_off(self) -> bool:
+        """Whether the model's answer is incomplete: no final response yet, or one ADK
+        has not emitted (the events are emitted as they come, so the rest was to come)."""
+        return self._last is None or self._unseen is not None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the answer stopped short of what was to follow: it is cut off, or it
+        called tools none of which has started."""
+        return self.cut_off or (
+            self.scope.running and any(part.function_call is not None for part in self._parts)
+        )
+
+    def finish(self, error: BaseException | str | None = None) -> None:
         """Finish the message with what arrived. A stream may end without a final
-        response: then with the streamed thinking and text, unless the turn `failed`
-        (its end then finishes the message as failed)."""
+        response: then with the streamed thinking and text, unless the turn failed (its
+        end then finishes the message as failed). A reply the `ABANDONED` invocation cut
+        off is what came, with stop reason ``aborted``, as phi-core records a reply the
+        user aborted."""
         if not self.scope.running:  # finished already: what arrives since changes nothing
             return
+        cut = error == ABANDONED and self.cut_off
         self._take_unseen()
         last = self._last
-        if last is None:
-            if self._heard and not failed:  # partial responses only
+        stop_reason: StopReason | None
+        message: str | None
+        if cut:
+            stop_reason, message = "aborted", ABANDONED
+        elif last is None:
+            if self._heard and error is None:  # partial responses only
                 self.scope.finish()
             return
-        calls = [part.function_call for part in self._parts if part.function_call is not None]
-        stop_reason, error = _stop(last, calls)
+        else:
+            calls = [part.function_call for part in self._parts if part.function_call is not None]
+            stop_reason, message = _stop(last, calls)
         # Usage is cumulative over a stream: the last response's is the call's.
         self.scope.finish(
-            _blocks(self._parts),
-            usage=_usage(last.usage_metadata),
+            None if last is None else _blocks(self._parts),  # None: what streamed
+            usage=None if last is None else _usage(last.usage_metadata),
             stop_reason=stop_reason,
-            error_message=error,
+            error_message=message,
         )
 
 
@@ -485,11 +518,18 @@ class _Lane:
 
     def end_turn(self, error: BaseException | str | None = None) -> None:
         if self.reply is not None:
-            self.reply.finish(failed=error is not None)
+            self.reply.finish(error)
         turn = self.turn
         self.turn = self.reply = None
         if turn is not None and turn.running:
             turn.end(error)
+
+    def stopped_midway(self, cancelled: bool) -> bool:
+        """Whether, as its invocation ends, the lane's agent stopped midway: a tool still
+        runs, its reply stopped short, or its turn is still open while the task is
+        `cancelled` (an agent that is done has ended its turn)."""
+        reply = self.reply
+        return reply is not None and (cancelled or bool(self.tools) or reply.stopped)
 
     def start_tool(self, call_id: str, name: str, args: Any) -> None:
         self.settle()
@@ -518,8 +558,8 @@ class _Lane:
         self.end_turn(error)
 
 
-ABANDONED = "the invocation ended without ADK calling a plugin (its task cancelled or its events abandoned)"
-"""The error of a loop whose invocation ADK dropped without a callback."""
+ABANDONED = "the invocation stopped before it finished (its task cancelled or its events no longer read)"
+"""The error of a loop whose invocation stopped midway, and of the reply it cut off."""
 
 
 class _Invocation:
@@ -614,7 +654,8 @@ class PhiPlugin(BasePlugin):
 
     async def after_run_callback(self, *, invocation_context: InvocationContext) -> None:
         try:
-            self._finish(invocation_context.invocation_id, None)
+            invocation_id = invocation_context.invocation_id
+            self._finish(invocation_id, ABANDONED if self._stopped(invocation_id) else None)
         except Exception as caught:
             self.core.fault(caught)
 
@@ -626,6 +667,8 @@ class PhiPlugin(BasePlugin):
 
     async def after_agent_callback(self, *, agent: BaseAgent, callback_context: CallbackContext) -> None:
         try:
+            if _cancelled():
+                return  # the agent is stopped, not done: its invocation's end tells which
             branch = callback_context.branch
             lane = self._lanes.get((callback_context.invocation_id, branch))
             if lane is None:
@@ -829,6 +872,16 @@ class PhiPlugin(BasePlugin):
     def _take_tool(self, tool_context: ToolContext, tool: BaseTool) -> ToolScope | None:
         lane = self._lanes.get((tool_context.invocation_id, tool_context.branch))
         return lane.take_tool(tool_context.function_call_id or tool.name) if lane is not None else None
+
+    def _stopped(self, invocation_id: str) -> bool:
+        """Whether the invocation ADK says is done stopped midway: ADK takes a host that
+        stops reading its events (a break, ``aclose``, leaving the sync ``Runner.run``
+        loop, which cancels its task) for a clean completion."""
+        invocation = self._invocations.get(invocation_id)
+        cancelled = _cancelled()
+        return invocation is not None and any(
+            lane.stopped_midway(cancelled) for lane in invocation.lanes.values()
+        )
 
     def _finish(self, invocation_id: str, error: BaseException | str | None) -> None:
         with self._lock:
