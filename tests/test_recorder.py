@@ -1532,6 +1532,66 @@ def test_parallel_events_naming_another_sessions_loops_leave_that_session_alone(
     assert recorder.orphans() == []
 
 
+@pytest.mark.parametrize("drained_as_it_goes", [False, True])
+def test_a_session_id_holding_dots_keeps_its_parallel_group(drained_as_it_goes: bool) -> None:
+    """phi-core's own stream may carry a session id holding dots (only ours refuses one).
+    Its branches, not yet started at ParallelLoopStart or drained by ParallelLoopEnd, were
+    taken for loops of the session before the first dot: both events were kept unapplied,
+    and the branches lost their group (phi-core gives them theirs)."""
+    session = "run.7"
+    branches = ("run.7.a.1", "run.7.b.2", "run.7.c.3")  # run.7.c.3 never starts
+    events: list[ps.AgentEvent] = [
+        ps.ParallelLoopStart(session_id=session, loop_ids=branches, timestamp=ts(0)),
+        *(event for loop in branches[:2] for event in (start(loop, session), end(loop))),
+        group_end(session, "run.7.b.2"),
+    ]
+    recorder = SessionRecorder()
+    sessions: list[ps.Session] = []
+    for event in events:
+        recorder.on_event(event)
+        if drained_as_it_goes:
+            recorder.checkpoint()
+            sessions += recorder.drain_completed()
+    recorder.flush()
+    sessions += recorder.drain_completed()
+    assert recorder.orphans() == []
+    groups = {loop.loop_id: loop.parallel_group for saved in sessions for loop in saved.loops}
+    assert {loop_id: group is not None and group.is_selected for loop_id, group in groups.items()} == {
+        "run.7.a.1": False,
+        "run.7.b.2": True,
+        "run.7.c.3": False,  # Aborted at flush, as a Pending branch of its session
+    }
+    assert {saved.session_id for saved in sessions} == {session}
+
+
+def test_a_session_id_holding_dots_has_its_stale_group_given_up() -> None:
+    """Its drained branch was taken for one of the session before the first dot, so the
+    group was never given up: the branch that never started stayed open until flush."""
+    recorder = SessionRecorder(group_end_timeout=60)
+    group = ps.ParallelLoopStart(session_id="run.7", loop_ids=("run.7.a.1", "run.7.b.1"), timestamp=ts(0))
+    recorder.record_all([group, start("run.7.a.1", "run.7"), end("run.7.a.1")])
+    assert recorder.checkpoint() == 1
+    recorder.drain_completed()
+    recorder.record_all([start("t.c.1", "t", at=61_000), end("t.c.1", at=61_001)])
+    assert recorder.checkpoint() == 2  # t, and run.7 with its branch that never started
+    assert not recorder.in_open_group("run.7.a.1") and recorder.open_loop_ids() == []
+
+
+def test_a_continuation_in_a_session_id_holding_dots_is_no_spawn() -> None:
+    """Its parent, drained, was taken for a loop of the session before the first dot: the
+    continuation's session got a spawn ref naming that session."""
+    recorder = SessionRecorder()
+    recorder.record_all([start("run.7.a.1", "run.7"), end("run.7.a.1")])
+    recorder.checkpoint()
+    recorder.drain_completed()
+    recorder.record_all(
+        [start("run.7.a.2", "run.7", at=2, parent="run.7.a.1", kind=ps.DEFAULT), end("run.7.a.2", at=3)]
+    )
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert session.parent_spawn_ref is None
+
+
 def test_callbacks_run_outside_the_lock_so_they_may_wait_for_other_threads() -> None:
     opened: list[str] = []
     blocked: list[str] = []

@@ -335,8 +335,8 @@ class SessionRecorder:
         # Loop id -> the held sessions with a closed record of it (`_HeldSession.closed`);
         # session ids, not records: tuples of strings the GC does not track.
         self._closed_by_id: dict[str, tuple[str, ...]] = {}
-        self._groups: dict[str, tuple[str, ...]] = {}  # branch id -> its open group's ids
-        self._group_since: dict[str, Timestamp] = {}  # branch id -> when its open group began
+        # Branch id -> the start of its open group: its ids, session and beginning.
+        self._groups: dict[str, ParallelLoopStart] = {}
         self._open_groups: dict[str, int] = {}  # session id -> parallel groups not yet ended
         # What drained sessions are still owed, so the late information can be handed
         # over again (see `drain_completed`); all of it ends with the group or parent loop.
@@ -470,18 +470,25 @@ class SessionRecorder:
             self._warned_loops.add(loop_id)
             logger.warning(message, *args)
 
-    def _session_of(self, loop_id: str) -> str:
-        """The session of `loop_id`: the one the recorder saw it in, else its id's prefix."""
+    def _session_of(self, loop_id: str, claimed: str | None = None) -> str:
+        """The session of `loop_id`: the one the recorder saw it in, else `claimed` (the
+        session an event naming it is of) if the id starts with it, else its id's prefix.
+        A session id may hold dots (phi-core's own stream): the first one ends no session."""
         known = self._loop_session.get(loop_id)
         if known is None:
             pending = self._loops.get(loop_id)  # a Pending branch: its group's session
-            known = pending.session_id if pending is not None else session_id_from_loop_id(loop_id)
+            if pending is not None:
+                known = pending.session_id
+            elif claimed is not None and loop_id.startswith(f"{claimed}."):
+                known = claimed
+            else:
+                known = session_id_from_loop_id(loop_id)
         return known
 
     def _misrouted(self, event: ParallelLoopStart | ParallelLoopEnd, loop_ids: Iterable[str]) -> bool:
         """Whether a parallel event names a loop of another session (which it must not edit)."""
         for loop_id in loop_ids:
-            owner = self._session_of(loop_id)
+            owner = self._session_of(loop_id, event.session_id)
             if owner != event.session_id:
                 self._warn_once(
                     loop_id,
@@ -573,7 +580,7 @@ class SessionRecorder:
             # session, and a continuation goes on in its parent's session.
             return None
         else:
-            parent_session, tool_call_id, tool_name = self._session_of(parent), "", ""
+            parent_session, tool_call_id, tool_name = self._session_of(parent, event.session_id), "", ""
         if parent_session == event.session_id:
             return None
         return SpawnRef(
@@ -804,7 +811,10 @@ class SessionRecorder:
                     parent = open_parent.record
             if parent is not None:
                 held.link_child(parent, record.loop_id)
-            elif parent_id != record.loop_id and self._session_of(parent_id) == record.session_id:
+            elif (
+                parent_id != record.loop_id
+                and self._session_of(parent_id, record.session_id) == record.session_id
+            ):
                 held.await_parent(parent_id, record.loop_id)  # not here yet
 
     def _add_closed(self, held: _HeldSession, record: LoopRecord, replaced: LoopRecord | None = None) -> None:
@@ -928,11 +938,11 @@ class SessionRecorder:
             return
         loop_ids = event.loop_ids
         # A group no end can name (no branch) or a repeat is no new group to wait for.
-        if loop_ids and self._groups.get(loop_ids[0]) != loop_ids:
+        open_group = self._groups.get(loop_ids[0]) if loop_ids else None
+        if loop_ids and (open_group is None or open_group.loop_ids != loop_ids):
             self._open_groups[event.session_id] = self._open_groups.get(event.session_id, 0) + 1
         for loop_id in event.loop_ids:
-            if self._groups.setdefault(loop_id, event.loop_ids) is event.loop_ids:
-                self._group_since[loop_id] = event.timestamp
+            self._groups.setdefault(loop_id, event)
             if loop_id in self._loops or (
                 loop_id in self._loop_session
                 and not self._starts_again(event.session_id, loop_id, event.timestamp)
@@ -949,7 +959,8 @@ class SessionRecorder:
             self._loops[loop_id] = _OpenLoop(record, started=False)
 
     def _on_parallel_end(self, event: ParallelLoopEnd) -> None:
-        group_ids = self._groups.get(event.selected_loop_id)
+        group_start = self._groups.get(event.selected_loop_id)
+        group_ids = None if group_start is None else group_start.loop_ids
         all_ids = group_ids or (event.selected_loop_id,)
         if self._misrouted(event, all_ids):
             self._session_event(event)
@@ -965,7 +976,8 @@ class SessionRecorder:
             loop = self._loops.get(loop_id)
             if loop is not None:
                 loop.record.parallel_group = group
-            since = self._group_since.get(loop_id)
+            branch_of = self._groups.get(loop_id)
+            since = None if branch_of is None else branch_of.timestamp
             for session_id in self._closed_by_id.get(loop_id, ()):
                 held = self._open.get(session_id) or self._completed[session_id]
                 record = held.last_closed(loop_id)
@@ -984,7 +996,6 @@ class SessionRecorder:
                 )
         for loop_id in all_ids:
             self._groups.pop(loop_id, None)
-            self._group_since.pop(loop_id, None)
         self._session_event(event)  # after the amendments, which hold a drained session again
         if group_ids is None:  # no open group (a repeat, say): it must not end another one
             return
@@ -1046,7 +1057,6 @@ class SessionRecorder:
             for loop in list(self._loops.values()):
                 self._abort(loop)
             self._groups.clear()
-            self._group_since.clear()
             self._open_groups.clear()
             # No sub-agent starts after the stream's end: none is awaited, even by a
             # spawner drained after this.
@@ -1200,9 +1210,12 @@ class SessionRecorder:
         comes later is an orphan."""
         for session_id in session_ids:
             self._open_groups.pop(session_id, None)
-        for loop_id in [loop_id for loop_id in self._groups if self._session_of(loop_id) in session_ids]:
+        for loop_id in [
+            loop_id
+            for loop_id, group in self._groups.items()
+            if self._session_of(loop_id, group.session_id) in session_ids
+        ]:
             del self._groups[loop_id]
-            del self._group_since[loop_id]
             self._late_branches.pop(loop_id, None)
             branch = self._loops.get(loop_id)
             # Never started: a started one holds its session open, or is its loop sent
@@ -1243,8 +1256,8 @@ class SessionRecorder:
         if spawn is not None and not spawn.tool_call_id and spawn.parent_loop_id in self._loops:
             self._late_spawns.setdefault(spawn.parent_loop_id, {})[session.session_id] = session
         for record in session.loops:
-            since = self._group_since.get(record.loop_id)
-            if since is not None and (record.ended_at is None or record.ended_at >= since):
+            group = self._groups.get(record.loop_id)
+            if group is not None and (record.ended_at is None or record.ended_at >= group.timestamp):
                 # (One that ended before its id's group began is an earlier loop of that id.)
                 self._owe_group_end(session, record)
             self._loop_session.pop(record.loop_id, None)
