@@ -906,6 +906,50 @@ def test_a_drained_session_owed_its_parallel_winner_keeps_its_journal_records(tm
     assert stored(store) == recorded(group + others + [winner])
 
 
+def test_a_hub_s_sub_agents_checkpointed_per_loop_are_not_asked_about_per_sibling(tmp_path: Path) -> None:
+    """Sub-agents each checkpointed as their loop ended, drained while the hub's tool calls
+    that spawned them ran (owed them: their journal records pinned): every checkpoint asked
+    the recorder about every sibling drained before, O(siblings) an event. Now only a
+    session the recorder says may no longer be owed is asked about; the hub's loop ending
+    without the tool calls still lets their records go."""
+    ts = Timestamp.now()
+    children = [f"k{i}" for i in range(30)]
+    events: list[AgentEvent] = [AgentStart(agent_id="x", session_id="hub", loop_id="hub.c.1", timestamp=ts)]
+    for child in children:
+        events += [
+            AgentStart(
+                agent_id="y",
+                session_id=child,
+                loop_id=f"{child}.sub.1",
+                parent_loop_id="hub.c.1",
+                timestamp=ts,
+            ),
+            AgentEnd(loop_id=f"{child}.sub.1", messages=(), usage=Usage(input=1, output=1), timestamp=ts),
+        ]
+    hub_end = AgentEnd(loop_id="hub.c.1", messages=(), usage=Usage(input=1, output=1), timestamp=ts)
+    journal = Journal(tmp_path / "j", durability="os", segment_bytes=4096)
+    store = SqliteStore(tmp_path / "s.db")
+    with AutoPersistingRecorder(
+        store, journal=journal, checkpoint_every=10**9, checkpoint_interval=None
+    ) as persisting:
+        asked: list[str] = []
+        may_amend = persisting.recorder.may_amend
+        persisting.recorder.may_amend = lambda session_id: asked.append(session_id) or may_amend(session_id)  # type: ignore[method-assign]
+        for event in events:
+            persisting.on_event(event)
+            if type(event) is AgentEnd:
+                persisting.checkpoint(loop_id=event.loop_id)
+        assert sorted(asked) == sorted(children)  # each once, as it was drained
+        assert persisting.wait_saved(timeout=10)
+        first = journal.segments()[0]
+        assert b'"session_id":"k0"' in first.read_bytes()  # still kept: k0 is owed its tool call
+        persisting.on_event(hub_end)
+        persisting.checkpoint(loop_id="hub.c.1")
+        assert persisting.wait_saved(timeout=10)
+        assert not first.exists()  # the hub's loop ended: nothing is owed any more
+    assert stored(store) == recorded([*events, hub_end])
+
+
 class CountingOutlines(JsonDirStore):
     def __init__(self, directory: Path) -> None:
         super().__init__(directory)

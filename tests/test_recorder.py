@@ -1292,6 +1292,30 @@ def test_a_sub_agent_gets_its_whole_spawn_ref_however_its_sessions_are_drained(
     assert not recorder._spawns and not recorder._awaited_spawns  # nothing kept for what is saved
 
 
+def test_a_hub_s_tool_calls_ending_find_their_drained_sub_agents_without_a_scan() -> None:
+    """A hub loop's sub-agents, each checkpointed as its loop ended and drained while the
+    tool call that spawned it ran: each tool call's end looked through the loops of every
+    sibling still owed its own (961 us an event at 20,000 children, the ends in reverse)."""
+    recorder = SessionRecorder()
+    children = [f"k{i}" for i in range(40)]
+    recorder.on_event(start("hub.c.1", "hub"))
+    drained: list[ps.Session] = []
+    for child in children:
+        recorder.record_all([start(f"{child}.sub.1", child, parent="hub.c.1"), end(f"{child}.sub.1")])
+        assert recorder.checkpoint(loop_id=f"{child}.sub.1") == 1
+        drained += recorder.drain_completed()
+    assert all(recorder.may_amend(child) for child in children)
+    for session in drained:
+        session.loops = CountedLoops(session.loops)
+    recorder.record_all(spawn_end("hub.c.1", f"{child}.sub.1", call=child) for child in reversed(children))
+    assert max(session.loops.passes for session in drained) == 1  # type: ignore[attr-defined]
+    amended = recorder.drain_completed()
+    assert [(s.session_id, s.parent_spawn_ref.tool_call_id) for s in amended] == [  # type: ignore[union-attr]
+        (child, child) for child in reversed(children)
+    ]
+    assert not any(recorder.may_amend(child) for child in children)
+
+
 def test_a_spawn_learned_outside_the_stream_completes_the_sub_agents_ref() -> None:
     """`await_spawn`: what a journal's recovery reads from the store for a spawner it no
     longer replays; `lacks_spawner` says when the recorder needs it."""

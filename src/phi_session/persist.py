@@ -355,6 +355,10 @@ class AutoPersistingRecorder:
         self._feeding: dict[int, int] = {}
         self._pins: dict[str, int] = {}  # held session -> lowest seq of its journaled events
         self._late_pins: dict[str, int] = {}  # drained session that may be amended -> its pin
+        # Drained sessions the recorder says may no longer be owed (`_forget_late_pins`):
+        # appended to under the recorder's lock, taken under ours.
+        self._maybe_settled: deque[str] = deque()
+        self.recorder.set_settled_hook(self._maybe_settled.append if self.journal is not None else None)
         self._settled_through = -1  # every orphan up to this seq is in orphans.jsonl
         self._unwritten_orphans: list[OrphanEvent] = []
         self._since_checkpoint = 0
@@ -567,13 +571,19 @@ class AutoPersistingRecorder:
         return min(pins)
 
     def _forget_late_pins(self) -> None:
-        """Drop the late pins of sessions no longer owed anything (under `_lock`)."""
-        for session_id in [
-            sid
-            for sid in self._late_pins
-            if not self.recorder.may_amend(sid) and not self.recorder.holds(sid)
-        ]:
-            del self._late_pins[session_id]
+        """Drop the late pins of sessions no longer owed anything (under `_lock`): of those
+        the recorder said may no longer be, not of every one owed (a hub's sub-agents
+        owed their tool calls, each drained at its loop's checkpoint). One that comes back
+        as an amendment is held (its pin goes when it is drained again, `_unpin`)."""
+        settled = self._maybe_settled
+        while settled:
+            session_id = settled.popleft()
+            if (
+                session_id in self._late_pins
+                and not self.recorder.may_amend(session_id)
+                and not self.recorder.holds(session_id)
+            ):
+                del self._late_pins[session_id]
 
     def _write_orphans(self, journal: Journal, settled: int) -> None:
         """Journal the recorder's orphans; `settled` once they (and earlier ones) are written."""

@@ -223,6 +223,39 @@ class _Children:
         self.record.children_loop_ids = tuple(self.ids)
 
 
+class _LateSpawns:
+    """The sub-agent sessions of an open parent loop drained before the tool call that
+    spawned them ended, indexed by their loops' ids: a tool call's end finds its child's
+    session without looking through every sibling's loops (a hub loop has thousands)."""
+
+    __slots__ = ("loops", "sessions")
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+        # Loop id -> its session's id; a session no longer owed may leave some (`session_of` checks).
+        self.loops: dict[str, str] = {}
+
+    def add(self, session: Session) -> None:
+        session_id = session.session_id
+        self.sessions[session_id] = session
+        for record in session.loops:
+            self.loops[record.loop_id] = session_id
+
+    def take(self, session_id: str) -> Session | None:
+        """The session of `session_id`, no longer owed, if it was."""
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            for record in session.loops:
+                if self.loops.get(record.loop_id) == session_id:
+                    del self.loops[record.loop_id]
+        return session
+
+    def session_of(self, loop_id: str) -> str | None:
+        """The id of the session owed here that holds `loop_id`, if any."""
+        session_id = self.loops.get(loop_id)
+        return session_id if session_id in self.sessions else None
+
+
 class _HeldSession:
     """A session the recorder still holds (open or completed-but-not-drained)."""
 
@@ -345,7 +378,8 @@ class SessionRecorder:
         # The header of such a session once its group ended with a branch never started.
         self._unstarted_homes: dict[str, Session] = {}
         self._stream_time: Timestamp | None = None  # the latest AgentStart's (`group_end_timeout`)
-        self._late_spawns: dict[str, dict[str, Session]] = {}  # open parent loop -> sub-agents
+        self._late_spawns: dict[str, _LateSpawns] = {}  # open parent loop -> sub-agents
+        self._spawner_owing: dict[str, str] = {}  # such a sub-agent's session -> that loop (`may_amend`)
         self._spawns: dict[str, tuple[str, str, str, str]] = {}  # child loop -> parent ref
         # The same, once the parent's session was drained before the child started
         # (an OTLP ingest sends a caller's loop whole, then its sub-agent's).
@@ -362,6 +396,7 @@ class SessionRecorder:
         # lock and before the event is applied, so the journal's order is ours.
         self._write_ahead: Callable[[bytes | str], object] | None = None
         self._inline_steps = self._steps  # what `on_event` stores inline (`set_write_ahead`)
+        self._settled_hook: Callable[[str], object] | None = None  # `set_settled_hook`
         # before_task/after_task wait here (callback, session, its held session for a
         # before_task) and run once the lock is released, in order (`_run_callbacks`).
         self._callbacks: deque[tuple[SessionCallback, Session, _HeldSession | None]] = deque()
@@ -435,6 +470,25 @@ class SessionRecorder:
         with self._lock:
             self._write_ahead = hook
             self._inline_steps = self._steps if hook is None else _ALL_OWN
+
+    def set_settled_hook(self, hook: Callable[[str], object] | None) -> None:
+        """Call `hook(session_id)` when a drained session may no longer be owed anything
+        (`may_amend` may have turned False without an amendment to drain): its parallel
+        group ended or was given up, the loop that spawned it ended, a loop of it sent
+        again ended. A caller keeping what it needs to redo such sessions (a journal's
+        records) asks about those, not about every session owed at every checkpoint (a
+        hub's thousands of sub-agents). The hook runs under the recorder's lock: it may
+        only note the id.
+        """
+        with self._lock:
+            self._settled_hook = hook
+
+    def _owed_less(self, session_ids: Iterable[str]) -> None:
+        """`session_ids`, drained, may no longer be owed anything (`set_settled_hook`)."""
+        hook = self._settled_hook
+        if hook is not None:
+            for session_id in session_ids:
+                hook(session_id)
 
     def record_all(self, events: Iterable[AgentEvent]) -> None:
         for event in events:
@@ -622,8 +676,9 @@ class SessionRecorder:
         record as an amendment); else its events are orphans, the ended record untouched."""
         record = loop.record
         resent = self._resending.pop(record.loop_id)
+        self._owed_less((resent.session.session_id,))
         del self._loops[record.loop_id]
-        self._late_spawns.pop(record.loop_id, None)
+        self._spawner_ended(record.loop_id)
         replaced = resent.record
         if not ended or len(loop.events) < len(replaced.events):
             # `merge_sessions` too keeps, of two finished versions, the one with more events.
@@ -794,12 +849,21 @@ class SessionRecorder:
             self._open[loop.session_id] = held
         del self._loops[record.loop_id]
         loop.finish()
-        self._late_spawns.pop(record.loop_id, None)  # its tool calls have all ended
+        self._spawner_ended(record.loop_id)
         if loop.started:
             held.open_loops -= 1
         self._link_to_parent(held, record)
         self._add_closed(held, record)
         held.link_early_children(record)
+
+    def _spawner_ended(self, loop_id: str) -> None:
+        """The loop `loop_id` is over: its tool calls have all ended, no sub-agent is owed one."""
+        owed = self._late_spawns.pop(loop_id, None)
+        if owed is not None:
+            for session_id in owed.sessions:
+                if self._spawner_owing.get(session_id) == loop_id:
+                    del self._spawner_owing[session_id]
+            self._owed_less(owed.sessions)
 
     def _link_to_parent(self, held: _HeldSession, record: LoopRecord) -> None:
         parent_id = record.parent_loop_id
@@ -897,7 +961,10 @@ class SessionRecorder:
             )
         )
         parent_ref = (loop.session_id, event.loop_id, event.tool_call_id, event.tool_name)
-        late = self._late_spawns.get(event.loop_id, {}).pop(child_session_id, None)
+        owed = self._late_spawns.get(event.loop_id)
+        late = None if owed is None else owed.take(child_session_id)
+        if late is not None and self._spawner_owing.get(child_session_id) == event.loop_id:
+            del self._spawner_owing[child_session_id]
         if late is None:  # for a child that starts later, or is sent again
             self._spawns[child_loop_id] = parent_ref
         held = self._open.get(child_session_id) or self._completed.get(child_session_id)
@@ -915,10 +982,8 @@ class SessionRecorder:
 
     def _late_child_session(self, parent_loop_id: str, child_loop_id: str) -> str | None:
         """The id of a drained sub-agent session holding `child_loop_id`, if one is owed its tool call."""
-        for session_id, session in self._late_spawns.get(parent_loop_id, {}).items():
-            if session.get_loop(child_loop_id) is not None:
-                return session_id
-        return None
+        owed = self._late_spawns.get(parent_loop_id)
+        return None if owed is None else owed.session_of(child_loop_id)
 
     def _amendable(self, drained: Session) -> _HeldSession:
         """Where late information for a drained session goes: the session if it is held
@@ -1005,6 +1070,8 @@ class SessionRecorder:
         else:
             self._open_groups.pop(event.session_id, None)
             late = self._late_groups.pop(event.session_id, None)
+            if late is not None:
+                self._owed_less((event.session_id,))
             if late is not None and any(not self._loops[i].started for i in all_ids if i in self._loops):
                 # A branch that never started ends at `flush`: into this session's header.
                 self._unstarted_homes[event.session_id] = replace(
@@ -1063,6 +1130,7 @@ class SessionRecorder:
             self._spawns.clear()
             self._awaited_spawns.clear()
             self._late_branches.clear()
+            self._owed_less(self._late_groups)
             self._late_groups.clear()
             self._unstarted_homes.clear()
             for session_id in list(self._early_events):
@@ -1224,7 +1292,8 @@ class SessionRecorder:
                 branch.record.status = "Aborted"
                 self._close(branch)  # into the late group's session, amended
         for session_id in session_ids:
-            self._late_groups.pop(session_id, None)
+            if self._late_groups.pop(session_id, None) is not None:
+                self._owed_less((session_id,))
 
     def drain_completed(self) -> list[Session]:
         """Hand over the completed sessions and forget them (at most one per session id).
@@ -1254,7 +1323,11 @@ class SessionRecorder:
             self._late_groups[session.session_id] = session
         spawn = session.parent_spawn_ref
         if spawn is not None and not spawn.tool_call_id and spawn.parent_loop_id in self._loops:
-            self._late_spawns.setdefault(spawn.parent_loop_id, {})[session.session_id] = session
+            owed = self._late_spawns.get(spawn.parent_loop_id)
+            if owed is None:
+                owed = self._late_spawns[spawn.parent_loop_id] = _LateSpawns()
+            owed.add(session)
+            self._spawner_owing[session.session_id] = spawn.parent_loop_id
         for record in session.loops:
             group = self._groups.get(record.loop_id)
             if group is not None and (record.ended_at is None or record.ended_at >= group.timestamp):
@@ -1365,7 +1438,7 @@ class SessionRecorder:
         with self._lock:
             return (
                 session_id in self._late_groups
-                or any(session_id in owed for owed in self._late_spawns.values())
+                or session_id in self._spawner_owing
                 or any(resent.session.session_id == session_id for resent in self._resending.values())
             )
 
