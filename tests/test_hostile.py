@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import phi_session as ps
 from phi_session._float32 import Float32
+from phi_session._strict import MAX_VALUE_DEPTH
 from phi_session.codec import escape_surrogates, without_lone_surrogates
 from phi_session.stores.base import merge_sessions, validate_session_id
 from phi_session.stores.conformance import at, make_loop, make_session
@@ -178,6 +181,52 @@ def test_events_holding_lone_surrogates_are_written_by_every_json_writer(tmp_pat
     [session] = recorder.drain_completed()
     assert b"\\\\xed\\\\xb3\\\\xbf" in ps.encode(session, pretty=True)
     assert "\udcff" in session.loops[0].agent_id  # the recorder's own copy is left as it was
+
+
+def _deeply(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def _innermost(value: Any) -> tuple[int, Any]:
+    """How many lists `value` nests, and what the innermost holds."""
+    levels = 0
+    while isinstance(value, list):
+        value, levels = value[0], levels + 1
+    return levels, value
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "json_dir"])
+def test_a_value_nested_too_deep_to_write_is_clipped_not_lost(tmp_path: Path, kind: str) -> None:
+    """Hand-built, such a value made encoding raise RecursionError: the session could
+    not be written nor saved."""
+    note = ps.ExtensionMessage(kind="note", data={"a": _deeply(1500)})
+    cycle: list[Any] = [1]
+    cycle.append(cycle)
+    tool = ps.ToolExecutionStart(
+        loop_id="s.cfg.1", tool_call_id="c1", tool_name="n", args={"a": 1, "b": cycle}
+    )
+    loop = msgspec.structs.replace(
+        make_loop("s", 1), metadata={"d": _deeply(5000)}, messages=(note,), events=(ps.LoopEvent(0, tool),)
+    )
+    session = make_session("s", loops=[loop])
+    stand_in = "[NOT RECORDED: writing it raised RecursionError]"
+    for pretty in (True, False):
+        read = ps.decode_session(ps.encode_session(session, pretty=pretty))
+        clipped = (MAX_VALUE_DEPTH - 1, stand_in)  # under the dict: the value's level MAX_VALUE_DEPTH
+        assert _innermost(read.loops[0].metadata["d"]) == clipped
+        assert _innermost(read.loops[0].messages[0].data["a"]) == clipped
+        assert read.loops[0].events[0].event.args == {"a": 1, "b": [1, stand_in]}
+    assert ps.decode_event(ps.encode_event(tool)).args == {"a": 1, "b": [1, stand_in]}  # a journal's line
+    store: ps.SessionStore = (
+        ps.SqliteStore(tmp_path / "s.db") if kind == "sqlite" else ps.JsonDirStore(tmp_path / "d")
+    )
+    store.save(session)
+    loaded = store.load("s")
+    assert ps.encode_session(loaded) == ps.encode_session(session)
+    assert _innermost(session.loops[0].metadata["d"]) == (5000, 1)  # the caller's value is left as it was
 
 
 @pytest.mark.parametrize(

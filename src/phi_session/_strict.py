@@ -121,10 +121,42 @@ _encode = msgspec.json.Encoder().encode
 
 def clip_depth(tree: Any, encoded: bytes) -> bool:
     """Replace, in `tree` (JSON data of the caller's own; `encoded`, its JSON), each
-    container nested deeper than `MAX_VALUE_DEPTH` by its JSON text; whether it held one."""
+    container nested deeper than `MAX_VALUE_DEPTH` by its JSON text (`_text`); whether it
+    held one."""
     if encoded.count(b"[") + encoded.count(b"{") <= MAX_VALUE_DEPTH:
         return False  # a bound at C speed (brackets inside strings count too)
     return _clip(tree, 1)
+
+
+def clipped(value: Any) -> Any:
+    """`value` (JSON data of another's, which may be nested too deep to write at all, or
+    hold itself) as `clip_depth` leaves a copy of it, a container inside itself cut as one
+    that cannot be written: `value` itself if nothing is cut."""
+    enclosing: set[int] = set()  # the ids of the containers being copied
+    cut = False
+
+    def copied(node: Any, level: int) -> Any:
+        """`node`, standing at `level`, its containers down to `MAX_VALUE_DEPTH` copied
+        (those under them are `_clip`'s to replace)."""
+        nonlocal cut
+        if level > MAX_VALUE_DEPTH or not isinstance(node, (dict, list, tuple)):
+            return node
+        if id(node) in enclosing:
+            cut = True
+            return _UNWRITABLE
+        enclosing.add(id(node))
+        if isinstance(node, dict):
+            copy: Any = {key: copied(item, level + 1) for key, item in node.items()}
+        else:
+            copy = [copied(item, level + 1) for item in node]
+        enclosing.discard(id(node))
+        return copy
+
+    copy = copied(value, 1)
+    return copy if _clip(copy, 1) or cut else value
+
+
+_UNWRITABLE = "[NOT RECORDED: writing it raised RecursionError]"
 
 
 def _clip(node: Any, level: int) -> bool:
@@ -138,14 +170,25 @@ def _clip(node: Any, level: int) -> bool:
     clipped = False
     for key in keys:
         item = node[key]
-        if not isinstance(item, (dict, list)):
+        if not isinstance(item, (dict, list, tuple)):
             continue
         if level == MAX_VALUE_DEPTH:
-            node[key] = _encode(item).decode()
+            node[key] = _text(item)
             clipped = True
         elif _clip(item, level + 1):
             clipped = True
     return clipped
+
+
+def _text(node: Any) -> str:
+    """`node`'s JSON text, or a stand-in where the encoder cannot write it (nested too deep
+    for its recursion limit, holding itself, holding what is no JSON)."""
+    try:
+        return _encode(node).decode()
+    except RecursionError:
+        return _UNWRITABLE
+    except (TypeError, ValueError) as error:
+        return f"[NOT RECORDED: writing it raised {type(error).__name__}]"
 
 
 def _depth(node: Any) -> int:

@@ -161,30 +161,59 @@ def without_lone_surrogates(value: _V) -> _V:
             return value
         return cast(_V, SessionFormation(value.kind, value.timestamp, value.threshold_secs, previous))
     if isinstance(value, msgspec.Struct):
-        changed = {}
-        for name in value.__struct_fields__:
-            item = getattr(value, name)
-            escaped = without_lone_surrogates(item)
-            if escaped is not item:
-                changed[name] = escaped
-        return replace(value, **changed) if changed else value
+        return cast(_V, _mapped_fields(value, without_lone_surrogates))
     if isinstance(value, dict):
         pairs = [(without_lone_surrogates(k), without_lone_surrogates(v)) for k, v in value.items()]
         if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(pairs, value.items(), strict=True)):
             return value
         return cast(_V, dict(pairs))
     if isinstance(value, (list, tuple)):
-        items = [without_lone_surrogates(item) for item in value]
-        if all(a is b for a, b in zip(items, value, strict=True)):
-            return value
-        return cast(_V, items if isinstance(value, list) else tuple(items))
+        return cast(_V, _mapped_items(value, without_lone_surrogates))
     return value
+
+
+_Items = list[Any] | tuple[Any, ...]
+
+
+def within_depth(value: _V) -> _V:
+    """`value` (a session, a record, an event, JSON data) with each free-form value in it
+    (what is no record: tool arguments, details, metadata) as `_strict.clipped` copies it:
+    for one nested too deep to write at all (or holding itself). Itself when nothing is
+    clipped, else a copy of the parts that are (the original is left as it is)."""
+    if isinstance(value, msgspec.Struct):
+        return cast(_V, _mapped_fields(value, within_depth))
+    if isinstance(value, (list, tuple)) and any(isinstance(item, msgspec.Struct) for item in value):
+        return cast(_V, _mapped_items(value, within_depth))
+    return cast(_V, _strict.clipped(value))
+
+
+def _mapped_fields(struct: msgspec.Struct, fn: Callable[[Any], Any]) -> msgspec.Struct:
+    """`struct` with ``fn(value)`` for the value of each of its fields: itself when every
+    one comes back unchanged, else a copy."""
+    changed = {}
+    for name in struct.__struct_fields__:
+        item = getattr(struct, name)
+        mapped = fn(item)
+        if mapped is not item:
+            changed[name] = mapped
+    return replace(struct, **changed) if changed else struct
+
+
+def _mapped_items(items: _Items, fn: Callable[[Any], Any]) -> _Items:
+    """`items` (a list or tuple) with ``fn(item)`` for each: itself when every one comes
+    back unchanged, else a copy of the same type."""
+    mapped = [fn(item) for item in items]
+    if all(a is b for a, b in zip(mapped, items, strict=True)):
+        return items
+    return mapped if isinstance(items, list) else tuple(mapped)
 
 
 class _Encoder:
     """A msgspec JSON encoder that writes a document holding lone surrogates, which it
-    refuses, as `without_lone_surrogates` makes it: a session is never lost to text
-    its agent read from undecodable bytes. Others pay nothing for it."""
+    refuses, as `without_lone_surrogates` makes it, and one holding a free-form value
+    nested too deep to write (or holding itself) as `within_depth` makes it: a session is
+    never lost to text its agent read from undecodable bytes, nor to such a value. Others
+    pay nothing for it."""
 
     __slots__ = ("_encoder",)
 
@@ -198,14 +227,25 @@ class _Encoder:
     def encode(self, document: Any) -> bytes:
         try:
             return self._encoder.encode(document)
-        except UnicodeEncodeError:
-            return self._encoder.encode(without_lone_surrogates(document))
+        except (UnicodeEncodeError, RecursionError) as error:
+            return self._encoder.encode(_writable(document, error))
 
     def encode_into(self, document: Any, buffer: bytearray) -> None:
         try:
             self._encoder.encode_into(document, buffer)
-        except UnicodeEncodeError:
-            self._encoder.encode_into(without_lone_surrogates(document), buffer)
+        except (UnicodeEncodeError, RecursionError) as error:
+            self._encoder.encode_into(_writable(document, error), buffer)
+
+
+def _writable(document: Any, error: UnicodeEncodeError | RecursionError) -> Any:
+    """`document`, which the encoder refused with `error`, as `_Encoder` writes it: clipped
+    first (the one fault can hide the other, and escaping walks the whole depth)."""
+    if isinstance(error, RecursionError):
+        clipped = within_depth(document)
+        if clipped is document:  # not a free-form value's doing
+            raise error
+        document = clipped
+    return without_lone_surrogates(document)
 
 
 # Record objects keep declaration order; free-form dicts are sorted ("deterministic").

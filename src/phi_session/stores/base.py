@@ -13,7 +13,7 @@ import msgspec
 
 from .._checks import check_type
 from .._time import Timestamp
-from ..codec import encode_event, json_form, without_lone_surrogates, without_plain_metadata
+from ..codec import encode_event, json_form, within_depth, without_lone_surrogates, without_plain_metadata
 from ..errors import InvalidSessionId, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
@@ -502,7 +502,8 @@ _surrogate_check = msgspec.json.Encoder(enc_hook=json_form)
 def session_to_save(session: Session) -> Session:
     """A session handed to `save` as a store holds it (`TypeError` for anything but a
     `Session`; its id checked): itself, or a copy with the lone surrogates of its text
-    escaped (`escaped_to_save`), as stores write them. It is merged with the stored copy
+    escaped (`escaped_to_save`) and its free-form values nested too deep to write clipped
+    (`within_depth`), as stores write them. It is merged with the stored copy
     so: merged raw, the same session saved again would read as new loops and links."""
     check_type("session", session, Session)
     validate_session_id(session.session_id)  # before escaping: such an id is refused
@@ -511,6 +512,15 @@ def session_to_save(session: Session) -> Session:
     except UnicodeEncodeError as error:
         escaped = escaped_to_save(session, error)
         return session if escaped is None else escaped  # None: nothing the walk reaches to escape
+    except RecursionError:
+        clipped = within_depth(session)
+        if clipped is session:  # not a free-form value's doing
+            raise
+        _log.warning(
+            "session %s holds a value nested too deep to write: saving it with that value clipped",
+            session.session_id,
+        )
+        return session_to_save(clipped)
     return session
 
 
