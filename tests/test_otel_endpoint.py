@@ -31,7 +31,7 @@ from google.protobuf.json_format import MessageToDict
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
@@ -932,6 +932,41 @@ def test_a_sub_agent_whose_caller_never_exports_is_saved_complete_at_once(tmp_pa
     [loop] = saved.loops
     assert (loop.status, loop.parent_loop_id, saved.parent_spawn_ref) == ("Completed", None, None)
     assert loop.metadata is not None and loop.metadata["otel"]["parent_span_id"] == f"{tool_span:016x}"
+
+
+@pytest.mark.parametrize("export", ["now", "older"])
+def test_a_loop_span_sent_after_a_restart_is_saved_with_its_stand_in_as_one_loop(
+    tmp_path: Path, export: str
+) -> None:
+    # The batch processor sent the loop span apart and the endpoint restarted in between: the
+    # chat span stood in for the loop (its id, an agent guessed from the service) and SQLite
+    # kept it beside the loop as another agent's record.
+    from phi_session.stores.sqlite import SqliteStore
+
+    session = tool_loop_session([("c1", "search", {"q": "x"}, "hit")], agent_id="a")
+    spans = session_spans(session)
+    rest = [span for span in spans if span.parent is not None]
+    # An older export put the agent id on the loop span only.
+    first = _protobuf(rest) if export == "now" else _without_agent_id(rest)
+    store = SqliteStore(tmp_path / "s.db")
+    for payload in (first, _protobuf([span for span in spans if span.parent is None])):
+        endpoint = OtlpEndpoint(store, tmp_path / "state")
+        endpoint.accept(payload, "application/x-protobuf")
+        endpoint.close()
+    [loop] = store.load(session.session_id).loops
+    assert (loop.loop_id, loop.agent_id, loop.status) == ("L", "a", "Completed")
+
+
+def _without_agent_id(spans: list[ReadableSpan]) -> bytes:
+    """`spans` as a protobuf payload, without the ``gen_ai.agent.id`` of every span."""
+    request = encode_spans(spans)
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                kept = [kv for kv in span.attributes if kv.key != "gen_ai.agent.id"]
+                del span.attributes[:]
+                span.attributes.extend(kept)
+    return request.SerializeToString()
 
 
 def test_gzip_members_are_read_in_pieces_and_their_number_bounded() -> None:

@@ -308,6 +308,9 @@ class _LoopExport:
             attr.CONVERSATION_ID: session.session_id,
             attr.PHI_SESSION_ID: session.session_id,
             attr.PHI_LOOP_ID: record.loop_id,
+            # On every span, not only the loop's: a chat span standing in for a loop span that
+            # came apart (another batch, after the trace timeout) knows whose loop it is.
+            attr.AGENT_ID: record.agent_id,
         }
         self._turns: dict[int, Turn] | None = None  # made by `_indexed` when first needed
         self._result_times: dict[tuple[int, str], int] = {}  # (turn index, call id) -> ms
@@ -409,7 +412,6 @@ class _LoopExport:
         record, config = self.record, self.record.config
         attributes: dict[str, Any] = {
             attr.OPERATION_NAME: attr.OP_INVOKE_AGENT,
-            attr.AGENT_ID: record.agent_id,
             attr.AGENT_NAME: record.agent_id,
             **self.common,
             attr.PHI_LOOP_STATUS: record.status,

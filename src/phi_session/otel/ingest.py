@@ -1163,14 +1163,15 @@ class _Rebuild:
         kind, parent = self._continuation(loop, previous)
         config = self._config(loop)
         named = agent.name.removeprefix(attr.OP_INVOKE_AGENT).strip() if _role(agent) == "agent" else ""
-        agent_id = (
-            _text(_first(attributes, attr.AGENT_ID, attr.AGENT_NAME, attr.OPENINFERENCE_AGENT_NAME))
-            or named
-            or _text(agent.resource.get("service.name"))
-            or "otel"
-        )
+        given = _first(attributes, attr.AGENT_ID, attr.AGENT_NAME, attr.OPENINFERENCE_AGENT_NAME)
+        agent_id = _text(given) or named
+        if not agent_id:
+            # Made up: a store merges such a record with its loop's of any agent (a chat span
+            # standing in for the loop span of our export, which comes later with the agent).
+            loop.synthesized.append("agent_id")
+            agent_id = _text(agent.resource.get("service.name")) or "otel"
         metadata = None
-        if attr.PHI_LOOP_ID not in attributes:
+        if attr.PHI_LOOP_ID not in attributes or loop.synthesized:
             metadata = {
                 "otel": {
                     "trace_id": self.trace_hex,

@@ -575,7 +575,8 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     Which records are the same loop (the merge key): a loop is known by its
     ``loop_id``, its agent and its lifetime. An incoming record with id X is matched
     with the first stored record of id X, not matched yet, of the same ``agent_id``
-    (or either's empty: a parallel branch registered before it started), that
+    (or either's unknown: empty, a parallel branch registered before it started, or made
+    up by the OTLP ingest, listed in ``metadata["otel"]["synthesized"]``), that
 
     1. started at the same instant (the n-th such with the n-th); else that
     2. was alive at the same time: neither started at or after the other ended
@@ -674,11 +675,25 @@ def _ended_before(first: LoopRecord, second: LoopRecord) -> bool:
     return first.ended_at is not None and second.started_at >= first.ended_at
 
 
+def _agent_unknown(record: LoopRecord) -> bool:
+    """Whether `record` may be any agent's: empty (a parallel branch registered before it
+    started), or made up by the OTLP ingest (a chat span standing in for a loop span yet
+    to come, its agent guessed from the service), listed in its metadata."""
+    if not record.agent_id:
+        return True
+    otel = record.metadata.get("otel") if isinstance(record.metadata, dict) else None
+    made_up = otel.get("synthesized") if isinstance(otel, dict) else None
+    return isinstance(made_up, list) and "agent_id" in made_up
+
+
 def _same_loop(record: LoopRecord, loops: list[LoopRecord], candidates: list[int]) -> int | None:
     """The position of the stored version of `record` among `candidates` (the unmatched
     stored records of its id), or None: the merge key of `merge_sessions`."""
-    agent = record.agent_id
-    candidates = [slot for slot in candidates if not agent or loops[slot].agent_id in (agent, "")]
+    if not _agent_unknown(record):
+        agent = record.agent_id
+        candidates = [
+            slot for slot in candidates if loops[slot].agent_id == agent or _agent_unknown(loops[slot])
+        ]
     for slot in candidates:
         if loops[slot].started_at == record.started_at:
             return slot
