@@ -45,7 +45,7 @@ from phi_session.adapters._sessions import SessionBook
 from phi_session.errors import InvalidArgument, MissingExtra, SessionLocked
 from phi_session.events import ToolExecutionEnd, ToolExecutionStart
 from phi_session.messages import ToolCall
-from phi_session.stores.base import validate_session_id
+from phi_session.stores.base import SessionStore, validate_session_id
 from phi_session.stores.outline import SessionOutline, loop_prompt
 
 from .conftest import needs_fork
@@ -486,6 +486,49 @@ def test_overlapping_runs_of_one_session_in_two_processes_are_both_kept(tmp_path
         ("conv.fake.m-1.2", "worker-1"),
     ]
     assert [loop_prompt(loop) for loop in loops[1:]] == ["request 0", "request 1"]
+
+
+class _StoreOfTheEarlierProtocol:
+    """A user's store written to `SessionStore` before ``loop_starts``: each method of
+    that protocol delegated to a store here."""
+
+    def __init__(self, inner: SessionStore) -> None:
+        self._inner = inner
+
+
+_EARLIER = ("save", "load", "delete", "list_ids", "list_for_agent", "query", "usage_totals", "prune")
+_EARLIER += ("search", "load_outline", "load_loops")
+for _method in (*_EARLIER, *(f"a{name}" for name in _EARLIER), "close"):
+    setattr(
+        _StoreOfTheEarlierProtocol,
+        _method,
+        lambda self, *args, _method=_method, **kwargs: getattr(self._inner, _method)(*args, **kwargs),
+    )
+
+
+def test_a_store_without_loop_starts_is_taken_and_its_loops_saved_elsewhere_are_gone_on_after(
+    tmp_path: Path,
+) -> None:
+    # loop_starts was added to the runtime-checked SessionStore: such a store was refused
+    # (TypeError) by the adapters and the views. Its outline tells what was saved since.
+    inner = SqliteStore(tmp_path / "sessions.db")
+    assert isinstance(_StoreOfTheEarlierProtocol(inner), SessionStore)
+    workers = []
+    for _ in range(2):  # two processes' adapters, each with its view of the store
+        recorder = SessionRecorder()
+        store = _StoreOfTheEarlierProtocol(inner)
+        workers.append((AdapterCore("fake-fw", [recorder], store=store), recorder, store))
+    for key, (core, recorder, store) in zip(["r1", "r2", "r3"], [*workers, workers[0]], strict=True):
+        core.start_run(key, CONFIG, framework_session_id="conv")
+        one_turn(core, key)
+        core.end_run(key)
+        for session in recorder.sessions():
+            store.save(session)
+    assert [(loop.loop_id, loop.parent_loop_id) for loop in inner.load("conv").loops] == [
+        ("conv.fake.m-1.1", None),
+        ("conv.fake.m-1.2", "conv.fake.m-1.1"),
+        ("conv.fake.m-1.3", "conv.fake.m-1.2"),
+    ]
 
 
 def test_cores_given_the_same_sinks_continue_each_others_sessions() -> None:

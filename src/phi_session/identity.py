@@ -487,7 +487,7 @@ class AgentSession:
     def go_on_after(self, loops: Sequence[tuple[str, int]]) -> None:
         """Go on after `loops` (each one's id and start, in nanoseconds since the epoch):
         loops of the current session another process may have recorded since this identity
-        last read them (`SessionStore.loop_starts`), some maybe its own. Loop counters go
+        last read them (`LoopStarts.loop_starts`), some maybe its own. Loop counters go
         past them; the latest started of those numbered beyond this identity's counters
         (newer loops it did not number) becomes the loop continuations follow, unless its
         own last loop started later."""

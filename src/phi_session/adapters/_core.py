@@ -93,7 +93,7 @@ from ..replay import (
 from ..replay.cursor import result_text
 from ..replay.lineage import active_lineage
 from ..sinks import SinkLike
-from ..stores.base import SessionStore, validate_loop_session_id
+from ..stores.base import SessionStore, stored_loop_starts, validate_loop_session_id
 from ._sessions import EmbeddedStore, book_for_sinks, embedded_store
 
 __all__ = [
@@ -692,12 +692,12 @@ class AdapterCore:
         """Go on after the loops of `agent`'s session that other processes (a web app's
         other workers) saved since this one read its first `stored` loops: a run of it
         there must not reuse their loop numbers, and continues the session's last loop.
-        One index range read per run start (`SessionStore.loop_starts`)."""
+        One index range read per run start (`LoopStarts.loop_starts`)."""
         store = self.store
         if store is None:
             return
         try:
-            loops = store.loop_starts(agent.session_id, stored)
+            loops = stored_loop_starts(store, agent.session_id, stored)
         except SessionNotFound:
             return  # not saved yet (or deleted): this process's memory is all there is
         except StoreError as error:

@@ -45,7 +45,7 @@ class SessionBook:
     sessions, the oldest are let go of, leaving their compact progress
     (`AgentSession.progress`) from which they come back exactly. For a session read from
     a store, the book also counts the stored loops read so far, from which a run that
-    finds it idle reads what other processes saved since (`SessionStore.loop_starts`).
+    finds it idle reads what other processes saved since (`LoopStarts.loop_starts`).
     Thread-safe: every method takes the book's lock, and never calls out under it.
     """
 

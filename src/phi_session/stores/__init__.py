@@ -1,15 +1,16 @@
 """Session storage: one protocol, several backends.
 
 `SessionStore` is the narrow interface every backend implements (sync methods and
-``a``-prefixed async twins): `JsonDirStore` (phi-core's directory of JSON files),
-`SqliteStore` (the default) and `PostgresStore`; `open_store(url)` picks one from a
-URL. A store is asked with `SessionQuery` (listing), `PruneCriteria` (deleting)
-and a usage grouping (`GroupBy`), each checked once when it is built.
+``a``-prefixed async twins; `LoopStarts` an optional extension): `JsonDirStore`
+(phi-core's directory of JSON files), `SqliteStore` (the default) and `PostgresStore`;
+`open_store(url)` picks one from a URL. A store is asked with `SessionQuery` (listing),
+`PruneCriteria` (deleting) and a usage grouping (`GroupBy`), each checked once when it
+is built.
 """
 
 from typing import TYPE_CHECKING, Any
 
-from .base import SessionStore, SessionSummary, UsageTotal, merge_sessions, summarize
+from .base import LoopStarts, SessionStore, SessionSummary, UsageTotal, merge_sessions, summarize
 from .json_dir import (
     JsonDirStore,
     delete_session,
@@ -48,6 +49,7 @@ __all__ = [
     "GroupBy",
     "JsonDirStore",
     "LoopOutline",
+    "LoopStarts",
     "Order",
     "PostgresStore",
     "PruneCriteria",

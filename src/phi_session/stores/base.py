@@ -289,17 +289,6 @@ class SessionStore(Protocol):
         """
         ...
 
-    def loop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]:
-        """The id and start time (nanoseconds since the epoch) of each stored loop at
-        positions `start` onward, in order: what another writer added to a session since a
-        reader saw its first `start` loops (a merge keeps stored loops in place and appends
-        new ones), reading no record, and nothing before `start` where the store can.
-
-        `SessionNotFound` if there is no such session; `InvalidQuery` for a negative
-        `start` (`TypeError` for a non-int one).
-        """
-        ...
-
     def close(self) -> None:
         """Release the store's resources. Idempotent."""
         ...
@@ -316,10 +305,43 @@ class SessionStore(Protocol):
     async def aprune(self, criteria: PruneCriteria) -> int: ...
     async def aload_outline(self, session_id: str) -> SessionOutline: ...
     async def aload_loops(self, session_id: str, start: int, stop: int) -> list[LoopRecord]: ...
-    async def aloop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]: ...
     async def asearch(
         self, text: str, query: SessionQuery | None = None, limit: int = DEFAULT_LIMIT
     ) -> list[SearchHit]: ...
+
+
+@runtime_checkable
+class LoopStarts(Protocol):
+    """An optional extension of `SessionStore`, which the stores here implement: a store
+    without it (written to the protocol before it) works the same, its loop starts read
+    from `SessionStore.load_outline` (`stored_loop_starts`). Not in `SessionStore`, whose
+    runtime check would refuse such a store."""
+
+    def loop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]:
+        """The id and start time (nanoseconds since the epoch) of each stored loop at
+        positions `start` onward, in order: what another writer added to a session since a
+        reader saw its first `start` loops (a merge keeps stored loops in place and appends
+        new ones), reading no record, and nothing before `start` where the store can.
+
+        `SessionNotFound` if there is no such session; `InvalidQuery` for a negative
+        `start` (`TypeError` for a non-int one).
+        """
+        ...
+
+    async def aloop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]: ...
+
+
+def stored_loop_starts(store: SessionStore, session_id: str, start: int) -> list[tuple[str, int]]:
+    """`LoopStarts.loop_starts` of `store`, from its outline when it lacks the extension."""
+    if isinstance(store, LoopStarts):
+        return store.loop_starts(session_id, start)
+    return outline_loop_starts(store, session_id, start)
+
+
+def outline_loop_starts(store: SessionStore, session_id: str, start: int) -> list[tuple[str, int]]:
+    """`LoopStarts.loop_starts` read from `store`'s outline (`SessionStore.load_outline`)."""
+    check_loop_range(start, start)
+    return [(loop.loop_id, loop.started_at.ns) for loop in store.load_outline(session_id).loops[start:]]
 
 
 class AsyncTwins:

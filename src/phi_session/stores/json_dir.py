@@ -68,6 +68,7 @@ from .base import (
     merge_sessions,
     model_key,
     model_totals,
+    outline_loop_starts,
     query_selects,
     serving_rows,
     session_to_save,
@@ -661,11 +662,9 @@ class JsonDirStore(ScanSearch, AsyncTwins):
             raise self._corrupt(session_id, error) from error
 
     def loop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]:
-        """See `SessionStore.loop_starts`. From the outline (`load_outline`): the whole file
+        """See `LoopStarts.loop_starts`. From the outline (`load_outline`): the whole file
         is decoded unless it is unchanged since the last partial load."""
-        check_loop_range(start, start)
-        loops = self.load_outline(session_id).loops[start:]
-        return [(loop.loop_id, loop.started_at.ns) for loop in loops]
+        return outline_loop_starts(self, session_id, start)
 
     def _paged_file(self, session_id: str) -> _Paged:
         """The split current version of the session file, from the cache if its key matches."""

@@ -1248,7 +1248,7 @@ class PostgresStore(AsyncTwins):
             raise StoredSessionUnusable(f"stored session {session_id!r} is corrupt: {exc}") from exc
 
     def loop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]:
-        """See `SessionStore.loop_starts`. One range of the loops' index."""
+        """See `LoopStarts.loop_starts`. One range of the loops' index."""
         validate_session_id(session_id)
         check_loop_range(start, start)
         with self._cursor(f"reading the loop starts of session {session_id!r}") as cur:

@@ -1424,7 +1424,7 @@ class SqliteStore(AsyncTwins):
             return [decode_loop(record, strict=False) for record in records]
 
     def loop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]:
-        """See `SessionStore.loop_starts`. One range of the loops' index, and the session's
+        """See `LoopStarts.loop_starts`. One range of the loops' index, and the session's
         row when that range is empty."""
         validate_session_id(session_id)
         check_loop_range(start, start)
