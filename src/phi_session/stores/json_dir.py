@@ -76,7 +76,7 @@ from .base import (
     summarize_parts,
     validate_session_id,
 )
-from .outline import SessionOutline, loop_prompt, session_outline
+from .outline import SessionOutline, loop_outline, loop_prompt, session_outline
 from .query import GroupBy, PruneCriteria, SessionQuery, check_text, parse_group_by
 
 if sys.platform != "win32":
@@ -230,6 +230,14 @@ def _session_file(
         parts += [separator, loop]
     parts += [b"\n  ]", text[at + len(_NO_LOOPS) :]]
     return b"".join(parts), tuple(spans)
+
+
+class _Changed(NamedTuple):
+    """What a save merged in part changed in the file this store wrote before (`before`)."""
+
+    before: _FileKey
+    loops: list[tuple[int, LoopRecord]]
+    """The loops changed, and those added after the last, by position."""
 
 
 PAGED_BYTES_LIMIT = 512 * 2**20
@@ -389,7 +397,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         except OSError as error:
             raise StoreError(f"cannot create session directory {self._dir}: {_describe(error)}") from error
         with self._locked(session_id):
-            header, loops, facts = self._merged(session_id, session)
+            header, loops, facts, changed = self._merged(session_id, session)
             if loops is None:  # merged whole: `header` holds every loop
                 data = encode_session(header)
                 spans = _loop_spans(data, len(header.loops))
@@ -397,20 +405,23 @@ class JsonDirStore(ScanSearch, AsyncTwins):
                 data, spans = _session_file(header, loops)
             key = self._write_atomically(session_id, data)
             if spans is not None:
-                self._keep_written(session_id, _Written(key, replace(header, loops=[]), spans, tuple(facts)))
+                written = _Written(key, replace(header, loops=[]), spans, tuple(facts))
+                self._keep_written(session_id, written)
+                if changed is not None:
+                    self._keep_paged(session_id, changed, written, data)
         self._remember(session_id, _entry(key, header, facts))
 
     def _merged(
         self, session_id: str, session: Session
-    ) -> tuple[Session, list[bytes | memoryview] | None, list[_LoopFacts]]:
-        """What saving `session` writes: the merged session, None and each loop's facts; or,
-        when the file is as this store last wrote it, where only the loops the merge may
-        change are decoded: the merged header (its loops: those), each loop's bytes in the
-        file and each loop's facts."""
+    ) -> tuple[Session, list[bytes | memoryview] | None, list[_LoopFacts], _Changed | None]:
+        """What saving `session` writes: the merged session, None, each loop's facts and
+        None; or, when the file is as this store last wrote it, where only the loops the
+        merge may change are decoded: the merged header (its loops: those), each loop's
+        bytes in the file, each loop's facts and the loops changed or added."""
         try:
             key, data = self._read_bytes(session_id)
         except SessionNotFound:
-            return session, None, list(map(_facts, session.loops))
+            return session, None, list(map(_facts, session.loops)), None
         with self._cache_lock:
             written = self._written.get(session_id)
         if written is not None and written.key == key:
@@ -431,11 +442,11 @@ class JsonDirStore(ScanSearch, AsyncTwins):
                 "apart, e.g. it ignores case); nothing was written"
             )
         merged = merge_sessions(stored, session)
-        return merged, None, list(map(_facts, merged.loops))
+        return merged, None, list(map(_facts, merged.loops)), None
 
     def _merged_in_part(
         self, session_id: str, written: _Written, data: bytes, session: Session
-    ) -> tuple[Session, list[bytes | memoryview], list[_LoopFacts]]:
+    ) -> tuple[Session, list[bytes | memoryview], list[_LoopFacts], _Changed]:
         positions = loops_a_merge_touches(
             [(fact.loop_id, fact.parent_loop_id) for fact in written.facts], session
         )
@@ -450,16 +461,38 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         view = memoryview(data)
         loops: list[bytes | memoryview] = [view[start:end] for start, end in written.spans]
         facts = list(written.facts)
+        changed = _Changed(written.key, [])
         for position, record in pairs:
             if record is kept.get(position):
                 continue
+            changed.loops.append((position, record))
             if position == len(loops):  # a new loop, after the last
                 loops.append(_loop_bytes(record))
                 facts.append(_facts(record))
             else:
                 loops[position] = _loop_bytes(record)
                 facts[position] = _facts(record)
-        return merged, loops, facts
+        return merged, loops, facts, changed
+
+    def _keep_paged(self, session_id: str, changed: _Changed, written: _Written, data: bytes) -> None:
+        """The split file this store just wrote, from the one it replaced if that is split:
+        its outline with the changed loops outlined again. An adapter reads the outline at
+        every run of a session (`loop_starts`), which would decode the whole file after
+        each save of this store."""
+        with self._cache_lock:
+            before = self._paged.get(session_id)
+        if before is None or before.key != changed.before:
+            return
+        outlines = list(before.outline.loops)
+        for position, record in changed.loops:
+            if position == len(outlines):  # a new loop, after the last
+                outlines.append(loop_outline(record))
+            else:
+                outlines[position] = loop_outline(record)
+        view = memoryview(data)
+        loops = tuple(msgspec.Raw(view[start:end]) for start, end in written.spans)
+        paged = _Paged(key=written.key, outline=session_outline(written.header, outlines), loops=loops)
+        self._put_paged(session_id, paged, over=before)
 
     def _keep_written(self, session_id: str, written: _Written) -> None:
         with self._cache_lock:
@@ -686,13 +719,19 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         if len(loops) != len(session.loops):  # both read one "loops" array: never, but pages would shift
             raise self._corrupt(session_id, "its loops do not split apart")
         paged = _Paged(key=key, outline=session_outline(session), loops=loops)
+        self._put_paged(session_id, paged)
+        return paged
+
+    def _put_paged(self, session_id: str, paged: _Paged, *, over: _Paged | None = None) -> None:
+        """Keep `paged` as the most recently read (with `over`: only if that is still kept)."""
         with self._cache_lock:
+            if over is not None and self._paged.get(session_id) is not over:
+                return
             self._paged.pop(session_id, None)
             self._paged[session_id] = paged
             kept = sum(entry.size for entry in self._paged.values())
             while kept > PAGED_BYTES_LIMIT and len(self._paged) > 1:  # drop the least recently read
                 kept -= self._paged.popitem(last=False)[1].size
-        return paged
 
     def _read(self, session_id: str) -> tuple[Session, _Entry]:
         return self._decode(session_id, *self._read_bytes(session_id))
