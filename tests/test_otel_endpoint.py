@@ -683,6 +683,36 @@ def test_a_payload_over_the_span_limit_is_refused_before_its_spans_are_built(
         made.close()
 
 
+def test_a_payload_waiting_for_the_store_leaves_the_others_decoded(
+    demo_sessions: list[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoding slot was held until the payload's spans were added, which waits for the
+    store: every other payload got 503 meanwhile, and exporters dropped batches."""
+    monkeypatch.setattr(endpoint_module, "_DECODE_WAIT", 0.01)
+    endpoint = OtlpEndpoint(JsonDirStore(tmp_path / "store"), tmp_path / "state", max_decoding=1)
+    add, adding, go_on = endpoint.ingestor.add, threading.Event(), threading.Event()
+
+    def held_up(spans: list) -> None:
+        if not adding.is_set():  # the first payload's add, behind a store that is slow now
+            adding.set()
+            go_on.wait(10)
+        add(spans)
+
+    monkeypatch.setattr(endpoint.ingestor, "add", held_up)
+    bodies = [_protobuf(session_spans(session)) for session in demo_sessions[:2]]
+    first = threading.Thread(target=endpoint.accept, args=(bodies[0], "application/x-protobuf"))
+    first.start()
+    try:
+        assert adding.wait(10)
+        timer = threading.Timer(0.2, go_on.set)  # the second payload waits for its turn to add
+        timer.start()
+        assert endpoint.accept(bodies[1], "application/x-protobuf").accepted > 0
+    finally:
+        go_on.set()
+        first.join(10)
+        endpoint.close()
+
+
 def test_payloads_decoded_at_once_are_bounded_the_rest_503_with_retry_after(
     demo_sessions: list[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

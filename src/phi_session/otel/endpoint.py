@@ -198,15 +198,18 @@ class OtlpEndpoint:
             read = read_otlp(body, media, max_spans=self.ingestor.max_buffered_spans)
             spans = read.spans
             self._check_room(spans)
-            with self._accept_lock:  # spool order is arrival order
-                if spans:
-                    path = self.spool.write(body, media)
-                    self.ingestor.add(spans)
-                    # Tracked only now: a release before the add saw its traces not waiting yet and
-                    # removed the file. Untracked (the add failed), it stays until a restart replays it.
-                    self.spool.track(path, spans)
         finally:
+            # Not held through the spooling and the add, which wait for each other and for the
+            # store: every other payload would be answered 503 meanwhile, and exporters that
+            # retry a few times drop their batches.
             self._decoding.release()
+        with self._accept_lock:  # spool order is arrival order
+            if spans:
+                path = self.spool.write(body, media)
+                self.ingestor.add(spans)
+                # Tracked only now: a release before the add saw its traces not waiting yet and
+                # removed the file. Untracked (the add failed), it stays until a restart replays it.
+                self.spool.track(path, spans)
         self.spool.release(self.ingestor, self.saver.journal)
         return IngestResult(accepted=len(spans), rejected=read.skipped, message=read.message)
 
