@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
+import msgspec
 import pytest
 
 import phi_session as ps
@@ -364,3 +365,32 @@ def test_events_of_no_known_loop_are_handed_back_not_dropped() -> None:
 
     stats = asyncio.run(consume(source(), store(MemoryStore())))
     assert [orphan.event for orphan in stats.orphans] == [stray]
+
+
+def test_an_event_built_with_a_field_phi_core_cannot_read_is_counted_and_skipped_not_fatal() -> None:
+    """The recorder took it, and the session holding it could not be saved (nor its
+    neighbours'); now the recorder refuses it and the consumer goes on."""
+    memory = MemoryStore()
+
+    async def main() -> Any:
+        events: list[ps.AgentEvent] = []
+        agent_work(Tracer(identity(), sinks=[events.append], config=SNAP), loops=1)
+        turn_start = next(event for event in events if isinstance(event, ps.TurnStart))
+        bad = msgspec.structs.replace(turn_start, turn_index=-1)
+        kept: list[object] = []
+
+        async def source() -> AsyncIterator[ps.AgentEvent]:
+            for event in events:
+                if event is turn_start:
+                    yield bad
+                yield event
+
+        return (
+            await consume(source(), store(memory), checkpoint_interval=None, rejected=kept.append),
+            kept,
+            bad,
+        )
+
+    stats, kept, bad = asyncio.run(main())
+    assert stats.decode_errors == 1 and kept == [bad]
+    assert len(memory.sessions) == 1

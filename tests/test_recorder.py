@@ -2132,3 +2132,73 @@ def test_a_checkpoint_after_a_loops_end_looks_at_its_session_only() -> None:
     assert recorder.checkpoint() == 1
     with pytest.raises(TypeError, match="loop_id must be str or None"):
         recorder.checkpoint(loop_id=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (
+            ps.TurnStart(loop_id="s.a", turn_index=0, triggered_by="User", timestamp="2025-06-01T09:00:00Z"),  # type: ignore[arg-type]
+            TypeError,
+            "event.timestamp must be Timestamp, not str",
+        ),
+        (
+            ps.TurnStart(loop_id="s.a", turn_index=0, triggered_by="User", timestamp=T0),  # type: ignore[arg-type]
+            TypeError,
+            "event.timestamp must be Timestamp, not int",
+        ),
+        (
+            ps.TurnStart(loop_id="s.a", turn_index=-1, triggered_by="User", timestamp=ts(1)),
+            ps.InvalidArgument,
+            r"event.turn_index: expected `int` >= 0; got -1",
+        ),
+        (
+            ps.TurnStart(loop_id="s.a", turn_index=True, triggered_by="User", timestamp=ts(1)),
+            TypeError,
+            "event.turn_index must be int, not bool",
+        ),
+        (
+            ps.TurnStart(loop_id="s.a", turn_index=0, triggered_by="Someone", timestamp=ts(1)),  # type: ignore[arg-type]
+            ps.InvalidArgument,
+            "event.triggered_by",
+        ),
+        (
+            ps.AgentEnd(loop_id="s.a", messages=(), usage=ps.Usage(input=-1, output=0), timestamp=ts(2)),
+            ps.InvalidArgument,
+            r"event.usage.input: expected `int` >= 0; got -1",
+        ),
+        (
+            ps.AgentEnd(loop_id="s.a", messages=(), usage=ps.Usage(input=2**64, output=0), timestamp=ts(2)),
+            ps.InvalidArgument,
+            "event.usage.input: 18446744073709551616 is beyond",
+        ),
+        (
+            ps.ToolExecutionEnd(
+                loop_id="s.a", tool_call_id="c", tool_name="t", result=ps.ToolResult(content=()), is_error=0
+            ),  # type: ignore[arg-type]
+            TypeError,
+            "event.is_error must be bool, not int",
+        ),
+        (
+            ps.AgentStart(agent_id="agent", session_id="s", loop_id=7, timestamp=ts(0)),  # type: ignore[arg-type]
+            TypeError,
+            "event.loop_id must be str, not int",
+        ),
+    ],
+)
+def test_an_event_built_with_a_field_phi_core_cannot_read_is_refused_and_nothing_changes(
+    bad: ps.AgentEvent, error: type[Exception], message: str
+) -> None:
+    """Built events are not validated by msgspec: the recorder took them, and the session
+    could be neither encoded as phi-core reads it nor saved (nor, through an
+    `AutoPersistingRecorder`, any session drained with it)."""
+    recorder = SessionRecorder()
+    recorder.on_event(start("s.a", "s"))
+    with pytest.raises(error, match=message):
+        recorder.on_event(bad)
+    assert len(recorder.current_loop("s.a").events) == 1 and not recorder.drain_orphans()
+    recorder.record_all(turn("s.a", at=1))
+    recorder.on_event(end("s.a", at=3))
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    assert ps.decode_session(ps.encode(session)).loops[0].events == session.loops[0].events

@@ -31,9 +31,11 @@ __all__ = [
     "check_type",
     "check_unsigned",
     "check_usage",
+    "counts_in_range",
 ]
 
 _U64_MAX = 2**64 - 1
+_COUNTER_TYPES = (int,) * len(Usage.__struct_fields__)
 
 _T = TypeVar("_T")
 
@@ -149,7 +151,15 @@ def check_usage(name: str, usage: Usage | None, *, optional: bool = False) -> No
     check_type(name, usage, Usage, optional=optional)
     if usage is None:
         return
-    counts = astuple(usage)
-    if not all(type(count) is int and 0 <= count <= _U64_MAX for count in counts):
-        for field, count in zip(Usage.__struct_fields__, counts, strict=True):
+    if not counts_in_range(usage):
+        for field, count in zip(Usage.__struct_fields__, astuple(usage), strict=True):
             check_unsigned(f"{name}.{field}", count)  # raises, naming the counter
+
+
+def counts_in_range(usage: Usage) -> bool:
+    """Whether each counter of `usage` is an int (no bool) that phi-core's unsigned 64-bit
+    counters hold: the cheap test, made before any error is worded."""
+    if usage is ZERO_USAGE:
+        return True
+    counts = astuple(usage)
+    return tuple(map(type, counts)) == _COUNTER_TYPES and min(counts) >= 0 and max(counts) <= _U64_MAX

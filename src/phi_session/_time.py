@@ -82,6 +82,8 @@ def _format(ns: int) -> str:
     secs, frac = divmod(ns, _NS_PER_S)
     days, rem = divmod(secs, _SECONDS_PER_DAY)
     y, mo, d = _civil_from_days(days)
+    if abs(y) > _MAX_YEAR:  # an instant phi-core could not read back
+        raise InvalidArgument(f"year out of range: {y} ({ns} ns after the Unix epoch)")
     h, rem = divmod(rem, 3600)
     mi, s = divmod(rem, 60)
     year = f"{y:04d}" if 0 <= y <= 9999 else f"{y:+05d}"
@@ -166,7 +168,8 @@ class Timestamp:
 
     @classmethod
     def from_ns(cls, ns: int) -> Timestamp:
-        """The instant `ns` nanoseconds after the Unix epoch."""
+        """The instant `ns` nanoseconds after the Unix epoch; `InvalidArgument` past
+        chrono's years (-262143 to 262143), which phi-core cannot read back."""
         return cls(_format(ns))
 
     @classmethod

@@ -13,13 +13,14 @@ import re
 import threading
 from collections.abc import Callable
 from operator import is_
-from typing import Any, Literal, TypeVar, Union, cast
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import msgspec
 from msgspec.structs import force_setattr, replace
 
 from . import _strict
-from ._checks import check_type
+from ._checks import check_type, counts_in_range
 from ._float32 import Float32
 from ._time import Timestamp
 from .errors import DecodeError, InvalidArgument
@@ -28,6 +29,7 @@ from .events import (
     MESSAGE_FIELDS,
     MESSAGE_FIELDS_BY_TAG,
     AgentEvent,
+    AgentStart,
     ContinuationKind,
     LoopConfigSnapshot,
     MessageField,
@@ -350,6 +352,70 @@ def check_recordable(name: str, value: msgspec.Struct, index: int | None = None)
             raise InvalidArgument(
                 f"{where}: {found!r} is beyond the 64-bit integers phi-core reads"
             ) from None
+
+
+def check_event_fields(event: Any) -> None:
+    """`check_recordable` of an event handed to a recorder (`SessionRecorder.on_event`),
+    at a cost small beside recording it: only its own fields of plain types (text,
+    counts, flags, timestamps, usage, known words) are looked at, by type, and an event
+    failing that is read back whole to name the field. The records it holds (messages, a
+    config snapshot, a request, tool results) are not: reading them costs more than
+    recording the event, and what a `Tracer` emits or a decoder reads was checked there."""
+    kind = type(event)
+    test = _OWN_FIELDS_TESTS.get(kind)
+    if test is None or test(event):
+        return
+    for field in msgspec.structs.fields(kind):
+        if field.type is Timestamp:  # text or a datetime would read back, but the recorder computes with it
+            check_type(f"event.{field.name}", getattr(event, field.name), Timestamp)
+    check_recordable("event", event)
+
+
+def _own_fields_test(kind: type) -> Callable[[Any], bool] | None:
+    """`check_event_fields`' test of an event of `kind` (None if it has no field to test)."""
+    # (name, the classes allowed, a test of a value of them but None: its range or words)
+    fields: list[tuple[str, frozenset[type], Callable[[Any], bool] | None]] = []
+    for field in msgspec.structs.fields(kind):
+        if field.name == "loop_id" and kind is not AgentStart:
+            continue  # only ever looked up among the open loops, whose AgentStart was tested
+        options = get_args(field.type) if get_origin(field.type) in (Union, UnionType) else (field.type,)
+        allowed: set[type] = set()
+        known: set[object] = set()
+        extra: Callable[[Any], bool] | None = None
+        for option in options:
+            if get_origin(option) is Literal:  # phi-core's words are all text
+                allowed.add(str)
+                known.update(get_args(option))
+                extra = frozenset(known).__contains__
+            elif get_origin(option) is Annotated and get_args(option)[0] is int:  # a count
+                allowed.add(int)
+                limit = get_args(option)[1].le
+                extra = range(_U64_MAX + 1 if limit is None else limit + 1).__contains__
+            elif option is Usage:
+                allowed.add(Usage)
+                extra = counts_in_range
+            elif option in _PLAIN_TYPES:
+                allowed.add(option)
+            else:
+                break  # a record of its own, or free-form: not looked at
+        else:
+            fields.append((field.name, frozenset(allowed), extra))
+    if not fields:
+        return None
+
+    # A loop over the fields: cheaper than building tuples of their values and types.
+    def test(event: Any) -> bool:
+        for name, allowed, extra in fields:
+            value = getattr(event, name)
+            if type(value) not in allowed or (extra is not None and value is not None and not extra(value)):
+                return False
+        return True
+
+    return test
+
+
+_PLAIN_TYPES = frozenset({str, bool, type(None), msgspec.UnsetType, Timestamp})
+_OWN_FIELDS_TESTS = {kind: test for kind in EVENT_TYPES if (test := _own_fields_test(kind)) is not None}
 
 
 def _lenient_event_error(data: bytes, kind: type) -> Exception | None:

@@ -15,8 +15,9 @@ Set `checkpoint_interval` above the agent's think time to keep sessions whole in
 memory, or to None to save only at shutdown.
 
 An item it cannot record (a line that is not phi-core JSON or of an unknown event
-type, an object that is no event) is logged, counted and skipped; pass `rejected`
-to keep it: it is called with the item exactly as taken from the source.
+type, an object that is no event, an event built holding what phi-core cannot read)
+is logged, counted and skipped; pass `rejected` to keep it: it is called with the
+item exactly as taken from the source.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ class ConsumeStats:
     events: int = 0
     """Items taken from the queue (events and JSON lines), `decode_errors` included."""
     decode_errors: int = 0
-    """Items that were not valid phi-core events: undecodable JSON lines and queue items
-    that are neither events nor lines (each logged, skipped and handed to `rejected`)."""
+    """Items that were not valid phi-core events: undecodable JSON lines, queue items that
+    are neither events nor lines, and events the recorder refused (`SessionRecorder.on_event`);
+    each logged, skipped and handed to `rejected`."""
     rejected_kept: int = 0
     """Of those, the items the `rejected` sink took (one it raised for is logged as lost)."""
     saved: int = 0
@@ -106,7 +108,11 @@ class _Consumer:
             )
             self.reject(item)
             return
-        self.recorder.on_event(item)
+        try:
+            self.recorder.on_event(item)
+        except (TypeError, InvalidArgument) as error:  # built holding what phi-core cannot read
+            logger.warning("skipped an event that phi-core could not read back: %s", error)
+            self.reject(item)
 
     def reject(self, item: object) -> None:
         self.stats.decode_errors += 1

@@ -427,7 +427,8 @@ class SessionRecorder:
             self._run_callbacks()
 
     def on_event(self, event: AgentEvent) -> None:
-        """Record one event."""
+        """Record one event. Raises `TypeError` or `InvalidArgument` for one whose own
+        fields phi-core cannot hold (`codec.check_event_fields`), recording nothing."""
         if type(event) is MessageUpdate:  # most events of a stream: handled inline
             with self._lock:
                 loop = self._loops.get(event.loop_id)
@@ -437,6 +438,7 @@ class SessionRecorder:
                     else:
                         self._dropped_deltas += 1
                     return
+        _check_event_fields(event)  # before anything changes: a refused event leaves no trace
         with self._lock:
             # The usual event, for an open loop: `_store`, inline (`_inline_steps` maps
             # every type to _OWN while a write-ahead hook is set: each takes its handler).
@@ -1530,4 +1532,5 @@ def _fallback_config(loop_id: str, message: AssistantMessage) -> LoopConfigSnaps
 
 
 _decode_for_recording = codec.decode_for_recording
+_check_event_fields = codec.check_event_fields
 _LazyMessageUpdate = codec.LazyMessageUpdate
