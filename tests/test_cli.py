@@ -1407,6 +1407,26 @@ def test_serve_reports_a_busy_port(store_dir: Path) -> None:
         )
 
 
+@pytest.mark.parametrize(("host", "warned"), [("127.1", False), ("0.0.0.0", True)])
+def test_serve_warns_by_the_address_bound(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch, host: str, warned: bool
+) -> None:
+    # 127.1 (or a name of this machine) is loopback, though not spelled 127.0.0.1.
+    import phi_session.web.server as web_server
+
+    bind = web_server.make_server
+
+    def make_server(store: Any, **options: Any) -> Any:
+        server = bind(store, **options)
+        server.serve_forever = lambda: None  # type: ignore[method-assign]
+        return server
+
+    monkeypatch.setattr(web_server, "make_server", make_server)
+    result = run("serve", "--store", store_dir, "--host", host, "--port", "0")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert ("anyone who can reach it can read every session" in result.stderr) == warned
+
+
 @pytest.mark.parametrize("from_env", [False, True])
 def test_serve_prices_the_viewer_with_the_cli_prices(
     store_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, from_env: bool
@@ -1420,6 +1440,7 @@ def test_serve_prices_the_viewer_with_the_cli_prices(
 
     class Server:
         url = "http://127.0.0.1:1/"
+        host_guard = web_server.HostGuard("127.0.0.1", "127.0.0.1")
 
         def serve_forever(self) -> None:
             pass

@@ -281,6 +281,28 @@ def test_bad_payloads_are_400(receiver: Receiver, body: bytes, content_type: str
         assert json.loads(response.read_body)["code"] == 3  # type: ignore[attr-defined]
 
 
+def test_a_loopback_address_not_spelled_127_0_0_1_still_refuses_foreign_host_headers(tmp_path: Path) -> None:
+    endpoint = OtlpEndpoint(JsonDirStore(tmp_path / "store"), tmp_path / "state", tick=0.05)
+    server = make_otlp_server(endpoint, host="127.1", port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+
+        def post(host: str) -> int:
+            connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+            headers = {"Host": host, "Content-Type": "application/json"}
+            connection.request("POST", "/v1/traces", b"{}", headers)
+            status = connection.getresponse().status
+            connection.close()
+            return status
+
+        assert post("evil.example:4318") == 403
+        assert post(f"127.1:{server.server_address[1]}") == post("localhost") == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        endpoint.close()
+
+
 def test_refusals(receiver: Receiver) -> None:
     assert receiver.post(b"{}", "text/plain").status == 415
     assert receiver.post(b"{}", "application/json", path="/v1/metrics").status == 404

@@ -225,6 +225,21 @@ def test_foreign_host_header_is_refused(server: ViewerServer) -> None:
         assert request(server, "/api/sessions", headers={"Host": host})[0] == 200, host
 
 
+@pytest.mark.parametrize("host", ["127.1", "0x7f.1", "127.000.000.001"])
+def test_a_loopback_address_not_spelled_127_0_0_1_still_refuses_foreign_host_headers(
+    store_dir: Path, host: str
+) -> None:
+    # The guard goes by the address bound, not by the text of --host (a name such as
+    # $(hostname) may resolve to 127.0.1.1); that text is answered to, as loopback names.
+    with JsonDirStore(store_dir) as store, running_server(store, host=host) as server:
+        assert server.server_address[0] == "127.0.0.1"
+        code, _, body = request(server, "/api/sessions", headers={"Host": "evil.example:8765"})
+        assert code == 403 and "Host" in json.loads(body)["error"]
+        port = server.server_address[1]
+        for name in (host, f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"):
+            assert request(server, "/api/sessions", headers={"Host": name})[0] == 200, name
+
+
 @pytest.mark.parametrize(
     "host",
     [

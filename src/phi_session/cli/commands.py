@@ -1111,7 +1111,7 @@ def serve(
     With --otlp, also record the traces of any OpenTelemetry GenAI-instrumented agent
     sent to http://HOST:OTLP_PORT/v1/traces (set OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318).
     """
-    from ..web.server import is_loopback, make_server
+    from ..web.server import make_server
 
     if otlp:
         _require_otlp()  # before the store is opened to write: a missing extra makes none
@@ -1131,7 +1131,7 @@ def serve(
             stderr().print(f"phi-session viewer on {server.url}  (Ctrl-C to stop)")
             if otlp:
                 stderr().print(f"OTLP/HTTP traces to {addresses['otlp_url']}")
-        if not is_loopback(host):
+        if not server.host_guard.loopback_only:
             warn(f"warning: listening on {host}: anyone who can reach it can read every session")
         with contextlib.suppress(KeyboardInterrupt):
             _stop_on_sigterm()

@@ -13,8 +13,8 @@ differ; a chunked body that has one too is read, and its connection closed), 413
 body over the limit (compressed or not: a gzip bomb stops at the limit) or more spans
 than may ever wait, 415 for another content type, 429 (too many spans waiting for their
 roots, counted after the payload's roots free theirs) and 503 (the store is behind, or
-too many payloads are being read at once) with ``Retry-After``, 403 for a non-loopback
-``Host`` while bound to loopback (as the viewer).
+too many payloads are being read at once) with ``Retry-After``, 403 for a ``Host`` naming
+neither loopback nor the host listened on while bound to loopback (as the viewer).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from ..journal.format import fsync_directory
 from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
 from ..stores.base import SessionStore
-from ..web.server import CHUNKED, HttpError, body_length, is_loopback, loopback_host_header
+from ..web.server import CHUNKED, HostGuard, HttpError, body_length
 from .ingest import IngestResult, SpanIngestor
 from .spans import MEDIA_JSON, MEDIA_PROTOBUF, MEDIA_PROTOBUFS, SpanData, read_otlp
 
@@ -279,8 +279,8 @@ class OtlpServer(ThreadingHTTPServer):
         self.endpoint = endpoint
         self.max_body = max_body
         self.quiet = quiet
-        self.loopback_only = is_loopback(host)
         super().__init__((host.strip("[]"), port), OtlpHandler)
+        self.host_guard = HostGuard(host, self.server_address[0])
 
     @property
     def url(self) -> str:
@@ -334,7 +334,7 @@ class OtlpHandler(BaseHTTPRequestHandler):
         self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only POST /v1/traces", MEDIA_JSON, {"Allow": "POST"})
 
     def _read(self) -> tuple[bytes, str]:
-        if self.server.loopback_only and not loopback_host_header(self.headers.get_all("Host") or []):
+        if not self.server.host_guard.allows(self.headers.get_all("Host") or []):
             raise OtlpRefused(HTTPStatus.FORBIDDEN, "this endpoint answers only to one loopback Host header")
         if self.path.split("?", 1)[0] != TRACES_PATH:
             raise OtlpRefused(HTTPStatus.NOT_FOUND, f"no such path; traces go to {TRACES_PATH}")

@@ -68,15 +68,16 @@ load whole sessions.
 Errors are JSON ``{"error": message}``: 400 for a bad query or session id, 404 for
 an unknown path, session or loop, 500 when the store fails. The server never writes.
 
-Safety: it binds 127.0.0.1 by default; while bound to a loopback address it
-answers only requests with exactly one well-formed ``Host`` header naming a
-loopback host (no userinfo, a numeric port), so a web page on another origin
-cannot read sessions through DNS rebinding. Every response, error pages of
-``http.server`` itself included, carries the same security headers. Session ids are
-validated (`validate_session_id`) before they reach the store, so no path can
-escape it. Every response carries a Content-Security-Policy that allows no inline
-script, no framing and no third-party origin: the page renders all data as text
-(see ``static/app.js``), and the policy is the second line of defence.
+Safety: it binds 127.0.0.1 by default; while bound to a loopback address (however
+``--host`` spelled it) it answers only requests with exactly one well-formed ``Host``
+header naming a loopback host or ``--host`` (no userinfo, a numeric port), so a web
+page on another origin cannot read sessions through DNS rebinding (`HostGuard`).
+Every response, error pages of ``http.server`` itself included, carries the same
+security headers. Session ids are validated (`validate_session_id`) before they
+reach the store, so no path can escape it. Every response carries a
+Content-Security-Policy that allows no inline script, no framing and no third-party
+origin: the page renders all data as text (see ``static/app.js``), and the policy is
+the second line of defence.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ from ..stores.query import MAX_COUNT, GroupBy, SessionQuery, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
 from .pages import CachedSession, Page, SessionCache, StaleOutline
 
-__all__ = ["ViewerServer", "is_loopback", "loopback_host_header", "make_server"]
+__all__ = ["HostGuard", "ViewerServer", "is_loopback", "make_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,14 +165,26 @@ def _host_name(header: str) -> str | None:
     return match.group("ipv6") or match.group("name")
 
 
-def loopback_host_header(values: list[str]) -> bool:
-    """Whether a request's ``Host`` headers are exactly one, naming a loopback host.
+class HostGuard:
+    """Which ``Host`` headers a server answers, by the address it bound (not by the text
+    asked for: ``127.1`` or a name of this machine may be loopback too).
 
-    A server bound to loopback answers only such requests, so that a web page on another
-    origin cannot reach it through DNS rebinding.
+    Bound to loopback, it answers only requests with exactly one well-formed ``Host``
+    header naming a loopback host or the host it was asked to listen on, so that a web
+    page on another origin cannot reach it through DNS rebinding; bound elsewhere, any.
     """
-    name = _host_name(values[0]) if len(values) == 1 else None
-    return name is not None and is_loopback(name)
+
+    def __init__(self, host: str, bound: str | bytes | bytearray) -> None:
+        address = bound if isinstance(bound, str) else bound.decode()
+        self.loopback_only = is_loopback(address)
+        self._names = {host.strip().strip("[]").lower()}
+
+    def allows(self, values: list[str]) -> bool:
+        """Whether a request whose ``Host`` headers are `values` is answered."""
+        if not self.loopback_only:
+            return True
+        name = _host_name(values[0]) if len(values) == 1 else None
+        return name is not None and (is_loopback(name) or name.lower() in self._names)
 
 
 CHUNKED = -1  # `body_length` of a chunked body
@@ -230,10 +243,10 @@ class ViewerServer(ThreadingHTTPServer):
         self.store = store
         self.pricer = pricer if pricer is not None else Pricer()
         self.quiet = quiet
-        self.loopback_only = is_loopback(host)
         self.static = {name: (files(__package__) / "static" / name).read_bytes() for name in _STATIC_TYPES}
         self.sessions = SessionCache(store)
         super().__init__((host.strip("[]"), port), ViewerHandler)
+        self.host_guard = HostGuard(host, self.server_address[0])
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that went away mid-request (a page left, a download cancelled) is no
@@ -524,9 +537,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
     # -- request checks -------------------------------------------------------------------
 
     def _check_host(self) -> None:
-        if not self.server.loopback_only:
-            return
-        if not loopback_host_header(self.headers.get_all("Host") or []):
+        if not self.server.host_guard.allows(self.headers.get_all("Host") or []):
             raise HttpError(HTTPStatus.FORBIDDEN, "this viewer answers only to one loopback Host header")
 
     @staticmethod
