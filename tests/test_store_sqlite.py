@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -382,6 +383,33 @@ def test_a_read_only_store_changes_nothing_and_sees_what_writers_commit(db: Path
         assert reader.list_ids() == ["first"]
         writer.save(make_session("second"))  # while the reader is open, as under `serve`
         assert sorted(reader.list_ids()) == ["first", "second"]
+
+
+def test_a_read_only_store_read_by_threads_at_once_leaves_nothing_behind(db: Path) -> None:
+    # The first thread's connection made the -wal; the others, seeing it, opened
+    # mode=ro, and one of them closing last could not remove it (as under `serve`).
+    with SqliteStore(db) as writer:
+        writer.save(make_session("first"))
+    before = files_next_to(db)
+    reader = SqliteStore(db, read_only=True)
+    all_open, first_gone = threading.Barrier(4), threading.Event()
+
+    def read(n: int) -> None:
+        assert reader.list_ids() == ["first"]
+        all_open.wait(10)  # every thread's connection open at once
+        if n:  # the first thread's (which made the -wal) closes first, as it ends
+            first_gone.wait(10)
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)  # one after the other
+    threads[0].join()
+    first_gone.set()
+    for thread in threads:
+        thread.join()
+    reader.close()
+    assert files_next_to(db) == before
 
 
 _SAVE_AND_DIE = """

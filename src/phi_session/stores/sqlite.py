@@ -970,6 +970,21 @@ class _StoredPart(NamedTuple):
 _FORKED_AWAY: list[sqlite3.Connection] = []
 
 
+class _WalReaders:
+    """A read-only store's open connections that it opened ``mode=rw`` (see
+    `SqliteStore._open_read_only`): they made the -wal and -shm, and the last of them to
+    close removes both. While one is open, the -wal there is theirs and the store opens
+    its other connections the same way: one opened ``mode=ro`` on seeing it could, closing
+    last, remove neither. `lock` is held from deciding a connection's mode to its first
+    read, and while one of the store's connections closes."""
+
+    __slots__ = ("lock", "open")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open: set[sqlite3.Connection] = set()
+
+
 class _Connection:
     """One thread's connection, and the lock its user holds while using it.
 
@@ -977,13 +992,14 @@ class _Connection:
     using it: closing a connection under a running statement crashes SQLite.
     """
 
-    __slots__ = ("closed", "conn", "lock", "pid")
+    __slots__ = ("closed", "conn", "lock", "pid", "readers")
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, readers: _WalReaders | None) -> None:
         self.conn = conn
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.closed = False
+        self.readers = readers  # a read-only store's
 
     def release(self, *, wait: bool) -> None:
         """Close the connection once it is idle; with `wait` False, leave it alone
@@ -994,10 +1010,14 @@ class _Connection:
             if self.closed:
                 return
             self.closed = True
-            if os.getpid() == self.pid:
-                self.conn.close()
-            else:
+            if os.getpid() != self.pid:
                 _FORKED_AWAY.append(self.conn)
+            elif self.readers is None:
+                self.conn.close()
+            else:  # (waits for another thread's connection opening, up to its first read)
+                with self.readers.lock:
+                    self.conn.close()
+                    self.readers.open.discard(self.conn)
         finally:
             self.lock.release()
 
@@ -1058,6 +1078,7 @@ class SqliteStore(AsyncTwins):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: list[tuple[_Connection, weakref.finalize[Any, Any]]] = []
+        self._readers = _WalReaders()
         if not read_only:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -1099,7 +1120,7 @@ class SqliteStore(AsyncTwins):
                     "reconnects on its next use), or open the store in the child"
                 )
         conn = self._connect(self._file, read_only=self.read_only)
-        connection = _Connection(conn)
+        connection = _Connection(conn, self._readers if self.read_only else None)
         owner = _Owner(connection)
         # At interpreter exit the finalizer runs in the main thread while daemon threads
         # may still be saving: it must then close idle connections only (wait=False).
@@ -1149,7 +1170,10 @@ class SqliteStore(AsyncTwins):
         missing; the last connection to close checkpoints the -wal into the file and
         removes both, but a read-only one (``mode=ro``) can do neither. So:
 
-        * a -wal is there (a writer is at work, or was killed and left its commits
+        * a connection of this store opened ``mode=rw`` (below) is open: the -wal there
+          is theirs, ``mode=rw`` too, so that whichever closes last removes it
+          (`_WalReaders`);
+        * else, a -wal is there (a writer is at work, or was killed and left its commits
           in it): ``mode=ro``, which creates nothing here and never checkpoints, so
           closing never rewrites the file;
         * none (the file holds every commit), on a read-only file system: ``mode=ro``
@@ -1164,28 +1188,33 @@ class SqliteStore(AsyncTwins):
         if not file.is_file():
             raise StoreError(f"no SQLite store at {file}")
         wal = file.with_name(f"{file.name}-wal")
-        if wal.exists():
-            mode = "ro"
-        elif _on_read_only_file_system(file):
-            mode = "ro&immutable=1"
-        else:
-            mode = "rw"
-        conn = self._connection_to(f"{file.as_uri()}?mode={mode}", uri=True)
-        try:
-            self._check_version(conn)  # its first read, which opens the WAL
-            conn.execute("PRAGMA query_only = ON")
-        except sqlite3.Error as error:
-            conn.close()
-            if not wal.exists() and not os.access(file.parent, os.W_OK):
-                raise StoreError(
-                    f"{file}: cannot read it as this user: SQLite reads it beside its -wal and -shm"
-                    f" files, which are missing and cannot be created in {file.parent} (they"
-                    " exist while a writer has it open)"
-                ) from error
-            raise
-        except BaseException:
-            conn.close()
-            raise
+        with self._readers.lock:
+            if self._readers.open:
+                mode = "rw"
+            elif wal.exists():
+                mode = "ro"
+            elif _on_read_only_file_system(file):
+                mode = "ro&immutable=1"
+            else:
+                mode = "rw"
+            conn = self._connection_to(f"{file.as_uri()}?mode={mode}", uri=True)
+            try:
+                self._check_version(conn)  # its first read, which opens the WAL
+                conn.execute("PRAGMA query_only = ON")
+            except sqlite3.Error as error:
+                conn.close()
+                if not wal.exists() and not os.access(file.parent, os.W_OK):
+                    raise StoreError(
+                        f"{file}: cannot read it as this user: SQLite reads it beside its -wal and -shm"
+                        f" files, which are missing and cannot be created in {file.parent} (they"
+                        " exist while a writer has it open)"
+                    ) from error
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            if mode == "rw":
+                self._readers.open.add(conn)
         return conn
 
     def _read_older_schema_from_a_copy(self, conn: sqlite3.Connection) -> None:
