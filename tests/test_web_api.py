@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import struct
 import threading
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from phi_session.cli.render import BIDI_CONTROLS
 from phi_session.codec import decode_event, decode_session, encode_session
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
@@ -97,6 +99,13 @@ def test_the_page_never_uses_innerhtml() -> None:
     script = (Path(__file__).resolve().parents[1] / "src/phi_session/web/static/app.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in script, sink
+
+
+def test_the_page_escapes_the_bidi_controls_the_cli_escapes() -> None:
+    script = (Path(__file__).resolve().parents[1] / "src/phi_session/web/static/app.js").read_text()
+    [ranges] = re.findall(r"const BIDI_CONTROLS = /\[((?:\\u[0-9a-f]{4}-\\u[0-9a-f]{4})+)\]/g;", script)
+    pairs = re.findall(r"\\u([0-9a-f]{4})-\\u([0-9a-f]{4})", ranges)
+    assert [c for low, high in pairs for c in range(int(low, 16), int(high, 16) + 1)] == list(BIDI_CONTROLS)
 
 
 def test_sessions_lists_summaries(server: ViewerServer) -> None:

@@ -24,13 +24,14 @@ from typing import Any
 import msgspec
 import pytest
 
+from phi_session.cli.render import BIDI_CONTROLS, safe
 from phi_session.cost import Pricer, prices_available
 from phi_session.identity import AgentSession
 from phi_session.instrument import Tracer
 from phi_session.messages import ToolCall, Usage, extension_message
-from phi_session.model import LoopConfigSnapshot, Session
+from phi_session.model import LoopConfigSnapshot, Session, SpawnRef
 from phi_session.recorder import SessionRecorder
-from phi_session.stores.conformance import make_session, talking_loop
+from phi_session.stores.conformance import make_loop, make_session, talking_loop
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
 from phi_session.web.server import ViewerServer
@@ -247,6 +248,36 @@ def test_html_in_messages_is_text_and_runs_nothing(watched: Watched) -> None:
     page.wait_for_timeout(300)  # give a stray onerror handler the time to fire
     assert watched.dialogs == []
     assert page.evaluate("document.querySelectorAll('img').length") == 0
+
+
+def test_bidi_controls_are_shown_as_the_cli_shows_them(browser: Any, tmp_path: Path) -> None:
+    # A name holding U+202E read backwards ("agent\u202e1-toor" showed as "agentroot-1").
+    controls = "".join(map(chr, BIDI_CONTROLS))
+    agent, tool = f"agent{controls}1-toor", "search\u202e"
+    session = make_session("bidi", agent, loops=[make_loop("bidi", 1)], parent_session_id="parent")
+    session = msgspec.structs.replace(
+        session,
+        parent_spawn_ref=SpawnRef(
+            parent_session_id="parent", parent_loop_id="parent.cfg.1", tool_call_id="call-9", tool_name=tool
+        ),
+    )
+    with JsonDirStore(tmp_path) as store, running_server(store) as server:
+        store.save(session)
+        with watched_page(browser, server.url) as watcher:
+            page = watcher.page
+            page.goto("/#/session/bidi")
+            page.locator("#parent-link").wait_for()
+            text = page.locator("#app").inner_text()
+            assert safe(agent) in text and safe(tool) in page.locator("#parent-link").inner_text()
+            assert not set(text) & set(controls)
+            assert (
+                page.locator("dd .mono").first.evaluate("e => getComputedStyle(e).unicodeBidi") == "isolate"
+            )
+            page.goto("/")
+            row = page.locator("#sessions tbody tr").first
+            row.wait_for()
+            assert safe(agent) in row.inner_text()
+            assert row.locator("td.mono").first.get_attribute("title") == safe(agent)
 
 
 def test_unknown_session_shows_an_error(watched: Watched) -> None:

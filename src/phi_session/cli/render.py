@@ -51,10 +51,12 @@ STATUS_STYLES = {
 
 # C0/C1 control characters (except newline and tab) would let recorded content drive
 # the terminal (colours, cursor moves, title changes), and bidirectional controls would
-# make it show text in another order than it is stored; all are shown as escapes.
+# make it show text in another order than it is stored; all are shown as escapes. The
+# viewer shows the bidirectional ones so too (web/static/app.js, BIDI_CONTROLS).
+BIDI_CONTROLS = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
 _CONTROL = {
     **{c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if c not in (9, 10)},
-    **{c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))},
+    **{c: f"\\u{c:04x}" for c in BIDI_CONTROLS},
 }
 _ONE_LINE = {**_CONTROL, 10: "\u23ce", 9: " "}
 

@@ -23,13 +23,22 @@
 
   // -- DOM helpers: text only ---------------------------------------------------------
 
+  // Bidirectional controls would show recorded text in another order than it is stored
+  // (an agent "agent\u202e1-toor" read "agentroot-1"): shown as escapes, the set and the
+  // form the CLI's (BIDI_CONTROLS in cli/render.py; a test holds the two the same).
+  const BIDI_CONTROLS = /[\u202a-\u202e\u2066-\u2069]/g;
+
+  function shown(value) {
+    return String(value).replace(BIDI_CONTROLS, (c) => "\\u" + c.charCodeAt(0).toString(16).padStart(4, "0"));
+  }
+
   function h(tag, props, ...children) {
     const node = document.createElement(tag);
     for (const [key, value] of Object.entries(props || {})) {
       if (value === undefined || value === null || value === false) continue;
       if (key === "class") node.className = value;
       else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-      else node.setAttribute(key, String(value));
+      else node.setAttribute(key, key === "title" ? shown(value) : String(value));
     }
     append(node, children);
     return node;
@@ -38,7 +47,7 @@
   function append(node, ...children) {
     for (const child of children.flat(Infinity)) {
       if (child === undefined || child === null || child === false) continue;
-      node.appendChild(child instanceof Node ? child : document.createTextNode(String(child)));
+      node.appendChild(child instanceof Node ? child : document.createTextNode(shown(child)));
     }
     return node;
   }
@@ -327,7 +336,7 @@
       while (queue.length) {
         const [id, cell] = queue.shift();
         try {
-          cell.textContent = costText((await api("api/sessions/" + encodeURIComponent(id) + "/overview")).cost);
+          cell.textContent = shown(costText((await api("api/sessions/" + encodeURIComponent(id) + "/overview")).cost));
         } catch (error) {
           cell.textContent = "";
         }
@@ -889,7 +898,7 @@
     // The waterfall and the cost fill in after the page shows.
     optional(base + "/overview").then((priced) => {
       const cost = priced && priced.cost;
-      costCell.textContent = cost ? costText(cost) + (cost.sources && cost.sources.length ? " · prices: " + cost.sources.join(", ") : "") : "cost unavailable";
+      costCell.textContent = shown(cost ? costText(cost) + (cost.sources && cost.sources.length ? " · prices: " + cost.sources.join(", ") : "") : "cost unavailable");
       costCell.classList.remove("muted");
     });
     const timelineBox = h("div");
