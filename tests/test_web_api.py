@@ -95,6 +95,22 @@ def test_page_and_static_files(server: ViewerServer) -> None:
         assert code == 404 and "error" in json.loads(body)
 
 
+def test_an_unknown_session_is_404_naming_it_but_not_where_the_store_is(
+    server: ViewerServer, store_dir: Path
+) -> None:
+    for path in (
+        "/api/sessions/nope",
+        "/api/sessions/nope/events",
+        "/api/sessions/nope/overview",
+        "/api/sessions/nope/timeline",
+        f"/api/diff?a=nope&b={BASIC_ID}",
+        f"/api/diff?a={BASIC_ID}&b=nope:x",
+    ):
+        code, _, body = request(server, path)
+        assert code == 404 and "nope" in body.decode(), path
+        assert str(store_dir) not in body.decode() and "viewer-store" not in body.decode(), body
+
+
 def test_the_page_never_uses_innerhtml() -> None:
     script = (Path(__file__).resolve().parents[1] / "src/phi_session/web/static/app.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):

@@ -88,6 +88,7 @@ import re
 import socket
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -295,6 +296,17 @@ def _events_json(session: Session) -> bytes:
     )
 
 
+@contextmanager
+def _named(session_id: str) -> Iterator[None]:
+    """`SessionNotFound` raised in the block, its message naming `session_id` only: the
+    store's also names where it looked (a directory's path, a database), no business of
+    a page's (the CLI shows it)."""
+    try:
+        yield
+    except SessionNotFound:
+        raise SessionNotFound(f"no session {session_id!r}") from None
+
+
 def _readable_sessions(store: SessionStore) -> Iterator[Session]:
     """Every stored session but those deleted since the listing and those that cannot be
     read (with a logged warning), as the store's own listings and totals skip them."""
@@ -396,9 +408,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self._only(query, set())
         session_id = validate_session_id(rest[0])
         if len(rest) == 1:
-            return HTTPStatus.OK, encode_session(store.load(session_id), pretty=False), _JSON
+            with _named(session_id):
+                return HTTPStatus.OK, encode_session(store.load(session_id), pretty=False), _JSON
         if rest[1:] == ["events"]:
-            return HTTPStatus.OK, _events_json(store.load(session_id)), _JSON
+            with _named(session_id):
+                return HTTPStatus.OK, _events_json(store.load(session_id)), _JSON
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
 
     def _session_page(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
@@ -421,15 +435,18 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self, session_id: str, rest: list[str], query: dict[str, str]
     ) -> tuple[HTTPStatus, bytes, str]:
         session_id = validate_session_id(session_id)
-        try:
-            return self._paged_view(self.server.sessions.get(session_id), rest, query)
-        except StaleOutline:
-            self.server.sessions.forget(session_id)
-        try:  # once more, from the stored session as it is now
-            return self._paged_view(self.server.sessions.get(session_id), rest, query)
-        except StaleOutline:
-            self.server.sessions.forget(session_id)
-            raise HttpError(HTTPStatus.CONFLICT, "the session changed while it was read: ask again") from None
+        with _named(session_id):
+            try:
+                return self._paged_view(self.server.sessions.get(session_id), rest, query)
+            except StaleOutline:
+                self.server.sessions.forget(session_id)
+            try:  # once more, from the stored session as it is now
+                return self._paged_view(self.server.sessions.get(session_id), rest, query)
+            except StaleOutline:
+                self.server.sessions.forget(session_id)
+                raise HttpError(
+                    HTTPStatus.CONFLICT, "the session changed while it was read: ask again"
+                ) from None
 
     def _paged_view(
         self, entry: CachedSession, rest: list[str], query: dict[str, str]
@@ -517,7 +534,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
                 entry, loop = load_ref(query[name], query.get(f"loop_{name}"), self._cached)
             except InvalidArgument as error:
                 raise HttpError(HTTPStatus.BAD_REQUEST, f"loop_{name}: {error}") from None
-            sides.append((entry.session, loop))
+            with _named(entry.session_id):  # (deleted since its outline was read)
+                sides.append((entry.session, loop))
         (session_a, loop_a), (session_b, loop_b) = sides
         if loop_a is not None and loop_b is not None:
             result: LoopDiff | SessionDiff = diff_loops(session_a, loop_a, session_b, loop_b)
@@ -528,7 +546,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
         return HTTPStatus.OK, _json_bytes(result), _JSON
 
     def _cached(self, session_id: str) -> CachedSession:
-        return self.server.sessions.get(validate_session_id(session_id))
+        session_id = validate_session_id(session_id)
+        with _named(session_id):
+            return self.server.sessions.get(session_id)
 
     def _static(self, name: str, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         del query  # cache-busting parameters are harmless
