@@ -25,7 +25,7 @@ from phi_session.model import LoopConfigSnapshot
 from phi_session.recorder import SessionRecorder
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.sqlite import SqliteStore
-from phi_session.web.server import ViewerServer, is_loopback
+from phi_session.web.server import ViewerHandler, ViewerServer, is_loopback
 
 from .web_support import (
     BASIC_ID,
@@ -457,6 +457,20 @@ def test_a_client_gone_mid_response_prints_no_traceback(
             connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         assert handled.wait(20)
     assert capfd.readouterr().err == ""
+
+
+def test_a_client_silent_mid_request_is_let_go(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Without a timeout every half-sent request held a thread for ever (any number of them).
+    assert ViewerHandler.timeout is not None and ViewerHandler.timeout <= 60
+    monkeypatch.setattr(ViewerHandler, "timeout", 0.5)
+    with JsonDirStore(store_dir) as store, running_server(store) as server:
+        host, port = server.server_address[:2]
+        with socket.create_connection((str(host), port), timeout=20) as connection:
+            connection.sendall(b"GET /api/sessions HTTP/1.1\r\nHost: localhost\r\n")  # no end
+            assert connection.recv(1000) == b""  # closed by the server, unanswered
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_a_get_with_a_body_closes_the_connection_after_answering(server: ViewerServer) -> None:

@@ -325,6 +325,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
     server: ViewerServer
     server_version = "phi-session-viewer"
     protocol_version = "HTTP/1.1"
+    # Seconds a client may stay silent, mid-request or between requests on a kept
+    # connection, or stop reading an answer: then its thread is let go (else half-sent
+    # requests would hold threads without limit).
+    timeout = 60.0
     # Not 0.9: a request too malformed to name its version still gets a status line
     # and the security headers (http.server sends HTTP/0.9 answers bare).
     default_request_version = "HTTP/1.0"
