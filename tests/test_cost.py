@@ -27,8 +27,8 @@ from phi_session.cost import (
 from phi_session.errors import InvalidQuery
 from phi_session.events import MessageEnd, TurnStart
 from phi_session.messages import ZERO_USAGE, Usage
-from phi_session.model import LoopEvent, ModelCall
-from phi_session.stores.base import UsageRow
+from phi_session.model import LoopEvent, ModelCall, Session
+from phi_session.stores.base import SessionStore, UsageRow, UsageTotal
 from phi_session.stores.conformance import TIERED_CALL, at, calls_loop, make_loop, make_session
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.outline import session_outline
@@ -526,6 +526,27 @@ SERVED_PRICES = {
     "openai/gpt-4o-mini": {"input": 0.15, "output": 0.6},
     "claude-opus-4-1": {"input": 15, "output": 75},
 }
+# `_served_session`'s usage_totals("model"): under the model that served its call.
+SERVED_TOTAL = UsageTotal(
+    key="openai/gpt-4o-mini",
+    sessions=1,
+    loops=1,
+    usage=Usage(input=1_000_000, output=0, total_tokens=1_000_000),
+)
+
+
+def check_migrated_served_totals(store: SessionStore, session: Session) -> None:
+    """A store migrated to sum its loops by serving model, holding `session` (a
+    `_served_session`) and session ``bad`` (a `make_loop` of 7 tokens whose calls were
+    not stored): each under its model, priced alike; a deleted session's loops go."""
+    pricer = Pricer(SERVED_PRICES, use_table=False)
+    assert store.usage_totals("model") == [
+        UsageTotal(key="openai/gpt-4o", sessions=1, loops=1, usage=make_loop("bad", 1, tokens=7).usage),
+        SERVED_TOTAL,
+    ]
+    assert store.usage_totals("model", pricer=pricer)[1].cost == pricer.session(session)
+    store.delete(session.session_id)
+    assert [total.key for total in store.usage_totals("model")] == ["openai/gpt-4o"]
 
 
 def test_a_call_is_priced_at_the_model_that_served_it(tmp_path: Path) -> None:

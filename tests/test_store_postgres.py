@@ -419,6 +419,7 @@ def test_a_listing_reads_the_outlines_only_of_sessions_whose_text_held_nul(
     # Back to version 8: rows showing U+FFFD may stand for NUL, read exact until saved again.
     meta, sessions = _table(store.schema, "meta"), _table(store.schema, "sessions")
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN listing_nul").format(sessions))
+    admin.execute(sql.SQL("DROP TABLE {}").format(_table(store.schema, "loop_models")))
     admin.execute(sql.SQL("UPDATE {} SET value = '8' WHERE key = 'schema_version'").format(meta))
     with PostgresStore(DSN, schema=store.schema) as migrated:
         migrated_real = migrated.load_outline
@@ -489,6 +490,7 @@ def test_the_v2_migration_indexes_the_stored_loops(
     admin.execute(
         sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt, DROP COLUMN listing_nul").format(sessions)
     )
+    admin.execute(sql.SQL("DROP TABLE {}").format(_table(store.schema, "loop_models")))
     admin.execute(sql.SQL("UPDATE {} SET value = '1' WHERE key = 'schema_version'").format(meta))
     admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(loops))
     with PostgresStore(DSN, schema=store.schema) as migrated:
@@ -526,6 +528,7 @@ def test_the_v5_migration_lists_a_prompt_holding_a_nul_character(
         sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt, DROP COLUMN listing_nul").format(sessions)
     )
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(_table(store.schema, "loops")))
+    admin.execute(sql.SQL("DROP TABLE {}").format(_table(store.schema, "loop_models")))
     admin.execute(sql.SQL("UPDATE {} SET value = '4' WHERE key = 'schema_version'").format(meta))
     with PostgresStore(DSN, schema=store.schema) as migrated:
         assert [row.first_prompt for row in migrated.query()] == ["Please read\x00this"]
@@ -733,6 +736,7 @@ def test_the_v4_migration_bills_the_loops_cut_off_mid_turn(store: postgres.Postg
         sql.SQL("ALTER TABLE {} DROP COLUMN first_prompt, DROP COLUMN listing_nul").format(sessions)
     )
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(_table(store.schema, "loops")))  # v6's
+    admin.execute(sql.SQL("DROP TABLE {}").format(_table(store.schema, "loop_models")))
     admin.execute(sql.SQL("UPDATE {} SET value = '3' WHERE key = 'schema_version'").format(meta))
     reported = reported_usage(lines)
     assert reported.output > 0
@@ -762,6 +766,7 @@ def test_the_v6_migration_stores_the_model_calls(store: postgres.PostgresStore, 
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN calls").format(loops))
     admin.execute(sql.SQL("UPDATE {} SET outline = NULL").format(loops))
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN listing_nul").format(_table(store.schema, "sessions")))
+    admin.execute(sql.SQL("DROP TABLE {}").format(_table(store.schema, "loop_models")))
     admin.execute(sql.SQL("UPDATE {} SET value = '5' WHERE key = 'schema_version'").format(meta))
     admin.execute(sql.SQL("UPDATE {} SET record = 'not json' WHERE session_id = 'bad'").format(loops))
     pricer = Pricer()
@@ -792,6 +797,7 @@ def test_the_v7_migration_reads_tool_call_arguments_as_text(
         assert [hit.kind for hit in store.search("nimport")] == ["tool_call"]
     meta = _table(store.schema, "meta")
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN listing_nul").format(_table(store.schema, "sessions")))
+    admin.execute(sql.SQL("DROP TABLE {}").format(_table(store.schema, "loop_models")))
     admin.execute(sql.SQL("UPDATE {} SET value = '6' WHERE key = 'schema_version'").format(meta))
     with PostgresStore(DSN, schema=store.schema) as migrated:
         assert migrated.search("nimport") == []
@@ -809,6 +815,7 @@ def test_the_v8_migration_indexes_what_loops_that_never_ended_said(
         store.save(make_session("cut", loops=[cut_loop("cut", 1, "brew coffee")]))
     meta = _table(store.schema, "meta")
     admin.execute(sql.SQL("ALTER TABLE {} DROP COLUMN listing_nul").format(_table(store.schema, "sessions")))
+    admin.execute(sql.SQL("DROP TABLE {}").format(_table(store.schema, "loop_models")))
     admin.execute(sql.SQL("UPDATE {} SET value = '7' WHERE key = 'schema_version'").format(meta))
     with PostgresStore(DSN, schema=store.schema) as migrated:
         assert [hit.kind for hit in migrated.search("coffee")] == [
@@ -835,12 +842,49 @@ def test_the_v10_migration_names_the_models_that_served_the_calls(
         before.setattr(model_module, "served_by", lambda reply, config: None)
         store.save(session)
     meta = _table(store.schema, "meta")
+    admin.execute(sql.SQL("DROP TABLE {}").format(_table(store.schema, "loop_models")))
     admin.execute(sql.SQL("UPDATE {} SET value = '9' WHERE key = 'schema_version'").format(meta))
     pricer = Pricer(SERVED_PRICES, use_table=False)
     with PostgresStore(DSN, schema=store.schema) as migrated:
         [row] = migrated.usage_totals("model", pricer=pricer)
         assert row.cost == pricer.session(session) and row.cost.usd == 0.15
         assert migrated.load_outline(session.session_id) == session_outline(session)
+
+
+def test_totals_by_model_read_no_loop_row(
+    store: postgres.PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each call counts under the model that served it, from one aggregate of what each
+    # loop added (``loop_models``): reading every loop's calls took long on large stores.
+    from .test_cost import SERVED_TOTAL, _served_session
+
+    store.save(_served_session())
+    statements: list[str] = []
+    execute = psycopg.Cursor.execute
+
+    def recorded(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        statements.append(query if isinstance(query, str) else query.as_string(cursor))
+        return execute(cursor, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", recorded)
+    assert store.usage_totals("model") == [SERVED_TOTAL]
+    assert statements and not any(".loops" in statement for statement in statements)
+
+
+def test_the_v12_migration_sums_the_loops_by_serving_model(store: postgres.PostgresStore, admin: Any) -> None:
+    from .test_cost import _served_session, check_migrated_served_totals
+
+    session = _served_session()
+    store.save(session)
+    store.save(make_session("bad", loops=[make_loop("bad", 1, tokens=7)]))
+    loops, meta = _table(store.schema, "loops"), _table(store.schema, "meta")
+    admin.execute(sql.SQL("DROP TABLE {}").format(_table(store.schema, "loop_models")))
+    admin.execute(
+        sql.SQL("UPDATE {} SET calls = NULL WHERE session_id = 'bad'").format(loops)
+    )  # billed stands in
+    admin.execute(sql.SQL("UPDATE {} SET value = '11' WHERE key = 'schema_version'").format(meta))
+    with PostgresStore(DSN, schema=store.schema) as migrated:
+        check_migrated_served_totals(migrated, session)
 
 
 def test_the_v11_migration_indexes_the_composed_words(
@@ -850,6 +894,7 @@ def test_the_v11_migration_indexes_the_composed_words(
         before.setattr(search_module, "_composed", lambda text: text)
         store.save(make_session("nfd", loops=[talking_loop("nfd", 1, "send the re\u0301sume\u0301")]))
     meta = _table(store.schema, "meta")
+    admin.execute(sql.SQL("DROP TABLE {}").format(_table(store.schema, "loop_models")))
     admin.execute(sql.SQL("UPDATE {} SET value = '10' WHERE key = 'schema_version'").format(meta))
     with PostgresStore(DSN, schema=store.schema) as migrated:
         assert {hit.session_id for hit in migrated.search("r\u00e9sum\u00e9")} == {"nfd"}

@@ -132,6 +132,7 @@ def back_to_v7(db: Path) -> None:
             "tokenize='unicode61 remove_diacritics 0')"
         )
         conn.execute("INSERT INTO loop_text_fts (loop_text_fts) VALUES ('rebuild')")
+        conn.execute("DROP TABLE loop_models")
         conn.execute("PRAGMA user_version = 7")
 
 
@@ -1397,7 +1398,7 @@ def test_the_v9_migration_reads_tool_call_arguments_as_text(
             store.save(make_session("old", loops=[talking_loop("old", 1, "import os\nimport sys")]))
             store.save(make_session("plain", loops=[talking_loop("plain", 1, "brew coffee")]))
             assert [hit.kind for hit in store.search("nimport")] == ["tool_call"]
-        raw_execute(db, "PRAGMA user_version = 8")
+        raw_execute(db, "DROP TABLE loop_models", "PRAGMA user_version = 8")
     with closing(sqlite3.connect(db)) as conn:
         before_texts = dict(conn.execute("SELECT session_id, text FROM loop_text").fetchall())
     with SqliteStore(db) as store:
@@ -1419,7 +1420,7 @@ def test_the_v10_migration_indexes_what_loops_that_never_ended_said(
         with SqliteStore(db) as store:
             store.save(make_session("cut", loops=[cut_loop("cut", 1, "brew coffee")]))
             store.save(make_session("plain", loops=[talking_loop("plain", 1, "brew coffee")]))
-        raw_execute(db, "PRAGMA user_version = 9")
+        raw_execute(db, "DROP TABLE loop_models", "PRAGMA user_version = 9")
     with closing(sqlite3.connect(db)) as conn:
         before_texts = dict(conn.execute("SELECT session_id, text FROM loop_text").fetchall())
     with SqliteStore(db) as store:
@@ -1667,7 +1668,7 @@ def test_the_v11_migration_names_the_models_that_served_the_calls(
         before.setattr(model_module, "served_by", lambda reply, config: None)
         with SqliteStore(db) as store:
             store.save(session)
-        raw_execute(db, "PRAGMA user_version = 10")
+        raw_execute(db, "DROP TABLE loop_models", "PRAGMA user_version = 10")
     pricer = Pricer(SERVED_PRICES, use_table=False)
     with SqliteStore(db) as store:
         assert store.schema_version() == SCHEMA_VERSION
@@ -1683,8 +1684,48 @@ def test_the_v12_migration_indexes_the_composed_words(db: Path, monkeypatch: pyt
         with SqliteStore(db) as store:
             store.save(make_session("nfd", loops=[talking_loop("nfd", 1, decomposed)]))
             assert store.search("r\u00e9sum\u00e9") == []
-        raw_execute(db, "PRAGMA user_version = 11")
+        raw_execute(db, "DROP TABLE loop_models", "PRAGMA user_version = 11")
     with SqliteStore(db) as store:
         assert store.schema_version() == SCHEMA_VERSION
         assert {hit.session_id for hit in store.search("r\u00e9sum\u00e9")} == {"nfd"}
         assert store.search("sume") == []
+
+
+def test_totals_by_model_read_no_loop_row(store: SqliteStore) -> None:
+    # Each call counts under the model that served it, from one aggregate of what each
+    # loop added (``loop_models``): reading every loop's calls took seconds on large stores.
+    from tests.test_cost import SERVED_TOTAL, _served_session
+
+    store.save(_served_session())
+    read: set[str] = set()
+
+    def authorize(action: int, table: str | None, *_: Any) -> int:
+        if action == sqlite3.SQLITE_READ and table is not None:
+            read.add(table)
+        return sqlite3.SQLITE_OK
+
+    conn = connection_of(store)
+    conn.set_authorizer(authorize)
+    try:
+        assert store.usage_totals("model") == [SERVED_TOTAL]
+    finally:
+        conn.set_authorizer(None)
+    assert read == {"sessions", "loop_models"}
+
+
+def test_the_v13_migration_sums_the_loops_by_serving_model(db: Path) -> None:
+    from tests.test_cost import _served_session, check_migrated_served_totals
+
+    session = _served_session()
+    with SqliteStore(db) as store:
+        store.save(session)
+        store.save(make_session("bad", loops=[make_loop("bad", 1, tokens=7)]))
+    raw_execute(
+        db,
+        "DROP TABLE loop_models",
+        "UPDATE loops SET calls = NULL WHERE session_id = 'bad'",  # its billed usage stands in
+        "PRAGMA user_version = 12",
+    )
+    with SqliteStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        check_migrated_served_totals(store, session)

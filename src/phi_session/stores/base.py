@@ -18,7 +18,7 @@ from ..errors import InvalidSessionId, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
 from ..model import LoopRecord, ModelCall, Session, keep_links
-from .outline import SessionOutline, decode_calls, first_prompt
+from .outline import LoopOutline, SessionOutline, decode_calls, first_prompt
 from .query import LOOP_STATUSES, GroupBy, Order, PruneCriteria, SessionQuery, check_count, shown
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
 
@@ -124,6 +124,22 @@ def serving_rows(row: UsageRow) -> Sequence[UsageRow]:
         row._replace(key=key, usage=sum((call.usage for call in calls), ZERO_USAGE), calls=calls)
         for key, calls in by_key.items()
     ]
+
+
+def outline_model_rows(outline: LoopOutline) -> Sequence[UsageRow]:
+    """What the loop of `outline` adds to ``usage_totals("model")``: its `serving_rows`
+    (the rows the SQL stores keep per loop and serving model, which those totals sum)."""
+    provider, model = outline.provider, outline.model
+    key = "unknown" if provider is None or model is None else f"{provider}/{model}"
+    return serving_rows(UsageRow(key, provider, model, outline.billed_usage, outline.model_calls()))
+
+
+def totalled_rows(rows: Iterable[UsageRow], group_by: GroupBy) -> list[UsageRow]:
+    """The loops' `rows` (each under its loop's key) as ``usage_totals(group_by)`` prices
+    them: by model, each loop's `serving_rows`."""
+    if group_by != "model":
+        return list(rows)
+    return [part for row in rows for part in serving_rows(row)]
 
 
 def model_totals(rows: Iterable[tuple[str, UsageRow]]) -> list[UsageTotal]:

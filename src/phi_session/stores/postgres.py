@@ -16,12 +16,15 @@ Layout (all tables live in one schema, ``phi_session`` by default):
   NUMERIC, models) and ``header``, the session's compact JSON without its loops.
   ``saved_order`` (from the sequence ``save_order``) orders `list_ids`.
 * ``loops``: one row per LoopRecord, in session order (``position``): the columns
-  the per-model totals group by, ``record``, the loop's compact phi-core JSON
+  the model filters read, ``record``, the loop's compact phi-core JSON
   (`codec.encode_loop`), and ``words``, its full-text index entry (below). Rows go
   with their session (``ON DELETE CASCADE``). Token columns hold what a loop billed
   (`LoopRecord.billed_usage`); the v4 migration rebilled the loops cut off before
   their ``AgentEnd`` that earlier versions saved at zero. ``calls`` holds the loop's
   model calls (`outline.encode_calls`), which priced totals read (schema v6).
+* ``loop_models``: what each loop adds to the per-model totals, its usage by the
+  model that served its calls (`outline_model_rows`), one row per loop and model,
+  written and deleted with the loop's row (schema v12).
 
 Full-text search (schema v2). ``words`` is a ``tsvector`` (GIN-indexed) of the
 distinct words of the loop's searchable text (`search.loop_text`), split and
@@ -44,8 +47,8 @@ session the columns select checked against its JSON (`_selected`); summaries rea
 their ids from the JSON, exact, and models and first prompt that held NUL
 (``sessions.listing_nul``, schema v9) from the loops' outlines; `list_for_agent`
 keeps only the agent asked for. Per-agent and per-model totals are exact too: a
-group whose key holds U+FFFD is summed again under the keys its rows' JSON holds
-(`_exact_totals`).
+group whose key holds U+FFFD is summed again under the keys its rows' JSON (a
+loop's record and calls) holds (`_exact_totals`).
 Text columns use the ``"C"`` collation, so every ordering is by code point (as in
 Python and the other stores), whatever the database's locale. Times in the index
 columns are clamped to what BIGINT nanoseconds hold (1677-09-21 to 2262-04-11);
@@ -120,12 +123,14 @@ from .base import (
     merge_part,
     model_key,
     model_totals,
+    outline_model_rows,
     query_selects,
     serving_rows,
     session_to_save,
     stored_usage_row,
     summarize,
     summarize_outline,
+    totalled_rows,
     validate_session_id,
 )
 from .outline import (
@@ -159,7 +164,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 """The schema version this code writes; `PostgresStore` migrates older databases to it."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -354,6 +359,35 @@ def _store_first_prompts(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.
     )
 
 
+def _sum_loops_by_serving_model(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.Composed]) -> None:
+    """Migration 12's backfill: each stored loop's ``loop_models`` rows (`serving_rows` of
+    its stored calls), reading the loops in batches through a server-side cursor."""
+    insert = compose(
+        f"INSERT INTO {{s}}.loop_models (session_id, position, model, {_V4_TOKENS})"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    )
+    with cur.connection.cursor(name="phi_session_backfill_loop_models") as reader:
+        reader.execute(
+            compose(
+                "SELECT session_id, position, COALESCE(provider || '/' || model, 'unknown'), provider, model,"
+                f" calls, started_at_ns, {_V4_TOKENS} FROM {{s}}.loops"
+            )
+        )
+        while rows := reader.fetchmany(500):
+            cur.executemany(
+                insert,
+                [
+                    _loop_model_values(session_id, position, part)
+                    for session_id, position, key, provider, model, calls, started, *usage in rows
+                    for part in serving_rows(
+                        stored_usage_row(
+                            key, provider, model, calls, Timestamp.from_ns(started), _usage(usage)
+                        )
+                    )
+                ],
+            )
+
+
 # Forward migrations: _MIGRATIONS[n] takes the schema from version n to n + 1.
 # A step is SQL ("{s}" is the schema, quoted) or a function given the migration's
 # cursor and the function that fills in "{s}". Never edit a released entry; append a new one.
@@ -469,6 +503,20 @@ _MIGRATIONS: tuple[tuple[str | _Backfill, ...], ...] = (
         # every loop's words again.
         partial(_backfill_loops, "words", _WORDS_VALUE, _lexemes),
     ),
+    (
+        # Totals by model count each call under the model that served it, in one
+        # aggregate: each loop's usage by serving model (`outline_model_rows`), removed
+        # with its loop row. A key's text is `_text`'s: U+FFFD may stand for NUL.
+        f"""CREATE TABLE {{s}}.loop_models (
+            session_id TEXT COLLATE "C" NOT NULL,
+            position INTEGER NOT NULL,
+            model TEXT COLLATE "C" NOT NULL,
+            {", ".join(f"{column} NUMERIC NOT NULL" for column in _V4_TOKENS.split(", "))},
+            FOREIGN KEY (session_id, position) REFERENCES {{s}}.loops ON DELETE CASCADE
+        )""",
+        "CREATE INDEX loop_models_loop ON {s}.loop_models (session_id, position)",
+        _sum_loops_by_serving_model,
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -514,10 +562,10 @@ _ORDER_BY = {
 _LIST_ORDER = "saved_order DESC"
 # The column of each `PageCursor.column`.
 _CURSOR_COLUMNS = {"last_active_at": "last_active_at_ns", "total_tokens": "total_tokens"}
-# Keys of usage_totals; an agent's totals come from the sessions rows, a model's from loops.
+# Keys of usage_totals; an agent's totals come from the sessions rows, a model's from loop_models.
 _GROUP_KEY = {
     "agent": "agent_id",
-    "model": "COALESCE(provider || '/' || model, 'unknown')",
+    "model": "model",
     "day": "created_day",
 }
 
@@ -614,6 +662,17 @@ def _loop_values(record: LoopRecord, occurrence: int, data: bytes, outline: Loop
         _lexemes(record),
         *encode_outline_parts(outline),
     )
+
+
+def _loop_model_values(session_id: str, position: int, part: UsageRow) -> tuple[Any, ...]:
+    """The ``loop_models`` row of a loop's `part` (one of its `serving_rows`)."""
+    return (session_id, position, _text(part.key), *_usage_values(part.usage))
+
+
+_INSERT_LOOP_MODEL = (
+    f"INSERT INTO {{s}}.loop_models (session_id, position, model, {', '.join(USAGE_COLUMNS)})"
+    f" VALUES (%s, %s, %s{', %s' * len(USAGE_COLUMNS)})"
+)
 
 
 class _Encodings:
@@ -1101,6 +1160,22 @@ class PostgresStore(AsyncTwins):
                 for i, (record, occurrence, outline) in enumerate(loops)
             ],
         )
+        self._insert_loop_models(
+            cur, session_id, [(first_position + i, outline) for i, (_, _, outline) in enumerate(loops)]
+        )
+
+    def _insert_loop_models(
+        self, cur: psycopg.Cursor[Row], session_id: str, loops: Sequence[tuple[int, LoopOutline]]
+    ) -> None:
+        """Insert the ``loop_models`` rows of `loops` (each outline at its position)."""
+        cur.executemany(
+            self._sql(_INSERT_LOOP_MODEL),
+            [
+                _loop_model_values(session_id, position, part)
+                for position, outline in loops
+                for part in outline_model_rows(outline)
+            ],
+        )
 
     def _merge_into(
         self,
@@ -1145,6 +1220,7 @@ class PostgresStore(AsyncTwins):
         occurrences = _occurrences([*(loop_id for _, loop_id, _ in rows), *new_columns])
         outlines += [None] * len(new_columns)
         updates = []
+        updated: list[tuple[int, LoopOutline]] = []
         added: list[tuple[LoopRecord, int, LoopOutline]] = []
         for index, record in pairs:
             if record is kept.get(index):
@@ -1161,6 +1237,7 @@ class PostgresStore(AsyncTwins):
                 updates.append(
                     (*_loop_values(record, occurrences[index], new_data, outline), session_id, position)
                 )
+                updated.append((position, outline))
         if updates:
             cur.executemany(
                 self._sql(
@@ -1170,6 +1247,11 @@ class PostgresStore(AsyncTwins):
                 ),
                 updates,
             )
+            cur.execute(
+                self._sql("DELETE FROM {s}.loop_models WHERE session_id = %s AND position = ANY(%s)"),
+                (session_id, [position for position, _ in updated]),
+            )
+            self._insert_loop_models(cur, session_id, updated)
         # Positions only grow (whole sessions are deleted, never single loops), but a
         # gap left by hand-editing must not make an insert collide.
         next_position = rows[-1][0] + 1 if rows else 0
@@ -1463,25 +1545,18 @@ class PostgresStore(AsyncTwins):
 
     def usage_totals(self, group_by: GroupBy = "agent", *, pricer: Pricer | None = None) -> list[UsageTotal]:
         """Usage summed per agent, per ``provider/model`` that served the calls
-        (`serving_rows`; ``"unknown"`` without a config; a session counts once in each of
-        its models) or per UTC day of ``created_at`` (``YYYY-MM-DD``), sorted by key; with
-        a `pricer`, the loops' rows are read too and priced (see `SessionStore.usage_totals`)."""
+        (`serving_rows`, from ``loop_models``; ``"unknown"`` without a config; a session
+        counts once in each of its models) or per UTC day of ``created_at``
+        (``YYYY-MM-DD``), sorted by key; with a `pricer`, the loops' rows are read too and
+        priced (see `SessionStore.usage_totals`)."""
         group_by = parse_group_by(group_by)
         check_pricer(pricer)
         sums = ", ".join(f"sum({column})" for column in USAGE_COLUMNS)
         if group_by == "model":
-            counts, table = "count(DISTINCT session_id), count(*)", "loops"
+            counts, table = "count(DISTINCT session_id), count(*)", "loop_models"
         else:
             counts, table = "count(*), sum(loop_count)", "sessions"
         with self._cursor(f"summing usage by {group_by}") as cur:
-            if group_by == "model" and self._served_elsewhere(cur):
-                served = [
-                    (session_id, part)
-                    for session_id, row in self._exact_usage_rows(cur, group_by)
-                    for part in serving_rows(row)
-                ]
-                totals = model_totals(served)
-                return totals if pricer is None else pricer.price_totals(totals, [row for _, row in served])
             cur.execute(
                 self._sql(
                     f"SELECT {_GROUP_KEY[group_by]} AS key, {counts}, {sums} FROM {{s}}.{table}"
@@ -1495,50 +1570,51 @@ class PostgresStore(AsyncTwins):
             totals = self._exact_totals(cur, group_by, totals)
             if pricer is None:
                 return totals
-            rows = [row for _, row in self._exact_usage_rows(cur, group_by)]
-        return pricer.price_totals(totals, rows)
-
-    def _served_elsewhere(self, cur: psycopg.Cursor[Row]) -> bool:
-        """Whether a loop has a call its config's model did not serve: stored calls name a
-        serving model only as JSON text (`ModelCall.served_by`), other calls hold numbers."""
-        cur.execute(
-            self._sql("SELECT 1 FROM {s}.loops WHERE position(%s::bytea IN calls) > 0 LIMIT 1"), (b'"',)
-        )
-        return cur.fetchone() is not None
-
-    def _exact_usage_rows(self, cur: psycopg.Cursor[Row], group_by: GroupBy) -> list[tuple[str, UsageRow]]:
-        """Every loop's `UsageRow` and its session's id, its key and names as its JSON has them."""
-        rows = self._usage_rows(cur, group_by)
-        # Names holding U+FFFD may stand for NUL too (`_text`): those rows' JSON says.
-        if any(_BLURRED in f"{row.key}{row.provider}{row.model}" for _, row in rows):
-            rows = [(sid, row) for sid, row in rows if _BLURRED not in f"{row.key}{row.provider}{row.model}"]
-            rows += self._usage_rows(cur, group_by, exact=True)
-        return rows
+            rows = self._usage_rows(cur, group_by)
+            # Names holding U+FFFD may stand for NUL too (`_text`): those rows' JSON says.
+            if any(_BLURRED in f"{row.key}{row.provider}{row.model}" for _, row in rows):
+                rows = [
+                    (sid, row) for sid, row in rows if _BLURRED not in f"{row.key}{row.provider}{row.model}"
+                ]
+                rows += self._usage_rows(cur, group_by, exact=True)
+        return pricer.price_totals(totals, totalled_rows((row for _, row in rows), group_by))
 
     def _usage_rows(
-        self, cur: psycopg.Cursor[Row], group_by: GroupBy, *, exact: bool = False
+        self,
+        cur: psycopg.Cursor[Row],
+        group_by: GroupBy,
+        *,
+        exact: bool = False,
+        models: Sequence[str] | None = None,
     ) -> list[tuple[str, UsageRow]]:
         """Every loop's `UsageRow` and its session's id, its key and names as the columns
         hold them; `exact`: only the loops whose key or names hold U+FFFD, as their JSON
-        holds them."""
+        holds them; `models`: only the loops with ``loop_models`` rows of those keys, as
+        their JSON holds them."""
         key_column = _ROW_KEY[group_by]
         tokens = ", ".join(f"l.{column}" for column in USAGE_COLUMNS)
-        json, where = (
-            ("l.record, s.header", f" WHERE strpos(concat({key_column}, l.provider, l.model), %s) > 0")
-            if exact
-            else ("NULL, NULL", "")
-        )
+        json, where = "NULL, NULL", ""
+        params: tuple[Any, ...] | None = None
+        if models is not None:
+            json, params = "l.record, s.header", (list(models),)
+            where = (
+                " WHERE EXISTS (SELECT 1 FROM {s}.loop_models m WHERE m.session_id = l.session_id"
+                " AND m.position = l.position AND m.model = ANY(%s))"
+            )
+        elif exact:
+            json, params = "l.record, s.header", (_BLURRED,)
+            where = f" WHERE strpos(concat({key_column}, l.provider, l.model), %s) > 0"
         cur.execute(
             self._sql(
                 f"SELECT l.session_id, {key_column}, l.provider, l.model, l.calls, l.started_at_ns,"
                 f" {json}, {tokens}"
                 f" FROM {{s}}.loops l JOIN {{s}}.sessions s USING (session_id){where}"
             ),
-            (_BLURRED,) if exact else None,
+            params,
         )
         rows = []
         for session_id, key, provider, model, calls, started, record, header, *usage in cur.fetchall():
-            if exact:
+            if record is not None:
                 loop = _exact_loop(record)
                 if loop is not None:
                     config = loop.config
@@ -1556,28 +1632,33 @@ class PostgresStore(AsyncTwins):
         blurred = [total.key for total in totals if _BLURRED in total.key]
         if not blurred:
             return totals
-        tokens = ", ".join(USAGE_COLUMNS)
+        exact = [total for total in totals if total.key not in blurred]
         if group_by == "model":
-            columns, table = "1, record, NULL", "loops"
-        else:  # by agent (a day is digits)
-            columns, table = "loop_count, NULL, header", "sessions"
-        column = _GROUP_KEY[group_by]
+            # The loops a blurred key counts, split again: their parts of those keys.
+            exact += model_totals(
+                (session_id, part)
+                for session_id, row in self._usage_rows(cur, group_by, models=blurred)
+                for part in serving_rows(row)
+                if _text(part.key) in blurred
+            )
+            return sorted(exact, key=lambda total: total.key)
+        # By agent (a day is digits).
+        tokens = ", ".join(USAGE_COLUMNS)
         cur.execute(
             self._sql(
-                f"SELECT {column}, session_id, {columns}, {tokens} FROM {{s}}.{table}"
-                f" WHERE {column} = ANY(%s)"
+                f"SELECT agent_id, session_id, loop_count, header, {tokens} FROM {{s}}.sessions"
+                " WHERE agent_id = ANY(%s)"
             ),
             (blurred,),
         )
         sessions: dict[str, set[str]] = {}
         loops: Counter[str] = Counter()
         usage: dict[str, Usage] = {}
-        for column_key, session_id, count, record, header, *values in cur.fetchall():
-            key = _exact_key(group_by, column_key, _exact_loop(record), header)
+        for column_key, session_id, count, header, *values in cur.fetchall():
+            key = _exact_key(group_by, column_key, None, header)
             sessions.setdefault(key, set()).add(session_id)
             loops[key] += count
             usage[key] = usage.get(key, ZERO_USAGE) + _usage(values)
-        exact = [total for total in totals if total.key not in blurred]
         exact += [
             UsageTotal(key=key, sessions=len(ids), loops=loops[key], usage=usage[key])
             for key, ids in sessions.items()

@@ -4,8 +4,10 @@ Layout. Table ``sessions`` holds one row per session: the header (every session
 field but the loops, as compact phi-core JSON), the summary columns that
 listings, filters and totals read, and the ids of the session's messages. Table
 ``loops`` holds one row per loop: its record and the columns the model/status
-filters and per-model/per-day totals read, its outline, and its model calls
-(``calls``, `outline.encode_calls`), which priced totals read. A record is stored
+filters and per-day totals read, its outline, and its model calls (``calls``,
+`outline.encode_calls`), which priced totals read; ``loop_models`` holds what each
+loop adds to the per-model totals: its usage by the model that served its calls
+(`outline_model_rows`). A record is stored
 as a packed template (`message_book`): the loop's compact phi-core JSON (`codec.encode_loop`) with each
 message replaced by a reference to table ``messages``, which holds each distinct
 message once, shared by every session that has it and deleted with the last (its
@@ -87,13 +89,14 @@ from .base import (
     collect_hits,
     loops_a_merge_touches,
     merge_part,
-    model_totals,
+    outline_model_rows,
     past_the_columns,
     serving_rows,
     session_to_save,
     stored_usage_row,
     summarize,
     summarize_outline,
+    totalled_rows,
     usage_rows,
     validate_session_id,
 )
@@ -468,6 +471,33 @@ def _index_composed_words(conn: sqlite3.Connection) -> None:
     _index_changed_words(conn)
 
 
+def _sum_loops_by_serving_model(conn: sqlite3.Connection) -> None:
+    """v13: totals by model count each call under the model that served it, in one
+    aggregate: ``loop_models`` holds each loop's usage by serving model (`serving_rows`
+    of its stored calls), removed with its loop row, and an index covering that sum."""
+    conn.execute(
+        f"""CREATE TABLE loop_models (
+        session_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        {", ".join(f"{column} INTEGER NOT NULL" for column in _V3_TOKENS.split(", "))},
+        PRIMARY KEY (session_id, position, model),
+        FOREIGN KEY (session_id, position) REFERENCES loops (session_id, position) ON DELETE CASCADE
+    ) WITHOUT ROWID"""
+    )
+    conn.execute(f"CREATE INDEX loop_models_model ON loop_models (model, session_id, {_V3_TOKENS})")
+    rows = [
+        _loop_model_row(session_id, position, part)
+        for session_id, position, key, provider, model, calls, started, *tokens in conn.execute(
+            f"SELECT l.session_id, l.position, {_LOOP_MODEL_SQL}, {_ROWS_FROM_SQL}"
+        ).fetchall()
+        for part in serving_rows(
+            stored_usage_row(key, provider, model, calls, Timestamp.from_ns(started), _usage_of(tokens))
+        )
+    ]
+    conn.executemany(_INSERT_LOOP_MODEL, rows)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _create_v1,
     _create_v2,
@@ -481,6 +511,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _index_what_cut_loops_said,
     _name_serving_models,
     _index_composed_words,
+    _sum_loops_by_serving_model,
 )
 """Forward migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 
@@ -873,8 +904,9 @@ _BY_SESSION_SQL = f"COUNT(*), SUM(loop_count), {_TOKEN_SUMS_SQL} FROM sessions"
 _TOTALS_SQL: dict[str, str] = {
     "agent": f"SELECT agent_id AS key, {_BY_SESSION_SQL} GROUP BY key ORDER BY key",
     "day": f"SELECT {_DAY_SQL} AS key, {_BY_SESSION_SQL} GROUP BY key ORDER BY key",
-    "model": f"SELECT COALESCE(provider || '/' || model, 'unknown') AS key, COUNT(DISTINCT session_id), "
-    f"COUNT(*), {_TOKEN_SUMS_SQL} FROM loops GROUP BY key ORDER BY key",
+    # A loop counts once in each model that served it (`loop_models`).
+    "model": f"SELECT model AS key, COUNT(DISTINCT session_id), COUNT(*), {_TOKEN_SUMS_SQL} "
+    "FROM loop_models GROUP BY key ORDER BY key",
 }
 
 
@@ -890,11 +922,15 @@ _ROWS_SQL: dict[str, str] = {
     "day": f"SELECT substr(s.created_at, 1, instr(s.created_at, 'T') - 1), {_ROWS_FROM_SQL}",
     "model": f"SELECT {_LOOP_MODEL_SQL}, {_ROWS_FROM_SQL}",
 }
-# The model rows with their session's id (`model_totals` counts sessions).
-_SESSION_ROWS_SQL = f"SELECT l.session_id, {_LOOP_MODEL_SQL}, {_ROWS_FROM_SQL}"
-# Stored calls name a serving model only as JSON text (`ModelCall.served_by`), and
-# other calls hold numbers only: loops without a quote are totalled by their config.
-_SERVED_ELSEWHERE_SQL = "SELECT 1 FROM loops WHERE instr(calls, CAST('\"' AS BLOB)) > 0 LIMIT 1"
+_INSERT_LOOP_MODEL = (
+    f"INSERT INTO loop_models (session_id, position, model, {', '.join(USAGE_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * (3 + len(USAGE_COLUMNS)))})"
+)
+
+
+def _loop_model_row(session_id: str, position: int, part: UsageRow) -> list[Any]:
+    """The ``loop_models`` row of a loop's `part` (one of its `serving_rows`)."""
+    return [session_id, position, part.key, *_token_columns(part.usage)]
 
 
 def _usage_of(tokens: Sequence[int]) -> Usage:
@@ -1548,6 +1584,7 @@ class SqliteStore(AsyncTwins):
         replaced: list[int] = []  # stored loops rewritten: the messages they used may be used no more
         used: set[int] = set()  # the message numbers of the loops written or read whole
         loop_rows: list[list[Any]] = []
+        model_rows: list[list[Any]] = []
         text_rows: list[tuple[str, int, str]] = []
         for position, record in pairs:
             stored_template = None if stored is None else stored.templates.get(position)
@@ -1567,6 +1604,9 @@ class SqliteStore(AsyncTwins):
             loop_rows.append(
                 [session_id, position, *_loop_row(record), pack(template), *encode_outline_parts(outline)]
             )
+            model_rows += (
+                _loop_model_row(session_id, position, part) for part in outline_model_rows(outline)
+            )
             text_rows.append((session_id, position, _indexed_text(loop_text(record))))
         ids = _register_messages(conn, book, ids)
         if stored is not None and replaced:
@@ -1581,6 +1621,11 @@ class SqliteStore(AsyncTwins):
         summary = summarize_outline(session_outline(session, cast(list[LoopOutline], outlines)))
         conn.execute(_UPSERT_SESSION, _session_row(session, summary, ids))
         conn.executemany(_UPSERT_LOOP, loop_rows)
+        # An upsert keeps the loop row: the models of the version it replaced go with it.
+        conn.executemany(
+            "DELETE FROM loop_models WHERE session_id = ? AND position = ?", [row[:2] for row in loop_rows]
+        )
+        conn.executemany(_INSERT_LOOP_MODEL, model_rows)
         return text_rows
 
     def _read_for_merge(
@@ -1733,28 +1778,14 @@ class SqliteStore(AsyncTwins):
         """Usage per agent, per ``provider/model`` that served the calls (``"unknown"``:
         loops without a config) or per UTC day of the sessions' creation (``YYYY-MM-DD``),
         sorted by key; see `SessionStore.usage_totals`. One SQL aggregate over the summary
-        columns (by model, once a call was served by another model than its loop's config,
-        the loops' rows split by `serving_rows`); with a `pricer`, the loops' rows are read
-        too (one snapshot) and priced."""
+        columns (by model, ``loop_models``); with a `pricer`, the loops' rows are read too
+        (one snapshot, by model split by `serving_rows`) and priced."""
         group_by = parse_group_by(group_by)
         check_pricer(pricer)
         rows: list[UsageRow] = []
         with self._transaction("usage totals") as conn:
             if conn.execute("SELECT 1 FROM sessions WHERE NOT exact LIMIT 1").fetchone() is not None:
                 totals = self._usage_totals_from_records(conn, group_by, rows if pricer is not None else None)
-            elif group_by == "model" and conn.execute(_SERVED_ELSEWHERE_SQL).fetchone() is not None:
-                served = [
-                    (session_id, part)
-                    for session_id, key, provider, model, calls, started, *tokens in conn.execute(
-                        _SESSION_ROWS_SQL
-                    )
-                    for part in serving_rows(
-                        stored_usage_row(
-                            key, provider, model, calls, Timestamp.from_ns(started), _usage_of(tokens)
-                        )
-                    )
-                ]
-                totals, rows = model_totals(served), [row for _, row in served]
             else:
                 totals = [
                     UsageTotal(
@@ -1766,12 +1797,17 @@ class SqliteStore(AsyncTwins):
                     for key, sessions, loops, *tokens in conn.execute(_TOTALS_SQL[group_by]).fetchall()
                 ]
                 if pricer is not None:
-                    rows = [
-                        stored_usage_row(
-                            key, provider, model, calls, Timestamp.from_ns(started), _usage_of(tokens)
-                        )
-                        for key, provider, model, calls, started, *tokens in conn.execute(_ROWS_SQL[group_by])
-                    ]
+                    rows = totalled_rows(
+                        (
+                            stored_usage_row(
+                                key, provider, model, calls, Timestamp.from_ns(started), _usage_of(tokens)
+                            )
+                            for key, provider, model, calls, started, *tokens in conn.execute(
+                                _ROWS_SQL[group_by]
+                            )
+                        ),
+                        group_by,
+                    )
         return totals if pricer is None else pricer.price_totals(totals, rows)
 
     def _usage_totals_from_records(
