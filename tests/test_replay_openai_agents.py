@@ -283,6 +283,9 @@ def test_a_streamed_replay_equals_the_original(
     replayed = session_of(recorder).loops[-1]
     assert bare(replayed.messages) == bare(loop.messages)
     assert replayed.usage == loop.usage
+    # Given no cursor, the block takes the replay model's: its served replies bill nothing.
+    assert all(is_replayed(turn.output_message) for turn in replayed.turns)
+    assert session_of(recorder).billed_usage() == loop.usage
 
 
 def test_the_provider_replays_agents_named_by_model(
@@ -522,6 +525,10 @@ def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder
         replayed_second.parent_loop_id == replayed_first.loop_id
     )  # the conversation goes on from the replay
     assert bare(replayed_second.messages) == bare(second.messages)
+    assert all(
+        is_replayed(turn.output_message) for loop in (replayed_first, replayed_second) for turn in loop.turns
+    )
+    assert session_of(recorder).billed_usage() == first.billed_usage() + second.billed_usage()
 
 
 @pytest.mark.parametrize("capture", [True, False])

@@ -140,6 +140,7 @@ from .sinks import FanOut, SinkLike
 if TYPE_CHECKING:
     from .model import Session
     from .replay.cursor import ReplayCursor
+    from .replay.lineage import ActiveLineage
 
 __all__ = [
     "CompactionScope",
@@ -851,7 +852,7 @@ class _LoopState:
         agent: AgentSession,
         loop_id: str,
         config: LoopConfigSnapshot | None,
-        replay: ReplayCursor | None = None,
+        replay: ReplayCursor | ActiveLineage | None = None,
     ) -> None:
         self.scope: LoopScope | None = scope
         self.outlet = outlet
@@ -1177,7 +1178,7 @@ class Tracer:
         kind: ContinuationKind | None = None,
         metadata: Any = None,
         config_id: str | None = None,
-        replay: ReplayCursor | None = None,
+        replay: ReplayCursor | ActiveLineage | None = None,
     ) -> LoopScope:
         """A new loop of the agent's current session (started on ``with`` or `LoopScope.start`).
 
@@ -1195,7 +1196,9 @@ class Tracer:
           calls, for an agent that builds its replies itself (a framework adapter's):
           each reply finished while a recorded reply the cursor served is not yet
           recorded is that one, and is marked as served
-          (`phi_session.model.is_replayed`), so no roll-up bills it.
+          (`phi_session.model.is_replayed`), so no roll-up bills it. An adapter gives
+          the `phi_session.replay.recording_as` block it runs in (its cursor may be
+          known only once it answers the first call).
         """
         check_type("config", config, LoopConfigSnapshot, optional=True)
         check_type("config_id", config_id, str, optional=True)
@@ -1356,7 +1359,7 @@ class LoopScope(_Scope):
         kind: ContinuationKind,
         metadata: Any,
         first_trigger: TurnTrigger | None = None,
-        replay: ReplayCursor | None = None,
+        replay: ReplayCursor | ActiveLineage | None = None,
     ) -> None:
         super().__init__()
         self._agent = agent

@@ -91,7 +91,7 @@ from ..replay import (
     replay_lineage,
 )
 from ..replay.cursor import result_text
-from ..replay.lineage import active_lineage
+from ..replay.lineage import ActiveLineage, active_lineage
 from ..sinks import SinkLike
 from ..stores.base import SessionStore, stored_loop_starts, validate_loop_session_id
 from ._sessions import EmbeddedStore, book_for_sinks, embedded_store
@@ -371,14 +371,14 @@ class AdapterRun:
     """One framework run being recorded: its loop, the tracer its continuations use, and
     what they carry on (handoffs and branches): the metadata (the framework session id a
     derived session id stands for, and what a replay or a fork's lineage marks its loops
-    with) and the cursor of the replay answering its model calls, whose served replies
-    are recorded tagged (`phi_session.replay.recording_as`)."""
+    with) and the ``recording_as`` block whose replay cursor answers its model calls,
+    whose served replies are recorded tagged (`phi_session.replay.recording_as`)."""
 
     key: object
     loop: LoopScope
     tracer: Tracer
     inherited: dict[str, Any] = field(default_factory=dict)
-    replay: ReplayCursor | None = None
+    replay: ActiveLineage | None = None
 
 
 class AdapterCore:
@@ -550,13 +550,13 @@ class AdapterCore:
             loop = parent_tool.sub_agent(config, agent=child, metadata=meta)
             return self._open(AdapterRun(key, loop, tracer))
         inherited: dict[str, Any] = {}
-        replay: ReplayCursor | None = None
+        replay: ActiveLineage | None = None
         if (lineage := active_lineage()) is not None:
             # A replay or a fork (phi_session.replay.recording_as): into the recorded session.
             tracer = self._session_tracer(lineage.lineage.session.session_id, lineage.lineage.session)
             continues, kind = lineage.continuation(tracer.agent.last_loop_id)
             inherited.update(lineage.lineage.metadata)
-            replay = lineage.cursor
+            replay = lineage
         else:
             if framework_session_id is not None:
                 tracer = self._session_tracer(session_id_for(framework_session_id))
@@ -646,7 +646,7 @@ class AdapterCore:
         kind: ContinuationKind,
         meta: dict[str, Any],
         inherited: dict[str, Any],
-        replay: ReplayCursor | None,
+        replay: ActiveLineage | None,
     ) -> AdapterRun:
         """Start and register, as `key`, a loop of `tracer` (its session held for it), its
         metadata `meta` with what its run's continuations carry on (`inherited`, and

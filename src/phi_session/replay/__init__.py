@@ -24,9 +24,10 @@ tool results too.
 What is billed: only what was spent. Every reply served from a recording is marked
 (`phi_session.model.is_replayed`): by `RecordedModel.next` (finish the turn with the
 reply it returned, ``reply.finish(message=...)``), by `fork` for the turns it repeats,
-and for a framework adapter by its loop, given the replay's cursor
-(``recording_as(lineage, cursor)``, which `phi_session.adapters.replay_recording`
-does). The replay's turns keep the recorded usage (`LoopRecord.reported_usage`, what
+and for a framework adapter by its loop, run in a ``recording_as`` block: the replay's
+cursor is the one given (``recording_as(lineage, cursor)``, which
+`phi_session.adapters.replay_recording` does), else the first to answer a model call
+inside the block. The replay's turns keep the recorded usage (`LoopRecord.reported_usage`, what
 `phi_session.diff` compares: a replay shows no usage change), while
 `LoopRecord.billed_usage`, `LoopRecord.model_calls` and every roll-up built on them
 (the stores' summaries and `usage_totals`, cost, the CLI, the viewer) leave the tagged

@@ -53,6 +53,7 @@ from ..errors import InvalidArgument, RecordedModelError, RecordedToolError, Rep
 from ..messages import AgentMessage, AssistantMessage, TextContent, ToolCall, ToolResultMessage
 from ..model import Session
 from .divergence import Divergence, DivergenceKind
+from .lineage import answering
 from .request import Normalizer, RequestShape, clip, compare_messages, compare_tools, normal_arguments
 from .script import RecordedTurn, ReplayScript
 
@@ -264,6 +265,7 @@ class ReplayCursor:
         Raises `ReplayDiverged` on a divergence in ``"stop"`` mode."""
         if not isinstance(request, RequestShape):
             raise TypeError(f"expected a RequestShape, got {type(request).__name__}")
+        answering(self)
         with self._lock:
             if self._handed_over:
                 return None

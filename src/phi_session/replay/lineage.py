@@ -54,7 +54,15 @@ if TYPE_CHECKING:
     from ..instrument import LoopScope
     from .cursor import ReplayCursor
 
-__all__ = ["ActiveLineage", "Lineage", "active_lineage", "fork_lineage", "recording_as", "replay_lineage"]
+__all__ = [
+    "ActiveLineage",
+    "Lineage",
+    "active_lineage",
+    "answering",
+    "fork_lineage",
+    "recording_as",
+    "replay_lineage",
+]
 
 
 class Lineage(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,16 +128,30 @@ def fork_lineage(script: ReplayScript, turn: int, *, tag: str = "fork", change: 
 
 
 class ActiveLineage:
-    """The lineage of a ``recording_as`` block, the cursor answering its model calls (if
-    given), and whether its first run has started."""
+    """The lineage of a ``recording_as`` block, the cursor answering its model calls (given,
+    or the first to answer one inside the block), and whether its first run has started."""
 
-    __slots__ = ("_claimed", "_lock", "cursor", "lineage")
+    __slots__ = ("_claimed", "_lock", "_offset", "cursor", "lineage")
 
     def __init__(self, lineage: Lineage, cursor: ReplayCursor | None = None) -> None:
         self.lineage = lineage
         self.cursor = cursor
         self._lock = threading.Lock()
         self._claimed = False
+        self._offset = 0  # the replies the cursor served before the block took it
+
+    def adopt(self, cursor: ReplayCursor) -> None:
+        """Take `cursor` as the block's, if it has none, before it answers a model call."""
+        with self._lock:
+            if self.cursor is None:
+                self.cursor, self._offset = cursor, cursor.turns_served
+
+    @property
+    def turns_served(self) -> int:
+        """How many recorded replies the block's cursor served inside the block (what its
+        runs' loops mark as served, `phi_session.instrument.Tracer.loop`'s ``replay``)."""
+        cursor = self.cursor
+        return 0 if cursor is None else cursor.turns_served - self._offset
 
     def continuation(self, last_loop_id: str | None) -> tuple[str | None, ContinuationKind]:
         """``(parent loop id, kind)`` of the next top-level run: the lineage's for the
@@ -150,7 +172,8 @@ def recording_as(lineage: Lineage, cursor: ReplayCursor | None = None) -> Iterat
 
     `cursor`: the `ReplayCursor` answering their model calls (a framework replay
     model's): the replies it serves are recorded tagged as served, so that no roll-up
-    bills them (`phi_session.instrument.Tracer.loop`'s ``replay``)."""
+    bills them (`phi_session.instrument.Tracer.loop`'s ``replay``). Without it, the
+    first cursor to answer a model call inside the block is taken (`answering`)."""
     if not isinstance(lineage, Lineage):
         raise TypeError(f"expected a Lineage, got {type(lineage).__name__}")
     token = _active.set(ActiveLineage(lineage, cursor))
@@ -163,3 +186,10 @@ def recording_as(lineage: Lineage, cursor: ReplayCursor | None = None) -> Iterat
 def active_lineage() -> ActiveLineage | None:
     """The lineage of the enclosing `recording_as` block, if any (for adapters)."""
     return _active.get()
+
+
+def answering(cursor: ReplayCursor) -> None:
+    """`cursor` is about to answer a model call: the enclosing `recording_as` block given
+    no cursor takes it (`ActiveLineage.adopt`), so that its served replies bill nothing."""
+    if (active := _active.get()) is not None:
+        active.adopt(cursor)
