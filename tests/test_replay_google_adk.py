@@ -22,6 +22,7 @@ from google.adk.runners import InMemoryRunner
 from phi_session import SqliteStore
 from phi_session.adapters.google_adk import PhiPlugin, ReplayLlm
 from phi_session.adapters.google_adk.replay import RecordedToolError
+from phi_session.diff import diff_loops
 from phi_session.errors import ReplayDiverged
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session
@@ -407,6 +408,11 @@ def test_a_handled_tool_error_is_answered_with_what_the_model_got(store: SqliteS
         run(failing(model), store, model.tools_plugin())
     assert RUNS == []  # answered with the callback's {"error": "tool failed: x"}, as recorded
     assert model.cursor.finished and model.divergence is None
+    # Recorded as the recorded error, not as the callback's answer taken for a success.
+    session = store.load(SESSION)
+    replayed = the_other(session, original.loops[0])
+    assert turns(replayed) == turns(original.loops[0])
+    assert diff_loops(session, original.loops[0].loop_id, session, replayed.loop_id).identical
 
 
 def test_a_tool_error_that_ended_the_run_is_raised_again(store: SqliteStore) -> None:

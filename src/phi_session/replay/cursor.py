@@ -190,6 +190,7 @@ class ReplayCursor:
         self._normalize = Normalizer()
         self._matched: _Matched | None = None  # the messages of the last request served
         self._warned_uncompared = False
+        self._answered: dict[str, ToolResultMessage] = {}  # see `answered`
         # tool call id -> the positions in the script of the turns that made it, in order:
         # a provider numbering calls per reply ("call_0") reuses ids across turns.
         self._calls: dict[str, list[int]] = {}
@@ -371,6 +372,20 @@ class ReplayCursor:
             if turn is not None and turn.aborted:
                 raise RecordedToolError(result_text(result))
         return result
+
+    def answered(self, call_id: str, result: ToolResultMessage) -> None:
+        """A replay model answered tool call `call_id` with `result` (its `tool_result`)
+        without running the tool, where the framework then reports its answer as the
+        tool's success: the adapter recording the call takes `result` back
+        (`take_answered`), to record the recorded result, an error as an error."""
+        with self._lock:
+            self._answered[call_id] = result
+
+    def take_answered(self, call_id: str) -> ToolResultMessage | None:
+        """The recorded result tool call `call_id` was answered with (`answered`), once;
+        None for a call that ran."""
+        with self._lock:
+            return self._answered.pop(call_id, None)
 
     @staticmethod
     def _call_problem(

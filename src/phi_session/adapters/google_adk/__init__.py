@@ -93,6 +93,7 @@ from ...messages import (
     UserMessage,
 )
 from ...processors import Processor, Redactor
+from ...replay.lineage import active_lineage
 from .._core import (
     AdapterCore,
     AdapterRun,
@@ -142,6 +143,15 @@ _decode = msgspec.json.Decoder().decode
 def _json_text(value: Any) -> str:
     """`value` as JSON text; what is not JSON (a tool may return any object) as `jsonable` makes it."""
     return value if isinstance(value, str) else _encode(jsonable(value)).decode()
+
+
+def _replayed_result(tool_context: ToolContext) -> ToolResultMessage | None:
+    """The recorded result a replay answered the call with (`ReplayLlm.tools_plugin`),
+    if the cursor of the enclosing ``recording_as`` block did."""
+    lineage = active_lineage()
+    cursor = lineage.cursor if lineage is not None else None
+    call_id = tool_context.function_call_id
+    return cursor.take_answered(call_id) if cursor is not None and call_id is not None else None
 
 
 def _partial_arg_text(arg: types.PartialArg) -> str | None:
@@ -753,7 +763,13 @@ class PhiPlugin(BasePlugin):
         try:
             scope = self._take_tool(tool_context, tool)
             if scope is not None:
-                scope.result(_json_text(result))
+                recorded = _replayed_result(tool_context)
+                if recorded is None:
+                    scope.result(_json_text(result))
+                elif recorded.is_error:  # a handled error replayed: ADK takes the answer for a success
+                    scope.error(recorded.content)
+                else:
+                    scope.result(recorded.content)
                 scope.end()
         except Exception as caught:
             self.core.fault(caught)

@@ -18,7 +18,8 @@ response. Past a fork point (`until_turn`) or after a divergence with
 
 ADK runs tools outside the model: `ReplayLlm.tools_plugin` answers each tool call of a
 replayed turn from its ``before_tool_callback`` with the recorded result, so ADK
-skips the tool (the after-tool callbacks still run: `PhiPlugin` records the result).
+skips the tool (the after-tool callbacks still run: `PhiPlugin` records the recorded
+result, an error as an error, when the cursor is its ``recording_as`` block's).
 The answer is the function response the next recorded turn's request sent for the
 call (with ``capture_requests=True``), else the recorded result read as JSON (a
 string that is no JSON stays itself: a tool returning the string ``"5"`` is then
@@ -365,4 +366,5 @@ class _RecordedTools(BasePlugin):
             # ADK's transfer tool only tells ADK which agent takes over: answering it
             # would skip the transfer, so it runs (once checked against the recording).
             return None
+        self.cursor.answered(call_id, result)  # what `PhiPlugin` records for the call
         return _tool_answer(result, self.sent.get(call_id))
