@@ -298,6 +298,27 @@ def test_the_provider_replays_agents_named_by_model(
     assert run(agent, model_provider=ReplayProvider(model)).final_output == "done: 3 and 7"
 
 
+def test_a_forks_model_gets_the_tool_call_arguments_as_the_original_model_did(
+    recorder: SessionRecorder,
+) -> None:
+    # Re-encoded with json.dumps they reached it ASCII-escaped and spaced: '{"key": "caf\\u00e9 ..."}'.
+    steps: list[Any] = [
+        [function_call("lookup", {"key": "café 🎉", "a": 1}, call_id="c1")],
+        [assistant_message("done")],
+    ]
+    first = ScriptedModel(steps, emit_traces=True)
+    run(make_agent(Tools(), model=first))
+    other = ScriptedModel([[assistant_message("forked")]], emit_traces=True)
+    model = ReplayModel(session_of(recorder), until_turn=1, fallback=other)
+    with model.recording():
+        run(model.agent(make_agent(Tools())))
+
+    def arguments(call: Any) -> list[str]:
+        return [item["arguments"] for item in call.input if item.get("type") == "function_call"]
+
+    assert arguments(other.calls[0]) == arguments(first.calls[1]) == ['{"key":"café 🎉","a":1}']
+
+
 def test_live_tools_run_and_an_unchanged_agent_does_not_diverge(original: tuple[Session, LoopRecord]) -> None:
     session, loop = original
     model = ReplayModel(session, loop.loop_id, tools="live")

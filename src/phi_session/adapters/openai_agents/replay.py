@@ -67,6 +67,13 @@ from . import request_payload
 __all__ = ["RecordedToolError", "ReplayModel", "ReplayProvider"]
 
 
+def _arguments_text(arguments: Any) -> str:
+    """Recorded arguments (JSON data, as parsed from the model's text, keys in its order)
+    as the model wrote them: compact, non-ASCII kept (json.dumps' default would escape it
+    and add spaces, and a fork's model would see other text than the original's did)."""
+    return json.dumps(arguments, separators=(",", ":"), ensure_ascii=False)
+
+
 def _output(reply: AssistantMessage, number: int) -> list[TResponseOutputItem]:
     """The recorded reply as Responses output items: reasoning, one message with the
     text blocks, then the function calls (the order the adapter records them in).
@@ -99,7 +106,7 @@ def _output(reply: AssistantMessage, number: int) -> list[TResponseOutputItem]:
                     call_id=block.id,
                     type="function_call",
                     name=block.name,
-                    arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
+                    arguments=arguments if isinstance(arguments, str) else _arguments_text(arguments),
                     status="completed",
                 )
             )
