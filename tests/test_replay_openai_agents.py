@@ -515,6 +515,29 @@ def test_a_model_failure_that_ended_the_run_fails_the_replay_there(recorder: Ses
     assert replayed.status == "Aborted" and replayed.turn_count() == 2
 
 
+def test_a_conversation_whose_first_run_replied_nothing_replays_without_diverging(
+    recorder: SessionRecorder,
+) -> None:
+    # The empty reply is recorded without content; replayed as no output item, the second
+    # run's input list lost it and its request diverged from the recorded one.
+    async def conversation(agent: Agent[Any]) -> Any:
+        config = RunConfig(trace_metadata={"phi.session_id": SESSION})
+        first = await Runner.run(agent, "hi", hooks=PhiRunHooks(), run_config=config)
+        follow_up = [*first.to_input_list(), {"role": "user", "content": "again"}]
+        return first.final_output, (
+            await Runner.run(agent, follow_up, hooks=PhiRunHooks(), run_config=config)
+        ).final_output
+
+    agent = make_agent(
+        Tools(), model=ScriptedModel([[assistant_message("")], [assistant_message("ok")]], emit_traces=True)
+    )
+    assert asyncio.run(conversation(agent)) == ("", "ok")
+    model = ReplayModel(ReplayScript.from_session(session_of(recorder), chain=True))
+    with model.recording():
+        assert asyncio.run(conversation(model.agent(agent))) == ("", "ok")
+    assert model.cursor.finished and model.divergence is None
+
+
 def test_a_conversation_of_two_runs_replays_as_a_chain(recorder: SessionRecorder) -> None:
     steps: list[Any] = [
         [function_call("add", {"a": 2, "b": 2}, call_id="c1")],

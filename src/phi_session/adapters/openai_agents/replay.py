@@ -91,6 +91,10 @@ def _output(reply: AssistantMessage, number: int) -> list[TResponseOutputItem]:
             )
         elif type(block) is TextContent:
             texts.append(ResponseOutputText(text=block.text, type="output_text", annotations=[]))
+    if not reply.content:
+        # An empty reply: the adapter records an empty message's text as no block, and
+        # the SDK keeps the message in the conversation (`to_input_list`).
+        texts.append(ResponseOutputText(text="", type="output_text", annotations=[]))
     if texts:
         items.append(
             ResponseOutputMessage(
