@@ -415,6 +415,17 @@ def test_a_handled_tool_error_is_answered_with_what_the_model_got(store: SqliteS
     assert diff_loops(session, original.loops[0].loop_id, session, replayed.loop_id).identical
 
 
+def test_an_empty_reply_without_a_finish_reason_replays_as_it_was_not_as_an_error(store: SqliteStore) -> None:
+    # Sent back with finish_reason STOP, ADK's empty-response policy made it an error.
+    run(agent(ScriptedLlm.of([("add", {"a": 1, "b": 2})], [""])), store)
+    original = store.load(SESSION).loops[0]
+    assert original.turns[-1].output_message.stop_reason == "stop"  # type: ignore[union-attr]
+    RUNS.clear()
+    model, session = replay(store.load(SESSION), store)
+    assert model.cursor.finished and model.divergence is None
+    assert turns(the_other(session, original)) == turns(original)
+
+
 def test_a_tool_error_that_ended_the_run_is_raised_again(store: SqliteStore) -> None:
     def failing(model: BaseLlm) -> LlmAgent:
         return LlmAgent(name="calc", model=model, instruction="Try.", tools=[explode])

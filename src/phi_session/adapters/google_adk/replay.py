@@ -124,14 +124,27 @@ def _usage_metadata(usage: Usage) -> types.GenerateContentResponseUsageMetadata:
     )
 
 
+def _actionable(block: Content) -> bool:
+    """Whether ADK takes `block` for content of a response (text that is not blank, a
+    call, an image), not for an empty one."""
+    if isinstance(block, TextContent):
+        return bool(block.text.strip())
+    return isinstance(block, (ToolCall, ImageContent))
+
+
 def _llm_response(reply: AssistantMessage) -> LlmResponse:
     """A recorded reply as the final response the plugin records back as the same
     message (its function calls keep their recorded ids: ADK keeps ids a model gives)."""
     failed = reply.stop_reason in ("error", "aborted")
+    finish = None if failed else _FINISH.get(reply.stop_reason, types.FinishReason.STOP)
+    if finish is types.FinishReason.STOP and not any(map(_actionable, reply.content)):
+        # Recorded as a stop, it came without STOP: ADK makes a STOP response without
+        # actionable content an error (its empty-response policy), recorded as such.
+        finish = None
     return LlmResponse(
         content=types.Content(role="model", parts=_parts(reply.content)),
         usage_metadata=_usage_metadata(reply.usage),
-        finish_reason=None if failed else _FINISH.get(reply.stop_reason, types.FinishReason.STOP),
+        finish_reason=finish,
         error_message=(reply.error_message or reply.stop_reason) if failed else None,
     )
 
