@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +230,49 @@ def test_a_value_nested_too_deep_to_write_is_clipped_not_lost(tmp_path: Path, ki
     loaded = store.load("s")
     assert ps.encode_session(loaded) == ps.encode_session(session)
     assert _innermost(session.loops[0].metadata["d"]) == (5000, 1)  # the caller's value is left as it was
+
+
+def _shared_twice(levels: int) -> Any:
+    """A list holding the one below it twice, `levels` deep: 2**levels lists written."""
+    value: Any = 1
+    for _ in range(levels):
+        value = [value, value]
+    return value
+
+
+def _all_pointing_at_each_other(count: int) -> dict[str, Any]:
+    nodes: list[dict[str, Any]] = [{"id": i, "nb": []} for i in range(count)]
+    for node in nodes:
+        node["nb"].extend(other for other in nodes if other is not node)
+    return nodes[0]
+
+
+@contextmanager
+def _failing_after(seconds: int) -> Iterator[None]:
+    def fail(*_: object) -> None:  # without a traceback, whose values may take as long to show
+        pytest.fail(f"still running after {seconds} s", pytrace=False)
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)  # a hang fails the test instead of the suite
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("shape", ["shared", "graph"])
+def test_a_value_too_deep_to_write_holding_containers_in_many_places_is_clipped_at_once(shape: str) -> None:
+    """Copying it for the clip copied each shared container again along every path to it
+    (2**117 copies for the one shared twice a level): encoding hung where it had raised
+    RecursionError at once."""
+    value = _shared_twice(1500) if shape == "shared" else _all_pointing_at_each_other(12)
+    session = make_session("s", loops=[msgspec.structs.replace(make_loop("s", 1), metadata={"v": value})])
+    with _failing_after(20):
+        read = ps.decode_session(ps.encode_session(session, pretty=False))
+    written = msgspec.json.encode(read.loops[0].metadata["v"])
+    assert written.count(b"[") + written.count(b"{") < 300_000  # the repeats copied are bounded
+    assert b"[NOT RECORDED: writing it raised RecursionError]" in written
 
 
 @pytest.mark.parametrize(

@@ -131,20 +131,34 @@ def clip_depth(tree: Any, encoded: bytes) -> bool:
 def clipped(value: Any) -> Any:
     """`value` (JSON data of another's, which may be nested too deep to write at all, or
     hold itself) as `clip_depth` leaves a copy of it, a container inside itself cut as one
-    that cannot be written: `value` itself if nothing is cut."""
+    that cannot be written: `value` itself if nothing is cut. A container held in more than
+    one place is copied again at each (as the encoder writes it) only `_REPEATS_BUDGET`
+    times in all, later places cut as well: a container holding another twice, a few
+    hundred levels down, is written as more containers than there are atoms."""
     enclosing: set[int] = set()  # the ids of the containers being copied
+    copied_once: set[int] = set()
+    texts: dict[int, str] = {}  # `_text` of the containers under the limit, by id
+    repeats = 0
     cut = False
 
     def copied(node: Any, level: int) -> Any:
-        """`node`, standing at `level`, its containers down to `MAX_VALUE_DEPTH` copied
-        (those under them are `_clip`'s to replace)."""
-        nonlocal cut
-        if level > MAX_VALUE_DEPTH or not isinstance(node, (dict, list, tuple)):
+        """`node`, standing at `level`, its containers down to `MAX_VALUE_DEPTH` copied and
+        those under them replaced by their JSON text (`_text`)."""
+        nonlocal cut, repeats
+        if not isinstance(node, (dict, list, tuple)):
             return node
-        if id(node) in enclosing:
+        if level > MAX_VALUE_DEPTH:
+            cut = True
+            if id(node) not in texts:
+                texts[id(node)] = _text(node)
+            return texts[id(node)]
+        if id(node) in copied_once:
+            repeats += 1
+        if id(node) in enclosing or repeats > _REPEATS_BUDGET:
             cut = True
             return _UNWRITABLE
         enclosing.add(id(node))
+        copied_once.add(id(node))
         if isinstance(node, dict):
             copy: Any = {key: copied(item, level + 1) for key, item in node.items()}
         else:
@@ -153,9 +167,10 @@ def clipped(value: Any) -> Any:
         return copy
 
     copy = copied(value, 1)
-    return copy if _clip(copy, 1) or cut else value
+    return copy if cut else value
 
 
+_REPEATS_BUDGET = 100_000
 _UNWRITABLE = "[NOT RECORDED: writing it raised RecursionError]"
 
 
