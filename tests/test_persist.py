@@ -359,6 +359,25 @@ def test_a_journal_feeds_one_recorder(tmp_path: Path) -> None:
     assert list(store.list_ids()) == ["s0000000"]
 
 
+def test_a_recorders_journal_hooks_are_not_replaced_by_anothers(tmp_path: Path) -> None:
+    """Setting one's own settled hook on an `AutoPersistingRecorder`'s recorder replaced
+    its persister's: sub-agents' journal records were then kept for ever; a second
+    `JournaledRecorder` of a recorder took its events from the first one's journal."""
+    with Journal(tmp_path / "j", durability="os") as journal:
+        with AutoPersistingRecorder(SqliteStore(tmp_path / "s.db"), journal=journal) as persisting:
+            with pytest.raises(InvalidArgument, match="already has a settled hook"):
+                persisting.recorder.set_settled_hook(lambda session_id: None)
+            with Journal(tmp_path / "other", durability="os") as other:
+                with pytest.raises(InvalidArgument, match="already has a write-ahead hook"):
+                    JournaledRecorder(other, persisting.recorder)
+                JournaledRecorder(other).record_all(single_loop_sessions(1))  # left unclaimed
+            persisting.record_all(single_loop_sessions(1))
+            persisting.flush()
+            persisting.recorder.set_settled_hook(None)  # cleared on purpose: then another may be set
+            persisting.recorder.set_settled_hook(print)
+    assert stored(persisting.store) == recorded(single_loop_sessions(1))
+
+
 def test_an_idle_recorder_still_saves_finished_sessions(tmp_path: Path) -> None:
     store = JsonDirStore(tmp_path / "store")
     with AutoPersistingRecorder(store, checkpoint_every=10**9, checkpoint_interval=0.02) as persisting:

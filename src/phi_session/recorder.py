@@ -51,6 +51,7 @@ from . import codec
 from ._checks import check_each, check_type
 from ._collector import release_leaves, release_records, release_tuple
 from ._time import Timestamp
+from .errors import InvalidArgument
 from .events import (
     COMPACTION,
     EVENT_TYPES,
@@ -468,8 +469,11 @@ class SessionRecorder:
         A journal uses this to make recording write-ahead; the hook runs under the
         recorder's lock, so its order is the recorder's. Dropped deltas are not
         passed (replaying them would drop them again); malformed lines neither.
+        One hook at a time: `InvalidArgument` while another is set (a `JournaledRecorder`'s,
+        whose journal would silently stop getting events); None removes it.
         """
         with self._lock:
+            _check_free("write-ahead", hook, self._write_ahead)
             self._write_ahead = hook
             self._inline_steps = self._steps if hook is None else _ALL_OWN
 
@@ -480,9 +484,12 @@ class SessionRecorder:
         again ended. A caller keeping what it needs to redo such sessions (a journal's
         records) asks about those, not about every session owed at every checkpoint (a
         hub's thousands of sub-agents). The hook runs under the recorder's lock: it may
-        only note the id.
+        only note the id. One hook at a time: `InvalidArgument` while another is set (an
+        `AutoPersistingRecorder`'s, whose journal would silently be kept for ever); None
+        removes it.
         """
         with self._lock:
+            _check_free("settled", hook, self._settled_hook)
             self._settled_hook = hook
 
     def _owed_less(self, session_ids: Iterable[str]) -> None:
@@ -1506,6 +1513,12 @@ class SessionRecorder:
         ParallelLoopStart: _on_parallel_start,
         ParallelLoopEnd: _on_parallel_end,
     }
+
+
+def _check_free(what: str, hook: object, current: object) -> None:
+    """Refuse to put `hook` in place of `current`, another's: a hook slot is cleared first."""
+    if hook is not None and current is not None and hook != current:
+        raise InvalidArgument(f"the recorder already has a {what} hook (clear it with None first)")
 
 
 def _started(event: AgentStart) -> LoopRecord:

@@ -23,7 +23,8 @@ class JournaledRecorder:
     (they raise `DecodeError` and record nothing).
 
     A journal feeds one recorder: a second `JournaledRecorder` (or `AutoPersistingRecorder`)
-    given the same `Journal` is refused (`JournalLocked`).
+    given the same `Journal` is refused (`JournalLocked`); and a recorder is fed by one
+    journal: a second `JournaledRecorder` given the same recorder is refused (`InvalidArgument`).
     """
 
     def __init__(
@@ -37,13 +38,17 @@ class JournaledRecorder:
             raise TypeError("pass either a recorder or a config, not both")
         check_type("journal", journal, Journal)
         check_type("recorder", recorder, SessionRecorder, optional=True)
-        journal.claim()
         self.journal = journal
         self.recorder = recorder if recorder is not None else SessionRecorder(config)
         self._last_seq = journal.last_seq
         # Called for every kept event of a stream: bind what it uses once.
         self._append, self._commit = journal.append_json, journal.commit
-        self.recorder.set_write_ahead(self._write_ahead)
+        self.recorder.set_write_ahead(self._write_ahead)  # refused if another journal's is set
+        try:
+            journal.claim()
+        except BaseException:
+            self.recorder.set_write_ahead(None)
+            raise
         self._apply_event, self._apply_json = self.recorder.on_event, self.recorder.on_json
 
     def _write_ahead(self, payload: bytes | str) -> None:
