@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import runpy
 import subprocess
@@ -938,6 +939,50 @@ def test_an_invocation_whose_events_the_host_stops_reading_ends_aborted(how: str
             ("assistant", "call:add"),
         ]
         assert first.stop_reason == "toolUse" and not record.turns[0].tool_results
+
+
+@pytest.mark.parametrize("where", ["except", "finally", "own task's finally"])
+def test_a_run_the_host_starts_while_handling_a_cancellation_ends_completed(where: str) -> None:
+    """The stop of a task being cancelled was told by the exception being handled, which
+    inside ADK's generators was also the host's, further down: a run the host made in an
+    ``except CancelledError:`` or a ``finally:`` (another task's cancelled, or its own)
+    was saved Aborted, its agents taken for stopped."""
+    h = Harness()
+    agents = [
+        LlmAgent(name="a", model=ScriptedLlm.of(["one"])),
+        LlmAgent(name="b", model=ScriptedLlm.of(["two"])),
+    ]
+    runner = h.runner(SequentialAgent(name="seq", sub_agents=agents))
+
+    async def host() -> None:  # cancelled while it waits: it runs the agents as it stops
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await h.ask(runner, "go")
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(host() if where == "own task's finally" else asyncio.Event().wait())
+        await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            if where == "except":
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    await h.ask(runner, "go")
+            elif where == "finally":
+                try:
+                    await task
+                finally:
+                    await h.ask(runner, "go")
+            else:
+                await task
+
+    asyncio.run(scenario())
+    assert h.plugin.core.open_runs == 0 and h.plugin.fault_count == 0
+    loops = h.session().loops
+    assert [loop.status for loop in loops] == ["Completed", "Completed"]
+    assert [texts(loop)[-1] for loop in loops] == [("assistant", "one"), ("assistant", "two")]
 
 
 @pytest.mark.parametrize("where", ["in a tool", "in the next model call"])

@@ -352,10 +352,25 @@ def _model_agent(agent: BaseNode | None) -> LlmAgent | None:
     return None
 
 
-def _cancelled() -> bool:
-    """Whether the callback runs as its task is cancelled: ADK then runs the after-agent
-    and after-run callbacks as if the agents were done."""
-    return isinstance(sys.exc_info()[1], asyncio.CancelledError)
+def _cancelling() -> tuple[asyncio.Task[Any] | None, int]:
+    """The task running, and how many cancellations of it are pending (`Task.cancelling`)."""
+    task = asyncio.current_task()
+    if task is None or sys.version_info < (3, 11):  # google-adk itself needs 3.11
+        return task, 0
+    return task, task.cancelling()
+
+
+def _cancelled(invocation: _Invocation | None) -> bool:
+    """Whether the callback runs as its task is cancelled since `invocation` started: ADK
+    then runs the after-agent and after-run callbacks as if the agents were done. Not
+    the exception being handled: inside ADK's generators that finds a host's own further
+    down, one it runs the invocation in an ``except CancelledError:`` or ``finally:`` for."""
+    if invocation is None:
+        return False
+    task, cancelling = _cancelling()
+    # A task of ADK's other than the one the invocation started in (a parallel branch's)
+    # started within it, none of its cancellations pending then.
+    return cancelling > (invocation.cancelling if task is invocation.task else 0)
 
 
 def _agent(cc: CallbackContext) -> BaseNode | None:
@@ -581,6 +596,7 @@ class _Invocation:
         self.branched = False  # whether a parallel branch forked
         # Reports the invocation abandoned when ADK frees its context before it ended.
         self.watch = watch
+        self.task, self.cancelling = _cancelling()  # what `_cancelled` compares with
 
     def parent_of(self, branch: str) -> _Lane:
         """The lane a new branch forks from: its nearest enclosing branch, else the root."""
@@ -677,7 +693,7 @@ class PhiPlugin(BasePlugin):
 
     async def after_agent_callback(self, *, agent: BaseAgent, callback_context: CallbackContext) -> None:
         try:
-            if _cancelled():
+            if _cancelled(self._invocations.get(callback_context.invocation_id)):
                 return  # the agent is stopped, not done: its invocation's end tells which
             branch = callback_context.branch
             lane = self._lanes.get((callback_context.invocation_id, branch))
@@ -894,7 +910,7 @@ class PhiPlugin(BasePlugin):
         stops reading its events (a break, ``aclose``, leaving the sync ``Runner.run``
         loop, which cancels its task) for a clean completion."""
         invocation = self._invocations.get(invocation_id)
-        cancelled = _cancelled()
+        cancelled = _cancelled(invocation)
         return invocation is not None and any(
             lane.stopped_midway(cancelled) for lane in invocation.lanes.values()
         )
