@@ -1870,6 +1870,65 @@ def test_a_session_no_store_accepts_stays_staged_as_rejected(names: Names) -> No
     assert [(row.staged, row.rejected) for row in status] == [(0, len(bad))]
 
 
+def _refuse_session(schema: str, session_id: str, sqlstate: str) -> None:
+    """A trigger making PostgreSQL refuse every save of `session_id` with `sqlstate`."""
+    with PostgresStore(DSN, schema=schema), psycopg.connect(DSN, autocommit=True) as conn:
+        function = psycopg.sql.SQL(
+            "CREATE FUNCTION {}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF NEW.session_id = {} THEN RAISE EXCEPTION 'row refused' USING ERRCODE = {}; END IF;"
+            " RETURN NEW; END $$"
+        ).format(
+            psycopg.sql.Identifier(schema), psycopg.sql.Literal(session_id), psycopg.sql.Literal(sqlstate)
+        )
+        conn.execute(function)
+        conn.execute(
+            psycopg.sql.SQL(
+                "CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON {0}.sessions"
+                " FOR EACH ROW EXECUTE FUNCTION {0}.refuse()"
+            ).format(psycopg.sql.Identifier(schema))
+        )
+
+
+@pytest.mark.parametrize("sqlstate", ["23514", "53100"])
+def test_a_session_postgresql_refuses_holds_up_no_other(names: Names, sqlstate: str) -> None:
+    """The worker retried every unsaved session for 10 s at each checkpoint once another had
+    saved, so one session PostgreSQL refused (a check, a full disk) stalled its partition for
+    good, and a refusal for good (SQLSTATE class 23) was retried as if it could pass."""
+    _one_partition_stream(names)
+    bad = list(workload.events(1, seed=21))
+    goods = [list(workload.events(1, seed=100 + n)) for n in range(8)]
+    _refuse_session(names.schema, bad[0].session_id, sqlstate)
+    expected = _reference(goods)
+    refused = sqlstate.startswith("23")
+    worker = names.worker(checkpoint_interval=0.5)
+
+    async def trickle() -> float:
+        task = asyncio.create_task(worker.run())
+        with names.sink() as sink:
+            for event in bad:
+                sink(event)
+            assert sink.flush(30)
+            await asyncio.sleep(2 if refused else 12)  # given up: at once, or after `retry_for`
+            started = time.monotonic()
+            for good in goods:  # a checkpoint each: each saves a session
+                for event in good:
+                    sink(event)
+                assert sink.flush(30)
+                await asyncio.sleep(0.5)
+        await _stop_when(worker, task, lambda: _stored(names.schema) == expected, timeout=60)
+        return time.monotonic() - started
+
+    waited = asyncio.run(trickle())
+    assert _stored(names.schema) == expected
+    assert waited < 10, waited  # 8 sessions at 0.5 s apart, and the stop
+    status = asyncio.run(
+        ingest_status(names.url, DSN, schema=names.schema, stream=names.stream, subject_prefix=names.prefix)
+    )
+    # Refused for good: kept as rejected, with its payload; else kept staged for a later try.
+    kept = (0, len(bad)) if refused else (len(bad), 0)
+    assert [(row.staged, row.rejected) for row in status] == [kept]
+
+
 def test_a_tracer_publishes_through_the_sink_and_a_sub_agent_goes_with_its_parent(names: Names) -> None:
     from phi_session import AgentSession, LoopConfigSnapshot, ToolCall, Tracer, Usage
 

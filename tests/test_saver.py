@@ -399,6 +399,52 @@ def test_past_its_deadline_a_saver_stops_trying_a_down_store_but_not_a_healthy_o
     assert saver.unsaved == [second, third]
 
 
+def test_a_session_given_up_gets_one_attempt_when_tried_again_while_others_save(clock: FakeTime) -> None:
+    """Once another session had saved, a session the store kept failing was retried for
+    `retry_for` at every retry: its owner (the ingest worker) stalled for that long each time."""
+    bad, good, later = sessions(3)
+
+    def refuse(session: ps.Session) -> None:
+        if session.session_id == bad.session_id:
+            raise ps.StoreError("disk full")
+
+    memory = MemoryStore(refuse)
+    saver = saver_for(memory, retry_for=10)
+    assert saver.save(bad).unsaved  # retried for `retry_for` once
+    assert saver.save(good).saved  # the store works
+    attempts, started = memory.attempts, clock.now
+    assert saver.retry_unsaved() == 1
+    assert saver.save(later).saved
+    assert saver.retry_unsaved() == 1
+    assert (memory.attempts, clock.now) == (attempts + 3, started)  # one attempt each, no pause
+
+
+def test_a_session_the_store_refuses_goes_to_the_orphans_untried_again(clock: FakeTime) -> None:
+    kept: list[list[ps.AgentEvent]] = []
+    memory = MemoryStore(failing(1, ps.SessionRefused("check violated")))
+    saver = saver_for(memory, orphans=kept.append)
+    (session,) = sessions(1)
+    outcome = saver.save(session)
+    assert outcome.orphaned and isinstance(outcome.error, ps.SessionRefused)
+    assert (memory.attempts, len(kept), saver.unsaved) == (1, 1, [])
+
+
+def test_a_deadline_set_during_a_retry_ends_it(clock: FakeTime) -> None:
+    saver_ref: list[SessionSaver] = []
+
+    def down(session: ps.Session) -> None:
+        if memory.attempts == 3:
+            saver_ref[0].stop_trying_after(0)  # a SIGTERM while the retry pauses
+        raise ps.StoreError("down")
+
+    memory = MemoryStore(down)
+    saver = saver_for(memory, retry_for=10)
+    saver_ref.append(saver)
+    (session,) = sessions(1)
+    assert saver.save(session).unsaved
+    assert memory.attempts == 3
+
+
 def test_an_interrupted_retry_puts_back_what_it_did_not_try(clock: FakeTime) -> None:
     memory = MemoryStore(failing(10**6, ps.StoreError("down")))
     saver = saver_for(memory, retry_for=0)

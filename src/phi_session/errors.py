@@ -52,6 +52,12 @@ class StoredSessionUnusable(StoreError):
     same way until the stored copy is moved aside or deleted, so it is not retried."""
 
 
+class SessionRefused(StoreError):
+    """The store refused the session's data itself: a PostgreSQL integrity constraint, check
+    or trigger (SQLSTATE class 23). Saving it again fails the same way, so it is not retried:
+    its events go to the orphans sink, as those of a session id no store accepts."""
+
+
 class StoreClosed(StoreError):
     """The store was closed (`close`) and takes nothing more. Not retried: no wait reopens
     it (a `PostgresStore` left its ``with`` block before the recorder saving into it)."""

@@ -9,10 +9,13 @@ command line use to save sessions, so all of them fail the same way. The policy:
   pauses (0.05 s up to 2 s) until `retry_for` seconds have passed since the first
   attempt. Once a session has been given up, the store is taken to be down: later
   sessions get one attempt each until a save succeeds again, so a dead store costs
-  `retry_for` once, not once per session. An owner that must end in bounded time
-  (`AutoPersistingRecorder.close`) sets a deadline (`stop_trying_after`): past it, a
-  session is not even tried while the store is down, since each attempt on a dead
-  server can itself take seconds (a connect or lock timeout); it is kept unsaved.
+  `retry_for` once, not once per session. A session given up gets one attempt each
+  time it is tried again, the store up or not: it had its `retry_for`, and one the
+  store keeps failing must not hold up the others at every retry. An owner that must
+  end in bounded time (`AutoPersistingRecorder.close`) sets a deadline
+  (`stop_trying_after`): past it, a session being retried stops, and one is not even
+  tried while the store is down, since each attempt on a dead server can itself take
+  seconds (a connect or lock timeout); it is kept unsaved.
 * **A closed store is not retried.** `StoreClosed` (its ``close`` was called: a
   `PostgresStore` left its ``with`` block before the recorder saving into it) cannot
   change with time: every session is kept in `unsaved` at once, with one error line
@@ -24,7 +27,8 @@ command line use to save sessions, so all of them fail the same way. The policy:
 * **A session id no store accepts goes to the orphans.** `InvalidSessionId` cannot
   change on a retry or a restart: the session's events are handed to the `orphans`
   sink (the journal's ``orphans.jsonl``, the command line's ``--orphans`` file)
-  instead of being retried forever.
+  instead of being retried forever. So do those of a session the store refuses
+  (`SessionRefused`: a constraint, check or trigger of the database).
 * **Nothing is dropped.** Any other exception is a bug in the store and is not
   retried. A session that is neither saved nor orphaned is kept in `unsaved`, where
   `retry_unsaved` tries it again; drained sessions are held until their save has
@@ -56,6 +60,7 @@ from .errors import (
     ExportError,
     InvalidSessionId,
     SessionLocked,
+    SessionRefused,
     StoreClosed,
     StoredSessionUnusable,
     StoreError,
@@ -187,6 +192,7 @@ class SessionSaver:
         self._unsaved: list[Session] = []
         self._in_retry: list[deque[Session]] = []  # what `retry_unsaved` takes out, not yet tried
         self._store_down = False  # a session was given up and no save succeeded since
+        self._given_up: set[str] = set()  # ids of the sessions kept unsaved: one attempt per try
         self._down_error: Exception | None = None  # the error that gave the last session up
         self._last_error: Exception | None = None  # the error that kept the last session unsaved
         self._closed_said = False  # the store's `StoreClosed` was logged, and no save succeeded since
@@ -257,6 +263,7 @@ class SessionSaver:
                 with self._lock:
                     self._store_down = self._closed_said = False
                     self._saved += len(sessions)
+                    self._given_up.difference_update(session.session_id for session in sessions)
                 return [self._told(session, SaveOutcome(saved=True)) for session in sessions]
         return [self.save(session) for session in sessions]
 
@@ -348,13 +355,18 @@ class SessionSaver:
 
     def _policy(self, session: Session) -> _Policy:
         with self._lock:
-            deadline = None if self._store_down else time.monotonic() + self.retry_for
-            if deadline is not None and self._no_attempts_after is not None:
-                deadline = min(deadline, self._no_attempts_after)
+            once = session.session_id in self._given_up
+            deadline = None if self._store_down or once else time.monotonic() + self.retry_for
         pause = _FIRST_PAUSE
         error = yield 0.0
         last = error
-        while isinstance(error, _TRANSIENT) and not isinstance(error, (StoredSessionUnusable, StoreClosed)):
+        while isinstance(error, _TRANSIENT) and not isinstance(
+            error, (StoredSessionUnusable, StoreClosed, SessionRefused)
+        ):
+            with self._lock:  # read at every retry: `stop_trying_after` may come during one
+                stop_at = self._no_attempts_after
+            if deadline is not None and stop_at is not None:
+                deadline = min(deadline, stop_at)
             if deadline is None or time.monotonic() + pause > deadline:
                 logger.error(
                     "saving session %s into %r failed, keeping it unsaved: %s",
@@ -362,7 +374,7 @@ class SessionSaver:
                     self.store,
                     error,
                 )
-                return self._keep(session, error, store_down=True)
+                return self._keep(session, error, store_down=not once)
             logger.warning(
                 "saving session %s into %r failed, retrying in %.2f s: %s",
                 session.session_id,
@@ -379,8 +391,9 @@ class SessionSaver:
             with self._lock:
                 self._store_down = self._closed_said = False
                 self._saved += 1
+                self._given_up.discard(session.session_id)
             return SaveOutcome(saved=True, error=last)
-        if isinstance(error, InvalidSessionId):
+        if isinstance(error, (InvalidSessionId, SessionRefused)):
             return self._orphan(session, error)
         if isinstance(error, StoreClosed):
             return self._closed_store(session, error)
@@ -407,7 +420,7 @@ class SessionSaver:
             )
         return self._keep(session, error, store_down=False)
 
-    def _orphan(self, session: Session, error: InvalidSessionId) -> SaveOutcome:
+    def _orphan(self, session: Session, error: InvalidSessionId | SessionRefused) -> SaveOutcome:
         if self._orphans is None:
             logger.error(
                 "session %r cannot be stored (%s) and there is no orphans sink: keeping it unsaved",
@@ -430,11 +443,13 @@ class SessionSaver:
         )
         with self._lock:
             self._orphaned += 1
+            self._given_up.discard(session.session_id)
         return SaveOutcome(saved=False, orphaned=True, error=error)
 
     def _keep(self, session: Session, error: Exception, *, store_down: bool) -> SaveOutcome:
         with self._lock:
             self._unsaved.append(session)
+            self._given_up.add(session.session_id)
             self._last_error = error
             self._store_down = self._store_down or store_down
             if store_down:
@@ -509,6 +524,7 @@ class SessionSaver:
             _check_session(session)
         with self._lock:
             self._unsaved.extend(kept)
+            self._given_up.update(session.session_id for session in kept)
             if kept and error is not None:
                 self._last_error = error
 

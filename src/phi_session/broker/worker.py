@@ -465,6 +465,7 @@ class _PartitionRun:
         self.task = asyncio.create_task(self.run(), name=f"partition {number}")
 
     async def finish(self) -> None:
+        self.saver.stop_trying_after(0)  # a stop waits out no retries: unsaved sessions stay staged
         self.stopping.set()
         await asyncio.gather(self.task, return_exceptions=True)
 

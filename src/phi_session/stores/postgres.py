@@ -99,6 +99,7 @@ from ..errors import (
     InvalidStoreUrl,
     SessionLocked,
     SessionNotFound,
+    SessionRefused,
     StoreClosed,
     StoredSessionUnusable,
     StoreError,
@@ -991,6 +992,10 @@ class PostgresStore(AsyncTwins):
             raise SessionLocked(
                 f"session {session_id!r} is being written by another client (waited {self._lock_timeout:g} s)"
             ) from exc
+        except psycopg.errors.IntegrityError as exc:  # SQLSTATE class 23: the same every time
+            if session_id is None:
+                raise StoreError(f"{action} failed on PostgreSQL at {self._where}: {exc}") from exc
+            raise SessionRefused(f"{action} was refused by PostgreSQL at {self._where}: {exc}") from exc
         except psycopg.Error as exc:
             raise StoreError(f"{action} failed on PostgreSQL at {self._where}: {exc}") from exc
 
