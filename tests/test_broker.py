@@ -1204,6 +1204,52 @@ def test_an_event_over_the_max_payload_is_set_aside_and_the_rest_is_sent(names: 
         assert resender.flush(30)  # the set-aside events are not sent again
 
 
+def test_a_backlog_of_large_messages_is_taken_without_the_server_cutting_the_worker_off(
+    names: Names, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pull asked for 256 messages whatever their size: of ~1 MB each, more than the
+    server holds for one client (max_pending, 64 MiB), which cut the worker off as a slow
+    consumer, silently; what was in flight came again only after ack_wait, over and over."""
+    _one_partition_stream(names)
+    events = list(workload.events(1, seed=6))
+    subject = f"{names.prefix}.0"
+    padding = b'{"pad":"' + b"x" * 1_000_000 + b'"}'  # no event: kept as rejected
+    big = [(subject, padding, {"Nats-Msg-Id": f"big-{n}"}) for n in range(150)]
+    session = {"Phi-Session": events[0].session_id}
+    small = [(subject, encode_event(e), {"Nats-Msg-Id": f"e-{n}", **session}) for n, e in enumerate(events)]
+    _publish_raw(names, big + small)
+    expected = _reference([events])
+    worker = names.worker(ack_wait=5.0)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="phi_session.broker"):
+        asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected, timeout=120))
+    assert _stored(names.schema) == expected
+    assert time.monotonic() - started < 30
+    assert (worker.stats.received, worker.stats.rejected) == (len(big) + len(small), len(big))
+    assert not [record for record in caplog.records if "NATS connection" in record.getMessage()]
+
+
+def test_a_connection_failing_once_connected_is_warned_of_once_a_minute(
+    private: Names, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once connected, the client's errors (the server cutting it off as a slow consumer, a
+    dropped connection) went unsaid: a worker cut off over and over logged nothing."""
+    from phi_session.broker.settings import close_quietly, connect
+
+    names, server = private, private.server  # type: ignore[attr-defined]
+
+    async def cut_off() -> None:
+        nc = await connect(names.url, name="test")
+        server.stop()
+        await asyncio.sleep(2)  # reconnecting every 0.5 s, failing each time
+        await close_quietly(nc)
+
+    with caplog.at_level(logging.WARNING, logger="phi_session.broker"):
+        asyncio.run(cut_off())
+    warned = [record.getMessage() for record in caplog.records if "NATS connection" in record.getMessage()]
+    assert len(warned) == 1 and names.url in warned[0], warned
+
+
 def test_events_refused_by_a_full_stream_are_stored_in_order_once_it_has_room(names: Names) -> None:
     """A full stream (discard new) refused the large events of a batch sent at once and took
     the smaller ones after them; the whole batch was sent again, so the refused ones were
@@ -1510,6 +1556,13 @@ def test_seconds_nats_cannot_hold_are_refused_at_once() -> None:
     IngestWorker(URL, DSN, ack_wait=9e9)
     with pytest.raises(ValueError, match=r"^idle_timeout must be a positive number of seconds"):
         IngestWorker(URL, DSN, idle_timeout=0)
+
+
+def test_fetch_bytes_too_few_for_a_pull_are_refused_at_once() -> None:
+    with pytest.raises(ValueError, match=r"^fetch_bytes must be at least 1 MiB"):
+        IngestWorker(URL, DSN, fetch_bytes=1000)
+    with pytest.raises(TypeError, match=r"fetch_bytes"):
+        IngestWorker(URL, DSN, fetch_bytes=2.5e7)  # type: ignore[arg-type]
 
 
 def test_a_consumer_the_server_refuses_stops_the_worker_saying_why(names: Names) -> None:

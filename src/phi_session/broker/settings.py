@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import re
+import time
 import zlib
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,8 @@ __all__ = [
     "track_session",
 ]
 
+logger = logging.getLogger("phi_session.broker")
+
 ENV_PREFIX = "PHI_SESSION_NATS_"
 """Environment variables ``PHI_SESSION_NATS_<FIELD>`` (e.g. ``..._PARTITIONS``) set defaults."""
 
@@ -59,6 +63,7 @@ _MAX_PARTITIONS = 1024
 _MAX_BYTES = (1 << 63) - 1
 MAX_SECONDS = 9e9
 _MAX_ROUTES = 100_000  # remembered sub-agent sessions and re-homed loops, oldest forgotten first
+_ERROR_LOG_INTERVAL = 60.0  # seconds between warnings of a connection's errors once connected
 
 
 @dataclass(frozen=True)
@@ -232,7 +237,7 @@ async def connect(url: str, *, name: str, reconnect: bool = True, timeout: float
     failed to connect (each within `timeout` seconds), saying why the last one did."""
     require_nats()
     servers = nats_servers(url)
-    attempts = _FirstAttempts(len(servers))
+    attempts = _FirstAttempts(url, len(servers))
     client = _lenient_client_class()()
     options: dict[str, Any] = {  # (nats-py annotates its seconds as int)
         "connect_timeout": timeout,
@@ -303,16 +308,34 @@ async def close_quietly(nc: Client) -> None:
 
 class _FirstAttempts:
     """nats-py reports each failed connection attempt (`failed`, its error callback); with
-    reconnects allowed it tries its servers again and again: one round says enough."""
+    reconnects allowed it tries its servers again and again: one round says enough. Once
+    connected, its errors (the server cutting a slow consumer off, a dropped connection) are
+    warned of, one line a minute at most: the client reconnects by itself, but what was in
+    flight waits to be delivered again."""
 
-    def __init__(self, servers: int) -> None:
+    def __init__(self, url: str, servers: int) -> None:
+        self.url = url
         self.left = servers
         self.last: Exception | None = None
         self.every_server_failed = asyncio.Event()
-        self.connected = False  # later errors: the client reconnects by itself
+        self.connected = False
+        self.unsaid = 0  # errors since the last warning
+        self.quiet_until = 0.0  # no warning before this `time.monotonic()`
 
     async def failed(self, error: Exception) -> None:
         if self.connected:
+            self.unsaid += 1
+            if time.monotonic() >= self.quiet_until:
+                more = (
+                    f" ({self.unsaid - 1} more errors since the last such warning)" if self.unsaid > 1 else ""
+                )
+                logger.warning(
+                    "NATS connection to %s failed, reconnecting: %s%s",
+                    self.url,
+                    str(error) or type(error).__name__,
+                    more,
+                )
+                self.unsaid, self.quiet_until = 0, time.monotonic() + _ERROR_LOG_INTERVAL
             return
         self.last = error
         self.left -= 1

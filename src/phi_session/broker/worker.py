@@ -77,6 +77,7 @@ _FETCH_WAIT = 0.5  # seconds a fetch waits on an idle partition (also how soon `
 _NO_WAIT_ANSWER = 5.0  # seconds the server has to answer a pull that waits for nothing
 _PING_ANSWER = 10  # seconds the server has to answer a ping, once a partition failed on NATS
 _MAX_EVENT_ID = 200  # characters; the primary key of `broker_events` has a size limit
+_MESSAGE_ROOM = 64 << 10  # bytes a delivery adds to a message (subject, reply, headers' framing)
 
 
 @dataclass
@@ -128,6 +129,10 @@ class IngestWorker:
       message a worker took but did not acknowledge (a killed worker's batch: what
       arrived after it waits that long, so it bounds the catch-up after a kill; a
       needless redelivery costs only a duplicate dropped);
+      `fetch_bytes`: bytes the worker's pulls ask NATS for at once, all partitions together
+      (each pull its share, but room for one message of the server's max_payload): a server
+      cuts off a client it has more than its max_pending (64 MiB by default) to send to, and
+      the messages in flight then wait `ack_wait` to be delivered again;
       `checkpoint_interval`: seconds between saves; `rebalance_interval`: seconds
       between looks at the other workers.
     * `idle_timeout`: seconds a session's open loops wait for its next event; then
@@ -151,6 +156,7 @@ class IngestWorker:
         partitions: int | None = None,
         durable: str = "phi-ingest",
         batch: int = 256,
+        fetch_bytes: int = 32 << 20,
         ack_wait: float = 5.0,
         checkpoint_interval: float = 1.0,
         rebalance_interval: float = 1.0,
@@ -172,6 +178,9 @@ class IngestWorker:
         check_type("batch", batch, int)
         if batch < 1:
             raise InvalidArgument(f"batch must be a positive integer, got {batch!r}")
+        check_type("fetch_bytes", fetch_bytes, int)
+        if fetch_bytes < 1 << 20:
+            raise InvalidArgument(f"fetch_bytes must be at least 1 MiB (1048576), got {fetch_bytes!r}")
         for name, number in (
             ("ack_wait", ack_wait),
             ("checkpoint_interval", checkpoint_interval),
@@ -185,7 +194,7 @@ class IngestWorker:
                     f"{name} must be a positive number of seconds up to {MAX_SECONDS:g}, got {number!r}"
                 )
         self.url, self.dsn, self.schema, self.durable = url, dsn, schema, durable
-        self.batch, self.ack_wait = batch, float(ack_wait)
+        self.batch, self.fetch_bytes, self.ack_wait = batch, fetch_bytes, float(ack_wait)
         self.checkpoint_interval, self.rebalance_interval = checkpoint_interval, rebalance_interval
         self.idle_timeout = float(idle_timeout)
         self.recorder_config = recorder_config or SessionRecorderConfig()
@@ -389,16 +398,17 @@ class _Pull:
     async def consumer_info(self) -> Any:
         return await self._js.consumer_info(self._stream, self._durable)
 
-    async def fetch(self, batch: int, wait: float) -> list[Msg]:
-        """Up to `batch` messages: those the stream has now, else the first to come within
-        `wait` seconds (and any that came with it); none on an idle partition."""
+    async def fetch(self, batch: int, wait: float, max_bytes: int) -> list[Msg]:
+        """Up to `batch` messages (of up to `max_bytes` a request): those the stream has now,
+        else the first to come within `wait` seconds (and any that came with it); none on an
+        idle partition."""
         self.answered = False
         taken = self._take_arrived(batch)  # delivered to an earlier request after it returned
         if len(taken) < batch:
-            await self._request({"batch": batch - len(taken), "no_wait": True})
+            await self._request({"batch": batch - len(taken), "max_bytes": max_bytes, "no_wait": True})
             taken += await self._collect(batch - len(taken), _NO_WAIT_ANSWER, linger=False)
         if not taken:
-            await self._request({"batch": batch, "expires": int(wait * 1e9)})
+            await self._request({"batch": batch, "max_bytes": max_bytes, "expires": int(wait * 1e9)})
             taken = await self._collect(batch, wait + _NO_WAIT_ANSWER, linger=True)
         return taken
 
@@ -483,7 +493,7 @@ class _PartitionRun:
                 await self.apply_ready(subscription)
             last_save = time.monotonic()
             while not self.stopping.is_set():
-                messages = await subscription.fetch(worker.batch, _FETCH_WAIT)
+                messages = await subscription.fetch(worker.batch, _FETCH_WAIT, self.pull_bytes())
                 if not subscription.answered:  # not even "no messages": is the consumer there?
                     await self.find_consumer(subscription)
                 if messages:
@@ -499,6 +509,14 @@ class _PartitionRun:
             await self.save()
         finally:
             await subscription.close()
+
+    def pull_bytes(self) -> int:
+        """The bytes a pull request may ask for: the partition's share of `fetch_bytes` (it
+        may have two requests open: one still filling, one it waits on), but never too few
+        for the largest message the server takes (one larger ends every pull it is asked for)."""
+        worker = self.worker
+        share = worker.fetch_bytes // (2 * max(len(worker.stats.owned), 1))
+        return max(share, self.resources.nc.max_payload + _MESSAGE_ROOM)
 
     async def find_consumer(self, subscription: _Pull) -> None:
         """Create the stream and the consumer again if they are gone (NATS restarted without
