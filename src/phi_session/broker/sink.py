@@ -68,6 +68,7 @@ backlog_logger = logging.getLogger("phi_session.broker.backlog")
 _Message = tuple[str, str, str, bytes]
 _Envelope = tuple[str, str, str, msgspec.Raw]
 _IDLE_WAIT = 1.0
+_EXIT_FLUSH = 10.0  # seconds the exit hook waits for NATS (not once it is found unreachable)
 _CANCEL_AGAIN = 0.5  # seconds `close` waits for the publishing thread between cancellations
 _REFUSED_RETRY = 30.0  # seconds between attempts while the server refuses the stream (its settings)
 _REJECTED = "rejected"  # the directory in `spill_dir` of events too large to publish
@@ -280,7 +281,7 @@ class JetStreamSink:
         self._thread = DaemonThread(self._run, f"phi-session JetStreamSink {url}")
         self._started.wait()
         # The publishing thread is a daemon: what it holds would vanish with the process.
-        self._exit_hook = ExitHook(self, self.close, self._unsent_at_exit)
+        self._exit_hook = ExitHook(self, self._close_at_exit, self._unsent_at_exit)
         self._made_by = os.getpid()
         self._in_child = False  # a forked child's copy (`_give_up_in_child`)
         in_forked_child(self, JetStreamSink._give_up_in_child)
@@ -472,6 +473,12 @@ class JetStreamSink:
             kept = f"; {left} kept in {self.spill_dir} for the next sink" if left else ""
             reasons = "; ".join(f"{count} {reason}" for reason, count in lost.items())
             raise BrokerError(f"LOST {sum(lost.values())} events: {reasons}{kept}")
+
+    def _close_at_exit(self) -> None:
+        """`close`, not waiting for a NATS found unreachable (as ``record --to``): the events
+        are spilled for the next sink all the same, and the program's exit waits for nothing."""
+        self.flush(_EXIT_FLUSH, fail_fast=True)
+        self.close(0)
 
     def _count_lost(self, count: int, reason: str) -> None:
         with self._lock:
