@@ -378,6 +378,33 @@ def test_a_recorders_journal_hooks_are_not_replaced_by_anothers(tmp_path: Path) 
     assert stored(persisting.store) == recorded(single_loop_sessions(1))
 
 
+def test_a_recorder_is_journaled_again_once_its_journal_is_closed(tmp_path: Path) -> None:
+    """A closed journal's (or `AutoPersistingRecorder`'s) hooks stayed on its recorder:
+    a new `JournaledRecorder` of it was refused ("already has a write-ahead hook") and
+    its own `on_event` raised "journal ... is closed"."""
+    events = single_loop_sessions(3)
+    first, second, third = ([e for e in events if e.loop_id.startswith(f"s000000{i}")] for i in range(3))
+    recorder = SessionRecorder()
+    journaled = JournaledRecorder(Journal(tmp_path / "j1", durability="os"), recorder)
+    journaled.record_all(first)
+    journaled.journal.close()
+    with pytest.raises(StoreError, match="is closed"):  # not recorded unjournaled
+        journaled.record_all(second)
+    recorder.record_all(second)  # its own, unjournaled
+    with JournaledRecorder(Journal(tmp_path / "j2", durability="os"), recorder) as again:
+        with Journal(tmp_path / "j3", durability="os") as other:
+            with pytest.raises(InvalidArgument, match="already has a write-ahead hook"):  # a live one
+                JournaledRecorder(other, recorder)
+        again.record_all(third)
+    assert again.journal.closed
+    recorder.flush()
+    assert [s.session_id for s in recorder.drain_completed()] == ["s0000000", "s0000001", "s0000002"]
+    persisting = AutoPersistingRecorder(SqliteStore(tmp_path / "s.db"), journal=tmp_path / "j4")
+    persisting.close()
+    JournaledRecorder(Journal(tmp_path / "j5", durability="os"), persisting.recorder).close()
+    persisting.recorder.set_settled_hook(print)
+
+
 def test_an_idle_recorder_still_saves_finished_sessions(tmp_path: Path) -> None:
     store = JsonDirStore(tmp_path / "store")
     with AutoPersistingRecorder(store, checkpoint_every=10**9, checkpoint_interval=0.02) as persisting:

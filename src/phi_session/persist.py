@@ -842,6 +842,8 @@ class AutoPersistingRecorder:
                     self.journal.close()
                 except StoreError as error:  # said below, with the sessions it leaves in memory only
                     journal_error = error
+                # Its write-ahead hook went with the journal: the recorder may be journaled again.
+                self.recorder.release_hooks(self._maybe_settled.append)
             self._close_done = True
             self._exit_hook.cancel()
         if unsaved:

@@ -492,6 +492,16 @@ class SessionRecorder:
             _check_free("settled", hook, self._settled_hook)
             self._settled_hook = hook
 
+    def release_hooks(self, *hooks: Callable[..., object]) -> None:
+        """Remove those of `hooks` still set (`set_write_ahead`, `set_settled_hook`): their
+        owner closed (a journal), and the recorder may be journaled again. A hook set since
+        in place of one of them, another's, stays."""
+        with self._lock:
+            if self._write_ahead in hooks:
+                self.set_write_ahead(None)
+            if self._settled_hook in hooks:
+                self.set_settled_hook(None)
+
     def _owed_less(self, session_ids: Iterable[str]) -> None:
         """`session_ids`, drained, may no longer be owed anything (`set_settled_hook`)."""
         hook = self._settled_hook

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .._checks import check_type
+from ..errors import StoreError
 from ..events import AgentEvent
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from .writer import Journal
@@ -24,7 +25,8 @@ class JournaledRecorder:
 
     A journal feeds one recorder: a second `JournaledRecorder` (or `AutoPersistingRecorder`)
     given the same `Journal` is refused (`JournalLocked`); and a recorder is fed by one
-    journal: a second `JournaledRecorder` given the same recorder is refused (`InvalidArgument`).
+    journal: a second `JournaledRecorder` given the same recorder is refused (`InvalidArgument`)
+    until the first one's journal is closed (`close`), which frees the recorder for another.
     """
 
     def __init__(
@@ -43,13 +45,32 @@ class JournaledRecorder:
         self._last_seq = journal.last_seq
         # Called for every kept event of a stream: bind what it uses once.
         self._append, self._commit = journal.append_json, journal.commit
+        self._apply_event: Callable[[AgentEvent], None] = self.recorder.on_event
+        self._apply_json: Callable[[bytes | str], None] = self.recorder.on_json
         self.recorder.set_write_ahead(self._write_ahead)  # refused if another journal's is set
         try:
-            journal.claim()
+            journal.claim(self._journal_closed)
         except BaseException:
             self.recorder.set_write_ahead(None)
             raise
-        self._apply_event, self._apply_json = self.recorder.on_event, self.recorder.on_json
+
+    def __enter__(self) -> JournaledRecorder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the journal (`Journal.close`); the recorder may then be journaled again. Idempotent."""
+        self.journal.close()
+
+    def _journal_closed(self) -> None:
+        # The recorder is free for another journal; events given here now would go unjournaled.
+        self.recorder.release_hooks(self._write_ahead)
+        self._apply_event = self._apply_json = self._refuse
+
+    def _refuse(self, _: object) -> None:
+        raise StoreError(f"journal {self.journal.directory} is closed")
 
     def _write_ahead(self, payload: bytes | str) -> None:
         # The commit (an fsync under "always") waits until the recorder's lock is released.

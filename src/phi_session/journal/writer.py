@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeAlias, get_args
@@ -132,6 +132,7 @@ class Journal:
         self._in_child = False  # a forked child's copy of the journal (`_give_up_in_child`)
         self._failure: BaseException | None = None
         self._claimed = False  # a recorder writes through it (`claim`)
+        self._on_close: Callable[[], object] | None = None  # its `claim`, called once by `close`
         self._closed = False
         self._writable = True  # neither closed nor failed
         self._write_through = durability == "os"
@@ -238,13 +239,16 @@ class Journal:
     def closed(self) -> bool:
         return self._closed
 
-    def claim(self) -> None:
+    def claim(self, on_close: Callable[[], object]) -> None:
         """Make the caller the one recorder that writes through this journal; `JournalLocked`
-        if another already does (its `release` would remove segments holding the caller's events)."""
+        if another already does (its `release` would remove segments holding the caller's events).
+        `close` calls `on_close()`: the recorder's hook into the journal goes with it."""
         with self._lock:
             if self._claimed:
                 raise JournalLocked(f"journal {self.directory} is in use by another recorder")
+            self._check_writable()  # closed: `on_close` would never be called
             self._claimed = True
+            self._on_close = on_close
 
     # -- appending ----------------------------------------------------------------------------
 
@@ -555,6 +559,9 @@ class Journal:
             self._shut_down()
             if self._exit_hook is not None:
                 self._exit_hook.cancel()
+            on_close, self._on_close = self._on_close, None
+        if on_close is not None:  # outside `_close_lock`: it takes the recorder's lock
+            on_close()
         if self._failure is not None:
             raise StoreError(
                 f"journal {self.directory} failed: {self._failure}; records after {self._acked} may be lost"
