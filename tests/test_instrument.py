@@ -273,6 +273,18 @@ def test_several_assistant_messages_in_a_turn_sum_their_usage() -> None:
     assert turn_record.output_message.content == (ps.TextContent(text="retry"),)  # type: ignore[union-attr]
 
 
+def test_a_usage_of_int_subclass_counters_is_recorded_as_the_integers_they_hold() -> None:
+    # The Tracer took it (check_usage), the recorder then refused its events, and the
+    # JSONL sink could not write it.
+    class Counter(int):
+        pass
+
+    h = Harness()
+    with h.tracer.loop() as loop, loop.turn() as turn, turn.assistant() as reply:
+        reply.finish(usage=ps.Usage(input=Counter(2), output=Counter(3), total_tokens=Counter(5)))
+    assert h.session().loops[0].usage == ps.Usage(input=2, output=3, total_tokens=5)
+
+
 # -- user messages ----------------------------------------------------------------------------------
 
 

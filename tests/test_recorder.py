@@ -2202,3 +2202,36 @@ def test_an_event_built_with_a_field_phi_core_cannot_read_is_refused_and_nothing
     recorder.flush()
     (session,) = recorder.drain_completed()
     assert ps.decode_session(ps.encode(session)).loops[0].events == session.loops[0].events
+
+
+class Counter(int):
+    """An int subclass of the caller's (a counter type of its own)."""
+
+
+def counted(n: type[int]) -> list[ps.AgentEvent]:
+    """Events whose counters are `n`s."""
+    return [
+        ps.TurnStart(loop_id="s.a", turn_index=n(0), triggered_by="User", timestamp=ts(1)),
+        ps.CompactionStarted(
+            loop_id="s.a", estimated_tokens=n(2**64 - 1), message_count=n(3), timestamp=ts(1)
+        ),
+        ps.AgentEnd(loop_id="s.a", messages=(), usage=ps.Usage(*map(n, range(1, 7))), timestamp=ts(2)),
+    ]
+
+
+def test_an_events_int_subclass_counters_are_recorded_as_the_integers_they_hold(tmp_path: Any) -> None:
+    # check_event_fields refused them ("event.turn_index must be int, not Counter") where
+    # an IntEnum passed, so consume skipped such events; and encode_event could not write them.
+    recorder = SessionRecorder()
+    with ps.JournaledRecorder(ps.Journal(tmp_path / "j", durability="os"), recorder) as journaled:
+        journaled.on_event(start("s.a", "s"))
+        journaled.record_all(counted(Counter))
+    recorder.flush()
+    (session,) = recorder.drain_completed()
+    loop = ps.decode_session(ps.encode(session)).loops[0]
+    assert [stored.event for stored in loop.events[1:]] == counted(int)
+    assert loop.usage == ps.Usage(1, 2, 3, 4, 5, 6)
+    with pytest.raises(ps.InvalidArgument, match=r"event\.turn_index"):
+        SessionRecorder().on_event(
+            ps.TurnStart(loop_id="s.a", turn_index=Counter(-1), triggered_by="User", timestamp=ts(1))
+        )

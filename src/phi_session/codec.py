@@ -126,6 +126,10 @@ def json_form(obj: Any) -> Any:
     if form is None:
         form = next((f for t, f in _JSON_FORMS.items() if isinstance(obj, t)), None)
         if form is None:
+            # An int subclass is the integer it holds (msgspec writes only an IntEnum itself);
+            # a bool, met here only as a dict key, is none.
+            if isinstance(obj, int) and type(obj) is not bool:
+                return int(obj)
             raise NotImplementedError(f"cannot encode {type(obj).__name__}")
     return form(obj)
 
