@@ -25,7 +25,7 @@ from phi_session.adapters.google_adk.replay import RecordedToolError
 from phi_session.diff import diff_loops
 from phi_session.errors import ReplayDiverged
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
-from phi_session.model import LoopRecord, Session
+from phi_session.model import LoopRecord, Session, is_replayed
 from phi_session.replay import RecordedModelError
 from phi_session.replay.script import SharedContext
 
@@ -205,6 +205,8 @@ def test_a_replay_without_model_or_tools_records_the_same_run_as_a_rerun(
     assert turns(replayed) == turns(first)  # messages, tool calls with their ids, results, usage
     assert replayed.usage == first.usage
     assert calls(replayed) == calls(first)
+    # Its replies were served from the recording: they bill nothing.
+    assert all(is_replayed(turn.output_message) for turn in replayed.turns)
 
 
 def test_a_recording_without_requests_does_not_diverge_on_adks_missing_call_ids(store: SqliteStore) -> None:

@@ -288,6 +288,50 @@ def test_a_streamed_replay_equals_the_original(
     assert session_of(recorder).billed_usage() == loop.usage
 
 
+class SlowModel(ScriptedModel):
+    """A scripted model answering after a while, as a live model does."""
+
+    async def get_response(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.2)
+        return await super().get_response(*args, **kwargs)
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_a_live_run_beside_a_replayed_one_in_the_block_bills_its_own_replies(
+    recorder: SessionRecorder, original: tuple[Session, LoopRecord], given: bool
+) -> None:
+    session, loop = original
+    model = ReplayModel(session, loop.loop_id)
+    spent = SdkUsage(
+        requests=1,
+        input_tokens=1000,
+        input_tokens_details=InputTokensDetails(cached_tokens=0, cache_write_tokens=0),
+        output_tokens=500,
+        total_tokens=1500,
+    )
+    live = SlowModel([{"output": [assistant_message("live answer")], "usage": spent}], emit_traces=True)
+
+    async def both() -> Any:
+        config = RunConfig(trace_metadata={"phi.session_id": SESSION})
+        replayed = Runner.run(
+            model.agent(make_agent(Tools())), "compute", hooks=PhiRunHooks(), run_config=config
+        )
+        other = Runner.run(
+            Agent(name="live", instructions="x", model=live), "hi", hooks=PhiRunHooks(), run_config=config
+        )
+        return await asyncio.gather(replayed, other)
+
+    # The live run started before the replay served its replies: none of them is its own.
+    with recording_as(replay_lineage(model.script), model.cursor if given else None):
+        asyncio.run(both())
+    (replayed,) = [lp for lp in session_of(recorder).loops[1:] if lp.turn_count() == 4]
+    (other,) = [lp for lp in session_of(recorder).loops[1:] if lp.turn_count() == 1]
+    assert all(is_replayed(turn.output_message) for turn in replayed.turns)
+    assert not is_replayed(other.turns[0].output_message)
+    assert replayed.billed_usage().total_tokens == 0 and other.billed_usage().total_tokens == 1500
+    assert session_of(recorder).billed_usage() == loop.usage + other.usage
+
+
 def test_the_provider_replays_agents_named_by_model(
     recorder: SessionRecorder, original: tuple[Session, LoopRecord]
 ) -> None:

@@ -28,7 +28,7 @@ from phi_session.adapters.pydantic_ai.replay import RecordedToolError
 from phi_session.diff import diff_loops
 from phi_session.events import ContinuationKind
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, UserMessage
-from phi_session.model import LoopRecord, Session
+from phi_session.model import LoopRecord, Session, is_replayed
 from phi_session.replay import RecordedModelError, ReplayDiverged, ReplayScript, recording_as, replay_lineage
 
 SYSTEM = "You are a calculator."
@@ -200,6 +200,8 @@ def test_a_replay_with_recorded_tools_equals_the_original(
     assert calls_of(replayed) == calls_of(loop)
     assert [turn.usage for turn in replayed.turns] == [turn.usage for turn in loop.turns]
     assert replayed.usage == loop.usage
+    # Its replies were served from the recording: they bill nothing.
+    assert all(is_replayed(turn.output_message) for turn in replayed.turns)
     assert diff_loops(session_of(recorder), loop.loop_id, session_of(recorder), replayed.loop_id).identical
     thinking = replayed.turns[0].output_message.content[0]  # type: ignore[union-attr]
     assert thinking.thinking == "first, look it up"  # type: ignore[union-attr]

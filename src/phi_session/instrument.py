@@ -838,6 +838,7 @@ class _LoopState:
         "now",
         "outlet",
         "replay",
+        "replies_served",
         "scope",
         "served",
         "turn",
@@ -867,9 +868,19 @@ class _LoopState:
         self.config = config
         self.replay = replay
         """The replay answering the loop's model calls, if any (`Tracer.loop`)."""
-        self.served = replay.turns_served if replay is not None else 0
-        """How many of the recorded replies `replay` served are recorded (as the loop's replies,
-        or before the loop started)."""
+        from .replay.lineage import ActiveLineage  # here: that module imports this one
+
+        self.replies_served: Callable[[], int] = lambda: 0
+        """How many recorded replies `replay` served to the loop's model calls: a block's
+        cursor may answer several loops (concurrent runs), a cursor given to the loop
+        itself only this one (all it served, some maybe before the loop started)."""
+        if isinstance(replay, ActiveLineage):
+            self.replies_served = partial(replay.served_in, loop_id)
+        elif replay is not None:
+            self.replies_served = lambda: replay.turns_served
+        self.served = self.replies_served()
+        """How many of the recorded replies served to the loop are recorded (as its replies,
+        or before it started)."""
         self.lock = threading.Lock()  # guards the tool bookkeeping of the loop's turns
         self.messages: list[AgentMessage] = []
         """What ``AgentEnd`` will carry: the turns' messages and those emitted outside a turn."""
@@ -1198,7 +1209,9 @@ class Tracer:
           recorded is that one, and is marked as served
           (`phi_session.model.is_replayed`), so no roll-up bills it. An adapter gives
           the `phi_session.replay.recording_as` block it runs in (its cursor may be
-          known only once it answers the first call).
+          known only once it answers the first call): the loop's replies are then those
+          the cursor served to model calls made where the loop's run runs
+          (`phi_session.replay.lineage.calling`), not a concurrent run's.
         """
         check_type("config", config, LoopConfigSnapshot, optional=True)
         check_type("config_id", config_id, str, optional=True)
@@ -1984,7 +1997,7 @@ class MessageScope(_Scope):
             check_type("message", message, AssistantMessage)
             check_recordable("message", message)
         loop = self._loop
-        if loop.replay is not None and loop.replay.turns_served > loop.served:
+        if loop.replay is not None and loop.replies_served() > loop.served:
             # A recorded reply the replay served is not yet recorded: this is it. Counted
             # here, not from the turn's start: a framework may start the turn after its
             # model call returned, or finish a reply after its next model call.

@@ -91,7 +91,7 @@ from ..replay import (
     replay_lineage,
 )
 from ..replay.cursor import result_text
-from ..replay.lineage import ActiveLineage, active_lineage
+from ..replay.lineage import ActiveLineage, active_lineage, calling
 from ..sinks import SinkLike
 from ..stores.base import SessionStore, stored_loop_starts, validate_loop_session_id
 from ._sessions import EmbeddedStore, book_for_sinks, embedded_store
@@ -658,6 +658,8 @@ class AdapterCore:
         except BaseException:
             self._book.release(tracer.agent)
             raise
+        if replay is not None:
+            calling(loop.loop_id)  # the replies served to model calls made here are its
         return self._open(AdapterRun(key, loop, tracer, inherited, replay))
 
     def _open(self, run: AdapterRun) -> AdapterRun:

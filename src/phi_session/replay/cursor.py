@@ -53,7 +53,7 @@ from ..errors import InvalidArgument, RecordedModelError, RecordedToolError, Rep
 from ..messages import AgentMessage, AssistantMessage, TextContent, ToolCall, ToolResultMessage
 from ..model import Session
 from .divergence import Divergence, DivergenceKind
-from .lineage import answering
+from .lineage import answered
 from .request import Normalizer, RequestShape, clip, compare_messages, compare_tools, normal_arguments
 from .script import RecordedTurn, ReplayScript
 
@@ -266,7 +266,6 @@ class ReplayCursor:
         Raises `ReplayDiverged` on a divergence in ``"stop"`` mode."""
         if not isinstance(request, RequestShape):
             raise TypeError(f"expected a RequestShape, got {type(request).__name__}")
-        answering(self)
         with self._lock:
             if self._handed_over:
                 return None
@@ -295,7 +294,8 @@ class ReplayCursor:
                 self._diverge(found)
                 return None
             self._served = position + 1
-            return turn.reply
+        answered(self)
+        return turn.reply
 
     def tool_result(self, call_id: str, name: str, arguments: object) -> ToolResultMessage | None:
         """The recorded result of a tool call of a replayed turn, or None when the tool

@@ -58,7 +58,8 @@ __all__ = [
     "ActiveLineage",
     "Lineage",
     "active_lineage",
-    "answering",
+    "answered",
+    "calling",
     "fork_lineage",
     "recording_as",
     "replay_lineage",
@@ -129,29 +130,33 @@ def fork_lineage(script: ReplayScript, turn: int, *, tag: str = "fork", change: 
 
 class ActiveLineage:
     """The lineage of a ``recording_as`` block, the cursor answering its model calls (given,
-    or the first to answer one inside the block), and whether its first run has started."""
+    or the first to answer one inside the block), the replies it served to each of the
+    block's loops, and whether its first run has started."""
 
-    __slots__ = ("_claimed", "_lock", "_offset", "cursor", "lineage")
+    __slots__ = ("_claimed", "_lock", "_served", "cursor", "lineage")
 
     def __init__(self, lineage: Lineage, cursor: ReplayCursor | None = None) -> None:
         self.lineage = lineage
         self.cursor = cursor
         self._lock = threading.Lock()
         self._claimed = False
-        self._offset = 0  # the replies the cursor served before the block took it
+        self._served: dict[str, int] = {}  # loop id -> the recorded replies served to its calls
 
-    def adopt(self, cursor: ReplayCursor) -> None:
-        """Take `cursor` as the block's, if it has none, before it answers a model call."""
+    def served(self, cursor: ReplayCursor, loop_id: str) -> None:
+        """`cursor` served a recorded reply to a model call of loop `loop_id`: counted if it
+        is the block's cursor (taken, if the block has none)."""
         with self._lock:
             if self.cursor is None:
-                self.cursor, self._offset = cursor, cursor.turns_served
+                self.cursor = cursor
+            if self.cursor is cursor:
+                self._served[loop_id] = self._served.get(loop_id, 0) + 1
 
-    @property
-    def turns_served(self) -> int:
-        """How many recorded replies the block's cursor served inside the block (what its
-        runs' loops mark as served, `phi_session.instrument.Tracer.loop`'s ``replay``)."""
-        cursor = self.cursor
-        return 0 if cursor is None else cursor.turns_served - self._offset
+    def served_in(self, loop_id: str) -> int:
+        """How many recorded replies the block's cursor served to model calls of loop
+        `loop_id` (what the loop marks as served, `phi_session.instrument.Tracer.loop`'s
+        ``replay``): a live run's loop in the same block is served none."""
+        with self._lock:
+            return self._served.get(loop_id, 0)
 
     def continuation(self, last_loop_id: str | None) -> tuple[str | None, ContinuationKind]:
         """``(parent loop id, kind)`` of the next top-level run: the lineage's for the
@@ -164,6 +169,9 @@ class ActiveLineage:
 
 
 _active: ContextVar[ActiveLineage | None] = ContextVar("phi_session_replay_lineage", default=None)
+# The loop of the adapter run whose code runs in this thread or task: where a model call
+# made here comes from, so that a reply served to it is that loop's, not a concurrent one's.
+_calling: ContextVar[str | None] = ContextVar("phi_session_replay_calling", default=None)
 
 
 @contextmanager
@@ -173,7 +181,9 @@ def recording_as(lineage: Lineage, cursor: ReplayCursor | None = None) -> Iterat
     `cursor`: the `ReplayCursor` answering their model calls (a framework replay
     model's): the replies it serves are recorded tagged as served, so that no roll-up
     bills them (`phi_session.instrument.Tracer.loop`'s ``replay``). Without it, the
-    first cursor to answer a model call inside the block is taken (`answering`)."""
+    first cursor to answer a model call inside the block is taken (`answered`). A reply
+    is the served one of the run whose model call it answered (`calling`): a live run
+    beside a replayed one in the block bills its own replies."""
     if not isinstance(lineage, Lineage):
         raise TypeError(f"expected a Lineage, got {type(lineage).__name__}")
     token = _active.set(ActiveLineage(lineage, cursor))
@@ -188,8 +198,15 @@ def active_lineage() -> ActiveLineage | None:
     return _active.get()
 
 
-def answering(cursor: ReplayCursor) -> None:
-    """`cursor` is about to answer a model call: the enclosing `recording_as` block given
-    no cursor takes it (`ActiveLineage.adopt`), so that its served replies bill nothing."""
-    if (active := _active.get()) is not None:
-        active.adopt(cursor)
+def calling(loop_id: str) -> None:
+    """The adapter run of loop `loop_id` runs in this context (for adapters, as the run or
+    a model call of it starts): the model calls made here are its loop's."""
+    _calling.set(loop_id)
+
+
+def answered(cursor: ReplayCursor) -> None:
+    """`cursor` served a recorded reply to a model call made in this context: the
+    enclosing `recording_as` block counts it for the calling run's loop
+    (`ActiveLineage.served`), so that the reply bills nothing."""
+    if (active := _active.get()) is not None and (loop_id := _calling.get()) is not None:
+        active.served(cursor, loop_id)

@@ -69,6 +69,7 @@ from ...messages import (
     Usage,
     UserMessage,
 )
+from ...replay.lineage import calling
 from .._core import (
     AdapterCore,
     ConvertedOnce,
@@ -667,6 +668,9 @@ class _Mapper:
             request = _request(history, params, model, now, run.convert) if capture else None
             # A sub-agent loop no tool scope spawned starts as a tool-spawned one does.
             trigger: TurnTrigger | None = "SubAgent" if run.spawner is not None and loop.turns == 0 else None
+            # LangGraph makes each model call in a context of its own: name its loop there,
+            # for a replay cursor answering the call (`phi_session.replay.recording_as`).
+            calling(loop.loop_id)
             turn = loop.turn(trigger, request=request).start()
             reply = turn.assistant(model=model, provider=provider).start()
             run.turn, run.reply = turn, reply
