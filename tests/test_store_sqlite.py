@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -410,6 +411,51 @@ def test_a_read_only_store_read_by_threads_at_once_leaves_nothing_behind(db: Pat
     for thread in threads:
         thread.join()
     reader.close()
+    assert files_next_to(db) == before
+
+
+def _open_files_of(db: Path) -> list[str]:
+    """This process's file descriptors on `db` and the files beside it (-wal, -shm)."""
+    targets = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+    return [target for target in targets if os.path.basename(target).startswith(db.name)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_a_read_only_store_closed_while_threads_read_leaves_no_connection_open(db: Path) -> None:
+    # close() drops every thread's local storage; a connection opened while it closed the
+    # others, in use at that moment, was skipped then, and the store's record of the
+    # connections it opened mode=rw kept it open for good (-wal, -shm and fds too).
+    with SqliteStore(db) as writer:
+        writer.save(make_session("first"))
+    before = files_next_to(db)
+    reader = SqliteStore(db, read_only=True)
+    first_in_use, second_in_use, first_done, second_done = (threading.Event() for _ in range(4))
+
+    def read(started: threading.Event, done: threading.Event) -> None:
+        with reader._connected("read") as conn:
+            assert conn.execute("SELECT session_id FROM sessions").fetchall() == [("first",)]
+            started.set()
+            done.wait(10)
+
+    first = threading.Thread(target=read, args=(first_in_use, first_done))
+    first.start()
+    assert first_in_use.wait(10)
+    closer = threading.Thread(target=reader.close)  # waits for the first thread's use to end
+    closer.start()
+    while reader._open:  # until close() took the connections it closes
+        time.sleep(0.001)
+    second = threading.Thread(target=read, args=(second_in_use, second_done))
+    second.start()
+    assert second_in_use.wait(10)
+    first_done.set()  # close() closes the first's, then drops the second's, in use
+    closer.join(10)
+    second_done.set()
+    for thread in (first, second):
+        thread.join(10)
+    assert reader.list_ids() == ["first"]  # the store in use again, then closed
+    reader.close()
+    gc.collect()
+    assert _open_files_of(db) == []
     assert files_next_to(db) == before
 
 

@@ -1012,7 +1012,7 @@ class _WalReaders:
     close removes both. While one is open, the -wal there is theirs and the store opens
     its other connections the same way: one opened ``mode=ro`` on seeing it could, closing
     last, remove neither. `lock` is held from deciding a connection's mode to its first
-    read, and while one of the store's connections closes."""
+    read, and while one of the store's connections closes (`close`)."""
 
     __slots__ = ("lock", "open")
 
@@ -1020,28 +1020,39 @@ class _WalReaders:
         self.lock = threading.Lock()
         self.open: set[sqlite3.Connection] = set()
 
+    def close(self, conn: sqlite3.Connection) -> None:
+        """Close one of the store's connections (waits for another's opening, up to its first read)."""
+        with self.lock:
+            conn.close()
+            self.open.discard(conn)
+
 
 class _Connection:
     """One thread's connection, and the lock its user holds while using it.
 
     Only `release` closes it, and never while another thread is in the middle of
-    using it: closing a connection under a running statement crashes SQLite.
+    using it: closing a connection under a running statement crashes SQLite. One
+    released while in use is `abandoned`: its user closes it as that use ends.
     """
 
-    __slots__ = ("closed", "conn", "lock", "pid", "readers")
+    __slots__ = ("abandoned", "closed", "conn", "lock", "pid", "readers")
 
     def __init__(self, conn: sqlite3.Connection, readers: _WalReaders | None) -> None:
         self.conn = conn
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.closed = False
+        self.abandoned = False
         self.readers = readers  # a read-only store's
 
     def release(self, *, wait: bool) -> None:
-        """Close the connection once it is idle; with `wait` False, leave it alone
-        if another thread is using it (its owner's next use then opens another)."""
+        """Close the connection once it is idle; with `wait` False, if another thread
+        is using it, mark it `abandoned` for that thread to close (`SqliteStore._connected`)."""
         if not self.lock.acquire(blocking=wait):
-            return
+            self.abandoned = True
+            # Its user may have ended that use before seeing the mark: it is idle then.
+            if not self.lock.acquire(blocking=False):
+                return
         try:
             if self.closed:
                 return
@@ -1050,10 +1061,8 @@ class _Connection:
                 _FORKED_AWAY.append(self.conn)
             elif self.readers is None:
                 self.conn.close()
-            else:  # (waits for another thread's connection opening, up to its first read)
-                with self.readers.lock:
-                    self.conn.close()
-                    self.readers.open.discard(self.conn)
+            else:
+                self.readers.close(self.conn)
         finally:
             self.lock.release()
 
@@ -1194,7 +1203,10 @@ class SqliteStore(AsyncTwins):
             # Checkpoints shrink the WAL back to this after a large transaction (or a prune).
             conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         except BaseException:
-            conn.close()
+            if read_only:
+                self._readers.close(conn)
+            else:
+                conn.close()
             raise
         return conn
 
@@ -1281,10 +1293,14 @@ class SqliteStore(AsyncTwins):
         with self._errors(action, session_id):
             while True:
                 connection = self._own_connection()
-                with connection.lock:
-                    if not connection.closed:  # else released meanwhile: open another
-                        yield connection.conn
-                        return
+                try:
+                    with connection.lock:
+                        if not connection.closed:  # else released meanwhile: open another
+                            yield connection.conn
+                            return
+                finally:
+                    if connection.abandoned:  # its owner dropped meanwhile (`close`): none else closes it
+                        connection.release(wait=False)
 
     @contextmanager
     def _errors(self, action: str, session_id: str | None = None) -> Iterator[None]:
