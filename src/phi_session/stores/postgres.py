@@ -265,6 +265,15 @@ _WORDS_VALUE = "array_to_tsvector(%s::text[])"  # NULL stays NULL: array_to_tsve
 _MATCHING_LOOP = "(l.words @@ %s::tsquery OR l.words IS NULL)"
 
 
+def _in_batches(cur: psycopg.Cursor[Row], name: str, query: sql.Composed) -> Iterator[list[Row]]:
+    """The rows of `query`, 500 at a time, read through a server-side cursor named `name`
+    (a migration step's backfill: the table is never held in memory whole)."""
+    with cur.connection.cursor(name=name) as reader:
+        reader.execute(query)
+        while rows := reader.fetchmany(500):
+            yield rows
+
+
 def _backfill_loops(
     column: str,
     value: str,
@@ -276,16 +285,15 @@ def _backfill_loops(
     of ``compute(record)``, reading the loops in batches through a server-side cursor. A
     record that does not decode keeps NULL (its readers then report it, as `load` does)."""
     update = compose(f"UPDATE {{s}}.loops SET {column} = {value} WHERE session_id = %s AND position = %s")
-    with cur.connection.cursor(name=f"phi_session_backfill_{column}") as reader:
-        reader.execute(compose("SELECT session_id, position, record FROM {s}.loops"))
-        while rows := reader.fetchmany(500):
-            values = []
-            for session_id, position, record in rows:
-                try:
-                    values.append((compute(decode_loop(record, strict=False)), session_id, position))
-                except DecodeError:
-                    continue
-            cur.executemany(update, values)
+    query = compose("SELECT session_id, position, record FROM {s}.loops")
+    for rows in _in_batches(cur, f"phi_session_backfill_{column}", query):
+        values = []
+        for session_id, position, record in rows:
+            try:
+                values.append((compute(decode_loop(record, strict=False)), session_id, position))
+            except DecodeError:
+                continue
+        cur.executemany(update, values)
 
 
 # Migration 4: a loop without AgentEnd counts the turn it was cut off in
@@ -306,25 +314,22 @@ def _bill_unfinished_loops(cur: psycopg.Cursor[Row], compose: Callable[[str], sq
         " WHERE session_id = %s AND position = %s"
     )
     billed: set[str] = set()
-    with cur.connection.cursor(name="phi_session_bill_loops") as reader:
-        reader.execute(
-            compose(
-                "SELECT session_id, position, record FROM {s}.loops"
-                f" WHERE status NOT IN ('Completed', 'Rejected') AND {zero}"
-            )
-        )
-        while rows := reader.fetchmany(500):
-            values = []
-            for session_id, position, blob in rows:
-                try:
-                    record = decode_loop(blob, strict=False)
-                except DecodeError:
-                    continue
-                usage = record.billed_usage()
-                if usage != record.usage:
-                    values.append((*(getattr(usage, name) for name in _V4_FIELDS), session_id, position))
-                    billed.add(session_id)
-            cur.executemany(update, values)
+    query = compose(
+        "SELECT session_id, position, record FROM {s}.loops"
+        f" WHERE status NOT IN ('Completed', 'Rejected') AND {zero}"
+    )
+    for rows in _in_batches(cur, "phi_session_bill_loops", query):
+        values = []
+        for session_id, position, blob in rows:
+            try:
+                record = decode_loop(blob, strict=False)
+            except DecodeError:
+                continue
+            usage = record.billed_usage()
+            if usage != record.usage:
+                values.append((*(getattr(usage, name) for name in _V4_FIELDS), session_id, position))
+                billed.add(session_id)
+        cur.executemany(update, values)
     if billed:
         sums = ", ".join(f"sum(l.{column})" for column in _V4_TOKENS.split(", "))
         cur.execute(
@@ -341,19 +346,15 @@ def _store_first_prompts(cur: psycopg.Cursor[Row], compose: Callable[[str], sql.
     """Migration 5: ``sessions.first_prompt`` from the loops' outlines (a loop without one,
     not decodable, is passed over)."""
     prompts: dict[str, str] = {}
-    with cur.connection.cursor(name="phi_session_first_prompts") as reader:
-        reader.execute(
-            compose(
-                "SELECT session_id, outline FROM {s}.loops WHERE outline IS NOT NULL"
-                " ORDER BY session_id, position"
-            )
-        )
-        while rows := reader.fetchmany(500):
-            for session_id, outline in rows:
-                if session_id not in prompts:
-                    prompt = decode_loop_outline(outline).prompt
-                    if prompt is not None:
-                        prompts[session_id] = prompt
+    query = compose(
+        "SELECT session_id, outline FROM {s}.loops WHERE outline IS NOT NULL ORDER BY session_id, position"
+    )
+    for rows in _in_batches(cur, "phi_session_first_prompts", query):
+        for session_id, outline in rows:
+            if session_id not in prompts:
+                prompt = decode_loop_outline(outline).prompt
+                if prompt is not None:
+                    prompts[session_id] = prompt
     cur.executemany(
         compose("UPDATE {s}.sessions SET first_prompt = %s WHERE session_id = %s"),
         [(_text(prompt), session_id) for session_id, prompt in prompts.items()],
@@ -367,26 +368,21 @@ def _sum_loops_by_serving_model(cur: psycopg.Cursor[Row], compose: Callable[[str
         f"INSERT INTO {{s}}.loop_models (session_id, position, model, {_V4_TOKENS})"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
     )
-    with cur.connection.cursor(name="phi_session_backfill_loop_models") as reader:
-        reader.execute(
-            compose(
-                "SELECT session_id, position, COALESCE(provider || '/' || model, 'unknown'), provider, model,"
-                f" calls, started_at_ns, {_V4_TOKENS} FROM {{s}}.loops"
-            )
+    query = compose(
+        "SELECT session_id, position, COALESCE(provider || '/' || model, 'unknown'), provider, model,"
+        f" calls, started_at_ns, {_V4_TOKENS} FROM {{s}}.loops"
+    )
+    for rows in _in_batches(cur, "phi_session_backfill_loop_models", query):
+        cur.executemany(
+            insert,
+            [
+                _loop_model_values(session_id, position, part)
+                for session_id, position, key, provider, model, calls, started, *usage in rows
+                for part in serving_rows(
+                    stored_usage_row(key, provider, model, calls, Timestamp.from_ns(started), _usage(usage))
+                )
+            ],
         )
-        while rows := reader.fetchmany(500):
-            cur.executemany(
-                insert,
-                [
-                    _loop_model_values(session_id, position, part)
-                    for session_id, position, key, provider, model, calls, started, *usage in rows
-                    for part in serving_rows(
-                        stored_usage_row(
-                            key, provider, model, calls, Timestamp.from_ns(started), _usage(usage)
-                        )
-                    )
-                ],
-            )
 
 
 # Forward migrations: _MIGRATIONS[n] takes the schema from version n to n + 1.
