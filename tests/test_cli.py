@@ -349,27 +349,73 @@ def test_record_ctrl_c_during_a_mid_stream_save_keeps_every_drained_session(
     assert sorted(p.stem for p in (tmp_path / "out").glob("*.json")) == sorted(EXAMPLE_IDS)
 
 
-def test_record_ctrl_c_still_saves_what_was_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("where", ["recording", "between reading and recording"])
+def test_record_ctrl_c_records_every_line_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The signal handled as the sixth line is recorded, or after it was read but before its
+    recording began: that line is still recorded whole, and the reading stops after it
+    (it used to be lost, half applied or not, while said to be recorded)."""
+    import signal
+
+    from phi_session.cli import commands
+
     lines = [line for line in example_lines() if MINIMAL_ID in line]
-    original = SessionRecorder.on_json
-    calls = {"n": 0}
+    calls = itertools.count(1)
+    if where == "recording":
+        on_json = SessionRecorder.on_json
 
-    def interrupted_after_five(self: SessionRecorder, data: bytes | str) -> None:
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        original(self, data)
+        def signalled(self: SessionRecorder, data: bytes | str) -> None:
+            if next(calls) == 6:
+                signal.raise_signal(signal.SIGINT)
+            on_json(self, data)
 
-    monkeypatch.setattr(SessionRecorder, "on_json", interrupted_after_five)
+        monkeypatch.setattr(SessionRecorder, "on_json", signalled)
+    else:
+        record_line = commands._record_line
+
+        def signalled_first(*args: Any) -> bool:
+            if next(calls) == 6:
+                signal.raise_signal(signal.SIGINT)
+            return record_line(*args)
+
+        monkeypatch.setattr(commands, "_record_line", signalled_first)
     stream = tmp_path / "s.jsonl"
     stream.write_text("\n".join(lines) + "\n")
     result = run("record", stream, "--dir", tmp_path / "out", "--json")
-    assert result.exit_code == EXIT_INTERRUPTED
-    assert "interrupted after line 6" in result.stderr
-    assert json.loads(result.stdout)["totals"]["events"] == 5
+    assert result.exit_code == EXIT_INTERRUPTED, (result.stderr, result.exception)
+    assert "interrupted after line 6: what was read is recorded and saved" in result.stderr
+    totals = json.loads(result.stdout)["totals"]
+    assert (totals["events"], totals["interrupted_at_line"]) == (6, 6)
     saved = decode_session((tmp_path / "out" / f"{MINIMAL_ID}.json").read_bytes())
     assert [loop.status for loop in saved.loops] == ["Aborted"]  # flushed: the open loop is kept
-    assert len(saved.loops[0].events) == 5
+    assert len(saved.loops[0].events) == 6
+
+
+def test_record_ctrl_c_ends_a_read_waiting_for_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`producer | phi-session record -` with the producer silent: the read waits, and only
+    an exception ends it. The lines read before are recorded and saved."""
+    import signal
+
+    lines = [line.encode() + b"\n" for line in example_lines() if MINIMAL_ID in line][:4]
+
+    class Silent(io.BytesIO):  # stdin whose producer writes four lines, then waits
+        def readline(self, size: int | None = -1) -> bytes:
+            if lines:
+                return lines.pop(0)
+            signal.raise_signal(signal.SIGINT)  # as a read waiting in the kernel runs the handler
+            raise AssertionError("Ctrl-C left the read waiting")
+
+        def __next__(self) -> bytes:  # (BytesIO's own does not call readline)
+            return self.readline()
+
+    result = CliRunner().invoke(
+        main, ["record", "-", "--dir", str(tmp_path / "out"), "--json"], input=Silent()
+    )
+    assert result.exit_code == EXIT_INTERRUPTED, (result.stderr, result.exception)
+    assert "interrupted after line 4: what was read is recorded and saved" in result.stderr
+    assert json.loads(result.stdout)["totals"]["events"] == 4
+    assert len(decode_session((tmp_path / "out" / f"{MINIMAL_ID}.json").read_bytes()).loops[0].events) == 4
 
 
 def test_record_ctrl_c_arriving_once_the_input_ended_still_saves_what_was_read(

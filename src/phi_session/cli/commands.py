@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import signal
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -400,6 +401,13 @@ class _LineSource:
         if self.name != "stdin":
             self.stream.close()
 
+    def may_wait(self) -> bool:
+        """Whether a read may wait for input (a pipe, a terminal), unlike a regular file's."""
+        try:
+            return not stat.S_ISREG(os.fstat(self.stream.fileno()).st_mode)
+        except (OSError, ValueError):  # a stream without a descriptor: anything
+            return True
+
     def is_file(self, path: str) -> bool:
         """Whether `path` is the file read (stdin redirected from it too)."""
         try:
@@ -453,25 +461,39 @@ class _RejectedLines:
 class _CtrlC:
     """Ctrl-C (SIGINT) while ``record`` runs, once `installed`.
 
-    While the input is read, it stops the reading (a KeyboardInterrupt where the read is).
-    After that it is only counted, so that what was read is still saved, until `abortable`:
-    from then on a second one gives the save up (KeyboardInterrupt). Ctrl-C hits a whole
-    pipeline, so ``tail -f x | phi-session record -`` often reads the end of its input
-    before the signal is handled: that must not cost what was read.
+    The first one stops the reading: the line in hand is still recorded whole, then no
+    other is read (`stopped`); only a read that may wait for input (a pipe, a terminal)
+    is ended at once, by a KeyboardInterrupt, as nothing else would end it. Later ones
+    are only counted, so that what was read is still saved, until `abortable`: from then
+    on a second one gives the save up (KeyboardInterrupt). Ctrl-C hits a whole pipeline,
+    so ``tail -f x | phi-session record -`` often reads the end of its input before the
+    signal is handled: that must not cost what was read.
     """
 
     def __init__(self) -> None:
-        self.reading = True
         self.signals = 0
+        self.waiting = False  # in a read that may wait for input
         self._abortable = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.signals > 0
 
     def __call__(self, signum: int, frame: object) -> None:
         self.signals += 1
-        if self.reading:
-            self.reading = False  # the next one is only counted: this one stops the reading
+        if self.waiting:
+            self.waiting = False
             raise KeyboardInterrupt
         if self._abortable and self.signals > 1:
             raise KeyboardInterrupt
+
+    def read_line(self, stream: IO[bytes], may_wait: bool) -> bytes:
+        """The next line of `stream` (b"" at its end); a Ctrl-C ends a wait for it."""
+        self.waiting = may_wait
+        try:
+            return stream.readline()
+        finally:
+            self.waiting = False
 
     def abortable(self) -> None:
         """From now on a second Ctrl-C gives up (one already given: now)."""
@@ -526,21 +548,26 @@ def _record_stream(
         "interrupted_at": None,
         "lines": 0,
     }
-    consumed = number = 0
+    consumed = number = 0  # number: the lines handled whole (recorded or skipped)
+    may_wait = source.may_wait()
     try:
-        for number, line in enumerate(source.stream, start=1):
+        while not ctrl_c.stopped:
+            line = ctrl_c.read_line(source.stream, may_wait)
+            if not line:
+                break
             consumed += len(line)
+            # A BOM (Windows editors write one) is no part of the first event.
+            data = (line.removeprefix(codecs.BOM_UTF8) if number == 0 else line).strip()
+            if data and not _record_line(recorder, data, number + 1, source.name, outcome) and rejected:
+                rejected.keep(line)
+            number += 1
             if progress is not None and task is not None and number % 512 == 0:
                 progress.update(task, completed=consumed)
-            # A BOM (Windows editors write one) is no part of the first event.
-            data = (line.removeprefix(codecs.BOM_UTF8) if number == 1 else line).strip()
-            if data and not _record_line(recorder, data, number, source.name, outcome) and rejected:
-                rejected.keep(line)
             if spill is not None and number % _SPILL_EVERY == 0:
                 spill()
-        ctrl_c.reading = False  # (inside the try: a Ctrl-C just before it is still caught)
-    except KeyboardInterrupt:
-        ctrl_c.reading = False
+        if ctrl_c.stopped:
+            outcome["interrupted_at"] = number
+    except KeyboardInterrupt:  # a read ended by Ctrl-C, or one not sent through ctrl_c
         outcome["interrupted_at"] = number
     outcome["lines"] = number
     if progress is not None and task is not None:
