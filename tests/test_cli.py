@@ -1297,6 +1297,20 @@ def test_usage_errors_are_one_line() -> None:
 
 
 @pytest.mark.parametrize(
+    ("args", "command"),
+    [(("stats", "--by"), "stats"), (("list", "--agent"), "list"), (("list", "--bogus"), "list")],
+)
+def test_a_usage_error_of_a_command_names_the_command_and_its_help(
+    args: tuple[str, ...], command: str
+) -> None:
+    """An option's missing value too (click's parser raised it without the command's context,
+    so the line began 'phi-session: error:' and sent to 'phi-session --help')."""
+    result = run(*args)
+    assert_one_line_error(result, EXIT_USAGE, args[-1], f"(see 'phi-session {command} --help')")
+    assert result.stderr.startswith(f"phi-session {command}: error: ")
+
+
+@pytest.mark.parametrize(
     "command",
     ["list", "show", "tree", "stats", "record", "import", "export", "context", "rm", "demo", "serve"],
 )

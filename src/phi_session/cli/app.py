@@ -346,8 +346,24 @@ def saver_errors_reported_by_the_command() -> contextlib.AbstractContextManager[
     return reported_by_the_command("phi_session.saver", logging.ERROR)
 
 
+class PhiSessionCommand(click.Command):
+    """A ``phi-session`` command: its usage errors name it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as error:
+            # click's parser raises some (an option's missing value) without a context: the
+            # error line would name the program and its help instead of the command's.
+            if error.ctx is None:
+                error.ctx = ctx
+            raise
+
+
 class PhiSessionGroup(click.Group):
     """The ``phi-session`` group; its `main` turns every failure into one stderr line."""
+
+    command_class = PhiSessionCommand
 
     def main(
         self,
