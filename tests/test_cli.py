@@ -1687,6 +1687,43 @@ def test_export_jsonl_records_back_and_import_points_to_record(store_dir: Path, 
         assert (tmp_path / "b" / name).read_bytes() == (store_dir / name).read_bytes()
 
 
+@pytest.mark.parametrize("form", ["pretty", "array", "one line on stdin"])
+def test_record_of_a_session_file_says_to_import_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """`export --format json` output given to record: one line pointing to import (it was a
+    line per malformed line, 20 of them, a count of the others and 'nothing recorded')."""
+    monkeypatch.chdir(tmp_path)
+    basic = (EXAMPLES / "session-basic.json").read_bytes()
+    if form == "array":
+        basic = b"[\n" + basic + b",\n" + (EXAMPLES / "session-minimal.json").read_bytes() + b"\n]\n"
+    (tmp_path / "in.json").write_bytes(codecs.BOM_UTF8 + b"\n" + basic)
+    before = sorted(tmp_path.rglob("*"))
+    if form == "one line on stdin":
+        one_line = json.dumps(json.loads(basic)).encode() + b"\n"
+        result = run("record", "-", "--store", "new.db", input=one_line)
+        name = "stdin"
+    else:
+        result = run("record", "in.json", "--store", "new.db")
+        name = "in.json"
+    assert_one_line_error(
+        result,
+        EXIT_FAILURE,
+        f"error: {name}: a session file, not an event stream",
+        "'phi-session import FILE'",
+    )
+    assert result.stdout == ""
+    assert sorted(tmp_path.rglob("*")) == before  # no store made for it
+
+
+def test_record_of_a_stream_whose_first_line_is_a_broken_object_records_the_rest(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text('{"type": \n' + "\n".join(example_lines()) + "\n")
+    result = run("record", tmp_path / "in.jsonl", "--dir", tmp_path / "out", "--json")
+    assert result.exit_code == EXIT_OK, result.stderr
+    totals = json.loads(result.stdout)["totals"]
+    assert (totals["events"], totals["malformed_lines"]) == (len(example_lines()), 1)
+
+
 @pytest.mark.parametrize("content", [b"", b"\n\n", b"garbage\n" * 3, bytes(range(256)) * 4])
 def test_record_of_nothing_valid_fails(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "in.jsonl").write_bytes(content)

@@ -547,6 +547,7 @@ def _record_stream(
         "errors": [],
         "interrupted_at": None,
         "lines": 0,
+        "session_file": False,
     }
     consumed = number = 0  # number: the lines handled whole (recorded or skipped)
     may_wait = source.may_wait()
@@ -558,6 +559,10 @@ def _record_stream(
             consumed += len(line)
             # A BOM (Windows editors write one) is no part of the first event.
             data = (line.removeprefix(codecs.BOM_UTF8) if number == 0 else line).strip()
+            if data and not (outcome["events"] or outcome["malformed_lines"]):  # the first
+                if _is_session_file(source, data, may_wait):
+                    outcome["session_file"] = True
+                    break
             if data and not _record_line(recorder, data, number + 1, source.name, outcome) and rejected:
                 rejected.keep(line)
             number += 1
@@ -576,6 +581,30 @@ def _record_stream(
     if hidden:
         warn(f"{source.name}: {render.count(hidden, 'more malformed line')} skipped, not shown")
     return outcome
+
+
+def _is_session_file(source: _LineSource, first: bytes, may_wait: bool) -> bool:
+    """Whether the input, `first` its first line holding anything, is a session file (or a
+    JSON array of them, ``export --format json``'s output) rather than an event stream.
+    Looked into only when that line is no event; a stream that may wait for input is
+    not read on for it (one line holding a whole session is still found)."""
+    if first[:1] not in (b"{", b"["):
+        return False
+    try:
+        decode_event(first)
+        return False
+    except DecodeError:
+        pass
+    whole = first
+    if not may_wait:  # a file: read whole, then read on from where it was
+        at = source.stream.tell()
+        whole += source.stream.read()
+        source.stream.seek(at)
+    try:
+        sessions = _read_sessions(whole)
+    except DecodeError:
+        return False
+    return bool(sessions) and all(isinstance(session, Session) for session in sessions)
 
 
 def _record_line(
@@ -781,6 +810,10 @@ def record(
                     orphans_lost = True
                     where = f"NOT written to {orphans_path}: {error.strerror or error}"
             warn(f"warning: {render.count(len(orphans), 'event')} belonged to no known loop: {where}")
+    if outcome["session_file"]:  # (raised once the store made for it was discarded)
+        raise CliError(
+            f"{lines.name}: a session file, not an event stream: import it with '{PROG} import FILE'"
+        )
     totals = {
         "sessions": len(summaries),
         "loops": sum(row.loop_count for row in summaries),
