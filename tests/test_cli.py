@@ -2087,6 +2087,34 @@ def test_ingest_names_where_a_bad_store_url_came_from(monkeypatch: pytest.Monkey
     assert_one_line_error(run("list"), EXIT_USAGE, f"${ENV_VAR}: unknown PostgreSQL connection parameter")
 
 
+def test_serve_otlp_on_a_port_taken_leaves_no_state_directory_behind(tmp_path: Path) -> None:
+    """It left .phi-session/otlp (a journal, a spool) for a receiver that never started; a
+    state directory that was there already is kept."""
+    import socket
+
+    pytest.importorskip("opentelemetry.sdk.trace")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run("serve", "--otlp", "--port", "0", "--otlp-port", port, "--store", tmp_path / "s.db")
+        assert_one_line_error(result, EXIT_FAILURE, f"cannot listen on 127.0.0.1:{port}")
+        assert not (tmp_path / ".phi-session").exists()
+        (tmp_path / "kept").mkdir()
+        state = tmp_path / "kept" / "otlp"
+        result = run(
+            "serve", "--otlp", "--otlp-port", port, "--otlp-state", state, "--store", tmp_path / "s.db"
+        )
+        assert_one_line_error(result, EXIT_FAILURE, "cannot listen")
+        assert not state.exists() and (tmp_path / "kept").is_dir()
+        state.mkdir()
+        result = run(
+            "serve", "--otlp", "--otlp-port", port, "--otlp-state", state, "--store", tmp_path / "s.db"
+        )
+        assert_one_line_error(result, EXIT_FAILURE, "cannot listen")
+        assert state.is_dir()
+
+
 def test_serve_otlp_without_the_sdk_names_the_otlp_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

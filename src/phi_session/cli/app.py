@@ -275,6 +275,16 @@ def open_new_cli_store(
         undo_files()
 
 
+def new_directories(path: Path) -> list[Path]:
+    """`path` (absolute) and the directories holding it that do not exist yet, innermost first:
+    what making it will create."""
+    made = []
+    while not path.exists():
+        made.append(path)
+        path = path.parent
+    return made
+
+
 def _undo_new_local_store(url: str | None, directory: str | None) -> Callable[[], None]:
     """Called before the store is opened: what removes its SQLite file (and sidecars) or
     JSON directory, if they do not exist yet, and the directories made for them."""
@@ -283,10 +293,7 @@ def _undo_new_local_store(url: str | None, directory: str | None) -> Callable[[]
         return lambda: None
     path = path.absolute()
     sidecars = [s for s in (Path(f"{path}{end}") for end in _SQLITE_SIDECARS) if not s.exists()]
-    made = [path.parent]  # the directories created for it, innermost first
-    while not made[-1].exists():
-        made.append(made[-1].parent)
-    made.pop()
+    made = new_directories(path.parent)
 
     def undo() -> None:
         with contextlib.suppress(OSError):

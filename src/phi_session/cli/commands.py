@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import signal
 import stat
 import sys
@@ -51,6 +52,7 @@ from .app import (
     echo_json,
     load_cli_session,
     main,
+    new_directories,
     open_cli_store,
     open_new_cli_store,
     path_error,
@@ -1222,16 +1224,30 @@ def _start_otlp(store: SessionStore, host: str, port: int, state: str, cleanup: 
 
     from ..otel.endpoint import OtlpEndpoint, make_otlp_server
 
+    made = new_directories(Path(state).absolute())
     endpoint = OtlpEndpoint(store, state)
-    cleanup.callback(endpoint.close)
     try:
         receiver = make_otlp_server(endpoint, host=host, port=port)
     except OSError as error:
+        endpoint.close()
+        _remove_unused_state(made)
         raise CliError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    cleanup.callback(endpoint.close)
     cleanup.callback(receiver.server_close)
     cleanup.callback(receiver.shutdown)
     threading.Thread(target=receiver.serve_forever, name="phi-session otlp", daemon=True).start()
     return receiver.url
+
+
+def _remove_unused_state(made: list[Path]) -> None:
+    """Removes the state directory of a receiver that never started, made with the
+    directories holding it (`made`, innermost first), unless it holds data."""
+    if not made or any(path.is_file() and path.stat().st_size for path in made[0].rglob("*")):
+        return
+    with contextlib.suppress(OSError):
+        shutil.rmtree(made[0])
+        for parent in made[1:]:
+            parent.rmdir()
 
 
 # -- the broker -------------------------------------------------------------------------------
