@@ -413,10 +413,27 @@ def test_a_session_given_up_gets_one_attempt_when_tried_again_while_others_save(
     assert saver.save(bad).unsaved  # retried for `retry_for` once
     assert saver.save(good).saved  # the store works
     attempts, started = memory.attempts, clock.now
-    assert saver.retry_unsaved() == 1
+    assert saver.save(*saver.take_unsaved(), once=True).unsaved  # the worker's retry at a checkpoint
     assert saver.save(later).saved
-    assert saver.retry_unsaved() == 1
+    assert saver.save(*saver.take_unsaved(), once=True).unsaved
     assert (memory.attempts, clock.now) == (attempts + 3, started)  # one attempt each, no pause
+
+
+def test_a_session_given_up_while_the_store_was_down_is_retried_in_full_once_it_is_back(
+    clock: FakeTime,
+) -> None:
+    """After an outage longer than `retry_for`, `retry_unsaved` (`AutoPersistingRecorder.close`'s
+    last chance) gave the session given up one attempt: one lock held by another writer
+    then, the store otherwise up, and it stayed unsaved (lost at exit without a journal)."""
+    given_up, later = sessions(2)
+    memory = MemoryStore(failing(10**6, ps.StoreError("connection refused")))
+    saver = saver_for(memory, retry_for=0.5)
+    assert saver.save(given_up).unsaved
+    memory.trouble = None  # the store is back
+    assert saver.save(later).saved
+    memory.trouble = failing(1, ps.SessionLocked("session being written by another client"))
+    assert saver.retry_unsaved() == 0
+    assert set(memory.sessions) == {given_up.session_id, later.session_id}
 
 
 def test_a_session_the_store_refuses_goes_to_the_orphans_untried_again(clock: FakeTime) -> None:

@@ -9,9 +9,9 @@ command line use to save sessions, so all of them fail the same way. The policy:
   pauses (0.05 s up to 2 s) until `retry_for` seconds have passed since the first
   attempt. Once a session has been given up, the store is taken to be down: later
   sessions get one attempt each until a save succeeds again, so a dead store costs
-  `retry_for` once, not once per session. A session given up gets one attempt each
-  time it is tried again, the store up or not: it had its `retry_for`, and one the
-  store keeps failing must not hold up the others at every retry. An owner that must
+  `retry_for` once, not once per session. An owner trying the sessions it gave up
+  again at each checkpoint (the ingest worker) gives each one attempt (``once``): one
+  the store keeps failing must not hold up the others every time. An owner that must
   end in bounded time (`AutoPersistingRecorder.close`) sets a deadline
   (`stop_trying_after`): past it, a session being retried stops, and one is not even
   tried while the store is down, since each attempt on a dead server can itself take
@@ -192,7 +192,6 @@ class SessionSaver:
         self._unsaved: list[Session] = []
         self._in_retry: list[deque[Session]] = []  # what `retry_unsaved` takes out, not yet tried
         self._store_down = False  # a session was given up and no save succeeded since
-        self._given_up: set[str] = set()  # ids of the sessions kept unsaved: one attempt per try
         self._down_error: Exception | None = None  # the error that gave the last session up
         self._last_error: Exception | None = None  # the error that kept the last session unsaved
         self._closed_said = False  # the store's `StoreClosed` was logged, and no save succeeded since
@@ -211,12 +210,14 @@ class SessionSaver:
 
     # -- one session -----------------------------------------------------------------------
 
-    def save(self, session: Session) -> SaveOutcome:
-        """Save `session` under the policy; what became of it."""
+    def save(self, session: Session, *, once: bool = False) -> SaveOutcome:
+        """Save `session` under the policy; what became of it. With `once`, one attempt and
+        no retry: for an owner trying sessions it gave up again at each checkpoint (the ingest
+        worker), so that one the store keeps failing holds up no other."""
         with self._after_unsaved(session) as session:
             if (kept := self._kept_untried(session)) is not None:
                 return kept
-            policy = self._policy(session)
+            policy = self._policy(session, once)
             pause = next(policy)
             while True:
                 if pause:
@@ -263,16 +264,15 @@ class SessionSaver:
                 with self._lock:
                     self._store_down = self._closed_said = False
                     self._saved += len(sessions)
-                    self._given_up.difference_update(session.session_id for session in sessions)
                 return [self._told(session, SaveOutcome(saved=True)) for session in sessions]
         return [self.save(session) for session in sessions]
 
-    async def asave(self, session: Session) -> SaveOutcome:
+    async def asave(self, session: Session, *, once: bool = False) -> SaveOutcome:
         """`save` through the store's `asave`, pausing with ``asyncio.sleep``."""
         with self._after_unsaved(session) as session:
             if (kept := self._kept_untried(session)) is not None:
                 return kept
-            policy = self._policy(session)
+            policy = self._policy(session, once)
             pause = next(policy)
             while True:
                 if pause:
@@ -353,9 +353,8 @@ class SessionSaver:
         )
         return self._keep(session, error, store_down=True)
 
-    def _policy(self, session: Session) -> _Policy:
+    def _policy(self, session: Session, once: bool) -> _Policy:
         with self._lock:
-            once = session.session_id in self._given_up
             deadline = None if self._store_down or once else time.monotonic() + self.retry_for
         pause = _FIRST_PAUSE
         error = yield 0.0
@@ -391,7 +390,6 @@ class SessionSaver:
             with self._lock:
                 self._store_down = self._closed_said = False
                 self._saved += 1
-                self._given_up.discard(session.session_id)
             return SaveOutcome(saved=True, error=last)
         if isinstance(error, (InvalidSessionId, SessionRefused)):
             return self._orphan(session, error)
@@ -443,13 +441,11 @@ class SessionSaver:
         )
         with self._lock:
             self._orphaned += 1
-            self._given_up.discard(session.session_id)
         return SaveOutcome(saved=False, orphaned=True, error=error)
 
     def _keep(self, session: Session, error: Exception, *, store_down: bool) -> SaveOutcome:
         with self._lock:
             self._unsaved.append(session)
-            self._given_up.add(session.session_id)
             self._last_error = error
             self._store_down = self._store_down or store_down
             if store_down:
@@ -524,7 +520,6 @@ class SessionSaver:
             _check_session(session)
         with self._lock:
             self._unsaved.extend(kept)
-            self._given_up.update(session.session_id for session in kept)
             if kept and error is not None:
                 self._last_error = error
 

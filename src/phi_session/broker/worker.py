@@ -683,7 +683,10 @@ class _PartitionRun:
         """Save what is complete; mark the events of saved sessions (and of unstorable ones)."""
         self.end_idle_sessions()
         saver = self.saver
-        retried = [session for session in saver.take_unsaved() if (await saver.asave(session)).saved]
+        # One attempt each: one PostgreSQL keeps failing (a full disk) must not stall the partition.
+        retried = [
+            session for session in saver.take_unsaved() if (await saver.asave(session, once=True)).saved
+        ]
         saved = retried + await saver.adrain(self.recorder)
         held = {session.session_id for session in saver.unsaved}
         done: list[str] = []
