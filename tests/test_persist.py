@@ -405,6 +405,73 @@ def test_a_recorder_is_journaled_again_once_its_journal_is_closed(tmp_path: Path
     persisting.recorder.set_settled_hook(print)
 
 
+def test_an_event_given_while_the_journal_closes_is_refused_not_recorded_unjournaled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write-ahead hook was released before the `JournaledRecorder` refused events:
+    one given in between was recorded, never journaled, and `on_event` returned normally."""
+    events = single_loop_sessions(2)
+    first, second = ([e for e in events if e.loop_id.startswith(f"s000000{i}")] for i in range(2))
+    recorder = SessionRecorder()
+    journaled = JournaledRecorder(Journal(tmp_path / "j", durability="os"), recorder)
+    journaled.record_all(first)
+    release_hooks = recorder.release_hooks
+    refused: list[StoreError] = []
+
+    def release_then_feed(*hooks: Callable[..., object]) -> None:
+        release_hooks(*hooks)
+        try:
+            journaled.on_event(second[0])
+        except StoreError as error:
+            refused.append(error)
+
+    monkeypatch.setattr(recorder, "release_hooks", release_then_feed)
+    journaled.close()
+    assert [str(error) for error in refused] == [f"journal {tmp_path / 'j'} is closed"]
+    recorder.flush()
+    assert [s.session_id for s in recorder.drain_completed()] == [first[0].session_id]
+
+
+def test_an_event_on_its_way_in_as_the_journal_closes_is_refused(tmp_path: Path) -> None:
+    """A feeder past `on_event`'s check when close began, its event not yet in the
+    recorder, recorded it unjournaled once the hook was released."""
+    events = single_loop_sessions(2)
+    first, second = ([e for e in events if e.loop_id.startswith(f"s000000{i}")] for i in range(2))
+    recorder = SessionRecorder()
+    on_event, released = recorder.on_event, threading.Event()
+
+    def slow_on_event(event: AgentEvent) -> None:
+        if event is second[0]:
+            released.wait(0.5)  # until the hook is released, or no longer if close waits for us
+        on_event(event)
+
+    recorder.on_event = slow_on_event  # type: ignore[method-assign]
+    release_hooks = recorder.release_hooks
+
+    def release(*hooks: Callable[..., object]) -> None:
+        release_hooks(*hooks)
+        released.set()
+
+    recorder.release_hooks = release  # type: ignore[method-assign]
+    journaled = JournaledRecorder(Journal(tmp_path / "j", durability="os"), recorder)
+    journaled.record_all(first)
+    outcome: list[object] = []
+
+    def feed() -> None:
+        try:
+            outcome.append(journaled.on_event(second[0]))
+        except StoreError as error:
+            outcome.append(error)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    journaled.close()
+    feeder.join()
+    assert [type(o) for o in outcome] == [StoreError]
+    recorder.flush()
+    assert [s.session_id for s in recorder.drain_completed()] == [first[0].session_id]
+
+
 def test_an_idle_recorder_still_saves_finished_sessions(tmp_path: Path) -> None:
     store = JsonDirStore(tmp_path / "store")
     with AutoPersistingRecorder(store, checkpoint_every=10**9, checkpoint_interval=0.02) as persisting:

@@ -39,7 +39,7 @@ import gc
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable
 from functools import partial
 from itertools import count, repeat
 from typing import Any, ClassVar
@@ -345,6 +345,24 @@ class _HeldSession:
         self.children.clear()
 
 
+class _Deferral:
+    """`SessionRecorder.deferred_callbacks`: one per recorder, its depth kept per thread,
+    so a wrapper may enter it for every event it feeds (a generator-based one cost more
+    than the rest of a journaled event's overhead)."""
+
+    __slots__ = ("_deferring", "_run_callbacks")
+
+    def __init__(self, deferring: threading.local, run_callbacks: Callable[[], None]) -> None:
+        self._deferring, self._run_callbacks = deferring, run_callbacks
+
+    def __enter__(self) -> None:
+        self._deferring.depth = getattr(self._deferring, "depth", 0) + 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._deferring.depth -= 1
+        self._run_callbacks()
+
+
 class SessionRecorder:
     """Records an AgentEvent stream into Sessions.
 
@@ -403,6 +421,7 @@ class SessionRecorder:
         self._callbacks: deque[tuple[SessionCallback, Session, _HeldSession | None]] = deque()
         self._callback_runner = threading.Lock()  # held by the one thread running them
         self._deferring = threading.local()  # `deferred_callbacks` blocks open in this thread
+        self._deferral = _Deferral(self._deferring, self._run_callbacks)
 
     # -- feeding ------------------------------------------------------------------
 
@@ -785,19 +804,13 @@ class SessionRecorder:
         else:  # `flush` completed it and it was drained: what was handed over is never modified
             self._amendable(session).session.rejected = True
 
-    @contextlib.contextmanager
-    def deferred_callbacks(self) -> Iterator[None]:
+    def deferred_callbacks(self) -> contextlib.AbstractContextManager[None]:
         """Hold ``before_task``/``after_task`` back until the block ends, then run them.
 
         For a wrapper that calls the recorder under a lock of its own: enter this
         first, then take that lock, so the callbacks run once both are released.
         """
-        self._deferring.depth = getattr(self._deferring, "depth", 0) + 1
-        try:
-            yield
-        finally:
-            self._deferring.depth -= 1
-            self._run_callbacks()
+        return self._deferral
 
     def _call(self, callback: SessionCallback, session: Session) -> Any:
         # A failing callback must not break recording: report it and go on.

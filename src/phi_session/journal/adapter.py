@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from .._checks import check_type
 from ..errors import StoreError
 from ..events import AgentEvent
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from .writer import Journal
+
+_Item = TypeVar("_Item", AgentEvent, bytes | str)
 
 
 class JournaledRecorder:
@@ -27,6 +31,8 @@ class JournaledRecorder:
     given the same `Journal` is refused (`JournalLocked`); and a recorder is fed by one
     journal: a second `JournaledRecorder` given the same recorder is refused (`InvalidArgument`)
     until the first one's journal is closed (`close`), which frees the recorder for another.
+    From then on this one refuses events (`StoreError`), one given while it closes included:
+    none is recorded unjournaled.
     """
 
     def __init__(
@@ -45,8 +51,11 @@ class JournaledRecorder:
         self._last_seq = journal.last_seq
         # Called for every kept event of a stream: bind what it uses once.
         self._append, self._commit = journal.append_json, journal.commit
-        self._apply_event: Callable[[AgentEvent], None] = self.recorder.on_event
-        self._apply_json: Callable[[bytes | str], None] = self.recorder.on_json
+        self._apply_event, self._apply_json = self.recorder.on_event, self.recorder.on_json
+        self._deferred_callbacks = self.recorder.deferred_callbacks()  # reusable, per thread
+        # Held while an event goes in and while the journal's hook is released: an event
+        # either meets the hook (which a closed journal refuses) or is refused here.
+        self._gate = threading.RLock()
         self.recorder.set_write_ahead(self._write_ahead)  # refused if another journal's is set
         try:
             journal.claim(self._journal_closed)
@@ -65,12 +74,16 @@ class JournaledRecorder:
         self.journal.close()
 
     def _journal_closed(self) -> None:
-        # The recorder is free for another journal; events given here now would go unjournaled.
-        self.recorder.release_hooks(self._write_ahead)
-        self._apply_event = self._apply_json = self._refuse
+        # The recorder is free for another journal; `_record` refuses what comes here now.
+        with self._gate:
+            self.recorder.release_hooks(self._write_ahead)
 
-    def _refuse(self, _: object) -> None:
-        raise StoreError(f"journal {self.journal.directory} is closed")
+    def _record(self, apply: Callable[[_Item], None], item: _Item) -> None:
+        # The recorder's callbacks run once the gate is released (one may feed us from another thread).
+        with self._deferred_callbacks, self._gate:
+            if self.journal.closed:  # its hook may be gone: the event would go unjournaled
+                raise StoreError(f"journal {self.journal.directory} is closed")
+            apply(item)
 
     def _write_ahead(self, payload: bytes | str) -> None:
         # The commit (an fsync under "always") waits until the recorder's lock is released.
@@ -86,12 +99,12 @@ class JournaledRecorder:
 
     def on_event(self, event: AgentEvent, *, commit: bool = True) -> int:
         """Journal `event` (unless the recorder drops it), then record it."""
-        self._apply_event(event)
+        self._record(self._apply_event, event)
         return self._committed(commit)
 
     def on_json(self, data: bytes | str, *, commit: bool = True) -> int:
         """Journal one phi-core JSON line (unless the recorder drops it), then record it."""
-        self._apply_json(data)
+        self._record(self._apply_json, data)
         return self._committed(commit)
 
     def record_all(self, events: Iterable[AgentEvent]) -> int:
