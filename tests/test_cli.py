@@ -1724,6 +1724,29 @@ def test_record_of_a_stream_whose_first_line_is_a_broken_object_records_the_rest
     assert (totals["events"], totals["malformed_lines"]) == (len(example_lines()), 1)
 
 
+@pytest.mark.parametrize(
+    "first", ['{"format": "phi-core-events", "version": 1}', '{"type": "FromANewerPhiCore"}']
+)
+def test_record_of_a_stream_after_a_whole_json_line_records_the_rest_reading_no_more_to_tell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    """Telling such a stream from a session file read the whole file into memory (three
+    times its size at the peak), as a session file's check."""
+    from phi_session.cli import commands
+
+    read: list[int] = []
+    read_sessions = commands._read_sessions
+    monkeypatch.setattr(
+        commands, "_read_sessions", lambda data: read.append(len(data)) or read_sessions(data)
+    )
+    (tmp_path / "in.jsonl").write_text(first + "\n" + "\n".join(example_lines()) + "\n")
+    result = run("record", tmp_path / "in.jsonl", "--dir", tmp_path / "out", "--json")
+    assert result.exit_code == EXIT_OK, result.stderr
+    totals = json.loads(result.stdout)["totals"]
+    assert (totals["events"], totals["malformed_lines"]) == (len(example_lines()), 1)
+    assert read == []
+
+
 @pytest.mark.parametrize("content", [b"", b"\n\n", b"garbage\n" * 3, bytes(range(256)) * 4])
 def test_record_of_nothing_valid_fails(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "in.jsonl").write_bytes(content)

@@ -597,16 +597,41 @@ def _is_session_file(source: _LineSource, first: bytes, may_wait: bool) -> bool:
         return False
     except DecodeError:
         pass
-    whole = first
-    if not may_wait:  # a file: read whole, then read on from where it was
+    try:
+        msgspec.json.decode(first)
+    except msgspec.DecodeError:
+        # Not JSON on its own: a pretty-printed file starts with a bracket alone on its
+        # line, which a file is read whole for; any other line is a broken one of a
+        # stream, whose size is not to be held in memory to tell.
+        if may_wait or first.strip() not in (b"{", b"["):
+            return False
         at = source.stream.tell()
-        whole += source.stream.read()
+        whole = first + source.stream.read()
         source.stream.seek(at)
+    else:
+        # One line holding a whole value: a session file only if nothing else follows
+        # (a header line some tools write before their events is not one).
+        if not may_wait and not _only_whitespace_follows(source.stream):
+            return False
+        whole = first
     try:
         sessions = _read_sessions(whole)
     except DecodeError:
         return False
     return bool(sessions) and all(isinstance(session, Session) for session in sessions)
+
+
+def _only_whitespace_follows(stream: IO[bytes]) -> bool:
+    """Whether `stream` (a file) holds nothing but whitespace from where it is; read in
+    chunks, stopping at the first other byte, then put back where it was."""
+    at = stream.tell()
+    try:
+        while chunk := stream.read(1 << 16):
+            if chunk.strip():
+                return False
+        return True
+    finally:
+        stream.seek(at)
 
 
 def _record_line(
