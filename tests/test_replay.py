@@ -58,6 +58,7 @@ from phi_session.replay import (
     ReplayCursor,
     ReplayScript,
     RequestShape,
+    active_lineage,
     fork,
     fork_lineage,
     recording_as,
@@ -1142,6 +1143,39 @@ def test_adapter_runs_inside_recording_as_join_the_original_session(world: World
     assert two.metadata == {"framework": "test", **replay_lineage(script).metadata}
     assert loops[outside.loop.loop_id].session_id != session.session_id
     assert loops[outside.loop.loop_id].kind == INITIAL
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_every_cursor_replaying_the_blocks_session_serves_its_runs_and_no_other(
+    world: World, given: bool
+) -> None:
+    # One replay model per agent of a handoff, each its own cursor, in one agent's block.
+    session, _ = world.original()
+    script = ReplayScript.from_session(session)
+    elsewhere = ReplayScript.from_session(msgspec.structs.replace(session, session_id="another"))
+    first, sibling, stranger = ReplayCursor(script), ReplayCursor(script), ReplayCursor(elsewhere)
+    recorder = SessionRecorder()
+    core = AdapterCore("test", [recorder], agent=AgentSession(clock=FakeClock("2025-06-02T09:00:00Z")))
+    with recording_as(replay_lineage(script), first if given else None):
+        run = core.start_run("r", SNAP)
+        for cursor in (first, sibling, stranger):
+            assert cursor.respond(script.turns[0].request) == script.turns[0].reply
+            with run.loop.turn() as turn, turn.assistant() as message:
+                message.finish("rebuilt by the framework", usage=script.turns[0].reply.usage)
+        # What the framework reports of a tool call a replay answered is taken back from
+        # whichever of the block's cursors answered it.
+        block = active_lineage()
+        assert block is not None
+        answer = script.turns[0].tool_results[0]
+        sibling.answered("c1", answer)
+        stranger.answered("c2", answer)
+        assert block.take_answered("c1") == answer and block.take_answered("c1") is None
+        assert block.take_answered("c2") is None
+        core.end_run("r")
+    recorder.flush()
+    (record,) = [loop for s in recorder.drain_completed() for loop in s.loops]
+    assert [is_replayed(turn.output_message) for turn in record.turns] == [True, True, False]
+    assert record.billed_usage() == script.turns[0].reply.usage
 
 
 def test_a_handoff_inside_recording_as_is_marked_as_part_of_the_replay(world: World) -> None:

@@ -495,6 +495,71 @@ def test_a_replay_model_per_agent_answers_only_its_own_agents_tool_calls(
     assert router.cursor.finished and calc.cursor.finished
 
 
+def test_a_replay_model_per_agent_bills_none_of_either_agents_replies(
+    transferred: Session, store: SqliteStore
+) -> None:
+    router_loop, calc_loop = (loop.loop_id for loop in transferred.loops)
+    router, calc = ReplayLlm(transferred, router_loop), ReplayLlm(transferred, calc_loop)
+    with router.recording():  # the router's block: the calculator's replies are served too
+        run(
+            transferring(router, calc),
+            store,
+            calc.tools_plugin("calc_tools"),
+            router.tools_plugin("router_tools"),
+        )
+    session = store.load(SESSION)
+    replayed = session.loops[len(transferred.loops) :]
+    assert [loop.turn_count() for loop in replayed] == [1, 2]
+    assert all(is_replayed(turn.output_message) for loop in replayed for turn in loop.turns)
+    assert session.billed_usage() == transferred.billed_usage()
+    (summary,) = store.query()
+    assert summary.usage == transferred.billed_usage()
+
+
+def transferring_to_failure(router: BaseLlm, calc: BaseLlm) -> LlmAgent:
+    """A router handing over to an agent whose tool fails, the error handled by a callback."""
+    helper = LlmAgent(
+        name="calc",
+        model=calc,
+        instruction="Try.",
+        tools=[explode],
+        on_tool_error_callback=as_error,
+        description="Tries.",
+    )
+    return LlmAgent(name="router", model=router, instruction="Route.", sub_agents=[helper])
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_a_transferred_agents_handled_tool_error_replays_as_the_recorded_error(
+    store: SqliteStore, chain: bool
+) -> None:
+    router = ScriptedLlm(model="router-1", script=[[("transfer_to_agent", {"agent_name": "calc"})]])
+    calc = ScriptedLlm(model="calc-1", script=[[("explode", {"reason": "x"})], ["It failed."]])
+    run(transferring_to_failure(router, calc), store)
+    original = store.load(SESSION)
+    router_loop, calc_loop = original.loops
+    RUNS.clear()
+    if chain:
+        model = ReplayLlm(original, calc_loop.loop_id, chain=True)
+        with model.recording():
+            run(transferring_to_failure(model, model), store, model.tools_plugin())
+    else:
+        router_model = ReplayLlm(original, router_loop.loop_id)
+        calc_model = ReplayLlm(original, calc_loop.loop_id)
+        with router_model.recording():  # the calculator's answered results are taken back too
+            run(
+                transferring_to_failure(router_model, calc_model),
+                store,
+                calc_model.tools_plugin("calc_tools"),
+                router_model.tools_plugin("router_tools"),
+            )
+    assert RUNS == []
+    replayed = store.load(SESSION).loops[-1]
+    (result,) = [m for m in replayed.messages if isinstance(m, ToolResultMessage)]
+    assert result.is_error and result.content[0].text == "explode failed: ValueError: tool failed: x"  # type: ignore[union-attr]
+    assert turns(replayed) == turns(calc_loop)
+
+
 def test_one_replay_model_for_a_chain_names_each_loops_model(
     transferred: Session, store: SqliteStore
 ) -> None:

@@ -710,6 +710,29 @@ def test_a_handoff_run_replays_whole_by_default(recorder: SessionRecorder) -> No
     assert ReplayScript.from_session(session_of(recorder), second.loop_id).loop_ids == (second.loop_id,)
 
 
+def test_a_handoff_replayed_with_a_model_per_agent_serves_both_agents_replies(
+    recorder: SessionRecorder,
+) -> None:
+    a, _ = handing_off(
+        ScriptedModel([[function_call("transfer_to_b", {}, call_id="h1")]], emit_traces=True),
+        ScriptedModel(
+            [[function_call("lookup", {"key": "x"}, call_id="b1")], [assistant_message("B done")]],
+            emit_traces=True,
+        ),
+    )
+    run(a)
+    first, second = session_of(recorder).loops
+    a_model = ReplayModel(session_of(recorder), first.loop_id)
+    b_model = ReplayModel(session_of(recorder), second.loop_id)
+    replayed_a, replayed_b = handing_off(no_model(), no_model())
+    with a_model.recording():  # A's block: B's model serves its replies in it too
+        result = run(a_model.agent(replayed_a).clone(handoffs=[b_model.agent(replayed_b)]))
+    assert result.final_output == "B done" and a_model.cursor.finished and b_model.cursor.finished
+    replayed = session_of(recorder).loops[2:]
+    assert [loop.turn_count() for loop in replayed] == [1, 2]
+    assert all(is_replayed(turn.output_message) for loop in replayed for turn in loop.turns)
+
+
 class NamedModel(ScriptedModel):
     """A scripted model with a model name, where the SDK's models keep it."""
 

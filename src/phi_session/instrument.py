@@ -1208,10 +1208,10 @@ class Tracer:
           each reply finished while a recorded reply the cursor served is not yet
           recorded is that one, and is marked as served
           (`phi_session.model.is_replayed`), so no roll-up bills it. An adapter gives
-          the `phi_session.replay.recording_as` block it runs in (its cursor may be
-          known only once it answers the first call): the loop's replies are then those
-          the cursor served to model calls made where the loop's run runs
-          (`phi_session.replay.lineage.calling`), not a concurrent run's.
+          the `phi_session.replay.recording_as` block it runs in (its cursors, one per
+          agent of a handoff say, may be known only once they answer a call): the
+          loop's replies are then those they served to model calls made where the
+          loop's run runs (`phi_session.replay.lineage.calling`), not a concurrent run's.
         """
         check_type("config", config, LoopConfigSnapshot, optional=True)
         check_type("config_id", config_id, str, optional=True)

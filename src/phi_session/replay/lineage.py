@@ -52,6 +52,7 @@ from .script import REPLAY_TAG, ReplayScript
 
 if TYPE_CHECKING:
     from ..instrument import LoopScope
+    from ..messages import ToolResultMessage
     from .cursor import ReplayCursor
 
 __all__ = [
@@ -129,34 +130,48 @@ def fork_lineage(script: ReplayScript, turn: int, *, tag: str = "fork", change: 
 
 
 class ActiveLineage:
-    """The lineage of a ``recording_as`` block, the cursor answering its model calls (given,
-    or the first to answer one inside the block), the replies it served to each of the
-    block's loops, and whether its first run has started."""
+    """The lineage of a ``recording_as`` block, the replay cursors answering its model calls
+    (the one given, and every cursor replaying the lineage's session: one per agent of a
+    handoff, say), the replies they served to each of the block's loops, and whether its
+    first run has started."""
 
-    __slots__ = ("_claimed", "_lock", "_served", "cursor", "lineage")
+    __slots__ = ("_claimed", "_cursors", "_lock", "_served", "lineage")
 
     def __init__(self, lineage: Lineage, cursor: ReplayCursor | None = None) -> None:
         self.lineage = lineage
-        self.cursor = cursor
         self._lock = threading.Lock()
         self._claimed = False
+        # The block's cursors that served a reply in it (the given one from the start).
+        self._cursors: list[ReplayCursor] = [] if cursor is None else [cursor]
         self._served: dict[str, int] = {}  # loop id -> the recorded replies served to its calls
 
     def served(self, cursor: ReplayCursor, loop_id: str) -> None:
         """`cursor` served a recorded reply to a model call of loop `loop_id`: counted if it
-        is the block's cursor (taken, if the block has none)."""
+        is the block's given cursor or replays the lineage's session. Another session's
+        (a replayed sub-agent's, whose calls run inside the loop's run) serves its own."""
         with self._lock:
-            if self.cursor is None:
-                self.cursor = cursor
-            if self.cursor is cursor:
-                self._served[loop_id] = self._served.get(loop_id, 0) + 1
+            if cursor not in self._cursors:
+                if cursor.script.session_id != self.lineage.session.session_id:
+                    return
+                self._cursors.append(cursor)
+            self._served[loop_id] = self._served.get(loop_id, 0) + 1
 
     def served_in(self, loop_id: str) -> int:
-        """How many recorded replies the block's cursor served to model calls of loop
+        """How many recorded replies the block's cursors served to model calls of loop
         `loop_id` (what the loop marks as served, `phi_session.instrument.Tracer.loop`'s
         ``replay``): a live run's loop in the same block is served none."""
         with self._lock:
             return self._served.get(loop_id, 0)
+
+    def take_answered(self, call_id: str) -> ToolResultMessage | None:
+        """The recorded result one of the block's cursors answered tool call `call_id`
+        with (`ReplayCursor.take_answered`), once; None for a call that ran."""
+        with self._lock:
+            cursors = tuple(self._cursors)
+        for cursor in cursors:
+            if (result := cursor.take_answered(call_id)) is not None:
+                return result
+        return None
 
     def continuation(self, last_loop_id: str | None) -> tuple[str | None, ContinuationKind]:
         """``(parent loop id, kind)`` of the next top-level run: the lineage's for the
@@ -180,10 +195,11 @@ def recording_as(lineage: Lineage, cursor: ReplayCursor | None = None) -> Iterat
 
     `cursor`: the `ReplayCursor` answering their model calls (a framework replay
     model's): the replies it serves are recorded tagged as served, so that no roll-up
-    bills them (`phi_session.instrument.Tracer.loop`'s ``replay``). Without it, the
-    first cursor to answer a model call inside the block is taken (`answered`). A reply
-    is the served one of the run whose model call it answered (`calling`): a live run
-    beside a replayed one in the block bills its own replies."""
+    bills them (`phi_session.instrument.Tracer.loop`'s ``replay``). So are those of every
+    other cursor replaying the lineage's session (`answered`): a replay model per agent
+    of a handoff, the block given one of them or none. A reply is the served one of the
+    run whose model call it answered (`calling`): a live run beside a replayed one in
+    the block bills its own replies."""
     if not isinstance(lineage, Lineage):
         raise TypeError(f"expected a Lineage, got {type(lineage).__name__}")
     token = _active.set(ActiveLineage(lineage, cursor))

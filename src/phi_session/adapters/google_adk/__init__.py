@@ -147,11 +147,10 @@ def _json_text(value: Any) -> str:
 
 def _replayed_result(tool_context: ToolContext) -> ToolResultMessage | None:
     """The recorded result a replay answered the call with (`ReplayLlm.tools_plugin`),
-    if the cursor of the enclosing ``recording_as`` block did."""
+    if a cursor of the enclosing ``recording_as`` block did (any agent's replay model)."""
     lineage = active_lineage()
-    cursor = lineage.cursor if lineage is not None else None
     call_id = tool_context.function_call_id
-    return cursor.take_answered(call_id) if cursor is not None and call_id is not None else None
+    return lineage.take_answered(call_id) if lineage is not None and call_id is not None else None
 
 
 def _partial_arg_text(arg: types.PartialArg) -> str | None:

@@ -19,7 +19,8 @@ response. Past a fork point (`until_turn`) or after a divergence with
 ADK runs tools outside the model: `ReplayLlm.tools_plugin` answers each tool call of a
 replayed turn from its ``before_tool_callback`` with the recorded result, so ADK
 skips the tool (the after-tool callbacks still run: `PhiPlugin` records the recorded
-result, an error as an error, when the cursor is its ``recording_as`` block's).
+result, an error as an error, when the cursor is one of its ``recording_as`` block's:
+the given one, or any replaying the block's session, as each agent's of a transfer).
 The answer is the function response the next recorded turn's request sent for the
 call (with ``capture_requests=True``), else the recorded result read as JSON (a
 string that is no JSON stays itself: a tool returning the string ``"5"`` is then
