@@ -418,6 +418,24 @@ def test_a_hand_loop_replay_fails_where_the_model_call_failed(world: World) -> N
     assert original.status == "Aborted"
     assert isinstance(raised, RecordedModelError) and str(raised) == "RuntimeError: rate limited"
     assert replay.status == "Aborted" and replay.turn_count() == original.turn_count() == 2
+    # Recorded as the original's failure, not as the replay's RecordedModelError.
+    failures = [loop.turns[1].output_message for loop in (original, replay)]
+    assert {(m.stop_reason, m.error_message) for m in failures} == {("error", "RuntimeError: rate limited")}  # type: ignore[union-attr]
+
+
+def test_a_failure_the_run_went_on_from_is_raised_only_with_every_failure(world: World) -> None:
+    session, _ = world.original()
+    script = ReplayScript.from_session(session)
+    first = script.turns[0]
+    failed = msgspec.structs.replace(
+        first.reply, content=(), stop_reason="error", error_message="RuntimeError: rate limited"
+    )
+    script = msgspec.structs.replace(
+        script, turns=(msgspec.structs.replace(first, reply=failed), *script.turns[1:])
+    )
+    assert ReplayCursor(script).recorded_reply(first.request) is failed  # an answer the agent took
+    with pytest.raises(RecordedModelError, match=r"^RuntimeError: rate limited$"):
+        ReplayCursor(script).recorded_reply(first.request, every_failure=True)
 
 
 def test_a_hand_loop_replay_fails_where_a_tool_failed(world: World) -> None:

@@ -20,6 +20,7 @@ pytest.importorskip("langchain.agents", reason="create_agent needs: pip install 
 from pathlib import Path
 
 from langchain.agents import create_agent
+from langchain.agents.middleware import ModelFallbackMiddleware
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
@@ -85,10 +86,11 @@ def run_agent(
     mode: str = "invoke",
     capture_requests: bool = True,
     callbacks: Sequence[Any] = (),
+    middleware: Sequence[Any] = (),
 ) -> Any:
     """One run of the agent, recorded into `store` (the adapter's default sink); `callbacks`
     are called after the adapter's."""
-    agent = create_agent(model, tools=tools, system_prompt=system)
+    agent = create_agent(model, tools=tools, system_prompt=system, middleware=middleware)
     phi = PhiCallbackHandler(store=store, capture_requests=capture_requests)
     config: Any = {"callbacks": [phi, *callbacks], "configurable": {"thread_id": THREAD}}
     inputs = {"messages": [("user", QUESTION)]}
@@ -422,6 +424,38 @@ def test_a_model_failure_that_ended_the_run_fails_the_replay_there(store: Sqlite
     assert RUNS == [] and model.cursor.finished and model.divergence is None
     replayed = the_other(store.load(THREAD), original.loops[0])
     assert replayed.status == "Aborted" and replayed.turn_count() == 2
+
+
+class RateLimited(ScriptedChat):
+    """A provider that always fails."""
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("rate limited")
+
+
+def test_a_model_failure_the_run_recovered_from_fails_the_replayed_call_too(store: SqliteStore) -> None:
+    # The failure came back as an empty successful answer: the replay ended on it, after
+    # one turn, with output '' and no divergence.
+    backup = ScriptedChat(messages=iter([reply("", ("c1", "add", {"a": 1, "b": 1})), reply("two")]))
+    out = run_agent(
+        RateLimited(messages=iter([])), [add], store, middleware=[ModelFallbackMiddleware(backup)]
+    )
+    assert out["messages"][-1].content == "two"
+    (first,) = store.load(THREAD).loops
+    stops = [turn.output_message.stop_reason for turn in first.turns]  # type: ignore[union-attr]
+    assert first.status == "Completed" and stops == ["error", "toolUse", "error", "stop"]
+    RUNS.clear()
+    model = ReplayChatModel(store.load(THREAD))  # where both models go: the fallback answers too
+    with model.recording():
+        out = run_agent(model, model.wrap_tools([add]), store, middleware=[ModelFallbackMiddleware(model)])
+    assert out["messages"][-1].content == "two"
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    replayed = the_other(store.load(THREAD), first)
+    assert replayed.status == "Completed" and replayed.kind.tag == "replay"
+    assert turns(replayed) == turns(first)  # the failures recorded with their original text
+    assert all(is_replayed(turn.output_message) for turn in replayed.turns)
+    (summary,) = store.query()
+    assert summary.usage == first.usage
 
 
 class SelfBinding(ScriptedChat):

@@ -179,6 +179,6 @@ class RecordedToolError(PhiSessionError, RuntimeError):
 
 class RecordedModelError(PhiSessionError, RuntimeError):
     """A replayed model call's recorded failure (the call raised, which ended the original
-    run: its reply stopped with ``error`` or ``aborted``), raised in the model's place so
-    the replay fails where the original did; the message is the recorded error text
-    (e.g. ``"RuntimeError: rate limited"``)."""
+    run: its reply stopped with ``error`` or ``aborted``; for LangChain, any failure), raised
+    in the model's place so the replay fails where the original did; the message is the
+    recorded error text (e.g. ``"RuntimeError: rate limited"``), which the replay records."""

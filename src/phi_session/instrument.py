@@ -81,7 +81,7 @@ from ._failures import FailureTally
 from ._strict import MAX_VALUE_DEPTH, clip_depth
 from ._time import Timestamp
 from .codec import EVENT_CLASSES, HOOKED_ONLY_AS_KEYS, check_recordable, json_form, not_an_event
-from .errors import InstrumentationError, InvalidArgument
+from .errors import InstrumentationError, InvalidArgument, RecordedModelError
 from .events import (
     DEFAULT,
     INITIAL,
@@ -518,6 +518,8 @@ _R = TypeVar("_R", bound=msgspec.Struct)
 def _describe(error: BaseException | str) -> str:
     if isinstance(error, str):
         return error
+    if isinstance(error, RecordedModelError):
+        return str(error)  # a replay raising a recorded failure: recorded as the original was
     name = type(error).__name__
     try:
         text = str(error)

@@ -149,10 +149,12 @@ def replay_recording(
     return recording_as(fork_lineage(cursor.script, cursor.until_turn, tag=tag, change=change), cursor)
 
 
-def recorded_reply(cursor: ReplayCursor, request: AnnotatedRequestPayload) -> AssistantMessage | None:
+def recorded_reply(
+    cursor: ReplayCursor, request: AnnotatedRequestPayload, *, every_failure: bool = False
+) -> AssistantMessage | None:
     """What a replay model answers a model call with: `ReplayCursor.recorded_reply` to
-    `request` (the call's request as the adapter records it)."""
-    return cursor.recorded_reply(RequestShape.from_payload(request))
+    `request` (the call's request as the adapter records it), `every_failure` as there."""
+    return cursor.recorded_reply(RequestShape.from_payload(request), every_failure=every_failure)
 
 
 def require_extra(extra: str, *modules: str) -> None:

@@ -341,7 +341,9 @@ class ReplayCursor:
             assert result is not None  # _call_problem reports a missing result
             return replace(result, turn_id=None)
 
-    def recorded_reply(self, request: RequestShape) -> AssistantMessage | None:
+    def recorded_reply(
+        self, request: RequestShape, *, every_failure: bool = False
+    ) -> AssistantMessage | None:
         """`respond`, with a reply that failed the original run raised again.
 
         A reply that failed the original run (the model call raised: a reply stopped with
@@ -349,11 +351,14 @@ class ReplayCursor:
         raised as `RecordedModelError` instead, with the recorded error text: the replay
         fails where the original did, rather than ending on an empty reply as if it had
         succeeded. A failed reply the run went on from (a response the agent took as it
-        was) is returned, for the replay to answer as that response."""
+        was) is returned, for the replay to answer as that response; with
+        `every_failure`, for a framework whose model failures are always exceptions
+        (LangChain), it is raised too, so that what the run went on with (a fallback
+        model, a retry) sees the failure the original saw."""
         reply = self.respond(request)
         if reply is not None and reply.stop_reason in ("error", "aborted"):
             # `respond` returns the script's own reply objects.
-            if any(turn.reply is reply and turn.aborted for turn in self.script.turns):
+            if every_failure or any(turn.reply is reply and turn.aborted for turn in self.script.turns):
                 raise RecordedModelError(reply.error_message or reply.stop_reason)
         return reply
 

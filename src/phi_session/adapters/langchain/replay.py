@@ -8,8 +8,12 @@
 `ReplayChatModel` turns each request into a `RequestShape` with the adapter's own
 request converter (what ``PhiCallbackHandler(capture_requests=True)`` records), so an
 unchanged agent matches its recording, and answers with the recorded reply as an
-``AIMessage``. Past a fork point (`until_turn`) or after a divergence with
-``on_divergence="fallback"`` it hands the call to `fallback`, any other chat model.
+``AIMessage``. A recorded model failure is raised again (`RecordedModelError`, with
+the recorded text), also one the run went on from: a LangChain model fails by raising,
+so a fallback (``ModelFallbackMiddleware``) or a retry sees it as the original did; put
+the replay model in their place too, to replay what answered after it. Past a fork
+point (`until_turn`) or after a divergence with ``on_divergence="fallback"`` it hands
+the call to `fallback`, any other chat model.
 
 LangChain runs tools outside the model: `ReplayChatModel.wrap_tools` wraps the
 agent's tools so that each call of a replayed turn is answered with its recorded
@@ -251,7 +255,8 @@ class ReplayChatModel(BaseChatModel):
     def _recorded(self, messages: list[BaseMessage], kwargs: Mapping[str, Any]) -> ChatResult | None:
         # The request as the adapter records it (`_request`), so an unchanged agent matches.
         payload = _request(messages, {"tools": kwargs.get("tools")}, "", 0, self._converted)
-        reply = recorded_reply(self.cursor, payload)
+        # A LangChain model fails by raising, even where the run went on (a fallback, a retry).
+        reply = recorded_reply(self.cursor, payload, every_failure=True)
         return None if reply is None else ChatResult(generations=[ChatGeneration(message=_ai_message(reply))])
 
     def _handed_over(self, kwargs: Mapping[str, Any]) -> tuple[BaseChatModel, dict[str, Any]]:
