@@ -1023,35 +1023,48 @@ def test_the_example_records_into_a_store_and_a_restart_continues_the_session(
     assert printed[-1].split()[2] == "Default"
 
 
-def test_a_handoff_between_agents_ends_the_loop_and_the_next_agent_continues_it() -> None:
-    @tool
-    def transfer_to_bob(tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:
-        """Hand the conversation to Bob."""
-        return Command(
-            goto="bob",
-            graph=Command.PARENT,
-            update={"messages": [ToolMessage(content="Bob takes over", tool_call_id=tool_call_id)]},
-        )
-
-    alice = create_agent(
-        chat(reply("", ("h1", "transfer_to_bob", {}), model="alice-model")),
-        tools=[transfer_to_bob],
-        name="alice",
+@tool
+def transfer_to_bob(tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:
+    """Hand the conversation to Bob."""
+    return Command(
+        goto="bob",
+        graph=Command.PARENT,
+        update={"messages": [ToolMessage(content="Bob takes over", tool_call_id=tool_call_id)]},
     )
-    bob = create_agent(chat(reply("Bob here", model="bob-model")), tools=[], name="bob")
+
+
+def team(alice_model: Any, bob_model: Any) -> Any:
+    """Alice, who hands the conversation over to Bob (`transfer_to_bob`), then Bob."""
+    alice = create_agent(alice_model, tools=[transfer_to_bob], name="alice")
+    bob = create_agent(bob_model, tools=[], name="bob")
     graph = StateGraph(State)
     graph.add_node("alice", alice, destinations=("bob",))
     graph.add_node("bob", bob)
     graph.add_edge(START, "alice")
     graph.add_edge("bob", END)
+    return graph.compile()
+
+
+def team_models() -> tuple[ScriptedChat, ScriptedChat]:
+    """Alice's model, which calls `transfer_to_bob`, and Bob's, which answers."""
+    return chat(reply("", ("h1", "transfer_to_bob", {}), model="alice-model")), chat(
+        reply("Bob here", model="bob-model")
+    )
+
+
+def test_a_handoff_between_agents_ends_the_loop_and_the_next_agent_continues_it() -> None:
     recorder = SessionRecorder()
     config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "team"}}
-    out = graph.compile().invoke({"messages": [("user", "help")]}, config)
+    out = team(*team_models()).invoke({"messages": [("user", "help")]}, config)
     assert out["messages"][-1].content == "Bob here"
 
     first, second = recorded(recorder)["team"].loops
     assert first.status == second.status == "Completed"
     assert second.parent_loop_id == first.loop_id and second.kind.kind == "Default"
+    # Alice's reply keeps toolUse (the call hands over only once it returns): Bob's loop
+    # names the call that did.
+    assert first.turns[-1].output_message.stop_reason == "toolUse"  # type: ignore[union-attr]
+    assert second.metadata["handoff"] == {"tool_call_id": "h1", "tool_name": "transfer_to_bob"}
     (result,) = [m for m in first.messages if isinstance(m, ToolResultMessage)]
     assert result.content[0].text == "Bob takes over"  # type: ignore[union-attr]
     assert [m.model for m in second.messages if isinstance(m, AssistantMessage)] == ["bob-model"]

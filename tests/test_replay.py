@@ -65,6 +65,7 @@ from phi_session.replay import (
     replay_lineage,
 )
 from phi_session.replay.request import compare_messages, summarize
+from phi_session.replay.script import HANDOFF_KEY
 from phi_session.stores import JsonDirStore
 
 from .conftest import GOLDEN
@@ -675,6 +676,38 @@ def test_the_default_loop_is_the_last_run_that_is_not_a_replay(world: World) -> 
     only_replays = msgspec.structs.replace(session, loops=session.loops[1:2])
     with pytest.raises(LoopNotFound, match="replays do not count"):
         ReplayScript.from_session(only_replays)
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "metadata", "handed_over"),
+    [
+        ("handoff", None, True),
+        # A LangGraph handoff tool: the reply keeps toolUse, the next loop names the call.
+        ("toolUse", {HANDOFF_KEY: {"tool_call_id": "h1", "tool_name": "transfer_to_bob"}}, True),
+        ("toolUse", None, False),  # a later run of the conversation: replayed alone
+    ],
+)
+def test_the_default_run_has_the_loops_that_handed_over_to_it(
+    world: World, stop_reason: str, metadata: dict[str, Any] | None, handed_over: bool
+) -> None:
+    def body(tracer: Tracer) -> None:
+        with tracer.loop() as alice:
+            alice.user(PROMPT)
+            handoff = msgspec.structs.replace(
+                reply("", [ToolCall(id="h1", name="transfer_to_bob", arguments={})]), stop_reason=stop_reason
+            )
+            with alice.turn() as turn:
+                with turn.assistant() as message:
+                    message.finish(message=handoff)
+                with turn.tool(turn.tool_calls[0]) as tool:
+                    tool.result("Bob takes over")
+        with tracer.loop(continues=alice.loop_id, metadata=metadata) as bob, bob.turn() as turn:
+            with turn.assistant() as message:
+                message.finish(message=reply("Bob here."))
+
+    alice, bob = world.record(body).loops
+    expected = (alice.loop_id, bob.loop_id) if handed_over else (bob.loop_id,)
+    assert ReplayScript.from_session(world.store.load(alice.session_id)).loop_ids == expected
 
 
 def steered_agent(loop: LoopScope, model: ModelFn, recorded: RecordedModel | None = None) -> None:

@@ -33,7 +33,7 @@ from phi_session.errors import RecordedModelError, RecordedToolError, ReplayDive
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session, is_replayed
 
-from .test_adapter_langchain import ScriptedChat, reply
+from .test_adapter_langchain import ScriptedChat, reply, team, team_models
 
 SYSTEM = "You are a calculator: use the tools."
 THREAD = "calc-thread"
@@ -456,6 +456,31 @@ def test_a_model_failure_the_run_recovered_from_fails_the_replayed_call_too(stor
     assert all(is_replayed(turn.output_message) for turn in replayed.turns)
     (summary,) = store.query()
     assert summary.usage == first.usage
+
+
+def test_a_handoff_run_replays_whole_by_default(store: SqliteStore) -> None:
+    # Only Bob's loop was the default (Alice's reply, which handed over, stopped with
+    # toolUse): the unchanged team diverged at once, "tool(s) added: transfer_to_bob".
+    def run(alice_model: Any, bob_model: Any) -> Any:
+        phi = PhiCallbackHandler(store=store, capture_requests=True)
+        try:
+            config: Any = {"callbacks": [phi], "configurable": {"thread_id": THREAD}}
+            return team(alice_model, bob_model).invoke({"messages": [("user", "help")]}, config)
+        finally:
+            phi.close()
+
+    run(*team_models())
+    alice, bob = store.load(THREAD).loops
+    model = ReplayChatModel(store.load(THREAD))
+    assert model.cursor.script.loop_ids == (alice.loop_id, bob.loop_id)
+    with model.recording():
+        out = run(model, model)
+    assert out["messages"][-1].content == "Bob here"
+    assert model.cursor.finished and model.divergence is None
+    _, _, alice_again, bob_again = store.load(THREAD).loops
+    assert (alice_again.kind.tag, alice_again.parent_loop_id) == ("replay", alice.loop_id)
+    assert (bob_again.kind.kind, bob_again.parent_loop_id) == ("Default", alice_again.loop_id)
+    assert [turns(alice_again), turns(bob_again)] == [turns(alice), turns(bob)]
 
 
 class SelfBinding(ScriptedChat):

@@ -39,10 +39,15 @@ from ..messages import (
 from ..model import LoopRecord, Session, Turn
 from .request import RequestShape
 
-__all__ = ["REPLAY_TAG", "RecordedTurn", "ReplayScript"]
+__all__ = ["HANDOFF_KEY", "REPLAY_TAG", "RecordedTurn", "ReplayScript"]
 
 REPLAY_TAG = "replay"
 """The tag of a replay's loop kind: ``Rerun{"replay"}``."""
+HANDOFF_KEY = "handoff"
+"""The ``AgentStart.metadata`` key of a loop that took over by a handoff its predecessor's
+last reply does not show (a LangGraph handoff tool: the reply that called it keeps
+``toolUse``, the call hands over only once it returns): the call that handed over,
+``{"tool_call_id", "tool_name"}``."""
 _REPLAY = ContinuationKind.rerun(REPLAY_TAG)
 
 
@@ -274,17 +279,16 @@ def _of_a_replay(record: LoopRecord) -> bool:
 
 def _handed_over(index: Mapping[str, LoopRecord], before: str, after: str) -> bool:
     """Whether loop `after` took over from loop `before` by a handoff, within one run: it
-    continues it (``Default``) and `before`'s last reply stopped with ``handoff``."""
+    continues it (``Default``) and `before`'s last reply stopped with ``handoff``, or
+    `after`'s metadata names the call that handed over (`HANDOFF_KEY`)."""
     record, earlier = index.get(after), index.get(before)
     if record is None or earlier is None or not earlier.turns:
         return False
+    if record.kind != DEFAULT or record.parent_loop_id != before:
+        return False
     last = earlier.turns[-1].output_message
-    return (
-        record.kind == DEFAULT
-        and record.parent_loop_id == before
-        and isinstance(last, AssistantMessage)
-        and last.stop_reason == "handoff"
-    )
+    named = isinstance(record.metadata, dict) and HANDOFF_KEY in record.metadata
+    return named or (isinstance(last, AssistantMessage) and last.stop_reason == "handoff")
 
 
 def _run_to(session: Session, loop_id: str, index: Mapping[str, LoopRecord]) -> list[str]:
@@ -320,7 +324,8 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
         with turns (a compaction pass or a rejected input made no model call), with
         the loops that handed over to it within its run (an agent's handoff, a
         transfer: a ``Default`` continuation of a loop whose last reply stopped with
-        ``handoff``), first first. So a handoff run replays whole, the last run of the
+        ``handoff``, or one whose metadata names the call that handed over,
+        `HANDOFF_KEY`), first first. So a handoff run replays whole, the last run of the
         agent or the last fork, and a live session object that has since recorded
         replays of it (a `SessionRecorder`'s) still defaults to the run they replayed.
         A `loop_id` given is that loop alone.

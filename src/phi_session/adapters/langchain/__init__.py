@@ -24,7 +24,8 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
 * tool start / end / error are the tool's execution and result (a ``ToolMessage``
   with ``status="error"`` is an error result); a tool returning a ``Command`` with
   ``goto`` hands over: the next model call starts the next agent's loop, continuing
-  this one;
+  this one, its metadata naming the call that handed over (`HANDOFF_KEY`: the reply
+  that made it keeps ``toolUse``);
 * a ``GraphInterrupt`` ends the loop normally, its interrupt values kept in an
   extension message of kind ``langgraph.interrupt``; any other exception ends it
   failed (``Aborted`` plus the error).
@@ -70,6 +71,7 @@ from ...messages import (
     UserMessage,
 )
 from ...replay.lineage import calling
+from ...replay.script import HANDOFF_KEY
 from .._core import (
     AdapterCore,
     ConvertedOnce,
@@ -389,9 +391,10 @@ class _Run:
             converted_once() if capture_requests else _request_message
         )
         """A message in phi-core's form; memoized when every request converts the history."""
-        self.handoff = False
-        """A tool handed the run over (a ``Command`` with ``goto``): the next model call is
-        the next agent's, in a loop continuing this one."""
+        self.handoff: dict[str, str] | None = None
+        """The tool call that handed the run over (a ``Command`` with ``goto``), as the next
+        agent's loop names it (`HANDOFF_KEY`): the next model call is that agent's, in a
+        loop continuing this one."""
         self.children: set[_RunId] = set()
         """The run ids under this one still open: the run's end forgets them, as a run
         cancelled during a model call gets no end of that call (nor of its tools)."""
@@ -656,9 +659,11 @@ class _Mapper:
                 loop = self._loop(run, loop_config(model, provider))
             elif not loop.running:
                 return  # ended under the run: the handler closed, or the interpreter is exiting
-            elif run.handoff:
-                run.handoff = False
-                successor = self.core.handoff(run.key, loop_config(model, provider))
+            elif run.handoff is not None:
+                # Named in the new loop: the reply that made the call keeps toolUse.
+                handoff = {HANDOFF_KEY: run.handoff}
+                run.handoff = None
+                successor = self.core.handoff(run.key, loop_config(model, provider), metadata=handoff)
                 if successor is not None:
                     loop = run.loop = successor.loop
             now = self.core.agent.millis()
@@ -811,7 +816,8 @@ class _Mapper:
             tool.result(content)
         with run.lock:
             run.recorded.add(tool.tool_call_id)
-            run.handoff = run.handoff or handoff
+            if handoff and run.handoff is None:
+                run.handoff = {"tool_call_id": tool.tool_call_id, "tool_name": tool.tool_name}
         tool.end()
 
     def tool_error(self, error: BaseException, run_id: _RunId) -> None:
