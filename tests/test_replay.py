@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -1246,6 +1247,29 @@ def test_a_handoff_inside_recording_as_is_marked_as_part_of_the_replay(world: Wo
     # So a later default replay still picks the original run, not this replay's handoff.
     assert loops[successor.loop.loop_id].metadata == {"framework": "test", "agent": "b", **lineage.metadata}
     assert loops[branch.loop.loop_id].metadata == {"framework": "test", **lineage.metadata}
+
+
+def test_a_reply_served_in_a_thread_that_does_not_see_its_recording_block_is_warned_of_once(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    session, original = world.original()
+    script = ReplayScript.from_session(session)
+    cursor = ReplayCursor(script)
+    with caplog.at_level(logging.WARNING, logger="phi_session.replay"):
+        with recording_as(replay_lineage(script), cursor):
+            thread = threading.Thread(target=served, args=(script, cursor, 2))  # empty context variables
+            thread.start()
+            thread.join()
+        (warning,) = caplog.records  # once for the block, not at each reply
+        assert original.loop_id in warning.getMessage() and "copy_context().run" in warning.getMessage()
+        caplog.clear()
+        # Without a block given the cursor (a hand loop's replay, RecordedModel): nothing to warn of.
+        assert cursor.respond(script.turns[2].request) == script.turns[2].reply
+        with recording_as(replay_lineage(script)):
+            thread = threading.Thread(target=cursor.respond, args=(script.turns[3].request,))
+            thread.start()
+            thread.join()
+    assert cursor.finished and caplog.records == []
 
 
 def test_tracer_for_session_continues_loop_ids_without_a_new_formation(world: World) -> None:

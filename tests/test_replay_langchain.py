@@ -6,8 +6,11 @@ recording), changed (divergence), and forked at turn 2 onto another fake model."
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -193,11 +196,12 @@ def test_the_recorded_run_has_four_turns_two_tools_and_each_request(original: Se
 
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke", "stream"])
 def test_a_replay_without_model_or_tools_records_the_same_run_as_a_rerun(
-    original: Session, store: SqliteStore, mode: str
+    original: Session, store: SqliteStore, mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = ReplayChatModel(original)
-    with model.recording():
+    with model.recording(), caplog.at_level(logging.WARNING, logger="phi_session.replay"):
         out = run_agent(model, model.wrap_tools([add, mul]), store, mode=mode)
+    assert caplog.records == []  # LangGraph's threads and tasks see the recording block
     assert out["messages"][-1].content == "The answer is 42."
     assert RUNS == []  # the tools were answered from the recording
     assert model.cursor.finished and model.divergence is None
@@ -481,6 +485,35 @@ def test_a_handoff_run_replays_whole_by_default(store: SqliteStore) -> None:
     assert (alice_again.kind.tag, alice_again.parent_loop_id) == ("replay", alice.loop_id)
     assert (bob_again.kind.kind, bob_again.parent_loop_id) == ("Default", alice_again.loop_id)
     assert [turns(alice_again), turns(bob_again)] == [turns(alice), turns(bob)]
+
+
+@pytest.mark.parametrize("inherits", [False, True])
+def test_a_replay_run_in_a_thread_that_does_not_see_the_recording_block_is_warned_of(
+    original: Session, store: SqliteStore, caplog: pytest.LogCaptureFixture, inherits: bool
+) -> None:
+    # A pool's thread starts with empty context variables: the replay was recorded as an
+    # ordinary run, its replies billed again (the session's usage doubled), silently.
+    model = ReplayChatModel(original)
+
+    def replayed() -> Any:
+        return run_agent(model, model.wrap_tools([add, mul]), store)
+
+    with caplog.at_level(logging.WARNING, logger="phi_session.replay"):
+        with model.recording(), ThreadPoolExecutor(1) as pool:
+            if inherits:  # the fix the warning names: the block's context, in the thread
+                pool.submit(contextvars.copy_context().run, replayed).result()
+            else:
+                pool.submit(replayed).result()
+    assert model.cursor.finished
+    replay = the_other(store.load(THREAD), original.loops[0])
+    (summary,) = store.query()
+    if inherits:
+        assert caplog.records == [] and replay.kind.tag == "replay"
+        assert summary.usage == original.loops[0].usage
+    else:
+        (warning,) = caplog.records  # once, not at each of the four replies
+        assert "copy_context().run" in warning.getMessage()
+        assert replay.kind.kind == "Default" and not is_replayed(replay.turns[0].output_message)
 
 
 class SelfBinding(ScriptedChat):

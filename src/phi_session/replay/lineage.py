@@ -31,16 +31,23 @@ Two ways to use a lineage:
   later top-level runs of the block (a replayed conversation of several runs)
   continue the previous one (``Default``) with the same metadata. `active_lineage`
   is what the adapter core consults (a context variable: it follows threads'
-  contexts and asyncio tasks created inside the block).
+  contexts and asyncio tasks created inside the block). A thread started inside the
+  block does not see it (a new thread starts with empty context variables): a run
+  there is recorded as an ordinary run, its replies billed; the first reply the
+  block's cursor serves there logs a warning (logger ``phi_session.replay``). Run the
+  thread's work with ``contextvars.copy_context().run`` (taken inside the block), or
+  enter the block inside the thread.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 import msgspec
 
@@ -135,7 +142,7 @@ class ActiveLineage:
     handoff, say), the replies they served to each of the block's loops, and whether its
     first run has started."""
 
-    __slots__ = ("_claimed", "_cursors", "_lock", "_served", "lineage")
+    __slots__ = ("_claimed", "_cursors", "_lock", "_served", "_warned_outside", "lineage")
 
     def __init__(self, lineage: Lineage, cursor: ReplayCursor | None = None) -> None:
         self.lineage = lineage
@@ -144,6 +151,7 @@ class ActiveLineage:
         # The block's cursors that served a reply in it (the given one from the start).
         self._cursors: list[ReplayCursor] = [] if cursor is None else [cursor]
         self._served: dict[str, int] = {}  # loop id -> the recorded replies served to its calls
+        self._warned_outside = False
 
     def served(self, cursor: ReplayCursor, loop_id: str) -> None:
         """`cursor` served a recorded reply to a model call of loop `loop_id`: counted if it
@@ -173,6 +181,21 @@ class ActiveLineage:
                 return result
         return None
 
+    def served_outside(self) -> None:
+        """The block's cursor served a reply in a context that does not see the block: warned
+        of once per block (see the module docstring)."""
+        with self._lock:
+            if self._warned_outside:
+                return
+            self._warned_outside = True
+        logger.warning(
+            "replay of %s: a recorded reply was served in a thread that does not see its "
+            "recording block: the run is recorded as an ordinary run and its replies billed; "
+            "run the thread's work with contextvars.copy_context().run (taken inside the block), "
+            "or enter the block inside the thread",
+            self.lineage.parent_loop_id,
+        )
+
     def continuation(self, last_loop_id: str | None) -> tuple[str | None, ContinuationKind]:
         """``(parent loop id, kind)`` of the next top-level run: the lineage's for the
         first, then a ``Default`` continuation of `last_loop_id` (the previous run's)."""
@@ -183,7 +206,12 @@ class ActiveLineage:
         return last_loop_id, DEFAULT
 
 
+logger = logging.getLogger("phi_session.replay")
+
 _active: ContextVar[ActiveLineage | None] = ContextVar("phi_session_replay_lineage", default=None)
+# The open block given each cursor, seen from any context: a reply the cursor serves where
+# the block is not active was meant for it.
+_blocks: WeakKeyDictionary[ReplayCursor, ActiveLineage] = WeakKeyDictionary()
 # The loop of the adapter run whose code runs in this thread or task: where a model call
 # made here comes from, so that a reply served to it is that loop's, not a concurrent one's.
 _calling: ContextVar[str | None] = ContextVar("phi_session_replay_calling", default=None)
@@ -202,11 +230,16 @@ def recording_as(lineage: Lineage, cursor: ReplayCursor | None = None) -> Iterat
     the block bills its own replies."""
     if not isinstance(lineage, Lineage):
         raise TypeError(f"expected a Lineage, got {type(lineage).__name__}")
-    token = _active.set(ActiveLineage(lineage, cursor))
+    active = ActiveLineage(lineage, cursor)
+    token = _active.set(active)
+    if cursor is not None:
+        _blocks[cursor] = active
     try:
         yield lineage
     finally:
         _active.reset(token)
+        if cursor is not None and _blocks.get(cursor) is active:
+            del _blocks[cursor]
 
 
 def active_lineage() -> ActiveLineage | None:
@@ -223,6 +256,11 @@ def calling(loop_id: str) -> None:
 def answered(cursor: ReplayCursor) -> None:
     """`cursor` served a recorded reply to a model call made in this context: the
     enclosing `recording_as` block counts it for the calling run's loop
-    (`ActiveLineage.served`), so that the reply bills nothing."""
-    if (active := _active.get()) is not None and (loop_id := _calling.get()) is not None:
+    (`ActiveLineage.served`), so that the reply bills nothing; one served outside the
+    block given `cursor` (a thread that does not see it) is warned of."""
+    active = _active.get()
+    if active is None:
+        if (block := _blocks.get(cursor)) is not None:
+            block.served_outside()
+    elif (loop_id := _calling.get()) is not None:
         active.served(cursor, loop_id)
