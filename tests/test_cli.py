@@ -682,6 +682,29 @@ def test_list_json_and_filters(store_dir: Path) -> None:
     assert ids("--since", "1h") == []  # the examples are from 2025
 
 
+def test_the_page_cursor_is_printed_as_it_is_never_as_an_emoji(tmp_path: Path) -> None:
+    # Rich turned ":100:" (a token total) and ":fire:" (in an id) into emoji: the cursor
+    # printed could not be passed back.
+    from phi_session.stores.conformance import at, make_loop, make_session
+
+    with ps.SqliteStore(tmp_path / "s.db") as store:
+        for session_id, tokens in (("s1", 500), ("s2", 100), ("s3", 50)):
+            store.save(make_session(session_id, loops=[make_loop(session_id, 1, tokens=tokens)]))
+        store.save(make_session("x:fire:", loops=[make_loop("x:fire:", 1, tokens=7)], created_at=at(9)))
+
+    def cursor(*args: str) -> str:
+        result = run("list", "--store", tmp_path / "s.db", "--limit", *args)
+        [line] = [line for line in result.stderr.splitlines() if line.startswith("more may follow: --after ")]
+        return line.rpartition(" ")[2]
+
+    assert cursor("2", "--order", "tokens") == "tokens:100:s2"
+    assert cursor("1").endswith(":x:fire:")
+    following = run(
+        "list", "--store", tmp_path / "s.db", "--order", "tokens", "--after", "tokens:100:s2", "--json"
+    )
+    assert [row["session_id"] for row in json.loads(following.stdout)] == ["s3", "x:fire:"]
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

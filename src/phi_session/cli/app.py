@@ -94,14 +94,20 @@ def _width(stream: TextIO, piped: int | None) -> int | None:
 def stdout() -> Console:
     # Piped output is colourless and, unless $COLUMNS says otherwise, wide: ids are never cut.
     # On a terminal rich decides on colour, heeding $NO_COLOR.
+    # No emoji codes either: ``:100:`` in a page cursor (a token total) or ``:fire:`` in an
+    # id is data, printed as it is.
     width = _width(sys.stdout, 200)
     return Console(
-        highlight=False, soft_wrap=False, width=width, no_color=None if sys.stdout.isatty() else True
+        highlight=False,
+        emoji=False,
+        soft_wrap=False,
+        width=width,
+        no_color=None if sys.stdout.isatty() else True,
     )
 
 
 def stderr() -> Console:
-    return Console(stderr=True, highlight=False, width=_width(sys.stderr, None))
+    return Console(stderr=True, highlight=False, emoji=False, width=_width(sys.stderr, None))
 
 
 def _lenient_output() -> None:
