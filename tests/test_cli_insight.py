@@ -79,6 +79,21 @@ def test_stats_by_model_groups_calls_by_the_model_that_served_them(tmp_path: Pat
     assert by_agent[0]["cost"] == {"usd": None, "sources": ["user"], "unpriced": ["acme/fallback"]}
 
 
+def test_stats_by_model_totals_no_loops_a_loop_on_two_models_counts_in_both(tmp_path: Path) -> None:
+    # Its footer summed the rows' loops: 2 loops for one loop whose calls two models served.
+    call = Usage(input=10, output=1, total_tokens=11)
+    loop = calls_loop(
+        "two", 1, [call, call], model="openai/gpt-4o", served_by=["openai/gpt-4o", "openai/gpt-4o-mini"]
+    )
+    with JsonDirStore(tmp_path / "store") as sessions:
+        sessions.save(make_session("two", loops=[loop]))
+    by_model = run("stats", "--by", "model", "--store", tmp_path / "store").stdout.splitlines()
+    header = by_model[0].split()
+    loops = header.index("LOOPS")
+    assert [line.split()[loops] for line in by_model[1:3]] == ["1", "1"]
+    assert by_model[-1].split()[:2] == ["total", "20"]  # no sessions, no loops: INPUT first
+
+
 def test_stats_table_shows_cost_and_an_unknown_total(
     store: Path, prices: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

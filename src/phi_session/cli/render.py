@@ -308,15 +308,17 @@ def usage_totals_table(totals: Sequence[UsageTotal], by: str, width: int) -> Tab
     table = Table(box=None, header_style="bold", pad_edge=False, show_footer=len(totals) > 1)
     costs = [row.cost if isinstance(row.cost, Cost) else ZERO_COST for row in totals]
     grand = sum((row.usage for row in totals), Usage(input=0, output=0))
-    # A session with loops on several models counts once per model: no session total then.
+    # A session (or a loop) with calls on several models counts once per model: no session
+    # or loop total then.
     sessions_total = "" if by == "model" else number(sum(row.sessions for row in totals))
+    loops_total = "" if by == "model" else number(sum(row.loops for row in totals))
     # name: (header, footer, cells)
     columns: dict[str, tuple[str, Text, list[Text]]] = {
         "key": (by.upper(), Text("total"), [plain(row.key) for row in totals]),
         "sessions": ("SESSIONS", Text(sessions_total), [Text(number(row.sessions)) for row in totals]),
         "loops": (
             "LOOPS",
-            Text(number(sum(row.loops for row in totals))),
+            Text(loops_total),
             [Text(number(r.loops)) for r in totals],
         ),
         **{
