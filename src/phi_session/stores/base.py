@@ -831,7 +831,8 @@ def summarize_parts(
         parent_session_id=spawn.parent_session_id if spawn is not None else None,
         rejected=session.is_rejected,
         loop_count=loop_count,
-        loops_by_status=dict(statuses),
+        # In `LOOP_STATUSES` order, as the SQL stores' columns give them: one listing, whatever the store.
+        loops_by_status={status: statuses[status] for status in LOOP_STATUSES if status in statuses},
         turn_count=turns,
         usage=usage,
         models=tuple(models),

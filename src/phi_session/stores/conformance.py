@@ -73,7 +73,7 @@ from ..model import ChildLoopRef, LoopEvent, LoopRecord, LoopStatus, Session, Sp
 from ..recorder import SessionRecorder
 from .base import LoopStarts, SessionStore, SessionSummary, UsageTotal, merge_sessions, summarize
 from .outline import PROMPT_CHARS, session_outline
-from .query import GroupBy, PageCursor, PruneCriteria, SessionQuery
+from .query import LOOP_STATUSES, GroupBy, PageCursor, PruneCriteria, SessionQuery
 from .search import SearchHit
 
 __all__ = [
@@ -976,6 +976,17 @@ class StoreConformance:
         assert s2.parent_session_id is None
         assert rows["s3"].parent_session_id == "s1"
         assert rows["s3"].models == ()
+
+    def test_query_counts_loops_by_status_in_one_order(self, store: SessionStore) -> None:
+        # A listing's JSON was the same on every store but for this dict's key order.
+        session = make_session(
+            "statuses", loops=[make_loop("statuses", 1), make_loop("statuses", 2, status="Running")]
+        )
+        store.save(session)
+        (row,) = store.query()
+        assert list(row.loops_by_status.items()) == [
+            (status, 1) for status in LOOP_STATUSES if status in ("Completed", "Running")
+        ]
 
     def test_query_order(self, store: SessionStore) -> None:
         _populate(store)
