@@ -20,7 +20,7 @@ def listening(port: int) -> bool:
 class PrivateServer:
     """A nats-server of this test's own (so it can be stopped), on a free port."""
 
-    def __init__(self, directory: Path, *, jetstream: bool = True) -> None:
+    def __init__(self, directory: Path, *, jetstream: bool = True, max_payload: int | None = None) -> None:
         server = shutil.which("nats-server")
         if server is None:
             pytest.skip("no nats-server binary")
@@ -31,6 +31,10 @@ class PrivateServer:
         self.command = [server, "-a", "127.0.0.1", "-p", str(self.port)]
         if jetstream:
             self.command += ["-js", "-sd", str(directory)]
+        if max_payload is not None:  # (no command-line option for it)
+            config = directory.with_name(f"{directory.name}.conf")
+            config.write_text(f"max_payload: {max_payload}\n")
+            self.command += ["-c", str(config)]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -290,8 +290,9 @@ def test_a_worker_starting_on_a_table_being_read_changes_nothing_and_waits_for_n
     asyncio.run(scenario())
 
 
-def test_a_worker_adds_the_column_an_older_workers_table_lacks(names: Names) -> None:
-    """Rows an older worker staged keep no stream: they are taken for the current one's."""
+def test_a_worker_adds_the_columns_an_older_workers_table_lacks(names: Names) -> None:
+    """Rows an older worker staged keep no stream: they are taken for the current one's;
+    nor are they pieces."""
     from phi_session.broker.staging import Staging
 
     table = psycopg.sql.SQL("{}.broker_events").format(psycopg.sql.Identifier(names.schema))
@@ -303,7 +304,12 @@ def test_a_worker_adds_the_column_an_older_workers_table_lacks(names: Names) -> 
             )
             staging = Staging(conn, schema=names.schema, stream=names.stream, durable="d")
             await staging.create()
-            await conn.execute(psycopg.sql.SQL("ALTER TABLE {} DROP COLUMN stream_created").format(table))
+            await conn.execute(
+                psycopg.sql.SQL(
+                    "ALTER TABLE {} DROP COLUMN stream_created, DROP COLUMN piece_of,"
+                    " DROP COLUMN piece_index, DROP COLUMN piece_count"
+                ).format(table)
+            )
             await conn.execute(
                 psycopg.sql.SQL(
                     "INSERT INTO {} (stream, part, stream_seq, event_id, session_id, payload)"
@@ -316,7 +322,7 @@ def test_a_worker_adds_the_column_an_older_workers_table_lacks(names: Names) -> 
                 await conn.execute(psycopg.sql.SQL("SELECT event_id, stream_created FROM {}").format(table))
             ).fetchall()
             assert rows == [("e1", None)]
-            assert [event.event_id for event in await staging.pending(0)] == ["e1"]
+            assert [(event.event_id, event.piece) for event in await staging.pending(0)] == [("e1", None)]
 
     asyncio.run(scenario())
 
@@ -822,15 +828,27 @@ def test_postgresql_going_away_stops_the_worker_with_a_store_error(names: Names)
 # -- the sink -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def private(names: Names, tmp_path: Path) -> Iterator[Names]:
-    server = PrivateServer(tmp_path / "jetstream")
+def _on_own_server(names: Names, server: PrivateServer) -> Iterator[Names]:
     server.start()
     names.url = server.url
     names.server = server  # type: ignore[attr-defined]
     yield names
     server.stop()
     names.url = URL  # the private server and its stream go with tmp_path
+
+
+@pytest.fixture
+def private(names: Names, tmp_path: Path) -> Iterator[Names]:
+    yield from _on_own_server(names, PrivateServer(tmp_path / "jetstream"))
+
+
+SMALL_PAYLOAD = 64 << 10
+
+
+@pytest.fixture
+def small_payload(names: Names, tmp_path: Path) -> Iterator[Names]:
+    """`names` on a nats-server of its own taking messages of at most `SMALL_PAYLOAD` bytes."""
+    yield from _on_own_server(names, PrivateServer(tmp_path / "jetstream", max_payload=SMALL_PAYLOAD))
 
 
 def test_sink_spills_while_the_broker_is_down_and_sends_later(private: Names) -> None:
@@ -1183,25 +1201,161 @@ def test_a_damaged_spill_journal_is_reported_and_kept(
     assert found and 0 < int(found[0][1]) < len(events)
 
 
-def test_an_event_over_the_max_payload_is_set_aside_and_the_rest_is_sent(names: Names) -> None:
-    """NATS refuses a message over its max_payload (1 MB by default) every time: retried,
-    it held up every later event, and from the spill journal every later sink too."""
+def _events_with_prompt(size: int) -> list[Any]:
+    """A workload session whose first prompt is `size` bytes: its MessageStart and MessageEnd,
+    and the loop's AgentEnd, carry it."""
     lines = workload.lines(1, seed=10)
     prompt = json.loads(lines[2])["message"]["content"][0]["text"].encode()
-    events = [decode_event(line.replace(prompt, b"x" * 2_000_000)) for line in lines]
-    big = [encode_event(event) for event in events if len(encode_event(event)) > 1_000_000]
-    assert len(big) == 3  # the prompt's MessageStart and MessageEnd, the loop's AgentEnd
-    with names.sink(partitions=1, publish_timeout=1) as sink:
+    return [decode_event(line.replace(prompt, b"x" * size)) for line in lines]
+
+
+def _big(events: list[Any], size: int) -> list[int]:
+    """The positions of the events of `events` whose JSON is over `size` bytes."""
+    return [index for index, event in enumerate(events) if len(encode_event(event)) > size]
+
+
+def _stream_ids(url: str, stream: str) -> list[str]:
+    """The Nats-Msg-Id of each message in `stream`, in order."""
+
+    async def read() -> list[str]:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        state = (await js.stream_info(stream)).state
+        stored = [await js.get_msg(stream, seq) for seq in range(state.first_seq, state.last_seq + 1)]
+        await nc.close()
+        return [message.headers["Nats-Msg-Id"] for message in stored if message.headers]
+
+    return asyncio.run(read())
+
+
+def test_an_event_over_the_max_payload_is_sent_in_pieces_and_recorded_whole(small_payload: Names) -> None:
+    """NATS refuses a message over its max_payload: the event was set aside, never sent. An
+    AgentEnd carries every message of its loop, so any long loop's was (its session then
+    stored Aborted, without its messages, once idle_timeout passed)."""
+    names = small_payload
+    events = _events_with_prompt(200_000)
+    big = _big(events, SMALL_PAYLOAD)
+    assert len(big) == 3
+    with names.sink(partitions=1) as sink:
         for event in events:
             sink(event)
         assert sink.flush(30)
-        stats = sink.stats()
-    assert (stats.published, stats.rejected, stats.pending) == (len(events) - 3, 3, 0)
+        assert sink.stats() == SinkStats(published=len(events), spilled=0, pending=0, rejected=0)
+    assert not (names.spill / "rejected").exists()
+    assert len(_stream_ids(names.url, names.stream)) > len(events) + 2 * len(big)  # 4 pieces each
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(
+        _run_until(worker, lambda: _stored(names.schema) == expected and _staged_pending(names.schema) == 0)
+    )
+    assert _stored(names.schema) == expected
+    assert _staged_pending(names.schema) == 0
+    assert (worker.stats.recorded, worker.stats.duplicates, worker.stats.rejected) == (len(events), 0, 0)
+
+
+def test_pieces_a_killed_worker_staged_are_replayed_and_their_redelivery_dropped(
+    small_payload: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed with half an event's pieces staged (and not yet acknowledged): the
+    next replays them, drops their redelivered copies, and takes the rest from the stream."""
+    from nats.aio.msg import Msg
+    from nats.js.client import JetStreamContext
+
+    names = small_payload
+    events = _events_with_prompt(200_000)
+    taken = _big(events, SMALL_PAYLOAD)[0] + 2  # the events before the first large one, two pieces of it
+    open_for = [taken]  # publications NATS takes before it goes down
+    publish = JetStreamContext.publish
+
+    async def until_down(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if open_for[0] <= 0:
+            raise nats.errors.TimeoutError
+        open_for[0] -= 1
+        return await publish(self, *args, **kwargs)
+
+    async def killed_before(self: Any) -> None:
+        pass
+
+    monkeypatch.setattr(JetStreamContext, "publish", until_down)
+    sink = names.sink(partitions=1, publish_timeout=1)
+    for event in events:
+        sink(event)
+    assert not sink.flush(1)
+    with monkeypatch.context() as patched:
+        patched.setattr(Msg, "ack", killed_before)
+        first = names.worker()
+        asyncio.run(_run_until(first, lambda: len(_staged_ids_or_none(names.schema)) == taken, 60))
+    assert _staged_pending(names.schema) == taken
+    open_for[0] = 1 << 30  # NATS is back: the sink sends the rest
+    assert sink.flush(30)
+    sink.close()
+    expected = _reference([events])
+    second = names.worker()
+    asyncio.run(_run_until(second, lambda: _stored(names.schema) == expected))
+    assert _stored(names.schema) == expected
+    assert (second.stats.recorded, second.stats.duplicates) == (len(events), taken)
+
+
+def test_an_event_sent_again_cut_otherwise_is_recorded_once(
+    small_payload: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spill journal sent twice (its sink killed before removing it), the second time to a
+    server of a smaller max_payload: the large events' pieces differ, and are no duplicates
+    of the first ones, but each event is recorded once."""
+    from nats.aio.client import Client
+
+    names = small_payload
+    events = _events_with_prompt(200_000)
+    _spilled_offline(names, events)
+    copy_dir = names.spill.with_name(f"{names.spill.name}-copy")
+    copy = Names(names.stream, names.prefix, names.schema, copy_dir, url=names.url)
+    shutil.copytree(names.spill, copy.spill)
+    try:
+        with names.sink() as sender:
+            assert sender.flush(30)
+        sent = len(_stream_ids(names.url, names.stream))
+        monkeypatch.setattr(Client, "max_payload", property(lambda self: SMALL_PAYLOAD // 2))
+        with copy.sink() as resender:
+            assert resender.flush(30)
+        monkeypatch.undo()
+    finally:
+        shutil.rmtree(copy_dir, ignore_errors=True)
+    big = _big(events, SMALL_PAYLOAD)
+    assert len(_stream_ids(names.url, names.stream)) > sent + 6 * len(big)  # the others: duplicates
+    expected = _reference([events])
+    worker = names.worker()
+    asyncio.run(
+        _run_until(worker, lambda: _stored(names.schema) == expected and _staged_pending(names.schema) == 0)
+    )
+    assert _stored(names.schema) == expected
+    assert _staged_pending(names.schema) == 0
+    assert (worker.stats.recorded, worker.stats.duplicates) == (len(events), len(big))
+
+
+TINY_PAYLOAD = 100  # too few bytes for a piece's headers
+
+
+def test_an_event_nats_takes_not_even_in_pieces_is_set_aside(
+    names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server whose max_payload leaves no room beside a piece's headers refuses an event
+    every time: retried, it would hold up every later event, and from the spill journal
+    every later sink too."""
+    from nats.aio.client import Client
+
+    events = list(workload.events(1, seed=10))
+    with monkeypatch.context() as patched:
+        patched.setattr(Client, "max_payload", property(lambda self: TINY_PAYLOAD))
+        with names.sink(partitions=1, publish_timeout=1) as sink:
+            for event in events:
+                sink(event)
+            assert sink.flush(30)
+            stats = sink.stats()
+    assert (stats.published, stats.rejected, stats.pending) == (0, len(events), 0)
     kept = sorted((names.spill / "rejected").iterdir())
-    assert sorted(path.read_bytes() for path in kept) == sorted(big)  # kept whole, not dropped
+    assert sorted(path.read_bytes() for path in kept) == sorted(map(encode_event, events))  # kept whole
     with names.sink(partitions=1) as resender:
-        resender(events[0])
-        assert resender.flush(30)  # the set-aside events are not sent again
+        assert resender.stats().pending == 0  # the set-aside events are not sent again
 
 
 def test_a_backlog_of_large_messages_is_taken_without_the_server_cutting_the_worker_off(
@@ -1255,9 +1409,7 @@ def test_events_refused_by_a_full_stream_are_stored_in_order_once_it_has_room(na
     the smaller ones after them; the whole batch was sent again, so the refused ones were
     stored after those: their session recorded out of order. (Each refusal also waited
     out publish_timeout: nats-py never resolved its future.)"""
-    lines = workload.lines(1, seed=10)
-    prompt = json.loads(lines[2])["message"]["content"][0]["text"].encode()
-    events = [decode_event(line.replace(prompt, b"x" * 300_000)) for line in lines[:60]]
+    events = _events_with_prompt(300_000)[:60]
     assert sum(len(encode_event(event)) > 100_000 for event in events) == 2
 
     async def fill() -> list[int]:
@@ -1280,14 +1432,6 @@ def test_events_refused_by_a_full_stream_are_stored_in_order_once_it_has_room(na
             await nc.jetstream().delete_msg(names.stream, seq)
         await nc.close()
 
-    async def stored_ids() -> list[str]:
-        nc = await nats.connect(names.url)
-        js = nc.jetstream()
-        state = (await js.stream_info(names.stream)).state
-        stored = [await js.get_msg(names.stream, seq) for seq in range(state.first_seq, state.last_seq + 1)]
-        await nc.close()
-        return [message.headers["Nats-Msg-Id"] for message in stored if message.headers]
-
     filler = asyncio.run(fill())
     with names.sink(partitions=1, publish_timeout=30) as sink:
         for event in events:
@@ -1299,17 +1443,18 @@ def test_events_refused_by_a_full_stream_are_stored_in_order_once_it_has_room(na
         assert time.monotonic() - made_room < 10  # a refusal is known at once: no publish_timeout
         stats = sink.stats()
     assert (stats.published, stats.pending) == (len(events), 0)
-    ids = asyncio.run(stored_ids())
+    ids = _stream_ids(names.url, names.stream)
     assert [int(msg_id.rsplit("-", 1)[1]) for msg_id in ids] == list(range(1, len(events) + 1))
 
 
-def test_an_event_over_the_max_payload_that_cannot_be_set_aside_is_counted_lost(
+def test_an_event_nats_takes_not_even_in_pieces_that_cannot_be_set_aside_is_counted_lost(
     names: Names, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """It was logged, and counted nowhere: `close` returned, ``stats()`` said nothing."""
-    lines = workload.lines(1, seed=10)
-    prompt = json.loads(lines[2])["message"]["content"][0]["text"].encode()
-    events = [decode_event(line.replace(prompt, b"x" * 2_000_000)) for line in lines]
+    from nats.aio.client import Client
+
+    events = list(workload.events(1, seed=10))[:5]
+    monkeypatch.setattr(Client, "max_payload", property(lambda self: TINY_PAYLOAD))
     read_only(monkeypatch, names.spill / "rejected")
     sink = names.sink(partitions=1, publish_timeout=1)
     for event in events:
@@ -1317,9 +1462,9 @@ def test_an_event_over_the_max_payload_that_cannot_be_set_aside_is_counted_lost(
     assert sink.flush(30)
     with pytest.raises(BrokerError) as raised:
         sink.close()
-    assert sink.stats() == SinkStats(published=len(events) - 3, spilled=0, pending=0, rejected=0, lost=3)
+    assert sink.stats() == SinkStats(published=0, spilled=0, pending=0, rejected=0, lost=5)
     assert str(raised.value) == (
-        f"LOST 3 events: 3 over the max_payload of NATS at {URL} and not written to"
+        f"LOST 5 events: 5 over the max_payload of NATS at {URL} even in pieces and not written to"
         f" {names.spill / 'rejected'} (Read-only file system)"
     )
 

@@ -9,6 +9,7 @@ import pytest
 
 from phi_session import InvalidArgument
 from phi_session.broker import StreamSettings, partition_of
+from phi_session.broker.settings import Piece, publications, read_piece
 
 
 def test_settings_are_validated_with_the_field_named() -> None:
@@ -120,3 +121,41 @@ def test_a_nats_url_with_a_port_out_of_range_is_refused(port: str) -> None:
     ]
     with pytest.raises(InvalidArgument, match=r"'nats://b:.*' \(its port must be a number 1-65535\)$"):
         nats_servers(f"nats://a:4222,nats://b:{port}")
+
+
+def _wire_size(payload: bytes, headers: dict[str, str]) -> int:
+    """What NATS counts against its max_payload: the header block and the payload."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return len(f"NATS/1.0\r\n{lines}\r\n".encode()) + len(payload)
+
+
+def test_an_event_over_the_limit_is_cut_into_pieces_under_it_that_join_into_it() -> None:
+    payload = bytes(range(256)) * 1000
+    assert publications("p-1", "s", payload, 1 << 20) == [
+        (payload, {"Nats-Msg-Id": "p-1", "Phi-Session": "s"})
+    ]
+    for limit in (300, 4096, 65536, 200_000):
+        pieces = publications("p-1", "s", payload, limit)
+        assert pieces is not None and len(pieces) > 1
+        assert all(_wire_size(*piece) <= limit for piece in pieces)
+        assert b"".join(piece for piece, _ in pieces) == payload
+        total = len(pieces)
+        read = [read_piece(headers) for _, headers in pieces]
+        assert read == [Piece("p-1", number, total) for number in range(total)]
+        assert [headers["Nats-Msg-Id"] for _, headers in pieces] == [f"p-1/{n}/{total}" for n in range(total)]
+    # As many pieces under another limit: the same pieces, as their ids say.
+    assert publications("p-1", "s", payload, 65536) == publications("p-1", "s", payload, 65000)
+    assert publications("p-1", "s", payload, 100) is None  # no room beside a piece's headers
+
+
+def test_headers_that_say_no_piece_make_none() -> None:
+    for headers in (
+        {},
+        {"Phi-Piece": "0/2"},
+        {"Phi-Piece-Of": "p-1"},
+        {"Phi-Piece-Of": "p-1", "Phi-Piece": "2/2"},
+        {"Phi-Piece-Of": "p-1", "Phi-Piece": "-1/2"},
+        {"Phi-Piece-Of": "p-1", "Phi-Piece": "0/x"},
+        {"Phi-Piece-Of": "p-1", "Phi-Piece": f"0/{1 << 31}"},  # more than PostgreSQL's integer holds
+    ):
+        assert read_piece(headers) is None, headers

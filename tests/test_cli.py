@@ -1950,28 +1950,46 @@ def test_record_to_a_broker_keeps_the_lines_it_cannot_publish_in_the_rejected_fi
     assert f"4 malformed lines skipped, 4 lines kept in {tmp_path / 'r.jsonl'})" in result.stdout
 
 
-def test_record_to_a_broker_fails_when_events_were_set_aside(tmp_path: Path) -> None:
-    """An event over the broker's max_payload is never published, only set aside: the
-    command still exited 0."""
+def _record_to_a_broker(tmp_path: Path, lines: list[str]) -> tuple[Result, str]:
+    """``record --to`` a nats-server of the test's own: the result, and the server's URL."""
     pytest.importorskip("nats", reason="the nats extra is not installed")
-    huge = '"' + "x" * 1_100_000 + '"'  # over NATS's default max_payload (1 MB)
-    lines = [line.replace('"Say hello."', huge) for line in example_lines() if MINIMAL_ID in line]
-    big = sum(len(line) > 1_100_000 for line in lines)
-    assert big > 1
     (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     server = PrivateServer(tmp_path / "jetstream")
     server.start()
     try:
-        result = run("record", tmp_path / "events.jsonl", "--to", server.url)
+        return run("record", tmp_path / "events.jsonl", "--to", server.url), server.url
     finally:
         server.stop()
+
+
+def test_record_to_a_broker_sends_events_over_its_max_payload_in_pieces(tmp_path: Path) -> None:
+    """An event over the broker's max_payload was never published, only set aside."""
+    huge = '"' + "x" * 1_100_000 + '"'  # over NATS's default max_payload (1 MB)
+    lines = [line.replace('"Say hello."', huge) for line in example_lines() if MINIMAL_ID in line]
+    assert sum(len(line) > 1_100_000 for line in lines) > 1
+    result, url = _record_to_a_broker(tmp_path, lines)
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert f"published {len(lines)} events to {url}" in result.stdout
+    assert not (tmp_path / ".phi-session" / "spill" / "rejected").exists()
+
+
+def test_record_to_a_broker_fails_when_events_were_set_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event the broker cannot take even in pieces is never published, only set aside:
+    the command still exited 0."""
+    nats_client = pytest.importorskip("nats.aio.client", reason="the nats extra is not installed")
+    # Too few bytes for a piece's headers.
+    monkeypatch.setattr(nats_client.Client, "max_payload", property(lambda self: 100))
+    lines = [line for line in example_lines() if MINIMAL_ID in line]
+    result, _ = _record_to_a_broker(tmp_path, lines)
     assert result.exit_code == EXIT_FAILURE, result.stderr
     rejected = tmp_path / ".phi-session" / "spill" / "rejected"
     assert result.stderr.strip().splitlines()[-1] == (
-        f"phi-session: error: {big} events not published (over the broker's max_payload): "
-        f"set aside in {rejected}"
+        f"phi-session: error: {len(lines)} events not published (over the broker's max_payload even"
+        f" in pieces): set aside in {rejected}"
     )
-    assert len(list(rejected.iterdir())) == big
+    assert len(list(rejected.iterdir())) == len(lines)
 
 
 def _spilled_payloads(spill: Path) -> list[bytes]:

@@ -17,7 +17,7 @@ import re
 import time
 import zlib
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 from .._checks import check_type
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENV_PREFIX",
+    "Piece",
     "StreamSettings",
     "check_name",
     "close_quietly",
@@ -40,6 +41,8 @@ __all__ = [
     "event_session_id",
     "nats_servers",
     "partition_of",
+    "publications",
+    "read_piece",
     "remember",
     "stream_info",
     "stream_layout",
@@ -55,6 +58,15 @@ EVENT_ID_HEADER = "Nats-Msg-Id"
 """The event id (``{producer id}-{sequence}``): JetStream stores a retried publish once."""
 SESSION_HEADER = "Phi-Session"
 """The session id the event belongs to (the worker marks it done when that session is saved)."""
+PIECE_OF_HEADER = "Phi-Piece-Of"
+"""On a piece of an event over the server's max_payload: the event's id. The piece's own
+``Nats-Msg-Id`` is ``{event id}/{index}/{count}``."""
+PIECE_HEADER = "Phi-Piece"
+"""On a piece: ``{index}/{count}`` (from 0). The pieces go in order to the event's subject;
+its JSON is theirs joined."""
+
+Publication = tuple[bytes, dict[str, str]]
+"""A message as published: payload and headers."""
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
@@ -64,6 +76,7 @@ _MAX_BYTES = (1 << 63) - 1
 MAX_SECONDS = 9e9
 _MAX_ROUTES = 100_000  # remembered sub-agent sessions and re-homed loops, oldest forgotten first
 _ERROR_LOG_INTERVAL = 60.0  # seconds between warnings of a connection's errors once connected
+_MAX_PIECES = (1 << 31) - 1  # staged as a 32-bit integer
 
 
 @dataclass(frozen=True)
@@ -192,6 +205,62 @@ def remember(table: dict[str, str], key: str, value: str) -> None:
         for old in list(table)[: _MAX_ROUTES // 2]:
             del table[old]
     table[key] = value
+
+
+class Piece(NamedTuple):
+    """A message that is a piece of an event (`publications`): its `number` of `total`."""
+
+    event_id: str
+    number: int
+    total: int
+
+
+def publications(event_id: str, session: str, payload: bytes, limit: int) -> list[Publication] | None:
+    """What an event is published as: one message, or, over `limit` bytes with its headers
+    (the server's max_payload), pieces under it (`PIECE_HEADER`); None if even a piece's
+    headers leave no room for its payload."""
+    whole = {EVENT_ID_HEADER: event_id, SESSION_HEADER: session}
+    size = len(payload)
+    if _headers_size(whole) + size <= limit:
+        return [(payload, whole)]
+    # No index or count is wider than the payload's length.
+    room = limit - _headers_size(_piece_headers(event_id, session, size, size))
+    if room < 1:
+        return None
+    count = -(-size // room)
+    # Cut by the count alone: a piece's id names it, and a retry cut into as many pieces
+    # (under another server's max_payload) must repeat each piece exactly.
+    bounds = [size * index // count for index in range(count + 1)]
+    return [
+        (payload[bounds[index] : bounds[index + 1]], _piece_headers(event_id, session, index, count))
+        for index in range(count)
+    ]
+
+
+def _piece_headers(event_id: str, session: str, index: int, count: int) -> dict[str, str]:
+    return {
+        EVENT_ID_HEADER: f"{event_id}/{index}/{count}",
+        SESSION_HEADER: session,
+        PIECE_OF_HEADER: event_id,
+        PIECE_HEADER: f"{index}/{count}",
+    }
+
+
+def _headers_size(headers: dict[str, str]) -> int:
+    """The bytes `headers` take on the wire: they count against the max_payload."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return len(f"NATS/1.0\r\n{lines}\r\n".encode("utf-8", "surrogatepass"))
+
+
+def read_piece(headers: dict[str, str]) -> Piece | None:
+    """The piece a message's `headers` say it is; None for a whole event (or headers that
+    say nothing that makes sense: the message is then taken whole)."""
+    event_id = headers.get(PIECE_OF_HEADER, "")
+    index, _, count = headers.get(PIECE_HEADER, "").partition("/")
+    if not (event_id and index.isdecimal() and count.isdecimal()):
+        return None
+    piece = Piece(event_id, int(index), int(count))
+    return piece if piece.number < piece.total <= _MAX_PIECES else None
 
 
 def partition_of(key: str, partitions: int) -> int:

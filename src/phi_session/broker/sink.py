@@ -6,7 +6,8 @@ in one queue whose entries are batches of events in memory or *spill episodes*
 thread takes the queue strictly in order, retrying the entry at its head until
 JetStream acknowledges all of it. Each event carries a stable id,
 ``{producer id}-{sequence}``, as ``Nats-Msg-Id``: JetStream stores a retried publish
-once (within the stream's duplicate window) and the workers drop any later copy.
+once (within the stream's duplicate window) and the workers drop any later copy. An
+event over the server's max_payload goes in pieces (`publications`), one after another.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ from ..journal import Journal, read_records
 from ..journal.format import SegmentDamage
 from .settings import (
     EVENT_ID_HEADER,
-    SESSION_HEADER,
+    Publication,
     StreamSettings,
     close_quietly,
     connect,
     ensure_stream,
     nats_servers,
     partition_of,
+    publications,
     remember,
     require_nats,
     track_session,
@@ -71,7 +73,7 @@ _IDLE_WAIT = 1.0
 _EXIT_FLUSH = 10.0  # seconds the exit hook waits for NATS (not once it is found unreachable)
 _CANCEL_AGAIN = 0.5  # seconds `close` waits for the publishing thread between cancellations
 _REFUSED_RETRY = 30.0  # seconds between attempts while the server refuses the stream (its settings)
-_REJECTED = "rejected"  # the directory in `spill_dir` of events too large to publish
+_REJECTED = "rejected"  # the directory in `spill_dir` of events NATS cannot take
 # Spill journals (`JetStreamSink._episode_dir`): whatever else `spill_dir` holds is not ours.
 # (start time, producer id, first sequence number); versions up to 0.1 wrote no start time.
 _EPISODE_NAME = re.compile(r"(?:([0-9]{20})-)?([0-9a-f]{16})-([0-9]{12,})")
@@ -177,12 +179,12 @@ class SinkStats:
     """Events not yet acknowledged: in memory or spilled, by this sink or by the dead
     processes whose spill journals it sends (after `close`, those it left on disk)."""
     rejected: int = 0
-    """Events larger than the broker's max_payload: never sent, each kept as a file in
-    ``spill_dir/rejected``."""
+    """Events the broker cannot take even in pieces (its max_payload leaves no room beside a
+    piece's headers): never sent, each kept as a file in ``spill_dir/rejected``."""
     lost: int = 0
     """Events neither sent nor kept: NATS had not taken them at `close` and no spill journal
-    could hold them, or too large for NATS and ``spill_dir/rejected`` could not hold them (a
-    full disk). `close` raises `BrokerError` saying so."""
+    could hold them, or NATS cannot take them and ``spill_dir/rejected`` could not hold them
+    (a full disk). `close` raises `BrokerError` saying so."""
 
 
 class JetStreamSink:
@@ -198,8 +200,10 @@ class JetStreamSink:
       events are sent once the broker takes events again, in order, and removed then;
       spill directories dead processes left are sent by the next sink started on the
       same `spill_dir`, the oldest process's first, before its own events (its `flush`
-      waits for them too, its `stats` count them). An event larger than the broker's max_payload (1 MB by
-      default) cannot be published: it is logged as an error and kept, as a file, in
+      waits for them too, its `stats` count them). An event larger than the broker's
+      max_payload (1 MB by default) is published in pieces under it, which the workers
+      join again; one the broker cannot take even so (a max_payload too small for a
+      piece's headers) is logged as an error and kept, as a file, in
       ``spill_dir/rejected``, and the events after it are sent. So is a spill journal found
       damaged, once what can be read of it was sent (an error says what was lost).
 
@@ -602,8 +606,9 @@ class JetStreamSink:
             self._published += published
             self._idle.notify_all()
 
-    def set_aside(self, message: _Message, size: int, limit: int) -> None:
-        """Keep an event NATS will never take (over its max_payload) as a file of its own."""
+    def set_aside(self, message: _Message, limit: int) -> None:
+        """Keep an event NATS will never take (its max_payload, `limit`, too small even for a
+        piece of it) as a file of its own."""
         msg_id, session, _, payload = message
         path = self.rejected_dir / f"{msg_id}.json"
         if path.exists():  # set aside by an earlier attempt at its entry
@@ -613,25 +618,24 @@ class JetStreamSink:
             path.write_bytes(payload)
         except OSError as error:
             logger.exception(
-                "LOST event %s of session %r: too large for NATS, and %s cannot be written",
+                "LOST event %s of session %r: NATS cannot take it, and %s cannot be written",
                 msg_id,
                 session,
                 path,
             )
             self._count_lost(
                 1,
-                f"over the max_payload of NATS at {self.url} and not written to {self.rejected_dir}"
-                f" ({_reason(error)})",
+                f"over the max_payload of NATS at {self.url} even in pieces and not written to"
+                f" {self.rejected_dir} ({_reason(error)})",
             )
             return
         logger.error(
-            "event %s of session %r is %d bytes, over the max_payload (%d) of NATS at %s:"
-            " not sent, kept in %s",
+            "event %s of session %r: NATS at %s takes messages of %d bytes at most, too few even"
+            " for a piece of it: not sent, kept in %s",
             msg_id,
             session,
-            size,
-            limit,
             self.url,
+            limit,
             path,
         )
         with self._lock:
@@ -696,7 +700,8 @@ class _Publisher:
         self.settings = sink.settings
         self.down_since: float | None = None
         self.refused = False  # the server refused the stream (`ensure_stream`'s `BrokerError`)
-        self.acknowledged: set[str] = set()  # ids of the messages `send` is at, acknowledged so far
+        # Ids of the messages (events, or pieces of them) `send` is at, acknowledged so far.
+        self.acknowledged: set[str] = set()
 
     async def run(self) -> None:
         wakeup = asyncio.Event()
@@ -746,26 +751,28 @@ class _Publisher:
 
     async def send(self, messages: list[_Message]) -> int | None:
         """Publish `messages` in order; once JetStream acknowledged every one, how many it
-        took (the others were over its max_payload: set aside); None if that failed.
+        took (the others it cannot take even in pieces: set aside); None if that failed.
 
         A partition's messages go one at a time, each acknowledged before the next: sent
         together, one JetStream refused (the stream full, NATS reconnecting) could be followed
         by later ones it took, its retry stored after them, and its session recorded out of
         order. Partitions go side by side. A retry sends only what was not acknowledged."""
+        set_aside = 0
         try:
             js = await self.ready()
             count = self.settings.partitions
             assert self.nc is not None
             limit = self.nc.max_payload
-            partitions: dict[int, list[_Message]] = {}
+            partitions: dict[int, list[Publication]] = {}
             for message in messages:
-                if message[0] in self.acknowledged:
+                msg_id, session, key, payload = message
+                outgoing = publications(msg_id, session, payload, limit)
+                if outgoing is None:  # refused every time: retried, it would hold up all after it
+                    self.sink.set_aside(message, limit)
+                    set_aside += 1
                     continue
-                size = _wire_size(message)
-                if size > limit:  # refused every time: retried, it would hold up all after it
-                    self.sink.set_aside(message, size, limit)
-                    continue
-                partitions.setdefault(partition_of(message[2], count), []).append(message)
+                queued = partitions.setdefault(partition_of(key, count), [])
+                queued += [item for item in outgoing if item[1][EVENT_ID_HEADER] not in self.acknowledged]
             sent = await asyncio.gather(
                 *(self.send_in_order(js, number, queued) for number, queued in partitions.items()),
                 return_exceptions=True,
@@ -791,23 +798,17 @@ class _Publisher:
                 time.monotonic() - self.down_since,
             )
             self.down_since = None
-        published = len(self.acknowledged)
         self.acknowledged.clear()
-        return published
+        return len(messages) - set_aside
 
-    async def send_in_order(self, js: JetStreamContext, partition: int, messages: list[_Message]) -> None:
+    async def send_in_order(self, js: JetStreamContext, partition: int, messages: list[Publication]) -> None:
         """Publish `messages` to `partition`, each once the one before it is acknowledged;
         raise at the first that is not (the rest are not sent)."""
         subject = self.settings.subject(partition)
-        for msg_id, session, _, payload in messages:
+        for payload, headers in messages:
             # Refused, the answer raises here at once (publish_async left its future unresolved).
-            await js.publish(
-                subject,
-                payload,
-                timeout=self.sink.publish_timeout,
-                headers={EVENT_ID_HEADER: msg_id, SESSION_HEADER: session},
-            )
-            self.acknowledged.add(msg_id)
+            await js.publish(subject, payload, timeout=self.sink.publish_timeout, headers=headers)
+            self.acknowledged.add(headers[EVENT_ID_HEADER])
 
     async def ready(self) -> JetStreamContext:
         if self.js is not None:
@@ -866,10 +867,3 @@ def _oldest_file(directory: Path) -> int:
         return min((path.stat().st_mtime_ns for path in directory.iterdir()), default=0)
     except OSError:
         return 0
-
-
-def _wire_size(message: _Message) -> int:
-    """The bytes of a message that count against NATS's max_payload: headers and payload."""
-    msg_id, session, _, payload = message
-    headers = f"NATS/1.0\r\n{EVENT_ID_HEADER}: {msg_id}\r\n{SESSION_HEADER}: {session}\r\n\r\n"
-    return len(headers.encode("utf-8", "surrogatepass")) + len(payload)

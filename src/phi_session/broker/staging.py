@@ -15,6 +15,14 @@ every event a worker took from the stream, keyed by its event id:
   are completed by the next one. Events no recorder accepts are kept as
   ``rejected`` with their payload.
 
+A piece of an event published in pieces (over the server's max_payload) is a row of its
+own, under its own id, naming its event (``piece_of``, ``piece_index``, ``piece_count``):
+staged and acknowledged as any event is, so a worker killed holding some of an event's
+pieces loses none. Once all are staged, the joined event is staged as a row of its own
+(at the last piece's position) in one statement with its pieces marked saved: either the
+event or its pieces are pending, never both, and an event staged already (sent again, cut
+otherwise) is a duplicate.
+
 Rows of saved events (ids only) are removed after the stream's ``max_age``: no copy
 of them can be delivered after that.
 
@@ -35,7 +43,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .settings import Piece
 
 if TYPE_CHECKING:
     import psycopg
@@ -47,6 +58,13 @@ PENDING, SAVED, REJECTED = 0, 1, 2
 logger = logging.getLogger("phi_session.broker")
 
 _DDL_LOCK_WAIT = 1.0  # seconds a schema change waits for the table at a time
+# Columns added since the first version, and their types: an older worker's table lacks them.
+_ADDED_COLUMNS = {
+    "stream_created": 'TEXT COLLATE "C"',
+    "piece_of": 'TEXT COLLATE "C"',
+    "piece_index": "INTEGER",
+    "piece_count": "INTEGER",
+}
 
 
 class StagedEvent(NamedTuple):
@@ -54,6 +72,7 @@ class StagedEvent(NamedTuple):
     event_id: str
     session_id: str
     payload: bytes
+    piece: Piece | None = None
 
 
 def _lock_class(*parts: str) -> int:
@@ -109,12 +128,12 @@ class Staging:
                 await asyncio.sleep(_DDL_LOCK_WAIT)
 
     async def _complete(self) -> bool:
-        """Whether the table, its newest column and its index are there."""
+        """Whether the table, its added columns and its index are there."""
         rows = await self._execute(
             "SELECT to_regclass(format('%%I.broker_events_pending', %(schema)s::text)) IS NOT NULL"
-            " AND EXISTS (SELECT FROM pg_attribute WHERE attname = 'stream_created' AND NOT attisdropped"
-            "   AND attrelid = to_regclass(format('%%I.broker_events', %(schema)s::text)))",
-            {"schema": self.schema},
+            " AND (SELECT count(*) FROM pg_attribute WHERE attname = ANY(%(added)s) AND NOT attisdropped"
+            "   AND attrelid = to_regclass(format('%%I.broker_events', %(schema)s::text))) = %(count)s",
+            {"schema": self.schema, "added": list(_ADDED_COLUMNS), "count": len(_ADDED_COLUMNS)},
         )
         return bool(rows[0][0])
 
@@ -132,17 +151,18 @@ class Staging:
                 payload BYTEA,
                 state SMALLINT NOT NULL DEFAULT 0,
                 received_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-                stream_created TEXT COLLATE "C",
                 PRIMARY KEY (stream, event_id)
             )"""
             ).format(self.table)
         )
-        # Tables of workers before `stream_created`: their rows are taken for the current stream's.
-        await self._execute(
-            sql.SQL('ALTER TABLE {} ADD COLUMN IF NOT EXISTS stream_created TEXT COLLATE "C"').format(
-                self.table
+        # In a table of workers before `stream_created`, rows are taken for the current stream's;
+        # before the pieces, every row is an event.
+        for column, kind in _ADDED_COLUMNS.items():
+            await self._execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                    self.table, sql.Identifier(column), sql.SQL(kind)
+                )
             )
-        )
         await self._execute(
             sql.SQL(
                 "CREATE INDEX IF NOT EXISTS broker_events_pending ON {} (stream, part, stream_seq)"
@@ -150,26 +170,41 @@ class Staging:
             ).format(self.table)
         )
 
-    async def insert(self, part: int, created: str | None, events: list[StagedEvent]) -> set[str]:
+    async def insert(
+        self, part: int, created: str | None, events: list[StagedEvent], replacing: Sequence[str] = ()
+    ) -> set[str]:
         """Stage `events`, taken from the stream created at `created`; returns the ids that
-        were new (the others are duplicates)."""
+        were new (the others are duplicates). The rows of `replacing` (the pieces of an event
+        joined) are marked saved in the same statement."""
         from psycopg import sql
 
+        replaced = sql.SQL(
+            "WITH replaced AS (UPDATE {} SET state = %(saved)s, payload = NULL"
+            " WHERE stream = %(stream)s AND event_id = ANY(%(replacing)s)) "
+        )
         rows = await self._execute(
             sql.SQL(
-                "INSERT INTO {} (stream, part, stream_created, stream_seq, event_id, session_id, payload)"
-                " SELECT %s, %s, %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bytea[])"
+                "{}INSERT INTO {} (stream, part, stream_created, stream_seq, event_id, session_id, payload,"
+                " piece_of, piece_index, piece_count)"
+                " SELECT %(stream)s, %(part)s, %(created)s, * FROM unnest(%(seq)s::bigint[], %(id)s::text[],"
+                " %(session)s::text[], %(payload)s::bytea[], %(piece_of)s::text[], %(index)s::int[],"
+                " %(count)s::int[])"
                 " ON CONFLICT DO NOTHING RETURNING event_id"
-            ).format(self.table),
-            (
-                self.stream,
-                part,
-                created,
-                [e.stream_seq for e in events],
-                [e.event_id for e in events],
-                [e.session_id for e in events],
-                [e.payload for e in events],
-            ),
+            ).format(replaced.format(self.table) if replacing else sql.SQL(""), self.table),
+            {
+                "stream": self.stream,
+                "part": part,
+                "created": created,
+                "seq": [e.stream_seq for e in events],
+                "id": [e.event_id for e in events],
+                "session": [e.session_id for e in events],
+                "payload": [e.payload for e in events],
+                "piece_of": [e.piece and e.piece.event_id for e in events],
+                "index": [e.piece and e.piece.number for e in events],
+                "count": [e.piece and e.piece.total for e in events],
+                "saved": SAVED,
+                "replacing": list(replacing),
+            },
         )
         return {row[0] for row in rows}
 
@@ -204,13 +239,16 @@ class Staging:
 
         rows = await self._execute(
             sql.SQL(
-                "SELECT stream_seq, event_id, session_id, payload FROM {}"
+                "SELECT stream_seq, event_id, session_id, payload, piece_of, piece_index, piece_count FROM {}"
                 " WHERE stream = %s AND part = %s AND state = 0 ORDER BY stream_seq"
             ).format(self.table),
             (self.stream, part),
         )
         return [
-            StagedEvent(seq, event_id, session, bytes(payload)) for seq, event_id, session, payload in rows
+            StagedEvent(
+                seq, event_id, session, bytes(payload), Piece(*piece) if piece[0] is not None else None
+            )
+            for seq, event_id, session, payload, *piece in rows
         ]
 
     async def rekey(self, part: int, created: str) -> int:

@@ -9,7 +9,9 @@ partition's loop:
 2. apply staged events to the recorder in stream order, up to the consumer's
    acknowledgement floor: every message below the floor is acknowledged, so it is
    staged, so nothing earlier can still arrive (a redelivery out of order waits
-   here until the gap before it is filled);
+   here until the gap before it is filled). The pieces of an event published in pieces
+   (over the server's max_payload) are staged and acknowledged each as it comes; once the
+   last is applied, the event they make is staged in their place and applied;
 3. every `checkpoint_interval` seconds, save the completed sessions through
    `SessionSaver`, and mark their events saved once the recorder owes them no
    amendment (until then a new owner replays them, as a journal keeps its pinned
@@ -54,6 +56,7 @@ from .settings import (
     ensure_stream,
     event_session_id,
     nats_servers,
+    read_piece,
     require_nats,
     stream_info,
     stream_layout,
@@ -87,14 +90,16 @@ class WorkerStats:
     received: int = 0
     """Messages taken from the stream (duplicates included)."""
     duplicates: int = 0
-    """Messages whose event id was already staged: dropped."""
+    """Messages whose event id was already staged, and events joined from pieces that were
+    (sent again, cut otherwise): dropped."""
     recorded: int = 0
     """Events applied to a recorder (replayed ones included)."""
     held_back: int = 0
     """Events that waited for an earlier one still to be delivered (redelivered out of order)."""
     rejected: int = 0
     """Events no recorder accepts (not phi-core JSON, or of no open loop) or of a session id
-    no store accepts: kept staged as ``rejected``, with their payload."""
+    no store accepts, and pieces of an event whose other pieces stopped coming for
+    `idle_timeout`: kept staged as ``rejected``, with their payload."""
     sessions_saved: int = 0
     partitions_taken: int = 0
     partitions_released: int = 0
@@ -450,6 +455,20 @@ def _is_data(message: Msg) -> bool:
     return bool(message.reply) and message.reply.startswith("$JS.ACK.")
 
 
+def _storable_id(event_id: str) -> bool:
+    """Whether `event_id` can key a staged row (not empty, not too long for the primary key)."""
+    return bool(event_id) and len(event_id) <= _MAX_EVENT_ID and "\x00" not in event_id
+
+
+@dataclass
+class _Pieces:
+    """The pieces of one event staged so far, by (total, number): sent again under another
+    server's max_payload, it is cut into another number of pieces."""
+
+    staged: dict[tuple[int, int], StagedEvent] = field(default_factory=dict)
+    latest: float = 0.0  # when the last one came (`time.monotonic()`)
+
+
 class _PartitionRun:
     """One partition held by this worker: its consumer, its recorder, its saver."""
 
@@ -470,6 +489,7 @@ class _PartitionRun:
         self.behind_at = time.monotonic()  # when the partition was last taken or had a backlog
         self.loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
         self.held: set[int] = set()  # waiting events already counted as held back
+        self.pieces: dict[str, _Pieces] = {}  # event id -> its pieces applied, until all are
         self.stream_created: str | None = None  # the stream the consumer reads (its creation time)
         self.stopping = asyncio.Event()
         self.task = asyncio.create_task(self.run(), name=f"partition {number}")
@@ -621,13 +641,16 @@ class _PartitionRun:
             headers = message.headers or {}
             sequence = message.metadata.sequence.stream
             event_id = headers.get(EVENT_ID_HEADER, "")
-            if not event_id or len(event_id) > _MAX_EVENT_ID or "\x00" in event_id:
+            if not _storable_id(event_id):
                 # Published by something other than JetStreamSink, or an id PostgreSQL cannot
                 # hold (it would fail the batch at every redelivery): its stream position names it.
                 event_id = ""
                 unnamed.append(sequence)
             session = headers.get(SESSION_HEADER, "").replace("\x00", "")
-            staged.append(StagedEvent(sequence, event_id, session, message.data))
+            piece = read_piece(headers)
+            if piece is not None and not _storable_id(piece.event_id):
+                piece = None  # taken whole: no event, so kept as rejected
+            staged.append(StagedEvent(sequence, event_id, session, message.data, piece))
         if unnamed:
             named = await self.resources.staging.position_ids(self.stream_created, unnamed)
             staged = [event._replace(event_id=event.event_id or named[event.stream_seq]) for event in staged]
@@ -652,7 +675,9 @@ class _PartitionRun:
         rejected = []
         now = time.monotonic()
         for sequence in sorted(seq for seq in self.waiting if seq <= floor):
-            event = self.waiting.pop(sequence)
+            event = await self.whole(self.waiting.pop(sequence))
+            if event is None:
+                continue
             try:
                 # Its session as the recorder sees it, from the event: other publishers send
                 # no Phi-Session header, and NATS trims header values.
@@ -675,13 +700,33 @@ class _PartitionRun:
         self.worker.stats.rejected += len(rejected)
         await self.resources.staging.mark(rejected, REJECTED)
 
+    async def whole(self, event: StagedEvent) -> StagedEvent | None:
+        """`event`; for the last piece of one, the event its pieces make, staged in their
+        place; None for a piece of one not complete yet, or of one staged already."""
+        piece = event.piece
+        if piece is None:
+            return event
+        pieces = self.pieces.setdefault(piece.event_id, _Pieces())
+        pieces.staged[piece.total, piece.number] = event
+        pieces.latest = time.monotonic()
+        if sum(total == piece.total for total, _ in pieces.staged) < piece.total:
+            return None
+        del self.pieces[piece.event_id]
+        payload = b"".join(pieces.staged[piece.total, number].payload for number in range(piece.total))
+        joined = StagedEvent(event.stream_seq, piece.event_id, event.session_id, payload)
+        replaced = [staged.event_id for staged in pieces.staged.values()]
+        if await self.resources.staging.insert(self.number, self.stream_created, [joined], replaced):
+            return joined
+        self.worker.stats.duplicates += 1
+        return None
+
     def orphaned(self, events: list[AgentEvent]) -> None:
         if events:
             self.unstorable.append(event_session_id(events[0], self.loop_sessions))
 
     async def save(self) -> None:
         """Save what is complete; mark the events of saved sessions (and of unstorable ones)."""
-        self.end_idle_sessions()
+        given_up = self.end_idle_sessions()
         saver = self.saver
         # One attempt each: one PostgreSQL keeps failing (a full disk) must not stall the partition.
         retried = [
@@ -712,7 +757,7 @@ class _PartitionRun:
             done.extend(self.owed.pop(session_id))
         self.worker.stats.sessions_saved += len(saved)
         await self.resources.staging.mark(done, SAVED)
-        rejected = [
+        rejected = given_up + [
             event_id for session_id in self.unstorable for event_id in self.applied.pop(session_id, ())
         ]
         self.unstorable.clear()
@@ -721,13 +766,14 @@ class _PartitionRun:
         for session_id in self.last_event.keys() - self.applied.keys() - self.owed.keys():
             del self.last_event[session_id]
 
-    def end_idle_sessions(self) -> None:
+    def end_idle_sessions(self) -> list[str]:
         """End, as `flush` would, the sessions no event came for in `idle_timeout`: a killed
-        agent's loops never end, and its session would never be saved."""
+        agent's loops never end, and its session would never be saved. Events whose pieces
+        stopped coming as long are given up: the ids of their pieces, to keep as rejected."""
         now = time.monotonic()
         cutoff = now - self.worker.idle_timeout
         if self.behind_at >= cutoff:
-            return
+            return []
         idle = [session_id for session_id, latest in self.last_event.items() if latest < cutoff]
         for session_id, aborted in self.recorder.abort_sessions(idle).items():
             if aborted:
@@ -737,6 +783,17 @@ class _PartitionRun:
                     self.worker.idle_timeout,
                 )
             self.last_event[session_id] = now  # looked at again only after another timeout
+        given_up = []
+        for event_id, pieces in list(self.pieces.items()):
+            if pieces.latest < cutoff:
+                logger.warning(
+                    "event %s: %d of its pieces came, then none for %g s; they are kept as rejected",
+                    event_id,
+                    len(pieces.staged),
+                    self.worker.idle_timeout,
+                )
+                given_up += [staged.event_id for staged in self.pieces.pop(event_id).staged.values()]
+        return given_up
 
 
 async def ingest_status(

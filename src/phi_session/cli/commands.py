@@ -744,9 +744,10 @@ def record(
 
     With --to nats://HOST the events are published to JetStream instead (stream
     and partitions from $PHI_SESSION_NATS_*), and the command ends once the broker
-    acknowledged them all. An event too large for the broker is set aside as a file
-    in .phi-session/spill/rejected, and the command then fails (exit status 1). A
-    broker that cannot be reached fails it at once: the events are kept in
+    acknowledged them all. An event over the broker's max_payload goes in pieces; one
+    it cannot take even so is set aside as a file in .phi-session/spill/rejected, and
+    the command then fails (exit status 1). A broker that cannot be reached fails it
+    at once: the events are kept in
     .phi-session/spill, and the next 'record --to' from this directory sends them.
     """
     if broker_url is not None:
@@ -1358,8 +1359,8 @@ def _publish(source: str, url: str, as_json: bool, rejected_path: str | None) ->
         raise CliError(f"nothing published: {lines.name} holds no valid event line")
     if stats.rejected:
         raise CliError(
-            f"{render.count(stats.rejected, 'event')} not published (over the broker's max_payload): "
-            f"set aside in {sink.rejected_dir}"
+            f"{render.count(stats.rejected, 'event')} not published (over the broker's max_payload"
+            f" even in pieces): set aside in {sink.rejected_dir}"
         )
     if not sent or rejected.error is not None:
         raise click.exceptions.Exit(EXIT_FAILURE)
