@@ -1129,7 +1129,7 @@ class Tracer:
         check_type("config", config, LoopConfigSnapshot, optional=True)
         self.agent = agent if agent is not None else AgentSession()
         self.config = config
-        self.fanout = FanOut(sinks, built=True)
+        self.fanout = FanOut(sinks)
         self.processors = default_processors(redact, processors)
         self._outlet = _Outlet(self.processors, self.fanout)
         self._outlet.check_config(config)

@@ -25,8 +25,7 @@ from msgspec.structs import replace
 
 from ._checks import check_callable, check_instance
 from ._failures import FailureTally
-from .codec import EVENT_CLASSES, check_event_fields
-from .errors import InvalidArgument
+from .codec import EVENT_CLASSES
 from .events import (
     AgentEnd,
     AgentEvent,
@@ -243,20 +242,13 @@ class ProcessorChain:
 
     def passed_on(self, processor: Processor, event: AgentEvent, result: Any) -> AgentEvent | None:
         """What a processor's `result` for `event` passes on: None if it dropped it, the
-        event withheld if it returned something that is not an event, or an event of its
-        own whose fields a recorder could not hold (`check_event_fields`: a `Tracer`'s
-        recorders do not check its events again)."""
+        event withheld if it returned something that is not an event."""
         if result is None:
             with self._lock:
                 self.dropped += 1
             return None
-        if result is not event:
-            if type(result) not in EVENT_CLASSES:
-                return self.withheld(processor, event, TypeError(f"returned {type(result).__name__}"))
-            try:
-                check_event_fields(result)
-            except (TypeError, InvalidArgument) as error:
-                return self.withheld(processor, event, error)
+        if result is not event and type(result) not in EVENT_CLASSES:
+            return self.withheld(processor, event, TypeError(f"returned {type(result).__name__}"))
         return result  # type: ignore[no-any-return]
 
     def withheld(self, processor: Processor, event: AgentEvent, error: Exception) -> AgentEvent | None:

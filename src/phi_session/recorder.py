@@ -363,45 +363,6 @@ class _Deferral:
         self._run_callbacks()
 
 
-def _recording(*, check_fields: bool) -> Callable[[SessionRecorder, AgentEvent], None]:
-    """`SessionRecorder.on_event`, or (`check_fields` false) `SessionRecorder.on_built_event`:
-    one body for both, made twice, as a call level more would cost the two more than the
-    check does."""
-
-    def record(self: SessionRecorder, event: AgentEvent) -> None:
-        if type(event) is MessageUpdate:  # most events of a stream: handled inline
-            with self._lock:
-                loop = self._loops.get(event.loop_id)
-                if loop is not None and self._write_ahead is None:
-                    if self._keep_deltas:
-                        loop.events.append(event)  # `loop.append`, inline
-                    else:
-                        self._dropped_deltas += 1
-                    return
-        if check_fields:  # before anything changes: a refused event leaves no trace
-            _check_event_fields(event)
-        with self._lock:
-            # The usual event, for an open loop: `_store`, inline (`_inline_steps` maps
-            # every type to _OWN while a write-ahead hook is set: each takes its handler).
-            try:
-                step = self._inline_steps[type(event)]
-            except KeyError:
-                raise TypeError(f"not an AgentEvent: {type(event).__name__}") from None
-            loop = None if step is _OWN else self._loops.get(event.loop_id)  # type: ignore[union-attr]
-            if loop is not None:
-                loop.events.append(event)  # `loop.append`, inline
-                if step is not None:
-                    step(self, loop, event)
-                return  # no step queues callbacks (only opening a session does)
-            if self._write_ahead is not None and not self._drops(event):
-                self._write_ahead(codec.encode_event(event))
-            self._handlers[type(event)](self, event)
-        if self._callbacks:
-            self._run_callbacks()
-
-    return record
-
-
 class SessionRecorder:
     """Records an AgentEvent stream into Sessions.
 
@@ -485,13 +446,37 @@ class SessionRecorder:
         if self._callbacks:
             self._run_callbacks()
 
-    on_event = _recording(check_fields=True)
-    on_event.__doc__ = """Record one event. Raises `TypeError` or `InvalidArgument` for one whose own
+    def on_event(self, event: AgentEvent) -> None:
+        """Record one event. Raises `TypeError` or `InvalidArgument` for one whose own
         fields phi-core cannot hold (`codec.check_event_fields`), recording nothing."""
-
-    on_built_event = _recording(check_fields=False)
-    on_built_event.__doc__ = """`on_event` for an event a producer built from values it checked (what a
-        `Tracer` emits, through a `FanOut` of built events): its own fields are not checked again."""
+        if type(event) is MessageUpdate:  # most events of a stream: handled inline
+            with self._lock:
+                loop = self._loops.get(event.loop_id)
+                if loop is not None and self._write_ahead is None:
+                    if self._keep_deltas:
+                        loop.events.append(event)  # `loop.append`, inline
+                    else:
+                        self._dropped_deltas += 1
+                    return
+        _check_event_fields(event)  # before anything changes: a refused event leaves no trace
+        with self._lock:
+            # The usual event, for an open loop: `_store`, inline (`_inline_steps` maps
+            # every type to _OWN while a write-ahead hook is set: each takes its handler).
+            try:
+                step = self._inline_steps[type(event)]
+            except KeyError:
+                raise TypeError(f"not an AgentEvent: {type(event).__name__}") from None
+            loop = None if step is _OWN else self._loops.get(event.loop_id)  # type: ignore[union-attr]
+            if loop is not None:
+                loop.events.append(event)  # `loop.append`, inline
+                if step is not None:
+                    step(self, loop, event)
+                return  # no step queues callbacks (only opening a session does)
+            if self._write_ahead is not None and not self._drops(event):
+                self._write_ahead(codec.encode_event(event))
+            self._handlers[type(event)](self, event)
+        if self._callbacks:
+            self._run_callbacks()
 
     def _drops(self, event: AgentEvent) -> bool:
         """Will this event be dropped (a streaming delta of a known loop, deltas off)?"""

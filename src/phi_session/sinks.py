@@ -36,7 +36,6 @@ from ._jsonl import ends_mid_line
 from .codec import encode_event
 from .errors import InstrumentationError, InvalidArgument
 from .events import AgentEvent
-from .recorder import SessionRecorder
 
 __all__ = ["CallableSink", "FanOut", "JsonlSink", "QueueSink", "RecorderSink", "Sink", "SinkLike", "as_sink"]
 
@@ -407,12 +406,10 @@ def as_sink(target: SinkLike) -> Sink:
     return CallableSink(target)
 
 
-def _receiver(sink: Sink, built: bool) -> Callable[[AgentEvent], Any]:
-    """What to call to deliver to `sink`: a wrapped callable directly, one call level less
-    per event; a `SessionRecorder`'s `on_built_event` for `built` events."""
+def _receiver(sink: Sink) -> Callable[[AgentEvent], Any]:
+    """What to call to deliver to `sink`: a wrapped callable directly, one call level less per event."""
     if isinstance(sink, RecorderSink):
-        recorder = sink.recorder
-        return recorder.on_built_event if built and type(recorder) is SessionRecorder else recorder.on_event
+        return sink.recorder.on_event
     if isinstance(sink, CallableSink):
         return sink.target
     return sink
@@ -424,16 +421,12 @@ class FanOut:
     A sink that raises is skipped for that event only: the others still receive
     it, and the caller never sees the error. The first error of each sink is logged
     with its traceback; all are counted in `errors`. Thread-safe if the sinks are.
-
-    `built`: the events are a `Tracer`'s, built from values it checked, which a
-    `SessionRecorder` then does not check again (`SessionRecorder.on_built_event`).
     """
 
-    def __init__(self, sinks: Iterable[SinkLike], *, built: bool = False) -> None:
-        check_type("built", built, bool)
+    def __init__(self, sinks: Iterable[SinkLike]) -> None:
         self.sinks: tuple[Sink, ...] = tuple(as_sink(s) for s in sinks)
         self._failures = FailureTally(logger, "sink", "it will miss the events it fails on", traceback=True)
-        self._targets = tuple((sink, _receiver(sink, built)) for sink in self.sinks)
+        self._targets = tuple((sink, _receiver(sink)) for sink in self.sinks)
         self.lone: tuple[Sink, Callable[[AgentEvent], Any]] | None = (
             self._targets[0] if len(self._targets) == 1 else None
         )
