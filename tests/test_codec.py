@@ -756,3 +756,22 @@ def test_a_replayed_reply_says_so_in_a_key_phi_core_ignores_and_no_request_carri
         loop_id="l", message=reply, usage=ZERO_USAGE, timestamp=ps.Timestamp.from_ns(0), tool_results=()
     )
     assert is_replayed(ps.decode_event(ps.encode_event(payload)).message)  # type: ignore[union-attr]
+
+
+def test_inside_refusing_unwritable_the_encoders_raise_what_they_would_escape_or_clip() -> None:
+    # How a store learns, as it encodes a session, that it must be saved as stores write it.
+    from phi_session.codec import refusing_unwritable
+
+    message = ps.UserMessage(content=(ps.TextContent(text="caf\udce9"),), timestamp=1)
+    deep: Any = 1
+    for _ in range(5000):
+        deep = [deep]
+    note = ps.ExtensionMessage(kind="note", data={"d": deep})
+    assert b"caf\\\\xed\\\\xb3\\\\xa9" in ps.encode(message)
+    ps.encode(note)  # clipped
+    with refusing_unwritable():
+        with pytest.raises(UnicodeEncodeError):
+            ps.encode(message)
+        with pytest.raises(RecursionError):
+            ps.encode(note)
+    assert b"caf\\\\xed\\\\xb3\\\\xa9" in ps.encode(message)

@@ -9,9 +9,11 @@ sorted, free-form values sorted, nanosecond timestamps, float32 temperatures.
 
 from __future__ import annotations
 
+import contextvars
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from operator import is_
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin
@@ -243,9 +245,28 @@ class _Encoder:
             self._encoder.encode_into(_writable(document, error), buffer)
 
 
+_refusing = contextvars.ContextVar("phi_session_refusing_unwritable", default=False)
+
+
+@contextmanager
+def refusing_unwritable() -> Iterator[None]:
+    """Inside the block the encoders raise the error (`UnicodeEncodeError`, `RecursionError`)
+    of a document they would write escaped or clipped. A store saving a session learns
+    so, as it encodes it, that the session must first be made as stores write it: the
+    alternative, encoding every session once more to check first, cost a tenth of a save."""
+    token = _refusing.set(True)
+    try:
+        yield
+    finally:
+        _refusing.reset(token)
+
+
 def _writable(document: Any, error: UnicodeEncodeError | RecursionError) -> Any:
     """`document`, which the encoder refused with `error`, as `_Encoder` writes it: clipped
-    first (the one fault can hide the other, and escaping walks the whole depth)."""
+    first (the one fault can hide the other, and escaping walks the whole depth); the
+    error raised again inside `refusing_unwritable`."""
+    if _refusing.get():
+        raise error
     if isinstance(error, RecursionError):
         clipped = within_depth(document)
         if clipped is document:  # not a free-form value's doing

@@ -5,15 +5,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import operator
 from collections import Counter
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast, runtime_checkable
 
 import msgspec
 
 from .._checks import check_type
 from .._time import Timestamp
-from ..codec import encode_event, json_form, within_depth, without_lone_surrogates, without_plain_metadata
+from ..codec import (
+    encode_event,
+    json_form,
+    refusing_unwritable,
+    within_depth,
+    without_lone_surrogates,
+    without_plain_metadata,
+)
 from ..errors import InvalidSessionId, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
@@ -560,6 +568,27 @@ def session_to_save(session: Session) -> Session:
         )
         return session_to_save(clipped)
     return session
+
+
+def save_as_written(sessions: Sequence[Session], write: Callable[[Sequence[Session]], None]) -> None:
+    """Save `sessions` (`TypeError` for anything but a `Session`; their ids checked) with
+    `write`, a store's whole save of them, which writes nothing unless it completes.
+
+    `write` runs `refusing_unwritable`: a session holding lone surrogates, or a value
+    nested too deep to write, makes it raise before anything is written, merged or not;
+    only then are the sessions made as stores write them (`session_to_save`, which says
+    so in the log) and written again."""
+    for session in sessions:
+        check_type("session", session, Session)
+        validate_session_id(session.session_id)
+    try:
+        with refusing_unwritable():
+            write(sessions)
+    except (UnicodeEncodeError, RecursionError):
+        written = [session_to_save(session) for session in sessions]
+        if all(map(operator.is_, written, sessions)):  # not their text or depth: the store's fault
+            raise
+        write(written)
 
 
 def validate_session_id(session_id: str) -> str:

@@ -70,8 +70,8 @@ from .base import (
     model_totals,
     outline_loop_starts,
     query_selects,
+    save_as_written,
     serving_rows,
-    session_to_save,
     sort_summaries,
     summarize_parts,
     validate_session_id,
@@ -389,7 +389,10 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         A stored file that cannot be read, or that holds another session (on a file
         system that ignores case, ``A.json`` is ``a.json``), is never overwritten: `StoreError`.
         """
-        session = session_to_save(session)
+        save_as_written([session], self._save_one)
+
+    def _save_one(self, sessions: Sequence[Session]) -> None:
+        (session,) = sessions
         session_id = session.session_id
         check_writable(self, f"save session {session_id!r}")
         try:

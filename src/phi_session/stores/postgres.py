@@ -126,8 +126,8 @@ from .base import (
     model_totals,
     outline_model_rows,
     query_selects,
+    save_as_written,
     serving_rows,
-    session_to_save,
     stored_usage_row,
     summarize,
     summarize_outline,
@@ -1105,7 +1105,10 @@ class PostgresStore(AsyncTwins):
         One transaction: the session row is locked, so saves of one session from
         anywhere serialize. The incoming records are encoded before the lock is taken.
         """
-        session = session_to_save(session)
+        save_as_written([session], self._save_one)
+
+    def _save_one(self, sessions: Sequence[Session]) -> None:
+        (session,) = sessions
         session_id = session.session_id
         check_writable(self, f"save session {session_id!r}")
         encoded = _Encodings(session.loops)

@@ -91,8 +91,8 @@ from .base import (
     merge_part,
     outline_model_rows,
     past_the_columns,
+    save_as_written,
     serving_rows,
-    session_to_save,
     stored_usage_row,
     summarize,
     summarize_outline,
@@ -1554,11 +1554,7 @@ class SqliteStore(AsyncTwins):
         none loses a loop; a failure (disk full, lock timeout) leaves the stored
         session as it was. Loop rows whose record did not change are not rewritten.
         """
-        session = session_to_save(session)
-        session_id = session.session_id
-        check_writable(self, f"save session {session_id!r}")
-        with self._transaction("save", session_id, write=True) as conn:
-            _index_loop_texts(conn, self._save_in(conn, session_id, session))
+        save_as_written([session], self._write)
 
     def save_many(self, sessions: Sequence[Session]) -> None:
         """`save` each of `sessions`, in order, in one transaction: all are saved or none.
@@ -1566,12 +1562,16 @@ class SqliteStore(AsyncTwins):
         A writer with many sessions to save commits once for them all (the pages they
         share, such as the indexes' and the message table's, are written once).
         """
-        sessions = [session_to_save(session) for session in sessions]
+        if sessions:
+            save_as_written(list(sessions), self._write)
+
+    def _write(self, sessions: Sequence[Session]) -> None:
         ids = [session.session_id for session in sessions]
-        if not ids:
-            return
-        check_writable(self, f"save {len(ids)} sessions")
-        with self._transaction(f"save {len(ids)} sessions", ", ".join(ids[:3]), write=True) as conn:
+        (action, what) = (
+            ("save", f"save session {ids[0]!r}") if len(ids) == 1 else (f"save {len(ids)} sessions",) * 2
+        )
+        check_writable(self, what)
+        with self._transaction(action, ", ".join(ids[:3]), write=True) as conn:
             text_rows: list[tuple[str, int, str]] = []
             for session_id, session in zip(ids, sessions, strict=True):
                 text_rows += self._save_in(conn, session_id, session)
