@@ -1230,6 +1230,33 @@ def test_every_cursor_replaying_the_blocks_session_serves_its_runs_and_no_other(
     assert record.billed_usage() == script.turns[0].reply.usage
 
 
+def test_a_block_given_no_cursor_takes_the_first_to_answer_whichever_session_it_replays(
+    world: World, tmp_path: Path
+) -> None:
+    # A lineage built by hand to record into another session than the one replayed: the
+    # first cursor to answer is the block's, as recording_as says; only a later one must
+    # replay the lineage's session.
+    session, _ = world.original()
+    target, _ = World(tmp_path).original()
+    script = ReplayScript.from_session(session)
+    replayed = replay_lineage(script)
+    lineage = msgspec.structs.replace(replayed, session=target, parent_loop_id=target.loops[0].loop_id)
+    first, sibling = ReplayCursor(script), ReplayCursor(script)
+    recorder = SessionRecorder()
+    core = AdapterCore("test", [recorder], agent=AgentSession(clock=FakeClock("2025-06-02T09:00:00Z")))
+    with recording_as(lineage):
+        run = core.start_run("r", SNAP)
+        for cursor in (first, sibling):
+            assert cursor.respond(script.turns[0].request) == script.turns[0].reply
+            with run.loop.turn() as turn, turn.assistant() as message:
+                message.finish("rebuilt by the framework", usage=script.turns[0].reply.usage)
+        core.end_run("r")
+    recorder.flush()
+    (record,) = [loop for s in recorder.drain_completed() for loop in s.loops]
+    assert record.session_id == target.session_id
+    assert [is_replayed(turn.output_message) for turn in record.turns] == [True, False]
+
+
 def test_a_handoff_inside_recording_as_is_marked_as_part_of_the_replay(world: World) -> None:
     session, _ = world.original()
     recorder = SessionRecorder()

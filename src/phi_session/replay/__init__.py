@@ -26,10 +26,11 @@ What is billed: only what was spent. Every reply served from a recording is mark
 reply it returned, ``reply.finish(message=...)``), by `fork` for the turns it repeats,
 and for a framework adapter by its loop, run in a ``recording_as`` block: the replay's
 cursors are the one given (``recording_as(lineage, cursor)``, which
-`phi_session.adapters.replay_recording` does) and every other replaying the lineage's
-session (a replay model per agent of a handoff). The replay's turns keep the recorded
-usage (`LoopRecord.reported_usage`, what `phi_session.diff` compares: a replay shows
-no usage change), while `LoopRecord.billed_usage`, `LoopRecord.model_calls` and every
+`phi_session.adapters.replay_recording` does), else the first to answer a model call
+inside the block, and every other replaying the lineage's session (a replay model per
+agent of a handoff). The replay's turns keep the recorded usage
+(`LoopRecord.reported_usage`, what `phi_session.diff` compares: a replay shows no
+usage change), while `LoopRecord.billed_usage`, `LoopRecord.model_calls` and every
 roll-up built on them (the stores' summaries and `usage_totals`, cost, the CLI, the
 viewer) leave the tagged turns out: a replay bills nothing, a fork the turns from its
 fork point on, a replay handed over to its fallback the fallback's turns. Stores total

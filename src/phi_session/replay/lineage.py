@@ -138,9 +138,9 @@ def fork_lineage(script: ReplayScript, turn: int, *, tag: str = "fork", change: 
 
 class ActiveLineage:
     """The lineage of a ``recording_as`` block, the replay cursors answering its model calls
-    (the one given, and every cursor replaying the lineage's session: one per agent of a
-    handoff, say), the replies they served to each of the block's loops, and whether its
-    first run has started."""
+    (the one given, else the first to answer one inside the block, and every other
+    replaying the lineage's session: one per agent of a handoff, say), the replies they
+    served to each of the block's loops, and whether its first run has started."""
 
     __slots__ = ("_claimed", "_cursors", "_lock", "_served", "_warned_outside", "lineage")
 
@@ -155,11 +155,13 @@ class ActiveLineage:
 
     def served(self, cursor: ReplayCursor, loop_id: str) -> None:
         """`cursor` served a recorded reply to a model call of loop `loop_id`: counted if it
-        is the block's given cursor or replays the lineage's session. Another session's
-        (a replayed sub-agent's, whose calls run inside the loop's run) serves its own."""
+        is the block's given cursor (taken, if the block has none: the first to answer,
+        whichever session it replays) or a later one replaying the lineage's session.
+        Another session's (a replayed sub-agent's, whose calls run inside the loop's run)
+        serves its own."""
         with self._lock:
             if cursor not in self._cursors:
-                if cursor.script.session_id != self.lineage.session.session_id:
+                if self._cursors and cursor.script.session_id != self.lineage.session.session_id:
                     return
                 self._cursors.append(cursor)
             self._served[loop_id] = self._served.get(loop_id, 0) + 1
@@ -223,9 +225,10 @@ def recording_as(lineage: Lineage, cursor: ReplayCursor | None = None) -> Iterat
 
     `cursor`: the `ReplayCursor` answering their model calls (a framework replay
     model's): the replies it serves are recorded tagged as served, so that no roll-up
-    bills them (`phi_session.instrument.Tracer.loop`'s ``replay``). So are those of every
-    other cursor replaying the lineage's session (`answered`): a replay model per agent
-    of a handoff, the block given one of them or none. A reply is the served one of the
+    bills them (`phi_session.instrument.Tracer.loop`'s ``replay``). Without it, the
+    first cursor to answer a model call inside the block is taken (`answered`), whichever
+    session it replays. So are the replies of every later cursor replaying the lineage's
+    session: a replay model per agent of a handoff. A reply is the served one of the
     run whose model call it answered (`calling`): a live run beside a replayed one in
     the block bills its own replies."""
     if not isinstance(lineage, Lineage):
