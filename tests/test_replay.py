@@ -1209,15 +1209,16 @@ def test_every_cursor_replaying_the_blocks_session_serves_its_runs_and_no_other(
     recorder = SessionRecorder()
     core = AdapterCore("test", [recorder], agent=AgentSession(clock=FakeClock("2025-06-02T09:00:00Z")))
     with recording_as(replay_lineage(script), first if given else None):
+        block = active_lineage()
+        assert block is not None and block.cursor is (first if given else None)
         run = core.start_run("r", SNAP)
         for cursor in (first, sibling, stranger):
             assert cursor.respond(script.turns[0].request) == script.turns[0].reply
             with run.loop.turn() as turn, turn.assistant() as message:
                 message.finish("rebuilt by the framework", usage=script.turns[0].reply.usage)
+        assert block.cursor is first  # the given one, else the first to answer: not a later sibling
         # What the framework reports of a tool call a replay answered is taken back from
         # whichever of the block's cursors answered it.
-        block = active_lineage()
-        assert block is not None
         answer = script.turns[0].tool_results[0]
         sibling.answered("c1", answer)
         stranger.answered("c2", answer)

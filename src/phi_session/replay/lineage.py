@@ -153,6 +153,14 @@ class ActiveLineage:
         self._served: dict[str, int] = {}  # loop id -> the recorded replies served to its calls
         self._warned_outside = False
 
+    @property
+    def cursor(self) -> ReplayCursor | None:
+        """The block's cursor (read-only): the one given to `recording_as`, else the first
+        to answer a model call inside the block, None until one has. Later cursors
+        replaying the lineage's session are counted too (`served`) but never replace it."""
+        with self._lock:
+            return self._cursors[0] if self._cursors else None
+
     def served(self, cursor: ReplayCursor, loop_id: str) -> None:
         """`cursor` served a recorded reply to a model call of loop `loop_id`: counted if it
         is the block's given cursor (taken, if the block has none: the first to answer,
