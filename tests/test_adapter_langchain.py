@@ -1064,7 +1064,7 @@ def test_a_handoff_between_agents_ends_the_loop_and_the_next_agent_continues_it(
     # Alice's reply keeps toolUse (the call hands over only once it returns): Bob's loop
     # names the call that did.
     assert first.turns[-1].output_message.stop_reason == "toolUse"  # type: ignore[union-attr]
-    assert second.metadata["handoff"] == {"tool_call_id": "h1", "tool_name": "transfer_to_bob"}
+    assert second.metadata["phi.handoff"] == {"tool_call_id": "h1", "tool_name": "transfer_to_bob"}
     (result,) = [m for m in first.messages if isinstance(m, ToolResultMessage)]
     assert result.content[0].text == "Bob takes over"  # type: ignore[union-attr]
     assert [m.model for m in second.messages if isinstance(m, AssistantMessage)] == ["bob-model"]

@@ -686,6 +686,13 @@ def test_the_default_loop_is_the_last_run_that_is_not_a_replay(world: World) -> 
         # A LangGraph handoff tool: the reply keeps toolUse, the next loop names the call.
         ("toolUse", {HANDOFF_KEY: {"tool_call_id": "h1", "tool_name": "transfer_to_bob"}}, True),
         ("toolUse", None, False),  # a later run of the conversation: replayed alone
+        # The app's own metadata: a later run all the same.
+        ("toolUse", {"handoff": "escalated to tier-2 support"}, False),
+        ("toolUse", {"handoff": {"tool_call_id": "h1", "tool_name": "transfer_to_bob"}}, False),
+        # Naming no call of the reply before it: no handoff of this run.
+        ("toolUse", {HANDOFF_KEY: "h1"}, False),
+        ("toolUse", {HANDOFF_KEY: {"tool_call_id": "h2", "tool_name": "transfer_to_bob"}}, False),
+        ("toolUse", {HANDOFF_KEY: {"tool_call_id": "h1", "tool_name": "transfer_to_carol"}}, False),
     ],
 )
 def test_the_default_run_has_the_loops_that_handed_over_to_it(

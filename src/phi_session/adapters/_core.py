@@ -723,10 +723,10 @@ class AdapterCore:
         self, key: object, config: LoopConfigSnapshot, *, metadata: dict[str, Any] | None = None
     ) -> AdapterRun | None:
         """Hand the run `key` over to another agent: its loop ends (its last assistant
-        message should carry stop reason ``handoff``; where it cannot, name the call that
-        handed over in `metadata`, `phi_session.replay.script.HANDOFF_KEY`) and the next
-        agent's loop, in the same session, continues it. Returns the new run (None if
-        `key` was not open)."""
+        message should carry stop reason ``handoff``; where it cannot, name that message's
+        tool call that handed over in `metadata`, `phi_session.replay.script.HANDOFF_KEY`)
+        and the next agent's loop, in the same session, continues it. Returns the new run
+        (None if `key` was not open)."""
         with self._lock:
             run = self._runs.get(key)
             if run is None:

@@ -43,11 +43,13 @@ __all__ = ["HANDOFF_KEY", "REPLAY_TAG", "RecordedTurn", "ReplayScript"]
 
 REPLAY_TAG = "replay"
 """The tag of a replay's loop kind: ``Rerun{"replay"}``."""
-HANDOFF_KEY = "handoff"
+HANDOFF_KEY = "phi.handoff"
 """The ``AgentStart.metadata`` key of a loop that took over by a handoff its predecessor's
 last reply does not show (a LangGraph handoff tool: the reply that called it keeps
 ``toolUse``, the call hands over only once it returns): the call that handed over,
-``{"tool_call_id", "tool_name"}``."""
+``{"tool_call_id", "tool_name"}``, one of that reply's tool calls. Namespaced as
+phi-session's own keys in a caller's metadata are (``"phi.session_id"``): an app's own
+``"handoff"`` key is no handoff."""
 _REPLAY = ContinuationKind.rerun(REPLAY_TAG)
 
 
@@ -277,18 +279,33 @@ def _of_a_replay(record: LoopRecord) -> bool:
     return record.kind == _REPLAY or (isinstance(meta, dict) and isinstance(meta.get("replay"), dict))
 
 
+def _names_a_call_of(metadata: object, reply: AssistantMessage) -> bool:
+    """Whether `metadata` names one of `reply`'s tool calls as the call that handed over
+    (`HANDOFF_KEY`: its id and tool name)."""
+    named = metadata.get(HANDOFF_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(named, dict):
+        return False
+    return any(
+        type(block) is ToolCall
+        and (block.id, block.name) == (named.get("tool_call_id"), named.get("tool_name"))
+        for block in reply.content
+    )
+
+
 def _handed_over(index: Mapping[str, LoopRecord], before: str, after: str) -> bool:
     """Whether loop `after` took over from loop `before` by a handoff, within one run: it
     continues it (``Default``) and `before`'s last reply stopped with ``handoff``, or
-    `after`'s metadata names the call that handed over (`HANDOFF_KEY`)."""
+    `after`'s metadata names a tool call of that reply as the call that handed over
+    (`HANDOFF_KEY`)."""
     record, earlier = index.get(after), index.get(before)
     if record is None or earlier is None or not earlier.turns:
         return False
     if record.kind != DEFAULT or record.parent_loop_id != before:
         return False
     last = earlier.turns[-1].output_message
-    named = isinstance(record.metadata, dict) and HANDOFF_KEY in record.metadata
-    return named or (isinstance(last, AssistantMessage) and last.stop_reason == "handoff")
+    if not isinstance(last, AssistantMessage):
+        return False
+    return last.stop_reason == "handoff" or _names_a_call_of(record.metadata, last)
 
 
 def _run_to(session: Session, loop_id: str, index: Mapping[str, LoopRecord]) -> list[str]:
@@ -324,10 +341,11 @@ class ReplayScript(msgspec.Struct, frozen=True, kw_only=True):
         with turns (a compaction pass or a rejected input made no model call), with
         the loops that handed over to it within its run (an agent's handoff, a
         transfer: a ``Default`` continuation of a loop whose last reply stopped with
-        ``handoff``, or one whose metadata names the call that handed over,
-        `HANDOFF_KEY`), first first. So a handoff run replays whole, the last run of the
-        agent or the last fork, and a live session object that has since recorded
-        replays of it (a `SessionRecorder`'s) still defaults to the run they replayed.
+        ``handoff``, or one whose metadata names a tool call of that reply as the call
+        that handed over, `HANDOFF_KEY`), first first. So a handoff run replays whole,
+        the last run of the agent or the last fork, and a live session object that has
+        since recorded replays of it (a `SessionRecorder`'s) still defaults to the run
+        they replayed.
         A `loop_id` given is that loop alone.
 
         With `chain`, the turns of every loop whose messages make up the context of
