@@ -2171,3 +2171,64 @@ def test_a_tracer_publishes_through_the_sink_and_a_sub_agent_goes_with_its_paren
             psycopg.sql.Identifier(names.schema)
         )
         assert len(conn.execute(query).fetchall()) == 1  # 3 sessions, 16 partitions: routed together
+
+
+def test_a_sub_agent_running_while_many_others_start_and_end_still_goes_with_its_parent(
+    names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sink's routing table forgot its oldest routes, however recently used: a sub-agent
+    still running while the table filled up (100,000 others in a busy service) sent its
+    AgentEnd to its own session's partition, where no worker knew its loop; it was kept
+    as rejected, and the session saved Aborted."""
+    from phi_session.broker import settings as broker_settings
+    from phi_session.broker.settings import partition_of
+
+    monkeypatch.setattr(broker_settings, "_MAX_ROUTES", 4)
+    partitions = 3
+    root = "root"
+    child = next(
+        f"child{n}"
+        for n in range(100)
+        if partition_of(f"child{n}", partitions) != partition_of(root, partitions)
+    )
+    usage = ps.Usage(input=1, output=1, total_tokens=2)
+
+    def at(ms: int) -> ps.Timestamp:
+        return ps.Timestamp.from_ns(1_750_000_000 * 10**9 + ms * 10**6)
+
+    def start(session: str, parent: str | None = None) -> ps.AgentStart:
+        return ps.AgentStart(
+            agent_id="ag",
+            session_id=session,
+            loop_id=f"{session}.c.1",
+            parent_loop_id=parent,
+            continuation_kind=ps.INITIAL,
+            timestamp=at(0),
+        )
+
+    def end(session: str) -> ps.AgentEnd:
+        return ps.AgentEnd(loop_id=f"{session}.c.1", messages=(), usage=usage, timestamp=at(9))
+
+    others = [f"other{n}" for n in range(12)]  # three times the table's bound, each started and ended
+    events = [
+        start(root),
+        start(child, parent=f"{root}.c.1"),
+        ps.TurnStart(loop_id=f"{child}.c.1", turn_index=0, timestamp=at(1), triggered_by="SubAgent"),
+        *(event for other in others for event in (start(other, parent=f"{root}.c.1"), end(other))),
+        end(child),
+        end(root),
+    ]
+    with names.sink(partitions=partitions) as sink:
+        for event in events:
+            sink(event)
+        assert sink.flush(30)
+    worker = names.worker()
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected, 30))
+    assert _stored(names.schema) == expected
+    assert worker.stats.rejected == 0
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        query = psycopg.sql.SQL("SELECT DISTINCT part FROM {}.broker_events").format(
+            psycopg.sql.Identifier(names.schema)
+        )
+        assert conn.execute(query).fetchall() == [(partition_of(root, partitions),)]

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import phi_session as ps
 from phi_session import InvalidArgument
 from phi_session.broker import StreamSettings, partition_of
 from phi_session.broker.settings import Piece, publications, read_piece
@@ -159,3 +160,60 @@ def test_headers_that_say_no_piece_make_none() -> None:
         {"Phi-Piece-Of": "p-1", "Phi-Piece": f"0/{1 << 31}"},  # more than PostgreSQL's integer holds
     ):
         assert read_piece(headers) is None, headers
+
+
+def test_a_route_in_use_is_kept_and_ended_ones_are_forgotten_oldest_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The routing tables forgot their oldest half once full, however recently used: a
+    sub-agent still running lost its route, and its later events went to another partition."""
+    from phi_session.broker import settings
+
+    monkeypatch.setattr(settings, "_MAX_ROUTES", 3)
+    routes = settings.Routes()
+    routes.opened("running", "root", "running.c.1")
+    routes.opened("running", "root", "running.c.2")  # two loops of one session
+    for n in range(10):
+        routes.opened(f"done{n}", "root", f"done{n}.c.1")
+        routes.ended(f"done{n}", f"done{n}.c.1")
+    assert routes.get("running") == "root"
+    assert [routes.get(f"done{n}") for n in range(10)] == [None] * 8 + ["root"] * 2  # the latest ended
+    routes.ended("running", "running.c.1")
+    routes.ended("running", "running.c.0")  # never started: changes nothing
+    routes.opened("next", "root", "next.c.1")
+    assert routes.get("running") == "root"  # still running its second loop
+    routes.ended("running", "running.c.2")
+    assert routes.get("running") == "root"  # ended just now: a late sub-agent still finds it
+    routes.opened("later", "root", "later.c.1")
+    routes.opened("last", "root", "last.c.1")
+    known = ["running", "next", "later", "last", *(f"done{n}" for n in range(10))]
+    assert [key for key in known if routes.get(key)] == ["next", "later", "last"]
+
+
+def test_a_loop_of_a_session_its_id_does_not_name_is_tracked_until_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from phi_session.broker import settings
+
+    monkeypatch.setattr(settings, "_MAX_ROUTES", 2)
+    usage = ps.Usage(input=0, output=0, total_tokens=0)
+    when = ps.Timestamp.from_ns(1_750_000_000 * 10**9)
+
+    def start(session: str, loop_id: str) -> ps.AgentStart:
+        return ps.AgentStart(
+            agent_id="a", session_id=session, loop_id=loop_id, continuation_kind=ps.INITIAL, timestamp=when
+        )
+
+    def turn(loop_id: str) -> ps.TurnStart:
+        return ps.TurnStart(loop_id=loop_id, turn_index=0, timestamp=when, triggered_by="User")
+
+    loops = settings.Routes()
+    assert settings.track_session(start("a.b", "a.b.c.1"), loops) == "a.b"  # its loop id says "a"
+    for n in range(5):
+        settings.track_session(start(f"x.{n}", f"x.{n}.c.1"), loops)
+        settings.track_session(
+            ps.AgentEnd(loop_id=f"x.{n}.c.1", messages=(), usage=usage, timestamp=when), loops
+        )
+    assert settings.track_session(turn("a.b.c.1"), loops) == "a.b"
+    assert settings.track_session(turn("x.4.c.1"), loops) == "x.4"  # ended last: still known
+    assert settings.track_session(turn("x.0.c.1"), loops) == "x"  # forgotten

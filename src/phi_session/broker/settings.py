@@ -16,13 +16,14 @@ import os
 import re
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 from .._checks import check_type
 from ..errors import BrokerError, InvalidArgument, MissingExtra
-from ..events import AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
+from ..events import AgentEnd, AgentEvent, AgentStart, ParallelLoopEnd, ParallelLoopStart
 from ..ids import session_id_from_loop_id
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENV_PREFIX",
     "Piece",
+    "Routes",
     "StreamSettings",
     "check_name",
     "close_quietly",
@@ -43,7 +45,6 @@ __all__ = [
     "partition_of",
     "publications",
     "read_piece",
-    "remember",
     "stream_info",
     "stream_layout",
     "track_session",
@@ -74,7 +75,7 @@ _MAX_PARTITIONS = 1024
 # JetStream holds sizes and durations (in nanoseconds) as signed 64-bit integers.
 _MAX_BYTES = (1 << 63) - 1
 MAX_SECONDS = 9e9
-_MAX_ROUTES = 100_000  # remembered sub-agent sessions and re-homed loops, oldest forgotten first
+_MAX_ROUTES = 100_000  # routes kept once their loops ended (`Routes`)
 _ERROR_LOG_INTERVAL = 60.0  # seconds between warnings of a connection's errors once connected
 _MAX_PIECES = (1 << 31) - 1  # staged as a 32-bit integer
 
@@ -178,33 +179,61 @@ def _parse_env(name: str, raw: str, kind: object) -> Any:
         raise InvalidArgument(f"{ENV_PREFIX}{name.upper()}: expected {expected}, got {raw!r}") from None
 
 
-def event_session_id(event: AgentEvent, loop_sessions: dict[str, str] | None = None) -> str:
+def event_session_id(event: AgentEvent, loop_sessions: Routes | None = None) -> str:
     """The session `event` belongs to: its own field, else its loop's (`loop_sessions` first)."""
     if isinstance(event, (AgentStart, ParallelLoopStart, ParallelLoopEnd)):
         return event.session_id
     loop_id: str = getattr(event, "loop_id", "")
-    if loop_sessions:
-        known = loop_sessions.get(loop_id)
-        if known is not None:
-            return known
-    return session_id_from_loop_id(loop_id)
+    known = loop_sessions.get(loop_id) if loop_sessions is not None else None
+    return session_id_from_loop_id(loop_id) if known is None else known
 
 
-def track_session(event: AgentEvent, loop_sessions: dict[str, str]) -> str:
+def track_session(event: AgentEvent, loop_sessions: Routes) -> str:
     """`event_session_id`, as a recorder sees it: an `AgentStart` whose loop id names
     another session is remembered in `loop_sessions`, for its loop's later events."""
     session = event_session_id(event, loop_sessions)
     if isinstance(event, AgentStart) and session_id_from_loop_id(event.loop_id) != session:
-        remember(loop_sessions, event.loop_id, session)
+        loop_sessions.opened(event.loop_id, session, event.loop_id)
+    elif type(event) is AgentEnd:
+        loop_sessions.ended(event.loop_id, event.loop_id)
     return session
 
 
-def remember(table: dict[str, str], key: str, value: str) -> None:
-    """``table[key] = value``, the oldest half forgotten once the table is full."""
-    if len(table) >= _MAX_ROUTES:
-        for old in list(table)[: _MAX_ROUTES // 2]:
-            del table[old]
-    table[key] = value
+class Routes:
+    """A routing table (a loop's session, a sub-agent session's partition key) that keeps
+    what is in use: a key with a loop started and not ended is never forgotten, however
+    many others come and go meanwhile (its later events would go astray). Past
+    `_MAX_ROUTES` routes, the key whose loops ended longest ago is forgotten first: a
+    late sub-agent of a loop that just ended still finds its parent's. O(1) per event."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, str] = {}
+        self.get = self._values.get  # looked up for every event: the dict's own method
+        self._open: dict[str, set[str]] = {}  # key -> its loops running
+        # The keys of no loop running, the one ended longest ago first.
+        self._ended: OrderedDict[str, None] = OrderedDict()
+
+    def opened(self, key: str, value: str, loop_id: str) -> None:
+        """``key`` routes to `value`, in use while its loop `loop_id` runs."""
+        self._values[key] = value
+        loops = self._open.get(key)
+        if loops is not None:
+            loops.add(loop_id)
+            return
+        self._open[key] = {loop_id}
+        self._ended.pop(key, None)
+        while len(self._values) > _MAX_ROUTES and self._ended:
+            del self._values[self._ended.popitem(last=False)[0]]
+
+    def ended(self, key: str, loop_id: str) -> None:
+        """Loop `loop_id` of ``key`` ended: once none of its loops runs, the route may be forgotten."""
+        loops = self._open.get(key)
+        if loops is None:
+            return
+        loops.discard(loop_id)
+        if not loops:
+            del self._open[key]
+            self._ended[key] = None
 
 
 class Piece(NamedTuple):

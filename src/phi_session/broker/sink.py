@@ -36,13 +36,14 @@ from .._exit import ExitHook
 from .._fork import in_forked_child
 from ..codec import encode_event, escape_surrogates
 from ..errors import BrokerError, InvalidArgument, NotAJournal, PhiSessionError, StoreError, UsedAfterFork
-from ..events import AgentEvent, AgentStart
+from ..events import AgentEnd, AgentEvent, AgentStart
 from ..ids import session_id_from_loop_id
 from ..journal import Journal, read_records
 from ..journal.format import SegmentDamage
 from .settings import (
     EVENT_ID_HEADER,
     Publication,
+    Routes,
     StreamSettings,
     close_quietly,
     connect,
@@ -50,7 +51,6 @@ from .settings import (
     nats_servers,
     partition_of,
     publications,
-    remember,
     require_nats,
     track_session,
 )
@@ -272,8 +272,8 @@ class JetStreamSink:
         self._close_lock = threading.Lock()  # one `close` at a time; taken before `_lock`
         self._close_done = False  # an interrupted `close` (Ctrl-C) is not: it is done again
         self._unreachable: str | None = None
-        self._roots: dict[str, str] = {}  # sub-agent session -> the session it goes with
-        self._loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
+        self._roots = Routes()  # sub-agent session -> the session it goes with
+        self._loop_sessions = Routes()  # loop -> session, where the loop id says otherwise
         self._idle = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -351,13 +351,18 @@ class JetStreamSink:
         the payload spells them: lone surrogates escaped (unescaped, no header or journal
         could hold them, and the event would be retried for ever, holding up all after it)."""
         session = track_session(event, self._loop_sessions)
+        root = self._roots.get(session)
         if isinstance(event, AgentStart):
             parent = event.parent_loop_id
             if parent is not None:
                 parent_session = self._loop_sessions.get(parent) or session_id_from_loop_id(parent)
                 if parent_session != session:
-                    remember(self._roots, session, self._roots.get(parent_session, parent_session))
-        return escape_surrogates(session), escape_surrogates(self._roots.get(session, session))
+                    root = self._roots.get(parent_session, parent_session)
+            if root is not None:
+                self._roots.opened(session, root, event.loop_id)
+        elif type(event) is AgentEnd and root is not None:
+            self._roots.ended(session, event.loop_id)
+        return escape_surrogates(session), escape_surrogates(session if root is None else root)
 
     def _start_spill(self) -> None:
         directory = self._episode_dir(self._seq)

@@ -49,6 +49,7 @@ from .settings import (
     EVENT_ID_HEADER,
     MAX_SECONDS,
     SESSION_HEADER,
+    Routes,
     StreamSettings,
     check_name,
     close_quietly,
@@ -487,7 +488,7 @@ class _PartitionRun:
         self.owed: dict[str, list[str]] = {}
         self.last_event: dict[str, float] = {}  # session id applied or owed -> when its latest came
         self.behind_at = time.monotonic()  # when the partition was last taken or had a backlog
-        self.loop_sessions: dict[str, str] = {}  # loop -> session, where the loop id says otherwise
+        self.loop_sessions = Routes()  # loop -> session, where the loop id says otherwise
         self.held: set[int] = set()  # waiting events already counted as held back
         self.pieces: dict[str, _Pieces] = {}  # event id -> its pieces applied, until all are
         self.stream_created: str | None = None  # the stream the consumer reads (its creation time)
