@@ -705,67 +705,53 @@ def test_a_session_whose_agent_died_mid_loop_is_saved_aborted_once_idle(names: N
     assert worker.stats.rejected == 1
 
 
-def test_a_worker_restarted_before_a_late_amendment_still_makes_it(names: Names) -> None:
-    """A session saved while still owed its group's end, or the tool call that spawned it,
-    had its events marked saved: the next owner of the partition, replaying only pending
-    ones, knew nothing to amend. The group was lost (its ParallelLoopEnd rejected) and the
-    sub-agent kept a spawn ref without its tool call."""
+_USAGE = ps.Usage(input=10, output=1, total_tokens=11)
 
-    def at(seconds: int) -> ps.Timestamp:
-        return ps.Timestamp.from_ns(1_750_000_000 * 10**9 + seconds * 10**9)
 
-    usage = ps.Usage(input=10, output=1, total_tokens=11)
+def _at(seconds: int) -> ps.Timestamp:
+    return ps.Timestamp.from_ns(1_750_000_000 * 10**9 + seconds * 10**9)
 
-    def start(session: str, loop_id: str, s: int, parent: str | None = None) -> ps.AgentStart:
-        return ps.AgentStart(
-            agent_id="ag",
-            session_id=session,
-            loop_id=loop_id,
-            parent_loop_id=parent,
-            continuation_kind=ps.INITIAL,
-            timestamp=at(s),
-        )
 
-    def end(loop_id: str, s: int) -> ps.AgentEnd:
-        return ps.AgentEnd(loop_id=loop_id, messages=(), usage=usage, timestamp=at(s))
+def _start(session: str, loop_id: str, seconds: int = 0, parent: str | None = None) -> ps.AgentStart:
+    return ps.AgentStart(
+        agent_id="ag",
+        session_id=session,
+        loop_id=loop_id,
+        parent_loop_id=parent,
+        continuation_kind=ps.INITIAL,
+        timestamp=_at(seconds),
+    )
 
-    before = [
-        ps.ParallelLoopStart(session_id="G", loop_ids=("G.a.1", "G.b.2"), timestamp=at(0)),
-        start("G", "G.a.1", 1),
-        start("G", "G.b.2", 1),
-        end("G.a.1", 4),
-        end("G.b.2", 5),
-        start("P", "P.c.1", 0),
-        ps.ToolExecutionStart(loop_id="P.c.1", tool_call_id="call-7", tool_name="researcher", args={}),
-        start("C", "C.c.1", 1, parent="P.c.1"),
-        end("C.c.1", 2),
-    ]
-    after = [
-        ps.ParallelLoopEnd(
-            session_id="G",
-            selected_loop_id="G.b.2",
-            selected_config_index=1,
-            evaluation_usage=usage,
-            timestamp=at(9),
-        ),
-        ps.ToolExecutionEnd(
-            loop_id="P.c.1",
-            tool_call_id="call-7",
-            tool_name="researcher",
-            result=ps.ToolResult(content=(), child_loop_id="C.c.1"),
-            is_error=False,
-            child_loop_id="C.c.1",
-        ),
-        end("P.c.1", 3),
-    ]
+
+def _end(loop_id: str, seconds: int = 0) -> ps.AgentEnd:
+    return ps.AgentEnd(loop_id=loop_id, messages=(), usage=_USAGE, timestamp=_at(seconds))
+
+
+def _spawned(loop_id: str, tool_call_id: str, tool_name: str, child_loop_id: str) -> ps.ToolExecutionEnd:
+    """The end of the tool call that ran the sub-agent loop `child_loop_id`."""
+    return ps.ToolExecutionEnd(
+        loop_id=loop_id,
+        tool_call_id=tool_call_id,
+        tool_name=tool_name,
+        result=ps.ToolResult(content=(), child_loop_id=child_loop_id),
+        is_error=False,
+        child_loop_id=child_loop_id,
+    )
+
+
+def _recorded_across_a_worker_change(
+    names: Names, before: list[Any], after: list[Any], handed_over: Any
+) -> IngestWorker:
+    """Publish `before` to one partition, recorded by a worker stopped once `handed_over()`;
+    then `after`, recorded by the next worker: the two store what one recorder would.
+    That next worker."""
     expected = _reference([before + after])
     with names.sink(partitions=1) as sink:
         for event in before:
             sink(event)
         assert sink.flush(30)
-        first = names.worker()
-        asyncio.run(_run_until(first, lambda: {"G", "C"} <= set(_stored(names.schema)), 30))
-        for event in after:  # the judge's verdict, the tool's result: once the worker restarted
+        asyncio.run(_run_until(names.worker(), handed_over, 30))
+        for event in after:
             sink(event)
         assert sink.flush(30)
     second = names.worker()
@@ -776,7 +762,58 @@ def test_a_worker_restarted_before_a_late_amendment_still_makes_it(names: Names)
     )
     assert _stored(names.schema) == expected
     assert _staged_pending(names.schema) == 0
+    return second
+
+
+def test_a_worker_restarted_before_a_late_amendment_still_makes_it(names: Names) -> None:
+    """A session saved while still owed its group's end, or the tool call that spawned it,
+    had its events marked saved: the next owner of the partition, replaying only pending
+    ones, knew nothing to amend. The group was lost (its ParallelLoopEnd rejected) and the
+    sub-agent kept a spawn ref without its tool call."""
+    before = [
+        ps.ParallelLoopStart(session_id="G", loop_ids=("G.a.1", "G.b.2"), timestamp=_at(0)),
+        _start("G", "G.a.1", 1),
+        _start("G", "G.b.2", 1),
+        _end("G.a.1", 4),
+        _end("G.b.2", 5),
+        _start("P", "P.c.1", 0),
+        ps.ToolExecutionStart(loop_id="P.c.1", tool_call_id="call-7", tool_name="researcher", args={}),
+        _start("C", "C.c.1", 1, parent="P.c.1"),
+        _end("C.c.1", 2),
+    ]
+    after = [
+        ps.ParallelLoopEnd(
+            session_id="G",
+            selected_loop_id="G.b.2",
+            selected_config_index=1,
+            evaluation_usage=_USAGE,
+            timestamp=_at(9),
+        ),
+        _spawned("P.c.1", "call-7", "researcher", "C.c.1"),
+        _end("P.c.1", 3),
+    ]
+    # The judge's verdict, the tool's result: once the worker restarted.
+    second = _recorded_across_a_worker_change(
+        names, before, after, lambda: {"G", "C"} <= set(_stored(names.schema))
+    )
     assert second.stats.rejected == 0
+
+
+def test_a_sub_agent_starting_after_its_spawner_was_saved_by_another_worker_keeps_its_tool_call(
+    names: Names,
+) -> None:
+    """Its spawner's loop ended and was saved, its events marked saved, by the worker that
+    held the partition before: the next one, replaying nothing of it, gave the sub-agent a
+    spawn ref without its tool call (as one recorder, or a journal's recovery, does not)."""
+    spawner = [
+        _start("p", "p.c.1"),
+        _spawned("p.c.1", "t", "sub", "k.sub.1"),
+        _end("p.c.1", 1),
+    ]
+    sub_agent = [_start("k", "k.sub.1", 2, parent="p.c.1"), _end("k.sub.1", 3)]
+    _recorded_across_a_worker_change(
+        names, spawner, sub_agent, lambda: "p" in _stored(names.schema) and _staged_pending(names.schema) == 0
+    )
 
 
 def test_message_ids_postgresql_cannot_hold_do_not_stop_the_worker(names: Names) -> None:

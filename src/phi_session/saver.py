@@ -49,26 +49,29 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 from ._checks import check_callable, check_seconds, check_type
 from .errors import (
     ExportError,
     InvalidSessionId,
+    PhiSessionError,
     SessionLocked,
+    SessionNotFound,
     SessionRefused,
     StoreClosed,
     StoredSessionUnusable,
     StoreError,
 )
-from .events import AgentEvent
-from .model import Session
+from .events import AgentEvent, AgentStart
+from .ids import session_id_from_loop_id
+from .model import ChildLoopRef, Session
 from .recorder import SessionRecorder
-from .stores.base import escaped_to_save, merge_sessions
+from .stores.base import SessionStore, escaped_to_save, merge_sessions
 
 __all__ = ["BatchStore", "OrphanSink", "SaveOutcome", "SaveStats", "SaveTarget", "SessionSaver"]
 
@@ -568,3 +571,61 @@ class SessionSaver:
                 orphaned=self._orphaned,
                 unsaved=len(self._unsaved_now()),
             )
+
+
+class SavedSpawners:
+    """The tool calls that spawned sub-agents, read from the store their spawner was saved
+    in. A recorder that never held the spawner, or no longer does (a journal's recovery
+    replays no released record; an ingest worker taking a partition over replays no event
+    marked saved), would give a sub-agent that starts after it a spawn ref without its
+    tool call. Read once per spawner session (the latest 64)."""
+
+    def __init__(self, store: SaveTarget) -> None:
+        self._store = store if isinstance(store, SessionStore) else None
+        # session id -> child loop id -> (spawning loop id, its ref)
+        self._sessions: OrderedDict[str, dict[str, tuple[str, ChildLoopRef]]] = OrderedDict()
+
+    def needs_spawner(self, event: object, recorder: SessionRecorder) -> TypeGuard[AgentStart]:
+        """Whether `event` starts a sub-agent whose spawner `recorder` lacks (`hand_to` may find it)."""
+        return (
+            self._store is not None
+            and type(event) is AgentStart
+            and event.parent_loop_id is not None
+            and recorder.lacks_spawner(event.loop_id, event.parent_loop_id)
+        )
+
+    def hand_to(self, recorder: SessionRecorder, start: AgentStart) -> None:
+        """Give `recorder` the tool call that spawned the loop `start` starts, if the store
+        holds it (read from the store, the first time its spawner's session is asked for)."""
+        parent_loop_id = start.parent_loop_id
+        if self._store is None or parent_loop_id is None:
+            return
+        session_id = session_id_from_loop_id(parent_loop_id)
+        refs = self._sessions.get(session_id)
+        if refs is None:
+            refs = self._sessions[session_id] = self._read(self._store, session_id)
+            if len(self._sessions) > 64:
+                self._sessions.popitem(last=False)
+        found = refs.get(start.loop_id)
+        if found is not None and found[0] == parent_loop_id:
+            recorder.await_spawn(session_id, parent_loop_id, found[1])
+
+    @staticmethod
+    def _read(store: SessionStore, session_id: str) -> dict[str, tuple[str, ChildLoopRef]]:
+        try:
+            outline = store.load_outline(session_id)
+            return {
+                ref.child_loop_id: (loop.loop_id, ref)
+                for loop in outline.loops
+                for ref in loop.record.child_loop_refs
+            }
+        except (SessionNotFound, InvalidSessionId):  # no spawner saved there
+            return {}
+        except PhiSessionError as error:
+            logger.warning(
+                "session %r, where sub-agents were spawned, could not be read (%s): "
+                "their spawn refs are saved without the tool call",
+                session_id,
+                error,
+            )
+            return {}

@@ -44,7 +44,7 @@ from ..codec import decode_event
 from ..errors import BrokerError, DecodeError, InvalidArgument, MissingExtra, StoreError
 from ..events import AgentEvent
 from ..recorder import SessionRecorder, SessionRecorderConfig
-from ..saver import SessionSaver
+from ..saver import SavedSpawners, SessionSaver
 from .settings import (
     EVENT_ID_HEADER,
     MAX_SECONDS,
@@ -480,6 +480,7 @@ class _PartitionRun:
         self.recorder = SessionRecorder(worker.recorder_config)
         # A session id no store accepts: its events stay staged, as rejected, with their payload.
         self.saver = SessionSaver(resources.store, orphans=self.orphaned)
+        self.spawners = SavedSpawners(resources.store)
         self.unstorable: list[str] = []  # sessions handed to `orphaned`, not yet marked
         self.waiting: dict[int, StagedEvent] = {}  # staged, not yet applied, by stream sequence
         self.applied: dict[str, list[str]] = {}  # session id -> events applied, session not yet saved
@@ -682,7 +683,11 @@ class _PartitionRun:
             try:
                 # Its session as the recorder sees it, from the event: other publishers send
                 # no Phi-Session header, and NATS trims header values.
-                session = track_session(decode_event(event.payload, strict=False), self.loop_sessions)
+                decoded = decode_event(event.payload, strict=False)
+                session = track_session(decoded, self.loop_sessions)
+                if self.spawners.needs_spawner(decoded, self.recorder):
+                    # Its spawner was saved (by the partition's last owner, say): its tool call is stored.
+                    await asyncio.to_thread(self.spawners.hand_to, self.recorder, decoded)
                 self.recorder.on_json(event.payload)
             except DecodeError as error:
                 logger.warning("event %s is not phi-core JSON, kept as rejected: %s", event.event_id, error)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,18 +12,15 @@ from .. import codec
 from ..errors import (
     DecodeError,
     InvalidArgument,
-    InvalidSessionId,
     PhiSessionError,
     RecoveryError,
-    SessionNotFound,
     StoreError,
 )
 from ..events import AgentEvent, AgentStart, ParallelLoopEnd
 from ..ids import session_id_from_loop_id
-from ..model import ChildLoopRef, Session
+from ..model import Session
 from ..recorder import SessionRecorder, SessionRecorderConfig
-from ..saver import SaveTarget, SessionSaver, not_saved
-from ..stores.base import SessionStore
+from ..saver import SavedSpawners, SaveTarget, SessionSaver, not_saved
 from .format import (
     CHECKPOINT_FILE,
     ORPHANS_FILE,
@@ -360,7 +356,7 @@ def _replay(
     checkpoint = read_checkpoint(directory)
     reader = SegmentReader(report, stored_below=checkpoint.stored_below)
     recorder = SessionRecorder(config)
-    spawners = _SavedSpawners(saver.store)
+    spawners = SavedSpawners(saver.store)
     for path in segments:
         report.segments_read += 1
         for seq, payload in reader.read(path):
@@ -388,12 +384,8 @@ def _replay(
                     # Replayed, its start unseen, it would make a group of the selected loop alone.
                     report.events_already_stored += 1
                     continue
-                if (
-                    type(event) is AgentStart
-                    and event.parent_loop_id is not None
-                    and recorder.lacks_spawner(event.loop_id, event.parent_loop_id)
-                ):
-                    spawners.hand_to(recorder, event.loop_id, event.parent_loop_id)
+                if spawners.needs_spawner(event, recorder):
+                    spawners.hand_to(recorder, event)
                 if isinstance(event, codec.LazyMessageUpdate):
                     recorder.on_json(payload)  # the recorder's own path: it drops or decodes it
                 else:
@@ -414,51 +406,6 @@ def _replay(
         max(checkpoint.stored_below, reader.last + 1), max(checkpoint.settled_through, reader.last)
     )
     return report, [orphan.event for orphan in recorder.drain_orphans()], rejected, replayed
-
-
-class _SavedSpawners:
-    """The tool calls of spawners saved before the crash: a spawner saved had its records
-    released, so the replay lacks it, and a sub-agent started later would get a spawn ref
-    without its tool call. Read from the store once per spawner session (the latest 64)."""
-
-    def __init__(self, store: SaveTarget) -> None:
-        self._store = store if isinstance(store, SessionStore) else None
-        # session id -> child loop id -> (spawning loop id, its ref)
-        self._sessions: OrderedDict[str, dict[str, tuple[str, ChildLoopRef]]] = OrderedDict()
-
-    def hand_to(self, recorder: SessionRecorder, loop_id: str, parent_loop_id: str) -> None:
-        """Give `recorder` the tool call of `parent_loop_id` that spawned `loop_id`, if stored."""
-        if self._store is None:
-            return
-        session_id = session_id_from_loop_id(parent_loop_id)
-        refs = self._sessions.get(session_id)
-        if refs is None:
-            refs = self._sessions[session_id] = self._read(self._store, session_id)
-            if len(self._sessions) > 64:
-                self._sessions.popitem(last=False)
-        found = refs.get(loop_id)
-        if found is not None and found[0] == parent_loop_id:
-            recorder.await_spawn(session_id, parent_loop_id, found[1])
-
-    @staticmethod
-    def _read(store: SessionStore, session_id: str) -> dict[str, tuple[str, ChildLoopRef]]:
-        try:
-            outline = store.load_outline(session_id)
-            return {
-                ref.child_loop_id: (loop.loop_id, ref)
-                for loop in outline.loops
-                for ref in loop.record.child_loop_refs
-            }
-        except (SessionNotFound, InvalidSessionId):  # no spawner saved there
-            return {}
-        except PhiSessionError as error:
-            logger.warning(
-                "recovery: session %r, where sub-agents were spawned, could not be read (%s): "
-                "their spawn refs are saved without the tool call",
-                session_id,
-                error,
-            )
-            return {}
 
 
 def _save_completed(
