@@ -457,6 +457,15 @@ def _one_partition_stream(names: Names) -> None:
     asyncio.run(create())
 
 
+def _partitions_used(schema: str) -> set[int]:
+    """The partitions of the events staged."""
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        query = psycopg.sql.SQL("SELECT DISTINCT part FROM {}.broker_events").format(
+            psycopg.sql.Identifier(schema)
+        )
+        return {row[0] for row in conn.execute(query)}
+
+
 def _staged_pending(schema: str) -> int:
     with psycopg.connect(DSN, autocommit=True) as conn:
         query = psycopg.sql.SQL("SELECT count(*) FROM {}.broker_events WHERE state = 0").format(
@@ -814,6 +823,29 @@ def test_a_sub_agent_starting_after_its_spawner_was_saved_by_another_worker_keep
     _recorded_across_a_worker_change(
         names, spawner, sub_agent, lambda: "p" in _stored(names.schema) and _staged_pending(names.schema) == 0
     )
+
+
+def test_a_sub_agent_published_by_another_process_goes_with_its_parent(names: Names) -> None:
+    """The README said such a sub-agent is partitioned by its own session; its sink knows
+    nothing of the parent but its loop id, and sends it with the session that names."""
+    from phi_session.broker.settings import partition_of
+
+    partitions = 16
+    child = next(
+        f"k{n}" for n in range(100) if partition_of(f"k{n}", partitions) != partition_of("p", partitions)
+    )
+    spawned_by = [_start("p", "p.c.1"), _spawned("p.c.1", "t", "sub", f"{child}.sub.1")]
+    sub_agent = [_start(child, f"{child}.sub.1", 1, parent="p.c.1"), _end(f"{child}.sub.1", 2)]
+    with names.sink(partitions=partitions) as parent_process, names.sink() as other_process:
+        for events, sink in ((spawned_by, parent_process), (sub_agent, other_process)):
+            for event in events:
+                sink(event)
+            assert sink.flush(30)
+        parent_process(_end("p.c.1", 3))
+    expected = _reference([[*spawned_by, *sub_agent, _end("p.c.1", 3)]])
+    asyncio.run(_run_until(names.worker(), lambda: _stored(names.schema) == expected, 30))
+    assert _stored(names.schema) == expected
+    assert _partitions_used(names.schema) == {partition_of("p", partitions)}
 
 
 def test_message_ids_postgresql_cannot_hold_do_not_stop_the_worker(names: Names) -> None:
@@ -2203,11 +2235,7 @@ def test_a_tracer_publishes_through_the_sink_and_a_sub_agent_goes_with_its_paren
     asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected))
     stored = _stored(names.schema)
     assert stored == expected  # the spawn links are exact: one worker recorded parent and children
-    with psycopg.connect(DSN, autocommit=True) as conn:
-        query = psycopg.sql.SQL("SELECT DISTINCT part FROM {}.broker_events").format(
-            psycopg.sql.Identifier(names.schema)
-        )
-        assert len(conn.execute(query).fetchall()) == 1  # 3 sessions, 16 partitions: routed together
+    assert len(_partitions_used(names.schema)) == 1  # 3 sessions, 16 partitions: routed together
 
 
 def test_a_sub_agent_running_while_many_others_start_and_end_still_goes_with_its_parent(
@@ -2264,8 +2292,4 @@ def test_a_sub_agent_running_while_many_others_start_and_end_still_goes_with_its
     asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected, 30))
     assert _stored(names.schema) == expected
     assert worker.stats.rejected == 0
-    with psycopg.connect(DSN, autocommit=True) as conn:
-        query = psycopg.sql.SQL("SELECT DISTINCT part FROM {}.broker_events").format(
-            psycopg.sql.Identifier(names.schema)
-        )
-        assert conn.execute(query).fetchall() == [(partition_of(root, partitions),)]
+    assert _partitions_used(names.schema) == {partition_of(root, partitions)}
