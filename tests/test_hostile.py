@@ -232,6 +232,23 @@ def test_a_value_nested_too_deep_to_write_is_clipped_not_lost(tmp_path: Path, ki
     assert _innermost(session.loops[0].metadata["d"]) == (5000, 1)  # the caller's value is left as it was
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "json_dir"])
+def test_a_value_nested_just_too_deep_for_the_stores_own_stack_is_clipped_not_lost(
+    tmp_path: Path, kind: str
+) -> None:
+    """How deep an encoder reaches depends on the stack it starts from: a value the
+    check before saving could write, but the store's encoders, a few frames deeper, could
+    not, made the save raise RecursionError (a band of depths near the interpreter's limit)."""
+    store: ps.SessionStore = (
+        ps.SqliteStore(tmp_path / "s.db") if kind == "sqlite" else ps.JsonDirStore(tmp_path / "d")
+    )
+    for depth in range(900, 1000, 3):
+        loop = msgspec.structs.replace(make_loop(f"s{depth}", 1), metadata={"d": _deeply(depth)})
+        store.save(make_session(f"s{depth}", loops=[loop]))
+        stand_in = (MAX_VALUE_DEPTH - 1, "[NOT RECORDED: writing it raised RecursionError]")
+        assert _innermost(store.load(f"s{depth}").loops[0].metadata["d"]) in ((depth, 1), stand_in)
+
+
 def _shared_twice(levels: int) -> Any:
     """A list holding the one below it twice, `levels` deep: 2**levels lists written."""
     value: Any = 1

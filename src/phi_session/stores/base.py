@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import operator
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast, runtime_checkable
@@ -577,18 +576,19 @@ def save_as_written(sessions: Sequence[Session], write: Callable[[Sequence[Sessi
     `write` runs `refusing_unwritable`: a session holding lone surrogates, or a value
     nested too deep to write, makes it raise before anything is written, merged or not;
     only then are the sessions made as stores write them (`session_to_save`, which says
-    so in the log) and written again."""
+    so in the log) and written again, outside the block: how deep an encoder reaches
+    depends on the stack it starts from, so a value `session_to_save`'s shallower check
+    passes may still be too deep for the store's encoders, which then clip it."""
     for session in sessions:
         check_type("session", session, Session)
         validate_session_id(session.session_id)
     try:
         with refusing_unwritable():
             write(sessions)
+            return
     except (UnicodeEncodeError, RecursionError):
-        written = [session_to_save(session) for session in sessions]
-        if all(map(operator.is_, written, sessions)):  # not their text or depth: the store's fault
-            raise
-        write(written)
+        sessions = [session_to_save(session) for session in sessions]
+    write(sessions)
 
 
 def validate_session_id(session_id: str) -> str:
