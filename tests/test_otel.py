@@ -1303,6 +1303,37 @@ def test_a_call_id_reused_in_a_later_turn_is_its_own_tool_span() -> None:
     assert encode_session(back) == encode_session(session)
 
 
+def test_a_turn_restarted_under_its_index_is_its_own_chat_span() -> None:
+    # A TurnStart replaces an unfinished turn (a model call retried), and a later turn may
+    # reuse an index: one chat span took every turn of an index, the last, so the earlier
+    # ones' events and tool calls were lost in the round trip (2 turns and an attempt in, 1 out).
+    events = tool_loop_events("L", [("c1", "t", {}, "r1"), ("c2", "t", {}, "r2")])
+    events = [replace(event, turn_index=0) if type(event) is TurnStart else event for event in events]
+    reply = events[2]
+    assert type(reply) is MessageEnd
+    cut = replace(reply.message, content=(TextContent(text="cut"),), stop_reason="error", timestamp=1000)
+    events[1:1] = [
+        TurnStart(loop_id="L", turn_index=0, timestamp=Timestamp.from_ns(10**9), triggered_by="User"),
+        MessageEnd(loop_id="L", message=cut),
+    ]
+    recorder = SessionRecorder()
+    recorder.record_all(events)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert [turn.index for turn in session.loops[0].turns] == [0, 0]
+    spans = session_spans(session, capture_content=True)
+    chats = sorted((s for s in spans if s.kind is SpanKind.CLIENT), key=lambda s: s.start_time or 0)
+    assert [s.context.span_id for s in chats] == [turn_span_id("L", 0, repeat) for repeat in range(3)]
+    assert [s.attributes.get(attr.PHI_TURN_UNFINISHED) for s in chats] == [True, None, None]
+    tools = sorted((s for s in spans if s.name == "execute_tool t"), key=lambda s: s.start_time or 0)
+    assert [s.parent.span_id for s in tools] == [turn_span_id("L", 0, 1), turn_span_id("L", 0, 2)]
+    assert [s.end_time for s in tools] == [4 * 10**9, 14 * 10**9]
+    [back] = _ingest(spans)
+    assert encode_session(back) == encode_session(session)
+    [back] = _ingest(session_spans(session))
+    assert [[m.tool_call_id for m in turn.tool_results] for turn in back.loops[0].turns] == [["c1"], ["c2"]]
+
+
 def _reused_ids_session() -> Session:
     """The session of `_reused_ids_events`."""
     recorder = SessionRecorder()

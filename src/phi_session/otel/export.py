@@ -12,9 +12,10 @@ carries ``phi.loop.usage``: what the AgentEnd ingest makes up for it reports, wh
 its billing (its replayed turns counted, as an AgentEnd's usage counts them). A sub-agent's
 first loop joins its spawner's trace under the tool span that spawned it; continuations and
 parallel siblings are span links.
-Span and trace ids are hashes of loop ids, turn indices and tool call ids, so exporting a
-session twice yields the same spans (backends deduplicate them). A loop id used again (a
-compaction pass, a second parallel evaluation reusing its branches' ids) has a record per use:
+Span and trace ids are hashes of loop ids, turn indices and tool call ids (with how often
+the loop used them before: a turn restarted under its index, a call id used again), so
+exporting a session twice yields the same spans (backends deduplicate them). A loop id used
+again (a compaction pass, a second parallel evaluation reusing its branches' ids) has a record per use:
 each record after the first has span ids (and, unless under its spawner's tool span, a trace)
 of its own, hashed with its ordinal; links name an id's first record, as `Session.get_loop`
 finds it.
@@ -117,7 +118,11 @@ def loop_span_id(loop_id: str, ordinal: int = 0) -> int:
     return _hash_id(8, "loop", *_record_key(loop_id, ordinal))
 
 
-def turn_span_id(loop_id: str, turn_index: int, ordinal: int = 0) -> int:
+def turn_span_id(loop_id: str, turn_index: int, repeat: int = 0, ordinal: int = 0) -> int:
+    """`repeat`: how many earlier turns of the loop started with this index (a turn restarted
+    under its index: a TurnStart replaces an unfinished turn)."""
+    if repeat:
+        return _hash_id(8, "turn", *_record_key(loop_id, ordinal), str(turn_index), str(repeat))
     return _hash_id(8, "turn", *_record_key(loop_id, ordinal), str(turn_index))
 
 
@@ -312,33 +317,49 @@ class _LoopExport:
             # came apart (another batch, after the trace timeout) knows whose loop it is.
             attr.AGENT_ID: record.agent_id,
         }
-        self._turns: dict[int, Turn] | None = None  # made by `_indexed` when first needed
-        self._result_times: dict[tuple[int, str], int] = {}  # (turn index, call id) -> ms
+        self._turns: dict[int, list[Turn]] | None = None  # made by `_indexed` when first needed
+        self._ended: dict[int, int] = {}  # turn index -> its turns ended so far (`_ended_turn`)
+        # (turn index, place among that index's turns, call id) -> ms
+        self._result_times: dict[tuple[int, int, str], int] = {}
         self._first_result_times: dict[str, int] = {}  # call id -> ms, its first result's
 
-    def _indexed(self) -> dict[int, Turn]:
-        """The loop's turns by index (the first of each), made once with its tool results'
-        times: looked up for every tool call, which scanning the turns made quadratic."""
+    def _indexed(self) -> dict[int, list[Turn]]:
+        """The loop's turns of each index, in order, made once with its tool results' times:
+        looked up for every tool call, which scanning the turns made quadratic."""
         if self._turns is None:
             self._turns = {}
             for turn in self.record.turns:
                 index = turn.turn_id.turn_index
-                self._turns.setdefault(index, turn)
+                place = len(self._turns.setdefault(index, []))
+                self._turns[index].append(turn)
                 for message in turn.tool_results:
                     if isinstance(message, ToolResultMessage):
-                        self._result_times.setdefault((index, message.tool_call_id), message.timestamp)
+                        key = (index, place, message.tool_call_id)
+                        self._result_times.setdefault(key, message.timestamp)
                         self._first_result_times.setdefault(message.tool_call_id, message.timestamp)
         return self._turns
+
+    def _ended_turn(self, index: int) -> Turn | None:
+        """The recorded turn the current chat span of `index` is, once its TurnEnd came: each
+        TurnEnd of an index records its next turn (an attempt a TurnStart replaced records none)."""
+        turns = self._indexed().get(index, [])
+        place = self._ended.get(index, 0)
+        self._ended[index] = place + 1
+        return turns[place] if place < len(turns) else None
 
     def spans(self) -> list[ReadableSpan]:
         record = self.record
         start = int(record.started_at.ns)
         loop = _Span(start, self._loop_attributes())
-        turns: dict[int, _Span] = {}
-        tools: dict[tuple[str, int], tuple[_Span, int]] = {}  # (call id, repeat) -> span, turn index
+        turns: dict[tuple[int, int], _Span] = {}  # (turn index, repeat) -> span
+        turn_repeats: dict[int, int] = {}  # turn index -> its TurnStarts so far
+        # (turn index, repeat) -> the turn its TurnEnd recorded
+        ended_turns: dict[tuple[int, int], Turn | None] = {}
+        # (call id, repeat) -> span, (turn index, repeat) of its turn (None: outside any turn)
+        tools: dict[tuple[str, int], tuple[_Span, tuple[int, int] | None]] = {}
         repeats: dict[str, int] = {}  # call id -> the repeat its events now go to
         ended: set[str] = set()  # call ids whose latest call has ended
-        turn: tuple[int, _Span] | None = None
+        turn: tuple[tuple[int, int], _Span] | None = None
         now = start
         for stored in sorted(record.events, key=lambda item: item.sequence):
             event = stored.event
@@ -346,8 +367,10 @@ class _LoopExport:
             owner = loop if turn is None else turn[1]
             if type(event) is TurnStart:
                 span = _Span(now, self._turn_attributes(event))
-                turns[event.turn_index] = span
-                turn, owner = (event.turn_index, span), span
+                turn_repeat = turn_repeats.get(event.turn_index, 0)
+                turn_repeats[event.turn_index] = turn_repeat + 1
+                turns[event.turn_index, turn_repeat] = span
+                turn, owner = ((event.turn_index, turn_repeat), span), span
             elif type(event) in (ToolExecutionStart, ToolExecutionUpdate, ToolExecutionEnd, ProgressMessage):
                 call_id = event.tool_call_id  # type: ignore[union-attr]
                 repeat = repeats.get(call_id)
@@ -357,42 +380,43 @@ class _LoopExport:
                     ended.discard(call_id)
                     tools[call_id, repeat] = (
                         _Span(now, self._tool_attributes(event)),
-                        turn[0] if turn is not None else -1,
+                        turn[0] if turn is not None else None,
                     )
-                owner, index = tools[call_id, repeat]
+                owner, in_turn = tools[call_id, repeat]
                 if type(event) is ToolExecutionEnd:
                     ended.add(call_id)
-                    now = self._end_tool(owner, event, now, index)
+                    now = self._end_tool(owner, event, now, in_turn)
             owner.phi_events.append((stored.sequence, event))
             owner.end = max(owner.end, now)
             if type(event) in _SPAN_EVENTS:
                 owner.events.append(_span_event(event, now, self.capture))
             if type(event) is TurnEnd and turn is not None:
+                ended_turns[turn[0]] = self._ended_turn(turn[0][0])
                 turn = None
             if type(event) is ToolExecutionStart and self.capture:
                 owner.attributes[attr.TOOL_CALL_ARGUMENTS] = json_text(event.args)
         # A loop that ended ends at its AgentEnd: its messages' times (ms, of other clocks
         # maybe) that pushed its span along may lie past it.
         loop.end = int(record.ended_at.ns) if record.ended_at is not None else max(now, loop.end)
-        for index, span in turns.items():
-            if turn is not None and turn[0] == index:
-                self._finish_cut_turn(span)
+        for key, span in turns.items():
+            if key in ended_turns:
+                self._finish_turn(span, ended_turns[key])
             else:
-                self._finish_turn(index, span)
+                self._finish_unfinished_turn(span, cut_off=turn is not None and turn[0] == key)
         loop_id, ordinal = record.loop_id, self.ordinal
         loop_span_id_ = loop_span_id(loop_id, ordinal)
         out = [
             self._readable(
                 span,
                 tool_span_id(loop_id, call_id, repeat, ordinal),
-                turn_span_id(loop_id, index, ordinal) if index in turns else loop_span_id_,
+                loop_span_id_ if in_turn is None else turn_span_id(loop_id, *in_turn, ordinal),
                 SpanKind.INTERNAL,
             )
-            for (call_id, repeat), (span, index) in tools.items()
+            for (call_id, repeat), (span, in_turn) in tools.items()
         ]
         out.extend(
-            self._readable(span, turn_span_id(loop_id, index, ordinal), loop_span_id_, SpanKind.CLIENT)
-            for index, span in turns.items()
+            self._readable(span, turn_span_id(loop_id, *key, ordinal), loop_span_id_, SpanKind.CLIENT)
+            for key, span in turns.items()
         )
         out.append(
             self._readable(
@@ -466,7 +490,9 @@ class _LoopExport:
             attr.TOOL_CALL_ID: event.tool_call_id,
         }
 
-    def _end_tool(self, span: _Span, event: ToolExecutionEnd, now: int, turn_index: int) -> int:
+    def _end_tool(
+        self, span: _Span, event: ToolExecutionEnd, now: int, in_turn: tuple[int, int] | None
+    ) -> int:
         span.attributes[attr.PHI_TOOL_IS_ERROR] = event.is_error
         if event.is_error:
             span.attributes[attr.ERROR_TYPE] = "phi.tool_error"
@@ -480,18 +506,17 @@ class _LoopExport:
             span.attributes[attr.TOOL_CALL_RESULT] = json_text(
                 [_part(content) for content in event.result.content]
             )
-        # The result message carries the end time; its own turn's, should the id recur.
-        if turn_index in self._indexed():
-            millis = self._result_times.get((turn_index, event.tool_call_id))
+        # The result message carries the end time; its own turn's (the turn of its index
+        # the current chat span is to record), should the id recur.
+        if in_turn is not None and in_turn[0] in self._indexed():
+            place = self._ended.get(in_turn[0], 0)
+            millis = self._result_times.get((in_turn[0], place, event.tool_call_id))
         else:
             millis = self._first_result_times.get(event.tool_call_id)
         return now if millis is None else max(now, millis * 1_000_000)
 
-    def _finish_turn(self, index: int, span: _Span) -> None:
-        turn: Turn | None = self.record.get_turn(index)
-        if turn is None or turn.turn_id.turn_index != index:
-            turn = self._indexed().get(index)
-        if turn is None:  # never ended (aborted loop)
+    def _finish_turn(self, span: _Span, turn: Turn | None) -> None:
+        if turn is None:  # a TurnEnd without its turn recorded
             return
         span.end = int(turn.ended_at.ns)  # at its TurnEnd, as a loop's span (see `spans`)
         output = turn.output_message
@@ -512,13 +537,14 @@ class _LoopExport:
                     [{"type": "text", "content": turn.request_payload.system_prompt}]
                 )
 
-    def _finish_cut_turn(self, span: _Span) -> None:
-        """The turn the loop was cut off in (its TurnStart, no TurnEnd), marked unfinished.
-        phi-core drops it from the record, yet its model calls were made and billed: a
-        loop without AgentEnd gives it the usage of its replies (`unfinished_usage`), and
-        the last reply's model and finish reason."""
+    def _finish_unfinished_turn(self, span: _Span, *, cut_off: bool) -> None:
+        """A turn without TurnEnd, marked unfinished: the one the loop was cut off in
+        (`cut_off`), or an attempt a later TurnStart replaced. phi-core drops it from the
+        record, yet its model calls were made: it gets the last reply's model and finish
+        reason, and the turn a loop without AgentEnd was cut off in the usage of its
+        replies since the last TurnEnd (`unfinished_usage`: what the loop bills for them)."""
         span.attributes[attr.PHI_TURN_UNFINISHED] = True
-        if not self.record.reports_usage():  # else the loop's usage already counts the turn
+        if cut_off and not self.record.reports_usage():  # else the loop's usage already counts the turn
             span.attributes.update(_usage_attributes(self.record.unfinished_usage()))
         replies = [
             event.message
