@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 pytest.importorskip("opentelemetry.sdk.trace", reason="needs the otel extra: pip install 'phi-session[otel]'")
 pytest.importorskip("opentelemetry.proto", reason="needs the otlp extra: pip install 'phi-session[otlp]'")
@@ -36,19 +37,20 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
-from phi_session import encode_event, encode_session
+from phi_session import SessionRecorder, Timestamp, encode_event, encode_session
 from phi_session.demo import run_demo
 from phi_session.errors import InvalidArgument, OtlpDecodeError, OtlpRefused
+from phi_session.events import TurnEnd
 from phi_session.model import Session
+from phi_session.otel import OtelExportSink, export_session
 from phi_session.otel import endpoint as endpoint_module
-from phi_session.otel import export_session
 from phi_session.otel import spans as spans_module
 from phi_session.otel.endpoint import OtlpEndpoint, OtlpHandler, OtlpServer, make_otlp_server
 from phi_session.otel.export import session_spans
 from phi_session.otel.spans import spans_from_otlp_json
 from phi_session.stores.json_dir import JsonDirStore
 
-from .otel_support import services_calling_a_sub_agent, tool_loop_session
+from .otel_support import services_calling_a_sub_agent, tool_loop_events, tool_loop_session
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -1071,3 +1073,36 @@ def test_json_numbers_and_ids_read_as_protobuf_reads_them() -> None:
     # An all-zero parent span id is a root, as protobuf's default is.
     (span,), skipped = spans_from_otlp_json(_one_span_json({"parentSpanId": "0" * 16}))
     assert (span.parent_id, span.remote_parent_id, skipped) == (None, None, 0)
+
+
+def test_times_otlp_cannot_hold_are_clamped_not_the_session_lost(tmp_path: Path) -> None:
+    # A tool result stamped in microseconds (a valid u64 of ms), a loop started before 1970
+    # and ended after 2554: their spans' times (ns) were outside OTLP's fixed64, the encoder
+    # refused the whole batch, and OtelExportSink kept the sessions failed, close raising
+    # ExportError at every try.
+    in_micros = [
+        replace(event, tool_results=(replace(event.tool_results[0], timestamp=1_780_000_000_000_000),))
+        if type(event) is TurnEnd
+        else event
+        for event in tool_loop_events("s.a.1", [("c", "t", {}, "r")])
+    ]
+    out_of_range = tool_loop_events("t.a.1", [("c", "t", {}, "r")], session_id="t")
+    out_of_range[0] = replace(out_of_range[0], timestamp=Timestamp.parse("1900-01-01T00:00:00Z"))
+    out_of_range[-1] = replace(out_of_range[-1], timestamp=Timestamp.parse("+12000-01-01T00:00:00Z"))
+    recorder = SessionRecorder()
+    recorder.record_all([*in_micros, *out_of_range])
+    recorder.flush()
+    sessions = sorted(recorder.drain_completed(), key=lambda session: session.created_at)
+    spans = session_spans(sessions[1])
+    _protobuf(spans)
+    # A message's time (of another clock maybe) ends no span past its loop's end.
+    [tool] = [span for span in spans if span.name == "execute_tool t"]
+    assert tool.end_time == 30 * 10**9
+    made = Receiver(tmp_path)
+    sink = OtelExportSink(
+        OTLPSpanExporter(endpoint=f"http://127.0.0.1:{made.port}/v1/traces"), capture_content=True
+    )
+    for event in [*in_micros, *out_of_range]:
+        sink(event)
+    sink.close()
+    _same(made.close(), sessions)

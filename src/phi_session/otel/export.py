@@ -98,6 +98,9 @@ _SPAN_EVENTS: dict[type, str] = {
     ProgressMessage: attr.EVENT_PROGRESS,
 }
 _CONTENT_FIELDS = frozenset({"text", "summary", "reason", "memo"})
+# OTLP's times are unsigned 64-bit ns (1970 to 2554); phi-core's reach years -262143 to 262143,
+# and a message's ms (u64) further: the encoder refuses a whole batch for one time outside.
+_LAST_OTLP_NS = 2**64 - 1
 _NOT_ATTRIBUTES = frozenset({"loop_id", "timestamp", "tool_call_id", "tool_name"})
 
 
@@ -229,6 +232,11 @@ def _events_attribute(events: list[tuple[int, AgentEvent]]) -> str:
     return json_text([[seq, msgspec.Raw(encode_event(event))] for seq, event in events])
 
 
+def _otlp_time(ns: int) -> int:
+    """`ns` within what OTLP holds (the exact time stays in the event, exported with content)."""
+    return min(max(ns, 0), _LAST_OTLP_NS)
+
+
 def _span_event(event: AgentEvent, time_ns: int, capture_content: bool) -> Event:
     fields: dict[str, Any] = {}
     for name in event.__struct_fields__:
@@ -241,7 +249,7 @@ def _span_event(event: AgentEvent, time_ns: int, capture_content: bool) -> Event
             isinstance(value, tuple) and all(isinstance(v, int) for v in value)
         ):
             fields[f"phi.{name}"] = value
-    return Event(_SPAN_EVENTS[type(event)], fields, time_ns)
+    return Event(_SPAN_EVENTS[type(event)], fields, _otlp_time(time_ns))
 
 
 # Attributes written by encoders that escape lone surrogates themselves.
@@ -279,18 +287,6 @@ class _Span:
         self.phi_events: list[tuple[int, AgentEvent]] = []
 
 
-def _event_time(event: Any, last: int) -> int:
-    """The event's own time in ns when it has one (timestamp, or its message's ms), else `last`."""
-    stamp = getattr(event, "timestamp", None)
-    if stamp is not None and not isinstance(stamp, int):
-        return int(stamp.ns)
-    message = getattr(event, "message", None)
-    millis = getattr(message, "timestamp", None)
-    if isinstance(millis, int) and millis > 0:
-        return max(last, millis * 1_000_000)
-    return last
-
-
 class _LoopExport:
     """The spans of one loop."""
 
@@ -322,6 +318,8 @@ class _LoopExport:
         # (turn index, place among that index's turns, call id) -> ms
         self._result_times: dict[tuple[int, int, str], int] = {}
         self._first_result_times: dict[str, int] = {}  # call id -> ms, its first result's
+        # What a message's time may push a span to: a loop that ended ends at its AgentEnd.
+        self._last_ns = _LAST_OTLP_NS if record.ended_at is None else int(record.ended_at.ns)
 
     def _indexed(self) -> dict[int, list[Turn]]:
         """The loop's turns of each index, in order, made once with its tool results' times:
@@ -363,7 +361,7 @@ class _LoopExport:
         now = start
         for stored in sorted(record.events, key=lambda item: item.sequence):
             event = stored.event
-            now = _event_time(event, now)
+            now = self._event_time(event, now)
             owner = loop if turn is None else turn[1]
             if type(event) is TurnStart:
                 span = _Span(now, self._turn_attributes(event))
@@ -429,6 +427,22 @@ class _LoopExport:
             )
         )
         return out
+
+    def _event_time(self, event: Any, last: int) -> int:
+        """The event's own time in ns when it has one (timestamp, or its message's ms), else `last`."""
+        stamp = getattr(event, "timestamp", None)
+        if stamp is not None and not isinstance(stamp, int):
+            return int(stamp.ns)
+        message = getattr(event, "message", None)
+        millis = getattr(message, "timestamp", None)
+        if isinstance(millis, int) and millis > 0:
+            return self._message_time(millis, last)
+        return last
+
+    def _message_time(self, millis: int, last: int) -> int:
+        """A message's time (ms, of another clock maybe: a producer's µs is a valid u64 too) in
+        ns, from `last` to the loop's end at most: it never makes a span end past its loop's."""
+        return max(last, min(millis * 1_000_000, self._last_ns))
 
     # -- attributes ------------------------------------------------------------------------
 
@@ -513,7 +527,7 @@ class _LoopExport:
             millis = self._result_times.get((in_turn[0], place, event.tool_call_id))
         else:
             millis = self._first_result_times.get(event.tool_call_id)
-        return now if millis is None else max(now, millis * 1_000_000)
+        return now if millis is None else self._message_time(millis, now)
 
     def _finish_turn(self, span: _Span, turn: Turn | None) -> None:
         if turn is None:  # a TurnEnd without its turn recorded
@@ -635,8 +649,8 @@ class _LoopExport:
             links=links,
             kind=kind,
             status=status,
-            start_time=span.start,
-            end_time=max(span.end, span.start),
+            start_time=_otlp_time(span.start),
+            end_time=_otlp_time(max(span.end, span.start)),
             instrumentation_scope=_SCOPE,
         )
 

@@ -93,6 +93,7 @@ LOSSES: dict[str, tuple[str, ...]] = {
         "messages, tool arguments and results, turn requests, streaming deltas",
         "loop metadata, session formation (FirstLoop), total_tokens (recomputed)",
         "progress texts, rejection reasons and revert summaries",
+        "times outside what OTLP holds (1970 to 2554), clamped to it",
     ),
     "other producers (GenAI conventions, pydantic-ai, OpenInference)": (
         "streaming deltas; content unless the producer captured it (then text, reasoning and "
