@@ -1487,6 +1487,33 @@ def test_the_sink_numbers_a_loop_ids_records_across_its_exports() -> None:
         session_spans(session, first_ordinals=[1])  # type: ignore[arg-type]
 
 
+def test_the_sink_keeps_apart_records_of_a_loop_id_starting_at_one_instant() -> None:
+    # Compaction passes starting at their loop's very instant (a clock of ms), each drained
+    # on its own: the sink knew a record by its loop id and start, gave the passes the first
+    # record's span ids (3 distinct of 9), and a backend keeping a span per id lost records.
+    first = tool_loop_events("s.a.1", [("c", "t", {}, "r")])
+    events = list(first)
+    for at in (100, 200):
+        compaction = tool_loop_events(
+            "s.a.1", [("c", "t", {}, f"r{at}")], at=at, parent="s.a.1", kind=COMPACTION
+        )
+        events += [replace(compaction[0], timestamp=first[0].timestamp), *compaction[1:]]
+    recorder = SessionRecorder()
+    recorder.record_all(events)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert [record.started_at for record in session.loops] == [session.loops[0].started_at] * 3
+    exporter = _Batches()
+    sink = OtelExportSink(exporter, capture_content=True)
+    for event in events:
+        sink(event)
+    sink.close()
+    assert len(exporter.batches) == 3
+    sent = _by_id([span for batch in exporter.batches for span in batch])
+    assert sent.keys() == _by_id(session_spans(session, capture_content=True)).keys()
+    assert len(sent) == 9
+
+
 def test_a_sub_agents_compaction_pass_comes_back_with_its_first_record() -> None:
     # Both records of the sub-agent's loop are under the tool span that spawned it, in its
     # spawner's trace: ingest replayed them as one loop.
