@@ -1650,6 +1650,26 @@ def test_span_text_from_undecodable_bytes_is_recorded_not_the_trace_lost() -> No
     assert encode_session(session)  # and a store takes it (escaped)
 
 
+def test_ids_from_undecodable_bytes_are_hashed_as_the_sink_exports_them() -> None:
+    # A loop id and a tool call id holding lone surrogates (text from undecodable bytes, which
+    # the recorder takes): hashing them into span ids raised a bare UnicodeEncodeError out of
+    # export_session, which promises ExportError only.
+    events = tool_loop_events("L\udcff", [("c\udcff", "t", {}, "r")])
+    recorder = SessionRecorder()
+    recorder.record_all(events)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    spans = _export([session])
+    assert loop_span_id("L\\xed\\xb3\\xbf") in _by_id(spans)
+    # The sink exports the session as stores save it, its ids escaped: the same span ids.
+    exporter = InMemorySpanExporter()
+    sink = OtelExportSink(exporter)
+    for event in events:
+        sink(event)
+    sink.close()
+    assert _exported_ids(exporter) == _by_id(spans).keys()
+
+
 def test_tool_calls_of_a_loop_without_model_spans_are_kept() -> None:
     # OpenInference's CrewAI instrumentation, its model calls not instrumented: an AGENT
     # span and its TOOL spans. With no chat span to hang them on, the tool calls vanished.

@@ -106,7 +106,10 @@ _NOT_ATTRIBUTES = frozenset({"loop_id", "timestamp", "tool_call_id", "tool_name"
 
 
 def _hash_id(size: int, *parts: str) -> int:
-    value = int.from_bytes(hashlib.blake2b("\x1f".join(parts).encode(), digest_size=size).digest(), "big")
+    # Lone surrogates (ids from undecodable bytes) escaped, which UTF-8 refuses: the ids are
+    # those of the session as stores save it, and as `OtelExportSink` exports it.
+    text = escape_surrogates("\x1f".join(parts))
+    value = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=size).digest(), "big")
     return value or 1  # zero is the invalid id
 
 
