@@ -40,14 +40,24 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_s
 from phi_session import SessionRecorder, Timestamp, encode_event, encode_session
 from phi_session.demo import run_demo
 from phi_session.errors import InvalidArgument, OtlpDecodeError, OtlpRefused
-from phi_session.events import TurnEnd
+from phi_session.events import (
+    AgentEnd,
+    CompactionStarted,
+    MessageEnd,
+    ParallelLoopEnd,
+    ParallelLoopStart,
+    PrunApplied,
+    TurnEnd,
+)
+from phi_session.messages import Usage
 from phi_session.model import Session
-from phi_session.otel import OtelExportSink, export_session
+from phi_session.otel import OtelExportSink, SpanIngestor, export_session
+from phi_session.otel import attributes as attr
 from phi_session.otel import endpoint as endpoint_module
 from phi_session.otel import spans as spans_module
 from phi_session.otel.endpoint import OtlpEndpoint, OtlpHandler, OtlpServer, make_otlp_server
 from phi_session.otel.export import session_spans
-from phi_session.otel.spans import spans_from_otlp_json
+from phi_session.otel.spans import spans_from_otlp_json, spans_from_otlp_proto
 from phi_session.stores.json_dir import JsonDirStore
 
 from .otel_support import services_calling_a_sub_agent, tool_loop_events, tool_loop_session
@@ -1106,3 +1116,72 @@ def test_times_otlp_cannot_hold_are_clamped_not_the_session_lost(tmp_path: Path)
         sink(event)
     sink.close()
     _same(made.close(), sessions)
+
+
+def test_counts_past_otlps_int64_come_back_exact() -> None:
+    # phi-core's counts are u64, and the conventions' input tokens add the cached ones: past
+    # 2**63 - 1 (OTLP's int64) the encoder dropped the attribute, logging only, and ingest
+    # billed 0 input tokens; a span event holding such a count was unreadable, not recorded,
+    # and a parallel group's selected config index came back 0.
+    big = Usage(input=2**63, output=5, cache_read=2**62, total_tokens=2**63 + 2**62 + 5)
+    branch = []
+    for event in tool_loop_events("s.p.1", [("c", "t", {}, "r")]):
+        if type(event) in (MessageEnd, TurnEnd):
+            event = replace(event, message=replace(event.message, usage=big))
+        if type(event) in (TurnEnd, AgentEnd):
+            event = replace(event, usage=big)
+        branch.append(event)
+    at = branch[0].timestamp
+    branch[1:1] = [
+        CompactionStarted(loop_id="s.p.1", estimated_tokens=2**64 - 1, message_count=2, timestamp=at),
+        PrunApplied(
+            loop_id="s.p.1",
+            tokens_removed=2**63,
+            messages_removed=1,
+            pruned_timestamps=(2**63, 5),
+            timestamp=at,
+        ),
+    ]
+    group = ("s.p.1", "s.p.2")
+    recorder = SessionRecorder()
+    recorder.record_all(
+        [
+            ParallelLoopStart(session_id="s", loop_ids=group, timestamp=at),
+            *branch,
+            *tool_loop_events("s.p.2", [("c", "t", {}, "r")]),
+            ParallelLoopEnd(
+                session_id="s",
+                selected_loop_id="s.p.1",
+                selected_config_index=2**63,
+                evaluation_usage=big,
+                timestamp=branch[-1].timestamp,
+            ),
+        ]
+    )
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    record = session.loops[0]
+    for capture in (False, True):
+        spans, skipped = spans_from_otlp_proto(_protobuf(session_spans(session, capture_content=capture)))
+        assert skipped == 0
+        [loop] = [
+            s for s in spans if s.name == "invoke_agent a" and s.attributes[attr.PHI_LOOP_ID] == "s.p.1"
+        ]
+        assert loop.attributes[attr.USAGE_INPUT_TOKENS] == 2**63 - 1  # what the conventions' int64 holds
+        back = SessionRecorder()
+        ingestor = SpanIngestor(back)
+        ingestor.add(spans)
+        ingestor.flush()
+        back.flush()
+        [got] = back.drain_completed()
+        assert ingestor.counters["unreadable_span_events"] == 0
+        if capture:
+            assert encode_session(got) == encode_session(session)
+            continue
+        [loop_back, _] = got.loops
+        assert loop_back.usage == record.usage and loop_back.turns[0].usage == record.turns[0].usage
+        assert loop_back.parallel_group == record.parallel_group
+        counted = (CompactionStarted, PrunApplied)
+        assert [e.event for e in loop_back.events if type(e.event) in counted] == [
+            e.event for e in record.events if type(e.event) in counted
+        ]

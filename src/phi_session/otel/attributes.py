@@ -96,6 +96,9 @@ PHI_EVENTS = "phi.events"  # with content capture: [[sequence, event], ...] as p
 # AgentEnd ingest makes up for it reports (gen_ai.usage.* count what was billed, without the
 # replayed turns, which such a usage counts).
 PHI_LOOP_USAGE = "phi.loop.usage"
+# The span's usage (phi-core JSON) when a count of gen_ai.usage.* is past OTLP's int64 (there
+# clamped to it): phi-core's counts are u64, and the conventions' input tokens add the cached.
+PHI_USAGE = "phi.usage"
 PHI_SYNTHESIZED = "phi.synthesized"  # on ingest: which ids were made up (see ingest)
 PHI_LINK_KIND = "phi.link.kind"
 LINK_CONTINUATION = "continuation"

@@ -102,6 +102,8 @@ _CONTENT_FIELDS = frozenset({"text", "summary", "reason", "memo"})
 # OTLP's times are unsigned 64-bit ns (1970 to 2554); phi-core's reach years -262143 to 262143,
 # and a message's ms (u64) further: the encoder refuses a whole batch for one time outside.
 _LAST_OTLP_NS = 2**64 - 1
+# OTLP's int values are signed 64-bit; an encoder drops (logs) an attribute past them.
+_LAST_INT64 = 2**63 - 1
 _NOT_ATTRIBUTES = frozenset({"loop_id", "timestamp", "tool_call_id", "tool_name"})
 
 
@@ -190,15 +192,25 @@ class _Placements:
         return _hash_id(16, "trace", loop_id), None
 
 
-def _usage_attributes(usage: Usage) -> dict[str, int]:
+def _usage_attributes(usage: Usage) -> dict[str, Any]:
     # The conventions count cached tokens inside input_tokens; phi-core counts them apart.
-    return {
+    counts = {
         attr.USAGE_INPUT_TOKENS: usage.input + usage.cache_read + usage.cache_write,
         attr.USAGE_OUTPUT_TOKENS: usage.output,
         attr.USAGE_CACHE_READ_TOKENS: usage.cache_read,
         attr.USAGE_CACHE_WRITE_TOKENS: usage.cache_write,
         attr.USAGE_REASONING_TOKENS: usage.reasoning,
     }
+    attributes: dict[str, Any] = {name: min(count, _LAST_INT64) for name, count in counts.items()}
+    if attributes != counts:  # clamped: the exact counts apart, which the ingest reads first
+        attributes[attr.PHI_USAGE] = encode_record(usage).decode()
+    return attributes
+
+
+def _otlp_int(value: int) -> int | str:
+    """`value` as an attribute of ours: itself, or past OTLP's int64 its decimal text (which
+    the ingest reads as the number)."""
+    return value if value <= _LAST_INT64 else str(value)
 
 
 def _part(content: Any) -> dict[str, Any]:
@@ -249,10 +261,13 @@ def _span_event(event: AgentEvent, time_ns: int, capture_content: bool) -> Event
             continue
         if isinstance(value, str):  # lone surrogates (text from undecodable bytes) escaped
             fields[f"phi.{name}"] = escape_surrogates(value)
-        elif isinstance(value, (bool, int, float)) or (
-            isinstance(value, tuple) and all(isinstance(v, int) for v in value)
-        ):
+        elif isinstance(value, (bool, float)):
             fields[f"phi.{name}"] = value
+        elif isinstance(value, int):
+            fields[f"phi.{name}"] = _otlp_int(value)
+        elif isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+            # An array holds one type: all decimal text if one is past int64.
+            fields[f"phi.{name}"] = tuple(map(str, value)) if any(v > _LAST_INT64 for v in value) else value
     return Event(_SPAN_EVENTS[type(event)], fields, _otlp_time(time_ns))
 
 
@@ -479,7 +494,7 @@ class _LoopExport:
             attributes[attr.PHI_PARALLEL_LOOP_IDS] = group.all_loop_ids
             attributes[attr.PHI_PARALLEL_SELECTED] = group.is_selected
             attributes[attr.PHI_PARALLEL_SELECTED_LOOP] = group.selected_loop_id
-            attributes[attr.PHI_PARALLEL_CONFIG_INDEX] = group.selected_config_index
+            attributes[attr.PHI_PARALLEL_CONFIG_INDEX] = _otlp_int(group.selected_config_index)
             attributes[attr.PHI_PARALLEL_EVALUATION_USAGE] = encode_record(group.evaluation_usage).decode()
         if isinstance(record.error, str):
             attributes[attr.ERROR_TYPE] = "phi.loop_failed"

@@ -169,6 +169,10 @@ def _role(span: SpanData) -> str | None:
 
 
 def _int(value: Any) -> int:
+    # A u64 of ours past OTLP's int64 comes as its decimal text (20 digits at most: no longer
+    # text is ours, and int() refuses text of thousands).
+    if isinstance(value, str) and len(value) <= 20 and value.isascii() and value.isdigit():
+        return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
@@ -179,6 +183,8 @@ def _text(value: Any) -> str | None:
 
 
 def _usage(attributes: dict[str, Any]) -> Usage | None:
+    if attr.PHI_USAGE in attributes:  # ours: counts past OTLP's int64, clamped in the others
+        return _stored_usage(attributes[attr.PHI_USAGE])
     if not any(
         name in attributes
         for name in (
@@ -1461,6 +1467,7 @@ class _Rebuild:
                         "timestamp": _timestamp(event.time),
                     },
                     kind,
+                    strict=False,  # a count past OTLP's int64 comes as its decimal text
                 )
             except (msgspec.ValidationError, UnicodeEncodeError) as error:  # the latter: lone surrogates
                 self.ingestor.counters["unreadable_span_events"] += 1
