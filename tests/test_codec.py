@@ -20,6 +20,7 @@ from phi_session.messages import ZERO_USAGE
 from phi_session.model import CompactedSection, CompactionBlock, LoopEvent, LoopRecord, Turn, TurnRange
 from phi_session.stores.conformance import make_loop, make_session
 
+from .conftest import EXAMPLES
 from .strategies import any_event, messages, request_payload
 
 LOOP = "s1.anthropic.claude.1"
@@ -775,3 +776,100 @@ def test_inside_refusing_unwritable_the_encoders_raise_what_they_would_escape_or
         with pytest.raises(RecursionError):
             ps.encode(note)
     assert b"caf\\\\xed\\\\xb3\\\\xa9" in ps.encode(message)
+
+
+_END_LINE = line(
+    type="AgentEnd",
+    loop_id=LOOP,
+    messages=[],
+    usage={"input": 7, "output": 3, "reasoning": 0, "cache_read": 0, "cache_write": 0, "total_tokens": 10},
+    timestamp="2025-06-01T09:00:01Z",
+    rejection=None,
+)
+_START_LINE = line(
+    type="AgentStart",
+    agent_id="a",
+    session_id="s1",
+    loop_id=LOOP,
+    parent_loop_id=None,
+    continuation_kind="Initial",
+    timestamp="2025-06-01T09:00:00Z",
+    metadata=None,
+)
+
+
+def _misfits(key: str) -> list[object]:
+    """Values of another type than phi-session writes under its own `key`."""
+    return [
+        value for value in (None, 5, "text", {"code": 1}, [1]) if not (key == "error" and value == "text")
+    ]
+
+
+def _with(document: str | bytes, path: tuple[str | int, ...], key: str, value: object) -> str:
+    tree = json.loads(document)
+    node = tree
+    for step in path:
+        node = node[step]
+    node[key] = value
+    return json.dumps(tree)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize(
+    ("base", "key", "value"),
+    [
+        (base, key, value)
+        for base, key in ((_END_LINE, "error"), (_START_LINE, "formation"))
+        for value in _misfits(key)
+    ],
+)
+def test_an_events_own_key_holding_another_type_is_read_as_absent_like_phi_core(
+    base: str, key: str, value: object, strict: bool
+) -> None:
+    """phi-core does not know these keys and so ignores whatever they hold (spec §1.4);
+    phi-session refused the whole event: an AgentEnd with "error": null was lost."""
+    assert ps.decode_event(_with(base, (), key, value), strict=strict) == ps.decode_event(base)
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize(
+    ("path", "key", "value"),
+    [
+        (path, key, value)
+        for path, key in (
+            ((), "rejected"),
+            ((), "session_events"),
+            (("loops", 0), "error"),
+            (("loops", 0, "events", -1, "event"), "error"),  # the loop's AgentEnd
+        )
+        for value in _misfits(key)
+    ],
+)
+def test_a_session_files_own_key_holding_another_type_is_read_as_absent_like_phi_core(
+    path: tuple[str | int, ...], key: str, value: object, strict: bool
+) -> None:
+    basic = (EXAMPLES / "session-basic.json").read_bytes()
+    expected = ps.encode_session(ps.decode_session(basic))
+    assert ps.encode_session(ps.decode_session(_with(basic, path, key, value), strict=strict)) == expected
+    if path[:2] == ("loops", 0):
+        record = json.dumps(json.loads(basic)["loops"][0])
+        loop = ps.decode_loop(_with(record, path[2:], key, value), strict=strict)
+        assert ps.encode(loop) == ps.encode(ps.decode_loop(record))
+
+
+def test_an_own_key_read_as_absent_is_logged_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ps.codec, "_ignored_extension_keys", set())
+    with caplog.at_level("WARNING", logger="phi_session.codec"):
+        for _ in range(3):
+            ps.decode_event(_with(_END_LINE, (), "error", None))
+    (logged,) = caplog.records
+    assert "AgentEnd.error" in logged.getMessage() and "null" in logged.getMessage()
+
+
+def test_a_caller_built_event_with_its_own_key_of_another_type_is_still_refused() -> None:
+    event = ps.decode_event(_END_LINE)
+    with pytest.raises(TypeError, match=r"event\.error"):
+        ps.codec.check_event_fields(replace(event, error=5))

@@ -952,6 +952,22 @@ def test_on_json_decodes_and_drops_deltas_cheaply() -> None:
         recorder.on_json(b'{"type":"TurnStart"}')
 
 
+def test_an_agent_end_whose_own_error_key_holds_null_completes_its_loop_as_phi_core_does() -> None:
+    """The line was refused as malformed, and the loop saved Aborted with 0 tokens."""
+    reply = assistant("hi")
+    recorder = SessionRecorder()
+    recorder.on_json(ps.encode(start("s.c.1", "s")))
+    recorder.on_json(ps.encode(end("s.c.1", messages=(reply,)))[:-1] + b',"error":null}')
+    recorder.flush()
+    (loop,) = recorder.drain_completed()[0].loops
+    assert (loop.status, loop.usage.total_tokens, loop.messages, loop.error) == (
+        "Completed",
+        20,
+        (reply,),
+        msgspec.UNSET,
+    )
+
+
 def test_drain_forgets_everything_about_drained_sessions() -> None:
     recorder = SessionRecorder()
     for i in range(50):

@@ -2,7 +2,8 @@
 
 Decoding is typed and strict (msgspec), with phi-core's leniencies handled on a
 slower path that only exotic input takes: message metadata that does not parse is
-dropped, extension messages with any role are recognised. Encoding reproduces
+dropped, extension messages with any role are recognised, phi-session's own keys
+holding a value of another type than it writes are ignored (phi-core knows none of them). Encoding reproduces
 phi-core's bytes: record objects in declaration order, LLM messages with every key
 sorted, free-form values sorted, nanosecond timestamps, float32 temperatures.
 """
@@ -10,6 +11,7 @@ sorted, free-form values sorted, nanosecond timestamps, float32 temperatures.
 from __future__ import annotations
 
 import contextvars
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +32,7 @@ from .events import (
     EVENT_TYPES,
     MESSAGE_FIELDS,
     MESSAGE_FIELDS_BY_TAG,
+    AgentEnd,
     AgentEvent,
     AgentStart,
     ContinuationKind,
@@ -69,6 +72,8 @@ __all__ = [
     "escape_surrogates",
     "without_lone_surrogates",
 ]
+
+logger = logging.getLogger("phi_session.codec")
 
 _V = TypeVar("_V")
 _U64_MAX = 2**64 - 1
@@ -447,8 +452,10 @@ def _lenient_event_error(data: bytes, kind: type) -> Exception | None:
     """What is wrong with an event the typed decoder refused, read as `decode_event` reads
     it (an extension message of any role, which the typed union knows only as
     "extension"); None if nothing is."""
+    # phi-session's own keys are read strictly here: an event a caller built holding one of
+    # another type is refused, not recorded holding it.
     try:
-        _convert(_repair_event(msgspec.json.decode(data), "$", _Placeholders()), kind)
+        _convert(_repair_event_messages(msgspec.json.decode(data), "$", _Placeholders()), kind)
     except (msgspec.ValidationError, ValueError) as error:  # DecodeError is a ValueError
         return error
     return None
@@ -1143,7 +1150,50 @@ def _lenient_plain(obj: Any, path: str) -> Any:
     return obj
 
 
+# phi-session's own keys, which phi-core does not know and so ignores whatever they hold
+# (spec §1.4): one holding a value phi-session does not write there is read as absent.
+_EXTENSION_KEYS: dict[str, tuple[tuple[str, Any], ...]] = {
+    kind.__name__: tuple(
+        (field.name, field.type) for field in msgspec.structs.fields(kind) if field.name in keys
+    )
+    for kind, keys in (
+        (AgentStart, {"formation"}),
+        (AgentEnd, {"error"}),
+        (LoopRecord, {"error"}),
+        (Session, {"rejected", "session_events"}),
+    )
+}
+_ignored_extension_keys: set[str] = set()  # each ("AgentEnd.error") logged the first time only
+
+
+def _drop_misfit_extensions(obj: dict[str, Any], kind: str) -> None:
+    """Remove from `obj`, the tree of a `kind` (an event type, "LoopRecord", "Session"),
+    each of phi-session's own keys holding a value of another type than it writes there."""
+    for key, tp in _EXTENSION_KEYS.get(kind, ()):
+        if key not in obj:
+            continue
+        try:
+            _convert(obj[key], tp)
+        except (msgspec.ValidationError, ValueError, OverflowError, RecursionError) as error:
+            del obj[key]
+            name = f"{kind}.{key}"
+            if name not in _ignored_extension_keys:
+                _ignored_extension_keys.add(name)
+                found = str(error).partition(" - at `")[0]
+                logger.warning(
+                    "ignored %s as phi-core does: %s%s (logged once)", name, found[:1].lower(), found[1:]
+                )
+
+
 def _repair_event(obj: Any, path: str, hidden: _Placeholders) -> Any:
+    """An event's tree as phi-core reads it: phi-session's own keys of another type
+    dropped, its agent-form messages read leniently."""
+    if isinstance(obj, dict) and isinstance(obj.get("type"), str):
+        _drop_misfit_extensions(obj, obj["type"])
+    return _repair_event_messages(obj, path, hidden)
+
+
+def _repair_event_messages(obj: Any, path: str, hidden: _Placeholders) -> Any:
     if not isinstance(obj, dict):
         return obj
     kind = obj.get("type")
@@ -1182,6 +1232,7 @@ def _repair_messages(container: dict[str, Any], key: str, path: str, hidden: _Pl
 def _repair_loop(obj: Any, path: str, hidden: _Placeholders) -> Any:
     if not isinstance(obj, dict):
         return obj
+    _drop_misfit_extensions(obj, "LoopRecord")
     _repair_messages(obj, "messages", path, hidden)
     turns = obj.get("turns")
     if isinstance(turns, list):
@@ -1209,7 +1260,10 @@ def _repair_loop(obj: Any, path: str, hidden: _Placeholders) -> Any:
 
 
 def _repair_session(obj: Any, path: str, hidden: _Placeholders) -> Any:
-    if isinstance(obj, dict) and isinstance(obj.get("loops"), list):
+    if not isinstance(obj, dict):
+        return obj
+    _drop_misfit_extensions(obj, "Session")
+    if isinstance(obj.get("loops"), list):
         obj["loops"] = [_repair_loop(r, f"{path}.loops[{i}]", hidden) for i, r in enumerate(obj["loops"])]
     return obj
 
