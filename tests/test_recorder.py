@@ -1465,6 +1465,49 @@ def test_abort_session_is_flush_for_one_session_alone() -> None:
     assert [orphan.event for orphan in recorder.orphans()] == [late]
 
 
+def _group_ended_then(stop: str) -> tuple[SessionRecorder, ps.ParallelLoopEnd]:
+    """A group of two branches, both ended, then `stop` ("flush", "abort_session") before
+    the group's end, which comes before the session is drained."""
+    recorder = SessionRecorder()
+    group = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0))
+    recorder.record_all(
+        [group, start("s.a.1", "s"), start("s.b.2", "s"), end("s.a.1", at=3), end("s.b.2", at=4)]
+    )
+    if stop == "flush":
+        recorder.flush()
+    else:
+        recorder.abort_session("s")
+    late = group_end("s", "s.b.2", at=9)
+    recorder.on_event(late)
+    return recorder, late
+
+
+def test_a_group_end_after_flush_marks_every_branch_as_phi_core_keeps_partial_groups() -> None:
+    """Its branch list was forgotten at flush: the end marked the winner as a group of one,
+    the other branch not at all."""
+    recorder, late = _group_ended_then("flush")
+    assert recorder.session_events("s")[-1] == late and recorder.orphans() == []
+    [session] = recorder.drain_completed()
+    groups = {loop.loop_id: loop.parallel_group for loop in session.loops}
+    assert {loop_id: (g and (g.all_loop_ids, g.is_selected)) for loop_id, g in groups.items()} == {
+        "s.a.1": (("s.a.1", "s.b.2"), False),
+        "s.b.2": (("s.a.1", "s.b.2"), True),
+    }
+    again = group_end("s", "s.b.2", at=10)
+    recorder.on_event(again)  # its session drained: nothing left to mark
+    assert [orphan.event for orphan in recorder.orphans()] == [again]
+    assert recorder._ended_groups == {}  # nothing kept past the drain
+
+
+def test_a_group_end_after_abort_session_is_an_orphan_as_its_group_was_given_up() -> None:
+    """Its branch list was forgotten: the end marked the winner as a group of one."""
+    recorder, late = _group_ended_then("abort_session")
+    assert [orphan.event for orphan in recorder.orphans()] == [late]
+    [session] = recorder.drain_completed()
+    assert [loop.parallel_group for loop in session.loops] == [None, None]
+    assert recorder._ended_groups == {}  # nothing kept past the drain
+
+
 def test_abort_sessions_ends_many_sessions_as_abort_session_ends_each() -> None:
     """A broker worker ended each idle session by its own `abort_session`, every call a
     scan of every open loop and group: 20,000 sessions of a dead host blocked its event

@@ -390,6 +390,11 @@ class SessionRecorder:
         # Branch id -> the start of its open group: its ids, session and beginning.
         self._groups: dict[str, ParallelLoopStart] = {}
         self._open_groups: dict[str, int] = {}  # session id -> parallel groups not yet ended
+        # Session id -> branch id -> the start of its group still open when `flush` ended it
+        # (True: a later end is applied to its every branch, as phi-core keeps partial
+        # groups) or when it was given up (False: a later end is an orphan); kept while the
+        # session is held, since only a held session's records take a late end.
+        self._ended_groups: dict[str, dict[str, tuple[ParallelLoopStart, bool]]] = {}
         # What drained sessions are still owed, so the late information can be handed
         # over again (see `drain_completed`); all of it ends with the group or parent loop.
         self._late_branches: dict[str, list[tuple[Session, LoopRecord]]] = {}  # loop in an open group
@@ -1057,6 +1062,12 @@ class SessionRecorder:
 
     def _on_parallel_end(self, event: ParallelLoopEnd) -> None:
         group_start = self._groups.get(event.selected_loop_id)
+        ended = None if group_start is not None else self._take_ended_group(event)
+        if ended is not None:
+            group_start, applies = ended
+            if not applies:
+                self._orphan(event, "end of a parallel group given up")
+                return
         group_ids = None if group_start is None else group_start.loop_ids
         all_ids = group_ids or (event.selected_loop_id,)
         if self._misrouted(event, all_ids):
@@ -1073,7 +1084,7 @@ class SessionRecorder:
             loop = self._loops.get(loop_id)
             if loop is not None:
                 loop.record.parallel_group = group
-            branch_of = self._groups.get(loop_id)
+            branch_of = group_start if ended is not None else self._groups.get(loop_id)
             since = None if branch_of is None else branch_of.timestamp
             for session_id in self._closed_by_id.get(loop_id, ()):
                 held = self._open.get(session_id) or self._completed[session_id]
@@ -1091,10 +1102,11 @@ class SessionRecorder:
                     self._amendable(session),
                     replace(record, parallel_group=group),
                 )
-        for loop_id in all_ids:
-            self._groups.pop(loop_id, None)
+        if ended is None:  # (an ended group's ids may be a newer open group's)
+            for loop_id in all_ids:
+                self._groups.pop(loop_id, None)
         self._session_event(event)  # after the amendments, which hold a drained session again
-        if group_ids is None:  # no open group (a repeat, say): it must not end another one
+        if group_ids is None or ended is not None:  # no open group: it must not end another one
             return
         remaining = self._open_groups.get(event.session_id, 0) - 1
         if remaining > 0:
@@ -1109,6 +1121,18 @@ class SessionRecorder:
                 self._unstarted_homes[event.session_id] = replace(
                     late, loops=[], session_events=msgspec.UNSET
                 )
+
+    def _take_ended_group(self, event: ParallelLoopEnd) -> tuple[ParallelLoopStart, bool] | None:
+        """The group `event` ends among `_ended_groups` (its start, whether the end applies),
+        forgotten there; None if it is none of them."""
+        branches = self._ended_groups.get(event.session_id)
+        if branches is None:
+            return None
+        ended = branches.get(event.selected_loop_id)
+        if ended is not None:
+            for loop_id in ended[0].loop_ids:
+                branches.pop(loop_id, None)
+        return ended
 
     def _sent_again(self, session_id: str, drained: LoopRecord) -> bool:
         """Whether the loop of the `drained` record was started again at its instant since
@@ -1150,11 +1174,14 @@ class SessionRecorder:
         """End of stream: abort open loops (in start order), complete every open session.
 
         Unfinished turns are discarded (their events stay in the loop's log).
-        Aborted loops keep ``ended_at`` null and are linked to their parent.
+        Aborted loops keep ``ended_at`` null and are linked to their parent. Open parallel
+        groups are kept, as phi-core keeps them: a ``ParallelLoopEnd`` that comes before
+        their sessions are drained marks every branch; one that comes after is an orphan.
         """
         with self._lock:
             for loop in list(self._loops.values()):
                 self._abort(loop)
+            self._keep_ended_groups(self._groups.items(), applies=True)
             self._groups.clear()
             self._open_groups.clear()
             # No sub-agent starts after the stream's end: none is awaited, even by a
@@ -1175,9 +1202,10 @@ class SessionRecorder:
         """End of stream for one session (its agent died): `flush`, for it alone; returns
         how many open loops it aborted.
 
-        Its open loops are aborted, its open parallel groups given up, parallel events
-        waiting for its first loop kept as orphans, and it is completed. Later events of
-        its loops are orphans, as after `flush`. Costs O(open loops + open groups).
+        Its open loops are aborted, its open parallel groups given up (their
+        ``ParallelLoopEnd``, if it comes, is an orphan), parallel events waiting for its
+        first loop kept as orphans, and it is completed. Later events of its loops are
+        orphans, as after `flush`. Costs O(open loops + open groups).
         """
         check_type("session_id", session_id, str)
         return self.abort_sessions((session_id,))[session_id]
@@ -1310,11 +1338,12 @@ class SessionRecorder:
         comes later is an orphan."""
         for session_id in session_ids:
             self._open_groups.pop(session_id, None)
-        for loop_id in [
-            loop_id
+        given_up = [
+            (loop_id, group)
             for loop_id, group in self._groups.items()
             if self._session_of(loop_id, group.session_id) in session_ids
-        ]:
+        ]
+        for loop_id, _ in given_up:
             del self._groups[loop_id]
             self._late_branches.pop(loop_id, None)
             branch = self._loops.get(loop_id)
@@ -1323,9 +1352,17 @@ class SessionRecorder:
             if branch is not None and not branch.started:
                 branch.record.status = "Aborted"
                 self._close(branch)  # into the late group's session, amended
+        self._keep_ended_groups(given_up, applies=False)
         for session_id in session_ids:
             if self._late_groups.pop(session_id, None) is not None:
                 self._owed_less((session_id,))
+
+    def _keep_ended_groups(self, groups: Iterable[tuple[str, ParallelLoopStart]], *, applies: bool) -> None:
+        """Remember the branches of `groups` (branch id, its group's start), open groups
+        `flush` ended or given up, for a late end (`_ended_groups`), if their session is held."""
+        for loop_id, group in groups:
+            if group.session_id in self._open or group.session_id in self._completed:
+                self._ended_groups.setdefault(group.session_id, {})[loop_id] = (group, applies)
 
     def drain_completed(self) -> list[Session]:
         """Hand over the completed sessions and forget them (at most one per session id).
@@ -1351,6 +1388,7 @@ class SessionRecorder:
         # Bounded memory: drop every index entry that points into a drained session;
         # remember only what it is still owed, until its group or parent loop ends.
         session = held.session
+        self._ended_groups.pop(session.session_id, None)
         if session.session_id in self._open_groups:
             self._late_groups[session.session_id] = session
         spawn = session.parent_spawn_ref
