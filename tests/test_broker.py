@@ -1283,18 +1283,23 @@ def _big(events: list[Any], size: int) -> list[int]:
     return [index for index, event in enumerate(events) if len(encode_event(event)) > size]
 
 
-def _stream_ids(url: str, stream: str) -> list[str]:
-    """The Nats-Msg-Id of each message in `stream`, in order."""
+def _stream_headers(url: str, stream: str) -> list[dict[str, str]]:
+    """The headers of each message in `stream` that has some, in order."""
 
-    async def read() -> list[str]:
+    async def read() -> list[dict[str, str]]:
         nc = await nats.connect(url)
         js = nc.jetstream()
         state = (await js.stream_info(stream)).state
         stored = [await js.get_msg(stream, seq) for seq in range(state.first_seq, state.last_seq + 1)]
         await nc.close()
-        return [message.headers["Nats-Msg-Id"] for message in stored if message.headers]
+        return [message.headers for message in stored if message.headers]
 
     return asyncio.run(read())
+
+
+def _stream_ids(url: str, stream: str) -> list[str]:
+    """The Nats-Msg-Id of each message in `stream`, in order."""
+    return [headers["Nats-Msg-Id"] for headers in _stream_headers(url, stream)]
 
 
 def test_an_event_over_the_max_payload_is_sent_in_pieces_and_recorded_whole(small_payload: Names) -> None:
@@ -1322,18 +1327,12 @@ def test_an_event_over_the_max_payload_is_sent_in_pieces_and_recorded_whole(smal
     assert (worker.stats.recorded, worker.stats.duplicates, worker.stats.rejected) == (len(events), 0, 0)
 
 
-def test_pieces_a_killed_worker_staged_are_replayed_and_their_redelivery_dropped(
-    small_payload: Names, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A worker killed with half an event's pieces staged (and not yet acknowledged): the
-    next replays them, drops their redelivered copies, and takes the rest from the stream."""
-    from nats.aio.msg import Msg
+def _down_after(monkeypatch: pytest.MonkeyPatch, taken: int) -> list[int]:
+    """Have NATS take `taken` publications, then time out on every one: the count still
+    taken, to set (``1 << 30``: NATS is back)."""
     from nats.js.client import JetStreamContext
 
-    names = small_payload
-    events = _events_with_prompt(200_000)
-    taken = _big(events, SMALL_PAYLOAD)[0] + 2  # the events before the first large one, two pieces of it
-    open_for = [taken]  # publications NATS takes before it goes down
+    open_for = [taken]
     publish = JetStreamContext.publish
 
     async def until_down(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -1342,19 +1341,39 @@ def test_pieces_a_killed_worker_staged_are_replayed_and_their_redelivery_dropped
         open_for[0] -= 1
         return await publish(self, *args, **kwargs)
 
+    monkeypatch.setattr(JetStreamContext, "publish", until_down)
+    return open_for
+
+
+def _staged_by_a_killed_worker(names: Names, count: int) -> None:
+    """Run a worker that acknowledges nothing (killed before it could) until `count` messages
+    are staged: they are pending, and the stream delivers them again."""
+    from nats.aio.msg import Msg
+
     async def killed_before(self: Any) -> None:
         pass
 
-    monkeypatch.setattr(JetStreamContext, "publish", until_down)
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(Msg, "ack", killed_before)
+        first = names.worker()
+        asyncio.run(_run_until(first, lambda: len(_staged_ids_or_none(names.schema)) == count, 60))
+    assert _staged_pending(names.schema) == count
+
+
+def test_pieces_a_killed_worker_staged_are_replayed_and_their_redelivery_dropped(
+    small_payload: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed with half an event's pieces staged (and not yet acknowledged): the
+    next replays them, drops their redelivered copies, and takes the rest from the stream."""
+    names = small_payload
+    events = _events_with_prompt(200_000)
+    taken = _big(events, SMALL_PAYLOAD)[0] + 2  # the events before the first large one, two pieces of it
+    open_for = _down_after(monkeypatch, taken)
     sink = names.sink(partitions=1, publish_timeout=1)
     for event in events:
         sink(event)
     assert not sink.flush(1)
-    with monkeypatch.context() as patched:
-        patched.setattr(Msg, "ack", killed_before)
-        first = names.worker()
-        asyncio.run(_run_until(first, lambda: len(_staged_ids_or_none(names.schema)) == taken, 60))
-    assert _staged_pending(names.schema) == taken
+    _staged_by_a_killed_worker(names, taken)
     open_for[0] = 1 << 30  # NATS is back: the sink sends the rest
     assert sink.flush(30)
     sink.close()
@@ -1370,7 +1389,7 @@ def test_an_event_sent_again_cut_otherwise_is_recorded_once(
 ) -> None:
     """A spill journal sent twice (its sink killed before removing it), the second time to a
     server of a smaller max_payload: the large events' pieces differ, and are no duplicates
-    of the first ones, but each event is recorded once."""
+    of the first ones, but each event is recorded once (the pieces of the second cut: duplicates)."""
     from nats.aio.client import Client
 
     names = small_payload
@@ -1389,8 +1408,8 @@ def test_an_event_sent_again_cut_otherwise_is_recorded_once(
         monkeypatch.undo()
     finally:
         shutil.rmtree(copy_dir, ignore_errors=True)
-    big = _big(events, SMALL_PAYLOAD)
-    assert len(_stream_ids(names.url, names.stream)) > sent + 6 * len(big)  # the others: duplicates
+    resent = len(_stream_ids(names.url, names.stream)) - sent  # the others: duplicates of whole events
+    assert resent > 6 * len(_big(events, SMALL_PAYLOAD))
     expected = _reference([events])
     worker = names.worker()
     asyncio.run(
@@ -1398,7 +1417,80 @@ def test_an_event_sent_again_cut_otherwise_is_recorded_once(
     )
     assert _stored(names.schema) == expected
     assert _staged_pending(names.schema) == 0
-    assert (worker.stats.recorded, worker.stats.duplicates) == (len(events), len(big))
+    assert (worker.stats.recorded, worker.stats.duplicates) == (len(events), resent)
+
+
+@pytest.mark.parametrize("replayed", [False, True], ids=["taken", "replayed"])
+def test_stray_pieces_of_an_event_recorded_whole_or_joined_are_duplicates(
+    small_payload: Names, monkeypatch: pytest.MonkeyPatch, replayed: bool
+) -> None:
+    """An event cut under a smaller max_payload (another server), one piece of it taken, then
+    sent whole (the limit allows it now); and, after it and an event joined from its pieces,
+    one piece of each cut otherwise (a spill journal sent again, its sink killed after one
+    piece). Each stray piece was held until idle_timeout, then kept as rejected (counted by
+    `ingest status`, payload kept), though its event was recorded once, whole. Replayed: a
+    worker killed before acknowledging had staged them all."""
+    from nats.aio.client import Client
+
+    from phi_session.broker.settings import PIECE_OF_HEADER, SESSION_HEADER, publications
+
+    names = small_payload
+    limit = SMALL_PAYLOAD // 2
+    # Its large events: whole under SMALL_PAYLOAD, in two pieces under `limit`.
+    events = _events_with_prompt(40_000)
+    big = _big(events, limit)
+    open_for = _down_after(monkeypatch, 1 << 30)
+    monkeypatch.setattr(Client, "max_payload", property(lambda self: limit))
+    sink = names.sink(partitions=1, publish_timeout=1)
+    for event in events[: big[1]]:
+        sink(event)
+    assert sink.flush(30)  # the first large event in two pieces
+    open_for[0] = 1  # one piece of the second
+    for event in events[big[1] :]:
+        sink(event)
+    assert not sink.flush(2)
+    monkeypatch.undo()  # NATS is back, and takes the second large event whole
+    assert sink.flush(30)
+    sink.close()
+    headers = _stream_headers(names.url, names.stream)
+    cut = list(dict.fromkeys(piece[PIECE_OF_HEADER] for piece in headers if PIECE_OF_HEADER in piece))
+    assert [sum(piece.get(PIECE_OF_HEADER) == event_id for piece in headers) for event_id in cut] == [2, 1]
+    strays = [
+        publications(event_id, headers[0][SESSION_HEADER], encode_event(events[index]), limit // 2)[0]
+        for event_id, index in zip(cut, big[:2], strict=True)
+    ]
+
+    async def send_strays() -> None:
+        nc = await nats.connect(names.url)
+        for payload, piece_headers in strays:
+            await nc.jetstream().publish(f"{names.prefix}.0", payload, headers=piece_headers)
+        await nc.close()
+
+    asyncio.run(send_strays())
+    sent = len(headers) + len(strays)
+    redelivered = sent if replayed else 0
+    if replayed:
+        _staged_by_a_killed_worker(names, sent)
+    expected = _reference([events])
+    worker = names.worker(idle_timeout=1.0)
+    asyncio.run(
+        _run_until(
+            worker,
+            lambda: (
+                _stored(names.schema) == expected
+                and len(_staged_ids(names.schema)) > sent  # the joined event too
+                and _staged_pending(names.schema) == 0
+            ),
+            60,
+        )
+    )
+    assert _stored(names.schema) == expected
+    stats = worker.stats
+    assert (stats.recorded, stats.duplicates - redelivered, stats.rejected) == (len(events), 3, 0)
+    status = asyncio.run(
+        ingest_status(names.url, DSN, schema=names.schema, stream=names.stream, subject_prefix=names.prefix)
+    )
+    assert [(row.staged, row.rejected) for row in status] == [(0, 0)]
 
 
 TINY_PAYLOAD = 100  # too few bytes for a piece's headers

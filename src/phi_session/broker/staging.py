@@ -21,7 +21,9 @@ staged and acknowledged as any event is, so a worker killed holding some of an e
 pieces loses none. Once all are staged, the joined event is staged as a row of its own
 (at the last piece's position) in one statement with its pieces marked saved: either the
 event or its pieces are pending, never both, and an event staged already (sent again, cut
-otherwise) is a duplicate.
+otherwise) is a duplicate. So is a piece of an event staged otherwise (sent again whole, or
+cut otherwise): marked saved when it is applied, or when its event is, before that event's
+session is saved, so a new owner replaying them drops them again.
 
 Rows of saved events (ids only) are removed after the stream's ``max_age``: no copy
 of them can be delivered after that.
@@ -233,6 +235,16 @@ class Staging:
             earlier = theirs[0] != seq or theirs[1] not in (None, created)
             ids[seq] = dated[seq] if earlier or dated[seq] in found else name
         return ids
+
+    async def has(self, event_id: str) -> bool:
+        """Whether `event_id` is staged, in any state."""
+        from psycopg import sql
+
+        rows = await self._execute(
+            sql.SQL("SELECT 1 FROM {} WHERE stream = %s AND event_id = %s").format(self.table),
+            (self.stream, event_id),
+        )
+        return bool(rows)
 
     async def pending(self, part: int) -> list[StagedEvent]:
         from psycopg import sql

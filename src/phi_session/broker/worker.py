@@ -11,7 +11,8 @@ partition's loop:
    staged, so nothing earlier can still arrive (a redelivery out of order waits
    here until the gap before it is filled). The pieces of an event published in pieces
    (over the server's max_payload) are staged and acknowledged each as it comes; once the
-   last is applied, the event they make is staged in their place and applied;
+   last is applied, the event they make is staged in their place and applied; pieces of an
+   event staged otherwise (sent again whole, or cut otherwise) are dropped as duplicates;
 3. every `checkpoint_interval` seconds, save the completed sessions through
    `SessionSaver`, and mark their events saved once the recorder owes them no
    amendment (until then a new owner replays them, as a journal keeps its pinned
@@ -91,8 +92,9 @@ class WorkerStats:
     received: int = 0
     """Messages taken from the stream (duplicates included)."""
     duplicates: int = 0
-    """Messages whose event id was already staged, and events joined from pieces that were
-    (sent again, cut otherwise): dropped."""
+    """Messages whose event id was already staged, pieces of an event staged otherwise (whole,
+    or from another cut: sent again under another max_payload), and events joined from pieces
+    that were: dropped."""
     recorded: int = 0
     """Events applied to a recorder (replayed ones included)."""
     held_back: int = 0
@@ -708,10 +710,22 @@ class _PartitionRun:
 
     async def whole(self, event: StagedEvent) -> StagedEvent | None:
         """`event`; for the last piece of one, the event its pieces make, staged in their
-        place; None for a piece of one not complete yet, or of one staged already."""
+        place; None for a piece of one not complete yet, or of one staged already.
+
+        A piece of an event staged otherwise (sent again whole, or cut otherwise under another
+        server's max_payload), before the event or after it, is a duplicate: marked saved here,
+        before its event's session is, so a worker killed in between leaves both pending and
+        the next owner drops it again."""
         piece = event.piece
         if piece is None:
+            strays = self.pieces.pop(event.event_id, None)
+            if strays is not None:
+                await self.drop_duplicates([staged.event_id for staged in strays.staged.values()])
             return event
+        # Pieces held: their event was not staged when the first came, and drops them once applied.
+        if piece.event_id not in self.pieces and await self.resources.staging.has(piece.event_id):
+            await self.drop_duplicates([event.event_id])
+            return None
         pieces = self.pieces.setdefault(piece.event_id, _Pieces())
         pieces.staged[piece.total, piece.number] = event
         pieces.latest = time.monotonic()
@@ -725,6 +739,10 @@ class _PartitionRun:
             return joined
         self.worker.stats.duplicates += 1
         return None
+
+    async def drop_duplicates(self, event_ids: list[str]) -> None:
+        self.worker.stats.duplicates += len(event_ids)
+        await self.resources.staging.mark(event_ids, SAVED)
 
     def orphaned(self, events: list[AgentEvent]) -> None:
         if events:
