@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from phi_session.codec import encode_session
-from phi_session.events import ParallelLoopStart
+from phi_session.events import COMPACTION, ParallelLoopStart
 from phi_session.messages import ZERO_USAGE
 from phi_session.model import ChildLoopRef, LoopRecord, LoopStatus, ParallelGroupRecord, Session, SpawnRef
 from phi_session.stores.base import merge_sessions
@@ -135,6 +135,23 @@ def test_an_id_used_again_after_its_loop_ended_is_a_second_record() -> None:
     # A snapshot taken while the second pass was still running is that pass.
     running_pass = make_loop("s", 1, status="Running", parent_index=1, started_at=at(19.9))
     assert merge_sessions(merged, make_session("s", loops=[running_pass])).loops == merged.loops
+
+
+def test_a_compaction_pass_is_never_its_loops_record() -> None:
+    # Passes stamped with their loop's start (a clock of ms) while its record lasts on, each
+    # saved on its own: the first pass replaced the loop's record, the second the first pass.
+    loop = make_loop("s", 1, events=2, started_at=at(0))  # ends at 0.5 s
+    passes = []
+    for ended in (at(0.5), at(0.75)):
+        compaction = make_loop("s", 1, events=1, parent_index=1, started_at=at(0))
+        compaction.continuation_kind, compaction.ended_at = COMPACTION, ended
+        passes.append(compaction)
+    merged = make_session("s", loops=[loop])
+    for compaction in passes:
+        merged = merge_sessions(merged, make_session("s", loops=[compaction]))
+    assert [_without_links(record) for record in merged.loops] == [loop, *passes]
+    again = merge_sessions(merged, make_session("s", loops=[loop, *passes]))
+    assert again.loops == merged.loops  # saving them all again matches each with itself
 
 
 def test_session_header() -> None:

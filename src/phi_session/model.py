@@ -28,6 +28,7 @@ from msgspec.structs import force_setattr
 from ._time import Timestamp
 from .errors import LoopNotFound
 from .events import (
+    COMPACTION,
     INITIAL,
     AgentEvent,
     ContinuationKind,
@@ -576,6 +577,35 @@ def keep_links(replaced: LoopRecord, winner: LoopRecord) -> LoopRecord:
     return msgspec.structs.replace(
         winner, children_loop_ids=children, child_loop_refs=refs, parallel_group=group
     )
+
+
+class RecordMark(NamedTuple):
+    """What tells a record from the other records of its loop id (phi-core reuses ids: a
+    compaction pass takes its loop's), whichever save or drain holds it: one home for a
+    store's merge and `OtelExportSink`, small enough for a sink to keep of what it sent."""
+
+    started_at: int
+    """Its start (ns), which the loop saved or sent again keeps (a later snapshot, an amendment)."""
+    compaction: bool
+    """Whether it is a compaction pass, as its AgentStart says: a pass may start at its
+    loop's very instant (a clock of ms), yet is never that loop's record."""
+    ended_at: int | None
+    """A compaction pass's end (ns), once it has one: two passes may start at one instant too."""
+
+    @classmethod
+    def of(cls, record: LoopRecord) -> RecordMark:
+        compaction = record.kind == COMPACTION
+        ended = record.ended_at
+        return cls(record.started_at.ns, compaction, ended.ns if compaction and ended is not None else None)
+
+    def same_record(self, other: RecordMark) -> bool:
+        """Whether `other` marks this record: the same start and kind, and for a compaction
+        pass the same end, unless either has none yet (a running snapshot, a pass cut short)."""
+        return (
+            self.started_at == other.started_at
+            and self.compaction == other.compaction
+            and (self.ended_at is None or other.ended_at is None or self.ended_at == other.ended_at)
+        )
 
 
 def _union(kept: tuple[_T, ...], extra: tuple[_T, ...]) -> tuple[_T, ...]:

@@ -47,7 +47,6 @@ from .._checks import check_type, check_unsigned
 from ..codec import encode_event, encode_record, escape_surrogates, json_text, without_lone_surrogates
 from ..errors import ExportError, StoreError
 from ..events import (
-    COMPACTION,
     AgentEnd,
     AgentEvent,
     CompactionEnded,
@@ -74,7 +73,7 @@ from ..messages import (
     Usage,
     UserMessage,
 )
-from ..model import LoopRecord, Session, Turn, is_replayed
+from ..model import LoopRecord, RecordMark, Session, Turn, is_replayed
 from ..persist import DEFAULT_MAX_PENDING_BYTES, AutoPersistingRecorder
 from ..recorder import SessionRecorderConfig
 from . import attributes as attr
@@ -756,16 +755,16 @@ class _ExportedRecords:
     session on its own, and a loop id's record drained after its first (a compaction pass,
     a second parallel evaluation) is numbered after the records exported before it.
 
-    A record is its loop id and `_record_identity`: an amendment sends records again, and
-    they keep their numbers. Bounded: the latest `_EXPORTED_MEMORY` sessions exported;
-    one forgotten numbers its later records from its own drain again (span ids of an
-    earlier record's, which they then overwrite at the backend).
+    A record is its loop id and `RecordMark`, as in a store's merge: an amendment sends
+    records again, and they keep their numbers. Bounded: the latest `_EXPORTED_MEMORY`
+    sessions exported; one forgotten numbers its later records from its own drain again
+    (span ids of an earlier record's, which they then overwrite at the backend).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # the writer thread and a caller's retry both export
-        # session id -> loop id -> the identities of its records, in order
-        self._sessions: OrderedDict[str, dict[str, list[tuple[int, int | None]]]] = OrderedDict()
+        # session id -> loop id -> the marks of its records, in order
+        self._sessions: OrderedDict[str, dict[str, list[RecordMark]]] = OrderedDict()
 
     def first_ordinals(self, session: Session) -> dict[str, int]:
         """`session_spans`' `first_ordinals` of the drain `session`, which counts as exported."""
@@ -777,21 +776,12 @@ class _ExportedRecords:
             first: dict[str, int] = {}
             for record in session.loops:
                 known = exported.setdefault(record.loop_id, [])
-                identity = _record_identity(record)
-                if identity not in known:  # a new record (ids are reused a few times at most)
-                    known.append(identity)
-                first.setdefault(record.loop_id, known.index(identity))
+                mark = RecordMark.of(record)
+                ordinal = next((n for n, seen in enumerate(known) if seen.same_record(mark)), len(known))
+                if ordinal == len(known):  # a new record (ids are reused a few times at most)
+                    known.append(mark)
+                first.setdefault(record.loop_id, ordinal)
             return first
-
-
-def _record_identity(record: LoopRecord) -> tuple[int, int | None]:
-    """What tells `record` from the other records of its loop id, drained again or not: its
-    start (ns), which a record drained again keeps (an amendment: its parallel group, the
-    loop sent again at its instant); and a compaction pass's end (ns) too, as one may start
-    at its loop's very instant (a clock of ms) yet is a record of its own, never sent again."""
-    ended = record.ended_at
-    compaction_end = int(ended.ns) if record.kind == COMPACTION and ended is not None else None
-    return int(record.started_at.ns), compaction_end
 
 
 class _ExportTarget:

@@ -24,7 +24,7 @@ from ..codec import (
 from ..errors import InvalidSessionId, SessionNotFound, StoreError
 from ..events import AgentEvent
 from ..messages import ZERO_USAGE, Usage
-from ..model import LoopRecord, ModelCall, Session, keep_links
+from ..model import LoopRecord, ModelCall, RecordMark, Session, keep_links
 from .outline import LoopOutline, SessionOutline, decode_calls, first_prompt
 from .query import LOOP_STATUSES, GroupBy, Order, PruneCriteria, SessionQuery, check_count, shown
 from .search import DEFAULT_LIMIT, SearchHit, document_hits, search_words
@@ -643,12 +643,16 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     ``loop_id``, its agent and its lifetime. An incoming record with id X is matched
     with the first stored record of id X, not matched yet, of the same ``agent_id``
     (or either's unknown: empty, a parallel branch registered before it started, or made
-    up by the OTLP ingest, listed in ``metadata["otel"]["synthesized"]``), that
+    up by the OTLP ingest, listed in ``metadata["otel"]["synthesized"]``), a compaction
+    pass only with a compaction pass (which may start at its loop's very instant: a
+    clock of ms), that
 
-    1. started at the same instant (the n-th such with the n-th); else that
-    2. was alive at the same time: neither started at or after the other ended
-       (an unfinished record has not ended). A restarted or re-stamped
-       ``AgentStart`` thus saves the same loop again, not a second one.
+    1. started at the same instant and, for a compaction pass, ended at the same
+       instant unless either has not ended (`RecordMark`; the n-th such with the
+       n-th); else that
+    2. started at another instant and was alive at the same time: neither started at
+       or after the other ended (an unfinished record has not ended). A restarted or
+       re-stamped ``AgentStart`` thus saves the same loop again, not a second one.
 
     Otherwise the record is new and is appended: an id used again after its loop
     ended names a second record (phi-core's compaction pass re-uses the id of the
@@ -756,16 +760,23 @@ def _agent_unknown(record: LoopRecord) -> bool:
 def _same_loop(record: LoopRecord, loops: list[LoopRecord], candidates: list[int]) -> int | None:
     """The position of the stored version of `record` among `candidates` (the unmatched
     stored records of its id), or None: the merge key of `merge_sessions`."""
+    mark = RecordMark.of(record)
+    marks = {slot: RecordMark.of(loops[slot]) for slot in candidates}
+    candidates = [slot for slot in candidates if marks[slot].compaction == mark.compaction]
     if not _agent_unknown(record):
         agent = record.agent_id
         candidates = [
             slot for slot in candidates if loops[slot].agent_id == agent or _agent_unknown(loops[slot])
         ]
     for slot in candidates:
-        if loops[slot].started_at == record.started_at:
+        if marks[slot].same_record(mark):
             return slot
     for slot in candidates:
-        if not _ended_before(loops[slot], record) and not _ended_before(record, loops[slot]):
+        if (
+            marks[slot].started_at != mark.started_at  # at one instant, the marks alone decide
+            and not _ended_before(loops[slot], record)
+            and not _ended_before(record, loops[slot])
+        ):
             return slot
     return None
 

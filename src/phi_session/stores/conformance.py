@@ -44,6 +44,7 @@ from ..codec import (
 from ..cost import ZERO_COST, Cost, Pricer, cost_totals, prices_available
 from ..errors import InvalidQuery, InvalidSessionId, SessionNotFound, StoreError
 from ..events import (
+    COMPACTION,
     AgentEnd,
     AgentEvent,
     AgentStart,
@@ -843,6 +844,36 @@ class StoreConformance:
         store.save(session)
         store.save(session)
         assert encode_session(store.load("same")) == encode_session(session)
+
+    def test_compaction_passes_starting_at_their_loops_instant_are_records_of_their_own(
+        self, store: SessionStore
+    ) -> None:
+        # A producer's clock of ms: a loop and two compaction passes reusing its id (phi-core's
+        # BasicAgent) all start at one instant, each drained and saved on its own. The merge
+        # knew a record by its start: a pass replaced the loop's record (or was dropped).
+        def records(session_id: str) -> list[LoopRecord]:
+            loop = make_loop(session_id, 1, events=2, started_at=at(0))
+            loop.ended_at = at(0)
+            loop.children_loop_ids = (loop.loop_id,)  # its passes (phi-core links them)
+            passes = []
+            for ended in (at(0), at(0.001)):
+                compaction = make_loop(session_id, 1, events=1, started_at=at(0), parent_index=1, model=None)
+                compaction.continuation_kind, compaction.ended_at = COMPACTION, ended
+                passes.append(compaction)
+            return [loop, *passes]
+
+        whole = make_session("instant", loops=records("instant"))
+        store.save(whole)
+        assert encode_session(store.load("instant")) == encode_session(whole)
+        loop, first_pass, second_pass = records("instants")
+        running = msgspec.structs.replace(first_pass, status="Running", ended_at=None, events=())
+        for part in ([loop], [running], [first_pass], [second_pass]):  # a snapshot, then its pass
+            store.save(make_session("instants", loops=part))
+        expected = encode_session(make_session("instants", loops=[loop, first_pass, second_pass]))
+        assert encode_session(store.load("instants")) == expected  # as if saved whole
+        for part in ([second_pass], [loop], [first_pass], [loop, first_pass, second_pass]):
+            store.save(make_session("instants", loops=part))  # each again: no record twice
+        assert encode_session(store.load("instants")) == expected
 
     def test_saving_plain_form_metadata_again_changes_nothing(self, store: SessionStore) -> None:
         # A request's history may carry agent metadata (a turnId) that encoders drop: the
