@@ -476,6 +476,26 @@ def test_an_identitys_arguments_are_checked_where_they_enter() -> None:
         FakeClock().advance(-1)
 
 
+class _Text(str):
+    """Text of a library's own type, whose ``str`` is not its value."""
+
+    def __str__(self) -> str:
+        return "not the text"
+
+
+def test_ids_given_as_a_str_subclass_are_kept_as_the_str_they_hold() -> None:
+    # Kept as given, such an id went into every event and record of its loops, and no
+    # store or JSONL file could write them.
+    made = iter([_Text("s2")])
+    agent = AgentSession(
+        _Text("agent"), session_id=_Text("s1"), clock=FakeClock(), id_factory=lambda: next(made)
+    )
+    agent.set_last_loop(_Text("s1.c.7"))
+    ids = (agent.agent_id, agent.session_id, agent.last_loop_id, agent.next_loop_id("c"))
+    assert ids == ("agent", "s1", "s1.c.7", "s1.c.1") and {type(i) for i in ids} == {str}
+    assert agent.new_session() == "s2" and type(agent.session_id) is str
+
+
 @pytest.mark.parametrize("clock", [lambda: 1.7e9, lambda: 1.7e18, lambda: "2025", lambda: True])
 def test_a_clock_that_gives_no_int_nanoseconds_is_refused_at_its_first_reading(clock: Any) -> None:
     # `clock=time.time` (float seconds) failed at the loop's start with "Unknown format

@@ -1984,3 +1984,64 @@ def test_values_of_the_right_kind_in_another_type_are_taken() -> None:
         assert group.select(Index(1)) is group.branches[1]  # type: ignore[arg-type]
     [first, *_] = h.session().loops
     assert first.turns[0].output_message.stop_reason == "length"  # type: ignore[union-attr]
+
+
+class _Text(str):
+    """Text of a library's own type (``markupsafe.Markup``, say), whose ``str`` is not its value."""
+
+    def __str__(self) -> str:
+        return "not the text"
+
+
+def _run_giving_text_as(text: type[str]) -> Harness:
+    h = Harness(streaming=True)
+    tracer = h.tracer
+    loop = tracer.loop(config_id=text("c")).start()
+    loop.user(text("q"))
+    with loop.turn(text("User")) as turn:
+        with turn.assistant(model=text("m"), provider=text("p")) as reply:
+            reply.thinking_delta(text("hm"))
+            reply.text_delta(text("reading"))
+            reply.tool_call_delta(text('{"path":"a"}'))
+            reply.finish(tool_calls=[call(1), call(2)], stop_reason=text("toolUse"))
+        with turn.tool(id=text("call1"), name=text("read_file"), args={"path": "a"}) as tool:
+            tool.progress(text("opening"))
+            tool.update(text("partial"))
+            tool.result(text("contents"))
+            with tool.sub_agent(config_id=text("sub")) as child:
+                simple_loop(child)
+        with turn.tool(ps.ToolCall(id=text("call2"), name=text("stat"), arguments={})) as tool:
+            tool.error(text("no such file"))
+    with loop.turn() as turn:
+        with turn.assistant() as reply:
+            reply.finish(text("gave up"), stop_reason=text("error"), error_message=text("overloaded"))
+    loop.prun(1, 1, memo=text("memo"))
+    loop.revert(text("failure"), summary=text("summary"), reason=text("why"))
+    turn = loop.turn().start()
+    turn.assistant().start().end(text("stream cut"))
+    turn.end(text("turn failed"))
+    loop.end(text("loop failed"))
+    kind = ps.ContinuationKind(text("Rerun"), text("r1"))
+    with tracer.loop(continues=text(loop.loop_id), kind=kind) as rejected:
+        rejected.reject(text("blocked"))
+    with tracer.loop(continues=loop.loop_id) as later:
+        simple_loop(later)
+        later.reject(text("blocked later"))
+    return h
+
+
+def test_text_given_as_a_str_subclass_is_recorded_as_the_str_it_holds() -> None:
+    """A str subclass passed as text got through the checks, then broke the recording:
+    the session showed Completed but could not be encoded (NotImplementedError: cannot
+    encode _Text), or the recorder and the JSONL file refused the event holding it (a
+    rejection's InputRejected and AgentEnd lost, the loop recorded Aborted)."""
+    given, plain = _run_giving_text_as(_Text), _run_giving_text_as(str)
+    assert sum(given.tracer.sink_errors.values()) == 0
+    assert [type(event) for event in given.events] == [type(event) for event in plain.events]
+    sessions = given.sessions()  # each loads again, and the JSONL file records the same
+    assert [ps.encode(s) for s in sessions] == [ps.encode(s) for s in plain.sessions()]
+    statuses = sorted(loop.status for session in sessions for loop in session.loops)
+    assert statuses == ["Aborted", "Completed", "Completed", "Rejected"]
+    # A hand-built event is the caller's record: refused, naming the field, as other types are.
+    with pytest.raises(TypeError, match=r"event\.reason must be str, not _Text"):
+        given.tracer.emit(ps.InputRejected(loop_id="l", reason=_Text("blocked")))

@@ -13,7 +13,7 @@ import numbers
 import operator
 from collections.abc import Collection, Iterable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Literal, TypeVar, cast, overload
 
 from msgspec.structs import astuple
 
@@ -28,16 +28,19 @@ __all__ = [
     "check_index",
     "check_instance",
     "check_seconds",
+    "check_text",
     "check_type",
     "check_unsigned",
     "check_usage",
     "counts_in_range",
+    "plain_text",
 ]
 
 _U64_MAX = 2**64 - 1
 _COUNTER_TYPES = (int,) * len(Usage.__struct_fields__)
 
 _T = TypeVar("_T")
+_Word = TypeVar("_Word", bound=str)
 
 
 def check_type(name: str, value: object, expected: type, *, optional: bool = False) -> None:
@@ -48,6 +51,29 @@ def check_type(name: str, value: object, expected: type, *, optional: bool = Fal
         return
     alternative = " or None" if optional else ""
     raise TypeError(f"{name} must be {expected.__name__}{alternative}, not {type(value).__name__}")
+
+
+def plain_text(text: str) -> str:
+    """`text` as a `str` itself: a subclass's value (a `StrEnum` member, a library's own
+    text type) is recorded as its own type otherwise, which no encoder writes (its own
+    ``__str__`` may say something else)."""
+    return text if type(text) is str else str.__str__(text)
+
+
+@overload
+def check_text(name: str, value: object) -> str: ...
+
+
+@overload
+def check_text(name: str, value: object, *, optional: Literal[True]) -> str | None: ...
+
+
+def check_text(name: str, value: object, *, optional: bool = False) -> str | None:
+    """`check_type` of text (or None when `optional`), returned as `plain_text`."""
+    if type(value) is str:
+        return value
+    check_type(name, value, str, optional=optional)
+    return None if value is None else plain_text(cast(str, value))
 
 
 def _wrong_type(name: str, expected: str, value: object) -> TypeError:
@@ -81,11 +107,11 @@ def check_callable(name: str, value: object, *, optional: bool = False) -> None:
         raise _wrong_type(name, "callable or None" if optional else "callable", value)
 
 
-def check_choice(name: str, value: object, choices: Collection[str]) -> None:
-    """`TypeError` unless `value` is a str (a `StrEnum` member is one); `InvalidArgument`
-    unless it is one of `choices`."""
+def check_choice(name: str, value: _Word, choices: Collection[str]) -> _Word:
+    """`value` as `plain_text`; `TypeError` unless it is a str (a `StrEnum` member is one),
+    `InvalidArgument` unless it is one of `choices`."""
     if isinstance(value, str) and value in choices:
-        return
+        return cast(_Word, plain_text(value))
     check_type(name, value, str)
     raise InvalidArgument(f"{name}: expected one of {', '.join(choices)}; got {value!r}")
 

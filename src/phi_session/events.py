@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol, 
 import msgspec
 from msgspec.structs import force_setattr
 
-from ._checks import check_type
+from ._checks import check_text, check_type, plain_text
 from ._collector import release_leaf
 from ._float32 import Float32
 from ._time import Timestamp
@@ -195,11 +195,11 @@ class ContinuationKind(_Variant):
         elif kind in self.TAGGED_KINDS:
             if tag is None:
                 raise InvalidArgument(f"{kind} needs a string tag")
-            check_type(f"a {kind} tag", tag, str)
+            tag = check_text(f"a {kind} tag", tag)
         else:
             check_type("a continuation kind", kind, str)
             raise InvalidArgument(f"unknown continuation kind {kind!r}")
-        self._init(kind=kind, tag=tag)
+        self._init(kind=plain_text(kind), tag=tag)
 
     @classmethod
     def rerun(cls, tag: str) -> ContinuationKind:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol, cast
 
-from ._checks import check_callable, check_index, check_seconds, check_type
+from ._checks import check_callable, check_index, check_seconds, check_text, check_type
 from ._fork import fork_generation, forked_copy_lock
 from ._time import Timestamp
 from .errors import InvalidArgument
@@ -283,8 +283,8 @@ class AgentSession:
         clock: Clock | None = None,
         id_factory: IdFactory | None = None,
     ) -> None:
-        check_type("agent_id", agent_id, str, optional=True)
-        check_type("session_id", session_id, str, optional=True)
+        agent_id = check_text("agent_id", agent_id, optional=True)
+        session_id = check_text("session_id", session_id, optional=True)
         check_callable("clock", clock, optional=True)
         check_callable("id_factory", id_factory, optional=True)
         self.clock: Clock = clock if clock is not None else time.time_ns
@@ -308,9 +308,7 @@ class AgentSession:
 
     def _fresh_id(self) -> str:
         """A new id from `id_factory`, which must make text (ids are written as strings)."""
-        made = self.id_factory()
-        check_type("id_factory()", made, str)
-        return made
+        return check_text("id_factory()", self.id_factory())
 
     # -- identity -----------------------------------------------------------------------
 
@@ -607,7 +605,7 @@ class AgentSession:
         With `session_id`, the session `loop_id` belongs to, only while that is the current
         session: a loop of a session rotated away from changes nothing (as in `loop_started`).
         """
-        check_type("loop_id", loop_id, str)
+        loop_id = check_text("loop_id", loop_id)
         check_type("session_id", session_id, str, optional=True)
         self._follow_fork()
         with self._lock:

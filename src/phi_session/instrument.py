@@ -73,9 +73,11 @@ from ._checks import (
     check_each,
     check_index,
     check_instance,
+    check_text,
     check_type,
     check_unsigned,
     check_usage,
+    plain_text,
 )
 from ._failures import FailureTally
 from ._strict import MAX_VALUE_DEPTH, clip_depth
@@ -392,7 +394,7 @@ def _json_value(value: Any) -> Any:
     if type(value) in HOOKED_ONLY_AS_KEYS:  # a tuple turned into a list would come back here
         raise TypeError(f"a dict key of type {type(value).__name__} is no JSON key")
     if isinstance(value, str):
-        return str.__str__(value)  # its text, whatever its own `__str__` says
+        return plain_text(value)
     if isinstance(value, Mapping):
         return dict(value)
     if getattr(type(value), "model_dump", None) is not None:  # the class's: no agent `__getattr__`
@@ -499,7 +501,7 @@ def _content(name: str, value: str | Sequence[Content]) -> tuple[Content, ...]:
     """Text or content blocks as blocks; `TypeError` (naming argument `name`) for others,
     and for blocks holding what phi-core cannot (`_checked_each`)."""
     if isinstance(value, str):
-        return (TextContent(text=value),)
+        return (TextContent(text=plain_text(value)),)
     if not isinstance(value, Iterable) or isinstance(value, bytes):
         raise TypeError(f"{name} must be str or a sequence of content blocks, not {type(value).__name__}")
     return _checked_each(name, check_each(name, value, _CONTENT_TYPES, "a content block"))
@@ -517,7 +519,7 @@ _R = TypeVar("_R", bound=msgspec.Struct)
 
 def _describe(error: BaseException | str) -> str:
     if isinstance(error, str):
-        return error
+        return plain_text(error)
     if isinstance(error, RecordedModelError):
         return str(error)  # a replay raising a recorded failure: recorded as the original was
     name = type(error).__name__
@@ -550,8 +552,12 @@ def _started_twice(scope: _Scope) -> InstrumentationError:
     return InstrumentationError(f"{type(scope).__name__} already started")
 
 
-def _not_text(method: str, value: object) -> TypeError:
-    return TypeError(f"{method}() takes a str, not {type(value).__name__}")
+def _delta_text(method: str, value: object) -> str:
+    """A delta given to `method` that is no `str` itself, as `plain_text`; `TypeError`
+    for what is no text."""
+    if not isinstance(value, str):
+        raise TypeError(f"{method}() takes a str, not {type(value).__name__}")
+    return plain_text(value)
 
 
 def _not_running(scope: _Scope) -> InstrumentationError:
@@ -1216,7 +1222,7 @@ class Tracer:
           loop's run runs (`phi_session.replay.lineage.calling`), not a concurrent run's.
         """
         check_type("config", config, LoopConfigSnapshot, optional=True)
-        check_type("config_id", config_id, str, optional=True)
+        config_id = check_text("config_id", config_id, optional=True)
         config = config if config is not None else self.config
         self._outlet.check_config(config)
         kind, continues = self._lineage(kind, continues)
@@ -1278,7 +1284,7 @@ class Tracer:
         self, kind: ContinuationKind | None, continues: str | None
     ) -> tuple[ContinuationKind, str | None]:
         check_type("kind", kind, ContinuationKind, optional=True)
-        check_type("continues", continues, str, optional=True)
+        continues = check_text("continues", continues, optional=True)
         if kind is None:
             return (INITIAL if continues is None else DEFAULT), continues
         if continues is None and kind != INITIAL:
@@ -1476,7 +1482,7 @@ class LoopScope(_Scope):
         if trigger is None:
             trigger = self.first_trigger if self.turns == 0 else "Continuation"
         else:
-            check_choice("trigger", trigger, _TRIGGERS)
+            trigger = check_choice("trigger", trigger, _TRIGGERS)
         scope = TurnScope(self, self._loop, self.turns, trigger, request)
         self._loop.open_turn(scope)
         self.turns += 1
@@ -1491,7 +1497,7 @@ class LoopScope(_Scope):
         (a compaction still running is ended first, as `end` does). Later, the loop goes on.
         """
         self._require_running()
-        check_type("reason", reason, str)
+        reason = check_text("reason", reason)
         loop = self._loop
         loop.emit(InputRejected(loop_id=self.loop_id, reason=reason))
         if self.turns == 0:
@@ -1527,7 +1533,7 @@ class LoopScope(_Scope):
         check_unsigned("tokens_removed", tokens_removed)
         check_unsigned("messages_removed", messages_removed)
         timestamps = check_counts("pruned_timestamps", pruned_timestamps)
-        check_type("memo", memo, str, optional=True)
+        memo = check_text("memo", memo, optional=True)
         loop = self._loop
         loop.emit(
             PrunApplied(
@@ -1552,12 +1558,12 @@ class LoopScope(_Scope):
     ) -> None:
         """Record a ``RevertApplied`` (the context rolled back to `target`)."""
         self._require_running()
-        check_choice("category", category, _REVERT_CATEGORIES)
+        category = check_choice("category", category, _REVERT_CATEGORIES)
         node_ids = check_counts("abandoned_node_ids", abandoned_node_ids)
         check_instance("applied", applied, bool, "bool")
         check_unsigned("target", target, optional=True)
-        check_type("summary", summary, str, optional=True)
-        check_type("reason", reason, str, optional=True)
+        summary = check_text("summary", summary, optional=True)
+        reason = check_text("reason", reason, optional=True)
         loop = self._loop
         loop.emit(
             RevertApplied(
@@ -1744,8 +1750,8 @@ class TurnScope(_Scope):
             raise _not_running(self)
         if self._message is not None and self._message.running:
             raise InstrumentationError("the turn's previous assistant message is still open")
-        check_type("model", model, str, optional=True)
-        check_type("provider", provider, str, optional=True)
+        model = check_text("model", model, optional=True)
+        provider = check_text("provider", provider, optional=True)
         config = self._loop.config
         scope = MessageScope(
             self._loop,
@@ -1772,9 +1778,7 @@ class TurnScope(_Scope):
             id, name, args = call.id, call.name, call.arguments
         if id is None or name is None:
             raise TypeError("tool() needs a ToolCall or both id= and name=")
-        check_type("id", id, str)
-        check_type("name", name, str)
-        return ToolScope(self._loop, self._turn, id, name, args)
+        return ToolScope(self._loop, self._turn, check_text("id", id), check_text("name", name), args)
 
     def end(self, error: BaseException | str | None = None) -> None:
         """Emit ``TurnEnd`` with the assistant message, the usage and the tool results.
@@ -1914,13 +1918,14 @@ class MessageScope(_Scope):
 
     # The three delta methods run once per streamed token: each builds its event inline,
     # and refuses a piece that is no text (a stream's empty ``delta.content`` is None) at
-    # once, before it reaches a sink or the message built from the pieces.
+    # once, before it reaches a sink or the message built from the pieces (text of a str
+    # subclass is taken as the str it holds).
     def text_delta(self, text: str) -> None:
         """A piece of streamed answer text."""
         if not self._running:
             self._require_running()
-        if type(text) is not str and not isinstance(text, str):
-            raise _not_text("text_delta", text)
+        if type(text) is not str:
+            text = _delta_text("text_delta", text)
         self._text.append(text)
         if self._deltas:
             delta = _text_delta(text)
@@ -1930,8 +1935,8 @@ class MessageScope(_Scope):
         """A piece of streamed reasoning."""
         if not self._running:
             self._require_running()
-        if type(text) is not str and not isinstance(text, str):
-            raise _not_text("thinking_delta", text)
+        if type(text) is not str:
+            text = _delta_text("thinking_delta", text)
         self._thinking.append(text)
         if self._deltas:
             delta = _thinking_delta(text)
@@ -1941,8 +1946,8 @@ class MessageScope(_Scope):
         """A piece of a tool call's streamed JSON arguments (pass the parsed call to `finish`)."""
         if not self._running:
             self._require_running()
-        if type(json_fragment) is not str and not isinstance(json_fragment, str):
-            raise _not_text("tool_call_delta", json_fragment)
+        if type(json_fragment) is not str:
+            json_fragment = _delta_text("tool_call_delta", json_fragment)
         if self._deltas:
             delta = _tool_call_delta(json_fragment)
             self._emit(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
@@ -1981,11 +1986,11 @@ class MessageScope(_Scope):
             if calls:
                 blocks = (*blocks, *calls)
             check_usage("usage", usage, optional=True)
-            check_type("error_message", error_message, str, optional=True)
+            error_message = check_text("error_message", error_message, optional=True)
             if stop_reason is None:
                 stop_reason = "toolUse" if calls or any(type(b) is ToolCall for b in blocks) else "stop"
             else:
-                check_choice("stop_reason", stop_reason, _STOP_REASONS)
+                stop_reason = check_choice("stop_reason", stop_reason, _STOP_REASONS)
             message = AssistantMessage(
                 content=blocks,
                 stop_reason=stop_reason,
@@ -2110,7 +2115,7 @@ class ToolScope(_Scope):
         """A progress note (``ProgressMessage``)."""
         if not self._running and not self._still_open("progress"):
             return
-        check_type("text", text, str)
+        text = check_text("text", text)
         loop = self._loop
         loop.emit(
             ProgressMessage(
@@ -2161,7 +2166,7 @@ class ToolScope(_Scope):
         self._require_running()
         check_type("config", config, LoopConfigSnapshot, optional=True)
         check_type("agent", agent, AgentSession, optional=True)
-        check_type("config_id", config_id, str, optional=True)
+        config_id = check_text("config_id", config_id, optional=True)
         loop = self._loop
         config = config if config is not None else loop.config
         loop.outlet.check_config(config)
