@@ -1893,6 +1893,26 @@ def test_a_bad_argument_is_refused_where_it_enters_and_every_file_still_loads(
     assert record.status == "Completed"
 
 
+def test_a_turns_request_that_is_refused_opens_no_turn_and_emits_nothing() -> None:
+    # The request was checked after TurnStart and the prompts were emitted, out of the
+    # turn's __enter__ (so no __exit__): the turn stayed open, the host's retry raised
+    # "already has an open turn", and the loop was recorded with a made-up failed turn.
+    h = Harness()
+    bad = _request(messages=(5,))
+    with h.tracer.loop() as loop:
+        loop.user("q")
+        emitted = len(h.events)
+        with pytest.raises(TypeError, match=r"payload\.messages\[0\]"):
+            with loop.turn(request=bad):
+                pytest.fail("the turn's body ran")
+        assert len(h.events) == emitted
+        with loop.turn(request=_request()) as turn:  # the retry
+            answer(turn, "ok")
+    [record] = h.session().loops
+    assert record.status == "Completed" and [t.turn_id.turn_index for t in record.turns] == [0]
+    assert h.types()[:5] == ["AgentStart", "TurnStart", "MessageStart", "MessageEnd", "TurnRequest"]
+
+
 def test_the_tracers_arguments_are_checked_before_anything_is_emitted() -> None:
     h = Harness()
     tracer = h.tracer

@@ -1474,7 +1474,8 @@ class LoopScope(_Scope):
 
         `trigger` defaults to phi-core's choice (``User``, ``SubAgent`` or ``Branch``
         for the first turn, depending on the loop, ``Continuation`` after);
-        `request` emits the turn's ``TurnRequest`` right after its inputs.
+        `request` emits the turn's ``TurnRequest`` right after its inputs; it is checked
+        and copied now.
         """
         if not self._running:
             raise _not_running(self)
@@ -1483,8 +1484,11 @@ class LoopScope(_Scope):
             trigger = self.first_trigger if self.turns == 0 else "Continuation"
         else:
             trigger = check_choice("trigger", trigger, _TRIGGERS)
-        scope = TurnScope(self, self._loop, self.turns, trigger, request)
-        self._loop.open_turn(scope)
+        loop = self._loop
+        # Checked (and copied) here: a refused request opens no turn, so the agent may retry.
+        recorded = None if request is None else loop.request(request)
+        scope = TurnScope(self, loop, self.turns, trigger, recorded)
+        loop.open_turn(scope)
         self.turns += 1
         return scope
 
@@ -1643,7 +1647,7 @@ class TurnScope(_Scope):
         self.index = index
         self.trigger: TurnTrigger = trigger
         self.turn_id = TurnId(loop_id=loop.loop_id, turn_index=index)
-        self._request = request
+        self._request = request  # as recorded (`_LoopState.request`)
         self._inputs: list[AgentMessage] = []  # injected during the turn (`inputs`)
         # Of `inputs`, those injected after the turn's reply (steering while its tools
         # run), each with the reply it followed and how many tool results had ended.
@@ -1700,7 +1704,7 @@ class TurnScope(_Scope):
         loop.emit(start)
         loop.emit_waiting(None if self.index == 0 else self.turn_id)
         if self._request is not None:
-            self.request(self._request)
+            self._emit_request(self._request)
         return self
 
     def user(self, content: str | Sequence[Content] | AgentMessage) -> AgentMessage:
@@ -1726,12 +1730,15 @@ class TurnScope(_Scope):
         if not self._running:
             raise _not_running(self)
         check_type("payload", payload, AnnotatedRequestPayload)
+        self._emit_request(self._loop.request(payload))
+
+    def _emit_request(self, recorded: AnnotatedRequestPayload) -> None:
         loop = self._loop
         loop.emit(
             TurnRequest(
                 loop_id=loop.loop_id,
                 turn_index=self.index,
-                payload=loop.request(payload),
+                payload=recorded,
                 timestamp=loop.now(),
             )
         )
