@@ -213,8 +213,8 @@ def test_fake_clock_ticks_and_advances() -> None:
     assert FakeClock(5)() == 5
 
 
-@given(
-    st.lists(st.integers(min_value=-(10**19), max_value=4 * 10**18), min_size=1, max_size=20),
+@given(  # clock readings: none before the epoch, some past year 9999 (written with a sign)
+    st.lists(st.integers(min_value=0, max_value=10**21), min_size=1, max_size=20),
     st.integers(min_value=0, max_value=10**9 - 1),
 )
 def test_fast_timestamps_equal_the_reference_formatting(seconds: list[int], fraction: int) -> None:
@@ -508,6 +508,23 @@ def test_a_clock_that_gives_no_int_nanoseconds_is_refused_at_its_first_reading(c
         with pytest.raises(
             TypeError, match=r"the clock's reading must be int nanoseconds since the epoch .*, not "
         ):
+            read()
+    recorder.flush()
+    assert recorder.drain_completed() == []
+
+
+@pytest.mark.parametrize("reading", [-5, -1_748_768_400_000_000_000])
+def test_a_clock_reading_before_the_epoch_is_refused_at_the_reading(reading: int) -> None:
+    # Taken, it made message timestamps of -1 ms: the session was saved, and neither
+    # decode_session nor the store could load it again (StoredSessionUnusable).
+    recorder = ps.SessionRecorder()
+    tracer = Tracer(
+        AgentSession(clock=lambda: reading),
+        sinks=[recorder],
+        config=ps.LoopConfigSnapshot(model="m", provider="p"),
+    )
+    for read in (tracer.agent.now, tracer.agent.millis, tracer.loop().start):
+        with pytest.raises(ps.InvalidArgument, match=rf"the clock's reading .* before the epoch: {reading}"):
             read()
     recorder.flush()
     assert recorder.drain_completed() == []

@@ -94,11 +94,16 @@ def config_id_of(config: LoopConfigSnapshot) -> str:
 
 
 def _nanoseconds(reading: object) -> int:
-    """A clock reading that is no int: an integer of another type (a NumPy one) as int;
-    `TypeError` for others, at the first reading (seconds as a float: ``time.time``)."""
-    return check_index(
+    """A clock reading that is no int, or is negative: an integer of another type (a NumPy
+    one) as int; `TypeError` for others, at the first reading (seconds as a float:
+    ``time.time``); `InvalidArgument` before the epoch, which phi-core's message
+    timestamps (unsigned) cannot hold."""
+    ns = check_index(
         "the clock's reading", reading, "int nanoseconds since the epoch (as time.time_ns gives)"
     )
+    if ns < 0:
+        raise InvalidArgument(f"the clock's reading is before the epoch: {ns}")
+    return ns
 
 
 class _Stamper:
@@ -116,7 +121,7 @@ class _Stamper:
         self._cache: tuple[int, str] | None = None
 
     def __call__(self, ns: int) -> Timestamp:
-        if type(ns) is not int:
+        if type(ns) is not int or ns < 0:
             ns = _nanoseconds(ns)
         second, fraction = divmod(ns, _NS_PER_S)
         cache = self._cache
@@ -338,7 +343,7 @@ class AgentSession:
     def millis(self) -> int:
         """The clock's current time in milliseconds since the epoch (message timestamps)."""
         ns = self.clock()
-        if type(ns) is not int:
+        if type(ns) is not int or ns < 0:
             ns = _nanoseconds(ns)
         return ns // _NS_PER_MS
 
