@@ -1465,6 +1465,12 @@ def test_abort_session_is_flush_for_one_session_alone() -> None:
     assert [orphan.event for orphan in recorder.orphans()] == [late]
 
 
+def _groups_of(sessions: list[ps.Session]) -> dict[str, tuple[tuple[str, ...], bool] | None]:
+    """Loop id -> its group's branch ids and whether it won, over `sessions`."""
+    groups = {loop.loop_id: loop.parallel_group for session in sessions for loop in session.loops}
+    return {loop_id: group and (group.all_loop_ids, group.is_selected) for loop_id, group in groups.items()}
+
+
 def _group_ended_then(stop: str) -> tuple[SessionRecorder, ps.ParallelLoopEnd]:
     """A group of two branches, both ended, then `stop` ("flush", "abort_session") before
     the group's end, which comes before the session is drained."""
@@ -1487,9 +1493,7 @@ def test_a_group_end_after_flush_marks_every_branch_as_phi_core_keeps_partial_gr
     the other branch not at all."""
     recorder, late = _group_ended_then("flush")
     assert recorder.session_events("s")[-1] == late and recorder.orphans() == []
-    [session] = recorder.drain_completed()
-    groups = {loop.loop_id: loop.parallel_group for loop in session.loops}
-    assert {loop_id: (g and (g.all_loop_ids, g.is_selected)) for loop_id, g in groups.items()} == {
+    assert _groups_of(recorder.drain_completed()) == {
         "s.a.1": (("s.a.1", "s.b.2"), False),
         "s.b.2": (("s.a.1", "s.b.2"), True),
     }
@@ -1497,6 +1501,35 @@ def test_a_group_end_after_flush_marks_every_branch_as_phi_core_keeps_partial_gr
     recorder.on_event(again)  # its session drained: nothing left to mark
     assert [orphan.event for orphan in recorder.orphans()] == [again]
     assert recorder._ended_groups == {}  # nothing kept past the drain
+
+
+@pytest.mark.parametrize("flushed", [False, True])
+def test_a_group_end_after_flush_marks_the_branches_drained_before_it(flushed: bool) -> None:
+    """Two branches ended and were drained, the third was still Pending at flush: the end
+    marked the third alone (flush forgot what the drained ones were owed), and the winner
+    had no group while its sibling named it. Now they come back as amendments, as without
+    flush."""
+    branches = ("s.a.1", "s.b.2", "s.c.3")
+    recorder = SessionRecorder()
+    recorder.record_all(
+        [
+            ps.ParallelLoopStart(session_id="s", loop_ids=branches, timestamp=ts(0)),
+            *(start(loop, "s") for loop in branches[:2]),
+            *(end(loop, at=3) for loop in branches[:2]),
+        ]
+    )
+    recorder.checkpoint()
+    recorder.drain_completed()
+    if flushed:
+        recorder.flush()
+    recorder.on_event(group_end("s", "s.b.2", at=9))
+    recorder.flush()
+    assert _groups_of(recorder.drain_completed()) == {
+        "s.a.1": (branches, False),
+        "s.b.2": (branches, True),
+        "s.c.3": (branches, False),
+    }
+    assert recorder.orphans() == []
 
 
 def test_a_group_end_after_abort_session_is_an_orphan_as_its_group_was_given_up() -> None:

@@ -88,6 +88,9 @@ logger = logging.getLogger("phi_session.recorder")
 
 SessionCallback = Callable[[Session], Any]
 
+# Drained records of a parallel branch owed its group's end, with their sessions.
+_Owed = list[tuple[Session, LoopRecord]]
+
 # Sub-agents named by a drained spawner's tool call that the recorder does not hold,
 # remembered for when they start (the latest ones only: one never may, or ran already).
 _AWAITED_SPAWNS = 10_000
@@ -390,14 +393,15 @@ class SessionRecorder:
         # Branch id -> the start of its open group: its ids, session and beginning.
         self._groups: dict[str, ParallelLoopStart] = {}
         self._open_groups: dict[str, int] = {}  # session id -> parallel groups not yet ended
-        # Session id -> branch id -> the start of its group still open when `flush` ended it
-        # (True: a later end is applied to its every branch, as phi-core keeps partial
-        # groups) or when it was given up (False: a later end is an orphan); kept while the
-        # session is held, since only a held session's records take a late end.
-        self._ended_groups: dict[str, dict[str, tuple[ParallelLoopStart, bool]]] = {}
+        # Session id -> branch id -> the start of its group still open when `flush` ended it,
+        # with the branch's drained records owed its end (`_late_branches`: a later end is
+        # applied to its every branch, as phi-core keeps partial groups), or when it was
+        # given up (None: a later end is an orphan); kept while the session is held, since
+        # only a held session's records (and those owed with them) take a late end.
+        self._ended_groups: dict[str, dict[str, tuple[ParallelLoopStart, _Owed | None]]] = {}
         # What drained sessions are still owed, so the late information can be handed
         # over again (see `drain_completed`); all of it ends with the group or parent loop.
-        self._late_branches: dict[str, list[tuple[Session, LoopRecord]]] = {}  # loop in an open group
+        self._late_branches: dict[str, _Owed] = {}  # loop in an open group
         self._late_groups: dict[str, Session] = {}  # session drained with a group open
         # The header of such a session once its group ended with a branch never started.
         self._unstarted_homes: dict[str, Session] = {}
@@ -1063,11 +1067,13 @@ class SessionRecorder:
     def _on_parallel_end(self, event: ParallelLoopEnd) -> None:
         group_start = self._groups.get(event.selected_loop_id)
         ended = None if group_start is not None else self._take_ended_group(event)
+        owed = self._late_branches  # branch id -> its drained records owed this end
         if ended is not None:
-            group_start, applies = ended
-            if not applies:
+            group_start, ended_owed = ended
+            if ended_owed is None:
                 self._orphan(event, "end of a parallel group given up")
                 return
+            owed = ended_owed
         group_ids = None if group_start is None else group_start.loop_ids
         all_ids = group_ids or (event.selected_loop_id,)
         if self._misrouted(event, all_ids):
@@ -1094,7 +1100,7 @@ class SessionRecorder:
                 # record that ended before the group began is an earlier loop's.
                 if loop is None or since is None or record.ended_at is None or record.ended_at >= since:
                     record.parallel_group = group
-            for session, record in self._late_branches.pop(loop_id, ()):
+            for session, record in owed.pop(loop_id, ()):
                 if self._sent_again(session.session_id, record):
                     continue  # its version sent again has the group (set above, or as it ends)
                 # Drained already: amend a copy, never what was handed over.
@@ -1122,17 +1128,23 @@ class SessionRecorder:
                     late, loops=[], session_events=msgspec.UNSET
                 )
 
-    def _take_ended_group(self, event: ParallelLoopEnd) -> tuple[ParallelLoopStart, bool] | None:
-        """The group `event` ends among `_ended_groups` (its start, whether the end applies),
-        forgotten there; None if it is none of them."""
-        branches = self._ended_groups.get(event.session_id)
-        if branches is None:
-            return None
+    def _take_ended_group(
+        self, event: ParallelLoopEnd
+    ) -> tuple[ParallelLoopStart, dict[str, _Owed] | None] | None:
+        """The group `event` ends among `_ended_groups`, forgotten there: its start and, by
+        branch id, the drained records owed its end (None: it was given up); None if it
+        is none of them."""
+        branches = self._ended_groups.get(event.session_id, {})
         ended = branches.get(event.selected_loop_id)
-        if ended is not None:
-            for loop_id in ended[0].loop_ids:
-                branches.pop(loop_id, None)
-        return ended
+        if ended is None:
+            return None
+        group_start = ended[0]
+        owed = {}
+        for loop_id in group_start.loop_ids:
+            _, late = branches.pop(loop_id, (group_start, None))
+            if late:
+                owed[loop_id] = late
+        return group_start, None if ended[1] is None else owed
 
     def _sent_again(self, session_id: str, drained: LoopRecord) -> bool:
         """Whether the loop of the `drained` record was started again at its instant since
@@ -1181,7 +1193,7 @@ class SessionRecorder:
         with self._lock:
             for loop in list(self._loops.values()):
                 self._abort(loop)
-            self._keep_ended_groups(self._groups.items(), applies=True)
+            self._keep_ended_groups(self._groups.items(), applies=True)  # before `_late_branches` goes
             self._groups.clear()
             self._open_groups.clear()
             # No sub-agent starts after the stream's end: none is awaited, even by a
@@ -1359,10 +1371,12 @@ class SessionRecorder:
 
     def _keep_ended_groups(self, groups: Iterable[tuple[str, ParallelLoopStart]], *, applies: bool) -> None:
         """Remember the branches of `groups` (branch id, its group's start), open groups
-        `flush` ended or given up, for a late end (`_ended_groups`), if their session is held."""
+        `flush` ended or given up, for a late end (`_ended_groups`), if their session is
+        held; an ended one with the drained records it is owed."""
         for loop_id, group in groups:
             if group.session_id in self._open or group.session_id in self._completed:
-                self._ended_groups.setdefault(group.session_id, {})[loop_id] = (group, applies)
+                owed = self._late_branches.pop(loop_id, []) if applies else None
+                self._ended_groups.setdefault(group.session_id, {})[loop_id] = (group, owed)
 
     def drain_completed(self) -> list[Session]:
         """Hand over the completed sessions and forget them (at most one per session id).
