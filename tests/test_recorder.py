@@ -1472,8 +1472,8 @@ def _groups_of(sessions: list[ps.Session]) -> dict[str, tuple[tuple[str, ...], b
 
 
 def _group_ended_then(stop: str) -> tuple[SessionRecorder, ps.ParallelLoopEnd]:
-    """A group of two branches, both ended, then `stop` ("flush", "abort_session") before
-    the group's end, which comes before the session is drained."""
+    """A group of two branches, both ended, then `stop` ("flush", "abort_session", "none")
+    before the group's end, which comes before the session is drained."""
     recorder = SessionRecorder()
     group = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(0))
     recorder.record_all(
@@ -1481,7 +1481,7 @@ def _group_ended_then(stop: str) -> tuple[SessionRecorder, ps.ParallelLoopEnd]:
     )
     if stop == "flush":
         recorder.flush()
-    else:
+    elif stop == "abort_session":
         recorder.abort_session("s")
     late = group_end("s", "s.b.2", at=9)
     recorder.on_event(late)
@@ -1501,6 +1501,22 @@ def test_a_group_end_after_flush_marks_every_branch_as_phi_core_keeps_partial_gr
     recorder.on_event(again)  # its session drained: nothing left to mark
     assert [orphan.event for orphan in recorder.orphans()] == [again]
     assert recorder._ended_groups == {}  # nothing kept past the drain
+
+
+@pytest.mark.parametrize("stop", ["none", "flush"])
+def test_a_repeated_group_end_keeps_the_winners_group(stop: str) -> None:
+    """An end delivered twice: the repeat, finding no open group, fell back to a group of
+    its winner alone, over the winner's whole group. That fallback (phi-core's) is kept
+    for a loop holding no group."""
+    recorder, late = _group_ended_then(stop)
+    recorder.on_event(late)
+    recorder.record_all([start("s.d.3", "s", at=10), end("s.d.3", at=11), group_end("s", "s.d.3", at=12)])
+    recorder.flush()
+    assert _groups_of(recorder.drain_completed()) == {
+        "s.a.1": (("s.a.1", "s.b.2"), False),
+        "s.b.2": (("s.a.1", "s.b.2"), True),
+        "s.d.3": (("s.d.3",), True),
+    }
 
 
 @pytest.mark.parametrize("flushed", [False, True])

@@ -1079,6 +1079,7 @@ class SessionRecorder:
         if self._misrouted(event, all_ids):
             self._session_event(event)
             return
+        grouped = group_ids is not None
         for loop_id in all_ids:
             group = ParallelGroupRecord(
                 all_loop_ids=all_ids,
@@ -1088,7 +1089,7 @@ class SessionRecorder:
                 is_selected=loop_id == event.selected_loop_id,
             )
             loop = self._loops.get(loop_id)
-            if loop is not None:
+            if loop is not None and _takes_group(loop.record, event, grouped):
                 loop.record.parallel_group = group
             branch_of = group_start if ended is not None else self._groups.get(loop_id)
             since = None if branch_of is None else branch_of.timestamp
@@ -1098,7 +1099,9 @@ class SessionRecorder:
                 assert record is not None  # `_closed_by_id` lists the sessions holding one
                 # With a loop of its id open (a compaction pass, the loop sent again), a
                 # record that ended before the group began is an earlier loop's.
-                if loop is None or since is None or record.ended_at is None or record.ended_at >= since:
+                if (
+                    loop is None or since is None or record.ended_at is None or record.ended_at >= since
+                ) and _takes_group(record, event, grouped):
                     record.parallel_group = group
             for session, record in owed.pop(loop_id, ()):
                 if self._sent_again(session.session_id, record):
@@ -1609,6 +1612,13 @@ def _started(event: AgentStart) -> LoopRecord:
         metadata=event.metadata,
         config=snapshot if isinstance(snapshot, LoopConfigSnapshot) else None,
     )
+
+
+def _takes_group(record: LoopRecord, end: ParallelLoopEnd, grouped: bool) -> bool:
+    """Whether `end` marks `record`. Without its group (`grouped`), a repeat say, it is
+    phi-core's group of its winner alone, which must not undo a group of that winner."""
+    held = record.parallel_group
+    return grouped or held is None or held.selected_loop_id != end.selected_loop_id
 
 
 def _fallback_config(loop_id: str, message: AssistantMessage) -> LoopConfigSnapshot:
