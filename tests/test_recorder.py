@@ -1557,6 +1557,68 @@ def test_a_group_end_after_abort_session_is_an_orphan_as_its_group_was_given_up(
     assert recorder._ended_groups == {}  # nothing kept past the drain
 
 
+def _group_drained_after(recorder: SessionRecorder, stop: str, session: str = "s") -> None:
+    """A group of two branches of `session`, both ended, then `stop` ("flush",
+    "abort_session", "group_end_timeout": drained with its group open, for longer than
+    the recorder's), which ends the group or gives it up, and the session's drain."""
+    branches = (f"{session}.a.1", f"{session}.b.2")
+    recorder.record_all(
+        [
+            ps.ParallelLoopStart(session_id=session, loop_ids=branches, timestamp=ts(0)),
+            *(start(loop, session) for loop in branches),
+            *(end(loop, at=3) for loop in branches),
+        ]
+    )
+    if stop == "flush":
+        recorder.flush()
+    elif stop == "abort_session":
+        recorder.abort_session(session)
+    else:
+        recorder.checkpoint()
+        recorder.drain_completed()
+        recorder.record_all([start("t.c.1", "t", at=61_000), end("t.c.1", at=61_001)])
+        recorder.checkpoint()  # gives the group up
+    recorder.drain_completed()
+
+
+@pytest.mark.parametrize("stop", ["flush", "abort_session", "group_end_timeout"])
+def test_a_group_end_after_its_session_was_drained_is_an_orphan_even_if_the_session_goes_on(
+    stop: str,
+) -> None:
+    """The end of a group that flush ended or that was given up, once its session was
+    drained, was an orphan only while the session stayed away: with the agent going on
+    under the session's id, it was kept in that session's events. A new group reusing
+    the branch ids takes its own end."""
+    recorder = SessionRecorder(group_end_timeout=60)
+    _group_drained_after(recorder, stop)
+    recorder.record_all([start("s.c.3", "s", at=70_000), end("s.c.3", at=70_001)])
+    late = group_end("s", "s.b.2", at=70_002)
+    recorder.on_event(late)
+    assert [orphan.event for orphan in recorder.orphans()] == [late]
+    assert recorder.session_events("s") == []
+    again = ps.ParallelLoopStart(session_id="s", loop_ids=("s.a.1", "s.b.2"), timestamp=ts(80_000))
+    recorder.record_all(
+        [again, start("s.a.1", "s", at=80_000), end("s.a.1", at=80_001), group_end("s", "s.a.1", at=80_002)]
+    )
+    recorder.flush()
+    assert _groups_of(recorder.drain_completed()) == {
+        "s.c.3": None,
+        "s.a.1": (("s.a.1", "s.b.2"), True),
+        "s.b.2": (("s.a.1", "s.b.2"), False),  # never started: Aborted at flush
+    }
+    assert len(recorder.orphans()) == 1
+
+
+def test_the_branches_of_drained_groups_are_remembered_among_the_latest_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(recorder_module, "_DRAINED_GROUP_BRANCHES", 2)
+    recorder = SessionRecorder()
+    for session in ("s", "u"):
+        _group_drained_after(recorder, "abort_session", session)
+    assert list(recorder._drained_groups) == ["u.a.1", "u.b.2"]  # the oldest forgotten
+
+
 def test_abort_sessions_ends_many_sessions_as_abort_session_ends_each() -> None:
     """A broker worker ended each idle session by its own `abort_session`, every call a
     scan of every open loop and group: 20,000 sessions of a dead host blocked its event

@@ -42,7 +42,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable
 from functools import partial
 from itertools import count, repeat
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 from msgspec.structs import replace
@@ -94,6 +94,12 @@ _Owed = list[tuple[Session, LoopRecord]]
 # Sub-agents named by a drained spawner's tool call that the recorder does not hold,
 # remembered for when they start (the latest ones only: one never may, or ran already).
 _AWAITED_SPAWNS = 10_000
+# Branches of parallel groups that `flush` ended or that were given up, remembered once
+# their session is drained, so that a late end is an orphan even if the session goes on
+# (the latest ones only: such an end may never come).
+_DRAINED_GROUP_BRANCHES = 10_000
+
+_V = TypeVar("_V")
 
 
 class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -115,7 +121,7 @@ class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
       ``AgentStart`` timestamp seen), a drained session waits for the end of a parallel
       group of its that never ended (a killed agent's); then `checkpoint` gives the group
       up: its branches that never started are aborted as at `flush`, and an end that
-      comes later is an orphan. None: wait until `flush`.
+      comes later is an orphan, even if the session goes on. None: wait until `flush`.
     """
 
     include_streaming_events: bool = False
@@ -399,6 +405,10 @@ class SessionRecorder:
         # given up (None: a later end is an orphan); kept while the session is held, since
         # only a held session's records (and those owed with them) take a late end.
         self._ended_groups: dict[str, dict[str, tuple[ParallelLoopStart, _Owed | None]]] = {}
+        # Branch id -> session id of those groups once their session is drained (the latest
+        # `_DRAINED_GROUP_BRANCHES`): their end is an orphan even if the session goes on.
+        # Ordered: the oldest goes first in O(1). A new group naming a branch id takes it.
+        self._drained_groups: OrderedDict[str, str] = OrderedDict()
         # What drained sessions are still owed, so the late information can be handed
         # over again (see `drain_completed`); all of it ends with the group or parent loop.
         self._late_branches: dict[str, _Owed] = {}  # loop in an open group
@@ -1049,6 +1059,7 @@ class SessionRecorder:
             self._open_groups[event.session_id] = self._open_groups.get(event.session_id, 0) + 1
         for loop_id in event.loop_ids:
             self._groups.setdefault(loop_id, event)
+            self._drained_groups.pop(loop_id, None)
             if loop_id in self._loops or (
                 loop_id in self._loop_session
                 and not self._starts_again(event.session_id, loop_id, event.timestamp)
@@ -1067,13 +1078,15 @@ class SessionRecorder:
     def _on_parallel_end(self, event: ParallelLoopEnd) -> None:
         group_start = self._groups.get(event.selected_loop_id)
         ended = None if group_start is not None else self._take_ended_group(event)
-        owed = self._late_branches  # branch id -> its drained records owed this end
+        # Branch id -> its drained records owed this end; None: the end is an orphan.
+        owed: dict[str, _Owed] | None = self._late_branches
         if ended is not None:
-            group_start, ended_owed = ended
-            if ended_owed is None:
-                self._orphan(event, "end of a parallel group given up")
-                return
-            owed = ended_owed
+            group_start, owed = ended
+        elif group_start is None and self._drained_groups.get(event.selected_loop_id) == event.session_id:
+            owed = None
+        if owed is None:
+            self._orphan(event, "end of a parallel group given up, or ended by flush and drained since")
+            return
         group_ids = None if group_start is None else group_start.loop_ids
         all_ids = group_ids or (event.selected_loop_id,)
         if self._misrouted(event, all_ids):
@@ -1191,7 +1204,9 @@ class SessionRecorder:
         Unfinished turns are discarded (their events stay in the loop's log).
         Aborted loops keep ``ended_at`` null and are linked to their parent. Open parallel
         groups are kept, as phi-core keeps them: a ``ParallelLoopEnd`` that comes before
-        their sessions are drained marks every branch; one that comes after is an orphan.
+        their sessions are drained marks every branch; one that comes after is an orphan,
+        even if the session goes on (the latest ``_DRAINED_GROUP_BRANCHES`` branches of
+        such groups are remembered; a new group naming one takes its own end).
         """
         with self._lock:
             for loop in list(self._loops.values()):
@@ -1218,9 +1233,10 @@ class SessionRecorder:
         how many open loops it aborted.
 
         Its open loops are aborted, its open parallel groups given up (their
-        ``ParallelLoopEnd``, if it comes, is an orphan), parallel events waiting for its
-        first loop kept as orphans, and it is completed. Later events of its loops are
-        orphans, as after `flush`. Costs O(open loops + open groups).
+        ``ParallelLoopEnd``, if it comes, is an orphan, even if the session goes on, as
+        after `flush`), parallel events waiting for its first loop kept as orphans, and it
+        is completed. Later events of its loops are orphans, as after `flush`. Costs
+        O(open loops + open groups).
         """
         check_type("session_id", session_id, str)
         return self.abort_sessions((session_id,))[session_id]
@@ -1374,12 +1390,17 @@ class SessionRecorder:
 
     def _keep_ended_groups(self, groups: Iterable[tuple[str, ParallelLoopStart]], *, applies: bool) -> None:
         """Remember the branches of `groups` (branch id, its group's start), open groups
-        `flush` ended or given up, for a late end (`_ended_groups`), if their session is
-        held; an ended one with the drained records it is owed."""
+        `flush` ended or given up, for a late end: in `_ended_groups` while their session
+        is held, an ended one with the drained records it is owed; else in `_drained_groups`."""
         for loop_id, group in groups:
             if group.session_id in self._open or group.session_id in self._completed:
                 owed = self._late_branches.pop(loop_id, []) if applies else None
                 self._ended_groups.setdefault(group.session_id, {})[loop_id] = (group, owed)
+            else:
+                self._remember_drained_group(loop_id, group.session_id)
+
+    def _remember_drained_group(self, loop_id: str, session_id: str) -> None:
+        _remember_latest(self._drained_groups, loop_id, session_id, _DRAINED_GROUP_BRANCHES)
 
     def drain_completed(self) -> list[Session]:
         """Hand over the completed sessions and forget them (at most one per session id).
@@ -1405,7 +1426,8 @@ class SessionRecorder:
         # Bounded memory: drop every index entry that points into a drained session;
         # remember only what it is still owed, until its group or parent loop ends.
         session = held.session
-        self._ended_groups.pop(session.session_id, None)
+        for loop_id in self._ended_groups.pop(session.session_id, ()):
+            self._remember_drained_group(loop_id, session.session_id)
         if session.session_id in self._open_groups:
             self._late_groups[session.session_id] = session
         spawn = session.parent_spawn_ref
@@ -1447,9 +1469,7 @@ class SessionRecorder:
 
     def _await_spawn(self, child_loop_id: str, parent_ref: tuple[str, str, str, str]) -> None:
         """Remember the tool call naming `child_loop_id` past its spawner's drain, for its start."""
-        self._awaited_spawns[child_loop_id] = parent_ref
-        if len(self._awaited_spawns) > _AWAITED_SPAWNS:
-            self._awaited_spawns.popitem(last=False)
+        _remember_latest(self._awaited_spawns, child_loop_id, parent_ref, _AWAITED_SPAWNS)
 
     # -- queries ------------------------------------------------------------------------
 
@@ -1597,6 +1617,13 @@ def _check_free(what: str, hook: object, current: object) -> None:
     """Refuse to put `hook` in place of `current`, another's: a hook slot is cleared first."""
     if hook is not None and current is not None and hook != current:
         raise InvalidArgument(f"the recorder already has a {what} hook (clear it with None first)")
+
+
+def _remember_latest(latest: OrderedDict[str, _V], key: str, value: _V, bound: int) -> None:
+    """Set `key` in `latest`, forgetting the oldest key past `bound` of them (bounded memory)."""
+    latest[key] = value
+    if len(latest) > bound:
+        latest.popitem(last=False)
 
 
 def _started(event: AgentStart) -> LoopRecord:
