@@ -242,6 +242,48 @@ def test_finished_spans_end_at_their_loops_and_turns_ends() -> None:
     assert (back.loops[0].ended_at, back.loops[0].turns[0].ended_at) == (record.ended_at, turn.ended_at)
 
 
+def test_tool_results_keep_their_times_and_order_from_a_clock_ahead_of_the_loops() -> None:
+    # A message clock hours ahead of the events' (as in 44 of the golden recorder cases): every
+    # tool span was cut to start and end at the loop's AgentEnd, so the ingest without content
+    # rebuilt every result at that instant and, their starts equal, the calls out of order.
+    ahead = 3_600_000  # ms: an hour after the loop's end at 30 s
+    calls = [(call_id, "t", {}, "ok") for call_id in ("c3", "c1", "c2")]
+    events = tool_loop_events("L", calls[:1])
+    turn_end = events[5]
+    assert type(turn_end) is TurnEnd
+    reply = replace(
+        turn_end.message,
+        content=tuple(ToolCall(id=call_id, name="t", arguments={}) for call_id, *_ in calls),
+        timestamp=ahead,
+    )
+    results = tuple(
+        replace(turn_end.tool_results[0], tool_call_id=call_id, timestamp=ahead + 100 * (place + 1))
+        for place, (call_id, *_) in enumerate(calls)
+    )
+    tools = [
+        event
+        for call_id, *_ in calls
+        for event in (
+            replace(events[3], tool_call_id=call_id),
+            replace(events[4], tool_call_id=call_id),
+        )
+    ]
+    events[2:6] = [
+        MessageEnd(loop_id="L", message=reply),
+        *tools,
+        replace(turn_end, message=reply, tool_results=results),
+    ]
+    recorder = SessionRecorder()
+    recorder.record_all(events)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    # Spans come in any order (a batch holds them as they ended): their times order the calls.
+    [back] = _ingest(session_spans(session)[::-1])
+    assert [(m.tool_call_id, m.timestamp) for m in back.loops[0].turns[0].tool_results] == [
+        (m.tool_call_id, m.timestamp) for m in results
+    ]
+
+
 def test_export_is_deterministic(demo_sessions: list[Session]) -> None:
     first = [span.to_json() for span in _export(demo_sessions, capture_content=True)]
     second = [span.to_json() for span in _export(demo_sessions, capture_content=True)]

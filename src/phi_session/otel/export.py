@@ -305,6 +305,21 @@ class _Span:
         self.phi_events: list[tuple[int, AgentEvent]] = []
 
 
+def _event_time(event: Any, last: int) -> int:
+    """The event's own time in ns when it has one (timestamp, or its message's ms), else `last`.
+    A message's ms may be of another clock, ahead of the events' (a tool span then lasts as
+    its result's time says, past its loop's end maybe) or past what OTLP holds (clamped when
+    the span is made)."""
+    stamp = getattr(event, "timestamp", None)
+    if stamp is not None and not isinstance(stamp, int):
+        return int(stamp.ns)
+    message = getattr(event, "message", None)
+    millis = getattr(message, "timestamp", None)
+    if isinstance(millis, int) and millis > 0:
+        return max(last, millis * 1_000_000)
+    return last
+
+
 class _LoopExport:
     """The spans of one loop."""
 
@@ -336,8 +351,6 @@ class _LoopExport:
         # (turn index, place among that index's turns, call id) -> ms
         self._result_times: dict[tuple[int, int, str], int] = {}
         self._first_result_times: dict[str, int] = {}  # call id -> ms, its first result's
-        # What a message's time may push a span to: a loop that ended ends at its AgentEnd.
-        self._last_ns = _LAST_OTLP_NS if record.ended_at is None else int(record.ended_at.ns)
 
     def _indexed(self) -> dict[int, list[Turn]]:
         """The loop's turns of each index, in order, made once with its tool results' times:
@@ -379,7 +392,7 @@ class _LoopExport:
         now = start
         for stored in sorted(record.events, key=lambda item: item.sequence):
             event = stored.event
-            now = self._event_time(event, now)
+            now = _event_time(event, now)
             owner = loop if turn is None else turn[1]
             if type(event) is TurnStart:
                 span = _Span(now, self._turn_attributes(event))
@@ -445,22 +458,6 @@ class _LoopExport:
             )
         )
         return out
-
-    def _event_time(self, event: Any, last: int) -> int:
-        """The event's own time in ns when it has one (timestamp, or its message's ms), else `last`."""
-        stamp = getattr(event, "timestamp", None)
-        if stamp is not None and not isinstance(stamp, int):
-            return int(stamp.ns)
-        message = getattr(event, "message", None)
-        millis = getattr(message, "timestamp", None)
-        if isinstance(millis, int) and millis > 0:
-            return self._message_time(millis, last)
-        return last
-
-    def _message_time(self, millis: int, last: int) -> int:
-        """A message's time (ms, of another clock maybe: a producer's µs is a valid u64 too) in
-        ns, from `last` to the loop's end at most: it never makes a span end past its loop's."""
-        return max(last, min(millis * 1_000_000, self._last_ns))
 
     # -- attributes ------------------------------------------------------------------------
 
@@ -545,7 +542,7 @@ class _LoopExport:
             millis = self._result_times.get((in_turn[0], place, event.tool_call_id))
         else:
             millis = self._first_result_times.get(event.tool_call_id)
-        return now if millis is None else self._message_time(millis, now)
+        return now if millis is None else max(now, millis * 1_000_000)
 
     def _finish_turn(self, span: _Span, turn: Turn | None) -> None:
         if turn is None:  # a TurnEnd without its turn recorded
