@@ -1376,6 +1376,29 @@ def test_a_turn_restarted_under_its_index_is_its_own_chat_span() -> None:
     assert [[m.tool_call_id for m in turn.tool_results] for turn in back.loops[0].turns] == [["c1"], ["c2"]]
 
 
+def test_a_retried_turn_leaves_the_later_turns_indices_without_content() -> None:
+    # The attempt a retry replaced is a chat span of its own, and the ingest numbered turns by
+    # their chat spans: the retry and every later turn came back one index up ([0, 1] -> [1, 2]).
+    events = tool_loop_events("L", [("c1", "t", {}, "r1"), ("c2", "t", {}, "r2")])
+    reply = events[2]
+    assert type(reply) is MessageEnd
+    events[1:1] = [
+        TurnStart(loop_id="L", turn_index=0, timestamp=Timestamp.from_ns(11 * 10**8), triggered_by="User"),
+        replace(reply, message=replace(reply.message, timestamp=1100)),
+        *events[3:5],  # it ran the call its retry runs again
+    ]
+    recorder = SessionRecorder()
+    recorder.record_all(events)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    [back] = _ingest(session_spans(session))
+    assert _turn_shape(back) == _turn_shape(session)
+    starts = [
+        (e.event.turn_index, e.event.timestamp) for e in back.loops[0].events if type(e.event) is TurnStart
+    ]
+    assert starts == [(e.turn_index, e.timestamp) for e in events if type(e) is TurnStart]
+
+
 def _reused_ids_session() -> Session:
     """The session of `_reused_ids_events`."""
     recorder = SessionRecorder()

@@ -140,6 +140,7 @@ _SPAN_EVENT_TYPES: dict[str, type] = {
     attr.EVENT_REVERT: RevertApplied,
     attr.EVENT_INPUT_REJECTED: InputRejected,
 }
+_LAST_U32 = 2**32 - 1  # phi-core's turn indices are u32
 _MEMORY = 100_000  # sessions remembered for continuation inference
 _RECORDED_MEMORY = 100_000  # span ids of the last traces recorded (a retry comes soon); ~10 MB
 _KEPT_MEMORY = 10_000  # spans of the last traces recorded, for a caller or callee exporting later
@@ -1208,9 +1209,9 @@ class _Rebuild:
         # The loop span's events happened between turns: each goes before the first turn after it.
         between = self._span_events(loop, agent)
         messages: list[AgentMessage] = []
-        for index, (chat, tools) in enumerate(turns):
+        for position, (chat, tools) in enumerate(turns):
             self._emit_until(between, chat.start)
-            messages.extend(self._turn(loop, index, chat, tools, config))
+            messages.extend(self._turn(loop, position, chat, tools, config))
         self._emit_until(between, None)
         captured = any(_span_messages(chat, "output") is not None for chat, _ in turns)
         # A span standing in for the loop is one of its turns: its usage is that turn's.
@@ -1305,16 +1306,21 @@ class _Rebuild:
     def _turn(
         self,
         loop: _Loop,
-        index: int,
+        position: int,
         chat: SpanData,
         tools: list[SpanData],
         config: LoopConfigSnapshot | None,
     ) -> list[AgentMessage]:
-        """Emit one turn; returns its messages (new user inputs, and the reply and tool results of a
-        turn that ended)."""
+        """Emit one turn, the loop's chat span at `position`; returns its messages (new user
+        inputs, and the reply and tool results of a turn that ended)."""
         emit, attributes = self.ingestor.emit, chat.attributes
         messages: list[AgentMessage] = []
-        trigger: TurnTrigger = "User" if index == 0 else "Continuation"
+        # Our export states the index: an attempt a retry replaced is a chat span of its own, and
+        # comes back replaced by the retry's TurnStart of its index, as the recorder had it.
+        index = attributes.get(attr.PHI_TURN_INDEX)
+        if type(index) is not int or not 0 <= index <= _LAST_U32:
+            index = position
+        trigger: TurnTrigger = "User" if position == 0 else "Continuation"
         stated = attributes.get(attr.PHI_TURN_TRIGGER)
         if stated in get_args(TurnTrigger):
             trigger = msgspec.convert(stated, TurnTrigger)
@@ -1323,7 +1329,7 @@ class _Rebuild:
                 loop_id=loop.loop_id, turn_index=index, timestamp=_timestamp(chat.start), triggered_by=trigger
             )
         )
-        if index == 0:
+        if position == 0:
             for given in _new_user_messages(_span_messages(chat, "input") or []):
                 user = UserMessage(
                     content=_contents(given, self.ingestor.counters), timestamp=chat.start // 1_000_000
