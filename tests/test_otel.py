@@ -1159,6 +1159,35 @@ def test_a_trace_failing_to_record_keeps_no_other_trace_of_its_payload_waiting()
     assert (second.parent_loop_id, first.parent_loop_id) == (None, second.loop_id)
 
 
+def test_a_loop_whose_rebuild_fails_midway_reaches_the_recorder_whole_or_not_at_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The ingest handed each event to the recorder as it rebuilt it: a value the recorder
+    # refused midway (a count past u64 in its second turn) left the loop's first events in
+    # it, saved as an Aborted loop without its turns, which the retried payload met open.
+    session = tool_loop_session([("c1", "t", {}, "r1"), ("c2", "t", {}, "r2")])
+    spans = [spans_from_sdk(span) for span in session_spans(session)]
+    read_usage = ingest_module._usage
+
+    def past_u64_in_the_second_turn(attributes: dict[str, Any]) -> Any:
+        if attributes.get(attr.PHI_TURN_INDEX) == 1:
+            return replace(ZERO_USAGE, output=2**64)
+        return read_usage(attributes)
+
+    monkeypatch.setattr(ingest_module, "_usage", past_u64_in_the_second_turn)
+    recorder = SessionRecorder()
+    ingestor = SpanIngestor(recorder)
+    with pytest.raises(InvalidArgument):
+        ingestor.add(spans)
+    recorder.flush()
+    assert recorder.drain_completed() == []
+    monkeypatch.setattr(ingest_module, "_usage", read_usage)
+    ingestor.add(spans)  # the exporter retries the payload it got no 200 for
+    recorder.flush()
+    [got] = recorder.drain_completed()
+    assert encode_session(got) == encode_session(_ingest(session_spans(session))[0])
+
+
 def test_a_failing_recorder_never_reaches_the_instrumented_code_nor_other_processors() -> None:
     def target(event: object) -> None:
         raise OSError("the journal's disk is full")

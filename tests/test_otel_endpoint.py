@@ -1186,3 +1186,57 @@ def test_counts_past_otlps_int64_come_back_exact() -> None:
         assert [e.event for e in loop_back.events if type(e.event) in counted] == [
             e.event for e in record.events if type(e.event) in counted
         ]
+
+
+def test_counts_past_u64_from_any_producer_are_absent_not_the_payload_lost(receiver: Receiver) -> None:
+    # Text of a count past u64 (any producer may send text where a count goes) was read as the
+    # number since counts of ours past int64 are their text: the recorder refused the event
+    # built with it, the payload was 503 at every retry, and the events before it stayed in the
+    # recorder (a loop saved Aborted, without its turns). As before, they are counts not given.
+    past_u64 = str(2**64)
+    events = tool_loop_events("L", [("c1", "t", {}, "r1"), ("c2", "t", {}, "r2")])
+    events.insert(
+        5,
+        PrunApplied(
+            loop_id="L",
+            tokens_removed=5,
+            messages_removed=1,
+            pruned_timestamps=(),
+            timestamp=Timestamp.from_ns(45 * 10**8),
+        ),
+    )
+    recorder = SessionRecorder()
+    recorder.record_all(events)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    request = encode_spans(session_spans(session, capture_content=False))
+    [first, second] = sorted(
+        (
+            span
+            for rs in request.resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans
+            if span.name.startswith("chat")
+        ),
+        key=lambda span: span.start_time_unix_nano,
+    )
+    for key_value in first.attributes:
+        if key_value.key == attr.USAGE_OUTPUT_TOKENS:
+            key_value.value.Clear()
+            key_value.value.string_value = past_u64
+    stored = second.attributes.add()  # the exact usage our export adds past int64
+    stored.key = attr.PHI_USAGE
+    stored.value.string_value = (
+        f'{{"input":{past_u64},"output":0,"cache_read":0,"cache_write":0,"total_tokens":0}}'
+    )
+    [prun] = first.events
+    for key_value in prun.attributes:
+        if key_value.key == "phi.tokens_removed":
+            key_value.value.Clear()
+            key_value.value.string_value = past_u64
+    assert receiver.post(request.SerializeToString()).status == 200
+    [got] = receiver.close()
+    [loop] = got.loops
+    assert (loop.status, loop.ended_at, len(loop.turns)) == ("Completed", session.loops[0].ended_at, 2)
+    assert [(turn.usage.input, turn.usage.output) for turn in loop.turns] == [(0, 0), (0, 0)]
+    assert not any(type(stored.event) is PrunApplied for stored in loop.events)  # unreadable

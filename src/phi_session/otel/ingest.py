@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, get_args
 
@@ -38,7 +38,7 @@ from .._checks import check_callable, check_each, check_instance, check_seconds,
 from .._failures import FailureTally
 from .._strict import clip_depth, strict_adds_nothing
 from ..adapters import session_id_for
-from ..codec import decode_event, decode_record, escape_surrogates
+from ..codec import check_event_fields, check_recordable, decode_event, decode_record, escape_surrogates
 from ..errors import DecodeError, InvalidArgument
 from ..events import (
     DEFAULT,
@@ -141,6 +141,7 @@ _SPAN_EVENT_TYPES: dict[str, type] = {
     attr.EVENT_INPUT_REJECTED: InputRejected,
 }
 _LAST_U32 = 2**32 - 1  # phi-core's turn indices are u32
+_LAST_U64 = 2**64 - 1  # and its counts u64
 _MEMORY = 100_000  # sessions remembered for continuation inference
 _RECORDED_MEMORY = 100_000  # span ids of the last traces recorded (a retry comes soon); ~10 MB
 _KEPT_MEMORY = 10_000  # spans of the last traces recorded, for a caller or callee exporting later
@@ -171,10 +172,11 @@ def _role(span: SpanData) -> str | None:
 
 def _int(value: Any) -> int:
     # A u64 of ours past OTLP's int64 comes as its decimal text (20 digits at most: no longer
-    # text is ours, and int() refuses text of thousands).
+    # text is ours, and int() refuses text of thousands). A count past u64 (text any producer
+    # may send, an SDK span's int) is none phi-core holds: absent, as a negative one.
     if isinstance(value, str) and len(value) <= 20 and value.isascii() and value.isdigit():
-        return int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _LAST_U64 else 0
 
 
 def _text(value: Any) -> str | None:
@@ -486,7 +488,10 @@ class SpanIngestor:
     A span event named as ours (compaction, prun, revert, rejection) that cannot be rebuilt
     as its event is logged and counted in ``unreadable_span_events``, not recorded. Tool
     arguments nested deeper than phi-core reads inside a session keep their deepest
-    containers as JSON text, as in recording, counted in ``clipped_arguments``.
+    containers as JSON text, as in recording, counted in ``clipped_arguments``. A count
+    past u64, which phi-core cannot hold, is read as absent (in a span event: unreadable).
+    A loop's events reach `target` once it is rebuilt, each checked as a recorder checks
+    it: a trace failing to record leaves no loop of it half recorded.
 
     Thread-safe. `flush` records every waiting trace (call it at shutdown).
     """
@@ -527,6 +532,7 @@ class SpanIngestor:
         # its loop span) -> its evaluation and its loop span's place in arrival order.
         self._branches: dict[tuple[str, int], tuple[_Evaluation, int]] = {}
         self._evaluations: list[_Evaluation] = []
+        self._loop_events: deque[AgentEvent] = deque()  # taken by `emit`, not yet delivered
         self.counters = dict.fromkeys(
             (
                 "spans",
@@ -649,11 +655,13 @@ class SpanIngestor:
             try:
                 self._record(trace_id, complete=complete)
             except Exception as error:
+                self._discard()
                 failure = failure or error
         try:  # the ends still held: of branches whose traces failed to record, and their siblings'
             for evaluation in self._evaluations:
                 self._end_held(evaluation)
         except Exception as error:
+            self._discard()
             failure = failure or error
         if failure is not None:
             raise failure
@@ -771,8 +779,27 @@ class SpanIngestor:
     # -- helpers for the replays ------------------------------------------------------------
 
     def emit(self, event: AgentEvent) -> None:
-        self.counters["events"] += 1
-        self._emit(event)
+        """Take an event of the loop being replayed: refused now if the recorder would refuse
+        it, handed to the target with the rest of its loop (`_deliver`), so that a loop failing
+        midway leaves none of its events there (a loop saved Aborted without its turns)."""
+        check_event_fields(event)
+        self._loop_events.append(event)
+
+    def _deliver(self) -> None:
+        """Hand the events taken to the target; one it fails on is left to `_discard`."""
+        events = self._loop_events
+        while events:
+            self._emit(events[0])
+            events.popleft()
+            self.counters["events"] += 1
+
+    def _discard(self) -> None:
+        """Drop the events of a loop that failed to record (taken again when retried): a
+        parallel group it started is started again then."""
+        for event in self._loop_events:
+            if type(event) is ParallelLoopStart:
+                self._groups.pop(event.loop_ids, None)
+        self._loop_events.clear()
 
     def latest_loop(self, session_id: str) -> str | None:
         """The last loop recorded in `session_id` (what a new loop of it continues)."""
@@ -814,6 +841,9 @@ class SpanIngestor:
         if branch is None:
             self._end_loop(session_id, loop_id, span, ending, recorded)
             return
+        for event in ending:  # held: refused now, with the rest of its loop
+            check_event_fields(event)
+        self._deliver()
         evaluation, position = branch
         evaluation.held.append((position, session_id, loop_id, span, ending, recorded))
         if len(evaluation.held) == evaluation.size:
@@ -830,6 +860,7 @@ class SpanIngestor:
     ) -> None:
         for event in ending:
             self.emit(event)
+        self._deliver()
         if recorded:
             self.loop_recorded(session_id, loop_id)
         group = _group(span.attributes)
@@ -854,6 +885,7 @@ class SpanIngestor:
                 timestamp=_timestamp(span.end),
             )
         )
+        self._deliver()
 
 
 class _Evaluation:
@@ -877,11 +909,14 @@ def _group(attributes: dict[str, Any]) -> tuple[str, ...] | None:
 
 
 def _stored_usage(value: Any) -> Usage:
-    """A usage we exported as phi-core JSON; zero when it is missing or not ours."""
+    """A usage we exported as phi-core JSON; zero when it is missing or not ours (a count
+    past u64, which phi-core cannot hold, is not)."""
     if isinstance(value, str):
         try:
-            return decode_record(value, Usage)
-        except DecodeError:
+            usage = decode_record(value, Usage)
+            check_recordable("usage", usage)
+            return usage
+        except (DecodeError, InvalidArgument):
             pass
     return ZERO_USAGE
 
@@ -1464,6 +1499,7 @@ class _Rebuild:
                 fields.setdefault("abandoned_node_ids", ())
             if kind is PrunApplied:
                 fields.setdefault("pruned_timestamps", ())
+            # Unreadable: a field of another type, a count past u64, lone surrogates (UnicodeEncodeError).
             try:
                 rebuilt: AgentEvent = msgspec.convert(
                     {
@@ -1475,7 +1511,8 @@ class _Rebuild:
                     kind,
                     strict=False,  # a count past OTLP's int64 comes as its decimal text
                 )
-            except (msgspec.ValidationError, UnicodeEncodeError) as error:  # the latter: lone surrogates
+                check_event_fields(rebuilt)  # a count past u64 (any producer's text): none phi-core holds
+            except (msgspec.ValidationError, UnicodeEncodeError, InvalidArgument) as error:
                 self.ingestor.counters["unreadable_span_events"] += 1
                 logger.warning(
                     "trace %s: span event %r of span %016x is not one we can read (%s); not recorded",
