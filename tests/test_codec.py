@@ -16,7 +16,7 @@ from msgspec.structs import replace
 
 import phi_session as ps
 from phi_session.codec import decode_messages, encode_message
-from phi_session.messages import ZERO_USAGE
+from phi_session.messages import ZERO_USAGE, extension_message
 from phi_session.model import CompactedSection, CompactionBlock, LoopEvent, LoopRecord, Turn, TurnRange
 from phi_session.stores.conformance import make_loop, make_session
 
@@ -800,9 +800,8 @@ _START_LINE = line(
 
 def _misfits(key: str) -> list[object]:
     """Values of another type than phi-session writes under its own `key`."""
-    return [
-        value for value in (None, 5, "text", {"code": 1}, [1]) if not (key == "error" and value == "text")
-    ]
+    of_its_type = {"error": ("text",), "session_events": ([1],)}.get(key, ())  # [1]: events, one bad
+    return [value for value in (None, 5, "text", {"code": 1}, [1]) if value not in of_its_type]
 
 
 def _with(document: str | bytes, path: tuple[str | int, ...], key: str, value: object) -> str:
@@ -873,3 +872,45 @@ def test_a_caller_built_event_with_its_own_key_of_another_type_is_still_refused(
     event = ps.decode_event(_END_LINE)
     with pytest.raises(TypeError, match=r"event\.error"):
         ps.codec.check_event_fields(replace(event, error=5))
+
+
+def _parallel_session_events() -> tuple[dict[str, Any], list[Any]]:
+    """The parallel example's session file and its ParallelLoopStart/End, as JSON trees."""
+    events = [
+        json.loads(text)
+        for text in (EXAMPLES / "events-parallel.jsonl").read_text().splitlines()
+        if '"type":"Parallel' in text
+    ]
+    return json.loads((EXAMPLES / "session-parallel.json").read_bytes()), events
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_bad_session_event_is_dropped_and_reported_each_time_the_good_ones_kept(
+    strict: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A list of events is of the right type: one bad event dropped the whole list, the
+    valid ParallelLoopStart too, logged once a process (later files lost theirs silently)."""
+    session_file, events = _parallel_session_events()
+    document = json.dumps(
+        dict(session_file, session_events=[events[0], dict(events[1], selected_config_index=-1)])
+    )
+    with caplog.at_level("WARNING", logger="phi_session.codec"):
+        for _ in range(2):
+            session = ps.decode_session(document, strict=strict)
+            assert session.session_events == [ps.decode_event(json.dumps(events[0]))]
+    reports = [record.getMessage() for record in caplog.records]
+    assert len(reports) == 2
+    assert all(session.session_id in report and "session_events[1]" in report for report in reports)
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("strict", [True, False])
+def test_session_events_are_each_read_as_decode_event_reads_one(strict: bool) -> None:
+    """An event holding an extension message of an unusual role, which only the lenient
+    reading takes, was no event there: the session's events were all lost on reading."""
+    session_file, events = _parallel_session_events()
+    session = ps.decode_session(json.dumps(session_file))
+    end = replace(ps.decode_event(_END_LINE), messages=(extension_message("note", "k", {"x": 1}),))
+    session.session_events = [ps.decode_event(json.dumps(events[0])), end]
+    assert ps.decode_session(ps.encode_session(session), strict=strict) == session

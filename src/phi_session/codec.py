@@ -1163,14 +1163,22 @@ _EXTENSION_KEYS: dict[str, tuple[tuple[str, Any], ...]] = {
         (Session, {"rejected", "session_events"}),
     )
 }
+# Of those, the list of events: a list is the type phi-session writes there, so each of
+# its events is read on its own, a bad one dropped (reported each time: it is lost) and
+# the others kept.
+_EVENT_LIST_KEY = ("Session", "session_events")
 _ignored_extension_keys: set[str] = set()  # each ("AgentEnd.error") logged the first time only
 
 
-def _drop_misfit_extensions(obj: dict[str, Any], kind: str) -> None:
+def _drop_misfit_extensions(obj: dict[str, Any], kind: str, hidden: _Placeholders) -> None:
     """Remove from `obj`, the tree of a `kind` (an event type, "LoopRecord", "Session"),
-    each of phi-session's own keys holding a value of another type than it writes there."""
+    each of phi-session's own keys holding a value of another type than it writes there,
+    and from its list of events (`_EVENT_LIST_KEY`) each that is no event."""
     for key, tp in _EXTENSION_KEYS.get(kind, ()):
         if key not in obj:
+            continue
+        if (kind, key) == _EVENT_LIST_KEY and isinstance(obj[key], list):
+            obj[key] = _kept_session_events(obj[key], obj.get("session_id"), hidden)
             continue
         try:
             _convert(obj[key], tp)
@@ -1180,16 +1188,36 @@ def _drop_misfit_extensions(obj: dict[str, Any], kind: str) -> None:
             if name not in _ignored_extension_keys:
                 _ignored_extension_keys.add(name)
                 found = str(error).partition(" - at `")[0]
-                logger.warning(
-                    "ignored %s as phi-core does: %s%s (logged once)", name, found[:1].lower(), found[1:]
-                )
+                logger.warning("ignored %s as phi-core does: %s (logged once)", name, _lowered(found))
+
+
+def _kept_session_events(events: list[Any], session_id: Any, hidden: _Placeholders) -> list[Any]:
+    """The items of a session's `session_events` that are events (read as `decode_event`
+    reads one), each other dropped with a warning."""
+    kept = []
+    for index, item in enumerate(events):
+        try:
+            kept.append(_convert(_repair_event(item, "$", hidden), AgentEvent))
+        except (msgspec.ValidationError, ValueError, OverflowError, RecursionError) as error:
+            logger.warning(
+                "session %r: dropped session_events[%d], no event: %s",
+                session_id,
+                index,
+                _lowered(str(error)),
+            )
+    return kept
+
+
+def _lowered(message: str) -> str:
+    """An error's message as the middle of a sentence."""
+    return message[:1].lower() + message[1:]
 
 
 def _repair_event(obj: Any, path: str, hidden: _Placeholders) -> Any:
     """An event's tree as phi-core reads it: phi-session's own keys of another type
     dropped, its agent-form messages read leniently."""
     if isinstance(obj, dict) and isinstance(obj.get("type"), str):
-        _drop_misfit_extensions(obj, obj["type"])
+        _drop_misfit_extensions(obj, obj["type"], hidden)
     return _repair_event_messages(obj, path, hidden)
 
 
@@ -1232,7 +1260,7 @@ def _repair_messages(container: dict[str, Any], key: str, path: str, hidden: _Pl
 def _repair_loop(obj: Any, path: str, hidden: _Placeholders) -> Any:
     if not isinstance(obj, dict):
         return obj
-    _drop_misfit_extensions(obj, "LoopRecord")
+    _drop_misfit_extensions(obj, "LoopRecord", hidden)
     _repair_messages(obj, "messages", path, hidden)
     turns = obj.get("turns")
     if isinstance(turns, list):
@@ -1262,7 +1290,7 @@ def _repair_loop(obj: Any, path: str, hidden: _Placeholders) -> Any:
 def _repair_session(obj: Any, path: str, hidden: _Placeholders) -> Any:
     if not isinstance(obj, dict):
         return obj
-    _drop_misfit_extensions(obj, "Session")
+    _drop_misfit_extensions(obj, "Session", hidden)
     if isinstance(obj.get("loops"), list):
         obj["loops"] = [_repair_loop(r, f"{path}.loops[{i}]", hidden) for i, r in enumerate(obj["loops"])]
     return obj
@@ -1319,6 +1347,8 @@ def _decode(
 
 def _restore_session(session: Session, fn: MessageFn) -> Session:
     session.loops = [map_loop_messages(r, fn) for r in session.loops]
+    if not isinstance(session.session_events, msgspec.UnsetType):
+        session.session_events = [map_event_messages(event, fn) for event in session.session_events]
     return session
 
 
