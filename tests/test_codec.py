@@ -914,3 +914,51 @@ def test_session_events_are_each_read_as_decode_event_reads_one(strict: bool) ->
     end = replace(ps.decode_event(_END_LINE), messages=(extension_message("note", "k", {"x": 1}),))
     session.session_events = [ps.decode_event(json.dumps(events[0])), end]
     assert ps.decode_session(ps.encode_session(session), strict=strict) == session
+
+
+_REPEATING = '{"a": 1, "a": 2}'  # of another type than any own key's, and a repeated key in it
+
+
+def _holding(document: str | bytes, path: tuple[str | int, ...], key: str, raw: str) -> str:
+    """`document` with the JSON text `raw` at `key` of the object at `path`."""
+    return _with(document, path, key, "\0raw").replace('"\\u0000raw"', raw)
+
+
+@pytest.mark.parametrize(("base", "key"), [(_END_LINE, "error"), (_START_LINE, "formation")])
+def test_strict_decoding_lets_an_events_own_key_it_ignores_repeat_keys(base: str, key: str) -> None:
+    """phi-core ignores the key, so what it holds; strict decoding refused the event."""
+    assert ps.decode_event(_holding(base, (), key, _REPEATING)) == ps.decode_event(base)
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize(
+    ("path", "key", "raw"),
+    [
+        ((), "rejected", _REPEATING),
+        ((), "session_events", _REPEATING),
+        ((), "session_events", f"[{_REPEATING}]"),  # an item that is no event, dropped
+        (("loops", 0), "error", _REPEATING),
+        (("loops", 0, "events", -1, "event"), "error", _REPEATING),
+    ],
+)
+def test_strict_decoding_lets_a_session_files_own_key_it_ignores_repeat_keys(
+    path: tuple[str | int, ...], key: str, raw: str
+) -> None:
+    basic = (EXAMPLES / "session-basic.json").read_bytes()
+    session = ps.decode_session(_holding(basic, path, key, raw))
+    assert session.session_events in (msgspec.UNSET, [])
+    assert replace(session, session_events=msgspec.UNSET) == ps.decode_session(basic)
+    if path[:2] == ("loops", 0):
+        record = json.dumps(json.loads(basic)["loops"][0])
+        assert ps.decode_loop(_holding(record, path[2:], key, raw)) == ps.decode_loop(record)
+
+
+@pytest.mark.spec
+def test_strict_decoding_still_refuses_a_repeated_key_in_an_own_value_it_keeps() -> None:
+    formation = '{"FirstLoop": {"timestamp": "2025-06-01T09:00:00Z", "timestamp": "2025-06-01T09:00:00Z"}}'
+    with pytest.raises(ps.DecodeError, match=r"duplicate field `timestamp` - at `\$\.formation\.FirstLoop`"):
+        ps.decode_event(_holding(_START_LINE, (), "formation", formation))
+    session_file, events = _parallel_session_events()
+    start = json.dumps(events[0])[:-1] + ', "type": "ParallelLoopStart"}'
+    with pytest.raises(ps.DecodeError, match=r"duplicate field `type` - at `\$\.session_events\[0\]`"):
+        ps.decode_session(_holding(json.dumps(session_file), (), "session_events", f"[{start}]"))

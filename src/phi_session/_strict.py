@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -235,25 +236,38 @@ def _check_generic(node: Any, path: str) -> None:
             _check_generic(value, f"{path}[{index}]")
 
 
-def check_event(node: Any, path: str = "$") -> None:
+Kept = Callable[[str, dict[str, Any]], Mapping[str, Any]]
+"""A record's items as decoding keeps them, given its kind (an event's type, "", "LoopRecord",
+"Session") and its object: None in place of what decoding drops, as phi-core ignores it (a
+key of phi-session's own holding a value of another type, an item of its list of events
+that is no event), which the checks then leave alone."""
+
+
+def kept_whole(kind: str, node: dict[str, Any]) -> Mapping[str, Any]:
+    """The `Kept` of a record decoding drops nothing of."""
+    return node
+
+
+def check_event(node: Any, kept: Kept, path: str = "$") -> None:
     """Reject repeated keys in the record objects of an event (agent messages may repeat)."""
     if not isinstance(node, dict):
         return
     _reject_repeated(node, path)
     kind = node.get("type")
-    # Not a string: not an event at all, and the typed decode names the error.
-    messages = _AGENT_MESSAGE_KEYS.get(kind, _NO_KEYS) if isinstance(kind, str) else _NO_KEYS
-    for key, value in node.items():
+    if not isinstance(kind, str):  # not an event at all, and the typed decode names the error
+        kind = ""
+    messages = _AGENT_MESSAGE_KEYS.get(kind, _NO_KEYS)
+    for key, value in kept(kind, node).items():
         if key in _FREE_FORM or key in messages:
             continue
         _check_generic(value, f"{path}.{key}")
 
 
-def check_loop(node: Any, path: str = "$") -> None:
+def check_loop(node: Any, kept: Kept, path: str = "$") -> None:
     if not isinstance(node, dict):
         return
     _reject_repeated(node, path)
-    for key, value in node.items():
+    for key, value in kept("LoopRecord", node).items():
         where = f"{path}.{key}"
         if key in ("messages", "metadata"):
             continue
@@ -265,7 +279,7 @@ def check_loop(node: Any, path: str = "$") -> None:
                 item_path = f"{where}[{index}]"
                 if isinstance(item, dict):
                     _reject_repeated(item, item_path)
-                    check_event(item.get("event"), f"{item_path}.event")
+                    check_event(item.get("event"), kept, f"{item_path}.event")
         elif key == "compaction_block" and isinstance(value, dict):
             _reject_repeated(value, where)
             for part, section in value.items():
@@ -284,13 +298,13 @@ def _check_fields(node: Any, path: str, skipped: tuple[str, ...]) -> None:
         _check_generic(node, path)
 
 
-def check_session(node: Any, path: str = "$") -> None:
+def check_session(node: Any, kept: Kept, path: str = "$") -> None:
     if not isinstance(node, dict):
         return
     _reject_repeated(node, path)
-    for key, value in node.items():
+    for key, value in kept("Session", node).items():
         if key == "loops" and isinstance(value, list):
             for index, record in enumerate(value):
-                check_loop(record, f"{path}.loops[{index}]")
+                check_loop(record, kept, f"{path}.loops[{index}]")
         else:
             _check_generic(value, f"{path}.{key}")

@@ -11,6 +11,7 @@ sorted, free-form values sorted, nanosecond timestamps, float32 temperatures.
 from __future__ import annotations
 
 import contextvars
+import copy
 import logging
 import re
 import threading
@@ -1168,6 +1169,7 @@ _EXTENSION_KEYS: dict[str, tuple[tuple[str, Any], ...]] = {
 # the others kept.
 _EVENT_LIST_KEY = ("Session", "session_events")
 _ignored_extension_keys: set[str] = set()  # each ("AgentEnd.error") logged the first time only
+_CONVERT_ERRORS = (msgspec.ValidationError, ValueError, OverflowError, RecursionError)
 
 
 def _drop_misfit_extensions(obj: dict[str, Any], kind: str, hidden: _Placeholders) -> None:
@@ -1180,9 +1182,8 @@ def _drop_misfit_extensions(obj: dict[str, Any], kind: str, hidden: _Placeholder
         if (kind, key) == _EVENT_LIST_KEY and isinstance(obj[key], list):
             obj[key] = _kept_session_events(obj[key], obj.get("session_id"), hidden)
             continue
-        try:
-            _convert(obj[key], tp)
-        except (msgspec.ValidationError, ValueError, OverflowError, RecursionError) as error:
+        error = _misfit_error(obj[key], tp)
+        if error is not None:
             del obj[key]
             name = f"{kind}.{key}"
             if name not in _ignored_extension_keys:
@@ -1191,14 +1192,23 @@ def _drop_misfit_extensions(obj: dict[str, Any], kind: str, hidden: _Placeholder
                 logger.warning("ignored %s as phi-core does: %s (logged once)", name, _lowered(found))
 
 
+def _misfit_error(value: Any, tp: Any) -> Exception | None:
+    """Why `value` is not of type `tp` (None if it is)."""
+    try:
+        _convert(value, tp)
+    except _CONVERT_ERRORS as error:
+        return error
+    return None
+
+
 def _kept_session_events(events: list[Any], session_id: Any, hidden: _Placeholders) -> list[Any]:
-    """The items of a session's `session_events` that are events (read as `decode_event`
-    reads one), each other dropped with a warning."""
+    """The items of a session's `session_events` that are events, read, each other dropped
+    with a warning."""
     kept = []
     for index, item in enumerate(events):
         try:
-            kept.append(_convert(_repair_event(item, "$", hidden), AgentEvent))
-        except (msgspec.ValidationError, ValueError, OverflowError, RecursionError) as error:
+            kept.append(_read_session_event(item, hidden))
+        except _CONVERT_ERRORS as error:
             logger.warning(
                 "session %r: dropped session_events[%d], no event: %s",
                 session_id,
@@ -1206,6 +1216,38 @@ def _kept_session_events(events: list[Any], session_id: Any, hidden: _Placeholde
                 _lowered(str(error)),
             )
     return kept
+
+
+def _read_session_event(item: Any, hidden: _Placeholders) -> AgentEvent:
+    """`item` of a session's `session_events` read as `decode_event` reads an event (its
+    tree repaired in place)."""
+    return _convert(_repair_event(item, "$", hidden), AgentEvent)  # type: ignore[no-any-return]
+
+
+def _kept_by_decoding(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj`, the tree of a `kind`, with None in place of what `_drop_misfit_extensions`
+    drops from it, unchanged (`_strict.Kept`: the strict checks need not look there)."""
+    own = _EXTENSION_KEYS.get(kind)
+    if own is None:
+        return obj
+    kept = dict(obj)
+    for key, tp in own:
+        if key not in obj:
+            continue
+        if (kind, key) == _EVENT_LIST_KEY and isinstance(obj[key], list):
+            kept[key] = [item if _is_session_event(item) else None for item in obj[key]]
+        elif _misfit_error(obj[key], tp) is not None:
+            kept[key] = None
+    return kept
+
+
+def _is_session_event(item: Any) -> bool:
+    """Whether decoding keeps `item` of a session's `session_events` (read on a copy)."""
+    try:
+        _read_session_event(copy.deepcopy(item), _Placeholders())
+    except _CONVERT_ERRORS:
+        return False
+    return True
 
 
 def _lowered(message: str) -> str:
@@ -1302,7 +1344,7 @@ def _decode(
     tp: Any,
     repair: Callable[[Any, str, _Placeholders], Any],
     restore: Callable[[Any, MessageFn], Any],
-    check: Callable[[Any], None] | None,
+    check: Callable[[Any, _strict.Kept], None] | None,
 ) -> Any:
     """Fast typed decode; phi-core's leniencies on a generic retry; `check` for strictness."""
     if not isinstance(data, (bytes, bytearray, memoryview, str)):
@@ -1324,9 +1366,10 @@ def _decode(
             scan = _strict.Scan(data)
         except (ValueError, RecursionError) as error:
             raise DecodeError(str(error)) from None
-        check(scan.tree)
         if scan.numbers_differ:  # read numbers as phi-core does, then convert again
             tree, lenient = scan.tree, True
+        # What the typed decoder took, decoding keeps whole; else it may drop what phi-core ignores.
+        check(scan.tree, _kept_by_decoding if lenient else _strict.kept_whole)
     if not lenient:
         return value
     hidden = _Placeholders()
