@@ -65,6 +65,7 @@ from phi_session.replay import (
     recording_as,
     replay_lineage,
 )
+from phi_session.replay.lineage import answered, calling
 from phi_session.replay.request import compare_messages, summarize
 from phi_session.replay.script import HANDOFF_KEY
 from phi_session.stores import JsonDirStore
@@ -1238,12 +1239,12 @@ def test_every_cursor_replaying_the_blocks_session_serves_its_runs_and_no_other(
     assert record.billed_usage() == script.turns[0].reply.usage
 
 
-def test_a_block_given_no_cursor_takes_the_first_to_answer_whichever_session_it_replays(
+def test_a_block_given_no_cursor_takes_the_first_to_answer_replaying_what_it_replays(
     world: World, tmp_path: Path
 ) -> None:
     # A lineage built by hand to record into another session than the one replayed: the
-    # first cursor to answer is the block's, as recording_as says; only a later one must
-    # replay the lineage's session.
+    # first cursor to answer replaying the session its metadata names is the block's, as
+    # recording_as says; only a later one must replay the lineage's session.
     session, _ = world.original()
     target, _ = World(tmp_path).original()
     script = ReplayScript.from_session(session)
@@ -1263,6 +1264,27 @@ def test_a_block_given_no_cursor_takes_the_first_to_answer_whichever_session_it_
     (record,) = [loop for s in recorder.drain_completed() for loop in s.loops]
     assert record.session_id == target.session_id
     assert [is_replayed(turn.output_message) for turn in record.turns] == [True, False]
+
+
+@pytest.mark.parametrize("sub_agent_first", [False, True])
+@pytest.mark.parametrize("fork_point", [None, 0])
+def test_a_block_given_no_cursor_never_takes_a_replayed_sub_agents_whichever_answers_first(
+    world: World, tmp_path: Path, sub_agent_first: bool, fork_point: int | None
+) -> None:
+    # The lineage's replayed session and a sub-agent's, each its own cursor: the sub-agent's
+    # call, inside the run, answered first made its cursor the block's, its replies counted.
+    parent, _ = world.original()
+    sub_agent, _ = World(tmp_path).original()
+    script = ReplayScript.from_session(parent)
+    lineage = replay_lineage(script) if fork_point is None else fork_lineage(script, fork_point)
+    ours, theirs = ReplayCursor(script), ReplayCursor(ReplayScript.from_session(sub_agent))
+    with recording_as(lineage):
+        block = active_lineage()
+        assert block is not None
+        for cursor, loop_id in [(theirs, "sub"), (ours, "run")][:: 1 if sub_agent_first else -1]:
+            calling(loop_id)
+            answered(cursor)
+        assert (block.cursor, block.served_in("run"), block.served_in("sub")) == (ours, 1, 0)
 
 
 def test_a_handoff_inside_recording_as_is_marked_as_part_of_the_replay(world: World) -> None:

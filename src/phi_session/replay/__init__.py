@@ -26,8 +26,9 @@ What is billed: only what was spent. Every reply served from a recording is mark
 reply it returned, ``reply.finish(message=...)``), by `fork` for the turns it repeats,
 and for a framework adapter by its loop, run in a ``recording_as`` block: the replay's
 cursors are the one given (``recording_as(lineage, cursor)``, which
-`phi_session.adapters.replay_recording` does), else the first to answer a model call
-inside the block, and every other replaying the lineage's session (a replay model per
+`phi_session.adapters.replay_recording` does), else the first replaying the session
+the lineage replays to answer a model call inside the block (not a replayed
+sub-agent's), and every other replaying the lineage's session (a replay model per
 agent of a handoff). The replay's turns keep the recorded usage
 (`LoopRecord.reported_usage`, what `phi_session.diff` compares: a replay shows no
 usage change), while `LoopRecord.billed_usage`, `LoopRecord.model_calls` and every

@@ -138,14 +138,24 @@ def fork_lineage(script: ReplayScript, turn: int, *, tag: str = "fork", change: 
 
 class ActiveLineage:
     """The lineage of a ``recording_as`` block, the replay cursors answering its model calls
-    (the one given, else the first to answer one inside the block, and every other
-    replaying the lineage's session: one per agent of a handoff, say), the replies they
-    served to each of the block's loops, and whether its first run has started."""
+    (the one given, else the first replaying the session the lineage replays to answer one
+    inside the block, and every other replaying the lineage's session: one per agent of a
+    handoff, say), the replies they served to each of the block's loops, and whether its
+    first run has started."""
 
-    __slots__ = ("_claimed", "_cursors", "_lock", "_served", "_warned_outside", "lineage")
+    __slots__ = (
+        "_claimed",
+        "_cursors",
+        "_lock",
+        "_replayed_session_id",
+        "_served",
+        "_warned_outside",
+        "lineage",
+    )
 
     def __init__(self, lineage: Lineage, cursor: ReplayCursor | None = None) -> None:
         self.lineage = lineage
+        self._replayed_session_id = _replayed_session_id(lineage)
         self._lock = threading.Lock()
         self._claimed = False
         # The block's cursors that served a reply in it (the given one from the start).
@@ -156,20 +166,22 @@ class ActiveLineage:
     @property
     def cursor(self) -> ReplayCursor | None:
         """The block's cursor (read-only): the one given to `recording_as`, else the first
-        to answer a model call inside the block, None until one has. Later cursors
-        replaying the lineage's session are counted too (`served`) but never replace it."""
+        replaying the session the lineage replays to answer a model call inside the block,
+        None until one has. Later cursors replaying the lineage's session are counted too
+        (`served`) but never replace it."""
         with self._lock:
             return self._cursors[0] if self._cursors else None
 
     def served(self, cursor: ReplayCursor, loop_id: str) -> None:
         """`cursor` served a recorded reply to a model call of loop `loop_id`: counted if it
-        is the block's given cursor (taken, if the block has none: the first to answer,
-        whichever session it replays) or a later one replaying the lineage's session.
-        Another session's (a replayed sub-agent's, whose calls run inside the loop's run)
-        serves its own."""
+        is the block's given cursor (taken, if the block has none: the first replaying the
+        session the lineage replays, which may not be the one it records into) or a later
+        one replaying the lineage's session. Another session's (a replayed sub-agent's,
+        whose calls run inside the loop's run, whichever answers first) serves its own."""
         with self._lock:
             if cursor not in self._cursors:
-                if self._cursors and cursor.script.session_id != self.lineage.session.session_id:
+                wanted = self.lineage.session.session_id if self._cursors else self._replayed_session_id
+                if cursor.script.session_id != wanted:
                     return
                 self._cursors.append(cursor)
             self._served[loop_id] = self._served.get(loop_id, 0) + 1
@@ -216,6 +228,16 @@ class ActiveLineage:
         return last_loop_id, DEFAULT
 
 
+def _replayed_session_id(lineage: Lineage) -> str:
+    """The id of the session whose run `lineage` replays or forks, as its metadata names it
+    (`replay_lineage`, `fork_lineage`), else of the session it records into."""
+    for key in ("replay", "fork"):
+        info = lineage.metadata.get(key)
+        if isinstance(info, dict) and isinstance(session_id := info.get("session_id"), str):
+            return session_id
+    return lineage.session.session_id
+
+
 logger = logging.getLogger("phi_session.replay")
 
 _active: ContextVar[ActiveLineage | None] = ContextVar("phi_session_replay_lineage", default=None)
@@ -234,11 +256,13 @@ def recording_as(lineage: Lineage, cursor: ReplayCursor | None = None) -> Iterat
     `cursor`: the `ReplayCursor` answering their model calls (a framework replay
     model's): the replies it serves are recorded tagged as served, so that no roll-up
     bills them (`phi_session.instrument.Tracer.loop`'s ``replay``). Without it, the
-    first cursor to answer a model call inside the block is taken (`answered`), whichever
-    session it replays. So are the replies of every later cursor replaying the lineage's
-    session: a replay model per agent of a handoff. A reply is the served one of the
-    run whose model call it answered (`calling`): a live run beside a replayed one in
-    the block bills its own replies."""
+    first cursor to answer a model call inside the block replaying the session the
+    lineage replays (its ``metadata["replay"]`` or ``["fork"]`` ``session_id``, which a
+    lineage built by hand may set apart from the session it records into) is taken
+    (`answered`): a replayed sub-agent's, answering first, is not. So are the replies of
+    every later cursor replaying the lineage's session: a replay model per agent of a
+    handoff. A reply is the served one of the run whose model call it answered
+    (`calling`): a live run beside a replayed one in the block bills its own replies."""
     if not isinstance(lineage, Lineage):
         raise TypeError(f"expected a Lineage, got {type(lineage).__name__}")
     active = ActiveLineage(lineage, cursor)
