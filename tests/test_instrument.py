@@ -1637,6 +1637,37 @@ def test_nan_and_infinities_are_recorded_as_text_and_counted() -> None:
     assert h.tracer.argument_failures == 4
 
 
+def test_integers_beyond_64_bits_and_lone_surrogates_are_recorded_as_text_and_counted() -> None:
+    # One of them (a uuid's .int, half of an emoji) made the whole value
+    # "[NOT RECORDED: ... raised OverflowError]" (UnicodeEncodeError), every other key
+    # lost; an integer given whole was recorded as it was, which reads back as a float.
+    h = Harness()
+    arguments = {
+        "path": "notes.txt",
+        "request_id": 2**100,
+        "edges": [2**64 - 1, -(2**63), 2**64, -(2**63) - 1],
+        "query": "emoji cut: \ud83d",
+        "\udcff": "key",
+        2**70: "a key is text anyway",
+    }
+    recorded = _recorded_free_form(h, arguments, 2**70 + 1, {"inode": 2**64, "name": "\ud83d"})
+    expected_arguments = {
+        "path": "notes.txt",
+        "request_id": str(2**100),
+        "edges": [2**64 - 1, -(2**63), str(2**64), str(-(2**63) - 1)],
+        "query": "emoji cut: \\xed\\xa0\\xbd",  # escaped as stores save message text
+        "\\xed\\xb3\\xbf": "key",
+        str(2**70): "a key is text anyway",
+    }
+    assert recorded == [
+        expected_arguments,
+        expected_arguments,
+        str(2**70 + 1),
+        {"inode": str(2**64), "name": "\\xed\\xa0\\xbd"},
+    ]
+    assert h.tracer.argument_failures == 4
+
+
 def test_a_tools_start_keeps_the_arguments_it_started_with() -> None:
     h = Harness()
     arguments: dict[str, Any] = {"q": "x"}

@@ -24,6 +24,14 @@ from .events import MESSAGE_FIELDS_BY_TAG
 
 _U64_MAX = 2**64 - 1
 _I64_MIN = -(2**63)
+
+
+def read_as_integer(value: int) -> bool:
+    """Whether phi-core reads `value`, an integer in a free-form value, as the integer it
+    is: it reads one beyond its 64-bit integers as a float."""
+    return _I64_MIN <= value <= _U64_MAX
+
+
 MAX_DEPTH = 128
 MAX_VALUE_DEPTH = MAX_DEPTH - 11
 """How deep a free-form value (tool arguments, a tool result's details, loop metadata)
@@ -73,7 +81,7 @@ class Scan:
             self.numbers_differ = True
             return -0.0
         value = int(token)
-        if value > _U64_MAX or value < _I64_MIN:
+        if not read_as_integer(value):
             self.numbers_differ = True
             number = float(token)
             if math.isinf(number):  # beyond any float, as serde_json says

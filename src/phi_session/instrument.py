@@ -54,6 +54,7 @@ tracer's `_Outlet` (processors, then sinks) only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import re
@@ -80,9 +81,16 @@ from ._checks import (
     plain_text,
 )
 from ._failures import FailureTally
-from ._strict import MAX_VALUE_DEPTH, clip_depth
+from ._strict import MAX_VALUE_DEPTH, clip_depth, read_as_integer
 from ._time import Timestamp
-from .codec import EVENT_CLASSES, HOOKED_ONLY_AS_KEYS, check_recordable, json_form, not_an_event
+from .codec import (
+    EVENT_CLASSES,
+    HOOKED_ONLY_AS_KEYS,
+    check_recordable,
+    escape_surrogates,
+    json_form,
+    not_an_event,
+)
 from .errors import InstrumentationError, InvalidArgument, RecordedModelError
 from .events import (
     DEFAULT,
@@ -343,20 +351,23 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
     are UTF-8 (`_plain_data`), so that the redactor reads what they hold.
 
     Never raises into the agent: a value JSON cannot hold (a `pathlib.Path`, an object
-    of the agent's, a dict key that is no text or number) is recorded as its ``str``; a
-    NaN or infinity as text (`_non_finite_text`: JSON has no such numbers, and msgspec
-    writes them as null); containers nested deeper than phi-core reads inside a session
-    (`MAX_VALUE_DEPTH`) as their JSON text; and a value that cannot be copied at all
-    (self-referential, nested too deeply) as a stand-in naming the failure; all are
-    counted in `failures`.
+    of the agent's, a dict key that is no text or number) is recorded as its ``str``, as
+    is an integer beyond the 64 bits phi-core reads (it would read it as a float); a NaN
+    or infinity as text (`_non_finite_text`: JSON has no such numbers, and msgspec writes
+    them as null); text holding lone surrogates escaped (`escape_surrogates`, as stores
+    save message text: UTF-8 has no such characters); containers nested deeper than
+    phi-core reads inside a session (`MAX_VALUE_DEPTH`) as their JSON text; and a value
+    that cannot be copied at all (self-referential, nested too deeply) as a stand-in
+    naming the failure; all are counted in `failures`.
     """
-    tp = type(value)
-    if tp in _SCALARS:
-        if tp is float and not math.isfinite(value):
-            failures.record(what, ValueError("a NaN or infinity, recorded as text"))
-            return _non_finite_text(value)
-        return value  # a JSON string or a scalar cannot change
-    altered: list[float] = []
+    if value is None:
+        return value  # the commonest: no details, no metadata
+    altered: list[Any] = []
+    if type(value) in _SCALARS:  # a JSON string or a scalar cannot change: no copy
+        value = _walked(value, altered)
+        if altered:
+            failures.record(what, _altered_error(altered))
+        return value
     try:  # these are JSON values: a JSON round trip is the fast deep copy
         if _needs_walk(value):
             value = _plain_data(value, _json_value, altered)
@@ -378,7 +389,7 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
             return _within_depth(written, encoded, failures, what)
     else:
         if altered:
-            failures.record(what, ValueError(f"{len(altered)} NaN or infinities, recorded as text"))
+            failures.record(what, _altered_error(altered))
         return _within_depth(copy, encoded, failures, what)
     failures.record(what, failure)
     return f"[NOT RECORDED: copying the {what} raised {type(failure).__name__}]"
@@ -415,10 +426,14 @@ def _json_value_or_text(value: Any) -> Any:
 
 
 def _needs_walk(value: Any) -> bool:
-    """False if `value` holds no bytes and no NaN or infinity; read at C speed from its
-    MessagePack, where only bytes are written with these markers, and such floats with
-    all exponent bits set (which other values may hold too: then True)."""
-    packed = _msgpack_encode(value)
+    """False if `value` holds no bytes, no NaN or infinity, no integer beyond 64 bits and
+    no lone surrogate; read at C speed from its MessagePack, which refuses such integers
+    and text, where only bytes are written with these markers, and such floats with all
+    exponent bits set (which other values may hold too: then True)."""
+    try:
+        packed = _msgpack_encode(value)
+    except (OverflowError, UnicodeEncodeError):
+        return True
     return (
         0xC4 in packed or 0xC5 in packed or 0xC6 in packed  # ints: a byte needle is slower
     ) or (0xCB in packed and _NON_FINITE_PACKED.search(packed) is not None)
@@ -427,25 +442,56 @@ def _needs_walk(value: Any) -> bool:
 _NON_FINITE_PACKED = re.compile(rb"\xcb[\x7f\xff][\xf0-\xff]")  # a float64's marker, sign, exponent
 
 
-def _plain_data(value: Any, hook: Callable[[Any], Any], altered: list[float]) -> Any:
-    """`value` as plain data (`msgspec.to_builtins`, `hook` its ``enc_hook``) with its
-    bytes that are UTF-8 as text (`_text_or_bytes`) and its NaN and infinities as text
-    (`_non_finite_text`, each added to `altered`)."""
+def _plain_data(value: Any, hook: Callable[[Any], Any], altered: list[Any]) -> Any:
+    """`value` as plain data (`msgspec.to_builtins`, `hook` its ``enc_hook``), as `_walked`
+    makes it."""
     return _walked(msgspec.to_builtins(value, builtin_types=_BYTES, enc_hook=hook), altered)
 
 
-def _walked(node: Any, altered: list[float]) -> Any:
+def _walked(node: Any, altered: list[Any]) -> Any:
+    """`node` (plain data) with its bytes that are UTF-8 as text (`_text_or_bytes`), and
+    what phi-core cannot read as it is, each added to `altered`: its NaN and infinities as
+    text (`_non_finite_text`), its integers beyond 64 bits as their decimal text, and its
+    text holding lone surrogates escaped (`escape_surrogates`)."""
     tp = type(node)
     if tp is dict:
-        return {_walked(key, altered): _walked(item, altered) for key, item in node.items()}
+        return {_walked_key(key, altered): _walked(item, altered) for key, item in node.items()}
     if tp is list:
         return [_walked(item, altered) for item in node]
+    if tp is str:
+        escaped = escape_surrogates(node)
+        if escaped is not node:
+            altered.append(node)
+        return escaped
+    if tp is int:
+        if read_as_integer(node):
+            return node
+        altered.append(node)
+        return str(node)
     if tp in _BYTES:
         return _text_or_bytes(node)
-    if isinstance(node, float) and not math.isfinite(node):
+    if tp is float and not math.isfinite(node):
         altered.append(node)
         return _non_finite_text(node)
     return node
+
+
+def _walked_key(key: Any, altered: list[Any]) -> Any:
+    # JSON writes an integer key as its decimal text, whatever its size: nothing is lost.
+    return key if type(key) is int else _walked(key, altered)
+
+
+def _altered_error(altered: list[Any]) -> ValueError:
+    """What `_walked` did to the values in `altered`."""
+    counts = collections.Counter(map(type, altered))
+    return ValueError(", ".join(f"{count} {_ALTERED[tp]}" for tp, count in counts.items()))
+
+
+_ALTERED = {
+    float: "NaN or infinities recorded as text",
+    int: "integers beyond 64 bits recorded as text",
+    str: "texts with lone surrogates recorded escaped",
+}
 
 
 def _non_finite_text(number: float) -> str:
@@ -1314,8 +1360,9 @@ class Tracer:
     def argument_failures(self) -> int:
         """Tool arguments (and loop metadata, tool result details, extension message data,
         a request's tool parameters and response schema) not recorded as given:
-        holding a value or dict key JSON cannot hold (recorded as its ``str``), a NaN or
-        infinity (recorded as ``"NaN"``, ``"Infinity"``, ``"-Infinity"``), nested deeper than
+        holding a value or dict key JSON cannot hold or an integer beyond 64 bits (recorded
+        as its ``str``), a NaN or infinity (recorded as ``"NaN"``, ``"Infinity"``,
+        ``"-Infinity"``), text with lone surrogates (recorded escaped), nested deeper than
         phi-core reads in a session (the deepest containers recorded as their JSON text),
         or self-referential or nested too deeply to copy (recorded as a stand-in); counted
         each time they are recorded (a call's message, then its tool's start)."""
