@@ -273,6 +273,34 @@ def test_several_assistant_messages_in_a_turn_sum_their_usage() -> None:
     assert turn_record.output_message.content == (ps.TextContent(text="retry"),)  # type: ignore[union-attr]
 
 
+def test_usage_sums_beyond_64_bits_saturate_at_the_largest_count(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each reply's usage was taken, their sum refused by every sink ("beyond the 64-bit
+    # integers phi-core reads"): the TurnEnd, then the AgentEnd lost, the loop recorded
+    # Aborted with zero usage.
+    monkeypatch.setattr(ps.instrument, "_saturation_logged", threading.Event())  # as if first
+    largest = 2**64 - 1
+    huge = ps.Usage(input=largest, output=1, cache_read=largest, total_tokens=largest)
+    h = Harness()
+    with h.tracer.loop() as loop:
+        for replies in (1, 2):
+            with loop.turn() as turn:
+                for _ in range(replies):
+                    with turn.assistant() as reply:
+                        reply.finish("x", usage=huge)
+    saturated = ps.Usage(input=largest, output=3, cache_read=largest, total_tokens=largest)
+    assert loop.usage == saturated
+    assert h.tracer.sink_errors == {}
+    [record] = h.session().loops
+    assert (record.status, record.usage) == ("Completed", saturated)
+    assert [turn.usage for turn in record.turns] == [
+        huge,
+        ps.Usage(**{**msgspec.structs.asdict(huge), "output": 2}),
+    ]
+    assert len([r for r in caplog.records if "saturated" in r.getMessage()]) == 1  # the first only
+
+
 def test_a_usage_of_int_subclass_counters_is_recorded_as_the_integers_they_hold() -> None:
     # The Tracer took it (check_usage), the recorder then refused its events, and the
     # JSONL sink could not write it.

@@ -34,6 +34,7 @@ __all__ = [
     "check_usage",
     "counts_in_range",
     "plain_text",
+    "saturated",
 ]
 
 _U64_MAX = 2**64 - 1
@@ -189,3 +190,13 @@ def counts_in_range(usage: Usage) -> bool:
         return True
     counts = astuple(usage)
     return tuple(map(type, counts)) == _COUNTER_TYPES and min(counts) >= 0 and max(counts) <= _U64_MAX
+
+
+def saturated(usage: Usage) -> Usage:
+    """`usage` (a sum of counters phi-core holds) with each counter beyond its unsigned
+    64-bit ones at the largest they hold; `usage` itself when none is beyond."""
+    counts = astuple(usage)
+    if max(counts) <= _U64_MAX:
+        return usage
+    fields = Usage.__struct_fields__
+    return Usage(**{field: min(count, _U64_MAX) for field, count in zip(fields, counts, strict=True)})

@@ -79,6 +79,7 @@ from ._checks import (
     check_unsigned,
     check_usage,
     plain_text,
+    saturated,
 )
 from ._failures import FailureTally
 from ._strict import MAX_VALUE_DEPTH, clip_depth, read_as_integer
@@ -1024,7 +1025,24 @@ class _LoopState:
     def record(self, messages: Iterable[AgentMessage], usage: Usage) -> None:
         """Add an ended turn's messages and usage to what ``AgentEnd`` will carry."""
         self.messages.extend(messages)
-        self.usage = usage if self.usage is ZERO_USAGE else self.usage + usage
+        self.usage = _summed(self.usage, usage)
+
+
+def _summed(total: Usage, usage: Usage) -> Usage:
+    """`total` + `usage`, a turn's or a loop's usage so far: each counter saturated at the
+    largest phi-core holds, as no sink takes one beyond it (it would lose the ``TurnEnd``
+    or ``AgentEnd`` carrying it). The first saturation is logged."""
+    if total is ZERO_USAGE:
+        return usage
+    summed = total + usage  # `Usage.__add__` stays exact: stores sum totals past 64 bits with it
+    capped = saturated(summed)
+    if capped is not summed and not _saturation_logged.is_set():
+        _saturation_logged.set()
+        logger.warning("a turn's or loop's usage is beyond 64-bit counters: recorded saturated at 2**64 - 1")
+    return capped
+
+
+_saturation_logged = threading.Event()  # once per process: the limit is the same for all
 
 
 class _TurnState:
@@ -1083,8 +1101,7 @@ class _TurnState:
         agent gave it."""
         self.message = message
         self.given = given
-        usage = self.usage
-        self.usage = message.usage if usage is ZERO_USAGE else usage + message.usage
+        self.usage = _summed(self.usage, message.usage)
 
     def tool_started(self, tool: ToolScope, cut_short: Callable[[], ToolFinisher]) -> None:
         """Register a starting tool (holding the loop's lock); refused once the turn ended.
