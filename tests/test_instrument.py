@@ -9,9 +9,11 @@ import collections
 import gc
 import io
 import itertools
+import logging
 import operator
 import threading
 import types
+import uuid
 import weakref
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -1694,6 +1696,27 @@ def test_integers_beyond_64_bits_and_lone_surrogates_are_recorded_as_text_and_co
         {"inode": str(2**64), "name": "\\xed\\xa0\\xbd"},
     ]
     assert h.tracer.argument_failures == 4
+
+
+def test_a_dict_key_written_as_another_keys_text_is_counted(caplog: pytest.LogCaptureFixture) -> None:
+    # JSON keys are text: {1: "row one", "1": "column one"} was recorded as
+    # {"1": "column one"}, one value gone with nothing counted nor logged.
+    caplog.set_level(logging.DEBUG, "phi_session.instrument")
+    h = Harness()
+    day = uuid.UUID(int=7)
+    arguments = {
+        1: "row one",
+        "1": "column one",
+        "cells": {2.5: "x", "2.5": "y", 3: "z"},
+        "raw": {b"q": "bytes", "q": "text"},  # bytes as their text
+    }
+    recorded = _recorded_free_form(h, arguments, {1: "one", 2: "two"}, {day: "a", str(day): "b"})
+    expected_arguments = {"1": "column one", "cells": {"2.5": "y", "3": "z"}, "raw": {"q": "text"}}
+    assert recorded == [expected_arguments, expected_arguments, {"1": "one", "2": "two"}, {str(day): "b"}]
+    assert h.tracer.argument_failures == 3  # the arguments twice, the details
+    [arguments_first, details_first] = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert str(arguments_first) == "keys written as another key's text, the later value kept: 'q', '2.5', '1'"
+    assert str(details_first) == f"keys written as another key's text, the later value kept: '{day}'"
 
 
 def test_a_tools_start_keeps_the_arguments_it_started_with() -> None:

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import math
 import re
@@ -359,7 +360,8 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
     save message text: UTF-8 has no such characters); containers nested deeper than
     phi-core reads inside a session (`MAX_VALUE_DEPTH`) as their JSON text; and a value
     that cannot be copied at all (self-referential, nested too deeply) as a stand-in
-    naming the failure; all are counted in `failures`.
+    naming the failure; all are counted in `failures`, and so is a dict key that is no
+    text written as another key's text (JSON keys are text: the later value is kept).
     """
     if value is None:
         return value  # the commonest: no details, no metadata
@@ -367,19 +369,22 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
     if type(value) in _SCALARS:  # a JSON string or a scalar cannot change: no copy
         value = _walked(value, altered)
         if altered:
-            failures.record(what, _altered_error(altered))
+            failures.record(what, _changes(altered))
         return value
     try:  # these are JSON values: a JSON round trip is the fast deep copy
-        if _needs_walk(value):
+        walk, keyed = _needs(value)
+        if walk:
             value = _plain_data(value, _json_value, altered)
         encoded = _json_encode(value)
         copy = _json_decode(encoded)
+        if keyed:  # inside the `try`: a value too deep to read back whole is too deep to copy
+            altered += _keys_written_twice(copy, encoded)
     except RecursionError as error:
         failure: Exception = error
     except Exception as error:  # a value JSON cannot hold, or the agent's code (a mapping's) raised
         failure = error
         try:
-            if _needs_walk(value):
+            if _needs(value)[0]:
                 value = _plain_data(value, _json_value_or_text, altered)
             encoded = _json_encode_as_text(value)
             written = _json_decode(encoded)
@@ -390,7 +395,7 @@ def _own_copy(value: Any, failures: FailureTally, what: str) -> Any:
             return _within_depth(written, encoded, failures, what)
     else:
         if altered:
-            failures.record(what, _altered_error(altered))
+            failures.record(what, _changes(altered))
         return _within_depth(copy, encoded, failures, what)
     failures.record(what, failure)
     return f"[NOT RECORDED: copying the {what} raised {type(failure).__name__}]"
@@ -426,15 +431,24 @@ def _json_value_or_text(value: Any) -> Any:
         return str(value)
 
 
-def _needs_walk(value: Any) -> bool:
-    """False if `value` holds no bytes, no NaN or infinity, no integer beyond 64 bits and
-    no lone surrogate; read at C speed from its MessagePack, which refuses such integers
-    and text, where only bytes are written with these markers, and such floats with all
-    exponent bits set (which other values may hold too: then True)."""
+def _needs(value: Any) -> tuple[bool, bool]:
+    """What copying `value` takes besides the JSON round trip: the walk (`_walked`) if it
+    holds bytes, a NaN or infinity, an integer beyond 64 bits or a lone surrogate; a look
+    for keys written twice (`_keys_written_twice`) if it holds a dict key that is no text.
+
+    Read at C speed from its MessagePack, which refuses such integers and text (and such
+    keys, when it sorts keys), where only bytes are written with these markers, and such
+    floats with all exponent bits set (which other values may hold too: then a walk)."""
     try:
-        packed = _msgpack_encode(value)
-    except (OverflowError, UnicodeEncodeError):
-        return True
+        try:
+            return _walk_marked(_msgpack_encode_text_keys(value)), False
+        except TypeError:  # a key that is no text, which the encoder cannot sort
+            return _walk_marked(_msgpack_encode(value)), True
+    except (OverflowError, UnicodeEncodeError):  # met before any key that is no text, maybe
+        return True, True
+
+
+def _walk_marked(packed: bytes) -> bool:
     return (
         0xC4 in packed or 0xC5 in packed or 0xC6 in packed  # ints: a byte needle is slower
     ) or (0xCB in packed and _NON_FINITE_PACKED.search(packed) is not None)
@@ -453,10 +467,15 @@ def _walked(node: Any, altered: list[Any]) -> Any:
     """`node` (plain data) with its bytes that are UTF-8 as text (`_text_or_bytes`), and
     what phi-core cannot read as it is, each added to `altered`: its NaN and infinities as
     text (`_non_finite_text`), its integers beyond 64 bits as their decimal text, and its
-    text holding lone surrogates escaped (`escape_surrogates`)."""
+    text holding lone surrogates escaped (`escape_surrogates`); and each key text that
+    two keys of a dict become (`_KeyTwice`), the later value kept."""
     tp = type(node)
     if tp is dict:
-        return {_walked_key(key, altered): _walked(item, altered) for key, item in node.items()}
+        keys = [_walked_key(key, altered) for key in node]
+        walked = dict(zip(keys, [_walked(item, altered) for item in node.values()], strict=True))
+        if len(walked) < len(keys):
+            altered += _repeated(keys)
+        return walked
     if tp is list:
         return [_walked(item, altered) for item in node]
     if tp is str:
@@ -482,10 +501,41 @@ def _walked_key(key: Any, altered: list[Any]) -> Any:
     return key if type(key) is int else _walked(key, altered)
 
 
-def _altered_error(altered: list[Any]) -> ValueError:
-    """What `_walked` did to the values in `altered`."""
+class _KeyTwice(str):
+    """A key's text that another key of its dict has too (JSON keys are text: a key that
+    is none is written as text), which keeps the later value only."""
+
+
+def _repeated(keys: Iterable[Any]) -> list[_KeyTwice]:
+    return [_KeyTwice(key) for key, count in collections.Counter(keys).items() if count > 1]
+
+
+def _keys_written_twice(copy: Any, encoded: bytes) -> list[_KeyTwice]:
+    """The keys that `encoded` (JSON as msgspec writes it) holds twice in an object, of
+    which `copy`, read from it, holds the later value; none when `copy` writes as long
+    (the cheap test: it holds all that `encoded` does)."""
+    if len(_json_encode(copy)) == len(encoded):
+        return []
+    twice: list[_KeyTwice] = []
+
+    def note_repeated(pairs: list[tuple[str, Any]]) -> None:
+        twice.extend(_repeated(key for key, _ in pairs))
+
+    json.loads(encoded, object_pairs_hook=note_repeated)
+    return twice
+
+
+def _changes(altered: list[Any]) -> ValueError:
+    """How a copy is not the value given, as `failures` count it: `altered`, what `_walked`
+    changed and the keys written twice."""
     counts = collections.Counter(map(type, altered))
-    return ValueError(", ".join(f"{count} {_ALTERED[tp]}" for tp, count in counts.items()))
+    changes = [f"{count} {_ALTERED[tp]}" for tp, count in counts.items() if tp is not _KeyTwice]
+    twice = [key for key in altered if type(key) is _KeyTwice]
+    if twice:
+        changes.append(
+            f"keys written as another key's text, the later value kept: {', '.join(map(repr, twice))}"
+        )
+    return ValueError(", ".join(changes))
 
 
 _ALTERED = {
@@ -531,6 +581,9 @@ _BYTES = (bytes, bytearray, memoryview)
 _json_encode = msgspec.json.Encoder(enc_hook=_json_value).encode
 _json_encode_as_text = msgspec.json.Encoder(enc_hook=_json_value_or_text).encode
 _msgpack_encode = msgspec.msgpack.Encoder(enc_hook=_json_value_or_text).encode
+_msgpack_encode_text_keys = msgspec.msgpack.Encoder(
+    enc_hook=_json_value_or_text, order="deterministic"
+).encode
 _json_decode = msgspec.json.Decoder().decode
 _text_delta = delta_builder("Text")
 _thinking_delta = delta_builder("Thinking")
@@ -707,7 +760,7 @@ class _Outlet:
     def __init__(self, processors: ProcessorChain, fanout: FanOut) -> None:
         self.wants_deltas = fanout.wants_deltas
         self.copy_failures = FailureTally(
-            logger, "copying", "they are recorded as text or a stand-in", traceback=False
+            logger, "copying", "they are recorded altered or as a stand-in (how: at DEBUG)", traceback=False
         )
         """Tool arguments, loop metadata, tool result details, extension message data and a
         request's tool parameters and response schema not copied as given (`_own_copy`);
@@ -1379,9 +1432,10 @@ class Tracer:
         a request's tool parameters and response schema) not recorded as given:
         holding a value or dict key JSON cannot hold or an integer beyond 64 bits (recorded
         as its ``str``), a NaN or infinity (recorded as ``"NaN"``, ``"Infinity"``,
-        ``"-Infinity"``), text with lone surrogates (recorded escaped), nested deeper than
-        phi-core reads in a session (the deepest containers recorded as their JSON text),
-        or self-referential or nested too deeply to copy (recorded as a stand-in); counted
+        ``"-Infinity"``), text with lone surrogates (recorded escaped), a dict key written
+        as another key's text (the later value kept), nested deeper than phi-core reads
+        in a session (the deepest containers recorded as their JSON text), or
+        self-referential or nested too deeply to copy (recorded as a stand-in); counted
         each time they are recorded (a call's message, then its tool's start)."""
         return self._outlet.copy_failures.total
 
