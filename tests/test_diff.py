@@ -12,11 +12,14 @@ from phi_session.diff import (
     FieldChange,
     FirstDifference,
     LoopDiff,
+    PlacedLoop,
     SessionDiff,
     diff_loops,
+    diff_placed_loops,
     diff_sessions,
     find_loop,
     load_ref,
+    loop_position,
     parse_ref,
 )
 from phi_session.errors import InvalidArgument, LoopNotFound, SessionNotFound
@@ -278,6 +281,21 @@ def test_loops_are_named_by_id_or_position() -> None:
         parse_ref("s1", "")
     with pytest.raises(TypeError):
         parse_ref(3)  # type: ignore[arg-type]
+
+
+def test_two_loops_read_apart_from_their_session_diff_as_in_it() -> None:
+    # What the viewer compares: the two loops alone (`load_loops`), named on the outline's ids.
+    session, (a, b) = record_runs([Run(BASE), Run(changed(1, text="Now a park."), fork_of=0)])
+    ids = [loop.loop_id for loop in session.loops]
+    assert [loop_position(session.session_id, ids, name) for name in (a, b, "#1", "#2")] == [0, 1, 0, 1]
+    with pytest.raises(LoopNotFound, match=f"no loop '#3' in session '{session.session_id}'"):
+        loop_position(session.session_id, ids, "#3")
+    placed_a, placed_b = (
+        PlacedLoop(session.session_id, index, loop) for index, loop in enumerate(session.loops)
+    )
+    assert diff_placed_loops(placed_a, placed_b) == diff_loops(session, a, session, b)
+    with pytest.raises(TypeError, match=r"^b must be PlacedLoop, not tuple$"):
+        diff_placed_loops(placed_a, tuple(placed_b))  # type: ignore[arg-type]
 
 
 def test_a_reference_that_is_a_stored_session_id_names_that_session() -> None:

@@ -31,6 +31,8 @@ Thinking signatures are opaque and not compared.
 
 `diff_sessions` pairs the loops of two sessions in tree order (`views.loop_order`:
 each loop before the loops that continue it) and diffs each pair.
+`diff_placed_loops` compares two loops read apart from their sessions (`PlacedLoop`,
+found with `loop_position`), as the viewer does.
 
 Every result is a frozen msgspec Struct; ``msgspec.json.encode`` gives the JSON of
 ``phi-session diff --json`` and of the viewer's ``/api/diff``, and
@@ -44,7 +46,7 @@ import difflib
 import hashlib
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -74,14 +76,17 @@ __all__ = [
     "FirstDifference",
     "LoopDiff",
     "LoopSide",
+    "PlacedLoop",
     "SessionDiff",
     "TurnDiff",
     "TurnStatus",
     "UsageDelta",
     "diff_loops",
+    "diff_placed_loops",
     "diff_sessions",
     "find_loop",
     "load_ref",
+    "loop_position",
     "parse_ref",
 ]
 
@@ -190,6 +195,15 @@ class FirstDifference(_Result, frozen=True):
     field: str
     path: str
     summary: str
+
+
+class PlacedLoop(NamedTuple):
+    """A loop and where it is: its session's id and its index in ``session.loops``, all
+    a diff needs of its session (`diff_placed_loops`)."""
+
+    session_id: str
+    position: int
+    record: LoopRecord
 
 
 class LoopSide(_Result, frozen=True):
@@ -319,17 +333,24 @@ def find_loop(session: Session, loop: str) -> LoopRecord:
     return session.loops[index]
 
 
+def loop_position(session_id: str, loop_ids: Sequence[str], loop: str) -> int:
+    """The index in `loop_ids` (the ids of session `session_id`'s loops in order, as
+    ``session.loops`` or its outline lists them) of the loop `loop` names, as `find_loop`
+    reads it. Raises `LoopNotFound`."""
+    for index, loop_id in enumerate(loop_ids):
+        if loop_id == loop:  # the first with the id, as `Session.get_loop` reads it
+            return index
+    match = _POSITION.fullmatch(loop)
+    if match is not None and int(match.group(1)) <= len(loop_ids):
+        return int(match.group(1)) - 1
+    raise LoopNotFound(f"no loop {loop!r} in session {session_id!r}")
+
+
 def _loop_index(session: Session, loop: str) -> int:
     """The index in ``session.loops`` of the loop `find_loop` finds."""
     check_type("session", session, Session)
     check_type("loop", loop, str)
-    for index, record in enumerate(session.loops):
-        if record.loop_id == loop:  # the first with the id, as `Session.get_loop` reads it
-            return index
-    match = _POSITION.fullmatch(loop)
-    if match is not None and int(match.group(1)) <= len(session.loops):
-        return int(match.group(1)) - 1
-    raise LoopNotFound(f"no loop {loop!r} in session {session.session_id!r}")
+    return loop_position(session.session_id, [record.loop_id for record in session.loops], loop)
 
 
 # -- the diffs -------------------------------------------------------------------------------------
@@ -341,7 +362,16 @@ def diff_loops(session_a: Session, loop_a: str, session_b: Session, loop_b: str)
     The loops are named as `find_loop` reads them; both may be in one session (a
     fork and its parent). Raises `LoopNotFound`.
     """
-    return _diff_pair(session_a, _loop_index(session_a, loop_a), session_b, _loop_index(session_b, loop_b))
+    placed_a = _placed(session_a, _loop_index(session_a, loop_a))
+    return _diff_pair(placed_a, _placed(session_b, _loop_index(session_b, loop_b)))
+
+
+def diff_placed_loops(a: PlacedLoop, b: PlacedLoop) -> LoopDiff:
+    """Loop `a` against loop `b`, turn by turn, as `diff_loops` compares them, from the
+    loops alone (read with `SessionStore.load_loops`, say, rather than their sessions)."""
+    check_type("a", a, PlacedLoop)
+    check_type("b", b, PlacedLoop)
+    return _diff_pair(a, b)
 
 
 def diff_sessions(a: Session, b: Session) -> SessionDiff:
@@ -350,10 +380,13 @@ def diff_sessions(a: Session, b: Session) -> SessionDiff:
     check_type("b", b, Session)
     order_a = [index for index, _ in loop_order(a)]
     order_b = [index for index, _ in loop_order(b)]
-    pairs = [_diff_pair(a, index_a, b, index_b) for index_a, index_b in zip(order_a, order_b, strict=False)]
+    pairs = [
+        _diff_pair(_placed(a, index_a), _placed(b, index_b))
+        for index_a, index_b in zip(order_a, order_b, strict=False)
+    ]
     shared = len(pairs)
-    only_a = tuple(_side(a, index) for index in order_a[shared:])
-    only_b = tuple(_side(b, index) for index in order_b[shared:])
+    only_a = tuple(_side(_placed(a, index)) for index in order_a[shared:])
+    only_b = tuple(_side(_placed(b, index)) for index in order_b[shared:])
     first = next((pair.first_divergence for pair in pairs if pair.first_divergence is not None), None)
     if first is None and (only_a or only_b):
         side, label = (only_a[0], "A") if only_a else (only_b[0], "B")
@@ -376,14 +409,18 @@ def diff_sessions(a: Session, b: Session) -> SessionDiff:
     )
 
 
-def _side(session: Session, position: int) -> LoopSide:
-    record = session.loops[position]
+def _placed(session: Session, position: int) -> PlacedLoop:
+    return PlacedLoop(session.session_id, position, session.loops[position])
+
+
+def _side(placed: PlacedLoop) -> LoopSide:
+    record = placed.record
     kind = record.kind
     config = record.config
     return LoopSide(
-        session_id=session.session_id,
+        session_id=placed.session_id,
         loop_id=record.loop_id,
-        position=position,
+        position=placed.position,
         continuation=kind.kind if kind.tag is None else f"{kind.kind}:{kind.tag}",
         parent_loop_id=record.parent_loop_id,
         status=record.status,
@@ -394,9 +431,9 @@ def _side(session: Session, position: int) -> LoopSide:
     )
 
 
-def _diff_pair(session_a: Session, index_a: int, session_b: Session, index_b: int) -> LoopDiff:
-    a, b = session_a.loops[index_a], session_b.loops[index_b]
-    side_a, side_b = _side(session_a, index_a), _side(session_b, index_b)
+def _diff_pair(placed_a: PlacedLoop, placed_b: PlacedLoop) -> LoopDiff:
+    a, b = placed_a.record, placed_b.record
+    side_a, side_b = _side(placed_a), _side(placed_b)
     turns = [
         _diff_turn(index, a.get_turn(index), b.get_turn(index))
         for index in range(max(len(a.turns), len(b.turns)))

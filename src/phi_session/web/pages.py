@@ -7,8 +7,9 @@ pages: the overview (header and totals), the loops in tree order, one loop's tur
 (`load_loops`), the event log (filtered by type and/or loop: only the loops a page
 covers are read), the timeline and the cost of a page of loops (only those loops are
 read, and for the timeline's axis those that never ended if their outlines lack their
-last event's time). The browser asks only for what it shows; only the diff loads a
-whole session. Everything here returns JSON bytes.
+last event's time) and the two loops a loop diff compares. The browser asks only for
+what it shows; only a diff of two sessions loads them whole. Everything here returns
+JSON bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import msgspec
 from .._time import Timestamp
 from ..codec import encode_event, encode_loop, encode_session
 from ..cost import Cost, Pricer
+from ..diff import PlacedLoop, loop_position
 from ..model import LoopRecord, Session
 from ..stores.base import SessionStore, summarize_outline, to_builtins
 from ..stores.outline import SessionOutline
@@ -51,8 +53,8 @@ class StaleOutline(Exception):
 
 
 class CachedSession:
-    """One session's outline, the indexes its pages need and, for the diff, the whole
-    session: each built on first use."""
+    """One session's outline, the indexes its pages need and, for a session diff, the
+    whole session: each built on first use."""
 
     def __init__(self, outline: SessionOutline, store: SessionStore) -> None:
         self.outline = outline
@@ -80,8 +82,15 @@ class CachedSession:
 
     @cached_property
     def session(self) -> Session:
-        """The whole session (what the diff compares), loaded on first use."""
+        """The whole session (what a session diff compares), loaded on first use."""
         return self.store.load(self.session_id)
+
+    def placed_loop(self, loop: str) -> PlacedLoop:
+        """The loop `loop` names (an id, or ``#N``: `loop_position`) and where it is, for a
+        loop diff: only that loop is read. Raises `LoopNotFound`."""
+        position = loop_position(self.session_id, [outline.loop_id for outline in self.outline.loops], loop)
+        [record] = self._loops(position, position + 1)
+        return PlacedLoop(self.session_id, position, record)
 
     @cached_property
     def tree_order(self) -> list[tuple[int, int]]:

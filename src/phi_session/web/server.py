@@ -62,8 +62,8 @@ sub-agent sessions the timeline's page draws; the last recorded event of a loop 
 never ended, aborted or running, ends the time axis: the timeline reads such loops
 whose outline was stored without it, `views.outline_span`, once per cached session);
 ``/api/sessions/{id}`` and
-``/api/sessions/{id}/events`` (the whole stored session, for export) and the diff
-load whole sessions.
+``/api/sessions/{id}/events`` (the whole stored session, for export) and a diff of
+two sessions load whole sessions; a diff of two loops reads those two loops alone.
 
 Errors are JSON ``{"error": message}``: 400 for a bad query or session id, 404 for
 an unknown path, session or loop, 500 when the store fails. The server never writes.
@@ -87,20 +87,20 @@ import logging
 import re
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 
 from ..codec import encode_event, encode_session
 from ..cost import Pricer, cost_totals
-from ..diff import LoopDiff, SessionDiff, diff_loops, diff_sessions, load_ref
+from ..diff import LoopDiff, SessionDiff, diff_placed_loops, diff_sessions, load_ref
 from ..errors import (
     InvalidArgument,
     InvalidQuery,
@@ -140,6 +140,7 @@ _PAGED = ("overview", "loops", "event-log", "timeline", "cost")
 _MAX_PAGE = 5000  # rows per page of a session's loops or events (from the outline, or a few loops)
 _MAX_LOOP_PAGE = 500  # loops per page of the timeline and the cost: each loop is read whole
 _LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
+_Read = TypeVar("_Read")
 
 
 def is_loopback(host: str) -> bool:
@@ -439,15 +440,21 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self, session_id: str, rest: list[str], query: dict[str, str]
     ) -> tuple[HTTPStatus, bytes, str]:
         session_id = validate_session_id(session_id)
+        return self._from_cache(session_id, lambda entry: self._paged_view(entry, rest, query))
+
+    def _from_cache(self, session_id: str, read: Callable[[CachedSession], _Read]) -> _Read:
+        """`read` of the session's cached entry; if the stored session is no longer the one
+        the entry describes, once more from the session as it is now."""
+        sessions = self.server.sessions
         with _named(session_id):
             try:
-                return self._paged_view(self.server.sessions.get(session_id), rest, query)
+                return read(sessions.get(session_id))
             except StaleOutline:
-                self.server.sessions.forget(session_id)
-            try:  # once more, from the stored session as it is now
-                return self._paged_view(self.server.sessions.get(session_id), rest, query)
+                sessions.forget(session_id)
+            try:
+                return read(sessions.get(session_id))
             except StaleOutline:
-                self.server.sessions.forget(session_id)
+                sessions.forget(session_id)
                 raise HttpError(
                     HTTPStatus.CONFLICT, "the session changed while it was read: ask again"
                 ) from None
@@ -528,7 +535,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     def _diff_api(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         self._only(query, {"a", "b", "loop_a", "loop_b"})
-        sides = []
+        refs = []
         for name in ("a", "b"):
             if not query.get(name):
                 raise HttpError(
@@ -538,13 +545,19 @@ class ViewerHandler(BaseHTTPRequestHandler):
                 entry, loop = load_ref(query[name], query.get(f"loop_{name}"), self._cached)
             except InvalidArgument as error:
                 raise HttpError(HTTPStatus.BAD_REQUEST, f"loop_{name}: {error}") from None
-            with _named(entry.session_id):  # (deleted since its outline was read)
-                sides.append((entry.session, loop))
-        (session_a, loop_a), (session_b, loop_b) = sides
-        if loop_a is not None and loop_b is not None:
-            result: LoopDiff | SessionDiff = diff_loops(session_a, loop_a, session_b, loop_b)
+            refs.append((entry.session_id, loop))
+        (session_a, loop_a), (session_b, loop_b) = refs
+        result: LoopDiff | SessionDiff
+        if loop_a is not None and loop_b is not None:  # the two loops alone are read
+            result = diff_placed_loops(
+                self._from_cache(session_a, lambda entry: entry.placed_loop(loop_a)),
+                self._from_cache(session_b, lambda entry: entry.placed_loop(loop_b)),
+            )
         elif loop_a is None and loop_b is None:
-            result = diff_sessions(session_a, session_b)
+            result = diff_sessions(
+                self._from_cache(session_a, lambda entry: entry.session),
+                self._from_cache(session_b, lambda entry: entry.session),
+            )
         else:
             raise HttpError(HTTPStatus.BAD_REQUEST, "name a loop on both sides (SESSION:LOOP) or on neither")
         return HTTPStatus.OK, _json_bytes(result), _JSON
