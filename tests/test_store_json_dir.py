@@ -6,6 +6,8 @@ import errno
 import fcntl
 import logging
 import os
+import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -124,6 +126,44 @@ def test_nested_directory_is_created(tmp_path: Path) -> None:
     store = JsonDirStore(tmp_path / "a" / "b" / "c")
     store.save(make_session("s"))
     assert (tmp_path / "a" / "b" / "c" / "s.json").is_file()
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_a_directory_removed_after_it_existed_is_a_store_error_not_an_empty_store(
+    tmp_path: Path, read_only: bool
+) -> None:
+    # Listed as an empty store (the viewer showed "0 sessions", 200); a read-only store
+    # refuses a missing directory when it opens, and SQLite says "no SQLite store at ...".
+    directory = tmp_path / "sessions"
+    JsonDirStore(directory).save(make_session("s"))
+    store = JsonDirStore(directory, read_only=read_only)
+    assert store.list_ids() == ["s"]
+    shutil.rmtree(directory)
+    gone = f"^no store directory at {re.escape(str(directory))}$"
+    for read in (
+        store.list_ids,
+        store.query,
+        store.usage_totals,
+        lambda: store.list_for_agent("agent"),
+        lambda: store.search("hello"),
+        lambda: store.load("s"),
+        lambda: store.load_outline("s"),
+        lambda: store.load_loops("s", 0, 1),
+    ):
+        with pytest.raises(StoreError, match=gone):
+            read()
+    if not read_only:
+        with pytest.raises(StoreError, match=gone):
+            store.delete("s")
+        store.save(make_session("t"))  # a writer makes it again
+        assert store.list_ids() == ["t"]
+
+
+def test_a_directory_not_made_yet_holds_no_session(tmp_path: Path) -> None:
+    store = JsonDirStore(tmp_path / "sessions")  # made on the first save
+    assert store.list_ids() == [] and store.query() == []
+    with pytest.raises(SessionNotFound):
+        store.load("s")
 
 
 def test_list_ids_only_lists_session_files(store: JsonDirStore, directory: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import shutil
 import socket
 import struct
 import threading
@@ -372,6 +373,23 @@ def test_store_failure_is_500_json(tmp_path: Path) -> None:
     with JsonDirStore(tmp_path) as store, running_server(store) as server:
         body = get_json(server, "/api/sessions/broken", status=500)
         assert "session_id" in body["error"]
+
+
+def test_a_json_store_directory_removed_while_serving_is_500_not_an_empty_store(tmp_path: Path) -> None:
+    # The page showed "0 sessions" (200 with none); an SQLite store gone says so in a 500.
+    directory = tmp_path / "sessions"
+    with JsonDirStore(directory) as writer:
+        record_into(writer, example_lines())
+    with JsonDirStore(directory, read_only=True) as store, running_server(store) as server:
+        assert len(get_json(server, "/api/session-page")["sessions"]) == len(EXAMPLE_IDS)
+        shutil.rmtree(directory)
+        for path in (
+            "/api/session-page",
+            "/api/stats",
+            "/api/search?q=hello",
+            f"/api/sessions/{PARENT_ID}/overview",
+        ):
+            assert get_json(server, path, 500) == {"error": f"no store directory at {directory}"}
 
 
 def test_concurrent_requests(server: ViewerServer) -> None:

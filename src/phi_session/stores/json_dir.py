@@ -45,6 +45,7 @@ from ..errors import (
     DecodeError,
     InvalidArgument,
     InvalidSessionId,
+    PhiSessionError,
     SessionLocked,
     SessionNotFound,
     StoredSessionUnusable,
@@ -339,6 +340,10 @@ class JsonDirStore(ScanSearch, AsyncTwins):
 
     With `read_only`, the store only reads: `directory` must exist, and `save`,
     `delete` and `prune` raise `StoreError`.
+
+    A directory that does not exist yet holds no session; once it has existed in this
+    store's life (at its opening, a listing or a save), its removal is a `StoreError`
+    ("no store directory at …"), not an empty store. A save makes it again.
     """
 
     def __init__(self, directory: StrPath, *, lock_timeout: float = 5.0, read_only: bool = False) -> None:
@@ -348,8 +353,9 @@ class JsonDirStore(ScanSearch, AsyncTwins):
             )
         self._dir = Path(directory)
         self.read_only = read_only
-        if read_only and not self._dir.is_dir():
-            raise StoreError(f"no store directory at {self._dir}")
+        self._directory_existed = self._dir.is_dir()
+        if read_only and not self._directory_existed:
+            raise self._no_directory()
         self._lock_timeout = lock_timeout
         self._cache: OrderedDict[str, _Entry] = OrderedDict()  # the oldest dropped in O(1)
         self._paged: OrderedDict[str, _Paged] = OrderedDict()  # least recently read first
@@ -399,6 +405,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
             self._dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StoreError(f"cannot create session directory {self._dir}: {_describe(error)}") from error
+        self._directory_existed = True
         with self._locked(session_id):
             header, loops, facts, changed = self._merged(session_id, session)
             if loops is None:  # merged whole: `header` holds every loop
@@ -637,7 +644,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         check_writable(self, f"delete session {session_id!r}")
         # Checked first so that deleting a missing session creates no sidecar.
         if not self.path_for(session_id).is_file() or not self._remove(session_id):
-            raise SessionNotFound(f"no session {session_id!r} in {self._dir}")
+            raise self._missing(session_id)
         self._sync_directory()
 
     def _remove(self, session_id: str, *, only_if: _FileKey | None = None) -> bool:
@@ -708,7 +715,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         try:
             key = _file_key(os.stat(path))
         except FileNotFoundError:
-            raise SessionNotFound(f"no session {session_id!r} in {self._dir}") from None
+            raise self._missing(session_id) from None
         except OSError as error:
             raise StoreError(f"cannot read session file {path}: {_describe(error)}") from error
         with self._cache_lock:
@@ -746,7 +753,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
                 # Key and bytes come from one open file, so they describe one version.
                 return _file_key(os.fstat(file.fileno())), file.read()
         except FileNotFoundError:
-            raise SessionNotFound(f"no session {session_id!r} in {self._dir}") from None
+            raise self._missing(session_id) from None
         except OSError as error:
             raise StoreError(f"cannot read session file {path}: {_describe(error)}") from error
 
@@ -776,14 +783,27 @@ class JsonDirStore(ScanSearch, AsyncTwins):
             self._paged.pop(session_id, None)
             self._written.pop(session_id, None)
 
+    def _no_directory(self) -> StoreError:
+        return StoreError(f"no store directory at {self._dir}")
+
+    def _missing(self, session_id: str) -> PhiSessionError:
+        """The error for a session file that is not there: `SessionNotFound`, unless the
+        whole directory is gone after it existed."""
+        if self._directory_existed and not self._dir.is_dir():
+            return self._no_directory()
+        return SessionNotFound(f"no session {session_id!r} in {self._dir}")
+
     def _scan(self) -> list[tuple[str, os.stat_result]]:
         """Session files with their metadata, most recently saved first (ties: by id)."""
         try:
             entries = os.scandir(self._dir)
         except FileNotFoundError:
-            return []
+            if self._directory_existed:
+                raise self._no_directory() from None
+            return []  # not made yet: it is made on the first save
         except OSError as error:
             raise StoreError(f"cannot list session directory {self._dir}: {_describe(error)}") from error
+        self._directory_existed = True
         found: list[tuple[str, os.stat_result]] = []
         with entries:
             for dir_entry in entries:
