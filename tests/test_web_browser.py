@@ -602,6 +602,26 @@ def test_a_loop_cut_off_shows_its_conversation(browser: Any, tmp_path: Path) -> 
             expect(chat.locator("details.chat-tool summary")).to_contain_text("read_file")
 
 
+def test_a_loop_saved_over_since_the_list_shows_an_error_not_another_loops_turns(
+    browser: Any, tmp_path: Path
+) -> None:
+    # Deleted and saved again under its id: opening loop #1 of the list read before showed
+    # the new loop #1's turns under the old loop's header.
+    before, after = (talking_loop("again", number, said) for number, said in ((1, "before"), (7, "after")))
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as running:
+        store.save(make_session("again", loops=[before]))
+        with watched_page(browser, running.url) as watcher:
+            page = watcher.page
+            page.goto("/#/session/again")
+            details = loop_details(page, before.loop_id)
+            details.wait_for()
+            store.delete("again")
+            store.save(make_session("again", loops=[after]))
+            details.locator("summary").first.click()
+            expect(details.locator(".error-banner")).to_contain_text("no longer the loop listed here")
+            assert "done after" not in details.inner_text()
+
+
 def test_extension_messages_show_their_kind_and_data_whatever_their_role(
     browser: Any, tmp_path: Path
 ) -> None:

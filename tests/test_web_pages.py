@@ -206,6 +206,21 @@ def test_a_session_saved_anew_within_the_cache_is_read_again_not_an_internal_err
         assert get_json(running, "/api/sessions/again/loops")["total"] == 2
 
 
+@pytest.mark.parametrize("found_gone", ["", "/events", "/timeline", "/loops/0", "/event-log", "/cost"])
+def test_a_session_found_deleted_is_not_served_from_the_cache_any_more(
+    tmp_path: Path, found_gone: str
+) -> None:
+    # Its 404s left its cached outline: for up to a minute the overview and the loop list
+    # answered 200 with the deleted session, whose every loop failed to open.
+    with SqliteStore(tmp_path / "s.db") as store, running_server(store) as running:
+        store.save(huge_session(3, "gone"))
+        get_json(running, "/api/sessions/gone/overview?cost=0")
+        store.delete("gone")
+        assert get_json(running, f"/api/sessions/gone{found_gone}", 404) == {"error": "no session 'gone'"}
+        for view in ("overview?cost=0", "loops"):
+            assert get_json(running, f"/api/sessions/gone/{view}", 404) == {"error": "no session 'gone'"}
+
+
 @pytest.mark.parametrize("view", ["loops", "event-log", "timeline", "cost"])
 def test_a_page_of_no_items_is_refused(server: ViewerServer, view: str) -> None:
     # Its next page would be itself: a client following `next` would never end.

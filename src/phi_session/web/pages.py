@@ -300,7 +300,8 @@ class SessionCache:
 
     Paging through a huge session must not load it again for every page; a
     session saved meanwhile shows its new state once its entry expires (the
-    viewer reads a store that agents may still be writing).
+    viewer reads a store that agents may still be writing), and one found deleted
+    is forgotten at once (the server's 404).
     """
 
     def __init__(self, store: SessionStore, *, size: int = 4, ttl: float = 60.0) -> None:

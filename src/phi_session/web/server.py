@@ -37,7 +37,8 @@ present only then); ``sources`` name the price tables used (``"genai-prices 0.2.
 extra) and ``hint`` what to install when it is missing (null otherwise).
 
 Paged views, so that the list and a huge session open fast (``web/pages.py``; the
-session's outline, `SessionStore.load_outline`, is loaded once and kept a minute):
+session's outline, `SessionStore.load_outline`, is loaded once and kept a minute, or
+until a request finds the session deleted):
 
 * ``/api/session-page?<the filters above>&after=CURSOR`` ``{"sessions": [...],
   "next": CURSOR or null}``: keyset pages (`PageCursor`) of ``limit`` rows (default 50);
@@ -46,7 +47,8 @@ session's outline, `SessionStore.load_outline`, is loaded once and kept a minute
   event count;
 * ``/api/sessions/{id}/loops?offset=&limit=`` loops in tree order (with ``depth``),
   without messages, turns and events; ``/api/sessions/{id}/loops/{index}`` one loop
-  with its turns;
+  with its turns (the loop at that index as stored now: its ``loop_id`` says which, another
+  than the listed one's if the session was saved anew since);
 * ``/api/sessions/{id}/event-log?offset=&limit=&type=&loop=`` a page of the events,
   filtered by type name and/or loop index, with each type's count;
 * ``/api/sessions/{id}/timeline?offset=&limit=`` the waterfall's bars of a page of loops
@@ -297,17 +299,6 @@ def _events_json(session: Session) -> bytes:
     )
 
 
-@contextmanager
-def _named(session_id: str) -> Iterator[None]:
-    """`SessionNotFound` raised in the block, its message naming `session_id` only: the
-    store's also names where it looked (a directory's path, a database), no business of
-    a page's (the CLI shows it)."""
-    try:
-        yield
-    except SessionNotFound:
-        raise SessionNotFound(f"no session {session_id!r}") from None
-
-
 def _readable_sessions(store: SessionStore) -> Iterator[Session]:
     """Every stored session but those deleted since the listing and those that cannot be
     read (with a logged warning), as the store's own listings and totals skip them."""
@@ -405,6 +396,18 @@ class ViewerHandler(BaseHTTPRequestHandler):
             return self._diff_api(query)
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such page or API: {url.path}")
 
+    @contextmanager
+    def _named(self, session_id: str) -> Iterator[None]:
+        """`SessionNotFound` raised in the block, its message naming `session_id` only (the
+        store's also names where it looked, a directory's path or a database: no business
+        of a page's; the CLI shows it), the session's cached outline dropped: a session
+        found deleted is not served from it (its overview, its loop list) until it expires."""
+        try:
+            yield
+        except SessionNotFound:
+            self.server.sessions.forget(session_id)
+            raise SessionNotFound(f"no session {session_id!r}") from None
+
     def _sessions_api(self, rest: list[str], query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         store = self.server.store
         if rest in ([], [""]):
@@ -413,10 +416,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self._only(query, set())
         session_id = validate_session_id(rest[0])
         if len(rest) == 1:
-            with _named(session_id):
+            with self._named(session_id):
                 return HTTPStatus.OK, encode_session(store.load(session_id), pretty=False), _JSON
         if rest[1:] == ["events"]:
-            with _named(session_id):
+            with self._named(session_id):
                 return HTTPStatus.OK, _events_json(store.load(session_id)), _JSON
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such API: {self.path.split('?')[0]}")
 
@@ -446,7 +449,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         """`read` of the session's cached entry; if the stored session is no longer the one
         the entry describes, once more from the session as it is now."""
         sessions = self.server.sessions
-        with _named(session_id):
+        with self._named(session_id):
             try:
                 return read(sessions.get(session_id))
             except StaleOutline:
@@ -564,7 +567,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     def _cached(self, session_id: str) -> CachedSession:
         session_id = validate_session_id(session_id)
-        with _named(session_id):
+        with self._named(session_id):
             return self.server.sessions.get(session_id)
 
     def _static(self, name: str, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:

@@ -577,6 +577,11 @@
     let loop;
     try {
       loop = await api("api/sessions/" + encodeURIComponent(sessionId) + "/loops/" + row.index);
+      // The server reads the session as stored now: saved anew since this list was read,
+      // its loop at this index may be another one, whose turns must not show under this header.
+      if (loop.loop_id !== row.loop.loop_id) {
+        throw new Error("loop #" + (row.index + 1) + " is now " + loop.loop_id + ", no longer the loop listed here: the session was saved anew; reload the page");
+      }
     } catch (error) {
       clear(holder);
       append(holder, showError(error));
