@@ -684,3 +684,23 @@ def test_an_interrupt_as_the_temporary_file_is_opened_leaves_no_file(
         store.save(make_session("s"))
     monkeypatch.undo()
     assert [p.name for p in (tmp_path / "sessions").iterdir() if ".tmp." in p.name] == []
+
+
+def test_a_lock_file_in_a_directory_removed_meanwhile_is_an_error_not_a_spin(tmp_path: Path) -> None:
+    # The open that creates it failed with FileNotFoundError, taken for a sidecar removed
+    # between two opens: the save retried for ever.
+    outcome: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            JsonDirStore._open_sidecar(tmp_path / "gone" / "s.json.lock")
+        except BaseException as error:  # the outcome is what is checked
+            outcome.append(error)
+        else:
+            outcome.append(None)
+
+    worker = threading.Thread(target=open_it, daemon=True)
+    worker.start()
+    worker.join(5)
+    assert len(outcome) == 1 and isinstance(outcome[0], StoreError)
+    assert "s.json.lock" in str(outcome[0])

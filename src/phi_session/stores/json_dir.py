@@ -549,10 +549,13 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         """A descriptor of the lock sidecar, opened or created, and whether this call created it."""
         while True:
             try:
-                try:
-                    return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), True
-                except FileExistsError:
-                    return os.open(lock_path, os.O_RDWR | os.O_CLOEXEC), False
+                return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), True
+            except FileExistsError:
+                pass
+            except OSError as error:  # FileNotFoundError too: the directory is gone
+                raise StoreError(f"cannot open lock file {lock_path}: {_describe(error)}") from error
+            try:
+                return os.open(lock_path, os.O_RDWR | os.O_CLOEXEC), False
             except FileNotFoundError:  # removed between the two opens: create it
                 continue
             except OSError as error:
