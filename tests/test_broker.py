@@ -714,6 +714,39 @@ def test_a_session_whose_agent_died_mid_loop_is_saved_aborted_once_idle(names: N
     assert worker.stats.rejected == 1
 
 
+def test_a_loop_of_a_killed_agent_leaves_no_route_in_use_once_its_session_is_aborted(
+    names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker kept the route of a loop whose id does not name its session while the loop
+    ran; aborted once idle, it never ends: every killed loop's route was held for the
+    worker's lifetime."""
+    from phi_session.broker import settings as broker_settings
+    from phi_session.broker import worker as broker_worker
+
+    monkeypatch.setattr(broker_settings, "_MAX_ROUTES", 0)  # an ended route is forgotten at once
+    tables: list[broker_settings.Routes] = []
+
+    class Watched(broker_settings.Routes):
+        def __init__(self) -> None:
+            super().__init__()
+            tables.append(self)
+
+    monkeypatch.setattr(broker_worker, "Routes", Watched)
+    events = [
+        _start("S", "run-1"),
+        ps.TurnStart(loop_id="run-1", turn_index=0, timestamp=_at(1), triggered_by="User"),
+    ]
+    with names.sink(partitions=1) as sink:
+        for event in events:
+            sink(event)
+        assert sink.flush(30)
+    worker = names.worker(idle_timeout=1.0)
+    expected = _reference([events])
+    asyncio.run(_run_until(worker, lambda: _stored(names.schema) == expected, 30))
+    assert _stored(names.schema) == expected
+    assert [table.get("run-1") for table in tables] == [None]
+
+
 _USAGE = ps.Usage(input=10, output=1, total_tokens=11)
 
 

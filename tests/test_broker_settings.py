@@ -217,3 +217,56 @@ def test_a_loop_of_a_session_its_id_does_not_name_is_tracked_until_it_ends(
     assert settings.track_session(turn("a.b.c.1"), loops) == "a.b"
     assert settings.track_session(turn("x.4.c.1"), loops) == "x.4"  # ended last: still known
     assert settings.track_session(turn("x.0.c.1"), loops) == "x"  # forgotten
+
+
+def test_routes_of_loops_that_never_end_are_capped_the_longest_running_forgotten_first(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A route was kept while its loop ran, and a loop whose agent was killed runs for
+    ever: 250,000 such loops held 250,000 routes (~98 MB), without limit."""
+    from phi_session.broker import settings
+
+    monkeypatch.setattr(settings, "_MAX_ROUTES", 2)
+    monkeypatch.setattr(settings, "_MAX_OPEN_ROUTES", 3)
+    routes = settings.Routes()
+    for n in range(6):
+        routes.opened(f"killed{n}", "root", f"killed{n}.c.1")
+    assert [routes.get(f"killed{n}") for n in range(6)] == [None] * 3 + ["root"] * 3
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # once, not at every route forgotten
+    routes.ended("killed0", "killed0.c.1")  # forgotten already: changes nothing
+    assert routes.get("killed5") == "root"
+
+
+def test_a_loop_ended_before_it_started_does_not_hold_its_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its AgentEnd came first and was ignored: its AgentStart then kept the route as in use
+    for ever (250,000 such loops held 250,000 routes)."""
+    from phi_session.broker import settings
+
+    monkeypatch.setattr(settings, "_MAX_ROUTES", 2)
+    routes = settings.Routes()
+    routes.ended("early", "early.c.1")
+    routes.opened("early", "root", "early.c.1")
+    assert routes.get("early") == "root"  # a late event of it still finds it
+    for n in range(3):
+        routes.opened(f"done{n}", "root", f"done{n}.c.1")
+        routes.ended(f"done{n}", f"done{n}.c.1")
+    assert routes.get("early") is None  # forgotten as an ended route is
+    routes.opened("early", "root", "early.c.1")  # sent again, in order this time: in use until its end
+    for n in range(3):
+        routes.opened(f"again{n}", "root", f"again{n}.c.1")
+        routes.ended(f"again{n}", f"again{n}.c.1")
+    assert routes.get("early") == "root"
+
+
+def test_released_routes_are_forgotten_as_ended_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from phi_session.broker import settings
+
+    monkeypatch.setattr(settings, "_MAX_ROUTES", 1)
+    routes = settings.Routes()
+    routes.opened("run-1", "S", "run-1")
+    routes.opened("run-2", "S", "run-2")
+    routes.opened("run-3", "T", "run-3")
+    routes.release({"S"})  # their agent was killed: its loops never end
+    routes.opened("run-4", "U", "run-4")
+    assert [routes.get(f"run-{n}") for n in range(1, 5)] == [None, None, "T", "U"]

@@ -27,6 +27,8 @@ from ..events import AgentEnd, AgentEvent, AgentStart, ParallelLoopEnd, Parallel
 from ..ids import session_id_from_loop_id
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from nats.aio.client import Client
     from nats.js.api import StreamInfo
     from nats.js.client import JetStreamContext
@@ -76,6 +78,8 @@ _MAX_PARTITIONS = 1024
 _MAX_BYTES = (1 << 63) - 1
 MAX_SECONDS = 9e9
 _MAX_ROUTES = 100_000  # routes kept once their loops ended (`Routes`)
+_MAX_OPEN_ROUTES = 500_000  # routes of loops running (`Routes`): past it, killed agents' are forgotten
+_MAX_ENDED_EARLY = 10_000  # loops remembered as ended before they started (`Routes`)
 _ERROR_LOG_INTERVAL = 60.0  # seconds between warnings of a connection's errors once connected
 _MAX_PIECES = (1 << 31) - 1  # staged as a 32-bit integer
 
@@ -201,39 +205,89 @@ def track_session(event: AgentEvent, loop_sessions: Routes) -> str:
 
 class Routes:
     """A routing table (a loop's session, a sub-agent session's partition key) that keeps
-    what is in use: a key with a loop started and not ended is never forgotten, however
-    many others come and go meanwhile (its later events would go astray). Past
-    `_MAX_ROUTES` routes, the key whose loops ended longest ago is forgotten first: a
-    late sub-agent of a loop that just ended still finds its parent's. O(1) per event."""
+    what is in use: a key with a loop started and not ended is not forgotten while others
+    come and go (its later events would go astray). Past `_MAX_ROUTES` routes, the key
+    whose loops ended longest ago is forgotten first: a late sub-agent of a loop that just
+    ended still finds its parent's. Loops that never end (their agent killed) are bounded
+    too: `release`d with their aborted sessions, and past `_MAX_OPEN_ROUTES` the one running
+    longest is forgotten; a loop whose AgentEnd came first holds nothing. O(1) per event."""
 
     def __init__(self) -> None:
         self._values: dict[str, str] = {}
         self.get = self._values.get  # looked up for every event: the dict's own method
-        self._open: dict[str, set[str]] = {}  # key -> its loops running
+        self._loops: OrderedDict[str, str] = OrderedDict()  # loop running -> its key, the oldest first
+        self._running: dict[str, int] = {}  # key -> how many of its loops run
         # The keys of no loop running, the one ended longest ago first.
         self._ended: OrderedDict[str, None] = OrderedDict()
+        # Loops whose end came before their start: that start must not hold the route.
+        self._ended_early: OrderedDict[str, None] = OrderedDict()
+        self._warned = False
 
     def opened(self, key: str, value: str, loop_id: str) -> None:
         """``key`` routes to `value`, in use while its loop `loop_id` runs."""
         self._values[key] = value
-        loops = self._open.get(key)
-        if loops is not None:
-            loops.add(loop_id)
+        if loop_id in self._ended_early:
+            del self._ended_early[loop_id]
+            if key not in self._running:
+                self._retire(key)
             return
-        self._open[key] = {loop_id}
-        self._ended.pop(key, None)
-        while len(self._values) > _MAX_ROUTES and self._ended:
-            del self._values[self._ended.popitem(last=False)[0]]
+        previous = self._loops.get(loop_id)
+        if previous == key:
+            return
+        if previous is not None:  # started again in another session: the old key is not its any more
+            self._end(loop_id)
+        self._loops[loop_id] = key
+        running = self._running.get(key, 0)
+        self._running[key] = running + 1
+        if not running:
+            self._ended.pop(key, None)
+        if len(self._loops) > _MAX_OPEN_ROUTES:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "over %d loops of sessions their ids do not name run (never ended: their agents"
+                    " killed?); the longest running are forgotten, later events of one go to the"
+                    " session its id names",
+                    _MAX_OPEN_ROUTES,
+                )
+            self._end(next(iter(self._loops)))  # the longest running: its agent was killed, most likely
+        self._forget_ended()
 
     def ended(self, key: str, loop_id: str) -> None:
         """Loop `loop_id` of ``key`` ended: once none of its loops runs, the route may be forgotten."""
-        loops = self._open.get(key)
-        if loops is None:
+        if self._loops.get(loop_id) != key:  # not started yet (or forgotten): its start may come
+            self._ended_early[loop_id] = None
+            if len(self._ended_early) > _MAX_ENDED_EARLY:
+                self._ended_early.popitem(last=False)
             return
-        loops.discard(loop_id)
-        if not loops:
-            del self._open[key]
-            self._ended[key] = None
+        self._end(loop_id)
+
+    def release(self, values: Collection[str]) -> None:
+        """The loops routed to one of `values` will not end (their sessions were aborted):
+        their routes are forgotten as ended ones are. O(loops running), as an abort is."""
+        if not values:
+            return
+        for loop_id in [loop_id for loop_id, key in self._loops.items() if self._values[key] in values]:
+            self._end(loop_id)
+
+    def _end(self, loop_id: str) -> None:
+        """Loop `loop_id` no longer runs: once none of its key's does, that route is retired."""
+        key = self._loops.pop(loop_id)
+        running = self._running.pop(key) - 1
+        if running:
+            self._running[key] = running
+        else:
+            self._retire(key)
+
+    def _retire(self, key: str) -> None:
+        """``key``'s loops ended just now: its route is the last ended one to be forgotten."""
+        self._ended[key] = None
+        self._ended.move_to_end(key)
+        self._forget_ended()
+
+    def _forget_ended(self) -> None:
+        while len(self._values) > _MAX_ROUTES and self._ended:
+            del self._values[self._ended.popitem(last=False)[0]]
 
 
 class Piece(NamedTuple):

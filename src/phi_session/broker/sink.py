@@ -360,7 +360,7 @@ class JetStreamSink:
                     root = self._roots.get(parent_session, parent_session)
             if root is not None:
                 self._roots.opened(session, root, event.loop_id)
-        elif type(event) is AgentEnd and root is not None:
+        elif type(event) is AgentEnd:  # (of no route yet, perhaps: its AgentStart may come later)
             self._roots.ended(session, event.loop_id)
         return escape_surrogates(session), escape_surrogates(session if root is None else root)
 

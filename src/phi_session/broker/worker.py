@@ -799,7 +799,9 @@ class _PartitionRun:
         if self.behind_at >= cutoff:
             return []
         idle = [session_id for session_id, latest in self.last_event.items() if latest < cutoff]
-        for session_id, aborted in self.recorder.abort_sessions(idle).items():
+        aborted_loops = self.recorder.abort_sessions(idle)
+        self.loop_sessions.release(aborted_loops.keys())  # aborted: their loops never end
+        for session_id, aborted in aborted_loops.items():
             if aborted:
                 logger.warning(
                     "session %s: no event for %g s, its open loops are aborted",
