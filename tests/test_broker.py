@@ -858,6 +858,43 @@ def test_a_sub_agent_starting_after_its_spawner_was_saved_by_another_worker_keep
     )
 
 
+def test_a_spawner_read_failing_once_is_read_again_and_its_sub_agents_keep_their_tool_calls(
+    names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker kept a failed read of the spawner's session as the spawner holding no
+    tool call: once the store failed for a moment, every later sub-agent of it was saved
+    without its tool call, the store back or not."""
+    spawner = [
+        _start("p", "p.c.1"),
+        _spawned("p.c.1", "t1", "sub", "k.sub.1"),
+        _spawned("p.c.1", "t2", "sub", "m.sub.1"),
+        _end("p.c.1", 1),
+    ]
+    sub_agents = [
+        _start("k", "k.sub.1", 2, parent="p.c.1"),
+        _end("k.sub.1", 3),
+        _start("m", "m.sub.1", 4, parent="p.c.1"),
+        _end("m.sub.1", 5),
+    ]
+    load_outline = PostgresStore.load_outline
+    reads: list[str] = []
+
+    def failing_once(store: PostgresStore, session_id: str) -> Any:
+        reads.append(session_id)
+        if reads == ["p"]:
+            raise ps.StoreError("connection to server lost (simulated)")
+        return load_outline(store, session_id)
+
+    monkeypatch.setattr(PostgresStore, "load_outline", failing_once)
+    _recorded_across_a_worker_change(
+        names,
+        spawner,
+        sub_agents,
+        lambda: "p" in _stored(names.schema) and _staged_pending(names.schema) == 0,
+    )
+    assert reads[:2] == ["p", "p"]  # failed, then read again
+
+
 def test_a_sub_agent_published_by_another_process_goes_with_its_parent(names: Names) -> None:
     """The README said such a sub-agent is partitioned by its own session; its sink knows
     nothing of the parent but its loop id, and sends it with the session that names."""

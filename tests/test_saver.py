@@ -22,7 +22,7 @@ from phi_session.cli import main
 from phi_session.codec import encode_event
 from phi_session.journal import Journal, JournaledRecorder, recover
 from phi_session.recorder import SessionRecorder
-from phi_session.saver import SaveStats, SessionSaver
+from phi_session.saver import SavedSpawners, SaveStats, SessionSaver
 from phi_session.stores.base import SessionStore, merge_sessions
 from phi_session.stores.json_dir import JsonDirStore
 
@@ -698,3 +698,56 @@ def test_what_could_not_be_saved_is_said_in_one_line() -> None:
     assert saver_module.not_saved(pieces, None, "db") == (
         "7 sessions could not be saved into 'db' (s1, s2, t0, t1, t2, ...)"
     )
+
+
+def test_a_spawner_saved_after_a_sub_agent_looked_for_it_is_found_by_the_next(tmp_path: Path) -> None:
+    """Not stored yet at the first sub-agent's lookup (it is recorded elsewhere: a worker of
+    another partition), the spawner was taken to hold no tool call for good: a sub-agent
+    starting once it was stored got a spawn ref without its tool call all the same."""
+    when = ps.Timestamp.from_ns(1_750_000_000 * 10**9)
+
+    def start(session: str, loop_id: str, parent: str | None = None) -> ps.AgentStart:
+        return ps.AgentStart(
+            agent_id="a", session_id=session, loop_id=loop_id, parent_loop_id=parent, timestamp=when
+        )
+
+    def end(loop_id: str) -> ps.AgentEnd:
+        return ps.AgentEnd(loop_id=loop_id, messages=(), usage=ps.Usage(input=1, output=1), timestamp=when)
+
+    spawner: list[ps.AgentEvent] = [start("p", "p.c.1")]
+    spawner += [
+        ps.ToolExecutionEnd(
+            loop_id="p.c.1",
+            tool_call_id=call,
+            tool_name="sub",
+            result=ps.ToolResult(content=(), child_loop_id=child),
+            is_error=False,
+        )
+        for child, call in (("k.sub.1", "t1"), ("m.sub.1", "t2"))
+    ]
+    spawner.append(end("p.c.1"))
+    store = JsonDirStore(tmp_path)
+    recorder = SessionRecorder()
+    spawners = SavedSpawners(store)
+
+    def apply(event: ps.AgentEvent) -> None:
+        if spawners.needs_spawner(event, recorder):
+            spawners.hand_to(recorder, event)
+        recorder.on_event(event)
+
+    apply(start("k", "k.sub.1", parent="p.c.1"))
+    apply(end("k.sub.1"))
+    elsewhere = SessionRecorder()
+    elsewhere.record_all(spawner)
+    elsewhere.flush()
+    for session in elsewhere.drain_completed():
+        store.save(session)
+    apply(start("m", "m.sub.1", parent="p.c.1"))
+    apply(end("m.sub.1"))
+    recorder.flush()
+    spawned = {
+        session.session_id: (session.parent_spawn_ref.tool_call_id, session.parent_spawn_ref.tool_name)
+        for session in recorder.drain_completed()
+        if session.parent_spawn_ref is not None
+    }
+    assert spawned == {"k": ("", ""), "m": ("t2", "sub")}

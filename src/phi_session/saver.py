@@ -81,8 +81,15 @@ OrphanSink = Callable[[list[AgentEvent]], object]
 """Takes the events of a session no store can hold and keeps them durably (or raises)."""
 
 _TRANSIENT = (SessionLocked, StoreError, OSError, ExportError)
+_LASTING = (StoredSessionUnusable, StoreClosed, SessionRefused)  # store errors no retry helps
 _FIRST_PAUSE = 0.05
 _MAX_PAUSE = 2.0
+
+
+def _may_pass(error: Exception | None) -> TypeGuard[Exception]:
+    """Whether a store's `error` may pass with time (a busy database, a dropped connection):
+    worth trying again."""
+    return isinstance(error, _TRANSIENT) and not isinstance(error, _LASTING)
 
 
 @dataclass(frozen=True)
@@ -362,9 +369,7 @@ class SessionSaver:
         pause = _FIRST_PAUSE
         error = yield 0.0
         last = error
-        while isinstance(error, _TRANSIENT) and not isinstance(
-            error, (StoredSessionUnusable, StoreClosed, SessionRefused)
-        ):
+        while _may_pass(error):
             with self._lock:  # read at every retry: `stop_trying_after` may come during one
                 stop_at = self._no_attempts_after
             if deadline is not None and stop_at is not None:
@@ -578,10 +583,18 @@ class SavedSpawners:
     in. A recorder that never held the spawner, or no longer does (a journal's recovery
     replays no released record; an ingest worker taking a partition over replays no event
     marked saved), would give a sub-agent that starts after it a spawn ref without its
-    tool call. Read once per spawner session (the latest 64)."""
+    tool call. Read once per spawner session holding tool calls (the latest 64); one not
+    stored yet, or holding none, is read again for the next sub-agent (it may be saved by
+    then: recorded elsewhere, by another partition's worker).
 
-    def __init__(self, store: SaveTarget) -> None:
+    With `caller_retries`, a store error that may pass (`StoreError`: a dropped connection,
+    a lock held) is raised by `hand_to`, for the caller to start the sub-agent again later;
+    without it (a journal's recovery, run once), it is warned of and that spawner session
+    is not read again. One that cannot pass (an unusable stored copy) is warned of either way."""
+
+    def __init__(self, store: SaveTarget, *, caller_retries: bool = False) -> None:
         self._store = store if isinstance(store, SessionStore) else None
+        self._caller_retries = caller_retries
         # session id -> child loop id -> (spawning loop id, its ref)
         self._sessions: OrderedDict[str, dict[str, tuple[str, ChildLoopRef]]] = OrderedDict()
 
@@ -596,32 +609,34 @@ class SavedSpawners:
 
     def hand_to(self, recorder: SessionRecorder, start: AgentStart) -> None:
         """Give `recorder` the tool call that spawned the loop `start` starts, if the store
-        holds it (read from the store, the first time its spawner's session is asked for)."""
+        holds it (read from the store until its spawner's session holds tool calls).
+        `StoreError` with `caller_retries`, if the read failed in a way that may pass."""
         parent_loop_id = start.parent_loop_id
         if self._store is None or parent_loop_id is None:
             return
         session_id = session_id_from_loop_id(parent_loop_id)
         refs = self._sessions.get(session_id)
         if refs is None:
-            refs = self._sessions[session_id] = self._read(self._store, session_id)
+            refs = self._read(self._store, session_id)
+            if refs is None:
+                return
+            self._sessions[session_id] = refs
             if len(self._sessions) > 64:
                 self._sessions.popitem(last=False)
         found = refs.get(start.loop_id)
         if found is not None and found[0] == parent_loop_id:
             recorder.await_spawn(session_id, parent_loop_id, found[1])
 
-    @staticmethod
-    def _read(store: SessionStore, session_id: str) -> dict[str, tuple[str, ChildLoopRef]]:
+    def _read(self, store: SessionStore, session_id: str) -> dict[str, tuple[str, ChildLoopRef]] | None:
+        """The sub-agents spawned in `session_id` as stored; None while it holds none (to be
+        read again); empty once given up (an error warned of)."""
         try:
             outline = store.load_outline(session_id)
-            return {
-                ref.child_loop_id: (loop.loop_id, ref)
-                for loop in outline.loops
-                for ref in loop.record.child_loop_refs
-            }
-        except (SessionNotFound, InvalidSessionId):  # no spawner saved there
-            return {}
+        except (SessionNotFound, InvalidSessionId):  # no spawner saved there (yet)
+            return None
         except PhiSessionError as error:
+            if self._caller_retries and _may_pass(error):
+                raise
             logger.warning(
                 "session %r, where sub-agents were spawned, could not be read (%s): "
                 "their spawn refs are saved without the tool call",
@@ -629,3 +644,9 @@ class SavedSpawners:
                 error,
             )
             return {}
+        refs = {
+            ref.child_loop_id: (loop.loop_id, ref)
+            for loop in outline.loops
+            for ref in loop.record.child_loop_refs
+        }
+        return refs or None

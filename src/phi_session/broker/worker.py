@@ -482,7 +482,7 @@ class _PartitionRun:
         self.recorder = SessionRecorder(worker.recorder_config)
         # A session id no store accepts: its events stay staged, as rejected, with their payload.
         self.saver = SessionSaver(resources.store, orphans=self.orphaned)
-        self.spawners = SavedSpawners(resources.store)
+        self.spawners = SavedSpawners(resources.store, caller_retries=True)
         self.unstorable: list[str] = []  # sessions handed to `orphaned`, not yet marked
         self.waiting: dict[int, StagedEvent] = {}  # staged, not yet applied, by stream sequence
         self.applied: dict[str, list[str]] = {}  # session id -> events applied, session not yet saved
@@ -493,6 +493,7 @@ class _PartitionRun:
         self.behind_at = time.monotonic()  # when the partition was last taken or had a backlog
         self.loop_sessions = Routes()  # loop -> session, where the loop id says otherwise
         self.held: set[int] = set()  # waiting events already counted as held back
+        self.apply_after = 0.0  # when waiting events may be applied again (`time.monotonic()`)
         self.pieces: dict[str, _Pieces] = {}  # event id -> its pieces applied, until all are
         self.stream_created: str | None = None  # the stream the consumer reads (its creation time)
         self.stopping = asyncio.Event()
@@ -672,7 +673,10 @@ class _PartitionRun:
                 stats.duplicates += 1
 
     async def apply_ready(self, subscription: _Pull) -> None:
-        """Apply the waiting events up to the acknowledgement floor, in stream order."""
+        """Apply the waiting events up to the acknowledgement floor, in stream order (once
+        `apply_after` has passed: the store failed a read one of them needs)."""
+        if time.monotonic() < self.apply_after:
+            return
         info = await subscription.consumer_info()
         self.check_store(info)  # a worker of another store may have taken the consumer since
         floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
@@ -683,18 +687,30 @@ class _PartitionRun:
             if event is None:
                 continue
             try:
-                # Its session as the recorder sees it, from the event: other publishers send
-                # no Phi-Session header, and NATS trims header values.
                 decoded = decode_event(event.payload, strict=False)
-                session = track_session(decoded, self.loop_sessions)
                 if self.spawners.needs_spawner(decoded, self.recorder):
                     # Its spawner was saved (by the partition's last owner, say): its tool call is stored.
                     await asyncio.to_thread(self.spawners.hand_to, self.recorder, decoded)
+                # Its session as the recorder sees it, from the event: other publishers send
+                # no Phi-Session header, and NATS trims header values.
+                session = track_session(decoded, self.loop_sessions)
                 self.recorder.on_json(event.payload)
             except DecodeError as error:
                 logger.warning("event %s is not phi-core JSON, kept as rejected: %s", event.event_id, error)
                 rejected.append(event.event_id)
                 continue
+            except StoreError as error:
+                # Applied now, its sub-agent would be saved without its tool call for good: it
+                # and the events after it wait, tried again at the next checkpoint (as a save is).
+                logger.warning(
+                    "event %s starts a sub-agent whose spawner could not be read, trying again in %g s: %s",
+                    event.event_id,
+                    self.worker.checkpoint_interval,
+                    error,
+                )
+                self.waiting[sequence] = event
+                self.apply_after = time.monotonic() + self.worker.checkpoint_interval
+                break
             if self.recorder.drain_orphans():  # of no open loop (the recorder warned): in no session
                 rejected.append(event.event_id)
                 continue
@@ -702,7 +718,7 @@ class _PartitionRun:
             self.last_event[session] = now
             self.worker.stats.recorded += 1
         self.held.intersection_update(self.waiting)
-        later = self.waiting.keys() - self.held
+        later = {sequence for sequence in self.waiting if sequence > floor} - self.held
         self.worker.stats.held_back += len(later)
         self.held.update(later)
         self.worker.stats.rejected += len(rejected)
