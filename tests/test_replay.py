@@ -55,6 +55,7 @@ from phi_session.model import LoopRecord, Session, is_replayed
 from phi_session.recorder import SessionRecorder
 from phi_session.replay import (
     Divergence,
+    Lineage,
     RecordedModel,
     ReplayCursor,
     ReplayScript,
@@ -1239,31 +1240,43 @@ def test_every_cursor_replaying_the_blocks_session_serves_its_runs_and_no_other(
     assert record.billed_usage() == script.turns[0].reply.usage
 
 
+@pytest.mark.parametrize("names_replayed", [True, False])
 def test_a_block_given_no_cursor_takes_the_first_to_answer_replaying_what_it_replays(
-    world: World, tmp_path: Path
+    world: World, tmp_path: Path, names_replayed: bool
 ) -> None:
     # A lineage built by hand to record into another session than the one replayed: the
     # first cursor to answer replaying the session its metadata names is the block's, as
-    # recording_as says; only a later one must replay the lineage's session.
+    # recording_as says; only a later one must replay the lineage's session. Made by the
+    # public constructor, it names none (no metadata): the first to answer is the block's
+    # whichever session it replays, else its replies were billed unmarked.
     session, _ = world.original()
     target, _ = World(tmp_path).original()
     script = ReplayScript.from_session(session)
     replayed = replay_lineage(script)
-    lineage = msgspec.structs.replace(replayed, session=target, parent_loop_id=target.loops[0].loop_id)
+    where = {"session": target, "parent_loop_id": target.loops[0].loop_id}
+    if names_replayed:
+        lineage = msgspec.structs.replace(replayed, **where)
+    else:
+        lineage = Lineage(**where, kind=replayed.kind)
+        assert lineage.metadata == {}
     first, sibling = ReplayCursor(script), ReplayCursor(script)
     recorder = SessionRecorder()
     core = AdapterCore("test", [recorder], agent=AgentSession(clock=FakeClock("2025-06-02T09:00:00Z")))
     with recording_as(lineage):
+        block = active_lineage()
+        assert block is not None
         run = core.start_run("r", SNAP)
         for cursor in (first, sibling):
             assert cursor.respond(script.turns[0].request) == script.turns[0].reply
             with run.loop.turn() as turn, turn.assistant() as message:
                 message.finish("rebuilt by the framework", usage=script.turns[0].reply.usage)
+        assert block.cursor is first
         core.end_run("r")
     recorder.flush()
     (record,) = [loop for s in recorder.drain_completed() for loop in s.loops]
     assert record.session_id == target.session_id
     assert [is_replayed(turn.output_message) for turn in record.turns] == [True, False]
+    assert record.billed_usage() == script.turns[0].reply.usage
 
 
 @pytest.mark.parametrize("sub_agent_first", [False, True])

@@ -28,8 +28,9 @@ and for a framework adapter by its loop, run in a ``recording_as`` block: the re
 cursors are the one given (``recording_as(lineage, cursor)``, which
 `phi_session.adapters.replay_recording` does), else the first replaying the session
 the lineage replays to answer a model call inside the block (not a replayed
-sub-agent's), and every other replaying the lineage's session (a replay model per
-agent of a handoff). The replay's turns keep the recorded usage
+sub-agent's; any, for a lineage whose metadata names none), and every other
+replaying the lineage's session (a replay model per agent of a handoff). The
+replay's turns keep the recorded usage
 (`LoopRecord.reported_usage`, what `phi_session.diff` compares: a replay shows no
 usage change), while `LoopRecord.billed_usage`, `LoopRecord.model_calls` and every
 roll-up built on them (the stores' summaries and `usage_totals`, cost, the CLI, the

@@ -175,13 +175,14 @@ class ActiveLineage:
     def served(self, cursor: ReplayCursor, loop_id: str) -> None:
         """`cursor` served a recorded reply to a model call of loop `loop_id`: counted if it
         is the block's given cursor (taken, if the block has none: the first replaying the
-        session the lineage replays, which may not be the one it records into) or a later
-        one replaying the lineage's session. Another session's (a replayed sub-agent's,
-        whose calls run inside the loop's run, whichever answers first) serves its own."""
+        session the lineage replays, which may not be the one it records into, or any if it
+        names none) or a later one replaying the lineage's session. Another session's (a
+        replayed sub-agent's, whose calls run inside the loop's run, whichever answers
+        first) serves its own."""
         with self._lock:
             if cursor not in self._cursors:
                 wanted = self.lineage.session.session_id if self._cursors else self._replayed_session_id
-                if cursor.script.session_id != wanted:
+                if wanted is not None and cursor.script.session_id != wanted:
                     return
                 self._cursors.append(cursor)
             self._served[loop_id] = self._served.get(loop_id, 0) + 1
@@ -228,14 +229,15 @@ class ActiveLineage:
         return last_loop_id, DEFAULT
 
 
-def _replayed_session_id(lineage: Lineage) -> str:
+def _replayed_session_id(lineage: Lineage) -> str | None:
     """The id of the session whose run `lineage` replays or forks, as its metadata names it
-    (`replay_lineage`, `fork_lineage`), else of the session it records into."""
+    (`replay_lineage`, `fork_lineage`); None if it names none (a lineage built by hand,
+    which may record into another session than the one replayed: any may be it)."""
     for key in ("replay", "fork"):
         info = lineage.metadata.get(key)
         if isinstance(info, dict) and isinstance(session_id := info.get("session_id"), str):
             return session_id
-    return lineage.session.session_id
+    return None
 
 
 logger = logging.getLogger("phi_session.replay")
@@ -259,10 +261,12 @@ def recording_as(lineage: Lineage, cursor: ReplayCursor | None = None) -> Iterat
     first cursor to answer a model call inside the block replaying the session the
     lineage replays (its ``metadata["replay"]`` or ``["fork"]`` ``session_id``, which a
     lineage built by hand may set apart from the session it records into) is taken
-    (`answered`): a replayed sub-agent's, answering first, is not. So are the replies of
-    every later cursor replaying the lineage's session: a replay model per agent of a
-    handoff. A reply is the served one of the run whose model call it answered
-    (`calling`): a live run beside a replayed one in the block bills its own replies."""
+    (`answered`): a replayed sub-agent's, answering first, is not. A lineage naming none
+    (built by the constructor alone) takes the first to answer, whichever session it
+    replays. So are the replies of every later cursor replaying the lineage's session: a
+    replay model per agent of a handoff. A reply is the served one of the run whose model
+    call it answered (`calling`): a live run beside a replayed one in the block bills its
+    own replies."""
     if not isinstance(lineage, Lineage):
         raise TypeError(f"expected a Lineage, got {type(lineage).__name__}")
     active = ActiveLineage(lineage, cursor)
