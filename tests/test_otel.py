@@ -1608,6 +1608,27 @@ def test_the_sink_keeps_apart_records_of_a_loop_id_starting_at_one_instant() -> 
     assert len(sent) == 9
 
 
+def test_the_sink_keeps_apart_a_compaction_pass_cut_short_at_its_loops_instant() -> None:
+    # A loop and two passes starting in one ms, the second still open at close (Aborted, no
+    # end): having no end, it took the first pass's number, and its spans overwrote that pass's.
+    first = tool_loop_events("s.a.1", [("c", "t", {}, "r")])
+    compaction = tool_loop_events("s.a.1", [("c", "t", {}, "r1")], at=100, parent="s.a.1", kind=COMPACTION)
+    compaction = [replace(compaction[0], timestamp=first[0].timestamp), *compaction[1:]]
+    events = [*first, *compaction, compaction[0]]
+    exporter = _Batches()
+    sink = OtelExportSink(exporter, capture_content=True)
+    for event in events:
+        sink(event)
+    sink.close()
+    recorder = SessionRecorder()
+    recorder.record_all(events)
+    recorder.flush()
+    [session] = recorder.drain_completed()
+    assert [record.status for record in session.loops] == ["Completed", "Completed", "Aborted"]
+    sent = _by_id([span for batch in exporter.batches for span in batch])
+    assert sent.keys() == _by_id(session_spans(session, capture_content=True)).keys()
+
+
 def test_a_sub_agents_compaction_pass_comes_back_with_its_first_record() -> None:
     # Both records of the sub-agent's loop are under the tool span that spawned it, in its
     # spawner's trace: ingest replayed them as one loop.

@@ -591,21 +591,38 @@ class RecordMark(NamedTuple):
     loop's very instant (a clock of ms), yet is never that loop's record."""
     ended_at: int | None
     """A compaction pass's end (ns), once it has one: two passes may start at one instant too."""
+    running: bool
+    """Whether it is a snapshot of a record still running (``Running``, ``Pending``): its
+    end is yet to come, where a pass cut short (``Aborted``) has none for good."""
 
     @classmethod
     def of(cls, record: LoopRecord) -> RecordMark:
         compaction = record.kind == COMPACTION
         ended = record.ended_at
-        return cls(record.started_at.ns, compaction, ended.ns if compaction and ended is not None else None)
-
-    def same_record(self, other: RecordMark) -> bool:
-        """Whether `other` marks this record: the same start and kind, and for a compaction
-        pass the same end, unless either has none yet (a running snapshot, a pass cut short)."""
-        return (
-            self.started_at == other.started_at
-            and self.compaction == other.compaction
-            and (self.ended_at is None or other.ended_at is None or self.ended_at == other.ended_at)
+        return cls(
+            record.started_at.ns,
+            compaction,
+            ended.ns if compaction and ended is not None else None,
+            record.status in ("Running", "Pending"),
         )
+
+    def position_in(self, marks: Sequence[RecordMark]) -> int | None:
+        """The position of the first of `marks` marking this record, or None: the same start
+        and kind and, for a compaction pass, the same end (or neither has one); else, if
+        either is a running snapshot, any end (it has yet to reach its own). So a pass cut
+        short (``Aborted``, no end) is never taken for a finished pass started at its instant."""
+        alike = [
+            n
+            for n, mark in enumerate(marks)
+            if mark.started_at == self.started_at and mark.compaction == self.compaction
+        ]
+        for n in alike:
+            if marks[n].ended_at == self.ended_at:
+                return n
+        for n in alike:
+            if self.running or marks[n].running:
+                return n
+        return None
 
 
 def _union(kept: tuple[_T, ...], extra: tuple[_T, ...]) -> tuple[_T, ...]:

@@ -774,8 +774,9 @@ class _ExportedRecords:
             for record in session.loops:
                 known = exported.setdefault(record.loop_id, [])
                 mark = RecordMark.of(record)
-                ordinal = next((n for n, seen in enumerate(known) if seen.same_record(mark)), len(known))
-                if ordinal == len(known):  # a new record (ids are reused a few times at most)
+                ordinal = mark.position_in(known)
+                if ordinal is None:  # a new record (ids are reused a few times at most)
+                    ordinal = len(known)
                     known.append(mark)
                 first.setdefault(record.loop_id, ordinal)
             return first

@@ -648,8 +648,10 @@ def merge_sessions(stored: Session, incoming: Session) -> Session:
     clock of ms), that
 
     1. started at the same instant and, for a compaction pass, ended at the same
-       instant unless either has not ended (`RecordMark`; the n-th such with the
-       n-th); else that
+       instant (or neither has ended), else one is a running snapshot yet to end
+       (`RecordMark`; the n-th such with the n-th: a pass cut short, saved
+       ``Aborted`` with no end, is not a finished pass started at its instant);
+       else that
     2. started at another instant and was alive at the same time: neither started at
        or after the other ended (an unfinished record has not ended). A restarted or
        re-stamped ``AgentStart`` thus saves the same loop again, not a second one.
@@ -768,9 +770,9 @@ def _same_loop(record: LoopRecord, loops: list[LoopRecord], candidates: list[int
         candidates = [
             slot for slot in candidates if loops[slot].agent_id == agent or _agent_unknown(loops[slot])
         ]
-    for slot in candidates:
-        if marks[slot].same_record(mark):
-            return slot
+    found = mark.position_in([marks[slot] for slot in candidates])
+    if found is not None:
+        return candidates[found]
     for slot in candidates:
         if (
             marks[slot].started_at != mark.started_at  # at one instant, the marks alone decide

@@ -874,6 +874,18 @@ class StoreConformance:
         for part in ([second_pass], [loop], [first_pass], [loop, first_pass, second_pass]):
             store.save(make_session("instants", loops=part))  # each again: no record twice
         assert encode_session(store.load("instants")) == expected
+        # The second pass still running when its recorder closed, saved Aborted with no end:
+        # having none matched any end, it was taken for the first pass, which outweighed it.
+        loop, first_pass, second_pass = records("cut")
+        cut_short = msgspec.structs.replace(second_pass, status="Aborted", ended_at=None)
+        running = msgspec.structs.replace(second_pass, status="Running", ended_at=None, events=())
+        for part in ([loop], [first_pass], [running], [cut_short]):  # a checkpoint at each change
+            store.save(make_session("cut", loops=part))
+        expected = encode_session(make_session("cut", loops=[loop, first_pass, cut_short]))
+        assert encode_session(store.load("cut")) == expected
+        for part in ([cut_short], [running], [first_pass], [loop, first_pass, cut_short]):
+            store.save(make_session("cut", loops=part))
+        assert encode_session(store.load("cut")) == expected
 
     def test_saving_plain_form_metadata_again_changes_nothing(self, store: SessionStore) -> None:
         # A request's history may carry agent metadata (a turnId) that encoders drop: the
