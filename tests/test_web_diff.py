@@ -102,6 +102,23 @@ def test_a_loop_diff_reads_a_session_saved_anew_within_the_cache(tmp_path: Path)
     assert msgspec.convert(body, LoopDiff | SessionDiff) == diff_loops(shorter, "#1", shorter, "#1")
 
 
+@pytest.mark.parametrize("store_type", [SqliteStore, JsonDirStore])
+def test_a_loop_diff_finds_a_loop_added_within_the_cache(
+    tmp_path: Path, store_type: type[SqliteStore] | type[JsonDirStore]
+) -> None:
+    # A loop saved after the viewer cached the outline was a 404 until the entry expired.
+    grown, (first, _, added) = record_runs([Run(BASE), Run(FORK, fork_of=0), Run(BASE, fork_of=0)], "grow")
+    started = msgspec.structs.replace(grown, loops=grown.loops[:2])
+    with store_type(tmp_path / "store") as store, running_server(store) as running:
+        store.save(started)
+        get_json(running, "/api/sessions/grow/overview")  # its outline is cached
+        store.save(grown)
+        for loop in (added, "#3"):
+            body = get_json(running, diff_path(a=f"grow:{first}", b=f"grow:{loop}"))
+            assert msgspec.convert(body, LoopDiff | SessionDiff) == diff_loops(grown, first, grown, added)
+        assert "no loop '#4'" in get_json(running, diff_path(a="grow:#1", b="grow:#4"), 404)["error"]
+
+
 def test_loops_without_turns_that_ended_otherwise(tmp_path: Path) -> None:
     # Two inputs rejected for other reasons were "identical".
     session, ids = record_turnless(tmp_path)

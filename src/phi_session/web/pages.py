@@ -28,6 +28,7 @@ from .._time import Timestamp
 from ..codec import encode_event, encode_loop, encode_session
 from ..cost import Cost, Pricer
 from ..diff import PlacedLoop, loop_position
+from ..errors import LoopNotFound
 from ..model import LoopRecord, Session
 from ..stores.base import SessionStore, summarize_outline, to_builtins
 from ..stores.outline import SessionOutline
@@ -85,10 +86,18 @@ class CachedSession:
         """The whole session (what a session diff compares), loaded on first use."""
         return self.store.load(self.session_id)
 
-    def placed_loop(self, loop: str) -> PlacedLoop:
+    def placed_loop(self, loop: str, asked_at: float) -> PlacedLoop:
         """The loop `loop` names (an id, or ``#N``: `loop_position`) and where it is, for a
-        loop diff: only that loop is read. Raises `LoopNotFound`."""
-        position = loop_position(self.session_id, [outline.loop_id for outline in self.outline.loops], loop)
+        loop diff: only that loop is read. Raises `LoopNotFound`; but `StaleOutline` when
+        the outline, read before `asked_at` (the request's `time.monotonic`), lacks it: the
+        loop may have been saved since, and only an outline read afresh can tell."""
+        loop_ids = [outline.loop_id for outline in self.outline.loops]
+        try:
+            position = loop_position(self.session_id, loop_ids, loop)
+        except LoopNotFound:
+            if self.loaded_at < asked_at:
+                raise StaleOutline(self.session_id) from None
+            raise
         [record] = self._loops(position, position + 1)
         return PlacedLoop(self.session_id, position, record)
 

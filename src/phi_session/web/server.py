@@ -89,6 +89,7 @@ import logging
 import re
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -538,6 +539,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     def _diff_api(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         self._only(query, {"a", "b", "loop_a", "loop_b"})
+        asked_at = time.monotonic()  # an outline cached before it may lack a loop saved since
         refs = []
         for name in ("a", "b"):
             if not query.get(name):
@@ -553,8 +555,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
         result: LoopDiff | SessionDiff
         if loop_a is not None and loop_b is not None:  # the two loops alone are read
             result = diff_placed_loops(
-                self._from_cache(session_a, lambda entry: entry.placed_loop(loop_a)),
-                self._from_cache(session_b, lambda entry: entry.placed_loop(loop_b)),
+                self._from_cache(session_a, lambda entry: entry.placed_loop(loop_a, asked_at)),
+                self._from_cache(session_b, lambda entry: entry.placed_loop(loop_b, asked_at)),
             )
         elif loop_a is None and loop_b is None:
             result = diff_sessions(
