@@ -166,6 +166,21 @@ def test_a_directory_not_made_yet_holds_no_session(tmp_path: Path) -> None:
         store.load("s")
 
 
+@pytest.mark.parametrize("read", [JsonDirStore.load, JsonDirStore.load_outline])
+def test_a_directory_made_after_opening_then_read_from_is_then_missed(tmp_path: Path, read: Any) -> None:
+    # A store that had read a session from it still called its removal an empty store.
+    directory = tmp_path / "sessions"
+    reader = JsonDirStore(directory)  # before another store makes it
+    JsonDirStore(directory).save(make_session("s"))
+    read(reader, "s")
+    shutil.rmtree(directory)
+    gone = f"^no store directory at {re.escape(str(directory))}$"
+    with pytest.raises(StoreError, match=gone):
+        read(reader, "s")
+    with pytest.raises(StoreError, match=gone):
+        reader.list_ids()
+
+
 def test_list_ids_only_lists_session_files(store: JsonDirStore, directory: Path) -> None:
     store.save(make_session("real"))
     for name in ("real.json.tmp.1.2", "notes.txt", "UPPER.JSON", ".hidden.json", ".json", "x.json.bak"):

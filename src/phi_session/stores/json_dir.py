@@ -342,7 +342,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
     `delete` and `prune` raise `StoreError`.
 
     A directory that does not exist yet holds no session; once it has existed in this
-    store's life (at its opening, a listing or a save), its removal is a `StoreError`
+    store's life (at its opening, a listing, a read of a session or a save), its removal is a `StoreError`
     ("no store directory at …"), not an empty store. A save makes it again.
     """
 
@@ -721,6 +721,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
             raise self._missing(session_id) from None
         except OSError as error:
             raise StoreError(f"cannot read session file {path}: {_describe(error)}") from error
+        self._directory_existed = True  # another store may have made it since this one opened
         with self._cache_lock:
             paged = self._paged.get(session_id)
             if paged is not None and paged.key == key:
@@ -753,6 +754,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         path = self._dir / f"{session_id}{_SUFFIX}"
         try:
             with open(path, "rb") as file:
+                self._directory_existed = True  # as in `_paged_file`
                 # Key and bytes come from one open file, so they describe one version.
                 return _file_key(os.fstat(file.fileno())), file.read()
         except FileNotFoundError:
