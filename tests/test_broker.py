@@ -895,6 +895,45 @@ def test_a_spawner_read_failing_once_is_read_again_and_its_sub_agents_keep_their
     assert reads[:2] == ["p", "p"]  # failed, then read again
 
 
+def test_a_spawner_read_failing_for_good_holds_its_partition_back_only_for_a_while(
+    names: Names, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store error that never passes (a permission denied) was read again at every
+    checkpoint for ever: the sub-agent's start, and every later event of its partition (an
+    unrelated session's too), waited with no end, warned of at each checkpoint."""
+    spawner = [_start("p", "p.c.1"), _spawned("p.c.1", "t1", "sub", "k.sub.1"), _end("p.c.1", 1)]
+    after = [
+        _start("k", "k.sub.1", 2, parent="p.c.1"),
+        _end("k.sub.1", 3),
+        _start("z", "z.c.1", 4),  # another session of the same partition
+        _end("z.c.1", 5),
+    ]
+    with names.sink(partitions=1) as sink:
+        for event in spawner:
+            sink(event)
+        assert sink.flush(30)
+        asyncio.run(_run_until(names.worker(), lambda: "p" in _stored(names.schema), 30))
+    load_outline = PostgresStore.load_outline
+
+    def failing_for_p(store: PostgresStore, session_id: str) -> Any:
+        if session_id == "p":
+            raise ps.StoreError("permission denied for table sessions (simulated)")
+        return load_outline(store, session_id)
+
+    monkeypatch.setattr(PostgresStore, "load_outline", failing_for_p)
+    with names.sink(partitions=1) as sink:
+        for event in after:
+            sink(event)
+        assert sink.flush(30)
+    caplog.set_level(logging.WARNING)
+    worker = names.worker()
+    asyncio.run(_run_until(worker, lambda: {"k", "z"} <= set(_stored(names.schema)), 30))
+    assert {"k", "z"} <= set(_stored(names.schema))
+    warnings = [record for record in caplog.records if "where sub-agents were spawned" in record.getMessage()]
+    assert len(warnings) == 2  # read again for a while, then given up
+    assert worker.stats.spawner_waits > 0
+
+
 def test_a_sub_agent_published_by_another_process_goes_with_its_parent(names: Names) -> None:
     """The README said such a sub-agent is partitioned by its own session; its sink knows
     nothing of the parent but its loop id, and sends it with the session that names."""

@@ -587,16 +587,21 @@ class SavedSpawners:
     stored yet, or holding none, is read again for the next sub-agent (it may be saved by
     then: recorded elsewhere, by another partition's worker).
 
-    With `caller_retries`, a store error that may pass (`StoreError`: a dropped connection,
-    a lock held) is raised by `hand_to`, for the caller to start the sub-agent again later;
-    without it (a journal's recovery, run once), it is warned of and that spawner session
-    is not read again. One that cannot pass (an unusable stored copy) is warned of either way."""
+    For `caller_retries_for` seconds from a spawner session's first failed read, a store
+    error that may pass (`StoreError`: a dropped connection, a lock held) is raised by
+    `hand_to`, for the caller to start the sub-agent again later (warned of once); past
+    that, or with 0 (a journal's recovery, run once), it is warned of and that spawner
+    session is not read again: a `StoreError` may also be one that never passes (a
+    permission denied), and the sub-agent, and whatever waits behind it, must go on. One
+    that cannot pass (an unusable stored copy) is given up at once."""
 
-    def __init__(self, store: SaveTarget, *, caller_retries: bool = False) -> None:
+    def __init__(self, store: SaveTarget, *, caller_retries_for: float = 0.0) -> None:
         self._store = store if isinstance(store, SessionStore) else None
-        self._caller_retries = caller_retries
+        self._caller_retries_for = caller_retries_for
         # session id -> child loop id -> (spawning loop id, its ref)
         self._sessions: OrderedDict[str, dict[str, tuple[str, ChildLoopRef]]] = OrderedDict()
+        # Spawner session id -> when its read first failed (`time.monotonic()`), the latest 64.
+        self._failing: OrderedDict[str, float] = OrderedDict()
 
     def needs_spawner(self, event: object, recorder: SessionRecorder) -> TypeGuard[AgentStart]:
         """Whether `event` starts a sub-agent whose spawner `recorder` lacks (`hand_to` may find it)."""
@@ -610,7 +615,7 @@ class SavedSpawners:
     def hand_to(self, recorder: SessionRecorder, start: AgentStart) -> None:
         """Give `recorder` the tool call that spawned the loop `start` starts, if the store
         holds it (read from the store until its spawner's session holds tool calls).
-        `StoreError` with `caller_retries`, if the read failed in a way that may pass."""
+        `StoreError` with `caller_retries_for`, if the read failed in a way that may pass."""
         parent_loop_id = start.parent_loop_id
         if self._store is None or parent_loop_id is None:
             return
@@ -635,8 +640,9 @@ class SavedSpawners:
         except (SessionNotFound, InvalidSessionId):  # no spawner saved there (yet)
             return None
         except PhiSessionError as error:
-            if self._caller_retries and _may_pass(error):
+            if self._caller_retries_for and _may_pass(error) and self._may_retry(session_id, error):
                 raise
+            self._failing.pop(session_id, None)
             logger.warning(
                 "session %r, where sub-agents were spawned, could not be read (%s): "
                 "their spawn refs are saved without the tool call",
@@ -644,9 +650,28 @@ class SavedSpawners:
                 error,
             )
             return {}
+        self._failing.pop(session_id, None)
         refs = {
             ref.child_loop_id: (loop.loop_id, ref)
             for loop in outline.loops
             for ref in loop.record.child_loop_refs
         }
         return refs or None
+
+    def _may_retry(self, session_id: str, error: Exception) -> bool:
+        """Whether the caller may read `session_id` again, failed with `error`: for
+        `caller_retries_for` seconds from its first failure (warned of then)."""
+        now = time.monotonic()
+        first = self._failing.get(session_id)
+        if first is None:
+            logger.warning(
+                "session %r, where sub-agents were spawned, could not be read (%s): its sub-agents"
+                " wait, read again for up to %g s",
+                session_id,
+                error,
+                self._caller_retries_for,
+            )
+            self._failing[session_id] = first = now
+            if len(self._failing) > 64:
+                self._failing.popitem(last=False)
+        return now - first < self._caller_retries_for

@@ -99,6 +99,9 @@ class WorkerStats:
     """Events applied to a recorder (replayed ones included)."""
     held_back: int = 0
     """Events that waited for an earlier one still to be delivered (redelivered out of order)."""
+    spawner_waits: int = 0
+    """Times a sub-agent's start, and the events of its partition after it, waited a
+    checkpoint for its spawner's session to be read again (the store failed the read)."""
     rejected: int = 0
     """Events no recorder accepts (not phi-core JSON, or of no open loop) or of a session id
     no store accepts, and pieces of an event whose other pieces stopped coming for
@@ -482,7 +485,8 @@ class _PartitionRun:
         self.recorder = SessionRecorder(worker.recorder_config)
         # A session id no store accepts: its events stay staged, as rejected, with their payload.
         self.saver = SessionSaver(resources.store, orphans=self.orphaned)
-        self.spawners = SavedSpawners(resources.store, caller_retries=True)
+        # A spawner the store fails to read is read again as long as a failed save is tried.
+        self.spawners = SavedSpawners(resources.store, caller_retries_for=self.saver.retry_for)
         self.unstorable: list[str] = []  # sessions handed to `orphaned`, not yet marked
         self.waiting: dict[int, StagedEvent] = {}  # staged, not yet applied, by stream sequence
         self.applied: dict[str, list[str]] = {}  # session id -> events applied, session not yet saved
@@ -699,15 +703,11 @@ class _PartitionRun:
                 logger.warning("event %s is not phi-core JSON, kept as rejected: %s", event.event_id, error)
                 rejected.append(event.event_id)
                 continue
-            except StoreError as error:
+            except StoreError:
                 # Applied now, its sub-agent would be saved without its tool call for good: it
-                # and the events after it wait, tried again at the next checkpoint (as a save is).
-                logger.warning(
-                    "event %s starts a sub-agent whose spawner could not be read, trying again in %g s: %s",
-                    event.event_id,
-                    self.worker.checkpoint_interval,
-                    error,
-                )
+                # and the events after it wait, tried again at the next checkpoint (as a save is),
+                # until `spawners` gives that spawner up (it warned).
+                self.worker.stats.spawner_waits += 1
                 self.waiting[sequence] = event
                 self.apply_after = time.monotonic() + self.worker.checkpoint_interval
                 break
