@@ -210,13 +210,17 @@ class Routes:
     whose loops ended longest ago is forgotten first: a late sub-agent of a loop that just
     ended still finds its parent's. Loops that never end (their agent killed) are bounded
     too: `release`d with their aborted sessions, and past `_MAX_OPEN_ROUTES` the one running
-    longest is forgotten; a loop whose AgentEnd came first holds nothing. O(1) per event."""
+    longest is forgotten; a loop whose AgentEnd came first holds nothing. O(1) per event;
+    `release` costs the loops of the values released."""
 
     def __init__(self) -> None:
         self._values: dict[str, str] = {}
         self.get = self._values.get  # looked up for every event: the dict's own method
         self._loops: OrderedDict[str, str] = OrderedDict()  # loop running -> its key, the oldest first
         self._running: dict[str, int] = {}  # key -> how many of its loops run
+        # Value -> its loops running: what `release` ends, without a scan of all. A lone loop
+        # (most often: a loop id naming no session is its own key) is held without a dict.
+        self._loops_to: dict[str, str | dict[str, None]] = {}
         # The keys of no loop running, the one ended longest ago first.
         self._ended: OrderedDict[str, None] = OrderedDict()
         # Loops whose end came before their start: that start must not hold the route.
@@ -225,6 +229,9 @@ class Routes:
 
     def opened(self, key: str, value: str, loop_id: str) -> None:
         """``key`` routes to `value`, in use while its loop `loop_id` runs."""
+        routed = self._values.get(key)
+        if routed is not None and routed != value and key in self._running:
+            self._move_loops(key, routed, value)
         self._values[key] = value
         if loop_id in self._ended_early:
             del self._ended_early[loop_id]
@@ -237,6 +244,7 @@ class Routes:
         if previous is not None:  # started again in another session: the old key is not its any more
             self._end(loop_id)
         self._loops[loop_id] = key
+        self._index(value, loop_id)
         running = self._running.get(key, 0)
         self._running[key] = running + 1
         if not running:
@@ -264,15 +272,44 @@ class Routes:
 
     def release(self, values: Collection[str]) -> None:
         """The loops routed to one of `values` will not end (their sessions were aborted):
-        their routes are forgotten as ended ones are. O(loops running), as an abort is."""
-        if not values:
-            return
-        for loop_id in [loop_id for loop_id, key in self._loops.items() if self._values[key] in values]:
-            self._end(loop_id)
+        their routes are forgotten as ended ones are."""
+        for value in values:
+            for loop_id in self._loops_of(value):
+                self._end(loop_id)
+
+    def _loops_of(self, value: str) -> list[str]:
+        loops = self._loops_to.get(value)
+        return [] if loops is None else [loops] if isinstance(loops, str) else list(loops)
+
+    def _index(self, value: str, loop_id: str) -> None:
+        loops = self._loops_to.get(value)
+        if loops is None:
+            self._loops_to[value] = loop_id
+        elif isinstance(loops, str):
+            self._loops_to[value] = {loops: None, loop_id: None}
+        else:
+            loops[loop_id] = None
+
+    def _unindex(self, value: str, loop_id: str) -> None:
+        loops = self._loops_to[value]
+        if isinstance(loops, str):
+            del self._loops_to[value]
+        else:
+            del loops[loop_id]
+            if not loops:
+                del self._loops_to[value]
+
+    def _move_loops(self, key: str, routed: str, value: str) -> None:
+        """``key``, its loops running, now routes to `value`, not `routed`: they are released with it."""
+        for loop_id in self._loops_of(routed):
+            if self._loops[loop_id] == key:
+                self._unindex(routed, loop_id)
+                self._index(value, loop_id)
 
     def _end(self, loop_id: str) -> None:
         """Loop `loop_id` no longer runs: once none of its key's does, that route is retired."""
         key = self._loops.pop(loop_id)
+        self._unindex(self._values[key], loop_id)
         running = self._running.pop(key) - 1
         if running:
             self._running[key] = running

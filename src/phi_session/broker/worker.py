@@ -816,7 +816,8 @@ class _PartitionRun:
             return []
         idle = [session_id for session_id, latest in self.last_event.items() if latest < cutoff]
         aborted_loops = self.recorder.abort_sessions(idle)
-        self.loop_sessions.release(aborted_loops.keys())  # aborted: their loops never end
+        # Aborted: their loops never end.
+        self.loop_sessions.release([session_id for session_id, aborted in aborted_loops.items() if aborted])
         for session_id, aborted in aborted_loops.items():
             if aborted:
                 logger.warning(
