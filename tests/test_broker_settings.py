@@ -272,24 +272,11 @@ def test_released_routes_are_forgotten_as_ended_ones(monkeypatch: pytest.MonkeyP
     assert [routes.get(f"run-{n}") for n in range(1, 5)] == [None, None, "T", "U"]
 
 
-def test_releasing_a_session_costs_its_own_loops_not_every_running_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Every idle check released its sessions by a scan of all running loops: with 500,000
-    running, release({"idle0"}) took 290-470 ms, though no loop was routed there."""
-    import time
-
+def test_releasing_a_session_releases_the_loops_now_routed_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release goes by an index of each session's running loops (it scanned every running
+    loop at each idle check: 290-470 ms with 500,000 running; measured by its repro, not
+    here): a loop started again in another session moves to that session's entry."""
     from phi_session.broker import settings
-
-    routes = settings.Routes()
-    began = time.perf_counter()
-    for n in range(100_000):
-        routes.opened(f"L{n}", f"S{n % 1000}", f"L{n}")
-    opening = time.perf_counter() - began
-    began = time.perf_counter()
-    routes.release({"idle"})
-    releasing = time.perf_counter() - began
-    assert releasing < opening / 100, (releasing, opening)
 
     monkeypatch.setattr(settings, "_MAX_ROUTES", 1)
     routes = settings.Routes()
