@@ -34,7 +34,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
-from langgraph.types import Command, interrupt
+from langgraph.types import Command, Send, interrupt
 from pydantic import Field
 
 from phi_session import SessionRecorder, SqliteStore, codec
@@ -1089,9 +1089,9 @@ class Outputs(TypedDict):
     out: Annotated[list[str], lambda left, right: left + right]
 
 
-def test_tokens_of_a_reply_cut_short_by_a_parallel_model_call_are_dropped() -> None:
-    # Two nodes of one step stream at once: the second call ends the first's turn, whose
-    # later tokens are dropped, not adapter faults.
+def test_model_calls_streaming_in_parallel_each_keep_their_whole_reply() -> None:
+    # Two nodes of one step stream at once: the second call waits for the first's turn to
+    # end, then has its own, its reply whole (its tokens, streamed meanwhile, not deltas).
     recorder = SessionRecorder()
     events: list[Any] = []
     handler = AsyncPhiCallbackHandler([recorder, events.append])
@@ -1115,6 +1115,66 @@ def test_tokens_of_a_reply_cut_short_by_a_parallel_model_call_are_dropped() -> N
     assert sorted(out["out"]) == ["a1 a2 a3 a4 ", "b1 b2 b3 b4 "]  # the host's result, unchanged
     assert handler.core.fault_count == 0
     (session,) = recorded(recorder).values()
+    (loop,) = session.loops
+    assert loop.turn_count() == 2
     replies = [m for m in messages_of(session) if isinstance(m, AssistantMessage)]
+    assert sorted(m.content[0].text for m in replies) == ["a1 a2 a3 a4 ", "b1 b2 b3 b4 "]  # type: ignore[union-attr]
+    assert [m.stop_reason for m in replies] == ["stop", "stop"]
     streamed = "".join(e.delta.delta for e in events if isinstance(e, MessageUpdate))
-    assert len(replies) == 2 and streamed.endswith(replies[-1].content[0].text)  # type: ignore[union-attr]
+    assert streamed == replies[0].content[0].text  # type: ignore[union-attr]
+
+
+class FanOut(TypedDict):
+    topics: list[str]
+    answers: Annotated[list[str], lambda left, right: left + right]
+
+
+def test_parallel_model_calls_of_a_send_fan_out_each_keep_their_reply_and_usage() -> None:
+    # Three nodes (LangGraph's Send) each call a model that does not stream; every call
+    # starts before any ends (the barrier): each is a turn with its reply and usage.
+    barrier = threading.Barrier(3, timeout=30)
+
+    class Overlapping(ScriptedChat):
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            barrier.wait()
+            return super()._generate(*args, **kwargs)
+
+    models = {
+        topic: Overlapping(messages=iter([reply(f"ans-{topic}", tokens=(10 * n, n))]))
+        for n, topic in enumerate("abc", 1)
+    }
+
+    def work(state: Any) -> dict[str, Any]:
+        answer = models[state["topic"]].invoke([HumanMessage(f"about {state['topic']}")])
+        return {"answers": [answer.content]}
+
+    graph = StateGraph(FanOut)
+    graph.add_node("work", work)
+    graph.add_conditional_edges(START, lambda s: [Send("work", {"topic": t}) for t in s["topics"]], ["work"])
+    graph.add_edge("work", END)
+    recorder = SessionRecorder()
+    handler = PhiCallbackHandler([recorder])
+    config: Any = {"callbacks": [handler], "configurable": {"thread_id": "fan"}}
+    out = graph.compile().invoke({"topics": list("abc"), "answers": []}, config)
+    assert sorted(out["answers"]) == ["ans-a", "ans-b", "ans-c"]
+    assert handler.core.fault_count == 0
+    (loop,) = recorded(recorder)["fan"].loops
+    assert loop.status == "Completed" and loop.turn_count() == 3
+    replies = sorted(
+        (
+            turn.output_message.content[0].text,
+            turn.usage.input,
+            turn.usage.output,
+            turn.output_message.stop_reason,
+        )  # type: ignore[union-attr]
+        for turn in loop.turns
+    )
+    assert replies == [("ans-a", 10, 1, "stop"), ("ans-b", 20, 2, "stop"), ("ans-c", 30, 3, "stop")]
+    assert (loop.usage.input, loop.usage.output) == (60, 6)
+    # each turn's input is its own call's prompt, before its reply
+    texts = [m.content[0].text for m in loop.messages]  # type: ignore[union-attr]
+    assert sorted(zip(texts[::2], texts[1::2], strict=True)) == [
+        ("about a", "ans-a"),
+        ("about b", "ans-b"),
+        ("about c", "ans-c"),
+    ]

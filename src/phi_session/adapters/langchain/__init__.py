@@ -17,7 +17,9 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   the run resumes, before its first model call);
 * ``on_chat_model_start`` opens a turn (after ending the previous one) with the new
   input messages (those after the last AI message that were not recorded already)
-  and, with ``capture_requests=True``, the turn's ``TurnRequest``;
+  and, with ``capture_requests=True``, the turn's ``TurnRequest``; a call starting
+  while another call of the run is in flight (parallel nodes) waits for that reply to
+  end, then has its turn (its tokens meanwhile are not streamed);
   ``on_llm_new_token`` streams text, reasoning and tool-call argument deltas;
   ``on_llm_end`` finishes the assistant message (tool call ids, ``usage_metadata``
   of that response only, the response's model or ``ls_model_name``, ``ls_provider``);
@@ -327,6 +329,23 @@ _RunId = int
 Taken inside the callbacks' fault catch."""
 
 
+class _Call:
+    """A model call that started while another call of its run was in flight (parallel
+    nodes of one step): it gets its turn once that call's reply ends."""
+
+    __slots__ = ("history", "model", "outcome", "params", "provider")
+
+    def __init__(
+        self, model: str, provider: str, history: Sequence[BaseMessage], params: Mapping[str, Any]
+    ) -> None:
+        self.model = model
+        self.provider = provider
+        self.history = history
+        self.params = params
+        self.outcome: LLMResult | BaseException | None = None
+        """Its response or error, once it ended before its turn opened."""
+
+
 class _Run:
     """One root run (one loop): its open turn and reply, and what it recorded already.
 
@@ -355,6 +374,7 @@ class _Run:
         "spawner",
         "tokens",
         "turn",
+        "waiting",
     )
 
     def __init__(
@@ -404,6 +424,8 @@ class _Run:
         managers hold it once)."""
         self.tokens = 0
         """The token callbacks of the run's own model call so far, copies included."""
+        self.waiting: dict[_RunId, _Call] = {}
+        """The model calls waiting for a turn, in the order they started."""
 
     @property
     def sub_agent(self) -> bool:
@@ -596,6 +618,12 @@ class _Mapper:
             if run.loop is None and run.sub_agent:
                 return  # a sub-agent that called no model: its tool's result is all it did
             loop = self._loop(run, _NO_MODEL)
+            # Calls that ended waiting for a turn are recorded; those still in flight,
+            # cut short with the run, are not (nor is their turn begun).
+            run.waiting = {key: call for key, call in run.waiting.items() if call.outcome is not None}
+            if run.waiting and loop.running:
+                run.end_turn()
+                self._next_turns(run)
             thread = _thread(run.metadata)
             if thread is not None and run.interrupts:
                 answered = frozenset(run.recorded.intersection(run.call_args))
@@ -651,37 +679,70 @@ class _Mapper:
             or "unknown"
         )
         provider = str(metadata.get("ls_provider") or "langchain")
-        history = messages[0] if messages else ()
+        call = _Call(model, provider, messages[0] if messages else (), params)
         with run.lock:
-            run.end_turn()
             loop = run.loop
-            if loop is None:
-                loop = self._loop(run, loop_config(model, provider))
-            elif not loop.running:
+            if loop is not None and not loop.running:
                 return  # ended under the run: the handler closed, or the interpreter is exiting
-            elif run.handoff is not None:
-                # Named in the new loop: the reply that made the call keeps toolUse.
-                handoff = {HANDOFF_KEY: run.handoff}
-                run.handoff = None
-                successor = self.core.handoff(run.key, loop_config(model, provider), metadata=handoff)
-                if successor is not None:
-                    loop = run.loop = successor.loop
-            now = self.core.agent.millis()
-            for message in run.new_inputs(history, now):
-                loop.user(message)
-            capture = self.core.capture_requests
-            request = _request(history, params, model, now, run.convert) if capture else None
-            # A sub-agent loop no tool scope spawned starts as a tool-spawned one does.
-            trigger: TurnTrigger | None = "SubAgent" if run.spawner is not None and loop.turns == 0 else None
+            if run.reply is not None and run.reply.running:
+                # A parallel call (another node of the step): one turn at a time, so it
+                # waits for the running reply to end (its tokens meanwhile are dropped).
+                run.waiting[run_id] = call
+            else:
+                self._replies[run_id] = (run, self._open_turn(run, call))
+            loop = run.loop
+        if loop is not None:
             # LangGraph makes each model call in a context of its own: name its loop there,
             # for a replay cursor answering the call (`phi_session.replay.recording_as`).
             calling(loop.loop_id)
-            turn = loop.turn(trigger, request=request).start()
-            reply = turn.assistant(model=model, provider=provider).start()
-            run.turn, run.reply = turn, reply
         self._runs[run_id] = run
-        self._replies[run_id] = (run, reply)
         run.children.add(run_id)
+
+    def _open_turn(self, run: _Run, call: _Call) -> MessageScope:
+        """End the run's turn and open the next one for `call`: its new inputs, its request
+        if captured, its reply started. Under the run's lock, its loop running."""
+        run.end_turn()
+        model, provider = call.model, call.provider
+        loop = run.loop
+        if loop is None:
+            loop = self._loop(run, loop_config(model, provider))
+        elif run.handoff is not None:
+            # Named in the new loop: the reply that made the call keeps toolUse.
+            handoff = {HANDOFF_KEY: run.handoff}
+            run.handoff = None
+            successor = self.core.handoff(run.key, loop_config(model, provider), metadata=handoff)
+            if successor is not None:
+                loop = run.loop = successor.loop
+        now = self.core.agent.millis()
+        for message in run.new_inputs(call.history, now):
+            loop.user(message)
+        capture = self.core.capture_requests
+        request = _request(call.history, call.params, model, now, run.convert) if capture else None
+        # A sub-agent loop no tool scope spawned starts as a tool-spawned one does.
+        trigger: TurnTrigger | None = "SubAgent" if run.spawner is not None and loop.turns == 0 else None
+        turn = loop.turn(trigger, request=request).start()
+        reply = turn.assistant(model=model, provider=provider).start()
+        run.turn, run.reply = turn, reply
+        return reply
+
+    def _next_turns(self, run: _Run) -> None:
+        """The turns of the calls waiting for one, once the run's reply has ended: each
+        call that ended meanwhile recorded at once, then the first still in flight opened
+        (its reply ends when it does). Under the run's lock."""
+        waiting = run.waiting
+        while waiting and (run.reply is None or not run.reply.running):
+            if run.loop is None or not run.loop.running:
+                waiting.clear()  # ended under the run (the handler closed)
+                return
+            key = next(
+                (key for key, call in waiting.items() if call.outcome is not None), next(iter(waiting))
+            )
+            call = waiting.pop(key)
+            reply = self._open_turn(run, call)
+            if call.outcome is None:
+                self._replies[key] = (run, reply)
+            else:
+                self._finish(run, reply, call.outcome)
 
     def new_token(self, token: Any, chunk: Any, run_id: _RunId) -> None:
         found = self._replies.get(run_id)
@@ -690,8 +751,7 @@ class _Mapper:
         run, reply = found
         message = getattr(chunk, "message", None)
         with run.lock:
-            # A reply cut short (a parallel model call of the step began the next turn)
-            # drops its late tokens, as `llm_end` drops its late result.
+            # A reply ended under the run (the handler closed) drops its late tokens.
             if not reply.running:
                 return
             if run.copies > 1 and run.key == run_id:
@@ -719,50 +779,55 @@ class _Mapper:
                     reply.tool_call_delta(str(call["args"]))
 
     def llm_end(self, response: LLMResult, run_id: _RunId) -> None:
-        found = self._replies.pop(run_id, None)
-        self._runs.pop(run_id, None)
-        if found is None:
-            return
-        run, reply = found
-        run.children.discard(run_id)
-        generations = response.generations[0] if response.generations else []
-        message = getattr(generations[0], "message", None) if generations else None
-        with run.lock:
-            if not reply.running:
-                return
-            if not isinstance(message, AIMessage):  # a completion model: text only
-                text = generations[0].text if generations else ""
-                reply.finish(text)
-            else:
-                calls = _tool_calls(message)
-                model = message.response_metadata.get("model_name")
-                if isinstance(model, str) and model:
-                    reply.model = model
-                provider = message.response_metadata.get("model_provider")
-                if isinstance(provider, str) and provider:
-                    reply.provider = provider
-                recorded = reply.finish(
-                    _blocks(message),
-                    tool_calls=calls,
-                    usage=_usage(message.usage_metadata),
-                    stop_reason=_stop_reason(message, calls),
-                )
-                if calls:  # the recorded calls (own copies of the arguments) end its content
-                    tail = recorded.content[-len(calls) :]
-                    run.call_args = dict(zip(map(_call_id, tail), map(_arguments, tail), strict=True))
-        self._ended_alone(run_id, run)
+        self._call_ended(run_id, response)
 
     def llm_error(self, error: BaseException, run_id: _RunId) -> None:
-        found = self._replies.pop(run_id, None)
-        self._runs.pop(run_id, None)
-        if found is None:
+        self._call_ended(run_id, error)
+
+    def _call_ended(self, run_id: _RunId, outcome: LLMResult | BaseException) -> None:
+        run = self._runs.pop(run_id, None)
+        if run is None:
             return
-        run, reply = found
         run.children.discard(run_id)
         with run.lock:
-            if reply.running:
-                reply.end(error)
-        self._ended_alone(run_id, run, error)
+            # Under the lock: a waiting call may have been given its turn meanwhile.
+            found = self._replies.pop(run_id, None)
+            if found is not None:
+                self._finish(run, found[1], outcome)
+                self._next_turns(run)
+            elif run_id in run.waiting:
+                run.waiting[run_id].outcome = outcome  # recorded when its turn comes
+        self._ended_alone(run_id, run, outcome if isinstance(outcome, BaseException) else None)
+
+    @staticmethod
+    def _finish(run: _Run, reply: MessageScope, outcome: LLMResult | BaseException) -> None:
+        """A model call's response (or error) as its reply. Under the run's lock."""
+        if not reply.running:
+            return  # ended under the run (the handler closed)
+        if isinstance(outcome, BaseException):
+            reply.end(outcome)
+            return
+        generations = outcome.generations[0] if outcome.generations else []
+        message = getattr(generations[0], "message", None) if generations else None
+        if not isinstance(message, AIMessage):  # a completion model: text only
+            reply.finish(generations[0].text if generations else "")
+            return
+        calls = _tool_calls(message)
+        model = message.response_metadata.get("model_name")
+        if isinstance(model, str) and model:
+            reply.model = model
+        provider = message.response_metadata.get("model_provider")
+        if isinstance(provider, str) and provider:
+            reply.provider = provider
+        recorded = reply.finish(
+            _blocks(message),
+            tool_calls=calls,
+            usage=_usage(message.usage_metadata),
+            stop_reason=_stop_reason(message, calls),
+        )
+        if calls:  # the recorded calls (own copies of the arguments) end its content
+            tail = recorded.content[-len(calls) :]
+            run.call_args = dict(zip(map(_call_id, tail), map(_arguments, tail), strict=True))
 
     def _ended_alone(self, run_id: _RunId, run: _Run, error: BaseException | None = None) -> None:
         """A bare model call (its own root run) ends its loop with it."""
