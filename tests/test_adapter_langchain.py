@@ -604,6 +604,48 @@ def test_a_handler_attached_twice_records_each_run_once(handler: type, attached:
     assert first.core.fault_count == second.core.fault_count == 0
 
 
+@pytest.mark.parametrize("config", ["none", "the same", "another sharing the recorder"])
+def test_a_handler_set_on_the_model_records_its_calls_inside_a_graph_once(
+    config: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The graph's run is unknown to a handler given to the model alone: each model call
+    is then a loop of its own in the thread's session, and a warning names the fix once."""
+    recorder = SessionRecorder()
+    on_model = PhiCallbackHandler([recorder])
+    in_config = {
+        "none": [],
+        "the same": [on_model],
+        "another sharing the recorder": [PhiCallbackHandler([recorder])],
+    }
+    model = chat(reply("", ("c1", "add", {"a": 1, "b": 2}), tokens=(4, 2)), reply("It is 3", tokens=(6, 1)))
+    model.callbacks = [on_model]
+    agent = create_agent(model, tools=[add], checkpointer=InMemorySaver())
+    run_config: Any = {"callbacks": in_config[config], "configurable": {"thread_id": "m1"}}
+    with caplog.at_level("WARNING", logger="phi_session.adapters.langchain"):
+        agent.invoke({"messages": [("user", "add")]}, run_config)
+    assert on_model.core.fault_count == 0
+    loops = recorded(recorder)["m1"].loops
+    texts = [(type(m).__name__, getattr(m.content[0], "text", None)) for loop in loops for m in loop.messages]  # type: ignore[union-attr]
+    assert sum(loop.usage.input for loop in loops) == 10 and all(loop.status == "Completed" for loop in loops)
+    warned = [r for r in caplog.records if "config" in r.getMessage()]
+    if config == "none":
+        # tools and the graph are not seen: the tool's result is the next call's input
+        assert [loop.turn_count() for loop in loops] == [1, 1]
+        assert loops[1].parent_loop_id == loops[0].loop_id
+        assert texts == [
+            ("UserMessage", "add"),
+            ("AssistantMessage", None),  # its tool call
+            ("ToolResultMessage", "3"),
+            ("AssistantMessage", "It is 3"),
+        ]
+        (warning,) = warned
+        assert "callbacks" in warning.getMessage()
+    else:
+        (loop,) = loops
+        assert loop.turn_count() == 2 and texts[-1] == ("AssistantMessage", "It is 3")
+        assert warned == []
+
+
 class TextDeltas:
     """A sink keeping the text deltas of the streamed replies."""
 

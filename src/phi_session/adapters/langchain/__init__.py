@@ -14,7 +14,9 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   or a model call under a tool run is a sub-agent (own session, linked both ways),
   recorded only if it calls a model (a plain chain is part of the tool's execution);
   under a tool run outside a model turn (not recorded), linked one way (to the loop
-  the run resumes, before its first model call);
+  the run resumes, before its first model call); a model call under a run the handler
+  does not see (the handler given to the model alone) is a root run of its own, as a
+  bare call is;
 * ``on_chat_model_start`` opens a turn (after ending the previous one) with the new
   input messages (those after the last AI message that were not recorded already)
   and, with ``capture_requests=True``, the turn's ``TurnRequest``; a call starting
@@ -490,6 +492,7 @@ class _Mapper:
         # Bounded.
         self._interrupted: dict[str, tuple[str, frozenset[str]]] = {}
         self._interrupted_lock = threading.Lock()
+        self._warned_unseen = False  # a model call under a run not seen: warned of once
 
     def _root(
         self,
@@ -610,6 +613,7 @@ class _Mapper:
         self.core.unclaim(run.key)
         # Copied at once (in C): a thread of the run may still register a tool.
         for child in list(run.children):
+            self.core.unclaim(child)  # a model call's (its turn claimed)
             self._runs.pop(child, None)
             self._replies.pop(child, None)
             self._tools.pop(child, None)
@@ -662,12 +666,21 @@ class _Mapper:
         else:
             run = self._runs.get(parent_run_id) if parent_run_id is not None else None
             if run is None:
-                if parent_run_id is not None:
-                    return  # under a run this handler does not record
-                # A bare model call is a loop of its own.
+                # A bare model call is a loop of its own; so is one under a run this handler
+                # does not see (given to the model alone, not in the run's callbacks).
                 run = self._root(run_id, metadata, None)
                 if run is None:
                     return
+                if parent_run_id is not None and not self._warned_unseen:
+                    self._warned_unseen = True
+                    logger.warning(
+                        "a model call under a run this handler is not attached to (given to the "
+                        "model's callbacks alone) is recorded as a loop of its own, its tools not "
+                        "at all: put the handler in the run's config callbacks "
+                        '(invoke(inputs, {"callbacks": [handler]})) to record the whole run'
+                    )
+            elif not self.core.claim(run_id):
+                return  # another handler recording into the same place records the run's turn
         metadata = metadata or {}
         params = params or {}
         # A model without a name (a fake, a custom class) goes by its LangChain type.
@@ -788,6 +801,7 @@ class _Mapper:
         run = self._runs.pop(run_id, None)
         if run is None:
             return
+        self.core.unclaim(run_id)
         run.children.discard(run_id)
         with run.lock:
             # Under the lock: a waiting call may have been given its turn meanwhile.
