@@ -912,10 +912,15 @@ def test_a_sub_agent_a_resumed_tool_runs_before_any_model_call_is_recorded_linke
     assert usage == [11, 22, 77]
 
 
+@pytest.mark.parametrize("handlers", ["one", "one per run", "one per run, closed between"])
 @pytest.mark.parametrize("handler", [PhiCallbackHandler, AsyncPhiCallbackHandler])
-def test_a_resumed_run_records_only_the_interrupted_calls_result(handler: type) -> None:
+def test_a_resumed_run_records_only_the_interrupted_calls_result(
+    handler: type, handlers: str, tmp_path: Any
+) -> None:
     # The call answered before the interrupt is sent to the model again by the resumed
-    # run: it was recorded in the interrupted loop, and is no input of the resumed one.
+    # run: it was recorded in the interrupted loop, and is no input of the resumed one,
+    # whichever handler records the resumed run (a new one: the README's per-call
+    # handler; after the first closed: as after a restart, knowing only the store).
     @tool
     def add(a: int, b: int) -> int:
         """Add two numbers."""
@@ -931,14 +936,22 @@ def test_a_resumed_run_records_only_the_interrupted_calls_result(handler: type) 
     agent = create_agent(
         chat(reply("", *calls), reply("done")), tools=[add, book], checkpointer=InMemorySaver()
     )
-    config: Any = {"callbacks": [handler([recorder])], "configurable": {"thread_id": "both"}}
+    store = SqliteStore(tmp_path / "s.db")
+    first = handler([recorder]) if handlers != "one per run, closed between" else handler(store=store)
+    second = first if handlers == "one" else handler([recorder]) if handlers == "one per run" else None
 
     async def both_runs() -> None:
+        config: Any = {"callbacks": [first], "configurable": {"thread_id": "both"}}
         await agent.ainvoke({"messages": [("user", "add, then book")]}, config)
+        if second is None:
+            first.close()
+        config["callbacks"] = [second if second is not None else handler(store=store)]
         await agent.ainvoke(Command(resume="yes"), config)
+        config["callbacks"][0].close()
 
     asyncio.run(both_runs())
-    interrupted, resumed = recorded(recorder)["both"].loops
+    interrupted, resumed = (store.load("both") if second is None else recorded(recorder)["both"]).loops
+    store.close()
     results = [m for m in interrupted.turns[0].tool_results if isinstance(m, ToolResultMessage)]
     answered = sorted((m.tool_call_id, m.content[0].text) for m in results)  # type: ignore[union-attr]
     assert answered == [("c1", "3"), ("c2", "[interrupted]")]  # (concurrent tools: any order)

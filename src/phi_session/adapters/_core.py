@@ -524,6 +524,17 @@ class AdapterCore:
         """The run `key` this core claimed ended."""
         self._book.unclaim((self.framework, key), self)
 
+    def leave_note(self, framework_session_id: str, note: Any) -> None:
+        """Keep `note` for the next run of `framework_session_id` that a core recording
+        into the same place starts (`take_note`): an interrupted run's state, say."""
+        self._record_again()  # the book of the run's destination
+        self._book.leave((self.framework, framework_session_id), note)
+
+    def take_note(self, framework_session_id: str) -> Any:
+        """The note left for `framework_session_id` (then forgotten), if any."""
+        self._record_again()
+        return self._book.take((self.framework, framework_session_id))
+
     def start_run(
         self,
         key: object,

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 __all__ = ["EmbeddedStore", "SessionBook", "book_for_sinks", "embedded_store"]
 
 
+_NOTES_KEPT = 4096  # sessions whose note (`SessionBook.leave`) a book keeps
+
+
 class SessionBook:
     """The identities of framework sessions recorded into one destination.
 
@@ -57,6 +60,7 @@ class SessionBook:
         self._progress: dict[str, tuple[object, ...]] = {}
         self._stored: dict[str, int] = {}  # session id -> its stored loops read (a store's sessions)
         self._claims: dict[object, object] = {}
+        self._notes: OrderedDict[object, Any] = OrderedDict()
 
     def claim(self, run: object, owner: object) -> object:
         """Who records framework run `run` here: `owner` if no one did yet (a handler
@@ -69,6 +73,22 @@ class SessionBook:
         with self._lock:
             if self._claims.get(run) is owner:
                 del self._claims[run]
+
+    def leave(self, key: object, note: Any) -> None:
+        """Keep `note` for the next run of framework session `key`, whichever core records
+        it (an interrupted run's state for the run resuming it: a handler made per call is
+        the common case); the last `_NOTES_KEPT` are kept."""
+        with self._lock:
+            notes = self._notes
+            notes.pop(key, None)
+            notes[key] = note
+            if len(notes) > _NOTES_KEPT:
+                notes.popitem(last=False)
+
+    def take(self, key: object) -> Any:
+        """The note left for framework session `key` (then forgotten), if any."""
+        with self._lock:
+            return self._notes.pop(key, None)
 
     def allow_idle(self, max_idle: int) -> None:
         """Keep at least `max_idle` idle sessions (cores sharing a book may ask for more)."""

@@ -53,6 +53,7 @@ from uuid import UUID
 import msgspec
 
 from ..._float32 import Float32
+from ...errors import PhiSessionError
 from ...events import ContinuationKind, LoopConfigSnapshot, TurnTrigger
 from ...instrument import LoopScope, MessageScope, ToolScope, TurnScope
 from ...messages import (
@@ -86,6 +87,7 @@ from .._core import (
     leave_tool,
     loop_config,
     require_extra,
+    session_id_for,
     since_last_reply,
     usage_of,
 )
@@ -442,6 +444,12 @@ class _Run:
                 key = value.get("id")
                 self.interrupts.setdefault(object() if key is None else key, value)
 
+    def resume(self, loop_id: str, answered: frozenset[str]) -> None:
+        """This run resumes the interrupted loop `loop_id`, which recorded the results of
+        the `answered` calls."""
+        self.resumes = loop_id
+        self.recorded.update(answered)
+
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
         self.call_args = {}
@@ -468,7 +476,8 @@ class _Run:
         return inputs
 
 
-_INTERRUPTED_MEMORY = 4096  # threads whose interrupted run's loop and answered calls are kept
+_INTERRUPTED = "[interrupted]"
+"""The result of a tool that called ``interrupt()`` in the interrupted run's loop."""
 _NO_MODEL = LoopConfigSnapshot(model="none", provider="langchain")
 """The config of a run that called no model (a resumed run that only ran a node, say)."""
 
@@ -486,12 +495,6 @@ class _Mapper:
         self._unrecorded_tools: dict[_RunId, _Run] = {}
         """Tools run outside a model turn (not recorded) -> their run: what runs inside them
         is still a sub-agent."""
-        # Thread id -> an interrupted run's loop id and the calls of its last reply that it
-        # recorded results of: the resumed run's model call sends them again, and they are
-        # no new inputs (the interrupted call's result, which comes with the resume, is).
-        # Bounded.
-        self._interrupted: dict[str, tuple[str, frozenset[str]]] = {}
-        self._interrupted_lock = threading.Lock()
         self._warned_unseen = False  # a model call under a run not seen: warned of once
 
     def _root(
@@ -514,12 +517,39 @@ class _Mapper:
         self._roots[run_id] = run
         thread = _thread(metadata)
         if thread is not None:
-            with self._interrupted_lock:
-                interrupted = self._interrupted.pop(thread, None)
+            # Left by the thread's interrupted run (`_end`), for whichever handler resumes it.
+            interrupted = self.core.take_note(thread)
             if interrupted is not None:
-                run.resumes = interrupted[0]
-                run.recorded.update(interrupted[1])
+                run.resume(*interrupted)
         return run
+
+    def _stored_interrupt(self, thread: str) -> tuple[str, frozenset[str]] | None:
+        """The interrupted loop a run of `thread` resumes and the calls of its last turn
+        that it recorded results of, read from the store: for a run resuming one that left
+        no note (recorded by a handler closed since, or by another process)."""
+        store = self.core.store
+        if store is None:
+            return None
+        session_id = session_id_for(thread)
+        try:
+            count = len(store.load_outline(session_id).loops)
+            loops = store.load_loops(session_id, count - 1, count) if count else []
+        except PhiSessionError:  # none stored, or unreadable (the run's start warns of it)
+            return None
+        if not loops or not loops[0].turns:
+            return None
+        loop = loops[0]
+        if not any(
+            isinstance(m, ExtensionMessage) and m.kind == "langgraph.interrupt" for m in loop.messages
+        ):
+            return None
+        stopped = (TextContent(text=_INTERRUPTED),)
+        answered = frozenset(
+            result.tool_call_id
+            for result in loop.turns[-1].tool_results
+            if isinstance(result, ToolResultMessage) and result.content != stopped
+        )
+        return loop.loop_id, answered
 
     # -- loops ---------------------------------------------------------------------------------
 
@@ -589,6 +619,11 @@ class _Mapper:
         if resume is not None and type(inputs).__name__ == "Command":
             # LangGraph's Command(resume=...): the answer to the interrupt is the run's input.
             run.pending.append(ExtensionMessage(kind="langgraph.resume", data=jsonable(resume)))
+            thread = _thread(metadata)
+            if run.resumes is None and thread is not None:
+                interrupted = self._stored_interrupt(thread)
+                if interrupted is not None:
+                    run.resume(*interrupted)
 
     def chain_end(self, run_id: _RunId) -> None:
         run = self._runs.pop(run_id, None)
@@ -630,12 +665,11 @@ class _Mapper:
                 self._next_turns(run)
             thread = _thread(run.metadata)
             if thread is not None and run.interrupts:
+                # The calls of its last reply it recorded results of: the resumed run's model
+                # call sends them again, and they are no new inputs (the interrupted call's
+                # result, which comes with the resume, is).
                 answered = frozenset(run.recorded.intersection(run.call_args))
-                with self._interrupted_lock:
-                    self._interrupted.pop(thread, None)
-                    self._interrupted[thread] = (loop.loop_id, answered)
-                    if len(self._interrupted) > _INTERRUPTED_MEMORY:
-                        del self._interrupted[next(iter(self._interrupted))]
+                self.core.leave_note(thread, (loop.loop_id, answered))
             if error is None and loop.running:
                 run.end_turn()
                 if run.interrupts:
@@ -913,7 +947,7 @@ class _Mapper:
             # The tool asked for input: it did not fail, its result comes with the resumed
             # run. A started tool scope always records a result: this one says so.
             run.interrupted(error)
-            tool.result("[interrupted]")
+            tool.result(_INTERRUPTED)
         else:
             with run.lock:
                 run.recorded.add(tool.tool_call_id)
