@@ -23,11 +23,13 @@ pytest.importorskip("langchain.agents", reason="create_agent needs: pip install 
 from pathlib import Path
 
 from langchain.agents import create_agent
-from langchain.agents.middleware import ModelFallbackMiddleware
+from langchain.agents.middleware import ModelFallbackMiddleware, ToolRetryMiddleware
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.graph import START, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
 from pydantic import Field
 
 from phi_session import SqliteStore
@@ -36,7 +38,7 @@ from phi_session.errors import RecordedModelError, RecordedToolError, ReplayDive
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session, is_replayed
 
-from .test_adapter_langchain import ScriptedChat, reply, team, team_models
+from .test_adapter_langchain import ScriptedChat, State, reply, team, team_models
 
 SYSTEM = "You are a calculator: use the tools."
 THREAD = "calc-thread"
@@ -406,6 +408,74 @@ def test_a_tool_error_that_ended_the_run_fails_the_replay_there(store: SqliteSto
         run_agent(model, model.wrap_tools([explode]), store)
     assert RUNS == [] and model.cursor.finished and model.divergence is None
     assert the_other(store.load(THREAD), original.loops[0]).status == "Aborted"
+
+
+@tool
+def bad(x: str) -> str:
+    """Fails: the tool node answers the model with the error."""
+    RUNS.append("bad")
+    raise ValueError(f"bad {x}")
+
+
+def run_tool_node_graph(model: Any, tools: list[Any], store: SqliteStore) -> Any:
+    """A hand-built agent whose ``ToolNode`` answers a tool's error to the model, recorded."""
+    bound = model.bind_tools(tools)
+    graph = StateGraph(State)
+    graph.add_node("model", lambda state: {"messages": [bound.invoke(state["messages"])]})
+    graph.add_node("tools", ToolNode(tools, handle_tool_errors=True))
+    graph.add_edge(START, "model")
+    graph.add_conditional_edges("model", tools_condition)
+    graph.add_edge("tools", "model")
+    phi = PhiCallbackHandler(store=store, capture_requests=True)
+    try:
+        config: Any = {"callbacks": [phi], "configurable": {"thread_id": THREAD}}
+        return graph.compile().invoke({"messages": [("user", QUESTION)]}, config)
+    finally:
+        phi.close()
+
+
+def test_a_tool_error_the_tool_node_answered_is_recorded_as_sent_and_replays(store: SqliteStore) -> None:
+    steps = [reply("", ("c1", "bad", {"x": "b"})), reply("done")]
+    out = run_tool_node_graph(ScriptedChat(messages=iter(steps)), [bad], store)
+    sent = out["messages"][2]  # what the model was sent: the tool node's text, not the exception's
+    (first,) = store.load(THREAD).loops
+    (result,) = first.turns[0].tool_results
+    assert isinstance(result, ToolResultMessage) and result.is_error
+    assert result.content[0].text == sent.content == "Error: ValueError('bad b')\n Please fix your mistakes."  # type: ignore[union-attr]
+    RUNS.clear()
+    model = ReplayChatModel(store.load(THREAD))
+    with model.recording():
+        out = run_tool_node_graph(model, model.wrap_tools([bad]), store)
+    assert out["messages"][-1].content == "done"
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
+    assert turns(the_other(store.load(THREAD), first)) == turns(first)
+
+
+def test_a_tool_retried_after_an_error_replays_the_retry(store: SqliteStore) -> None:
+    attempts: list[str] = []
+
+    @tool
+    def flaky(x: str) -> str:
+        """Fails the first time."""
+        attempts.append(x)
+        if len(attempts) == 1:
+            raise ValueError("first fails")
+        return f"ok {x}"
+
+    def retry() -> list[Any]:
+        return [ToolRetryMiddleware(max_retries=2, initial_delay=0.0, jitter=False)]
+
+    steps = [reply("", ("c1", "flaky", {"x": "a"})), reply("done")]
+    run_agent(ScriptedChat(messages=iter(steps)), [flaky], store, middleware=retry())
+    (first,) = store.load(THREAD).loops
+    results = [(m.content[0].text, m.is_error) for m in first.turns[0].tool_results]  # type: ignore[union-attr]
+    assert results == [("flaky failed: ValueError: first fails", True), ("ok a", False)]
+    model = ReplayChatModel(store.load(THREAD))
+    with model.recording():  # the recorded failure raised again: the middleware retries
+        out = run_agent(model, model.wrap_tools([flaky]), store, middleware=retry())
+    assert out["messages"][-1].content == "done" and attempts == ["a", "a"]  # not run again
+    assert model.cursor.finished and model.divergence is None
+    assert turns(the_other(store.load(THREAD), first)) == turns(first)
 
 
 def test_a_model_failure_that_ended_the_run_fails_the_replay_there(store: SqliteStore) -> None:

@@ -93,7 +93,7 @@ from .codec import (
     json_form,
     not_an_event,
 )
-from .errors import InstrumentationError, InvalidArgument, RecordedModelError
+from .errors import InstrumentationError, InvalidArgument, RecordedModelError, RecordedToolError
 from .events import (
     DEFAULT,
     INITIAL,
@@ -2371,7 +2371,10 @@ class ToolScope(_Scope):
         try:
             content, details, is_error = self._outcome
             if error is not None:
-                content, is_error = (TextContent(text=f"{self.tool_name} failed: {_describe(error)}"),), True
+                # A replay raising a recorded failure: recorded as the original was.
+                recorded = isinstance(error, RecordedToolError)
+                text = str(error) if recorded else f"{self.tool_name} failed: {_describe(error)}"
+                content, is_error = (TextContent(text=text),), True
             loop = self._loop
             child = self._child_loop_id
             result = ToolResult(

@@ -191,6 +191,7 @@ class ReplayCursor:
         self._matched: _Matched | None = None  # the messages of the last request served
         self._warned_uncompared = False
         self._answered: dict[str, ToolResultMessage] = {}  # see `answered`
+        self._tries: dict[tuple[str, int, str], int] = {}  # a turn's tool call -> results served
         # tool call id -> the positions in the script of the turns that made it, in order:
         # a provider numbering calls per reply ("call_0") reuses ids across turns.
         self._calls: dict[str, list[int]] = {}
@@ -303,7 +304,17 @@ class ReplayCursor:
 
         The call must be one of the replayed turns' (same id and tool name) with the
         same arguments; else a ``tool_call`` / ``tool_arguments`` divergence. An id that
-        several turns made is the latest replayed one's (`turn_of`)."""
+        several turns made is the latest replayed one's (`turn_of`). A call run again
+        (a framework retrying a failed tool under the same id) is answered with its
+        recorded results in turn, past the last with the last."""
+        answer = self._tool_answer(call_id, name, arguments)
+        return None if answer is None else answer[0]
+
+    def _tool_answer(
+        self, call_id: str, name: str, arguments: object
+    ) -> tuple[ToolResultMessage, RecordedTurn, bool] | None:
+        """`tool_result`, with its turn and whether a later result of the call follows it
+        (an attempt a retry followed)."""
         with self._lock:
             if self._handed_over or self.tools == "live":
                 return None
@@ -339,7 +350,12 @@ class ReplayCursor:
                 )
                 return None
             assert result is not None  # _call_problem reports a missing result
-            return replace(result, turn_id=None)
+            results = [result for result in turn.tool_results if result.tool_call_id == call_id]
+            key = (turn.loop_id, turn.turn_index, call_id)
+            tried = self._tries.get(key, 0)
+            self._tries[key] = tried + 1
+            result = results[min(tried, len(results) - 1)]
+            return replace(result, turn_id=None), turn, tried < len(results) - 1
 
     def recorded_reply(
         self, request: RequestShape, *, every_failure: bool = False
@@ -368,14 +384,16 @@ class ReplayCursor:
         A recorded error that ended the original run (the tool raised, and its loop was
         recorded ``Aborted`` in that turn) is raised as `RecordedToolError` instead, with
         the recorded error text: the replay fails where the original did, rather than
-        sending the error to a model call the recording does not have. An error the run
-        went on from is returned, for the replay to answer as the original did (a retry,
-        an error message to the model)."""
-        result = self.tool_result(call_id, name, arguments)
-        if result is not None and result.is_error:
-            turn = self.turn_of(call_id)
-            if turn is not None and turn.aborted:
-                raise RecordedToolError(result_text(result))
+        sending the error to a model call the recording does not have; so is one a later
+        result of the same call followed (the tool raised, and the framework ran it again:
+        a retry retries on the exception). An error the run went on from is returned, for
+        the replay to answer as the original did (an error message to the model)."""
+        answer = self._tool_answer(call_id, name, arguments)
+        if answer is None:
+            return None
+        result, turn, retried = answer
+        if result.is_error and (retried or turn.aborted):
+            raise RecordedToolError(result_text(result))
         return result
 
     def answered(self, call_id: str, result: ToolResultMessage) -> None:

@@ -13,8 +13,8 @@ first and run the tool only when it returns None::
         recorded = model.tool_result(call)           # a ToolResultMessage, or None: run it
 
 Where the original run failed, the replay fails there too: a model call that raised is
-raised again as `RecordedModelError`, a tool error that ended the run as
-`RecordedToolError`.
+raised again as `RecordedModelError`, a tool error that ended the run (or that a retry
+of the same call followed) as `RecordedToolError`.
 
 The recorded replies come back marked as served (`phi_session.model.is_replayed`): give
 them to ``reply.finish(message=...)`` as they are, and the replay's turns carry the

@@ -26,7 +26,9 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   ``on_llm_end`` finishes the assistant message (tool call ids, ``usage_metadata``
   of that response only, the response's model or ``ls_model_name``, ``ls_provider``);
 * tool start / end / error are the tool's execution and result (a ``ToolMessage``
-  with ``status="error"`` is an error result); a tool returning a ``Command`` with
+  with ``status="error"`` is an error result; a tool's exception is held until the
+  next model call, whose ``ToolMessage`` for the call, if any, is the result: the
+  tool node's answer in its place); a tool returning a ``Command`` with
   ``goto`` hands over: the next model call starts the next agent's loop, continuing
   this one, its metadata naming the call that handed over (`HANDOFF_KEY`: the reply
   that made it keeps ``toolUse``);
@@ -363,6 +365,7 @@ class _Run:
         "children",
         "convert",
         "copies",
+        "failed",
         "handoff",
         "inputs",
         "interrupts",
@@ -430,6 +433,9 @@ class _Run:
         """The token callbacks of the run's own model call so far, copies included."""
         self.waiting: dict[_RunId, _Call] = {}
         """The model calls waiting for a turn, in the order they started."""
+        self.failed: dict[str, tuple[ToolScope, BaseException]] = {}
+        """The tools that raised, by call id, held open until the next model call shows
+        what the framework answered the model in their place (`settle_failed`)."""
 
     @property
     def sub_agent(self) -> bool:
@@ -449,6 +455,31 @@ class _Run:
         the `answered` calls."""
         self.resumes = loop_id
         self.recorded.update(answered)
+
+    def settle_failed(self, history: Sequence[BaseMessage] = ()) -> None:
+        """End the failed tools held open: each with the ``ToolMessage`` for its call that
+        the model is now sent (`history`: a tool node's error handling answered it), its
+        content and status, else with its exception (a retry ran it again, the run ended,
+        or the error went up the graph). Under the run's lock."""
+        if not self.failed:
+            return
+        failed, self.failed = self.failed, {}
+        sent = {
+            message.tool_call_id: message
+            for message in since_last_reply(history, _is_ai)
+            if isinstance(message, ToolMessage) and message.tool_call_id in failed
+        }
+        for call_id, (tool, error) in failed.items():
+            message = sent.get(call_id)
+            if message is None:
+                tool.end(error)
+                continue
+            content, is_error = _tool_output(message)
+            if is_error:
+                tool.error(content)
+            else:
+                tool.result(content)
+            tool.end()
 
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
@@ -654,6 +685,7 @@ class _Mapper:
             self._tools.pop(child, None)
             self._unrecorded_tools.pop(child, None)
         with run.lock:
+            run.settle_failed()
             if run.loop is None and run.sub_agent:
                 return  # a sub-agent that called no model: its tool's result is all it did
             loop = self._loop(run, _NO_MODEL)
@@ -748,6 +780,7 @@ class _Mapper:
     def _open_turn(self, run: _Run, call: _Call) -> MessageScope:
         """End the run's turn and open the next one for `call`: its new inputs, its request
         if captured, its reply started. Under the run's lock, its loop running."""
+        run.settle_failed(call.history)
         run.end_turn()
         model, provider = call.model, call.provider
         loop = run.loop
@@ -901,6 +934,9 @@ class _Mapper:
                 run.children.add(run_id)
                 return
             call_id = tool_call_id or f"lc-{UUID(int=run_id)}"
+            retried = run.failed.pop(call_id, None)
+            if retried is not None:  # run again (a retry): that attempt failed with its exception
+                retried[0].end(retried[1])
             args = run.call_args.get(call_id)
             if args is None:
                 args = jsonable(inputs)
@@ -942,16 +978,21 @@ class _Mapper:
         run, tool, token = found
         run.children.discard(run_id)
         leave_tool(token)
-        interrupted = _is_interrupt(error)
-        if interrupted:
+        if _is_interrupt(error):
             # The tool asked for input: it did not fail, its result comes with the resumed
             # run. A started tool scope always records a result: this one says so.
             run.interrupted(error)
             tool.result(_INTERRUPTED)
-        else:
-            with run.lock:
-                run.recorded.add(tool.tool_call_id)
-        tool.end(None if interrupted else error)
+            tool.end()
+            return
+        with run.lock:
+            # Its result is what the model is sent for the call (a tool node handling the
+            # error answers it), known at the next model call: held open until then.
+            run.recorded.add(tool.tool_call_id)
+            if run.turn is not None and run.turn.running:
+                run.failed[tool.tool_call_id] = (tool, error)
+                return
+        tool.end(error)
 
     def _unrecorded_tool_end(self, run_id: _RunId) -> None:
         run = self._unrecorded_tools.pop(run_id, None)

@@ -19,7 +19,8 @@ LangChain runs tools outside the model: `ReplayChatModel.wrap_tools` wraps the
 agent's tools so that each call of a replayed turn is answered with its recorded
 result (a recorded error as a ``ToolMessage`` with ``status="error"``, unless it ended
 the recorded run: then it is raised as `RecordedToolError`, so the replay fails where
-the original did) without running the tool, through LangChain's tool callbacks, so the
+the original did; so is one the call's next recorded result followed, for a retry to
+run it again) without running the tool, through LangChain's tool callbacks, so the
 adapter records it as a tool execution. Works for any graph that runs ``BaseTool``s
 (``create_agent``, LangGraph's ``ToolNode``).
 
