@@ -873,6 +873,129 @@ def test_chat_completions_model_content_and_usage(recorder: SessionRecorder) -> 
     assert (turn.usage.input, turn.usage.output) == (7, 2)
 
 
+def chat_client(*replies: tuple[str, list[tuple[str, str, dict[str, Any]]], int, int]) -> AsyncOpenAI:
+    """A Chat Completions endpoint answering each request with the next reply (text, tool
+    calls as (id, name, arguments), prompt and completion tokens): whole, or as SSE chunks
+    when the request streams."""
+    queue = list(replies)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        text, calls, prompt, completion = queue.pop(0)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        tool_calls = [
+            {"id": id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+            for id, name, arguments in calls
+        ]
+        finish = "tool_calls" if calls else "stop"
+        head = {"id": "c1", "created": 0, "model": "gpt-chat-1"}
+        if not json.loads(request.content).get("stream"):
+            message = {"role": "assistant", "content": text, **({"tool_calls": tool_calls} if calls else {})}
+            choice = {"index": 0, "finish_reason": finish, "message": message}
+            return httpx.Response(
+                200, json={**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+            )
+        deltas = [{"role": "assistant", "content": text}]
+        deltas += [{"tool_calls": [{"index": index, **call}]} for index, call in enumerate(tool_calls)]
+        chunks = [
+            {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
+            for delta in deltas
+        ]
+        chunks.append(
+            {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": finish}],
+            }
+        )
+        chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+
+    return AsyncOpenAI(
+        api_key="test",
+        base_url="http://mock/v1",
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+    )
+
+
+def chat_calc(**config: Any) -> tuple[Agent[Any], RunConfig]:
+    """A calculator on the Chat Completions model that calls `add`, then answers."""
+    client = chat_client(
+        ("Let me add.", [("call_1", "add", {"a": 2, "b": 40})], 11, 7), ("The answer is 42", [], 21, 3)
+    )
+    agent = Agent(name="calc", model=OpenAIChatCompletionsModel("gpt-chat-1", client), tools=[add])
+    return agent, RunConfig(**config)
+
+
+def assert_chat_calc_recorded(loop: Any) -> None:
+    first, second = loop.turns
+    assert first.output_message.stop_reason == "toolUse"
+    assert [
+        (type(block).__name__, getattr(block, "text", getattr(block, "id", None)))
+        for block in first.output_message.content
+    ] == [
+        ("TextContent", "Let me add."),
+        ("ToolCall", "call_1"),
+    ]
+    assert first.output_message.content[1].arguments == {"a": 2, "b": 40}
+    assert [m.tool_call_id for m in first.tool_results] == ["call_1"]
+    assert second.output_message.content[0].text == "The answer is 42"
+    assert [(turn.usage.input, turn.usage.output) for turn in loop.turns] == [(11, 7), (21, 3)]
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["hooks", "no-hooks"])
+@pytest.mark.parametrize("wrapped", [True, False], ids=["stream-wrapper", "stream-events"])
+def test_a_streamed_chat_completions_run_keeps_its_content(
+    recorder: SessionRecorder, wrapped: bool, hooks: bool
+) -> None:
+    """Streamed, the SDK traces the Chat Completions call's whole Responses ``Response``
+    as the generation's output: its items were not read, the tool call was lost (and
+    without `stream` the text too)."""
+    agent, config = chat_calc(trace_metadata={"phi.session_id": "chat-st"})
+
+    async def go() -> None:
+        result = Runner.run_streamed(
+            agent, "2+40?", hooks=openai_agents.PhiRunHooks() if hooks else None, run_config=config
+        )
+        async for _ in openai_agents.stream(result) if wrapped else result.stream_events():
+            pass
+
+    asyncio.run(go())
+    (loop,) = sessions(recorder)["chat-st"].loops
+    assert loop.status == "Completed"
+    assert_chat_calc_recorded(loop)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "streamed"])
+def test_the_hooks_give_the_content_a_span_with_usage_lacks(
+    recorder: SessionRecorder, streamed: bool
+) -> None:
+    # trace_include_sensitive_data=False: the generation span keeps the usage, not the output.
+    agent, config = chat_calc(
+        trace_metadata={"phi.session_id": "chat-red"}, trace_include_sensitive_data=False
+    )
+
+    async def go() -> None:
+        if not streamed:
+            await Runner.run(agent, "2+40?", hooks=openai_agents.PhiRunHooks(), run_config=config)
+            return
+        result = Runner.run_streamed(agent, "2+40?", hooks=openai_agents.PhiRunHooks(), run_config=config)
+        async for _ in result.stream_events():
+            pass
+
+    asyncio.run(go())
+    (loop,) = sessions(recorder)["chat-red"].loops
+    assert_chat_calc_recorded(loop)
+
+
 def test_stream_wrapper_records_text_deltas() -> None:
     events: list[Any] = []
     recorder = SessionRecorder()

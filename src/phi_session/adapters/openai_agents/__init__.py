@@ -215,6 +215,12 @@ def _output_blocks(items: Any) -> tuple[list[Content], list[ToolCall]]:
                         arguments=_arguments(_get(function, "arguments")),
                     )
                 )
+        elif get("object", None) == "response":
+            # A streamed Chat Completions call: the SDK traces the whole Responses
+            # ``Response`` it converted the stream into, its items in ``output``.
+            more_blocks, more_calls = _output_blocks(get("output", None))
+            blocks += more_blocks
+            calls += more_calls
     return blocks, calls
 
 
@@ -833,14 +839,16 @@ class _Mapper:
             loop.request = payload
 
     def response(self, response: Any) -> None:
-        """The hooks' model response: the content and usage of a span that carried none."""
+        """The hooks' model response: the content of a span that carried none (it may still
+        carry the usage: ``trace_include_sensitive_data=False``), and its usage if it had none."""
         loop = self._current_loop()
         reply = loop.reply if loop is not None else None
-        if loop is None or reply is None or reply[0] or reply[1] or reply[2] is not None:
+        if loop is None or reply is None or reply[0] or reply[1]:
             return
         blocks, calls = _output_blocks(response.output)
+        usage = reply[2] if reply[2] is not None else _usage(response.usage)
         loop.calls = list(calls)
-        loop.reply = (blocks, calls, _usage(response.usage), reply[3])
+        loop.reply = (blocks, calls, usage, reply[3])
 
     def stream_delta(self, task: asyncio.Task[Any], kind: str, delta: str) -> None:
         loop = self._streams.get(task)
