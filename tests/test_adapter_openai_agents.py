@@ -23,6 +23,7 @@ from agents import (
     OutputGuardrailTripwireTriggered,
     RunConfig,
     Runner,
+    Usage,
     function_tool,
     handoff,
     input_guardrail,
@@ -325,6 +326,55 @@ def test_triggered_input_guardrail_rejects_the_loop(recorder: SessionRecorder) -
         run(agent, "my password", run_config=in_session("g"))
     (loop,) = sessions(recorder)["g"].loops
     assert loop.status == "Rejected"
+
+
+@pytest.mark.parametrize("task_spans", [True, False], ids=["task-spans", "no-task-spans"])
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_a_streamed_run_rejected_by_an_input_guardrail_keeps_the_model_call_it_made(
+    recorder: SessionRecorder, parallel: bool, task_spans: bool
+) -> None:
+    """Streamed, a parallel input guardrail trips before the model is called, and the SDK
+    still calls and bills the model: the loop ended Rejected at the guardrail's span, the
+    model call dropped (usage 0) and the hooks' prompt faulted on the ended loop."""
+
+    @input_guardrail(run_in_parallel=parallel)
+    async def block(context: Any, agent: Any, text: Any) -> GuardrailFunctionOutput:
+        return GuardrailFunctionOutput(output_info=None, tripwire_triggered=True)
+
+    model = scripted(
+        ModelStep(
+            output=[assistant_message("hello")],
+            usage=Usage(requests=1, input_tokens=100, output_tokens=50, total_tokens=150),
+        )
+    )
+    agent = Agent(name="g", model=model, input_guardrails=[block])
+    config = RunConfig(
+        trace_metadata={"phi.session_id": "ig-st"}, tracing={"include_task_and_turn_spans": task_spans}
+    )
+
+    async def go() -> None:
+        result = Runner.run_streamed(agent, "question", hooks=openai_agents.PhiRunHooks(), run_config=config)
+        async for _ in openai_agents.stream(result):
+            pass
+
+    with pytest.raises(InputGuardrailTripwireTriggered):
+        asyncio.run(go())
+    (loop,) = sessions(recorder)["ig-st"].loops
+    rejected = [event.event for event in loop.events if isinstance(event.event, InputRejected)]
+    assert [event.reason for event in rejected] == ["input guardrail block triggered"]
+    core = openai_agents.installed()
+    assert core is not None and core.fault_count == 0
+    if not parallel:  # the model was never called: no turn ran
+        assert len(model.calls) == 0
+        assert loop.status == "Rejected" and not loop.turns
+        return
+    assert len(model.calls) == 1
+    # A turn ran (phi-core's Rejected means none did): the run failed with the rejection.
+    assert loop.status == "Aborted" and loop.error == "input guardrail block triggered"
+    (turn,) = loop.turns
+    assert turn.output_message.content[0].text == "hello"  # type: ignore[union-attr]
+    assert (loop.usage.input, loop.usage.output) == (100, 50)
+    assert loop.messages[0].content[0].text == "question"  # type: ignore[union-attr]
 
 
 @output_guardrail

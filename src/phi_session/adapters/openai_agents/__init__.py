@@ -21,9 +21,9 @@ SDK's spans become events through the adapter core (`phi_session.adapters`):
 * ``handoff`` -> the transfer call's result as the SDK writes it (``{"assistant": name}``);
   the reply that calls it stops with ``handoff``, function tools it calls too (their spans
   come first) notwithstanding (`_Mapper._hands_off`);
-* a triggered input ``guardrail`` -> InputRejected, loop Rejected (loop failed if it
-  tripped after the first turn began); a triggered output guardrail -> the loop fails
-  with an error naming it (`_Mapper._guardrail_triggered`);
+* a triggered input ``guardrail`` -> InputRejected, loop Rejected (loop failed if a
+  turn began before the run ended: a streamed run calls the model anyway); a triggered
+  output guardrail -> the loop fails with an error naming it (`_Mapper._guardrail_triggered`);
 * a cancelled run (``asyncio.wait_for`` timeout, ``Task.cancel``): the spans the
   cancellation ends failed with ``cancelled`` (the reply, a running tool, the loop).
 
@@ -450,6 +450,7 @@ class _Loop:
     hooked: bool = False  # run with `PhiRunHooks`: they give each tool's exact call
     handing_off: bool = False  # a handoff span started since the running agent's
     place: tuple[str, asyncio.Task[Any] | None] | None = None  # its trace and task (no task spans)
+    rejection: str | None = None  # a tripped input guardrail's, recorded as the run ends
 
     def match_call(self, name: str) -> ToolCall | None:
         """The response's next unmatched call named `name`, if any."""
@@ -560,8 +561,10 @@ class _Mapper:
                 self._handed_off(loop, data.to_agent)
         elif kind == "guardrail" and data.triggered and loop is not None:
             self._guardrail_triggered(loop, data.name, under_agent=span.parent_id == loop.agent_span)
-        elif kind == "agent" and loop is not None and (error := _error_of(span)) is not None:
-            self._end_loop(loop, error)
+        elif kind == "agent" and loop is not None:
+            error = _error_of(span)
+            if error is not None or loop.rejection is not None:  # the run raises now
+                self._end_loop(loop, error)
 
     def _new_loop(self, key: str, span: Span[Any]) -> _Loop:
         loop = _Loop(key, span.trace_id, self._sessions.get(span.trace_id))
@@ -751,11 +754,12 @@ class _Mapper:
     def _guardrail_triggered(self, loop: _Loop, name: str, *, under_agent: bool) -> None:
         """A guardrail's tripwire: the SDK raises its exception out of the run next.
 
-        * An input guardrail before the first turn rejects the input: ``InputRejected``
-          and the loop ends ``Rejected``, as phi-core's input filter does. One running in
-          parallel with the first turn (its span is under the turn's) trips once the
-          turn began: ``InputRejected``, and the loop ends failed with the rejection as
-          its error (phi-core's ``Rejected`` means that no turn ran).
+        * An input guardrail rejects the input: ``InputRejected``, recorded as the run
+          ends (`_end_loop`), as the SDK may still call the model: a streamed run calls it
+          while a parallel guardrail runs, and bills it though the guardrail tripped first.
+          With no turn begun by then the loop ends ``Rejected``, as phi-core's input filter
+          makes it; else it ends failed with the rejection as its error (phi-core's
+          ``Rejected`` means that no turn ran), what the model answered kept.
         * An output guardrail withheld the final output, which is recorded as the model
           gave it: phi-core has no output filter, so the loop ends failed (``Aborted``)
           with an error naming the guardrail.
@@ -774,11 +778,8 @@ class _Mapper:
             self._end_turn(loop)
             self.core.end_run(loop.key, f"output guardrail {name} triggered: the final output was withheld")
             return
-        reason = f"input guardrail {name} triggered"
-        run.loop.reject(reason)
-        if turns > 0:  # the run raises now: what the model answered stays recorded
-            self._finish_message(loop)
-            self.core.end_run(loop.key, reason)
+        if loop.rejection is None:
+            loop.rejection = f"input guardrail {name} triggered"
 
     def _end_turn(self, loop: _Loop) -> None:
         self._finish_message(loop)
@@ -794,7 +795,15 @@ class _Mapper:
             self._streams.pop(loop.task, None)
         if loop.place is not None and self._in_trace.get(loop.place) is loop:
             self._in_trace.pop(loop.place, None)
-        if loop.run is None:
+        run = loop.run
+        if run is None:
+            return
+        reason = loop.rejection
+        if reason is not None:
+            if run.loop.running:
+                self._finish_message(loop)
+                run.loop.reject(reason)  # before the first turn, the loop ends Rejected here
+            self.core.end_run(loop.key, reason)
             return
         if error is None:
             self._end_turn(loop)
@@ -827,6 +836,8 @@ class _Mapper:
         """The hooks' model input: before the loop's first turn, its user messages are the prompt."""
         loop = self._current_loop()
         if loop is None or loop.prompted or loop.run is None or loop.turn is not None:
+            return
+        if not loop.run.loop.running:  # a loop ended already takes no prompt
             return
         loop.prompted = True
         for text in _user_texts(items):
