@@ -32,11 +32,14 @@ from agents import (
 )
 from agents.testing.model import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.tracing import TracingProcessor, add_trace_processor, get_trace_provider, set_trace_processors
+from agents.usage import Usage as AgentsUsage
 from openai import AsyncOpenAI
 from openai.types.responses import ResponseOutputMessage, ResponseOutputRefusal
+from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
 from phi_session import JsonDirStore, SessionRecorder, decode_session, encode_session
 from phi_session.adapters import openai_agents, session_id_for
+from phi_session.cost import uncached_input
 from phi_session.events import InputRejected
 from phi_session.messages import ToolResultMessage
 from phi_session.model import Session
@@ -773,6 +776,25 @@ def test_responses_model_content_and_usage_per_response(recorder: SessionRecorde
     assert usage.total_tokens == 13
     assert second.output_message.content[0].text == "four"  # type: ignore[union-attr]
     assert (loop.usage.input, loop.usage.output) == (24, 7)
+
+
+def test_a_response_with_no_total_counts_its_cache_in_the_total(recorder: SessionRecorder) -> None:
+    """A provider that reports no total_tokens (0): 10,000 input tokens, 2,000 of them
+    cached. The total counts the cache (10,100, not 8,100), so a cost bills the 8,000
+    uncached input tokens and not 6,000 (the cache taken out a second time)."""
+    usage = AgentsUsage(
+        requests=1,
+        input_tokens=10_000,
+        output_tokens=100,
+        total_tokens=0,
+        input_tokens_details=InputTokensDetails(cached_tokens=2_000, cache_write_tokens=0),
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+    )
+    agent = Agent(name="a", model=scripted(ModelStep(output=[assistant_message("ok")], usage=usage)))
+    run(agent, "go", run_config=in_session("total0"))
+    (turn,) = sessions(recorder)["total0"].loops[0].turns
+    assert (turn.usage.input, turn.usage.cache_read, turn.usage.total_tokens) == (8_000, 2_000, 10_100)
+    assert uncached_input(turn.usage) == 8_000
 
 
 def test_without_hooks_a_tool_call_beside_a_handoff_still_ends_in_handoff(recorder: SessionRecorder) -> None:

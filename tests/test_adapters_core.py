@@ -42,6 +42,7 @@ from phi_session.adapters import (
 )
 from phi_session.adapters._core import jsonable
 from phi_session.adapters._sessions import SessionBook
+from phi_session.cost import uncached_input
 from phi_session.errors import InvalidArgument, MissingExtra, SessionLocked
 from phi_session.events import ToolExecutionEnd, ToolExecutionStart
 from phi_session.messages import ToolCall
@@ -801,6 +802,16 @@ def test_usage_of_counts_none_as_zero() -> None:
     usage = usage_of(10, None, cache_read=None, reasoning=4)
     assert (usage.input, usage.output, usage.reasoning, usage.cache_read) == (10, 0, 4, 0)
     assert usage.total_tokens == 10
+
+
+@pytest.mark.parametrize("total", [None, 0])
+def test_usage_of_without_a_total_counts_the_cache_on_top_of_the_input(total: int | None) -> None:
+    """An adapter's input excludes the cache (an OpenAI-compatible provider reporting no
+    total_tokens: 10,000 prompt tokens, 2,000 cached): the total counts the cache too,
+    so a cost bills the 8,000 uncached tokens, not 6,000 (the cache taken out twice)."""
+    usage = usage_of(8_000, 100, cache_read=1_500, cache_write=500, total=total)
+    assert usage.total_tokens == 10_100
+    assert uncached_input(usage) == 8_000
 
 
 class Opaque:

@@ -268,18 +268,24 @@ def usage_of(
     reasoning: int | None = 0,
     total: int | None = None,
 ) -> Usage:
-    """One model response's `Usage` from a framework's counters (None counts as 0).
-    `TypeError` or `InvalidArgument` for a counter that is no count (a float, a negative
-    number), which no store could load again."""
-    input, output = input or 0, output or 0
+    """One model response's `Usage` from a framework's counters (None counts as 0), its
+    `input` without the cache: with no total (None, 0), the total is
+    ``input + output + cache_read + cache_write``, as `cost.uncached_input` reads the
+    adapters' records. `TypeError` or `InvalidArgument` for a counter that is no count (a
+    float, a negative number), which no store could load again."""
     usage = Usage(
-        input=input,
-        output=output,
+        input=input or 0,
+        output=output or 0,
         cache_read=cache_read or 0,
         cache_write=cache_write or 0,
         reasoning=reasoning or 0,
-        total_tokens=total or input + output,
+        total_tokens=total or 0,
     )
+    if not total:  # summed once each counter is known to be a count (a str would not add up)
+        check_usage("usage", usage)
+        usage = msgspec.structs.replace(
+            usage, total_tokens=usage.input + usage.output + usage.cache_read + usage.cache_write
+        )
     check_usage("usage", usage)
     return usage
 

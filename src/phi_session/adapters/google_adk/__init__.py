@@ -206,7 +206,7 @@ def _usage(metadata: types.GenerateContentResponseUsageMetadata | None) -> Usage
     thoughts = metadata.thoughts_token_count or 0
     inputs = max(0, prompt - cached)
     output = (metadata.candidates_token_count or 0) + thoughts
-    return usage_of(inputs, output, cache_read=cached, reasoning=thoughts, total=inputs + output + cached)
+    return usage_of(inputs, output, cache_read=cached, reasoning=thoughts)
 
 
 def _request_messages(content: types.Content, timestamp: int) -> list[Message]:

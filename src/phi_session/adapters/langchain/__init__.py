@@ -175,15 +175,13 @@ def _usage(metadata: Mapping[str, Any] | None) -> Usage | None:
     input_details = metadata.get("input_token_details") or {}
     cache_read = input_details.get("cache_read") or 0
     cache_write = input_details.get("cache_creation") or 0
-    output = metadata.get("output_tokens") or 0
     inputs = max(0, (metadata.get("input_tokens") or 0) - cache_read - cache_write)
     return usage_of(
         inputs,
-        output,
+        metadata.get("output_tokens"),
         cache_read=cache_read,
         cache_write=cache_write,
         reasoning=(metadata.get("output_token_details") or {}).get("reasoning"),
-        total=inputs + output + cache_read + cache_write,
     )
 
 
