@@ -238,7 +238,10 @@ def test_breakdown_and_totals() -> None:
     assert [row.key for row in cost_totals([session], "day", pricer)] == ["2024-05-01"]
     assert [row.key for row in cost_totals([session], "session", pricer)] == ["s"]
     assert cost_totals([session], "DAY", pricer) == cost_totals([session], "day", pricer)
-    with pytest.raises(InvalidQuery, match="group_by"):
+    assert cost_totals([session], "Session", pricer) == cost_totals([session], "session", pricer)
+    with pytest.raises(
+        InvalidQuery, match="group_by: expected one of agent, model, day, session; got 'week'"
+    ):
         cost_totals([session], "week", pricer)
 
 

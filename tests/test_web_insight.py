@@ -55,7 +55,11 @@ def test_cost_totals(server: ViewerServer) -> None:
     ]
     assert all(set(row["cost"]) == {"usd", "sources", "unpriced"} for row in by_model["totals"])
     assert get_json(server, "/api/cost")["totals"]  # by agent
-    assert get_json(server, "/api/cost?by=week", status=400)["error"].startswith("by: expected one of")
+    # Any case, as the other choices: by=Session as by=DAY.
+    assert get_json(server, "/api/cost?by=Session") == by_session
+    assert get_json(server, "/api/cost?by=DAY") == get_json(server, "/api/cost?by=day")
+    error = get_json(server, "/api/cost?by=week", status=400)["error"]
+    assert error == "by: expected one of agent, model, day, session; got 'week'"
     assert get_json(server, "/api/cost?group=agent", status=400)["error"]
 
 

@@ -47,7 +47,7 @@ from .messages import ZERO_USAGE, Usage
 from .model import LoopRecord, ModelCall, Session, Turn, is_replayed, served_by
 from .stores.base import UsageRow, usage_rows
 from .stores.outline import SessionOutline
-from .stores.query import parse_group_by
+from .stores.query import parse_cost_by
 
 if TYPE_CHECKING:
     from .stores.base import UsageTotal
@@ -628,6 +628,6 @@ def cost_totals(sessions: Iterable[Session], group_by: str, pricer: Pricer) -> l
     costs without loading a session. Another `group_by` raises `InvalidQuery`
     (parameter ``group_by``).
     """
-    by = "session" if group_by == "session" else parse_group_by(group_by)
+    by = parse_cost_by(group_by)
     sums = pricer.row_costs(row for session in sessions for row in usage_rows(session, by))
     return [CostTotal(key=key, cost=sums[key]) for key in sorted(sums)]

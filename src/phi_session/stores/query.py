@@ -27,21 +27,25 @@ __all__ = [
     "MAX_COUNT",
     "ORDERS",
     "TIME_HELP",
+    "CostBy",
     "GroupBy",
     "Order",
     "PageCursor",
     "PruneCriteria",
     "SessionQuery",
+    "parse_cost_by",
     "parse_group_by",
     "parse_time_bound",
 ]
 
 Order = Literal["newest", "oldest", "tokens"]
 GroupBy = Literal["agent", "model", "day"]
+CostBy = Literal[GroupBy, "session"]  # `cost_totals` prices the loaded sessions one by one too
 
 LOOP_STATUSES: tuple[LoopStatus, ...] = get_args(LoopStatus)
 ORDERS: tuple[Order, ...] = get_args(Order)
 GROUP_BYS: tuple[GroupBy, ...] = get_args(GroupBy)
+COST_BYS: tuple[CostBy, ...] = get_args(CostBy)
 
 MAX_COUNT = 2**63 - 1
 """The largest `limit` (and, typed as text, `min_tokens`): stores hand them to SQLite
@@ -140,6 +144,15 @@ def parse_group_by(value: object) -> GroupBy:
     `InvalidQuery` (parameter ``group_by``) for another name; `TypeError` for a non-string.
     """
     result: GroupBy = _choice("group_by", value, GROUP_BYS)
+    return result
+
+
+def parse_cost_by(value: object) -> CostBy:
+    """How `cost.cost_totals` groups: as `parse_group_by`, or ``session`` (any case).
+
+    `InvalidQuery` (parameter ``group_by``) for another name; `TypeError` for a non-string.
+    """
+    result: CostBy = _choice("group_by", value, COST_BYS)
     return result
 
 

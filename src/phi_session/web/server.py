@@ -115,7 +115,7 @@ from ..errors import (
 )
 from ..model import Session
 from ..stores.base import SessionStore, to_builtins, validate_session_id
-from ..stores.query import MAX_COUNT, GroupBy, SessionQuery, parse_group_by
+from ..stores.query import MAX_COUNT, SessionQuery, parse_cost_by, parse_group_by
 from ..stores.search import DEFAULT_LIMIT
 from .pages import CachedSession, Page, SessionCache, StaleOutline
 
@@ -144,6 +144,7 @@ _MAX_PAGE = 5000  # rows per page of a session's loops or events (from the outli
 _MAX_LOOP_PAGE = 500  # loops per page of the timeline and the cost: each loop is read whole
 _LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
 _Read = TypeVar("_Read")
+_By = TypeVar("_By")
 
 
 def is_loopback(host: str) -> bool:
@@ -386,7 +387,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
             return self._sessions_api(parts[2:], query)
         if parts == ["api", "stats"]:
             self._only(query, {"by"})
-            by = self._group_by(query.get("by") or "agent")
+            by = self._by(parse_group_by, query)
             totals = self.server.store.usage_totals(by)
             return HTTPStatus.OK, _json_bytes(to_builtins(totals)), _JSON
         if parts == ["api", "cost"]:
@@ -517,13 +518,13 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     def _cost_api(self, query: dict[str, str]) -> tuple[HTTPStatus, bytes, str]:
         self._only(query, {"by"})
-        by = query.get("by") or "agent"
+        by = self._by(parse_cost_by, query)
         store, pricer = self.server.store, self.server.pricer
         totals: Any
         if by == "session":  # priced session by session
             totals = msgspec.to_builtins(cost_totals(_readable_sessions(store), by, pricer))
         else:  # the store's totals, priced: usage and cost per group
-            totals = to_builtins(store.usage_totals(self._group_by(by), pricer=pricer))
+            totals = to_builtins(store.usage_totals(by, pricer=pricer))
         body = {**self._price_table(), "totals": totals}
         return HTTPStatus.OK, _json_bytes(body), _JSON
 
@@ -607,10 +608,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
             raise HttpError(HTTPStatus.BAD_REQUEST, str(error)) from None
 
     @staticmethod
-    def _group_by(value: str) -> GroupBy:
-        """The ``by`` parameter, named so in its error (the library's is ``group_by``)."""
+    def _by(parse: Callable[[str], _By], query: dict[str, str]) -> _By:
+        """The ``by`` parameter (``agent`` if none), named so in its error (the library's is
+        ``group_by``)."""
         try:
-            return parse_group_by(value)
+            return parse(query.get("by") or "agent")
         except InvalidQuery as error:
             raise HttpError(HTTPStatus.BAD_REQUEST, f"by: {error.reason}") from None
 
