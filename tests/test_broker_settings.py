@@ -111,6 +111,19 @@ def test_without_nats_py_the_error_names_the_extra() -> None:
     assert "pip install 'phi-session[nats]'" in out.stdout
 
 
+def test_without_psycopg_the_ingest_worker_names_the_extra() -> None:
+    code = (
+        "import asyncio, sys; sys.modules['psycopg'] = None\n"
+        "from phi_session.broker import ingest_status\n"
+        "from phi_session.errors import MissingExtra\n"
+        "try:\n    asyncio.run(ingest_status('nats://127.0.0.1:1', 'postgresql://u@127.0.0.1:1/db'))\n"
+        "except MissingExtra as error:\n    print(error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("the ingest worker needs psycopg 3 (")
+    assert out.stdout.endswith("): pip install 'phi-session[postgres]'\n")
+
+
 @pytest.mark.parametrize("port", ["0", "65536", "99999", "x"])
 def test_a_nats_url_with_a_port_out_of_range_is_refused(port: str) -> None:
     from phi_session.broker.settings import nats_servers

@@ -30,6 +30,7 @@ from phi_session.codec import decode_session, encode_session
 from phi_session.cost import Pricer, prices_available
 from phi_session.errors import (
     InvalidArgument,
+    MissingExtra,
     SessionLocked,
     StoreClosed,
     StoredSessionUnusable,
@@ -666,10 +667,11 @@ def test_a_schema_holding_a_percent_sign_works(odd: str) -> None:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
-def test_missing_psycopg_is_a_clear_store_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_psycopg_is_a_missing_extra_and_a_store_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(postgres, "_MISSING_PSYCOPG", ImportError("No module named 'psycopg'"))
-    with pytest.raises(StoreError, match=r"phi-session\[postgres\]"):
+    with pytest.raises(MissingExtra, match=r"phi-session\[postgres\]") as caught:
         PostgresStore(DSN)
+    assert isinstance(caught.value, StoreError)
 
 
 def test_a_dropped_connection_fails_one_call_then_is_replaced(schema: str, admin: Any) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from phi_session.errors import InvalidStoreUrl, StoreError
+from phi_session.errors import InvalidStoreUrl, MissingExtra, StoreError
 from phi_session.stores import postgres as postgres_module
 from phi_session.stores.base import SessionStore
 from phi_session.stores.conformance import make_session
@@ -154,8 +156,30 @@ def test_a_file_url_without_a_directory_path_is_refused(
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
 def test_postgres_without_psycopg(monkeypatch: pytest.MonkeyPatch, scheme: str) -> None:
     monkeypatch.setattr(postgres_module, "_MISSING_PSYCOPG", ImportError("No module named 'psycopg'"))
-    with pytest.raises(StoreError, match=r"pip install 'phi-session\[postgres\]'"):
+    with pytest.raises(MissingExtra, match=r"pip install 'phi-session\[postgres\]'") as caught:
         open_store(f"{scheme}://user@localhost/db")
+    assert isinstance(caught.value, StoreError)  # as the store's other failures to open
+
+
+def test_without_psycopg_the_error_is_missing_extra() -> None:
+    """It was a StoreError only: `except MissingExtra` (an ImportError), which every other
+    missing extra raises, did not catch it."""
+    code = (
+        "import sys; sys.modules['psycopg'] = None\n"
+        "from phi_session import PostgresStore, open_store\n"
+        "from phi_session.errors import MissingExtra, StoreError\n"
+        "for url in ('postgresql://u@127.0.0.1/db', 'postgres://u@127.0.0.1/db?schema=s'):\n"
+        "    for make in (PostgresStore, open_store):\n"
+        "        try:\n            make(url)\n"
+        "        except MissingExtra as error:\n"
+        "            print(isinstance(error, StoreError), error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 4, out
+    for line in lines:
+        assert line.startswith("True PostgresStore needs psycopg 3 (")
+        assert line.endswith("): pip install 'phi-session[postgres]'")
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,11 @@ class MissingExtra(PhiSessionError, ImportError):
     """An optional dependency is not installed; the message names the extra that installs it."""
 
 
+class MissingStoreExtra(MissingExtra, StoreError):
+    """A store backend's optional dependency is not installed (psycopg for `PostgresStore`):
+    a `MissingExtra` as every other, and a `StoreError` as the store's other failures to open."""
+
+
 class OtlpDecodeError(DecodeError):
     """An OTLP payload that cannot be read (not protobuf/JSON of ExportTraceServiceRequest)."""
 

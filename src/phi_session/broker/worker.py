@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._checks import check_type
 from ..codec import decode_event
-from ..errors import BrokerError, DecodeError, InvalidArgument, MissingExtra, StoreError
+from ..errors import BrokerError, DecodeError, InvalidArgument, StoreError
 from ..events import AgentEvent
 from ..recorder import SessionRecorder, SessionRecorderConfig
 from ..saver import SavedSpawners, SessionSaver
@@ -336,15 +336,12 @@ class _Resources:
         self.stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> _Resources:
-        worker = self.worker
-        try:
-            import psycopg
+        from ..stores.postgres import PostgresStore, require_psycopg
 
-            from ..stores.postgres import PostgresStore
-        except ImportError as error:
-            raise MissingExtra(
-                f"the ingest worker needs psycopg ({error}): pip install 'phi-session[postgres]'"
-            ) from None
+        require_psycopg("the ingest worker")
+        import psycopg
+
+        worker = self.worker
         try:
             self.nc: Client = await connect(worker.url, name=f"phi-session ingest {worker.member_id}")
             self.stack.push_async_callback(close_quietly, self.nc)

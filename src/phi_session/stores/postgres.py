@@ -1,8 +1,9 @@
 """`PostgresStore`: sessions in a PostgreSQL database, shared by many processes and machines.
 
 Install with ``pip install 'phi-session[postgres]'`` (psycopg 3). Without it this
-module still imports and `PostgresStore()` raises `StoreError` saying what to
-install; ``phi_session`` imports this module only when `PostgresStore` is used.
+module still imports and `PostgresStore()` raises `MissingStoreExtra` (a `MissingExtra`
+and a `StoreError`) saying what to install; ``phi_session`` imports this module only
+when `PostgresStore` is used.
 
 Layout (all tables live in one schema, ``phi_session`` by default):
 
@@ -97,6 +98,7 @@ from ..errors import (
     DecodeError,
     InvalidArgument,
     InvalidStoreUrl,
+    MissingStoreExtra,
     SessionLocked,
     SessionNotFound,
     SessionRefused,
@@ -836,6 +838,14 @@ def schema_problem(schema: object) -> str | None:
     return None
 
 
+def require_psycopg(user: str) -> None:
+    """Raise `MissingStoreExtra` naming the extra unless psycopg imported: `user` needs it."""
+    if _MISSING_PSYCOPG is not None:
+        raise MissingStoreExtra(
+            f"{user} needs psycopg 3 ({_MISSING_PSYCOPG}): pip install 'phi-session[postgres]'"
+        ) from None
+
+
 def dsn_parameters(dsn: str) -> dict[str, Any]:
     """libpq's parameters in `dsn` (a URL or a key=value string; none without psycopg,
     whose absence the caller reports). A parameter libpq does not know is `InvalidStoreUrl`
@@ -895,10 +905,7 @@ class PostgresStore(AsyncTwins):
         connect_timeout: float = 10.0,
         read_only: bool = False,
     ) -> None:
-        if _MISSING_PSYCOPG is not None:
-            raise StoreError(
-                "PostgresStore needs psycopg 3: pip install 'phi-session[postgres]'"
-            ) from _MISSING_PSYCOPG
+        require_psycopg("PostgresStore")
         check_type("dsn", dsn, str)
         check_type("schema", schema, str)
         if (problem := schema_problem(schema)) is not None:

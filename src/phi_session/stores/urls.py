@@ -79,8 +79,8 @@ def open_store(url: str | os.PathLike[str] | None = None, *, read_only: bool = F
     Raises `InvalidStoreUrl` (a `StoreError` and a ``ValueError``) for a URL of no
     accepted form, naming the accepted forms (and ``PHI_SESSION_STORE`` when the bad
     value came from there), and whatever the backend raises on opening
-    (`StoreError` for an unreachable database, a missing optional dependency,
-    a newer schema, …).
+    (`StoreError` for an unreachable database, a newer schema, …; `MissingStoreExtra`,
+    a `StoreError` too, for a missing optional dependency).
     """
     kind, target, options = _resolve(url)
     if read_only:
