@@ -75,6 +75,25 @@ def test_the_main_session_has_every_kind_of_loop(demo: tuple[list[ps.Session], b
     assert kinds["Rerun"][0].parent_loop_id == kinds["Default"][0].parent_loop_id == origin.loop_id
 
 
+def test_a_prun_and_a_revert_are_recorded(demo: tuple[list[ps.Session], bytes]) -> None:
+    """README says the demo exercises `prun`/`revert`; it called neither."""
+    main, _, later = demo[0]
+    origin, fix = by_kind(main)["Initial"][0], by_kind(main)["Default"][0]
+    [prun] = [e.event for e in fix.events if isinstance(e.event, ps.PrunApplied)]
+    # The fix drops the origin's tool output (notes.txt, the test log), as their timestamps say.
+    results = [m for m in origin.messages if isinstance(m, ps.ToolResultMessage)]
+    assert prun.pruned_timestamps == tuple(m.timestamp for m in results) and prun.messages_removed == 2
+    [revert] = [e.event for e in later.loops[0].events if isinstance(e.event, ps.RevertApplied)]
+    assert (revert.category, revert.applied) == ("failure", True)
+    # Between the failed CI status check and the local test run.
+    names = [type(e.event).__name__ for e in later.loops[0].events]
+    assert (
+        names.index("ToolExecutionEnd")
+        < names.index("RevertApplied")
+        < names.index("TurnEnd", 1 + names.index("TurnEnd"))
+    )
+
+
 def test_the_parallel_evaluation_has_a_winner(demo: tuple[list[ps.Session], bytes]) -> None:
     main = demo[0][0]
     grouped = [r for r in main.loops if r.parallel_group is not None]

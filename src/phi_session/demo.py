@@ -7,13 +7,14 @@ producer side:
 
 * an origin loop: prompt, streamed thinking and text, two tool calls (one with
   progress notes and a partial result), a final answer;
-* a continuation, a rerun and a branch of earlier loops;
+* a continuation that prunes the tool output it inherits, a rerun and a branch of
+  earlier loops;
 * a two-branch parallel evaluation (two models) with a judge-selected winner;
 * a tool that runs a sub-agent in its own session, linked both ways (and whose
   arguments hold a bearer token, which the default redactor removes);
 * an input rejection, and a compaction pass;
 * two idle hours, after which `AgentSession.check_and_rotate` opens a second session,
-  recorded with formation ``InactivityTimeout``.
+  recorded with formation ``InactivityTimeout``, whose loop reverts a failed tool call.
 
 ``phi-session demo`` draws the loop trees (`phi_session.cli.render.loop_tree`).
 """
@@ -32,7 +33,7 @@ from rich.text import Text
 from .events import COMPACTION, ContinuationKind, LoopConfigSnapshot
 from .identity import AgentSession, FakeClock
 from .instrument import LoopScope, ToolScope, Tracer, TurnScope
-from .messages import ToolCall, Usage
+from .messages import ToolCall, ToolResultMessage, Usage
 from .model import Session
 from .recorder import SessionRecorder
 from .sinks import SinkLike
@@ -181,9 +182,17 @@ def _record(tracer: Tracer, script: _Script, agent: AgentSession, say: Any) -> N
             "tokens[0] without checking for empty input.",
         )
 
-    say("continuation: fix it")
+    say("continuation: prune the stale tool output, then fix it")
     with tracer.loop(continues=origin.loop_id) as fix:
         fix.user("Please fix it.")
+        # The diagnosis holds what the notes and the test log said: the fix needs neither.
+        stale = [m.timestamp for m in origin.messages if isinstance(m, ToolResultMessage)]
+        fix.prun(
+            tokens_removed=1_840,
+            messages_removed=len(stale),
+            pruned_timestamps=stale,
+            memo="notes.txt and the test log",
+        )
         with fix.turn() as turn:
             calls = script.reply(
                 turn,
@@ -272,6 +281,7 @@ def _record(tracer: Tracer, script: _Script, agent: AgentSession, say: Any) -> N
             calls = script.reply(turn, "Checking the CI status.", calls=[("ci_status", {"branch": "main"})])
             with turn.tool(calls[0]) as tool:
                 tool.error("CI API unavailable (HTTP 503)")
+        later.revert("failure", summary="The CI API is down (HTTP 503); the tests run locally instead.")
         with later.turn() as turn:
             calls = script.reply(
                 turn,
