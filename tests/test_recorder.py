@@ -1010,6 +1010,47 @@ def test_a_config_of_another_type_is_a_type_error() -> None:
         SessionRecorder(5)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        # "false" from a config file turned streaming events on.
+        (
+            {"include_streaming_events": "false"},
+            TypeError,
+            r"^include_streaming_events must be bool, not str$",
+        ),
+        ({"capture_turn_requests": 1}, TypeError, r"^capture_turn_requests must be bool, not int$"),
+        ({"keep_session_events": "no"}, TypeError, r"^keep_session_events must be bool, not str$"),
+        # These failed at every session, logged, the hook lost.
+        ({"before_task": 42}, TypeError, r"^before_task must be callable or None, not int$"),
+        ({"after_task": "x"}, TypeError, r"^after_task must be callable or None, not str$"),
+        # "1h" failed at a checkpoint; -5, NaN and infinity were taken as given.
+        ({"group_end_timeout": "1h"}, TypeError, r"^group_end_timeout must be a number of seconds or None"),
+        ({"group_end_timeout": -5}, ps.InvalidArgument, r"^group_end_timeout must be a finite number .* -5$"),
+        ({"group_end_timeout": float("nan")}, ps.InvalidArgument, r"^group_end_timeout must be .*, got nan$"),
+        ({"group_end_timeout": float("inf")}, ps.InvalidArgument, r"^group_end_timeout must be .*, got inf$"),
+    ],
+)
+def test_config_values_are_checked_where_given(options: dict[str, Any], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        SessionRecorderConfig(**options)
+    with pytest.raises(error, match=message):
+        SessionRecorder(**options)
+
+
+def test_config_values_that_are_accepted() -> None:
+    config = SessionRecorderConfig(
+        include_streaming_events=True, before_task=print, after_task=None, group_end_timeout=0
+    )
+    assert config.group_end_timeout == 0 and config.before_task is print
+    assert SessionRecorderConfig(group_end_timeout=None).group_end_timeout is None
+    assert SessionRecorderConfig(group_end_timeout=1.5).group_end_timeout == 1.5
+    # Decoding checks too (nothing decodes a config now; msgspec runs __post_init__ there).
+    assert msgspec.convert({"keep_session_events": True}, SessionRecorderConfig).keep_session_events
+    with pytest.raises(msgspec.ValidationError, match="group_end_timeout must be"):
+        msgspec.convert({"group_end_timeout": -1.0}, SessionRecorderConfig)
+
+
 # -- properties ------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ session that no store can load again.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from collections.abc import Collection, Iterable
@@ -144,10 +145,11 @@ def check_seconds(
     positive: bool = False,
     duration: bool = False,
     maximum: float | None = None,
+    finite: bool = False,
 ) -> None:
     """`TypeError` unless `value` is a real number (a NumPy one too; with `duration`, a
     `timedelta` too), or None when `optional`; `InvalidArgument` if it is negative (or
-    zero, when `positive`), NaN or (given a `maximum`) above it."""
+    zero, when `positive`), NaN, (given a `maximum`) above it or (when `finite`) infinite."""
     if value is None and optional:
         return
     if duration and isinstance(value, timedelta):
@@ -156,11 +158,16 @@ def check_seconds(
         described = "a number of seconds" + (" or a timedelta" if duration else "")
         raise _wrong_type(name, described + (" or None" if optional else ""), value)
     seconds = float(value)
-    if not (seconds > 0 if positive else seconds >= 0) or (maximum is not None and not seconds <= maximum):
+    if (
+        not (seconds > 0 if positive else seconds >= 0)
+        or (maximum is not None and not seconds <= maximum)
+        or (finite and math.isinf(seconds))
+    ):
         bound = "> 0" if positive else ">= 0"  # the first test also refuses NaN
         if maximum is not None:
             bound += f" and <= {maximum}"
-        raise InvalidArgument(f"{name} must be a number of seconds {bound}, got {value!r}")
+        number = "a finite number" if finite else "a number"
+        raise InvalidArgument(f"{name} must be {number} of seconds {bound}, got {value!r}")
 
 
 def check_counts(name: str, values: Iterable[int]) -> tuple[int, ...]:

@@ -48,7 +48,7 @@ import msgspec
 from msgspec.structs import replace
 
 from . import codec
-from ._checks import check_each, check_type
+from ._checks import check_callable, check_each, check_seconds, check_type
 from ._collector import release_leaves, release_records, release_tuple
 from ._time import Timestamp
 from .errors import InvalidArgument
@@ -103,7 +103,9 @@ _V = TypeVar("_V")
 
 
 class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
-    """How a recorder records. Every option is keyword-only and optional.
+    """How a recorder records. Every option is keyword-only and optional, and checked
+    when given: `TypeError` for a flag that is no bool or a hook that is no callable,
+    `InvalidArgument` for a ``group_end_timeout`` negative, NaN or infinite.
 
     * ``include_streaming_events``: store ``MessageUpdate`` deltas in loop events.
     * ``capture_turn_requests``: copy each ``TurnRequest`` payload into its Turn.
@@ -130,6 +132,16 @@ class SessionRecorderConfig(msgspec.Struct, kw_only=True, frozen=True):
     after_task: SessionCallback | None = None
     keep_session_events: bool = False
     group_end_timeout: float | None = 3600.0
+
+    def __post_init__(self) -> None:
+        # Checked here, where they are given: a "false" read from a file would turn an
+        # option on, and a hook that is no callable would fail (logged) at every session.
+        for name in ("include_streaming_events", "capture_turn_requests", "keep_session_events"):
+            check_type(name, getattr(self, name), bool)
+        check_callable("before_task", self.before_task, optional=True)
+        check_callable("after_task", self.after_task, optional=True)
+        # Infinite: the cutoff in nanoseconds cannot be computed (None waits for ever).
+        check_seconds("group_end_timeout", self.group_end_timeout, optional=True, finite=True)
 
 
 class OrphanEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
