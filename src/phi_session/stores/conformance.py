@@ -971,6 +971,42 @@ class StoreConformance:
             ("late.cfg.2", ("late.cfg.3",)),
         ]
 
+    def test_loop_ids_holding_nul_merge_as_any_other(self, store: SessionStore) -> None:
+        # PostgreSQL text cannot hold NUL: its loop id column shows U+FFFD, where the merge
+        # read which stored loops a save touches, so the stored loop went unread, a copy
+        # was appended at each save and a child was not linked into its parent.
+        def loop(mark: str, index: int, **options: Any) -> LoopRecord:
+            record = make_loop("nulid", index, **options)
+            parent = record.parent_loop_id
+            return msgspec.structs.replace(
+                record,
+                loop_id=record.loop_id.replace(".cfg.", f".c{mark}fg."),
+                parent_loop_id=None if parent is None else parent.replace(".cfg.", f".c{mark}fg."),
+            )
+
+        parts = [
+            [loop("\x00", 1, status="Running")],
+            [loop("\x00", 1, tokens=10)],
+            [loop("\ufffd", 1, tokens=5)],  # another loop, whose column text is the same
+            [loop("\x00", 1, tokens=10)],  # the same save again
+            [loop("\x00", 2, parent_index=1)],
+        ]
+        expected: Session | None = None
+        for part in parts:
+            incoming = make_session("nulid", loops=part)
+            store.save(incoming)
+            expected = incoming if expected is None else merge_sessions(expected, incoming)
+        assert expected is not None
+        loaded = store.load("nulid")
+        assert [(r.loop_id, r.status, r.usage.total_tokens, r.children_loop_ids) for r in loaded.loops] == [
+            ("nulid.c\x00fg.1", "Completed", 10, ("nulid.c\x00fg.2",)),
+            ("nulid.c\ufffdfg.1", "Completed", 5, ()),
+            ("nulid.c\x00fg.2", "Completed", 0, ()),
+        ]
+        assert encode_session(loaded) == encode_session(expected)
+        [summary] = store.query()
+        assert (summary.loop_count, summary.usage.total_tokens) == (3, 15)
+
     def test_concurrent_saves_of_one_session_lose_no_loop(self, store: SessionStore) -> None:
         writers = 8
         barrier = threading.Barrier(writers)

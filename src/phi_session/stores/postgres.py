@@ -1212,9 +1212,11 @@ class PostgresStore(AsyncTwins):
             outlines = [None if outline is None else decode_loop_outline(outline) for _, _, outline in rows]
         except (DecodeError, msgspec.DecodeError) as exc:
             raise StoredSessionUnusable(f"stored session {session_id!r} is corrupt: {exc}") from exc
+        # The ids as the outlines hold them: the column shows NUL as U+FFFD (`_text`), which
+        # no incoming id would match. A loop without an outline is read whatever its id.
         family = [
-            (loop_id, None if outline is None else outline.parent_loop_id)
-            for (_, loop_id, _), outline in zip(rows, outlines, strict=True)
+            (column, None) if outline is None else (outline.loop_id, outline.parent_loop_id)
+            for (_, column, _), outline in zip(rows, outlines, strict=True)
         ]
         wanted = set(loops_a_merge_touches(family, incoming))
         wanted.update(index for index, outline in enumerate(outlines) if outline is None)
