@@ -1583,6 +1583,13 @@ class StoreConformance:
         for start in range(4):
             assert store.loop_starts("w", start) == starts[start:]
         assert store.loop_starts("w", 10) == []
+        # The ids as saved, whatever an index keeps of them (PostgreSQL text shows NUL as U+FFFD).
+        odd = [
+            msgspec.structs.replace(make_loop("odd", n, started_at=at(n)), loop_id=f"odd.c{mark}fg.1")
+            for n, mark in ((1, "\x00"), (2, "\ufffd"), (3, "\x00\ufffd"))
+        ]
+        store.save(make_session("odd", loops=odd))
+        assert store.loop_starts("odd", 1) == [(r.loop_id, r.started_at.ns) for r in odd[1:]]
         assert asyncio.run(store.aloop_starts("w", 2)) == starts[2:]
         store.save(make_session("empty", loops=[]))
         assert store.loop_starts("empty", 0) == []

@@ -595,6 +595,16 @@ class _Listed(msgspec.Struct):
 _listed_decoder = msgspec.json.Decoder(_Listed)
 
 
+class _LoopId(msgspec.Struct):
+    """The loop id of a loop's outline or record (both hold it first), read exact where
+    the ``loop_id`` column may show another string (`_text`), without decoding the rest."""
+
+    loop_id: str
+
+
+_loop_id_decoder = msgspec.json.Decoder(_LoopId)
+
+
 def _clamped_ns(ts: Timestamp) -> int:
     return min(max(ts.ns, _I64_MIN), _I64_MAX)
 
@@ -1343,7 +1353,8 @@ class PostgresStore(AsyncTwins):
             raise StoredSessionUnusable(f"stored session {session_id!r} is corrupt: {exc}") from exc
 
     def loop_starts(self, session_id: str, start: int) -> list[tuple[str, int]]:
-        """See `LoopStarts.loop_starts`. One range of the loops' index."""
+        """See `LoopStarts.loop_starts`. One range of the loops' index; an id whose column
+        holds U+FFFD, which may stand for NUL (`_text`), is read from its outline."""
         validate_session_id(session_id)
         check_loop_range(start, start)
         with self._cursor(f"reading the loop starts of session {session_id!r}") as cur:
@@ -1352,15 +1363,26 @@ class PostgresStore(AsyncTwins):
                     "SELECT ARRAY(SELECT l.loop_id FROM {s}.loops l WHERE l.session_id = s.session_id"
                     " AND l.position >= %s ORDER BY l.position),"
                     " ARRAY(SELECT l.started_at_ns FROM {s}.loops l WHERE l.session_id = s.session_id"
-                    " AND l.position >= %s ORDER BY l.position)"
+                    " AND l.position >= %s ORDER BY l.position),"
+                    " ARRAY(SELECT CASE WHEN strpos(l.loop_id, %s) > 0 THEN coalesce(l.outline, l.record) END"
+                    " FROM {s}.loops l WHERE l.session_id = s.session_id AND l.position >= %s"
+                    " ORDER BY l.position)"
                     " FROM {s}.sessions s WHERE s.session_id = %s"
                 ),
-                (min(start, _I64_MAX), min(start, _I64_MAX), session_id),
+                (min(start, _I64_MAX), min(start, _I64_MAX), _BLURRED, min(start, _I64_MAX), session_id),
             )
             row = cur.fetchone()
         if row is None:
             raise SessionNotFound(f"no session {session_id!r} in {self._where} schema {self._schema!r}")
-        return list(zip(row[0], row[1], strict=True))
+        columns, starts, exact = row
+        try:
+            ids = [
+                column if data is None else _loop_id_decoder.decode(data).loop_id
+                for column, data in zip(columns, exact, strict=True)
+            ]
+        except msgspec.DecodeError as exc:
+            raise StoredSessionUnusable(f"stored session {session_id!r} is corrupt: {exc}") from exc
+        return list(zip(ids, starts, strict=True))
 
     def list_for_agent(self, agent_id: str) -> list[Session]:
         """The sessions of `agent_id` in `list_ids` order; unreadable ones are logged and skipped."""
