@@ -67,9 +67,12 @@ transaction, skipping sessions being saved at that moment, then runs ``VACUUM
 (ANALYZE)`` on both tables (outside the transaction, as VACUUM requires).
 
 Connections: a small built-in pool (``pool_size`` connections, opened on demand,
-in autocommit mode with explicit transactions). A connection found broken is
-dropped and the next call opens a new one; the failed call itself raises
-`StoreError` and is not retried (it may have committed).
+in autocommit mode with explicit transactions). An idle connection the server ended
+(a restart, ``idle_session_timeout``, ``pg_terminate_backend``) is seen before it is
+used, without a round trip, and replaced: no call fails on it. A connection that
+breaks during a call fails that call with `StoreError`, not retried (it may have
+committed), and is dropped with the idle ones (they went through the same outage,
+perhaps unseen); the next calls open new ones.
 
 Async twins run the sync methods in a worker thread (`AsyncTwins`): one code path,
 one set of transaction rules; at most ``pool_size`` calls use the database at once.
@@ -81,6 +84,7 @@ import itertools
 import logging
 import os
 import re
+import select
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -727,6 +731,32 @@ def _describe_server(params: dict[str, Any]) -> str:
     return f"{f'{user}@' if user else ''}{host}{f':{port}' if port else ''}/{dbname}"
 
 
+def _closed_by_server(conn: psycopg.Connection[Row]) -> bool:
+    """Whether the server ended idle `conn` (a restart, ``idle_session_timeout``,
+    ``pg_terminate_backend``: its farewell and the end of the stream wait unread), seen
+    without sending anything, so a call never fails on it nor may have run twice."""
+    if conn.closed:
+        return True
+    try:
+        # An idle connection hears nothing, but a notice; each read takes what has come.
+        while _readable(conn.fileno()):
+            conn.pgconn.consume_input()
+    except psycopg.OperationalError:  # the end of the stream
+        return True
+    return conn.closed
+
+
+def _readable(fd: int) -> bool:
+    """Whether `fd` has something to read now (or has ended). poll takes any descriptor
+    (select refuses those past 1023) in 1 us (a `selectors` object costs 16); Windows has
+    only select."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])
+
+
 class _Pool:
     """At most `size` connections, opened on demand and reused; broken ones are dropped."""
 
@@ -751,7 +781,10 @@ class _Pool:
                 if self._closed:
                     raise StoreClosed("the PostgresStore is closed")
                 conn = self._idle.pop() if self._idle else None
-            if conn is None or conn.closed:
+            if conn is not None and _closed_by_server(conn):
+                conn.close()
+                conn = None
+            if conn is None:
                 conn = self._connect()
             try:
                 yield conn
@@ -764,11 +797,17 @@ class _Pool:
         reusable = (
             not conn.closed and not conn.broken and (conn.info.transaction_status == TransactionStatus.IDLE)
         )
+        idle: list[psycopg.Connection[Row]] = []
         with self._lock:
             if reusable and not self._closed:
                 self._idle.append(conn)
                 return
-        conn.close()
+            if conn.broken:
+                # The idle ones went through the same outage, perhaps unseen (a network path
+                # dropped without a word): each would fail a call of its own.
+                idle, self._idle = self._idle, []
+        for stale in (conn, *idle):
+            stale.close()
 
     def close(self) -> None:
         with self._lock:
