@@ -23,9 +23,8 @@ from phi_session.codec import encode_session
 from phi_session.cost import Pricer
 from phi_session.messages import ZERO_USAGE, Usage
 from phi_session.model import Session
-from phi_session.recorder import SessionRecorder
 from phi_session.stores.base import summarize
-from phi_session.stores.conformance import EXAMPLES_DIR, make_loop, reported_usage
+from phi_session.stores.conformance import EXAMPLES_DIR, make_loop, record_lines, reported_usage
 from phi_session.stores.json_dir import JsonDirStore
 from phi_session.stores.urls import ENV_VAR
 
@@ -38,14 +37,6 @@ import workload  # lives in benchmarks/, not in the package
 
 # One flat price for every model, so a cost is a linear function of the tokens.
 PRICES = {"claude-sonnet-4-5": {"input": 3, "output": 15}}
-
-
-def record(lines: list[bytes]) -> list[Session]:
-    recorder = SessionRecorder()
-    for line in lines:
-        recorder.on_json(line)
-    recorder.flush()
-    return recorder.drain_completed()
 
 
 def billed(sessions: list[Session]) -> Usage:
@@ -80,7 +71,7 @@ def test_a_workload_cut_at_every_event_bills_every_reported_token() -> None:
     pricer = Pricer(PRICES, use_table=False)
     short = 0
     for cut, lines, reported in workload_cuts():
-        sessions = record(lines)
+        sessions = record_lines(lines)
         assert billed(sessions) == reported, cut
         assert_calls_add_up(sessions)
         assert sum((summarize(s).usage for s in sessions), ZERO_USAGE) == reported, cut
@@ -105,7 +96,7 @@ GOLDEN_CASES = (
 def test_golden_streams_bill_every_reported_token(case: str) -> None:
     # 200 realistic streams (parallel groups, sub-agents, compaction, 78 loops left open).
     lines = [line for line in (GOLDEN / "recorder" / case / "events.jsonl").read_bytes().split(b"\n") if line]
-    sessions = record(lines)
+    sessions = record_lines(lines)
     assert billed(sessions) == reported_usage(lines)
     assert_calls_add_up(sessions)
 
@@ -113,7 +104,7 @@ def test_golden_streams_bill_every_reported_token(case: str) -> None:
 def cut_session() -> tuple[Session, Usage]:
     """events-basic cut inside its first turn, after the assistant message ended."""
     lines = (EXAMPLES_DIR / "events-basic.jsonl").read_bytes().split(b"\n")[:9]
-    [session] = record(lines)
+    [session] = record_lines(lines)
     return session, reported_usage(lines)
 
 
@@ -168,12 +159,12 @@ def test_total_usage_keeps_phi_cores_meaning_and_billed_usage_counts_the_cut_off
     # cut off before AgentEnd counts zero there; billed_usage counts what it reported.
     undercounted = 0
     for _, lines, reported in workload_cuts():
-        for session in record(lines):
+        for session in record_lines(lines):
             phi_core = ZERO_USAGE
             for loop in session.loops:
                 phi_core = phi_core + loop.usage
             assert session.total_usage() == phi_core
-        sessions = record(lines)
+        sessions = record_lines(lines)
         assert billed(sessions) == reported
         undercounted += sum(s.total_usage() != s.billed_usage() for s in sessions)
     assert undercounted > 0  # the cuts do hit unfinished turns

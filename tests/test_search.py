@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from phi_session.stores.search import query_words
+from phi_session.model import Session
+from phi_session.stores.conformance import EXAMPLES_DIR, record_lines
+from phi_session.stores.search import document_hits, documents, query_words
 
 
 def rule_words(text: str) -> tuple[str, ...]:
@@ -52,3 +54,35 @@ def test_decomposed_and_composed_accents_are_the_same_words() -> None:
     assert decomposed != composed
     expected = ("send", "the", "r\u00e9sum\u00e9", "to", "zo\u00eb")
     assert query_words(decomposed) == query_words(composed) == expected
+
+
+@pytest.mark.spec  # phi-core's example streams
+@pytest.mark.parametrize("name", ["events-basic.jsonl", "events-parallel.jsonl", "events-subagent.jsonl"])
+def test_a_loop_cut_off_before_its_end_finds_its_words_in_their_turns(name: str) -> None:
+    # Its messages are those of its MessageEnd events, which carry no turnId: each takes
+    # the turn its events put it in, as AgentEnd's messages have it (the prompt outside).
+    lines = [line for line in (EXAMPLES_DIR / name).read_bytes().split(b"\n") if line]
+    cut = [line for line in lines if b'"type":"AgentEnd"' not in line]
+
+    def places(sessions: list[Session]) -> list[tuple[str, int | None, int, str, str]]:
+        return [
+            (document.loop_id, document.turn_index, document.message_index, document.kind, document.text)
+            for session in sessions
+            for document in documents(session)
+        ]
+
+    assert any(turn is not None for _, turn, *_ in places(record_lines(cut)))
+    assert sorted(places(record_lines(cut)), key=str) == sorted(
+        places(record_lines(lines)), key=str
+    )  # loops in any order
+
+
+@pytest.mark.spec  # phi-core's example stream
+def test_a_milk_bank_hit_of_a_cut_loop_names_its_turn() -> None:
+    lines = (EXAMPLES_DIR / "events-basic.jsonl").read_bytes().split(b"\n")
+    [session] = record_lines([line for line in lines if line and b'"type":"AgentEnd"' not in line])
+    hits = list(document_hits(session, query_words("milk bank")))
+    assert [(hit.turn_index, hit.message_index, hit.kind) for hit in hits] == [
+        (0, 2, "tool_result"),
+        (1, 3, "text"),
+    ]

@@ -46,6 +46,7 @@ from .messages import (
     AgentMessage,
     AnnotatedRequestPayload,
     AssistantMessage,
+    ToolResultMessage,
     TurnId,
     Usage,
 )
@@ -374,7 +375,32 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         messages of its stored ``MessageEnd`` events, in order."""
         if self.messages:
             return self.messages
-        return [stored.event.message for stored in self.events if type(stored.event) is MessageEnd]
+        return [message for _, message in self._said_in_events()]
+
+    def conversation_turns(self) -> Iterator[tuple[int | None, AgentMessage]]:
+        """Each message of `conversation` with the index of the turn it was said in (None:
+        outside any turn, as a loop's first prompt is): its ``turnId``'s."""
+        if self.messages:
+            return ((_turn_index_of(message), message) for message in self.messages)
+        return self._said_in_events()
+
+    def _said_in_events(self) -> Iterator[tuple[int | None, AgentMessage]]:
+        # phi-core writes a MessageEnd's message without its turnId, which it gives a
+        # reply and a tool result only when AgentEnd lists them: those take the turn
+        # their events are in (between its TurnStart and TurnEnd), a prompt none.
+        turn: int | None = None
+        for stored in self.events:
+            event = stored.event
+            if type(event) is TurnStart:
+                turn = event.turn_index
+            elif type(event) is TurnEnd:
+                turn = None
+            elif type(event) is MessageEnd:
+                message = event.message
+                index = _turn_index_of(message)
+                if index is None and isinstance(message, (AssistantMessage, ToolResultMessage)):
+                    index = turn
+                yield index, message
 
     def tool_call_count(self) -> int:
         return sum(len(turn.tool_results) for turn in self.turns)
@@ -545,13 +571,18 @@ class LoopRecord(msgspec.Struct, kw_only=True):
         return out
 
 
+def _turn_index_of(message: AgentMessage) -> int | None:
+    """The index of the turn `message`'s ``turnId`` names (None: it has none)."""
+    turn_id = getattr(message, "turn_id", None)
+    return None if turn_id is None else turn_id.turn_index
+
+
 def _message_groups(messages: Sequence[AgentMessage]) -> list[tuple[int, int]]:
     """``(first, last)`` positions of each group of `messages` (`context_messages`)."""
     groups: list[tuple[int, int]] = []
     current: int | None = None
     for position, message in enumerate(messages):
-        turn_id = getattr(message, "turn_id", None)
-        turn_index = None if turn_id is None else turn_id.turn_index
+        turn_index = _turn_index_of(message)
         if turn_index is not None and turn_index == current:
             groups[-1] = (groups[-1][0], position)
         else:

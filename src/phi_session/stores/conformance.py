@@ -88,6 +88,7 @@ __all__ = [
     "cut_streams",
     "make_loop",
     "make_session",
+    "record_lines",
     "reported_usage",
     "save_in_parts",
 ]
@@ -255,12 +256,18 @@ def talking_loop(
 
 def cut_loop(session_id: str, index: int, said: str) -> LoopRecord:
     """`talking_loop` cut off before its end (its process died): ``Aborted``, without
-    messages (they come with ``AgentEnd``), what was said only in its ``MessageEnd`` events."""
+    messages (they come with ``AgentEnd``), what was said only in its ``TurnStart`` and
+    ``MessageEnd`` events, whose messages phi-core writes without a ``turnId``."""
     record = make_loop(session_id, index, status="Aborted")
-    record.events = tuple(
-        LoopEvent(sequence=n, event=MessageEnd(loop_id=record.loop_id, message=message))
-        for n, message in enumerate(talking_loop(session_id, index, said).messages)
-    )
+    ends = [
+        MessageEnd(loop_id=record.loop_id, message=msgspec.structs.replace(message, turn_id=None))
+        for message in talking_loop(session_id, index, said).messages
+    ]
+    events: list[AgentEvent] = [
+        TurnStart(loop_id=record.loop_id, turn_index=0, timestamp=at(1), triggered_by="User"),
+        *ends,
+    ]
+    record.events = tuple(LoopEvent(sequence=n, event=event) for n, event in enumerate(events))
     return record
 
 
@@ -417,14 +424,20 @@ def _sum(usages: Iterable[Usage]) -> Usage:
     return total
 
 
+def record_lines(lines: Iterable[bytes]) -> list[Session]:
+    """The sessions a `SessionRecorder` makes of JSON event `lines`, flushed at their end
+    (a loop without its ``AgentEnd`` ``Aborted``)."""
+    recorder = SessionRecorder()
+    for line in lines:
+        recorder.on_json(line)
+    recorder.flush()
+    return recorder.drain_completed()
+
+
 def _recorded_parallel() -> Session:
     """The session recorded from the spec's ``events-parallel.jsonl`` (loops with events)."""
     _examples()
-    recorder = SessionRecorder()
-    for line in (EXAMPLES_DIR / "events-parallel.jsonl").read_bytes().splitlines():
-        recorder.on_json(line)
-    recorder.flush()
-    [session] = recorder.drain_completed()
+    [session] = record_lines((EXAMPLES_DIR / "events-parallel.jsonl").read_bytes().splitlines())
     return session
 
 

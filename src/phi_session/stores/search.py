@@ -14,7 +14,7 @@ agree (the conformance suite checks it):
   word reads the same whether its accents came precomposed or as combining marks
   (decomposed, NFD: macOS file names, some model outputs).
 
-`SearchHit` carries the session, loop, turn (when the message names one) and a
+`SearchHit` carries the session, loop, turn (`LoopRecord.conversation_turns`) and a
 snippet of the document around the first match with the offsets of every matched
 word in it, so each front end highlights in its own way (the viewer as text, never
 as HTML).
@@ -152,9 +152,7 @@ def loop_text(record: LoopRecord) -> str:
 def documents(session: Session) -> Iterator[Document]:
     """The searchable documents of `session`, loop by loop, message by message."""
     for record in session.loops:
-        for index, message in enumerate(record.conversation()):
-            turn_id = getattr(message, "turn_id", None)
-            turn_index = None if turn_id is None else turn_id.turn_index
+        for index, (turn_index, message) in enumerate(record.conversation_turns()):
             for kind, text in _message_texts(message):
                 if text:
                     yield Document(
