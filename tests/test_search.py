@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from phi_session.messages import TextContent, UserMessage
 from phi_session.model import Session
-from phi_session.stores.conformance import EXAMPLES_DIR, record_lines
-from phi_session.stores.search import document_hits, documents, query_words
+from phi_session.stores.conformance import EXAMPLES_DIR, make_loop, make_session, record_lines
+from phi_session.stores.search import SNIPPET_CHARS, document_hits, documents, query_words
 
 
 def rule_words(text: str) -> tuple[str, ...]:
@@ -86,3 +87,38 @@ def test_a_milk_bank_hit_of_a_cut_loop_names_its_turn() -> None:
         (0, 2, "tool_result"),
         (1, 3, "text"),
     ]
+
+
+def _hit(text: str, query: str) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """The snippet and highlights of `query`'s one hit in a loop whose prompt is `text`."""
+    loop = make_loop("s", 1)
+    loop.messages = (UserMessage(content=(TextContent(text=text),), timestamp=0),)
+    [hit] = document_hits(make_session("s", loops=[loop]), query_words(query))
+    return hit.snippet, hit.highlights
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "\U0001f1eb\U0001f1f7",  # a flag: two regional indicators
+        "\U0001f44d\U0001f3fd",  # a thumb and its skin tone
+        "\U0001f468\u200d\U0001f469\u200d\U0001f467",  # a family: three people joined by ZWJs
+        "\u2764\ufe0f",  # a heart and its emoji variation selector
+        "\u00e9\u0302",  # a letter and a combining mark that does not compose with it
+        "\u0915\u093f",  # a Devanagari consonant and its spacing vowel sign
+    ],
+)
+@pytest.mark.parametrize("offset", range(5))
+def test_a_snippet_never_splits_a_character_the_reader_sees_as_one(unit: str, offset: int) -> None:
+    # Cut anywhere in a run of them (the offset moves the cut), at either end.
+    text = "." * offset + unit * 60 + " target " + unit * 60 + "." * offset
+    snippet, highlights = _hit(text, "target")
+    assert snippet.startswith("\u2026") and snippet.endswith("\u2026")
+    assert snippet[1:-1].replace(unit, "") == " target "
+    assert [snippet[start:end] for start, end in highlights] == ["target"]
+
+
+def test_a_snippet_cuts_a_pile_of_marks_short() -> None:
+    # Zalgo text: one letter under thousands of marks is cut all the same, a few marks on.
+    snippet, _ = _hit("target e" + "\u0302" * 5000, "target")
+    assert SNIPPET_CHARS < len(snippet) <= SNIPPET_CHARS + 40

@@ -55,6 +55,8 @@ __all__ = [
 DocumentKind = Literal["text", "thinking", "tool_call", "tool_result"]
 DEFAULT_LIMIT = 50
 SNIPPET_CHARS = 160
+_CLUSTER_CHARS = 32
+"""How far a snippet's cut moves to keep a character a reader sees as one whole (`_joined`)."""
 _WORD = re.compile(r"\w+")
 # ASCII text's bytes mapped to its words, lower-cased and space-separated: a word
 # character (``\w`` in ASCII is ``[A-Za-z0-9_]``) to its lower case, any other to a space.
@@ -164,6 +166,30 @@ def documents(session: Session) -> Iterator[Document]:
                     )
 
 
+def _regional_indicator(char: str) -> bool:
+    return "\U0001f1e6" <= char <= "\U0001f1ff"
+
+
+def _joined(text: str, index: int) -> bool:
+    """Whether ``text[index]`` belongs to the character a reader sees in ``text[index - 1]``
+    (a rough grapheme cluster, stdlib only): a mark (combining, spacing, a variation
+    selector), a skin tone, either side of a zero-width joiner, or the second regional
+    indicator of a flag."""
+    char, before = text[index], text[index - 1]
+    if (
+        unicodedata.category(char)[0] == "M"
+        or "\U0001f3fb" <= char <= "\U0001f3ff"
+        or "\u200d" in (char, before)
+    ):
+        return True
+    if not (_regional_indicator(char) and _regional_indicator(before)):
+        return False
+    start = index - 1
+    while start > 0 and _regional_indicator(text[start - 1]):
+        start -= 1
+    return (index - start) % 2 == 1  # flags pair the indicators from the first of the run
+
+
 def _snippet(text: str, words: tuple[str, ...]) -> tuple[str, tuple[tuple[int, int], ...]] | None:
     """The snippet of `text` (composed: `_composed`) around its first matched word, or None
     unless every word occurs."""
@@ -175,6 +201,13 @@ def _snippet(text: str, words: tuple[str, ...]) -> tuple[str, tuple[tuple[int, i
     first = spans[0][0]
     begin = max(0, min(first - SNIPPET_CHARS // 4, len(text) - SNIPPET_CHARS))
     end = min(len(text), begin + SNIPPET_CHARS)
+    # The cuts move outward, so that no flag, emoji sequence or accented letter is split;
+    # by `_CLUSTER_CHARS` at most, so that a pile of marks (zalgo text) is still cut short.
+    floor, ceiling = max(0, begin - _CLUSTER_CHARS), min(len(text), end + _CLUSTER_CHARS)
+    while floor < begin and _joined(text, begin):
+        begin -= 1
+    while end < ceiling and _joined(text, end):
+        end += 1
     prefix = "…" if begin else ""
     suffix = "…" if end < len(text) else ""
     shift = len(prefix) - begin
