@@ -122,3 +122,12 @@ def test_a_snippet_cuts_a_pile_of_marks_short() -> None:
     # Zalgo text: one letter under thousands of marks is cut all the same, a few marks on.
     snippet, _ = _hit("target e" + "\u0302" * 5000, "target")
     assert SNIPPET_CHARS < len(snippet) <= SNIPPET_CHARS + 40
+
+
+def test_a_word_longer_than_the_snippet_is_highlighted_where_it_shows() -> None:
+    snippet, highlights = _hit("see " + "x" * 400 + " there", "x" * 400)
+    assert snippet == "see " + "x" * (SNIPPET_CHARS - 4) + "\u2026"
+    assert highlights == ((4, SNIPPET_CHARS),)
+    snippet, highlights = _hit("a " * 100 + "y" * 400 + " b", "y" * 400)
+    assert snippet == "\u2026" + "a " * 20 + "y" * (SNIPPET_CHARS - 40) + "\u2026"
+    assert highlights == ((41, 1 + SNIPPET_CHARS),)

@@ -79,8 +79,9 @@ class SearchHit(msgspec.Struct, frozen=True, kw_only=True):
     """One matching document: where it is and a snippet of it.
 
     ``highlights`` are ``[start, end)`` character offsets of the matched words
-    inside ``snippet``. ``message_index`` is the message's position in the loop's
-    `LoopRecord.conversation`; ``turn_index`` is None for a message outside any turn.
+    inside ``snippet`` (of the part it shows of a word it cuts). ``message_index`` is
+    the message's position in the loop's `LoopRecord.conversation`; ``turn_index`` is
+    None for a message outside any turn.
     """
 
     session_id: str
@@ -211,8 +212,12 @@ def _snippet(text: str, words: tuple[str, ...]) -> tuple[str, tuple[tuple[int, i
     prefix = "…" if begin else ""
     suffix = "…" if end < len(text) else ""
     shift = len(prefix) - begin
+    # A matched word the cut goes through (one longer than the snippet) is highlighted
+    # as far as it shows.
     highlights = tuple(
-        (start + shift, stop + shift) for start, stop in spans if start >= begin and stop <= end
+        (max(start, begin) + shift, min(stop, end) + shift)
+        for start, stop in spans
+        if start < end and stop > begin
     )
     return f"{prefix}{text[begin:end]}{suffix}", highlights
 
