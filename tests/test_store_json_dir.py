@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -30,7 +31,13 @@ from phi_session.errors import (
 from phi_session.model import Session
 from phi_session.stores import json_dir
 from phi_session.stores.base import SessionStore, merge_sessions, summarize
-from phi_session.stores.conformance import EXAMPLE_SESSIONS, StoreConformance, make_loop, make_session
+from phi_session.stores.conformance import (
+    EXAMPLE_SESSIONS,
+    StoreConformance,
+    make_loop,
+    make_session,
+    talking_loop,
+)
 from phi_session.stores.json_dir import (
     JsonDirStore,
     delete_session,
@@ -719,3 +726,32 @@ def test_a_lock_file_in_a_directory_removed_meanwhile_is_an_error_not_a_spin(tmp
     worker.join(5)
     assert len(outcome) == 1 and isinstance(outcome[0], StoreError)
     assert "s.json.lock" in str(outcome[0])
+
+
+def test_a_file_named_other_than_its_session_is_not_that_session(
+    store: JsonDirStore, directory: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session file is named ``{session_id}.json`` (wire-format §11). A copy of ``s.json``
+    named ``backup.json`` was listed, counted and searched as a second session "s" (2 sessions,
+    2 loops for 1 and 1, each hit twice), and ``load("backup")`` returned session "s"."""
+    store.save(make_session("s", "x", loops=[talking_loop("s", 1, "coffee", agent_id="x")]))
+    shutil.copyfile(directory / "s.json", directory / "backup.json")
+    kept = _names(directory), (directory / "backup.json").read_bytes()
+    for reader in (store, JsonDirStore(directory)):  # summaries cached by the save, and read afresh
+        with caplog.at_level(logging.WARNING, logger="phi_session.stores.json_dir"):
+            caplog.clear()
+            for _ in range(2):
+                assert [row.session_id for row in reader.query()] == ["s"]
+                assert [(total.sessions, total.loops) for total in reader.usage_totals()] == [(1, 1)]
+                assert [hit.session_id for hit in reader.search("please coffee")] == ["s"]
+                assert [session.session_id for session in reader.list_for_agent("x")] == ["s"]
+            warned = [r.getMessage() for r in caplog.records if "backup" in r.getMessage()]
+            assert len(warned) == 1  # once per version of the file, not at every listing
+            assert "backup.json holds session 's'" in warned[0]
+        for load in (reader.load, reader.load_outline, functools.partial(reader.load_loops, start=0, stop=1)):
+            with pytest.raises(
+                StoredSessionUnusable, match=r"'backup': its file .*backup\.json holds session 's'"
+            ):
+                load("backup")
+        assert reader.prune(PruneCriteria(keep_last=1)) == 0  # s kept; backup.json is none of its own
+    assert (_names(directory), (directory / "backup.json").read_bytes()) == kept  # never altered

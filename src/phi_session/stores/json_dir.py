@@ -443,14 +443,14 @@ class JsonDirStore(ScanSearch, AsyncTwins):
                 f"not saving session {session_id!r}: the stored file cannot be merged "
                 f"({error}); move it aside to save"
             ) from error
-        if stored.session_id != session_id:
-            # A file system that ignores case gives "a" and "A" one file: merging
-            # would make two sessions one, under the wrong id.
-            raise StoredSessionUnusable(
-                f"not saving session {session_id!r}: its file {self.path_for(session_id)} holds "
-                f"session {stored.session_id!r} (the file system does not tell their names "
-                "apart, e.g. it ignores case); nothing was written"
-            )
+        # Merging would make two sessions one, under the wrong id.
+        self._check_named(
+            session_id,
+            stored,
+            "not saving",
+            " (a copy, or a file system that does not "
+            "tell their names apart, e.g. ignoring case); nothing was written",
+        )
         merged = merge_sessions(stored, session)
         return merged, None, list(map(_facts, merged.loops)), None
 
@@ -679,11 +679,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
             if data.startswith(_header_of(session_id)):  # this session, damaged: its owner may remove it
                 return
             raise StoredSessionUnusable(f"not deleting session {session_id!r}: {error}") from error
-        if stored.session_id != session_id:
-            raise StoredSessionUnusable(
-                f"not deleting session {session_id!r}: its file {self.path_for(session_id)} holds "
-                f"session {stored.session_id!r}"
-            )
+        self._check_named(session_id, stored, "not deleting")
 
     # -- reading ----------------------------------------------------------------------
 
@@ -729,6 +725,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
                 return paged
         key, data = self._read_bytes(session_id)
         session, _ = self._decode(session_id, key, data)
+        self._check_named(session_id, session, "not loading")
         loops = tuple(_split_loops.decode(data).loops)
         if len(loops) != len(session.loops):  # both read one "loops" array: never, but pages would shift
             raise self._corrupt(session_id, "its loops do not split apart")
@@ -748,7 +745,11 @@ class JsonDirStore(ScanSearch, AsyncTwins):
                 kept -= self._paged.popitem(last=False)[1].size
 
     def _read(self, session_id: str) -> tuple[Session, _Entry]:
-        return self._decode(session_id, *self._read_bytes(session_id))
+        """The session stored as `session_id` (its summary remembered even if the file is
+        not that session's: `_entries` then skips it without reading it again)."""
+        session, entry = self._decode(session_id, *self._read_bytes(session_id))
+        self._check_named(session_id, session, "not loading")
+        return session, entry
 
     def _read_bytes(self, session_id: str) -> tuple[_FileKey, bytes]:
         path = self._dir / f"{session_id}{_SUFFIX}"
@@ -771,6 +772,17 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         entry = _entry(key, session, list(map(_facts, session.loops)))
         self._remember(session_id, entry)
         return session, entry
+
+    def _check_named(self, session_id: str, stored: Session, refused: str, why: str = "") -> None:
+        """`StoredSessionUnusable` unless `stored`, read from the file of `session_id`, is that
+        session. A session file is named ``{session_id}.json`` (wire-format §11): a file named
+        otherwise (a copy such as ``backup.json``; on a file system that ignores case, ``A.json``
+        is ``a.json``) is no session of its own, and is never written over or deleted."""
+        if stored.session_id != session_id:
+            raise StoredSessionUnusable(
+                f"{refused} session {session_id!r}: its file {self.path_for(session_id)} holds "
+                f"session {stored.session_id!r}{why}"
+            )
 
     def _corrupt(self, session_id: str, reason: object) -> StoredSessionUnusable:
         return StoredSessionUnusable(f"corrupt session file {self.path_for(session_id)}: {reason}")
@@ -840,8 +852,12 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         for session_id, info in self._scan():
             with self._cache_lock:
                 cached = self._cache.get(session_id)
-            if cached is not None and cached.key == _file_key(info) and cached.summary.agent_id != agent_id:
-                continue
+            if (
+                cached is not None
+                and cached.key == _file_key(info)
+                and (cached.summary.agent_id != agent_id or cached.summary.session_id != session_id)
+            ):
+                continue  # another agent's, or not that session's file (warned of as it was read)
             try:
                 session, _ = self._read(session_id)
             except SessionNotFound:  # deleted since the scan
@@ -854,7 +870,8 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         return sessions
 
     def _entries(self) -> list[tuple[str, _Entry]]:
-        """A current entry for every readable session file; drops stale cache entries."""
+        """A current entry for every readable session file holding the session it is named
+        after (a file named otherwise is warned of once per version); drops stale cache entries."""
         files = self._scan()
         with self._cache_lock:
             present = {session_id for session_id, _ in files}
@@ -872,6 +889,8 @@ class JsonDirStore(ScanSearch, AsyncTwins):
                 except StoreError as error:
                     logger.warning("skipping unreadable session %r: %s", session_id, error)
                     continue
+            elif entry.summary.session_id != session_id:  # not that session's file: warned of as it was read
+                continue
             entries.append((session_id, entry))
         return entries
 
@@ -929,8 +948,7 @@ class JsonDirStore(ScanSearch, AsyncTwins):
         candidates = [
             (session_id, entry)
             for session_id, entry in self._entries()
-            if (agent_id is None or entry.summary.agent_id == agent_id)
-            and entry.summary.session_id == session_id  # never a file holding another session
+            if agent_id is None or entry.summary.agent_id == agent_id
         ]
         candidates.sort(key=lambda item: (-item[1].summary.last_active_at.ns, item[0]))
         if keep_last is not None:
