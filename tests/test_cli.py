@@ -223,6 +223,25 @@ def test_record_keeps_orphan_events_when_asked(tmp_path: Path) -> None:
     assert (tmp_path / "orphans.jsonl").read_text() == orphan + "\n"
 
 
+def test_record_counts_the_events_of_a_session_it_keeps_as_orphans(tmp_path: Path) -> None:
+    """A session no store accepts ('../evil') written to --orphans was in no count: totals
+    orphan_events 0, its 9 events in the file, and an 'error:' line beside exit status 0."""
+    minimal = (EXAMPLES / "events-minimal.jsonl").read_text()
+    evil = minimal.replace("2d9f6b1c-8e4a-4c7d-a3b5-6f0e1d2c9b84", "../evil")
+    orphan = '{"type":"InputRejected","loop_id":"nobody.x.1","reason":"late"}\n'
+    stream = tmp_path / "s.jsonl"
+    stream.write_text(evil + orphan + (EXAMPLES / "events-basic.jsonl").read_text())
+    result = run("record", stream, "--dir", tmp_path / "out", "--orphans", tmp_path / "o.jsonl", "--json")
+    assert result.exit_code == EXIT_OK, result.stderr
+    written = (tmp_path / "o.jsonl").read_text().splitlines(keepends=True)
+    assert (len(written), sum("../evil" in line for line in written), written[-1]) == (10, 9, orphan)
+    assert json.loads(result.stdout)["totals"]["orphan_events"] == 10
+    assert "error" not in result.stderr
+    assert "warning: session '../evil' cannot be stored" in result.stderr
+    assert f"1 session no store accepts (9 events): written to {tmp_path / 'o.jsonl'}" in result.stderr
+    assert f"1 event belonged to no known loop: written to {tmp_path / 'o.jsonl'}" in result.stderr
+
+
 def test_record_unwritable_orphans_file_fails_before_reading(tmp_path: Path) -> None:
     # The input (stdin here) must not be consumed and lost when the orphans file cannot be made.
     unwritable = tmp_path / "no-such-dir" / "orphans.jsonl"

@@ -38,7 +38,7 @@ command line use to save sessions, so all of them fail the same way. The policy:
   unsaved is saved merged after them (and takes them out of `unsaved`), so an outage
   never has a continuation stored before the loop it continues.
 * **Every outcome is counted** (`SaveStats`) and logged on ``phi_session.saver``:
-  a retry as a warning, a session given up or orphaned as an error.
+  a retry or a session orphaned as a warning, a session given up as an error.
 
 Saving a session twice is harmless: stores merge what they already hold by loop id.
 """
@@ -444,7 +444,7 @@ class SessionSaver:
                 sink_error,
             )
             return self._keep(session, error, store_down=False)
-        logger.error(
+        logger.warning(  # nothing lost, as a recorder's orphan events
             "session %r cannot be stored (%s); its events are kept as orphans", session.session_id, error
         )
         with self._lock:

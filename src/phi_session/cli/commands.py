@@ -650,13 +650,17 @@ def _record_line(
     return True
 
 
-def _orphans_writer(file: IO[bytes]) -> Callable[[Iterable[AgentEvent]], None]:
-    """Writes events to the ``--orphans`` file, one JSON line each."""
+class _OrphansFile:
+    """The ``--orphans`` file: takes events, one JSON line each, and counts them."""
 
-    def write(events: Iterable[AgentEvent]) -> None:
-        file.writelines(encode_event(event) + b"\n" for event in events)
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.events = 0
 
-    return write
+    def __call__(self, events: Iterable[AgentEvent]) -> None:
+        lines = [encode_event(event) + b"\n" for event in events]
+        self.file.writelines(lines)
+        self.events += len(lines)
 
 
 def _check_output_file(
@@ -705,7 +709,12 @@ def _open_rejected(path: str | None) -> _RejectedLines:
 )
 @click.option("--include-streaming-events", is_flag=True, help="Also store MessageUpdate deltas.")
 @click.option("--capture-turn-requests", is_flag=True, help="Copy TurnRequest payloads into their turns.")
-@_output_file_option("--orphans", "orphans_path", "events that belong to no known loop", "JSONL")
+@_output_file_option(
+    "--orphans",
+    "orphans_path",
+    "events that belong to no known loop, and those of a session no store accepts",
+    "JSONL",
+)
 @_output_file_option(
     "--rejected",
     "rejected_path",
@@ -776,11 +785,11 @@ def record(
         rejected = _open_rejected(rejected_path)
         cleanup.callback(rejected.close)
         store, discard_store = cleanup.enter_context(open_new_cli_store(store_url, directory))
-        write_orphans = _orphans_writer(orphans_file) if orphans_file is not None else None
+        orphans_out = _OrphansFile(orphans_file) if orphans_file is not None else None
         saved: dict[str, None] = {}  # ids of every session saved, in order
         # Sessions no store accepts join the orphans; a failed save is reported by the saver.
         saver = SessionSaver(
-            store, orphans=write_orphans, on_saved=lambda session: saved.setdefault(session.session_id)
+            store, orphans=orphans_out, on_saved=lambda session: saved.setdefault(session.session_id)
         )
 
         def spill(*, final: bool = False) -> list[Session]:
@@ -827,16 +836,23 @@ def record(
             warn(f"interrupted after line {outcome['interrupted_at']:,}: what was read is recorded and saved")
         orphans = recorder.orphans()
         orphans_lost = False
+        where = "not stored (use --orphans FILE to keep them)"
+        orphaned_sessions, orphaned_events = saver.stats().orphaned, 0  # (no sink: none orphaned)
+        if orphans_out is not None:
+            orphaned_events = orphans_out.events
+            try:
+                orphans_out(orphan.event for orphan in orphans)
+                orphans_out.file.close()  # closing flushes: a full disk shows up here
+                where = f"written to {orphans_path}"
+            except OSError as error:
+                orphans_lost = True
+                where = f"NOT written to {orphans_path}: {error.strerror or error}"
+        if orphaned_sessions:
+            warn(
+                f"warning: {render.count(orphaned_sessions, 'session')} no store accepts "
+                f"({render.count(orphaned_events, 'event')}): {where}"
+            )
         if orphans:
-            where = "not stored (use --orphans FILE to keep them)"
-            if orphans_file is not None and write_orphans is not None:
-                try:
-                    write_orphans(orphan.event for orphan in orphans)
-                    orphans_file.close()  # closing flushes: a full disk shows up here
-                    where = f"written to {orphans_path}"
-                except OSError as error:
-                    orphans_lost = True
-                    where = f"NOT written to {orphans_path}: {error.strerror or error}"
             warn(f"warning: {render.count(len(orphans), 'event')} belonged to no known loop: {where}")
     if outcome["session_file"]:  # (raised once the store made for it was discarded)
         raise CliError(
@@ -850,7 +866,7 @@ def record(
         "events": outcome["events"],
         "malformed_lines": outcome["malformed_lines"],
         "malformed_lines_kept": rejected.kept if rejected.error is None else 0,
-        "orphan_events": len(orphans),
+        "orphan_events": orphaned_events + len(orphans),
         "unsaved_sessions": len(unsaved),
         "interrupted_at_line": outcome["interrupted_at"],
     }
