@@ -1342,14 +1342,12 @@ def test_usage_errors_are_one_line() -> None:
     ("args", "command"),
     [(("stats", "--by"), "stats"), (("list", "--agent"), "list"), (("list", "--bogus"), "list")],
 )
-def test_a_usage_error_of_a_command_names_the_command_and_its_help(
-    args: tuple[str, ...], command: str
-) -> None:
+def test_a_usage_error_of_a_command_points_to_its_help(args: tuple[str, ...], command: str) -> None:
     """An option's missing value too (click's parser raised it without the command's context,
-    so the line began 'phi-session: error:' and sent to 'phi-session --help')."""
+    so the line sent to 'phi-session --help')."""
     result = run(*args)
     assert_one_line_error(result, EXIT_USAGE, args[-1], f"(see 'phi-session {command} --help')")
-    assert result.stderr.startswith(f"phi-session {command}: error: ")
+    assert result.stderr.startswith("phi-session: error: ")
 
 
 @pytest.mark.parametrize(
@@ -1836,10 +1834,13 @@ def test_record_reports_the_first_20_malformed_lines_then_a_count(tmp_path: Path
 
 
 def test_click_errors_have_one_prefix(store_dir: Path) -> None:
-    result = run("rm", "--store", store_dir)
-    assert_one_line_error(result, EXIT_USAGE)
-    assert result.stderr.startswith("phi-session rm: error:")
+    """A usage error said 'phi-session rm: error:', every other error 'phi-session: error:'."""
+    for args in (("rm", "--store", store_dir), ("show", "--no-such-option"), ("no-such-command",)):
+        result = run(*args)
+        assert_one_line_error(result, EXIT_USAGE)
+        assert result.stderr.startswith("phi-session: error:"), result.stderr
     assert result.stderr.count("phi-session") == 2  # the prefix and the --help hint
+    assert "(see 'phi-session show --help')" in run("show", "--no-such-option").stderr
 
 
 def test_not_found_is_worded_one_way(store_dir: Path) -> None:

@@ -360,14 +360,14 @@ def saver_errors_reported_by_the_command() -> contextlib.AbstractContextManager[
 
 
 class PhiSessionCommand(click.Command):
-    """A ``phi-session`` command: its usage errors name it."""
+    """A ``phi-session`` command: its usage errors point to its own ``--help``."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as error:
             # click's parser raises some (an option's missing value) without a context: the
-            # error line would name the program and its help instead of the command's.
+            # error line would point to the program's help instead of the command's.
             if error.ctx is None:
                 error.ctx = ctx
             raise
@@ -406,8 +406,7 @@ class PhiSessionGroup(click.Group):
         except click.ClickException as error:
             where = error.ctx.command_path if isinstance(error, click.UsageError) and error.ctx else prog_name
             hint = f" (see '{where} --help')" if isinstance(error, click.UsageError) else ""
-            # `where` already starts with the program's name: no second prefix.
-            message = f"{where}: error: {' '.join(error.format_message().split())}{hint}"
+            message = f"{prog_name}: error: {' '.join(error.format_message().split())}{hint}"
             click.echo(safe(message, one_line=True), err=True)
             return error.exit_code
         except CliError as error:
