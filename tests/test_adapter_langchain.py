@@ -34,6 +34,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
+from langgraph.prebuilt import ToolNode, tools_condition
 from langgraph.types import Command, Send, interrupt
 from pydantic import Field
 
@@ -1233,3 +1234,46 @@ def test_parallel_model_calls_of_a_send_fan_out_each_keep_their_reply_and_usage(
         ("about b", "ans-b"),
         ("about c", "ans-c"),
     ]
+
+
+def approve(state: State) -> dict[str, Any]:
+    """A node asking for approval: the run stops there until resumed."""
+    interrupt("continue?")
+    return {}
+
+
+def tool_node_graph(model: Any, tools: list[Any], then: str = "model") -> Any:
+    """A hand-built agent whose ``ToolNode`` answers a tool's error to the model; after the
+    tools, `then` runs: the model again, END, or "approve" (an interrupt, then the model)."""
+    bound = model.bind_tools(tools)
+    graph = StateGraph(State)
+    graph.add_node("model", lambda state: {"messages": [bound.invoke(state["messages"])]})
+    graph.add_node("tools", ToolNode(tools, handle_tool_errors=True))
+    graph.add_edge(START, "model")
+    graph.add_conditional_edges("model", tools_condition)
+    graph.add_edge("tools", then)
+    if then == "approve":
+        graph.add_node("approve", approve)
+        graph.add_edge("approve", "model")
+    return graph.compile(checkpointer=InMemorySaver())
+
+
+@tool
+def refuse(x: str) -> str:
+    """Fails: the tool node answers the error."""
+    raise ValueError(f"bad {x}")
+
+
+def test_a_tool_error_answered_by_the_last_node_of_the_run_is_recorded_as_sent() -> None:
+    recorder = SessionRecorder()
+    app = tool_node_graph(chat(reply("", ("c1", "refuse", {"x": "b"}))), [refuse], then=END)
+    config: Any = {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "end"}}
+    out = app.invoke({"messages": [("user", "go")]}, config)
+    (loop,) = recorded(recorder)["end"].loops
+    (result,) = loop.turns[0].tool_results
+    assert result.is_error
+    assert (
+        result.content[0].text
+        == out["messages"][-1].content
+        == "Error: ValueError('bad b')\n Please fix your mistakes."
+    )  # type: ignore[union-attr]

@@ -28,8 +28,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from langgraph.graph import START, StateGraph
-from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.types import Command
 from pydantic import Field
 
 from phi_session import SqliteStore
@@ -38,7 +37,7 @@ from phi_session.errors import RecordedModelError, RecordedToolError, ReplayDive
 from phi_session.messages import AgentMessage, AssistantMessage, ToolCall, ToolResultMessage
 from phi_session.model import LoopRecord, Session, is_replayed
 
-from .test_adapter_langchain import ScriptedChat, State, reply, team, team_models
+from .test_adapter_langchain import ScriptedChat, reply, team, team_models, tool_node_graph
 
 SYSTEM = "You are a calculator: use the tools."
 THREAD = "calc-thread"
@@ -417,19 +416,15 @@ def bad(x: str) -> str:
     raise ValueError(f"bad {x}")
 
 
-def run_tool_node_graph(model: Any, tools: list[Any], store: SqliteStore) -> Any:
-    """A hand-built agent whose ``ToolNode`` answers a tool's error to the model, recorded."""
-    bound = model.bind_tools(tools)
-    graph = StateGraph(State)
-    graph.add_node("model", lambda state: {"messages": [bound.invoke(state["messages"])]})
-    graph.add_node("tools", ToolNode(tools, handle_tool_errors=True))
-    graph.add_edge(START, "model")
-    graph.add_conditional_edges("model", tools_condition)
-    graph.add_edge("tools", "model")
+def run_tool_node_graph(model: Any, tools: list[Any], store: SqliteStore, *, approval: bool = False) -> Any:
+    """A hand-built agent whose ``ToolNode`` answers a tool's error to the model, recorded;
+    `approval`: an interrupting node between the tools and the model, the run resumed."""
+    app = tool_node_graph(model, tools, "approve" if approval else "model")
     phi = PhiCallbackHandler(store=store, capture_requests=True)
     try:
         config: Any = {"callbacks": [phi], "configurable": {"thread_id": THREAD}}
-        return graph.compile().invoke({"messages": [("user", QUESTION)]}, config)
+        out = app.invoke({"messages": [("user", QUESTION)]}, config)
+        return app.invoke(Command(resume="yes"), config) if approval else out
     finally:
         phi.close()
 
@@ -449,6 +444,26 @@ def test_a_tool_error_the_tool_node_answered_is_recorded_as_sent_and_replays(sto
     assert out["messages"][-1].content == "done"
     assert RUNS == [] and model.cursor.finished and model.divergence is None
     assert turns(the_other(store.load(THREAD), first)) == turns(first)
+
+
+def test_a_tool_error_answered_before_an_interrupt_is_recorded_as_sent_and_replays(
+    store: SqliteStore,
+) -> None:
+    # The run stops (interrupt) after the tool node answered the error, before any model
+    # call sends that answer: the answer is still the result.
+    steps = [reply("", ("c1", "bad", {"x": "b"})), reply("done")]
+    out = run_tool_node_graph(ScriptedChat(messages=iter(steps)), [bad], store, approval=True)
+    sent = out["messages"][2]
+    first, resumed = store.load(THREAD).loops
+    (result,) = first.turns[0].tool_results
+    assert isinstance(result, ToolResultMessage) and result.is_error
+    assert result.content[0].text == sent.content == "Error: ValueError('bad b')\n Please fix your mistakes."  # type: ignore[union-attr]
+    RUNS.clear()
+    model = ReplayChatModel(store.load(THREAD), resumed.loop_id, chain=True)
+    with model.recording():
+        out = run_tool_node_graph(model, model.wrap_tools([bad]), store, approval=True)
+    assert out["messages"][-1].content == "done"
+    assert RUNS == [] and model.cursor.finished and model.divergence is None
 
 
 def test_a_tool_retried_after_an_error_replays_the_retry(store: SqliteStore) -> None:

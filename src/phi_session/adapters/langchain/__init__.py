@@ -27,8 +27,8 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   of that response only, the response's model or ``ls_model_name``, ``ls_provider``);
 * tool start / end / error are the tool's execution and result (a ``ToolMessage``
   with ``status="error"`` is an error result; a tool's exception is held until the
-  next model call, whose ``ToolMessage`` for the call, if any, is the result: the
-  tool node's answer in its place); a tool returning a ``Command`` with
+  ``ToolMessage`` for the call that the tool node returns, or the next model call sends,
+  if any, is the result: the tool node's answer in its place); a tool returning a ``Command`` with
   ``goto`` hands over: the next model call starts the next agent's loop, continuing
   this one, its metadata naming the call that handed over (`HANDOFF_KEY`: the reply
   that made it keeps ``toolUse``);
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import Token
 from operator import attrgetter
 from typing import Any, cast
@@ -313,6 +313,20 @@ def _command_message(command: Any, tool_call_id: str) -> Any:
     return {"goto": getattr(command, "goto", None), "update": update}
 
 
+def _node_messages(output: Any) -> Iterator[Any]:
+    """The messages a graph node returned: its state update's, a list of them, or those of
+    the ``Command`` updates it returned (a ``ToolNode``'s forms)."""
+    if type(output).__name__ == "Command":
+        output = getattr(output, "update", None)
+    if isinstance(output, Mapping):
+        output = output.get("messages")
+    for item in output if isinstance(output, (list, tuple)) else ():
+        if type(item).__name__ == "Command" or isinstance(item, Mapping):
+            yield from _node_messages(item)
+        else:
+            yield item
+
+
 def _is_interrupt(error: BaseException) -> bool:
     # By name: langchain-core alone (no LangGraph) has no GraphInterrupt to import.
     return any(cls.__name__ == "GraphInterrupt" for cls in type(error).__mro__)
@@ -432,8 +446,9 @@ class _Run:
         self.waiting: dict[_RunId, _Call] = {}
         """The model calls waiting for a turn, in the order they started."""
         self.failed: dict[str, tuple[ToolScope, BaseException]] = {}
-        """The tools that raised, by call id, held open until the next model call shows
-        what the framework answered the model in their place (`settle_failed`)."""
+        """The tools that raised, by call id, held open until their tool node's output or
+        the next model call shows what the framework answers the model in their place
+        (`settle_failed`)."""
 
     @property
     def sub_agent(self) -> bool:
@@ -454,30 +469,27 @@ class _Run:
         self.resumes = loop_id
         self.recorded.update(answered)
 
-    def settle_failed(self, history: Sequence[BaseMessage] = ()) -> None:
-        """End the failed tools held open: each with the ``ToolMessage`` for its call that
-        the model is now sent (`history`: a tool node's error handling answered it), its
-        content and status, else with its exception (a retry ran it again, the run ended,
-        or the error went up the graph). Under the run's lock."""
-        if not self.failed:
+    def settle_failed(self, sent: Iterable[BaseMessage], *, rest: bool = True) -> None:
+        """End the failed tools held open whose ``ToolMessage`` the model is sent (`sent`: a
+        tool node's error handling answered it), with its content and status; with `rest`,
+        the others too, with their exception (a retry ran them again, the run ended, or
+        the error went up the graph). Under the run's lock."""
+        failed = self.failed
+        if not failed:
             return
-        failed, self.failed = self.failed, {}
-        sent = {
-            message.tool_call_id: message
-            for message in since_last_reply(history, _is_ai)
-            if isinstance(message, ToolMessage) and message.tool_call_id in failed
-        }
-        for call_id, (tool, error) in failed.items():
-            message = sent.get(call_id)
-            if message is None:
+        for message in sent:
+            if isinstance(message, ToolMessage) and message.tool_call_id in failed:
+                tool, _ = failed.pop(message.tool_call_id)
+                content, is_error = _tool_output(message)
+                if is_error:
+                    tool.error(content)
+                else:
+                    tool.result(content)
+                tool.end()
+        if rest:
+            self.failed = {}
+            for tool, error in failed.values():
                 tool.end(error)
-                continue
-            content, is_error = _tool_output(message)
-            if is_error:
-                tool.error(content)
-            else:
-                tool.result(content)
-            tool.end()
 
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
@@ -654,13 +666,18 @@ class _Mapper:
                 if interrupted is not None:
                     run.resume(*interrupted)
 
-    def chain_end(self, run_id: _RunId) -> None:
+    def chain_end(self, outputs: Any, run_id: _RunId) -> None:
         run = self._runs.pop(run_id, None)
         if run is None:
             return
         run.children.discard(run_id)
         if self._roots.pop(run_id, None) is not None:
             self._end(run, None)
+        elif run.failed:
+            # A tool node's output: its answers to the failed calls, as the model will be
+            # sent them (the run may stop before: an interrupt, the graph's end).
+            with run.lock:
+                run.settle_failed(_node_messages(outputs), rest=False)
 
     def chain_error(self, error: BaseException, run_id: _RunId) -> None:
         run = self._runs.pop(run_id, None)
@@ -683,7 +700,7 @@ class _Mapper:
             self._tools.pop(child, None)
             self._unrecorded_tools.pop(child, None)
         with run.lock:
-            run.settle_failed()
+            run.settle_failed(())
             if run.loop is None and run.sub_agent:
                 return  # a sub-agent that called no model: its tool's result is all it did
             loop = self._loop(run, _NO_MODEL)
@@ -778,7 +795,7 @@ class _Mapper:
     def _open_turn(self, run: _Run, call: _Call) -> MessageScope:
         """End the run's turn and open the next one for `call`: its new inputs, its request
         if captured, its reply started. Under the run's lock, its loop running."""
-        run.settle_failed(call.history)
+        run.settle_failed(since_last_reply(call.history, _is_ai))
         run.end_turn()
         model, provider = call.model, call.provider
         loop = run.loop
@@ -985,7 +1002,7 @@ class _Mapper:
             return
         with run.lock:
             # Its result is what the model is sent for the call (a tool node handling the
-            # error answers it), known at the next model call: held open until then.
+            # error answers it), known at its node's end or the next model call: held until then.
             run.recorded.add(tool.tool_call_id)
             if run.turn is not None and run.turn.running:
                 run.failed[tool.tool_call_id] = (tool, error)
@@ -1114,7 +1131,7 @@ class PhiCallbackHandler(_Callbacks, BaseCallbackHandler):
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
-            self._mapper.chain_end(run_id.int)
+            self._mapper.chain_end(outputs, run_id.int)
         except Exception as caught:
             self.core.fault(caught)
 
@@ -1181,7 +1198,7 @@ class AsyncPhiCallbackHandler(_Callbacks, AsyncCallbackHandler):
 
     async def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
-            self._mapper.chain_end(run_id.int)
+            self._mapper.chain_end(outputs, run_id.int)
         except Exception as caught:
             self.core.fault(caught)
 
