@@ -23,7 +23,7 @@ pytest.importorskip("langgraph", reason="needs the extra: pip install 'phi-sessi
 pytest.importorskip("langchain.agents", reason="create_agent needs: pip install 'phi-session[test]'")
 
 from langchain.agents import create_agent
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import BaseCallbackHandler, CallbackManagerForLLMRun
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.outputs import ChatGenerationChunk
@@ -41,7 +41,7 @@ from pydantic import Field
 from phi_session import SessionRecorder, SqliteStore, codec
 from phi_session._strict import MAX_VALUE_DEPTH
 from phi_session.adapters.langchain import AsyncPhiCallbackHandler, PhiCallbackHandler
-from phi_session.events import MessageEnd, MessageUpdate, ToolExecutionStart, TurnRequest
+from phi_session.events import MessageEnd, MessageUpdate, ToolExecutionEnd, ToolExecutionStart, TurnRequest
 from phi_session.identity import AgentSession
 from phi_session.messages import (
     AssistantMessage,
@@ -1277,3 +1277,34 @@ def test_a_tool_error_answered_by_the_last_node_of_the_run_is_recorded_as_sent()
         == out["messages"][-1].content
         == "Error: ValueError('bad b')\n Please fix your mistakes."
     )  # type: ignore[union-attr]
+
+
+def test_a_tool_error_held_for_its_answer_keeps_its_time_and_place_among_the_results() -> None:
+    # c1 fails at once, c2 returns after the handler saw that failure: c1's result keeps
+    # the time it failed, and ends before c2's, as it happened.
+    failed = threading.Event()
+
+    class SeesFailure(BaseCallbackHandler):
+        def on_tool_error(self, error: BaseException, **kwargs: Any) -> None:
+            failed.set()
+
+    @tool
+    def late(x: str) -> str:
+        """Returns once the other tool failed."""
+        assert failed.wait(30)
+        return f"late {x}"
+
+    events: list[Any] = []
+    recorder = SessionRecorder()
+    ticks = itertools.count(1_000_000_000, 1_000_000_000)  # a second a reading
+    handler = PhiCallbackHandler([recorder, events.append], agent=AgentSession(clock=lambda: next(ticks)))
+    model = chat(reply("", ("c1", "refuse", {"x": "b"}), ("c2", "late", {"x": "s"})), reply("done"))
+    config: Any = {"callbacks": [handler, SeesFailure()], "configurable": {"thread_id": "order"}}
+    tool_node_graph(model, [refuse, late]).invoke({"messages": [("user", "go")]}, config)
+    ends = [e.tool_call_id for e in events if isinstance(e, ToolExecutionEnd)]
+    assert ends == ["c1", "c2"]
+    (loop,) = recorded(recorder)["order"].loops
+    first, second = loop.turns[0].tool_results
+    assert (first.tool_call_id, second.tool_call_id) == ("c1", "c2")
+    assert first.content[0].text.startswith("Error: ValueError('bad b')")  # type: ignore[union-attr]
+    assert first.timestamp < second.timestamp

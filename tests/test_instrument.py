@@ -2147,3 +2147,17 @@ def test_text_given_as_a_str_subclass_is_recorded_as_the_str_it_holds() -> None:
     # A hand-built event is the caller's record: refused, naming the field, as other types are.
     with pytest.raises(TypeError, match=r"event\.reason must be str, not _Text"):
         given.tracer.emit(ps.InputRejected(loop_id="l", reason=_Text("blocked")))
+
+
+def test_a_tool_ended_with_a_timestamp_records_its_result_at_that_time() -> None:
+    # A result known after the tool finished (an adapter waiting for the framework's answer
+    # to an error) keeps the time the tool finished; a timestamp phi-core cannot hold is refused.
+    h = Harness(redact=False)
+    with h.tracer.loop() as loop, loop.turn() as turn:
+        answer(turn, "go")
+        tool = turn.tool(id="c1", name="q", args={}).start()
+        with pytest.raises(ps.InvalidArgument):
+            tool.end(timestamp=-1)
+        tool.end(ValueError("no"), timestamp=1234)
+    (result,) = [m for m in h.session().loops[0].messages if isinstance(m, ps.ToolResultMessage)]
+    assert (result.timestamp, result.is_error) == (1234, True)

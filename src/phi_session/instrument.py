@@ -2353,20 +2353,24 @@ class ToolScope(_Scope):
         self._cut = True
         return self._emit_end
 
-    def end(self, error: BaseException | str | None = None) -> None:
+    def end(self, error: BaseException | str | None = None, *, timestamp: int | None = None) -> None:
         """Emit ``ToolExecutionEnd`` and the ``toolResult`` message; with `error`, as a failure.
 
-        Error texts (exception messages) reach sinks through the redactor like any
-        failed tool's result. After the turn cut the tool short, a no-op (logged).
+        `timestamp`: the message's (epoch milliseconds; default now), for a tool that
+        finished earlier than its result was known. Error texts (exception messages)
+        reach sinks through the redactor like any failed tool's result. After the turn
+        cut the tool short, a no-op (logged).
         """
+        if timestamp is not None:
+            check_unsigned("timestamp", timestamp)
         with self._loop.lock:  # atomic with the turn's end: each tool ends once
             if not self._running and not self._still_open("end"):
                 return
             self._running, self._ended = False, True  # `_close`, inline
             self._turn.tool_ending(self)
-        self._emit_end(error)
+        self._emit_end(error, timestamp)
 
-    def _emit_end(self, error: BaseException | str | None) -> None:
+    def _emit_end(self, error: BaseException | str | None, timestamp: int | None = None) -> None:
         message: ToolResultMessage | None = None
         try:
             content, details, is_error = self._outcome
@@ -2399,7 +2403,7 @@ class ToolScope(_Scope):
                     tool_name=self.tool_name,
                     content=content,
                     is_error=is_error,
-                    timestamp=loop.millis(),
+                    timestamp=loop.millis() if timestamp is None else timestamp,
                 )
             )
             loop.emit_message(message)

@@ -364,6 +364,24 @@ class _Call:
         """Its response or error, once it ended before its turn opened."""
 
 
+class _Held:
+    """A tool's end held back (`_Run.held`)."""
+
+    __slots__ = ("answered", "error", "timestamp", "tool")
+
+    def __init__(self, tool: ToolScope, error: BaseException | None, timestamp: int, answered: bool) -> None:
+        self.tool = tool
+        self.error = error
+        """The exception it ends with (None once the answer to its call is its result)."""
+        self.timestamp = timestamp
+        """When it returned or raised (epoch milliseconds)."""
+        self.answered = answered
+        """Whether its result is known: a failure waits for the answer the model is sent."""
+
+    def end(self) -> None:
+        self.tool.end(self.error, timestamp=self.timestamp)
+
+
 class _Run:
     """One root run (one loop): its open turn and reply, and what it recorded already.
 
@@ -377,8 +395,8 @@ class _Run:
         "children",
         "convert",
         "copies",
-        "failed",
         "handoff",
+        "held",
         "inputs",
         "interrupts",
         "key",
@@ -445,10 +463,10 @@ class _Run:
         """The token callbacks of the run's own model call so far, copies included."""
         self.waiting: dict[_RunId, _Call] = {}
         """The model calls waiting for a turn, in the order they started."""
-        self.failed: dict[str, tuple[ToolScope, BaseException]] = {}
-        """The tools that raised, by call id, held open until their tool node's output or
-        the next model call shows what the framework answers the model in their place
-        (`settle_failed`)."""
+        self.held: list[_Held] = []
+        """The tool ends held back, in the order they happened: a tool that raised, until
+        its tool node's output or the next model call shows what the framework answers
+        the model in its place (`settle_failed`), and each end after it."""
 
     @property
     def sub_agent(self) -> bool:
@@ -469,27 +487,63 @@ class _Run:
         self.resumes = loop_id
         self.recorded.update(answered)
 
+    def end_tool(self, tool: ToolScope, timestamp: int, error: BaseException | None = None) -> None:
+        """End a tool that returned (or `error`: raised) at `timestamp`, now, or after the
+        failures held before it (the ends keep their order). Under the run's lock."""
+        if self.held:
+            self.held.append(_Held(tool, error, timestamp, answered=True))
+        else:
+            tool.end(error, timestamp=timestamp)
+
+    def hold_failed(self, tool: ToolScope, error: BaseException, timestamp: int) -> None:
+        """Hold the end of a tool that raised at `timestamp` until what the model is
+        answered for its call is known (`settle_failed`). Under the run's lock."""
+        self.held.append(_Held(tool, error, timestamp, answered=False))
+
+    def retried(self, call_id: str) -> None:
+        """The call `call_id` runs again (a retry): its held failure is that attempt's
+        result, ended before the new attempt starts. Under the run's lock."""
+        for held in self.held:
+            if not held.answered and held.tool.tool_call_id == call_id:
+                held.answered = True
+                self._end_held()
+                if held in self.held:  # behind another failure: ended now all the same
+                    self.held.remove(held)
+                    held.end()
+                return
+
     def settle_failed(self, sent: Iterable[BaseMessage], *, rest: bool = True) -> None:
-        """End the failed tools held open whose ``ToolMessage`` the model is sent (`sent`: a
-        tool node's error handling answered it), with its content and status; with `rest`,
+        """Answer the failed tools held open whose ``ToolMessage`` the model is sent (`sent`:
+        a tool node's error handling answered it) with its content and status; with `rest`,
         the others too, with their exception (a retry ran them again, the run ended, or
-        the error went up the graph). Under the run's lock."""
-        failed = self.failed
-        if not failed:
+        the error went up the graph); then end what no failure holds back any more. Under
+        the run's lock."""
+        if not self.held:
             return
-        for message in sent:
-            if isinstance(message, ToolMessage) and message.tool_call_id in failed:
-                tool, _ = failed.pop(message.tool_call_id)
+        answers = {message.tool_call_id: message for message in sent if isinstance(message, ToolMessage)}
+        for held in self.held:
+            if held.answered:
+                continue
+            message = answers.get(held.tool.tool_call_id)
+            if message is not None:
                 content, is_error = _tool_output(message)
                 if is_error:
-                    tool.error(content)
+                    held.tool.error(content)
                 else:
-                    tool.result(content)
-                tool.end()
-        if rest:
-            self.failed = {}
-            for tool, error in failed.values():
-                tool.end(error)
+                    held.tool.result(content)
+                held.error = None
+                held.answered = True
+            elif rest:
+                held.answered = True
+        self._end_held()
+
+    def _end_held(self) -> None:
+        """End the held tools up to the first failure still waiting for its answer."""
+        held = self.held
+        count = next((index for index, each in enumerate(held) if not each.answered), len(held))
+        ended, self.held = held[:count], held[count:]
+        for each in ended:
+            each.end()
 
     def end_turn(self) -> None:
         turn, self.turn, self.reply = self.turn, None, None
@@ -673,7 +727,7 @@ class _Mapper:
         run.children.discard(run_id)
         if self._roots.pop(run_id, None) is not None:
             self._end(run, None)
-        elif run.failed:
+        elif run.held:
             # A tool node's output: its answers to the failed calls, as the model will be
             # sent them (the run may stop before: an interrupt, the graph's end).
             with run.lock:
@@ -949,9 +1003,7 @@ class _Mapper:
                 run.children.add(run_id)
                 return
             call_id = tool_call_id or f"lc-{UUID(int=run_id)}"
-            retried = run.failed.pop(call_id, None)
-            if retried is not None:  # run again (a retry): that attempt failed with its exception
-                retried[0].end(retried[1])
+            run.retried(call_id)
             args = run.call_args.get(call_id)
             if args is None:
                 args = jsonable(inputs)
@@ -978,11 +1030,12 @@ class _Mapper:
             tool.error(content)
         else:
             tool.result(content)
+        now = self.core.agent.millis()
         with run.lock:
             run.recorded.add(tool.tool_call_id)
             if handoff and run.handoff is None:
                 run.handoff = {"tool_call_id": tool.tool_call_id, "tool_name": tool.tool_name}
-        tool.end()
+            run.end_tool(tool, now)
 
     def tool_error(self, error: BaseException, run_id: _RunId) -> None:
         found = self._tools.pop(run_id, None)
@@ -993,21 +1046,23 @@ class _Mapper:
         run, tool, token = found
         run.children.discard(run_id)
         leave_tool(token)
+        now = self.core.agent.millis()
         if _is_interrupt(error):
             # The tool asked for input: it did not fail, its result comes with the resumed
             # run. A started tool scope always records a result: this one says so.
             run.interrupted(error)
             tool.result(_INTERRUPTED)
-            tool.end()
+            with run.lock:
+                run.end_tool(tool, now)
             return
         with run.lock:
             # Its result is what the model is sent for the call (a tool node handling the
             # error answers it), known at its node's end or the next model call: held until then.
             run.recorded.add(tool.tool_call_id)
             if run.turn is not None and run.turn.running:
-                run.failed[tool.tool_call_id] = (tool, error)
-                return
-        tool.end(error)
+                run.hold_failed(tool, error, now)
+            else:
+                run.end_tool(tool, now, error)
 
     def _unrecorded_tool_end(self, run_id: _RunId) -> None:
         run = self._unrecorded_tools.pop(run_id, None)
