@@ -41,7 +41,14 @@ from pydantic import Field
 from phi_session import SessionRecorder, SqliteStore, codec
 from phi_session._strict import MAX_VALUE_DEPTH
 from phi_session.adapters.langchain import AsyncPhiCallbackHandler, PhiCallbackHandler
-from phi_session.events import MessageEnd, MessageUpdate, ToolExecutionEnd, ToolExecutionStart, TurnRequest
+from phi_session.events import (
+    MessageEnd,
+    MessageStart,
+    MessageUpdate,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    TurnRequest,
+)
 from phi_session.identity import AgentSession
 from phi_session.messages import (
     AssistantMessage,
@@ -1147,7 +1154,7 @@ class Outputs(TypedDict):
 
 def test_model_calls_streaming_in_parallel_each_keep_their_whole_reply() -> None:
     # Two nodes of one step stream at once: the second call waits for the first's turn to
-    # end, then has its own, its reply whole (its tokens, streamed meanwhile, not deltas).
+    # end, then has its own, its reply whole (its tokens, streamed meanwhile, streamed then).
     recorder = SessionRecorder()
     events: list[Any] = []
     handler = AsyncPhiCallbackHandler([recorder, events.append])
@@ -1176,8 +1183,13 @@ def test_model_calls_streaming_in_parallel_each_keep_their_whole_reply() -> None
     replies = [m for m in messages_of(session) if isinstance(m, AssistantMessage)]
     assert sorted(m.content[0].text for m in replies) == ["a1 a2 a3 a4 ", "b1 b2 b3 b4 "]  # type: ignore[union-attr]
     assert [m.stop_reason for m in replies] == ["stop", "stop"]
-    streamed = "".join(e.delta.delta for e in events if isinstance(e, MessageUpdate))
-    assert streamed == replies[0].content[0].text  # type: ignore[union-attr]
+    streamed: list[str] = []
+    for event in events:
+        if isinstance(event, MessageStart) and isinstance(event.message, AssistantMessage):
+            streamed.append("")
+        elif isinstance(event, MessageUpdate):
+            streamed[-1] += event.delta.delta
+    assert streamed == [m.content[0].text for m in replies]  # type: ignore[union-attr]
 
 
 class FanOut(TypedDict):

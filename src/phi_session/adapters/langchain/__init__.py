@@ -21,7 +21,7 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   input messages (those after the last AI message that were not recorded already)
   and, with ``capture_requests=True``, the turn's ``TurnRequest``; a call starting
   while another call of the run is in flight (parallel nodes) waits for that reply to
-  end, then has its turn (its tokens meanwhile are not streamed);
+  end, then has its turn (the tokens it streams meanwhile kept for it);
   ``on_llm_new_token`` streams text, reasoning and tool-call argument deltas;
   ``on_llm_end`` finishes the assistant message (tool call ids, ``usage_metadata``
   of that response only, the response's model or ``ls_model_name``, ``ls_provider``);
@@ -341,6 +341,30 @@ def _interrupt_values(error: BaseException) -> list[dict[str, Any]]:
     ]
 
 
+def _stream(reply: MessageScope, token: Any, chunk: Any) -> None:
+    """A streamed token's text, reasoning and tool-call argument deltas."""
+    message = getattr(chunk, "message", None)
+    if message is None or (
+        isinstance(token, str)
+        and token
+        and isinstance(message.content, str)
+        and not _reasoning_aside(message)
+    ):
+        if isinstance(token, str) and token:
+            reply.text_delta(token)
+    else:
+        for standard in message.content_blocks:
+            block = cast("Mapping[str, Any]", standard)
+            kind = block.get("type")
+            if kind == "text" and block.get("text"):
+                reply.text_delta(str(block["text"]))
+            elif kind == "reasoning" and block.get("reasoning"):
+                reply.thinking_delta(str(block["reasoning"]))
+    for call in getattr(message, "tool_call_chunks", None) or ():
+        if call.get("args"):
+            reply.tool_call_delta(str(call["args"]))
+
+
 _RunId = int
 """A LangChain run id (a `UUID`) as the mapper keys it: its ``int``, whose hash is C's
 (``UUID.__hash__`` is a Python call, and every callback looks several run ids up).
@@ -351,7 +375,7 @@ class _Call:
     """A model call that started while another call of its run was in flight (parallel
     nodes of one step): it gets its turn once that call's reply ends."""
 
-    __slots__ = ("history", "model", "outcome", "params", "provider")
+    __slots__ = ("history", "model", "outcome", "params", "provider", "tokens")
 
     def __init__(
         self, model: str, provider: str, history: Sequence[BaseMessage], params: Mapping[str, Any]
@@ -362,6 +386,8 @@ class _Call:
         self.params = params
         self.outcome: LLMResult | BaseException | None = None
         """Its response or error, once it ended before its turn opened."""
+        self.tokens: list[tuple[Any, Any]] = []
+        """The tokens it streamed meanwhile (token, chunk): streamed when its turn opens."""
 
 
 class _Held:
@@ -834,7 +860,7 @@ class _Mapper:
                 return  # ended under the run: the handler closed, or the interpreter is exiting
             if run.reply is not None and run.reply.running:
                 # A parallel call (another node of the step): one turn at a time, so it
-                # waits for the running reply to end (its tokens meanwhile are dropped).
+                # waits for the running reply to end (its tokens meanwhile kept for its turn).
                 run.waiting[run_id] = call
             else:
                 self._replies[run_id] = (run, self._open_turn(run, call))
@@ -888,6 +914,8 @@ class _Mapper:
             )
             call = waiting.pop(key)
             reply = self._open_turn(run, call)
+            for token, chunk in call.tokens:  # what it streamed while waiting
+                _stream(reply, token, chunk)
             if call.outcome is None:
                 self._replies[key] = (run, reply)
             else:
@@ -895,11 +923,19 @@ class _Mapper:
 
     def new_token(self, token: Any, chunk: Any, run_id: _RunId) -> None:
         found = self._replies.get(run_id)
-        if found is None:
+        run = found[0] if found is not None else self._runs.get(run_id)
+        if run is None:
             return
-        run, reply = found
-        message = getattr(chunk, "message", None)
         with run.lock:
+            waiting = run.waiting.get(run_id)
+            if waiting is not None:
+                waiting.tokens.append((token, chunk))
+                return
+            if found is None:
+                found = self._replies.get(run_id)  # its turn opened meanwhile
+                if found is None:
+                    return
+            reply = found[1]
             # A reply ended under the run (the handler closed) drops its late tokens.
             if not reply.running:
                 return
@@ -907,25 +943,7 @@ class _Mapper:
                 run.tokens += 1
                 if run.tokens % run.copies:
                     return  # a copy: the last one is recorded
-            if message is None or (
-                isinstance(token, str)
-                and token
-                and isinstance(message.content, str)
-                and not _reasoning_aside(message)
-            ):
-                if isinstance(token, str) and token:
-                    reply.text_delta(token)
-            else:
-                for standard in message.content_blocks:
-                    block = cast("Mapping[str, Any]", standard)
-                    kind = block.get("type")
-                    if kind == "text" and block.get("text"):
-                        reply.text_delta(str(block["text"]))
-                    elif kind == "reasoning" and block.get("reasoning"):
-                        reply.thinking_delta(str(block["reasoning"]))
-            for call in getattr(message, "tool_call_chunks", None) or ():
-                if call.get("args"):
-                    reply.tool_call_delta(str(call["args"]))
+            _stream(reply, token, chunk)
 
     def llm_end(self, response: LLMResult, run_id: _RunId) -> None:
         self._call_ended(run_id, response)
