@@ -40,6 +40,7 @@ from pydantic import Field
 
 from phi_session import SessionRecorder, SqliteStore, codec
 from phi_session._strict import MAX_VALUE_DEPTH
+from phi_session.adapters import langchain as langchain_adapter
 from phi_session.adapters.langchain import AsyncPhiCallbackHandler, PhiCallbackHandler
 from phi_session.events import (
     MessageEnd,
@@ -332,7 +333,12 @@ def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
     assert child_loop.usage.total_tokens == 9 and parent.loops[0].usage.total_tokens == 30  # no double count
 
 
-def test_a_model_called_inside_a_tool_is_a_sub_agent_not_the_next_turn() -> None:
+@pytest.mark.parametrize("called", ["by the model", "by another tool"])
+def test_a_model_called_inside_a_tool_is_a_sub_agent_not_the_next_turn(
+    called: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A tool another tool invokes is part of that tool's execution: a model it calls is
+    # the outer tool's sub-agent, and no run unseen by the handler.
     recorder = SessionRecorder()
     summarizer = chat(reply("summary!", tokens=(7, 2), model="inner-model"))
 
@@ -341,13 +347,19 @@ def test_a_model_called_inside_a_tool_is_a_sub_agent_not_the_next_turn() -> None
         """Summarise text with an LLM."""
         return str(summarizer.invoke(f"summarise {text}").content)
 
-    outer = create_agent(
-        chat(reply("", ("c1", "summarize", {"text": "abc"})), reply("done")), tools=[summarize]
-    )
-    outer.invoke(
-        {"messages": [("user", "go")]},
-        {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "outer"}},
-    )
+    @tool("summarize")
+    def research(text: str) -> str:
+        """Research: summarises with the other tool."""
+        return str(summarize.invoke({"text": text}))
+
+    tools = [summarize if called == "by the model" else research]
+    outer = create_agent(chat(reply("", ("c1", "summarize", {"text": "abc"})), reply("done")), tools=tools)
+    with caplog.at_level("WARNING", logger="phi_session.adapters.langchain"):
+        outer.invoke(
+            {"messages": [("user", "go")]},
+            {"callbacks": [PhiCallbackHandler([recorder])], "configurable": {"thread_id": "outer"}},
+        )
+    assert caplog.records == []
     sessions = recorded(recorder)
     (loop,) = sessions.pop("outer").loops
     (child,) = sessions.values()
@@ -614,10 +626,11 @@ def test_a_handler_attached_twice_records_each_run_once(handler: type, attached:
 
 @pytest.mark.parametrize("config", ["none", "the same", "another sharing the recorder"])
 def test_a_handler_set_on_the_model_records_its_calls_inside_a_graph_once(
-    config: str, caplog: pytest.LogCaptureFixture
+    config: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The graph's run is unknown to a handler given to the model alone: each model call
     is then a loop of its own in the thread's session, and a warning names the fix once."""
+    monkeypatch.setattr(langchain_adapter, "_warned_unseen", False)  # not yet in this process
     recorder = SessionRecorder()
     on_model = PhiCallbackHandler([recorder])
     in_config = {
@@ -652,6 +665,22 @@ def test_a_handler_set_on_the_model_records_its_calls_inside_a_graph_once(
         (loop,) = loops
         assert loop.turn_count() == 2 and texts[-1] == ("AssistantMessage", "It is 3")
         assert warned == []
+
+
+def test_handlers_made_per_request_on_the_model_warn_once_in_the_process(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(langchain_adapter, "_warned_unseen", False)
+    recorder = SessionRecorder()
+    with caplog.at_level("WARNING", logger="phi_session.adapters.langchain"):
+        for request in range(3):
+            model = chat(reply("hi"))
+            model.callbacks = [PhiCallbackHandler([recorder])]
+            create_agent(model, tools=[]).invoke(
+                {"messages": [("user", "x")]}, {"configurable": {"thread_id": f"w{request}"}}
+            )
+    assert len(recorded(recorder)) == 3
+    assert len([r for r in caplog.records if "not attached" in r.getMessage()]) == 1
 
 
 class TextDeltas:

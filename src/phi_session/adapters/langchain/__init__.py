@@ -11,8 +11,9 @@ How runs map (run ids key all state, so concurrent runs in threads and tasks int
   whose model is the loop's config); a later run with the same
   ``configurable.thread_id`` continues that session's last loop; one started from a
   ``checkpoint_id`` (LangGraph time travel) is a ``Branch`` tagged with it; a graph run
-  or a model call under a tool run is a sub-agent (own session, linked both ways),
-  recorded only if it calls a model (a plain chain is part of the tool's execution);
+  or a model call under a tool run (or a tool it invokes) is a sub-agent (own session,
+  linked both ways), recorded only if it calls a model (a plain chain is part of the
+  tool's execution);
   under a tool run outside a model turn (not recorded), linked one way (to the loop
   the run resumes, before its first model call); a model call under a run the handler
   does not see (the handler given to the model alone) is a root run of its own, as a
@@ -365,6 +366,10 @@ def _stream(reply: MessageScope, token: Any, chunk: Any) -> None:
             reply.tool_call_delta(str(call["args"]))
 
 
+_warned_unseen = False
+"""Whether a model call under a run a handler does not see was warned of: once a process
+(a handler made per request would warn at each)."""
+
 _RunId = int
 """A LangChain run id (a `UUID`) as the mapper keys it: its ``int``, whose hash is C's
 (``UUID.__hash__`` is a Python call, and every callback looks several run ids up).
@@ -616,7 +621,9 @@ class _Mapper:
         self._unrecorded_tools: dict[_RunId, _Run] = {}
         """Tools run outside a model turn (not recorded) -> their run: what runs inside them
         is still a sub-agent."""
-        self._warned_unseen = False  # a model call under a run not seen: warned of once
+        self._within: dict[_RunId, tuple[_RunId, _Run]] = {}
+        """Tools a tool invokes (part of its execution) -> the outermost tool's run id and its
+        run: what runs inside them runs inside that tool."""
 
     def _root(
         self,
@@ -716,10 +723,17 @@ class _Mapper:
 
     # -- chains (graphs, nodes, agents) -----------------------------------------------------
 
+    def _parent(self, parent_run_id: _RunId | None) -> _RunId | None:
+        """The run a run under `parent_run_id` runs in: the outermost tool, for one under a
+        tool another tool invoked."""
+        within = self._within.get(parent_run_id) if parent_run_id is not None else None
+        return parent_run_id if within is None else within[0]
+
     def chain_start(
         self, inputs: Any, run_id: _RunId, parent_run_id: _RunId | None, metadata: Mapping[str, Any] | None
     ) -> None:
         parent_tool = spawner = None
+        parent_run_id = self._parent(parent_run_id)
         if parent_run_id is not None:
             tool = self._tools.get(parent_run_id)
             if tool is not None:
@@ -779,6 +793,7 @@ class _Mapper:
             self._replies.pop(child, None)
             self._tools.pop(child, None)
             self._unrecorded_tools.pop(child, None)
+            self._within.pop(child, None)
         with run.lock:
             run.settle_failed(())
             if run.loop is None and run.sub_agent:
@@ -816,6 +831,7 @@ class _Mapper:
         params: Mapping[str, Any] | None,
     ) -> None:
         run: _Run | None
+        parent_run_id = self._parent(parent_run_id)
         tool = self._tools.get(parent_run_id) if parent_run_id is not None else None
         spawner = self._unrecorded_tools.get(parent_run_id) if parent_run_id is not None else None
         if tool is not None or spawner is not None:
@@ -832,8 +848,9 @@ class _Mapper:
                 run = self._root(run_id, metadata, None)
                 if run is None:
                     return
-                if parent_run_id is not None and not self._warned_unseen:
-                    self._warned_unseen = True
+                global _warned_unseen
+                if parent_run_id is not None and not _warned_unseen:
+                    _warned_unseen = True
                     logger.warning(
                         "a model call under a run this handler is not attached to (given to the "
                         "model's callbacks alone) is recorded as a loop of its own, its tools not "
@@ -1007,10 +1024,19 @@ class _Mapper:
     def tool_start(
         self, name: str, inputs: Any, run_id: _RunId, parent_run_id: _RunId | None, tool_call_id: str | None
     ) -> None:
-        run = self._runs.get(parent_run_id) if parent_run_id is not None else None
-        if run is None or parent_run_id in self._tools:
-            # A tool a tool invokes is part of that tool's execution, not a call the
-            # model made: the outer tool's result stands for it.
+        parent_run_id = self._parent(parent_run_id)
+        if parent_run_id is None:
+            return
+        outer = self._tools.get(parent_run_id)
+        owner = outer[0] if outer is not None else self._unrecorded_tools.get(parent_run_id)
+        if owner is not None:
+            # A tool a tool invokes is part of that tool's execution, not a call the model
+            # made: the outer tool's result stands for it, and what it runs runs in that tool.
+            self._within[run_id] = (parent_run_id, owner)
+            owner.children.add(run_id)
+            return
+        run = self._runs.get(parent_run_id)
+        if run is None:
             return
         with run.lock:
             turn = run.turn
@@ -1084,6 +1110,9 @@ class _Mapper:
 
     def _unrecorded_tool_end(self, run_id: _RunId) -> None:
         run = self._unrecorded_tools.pop(run_id, None)
+        if run is None:
+            within = self._within.pop(run_id, None)
+            run = None if within is None else within[1]
         if run is not None:
             run.children.discard(run_id)
 
