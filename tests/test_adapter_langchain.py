@@ -510,6 +510,7 @@ def test_a_run_going_on_after_the_handler_closed_under_it_is_no_fault() -> None:
     (loop,) = session.loops
     assert (loop.status, loop.error) == ("Aborted", "the langchain adapter was closed during the run")
     assert handler.core.fault_count == 0
+    assert handler.core._book._claims == {}  # the model call after the close claimed nothing
 
 
 def test_an_exception_ends_the_loop_aborted_and_reaches_the_host_unchanged() -> None:

@@ -857,8 +857,6 @@ class _Mapper:
                         "at all: put the handler in the run's config callbacks "
                         '(invoke(inputs, {"callbacks": [handler]})) to record the whole run'
                     )
-            elif not self.core.claim(run_id):
-                return  # another handler recording into the same place records the run's turn
         metadata = metadata or {}
         params = params or {}
         # A model without a name (a fake, a custom class) goes by its LangChain type.
@@ -875,6 +873,8 @@ class _Mapper:
             loop = run.loop
             if loop is not None and not loop.running:
                 return  # ended under the run: the handler closed, or the interpreter is exiting
+            if run.key != run_id and not self.core.claim(run_id):
+                return  # another handler recording into the same place records the run's turn
             if run.reply is not None and run.reply.running:
                 # A parallel call (another node of the step): one turn at a time, so it
                 # waits for the running reply to end (its tokens meanwhile kept for its turn).
