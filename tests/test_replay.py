@@ -7,9 +7,11 @@ prompt, a tool, a tool's result) and forked at turn 2 with another model.
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import json
 import logging
+import sys
 import threading
 import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
@@ -66,6 +68,7 @@ from phi_session.replay import (
     recording_as,
     replay_lineage,
 )
+from phi_session.replay.cursor import recorded_tool_error, result_text
 from phi_session.replay.lineage import answered, calling
 from phi_session.replay.request import compare_messages, summarize
 from phi_session.replay.script import HANDOFF_KEY
@@ -452,6 +455,43 @@ def test_a_hand_loop_replay_fails_where_a_tool_failed(world: World) -> None:
     assert original.status == "Aborted"
     assert isinstance(raised, RecordedToolError) and "kaboom" in str(raised)
     assert replay.status == "Aborted" and replay.tool_call_count() == original.tool_call_count() == 2
+
+
+class OwnError(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("raised", "again"),
+    [
+        (TimeoutError("slow upstream"), TimeoutError),
+        (KeyError("k"), KeyError),
+        (RuntimeError("kaboom"), None),  # a RecordedToolError is one already
+        (OwnError("mine"), None),  # not a builtin: not made again
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), UnicodeDecodeError),
+        *(  # not made from a text
+            [(builtins.ExceptionGroup("both", [ValueError("a")]), None)]
+            if sys.version_info >= (3, 11)
+            else []
+        ),
+    ],
+)
+def test_a_recorded_tool_error_is_raised_again_as_its_builtin_type(
+    raised: Exception, again: type[Exception] | None
+) -> None:
+    h = Tracer(sinks=[recorder := SessionRecorder()], config=SNAP)
+    with h.loop() as loop, loop.turn() as turn:
+        turn.assistant().start().finish((), tool_calls=[ToolCall(id="c1", name="fetch", arguments={})])
+        turn.tool(id="c1", name="fetch", args={}).start().end(raised)
+    (result,) = recorder.sessions()[0].loops[0].turns[0].tool_results
+    error = recorded_tool_error(result)
+    assert isinstance(error, RecordedToolError) and str(error) == result_text(result)
+    assert str(error).startswith("fetch failed: " + type(raised).__name__)
+    if again is None:
+        assert type(error) is RecordedToolError
+    else:
+        assert isinstance(error, again)
+        assert type(recorded_tool_error(result)) is type(error)  # one class a type
 
 
 # -- scripts -------------------------------------------------------------------------------------

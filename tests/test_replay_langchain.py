@@ -466,7 +466,12 @@ def test_a_tool_error_answered_before_an_interrupt_is_recorded_as_sent_and_repla
     assert RUNS == [] and model.cursor.finished and model.divergence is None
 
 
-def test_a_tool_retried_after_an_error_replays_the_retry(store: SqliteStore) -> None:
+@pytest.mark.parametrize("retry_on", [(Exception,), (TimeoutError,)])
+def test_a_tool_retried_after_an_error_replays_the_retry(
+    store: SqliteStore, retry_on: tuple[type[Exception], ...]
+) -> None:
+    # A retry catching only the tool's exception type (a builtin one) retries the replayed
+    # failure too: raised as a RecordedToolError that is also that type.
     attempts: list[str] = []
 
     @tool
@@ -474,17 +479,17 @@ def test_a_tool_retried_after_an_error_replays_the_retry(store: SqliteStore) -> 
         """Fails the first time."""
         attempts.append(x)
         if len(attempts) == 1:
-            raise ValueError("first fails")
+            raise TimeoutError("first fails")
         return f"ok {x}"
 
     def retry() -> list[Any]:
-        return [ToolRetryMiddleware(max_retries=2, initial_delay=0.0, jitter=False)]
+        return [ToolRetryMiddleware(max_retries=2, initial_delay=0.0, jitter=False, retry_on=retry_on)]
 
     steps = [reply("", ("c1", "flaky", {"x": "a"})), reply("done")]
     run_agent(ScriptedChat(messages=iter(steps)), [flaky], store, middleware=retry())
     (first,) = store.load(THREAD).loops
     results = [(m.content[0].text, m.is_error) for m in first.turns[0].tool_results]  # type: ignore[union-attr]
-    assert results == [("flaky failed: ValueError: first fails", True), ("ok a", False)]
+    assert results == [("flaky failed: TimeoutError: first fails", True), ("ok a", False)]
     model = ReplayChatModel(store.load(THREAD))
     with model.recording():  # the recorded failure raised again: the middleware retries
         out = run_agent(model, model.wrap_tools([flaky]), store, middleware=retry())

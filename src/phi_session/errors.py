@@ -179,7 +179,9 @@ class ReplayDiverged(PhiSessionError):
 class RecordedToolError(PhiSessionError, RuntimeError):
     """A replayed tool's recorded failure, raised in the tool's place where it ended the
     original run, so the replay fails where the original did; the message is the
-    recorded error text (e.g. ``"boom failed: RuntimeError: kaboom"``)."""
+    recorded error text (e.g. ``"boom failed: RuntimeError: kaboom"``). One raised for a
+    builtin exception class the tool raised is also of that class (a ``TimeoutError``,
+    say: `phi_session.replay.cursor.recorded_tool_error`)."""
 
 
 class RecordedModelError(PhiSessionError, RuntimeError):

@@ -40,6 +40,7 @@ calls).
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 from bisect import bisect_left
@@ -57,7 +58,7 @@ from .lineage import answered
 from .request import Normalizer, RequestShape, clip, compare_messages, compare_tools, normal_arguments
 from .script import RecordedTurn, ReplayScript
 
-__all__ = ["OnDivergence", "ReplayCursor", "ToolsMode", "check_request", "result_text"]
+__all__ = ["OnDivergence", "ReplayCursor", "ToolsMode", "check_request", "recorded_tool_error", "result_text"]
 
 logger = logging.getLogger("phi_session.replay")
 
@@ -68,6 +69,43 @@ ToolsMode = Literal["recorded", "live"]
 def result_text(result: ToolResultMessage) -> str:
     """A recorded tool result's text (its text blocks, joined), as a replay answers with it."""
     return "".join(block.text for block in result.content if type(block) is TextContent)
+
+
+def recorded_tool_error(result: ToolResultMessage) -> RecordedToolError:
+    """A recorded tool failure as a replay raises it again: a `RecordedToolError` that is
+    also the builtin exception class the tool raised, named in the recorded text
+    (``"fetch failed: TimeoutError: slow"``, as a tool's exception is recorded), so that
+    what caught that type in the original run (a retry on ``TimeoutError`` only) catches
+    it again. The agent's own exception classes are not made again (the recording has
+    their name only): a plain `RecordedToolError`, which such a handler does not catch."""
+    text = result_text(result)
+    prefix = f"{result.tool_name} failed: "
+    if text.startswith(prefix):
+        name = text[len(prefix) :].partition(":")[0]
+        builtin = getattr(builtins, name, None) if name.isidentifier() else None
+        if isinstance(builtin, type) and issubclass(builtin, Exception):
+            try:
+                return _as_builtin(builtin)(text)
+            except TypeError:  # a class not made from one text (ExceptionGroup)
+                pass
+    return RecordedToolError(text)
+
+
+_AS_BUILTIN: dict[type[Exception], type[RecordedToolError]] = {}
+
+
+def _as_builtin(builtin: type[Exception]) -> type[RecordedToolError]:
+    """The `RecordedToolError` that is also `builtin` (one class a type)."""
+    made = _AS_BUILTIN.get(builtin)
+    if made is not None:
+        return made
+    if issubclass(RecordedToolError, builtin):
+        made = RecordedToolError
+    else:
+        # Its text as it was recorded (KeyError's own str() would quote it).
+        namespace = {"__str__": BaseException.__str__, "__module__": __name__}
+        made = type(f"Recorded{builtin.__name__}", (RecordedToolError, builtin), namespace)
+    return _AS_BUILTIN.setdefault(builtin, made)  # one class, whichever thread made it first
 
 
 _Messages = tuple[AgentMessage, ...]
@@ -382,8 +420,9 @@ class ReplayCursor:
         """`tool_result`, with a recorded error that ended the original run raised again.
 
         A recorded error that ended the original run (the tool raised, and its loop was
-        recorded ``Aborted`` in that turn) is raised as `RecordedToolError` instead, with
-        the recorded error text: the replay fails where the original did, rather than
+        recorded ``Aborted`` in that turn) is raised as `RecordedToolError` instead (also of
+        the builtin exception class recorded: `recorded_tool_error`), with the recorded
+        error text: the replay fails where the original did, rather than
         sending the error to a model call the recording does not have; so is one a later
         result of the same call followed (the tool raised, and the framework ran it again:
         a retry retries on the exception). An error the run went on from is returned, for
@@ -393,7 +432,7 @@ class ReplayCursor:
             return None
         result, turn, retried = answer
         if result.is_error and (retried or turn.aborted):
-            raise RecordedToolError(result_text(result))
+            raise recorded_tool_error(result)
         return result
 
     def answered(self, call_id: str, result: ToolResultMessage) -> None:
