@@ -1266,6 +1266,64 @@ def test_a_close_interrupted_while_retrying_failed_sessions_retries_them_next_ti
     assert stored(store) == recorded(evs)
 
 
+def interrupt_sizing_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """Ctrl-C lands while a hand-over sizes the sessions it drained: at the `call`-th one."""
+    calls = itertools.count(1)
+
+    def sizing(session: Session) -> int:
+        if next(calls) == call:
+            raise KeyboardInterrupt
+        return held_bytes(session)
+
+    monkeypatch.setattr("phi_session.persist.held_bytes", sizing)
+
+
+@pytest.mark.parametrize("journaled", [False, True])
+def test_a_close_interrupted_while_it_hands_sessions_over_saves_them_next_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journaled: bool
+) -> None:
+    """Ctrl-C while `close` sized the sessions it drained: the next `close` returned OK with
+    none of the 20 saved (drained, not yet lined up for the writer, they were dropped)."""
+    evs = single_loop_sessions(20)
+    store = JsonDirStore(tmp_path / "store")
+    persisting = AutoPersistingRecorder(
+        store, journal=tmp_path / "j" if journaled else None, checkpoint_every=10**6, checkpoint_interval=None
+    )
+    persisting.record_all(evs)
+    interrupt_sizing_at(monkeypatch, 8)
+    with pytest.raises(KeyboardInterrupt):
+        persisting.close()
+    persisting.close()
+    assert stored(store) == recorded(evs)
+    assert not list((tmp_path / "j").glob("*.wal"))  # every session saved: the journal went
+
+
+def test_a_checkpoint_interrupted_while_it_hands_sessions_over_keeps_them_and_their_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C in `on_event`'s checkpoint, as it sized the third session drained: the 18 after
+    it were never saved, the exit hook's `close` notwithstanding. They wait for the next
+    hand-over now, their journal records kept meanwhile (a crash then recovers them)."""
+    evs = single_loop_sessions(20)
+    store = JsonDirStore(tmp_path / "store")
+    persisting = AutoPersistingRecorder(
+        store, journal=tmp_path / "j", checkpoint_every=len(evs), checkpoint_interval=None
+    )
+    interrupt_sizing_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        persisting.record_all(evs)
+    persisting.wait_saved()  # the two handed over are saved, and the journal released
+    assert len(store.list_ids()) == 2
+    assert "outside any session" not in caplog.text  # held for the next hand-over, not stuck
+    assert persisting.journal is not None
+    persisting.journal.sync()
+    shutil.copytree(tmp_path / "j", tmp_path / "crashed")  # the process dies now
+    recover(tmp_path / "crashed", store)
+    assert stored(store) == recorded(evs)
+    persisting.close()  # or the process goes on: the next hand-over saves them
+    assert stored(JsonDirStore(tmp_path / "store")) == recorded(evs)
+
+
 def test_a_close_called_while_another_closes_returns_once_everything_is_saved(tmp_path: Path) -> None:
     evs = single_loop_sessions(20)
     saving = threading.Event()

@@ -71,7 +71,7 @@ from .journal.recovery import KeptUnsaved, recover_keeping_unsaved
 from .messages import ExtensionMessage, ToolCall, text_size
 from .model import Session
 from .recorder import OrphanEvent, SessionRecorder, SessionRecorderConfig
-from .saver import SaveTarget, SessionSaver, check_save_target, not_saved
+from .saver import SaveTarget, SessionSaver, check_save_target, not_saved, one_at_a_time
 
 __all__ = ["DEFAULT_MAX_PENDING_BYTES", "EVENT_BYTES", "AutoPersistingRecorder", "held_bytes"]
 
@@ -334,8 +334,8 @@ class AutoPersistingRecorder:
         # Lock order: _close_lock, then _lock, then _cond.
         # _close_lock: `close` runs one call at a time (a second waits, then finds it done).
         self._close_lock = threading.Lock()
-        # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _settled_through,
-        # _unwritten_orphans, _since_checkpoint, _counters, _warned_pins.
+        # _lock (and waits on it): _closed, _sealed, _feeding, _pins, _late_pins, _drained,
+        # _settled_through, _unwritten_orphans, _since_checkpoint, _counters, _warned_pins.
         # Every event takes it twice (`_enter`, `_leave`): there its lock `_mutex` is
         # acquired and released by hand, sparing the Python-level `Condition.__enter__`
         # and the bound methods a `with` statement makes.
@@ -364,6 +364,8 @@ class AutoPersistingRecorder:
         self._since_checkpoint = 0
         self._counters = dict.fromkeys(("events", "checkpoints", "orphans_written", "segments_removed"), 0)
         self._warned_pins: set[str] = set()
+        # Drained from the recorder, not yet waiting (a hand-over interrupted): the next takes them first.
+        self._drained: deque[Session] = deque()
         self._queue: deque[_Pending] = deque()  # handed to the writer
         self._queued_bytes = 0
         self._waiting: deque[_Pending] = deque()  # drained, waiting for room in the queue
@@ -539,18 +541,22 @@ class AutoPersistingRecorder:
             self._counters["checkpoints"] += 1
             # Read before draining: every event up to it has been applied by then.
             settled = self.journal.last_seq if self.journal is not None else -1
-            sessions = self.recorder.drain_completed()
-            pending = [_Pending(s, self._unpin(s.session_id), held_bytes(s)) for s in sessions]
+            self._drained.extend(self.recorder.drain_completed())
+            handed = len(self._drained)
+            for session in one_at_a_time(self._drained):
+                # Sized before it is unpinned: a Ctrl-C meanwhile leaves it drained and pinned.
+                size = held_bytes(session)
+                item = _Pending(session, self._unpin(session.session_id), size)
+                with self._cond:
+                    self._waiting.append(item)
+                    self._admit()
             self._forget_late_pins()
-            with self._cond:
-                self._waiting.extend(pending)
-                self._admit()
             if self.journal is not None:
                 self._write_orphans(self.journal, settled)
             # Only now: a `close` interrupted before, or failing to write the orphans, is
             # done again, and hands over (and writes) what is still there.
             self._sealed = last
-        return len(sessions)
+        return handed
 
     def _unpin(self, session_id: str) -> int | None:
         """The pin of a session being drained (under `_lock`).
@@ -781,6 +787,7 @@ class AutoPersistingRecorder:
                 pin == stored_below
                 and session_id not in self._warned_pins
                 and not self.recorder.holds(session_id)
+                and all(session.session_id != session_id for session in self._drained)
             ):
                 self._warned_pins.add(session_id)
                 logger.warning(
@@ -892,7 +899,13 @@ class AutoPersistingRecorder:
         held = self.recorder.stats()
         with self._cond:
             handed = len(self._queue) + len(self._waiting)
-        count = held["open_sessions"] + held["completed_sessions"] + handed + self._saver.stats().unsaved
+        count = (
+            len(self._drained)
+            + held["open_sessions"]
+            + held["completed_sessions"]
+            + handed
+            + self._saver.stats().unsaved
+        )
         if self.journal is None:
             return f"up to {count} sessions not saved into {self.store!r} are lost"
         return f"up to {count} sessions not saved into {self.store!r}; {self._kept_in_journal()}"

@@ -53,7 +53,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol, TypeGuard, runtime_checkable
+from typing import Protocol, TypeGuard, TypeVar, runtime_checkable
 
 from ._checks import check_callable, check_seconds, check_type
 from .errors import (
@@ -81,6 +81,22 @@ OrphanSink = Callable[[list[AgentEvent]], object]
 """Takes the events of a session no store can hold and keeps them durably (or raises)."""
 
 _TRANSIENT = (SessionLocked, StoreError, OSError, ExportError)
+
+_Drained = TypeVar("_Drained")
+
+
+def one_at_a_time(drained: deque[_Drained]) -> Iterator[_Drained]:
+    """Each of `drained` in turn, left at its head until the caller asks for the next.
+
+    Sessions taken out of a recorder are held there, not in a local list: an
+    interrupt (Ctrl-C, a cancelled task) while one is handled leaves it and those
+    after it for the next pass, where a local list would go with the interrupted frame.
+    """
+    while drained:
+        yield drained[0]
+        drained.popleft()
+
+
 _LASTING = (StoredSessionUnusable, StoreClosed, SessionRefused)  # store errors no retry helps
 _FIRST_PAUSE = 0.05
 _MAX_PAUSE = 2.0
@@ -469,29 +485,27 @@ class SessionSaver:
         any an interrupted earlier `drain` had left.
         """
         saved = []
-        for session in self._take(recorder, flush):
+        for session in one_at_a_time(self._take(recorder, flush)):
             if self.save(session).saved:
                 saved.append(session)
-            self._drained.popleft()
         return saved
 
     async def adrain(self, recorder: SessionRecorder, *, flush: bool = False) -> list[Session]:
         """`drain` through `asave`."""
         saved = []
-        for session in self._take(recorder, flush):
+        for session in one_at_a_time(self._take(recorder, flush)):
             if (await self.asave(session)).saved:
                 saved.append(session)
-            self._drained.popleft()
         return saved
 
-    def _take(self, recorder: SessionRecorder, flush: bool) -> list[Session]:
+    def _take(self, recorder: SessionRecorder, flush: bool) -> deque[Session]:
         check_type("recorder", recorder, SessionRecorder)
         if flush:
             recorder.flush()
         else:
             recorder.checkpoint()
         self._drained.extend(recorder.drain_completed())
-        return list(self._drained)
+        return self._drained
 
     @property
     def pending(self) -> list[Session]:
