@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import os
 import random
@@ -49,6 +50,7 @@ from phi_session.journal import (
     read_records,
     recover,
 )
+from phi_session.journal.format import SegmentDamage
 from phi_session.model import Session
 from phi_session.persist import AutoPersistingRecorder
 from phi_session.recorder import SessionRecorder, SessionRecorderConfig
@@ -439,6 +441,106 @@ def test_a_close_interrupted_before_writing_is_finished_by_the_next(
     journal.close()
     assert [r.seq for r in read_records(tmp_path)] == [0, 1, 2]
     Journal(tmp_path).close()  # unlocked
+
+
+def interrupt_writing_once(monkeypatch: pytest.MonkeyPatch, where: str, call: int) -> None:
+    """Ctrl-C lands as the journal writes its records, at the `call`-th frame it builds
+    (``"build"``), or in the `call`-th write: halfway through it (``"write"``, a frame
+    written in part), or once it is all written (``"written"``, the signal handled as the
+    write returns)."""
+    from phi_session.journal import writer
+
+    calls = itertools.count(1)
+    real_header, real_write = writer.frame_header, writer.write_all
+
+    def frame_header(data: bytes, first: int, count: int) -> bytes:
+        if where == "build" and next(calls) == call:
+            raise KeyboardInterrupt
+        return real_header(data, first, count)
+
+    def write_all(fd: int, parts: list[bytes]) -> None:
+        if where != "build" and next(calls) == call:
+            data = b"".join(parts)
+            real_write(fd, [data if where == "written" else data[: len(data) // 2]])
+            raise KeyboardInterrupt
+        real_write(fd, parts)
+
+    monkeypatch.setattr(writer, "frame_header", frame_header)
+    monkeypatch.setattr(writer, "write_all", write_all)
+
+
+def record_some_indented(sink: JournaledRecorder, evs: list[AgentEvent]) -> None:
+    """Every third event as an indented JSON line, a frame of its own: a write holds many frames."""
+    for index, event in enumerate(evs):
+        if index % 3:
+            sink.on_event(event)
+        else:
+            sink.on_json(json.dumps(json.loads(encode_event(event)), indent=1))
+
+
+def journaled_once_each(directory: Path, count: int) -> None:
+    """Records 0 to `count` - 1 are in the segments once each, with no damage around them."""
+    damage = SegmentDamage()
+    assert [record.seq for record in read_records(directory, damage)] == list(range(count))
+    assert damage == SegmentDamage()
+    for path in segment_files(directory):
+        assert sum(size for _, size in frames(path)) == path.stat().st_size - len(MAGIC)
+
+
+@pytest.mark.parametrize(
+    ("where", "call"), [("build", 1), ("build", 9), ("write", 1), ("write", 3), ("written", 2)]
+)
+def test_a_close_interrupted_while_it_writes_writes_every_record_once_next_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, call: int
+) -> None:
+    """Ctrl-C while `close` wrote the queued records (the first frame being built), then
+    `close` again: it returned OK, acknowledging the 370 records that were never written
+    (recover replayed none of them, records_lost 0)."""
+    evs = events(4)
+    journal = Journal(tmp_path / "j", interval_ms=10**7, segment_bytes=4096)
+    record_some_indented(JournaledRecorder(journal), evs)
+    interrupt_writing_once(monkeypatch, where, call)
+    with pytest.raises(KeyboardInterrupt):
+        journal.close()
+    journal.close()
+    monkeypatch.undo()
+    assert journal.acknowledged_seq == journal.last_seq
+    journaled_once_each(tmp_path / "j", journal.last_seq + 1)
+    store = JsonDirStore(tmp_path / "store")
+    report = recover(tmp_path / "j", store)
+    assert (report.events_replayed, report.records_lost) == (journal.last_seq + 1, 0)
+    assert stored(store) == recorded(evs)
+
+
+@pytest.mark.parametrize("durability", ["always", "os"])
+@pytest.mark.parametrize(("where", "call"), [("build", 5), ("write", 5), ("written", 5)])
+def test_an_event_interrupted_while_its_record_is_written_is_journaled_as_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, where: str, call: int
+) -> None:
+    """The same Ctrl-C in `on_event`. Under ``"always"``, in the commit's write: the event is
+    recorded, so its record must be written by the next sync, not acknowledged unwritten.
+    Under ``"os"``, in the append's write: the event is not recorded, and its number was
+    left unused, a gap recovery counted as a record lost."""
+    evs = events(4)
+    journal = Journal(tmp_path / "j", durability=durability, segment_bytes=4096)  # type: ignore[arg-type]
+    sink = JournaledRecorder(journal)
+    interrupt_writing_once(monkeypatch, where, call)
+    interrupted = 0
+    for event in evs:
+        try:
+            record_some_indented(sink, [event])
+        except KeyboardInterrupt:
+            interrupted += 1
+    monkeypatch.undo()
+    assert interrupted == 1
+    journal.close()
+    journaled_once_each(tmp_path / "j", journal.last_seq + 1)
+    store = JsonDirStore(tmp_path / "store")
+    recover(tmp_path / "j", store)
+    sink.recorder.flush()
+    assert stored(store) == {s.session_id: encode_session(s) for s in sink.recorder.drain_completed()}
+    if durability == "always":
+        assert stored(store) == recorded(evs)
 
 
 def test_one_writer_per_directory(tmp_path: Path) -> None:

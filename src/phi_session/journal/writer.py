@@ -156,7 +156,7 @@ class Journal:
             self._next_seq = max(
                 last_seq(self._leftovers) + 1, earlier.stored_below, earlier.settled_through + 1
             )
-            self._acked = self._synced = self._next_seq - 1
+            self._acked = self._synced = self._written = self._next_seq - 1
             # What this run promised (`release`). Records below its first are the leftovers',
             # which `release` refuses to cover until they are recovered, that is saved.
             self._checkpoint = Checkpoint(self._next_seq, self._next_seq - 1)
@@ -279,7 +279,12 @@ class Journal:
             with self._sync_lock:
                 with self._lock:
                     payload, seq = self._number(payload)
-                self._write_or_fail(((payload, seq, 1),), "append failed")
+                try:
+                    self._write_or_fail(((payload, seq, 1),), "append failed")
+                except BaseException:  # not journaled (Ctrl-C, a failure): no gap in the numbers
+                    with self._lock:
+                        self._next_seq = seq
+                    raise
                 self._set_acked(seq)
         else:
             with self._lock:
@@ -427,6 +432,16 @@ class Journal:
         self._pending, self._singles, self._pending_bytes = [], [], 0
         return taken
 
+    def _put_back(self, records: list[bytes], singles: list[int], first: int) -> None:
+        """Queue again, ahead of those appended since, the records taken (`_take_pending`)
+        that a write cut short did not write whole (holding `_sync_lock`)."""
+        done = self._written + 1 - first
+        with self._lock:
+            kept = records[done:]
+            self._singles = [i - done for i in singles if i >= done] + [i + len(kept) for i in self._singles]
+            self._pending = kept + self._pending
+            self._pending_bytes += sum(map(len, kept))
+
     def _write_or_fail(self, frames: Iterable[tuple[bytes, int, int]], what: str) -> None:
         try:
             self._write_frames(frames)
@@ -434,16 +449,40 @@ class Journal:
             raise self._fail(error, what) from error
 
     def _write_frames(self, frames: Iterable[tuple[bytes, int, int]]) -> None:
-        """Write frames (data, first seq, count) to the active segment, rotating when it is full."""
+        """Write frames (data, first seq, count) to the active segment, rotating when it is full.
+
+        `_size` and `_written` follow each write once it is whole. Interrupted (Ctrl-C),
+        wherever it was, the segment is cut back to them: the records after `_written`
+        are written again after its last whole frame, never torn nor twice.
+        """
         parts: list[bytes] = []
-        for data, first, count in frames:
-            parts += (frame_header(data, first, count), data)
-            self._size += FRAME_OVERHEAD + len(data)
-            if self._size >= self.segment_bytes:
-                write_all(self._fd, parts)
-                parts = []
-                self._rotate(first + count)
-        write_all(self._fd, parts)
+        size, last = self._size, self._written
+        try:
+            for data, first, count in frames:
+                parts += (frame_header(data, first, count), data)
+                size += FRAME_OVERHEAD + len(data)
+                last = first + count - 1
+                if size >= self.segment_bytes:
+                    write_all(self._fd, parts)
+                    parts = []
+                    self._size, self._written = size, last
+                    self._rotate(last + 1)
+                    size = self._size
+            write_all(self._fd, parts)
+            self._size, self._written = size, last
+        except OSError:
+            raise  # the journal fails (`_write_or_fail`): a torn last frame is recovery's to skip
+        except BaseException:
+            self._cut_back()
+            raise
+
+    def _cut_back(self) -> None:
+        """Drop what follows the active segment's last whole frame (a write cut short)."""
+        try:
+            os.ftruncate(self._fd, self._size)
+            os.lseek(self._fd, self._size, os.SEEK_SET)
+        except OSError as error:
+            self._fail(error, "cutting back an interrupted write failed")
 
     def _open_segment(self, number: int, first_seq: int) -> tuple[int, int]:
         """Create segment `number`, starting at record `first_seq`: its descriptor and size."""
@@ -456,6 +495,11 @@ class Journal:
                 fsync_directory(self.directory)
         except OSError:
             os.close(fd)
+            raise
+        except BaseException:  # Ctrl-C: the next rotation makes it again
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
             raise
         with self._lock:
             self._segments.append(_Segment(number, path, first_seq))
@@ -482,7 +526,11 @@ class Journal:
                 self._check_writable()
                 taken = self._take_pending()
                 target = self._next_seq - 1  # everything up to here is written once `taken` is
-            self._write_or_fail(_frames(*taken), "write failed")
+            try:
+                self._write_or_fail(_frames(*taken), "write failed")
+            except BaseException:  # Ctrl-C: the next sync writes them (a failed journal, none)
+                self._put_back(*taken)
+                raise
             if target > self._synced:  # another thread's fsync may already cover it
                 try:
                     os.fsync(self._fd)
