@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -1390,6 +1390,66 @@ def test_a_journal_refuses_a_directory_that_is_not_one_and_touches_nothing(
     with pytest.raises(NotAJournal):
         AutoPersistingRecorder(JsonDirStore(tmp_path / "store"), journal=foreign)
     assert {path.name: path.read_bytes() for path in foreign.iterdir()} == before  # no lock file either
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.fixture
+def fifo_writer() -> Iterator[Callable[[Path], None]]:
+    """Makes a FIFO whose every opening for reading finds a writer that closes at once (so
+    a reader reads it empty instead of waiting for ever), until the test ends."""
+    made: list[tuple[Path, threading.Event, threading.Thread]] = []
+
+    def make(path: Path) -> None:
+        os.mkfifo(path)
+        done = threading.Event()
+
+        def write() -> None:
+            while not done.is_set():
+                os.close(os.open(path, os.O_WRONLY))  # waits for a reader
+
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        made.append((path, done, thread))
+
+    yield make
+    for path, done, thread in made:
+        done.set()
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets a waiting writer's open return
+        thread.join()
+        os.close(reader)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_an_entry_named_like_a_segment_that_is_no_file_is_refused_and_left_alone(
+    tmp_path: Path, kind: str, fifo_writer: Callable[[Path], None]
+) -> None:
+    """Beside a journal's segment, a FIFO named like one hung `Journal`, `recover` and
+    `AutoPersistingRecorder` for ever (opened to read its head), and a directory made
+    `recover` raise a bare IsADirectoryError."""
+    journal = tmp_path / "j"
+    write_journal(journal, events(1), durability="os")
+    odd = journal / "0000000009.wal"
+    if kind == "fifo":
+        fifo_writer(odd)
+    else:
+        odd.mkdir()
+
+    def contents() -> dict[str, object]:
+        return {
+            p.name: p.read_bytes() if p.is_file() else stat.S_IFMT(p.lstat().st_mode)
+            for p in journal.iterdir()
+        }
+
+    before = contents()
+    store = JsonDirStore(tmp_path / "store")
+    refused = r"0000000009\.wal is not a regular file.*nothing was touched"
+    with pytest.raises(NotAJournal, match=refused):
+        Journal(journal)
+    with pytest.raises(NotAJournal, match=refused):
+        recover(journal, store)
+    with pytest.raises(NotAJournal, match=refused):
+        AutoPersistingRecorder(store, journal=journal)
+    assert contents() == before
     assert not (tmp_path / "store").exists()
 
 

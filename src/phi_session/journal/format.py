@@ -33,6 +33,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import struct
 import sys
 import zlib
@@ -82,12 +83,19 @@ def segment_path(directory: Path, number: int) -> Path:
 def check_ours(directory: Path, segments: Sequence[Path]) -> None:
     """Raise `NotAJournal` unless the files of `directory` a journal would write, remove
     or replace are this journal's: `segments`, those named like segments (`holds_journal`,
-    and of this format version), the checkpoint and its temporary file.
+    and of this format version), the checkpoint and its temporary file, each a regular file.
 
     Call it before making the lock file there: an earlier journal's lock file is what
     marks the files whose writing a crash cut short as ours.
     """
     beside_lock = (directory / LOCK_FILE).is_file()
+    tmp = directory / CHECKPOINT_TMP
+    for path in (*segments, directory / CHECKPOINT_FILE, tmp):
+        if _not_a_file(path):
+            raise NotAJournal(
+                f"{directory} is not a phi-session journal: {path.name} is not a regular file; "
+                "nothing was touched"
+            )
     if (other := other_format(segments)) is not None:
         raise NotAJournal(
             f"{directory} holds a journal of another format version ({other[0].name} begins with "
@@ -101,7 +109,6 @@ def check_ours(directory: Path, segments: Sequence[Path]) -> None:
             "begins with a journal segment header; nothing was touched"
         )
     read_checkpoint(directory)  # raises NotAJournal for a checkpoint.json that is not ours
-    tmp = directory / CHECKPOINT_TMP
     if os.path.lexists(tmp):
         # A crash in `write_checkpoint` leaves a beginning of what it writes, and the lock file.
         head = _head(tmp, len(_CHECKPOINT_START))
@@ -110,6 +117,15 @@ def check_ours(directory: Path, segments: Sequence[Path]) -> None:
                 f"{directory} is not a phi-session journal: {CHECKPOINT_TMP} is not a journal "
                 "checkpoint cut short; nothing was touched"
             )
+
+
+def _not_a_file(path: Path) -> bool:
+    """Whether `path` is there as what a journal never makes (a directory, a FIFO, a link):
+    reading it would fail, or wait for ever for a FIFO's writer."""
+    try:
+        return not stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def holds_journal(paths: Sequence[Path], *, beside_lock: bool) -> bool:
