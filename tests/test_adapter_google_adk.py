@@ -26,6 +26,8 @@ from google.adk.models.llm_response import LlmResponse
 from google.adk.plugins.base_plugin import BasePlugin
 from google.adk.runners import InMemoryRunner
 from google.adk.tools.agent_tool import AgentTool
+from google.adk.tools.function_tool import FunctionTool
+from google.adk.tools.long_running_tool import LongRunningFunctionTool
 from google.adk.utils.streaming_utils import StreamingResponseAggregator
 from google.genai import types
 from pydantic import Field
@@ -211,6 +213,76 @@ def test_a_second_invocation_continues_the_first() -> None:
     assert second.parent_loop_id == first.loop_id
     assert second.continuation_kind is not None and second.continuation_kind.kind == "Default"
     assert texts(second) == [("user", "second"), ("assistant", "two")]
+
+
+def _answer(call: types.FunctionCall, response: dict[str, Any]) -> types.Content:
+    """The user's message answering `call` (a confirmation, a long-running tool's result)."""
+    answer = types.FunctionResponse(id=call.id, name=call.name, response=response)
+    return types.Content(role="user", parts=[types.Part(function_response=answer)])
+
+
+async def _resume(runner: InMemoryRunner, message: types.Content) -> None:
+    async for _ in runner.run_async(user_id="u", session_id="s1", new_message=message):
+        pass
+
+
+def test_a_confirmed_tool_resumes_with_the_approval_and_the_tools_run() -> None:
+    # ADK resumes the invocation (its id, its first prompt as user_content) and runs the
+    # approved tool before calling the model again.
+    def transfer(amount: int) -> str:
+        """Transfers money."""
+        return f"sent {amount}"
+
+    h = Harness()
+    model = ScriptedLlm.of([("transfer", {"amount": 5})], ["all done"])
+    agent = LlmAgent(name="bank", model=model, tools=[FunctionTool(transfer, require_confirmation=True)])
+    runner = h.runner(agent)
+
+    async def approve() -> None:
+        events = await h.ask(runner, "send 5")
+        (ask,) = [c for e in events for c in e.get_function_calls() if c.name == "adk_request_confirmation"]
+        await _resume(runner, _answer(ask, {"confirmed": True}))
+
+    asyncio.run(approve())
+    asked, resumed = h.session().loops
+    assert texts(asked)[0] == ("user", "send 5")
+    assert h.plugin.fault_count == 0
+    assert texts(resumed) == [
+        ("toolResult", 'result:{"confirmed":true}'),
+        ("toolResult", "result:sent 5"),
+        ("assistant", "all done"),
+    ]
+    (call,) = [b for b in asked.turns[0].output_message.content if type(b).__name__ == "ToolCall"]
+    assert resumed.messages[1].tool_call_id == call.id and resumed.messages[1].tool_name == "transfer"
+
+
+def test_a_long_running_tools_result_sent_later_is_the_resumed_loops_input() -> None:
+    def ask_manager(amount: int) -> dict[str, str]:
+        """Asks a manager to approve a refund."""
+        return {"status": "pending"}
+
+    h = Harness()
+    asked: list[LlmRequest] = []
+
+    def reply(request: LlmRequest) -> Step:
+        asked.append(request)
+        return [("ask_manager", {"amount": 5})] if len(asked) == 1 else ["refunded"]
+
+    model = ScriptedLlm.of(reply=reply)
+    runner = h.runner(LlmAgent(name="support", model=model, tools=[LongRunningFunctionTool(ask_manager)]))
+
+    async def later() -> None:
+        events = await h.ask(runner, "refund 5")
+        (call,) = [c for e in events for c in e.get_function_calls()]
+        await _resume(runner, _answer(call, {"status": "approved by Bob"}))
+
+    asyncio.run(later())
+    *_, resumed = h.session().loops
+    assert h.plugin.fault_count == 0
+    assert texts(resumed) == [
+        ("toolResult", 'result:{"status":"approved by Bob"}'),
+        ("assistant", "refunded"),
+    ]
 
 
 def test_streamed_partial_responses_are_message_updates() -> None:

@@ -163,6 +163,7 @@ __all__ = [
     "ToolScope",
     "Tracer",
     "TurnScope",
+    "tool_failure_text",
 ]
 
 _CANCELLATIONS = (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit)
@@ -628,6 +629,13 @@ def _describe(error: BaseException | str) -> str:
     except Exception as failure:  # the agent's own exception must stay the one it sees
         return f"{name} (str() failed: {type(failure).__name__})"
     return f"{name}: {text}" if text else name
+
+
+def tool_failure_text(tool_name: str, error: BaseException | str) -> str:
+    """The result text of tool `tool_name` failing with `error`, as `ToolScope.end` records
+    it (an adapter recording a tool outside any turn writes the same)."""
+    # A replay raising a recorded failure: recorded as the original was.
+    return str(error) if isinstance(error, RecordedToolError) else f"{tool_name} failed: {_describe(error)}"
 
 
 def _stop_reason(error: BaseException | str) -> StopReason:
@@ -2375,10 +2383,7 @@ class ToolScope(_Scope):
         try:
             content, details, is_error = self._outcome
             if error is not None:
-                # A replay raising a recorded failure: recorded as the original was.
-                recorded = isinstance(error, RecordedToolError)
-                text = str(error) if recorded else f"{self.tool_name} failed: {_describe(error)}"
-                content, is_error = (TextContent(text=text),), True
+                content, is_error = (TextContent(text=tool_failure_text(self.tool_name, error)),), True
             loop = self._loop
             child = self._child_loop_id
             result = ToolResult(

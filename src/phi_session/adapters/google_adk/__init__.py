@@ -15,7 +15,9 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
 * an invocation (``Runner.run_async``) is a loop of the ADK session's phi session
   (the ADK session id, or its UUIDv5 when no store accepts it); a later invocation of
   the session continues its last loop. The invocation's user message is the loop's
-  prompt;
+  prompt, its function responses tool results: an invocation ADK resumes (a tool
+  confirmed, a long-running tool's result sent back) records what was sent, then the
+  result of a tool ADK runs before calling the model (the confirmed one);
 * a model call (``before_model_callback``) opens a turn; streamed partial responses
   are ``MessageUpdate`` deltas (text, thoughts, function-call arguments); the final
   response is the assistant message, finished when ADK emits its event, so the
@@ -71,7 +73,7 @@ import msgspec
 from ..._float32 import Float32
 from ...events import LoopConfigSnapshot
 from ...identity import AgentSession, Clock
-from ...instrument import MessageScope, ToolScope, TurnScope
+from ...instrument import MessageScope, ToolScope, TurnScope, tool_failure_text
 from ...messages import (
     AnnotatedRequestPayload,
     AssistantMessage,
@@ -164,9 +166,9 @@ def _partial_arg_text(arg: types.PartialArg) -> str | None:
     return "null" if arg.null_value is not None else None
 
 
-def _blocks(parts: Sequence[types.Part] | None, *, calls: bool = True) -> tuple[Content, ...]:
-    """phi-core content of ADK parts: text, thoughts, images and (with `calls`) function
-    calls as themselves; any other part as the JSON ADK gives it, so nothing is lost."""
+def _blocks(parts: Sequence[types.Part] | None) -> tuple[Content, ...]:
+    """phi-core content of ADK parts: text, thoughts, images and function calls as
+    themselves; any other part as the JSON ADK gives it, so nothing is lost."""
     blocks: list[Content] = []
     for part in parts or ():
         call = part.function_call
@@ -182,7 +184,7 @@ def _blocks(parts: Sequence[types.Part] | None, *, calls: bool = True) -> tuple[
                 )
             else:
                 blocks.append(TextContent(text=part.text))
-        elif call is not None and calls:
+        elif call is not None:
             blocks.append(
                 ToolCall(id=call.id or "", name=call.name or "", arguments=jsonable(call.args or {}))
             )
@@ -372,6 +374,20 @@ def _cancelled(invocation: _Invocation | None) -> bool:
     return cancelling > (invocation.cancelling if task is invocation.task else 0)
 
 
+def _new_message(ic: InvocationContext) -> types.Content | None:
+    """The message the invocation was started with, if any: ADK appends it to the session,
+    as the user's event of the invocation, just before the run starts. Not ``user_content``:
+    an invocation ADK resumes (a confirmation, a long-running tool's result sent back)
+    reuses its id and puts its first prompt back there, and one resumed without a new
+    message has none to record."""
+    events = ic.session.events
+    last = events[-1] if events else None
+    if last is None or last.author != "user" or last.invocation_id != ic.invocation_id:
+        return None
+    content = last.content
+    return content if content is not None and content.parts else None
+
+
 def _agent(cc: CallbackContext) -> BaseNode | None:
     """The agent running (looked up only when needed: ADK copies its context to give it)."""
     return cc.get_invocation_context().agent
@@ -509,6 +525,42 @@ class _Reply:
         )
 
 
+class _ToolOutsideTurn:
+    """A tool ADK runs with no model turn open: the confirmed tool of a resumed invocation,
+    run before its first model call. No turn holds it, so its result is recorded as a
+    tool-result message ahead of the next turn, as the invocation's message is."""
+
+    __slots__ = ("_content", "_is_error", "_run", "call_id", "name", "running")
+
+    def __init__(self, run: AdapterRun, call_id: str, name: str) -> None:
+        self._run, self.call_id, self.name = run, call_id, name
+        self._content: tuple[Content, ...] = ()
+        self._is_error = False
+        self.running = True
+
+    def result(self, content: str | Sequence[Content]) -> None:
+        self._content = (TextContent(text=content),) if isinstance(content, str) else tuple(content)
+
+    def error(self, content: str | Sequence[Content]) -> None:
+        self.result(content)
+        self._is_error = True
+
+    def end(self, error: BaseException | str | None = None) -> None:
+        self.running = False
+        if error is not None:
+            self.error(tool_failure_text(self.name, error))
+        run = self._run
+        run.loop.user(
+            ToolResultMessage(
+                tool_call_id=self.call_id,
+                tool_name=self.name,
+                content=self._content,
+                is_error=self._is_error,
+                timestamp=run.tracer.agent.millis(),
+            )
+        )
+
+
 @dataclass
 class _Lane:
     """The loop of one ADK branch of an invocation (the root branch is ``None``) and
@@ -520,7 +572,9 @@ class _Lane:
     agent: str | None = None
     turn: TurnScope | None = None
     reply: _Reply | None = None
-    tools: dict[str, tuple[ToolScope, Token[RunningTool | None]]] = field(default_factory=dict)
+    tools: dict[str, tuple[ToolScope | _ToolOutsideTurn, Token[RunningTool | None] | None]] = field(
+        default_factory=dict
+    )
 
     def open_turn(self, agent: str, model: str | None, request: AnnotatedRequestPayload | None) -> None:
         self.end_turn()
@@ -557,20 +611,26 @@ class _Lane:
 
     def start_tool(self, call_id: str, name: str, args: Any) -> None:
         self.settle()
-        if self.turn is None or not self.turn.running:
+        turn = self.turn
+        if turn is None:
+            if self.run.loop.running:
+                self.tools[call_id] = (_ToolOutsideTurn(self.run, call_id, name), None)
             return
-        scope = self.turn.tool(id=call_id, name=name, args=jsonable(args)).start()
+        if not turn.running:
+            return
+        scope = turn.tool(id=call_id, name=name, args=jsonable(args)).start()
         # The tool runs in a copy of this context (ADK makes sure of it), so an
         # invocation it starts (AgentTool) finds it: a sub-agent.
         self.tools[call_id] = (scope, enter_tool(scope))
 
-    def take_tool(self, call_id: str) -> ToolScope | None:
+    def take_tool(self, call_id: str) -> ToolScope | _ToolOutsideTurn | None:
         """The running tool `call_id`, no longer marked as running in this context."""
         entry = self.tools.pop(call_id, None)
         if entry is None:
             return None
         scope, token = entry
-        leave_tool(token)
+        if token is not None:
+            leave_tool(token)
         return scope if scope.running else None
 
     def close(self, error: BaseException | str | None) -> None:
@@ -834,8 +894,11 @@ class PhiPlugin(BasePlugin):
         with self._lock:
             self._invocations[ic.invocation_id] = invocation
             self._lanes[key] = lane
-        if ic.user_content is not None and ic.user_content.parts:
-            run.loop.user(_blocks(ic.user_content.parts, calls=False))
+        message = _new_message(ic)
+        if message is not None:
+            # Its function responses (a confirmation, a long-running tool's result) as tool results.
+            for recorded in _request_messages(message, self.core.agent.millis()):
+                run.loop.user(recorded)
 
     def _model_started(self, cc: CallbackContext, request: LlmRequest) -> None:
         invocation = self._invocations.get(cc.invocation_id)
@@ -900,7 +963,7 @@ class PhiPlugin(BasePlugin):
         self.core.safely(lane.close, None)
         self.core.end_run(lane.key)
 
-    def _take_tool(self, tool_context: ToolContext, tool: BaseTool) -> ToolScope | None:
+    def _take_tool(self, tool_context: ToolContext, tool: BaseTool) -> ToolScope | _ToolOutsideTurn | None:
         lane = self._lanes.get((tool_context.invocation_id, tool_context.branch))
         return lane.take_tool(tool_context.function_call_id or tool.name) if lane is not None else None
 
