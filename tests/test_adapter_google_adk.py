@@ -482,6 +482,38 @@ def test_agent_tool_runs_a_sub_agent_linked_both_ways() -> None:
     assert result.tool_name == "expert"
 
 
+def test_a_sub_agent_another_plugin_records_is_all_in_that_plugins_sinks() -> None:
+    # A tool of the outer plugin's agent runs another runner, recorded by a plugin of its
+    # own, whose agent transfers: both of its loops go to its own recorder.
+    outer, inner = Harness(), Harness()
+
+    async def ask_team(question: str) -> str:
+        """Asks the team (a runner of its own)."""
+        spec = LlmAgent(name="spec", model=ScriptedLlm.of(["team answer"]), description="specialist")
+        route = ScriptedLlm.of([("transfer_to_agent", {"agent_name": "spec"})])
+        events = await inner.ask(
+            inner.runner(LlmAgent(name="router", model=route, sub_agents=[spec])), question
+        )
+        return str(events[-1].content.parts[0].text)
+
+    outer.run(
+        LlmAgent(
+            name="boss",
+            model=ScriptedLlm.of([("ask_team", {"question": "help"})], ["done"]),
+            tools=[ask_team],
+        )
+    )
+    (parent_session,) = outer.sessions()
+    (team,) = inner.sessions()
+    (parent,) = parent_session.loops
+    routed, answered = team.loops
+    assert (routed.config.name, answered.config.name) == ("router", "spec")  # type: ignore[union-attr]
+    assert routed.parent_loop_id == parent.loop_id and answered.parent_loop_id == routed.loop_id
+    assert routed.turns[0].triggered_by == "SubAgent"
+    assert [ref.child_loop_id for ref in parent.child_loop_refs] == [routed.loop_id]
+    assert texts(answered)[-1] == ("assistant", "team answer")
+
+
 def test_a_tool_error_is_a_failed_result_and_fails_the_run_it_escapes() -> None:
     h = Harness()
     model = ScriptedLlm.of([("explode", {"reason": "boom"})], ["unreached"])

@@ -46,7 +46,7 @@ from pydantic_ai.models.function import (
 from pydantic_ai.models.test import TestModel
 from pydantic_ai.usage import RequestUsage
 
-from phi_session import codec
+from phi_session import Redactor, codec
 from phi_session.adapters import pydantic_ai as adapter
 from phi_session.adapters.pydantic_ai import PhiCapability
 from phi_session.events import (
@@ -260,6 +260,31 @@ def test_an_agent_run_inside_a_tool_is_a_sub_agent_linked_both_ways() -> None:
     # The parent's usage is its own requests' only, never the sub-agent's tokens too.
     own = [m.usage for m in parent.messages if isinstance(m, AssistantMessage)]
     assert parent.usage.input == sum(u.input for u in own)
+
+
+def test_a_sub_agent_with_a_capability_of_its_own_is_recorded_by_it() -> None:
+    # The helper records into its own recorder, redacting text: so does its run as the
+    # boss's sub-agent, the boss's recorder holding only the link to it.
+    secret = "my key is sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789ABCD"
+    boss_recorder, helper_recorder = SessionRecorder(), SessionRecorder()
+    helper = Agent(
+        TestModel(custom_output_text="42"),
+        name="helper",
+        capabilities=[PhiCapability(helper_recorder, redact=Redactor(redact_text=True))],
+    )
+    boss = Agent(TestModel(call_tools=["ask"]), name="boss", capabilities=[PhiCapability(boss_recorder)])
+
+    @boss.tool
+    async def ask(ctx: RunContext[None], question: str) -> str:
+        return (await helper.run(secret)).output
+
+    boss.run_sync("q")
+    (boss_session,) = sessions_of(boss_recorder)
+    (helper_session,) = sessions_of(helper_recorder)
+    (parent,), (child,) = boss_session.loops, helper_session.loops
+    assert child.parent_loop_id == parent.loop_id and child.turns[0].triggered_by == "SubAgent"
+    assert [ref.child_loop_id for ref in parent.child_loop_refs] == [child.loop_id]
+    assert "sk-ant-api03" not in codec.encode(helper_session).decode()
 
 
 # -- failures -----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from phi_session import (
     FakeClock,
     JsonDirStore,
     LoopConfigSnapshot,
+    Redactor,
     SessionRecorder,
     SqliteStore,
     decode_session,
@@ -45,6 +47,7 @@ from phi_session.adapters._sessions import SessionBook
 from phi_session.cost import uncached_input
 from phi_session.errors import InvalidArgument, MissingExtra, SessionLocked
 from phi_session.events import ToolExecutionEnd, ToolExecutionStart
+from phi_session.instrument import ToolScope
 from phi_session.messages import ToolCall
 from phi_session.stores.base import SessionStore, validate_session_id
 from phi_session.stores.outline import SessionOutline, loop_prompt
@@ -256,6 +259,56 @@ def test_a_run_under_a_running_tool_is_its_sub_agent() -> None:
     assert_round_trip(recorder)
 
 
+@contextlib.contextmanager
+def ask_running(core: AdapterCore) -> Iterator[tuple[Any, ToolScope]]:
+    """Run "outer" of session "s", whose turn calls tool ``ask`` (id c1), running here."""
+    parent = core.start_run("outer", CONFIG, framework_session_id="s")
+    with parent.loop.turn() as turn:
+        with turn.assistant() as reply:
+            reply.finish(tool_calls=[ToolCall(id="c1", name="ask", arguments={})])
+        with turn.tool(id="c1", name="ask", args={}) as tool:
+            token = enter_tool(tool)
+            try:
+                yield parent, tool
+            finally:
+                leave_tool(token)
+    core.end_run("outer")
+
+
+SECRET = "key sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789ABCD"
+
+
+def test_a_sub_agent_another_core_records_goes_to_its_sinks_and_processors() -> None:
+    # The tool is the outer core's, the sub-agent's runs the inner core's: each run goes
+    # where its own adapter records, the links alone tie them together.
+    outer_recorder, inner_recorder = SessionRecorder(), SessionRecorder()
+    outer = make_core(outer_recorder, redact=False)
+    inner = make_core(inner_recorder, redact=Redactor(redact_text=True))
+    with ask_running(outer) as (parent, tool):
+        first = inner.start_run("first", CONFIG)
+        one_turn(inner, "first", SECRET)
+        inner.handoff("first", CONFIG)
+        one_turn(inner, "first")
+        inner.end_run("first")
+        tool.result("answered")
+    (parent_session,) = outer_recorder.sessions()
+    (child_session,) = inner_recorder.sessions()
+    assert child_session.session_id == first.loop.session_id
+    started, handed = child_session.loops
+    assert started.parent_loop_id == parent.loop.loop_id and started.continuation_kind == INITIAL
+    assert started.loop_id == f"{child_session.session_id}.sub.1"
+    assert started.turns[0].triggered_by == "SubAgent" and handed.parent_loop_id == started.loop_id
+    assert SECRET not in encode_session(child_session).decode()  # the inner core's redactor
+    (parent_loop,) = parent_session.loops
+    assert [ref.child_loop_id for ref in parent_loop.child_loop_refs] == [started.loop_id]
+    assert parent_loop.turns[0].tool_results[0].tool_call_id == "c1"
+    # The tool call is named in the outer recorder's session alone.
+    assert child_session.parent_spawn_ref is not None
+    assert child_session.parent_spawn_ref.parent_loop_id == parent.loop.loop_id
+    assert_round_trip(outer_recorder)
+    assert_round_trip(inner_recorder)
+
+
 def test_a_run_spawned_outside_any_tool_is_a_sub_agent_linked_one_way() -> None:
     recorder = SessionRecorder()
     core = make_core(recorder)
@@ -281,21 +334,12 @@ def test_a_run_spawned_outside_any_tool_is_a_sub_agent_linked_one_way() -> None:
 def test_later_runs_under_one_tool_call_continue_its_sub_agents_session() -> None:
     recorder = SessionRecorder()
     core = make_core(recorder)
-    parent = core.start_run("outer", CONFIG, framework_session_id="s")
-    with parent.loop.turn() as turn:
-        with turn.assistant() as reply:
-            reply.finish(tool_calls=[ToolCall(id="c1", name="ask", arguments={})])
-        with turn.tool(id="c1", name="ask", args={}) as tool:
-            token = enter_tool(tool)
-            try:
-                for key in ("first", "second"):
-                    core.start_run(key, CONFIG)
-                    one_turn(core, key)
-                    core.end_run(key)
-            finally:
-                leave_tool(token)
-            tool.result("both answered")
-    core.end_run("outer")
+    with ask_running(core) as (parent, tool):
+        for key in ("first", "second"):
+            core.start_run(key, CONFIG)
+            one_turn(core, key)
+            core.end_run(key)
+        tool.result("both answered")
     (child_session,) = [session for session in recorder.sessions() if session.session_id != "s"]
     first, second = child_session.loops
     assert (first.parent_loop_id, second.parent_loop_id) == (parent.loop.loop_id, first.loop_id)

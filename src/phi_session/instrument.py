@@ -2284,10 +2284,15 @@ class ToolScope(_Scope):
         agent: AgentSession | None = None,
         metadata: Any = None,
         config_id: str | None = None,
+        tracer: Tracer | None = None,
     ) -> LoopScope:
         """A sub-agent's loop, in a session of its own, spawned by this tool call.
 
         `agent`: the sub-agent's identity (default: fresh ids, this agent's clock).
+        `tracer`: whose processors and sinks record the loop (default: this tool's; its
+        identity is not used): a sub-agent instrumented apart (by another framework
+        adapter, with sinks and redaction of its own) is recorded there, the links
+        alone tying it to this call.
         The loop id segment is ``sub`` (phi-core's) unless `config_id` or the
         config's own ``config_id`` says otherwise. Its first turn is triggered by
         ``SubAgent``. Once it ends, this tool's result carries its loop id.
@@ -2299,42 +2304,40 @@ class ToolScope(_Scope):
         self._require_running()
         check_type("config", config, LoopConfigSnapshot, optional=True)
         check_type("agent", agent, AgentSession, optional=True)
+        check_type("tracer", tracer, Tracer, optional=True)
         config_id = check_text("config_id", config_id, optional=True)
         loop = self._loop
         config = config if config is not None else loop.config
-        loop.outlet.check_config(config)
         if config_id is None:
             config_id = config.config_id if config is not None and config.config_id is not None else "sub"
         spawned = self._child_agent
         if spawned is not None and (agent is None or agent is spawned):
-            session_id, loop_id = spawned.allocate_loop(config_id)
-            return LoopScope(
+            child, parent, kind = spawned, spawned.last_loop_id or self._child_loop_id, DEFAULT
+        else:
+            child = agent if agent is not None else loop.agent.spawn()
+            parent, kind = loop.loop_id, INITIAL
+        if tracer is None:
+            loop.outlet.check_config(config)
+            session_id, loop_id = child.allocate_loop(config_id)
+            scope = LoopScope(
                 loop.outlet,
-                spawned,
+                child,
                 loop_id,
                 session_id,
                 config,
                 config_id,
-                parent_loop_id=spawned.last_loop_id or self._child_loop_id,
-                kind=DEFAULT,
+                parent_loop_id=parent,
+                kind=kind,
                 metadata=metadata,
             )
-        child = agent if agent is not None else loop.agent.spawn()
-        session_id, loop_id = child.allocate_loop(config_id)
-        scope = LoopScope(
-            loop.outlet,
-            child,
-            loop_id,
-            session_id,
-            config,
-            config_id,
-            parent_loop_id=loop.loop_id,
-            kind=INITIAL,
-            metadata=metadata,
-            first_trigger="SubAgent",
-        )
-        if spawned is None:
-            self._child_loop_id, self._child_agent = scope.loop_id, child
+        else:
+            scope = tracer.for_agent(child).loop(
+                config, continues=parent, kind=kind, metadata=metadata, config_id=config_id
+            )
+        if kind == INITIAL:
+            scope.first_trigger = "SubAgent"
+            if spawned is None:
+                self._child_loop_id, self._child_agent = scope.loop_id, child
         return scope
 
     @property

@@ -26,8 +26,9 @@ the recorder's rules and the processors (redaction) apply to adapted runs too:
 * **sub-agents**: a run started while an instrumented tool executes (`enter_tool`,
   a context variable shared by every adapter) becomes that tool's sub-agent: its own
   session, ``parent_loop_id``, trigger ``SubAgent``, and ``child_loop_id`` in the
-  tool's result; one a run spawned outside any instrumented tool is linked one way
-  (`AdapterCore.start_sub_agent`);
+  tool's result, recorded by the adapter starting it (its sinks and processors, not
+  the tool's adapter's); one a run spawned outside any instrumented tool is linked one
+  way (`AdapterCore.start_sub_agent`);
 * **never disturb the host**: adapter code runs under `AdapterCore.guard` (or catches
   into `AdapterCore.fault`); a fault is counted and logged once (`failures`), and the
   run goes on;
@@ -565,8 +566,9 @@ class AdapterCore:
         if parent_tool is not None:
             # A later run under the same tool call continues its sub-agent's session.
             child = parent_tool.sub_agent_identity or self.agent.spawn()
+            # Recorded by this adapter (its sinks, its processors), whoever records the tool.
+            loop = parent_tool.sub_agent(config, agent=child, metadata=meta, tracer=self.tracer)
             tracer = self.tracer.for_agent(child)
-            loop = parent_tool.sub_agent(config, agent=child, metadata=meta)
             return self._open(AdapterRun(key, loop, tracer))
         inherited: dict[str, Any] = {}
         replay: ActiveLineage | None = None
