@@ -768,6 +768,38 @@ def test_an_answer_a_plugin_gives_before_the_model_is_the_turns_message() -> Non
     assert texts(record) == [("user", "hi"), ("assistant", "cached")]
 
 
+def _says(text: str) -> Callable[[Any], types.Content]:
+    """An agent callback answering `text`."""
+    return lambda callback_context: types.Content(role="model", parts=[types.Part(text=text)])
+
+
+def test_an_answer_an_agent_callback_gives_is_a_turn_of_its_own() -> None:
+    # Before the agent (its model never called), after it (appended to the model's answer).
+    h = Harness()
+    h.run(LlmAgent(name="a", model=ScriptedLlm.of(), before_agent_callback=_says("cached: 42")))
+    (record,) = h.session().loops
+    (turn,) = record.turns
+    assert texts(record) == [("user", "hello"), ("assistant", "cached: 42")]
+    assert turn.output_message.usage.total_tokens == 0 and turn.output_message.stop_reason == "stop"
+    h = Harness()
+    h.run(LlmAgent(name="b", model=ScriptedLlm.of(["hi"]), after_agent_callback=_says("(disclaimer)")))
+    (record,) = h.session().loops
+    assert texts(record) == [("user", "hello"), ("assistant", "hi"), ("assistant", "(disclaimer)")]
+    assert [turn.output_message.usage.total_tokens for turn in record.turns] == [20, 0]
+    assert h.plugin.fault_count == 0
+
+
+def test_an_agent_callback_answering_for_the_next_agent_is_its_loops_turn() -> None:
+    h = Harness()
+    first = LlmAgent(name="first", model=ScriptedLlm.of(["one"]))
+    second = LlmAgent(name="second", model=ScriptedLlm.of(), before_agent_callback=_says("skipped"))
+    h.run(SequentialAgent(name="seq", sub_agents=[first, second]))
+    one, two = h.session().loops
+    assert texts(one) == [("user", "hello"), ("assistant", "one")]
+    assert two.config is not None and two.config.name == "second"
+    assert texts(two) == [("assistant", "skipped")]
+
+
 def test_a_call_an_agents_before_model_callback_asks_for_is_recorded_with_its_result() -> None:
     calls = iter([types.FunctionCall(name="add", args={"a": 2, "b": 3})])
 
@@ -869,8 +901,8 @@ def test_an_agent_calling_its_model_first_takes_over_from_one_that_never_did() -
     h.run(flow)
     first, second = h.session().loops
     # a's loop (a's before_agent_callback answered: no model call), then b's continuing it.
-    assert (first.config.name, first.config.model, len(first.turns)) == ("a", "model-a", 0)
-    assert texts(first) == [("user", "hello")]
+    assert (first.config.name, first.config.model, len(first.turns)) == ("a", "model-a", 1)
+    assert texts(first) == [("user", "hello"), ("assistant", "skipped")]
     assert (second.config.name, second.config.model) == ("b", "model-b")
     assert second.parent_loop_id == first.loop_id and second.continuation_kind.kind == "Default"
     assert texts(second) == [("assistant", "B")] and second.turns[0].output_message.model == "model-b"

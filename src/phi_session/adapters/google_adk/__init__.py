@@ -25,7 +25,9 @@ How ADK maps onto phi-core (``pip install 'phi-session[google-adk]'``, google-ad
   ``usage_metadata`` (a stream ending without a final response: the streamed thinking
   and text). An answer a before-model callback gives in the model's place
   (an agent's, or a plugin's listed after this one) is the message, from its event.
-  The turn ends at the next model call, or when its agent or the invocation ends;
+  The turn ends at the next model call, or when its agent or the invocation ends. An
+  answer an agent callback gives (before the agent, its model never called; after it,
+  added to the model's) is a turn of its own, that answer its message, with no usage;
 * tool callbacks are tool executions; a tool error is a failed result;
 * another agent taking over within the invocation (``transfer_to_agent``, the next
   agent of a ``SequentialAgent``) ends the loop and starts a loop continuing it; a
@@ -62,7 +64,7 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -374,6 +376,18 @@ def _cancelled(invocation: _Invocation | None) -> bool:
     return cancelling > (invocation.cancelling if task is invocation.task else 0)
 
 
+def _is_answer(event: Event) -> bool:
+    """Whether an agent's event outside any model call is an answer (an agent callback's
+    content), not a tool's response (a confirmed tool's, run before the model) or the user's."""
+    content = event.content
+    return (
+        event.author != "user"
+        and content is not None
+        and bool(content.parts)
+        and not event.get_function_responses()
+    )
+
+
 def _new_message(ic: InvocationContext) -> types.Content | None:
     """The message the invocation was started with, if any: ADK appends it to the session,
     as the user's event of the invocation, just before the run starts. Not ``user_content``:
@@ -576,18 +590,20 @@ class _Lane:
         default_factory=dict
     )
 
-    def open_turn(self, agent: str, model: str | None, request: AnnotatedRequestPayload | None) -> None:
+    def open_turn(self, agent: str, model: str | None, request: AnnotatedRequestPayload | None) -> _Reply:
+        """End the turn open, if any, and open the next, for `agent`; returns its reply."""
         self.end_turn()
         self.agent = agent
         loop = self.run.loop
         self.turn = loop.turn(request=request).start()
         config = loop.config
-        self.reply = _Reply(
+        reply = self.reply = _Reply(
             self.turn.assistant(
                 model=model or (config.model if config is not None else None),
                 provider=config.provider if config is not None else None,
             ).start()
         )
+        return reply
 
     def settle(self) -> None:
         """The turn moves on: finish its reply."""
@@ -808,17 +824,13 @@ class PhiPlugin(BasePlugin):
             if event.partial:
                 return
             lane = self._lanes.get((invocation_context.invocation_id, event.branch))
-            if lane is None:
-                return
-            reply = lane.reply
+            reply = lane.reply if lane is not None else None
             # Cheapest checks first: most events (tool responses, other agents') are not it.
-            if (
-                reply is not None
-                and reply.waiting
-                and event.author == lane.agent
-                and not event.get_function_responses()
-            ):
-                reply.event(event)
+            if lane is not None and reply is not None:
+                if reply.waiting and event.author == lane.agent and not event.get_function_responses():
+                    reply.event(event)
+            elif _is_answer(event):  # no turn open
+                self._agent_answered(invocation_context, event)
         except Exception as caught:
             self.core.fault(caught)
 
@@ -901,35 +913,58 @@ class PhiPlugin(BasePlugin):
                 run.loop.user(recorded)
 
     def _model_started(self, cc: CallbackContext, request: LlmRequest) -> None:
-        invocation = self._invocations.get(cc.invocation_id)
-        if invocation is None:
-            return
-        branch = cc.branch
-        lane = invocation.lanes.get(branch)
+        lane = self._lane_of(cc.invocation_id, cc.branch, cc.agent_name, lambda: _agent(cc))
         if lane is None:
-            lane = self._fork(invocation, branch, _agent(cc)) if branch is not None else None
-            if lane is None:
-                return
-        else:
-            config = None
-            if lane.agent is None:
-                # The lane's loop took the config of the first LLM agent under the
-                # invocation's; when another agent calls its model first (that one was
-                # skipped, by its before_agent_callback say), it takes over: a handoff.
-                config = _config(_agent(cc))
-                moved = config != lane.run.loop.config
-            else:
-                moved = lane.agent != cc.agent_name
-            if moved or not lane.run.loop.running:
-                # Another agent takes over (a transfer, a SequentialAgent's next agent), or
-                # the lane's loop was ended by branches forking from it: a continuation.
-                lane.end_turn()
-                run = self.core.handoff(lane.key, config or _config(_agent(cc)))
-                if run is None:
-                    return
-                lane.run = run
+            return
         payload = _request(request, self.core.agent.millis()) if self.core.capture_requests else None
         lane.open_turn(cc.agent_name, request.model, payload)
+
+    def _agent_answered(self, ic: InvocationContext, event: Event) -> None:
+        """An agent's answer outside any model call (its before- or after-agent callback's):
+        a turn of its own, the answer its message (no usage: no model was called)."""
+        name = event.author
+        root = ic.agent  # the invocation's: the agent answering is found by its name
+        lane = self._lane_of(
+            ic.invocation_id,
+            event.branch,
+            name,
+            lambda: root.root_agent.find_agent(name) if isinstance(root, BaseAgent) else None,
+        )
+        if lane is None:
+            return
+        lane.open_turn(name, None, None).event(event)
+        lane.end_turn()
+
+    def _lane_of(
+        self, invocation_id: str, branch: str | None, agent_name: str, agent: Callable[[], BaseNode | None]
+    ) -> _Lane | None:
+        """The lane in which agent `agent_name` (`agent()`: the agent, looked up only when
+        needed) opens a turn: its branch's (forked as it first acts), the loop handed over
+        to it when another agent's."""
+        invocation = self._invocations.get(invocation_id)
+        if invocation is None:
+            return None
+        lane = invocation.lanes.get(branch)
+        if lane is None:
+            return self._fork(invocation, branch, agent()) if branch is not None else None
+        config = None
+        if lane.agent is None:
+            # The lane's loop took the config of the first LLM agent under the
+            # invocation's; when another agent acts first (that one was skipped, by its
+            # before_agent_callback say), it takes over: a handoff.
+            config = _config(agent())
+            moved = config != lane.run.loop.config
+        else:
+            moved = lane.agent != agent_name
+        if moved or not lane.run.loop.running:
+            # Another agent takes over (a transfer, a SequentialAgent's next agent), or
+            # the lane's loop was ended by branches forking from it: a continuation.
+            lane.end_turn()
+            run = self.core.handoff(lane.key, config or _config(agent()))
+            if run is None:
+                return None
+            lane.run = run
+        return lane
 
     def _fork(self, invocation: _Invocation, branch: str, agent: BaseNode | None) -> _Lane | None:
         """A lane for a new parallel branch: a Branch of its parent lane's loop, which ends."""
