@@ -380,6 +380,7 @@ def test_transfer_is_a_handoff_to_a_continuing_loop() -> None:
     assert second.turns[0].triggered_by == "Continuation"
     assert texts(second) == [("assistant", "helped")]
     assert first.status == second.status == "Completed"
+    assert second.metadata["adk_invocation_id"] == first.metadata["adk_invocation_id"]
 
 
 def test_sequential_agents_continue_each_other() -> None:
@@ -395,6 +396,7 @@ def test_sequential_agents_continue_each_other() -> None:
     first, second = h.session().loops
     assert texts(first) == [("user", "hello"), ("assistant", "draft")]
     assert second.parent_loop_id == first.loop_id and texts(second) == [("assistant", "polished")]
+    assert second.metadata["adk_invocation_id"] == first.metadata["adk_invocation_id"]
 
 
 def test_parallel_agents_are_branches_without_a_winner() -> None:

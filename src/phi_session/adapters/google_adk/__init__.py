@@ -960,7 +960,9 @@ class PhiPlugin(BasePlugin):
             # Another agent takes over (a transfer, a SequentialAgent's next agent), or
             # the lane's loop was ended by branches forking from it: a continuation.
             lane.end_turn()
-            run = self.core.handoff(lane.key, config or _config(agent()))
+            run = self.core.handoff(
+                lane.key, config or _config(agent()), metadata={"adk_invocation_id": invocation_id}
+            )
             if run is None:
                 return None
             lane.run = run
