@@ -216,10 +216,36 @@ def test_a_secret_split_across_text_deltas_is_redacted_in_them(recorder: bool) -
     assert "".join(_streamed(events, "Text")) == text.text  # in order, nothing lost
     assert "".join(_streamed(events, "Thinking")) == thinking.thinking
     kinds = [e.delta.kind for e in events if isinstance(e, ps.MessageUpdate)]  # type: ignore[attr-defined]
-    assert kinds == sorted(kinds, reverse=True)  # the thinking's end before the first text
+    assert kinds == sorted(kinds, reverse=True)  # the thinking held nothing: in the order streamed
     data = b"".join(ps.encode(e) for e in events)
     for secret in (SECRET_KEY[3:], "a" * 20, "er:pw"):
         assert secret.encode() not in data
+
+
+@pytest.mark.parametrize("between", ["thinking_delta", "text_delta", "tool_call_delta"])
+def test_a_secret_split_across_deltas_of_one_kind_is_redacted_whatever_streams_between(between: str) -> None:
+    # A delta of the other kind passed on what was held of this one, unredacted: "my key
+    # is sk-ant-", thinking "hmm", then "Q7Q7... ok" reached the sinks as the whole key.
+    events: list[ps.AgentEvent] = []
+    tracer = Tracer(
+        AgentSession(clock=FakeClock()), sinks=[events.append], redact=Redactor(redact_text=True), config=SNAP
+    )
+    head, tail = SECRET_KEY[:7], SECRET_KEY[7:]
+    kind, other = ("Thinking", "Text") if between == "text_delta" else ("Text", "Thinking")
+    with tracer.loop() as loop, loop.turn() as turn, turn.assistant() as reply:
+        stream = reply.thinking_delta if kind == "Thinking" else reply.text_delta
+        stream(f"my key is {head}")
+        getattr(reply, between)('{"a": 1' if between == "tool_call_delta" else "hmm")
+        stream(f"{tail} ok")
+        getattr(reply, between)("}" if between == "tool_call_delta" else " more")
+        reply.finish()
+    [end] = [e for e in events if isinstance(e, ps.MessageEnd)]
+    [whole] = [getattr(b, kind.lower()) for b in end.message.content if hasattr(b, kind.lower())]
+    assert whole == f"my key is {REDACTED} ok"
+    assert "".join(_streamed(events, kind)) == f"my key is {REDACTED} ok"
+    if between != "tool_call_delta":
+        assert "".join(_streamed(events, other)) == "hmm more"
+    assert tail[:20].encode() not in b"".join(ps.encode(e) for e in events)
 
 
 _SECRETS = (

@@ -789,39 +789,22 @@ class _Outlet:
         self._streaming = last if isinstance(last, Redactor) else None
         self._deliver = fanout.deliver
 
-    def stream_emitters(
-        self, loop_id: str, placeholder: AssistantMessage
-    ) -> tuple[Callable[[MessageUpdate], None], Callable[[MessageUpdate], None]] | None:
-        """`emit` for the text deltas, and for the thinking deltas, of the reply streamed
-        into `placeholder` when the redactor holds back their end (`Redactor.open_stream`;
-        None otherwise): a delta of one kind after the other first passes on what was
-        held of the other."""
+    def open_stream(self, placeholder: AssistantMessage) -> bool:
+        """Whether the redactor holds back the end of the text and thinking streamed into
+        `placeholder` (`Redactor.open_stream`), to be passed on by `release_stream`. Each
+        kind keeps what it holds while the other streams: passing it on then would send a
+        secret's start unredacted, its end still to come."""
         redactor = self._streaming
-        if redactor is None or not redactor.open_stream(placeholder):
-            return None
-        emit, release = self.emit, self.release_stream
-        streaming = [""]  # the kind streaming
+        return redactor is not None and redactor.open_stream(placeholder)
 
-        def emitter(kind: str) -> Callable[[MessageUpdate], None]:
-            def emit_held(event: MessageUpdate) -> None:
-                if streaming[0] is not kind:
-                    if streaming[0]:
-                        release(loop_id, placeholder, streaming[0])
-                    streaming[0] = kind
-                emit(event)
-
-            return emit_held
-
-        return emitter("Text"), emitter("Thinking")
-
-    def release_stream(self, loop_id: str, placeholder: AssistantMessage, kind: str | None = None) -> None:
-        """Deliver what the redactor held back of a stream (`stream_emitters`), as deltas;
-        the stream ends unless a `kind` is given."""
+    def release_stream(self, loop_id: str, placeholder: AssistantMessage) -> None:
+        """Deliver what the redactor held back of a stream (`open_stream`), as deltas; the
+        stream ends."""
         redactor = self._streaming
         if redactor is None:
             return
         try:
-            deltas = redactor.close_stream(placeholder, kind)
+            deltas = redactor.close_stream(placeholder)
         except Exception:  # never raised into the agent; what it held is in the finished message
             logger.exception("the redactor could not pass on the end of a streamed reply")
             return
@@ -1997,7 +1980,6 @@ class MessageScope(_Scope):
         "_deltas",
         "_emit",
         "_emit_prose",
-        "_emit_thinking",
         "_held",
         "_loop",
         "_loop_id",
@@ -2021,7 +2003,7 @@ class MessageScope(_Scope):
         self._thinking: list[str] = []
         self._deltas = loop.wants_deltas
         self._emit = loop.emit
-        self._emit_prose = self._emit_thinking = loop.outlet.emit_prose
+        self._emit_prose = loop.outlet.emit_prose
         # phi-core's empty placeholder, sent with MessageStart and every MessageUpdate.
         self._placeholder = AssistantMessage(
             content=(),
@@ -2032,7 +2014,7 @@ class MessageScope(_Scope):
             timestamp=loop.millis(),
         )
         self.message: AssistantMessage | None = None
-        self._held = False  # the redactor holds back the end of its text (`_Outlet.stream_emitters`)
+        self._held = False  # the redactor holds back the end of its text (`_Outlet.open_stream`)
 
     def start(self) -> MessageScope:
         """Emit ``MessageStart`` with the placeholder message."""
@@ -2044,9 +2026,7 @@ class MessageScope(_Scope):
         self._running = True
         self._emit(MessageStart(loop_id=self._loop_id, message=self._placeholder))
         if self._deltas:
-            held = self._loop.outlet.stream_emitters(self._loop_id, self._placeholder)
-            if held is not None:
-                (self._emit_prose, self._emit_thinking), self._held = held, True
+            self._held = self._loop.outlet.open_stream(self._placeholder)
         return self
 
     # The three delta methods run once per streamed token: each builds its event inline,
@@ -2073,7 +2053,7 @@ class MessageScope(_Scope):
         self._thinking.append(text)
         if self._deltas:
             delta = _thinking_delta(text)
-            self._emit_thinking(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
+            self._emit_prose(MessageUpdate(loop_id=self._loop_id, message=self._placeholder, delta=delta))
 
     def tool_call_delta(self, json_fragment: str) -> None:
         """A piece of a tool call's streamed JSON arguments (pass the parsed call to `finish`)."""

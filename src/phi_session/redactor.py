@@ -1147,9 +1147,10 @@ class Redactor:
         delta of it carries) wherever a secret may start that the next deltas complete:
         it is passed on, redacted, at the front of a later delta, so that a secret split
         across deltas is redacted in them as in the finished message (a `Tracer` does
-        this for each reply). The caller passes on what `close_stream` returns once the
-        stream ends (and, for a kind, before the other kind streams), after every
-        processor: a delta's text is then what the redactor passed on.
+        this for each reply). Each kind (text, thinking) holds its own end, kept while
+        the other streams. The caller passes on what `close_stream` returns once the
+        stream ends, after every processor: a delta's text is then what the redactor
+        passed on.
 
         What is held back is at most `_STREAM_HOLD` characters behind the start of a
         possible secret (an anchor of the default patterns; for the user's patterns, the
@@ -1166,23 +1167,18 @@ class Redactor:
             streams[id(message)] = [message, _NO_STREAM, _NO_STREAM]
         return True
 
-    def close_stream(self, message: AssistantMessage, kind: str | None = None) -> tuple[StreamDelta, ...]:
+    def close_stream(self, message: AssistantMessage) -> tuple[StreamDelta, ...]:
         """What was held back of the stream `open_stream` opened for `message`, redacted,
-        as the deltas to pass on (none for a kind that holds nothing); the stream ends,
-        unless a `kind` (``"Text"`` or ``"Thinking"``) is given, which is then passed on
-        whole so far, and its next piece starts afresh."""
+        as the deltas to pass on (none for a kind that holds nothing); the stream ends."""
         stream = self._streams.get(id(message))
         if stream is None or stream[0] is not message:
             return ()
-        if kind is None:
-            with self._memo_lock:
-                self._streams.pop(id(message), None)
-        kinds = _STREAM_KINDS if kind is None else (kind,)
+        with self._memo_lock:
+            self._streams.pop(id(message), None)
         out = []
-        for name in kinds:
-            context, held = stream[_STREAM_KINDS[name]]
+        for name, index in _STREAM_KINDS.items():
+            context, held = stream[index]
             if held:
-                stream[_STREAM_KINDS[name]] = (context + held)[-self._stream_context :], ""
                 out.append(StreamDelta(name, self._released(context + held, len(context), len(held))))
         return tuple(out)
 
