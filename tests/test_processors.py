@@ -1024,6 +1024,27 @@ def test_arguments_nested_deeper_than_the_codec_goes_are_still_scanned() -> None
     assert _leaf(call.arguments, depth) == {"token": REDACTED}
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 2000,  # a tool writing a file of brackets
+        '{"api_key": "plain-value", "deep": '
+        + "[" * 2000
+        + "]" * 2000
+        + "}",  # JSON deeper than msgspec reads
+    ],
+)
+def test_a_json_string_too_deep_to_parse_is_scanned_as_text(text: str) -> None:
+    # msgspec's RecursionError escaped the redactor: the reply and the tool's arguments
+    # were recorded withheld ("[WITHHELD: processor Redactor raised RecursionError]").
+    arguments = {"query": text, "path": "notes.txt"}
+    events, _, data = record({}, one_tool_call(ps.ToolCall(id="c1", name="write", arguments=arguments)))
+    assert b"WITHHELD" not in data and b"plain-value" not in data
+    [start] = [e for e in events if isinstance(e, ps.ToolExecutionStart)]
+    assert start.args == {"query": text.replace('"plain-value"', f'"{REDACTED}"'), "path": "notes.txt"}
+    assert Redactor().redact_json_string(text) == text.replace('"plain-value"', f'"{REDACTED}"')
+
+
 def test_a_value_nested_in_itself_is_withheld_not_walked_forever() -> None:
     arguments: dict[str, Any] = {"path": "/tmp/x", "opts": {"password": "plain-value"}}
     arguments["opts"]["parent"] = arguments  # a back-reference the agent keeps

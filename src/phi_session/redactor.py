@@ -731,7 +731,7 @@ class Redactor:
         if _json_head(text):
             try:
                 parsed = _json_decode(text)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):  # nested deeper than msgspec reads: as text
                 pass
             else:
                 redacted = self.redact_value(parsed)
