@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -394,3 +395,36 @@ def test_an_event_built_with_a_field_phi_core_cannot_read_is_counted_and_skipped
     stats, kept, bad = asyncio.run(main())
     assert stats.decode_errors == 1 and kept == [bad]
     assert len(memory.sessions) == 1
+
+
+def test_tracers_sharing_one_queue_end_the_stream_when_the_last_sink_closes() -> None:
+    # The first sink's close() put the end-of-stream marker: consume stopped there and
+    # the other tracer's later events stayed in the queue, unread (1 of its 2 loops
+    # saved), nothing counted or logged.
+    memory = MemoryStore()
+
+    async def main() -> tuple[ps.ConsumeStats, int]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        task = asyncio.create_task(consume(queue, store(memory), checkpoint_interval=None))
+        first, first_sink = tracer_into(queue)
+        second = Tracer(
+            AgentSession(agent_id="b", clock=FakeClock(), id_factory=lambda: "t"),
+            sinks=[QueueSink(queue)],
+            config=SNAP,
+        )
+        dropped = QueueSink(queue)  # never closed, gone: it holds no stream open
+        del dropped
+        gc.collect()
+        agent_work(first)
+        agent_work(second, loops=1)
+        first_sink.close()
+        first_sink.close()  # twice: still one sink
+        await asyncio.sleep(0.01)
+        agent_work(second, loops=1)
+        second.close()
+        stats = await asyncio.wait_for(task, 5)
+        return stats, queue.qsize()
+
+    stats, left = asyncio.run(main())
+    assert left == 0 and stats.saved == 2
+    assert len(memory.sessions["s"].loops) == 3 and len(memory.sessions["t"].loops) == 2

@@ -1,8 +1,8 @@
 """Async consumption: a recorder task that drains an event source into a `SessionStore`.
 
 `consume(source, store)` reads events (typed events, or phi-core JSON lines as
-``bytes``/``str``) from an ``asyncio.Queue`` (fed by `phi_session.sinks.QueueSink`;
-``None`` ends the stream) or any async iterable, records them, and every
+``bytes``/``str``) from an ``asyncio.Queue`` (fed by `phi_session.sinks.QueueSink`s;
+``None``, put as the last of them closes, ends the stream) or any async iterable, records them, and every
 `checkpoint_interval` seconds saves the sessions that have no open loop. When the
 stream ends, or the task is cancelled, it flushes the recorder (open loops are
 recorded as ``Aborted``) and saves everything, so a clean shutdown loses nothing:

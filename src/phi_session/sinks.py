@@ -27,6 +27,7 @@ import logging
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import IO, Any, Protocol, TypeVar, Union, cast, runtime_checkable
 
@@ -178,8 +179,10 @@ class QueueSink:
     tools' threads). The loop is `loop`, else the running loop at construction:
     built outside a running loop without `loop=`, the sink is refused (`RuntimeError`)
     rather than guessing, since the first caller's loop may be the agent's, not the
-    consumer's. `close()` puts the end-of-stream marker (None).
-    The queue must be unbounded (``asyncio.Queue()``; a bounded one is refused):
+    consumer's. `close()` puts the end-of-stream marker (None), which ends `consume`:
+    of several sinks sharing one queue (tracers feeding one consumer), only the last
+    to close, the others still open having a stream to send (one garbage-collected
+    unclosed no longer counts). The queue must be unbounded (``asyncio.Queue()``; a bounded one is refused):
     the agent never waits for the consumer, and no event is dropped.
     """
 
@@ -203,8 +206,14 @@ class QueueSink:
         # Events handed to the loop's callbacks and not yet put (under `_lock`): while there
         # are any, the loop's thread hands its events over too, behind them.
         self._waiting = 0
-        self._closed = False  # the end-of-stream marker is on its way: no event may follow it
+        self._closed = False  # closed: no event may follow (the marker, if it put it)
         self._lock = threading.Lock()
+        with _sharing_lock:
+            try:
+                self._sharing: weakref.WeakSet[QueueSink] = _sharing.setdefault(queue, weakref.WeakSet())
+            except TypeError:  # a queue that cannot be weakly referenced: this sink's alone
+                self._sharing = weakref.WeakSet()
+            self._sharing.add(self)
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -254,7 +263,8 @@ class QueueSink:
         """Nothing to do: each event is on its way to the queue when the call returns."""
 
     def close(self) -> None:
-        """Signal the end of the stream to the consumer (after every event already sent).
+        """Signal the end of the stream to the consumer (after every event already sent),
+        unless another sink on the queue is still open: then the last of them does.
 
         The marker always goes through the loop's callback queue, behind the events
         other threads have handed over but the loop has not queued yet. Raises
@@ -262,7 +272,20 @@ class QueueSink:
         event sent after it raises `InstrumentationError` (counted by `FanOut.errors`,
         the first logged): behind the marker, no consumer would read it.
         """
-        self._hand_over(None, closing=True)
+        with _sharing_lock:
+            sharing = self._sharing
+            last = self in sharing and len(sharing) == 1
+            sharing.discard(self)
+        if last:
+            self._hand_over(None, closing=True)
+        else:
+            with self._lock:
+                self._closed = True
+
+
+# The open `QueueSink`s of each queue: its end-of-stream marker waits for the last.
+_sharing: weakref.WeakKeyDictionary[Any, weakref.WeakSet[QueueSink]] = weakref.WeakKeyDictionary()
+_sharing_lock = threading.Lock()
 
 
 def _closed_queue() -> InstrumentationError:
