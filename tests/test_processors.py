@@ -1345,3 +1345,28 @@ def test_a_redactors_patterns_and_fields_are_checked() -> None:
         Redactor(redact_text="yes")  # type: ignore[arg-type]
     with pytest.raises(ps.InvalidArgument, match=r"secret pattern .* does not compile"):
         Redactor(extra_patterns=["("])
+
+
+@pytest.mark.parametrize("twice", ["as redact too", "in processors"])
+def test_a_redactor_given_twice_runs_once(twice: str) -> None:
+    # In the chain twice, it held back the stream's end twice: the deltas came out
+    # garbled ("Hello sk-use key ant-ABC...") with the key in them.
+    redactor = Redactor(redact_text=True)
+    events: list[ps.AgentEvent] = []
+    options: dict[str, Any] = (
+        {"processors": [redactor], "redact": redactor}
+        if twice == "as redact too"
+        else {"processors": [redactor, redactor], "redact": False}
+    )
+    tracer = Tracer(AgentSession(clock=FakeClock()), sinks=[events.append], config=SNAP, **options)
+    assert tracer.processors.processors == (redactor,)
+    with tracer.loop() as loop, loop.turn() as turn, turn.assistant() as reply:
+        for piece in ["Hello ", "use key sk-", "ant-", "ABCDEFGHIJKLMNOPQRSTUV", " and ", "bye"]:
+            reply.text_delta(piece)
+        reply.finish()
+    [end] = [e for e in events if isinstance(e, ps.MessageEnd)]
+    assert (
+        "".join(_streamed(events, "Text"))
+        == end.message.content[0].text
+        == f"Hello use key {REDACTED} and bye"
+    )  # type: ignore[union-attr]

@@ -285,11 +285,14 @@ def check_redact(redact: object) -> None:
 
 def default_processors(redact: bool | Redactor, processors: Sequence[Processor]) -> ProcessorChain:
     """The chain a `Tracer` runs: the user's processors, then the redactor (last, so
-    that nothing a processor adds escapes it)."""
+    that nothing a processor adds escapes it). A `Redactor` given twice (in `processors`
+    and as `redact`, say) runs once, at its last place: twice, it would hold back the
+    end of a stream twice, garbling its deltas."""
     check_redact(redact)
     chain = list(processors)
     if redact is True:
         chain.append(Redactor())
     elif isinstance(redact, Redactor):
         chain.append(redact)
-    return ProcessorChain(chain)
+    last = {id(p): at for at, p in enumerate(chain) if isinstance(p, Redactor)}
+    return ProcessorChain(p for at, p in enumerate(chain) if last.get(id(p), at) == at)
